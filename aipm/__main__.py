@@ -1,0 +1,3 @@
+from aipm.cli import main
+
+main()

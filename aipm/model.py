@@ -1,0 +1,104 @@
+"""Plain data for orders and tasks: no I/O here, so every other module can reason about it freely."""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field
+
+
+class Status(str, enum.Enum):
+    QUEUED = "QUEUED"
+    IN_PROGRESS = "IN_PROGRESS"
+    IN_REVIEW = "IN_REVIEW"
+    DONE = "DONE"
+    COMPLETED = "COMPLETED"
+    REWORK = "REWORK"
+    REJECTED = "REJECTED"
+    FAILED = "FAILED"
+    INTERRUPTED = "INTERRUPTED"
+    CANCELLED = "CANCELLED"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# Only these satisfy a dependency.
+FINISHED_OK = frozenset({Status.DONE, Status.COMPLETED})
+# A task in one of these can never reach DONE/COMPLETED without a user's retry.
+DEAD_END = frozenset({Status.FAILED, Status.REJECTED, Status.CANCELLED})
+# Tasks whose target files are busy.
+RUNNING = frozenset({Status.IN_PROGRESS, Status.IN_REVIEW})
+
+# Which status may follow which: the writer refuses anything else, so a racing
+# process can never, say, turn a CANCELLED task back into DONE.
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.QUEUED: frozenset({Status.IN_PROGRESS, Status.CANCELLED}),
+    Status.IN_PROGRESS: frozenset(
+        {Status.IN_REVIEW, Status.DONE, Status.QUEUED, Status.FAILED, Status.INTERRUPTED, Status.CANCELLED}
+    ),
+    Status.IN_REVIEW: frozenset(
+        {Status.COMPLETED, Status.REWORK, Status.QUEUED, Status.REJECTED, Status.INTERRUPTED, Status.CANCELLED}
+    ),
+    Status.REWORK: frozenset({Status.QUEUED, Status.REJECTED, Status.CANCELLED}),
+    Status.INTERRUPTED: frozenset({Status.QUEUED, Status.CANCELLED}),
+    # The user's `retry` re-queues finished and dead-end tasks.
+    Status.DONE: frozenset({Status.QUEUED}),
+    Status.COMPLETED: frozenset({Status.QUEUED}),
+    Status.FAILED: frozenset({Status.QUEUED}),
+    Status.REJECTED: frozenset({Status.QUEUED}),
+    Status.CANCELLED: frozenset({Status.QUEUED}),
+}
+
+
+class Priority(str, enum.Enum):
+    P0 = "P0"
+    P1 = "P1"
+    P2 = "P2"
+    P3 = "P3"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def rank(self) -> int:
+        return int(self.value[1])
+
+
+# Keys aipm writes back into task files; everything else belongs to the user.
+MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks")
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    path: str  # the task file, as given to the loader
+    title: str = ""
+    status: Status = Status.QUEUED
+    priority: Priority = Priority.P1
+    depends_on: tuple[str, ...] = ()
+    target_files: tuple[str, ...] = ()
+    command: str | tuple[str, ...] | None = None
+    prompt: str | None = None
+    model: str | None = None
+    review: str | tuple[str, ...] | None = None
+    timeout: int | None = None
+    max_attempts: int | None = None
+    attempts: int = 0
+    reworks: int = 0
+    started_at: str | None = None
+    finished_at: str | None = None
+    exit_code: int | None = None
+
+
+@dataclass
+class Order:
+    id: str
+    path: str  # the order directory
+    tasks: dict[str, Task] = field(default_factory=dict)
+    title: str = ""
+
+
+def natural_key(text: str) -> tuple:
+    """Sort key that puts TASK_9 before TASK_10."""
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))

@@ -1,0 +1,160 @@
+"""Target-file paths: normalisation, confinement to the project root, and overlap of files, directories and globs.
+
+A target is a file (`a/b.py`), a directory (`docs/`, or any existing directory: everything below it) or a glob
+(`tests/**/*.py`). Overlap is conservative: two targets overlap when some path could be covered by both.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+from dataclasses import dataclass
+from functools import lru_cache
+
+GLOB_CHARS = frozenset("*?[")
+
+
+class PathError(ValueError):
+    """A target path that cannot be accepted (outside the root, empty, ...)."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """One normalised target: `path` has no trailing slash; `segments` is its pattern form."""
+
+    path: str
+    is_dir: bool
+    is_glob: bool
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return _segments(self.path, self.is_dir)
+
+    def __str__(self) -> str:
+        return self.path + ("/" if self.is_dir and self.path else "")
+
+
+@lru_cache(maxsize=65536)
+def _segments(path: str, is_dir: bool) -> tuple[str, ...]:
+    parts = tuple(p for p in path.split("/") if p) if path else ()
+    # A directory covers everything below it, i.e. it behaves like `dir/**`.
+    return parts + ("**",) if is_dir else parts
+
+
+def normalize(raw: str, root: str | None = None) -> Target:
+    """Normalise `raw` relative to the project root; raise PathError when it leaves the root.
+
+    With `root`, an existing directory counts as a directory even without a trailing slash, and a symlink
+    that resolves outside the root is refused.
+    """
+    if not isinstance(raw, str) or not raw.strip():
+        raise PathError("empty path")
+    text = raw.strip().replace("\\", "/")
+    if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+        raise PathError(f"{raw!r} is absolute; give it relative to the project root")
+    is_dir = text.endswith("/")
+    norm = posixpath.normpath(text)
+    if norm == ".":
+        norm, is_dir = "", True
+    if norm == ".." or norm.startswith("../"):
+        raise PathError(f"{raw!r} leads outside the project root")
+    is_glob = any(c in GLOB_CHARS for c in norm)
+    if root is not None and not is_glob and norm:
+        full = os.path.join(root, norm)
+        if os.path.islink(full) or _has_symlink_parent(root, norm):
+            real_root = os.path.realpath(root)
+            real = os.path.realpath(full)
+            if real != real_root and not real.startswith(real_root + os.sep):
+                raise PathError(f"{raw!r} is a symlink that leads outside the project root")
+        if not is_dir and os.path.isdir(full):
+            is_dir = True
+    return Target(norm, is_dir, is_glob)
+
+
+def _has_symlink_parent(root: str, norm: str) -> bool:
+    parent = posixpath.dirname(norm)
+    while parent:
+        if os.path.islink(os.path.join(root, parent)):
+            return True
+        parent = posixpath.dirname(parent)
+    return False
+
+
+def overlaps(a: Target, b: Target) -> bool:
+    """True when some path could be covered by both targets (symmetric, conservative)."""
+    if not a.is_glob and not b.is_glob:
+        # Fast path for the common case: plain files and directories compare by prefix.
+        if a.path == b.path:
+            return True
+        if a.is_dir and (not a.path or b.path.startswith(a.path + "/")):
+            return True
+        if b.is_dir and (not b.path or a.path.startswith(b.path + "/")):
+            return True
+        return False
+    return _segments_overlap(a.segments, b.segments)
+
+
+@lru_cache(maxsize=65536)
+def _segments_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
+    @lru_cache(maxsize=None)
+    def match(i: int, j: int) -> bool:
+        if i == len(a) and j == len(b):
+            return True
+        if i < len(a) and a[i] == "**":
+            return match(i + 1, j) or (j < len(b) and match(i, j + 1))
+        if j < len(b) and b[j] == "**":
+            return match(i, j + 1) or (i < len(a) and match(i + 1, j))
+        if i == len(a) or j == len(b):
+            return False
+        return segment_overlap(a[i], b[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+def _tokens(segment: str) -> tuple[str, ...]:
+    """Split one path segment into literal characters, `?`, `*` and `[...]` classes (kept as `?`-like)."""
+    out: list[str] = []
+    i = 0
+    while i < len(segment):
+        c = segment[i]
+        if c == "[":
+            end = segment.find("]", i + 2)
+            if end != -1:
+                out.append("?")  # conservative: a class may match any single character
+                i = end + 1
+                continue
+        if c == "*" and out and out[-1] == "*":
+            i += 1
+            continue
+        out.append(c)
+        i += 1
+    return tuple(out)
+
+
+@lru_cache(maxsize=65536)
+def segment_overlap(p: str, q: str) -> bool:
+    """True when some single path segment could match both fnmatch-style patterns."""
+    a, b = _tokens(p), _tokens(q)
+
+    @lru_cache(maxsize=None)
+    def match(i: int, j: int) -> bool:
+        if i == len(a) and j == len(b):
+            return True
+        if i < len(a) and a[i] == "*":
+            return match(i + 1, j) or (j < len(b) and match(i, j + 1))
+        if j < len(b) and b[j] == "*":
+            return match(i, j + 1) or (i < len(a) and match(i + 1, j))
+        if i == len(a) or j == len(b):
+            return False
+        return (a[i] == "?" or b[j] == "?" or a[i] == b[j]) and match(i + 1, j + 1)
+
+    return match(0, 0)
+
+
+def first_overlap(mine: tuple[Target, ...], theirs: tuple[Target, ...]) -> tuple[Target, Target] | None:
+    """The first pair (mine, theirs) that overlaps, or None."""
+    for a in mine:
+        for b in theirs:
+            if overlaps(a, b):
+                return a, b
+    return None
