@@ -1,0 +1,49 @@
+"""Options and output shared by the command modules."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+
+from aipm.project import Project, find_root
+
+_state: dict[str, Any] = {"root": None}
+
+
+def _root_callback(
+    root: Optional[Path] = typer.Option(
+        None, "--root", help="Project root (default: nearest aipm.yaml, else the git top level, else the cwd).",
+        envvar="AIPM_ROOT_DIR",
+    ),
+) -> None:
+    _state["root"] = root
+
+
+def project_root() -> Path:
+    root = _state["root"]
+    return Path(root).resolve() if root else find_root()
+
+
+def console(stderr: bool = False) -> Console:
+    # Rich honours NO_COLOR itself; no colour or markup tricks when not a terminal.
+    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+
+
+def get_project() -> Project:
+    from aipm.settings import load_settings
+
+    root = project_root()
+    return Project(root, load_settings(root).orders_dir)
+
