@@ -6,6 +6,8 @@ import enum
 import re
 from dataclasses import dataclass, field
 
+from aipm.paths import Target
+
 
 class Status(str, enum.Enum):
     QUEUED = "QUEUED"
@@ -78,6 +80,7 @@ class Task:
     priority: Priority = Priority.P1
     depends_on: tuple[str, ...] = ()
     target_files: tuple[str, ...] = ()
+    targets: tuple[Target, ...] = ()  # target_files normalised against the project root
     command: str | tuple[str, ...] | None = None
     prompt: str | None = None
     model: str | None = None

@@ -1,0 +1,217 @@
+"""The detector: which QUEUED tasks may start now, in which order, and why every other task may not.
+
+Pure: an Order, the tasks holding files elsewhere, the live workers and a worker limit in; a Plan out.
+No file system, clock or psutil, so every rule is testable with literals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task, natural_key
+from aipm.paths import Target, first_overlap
+
+# Reason codes, stable for --json consumers.
+NOT_QUEUED = "not_queued"
+STALE = "stale"
+WAITING = "waiting_on_dependencies"
+NEVER = "dependency_cannot_finish"
+FILE_BUSY = "file_busy"
+FILE_CHOSEN = "file_conflict_in_round"
+LIMIT = "worker_limit"
+
+
+@dataclass(frozen=True)
+class Busy:
+    """A task elsewhere in the project that holds target files (IN_PROGRESS or IN_REVIEW)."""
+
+    order_id: str
+    task_id: str
+    targets: tuple[Target, ...]
+
+
+@dataclass(frozen=True)
+class Blocked:
+    id: str
+    reason: str
+    detail: str
+    tasks: tuple[str, ...] = ()  # the tasks it is waiting on or conflicts with
+    path: str | None = None  # the conflicting path, for file reasons
+
+    def as_dict(self) -> dict:
+        out = {"id": self.id, "reason": self.reason, "detail": self.detail, "tasks": list(self.tasks)}
+        if self.path is not None:
+            out["path"] = self.path
+        return out
+
+
+@dataclass
+class Plan:
+    launchable: list[Task] = field(default_factory=list)
+    blocked: dict[str, Blocked] = field(default_factory=dict)
+    stale: list[str] = field(default_factory=list)
+
+    def summary(self, order: Order) -> dict[str, int]:
+        reasons = [b.reason for b in self.blocked.values()]
+        return {
+            "total": len(order.tasks),
+            "queued": sum(t.status == Status.QUEUED for t in order.tasks.values()),
+            "launchable": len(self.launchable),
+            "blocked_by_dependencies": reasons.count(WAITING) + reasons.count(NEVER),
+            "blocked_by_files": reasons.count(FILE_BUSY) + reasons.count(FILE_CHOSEN),
+            "blocked_by_worker_limit": reasons.count(LIMIT),
+            "stale": len(self.stale),
+        }
+
+
+def chain_lengths(tasks: Mapping[str, Task]) -> dict[str, int]:
+    """Length of the longest chain of dependants below each task (1 for a task nothing waits on).
+
+    Starting the task with the longest chain first keeps the critical path moving. Linear in tasks + edges.
+    """
+    dependants: dict[str, list[str]] = {tid: [] for tid in tasks}
+    pending = {tid: 0 for tid in tasks}
+    for task in tasks.values():
+        for dep in task.depends_on:
+            if dep in dependants:
+                dependants[dep].append(task.id)
+                pending[dep] += 1
+    # Peel leaves (tasks nothing depends on) first: Kahn's algorithm on the reversed graph.
+    ready = [tid for tid, n in pending.items() if n == 0]
+    length: dict[str, int] = {}
+    while ready:
+        tid = ready.pop()
+        length[tid] = 1 + max((length[d] for d in dependants[tid]), default=0)
+        for dep in tasks[tid].depends_on:
+            if dep in pending:
+                pending[dep] -= 1
+                if pending[dep] == 0:
+                    ready.append(dep)
+    # Tasks on a cycle (only possible in unvalidated input) get no chain bonus.
+    return {tid: length.get(tid, 1) for tid in tasks}
+
+
+def rank_key(task: Task, chains: Mapping[str, int]) -> tuple:
+    """P0 first, then the longest remaining chain, then the id in natural order (TASK_9 before TASK_10)."""
+    return (task.priority.rank, -chains.get(task.id, 1), natural_key(task.id))
+
+
+def ranked(order: Order) -> list[Task]:
+    chains = chain_lengths(order.tasks)
+    return sorted(order.tasks.values(), key=lambda t: rank_key(t, chains))
+
+
+def _doomed(order: Order) -> dict[str, str]:
+    """Task id → the dead-end task that stops it from ever running (through any chain of dependencies)."""
+    tasks = order.tasks
+    pending = {tid: sum(d in tasks for d in t.depends_on) for tid, t in tasks.items()}
+    dependants: dict[str, list[str]] = {tid: [] for tid in tasks}
+    for task in tasks.values():
+        for dep in task.depends_on:
+            if dep in tasks:
+                dependants[dep].append(task.id)
+    ready = [tid for tid, n in pending.items() if n == 0]
+    cause: dict[str, str] = {}
+    while ready:  # dependencies before dependants, so a cause found below is final
+        tid = ready.pop()
+        for dep in tasks[tid].depends_on:
+            status = tasks[dep].status if dep in tasks else None
+            if status in DEAD_END:
+                cause[tid] = dep
+                break
+            if dep in cause and status not in FINISHED_OK:
+                cause[tid] = cause[dep]
+                break
+        for nxt in dependants[tid]:
+            pending[nxt] -= 1
+            if pending[nxt] == 0:
+                ready.append(nxt)
+    return cause
+
+
+def plan(
+    order: Order,
+    elsewhere: Iterable[Busy] = (),
+    live: Collection[str] = (),
+    slots: int = 5,
+    ordering: list[Task] | None = None,
+    explain: bool = True,
+) -> Plan:
+    """Decide what may start now.
+
+    order     -- the order, with current statuses
+    elsewhere -- tasks of *other* orders that hold files
+    live      -- ids of this order's IN_PROGRESS/IN_REVIEW tasks whose worker is alive; the others are stale
+    slots     -- how many workers may still start (max_workers minus live workers in the project)
+    ordering  -- `ranked(order)`, when the caller keeps it across calls
+    explain   -- False stops at the first full round (the supervisor's hot path needs no reasons)
+    """
+    result = Plan()
+    busy: list[tuple[str, tuple[Target, ...]]] = [
+        (f"{b.order_id}/{b.task_id}", b.targets) for b in elsewhere
+    ]
+    for task in order.tasks.values():
+        if task.status in RUNNING:
+            busy.append((task.id, task.targets))
+            if task.id not in live:
+                result.stale.append(task.id)
+    doomed = _doomed(order) if explain else {}
+    chosen: list[Task] = []
+    for task in ordering if ordering is not None else ranked(order):
+        if task.status != Status.QUEUED:
+            if explain:
+                detail = f"status is {task.status}"
+                if task.id in result.stale:
+                    detail += "; its worker is gone (stale): run `aipm recover`"
+                result.blocked[task.id] = Blocked(task.id, STALE if task.id in result.stale else NOT_QUEUED, detail)
+            continue
+        deps = order.tasks
+        waiting = [d for d in task.depends_on if d in deps and deps[d].status not in FINISHED_OK]
+        if waiting:
+            if not explain:
+                continue
+            if task.id in doomed:
+                dead = doomed[task.id]
+                result.blocked[task.id] = Blocked(
+                    task.id, NEVER, f"can never run: {dead} is {deps[dead].status}", (dead,)
+                )
+            else:
+                states = ", ".join(f"{d} ({deps[d].status})" for d in waiting)
+                result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
+            continue
+        hit = _conflict(task, busy)
+        if hit:
+            if explain:
+                other, path = hit
+                result.blocked[task.id] = Blocked(
+                    task.id, FILE_BUSY, f"{path} is held by running task {other}", (other,), path
+                )
+            continue
+        hit = _conflict(task, [(c.id, c.targets) for c in chosen])
+        if hit:
+            if explain:
+                other, path = hit
+                result.blocked[task.id] = Blocked(
+                    task.id, FILE_CHOSEN, f"{path} overlaps {other}, which starts first this round", (other,), path
+                )
+            continue
+        if len(chosen) >= slots:
+            if not explain:
+                break
+            result.blocked[task.id] = Blocked(task.id, LIMIT, f"worker limit reached ({slots} free slot(s))")
+            continue
+        chosen.append(task)
+    result.launchable = chosen
+    return result
+
+
+def _conflict(task: Task, holders: list[tuple[str, tuple[Target, ...]]]) -> tuple[str, str] | None:
+    if not task.targets:
+        return None
+    for owner, targets in holders:
+        pair = first_overlap(task.targets, targets)
+        if pair:
+            mine, theirs = pair
+            return owner, str(theirs) if str(mine) == str(theirs) else f"{mine} ↔ {theirs}"
+    return None

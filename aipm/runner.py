@@ -1,0 +1,155 @@
+"""Starting, watching and stopping worker processes.
+
+Each worker is `/bin/sh` running a tiny wrapper in a new session (so its process group holds every
+grandchild): it runs the task's command, writes the exit code to an exit file, and exits with that code. The
+exit file lets a supervisor that was restarted learn the real outcome of a worker it did not start.
+
+Waiting is event-driven: a pidfd per process in a selector, so the loop sleeps until something happens.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import shutil
+import signal
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+
+SHELL = "/bin/sh"
+# "$@" is the command's argv; the exit code goes to the exit file before the wrapper exits with it.
+_WRAP_ARGV = 'cd "$AIPM_ROOT" || exit 126; f=$1; shift; "$@"; s=$?; echo $s >"$f"; exit $s'
+# A string command runs in a subshell of the wrapper: one fork, no second exec of /bin/sh.
+_WRAP_SHELL = 'cd "$AIPM_ROOT" || exit 126; f=$1; (eval "$2"); s=$?; echo $s >"$f"; exit $s'
+
+
+class SpawnError(Exception):
+    """The worker could not be started (missing program, bad directory, ...)."""
+
+
+def missing_program(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> str | None:
+    """The program of an argv command when it cannot be found, so launch fails before any status changes."""
+    program = argv[0]
+    if "/" in program:
+        full = program if os.path.isabs(program) else os.path.join(cwd, program)
+        return None if os.access(full, os.X_OK) else program
+    return None if shutil.which(program, path=env.get("PATH", os.defpath)) else program
+
+
+def spawn(
+    command: str | Sequence[str],
+    *,
+    exit_file: str,
+    env: Mapping[str, str],
+    cwd: str,
+    log: str,
+    stdin: str | None = None,
+    pass_fds: Sequence[int] = (),
+) -> int:
+    """Start `command` in its own session; its stdout and stderr append to `log`. Returns the pid (= pgid)."""
+    if isinstance(command, str):
+        argv = [SHELL, "-c", _WRAP_SHELL, "aipm-worker", exit_file, command]
+    else:
+        missing = missing_program(command, env, cwd)
+        if missing:
+            raise SpawnError(f"program {missing!r} not found on PATH")
+        argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *command]
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, stdin or os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ]
+    if not os.path.isdir(cwd):
+        raise SpawnError(f"working directory {cwd} does not exist")
+    for fd in pass_fds:
+        os.set_inheritable(fd, True)
+    try:
+        # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself.
+        return os.posix_spawn(SHELL, argv, dict(env, AIPM_ROOT=cwd), file_actions=actions, setsid=True)
+    except OSError as exc:
+        raise SpawnError(f"cannot start worker: {exc.strerror}") from None
+    finally:
+        for fd in pass_fds:
+            os.set_inheritable(fd, False)
+
+
+def reap(pid: int) -> int | None:
+    """Exit code of our own child (negative signal number if killed), or None if it is not our child."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return None
+    return os.waitstatus_to_exitcode(status)
+
+
+def signal_group(pgid: int, sig: int) -> bool:
+    try:
+        os.killpg(pgid, sig)
+        return True
+    except (ProcessLookupError, PermissionError):
+        return False
+
+
+def group_exists(pgid: int) -> bool:
+    return signal_group(pgid, 0)
+
+
+class Watcher:
+    """Wakes when a watched process exits or a watched descriptor becomes readable."""
+
+    def __init__(self) -> None:
+        self._sel = selectors.DefaultSelector()
+        self._pidfds: dict[Hashable, int] = {}
+
+    def watch_pid(self, pid: int, key: Hashable) -> bool:
+        """Start watching `pid`; False when it is already gone."""
+        try:
+            fd = os.pidfd_open(pid)
+        except ProcessLookupError:
+            return False
+        self._pidfds[key] = fd
+        self._sel.register(fd, selectors.EVENT_READ, key)
+        return True
+
+    def watch_fd(self, fd: int, key: Hashable) -> None:
+        self._sel.register(fd, selectors.EVENT_READ, key)
+
+    def forget(self, key: Hashable) -> None:
+        fd = self._pidfds.pop(key, None)
+        if fd is not None:
+            self._sel.unregister(fd)
+            os.close(fd)
+
+    def watching(self, key: Hashable) -> bool:
+        return key in self._pidfds
+
+    def wait(self, timeout: float | None) -> list[Hashable]:
+        return [key.data for key, _ in self._sel.select(timeout)]
+
+    def close(self) -> None:
+        for key in list(self._pidfds):
+            self.forget(key)
+        self._sel.close()
+
+
+def wait_gone(pid: int, timeout: float) -> bool:
+    """Wait (event-driven) until `pid` exits; True when it did within `timeout`."""
+    watcher = Watcher()
+    try:
+        if not watcher.watch_pid(pid, pid):
+            return True
+        return bool(watcher.wait(timeout))
+    finally:
+        watcher.close()
+
+
+def terminate_group(pgid: int, leader: int, grace: float = 5.0) -> None:
+    """SIGTERM the whole group, then SIGKILL it if the leader has not gone within `grace` seconds."""
+    if not signal_group(pgid, signal.SIGTERM):
+        return
+    # SIGCONT too: a stopped group would otherwise never see the SIGTERM.
+    signal_group(pgid, signal.SIGCONT)
+    if not wait_gone(leader, grace):
+        signal_group(pgid, signal.SIGKILL)
+    # Grandchildren that ignored SIGTERM still belong to the group: make sure none survives.
+    signal_group(pgid, signal.SIGKILL)

@@ -1,0 +1,222 @@
+"""The only owner of `.aipm/`: the launch lock, target-file locks, worker records, logs and exit files.
+
+Target-file locks are `flock` locks whose descriptors are handed to the worker process, so the kernel releases
+them exactly when the last process that may edit those files exits: no lock outlives its worker, and none is
+ever released by deleting a file. (filelock's `release()` would unlock the shared open file description, so
+the launcher could not hand a held lock over; it guards the short launch lock instead.)
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import filelock
+import psutil
+
+from aipm.paths import Target
+
+GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
+
+
+class LockBusy(Exception):
+    def __init__(self, path: str):
+        super().__init__(f"{path} is locked by another worker")
+        self.path = path
+
+
+@dataclass
+class Record:
+    """What aipm knows about one running task: who owns it and which process does the work."""
+
+    order: str
+    order_dir: str
+    task: str
+    task_file: str
+    attempt: int
+    targets: list[str]
+    log: str
+    exit_file: str
+    started_at: str
+    owner_pid: int = 0  # the supervisor or detached worker that will finish the task
+    owner_ctime: float = 0.0
+    pid: int = 0  # the worker process (session leader of its process group)
+    ctime: float = 0.0
+    pgid: int = 0
+    command: list[str] = field(default_factory=list)
+    phase: str = "work"  # "work" or "review"
+    deadline: float | None = None  # wall-clock time after which the worker's group is killed
+
+    @property
+    def key(self) -> str:
+        return f"{self.order}/{self.task}"
+
+    def worker_alive(self) -> bool:
+        return bool(self.pid) and process_alive(self.pid, self.ctime)
+
+    def owner_alive(self) -> bool:
+        return bool(self.owner_pid) and process_alive(self.owner_pid, self.owner_ctime)
+
+    def alive(self) -> bool:
+        return self.worker_alive() or self.owner_alive()
+
+
+def process_alive(pid: int, ctime: float) -> bool:
+    """A pid is our process only if it exists, is not a zombie, and started when we recorded (PID reuse)."""
+    try:
+        proc = psutil.Process(pid)
+        return round(proc.create_time(), 2) == round(ctime, 2) and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+def process_ctime(pid: int) -> float:
+    return psutil.Process(pid).create_time()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+
+
+class Runtime:
+    """Paths and primitives under `<root>/.aipm/`."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.dir = self.root / ".aipm"
+
+    def ensure(self) -> None:
+        for sub in ("locks", "workers", "logs", "exit"):
+            (self.dir / sub).mkdir(parents=True, exist_ok=True)
+        ignore = self.dir / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text(GITIGNORE)
+
+    # -- the launch lock: serialises every status write and launch decision in the project ------------------
+
+    @contextmanager
+    def launch_lock(self) -> Iterator[None]:
+        self.ensure()
+        lock = filelock.FileLock(str(self.dir / "launch.lock"), is_singleton=False)
+        # A short poll: holders keep it for milliseconds (plan + a few writes), never across a worker's run.
+        with lock.acquire(poll_interval=0.002):
+            yield
+
+    # -- target-file locks -------------------------------------------------------------------------------
+
+    def lock_path(self, target: Target) -> Path:
+        name = str(target) or "."
+        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
+        return self.dir / "locks" / f"{_safe(name)[-60:]}.{digest}.lock"
+
+    def take_locks(self, targets: tuple[Target, ...]) -> list[int]:
+        """Lock every target without waiting; on any refusal release what was taken and raise LockBusy."""
+        fds: list[int] = []
+        try:
+            for target in dict.fromkeys(targets):
+                fd = os.open(self.lock_path(target), os.O_RDWR | os.O_CREAT, 0o644)
+                fds.append(fd)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError as exc:
+                    if exc.errno in (errno.EAGAIN, errno.EACCES):
+                        raise LockBusy(str(target)) from None
+                    raise
+        except BaseException:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return fds
+
+    def lock_held(self, target: Target) -> bool:
+        """Probe a target lock (take and drop it at once). Call under the launch lock."""
+        try:
+            fds = self.take_locks((target,))
+        except LockBusy:
+            return True
+        for fd in fds:
+            os.close(fd)
+        return False
+
+    # -- worker records ---------------------------------------------------------------------------------
+
+    def record_path(self, order: str, task: str) -> Path:
+        return self.dir / "workers" / _safe(order) / f"{_safe(task)}.json"
+
+    def write_record(self, record: Record) -> None:
+        """Records are runtime state: atomic rename, but no fsync (they are only meaningful while processes live)."""
+        path = self.record_path(record.order, record.task)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(asdict(record)))
+        os.replace(tmp, path)
+
+    def read_record(self, order: str, task: str) -> Record | None:
+        return self._read(self.record_path(order, task))
+
+    def remove_record(self, order: str, task: str) -> None:
+        try:
+            self.record_path(order, task).unlink()
+        except FileNotFoundError:
+            pass
+
+    def records(self) -> list[Record]:
+        """Every worker record in the project, live or not."""
+        base = self.dir / "workers"
+        out = []
+        if not base.is_dir():
+            return out
+        for sub in os.scandir(base):
+            if sub.is_dir():
+                for entry in os.scandir(sub.path):
+                    if entry.name.endswith(".json") and not entry.name.startswith("."):
+                        record = self._read(Path(entry.path))
+                        if record:
+                            out.append(record)
+        return out
+
+    @staticmethod
+    def _read(path: Path) -> Record | None:
+        try:
+            return Record(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
+    # -- logs, exit files, review feedback --------------------------------------------------------------
+
+    def log_path(self, order: str, task: str, attempt: int) -> Path:
+        path = self.dir / "logs" / _safe(order) / f"{_safe(task)}.{attempt}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def logs(self, order: str, task: str) -> list[Path]:
+        base = self.dir / "logs" / _safe(order)
+        found = base.glob(f"{_safe(task)}.*.log") if base.is_dir() else []
+        return sorted(found, key=lambda p: int(p.name.rsplit(".", 2)[-2]) if p.name.rsplit(".", 2)[-2].isdigit() else 0)
+
+    def exit_path(self, order: str, task: str, attempt: int) -> Path:
+        path = self.dir / "exit" / _safe(order) / f"{_safe(task)}.{attempt}"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def feedback_path(self, order: str, task: str) -> Path:
+        path = self.dir / "feedback" / _safe(order) / f"{_safe(task)}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return path
+
+
+def read_exit_file(path: str) -> int | None:
+    """The exit code a worker's wrapper recorded, or None when it never got that far."""
+    try:
+        text = Path(path).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else None

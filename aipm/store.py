@@ -1,0 +1,385 @@
+"""The only code that reads or writes task files.
+
+Loading is fast (libyaml's CSafeLoader) and strict: every mistake is a ValidationError naming file and field.
+Writing changes only the managed lines (status, attempts, ...) so comments and every other byte survive, and
+is atomic: temp file in the same directory, fsync, rename, directory fsync.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from aipm.errors import ValidationError
+from aipm.model import MANAGED_FIELDS, TRANSITIONS, Order, Priority, Status, Task
+from aipm.paths import PathError, normalize
+
+Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+MAX_FILE_BYTES = 1 << 20  # a task file is a page of YAML; anything bigger is a mistake (or an alias bomb)
+ORDER_FILE = "order.yaml"
+
+TASK_KEYS = (
+    "id", "title", "status", "priority", "depends_on", "target_files", "command", "prompt", "model",
+    "review", "timeout", "max_attempts", "attempts", "reworks", "started_at", "finished_at", "exit_code",
+)
+ORDER_KEYS = ("id", "title", "description")
+
+
+class _UniqueKeyLoader(Loader):  # type: ignore[misc,valid-type]
+    """Refuses duplicate keys: with two `status:` lines the writer could not know which one to change."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = key_node.value
+            if key in seen:
+                raise _DuplicateKey(key, key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+_UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping
+)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str, mark: Any):
+        self.key, self.mark = key, mark
+
+
+def read_text(path: Path) -> str:
+    """The file's text, refusing files too big to be task files or not UTF-8."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:
+            raise ValidationError(str(path), None, f"file is {size} bytes, over the 1 MiB limit; split it up")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValidationError(str(path), None, f"cannot read: {exc.strerror}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValidationError(str(path), None, f"not UTF-8 (byte {exc.start}); save it as UTF-8") from None
+
+
+def parse_mapping(path: Path, text: str) -> dict[str, Any]:
+    """Parse YAML text into a mapping, turning every parser complaint into one ValidationError line."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as exc:
+        raise ValidationError(
+            str(path), exc.key, f"appears twice (line {exc.mark.line + 1}); keep one"
+        ) from None
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValidationError(
+            str(path), None, f"unsupported YAML tag{where} ({exc.problem}); only plain data is allowed"
+        ) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValidationError(str(path), None, f"broken YAML: {where}{problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValidationError(str(path), None, f"must be a mapping of keys to values, not a {type(data).__name__}")
+    return data
+
+
+def _check_keys(path: Path, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    for key in data:
+        if not isinstance(key, str) or key not in allowed:
+            near = difflib.get_close_matches(str(key).replace("-", "_"), allowed, n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(allowed)}"
+            raise ValidationError(str(path), str(key), f"unknown key{hint}")
+
+
+def _str(path: Path, data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValidationError(str(path), key, f"must be a string, not {_kind(value)}")
+    return value
+
+
+def _positive_int(path: Path, data: Mapping[str, Any], key: str) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(str(path), key, f"must be a positive integer, not {value!r}")
+    return value
+
+
+def _count(path: Path, data: Mapping[str, Any], key: str) -> int:
+    value = data.get(key, 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValidationError(str(path), key, f"must be a whole number ≥ 0, not {value!r}")
+    return value
+
+
+def _command(path: Path, data: Mapping[str, Any], key: str) -> str | tuple[str, ...] | None:
+    value = data.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return tuple(value)
+    raise ValidationError(
+        str(path), key, "must be a string (run by /bin/sh -c) or a non-empty list of strings (argv)"
+    )
+
+
+def _str_list(path: Path, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = data.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValidationError(str(path), key, f"must be a list (e.g. [{value!r}]), not {_kind(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise ValidationError(str(path), key, f"every item must be a string; {item!r} is {_kind(item)}")
+    return tuple(value)
+
+
+def _timestamp(path: Path, data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if value is not None and not isinstance(value, str):
+        raise ValidationError(str(path), key, f"must be a timestamp string, not {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+def _enum(path: Path, data: Mapping[str, Any], key: str, enum: type, default: Any) -> Any:
+    value = data.get(key)
+    if value is None:
+        return default
+    try:
+        return enum(value)
+    except ValueError:
+        choices = ", ".join(e.value for e in enum)
+        raise ValidationError(str(path), key, f"{value!r} is not one of {choices}") from None
+
+
+def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) -> Task:
+    """Validate one task's fields (not its links to other tasks) and build the Task."""
+    _check_keys(path, data, TASK_KEYS)
+    stem = path.name[: -len(".yaml")]
+    task_id = data.get("id", stem)
+    if task_id != stem:
+        raise ValidationError(str(path), "id", f"{task_id!r} differs from the file name; use {stem!r} or rename")
+    raw_targets = _str_list(path, data, "target_files")
+    try:
+        targets = tuple(normalize(raw, str(root) if root else None) for raw in raw_targets)
+    except PathError as exc:
+        raise ValidationError(str(path), "target_files", str(exc)) from None
+    exit_code = data.get("exit_code")
+    if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
+        raise ValidationError(str(path), "exit_code", f"must be an integer, not {exit_code!r}")
+    return Task(
+        id=stem,
+        path=str(path),
+        title=_str(path, data, "title") or "",
+        status=_enum(path, data, "status", Status, Status.QUEUED),
+        priority=_enum(path, data, "priority", Priority, Priority.P1),
+        depends_on=_str_list(path, data, "depends_on"),
+        target_files=raw_targets,
+        targets=targets,
+        command=_command(path, data, "command"),
+        prompt=_str(path, data, "prompt"),
+        model=_str(path, data, "model"),
+        review=_command(path, data, "review"),
+        timeout=_positive_int(path, data, "timeout"),
+        max_attempts=_positive_int(path, data, "max_attempts"),
+        attempts=_count(path, data, "attempts"),
+        reworks=_count(path, data, "reworks"),
+        started_at=_timestamp(path, data, "started_at"),
+        finished_at=_timestamp(path, data, "finished_at"),
+        exit_code=exit_code,
+    )
+
+
+def load_task(path: Path, root: Path | None = None) -> Task:
+    return task_from_mapping(path, parse_mapping(path, read_text(path)), root)
+
+
+def task_files(order_dir: Path) -> list[Path]:
+    with os.scandir(order_dir) as entries:
+        return sorted(
+            Path(e.path) for e in entries
+            if e.name.endswith(".yaml") and e.name != ORDER_FILE and not e.name.startswith(".") and e.is_file()
+        )
+
+
+def load_order(order_dir: Path, root: Path | None = None) -> Order:
+    """Load and fully validate an order directory; raise the first ValidationError found."""
+    order_dir = Path(order_dir)
+    if not order_dir.is_dir():
+        raise ValidationError(str(order_dir), None, "not an order directory")
+    order_id, title = order_dir.name, ""
+    meta = order_dir / ORDER_FILE
+    if meta.is_file():
+        data = parse_mapping(meta, read_text(meta))
+        _check_keys(meta, data, ORDER_KEYS)
+        order_id = _str(meta, data, "id") or order_id
+        title = _str(meta, data, "title") or ""
+        _str(meta, data, "description")
+    order = Order(id=order_id, path=str(order_dir), title=title)
+    for path in task_files(order_dir):
+        task = load_task(path, root)
+        order.tasks[task.id] = task
+    check_links(order)
+    return order
+
+
+def check_links(order: Order) -> None:
+    """Dependencies must name other tasks of the order and form no cycle."""
+    tasks = order.tasks
+    for task in tasks.values():
+        for dep in task.depends_on:
+            if dep == task.id:
+                raise ValidationError(task.path, "depends_on", "a task cannot depend on itself")
+            if dep not in tasks:
+                near = difflib.get_close_matches(dep, list(tasks), n=1)
+                hint = f"; did you mean {near[0]!r}?" if near else ""
+                raise ValidationError(task.path, "depends_on", f"{dep!r} is not a task of order {order.id}{hint}")
+    cycle = find_cycle(tasks)
+    if cycle:
+        first = tasks[cycle[0]]
+        raise ValidationError(first.path, "depends_on", "dependency cycle: " + " → ".join(cycle + [cycle[0]]))
+
+
+def find_cycle(tasks: Mapping[str, Task]) -> list[str] | None:
+    """One dependency cycle as a list of ids, or None. Iterative, so 100k-task chains do not overflow."""
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    for start in sorted(tasks):
+        if start in state:
+            continue
+        stack = [(start, iter(tasks[start].depends_on))]
+        path = [start]
+        state[start] = 1
+        while stack:
+            node, deps = stack[-1]
+            for dep in deps:
+                if state.get(dep) == 1:
+                    return path[path.index(dep):]
+                if dep not in state:
+                    state[dep] = 1
+                    stack.append((dep, iter(tasks[dep].depends_on)))
+                    path.append(dep)
+                    break
+            else:
+                state[node] = 2
+                stack.pop()
+                path.pop()
+    return None
+
+
+# ---- the one writer -------------------------------------------------------------------------------------
+
+
+class StaleWrite(Exception):
+    """The task file no longer holds what the caller expected (another process moved it on)."""
+
+
+def _render(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, (Status, Priority)):
+        return value.value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    # Timestamps are quoted so YAML keeps them strings.
+    return "'" + str(value).replace("'", "''") + "'"
+
+
+def _line_pattern(key: str) -> re.Pattern[str]:
+    return re.compile(rf"^{key}[ \t]*:(?P<value>[^\n#]*?)(?P<tail>[ \t]+#[^\n]*)?$", re.M)
+
+
+def rewrite(text: str, updates: Mapping[str, Any]) -> str:
+    """Change only the managed lines in `text`; append the ones that are missing."""
+    for key, value in updates.items():
+        if key not in MANAGED_FIELDS:
+            raise KeyError(f"{key} is not a field aipm writes")
+        rendered = _render(value)
+        pattern = _line_pattern(key)
+        if pattern.search(text):
+            text = pattern.sub(lambda m: f"{key}: {rendered}{m.group('tail') or ''}", text, count=1)
+        else:
+            if text and not text.endswith("\n"):
+                text += "\n"
+            text += f"{key}: {rendered}\n"
+    return text
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Replace `path` with `text` so that readers see the old file or the new one, never a mix."""
+    directory = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.chmod(tmp, path.stat().st_mode & 0o7777)
+        except FileNotFoundError:
+            pass
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def update_task(
+    path: Path, updates: Mapping[str, Any], expect: Status | None = None, root: Path | None = None
+) -> Task:
+    """Re-read the task file, check its status, and write `updates` into the managed lines.
+
+    `expect` guards against lost races: when given, the file must still hold that status, and a new status
+    must be a legal transition from it. Callers serialise writers with the project's launch lock.
+    """
+    text = read_text(path)
+    current = task_from_mapping(path, parse_mapping(path, text), None)
+    if expect is not None and current.status != expect:
+        raise StaleWrite(f"{current.id} is {current.status}, expected {expect}")
+    new_status = updates.get("status")
+    if new_status is not None and new_status != current.status and new_status not in TRANSITIONS[current.status]:
+        raise StaleWrite(f"{current.id}: {current.status} → {new_status} is not allowed")
+    new_text = rewrite(text, updates)
+    if new_text != text:
+        atomic_write(path, new_text)
+    return task_from_mapping(path, parse_mapping(path, new_text), root)
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
