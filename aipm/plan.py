@@ -135,7 +135,7 @@ def plan(
     elsewhere: Iterable[Busy] = (),
     live: Collection[str] = (),
     slots: int = 5,
-    ordering: list[Task] | None = None,
+    ordering: list[str] | None = None,
     explain: bool = True,
 ) -> Plan:
     """Decide what may start now.
@@ -144,7 +144,7 @@ def plan(
     elsewhere -- tasks of *other* orders that hold files
     live      -- ids of this order's IN_PROGRESS/IN_REVIEW tasks whose worker is alive; the others are stale
     slots     -- how many workers may still start (max_workers minus live workers in the project)
-    ordering  -- `ranked(order)`, when the caller keeps it across calls
+    ordering  -- ids in rank order (`ranked(order)`), when the caller keeps it across calls
     explain   -- False stops at the first full round (the supervisor's hot path needs no reasons)
     """
     result = Plan()
@@ -158,7 +158,8 @@ def plan(
                 result.stale.append(task.id)
     doomed = _doomed(order) if explain else {}
     chosen: list[Task] = []
-    for task in ordering if ordering is not None else ranked(order):
+    tasks = ranked(order) if ordering is None else [order.tasks[i] for i in ordering if i in order.tasks]
+    for task in tasks:
         if task.status != Status.QUEUED:
             if explain:
                 detail = f"status is {task.status}"

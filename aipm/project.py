@@ -54,3 +54,24 @@ class Project:
             return []
         return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+
+
+def find_task(project: Project, arg: str) -> tuple[Path, str]:
+    """A task given as an id, `ORDER/TASK`, or a path to its file → (order directory, task id)."""
+    path = Path(arg)
+    if arg.endswith(".yaml") and path.is_file():
+        return path.resolve().parent, path.stem
+    if "/" in arg:
+        order, _, task = arg.rpartition("/")
+        order_dir = project.order_dir(order)
+        if (order_dir / f"{task}.yaml").is_file():
+            return order_dir, task
+        raise UserError(f"task {arg!r}: no file {task}.yaml in {order_dir}")
+    hits = [d for d in project.order_dirs() if (d / f"{arg}.yaml").is_file()]
+    if len(hits) == 1:
+        return hits[0], arg
+    if not hits:
+        raise UserError(f"task {arg!r}: not found in any order under {project.root / project.orders_dir}; "
+                        "give ORDER/TASK or a path to the task file")
+    names = ", ".join(f"{d.name}/{arg}" for d in hits)
+    raise UserError(f"task {arg!r} is in several orders ({names}); say which, as ORDER/TASK")

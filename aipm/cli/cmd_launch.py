@@ -1,0 +1,128 @@
+"""`aipm launch`, `aipm run`, `aipm exec`: start work through the one launch transaction."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from aipm.cli import app
+from aipm.cli.common import JsonOpt, console, print_json, project_root
+from aipm.cli.display import Display, mode_for
+from aipm.cli.resource_options import (
+    MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, settings_from_flags,
+)
+from aipm.launcher import Launcher, Options
+from aipm.project import Project, find_task
+from aipm.supervisor import supervise
+from aipm.view import OrderView
+
+ModelOpt = typer.Option(None, "--model", help="Model for worker templates (overrides the task and aipm.yaml).")
+NoReviewOpt = typer.Option(False, "--no-review", help="Skip review: a task that exits 0 becomes DONE.")
+
+
+def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options) -> Launcher:
+    root = project_root()
+    settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling)
+    return Launcher(Project(root, settings.orders_dir), settings, options)
+
+
+@app.command()
+def launch(
+    order: str = typer.Argument(..., help="Order id or directory."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would start; change nothing anywhere."),
+    model: Optional[str] = ModelOpt,
+    no_review: bool = NoReviewOpt,
+    max_workers: Optional[int] = MaxWorkersOpt,
+    max_cpu: Optional[float] = MaxCpuOpt,
+    max_memory: Optional[float] = MaxMemoryOpt,
+    no_monitoring: bool = NoMonitoringOpt,
+    no_auto_scaling: bool = NoAutoScalingOpt,
+    json_out: bool = JsonOpt,
+) -> None:
+    """Start the launchable tasks as detached workers and exit at once.
+
+    Each worker finishes its own task (review, status) and then starts the successors that became launchable.
+    """
+    launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
+                         Options(no_review, model, dry_run))
+    view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
+    report = launcher.launch(view)
+    if json_out:
+        print_json({"order": view.order.id, "dry_run": dry_run, "launched": report.launched,
+                    "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered})
+    else:
+        out = console()
+        verb = "would start" if dry_run else "started"
+        for item in report.launched:
+            out.print(f"{verb} {item['id']}" + (f" (pid {item['pid']})" if item.get("pid") else ""))
+        for item in report.deferred:
+            out.print(f"deferred {item['id']}: {item['detail']}")
+        for item in report.failed:
+            console(stderr=True).print(f"failed {item['id']}: {item['error']}", markup=False)
+        if not (report.launched or report.deferred or report.failed):
+            out.print("nothing to launch (see `aipm detect`)")
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def run(
+    order: str = typer.Argument(..., help="Order id or directory."),
+    model: Optional[str] = ModelOpt,
+    no_review: bool = NoReviewOpt,
+    max_workers: Optional[int] = MaxWorkersOpt,
+    max_cpu: Optional[float] = MaxCpuOpt,
+    max_memory: Optional[float] = MaxMemoryOpt,
+    no_monitoring: bool = NoMonitoringOpt,
+    no_auto_scaling: bool = NoAutoScalingOpt,
+    json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
+) -> None:
+    """Run an order to the end: launch, watch, review, start successors as soon as they are unblocked.
+
+    Exit 0 when every task is DONE/COMPLETED, 1 when some failed or stay blocked, 130 when interrupted.
+    Safe to kill: a new `aipm run` re-attaches to the workers that are still running.
+    """
+    launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
+                         Options(no_review, model))
+    view = OrderView(launcher.project.order_dir(order), launcher.project.root)
+    display = Display(mode_for(json_out), view)
+    try:
+        code = supervise(launcher, view, display)
+    finally:
+        display.close()
+    if not json_out:
+        counts: dict[str, int] = {}
+        for t in view.order.tasks.values():
+            counts[t.status.value] = counts.get(t.status.value, 0) + 1
+        console(stderr=code != 0).print(f"{view.order.id}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    raise typer.Exit(code)
+
+
+@app.command("exec")
+def exec_(
+    task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
+    parallel: bool = typer.Option(False, "--parallel", help="Also launch the order's other launchable tasks."),
+    model: Optional[str] = ModelOpt,
+    no_review: bool = NoReviewOpt,
+    max_workers: Optional[int] = MaxWorkersOpt,
+    max_cpu: Optional[float] = MaxCpuOpt,
+    max_memory: Optional[float] = MaxMemoryOpt,
+    no_monitoring: bool = NoMonitoringOpt,
+    no_auto_scaling: bool = NoAutoScalingOpt,
+    json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
+) -> None:
+    """Run one task in the foreground (with its review and retries). Exit 0 when it ends DONE/COMPLETED."""
+    launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
+                         Options(no_review, model))
+    order_dir, task_id = find_task(launcher.project, task)
+    view = OrderView(order_dir, launcher.project.root)
+    display = Display("json" if json_out else "plain", view)
+    code = supervise(launcher, view, display, only=task_id, detach_others=parallel)
+    final = view.refresh().tasks[task_id]
+    if final.status.value == "QUEUED" and final.attempts == 0:
+        from aipm.cli.cmd_detect import why
+
+        why(task, max_workers, False)
+    console(stderr=code != 0).print(f"{task_id}: {final.status.value}")
+    raise typer.Exit(code)

@@ -1,0 +1,181 @@
+"""Live workers and their upkeep: `ps`, `locks`, `logs`, `cancel`, `retry`, `recover`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Optional
+
+import psutil
+import typer
+from rich.table import Table
+
+from aipm.cli import app
+from aipm.cli.common import JsonOpt, console, get_project, print_json
+from aipm.errors import UserError
+from aipm.launcher import Launcher, Options, append_log
+from aipm.model import RUNNING, Status
+from aipm.paths import normalize
+from aipm.project import find_task
+from aipm.runner import terminate_group
+from aipm.runtime import Runtime
+from aipm.settings import load_settings
+from aipm.store import StaleWrite, load_order, load_task, now, update_task
+
+
+def _worker_info(rec) -> dict:
+    pid = rec.pid if rec.worker_alive() else rec.owner_pid
+    info = {"order": rec.order, "task": rec.task, "attempt": rec.attempt, "pid": pid, "pgid": rec.pgid,
+            "owner_pid": rec.owner_pid, "phase": rec.phase, "alive": rec.alive(), "log": rec.log,
+            "command": rec.command, "targets": rec.targets}
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            procs = [proc, *proc.children(recursive=True)]
+            info["elapsed"] = round(time.time() - proc.create_time(), 1)
+            info["cpu_percent"] = round(sum(p.cpu_percent(interval=None) for p in procs), 1)
+            info["memory_mb"] = round(sum(p.memory_info().rss for p in procs) / 2**20, 1)
+    except (psutil.Error, ValueError):
+        info.update(elapsed=None, cpu_percent=None, memory_mb=None)
+    return info
+
+
+@app.command()
+def ps(json_out: bool = JsonOpt) -> None:
+    """Live workers in the project: pid, task, elapsed time, CPU and memory (with their children)."""
+    project = get_project()
+    infos = [_worker_info(r) for r in Runtime(project.root).records()]
+    if json_out:
+        print_json({"workers": infos})
+        return
+    table = Table()
+    for col in ("pid", "task", "phase", "elapsed", "cpu %", "mem MB", "state"):
+        table.add_column(col)
+    for i in infos:
+        table.add_row(str(i["pid"]), f"{i['order']}/{i['task']}", i["phase"], f"{i['elapsed'] or '-'}s",
+                      str(i["cpu_percent"] if i["cpu_percent"] is not None else "-"),
+                      str(i["memory_mb"] if i["memory_mb"] is not None else "-"),
+                      "alive" if i["alive"] else "[red]gone (stale: aipm recover)[/]")
+    console().print(table if infos else "no workers")
+
+
+@app.command()
+def locks(json_out: bool = JsonOpt) -> None:
+    """Target-file locks held now: path → task and worker pid."""
+    project = get_project()
+    rt = Runtime(project.root)
+    rows = []
+    with rt.launch_lock():
+        for rec in rt.records():
+            for raw in rec.targets:
+                target = normalize(raw)
+                rows.append({"path": str(target), "order": rec.order, "task": rec.task,
+                             "pid": rec.pid or rec.owner_pid, "held": rt.lock_held(target)})
+    if json_out:
+        print_json({"locks": rows})
+        return
+    table = Table()
+    for col in ("path", "task", "pid", "held"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["path"], f"{r['order']}/{r['task']}", str(r["pid"]), "yes" if r["held"] else "no")
+    console().print(table if rows else "no locks held")
+
+
+@app.command()
+def logs(
+    task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
+    follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing as the log grows, until the task ends."),
+    attempt: Optional[int] = typer.Option(None, "--attempt", help="Which attempt (default: the latest)."),
+) -> None:
+    """Print a task's log (the latest attempt by default)."""
+    project = get_project()
+    order_dir, task_id = find_task(project, task)
+    order = load_order(order_dir, project.root)
+    rt = Runtime(project.root)
+    found = rt.logs(order.id, task_id)
+    if attempt is not None:
+        found = [p for p in found if p.name == f"{task_id}.{attempt}.log"]
+    if not found:
+        raise UserError(f"no log for {order.id}/{task_id} yet (it has not run)")
+    path = found[-1]
+    with open(path, "rb") as handle:
+        while True:
+            chunk = handle.read(65536)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+                continue
+            if not follow or rt.read_record(order.id, task_id) is None:
+                break
+            time.sleep(0.25)  # tail -f style: the reader is a human, a quarter second is plenty
+
+
+def _settings_project():
+    project = get_project()
+    return project, load_settings(project.root)
+
+
+@app.command()
+def cancel(
+    task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
+    grace: float = typer.Option(5.0, "--grace", help="Seconds between SIGTERM and SIGKILL."),
+) -> None:
+    """Cancel a task: stop its worker's whole process group (SIGTERM, then SIGKILL) and mark it CANCELLED."""
+    project, _ = _settings_project()
+    order_dir, task_id = find_task(project, task)
+    rt = Runtime(project.root)
+    path = order_dir / f"{task_id}.yaml"
+    with rt.launch_lock():
+        current = load_task(path, project.root)
+        if current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
+            raise UserError(f"{path}: status: {current.status} cannot be cancelled")
+        update_task(path, {"status": Status.CANCELLED, "finished_at": now()}, expect=current.status)
+        order_id = load_order(order_dir, project.root).id
+        rec = rt.read_record(order_id, task_id)
+    if rec is not None and rec.pid and rec.worker_alive():
+        append_log(rec.log, "cancelled by the user: stopping the process group")
+        terminate_group(rec.pgid, rec.pid, grace)
+    console().print(f"{task_id}: CANCELLED")
+
+
+@app.command()
+def retry(task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file.")) -> None:
+    """Put a finished, failed, rejected or cancelled task back to QUEUED with fresh attempts."""
+    project, _ = _settings_project()
+    order_dir, task_id = find_task(project, task)
+    path = order_dir / f"{task_id}.yaml"
+    with Runtime(project.root).launch_lock():
+        current = load_task(path, project.root)
+        if current.status in RUNNING:
+            raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
+        try:
+            update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "exit_code": None},
+                        expect=current.status)
+        except StaleWrite as exc:
+            raise UserError(f"{path}: status: {exc}") from None
+    console().print(f"{task_id}: QUEUED")
+
+
+@app.command()
+def recover(
+    order: Optional[str] = typer.Argument(None, help="Order id or directory (default: every order)."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Repair tasks whose worker is gone: adopt workers that still run or left an exit code; re-queue the rest."""
+    project, settings = _settings_project()
+    launcher = Launcher(project, settings, Options(), monitor=None)
+    dirs = [project.order_dir(order)] if order else project.order_dirs()
+    done = []
+    with launcher.runtime.launch_lock():
+        for directory in dirs:
+            loaded = load_order(directory, project.root)
+            for item in launcher.recover_order(loaded):
+                done.append({"order": loaded.id, **item})
+    if json_out:
+        print_json({"recovered": done})
+        return
+    for item in done:
+        console().print(f"{item['order']}/{item['id']}: {item['action']}")
+    if not done:
+        console().print("nothing to recover")

@@ -1,0 +1,101 @@
+"""How `run` and `exec` show progress: a Rich live view on a terminal, plain lines in logs, JSON lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import deque
+
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from aipm.model import Order
+
+
+def plain_line(event: dict) -> str:
+    kind = event.get("event")
+    task = event.get("task", "")
+    if kind == "started":
+        return f"start    {task} (attempt {event['attempt']}, pid {event['pid']})"
+    if kind == "finished":
+        return f"finish   {task} → {event.get('status')} (exit {event.get('exit_code')})"
+    if kind == "review":
+        return f"review   {task}"
+    if kind == "adopted":
+        return f"adopt    {task} (pid {event.get('pid')}): worker outlived its supervisor"
+    if kind == "deferred":
+        return f"defer    {', '.join(event['tasks'])}: {event['detail']}"
+    if kind == "launch_failed":
+        return f"failed   {task}: {event['error']}"
+    if kind == "interrupted":
+        return f"stopped  by signal; re-queued: {', '.join(event['requeued']) or 'none'}"
+    return json.dumps(event)
+
+
+class Display:
+    """Receives events from the supervisor; renders them for the kind of output we have."""
+
+    def __init__(self, mode: str, view=None):
+        self.mode = mode  # "json", "plain" or "live"
+        self.view = view
+        self.running: dict[str, float] = {}
+        self.recent: deque[str] = deque(maxlen=6)
+        self.note = ""
+        self.live: Live | None = None
+        if mode == "live":
+            self.live = Live(self._render(), refresh_per_second=4, transient=False)
+            self.live.start()
+
+    def __call__(self, event: dict) -> None:
+        event.setdefault("time", round(time.time(), 3))
+        if self.mode == "json":
+            sys.stdout.write(json.dumps(event) + "\n")
+            sys.stdout.flush()
+            return
+        if self.mode == "plain":
+            print(plain_line(event), flush=True)
+            return
+        kind, task = event.get("event"), event.get("task")
+        if kind in ("started", "adopted"):
+            self.running[task] = time.time()
+        elif kind == "finished":
+            self.running.pop(task, None)
+            self.recent.appendleft(plain_line(event))
+        elif kind == "deferred":
+            self.note = plain_line(event)
+        elif kind in ("launch_failed", "interrupted"):
+            self.recent.appendleft(plain_line(event))
+        self.live.update(self._render())
+
+    def _render(self):
+        parts = []
+        order: Order | None = self.view.order if self.view else None
+        if order:
+            counts: dict[str, int] = {}
+            for t in order.tasks.values():
+                counts[t.status.value] = counts.get(t.status.value, 0) + 1
+            parts.append(Text(f"{order.id}: " + "  ".join(f"{k} {v}" for k, v in sorted(counts.items()))))
+        table = Table(show_header=True, box=None)
+        table.add_column("running")
+        table.add_column("elapsed", justify="right")
+        for task, since in sorted(self.running.items()):
+            table.add_row(task, f"{time.time() - since:.0f}s")
+        parts.append(table)
+        if self.note:
+            parts.append(Text(self.note, style="yellow"))
+        parts.extend(Text(line, style="dim") for line in self.recent)
+        return Group(*parts)
+
+    def close(self) -> None:
+        if self.live:
+            self.live.update(self._render())
+            self.live.stop()
+
+
+def mode_for(json_out: bool) -> str:
+    if json_out:
+        return "json"
+    return "live" if sys.stdout.isatty() else "plain"

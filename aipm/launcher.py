@@ -1,0 +1,272 @@
+"""The launch transaction and the task transitions after a worker ends.
+
+Every status write happens under the project's launch lock, so a plan and the writes that act on it are one
+step that no other aipm process can interleave with. A task is started as: target locks → worker record →
+IN_PROGRESS → process; when any step fails, the earlier ones are undone and the task is QUEUED again.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from aipm import runner
+from aipm.errors import UserError
+from aipm.model import RUNNING, Order, Status, Task
+from aipm.paths import normalize
+from aipm.plan import Busy, Plan, plan
+from aipm.project import Project
+from aipm.resources import ResourceMonitor
+from aipm.runtime import LockBusy, Record, Runtime, process_ctime, read_exit_file
+from aipm.settings import Settings
+from aipm.store import StaleWrite, now, update_task
+from aipm.view import OrderView
+
+
+@dataclass
+class Options:
+    """Per-invocation choices (flags) on top of the settings."""
+
+    no_review: bool = False
+    model: str | None = None
+    dry_run: bool = False
+
+
+@dataclass
+class LaunchReport:
+    launched: list[dict] = field(default_factory=list)
+    deferred: list[dict] = field(default_factory=list)
+    failed: list[dict] = field(default_factory=list)
+    recovered: list[dict] = field(default_factory=list)
+    plan: Plan | None = None
+    order: Order | None = None
+
+
+class Launcher:
+    """Starts tasks of one project; shared by `launch`, `exec`, `run` and detached workers."""
+
+    def __init__(self, project: Project, settings: Settings, options: Options | None = None,
+                 monitor: ResourceMonitor | None = None):
+        self.project = project
+        self.settings = settings
+        self.options = options or Options()
+        self.runtime = Runtime(project.root)
+        self.monitor = monitor
+        if monitor is None and settings.enable_monitoring:
+            self.monitor = ResourceMonitor(settings.max_cpu_percent, settings.max_memory_percent)
+
+    # -- planning inputs -------------------------------------------------------------------------------
+
+    def holders(self, order: Order, records: Iterable[Record]) -> tuple[list[Busy], set[str], int]:
+        """Busy files from worker records, this order's live task ids, and the live worker count.
+
+        A dead record (a stale task) still holds its files until recovered, but takes no worker slot.
+        """
+        busy, live, count = [], set(), 0
+        for rec in records:
+            busy.append(Busy(rec.order, rec.task, tuple(normalize(t) for t in rec.targets)))
+            if rec.alive():
+                count += 1
+                if rec.order == order.id:
+                    live.add(rec.task)
+        return busy, live, count
+
+    def worker_budget(self, live_workers: int) -> int:
+        """How many workers may run in total now: max_workers, scaled down under load."""
+        limit = self.settings.max_workers
+        if self.monitor is not None and self.settings.enable_auto_scaling:
+            limit = self.monitor.get_recommended_worker_count(live_workers, limit)
+        return limit
+
+    # -- the transaction -------------------------------------------------------------------------------
+
+    def launch(self, view: OrderView, owner: "Owner | None" = None, only: Iterable[str] | None = None,
+               explain: bool = True) -> LaunchReport:
+        """Recover, plan and start what may start. `owner` None means detached workers that finish themselves."""
+        report = LaunchReport()
+        with self.runtime.launch_lock():
+            order = view.refresh()
+            if not self.options.dry_run:
+                report.recovered = self.recover_order(order, adopt=owner)
+                if report.recovered:
+                    order = view.refresh()
+            records = self.runtime.records()
+            busy, live, live_count = self.holders(order, records)
+            free = max(0, self.settings.max_workers - live_count)
+            result = plan(order, busy, live, free, view.ordering(), explain=explain)
+            report.order = order
+            report.plan = result
+            wanted = [t for t in result.launchable if only is None or t.id in only]
+            # Read the machine only when there is something to start: the idle loop costs no CPU.
+            budget = max(0, self.worker_budget(live_count) - live_count) if wanted else 0
+            for task in wanted[budget:]:
+                report.deferred.append({"id": task.id, "reason": "resources", "detail": self._load_note()})
+            for task in wanted[:budget]:
+                if self.options.dry_run:
+                    report.launched.append({"id": task.id, "pid": None, "dry_run": True})
+                    continue
+                try:
+                    rec = self.start(order, task, owner)
+                except LaunchFailed as exc:
+                    report.failed.append({"id": task.id, "error": str(exc)})
+                    continue
+                report.launched.append({"id": task.id, "pid": rec.pid or rec.owner_pid, "log": rec.log})
+        return report
+
+    def _load_note(self) -> str:
+        if self.monitor is None:
+            return "resource limit"
+        status = self.monitor.get_status()
+        return f"machine busy (cpu {status.cpu_percent:.0f}%, memory {status.memory_percent:.0f}%)"
+
+    def start(self, order: Order, task: Task, owner: "Owner | None") -> Record:
+        """Start one task. Caller holds the launch lock. On failure everything is undone and LaunchFailed raised."""
+        rt = self.runtime
+        program = self._missing_program(task)
+        if program:
+            raise LaunchFailed(f"{task.id}: program {program!r} not found on PATH; install it or fix `command`")
+        try:
+            fds = rt.take_locks(task.targets)
+        except LockBusy as exc:
+            raise LaunchFailed(str(exc)) from None
+        attempt = task.attempts + 1
+        rec = Record(
+            order=order.id, order_dir=order.path, task=task.id, task_file=task.path, attempt=attempt,
+            targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, attempt)),
+            exit_file=str(rt.exit_path(order.id, task.id, attempt)), started_at=now(),
+        )
+        wrote_status = False
+        try:
+            rt.write_record(rec)
+            try:
+                os.unlink(rec.exit_file)
+            except FileNotFoundError:
+                pass
+            update_task(Path(task.path), {
+                "status": Status.IN_PROGRESS, "attempts": attempt, "started_at": rec.started_at,
+                "finished_at": None, "exit_code": None,
+            }, expect=Status.QUEUED)
+            wrote_status = True
+            if owner is None:
+                self._spawn_detached(rec, task, fds)
+            else:
+                owner.spawn_worker(rec, task, fds)
+            rt.write_record(rec)
+            return rec
+        except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
+            if wrote_status:
+                update_task(Path(task.path), {"status": Status.QUEUED, "attempts": task.attempts,
+                                              "started_at": task.started_at}, expect=Status.IN_PROGRESS)
+            rt.remove_record(order.id, task.id)
+            raise LaunchFailed(str(exc)) from None
+        finally:
+            for fd in fds:
+                os.close(fd)
+
+    def _missing_program(self, task: Task) -> str | None:
+        """Checked before any status changes, so a typo in a command is an error, not a stuck task."""
+        if isinstance(task.command, str):
+            return None  # the shell reports it in the log, as a failed attempt
+        argv = list(task.command) if task.command else list(self.settings.worker_command)
+        return runner.missing_program(argv, os.environ, str(self.project.root))
+
+    def _spawn_detached(self, rec: Record, task: Task, fds: list[int]) -> None:
+        """A detached worker is `python -m aipm.work`, which owns the task: runs, finishes, starts successors."""
+        argv = [sys.executable, "-m", "aipm.work", str(self.project.root), rec.order_dir, rec.task,
+                "--lock-fds", ",".join(map(str, fds))]
+        if self.options.no_review:
+            argv.append("--no-review")
+        if self.options.model:
+            argv += ["--model", self.options.model]
+        env = dict(os.environ, AIPM_MAX_WORKERS=str(self.settings.max_workers))
+        for fd in fds:
+            os.set_inheritable(fd, True)
+        try:
+            pid = os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, rec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+            ])
+        finally:
+            for fd in fds:
+                os.set_inheritable(fd, False)
+        rec.owner_pid, rec.owner_ctime = pid, process_ctime(pid)
+
+    # -- recovery --------------------------------------------------------------------------------------
+
+    def recover_order(self, order: Order, adopt: "Owner | None" = None) -> list[dict]:
+        """Repair running tasks whose owner is gone. Caller holds the launch lock.
+
+        A worker that is still alive, or that left its exit code, is adopted (by `adopt`, or by a new detached
+        owner) so its real outcome is recorded; a worker lost without a trace is INTERRUPTED, then QUEUED.
+        """
+        out = []
+        for task in order.tasks.values():
+            if task.status not in RUNNING:
+                continue
+            rec = self.runtime.read_record(order.id, task.id)
+            if rec is not None and rec.owner_alive():
+                continue
+            if rec is not None and rec.attempt == task.attempts and (
+                rec.worker_alive() or read_exit_file(rec.exit_file) is not None
+            ):
+                if adopt is not None:
+                    adopt.adopt(rec)
+                else:
+                    self._spawn_adopter(rec)
+                out.append({"id": task.id, "action": "adopted"})
+                continue
+            self.interrupt(task, rec, "its worker is gone")
+            out.append({"id": task.id, "action": "requeued"})
+        return out
+
+    def _spawn_adopter(self, rec: Record) -> None:
+        argv = [sys.executable, "-m", "aipm.work", str(self.project.root), rec.order_dir, rec.task, "--adopt"]
+        if self.options.no_review:
+            argv.append("--no-review")
+        pid = os.posix_spawn(sys.executable, argv, dict(os.environ), setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, rec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+        ])
+        rec.owner_pid, rec.owner_ctime = pid, process_ctime(pid)
+        self.runtime.write_record(rec)
+
+    def interrupt(self, task: Task, rec: Record | None, why: str, count_attempt: bool = False) -> None:
+        """RUNNING → INTERRUPTED → QUEUED; the attempt is not counted unless asked (it was aipm's fault)."""
+        path = Path(task.path)
+        try:
+            update_task(path, {"status": Status.INTERRUPTED, "finished_at": now()}, expect=task.status)
+            attempts = task.attempts if count_attempt else max(0, task.attempts - 1)
+            update_task(path, {"status": Status.QUEUED, "attempts": attempts}, expect=Status.INTERRUPTED)
+        except StaleWrite:
+            pass
+        if rec is not None:
+            append_log(rec.log, f"worker interrupted: {why}; task re-queued")
+            self.runtime.remove_record(rec.order, rec.task)
+
+
+class LaunchFailed(Exception):
+    pass
+
+
+class Owner:
+    """Interface of whatever owns running tasks (supervisor, foreground exec, detached worker)."""
+
+    def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
+        raise NotImplementedError
+
+    def adopt(self, rec: Record) -> None:
+        raise NotImplementedError
+
+
+def append_log(log: str, line: str) -> None:
+    try:
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(f"[aipm {time.strftime('%H:%M:%S')}] {line}\n")
+    except OSError:
+        pass

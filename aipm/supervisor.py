@@ -1,0 +1,324 @@
+"""Owning running tasks: wait for workers, enforce timeouts, finish (review, status), and the `run` loop.
+
+A Supervisor owns tasks it started or adopted. It keeps nothing that is not also on disk (the task files and
+the worker records), so it may die at any instant: the workers keep running with their locks, and the next
+owner adopts them and records their real outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from aipm import runner
+from aipm.finish import after_review, after_work, describe_exit, review_command
+from aipm.launcher import Launcher, Owner, append_log
+from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
+from aipm.plan import NEVER, plan
+from aipm.runtime import Record, process_ctime, read_exit_file
+from aipm.store import StaleWrite, load_task, update_task
+from aipm.view import OrderView
+from aipm.worker import invocation
+
+Emit = Callable[[dict], None]
+KILL_GRACE = 5.0
+
+
+class Supervisor(Owner):
+    def __init__(self, launcher: Launcher, emit: Emit | None = None):
+        self.launcher = launcher
+        self.rt = launcher.runtime
+        self.settings = launcher.settings
+        self.watcher = runner.Watcher()
+        self.owned: dict[str, Record] = {}
+        self.exited: list[str] = []  # owned keys whose process ended before we could watch it
+        self.timed_out: set[str] = set()
+        self.kill_at: dict[str, float] = {}
+        self.me = (os.getpid(), process_ctime(os.getpid()))
+        self.emit = emit or (lambda event: None)
+
+    # -- Owner interface (called under the launch lock) -----------------------------------------------
+
+    def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
+        command, env, stdin = invocation(self.rt, self.settings, rec, task, self.launcher.options.model)
+        rec.command = [command] if isinstance(command, str) else list(command)
+        pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=rec.log,
+                           stdin=stdin, pass_fds=fds)
+        timeout = task.timeout or self.settings.timeout
+        rec.pid = rec.pgid = pid
+        rec.ctime = process_ctime(pid)
+        rec.owner_pid, rec.owner_ctime = self.me
+        rec.deadline = time.time() + timeout if timeout else None
+        self._own(rec)
+        self.emit({"event": "started", "task": rec.task, "order": rec.order, "pid": pid, "attempt": rec.attempt})
+
+    def adopt(self, rec: Record) -> None:
+        rec.owner_pid, rec.owner_ctime = self.me
+        self.rt.write_record(rec)
+        self._own(rec)
+        self.emit({"event": "adopted", "task": rec.task, "order": rec.order, "pid": rec.pid})
+
+    def _own(self, rec: Record) -> None:
+        self.owned[rec.key] = rec
+        if not (rec.pid and rec.worker_alive() and self.watcher.watch_pid(rec.pid, rec.key)):
+            self.exited.append(rec.key)
+
+    # -- waiting -------------------------------------------------------------------------------------
+
+    def wait(self, timeout: float | None) -> list[str]:
+        """Sleep until an owned process ends, a deadline passes or a watched descriptor is ready.
+
+        Returns the keys that woke us: owned task keys (process ended) and any extra keys of watch_fd().
+        """
+        if self.exited:
+            ready, self.exited = self.exited, []
+            return ready
+        now = time.time()
+        wake = [t for t in self.kill_at.values()]
+        wake += [r.deadline for k, r in self.owned.items() if r.deadline and k not in self.timed_out]
+        if wake:
+            until = max(0.0, min(wake) - now)
+            timeout = until if timeout is None else min(timeout, until)
+        keys = self.watcher.wait(timeout)
+        self._enforce_deadlines()
+        return keys
+
+    def _enforce_deadlines(self) -> None:
+        now = time.time()
+        for key, rec in self.owned.items():
+            if rec.deadline and now >= rec.deadline and key not in self.timed_out and rec.pid:
+                self.timed_out.add(key)
+                append_log(rec.log, f"timeout: sending SIGTERM to process group {rec.pgid}")
+                runner.signal_group(rec.pgid, signal.SIGTERM)
+                runner.signal_group(rec.pgid, signal.SIGCONT)
+                self.kill_at[key] = now + KILL_GRACE
+        for key, at in list(self.kill_at.items()):
+            if now >= at:
+                del self.kill_at[key]
+                if key in self.owned:
+                    runner.signal_group(self.owned[key].pgid, signal.SIGKILL)
+
+    # -- finishing -----------------------------------------------------------------------------------
+
+    def handle(self, key: str) -> dict | None:
+        """An owned process ended: apply its outcome. Returns the event, or None if the key is not ours."""
+        rec = self.owned.get(key)
+        if rec is None:
+            return None
+        self.watcher.forget(key)
+        self.kill_at.pop(key, None)
+        code = runner.reap(rec.pid) if rec.pid else None
+        if code is None:  # not our child (adopted): the wrapper's exit file holds the outcome
+            code = read_exit_file(rec.exit_file)
+        timed_out = key in self.timed_out
+        self.timed_out.discard(key)
+        if timed_out and rec.pid:
+            runner.signal_group(rec.pgid, signal.SIGKILL)  # no straggler of a timed-out group survives
+        with self.rt.launch_lock():
+            return self._apply(rec, code, timed_out)
+
+    def _apply(self, rec: Record, code: int | None, timed_out: bool) -> dict:
+        path = Path(rec.task_file)
+        task = load_task(path, self.rt.root)
+        event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.attempt,
+                 "phase": rec.phase, "exit_code": code}
+        if task.status not in RUNNING or task.attempts != rec.attempt:
+            # Someone moved it on (cancel, recover by another process): their word stands.
+            self._drop(rec)
+            event["status"] = str(task.status)
+            return event
+        if code is None:
+            if rec.phase == "review":
+                self._start_review(rec, task)  # the reviewer vanished without a verdict: ask again
+                return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.attempt}
+            self.launcher.interrupt(task, rec, "worker lost without an exit code")
+            self._drop(rec)
+            event["status"] = str(Status.QUEUED)
+            return event
+        if rec.phase == "work":
+            append_log(rec.log, "attempt %d %s" % (rec.attempt, describe_exit(code, timed_out, task.timeout or self.settings.timeout)))
+            reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
+            task = update_task(path, after_work(task, code, self.settings, reviewing), expect=task.status)
+            if task.status == Status.IN_REVIEW:
+                self._start_review(rec, task)
+                return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.attempt}
+        else:
+            feedback = self.rt.feedback_path(rec.order, rec.task)
+            review_log = Path(rec.log).with_suffix(".review.log")
+            verdict = "approved" if code == 0 else f"sent back (exit {code})"
+            append_log(rec.log, f"review {verdict}; review output: {review_log}")
+            if code == 0:
+                feedback.unlink(missing_ok=True)
+            else:
+                feedback.write_bytes(review_log.read_bytes() if review_log.exists() else b"")
+            for updates in after_review(task, code, self.settings):
+                task = update_task(path, updates, expect=task.status)
+        self._drop(rec)
+        event["status"] = str(task.status)
+        return event
+
+    def _start_review(self, rec: Record, task: Task) -> None:
+        command = review_command(task, self.settings, self.launcher.options.no_review)
+        if isinstance(command, tuple):
+            command = list(command)
+        _, env, _ = invocation(self.rt, self.settings, rec, task, self.launcher.options.model)
+        rec.phase = "review"
+        rec.exit_file = rec.exit_file.split(".review")[0] + ".review"
+        review_log = str(Path(rec.log).with_suffix(".review.log"))
+        try:
+            os.unlink(rec.exit_file)
+        except FileNotFoundError:
+            pass
+        try:
+            pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=review_log)
+        except runner.SpawnError as exc:
+            # A reviewer that cannot start never approves (fail closed).
+            append_log(review_log, f"review could not start: {exc}")
+            rec.pid = 0
+            with open(rec.exit_file, "w") as handle:
+                handle.write("127\n")
+        else:
+            rec.pid = rec.pgid = pid
+            rec.ctime = process_ctime(pid)
+        rec.command = [command] if isinstance(command, str) else command
+        rec.deadline = None
+        self.rt.write_record(rec)
+        self._own(rec)
+
+    def _drop(self, rec: Record) -> None:
+        self.rt.remove_record(rec.order, rec.task)
+        self.owned.pop(rec.key, None)
+
+    # -- stopping ------------------------------------------------------------------------------------
+
+    def abort(self) -> list[str]:
+        """Ctrl-C: stop every owned worker's group and put its task back to QUEUED, attempt not counted."""
+        for rec in self.owned.values():
+            if rec.pid:
+                runner.signal_group(rec.pgid, signal.SIGTERM)
+                runner.signal_group(rec.pgid, signal.SIGCONT)
+        deadline = time.time() + KILL_GRACE
+        for rec in self.owned.values():
+            if rec.pid and not runner.wait_gone(rec.pid, max(0.0, deadline - time.time())):
+                runner.signal_group(rec.pgid, signal.SIGKILL)
+            if rec.pid:
+                runner.signal_group(rec.pgid, signal.SIGKILL)
+                runner.reap(rec.pid)
+        stopped = []
+        with self.rt.launch_lock():
+            for rec in list(self.owned.values()):
+                task = load_task(Path(rec.task_file), self.rt.root)
+                if task.status in RUNNING and task.attempts == rec.attempt:
+                    self.launcher.interrupt(task, rec, "stopped by the user (Ctrl-C)")
+                    stopped.append(rec.task)
+                self._drop(rec)
+        return stopped
+
+    def close(self) -> None:
+        self.watcher.close()
+
+
+def order_finished(order: Order) -> bool:
+    """No task can still reach DONE/COMPLETED: each is finished, failed, or stuck behind a dead end."""
+    blocked = plan(order, slots=0).blocked
+    return all(
+        t.status in FINISHED_OK or t.status in DEAD_END
+        or (t.id in blocked and blocked[t.id].reason == NEVER)
+        for t in order.tasks.values()
+    )
+
+
+def all_done(order: Order) -> bool:
+    return all(t.status in FINISHED_OK for t in order.tasks.values())
+
+
+class Stop:
+    """Turns SIGINT/SIGTERM into a readable descriptor, so the selector wakes and the loop stops cleanly."""
+
+    def __init__(self, watcher: runner.Watcher):
+        self.requested = False
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        os.set_blocking(self._r, False)
+        self._old_fd = signal.set_wakeup_fd(self._w)
+        self._old = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        watcher.watch_fd(self._r, "signal")
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._old_fd)
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        os.close(self._r)
+        os.close(self._w)
+
+
+RESOURCE_RECHECK = 1.0  # seconds between load readings while launches are deferred
+
+
+def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None = None,
+              detach_others: bool = False) -> int:
+    """The `run` loop (and, with `only`, `exec`): plan, launch, wait for the next event, finish, repeat.
+
+    With `detach_others` (exec --parallel), the order's other launchable tasks start as detached workers
+    once `only` has started.
+
+    Returns the exit code: 0 when the order (or the `only` task) ended DONE/COMPLETED, 1 when not, 130 on Ctrl-C.
+    """
+    sup = Supervisor(launcher, emit)
+    stop = Stop(sup.watcher)
+    if view.fd is not None:
+        sup.watcher.watch_fd(view.fd, "files")
+    foreign: set[str] = set()
+    deferred_before: list[str] = []
+    try:
+        while not stop.requested:
+            report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False)
+            order = report.order
+            for item in report.failed:
+                emit({"event": "launch_failed", "task": item["id"], "error": item["error"]})
+            if detach_others:
+                detach_others = False
+                others = launcher.launch(view, owner=None, only=set(order.tasks) - {only})
+                for item in others.launched:
+                    emit({"event": "started", "task": item["id"], "pid": item["pid"], "attempt": "detached"})
+            deferred = [d["id"] for d in report.deferred]
+            if deferred != deferred_before and deferred:
+                emit({"event": "deferred", "tasks": deferred, "detail": report.deferred[0]["detail"]})
+            deferred_before = deferred
+            for rec in launcher.runtime.records():
+                if rec.key not in sup.owned and rec.key not in foreign and rec.alive():
+                    # Someone else's worker (a detached one, or another order's) may free files or a slot.
+                    pid = rec.owner_pid if rec.owner_alive() else rec.pid
+                    if sup.watcher.watch_pid(pid, rec.key):
+                        foreign.add(rec.key)
+            if only:
+                if f"{order.id}/{only}" not in sup.owned:
+                    break  # finished, failed for good, or never launchable
+            elif not sup.owned and not foreign and not deferred:
+                break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
+            timeout = RESOURCE_RECHECK if deferred else None
+            for key in sup.wait(timeout):
+                if key in foreign:
+                    sup.watcher.forget(key)
+                    foreign.discard(key)
+                elif key not in ("signal", "files"):
+                    event = sup.handle(key)
+                    if event:
+                        emit(event)
+        if stop.requested:
+            stopped = sup.abort()
+            emit({"event": "interrupted", "requeued": stopped})
+            return 130
+        order = view.refresh()
+        if only:
+            return 0 if order.tasks[only].status in FINISHED_OK else 1
+        return 0 if all_done(order) else 1
+    finally:
+        stop.close()
+        sup.close()

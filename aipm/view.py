@@ -1,0 +1,77 @@
+"""A live view of one order directory that re-reads only the task files that changed.
+
+The supervisor plans after every event; re-parsing every task file each time would make a 1000-task order
+quadratic. The view keeps parsed tasks and reloads a file only when inotify names it (or, without inotify,
+when its size or mtime changed).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from aipm.inotify import DirWatch
+from aipm.model import Order
+from aipm.plan import ranked
+from aipm.store import ORDER_FILE, check_links, load_order, load_task, task_files
+
+
+class OrderView:
+    def __init__(self, order_dir: Path, root: Path, watch: bool = True):
+        self.dir = Path(order_dir)
+        self.root = root
+        self.order = load_order(self.dir, root)
+        self.watch = DirWatch.open(str(self.dir)) if watch else None
+        self._stats = {t.path: _stat(t.path) for t in self.order.tasks.values()}
+        self._ordering: list[str] | None = None
+
+    @property
+    def fd(self) -> int | None:
+        return self.watch.fd if self.watch else None
+
+    def refresh(self) -> Order:
+        """Bring the view up to date with the directory; raise ValidationError if a changed file is bad."""
+        if self.watch is not None:
+            names = {n for n in self.watch.changed() if n.endswith(".yaml") and not n.startswith(".")}
+            if ORDER_FILE in names:
+                self.__init__(self.dir, self.root, watch=False)  # rare: re-read everything
+                self.watch = DirWatch.open(str(self.dir))
+                return self.order
+            paths = {str(self.dir / n) for n in names}
+        else:
+            current = {str(p) for p in task_files(self.dir)}
+            paths = {p for p in current | set(self._stats) if _stat(p) != self._stats.get(p)}
+        for path in paths:
+            self.reload(path)
+        return self.order
+
+    def reload(self, path: str) -> None:
+        """Re-read one task file (after our own write, or when it changed on disk)."""
+        tasks = self.order.tasks
+        task_id = Path(path).name[: -len(".yaml")]
+        old = tasks.get(task_id)
+        if not os.path.exists(path):
+            tasks.pop(task_id, None)
+            self._stats.pop(path, None)
+            self._ordering = None
+            return
+        new = load_task(Path(path), self.root)
+        self._stats[path] = _stat(path)
+        if old is None or (old.depends_on, old.priority) != (new.depends_on, new.priority):
+            candidate = dict(tasks, **{task_id: new})
+            check_links(Order(self.order.id, self.order.path, candidate))
+            self._ordering = None
+        tasks[task_id] = new
+
+    def ordering(self) -> list[str]:
+        if self._ordering is None:
+            self._ordering = [t.id for t in ranked(self.order)]
+        return self._ordering
+
+
+def _stat(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns

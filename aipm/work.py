@@ -1,0 +1,71 @@
+"""A detached worker: `python -m aipm.work ROOT ORDER_DIR TASK`, started by `aipm launch`.
+
+It owns one task: starts (or adopts) the worker process, waits for it, finishes the task (review, status),
+then starts the successors that became launchable, each as a new detached worker. It inherits the task's
+target-file locks from the launcher and holds them until the task is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from aipm.errors import UserError
+from aipm.launcher import Launcher, Options
+from aipm.project import Project
+from aipm.settings import load_settings
+from aipm.store import load_task
+from aipm.supervisor import Supervisor
+from aipm.view import OrderView
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m aipm.work")
+    parser.add_argument("root")
+    parser.add_argument("order_dir")
+    parser.add_argument("task")
+    parser.add_argument("--lock-fds", default="")
+    parser.add_argument("--adopt", action="store_true")
+    parser.add_argument("--no-review", action="store_true")
+    parser.add_argument("--model")
+    args = parser.parse_args(argv)
+    fds = [int(fd) for fd in args.lock_fds.split(",") if fd]
+    root = Path(args.root)
+    try:
+        settings = load_settings(root)
+    except UserError as exc:
+        print(f"aipm: error: {exc}", file=sys.stderr)
+        return 2
+    launcher = Launcher(Project(root, settings.orders_dir), settings, Options(args.no_review, args.model))
+    sup = Supervisor(launcher)
+    me = (os.getpid(), sup.me[1])
+    with launcher.runtime.launch_lock():
+        # The launcher holds this lock until our record names us, so we read a finished record here.
+        view = OrderView(Path(args.order_dir), root, watch=False)
+        rec = launcher.runtime.read_record(view.order.id, args.task)
+        if rec is None or (rec.owner_pid, rec.owner_ctime) != me and rec.owner_alive():
+            return 0  # finished, or owned by someone else meanwhile
+        if args.adopt:
+            sup.adopt(rec)
+        else:
+            task = load_task(Path(rec.task_file), root)
+            try:
+                sup.spawn_worker(rec, task, fds)
+            except Exception as exc:  # noqa: BLE001 - any failure must put the task back, not strand it
+                print(f"aipm: cannot start worker: {exc}", file=sys.stderr)
+                launcher.interrupt(task, rec, f"worker could not start: {exc}")
+                return 1
+            launcher.runtime.write_record(rec)
+    while sup.owned:
+        for key in sup.wait(None):
+            sup.handle(key)
+    for fd in fds:
+        os.close(fd)
+    launcher.launch(OrderView(Path(args.order_dir), root, watch=False), owner=None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
