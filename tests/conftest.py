@@ -1,0 +1,70 @@
+"""Shared test helpers: a real project in tmp_path, the real CLI in a subprocess, tree snapshots."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "fixtures"
+
+
+def write_task(order_dir: Path, task_id: str, **fields) -> Path:
+    order_dir.mkdir(parents=True, exist_ok=True)
+    path = order_dir / f"{task_id}.yaml"
+    path.write_text(yaml.safe_dump({"id": task_id, **fields}, sort_keys=False))
+    return path
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    """Every file under root (except the runtime directory) → its content hash."""
+    out = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and ".aipm" not in path.relative_to(root).parts:
+            out[str(path.relative_to(root))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return out
+
+
+class Project:
+    def __init__(self, root: Path):
+        self.root = root
+        (root / "aipm.yaml").write_text("max_workers: 5\n")
+        (root / "orders").mkdir(exist_ok=True)
+
+    def order(self, name: str = "ORD") -> Path:
+        d = self.root / "orders" / name
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def aipm(self, *args: str, env: dict | None = None, timeout: float = 120, check: bool = False):
+        full_env = dict(os.environ)
+        full_env.pop("AIPM_FAKE_LOAD", None)
+        full_env.update(env or {})
+        proc = subprocess.run(
+            [sys.executable, "-m", "aipm", "--root", str(self.root), *args],
+            capture_output=True, text=True, env=full_env, timeout=timeout, cwd=self.root,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"aipm {' '.join(args)} → {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def json(self, *args: str, **kw):
+        proc = self.aipm(*args, "--json", **kw)
+        assert proc.returncode == 0, proc.stderr
+        return json.loads(proc.stdout)
+
+    def statuses(self, order: str = "ORD") -> dict[str, str]:
+        data = self.json("status", order)
+        return {t["id"]: t["status"] for t in data["tasks"]}
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Project:
+    return Project(tmp_path)

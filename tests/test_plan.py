@@ -1,0 +1,113 @@
+"""The pure planner, over literal orders."""
+
+from aipm.model import Order, Priority, Status, Task
+from aipm.paths import normalize
+from aipm.plan import (
+    FILE_BUSY, FILE_CHOSEN, LIMIT, NEVER, NOT_QUEUED, STALE, WAITING, Busy, chain_lengths, plan, ranked,
+)
+
+
+def task(tid, status="QUEUED", pri="P1", deps=(), files=()):
+    return Task(id=tid, path=f"{tid}.yaml", status=Status(status), priority=Priority(pri), depends_on=tuple(deps),
+                target_files=tuple(files), targets=tuple(normalize(f) for f in files))
+
+
+def order(*tasks):
+    return Order("O", "O", {t.id: t for t in tasks})
+
+
+def ids(result):
+    return [t.id for t in result.launchable]
+
+
+def test_priority_then_chain_then_natural_id():
+    o = order(task("T10", pri="P2"), task("T9", pri="P2"), task("T3", pri="P3"), task("T2", pri="P0"),
+              task("CHAIN", pri="P2"), task("AFTER", deps=["CHAIN"], pri="P2", status="QUEUED"))
+    result = plan(o, slots=10)
+    assert ids(result) == ["T2", "CHAIN", "T9", "T10", "T3"]
+
+
+def test_chain_lengths_count_dependants():
+    o = order(task("A"), task("B", deps=["A"]), task("C", deps=["B"]), task("D", deps=["A"]))
+    assert chain_lengths(o.tasks) == {"A": 3, "B": 2, "C": 1, "D": 1}
+    assert [t.id for t in ranked(o)][0] == "A"
+
+
+def test_waiting_on_dependencies_names_them():
+    o = order(task("A", status="IN_PROGRESS"), task("B", deps=["A"]), task("C", status="DONE"),
+              task("D", deps=["C"]), task("E", status="COMPLETED"), task("F", deps=["E", "C"]))
+    result = plan(o, live={"A"}, slots=5)
+    assert ids(result) == ["D", "F"]
+    assert result.blocked["B"].reason == WAITING
+    assert result.blocked["B"].tasks == ("A",)
+    assert "A (IN_PROGRESS)" in result.blocked["B"].detail
+
+
+def test_dead_dependency_is_named_through_a_chain():
+    o = order(task("A", status="FAILED"), task("B", deps=["A"]), task("C", deps=["B"]),
+              task("X", status="CANCELLED"), task("Y", deps=["X"]), task("R", status="REJECTED"), task("S", deps=["R"]))
+    result = plan(o, slots=5)
+    assert result.blocked["B"].reason == NEVER and result.blocked["B"].tasks == ("A",)
+    assert result.blocked["C"].reason == NEVER and result.blocked["C"].tasks == ("A",)
+    assert "FAILED" in result.blocked["C"].detail
+    assert result.blocked["Y"].tasks == ("X",) and result.blocked["S"].tasks == ("R",)
+
+
+def test_not_queued_and_stale():
+    o = order(task("A", status="IN_PROGRESS", files=["a.py"]), task("B", status="IN_PROGRESS"),
+              task("C", status="DONE"), task("D", files=["a.py"]))
+    result = plan(o, live={"B"}, slots=5)
+    assert result.stale == ["A"]
+    assert result.blocked["A"].reason == STALE
+    assert result.blocked["B"].reason == NOT_QUEUED
+    assert result.blocked["C"].reason == NOT_QUEUED
+    # A stale task keeps its files busy until it is recovered.
+    assert result.blocked["D"].reason == FILE_BUSY and result.blocked["D"].tasks == ("A",)
+
+
+def test_overlap_with_running_task_in_another_order():
+    o = order(task("A", files=["src/"]), task("B", files=["docs/x.md"]))
+    elsewhere = [Busy("OTHER", "Z", (normalize("src/mod/a.py"),))]
+    result = plan(o, elsewhere, slots=5)
+    assert ids(result) == ["B"]
+    blocked = result.blocked["A"]
+    assert blocked.reason == FILE_BUSY and blocked.tasks == ("OTHER/Z",)
+    assert "src/" in blocked.path and "src/mod/a.py" in blocked.path
+
+
+def test_overlap_within_the_round_goes_to_the_higher_ranked():
+    o = order(task("LOW", pri="P2", files=["tests/**/*.py"]), task("HIGH", pri="P0", files=["tests/unit/test_x.py"]),
+              task("FREE", pri="P3", files=["README.md"]))
+    result = plan(o, slots=5)
+    assert ids(result) == ["HIGH", "FREE"]
+    assert result.blocked["LOW"].reason == FILE_CHOSEN and result.blocked["LOW"].tasks == ("HIGH",)
+
+
+def test_normalised_paths_conflict():
+    o = order(task("A", pri="P0", files=["./src/a.py"]), task("B", files=["src/../src/a.py"]))
+    assert ids(plan(o, slots=5)) == ["A"]
+
+
+def test_worker_limit():
+    o = order(*(task(f"T{i}") for i in range(1, 6)))
+    result = plan(o, slots=2)
+    assert ids(result) == ["T1", "T2"]
+    assert {result.blocked[f"T{i}"].reason for i in (3, 4, 5)} == {LIMIT}
+    assert plan(o, slots=0).launchable == []
+
+
+def test_no_target_files_conflicts_with_nothing():
+    o = order(task("A", status="IN_PROGRESS", files=["x"]), task("B"), task("C"))
+    assert ids(plan(o, live={"A"}, slots=5)) == ["B", "C"]
+
+
+def test_summary_counts():
+    o = order(task("A", status="IN_PROGRESS", files=["f"]), task("B", files=["f"]), task("C", deps=["A"]), task("D"))
+    s = plan(o, slots=5).summary(o)
+    assert s["queued"] == 3 and s["launchable"] == 1 and s["blocked_by_files"] == 1
+    assert s["blocked_by_dependencies"] == 1 and s["stale"] == 1
+
+
+def test_quiet_mode_chooses_the_same_tasks():
+    o = order(*(task(f"T{i}", pri=f"P{i % 4}", files=[f"f{i % 3}"]) for i in range(20)))
+    assert ids(plan(o, slots=3, explain=False)) == ids(plan(o, slots=3))

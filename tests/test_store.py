@@ -1,0 +1,141 @@
+"""Loading and the one writer of task files."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from aipm.errors import ValidationError
+from aipm.model import Status
+from aipm.store import StaleWrite, load_order, load_task, rewrite, update_task
+
+COMMENTED = """\
+# A task with comments everywhere
+id: TASK_1   # the id
+title: "Quoted title"  # keep the quotes
+status: QUEUED  # managed, comment kept
+priority: P2
+depends_on: []
+target_files:
+  - src/a.py   # one file
+command: >
+  echo hello
+# trailing comment
+"""
+
+
+def test_rewrite_changes_only_managed_lines():
+    new = rewrite(COMMENTED, {"status": Status.IN_PROGRESS, "attempts": 1, "started_at": "2026-01-01T00:00:00+00:00"})
+    old_lines, new_lines = COMMENTED.splitlines(), new.splitlines()
+    assert new_lines[: len(old_lines)] == [
+        line if not line.startswith("status:") else "status: IN_PROGRESS  # managed, comment kept" for line in old_lines
+    ]
+    assert new_lines[len(old_lines):] == ["attempts: 1", "started_at: '2026-01-01T00:00:00+00:00'"]
+
+
+def test_update_task_is_byte_identical_outside_managed_lines(tmp_path):
+    path = tmp_path / "TASK_1.yaml"
+    path.write_text(COMMENTED)
+    task = update_task(path, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED)
+    assert task.status == Status.IN_PROGRESS and task.attempts == 1
+    task = update_task(path, {"status": Status.DONE, "exit_code": 0, "finished_at": "x"}, expect=Status.IN_PROGRESS)
+    text = path.read_text()
+    assert text.replace("status: DONE", "status: QUEUED").startswith(COMMENTED)
+    assert load_task(path).started_at is None and load_task(path).exit_code == 0
+    # Round trip: back to QUEUED restores the original bytes of the original lines.
+    update_task(path, {"status": Status.QUEUED}, expect=Status.DONE)
+    assert path.read_text().startswith(COMMENTED)
+
+
+def test_update_refuses_stale_expectations_and_illegal_transitions(tmp_path):
+    path = tmp_path / "T.yaml"
+    path.write_text("status: DONE\n")
+    before = path.read_bytes()
+    with pytest.raises(StaleWrite):
+        update_task(path, {"status": Status.IN_PROGRESS}, expect=Status.QUEUED)
+    with pytest.raises(StaleWrite):
+        update_task(path, {"status": Status.IN_PROGRESS})
+    assert path.read_bytes() == before
+
+
+def test_failed_write_leaves_the_old_file_intact(tmp_path, monkeypatch):
+    path = tmp_path / "TASK_1.yaml"
+    path.write_text(COMMENTED)
+    real_fsync = os.fsync
+
+    def broken_fsync(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError):
+        update_task(path, {"status": Status.IN_PROGRESS}, expect=Status.QUEUED)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert path.read_text() == COMMENTED
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["TASK_1.yaml"]  # no temp file left behind
+
+
+def test_write_beyond_file_size_limit_leaves_file_intact(tmp_path):
+    """RLIMIT_FSIZE makes the write itself fail midway, as a full disk would."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "TASK_1.yaml"
+    path.write_text(COMMENTED + "#" * 3000 + "\n")
+    before = path.read_bytes()
+    code = f"""
+import resource, signal
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+from pathlib import Path
+from aipm.store import update_task
+from aipm.model import Status
+try:
+    update_task(Path({str(path)!r}), {{"status": Status.IN_PROGRESS}})
+except OSError as exc:
+    print("failed", exc.errno)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "failed" in out.stdout, out.stderr
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["TASK_1.yaml"]
+
+
+def test_concurrent_user_edit_of_other_lines_survives(tmp_path):
+    path = tmp_path / "T.yaml"
+    path.write_text("title: a\nstatus: QUEUED\n")
+    # The user edits between two aipm writes; the writer re-reads, so nothing is lost.
+    update_task(path, {"status": Status.IN_PROGRESS})
+    path.write_text(path.read_text().replace("title: a", "title: edited # by hand"))
+    update_task(path, {"status": Status.DONE})
+    assert path.read_text() == "title: edited # by hand\nstatus: DONE\n"
+
+
+def test_missing_trailing_newline_gets_one_before_appending(tmp_path):
+    path = tmp_path / "T.yaml"
+    path.write_text("title: a")
+    update_task(path, {"attempts": 2})
+    assert path.read_text() == "title: a\nattempts: 2\n"
+
+
+def test_alias_bomb_is_refused_quickly(tmp_path):
+    order = tmp_path / "O"
+    order.mkdir()
+    lines = ['a0: &a0 ["lol"]']
+    for i in range(1, 40):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i-1}"] * 10) + "]")
+    bomb = "\n".join(lines) + "\n"
+    bomb += "#" * (10 * 2**20 - len(bomb)) + "\n"  # 10 MB
+    (order / "T.yaml").write_text(bomb)
+    with pytest.raises(ValidationError, match="1 MiB"):  # refused by its size, never parsed
+        load_order(order)
+
+
+def test_small_alias_bomb_does_not_expand(tmp_path):
+    order = tmp_path / "O"
+    order.mkdir()
+    lines = ['a0: &a0 ["lol"]'] + [
+        f"a{i}: &a{i} [" + ", ".join([f"*a{i-1}"] * 10) + "]" for i in range(1, 30)
+    ]
+    (order / "T.yaml").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ValidationError, match="unknown key"):
+        load_order(order)
