@@ -216,3 +216,34 @@ def _conflict(task: Task, holders: list[tuple[str, tuple[Target, ...]]]) -> tupl
             mine, theirs = pair
             return owner, str(theirs) if str(mine) == str(theirs) else f"{mine} ↔ {theirs}"
     return None
+
+
+def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Busy] = ()) -> list[Blocked]:
+    """Every reason `task_id` cannot start (the plan records only the first), for `aipm why`."""
+    task = order.tasks[task_id]
+    first = result.blocked.get(task_id)
+    if first is None:
+        return []
+    if task.status != Status.QUEUED:
+        return [first]
+    reasons = []
+    deps = order.tasks
+    doomed = _doomed(order)
+    for dep in task.depends_on:
+        if dep in deps and deps[dep].status not in FINISHED_OK:
+            if dep in doomed or deps[dep].status in DEAD_END:
+                cause = dep if deps[dep].status in DEAD_END else doomed[dep]
+                reasons.append(Blocked(task_id, NEVER, f"can never run: {cause} is {deps[cause].status}", (cause,)))
+            else:
+                reasons.append(Blocked(task_id, WAITING, f"waiting on {dep} ({deps[dep].status})", (dep,)))
+    holders = [(f"{b.order_id}/{b.task_id}", b.targets) for b in elsewhere]
+    holders += [(t.id, t.targets) for t in deps.values() if t.status in RUNNING]
+    for owner, targets in holders:
+        if owner == task_id:
+            continue
+        hit = _conflict(task, [(owner, targets)])
+        if hit:
+            reasons.append(Blocked(task_id, FILE_BUSY, f"{hit[1]} is held by running task {owner}", (owner,), hit[1]))
+    if first.reason in (FILE_CHOSEN, LIMIT):
+        reasons.append(first)
+    return reasons or [first]

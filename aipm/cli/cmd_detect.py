@@ -11,7 +11,7 @@ from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, print_json, project_root
 from aipm.cli.resource_options import MaxWorkersOpt
 from aipm.launcher import Launcher
-from aipm.plan import plan
+from aipm.plan import all_reasons, plan
 from aipm.project import Project, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
@@ -24,7 +24,7 @@ def _plan(order_dir: Path, root: Path, max_workers: int | None):
     view = OrderView(order_dir, root, watch=False)
     busy, live, count = launcher.holders(view.order, Runtime(root).records())
     free = max(0, settings.max_workers - count)
-    return view.order, plan(view.order, busy, live, free, view.ordering()), free
+    return view.order, plan(view.order, busy, live, free, view.ordering()), free, busy
 
 
 @app.command()
@@ -37,7 +37,7 @@ def detect(
     """List the tasks that may start now, in launch order, and why every other task may not. Never writes."""
     root = project_root()
     settings = load_settings(root, {"max_workers": max_workers})
-    loaded, result, free = _plan(Project(root, settings.orders_dir).order_dir(order), root, max_workers)
+    loaded, result, free, _ = _plan(Project(root, settings.orders_dir).order_dir(order), root, max_workers)
     if json_out:
         data = {
             "order": loaded.id,
@@ -80,15 +80,17 @@ def why(
     root = project_root()
     settings = load_settings(root, {"max_workers": max_workers})
     order_dir, task_id = find_task(Project(root, settings.orders_dir), task)
-    loaded, result, free = _plan(order_dir, root, max_workers)
+    loaded, result, free, busy = _plan(order_dir, root, max_workers)
     launchable = any(t.id == task_id for t in result.launchable)
-    blocked = result.blocked.get(task_id)
-    reasons = [] if blocked is None else [blocked.as_dict()]
+    reasons = all_reasons(loaded, result, task_id, [b for b in busy if b.order_id != loaded.id])
     if json_out:
-        print_json({"order": loaded.id, "task": task_id, "launchable": launchable, "reasons": reasons,
+        print_json({"order": loaded.id, "task": task_id, "launchable": launchable,
+                    "reasons": [r.as_dict() for r in reasons],
                     "status": loaded.tasks[task_id].status.value})
         return
     if launchable:
         console().print(f"{task_id} can start now.")
     else:
-        console().print(f"{task_id} cannot start: {blocked.detail}", markup=False)
+        console().print(f"{task_id} cannot start:")
+        for reason in reasons:
+            console().print(f"  - {reason.detail}", markup=False)
