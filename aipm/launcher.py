@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import nullcontext
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,8 @@ class Launcher:
                explain: bool = True) -> LaunchReport:
         """Recover, plan and start what may start. `owner` None means detached workers that finish themselves."""
         report = LaunchReport()
-        with self.runtime.launch_lock():
+        # A dry run takes no lock: it must not create or change a single byte, .aipm/ included.
+        with nullcontext() if self.options.dry_run else self.runtime.launch_lock():
             order = view.refresh()
             if not self.options.dry_run:
                 report.recovered = self.recover_order(order, adopt=owner)

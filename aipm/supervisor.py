@@ -115,8 +115,9 @@ class Supervisor(Owner):
             code = read_exit_file(rec.exit_file)
         timed_out = key in self.timed_out
         self.timed_out.discard(key)
-        if timed_out and rec.pid:
-            runner.signal_group(rec.pgid, signal.SIGKILL)  # no straggler of a timed-out group survives
+        if rec.pid:
+            # The attempt is over: a straggler left in its group would hold the file locks and keep writing.
+            runner.signal_group(rec.pgid, signal.SIGKILL)
         with self.rt.launch_lock():
             return self._apply(rec, code, timed_out)
 

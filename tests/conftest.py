@@ -68,3 +68,34 @@ class Project:
 @pytest.fixture
 def project(tmp_path: Path) -> Project:
     return Project(tmp_path)
+
+
+def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):
+    """Poll until predicate() is truthy; fail the test (not time it) when it never becomes so."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s: {predicate.__doc__ or predicate}")
+
+
+def task_statuses(order_dir: Path) -> dict[str, str]:
+    """Statuses read straight from the files (no aipm process), for polling."""
+    out = {}
+    for path in order_dir.glob("*.yaml"):
+        if path.name != "order.yaml":
+            try:
+                out[path.stem] = (yaml.safe_load(path.read_text()) or {}).get("status", "QUEUED")
+            except yaml.YAMLError:
+                out[path.stem] = "?"
+    return out
+
+
+def no_workers(root: Path) -> bool:
+    """No worker record left and no process of ours still alive."""
+    workers = root / ".aipm" / "workers"
+    return not any(workers.rglob("*.json")) if workers.exists() else True

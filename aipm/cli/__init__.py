@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import sys
 
-import click
 import typer
 
 from aipm.errors import UserError
@@ -36,19 +35,10 @@ def _load_commands() -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point: turn user errors into one line and exit 2; Ctrl-C into exit 130."""
+    """Entry point. Typer handles usage errors (exit 2) and Ctrl-C (exit 130); user errors become one line."""
     _load_commands()
-    command = typer.main.get_command(app)
     try:
-        code = command.main(args=argv, prog_name="aipm", standalone_mode=False)
+        app(args=argv, prog_name="aipm")
     except UserError as exc:
         print(f"aipm: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except click.ClickException as exc:
-        exc.show()
-        sys.exit(exc.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)

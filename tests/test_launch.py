@@ -1,0 +1,123 @@
+"""`aipm launch` and detached workers, with real processes, locks and files."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import no_workers, snapshot, task_statuses, wait_for, write_task
+from invariants import check, journal_command, random_order
+
+
+def all_final(order_dir, final=("DONE", "COMPLETED", "FAILED", "REJECTED", "CANCELLED")):
+    statuses = task_statuses(order_dir)
+    return statuses and all(s in final for s in statuses.values())
+
+
+def test_four_racing_launchers_never_double_start_or_overlap(project):
+    for rep in range(20):
+        order = project.order(f"RACE{rep}")
+        journal = project.root / f"journal{rep}.txt"
+        random_order(order, journal, n=30, seed=rep, work="sleep 0.01")
+        procs = [
+            subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "launch", order.name,
+                              "--no-resource-monitoring"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            for _ in range(4)
+        ]
+        for p in procs:
+            assert p.wait(timeout=60) in (0, 1)
+        wait_for(lambda: all_final(order), timeout=120)
+        wait_for(lambda: no_workers(project.root), timeout=30)
+        assert set(task_statuses(order).values()) == {"DONE"}
+        problems = check(journal, order, max_workers=5)
+        assert problems == [], f"repetition {rep}: {problems}"
+
+
+def test_chain_completes_after_one_launch(project):
+    order = project.order()
+    journal = project.root / "j.txt"
+    write_task(order, "A", command=journal_command(journal), target_files=["a"])
+    write_task(order, "B", command=journal_command(journal), depends_on=["A"], target_files=["a"])
+    write_task(order, "C", command=journal_command(journal), depends_on=["B"])
+    project.aipm("launch", "ORD", check=True)
+    wait_for(lambda: task_statuses(order) == {"A": "DONE", "B": "DONE", "C": "DONE"})
+    wait_for(lambda: no_workers(project.root))
+    assert check(journal, order) == []
+
+
+def test_dry_run_changes_no_byte(project):
+    order = project.order()
+    for i in range(3):
+        write_task(order, f"T{i}", command="touch should-not-exist")
+    before = snapshot(project.root)
+    out = project.json("launch", "ORD", "--dry-run")
+    assert [t["id"] for t in out["launched"]] == ["T0", "T1", "T2"]
+    assert snapshot(project.root) == before
+    assert not (project.root / ".aipm").exists()
+
+
+def test_missing_program_is_rolled_back_while_siblings_run(project):
+    order = project.order()
+    write_task(order, "BAD", command=["no-such-program-aipm-test", "--x"])
+    write_task(order, "GOOD1", command="true")
+    write_task(order, "GOOD2", command=["true"])
+    proc = project.aipm("launch", "ORD", "--json")
+    assert proc.returncode == 1
+    out = json.loads(proc.stdout)
+    assert [f["id"] for f in out["failed"]] == ["BAD"]
+    assert "no-such-program-aipm-test" in out["failed"][0]["error"]
+    wait_for(lambda: task_statuses(order).get("GOOD1") == "DONE" and task_statuses(order).get("GOOD2") == "DONE")
+    wait_for(lambda: no_workers(project.root))
+    bad = project.json("status", "ORD")["tasks"][0]
+    assert bad["id"] == "BAD" and bad["status"] == "QUEUED" and bad["attempts"] == 0
+
+
+def _worker(project, task):
+    def find():
+        for w in project.json("ps")["workers"]:
+            if w["task"] == task and w["pgid"] and w["alive"]:
+                return w
+    return wait_for(find)
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2])
+def test_sigkill_of_a_worker_frees_its_locks_and_retries_or_fails(project, max_attempts):
+    order = project.order()
+    write_task(order, "SLOW", command="sleep 60", target_files=["shared.txt"], max_attempts=max_attempts)
+    write_task(order, "NEXT", command="true", target_files=["shared.txt"], priority="P3")
+    project.aipm("launch", "ORD", check=True)
+    for attempt in range(1, max_attempts + 1):
+        worker = wait_for(lambda: (w := _worker(project, "SLOW")) and w["attempt"] == attempt and w)
+        os.kill(worker["pgid"], signal.SIGKILL)  # the worker's own process, not its group
+    wait_for(lambda: task_statuses(order)["SLOW"] == "FAILED")
+    # Its files are free: NEXT, which shares them, ran to the end.
+    wait_for(lambda: task_statuses(order)["NEXT"] == "DONE")
+    wait_for(lambda: no_workers(project.root))
+    assert project.json("status", "ORD")["tasks"][1]["attempts"] == max_attempts
+    assert project.json("locks")["locks"] == []
+    log = (project.root / ".aipm" / "logs" / "ORD" / f"SLOW.{max_attempts}.log").read_text()
+    assert "killed by SIGKILL" in log
+
+
+def test_record_with_reused_pid_counts_as_dead(project):
+    order = project.order()
+    write_task(order, "A", command="true", target_files=["x"])
+    path = order / "A.yaml"
+    path.write_text(path.read_text() + "status: IN_PROGRESS\nattempts: 1\n")
+    record_dir = project.root / ".aipm" / "workers" / "ORD"
+    record_dir.mkdir(parents=True)
+    # A live pid (this test process) with the wrong start time: a reused pid, not our worker.
+    record = {"order": "ORD", "order_dir": str(order), "task": "A", "task_file": str(path), "attempt": 1,
+              "targets": ["x"], "log": str(project.root / "a.log"), "exit_file": str(project.root / "nope"),
+              "started_at": "x", "owner_pid": os.getpid(), "owner_ctime": 1.0, "pid": os.getpid(), "ctime": 1.0,
+              "pgid": os.getpid()}
+    (record_dir / "A.json").write_text(json.dumps(record))
+    detect = project.json("detect", "ORD")
+    assert detect["stale"] == ["A"]
+    out = project.json("recover", "ORD")
+    assert out["recovered"] == [{"order": "ORD", "id": "A", "action": "requeued"}]
+    assert task_statuses(order)["A"] == "QUEUED"
+    assert not (record_dir / "A.json").exists()
