@@ -1,0 +1,144 @@
+"""`aipm run`: a supervisor that runs an order to the end, survives SIGKILL and stops cleanly on SIGINT."""
+
+import json
+import signal
+import subprocess
+import sys
+
+from conftest import group_alive, no_workers, task_statuses, wait_for, write_task
+from invariants import check, journal_command, random_order, spans
+
+
+def start_run(project, order, *args):
+    return subprocess.Popen(
+        [sys.executable, "-m", "aipm", "--root", str(project.root), "run", order, "--no-resource-monitoring", *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_random_dag_runs_to_the_end_with_every_invariant(project):
+    order = project.order()
+    journal = project.root / "journal.txt"
+    random_order(order, journal, n=60, seed=7)
+    proc = project.aipm("run", "ORD", "--max-workers", "4", "--no-resource-monitoring", timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert set(task_statuses(order).values()) == {"DONE"}
+    assert check(journal, order, max_workers=4) == []
+    assert no_workers(project.root)
+
+
+def test_sigkill_of_run_then_a_second_run_finishes_without_rerunning(project):
+    order = project.order()
+    journal = project.root / "journal.txt"
+    random_order(order, journal, n=50, seed=11, work="sleep 0.3")
+    first = start_run(project, "ORD")
+    wait_for(lambda: sum(s.end is not None for s in spans(journal)) >= 8)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    running = [t for t, s in task_statuses(order).items() if s == "IN_PROGRESS"]
+    second = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=300)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert set(task_statuses(order).values()) == {"DONE"}
+    # Workers that outlived the first supervisor were adopted, not started again.
+    assert check(journal, order, max_workers=5) == []
+    assert no_workers(project.root)
+    assert running, "the kill should land while workers run (5 slots, 0.3 s tasks)"
+    assert all(f"adopt    {t}" in second.stdout for t in running), second.stdout
+
+
+def test_sigint_stops_every_worker_and_requeues(project):
+    order = project.order()
+    for i in range(3):
+        write_task(order, f"S{i}", command="sleep 60 & sleep 60; wait", target_files=[f"f{i}"])
+    proc = start_run(project, "ORD", "--json")
+    workers = wait_for(lambda: len(w := project.json("ps")["workers"]) == 3 and all(x["pgid"] for x in w) and w)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    for worker in workers:
+        assert not group_alive(worker["pgid"]), f"process group of {worker['task']} survived"
+    data = project.json("status", "ORD")
+    assert {t["status"] for t in data["tasks"]} == {"QUEUED"}
+    assert {t["attempts"] for t in data["tasks"]} == {0}  # the interrupted attempt is not counted
+    assert project.json("locks")["locks"] == []
+    assert no_workers(project.root)
+    events = [json.loads(line) for line in proc.stdout.read().splitlines()]
+    assert events[-1]["event"] == "interrupted" and sorted(events[-1]["requeued"]) == ["S0", "S1", "S2"]
+
+
+def test_task_added_mid_run_is_run_and_a_comment_survives(project):
+    order = project.order()
+    journal = project.root / "journal.txt"
+    gate = project.root / "gate"
+    write_task(order, "FIRST", command=journal_command(journal, f"while [ ! -e {gate} ]; do sleep 0.05; done"))
+    write_task(order, "LATER", command=journal_command(journal), depends_on=["FIRST"], priority="P2")
+    proc = start_run(project, "ORD")
+    wait_for(lambda: any(s.task == "FIRST" for s in spans(journal)))
+    write_task(order, "ADDED", command=journal_command(journal))
+    later = order / "LATER.yaml"
+    later.write_text("# a comment written during the run\n" + later.read_text().replace("priority: P2", "priority: P0"))
+    gate.touch()
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    assert task_statuses(order) == {"FIRST": "DONE", "LATER": "DONE", "ADDED": "DONE"}
+    text = later.read_text()
+    assert text.startswith("# a comment written during the run\n") and "priority: P0" in text
+    assert check(journal, order) == []
+
+
+def test_failed_task_never_unblocks_dependants_and_the_rest_goes_on(project):
+    order = project.order()
+    write_task(order, "BAD", command="exit 3", max_attempts=2)
+    write_task(order, "AFTER", command="true", depends_on=["BAD"])
+    write_task(order, "OTHER", command="true")
+    proc = project.aipm("run", "ORD", "--json", "--no-resource-monitoring")
+    assert proc.returncode == 1
+    assert task_statuses(order) == {"BAD": "FAILED", "AFTER": "QUEUED", "OTHER": "DONE"}
+    assert project.json("status", "ORD")["tasks"][1]["attempts"] == 2  # BAD sorted after AFTER
+    why = project.json("why", "ORD/AFTER")
+    assert why["reasons"][0]["reason"] == "dependency_cannot_finish"
+
+
+def test_timeout_kills_the_whole_group(project):
+    order = project.order()
+    marker = project.root / "grandchild-alive"
+    write_task(order, "HANG", command=f"(sleep 2; touch {marker}) & sleep 60", timeout=1)
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    assert proc.returncode == 1
+    assert task_statuses(order) == {"HANG": "FAILED"}
+    log = project.aipm("logs", "ORD/HANG").stdout
+    assert "timed out after 1s" in log
+    import time
+    time.sleep(2.5)  # give a surviving grandchild the chance to betray itself
+    assert not marker.exists()
+
+
+def test_review_approves_or_sends_back_to_rework_then_rejects(project):
+    order = project.order()
+    (project.root / "aipm.yaml").write_text("max_rework: 1\n")
+    write_task(order, "GOOD", command="echo ok > good.txt", review="test -s good.txt")
+    write_task(order, "BADREVIEW", command="true", review="echo 'needs tests' && exit 1")
+    write_task(order, "NOREVIEWER", command="true", review=["no-such-reviewer-aipm"])
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    assert proc.returncode == 1
+    assert task_statuses(order) == {"GOOD": "COMPLETED", "BADREVIEW": "REJECTED", "NOREVIEWER": "REJECTED"}
+    tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert tasks["BADREVIEW"]["attempts"] == 2  # one rework round, then rejected
+    feedback = project.root / ".aipm" / "feedback" / "ORD" / "BADREVIEW.txt"
+    assert "needs tests" in feedback.read_text()
+
+
+def test_rework_feedback_reaches_the_next_attempt(project):
+    order = project.order()
+    out = project.root / "seen.txt"
+    write_task(order, "T", command=f'cat "${{AIPM_REVIEW_FEEDBACK:-/dev/null}}" >> {out}; echo attempt >> {out}',
+               review=f"grep -q 'fix the thing' {out} || (echo 'fix the thing'; exit 1)")
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert task_statuses(order) == {"T": "COMPLETED"}
+    assert "fix the thing" in out.read_text()
+
+
+def test_no_review_flag_gives_done(project):
+    order = project.order()
+    write_task(order, "T", command="true", review="false")
+    assert project.aipm("run", "ORD", "--no-review", "--no-resource-monitoring").returncode == 0
+    assert task_statuses(order) == {"T": "DONE"}
