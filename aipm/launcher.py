@@ -45,6 +45,7 @@ class LaunchReport:
     recovered: list[dict] = field(default_factory=list)
     plan: Plan | None = None
     order: Order | None = None
+    records: list[Record] = field(default_factory=list)  # as read before this launch
 
 
 class Launcher:
@@ -86,17 +87,20 @@ class Launcher:
     # -- the transaction -------------------------------------------------------------------------------
 
     def launch(self, view: OrderView, owner: "Owner | None" = None, only: Iterable[str] | None = None,
-               explain: bool = True) -> LaunchReport:
-        """Recover, plan and start what may start. `owner` None means detached workers that finish themselves."""
+               explain: bool = True, recover: bool = True) -> LaunchReport:
+        """Recover, plan and start what may start. `owner` None means detached workers that finish themselves.
+
+        A supervisor passes recover=False while it knows no owner died since its last look.
+        """
         report = LaunchReport()
         # A dry run takes no lock: it must not create or change a single byte, .aipm/ included.
         with nullcontext() if self.options.dry_run else self.runtime.launch_lock():
             order = view.refresh()
-            if not self.options.dry_run:
+            if recover and not self.options.dry_run:
                 report.recovered = self.recover_order(order, adopt=owner)
                 if report.recovered:
                     order = view.refresh()
-            records = self.runtime.records()
+            records = report.records = self.runtime.records()
             busy, live, live_count = self.holders(order, records)
             free = max(0, self.settings.max_workers - live_count)
             result = plan(order, busy, live, free, view.ordering(), explain=explain)
@@ -112,7 +116,7 @@ class Launcher:
                     report.launched.append({"id": task.id, "pid": None, "dry_run": True})
                     continue
                 try:
-                    rec = self.start(order, task, owner)
+                    rec = self.start(order, task, owner, view)
                 except LaunchFailed as exc:
                     report.failed.append({"id": task.id, "error": str(exc)})
                     continue
@@ -125,7 +129,7 @@ class Launcher:
         status = self.monitor.get_status()
         return f"machine busy (cpu {status.cpu_percent:.0f}%, memory {status.memory_percent:.0f}%)"
 
-    def start(self, order: Order, task: Task, owner: "Owner | None") -> Record:
+    def start(self, order: Order, task: Task, owner: "Owner | None", view: OrderView | None = None) -> Record:
         """Start one task. Caller holds the launch lock. On failure everything is undone and LaunchFailed raised."""
         rt = self.runtime
         program = self._missing_program(task)
@@ -148,11 +152,13 @@ class Launcher:
                 os.unlink(rec.exit_file)
             except FileNotFoundError:
                 pass
-            update_task(Path(task.path), {
+            written = update_task(Path(task.path), {
                 "status": Status.IN_PROGRESS, "attempts": attempt, "started_at": rec.started_at,
                 "finished_at": None, "exit_code": None,
-            }, expect=Status.QUEUED)
+            }, expect=Status.QUEUED, root=self.project.root)
             wrote_status = True
+            if view is not None:
+                view.note(written)
             if owner is None:
                 self._spawn_detached(rec, task, fds)
             else:
@@ -161,8 +167,11 @@ class Launcher:
             return rec
         except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
             if wrote_status:
-                update_task(Path(task.path), {"status": Status.QUEUED, "attempts": task.attempts,
-                                              "started_at": task.started_at}, expect=Status.IN_PROGRESS)
+                restored = update_task(Path(task.path), {"status": Status.QUEUED, "attempts": task.attempts,
+                                                         "started_at": task.started_at},
+                                       expect=Status.IN_PROGRESS, root=self.project.root)
+                if view is not None:
+                    view.note(restored)
             rt.remove_record(order.id, task.id)
             raise LaunchFailed(str(exc)) from None
         finally:

@@ -71,6 +71,10 @@ class Record:
 
 def process_alive(pid: int, ctime: float) -> bool:
     """A pid is our process only if it exists, is not a zombie, and started when we recorded (PID reuse)."""
+    stat = _proc_stat(pid)
+    if stat is not None:  # Linux fast path: one read of /proc/<pid>/stat
+        state, started = stat
+        return state not in "ZX" and round(started, 2) == round(ctime, 2)
     try:
         proc = psutil.Process(pid)
         return round(proc.create_time(), 2) == round(ctime, 2) and proc.status() != psutil.STATUS_ZOMBIE
@@ -79,7 +83,30 @@ def process_alive(pid: int, ctime: float) -> bool:
 
 
 def process_ctime(pid: int) -> float:
-    return psutil.Process(pid).create_time()
+    stat = _proc_stat(pid)
+    return stat[1] if stat is not None else psutil.Process(pid).create_time()
+
+
+_BOOT: list[float] = []
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_HAVE_PROC = os.path.exists("/proc/self/stat")
+
+
+def _proc_stat(pid: int) -> tuple[str, float] | None:
+    """(state, start time) from /proc, computed the way psutil computes create_time; None off Linux."""
+    if not _HAVE_PROC:
+        return None
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        return ("X", 0.0)
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    if not _BOOT:
+        _BOOT.append(psutil.boot_time())
+    return fields[0].decode(), _BOOT[0] + int(fields[19]) / _TICKS
 
 
 def _safe(name: str) -> str:
@@ -92,13 +119,24 @@ class Runtime:
     def __init__(self, root: Path):
         self.root = Path(root)
         self.dir = self.root / ".aipm"
+        self._made: set[Path] = set()  # directories known to exist: the hot path skips mkdir calls
 
     def ensure(self) -> None:
+        if self.dir in self._made:
+            return
         for sub in ("locks", "workers", "logs", "exit"):
             (self.dir / sub).mkdir(parents=True, exist_ok=True)
         ignore = self.dir / ".gitignore"
         if not ignore.exists():
             ignore.write_text(GITIGNORE)
+        self._made.add(self.dir)
+
+    def _dir(self, path: Path) -> Path:
+        """`path`, after making sure its parent directory exists."""
+        if path.parent not in self._made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made.add(path.parent)
+        return path
 
     # -- the launch lock: serialises every status write and launch decision in the project ------------------
 
@@ -153,8 +191,7 @@ class Runtime:
 
     def write_record(self, record: Record) -> None:
         """Records are runtime state: atomic rename, but no fsync (they are only meaningful while processes live)."""
-        path = self.record_path(record.order, record.task)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path = self._dir(self.record_path(record.order, record.task))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(asdict(record)))
         os.replace(tmp, path)
@@ -193,9 +230,7 @@ class Runtime:
     # -- logs, exit files, review feedback --------------------------------------------------------------
 
     def log_path(self, order: str, task: str, attempt: int) -> Path:
-        path = self.dir / "logs" / _safe(order) / f"{_safe(task)}.{attempt}.log"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
+        return self._dir(self.dir / "logs" / _safe(order) / f"{_safe(task)}.{attempt}.log")
 
     def logs(self, order: str, task: str) -> list[Path]:
         base = self.dir / "logs" / _safe(order)
@@ -203,14 +238,10 @@ class Runtime:
         return sorted(found, key=lambda p: int(p.name.rsplit(".", 2)[-2]) if p.name.rsplit(".", 2)[-2].isdigit() else 0)
 
     def exit_path(self, order: str, task: str, attempt: int) -> Path:
-        path = self.dir / "exit" / _safe(order) / f"{_safe(task)}.{attempt}"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
+        return self._dir(self.dir / "exit" / _safe(order) / f"{_safe(task)}.{attempt}")
 
     def feedback_path(self, order: str, task: str) -> Path:
-        path = self.dir / "feedback" / _safe(order) / f"{_safe(task)}.txt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return path
+        return self._dir(self.dir / "feedback" / _safe(order) / f"{_safe(task)}.txt")
 
 
 def read_exit_file(path: str) -> int | None:

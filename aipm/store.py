@@ -7,12 +7,13 @@ is atomic: temp file in the same directory, fsync, rename, directory fsync.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import difflib
 import os
 import re
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -92,7 +93,7 @@ def parse_mapping(path: Path, text: str) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ValidationError(str(path), None, f"broken YAML: {where}{problem}") from None
     if data is None:
-        data = {}
+        raise ValidationError(str(path), None, "file is empty; a task file is a mapping such as `command: make`")
     if not isinstance(data, dict):
         raise ValidationError(str(path), None, f"must be a mapping of keys to values, not a {type(data).__name__}")
     return data
@@ -237,7 +238,8 @@ def load_order(order_dir: Path, root: Path | None = None) -> Order:
     order_id, title = order_dir.name, ""
     meta = order_dir / ORDER_FILE
     if meta.is_file():
-        data = parse_mapping(meta, read_text(meta))
+        text = read_text(meta)
+        data = parse_mapping(meta, text) if text.strip() else {}
         _check_keys(meta, data, ORDER_KEYS)
         order_id = _str(meta, data, "id") or order_id
         title = _str(meta, data, "title") or ""
@@ -258,7 +260,7 @@ def check_links(order: Order) -> None:
             if dep == task.id:
                 raise ValidationError(task.path, "depends_on", "a task cannot depend on itself")
             if dep not in tasks:
-                near = difflib.get_close_matches(dep, list(tasks), n=1)
+                near = difflib.get_close_matches(dep, [t for t in tasks if t != task.id], n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
                 raise ValidationError(task.path, "depends_on", f"{dep!r} is not a task of order {order.id}{hint}")
     cycle = find_cycle(tasks)
@@ -361,24 +363,31 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def update_task(
-    path: Path, updates: Mapping[str, Any], expect: Status | None = None, root: Path | None = None
+    path: Path,
+    updates: Mapping[str, Any] | Callable[[Task], Mapping[str, Any]],
+    expect: Status | None = None,
+    root: Path | None = None,
 ) -> Task:
     """Re-read the task file, check its status, and write `updates` into the managed lines.
 
+    `updates` may be a function of the task as read now, so a decision and its write share one read.
     `expect` guards against lost races: when given, the file must still hold that status, and a new status
     must be a legal transition from it. Callers serialise writers with the project's launch lock.
     """
     text = read_text(path)
-    current = task_from_mapping(path, parse_mapping(path, text), None)
+    current = task_from_mapping(path, parse_mapping(path, text), root)
     if expect is not None and current.status != expect:
         raise StaleWrite(f"{current.id} is {current.status}, expected {expect}")
+    if callable(updates):
+        updates = updates(current)
     new_status = updates.get("status")
     if new_status is not None and new_status != current.status and new_status not in TRANSITIONS[current.status]:
         raise StaleWrite(f"{current.id}: {current.status} → {new_status} is not allowed")
     new_text = rewrite(text, updates)
     if new_text != text:
         atomic_write(path, new_text)
-    return task_from_mapping(path, parse_mapping(path, new_text), root)
+    # The managed fields hold plain scalars, so the new Task is the old one with them replaced: no re-parse.
+    return dataclasses.replace(current, **updates)
 
 
 def now() -> str:

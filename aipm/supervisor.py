@@ -28,8 +28,9 @@ KILL_GRACE = 5.0
 
 
 class Supervisor(Owner):
-    def __init__(self, launcher: Launcher, emit: Emit | None = None):
+    def __init__(self, launcher: Launcher, emit: Emit | None = None, view: OrderView | None = None):
         self.launcher = launcher
+        self.view = view  # told about our own writes, so it need not re-read those files
         self.rt = launcher.runtime
         self.settings = launcher.settings
         self.watcher = runner.Watcher()
@@ -123,7 +124,8 @@ class Supervisor(Owner):
 
     def _apply(self, rec: Record, code: int | None, timed_out: bool) -> dict:
         path = Path(rec.task_file)
-        task = load_task(path, self.rt.root)
+        root = self.rt.root
+        task = load_task(path, root)
         event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.attempt,
                  "phase": rec.phase, "exit_code": code}
         if task.status not in RUNNING or task.attempts != rec.attempt:
@@ -142,7 +144,8 @@ class Supervisor(Owner):
         if rec.phase == "work":
             append_log(rec.log, "attempt %d %s" % (rec.attempt, describe_exit(code, timed_out, task.timeout or self.settings.timeout)))
             reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
-            task = update_task(path, after_work(task, code, self.settings, reviewing), expect=task.status)
+            task = update_task(path, after_work(task, code, self.settings, reviewing), expect=task.status, root=root)
+            self._note(task)
             if task.status == Status.IN_REVIEW:
                 self._start_review(rec, task)
                 return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.attempt}
@@ -156,7 +159,8 @@ class Supervisor(Owner):
             else:
                 feedback.write_bytes(review_log.read_bytes() if review_log.exists() else b"")
             for updates in after_review(task, code, self.settings):
-                task = update_task(path, updates, expect=task.status)
+                task = update_task(path, updates, expect=task.status, root=root)
+            self._note(task)
         self._drop(rec)
         event["status"] = str(task.status)
         return event
@@ -188,6 +192,10 @@ class Supervisor(Owner):
         rec.deadline = None
         self.rt.write_record(rec)
         self._own(rec)
+
+    def _note(self, task: Task) -> None:
+        if self.view is not None:
+            self.view.note(task)
 
     def _drop(self, rec: Record) -> None:
         self.rt.remove_record(rec.order, rec.task)
@@ -271,15 +279,17 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
 
     Returns the exit code: 0 when the order (or the `only` task) ended DONE/COMPLETED, 1 when not, 130 on Ctrl-C.
     """
-    sup = Supervisor(launcher, emit)
+    sup = Supervisor(launcher, emit, view)
     stop = Stop(sup.watcher)
     if view.fd is not None:
         sup.watcher.watch_fd(view.fd, "files")
     foreign: set[str] = set()
     deferred_before: list[str] = []
+    recover = True  # at start, and whenever another owner's process ends (it may have died)
     try:
         while not stop.requested:
-            report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False)
+            report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False, recover=recover)
+            recover = False
             order = report.order
             for item in report.failed:
                 emit({"event": "launch_failed", "task": item["id"], "error": item["error"]})
@@ -292,7 +302,7 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
             if deferred != deferred_before and deferred:
                 emit({"event": "deferred", "tasks": deferred, "detail": report.deferred[0]["detail"]})
             deferred_before = deferred
-            for rec in launcher.runtime.records():
+            for rec in report.records:
                 if rec.key not in sup.owned and rec.key not in foreign and rec.alive():
                     # Someone else's worker (a detached one, or another order's) may free files or a slot.
                     pid = rec.owner_pid if rec.owner_alive() else rec.pid
@@ -308,6 +318,7 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
                 if key in foreign:
                     sup.watcher.forget(key)
                     foreign.discard(key)
+                    recover = True
                 elif key not in ("signal", "files"):
                     event = sup.handle(key)
                     if event:

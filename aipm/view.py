@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from aipm.inotify import DirWatch
-from aipm.model import Order
+from aipm.model import Order, Task
 from aipm.plan import ranked
 from aipm.store import ORDER_FILE, check_links, load_order, load_task, task_files
 
@@ -42,7 +42,8 @@ class OrderView:
             current = {str(p) for p in task_files(self.dir)}
             paths = {p for p in current | set(self._stats) if _stat(p) != self._stats.get(p)}
         for path in paths:
-            self.reload(path)
+            if _stat(path) != self._stats.get(path) or path not in self._stats:
+                self.reload(path)
         return self.order
 
     def reload(self, path: str) -> None:
@@ -62,6 +63,11 @@ class OrderView:
             check_links(Order(self.order.id, self.order.path, candidate))
             self._ordering = None
         tasks[task_id] = new
+
+    def note(self, task: Task) -> None:
+        """Take a task we just wrote ourselves, so the change event it causes need not re-read the file."""
+        self.order.tasks[task.id] = task
+        self._stats[task.path] = _stat(task.path)
 
     def ordering(self) -> list[str]:
         if self._ordering is None:

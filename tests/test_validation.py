@@ -1,0 +1,72 @@
+"""Every user mistake: one line naming file and field, exit 2, no traceback, not one byte changed on disk."""
+
+import shutil
+
+import pytest
+
+from conftest import FIXTURES, snapshot, write_task
+
+CASES = sorted(p.name for p in (FIXTURES / "invalid").iterdir() if p.is_dir())
+COMMANDS = [("validate", "{o}"), ("status", "{o}"), ("detect", "{o}"), ("launch", "{o}"), ("run", "{o}"),
+            ("graph", "{o}")]
+
+
+def assert_one_line_error(proc, file_name, field):
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert file_name in lines[0], lines[0]
+    if field != "-":
+        assert field in lines[0], lines[0]
+
+
+def test_there_are_enough_cases():
+    assert len(CASES) >= 30
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_invalid_order_through_every_command(project, case):
+    order = project.root / "orders" / case
+    shutil.copytree(FIXTURES / "invalid" / case, order)
+    file_name, field = (FIXTURES / "invalid" / case / "expect.txt").read_text().split("\n")[:2]
+    (order / "expect.txt").unlink()
+    before = snapshot(project.root)
+    for command, arg in COMMANDS:
+        proc = project.aipm(command, arg.format(o=case))
+        assert_one_line_error(proc, file_name, field)
+        assert snapshot(project.root) == before, f"{command} changed the tree"
+    # exec and why reach the order through a task of it.
+    for command in ("exec", "why"):
+        assert_one_line_error(project.aipm(command, f"{case}/TASK_001"), file_name, field)
+    assert snapshot(project.root) == before
+
+
+def test_file_over_one_mebibyte(project):
+    order = project.order()
+    write_task(order, "A", command="true")
+    (order / "B.yaml").write_text("command: true\n" + "#" * (1 << 20) + "\n")
+    assert_one_line_error(project.aipm("validate", "ORD"), "B.yaml", "-")
+
+
+def test_symlink_target_leading_outside_the_root(project, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    (project.root / "escape").symlink_to(outside)
+    write_task(project.order(), "A", command="true", target_files=["escape/secret.txt"])
+    proc = project.aipm("validate", "ORD")
+    assert_one_line_error(proc, "A.yaml", "target_files")
+    assert "symlink" in proc.stderr
+
+
+def test_unknown_order_and_task_are_one_line(project):
+    assert_one_line_error(project.aipm("status", "NOPE"), "NOPE", "-")
+    project.order()
+    assert_one_line_error(project.aipm("why", "ORD/NOPE"), "NOPE", "-")
+
+
+def test_validate_all_orders_reports_each_bad_one(project):
+    write_task(project.order("GOOD"), "A", command="true")
+    write_task(project.order("BAD"), "A", command=42)
+    proc = project.aipm("validate")
+    assert proc.returncode == 2
+    assert "ok  GOOD" in proc.stdout and "A.yaml: command" in proc.stderr
