@@ -1,0 +1,158 @@
+"""exec, cancel, retry, logs, ps, locks, recover, detect, why, init: through the real CLI."""
+
+import os
+import signal
+import subprocess
+import sys
+
+from conftest import group_alive, no_workers, snapshot, task_statuses, wait_for, write_task
+
+
+def test_init_twice_changes_nothing(tmp_path):
+    root = tmp_path / "fresh"
+    root.mkdir()
+
+    def init():
+        return subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "init"], capture_output=True, text=True)
+
+    proc = init()
+    assert proc.returncode == 0 and "created" in proc.stdout
+    assert (root / "aipm.yaml").exists() and (root / "orders").is_dir()
+    assert (root / ".aipm" / ".gitignore").read_text().splitlines()[-1] == "*"
+    before = snapshot(root)
+    assert "nothing changed" in init().stdout and snapshot(root) == before
+
+
+def test_exec_runs_one_task_in_the_foreground(project):
+    order = project.order()
+    write_task(order, "A", command="echo from-a")
+    write_task(order, "B", command="true", depends_on=["A"])
+    proc = project.aipm("exec", "A")
+    assert proc.returncode == 0, proc.stderr
+    assert task_statuses(order) == {"A": "DONE", "B": "QUEUED"}
+    assert "from-a" in project.aipm("logs", "A").stdout
+
+
+def test_exec_of_a_blocked_task_says_why(project):
+    order = project.order()
+    write_task(order, "A", command="true")
+    write_task(order, "B", command="true", depends_on=["A"])
+    proc = project.aipm("exec", "ORD/B")
+    assert proc.returncode == 1
+    assert "waiting on A" in proc.stdout
+    assert task_statuses(order) == {"A": "QUEUED", "B": "QUEUED"}
+
+
+def test_exec_parallel_starts_the_others_detached(project):
+    order = project.order()
+    write_task(order, "A", command="sleep 0.3", target_files=["a"])
+    write_task(order, "B", command="true", target_files=["b"])
+    write_task(order, "C", command="true", target_files=["c"])
+    proc = project.aipm("exec", "A", "--parallel")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: task_statuses(order) == {"A": "DONE", "B": "DONE", "C": "DONE"})
+    wait_for(lambda: no_workers(project.root))
+
+
+def test_exec_retries_until_attempts_are_used(project):
+    order = project.order()
+    counter = project.root / "count"
+    write_task(order, "A", command=f"echo x >> {counter}; exit 1", max_attempts=3)
+    assert project.aipm("exec", "A").returncode == 1
+    assert counter.read_text().count("x") == 3
+    assert task_statuses(order) == {"A": "FAILED"}
+
+
+def test_cancel_stops_the_whole_group(project):
+    order = project.order()
+    write_task(order, "A", command="sleep 60 & sleep 60; wait", target_files=["a"])
+    project.aipm("launch", "ORD", check=True)
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    proc = project.aipm("cancel", "A", "--grace", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert task_statuses(order) == {"A": "CANCELLED"}
+    wait_for(lambda: not group_alive(worker["pgid"]))
+    wait_for(lambda: no_workers(project.root))
+    assert project.json("locks")["locks"] == []
+    # And retry puts it back with fresh attempts.
+    assert project.aipm("retry", "A").returncode == 0
+    data = project.json("status", "ORD")["tasks"][0]
+    assert data["status"] == "QUEUED" and data["attempts"] == 0
+
+
+def test_retry_of_a_running_task_is_refused(project):
+    order = project.order()
+    write_task(order, "A", command="true", status="IN_PROGRESS")
+    proc = project.aipm("retry", "A")
+    assert proc.returncode == 2 and "running" in proc.stderr
+
+
+def test_ps_locks_and_logs_follow(project):
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "A", command=f"echo started; while [ ! -e {gate} ]; do sleep 0.05; done; echo finished",
+               target_files=["src/", "x.py"])
+    project.aipm("launch", "ORD", check=True)
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    assert worker["task"] == "A" and worker["alive"] and worker["elapsed"] is not None
+    locks = project.json("locks")["locks"]
+    assert {(l["path"], l["task"], l["held"]) for l in locks} == {("src/", "A", True), ("x.py", "A", True)}
+    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "A", "-f"],
+                                stdout=subprocess.PIPE, text=True)
+    gate.touch()
+    out, _ = follower.communicate(timeout=60)
+    assert "started" in out and "finished" in out
+    wait_for(lambda: no_workers(project.root))
+    log = project.aipm("logs", "A").stdout
+    assert log.rstrip().splitlines()[-1].endswith("attempt 1 exited with code 0")
+
+
+def test_recover_adopts_a_worker_whose_owner_died(project):
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done; echo done-a", target_files=["a"])
+    write_task(order, "B", command="true", depends_on=["A"])
+    project.aipm("launch", "ORD", check=True)
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    os.kill(worker["owner_pid"], signal.SIGKILL)  # the detached owner dies; its worker lives on
+    wait_for(lambda: not _alive(worker["owner_pid"]))
+    out = project.json("recover", "ORD")
+    assert out["recovered"] == [{"order": "ORD", "id": "A", "action": "adopted"}]
+    gate.touch()
+    wait_for(lambda: task_statuses(order) == {"A": "DONE", "B": "DONE"})
+    wait_for(lambda: no_workers(project.root))
+    assert project.json("status", "ORD")["tasks"][0]["attempts"] == 1  # the real outcome, not a re-run
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as handle:
+        return handle.read().split(") ")[1][0] != "Z"
+
+
+def test_detect_summary_and_json(project):
+    order = project.order()
+    write_task(order, "A", command="true", target_files=["a"], priority="P0")
+    write_task(order, "B", command="true", target_files=["a"])
+    write_task(order, "C", command="true", depends_on=["A"])
+    data = project.json("detect", "ORD")
+    assert [t["id"] for t in data["launchable"]] == ["A"]
+    reasons = {b["id"]: b["reason"] for b in data["blocked"]}
+    assert reasons == {"B": "file_conflict_in_round", "C": "waiting_on_dependencies"}
+    summary = project.aipm("detect", "ORD", "--summary").stdout
+    assert "launchable: 1" in summary and "blocked by files: 1" in summary
+    assert [t["id"] for t in project.json("detect", "ORD", "--max-workers", "1")["launchable"]] == ["A"]
+
+
+def test_why_in_words_and_json(project):
+    order = project.order()
+    write_task(order, "A", command="true", status="FAILED")
+    write_task(order, "B", command="true", depends_on=["A"])
+    words = project.aipm("why", "B").stdout
+    assert "can never run: A is FAILED" in words
+    data = project.json("why", str(order / "B.yaml"))
+    assert data["launchable"] is False and data["reasons"][0]["tasks"] == ["A"]
+    assert project.json("why", "A")["reasons"][0]["reason"] == "not_queued"
