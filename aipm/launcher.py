@@ -160,7 +160,7 @@ class Launcher:
             if view is not None:
                 view.note(written)
             if owner is None:
-                self._spawn_detached(rec, task, fds)
+                self._spawn_detached(rec, fds)
             else:
                 owner.spawn_worker(rec, task, fds)
             rt.write_record(rec)
@@ -185,19 +185,22 @@ class Launcher:
         argv = list(task.command) if task.command else list(self.settings.worker_command)
         return runner.missing_program(argv, os.environ, str(self.project.root))
 
-    def _spawn_detached(self, rec: Record, task: Task, fds: list[int]) -> None:
-        """A detached worker is `python -m aipm.work`, which owns the task: runs, finishes, starts successors."""
+    def _spawn_detached(self, rec: Record, fds: list[int] = (), adopt: bool = False) -> None:
+        """Start `python -m aipm.work` as the task's owner: it runs (or adopts) the worker, finishes the task
+        and starts successors. It inherits the target locks and this invocation's effective settings."""
+        s = self.settings
         argv = [sys.executable, "-m", "aipm.work", str(self.project.root), rec.order_dir, rec.task,
-                "--lock-fds", ",".join(map(str, fds))]
-        if self.options.no_review:
-            argv.append("--no-review")
+                "--lock-fds", ",".join(map(str, fds)), "--max-workers", str(s.max_workers),
+                "--max-cpu", str(s.max_cpu_percent), "--max-memory", str(s.max_memory_percent)]
+        argv += ["--adopt"] * adopt + ["--no-review"] * self.options.no_review
+        argv += ["--no-resource-monitoring"] * (not s.enable_monitoring)
+        argv += ["--no-auto-scaling"] * (not s.enable_auto_scaling)
         if self.options.model:
             argv += ["--model", self.options.model]
-        env = dict(os.environ, AIPM_MAX_WORKERS=str(self.settings.max_workers))
         for fd in fds:
             os.set_inheritable(fd, True)
         try:
-            pid = os.posix_spawn(sys.executable, argv, env, setsid=True, file_actions=[
+            pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
                 (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
                 (os.POSIX_SPAWN_OPEN, 1, rec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
                 (os.POSIX_SPAWN_DUP2, 1, 2),
@@ -228,24 +231,13 @@ class Launcher:
                 if adopt is not None:
                     adopt.adopt(rec)
                 else:
-                    self._spawn_adopter(rec)
+                    self._spawn_detached(rec, adopt=True)
+                    self.runtime.write_record(rec)
                 out.append({"id": task.id, "action": "adopted"})
                 continue
             self.interrupt(task, rec, "its worker is gone")
             out.append({"id": task.id, "action": "requeued"})
         return out
-
-    def _spawn_adopter(self, rec: Record) -> None:
-        argv = [sys.executable, "-m", "aipm.work", str(self.project.root), rec.order_dir, rec.task, "--adopt"]
-        if self.options.no_review:
-            argv.append("--no-review")
-        pid = os.posix_spawn(sys.executable, argv, dict(os.environ), setsid=True, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, rec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
-            (os.POSIX_SPAWN_DUP2, 1, 2),
-        ])
-        rec.owner_pid, rec.owner_ctime = pid, process_ctime(pid)
-        self.runtime.write_record(rec)
 
     def interrupt(self, task: Task, rec: Record | None, why: str, count_attempt: bool = False) -> None:
         """RUNNING → INTERRUPTED → QUEUED; the attempt is not counted unless asked (it was aipm's fault)."""

@@ -30,11 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--adopt", action="store_true")
     parser.add_argument("--no-review", action="store_true")
     parser.add_argument("--model")
+    parser.add_argument("--max-workers", type=int)
+    parser.add_argument("--max-cpu", type=float)
+    parser.add_argument("--max-memory", type=float)
+    parser.add_argument("--no-resource-monitoring", action="store_true")
+    parser.add_argument("--no-auto-scaling", action="store_true")
     args = parser.parse_args(argv)
     fds = [int(fd) for fd in args.lock_fds.split(",") if fd]
     root = Path(args.root)
     try:
-        settings = load_settings(root)
+        settings = load_settings(root, {
+            "max_workers": args.max_workers, "max_cpu_percent": args.max_cpu, "max_memory_percent": args.max_memory,
+            "enable_monitoring": False if args.no_resource_monitoring else None,
+            "enable_auto_scaling": False if args.no_auto_scaling else None,
+        })
     except UserError as exc:
         print(f"aipm: error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,76 @@
+"""`run` and `launch` hold back launches while the machine is overloaded, and start them when it recovers.
+
+The load is driven through the AIPM_FAKE_LOAD test seam (a file re-read at every reading), not by loading the
+machine.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import no_workers, task_statuses, wait_for, write_task
+from invariants import check, journal_command, spans
+
+
+def live_workers(project):
+    return [w for w in project.json("ps")["workers"] if w["alive"]]
+
+
+def test_run_defers_under_load_and_resumes_when_it_falls(project):
+    order = project.order()
+    journal = project.root / "journal.txt"
+    gate = project.root / "gate"
+    load = project.root / "load"
+    load.write_text("99,20")  # ≥ T+10: 25 % of 4 workers → 1
+    for i in range(4):
+        write_task(order, f"T{i}", command=journal_command(journal, f"while [ ! -e {gate} ]; do sleep 0.05; done"))
+    env = {"AIPM_FAKE_LOAD": str(load)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--max-workers", "4", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, **env},
+    )
+    wait_for(lambda: len(spans(journal)) == 1)
+    # Held back: deferred tasks stay QUEUED and hold no lock.
+    wait_for(lambda: len(live_workers(project)) == 1)
+    statuses = task_statuses(order)
+    assert sorted(statuses.values()) == ["IN_PROGRESS", "QUEUED", "QUEUED", "QUEUED"]
+    assert len(live_workers(project)) == 1
+    load.write_text("10,20")
+    wait_for(lambda: len(spans(journal)) == 4, timeout=30)
+    gate.touch()
+    assert proc.wait(timeout=60) == 0
+    events = [json.loads(line) for line in proc.stdout.read().splitlines()]
+    deferred = [e for e in events if e["event"] == "deferred"]
+    assert len(deferred[0]["tasks"]) == 3 and "busy" in deferred[0]["detail"]
+    assert [e["event"] for e in events].count("started") == 4
+    assert set(task_statuses(order).values()) == {"DONE"}
+    assert check(journal, order, max_workers=4) == []
+    assert no_workers(project.root)
+
+
+def test_launch_lists_deferred_tasks_and_leaves_them_queued(project):
+    order = project.order()
+    gate = project.root / "gate"
+    for i in range(3):
+        write_task(order, f"T{i}", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    proc = project.aipm("launch", "ORD", "--max-workers", "4", "--json", env={"AIPM_FAKE_LOAD": "97,10"})
+    out = json.loads(proc.stdout)
+    assert len(out["launched"]) == 1 and [d["id"] for d in out["deferred"]] == ["T1", "T2"]
+    assert all(d["reason"] == "resources" for d in out["deferred"])
+    statuses = task_statuses(order)
+    assert statuses["T1"] == "QUEUED" and statuses["T2"] == "QUEUED"
+    gate.touch()
+    wait_for(lambda: set(task_statuses(order).values()) == {"DONE"})  # each worker starts the next one
+    wait_for(lambda: no_workers(project.root))
+
+
+def test_no_auto_scaling_keeps_the_maximum(project):
+    order = project.order()
+    for i in range(3):
+        write_task(order, f"T{i}", command="true")
+    out = project.json("launch", "ORD", "--dry-run", "--no-auto-scaling", env={"AIPM_FAKE_LOAD": "99,99"})
+    assert len(out["launched"]) == 3 and out["deferred"] == []
+    out = project.json("launch", "ORD", "--dry-run", "--max-cpu", "99.5", "--max-memory", "99.5",
+                       env={"AIPM_FAKE_LOAD": "99,99"})
+    assert len(out["launched"]) == 3
