@@ -1,0 +1,179 @@
+"""`aipm schema`, `aipm new`, `aipm add`: write order and task files that are valid from the first byte.
+
+A new file is validated in memory together with the order it joins, then published whole with a hard link,
+which fails if the name exists: a refused `add` or `new` leaves every byte on disk as it was, a concurrent
+`aipm run` never sees a half-written or invalid file, and two racing `add`s cannot overwrite each other.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, List, Optional
+
+import typer
+import yaml
+
+from aipm.cli import app
+from aipm.cli.common import console, get_project
+from aipm.errors import UserError
+from aipm.model import Priority
+from aipm.schema import KINDS, schema_text, shipped_path
+from aipm.store import ORDER_FILE, check_links, load_order, parse_mapping, task_from_mapping
+
+# Conservative on purpose: ids become file names, log names and shell-visible environment values.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+@app.command("schema")
+def schema_(kind: str = typer.Option("task", "--kind", help="task (a task file) or order (order.yaml).")) -> None:
+    """Print the JSON Schema (draft 2020-12) of task files or of order.yaml, for editors and linters."""
+    if kind not in KINDS:
+        raise UserError(f"--kind: {kind!r} is not one of {', '.join(KINDS)}")
+    sys.stdout.write(schema_text(kind))
+
+
+@app.command()
+def new(
+    order: str = typer.Argument(..., help="The new order's id (its directory name under orders_dir)."),
+    title: Optional[str] = typer.Option(None, "--title", help="One line saying what the order delivers."),
+) -> None:
+    """Create an order: <orders_dir>/ORDER/order.yaml. Refuses an order that already has one."""
+    _check_id("ORDER", order)
+    project = get_project()
+    order_dir = project.root / project.orders_dir / order
+    meta = order_dir / ORDER_FILE
+    if meta.exists():
+        raise UserError(f"{meta}: already exists; pick another order id")
+    fields: dict[str, Any] = {"id": order}
+    if title:
+        fields["title"] = title
+    # Directories we create are removed again if the file cannot be written: a refusal changes nothing.
+    made = [d for d in (order_dir, *order_dir.parents) if not d.exists()]
+    try:
+        order_dir.mkdir(parents=True, exist_ok=True)
+        _create(meta, _document("order", order_dir, project.root, fields))
+    except BaseException as exc:
+        for d in made:
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        if isinstance(exc, OSError):
+            raise UserError(f"{order_dir}: cannot create: {exc.strerror}") from None
+        raise
+    out = console()
+    out.print(f"created {_shown(meta, project.root)}", markup=False)
+    out.print(f"next: aipm add {order} TASK_ID --title '...' --command '...'", markup=False)
+
+
+@app.command()
+def add(
+    order: str = typer.Argument(..., help="Order id or directory."),
+    task: str = typer.Argument(..., help="The new task's id (its file name without .yaml)."),
+    title: Optional[str] = typer.Option(None, "--title", help="One line saying what the task does."),
+    depends_on: Optional[List[str]] = typer.Option(
+        None, "--depends-on", help="A task of the same order that must finish first (repeatable)."),
+    target_files: Optional[List[str]] = typer.Option(
+        None, "--target-file", help="A file, directory or glob the task may edit (repeatable)."),
+    command: Optional[str] = typer.Option(
+        None, "--command", help="Shell command the worker runs (default: the worker template of aipm.yaml)."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text for an agent worker (on its stdin)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model for the worker template's {model}."),
+    priority: str = typer.Option("P1", "--priority", help="P0 (most urgent) .. P3."),
+    review: Optional[str] = typer.Option(
+        None, "--review", help="Review command: exit 0 approves, non-zero sends the task to REWORK."),
+) -> None:
+    """Create a task file ORDER/TASK.yaml, validated with its order before it is written."""
+    _check_id("TASK", task)
+    if task == Path(ORDER_FILE).stem:
+        raise UserError(f"TASK: {task!r} is reserved for the order's own {ORDER_FILE}; pick another id")
+    if priority not in {p.value for p in Priority}:
+        raise UserError(f"--priority: {priority!r} is not one of {', '.join(p.value for p in Priority)}")
+    project = get_project()
+    order_dir = project.order_dir(order)
+    path = order_dir / f"{task}.yaml"
+    if path.exists():
+        raise UserError(f"{path}: already exists; edit it, or pick another task id")
+    fields: dict[str, Any] = {"id": task}
+    if title:
+        fields["title"] = title
+    fields.update(status="QUEUED", priority=priority, depends_on=list(depends_on or []),
+                  target_files=list(target_files or []))
+    optional = {"command": command, "prompt": prompt, "model": model, "review": review}
+    fields.update({key: value for key, value in optional.items() if value is not None})
+    text = _document("task", order_dir, project.root, fields)
+    # The order as it will be once the file exists: field checks, then dependencies and cycles.
+    loaded = load_order(order_dir, project.root)
+    new_task = task_from_mapping(path, parse_mapping(path, text), project.root)
+    loaded.tasks[new_task.id] = new_task
+    check_links(loaded)
+    _create(path, text)
+    console().print(f"created {_shown(path, project.root)}", markup=False)
+
+
+def _check_id(what: str, value: str) -> None:
+    if not ID_PATTERN.fullmatch(value):
+        raise UserError(f"{what}: {value!r} is not a usable id; use letters, digits, '_', '.' and '-', "
+                        "starting with a letter or digit")
+
+
+def _shown(path: Path, root: Path) -> str:
+    """The path as the user thinks of it: relative to the project root when inside it."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Writes multi-line strings (prompts) as `|` blocks, which stay readable and editable."""
+
+
+def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _represent_str)
+
+
+def _document(kind: str, directory: Path, root: Path, fields: dict[str, Any]) -> str:
+    """The file's text: a schema line for editors (yaml-language-server), then the fields in block style."""
+    body = yaml.dump(fields, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1000)
+    return f"# yaml-language-server: $schema={_schema_ref(kind, directory, root)}\n{body}"
+
+
+def _schema_ref(kind: str, directory: Path, root: Path) -> str:
+    """Where the editor finds the shipped schema, as seen from the new file.
+
+    yaml-language-server resolves a relative path against the YAML file, so a schema inside the project
+    (aipm installed from a checkout in it) gets a relative path that works on every clone; otherwise only
+    the absolute path of the installed package reaches it.
+    """
+    shipped = shipped_path(kind)
+    if shipped.is_relative_to(root.resolve()):
+        return os.path.relpath(shipped, directory.resolve())
+    return str(shipped)
+
+
+def _create(path: Path, text: str) -> None:
+    """Publish a new file whole or not at all; never replace a file that appeared meanwhile."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the task from teammates and their tools
+        os.link(tmp, path)  # unlike rename, link refuses an existing name
+    except FileExistsError:
+        raise UserError(f"{path}: already exists (created meanwhile); nothing written") from None
+    except OSError as exc:
+        raise UserError(f"{path}: cannot write: {exc.strerror}") from None
+    finally:
+        os.unlink(tmp)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -1,0 +1,126 @@
+"""JSON Schema (draft 2020-12) for task files and order.yaml, for editors and other tools.
+
+Generated from the validator's own lists (store.TASK_KEYS, store.ORDER_KEYS, model.Status, model.Priority,
+model.MANAGED_FIELDS), so a key or status added there appears here, and a key without a description here fails
+loudly rather than silently dropping out of the schema. The schema is advisory: `aipm validate` stays the
+authority (it also checks what JSON Schema cannot say: the id matches the file name, dependencies exist, no
+cycles, target files stay inside the project).
+
+The package ships the generated files in aipm/schemas/ so that `# yaml-language-server: $schema=...` lines
+can point at them; `python -m aipm.schema` rewrites them after a change.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from aipm.model import MANAGED_FIELDS, Priority, Status
+from aipm.store import ORDER_KEYS, TASK_KEYS
+
+DIALECT = "https://json-schema.org/draft/2020-12/schema"
+SHIPPED_DIR = Path(__file__).resolve().parent / "schemas"
+KINDS = ("task", "order")
+
+# The loader treats an empty value (`key:`) as absent, so every key also accepts null.
+_STRING = {"type": ["string", "null"]}
+_STRINGS = {"type": ["array", "null"], "items": {"type": "string"}}
+# A string runs through /bin/sh -c; a list is argv and must name a program.
+_COMMAND = {"type": ["string", "array", "null"], "items": {"type": "string"}, "minItems": 1}
+_POSITIVE = {"type": ["integer", "null"], "minimum": 1}
+_COUNT = {"type": ["integer", "null"], "minimum": 0}
+
+# Why each key exists, in the words of the contract; the type rules mirror store.task_from_mapping.
+_TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
+    # Unlike the other keys, an empty `id:` is an error (it would not equal the file name).
+    "id": ({"type": "string"}, "Optional; when present it must equal the file name without .yaml."),
+    "title": (_STRING, "One line saying what the task does."),
+    "status": ({"type": ["string", "null"], "enum": [s.value for s in Status] + [None], "default": "QUEUED"},
+               "Where the task stands; default QUEUED."),
+    "priority": ({"type": ["string", "null"], "enum": [p.value for p in Priority] + [None], "default": "P1"},
+                 "P0 (most urgent) .. P3; default P1."),
+    "depends_on": ({**_STRINGS, "default": []},
+                   "Ids of tasks in the same order that must be DONE or COMPLETED first."),
+    "target_files": ({**_STRINGS, "default": []},
+                     "Files the task may edit: a file, a directory (everything below it) or a glob. "
+                     "Tasks whose target files overlap never run at the same time."),
+    "command": (_COMMAND, "What the worker runs: a string (run by /bin/sh -c) or a list (argv, no shell). "
+                          "Without it the project's worker template (worker.command in aipm.yaml) runs."),
+    "prompt": (_STRING, "Text for an agent worker, given on standard input."),
+    "model": (_STRING, "Model name passed to the worker template as {model}."),
+    "review": (_COMMAND, "Review command: exit 0 approves (COMPLETED), non-zero sends the task to REWORK."),
+    "timeout": (_POSITIVE, "Seconds before the worker's whole process group is killed."),
+    "max_attempts": (_POSITIVE, "Failed attempts are retried until this many have run."),
+    "attempts": (_COUNT, "Attempts started so far."),
+    "reworks": (_COUNT, "Times a review sent the task back."),
+    "started_at": (_STRING, "When the latest attempt started."),
+    "finished_at": (_STRING, "When the latest attempt or review ended."),
+    "exit_code": ({"type": ["integer", "null"]}, "Exit code of the latest attempt."),
+}
+
+_ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
+    "id": (_STRING, "The order id; default the directory name."),
+    "title": (_STRING, "One line saying what the order delivers."),
+    "description": (_STRING, "Anything else a reader should know."),
+}
+
+
+def _properties(keys: tuple[str, ...], fields: dict[str, tuple[dict[str, Any], str]],
+                managed: tuple[str, ...] = ()) -> dict[str, Any]:
+    props = {}
+    for key in keys:
+        rule, text = fields[key]  # KeyError here: a key the validator knows but the schema does not describe
+        prop = {**rule, "description": text}
+        if key in managed:
+            # readOnly: the owning authority (aipm) writes it; editors may warn on hand edits.
+            prop["readOnly"] = True
+            prop["description"] = text + " Written by aipm."
+        props[key] = prop
+    return props
+
+
+def task_schema() -> dict[str, Any]:
+    return {
+        "$schema": DIALECT,
+        "title": "aipm task file",
+        "description": "One task of an order: <ORDER>/<TASK_ID>.yaml. Check with `aipm validate`.",
+        "type": "object",
+        "properties": _properties(TASK_KEYS, _TASK_FIELDS, MANAGED_FIELDS),
+        "additionalProperties": False,
+    }
+
+
+def order_schema() -> dict[str, Any]:
+    return {
+        "$schema": DIALECT,
+        "title": "aipm order.yaml",
+        "description": "Optional metadata of an order directory. Check with `aipm validate`.",
+        "type": "object",
+        "properties": _properties(ORDER_KEYS, _ORDER_FIELDS),
+        "additionalProperties": False,
+    }
+
+
+def schema_text(kind: str) -> str:
+    """The schema as printed by `aipm schema` and stored in aipm/schemas/ (byte for byte)."""
+    schema = {"task": task_schema, "order": order_schema}[kind]()
+    return json.dumps(schema, indent=2, ensure_ascii=False) + "\n"
+
+
+def shipped_path(kind: str) -> Path:
+    return SHIPPED_DIR / f"{kind}.schema.json"
+
+
+def main() -> int:
+    """Regenerate the shipped schema files (run after changing the task or order keys)."""
+    SHIPPED_DIR.mkdir(exist_ok=True)
+    for kind in KINDS:
+        shipped_path(kind).write_text(schema_text(kind), encoding="utf-8")
+        print(shipped_path(kind))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

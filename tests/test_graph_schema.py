@@ -1,0 +1,331 @@
+"""`aipm graph` output parses and says the right thing; the JSON Schema matches the validator; `new`/`add`."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aipm.cli.cmd_scaffold import _schema_ref
+from aipm.errors import ValidationError
+from aipm.graph import COLOURS, dot, mermaid
+from aipm.model import MANAGED_FIELDS, Order, Priority, Status, Task
+from aipm.schema import SHIPPED_DIR, order_schema, schema_text, shipped_path, task_schema
+from aipm.store import ORDER_FILE, TASK_KEYS, ORDER_KEYS, load_order, parse_mapping, task_from_mapping, task_files
+from conftest import FIXTURES, snapshot
+
+# Ids that break naive quoting: reserved words, quotes, backslashes (one at the end), markup, entities.
+NASTY = ["end", 'say "hi"', "back\\slash", "trail\\", "x<br/>y", "#35;", "a;b{c}", "graph", "A-1.x"]
+
+
+def nasty_order() -> Order:
+    order = Order(id='ord "1"', path="")
+    statuses = list(Status)
+    for i, task_id in enumerate(NASTY):
+        deps = (NASTY[i - 1],) if i else ()
+        if i >= 3:
+            deps += (NASTY[0],)
+        order.tasks[task_id] = Task(id=task_id, path="", title=f"title {i} with \"quotes\" & <b>",
+                                    status=statuses[i % len(statuses)], depends_on=deps)
+    return order
+
+
+def expected_edges(order: Order) -> set[tuple[str, str]]:
+    return {(dep, t.id) for t in order.tasks.values() for dep in t.depends_on}
+
+
+# ---- DOT: a small parser of the subset Graphviz accepts ----------------------------------------------------
+
+ID = ("id", "str")  # a bare or a quoted identifier
+DOT_TOKEN = re.compile(r'\s+|(?P<str>"(?:[^"\\]|\\.)*")|(?P<id>[A-Za-z_][A-Za-z0-9_]*)|(?P<op>->|[{}\[\];=,])', re.S)
+
+
+def dot_tokens(text: str) -> list[tuple[str, str]]:
+    out, pos = [], 0
+    while pos < len(text):
+        m = DOT_TOKEN.match(text, pos)
+        assert m, f"DOT lexer stuck at {text[pos:pos + 30]!r}"
+        pos = m.end()
+        if m.lastgroup == "str":
+            out.append(("str", m.group("str")[1:-1].replace('\\"', '"')))  # Graphviz unescapes only \"
+        elif m.lastgroup:
+            out.append((m.lastgroup, m.group(m.lastgroup)))
+    return out
+
+
+def dot_label(raw: str) -> list[str]:
+    """A label's lines, decoding Graphviz escString (\\n line break, \\\\ backslash)."""
+    text = re.sub(r"\\(.)", lambda m: "\n" if m.group(1) == "n" else m.group(1), raw, flags=re.S)
+    return text.split("\n")
+
+
+def parse_dot(text: str) -> tuple[dict[str, dict[str, str]], list[tuple[str, str]]]:
+    toks = dot_tokens(text)
+    assert toks[0] == ("id", "digraph") and toks[1][0] in ID and toks[2] == ("op", "{") and toks[-1] == ("op", "}")
+    body, nodes, edges, i = toks[3:-1], {}, [], 0
+
+    def attrs(j: int) -> tuple[dict[str, str], int]:
+        found = {}
+        assert body[j] == ("op", "[")
+        j += 1
+        while body[j] != ("op", "]"):
+            assert body[j][0] in ID and body[j + 1] == ("op", "=") and body[j + 2][0] in ID, body[j:j + 3]
+            found[body[j][1]] = body[j + 2][1]
+            j += 3
+            if body[j] == ("op", ","):
+                j += 1
+        return found, j + 1
+
+    while i < len(body):
+        kind, value = body[i]
+        assert kind in ID, f"statement starts with {value!r}"
+        if body[i + 1] == ("op", "="):  # graph attribute
+            i += 3
+        elif body[i + 1] == ("op", "->"):
+            assert body[i + 2][0] in ID
+            edges.append((value, body[i + 2][1]))
+            i += 3
+        elif kind == "id" and value in ("node", "edge", "graph"):  # keywords only when unquoted
+            _, i = attrs(i + 1)
+        else:
+            nodes[value], i = attrs(i + 1)
+        assert body[i] == ("op", ";"), f"missing ; after {value!r}"
+        i += 1
+    return nodes, edges
+
+
+def test_dot_parses_and_draws_every_task_edge_and_colour():
+    order = nasty_order()
+    nodes, edges = parse_dot(dot(order))
+    by_label = {dot_label(a["label"])[0]: name for name, a in nodes.items()}
+    assert set(by_label) == set(order.tasks)
+    name_to_id = {v: k for k, v in by_label.items()}
+    assert {(name_to_id[a], name_to_id[b]) for a, b in edges} == expected_edges(order)
+    for name, a in nodes.items():
+        task = order.tasks[name_to_id[name]]
+        assert dot_label(a["label"])[-1] == task.status.value
+        assert (a["fillcolor"], a["color"]) == COLOURS[task.status]
+
+
+@pytest.mark.skipif(not shutil.which("dot"), reason="Graphviz not installed")
+def test_graphviz_accepts_the_dot_output():
+    proc = subprocess.run(["dot", "-Tsvg"], input=dot(nasty_order()), capture_output=True, text=True)
+    assert proc.returncode == 0 and not proc.stderr, proc.stderr
+
+
+# ---- Mermaid: every line must be one of the four forms we emit ---------------------------------------------
+
+M_NODE = re.compile(r'    (t\d+)\["([^"\[\]]*)"\]')
+M_EDGE = re.compile(r"    (t\d+) --> (t\d+)")
+M_CLASSDEF = re.compile(r"    classDef ([A-Z_]+) fill:(#[0-9a-f]{6}),stroke:(#[0-9a-f]{6}),color:#000")
+M_CLASS = re.compile(r"    class (t\d+(?:,t\d+)*) ([A-Z_]+)")
+
+
+def test_mermaid_parses_and_draws_every_task_edge_and_colour():
+    order = nasty_order()
+    lines = mermaid(order).splitlines()
+    assert lines[0] == "flowchart LR"
+    labels, edges, colours, members = {}, [], {}, {}
+    for line in lines[1:]:
+        if m := M_NODE.fullmatch(line):
+            parts = m.group(2).split("<br/>")
+            assert all(re.fullmatch(r"(?:[^<>#&;\"]|#\d+;)*", p) for p in parts), f"unescaped text in {line!r}"
+            labels[m.group(1)] = [re.sub(r"#(\d+);", lambda e: chr(int(e.group(1))), p) for p in parts]
+        elif m := M_EDGE.fullmatch(line):
+            edges.append(m.groups())
+        elif m := M_CLASSDEF.fullmatch(line):
+            colours[m.group(1)] = (m.group(2), m.group(3))
+        elif m := M_CLASS.fullmatch(line):
+            for node in m.group(1).split(","):
+                assert node not in members, f"{node} in two classes"
+                members[node] = m.group(2)
+        else:
+            pytest.fail(f"not a Mermaid line we know: {line!r}")
+    ids = {node: parts[0] for node, parts in labels.items()}
+    assert sorted(ids.values()) == sorted(order.tasks)
+    assert {(ids[a], ids[b]) for a, b in edges} == expected_edges(order)
+    assert set(members) == set(labels)
+    for node, status in members.items():
+        task = order.tasks[ids[node]]
+        assert status == task.status.value == labels[node][-1]
+        assert colours[status] == COLOURS[task.status]
+
+
+def test_graph_command_prints_both_formats(project):
+    order_dir = project.order("G")
+    (order_dir / "A.yaml").write_text("title: a\n")
+    (order_dir / "B.yaml").write_text("depends_on: [A]\nstatus: DONE\n")
+    assert "t0 --> t1" in project.aipm("graph", "G", check=True).stdout
+    _, edges = parse_dot(project.aipm("graph", "G", "--format", "dot", check=True).stdout)
+    assert edges == [("A", "B")]
+    bad = project.aipm("graph", "G", "--format", "png")
+    assert bad.returncode == 2 and bad.stderr.startswith("aipm: error: --format")
+
+
+# ---- JSON Schema -------------------------------------------------------------------------------------------
+
+
+def check(instance, schema: dict) -> list[str]:
+    """The draft 2020-12 keywords our schemas use (jsonschema is not a dependency); [] when valid."""
+    errors = []
+    kinds = schema.get("type")
+    if kinds is not None:
+        names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
+                 dict: "object", type(None): "null"}
+        if names.get(type(instance)) not in ([kinds] if isinstance(kinds, str) else kinds):
+            return [f"{instance!r} is not of type {kinds}"]
+    if "enum" in schema and instance not in schema["enum"]:
+        errors.append(f"{instance!r} not in enum")
+    if isinstance(instance, int) and "minimum" in schema and instance < schema["minimum"]:
+        errors.append(f"{instance} < minimum")
+    if isinstance(instance, list):
+        if len(instance) < schema.get("minItems", 0):
+            errors.append("too few items")
+        errors += [e for item in instance for e in check(item, schema.get("items", {}))]
+    if isinstance(instance, dict):
+        props = schema.get("properties", {})
+        for key, value in instance.items():
+            if key in props:
+                errors += [f"{key}: {e}" for e in check(value, props[key])]
+            elif schema.get("additionalProperties") is False:
+                errors.append(f"{key}: not allowed")
+    return errors
+
+
+def as_json_data(path: Path) -> dict:
+    """The file as an editor's YAML 1.2 language server sees it: timestamps are plain strings."""
+    data = yaml.safe_load(path.read_text())
+    return {k: v.isoformat() if isinstance(v, (dt.date, dt.datetime)) else v for k, v in (data or {}).items()}
+
+
+def test_schema_is_generated_from_the_validator_lists():
+    task, order = task_schema(), order_schema()
+    assert task["$schema"] == order["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    assert list(task["properties"]) == list(TASK_KEYS) and list(order["properties"]) == list(ORDER_KEYS)
+    assert task["properties"]["status"]["enum"][:-1] == [s.value for s in Status]
+    assert task["properties"]["priority"]["enum"][:-1] == [p.value for p in Priority]
+    assert {k for k, v in task["properties"].items() if v.get("readOnly")} == set(MANAGED_FIELDS) & set(TASK_KEYS)
+
+
+def test_shipped_schema_files_equal_what_aipm_schema_prints(project):
+    for kind in ("task", "order"):
+        printed = project.aipm("schema", "--kind", kind, check=True).stdout
+        assert printed == schema_text(kind) == shipped_path(kind).read_text(), \
+            f"aipm/schemas/{kind}.schema.json is stale: run `python -m aipm.schema`"
+        json.loads(printed)
+    assert project.aipm("schema", check=True).stdout == schema_text("task")
+
+
+def fixture_orders() -> list[Path]:
+    base = FIXTURES / "orders"
+    return sorted(d for d in base.iterdir() if d.is_dir()) if base.is_dir() else []
+
+
+@pytest.mark.parametrize("order_dir", fixture_orders(), ids=lambda p: p.name)
+def test_schema_accepts_every_valid_fixture(order_dir):
+    try:
+        load_order(order_dir, FIXTURES.parent)
+    except ValidationError:
+        pytest.skip("an intentionally invalid fixture")
+    for path in task_files(order_dir):
+        assert check(as_json_data(path), task_schema()) == [], path
+    if (order_dir / ORDER_FILE).is_file():
+        assert check(as_json_data(order_dir / ORDER_FILE), order_schema()) == []
+
+
+@pytest.mark.parametrize("text", [
+    "title: t\nstatus: QUEUED\npriority: P0\ndepends_on: [B]\ntarget_files: [a.py]\ncommand: [pytest, -q]\n",
+    "title:\ncommand: make\nreview: [ruff, check]\ntimeout: 60\nmax_attempts: 2\nattempts: 0\nexit_code: -9\n",
+    "status: DONE\nstarted_at: '2026-01-01T00:00:00+00:00'\nprompt: |\n  two\n  lines\n",
+    "status: DOING\n", "priority: P4\n", "depends_on: B\n", "command: []\n", "command: [ls, 1]\n",
+    "timeout: 0\n", "attempts: -1\n", "max_attempts: true\n", "exit_code: '1'\n", "stauts: QUEUED\n",
+    "id:\n", "title: [a]\n", "target_files: [1]\n",
+])
+def test_schema_and_validator_agree(tmp_path, text):
+    path = tmp_path / "A.yaml"
+    path.write_text(text)
+    try:
+        task_from_mapping(path, parse_mapping(path, text), tmp_path)
+        valid = True
+    except ValidationError:
+        valid = False
+    assert (check(as_json_data(path), task_schema()) == []) == valid
+
+
+def test_schema_line_is_relative_when_the_package_lives_in_the_project():
+    root = SHIPPED_DIR.parent.parent  # aipm installed from a checkout that is the project
+    ref = _schema_ref("task", root / "orders" / "ORD", root)
+    assert ref == "../../aipm/schemas/task.schema.json"
+    assert _schema_ref("task", Path("/elsewhere/orders/ORD"), Path("/elsewhere")) == str(shipped_path("task"))
+
+
+# ---- new / add -------------------------------------------------------------------------------------------
+
+
+def test_new_and_add_round_trip_and_validate(project):
+    project.aipm("new", "SHIP", "--title", "Ship it", check=True)
+    project.aipm("add", "SHIP", "A", "--title", 'Build "core"', "--target-file", "src/", "--target-file",
+                 "docs/*.md", "--command", "make core && echo ok", "--priority", "P0", "--review", "true",
+                 check=True)
+    project.aipm("add", "SHIP", "B", "--depends-on", "A", "--prompt", "Write docs.\nKeep it short.",
+                 "--model", "opus", check=True)
+    project.aipm("add", "SHIP", "C", "--depends-on", "A", "--depends-on", "B", check=True)
+    assert project.aipm("validate", check=True).returncode == 0
+    order_dir = project.root / "orders" / "SHIP"
+    order = load_order(order_dir, project.root)
+    assert (order.id, order.title) == ("SHIP", "Ship it")
+    a, b, c = order.tasks["A"], order.tasks["B"], order.tasks["C"]
+    assert (a.title, a.priority, a.target_files, a.command, a.review) == (
+        'Build "core"', Priority.P0, ("src/", "docs/*.md"), "make core && echo ok", "true")
+    assert (b.depends_on, b.prompt, b.model, b.status) == (("A",), "Write docs.\nKeep it short.", "opus",
+                                                           Status.QUEUED)
+    assert c.depends_on == ("A", "B")
+    for path in [order_dir / ORDER_FILE, *task_files(order_dir)]:
+        first = path.read_text().splitlines()[0]
+        m = re.fullmatch(r"# yaml-language-server: \$schema=(\S+)", first)
+        assert m, first
+        kind = "order" if path.name == ORDER_FILE else "task"
+        assert (path.parent / m.group(1)).read_text() == schema_text(kind)  # absolute paths join as themselves
+        assert check(as_json_data(path), order_schema() if kind == "order" else task_schema()) == []
+
+
+def test_refusals_change_nothing(project):
+    project.aipm("new", "ORD", check=True)
+    project.aipm("add", "ORD", "A", "--title", "a", check=True)
+    (project.root / "orders" / "ORD" / "Z.yaml").write_text("depends_on: [A]\n")
+    before = snapshot(project.root), sorted(p for p in project.root.rglob("*") if p.is_dir())
+    refusals = {
+        ("add", "ORD", "A"): "already exists",
+        ("add", "ORD", "B", "--priority", "P9"): "--priority",
+        ("add", "ORD", "B", "--priority", "p1"): "--priority",
+        ("add", "ORD", "B", "--depends-on", "A", "--depends-on", "NOPE"): "'NOPE' is not a task of order ORD",
+        ("add", "ORD", "B", "--depends-on", "B"): "cannot depend on itself",
+        ("add", "ORD", "B", "--target-file", "../outside.py"): "target_files",
+        ("add", "ORD", "order"): "reserved",
+        ("add", "ORD", "../B"): "not a usable id",
+        ("add", "MISSING", "B"): "order 'MISSING'",
+        ("new", "ORD"): "already exists",
+        ("new", "a/b"): "not a usable id",
+    }
+    for args, message in refusals.items():
+        proc = project.aipm(*args)
+        assert proc.returncode == 2, (args, proc.stdout, proc.stderr)
+        assert proc.stderr.startswith("aipm: error: ") and proc.stderr.count("\n") == 1, proc.stderr
+        assert message in proc.stderr, (args, proc.stderr)
+        after = snapshot(project.root), sorted(p for p in project.root.rglob("*") if p.is_dir())
+        assert after == before, f"{args} changed the tree"
+
+
+def test_add_refuses_to_join_a_broken_order(project):
+    order_dir = project.order("BROKEN")
+    (order_dir / "A.yaml").write_text("status: SIDEWAYS\n")
+    before = snapshot(project.root)
+    proc = project.aipm("add", "BROKEN", "B")
+    assert proc.returncode == 2 and "A.yaml: status" in proc.stderr
+    assert snapshot(project.root) == before
