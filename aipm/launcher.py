@@ -147,7 +147,8 @@ class Launcher:
         )
         wrote_status = False
         try:
-            rt.write_record(rec)
+            # The record is written once the worker exists; a crash before that leaves IN_PROGRESS with no
+            # record, which recovery re-queues.
             try:
                 os.unlink(rec.exit_file)
             except FileNotFoundError:
@@ -161,9 +162,9 @@ class Launcher:
                 view.note(written)
             if owner is None:
                 self._spawn_detached(rec, fds)
+                rt.write_record(rec)  # the detached owner reads it once we release the launch lock
             else:
-                owner.spawn_worker(rec, task, fds)
-            rt.write_record(rec)
+                owner.spawn_worker(rec, task, fds)  # records the worker before its command may begin
             return rec
         except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
             if wrote_status:

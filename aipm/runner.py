@@ -1,8 +1,10 @@
 """Starting, watching and stopping worker processes.
 
 Each worker is `/bin/sh` running a tiny wrapper in a new session (so its process group holds every
-grandchild): it runs the task's command, writes the exit code to an exit file, and exits with that code. The
-exit file lets a supervisor that was restarted learn the real outcome of a worker it did not start.
+grandchild): it waits for a "go" on a pipe, runs the task's command, writes the exit code to an exit file,
+and exits with that code. The go is sent only once the worker's record is on disk, so a launcher that dies
+in between leaves no command running unrecorded (the wrapper sees EOF and exits). The exit file lets a
+supervisor that was restarted learn the real outcome of a worker it did not start.
 
 Waiting is event-driven: a pidfd per process in a selector, so the loop sleeps until something happens.
 """
@@ -13,14 +15,19 @@ import os
 import selectors
 import shutil
 import signal
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 SHELL = "/bin/sh"
+# The go pipe is fd 3 (dash only redirects single-digit descriptors); $1 is the exit file.
+# EOF instead of "go" means the launcher died before recording the worker: run nothing.
+_GO_FD = 3
+_PRELUDE = 'cd "$AIPM_ROOT" || exit 126; IFS= read -r go <&3 && [ "$go" = go ] || exit 125; exec 3<&-; f=$1; shift; '
+
 # "$@" is the command's argv; the exit code goes to the exit file before the wrapper exits with it.
-_WRAP_ARGV = 'cd "$AIPM_ROOT" || exit 126; f=$1; shift; "$@"; s=$?; echo $s >"$f"; exit $s'
+_WRAP_ARGV = _PRELUDE + '"$@"; s=$?; echo $s >"$f"; exit $s'
 # A string command runs in a subshell of the wrapper: one fork, no second exec of /bin/sh.
-_WRAP_SHELL = 'cd "$AIPM_ROOT" || exit 126; f=$1; (eval "$2"); s=$?; echo $s >"$f"; exit $s'
+_WRAP_SHELL = _PRELUDE + '(eval "$1"); s=$?; echo $s >"$f"; exit $s'
 
 
 class SpawnError(Exception):
@@ -45,32 +52,51 @@ def spawn(
     log: str,
     stdin: str | None = None,
     pass_fds: Sequence[int] = (),
+    started: Callable[[int], None] = lambda pid: None,
 ) -> int:
-    """Start `command` in its own session; its stdout and stderr append to `log`. Returns the pid (= pgid)."""
-    if isinstance(command, str):
-        argv = [SHELL, "-c", _WRAP_SHELL, "aipm-worker", exit_file, command]
-    else:
+    """Start `command` in its own session; its stdout and stderr append to `log`. Returns the pid (= pgid).
+
+    `started(pid)` runs before the command may begin (record the worker there); if it raises, the command
+    never runs and the error propagates.
+    """
+    if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
         if missing:
             raise SpawnError(f"program {missing!r} not found on PATH")
+    go_read, go_write = os.pipe()
+    if isinstance(command, str):
+        argv = [SHELL, "-c", _WRAP_SHELL, "aipm-worker", exit_file, command]
+    else:
         argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *command]
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, stdin or os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
         (os.POSIX_SPAWN_DUP2, 1, 2),
+        (os.POSIX_SPAWN_DUP2, go_read, _GO_FD),
     ]
-    if not os.path.isdir(cwd):
-        raise SpawnError(f"working directory {cwd} does not exist")
-    for fd in pass_fds:
-        os.set_inheritable(fd, True)
+    # A lock descriptor numbered 3 would be overwritten by the go pipe in the child: hand over a duplicate.
+    moved = [os.dup(fd) for fd in pass_fds if fd == _GO_FD]
+    pass_fds = [fd for fd in pass_fds if fd != _GO_FD] + moved
     try:
-        # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself.
-        return os.posix_spawn(SHELL, argv, dict(env, AIPM_ROOT=cwd), file_actions=actions, setsid=True)
-    except OSError as exc:
-        raise SpawnError(f"cannot start worker: {exc.strerror}") from None
-    finally:
+        if not os.path.isdir(cwd):
+            raise SpawnError(f"working directory {cwd} does not exist")
         for fd in pass_fds:
-            os.set_inheritable(fd, False)
+            os.set_inheritable(fd, True)
+        try:
+            # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself.
+            pid = os.posix_spawn(SHELL, argv, dict(env, AIPM_ROOT=cwd), file_actions=actions, setsid=True)
+        except OSError as exc:
+            raise SpawnError(f"cannot start worker: {exc.strerror}") from None
+        finally:
+            for fd in pass_fds:
+                os.set_inheritable(fd, False)
+            for fd in (go_read, *moved):
+                os.close(fd)
+        started(pid)
+        os.write(go_write, b"go\n")
+        return pid
+    finally:
+        os.close(go_write)
 
 
 def reap(pid: int) -> int | None:

@@ -120,6 +120,7 @@ class Runtime:
         self.root = Path(root)
         self.dir = self.root / ".aipm"
         self._made: set[Path] = set()  # directories known to exist: the hot path skips mkdir calls
+        self._launch_lock: filelock.FileLock | None = None
 
     def ensure(self) -> None:
         if self.dir in self._made:
@@ -143,9 +144,11 @@ class Runtime:
     @contextmanager
     def launch_lock(self) -> Iterator[None]:
         self.ensure()
-        lock = filelock.FileLock(str(self.dir / "launch.lock"), is_singleton=False)
+        if self._launch_lock is None:
+            # One object per Runtime: filelock counts nested acquisitions, so the lock is re-entrant here.
+            self._launch_lock = filelock.FileLock(str(self.dir / "launch.lock"), is_singleton=False)
         # A short poll: holders keep it for milliseconds (plan + a few writes), never across a worker's run.
-        with lock.acquire(poll_interval=0.002):
+        with self._launch_lock.acquire(poll_interval=0.002):
             yield
 
     # -- target-file locks -------------------------------------------------------------------------------

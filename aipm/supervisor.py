@@ -46,15 +46,19 @@ class Supervisor(Owner):
     def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
         command, env, stdin = invocation(self.rt, self.settings, rec, task, self.launcher.options.model)
         rec.command = [command] if isinstance(command, str) else list(command)
-        pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=rec.log,
-                           stdin=stdin, pass_fds=fds)
         timeout = task.timeout or self.settings.timeout
-        rec.pid = rec.pgid = pid
-        rec.ctime = process_ctime(pid)
         rec.owner_pid, rec.owner_ctime = self.me
-        rec.deadline = time.time() + timeout if timeout else None
+        pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=rec.log,
+                           stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout))
         self._own(rec)
         self.emit({"event": "started", "task": rec.task, "order": rec.order, "pid": pid, "attempt": rec.attempt})
+
+    def _record(self, rec: Record, pid: int, timeout: int | None) -> None:
+        """Write the worker's record; only then may its command begin."""
+        rec.pid = rec.pgid = pid
+        rec.ctime = process_ctime(pid)
+        rec.deadline = time.time() + timeout if timeout else None
+        self.rt.write_record(rec)
 
     def adopt(self, rec: Record) -> None:
         rec.owner_pid, rec.owner_ctime = self.me
@@ -177,20 +181,17 @@ class Supervisor(Owner):
             os.unlink(rec.exit_file)
         except FileNotFoundError:
             pass
+        rec.command = [command] if isinstance(command, str) else command
         try:
-            pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=review_log)
+            runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=review_log,
+                         started=lambda pid: self._record(rec, pid, None))
         except runner.SpawnError as exc:
             # A reviewer that cannot start never approves (fail closed).
             append_log(review_log, f"review could not start: {exc}")
             rec.pid = 0
             with open(rec.exit_file, "w") as handle:
                 handle.write("127\n")
-        else:
-            rec.pid = rec.pgid = pid
-            rec.ctime = process_ctime(pid)
-        rec.command = [command] if isinstance(command, str) else command
-        rec.deadline = None
-        self.rt.write_record(rec)
+            self.rt.write_record(rec)
         self._own(rec)
 
     def _note(self, task: Task) -> None:
@@ -270,6 +271,13 @@ class Stop:
 RESOURCE_RECHECK = 1.0  # seconds between load readings while launches are deferred
 
 
+def _finish(sup: Supervisor, keys: list[str], emit: Emit) -> None:
+    for key in keys:
+        event = sup.handle(key)
+        if event:
+            emit(event)
+
+
 def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None = None,
               detach_others: bool = False) -> int:
     """The `run` loop (and, with `only`, `exec`): plan, launch, wait for the next event, finish, repeat.
@@ -286,9 +294,13 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     foreign: set[str] = set()
     deferred_before: list[str] = []
     recover = True  # at start, and whenever another owner's process ends (it may have died)
+    ready: list[str] = []  # owned workers that ended, finished at the next lock round
     try:
         while not stop.requested:
-            report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False, recover=recover)
+            with launcher.runtime.launch_lock():  # one lock round per wake-up: finish what ended, then launch
+                _finish(sup, ready, emit)
+                report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False,
+                                         recover=recover)
             recover = False
             order = report.order
             for item in report.failed:
@@ -314,15 +326,17 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
             elif not sup.owned and not foreign and not deferred:
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
             timeout = RESOURCE_RECHECK if deferred else None
+            ready = []
             for key in sup.wait(timeout):
                 if key in foreign:
                     sup.watcher.forget(key)
                     foreign.discard(key)
                     recover = True
                 elif key not in ("signal", "files"):
-                    event = sup.handle(key)
-                    if event:
-                        emit(event)
+                    ready.append(key)
+        if ready:  # ended just as we were stopped: their real outcome still counts
+            with launcher.runtime.launch_lock():
+                _finish(sup, ready, emit)
         if stop.requested:
             stopped = sup.abort()
             emit({"event": "interrupted", "requeued": stopped})

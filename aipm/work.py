@@ -66,7 +66,6 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"aipm: cannot start worker: {exc}", file=sys.stderr)
                 launcher.interrupt(task, rec, f"worker could not start: {exc}")
                 return 1
-            launcher.runtime.write_record(rec)
     while sup.owned:
         for key in sup.wait(None):
             sup.handle(key)

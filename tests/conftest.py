@@ -46,6 +46,8 @@ class Project:
     def aipm(self, *args: str, env: dict | None = None, timeout: float = 120, check: bool = False):
         full_env = dict(os.environ)
         full_env.pop("AIPM_FAKE_LOAD", None)
+        # The machine's real load (other tests, CI neighbours) must not decide what a test launches.
+        full_env["AIPM_ENABLE_MONITORING"] = "false"
         full_env.update(env or {})
         proc = subprocess.run(
             [sys.executable, "-m", "aipm", "--root", str(self.root), *args],

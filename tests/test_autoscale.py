@@ -13,6 +13,11 @@ from conftest import no_workers, task_statuses, wait_for, write_task
 from invariants import check, journal_command, spans
 
 
+def loaded(readings: str) -> dict:
+    """Environment for an aipm process that sees these (cpu, memory) readings; conftest turns monitoring off."""
+    return {"AIPM_FAKE_LOAD": readings, "AIPM_ENABLE_MONITORING": "true"}
+
+
 def live_workers(project):
     return [w for w in project.json("ps")["workers"] if w["alive"]]
 
@@ -54,7 +59,7 @@ def test_launch_lists_deferred_tasks_and_leaves_them_queued(project):
     gate = project.root / "gate"
     for i in range(3):
         write_task(order, f"T{i}", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
-    proc = project.aipm("launch", "ORD", "--max-workers", "4", "--json", env={"AIPM_FAKE_LOAD": "97,10"})
+    proc = project.aipm("launch", "ORD", "--max-workers", "4", "--json", env=loaded("97,10"))
     out = json.loads(proc.stdout)
     assert len(out["launched"]) == 1 and [d["id"] for d in out["deferred"]] == ["T1", "T2"]
     assert all(d["reason"] == "resources" for d in out["deferred"])
@@ -69,8 +74,8 @@ def test_no_auto_scaling_keeps_the_maximum(project):
     order = project.order()
     for i in range(3):
         write_task(order, f"T{i}", command="true")
-    out = project.json("launch", "ORD", "--dry-run", "--no-auto-scaling", env={"AIPM_FAKE_LOAD": "99,99"})
+    out = project.json("launch", "ORD", "--dry-run", "--no-auto-scaling", env=loaded("99,99"))
     assert len(out["launched"]) == 3 and out["deferred"] == []
     out = project.json("launch", "ORD", "--dry-run", "--max-cpu", "99.5", "--max-memory", "99.5",
-                       env={"AIPM_FAKE_LOAD": "99,99"})
+                       env=loaded("99,99"))
     assert len(out["launched"]) == 3
