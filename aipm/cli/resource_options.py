@@ -1,0 +1,50 @@
+"""The resource flags shared by launch, run, exec, detect, config and resources.
+
+Use the Opt constants as parameter defaults and hand the values to `settings_from_flags`:
+
+    def launch(..., max_workers: Optional[int] = MaxWorkersOpt, max_cpu: Optional[float] = MaxCpuOpt,
+               max_memory: Optional[float] = MaxMemoryOpt, no_monitoring: bool = NoMonitoringOpt,
+               no_auto_scaling: bool = NoAutoScalingOpt):
+        settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from aipm.settings import Settings, load_settings
+
+# Defaults are None (flag not given) so that aipm.yaml and the environment show through; the help states the
+# built-in default. Values are checked by load_settings, which names the flag in its one-line error.
+MaxWorkersOpt = typer.Option(
+    None, "--max-workers", help="Most workers running at once in the project (default 5, or aipm.yaml)."
+)
+MaxCpuOpt = typer.Option(None, "--max-cpu", help="CPU percent at which fewer workers start (default 85).")
+MaxMemoryOpt = typer.Option(None, "--max-memory", help="Memory percent at which fewer workers start (default 85).")
+NoMonitoringOpt = typer.Option(
+    False, "--no-resource-monitoring", help="Take no CPU or memory readings: start up to --max-workers."
+)
+NoAutoScalingOpt = typer.Option(
+    False, "--no-auto-scaling", help="Read the load but never start fewer than --max-workers because of it."
+)
+
+
+def settings_from_flags(
+    root: Path,
+    max_workers: Optional[int] = None,
+    max_cpu: Optional[float] = None,
+    max_memory: Optional[float] = None,
+    no_monitoring: bool = False,
+    no_auto_scaling: bool = False,
+) -> Settings:
+    """Settings for `root` with the resource flags on top (a flag not given leaves the lower layers alone)."""
+    return load_settings(root, {
+        "max_workers": max_workers,
+        "max_cpu_percent": max_cpu,
+        "max_memory_percent": max_memory,
+        "enable_monitoring": False if no_monitoring else None,
+        "enable_auto_scaling": False if no_auto_scaling else None,
+    })

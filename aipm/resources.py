@@ -1,0 +1,257 @@
+"""Machine load: CPU and memory readings (cgroup-aware), and the auto-scaling policy that turns them into a worker
+count.
+
+Readings come from psutil, except inside a cgroup v2 with limits (`cpu.max`, `memory.max`), where psutil would report
+the host: there the cgroup's own usage against its limits is used. Reading never blocks: CPU use is measured between
+the previous sample (primed when the monitor is made) and now, never by sleeping.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from aipm.errors import SettingsError
+
+try:
+    import psutil
+except ImportError:  # monitoring is optional: without psutil, launching goes on unmonitored
+    psutil = None
+
+DEFAULT_CGROUP_DIR = Path("/sys/fs/cgroup")
+
+# Test seam: when set, AIPM_FAKE_LOAD replaces every reading. It holds "cpu,mem" (e.g. "95,40") or the path of a
+# file holding that text, re-read at every reading so a test can change the load while aipm runs (write the file
+# atomically: temp file + rename). Not a user setting.
+FAKE_LOAD_VAR = "AIPM_FAKE_LOAD"
+
+# CPU samples closer together than this are too noisy to become the next baseline. Until a window this long has
+# passed, a reading repeats the last full-window reading, or (before there is one) measures from the primed sample.
+MIN_SAMPLE_WINDOW = 0.5
+
+_now = time.monotonic
+
+
+def _own_cpu_seconds() -> float:
+    """CPU time spent by this process itself: aipm's own work is not load that should hold workers back."""
+    t = os.times()
+    return t.user + t.system
+
+
+def recommended_workers(load_percent: float, threshold: float, max_workers: int, running: int = 0) -> int:
+    """How many workers may run in total at this load (the higher of CPU and memory) against threshold T.
+
+    Below T all of them; from T 75 %; from T+5 50 %; from T+10 25 %; rounded down, but never below 1 while nothing
+    runs, so an order always makes progress.
+    """
+    if load_percent < threshold:
+        share = 100
+    elif load_percent < threshold + 5:
+        share = 75
+    elif load_percent < threshold + 10:
+        share = 50
+    else:
+        share = 25
+    floor = 1 if running == 0 and max_workers > 0 else 0
+    return max(max_workers * share // 100, floor)
+
+
+@dataclass(frozen=True)
+class ResourceStatus:
+    cpu_percent: float
+    memory_percent: float
+    is_healthy: bool  # both below their thresholds
+    source: str  # "psutil", "cgroup", "AIPM_FAKE_LOAD" or "unavailable"
+
+
+# -- cgroup v2 --------------------------------------------------------------------------------------------------
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def _stat(path: Path, key: str) -> int | None:
+    """One `key value` line of a cgroup stat file (cpu.stat, memory.stat)."""
+    for line in (_read(path) or "").splitlines():
+        name, _, value = line.partition(" ")
+        if name == key and value.strip().isdigit():
+            return int(value)
+    return None
+
+
+def cgroup_limits(cgroup_dir: Path | None) -> dict[str, Any] | None:
+    """The CPU and memory limits of the cgroup v2 at `cgroup_dir`, or None when it sets neither."""
+    if cgroup_dir is None:
+        return None
+    cpus = memory_max = None
+    quota, _, period = (_read(cgroup_dir / "cpu.max") or "max").partition(" ")
+    if quota.isdigit() and period.strip().isdigit() and int(period) > 0:
+        cpus = int(quota) / int(period)
+    limit = _read(cgroup_dir / "memory.max") or "max"
+    if limit.isdigit():
+        memory_max = int(limit)
+    if cpus is None and memory_max is None:
+        return None
+    return {"dir": str(cgroup_dir), "cpus": cpus, "memory_max": memory_max,
+            "memory_current": _cgroup_memory_used(cgroup_dir)}
+
+
+def _cgroup_memory_used(cgroup_dir: Path) -> int | None:
+    """memory.current less reclaimable page cache (inactive_file), as `docker stats` and the kubelet count it."""
+    current = _read(cgroup_dir / "memory.current")
+    if current is None or not current.isdigit():
+        return None
+    return max(0, int(current) - (_stat(cgroup_dir / "memory.stat", "inactive_file") or 0))
+
+
+# -- the host ---------------------------------------------------------------------------------------------------
+
+
+def _affinity_cpus() -> int:
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return (psutil.cpu_count() if psutil else os.cpu_count()) or 1
+
+
+def _host_cpu_times() -> tuple[float, float]:
+    """(busy, total) CPU-seconds over all CPUs since boot, counted the way psutil.cpu_percent counts them."""
+    t = psutil.cpu_times()
+    total = sum(t) - getattr(t, "guest", 0) - getattr(t, "guest_nice", 0)  # guest time is already in user/nice
+    return total - t.idle - getattr(t, "iowait", 0), total
+
+
+def _fake_load() -> tuple[float, float] | None:
+    value = os.environ.get(FAKE_LOAD_VAR)
+    if not value:
+        return None
+    try:
+        text = Path(value).read_text() if os.path.isfile(value) else value
+        cpu, memory = (float(part) for part in text.strip().split(","))
+    except (OSError, ValueError):
+        raise SettingsError(f"{FAKE_LOAD_VAR}: {value!r} is not 'cpu,mem' percentages (e.g. '95,40') "
+                            "nor a file holding them") from None
+    return cpu, memory
+
+
+_warned = False
+
+
+def _warn_no_psutil() -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        print("aipm: warning: psutil is not installed; resource monitoring is off, launching goes on "
+              "(pip install psutil)", file=sys.stderr)
+
+
+class ResourceMonitor:
+    """CPU and memory readings against thresholds, and the worker count they allow."""
+
+    def __init__(self, max_cpu_percent: float = 85.0, max_memory_percent: float = 85.0,
+                 cgroup_dir: Path | None = DEFAULT_CGROUP_DIR):
+        self.max_cpu_percent = max_cpu_percent
+        self.max_memory_percent = max_memory_percent
+        self.cgroup_dir = cgroup_dir
+        if psutil is None:
+            _warn_no_psutil()
+        # A cgroup limit wins when it is tighter than what the host offers.
+        limits = cgroup_limits(cgroup_dir) or {}
+        cpus = limits.get("cpus")
+        usage = _stat(cgroup_dir / "cpu.stat", "usage_usec") if cgroup_dir else None
+        self._cgroup_cpus = cpus if cpus is not None and cpus < _affinity_cpus() and usage is not None else None
+        memory_max = limits.get("memory_max")
+        host_memory = psutil.virtual_memory().total if psutil else None
+        self._cgroup_memory = memory_max if memory_max and (host_memory is None or memory_max < host_memory) else None
+        self._base = self._cpu_sample()  # primed: the first reading measures from here, without waiting
+        self._last_cpu: float | None = None  # the last reading over a full sample window
+
+    def _cpu_sample(self) -> tuple[float, float, float, float] | None:
+        """(busy CPU-seconds, capacity CPU-seconds, this process's CPU-seconds, wall clock), or None."""
+        if self._cgroup_cpus is not None:
+            usage = _stat(self.cgroup_dir / "cpu.stat", "usage_usec")
+            if usage is None:
+                return None
+            now = _now()
+            return usage / 1e6, now * self._cgroup_cpus, _own_cpu_seconds(), now
+        if psutil is None:
+            return None
+        return (*_host_cpu_times(), _own_cpu_seconds(), _now())
+
+    def _cpu_percent(self) -> float:
+        sample, base = self._cpu_sample(), self._base
+        if sample is None or base is None:
+            self._base = sample
+            return 0.0
+        busy, capacity, own, wall = (now - then for now, then in zip(sample, base))
+        if wall < MIN_SAMPLE_WINDOW and self._last_cpu is not None:
+            return self._last_cpu
+        percent = min(100.0, max(0.0, (busy - own) / capacity * 100)) if capacity > 0 else 0.0
+        if wall >= MIN_SAMPLE_WINDOW:
+            self._base, self._last_cpu = sample, percent
+        return percent
+
+    def _memory_percent(self) -> float:
+        if self._cgroup_memory is not None:
+            used = _cgroup_memory_used(self.cgroup_dir)
+            if used is not None:
+                return min(100.0, used / self._cgroup_memory * 100)
+        return psutil.virtual_memory().percent if psutil else 0.0
+
+    def _source(self) -> str:
+        if self._cgroup_cpus is not None or self._cgroup_memory is not None:
+            return "cgroup"
+        return "psutil" if psutil else "unavailable"
+
+    def get_status(self) -> ResourceStatus:
+        fake = _fake_load()
+        if fake is not None:
+            cpu, memory = fake
+            source = FAKE_LOAD_VAR
+        else:
+            cpu, memory, source = self._cpu_percent(), self._memory_percent(), self._source()
+        healthy = cpu < self.max_cpu_percent and memory < self.max_memory_percent
+        return ResourceStatus(round(cpu, 1), round(memory, 1), healthy, source)
+
+    def get_recommended_worker_count(self, current_workers: int = 0, max_workers: int = 10) -> int:
+        """How many workers may run in total now (the caller subtracts those already running)."""
+        status = self.get_status()
+        return min(
+            recommended_workers(status.cpu_percent, self.max_cpu_percent, max_workers, current_workers),
+            recommended_workers(status.memory_percent, self.max_memory_percent, max_workers, current_workers),
+        )
+
+
+def get_system_info(cgroup_dir: Path | None = DEFAULT_CGROUP_DIR) -> dict[str, Any]:
+    """CPU count, usable CPUs (affinity and cgroup quota), memory total/available, load average, cgroup limits."""
+    limits = cgroup_limits(cgroup_dir)
+    usable: float = _affinity_cpus()
+    if limits and limits["cpus"] is not None:
+        usable = min(usable, limits["cpus"])
+    total = available = None
+    if psutil is not None:
+        memory = psutil.virtual_memory()
+        total, available = memory.total, memory.available
+    if limits and limits["memory_max"] is not None and (total is None or limits["memory_max"] < total):
+        total = limits["memory_max"]
+        used = limits["memory_current"] or 0
+        available = max(0, total - used) if available is None else min(available, max(0, total - used))
+    try:
+        load = [round(x, 2) for x in (psutil.getloadavg() if psutil else os.getloadavg())]
+    except (OSError, AttributeError):
+        load = None
+    return {
+        "cpu_count": (psutil.cpu_count() if psutil else os.cpu_count()) or 1,
+        "usable_cpus": usable,
+        "memory_total": total,
+        "memory_available": available,
+        "load_average": load,
+        "cgroup": limits,
+    }

@@ -1,0 +1,283 @@
+"""Resource monitor: the auto-scaling bands, cgroup v2 limits from a fake directory, the AIPM_FAKE_LOAD seam,
+life without psutil, real psutil readings, and `aipm resources`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import aipm.resources as resources
+from aipm.errors import SettingsError
+from aipm.resources import ResourceMonitor, cgroup_limits, get_system_info, recommended_workers
+
+MiB = 2**20
+
+
+@pytest.fixture(autouse=True)
+def no_fake_load(monkeypatch):
+    monkeypatch.delenv("AIPM_FAKE_LOAD", raising=False)
+
+
+# -- the policy --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("load,expected", [
+    (0, 10), (84, 10), (84.9, 10), (85, 7), (89.9, 7), (90, 5), (94.9, 5), (95, 2), (100, 2),
+])
+def test_bands_at_threshold_85_of_10(load, expected):
+    assert recommended_workers(load, 85, 10) == expected
+
+
+@pytest.mark.parametrize("max_workers,load,expected", [
+    (1, 100, 1), (2, 85, 1), (3, 95, 1), (4, 90, 2), (5, 85, 3), (5, 95, 1), (8, 95, 2), (20, 90, 10),
+])
+def test_rounds_down_but_never_below_one(max_workers, load, expected):
+    assert recommended_workers(load, 85, max_workers) == expected
+
+
+def test_floor_of_one_is_only_while_nothing_runs():
+    assert recommended_workers(100, 85, 3, running=0) == 1
+    assert recommended_workers(100, 85, 3, running=2) == 0
+    assert recommended_workers(100, 85, 10, running=4) == 2
+
+
+def test_other_thresholds():
+    assert recommended_workers(59, 60, 8) == 8
+    assert recommended_workers(60, 60, 8) == 6
+    assert recommended_workers(70, 60, 8) == 2
+
+
+# -- the AIPM_FAKE_LOAD seam -----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fake,healthy,count", [
+    ("10,10", True, 10), ("84.9,84.9", True, 10), ("85,10", False, 7), ("10,90", False, 5),
+    ("95,40", False, 2), ("40,99", False, 2), ("91,96", False, 2),
+])
+def test_fake_load_drives_status_and_count(monkeypatch, fake, healthy, count):
+    monkeypatch.setenv("AIPM_FAKE_LOAD", fake)
+    monitor = ResourceMonitor(85, 85, cgroup_dir=None)
+    status = monitor.get_status()
+    assert (status.cpu_percent, status.memory_percent) == tuple(float(x) for x in fake.split(","))
+    assert status.is_healthy is healthy and status.source == "AIPM_FAKE_LOAD"
+    assert monitor.get_recommended_worker_count(0, 10) == count
+
+
+def test_separate_cpu_and_memory_thresholds(monkeypatch):
+    monkeypatch.setenv("AIPM_FAKE_LOAD", "60,60")
+    assert ResourceMonitor(max_cpu_percent=50, max_memory_percent=95).get_recommended_worker_count(0, 8) == 2
+    assert ResourceMonitor(max_cpu_percent=95, max_memory_percent=58).get_recommended_worker_count(0, 8) == 6
+    assert ResourceMonitor(max_cpu_percent=95, max_memory_percent=95).get_status().is_healthy
+
+
+def test_fake_load_file_is_reread_at_every_reading(monkeypatch, tmp_path):
+    load = tmp_path / "load"
+    load.write_text("10,20\n")
+    monkeypatch.setenv("AIPM_FAKE_LOAD", str(load))
+    monitor = ResourceMonitor()
+    assert monitor.get_status().is_healthy
+    assert monitor.get_recommended_worker_count(0, 10) == 10
+    load.write_text("96,20")
+    assert not monitor.get_status().is_healthy
+    assert monitor.get_recommended_worker_count(0, 10) == 2
+    load.write_text("30,30")
+    assert monitor.get_recommended_worker_count(0, 10) == 10
+
+
+@pytest.mark.parametrize("bad", ["95", "a,b", "1,2,3", "/no/such/file"])
+def test_bad_fake_load_is_a_clear_error(monkeypatch, bad):
+    monkeypatch.setenv("AIPM_FAKE_LOAD", bad)
+    with pytest.raises(SettingsError, match="AIPM_FAKE_LOAD"):
+        ResourceMonitor().get_status()
+
+
+# -- cgroup v2 -------------------------------------------------------------------------------------------------------
+
+
+def fake_cgroup(path: Path, cpu_max="50000 100000", memory_max=str(256 * MiB), current=128 * MiB, usage=1_000_000,
+                stat: str | None = None) -> Path:
+    path.mkdir(exist_ok=True)
+    (path / "cpu.max").write_text(cpu_max + "\n")
+    (path / "memory.max").write_text(memory_max + "\n")
+    (path / "memory.current").write_text(f"{current}\n")
+    (path / "cpu.stat").write_text(f"usage_usec {usage}\nuser_usec 1\nsystem_usec 2\n")
+    if stat is not None:
+        (path / "memory.stat").write_text(stat)
+    return path
+
+
+def test_cgroup_limits_are_read(tmp_path):
+    cg = fake_cgroup(tmp_path)
+    assert cgroup_limits(cg) == {"dir": str(cg), "cpus": 0.5, "memory_max": 256 * MiB, "memory_current": 128 * MiB}
+    info = get_system_info(cg)
+    assert info["usable_cpus"] == 0.5
+    assert info["memory_total"] == 256 * MiB
+    assert info["memory_available"] == 128 * MiB
+    assert info["cgroup"]["cpus"] == 0.5
+    assert info["cpu_count"] >= 1
+
+
+def test_cgroup_memory_percent_is_current_over_max(tmp_path):
+    cg = fake_cgroup(tmp_path)
+    monitor = ResourceMonitor(cgroup_dir=cg)
+    status = monitor.get_status()
+    assert status.memory_percent == 50.0 and status.source == "cgroup"
+    (cg / "memory.current").write_text(f"{246 * MiB}\n")  # 96 %: T+10 band
+    status = monitor.get_status()
+    assert status.memory_percent == pytest.approx(96.1, abs=0.05) and not status.is_healthy
+    assert monitor.get_recommended_worker_count(0, 10) == 2
+
+
+def test_cgroup_page_cache_is_not_counted(tmp_path):
+    cg = fake_cgroup(tmp_path, current=200 * MiB, stat=f"anon 1\ninactive_file {136 * MiB}\nactive_file 5\n")
+    assert ResourceMonitor(cgroup_dir=cg).get_status().memory_percent == 25.0
+
+
+def test_cgroup_cpu_percent_is_usage_against_the_quota(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(resources, "_now", lambda: clock[0])
+    monkeypatch.setattr(resources, "_own_cpu_seconds", lambda: 7.0)
+    cg = fake_cgroup(tmp_path, usage=1_000_000)
+    monitor = ResourceMonitor(max_cpu_percent=85, cgroup_dir=cg)
+    # 1 s later, 0.25 CPU-seconds used of the 0.5 the quota allows: 50 %.
+    clock[0] += 1.0
+    (cg / "cpu.stat").write_text("usage_usec 1250000\n")
+    status = monitor.get_status()
+    assert status.cpu_percent == 50.0 and status.is_healthy
+    # The next second the cgroup uses all of its 0.5 CPU: 100 %, whatever the host's CPUs do.
+    clock[0] += 1.0
+    (cg / "cpu.stat").write_text("usage_usec 1750000\n")
+    status = monitor.get_status()
+    assert status.cpu_percent == 100.0 and not status.is_healthy
+    assert monitor.get_recommended_worker_count(0, 10) == 2
+
+
+def test_own_cpu_time_is_not_load(tmp_path, monkeypatch):
+    clock, own = [1000.0], [7.0]
+    monkeypatch.setattr(resources, "_now", lambda: clock[0])
+    monkeypatch.setattr(resources, "_own_cpu_seconds", lambda: own[0])
+    cg = fake_cgroup(tmp_path, usage=1_000_000)
+    monitor = ResourceMonitor(cgroup_dir=cg)
+    clock[0] += 1.0
+    own[0] += 0.4  # aipm itself used 0.4 of the 0.5 CPU-seconds
+    (cg / "cpu.stat").write_text("usage_usec 1500000\n")
+    assert monitor.get_status().cpu_percent == 20.0
+
+
+def test_readings_in_quick_succession_keep_the_older_baseline(tmp_path, monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(resources, "_now", lambda: clock[0])
+    monkeypatch.setattr(resources, "_own_cpu_seconds", lambda: 0.0)
+    cg = fake_cgroup(tmp_path, usage=0)
+    monitor = ResourceMonitor(cgroup_dir=cg)
+    clock[0] += 0.1
+    (cg / "cpu.stat").write_text("usage_usec 50000\n")
+    assert monitor.get_status().cpu_percent == 100.0
+    clock[0] += 0.9  # measured from the primed sample, not from the reading 0.9 s ago
+    assert monitor.get_status().cpu_percent == 10.0
+    clock[0] += 0.01  # too soon for a new window: the last full-window reading stands
+    (cg / "cpu.stat").write_text("usage_usec 60000\n")
+    assert monitor.get_status().cpu_percent == 10.0
+
+
+def test_unlimited_cgroup_falls_back_to_the_host(tmp_path):
+    cg = fake_cgroup(tmp_path, cpu_max="max 100000", memory_max="max")
+    assert cgroup_limits(cg) is None
+    assert ResourceMonitor(cgroup_dir=cg).get_status().source == "psutil"
+    assert get_system_info(cg)["cgroup"] is None
+
+
+def test_monitor_never_sleeps(monkeypatch, tmp_path):
+    def no_sleep(*_):
+        raise AssertionError("the monitor must not block")
+
+    monkeypatch.setattr(resources.time, "sleep", no_sleep)
+    for cg in (None, fake_cgroup(tmp_path)):
+        monitor = ResourceMonitor(cgroup_dir=cg)
+        monitor.get_status()
+        monitor.get_recommended_worker_count(0, 5)
+
+
+# -- real readings ---------------------------------------------------------------------------------------------------
+
+
+def test_real_psutil_smoke():
+    monitor = ResourceMonitor()
+    for _ in range(2):
+        status = monitor.get_status()
+        assert 0.0 <= status.cpu_percent <= 100.0
+        assert 0.0 < status.memory_percent <= 100.0
+        assert status.source in ("psutil", "cgroup")
+        assert status.is_healthy == (status.cpu_percent < 85 and status.memory_percent < 85)
+        assert 1 <= monitor.get_recommended_worker_count(0, 10) <= 10
+    info = get_system_info()
+    assert info["cpu_count"] >= 1 and 0 < info["usable_cpus"] <= info["cpu_count"]
+    assert info["memory_total"] > 0 and 0 <= info["memory_available"] <= info["memory_total"]
+    assert info["load_average"] is None or len(info["load_average"]) == 3
+    assert "cgroup" in info
+
+
+def test_without_psutil_launching_goes_on(tmp_path):
+    code = textwrap.dedent("""
+        import sys
+        sys.modules["psutil"] = None  # import psutil now raises ImportError
+        from aipm.resources import ResourceMonitor, get_system_info
+        m = ResourceMonitor(cgroup_dir=None)
+        s = m.get_status()
+        assert s.is_healthy and s.source == "unavailable", s
+        assert m.get_recommended_worker_count(0, 4) == 4
+        ResourceMonitor(cgroup_dir=None)
+        assert get_system_info(None)["cpu_count"] >= 1
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIPM_")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "ok"
+    warning = proc.stderr.strip().splitlines()
+    assert len(warning) == 1 and "psutil" in warning[0] and "warning" in warning[0]
+
+
+# -- aipm resources ------------------------------------------------------------------------------------------------
+
+
+def run_resources(root: Path, *args: str, env: dict[str, str] | None = None) -> dict:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AIPM_")}
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "resources", "--json", *args],
+                          capture_output=True, text=True, env={**clean, **(env or {})}, cwd=root, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_resources_command_smoke(tmp_path):
+    data = run_resources(tmp_path)
+    assert 0 <= data["cpu_percent"] <= 100 and 0 < data["memory_percent"] <= 100
+    assert data["max_cpu_percent"] == 85.0 and data["max_memory_percent"] == 85.0 and data["max_workers"] == 5
+    assert 1 <= data["recommended_workers"] <= 5 and isinstance(data["healthy"], bool)
+    system = data["system"]
+    assert system["cpu_count"] >= 1 and system["usable_cpus"] > 0 and system["memory_total"] > 0
+    assert "memory_available" in system and "load_average" in system and "cgroup" in system
+    table = subprocess.run([sys.executable, "-m", "aipm", "--root", str(tmp_path), "resources"],
+                           capture_output=True, text=True, timeout=120)
+    assert table.returncode == 0 and "CPU" in table.stdout and "may run now" in table.stdout
+
+
+def test_resources_command_follows_load_and_flags(tmp_path):
+    overloaded = {"AIPM_FAKE_LOAD": "95,40"}
+    data = run_resources(tmp_path, "--max-workers", "10", env=overloaded)
+    assert (data["cpu_percent"], data["memory_percent"], data["healthy"]) == (95.0, 40.0, False)
+    assert data["recommended_workers"] == 2
+    higher = run_resources(tmp_path, "--max-workers", "10", "--max-cpu", "96", env=overloaded)
+    assert higher["recommended_workers"] == 10 and higher["healthy"] is True
+    fixed = run_resources(tmp_path, "--max-workers", "10", "--no-auto-scaling", env=overloaded)
+    assert fixed["recommended_workers"] == 10 and fixed["healthy"] is False
+    off = run_resources(tmp_path, "--max-workers", "10", "--no-resource-monitoring", env=overloaded)
+    assert off["recommended_workers"] == 10 and off["cpu_percent"] is None and off["monitoring"] is False
+    (tmp_path / "aipm.yaml").write_text("max_workers: 4\nmax_memory_percent: 30\n")
+    assert run_resources(tmp_path, env=overloaded)["recommended_workers"] == 1

@@ -1,0 +1,251 @@
+"""Settings: precedence default < aipm.yaml (or pyproject [tool.aipm]) < environment < flags, and every bad value
+is one line on stderr and exit 2, checked through the real CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aipm.errors import SettingsError
+from aipm.settings import SETTING_NAMES, Settings, load_settings
+
+
+def aipm(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AIPM_")}
+    return subprocess.run(
+        [sys.executable, "-m", "aipm", "--root", str(root), *args],
+        capture_output=True, text=True, env={**clean, **(env or {})}, cwd=root, timeout=120,
+    )
+
+
+def effective(root: Path, *flags: str, env: dict[str, str] | None = None) -> dict:
+    proc = aipm(root, "config", "--json", *flags, env=env)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)["settings"]
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert proc.stdout == ""
+    return lines[0]
+
+
+# -- in-process: the object and the layers ---------------------------------------------------------------------
+
+
+def test_defaults_when_nothing_is_configured(tmp_path):
+    s = load_settings(tmp_path, environ={})
+    assert s == Settings()
+    assert (s.max_workers, s.max_cpu_percent, s.max_memory_percent) == (5, 85.0, 85.0)
+    assert s.enable_monitoring and s.enable_auto_scaling
+    assert (s.max_attempts, s.max_rework, s.timeout, s.orders_dir) == (1, 3, 1800, "orders")
+    assert s.worker_command == ("claude", "-p", "--model", "{model}") and s.worker_model == "sonnet"
+    assert s.review_command is None
+    assert dict(s.sources) == dict.fromkeys(SETTING_NAMES, "default")
+
+
+def test_settings_are_frozen(tmp_path):
+    s = load_settings(tmp_path, environ={})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        s.max_workers = 9  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        s.sources["max_workers"] = "x"  # type: ignore[index]
+
+
+def test_every_layer_in_order(tmp_path):
+    (tmp_path / "aipm.yaml").write_text("max_workers: 3\nmax_cpu_percent: 70\nmax_memory_percent: 60\n"
+                                        "enable_monitoring: false\n")
+    env = {"AIPM_MAX_CPU_PERCENT": "75", "AIPM_MAX_MEMORY_PERCENT": "65", "AIPM_ENABLE_MONITORING": "on"}
+    s = load_settings(tmp_path, {"max_memory_percent": 50.0, "max_workers": None}, environ=env)
+    assert (s.max_workers, s.max_cpu_percent, s.max_memory_percent, s.enable_monitoring) == (3, 75.0, 50.0, True)
+    assert s.sources["max_workers"] == "aipm.yaml"
+    assert s.sources["max_cpu_percent"] == "env AIPM_MAX_CPU_PERCENT"
+    assert s.sources["max_memory_percent"] == "flag --max-memory"
+    assert s.sources["enable_monitoring"] == "env AIPM_ENABLE_MONITORING"
+    assert s.sources["enable_auto_scaling"] == "default"
+
+
+def test_full_aipm_yaml(tmp_path):
+    (tmp_path / "aipm.yaml").write_text(
+        "max_attempts: 2\nmax_rework: 0\ntimeout: none\norders_dir: work/orders\n"
+        "worker:\n  command: \"my-agent --model '{model}' -q\"\n  model: opus\n"
+        "review:\n  command: [ruff, check, .]\n"
+    )
+    s = load_settings(tmp_path, environ={})
+    assert (s.max_attempts, s.max_rework, s.timeout, s.orders_dir) == (2, 0, None, "work/orders")
+    assert s.worker_command == ("my-agent", "--model", "{model}", "-q") and s.worker_model == "opus"
+    assert s.review_command == ("ruff", "check", ".")
+    assert s.sources["worker_command"] == "aipm.yaml"
+    (tmp_path / "aipm.yaml").write_text("timeout: null\nreview:\n  command: make lint\nworker:\n")
+    s = load_settings(tmp_path, environ={})
+    assert s.timeout is None and s.review_command == "make lint"
+
+
+@pytest.mark.parametrize("text", ["true", "TRUE", "1", "yes", "On"])
+def test_boolean_spellings_true(tmp_path, text):
+    s = load_settings(tmp_path, environ={"AIPM_ENABLE_AUTO_SCALING": text}, flags={"enable_monitoring": None})
+    assert s.enable_auto_scaling is True
+
+
+@pytest.mark.parametrize("text", ["false", "False", "0", "no", "OFF"])
+def test_boolean_spellings_false(tmp_path, text):
+    s = load_settings(tmp_path, environ={"AIPM_ENABLE_AUTO_SCALING": text})
+    assert s.enable_auto_scaling is False
+
+
+def test_empty_aipm_yaml_is_fine(tmp_path):
+    (tmp_path / "aipm.yaml").write_text("# nothing set yet\n")
+    assert load_settings(tmp_path, environ={}) == Settings()
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="pyproject settings need tomllib (3.11+)")
+def test_pyproject_is_read_only_without_aipm_yaml(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.aipm]\nmax_workers = 7\ntimeout = "none"\n'
+                                             '[tool.aipm.worker]\nmodel = "haiku"\n')
+    s = load_settings(tmp_path, environ={})
+    assert (s.max_workers, s.timeout, s.worker_model) == (7, None, "haiku")
+    assert s.sources["max_workers"] == "pyproject.toml [tool.aipm]"
+    (tmp_path / "aipm.yaml").write_text("max_attempts: 2\n")
+    s = load_settings(tmp_path, environ={})
+    assert (s.max_workers, s.max_attempts) == (5, 2)
+
+
+def test_error_is_settings_error_in_process(tmp_path):
+    with pytest.raises(SettingsError, match=r"^AIPM_MAX_WORKERS: 'abc' is not a positive integer$"):
+        load_settings(tmp_path, environ={"AIPM_MAX_WORKERS": "abc"})
+
+
+# -- through the CLI ---------------------------------------------------------------------------------------------
+
+
+def test_precedence_through_the_cli(tmp_path):
+    s = effective(tmp_path)
+    assert s["max_workers"] == {"value": 5, "source": "default"}
+    (tmp_path / "aipm.yaml").write_text("max_workers: 3\nenable_auto_scaling: false\n")
+    s = effective(tmp_path)
+    assert s["max_workers"] == {"value": 3, "source": "aipm.yaml"}
+    assert s["enable_auto_scaling"] == {"value": False, "source": "aipm.yaml"}
+    env = {"AIPM_MAX_WORKERS": "4", "AIPM_ENABLE_AUTO_SCALING": "yes", "AIPM_MAX_CPU_PERCENT": "70"}
+    s = effective(tmp_path, env=env)
+    assert s["max_workers"] == {"value": 4, "source": "env AIPM_MAX_WORKERS"}
+    assert s["enable_auto_scaling"] == {"value": True, "source": "env AIPM_ENABLE_AUTO_SCALING"}
+    s = effective(tmp_path, "--max-workers", "6", "--max-cpu", "60", "--max-memory", "55",
+                  "--no-resource-monitoring", "--no-auto-scaling", env=env)
+    assert s["max_workers"] == {"value": 6, "source": "flag --max-workers"}
+    assert s["max_cpu_percent"] == {"value": 60.0, "source": "flag --max-cpu"}
+    assert s["max_memory_percent"] == {"value": 55.0, "source": "flag --max-memory"}
+    assert s["enable_monitoring"] == {"value": False, "source": "flag --no-resource-monitoring"}
+    assert s["enable_auto_scaling"] == {"value": False, "source": "flag --no-auto-scaling"}
+
+
+def test_config_table_names_sources(tmp_path):
+    (tmp_path / "aipm.yaml").write_text("max_workers: 3\n")
+    proc = aipm(tmp_path, "config", env={"AIPM_MAX_MEMORY_PERCENT": "70"})
+    assert proc.returncode == 0, proc.stderr
+    for text in ("max_workers", "aipm.yaml", "env AIPM_MAX_MEMORY_PERCENT", "worker.command", "default"):
+        assert text in proc.stdout
+
+
+BAD_ENV = [
+    ("AIPM_MAX_WORKERS", "abc"), ("AIPM_MAX_WORKERS", "0"), ("AIPM_MAX_WORKERS", "-1"), ("AIPM_MAX_WORKERS", "2.5"),
+    ("AIPM_MAX_CPU_PERCENT", "0"), ("AIPM_MAX_CPU_PERCENT", "101"), ("AIPM_MAX_CPU_PERCENT", "-5"),
+    ("AIPM_MAX_CPU_PERCENT", "nan"), ("AIPM_MAX_MEMORY_PERCENT", "150"), ("AIPM_MAX_MEMORY_PERCENT", "lots"),
+    ("AIPM_ENABLE_MONITORING", "maybe"), ("AIPM_ENABLE_AUTO_SCALING", "2"),
+]
+
+
+@pytest.mark.parametrize("var,value", BAD_ENV)
+def test_bad_environment_value(tmp_path, var, value):
+    line = assert_one_line_error(aipm(tmp_path, "config", "--json", env={var: value}), var, repr(value))
+    if var == "AIPM_MAX_WORKERS" and value == "abc":
+        assert line.endswith("AIPM_MAX_WORKERS: 'abc' is not a positive integer")
+
+
+BAD_FLAGS = [
+    (("--max-workers", "0"), "--max-workers"), (("--max-workers", "-1"), "--max-workers"),
+    (("--max-cpu", "150"), "--max-cpu"), (("--max-cpu", "0"), "--max-cpu"), (("--max-memory", "100.5"), "--max-memory"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD_FLAGS)
+def test_bad_flag_value(tmp_path, args, flag):
+    assert_one_line_error(aipm(tmp_path, "config", "--json", *args), flag)
+
+
+def test_flag_of_wrong_type_is_a_usage_error(tmp_path):
+    proc = aipm(tmp_path, "config", "--max-workers", "abc")
+    assert proc.returncode == 2 and "--max-workers" in proc.stderr and "Traceback" not in proc.stderr
+
+
+BAD_YAML = [
+    ("max_workers: abc\n", "max_workers"),
+    ("max_workers: 0\n", "max_workers"),
+    ("max_workers: true\n", "max_workers"),
+    ("max_workers: [1, 2]\n", "max_workers"),
+    ("max_cpu_percent: 120\n", "max_cpu_percent"),
+    ("max_memory_percent: 0\n", "max_memory_percent"),
+    ("enable_monitoring: maybe\n", "enable_monitoring"),
+    ("enable_auto_scaling: 3\n", "enable_auto_scaling"),
+    ("max_attempts: 0\n", "max_attempts"),
+    ("max_rework: -1\n", "max_rework"),
+    ("timeout: -5\n", "timeout"),
+    ("timeout: soon\n", "timeout"),
+    ("orders_dir: ''\n", "orders_dir"),
+    ("worker: 5\n", "worker"),
+    ("worker:\n  command: []\n", "worker.command"),
+    ("worker:\n  command: [claude, 5]\n", "worker.command"),
+    ("worker:\n  command: \"unclosed 'quote\"\n", "worker.command"),
+    ("worker:\n  model: 7\n", "worker.model"),
+    ("review:\n  command: 5\n", "review.command"),
+    ("- max_workers\n", "expected a mapping"),
+]
+
+
+@pytest.mark.parametrize("text,setting", BAD_YAML)
+def test_bad_aipm_yaml_value(tmp_path, text, setting):
+    (tmp_path / "aipm.yaml").write_text(text)
+    assert_one_line_error(aipm(tmp_path, "config", "--json"), str(tmp_path / "aipm.yaml"), setting)
+
+
+def test_unknown_key_suggests_the_right_one(tmp_path):
+    (tmp_path / "aipm.yaml").write_text("max_worker: 3\n")
+    assert_one_line_error(aipm(tmp_path, "config", "--json"), "max_worker", "did you mean 'max_workers'")
+    (tmp_path / "aipm.yaml").write_text("worker:\n  comand: [x]\n")
+    assert_one_line_error(aipm(tmp_path, "config", "--json"), "worker.comand", "did you mean 'worker.command'")
+    (tmp_path / "aipm.yaml").write_text("zzz: 1\n")
+    assert_one_line_error(aipm(tmp_path, "config", "--json"), "zzz", "unknown setting", "max_workers")
+
+
+def test_broken_yaml_names_line_and_column(tmp_path):
+    (tmp_path / "aipm.yaml").write_text("max_workers: 3\nworker:\n  command: [claude,\n")
+    line = assert_one_line_error(aipm(tmp_path, "config", "--json"), "invalid YAML")
+    assert f"{tmp_path / 'aipm.yaml'}:4:1:" in line
+    (tmp_path / "aipm.yaml").write_text("max_workers: 3\n  bad: indent\n")
+    line = assert_one_line_error(aipm(tmp_path, "config", "--json"), "invalid YAML")
+    assert f"{tmp_path / 'aipm.yaml'}:2:" in line
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="pyproject settings need tomllib (3.11+)")
+def test_bad_pyproject(tmp_path):
+    (tmp_path / "pyproject.toml").write_text("[tool.aipm]\nmax_workers = 0\n")
+    assert_one_line_error(aipm(tmp_path, "config", "--json"), "pyproject.toml", "max_workers")
+    (tmp_path / "pyproject.toml").write_text("[tool.aipm]\nmax_wrkers = 2\n")
+    assert_one_line_error(aipm(tmp_path, "config", "--json"), "did you mean 'max_workers'")
+    (tmp_path / "pyproject.toml").write_text("[tool.aipm\n")
+    assert_one_line_error(aipm(tmp_path, "config", "--json"), "pyproject.toml", "invalid TOML")
+
+
+def test_bad_setting_stops_resources_too(tmp_path):
+    assert_one_line_error(aipm(tmp_path, "resources", "--json", env={"AIPM_MAX_MEMORY_PERCENT": "0"}),
+                          "AIPM_MAX_MEMORY_PERCENT")
