@@ -1,0 +1,134 @@
+#!/usr/bin/env python3
+"""detect_scale: how `aipm detect ORDER --json` scales with the size of an order (issue 3, item 7).
+
+Generates orders of 1k, 10k and 100k tasks (random dependencies within a window of 50 earlier tasks, 1-4 target
+files each: mostly files, some directories, a few globs; the first 40 % DONE, a handful IN_PROGRESS with no
+worker, i.e. stale and holding their files) and times `aipm detect ORDER --json` as a whole process
+(interpreter start, loading every file, planning, JSON out): best of 3, 100k once.
+
+Peer (reference): `ninja -n` on a build.ninja with the same graph (one edge per task, its dependencies as
+order-only inputs): parse + plan without running. Also shown: `aipm --help`, the fixed start-up floor.
+
+Targets: 10k tasks < 1 s, 100k < 10 s.
+
+    python benchmarks/detect_scale.py            # 1k, 10k, 100k
+    BENCH_SIZES=1000,10000 python benchmarks/detect_scale.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import _common as C
+
+WINDOW = 50
+TARGETS = {10_000: 1.0, 100_000: 10.0}
+
+
+def generate(root: Path, n: int, seed: int = 1) -> Path:
+    rng = random.Random(seed)
+    odir = C.make_project(root, "SCALE", max_workers=5)
+    width = len(str(n))
+    ids = [f"T{i:0{width}d}" for i in range(n)]
+    files_pool = max(50, n // 2)
+    done_upto = int(n * 0.4)
+    stale = set(rng.sample(range(done_upto, n), 5))
+    ninja = ["rule touch", "  command = true", ""]
+    for i, tid in enumerate(ids):
+        lo = max(0, i - WINDOW)
+        k = rng.choice((0, 1, 1, 2, 2, 3)) if i else 0
+        deps = sorted({ids[rng.randrange(lo, i)] for _ in range(k)}) if i else []
+        targets = []
+        for _ in range(rng.randint(1, 4)):
+            r = rng.random()
+            a = rng.randrange(files_pool)
+            if r < 0.90:
+                targets.append(f"src/pkg{a % 97}/mod{a}.py")
+            elif r < 0.98:
+                targets.append(f"docs/sec{a % 997}/")
+            else:
+                targets.append(f"tests/t{a % 89}/**/test_{a % 13}*.py")
+        status = "DONE" if i < done_upto else ("IN_PROGRESS" if i in stale else None)
+        text = C.task_text(tid, "true", deps, targets, status=status)
+        with open(odir / f"{tid}.yaml", "w") as fh:
+            fh.write(text)
+        dep_part = (" || " + " ".join(f"o/{d}" for d in deps)) if deps else ""
+        ninja.append(f"build o/{tid}: touch{dep_part}")
+    (root / "build.ninja").write_text("\n".join(ninja) + "\n")
+    return odir
+
+
+def best_of(cmd: list[str], cwd: Path, repeat: int, check_json: int | None = None) -> tuple[float, int]:
+    times = []
+    rc = 0
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        times.append(time.perf_counter() - t0)
+        rc = proc.returncode
+        if rc != 0:
+            sys.stderr.write(proc.stderr.decode(errors="replace")[-2000:])
+            break
+        if check_json is not None:
+            data = json.loads(proc.stdout)
+            seen = len(data["launchable"]) + len(data["blocked"])
+            if seen != check_json:
+                print(f"  ! detect reported {seen} tasks, expected {check_json}")
+    return min(times), rc
+
+
+def main() -> int:
+    C.require_aipm()
+    have_ninja = C.shutil.which("ninja") is not None
+    if not have_ninja:
+        print(f"note: ninja not found, the peer column is left out (install: {C.INSTALL_HINT})")
+    sizes = [int(s) for s in os.environ.get("BENCH_SIZES", "1000,10000,100000").split(",")]
+    aipm = C.aipm_cmd()
+    print(f"detect_scale · {C.machine()}")
+    work = C.temp_dir("detect")
+    rows = []
+    ok = True
+    try:
+        floor, _ = best_of(aipm + ["--help"], work, 3)
+        for n in sizes:
+            root = work / f"n{n}"
+            t0 = time.perf_counter()
+            generate(root, n)
+            gen = time.perf_counter() - t0
+            repeat = 1 if n >= 100_000 else 3
+            t_aipm, rc = best_of(aipm + ["--root", str(root), "detect", "SCALE", "--json"], root, repeat, check_json=n)
+            if rc != 0:
+                print(f"aipm detect failed on {n} tasks (exit {rc})")
+                ok = False
+                continue
+            t_ninja = None
+            if have_ninja:
+                t_ninja, nrc = best_of(["ninja", "-n"], root, repeat)
+                if nrc != 0:
+                    t_ninja = None
+            target = TARGETS.get(n)
+            verdict = "-" if target is None else ("ok" if t_aipm < target else f"MISS by {t_aipm - target:.2f} s")
+            rows.append([
+                f"{n:,}", f"{gen:.1f}", f"{t_aipm:.3f}", f"{t_aipm / n * 1e6:.0f}",
+                "-" if t_ninja is None else f"{t_ninja:.3f}",
+                "-" if t_ninja is None else f"{t_aipm / t_ninja:.1f}x",
+                "-" if target is None else f"< {target:g}", verdict,
+            ])
+            C.keep_or_remove(root)
+        print(f"aipm --help (start-up floor): {floor:.3f} s")
+        print(C.table(
+            ["tasks", "gen s", "aipm detect s", "µs/task", "ninja -n s", "aipm/ninja", "target s", "verdict"], rows
+        ))
+    finally:
+        C.keep_or_remove(work)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
