@@ -303,6 +303,9 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
                                          recover=recover)
             recover = False
             order = report.order
+            for problem in view.problems:
+                emit({"event": "invalid_file", "error": problem})
+            view.problems.clear()
             for item in report.failed:
                 emit({"event": "launch_failed", "task": item["id"], "error": item["error"]})
             if detach_others:

@@ -13,6 +13,7 @@ from pathlib import Path
 from aipm.inotify import DirWatch
 from aipm.model import Order, Task
 from aipm.plan import ranked
+from aipm.errors import ValidationError
 from aipm.store import ORDER_FILE, check_links, load_order, load_task, task_files
 
 
@@ -24,6 +25,7 @@ class OrderView:
         self.watch = DirWatch.open(str(self.dir)) if watch else None
         self._stats = {t.path: _stat(t.path) for t in self.order.tasks.values()}
         self._ordering: list[str] | None = None
+        self.problems: list[str] = []  # changed files that did not validate, for the caller to report
 
     @property
     def fd(self) -> int | None:
@@ -33,9 +35,14 @@ class OrderView:
         """Bring the view up to date with the directory; raise ValidationError if a changed file is bad."""
         if self.watch is not None:
             names = {n for n in self.watch.changed() if n.endswith(".yaml") and not n.startswith(".")}
-            if ORDER_FILE in names:
-                self.__init__(self.dir, self.root, watch=False)  # rare: re-read everything
-                self.watch = DirWatch.open(str(self.dir))
+            if ORDER_FILE in names:  # rare: re-read everything, keeping the watch
+                try:
+                    self.order = load_order(self.dir, self.root)
+                except ValidationError as exc:
+                    self.problems.append(str(exc))
+                    return self.order
+                self._stats = {t.path: _stat(t.path) for t in self.order.tasks.values()}
+                self._ordering = None
                 return self.order
             paths = {str(self.dir / n) for n in names}
         else:
@@ -43,7 +50,12 @@ class OrderView:
             paths = {p for p in current | set(self._stats) if _stat(p) != self._stats.get(p)}
         for path in paths:
             if _stat(path) != self._stats.get(path) or path not in self._stats:
-                self.reload(path)
+                try:
+                    self.reload(path)
+                except ValidationError as exc:
+                    # A file being edited mid-run: keep the last good version, say why, and retry on its next change.
+                    self._stats[path] = _stat(path)
+                    self.problems.append(str(exc))
         return self.order
 
     def reload(self, path: str) -> None:

@@ -41,7 +41,9 @@ def test_run_defers_under_load_and_resumes_when_it_falls(project):
     statuses = task_statuses(order)
     assert sorted(statuses.values()) == ["IN_PROGRESS", "QUEUED", "QUEUED", "QUEUED"]
     assert len(live_workers(project)) == 1
-    load.write_text("10,20")
+    tmp = load.with_suffix(".tmp")
+    tmp.write_text("10,20")
+    tmp.replace(load)  # atomically: the monitor re-reads this file at every reading
     wait_for(lambda: len(spans(journal)) == 4, timeout=30)
     gate.touch()
     assert proc.wait(timeout=60) == 0

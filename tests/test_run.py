@@ -2,6 +2,7 @@
 
 import json
 import signal
+import threading
 import subprocess
 import sys
 
@@ -142,3 +143,24 @@ def test_no_review_flag_gives_done(project):
     write_task(order, "T", command="true", review="false")
     assert project.aipm("run", "ORD", "--no-review", "--no-resource-monitoring").returncode == 0
     assert task_statuses(order) == {"T": "DONE"}
+
+
+def test_a_broken_edit_mid_run_is_reported_and_ignored(project):
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "FIRST", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    write_task(order, "SECOND", command="true", depends_on=["FIRST"])
+    proc = start_run(project, "ORD", "--json")
+    events: list[dict] = []
+    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in proc.stdout), daemon=True)
+    reader.start()
+    wait_for(lambda: task_statuses(order)["FIRST"] == "IN_PROGRESS")
+    second = order / "SECOND.yaml"
+    good = second.read_text()
+    second.write_text(good + "colour: red\n")  # a mistake, saved mid-run
+    wait_for(lambda: any(e["event"] == "invalid_file" and "colour" in e["error"] for e in events))
+    second.write_text(good)  # fixed
+    gate.touch()
+    assert proc.wait(timeout=60) == 0
+    reader.join(timeout=10)
+    assert task_statuses(order) == {"FIRST": "DONE", "SECOND": "DONE"}

@@ -30,6 +30,8 @@ def plain_line(event: dict) -> str:
         return f"defer    {', '.join(event['tasks'])}: {event['detail']}"
     if kind == "launch_failed":
         return f"failed   {task}: {event['error']}"
+    if kind == "invalid_file":
+        return f"ignored  {event['error']} (keeping the last valid version)"
     if kind == "interrupted":
         return f"stopped  by signal; re-queued: {', '.join(event['requeued']) or 'none'}"
     return json.dumps(event)
@@ -66,7 +68,7 @@ class Display:
             self.recent.appendleft(plain_line(event))
         elif kind == "deferred":
             self.note = plain_line(event)
-        elif kind in ("launch_failed", "interrupted"):
+        elif kind in ("launch_failed", "interrupted", "invalid_file"):
             self.recent.appendleft(plain_line(event))
         self.live.update(self._render())
 
