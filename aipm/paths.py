@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import stat
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -61,23 +62,31 @@ def normalize(raw: str, root: str | None = None) -> Target:
     is_glob = any(c in GLOB_CHARS for c in norm)
     if root is not None and not is_glob and norm:
         full = os.path.join(root, norm)
-        if os.path.islink(full) or _has_symlink_parent(root, norm):
+        try:
+            mode = os.lstat(full).st_mode  # one call answers both "symlink?" and "directory?"
+        except OSError:
+            mode = 0
+        if stat.S_ISLNK(mode) or _has_symlink_parent(root, norm):
             real_root = os.path.realpath(root)
             real = os.path.realpath(full)
             if real != real_root and not real.startswith(real_root + os.sep):
                 raise PathError(f"{raw!r} is a symlink that leads outside the project root")
-        if not is_dir and os.path.isdir(full):
+            mode = os.stat(full).st_mode if os.path.exists(full) else 0
+        if not is_dir and stat.S_ISDIR(mode):
             is_dir = True
     return Target(norm, is_dir, is_glob)
 
 
 def _has_symlink_parent(root: str, norm: str) -> bool:
+    """Whether a directory above `norm` is a symlink."""
     parent = posixpath.dirname(norm)
-    while parent:
-        if os.path.islink(os.path.join(root, parent)):
-            return True
-        parent = posixpath.dirname(parent)
-    return False
+    return bool(parent) and _dir_has_symlink(root, parent)
+
+
+@lru_cache(maxsize=65536)
+def _dir_has_symlink(root: str, directory: str) -> bool:
+    """Cached per directory: thousands of targets share a few directories."""
+    return os.path.islink(os.path.join(root, directory)) or _has_symlink_parent(root, directory)
 
 
 def overlaps(a: Target, b: Target) -> bool:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import difflib
+import gc
 import os
 import re
 import tempfile
@@ -35,22 +36,55 @@ TASK_KEYS = (
 ORDER_KEYS = ("id", "title", "description")
 
 
-class _UniqueKeyLoader(Loader):  # type: ignore[misc,valid-type]
-    """Refuses duplicate keys: with two `status:` lines the writer could not know which one to change."""
-
-    def construct_mapping(self, node, deep=False):
-        seen = set()
-        for key_node, _ in node.value:
-            key = key_node.value
-            if key in seen:
-                raise _DuplicateKey(key, key_node.start_mark)
-            seen.add(key)
-        return super().construct_mapping(node, deep)
+_STR = "tag:yaml.org,2002:str"
+_SEQ = "tag:yaml.org,2002:seq"
+_MAP = "tag:yaml.org,2002:map"
 
 
-_UniqueKeyLoader.add_constructor(
-    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _UniqueKeyLoader.construct_mapping
-)
+def _load_yaml(text: str) -> Any:
+    """Parse with libyaml, then build plain data from the node tree ourselves.
+
+    PyYAML's constructor is Python code per node and dominates loading large orders; plain strings, lists and
+    maps are built here directly, every other scalar (int, bool, null, timestamp) by the safe constructor, and
+    any other tag is refused by it. Nodes are memoised, so aliases are shared, never expanded (alias bombs).
+    Duplicate keys are refused: with two `status:` lines the writer could not know which one to change.
+    """
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        memo: dict[int, Any] = {}
+
+        def build(n: Any) -> Any:
+            if type(n) is yaml.ScalarNode:  # the common case first: no memo needed, scalars are immutable
+                return n.value if n.tag == _STR else loader.construct_object(n, deep=True)
+            hit = memo.get(id(n))
+            if hit is not None:
+                return hit
+            if n.tag == _SEQ and type(n) is yaml.SequenceNode:
+                value = memo[id(n)] = []
+                for item in n.value:
+                    value.append(item.value if item.tag == _STR and type(item) is yaml.ScalarNode else build(item))
+            elif n.tag == _MAP and type(n) is yaml.MappingNode and not any(
+                k.tag == "tag:yaml.org,2002:merge" for k, _ in n.value
+            ):
+                value = memo[id(n)] = {}
+                for key_node, value_node in n.value:
+                    key = build(key_node)
+                    if isinstance(key, (list, dict)):
+                        raise yaml.constructor.ConstructorError(
+                            None, None, "a key must be a plain value", key_node.start_mark)
+                    if key in value:
+                        raise _DuplicateKey(key, key_node.start_mark)
+                    value[key] = build(value_node)
+            else:
+                value = memo[id(n)] = loader.construct_object(n, deep=True)
+            return value
+
+        return build(node)
+    finally:
+        loader.dispose()
 
 
 class _DuplicateKey(Exception):
@@ -76,7 +110,7 @@ def read_text(path: Path) -> str:
 def parse_mapping(path: Path, text: str) -> dict[str, Any]:
     """Parse YAML text into a mapping, turning every parser complaint into one ValidationError line."""
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        data = _load_yaml(text)
     except _DuplicateKey as exc:
         raise ValidationError(
             str(path), exc.key, f"appears twice (line {exc.mark.line + 1}); keep one"
@@ -224,10 +258,11 @@ def load_task(path: Path, root: Path | None = None) -> Task:
 
 def task_files(order_dir: Path) -> list[Path]:
     with os.scandir(order_dir) as entries:
-        return sorted(
-            Path(e.path) for e in entries
+        names = sorted(
+            e.name for e in entries
             if e.name.endswith(".yaml") and e.name != ORDER_FILE and not e.name.startswith(".") and e.is_file()
         )
+    return [order_dir / name for name in names]
 
 
 def load_order(order_dir: Path, root: Path | None = None) -> Order:
@@ -245,9 +280,16 @@ def load_order(order_dir: Path, root: Path | None = None) -> Order:
         title = _str(meta, data, "title") or ""
         _str(meta, data, "description")
     order = Order(id=order_id, path=str(order_dir), title=title)
-    for path in task_files(order_dir):
-        task = load_task(path, root)
-        order.tasks[task.id] = task
+    # Loading allocates many small objects that all stay alive: the cyclic GC would only rescan them.
+    gc_was_on = gc.isenabled()
+    gc.disable()
+    try:
+        for path in task_files(order_dir):
+            task = load_task(path, root)
+            order.tasks[task.id] = task
+    finally:
+        if gc_was_on:
+            gc.enable()
     check_links(order)
     return order
 

@@ -15,16 +15,16 @@ from aipm.plan import all_reasons, plan
 from aipm.project import Project, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
-from aipm.view import OrderView
+from aipm.store import load_order
 
 
 def _plan(order_dir: Path, root: Path, max_workers: int | None):
     settings = load_settings(root, {"max_workers": max_workers})
     launcher = Launcher(Project(root, settings.orders_dir), settings, monitor=None)
-    view = OrderView(order_dir, root, watch=False)
-    busy, live, count = launcher.holders(view.order, Runtime(root).records())
+    order = load_order(order_dir, root)
+    busy, live, count = launcher.holders(order, Runtime(root).records())
     free = max(0, settings.max_workers - count)
-    return view.order, plan(view.order, busy, live, free, view.ordering()), free, busy
+    return order, plan(order, busy, live, free), free, busy
 
 
 @app.command()
