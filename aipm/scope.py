@@ -1,0 +1,161 @@
+"""Scope audit: did a worker write only inside its target files?
+
+Before a worker starts, `snapshot(root)` records every dirty or untracked path of the git work tree (one
+`git status` call) with a cheap fingerprint (size, mtime_ns). When the worker ends, a second snapshot is taken and
+`changed(before, after)` gives the paths that appeared, disappeared (reverted to clean or deleted) or whose
+fingerprint moved, so a file that was already dirty and was written again is seen too. `out_of_scope(paths,
+allowed)` names the ones no allowed target covers; a non-empty answer fails the review with those paths named.
+
+Limits, by design: files ignored by git are invisible (build output, caches, the runtime directory `.aipm/`, which
+is also skipped explicitly); a file written and restored to its exact prior state between snapshots is not seen.
+
+Concurrency: other workers run in the same tree at the same time, and their writes show up in the same
+`git status`. The caller therefore passes as `allowed` the task's own targets plus the targets of every task that
+was running at any moment between the two snapshots. Target locks guarantee those sets do not overlap, so a write
+they cover is someone's legitimate work; a write that none covers is out of scope for every task that ran, and is
+charged to the task being audited (or to a human editing the tree meanwhile: the finding names the paths, so
+that is easy to tell apart).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from collections.abc import Iterable
+from pathlib import Path
+
+from aipm.paths import PathError, Target, normalize, overlaps
+
+RUNTIME_DIR = ".aipm"
+
+Fingerprint = tuple[int, int] | None  # (size, mtime_ns) of the path, or None when it no longer exists
+Snapshot = dict[str, Fingerprint]  # path relative to the root, "/"-separated → fingerprint
+
+
+def snapshot(root: Path) -> Snapshot | None:
+    """Dirty and untracked paths under `root` with their fingerprints; None outside a git work tree or without git."""
+    root = Path(root)
+    prefix = _prefix(str(root.resolve()))
+    if prefix is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["git", "--no-optional-locks", "status", "--porcelain=v1", "-z", "--untracked-files=all",
+             "--no-renames", "--", "."],
+            cwd=root, capture_output=True, check=True, env=_git_env(),
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    snap: Snapshot = {}
+    for path in _paths(out.decode("utf-8", "surrogateescape")):
+        if not path.startswith(prefix):
+            continue
+        rel = path[len(prefix):].rstrip("/")
+        if not rel or rel == RUNTIME_DIR or rel.startswith(RUNTIME_DIR + "/"):
+            continue
+        snap[rel] = _fingerprint(root / rel)
+    return snap
+
+
+def changed(before: Snapshot, after: Snapshot) -> set[str]:
+    """Paths that appeared, disappeared, or whose fingerprint differs between the two snapshots."""
+    return {p for p in before.keys() | after.keys()
+            if p not in before or p not in after or _fp(before[p]) != _fp(after[p])}
+
+
+def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:
+    """Sorted paths that no allowed target (file, directory or glob) covers.
+
+    A str target is read as `str(Target)` writes it (Record.targets): a directory ends in "/".
+    """
+    targets = [normalize(t) if isinstance(t, str) else t for t in allowed]
+    bad = []
+    for p in paths:
+        try:
+            # A changed path is a literal file name, even if it contains `*`, `?` or `[`.
+            target = Target(normalize(p).path, False, False)
+        except PathError:
+            bad.append(p)
+            continue
+        if not any(overlaps(target, t) for t in targets):
+            bad.append(p)
+    return sorted(bad)
+
+
+def save(snap: Snapshot, path: Path) -> None:
+    """Write a snapshot as JSON (so an owner that adopts a worker can still audit it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(snap, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def load(path: Path) -> Snapshot | None:
+    """A snapshot written by save(), or None when it is missing or unreadable."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    return {str(k): _fp(v) for k, v in data.items()} if isinstance(data, dict) else None
+
+
+# -- helpers ----------------------------------------------------------------------------------------------
+
+
+_PREFIXES: dict[str, str] = {}  # only positive answers are kept: a directory may become a repository later
+
+
+def _prefix(root: str) -> str | None:
+    """The root's path inside its work tree ("" at the top, else "sub/dir/"); None when not in a work tree."""
+    if root in _PREFIXES:
+        return _PREFIXES[root]
+    if shutil.which("git") is None:
+        return None
+    try:
+        res = subprocess.run(["git", "rev-parse", "--is-inside-work-tree", "--show-prefix"], cwd=root,
+                             capture_output=True, text=True, env=_git_env())
+    except OSError:
+        return None
+    lines = res.stdout.splitlines()
+    if res.returncode != 0 or not lines or lines[0] != "true":
+        return None
+    _PREFIXES[root] = lines[1] if len(lines) > 1 else ""
+    return _PREFIXES[root]
+
+
+def _git_env() -> dict[str, str]:
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C")
+    for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        env.pop(key, None)  # audit the tree at root, whatever the caller's git hooks exported
+    return env
+
+
+def _paths(out: str) -> Iterable[str]:
+    """Paths of `git status --porcelain=v1 -z` records; a rename or copy yields both its paths."""
+    fields = out.split("\0")
+    i = 0
+    while i < len(fields):
+        entry = fields[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        yield entry[3:]
+        if entry[0] in "RC":  # the source path follows as its own field
+            if i < len(fields) and fields[i]:
+                yield fields[i]
+            i += 1
+
+
+def _fingerprint(path: Path) -> Fingerprint:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+def _fp(value: object) -> Fingerprint:
+    return tuple(value) if isinstance(value, (list, tuple)) else None  # type: ignore[return-value]

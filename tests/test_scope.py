@@ -1,0 +1,189 @@
+"""Scope audit (issue 8 item 3): git status before/after a worker, compared with its target files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from aipm.paths import normalize
+from aipm.scope import changed, load, out_of_scope, save, snapshot
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+
+def git(root: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=root, check=True, capture_output=True)
+
+
+@pytest.fixture
+def repo(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    root = tmp_path / "repo"
+    root.mkdir()
+    git(root, "init", "-q")
+    git(root, "config", "user.email", "t@example.com")
+    git(root, "config", "user.name", "t")
+    (root / "src").mkdir()
+    (root / "src" / "a.py").write_text("a = 1\n")
+    (root / "README.md").write_text("hello\n")
+    (root / "tests").mkdir()
+    (root / "tests" / "test_a.py").write_text("def test(): pass\n")
+    git(root, "add", ".")
+    git(root, "commit", "-q", "-m", "init")
+    return root
+
+
+def targets(*raw: str, root: Path | None = None):
+    return [normalize(r, str(root) if root else None) for r in raw]
+
+
+def bump(path: Path, text: str) -> None:
+    """Rewrite `path` and push its mtime forward, so the change is visible even on a coarse-clock filesystem."""
+    st = path.stat()
+    path.write_text(text)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+
+
+def test_clean_repo_has_no_changes(repo):
+    before = snapshot(repo)
+    assert before == {}
+    assert changed(before, snapshot(repo)) == set()
+
+
+def test_new_untracked_file_inside_a_target_dir_is_covered(repo):
+    before = snapshot(repo)
+    (repo / "src" / "pkg").mkdir()
+    (repo / "src" / "pkg" / "new.py").write_text("x = 1\n")
+    paths = changed(before, snapshot(repo))
+    assert paths == {"src/pkg/new.py"}  # every untracked file, not just its directory
+    assert out_of_scope(paths, targets("src/")) == []
+    assert out_of_scope(paths, targets("src/a.py")) == ["src/pkg/new.py"]
+
+
+def test_write_outside_targets_is_named(repo):
+    before = snapshot(repo)
+    (repo / "src" / "a.py").write_text("a = 2\n")
+    (repo / "README.md").write_text("changed\n")
+    (repo / "stray.txt").write_text("oops\n")
+    paths = changed(before, snapshot(repo))
+    assert paths == {"src/a.py", "README.md", "stray.txt"}
+    assert out_of_scope(paths, targets("src/a.py")) == ["README.md", "stray.txt"]
+    assert out_of_scope(paths, []) == ["README.md", "src/a.py", "stray.txt"]
+
+
+def test_file_dirty_before_and_modified_again_is_seen(repo):
+    (repo / "README.md").write_text("dirty before the worker\n")
+    before = snapshot(repo)
+    assert set(before) == {"README.md"}
+    assert changed(before, snapshot(repo)) == set()  # untouched since: not charged to the worker
+    bump(repo / "README.md", "dirty before the worker, and written again\n")
+    paths = changed(before, snapshot(repo))
+    assert paths == {"README.md"}
+    assert out_of_scope(paths, targets("src/")) == ["README.md"]
+
+
+def test_same_size_rewrite_is_seen_by_mtime(repo):
+    (repo / "README.md").write_text("aaaa\n")
+    before = snapshot(repo)
+    bump(repo / "README.md", "bbbb\n")
+    assert changed(before, snapshot(repo)) == {"README.md"}
+
+
+def test_deleted_file_is_changed(repo):
+    before = snapshot(repo)
+    (repo / "README.md").unlink()
+    after = snapshot(repo)
+    assert after == {"README.md": None}
+    assert changed(before, after) == {"README.md"}
+    assert out_of_scope({"README.md"}, targets("src/")) == ["README.md"]
+
+
+def test_file_reverted_to_clean_is_changed(repo):
+    (repo / "README.md").write_text("dirty\n")
+    before = snapshot(repo)
+    git(repo, "checkout", "--", "README.md")
+    assert changed(before, snapshot(repo)) == {"README.md"}
+
+
+def test_rename_names_both_paths(repo):
+    before = snapshot(repo)
+    git(repo, "mv", "README.md", "docs.md")
+    paths = changed(before, snapshot(repo))
+    assert paths == {"README.md", "docs.md"}
+    assert out_of_scope(paths, targets("docs.md")) == ["README.md"]
+
+
+def test_runtime_dir_is_ignored(repo):
+    before = snapshot(repo)
+    (repo / ".aipm" / "logs").mkdir(parents=True)
+    (repo / ".aipm" / "logs" / "T.1.log").write_text("log\n")
+    (repo / ".aipm" / "records.json").write_text("{}\n")
+    (repo / ".aipmx").write_text("not the runtime dir\n")
+    assert changed(before, snapshot(repo)) == {".aipmx"}
+
+
+def test_not_a_git_repo_gives_none(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "a.py").write_text("x\n")
+    assert snapshot(tmp_path / "plain") is None
+
+
+def test_git_missing_gives_none(repo, monkeypatch):
+    import aipm.scope as scope
+
+    monkeypatch.setattr(scope, "_PREFIXES", {})
+    monkeypatch.setenv("PATH", "")
+    assert snapshot(repo) is None
+
+
+def test_root_in_a_subdirectory_of_the_work_tree(repo):
+    sub = repo / "src"
+    before = snapshot(sub)
+    (repo / "README.md").write_text("outside the root: not our project\n")
+    (sub / "b.py").write_text("b = 1\n")
+    paths = changed(before, snapshot(sub))
+    assert paths == {"b.py"}  # relative to the root, not to the top of the work tree
+    assert out_of_scope(paths, targets("b.py")) == []
+
+
+def test_globs_and_directories_as_targets(repo):
+    before = snapshot(repo)
+    (repo / "tests" / "unit").mkdir()
+    (repo / "tests" / "unit" / "test_b.py").write_text("x\n")
+    (repo / "tests" / "test_a.py").write_text("changed\n")
+    (repo / "tests" / "data.json").write_text("{}\n")
+    (repo / "docs" / "guide").mkdir(parents=True)
+    (repo / "docs" / "guide" / "intro.md").write_text("# hi\n")
+    (repo / "src" / "a.py").write_text("a = 3\n")
+    paths = changed(before, snapshot(repo))
+    assert paths == {"tests/unit/test_b.py", "tests/test_a.py", "tests/data.json", "docs/guide/intro.md",
+                     "src/a.py"}
+    allowed = targets("tests/**/*.py", "docs/", "src/*.py")
+    assert out_of_scope(paths, allowed) == ["tests/data.json"]
+    assert out_of_scope(paths, targets("docs", "tests/*.py", root=repo)) == ["src/a.py", "tests/data.json",
+                                                                  "tests/unit/test_b.py"]
+    assert out_of_scope(paths, targets("docs", "tests/*.py")) == sorted(paths - {"tests/test_a.py"})  # a file
+    # Record.targets holds str(Target): directories end in "/"
+    assert out_of_scope(paths, ["docs/", "tests/", "src/a.py"]) == []
+
+
+def test_literal_path_with_glob_characters_is_not_a_pattern():
+    assert out_of_scope({"a[1].py", "x*.py"}, targets("a1.py", "xy.py")) == ["a[1].py", "x*.py"]
+    assert out_of_scope({"src/a[1].py"}, targets("src/*.py")) == []
+
+
+def test_snapshot_survives_save_and_load(repo, tmp_path):
+    (repo / "README.md").write_text("dirty\n")
+    before = snapshot(repo)
+    save(before, tmp_path / "state" / "before.json")
+    loaded = load(tmp_path / "state" / "before.json")
+    assert loaded == before
+    assert changed(loaded, snapshot(repo)) == set()
+    (repo / "src" / "a.py").unlink()
+    assert changed(loaded, snapshot(repo)) == {"src/a.py"}
+    assert load(tmp_path / "missing.json") is None
