@@ -103,7 +103,10 @@ class Launcher:
             records = report.records = self.runtime.records()
             busy, live, live_count = self.holders(order, records)
             free = max(0, self.settings.max_workers - live_count)
-            result = plan(order, busy, live, free, view.ordering(), explain=explain)
+            if explain:
+                result = plan(order, busy, live, free, view.ordering())
+            else:  # the hot path: only ready tasks, indexed by the view
+                result = plan(order, busy, live, free, view.ready_ordering(), explain=False, running=view.running)
             report.order = order
             report.plan = result
             wanted = [t for t in result.launchable if only is None or t.id in only]

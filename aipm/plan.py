@@ -137,6 +137,7 @@ def plan(
     slots: int = 5,
     ordering: list[str] | None = None,
     explain: bool = True,
+    running: Collection[str] | None = None,
 ) -> Plan:
     """Decide what may start now.
 
@@ -144,14 +145,16 @@ def plan(
     elsewhere -- tasks of *other* orders that hold files
     live      -- ids of this order's IN_PROGRESS/IN_REVIEW tasks whose worker is alive; the others are stale
     slots     -- how many workers may still start (max_workers minus live workers in the project)
-    ordering  -- ids in rank order (`ranked(order)`), when the caller keeps it across calls
+    ordering  -- ids to consider, in rank order (default: every task, `ranked(order)`)
     explain   -- False stops at the first full round (the supervisor's hot path needs no reasons)
+    running   -- ids of this order's IN_PROGRESS/IN_REVIEW tasks, when the caller indexes them
     """
     result = Plan()
     busy: list[tuple[str, tuple[Target, ...]]] = [
         (f"{b.order_id}/{b.task_id}", b.targets) for b in elsewhere
     ]
-    for task in order.tasks.values():
+    running_tasks = (order.tasks[i] for i in running) if running is not None else order.tasks.values()
+    for task in running_tasks:
         if task.status in RUNNING:
             busy.append((task.id, task.targets))
             if task.id not in live:

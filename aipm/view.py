@@ -1,8 +1,9 @@
 """A live view of one order directory that re-reads only the task files that changed.
 
-The supervisor plans after every event; re-parsing every task file each time would make a 1000-task order
-quadratic. The view keeps parsed tasks and reloads a file only when inotify names it (or, without inotify,
-when its size or mtime changed).
+The supervisor plans after every event; re-parsing every task file, or even walking every task, each time
+would make a run quadratic in the order's size. The view keeps parsed tasks and reloads a file only when
+inotify names it (or, without inotify, when its size or mtime changed), and it keeps ninja-style indexes up to
+date as tasks change: the running tasks, and the ready ones (QUEUED with every dependency finished).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import os
 from pathlib import Path
 
 from aipm.inotify import DirWatch
-from aipm.model import Order, Task
+from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.plan import ranked
 from aipm.errors import ValidationError
 from aipm.store import ORDER_FILE, check_links, load_order, load_task, task_files
@@ -26,6 +27,7 @@ class OrderView:
         self._stats = {t.path: _stat(t.path) for t in self.order.tasks.values()}
         self._ordering: list[str] | None = None
         self.problems: list[str] = []  # changed files that did not validate, for the caller to report
+        self._index()
 
     @property
     def fd(self) -> int | None:
@@ -43,6 +45,7 @@ class OrderView:
                     return self.order
                 self._stats = {t.path: _stat(t.path) for t in self.order.tasks.values()}
                 self._ordering = None
+                self._index()
                 return self.order
             paths = {str(self.dir / n) for n in names}
         else:
@@ -67,24 +70,60 @@ class OrderView:
             tasks.pop(task_id, None)
             self._stats.pop(path, None)
             self._ordering = None
+            self._index()
             return
         new = load_task(Path(path), self.root)
         self._stats[path] = _stat(path)
         if old is None or (old.depends_on, old.priority) != (new.depends_on, new.priority):
             candidate = dict(tasks, **{task_id: new})
             check_links(Order(self.order.id, self.order.path, candidate))
+            tasks[task_id] = new
             self._ordering = None
-        tasks[task_id] = new
+            self._index()
+        else:
+            self._put(new)
 
     def note(self, task: Task) -> None:
         """Take a task we just wrote ourselves, so the change event it causes need not re-read the file."""
-        self.order.tasks[task.id] = task
+        self._put(task)
         self._stats[task.path] = _stat(task.path)
 
     def ordering(self) -> list[str]:
         if self._ordering is None:
             self._ordering = [t.id for t in ranked(self.order)]
+            self._rank = {tid: i for i, tid in enumerate(self._ordering)}
         return self._ordering
+
+    def ready_ordering(self) -> list[str]:
+        """The ready tasks in launch order: all a quiet plan needs to look at."""
+        self.ordering()
+        return sorted(self.ready, key=self._rank.__getitem__)
+
+    # -- indexes ------------------------------------------------------------------------------------
+
+    def _index(self) -> None:
+        tasks = self.order.tasks
+        self.dependants: dict[str, list[str]] = {tid: [] for tid in tasks}
+        for task in tasks.values():
+            for dep in task.depends_on:
+                if dep in self.dependants:
+                    self.dependants[dep].append(task.id)
+        self.running = {tid for tid, t in tasks.items() if t.status in RUNNING}
+        self.ready = {tid for tid in tasks if self._is_ready(tid)}
+
+    def _is_ready(self, tid: str) -> bool:
+        tasks = self.order.tasks
+        task = tasks[tid]
+        return task.status == Status.QUEUED and all(
+            d in tasks and tasks[d].status in FINISHED_OK for d in task.depends_on
+        )
+
+    def _put(self, task: Task) -> None:
+        """Replace a task whose links did not change, updating the indexes for it and its dependants."""
+        self.order.tasks[task.id] = task
+        (self.running.add if task.status in RUNNING else self.running.discard)(task.id)
+        for tid in (task.id, *self.dependants.get(task.id, ())):
+            (self.ready.add if self._is_ready(tid) else self.ready.discard)(tid)
 
 
 def _stat(path: str) -> tuple[int, int, int] | None:
