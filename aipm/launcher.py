@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import runner
+from aipm import runner, scope
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
@@ -150,6 +150,8 @@ class Launcher:
         )
         wrote_status = False
         try:
+            if self.settings.scope_audit and not self.options.no_review and task.targets:
+                self._scope_before(rec)
             # The record is written once the worker exists; a crash before that leaves IN_PROGRESS with no
             # record, which recovery re-queues.
             try:
@@ -181,6 +183,13 @@ class Launcher:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _scope_before(self, rec: Record) -> None:
+        """Snapshot the git tree before the worker starts, and note whose files may change meanwhile."""
+        before = scope.snapshot(self.project.root)
+        if before is not None:
+            scope.save(before, Path(rec.scope_file))
+            rec.scope_allowed = [t for other in self.runtime.records() for t in other.targets]
 
     def _missing_program(self, task: Task) -> str | None:
         """Checked before any status changes, so a typo in a command is an error, not a stuck task."""

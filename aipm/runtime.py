@@ -54,6 +54,12 @@ class Record:
     command: list[str] = field(default_factory=list)
     phase: str = "work"  # "work" or "review"
     deadline: float | None = None  # wall-clock time after which the worker's group is killed
+    scope_allowed: list[str] = field(default_factory=list)  # targets of tasks running when it started
+
+    @property
+    def scope_file(self) -> str:
+        """Where the scope audit keeps the git snapshot taken before the worker started."""
+        return self.log[: -len(".log")] + ".scope.json"
 
     @property
     def key(self) -> str:

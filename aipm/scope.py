@@ -105,7 +105,7 @@ def load(path: Path) -> Snapshot | None:
 # -- helpers ----------------------------------------------------------------------------------------------
 
 
-_PREFIXES: dict[str, str] = {}  # only positive answers are kept: a directory may become a repository later
+_PREFIXES: dict[str, str | None] = {}  # per process: a supervisor must not fork git per task outside a repo
 
 
 def _prefix(root: str) -> str | None:
@@ -120,9 +120,8 @@ def _prefix(root: str) -> str | None:
     except OSError:
         return None
     lines = res.stdout.splitlines()
-    if res.returncode != 0 or not lines or lines[0] != "true":
-        return None
-    _PREFIXES[root] = lines[1] if len(lines) > 1 else ""
+    inside = res.returncode == 0 and lines and lines[0] == "true"
+    _PREFIXES[root] = (lines[1] if len(lines) > 1 else "") if inside else None
     return _PREFIXES[root]
 
 

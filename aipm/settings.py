@@ -35,6 +35,7 @@ class Settings:
     worker_command: tuple[str, ...] = ("claude", "-p", "--model", "{model}")  # aipm.yaml worker.command
     worker_model: str = "sonnet"  # worker.model
     review_command: str | tuple[str, ...] | None = None  # review.command: a string runs in a shell, a list is argv
+    scope_audit: bool = True  # in a git tree, a worker that writes outside its target_files fails its review
     # setting name -> where its value came from: "default", "aipm.yaml", "env AIPM_MAX_WORKERS", "flag --max-cpu", ...
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType(dict.fromkeys(SETTING_NAMES, "default")), compare=False, repr=False
@@ -139,6 +140,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "worker.command": _argv,
     "worker.model": _text,
     "review.command": _review,
+    "scope_audit": _boolean,
 }
 _FIELD_KEYS = {key.replace(".", "_"): key for key in _KEYS}
 assert set(_FIELD_KEYS) == set(SETTING_NAMES)
@@ -275,3 +277,21 @@ def load_settings(
 def setting_key(name: str) -> str:
     """How a field is spelled in aipm.yaml (`worker_command` -> `worker.command`)."""
     return _FIELD_KEYS[name]
+
+
+def settings_from_flags(
+    root: Path,
+    max_workers: int | None = None,
+    max_cpu: float | None = None,
+    max_memory: float | None = None,
+    no_monitoring: bool = False,
+    no_auto_scaling: bool = False,
+) -> Settings:
+    """Settings for `root` with the resource flags on top (a flag not given leaves the lower layers alone)."""
+    return load_settings(root, {
+        "max_workers": max_workers,
+        "max_cpu_percent": max_cpu,
+        "max_memory_percent": max_memory,
+        "enable_monitoring": False if no_monitoring else None,
+        "enable_auto_scaling": False if no_auto_scaling else None,
+    })

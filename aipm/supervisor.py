@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aipm import runner
+from aipm import runner, scope
 from aipm.finish import after_review, after_work, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
@@ -147,6 +147,18 @@ class Supervisor(Owner):
             return event
         if rec.phase == "work":
             append_log(rec.log, "attempt %d %s" % (rec.attempt, describe_exit(code, timed_out, task.timeout or self.settings.timeout)))
+            outside = self._scope_findings(rec) if code == 0 else []
+            if outside:
+                # Writing outside target_files fails the review, whatever the reviewer would say.
+                message = "scope audit: wrote outside target_files: " + ", ".join(outside)
+                append_log(rec.log, message)
+                self.rt.feedback_path(rec.order, rec.task).write_text(message + "\n")
+                task = update_task(path, after_work(task, 0, self.settings, True), expect=task.status, root=root)
+                for updates in after_review(task, 1, self.settings):
+                    task = update_task(path, updates, expect=task.status, root=root)
+                self._note(task)
+                self._drop(rec)
+                return {**event, "status": str(task.status), "scope": outside}
             reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
             task = update_task(path, after_work(task, code, self.settings, reviewing), expect=task.status, root=root)
             self._note(task)
@@ -168,6 +180,17 @@ class Supervisor(Owner):
         self._drop(rec)
         event["status"] = str(task.status)
         return event
+
+    def _scope_findings(self, rec: Record) -> list[str]:
+        """Paths the worker changed that neither it nor any task running alongside it may write."""
+        before = scope.load(Path(rec.scope_file))
+        after = scope.snapshot(self.rt.root) if before is not None else None
+        if after is None:
+            return []
+        others = self.rt.records()
+        order_dirs = {os.path.relpath(r.order_dir, self.rt.root) + "/" for r in [rec, *others]}
+        allowed = [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *order_dirs]
+        return scope.out_of_scope(scope.changed(before, after), allowed)
 
     def _start_review(self, rec: Record, task: Task) -> None:
         command = review_command(task, self.settings, self.launcher.options.no_review)
@@ -199,6 +222,7 @@ class Supervisor(Owner):
             self.view.note(task)
 
     def _drop(self, rec: Record) -> None:
+        Path(rec.scope_file).unlink(missing_ok=True)
         self.rt.remove_record(rec.order, rec.task)
         self.owned.pop(rec.key, None)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from aipm.errors import UserError
 from aipm.launcher import Launcher, Options
 from aipm.project import Project
-from aipm.settings import load_settings
+from aipm.settings import settings_from_flags
 from aipm.store import load_task
 from aipm.supervisor import Supervisor
 from aipm.view import OrderView
@@ -39,11 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     fds = [int(fd) for fd in args.lock_fds.split(",") if fd]
     root = Path(args.root)
     try:
-        settings = load_settings(root, {
-            "max_workers": args.max_workers, "max_cpu_percent": args.max_cpu, "max_memory_percent": args.max_memory,
-            "enable_monitoring": False if args.no_resource_monitoring else None,
-            "enable_auto_scaling": False if args.no_auto_scaling else None,
-        })
+        settings = settings_from_flags(root, args.max_workers, args.max_cpu, args.max_memory,
+                                       args.no_resource_monitoring, args.no_auto_scaling)
     except UserError as exc:
         print(f"aipm: error: {exc}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -187,3 +188,30 @@ def test_snapshot_survives_save_and_load(repo, tmp_path):
     (repo / "src" / "a.py").unlink()
     assert changed(loaded, snapshot(repo)) == {"src/a.py"}
     assert load(tmp_path / "missing.json") is None
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_run_fails_the_review_of_a_worker_that_writes_outside_its_targets(tmp_path):
+    import subprocess as sp
+    import sys
+
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (root / "aipm.yaml").write_text("max_rework: 0\n")
+    (order / "GOOD.yaml").write_text(yaml.safe_dump({"command": "echo a > a.txt", "target_files": ["a.txt"]}))
+    (order / "SNEAKY.yaml").write_text(yaml.safe_dump(
+        {"command": "mkdir -p src && echo b > src/b.txt && echo c > c.txt", "target_files": ["src/"]}))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        sp.run(["git", *args], cwd=root, check=True)
+    proc = sp.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--no-resource-monitoring",
+                   "--max-workers", "2", "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    statuses = {p.stem: yaml.safe_load(p.read_text())["status"] for p in order.glob("*.yaml")}
+    assert statuses == {"GOOD": "DONE", "SNEAKY": "REJECTED"}
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["scope"] for e in events if e.get("scope")] == [["c.txt"]]
+    feedback = root / ".aipm" / "feedback" / "ORD" / "SNEAKY.txt"
+    assert "c.txt" in feedback.read_text() and "src/b.txt" not in feedback.read_text()

@@ -10,12 +10,9 @@ Use the Opt constants as parameter defaults and hand the values to `settings_fro
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
 import typer
 
-from aipm.settings import Settings, load_settings
+from aipm.settings import settings_from_flags  # noqa: F401 - re-exported for the command modules
 
 # Defaults are None (flag not given) so that aipm.yaml and the environment show through; the help states the
 # built-in default. Values are checked by load_settings, which names the flag in its one-line error.
@@ -30,21 +27,3 @@ NoMonitoringOpt = typer.Option(
 NoAutoScalingOpt = typer.Option(
     False, "--no-auto-scaling", help="Read the load but never start fewer than --max-workers because of it."
 )
-
-
-def settings_from_flags(
-    root: Path,
-    max_workers: Optional[int] = None,
-    max_cpu: Optional[float] = None,
-    max_memory: Optional[float] = None,
-    no_monitoring: bool = False,
-    no_auto_scaling: bool = False,
-) -> Settings:
-    """Settings for `root` with the resource flags on top (a flag not given leaves the lower layers alone)."""
-    return load_settings(root, {
-        "max_workers": max_workers,
-        "max_cpu_percent": max_cpu,
-        "max_memory_percent": max_memory,
-        "enable_monitoring": False if no_monitoring else None,
-        "enable_auto_scaling": False if no_auto_scaling else None,
-    })
