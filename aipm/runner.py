@@ -15,6 +15,7 @@ import os
 import selectors
 import shutil
 import signal
+import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -146,8 +147,9 @@ class Watcher:
             self._sel.unregister(fd)
             os.close(fd)
 
-    def watching(self, key: Hashable) -> bool:
-        return key in self._pidfds
+    def __len__(self) -> int:
+        """How many processes are still watched."""
+        return len(self._pidfds)
 
     def wait(self, timeout: float | None) -> list[Hashable]:
         return [key.data for key, _ in self._sel.select(timeout)]
@@ -169,13 +171,44 @@ def wait_gone(pid: int, timeout: float) -> bool:
         watcher.close()
 
 
+def group_members(pgid: int) -> list[int]:
+    """Live (non-zombie) processes of a group, from /proc; zombies hold no files and need no wait."""
+    members = []
+    for name in os.listdir("/proc") if os.path.isdir("/proc") else ():
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            members.append(int(name))
+    return members
+
+
+def kill_group(pgid: int, timeout: float = 5.0) -> None:
+    """SIGKILL what is left of a group and wait until it is gone, so its file locks are free on return."""
+    if not signal_group(pgid, signal.SIGKILL):
+        return  # the usual case: the group ended with its leader
+    watcher = Watcher()
+    try:
+        for pid in group_members(pgid):
+            watcher.watch_pid(pid, pid)
+        deadline = time.monotonic() + timeout
+        while len(watcher) and time.monotonic() < deadline:
+            for pid in watcher.wait(max(0.0, deadline - time.monotonic())):
+                watcher.forget(pid)
+    finally:
+        watcher.close()
+
+
 def terminate_group(pgid: int, leader: int, grace: float = 5.0) -> None:
     """SIGTERM the whole group, then SIGKILL it if the leader has not gone within `grace` seconds."""
     if not signal_group(pgid, signal.SIGTERM):
         return
     # SIGCONT too: a stopped group would otherwise never see the SIGTERM.
     signal_group(pgid, signal.SIGCONT)
-    if not wait_gone(leader, grace):
-        signal_group(pgid, signal.SIGKILL)
+    wait_gone(leader, grace)
     # Grandchildren that ignored SIGTERM still belong to the group: make sure none survives.
-    signal_group(pgid, signal.SIGKILL)
+    kill_group(pgid)

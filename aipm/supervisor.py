@@ -122,7 +122,7 @@ class Supervisor(Owner):
         self.timed_out.discard(key)
         if rec.pid:
             # The attempt is over: a straggler left in its group would hold the file locks and keep writing.
-            runner.signal_group(rec.pgid, signal.SIGKILL)
+            runner.kill_group(rec.pgid)
         with self.rt.launch_lock():
             return self._apply(rec, code, timed_out)
 
@@ -236,10 +236,9 @@ class Supervisor(Owner):
                 runner.signal_group(rec.pgid, signal.SIGCONT)
         deadline = time.time() + KILL_GRACE
         for rec in self.owned.values():
-            if rec.pid and not runner.wait_gone(rec.pid, max(0.0, deadline - time.time())):
-                runner.signal_group(rec.pgid, signal.SIGKILL)
             if rec.pid:
-                runner.signal_group(rec.pgid, signal.SIGKILL)
+                runner.wait_gone(rec.pid, max(0.0, deadline - time.time()))
+                runner.kill_group(rec.pgid)
                 runner.reap(rec.pid)
         stopped = []
         with self.rt.launch_lock():
