@@ -184,20 +184,18 @@ def plan(
                 states = ", ".join(f"{d} ({deps[d].status})" for d in waiting)
                 result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
             continue
-        hit = _conflict(task, busy)
+        for holders, reason, words in (
+            (busy, FILE_BUSY, "{path} is held by running task {other}"),
+            ([(c.id, c.targets) for c in chosen], FILE_CHOSEN, "{path} overlaps {other}, which starts first this round"),
+        ):
+            hit = _conflict(task, holders)
+            if hit:
+                break
         if hit:
             if explain:
                 other, path = hit
                 result.blocked[task.id] = Blocked(
-                    task.id, FILE_BUSY, f"{path} is held by running task {other}", (other,), path
-                )
-            continue
-        hit = _conflict(task, [(c.id, c.targets) for c in chosen])
-        if hit:
-            if explain:
-                other, path = hit
-                result.blocked[task.id] = Blocked(
-                    task.id, FILE_CHOSEN, f"{path} overlaps {other}, which starts first this round", (other,), path
+                    task.id, reason, words.format(path=path, other=other), (other,), path
                 )
             continue
         if len(chosen) >= slots:
