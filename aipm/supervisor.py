@@ -127,9 +127,7 @@ class Supervisor(Owner):
             return self._apply(rec, code, timed_out)
 
     def _apply(self, rec: Record, code: int | None, timed_out: bool) -> dict:
-        path = Path(rec.task_file)
-        root = self.rt.root
-        task = load_task(path, root)
+        task = load_task(Path(rec.task_file), self.rt.root)
         event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.attempt,
                  "phase": rec.phase, "exit_code": code}
         if task.status not in RUNNING or task.attempts != rec.attempt:
@@ -146,40 +144,54 @@ class Supervisor(Owner):
             event["status"] = str(Status.QUEUED)
             return event
         if rec.phase == "work":
-            append_log(rec.log, "attempt %d %s" % (rec.attempt, describe_exit(code, timed_out, task.timeout or self.settings.timeout)))
-            outside = self._scope_findings(rec) if code == 0 else []
-            if outside:
-                # Writing outside target_files fails the review, whatever the reviewer would say.
-                message = "scope audit: wrote outside target_files: " + ", ".join(outside)
-                append_log(rec.log, message)
-                self.rt.feedback_path(rec.order, rec.task).write_text(message + "\n")
-                task = update_task(path, after_work(task, 0, self.settings, True), expect=task.status, root=root)
-                for updates in after_review(task, 1, self.settings):
-                    task = update_task(path, updates, expect=task.status, root=root)
-                self._note(task)
-                self._drop(rec)
-                return {**event, "status": str(task.status), "scope": outside}
-            reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
-            task = update_task(path, after_work(task, code, self.settings, reviewing), expect=task.status, root=root)
-            self._note(task)
-            if task.status == Status.IN_REVIEW:
-                self._start_review(rec, task)
-                return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.attempt}
+            task = self._work_ended(rec, task, code, timed_out, event)
         else:
-            feedback = self.rt.feedback_path(rec.order, rec.task)
-            review_log = Path(rec.log).with_suffix(".review.log")
-            verdict = "approved" if code == 0 else f"sent back (exit {code})"
-            append_log(rec.log, f"review {verdict}; review output: {review_log}")
-            if code == 0:
-                feedback.unlink(missing_ok=True)
-            else:
-                feedback.write_bytes(review_log.read_bytes() if review_log.exists() else b"")
-            for updates in after_review(task, code, self.settings):
-                task = update_task(path, updates, expect=task.status, root=root)
-            self._note(task)
+            task = self._review_ended(rec, task, code)
+        if task.status == Status.IN_REVIEW:
+            return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.attempt}
         self._drop(rec)
         event["status"] = str(task.status)
         return event
+
+    def _write(self, task: Task, updates: dict) -> Task:
+        task = update_task(Path(task.path), updates, expect=task.status, root=self.rt.root)
+        self._note(task)
+        return task
+
+    def _work_ended(self, rec: Record, task: Task, code: int, timed_out: bool, event: dict) -> Task:
+        """IN_PROGRESS → DONE, IN_REVIEW (review started), QUEUED or FAILED; REWORK when out of scope."""
+        timeout = task.timeout or self.settings.timeout
+        append_log(rec.log, f"attempt {rec.attempt} {describe_exit(code, timed_out, timeout)}")
+        outside = self._scope_findings(rec) if code == 0 else []
+        if outside:
+            # Writing outside target_files fails the review, whatever the reviewer would say.
+            message = "scope audit: wrote outside target_files: " + ", ".join(outside)
+            append_log(rec.log, message)
+            self.rt.feedback_path(rec.order, rec.task).write_text(message + "\n")
+            event["scope"] = outside
+            task = self._write(task, after_work(task, 0, self.settings, True))
+            for updates in after_review(task, 1, self.settings):
+                task = self._write(task, updates)
+            return task
+        reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
+        task = self._write(task, after_work(task, code, self.settings, reviewing))
+        if task.status == Status.IN_REVIEW:
+            self._start_review(rec, task)
+        return task
+
+    def _review_ended(self, rec: Record, task: Task, code: int) -> Task:
+        """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback."""
+        feedback = self.rt.feedback_path(rec.order, rec.task)
+        review_log = Path(rec.log).with_suffix(".review.log")
+        verdict = "approved" if code == 0 else f"sent back (exit {code})"
+        append_log(rec.log, f"review {verdict}; review output: {review_log}")
+        if code == 0:
+            feedback.unlink(missing_ok=True)
+        else:
+            feedback.write_bytes(review_log.read_bytes() if review_log.exists() else b"")
+        for updates in after_review(task, code, self.settings):
+            task = self._write(task, updates)
+        return task
 
     def _scope_findings(self, rec: Record) -> list[str]:
         """Paths the worker changed that neither it nor any task running alongside it may write."""

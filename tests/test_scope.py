@@ -201,13 +201,16 @@ def test_run_fails_the_review_of_a_worker_that_writes_outside_its_targets(tmp_pa
     order = root / "orders" / "ORD"
     order.mkdir(parents=True)
     (root / "aipm.yaml").write_text("max_rework: 0\n")
-    (order / "GOOD.yaml").write_text(yaml.safe_dump({"command": "echo a > a.txt", "target_files": ["a.txt"]}))
+    # One at a time: aipm cannot tell which of two concurrent workers wrote a file outside both their targets,
+    # so it charges every task that was running then (fail closed).
+    (order / "GOOD.yaml").write_text(yaml.safe_dump(
+        {"command": "echo a > a.txt", "target_files": ["a.txt"], "priority": "P0"}))
     (order / "SNEAKY.yaml").write_text(yaml.safe_dump(
         {"command": "mkdir -p src && echo b > src/b.txt && echo c > c.txt", "target_files": ["src/"]}))
     for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
         sp.run(["git", *args], cwd=root, check=True)
     proc = sp.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--no-resource-monitoring",
-                   "--max-workers", "2", "--json"], capture_output=True, text=True, timeout=120)
+                   "--max-workers", "1", "--json"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stderr
     statuses = {p.stem: yaml.safe_load(p.read_text())["status"] for p in order.glob("*.yaml")}
     assert statuses == {"GOOD": "DONE", "SNEAKY": "REJECTED"}
