@@ -16,7 +16,7 @@ import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import filelock
@@ -127,6 +127,7 @@ class Runtime:
         self.dir = self.root / ".aipm"
         self._made: set[Path] = set()  # directories known to exist: the hot path skips mkdir calls
         self._launch_lock: filelock.FileLock | None = None
+        self._lock_depth = 0
 
     def ensure(self) -> None:
         if self.dir in self._made:
@@ -149,13 +150,23 @@ class Runtime:
 
     @contextmanager
     def launch_lock(self) -> Iterator[None]:
+        if self._lock_depth:  # already ours: nested rounds (finish, then launch) share one acquisition
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
         self.ensure()
         if self._launch_lock is None:
-            # One object per Runtime: filelock counts nested acquisitions, so the lock is re-entrant here.
             self._launch_lock = filelock.FileLock(str(self.dir / "launch.lock"), is_singleton=False)
         # A short poll: holders keep it for milliseconds (plan + a few writes), never across a worker's run.
         with self._launch_lock.acquire(poll_interval=0.002):
-            yield
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
 
     # -- target-file locks -------------------------------------------------------------------------------
 
@@ -202,7 +213,7 @@ class Runtime:
         """Records are runtime state: atomic rename, but no fsync (they are only meaningful while processes live)."""
         path = self._dir(self.record_path(record.order, record.task))
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(asdict(record)))
+        tmp.write_text(json.dumps(vars(record)))  # flat fields: no need for asdict's deep copy
         os.replace(tmp, path)
 
     def read_record(self, order: str, task: str) -> Record | None:
