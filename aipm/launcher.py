@@ -24,7 +24,7 @@ from aipm.project import Project
 from aipm.resources import ResourceMonitor
 from aipm.runtime import LockBusy, Record, Runtime, process_ctime, read_exit_file
 from aipm.settings import Settings
-from aipm.store import StaleWrite, now, update_task
+from aipm.store import StaleWrite, load_task, now, update_task
 from aipm.view import OrderView
 
 
@@ -77,6 +77,21 @@ class Launcher:
                     live.add(rec.task)
         return busy, live, count
 
+    def _records(self) -> list[Record]:
+        """Worker records, without the leftovers of owners killed after their task's final write.
+
+        Such a record is dead and its task has moved on (or is gone): it holds nothing, so it is dropped (a dry
+        run only ignores it: it writes nothing).
+        """
+        kept = []
+        for rec in self.runtime.records():
+            if not rec.alive() and _finished_elsewhere(rec, self.project.root):
+                if not self.options.dry_run:
+                    self.runtime.remove_record(rec.order, rec.task)
+                continue
+            kept.append(rec)
+        return kept
+
     def worker_budget(self, live_workers: int) -> int:
         """How many workers may run in total now: max_workers, scaled down under load."""
         limit = self.settings.max_workers
@@ -100,7 +115,7 @@ class Launcher:
                 report.recovered = self.recover_order(order, adopt=owner)
                 if report.recovered:
                     order = view.refresh()
-            records = report.records = self.runtime.records()
+            records = report.records = self._records()
             busy, live, live_count = self.holders(order, records)
             free = max(0, self.settings.max_workers - live_count)
             if explain:
@@ -232,6 +247,7 @@ class Launcher:
         owner) so its real outcome is recorded; a worker lost without a trace is INTERRUPTED, then QUEUED.
         """
         out = []
+        remove_temp_files(Path(order.path))
         for task in order.tasks.values():
             if task.status not in RUNNING:
                 continue
@@ -264,6 +280,22 @@ class Launcher:
         if rec is not None:
             append_log(rec.log, f"worker interrupted: {why}; task re-queued")
             self.runtime.remove_record(rec.order, rec.task)
+
+
+def _finished_elsewhere(rec: Record, root: Path) -> bool:
+    """The record's task is no longer running this attempt (or its file is gone or unreadable)."""
+    try:
+        task = load_task(Path(rec.task_file), root)
+    except (UserError, OSError):
+        return True
+    return task.status not in RUNNING or task.attempts != rec.attempt
+
+
+def remove_temp_files(order_dir: Path) -> None:
+    """Temp files of task-file writes killed midway. Every writer holds the launch lock, as our caller does,
+    so any such file is a leftover: the task file beside it is intact (it is replaced only by rename)."""
+    for leftover in order_dir.glob(".*.yaml.*.tmp"):
+        leftover.unlink(missing_ok=True)
 
 
 class LaunchFailed(Exception):

@@ -40,6 +40,9 @@ class Supervisor(Owner):
         self.kill_at: dict[str, float] = {}
         self.me = (os.getpid(), process_ctime(os.getpid()))
         self.emit = emit or (lambda event: None)
+        # Events wait here while the launch lock is held: a stalled reader of our output must never stall the
+        # whole project (every other aipm command needs that lock).
+        self.outbox: list[dict] = []
 
     # -- Owner interface (called under the launch lock) -----------------------------------------------
 
@@ -51,7 +54,8 @@ class Supervisor(Owner):
         pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=rec.log,
                            stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout))
         self._own(rec)
-        self.emit({"event": "started", "task": rec.task, "order": rec.order, "pid": pid, "attempt": rec.attempt})
+        self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
+                            "attempt": rec.attempt})
 
     def _record(self, rec: Record, pid: int, timeout: int | None) -> None:
         """Write the worker's record; only then may its command begin."""
@@ -64,7 +68,7 @@ class Supervisor(Owner):
         rec.owner_pid, rec.owner_ctime = self.me
         self.rt.write_record(rec)
         self._own(rec)
-        self.emit({"event": "adopted", "task": rec.task, "order": rec.order, "pid": rec.pid})
+        self.outbox.append({"event": "adopted", "task": rec.task, "order": rec.order, "pid": rec.pid})
 
     def _own(self, rec: Record) -> None:
         self.owned[rec.key] = rec
@@ -124,7 +128,23 @@ class Supervisor(Owner):
             # The attempt is over: a straggler left in its group would hold the file locks and keep writing.
             runner.kill_group(rec.pgid)
         with self.rt.launch_lock():
-            return self._apply(rec, code, timed_out)
+            try:
+                return self._apply(rec, code, timed_out)
+            except OSError as exc:
+                return self._cannot_record(rec, exc)
+
+    def _cannot_record(self, rec: Record, exc: OSError) -> dict:
+        """A task file could not be written (disk full, ...): keep the worker's exit file and give the task up,
+        so `aipm recover` or the next run records the real outcome once the disk is fixed."""
+        self.owned.pop(rec.key, None)
+        rec.owner_pid, rec.owner_ctime = 0, 0.0
+        try:
+            self.rt.write_record(rec)
+        except OSError:
+            pass  # the record still names us; once we exit it is just as adoptable
+        return {"event": "error", "order": rec.order, "task": rec.task,
+                "error": f"cannot record the outcome of {rec.task} in {rec.task_file}: {exc.strerror or exc}; "
+                         "its exit code is kept: run `aipm recover` once that is fixed"}
 
     def _apply(self, rec: Record, code: int | None, timed_out: bool) -> dict:
         task = load_task(Path(rec.task_file), self.rt.root)
@@ -306,11 +326,35 @@ class Stop:
 RESOURCE_RECHECK = 1.0  # seconds between load readings while launches are deferred
 
 
-def _finish(sup: Supervisor, keys: list[str], emit: Emit) -> None:
+def _finish(sup: Supervisor, keys: list[str]) -> None:
     for key in keys:
         event = sup.handle(key)
         if event:
-            emit(event)
+            sup.outbox.append(event)
+
+
+FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now
+
+
+def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str]) -> bool:
+    """Watch other owners' live workers: their end may free files, a slot or a dependency.
+
+    Watches workers, never their owners: another `run` lives until its order ends, and two runs watching each
+    other would wait forever. Returns True when a worker has ended but its owner is still recording the outcome.
+    """
+    present = {rec.key for rec in records}
+    for key in foreign - present:
+        sup.watcher.forget(key)
+        foreign.discard(key)
+    finishing = False
+    for rec in records:
+        if rec.key in sup.owned or rec.key in foreign:
+            continue
+        if rec.pid and rec.worker_alive() and sup.watcher.watch_pid(rec.pid, rec.key):
+            foreign.add(rec.key)
+        elif rec.owner_alive():
+            finishing = True
+    return finishing
 
 
 def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None = None,
@@ -333,9 +377,12 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     try:
         while not stop.requested:
             with launcher.runtime.launch_lock():  # one lock round per wake-up: finish what ended, then launch
-                _finish(sup, ready, emit)
+                _finish(sup, ready)
                 report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False,
                                          recover=recover)
+            for event in sup.outbox:
+                emit(event)
+            sup.outbox.clear()
             recover = False
             order = report.order
             for problem in view.problems:
@@ -352,18 +399,13 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
             if deferred != deferred_before and deferred:
                 emit({"event": "deferred", "tasks": deferred, "detail": report.deferred[0]["detail"]})
             deferred_before = deferred
-            for rec in report.records:
-                if rec.key not in sup.owned and rec.key not in foreign and rec.alive():
-                    # Someone else's worker (a detached one, or another order's) may free files or a slot.
-                    pid = rec.owner_pid if rec.owner_alive() else rec.pid
-                    if sup.watcher.watch_pid(pid, rec.key):
-                        foreign.add(rec.key)
+            finishing = _watch_foreign(sup, report.records, foreign)
             if only:
                 if f"{order.id}/{only}" not in sup.owned:
                     break  # finished, failed for good, or never launchable
-            elif not sup.owned and not foreign and not deferred:
+            elif not sup.owned and not foreign and not deferred and not finishing:
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
-            timeout = RESOURCE_RECHECK if deferred else None
+            timeout = RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing else None
             ready = []
             for key in sup.wait(timeout):
                 if key in foreign:
@@ -374,10 +416,13 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
                     ready.append(key)
         if ready:  # ended just as we were stopped: their real outcome still counts
             with launcher.runtime.launch_lock():
-                _finish(sup, ready, emit)
+                _finish(sup, ready)
         if stop.requested:
             stopped = sup.abort()
-            emit({"event": "interrupted", "requeued": stopped})
+            sup.outbox.append({"event": "interrupted", "requeued": stopped})
+        for event in sup.outbox:
+            emit(event)
+        if stop.requested:
             return 130
         order = view.refresh()
         if only:

@@ -30,6 +30,8 @@ def plain_line(event: dict) -> str:
         return f"defer    {', '.join(event['tasks'])}: {event['detail']}"
     if kind == "launch_failed":
         return f"failed   {task}: {event['error']}"
+    if kind == "error":
+        return f"error    {event['error']}"
     if kind == "invalid_file":
         return f"ignored  {event['error']} (keeping the last valid version)"
     if kind == "interrupted":
@@ -53,6 +55,8 @@ class Display:
 
     def __call__(self, event: dict) -> None:
         event.setdefault("time", round(time.time(), 3))
+        if event.get("event") == "error":  # errors reach a human whatever the output mode
+            print(f"aipm: error: {event['error']}", file=sys.stderr, flush=True)
         if self.mode == "json":
             sys.stdout.write(json.dumps(event) + "\n")
             sys.stdout.flush()
@@ -68,7 +72,7 @@ class Display:
             self.recent.appendleft(plain_line(event))
         elif kind == "deferred":
             self.note = plain_line(event)
-        elif kind in ("launch_failed", "interrupted", "invalid_file"):
+        elif kind in ("launch_failed", "interrupted", "invalid_file", "error"):
             self.recent.appendleft(plain_line(event))
         self.live.update(self._render())
 
