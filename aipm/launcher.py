@@ -194,7 +194,8 @@ class Launcher:
                 if view is not None:
                     view.note(restored)
             rt.remove_record(order.id, task.id)
-            raise LaunchFailed(str(exc)) from None
+            where = f"{task.path}: " if isinstance(exc, OSError) else ""
+            raise LaunchFailed(f"{where}{exc}") from None
         finally:
             for fd in fds:
                 os.close(fd)

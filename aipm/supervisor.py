@@ -159,10 +159,10 @@ class Supervisor(Owner):
             if rec.phase == "review":
                 self._start_review(rec, task)  # the reviewer vanished without a verdict: ask again
                 return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.attempt}
-            self.launcher.interrupt(task, rec, "worker lost without an exit code")
-            self._drop(rec)
-            event["status"] = str(Status.QUEUED)
-            return event
+            # We watched this worker (adopted, so not our child) die before its wrapper wrote an exit code: it
+            # was killed. That is a failed attempt like any other, or repeated kills would retry forever.
+            append_log(rec.log, "worker ended without an exit code (killed from outside); counted as exit 137")
+            code = 128 + signal.SIGKILL
         if rec.phase == "work":
             task = self._work_ended(rec, task, code, timed_out, event)
         else:

@@ -156,3 +156,19 @@ def test_why_in_words_and_json(project):
     data = project.json("why", str(order / "B.yaml"))
     assert data["launchable"] is False and data["reasons"][0]["tasks"] == ["A"]
     assert project.json("why", "A")["reasons"][0]["reason"] == "not_queued"
+
+
+def test_an_adopted_worker_killed_from_outside_counts_as_a_failed_attempt(project):
+    order = project.order()
+    write_task(order, "A", command="sleep 60", target_files=["a"], max_attempts=1)
+    project.aipm("launch", "ORD", check=True)
+    first = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    os.kill(first["owner_pid"], signal.SIGKILL)
+    wait_for(lambda: not _alive(first["owner_pid"]))
+    assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "A", "action": "adopted"}]
+    adopted = wait_for(lambda: next((w for w in project.json("ps")["workers"]
+                                     if w["owner_pid"] not in (0, first["owner_pid"])), None))
+    os.killpg(adopted["pgid"], signal.SIGKILL)  # no exit code will ever be written
+    wait_for(lambda: task_statuses(order) == {"A": "FAILED"})  # not re-queued: repeated kills must end
+    wait_for(lambda: no_workers(project.root))
+    assert "without an exit code" in project.aipm("logs", "A").stdout
