@@ -59,7 +59,7 @@ def normalize(raw: str, root: str | None = None) -> Target:
         norm, is_dir = "", True
     if norm == ".." or norm.startswith("../"):
         raise PathError(f"{raw!r} leads outside the project root")
-    is_glob = any(c in GLOB_CHARS for c in norm)
+    is_glob = not GLOB_CHARS.isdisjoint(norm)
     if root is not None and not is_glob and norm:
         full = os.path.join(root, norm)
         try:

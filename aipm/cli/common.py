@@ -35,7 +35,9 @@ def console(stderr: bool = False) -> Console:
 
 
 def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+    # Indented for a person at a terminal; compact for a pipe, where json's C encoder is many times faster.
+    indent = 2 if sys.stdout.isatty() else None
+    sys.stdout.write(json.dumps(data, indent=indent, default=str) + "\n")
 
 
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
