@@ -102,15 +102,3 @@ def no_workers(root: Path) -> bool:
     workers = root / ".aipm" / "workers"
     return not any(workers.rglob("*.json")) if workers.exists() else True
 
-
-def group_alive(pgid: int) -> bool:
-    """A process group has a live (non-zombie) member. Zombies await a reaper and hold nothing."""
-    import psutil
-
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
-                return True
-        except (ProcessLookupError, psutil.Error):
-            continue
-    return False

@@ -5,7 +5,8 @@ import signal
 import subprocess
 import sys
 
-from conftest import group_alive, no_workers, snapshot, task_statuses, wait_for, write_task
+from conftest import no_workers, snapshot, task_statuses, wait_for, write_task
+from invariants import group_alive
 
 
 def test_init_twice_changes_nothing(tmp_path):

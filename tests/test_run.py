@@ -6,8 +6,8 @@ import threading
 import subprocess
 import sys
 
-from conftest import group_alive, no_workers, task_statuses, wait_for, write_task
-from invariants import check, journal_command, random_order, spans
+from conftest import no_workers, task_statuses, wait_for, write_task
+from invariants import check, group_alive, journal_command, random_order, spans
 
 
 def start_run(project, order, *args):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import deque
+from collections import defaultdict, deque
 
 from rich.console import Group
 from rich.live import Live
@@ -15,28 +15,26 @@ from rich.text import Text
 from aipm.model import Order
 
 
+# One line per event kind, for logs and CI output; fields missing from an event print as "?".
+LINES = {
+    "started": "start    {task} (attempt {attempt}, pid {pid})",
+    "finished": "finish   {task} → {status} (exit {exit_code})",
+    "review": "review   {task}",
+    "adopted": "adopt    {task} (pid {pid}): worker outlived its supervisor",
+    "deferred": "defer    {tasks}: {detail}",
+    "launch_failed": "failed   {task}: {error}",
+    "error": "error    {error}",
+    "invalid_file": "ignored  {error} (keeping the last valid version)",
+    "interrupted": "stopped  by signal; re-queued: {requeued}",
+}
+
+
 def plain_line(event: dict) -> str:
-    kind = event.get("event")
-    task = event.get("task", "")
-    if kind == "started":
-        return f"start    {task} (attempt {event['attempt']}, pid {event['pid']})"
-    if kind == "finished":
-        return f"finish   {task} → {event.get('status')} (exit {event.get('exit_code')})"
-    if kind == "review":
-        return f"review   {task}"
-    if kind == "adopted":
-        return f"adopt    {task} (pid {event.get('pid')}): worker outlived its supervisor"
-    if kind == "deferred":
-        return f"defer    {', '.join(event['tasks'])}: {event['detail']}"
-    if kind == "launch_failed":
-        return f"failed   {task}: {event['error']}"
-    if kind == "error":
-        return f"error    {event['error']}"
-    if kind == "invalid_file":
-        return f"ignored  {event['error']} (keeping the last valid version)"
-    if kind == "interrupted":
-        return f"stopped  by signal; re-queued: {', '.join(event['requeued']) or 'none'}"
-    return json.dumps(event)
+    template = LINES.get(event.get("event"))
+    if template is None:
+        return json.dumps(event)
+    fields = {k: ", ".join(v) or "none" if isinstance(v, list) else v for k, v in event.items()}
+    return template.format_map(defaultdict(lambda: "?", fields))
 
 
 class Display:
