@@ -407,7 +407,13 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
             timeout = RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing else None
             ready = []
-            for key in sup.wait(timeout):
+            keys = sup.wait(timeout)
+            while keys == ["files"]:
+                view.refresh()
+                if view.changed or view.problems:
+                    break
+                keys = sup.wait(timeout)  # only our own writes moved: no need for a planning round
+            for key in keys:
                 if key in foreign:
                     sup.watcher.forget(key)
                     foreign.discard(key)

@@ -27,6 +27,7 @@ class OrderView:
         self._stats = {t.path: _stat(t.path) for t in self.order.tasks.values()}
         self._ordering: list[str] | None = None
         self.problems: list[str] = []  # changed files that did not validate, for the caller to report
+        self.changed = False
         self._index()
 
     @property
@@ -34,7 +35,9 @@ class OrderView:
         return self.watch.fd if self.watch else None
 
     def refresh(self) -> Order:
-        """Bring the view up to date with the directory; raise ValidationError if a changed file is bad."""
+        """Bring the view up to date with the directory. `self.changed` says whether anything but our own
+        writes moved (a bad file is kept out and reported in `problems`)."""
+        self.changed = False
         if self.watch is not None:
             names = {n for n in self.watch.changed() if n.endswith(".yaml") and not n.startswith(".")}
             if ORDER_FILE in names:  # rare: re-read everything, keeping the watch
@@ -46,6 +49,7 @@ class OrderView:
                 self._stats = {t.path: _stat(t.path) for t in self.order.tasks.values()}
                 self._ordering = None
                 self._index()
+                self.changed = True
                 return self.order
             paths = {str(self.dir / n) for n in names}
         else:
@@ -53,6 +57,7 @@ class OrderView:
             paths = {p for p in current | set(self._stats) if _stat(p) != self._stats.get(p)}
         for path in paths:
             if _stat(path) != self._stats.get(path) or path not in self._stats:
+                self.changed = True
                 try:
                     self.reload(path)
                 except ValidationError as exc:
