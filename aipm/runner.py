@@ -17,7 +17,6 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
 
 SHELL = "/bin/sh"
 # The go pipe is fd 3 (dash only redirects single-digit descriptors); $1 is the exit file.
@@ -115,10 +114,6 @@ def signal_group(pgid: int, sig: int) -> bool:
         return True
     except (ProcessLookupError, PermissionError):
         return False
-
-
-def group_exists(pgid: int) -> bool:
-    return signal_group(pgid, 0)
 
 
 class Watcher:

@@ -16,10 +16,9 @@ from pathlib import Path
 from aipm import runner, scope
 from aipm.finish import after_review, after_work, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
-from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
-from aipm.plan import NEVER, plan
+from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.runtime import Record, process_ctime, read_exit_file
-from aipm.store import StaleWrite, load_task, update_task
+from aipm.store import load_task, update_task
 from aipm.view import OrderView
 from aipm.worker import invocation
 
@@ -284,16 +283,6 @@ class Supervisor(Owner):
 
     def close(self) -> None:
         self.watcher.close()
-
-
-def order_finished(order: Order) -> bool:
-    """No task can still reach DONE/COMPLETED: each is finished, failed, or stuck behind a dead end."""
-    blocked = plan(order, slots=0).blocked
-    return all(
-        t.status in FINISHED_OK or t.status in DEAD_END
-        or (t.id in blocked and blocked[t.id].reason == NEVER)
-        for t in order.tasks.values()
-    )
 
 
 def all_done(order: Order) -> bool:

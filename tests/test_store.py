@@ -1,7 +1,6 @@
 """Loading and the one writer of task files."""
 
 import os
-from pathlib import Path
 
 import pytest
 
