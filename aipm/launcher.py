@@ -77,7 +77,7 @@ class Launcher:
                     live.add(rec.task)
         return busy, live, count
 
-    def _records(self) -> list[Record]:
+    def records(self) -> list[Record]:
         """Worker records, without the leftovers of owners killed after their task's final write.
 
         Such a record is dead and its task has moved on (or is gone): it holds nothing, so it is dropped (a dry
@@ -115,7 +115,7 @@ class Launcher:
                 report.recovered = self.recover_order(order, adopt=owner)
                 if report.recovered:
                     order = view.refresh()
-            records = report.records = self._records()
+            records = report.records = self.records()
             busy, live, live_count = self.holders(order, records)
             free = max(0, self.settings.max_workers - live_count)
             if explain:
@@ -127,8 +127,9 @@ class Launcher:
             wanted = [t for t in result.launchable if only is None or t.id in only]
             # Read the machine only when there is something to start: the idle loop costs no CPU.
             budget = max(0, self.worker_budget(live_count) - live_count) if wanted else 0
+            note = self._load_note() if wanted[budget:] else ""
             for task in wanted[budget:]:
-                report.deferred.append({"id": task.id, "reason": "resources", "detail": self._load_note()})
+                report.deferred.append({"id": task.id, "reason": "resources", "detail": note})
             for task in wanted[:budget]:
                 if self.options.dry_run:
                     report.launched.append({"id": task.id, "pid": None, "dry_run": True})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 
 from aipm.paths import Target
@@ -100,6 +101,12 @@ class Order:
     path: str  # the order directory
     tasks: dict[str, Task] = field(default_factory=dict)
     title: str = ""
+
+
+def status_summary(order: Order) -> str:
+    """"DONE 9, QUEUED 1": how many tasks are in each status, for one-line summaries."""
+    counts = Counter(t.status.value for t in order.tasks.values())
+    return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
 
 
 def natural_key(text: str) -> tuple:

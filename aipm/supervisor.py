@@ -20,7 +20,7 @@ from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.runtime import Record, process_ctime, read_exit_file
 from aipm.store import load_task, update_task
 from aipm.view import OrderView
-from aipm.worker import invocation
+from aipm.worker import environment, invocation, model_for
 
 Emit = Callable[[dict], None]
 KILL_GRACE = 5.0
@@ -85,7 +85,7 @@ class Supervisor(Owner):
             ready, self.exited = self.exited, []
             return ready
         now = time.time()
-        wake = [t for t in self.kill_at.values()]
+        wake = list(self.kill_at.values())
         wake += [r.deadline for k, r in self.owned.items() if r.deadline and k not in self.timed_out]
         if wake:
             until = max(0.0, min(wake) - now)
@@ -227,7 +227,7 @@ class Supervisor(Owner):
         command = review_command(task, self.settings, self.launcher.options.no_review)
         if isinstance(command, tuple):
             command = list(command)
-        _, env, _ = invocation(self.rt, self.settings, rec, task, self.launcher.options.model)
+        env = environment(self.rt, rec, task, model_for(task, self.settings, self.launcher.options.model))
         rec.phase = "review"
         rec.exit_file = rec.exit_file.split(".review")[0] + ".review"
         review_log = str(Path(rec.log).with_suffix(".review.log"))

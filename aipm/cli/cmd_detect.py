@@ -10,21 +10,42 @@ from rich.table import Table
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, print_json, project_root
 from aipm.cli.resource_options import MaxWorkersOpt
-from aipm.launcher import Launcher
+from aipm.launcher import Launcher, Options
 from aipm.plan import all_reasons, plan
 from aipm.project import Project, find_task
-from aipm.runtime import Runtime
 from aipm.settings import load_settings
 from aipm.store import load_order
 
 
-def _plan(order_dir: Path, root: Path, max_workers: int | None):
+def _launcher(max_workers: int | None) -> Launcher:
+    """A launcher that only looks: detection never writes (dry-run rules for records, no lock)."""
+    root = project_root()
     settings = load_settings(root, {"max_workers": max_workers})
-    launcher = Launcher(Project(root, settings.orders_dir), settings, monitor=None)
-    order = load_order(order_dir, root)
-    busy, live, count = launcher.holders(order, Runtime(root).records())
-    free = max(0, settings.max_workers - count)
+    return Launcher(Project(root, settings.orders_dir), settings, Options(dry_run=True))
+
+
+def _plan(launcher: Launcher, order_dir: Path):
+    """The same planning inputs `launch` uses: the order, live worker records, free slots."""
+    order = load_order(order_dir, launcher.project.root)
+    busy, live, count = launcher.holders(order, launcher.records())
+    free = max(0, launcher.settings.max_workers - count)
     return order, plan(order, busy, live, free), free, busy
+
+
+def reasons_for(launcher: Launcher, order_dir: Path, task_id: str):
+    """(order, task id, launchable now?, every reason it is not)."""
+    order, result, _, busy = _plan(launcher, order_dir)
+    launchable = any(t.id == task_id for t in result.launchable)
+    return order, task_id, launchable, all_reasons(order, result, task_id, [b for b in busy if b.order_id != order.id])
+
+
+def print_reasons(task_id: str, launchable: bool, reasons: list) -> None:
+    if launchable:
+        console().print(f"{task_id} can start now.")
+        return
+    console().print(f"{task_id} cannot start:")
+    for reason in reasons:
+        console().print(f"  - {reason.detail}", markup=False)
 
 
 @app.command()
@@ -35,9 +56,8 @@ def detect(
     json_out: bool = JsonOpt,
 ) -> None:
     """List the tasks that may start now, in launch order, and why every other task may not. Never writes."""
-    root = project_root()
-    settings = load_settings(root, {"max_workers": max_workers})
-    loaded, result, free, _ = _plan(Project(root, settings.orders_dir).order_dir(order), root, max_workers)
+    launcher = _launcher(max_workers)
+    loaded, result, free, _ = _plan(launcher, launcher.project.order_dir(order))
     if json_out:
         data = {
             "order": loaded.id,
@@ -77,20 +97,11 @@ def why(
     json_out: bool = JsonOpt,
 ) -> None:
     """Explain whether a task may start now, and if not, every reason."""
-    root = project_root()
-    settings = load_settings(root, {"max_workers": max_workers})
-    order_dir, task_id = find_task(Project(root, settings.orders_dir), task)
-    loaded, result, free, busy = _plan(order_dir, root, max_workers)
-    launchable = any(t.id == task_id for t in result.launchable)
-    reasons = all_reasons(loaded, result, task_id, [b for b in busy if b.order_id != loaded.id])
+    launcher = _launcher(max_workers)
+    loaded, task_id, launchable, reasons = reasons_for(launcher, *find_task(launcher.project, task))
     if json_out:
         print_json({"order": loaded.id, "task": task_id, "launchable": launchable,
                     "reasons": [r.as_dict() for r in reasons],
                     "status": loaded.tasks[task_id].status.value})
         return
-    if launchable:
-        console().print(f"{task_id} can start now.")
-    else:
-        console().print(f"{task_id} cannot start:")
-        for reason in reasons:
-            console().print(f"  - {reason.detail}", markup=False)
+    print_reasons(task_id, launchable, reasons)

@@ -7,12 +7,14 @@ from typing import Optional
 import typer
 
 from aipm.cli import app
+from aipm.cli.cmd_detect import print_reasons, reasons_for
 from aipm.cli.common import JsonOpt, console, print_json, project_root
 from aipm.cli.display import Display, mode_for
 from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, Options
+from aipm.model import status_summary
 from aipm.project import Project, find_task
 from aipm.supervisor import supervise
 from aipm.view import OrderView
@@ -92,10 +94,7 @@ def run(
     finally:
         display.close()
     if not json_out:
-        counts: dict[str, int] = {}
-        for t in view.order.tasks.values():
-            counts[t.status.value] = counts.get(t.status.value, 0) + 1
-        console(stderr=code != 0).print(f"{view.order.id}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        console(stderr=code != 0).print(f"{view.order.id}: {status_summary(view.order)}")
     raise typer.Exit(code)
 
 
@@ -120,9 +119,8 @@ def exec_(
     display = Display("json" if json_out else "plain", view)
     code = supervise(launcher, view, display, only=task_id, detach_others=parallel)
     final = view.refresh().tasks[task_id]
-    if final.status.value == "QUEUED" and final.attempts == 0:
-        from aipm.cli.cmd_detect import why
-
-        why(task, max_workers, False)
+    if final.status.value == "QUEUED" and final.attempts == 0:  # it never started: say why
+        looker = Launcher(launcher.project, launcher.settings, Options(dry_run=True))  # reads only, no lock
+        print_reasons(*reasons_for(looker, order_dir, task_id)[1:])
     console(stderr=code != 0).print(f"{task_id}: {final.status.value}")
     raise typer.Exit(code)

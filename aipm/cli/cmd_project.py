@@ -10,7 +10,7 @@ from rich.table import Table
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root
 from aipm.errors import ValidationError
-from aipm.model import FINISHED_OK
+from aipm.model import FINISHED_OK, status_summary
 from aipm.project import CONFIG_FILE
 from aipm.runtime import Runtime
 from aipm.store import load_order
@@ -126,7 +126,4 @@ def status(
         table.add_row(t.id, f"[{STATUS_STYLE[t.status.value]}]{t.status.value}[/]", t.priority.value, deps,
                       "\n".join(t.target_files), str(t.attempts))
     console().print(table)
-    counts: dict[str, int] = {}
-    for t in tasks:
-        counts[t.status.value] = counts.get(t.status.value, 0) + 1
-    console().print("  ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
+    console().print(status_summary(loaded))

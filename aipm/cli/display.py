@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from aipm.model import Order
+from aipm.model import Order, status_summary
 
 
 # One line per event kind, for logs and CI output; fields missing from an event print as "?".
@@ -78,10 +78,7 @@ class Display:
         parts = []
         order: Order | None = self.view.order if self.view else None
         if order:
-            counts: dict[str, int] = {}
-            for t in order.tasks.values():
-                counts[t.status.value] = counts.get(t.status.value, 0) + 1
-            parts.append(Text(f"{order.id}: " + "  ".join(f"{k} {v}" for k, v in sorted(counts.items()))))
+            parts.append(Text(f"{order.id}: {status_summary(order)}"))
         table = Table(show_header=True, box=None)
         table.add_column("running")
         table.add_column("elapsed", justify="right")
