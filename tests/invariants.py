@@ -199,6 +199,16 @@ def cli_locks(root: Path) -> list[dict]:
     return json.loads(proc.stdout)["locks"]
 
 
+def pid_alive(pid: int) -> bool:
+    """The process exists and is not a zombie (zombies hold nothing and await a reaper)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def group_alive(pgid: int) -> bool:
     """A process group has a live (non-zombie) member."""
     import psutil

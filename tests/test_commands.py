@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from conftest import no_workers, snapshot, task_statuses, wait_for, write_task
-from invariants import group_alive
+from invariants import group_alive, pid_alive
 
 
 def test_init_twice_changes_nothing(tmp_path):
@@ -116,22 +116,13 @@ def test_recover_adopts_a_worker_whose_owner_died(project):
     project.aipm("launch", "ORD", check=True)
     worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
     os.kill(worker["owner_pid"], signal.SIGKILL)  # the detached owner dies; its worker lives on
-    wait_for(lambda: not _alive(worker["owner_pid"]))
+    wait_for(lambda: not pid_alive(worker["owner_pid"]))
     out = project.json("recover", "ORD")
     assert out["recovered"] == [{"order": "ORD", "id": "A", "action": "adopted"}]
     gate.touch()
     wait_for(lambda: task_statuses(order) == {"A": "DONE", "B": "DONE"})
     wait_for(lambda: no_workers(project.root))
     assert project.json("status", "ORD")["tasks"][0]["attempts"] == 1  # the real outcome, not a re-run
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    with open(f"/proc/{pid}/stat") as handle:
-        return handle.read().split(") ")[1][0] != "Z"
 
 
 def test_detect_summary_and_json(project):
@@ -165,7 +156,7 @@ def test_an_adopted_worker_killed_from_outside_counts_as_a_failed_attempt(projec
     project.aipm("launch", "ORD", check=True)
     first = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
     os.kill(first["owner_pid"], signal.SIGKILL)
-    wait_for(lambda: not _alive(first["owner_pid"]))
+    wait_for(lambda: not pid_alive(first["owner_pid"]))
     assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "A", "action": "adopted"}]
     adopted = wait_for(lambda: next((w for w in project.json("ps")["workers"]
                                      if w["owner_pid"] not in (0, first["owner_pid"])), None))

@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 from conftest import no_workers, task_statuses, wait_for, write_task
-from invariants import check, group_alive, journal_command, random_order, spans
+from invariants import check, group_alive, pid_alive, journal_command, random_order, spans
 
 
 def start_run(project, order, *args):
@@ -100,16 +100,16 @@ def test_failed_task_never_unblocks_dependants_and_the_rest_goes_on(project):
 
 def test_timeout_kills_the_whole_group(project):
     order = project.order()
-    marker = project.root / "grandchild-alive"
-    write_task(order, "HANG", command=f"(sleep 2; touch {marker}) & sleep 60", timeout=1)
+    pidfile = project.root / "grandchild.pid"
+    grandchild = f"sh -c 'echo $$ > {pidfile}; exec sleep 60'"
+    write_task(order, "HANG", command=f"{grandchild} & sleep 60", timeout=1)
     proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
     assert proc.returncode == 1
     assert task_statuses(order) == {"HANG": "FAILED"}
     log = project.aipm("logs", "ORD/HANG").stdout
     assert "timed out after 1s" in log
-    import time
-    time.sleep(2.5)  # give a surviving grandchild the chance to betray itself
-    assert not marker.exists()
+    grandchild_pid = int(pidfile.read_text())
+    assert not pid_alive(grandchild_pid), "a grandchild of the timed-out worker survived"
 
 
 def test_review_approves_or_sends_back_to_rework_then_rejects(project):
