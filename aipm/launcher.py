@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import runner, scope
+from aipm import outcome, runner, scope
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
@@ -139,7 +139,8 @@ class Launcher:
                 except LaunchFailed as exc:
                     report.failed.append({"id": task.id, "error": str(exc)})
                     continue
-                report.launched.append({"id": task.id, "pid": rec.pid or rec.owner_pid, "log": rec.log})
+                report.launched.append({"id": task.id, "pid": rec.pid or rec.owner_pid, "log": rec.log,
+                                        "attempt": rec.attempt})
         return report
 
     def _load_note(self) -> str:
@@ -176,7 +177,7 @@ class Launcher:
                 pass
             written = update_task(Path(task.path), {
                 "status": Status.IN_PROGRESS, "attempts": attempt, "started_at": rec.started_at,
-                "finished_at": None, "exit_code": None,
+                "finished_at": None, "exit_code": None, "reason": None,
             }, expect=Status.QUEUED, root=self.project.root)
             wrote_status = True
             if view is not None:
@@ -266,7 +267,7 @@ class Launcher:
                     self.runtime.write_record(rec)
                 out.append({"id": task.id, "action": "adopted"})
                 continue
-            self.interrupt(task, rec, "its worker is gone")
+            self.interrupt(task, rec, "worker gone")
             out.append({"id": task.id, "action": "requeued"})
         return out
 
@@ -274,7 +275,8 @@ class Launcher:
         """RUNNING → INTERRUPTED → QUEUED; the attempt is not counted unless asked (it was aipm's fault)."""
         path = Path(task.path)
         try:
-            update_task(path, {"status": Status.INTERRUPTED, "finished_at": now()}, expect=task.status)
+            update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(), "reason": outcome.interrupted(why)},
+                        expect=task.status)
             attempts = task.attempts if count_attempt else max(0, task.attempts - 1)
             update_task(path, {"status": Status.QUEUED, "attempts": attempts}, expect=Status.INTERRUPTED)
         except StaleWrite:

@@ -69,7 +69,7 @@ class Priority(str, enum.Enum):
 
 
 # Keys aipm writes back into task files; everything else belongs to the user.
-MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks")
+MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks", "reason")
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,13 @@ class Task:
     started_at: str | None = None
     finished_at: str | None = None
     exit_code: int | None = None
+    max_rework: int | None = None
+    reason: str | None = None  # why the latest attempt ended as it did (aipm.outcome words it)
+
+    @property
+    def tries(self) -> int:
+        """Attempts that count against max_attempts: every run except those a review sent back (reworks)."""
+        return max(0, self.attempts - self.reworks)
 
 
 @dataclass
@@ -103,10 +110,14 @@ class Order:
     title: str = ""
 
 
+def status_counts(order: Order) -> dict[str, int]:
+    """How many tasks are in each status, e.g. {"DONE": 9, "QUEUED": 1}."""
+    return dict(Counter(t.status.value for t in order.tasks.values()))
+
+
 def status_summary(order: Order) -> str:
     """"DONE 9, QUEUED 1": how many tasks are in each status, for one-line summaries."""
-    counts = Counter(t.status.value for t in order.tasks.values())
-    return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
+    return ", ".join(f"{status} {n}" for status, n in sorted(status_counts(order).items()))
 
 
 def natural_key(text: str) -> tuple:

@@ -52,12 +52,16 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "model": (_STRING, "Model name passed to the worker template as {model}."),
     "review": (_COMMAND, "Review command: exit 0 approves (COMPLETED), non-zero sends the task to REWORK."),
     "timeout": (_POSITIVE, "Seconds before the worker's whole process group is killed."),
-    "max_attempts": (_POSITIVE, "Failed attempts are retried until this many have run."),
+    "max_attempts": (_POSITIVE, "Tries: a failed or timed-out attempt is retried until this many have run "
+                                "(attempts a review sent back are reworks and do not count)."),
     "attempts": (_COUNT, "Attempts started so far."),
     "reworks": (_COUNT, "Times a review sent the task back."),
     "started_at": (_STRING, "When the latest attempt started."),
     "finished_at": (_STRING, "When the latest attempt or review ended."),
     "exit_code": ({"type": ["integer", "null"]}, "Exit code of the latest attempt."),
+    "max_rework": (_COUNT, "Times a review may send the task back before it is REJECTED; default max_rework."),
+    "reason": (_STRING, "Why the latest attempt ended as it did: 'exit 3', 'timed out after 60 s', "
+                        "'review rejected: ...', 'scope: wrote ...', 'cancelled', 'interrupted: ...'."),
 }
 
 _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {

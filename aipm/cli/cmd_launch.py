@@ -9,12 +9,11 @@ import typer
 from aipm.cli import app
 from aipm.cli.cmd_detect import print_reasons, reasons_for
 from aipm.cli.common import JsonOpt, console, print_json, project_root
-from aipm.cli.display import Display, mode_for
+from aipm.cli.display import Display, mode_for, plain_line, summary_event
 from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, Options
-from aipm.model import status_summary
 from aipm.project import Project, find_task
 from aipm.supervisor import supervise
 from aipm.view import OrderView
@@ -93,8 +92,11 @@ def run(
         code = supervise(launcher, view, display)
     finally:
         display.close()
-    if not json_out:
-        console(stderr=code != 0).print(f"{view.order.id}: {status_summary(view.order)}")
+    summary = summary_event(view.order, code)
+    if json_out:
+        display(summary)
+    else:
+        console(stderr=code != 0).print(plain_line(summary), markup=False)
     raise typer.Exit(code)
 
 

@@ -10,6 +10,7 @@ import psutil
 import typer
 from rich.table import Table
 
+from aipm import outcome
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json
 from aipm.errors import UserError
@@ -130,7 +131,8 @@ def cancel(
         current = load_task(path, project.root)
         if current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
             raise UserError(f"{path}: status: {current.status} cannot be cancelled")
-        update_task(path, {"status": Status.CANCELLED, "finished_at": now()}, expect=current.status)
+        update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
+                    expect=current.status)
         order_id = load_order(order_dir, project.root).id
         rec = rt.read_record(order_id, task_id)
     if rec is not None and rec.pid and rec.worker_alive():
@@ -150,8 +152,8 @@ def retry(task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to 
         if current.status in RUNNING:
             raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
         try:
-            update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "exit_code": None},
-                        expect=current.status)
+            update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "exit_code": None,
+                               "reason": None}, expect=current.status)
         except StaleWrite as exc:
             raise UserError(f"{path}: status: {exc}") from None
     console().print(f"{task_id}: QUEUED")

@@ -29,9 +29,9 @@ def project_root() -> Path:
     return Path(root).resolve() if root else find_root()
 
 
-def console(stderr: bool = False) -> Console:
+def console(stderr: bool = False, width: int | None = None) -> Console:
     # Rich honours NO_COLOR itself; no colour or markup tricks when not a terminal.
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def print_json(data: Any) -> None:
