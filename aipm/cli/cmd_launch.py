@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Optional
 
 import typer
 
 from aipm.cli import app
 from aipm.cli.cmd_detect import print_reasons, reasons_for
-from aipm.cli.common import JsonOpt, console, print_json, project_root
+from aipm.advice import warnings
+from aipm.cli.common import JsonOpt, console, print_json, project_root, warn
 from aipm.cli.display import Display, mode_for, plain_line, summary_event
 from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, Options
+from aipm.model import DEAD_END, FINISHED_OK, Task
 from aipm.project import Project, find_task
 from aipm.supervisor import supervise
 from aipm.view import OrderView
@@ -26,6 +29,11 @@ def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, 
     root = project_root()
     settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling)
     return Launcher(Project(root, settings.orders_dir), settings, options)
+
+
+def warn_unbounded(tasks: Iterable[Task]) -> None:
+    """Agent tasks that claim no files, among those that may still run."""
+    warn(warnings(t for t in tasks if t.status not in FINISHED_OK | DEAD_END))
 
 
 @app.command()
@@ -48,6 +56,7 @@ def launch(
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
                          Options(no_review, model, dry_run))
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
+    warn_unbounded(view.order.tasks.values())
     report = launcher.launch(view)
     if json_out:
         print_json({"order": view.order.id, "dry_run": dry_run, "launched": report.launched,
@@ -87,6 +96,7 @@ def run(
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
                          Options(no_review, model))
     view = OrderView(launcher.project.order_dir(order), launcher.project.root)
+    warn_unbounded(view.order.tasks.values())
     display = Display(mode_for(json_out), view)
     try:
         code = supervise(launcher, view, display)
@@ -118,6 +128,7 @@ def exec_(
                          Options(no_review, model))
     order_dir, task_id = find_task(launcher.project, task)
     view = OrderView(order_dir, launcher.project.root)
+    warn_unbounded([view.order.tasks[task_id]])
     display = Display("json" if json_out else "plain", view)
     code = supervise(launcher, view, display, only=task_id, detach_others=parallel)
     final = view.refresh().tasks[task_id]

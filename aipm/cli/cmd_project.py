@@ -9,7 +9,8 @@ from rich.table import Table
 from rich.text import Text
 
 from aipm.cli import app
-from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root
+from aipm.advice import warnings
+from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, warn
 from aipm.errors import ValidationError
 from aipm.model import FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
@@ -78,7 +79,10 @@ def validate(
     for directory in dirs:
         try:
             loaded = load_order(directory, project.root)
-            results.append({"order": loaded.id, "path": str(directory), "tasks": len(loaded.tasks), "ok": True})
+            advice = warnings(loaded.tasks.values())
+            warn(advice)
+            results.append({"order": loaded.id, "path": str(directory), "tasks": len(loaded.tasks), "ok": True,
+                            "warnings": advice})
         except ValidationError as exc:
             errors.append(str(exc))
             results.append({"order": directory.name, "path": str(directory), "ok": False, "error": str(exc),

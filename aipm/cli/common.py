@@ -40,6 +40,12 @@ def print_json(data: Any) -> None:
     sys.stdout.write(json.dumps(data, indent=indent, default=str) + "\n")
 
 
+def warn(lines: list[str]) -> None:
+    """Warnings go to stderr, one line each, and change neither the exit code nor the output on stdout."""
+    for line in lines:
+        print(f"aipm: warning: {line}", file=sys.stderr)
+
+
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
 
 
