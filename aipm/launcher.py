@@ -21,7 +21,7 @@ from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
 from aipm.plan import Busy, Plan, plan
 from aipm.project import Project
-from aipm.resources import ResourceMonitor
+from aipm.resources import RAMP_DELAY, ResourceMonitor, starts_now
 from aipm.runtime import LockBusy, Record, Runtime, process_ctime, read_exit_file
 from aipm.settings import Settings
 from aipm.store import StaleWrite, load_task, now, update_task
@@ -92,12 +92,22 @@ class Launcher:
             kept.append(rec)
         return kept
 
-    def worker_budget(self, live_workers: int) -> int:
-        """How many workers may run in total now: max_workers, scaled down under load."""
-        limit = self.settings.max_workers
-        if self.monitor is not None and self.settings.enable_auto_scaling:
-            limit = self.monitor.get_recommended_worker_count(live_workers, limit)
-        return limit
+    def start_budget(self, live_workers: int) -> tuple[int, str, str]:
+        """How many workers may start now, and why any more would wait: (count, reason code, detail).
+
+        max_workers less the live ones, scaled down under load; one at a time on a machine already half busy
+        (ramp-up: the next start waits for a reading that shows what this one does).
+        """
+        free = max(0, self.settings.max_workers - live_workers)
+        if self.monitor is None or not self.settings.enable_auto_scaling:
+            return free, "resources", "resource limit"
+        status = self.monitor.get_status()
+        detail = f"cpu {status.cpu_percent:.0f}%, memory {status.memory_percent:.0f}%"
+        allowed = max(0, self.monitor.recommended(status, live_workers, self.settings.max_workers) - live_workers)
+        ramped = starts_now(max(status.cpu_percent, status.memory_percent), allowed)
+        if ramped < allowed and not self.options.dry_run:  # a dry run shows the launch at this reading
+            return ramped, RAMP, f"ramping up ({detail}): one start per fresh load reading"
+        return allowed, "resources", f"machine busy ({detail})"
 
     # -- the transaction -------------------------------------------------------------------------------
 
@@ -126,10 +136,9 @@ class Launcher:
             report.plan = result
             wanted = [t for t in result.launchable if only is None or t.id in only]
             # Read the machine only when there is something to start: the idle loop costs no CPU.
-            budget = max(0, self.worker_budget(live_count) - live_count) if wanted else 0
-            note = self._load_note() if wanted[budget:] else ""
+            budget, why, note = self.start_budget(live_count) if wanted else (0, "", "")
             for task in wanted[budget:]:
-                report.deferred.append({"id": task.id, "reason": "resources", "detail": note})
+                report.deferred.append({"id": task.id, "reason": why, "detail": note})
             for task in wanted[:budget]:
                 if self.options.dry_run:
                     report.launched.append({"id": task.id, "pid": None, "dry_run": True})
@@ -143,11 +152,22 @@ class Launcher:
                                         "attempt": rec.attempt})
         return report
 
-    def _load_note(self) -> str:
-        if self.monitor is None:
-            return "resource limit"
-        status = self.monitor.get_status()
-        return f"machine busy (cpu {status.cpu_percent:.0f}%, memory {status.memory_percent:.0f}%)"
+    def launch_ramped(self, view: OrderView) -> LaunchReport:
+        """launch() with detached owners, repeated while the ramp-up holds starts back for a fresh reading.
+
+        For callers without an event loop (`aipm launch`, a detached worker starting successors); `run` gets the
+        same effect from its loop, which re-plans RESOURCE_RECHECK seconds after a deferral.
+        """
+        report = self.launch(view)
+        while not self.options.dry_run and report.launched and any(d["reason"] == RAMP for d in report.deferred):
+            time.sleep(RAMP_DELAY)
+            more = self.launch(view, recover=False)
+            report.launched += more.launched
+            report.failed += more.failed
+            report.deferred = more.deferred
+            if not more.launched:
+                break
+        return report
 
     def start(self, order: Order, task: Task, owner: "Owner | None", view: OrderView | None = None) -> Record:
         """Start one task. Caller holds the launch lock. On failure everything is undone and LaunchFailed raised."""
@@ -300,6 +320,9 @@ def remove_temp_files(order_dir: Path) -> None:
     so any such file is a leftover: the task file beside it is intact (it is replaced only by rename)."""
     for leftover in order_dir.glob(".*.yaml.*.tmp"):
         leftover.unlink(missing_ok=True)
+
+
+RAMP = "ramp_up"  # deferral reason: started one at a time on a busy machine; the others follow a fresh reading
 
 
 class LaunchFailed(Exception):

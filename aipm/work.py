@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             sup.handle(key)
     for fd in fds:
         os.close(fd)
-    launcher.launch(OrderView(Path(args.order_dir), root, watch=False), owner=None)
+    launcher.launch_ramped(OrderView(Path(args.order_dir), root, watch=False))
     return 0
 
 

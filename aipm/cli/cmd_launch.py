@@ -57,7 +57,7 @@ def launch(
                          Options(no_review, model, dry_run))
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
     warn_unbounded(view.order.tasks.values())
-    report = launcher.launch(view)
+    report = launcher.launch_ramped(view)
     if json_out:
         print_json({"order": view.order.id, "dry_run": dry_run, "launched": report.launched,
                     "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered})
