@@ -174,7 +174,8 @@ class Launcher:
         rt = self.runtime
         program = self._missing_program(task)
         if program:
-            raise LaunchFailed(f"{task.id}: program {program!r} not found on PATH; install it or fix `command`")
+            fix = f"`command` in {task.path}" if task.command else "worker.command (the worker template) in aipm.yaml"
+            raise LaunchFailed(f"program {program!r} not found on PATH; install it or fix {fix}")
         try:
             fds = rt.take_locks(task.targets)
         except LockBusy as exc:
