@@ -88,8 +88,9 @@ class Display:
             self.running = {k: v for k, v in self.running.items() if k != task}
         elif kind == "deferred":
             self.note = plain_line(event)
-        self.out.print(Text(plain_line(event)))
         self._headline()
+        self.live.refresh()  # the table under the new line shows the state after it, not a quarter second old
+        self.out.print(Text(plain_line(event)))
 
     def _headline(self) -> None:
         order: Order | None = self.view.order if self.view else None
