@@ -111,3 +111,14 @@ def test_summary_counts():
 def test_quiet_mode_chooses_the_same_tasks():
     o = order(*(task(f"T{i}", pri=f"P{i % 4}", files=[f"f{i % 3}"]) for i in range(20)))
     assert ids(plan(o, slots=3, explain=False)) == ids(plan(o, slots=3))
+
+
+def test_worker_limit_detail_does_not_contradict_itself():
+    o = order(*(task(f"T{i}") for i in range(1, 4)))
+    assert plan(o, slots=2).blocked["T3"].detail == "worker limit reached: the 2 free slot(s) go to tasks ranked before it"
+    assert plan(o, slots=0).blocked["T1"].detail == "worker limit reached: no free worker slot"
+
+
+def test_a_finished_task_names_why_it_ended():
+    o = order(Task(id="R", path="R.yaml", status=Status.REJECTED, reason="review rejected: E501 line too long"))
+    assert plan(o).blocked["R"].detail == "status is REJECTED (review rejected: E501 line too long)"

@@ -86,9 +86,12 @@ def run(
     max_memory: Optional[float] = MaxMemoryOpt,
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
-    json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
+    json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event, then a summary event."),
 ) -> None:
     """Run an order to the end: launch, watch, review, start successors as soon as they are unblocked.
+
+    Every event is one line (on a terminal, above a live table of the running tasks); the last line counts the
+    tasks by status.
 
     Exit 0 when every task is DONE/COMPLETED, 1 when some failed or stay blocked, 130 when interrupted.
     Safe to kill: a new `aipm run` re-attaches to the workers that are still running.
