@@ -198,7 +198,7 @@ class Launcher:
                 pass
             written = update_task(Path(task.path), {
                 "status": Status.IN_PROGRESS, "attempts": attempt, "started_at": rec.started_at,
-                "finished_at": None, "exit_code": None, "reason": None,
+                "finished_at": None, "exit_code": None, **cleared_reason(task),
             }, expect=Status.QUEUED, root=self.project.root)
             wrote_status = True
             if view is not None:
@@ -321,6 +321,11 @@ def remove_temp_files(order_dir: Path) -> None:
     so any such file is a leftover: the task file beside it is intact (it is replaced only by rename)."""
     for leftover in order_dir.glob(".*.yaml.*.tmp"):
         leftover.unlink(missing_ok=True)
+
+
+def cleared_reason(task: Task) -> dict:
+    """The update that forgets the previous attempt's reason; none when there is none (no new `reason: null` line)."""
+    return {"reason": None} if task.reason is not None else {}
 
 
 RAMP = "ramp_up"  # deferral reason: started one at a time on a busy machine; the others follow a fresh reading

@@ -117,7 +117,11 @@ def status_counts(order: Order) -> dict[str, int]:
 
 def status_summary(order: Order) -> str:
     """"DONE 9, QUEUED 1": how many tasks are in each status, for one-line summaries."""
-    return ", ".join(f"{status} {n}" for status, n in sorted(status_counts(order).items()))
+    return format_counts(status_counts(order))
+
+
+def format_counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
 
 
 def natural_key(text: str) -> tuple:

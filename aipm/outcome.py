@@ -32,8 +32,11 @@ def exited(code: int) -> str:
     names the signal too ("exit 137 (SIGKILL)")."""
     if code < 0:
         return killed(-code)
-    if code > 128 and code - 128 in signal.Signals._value2member_map_:
-        return f"exit {code} ({signal_name(code - 128)})"
+    if code > 128:
+        try:
+            return f"exit {code} ({signal.Signals(code - 128).name})"
+        except ValueError:
+            pass
     return f"exit {code}"
 
 

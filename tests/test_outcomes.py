@@ -134,7 +134,8 @@ def test_missing_worker_program_blames_the_template_once(project):
     lines = dict(line.split(": ", 1) for line in proc.stderr.splitlines() if line.startswith("failed "))
     assert lines["failed AGENT"] == ("program 'no-such-agent-xyz' not found on PATH; install it or fix "
                                      "worker.command (the worker template) in aipm.yaml")
-    assert lines["failed CMD"].startswith("program 'no-such-tool-xyz' not found on PATH; install it or fix `command` in ")
+    assert lines["failed CMD"].startswith(
+        "program 'no-such-tool-xyz' not found on PATH; install it or fix `command` in ")
     assert lines["failed CMD"].endswith("CMD.yaml")
     assert set(task_statuses(order).values()) == {"QUEUED"}
 

@@ -115,7 +115,8 @@ def test_quiet_mode_chooses_the_same_tasks():
 
 def test_worker_limit_detail_does_not_contradict_itself():
     o = order(*(task(f"T{i}") for i in range(1, 4)))
-    assert plan(o, slots=2).blocked["T3"].detail == "worker limit reached: the 2 free slot(s) go to tasks ranked before it"
+    detail = plan(o, slots=2).blocked["T3"].detail
+    assert detail == "worker limit reached: the 2 free slot(s) go to tasks ranked before it"
     assert plan(o, slots=0).blocked["T1"].detail == "worker limit reached: no free worker slot"
 
 

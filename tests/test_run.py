@@ -108,7 +108,7 @@ def test_timeout_kills_the_whole_group(project):
     assert proc.returncode == 1
     assert task_statuses(order) == {"HANG": "FAILED"}
     log = project.aipm("logs", "ORD/HANG").stdout
-    assert "timed out after 1s" in log
+    assert "timed out after 1 s" in log
     grandchild_pid = int(pidfile.read_text())
     assert not pid_alive(grandchild_pid), "a grandchild of the timed-out worker survived"
 

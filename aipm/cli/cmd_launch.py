@@ -138,5 +138,6 @@ def exec_(
     if final.status.value == "QUEUED" and final.attempts == 0:  # it never started: say why
         looker = Launcher(launcher.project, launcher.settings, Options(dry_run=True))  # reads only, no lock
         print_reasons(*reasons_for(looker, order_dir, task_id)[1:])
-    console(stderr=code != 0).print(f"{task_id}: {final.status.value}")
+    why = f" ({final.reason})" if final.reason else ""
+    console(stderr=code != 0).print(f"{task_id}: {final.status.value}{why}", markup=False)
     raise typer.Exit(code)

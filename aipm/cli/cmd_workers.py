@@ -14,7 +14,7 @@ from aipm import outcome
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json
 from aipm.errors import UserError
-from aipm.launcher import Launcher, Options, append_log
+from aipm.launcher import Launcher, Options, append_log, cleared_reason
 from aipm.model import RUNNING, Status
 from aipm.paths import normalize
 from aipm.project import find_task
@@ -153,7 +153,7 @@ def retry(task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to 
             raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
         try:
             update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "exit_code": None,
-                               "reason": None}, expect=current.status)
+                               **cleared_reason(current)}, expect=current.status)
         except StaleWrite as exc:
             raise UserError(f"{path}: status: {exc}") from None
     console().print(f"{task_id}: QUEUED")

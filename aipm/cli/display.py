@@ -12,7 +12,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from aipm.model import Order, status_counts, status_summary
+from aipm.model import Order, format_counts, status_counts, status_summary
 
 
 # One line per event kind, for logs and CI output; fields missing from an event print as "?".
@@ -37,9 +37,9 @@ def plain_line(event: dict) -> str:
     fields = {k: ", ".join(v) or "none" if isinstance(v, list) else v for k, v in event.items()}
     fields["detached"] = ", detached" if event.get("detached") else ""
     if event.get("event") == "finished" and not event.get("reason"):
-        fields["reason"] = f"exit {event.get('exit_code')}"  # an owner that predates reasons
+        fields["reason"] = f"exit {event.get('exit_code')}"  # moved on by a writer that gave no reason
     if isinstance(event.get("counts"), dict):
-        fields["counts"] = ", ".join(f"{status} {n}" for status, n in sorted(event["counts"].items()))
+        fields["counts"] = format_counts(event["counts"])
     return template.format_map(defaultdict(lambda: "?", fields))
 
 
