@@ -59,6 +59,12 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "started_at": (_STRING, "When the latest attempt started."),
     "finished_at": (_STRING, "When the latest attempt or review ended."),
     "exit_code": ({"type": ["integer", "null"]}, "Exit code of the latest attempt."),
+    "resources": ({"type": ["object", "null"], "additionalProperties": False, "properties": {
+        "cpus": {"type": "number", "exclusiveMinimum": 0},
+        "memory_mb": {"type": "integer", "minimum": 1},
+        "gpus": {"type": "number", "exclusiveMinimum": 0},
+    }}, "What one attempt needs: the Ray resource request with --runner ray; on this machine, a share of its "
+        "CPUs and memory."),
     "max_rework": (_COUNT, "Times a review may send the task back before it is REJECTED; default max_rework."),
     "reason": (_STRING, "Why the latest attempt ended as it did: 'exit 3', 'timed out after 60 s', "
                         "'review rejected: ...', 'scope: wrote ...', 'cancelled', 'interrupted: ...'."),
