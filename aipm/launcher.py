@@ -159,10 +159,11 @@ class Launcher:
         except LockBusy as exc:
             raise LaunchFailed(str(exc)) from None
         attempt = task.attempts + 1
+        number = rt.next_number(order.id, task.id, attempt)
         rec = Record(
             order=order.id, order_dir=order.path, task=task.id, task_file=task.path, attempt=attempt,
-            targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, attempt)),
-            exit_file=str(rt.exit_path(order.id, task.id, attempt)), started_at=now(),
+            targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, number)),
+            exit_file=str(rt.exit_path(order.id, task.id, number)), started_at=now(), number=number,
         )
         wrote_status = False
         try:

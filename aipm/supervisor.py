@@ -54,7 +54,7 @@ class Supervisor(Owner):
                            stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout))
         self._own(rec)
         self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
-                            "attempt": rec.attempt})
+                            "attempt": rec.serial})
 
     def _record(self, rec: Record, pid: int, timeout: int | None) -> None:
         """Write the worker's record; only then may its command begin."""
@@ -147,7 +147,7 @@ class Supervisor(Owner):
 
     def _apply(self, rec: Record, code: int | None, timed_out: bool) -> dict:
         task = load_task(Path(rec.task_file), self.rt.root)
-        event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.attempt,
+        event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.serial,
                  "phase": rec.phase, "exit_code": code}
         if task.status not in RUNNING or task.attempts != rec.attempt:
             # Someone moved it on (cancel, recover by another process): their word stands.
@@ -157,7 +157,7 @@ class Supervisor(Owner):
         if code is None:
             if rec.phase == "review":
                 self._start_review(rec, task)  # the reviewer vanished without a verdict: ask again
-                return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.attempt}
+                return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial}
             # We watched this worker (adopted, so not our child) die before its wrapper wrote an exit code: it
             # was killed. That is a failed attempt like any other, or repeated kills would retry forever.
             append_log(rec.log, "worker ended without an exit code (killed from outside); counted as exit 137")
@@ -167,7 +167,7 @@ class Supervisor(Owner):
         else:
             task = self._review_ended(rec, task, code)
         if task.status == Status.IN_REVIEW:
-            return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.attempt}
+            return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial}
         self._drop(rec)
         event["status"] = str(task.status)
         return event
@@ -180,7 +180,7 @@ class Supervisor(Owner):
     def _work_ended(self, rec: Record, task: Task, code: int, timed_out: bool, event: dict) -> Task:
         """IN_PROGRESS → DONE, IN_REVIEW (review started), QUEUED or FAILED; REWORK when out of scope."""
         timeout = task.timeout or self.settings.timeout
-        append_log(rec.log, f"attempt {rec.attempt} {describe_exit(code, timed_out, timeout)}")
+        append_log(rec.log, f"attempt {rec.serial} {describe_exit(code, timed_out, timeout)}")
         outside = self._scope_findings(rec) if code == 0 else []
         if outside:
             # Writing outside target_files fails the review, whatever the reviewer would say.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import psutil
@@ -18,14 +19,14 @@ from aipm.model import RUNNING, Status
 from aipm.paths import normalize
 from aipm.project import find_task
 from aipm.runner import terminate_group
-from aipm.runtime import Runtime
+from aipm.runtime import Runtime, live_pid
 from aipm.settings import load_settings
 from aipm.store import StaleWrite, load_order, load_task, now, update_task
 
 
 def _worker_info(rec) -> dict:
     pid = rec.pid if rec.worker_alive() else rec.owner_pid
-    info = {"order": rec.order, "task": rec.task, "attempt": rec.attempt, "pid": pid, "pgid": rec.pgid,
+    info = {"order": rec.order, "task": rec.task, "attempt": rec.serial, "pid": pid, "pgid": rec.pgid,
             "owner_pid": rec.owner_pid, "phase": rec.phase, "alive": rec.alive(), "log": rec.log,
             "command": rec.command, "targets": rec.targets}
     try:
@@ -86,19 +87,36 @@ def locks(json_out: bool = JsonOpt) -> None:
 def logs(
     task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
     follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing as the log grows, until the task ends."),
-    attempt: Optional[int] = typer.Option(None, "--attempt", help="Which attempt (default: the latest)."),
+    attempt: Optional[int] = typer.Option(None, "--attempt", help="Which attempt (default: the newest)."),
 ) -> None:
-    """Print a task's log (the latest attempt by default)."""
+    """Print a task's log: the newest attempt by default (`--attempt N` for another); with -f, keep following
+    the newest attempt until the task stops running."""
     project = get_project()
     order_dir, task_id = find_task(project, task)
     order = load_order(order_dir, project.root)
     rt = Runtime(project.root)
     found = rt.logs(order.id, task_id)
     if attempt is not None:
-        found = [p for p in found if p.name == f"{task_id}.{attempt}.log"]
-    if not found:
+        if attempt not in found:
+            have = ", ".join(map(str, found)) or "none"
+            raise UserError(f"no log of attempt {attempt} of {order.id}/{task_id} (attempts with a log: {have})")
+        path = found[attempt]
+    elif found:
+        path = found[max(found)]
+    else:
         raise UserError(f"no log for {order.id}/{task_id} yet (it has not run)")
-    path = found[-1]
+    while True:
+        _copy_log(path, follow=follow, running=lambda: rt.read_record(order.id, task_id))
+        rec = rt.read_record(order.id, task_id) if follow and attempt is None else None
+        if rec is None or rec.log == str(path):
+            break
+        # A newer attempt started while we followed this one (a retry, a rework): follow that one now.
+        path = Path(rec.log)
+        print(f"==> {path.name} <==", flush=True)
+
+
+def _copy_log(path: Path, follow: bool, running) -> None:
+    """Print `path`; with `follow`, keep printing what is appended while `running()` names this log."""
     with open(path, "rb") as handle:
         while True:
             chunk = handle.read(65536)
@@ -106,7 +124,8 @@ def logs(
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
                 continue
-            if not follow or rt.read_record(order.id, task_id) is None:
+            rec = running() if follow else None
+            if rec is None or rec.log != str(path):
                 break
             time.sleep(0.25)  # tail -f style: the reader is a human, a quarter second is plenty
 
@@ -141,19 +160,27 @@ def cancel(
 
 @app.command()
 def retry(task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file.")) -> None:
-    """Put a finished, failed, rejected or cancelled task back to QUEUED with fresh attempts."""
+    """Put a finished, failed, rejected or cancelled task back to QUEUED, as new: its attempts, reworks, times and
+    exit code are cleared and the old review feedback is dropped; its next attempt gets a new number and log."""
     project, _ = _settings_project()
     order_dir, task_id = find_task(project, task)
     path = order_dir / f"{task_id}.yaml"
-    with Runtime(project.root).launch_lock():
+    rt = Runtime(project.root)
+    with rt.launch_lock():
         current = load_task(path, project.root)
         if current.status in RUNNING:
             raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
+        order_id = load_order(order_dir, project.root).id
+        rec = rt.read_record(order_id, task_id)
+        if rec is not None and rec.alive():
+            raise UserError(f"{path}: status: {current.status}, but its worker pid {live_pid(rec)} is still "
+                            "running; wait for it to end (or cancel it)")
         try:
-            update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "exit_code": None},
-                        expect=current.status)
+            update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "started_at": None,
+                               "finished_at": None, "exit_code": None}, expect=current.status)
         except StaleWrite as exc:
             raise UserError(f"{path}: status: {exc}") from None
+        rt.feedback_path(order_id, task_id).unlink(missing_ok=True)
     console().print(f"{task_id}: QUEUED")
 
 
