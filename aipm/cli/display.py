@@ -26,6 +26,8 @@ LINES = {
     "error": "error    {error}",
     "invalid_file": "ignored  {error} (keeping the last valid version)",
     "interrupted": "stopped  by signal; re-queued: {requeued}",
+    "restored": "restore  {task} → {status}: its file said {was} while its worker ran",
+    "gone":     "gone     {task}: its file was deleted while it ran; exit {exit_code} kept in its log",
 }
 
 
@@ -60,7 +62,8 @@ class Display:
             sys.stdout.flush()
             return
         if self.mode == "plain":
-            print(plain_line(event), flush=True)
+            if event.get("event") != "error":  # on stderr already: print each error once
+                print(plain_line(event), flush=True)
             return
         kind, task = event.get("event"), event.get("task")
         if kind in ("started", "adopted"):
