@@ -155,7 +155,19 @@ def cancel(
     if rec is not None and rec.pid and rec.worker_alive():
         append_log(rec.log, "cancelled by the user: stopping the process group")
         terminate_group(rec.pgid, rec.pid, grace)
+        _until_released(rt, order_id, task_id, grace + 5)
     console().print(f"{task_id}: CANCELLED")
+
+
+def _until_released(rt: Runtime, order_id: str, task_id: str, limit: float) -> None:
+    """Wait (bounded) for the owner to see its worker end and drop the record, so that a `retry` right after a
+    cancel is not refused as still running."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        rec = rt.read_record(order_id, task_id)
+        if rec is None or not rec.alive():
+            return
+        time.sleep(0.05)
 
 
 @app.command()
