@@ -73,7 +73,7 @@ class Display:
             self.recent.appendleft(plain_line(event))
         elif kind == "deferred":
             self.note = plain_line(event)
-        elif kind in ("launch_failed", "interrupted", "invalid_file", "error"):
+        elif kind in ("launch_failed", "interrupted", "invalid_file", "restored", "gone"):  # errors: on stderr
             self.recent.appendleft(plain_line(event))
         self.live.update(self._render())
 
