@@ -74,3 +74,38 @@ def test_logs_of_a_task_are_not_mixed_with_a_task_whose_id_extends_it(project):
     assert project.aipm("run", "ORD").returncode == 0
     out = project.aipm("logs", "T").stdout
     assert "from-T" in out and "from-T.x" not in out
+
+
+def test_logs_follow_goes_on_to_the_next_attempt(project):
+    """`logs -f` started during attempt 1 follows attempt 2 when attempt 1 fails and the task is retried."""
+    import subprocess
+    import sys
+
+    from conftest import wait_for
+
+    order = project.order()
+    root = project.root
+    write_task(order, "A", max_attempts=2, command='echo "out-$AIPM_ATTEMPT"; '
+               'while [ ! -e "gate$AIPM_ATTEMPT" ]; do sleep 0.02; done; [ "$AIPM_ATTEMPT" = 2 ]')
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD",
+                            "--no-resource-monitoring", "--json"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root)
+    try:
+        log1 = root / ".aipm" / "logs" / "ORD" / "A.1.log"
+        wait_for(lambda: log1.exists() and "out-1" in log1.read_text(), timeout=60)
+        follow = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(root), "logs", "A", "-f"],
+                                  stdout=subprocess.PIPE, text=True, cwd=root)
+        first = follow.stdout.readline()  # it follows attempt 1 now
+        (root / "gate1").touch()
+        wait_for(lambda: "out-2" in (root / ".aipm" / "logs" / "ORD" / "A.2.log").read_text()
+                 if (root / ".aipm" / "logs" / "ORD" / "A.2.log").exists() else False, timeout=60)
+        (root / "gate2").touch()
+        out, _ = follow.communicate(timeout=60)
+        out = first + out
+        assert run.wait(timeout=60) == 0
+    finally:
+        run.kill()
+        run.wait()
+    assert "out-1" in out and "out-2" in out, out + run.stdout.read()
+    assert out.index("out-1") < out.index("==> A.2.log <==") < out.index("out-2"), out
+    assert task_statuses(order) == {"A": "DONE"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,38 +97,49 @@ def logs(
     order = load_order(order_dir, project.root)
     rt = Runtime(project.root)
     found = rt.logs(order.id, task_id)
-    if attempt is not None:
-        if attempt not in found:
-            have = ", ".join(map(str, found)) or "none"
-            raise UserError(f"no log of attempt {attempt} of {order.id}/{task_id} (attempts with a log: {have})")
-        path = found[attempt]
-    elif found:
-        path = found[max(found)]
-    else:
+    if attempt is not None and attempt not in found:
+        have = ", ".join(map(str, found)) or "none"
+        raise UserError(f"no log of attempt {attempt} of {order.id}/{task_id} (attempts with a log: {have})")
+    if not found:
         raise UserError(f"no log for {order.id}/{task_id} yet (it has not run)")
+    number = attempt if attempt is not None else max(found)
     while True:
-        _copy_log(path, follow=follow, running=lambda: rt.read_record(order.id, task_id))
-        rec = rt.read_record(order.id, task_id) if follow and attempt is None else None
-        if rec is None or rec.log == str(path):
-            break
-        # A newer attempt started while we followed this one (a retry, a rework): follow that one now.
-        path = Path(rec.log)
-        print(f"==> {path.name} <==", flush=True)
+        with open(found[number], "rb") as handle:
+            _print_attempt(rt, order.id, task_id, handle, follow)
+        # Following the newest attempt goes on to the attempts that started meanwhile (a retry, a rework).
+        found = rt.logs(order.id, task_id) if follow and attempt is None else {}
+        newer = [n for n in found if n > number]
+        if not newer:
+            return
+        number = min(newer)
+        print(f"==> {found[number].name} <==", flush=True)
 
 
-def _copy_log(path: Path, follow: bool, running) -> None:
-    """Print `path`; with `follow`, keep printing what is appended while `running()` names this log."""
-    with open(path, "rb") as handle:
-        while True:
-            chunk = handle.read(65536)
-            if chunk:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                continue
-            rec = running() if follow else None
-            if rec is None or rec.log != str(path):
-                break
+def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: bool) -> None:
+    """Print the log open in `handle`; with `follow`, keep printing what is appended while its attempt runs."""
+    while True:
+        chunk = handle.read(65536)
+        if chunk:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            continue
+        if not follow:
+            return
+        rec = rt.read_record(order_id, task_id)
+        if rec is not None and _same(rec.log, handle.name):
             time.sleep(0.25)  # tail -f style: the reader is a human, a quarter second is plenty
+            continue
+        # The attempt ended. Its owner records the outcome and starts the next attempt in one step under the
+        # launch lock: once we had it, the last lines are written and a next attempt's log exists.
+        with rt.launch_lock():
+            pass
+        sys.stdout.buffer.write(handle.read())
+        sys.stdout.flush()
+        return
+
+
+def _same(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _settings_project():
