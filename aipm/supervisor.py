@@ -189,6 +189,8 @@ class Supervisor(Owner):
         append_log(rec.log, f"attempt {rec.serial} ended with exit {code}, but its task file {rec.task_file} "
                             f"was deleted meanwhile: the outcome is recorded here" + (" and in its exit file" * kept))
         self._drop(rec)
+        if self.view is not None and rec.order == self.view.order.id:
+            self.view.reload(rec.task_file, gone=True)
         return {"event": "gone", "order": rec.order, "task": rec.task, "attempt": rec.serial, "exit_code": code,
                 "file": rec.task_file}
 

@@ -948,7 +948,9 @@ def _damage_order(project, damage: str) -> tuple[Path, Path]:
     order = project.order()
     journal = project.root / "journal.txt"
     act = {"delete": 'rm "orders/ORD/A.yaml"', "break": "echo 'oops: [' >> orders/ORD/A.yaml"}[damage]
-    write_task(order, "A", command=journal_command(journal, act), target_files=["a.txt"])
+    # A goes on (until the test opens its gate) after the damage, so its owner supervises it meanwhile.
+    write_task(order, "A", command=journal_command(journal, f"{act}; while [ ! -e gate ]; do sleep 0.02; done"),
+               target_files=["a.txt"])
     write_task(order, "B", command=journal_command(journal, "until [ -e .aipm/exit/ORD/A.1 ]; do sleep 0.02; done"),
                target_files=["b.txt"])
     write_task(order, "C", command=journal_command(journal), depends_on=["B"], target_files=["c.txt"])
@@ -960,8 +962,16 @@ def test_a_task_file_deleted_or_broken_mid_run_does_not_abort_run(project, damag
     """Issue 11.6: `run` exited 2 when a running task's file was deleted or broken, leaving B unsupervised."""
     order, journal = _damage_order(project, damage)
     proc = Proc(project.root, *run_args(5, "--json"))
+    try:
+        # Reported as soon as the run sees it, while A still runs (the last valid version is kept).
+        wait_for(lambda: any(e["event"] == "invalid_file" for e in proc.events()) or proc.p.poll() is not None,
+                 timeout=120)
+    finally:
+        (project.root / "gate").touch()
     rc = proc.wait(timeout=240)
     events = proc.events()
+    assert [e["error"].endswith({"delete": "deleted while its task runs", "break": "did not find expected node "
+                                 "content"}[damage]) for e in events if e["event"] == "invalid_file"] == [True], events
     statuses = task_statuses(order)
     assert {k: statuses[k] for k in ("B", "C")} == {"B": "DONE", "C": "DONE"}, proc.output
     log = (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
@@ -972,7 +982,6 @@ def test_a_task_file_deleted_or_broken_mid_run_does_not_abort_run(project, damag
     else:
         assert rc == 1, proc.output  # A's outcome is not recorded yet
         assert [e["event"] for e in events if e.get("task") == "A"].count("error") == 1, proc.output
-        assert any(e["event"] == "invalid_file" for e in events), proc.output
         _fix_and_recover(project, order)
     assert "Traceback" not in proc.output
     assert check(journal, order, root=project.root) == []  # A ran once
@@ -991,9 +1000,15 @@ def _fix_and_recover(project, order: Path) -> None:
 def test_a_task_file_deleted_or_broken_under_a_detached_owner(project, damage):
     """Issue 11.6: the detached owner (python -m aipm.work) died with a traceback."""
     order, journal = _damage_order(project, damage)
-    assert project.aipm("launch", "ORD").returncode == 0
-    wait_for(lambda: task_statuses(order).get("B") == "DONE" and not any(
-        group_alive(r["owner_pid"]) for r in worker_records(project.root) if r["owner_pid"]), timeout=240)
+    (project.root / "gate").touch()  # nobody watches for the damage here: A ends right after it
+    watch = RecordWatch(project.root)
+    try:
+        assert project.aipm("launch", "ORD").returncode == 0
+        wait_for(lambda: task_statuses(order).get("B") == "DONE", timeout=240)
+    finally:
+        # Every owner and worker seen has ended (the owners start successors after dropping their record).
+        groups = watch.stop()
+        wait_for(lambda: not any(group_alive(g) for g in groups), timeout=240)
     logs = project.root / ".aipm" / "logs" / "ORD"
     text = "".join(p.read_text() for p in sorted(logs.glob("*.log")))
     assert "Traceback" not in text, text
