@@ -26,6 +26,8 @@ LINES = {
     "error": "error    {error}",
     "invalid_file": "ignored  {error} (keeping the last valid version)",
     "interrupted": "stopped  by signal; re-queued: {requeued}",
+    "restored": "restore  {task} → {status}: its file said {was} while its worker ran",
+    "gone":     "gone     {task}: its file was deleted while it ran; exit {exit_code} kept in its log",
     "summary": "{order}: {counts}",
 }
 
@@ -79,7 +81,8 @@ class Display:
             sys.stdout.flush()
             return
         if self.mode == "plain":
-            print(plain_line(event), flush=True)
+            if event.get("event") != "error":  # on stderr already: print each error once
+                print(plain_line(event), flush=True)
             return
         kind, task = event.get("event"), event.get("task")
         if kind in ("started", "adopted") and not event.get("detached"):
@@ -90,7 +93,8 @@ class Display:
             self.note = plain_line(event)
         self._headline()
         self.live.refresh()  # the table under the new line shows the state after it, not a quarter second old
-        self.out.print(Text(plain_line(event)))
+        if kind != "error":  # on stderr already: print each error once
+            self.out.print(Text(plain_line(event)))
 
     def _headline(self) -> None:
         order: Order | None = self.view.order if self.view else None
