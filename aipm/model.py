@@ -112,3 +112,8 @@ def status_summary(order: Order) -> str:
 def natural_key(text: str) -> tuple:
     """Sort key that puts TASK_9 before TASK_10."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+# Ids of tasks and orders: they become file names under .aipm/, log names and environment values, so two ids
+# must never map to one name (`a b` and `a_b`) nor leave a directory (`.`, `..`, `a/b`).
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

@@ -8,7 +8,6 @@ which fails if the name exists: a refused `add` or `new` leaves every byte on di
 from __future__ import annotations
 
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -20,12 +19,9 @@ import yaml
 from aipm.cli import app
 from aipm.cli.common import console, get_project
 from aipm.errors import UserError
-from aipm.model import Priority
+from aipm.model import ID_PATTERN, Priority
 from aipm.schema import KINDS, schema_text, shipped_path
 from aipm.store import ORDER_FILE, check_links, load_order, parse_mapping, task_from_mapping
-
-# Conservative on purpose: ids become file names, log names and shell-visible environment values.
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @app.command("schema")
