@@ -310,11 +310,8 @@ def task_files(order_dir: Path) -> list[Path]:
     return [order_dir / name for name in sorted(e.name for e in found if e.is_file())]
 
 
-def load_order(order_dir: Path, root: Path | None = None) -> Order:
-    """Load and fully validate an order directory; raise the first ValidationError found."""
-    order_dir = Path(order_dir)
-    if not order_dir.is_dir():
-        raise ValidationError(str(order_dir), None, "not an order directory")
+def order_meta(order_dir: Path) -> tuple[str, str, Path | None]:
+    """(id, title, the order.yaml that set the id or None) of an order directory, validated."""
     order_id, title, id_from = order_dir.name, "", None
     meta = order_dir / ORDER_FILE
     if meta.is_file():
@@ -330,6 +327,15 @@ def load_order(order_dir: Path, root: Path | None = None) -> Order:
         raise ValidationError(str(id_from or order_dir), "id" if id_from else None,
                               f"{order_id!r} is not a usable order id; use letters, digits, '_', '.' and '-', "
                               "starting with a letter or digit" + ("" if id_from else f" (or set `id:` in {ORDER_FILE})"))
+    return order_id, title, id_from
+
+
+def load_order(order_dir: Path, root: Path | None = None) -> Order:
+    """Load and fully validate an order directory; raise the first ValidationError found."""
+    order_dir = Path(order_dir)
+    if not order_dir.is_dir():
+        raise ValidationError(str(order_dir), None, "not an order directory")
+    order_id, title, _ = order_meta(order_dir)
     order = Order(id=order_id, path=str(order_dir), title=title)
     # Loading allocates many small objects that all stay alive: the cyclic GC would only rescan them.
     gc_was_on = gc.isenabled()
