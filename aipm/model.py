@@ -72,7 +72,7 @@ class Priority(str, enum.Enum):
 MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: no per-task __dict__ (100k tasks are loaded at once)
 class Task:
     id: str
     path: str  # the task file, as given to the loader
