@@ -197,3 +197,10 @@ def test_generated_forms_parse_to_old_data_plus_updates(tmp_path_factory, text, 
     assert new.startswith("\ufeff") == text.startswith("\ufeff")
     if "\r\n" in text:
         assert "\n" not in new.replace("\r\n", "")
+
+
+def test_keys_inside_nested_mappings_are_not_the_managed_ones():
+    """Only the top-level mapping holds managed fields: `env: {status: x}` or an indented `status:` stay put."""
+    text = "env: {status: x}\nnested:\n  status: y\n  attempts: 3\ncommand: z\n"
+    new = rewrite(text, {"status": Status.IN_PROGRESS, "attempts": 1})
+    assert new == text + "status: IN_PROGRESS\nattempts: 1\n"
