@@ -72,6 +72,15 @@ class Priority(str, enum.Enum):
 MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks")
 
 
+@dataclass(frozen=True)
+class Resources:
+    """What one attempt needs: a Ray resource request, and on this machine a share of its capacity."""
+
+    cpus: float | None = None
+    memory_mb: int | None = None
+    gpus: float | None = None
+
+
 @dataclass(frozen=True, slots=True)  # slots: no per-task __dict__ (100k tasks are loaded at once)
 class Task:
     id: str
@@ -93,6 +102,7 @@ class Task:
     started_at: str | None = None
     finished_at: str | None = None
     exit_code: int | None = None
+    resources: Resources | None = None
 
 
 @dataclass
