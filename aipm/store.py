@@ -332,11 +332,11 @@ def load_task(path: Path, root: Path | None = None) -> Task:
 
 def task_files(order_dir: Path) -> list[Path]:
     with os.scandir(order_dir) as entries:
-        found = [e for e in entries if e.name.endswith(".yaml") and e.name != ORDER_FILE and not e.name.startswith(".")]
-    for e in found:
-        if e.is_symlink():  # from the directory entry: no extra system call
-            raise ValidationError(e.path, None, _SYMLINK)
-    return [order_dir / name for name in sorted(e.name for e in found if e.is_file())]
+        names = sorted(
+            e.name for e in entries
+            if e.name.endswith(".yaml") and e.name != ORDER_FILE and not e.name.startswith(".") and e.is_file()
+        )
+    return [order_dir / name for name in names]
 
 
 def order_meta(order_dir: Path) -> tuple[str, str, Path | None]:
