@@ -81,7 +81,7 @@ class Resources:
     gpus: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: no per-task __dict__ (100k tasks are loaded at once)
 class Task:
     id: str
     path: str  # the task file, as given to the loader
@@ -137,3 +137,8 @@ def format_counts(counts: dict[str, int]) -> str:
 def natural_key(text: str) -> tuple:
     """Sort key that puts TASK_9 before TASK_10."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+# Ids of tasks and orders: they become file names under .aipm/, log names and environment values, so two ids
+# must never map to one name (`a b` and `a_b`) nor leave a directory (`.`, `..`, `a/b`).
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aipm.model import MANAGED_FIELDS, Priority, Status
-from aipm.store import ORDER_KEYS, TASK_KEYS
+from aipm.store import MAX_TIMEOUT, ORDER_KEYS, TASK_KEYS
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SHIPPED_DIR = Path(__file__).resolve().parent / "schemas"
@@ -51,7 +51,7 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "prompt": (_STRING, "Text for an agent worker, given on standard input."),
     "model": (_STRING, "Model name passed to the worker template as {model}."),
     "review": (_COMMAND, "Review command: exit 0 approves (COMPLETED), non-zero sends the task to REWORK."),
-    "timeout": (_POSITIVE, "Seconds before the worker's whole process group is killed."),
+    "timeout": ({**_POSITIVE, "maximum": MAX_TIMEOUT}, "Seconds before the worker's whole process group is killed."),
     "max_attempts": (_POSITIVE, "Tries: a failed or timed-out attempt is retried until this many have run "
                                 "(attempts a review sent back are reworks and do not count)."),
     "attempts": (_COUNT, "Attempts started so far."),

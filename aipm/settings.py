@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from aipm.errors import SettingsError
+from aipm.store import MAX_TIMEOUT, DuplicateKey, load_yaml
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,8 @@ SETTING_NAMES = tuple(f.name for f in fields(Settings) if f.name != "sources")
 def _number(value: Any, kind: type) -> Any:
     """`value` as an int or float, from a number or a string; None when it is neither (booleans are not numbers)."""
     if isinstance(value, bool) or not isinstance(value, (str, int) if kind is int else (str, int, float)):
+        return None
+    if isinstance(value, str) and not value.isascii():  # int() would read "٣" (Arabic-Indic three) as 3
         return None
     try:
         return kind(value.strip() if isinstance(value, str) else value)
@@ -96,9 +99,12 @@ def _timeout(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
         return None
     try:
-        return _positive(value)
+        seconds = _positive(value)
     except ValueError:
         raise ValueError(f"{value!r} is not a positive number of seconds or none") from None
+    if seconds > MAX_TIMEOUT:
+        raise ValueError(f"{seconds} is more than the maximum {MAX_TIMEOUT} seconds (a week); or say none")
+    return seconds
 
 
 def _text(value: Any) -> str:
@@ -218,9 +224,14 @@ def _file_layer(path: Path, data: Any, source: str) -> Layer:
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.load(path.read_bytes(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return load_yaml(path.read_bytes().decode("utf-8"))
     except OSError as exc:
         raise SettingsError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"{path}: not UTF-8 (byte {exc.start}); save it as UTF-8") from None
+    except DuplicateKey as exc:
+        # Both lines look like the setting; the last would win silently.
+        raise SettingsError(f"{path}:{exc.mark.line + 1}: {exc.key}: appears twice; keep one") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

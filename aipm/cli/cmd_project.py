@@ -75,9 +75,11 @@ def validate(
     """Check task and order files. Exit 2, naming the file and the field, on any error."""
     project = get_project()
     dirs = [project.order_dir(order)] if order else project.order_dirs()
+    ids = project.order_ids()
     results, errors = [], []
     for directory in dirs:
         try:
+            project.check_unique(directory, ids)
             loaded = load_order(directory, project.root)
             advice = warnings(loaded.tasks.values())
             warn(advice)

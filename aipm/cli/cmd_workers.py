@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import nullcontext
 from typing import Optional
 
 import psutil
@@ -67,8 +68,10 @@ def locks(json_out: bool = JsonOpt) -> None:
     project = get_project()
     rt = Runtime(project.root)
     rows = []
-    with rt.launch_lock():
-        for rec in rt.records():
+    records = rt.records()
+    # Without records there is nothing to probe: no lock taken, so a fresh project gets no .aipm/ (read-only).
+    with rt.launch_lock() if records else nullcontext():
+        for rec in records:
             for raw in rec.targets:
                 target = normalize(raw)
                 rows.append({"path": str(target), "order": rec.order, "task": rec.task,
