@@ -55,6 +55,7 @@ class Record:
     phase: str = "work"  # "work" or "review"
     deadline: float | None = None  # wall-clock time after which the worker's group is killed
     scope_allowed: list[str] = field(default_factory=list)  # targets of tasks running when it started
+    agent: str = "command"  # the preset that runs the work (aipm.agents), so its usage can be read at the end
 
     @property
     def scope_file(self) -> str:
@@ -262,6 +263,13 @@ class Runtime:
 
     def feedback_path(self, order: str, task: str) -> Path:
         return self._dir(self.dir / "feedback" / _safe(order) / f"{_safe(task)}.txt")
+
+    def resume_path(self, order: str, task: str) -> Path:
+        """`aipm retry --resume` leaves the agent session to continue here, for the next attempt."""
+        return self._dir(self.dir / "resume" / _safe(order) / f"{_safe(task)}.txt")
+
+    def notify_log(self) -> Path:
+        return self._dir(self.dir / "notify.log")
 
 
 def read_exit_file(path: str) -> int | None:

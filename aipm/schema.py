@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from aipm import agents
 from aipm.model import MANAGED_FIELDS, Priority, Status
 from aipm.store import ORDER_KEYS, TASK_KEYS
 
@@ -58,12 +59,26 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "started_at": (_STRING, "When the latest attempt started."),
     "finished_at": (_STRING, "When the latest attempt or review ended."),
     "exit_code": ({"type": ["integer", "null"]}, "Exit code of the latest attempt."),
+    "agent": ({"type": ["string", "null"], "enum": [*agents.NAMES, None]},
+              "Agent preset for a task without `command`: its command line, permission rules and usage "
+              "parsing. Default: the worker.agent setting."),
+    "max_cost_usd": ({"type": ["number", "null"], "exclusiveMinimum": 0},
+                     "US dollars one attempt may spend, passed to agents whose CLI takes a cap "
+                     "(claude --max-budget-usd)."),
+    "cost_usd": ({"type": ["number", "null"], "minimum": 0},
+                 "What the task's attempts cost in total, as the agent reported it; absent when unknown."),
+    "tokens": ({"type": ["object", "null"], "additionalProperties": False,
+                "properties": {k: {"type": "integer", "minimum": 0} for k in agents.TOKEN_KINDS}},
+               "Tokens the task's attempts used in total, by kind; a kind the agent did not report is absent."),
+    "session_id": (_STRING, "The agent's own session of the latest attempt; `aipm retry --resume` continues it."),
 }
 
 _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "id": (_STRING, "The order id; default the directory name."),
     "title": (_STRING, "One line saying what the order delivers."),
     "description": (_STRING, "Anything else a reader should know."),
+    "max_cost_usd": ({"type": ["number", "null"], "exclusiveMinimum": 0},
+                     "Budget in US dollars: once the tasks' recorded cost_usd reaches it, no new attempt starts."),
 }
 
 

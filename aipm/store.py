@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from aipm import agents
 from aipm.errors import ValidationError
 from aipm.model import MANAGED_FIELDS, TRANSITIONS, Order, Priority, Status, Task
 from aipm.paths import PathError, normalize
@@ -32,8 +33,9 @@ ORDER_FILE = "order.yaml"
 TASK_KEYS = (
     "id", "title", "status", "priority", "depends_on", "target_files", "command", "prompt", "model",
     "review", "timeout", "max_attempts", "attempts", "reworks", "started_at", "finished_at", "exit_code",
+    "agent", "max_cost_usd", "cost_usd", "tokens", "session_id",
 )
-ORDER_KEYS = ("id", "title", "description")
+ORDER_KEYS = ("id", "title", "description", "max_cost_usd")
 
 
 _STR = "tag:yaml.org,2002:str"
@@ -198,6 +200,43 @@ def _timestamp(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def _money(path: Path, data: Mapping[str, Any], key: str, positive: bool) -> float | None:
+    """US dollars: a positive budget, or a recorded cost (≥ 0)."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        value > 0 if positive else value >= 0) or value == float("inf"):
+        what = "a positive number of US dollars" if positive else "a number of US dollars ≥ 0"
+        raise ValidationError(str(path), key, f"must be {what}, not {value!r}")
+    return float(value)
+
+
+def _tokens(path: Path, data: Mapping[str, Any]) -> dict[str, int] | None:
+    value = data.get("tokens")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        k in agents.TOKEN_KINDS and not isinstance(n, bool) and isinstance(n, int) and n >= 0
+        for k, n in value.items()
+    ):
+        raise ValidationError(str(path), "tokens", "must be a mapping of " + ", ".join(agents.TOKEN_KINDS)
+                              + f" to whole numbers ≥ 0, not {value!r}")
+    return value
+
+
+def _agent(path: Path, data: Mapping[str, Any]) -> str | None:
+    value = data.get("agent")
+    if value is None:
+        return None
+    if value not in agents.NAMES:
+        raise ValidationError(str(path), "agent", f"{value!r} is not one of {', '.join(agents.NAMES)}")
+    if data.get("command") is not None and value != agents.COMMAND:
+        raise ValidationError(str(path), "agent", f"{value!r} is set together with `command`; a task runs "
+                              "either its command or an agent preset: drop one")
+    return value
+
+
 def _kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
             bool: "a boolean"}.get(type(value), type(value).__name__)
@@ -249,6 +288,11 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
         started_at=_timestamp(path, data, "started_at"),
         finished_at=_timestamp(path, data, "finished_at"),
         exit_code=exit_code,
+        agent=_agent(path, data),
+        max_cost_usd=_money(path, data, "max_cost_usd", positive=True),
+        cost_usd=_money(path, data, "cost_usd", positive=False),
+        tokens=_tokens(path, data),
+        session_id=_str(path, data, "session_id"),
     )
 
 
@@ -270,7 +314,7 @@ def load_order(order_dir: Path, root: Path | None = None) -> Order:
     order_dir = Path(order_dir)
     if not order_dir.is_dir():
         raise ValidationError(str(order_dir), None, "not an order directory")
-    order_id, title = order_dir.name, ""
+    order_id, title, budget = order_dir.name, "", None
     meta = order_dir / ORDER_FILE
     if meta.is_file():
         text = read_text(meta)
@@ -279,7 +323,8 @@ def load_order(order_dir: Path, root: Path | None = None) -> Order:
         order_id = _str(meta, data, "id") or order_id
         title = _str(meta, data, "title") or ""
         _str(meta, data, "description")
-    order = Order(id=order_id, path=str(order_dir), title=title)
+        budget = _money(meta, data, "max_cost_usd", positive=True)
+    order = Order(id=order_id, path=str(order_dir), title=title, max_cost_usd=budget)
     # Loading allocates many small objects that all stay alive: the cyclic GC would only rescan them.
     gc_was_on = gc.isenabled()
     gc.disable()
@@ -353,8 +398,18 @@ def _render(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return money(value)
+    if isinstance(value, dict):  # token counts: a flow mapping keeps the value on its one line
+        return "{" + ", ".join(f"{k}: {_render(v)}" for k, v in value.items()) + "}"
     # Timestamps are quoted so YAML keeps them strings.
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def money(value: float) -> str:
+    """Dollars with at most six decimals and always a dot, so YAML reads a float back (`1e-05` is a string)."""
+    text = f"{round(value, 6):.6f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
 
 
 def _line_pattern(key: str) -> re.Pattern[str]:

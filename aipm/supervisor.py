@@ -13,10 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aipm import runner, scope
+from aipm import agents, notify, runner, scope
 from aipm.finish import after_review, after_work, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
-from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
+from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task, status_summary
 from aipm.runtime import Record, process_ctime, read_exit_file
 from aipm.store import load_task, update_task
 from aipm.view import OrderView
@@ -170,6 +170,11 @@ class Supervisor(Owner):
             return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.attempt}
         self._drop(rec)
         event["status"] = str(task.status)
+        if task.status in (Status.FAILED, Status.REJECTED):
+            notify.send(self.settings, self.rt, task.status.value.lower(), task.status.value,
+                        f"{rec.order}/{rec.task} is {task.status} after attempt {rec.attempt}; log: {rec.log}",
+                        AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.attempt),
+                        AIPM_LOG=rec.log)
         return event
 
     def _write(self, task: Task, updates: dict) -> Task:
@@ -181,6 +186,7 @@ class Supervisor(Owner):
         """IN_PROGRESS → DONE, IN_REVIEW (review started), QUEUED or FAILED; REWORK when out of scope."""
         timeout = task.timeout or self.settings.timeout
         append_log(rec.log, f"attempt {rec.attempt} {describe_exit(code, timed_out, timeout)}")
+        spent = self._usage(rec, task, event)
         outside = self._scope_findings(rec) if code == 0 else []
         if outside:
             # Writing outside target_files fails the review, whatever the reviewer would say.
@@ -188,15 +194,28 @@ class Supervisor(Owner):
             append_log(rec.log, message)
             self.rt.feedback_path(rec.order, rec.task).write_text(message + "\n")
             event["scope"] = outside
-            task = self._write(task, after_work(task, 0, self.settings, True))
+            task = self._write(task, {**after_work(task, 0, self.settings, True), **spent})
             for updates in after_review(task, 1, self.settings):
                 task = self._write(task, updates)
             return task
         reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
-        task = self._write(task, after_work(task, code, self.settings, reviewing))
+        task = self._write(task, {**after_work(task, code, self.settings, reviewing), **spent})
         if task.status == Status.IN_REVIEW:
             self._start_review(rec, task)
         return task
+
+    def _usage(self, rec: Record, task: Task, event: dict) -> dict:
+        """The attempt's usage, read from its log by its agent preset, as updates of the task's totals."""
+        self.rt.resume_path(rec.order, rec.task).unlink(missing_ok=True)  # a resume is used once
+        usage = agents.read_usage(rec.agent, Path(rec.log))
+        if usage is None:
+            return {}
+        cost = "unknown" if usage.cost_usd is None else f"${usage.cost_usd:.4f}"
+        tokens = ", ".join(f"{k} {n}" for k, n in usage.tokens.items()) or "unknown"
+        append_log(rec.log, f"usage: cost {cost}; tokens {tokens}; session {usage.session_id or 'unknown'}")
+        if usage.cost_usd is not None:
+            event["cost_usd"] = usage.cost_usd
+        return agents.task_updates(task.cost_usd, task.tokens, usage)
 
     def _review_ended(self, rec: Record, task: Task, code: int) -> Task:
         """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback."""
@@ -363,6 +382,7 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     deferred_before: list[str] = []
     recover = True  # at start, and whenever another owner's process ends (it may have died)
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
+    budget_told = False
     try:
         while not stop.requested:
             with launcher.runtime.launch_lock():  # one lock round per wake-up: finish what ended, then launch
@@ -384,6 +404,11 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
                 others = launcher.launch(view, owner=None, only=set(order.tasks) - {only})
                 for item in others.launched:
                     emit({"event": "started", "task": item["id"], "pid": item["pid"], "attempt": "detached"})
+            if report.plan.budget_stop and not budget_told:
+                budget_told = True  # once per run: the stop holds until someone raises the budget
+                emit({"event": "budget", "order": order.id, "detail": report.plan.budget_stop})
+                notify.send(launcher.settings, launcher.runtime, notify.BUDGET, "BUDGET_REACHED",
+                            f"{order.id}: {report.plan.budget_stop}", AIPM_ORDER_ID=order.id)
             deferred = [d["id"] for d in report.deferred]
             if deferred != deferred_before and deferred:
                 emit({"event": "deferred", "tasks": deferred, "detail": report.deferred[0]["detail"]})
@@ -422,7 +447,10 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
         order = view.refresh()
         if only:
             return 0 if order.tasks[only].status in FINISHED_OK else 1
-        return 0 if all_done(order) else 1
+        done = all_done(order)
+        notify.send(launcher.settings, launcher.runtime, notify.ORDER_FINISHED, "DONE" if done else "INCOMPLETE",
+                    f"{order.id}: {status_summary(order)}", AIPM_ORDER_ID=order.id)
+        return 0 if done else 1
     finally:
         stop.close()
         sup.close()

@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from aipm import budget
 from aipm.cli import app
 from aipm.cli.cmd_detect import print_reasons, reasons_for
 from aipm.cli.common import JsonOpt, console, print_json, project_root
@@ -14,7 +15,7 @@ from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, Options
-from aipm.model import status_summary
+from aipm.model import Status, status_summary
 from aipm.project import Project, find_task
 from aipm.supervisor import supervise
 from aipm.view import OrderView
@@ -82,7 +83,8 @@ def run(
 ) -> None:
     """Run an order to the end: launch, watch, review, start successors as soon as they are unblocked.
 
-    Exit 0 when every task is DONE/COMPLETED, 1 when some failed or stay blocked, 130 when interrupted.
+    Exit 0 when every task is DONE/COMPLETED, 1 when some failed or stay blocked (or the order's budget,
+    max_cost_usd, stopped new attempts), 130 when interrupted.
     Safe to kill: a new `aipm run` re-attaches to the workers that are still running.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
@@ -94,6 +96,10 @@ def run(
     finally:
         display.close()
     if not json_out:
+        stop = budget.of(view.order, launcher.settings.max_cost_usd)
+        if code == 1 and stop is not None and stop.reached and any(
+                t.status == Status.QUEUED for t in view.order.tasks.values()):
+            console(stderr=True).print(f"aipm: {view.order.id} stopped: {stop.detail}", markup=False)
         console(stderr=code != 0).print(f"{view.order.id}: {status_summary(view.order)}")
     raise typer.Exit(code)
 

@@ -7,12 +7,14 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from aipm import budget
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root
 from aipm.errors import ValidationError
 from aipm.model import FINISHED_OK, status_summary
 from aipm.project import CONFIG_FILE
 from aipm.runtime import Runtime
+from aipm.settings import load_settings
 from aipm.store import load_order
 
 CONFIG_TEMPLATE = """\
@@ -100,6 +102,9 @@ def task_row(task) -> dict:
         "depends_on": list(task.depends_on), "target_files": list(task.target_files), "attempts": task.attempts,
         "exit_code": task.exit_code, "started_at": task.started_at, "finished_at": task.finished_at,
         "file": task.path,
+        # Unknown usage is left out, never shown as 0.
+        **({"cost_usd": task.cost_usd} if task.cost_usd is not None else {}),
+        **({"tokens": dict(task.tokens)} if task.tokens else {}),
     }
 
 
@@ -112,11 +117,16 @@ def status(
     project = get_project()
     loaded = load_order(project.order_dir(order), project.root)
     tasks = sorted(loaded.tasks.values(), key=lambda t: t.id)
+    cost = budget.recorded(loaded)
+    limit = budget.of(loaded, load_settings(project.root).max_cost_usd)
     if json_out:
-        print_json({"order": loaded.id, "tasks": [task_row(t) for t in tasks]})
+        totals = {"cost_usd": cost} if cost is not None else {}
+        if limit is not None:
+            totals["max_cost_usd"] = limit.limit
+        print_json({"order": loaded.id, "tasks": [task_row(t) for t in tasks], **totals})
         return
     table = Table(title=f"Order {loaded.id}" + (f" — {loaded.title}" if loaded.title else ""))
-    for col in ("task", "status", "pri", "depends on / waiting on", "target files", "tries"):
+    for col in ("task", "status", "pri", "depends on / waiting on", "target files", "tries", "cost"):
         table.add_column(col)
     for t in tasks:
         deps = ", ".join(
@@ -124,6 +134,12 @@ def status(
             for d in t.depends_on
         )
         table.add_row(t.id, f"[{STATUS_STYLE[t.status.value]}]{t.status.value}[/]", t.priority.value, deps,
-                      "\n".join(t.target_files), str(t.attempts))
+                      "\n".join(t.target_files), str(t.attempts),
+                      "-" if t.cost_usd is None else budget.usd(t.cost_usd))
     console().print(table)
-    console().print(status_summary(loaded))
+    line = status_summary(loaded)
+    if cost is not None or limit is not None:
+        line += "; cost " + ("unknown" if cost is None else budget.usd(cost))
+    if limit is not None:
+        line += f" of max_cost_usd {budget.usd(limit.limit)}" + (" (reached)" if limit.reached else "")
+    console().print(line)

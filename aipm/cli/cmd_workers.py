@@ -12,6 +12,7 @@ from rich.table import Table
 
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json
+from aipm.agents import can_resume
 from aipm.errors import UserError
 from aipm.launcher import Launcher, Options, append_log
 from aipm.model import RUNNING, Status
@@ -21,6 +22,7 @@ from aipm.runner import terminate_group
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
 from aipm.store import StaleWrite, load_order, load_task, now, update_task
+from aipm.worker import agent_for
 
 
 def _worker_info(rec) -> dict:
@@ -140,21 +142,37 @@ def cancel(
 
 
 @app.command()
-def retry(task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file.")) -> None:
+def retry(
+    task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
+    resume: bool = typer.Option(False, "--resume", help="The next attempt continues the agent's own recorded "
+                                "session (session_id), for agents that can (claude --resume, codex exec resume)."),
+) -> None:
     """Put a finished, failed, rejected or cancelled task back to QUEUED with fresh attempts."""
-    project, _ = _settings_project()
+    project, settings = _settings_project()
     order_dir, task_id = find_task(project, task)
     path = order_dir / f"{task_id}.yaml"
-    with Runtime(project.root).launch_lock():
+    rt = Runtime(project.root)
+    with rt.launch_lock():
         current = load_task(path, project.root)
         if current.status in RUNNING:
             raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
+        marker = None
+        if resume:
+            agent = agent_for(current, settings)
+            if not can_resume(agent):
+                raise UserError(f"{path}: agent: {agent} cannot resume a session; retry without --resume")
+            if not current.session_id:
+                raise UserError(f"{path}: session_id: no agent session recorded yet; retry without --resume")
+            marker = rt.resume_path(load_order(order_dir, project.root).id, task_id)
+            marker.write_text(current.session_id + "\n")
         try:
             update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "exit_code": None},
                         expect=current.status)
         except StaleWrite as exc:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
             raise UserError(f"{path}: status: {exc}") from None
-    console().print(f"{task_id}: QUEUED")
+    console().print(f"{task_id}: QUEUED" + (f" (resuming session {current.session_id})" if resume else ""))
 
 
 @app.command()

@@ -26,6 +26,7 @@ LINES = {
     "error": "error    {error}",
     "invalid_file": "ignored  {error} (keeping the last valid version)",
     "interrupted": "stopped  by signal; re-queued: {requeued}",
+    "budget": "budget   {order}: {detail}",
 }
 
 
@@ -70,7 +71,7 @@ class Display:
             self.recent.appendleft(plain_line(event))
         elif kind == "deferred":
             self.note = plain_line(event)
-        elif kind in ("launch_failed", "interrupted", "invalid_file", "error"):
+        elif kind in ("launch_failed", "interrupted", "invalid_file", "error", "budget"):
             self.recent.appendleft(plain_line(event))
         self.live.update(self._render())
 
