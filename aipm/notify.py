@@ -18,6 +18,8 @@ from aipm.settings import Settings
 FAILED, REJECTED, BUDGET, ORDER_FINISHED = "failed", "rejected", "budget", "order_finished"
 LOG_LIMIT = 1 << 20
 # $1 is the log; the rest is the command, started in the background so this shell exits at once.
+_TASK_VARS = frozenset({"AIPM_ORDER_ID", "AIPM_TASK_ID", "AIPM_ATTEMPT", "AIPM_LOG", "AIPM_TARGET_FILES",
+                        "AIPM_MODEL", "AIPM_REVIEW_FEEDBACK"})
 _DETACH = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 &'
 
 
@@ -33,8 +35,9 @@ def send(settings: Settings, runtime: Runtime, event: str, status: str, detail: 
             os.replace(log, log.with_suffix(".log.1"))
         with open(log, "a", encoding="utf-8") as handle:
             handle.write(f"[aipm {time.strftime('%Y-%m-%d %H:%M:%S')}] {event} {status}: {detail}\n")
-        environ = dict(os.environ, AIPM_ROOT=str(runtime.root), AIPM_EVENT=event, AIPM_STATUS=status,
-                       AIPM_DETAIL=detail, **env)
+        # Our own caller may be a worker: its task's variables must not leak into an order's event.
+        environ = {k: v for k, v in os.environ.items() if k not in _TASK_VARS}
+        environ.update(AIPM_ROOT=str(runtime.root), AIPM_EVENT=event, AIPM_STATUS=status, AIPM_DETAIL=detail, **env)
         pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _DETACH, "aipm-notify", str(log), *command], environ,
                              setsid=True)
         os.waitpid(pid, 0)  # the shell only forks the command and exits

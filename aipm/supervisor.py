@@ -206,7 +206,8 @@ class Supervisor(Owner):
 
     def _usage(self, rec: Record, task: Task, event: dict) -> dict:
         """The attempt's usage, read from its log by its agent preset, as updates of the task's totals."""
-        self.rt.resume_path(rec.order, rec.task).unlink(missing_ok=True)  # a resume is used once
+        if agents.can_resume(rec.agent):
+            self.rt.resume_path(rec.order, rec.task).unlink(missing_ok=True)  # a resume is used once
         usage = agents.read_usage(rec.agent, Path(rec.log))
         if usage is None:
             return {}

@@ -414,3 +414,47 @@ def test_a_missing_agent_program_is_refused_at_launch(project):
     proc = project.aipm("launch", "ORD", env={"PATH": "/usr/bin:/bin"})
     assert proc.returncode == 1 and "program 'codex' not found on PATH" in proc.stderr
     assert project.statuses() == {"A": "QUEUED"}
+
+
+# ---- racing workers, killed supervisors ----------------------------------------------------------------
+
+
+def test_the_budget_holds_with_workers_finishing_in_parallel(project):
+    (project.root / "aipm.yaml").write_text("max_workers: 3\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.15\n")
+    for i in range(6):
+        write_task(order, f"T{i}", prompt="@cost 0.1", target_files=[f"f{i}.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    started = {j["task"] for j in journal(project)}
+    statuses = project.statuses()
+    # Three start at once; after the first cost is recorded ($0.10 < $0.15) one more slot may be filled; the
+    # second recorded cost reaches the budget, and the plan runs after every recording (under the launch lock).
+    assert 3 <= len(started) <= 4, started
+    assert {t for t, s in statuses.items() if s == "DONE"} == started  # every started attempt finished
+    assert {t for t, s in statuses.items() if s == "QUEUED"} == set(statuses) - started
+    assert project.json("status", "ORD")["cost_usd"] == pytest.approx(0.1 * len(started))
+
+
+def test_a_supervisor_killed_mid_attempt_leaves_the_usage_to_the_next_one(project):
+    import signal
+    import sys
+
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "A", prompt=f"@cost 0.2\n@wait-for {gate}")
+    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    first = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: journal(project))  # the agent runs
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    gate.touch()
+    second = project.aipm("run", "ORD", env=agent_env(project))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "adopt" in second.stdout
+    a = task_file(order, "A")
+    assert (a["status"], a["cost_usd"]) == ("DONE", 0.2)
+    assert len(journal(project)) == 1  # adopted, not run again

@@ -31,8 +31,11 @@ max_workers: 5
 # worker:
 #   command: ["claude", "-p", "--model", "{model}"]   # for tasks without `command`; prompt on stdin
 #   model: sonnet
+#   agent: command       # or a preset: claude, codex, aider (see docs/workers.md)
 # review:
 #   command: null
+# max_cost_usd: null     # budget in US dollars of orders whose order.yaml sets none
+# notify: null           # command run when a task fails or is rejected, a budget stops an order, a run ends
 """
 
 STATUS_STYLE = {

@@ -8,6 +8,7 @@ Directives, one per line anywhere in the prompt:
     @fail                    end the run with an error (exit 1)
     @fail-attempt N          ... only when AIPM_ATTEMPT is N
     @write PATH TEXT         write TEXT to PATH, through the agent's own permission checks
+    @wait-for PATH           (claude) wait until PATH exists before finishing
 
 With FAKE_AGENT_JOURNAL set, each run appends one JSON line {"agent", "argv", "prompt", "attempt", "task"}.
 """
@@ -25,6 +26,7 @@ class Directives:
     tokens: tuple[int, int, int, int] = (10, 5, 0, 0)
     fail: bool = False
     writes: list[tuple[str, str]] = field(default_factory=list)
+    gate: str | None = None
 
 
 def directives(prompt: str) -> Directives:
@@ -39,6 +41,8 @@ def directives(prompt: str) -> Directives:
             d.fail = True
         elif word == "@fail-attempt":
             d.fail = d.fail or rest.strip() == os.environ.get("AIPM_ATTEMPT")
+        elif word == "@wait-for":
+            d.gate = rest.strip()
         elif word == "@write":
             path, _, text = rest.partition(" ")
             d.writes.append((path, text))
