@@ -35,7 +35,7 @@ def invocation(
             root=runtime.root, prompt_file=prompt, log=Path(rec.log), model=model, model_chosen=chosen,
             targets=task.targets, protected=(runtime.dir, Path(rec.order_dir).resolve()),
             max_cost_usd=task.max_cost_usd,
-            resume=resume.read_text().strip() or None if resume.exists() else None,
+            resume=(resume.read_text().strip() or None) if resume.exists() else None,
         )
         return agents.command_line(rec.agent, attempt), env, str(prompt)
     values = {"model": model, "task_id": rec.task, "order_id": rec.order, "prompt_file": str(prompt)}

@@ -305,6 +305,9 @@ def test_the_budget_stops_new_attempts_and_run_says_so(project):
     assert "budget reached" in why.stdout, why.stdout
     blocked = {b["id"]: b["reason"] for b in project.json("detect", "ORD")["blocked"]}
     assert blocked["T3"] == "budget"
+    launch = project.aipm("launch", "ORD", env=agent_env(project))
+    assert launch.returncode == 1 and "budget reached" in launch.stderr
+    assert project.statuses()["T3"] == "QUEUED"
     # Raising the budget lets the order go on.
     (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 1\n")
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0

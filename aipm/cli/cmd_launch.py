@@ -53,7 +53,8 @@ def launch(
     report = launcher.launch(view)
     if json_out:
         print_json({"order": view.order.id, "dry_run": dry_run, "launched": report.launched,
-                    "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered})
+                    "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered,
+                    "budget_stop": report.plan.budget_stop})
     else:
         out = console()
         verb = "would start" if dry_run else "started"
@@ -63,9 +64,11 @@ def launch(
             out.print(f"deferred {item['id']}: {item['detail']}")
         for item in report.failed:
             console(stderr=True).print(f"failed {item['id']}: {item['error']}", markup=False)
-        if not (report.launched or report.deferred or report.failed):
+        if report.plan.budget_stop:
+            console(stderr=True).print(f"aipm: {view.order.id}: {report.plan.budget_stop}", markup=False)
+        elif not (report.launched or report.deferred or report.failed):
             out.print("nothing to launch (see `aipm detect`)")
-    if report.failed:
+    if report.failed or report.plan.budget_stop:
         raise typer.Exit(1)
 
 
