@@ -461,3 +461,14 @@ def test_a_supervisor_killed_mid_attempt_leaves_the_usage_to_the_next_one(projec
     a = task_file(order, "A")
     assert (a["status"], a["cost_usd"]) == ("DONE", 0.2)
     assert len(journal(project)) == 1  # adopted, not run again
+
+
+def test_retry_resume_with_codex_uses_exec_resume(project):
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: codex\n")
+    order = project.order()
+    write_task(order, "A", prompt="@fail")
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
+    thread = task_file(order, "A")["session_id"]
+    project.aipm("retry", "A", "--resume", check=True)
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1  # still @fail; the argv is the point
+    assert journal(project)[1]["argv"][-3:] == ["resume", thread, "-"]
