@@ -365,12 +365,17 @@ def test_a_notify_command_that_cannot_run_changes_nothing(project):
 # ---- retry --resume -------------------------------------------------------------------------------------
 
 
-def test_retry_resume_continues_the_agent_session(project):
-    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+def failed_with_a_session(project, agent: str) -> tuple[Path, str]:
+    """An order whose task A failed under `agent`, and the session id recorded for it."""
+    (project.root / "aipm.yaml").write_text(f"worker:\n  agent: {agent}\n")
     order = project.order()
     write_task(order, "A", prompt="@fail")
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
-    session = task_file(order, "A")["session_id"]
+    return order, task_file(order, "A")["session_id"]
+
+
+def test_retry_resume_continues_the_agent_session(project):
+    order, session = failed_with_a_session(project, "claude")
     proc = project.aipm("retry", "A", "--resume")
     assert proc.returncode == 0 and session in proc.stdout
     (order / "A.yaml").write_text((order / "A.yaml").read_text().replace("@fail", "try again"))
@@ -464,11 +469,7 @@ def test_a_supervisor_killed_mid_attempt_leaves_the_usage_to_the_next_one(projec
 
 
 def test_retry_resume_with_codex_uses_exec_resume(project):
-    (project.root / "aipm.yaml").write_text("worker:\n  agent: codex\n")
-    order = project.order()
-    write_task(order, "A", prompt="@fail")
-    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
-    thread = task_file(order, "A")["session_id"]
+    _, thread = failed_with_a_session(project, "codex")
     project.aipm("retry", "A", "--resume", check=True)
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1  # still @fail; the argv is the point
     assert journal(project)[1]["argv"][-3:] == ["resume", thread, "-"]
