@@ -69,8 +69,8 @@ class Priority(str, enum.Enum):
 
 
 # Keys aipm writes back into task files; everything else belongs to the user.
-MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks", "cost_usd", "tokens",
-                  "session_id")
+MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks", "reason", "cost_usd",
+                  "tokens", "session_id")
 
 
 @dataclass(frozen=True)
@@ -104,11 +104,18 @@ class Task:
     finished_at: str | None = None
     exit_code: int | None = None
     resources: Resources | None = None
+    max_rework: int | None = None
+    reason: str | None = None  # why the latest attempt ended as it did (aipm.outcome words it)
     agent: str | None = None  # preset name; None: the worker.agent setting
     max_cost_usd: float | None = None  # per-attempt cap handed to agents that support one
     cost_usd: float | None = None  # recorded: total over attempts; None = unknown (never 0 for unknown)
     tokens: dict[str, int] | None = None  # recorded: input/output/cache_read/cache_write totals that are known
     session_id: str | None = None  # recorded: the agent's own session of the latest attempt (retry --resume)
+
+    @property
+    def tries(self) -> int:
+        """Attempts that count against max_attempts: every run except those a review sent back (reworks)."""
+        return max(0, self.attempts - self.reworks)
 
 
 @dataclass
@@ -120,9 +127,17 @@ class Order:
     max_cost_usd: float | None = None  # budget from order.yaml
 
 
+def status_counts(order: Order) -> dict[str, int]:
+    """How many tasks are in each status, e.g. {"DONE": 9, "QUEUED": 1}."""
+    return dict(Counter(t.status.value for t in order.tasks.values()))
+
+
 def status_summary(order: Order) -> str:
     """"DONE 9, QUEUED 1": how many tasks are in each status, for one-line summaries."""
-    counts = Counter(t.status.value for t in order.tasks.values())
+    return format_counts(status_counts(order))
+
+
+def format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
 
 
