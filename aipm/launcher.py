@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from aipm import outcome, runner, scope
+from aipm.budget import of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
@@ -27,6 +28,7 @@ from aipm.runtime import LockBusy, Record, Runtime, live_pid, process_ctime
 from aipm.settings import Settings
 from aipm.store import StaleWrite, load_task, now, update_task
 from aipm.view import OrderView
+from aipm.worker import program as worker_program
 
 
 @dataclass
@@ -130,10 +132,12 @@ class Launcher:
             records = report.records = self.records()
             busy, live, live_count = self.holders(order, records)
             free = max(0, self.settings.max_workers - live_count)
+            spend = order_budget(order, self.settings.max_cost_usd)
             if explain:
-                result = plan(order, busy, live, free, view.ordering())
+                result = plan(order, busy, live, free, view.ordering(), budget=spend)
             else:  # the hot path: only ready tasks, indexed by the view
-                result = plan(order, busy, live, free, view.ready_ordering(), explain=False, running=view.running)
+                result = plan(order, busy, live, free, view.ready_ordering(), explain=False, running=view.running,
+                              budget=spend)
             report.order = order
             report.plan = result
             wanted = [t for t in result.launchable if only is None or t.id in only]
@@ -252,9 +256,9 @@ class Launcher:
 
     def _missing_program(self, task: Task) -> str | None:
         """Checked before any status changes, so a typo in a command is an error, not a stuck task."""
-        if isinstance(task.command, str):
-            return None  # the shell reports it in the log, as a failed attempt
-        argv = list(task.command) if task.command else list(self.settings.worker_command)
+        argv = worker_program(task, self.settings)
+        if not argv:
+            return None  # a string command: the shell reports it in the log, as a failed attempt
         return runner.missing_program(argv, os.environ, str(self.project.root))
 
     def _spawn_detached(self, rec: Record, fds: list[int] = (), adopt: bool = False) -> None:

@@ -69,7 +69,8 @@ class Priority(str, enum.Enum):
 
 
 # Keys aipm writes back into task files; everything else belongs to the user.
-MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks", "reason")
+MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks", "reason", "cost_usd",
+                  "tokens", "session_id")
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,11 @@ class Task:
     resources: Resources | None = None
     max_rework: int | None = None
     reason: str | None = None  # why the latest attempt ended as it did (aipm.outcome words it)
+    agent: str | None = None  # preset name; None: the worker.agent setting
+    max_cost_usd: float | None = None  # per-attempt cap handed to agents that support one
+    cost_usd: float | None = None  # recorded: total over attempts; None = unknown (never 0 for unknown)
+    tokens: dict[str, int] | None = None  # recorded: input/output/cache_read/cache_write totals that are known
+    session_id: str | None = None  # recorded: the agent's own session of the latest attempt (retry --resume)
 
     @property
     def tries(self) -> int:
@@ -118,6 +124,7 @@ class Order:
     path: str  # the order directory
     tasks: dict[str, Task] = field(default_factory=dict)
     title: str = ""
+    max_cost_usd: float | None = None  # budget from order.yaml
 
 
 def status_counts(order: Order) -> dict[str, int]:

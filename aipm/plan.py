@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from aipm.budget import Budget
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task, natural_key
 from aipm.paths import Target, first_overlap
 
@@ -21,6 +22,7 @@ FILE_BUSY = "file_busy"
 FILE_CHOSEN = "file_conflict_in_round"
 LIMIT = "worker_limit"
 WORKER_RUNNING = "worker_running"  # the file says otherwise, but the task's worker lives (a reset file)
+BUDGET = "budget"
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class Plan:
     launchable: list[Task] = field(default_factory=list)
     blocked: dict[str, Blocked] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)
+    budget_stop: str | None = None  # why QUEUED tasks that could otherwise start may not: the order's budget
 
     def summary(self, order: Order) -> dict[str, int]:
         reasons = [b.reason for b in self.blocked.values()]
@@ -63,6 +66,7 @@ class Plan:
             "blocked_by_files": reasons.count(FILE_BUSY) + reasons.count(FILE_CHOSEN),
             "blocked_by_worker_limit": reasons.count(LIMIT),
             "stale": len(self.stale),
+            "blocked_by_budget": reasons.count(BUDGET),
         }
 
 
@@ -139,6 +143,7 @@ def plan(
     ordering: list[str] | None = None,
     explain: bool = True,
     running: Collection[str] | None = None,
+    budget: Budget | None = None,
 ) -> Plan:
     """Decide what may start now.
 
@@ -150,6 +155,7 @@ def plan(
     ordering  -- ids to consider, in rank order (default: every task, `ranked(order)`)
     explain   -- False stops at the first full round (the supervisor's hot path needs no reasons)
     running   -- ids of this order's IN_PROGRESS/IN_REVIEW tasks, when the caller indexes them
+    budget    -- the order's budget; once reached no task starts (the ones running finish)
     """
     result = Plan()
     busy: list[tuple[str, tuple[Target, ...]]] = [
@@ -182,6 +188,12 @@ def plan(
                 if task.id in result.stale:
                     detail += "; its worker is gone (stale): run `aipm recover`"
                 result.blocked[task.id] = Blocked(task.id, STALE if task.id in result.stale else NOT_QUEUED, detail)
+            continue
+        if budget is not None and budget.reached:
+            result.budget_stop = budget.detail
+            if not explain:
+                break
+            result.blocked[task.id] = Blocked(task.id, BUDGET, budget.detail)
             continue
         deps = order.tasks
         waiting = [d for d in task.depends_on if d in deps and (deps[d].status not in FINISHED_OK or d in held)]
@@ -264,6 +276,8 @@ def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Bu
         hit = _conflict(task, [(owner, targets)])
         if hit:
             reasons.append(Blocked(task_id, FILE_BUSY, f"{hit[1]} is held by running task {owner}", (owner,), hit[1]))
+    if first.reason == BUDGET:
+        reasons.insert(0, first)
     if first.reason in (FILE_CHOSEN, LIMIT):
         reasons.append(first)
     return reasons or [first]

@@ -61,7 +61,7 @@ class Project:
         ids = {}
         for d in self.order_dirs():
             try:
-                order_id, _, source = order_meta(d)
+                order_id, _, source, _ = order_meta(d)
             except ValidationError:
                 continue
             ids[d.resolve()] = (order_id, source or d)
@@ -74,7 +74,7 @@ class Project:
         mine = ids.get(order_dir.resolve())
         if mine is None:  # outside orders_dir, or broken (its own load reports that)
             try:
-                order_id, _, source = order_meta(order_dir)
+                order_id, _, source, _ = order_meta(order_dir)
             except ValidationError:
                 return order_dir
             mine = (order_id, source or order_dir)

@@ -61,6 +61,7 @@ class Record:
     # The attempt's number over the task's whole life (names its log and exit file); `attempt` is the task
     # file's `attempts:` counter, which `retry` resets, so it cannot name files.
     number: int = 0
+    agent: str = "command"  # the preset that runs the work (aipm.agents), so its usage can be read at the end
 
     @property
     def serial(self) -> int:
@@ -305,6 +306,13 @@ class Runtime:
 
     def feedback_path(self, order: str, task: str) -> Path:
         return self._dir(self.dir / "feedback" / _safe(order) / f"{_safe(task)}.txt")
+
+    def resume_path(self, order: str, task: str) -> Path:
+        """`aipm retry --resume` leaves the agent session to continue here, for the next attempt."""
+        return self._dir(self.dir / "resume" / _safe(order) / f"{_safe(task)}.txt")
+
+    def notify_log(self) -> Path:
+        return self._dir(self.dir / "notify.log")
 
 
 def read_exit_file(path: str) -> int | None:

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from aipm import agents
 from aipm.model import MANAGED_FIELDS, Priority, Status
 from aipm.store import MAX_TIMEOUT, ORDER_KEYS, TASK_KEYS
 
@@ -68,12 +69,26 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "max_rework": (_COUNT, "Times a review may send the task back before it is REJECTED; default max_rework."),
     "reason": (_STRING, "Why the latest attempt ended as it did: 'exit 3', 'timed out after 60 s', "
                         "'review rejected: ...', 'scope: wrote ...', 'cancelled', 'interrupted: ...'."),
+    "agent": ({"type": ["string", "null"], "enum": [*agents.NAMES, None]},
+              "Agent preset for a task without `command`: its command line, permission rules and usage "
+              "parsing. Default: the worker.agent setting."),
+    "max_cost_usd": ({"type": ["number", "null"], "exclusiveMinimum": 0},
+                     "US dollars one attempt may spend, passed to agents whose CLI takes a cap "
+                     "(claude --max-budget-usd)."),
+    "cost_usd": ({"type": ["number", "null"], "minimum": 0},
+                 "What the task's attempts cost in total, as the agent reported it; absent when unknown."),
+    "tokens": ({"type": ["object", "null"], "additionalProperties": False,
+                "properties": {k: {"type": "integer", "minimum": 0} for k in agents.TOKEN_KINDS}},
+               "Tokens the task's attempts used in total, by kind; a kind the agent did not report is absent."),
+    "session_id": (_STRING, "The agent's own session of the latest attempt; `aipm retry --resume` continues it."),
 }
 
 _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "id": (_STRING, "The order id; default the directory name."),
     "title": (_STRING, "One line saying what the order delivers."),
     "description": (_STRING, "Anything else a reader should know."),
+    "max_cost_usd": ({"type": ["number", "null"], "exclusiveMinimum": 0},
+                     "Budget in US dollars: once the tasks' recorded cost_usd reaches it, no new attempt starts."),
 }
 
 

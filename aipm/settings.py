@@ -18,6 +18,7 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
+from aipm import agents
 from aipm.errors import SettingsError
 from aipm.store import MAX_TIMEOUT, DuplicateKey, load_yaml
 
@@ -39,6 +40,9 @@ class Settings:
     scope_audit: bool = True  # in a git tree, a worker that writes outside its target_files fails its review
     runner: str = "local"  # where workers run: "local" or "ray"
     ray_address: str | None = None  # ray.address: the cluster for --runner ray (else RAY_ADDRESS, else auto)
+    worker_agent: str = "command"  # worker.agent: the preset for tasks without `command` (aipm.agents.NAMES)
+    max_cost_usd: float | None = None  # budget of every order whose order.yaml sets none
+    notify: str | tuple[str, ...] | None = None  # run when a task fails or is rejected, or an order stops or ends
     # setting name -> where its value came from: "default", "aipm.yaml", "env AIPM_MAX_WORKERS", "flag --max-cpu", ...
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType(dict.fromkeys(SETTING_NAMES, "default")), compare=False, repr=False
@@ -140,6 +144,21 @@ def _review(value: Any) -> str | tuple[str, ...] | None:
     raise ValueError(f"{value!r} is not a command (a string, a list of strings, or null)")
 
 
+def _agent(value: Any) -> str:
+    if value not in agents.NAMES:
+        raise ValueError(f"{value!r} is not one of {', '.join(agents.NAMES)}")
+    return value
+
+
+def _budget(value: Any) -> float | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
+        return None
+    number = _number(value, float)
+    if number is None or not 0 < number < float("inf"):
+        raise ValueError(f"{value!r} is not a positive number of US dollars or none")
+    return number
+
+
 # Keys as written in aipm.yaml (dotted = nested) -> converter. The Settings field is the key with "." -> "_".
 _KEYS: dict[str, Callable[[Any], Any]] = {
     "max_workers": _positive,
@@ -157,6 +176,9 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "scope_audit": _boolean,
     "runner": _runner,
     "ray.address": _text,
+    "worker.agent": _agent,
+    "max_cost_usd": _budget,
+    "notify": _review,  # same shape as a review command: null, a string (shell) or a list (argv)
 }
 _FIELD_KEYS = {key.replace(".", "_"): key for key in _KEYS}
 assert set(_FIELD_KEYS) == set(SETTING_NAMES)

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from aipm import agents
 from aipm.errors import ValidationError
 from aipm.model import ID_PATTERN, MANAGED_FIELDS, TRANSITIONS, Order, Priority, Resources, Status, Task
 from aipm.patch import Unpatchable, check, patch
@@ -38,8 +39,9 @@ TASK_KEYS = (
     "review", "timeout", "max_attempts", "attempts", "reworks", "started_at", "finished_at", "exit_code",
     "resources",
     "max_rework", "reason",
+    "agent", "max_cost_usd", "cost_usd", "tokens", "session_id",
 )
-ORDER_KEYS = ("id", "title", "description")
+ORDER_KEYS = ("id", "title", "description", "max_cost_usd")
 
 
 _STR = "tag:yaml.org,2002:str"
@@ -241,6 +243,43 @@ def _timestamp(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def _money(path: Path, data: Mapping[str, Any], key: str, positive: bool) -> float | None:
+    """US dollars: a positive budget, or a recorded cost (≥ 0)."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        value > 0 if positive else value >= 0) or value == float("inf"):
+        what = "a positive number of US dollars" if positive else "a number of US dollars ≥ 0"
+        raise ValidationError(str(path), key, f"must be {what}, not {value!r}")
+    return float(value)
+
+
+def _tokens(path: Path, data: Mapping[str, Any]) -> dict[str, int] | None:
+    value = data.get("tokens")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        k in agents.TOKEN_KINDS and not isinstance(n, bool) and isinstance(n, int) and n >= 0
+        for k, n in value.items()
+    ):
+        raise ValidationError(str(path), "tokens", "must be a mapping of " + ", ".join(agents.TOKEN_KINDS)
+                              + f" to whole numbers ≥ 0, not {value!r}")
+    return value
+
+
+def _agent(path: Path, data: Mapping[str, Any]) -> str | None:
+    value = data.get("agent")
+    if value is None:
+        return None
+    if value not in agents.NAMES:
+        raise ValidationError(str(path), "agent", f"{value!r} is not one of {', '.join(agents.NAMES)}")
+    if data.get("command") is not None and value != agents.COMMAND:
+        raise ValidationError(str(path), "agent", f"{value!r} is set together with `command`; a task runs "
+                              "either its command or an agent preset: drop one")
+    return value
+
+
 def _kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
             bool: "a boolean"}.get(type(value), type(value).__name__)
@@ -300,6 +339,11 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
         resources=_resources(path, data),
         max_rework=_count(path, data, "max_rework") if data.get("max_rework") is not None else None,
         reason=_str(path, data, "reason"),
+        agent=_agent(path, data),
+        max_cost_usd=_money(path, data, "max_cost_usd", positive=True),
+        cost_usd=_money(path, data, "cost_usd", positive=False),
+        tokens=_tokens(path, data),
+        session_id=_str(path, data, "session_id"),
     )
 
 
@@ -340,9 +384,9 @@ def task_files(order_dir: Path) -> list[Path]:
     return [order_dir / name for name in names]
 
 
-def order_meta(order_dir: Path) -> tuple[str, str, Path | None]:
-    """(id, title, the order.yaml that set the id or None) of an order directory, validated."""
-    order_id, title, id_from = order_dir.name, "", None
+def order_meta(order_dir: Path) -> tuple[str, str, Path | None, float | None]:
+    """(id, title, the order.yaml that set the id or None, budget) of an order directory, validated."""
+    order_id, title, id_from, budget = order_dir.name, "", None, None
     meta = order_dir / ORDER_FILE
     if meta.is_file():
         text = read_text(meta)
@@ -352,12 +396,13 @@ def order_meta(order_dir: Path) -> tuple[str, str, Path | None]:
             order_id, id_from = data["id"], meta
         title = _str(meta, data, "title") or ""
         _str(meta, data, "description")
+        budget = _money(meta, data, "max_cost_usd", positive=True)
     if not ID_PATTERN.fullmatch(order_id):
         # The id names runtime files under .aipm/: `.`, `..` or `a/b` would leave the order's own directory there.
         raise ValidationError(str(id_from or order_dir), "id" if id_from else None,
                               f"{order_id!r} is not a usable order id; use letters, digits, '_', '.' and '-', "
                               "starting with a letter or digit" + ("" if id_from else f" (or set `id:` in {ORDER_FILE})"))
-    return order_id, title, id_from
+    return order_id, title, id_from, budget
 
 
 def load_order(order_dir: Path, root: Path | None = None) -> Order:
@@ -365,8 +410,8 @@ def load_order(order_dir: Path, root: Path | None = None) -> Order:
     order_dir = Path(order_dir)
     if not order_dir.is_dir():
         raise ValidationError(str(order_dir), None, "not an order directory")
-    order_id, title, _ = order_meta(order_dir)
-    order = Order(id=order_id, path=str(order_dir), title=title)
+    order_id, title, _, budget = order_meta(order_dir)
+    order = Order(id=order_id, path=str(order_dir), title=title, max_cost_usd=budget)
     # Loading allocates many small objects that all stay alive: the cyclic GC would only rescan them.
     gc_was_on = gc.isenabled()
     gc.disable()
@@ -440,8 +485,18 @@ def _render(value: Any) -> str:
         return "true" if value else "false"
     if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        return money(value)
+    if isinstance(value, dict):  # token counts: a flow mapping keeps the value on its one line
+        return "{" + ", ".join(f"{k}: {_render(v)}" for k, v in value.items()) + "}"
     # Timestamps are quoted so YAML keeps them strings.
     return "'" + str(value).replace("'", "''") + "'"
+
+
+def money(value: float) -> str:
+    """Dollars with at most six decimals and always a dot, so YAML reads a float back (`1e-05` is a string)."""
+    text = f"{round(value, 6):.6f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
 
 
 def rewrite(text: str, updates: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> str:

@@ -14,11 +14,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aipm import cluster, outcome, runner, scope, unrecorded
+from aipm import agents, cluster, notify, outcome, runner, scope, unrecorded
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
-from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
+from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task, status_summary
 from aipm.restore import disowned, known_status, restore
 from aipm.runtime import Record, process_ctime, read_exit_file
 from aipm.store import load_task, now, update_task
@@ -227,6 +227,11 @@ class Supervisor(Owner):
             return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial}
         self._drop(rec)
         event.update(status=str(task.status), reason=task.reason)
+        if task.status in (Status.FAILED, Status.REJECTED):
+            notify.send(self.settings, self.rt, task.status.value.lower(), task.status.value,
+                        f"{rec.order}/{rec.task} is {task.status} after attempt {rec.attempt}; log: {rec.log}",
+                        AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.attempt),
+                        AIPM_LOG=rec.log)
         return event
 
     def _restored(self, rec: Record, task: Task) -> Task:
@@ -276,6 +281,7 @@ class Supervisor(Owner):
         """
         timeout = task.timeout or self.settings.timeout
         append_log(rec.log, f"attempt {rec.serial} ended: {describe_exit(code, timed_out, timeout)}")
+        spent = self._usage(rec, task, event)
         outside = self._scope_findings(rec) if code == 0 else []
         if outside:
             # Writing outside target_files fails the review, whatever the reviewer would say.
@@ -283,16 +289,30 @@ class Supervisor(Owner):
             append_log(rec.log, message)
             self.rt.feedback_path(rec.order, rec.task).write_text(message + "\n")
             event["scope"] = outside
-            task = self._write(task, after_work(task, 0, self.settings, True, outcome.exited(0)))
+            task = self._write(task, {**after_work(task, 0, self.settings, True, outcome.exited(0)), **spent})
             for updates in after_review(task, 1, self.settings, outcome.scope(outside)):
                 task = self._write(task, updates)
             return task
         reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
         reason = attempt_reason(code, timed_out, timeout)
-        task = self._write(task, after_work(task, code, self.settings, reviewing, reason))
+        task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason), **spent})
         if task.status == Status.IN_REVIEW:
             self._start_review(rec, task)
         return task
+
+    def _usage(self, rec: Record, task: Task, event: dict) -> dict:
+        """The attempt's usage, read from its log by its agent preset, as updates of the task's totals."""
+        if agents.can_resume(rec.agent):
+            self.rt.resume_path(rec.order, rec.task).unlink(missing_ok=True)  # a resume is used once
+        usage = agents.read_usage(rec.agent, Path(rec.log))
+        if usage is None:
+            return {}
+        cost = "unknown" if usage.cost_usd is None else f"${usage.cost_usd:.4f}"
+        tokens = ", ".join(f"{k} {n}" for k, n in usage.tokens.items()) or "unknown"
+        append_log(rec.log, f"usage: cost {cost}; tokens {tokens}; session {usage.session_id or 'unknown'}")
+        if usage.cost_usd is not None:
+            event["cost_usd"] = usage.cost_usd
+        return agents.task_updates(task.cost_usd, task.tokens, usage)
 
     def _review_ended(self, rec: Record, task: Task, code: int) -> Task:
         """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback."""
@@ -465,6 +485,7 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     deferred_before: list[str] = []
     recover = True  # at start, and whenever another owner's process ends (it may have died)
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
+    budget_told = False
     try:
         while not stop.requested:
             with launcher.runtime.launch_lock():  # one lock round per wake-up: finish what ended, then launch
@@ -490,6 +511,11 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
                 for item in others.launched:
                     emit({"event": "started", "task": item["id"], "pid": item["pid"], "attempt": item["attempt"],
                           "detached": True})
+            if report.plan.budget_stop and not budget_told:
+                budget_told = True  # once per run: the stop holds until someone raises the budget
+                emit({"event": "budget", "order": order.id, "detail": report.plan.budget_stop})
+                notify.send(launcher.settings, launcher.runtime, notify.BUDGET, "BUDGET_REACHED",
+                            f"{order.id}: {report.plan.budget_stop}", AIPM_ORDER_ID=order.id)
             deferred = [d["id"] for d in report.deferred]
             if deferred != deferred_before and deferred:
                 emit({"event": "deferred", "tasks": deferred, "detail": report.deferred[0]["detail"]})
@@ -530,7 +556,10 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
             return 130
         if only:
             return 0 if order.tasks[only].status in FINISHED_OK else 1
-        return 0 if all_done(order) else 1
+        done = all_done(order)
+        notify.send(launcher.settings, launcher.runtime, notify.ORDER_FINISHED, "DONE" if done else "INCOMPLETE",
+                    f"{order.id}: {status_summary(order)}", AIPM_ORDER_ID=order.id)
+        return 0 if done else 1
     finally:
         stop.close()
         sup.close()

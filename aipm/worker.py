@@ -1,10 +1,11 @@
-"""What a worker runs and with which environment: the task's command, or the project's worker template."""
+"""What a worker runs and with which environment: the task's command, an agent preset, or the worker template."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+from aipm import agents
 from aipm.errors import UserError
 from aipm.model import Task
 from aipm.runtime import Record, Runtime
@@ -14,10 +15,12 @@ from aipm.settings import Settings
 def invocation(
     runtime: Runtime, settings: Settings, rec: Record, task: Task, model: str | None
 ) -> tuple[str | list[str], dict[str, str], str | None]:
-    """(command, environment, stdin file) for one attempt of `task`."""
+    """(command, environment, stdin file) for one attempt of `task`; notes the agent that runs it in `rec`."""
+    chosen = bool(model or task.model or settings.sources["worker_model"] != "default")
     model = model_for(task, settings, model)
     feedback = runtime.feedback_path(rec.order, rec.task)
     env = environment(runtime, rec, task, model)
+    rec.agent = agent_for(task, settings)
     if task.command is not None:
         command = task.command if isinstance(task.command, str) else list(task.command)
         return command, env, None
@@ -26,6 +29,15 @@ def invocation(
     if feedback.exists():
         text += "\n\n## Review feedback from the previous attempt\n\n" + feedback.read_text(errors="replace")
     prompt.write_text(text)
+    if agents.is_preset(rec.agent):
+        resume = runtime.resume_path(rec.order, rec.task)
+        attempt = agents.Attempt(
+            root=runtime.root, prompt_file=prompt, log=Path(rec.log), model=model, model_chosen=chosen,
+            targets=task.targets, protected=(runtime.dir, Path(rec.order_dir).resolve()),
+            max_cost_usd=task.max_cost_usd,
+            resume=(resume.read_text().strip() or None) if resume.exists() else None,
+        )
+        return agents.command_line(rec.agent, attempt), env, str(prompt)
     values = {"model": model, "task_id": rec.task, "order_id": rec.order, "prompt_file": str(prompt)}
     try:
         command = [part.format(**values) for part in settings.worker_command]
@@ -33,6 +45,19 @@ def invocation(
         raise UserError(f"aipm.yaml: worker.command: bad placeholder {exc}; use {{model}}, {{task_id}}, "
                         "{order_id} or {prompt_file}") from None
     return command, env, str(prompt)
+
+
+def agent_for(task: Task, settings: Settings) -> str:
+    """The task's `agent`, else the worker.agent setting; a task with its own `command` runs that."""
+    return agents.COMMAND if task.command is not None else task.agent or settings.worker_agent
+
+
+def program(task: Task, settings: Settings) -> list[str]:
+    """The argv whose program must exist before the task may start (a string command is the shell's)."""
+    if task.command is not None:
+        return [] if isinstance(task.command, str) else list(task.command)
+    agent = agent_for(task, settings)
+    return [agents.program(agent)] if agents.is_preset(agent) else list(settings.worker_command)
 
 
 def model_for(task: Task, settings: Settings, override: str | None) -> str:

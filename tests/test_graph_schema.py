@@ -15,7 +15,7 @@ import yaml
 from aipm.errors import ValidationError
 from aipm.graph import COLOURS, dot, mermaid
 from aipm.model import MANAGED_FIELDS, Order, Priority, Status, Task
-from aipm.schema import SHIPPED_DIR, order_schema, schema_text, shipped_path, task_schema
+from aipm.schema import order_schema, schema_text, shipped_path, task_schema
 from aipm.store import ORDER_FILE, TASK_KEYS, ORDER_KEYS, load_order, parse_mapping, task_from_mapping, task_files
 from conftest import FIXTURES, snapshot
 

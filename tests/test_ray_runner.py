@@ -18,7 +18,6 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import yaml
 
 from conftest import Project, task_statuses, wait_for, write_task
 from invariants import check, journal_command, pid_alive, spans

@@ -7,7 +7,6 @@ survives; CRLF stays CRLF; a BOM stays. Forms the writer cannot handle are refus
 import re
 
 import pytest
-import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

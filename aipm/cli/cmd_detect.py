@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from aipm import budget
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, print_json, project_root
 from aipm.cli.resource_options import MaxWorkersOpt
@@ -30,7 +31,8 @@ def _plan(launcher: Launcher, order_dir: Path):
     order = load_order(order_dir, launcher.project.root)
     busy, live, count = launcher.holders(order, launcher.records())
     free = max(0, launcher.settings.max_workers - count)
-    return order, plan(order, busy, live, free), free, busy
+    spend = budget.of(order, launcher.settings.max_cost_usd)
+    return order, plan(order, busy, live, free, budget=spend), free, busy
 
 
 def reasons_for(launcher: Launcher, order_dir: Path, task_id: str):

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from aipm import budget
 from aipm.cli import app
 from aipm.cluster import require_ray
 from aipm.cli.cmd_detect import print_reasons, reasons_for
@@ -17,7 +18,7 @@ from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, RunnerOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, Options
-from aipm.model import DEAD_END, FINISHED_OK, Task
+from aipm.model import DEAD_END, FINISHED_OK, Status, Task
 from aipm.project import Project, find_task
 from aipm.supervisor import supervise
 from aipm.view import OrderView
@@ -65,7 +66,8 @@ def launch(
     report = launcher.launch_ramped(view)
     if json_out:
         print_json({"order": view.order.id, "dry_run": dry_run, "launched": report.launched,
-                    "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered})
+                    "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered,
+                    "budget_stop": report.plan.budget_stop})
     else:
         out = console()
         verb = "would start" if dry_run else "started"
@@ -75,9 +77,11 @@ def launch(
             out.print(f"deferred {item['id']}: {item['detail']}")
         for item in report.failed:
             console(stderr=True).print(f"failed {item['id']}: {item['error']}", markup=False)
-        if not (report.launched or report.deferred or report.failed):
+        if report.plan.budget_stop:
+            console(stderr=True).print(f"aipm: {view.order.id}: {report.plan.budget_stop}", markup=False)
+        elif not (report.launched or report.deferred or report.failed):
             out.print("nothing to launch (see `aipm detect`)")
-    if report.failed:
+    if report.failed or report.plan.budget_stop:
         raise typer.Exit(1)
 
 
@@ -99,7 +103,8 @@ def run(
     Every event is one line (on a terminal, above a live table of the running tasks); the last line counts the
     tasks by status.
 
-    Exit 0 when every task is DONE/COMPLETED, 1 when some failed or stay blocked, 130 when interrupted.
+    Exit 0 when every task is DONE/COMPLETED, 1 when some failed or stay blocked (or the order's
+    budget, max_cost_usd, stopped new attempts), 130 when interrupted.
     Safe to kill: a new `aipm run` re-attaches to the workers that are still running.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
@@ -111,6 +116,10 @@ def run(
         code = supervise(launcher, view, display)
     finally:
         display.close()
+    stop = budget.of(view.order, launcher.settings.max_cost_usd)
+    if not json_out and code == 1 and stop is not None and stop.reached and any(
+            t.status == Status.QUEUED for t in view.order.tasks.values()):
+        console(stderr=True).print(f"aipm: {view.order.id} stopped: {stop.detail}", markup=False)
     summary = summary_event(view.order, code)
     if json_out:
         display(summary)

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
+from aipm import budget
 from aipm.cli import app
 from aipm.advice import warnings
 from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, warn
@@ -33,8 +34,11 @@ max_workers: 5
 # worker:
 #   command: ["claude", "-p", "--model", "{model}"]   # for tasks without `command`; prompt on stdin
 #   model: sonnet
+#   agent: command       # or a preset: claude, codex, aider (see docs/workers.md)
 # review:
 #   command: null
+# max_cost_usd: null     # budget in US dollars of orders whose order.yaml sets none
+# notify: null           # command run when a task fails or is rejected, a budget stops an order, a run ends
 """
 
 STATUS_STYLE = {
@@ -111,6 +115,9 @@ def task_row(task, settings) -> dict:
         "file": task.path, "reason": task.reason, "tries": task.tries,
         "max_attempts": attempt_limit(task, settings), "reworks": task.reworks,
         "max_rework": rework_limit(task, settings),
+        # Unknown usage is left out, never shown as 0.
+        **({"cost_usd": task.cost_usd} if task.cost_usd is not None else {}),
+        **({"tokens": dict(task.tokens)} if task.tokens else {}),
     }
 
 
@@ -130,11 +137,17 @@ def status(
     settings = load_settings(root)
     loaded = load_order(Project(root, settings.orders_dir).order_dir(order), root)
     tasks = sorted(loaded.tasks.values(), key=lambda t: t.id)
+    cost = budget.recorded(loaded)
+    limit = budget.of(loaded, settings.max_cost_usd)
     if json_out:
-        print_json({"order": loaded.id, "tasks": [task_row(t, settings) for t in tasks]})
+        totals = {"cost_usd": cost} if cost is not None else {}
+        if limit is not None:
+            totals["max_cost_usd"] = limit.limit
+        print_json({"order": loaded.id, "tasks": [task_row(t, settings) for t in tasks], **totals})
         return
     table = Table(title=f"Order {loaded.id}" + (f" — {loaded.title}" if loaded.title else ""))
-    for col in ("task", "status", "pri", "depends on / waiting on", "target files", "tries", "reworks", "reason"):
+    for col in ("task", "status", "pri", "depends on / waiting on", "target files", "tries", "reworks", "reason",
+                "cost"):
         # fold: a path longer than its cell breaks across lines instead of being cut off with an ellipsis
         table.add_column(col, overflow="fold", no_wrap=wide)
     for t in tasks:
@@ -144,7 +157,13 @@ def status(
         )
         table.add_row(t.id, f"[{STATUS_STYLE[t.status.value]}]{t.status.value}[/]", t.priority.value, deps,
                       "\n".join(t.target_files), f"{t.tries}/{attempt_limit(t, settings)}",
-                      f"{t.reworks}/{rework_limit(t, settings)}", Text(t.reason or ""))
+                      f"{t.reworks}/{rework_limit(t, settings)}", Text(t.reason or ""),
+                      "-" if t.cost_usd is None else budget.usd(t.cost_usd))
     out = console(width=10**6 if wide else None)
     out.print(table)
-    out.print(status_summary(loaded))
+    line = status_summary(loaded)
+    if cost is not None or limit is not None:
+        line += "; cost " + ("unknown" if cost is None else budget.usd(cost))
+    if limit is not None:
+        line += f" of max_cost_usd {budget.usd(limit.limit)}" + (" (reached)" if limit.reached else "")
+    out.print(line)

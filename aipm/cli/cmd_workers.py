@@ -15,6 +15,7 @@ from rich.table import Table
 from aipm import outcome
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json
+from aipm.agents import can_resume
 from aipm.errors import UserError
 from aipm.launcher import Launcher, Options, append_log, cleared_reason
 from aipm.model import RUNNING, Status
@@ -24,6 +25,7 @@ from aipm.runner import terminate_group
 from aipm.runtime import Runtime, live_pid
 from aipm.settings import load_settings
 from aipm.store import StaleWrite, load_order, load_task, now, update_task
+from aipm.worker import agent_for
 
 
 def _worker_info(rec) -> dict:
@@ -187,10 +189,14 @@ def _until_released(rt: Runtime, order_id: str, task_id: str, limit: float) -> N
 
 
 @app.command()
-def retry(task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file.")) -> None:
+def retry(
+    task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
+    resume: bool = typer.Option(False, "--resume", help="The next attempt continues the agent's own recorded "
+                                "session (session_id), for agents that can (claude --resume, codex exec resume)."),
+) -> None:
     """Put a finished, failed, rejected or cancelled task back to QUEUED, as new: its attempts, reworks, times and
     exit code are cleared and the old review feedback is dropped; its next attempt gets a new number and log."""
-    project, _ = _settings_project()
+    project, settings = _settings_project()
     order_dir, task_id = find_task(project, task)
     path = order_dir / f"{task_id}.yaml"
     rt = Runtime(project.root)
@@ -203,14 +209,25 @@ def retry(task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to 
         if rec is not None and rec.alive():
             raise UserError(f"{path}: status: {current.status}, but its worker pid {live_pid(rec)} is still "
                             "running; wait for it to end (or cancel it)")
+        marker = None
+        if resume:
+            agent = agent_for(current, settings)
+            if not can_resume(agent):
+                raise UserError(f"{path}: agent: {agent} cannot resume a session; retry without --resume")
+            if not current.session_id:
+                raise UserError(f"{path}: session_id: no agent session recorded yet; retry without --resume")
+            marker = rt.resume_path(order_id, task_id)
+            marker.write_text(current.session_id + "\n")
         try:
             update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "started_at": None,
                                "finished_at": None, "exit_code": None, **cleared_reason(current)},
                         expect=current.status)
         except StaleWrite as exc:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
             raise UserError(f"{path}: status: {exc}") from None
         rt.feedback_path(order_id, task_id).unlink(missing_ok=True)
-    console().print(f"{task_id}: QUEUED")
+    console().print(f"{task_id}: QUEUED" + (f" (resuming session {current.session_id})" if resume else ""))
 
 
 @app.command()

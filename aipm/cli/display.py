@@ -29,6 +29,7 @@ LINES = {
     "restored": "restore  {task} → {status}: its file said {was} while its worker ran",
     "gone":     "gone     {task}: its file was deleted while it ran; exit {exit_code} kept in its log",
     "summary": "{order}: {counts}",
+    "budget": "budget   {order}: {detail}",
 }
 
 

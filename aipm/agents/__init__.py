@@ -1,0 +1,126 @@
+"""Agent presets: how each agent CLI is started, which permission files it gets, and how its usage is read.
+
+One small module per preset (`claude`, `codex`, `aider`); `command` is the project's own worker template.
+The worker module picks one by name; nothing outside this package knows what a preset does.
+
+Usage is read after an attempt from its log, which holds the agent's whole transcript: a preset parses the
+structured lines it knows and ignores everything else. What the agent did not report stays unknown (None, or a
+missing token kind), never 0.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+from aipm.paths import Target
+
+COMMAND = "command"  # not a preset: the worker.command template (or the task's own command)
+NAMES = (COMMAND, "claude", "codex", "aider")
+TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """What a preset needs to build one attempt's command line."""
+
+    root: Path
+    prompt_file: Path
+    log: Path  # the attempt's log; per-attempt files go beside it: log.with_suffix(".<what>")
+    model: str
+    model_chosen: bool  # False when `model` is only aipm's default (`sonnet`, a Claude alias)
+    targets: tuple[Target, ...]
+    protected: tuple[Path, ...]  # directories no agent may edit: the runtime directory, the order directory
+    max_cost_usd: float | None = None
+    resume: str | None = None  # the agent's session to continue (retry --resume)
+
+
+@dataclass
+class Usage:
+    """What one attempt cost, as the agent reported it."""
+
+    cost_usd: float | None = None
+    tokens: dict[str, int] = field(default_factory=dict)  # only the kinds the agent reported
+    session_id: str | None = None
+    turns: int | None = None
+    is_error: bool | None = None
+
+
+def preset(name: str) -> Any:
+    return import_module(f"aipm.agents.{name}")
+
+
+def is_preset(name: str) -> bool:
+    return name != COMMAND
+
+
+def program(name: str) -> str:
+    return preset(name).PROGRAM
+
+
+def can_resume(name: str) -> bool:
+    return is_preset(name) and preset(name).RESUMES
+
+
+def command_line(name: str, attempt: Attempt) -> list[str]:
+    """The preset's argv for this attempt; writes the permission files it refers to."""
+    return preset(name).argv(attempt)
+
+
+def read_usage(name: str, log: Path) -> Usage | None:
+    """Parse the attempt's log and keep the result beside it (`<TASK>.<attempt>.usage.json`); None for `command`."""
+    if not is_preset(name):
+        return None
+    try:
+        with open(log, encoding="utf-8", errors="replace") as handle:
+            usage = preset(name).parse(handle)
+    except OSError:
+        return None
+    try:
+        log.with_suffix(".usage.json").write_text(json.dumps({"agent": name, **asdict(usage)}) + "\n")
+    except OSError:
+        pass  # the task file gets the figures anyway; this copy is for people reading .aipm/
+    return usage
+
+
+def task_updates(cost_usd: float | None, tokens: dict[str, int] | None, usage: Usage | None) -> dict[str, Any]:
+    """Managed-field updates adding one attempt's usage to the task's totals (nothing for unknown usage)."""
+    if usage is None:
+        return {}
+    updates: dict[str, Any] = {}
+    if usage.cost_usd is not None:
+        updates["cost_usd"] = round((cost_usd or 0.0) + usage.cost_usd, 6)
+    if usage.tokens:
+        total = dict(tokens or {})
+        for kind, count in usage.tokens.items():
+            total[kind] = total.get(kind, 0) + count
+        updates["tokens"] = {k: total[k] for k in TOKEN_KINDS if k in total}
+    if usage.session_id:
+        updates["session_id"] = usage.session_id
+    return updates
+
+
+def json_lines(lines: Any) -> Any:
+    """The JSON objects among a log's lines (agent events); aipm's own lines and stray text are skipped."""
+    for line in lines:
+        if line.startswith("{"):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(event, dict):
+                yield event
+
+
+def count(value: Any) -> int | None:
+    """A token count from an agent's JSON, or None when it is not a whole number ≥ 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def dollars(value: Any) -> float | None:
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    return None

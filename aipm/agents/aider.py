@@ -1,0 +1,68 @@
+"""Aider: `aider --message-file PROMPT --yes-always --no-auto-commits ... FILES` — the targets are its files.
+
+Aider runs the one message and exits. After each reply it prints a line such as
+`Tokens: 2.3k sent, 1.1k cache write, 4.0k cache hit, 120 received. Cost: $0.01 message, $0.05 session.`
+Token counts are rounded by aider (`2.3k`), so the totals are approximate; the cost is the last `session`
+figure (aider's own running total for this run). Aider keeps no session id.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from aipm.agents import Attempt, Usage
+
+PROGRAM = "aider"
+RESUMES = False
+
+_NUMBER = r"(\d+(?:\.\d+)?k?)"
+_TOKENS = re.compile(rf"Tokens: {_NUMBER} sent(?:, {_NUMBER} cache write)?(?:, {_NUMBER} cache (?:hit|read))?"
+                     rf", {_NUMBER} received")
+_COST = re.compile(r"Cost: \$(\d+(?:\.\d+)?) message, \$(\d+(?:\.\d+)?) session")
+
+
+def argv(attempt: Attempt) -> list[str]:
+    args = [PROGRAM, "--message-file", str(attempt.prompt_file), "--yes-always", "--no-auto-commits",
+            # aider would otherwise add `.aider*` to .gitignore and keep its history in the project:
+            # both are writes outside the targets.
+            "--no-gitignore", "--chat-history-file", str(attempt.log.with_suffix(".aider.chat.md")),
+            "--input-history-file", str(attempt.log.with_suffix(".aider.input")),
+            "--no-pretty", "--no-stream", "--no-check-update", "--model", attempt.model]
+    return args + files(attempt)
+
+
+def files(attempt: Attempt) -> list[str]:
+    """The targets as aider's editable files: files and directories as written, globs expanded now."""
+    out: list[str] = []
+    for target in attempt.targets:
+        if target.is_glob:
+            out += sorted(p.relative_to(attempt.root).as_posix() for p in attempt.root.glob(target.path)
+                          if p.is_file())
+        else:
+            out.append(target.path or ".")
+    return list(dict.fromkeys(out))
+
+
+def _tokens(text: str | None) -> int | None:
+    if text is None:
+        return None
+    return round(float(text[:-1]) * 1000) if text.endswith("k") else int(float(text))
+
+
+def parse(lines: Iterable[str]) -> Usage:
+    usage = Usage()
+    tokens: dict[str, int] = {}
+    for line in lines:
+        if "Tokens: " in line and (m := _TOKENS.search(line)):
+            sent, write, hit, received = (_tokens(g) for g in m.groups())
+            # aider counts cache writes into "sent"; ours keep fresh input apart from cache traffic.
+            for kind, n in (("input", sent - (write or 0)), ("cache_write", write), ("cache_read", hit),
+                            ("output", received)):
+                if n is not None:
+                    tokens[kind] = tokens.get(kind, 0) + n
+            usage.turns = (usage.turns or 0) + 1
+        if "Cost: " in line and (m := _COST.search(line)):
+            usage.cost_usd = float(m.group(2))
+    usage.tokens = tokens
+    return usage

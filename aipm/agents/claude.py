@@ -1,0 +1,86 @@
+"""Claude Code in print mode: `claude -p --output-format stream-json --verbose` (stream-json needs --verbose).
+
+The prompt arrives on standard input. Every event is one JSON line in the log; the last one,
+`{"type": "result", ..., "total_cost_usd", "usage", "num_turns", "session_id", "is_error"}`, carries the usage.
+
+Permissions: a task with target_files gets its own `--settings` file that allows `Edit(...)` on its targets
+only, denies edits to aipm's own files, and installs a PreToolUse hook (aipm.agents.guard) that denies every
+Edit/Write/MultiEdit/NotebookEdit outside the targets: permission rules alone have been reported to leak.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+from collections.abc import Iterable
+from pathlib import Path
+
+from aipm.agents import Attempt, Usage, count, dollars, json_lines
+from aipm.paths import Target
+
+PROGRAM = "claude"
+RESUMES = True
+EDIT_TOOLS = "Edit|Write|MultiEdit|NotebookEdit"
+# Claude's usage keys → ours.
+_TOKENS = {"input_tokens": "input", "output_tokens": "output", "cache_read_input_tokens": "cache_read",
+           "cache_creation_input_tokens": "cache_write"}
+
+
+def argv(attempt: Attempt) -> list[str]:
+    args = [PROGRAM, "-p", "--output-format", "stream-json", "--verbose", "--model", attempt.model]
+    if attempt.targets:
+        args += ["--settings", str(write_settings(attempt))]
+    if attempt.max_cost_usd is not None:
+        args += ["--max-budget-usd", f"{attempt.max_cost_usd:g}"]
+    if attempt.resume:
+        args += ["--resume", attempt.resume]
+    return args
+
+
+def _rule_path(root: Path, target: Target) -> str:
+    """A target as a permission-rule path: `//` starts an absolute path; a directory covers all below it."""
+    full = (root / target.path).as_posix() if target.path else root.as_posix()
+    return "/" + full + ("/**" if target.is_dir else "")
+
+
+def settings(attempt: Attempt, guard_file: Path) -> dict:
+    """The per-attempt Claude Code settings: edit rules for the targets and the PreToolUse guard."""
+    root = attempt.root
+    hook = shlex.join(["env", f"PYTHONPATH={Path(__file__).resolve().parents[2]}", sys.executable,
+                       "-m", "aipm.agents.guard", str(guard_file)])
+    return {
+        "permissions": {
+            "allow": [f"Edit({_rule_path(root, t)})" for t in attempt.targets],
+            # Deny wins over allow in Claude Code, so these hold even if a target is drawn too wide.
+            "deny": [f"Edit(/{p.as_posix()}/**)" for p in attempt.protected],
+        },
+        "hooks": {"PreToolUse": [{"matcher": EDIT_TOOLS,
+                                  "hooks": [{"type": "command", "command": hook}]}]},
+    }
+
+
+def write_settings(attempt: Attempt) -> Path:
+    guard_file = attempt.log.with_suffix(".guard.json")
+    guard_file.write_text(json.dumps({
+        "root": str(attempt.root), "allow": [str(t) for t in attempt.targets],
+        "deny": [str(p) for p in attempt.protected],
+    }, indent=2) + "\n")
+    path = attempt.log.with_suffix(".claude-settings.json")
+    path.write_text(json.dumps(settings(attempt, guard_file), indent=2) + "\n")
+    return path
+
+
+def parse(lines: Iterable[str]) -> Usage:
+    usage = Usage()
+    for event in json_lines(lines):
+        if isinstance(event.get("session_id"), str):
+            usage.session_id = event["session_id"]  # known from the first event, even if the run dies
+        if event.get("type") != "result":
+            continue
+        usage.cost_usd = dollars(event.get("total_cost_usd"))
+        reported = event.get("usage") if isinstance(event.get("usage"), dict) else {}
+        usage.tokens = {ours: n for theirs, ours in _TOKENS.items() if (n := count(reported.get(theirs))) is not None}
+        usage.turns = count(event.get("num_turns"))
+        usage.is_error = event.get("is_error") if isinstance(event.get("is_error"), bool) else None
+    return usage

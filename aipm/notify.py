@@ -1,0 +1,49 @@
+"""Signals to a person: the `notify` setting's command, run when a task ends FAILED or REJECTED, when an order's
+budget stops it, and when `aipm run` ends its order.
+
+It never blocks or breaks the caller: the command starts detached, in a session of its own, through a shell that
+backgrounds it and exits at once (so no process is left for us to reap), with standard input from /dev/null and
+its output appended to `.aipm/notify.log`, which is rotated at 1 MiB. A command that cannot start is noted in that
+log and otherwise ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from aipm.runtime import Runtime
+from aipm.settings import Settings
+
+FAILED, REJECTED, BUDGET, ORDER_FINISHED = "failed", "rejected", "budget", "order_finished"
+LOG_LIMIT = 1 << 20
+# $1 is the log; the rest is the command, started in the background so this shell exits at once.
+_TASK_VARS = frozenset({"AIPM_ORDER_ID", "AIPM_TASK_ID", "AIPM_ATTEMPT", "AIPM_LOG", "AIPM_TARGET_FILES",
+                        "AIPM_MODEL", "AIPM_REVIEW_FEEDBACK"})
+_DETACH = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 &'
+
+
+def send(settings: Settings, runtime: Runtime, event: str, status: str, detail: str, **env: str) -> None:
+    """Run the notify command (if one is set) with AIPM_EVENT, AIPM_STATUS, AIPM_DETAIL and `env` (AIPM_*)."""
+    if settings.notify is None:
+        return
+    command = ["/bin/sh", "-c", settings.notify] if isinstance(settings.notify, str) else list(settings.notify)
+    try:
+        runtime.ensure()
+        log = runtime.notify_log()
+        if log.exists() and log.stat().st_size > LOG_LIMIT:
+            os.replace(log, log.with_suffix(".log.1"))
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(f"[aipm {time.strftime('%Y-%m-%d %H:%M:%S')}] {event} {status}: {detail}\n")
+        # Our own caller may be a worker: its task's variables must not leak into an order's event.
+        environ = {k: v for k, v in os.environ.items() if k not in _TASK_VARS}
+        environ.update(AIPM_ROOT=str(runtime.root), AIPM_EVENT=event, AIPM_STATUS=status, AIPM_DETAIL=detail, **env)
+        pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _DETACH, "aipm-notify", str(log), *command], environ,
+                             setsid=True)
+        os.waitpid(pid, 0)  # the shell only forks the command and exits
+    except OSError as exc:
+        try:
+            with open(runtime.notify_log(), "a", encoding="utf-8") as handle:
+                handle.write(f"[aipm] notify command could not start: {exc}\n")
+        except OSError:
+            pass

@@ -1,0 +1,77 @@
+"""Shared parts of the stand-in agent CLIs (`claude`, `codex`, `aider` here): prompt directives and a journal.
+
+The stand-ins print what the real CLIs print (see fixtures/agents/) and do only what a prompt tells them.
+Directives, one per line anywhere in the prompt:
+
+    @cost 0.10               report this cost in US dollars (`@cost none`: report none)
+    @tokens IN OUT CR CW     report these token counts (input, output, cache read, cache write)
+    @fail                    end the run with an error (exit 1)
+    @fail-attempt N          ... only when AIPM_ATTEMPT is N
+    @write PATH TEXT         write TEXT to PATH, through the agent's own permission checks
+    @wait-for PATH           (claude) wait until PATH exists before finishing
+
+With FAKE_AGENT_JOURNAL set, each run appends one JSON line {"agent", "argv", "prompt", "attempt", "task"}.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Directives:
+    cost: float | None = 0.001
+    tokens: tuple[int, int, int, int] = (10, 5, 0, 0)
+    fail: bool = False
+    writes: list[tuple[str, str]] = field(default_factory=list)
+    gate: str | None = None
+
+
+def directives(prompt: str) -> Directives:
+    d = Directives()
+    for line in prompt.splitlines():
+        word, _, rest = line.strip().partition(" ")
+        if word == "@cost":
+            d.cost = None if rest.strip() == "none" else float(rest)
+        elif word == "@tokens":
+            d.tokens = tuple(int(n) for n in rest.split())
+        elif word == "@fail":
+            d.fail = True
+        elif word == "@fail-attempt":
+            d.fail = d.fail or rest.strip() == os.environ.get("AIPM_ATTEMPT")
+        elif word == "@wait-for":
+            d.gate = rest.strip()
+        elif word == "@write":
+            path, _, text = rest.partition(" ")
+            d.writes.append((path, text))
+    return d
+
+
+def journal(agent: str, argv: list[str], prompt: str) -> None:
+    path = os.environ.get("FAKE_AGENT_JOURNAL")
+    if path:
+        with open(path, "a") as handle:
+            handle.write(json.dumps({"agent": agent, "argv": argv, "prompt": prompt,
+                                     "attempt": os.environ.get("AIPM_ATTEMPT"),
+                                     "task": os.environ.get("AIPM_TASK_ID")}) + "\n")
+
+
+def options(argv: list[str], with_values: set[str]) -> tuple[dict[str, str | bool], list[str]]:
+    """`--flag value` and `--switch` options, and the positional arguments, in the order given."""
+    opts: dict[str, str | bool] = {}
+    rest: list[str] = []
+    args = iter(argv)
+    for arg in args:
+        if arg in with_values:
+            opts[arg] = next(args)
+        elif arg.startswith("-") and arg != "-":
+            opts[arg] = True
+        else:
+            rest.append(arg)
+    return opts, rest
+
+
+def emit(event: dict) -> None:
+    print(json.dumps(event), flush=True)

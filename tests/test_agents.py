@@ -1,0 +1,475 @@
+"""Agent presets: their command lines and permission files, usage parsing, cost in the task files and `status`,
+budgets, the notify hook and `retry --resume` — run against stand-in `claude`, `codex` and `aider` executables
+(tests/agents/) that print what the real CLIs print."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import FIXTURES, REPO, snapshot, wait_for, write_task
+from aipm import agents
+from aipm.agents import Attempt, aider, claude, codex, guard
+from aipm.paths import normalize
+
+STAND_INS = REPO / "tests" / "agents"
+SAMPLES = FIXTURES / "agents"
+
+
+def agent_env(project, **extra) -> dict:
+    """PATH with the stand-ins first, and a journal of every agent run."""
+    return {"PATH": f"{STAND_INS}{os.pathsep}{os.environ['PATH']}",
+            "FAKE_AGENT_JOURNAL": str(project.root / "journal.jsonl"), **extra}
+
+
+def journal(project) -> list[dict]:
+    path = project.root / "journal.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def attempt(tmp_path: Path, targets=("src/app.py", "docs/", "tests/**/*.py"), **kw) -> Attempt:
+    log = tmp_path / ".aipm" / "logs" / "ORD" / "T.1.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    prompt = log.with_suffix(".prompt.md")
+    prompt.write_text("do it\n")
+    values = dict(root=tmp_path, prompt_file=prompt, log=log, model="sonnet", model_chosen=False,
+                  targets=tuple(normalize(t) for t in targets),
+                  protected=(tmp_path / ".aipm", tmp_path / "orders" / "ORD"))
+    return Attempt(**{**values, **kw})
+
+
+def task_file(order: Path, task: str) -> dict:
+    return yaml.safe_load((order / f"{task}.yaml").read_text())
+
+
+# ---- command lines and permission files -----------------------------------------------------------------
+
+
+def test_claude_argv_and_its_permission_files(tmp_path):
+    a = attempt(tmp_path, max_cost_usd=0.5, resume="sess-1")
+    argv = claude.argv(a)
+    settings_file = a.log.with_suffix(".claude-settings.json")
+    assert argv == ["claude", "-p", "--output-format", "stream-json", "--verbose", "--model", "sonnet",
+                    "--settings", str(settings_file), "--max-budget-usd", "0.5", "--resume", "sess-1"]
+    settings = json.loads(settings_file.read_text())
+    root = tmp_path.as_posix()
+    assert settings["permissions"]["allow"] == [f"Edit(/{root}/src/app.py)", f"Edit(/{root}/docs/**)",
+                                                f"Edit(/{root}/tests/**/*.py)"]
+    assert settings["permissions"]["deny"] == [f"Edit(/{root}/.aipm/**)", f"Edit(/{root}/orders/ORD/**)"]
+    (entry,) = settings["hooks"]["PreToolUse"]
+    assert entry["matcher"] == "Edit|Write|MultiEdit|NotebookEdit"
+    assert "aipm.agents.guard" in entry["hooks"][0]["command"]
+    assert json.loads(a.log.with_suffix(".guard.json").read_text())["allow"] == ["src/app.py", "docs/",
+                                                                               "tests/**/*.py"]
+
+
+def test_claude_without_targets_gets_no_rules(tmp_path):
+    argv = claude.argv(attempt(tmp_path, targets=()))
+    assert "--settings" not in argv and "--max-budget-usd" not in argv and "--resume" not in argv
+
+
+def test_codex_argv_reads_the_prompt_from_stdin_in_the_workspace_sandbox(tmp_path):
+    assert codex.argv(attempt(tmp_path)) == ["codex", "exec", "--json", "--sandbox", "workspace-write",
+                                             "--skip-git-repo-check", "-"]
+    # A model someone chose is passed; a resume goes after the options, as `codex exec ... resume ID -`.
+    assert codex.argv(attempt(tmp_path, model="gpt-5-codex", model_chosen=True, resume="th-9"))[-5:] == [
+        "--model", "gpt-5-codex", "resume", "th-9", "-"]
+
+
+def test_aider_argv_makes_the_targets_its_files(tmp_path):
+    (tmp_path / "tests" / "unit").mkdir(parents=True)
+    (tmp_path / "tests" / "unit" / "test_b.py").write_text("")
+    (tmp_path / "tests" / "test_a.py").write_text("")
+    (tmp_path / "tests" / "notes.txt").write_text("")
+    a = attempt(tmp_path)
+    argv = aider.argv(a)
+    assert argv[:5] == ["aider", "--message-file", str(a.prompt_file), "--yes-always", "--no-auto-commits"]
+    assert "--no-gitignore" in argv and argv[argv.index("--model") + 1] == "sonnet"
+    # Its history files go to the runtime directory, not the project.
+    assert argv[argv.index("--chat-history-file") + 1].startswith(str(tmp_path / ".aipm"))
+    assert argv[-4:] == ["src/app.py", "docs", "tests/test_a.py", "tests/unit/test_b.py"]
+
+
+# ---- the PreToolUse guard -------------------------------------------------------------------------------
+
+
+def run_hook(a: Attempt, call: dict) -> dict | None:
+    """Run the hook command exactly as the settings file gives it to Claude Code, with the call on stdin."""
+    claude.argv(a)
+    settings = json.loads(a.log.with_suffix(".claude-settings.json").read_text())
+    command = settings["hooks"]["PreToolUse"][0]["hooks"][0]["command"]
+    proc = subprocess.run(["/bin/sh", "-c", command], input=json.dumps(call) if isinstance(call, dict) else call,
+                          capture_output=True, text=True, cwd="/")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout) if proc.stdout.strip() else None
+
+
+def pre_tool_use(root: Path, tool: str, path: str) -> dict:
+    key = "notebook_path" if tool == "NotebookEdit" else "file_path"
+    return {"session_id": "s", "transcript_path": "/tmp/t.jsonl", "cwd": str(root), "permission_mode": "default",
+            "hook_event_name": "PreToolUse", "tool_name": tool,
+            "tool_input": {key: path, "old_string": "a", "new_string": "b"}, "tool_use_id": "toolu_1"}
+
+
+def denied(answer: dict | None) -> bool:
+    return bool(answer) and answer["hookSpecificOutput"]["permissionDecision"] == "deny"
+
+
+def test_the_hook_denies_an_edit_outside_the_targets(tmp_path):
+    a = attempt(tmp_path)
+    answer = run_hook(a, pre_tool_use(tmp_path, "Edit", str(tmp_path / "setup.py")))
+    assert denied(answer)
+    assert "setup.py is not among this task's target_files" in answer["hookSpecificOutput"][
+        "permissionDecisionReason"]
+    for tool, path in (("Write", "../outside.txt"), ("MultiEdit", str(tmp_path / "orders/ORD/T.yaml")),
+                       ("Edit", ".aipm/workers/x.json"), ("NotebookEdit", "nb.ipynb"),
+                       ("Write", "tests/data.json")):
+        assert denied(run_hook(a, pre_tool_use(tmp_path, tool, path))), (tool, path)
+
+
+def test_the_hook_lets_edits_of_the_targets_through(tmp_path):
+    a = attempt(tmp_path)
+    for tool, path in (("Edit", str(tmp_path / "src/app.py")), ("Write", "docs/new/page.md"),
+                       ("MultiEdit", "tests/unit/test_x.py"), ("Read", str(tmp_path / "setup.py"))):
+        assert run_hook(a, pre_tool_use(tmp_path, tool, path)) is None, (tool, path)
+
+
+def test_the_hook_fails_closed(tmp_path):
+    a = attempt(tmp_path)
+    assert denied(run_hook(a, "not json"))
+    assert denied(run_hook(a, {"tool_name": "Write", "tool_input": {}}))
+
+
+def test_the_hook_follows_symlinks_out_of_a_target(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "link.md").symlink_to(tmp_path / "setup.py")
+    rules = {"root": str(tmp_path), "allow": ["docs/"], "deny": []}
+    assert guard.verdict(pre_tool_use(tmp_path, "Edit", "docs/link.md"), rules) is not None
+    assert guard.verdict(pre_tool_use(tmp_path, "Edit", "docs/real.md"), rules) is None
+
+
+# ---- usage parsing --------------------------------------------------------------------------------------
+
+
+def parse(name: str, sample: str) -> agents.Usage:
+    with open(SAMPLES / sample) as handle:
+        return agents.preset(name).parse(handle)
+
+
+def test_claude_usage_from_the_result_event():
+    usage = parse("claude", "claude-stream-json.jsonl")
+    assert usage.cost_usd == pytest.approx(0.0423915)
+    assert usage.tokens == {"input": 15, "output": 215, "cache_read": 47414, "cache_write": 5832}
+    assert (usage.session_id, usage.turns, usage.is_error) == ("9b1f4c2e-5d7a-4e0b-8c3f-2a6d1e9b7c40", 5, False)
+
+
+def test_claude_usage_of_a_failed_attempt():
+    usage = parse("claude", "claude-stream-json-error.jsonl")
+    assert usage.is_error is True
+    assert usage.cost_usd == pytest.approx(0.0187)  # a failed attempt still costs
+    assert usage.tokens["cache_write"] == 4096 and usage.turns == 2
+
+
+def test_claude_killed_before_its_result_keeps_the_session_and_no_cost():
+    lines = (SAMPLES / "claude-stream-json.jsonl").read_text().splitlines()[:3]
+    usage = claude.parse(lines + ["[aipm 12:00:00] attempt 1 killed by SIGKILL"])
+    assert usage.session_id == "9b1f4c2e-5d7a-4e0b-8c3f-2a6d1e9b7c40"
+    assert usage.cost_usd is None and usage.tokens == {} and usage.is_error is None
+
+
+def test_codex_usage_from_turn_completed():
+    usage = parse("codex", "codex-exec-json.jsonl")
+    assert usage.cost_usd is None  # codex reports no cost: unknown, not 0
+    assert usage.tokens == {"input": 24763 - 24448, "cache_read": 24448, "output": 122}
+    assert (usage.session_id, usage.turns, usage.is_error) == ("0199a213-81c0-7800-8aa1-bbab2a035a53", 1, False)
+
+
+def test_codex_failed_turn():
+    usage = codex.parse(['{"type":"thread.started","thread_id":"t"}',
+                         '{"type":"turn.failed","error":{"message":"stream error"}}'])
+    assert usage.is_error is True and usage.tokens == {} and usage.session_id == "t"
+
+
+def test_aider_usage_from_its_report_lines():
+    usage = parse("aider", "aider-output.txt")
+    assert usage.cost_usd == pytest.approx(0.02)  # the last `session` figure
+    assert usage.tokens == {"input": 4200 - 2100 + 6400, "cache_write": 2100, "cache_read": 3900,
+                            "output": 118 + 41}
+    assert usage.session_id is None and usage.turns == 2
+
+
+def test_unknown_usage_adds_nothing_to_the_totals():
+    assert agents.task_updates(None, None, None) == {}
+    assert agents.task_updates(None, None, agents.Usage()) == {}
+    updates = agents.task_updates(0.25, {"input": 5, "output": 1},
+                                  agents.Usage(cost_usd=0.5, tokens={"input": 10, "cache_read": 3}, session_id="s2"))
+    assert updates == {"cost_usd": 0.75, "tokens": {"input": 15, "output": 1, "cache_read": 3}, "session_id": "s2"}
+
+
+# ---- real runs with the stand-ins -----------------------------------------------------------------------
+
+
+def test_claude_run_records_cost_and_tokens_in_the_task_file_and_status(project):
+    (project.root / "aipm.yaml").write_text("max_workers: 2\nworker:\n  agent: claude\n")
+    order = project.order()
+    write_task(order, "A", prompt="@cost 0.125\n@tokens 100 20 300 40\n@write a.txt hello", target_files=["a.txt"])
+    write_task(order, "B", prompt="@cost 0.5\n@tokens 7 3 0 0", target_files=["b.txt"])
+    write_task(order, "C", command="true")  # a plain command: its cost is unknown
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = task_file(order, "A")
+    assert a["cost_usd"] == 0.125
+    assert a["tokens"] == {"input": 100, "output": 20, "cache_read": 300, "cache_write": 40}
+    assert a["session_id"] and (project.root / "a.txt").read_text() == "hello\n"
+    assert "cost_usd" not in task_file(order, "C") and "tokens" not in task_file(order, "C")
+    data = project.json("status", "ORD")
+    by_id = {t["id"]: t for t in data["tasks"]}
+    assert by_id["A"]["cost_usd"] == 0.125 and by_id["B"]["tokens"]["input"] == 7
+    assert "cost_usd" not in by_id["C"] and "tokens" not in by_id["C"]
+    assert data["cost_usd"] == 0.625
+    table = project.aipm("status", "ORD").stdout
+    assert "$0.1250" in table and "cost $0.6250" in table
+    # Per attempt in the runtime directory, beside the agent's whole transcript.
+    log = project.root / ".aipm" / "logs" / "ORD" / "A.1.log"
+    assert json.loads(log.with_suffix(".usage.json").read_text())["cost_usd"] == 0.125
+    assert '"type": "result"' in log.read_text()
+    (run,) = [j for j in journal(project) if j["task"] == "A"]
+    assert run["argv"][:5] == ["-p", "--output-format", "stream-json", "--verbose", "--model"]
+    assert "@cost 0.125" in run["prompt"]  # the prompt reached it on standard input
+
+
+def test_a_failed_attempt_with_is_error_still_adds_its_cost(project):
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    order = project.order()
+    write_task(order, "A", prompt="@cost 0.25\n@fail-attempt 1", max_attempts=2)
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = task_file(order, "A")
+    assert (a["status"], a["attempts"], a["cost_usd"]) == ("DONE", 2, 0.5)
+    first = json.loads((project.root / ".aipm/logs/ORD/A.1.usage.json").read_text())
+    assert first["is_error"] is True and first["cost_usd"] == 0.25
+
+
+def test_claude_hook_stops_a_write_outside_the_targets_in_a_real_run(project):
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    order = project.order()
+    write_task(order, "A", prompt="@write mine.txt ok\n@write theirs.txt no", target_files=["mine.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (project.root / "mine.txt").exists()
+    assert not (project.root / "theirs.txt").exists()
+    assert "theirs.txt is not among this task's target_files" in (project.root / ".aipm/logs/ORD/A.1.log").read_text()
+
+
+def test_codex_and_aider_runs(project):
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: codex\n")
+    order = project.order()
+    write_task(order, "X", prompt="@tokens 50 9 200 0\n@write x.txt from-codex", target_files=["x.txt"])
+    write_task(order, "Y", agent="aider", prompt="@cost 0.03\n@tokens 2300 120 0 0\n@write y.txt from-aider",
+               target_files=["y.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    x, y = task_file(order, "X"), task_file(order, "Y")
+    assert "cost_usd" not in x and x["tokens"] == {"input": 50, "output": 9, "cache_read": 200}
+    assert x["session_id"]
+    assert y["cost_usd"] == 0.03 and y["tokens"] == {"input": 2300, "output": 120}
+    assert (project.root / "x.txt").read_text() == "from-codex\n"
+    assert (project.root / "y.txt").read_text() == "from-aider\n"
+    runs = {j["agent"]: j for j in journal(project)}
+    assert runs["aider"]["argv"][-1] == "y.txt"
+    assert runs["codex"]["argv"][-1] == "-"
+
+
+# ---- budgets --------------------------------------------------------------------------------------------
+
+
+def test_the_budget_stops_new_attempts_and_run_says_so(project):
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.15\n")
+    for name in ("T1", "T2", "T3"):
+        write_task(order, name, prompt="@cost 0.1", target_files=[f"{name}.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    statuses = {t["id"]: t["status"] for t in project.json("status", "ORD")["tasks"]}
+    assert statuses == {"T1": "DONE", "T2": "DONE", "T3": "QUEUED"}  # T2 started below the budget, then finished
+    stop_lines = [line for line in proc.stderr.splitlines() if "budget reached" in line]
+    assert len(stop_lines) == 1 and "max_cost_usd $0.1500 (order.yaml)" in stop_lines[0], proc.stderr
+    assert [j["task"] for j in journal(project)] == ["T1", "T2"]
+    why = project.aipm("why", "T3")
+    assert "budget reached" in why.stdout, why.stdout
+    blocked = {b["id"]: b["reason"] for b in project.json("detect", "ORD")["blocked"]}
+    assert blocked["T3"] == "budget"
+    launch = project.aipm("launch", "ORD", env=agent_env(project))
+    assert launch.returncode == 1 and "budget reached" in launch.stderr
+    assert project.statuses()["T3"] == "QUEUED"
+    # Raising the budget lets the order go on.
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 1\n")
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+
+
+def test_the_budget_setting_applies_when_order_yaml_has_none(project):
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nmax_cost_usd: 0.05\nworker:\n  agent: claude\n")
+    order = project.order()
+    for name in ("T1", "T2"):
+        write_task(order, name, prompt="@cost 0.1")
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1
+    assert "setting max_cost_usd" in proc.stderr
+    assert project.statuses() == {"T1": "DONE", "T2": "QUEUED"}
+
+
+def test_a_task_budget_is_passed_to_claude(project):
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    write_task(project.order(), "A", prompt="hi", max_cost_usd=2.5)
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    argv = journal(project)[0]["argv"]
+    assert argv[argv.index("--max-budget-usd") + 1] == "2.5"
+
+
+# ---- notify ---------------------------------------------------------------------------------------------
+
+
+def test_notify_runs_on_failure_and_at_the_end_of_the_order(project):
+    notes = project.root / "notes.txt"
+    (project.root / "aipm.yaml").write_text(
+        "worker:\n  agent: claude\n"
+        f"notify: 'echo \"$AIPM_EVENT $AIPM_STATUS ${{AIPM_TASK_ID:-}}\" >> {notes}'\n")
+    order = project.order()
+    write_task(order, "BAD", prompt="@fail")
+    write_task(order, "GOOD", prompt="fine")
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1
+    # The command runs detached: wait for what it writes, not for a time.
+    lines = wait_for(lambda: len(notes.read_text().splitlines()) >= 2 and notes.read_text().splitlines()
+                     if notes.exists() else None)
+    assert sorted(lines) == ["failed FAILED BAD", "order_finished INCOMPLETE "]
+    assert "failed FAILED: ORD/BAD is FAILED" in (project.root / ".aipm" / "notify.log").read_text()
+
+
+def test_a_notify_command_that_cannot_run_changes_nothing(project):
+    (project.root / "aipm.yaml").write_text('notify: ["/nonexistent/bell", "ring"]\n')
+    write_task(project.order(), "A", command="exit 3")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert project.statuses() == {"A": "FAILED"}
+    log = project.root / ".aipm" / "notify.log"
+    wait_for(lambda: "/nonexistent/bell" in log.read_text())
+
+
+# ---- retry --resume -------------------------------------------------------------------------------------
+
+
+def failed_with_a_session(project, agent: str) -> tuple[Path, str]:
+    """An order whose task A failed under `agent`, and the session id recorded for it."""
+    (project.root / "aipm.yaml").write_text(f"worker:\n  agent: {agent}\n")
+    order = project.order()
+    write_task(order, "A", prompt="@fail")
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
+    return order, task_file(order, "A")["session_id"]
+
+
+def test_retry_resume_continues_the_agent_session(project):
+    order, session = failed_with_a_session(project, "claude")
+    proc = project.aipm("retry", "A", "--resume")
+    assert proc.returncode == 0 and session in proc.stdout
+    (order / "A.yaml").write_text((order / "A.yaml").read_text().replace("@fail", "try again"))
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    first, second = journal(project)
+    assert "--resume" not in first["argv"]
+    assert second["argv"][second["argv"].index("--resume") + 1] == session
+    # Used once: a plain retry starts a fresh session.
+    project.aipm("retry", "A", check=True)
+    project.aipm("run", "ORD", env=agent_env(project), check=True)
+    assert "--resume" not in journal(project)[2]["argv"]
+
+
+@pytest.mark.parametrize("agent, field", [("aider", "agent"), ("claude", "session_id")])
+def test_retry_resume_refused_without_a_session_to_resume(project, agent, field):
+    order = project.order()
+    write_task(order, "A", agent=agent, prompt="x", status="FAILED")
+    before = snapshot(project.root)
+    proc = project.aipm("retry", "A", "--resume")
+    assert proc.returncode == 2
+    (line,) = proc.stderr.splitlines()
+    assert "A.yaml" in line and field in line
+    assert snapshot(project.root) == before
+
+
+# ---- bad settings -----------------------------------------------------------------------------------------
+
+
+def test_a_bad_worker_agent_setting_is_one_line_and_exit_2(project):
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: gpt\n")
+    write_task(project.order(), "A", prompt="x")
+    before = snapshot(project.root)
+    for command in (("run", "ORD"), ("launch", "ORD"), ("config",)):
+        proc = project.aipm(*command)
+        assert proc.returncode == 2, proc.stderr
+        (line,) = proc.stderr.splitlines()
+        assert "worker.agent" in line and "'gpt' is not one of command, claude, codex, aider" in line
+    assert snapshot(project.root) == before
+
+
+def test_a_missing_agent_program_is_refused_at_launch(project):
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: codex\n")
+    write_task(project.order(), "A", prompt="x")
+    proc = project.aipm("launch", "ORD", env={"PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 1 and "program 'codex' not found on PATH" in proc.stderr
+    assert project.statuses() == {"A": "QUEUED"}
+
+
+# ---- racing workers, killed supervisors ----------------------------------------------------------------
+
+
+def test_the_budget_holds_with_workers_finishing_in_parallel(project):
+    (project.root / "aipm.yaml").write_text("max_workers: 3\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.15\n")
+    for i in range(6):
+        write_task(order, f"T{i}", prompt="@cost 0.1", target_files=[f"f{i}.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    started = {j["task"] for j in journal(project)}
+    statuses = project.statuses()
+    # Three start at once; after the first cost is recorded ($0.10 < $0.15) one more slot may be filled; the
+    # second recorded cost reaches the budget, and the plan runs after every recording (under the launch lock).
+    assert 3 <= len(started) <= 4, started
+    assert {t for t, s in statuses.items() if s == "DONE"} == started  # every started attempt finished
+    assert {t for t, s in statuses.items() if s == "QUEUED"} == set(statuses) - started
+    assert project.json("status", "ORD")["cost_usd"] == pytest.approx(0.1 * len(started))
+
+
+def test_a_supervisor_killed_mid_attempt_leaves_the_usage_to_the_next_one(project):
+    import signal
+    import sys
+
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "A", prompt=f"@cost 0.2\n@wait-for {gate}")
+    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    first = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: journal(project))  # the agent runs
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=60)
+    gate.touch()
+    second = project.aipm("run", "ORD", env=agent_env(project))
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "adopt" in second.stdout
+    a = task_file(order, "A")
+    assert (a["status"], a["cost_usd"]) == ("DONE", 0.2)
+    assert len(journal(project)) == 1  # adopted, not run again
+
+
+def test_retry_resume_with_codex_uses_exec_resume(project):
+    _, thread = failed_with_a_session(project, "codex")
+    project.aipm("retry", "A", "--resume", check=True)
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1  # still @fail; the argv is the point
+    assert journal(project)[1]["argv"][-3:] == ["resume", thread, "-"]
