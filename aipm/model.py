@@ -69,7 +69,7 @@ class Priority(str, enum.Enum):
 
 
 # Keys aipm writes back into task files; everything else belongs to the user.
-MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks")
+MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks", "preemptions")
 
 
 @dataclass(frozen=True)
@@ -93,6 +93,7 @@ class Task:
     started_at: str | None = None
     finished_at: str | None = None
     exit_code: int | None = None
+    preemptions: int = 0  # times a more urgent task stopped it (bounds preemption)
 
 
 @dataclass

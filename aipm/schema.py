@@ -58,6 +58,8 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "started_at": (_STRING, "When the latest attempt started."),
     "finished_at": (_STRING, "When the latest attempt or review ended."),
     "exit_code": ({"type": ["integer", "null"]}, "Exit code of the latest attempt."),
+    "preemptions": (_COUNT, "Times a more urgent task stopped this one (`run --preempt`); it is stopped at most "
+                            "twice."),
 }
 
 _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {

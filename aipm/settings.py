@@ -36,6 +36,7 @@ class Settings:
     worker_model: str = "sonnet"  # worker.model
     review_command: str | tuple[str, ...] | None = None  # review.command: a string runs in a shell, a list is argv
     scope_audit: bool = True  # in a git tree, a worker that writes outside its target_files fails its review
+    preempt: bool = False  # run: an urgent (P0/P1) task stops a lower-priority one that holds its files or slot
     # setting name -> where its value came from: "default", "aipm.yaml", "env AIPM_MAX_WORKERS", "flag --max-cpu", ...
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType(dict.fromkeys(SETTING_NAMES, "default")), compare=False, repr=False
@@ -141,6 +142,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "worker.model": _text,
     "review.command": _review,
     "scope_audit": _boolean,
+    "preempt": _boolean,
 }
 _FIELD_KEYS = {key.replace(".", "_"): key for key in _KEYS}
 assert set(_FIELD_KEYS) == set(SETTING_NAMES)
@@ -286,6 +288,7 @@ def settings_from_flags(
     max_memory: float | None = None,
     no_monitoring: bool = False,
     no_auto_scaling: bool = False,
+    preempt: bool = False,
 ) -> Settings:
     """Settings for `root` with the resource flags on top (a flag not given leaves the lower layers alone)."""
     return load_settings(root, {
@@ -294,4 +297,5 @@ def settings_from_flags(
         "max_memory_percent": max_memory,
         "enable_monitoring": False if no_monitoring else None,
         "enable_auto_scaling": False if no_auto_scaling else None,
+        "preempt": True if preempt else None,
     })

@@ -32,6 +32,7 @@ ORDER_FILE = "order.yaml"
 TASK_KEYS = (
     "id", "title", "status", "priority", "depends_on", "target_files", "command", "prompt", "model",
     "review", "timeout", "max_attempts", "attempts", "reworks", "started_at", "finished_at", "exit_code",
+    "preemptions",
 )
 ORDER_KEYS = ("id", "title", "description")
 
@@ -249,6 +250,7 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
         started_at=_timestamp(path, data, "started_at"),
         finished_at=_timestamp(path, data, "finished_at"),
         exit_code=exit_code,
+        preemptions=_count(path, data, "preemptions"),
     )
 
 

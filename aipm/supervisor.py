@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aipm import runner, scope
+from aipm import preemption, runner, scope
 from aipm.finish import after_review, after_work, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
@@ -281,6 +281,27 @@ class Supervisor(Owner):
                 self._drop(rec)
         return stopped
 
+    def preempt(self, key: str, urgent: str, why: str) -> None:
+        """Stop an owned worker's whole group for a more urgent task: QUEUED again, the attempt not counted."""
+        rec = self.owned[key]
+        self.watcher.forget(key)
+        self.kill_at.pop(key, None)
+        self.timed_out.discard(key)
+        runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
+        runner.reap(rec.pid)
+        code = read_exit_file(rec.exit_file)
+        with self.rt.launch_lock():
+            if code is not None:  # it ended on its own before the signal: that outcome stands
+                self.outbox.append(self._apply(rec, code, False))
+                return
+            task = load_task(Path(rec.task_file), self.rt.root)
+            if task.status == Status.IN_PROGRESS and task.attempts == rec.attempt:
+                self.launcher.interrupt(task, rec, why)
+                self._write(load_task(Path(rec.task_file), self.rt.root), {"preemptions": task.preemptions + 1})
+            self._drop(rec)
+        self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,
+                            "attempt": rec.attempt})
+
     def close(self) -> None:
         self.watcher.close()
 
@@ -394,8 +415,10 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
                     break  # finished, failed for good, or never launchable
             elif not sup.owned and not foreign and not deferred and not finishing:
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
-            timeout = RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing else None
             ready = []
+            if launcher.settings.preempt and not only and preemption.stop_for_urgent(sup, view):
+                continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
+            timeout = RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing else None
             keys = sup.wait(timeout)
             while keys == ["files"]:
                 view.refresh()

@@ -23,9 +23,10 @@ ModelOpt = typer.Option(None, "--model", help="Model for worker templates (overr
 NoReviewOpt = typer.Option(False, "--no-review", help="Skip review: a task that exits 0 becomes DONE.")
 
 
-def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options) -> Launcher:
+def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options,
+              preempt: bool = False) -> Launcher:
     root = project_root()
-    settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling)
+    settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, preempt)
     return Launcher(Project(root, settings.orders_dir), settings, options)
 
 
@@ -78,6 +79,9 @@ def run(
     max_memory: Optional[float] = MaxMemoryOpt,
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
+    preempt: bool = typer.Option(
+        False, "--preempt", help="An urgent (P0/P1) task that only lower-priority work of this run keeps from "
+        "starting stops that work (re-queued, attempt not counted; at most twice per task). Setting `preempt`."),
     json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
 ) -> None:
     """Run an order to the end: launch, watch, review, start successors as soon as they are unblocked.
@@ -86,7 +90,7 @@ def run(
     Safe to kill: a new `aipm run` re-attaches to the workers that are still running.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model))
+                         Options(no_review, model), preempt)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root)
     display = Display(mode_for(json_out), view)
     try:

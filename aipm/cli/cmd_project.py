@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
+from aipm.board import task_row
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root
 from aipm.errors import ValidationError
@@ -92,15 +93,6 @@ def validate(
             console().print(f"no orders under {project.root / project.orders_dir}")
     if errors:
         raise typer.Exit(2)
-
-
-def task_row(task) -> dict:
-    return {
-        "id": task.id, "title": task.title, "status": task.status.value, "priority": task.priority.value,
-        "depends_on": list(task.depends_on), "target_files": list(task.target_files), "attempts": task.attempts,
-        "exit_code": task.exit_code, "started_at": task.started_at, "finished_at": task.finished_at,
-        "file": task.path,
-    }
 
 
 @app.command()

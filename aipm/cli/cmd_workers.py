@@ -13,14 +13,13 @@ from rich.table import Table
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json
 from aipm.errors import UserError
-from aipm.launcher import Launcher, Options, append_log
-from aipm.model import RUNNING, Status
+from aipm import steering
+from aipm.launcher import Launcher, Options
 from aipm.paths import normalize
 from aipm.project import find_task
-from aipm.runner import terminate_group
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
-from aipm.store import StaleWrite, load_order, load_task, now, update_task
+from aipm.store import load_order
 
 
 def _worker_info(rec) -> dict:
@@ -122,38 +121,18 @@ def cancel(
     grace: float = typer.Option(5.0, "--grace", help="Seconds between SIGTERM and SIGKILL."),
 ) -> None:
     """Cancel a task: stop its worker's whole process group (SIGTERM, then SIGKILL) and mark it CANCELLED."""
-    project, _ = _settings_project()
+    project = get_project()
     order_dir, task_id = find_task(project, task)
-    rt = Runtime(project.root)
-    path = order_dir / f"{task_id}.yaml"
-    with rt.launch_lock():
-        current = load_task(path, project.root)
-        if current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
-            raise UserError(f"{path}: status: {current.status} cannot be cancelled")
-        update_task(path, {"status": Status.CANCELLED, "finished_at": now()}, expect=current.status)
-        order_id = load_order(order_dir, project.root).id
-        rec = rt.read_record(order_id, task_id)
-    if rec is not None and rec.pid and rec.worker_alive():
-        append_log(rec.log, "cancelled by the user: stopping the process group")
-        terminate_group(rec.pgid, rec.pid, grace)
+    steering.cancel(project, order_dir, task_id, grace)
     console().print(f"{task_id}: CANCELLED")
 
 
 @app.command()
 def retry(task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file.")) -> None:
     """Put a finished, failed, rejected or cancelled task back to QUEUED with fresh attempts."""
-    project, _ = _settings_project()
+    project = get_project()
     order_dir, task_id = find_task(project, task)
-    path = order_dir / f"{task_id}.yaml"
-    with Runtime(project.root).launch_lock():
-        current = load_task(path, project.root)
-        if current.status in RUNNING:
-            raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
-        try:
-            update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "exit_code": None},
-                        expect=current.status)
-        except StaleWrite as exc:
-            raise UserError(f"{path}: status: {exc}") from None
+    steering.retry(project, order_dir, task_id)
     console().print(f"{task_id}: QUEUED")
 
 

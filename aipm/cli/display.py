@@ -26,6 +26,7 @@ LINES = {
     "error": "error    {error}",
     "invalid_file": "ignored  {error} (keeping the last valid version)",
     "interrupted": "stopped  by signal; re-queued: {requeued}",
+    "preempted": "preempt  {task} for {for} (re-queued, attempt not counted)",
 }
 
 
