@@ -252,8 +252,11 @@ class Runtime:
     def log_path(self, order: str, task: str, attempt: int) -> Path:
         return self._dir(self.dir / "logs" / _safe(order) / f"{_safe(task)}.{attempt}.log")
 
+    def log_dir(self, order: str) -> Path:
+        return self.dir / "logs" / _safe(order)
+
     def logs(self, order: str, task: str) -> list[Path]:
-        base = self.dir / "logs" / _safe(order)
+        base = self.log_dir(order)
         found = base.glob(f"{_safe(task)}.*.log") if base.is_dir() else []
         return sorted(found, key=lambda p: int(p.name.rsplit(".", 2)[-2]) if p.name.rsplit(".", 2)[-2].isdigit() else 0)
 

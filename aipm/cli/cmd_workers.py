@@ -13,7 +13,7 @@ from rich.table import Table
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json
 from aipm.errors import UserError
-from aipm import steering
+from aipm import logbook, steering
 from aipm.launcher import Launcher, Options
 from aipm.paths import normalize
 from aipm.project import find_task
@@ -81,14 +81,33 @@ def locks(json_out: bool = JsonOpt) -> None:
     console().print(table if rows else "no locks held")
 
 
+def _order_named(project, arg: str):
+    try:
+        return project.order_dir(arg)
+    except UserError:
+        return None
+
+
 @app.command()
 def logs(
-    task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
-    follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing as the log grows, until the task ends."),
-    attempt: Optional[int] = typer.Option(None, "--attempt", help="Which attempt (default: the latest)."),
+    task: str = typer.Argument(..., help="An order (id or directory), or a task: id, ORDER/TASK or task file."),
+    follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing as logs grow, until the task ends "
+                                "(for an order: new attempts too, until no task can still run)."),
+    attempt: Optional[int] = typer.Option(None, "--attempt", help="Which attempt of a task (default: the latest)."),
 ) -> None:
-    """Print a task's log (the latest attempt by default)."""
+    """Print a task's log (the latest attempt by default), or every worker's lines of an order, each prefixed
+    with its task id and a tab (GNU parallel --tag style).
+
+    An order's lines already written print attempt by attempt, in the order the attempts ended; with -f, new
+    lines print as they arrive. An argument that names both an order and a task means the order.
+    """
     project = get_project()
+    order_dir = _order_named(project, task) if attempt is None else None
+    if order_dir is not None:
+        for line in logbook.order_lines(project, order_dir, follow):
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        return
     order_dir, task_id = find_task(project, task)
     order = load_order(order_dir, project.root)
     rt = Runtime(project.root)
