@@ -60,3 +60,9 @@ def workers(launcher: Launcher) -> list[dict]:
     return [{"order": r.order, "task": r.task, "attempt": r.attempt, "phase": r.phase, "pid": r.pid,
              "pgid": r.pgid, "alive": r.alive(), "log": r.log, "started_at": r.started_at}
             for r in launcher.records()]
+
+
+def project_board(launcher: Launcher, order_dirs: list[Path]) -> dict:
+    """Every order and every worker record: what the dashboard draws."""
+    return {"root": str(launcher.project.root), "orders": [order_board(launcher, d) for d in order_dirs],
+            "workers": workers(launcher)}

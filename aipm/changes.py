@@ -53,14 +53,15 @@ class ProjectWatch:
             if directory.is_dir():
                 self.watch.add(str(directory), mask)
 
-    def changes(self) -> tuple[bool, bool]:
-        """Drain pending events: (task files or workers changed, logs grew)."""
-        board = logs = False
+    def changes(self) -> tuple[bool, set[Path]]:
+        """Drain pending events: (did task files or worker records change, the log files that grew)."""
+        board = False
+        logs: set[Path] = set()
         log_dir = str(self.runtime / "logs")
         for directory, name in self.watch.events():
-            if directory.startswith(log_dir + os.sep):
-                logs = True
-            else:
+            if directory.startswith(log_dir + os.sep) and name.endswith(".log"):
+                logs.add(Path(directory) / name)
+            elif not directory.startswith(log_dir + os.sep):
                 board = True
         if board:
             self.rescan()
