@@ -20,7 +20,8 @@ CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 @pytest.fixture
 def dashboard(project):
     """`aipm ui --port 0` on the project; yields its URL (with the token)."""
-    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    # No keep-alive wake-up within any test: only change events may update the page.
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false", AIPM_UI_KEEPALIVE="3600")
     proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "ui", "--port", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     url = proc.stdout.readline().strip()
@@ -71,6 +72,20 @@ def row_status(driver, key):
     return driver.execute_script(
         "const r = document.querySelector(`tr[data-task='${arguments[0]}'] .status`); return r && r.textContent",
         key)
+
+
+def click(driver, css):
+    """Click what `css` finds, again if a live update redrew it between finding and clicking."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    def attempt():
+        try:
+            driver.find_element("css selector", css).click()
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+        return True
+
+    wait_for(attempt)
 
 
 def test_every_request_needs_the_token_and_this_host(project, dashboard, browser):
@@ -135,7 +150,7 @@ def test_the_merged_log_shows_two_workers_lines(project, dashboard, browser):
     gate.touch()
     wait_for(lambda: {"ORD/A Abye from A", "ORD/B Bbye from B"} <= set(merged()))
     # A task's own log, on click.
-    browser.find_element("css selector", "tr[data-task='ORD/A'] td.id a").click()
+    click(browser, "tr[data-task='ORD/A'] td.id a")
     wait_for(lambda: "bye from A" in browser.find_element("id", "tasklog").text)
     assert "from B" not in browser.find_element("id", "tasklog").text
     wait_for(lambda: no_workers(project.root))
@@ -148,12 +163,12 @@ def test_cancel_from_the_page_stops_the_worker_group_and_retry_requeues(project,
     project.aipm("launch", "ORD", check=True)
     worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
     wait_for(lambda: row_status(browser, "ORD/A") == "IN_PROGRESS")
-    browser.find_element("css selector", "tr[data-task='ORD/A'] button[data-action='cancel']").click()
+    click(browser, "tr[data-task='ORD/A'] button[data-action='cancel']")
     browser.switch_to.alert.accept()
     wait_for(lambda: task_statuses(order) == {"A": "CANCELLED"})
     wait_for(lambda: not group_alive(worker["pgid"]))
     wait_for(lambda: no_workers(project.root))
     wait_for(lambda: row_status(browser, "ORD/A") == "CANCELLED")
-    browser.find_element("css selector", "tr[data-task='ORD/A'] button[data-action='retry']").click()
+    click(browser, "tr[data-task='ORD/A'] button[data-action='retry']")
     wait_for(lambda: task_statuses(order) == {"A": "QUEUED"})
     wait_for(lambda: row_status(browser, "ORD/A") == "QUEUED")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from pathlib import Path
 
 from aipm.changes import ProjectWatch
@@ -15,7 +16,8 @@ from aipm.logbook import Tail, parse
 from aipm.runtime import Record
 
 BACKLOG = 200  # lines of each running worker's log a page gets when it connects
-KEEPALIVE = 15.0  # seconds: a comment line, so proxies and the browser keep an idle stream open
+# Seconds between comment lines that keep an idle stream open through proxies (AIPM_UI_KEEPALIVE overrides).
+KEEPALIVE = 15.0
 NO_INOTIFY_RECHECK = 2.0  # seconds: only where inotify is missing does a stream look again on its own
 
 
@@ -32,6 +34,7 @@ class Hub:
     def __init__(self, watch: ProjectWatch | None):
         self.watch = watch
         self.streams: set[Stream] = set()
+        self.keepalive = float(os.environ.get("AIPM_UI_KEEPALIVE") or KEEPALIVE)
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
@@ -48,7 +51,7 @@ class Hub:
 
     async def wait(self, stream: Stream) -> bool:
         """Sleep until the project changes; False when the keep-alive interval passed first."""
-        timeout = KEEPALIVE if self.watch is not None else NO_INOTIFY_RECHECK
+        timeout = self.keepalive if self.watch is not None else NO_INOTIFY_RECHECK
         try:
             await asyncio.wait_for(stream.wake.wait(), timeout)
         except asyncio.TimeoutError:
