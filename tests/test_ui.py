@@ -29,6 +29,7 @@ def dashboard(project):
     yield url
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130  # Ctrl-C, as every aipm command reports it
+    assert "warning" not in proc.stderr.read()  # 127.0.0.1, the default: nothing to warn about
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +141,9 @@ def test_the_merged_log_shows_two_workers_lines(project, dashboard, browser):
                    command=f"echo hello from {tid}; while [ ! -e {gate} ]; do sleep 0.05; done; echo bye from {tid}")
     browser.get(dashboard)
     wait_for(lambda: row_status(browser, "ORD/A") == "QUEUED")
-    project.aipm("launch", "ORD", check=True)
+    # `aipm run` in another terminal, as a person would have it.
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                            "--no-resource-monitoring"], stdout=subprocess.DEVNULL)
 
     def merged():
         return browser.execute_script(
@@ -153,7 +156,8 @@ def test_the_merged_log_shows_two_workers_lines(project, dashboard, browser):
     click(browser, "tr[data-task='ORD/A'] td.id a")
     wait_for(lambda: "bye from A" in browser.find_element("id", "tasklog").text)
     assert "from B" not in browser.find_element("id", "tasklog").text
-    wait_for(lambda: no_workers(project.root))
+    assert run.wait(timeout=120) == 0
+    wait_for(lambda: row_status(browser, "ORD/B") == "DONE")
 
 
 def test_cancel_from_the_page_stops_the_worker_group_and_retry_requeues(project, dashboard, browser):
@@ -172,3 +176,19 @@ def test_cancel_from_the_page_stops_the_worker_group_and_retry_requeues(project,
     click(browser, "tr[data-task='ORD/A'] button[data-action='retry']")
     wait_for(lambda: task_statuses(order) == {"A": "QUEUED"})
     wait_for(lambda: row_status(browser, "ORD/A") == "QUEUED")
+
+
+def test_another_host_only_when_asked_and_with_a_warning(project):
+    """127.0.0.2 is loopback too (nothing leaves the machine), but not the default: aipm warns."""
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "ui", "--host", "127.0.0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.2:"), url
+        base, token = base_and_token(url)
+        assert status_code(f"{base}/api/board?token={token}") == 200  # Host: 127.0.0.2:PORT, the address asked for
+        assert status_code(f"{base}/api/board") == 403
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert "warning: listening on 127.0.0.2" in err
