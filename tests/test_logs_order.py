@@ -28,9 +28,8 @@ def test_logs_of_an_order_tag_every_line_with_its_task(project):
     assert project.aipm("logs", "A", check=True).stdout.splitlines()[:2] == ["a1", "a2"]
 
 
-def test_logs_order_follow_picks_up_a_new_attempt_and_ends_with_the_order(project):
+def test_logs_order_follow_picks_up_a_new_attempt_and_ends_with_the_order(project, gate):
     order = project.order()
-    gate = project.root / "gate"
     write_task(order, "A", max_attempts=2, command=(
         f'echo "attempt $AIPM_ATTEMPT"; [ "$AIPM_ATTEMPT" = 2 ] && exit 0; '
         f'while [ ! -e {gate} ]; do sleep 0.05; done; exit 1'))

@@ -60,9 +60,9 @@ def test_a_task_preempted_limit_times_is_not_stoppable(project):
     assert project.json("status", "ORD")["tasks"][0]["preemptions"] == PREEMPT_LIMIT
 
 
-def test_run_preempt_stops_the_p3_task_for_a_p0_and_reruns_it_later(project):
+def test_run_preempt_stops_the_p3_task_for_a_p0_and_reruns_it_later(project, gate):
     order = project.order()
-    journal, gate = project.root / "journal", project.root / "gate"
+    journal = project.root / "journal"
     write_task(order, "LOW", priority="P3", target_files=["shared.py"], command=(
         f'echo "start LOW $$" >> {journal}; while [ ! -e {gate} ]; do echo "tick LOW $$" >> {journal}; '
         f'sleep 0.05; done; echo "end LOW $$" >> {journal}'))

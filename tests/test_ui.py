@@ -115,9 +115,8 @@ def test_every_request_needs_the_token_and_this_host(project, dashboard, browser
     wait_for(lambda: row_status(browser, "ORD/A") == "QUEUED")
 
 
-def test_a_status_change_appears_without_a_reload(project, dashboard, browser):
+def test_a_status_change_appears_without_a_reload(project, dashboard, browser, gate):
     order = project.order()
-    gate = project.root / "gate"
     write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])
     browser.get(dashboard)
     wait_for(lambda: row_status(browser, "ORD/A") == "QUEUED")
@@ -133,9 +132,8 @@ def test_a_status_change_appears_without_a_reload(project, dashboard, browser):
     wait_for(lambda: no_workers(project.root))
 
 
-def test_the_merged_log_shows_two_workers_lines(project, dashboard, browser):
+def test_the_merged_log_shows_two_workers_lines(project, dashboard, browser, gate):
     order = project.order()
-    gate = project.root / "gate"
     for tid in ("A", "B"):
         write_task(order, tid, target_files=[tid.lower()],
                    command=f"echo hello from {tid}; while [ ! -e {gate} ]; do sleep 0.05; done; echo bye from {tid}")
