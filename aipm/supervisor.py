@@ -298,12 +298,14 @@ class Supervisor(Owner):
                 self.outbox.append(self._apply(rec, code, False))
                 return
             task = load_task(Path(rec.task_file), self.rt.root)
-            if task.status == Status.IN_PROGRESS and task.attempts == rec.attempt:
+            ours = task.status == Status.IN_PROGRESS and task.attempts == rec.attempt  # else moved on (cancel)
+            if ours:
                 self.launcher.interrupt(task, rec, why)
                 self._write(load_task(Path(rec.task_file), self.rt.root), {"preemptions": task.preemptions + 1})
             self._drop(rec)
-        self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,
-                            "attempt": rec.attempt})
+        if ours:
+            self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,
+                                "attempt": rec.attempt})
 
     def close(self) -> None:
         self.watcher.close()
