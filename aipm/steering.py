@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from aipm.errors import UserError
@@ -12,7 +13,7 @@ from aipm.launcher import append_log
 from aipm.model import RUNNING, Status
 from aipm.project import Project
 from aipm.runner import terminate_group
-from aipm.runtime import Runtime
+from aipm.runtime import Runtime, live_pid
 from aipm.store import StaleWrite, load_order, load_task, now, update_task
 
 
@@ -30,17 +31,37 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
     if rec is not None and rec.pid and rec.worker_alive():
         append_log(rec.log, "cancelled by the user: stopping the process group")
         terminate_group(rec.pgid, rec.pid, grace)
+        _until_released(rt, order_id, task_id, grace + 5)
+
+
+def _until_released(rt: Runtime, order_id: str, task_id: str, limit: float) -> None:
+    """Wait (bounded) for the owner to see its worker end and drop the record, so that a `retry` right after a
+    cancel is not refused as still running."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        rec = rt.read_record(order_id, task_id)
+        if rec is None or not rec.alive():
+            return
+        time.sleep(0.05)
 
 
 def retry(project: Project, order_dir: Path, task_id: str) -> None:
-    """Put a finished, failed, rejected or cancelled task back to QUEUED with fresh attempts."""
+    """Put a finished, failed, rejected or cancelled task back to QUEUED, as new: attempts, reworks, preemptions,
+    times and exit code cleared, the old review feedback dropped."""
     path = order_dir / f"{task_id}.yaml"
-    with Runtime(project.root).launch_lock():
+    rt = Runtime(project.root)
+    with rt.launch_lock():
         current = load_task(path, project.root)
         if current.status in RUNNING:
             raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
+        order_id = load_order(order_dir, project.root).id
+        rec = rt.read_record(order_id, task_id)
+        if rec is not None and rec.alive():
+            raise UserError(f"{path}: status: {current.status}, but its worker pid {live_pid(rec)} is still "
+                            "running; wait for it to end (or cancel it)")
         try:
-            update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "exit_code": None,
-                               "preemptions": 0}, expect=current.status)
+            update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "started_at": None,
+                               "finished_at": None, "exit_code": None, "preemptions": 0}, expect=current.status)
         except StaleWrite as exc:
             raise UserError(f"{path}: status: {exc}") from None
+        rt.feedback_path(order_id, task_id).unlink(missing_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Optional
@@ -24,7 +25,7 @@ from aipm.store import load_order
 
 def _worker_info(rec) -> dict:
     pid = rec.pid if rec.worker_alive() else rec.owner_pid
-    info = {"order": rec.order, "task": rec.task, "attempt": rec.attempt, "pid": pid, "pgid": rec.pgid,
+    info = {"order": rec.order, "task": rec.task, "attempt": rec.serial, "pid": pid, "pgid": rec.pgid,
             "owner_pid": rec.owner_pid, "phase": rec.phase, "alive": rec.alive(), "log": rec.log,
             "command": rec.command, "targets": rec.targets}
     try:
@@ -93,10 +94,11 @@ def logs(
     task: str = typer.Argument(..., help="An order (id or directory), or a task: id, ORDER/TASK or task file."),
     follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing as logs grow, until the task ends "
                                 "(for an order: new attempts too, until no task can still run)."),
-    attempt: Optional[int] = typer.Option(None, "--attempt", help="Which attempt of a task (default: the latest)."),
+    attempt: Optional[int] = typer.Option(None, "--attempt", help="Which attempt of a task (default: the newest)."),
 ) -> None:
-    """Print a task's log (the latest attempt by default), or every worker's lines of an order, each prefixed
-    with its task id and a tab (GNU parallel --tag style).
+    """Print a task's log: the newest attempt by default (`--attempt N` for another); with -f, keep following
+    the newest attempt until the task stops running. Or, for an order, every worker's lines, each prefixed with
+    its task id and a tab (GNU parallel --tag style).
 
     An order's lines already written print attempt by attempt, in the order the attempts ended; with -f, new
     lines print as they arrive. An argument that names both an order and a task means the order.
@@ -112,21 +114,49 @@ def logs(
     order = load_order(order_dir, project.root)
     rt = Runtime(project.root)
     found = rt.logs(order.id, task_id)
-    if attempt is not None:
-        found = [p for p in found if p.name == f"{task_id}.{attempt}.log"]
+    if attempt is not None and attempt not in found:
+        have = ", ".join(map(str, found)) or "none"
+        raise UserError(f"no log of attempt {attempt} of {order.id}/{task_id} (attempts with a log: {have})")
     if not found:
         raise UserError(f"no log for {order.id}/{task_id} yet (it has not run)")
-    path = found[-1]
-    with open(path, "rb") as handle:
-        while True:
-            chunk = handle.read(65536)
-            if chunk:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                continue
-            if not follow or rt.read_record(order.id, task_id) is None:
-                break
+    number = attempt if attempt is not None else max(found)
+    while True:
+        with open(found[number], "rb") as handle:
+            _print_attempt(rt, order.id, task_id, handle, follow)
+        # Following the newest attempt goes on to the attempts that started meanwhile (a retry, a rework).
+        found = rt.logs(order.id, task_id) if follow and attempt is None else {}
+        newer = [n for n in found if n > number]
+        if not newer:
+            return
+        number = min(newer)
+        print(f"==> {found[number].name} <==", flush=True)
+
+
+def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: bool) -> None:
+    """Print the log open in `handle`; with `follow`, keep printing what is appended while its attempt runs."""
+    while True:
+        chunk = handle.read(65536)
+        if chunk:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            continue
+        if not follow:
+            return
+        rec = rt.read_record(order_id, task_id)
+        if rec is not None and _same(rec.log, handle.name):
             time.sleep(0.25)  # tail -f style: the reader is a human, a quarter second is plenty
+            continue
+        # The attempt ended. Its owner records the outcome and starts the next attempt in one step under the
+        # launch lock: once we had it, the last lines are written and a next attempt's log exists.
+        with rt.launch_lock():
+            pass
+        sys.stdout.buffer.write(handle.read())
+        sys.stdout.flush()
+        return
+
+
+def _same(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _settings_project():
@@ -148,7 +178,8 @@ def cancel(
 
 @app.command()
 def retry(task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file.")) -> None:
-    """Put a finished, failed, rejected or cancelled task back to QUEUED with fresh attempts."""
+    """Put a finished, failed, rejected or cancelled task back to QUEUED, as new: its attempts, reworks, times and
+    exit code are cleared and the old review feedback is dropped; its next attempt gets a new number and log."""
     project = get_project()
     order_dir, task_id = find_task(project, task)
     steering.retry(project, order_dir, task_id)

@@ -26,6 +26,7 @@ from aipm.board import project_board
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
 from aipm.launcher import Launcher, Options
+from aipm.logbook import attempt_logs
 from aipm.project import Project
 from aipm.settings import Settings
 from aipm.store import load_order
@@ -122,7 +123,9 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
         order_dir, task_id = find(order_id, task_id)
         order = load_order(order_dir, project.root)
         attempts = []
-        for path in looker.runtime.logs(order.id, task_id):
+        mine = sorted((log for log in attempt_logs(looker.runtime, order.id) if log.task == task_id),
+                      key=lambda log: (log.attempt, log.review))
+        for path in (log.path for log in mine):
             with open(path, "rb") as handle:
                 size = handle.seek(0, 2)
                 handle.seek(max(0, size - LOG_BYTES))
