@@ -12,9 +12,11 @@ import ctypes.util
 import os
 import struct
 
+IN_MODIFY = 0x002
 IN_CLOSE_WRITE = 0x008
 IN_MOVED_FROM = 0x040
 IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
 IN_DELETE = 0x200
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
@@ -24,37 +26,54 @@ _HEADER = struct.Struct("iIII")
 
 
 class DirWatch:
-    def __init__(self, fd: int):
+    def __init__(self, fd: int, libc: ctypes.CDLL):
         self.fd = fd
+        self._libc = libc
+        self.dirs: dict[int, str] = {}  # watch descriptor -> directory
 
     @classmethod
-    def open(cls, directory: str) -> "DirWatch | None":
+    def open(cls, directory: str | None, mask: int = _MASK) -> "DirWatch | None":
+        """A watch on `directory` (None: on nothing yet; see `add`), or None where inotify is missing."""
         try:
             libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
             fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
             if fd < 0:
                 return None
-            if libc.inotify_add_watch(fd, os.fsencode(directory), _MASK) < 0:
+            watch = cls(fd, libc)
+            if directory is not None and not watch.add(directory, mask):
                 os.close(fd)
                 return None
         except (OSError, AttributeError):
             return None
-        return cls(fd)
+        return watch
 
-    def changed(self) -> set[str]:
-        """Names changed since the last call (non-blocking; empty when nothing happened)."""
-        names: set[str] = set()
+    def add(self, directory: str, mask: int = _MASK) -> bool:
+        """Also watch `directory` (again: a no-op); False when it cannot be watched (gone, not a directory)."""
+        wd = self._libc.inotify_add_watch(self.fd, os.fsencode(directory), mask)
+        if wd < 0:
+            return False
+        self.dirs[wd] = directory
+        return True
+
+    def events(self) -> list[tuple[str, str]]:
+        """(directory, name) of every event since the last call (non-blocking; empty when nothing happened)."""
+        out: list[tuple[str, str]] = []
         while True:
             try:
                 data = os.read(self.fd, 65536)
             except BlockingIOError:
-                return names
+                return out
             offset = 0
             while offset < len(data):
-                _, _, _, length = _HEADER.unpack_from(data, offset)
+                wd, _, _, length = _HEADER.unpack_from(data, offset)
                 start = offset + _HEADER.size
-                names.add(data[start:start + length].rstrip(b"\0").decode(errors="replace"))
+                name = data[start:start + length].rstrip(b"\0").decode(errors="replace")
+                out.append((self.dirs.get(wd, ""), name))
                 offset = start + length
+
+    def changed(self) -> set[str]:
+        """Names changed since the last call (non-blocking; empty when nothing happened)."""
+        return {name for _, name in self.events()}
 
     def close(self) -> None:
         os.close(self.fd)

@@ -70,7 +70,7 @@ class Priority(str, enum.Enum):
 
 # Keys aipm writes back into task files; everything else belongs to the user.
 MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks", "reason", "cost_usd",
-                  "tokens", "session_id")
+                  "tokens", "session_id", "preemptions")
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,7 @@ class Task:
     cost_usd: float | None = None  # recorded: total over attempts; None = unknown (never 0 for unknown)
     tokens: dict[str, int] | None = None  # recorded: input/output/cache_read/cache_write totals that are known
     session_id: str | None = None  # recorded: the agent's own session of the latest attempt (retry --resume)
+    preemptions: int = 0  # times a more urgent task stopped it (bounds preemption)
 
     @property
     def tries(self) -> int:

@@ -282,9 +282,12 @@ class Runtime:
     def log_path(self, order: str, task: str, attempt: int) -> Path:
         return self._dir(self.dir / "logs" / _safe(order) / f"{_safe(task)}.{attempt}.log")
 
+    def log_dir(self, order: str) -> Path:
+        return self.dir / "logs" / _safe(order)
+
     def logs(self, order: str, task: str) -> dict[int, Path]:
         """Attempt number → log of each attempt of a task, oldest first (review logs are not listed)."""
-        base = self.dir / "logs" / _safe(order)
+        base = self.log_dir(order)
         name = re.compile(re.escape(_safe(task)) + r"\.(\d+)\.log")
         found = {}
         for entry in (os.scandir(base) if base.is_dir() else ()):

@@ -81,6 +81,8 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
                 "properties": {k: {"type": "integer", "minimum": 0} for k in agents.TOKEN_KINDS}},
                "Tokens the task's attempts used in total, by kind; a kind the agent did not report is absent."),
     "session_id": (_STRING, "The agent's own session of the latest attempt; `aipm retry --resume` continues it."),
+    "preemptions": (_COUNT, "Times a more urgent task stopped this one (`run --preempt`); it is stopped at most "
+                            "twice."),
 }
 
 _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {

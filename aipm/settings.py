@@ -43,6 +43,7 @@ class Settings:
     worker_agent: str = "command"  # worker.agent: the preset for tasks without `command` (aipm.agents.NAMES)
     max_cost_usd: float | None = None  # budget of every order whose order.yaml sets none
     notify: str | tuple[str, ...] | None = None  # run when a task fails or is rejected, or an order stops or ends
+    preempt: bool = False  # run: an urgent (P0/P1) task stops a lower-priority one that holds its files or slot
     # setting name -> where its value came from: "default", "aipm.yaml", "env AIPM_MAX_WORKERS", "flag --max-cpu", ...
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType(dict.fromkeys(SETTING_NAMES, "default")), compare=False, repr=False
@@ -179,6 +180,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "worker.agent": _agent,
     "max_cost_usd": _budget,
     "notify": _review,  # same shape as a review command: null, a string (shell) or a list (argv)
+    "preempt": _boolean,
 }
 _FIELD_KEYS = {key.replace(".", "_"): key for key in _KEYS}
 assert set(_FIELD_KEYS) == set(SETTING_NAMES)
@@ -331,6 +333,7 @@ def settings_from_flags(
     no_monitoring: bool = False,
     no_auto_scaling: bool = False,
     runner: str | None = None,
+    preempt: bool = False,
 ) -> Settings:
     """Settings for `root` with the resource flags on top (a flag not given leaves the lower layers alone)."""
     return load_settings(root, {
@@ -340,4 +343,5 @@ def settings_from_flags(
         "enable_monitoring": False if no_monitoring else None,
         "enable_auto_scaling": False if no_auto_scaling else None,
         "runner": runner,
+        "preempt": True if preempt else None,
     })

@@ -40,6 +40,7 @@ TASK_KEYS = (
     "resources",
     "max_rework", "reason",
     "agent", "max_cost_usd", "cost_usd", "tokens", "session_id",
+    "preemptions",
 )
 ORDER_KEYS = ("id", "title", "description", "max_cost_usd")
 
@@ -344,6 +345,7 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
         cost_usd=_money(path, data, "cost_usd", positive=False),
         tokens=_tokens(path, data),
         session_id=_str(path, data, "session_id"),
+        preemptions=_count(path, data, "preemptions"),
     )
 
 

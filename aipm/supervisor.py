@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aipm import agents, cluster, notify, outcome, runner, scope, unrecorded
+from aipm import agents, cluster, notify, outcome, preemption, runner, scope, unrecorded
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
@@ -403,6 +403,29 @@ class Supervisor(Owner):
                 self._drop(rec)
         return stopped
 
+    def preempt(self, key: str, urgent: str, why: str) -> None:
+        """Stop an owned worker's whole group for a more urgent task: QUEUED again, the attempt not counted."""
+        rec = self.owned[key]
+        self.watcher.forget(key)
+        self.kill_at.pop(key, None)
+        self.timed_out.discard(key)
+        runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
+        runner.reap(rec.pid)
+        code = read_exit_file(rec.exit_file)
+        with self.rt.launch_lock():
+            if code is not None:  # it ended on its own before the signal: that outcome stands
+                self.outbox.append(self._apply(rec, code, False))
+                return
+            task = load_task(Path(rec.task_file), self.rt.root)
+            ours = task.status == Status.IN_PROGRESS and task.attempts == rec.attempt  # else moved on (cancel)
+            if ours:
+                self.launcher.interrupt(task, rec, why)
+                self._write(load_task(Path(rec.task_file), self.rt.root), {"preemptions": task.preemptions + 1})
+            self._drop(rec)
+        if ours:
+            self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,
+                                "attempt": rec.serial})
+
     def close(self) -> None:
         self.watcher.close()
 
@@ -526,8 +549,10 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
                     break  # finished, failed for good, or never launchable
             elif not sup.owned and not foreign and not deferred and not finishing:
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
-            timeout = RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing else None
             ready = []
+            if launcher.settings.preempt and not only and preemption.stop_for_urgent(sup, view):
+                continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
+            timeout = RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing else None
             keys = sup.wait(timeout)
             while keys == ["files"]:
                 view.refresh()

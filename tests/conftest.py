@@ -102,3 +102,11 @@ def no_workers(root: Path) -> bool:
     workers = root / ".aipm" / "workers"
     return not any(workers.rglob("*.json")) if workers.exists() else True
 
+
+
+@pytest.fixture
+def gate(project: Project):
+    """A file workers wait for; opened at teardown too, so a failed test leaves no worker waiting forever."""
+    path = project.root / "gate"
+    yield path
+    path.touch()

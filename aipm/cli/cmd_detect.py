@@ -7,16 +7,15 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
-from aipm import budget
+from aipm.board import survey
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, print_json, project_root
 from aipm.cli.resource_options import MaxWorkersOpt
 from aipm.launcher import Launcher, Options
 from aipm.model import Status
-from aipm.plan import all_reasons, plan
+from aipm.plan import all_reasons
 from aipm.project import Project, find_task
 from aipm.settings import load_settings
-from aipm.store import load_order
 
 
 def _launcher(max_workers: int | None) -> Launcher:
@@ -26,18 +25,9 @@ def _launcher(max_workers: int | None) -> Launcher:
     return Launcher(Project(root, settings.orders_dir), settings, Options(dry_run=True))
 
 
-def _plan(launcher: Launcher, order_dir: Path):
-    """The same planning inputs `launch` uses: the order, live worker records, free slots."""
-    order = load_order(order_dir, launcher.project.root)
-    busy, live, count = launcher.holders(order, launcher.records())
-    free = max(0, launcher.settings.max_workers - count)
-    spend = budget.of(order, launcher.settings.max_cost_usd)
-    return order, plan(order, busy, live, free, budget=spend), free, busy
-
-
 def reasons_for(launcher: Launcher, order_dir: Path, task_id: str):
     """(order, task id, launchable now?, every reason it is not)."""
-    order, result, _, busy = _plan(launcher, order_dir)
+    order, result, _, busy = survey(launcher, order_dir)
     launchable = any(t.id == task_id for t in result.launchable)
     return order, task_id, launchable, all_reasons(order, result, task_id, [b for b in busy if b.order_id != order.id])
 
@@ -60,7 +50,7 @@ def detect(
 ) -> None:
     """List the tasks that may start now, in launch order, and why every other task may not. Never writes."""
     launcher = _launcher(max_workers)
-    loaded, result, free, _ = _plan(launcher, launcher.project.order_dir(order))
+    loaded, result, free, _ = survey(launcher, launcher.project.order_dir(order))
     if json_out:
         data = {
             "order": loaded.id,

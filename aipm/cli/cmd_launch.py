@@ -28,9 +28,10 @@ NoReviewOpt = typer.Option(False, "--no-review", help="Skip review: a task that 
 
 
 def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options,
-              runner: str | None = None) -> Launcher:
+              runner: str | None = None, preempt: bool = False) -> Launcher:
     root = project_root()
-    settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, runner)
+    settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, runner,
+                                   preempt)
     if settings.runner == "ray":
         require_ray()
     return Launcher(Project(root, settings.orders_dir), settings, options)
@@ -96,6 +97,9 @@ def run(
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
     runner: Optional[str] = RunnerOpt,
+    preempt: bool = typer.Option(
+        False, "--preempt", help="An urgent (P0/P1) task that only lower-priority work of this run keeps from "
+        "starting stops that work (re-queued, attempt not counted; at most twice per task). Setting `preempt`."),
     json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event, then a summary event."),
 ) -> None:
     """Run an order to the end: launch, watch, review, start successors as soon as they are unblocked.
@@ -108,7 +112,7 @@ def run(
     Safe to kill: a new `aipm run` re-attaches to the workers that are still running.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model), runner)
+                         Options(no_review, model), runner, preempt)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root)
     warn_unbounded(view.order.tasks.values())
     display = Display(mode_for(json_out), view)

@@ -9,6 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from aipm import budget
+from aipm.board import task_row
 from aipm.cli import app
 from aipm.advice import warnings
 from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, warn
@@ -105,20 +106,6 @@ def validate(
             console().print(f"no orders under {project.root / project.orders_dir}")
     if errors:
         raise typer.Exit(2)
-
-
-def task_row(task, settings) -> dict:
-    return {
-        "id": task.id, "title": task.title, "status": task.status.value, "priority": task.priority.value,
-        "depends_on": list(task.depends_on), "target_files": list(task.target_files), "attempts": task.attempts,
-        "exit_code": task.exit_code, "started_at": task.started_at, "finished_at": task.finished_at,
-        "file": task.path, "reason": task.reason, "tries": task.tries,
-        "max_attempts": attempt_limit(task, settings), "reworks": task.reworks,
-        "max_rework": rework_limit(task, settings),
-        # Unknown usage is left out, never shown as 0.
-        **({"cost_usd": task.cost_usd} if task.cost_usd is not None else {}),
-        **({"tokens": dict(task.tokens)} if task.tokens else {}),
-    }
 
 
 @app.command()

@@ -12,20 +12,16 @@ import psutil
 import typer
 from rich.table import Table
 
-from aipm import outcome
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json
-from aipm.agents import can_resume
 from aipm.errors import UserError
-from aipm.launcher import Launcher, Options, append_log, cleared_reason
-from aipm.model import RUNNING, Status
+from aipm import logbook, steering
+from aipm.launcher import Launcher, Options
 from aipm.paths import normalize
 from aipm.project import find_task
-from aipm.runner import terminate_group
-from aipm.runtime import Runtime, live_pid
+from aipm.runtime import Runtime
 from aipm.settings import load_settings
-from aipm.store import StaleWrite, load_order, load_task, now, update_task
-from aipm.worker import agent_for
+from aipm.store import load_order
 
 
 def _worker_info(rec) -> dict:
@@ -89,15 +85,34 @@ def locks(json_out: bool = JsonOpt) -> None:
     console().print(table if rows else "no locks held")
 
 
+def _order_named(project, arg: str):
+    try:
+        return project.order_dir(arg)
+    except UserError:
+        return None
+
+
 @app.command()
 def logs(
-    task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
-    follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing as the log grows, until the task ends."),
-    attempt: Optional[int] = typer.Option(None, "--attempt", help="Which attempt (default: the newest)."),
+    task: str = typer.Argument(..., help="An order (id or directory), or a task: id, ORDER/TASK or task file."),
+    follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing as logs grow, until the task ends "
+                                "(for an order: new attempts too, until no task can still run)."),
+    attempt: Optional[int] = typer.Option(None, "--attempt", help="Which attempt of a task (default: the newest)."),
 ) -> None:
     """Print a task's log: the newest attempt by default (`--attempt N` for another); with -f, keep following
-    the newest attempt until the task stops running."""
+    the newest attempt until the task stops running. Or, for an order, every worker's lines, each prefixed with
+    its task id and a tab (GNU parallel --tag style).
+
+    An order's lines already written print attempt by attempt, in the order the attempts ended; with -f, new
+    lines print as they arrive. An argument that names both an order and a task means the order.
+    """
     project = get_project()
+    order_dir = _order_named(project, task) if attempt is None else None
+    if order_dir is not None:
+        for line in logbook.order_lines(project, order_dir, follow):
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
+        return
     order_dir, task_id = find_task(project, task)
     order = load_order(order_dir, project.root)
     rt = Runtime(project.root)
@@ -158,34 +173,10 @@ def cancel(
     grace: float = typer.Option(5.0, "--grace", help="Seconds between SIGTERM and SIGKILL."),
 ) -> None:
     """Cancel a task: stop its worker's whole process group (SIGTERM, then SIGKILL) and mark it CANCELLED."""
-    project, _ = _settings_project()
+    project = get_project()
     order_dir, task_id = find_task(project, task)
-    rt = Runtime(project.root)
-    path = order_dir / f"{task_id}.yaml"
-    with rt.launch_lock():
-        current = load_task(path, project.root)
-        if current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
-            raise UserError(f"{path}: status: {current.status} cannot be cancelled")
-        update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
-                    expect=current.status)
-        order_id = load_order(order_dir, project.root).id
-        rec = rt.read_record(order_id, task_id)
-    if rec is not None and rec.pid and rec.worker_alive():
-        append_log(rec.log, "cancelled by the user: stopping the process group")
-        terminate_group(rec.pgid, rec.pid, grace)
-        _until_released(rt, order_id, task_id, grace + 5)
+    steering.cancel(project, order_dir, task_id, grace)
     console().print(f"{task_id}: CANCELLED")
-
-
-def _until_released(rt: Runtime, order_id: str, task_id: str, limit: float) -> None:
-    """Wait (bounded) for the owner to see its worker end and drop the record, so that a `retry` right after a
-    cancel is not refused as still running."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
-        rec = rt.read_record(order_id, task_id)
-        if rec is None or not rec.alive():
-            return
-        time.sleep(0.05)
 
 
 @app.command()
@@ -198,35 +189,7 @@ def retry(
     exit code are cleared and the old review feedback is dropped; its next attempt gets a new number and log."""
     project, settings = _settings_project()
     order_dir, task_id = find_task(project, task)
-    path = order_dir / f"{task_id}.yaml"
-    rt = Runtime(project.root)
-    with rt.launch_lock():
-        current = load_task(path, project.root)
-        if current.status in RUNNING:
-            raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
-        order_id = load_order(order_dir, project.root).id
-        rec = rt.read_record(order_id, task_id)
-        if rec is not None and rec.alive():
-            raise UserError(f"{path}: status: {current.status}, but its worker pid {live_pid(rec)} is still "
-                            "running; wait for it to end (or cancel it)")
-        marker = None
-        if resume:
-            agent = agent_for(current, settings)
-            if not can_resume(agent):
-                raise UserError(f"{path}: agent: {agent} cannot resume a session; retry without --resume")
-            if not current.session_id:
-                raise UserError(f"{path}: session_id: no agent session recorded yet; retry without --resume")
-            marker = rt.resume_path(order_id, task_id)
-            marker.write_text(current.session_id + "\n")
-        try:
-            update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "started_at": None,
-                               "finished_at": None, "exit_code": None, **cleared_reason(current)},
-                        expect=current.status)
-        except StaleWrite as exc:
-            if marker is not None:
-                marker.unlink(missing_ok=True)
-            raise UserError(f"{path}: status: {exc}") from None
-        rt.feedback_path(order_id, task_id).unlink(missing_ok=True)
+    current = steering.retry(project, order_dir, task_id, settings if resume else None)
     console().print(f"{task_id}: QUEUED" + (f" (resuming session {current.session_id})" if resume else ""))
 
 

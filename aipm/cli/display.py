@@ -30,6 +30,7 @@ LINES = {
     "gone":     "gone     {task}: its file was deleted while it ran; exit {exit_code} kept in its log",
     "summary": "{order}: {counts}",
     "budget": "budget   {order}: {detail}",
+    "preempted": "preempt  {task} for {for} (re-queued, attempt not counted)",
 }
 
 

@@ -1,0 +1,73 @@
+"""What a reader sees of a project: each task as a row, what it waits on, and the live workers.
+
+`status`, `detect`, `why` and the web dashboard read the project through here, so they never disagree.
+Read-only: a dry-run launcher takes no lock and writes nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aipm import budget
+from aipm.errors import UserError
+from aipm.finish import attempt_limit, rework_limit
+from aipm.launcher import Launcher
+from aipm.model import Order, Task, status_summary
+from aipm.plan import NOT_QUEUED, Plan, plan
+from aipm.settings import Settings
+from aipm.store import load_order
+
+
+def task_row(task: Task, settings: Settings) -> dict:
+    return {
+        "id": task.id, "title": task.title, "status": task.status.value, "priority": task.priority.value,
+        "depends_on": list(task.depends_on), "target_files": list(task.target_files), "attempts": task.attempts,
+        "exit_code": task.exit_code, "started_at": task.started_at, "finished_at": task.finished_at,
+        "file": task.path, "reason": task.reason, "tries": task.tries,
+        "max_attempts": attempt_limit(task, settings), "reworks": task.reworks,
+        "max_rework": rework_limit(task, settings), "preemptions": task.preemptions,
+        # Unknown usage is left out, never shown as 0.
+        **({"cost_usd": task.cost_usd} if task.cost_usd is not None else {}),
+        **({"tokens": dict(task.tokens)} if task.tokens else {}),
+    }
+
+
+def survey(launcher: Launcher, order_dir: Path) -> tuple[Order, Plan, int, list]:
+    """The same planning inputs `launch` uses (the order, live worker records, free slots) and the plan.
+
+    Returns (order, plan, free slots, busy files of every running task in the project).
+    """
+    order = load_order(order_dir, launcher.project.root)
+    busy, live, count = launcher.holders(order, launcher.records())
+    free = max(0, launcher.settings.max_workers - count)
+    spend = budget.of(order, launcher.settings.max_cost_usd)
+    return order, plan(order, busy, live, free, budget=spend), free, busy
+
+
+def order_board(launcher: Launcher, order_dir: Path) -> dict:
+    """One order for the dashboard: its tasks (rows plus what each waits on) and a one-line summary."""
+    try:
+        order, result, free, _ = survey(launcher, order_dir)
+    except UserError as exc:  # a file being edited: show the problem, keep the rest of the board
+        return {"id": order_dir.name, "path": str(order_dir), "error": str(exc), "tasks": []}
+    rows = []
+    for task in sorted(order.tasks.values(), key=lambda t: t.id):
+        row = task_row(task, launcher.settings)
+        blocked = result.blocked.get(task.id)
+        row["waits_on"] = blocked.detail if blocked is not None and blocked.reason != NOT_QUEUED else None
+        rows.append(row)
+    return {"id": order.id, "title": order.title, "path": str(order_dir), "summary": status_summary(order),
+            "free_slots": free, "tasks": rows}
+
+
+def workers(launcher: Launcher) -> list[dict]:
+    """The worker records of the project, as `ps` lists them (without the psutil readings)."""
+    return [{"order": r.order, "task": r.task, "attempt": r.attempt, "phase": r.phase, "pid": r.pid,
+             "pgid": r.pgid, "alive": r.alive(), "log": r.log, "started_at": r.started_at}
+            for r in launcher.records()]
+
+
+def project_board(launcher: Launcher, order_dirs: list[Path]) -> dict:
+    """Every order and every worker record: what the dashboard draws."""
+    return {"root": str(launcher.project.root), "orders": [order_board(launcher, d) for d in order_dirs],
+            "workers": workers(launcher)}

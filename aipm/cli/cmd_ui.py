@@ -1,0 +1,43 @@
+"""`aipm ui`: the live web dashboard."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Optional
+
+import typer
+
+from aipm.cli import app
+from aipm.cli.common import console, get_project
+from aipm.errors import UserError
+from aipm.settings import load_settings
+
+
+@app.command()
+def ui(
+    orders: Optional[list[str]] = typer.Argument(None, help="Orders to show (default: every order, new ones too)."),
+    port: int = typer.Option(0, "--port", min=0, max=65535, help="Port to listen on; 0 = any free port."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Anything but loopback exposes "
+                             "the dashboard (and its cancel button) to the network, unencrypted: a warning says so."),
+) -> None:
+    """Serve a live dashboard of the project: tasks, graph, merged worker log, cancel and retry.
+
+    Prints the URL to open; it carries a random token, and every request without it is refused (403). The page
+    updates itself as task files, workers and logs change. Works with or without `aipm run` going. Ctrl-C stops.
+    Needs the `ui` extra: pip install 'aipm[ui]'.
+    """
+    if not all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn")):
+        raise UserError("aipm ui needs the web extra: pip install 'aipm[ui]' (Starlette and uvicorn)")
+    from aipm.ui.serve import LOOPBACK, serve
+
+    project = get_project()
+    settings = load_settings(project.root)
+    dirs = [project.order_dir(o) for o in orders] if orders else None
+    if host not in LOOPBACK:
+        console(stderr=True).print(
+            f"aipm: warning: listening on {host}: anyone who can reach it and learns the URL (token included) can "
+            "read every log and cancel tasks; traffic is not encrypted", markup=False)
+    try:
+        serve(project, settings, dirs, host, port, lambda url: print(url, flush=True))
+    except OSError as exc:
+        raise UserError(f"--host {host} --port {port}: cannot listen: {exc.strerror or exc}") from None

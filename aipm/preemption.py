@@ -1,0 +1,44 @@
+"""`run --preempt`: stop lower-priority work so that an urgent task starts now.
+
+The decision is the planner's (`plan.preemptions`, pure); this module gathers its inputs from the run's view,
+the worker records and what the supervisor owns, and has the supervisor stop the chosen workers. Only tasks
+this run owns are stopped: another owner would count the kill as a failed attempt.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aipm.model import Status
+from aipm.paths import normalize
+from aipm.plan import PREEMPT_LIMIT, URGENT_RANK, Holder, preemptions
+
+if TYPE_CHECKING:
+    from aipm.supervisor import Supervisor
+    from aipm.view import OrderView
+
+
+def stop_for_urgent(sup: "Supervisor", view: "OrderView") -> bool:
+    """Stop whatever keeps a ready P0/P1 task from starting, when the planner allows it. True when any stopped."""
+    order = view.order
+    candidates = [order.tasks[i] for i in view.ready_ordering() if order.tasks[i].priority.rank <= URGENT_RANK]
+    if not candidates:
+        return False  # the common case costs one look at the ready index
+    holders, live = [], 0
+    for rec in sup.rt.records():
+        alive = rec.alive()
+        live += alive
+        task = order.tasks.get(rec.task) if rec.order == order.id else None
+        owned = sup.owned.get(rec.key)
+        stoppable = (alive and owned is not None and owned.phase == "work" and bool(owned.pid)
+                     and task is not None and task.status == Status.IN_PROGRESS
+                     and task.attempts == owned.attempt and task.preemptions < PREEMPT_LIMIT)
+        # A task of another order is never ours to stop; its rank only matters for that.
+        rank = task.priority.rank if task is not None else 0
+        holders.append(Holder(rec.key, tuple(normalize(t) for t in rec.targets), rank, stoppable, alive))
+    holders.sort(key=lambda h: h.key)
+    decisions = preemptions(candidates, holders, max(0, sup.settings.max_workers - live))
+    for decision in decisions:
+        urgent = order.tasks[decision.urgent]
+        sup.preempt(decision.victim, urgent.id, f"preempted by {urgent.priority} task {urgent.id}")
+    return bool(decisions)

@@ -1,0 +1,86 @@
+"""A person steering a run: cancel a task (stop its worker's whole process group) or retry it.
+
+`aipm cancel`, `aipm retry` and the web dashboard's buttons call these, so they behave alike.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from aipm import outcome
+from aipm.agents import can_resume
+from aipm.errors import UserError
+from aipm.launcher import append_log, cleared_reason
+from aipm.model import RUNNING, Status, Task
+from aipm.project import Project
+from aipm.runner import terminate_group
+from aipm.runtime import Runtime, live_pid
+from aipm.settings import Settings
+from aipm.store import StaleWrite, load_order, load_task, now, update_task
+from aipm.worker import agent_for
+
+
+def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) -> None:
+    """Mark the task CANCELLED, then stop its worker's group (SIGTERM, SIGKILL after `grace` seconds)."""
+    rt = Runtime(project.root)
+    path = order_dir / f"{task_id}.yaml"
+    with rt.launch_lock():
+        current = load_task(path, project.root)
+        if current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
+            raise UserError(f"{path}: status: {current.status} cannot be cancelled")
+        update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
+                    expect=current.status)
+        order_id = load_order(order_dir, project.root).id
+        rec = rt.read_record(order_id, task_id)
+    if rec is not None and rec.pid and rec.worker_alive():
+        append_log(rec.log, "cancelled by the user: stopping the process group")
+        terminate_group(rec.pgid, rec.pid, grace)
+        _until_released(rt, order_id, task_id, grace + 5)
+
+
+def _until_released(rt: Runtime, order_id: str, task_id: str, limit: float) -> None:
+    """Wait (bounded) for the owner to see its worker end and drop the record, so that a `retry` right after a
+    cancel is not refused as still running."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        rec = rt.read_record(order_id, task_id)
+        if rec is None or not rec.alive():
+            return
+        time.sleep(0.05)
+
+
+def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings | None = None) -> Task:
+    """Put a finished, failed, rejected or cancelled task back to QUEUED, as new: attempts, reworks, preemptions,
+    times, exit code and reason cleared, the old review feedback dropped. With `resume_with` (the settings), the
+    next attempt continues the agent's recorded session. Returns the task as it was."""
+    path = order_dir / f"{task_id}.yaml"
+    rt = Runtime(project.root)
+    with rt.launch_lock():
+        current = load_task(path, project.root)
+        if current.status in RUNNING:
+            raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
+        order_id = load_order(order_dir, project.root).id
+        rec = rt.read_record(order_id, task_id)
+        if rec is not None and rec.alive():
+            raise UserError(f"{path}: status: {current.status}, but its worker pid {live_pid(rec)} is still "
+                            "running; wait for it to end (or cancel it)")
+        marker = None
+        if resume_with is not None:
+            agent = agent_for(current, resume_with)
+            if not can_resume(agent):
+                raise UserError(f"{path}: agent: {agent} cannot resume a session; retry without --resume")
+            if not current.session_id:
+                raise UserError(f"{path}: session_id: no agent session recorded yet; retry without --resume")
+            marker = rt.resume_path(order_id, task_id)
+            marker.write_text(current.session_id + "\n")
+        try:
+            update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "started_at": None,
+                               "finished_at": None, "exit_code": None, "preemptions": 0, **cleared_reason(current)},
+                        expect=current.status)
+        except StaleWrite as exc:
+            if marker is not None:
+                marker.unlink(missing_ok=True)
+            raise UserError(f"{path}: status: {exc}") from None
+        rt.feedback_path(order_id, task_id).unlink(missing_ok=True)
+    return current

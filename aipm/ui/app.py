@@ -1,0 +1,212 @@
+"""The dashboard's web app: one page, a board snapshot, a task's log, the event stream, cancel and retry.
+
+Every request must carry the token printed with the URL (query `token`, or header X-Aipm-Token; POSTs only
+the header, so a form on another site cannot post even if the token leaked into its hands through a link) and
+name this server in its Host header (a DNS-rebinding page names its own host). Anything else gets 403.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+from contextlib import asynccontextmanager
+from importlib import resources
+from pathlib import Path
+from urllib.parse import parse_qs
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+from aipm import steering
+from aipm.board import project_board
+from aipm.changes import ProjectWatch
+from aipm.errors import UserError
+from aipm.launcher import Launcher, Options
+from aipm.logbook import attempt_logs
+from aipm.project import Project
+from aipm.settings import Settings
+from aipm.store import load_order
+from aipm.ui.stream import Hub, LiveLog, Stream, sse
+
+TOKEN_HEADER = b"x-aipm-token"
+LINGER = 0.05  # seconds a woken stream waits for the rest of a burst of changes
+LOG_BYTES = 256 * 1024  # of each attempt's log shown for one task: the end, where the news is
+SECURITY_HEADERS = [
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"cache-control", b"no-store"),
+    (b"content-security-policy", b"default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+                                 b"connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+                                 b"frame-ancestors 'none'"),
+]
+
+
+class Guard:
+    """ASGI middleware: the token and the Host header, checked before any route runs."""
+
+    def __init__(self, app, token: str, hosts: set[str], any_ip_host: bool = False):
+        self.app = app
+        self.token = token.encode()
+        self.hosts = hosts
+        self.any_ip_host = any_ip_host  # --host 0.0.0.0: the page is reached by whatever address the machine has
+
+    def allowed(self, scope) -> bool:
+        headers = dict(scope["headers"])
+        host = headers.get(b"host", b"").decode("latin-1")
+        if host not in self.hosts and not (self.any_ip_host and _is_ip(host)):
+            return False
+        given = headers.get(TOKEN_HEADER)
+        if given is None and scope["method"] != "POST":
+            given = (parse_qs(scope["query_string"].decode("latin-1")).get("token") or [""])[0].encode()
+        return given is not None and hmac.compare_digest(given, self.token)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def secured(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+            await send(message)
+
+        if not self.allowed(scope):
+            await PlainTextResponse("forbidden: this dashboard needs the token from its URL\n", 403)(
+                scope, receive, secured)
+            return
+        await self.app(scope, receive, secured)
+
+
+def _is_ip(host: str) -> bool:
+    name = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    try:
+        ipaddress.ip_address(name.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
+def create_app(project: Project, settings: Settings, orders: list[Path] | None, token: str, hosts: set[str],
+               any_ip_host: bool = False) -> Guard:
+    """The app for `project`; `orders` None shows every order under orders_dir (and new ones as they appear)."""
+    # Reads only, as `status` and `detect` do: a dry-run launcher takes no lock and writes nothing.
+    looker = Launcher(project, settings, Options(dry_run=True), monitor=None)
+    hub = Hub(ProjectWatch.open(project, orders))
+
+    def order_dirs() -> list[Path]:
+        return list(orders) if orders is not None else project.order_dirs()
+
+    def board() -> dict:
+        return project_board(looker, order_dirs())
+
+    def find(order_id: str, task_id: str) -> tuple[Path, str]:
+        """The order directory and task a request names; only tasks of the orders on the board."""
+        for directory in order_dirs():
+            if directory.name == order_id or load_order(directory, project.root).id == order_id:
+                if task_id in load_order(directory, project.root).tasks:
+                    return directory, task_id
+                break
+        raise UserError(f"no task {order_id}/{task_id} on this board")
+
+    async def page(request: Request):
+        text = resources.files("aipm.ui").joinpath("page.html").read_text(encoding="utf-8")
+        return HTMLResponse(text)
+
+    async def board_json(request: Request):
+        return JSONResponse(await run_in_threadpool(board))
+
+    def task_log(order_id: str, task_id: str) -> dict:
+        order_dir, task_id = find(order_id, task_id)
+        order = load_order(order_dir, project.root)
+        attempts = []
+        mine = sorted((log for log in attempt_logs(looker.runtime, order.id) if log.task == task_id),
+                      key=lambda log: (log.attempt, log.review))
+        for path in (log.path for log in mine):
+            with open(path, "rb") as handle:
+                size = handle.seek(0, 2)
+                handle.seek(max(0, size - LOG_BYTES))
+                attempts.append({"name": path.name, "text": handle.read().decode(errors="replace"),
+                                 "truncated": size > LOG_BYTES})
+        return {"order": order.id, "task": task_id, "logs": attempts}
+
+    async def log_json(request: Request):
+        try:
+            return JSONResponse(await run_in_threadpool(
+                task_log, request.query_params.get("order", ""), request.query_params.get("task", "")))
+        except UserError as exc:
+            return JSONResponse({"error": str(exc)}, 404)
+
+    def steer(action):
+        async def endpoint(request: Request):
+            try:
+                body = await request.json()
+                order_dir, task_id = await run_in_threadpool(find, str(body["order"]), str(body["task"]))
+                await run_in_threadpool(action, project, order_dir, task_id)
+            except (ValueError, KeyError, TypeError):
+                return JSONResponse({"error": "expected JSON {\"order\": ..., \"task\": ...}"}, 400)
+            except UserError as exc:
+                return JSONResponse({"error": str(exc)}, 409)
+            return JSONResponse({"ok": True})
+        return endpoint
+
+    async def events(request: Request):
+        stream = Stream()
+        live = LiveLog()
+
+        async def messages():
+            hub.streams.add(stream)
+            try:
+                sent = None
+                records = await run_in_threadpool(looker.runtime.records)
+                stream.logs.clear()  # what the backlog reads next covers these
+                lines = await run_in_threadpool(live.backlog, records)
+                while True:
+                    if stream.board:
+                        stream.board = False
+                        current = await run_in_threadpool(board)
+                        if current != sent:
+                            sent = current
+                            yield sse("board", current)
+                    if lines:
+                        yield sse("log", lines)
+                    lines = []
+                    if not await hub.wait(stream):
+                        yield ": keep-alive\n\n"
+                        continue
+                    await asyncio.sleep(LINGER)  # let a burst of writes land: one message, not hundreds
+                    grown, stream.logs = stream.logs, set()
+                    lines = await run_in_threadpool(_grown, live, grown)
+            finally:
+                hub.streams.discard(stream)
+
+        return StreamingResponse(messages(), media_type="text/event-stream")
+
+    @asynccontextmanager
+    async def lifespan(app):
+        hub.start()
+        try:
+            yield
+        finally:
+            hub.close()
+
+    app = Starlette(routes=[
+        Route("/", page),
+        Route("/api/board", board_json),
+        Route("/api/log", log_json),
+        Route("/api/cancel", steer(steering.cancel), methods=["POST"]),
+        Route("/api/retry", steer(steering.retry), methods=["POST"]),
+        Route("/events", events),
+    ], lifespan=lifespan)
+    return Guard(app, token, hosts, any_ip_host)
+
+
+def _grown(live: LiveLog, paths: set[Path]) -> list[dict]:
+    """New lines of the logs that grew since the stream last looked, oldest change first."""
+    out = []
+    for path in sorted(paths, key=lambda p: p.stat().st_mtime_ns if p.exists() else 0):
+        out += live.read(path)
+    return out

@@ -1,0 +1,45 @@
+"""Bind the socket, print the URL with a fresh token, and serve the dashboard with uvicorn until Ctrl-C."""
+
+from __future__ import annotations
+
+import secrets
+import socket
+from collections.abc import Callable
+from pathlib import Path
+
+from aipm.project import Project
+from aipm.settings import Settings
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def allowed_hosts(host: str, port: int) -> tuple[set[str], bool]:
+    """Host header values this server answers to, and whether any IP address will do (a wildcard bind)."""
+    hosts = {f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"}
+    hosts.add(f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+    return hosts, host in ("0.0.0.0", "::")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    name = "127.0.0.1" if host == "localhost" else host
+    return socket.create_server((name, port), family=family)
+
+
+def serve(project: Project, settings: Settings, orders: list[Path] | None, host: str, port: int,
+          announce: Callable[[str], None]) -> None:
+    import uvicorn
+
+    from aipm.ui.app import create_app
+
+    sock = bind(host, port)
+    port = sock.getsockname()[1]
+    token = secrets.token_urlsafe(32)
+    hosts, any_ip = allowed_hosts(host, port)
+    app = create_app(project, settings, orders, token, hosts, any_ip)
+    shown = "127.0.0.1" if host in ("0.0.0.0", "localhost") else "[::1]" if host == "::" else (
+        f"[{host}]" if ":" in host else host)
+    announce(f"http://{shown}:{port}/?token={token}")
+    # Open event streams never end by themselves: on Ctrl-C close them after a second instead of waiting.
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])

@@ -1,0 +1,97 @@
+"""Server-sent events for the dashboard, woken by one inotify watch over the project (no polling loop).
+
+Each open page has a Stream: the hub marks what changed (task files and records → a new board; log files →
+new lines) and wakes it; the stream then sends only what differs from what that page already has.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+
+from aipm.changes import ProjectWatch
+from aipm.logbook import Tail, parse
+from aipm.runtime import Record
+
+BACKLOG = 200  # lines of each running worker's log a page gets when it connects
+# Seconds between comment lines that keep an idle stream open through proxies (AIPM_UI_KEEPALIVE overrides).
+KEEPALIVE = 15.0
+NO_INOTIFY_RECHECK = 2.0  # seconds: only where inotify is missing does a stream look again on its own
+
+
+class Stream:
+    def __init__(self) -> None:
+        self.wake = asyncio.Event()
+        self.board = True  # the page needs the board first
+        self.logs: set[Path] = set()
+
+
+class Hub:
+    """Owns the project watch and wakes every open stream when something changed."""
+
+    def __init__(self, watch: ProjectWatch | None):
+        self.watch = watch
+        self.streams: set[Stream] = set()
+        self.keepalive = float(os.environ.get("AIPM_UI_KEEPALIVE") or KEEPALIVE)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        if self.watch is not None:
+            self._loop = asyncio.get_running_loop()
+            self._loop.add_reader(self.watch.fd, self._ready)
+
+    def _ready(self) -> None:
+        board, logs = self.watch.changes()
+        for stream in self.streams:
+            stream.board |= board
+            stream.logs |= logs
+            stream.wake.set()
+
+    async def wait(self, stream: Stream) -> bool:
+        """Sleep until the project changes; False when the keep-alive interval passed first."""
+        timeout = self.keepalive if self.watch is not None else NO_INOTIFY_RECHECK
+        try:
+            await asyncio.wait_for(stream.wake.wait(), timeout)
+        except asyncio.TimeoutError:
+            if self.watch is None:
+                stream.board = True
+                return True
+            return False
+        stream.wake.clear()
+        return True
+
+    def close(self) -> None:
+        if self.watch is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self.watch.fd)
+            self.watch.close()
+
+
+class LiveLog:
+    """The merged log of the running workers: each new line with its order and task."""
+
+    def __init__(self) -> None:
+        self.tail = Tail()
+
+    def backlog(self, records: list[Record]) -> list[dict]:
+        """The last lines of every live worker's log, for a page that just connected."""
+        out = []
+        for rec in records:
+            if rec.alive():
+                path = Path(rec.log if rec.phase == "work" else rec.log[: -len(".log")] + ".review.log")
+                self.tail.start(path, last=BACKLOG)
+                out += self.read(path)
+        return out
+
+    def read(self, path: Path) -> list[dict]:
+        """New lines of a log that grew (a log first seen now is read from its start: a new attempt)."""
+        log = parse(path, path.parent.name)
+        if log is None:
+            return []
+        return [{"order": log.order, "task": log.task, "line": line} for line in self.tail.read(path)]
+
+
+def sse(event: str, data) -> str:
+    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n"

@@ -1,0 +1,51 @@
+"""`aipm logs ORDER [-f]`: every worker's lines of an order, each tagged with its task id (parallel --tag)."""
+
+import subprocess
+import sys
+
+from conftest import no_workers, task_statuses, wait_for, write_task
+
+
+def test_logs_of_an_order_tag_every_line_with_its_task(project):
+    order = project.order()
+    write_task(order, "A", command="echo a1; echo a2", target_files=["a"])
+    write_task(order, "B", command="echo b1; printf 'b2 no newline'", target_files=["b"])
+    write_task(order, "C", command='echo "c attempt $AIPM_ATTEMPT"; [ "$AIPM_ATTEMPT" = 2 ]', max_attempts=2)
+    assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 0
+    out = project.aipm("logs", "ORD", check=True).stdout.splitlines()
+    assert all("\t" in line for line in out), out
+    by_task = {}
+    for line in out:
+        tag, text = line.split("\t", 1)
+        by_task.setdefault(tag, []).append(text)
+    assert set(by_task) == {"A", "B", "C"}
+    assert by_task["A"][:2] == ["a1", "a2"]
+    assert by_task["B"][0] == "b1" and by_task["B"][1].startswith("b2 no newline")
+    # Both attempts of C, the first before the second.
+    attempts = [t for t in by_task["C"] if t.startswith("c attempt")]
+    assert attempts == ["c attempt 1", "c attempt 2"]
+    # A task argument still means that task's own log, untagged.
+    assert project.aipm("logs", "A", check=True).stdout.splitlines()[:2] == ["a1", "a2"]
+
+
+def test_logs_order_follow_picks_up_a_new_attempt_and_ends_with_the_order(project, gate):
+    order = project.order()
+    write_task(order, "A", max_attempts=2, command=(
+        f'echo "attempt $AIPM_ATTEMPT"; [ "$AIPM_ATTEMPT" = 2 ] && exit 0; '
+        f'while [ ! -e {gate} ]; do sleep 0.05; done; exit 1'))
+    project.aipm("launch", "ORD", check=True)
+    log = project.root / ".aipm" / "logs" / "ORD" / "A.1.log"
+    wait_for(lambda: log.exists() and "attempt 1" in log.read_text())
+    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "ORD", "-f"],
+                                stdout=subprocess.PIPE, text=True)
+    # Only once the follower has shown the first attempt is the second one allowed to start.
+    first = follower.stdout.readline()
+    assert first == "A\tattempt 1\n"
+    gate.touch()
+    rest, _ = follower.communicate(timeout=120)  # it ends by itself once the order is settled
+    assert follower.returncode == 0
+    lines = rest.splitlines()
+    assert "A\tattempt 2" in lines
+    assert lines.index("A\tattempt 2") > next(i for i, l in enumerate(lines) if "attempt 1 exited with code 1" in l)
+    assert task_statuses(order) == {"A": "DONE"}
+    wait_for(lambda: no_workers(project.root))

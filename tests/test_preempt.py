@@ -1,0 +1,100 @@
+"""Preemption: the planner's pure decision over literals, and `run --preempt` checked on a journal."""
+
+import json
+import subprocess
+import sys
+
+from conftest import no_workers, wait_for, write_task
+from test_plan import task
+
+from aipm.paths import normalize
+from aipm.plan import PREEMPT_LIMIT, Holder, Preemption, preemptions
+
+
+def holder(key, pri, files, stoppable=True, alive=True):
+    return Holder(key, tuple(normalize(f) for f in files), int(pri[1]), stoppable, alive)
+
+
+def test_an_urgent_task_stops_the_lower_priority_holder_of_its_file():
+    urgent = task("U", pri="P0", files=["x"])
+    got = preemptions([urgent], [holder("O/LOW", "P3", ["x"]), holder("O/OTHER", "P3", ["y"])], slots=3)
+    assert got == [Preemption("O/LOW", "U")]
+
+
+def test_every_holder_must_be_stoppable_or_nothing_is_stopped():
+    urgent = task("U", pri="P1", files=["x", "y"])
+    same = [holder("O/LOW", "P3", ["x"]), holder("O/PEER", "P1", ["y"])]  # equal priority is never stopped
+    assert preemptions([urgent], same, slots=3) == []
+    review = [holder("O/LOW", "P3", ["x"]), holder("O/REV", "P3", ["y"], stoppable=False)]  # in review, or not ours
+    assert preemptions([urgent], review, slots=3) == []
+    stale = [holder("O/LOW", "P3", ["x"]), holder("O/DEAD", "P3", ["y"], alive=False)]
+    assert preemptions([urgent], stale, slots=3) == []
+    both = [holder("O/LOW", "P3", ["x"]), holder("O/MID", "P2", ["y"])]
+    assert preemptions([urgent], both, slots=0) == [Preemption("O/LOW", "U"), Preemption("O/MID", "U")]
+
+
+def test_only_p0_and_p1_preempt():
+    assert preemptions([task("U", pri="P2", files=["x"])], [holder("O/LOW", "P3", ["x"])], slots=3) == []
+
+
+def test_the_worker_limit_stops_the_least_urgent_stoppable_task():
+    urgent = task("U", pri="P0", files=["z"])
+    running = [holder("O/A", "P2", ["a"]), holder("O/B", "P3", ["b"]), holder("O/C", "P0", ["c"])]
+    assert preemptions([urgent], running, slots=0) == [Preemption("O/B", "U")]
+    assert preemptions([urgent], running, slots=1) == []  # a free slot: nothing to stop (load, not the limit)
+
+
+def test_one_victim_is_not_stopped_twice_and_urgent_tasks_do_not_collide():
+    first, second = task("U1", pri="P0", files=["x"]), task("U2", pri="P0", files=["x"])
+    got = preemptions([first, second], [holder("O/LOW", "P3", ["x"])], slots=0)
+    assert got == [Preemption("O/LOW", "U1")]
+
+
+def test_a_task_preempted_limit_times_is_not_stoppable(project):
+    """The bound lives in the task file (`preemptions`), so it survives a restarted run."""
+    from aipm.store import load_task
+
+    order = project.order()
+    path = write_task(order, "LOW", command="true", priority="P3", preemptions=PREEMPT_LIMIT)
+    assert load_task(path).preemptions == PREEMPT_LIMIT
+    assert project.json("status", "ORD")["tasks"][0]["preemptions"] == PREEMPT_LIMIT
+
+
+def test_run_preempt_stops_the_p3_task_for_a_p0_and_reruns_it_later(project, gate):
+    order = project.order()
+    journal = project.root / "journal"
+    write_task(order, "LOW", priority="P3", target_files=["shared.py"], command=(
+        f'echo "start LOW $$" >> {journal}; while [ ! -e {gate} ]; do echo "tick LOW $$" >> {journal}; '
+        f'sleep 0.05; done; echo "end LOW $$" >> {journal}'))
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--preempt",
+                            "--no-resource-monitoring", "--json"], stdout=subprocess.PIPE, text=True)
+    wait_for(lambda: journal.exists() and "tick LOW" in journal.read_text())
+    with open(journal, "a") as handle:
+        handle.write("queued URGENT 0\n")
+    # URGENT opens the gate LOW waits on: without preemption the order could never finish.
+    write_task(order, "URGENT", priority="P0", target_files=["shared.py"], command=(
+        f'echo "start URGENT $$" >> {journal}; sleep 0.3; echo "end URGENT $$" >> {journal}; touch {gate}'))
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 0, out
+    lines = [line.split() for line in journal.read_text().splitlines()]
+    at = {f"{kind} {tid}": i for i, (kind, tid, _) in reversed(list(enumerate(lines)))}  # first occurrence
+    first_low = lines[at["start LOW"]][2]
+    # The P0 started while the P3 was still running (no end of LOW before it): it was not waited for.
+    assert at["queued URGENT"] < at["start URGENT"] < at["end URGENT"]
+    assert "end LOW" not in {f"{k} {t}" for k, t, _ in lines[:at["start URGENT"]]}
+    # The two never overlap: the first LOW process writes nothing once URGENT starts, and no LOW line at all
+    # falls inside URGENT's run.
+    assert not [line for line in lines[at["start URGENT"]:] if line[2] == first_low]
+    assert not [line for line in lines[at["start URGENT"]:at["end URGENT"]] if line[1] == "LOW"]
+    # The P3 ran again, later, and finished.
+    restarts = [i for i, (kind, tid, pid) in enumerate(lines) if kind == "start" and tid == "LOW" and pid != first_low]
+    assert len(restarts) == 1 and restarts[0] > at["end URGENT"] and lines[-1][:2] == ["end", "LOW"]
+    tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert tasks["LOW"]["status"] == "DONE" and tasks["URGENT"]["status"] == "DONE"
+    assert tasks["LOW"]["attempts"] == 1 and tasks["LOW"]["preemptions"] == 1  # the stopped attempt is not counted
+    assert tasks["URGENT"]["attempts"] == 1
+    events = [json.loads(line) for line in out.splitlines()]
+    assert [e for e in events if e["event"] == "preempted"] == [
+        {"event": "preempted", "order": "ORD", "task": "LOW", "for": "URGENT", "attempt": 1,
+         "time": next(e["time"] for e in events if e["event"] == "preempted")}]
+    assert no_workers(project.root)

@@ -1,0 +1,192 @@
+"""`aipm ui`: the dashboard in a real headless Chromium, and its token, Host and POST checks over plain HTTP."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+
+import pytest
+
+from conftest import no_workers, task_statuses, wait_for, write_task
+from invariants import group_alive
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture
+def dashboard(project):
+    """`aipm ui --port 0` on the project; yields its URL (with the token)."""
+    # No keep-alive wake-up within any test: only change events may update the page.
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false", AIPM_UI_KEEPALIVE="3600")
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "ui", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = proc.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1:") and "?token=" in url, proc.stderr.read()
+    yield url
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130  # Ctrl-C, as every aipm command reports it
+    assert "warning" not in proc.stderr.read()  # 127.0.0.1, the default: nothing to warn about
+
+
+@pytest.fixture(scope="module")
+def browser():
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        pytest.skip("Debian's chromium and chromium-driver are not installed (apt-get install chromium "
+                    "chromium-driver)")
+    os.environ["SE_AVOID_STATS"] = "true"
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    profile = tempfile.mkdtemp(prefix="aipm-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,900", f"--user-data-dir={profile}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+    shutil.rmtree(profile, ignore_errors=True)
+
+
+def status_code(url, method="GET", headers=None, data=None) -> int:
+    request = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def base_and_token(url):
+    base, token = url.split("/?token=")
+    return base, token
+
+
+def row_status(driver, key):
+    """The status shown in the row of ORDER/TASK (None while the row is not drawn)."""
+    return driver.execute_script(
+        "const r = document.querySelector(`tr[data-task='${arguments[0]}'] .status`); return r && r.textContent",
+        key)
+
+
+def click(driver, css):
+    """Click what `css` finds, again if a live update redrew it between finding and clicking."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
+    def attempt():
+        try:
+            driver.find_element("css selector", css).click()
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+        return True
+
+    wait_for(attempt)
+
+
+def test_every_request_needs_the_token_and_this_host(project, dashboard, browser):
+    order = project.order()
+    write_task(order, "A", command="true")
+    base, token = base_and_token(dashboard)
+    wrong = "x" * len(token)
+    for path in ("/", "/api/board", "/events", "/api/log?order=ORD&task=A"):
+        sep = "&" if "?" in path else "?"
+        assert status_code(base + path) == 403, path
+        assert status_code(f"{base}{path}{sep}token={wrong}") == 403, path
+        # A DNS-rebinding page names its own host, even with the token.
+        assert status_code(f"{base}{path}{sep}token={token}", headers={"Host": "evil.example"}) == 403, path
+    assert status_code(f"{base}/api/board?token={token}") == 200
+    assert status_code(f"{base}/api/board", headers={"X-Aipm-Token": token}) == 200
+    body = b'{"order": "ORD", "task": "A"}'
+    json_type = {"Content-Type": "application/json"}
+    for headers in ({}, {"X-Aipm-Token": wrong}):
+        assert status_code(f"{base}/api/cancel", "POST", {**json_type, **headers}, body) == 403
+    # POSTs take the token from the header only: a link or form carrying it in the query is refused.
+    assert status_code(f"{base}/api/cancel?token={token}", "POST", json_type, body) == 403
+    assert task_statuses(order) == {"A": "QUEUED"}
+    browser.get(base + "/")
+    assert "forbidden" in browser.find_element("tag name", "body").text
+    browser.get(dashboard)
+    wait_for(lambda: row_status(browser, "ORD/A") == "QUEUED")
+
+
+def test_a_status_change_appears_without_a_reload(project, dashboard, browser, gate):
+    order = project.order()
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])
+    browser.get(dashboard)
+    wait_for(lambda: row_status(browser, "ORD/A") == "QUEUED")
+    browser.execute_script("window.notReloaded = true")
+    project.aipm("launch", "ORD", check=True)
+    wait_for(lambda: row_status(browser, "ORD/A") == "IN_PROGRESS")
+    gate.touch()
+    wait_for(lambda: row_status(browser, "ORD/A") == "DONE")
+    # A task added by hand shows up too, with its priority.
+    write_task(order, "B", command="true", priority="P0", depends_on=["A"])
+    wait_for(lambda: row_status(browser, "ORD/B") == "QUEUED")
+    assert browser.execute_script("return window.notReloaded") is True
+    wait_for(lambda: no_workers(project.root))
+
+
+def test_the_merged_log_shows_two_workers_lines(project, dashboard, browser, gate):
+    order = project.order()
+    for tid in ("A", "B"):
+        write_task(order, tid, target_files=[tid.lower()],
+                   command=f"echo hello from {tid}; while [ ! -e {gate} ]; do sleep 0.05; done; echo bye from {tid}")
+    browser.get(dashboard)
+    wait_for(lambda: row_status(browser, "ORD/A") == "QUEUED")
+    # `aipm run` in another terminal, as a person would have it.
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                            "--no-resource-monitoring"], stdout=subprocess.DEVNULL)
+
+    def merged():
+        return browser.execute_script(
+            "return [...document.querySelectorAll('#merged .line')].map(l => l.dataset.task + ' ' + l.textContent)")
+
+    wait_for(lambda: {"ORD/A Ahello from A", "ORD/B Bhello from B"} <= set(merged()))
+    gate.touch()
+    wait_for(lambda: {"ORD/A Abye from A", "ORD/B Bbye from B"} <= set(merged()))
+    # A task's own log, on click.
+    click(browser, "tr[data-task='ORD/A'] td.id a")
+    wait_for(lambda: "bye from A" in browser.find_element("id", "tasklog").text)
+    assert "from B" not in browser.find_element("id", "tasklog").text
+    assert run.wait(timeout=120) == 0
+    wait_for(lambda: row_status(browser, "ORD/B") == "DONE")
+
+
+def test_cancel_from_the_page_stops_the_worker_group_and_retry_requeues(project, dashboard, browser):
+    order = project.order()
+    write_task(order, "A", command="sleep 60 & sleep 60; wait", target_files=["a"])
+    browser.get(dashboard)
+    project.aipm("launch", "ORD", check=True)
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    wait_for(lambda: row_status(browser, "ORD/A") == "IN_PROGRESS")
+    click(browser, "tr[data-task='ORD/A'] button[data-action='cancel']")
+    browser.switch_to.alert.accept()
+    wait_for(lambda: task_statuses(order) == {"A": "CANCELLED"})
+    wait_for(lambda: not group_alive(worker["pgid"]))
+    wait_for(lambda: no_workers(project.root))
+    wait_for(lambda: row_status(browser, "ORD/A") == "CANCELLED")
+    click(browser, "tr[data-task='ORD/A'] button[data-action='retry']")
+    wait_for(lambda: task_statuses(order) == {"A": "QUEUED"})
+    wait_for(lambda: row_status(browser, "ORD/A") == "QUEUED")
+
+
+def test_another_host_only_when_asked_and_with_a_warning(project):
+    """127.0.0.2 is loopback too (nothing leaves the machine), but not the default: aipm warns."""
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "ui", "--host", "127.0.0.2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.2:"), url
+        base, token = base_and_token(url)
+        assert status_code(f"{base}/api/board?token={token}") == 200  # Host: 127.0.0.2:PORT, the address asked for
+        assert status_code(f"{base}/api/board") == 403
+    finally:
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    assert "warning: listening on 127.0.0.2" in err
