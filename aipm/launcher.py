@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import runner, scope
+from aipm import confine, runner, scope
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
@@ -154,6 +154,10 @@ class Launcher:
         program = self._missing_program(task)
         if program:
             raise LaunchFailed(f"{task.id}: program {program!r} not found on PATH; install it or fix `command`")
+        confined = confine.wanted(task, self.settings)
+        refusal = confined and confine.unavailable()
+        if refusal:
+            raise LaunchFailed(f"{task.id}: confine: {refusal}")
         try:
             fds = rt.take_locks(task.targets)
         except LockBusy as exc:
@@ -166,7 +170,9 @@ class Launcher:
         )
         wrote_status = False
         try:
-            if self.settings.scope_audit and not self.options.no_review and task.targets:
+            # The kernel already holds a confined worker to exactly its targets: nothing to audit.
+            exact = confined and confine.exact(task.target_files)
+            if self.settings.scope_audit and not self.options.no_review and task.targets and not exact:
                 self._scope_before(rec)
             # The record is written once the worker exists; a crash before that leaves IN_PROGRESS with no
             # record, which recovery re-queues.
@@ -225,6 +231,7 @@ class Launcher:
         argv += ["--adopt"] * adopt + ["--no-review"] * self.options.no_review
         argv += ["--no-resource-monitoring"] * (not s.enable_monitoring)
         argv += ["--no-auto-scaling"] * (not s.enable_auto_scaling)
+        argv += ["--confine"] * s.confine
         if self.options.model:
             argv += ["--model", self.options.model]
         for fd in fds:

@@ -93,6 +93,7 @@ class Task:
     started_at: str | None = None
     finished_at: str | None = None
     exit_code: int | None = None
+    confine: bool | None = None  # None: the `confine` setting decides
 
 
 @dataclass

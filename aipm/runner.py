@@ -53,11 +53,12 @@ def spawn(
     stdin: str | None = None,
     pass_fds: Sequence[int] = (),
     started: Callable[[int], None] = lambda pid: None,
+    prefix: Sequence[str] = (),
 ) -> int:
     """Start `command` in its own session; its stdout and stderr append to `log`. Returns the pid (= pgid).
 
     `started(pid)` runs before the command may begin (record the worker there); if it raises, the command
-    never runs and the error propagates.
+    never runs and the error propagates. `prefix` is an argv put in front of the wrapper (confinement).
     """
     if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
@@ -68,6 +69,7 @@ def spawn(
         argv = [SHELL, "-c", _WRAP_SHELL, "aipm-worker", exit_file, command]
     else:
         argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *command]
+    argv = [*prefix, *argv]
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, stdin or os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
@@ -84,7 +86,7 @@ def spawn(
             os.set_inheritable(fd, True)
         try:
             # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself.
-            pid = os.posix_spawn(SHELL, argv, dict(env, AIPM_ROOT=cwd), file_actions=actions, setsid=True)
+            pid = os.posix_spawn(argv[0], argv, dict(env, AIPM_ROOT=cwd), file_actions=actions, setsid=True)
         except OSError as exc:
             raise SpawnError(f"cannot start worker: {exc.strerror}") from None
         finally:

@@ -58,6 +58,9 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "started_at": (_STRING, "When the latest attempt started."),
     "finished_at": (_STRING, "When the latest attempt or review ended."),
     "exit_code": ({"type": ["integer", "null"]}, "Exit code of the latest attempt."),
+    "confine": ({"type": ["boolean", "null"]},
+                "Confine the worker to its target files with the kernel's Landlock (default: the `confine` "
+                "setting). Refused at launch where the kernel has no Landlock."),
 }
 
 _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {

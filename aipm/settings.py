@@ -36,6 +36,7 @@ class Settings:
     worker_model: str = "sonnet"  # worker.model
     review_command: str | tuple[str, ...] | None = None  # review.command: a string runs in a shell, a list is argv
     scope_audit: bool = True  # in a git tree, a worker that writes outside its target_files fails its review
+    confine: bool = False  # default for tasks without `confine`: Landlock confinement to the target files
     # setting name -> where its value came from: "default", "aipm.yaml", "env AIPM_MAX_WORKERS", "flag --max-cpu", ...
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType(dict.fromkeys(SETTING_NAMES, "default")), compare=False, repr=False
@@ -141,6 +142,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "worker.model": _text,
     "review.command": _review,
     "scope_audit": _boolean,
+    "confine": _boolean,
 }
 _FIELD_KEYS = {key.replace(".", "_"): key for key in _KEYS}
 assert set(_FIELD_KEYS) == set(SETTING_NAMES)
@@ -152,6 +154,7 @@ FLAG_NAMES = {
     "max_memory_percent": "--max-memory",
     "enable_monitoring": "--no-resource-monitoring",
     "enable_auto_scaling": "--no-auto-scaling",
+    "confine": "--confine",
 }
 ENV_VARS = {f"AIPM_{name.upper()}": name for name in FLAG_NAMES}  # AIPM_MAX_WORKERS, ...
 
@@ -286,6 +289,7 @@ def settings_from_flags(
     max_memory: float | None = None,
     no_monitoring: bool = False,
     no_auto_scaling: bool = False,
+    confine: bool = False,
 ) -> Settings:
     """Settings for `root` with the resource flags on top (a flag not given leaves the lower layers alone)."""
     return load_settings(root, {
@@ -294,4 +298,5 @@ def settings_from_flags(
         "max_memory_percent": max_memory,
         "enable_monitoring": False if no_monitoring else None,
         "enable_auto_scaling": False if no_auto_scaling else None,
+        "confine": True if confine else None,
     })

@@ -32,6 +32,7 @@ ORDER_FILE = "order.yaml"
 TASK_KEYS = (
     "id", "title", "status", "priority", "depends_on", "target_files", "command", "prompt", "model",
     "review", "timeout", "max_attempts", "attempts", "reworks", "started_at", "finished_at", "exit_code",
+    "confine",
 )
 ORDER_KEYS = ("id", "title", "description")
 
@@ -189,6 +190,13 @@ def _str_list(path: Path, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _flag(path: Path, data: Mapping[str, Any], key: str) -> bool | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ValidationError(str(path), key, f"must be true or false, not {value!r}")
+    return value
+
+
 def _timestamp(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     value = data.get(key)
     if isinstance(value, (dt.datetime, dt.date)):
@@ -249,6 +257,7 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
         started_at=_timestamp(path, data, "started_at"),
         finished_at=_timestamp(path, data, "finished_at"),
         exit_code=exit_code,
+        confine=_flag(path, data, "confine"),
     )
 
 

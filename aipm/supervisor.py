@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aipm import runner, scope
+from aipm import confine, runner, scope
 from aipm.finish import after_review, after_work, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
@@ -50,8 +50,10 @@ class Supervisor(Owner):
         rec.command = [command] if isinstance(command, str) else list(command)
         timeout = task.timeout or self.settings.timeout
         rec.owner_pid, rec.owner_ctime = self.me
+        jail = confine.prefix(str(self.rt.root), rec.targets, rec.log, rec.exit_file) \
+            if confine.wanted(task, self.settings) else ()
         pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=rec.log,
-                           stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout))
+                           stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout), prefix=jail)
         self._own(rec)
         self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
                             "attempt": rec.attempt})
@@ -254,6 +256,7 @@ class Supervisor(Owner):
 
     def _drop(self, rec: Record) -> None:
         Path(rec.scope_file).unlink(missing_ok=True)
+        confine.tidy(rec.log)
         self.rt.remove_record(rec.order, rec.task)
         self.owned.pop(rec.key, None)
 
