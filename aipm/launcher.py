@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import confine, runner, scope
+from aipm import confine, holds, runner, scope
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
@@ -64,17 +64,24 @@ class Launcher:
     # -- planning inputs -------------------------------------------------------------------------------
 
     def holders(self, order: Order, records: Iterable[Record]) -> tuple[list[Busy], set[str], int]:
-        """Busy files from worker records, this order's live task ids, and the live worker count.
+        """Busy files from worker records and other orders' running tasks, this order's live task ids, and the
+        live worker count.
 
-        A dead record (a stale task) still holds its files until recovered, but takes no worker slot.
+        A dead record (a stale task) still holds its files until recovered, but takes no worker slot; so does a
+        task of another order marked IN_PROGRESS or IN_REVIEW by hand, with no record at all.
         """
         busy, live, count = [], set(), 0
         for rec in records:
-            busy.append(Busy(rec.order, rec.task, tuple(normalize(t) for t in rec.targets)))
+            status = Status.IN_PROGRESS if rec.phase == "work" else Status.IN_REVIEW
+            busy.append(Busy(rec.order, rec.task, tuple(normalize(t) for t in rec.targets), status.value))
             if rec.alive():
                 count += 1
                 if rec.order == order.id:
                     live.add(rec.task)
+        recorded = {(rec.order, rec.task) for rec in records}
+        busy += [b for b in holds.held_elsewhere(self.project.root, self.project.order_dirs(), order.path,
+                                                 save=not self.options.dry_run)
+                 if (b.order_id, b.task_id) not in recorded]
         return busy, live, count
 
     def records(self) -> list[Record]:

@@ -29,6 +29,7 @@ class Busy:
     order_id: str
     task_id: str
     targets: tuple[Target, ...]
+    status: str = ""  # IN_PROGRESS or IN_REVIEW, named in the reason when known
 
 
 @dataclass(frozen=True)
@@ -150,13 +151,12 @@ def plan(
     running   -- ids of this order's IN_PROGRESS/IN_REVIEW tasks, when the caller indexes them
     """
     result = Plan()
-    busy: list[tuple[str, tuple[Target, ...]]] = [
-        (f"{b.order_id}/{b.task_id}", b.targets) for b in elsewhere
-    ]
+    busy, held_as = _holders(elsewhere)
     running_tasks = (order.tasks[i] for i in running) if running is not None else order.tasks.values()
     for task in running_tasks:
         if task.status in RUNNING:
             busy.append((task.id, task.targets))
+            held_as[task.id] = f" ({task.status})"
             if task.id not in live:
                 result.stale.append(task.id)
     doomed = _doomed(order) if explain else {}
@@ -185,7 +185,7 @@ def plan(
                 result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
             continue
         for holders, reason, words in (
-            (busy, FILE_BUSY, "{path} is held by running task {other}"),
+            (busy, FILE_BUSY, "{path} is held by running task {other}{status}"),
             ([(c.id, c.targets) for c in chosen], FILE_CHOSEN, "{path} overlaps {other}, which starts first this round"),
         ):
             hit = _conflict(task, holders)
@@ -195,7 +195,7 @@ def plan(
             if explain:
                 other, path = hit
                 result.blocked[task.id] = Blocked(
-                    task.id, reason, words.format(path=path, other=other), (other,), path
+                    task.id, reason, words.format(path=path, other=other, status=held_as.get(other, "")), (other,), path
                 )
             continue
         if len(chosen) >= slots:
@@ -206,6 +206,17 @@ def plan(
         chosen.append(task)
     result.launchable = chosen
     return result
+
+
+def _holders(elsewhere: Iterable[Busy]) -> tuple[list[tuple[str, tuple[Target, ...]]], dict[str, str]]:
+    """("ORDER/TASK", targets) of each holder elsewhere, and " (STATUS)" for the holders whose status is known."""
+    busy, held_as = [], {}
+    for b in elsewhere:
+        owner = f"{b.order_id}/{b.task_id}"
+        busy.append((owner, b.targets))
+        if b.status:
+            held_as[owner] = f" ({b.status})"
+    return busy, held_as
 
 
 def _conflict(task: Task, holders: list[tuple[str, tuple[Target, ...]]]) -> tuple[str, str] | None:
@@ -237,14 +248,18 @@ def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Bu
                 reasons.append(Blocked(task_id, NEVER, f"can never run: {cause} is {deps[cause].status}", (cause,)))
             else:
                 reasons.append(Blocked(task_id, WAITING, f"waiting on {dep} ({deps[dep].status})", (dep,)))
-    holders = [(f"{b.order_id}/{b.task_id}", b.targets) for b in elsewhere]
-    holders += [(t.id, t.targets) for t in deps.values() if t.status in RUNNING]
+    holders, held_as = _holders(elsewhere)
+    for t in deps.values():
+        if t.status in RUNNING:
+            holders.append((t.id, t.targets))
+            held_as[t.id] = f" ({t.status})"
     for owner, targets in holders:
         if owner == task_id:
             continue
         hit = _conflict(task, [(owner, targets)])
         if hit:
-            reasons.append(Blocked(task_id, FILE_BUSY, f"{hit[1]} is held by running task {owner}", (owner,), hit[1]))
+            detail = f"{hit[1]} is held by running task {owner}{held_as.get(owner, '')}"
+            reasons.append(Blocked(task_id, FILE_BUSY, detail, (owner,), hit[1]))
     if first.reason in (FILE_CHOSEN, LIMIT):
         reasons.append(first)
     return reasons or [first]
