@@ -116,7 +116,7 @@ class Launcher:
         """
         report = LaunchReport()
         # A dry run takes no lock: it must not create or change a single byte, .aipm/ included.
-        with nullcontext() if self.options.dry_run else self.runtime.launch_lock():
+        with nullcontext() if self.options.dry_run else self.runtime.launch_lock(), scope.shared():
             order = view.refresh()
             if recover and not self.options.dry_run:
                 report.recovered = self.recover_order(order, adopt=owner)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from aipm import confine, runner, scope
@@ -325,6 +326,17 @@ def _finish(sup: Supervisor, keys: list[str]) -> None:
             sup.outbox.append(event)
 
 
+@contextmanager
+def _round(sup: Supervisor, ready: list[str]) -> Iterator[None]:
+    """One wake-up under the launch lock, with one tree snapshot for every task that ends or starts in it
+    (taken before queueing for the lock when a task that ended needs its audit)."""
+    with scope.shared():
+        if any(Path(sup.owned[k].scope_file).exists() for k in ready if k in sup.owned):
+            scope.snapshot(sup.rt.root)
+        with sup.rt.launch_lock():
+            yield
+
+
 FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now
 
 
@@ -368,7 +380,7 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
     try:
         while not stop.requested:
-            with launcher.runtime.launch_lock():  # one lock round per wake-up: finish what ended, then launch
+            with _round(sup, ready):  # one lock round per wake-up: finish what ended, then launch
                 _finish(sup, ready)
                 report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False,
                                          recover=recover)
