@@ -331,7 +331,11 @@ def _round(sup: Supervisor, ready: list[str]) -> Iterator[None]:
     """One wake-up under the launch lock, with one tree snapshot for every task that ends or starts in it
     (taken before queueing for the lock when a task that ended needs its audit)."""
     with scope.shared():
-        if any(Path(sup.owned[k].scope_file).exists() for k in ready if k in sup.owned):
+        ended = [sup.owned[k] for k in ready if k in sup.owned]
+        if any(Path(rec.scope_file).exists() for rec in ended):
+            for rec in ended:  # stragglers first (as `handle` does): their writes belong before the snapshot
+                if rec.pid:
+                    runner.kill_group(rec.pgid)
             scope.snapshot(sup.rt.root)
         with sup.rt.launch_lock():
             yield
