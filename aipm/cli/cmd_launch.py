@@ -7,11 +7,12 @@ from typing import Optional
 import typer
 
 from aipm.cli import app
+from aipm.cluster import require_ray
 from aipm.cli.cmd_detect import print_reasons, reasons_for
 from aipm.cli.common import JsonOpt, console, print_json, project_root
 from aipm.cli.display import Display, mode_for
 from aipm.cli.resource_options import (
-    MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, settings_from_flags,
+    MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, RunnerOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, Options
 from aipm.model import status_summary
@@ -26,10 +27,12 @@ ConfineOpt = typer.Option(False, "--confine", help="Confine workers to their tar
 
 
 def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options,
-              confine: bool = False) -> Launcher:
+              runner: str | None = None, confine: bool = False) -> Launcher:
     root = project_root()
-    settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
+    settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, runner,
                                    confine)
+    if settings.runner == "ray":
+        require_ray()
     return Launcher(Project(root, settings.orders_dir), settings, options)
 
 
@@ -44,6 +47,7 @@ def launch(
     max_memory: Optional[float] = MaxMemoryOpt,
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
+    runner: Optional[str] = RunnerOpt,
     confine: bool = ConfineOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -52,7 +56,7 @@ def launch(
     Each worker finishes its own task (review, status) and then starts the successors that became launchable.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model, dry_run), confine)
+                         Options(no_review, model, dry_run), runner, confine)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
     report = launcher.launch(view)
     if json_out:
@@ -83,6 +87,7 @@ def run(
     max_memory: Optional[float] = MaxMemoryOpt,
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
+    runner: Optional[str] = RunnerOpt,
     confine: bool = ConfineOpt,
     json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
 ) -> None:
@@ -92,7 +97,7 @@ def run(
     Safe to kill: a new `aipm run` re-attaches to the workers that are still running.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model), confine)
+                         Options(no_review, model), runner, confine)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root)
     display = Display(mode_for(json_out), view)
     try:
@@ -115,12 +120,13 @@ def exec_(
     max_memory: Optional[float] = MaxMemoryOpt,
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
+    runner: Optional[str] = RunnerOpt,
     confine: bool = ConfineOpt,
     json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
 ) -> None:
     """Run one task in the foreground (with its review and retries). Exit 0 when it ends DONE/COMPLETED."""
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model), confine)
+                         Options(no_review, model), runner, confine)
     order_dir, task_id = find_task(launcher.project, task)
     view = OrderView(order_dir, launcher.project.root)
     display = Display("json" if json_out else "plain", view)
