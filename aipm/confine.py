@@ -187,8 +187,8 @@ def restrict(grants: list) -> None:
         for path, rights in grants:
             try:
                 ruleset.allow_path(path, AccessFS(rights))
-            except FileNotFoundError:
-                continue  # vanished meanwhile (a sibling removed by someone else): nothing to grant
+            except (FileNotFoundError, PermissionError):
+                continue  # vanished meanwhile, or out of our reach anyway: nothing to grant
             except landlockpy.LandlockError as exc:
                 raise OSError(exc.errno, f"cannot grant {path}: {exc.strerror}") from None
         ruleset.restrict()
