@@ -1,8 +1,9 @@
 """Kernel confinement of a worker to its target files (Linux Landlock).
 
-A confined worker is started as `python -m aipm.confine SPEC -- <wrapper argv>`: this module builds a Landlock
-ruleset from the task's targets, restricts itself, and execs the wrapper, so the worker and every process it
-starts inherit the restriction. Only write-ish rights are handled (write, truncate, remove, make, refer);
+The worker's wrapper runs the command as `python -m aipm.confine SPEC -- COMMAND...`: this module builds a
+Landlock ruleset from the task's targets, restricts itself, and execs the command, so the command and every
+process it starts inherit the restriction (the wrapper itself stays outside, to write the exit file).
+Only write-ish rights are handled (write, truncate, remove, make, refer);
 reading and executing stay free everywhere.
 
 Landlock grants whole hierarchies and cannot subtract, so the ruleset is built from the project root outwards:
@@ -14,7 +15,7 @@ Landlock grants whole hierarchies and cannot subtract, so the ruleset is built f
 - a target file: write and truncate on the file itself, created empty first when missing (a file rule cannot
   let a process create a file, and a directory rule would open every file beside it);
 - a glob: every right below its literal base directory (`tests/**/*.py` → `tests/`): Landlock has no patterns;
-- the attempt's log and exit file, and a TMPDIR of its own when the system's temp directory contains the root.
+- the attempt's log, and a TMPDIR of its own when the system's temp directory contains the root.
 What this module created is listed beside the log, and `tidy` removes what the worker left untouched.
 """
 
@@ -80,9 +81,9 @@ def unavailable() -> str | None:
     return None
 
 
-def prefix(root: str, targets: list[str], log: str, exit_file: str) -> list[str]:
+def prefix(root: str, targets: list[str], log: str) -> list[str]:
     """The argv to put in front of the worker's command so it runs confined to `targets`."""
-    spec = {"root": root, "targets": targets, "log": log, "exit_file": exit_file}
+    spec = {"root": root, "targets": targets, "log": log}
     return [sys.executable, "-m", "aipm.confine", json.dumps(spec), "--"]
 
 
@@ -98,11 +99,11 @@ def private_tmp(log: str) -> str:
 # -- building the rules (in the worker's process, just before it restricts itself) --------------------------
 
 
-def rules(root: str, targets: list[str], log: str, exit_file: str, made: list) -> tuple[list, str | None]:
+def rules(root: str, targets: list[str], log: str, made: list) -> tuple[list, str | None]:
     """[(path, rights)] for a worker, and its TMPDIR when it needs one of its own.
 
-    Creates what must exist for a rule (missing targets, the exit file, the TMPDIR), appending each new path
-    to `made` as [path, is_dir, mtime_ns].
+    Creates what must exist for a rule (missing targets, the TMPDIR), appending each new path to `made` as
+    [path, is_dir, mtime_ns].
     """
     real_root = os.path.realpath(root)
     out = _outside(real_root)
@@ -115,8 +116,7 @@ def rules(root: str, targets: list[str], log: str, exit_file: str, made: list) -
         else:
             _make_parents(path, made)
             out.append((path, ALL_RIGHTS))
-    _make_file(exit_file, [])
-    out += [(exit_file, FILE_RIGHTS), (log, WRITE_FILE)]
+    out.append((log, WRITE_FILE))
     tmp = None
     system_tmp = os.path.realpath(tempfile.gettempdir())
     if _contains(system_tmp, real_root) or _contains(real_root, system_tmp):
@@ -229,7 +229,7 @@ def main(argv: list[str]) -> int:
             raise OSError(reason)
         made: list = []
         try:
-            grants, tmp = rules(spec["root"], spec["targets"], spec["log"], spec["exit_file"], made)
+            grants, tmp = rules(spec["root"], spec["targets"], spec["log"], made)
         finally:
             with open(made_file(spec["log"]), "w") as handle:
                 json.dump(made, handle)

@@ -58,18 +58,21 @@ def spawn(
     """Start `command` in its own session; its stdout and stderr append to `log`. Returns the pid (= pgid).
 
     `started(pid)` runs before the command may begin (record the worker there); if it raises, the command
-    never runs and the error propagates. `prefix` is an argv put in front of the wrapper (confinement).
+    never runs and the error propagates. `prefix` is an argv the wrapper puts in front of the command
+    (confinement); a string command then runs as `prefix /bin/sh -c COMMAND`.
     """
     if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
         if missing:
             raise SpawnError(f"program {missing!r} not found on PATH")
     go_read, go_write = os.pipe()
-    if isinstance(command, str):
+    if prefix:  # the wrapper stays outside: it must write the exit file whatever the prefix forbids
+        shell = [SHELL, "-c", command] if isinstance(command, str) else list(command)
+        argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *prefix, *shell]
+    elif isinstance(command, str):
         argv = [SHELL, "-c", _WRAP_SHELL, "aipm-worker", exit_file, command]
     else:
         argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *command]
-    argv = [*prefix, *argv]
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, stdin or os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
@@ -86,7 +89,7 @@ def spawn(
             os.set_inheritable(fd, True)
         try:
             # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself.
-            pid = os.posix_spawn(argv[0], argv, dict(env, AIPM_ROOT=cwd), file_actions=actions, setsid=True)
+            pid = os.posix_spawn(SHELL, argv, dict(env, AIPM_ROOT=cwd), file_actions=actions, setsid=True)
         except OSError as exc:
             raise SpawnError(f"cannot start worker: {exc.strerror}") from None
         finally:

@@ -54,8 +54,7 @@ class Supervisor(Owner):
         rec.command = [command] if isinstance(command, str) else list(command)
         timeout = task.timeout or self.settings.timeout
         rec.owner_pid, rec.owner_ctime = self.me
-        jail = confine.prefix(str(self.rt.root), rec.targets, rec.log, rec.exit_file) \
-            if confine.wanted(task, self.settings) else ()
+        jail = confine.prefix(str(self.rt.root), rec.targets, rec.log) if confine.wanted(task, self.settings) else ()
         pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=rec.log,
                            stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout), prefix=jail)
         self._own(rec)
