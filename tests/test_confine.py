@@ -81,7 +81,8 @@ def _tree(tmp_path: Path) -> tuple[Project, Path, Path]:
 
 
 def _probe_result(root: Path, task: str = "T") -> dict:
-    log = (root / ".aipm" / "logs" / "ORD" / f"{task}.1.log").read_text()
+    logs = [p for p in (root / ".aipm" / "logs" / "ORD").glob(f"{task}.*.log") if p.name.count(".") == 2]
+    log = max(logs, key=lambda p: p.stat().st_mtime_ns).read_text()  # the latest attempt's log
     line = next(l for l in log.splitlines() if l.startswith("PROBE "))
     return json.loads(line[len("PROBE "):])
 
