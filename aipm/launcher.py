@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import outcome, runner, scope
+from aipm import confine, holds, outcome, runner, scope
 from aipm.budget import of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
@@ -67,18 +67,25 @@ class Launcher:
     # -- planning inputs -------------------------------------------------------------------------------
 
     def holders(self, order: Order, records: Iterable[Record]) -> tuple[list[Busy], dict[str, int], int]:
-        """Busy files from worker records, this order's live task ids (→ pid), and the live worker count.
+        """Busy files from worker records and other orders' running tasks, this order's live task ids (→ pid),
+        and the live worker count.
 
-        A dead record (a stale task) still holds its files until recovered, but takes no worker slot. A live one
-        counts whatever its task's file says now.
+        A dead record (a stale task) still holds its files until recovered, but takes no worker slot; so does a
+        task of another order marked IN_PROGRESS or IN_REVIEW by hand, with no record at all. A live one counts
+        whatever its task's file says now.
         """
         busy, live, count = [], {}, 0
         for rec in records:
-            busy.append(Busy(rec.order, rec.task, tuple(normalize(t) for t in rec.targets)))
+            status = Status.IN_PROGRESS if rec.phase == "work" else Status.IN_REVIEW
+            busy.append(Busy(rec.order, rec.task, tuple(normalize(t) for t in rec.targets), status.value))
             if rec.alive():
                 count += 1
                 if rec.order == order.id:
                     live[rec.task] = live_pid(rec)
+        recorded = {(rec.order, rec.task) for rec in records}
+        busy += [b for b in holds.held_elsewhere(self.project.root, self.project.order_dirs(), order.path,
+                                                 save=not self.options.dry_run)
+                 if (b.order_id, b.task_id) not in recorded]
         return busy, live, count
 
     def records(self) -> list[Record]:
@@ -123,7 +130,7 @@ class Launcher:
         """
         report = LaunchReport()
         # A dry run takes no lock: it must not create or change a single byte, .aipm/ included.
-        with nullcontext() if self.options.dry_run else self.runtime.launch_lock():
+        with nullcontext() if self.options.dry_run else self.runtime.launch_lock(), scope.shared():
             order = view.refresh()
             if recover and not self.options.dry_run:
                 report.recovered = self.recover_order(order, adopt=owner)
@@ -197,6 +204,11 @@ class Launcher:
         if program:
             fix = f"`command` in {task.path}" if task.command else "worker.command (the worker template) in aipm.yaml"
             raise LaunchFailed(f"program {program!r} not found on PATH; install it or fix {fix}")
+        confined = confine.wanted(task, self.settings)
+        # On a Ray node the command runs on another machine: a ruleset here would confine only the local driver.
+        refusal = confined and ("not with --runner ray" if self.settings.runner == "ray" else confine.unavailable())
+        if refusal:
+            raise LaunchFailed(f"confine: {refusal}")
         try:
             fds = rt.take_locks(task.targets)
         except LockBusy as exc:
@@ -212,7 +224,9 @@ class Launcher:
             rec.cpus, rec.memory_mb = task.resources.cpus or 0.0, task.resources.memory_mb or 0
         wrote_status = False
         try:
-            if self.settings.scope_audit and not self.options.no_review and task.targets:
+            # The kernel already holds a confined worker to exactly its targets: nothing to audit.
+            exact = confined and confine.exact(task.target_files)
+            if self.settings.scope_audit and not self.options.no_review and task.targets and not exact:
                 self._scope_before(rec)
             # The record is written once the worker exists; a crash before that leaves IN_PROGRESS with no
             # record, which recovery re-queues.
@@ -272,6 +286,7 @@ class Launcher:
         argv += ["--no-resource-monitoring"] * (not s.enable_monitoring)
         argv += ["--no-auto-scaling"] * (not s.enable_auto_scaling)
         argv += ["--runner", s.runner]
+        argv += ["--confine"] * s.confine
         if self.options.model:
             argv += ["--model", self.options.model]
         for fd in fds:

@@ -117,6 +117,7 @@ class Task:
     def tries(self) -> int:
         """Attempts that count against max_attempts: every run except those a review sent back (reworks)."""
         return max(0, self.attempts - self.reworks)
+    confine: bool | None = None  # None: the `confine` setting decides
 
 
 @dataclass

@@ -32,6 +32,7 @@ class Busy:
     order_id: str
     task_id: str
     targets: tuple[Target, ...]
+    status: str = ""  # IN_PROGRESS or IN_REVIEW, named in the reason when known
 
 
 @dataclass(frozen=True)
@@ -158,13 +159,12 @@ def plan(
     budget    -- the order's budget; once reached no task starts (the ones running finish)
     """
     result = Plan()
-    busy: list[tuple[str, tuple[Target, ...]]] = [
-        (f"{b.order_id}/{b.task_id}", b.targets) for b in elsewhere
-    ]
+    busy, held_as = _holders(elsewhere)
     running_tasks = (order.tasks[i] for i in running) if running is not None else order.tasks.values()
     for task in running_tasks:
         if task.status in RUNNING:
             busy.append((task.id, task.targets))
+            held_as[task.id] = f" ({task.status})"
             if task.id not in live:
                 result.stale.append(task.id)
     # A worker's file reset under it (an agent's `git checkout`, `git stash`): still running, never launched again.
@@ -210,7 +210,7 @@ def plan(
                 result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
             continue
         for holders, reason, words in (
-            (busy, FILE_BUSY, "{path} is held by running task {other}"),
+            (busy, FILE_BUSY, "{path} is held by running task {other}{status}"),
             ([(c.id, c.targets) for c in chosen], FILE_CHOSEN, "{path} overlaps {other}, which starts first this round"),
         ):
             hit = _conflict(task, holders)
@@ -220,7 +220,7 @@ def plan(
             if explain:
                 other, path = hit
                 result.blocked[task.id] = Blocked(
-                    task.id, reason, words.format(path=path, other=other), (other,), path
+                    task.id, reason, words.format(path=path, other=other, status=held_as.get(other, "")), (other,), path
                 )
             continue
         if len(chosen) >= slots:
@@ -237,6 +237,17 @@ def _limit_detail(slots: int) -> str:
     if slots == 0:
         return "worker limit reached: no free worker slot"
     return f"worker limit reached: the {slots} free slot(s) go to tasks ranked before it"
+
+
+def _holders(elsewhere: Iterable[Busy]) -> tuple[list[tuple[str, tuple[Target, ...]]], dict[str, str]]:
+    """("ORDER/TASK", targets) of each holder elsewhere, and " (STATUS)" for the holders whose status is known."""
+    busy, held_as = [], {}
+    for b in elsewhere:
+        owner = f"{b.order_id}/{b.task_id}"
+        busy.append((owner, b.targets))
+        if b.status:
+            held_as[owner] = f" ({b.status})"
+    return busy, held_as
 
 
 def _conflict(task: Task, holders: list[tuple[str, tuple[Target, ...]]]) -> tuple[str, str] | None:
@@ -268,14 +279,18 @@ def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Bu
                 reasons.append(Blocked(task_id, NEVER, f"can never run: {cause} is {deps[cause].status}", (cause,)))
             else:
                 reasons.append(Blocked(task_id, WAITING, f"waiting on {dep} ({deps[dep].status})", (dep,)))
-    holders = [(f"{b.order_id}/{b.task_id}", b.targets) for b in elsewhere]
-    holders += [(t.id, t.targets) for t in deps.values() if t.status in RUNNING]
+    holders, held_as = _holders(elsewhere)
+    for t in deps.values():
+        if t.status in RUNNING:
+            holders.append((t.id, t.targets))
+            held_as[t.id] = f" ({t.status})"
     for owner, targets in holders:
         if owner == task_id:
             continue
         hit = _conflict(task, [(owner, targets)])
         if hit:
-            reasons.append(Blocked(task_id, FILE_BUSY, f"{hit[1]} is held by running task {owner}", (owner,), hit[1]))
+            detail = f"{hit[1]} is held by running task {owner}{held_as.get(owner, '')}"
+            reasons.append(Blocked(task_id, FILE_BUSY, detail, (owner,), hit[1]))
     if first.reason == BUDGET:
         reasons.insert(0, first)
     if first.reason in (FILE_CHOSEN, LIMIT):

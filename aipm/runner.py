@@ -53,18 +53,23 @@ def spawn(
     stdin: str | None = None,
     pass_fds: Sequence[int] = (),
     started: Callable[[int], None] = lambda pid: None,
+    prefix: Sequence[str] = (),
 ) -> int:
     """Start `command` in its own session; its stdout and stderr append to `log`. Returns the pid (= pgid).
 
     `started(pid)` runs before the command may begin (record the worker there); if it raises, the command
-    never runs and the error propagates.
+    never runs and the error propagates. `prefix` is an argv the wrapper puts in front of the command
+    (confinement); a string command then runs as `prefix /bin/sh -c COMMAND`.
     """
     if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
         if missing:
             raise SpawnError(f"program {missing!r} not found on PATH")
     go_read, go_write = os.pipe()
-    if isinstance(command, str):
+    if prefix:  # the wrapper stays outside: it must write the exit file whatever the prefix forbids
+        shell = [SHELL, "-c", command] if isinstance(command, str) else list(command)
+        argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *prefix, *shell]
+    elif isinstance(command, str):
         argv = [SHELL, "-c", _WRAP_SHELL, "aipm-worker", exit_file, command]
     else:
         argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *command]

@@ -83,6 +83,9 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "session_id": (_STRING, "The agent's own session of the latest attempt; `aipm retry --resume` continues it."),
     "preemptions": (_COUNT, "Times a more urgent task stopped this one (`run --preempt`); it is stopped at most "
                             "twice."),
+    "confine": ({"type": ["boolean", "null"]},
+                "Confine the worker to its target files with the kernel's Landlock (default: the `confine` "
+                "setting). Refused at launch where the kernel has no Landlock."),
 }
 
 _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {

@@ -15,6 +15,11 @@ was running at any moment between the two snapshots. Target locks guarantee thos
 they cover is someone's legitimate work; a write that none covers is out of scope for every task that ran, and is
 charged to the task being audited (or to a human editing the tree meanwhile: the finding names the paths, so
 that is easy to tell apart).
+
+Cost: inside `shared()`, one snapshot serves every task that ends or starts in the same wake-up (the "after" of
+the tasks that ended is the "before" of the tasks that start then), so a run pays one `git status` per wake-up,
+not two per task; the supervisor takes it before it queues for the launch lock. A confined task is not audited:
+the kernel already held it to its targets.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ import json
 import os
 import shutil
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from aipm.paths import PathError, Target, normalize, overlaps
@@ -34,9 +40,34 @@ Fingerprint = tuple[int, int] | None  # (size, mtime_ns) of the path, or None wh
 Snapshot = dict[str, Fingerprint]  # path relative to the root, "/"-separated → fingerprint
 
 
+_SHARED: list[dict[str, Snapshot | None]] = []  # the open sharing scope, if any
+
+
+@contextmanager
+def shared() -> Iterator[None]:
+    """Within this block every snapshot of a root is taken once (nested blocks join the outer one)."""
+    if _SHARED:
+        yield
+        return
+    _SHARED.append({})
+    try:
+        yield
+    finally:
+        _SHARED.clear()
+
+
 def snapshot(root: Path) -> Snapshot | None:
     """Dirty and untracked paths under `root` with their fingerprints; None outside a git work tree or without git."""
-    root = Path(root)
+    if not _SHARED:
+        return _take(Path(root))
+    cache = _SHARED[0]
+    key = str(root)
+    if key not in cache:
+        cache[key] = _take(Path(root))
+    return cache[key]
+
+
+def _take(root: Path) -> Snapshot | None:
     prefix = _prefix(str(root.resolve()))
     if prefix is None:
         return None

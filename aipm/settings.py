@@ -44,6 +44,7 @@ class Settings:
     max_cost_usd: float | None = None  # budget of every order whose order.yaml sets none
     notify: str | tuple[str, ...] | None = None  # run when a task fails or is rejected, or an order stops or ends
     preempt: bool = False  # run: an urgent (P0/P1) task stops a lower-priority one that holds its files or slot
+    confine: bool = False  # default for tasks without `confine`: Landlock confinement to the target files
     # setting name -> where its value came from: "default", "aipm.yaml", "env AIPM_MAX_WORKERS", "flag --max-cpu", ...
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType(dict.fromkeys(SETTING_NAMES, "default")), compare=False, repr=False
@@ -181,6 +182,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "max_cost_usd": _budget,
     "notify": _review,  # same shape as a review command: null, a string (shell) or a list (argv)
     "preempt": _boolean,
+    "confine": _boolean,
 }
 _FIELD_KEYS = {key.replace(".", "_"): key for key in _KEYS}
 assert set(_FIELD_KEYS) == set(SETTING_NAMES)
@@ -193,6 +195,7 @@ FLAG_NAMES = {
     "enable_monitoring": "--no-resource-monitoring",
     "enable_auto_scaling": "--no-auto-scaling",
     "runner": "--runner",
+    "confine": "--confine",
 }
 ENV_VARS = {f"AIPM_{name.upper()}": name for name in FLAG_NAMES}  # AIPM_MAX_WORKERS, ...
 
@@ -334,6 +337,7 @@ def settings_from_flags(
     no_auto_scaling: bool = False,
     runner: str | None = None,
     preempt: bool = False,
+    confine: bool = False,
 ) -> Settings:
     """Settings for `root` with the resource flags on top (a flag not given leaves the lower layers alone)."""
     return load_settings(root, {
@@ -344,4 +348,5 @@ def settings_from_flags(
         "enable_auto_scaling": False if no_auto_scaling else None,
         "runner": runner,
         "preempt": True if preempt else None,
+        "confine": True if confine else None,
     })

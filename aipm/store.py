@@ -41,6 +41,7 @@ TASK_KEYS = (
     "max_rework", "reason",
     "agent", "max_cost_usd", "cost_usd", "tokens", "session_id",
     "preemptions",
+    "confine",
 )
 ORDER_KEYS = ("id", "title", "description", "max_cost_usd")
 
@@ -235,6 +236,13 @@ def _str_list(path: Path, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _flag(path: Path, data: Mapping[str, Any], key: str) -> bool | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ValidationError(str(path), key, f"must be true or false, not {value!r}")
+    return value
+
+
 def _timestamp(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     value = data.get(key)
     if isinstance(value, (dt.datetime, dt.date)):
@@ -346,6 +354,7 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
         tokens=_tokens(path, data),
         session_id=_str(path, data, "session_id"),
         preemptions=_count(path, data, "preemptions"),
+        confine=_flag(path, data, "confine"),
     )
 
 

@@ -11,10 +11,11 @@ import dataclasses
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
-from aipm import agents, cluster, notify, outcome, preemption, runner, scope, unrecorded
+from aipm import agents, cluster, confine, notify, outcome, preemption, runner, scope, unrecorded
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
@@ -59,8 +60,9 @@ class Supervisor(Owner):
         rec.command = [command] if isinstance(command, str) else list(command)
         timeout = task.timeout or self.settings.timeout
         rec.owner_pid, rec.owner_ctime = self.me
+        jail = confine.prefix(str(self.rt.root), rec.targets, rec.log) if confine.wanted(task, self.settings) else ()
         pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=rec.log,
-                           stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout))
+                           stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout), prefix=jail)
         self._own(rec)
         self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
                             "attempt": rec.serial})
@@ -373,6 +375,7 @@ class Supervisor(Owner):
 
     def _drop(self, rec: Record) -> None:
         Path(rec.scope_file).unlink(missing_ok=True)
+        confine.tidy(rec.log)
         self.rt.remove_record(rec.order, rec.task)
         self.owned.pop(rec.key, None)
 
@@ -467,6 +470,21 @@ def _finish(sup: Supervisor, keys: list[str]) -> None:
             sup.outbox.append(event)
 
 
+@contextmanager
+def _round(sup: Supervisor, ready: list[str]) -> Iterator[None]:
+    """One wake-up under the launch lock, with one tree snapshot for every task that ends or starts in it
+    (taken before queueing for the lock when a task that ended needs its audit)."""
+    with scope.shared():
+        ended = [sup.owned[k] for k in ready if k in sup.owned]
+        if any(Path(rec.scope_file).exists() for rec in ended):
+            for rec in ended:  # stragglers first (as `handle` does): their writes belong before the snapshot
+                if rec.pid:
+                    runner.kill_group(rec.pgid)
+            scope.snapshot(sup.rt.root)
+        with sup.rt.launch_lock():
+            yield
+
+
 FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now
 
 
@@ -511,7 +529,7 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     budget_told = False
     try:
         while not stop.requested:
-            with launcher.runtime.launch_lock():  # one lock round per wake-up: finish what ended, then launch
+            with _round(sup, ready):  # one lock round per wake-up: finish what ended, then launch
                 _finish(sup, ready)
                 if sup.unrecorded:
                     sup.retry_unrecorded()

@@ -221,3 +221,46 @@ def test_run_fails_the_review_of_a_worker_that_writes_outside_its_targets(tmp_pa
     assert yaml.safe_load((order / "SNEAKY.yaml").read_text())["reason"] == "scope: wrote c.txt"
     feedback = root / ".aipm" / "feedback" / "ORD" / "SNEAKY.txt"
     assert "c.txt" in feedback.read_text() and "src/b.txt" not in feedback.read_text()
+
+
+def _counting_git(tmp_path: Path) -> tuple[dict, Path]:
+    """A `git` first on PATH that logs each `status` call and runs the real git."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    calls = tmp_path / "git-status-calls"
+    (shim / "git").write_text(f'#!/bin/sh\ncase " $* " in *" status "*) echo x >> {calls};; esac\n'
+                              f'exec {shutil.which("git")} "$@"\n')
+    (shim / "git").chmod(0o755)
+    return dict(os.environ, PATH=f"{shim}:{os.environ['PATH']}", AIPM_ENABLE_MONITORING="false"), calls
+
+
+@pytest.mark.parametrize("confined", [False, True])
+def test_one_snapshot_per_wake_up_and_none_for_confined_tasks(tmp_path, confined):
+    """A chain A → B → C: the snapshot after A is the one before B (and so on): 4 `git status`, not 6.
+    Confined tasks (where the kernel has Landlock) need none: the kernel held them to their targets."""
+    import subprocess as sp
+    import sys
+
+    import yaml
+
+    from aipm import confine
+
+    if confined and confine.unavailable():
+        pytest.skip(f"kernel without usable Landlock: {confine.unavailable()}")
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (root / "aipm.yaml").write_text(f"confine: {str(confined).lower()}\n")
+    for tid, dep in (("A", None), ("B", "A"), ("C", "B")):
+        (order / f"{tid}.yaml").write_text(yaml.safe_dump(
+            {"command": f"echo {tid} > {tid}.txt", "target_files": [f"{tid}.txt"], "depends_on": [dep] if dep else []}))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        sp.run(["git", *args], cwd=root, check=True)
+    env, calls = _counting_git(tmp_path)
+    proc = sp.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--max-workers", "1"],
+                  capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {p.stem: (root / f"{p.stem}.txt").read_text() for p in order.glob("*.yaml")} == {
+        "A": "A\n", "B": "B\n", "C": "C\n"}
+    count = len(calls.read_text().splitlines()) if calls.exists() else 0
+    assert count == (0 if confined else 4)

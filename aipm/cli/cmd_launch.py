@@ -25,13 +25,15 @@ from aipm.view import OrderView
 
 ModelOpt = typer.Option(None, "--model", help="Model for worker templates (overrides the task and aipm.yaml).")
 NoReviewOpt = typer.Option(False, "--no-review", help="Skip review: a task that exits 0 becomes DONE.")
+ConfineOpt = typer.Option(False, "--confine", help="Confine workers to their target files with Landlock "
+                          "(tasks that say `confine: false` excepted); refused where the kernel lacks it.")
 
 
 def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options,
-              runner: str | None = None, preempt: bool = False) -> Launcher:
+              runner: str | None = None, preempt: bool = False, confine: bool = False) -> Launcher:
     root = project_root()
     settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, runner,
-                                   preempt)
+                                   preempt, confine)
     if settings.runner == "ray":
         require_ray()
     return Launcher(Project(root, settings.orders_dir), settings, options)
@@ -54,6 +56,7 @@ def launch(
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
     runner: Optional[str] = RunnerOpt,
+    confine: bool = ConfineOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Start the launchable tasks as detached workers and exit at once.
@@ -61,7 +64,7 @@ def launch(
     Each worker finishes its own task (review, status) and then starts the successors that became launchable.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model, dry_run), runner)
+                         Options(no_review, model, dry_run), runner, confine)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
     warn_unbounded(view.order.tasks.values())
     report = launcher.launch_ramped(view)
@@ -100,6 +103,7 @@ def run(
     preempt: bool = typer.Option(
         False, "--preempt", help="An urgent (P0/P1) task that only lower-priority work of this run keeps from "
         "starting stops that work (re-queued, attempt not counted; at most twice per task). Setting `preempt`."),
+    confine: bool = ConfineOpt,
     json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event, then a summary event."),
 ) -> None:
     """Run an order to the end: launch, watch, review, start successors as soon as they are unblocked.
@@ -112,7 +116,7 @@ def run(
     Safe to kill: a new `aipm run` re-attaches to the workers that are still running.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model), runner, preempt)
+                         Options(no_review, model), runner, preempt, confine)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root)
     warn_unbounded(view.order.tasks.values())
     display = Display(mode_for(json_out), view)
@@ -144,11 +148,12 @@ def exec_(
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
     runner: Optional[str] = RunnerOpt,
+    confine: bool = ConfineOpt,
     json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
 ) -> None:
     """Run one task in the foreground (with its review and retries). Exit 0 when it ends DONE/COMPLETED."""
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model), runner)
+                         Options(no_review, model), runner, confine)
     order_dir, task_id = find_task(launcher.project, task)
     view = OrderView(order_dir, launcher.project.root)
     warn_unbounded([view.order.tasks[task_id]])

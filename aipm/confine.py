@@ -1,0 +1,248 @@
+"""Kernel confinement of a worker to its target files (Linux Landlock).
+
+The worker's wrapper runs the command as `python -m aipm.confine SPEC -- COMMAND...`: this module builds a
+Landlock ruleset from the task's targets, restricts itself, and execs the command, so the command and every
+process it starts inherit the restriction (the wrapper itself stays outside, to write the exit file).
+Only write-ish rights are handled (write, truncate, remove, make, refer);
+reading and executing stay free everywhere.
+
+Landlock grants whole hierarchies and cannot subtract, so the ruleset is built from the project root outwards:
+- outside the root: every entry beside the path from `/` down to the root gets every right (so `/tmp`, `$HOME`
+  caches and `/dev/null` stay writable when they do not contain the project); the directories on that path
+  cannot, so nothing new can be created directly in them;
+- a target directory: every right below it (created empty first when missing: Landlock only takes rules on
+  paths that exist, and an empty directory is invisible to git);
+- a target file: write and truncate on the file itself, created empty first when missing (a file rule cannot
+  let a process create a file, and a directory rule would open every file beside it);
+- a glob: every right below its literal base directory (`tests/**/*.py` → `tests/`): Landlock has no patterns;
+- the attempt's log, and a TMPDIR of its own when the system's temp directory contains the root.
+What this module created is listed beside the log, and `tidy` removes what the worker left untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+
+# Test seam (like AIPM_FAKE_LOAD in resources.py): a Landlock ABI to report instead of asking the kernel;
+# "0" simulates a kernel without Landlock. Read only here.
+FAKE_ABI = "AIPM_FAKE_LANDLOCK_ABI"
+MIN_ABI = 3  # ABI 3 (Linux 6.2) adds control of truncate(2); without it "cannot truncate" would not hold
+
+# LANDLOCK_ACCESS_FS_* (linux/landlock.h)
+WRITE_FILE, REMOVE_DIR, REMOVE_FILE = 1 << 1, 1 << 4, 1 << 5
+MAKE_CHAR, MAKE_DIR, MAKE_REG, MAKE_SOCK, MAKE_FIFO, MAKE_BLOCK, MAKE_SYM = (1 << n for n in range(6, 13))
+REFER, TRUNCATE = 1 << 13, 1 << 14
+FILE_RIGHTS = WRITE_FILE | TRUNCATE  # the only handled rights a rule on a file may carry
+ALL_RIGHTS = (FILE_RIGHTS | REMOVE_DIR | REMOVE_FILE | MAKE_CHAR | MAKE_DIR | MAKE_REG | MAKE_SOCK | MAKE_FIFO
+              | MAKE_BLOCK | MAKE_SYM | REFER)
+_GLOB = frozenset("*?[")
+
+
+def abi() -> int:
+    """The kernel's Landlock ABI version, 0 when it has none."""
+    fake = os.environ.get(FAKE_ABI)
+    if fake is not None:
+        return int(fake)
+    try:
+        import landlockpy
+    except ImportError:  # not Linux: the binding is not installed there
+        return 0
+    return landlockpy.abi_version()
+
+
+def wanted(task, settings) -> bool:
+    """The task's `confine`, else the `confine` setting (flag, environment, aipm.yaml)."""
+    return task.confine if task.confine is not None else settings.confine
+
+
+def exact(target_files) -> bool:
+    """Whether the kernel enforces exactly the targets (a glob is granted its whole base directory)."""
+    return all(_GLOB.isdisjoint(t) for t in target_files)
+
+
+def unavailable() -> str | None:
+    """Why confinement cannot be had on this machine, in one line; None when it can."""
+    try:
+        version = abi()
+    except (OSError, ValueError) as exc:
+        version, detail = 0, f" ({exc})"
+    else:
+        detail = ""
+    if version == 0:
+        return (f"this kernel has no Landlock{detail}: it needs Linux 5.13+ with `landlock` in the boot "
+                "parameter lsm=...; run the task without confine")
+    if version < MIN_ABI:
+        return (f"this kernel's Landlock ABI is {version}; confining truncation needs ABI {MIN_ABI} "
+                "(Linux 6.2+); run the task without confine")
+    return None
+
+
+def prefix(root: str, targets: list[str], log: str) -> list[str]:
+    """The argv to put in front of the worker's command so it runs confined to `targets`."""
+    spec = {"root": root, "targets": targets, "log": log}
+    return [sys.executable, "-m", "aipm.confine", json.dumps(spec), "--"]
+
+
+def made_file(log: str) -> str:
+    """Where the paths created for the ruleset are listed (beside the log, like the scope snapshot)."""
+    return log[: -len(".log")] + ".confine.json"
+
+
+def private_tmp(log: str) -> str:
+    return log[: -len(".log")] + ".tmp"
+
+
+# -- building the rules (in the worker's process, just before it restricts itself) --------------------------
+
+
+def rules(root: str, targets: list[str], log: str, made: list) -> tuple[list, str | None]:
+    """[(path, rights)] for a worker, and its TMPDIR when it needs one of its own.
+
+    Creates what must exist for a rule (missing targets, the TMPDIR), appending each new path to `made` as
+    [path, is_dir, mtime_ns].
+    """
+    real_root = os.path.realpath(root)
+    out = _outside(real_root)
+    for raw in targets:
+        path, kind = _target_path(real_root, raw)
+        if kind == "file":
+            _make_parents(os.path.dirname(path), made)
+            _make_file(path, made)
+            out.append((path, FILE_RIGHTS))
+        else:
+            _make_parents(path, made)
+            out.append((path, ALL_RIGHTS))
+    out.append((log, WRITE_FILE))
+    tmp = None
+    system_tmp = os.path.realpath(tempfile.gettempdir())
+    if _contains(system_tmp, real_root) or _contains(real_root, system_tmp):
+        tmp = private_tmp(log)
+        os.makedirs(tmp, exist_ok=True)
+        out.append((tmp, ALL_RIGHTS))
+    return out, tmp
+
+
+def _contains(outer: str, inner: str) -> bool:
+    return inner == outer or inner.startswith(outer.rstrip("/") + "/")
+
+
+def _outside(real_root: str) -> list[tuple[str, int]]:
+    """Every entry beside the path from / down to the root, with every right it can carry. Symlinks are
+    skipped: what they point to is covered by its own entry, and one pointing into the project must not open it."""
+    found = []
+    parent = "/"
+    for part in [p for p in real_root.split("/") if p]:
+        try:
+            entries = list(os.scandir(parent))
+        except OSError:
+            entries = []
+        for entry in entries:
+            if entry.name != part and not entry.is_symlink():
+                found.append((entry.path, ALL_RIGHTS if entry.is_dir(follow_symlinks=False) else FILE_RIGHTS))
+        parent = os.path.join(parent, part)
+    return found
+
+
+def _target_path(real_root: str, raw: str) -> tuple[str, str]:
+    """(absolute path, "file" | "dir") that a target's rule goes on. A glob's rule goes on its literal base."""
+    text = raw.rstrip("/") if raw.endswith("/") else raw
+    parts = [p for p in text.split("/") if p and p != "."]
+    literal = []
+    for part in parts:
+        if not _GLOB.isdisjoint(part):
+            return os.path.join(real_root, *literal), "dir"
+        literal.append(part)
+    path = os.path.join(real_root, *literal)
+    return path, "dir" if raw.endswith("/") or not literal or os.path.isdir(path) else "file"
+
+
+def _make_parents(directory: str, made: list) -> None:
+    missing = []
+    while not os.path.isdir(directory):
+        missing.append(directory)
+        directory = os.path.dirname(directory)
+    for path in reversed(missing):
+        os.mkdir(path)
+        made.append([path, True, 0])
+
+
+def _make_file(path: str, made: list) -> None:
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return
+    os.close(fd)
+    made.append([path, False, os.stat(path).st_mtime_ns])
+
+
+def restrict(grants: list) -> None:
+    import landlockpy
+    from landlockpy import AccessFS, AccessNet, Ruleset
+
+    with Ruleset(handled_fs=AccessFS(ALL_RIGHTS), handled_net=AccessNet.NONE, best_effort=False) as ruleset:
+        for path, rights in grants:
+            try:
+                ruleset.allow_path(path, AccessFS(rights))
+            except (FileNotFoundError, PermissionError):
+                continue  # vanished meanwhile, or out of our reach anyway: nothing to grant
+            except landlockpy.LandlockError as exc:
+                raise OSError(exc.errno, f"cannot grant {path}: {exc.strerror}") from None
+        ruleset.restrict()
+
+
+def tidy(log: str) -> None:
+    """After an attempt: remove the TMPDIR and what was created for the rules and left untouched since
+    (empty files with their first mtime, empty directories)."""
+    shutil.rmtree(private_tmp(log), ignore_errors=True)
+    listing = made_file(log)
+    try:
+        with open(listing) as handle:
+            made = json.load(handle)
+    except (OSError, ValueError):
+        return
+    for path, is_dir, mtime in reversed(made):
+        try:
+            if is_dir:
+                os.rmdir(path)
+            else:
+                st = os.stat(path)
+                if st.st_size == 0 and st.st_mtime_ns == mtime:
+                    os.unlink(path)
+        except OSError:
+            continue  # used by the worker (not empty, or written): it stays
+    os.unlink(listing)
+
+
+def main(argv: list[str]) -> int:
+    """`python -m aipm.confine SPEC -- ARGV...`: confine this process to SPEC, then exec ARGV."""
+    if len(argv) < 3 or argv[1] != "--":
+        print("usage: python -m aipm.confine SPEC -- ARGV...", file=sys.stderr)
+        return 2
+    spec = json.loads(argv[0])
+    try:
+        reason = unavailable()
+        if reason:
+            raise OSError(reason)
+        made: list = []
+        try:
+            grants, tmp = rules(spec["root"], spec["targets"], spec["log"], made)
+        finally:
+            with open(made_file(spec["log"]), "w") as handle:
+                json.dump(made, handle)
+        restrict(grants)
+    except OSError as exc:
+        # Never run the command unconfined: the attempt fails with the reason in its log.
+        print(f"[aipm] confine: cannot confine the worker: {exc}", file=sys.stderr)
+        return 126
+    if tmp:
+        os.environ["TMPDIR"] = tmp
+    os.execv(argv[2], argv[2:])
+    return 127  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,126 @@
+"""Files held by the other orders of the project: their IN_PROGRESS and IN_REVIEW tasks, worker or not.
+
+A person who marks a task IN_PROGRESS by hand says "I am editing these files": no agent may take them, whatever
+order it belongs to. Worker records only know the tasks aipm started, so every other order directory under
+`orders_dir` is read too. To keep detection fast, each order's held tasks are kept in a small index
+(`.aipm/holds/<order dir>.json`) with the (inode, size, mtime) of every task file: a file is read again only when
+its stat changed, and then fully parsed only if its bytes mention a running status. The index is runtime state:
+written only by commands that may write (`launch`, `run`, `exec`, workers), and only into an existing `.aipm/`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from aipm.errors import ValidationError
+from aipm.model import RUNNING
+from aipm.paths import normalize
+from aipm.plan import Busy
+from aipm.store import ORDER_FILE, load_task, parse_mapping, read_text
+
+_MARKS = tuple(status.value.encode() for status in RUNNING)
+Stat = list  # [inode, size, mtime_ns]
+RACY_NS = 2_000_000_000
+
+
+def held_elsewhere(root: Path, order_dirs: list[Path], this_order: str, save: bool) -> list[Busy]:
+    """Running tasks of every order directory in `order_dirs` except `this_order` (a path)."""
+    mine = os.path.realpath(this_order)
+    out: list[Busy] = []
+    for order_dir in order_dirs:
+        if os.path.realpath(order_dir) != mine:
+            out += _held(Path(root), Path(order_dir), save)
+    return out
+
+
+def _held(root: Path, order_dir: Path, save: bool) -> list[Busy]:
+    index_path = root / ".aipm" / "holds" / f"{order_dir.name}.json"
+    index = _read_index(index_path, order_dir)
+    files: dict[str, Stat] = {}
+    held: dict[str, list] = {}
+    changed = False
+    try:
+        entries = list(os.scandir(order_dir))
+    except OSError:
+        return []
+    for entry in entries:
+        name = entry.name
+        if not name.endswith(".yaml") or name.startswith("."):
+            continue
+        try:
+            st = entry.stat()
+        except OSError:
+            continue
+        stamp = [st.st_ino, st.st_size, st.st_mtime_ns]
+        files[name] = stamp
+        if index["files"].get(name) == stamp:
+            if name in index["held"]:
+                held[name] = index["held"][name]
+            continue
+        changed = True
+        if name == ORDER_FILE:
+            continue
+        found = _running(root, Path(entry.path))
+        if found:
+            held[name] = found
+    changed = changed or files.keys() != index["files"].keys()
+    order_id = index["order"] if not changed and index["order"] else _order_id(order_dir)
+    if changed and save and index_path.parent.parent.is_dir():
+        # Like git's racily clean entries: a stat from the last moments may not show an edit made in the
+        # same clock tick, so such a file is read again next time.
+        recent = time.time_ns() - RACY_NS
+        files = {name: stamp if stamp[2] < recent else None for name, stamp in files.items()}
+        _write_index(index_path, {"dir": str(order_dir), "order": order_id, "files": files, "held": held})
+    return [Busy(order_id, task_id, tuple(normalize(t) for t in targets), status)
+            for task_id, status, targets in held.values()]
+
+
+def _running(root: Path, path: Path) -> list | None:
+    """[task id, status, targets] when the file is a valid running task, else None."""
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    if not any(mark in data for mark in _MARKS):
+        return None
+    try:
+        task = load_task(path, root)
+    except ValidationError:
+        return None  # a broken file holds nothing; `aipm validate` names it
+    if task.status not in RUNNING:
+        return None
+    return [task.id, task.status.value, [str(t) for t in task.targets]]
+
+
+def _order_id(order_dir: Path) -> str:
+    meta = order_dir / ORDER_FILE
+    try:
+        data = parse_mapping(meta, read_text(meta)) if meta.is_file() else {}
+    except ValidationError:
+        data = {}
+    value = data.get("id")
+    return value if isinstance(value, str) and value else order_dir.name
+
+
+def _read_index(path: Path, order_dir: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+        if data.get("dir") == str(order_dir) and isinstance(data.get("files"), dict):
+            return data
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {"order": None, "files": {}, "held": {}}
+
+
+def _write_index(path: Path, data: dict) -> None:
+    try:
+        path.parent.mkdir(exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(data))
+        os.replace(tmp, path)
+    except OSError:
+        pass  # only a cache: the next look reads the files again

@@ -1,0 +1,219 @@
+"""Landlock confinement: real workers under the real kernel trying every forbidden write, and the refusal path."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aipm import confine
+from conftest import Project, no_workers, task_statuses, wait_for, write_task
+
+NO_LANDLOCK = confine.unavailable() if os.environ.get(confine.FAKE_ABI) is None else "fake ABI set"
+landlock = pytest.mark.skipif(NO_LANDLOCK is not None, reason=f"kernel without usable Landlock: {NO_LANDLOCK}")
+
+# Each probe runs in the worker and prints one JSON line: name → "ok" or the errno name it got.
+PROBE = r'''
+import errno, json, os, subprocess, sys, tempfile
+def attempt(name, action):
+    try:
+        action()
+        result[name] = "ok"
+    except OSError as exc:
+        result[name] = errno.errorcode.get(exc.errno, str(exc.errno))
+def write(path, text="x", mode="w"):
+    with open(path, mode) as handle:
+        handle.write(text)
+result = {}
+outside = sys.argv[1]
+# forbidden
+attempt("modify", lambda: write("src/a.c", "changed", "a"))
+attempt("truncate", lambda: os.truncate("src/a.c", 0))
+attempt("delete", lambda: os.unlink("src/a.c"))
+attempt("rename_over", lambda: os.rename("docs/x.md", "README"))
+attempt("rename_target_away", lambda: os.rename("docs/x.md", "src/x.md"))
+attempt("create_in_dir_without_targets", lambda: write("src/new.c"))
+attempt("create_at_root", lambda: write("new_at_root.txt"))
+attempt("mkdir", lambda: os.mkdir("src/newdir"))
+attempt("task_file", lambda: write(os.environ.get("TASK_FILE", "/nonexistent/T.yaml"), "status: DONE\n", "a"))
+attempt("symlink", lambda: os.symlink("README", "src/link"))
+child = subprocess.run(["sh", "-c", "echo child >> README"], capture_output=True)
+result["child_shell"] = "ok" if child.returncode == 0 else "denied"
+# allowed
+attempt("target_file", lambda: write("out/result.txt", "r"))
+attempt("target_file_truncate", lambda: os.truncate("out/result.txt", 0))
+attempt("new_in_target_dir", lambda: write("docs/new.md"))
+attempt("mkdir_in_target_dir", lambda: os.mkdir("docs/sub"))
+attempt("delete_in_target_dir", lambda: os.unlink("docs/x.md"))
+attempt("glob_match", lambda: write("tests/unit/test_new.py"))
+attempt("tmpdir", lambda: write(os.path.join(tempfile.gettempdir(), "t")))
+attempt("outside_project", lambda: write(os.path.join(outside, "note.txt")))
+attempt("dev_null", lambda: write("/dev/null"))
+attempt("log", lambda: write(os.environ["AIPM_LOG"], "log line\n", "a"))
+result["TMPDIR"] = os.environ.get("TMPDIR")
+print("PROBE " + json.dumps(result), flush=True)
+'''
+
+FORBIDDEN = ("modify", "truncate", "delete", "rename_over", "rename_target_away", "create_in_dir_without_targets",
+             "create_at_root", "mkdir", "task_file", "symlink")
+ALLOWED = ("target_file", "target_file_truncate", "new_in_target_dir", "mkdir_in_target_dir",
+           "delete_in_target_dir", "glob_match", "tmpdir", "outside_project", "dev_null", "log")
+
+
+def _tree(tmp_path: Path) -> tuple[Project, Path, Path]:
+    root = tmp_path / "proj"
+    root.mkdir()
+    outside = tmp_path / "outside"  # beside the project: not below it
+    outside.mkdir()
+    project = Project(root)
+    (root / "src").mkdir()
+    (root / "src" / "a.c").write_text("int main;\n")
+    (root / "docs").mkdir()
+    (root / "docs" / "x.md").write_text("doc\n")
+    (root / "tests" / "unit").mkdir(parents=True)
+    (root / "README").write_text("readme\n")
+    (root / "probe.py").write_text(PROBE)
+    return project, root, outside
+
+
+def _probe_result(root: Path, task: str = "T") -> dict:
+    logs = [p for p in (root / ".aipm" / "logs" / "ORD").glob(f"{task}.*.log") if p.name.count(".") == 2]
+    log = max(logs, key=lambda p: p.stat().st_mtime_ns).read_text()  # the latest attempt's log
+    line = next(l for l in log.splitlines() if l.startswith("PROBE "))
+    return json.loads(line[len("PROBE "):])
+
+
+def _probe_task(project: Project, outside: Path, **fields) -> Path:
+    order = project.order()
+    return write_task(order, "T", target_files=["out/result.txt", "docs/", "tests/**/*.py"],
+                      command=[sys.executable, "probe.py", str(outside)], **fields)
+
+
+@landlock
+def test_confined_worker_gets_eacces_for_every_forbidden_write_and_can_do_the_allowed_ones(tmp_path):
+    project, root, outside = _tree(tmp_path)
+    task_file = _probe_task(project, outside, confine=True)
+    before = {p: (root / p).read_bytes() for p in ("src/a.c", "README")}
+    proc = project.aipm("run", "ORD", "--no-review", env={"TASK_FILE": str(task_file)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = _probe_result(root)
+    for name in FORBIDDEN:
+        assert result[name] in ("EACCES", "EPERM", "denied"), (name, result[name])
+    for name in ALLOWED:
+        assert result[name] == "ok", (name, result[name])
+    assert {p: (root / p).read_bytes() for p in before} == before
+    assert not (root / "src" / "new.c").exists() and not (root / "src" / "newdir").exists()
+    # The denials are the worker's business: the task simply ended DONE, with no extra field from aipm.
+    data = yaml.safe_load(task_file.read_text())
+    assert data["status"] == "DONE" and data["exit_code"] == 0
+    assert set(data) == {"id", "target_files", "command", "confine", "status", "attempts", "started_at",
+                         "finished_at", "exit_code"}
+    # The project lies under /tmp here, so the worker got a TMPDIR of its own, removed after the attempt.
+    private = root / ".aipm" / "logs" / "ORD" / "T.1.tmp"
+    assert result["TMPDIR"] == str(private) and not private.exists()
+    assert (outside / "note.txt").exists()
+
+
+@landlock
+def test_unconfined_by_default_and_the_setting_flag_and_task_key_choose(tmp_path):
+    project, root, outside = _tree(tmp_path)
+    task_file = _probe_task(project, outside)
+
+    def run(*flags, env=None):
+        for leftover in (root / ".aipm" / "logs").rglob("*.log") if (root / ".aipm").exists() else ():
+            leftover.unlink()
+        text = task_file.read_text().split("status:")[0]
+        task_file.write_text(text)
+        (root / "src" / "a.c").write_text("int main;\n")
+        (root / "README").write_text("readme\n")
+        (root / "docs" / "x.md").write_text("doc\n")
+        proc = project.aipm("run", "ORD", "--no-review", *flags, env=env)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return _probe_result(root)["modify"]
+
+    assert run() == "ok"
+    assert run("--confine") == "EACCES"
+    assert run(env={"AIPM_CONFINE": "1"}) == "EACCES"
+    (root / "aipm.yaml").write_text("confine: true\n")
+    assert run() == "EACCES"
+    task_file.write_text(task_file.read_text().split("status:")[0] + "confine: false\n")
+    assert run("--confine") == "ok"  # the task's own word wins, like its timeout
+
+
+@landlock
+def test_detached_launch_confines_too_and_missing_targets_are_tidied(tmp_path):
+    project, root, _ = _tree(tmp_path)
+    order = project.order()
+    write_task(order, "W", target_files=["gen/made.txt", "gen/unused.txt", "newdir/"], confine=True,
+               command="echo made > gen/made.txt; echo bad >> README; echo $? > gen/made.txt.code || true")
+    proc = project.aipm("launch", "ORD", "--no-review")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: task_statuses(order)["W"] == "DONE")
+    wait_for(lambda: no_workers(root))
+    assert (root / "README").read_text() == "readme\n"
+    # gen/made.txt was created empty for the rule and written by the worker: it stays. gen/unused.txt and
+    # newdir/ were created for the rules and never used: removed. gen/made.txt.code is no target: denied.
+    assert (root / "gen" / "made.txt").read_text() == "made\n"
+    assert not (root / "gen" / "unused.txt").exists() and not (root / "newdir").exists()
+    assert not (root / "gen" / "made.txt.code").exists()
+
+
+def test_confine_is_refused_at_launch_with_one_line_where_landlock_is_missing(project):
+    order = project.order()
+    task = write_task(order, "T", target_files=["a.txt"], command="echo hi > a.txt", confine=True)
+    write_task(order, "FREE", command="true")
+    before = task.read_text()
+    for abi, words in (("0", "no Landlock"), ("2", "ABI is 2")):
+        env = {confine.FAKE_ABI: abi}
+        launch = project.aipm("launch", "ORD", "--json", env=env)
+        assert launch.returncode == 1
+        failed = json.loads(launch.stdout)["failed"]
+        assert [f["id"] for f in failed] == ["T"] and words in failed[0]["error"], failed
+        assert "\n" not in failed[0]["error"]
+        assert task.read_text() == before  # still QUEUED, attempt not counted: never silently unconfined
+        wait_for(lambda: task_statuses(order)["FREE"] == "DONE")
+        wait_for(lambda: no_workers(project.root))
+        run = project.aipm("run", "ORD", env=env)
+        assert run.returncode == 1 and "confine" in run.stdout + run.stderr
+        assert task.read_text() == before
+        assert not (project.root / "a.txt").exists()
+        (order / "FREE.yaml").write_text("command: 'true'\n")
+
+
+def test_confine_must_be_a_boolean(project):
+    order = project.order()
+    path = write_task(order, "T", command="true", confine="yes")
+    before = path.read_text()
+    proc = project.aipm("validate", "ORD")
+    assert proc.returncode == 2
+    assert "T.yaml" in proc.stderr and "confine" in proc.stderr and "true or false" in proc.stderr
+    assert path.read_text() == before
+    bad = project.aipm("config", env={"AIPM_CONFINE": "maybe"})
+    assert bad.returncode == 2 and "AIPM_CONFINE" in bad.stderr
+
+
+def test_rules_never_open_the_project_through_its_ancestors_or_a_symlink(tmp_path):
+    root = tmp_path / "proj"
+    (root / "docs").mkdir(parents=True)
+    (tmp_path / "sibling").mkdir()
+    (tmp_path / "into_project").symlink_to(root)
+    log = root / ".aipm" / "logs" / "O" / "T.1.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("")
+    made: list = []
+    grants, tmp = confine.rules(str(root), ["docs/", "a/b.txt", "tests/**/*.py"], str(log), made)
+    paths = {p: r for p, r in grants}
+    real = os.path.realpath(root)
+    for ancestor in [real, *map(str, Path(real).parents)]:
+        assert ancestor not in paths  # a rule on an ancestor would cover the whole project
+    assert str(tmp_path / "into_project") not in paths
+    assert paths[os.path.realpath(tmp_path / "sibling")] == confine.ALL_RIGHTS
+    assert paths[os.path.join(real, "a", "b.txt")] == confine.FILE_RIGHTS
+    assert paths[os.path.join(real, "tests")] == confine.ALL_RIGHTS  # a glob: its literal base
+    assert tmp == str(log)[: -len(".log")] + ".tmp"  # the project lies under the temp directory
+    assert [m[0] for m in made] == [os.path.join(real, "a"), os.path.join(real, "a", "b.txt"),
+                                    os.path.join(real, "tests")]
