@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import runner, scope
+from aipm import runner, scope, workspace
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
@@ -166,7 +166,9 @@ class Launcher:
         )
         wrote_status = False
         try:
-            if self.settings.scope_audit and not self.options.no_review and task.targets:
+            if workspace.kind(task, self.settings) == workspace.WORKTREE:
+                rec.workspace = workspace.prepare(self.project.root, rec, task, self.settings)
+            elif self.settings.scope_audit and not self.options.no_review and task.targets:
                 self._scope_before(rec)
             # The record is written once the worker exists; a crash before that leaves IN_PROGRESS with no
             # record, which recovery re-queues.
@@ -195,6 +197,9 @@ class Launcher:
                 if view is not None:
                     view.note(restored)
             rt.remove_record(order.id, task.id)
+            if workspace.kind(task, self.settings) == workspace.WORKTREE:
+                with suppress(UserError, OSError):  # what a failed prepare left; the launch error says why
+                    workspace.remove(self.project.root, order.id, task.id)
             where = f"{task.path}: " if isinstance(exc, OSError) else ""
             raise LaunchFailed(f"{where}{exc}") from None
         finally:
@@ -221,7 +226,8 @@ class Launcher:
         s = self.settings
         argv = [sys.executable, "-m", "aipm.work", str(self.project.root), rec.order_dir, rec.task,
                 "--lock-fds", ",".join(map(str, fds)), "--max-workers", str(s.max_workers),
-                "--max-cpu", str(s.max_cpu_percent), "--max-memory", str(s.max_memory_percent)]
+                "--max-cpu", str(s.max_cpu_percent), "--max-memory", str(s.max_memory_percent),
+                "--workspace", s.workspace]
         argv += ["--adopt"] * adopt + ["--no-review"] * self.options.no_review
         argv += ["--no-resource-monitoring"] * (not s.enable_monitoring)
         argv += ["--no-auto-scaling"] * (not s.enable_auto_scaling)
@@ -250,6 +256,7 @@ class Launcher:
         """
         out = []
         remove_temp_files(Path(order.path))
+        workspace.sweep(self.project.root, order)
         for task in order.tasks.values():
             if task.status not in RUNNING:
                 continue

@@ -93,6 +93,9 @@ class Task:
     started_at: str | None = None
     finished_at: str | None = None
     exit_code: int | None = None
+    workspace: str | None = None  # "shared" or "worktree"; None = the `workspace` setting
+    workspace_setup: str | tuple[str, ...] | None = None  # None = the setting
+    workspace_copy: tuple[str, ...] | None = None  # None = the setting
 
 
 @dataclass

@@ -55,6 +55,7 @@ class Record:
     phase: str = "work"  # "work" or "review"
     deadline: float | None = None  # wall-clock time after which the worker's group is killed
     scope_allowed: list[str] = field(default_factory=list)  # targets of tasks running when it started
+    workspace: str = ""  # the task's git worktree ("" = it works in the shared project tree)
 
     @property
     def scope_file(self) -> str:

@@ -58,6 +58,13 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "started_at": (_STRING, "When the latest attempt started."),
     "finished_at": (_STRING, "When the latest attempt or review ended."),
     "exit_code": ({"type": ["integer", "null"]}, "Exit code of the latest attempt."),
+    "workspace": ({"type": ["string", "null"], "enum": ["shared", "worktree", None]},
+                  "Where the worker runs: the shared project tree, or its own git worktree whose changes are "
+                  "merged back when approved; default the `workspace` setting."),
+    "workspace_setup": (_COMMAND, "Command run in a new worktree before the worker (e.g. `uv sync`); "
+                                  "default the `workspace_setup` setting."),
+    "workspace_copy": (_STRINGS, "Globs of ignored files copied into a new worktree (e.g. `.env`); "
+                                 "default the `workspace_copy` setting."),
 }
 
 _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {

@@ -36,6 +36,9 @@ class Settings:
     worker_model: str = "sonnet"  # worker.model
     review_command: str | tuple[str, ...] | None = None  # review.command: a string runs in a shell, a list is argv
     scope_audit: bool = True  # in a git tree, a worker that writes outside its target_files fails its review
+    workspace: str = "shared"  # "shared" (the project tree) or "worktree" (a git worktree per task, merged back)
+    workspace_setup: str | tuple[str, ...] | None = None  # run in a new worktree before the worker
+    workspace_copy: tuple[str, ...] = ()  # globs of ignored files copied into a new worktree (.env, ...)
     # setting name -> where its value came from: "default", "aipm.yaml", "env AIPM_MAX_WORKERS", "flag --max-cpu", ...
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType(dict.fromkeys(SETTING_NAMES, "default")), compare=False, repr=False
@@ -43,6 +46,7 @@ class Settings:
 
 
 SETTING_NAMES = tuple(f.name for f in fields(Settings) if f.name != "sources")
+WORKSPACES = ("shared", "worktree")
 
 
 # -- converters: a raw value (from YAML, TOML, the environment or a flag) -> a typed value, or ValueError ----------
@@ -117,6 +121,22 @@ def _argv(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _workspace(value: Any) -> str:
+    if value in WORKSPACES:
+        return value
+    raise ValueError(f"{value!r} is not one of {', '.join(WORKSPACES)}")
+
+
+def copy_globs(value: Any) -> tuple[str, ...]:
+    """Relative globs (of files to copy into a worktree): a list of strings, nothing absolute, no `..`."""
+    if not isinstance(value, list) or not all(isinstance(g, str) and g.strip() for g in value):
+        raise ValueError(f"{value!r} is not a list of globs (strings)")
+    for glob in value:
+        if os.path.isabs(glob) or ".." in glob.split("/"):
+            raise ValueError(f"{glob!r} must be relative to the project root, without '..'")
+    return tuple(value)
+
+
 def _review(value: Any) -> str | tuple[str, ...] | None:
     """A review command: null (no review), a string (run by the shell) or a list (argv)."""
     if value is None or isinstance(value, str) and value.strip():
@@ -141,6 +161,9 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "worker.model": _text,
     "review.command": _review,
     "scope_audit": _boolean,
+    "workspace": _workspace,
+    "workspace_setup": _review,
+    "workspace_copy": copy_globs,
 }
 _FIELD_KEYS = {key.replace(".", "_"): key for key in _KEYS}
 assert set(_FIELD_KEYS) == set(SETTING_NAMES)
@@ -152,6 +175,7 @@ FLAG_NAMES = {
     "max_memory_percent": "--max-memory",
     "enable_monitoring": "--no-resource-monitoring",
     "enable_auto_scaling": "--no-auto-scaling",
+    "workspace": "--workspace",
 }
 ENV_VARS = {f"AIPM_{name.upper()}": name for name in FLAG_NAMES}  # AIPM_MAX_WORKERS, ...
 
@@ -246,6 +270,8 @@ def _env_layer(environ: Mapping[str, str]) -> Layer:
     layer: Layer = {}
     for var, name in ENV_VARS.items():
         value = environ.get(var)
+        if var == "AIPM_WORKSPACE" and os.path.isabs(value or ""):
+            continue  # inside a worker it names the worker's worktree (docs/workspaces.md), not a setting
         if value:  # unset or empty: not given
             layer[name] = (_convert(name, value, var), f"env {var}")
     return layer
@@ -286,9 +312,11 @@ def settings_from_flags(
     max_memory: float | None = None,
     no_monitoring: bool = False,
     no_auto_scaling: bool = False,
+    workspace: str | None = None,
 ) -> Settings:
     """Settings for `root` with the resource flags on top (a flag not given leaves the lower layers alone)."""
     return load_settings(root, {
+        "workspace": workspace,
         "max_workers": max_workers,
         "max_cpu_percent": max_cpu,
         "max_memory_percent": max_memory,

@@ -23,6 +23,7 @@ import yaml
 from aipm.errors import ValidationError
 from aipm.model import MANAGED_FIELDS, TRANSITIONS, Order, Priority, Status, Task
 from aipm.paths import PathError, normalize
+from aipm.settings import WORKSPACES, copy_globs
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -32,6 +33,7 @@ ORDER_FILE = "order.yaml"
 TASK_KEYS = (
     "id", "title", "status", "priority", "depends_on", "target_files", "command", "prompt", "model",
     "review", "timeout", "max_attempts", "attempts", "reworks", "started_at", "finished_at", "exit_code",
+    "workspace", "workspace_setup", "workspace_copy",
 )
 ORDER_KEYS = ("id", "title", "description")
 
@@ -249,7 +251,26 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
         started_at=_timestamp(path, data, "started_at"),
         finished_at=_timestamp(path, data, "finished_at"),
         exit_code=exit_code,
+        workspace=_workspace(path, data),
+        workspace_setup=_command(path, data, "workspace_setup"),
+        workspace_copy=_copy_globs(path, data),
     )
+
+
+def _workspace(path: Path, data: Mapping[str, Any]) -> str | None:
+    value = data.get("workspace")
+    if value is not None and value not in WORKSPACES:
+        raise ValidationError(str(path), "workspace", f"{value!r} is not one of {', '.join(WORKSPACES)}")
+    return value
+
+
+def _copy_globs(path: Path, data: Mapping[str, Any]) -> tuple[str, ...] | None:
+    if data.get("workspace_copy") is None:
+        return None
+    try:
+        return copy_globs(data["workspace_copy"])
+    except ValueError as exc:
+        raise ValidationError(str(path), "workspace_copy", str(exc)) from None
 
 
 def load_task(path: Path, root: Path | None = None) -> Task:

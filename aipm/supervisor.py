@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aipm import runner, scope
+from aipm import runner, scope, workspace
 from aipm.finish import after_review, after_work, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
@@ -47,10 +47,12 @@ class Supervisor(Owner):
 
     def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
         command, env, stdin = invocation(self.rt, self.settings, rec, task, self.launcher.options.model)
+        command = workspace.with_setup(command, rec, task, self.settings)
         rec.command = [command] if isinstance(command, str) else list(command)
         timeout = task.timeout or self.settings.timeout
         rec.owner_pid, rec.owner_ctime = self.me
-        pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=rec.log,
+        cwd = workspace.directory(self.rt.root, rec)
+        pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log,
                            stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout))
         self._own(rec)
         self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
@@ -168,6 +170,8 @@ class Supervisor(Owner):
             task = self._review_ended(rec, task, code)
         if task.status == Status.IN_REVIEW:
             return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.attempt}
+        if rec.workspace and task.status in FINISHED_OK:
+            append_log(rec.log, workspace.finished(self.rt.root, rec) or "merged; worktree removed")
         self._drop(rec)
         event["status"] = str(task.status)
         return event
@@ -181,18 +185,27 @@ class Supervisor(Owner):
         """IN_PROGRESS → DONE, IN_REVIEW (review started), QUEUED or FAILED; REWORK when out of scope."""
         timeout = task.timeout or self.settings.timeout
         append_log(rec.log, f"attempt {rec.attempt} {describe_exit(code, timed_out, timeout)}")
-        outside = self._scope_findings(rec) if code == 0 else []
+        message = None
+        try:
+            outside = self._scope_findings(rec) if code == 0 else []
+        except workspace.WorkspaceError as exc:
+            outside, message = [], str(exc)
         if outside:
             # Writing outside target_files fails the review, whatever the reviewer would say.
             message = "scope audit: wrote outside target_files: " + ", ".join(outside)
-            append_log(rec.log, message)
-            self.rt.feedback_path(rec.order, rec.task).write_text(message + "\n")
+            if rec.workspace:
+                message += "; nothing of this attempt was merged"
             event["scope"] = outside
+        reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
+        if code == 0 and not message and not reviewing:
+            message = self._merge_back(rec, event)
+        if message:
+            append_log(rec.log, message.splitlines()[0])
+            self.rt.feedback_path(rec.order, rec.task).write_text(message + "\n")
             task = self._write(task, after_work(task, 0, self.settings, True))
             for updates in after_review(task, 1, self.settings):
                 task = self._write(task, updates)
             return task
-        reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
         task = self._write(task, after_work(task, code, self.settings, reviewing))
         if task.status == Status.IN_REVIEW:
             self._start_review(rec, task)
@@ -204,7 +217,12 @@ class Supervisor(Owner):
         review_log = Path(rec.log).with_suffix(".review.log")
         verdict = "approved" if code == 0 else f"sent back (exit {code})"
         append_log(rec.log, f"review {verdict}; review output: {review_log}")
-        if code == 0:
+        conflict = self._merge_back(rec, {}) if code == 0 else None
+        if conflict:
+            append_log(rec.log, conflict.splitlines()[0])
+            feedback.write_text(conflict + "\n")
+            code = 1
+        elif code == 0:
             feedback.unlink(missing_ok=True)
         else:
             feedback.write_bytes(review_log.read_bytes() if review_log.exists() else b"")
@@ -212,8 +230,26 @@ class Supervisor(Owner):
             task = self._write(task, updates)
         return task
 
+    def _merge_back(self, rec: Record, event: dict) -> str | None:
+        """An approved worktree task: apply its changes to the main tree. The conflict (its feedback) when they
+        cannot be; then nothing was applied."""
+        if not rec.workspace:
+            return None
+        try:
+            for note in workspace.merge(self.rt.root, rec):
+                append_log(rec.log, f"merge: {note}")
+        except workspace.Conflict as exc:
+            event["conflict"] = exc.paths
+            return str(exc)
+        except workspace.WorkspaceError as exc:
+            return f"merge failed, nothing of this attempt was merged: {exc}"
+        return None
+
     def _scope_findings(self, rec: Record) -> list[str]:
-        """Paths the worker changed that neither it nor any task running alongside it may write."""
+        """Paths the worker changed that neither it nor any task running alongside it may write (a worktree
+        task: that it changed outside its own targets, exactly)."""
+        if rec.workspace:
+            return workspace.outside_targets(self.rt.root, rec)
         before = scope.load(Path(rec.scope_file))
         after = scope.snapshot(self.rt.root) if before is not None else None
         if after is None:
@@ -237,7 +273,8 @@ class Supervisor(Owner):
             pass
         rec.command = [command] if isinstance(command, str) else command
         try:
-            runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=review_log,
+            runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=workspace.directory(self.rt.root, rec),
+                         log=review_log,
                          started=lambda pid: self._record(rec, pid, None))
         except runner.SpawnError as exc:
             # A reviewer that cannot start never approves (fail closed).

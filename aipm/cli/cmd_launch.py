@@ -21,11 +21,16 @@ from aipm.view import OrderView
 
 ModelOpt = typer.Option(None, "--model", help="Model for worker templates (overrides the task and aipm.yaml).")
 NoReviewOpt = typer.Option(False, "--no-review", help="Skip review: a task that exits 0 becomes DONE.")
+WorkspaceOpt = typer.Option(
+    None, "--workspace", help="Where tasks without `workspace:` work: shared (the project tree, default) or "
+                              "worktree (a git worktree each, merged back when approved).")
 
 
-def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options) -> Launcher:
+def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options,
+              workspace: str | None = None) -> Launcher:
     root = project_root()
-    settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling)
+    settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
+                                   workspace)
     return Launcher(Project(root, settings.orders_dir), settings, options)
 
 
@@ -40,6 +45,7 @@ def launch(
     max_memory: Optional[float] = MaxMemoryOpt,
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
+    workspace: Optional[str] = WorkspaceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Start the launchable tasks as detached workers and exit at once.
@@ -47,7 +53,7 @@ def launch(
     Each worker finishes its own task (review, status) and then starts the successors that became launchable.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model, dry_run))
+                         Options(no_review, model, dry_run), workspace)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
     report = launcher.launch(view)
     if json_out:
@@ -78,6 +84,7 @@ def run(
     max_memory: Optional[float] = MaxMemoryOpt,
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
+    workspace: Optional[str] = WorkspaceOpt,
     json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
 ) -> None:
     """Run an order to the end: launch, watch, review, start successors as soon as they are unblocked.
@@ -86,7 +93,7 @@ def run(
     Safe to kill: a new `aipm run` re-attaches to the workers that are still running.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model))
+                         Options(no_review, model), workspace)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root)
     display = Display(mode_for(json_out), view)
     try:
@@ -109,11 +116,12 @@ def exec_(
     max_memory: Optional[float] = MaxMemoryOpt,
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
+    workspace: Optional[str] = WorkspaceOpt,
     json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
 ) -> None:
     """Run one task in the foreground (with its review and retries). Exit 0 when it ends DONE/COMPLETED."""
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model))
+                         Options(no_review, model), workspace)
     order_dir, task_id = find_task(launcher.project, task)
     view = OrderView(order_dir, launcher.project.root)
     display = Display("json" if json_out else "plain", view)
