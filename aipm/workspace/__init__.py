@@ -7,7 +7,7 @@ task's final status is written. `sweep` tidies after crashes; `diff` shows a tas
 
 On disk, under the project's runtime directory:
   .aipm/worktrees/<ORDER>/<TASK>/        the worktree (a detached checkout of the task's start)
-  .aipm/merges/<ORDER>/<TASK>/           a merge plan being applied (see merge.py)
+  .aipm/merges/<ORDER>/<TASK>/           a merge plan being applied (see mergeback.py)
   .aipm/patches/<ORDER>/<TASK>.<N>.patch what attempt N changed (`git apply` at the repository's top)
   refs/aipm/<ORDER>/<TASK>/{base,end}    the attempt's start and end, as commits no branch points to
 
@@ -30,8 +30,8 @@ from aipm.model import FINISHED_OK, RUNNING, Order, Task
 from aipm.runtime import Record
 from aipm.scope import out_of_scope
 from aipm.settings import WORKSPACES, Settings
-from aipm.workspace import merge as merging
-from aipm.workspace.merge import Conflict
+from aipm.workspace import mergeback as merging
+from aipm.workspace.mergeback import Conflict
 from aipm.workspace.repo import RUNTIME_DIR, Repo, WorkspaceError
 
 SHARED, WORKTREE = WORKSPACES

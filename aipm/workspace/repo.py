@@ -82,6 +82,9 @@ class Repo:
         """Commit what `tree_dir` (the main work tree or a worktree) holds now: tracked, modified and untracked
         files that are not ignored. The index of `tree_dir` only seeds a temporary copy (its stat data spares
         re-reading unchanged files); the runtime directory is always left out."""
+        top = self._run(tree_dir, ["rev-parse", "--show-toplevel"], check=False).stdout.decode().strip()
+        if top != str(tree_dir):  # a worker deleted the worktree's .git: git would find the main tree instead
+            raise WorkspaceError(f"{tree_dir} is no longer a git work tree of its own")
         scratch.mkdir(parents=True, exist_ok=True)
         index = scratch / f"index.{os.getpid()}.{next(_counter)}"
         seed = tree_dir / self.git("rev-parse", "--git-path", "index", cwd=tree_dir).decode().strip()
