@@ -26,6 +26,8 @@ import shutil
 import signal
 from pathlib import Path
 
+import psutil
+
 from aipm.model import FINISHED_OK, RUNNING, Order, Task
 from aipm.runtime import Record
 from aipm.scope import out_of_scope
@@ -240,7 +242,12 @@ def sweep(root: Path, order: Order, everything: bool = False) -> list[str]:
 
 
 def prune(root: Path) -> None:
-    """Drop git's notes of worktrees whose directories were deleted (`git clean -fdx` of .aipm/, say)."""
+    """Drop git's notes of worktrees whose directories were deleted (`git clean -fdx` of .aipm/, say), and the
+    temporary indexes of captures whose process was killed."""
+    for index in _scratch(root).glob("index.*"):
+        pid = index.name.split(".")[1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            index.unlink(missing_ok=True)
     try:
         Repo(root).git("worktree", "prune")
     except WorkspaceError:
