@@ -313,6 +313,10 @@ def test_workspace_setting_sources_and_bad_values(repo, tmp_path):
     assert project.json("config", env={"AIPM_WORKSPACE": str(tmp_path)})["settings"]["workspace"]["value"] == "shared"
     bad = project.aipm("config", env={"AIPM_WORKSPACE": "isolated"})
     assert bad.returncode == 2 and "AIPM_WORKSPACE" in bad.stderr and "Traceback" not in bad.stderr
+    (project.root / "aipm.yaml").write_text("workspace_copy: ['/etc/passwd']\n")
+    bad = project.aipm("config")
+    assert bad.returncode == 2 and "workspace_copy" in bad.stderr and "relative" in bad.stderr
+    (project.root / "aipm.yaml").write_text("max_workers: 5\n")
     write_task(project.order(), "T", workspace="sandbox", command="true")
     before = (project.order() / "T.yaml").read_bytes()
     bad = project.aipm("validate", "ORD")
