@@ -316,10 +316,10 @@ def settings_from_flags(
 ) -> Settings:
     """Settings for `root` with the resource flags on top (a flag not given leaves the lower layers alone)."""
     return load_settings(root, {
-        "workspace": workspace,
         "max_workers": max_workers,
         "max_cpu_percent": max_cpu,
         "max_memory_percent": max_memory,
         "enable_monitoring": False if no_monitoring else None,
         "enable_auto_scaling": False if no_auto_scaling else None,
+        "workspace": workspace,
     })
