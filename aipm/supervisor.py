@@ -256,7 +256,8 @@ class Supervisor(Owner):
             return []
         others = self.rt.records()
         order_dirs = {os.path.relpath(r.order_dir, self.rt.root) + "/" for r in [rec, *others]}
-        allowed = [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *order_dirs]
+        allowed = [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *order_dirs,
+                   *workspace.merged_since(self.rt.root, os.stat(rec.scope_file).st_mtime_ns)]
         return scope.out_of_scope(scope.changed(before, after), allowed)
 
     def _start_review(self, rec: Record, task: Task) -> None:

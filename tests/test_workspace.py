@@ -540,3 +540,23 @@ def test_random_mixed_order_killed_at_every_seam_keeps_the_invariants(repo, tmp_
     _check_exactly_once(repo, writes)
     assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
     assert user_state(repo) == before
+
+
+def test_a_merge_within_a_shared_tasks_run_is_not_charged_to_the_shared_task(repo, tmp_path):
+    project = project_in(repo, config="")  # shared by default, with the scope audit on
+    gate = tmp_path / "gate"
+    order = project.order()
+    write_task(order, "S", priority="P0", target_files=["src/b.txt"],
+               command=wait_gate(gate) + "echo S >> src/b.txt")
+    write_task(order, "W", workspace="worktree", target_files=["src/a.txt"], command="echo W >> src/a.txt")
+    run = subprocess.Popen([os.sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           cwd=project.root, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: task_statuses(order)["W"] == "DONE")  # started after S, merged while S still runs
+    gate.touch()
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, out + err
+    assert project.statuses() == {"S": "DONE", "W": "DONE"}
+    shared = yaml.safe_load((order / "S.yaml").read_text())
+    assert (shared["attempts"], shared.get("reworks", 0)) == (1, 0)  # not sent back for W's merge
+    assert (repo / "src/a.txt").read_text().endswith("W\n") and (repo / "src/b.txt").read_text().endswith("S\n")
