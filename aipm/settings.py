@@ -36,6 +36,8 @@ class Settings:
     worker_model: str = "sonnet"  # worker.model
     review_command: str | tuple[str, ...] | None = None  # review.command: a string runs in a shell, a list is argv
     scope_audit: bool = True  # in a git tree, a worker that writes outside its target_files fails its review
+    runner: str = "local"  # where workers run: "local" or "ray"
+    ray_address: str | None = None  # ray.address: the cluster for --runner ray (else RAY_ADDRESS, else auto)
     workspace: str = "shared"  # "shared" (the project tree) or "worktree" (a git worktree per task, merged back)
     workspace_setup: str | tuple[str, ...] | None = None  # run in a new worktree before the worker
     workspace_copy: tuple[str, ...] = ()  # globs of ignored files copied into a new worktree (.env, ...)
@@ -121,6 +123,12 @@ def _argv(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _runner(value: Any) -> str:
+    if value not in ("local", "ray"):
+        raise ValueError(f"{value!r} is not a runner; use local or ray")
+    return value
+
+
 def _workspace(value: Any) -> str:
     if value in WORKSPACES:
         return value
@@ -161,6 +169,8 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "worker.model": _text,
     "review.command": _review,
     "scope_audit": _boolean,
+    "runner": _runner,
+    "ray.address": _text,
     "workspace": _workspace,
     "workspace_setup": _review,
     "workspace_copy": copy_globs,
@@ -175,6 +185,7 @@ FLAG_NAMES = {
     "max_memory_percent": "--max-memory",
     "enable_monitoring": "--no-resource-monitoring",
     "enable_auto_scaling": "--no-auto-scaling",
+    "runner": "--runner",
     "workspace": "--workspace",
 }
 ENV_VARS = {f"AIPM_{name.upper()}": name for name in FLAG_NAMES}  # AIPM_MAX_WORKERS, ...
@@ -312,6 +323,7 @@ def settings_from_flags(
     max_memory: float | None = None,
     no_monitoring: bool = False,
     no_auto_scaling: bool = False,
+    runner: str | None = None,
     workspace: str | None = None,
 ) -> Settings:
     """Settings for `root` with the resource flags on top (a flag not given leaves the lower layers alone)."""
@@ -321,5 +333,6 @@ def settings_from_flags(
         "max_memory_percent": max_memory,
         "enable_monitoring": False if no_monitoring else None,
         "enable_auto_scaling": False if no_auto_scaling else None,
+        "runner": runner,
         "workspace": workspace,
     })
