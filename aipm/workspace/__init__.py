@@ -96,7 +96,7 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
     repo = Repo(root)
     remove(root, rec.order, rec.task, repo)  # the previous attempt's, kept for inspection until now
     base = repo.capture(repo.top, _scratch(root), repo.head(),
-                        f"aipm: start of {rec.order}/{rec.task}, attempt {rec.attempt}")
+                        f"aipm: start of {rec.order}/{rec.task}, attempt {rec.serial}")
     repo.set_ref(_ref(rec.order, rec.task, "base"), base)
     path = worktree_path(root, rec.order, rec.task)
     repo.add_worktree(path, base)
@@ -151,11 +151,11 @@ def outside_targets(root: Path, rec: Record) -> list[str]:
     tree = Path(rec.workspace)
     if base is None or not tree.is_dir():
         raise WorkspaceError(f"the worktree of {rec.order}/{rec.task} ({tree}) or its start "
-                             f"({_ref(rec.order, rec.task, 'base')}) is gone; nothing of attempt {rec.attempt} "
+                             f"({_ref(rec.order, rec.task, 'base')}) is gone; nothing of attempt {rec.serial} "
                              "can be merged")
-    end = repo.capture(tree, _scratch(root), base, f"aipm: end of {rec.order}/{rec.task}, attempt {rec.attempt}")
+    end = repo.capture(tree, _scratch(root), base, f"aipm: end of {rec.order}/{rec.task}, attempt {rec.serial}")
     repo.set_ref(_ref(rec.order, rec.task, "end"), end)
-    patch = patch_path(root, rec.order, rec.task, rec.attempt)
+    patch = patch_path(root, rec.order, rec.task, rec.serial)
     patch.parent.mkdir(parents=True, exist_ok=True)
     patch.write_bytes(repo.patch(base, end))
     changed = {_relative(c.path, repo.prefix) for c in repo.changes(base, end)}
@@ -172,19 +172,19 @@ def merge(root: Path, rec: Record) -> list[str]:
     Caller holds the launch lock, and the task still holds its target files. Returns notes for the log."""
     repo = Repo(root)
     plan_dir = _merge_dir(root, rec.order, rec.task)
-    if not merging.pending(plan_dir, rec.attempt):
+    if not merging.pending(plan_dir, rec.serial):
         base = repo.rev(_ref(rec.order, rec.task, "base"))
         end = repo.rev(_ref(rec.order, rec.task, "end"))
         if base is None or end is None:
-            raise Conflict(f"the start or end of attempt {rec.attempt} ({_ref(rec.order, rec.task)}) is gone; "
+            raise Conflict(f"the start or end of attempt {rec.serial} ({_ref(rec.order, rec.task)}) is gone; "
                            "nothing was merged", [])
         try:
             steps = merging.plan(repo, base, end, repo.changes(base, end))
         except Conflict as exc:
-            kept = patch_path(root, rec.order, rec.task, rec.attempt)
+            kept = patch_path(root, rec.order, rec.task, rec.serial)
             raise Conflict(f"{exc}\nThis attempt's changes are kept in {kept}; the next attempt starts from the "
                            "main tree as it is now.", exc.paths) from None
-        merging.save(plan_dir, rec.attempt, steps)
+        merging.save(plan_dir, rec.serial, steps)
     _seam("merge:0")
     notes = merging.apply(repo.top, plan_dir, after_each=lambda n: _seam(f"merge:{n}"))
     _log_merge(root, rec.targets)
