@@ -69,7 +69,7 @@ class Priority(str, enum.Enum):
 
 
 # Keys aipm writes back into task files; everything else belongs to the user.
-MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks")
+MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks", "reason")
 
 
 @dataclass(frozen=True)
@@ -81,7 +81,7 @@ class Resources:
     gpus: float | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: no per-task __dict__ (100k tasks are loaded at once)
 class Task:
     id: str
     path: str  # the task file, as given to the loader
@@ -103,9 +103,16 @@ class Task:
     finished_at: str | None = None
     exit_code: int | None = None
     resources: Resources | None = None
+    max_rework: int | None = None
+    reason: str | None = None  # why the latest attempt ended as it did (aipm.outcome words it)
     workspace: str | None = None  # "shared" or "worktree"; None = the `workspace` setting
     workspace_setup: str | tuple[str, ...] | None = None  # None = the setting
     workspace_copy: tuple[str, ...] | None = None  # None = the setting
+
+    @property
+    def tries(self) -> int:
+        """Attempts that count against max_attempts: every run except those a review sent back (reworks)."""
+        return max(0, self.attempts - self.reworks)
 
 
 @dataclass
@@ -116,12 +123,25 @@ class Order:
     title: str = ""
 
 
+def status_counts(order: Order) -> dict[str, int]:
+    """How many tasks are in each status, e.g. {"DONE": 9, "QUEUED": 1}."""
+    return dict(Counter(t.status.value for t in order.tasks.values()))
+
+
 def status_summary(order: Order) -> str:
     """"DONE 9, QUEUED 1": how many tasks are in each status, for one-line summaries."""
-    counts = Counter(t.status.value for t in order.tasks.values())
+    return format_counts(status_counts(order))
+
+
+def format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
 
 
 def natural_key(text: str) -> tuple:
     """Sort key that puts TASK_9 before TASK_10."""
     return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+
+
+# Ids of tasks and orders: they become file names under .aipm/, log names and environment values, so two ids
+# must never map to one name (`a b` and `a_b`) nor leave a directory (`.`, `..`, `a/b`).
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")

@@ -19,7 +19,7 @@ class PathError(ValueError):
     """A target path that cannot be accepted (outside the root, empty, ...)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Target:
     """One normalised target: `path` has no trailing slash; `segments` is its pattern form."""
 

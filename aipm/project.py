@@ -6,7 +6,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from aipm.errors import UserError
+from aipm.errors import UserError, ValidationError
+from aipm.store import order_meta
 
 CONFIG_FILE = "aipm.yaml"
 RUNTIME_DIR = ".aipm"
@@ -37,12 +38,12 @@ class Project:
         """An order id (`ORDER_090` → <root>/orders/ORDER_090) or a path to an order directory."""
         by_id = self.root / self.orders_dir / arg
         if by_id.is_dir():
-            return by_id
+            return self.check_unique(by_id)
         as_path = Path(arg)
         if not as_path.is_absolute():
             as_path = Path(os.getcwd()) / as_path
         if as_path.is_dir():
-            return as_path.resolve()
+            return self.check_unique(as_path.resolve())
         raise UserError(
             f"order {arg!r}: no directory {self.orders_dir}/{arg} under {self.root} and no such path; "
             "give an order id or a path to an order directory"
@@ -54,13 +55,43 @@ class Project:
             return []
         return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
 
+    def order_ids(self) -> dict[Path, tuple[str, Path]]:
+        """Each order directory of the project (resolved) → its id and the file or directory that gives it.
+        Orders that do not load are left out: they cannot run, so they share nothing."""
+        ids = {}
+        for d in self.order_dirs():
+            try:
+                order_id, _, source = order_meta(d)
+            except ValidationError:
+                continue
+            ids[d.resolve()] = (order_id, source or d)
+        return ids
+
+    def check_unique(self, order_dir: Path, ids: dict[Path, tuple[str, Path]] | None = None) -> Path:
+        """`order_dir`, unless another order of the project has the same id: runtime state (worker records,
+        logs, exit codes) is kept per order id, so two such orders would adopt each other's workers."""
+        ids = self.order_ids() if ids is None else ids
+        mine = ids.get(order_dir.resolve())
+        if mine is None:  # outside orders_dir, or broken (its own load reports that)
+            try:
+                order_id, _, source = order_meta(order_dir)
+            except ValidationError:
+                return order_dir
+            mine = (order_id, source or order_dir)
+        for other, (order_id, source) in ids.items():
+            if order_id == mine[0] and other != order_dir.resolve():
+                raise ValidationError(str(mine[1]), "id" if mine[1].is_file() else None,
+                                      f"order id {order_id!r} is also the id of {source}; "
+                                      "give each order its own id (runtime state is kept per id)")
+        return order_dir
+
 
 
 def find_task(project: Project, arg: str) -> tuple[Path, str]:
     """A task given as an id, `ORDER/TASK`, or a path to its file → (order directory, task id)."""
     path = Path(arg)
     if arg.endswith(".yaml") and path.is_file():
-        return path.resolve().parent, path.stem
+        return project.check_unique(path.resolve().parent), path.stem
     if "/" in arg:
         order, _, task = arg.rpartition("/")
         order_dir = project.order_dir(order)
@@ -69,7 +100,7 @@ def find_task(project: Project, arg: str) -> tuple[Path, str]:
         raise UserError(f"task {arg!r}: no file {task}.yaml in {order_dir}")
     hits = [d for d in project.order_dirs() if (d / f"{arg}.yaml").is_file()]
     if len(hits) == 1:
-        return hits[0], arg
+        return project.check_unique(hits[0]), arg
     if not hits:
         raise UserError(f"task {arg!r}: not found in any order under {project.root / project.orders_dir}; "
                         "give ORDER/TASK or a path to the task file")

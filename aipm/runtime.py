@@ -22,6 +22,7 @@ from pathlib import Path
 import filelock
 import psutil
 
+from aipm.errors import UserError
 from aipm.paths import Target
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
@@ -134,12 +135,22 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
+def _refuse_escape(root: Path, runtime: Path) -> None:
+    """A `.aipm` symlink leading out of the project would make aipm create and delete files elsewhere."""
+    if runtime.is_symlink():
+        real, real_root = os.path.realpath(runtime), os.path.realpath(root)
+        if not real.startswith(real_root + os.sep):
+            raise UserError(f"{runtime}: is a symlink to {real}, outside the project; remove the link "
+                            "(aipm creates the directory again)")
+
+
 class Runtime:
     """Paths and primitives under `<root>/.aipm/`."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.dir = self.root / ".aipm"
+        _refuse_escape(self.root, self.dir)
         self._made: set[Path] = set()  # directories known to exist: the hot path skips mkdir calls
         self._launch_lock: filelock.FileLock | None = None
         self._lock_depth = 0

@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from aipm.errors import SettingsError
+from aipm.store import MAX_TIMEOUT, WORKSPACES, DuplicateKey, copy_globs, load_yaml
 
 
 @dataclass(frozen=True)
@@ -48,7 +49,6 @@ class Settings:
 
 
 SETTING_NAMES = tuple(f.name for f in fields(Settings) if f.name != "sources")
-WORKSPACES = ("shared", "worktree")
 
 
 # -- converters: a raw value (from YAML, TOML, the environment or a flag) -> a typed value, or ValueError ----------
@@ -57,6 +57,8 @@ WORKSPACES = ("shared", "worktree")
 def _number(value: Any, kind: type) -> Any:
     """`value` as an int or float, from a number or a string; None when it is neither (booleans are not numbers)."""
     if isinstance(value, bool) or not isinstance(value, (str, int) if kind is int else (str, int, float)):
+        return None
+    if isinstance(value, str) and not value.isascii():  # int() would read "٣" (Arabic-Indic three) as 3
         return None
     try:
         return kind(value.strip() if isinstance(value, str) else value)
@@ -100,9 +102,12 @@ def _timeout(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
         return None
     try:
-        return _positive(value)
+        seconds = _positive(value)
     except ValueError:
         raise ValueError(f"{value!r} is not a positive number of seconds or none") from None
+    if seconds > MAX_TIMEOUT:
+        raise ValueError(f"{seconds} is more than the maximum {MAX_TIMEOUT} seconds (a week); or say none")
+    return seconds
 
 
 def _text(value: Any) -> str:
@@ -133,16 +138,6 @@ def _workspace(value: Any) -> str:
     if value in WORKSPACES:
         return value
     raise ValueError(f"{value!r} is not one of {', '.join(WORKSPACES)}")
-
-
-def copy_globs(value: Any) -> tuple[str, ...]:
-    """Relative globs (of files to copy into a worktree): a list of strings, nothing absolute, no `..`."""
-    if not isinstance(value, list) or not all(isinstance(g, str) and g.strip() for g in value):
-        raise ValueError(f"{value!r} is not a list of globs (strings)")
-    for glob in value:
-        if os.path.isabs(glob) or ".." in glob.split("/"):
-            raise ValueError(f"{glob!r} must be relative to the project root, without '..'")
-    return tuple(value)
 
 
 def _review(value: Any) -> str | tuple[str, ...] | None:
@@ -242,9 +237,14 @@ def _file_layer(path: Path, data: Any, source: str) -> Layer:
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return yaml.load(path.read_bytes(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+        return load_yaml(path.read_bytes().decode("utf-8"))
     except OSError as exc:
         raise SettingsError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise SettingsError(f"{path}: not UTF-8 (byte {exc.start}); save it as UTF-8") from None
+    except DuplicateKey as exc:
+        # Both lines look like the setting; the last would win silently.
+        raise SettingsError(f"{path}:{exc.mark.line + 1}: {exc.key}: appears twice; keep one") from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         at = f":{mark.line + 1}:{mark.column + 1}" if mark else ""

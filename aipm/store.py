@@ -10,9 +10,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import difflib
+import errno
 import gc
 import os
-import re
 import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,19 +21,23 @@ from typing import Any
 import yaml
 
 from aipm.errors import ValidationError
-from aipm.model import MANAGED_FIELDS, TRANSITIONS, Order, Priority, Resources, Status, Task
+from aipm.model import ID_PATTERN, MANAGED_FIELDS, TRANSITIONS, Order, Priority, Resources, Status, Task
+from aipm.patch import Unpatchable, check, patch
 from aipm.paths import PathError, normalize
-from aipm.settings import WORKSPACES, copy_globs
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 MAX_FILE_BYTES = 1 << 20  # a task file is a page of YAML; anything bigger is a mistake (or an alias bomb)
+_SYMLINK = "is a symlink; aipm rewrites task files, so keep the file itself in the order directory"
+# The event loop waits at most 2**31 ms (24.8 days) at a time; a week is a generous bound for one attempt.
+MAX_TIMEOUT = 7 * 24 * 3600
 ORDER_FILE = "order.yaml"
 
 TASK_KEYS = (
     "id", "title", "status", "priority", "depends_on", "target_files", "command", "prompt", "model",
     "review", "timeout", "max_attempts", "attempts", "reworks", "started_at", "finished_at", "exit_code",
     "resources",
+    "max_rework", "reason",
     "workspace", "workspace_setup", "workspace_copy",
 )
 ORDER_KEYS = ("id", "title", "description")
@@ -44,19 +48,22 @@ _SEQ = "tag:yaml.org,2002:seq"
 _MAP = "tag:yaml.org,2002:map"
 
 
-def _load_yaml(text: str) -> Any:
+def load_yaml(text: str) -> Any:
     """Parse with libyaml, then build plain data from the node tree ourselves.
 
     PyYAML's constructor is Python code per node and dominates loading large orders; plain strings, lists and
     maps are built here directly, every other scalar (int, bool, null, timestamp) by the safe constructor, and
     any other tag is refused by it. Nodes are memoised, so aliases are shared, never expanded (alias bombs).
     Duplicate keys are refused: with two `status:` lines the writer could not know which one to change.
+    So are managed fields the writer could not change alone (aliases, anchors): see patch.check.
     """
     loader = Loader(text)
     try:
         node = loader.get_single_node()
         if node is None:
             return None
+        if "&" in text or "*" in text:
+            check(node, text)
         memo: dict[int, Any] = {}
 
         def build(n: Any) -> Any:
@@ -79,7 +86,7 @@ def _load_yaml(text: str) -> Any:
                         raise yaml.constructor.ConstructorError(
                             None, None, "a key must be a plain value", key_node.start_mark)
                     if key in value:
-                        raise _DuplicateKey(key, key_node.start_mark)
+                        raise DuplicateKey(key, key_node.start_mark)
                     value[key] = build(value_node)
             else:
                 value = memo[id(n)] = loader.construct_object(n, deep=True)
@@ -87,25 +94,51 @@ def _load_yaml(text: str) -> Any:
 
         return build(node)
     finally:
+        # `build` refers to itself through its closure: a cycle holding the loader and libyaml's buffers (~15 KB)
+        # until the cyclic GC runs, which load_order keeps off. Break it so each file's parser is freed at once.
+        build = None  # noqa: F841
         loader.dispose()
 
 
-class _DuplicateKey(Exception):
+class DuplicateKey(Exception):
     def __init__(self, key: str, mark: Any):
         self.key, self.mark = key, mark
 
 
-def read_text(path: Path) -> str:
+# What tells one version of a file from the next: a rename changes the inode, an edit in place size or mtime.
+Identity = tuple[int, int, int]
+
+
+def read_text(path: Path, follow: bool = True) -> str:
     """The file's text, refusing files too big to be task files or not UTF-8."""
+    return read_versioned(path, follow)[0]
+
+
+def read_versioned(path: Path, follow: bool = True) -> tuple[str, Identity]:
+    """The file's text and identity, read through one descriptor. Task files are read with follow=False: a
+    symlink is refused, because the writer would replace the link with a copy."""
     try:
-        size = path.stat().st_size
-        if size > MAX_FILE_BYTES:
-            raise ValidationError(str(path), None, f"file is {size} bytes, over the 1 MiB limit; split it up")
-        data = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | (0 if follow else os.O_NOFOLLOW))
     except OSError as exc:
+        if exc.errno == errno.ELOOP and not follow:
+            raise ValidationError(str(path), None, _SYMLINK) from None
         raise ValidationError(str(path), None, f"cannot read: {exc.strerror}") from None
     try:
-        return data.decode("utf-8")
+        info = os.fstat(fd)
+        if info.st_size > MAX_FILE_BYTES:
+            raise ValidationError(str(path), None, f"file is {info.st_size} bytes, over the 1 MiB limit; split it up")
+        data = os.read(fd, info.st_size + 1)
+        if len(data) > info.st_size:  # it grew since fstat: read the rest, within the limit
+            data += os.read(fd, MAX_FILE_BYTES)
+            if len(data) > MAX_FILE_BYTES:
+                raise ValidationError(str(path), None, "file is over the 1 MiB limit; split it up")
+    except OSError as exc:
+        raise ValidationError(str(path), None, f"cannot read: {exc.strerror}") from None
+    finally:
+        os.close(fd)
+    identity = (info.st_ino, info.st_size, info.st_mtime_ns)
+    try:
+        return data.decode("utf-8"), identity
     except UnicodeDecodeError as exc:
         raise ValidationError(str(path), None, f"not UTF-8 (byte {exc.start}); save it as UTF-8") from None
 
@@ -113,11 +146,13 @@ def read_text(path: Path) -> str:
 def parse_mapping(path: Path, text: str) -> dict[str, Any]:
     """Parse YAML text into a mapping, turning every parser complaint into one ValidationError line."""
     try:
-        data = _load_yaml(text)
-    except _DuplicateKey as exc:
+        data = load_yaml(text)
+    except DuplicateKey as exc:
         raise ValidationError(
             str(path), exc.key, f"appears twice (line {exc.mark.line + 1}); keep one"
         ) from None
+    except Unpatchable as exc:
+        raise ValidationError(str(path), exc.key, exc.reason) from None
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -151,12 +186,14 @@ def _str(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
-def _positive_int(path: Path, data: Mapping[str, Any], key: str) -> int | None:
+def _positive_int(path: Path, data: Mapping[str, Any], key: str, maximum: int | None = None) -> int | None:
     value = data.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValidationError(str(path), key, f"must be a positive integer, not {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValidationError(str(path), key, f"{value} is more than the maximum {maximum}")
     return value
 
 
@@ -171,12 +208,16 @@ def _count(path: Path, data: Mapping[str, Any], key: str) -> int:
 
 def _command(path: Path, data: Mapping[str, Any], key: str) -> str | tuple[str, ...] | None:
     value = data.get(key)
-    if value is None or isinstance(value, str):
+    if value is None:
         return value
-    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValidationError(str(path), key, "is empty; give a command, or leave the key out")
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value) and value[0]:
         return tuple(value)
     raise ValidationError(
-        str(path), key, "must be a string (run by /bin/sh -c) or a non-empty list of strings (argv)"
+        str(path), key, "must be a string (run by /bin/sh -c) or a list of strings (argv) naming a program"
     )
 
 
@@ -221,10 +262,15 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
     """Validate one task's fields (not its links to other tasks) and build the Task."""
     _check_keys(path, data, TASK_KEYS)
     stem = path.name[: -len(".yaml")]
+    if not ID_PATTERN.fullmatch(stem):
+        raise ValidationError(str(path), "id", f"{stem!r} (the file name) is not a usable task id; rename the "
+                              "file to letters, digits, '_', '.' and '-', starting with a letter or digit")
     task_id = data.get("id", stem)
     if task_id != stem:
         raise ValidationError(str(path), "id", f"{task_id!r} differs from the file name; use {stem!r} or rename")
     raw_targets = _str_list(path, data, "target_files")
+    if any("\0" in raw for raw in raw_targets):
+        raise ValidationError(str(path), "target_files", "a path holds a NUL byte (\\0)")
     try:
         targets = tuple(normalize(raw, str(root) if root else None) for raw in raw_targets)
     except PathError as exc:
@@ -245,7 +291,7 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
         prompt=_str(path, data, "prompt"),
         model=_str(path, data, "model"),
         review=_command(path, data, "review"),
-        timeout=_positive_int(path, data, "timeout"),
+        timeout=_positive_int(path, data, "timeout", MAX_TIMEOUT),
         max_attempts=_positive_int(path, data, "max_attempts"),
         attempts=_count(path, data, "attempts"),
         reworks=_count(path, data, "reworks"),
@@ -253,6 +299,8 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
         finished_at=_timestamp(path, data, "finished_at"),
         exit_code=exit_code,
         resources=_resources(path, data),
+        max_rework=_count(path, data, "max_rework") if data.get("max_rework") is not None else None,
+        reason=_str(path, data, "reason"),
         workspace=_workspace(path, data),
         workspace_setup=_command(path, data, "workspace_setup"),
         workspace_copy=_copy_globs(path, data),
@@ -283,6 +331,19 @@ def _resources(path: Path, data: Mapping[str, Any]) -> Resources | None:
     return Resources(**out)
 
 
+WORKSPACES = ("shared", "worktree")
+
+
+def copy_globs(value: Any) -> tuple[str, ...]:
+    """Relative globs (of files to copy into a worktree): a list of strings, nothing absolute, no `..`."""
+    if not isinstance(value, list) or not all(isinstance(g, str) and g.strip() for g in value):
+        raise ValueError(f"{value!r} is not a list of globs (strings)")
+    for glob in value:
+        if os.path.isabs(glob) or ".." in glob.split("/"):
+            raise ValueError(f"{glob!r} must be relative to the project root, without '..'")
+    return tuple(value)
+
+
 def _workspace(path: Path, data: Mapping[str, Any]) -> str | None:
     value = data.get("workspace")
     if value is not None and value not in WORKSPACES:
@@ -300,7 +361,7 @@ def _copy_globs(path: Path, data: Mapping[str, Any]) -> tuple[str, ...] | None:
 
 
 def load_task(path: Path, root: Path | None = None) -> Task:
-    return task_from_mapping(path, parse_mapping(path, read_text(path)), root)
+    return task_from_mapping(path, parse_mapping(path, read_text(path, follow=False)), root)
 
 
 def task_files(order_dir: Path) -> list[Path]:
@@ -312,20 +373,32 @@ def task_files(order_dir: Path) -> list[Path]:
     return [order_dir / name for name in names]
 
 
-def load_order(order_dir: Path, root: Path | None = None) -> Order:
-    """Load and fully validate an order directory; raise the first ValidationError found."""
-    order_dir = Path(order_dir)
-    if not order_dir.is_dir():
-        raise ValidationError(str(order_dir), None, "not an order directory")
-    order_id, title = order_dir.name, ""
+def order_meta(order_dir: Path) -> tuple[str, str, Path | None]:
+    """(id, title, the order.yaml that set the id or None) of an order directory, validated."""
+    order_id, title, id_from = order_dir.name, "", None
     meta = order_dir / ORDER_FILE
     if meta.is_file():
         text = read_text(meta)
         data = parse_mapping(meta, text) if text.strip() else {}
         _check_keys(meta, data, ORDER_KEYS)
-        order_id = _str(meta, data, "id") or order_id
+        if _str(meta, data, "id"):
+            order_id, id_from = data["id"], meta
         title = _str(meta, data, "title") or ""
         _str(meta, data, "description")
+    if not ID_PATTERN.fullmatch(order_id):
+        # The id names runtime files under .aipm/: `.`, `..` or `a/b` would leave the order's own directory there.
+        raise ValidationError(str(id_from or order_dir), "id" if id_from else None,
+                              f"{order_id!r} is not a usable order id; use letters, digits, '_', '.' and '-', "
+                              "starting with a letter or digit" + ("" if id_from else f" (or set `id:` in {ORDER_FILE})"))
+    return order_id, title, id_from
+
+
+def load_order(order_dir: Path, root: Path | None = None) -> Order:
+    """Load and fully validate an order directory; raise the first ValidationError found."""
+    order_dir = Path(order_dir)
+    if not order_dir.is_dir():
+        raise ValidationError(str(order_dir), None, "not an order directory")
+    order_id, title, _ = order_meta(order_dir)
     order = Order(id=order_id, path=str(order_dir), title=title)
     # Loading allocates many small objects that all stay alive: the cyclic GC would only rescan them.
     gc_was_on = gc.isenabled()
@@ -404,28 +477,34 @@ def _render(value: Any) -> str:
     return "'" + str(value).replace("'", "''") + "'"
 
 
-def _line_pattern(key: str) -> re.Pattern[str]:
-    return re.compile(rf"^{key}[ \t]*:(?P<value>[^\n#]*?)(?P<tail>[ \t]+#[^\n]*)?$", re.M)
+def rewrite(text: str, updates: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> str:
+    """`text` with the managed fields in `updates` set (see aipm.patch), every other character kept.
 
-
-def rewrite(text: str, updates: Mapping[str, Any]) -> str:
-    """Change only the managed lines in `text`; append the ones that are missing."""
-    for key, value in updates.items():
+    The result is proven before it is returned: it must parse to the old mapping (`old`, when the caller parsed
+    it already) with exactly `updates` applied. Otherwise Unpatchable is raised and nothing may be written.
+    """
+    for key in updates:
         if key not in MANAGED_FIELDS:
             raise KeyError(f"{key} is not a field aipm writes")
-        rendered = _render(value)
-        pattern = _line_pattern(key)
-        if pattern.search(text):
-            text = pattern.sub(lambda m: f"{key}: {rendered}{m.group('tail') or ''}", text, count=1)
-        else:
-            if text and not text.endswith("\n"):
-                text += "\n"
-            text += f"{key}: {rendered}\n"
-    return text
+    new = patch(text, {key: _render(value) for key, value in updates.items()})
+    expected = dict(load_yaml(text) if old is None else old)
+    expected.update(updates)  # Status and Priority are str enums: equal to the strings they parse back to
+    try:
+        got = load_yaml(new)
+    except (yaml.YAMLError, DuplicateKey, Unpatchable) as exc:
+        raise Unpatchable(next(iter(updates), None), f"the edited file would not parse ({exc})") from None
+    if got != expected:
+        wrong = sorted(str(k) for k in {*expected, *got} if k not in got or k not in expected or got[k] != expected[k])
+        raise Unpatchable(wrong[0] if wrong else None, "the edited file would not hold the same data")
+    return new
 
 
-def atomic_write(path: Path, text: str) -> None:
-    """Replace `path` with `text` so that readers see the old file or the new one, never a mix."""
+def atomic_write(path: Path, text: str, identity: Identity | None = None) -> bool:
+    """Replace `path` with `text` so that readers see the old file or the new one, never a mix.
+
+    With `identity` (of the version the text was made from), the file must still be that version right before
+    the rename; if someone changed it meanwhile nothing is written and False is returned (read it again).
+    """
     directory = path.parent
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
@@ -437,6 +516,9 @@ def atomic_write(path: Path, text: str) -> None:
             os.chmod(tmp, path.stat().st_mode & 0o7777)
         except FileNotFoundError:
             pass
+        if identity is not None and _identity(path) != identity:
+            os.unlink(tmp)
+            return False
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -449,6 +531,19 @@ def atomic_write(path: Path, text: str) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+    return True
+
+
+def _identity(path: Path) -> Identity | None:
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    return (info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+# A person saving the file over and over while aipm writes: give up (StaleWrite) rather than spin.
+WRITE_ATTEMPTS = 50
 
 
 def update_task(
@@ -457,26 +552,33 @@ def update_task(
     expect: Status | None = None,
     root: Path | None = None,
 ) -> Task:
-    """Re-read the task file, check its status, and write `updates` into the managed lines.
+    """Re-read the task file, check its status, and write `updates` into the managed fields.
 
     `updates` may be a function of the task as read now, so a decision and its write share one read.
     `expect` guards against lost races: when given, the file must still hold that status, and a new status
-    must be a legal transition from it. Callers serialise writers with the project's launch lock.
+    must be a legal transition from it. Callers serialise writers with the project's launch lock; edits by
+    people and their tools are not serialised, so a file changed between our read and our rename is read
+    and rewritten again (no lost update).
     """
-    text = read_text(path)
-    current = task_from_mapping(path, parse_mapping(path, text), root)
-    if expect is not None and current.status != expect:
-        raise StaleWrite(f"{current.id} is {current.status}, expected {expect}")
-    if callable(updates):
-        updates = updates(current)
-    new_status = updates.get("status")
-    if new_status is not None and new_status != current.status and new_status not in TRANSITIONS[current.status]:
-        raise StaleWrite(f"{current.id}: {current.status} → {new_status} is not allowed")
-    new_text = rewrite(text, updates)
-    if new_text != text:
-        atomic_write(path, new_text)
-    # The managed fields hold plain scalars, so the new Task is the old one with them replaced: no re-parse.
-    return dataclasses.replace(current, **updates)
+    for _ in range(WRITE_ATTEMPTS):
+        text, identity = read_versioned(path, follow=False)
+        data = parse_mapping(path, text)
+        current = task_from_mapping(path, data, root)
+        if expect is not None and current.status != expect:
+            raise StaleWrite(f"{current.id} is {current.status}, expected {expect}")
+        changes = updates(current) if callable(updates) else updates
+        new_status = changes.get("status")
+        if new_status is not None and new_status != current.status and new_status not in TRANSITIONS[current.status]:
+            raise StaleWrite(f"{current.id}: {current.status} → {new_status} is not allowed")
+        try:
+            new_text = rewrite(text, changes, data)
+        except Unpatchable as exc:
+            raise ValidationError(str(path), exc.key, f"aipm cannot write this field here ({exc.reason}); "
+                                  f"write it as a plain `{exc.key or 'status'}: VALUE` line") from None
+        if new_text == text or atomic_write(path, new_text, identity):
+            # The managed fields hold plain scalars, so the new Task is the old one with them replaced.
+            return dataclasses.replace(current, **changes)
+    raise StaleWrite(f"{path}: the file kept changing while aipm tried to write it; nothing written")
 
 
 def now() -> str:

@@ -6,7 +6,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 py=${PYTHON:-/work/venv/bin/python}
 [ -x "$py" ] || py=python3
 status=0
-for b in detect_scale b1_independent b2_chain b4_one_file b6_idle_cpu; do
+for b in detect_scale validate_memory b1_independent b2_chain b4_one_file b6_idle_cpu; do
     echo "=== $b"
     "$py" "$here/$b.py" || status=1
     echo

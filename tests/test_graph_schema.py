@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aipm.cli.cmd_scaffold import _schema_ref
 from aipm.errors import ValidationError
 from aipm.graph import COLOURS, dot, mermaid
 from aipm.model import MANAGED_FIELDS, Order, Priority, Status, Task
@@ -258,11 +257,14 @@ def test_schema_and_validator_agree(tmp_path, text):
     assert (check(as_json_data(path), task_schema()) == []) == valid
 
 
-def test_schema_line_is_relative_when_the_package_lives_in_the_project():
-    root = SHIPPED_DIR.parent.parent  # aipm installed from a checkout that is the project
-    ref = _schema_ref("task", root / "orders" / "ORD", root)
-    assert ref == "../../aipm/schemas/task.schema.json"
-    assert _schema_ref("task", Path("/elsewhere/orders/ORD"), Path("/elsewhere")) == str(shipped_path("task"))
+def test_the_schema_copy_beside_the_orders_follows_this_aipm(project):
+    """Files point at ../task.schema.json; aipm generates that copy, so an outdated one is replaced."""
+    project.order()
+    copy = project.root / "orders" / "task.schema.json"
+    copy.write_text("{}\n")
+    project.aipm("add", "ORD", "A", "--command", "true", check=True)
+    assert copy.read_text() == schema_text("task")
+    assert not (project.root / "orders" / "order.schema.json").exists()  # only what a file refers to
 
 
 # ---- new / add -------------------------------------------------------------------------------------------
@@ -286,12 +288,17 @@ def test_new_and_add_round_trip_and_validate(project):
     assert (b.depends_on, b.prompt, b.model, b.status) == (("A",), "Write docs.\nKeep it short.", "opus",
                                                            Status.QUEUED)
     assert c.depends_on == ("A", "B")
+    # The managed block is last, so a title edit and a status write never touch neighbouring lines.
+    assert (order_dir / "A.yaml").read_text().splitlines()[-1] == "status: QUEUED"
     for path in [order_dir / ORDER_FILE, *task_files(order_dir)]:
         first = path.read_text().splitlines()[0]
         m = re.fullmatch(r"# yaml-language-server: \$schema=(\S+)", first)
         assert m, first
         kind = "order" if path.name == ORDER_FILE else "task"
-        assert (path.parent / m.group(1)).read_text() == schema_text(kind)  # absolute paths join as themselves
+        # The same relative line on every machine: a copy beside the order directories, never the venv's path.
+        assert m.group(1) == f"../{kind}.schema.json"
+        assert (path.parent / m.group(1)).read_text() == schema_text(kind)
+        assert str(project.root) not in path.read_text() and "site-packages" not in path.read_text()
         assert check(as_json_data(path), order_schema() if kind == "order" else task_schema()) == []
 
 

@@ -162,6 +162,8 @@ BAD_ENV = [
     ("AIPM_MAX_CPU_PERCENT", "0"), ("AIPM_MAX_CPU_PERCENT", "101"), ("AIPM_MAX_CPU_PERCENT", "-5"),
     ("AIPM_MAX_CPU_PERCENT", "nan"), ("AIPM_MAX_MEMORY_PERCENT", "150"), ("AIPM_MAX_MEMORY_PERCENT", "lots"),
     ("AIPM_ENABLE_MONITORING", "maybe"), ("AIPM_ENABLE_AUTO_SCALING", "2"),
+    # Python's int() reads other scripts' digits: Arabic-Indic three, full-width four, Devanagari five.
+    ("AIPM_MAX_WORKERS", "\u0663"), ("AIPM_MAX_WORKERS", "\uff14"), ("AIPM_MAX_CPU_PERCENT", "\u096b0"),
 ]
 
 
@@ -209,6 +211,9 @@ BAD_YAML = [
     ("worker:\n  model: 7\n", "worker.model"),
     ("review:\n  command: 5\n", "review.command"),
     ("- max_workers\n", "expected a mapping"),
+    ("timeout: 99999999999\n", "timeout"),
+    ("max_workers: 2\nmax_workers: 8\n", "max_workers: appears twice"),
+    ("worker:\n  model: a\n  model: b\n", "model: appears twice"),
 ]
 
 

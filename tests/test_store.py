@@ -26,10 +26,11 @@ command: >
 def test_rewrite_changes_only_managed_lines():
     new = rewrite(COMMENTED, {"status": Status.IN_PROGRESS, "attempts": 1, "started_at": "2026-01-01T00:00:00+00:00"})
     old_lines, new_lines = COMMENTED.splitlines(), new.splitlines()
-    assert new_lines[: len(old_lines)] == [
-        line if not line.startswith("status:") else "status: IN_PROGRESS  # managed, comment kept" for line in old_lines
-    ]
-    assert new_lines[len(old_lines):] == ["attempts: 1", "started_at: '2026-01-01T00:00:00+00:00'"]
+    # Missing keys follow the last entry (the managed block), ahead of the comment that ends the file.
+    assert new_lines == [
+        line if not line.startswith("status:") else "status: IN_PROGRESS  # managed, comment kept"
+        for line in old_lines[:-1]
+    ] + ["attempts: 1", "started_at: '2026-01-01T00:00:00+00:00'", old_lines[-1]]
 
 
 def test_update_task_is_byte_identical_outside_managed_lines(tmp_path):
@@ -39,11 +40,12 @@ def test_update_task_is_byte_identical_outside_managed_lines(tmp_path):
     assert task.status == Status.IN_PROGRESS and task.attempts == 1
     task = update_task(path, {"status": Status.DONE, "exit_code": 0, "finished_at": "x"}, expect=Status.IN_PROGRESS)
     text = path.read_text()
-    assert text.replace("status: DONE", "status: QUEUED").startswith(COMMENTED)
+    assert text.replace("status: DONE", "status: QUEUED").startswith(COMMENTED[: -len("# trailing comment\n")])
     assert load_task(path).started_at is None and load_task(path).exit_code == 0
     # Round trip: back to QUEUED restores the original bytes of the original lines.
     update_task(path, {"status": Status.QUEUED}, expect=Status.DONE)
-    assert path.read_text().startswith(COMMENTED)
+    assert path.read_text().startswith(COMMENTED[: -len("# trailing comment\n")])
+    assert path.read_text().endswith("# trailing comment\n")
 
 
 def test_update_refuses_stale_expectations_and_illegal_transitions(tmp_path):

@@ -8,7 +8,6 @@ which fails if the name exists: a refused `add` or `new` leaves every byte on di
 from __future__ import annotations
 
 import os
-import re
 import sys
 import tempfile
 from pathlib import Path
@@ -18,14 +17,12 @@ import typer
 import yaml
 
 from aipm.cli import app
-from aipm.cli.common import console, get_project
+from aipm.advice import warnings
+from aipm.cli.common import console, get_project, warn
 from aipm.errors import UserError
-from aipm.model import Priority
-from aipm.schema import KINDS, schema_text, shipped_path
+from aipm.model import ID_PATTERN, Priority
+from aipm.schema import KINDS, schema_text
 from aipm.store import ORDER_FILE, check_links, load_order, parse_mapping, task_from_mapping
-
-# Conservative on purpose: ids become file names, log names and shell-visible environment values.
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @app.command("schema")
@@ -55,7 +52,7 @@ def new(
     made = [d for d in (order_dir, *order_dir.parents) if not d.exists()]
     try:
         order_dir.mkdir(parents=True, exist_ok=True)
-        _create(meta, _document("order", order_dir, project.root, fields))
+        _create(meta, _document("order", fields))
     except BaseException as exc:
         for d in made:
             try:
@@ -67,6 +64,7 @@ def new(
         raise
     out = console()
     out.print(f"created {_shown(meta, project.root)}", markup=False)
+    _install_schema(order_dir.parent, "order", project.root)
     out.print(f"next: aipm add {order} TASK_ID --title '...' --command '...'", markup=False)
 
 
@@ -86,6 +84,12 @@ def add(
     priority: str = typer.Option("P1", "--priority", help="P0 (most urgent) .. P3."),
     review: Optional[str] = typer.Option(
         None, "--review", help="Review command: exit 0 approves, non-zero sends the task to REWORK."),
+    timeout: Optional[int] = typer.Option(
+        None, "--timeout", help="Seconds per attempt before the worker's process group is killed."),
+    max_attempts: Optional[int] = typer.Option(
+        None, "--max-attempts", help="Tries: a failed or timed-out attempt runs again until this many have run."),
+    max_rework: Optional[int] = typer.Option(
+        None, "--max-rework", help="Times a review may send the task back before it is REJECTED."),
 ) -> None:
     """Create a task file ORDER/TASK.yaml, validated with its order before it is written."""
     _check_id("TASK", task)
@@ -101,11 +105,14 @@ def add(
     fields: dict[str, Any] = {"id": task}
     if title:
         fields["title"] = title
-    fields.update(status="QUEUED", priority=priority, depends_on=list(depends_on or []),
-                  target_files=list(target_files or []))
-    optional = {"command": command, "prompt": prompt, "model": model, "review": review}
+    fields.update(priority=priority, depends_on=list(depends_on or []), target_files=list(target_files or []))
+    optional = {"command": command, "prompt": prompt, "model": model, "review": review, "timeout": timeout,
+                "max_attempts": max_attempts, "max_rework": max_rework}
     fields.update({key: value for key, value in optional.items() if value is not None})
-    text = _document("task", order_dir, project.root, fields)
+    # The fields aipm writes come last, in one block: a person's edits (title, command, ...) and aipm's status
+    # writes then touch different lines, so branches that did one and the other merge without conflict.
+    fields["status"] = "QUEUED"
+    text = _document("task", fields)
     # The order as it will be once the file exists: field checks, then dependencies and cycles.
     loaded = load_order(order_dir, project.root)
     new_task = task_from_mapping(path, parse_mapping(path, text), project.root)
@@ -113,6 +120,8 @@ def add(
     check_links(loaded)
     _create(path, text)
     console().print(f"created {_shown(path, project.root)}", markup=False)
+    _install_schema(order_dir.parent, "task", project.root)
+    warn(warnings([new_task]))
 
 
 def _check_id(what: str, value: str) -> None:
@@ -137,23 +146,37 @@ def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _represent_str)
 
 
-def _document(kind: str, directory: Path, root: Path, fields: dict[str, Any]) -> str:
-    """The file's text: a schema line for editors (yaml-language-server), then the fields in block style."""
-    body = yaml.dump(fields, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1000)
-    return f"# yaml-language-server: $schema={_schema_ref(kind, directory, root)}\n{body}"
+def _document(kind: str, fields: dict[str, Any]) -> str:
+    """The file's text: a schema line for editors (yaml-language-server), then the fields in block style.
 
-
-def _schema_ref(kind: str, directory: Path, root: Path) -> str:
-    """Where the editor finds the shipped schema, as seen from the new file.
-
-    yaml-language-server resolves a relative path against the YAML file, so a schema inside the project
-    (aipm installed from a checkout in it) gets a relative path that works on every clone; otherwise only
-    the absolute path of the installed package reaches it.
+    The schema line is the same in every file and every clone: `../<kind>.schema.json`, a copy aipm keeps
+    beside the order directories (never a path of this machine, such as the installed package's).
     """
-    shipped = shipped_path(kind)
-    if shipped.is_relative_to(root.resolve()):
-        return os.path.relpath(shipped, directory.resolve())
-    return str(shipped)
+    body = yaml.dump(fields, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1000)
+    return f"# yaml-language-server: $schema=../{kind}.schema.json\n{body}"
+
+
+def _install_schema(directory: Path, kind: str, root: Path) -> None:
+    """Make <directory>/<kind>.schema.json this aipm's schema (aipm generates it: an old copy is replaced)."""
+    path = directory / f"{kind}.schema.json"
+    text = schema_text(kind)
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return
+    except (OSError, UnicodeDecodeError):
+        pass
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as exc:
+        os.unlink(tmp)
+        console(stderr=True).print(f"aipm: warning: {path}: cannot write the editor schema: {exc.strerror}",
+                                   markup=False)
+        return
+    console().print(f"wrote {_shown(path, root)} (the schema editors check these files against)", markup=False)
 
 
 def _create(path: Path, text: str) -> None:

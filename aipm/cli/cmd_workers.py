@@ -5,17 +5,18 @@ from __future__ import annotations
 import os
 import sys
 import time
+from contextlib import nullcontext
 from typing import Optional
 
 import psutil
 import typer
 from rich.table import Table
 
-from aipm import workspace
+from aipm import outcome, workspace
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json
 from aipm.errors import UserError
-from aipm.launcher import Launcher, Options, append_log
+from aipm.launcher import Launcher, Options, append_log, cleared_reason
 from aipm.model import RUNNING, Status
 from aipm.paths import normalize
 from aipm.project import find_task
@@ -67,8 +68,10 @@ def locks(json_out: bool = JsonOpt) -> None:
     project = get_project()
     rt = Runtime(project.root)
     rows = []
-    with rt.launch_lock():
-        for rec in rt.records():
+    records = rt.records()
+    # Without records there is nothing to probe: no lock taken, so a fresh project gets no .aipm/ (read-only).
+    with rt.launch_lock() if records else nullcontext():
+        for rec in records:
             for raw in rec.targets:
                 target = normalize(raw)
                 rows.append({"path": str(target), "order": rec.order, "task": rec.task,
@@ -161,7 +164,8 @@ def cancel(
         current = load_task(path, project.root)
         if current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
             raise UserError(f"{path}: status: {current.status} cannot be cancelled")
-        update_task(path, {"status": Status.CANCELLED, "finished_at": now()}, expect=current.status)
+        update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
+                    expect=current.status)
         order_id = load_order(order_dir, project.root).id
         rec = rt.read_record(order_id, task_id)
     if rec is not None and rec.pid and rec.worker_alive():
@@ -201,7 +205,8 @@ def retry(task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to 
                             "running; wait for it to end (or cancel it)")
         try:
             update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "started_at": None,
-                               "finished_at": None, "exit_code": None}, expect=current.status)
+                               "finished_at": None, "exit_code": None, **cleared_reason(current)},
+                        expect=current.status)
         except StaleWrite as exc:
             raise UserError(f"{path}: status: {exc}") from None
         rt.feedback_path(order_id, task_id).unlink(missing_ok=True)

@@ -1,0 +1,87 @@
+"""Issue 11, items 4, 9 and 10: identities that would collide, symlinks that lead aipm astray, read-only commands.
+
+Each bad input ends in one line naming the file (and field), exit 2, and not one byte changed on disk.
+"""
+
+import hashlib
+
+import pytest
+
+from conftest import write_task
+from test_validation import assert_one_line_error
+
+READ_COMMANDS = [
+    ("validate",), ("validate", "ORD"), ("status", "ORD"), ("status", "ORD", "--json"), ("detect", "ORD"),
+    ("detect", "ORD", "--json"), ("detect", "ORD", "--summary"), ("why", "A"), ("why", "ORD/A", "--json"),
+    ("logs", "A"), ("ps",), ("ps", "--json"), ("locks",), ("locks", "--json"), ("graph", "ORD"),
+    ("graph", "ORD", "--format", "dot"), ("config",), ("config", "--json"), ("schema",), ("resources",),
+    ("resources", "--json"), ("launch", "ORD", "--dry-run"), ("launch", "ORD", "--dry-run", "--json"),
+]
+
+
+def full_snapshot(root):
+    """Every path under root, directories included, with file contents: any byte created shows."""
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(root.rglob("*"))}
+
+
+@pytest.mark.parametrize("args", READ_COMMANDS, ids=" ".join)
+def test_read_commands_write_nothing_on_a_fresh_project(project, args):
+    write_task(project.order(), "A", command="true", target_files=["a.txt"])
+    before = full_snapshot(project.root)
+    proc = project.aipm(*args)
+    assert proc.returncode in (0, 2), proc.stderr  # `logs` of a task that never ran is an error
+    assert "Traceback" not in proc.stderr
+    assert not (project.root / ".aipm").exists()
+    assert full_snapshot(project.root) == before
+
+
+def test_duplicate_order_ids_are_refused_by_every_command(project):
+    """Two orders claiming one id would share worker records: a run adopted the other's worker (exit 0)."""
+    write_task(project.order("FIRST"), "A", command="true")
+    write_task(project.order("SECOND"), "B", command="true")
+    (project.root / "orders" / "SECOND" / "order.yaml").write_text("id: FIRST\n")
+    before = full_snapshot(project.root)
+    for args in [("validate", "SECOND"), ("status", "SECOND"), ("detect", "SECOND"), ("launch", "SECOND"),
+                 ("run", "SECOND"), ("why", "SECOND/B"), ("exec", "B"), ("status", "FIRST"), ("run", "FIRST")]:
+        proc = project.aipm(*args)
+        assert_one_line_error(proc, "order.yaml" if "SECOND" in args[1] or args[1] == "B" else "FIRST", "-")
+        assert "'FIRST' is also the id of" in proc.stderr
+    proc = project.aipm("validate")
+    assert proc.returncode == 2 and proc.stderr.count("is also the id of") == 2
+    assert full_snapshot(project.root) == before
+
+
+def test_an_order_outside_orders_dir_may_not_take_an_id_in_use(project, tmp_path_factory):
+    write_task(project.order("DEMO"), "A", command="true")
+    elsewhere = project.root / "fixtures" / "demo"
+    write_task(elsewhere, "A", command="true")
+    (elsewhere / "order.yaml").write_text("id: DEMO\n")
+    proc = project.aipm("run", str(elsewhere))
+    assert_one_line_error(proc, str(elsewhere / "order.yaml"), "id")
+    assert not (project.root / ".aipm").exists()
+
+
+def test_a_task_file_that_is_a_symlink_is_refused_by_every_command(project, tmp_path_factory):
+    real = tmp_path_factory.mktemp("elsewhere") / "shared.yaml"
+    real.write_text("command: 'true'\n")
+    order = project.order()
+    write_task(order, "A", command="true")
+    (order / "B.yaml").symlink_to(real)
+    before = full_snapshot(project.root)
+    for args in [("validate", "ORD"), ("status", "ORD"), ("launch", "ORD"), ("run", "ORD"), ("exec", "ORD/A")]:
+        assert_one_line_error(project.aipm(*args), "B.yaml", "-")
+    assert (order / "B.yaml").is_symlink() and real.read_text() == "command: 'true'\n"
+    assert full_snapshot(project.root) == before
+
+
+def test_a_runtime_directory_linked_outside_the_root_is_refused(project, tmp_path_factory):
+    outside = tmp_path_factory.mktemp("outside")
+    (project.root / ".aipm").symlink_to(outside)
+    write_task(project.order(), "A", command="true", target_files=["a.txt"])
+    for args in [("launch", "ORD"), ("run", "ORD"), ("exec", "ORD/A"), ("locks",), ("ps",), ("recover",),
+                 ("detect", "ORD"), ("init",)]:
+        proc = project.aipm(*args)
+        assert_one_line_error(proc, ".aipm", "outside the project")
+    assert list(outside.iterdir()) == []
+    assert not (project.root / "a.txt").exists()
