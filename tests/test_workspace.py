@@ -172,7 +172,7 @@ def test_failed_setup_fails_the_attempt(repo, tmp_path):
     assert project.aipm("run", "ORD").returncode == 1
     assert project.statuses() == {"T": "FAILED"}
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert "workspace_setup failed (exit 3)" in log and "exited with code 3" in log
+    assert "workspace_setup failed (exit 3)" in log and "attempt 1 ended: exit 3" in log
     assert "ran" not in (repo / "src/a.txt").read_text()
 
 
@@ -513,7 +513,7 @@ def test_random_mixed_order_killed_at_every_seam_keeps_the_invariants(repo, tmp_
 
     # The shared audit is off: it can charge a worktree task's merge to a shared task running the whole time
     # (a documented limit of that audit, not of the merge under test here).
-    project = project_in(repo, config="max_workers: 3\nscope_audit: false\n")
+    project = project_in(repo, config="scope_audit: false\n")
     rng = random.Random(seed)
     pool = [f"src/{n}.txt" for n in "abcd"] + ["docs/", "src/"]
     journal = tmp_path / "journal"
@@ -530,10 +530,10 @@ def test_random_mixed_order_killed_at_every_seam_keeps_the_invariants(repo, tmp_
     before = user_state(repo)
     deaths = 0
     for point in ("merge:1", "prepare", "merge:0", "cleanup", "merge:2"):
-        proc = project.aipm("run", "ORD", env={"AIPM_TEST_KILL_AT": point})
+        proc = project.aipm("run", "ORD", "--max-workers", "3", env={"AIPM_TEST_KILL_AT": point})
         deaths += proc.returncode == -signal.SIGKILL
     assert deaths >= 3  # the seams were reached: the order did not just run through
-    proc = project.aipm("run", "ORD")
+    proc = project.aipm("run", "ORD", "--max-workers", "3")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert set(project.statuses().values()) == {"DONE"}
     assert check(journal, order, max_workers=3, root=project.root) == []
