@@ -10,12 +10,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import nullcontext, suppress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import confine, holds, outcome, runner, scope
+from aipm import confine, holds, outcome, runner, scope, workspace
 from aipm.budget import of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
@@ -206,7 +206,9 @@ class Launcher:
             raise LaunchFailed(f"program {program!r} not found on PATH; install it or fix {fix}")
         confined = confine.wanted(task, self.settings)
         # On a Ray node the command runs on another machine: a ruleset here would confine only the local driver.
-        refusal = confined and ("not with --runner ray" if self.settings.runner == "ray" else confine.unavailable())
+        refusal = confined and ("not with --runner ray" if self.settings.runner == "ray"
+                                else "not with workspace: worktree (yet)"
+                                if workspace.kind(task, self.settings) == workspace.WORKTREE else confine.unavailable())
         if refusal:
             raise LaunchFailed(f"confine: {refusal}")
         try:
@@ -226,7 +228,9 @@ class Launcher:
         try:
             # The kernel already holds a confined worker to exactly its targets: nothing to audit.
             exact = confined and confine.exact(task.target_files)
-            if self.settings.scope_audit and not self.options.no_review and task.targets and not exact:
+            if workspace.kind(task, self.settings) == workspace.WORKTREE:
+                rec.workspace = workspace.prepare(self.project.root, rec, task, self.settings)
+            elif self.settings.scope_audit and not self.options.no_review and task.targets and not exact:
                 self._scope_before(rec)
             # The record is written once the worker exists; a crash before that leaves IN_PROGRESS with no
             # record, which recovery re-queues.
@@ -255,6 +259,9 @@ class Launcher:
                 if view is not None:
                     view.note(restored)
             rt.remove_record(order.id, task.id)
+            if workspace.kind(task, self.settings) == workspace.WORKTREE:
+                with suppress(UserError, OSError):  # what a failed prepare left; the launch error says why
+                    workspace.remove(self.project.root, order.id, task.id)
             where = f"{task.path}: " if isinstance(exc, OSError) else ""
             raise LaunchFailed(f"{where}{exc}") from None
         finally:
@@ -281,7 +288,8 @@ class Launcher:
         s = self.settings
         argv = [sys.executable, "-m", "aipm.work", str(self.project.root), rec.order_dir, rec.task,
                 "--order-id", rec.order, "--lock-fds", ",".join(map(str, fds)), "--max-workers", str(s.max_workers),
-                "--max-cpu", str(s.max_cpu_percent), "--max-memory", str(s.max_memory_percent)]
+                "--max-cpu", str(s.max_cpu_percent), "--max-memory", str(s.max_memory_percent),
+                "--workspace", s.workspace]
         argv += ["--adopt"] * adopt + ["--no-review"] * self.options.no_review
         argv += ["--no-resource-monitoring"] * (not s.enable_monitoring)
         argv += ["--no-auto-scaling"] * (not s.enable_auto_scaling)
@@ -312,6 +320,7 @@ class Launcher:
         """
         out = []
         remove_temp_files(Path(order.path))
+        workspace.sweep(self.project.root, order)
         records = {rec.task: rec for rec in self.runtime.records() if rec.order == order.id}
         for task in order.tasks.values():
             rec = records.get(task.id)

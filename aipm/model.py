@@ -112,6 +112,9 @@ class Task:
     tokens: dict[str, int] | None = None  # recorded: input/output/cache_read/cache_write totals that are known
     session_id: str | None = None  # recorded: the agent's own session of the latest attempt (retry --resume)
     preemptions: int = 0  # times a more urgent task stopped it (bounds preemption)
+    workspace: str | None = None  # "shared" or "worktree"; None = the `workspace` setting
+    workspace_setup: str | tuple[str, ...] | None = None  # None = the setting
+    workspace_copy: tuple[str, ...] | None = None  # None = the setting
 
     @property
     def tries(self) -> int:

@@ -62,6 +62,7 @@ class Record:
     # file's `attempts:` counter, which `retry` resets, so it cannot name files.
     number: int = 0
     agent: str = "command"  # the preset that runs the work (aipm.agents), so its usage can be read at the end
+    workspace: str = ""  # the task's git worktree ("" = it works in the shared project tree)
 
     @property
     def serial(self) -> int:

@@ -86,6 +86,13 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "confine": ({"type": ["boolean", "null"]},
                 "Confine the worker to its target files with the kernel's Landlock (default: the `confine` "
                 "setting). Refused at launch where the kernel has no Landlock."),
+    "workspace": ({"type": ["string", "null"], "enum": ["shared", "worktree", None]},
+                  "Where the worker runs: the shared project tree, or its own git worktree whose changes are "
+                  "merged back when approved; default the `workspace` setting."),
+    "workspace_setup": (_COMMAND, "Command run in a new worktree before the worker (e.g. `uv sync`); "
+                                  "default the `workspace_setup` setting."),
+    "workspace_copy": (_STRINGS, "Globs of ignored files copied into a new worktree (e.g. `.env`); "
+                                 "default the `workspace_copy` setting."),
 }
 
 _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {

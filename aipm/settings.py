@@ -20,7 +20,7 @@ import yaml
 
 from aipm import agents
 from aipm.errors import SettingsError
-from aipm.store import MAX_TIMEOUT, DuplicateKey, load_yaml
+from aipm.store import MAX_TIMEOUT, WORKSPACES, DuplicateKey, copy_globs, load_yaml
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,9 @@ class Settings:
     notify: str | tuple[str, ...] | None = None  # run when a task fails or is rejected, or an order stops or ends
     preempt: bool = False  # run: an urgent (P0/P1) task stops a lower-priority one that holds its files or slot
     confine: bool = False  # default for tasks without `confine`: Landlock confinement to the target files
+    workspace: str = "shared"  # "shared" (the project tree) or "worktree" (a git worktree per task, merged back)
+    workspace_setup: str | tuple[str, ...] | None = None  # run in a new worktree before the worker
+    workspace_copy: tuple[str, ...] = ()  # globs of ignored files copied into a new worktree (.env, ...)
     # setting name -> where its value came from: "default", "aipm.yaml", "env AIPM_MAX_WORKERS", "flag --max-cpu", ...
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType(dict.fromkeys(SETTING_NAMES, "default")), compare=False, repr=False
@@ -137,6 +140,12 @@ def _runner(value: Any) -> str:
     return value
 
 
+def _workspace(value: Any) -> str:
+    if value in WORKSPACES:
+        return value
+    raise ValueError(f"{value!r} is not one of {', '.join(WORKSPACES)}")
+
+
 def _review(value: Any) -> str | tuple[str, ...] | None:
     """A review command: null (no review), a string (run by the shell) or a list (argv)."""
     if value is None or isinstance(value, str) and value.strip():
@@ -183,6 +192,9 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "notify": _review,  # same shape as a review command: null, a string (shell) or a list (argv)
     "preempt": _boolean,
     "confine": _boolean,
+    "workspace": _workspace,
+    "workspace_setup": _review,
+    "workspace_copy": copy_globs,
 }
 _FIELD_KEYS = {key.replace(".", "_"): key for key in _KEYS}
 assert set(_FIELD_KEYS) == set(SETTING_NAMES)
@@ -196,6 +208,7 @@ FLAG_NAMES = {
     "enable_auto_scaling": "--no-auto-scaling",
     "runner": "--runner",
     "confine": "--confine",
+    "workspace": "--workspace",
 }
 ENV_VARS = {f"AIPM_{name.upper()}": name for name in FLAG_NAMES}  # AIPM_MAX_WORKERS, ...
 
@@ -295,6 +308,8 @@ def _env_layer(environ: Mapping[str, str]) -> Layer:
     layer: Layer = {}
     for var, name in ENV_VARS.items():
         value = environ.get(var)
+        if var == "AIPM_WORKSPACE" and os.path.isabs(value or ""):
+            continue  # inside a worker it names the worker's worktree (docs/workspaces.md), not a setting
         if value:  # unset or empty: not given
             layer[name] = (_convert(name, value, var), f"env {var}")
     return layer
@@ -338,6 +353,7 @@ def settings_from_flags(
     runner: str | None = None,
     preempt: bool = False,
     confine: bool = False,
+    workspace: str | None = None,
 ) -> Settings:
     """Settings for `root` with the resource flags on top (a flag not given leaves the lower layers alone)."""
     return load_settings(root, {
@@ -349,4 +365,5 @@ def settings_from_flags(
         "runner": runner,
         "preempt": True if preempt else None,
         "confine": True if confine else None,
+        "workspace": workspace,
     })

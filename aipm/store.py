@@ -42,6 +42,7 @@ TASK_KEYS = (
     "agent", "max_cost_usd", "cost_usd", "tokens", "session_id",
     "preemptions",
     "confine",
+    "workspace", "workspace_setup", "workspace_copy",
 )
 ORDER_KEYS = ("id", "title", "description", "max_cost_usd")
 
@@ -355,6 +356,9 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
         session_id=_str(path, data, "session_id"),
         preemptions=_count(path, data, "preemptions"),
         confine=_flag(path, data, "confine"),
+        workspace=_workspace(path, data),
+        workspace_setup=_command(path, data, "workspace_setup"),
+        workspace_copy=_copy_globs(path, data),
     )
 
 
@@ -380,6 +384,35 @@ def _resources(path: Path, data: Mapping[str, Any]) -> Resources | None:
             raise ValidationError(str(path), f"resources.{key}", f"must be {what}, not {item!r}")
         out[key] = kind(item)
     return Resources(**out)
+
+
+WORKSPACES = ("shared", "worktree")
+
+
+def copy_globs(value: Any) -> tuple[str, ...]:
+    """Relative globs (of files to copy into a worktree): a list of strings, nothing absolute, no `..`."""
+    if not isinstance(value, list) or not all(isinstance(g, str) and g.strip() for g in value):
+        raise ValueError(f"{value!r} is not a list of globs (strings)")
+    for glob in value:
+        if os.path.isabs(glob) or ".." in glob.split("/"):
+            raise ValueError(f"{glob!r} must be relative to the project root, without '..'")
+    return tuple(value)
+
+
+def _workspace(path: Path, data: Mapping[str, Any]) -> str | None:
+    value = data.get("workspace")
+    if value is not None and value not in WORKSPACES:
+        raise ValidationError(str(path), "workspace", f"{value!r} is not one of {', '.join(WORKSPACES)}")
+    return value
+
+
+def _copy_globs(path: Path, data: Mapping[str, Any]) -> tuple[str, ...] | None:
+    if data.get("workspace_copy") is None:
+        return None
+    try:
+        return copy_globs(data["workspace_copy"])
+    except ValueError as exc:
+        raise ValidationError(str(path), "workspace_copy", str(exc)) from None
 
 
 def load_task(path: Path, root: Path | None = None) -> Task:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aipm import agents, cluster, confine, notify, outcome, preemption, runner, scope, unrecorded
+from aipm import agents, cluster, confine, notify, outcome, preemption, runner, scope, unrecorded, workspace
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
@@ -54,6 +54,7 @@ class Supervisor(Owner):
 
     def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
         command, env, stdin = invocation(self.rt, self.settings, rec, task, self.launcher.options.model)
+        command = workspace.with_setup(command, rec, task, self.settings)
         if self.settings.runner == "ray":
             command = cluster.wrap(command, address=self.settings.ray_address, resources=task.resources, stdin=stdin)
             stdin = None  # the prompt file is opened on the node
@@ -61,7 +62,8 @@ class Supervisor(Owner):
         timeout = task.timeout or self.settings.timeout
         rec.owner_pid, rec.owner_ctime = self.me
         jail = confine.prefix(str(self.rt.root), rec.targets, rec.log) if confine.wanted(task, self.settings) else ()
-        pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=rec.log,
+        cwd = workspace.directory(self.rt.root, rec)
+        pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log,
                            stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout), prefix=jail)
         self._own(rec)
         self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
@@ -227,6 +229,8 @@ class Supervisor(Owner):
             task = self._review_ended(rec, task, code)
         if task.status == Status.IN_REVIEW:
             return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial}
+        if rec.workspace and task.status in FINISHED_OK:
+            append_log(rec.log, workspace.finished(self.rt.root, rec) or "merged; worktree removed")
         self._drop(rec)
         event.update(status=str(task.status), reason=task.reason)
         if task.status in (Status.FAILED, Status.REJECTED):
@@ -284,18 +288,28 @@ class Supervisor(Owner):
         timeout = task.timeout or self.settings.timeout
         append_log(rec.log, f"attempt {rec.serial} ended: {describe_exit(code, timed_out, timeout)}")
         spent = self._usage(rec, task, event)
-        outside = self._scope_findings(rec) if code == 0 else []
+        message = None
+        try:
+            outside = self._scope_findings(rec) if code == 0 else []
+        except workspace.WorkspaceError as exc:
+            outside, message = [], str(exc)
         if outside:
             # Writing outside target_files fails the review, whatever the reviewer would say.
             message = "scope audit: wrote outside target_files: " + ", ".join(outside)
-            append_log(rec.log, message)
-            self.rt.feedback_path(rec.order, rec.task).write_text(message + "\n")
+            if rec.workspace:
+                message += "; nothing of this attempt was merged"
             event["scope"] = outside
+        reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
+        if code == 0 and not message and not reviewing:
+            message = self._merge_back(rec, event)
+        if message:
+            append_log(rec.log, message.splitlines()[0])
+            self.rt.feedback_path(rec.order, rec.task).write_text(message + "\n")
             task = self._write(task, {**after_work(task, 0, self.settings, True, outcome.exited(0)), **spent})
-            for updates in after_review(task, 1, self.settings, outcome.scope(outside)):
+            why = outcome.scope(outside) if outside else outcome.one_line(message.splitlines()[0])
+            for updates in after_review(task, 1, self.settings, why):
                 task = self._write(task, updates)
             return task
-        reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
         reason = attempt_reason(code, timed_out, timeout)
         task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason), **spent})
         if task.status == Status.IN_REVIEW:
@@ -322,7 +336,12 @@ class Supervisor(Owner):
         review_log = Path(rec.log).with_suffix(".review.log")
         verdict = "approved" if code == 0 else f"sent back (exit {code})"
         append_log(rec.log, f"review {verdict}; review output: {review_log}")
-        if code == 0:
+        conflict = self._merge_back(rec, {}) if code == 0 else None
+        if conflict:
+            append_log(rec.log, conflict.splitlines()[0])
+            feedback.write_text(conflict + "\n")
+            code, reason = 1, outcome.one_line(conflict.splitlines()[0])
+        elif code == 0:
             feedback.unlink(missing_ok=True)
             reason = outcome.review_approved()
         else:
@@ -333,15 +352,34 @@ class Supervisor(Owner):
             task = self._write(task, updates)
         return task
 
+    def _merge_back(self, rec: Record, event: dict) -> str | None:
+        """An approved worktree task: apply its changes to the main tree. The conflict (its feedback) when they
+        cannot be; then nothing was applied."""
+        if not rec.workspace:
+            return None
+        try:
+            for note in workspace.merge(self.rt.root, rec):
+                append_log(rec.log, f"merge: {note}")
+        except workspace.Conflict as exc:
+            event["conflict"] = exc.paths
+            return str(exc)
+        except workspace.WorkspaceError as exc:
+            return f"merge failed, nothing of this attempt was merged: {exc}"
+        return None
+
     def _scope_findings(self, rec: Record) -> list[str]:
-        """Paths the worker changed that neither it nor any task running alongside it may write."""
+        """Paths the worker changed that neither it nor any task running alongside it may write (a worktree
+        task: that it changed outside its own targets, exactly)."""
+        if rec.workspace:
+            return workspace.outside_targets(self.rt.root, rec)
         before = scope.load(Path(rec.scope_file))
         after = scope.snapshot(self.rt.root) if before is not None else None
         if after is None:
             return []
         others = self.rt.records()
         order_dirs = {os.path.relpath(r.order_dir, self.rt.root) + "/" for r in [rec, *others]}
-        allowed = [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *order_dirs]
+        allowed = [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *order_dirs,
+                   *workspace.merged_since(self.rt.root, os.stat(rec.scope_file).st_mtime_ns)]
         return scope.out_of_scope(scope.changed(before, after), allowed)
 
     def _start_review(self, rec: Record, task: Task) -> None:
@@ -358,7 +396,8 @@ class Supervisor(Owner):
             pass
         rec.command = [command] if isinstance(command, str) else command
         try:
-            runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=str(self.rt.root), log=review_log,
+            runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=workspace.directory(self.rt.root, rec),
+                         log=review_log,
                          started=lambda pid: self._record(rec, pid, None))
         except runner.SpawnError as exc:
             # A reviewer that cannot start never approves (fail closed).

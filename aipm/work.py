@@ -38,13 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-auto-scaling", action="store_true")
     parser.add_argument("--runner")
     parser.add_argument("--confine", action="store_true")
+    parser.add_argument("--workspace")
     args = parser.parse_args(argv)
     fds = [int(fd) for fd in args.lock_fds.split(",") if fd]
     root = Path(args.root)
     try:
         settings = settings_from_flags(root, args.max_workers, args.max_cpu, args.max_memory,
                                        args.no_resource_monitoring, args.no_auto_scaling, args.runner,
-                                       confine=args.confine)
+                                       confine=args.confine, workspace=args.workspace)
     except UserError as exc:
         print(f"aipm: error: {exc}", file=sys.stderr)
         return 2

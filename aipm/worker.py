@@ -72,6 +72,10 @@ def environment(runtime: Runtime, rec: Record, task: Task, model: str) -> dict[s
         AIPM_ROOT=str(runtime.root), AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.serial),
         AIPM_TARGET_FILES="\n".join(task.target_files), AIPM_MODEL=model, AIPM_LOG=rec.log,
     )
+    if rec.workspace:
+        env["AIPM_WORKSPACE"] = rec.workspace  # its git worktree; AIPM_ROOT is its copy of the project root
+    else:
+        env.pop("AIPM_WORKSPACE", None)  # the setting's value is not meant for the worker
     feedback = runtime.feedback_path(rec.order, rec.task)
     if feedback.exists():
         env["AIPM_REVIEW_FEEDBACK"] = str(feedback)

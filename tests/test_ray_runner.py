@@ -177,3 +177,24 @@ def test_a_bad_runner_setting_names_it(project):
     proc = project.aipm("run", "ORD", env={"AIPM_RUNNER": "k8s"})
     assert proc.returncode == 2 and "AIPM_RUNNER" in proc.stderr
     assert task_statuses(project.order()) == {"T": "QUEUED"}
+
+
+def test_a_worktree_task_runs_on_ray_in_its_worktree_and_is_merged(cluster, tmp_path):
+    top = tmp_path / "repo"
+    top.mkdir()
+    env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@e", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@e", GIT_CONFIG_GLOBAL=os.devnull)
+    project = Project(top)
+    (top / "src").mkdir()
+    (top / "src" / "a.txt").write_text("start\n")
+    for args in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "init"]):
+        subprocess.run(["git", *args], cwd=top, env=env, check=True, capture_output=True)
+    where, probe = tmp_path / "where", tmp_path / "ancestry.py"
+    probe.write_text(ANCESTRY)
+    write_task(project.order(), "W", workspace="worktree", target_files=["src/a.txt"],
+               command=f'{sys.executable} {probe} {where}; pwd >> {where}; echo "from W" >> src/a.txt')
+    result = aipm(cluster, project, "run", "ORD", "--runner", "ray")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert where.read_text().splitlines() == ["W ray", str(top / ".aipm" / "worktrees" / "ORD" / "W")]
+    assert (top / "src" / "a.txt").read_text() == "start\nfrom W\n"
+    assert subprocess.run(["git", "worktree", "list"], cwd=top, capture_output=True, text=True).stdout.count("\n") == 1

@@ -27,13 +27,17 @@ ModelOpt = typer.Option(None, "--model", help="Model for worker templates (overr
 NoReviewOpt = typer.Option(False, "--no-review", help="Skip review: a task that exits 0 becomes DONE.")
 ConfineOpt = typer.Option(False, "--confine", help="Confine workers to their target files with Landlock "
                           "(tasks that say `confine: false` excepted); refused where the kernel lacks it.")
+WorkspaceOpt = typer.Option(
+    None, "--workspace", help="Where tasks without `workspace:` work: shared (the project tree, default) or "
+                              "worktree (a git worktree each, merged back when approved).")
 
 
 def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options,
-              runner: str | None = None, preempt: bool = False, confine: bool = False) -> Launcher:
+              runner: str | None = None, preempt: bool = False, confine: bool = False,
+              workspace: str | None = None) -> Launcher:
     root = project_root()
     settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, runner,
-                                   preempt, confine)
+                                   preempt, confine, workspace)
     if settings.runner == "ray":
         require_ray()
     return Launcher(Project(root, settings.orders_dir), settings, options)
@@ -57,6 +61,7 @@ def launch(
     no_auto_scaling: bool = NoAutoScalingOpt,
     runner: Optional[str] = RunnerOpt,
     confine: bool = ConfineOpt,
+    workspace: Optional[str] = WorkspaceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Start the launchable tasks as detached workers and exit at once.
@@ -64,7 +69,7 @@ def launch(
     Each worker finishes its own task (review, status) and then starts the successors that became launchable.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model, dry_run), runner, confine)
+                         Options(no_review, model, dry_run), runner, confine=confine, workspace=workspace)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
     warn_unbounded(view.order.tasks.values())
     report = launcher.launch_ramped(view)
@@ -104,6 +109,7 @@ def run(
         False, "--preempt", help="An urgent (P0/P1) task that only lower-priority work of this run keeps from "
         "starting stops that work (re-queued, attempt not counted; at most twice per task). Setting `preempt`."),
     confine: bool = ConfineOpt,
+    workspace: Optional[str] = WorkspaceOpt,
     json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event, then a summary event."),
 ) -> None:
     """Run an order to the end: launch, watch, review, start successors as soon as they are unblocked.
@@ -116,7 +122,7 @@ def run(
     Safe to kill: a new `aipm run` re-attaches to the workers that are still running.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model), runner, preempt, confine)
+                         Options(no_review, model), runner, preempt, confine, workspace)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root)
     warn_unbounded(view.order.tasks.values())
     display = Display(mode_for(json_out), view)
@@ -149,11 +155,12 @@ def exec_(
     no_auto_scaling: bool = NoAutoScalingOpt,
     runner: Optional[str] = RunnerOpt,
     confine: bool = ConfineOpt,
+    workspace: Optional[str] = WorkspaceOpt,
     json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
 ) -> None:
     """Run one task in the foreground (with its review and retries). Exit 0 when it ends DONE/COMPLETED."""
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model), runner, confine)
+                         Options(no_review, model), runner, confine=confine, workspace=workspace)
     order_dir, task_id = find_task(launcher.project, task)
     view = OrderView(order_dir, launcher.project.root)
     warn_unbounded([view.order.tasks[task_id]])

@@ -12,6 +12,7 @@ import psutil
 import typer
 from rich.table import Table
 
+from aipm import outcome, workspace
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json
 from aipm.errors import UserError
@@ -198,7 +199,9 @@ def recover(
     order: Optional[str] = typer.Argument(None, help="Order id or directory (default: every order)."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Repair tasks whose worker is gone: adopt workers that still run or left an exit code; re-queue the rest."""
+    """Repair tasks whose worker is gone: adopt workers that still run or left an exit code; re-queue the rest.
+
+    Also removes the worktrees kept from failed attempts (and those of tasks that no longer exist)."""
     project, settings = _settings_project()
     launcher = Launcher(project, settings, Options(), monitor=None)
     dirs = [project.order_dir(order)] if order else project.order_dirs()
@@ -208,6 +211,9 @@ def recover(
             loaded = load_order(directory, project.root)
             for item in launcher.recover_order(loaded):
                 done.append({"order": loaded.id, **item})
+            for task_id in workspace.sweep(project.root, loaded, everything=True):
+                done.append({"order": loaded.id, "id": task_id, "action": "worktree removed"})
+        workspace.prune(project.root)
     if json_out:
         print_json({"recovered": done})
         return

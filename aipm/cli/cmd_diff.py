@@ -1,0 +1,34 @@
+"""`aipm diff TASK`: what a worktree task changed (its running or kept worktree, else its last attempt's patch)."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from aipm import workspace
+from aipm.cli import app
+from aipm.cli.common import JsonOpt, get_project, print_json
+from aipm.project import find_task
+from aipm.store import load_order
+
+
+@app.command()
+def diff(
+    task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
+    json_out: bool = JsonOpt,
+) -> None:
+    """Show a worktree task's changes as a patch (apply it with `git apply` at the repository's top).
+
+    A running task (or one whose failed attempt's worktree is kept) shows its worktree against the attempt's
+    start; a finished one shows the patch of its last attempt, kept in .aipm/patches/.
+    """
+    project = get_project()
+    order_dir, task_id = find_task(project, task)
+    order = load_order(order_dir, project.root)
+    source, patch = workspace.diff(project.root, order.id, task_id)
+    if json_out:
+        print_json({"order": order.id, "task": task_id, "source": source,
+                    "patch": patch.decode("utf-8", "replace")})
+        return
+    sys.stdout.buffer.write(patch)

@@ -1,0 +1,302 @@
+"""Where a task works: the shared project tree, or a git worktree of its own that is merged back when approved.
+
+The one door between the rest of aipm and git. The launcher asks `prepare` for a task's worktree when it starts
+an attempt; the supervisor runs the worker and its review in `directory(...)`, asks `outside_targets` when the
+worker ends (the exact scope check) and `merge` when the task is approved, then `remove`s the worktree once the
+task's final status is written. `sweep` tidies after crashes; `diff` shows a task's changes.
+
+On disk, under the project's runtime directory:
+  .aipm/worktrees/<ORDER>/<TASK>/        the worktree (a detached checkout of the task's start)
+  .aipm/merges/<ORDER>/<TASK>/           a merge plan being applied (see mergeback.py)
+  .aipm/patches/<ORDER>/<TASK>.<N>.patch what attempt N changed (`git apply` at the repository's top)
+  refs/aipm/<ORDER>/<TASK>/{base,end}    the attempt's start and end, as commits no branch points to
+
+Test seam: AIPM_TEST_KILL_AT=prepare|merge:N|cleanup makes the process that reaches that point SIGKILL itself
+(prepare: worktree made, task not yet started; merge:N: N files of a merge applied; cleanup: final status
+written, worktree not yet removed). Tests use it to prove that a rerun applies every change exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import psutil
+
+from aipm.model import FINISHED_OK, RUNNING, Order, Task
+from aipm.runtime import Record, Runtime
+from aipm.scope import out_of_scope
+from aipm.settings import WORKSPACES, Settings
+from aipm.workspace import mergeback as merging
+from aipm.workspace.mergeback import Conflict
+from aipm.workspace.repo import RUNTIME_DIR, Repo, WorkspaceError
+
+SHARED, WORKTREE = WORKSPACES
+__all__ = ["Conflict", "WorkspaceError", "SHARED", "WORKTREE", "kind", "prepare", "directory", "with_setup",
+           "outside_targets", "merge", "merged_since", "finished", "remove", "sweep", "prune", "diff"]
+
+
+def kind(task: Task, settings: Settings) -> str:
+    """The task's own `workspace:`, else the setting (aipm.yaml < AIPM_WORKSPACE < --workspace)."""
+    return task.workspace or settings.workspace
+
+
+# -- where things are ------------------------------------------------------------------------------------
+
+
+def _name(text: str) -> str:
+    """A directory and ref-name component for an order or task id; ids that need changing get a hash suffix,
+    so two ids never share one."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", text)
+    return safe if safe == text else f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+
+
+def _runtime(root: Path) -> Path:
+    return Path(root) / RUNTIME_DIR
+
+
+def worktree_path(root: Path, order: str, task: str) -> Path:
+    return _runtime(root) / "worktrees" / _name(order) / _name(task)
+
+
+def _merge_dir(root: Path, order: str, task: str) -> Path:
+    return _runtime(root) / "merges" / _name(order) / _name(task)
+
+
+def patch_path(root: Path, order: str, task: str, attempt: int) -> Path:
+    return _runtime(root) / "patches" / _name(order) / f"{_name(task)}.{attempt}.patch"
+
+
+def _ref(order: str, task: str, which: str = "") -> str:
+    return f"refs/aipm/{_name(order)}/{_name(task)}/{which}"
+
+
+def _scratch(root: Path) -> Path:
+    return _runtime(root) / "tmp"
+
+
+def _seam(point: str) -> None:
+    if os.environ.get("AIPM_TEST_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# -- an attempt's life -----------------------------------------------------------------------------------
+
+
+def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
+    """Make the attempt's worktree from what the main tree holds now; returns its path. Caller holds the launch
+    lock and the task's target locks, so no merge is half-way through and the capture is consistent."""
+    repo = Repo(root)
+    remove(root, rec.order, rec.task, repo)  # the previous attempt's, kept for inspection until now
+    base = repo.capture(repo.top, _scratch(root), repo.head(),
+                        f"aipm: start of {rec.order}/{rec.task}, attempt {rec.serial}")
+    repo.set_ref(_ref(rec.order, rec.task, "base"), base)
+    path = worktree_path(root, rec.order, rec.task)
+    repo.add_worktree(path, base)
+    globs = task.workspace_copy if task.workspace_copy is not None else settings.workspace_copy
+    _copy_ignored(Path(root), path / repo.prefix, globs)
+    _seam("prepare")
+    return str(path)
+
+
+def _copy_ignored(root: Path, dest: Path, globs: tuple[str, ...]) -> None:
+    """Copy what `workspace_copy` names (ignored files git does not carry: .env, caches) into the worktree;
+    a file the worktree already has (git carried it) is left as checked out."""
+    for pattern in globs:
+        for src in sorted(root.glob(pattern)):
+            rel = src.relative_to(root)
+            if rel.parts[0] == RUNTIME_DIR:
+                continue
+            sources = [src] if not src.is_dir() or src.is_symlink() else [p for p in src.rglob("*")
+                                                                            if not p.is_dir() or p.is_symlink()]
+            for item in sources:
+                target = dest / item.relative_to(root)
+                if target.exists() or target.is_symlink():
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(item, target, follow_symlinks=False)
+
+
+def directory(root: Path, rec: Record) -> str:
+    """The worker's (and reviewer's) working directory: the project root, or the same place in its worktree."""
+    if not rec.workspace:
+        return str(root)
+    return str(Path(rec.workspace) / Repo(root).prefix)
+
+
+def with_setup(command: str | list[str], rec: Record, task: Task, settings: Settings) -> str | list[str]:
+    """The worker's command, preceded by `workspace_setup` in a fresh worktree (its failure fails the attempt)."""
+    setup = task.workspace_setup if task.workspace_setup is not None else settings.workspace_setup
+    if not rec.workspace or not setup:
+        return command
+    text = setup if isinstance(setup, str) else shlex.join(setup)
+    then = command if isinstance(command, str) else "exec " + shlex.join(command)
+    return (f"(\n{text}\n) </dev/null || {{ s=$?; echo \"aipm: workspace_setup failed (exit $s)\"; exit $s; }}\n"
+            f"{then}")
+
+
+def outside_targets(root: Path, rec: Record) -> list[str]:
+    """The worker ended: record the attempt's end state and patch; the changed paths no target covers.
+
+    The scope is exact: the difference between the attempt's start and end, nothing else."""
+    repo = Repo(root)
+    base = repo.rev(_ref(rec.order, rec.task, "base"))
+    tree = Path(rec.workspace)
+    if base is None or not tree.is_dir():
+        raise WorkspaceError(f"the worktree of {rec.order}/{rec.task} ({tree}) or its start "
+                             f"({_ref(rec.order, rec.task, 'base')}) is gone; nothing of attempt {rec.serial} "
+                             "can be merged")
+    end = repo.capture(tree, _scratch(root), base, f"aipm: end of {rec.order}/{rec.task}, attempt {rec.serial}")
+    repo.set_ref(_ref(rec.order, rec.task, "end"), end)
+    patch = patch_path(root, rec.order, rec.task, rec.serial)
+    patch.parent.mkdir(parents=True, exist_ok=True)
+    patch.write_bytes(repo.patch(base, end))
+    changed = {_relative(c.path, repo.prefix) for c in repo.changes(base, end)}
+    return out_of_scope(changed, rec.targets)
+
+
+def _relative(path: str, prefix: str) -> str:
+    """A repository path relative to the project root (outside it: `../...`, which no target covers)."""
+    return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, prefix or ".")
+
+
+def merge(root: Path, rec: Record) -> list[str]:
+    """Apply the approved attempt's changes to the main tree, exactly once (Conflict: nothing applied).
+    Caller holds the launch lock, and the task still holds its target files. Returns notes for the log."""
+    repo = Repo(root)
+    plan_dir = _merge_dir(root, rec.order, rec.task)
+    if not merging.pending(plan_dir, rec.serial):
+        base = repo.rev(_ref(rec.order, rec.task, "base"))
+        end = repo.rev(_ref(rec.order, rec.task, "end"))
+        if base is None or end is None:
+            raise Conflict(f"the start or end of attempt {rec.serial} ({_ref(rec.order, rec.task)}) is gone; "
+                           "nothing was merged", [])
+        try:
+            steps = merging.plan(repo, base, end, repo.changes(base, end))
+        except Conflict as exc:
+            kept = patch_path(root, rec.order, rec.task, rec.serial)
+            raise Conflict(f"{exc}\nThis attempt's changes are kept in {kept}; the next attempt starts from the "
+                           "main tree as it is now.", exc.paths) from None
+        merging.save(plan_dir, rec.serial, steps)
+    _seam("merge:0")
+    notes = merging.apply(repo.top, plan_dir, after_each=lambda n: _seam(f"merge:{n}"))
+    _log_merge(root, rec.targets)
+    return notes
+
+
+def _log_merge(root: Path, targets: list[str]) -> None:
+    """Note for the scope audits of shared tasks in flight that these targets were just written by a merge
+    (a worktree task may start and finish within a shared task's run, unseen by its audit otherwise). Only
+    lines newer than the oldest audit in flight are kept; with none in flight the log is dropped."""
+    log = _runtime(root) / "merged.log"
+    snapshots = [Path(r.scope_file) for r in Runtime(root).records() if not r.workspace]
+    oldest = min((p.stat().st_mtime_ns for p in snapshots if p.exists()), default=None)
+    if oldest is None:
+        log.unlink(missing_ok=True)
+        return
+    kept = [line for line in (log.read_text().splitlines() if log.exists() else [])
+            if int(line.split(" ", 1)[0]) >= oldest]
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in [*kept, f"{time.time_ns()} {json.dumps(targets)}"]))
+    os.replace(tmp, log)
+
+
+def merged_since(root: Path, since_ns: int) -> list[str]:
+    """Targets merged into the main tree by worktree tasks at or after `since_ns` (see _log_merge)."""
+    log = _runtime(root) / "merged.log"
+    found: list[str] = []
+    for line in log.read_text().splitlines() if log.exists() else []:
+        stamp, _, targets = line.partition(" ")
+        if int(stamp) >= since_ns:
+            found.extend(json.loads(targets))
+    return found
+
+
+def finished(root: Path, rec: Record) -> str | None:
+    """The task's final status (DONE, COMPLETED) is written: its worktree has served. Returns why it could not
+    be removed (the next `aipm run` or `aipm recover` tries again), else None."""
+    _seam("cleanup")
+    try:
+        remove(root, rec.order, rec.task)
+    except (WorkspaceError, OSError) as exc:
+        return f"worktree not removed yet: {exc}"
+    return None
+
+
+def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
+    """Remove a task's worktree, refs and merge plan (a pending plan is applied first: it was decided)."""
+    plan_dir = _merge_dir(root, order, task)
+    try:
+        repo = repo or Repo(root)
+    except WorkspaceError:
+        repo = None  # git gone or the repository deleted: only our directories are left to remove
+    if repo is not None:
+        if merging.pending(plan_dir):
+            merging.apply(repo.top, plan_dir)
+        repo.delete_refs(repo.refs(_ref(order, task)))
+        repo.remove_worktree(worktree_path(root, order, task))
+    shutil.rmtree(worktree_path(root, order, task), ignore_errors=True)
+    shutil.rmtree(plan_dir, ignore_errors=True)
+
+
+def sweep(root: Path, order: Order, everything: bool = False) -> list[str]:
+    """Tidy the order's workspaces after crashes: remove those of finished tasks (of every task not running,
+    with `everything`: `aipm recover`). Cheap when worktrees were never used. Returns the task ids tidied."""
+    if not everything and not (_runtime(root) / "worktrees").is_dir():
+        return []
+    by_name = {_name(t.id): t for t in order.tasks.values()}
+    names = set()
+    for base in (worktree_path(root, order.id, "x").parent, _merge_dir(root, order.id, "x").parent):
+        if base.is_dir():
+            names.update(p.name for p in base.iterdir())
+    try:
+        repo = Repo(root)
+    except WorkspaceError:
+        repo = None
+    if repo is not None:
+        names.update(ref.split("/")[3] for ref in repo.refs(f"refs/aipm/{_name(order.id)}/"))
+    tidied = []
+    for name in sorted(names):
+        task = by_name.get(name)
+        if task is not None and task.status in RUNNING:
+            continue
+        if task is None or task.status in FINISHED_OK or everything:
+            remove(root, order.id, task.id if task else name, repo)
+            tidied.append(task.id if task else name)
+    return tidied
+
+
+def prune(root: Path) -> None:
+    """Drop git's notes of worktrees whose directories were deleted (`git clean -fdx` of .aipm/, say), and the
+    temporary indexes of captures whose process was killed."""
+    for index in _scratch(root).glob("index.*"):
+        pid = index.name.split(".")[1]
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
+            index.unlink(missing_ok=True)
+    try:
+        Repo(root).git("worktree", "prune")
+    except WorkspaceError:
+        pass
+
+
+def diff(root: Path, order: str, task: str) -> tuple[str, bytes]:
+    """(where it comes from, patch): the running (or kept) worktree against its start, else the last patch."""
+    patches = sorted(patch_path(root, order, task, 0).parent.glob(f"{_name(task)}.*.patch"),
+                     key=lambda p: int(p.name.rsplit(".", 2)[-2]))
+    tree = worktree_path(root, order, task)
+    if tree.is_dir():
+        repo = Repo(root)
+        base = repo.rev(_ref(order, task, "base"))
+        if base is not None:
+            return f"worktree {tree}", repo.patch(base, repo.capture(tree, _scratch(root), None, ""))
+    if patches:
+        return str(patches[-1]), patches[-1].read_bytes()
+    raise WorkspaceError(f"{order}/{task}: no changes recorded; only a task that ran with workspace: worktree "
+                         "has them")

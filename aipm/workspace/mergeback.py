@@ -1,0 +1,275 @@
+"""Merging a task's changes back into the main tree: plan every file first, then apply the plan exactly once.
+
+Planning reads three states per changed path — the task's start (base), its end, and the main tree now — and
+decides: nothing to do (the main tree already holds the result), a plain write or delete (the main tree still
+holds the start), or a three-way merge (`git merge-file`) where a person changed the file meanwhile. Any
+conflict and nothing is written at all.
+
+Applying is resumable. The plan (each file's result, and digests of the state before and after) is written to
+`.aipm/merges/...` and made durable before the first file is touched; each file is then replaced atomically
+(temp file in its directory, fsync, rename, directory fsync) and its step number appended to a journal. After a
+crash the next owner applies the same plan again: a step in the journal, or whose file already holds its result,
+is skipped, so every change lands exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from aipm.workspace.repo import Change, Repo
+
+ABSENT = "000000"
+LINK, GITLINK = "120000", "160000"
+_TEMP = ".aipm-merge.tmp"  # suffix of our temp files in the user's tree: a crashed write leaves one, we remove it
+
+
+@dataclass(frozen=True)
+class State:
+    """What is at a path: a file (content, executable bit) or a symbolic link (target); None when nothing is."""
+
+    kind: str  # "file", "link" or "other" (a directory, a socket: never merged into)
+    data: bytes = b""
+    exec: bool = False
+
+    def digest(self) -> str:
+        head = f"{self.kind}:{int(self.exec)}:".encode()
+        return hashlib.sha256(head + self.data).hexdigest()
+
+
+def digest(state: State | None) -> str | None:
+    return None if state is None else state.digest()
+
+
+def read_state(path: Path) -> State | None:
+    try:
+        st = os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    if stat.S_ISLNK(st.st_mode):
+        return State("link", os.fsencode(os.readlink(path)))
+    if stat.S_ISREG(st.st_mode):
+        return State("file", path.read_bytes(), bool(st.st_mode & stat.S_IXUSR))
+    return State("other")
+
+
+def commit_state(repo: Repo, commit: str, path: str, mode: str) -> State | None:
+    if mode == ABSENT:
+        return None
+    if mode == LINK:
+        return State("link", repo.link(commit, path))
+    return State("file", repo.blob(commit, path), mode == "100755")
+
+
+@dataclass
+class Step:
+    path: str  # relative to the repository's top
+    before: str | None  # digest of the main tree's state when planned (None: nothing there)
+    after: str | None  # digest of the result (None: the path is deleted)
+
+
+class Conflict(Exception):
+    """The task's changes cannot be merged: the message says which paths and why (it becomes the feedback)."""
+
+    def __init__(self, message: str, paths: list[str]):
+        super().__init__(message)
+        self.paths = paths
+
+
+def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[tuple[Step, State | None]]:
+    """Steps (with each result) that bring the task's changes into the main tree; Conflict when impossible."""
+    steps: list[tuple[Step, State | None]] = []
+    problems: list[str] = []
+    details: list[str] = []
+    for change in changes:
+        if GITLINK in (change.old_mode, change.new_mode):
+            problems.append(f"{change.path}: a submodule; its changes are not merged back (commit them there)")
+            continue
+        old = commit_state(repo, base, change.path, change.old_mode)
+        new = commit_state(repo, end, change.path, change.new_mode)
+        now = read_state(repo.top / change.path)
+        if now == new:
+            continue  # already there (a person made the same change, or a crashed merge got this far)
+        if now == old:
+            steps.append((Step(change.path, digest(now), digest(new)), new))
+            continue
+        merged, why, text = _three_way(repo, old, now, new)
+        if merged is None:
+            problems.append(f"{change.path}: {why}")
+            if text:
+                details.append(f"--- {change.path}: the task's changes and the main tree's, with conflict markers\n"
+                               + text.decode("utf-8", "replace"))
+            continue
+        steps.append((Step(change.path, digest(now), digest(merged)), merged))
+    if problems:
+        message = ("merge conflict: the main tree changed since this attempt started, and its changes cannot be "
+                   "combined with the task's; nothing of this attempt was merged:\n"
+                   + "".join(f"  {p}\n" for p in problems) + "".join(f"\n{d}" for d in details))
+        raise Conflict(message, [p.split(": ", 1)[0] for p in problems])
+    # Deletions first: a path may turn from a directory into a file (or back) between start and end.
+    return sorted(steps, key=lambda s: (s[1] is not None, s[0].path))
+
+
+def _three_way(repo: Repo, old: State | None, now: State | None, new: State | None
+               ) -> tuple[State | None, str, bytes]:
+    """(merged state, "", b"") or (None, why not, the conflicted text when there is one)."""
+    if now is None:
+        return None, "deleted in the main tree since the task started, changed by the task", b""
+    if new is None:
+        return None, "changed in the main tree since the task started, deleted by the task", b""
+    if now.kind != "file" or new.kind != "file" or (old is not None and old.kind != "file"):
+        return None, "changed on both sides, and not a regular file on each", b""
+    ancestor = old.data if old is not None else b""
+    if b"\0" in ancestor + now.data + new.data:
+        return None, "a binary file changed on both sides", b""
+    with tempfile.TemporaryDirectory(prefix="aipm-merge-") as tmp:
+        names = []
+        for name, data in (("main", now.data), ("start", ancestor), ("task", new.data)):
+            Path(tmp, name).write_bytes(data)
+            names.append(str(Path(tmp, name)))
+        proc = subprocess.run(["git", "merge-file", "-p", "-L", "main tree", "-L", "task start", "-L", "task",
+                               *names], capture_output=True)
+    if proc.returncode != 0:
+        return None, "changed on both sides in overlapping lines", proc.stdout if proc.returncode > 0 else b""
+    # The executable bit follows whichever side changed it (the task's, when both did).
+    exec_bit = new.exec if old is None or new.exec != old.exec else now.exec
+    return State("file", proc.stdout, exec_bit), "", b""
+
+
+# -- the durable plan and its application -------------------------------------------------------------------
+
+
+def save(directory: Path, attempt: int, steps: list[tuple[Step, State | None]]) -> None:
+    """Write the plan so that it is complete on disk before any file of the user's is touched."""
+    if directory.exists():
+        shutil.rmtree(directory)
+    directory.mkdir(parents=True)
+    for i, (_, state) in enumerate(steps):
+        if state is not None:
+            _durable(directory / f"{i}.state", json.dumps({"kind": state.kind, "exec": state.exec}).encode()
+                     + b"\n" + state.data)
+    _durable(directory / "plan.json", json.dumps({"attempt": attempt,
+                                                  "steps": [asdict(s) for s, _ in steps]}).encode())
+    _fsync_dir(directory)
+
+
+def pending(directory: Path, attempt: int | None = None) -> bool:
+    """A saved plan (for `attempt`, when given) exists: it must be applied before anything else happens."""
+    data = _load(directory)
+    return data is not None and (attempt is None or data["attempt"] == attempt)
+
+
+def apply(top: Path, directory: Path, after_each=lambda steps_done: None) -> list[str]:
+    """Apply a saved plan, skipping what is already done. Returns notes on paths left alone (see below).
+
+    `after_each(n)` runs once n steps are done (the test seam that kills a merge midway hooks in there)."""
+    data = _load(directory)
+    if data is None:
+        return []
+    journal = directory / "applied"
+    done = set(journal.read_text().split()) if journal.exists() else set()
+    notes = []
+    with open(journal, "a") as log:
+        for i, raw in enumerate(data["steps"]):
+            step = Step(**raw)
+            target = top / step.path
+            _remove_temp(target)
+            if str(i) not in done:
+                now = digest(read_state(target))
+                if now == step.before:
+                    _put(target, _load_state(directory / f"{i}.state") if step.after else None, top)
+                elif now != step.after:
+                    # Changed by someone between a crash and this resumption: their bytes win; ours stay in the
+                    # attempt's patch.
+                    notes.append(f"{step.path}: changed in the main tree while the merge was interrupted; "
+                                 "left as it is")
+                log.write(f"{i}\n")
+                log.flush()
+                os.fsync(log.fileno())
+            after_each(i + 1)
+    return notes
+
+
+def _load(directory: Path) -> dict | None:
+    try:
+        return json.loads((directory / "plan.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _load_state(path: Path) -> State:
+    head, _, data = path.read_bytes().partition(b"\n")
+    meta = json.loads(head)
+    return State(meta["kind"], data, meta["exec"])
+
+
+def _put(target: Path, state: State | None, top: Path) -> None:
+    """Make `target` hold `state` (None: remove it) in one atomic step."""
+    if state is None:
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            pass
+        _fsync_dir(target.parent)
+        _prune_empty(target.parent, top)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + _TEMP)
+    tmp.unlink(missing_ok=True)
+    if state.kind == "link":
+        os.symlink(os.fsdecode(state.data), tmp)
+    else:
+        _durable(tmp, state.data)
+        mode = _mode(target)
+        os.chmod(tmp, mode | 0o111 if state.exec else mode & ~0o111)
+    os.replace(tmp, target)
+    _fsync_dir(target.parent)
+
+
+def _mode(target: Path) -> int:
+    """Keep a file's permission bits; a new file gets the usual ones (0666 less the umask)."""
+    try:
+        return stat.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        umask = os.umask(0)
+        os.umask(umask)
+        return 0o666 & ~umask
+
+
+def _prune_empty(directory: Path, top: Path) -> None:
+    """Remove directories a deletion left empty, as git does on checkout (never the top itself)."""
+    while directory != top and top in directory.parents:
+        try:
+            directory.rmdir()
+        except OSError:
+            return
+        directory = directory.parent
+
+
+def _remove_temp(target: Path) -> None:
+    try:
+        target.with_name(target.name + _TEMP).unlink()
+    except (FileNotFoundError, NotADirectoryError):
+        pass
+
+
+def _durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

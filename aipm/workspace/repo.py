@@ -1,0 +1,154 @@
+"""The git plumbing of worktree workspaces: capture a tree's content as a commit, refs, worktrees, diffs.
+
+Nothing here touches what the user owns: a capture uses a temporary index (GIT_INDEX_FILE), so the user's HEAD,
+branches, index and stash never change; every ref lives under refs/aipm/; hooks are switched off, so checking out
+a worktree runs none of the user's scripts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from aipm.errors import UserError
+
+RUNTIME_DIR = ".aipm"
+# Who "wrote" the capture commits (commit-tree needs an identity; the user's may not be configured).
+_IDENTITY = {"GIT_AUTHOR_NAME": "aipm", "GIT_AUTHOR_EMAIL": "aipm@localhost",
+             "GIT_COMMITTER_NAME": "aipm", "GIT_COMMITTER_EMAIL": "aipm@localhost"}
+_counter = itertools.count()
+
+
+class WorkspaceError(UserError):
+    """A worktree cannot be made or read (no git, not a repository, git refused): one line saying why."""
+
+
+@dataclass(frozen=True)
+class Change:
+    """One path that differs between two commits (`git diff-tree --raw`): modes as git writes them."""
+
+    path: str  # relative to the repository's top, "/"-separated
+    old_mode: str  # "000000" when the path is new
+    new_mode: str  # "000000" when the path was deleted
+
+
+class Repo:
+    """The git repository holding the project root `root`."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root).resolve()
+        if shutil.which("git") is None:
+            raise WorkspaceError(f"{self.root}: workspace: worktree needs git, which is not on PATH")
+        proc = self._run(self.root, ["rev-parse", "--show-toplevel", "--show-prefix"], check=False)
+        lines = proc.stdout.decode("utf-8", "surrogateescape").splitlines()
+        if proc.returncode != 0 or not lines:
+            raise WorkspaceError(f"{self.root}: workspace: worktree needs a git repository; run `git init` there "
+                                 "or use workspace: shared")
+        self.top = Path(lines[0])
+        self.prefix = lines[1] if len(lines) > 1 else ""  # the project root inside the repository: "" or "sub/"
+
+    # -- running git --------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _run(cwd: Path, args: list[str], env: dict[str, str] | None = None, check: bool = True,
+             stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        full = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C", **_IDENTITY)
+        for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX"):
+            full.pop(key, None)  # a caller's git hook environment must not redirect us
+        full.update(env or {})
+        proc = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", *args], cwd=cwd, env=full,
+                              capture_output=True, input=stdin)
+        if check and proc.returncode != 0:
+            why = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            raise WorkspaceError(f"{cwd}: git {args[0]} failed: {why[-1] if why else f'exit {proc.returncode}'}")
+        return proc
+
+    def git(self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
+            stdin: bytes | None = None) -> bytes:
+        return self._run(cwd or self.top, list(args), env, stdin=stdin).stdout
+
+    def rev(self, name: str) -> str | None:
+        """The commit a ref or revision names, or None when it does not exist."""
+        proc = self._run(self.top, ["rev-parse", "--verify", "--quiet", name + "^{commit}"], check=False)
+        return proc.stdout.decode().strip() or None
+
+    # -- capturing a tree ---------------------------------------------------------------------------------
+
+    def capture(self, tree_dir: Path, scratch: Path, parent: str | None, message: str) -> str:
+        """Commit what `tree_dir` (the main work tree or a worktree) holds now: tracked, modified and untracked
+        files that are not ignored. The index of `tree_dir` only seeds a temporary copy (its stat data spares
+        re-reading unchanged files); the runtime directory is always left out."""
+        top = self._run(tree_dir, ["rev-parse", "--show-toplevel"], check=False).stdout.decode().strip()
+        if top != str(tree_dir):  # a worker deleted the worktree's .git: git would find the main tree instead
+            raise WorkspaceError(f"{tree_dir} is no longer a git work tree of its own")
+        scratch.mkdir(parents=True, exist_ok=True)
+        index = scratch / f"index.{os.getpid()}.{next(_counter)}"
+        seed = tree_dir / self.git("rev-parse", "--git-path", "index", cwd=tree_dir).decode().strip()
+        try:
+            if seed.is_file():
+                shutil.copyfile(seed, index)
+            env = {"GIT_INDEX_FILE": str(index)}
+            self.git("add", "--all", "--", ":/", f":(top,exclude){self.prefix}{RUNTIME_DIR}", cwd=tree_dir, env=env)
+            tree = self.git("write-tree", cwd=tree_dir, env=env).decode().strip()
+        finally:
+            index.unlink(missing_ok=True)
+        if parent is None:
+            return tree  # a tree is enough for a diff that is only looked at
+        args = ["commit-tree", tree, "-m", message] + (["-p", parent] if parent else [])
+        return self.git(*args).decode().strip()
+
+    def head(self) -> str:
+        """The user's HEAD commit, or "" in a repository without commits (a capture then has no parent)."""
+        return self.rev("HEAD") or ""
+
+    # -- refs and worktrees -------------------------------------------------------------------------------
+
+    def set_ref(self, ref: str, commit: str) -> None:
+        self.git("update-ref", ref, commit)
+
+    def refs(self, prefix: str) -> list[str]:
+        out = self.git("for-each-ref", "--format=%(refname)", prefix).decode()
+        return out.split()
+
+    def delete_refs(self, refs: list[str]) -> None:
+        if refs:
+            self.git("update-ref", "--stdin", stdin="".join(f"delete {r}\n" for r in refs).encode())
+
+    def add_worktree(self, path: Path, commit: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.git("worktree", "add", "--detach", "--quiet", str(path), commit)
+
+    def remove_worktree(self, path: Path) -> None:
+        """Remove the worktree at `path` and git's note of it, whatever state a worker left it in."""
+        if path.exists():
+            self._run(self.top, ["worktree", "remove", "--force", "--force", str(path)], check=False)
+            shutil.rmtree(path, ignore_errors=True)
+        self.git("worktree", "prune")
+
+    # -- reading commits ----------------------------------------------------------------------------------
+
+    def changes(self, old: str, new: str) -> list[Change]:
+        """Every path whose content, mode or kind differs between two commits or trees (no rename pairing)."""
+        out = self.git("diff-tree", "-r", "-z", "--no-renames", "--raw", old, new).decode("utf-8", "surrogateescape")
+        fields = out.split("\0")
+        found = []
+        for meta, path in zip(fields[0::2], fields[1::2]):
+            if meta.startswith(":"):
+                old_mode, new_mode = meta[1:].split()[:2]
+                found.append(Change(path, old_mode, new_mode))
+        return found
+
+    def blob(self, commit: str, path: str) -> bytes:
+        """A file's content at `commit` as it is checked out (the repository's filters and line endings)."""
+        return self.git("cat-file", "--filters", f"{commit}:{path}")
+
+    def link(self, commit: str, path: str) -> bytes:
+        """A symbolic link's target at `commit`."""
+        return self.git("cat-file", "blob", f"{commit}:{path}")
+
+    def patch(self, old: str, new: str) -> bytes:
+        return self.git("diff", "--binary", "--no-renames", old, new)

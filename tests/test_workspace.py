@@ -1,0 +1,562 @@
+"""Issue 15: `workspace: worktree` — each task in its own git worktree, merged back without losing a byte.
+
+Every test runs the real CLI in a real git repository. Workers record what they saw in a journal outside the
+repository; the tests judge the journal, the main tree, the task files and git's own state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import Project, task_statuses, wait_for, write_task
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+IDENTITY = {"GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.com", "GIT_COMMITTER_NAME": "Test",
+            "GIT_COMMITTER_EMAIL": "test@example.com", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+
+
+def git(top: Path, *args: str) -> str:
+    return subprocess.run(["git", "--no-optional-locks", *args], cwd=top, check=True, capture_output=True,
+                          text=True).stdout
+
+
+def user_state(top: Path) -> dict:
+    """What belongs to the user and aipm must never change: HEAD, branches, tags, stash, the index."""
+    index = top / ".git" / "index"
+    return {
+        "head": git(top, "rev-parse", "HEAD"),
+        "symbolic": git(top, "symbolic-ref", "HEAD"),
+        "refs": git(top, "for-each-ref", "--format=%(refname) %(objectname)", "refs/heads", "refs/tags",
+                    "refs/stash"),
+        "stash": git(top, "stash", "list"),
+        "index_sha": hashlib.sha256(index.read_bytes()).hexdigest(),
+        "staged": git(top, "ls-files", "-s"),
+    }
+
+
+def aipm_leftovers(top: Path) -> dict:
+    """Worktrees other than the user's, and refs under refs/aipm/."""
+    worktrees = [line for line in git(top, "worktree", "list", "--porcelain").splitlines()
+                 if line.startswith("worktree ")]
+    return {"worktrees": worktrees[1:], "refs": git(top, "for-each-ref", "refs/aipm/").split()}
+
+
+@pytest.fixture
+def repo(tmp_path: Path, monkeypatch) -> Path:
+    """A git repository with history, a stash, a staged change and an unstaged one (the user's work)."""
+    for key, value in IDENTITY.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    monkeypatch.delenv("AIPM_WORKSPACE", raising=False)
+    top = tmp_path / "repo"
+    top.mkdir()
+    git(top, "init", "-q", "-b", "main")
+    (top / "src").mkdir()
+    for name in ("a", "b", "c", "d"):
+        (top / "src" / f"{name}.txt").write_text("".join(f"{name} line {i}\n" for i in range(1, 21)))
+    (top / ".gitignore").write_text(".env\nbuild/\n")
+    git(top, "add", ".")
+    git(top, "commit", "-q", "-m", "init")
+    (top / "src" / "d.txt").write_text("stashed\n")
+    git(top, "stash", "-q")
+    (top / "src" / "staged.txt").write_text("staged\n")
+    git(top, "add", "src/staged.txt")
+    return top
+
+
+def project_in(top: Path, *, sub: str = "", config: str = "workspace: worktree\n") -> Project:
+    root = top / sub if sub else top
+    root.mkdir(exist_ok=True)
+    project = Project(root)
+    (root / "aipm.yaml").write_text("max_workers: 5\n" + config)
+    return project
+
+
+def journal_lines(journal: Path) -> list[str]:
+    return journal.read_text().splitlines() if journal.exists() else []
+
+
+def wait_gate(gate: Path) -> str:
+    """Shell: wait until `gate` exists (bounded, so a broken test fails instead of hanging)."""
+    return f'i=0; while [ ! -e "{gate}" ] && [ $i -lt 2400 ]; do sleep 0.05; i=$((i+1)); done; '
+
+
+# -- 1. isolation, and a successor's view --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["worktree", "shared"])
+def test_concurrent_worktree_tasks_do_not_see_each_others_edits(repo, tmp_path, mode):
+    project = project_in(repo, config=f"workspace: {mode}\nscope_audit: false\n")
+    journal, gates = tmp_path / "journal", tmp_path / "gates"
+    gates.mkdir()
+    order = project.order()
+    for me, other in (("A", "B"), ("B", "A")):
+        write_task(order, me, target_files=[f"src/{me.lower()}.txt"], command=(
+            f'echo "marker {me}" >> src/{me.lower()}.txt; touch "{gates}/{me}"; ' + wait_gate(gates / other)
+            + f'if grep -q "marker {other}" src/{other.lower()}.txt; then s=yes; else s=no; fi; '
+            f'echo "{me} saw {other}: $s" >> "{journal}"'))
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stderr
+    seen = sorted(journal_lines(journal))
+    if mode == "shared":  # the control: the same workers in one tree do see each other
+        assert seen == ["A saw B: yes", "B saw A: yes"]
+        return
+    assert seen == ["A saw B: no", "B saw A: no"]
+    assert "marker A" in (repo / "src/a.txt").read_text()  # both merged back
+    assert "marker B" in (repo / "src/b.txt").read_text()
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+
+
+def test_successor_starts_from_its_dependencys_merged_edit(repo, tmp_path):
+    project = project_in(repo)
+    journal = tmp_path / "journal"
+    order = project.order()
+    write_task(order, "T1", target_files=["src/a.txt"], command="echo 'from T1' >> src/a.txt")
+    write_task(order, "T2", depends_on=["T1"], target_files=["src/b.txt"],
+               command=f'tail -n 1 src/a.txt >> "{journal}"; echo "from T2" >> src/b.txt')
+    assert project.aipm("run", "ORD").returncode == 0
+    assert journal_lines(journal) == ["from T1"]
+    assert (repo / "src/b.txt").read_text().endswith("from T2\n")
+    assert project.statuses() == {"T1": "DONE", "T2": "DONE"}
+
+
+# -- 2. the start state, the user's git state, setup and copy --------------------------------------------------
+
+
+def test_worktree_starts_from_what_the_user_sees_without_touching_their_git_state(repo, tmp_path):
+    (repo / "src" / "a.txt").write_text("uncommitted edit\n")
+    (repo / "src" / "new.txt").write_text("untracked\n")
+    (repo / ".env").write_text("SECRET=1\n")  # ignored, and copied in
+    (repo / "build").mkdir()
+    (repo / "build" / "out.o").write_text("ignored, not copied\n")
+    project = project_in(repo, sub="proj")
+    (project.root / ".env").write_text("PROJ=1\n")  # the project root's own ignored file, copied
+    (project.root / "aipm.yaml").write_text(
+        "max_workers: 5\nworkspace: worktree\nworkspace_copy: ['.env']\n"
+        f"workspace_setup: 'pwd > \"{tmp_path}/setup-cwd\"; cat .env > \"{tmp_path}/setup-env\"'\n")
+    git(repo, "add", "proj/aipm.yaml")  # staged: part of what the user sees
+    before = user_state(repo)
+    journal = tmp_path / "journal"
+    order = project.order()
+    write_task(order, "T", target_files=["out.txt"], command=(
+        f'{{ pwd; echo "root=$AIPM_ROOT"; echo "ws=$AIPM_WORKSPACE"; cat ../src/a.txt ../src/new.txt '
+        f'../src/staged.txt; cat .env; ls ../.env ../build 2>&1 | sed "s/^ls: //"; }} >> "{journal}"; '
+        'echo done > out.txt'))
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    tree = project.root / ".aipm" / "worktrees" / "ORD" / "T"
+    lines = journal_lines(journal)
+    assert lines[:3] == [str(tree / "proj"), f"root={tree / 'proj'}", f"ws={tree}"]
+    assert lines[3:7] == ["uncommitted edit", "untracked", "staged", "PROJ=1"]
+    assert "cannot access '../.env'" in lines[7] and "cannot access '../build'" in lines[8]
+    assert (tmp_path / "setup-cwd").read_text().strip() == str(tree / "proj")  # setup ran in the worktree
+    assert (tmp_path / "setup-env").read_text() == "PROJ=1\n"  # ... after the copy
+    assert (project.root / "out.txt").read_text() == "done\n"  # merged back at the same sub-path
+    assert user_state(repo) == before
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+    assert not tree.exists()
+
+
+def test_failed_setup_fails_the_attempt(repo, tmp_path):
+    project = project_in(repo, config="workspace: worktree\nworkspace_setup: 'exit 3'\n")
+    write_task(project.order(), "T", target_files=["src/a.txt"], command="echo ran >> src/a.txt")
+    assert project.aipm("run", "ORD").returncode == 1
+    assert project.statuses() == {"T": "FAILED"}
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "workspace_setup failed (exit 3)" in log and "attempt 1 ended: exit 3" in log
+    assert "ran" not in (repo / "src/a.txt").read_text()
+
+
+# -- 3. exact scope --------------------------------------------------------------------------------------------
+
+
+def test_out_of_scope_write_merges_nothing_and_names_the_paths(repo, tmp_path):
+    project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n")
+    before_a = (repo / "src/a.txt").read_bytes()
+    write_task(project.order(), "T", target_files=["src/a.txt"],
+               command="echo mine >> src/a.txt; echo stray > stray.txt; echo other >> src/b.txt")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1
+    assert project.statuses() == {"T": "REJECTED"}
+    feedback = (repo / ".aipm/feedback/ORD/T.txt").read_text()
+    assert "src/b.txt" in feedback and "stray.txt" in feedback and "src/a.txt" not in feedback
+    assert "nothing of this attempt was merged" in feedback
+    assert (repo / "src/a.txt").read_bytes() == before_a  # the in-scope change was not merged either
+    assert not (repo / "stray.txt").exists()
+    # The failed attempt stays inspectable until `aipm recover`.
+    shown = project.aipm("diff", "T")
+    assert shown.returncode == 0 and "+mine" in shown.stdout and "+stray" in shown.stdout
+    assert len(aipm_leftovers(repo)["worktrees"]) == 1
+    assert project.aipm("recover").returncode == 0
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+    assert "+mine" in project.aipm("diff", "T").stdout  # the attempt's patch is kept
+
+
+# -- 4. a person's concurrent edit ----------------------------------------------------------------------------
+
+
+def _gated_task(order: Path, tmp_path: Path, command_after_gate: str, **fields) -> None:
+    ready, gate = tmp_path / "ready", tmp_path / "gate"
+    write_task(order, "T", target_files=["src/a.txt"], command=(
+        f'if [ "$AIPM_ATTEMPT" = 1 ]; then touch "{ready}"; {wait_gate(gate)} fi; '
+        f'[ -n "$AIPM_REVIEW_FEEDBACK" ] && cp "$AIPM_REVIEW_FEEDBACK" "{tmp_path}/feedback-seen"; '
+        + command_after_gate), **fields)
+
+
+def _run_with_person(project: Project, tmp_path: Path, edit) -> subprocess.CompletedProcess:
+    """Start `aipm run`, let the person edit once the worker is running, then let the worker go on."""
+    run = subprocess.Popen([os.sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           cwd=project.root, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (tmp_path / "ready").exists())
+    edit()
+    (tmp_path / "gate").touch()
+    out, err = run.communicate(timeout=120)
+    return subprocess.CompletedProcess(run.args, run.returncode, out, err)
+
+
+def test_a_persons_edit_elsewhere_in_the_file_survives_a_clean_three_way_merge(repo, tmp_path):
+    project = project_in(repo)
+    _gated_task(project.order(), tmp_path, "sed -i 's/a line 18/a line 18 by the task/' src/a.txt")
+    shown = {}
+
+    def edit():
+        text = (repo / "src/a.txt").read_text()
+        (repo / "src/a.txt").write_text(text.replace("a line 2\n", "a line 2 by a person\n"))
+        shown["diff"] = project.aipm("diff", "T").stdout  # the running task's diff: its worktree so far
+
+    proc = _run_with_person(project, tmp_path, edit)
+    assert proc.returncode == 0, proc.stderr
+    text = (repo / "src/a.txt").read_text()
+    assert "a line 2 by a person\n" in text and "a line 18 by the task\n" in text
+    assert text.count("\n") == 20
+    assert project.statuses() == {"T": "DONE"}
+    assert shown["diff"] == ""  # the worker had not edited yet when the person did
+    assert "+a line 18 by the task" in project.aipm("diff", "T").stdout
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+
+
+def test_a_conflicting_edit_sends_the_task_back_with_the_conflict_and_keeps_the_patch(repo, tmp_path):
+    project = project_in(repo)
+    _gated_task(project.order(), tmp_path, 'sed -i "s/a line 5\\$/a line 5 by the task $AIPM_ATTEMPT/" src/a.txt',
+                review="true")
+    person = "a line 5 by a person\n"
+
+    def edit():
+        text = (repo / "src/a.txt").read_text()
+        (repo / "src/a.txt").write_text(text.replace("a line 5\n", person))
+
+    proc = _run_with_person(project, tmp_path, edit)
+    assert proc.returncode == 0, proc.stderr
+    data = yaml.safe_load((project.order() / "T.yaml").read_text())
+    assert (data["status"], data["attempts"], data["reworks"]) == ("COMPLETED", 2, 1)
+    seen = (tmp_path / "feedback-seen").read_text()  # what attempt 2 was told
+    assert "merge conflict" in seen and "src/a.txt" in seen and "<<<<<<<" in seen
+    patch = repo / ".aipm/patches/ORD/T.1.patch"
+    assert str(patch) in seen and "+a line 5 by the task 1" in patch.read_text()
+    # Attempt 2 started from the main tree with the person's edit: its sed found no "a line 5" to change.
+    text = (repo / "src/a.txt").read_text()
+    assert person in text and "by the task" not in text
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+
+
+# -- 5. file kinds -------------------------------------------------------------------------------------------
+
+
+def test_deletions_new_files_modes_symlinks_and_binaries_are_merged(repo, tmp_path):
+    (repo / "tool.sh").write_text("#!/bin/sh\necho hi\n")
+    (repo / "blob.bin").write_bytes(b"\0\1\2" * 100)
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/", "tool.sh", "blob.bin", "link", "newdir/"], command=(
+        "rm src/c.txt; mkdir -p newdir/deep && echo new > newdir/deep/n.txt; chmod +x tool.sh; "
+        "ln -s src/a.txt link; printf '\\000\\377' >> blob.bin; rm src/b.txt && mkdir src/b.txt && "
+        "echo inside > src/b.txt/f"))
+    assert project.aipm("run", "ORD").returncode == 0
+    assert not (repo / "src/c.txt").exists()
+    assert (repo / "newdir/deep/n.txt").read_text() == "new\n"
+    assert os.access(repo / "tool.sh", os.X_OK)
+    assert os.readlink(repo / "link") == "src/a.txt"
+    assert (repo / "blob.bin").read_bytes() == b"\0\1\2" * 100 + b"\0\377"
+    assert (repo / "src/b.txt/f").read_text() == "inside\n"
+    assert not list(repo.rglob("*.aipm-merge.tmp"))
+
+
+def test_not_a_git_repository_is_a_clear_launch_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    project = project_in(tmp_path / "plain")
+    write_task(project.order(), "T", target_files=["a.txt"], command="true")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1
+    assert "needs a git repository" in proc.stdout + proc.stderr
+    assert project.statuses() == {"T": "QUEUED"}
+
+
+# -- 6. settings ---------------------------------------------------------------------------------------------
+
+
+def test_workspace_setting_sources_and_bad_values(repo, tmp_path):
+    project = project_in(repo, config="")
+    config = project.json("config")["settings"]
+    assert config["workspace"] == {"value": "shared", "source": "default"}
+    env = {"AIPM_WORKSPACE": "worktree"}
+    assert project.json("config", env=env)["settings"]["workspace"]["source"] == "env AIPM_WORKSPACE"
+    # Inside a worker AIPM_WORKSPACE names its worktree: not a setting, so a nested aipm still works.
+    assert project.json("config", env={"AIPM_WORKSPACE": str(tmp_path)})["settings"]["workspace"]["value"] == "shared"
+    bad = project.aipm("config", env={"AIPM_WORKSPACE": "isolated"})
+    assert bad.returncode == 2 and "AIPM_WORKSPACE" in bad.stderr and "Traceback" not in bad.stderr
+    (project.root / "aipm.yaml").write_text("workspace_copy: ['/etc/passwd']\n")
+    bad = project.aipm("config")
+    assert bad.returncode == 2 and "workspace_copy" in bad.stderr and "relative" in bad.stderr
+    (project.root / "aipm.yaml").write_text("max_workers: 5\n")
+    write_task(project.order(), "T", workspace="sandbox", command="true")
+    before = (project.order() / "T.yaml").read_bytes()
+    bad = project.aipm("validate", "ORD")
+    assert bad.returncode == 2 and "T.yaml: workspace:" in bad.stderr
+    assert (project.order() / "T.yaml").read_bytes() == before
+
+
+def test_flag_and_task_choose_the_workspace(repo, tmp_path):
+    project = project_in(repo, config="")
+    journal = tmp_path / "journal"
+    order = project.order()
+    write_task(order, "W", target_files=["src/a.txt"], command=f'echo "W $AIPM_WORKSPACE" >> "{journal}"')
+    write_task(order, "S", workspace="shared", target_files=["src/b.txt"],
+               command=f'echo "S ${{AIPM_WORKSPACE:-none}} $PWD" >> "{journal}"')
+    assert project.aipm("run", "ORD", "--workspace", "worktree").returncode == 0
+    assert sorted(journal_lines(journal)) == [f"S none {repo}", f"W {repo / '.aipm/worktrees/ORD/W'}"]
+
+
+# -- 7. crashes ----------------------------------------------------------------------------------------------
+
+
+def _crash_order(project: Project) -> dict[str, list[str]]:
+    """Five tasks, two chains and a loner, each appending one line to each of its files: task id → its files."""
+    files = {"T1": ["src/a.txt", "src/b.txt"], "T2": ["src/a.txt", "src/c.txt"], "T3": ["src/d.txt"],
+             "T4": ["src/b.txt", "src/d.txt", "src/new.txt"], "T5": ["docs/x.txt"]}
+    deps = {"T2": ["T1"], "T4": ["T3", "T1"]}
+    for task, paths in files.items():
+        cmd = "; ".join(f"mkdir -p $(dirname {p}) && echo \"{task} wrote this\" >> {p}" for p in paths)
+        write_task(project.order(), task, target_files=paths, depends_on=deps.get(task, []), command=cmd)
+    return files
+
+
+def _check_exactly_once(repo: Path, files: dict[str, list[str]]) -> None:
+    for task, paths in files.items():
+        for p in paths:
+            assert (repo / p).read_text().count(f"{task} wrote this\n") == 1, (task, p)
+    assert not list(repo.rglob("*.aipm-merge.tmp"))
+
+
+@pytest.mark.parametrize("point", ["prepare", "merge:0", "merge:1", "merge:2", "cleanup"])
+def test_sigkill_of_run_at_a_seam_then_rerun_merges_every_change_exactly_once(repo, point):
+    project = project_in(repo)
+    files = _crash_order(project)
+    before = user_state(repo)
+    killed = project.aipm("run", "ORD", env={"AIPM_TEST_KILL_AT": point})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert set(project.statuses().values()) == {"DONE"}
+    _check_exactly_once(repo, files)
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+    assert not list((repo / ".aipm" / "worktrees").rglob("*.txt"))
+    assert user_state(repo) == before
+
+
+def test_sigkill_of_run_while_workers_run_then_rerun(repo, tmp_path):
+    project = project_in(repo, config="workspace: worktree\nreview:\n  command: 'true'\n")
+    gate = tmp_path / "gate"
+    files = {"T1": ["src/a.txt"], "T2": ["src/b.txt"], "T3": ["src/c.txt"]}
+    for task, paths in files.items():
+        write_task(project.order(), task, target_files=paths,
+                   command=f'touch "{tmp_path}/{task}.ready"; {wait_gate(gate)} echo "{task} wrote this" >> {paths[0]}')
+    before = user_state(repo)
+    run = subprocess.Popen([os.sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           cwd=project.root, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: all((tmp_path / f"{t}.ready").exists() for t in files))
+    run.kill()
+    run.wait()
+    gate.touch()
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert set(project.statuses().values()) == {"COMPLETED"}
+    _check_exactly_once(repo, files)
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+    assert user_state(repo) == before
+
+
+# -- 8. detached owners, review, diff ------------------------------------------------------------------------
+
+
+def test_detached_launch_runs_reviews_and_merges_in_worktrees(repo, tmp_path):
+    project = project_in(repo)
+    journal = tmp_path / "journal"
+    order = project.order()
+    write_task(order, "T1", target_files=["src/a.txt"], command="echo T1 >> src/a.txt",
+               review=f'echo "review $PWD $(tail -n 1 src/a.txt)" >> "{journal}"')
+    write_task(order, "T2", depends_on=["T1"], target_files=["src/b.txt"],
+               command=f'echo "T2 sees $(tail -n 1 src/a.txt)" >> "{journal}"; echo T2 >> src/b.txt')
+    assert project.aipm("launch", "ORD", "--workspace", "worktree").returncode == 0
+    wait_for(lambda: task_statuses(order) == {"T1": "COMPLETED", "T2": "DONE"})
+    wait_for(lambda: aipm_leftovers(repo) == {"worktrees": [], "refs": []})
+    assert journal_lines(journal) == [f"review {repo / '.aipm/worktrees/ORD/T1'} T1", "T2 sees T1"]
+    assert (repo / "src/b.txt").read_text().endswith("T2\n")
+
+
+def test_diff_of_a_shared_task_says_why_there_is_none(repo):
+    project = project_in(repo, config="")
+    write_task(project.order(), "T", target_files=["src/a.txt"], command="true")
+    proc = project.aipm("diff", "T")
+    assert proc.returncode == 2 and "workspace: worktree" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_a_worker_that_breaks_its_worktree_merges_nothing(repo):
+    project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n")
+    write_task(project.order(), "T", target_files=["src/a.txt"],
+               command=f"echo broken >> src/a.txt; rm {repo}/.aipm/worktrees/ORD/T/.git")
+    before = (repo / "src/a.txt").read_bytes()
+    assert project.aipm("run", "ORD").returncode == 1
+    assert project.statuses() == {"T": "REJECTED"}
+    assert "no longer a git work tree" in (repo / ".aipm/feedback/ORD/T.txt").read_text()
+    assert (repo / "src/a.txt").read_bytes() == before
+    assert project.aipm("recover").returncode == 0
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+
+
+# -- 9. the merge plan, directly -----------------------------------------------------------------------------
+
+
+def _commits(repo: Path, edits: dict[str, str | None]) -> tuple:
+    """(Repo, base, end): base = the tree now, end = the tree with `edits` (None deletes), main tree restored."""
+    from aipm.workspace.repo import Repo
+
+    r = Repo(repo)
+    scratch = repo / ".aipm" / "tmp"
+    base = r.capture(repo, scratch, r.head(), "base")
+    saved = {p: (repo / p).read_bytes() if (repo / p).exists() else None for p in edits}
+    for p, text in edits.items():
+        if text is None:
+            (repo / p).unlink()
+        else:
+            (repo / p).write_text(text)
+    end = r.capture(repo, scratch, base, "end")
+    for p, data in saved.items():
+        if data is None:
+            (repo / p).unlink(missing_ok=True)
+        else:
+            (repo / p).write_bytes(data)
+    return r, base, end
+
+
+def test_a_saved_plan_resumes_without_repeating_a_step_and_leaves_a_persons_later_edit(repo):
+    from aipm.workspace import mergeback as merge
+
+    r, base, end = _commits(repo, {"src/a.txt": "A\n", "src/b.txt": "B\n", "src/c.txt": None, "src/n.txt": "N\n"})
+    steps = merge.plan(r, base, end, r.changes(base, end))
+    assert [s.path for s, _ in steps] == ["src/c.txt", "src/a.txt", "src/b.txt", "src/n.txt"]  # deletions first
+    plan_dir = repo / ".aipm" / "merges" / "x"
+    merge.save(plan_dir, 1, steps)
+    assert merge.pending(plan_dir, 1) and not merge.pending(plan_dir, 2)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(n):
+        if n == 2:
+            raise Stop
+
+    with pytest.raises(Stop):  # as if killed after two files
+        merge.apply(repo, plan_dir, after_each=stop_after_two)
+    assert not (repo / "src/c.txt").exists() and (repo / "src/a.txt").read_text() == "A\n"
+    assert (repo / "src/b.txt").read_text().startswith("b line 1")
+    (repo / "src/a.txt").write_text("a person, after the step\n")  # journalled: must not be redone
+    (repo / "src/b.txt").write_text("a person, during the crash\n")  # not yet applied, changed meanwhile
+    notes = merge.apply(repo, plan_dir)
+    assert (repo / "src/a.txt").read_text() == "a person, after the step\n"
+    assert (repo / "src/b.txt").read_text() == "a person, during the crash\n"
+    assert notes == ["src/b.txt: changed in the main tree while the merge was interrupted; left as it is"]
+    assert (repo / "src/n.txt").read_text() == "N\n"
+    assert merge.apply(repo, plan_dir) == []  # a third time: nothing left to do
+
+
+def test_plan_refuses_overlapping_edits_and_touches_nothing(repo):
+    from aipm.workspace import mergeback as merge
+
+    r, base, end = _commits(repo, {"src/a.txt": "task\n", "src/b.txt": "b line 1 task\n"})
+    (repo / "src/a.txt").write_text("person\n")
+    before = {p: (repo / p).read_bytes() for p in ("src/a.txt", "src/b.txt")}
+    with pytest.raises(merge.Conflict) as caught:
+        merge.plan(r, base, end, r.changes(base, end))
+    assert caught.value.paths == ["src/a.txt"]
+    assert "<<<<<<< main tree" in str(caught.value) and ">>>>>>> task" in str(caught.value)
+    assert {p: (repo / p).read_bytes() for p in before} == before
+
+
+# -- 10. a random mixed order, killed again and again --------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_mixed_order_killed_at_every_seam_keeps_the_invariants(repo, tmp_path, seed):
+    import random
+
+    from invariants import check, journal_command
+
+    # The shared audit is off: it can charge a worktree task's merge to a shared task running the whole time
+    # (a documented limit of that audit, not of the merge under test here).
+    project = project_in(repo, config="scope_audit: false\n")
+    rng = random.Random(seed)
+    pool = [f"src/{n}.txt" for n in "abcd"] + ["docs/", "src/"]
+    journal = tmp_path / "journal"
+    order = project.order()
+    writes: dict[str, list[str]] = {}
+    for i in range(10):
+        tid = f"T{i}"
+        targets = rng.sample(pool, k=rng.randint(1, 2))
+        writes[tid] = [t + f"{tid}.txt" if t.endswith("/") else t for t in targets]
+        work = "; ".join(f'mkdir -p $(dirname {p}) && echo "{tid} wrote this" >> {p}' for p in writes[tid])
+        write_task(order, tid, target_files=targets, workspace=rng.choice(["shared", "worktree"]),
+                   depends_on=sorted(rng.sample([f"T{j}" for j in range(i)], k=min(i, rng.randint(0, 2)))),
+                   command=journal_command(journal, work))
+    before = user_state(repo)
+    deaths = 0
+    for point in ("merge:1", "prepare", "merge:0", "cleanup", "merge:2"):
+        proc = project.aipm("run", "ORD", "--max-workers", "3", env={"AIPM_TEST_KILL_AT": point})
+        deaths += proc.returncode == -signal.SIGKILL
+    assert deaths >= 3  # the seams were reached: the order did not just run through
+    proc = project.aipm("run", "ORD", "--max-workers", "3")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert set(project.statuses().values()) == {"DONE"}
+    assert check(journal, order, max_workers=3, root=project.root) == []
+    _check_exactly_once(repo, writes)
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+    assert user_state(repo) == before
+
+
+def test_a_merge_within_a_shared_tasks_run_is_not_charged_to_the_shared_task(repo, tmp_path):
+    project = project_in(repo, config="")  # shared by default, with the scope audit on
+    gate = tmp_path / "gate"
+    order = project.order()
+    write_task(order, "S", priority="P0", target_files=["src/b.txt"],
+               command=wait_gate(gate) + "echo S >> src/b.txt")
+    write_task(order, "W", workspace="worktree", target_files=["src/a.txt"], command="echo W >> src/a.txt")
+    run = subprocess.Popen([os.sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           cwd=project.root, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: task_statuses(order)["W"] == "DONE")  # started after S, merged while S still runs
+    gate.touch()
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, out + err
+    assert project.statuses() == {"S": "DONE", "W": "DONE"}
+    shared = yaml.safe_load((order / "S.yaml").read_text())
+    assert (shared["attempts"], shared.get("reworks", 0)) == (1, 0)  # not sent back for W's merge
+    assert (repo / "src/a.txt").read_text().endswith("W\n") and (repo / "src/b.txt").read_text().endswith("S\n")
