@@ -12,7 +12,7 @@ import psutil
 import typer
 from rich.table import Table
 
-from aipm import outcome, workspace
+from aipm import workspace
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json
 from aipm.errors import UserError
