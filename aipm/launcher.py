@@ -15,14 +15,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import runner, scope
+from aipm import locks, runner, scope
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
-from aipm.plan import Busy, Plan, plan
+from aipm.plan import Busy, ForeignLock, Plan, plan
 from aipm.project import Project
 from aipm.resources import ResourceMonitor
-from aipm.runtime import LockBusy, Record, Runtime, process_ctime, read_exit_file
+from aipm.runtime import Record, Runtime, process_ctime, read_exit_file
 from aipm.settings import Settings
 from aipm.store import StaleWrite, load_task, now, update_task
 from aipm.view import OrderView
@@ -57,7 +57,9 @@ class Launcher:
         self.settings = settings
         self.options = options or Options()
         self.runtime = Runtime(project.root)
+        self.holdings = locks.Holdings(self.runtime.state)
         self.monitor = monitor
+        self.detached: set[int] = set()  # owners we started (`aipm.work`): never mistaken for strays
         if monitor is None and settings.enable_monitoring:
             self.monitor = ResourceMonitor(settings.max_cpu_percent, settings.max_memory_percent)
 
@@ -76,6 +78,13 @@ class Launcher:
                 if rec.order == order.id:
                     live.add(rec.task)
         return busy, live, count
+
+    def outside(self, records: Iterable[Record]) -> list[ForeignLock]:
+        """Target locks held by processes no record accounts for: a daemon a finished worker left, another tool.
+        They keep their files busy like a running task until they are released."""
+        nodes = locks.lock_nodes(normalize(t) for rec in records for t in rec.targets)
+        explained = {locks.node_file(n) if n else "" for n in nodes}
+        return [ForeignLock(pids, held) for pids, held in self.holdings.outside(explained)]
 
     def records(self) -> list[Record]:
         """Worker records, without the leftovers of owners killed after their task's final write.
@@ -118,10 +127,12 @@ class Launcher:
             records = report.records = self.records()
             busy, live, live_count = self.holders(order, records)
             free = max(0, self.settings.max_workers - live_count)
+            outside = self.outside(records)
             if explain:
-                result = plan(order, busy, live, free, view.ordering())
+                result = plan(order, busy, live, free, view.ordering(), outside=outside)
             else:  # the hot path: only ready tasks, indexed by the view
-                result = plan(order, busy, live, free, view.ready_ordering(), explain=False, running=view.running)
+                result = plan(order, busy, live, free, view.ready_ordering(), explain=False, running=view.running,
+                              outside=outside)
             report.order = order
             report.plan = result
             wanted = [t for t in result.launchable if only is None or t.id in only]
@@ -136,6 +147,9 @@ class Launcher:
                     continue
                 try:
                     rec = self.start(order, task, owner, view)
+                except LaunchBusy as exc:  # locked since we planned, or a glob's directory lock: wait for it
+                    report.deferred.append({"id": task.id, "reason": "file_busy", "detail": str(exc)})
+                    continue
                 except LaunchFailed as exc:
                     report.failed.append({"id": task.id, "error": str(exc)})
                     continue
@@ -155,9 +169,10 @@ class Launcher:
         if program:
             raise LaunchFailed(f"{task.id}: program {program!r} not found on PATH; install it or fix `command`")
         try:
-            fds = rt.take_locks(task.targets)
-        except LockBusy as exc:
-            raise LaunchFailed(str(exc)) from None
+            fds = locks.take(rt.state, task.targets)
+        except locks.LockBusy as exc:
+            holder = next((f.holder for f in self.outside(self.records()) if exc.node in dict(f.nodes)), None)
+            raise LaunchBusy(f"{exc.node or '.'} is held by {holder}" if holder else str(exc)) from None
         attempt = task.attempts + 1
         rec = Record(
             order=order.id, order_dir=order.path, task=task.id, task_file=task.path, attempt=attempt,
@@ -239,6 +254,7 @@ class Launcher:
             for fd in fds:
                 os.set_inheritable(fd, False)
         rec.owner_pid, rec.owner_ctime = pid, process_ctime(pid)
+        self.detached.add(pid)
 
     # -- recovery --------------------------------------------------------------------------------------
 
@@ -302,6 +318,10 @@ def remove_temp_files(order_dir: Path) -> None:
 
 class LaunchFailed(Exception):
     pass
+
+
+class LaunchBusy(LaunchFailed):
+    """A target lock is held: the task waits, it did not fail."""
 
 
 class Owner:

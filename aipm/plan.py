@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task, natural_key
-from aipm.paths import Target, first_overlap
+from aipm.paths import Target, first_overlap, lock_overlap, lock_prefix, nodes_related
 
 # Reason codes, stable for --json consumers.
 NOT_QUEUED = "not_queued"
@@ -20,6 +20,7 @@ NEVER = "dependency_cannot_finish"
 FILE_BUSY = "file_busy"
 FILE_CHOSEN = "file_conflict_in_round"
 LIMIT = "worker_limit"
+FILE_HELD = "file_held_outside"  # a lock held by a process that is no aipm worker (e.g. a daemon a worker left)
 
 
 @dataclass(frozen=True)
@@ -32,17 +33,51 @@ class Busy:
 
 
 @dataclass(frozen=True)
+class ForeignLock:
+    """Lock nodes (path, exclusive?) held by processes that no worker record accounts for."""
+
+    pids: tuple[int, ...]
+    nodes: tuple[tuple[str, bool], ...]
+
+    def conflict(self, targets: tuple[Target, ...]) -> str | None:
+        """The held path that keeps `targets` out (as the kernel would), or None."""
+        for target in targets:
+            mine = lock_prefix(target)
+            for node, exclusive in self.nodes:
+                # Exclusive: any path above or below it (even a holder that skipped the shared directory locks);
+                # shared (a directory above a held file): only a task that wants that directory whole.
+                if mine == node or (exclusive and nodes_related(node, mine)):
+                    return self.path_near(mine)
+        return None
+
+    def path_near(self, mine: str) -> str:
+        """The holder's exclusive path closest to `mine`, as a person would name it."""
+        held = [n for n, ex in self.nodes if ex] or [n for n, _ in self.nodes]
+        near = [n for n in held if nodes_related(n, mine)]
+        return (near or held)[0] or "."
+
+    @property
+    def holder(self) -> str:
+        if not self.pids:
+            return "another process (not an aipm worker)"
+        return f"{'pid' if len(self.pids) == 1 else 'pids'} {', '.join(map(str, self.pids))}, not an aipm worker"
+
+
+@dataclass(frozen=True)
 class Blocked:
     id: str
     reason: str
     detail: str
     tasks: tuple[str, ...] = ()  # the tasks it is waiting on or conflicts with
     path: str | None = None  # the conflicting path, for file reasons
+    pids: tuple[int, ...] = ()  # processes holding it, when they are no aipm workers
 
     def as_dict(self) -> dict:
         out = {"id": self.id, "reason": self.reason, "detail": self.detail, "tasks": list(self.tasks)}
         if self.path is not None:
             out["path"] = self.path
+        if self.pids:
+            out["pids"] = list(self.pids)
         return out
 
 
@@ -51,6 +86,7 @@ class Plan:
     launchable: list[Task] = field(default_factory=list)
     blocked: dict[str, Blocked] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)
+    waiting: list[Blocked] = field(default_factory=list)  # held outside aipm: listed even when not explaining
 
     def summary(self, order: Order) -> dict[str, int]:
         reasons = [b.reason for b in self.blocked.values()]
@@ -59,7 +95,7 @@ class Plan:
             "queued": sum(t.status == Status.QUEUED for t in order.tasks.values()),
             "launchable": len(self.launchable),
             "blocked_by_dependencies": reasons.count(WAITING) + reasons.count(NEVER),
-            "blocked_by_files": reasons.count(FILE_BUSY) + reasons.count(FILE_CHOSEN),
+            "blocked_by_files": reasons.count(FILE_BUSY) + reasons.count(FILE_CHOSEN) + reasons.count(FILE_HELD),
             "blocked_by_worker_limit": reasons.count(LIMIT),
             "stale": len(self.stale),
         }
@@ -138,6 +174,7 @@ def plan(
     ordering: list[str] | None = None,
     explain: bool = True,
     running: Collection[str] | None = None,
+    outside: Iterable[ForeignLock] = (),
 ) -> Plan:
     """Decide what may start now.
 
@@ -148,6 +185,7 @@ def plan(
     ordering  -- ids to consider, in rank order (default: every task, `ranked(order)`)
     explain   -- False stops at the first full round (the supervisor's hot path needs no reasons)
     running   -- ids of this order's IN_PROGRESS/IN_REVIEW tasks, when the caller indexes them
+    outside   -- locks held by processes that are not aipm workers
     """
     result = Plan()
     busy: list[tuple[str, tuple[Target, ...]]] = [
@@ -184,19 +222,23 @@ def plan(
                 states = ", ".join(f"{d} ({deps[d].status})" for d in waiting)
                 result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
             continue
-        for holders, reason, words in (
-            (busy, FILE_BUSY, "{path} is held by running task {other}"),
-            ([(c.id, c.targets) for c in chosen], FILE_CHOSEN, "{path} overlaps {other}, which starts first this round"),
-        ):
-            hit = _conflict(task, holders)
-            if hit:
-                break
+        hit = _conflict(task, busy)
+        reason, words = FILE_BUSY, "{path} is held by running task {other}"
+        if not hit:
+            hit = _held_outside(task, outside)
+            reason, words = FILE_HELD, "{path} is held by {other}"
+        if not hit:
+            hit = _conflict(task, [(c.id, c.targets) for c in chosen])
+            reason, words = FILE_CHOSEN, "{path} overlaps {other}, which starts first this round"
         if hit:
+            other, path = hit
+            if reason == FILE_HELD:
+                blocked = Blocked(task.id, reason, words.format(path=path, other=other.holder), (), path, other.pids)
+                result.waiting.append(blocked)
+            else:
+                blocked = Blocked(task.id, reason, words.format(path=path, other=other), (other,), path)
             if explain:
-                other, path = hit
-                result.blocked[task.id] = Blocked(
-                    task.id, reason, words.format(path=path, other=other), (other,), path
-                )
+                result.blocked[task.id] = blocked
             continue
         if len(chosen) >= slots:
             if not explain:
@@ -209,6 +251,8 @@ def plan(
 
 
 def _conflict(task: Task, holders: list[tuple[str, tuple[Target, ...]]]) -> tuple[str, str] | None:
+    """The first holder whose targets overlap the task's, or whose kernel locks would (a glob locks its whole
+    fixed directory), as (holder, the paths in words)."""
     if not task.targets:
         return None
     for owner, targets in holders:
@@ -216,10 +260,24 @@ def _conflict(task: Task, holders: list[tuple[str, tuple[Target, ...]]]) -> tupl
         if pair:
             mine, theirs = pair
             return owner, str(theirs) if str(mine) == str(theirs) else f"{mine} ↔ {theirs}"
+        pair = first_overlap(task.targets, targets, lock_overlap)
+        if pair:
+            mine, theirs = pair
+            glob = mine if mine.is_glob else theirs
+            return owner, f"{mine} ↔ {theirs} (a glob locks all of {lock_prefix(glob) or '.'}/)"
     return None
 
 
-def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Busy] = ()) -> list[Blocked]:
+def _held_outside(task: Task, outside: Iterable[ForeignLock]) -> tuple[str, str] | None:
+    for lock in outside if task.targets else ():
+        path = lock.conflict(task.targets)
+        if path:
+            return lock, path
+    return None
+
+
+def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Busy] = (),
+                outside: Iterable[ForeignLock] = ()) -> list[Blocked]:
     """Every reason `task_id` cannot start (the plan records only the first), for `aipm why`."""
     task = order.tasks[task_id]
     first = result.blocked.get(task_id)
@@ -245,6 +303,10 @@ def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Bu
         hit = _conflict(task, [(owner, targets)])
         if hit:
             reasons.append(Blocked(task_id, FILE_BUSY, f"{hit[1]} is held by running task {owner}", (owner,), hit[1]))
+    for lock in outside if task.targets else ():
+        path = lock.conflict(task.targets)
+        if path:
+            reasons.append(Blocked(task_id, FILE_HELD, f"{path} is held by {lock.holder}", (), path, lock.pids))
     if first.reason in (FILE_CHOSEN, LIMIT):
         reasons.append(first)
     return reasons or [first]

@@ -13,9 +13,11 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aipm import runner, scope
+from aipm import runner, scope, subreaper
 from aipm.finish import after_review, after_work, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
+from aipm.locks import lock_holders, lock_nodes, node_path
+from aipm.paths import normalize
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.runtime import Record, process_ctime, read_exit_file
 from aipm.store import load_task, update_task
@@ -42,6 +44,9 @@ class Supervisor(Owner):
         # Events wait here while the launch lock is held: a stalled reader of our output must never stall the
         # whole project (every other aipm command needs that lock).
         self.outbox: list[dict] = []
+        # Orphans of our workers come to us instead of init, so they can be ended with their attempt.
+        subreaper.become_subreaper()
+        self.adopted: set[str] = set()  # keys of workers that are not our children
 
     # -- Owner interface (called under the launch lock) -----------------------------------------------
 
@@ -66,6 +71,7 @@ class Supervisor(Owner):
     def adopt(self, rec: Record) -> None:
         rec.owner_pid, rec.owner_ctime = self.me
         self.rt.write_record(rec)
+        self.adopted.add(rec.key)
         self._own(rec)
         self.outbox.append({"event": "adopted", "task": rec.task, "order": rec.order, "pid": rec.pid})
 
@@ -126,6 +132,7 @@ class Supervisor(Owner):
         if rec.pid:
             # The attempt is over: a straggler left in its group would hold the file locks and keep writing.
             runner.kill_group(rec.pgid)
+            self.end_strays(rec)
         with self.rt.launch_lock():
             try:
                 return self._apply(rec, code, timed_out)
@@ -256,6 +263,44 @@ class Supervisor(Owner):
         Path(rec.scope_file).unlink(missing_ok=True)
         self.rt.remove_record(rec.order, rec.task)
         self.owned.pop(rec.key, None)
+        self.adopted.discard(rec.key)
+
+    # -- strays: what an attempt left running outside its process group (see subreaper.py) -------------------
+
+    def end_strays(self, rec: Record | None = None) -> None:
+        """End the processes `rec`'s attempt left behind; with no `rec`, every stray below us."""
+        ours = {r.pid for r in self.owned.values() if r.pid}
+        mine = [pid for pid in subreaper.children(os.getpid()) if pid not in ours]
+        adopted = rec is not None and rec.key in self.adopted
+        if not mine and not adopted:
+            return  # the usual case: nothing left its worker
+        known = ours | self.launcher.detached | {p for r in self.rt.records() for p in (r.pid, r.owner_pid) if p}
+        below = subreaper.strays(os.getpid(), known)
+        if rec is None:
+            doomed = below
+        else:
+            mark = subreaper.marker(str(self.rt.root), rec.order, rec.task, rec.attempt)
+            others = any(key != rec.key for key in self.owned)
+            doomed = subreaper.marked(mark, below) + self._lock_holders(rec, below) if others else below
+            if adopted:  # its daemons were never below us: find them by their marker
+                doomed += [pid for pid in subreaper.marked(mark) if pid not in known and pid != os.getpid()]
+        if doomed:
+            ended = subreaper.end(doomed)
+            if rec is not None:
+                append_log(rec.log, f"ended {len(ended)} process(es) the attempt left running outside its "
+                                    f"process group: pids {', '.join(map(str, ended))}")
+
+    def _lock_holders(self, rec: Record, pids: list[int]) -> list[int]:
+        """Which of `pids` hold one of the attempt's own (exclusive) lock files."""
+        inodes = set()
+        for node, exclusive in lock_nodes(normalize(t) for t in rec.targets).items():
+            try:
+                if exclusive:
+                    inodes.add(os.stat(node_path(self.rt.state, node)).st_ino)
+            except OSError:
+                continue
+        held = lock_holders(inodes, str(self.rt.state), pids) if inodes and pids else {}
+        return sorted({pid for pids in held.values() for pid in pids})
 
     # -- stopping ------------------------------------------------------------------------------------
 
@@ -271,6 +316,7 @@ class Supervisor(Owner):
                 runner.wait_gone(rec.pid, max(0.0, deadline - time.time()))
                 runner.kill_group(rec.pgid)
                 runner.reap(rec.pid)
+        self.end_strays()
         stopped = []
         with self.rt.launch_lock():
             for rec in list(self.owned.values()):
@@ -323,6 +369,7 @@ def _finish(sup: Supervisor, keys: list[str]) -> None:
 
 
 FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now
+HELD_RECHECK = 5.0  # seconds: a lock held outside aipm may be released without its holder exiting
 
 
 def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str]) -> bool:
@@ -360,6 +407,8 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     if view.fd is not None:
         sup.watcher.watch_fd(view.fd, "files")
     foreign: set[str] = set()
+    holders: set[int] = set()  # pids holding locks outside aipm that tasks wait for (watched: their exit wakes us)
+    waiting_before: list[tuple[str, str]] = []
     deferred_before: list[str] = []
     recover = True  # at start, and whenever another owner's process ends (it may have died)
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
@@ -388,13 +437,22 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
             if deferred != deferred_before and deferred:
                 emit({"event": "deferred", "tasks": deferred, "detail": report.deferred[0]["detail"]})
             deferred_before = deferred
+            waiting = report.plan.waiting
+            if [(b.id, b.detail) for b in waiting] != waiting_before:
+                for blocked in waiting:
+                    emit({"event": "waiting", "task": blocked.id, "detail": blocked.detail, "pids": list(blocked.pids)})
+            waiting_before = [(b.id, b.detail) for b in waiting]
+            for pid in {p for b in waiting for p in b.pids} - holders:
+                if sup.watcher.watch_pid(pid, ("holder", pid)):
+                    holders.add(pid)
             finishing = _watch_foreign(sup, report.records, foreign)
             if only:
                 if f"{order.id}/{only}" not in sup.owned:
                     break  # finished, failed for good, or never launchable
-            elif not sup.owned and not foreign and not deferred and not finishing:
+            elif not sup.owned and not foreign and not deferred and not finishing and not waiting:
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
-            timeout = RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing else None
+            timeout = (RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing
+                       else HELD_RECHECK if waiting else None)
             ready = []
             keys = sup.wait(timeout)
             while keys == ["files"]:
@@ -407,6 +465,9 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
                     sup.watcher.forget(key)
                     foreign.discard(key)
                     recover = True
+                elif isinstance(key, tuple):  # a lock holder outside aipm exited: plan again
+                    sup.watcher.forget(key)
+                    holders.discard(key[1])
                 elif key not in ("signal", "files"):
                     ready.append(key)
         if ready:  # ended just as we were stopped: their real outcome still counts
@@ -424,5 +485,6 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
             return 0 if order.tasks[only].status in FINISHED_OK else 1
         return 0 if all_done(order) else 1
     finally:
+        sup.end_strays()  # nothing an attempt started outlives the run
         stop.close()
         sup.close()

@@ -2,7 +2,8 @@
 
 It owns one task: starts (or adopts) the worker process, waits for it, finishes the task (review, status),
 then starts the successors that became launchable, each as a new detached worker. It inherits the task's
-target-file locks from the launcher and holds them until the task is finished.
+target-file locks from the launcher and holds them until the task is finished. As a child subreaper it also
+ends whatever the worker left running outside its process group (see subreaper.py).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     while sup.owned:
         for key in sup.wait(None):
             sup.handle(key)
+    sup.end_strays()  # the attempt's left-overs die before its locks are let go and successors start
     for fd in fds:
         os.close(fd)
     launcher.launch(OrderView(Path(args.order_dir), root, watch=False), owner=None)

@@ -27,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import task_statuses, wait_for, write_task
+from conftest import state, task_statuses, wait_for, write_task
 from invariants import (
     RecordWatch, check, classify, cli_locks, corrupt_files, end_state, group_alive, journal_command, journal_pids,
     random_order, spans, task_texts, temp_files, user_bytes, worker_records,
@@ -146,7 +146,7 @@ def repair_stale_records(root: Path, trial: Trial) -> None:
         if status in ("IN_PROGRESS", "IN_REVIEW") or any(group_alive(g) for g in (rec["pgid"], rec["owner_pid"]) if g):
             continue
         trial.add("stale_records", [f"{rec['order']}/{rec['task']} is {status} but its record was left"])
-        (root / ".aipm" / "workers" / rec["order"] / f"{rec['task']}.json").unlink(missing_ok=True)
+        (state(root) / "workers" / rec["order"] / f"{rec['task']}.json").unlink(missing_ok=True)
 
 
 # ---- 1. SIGKILL of `aipm run` at random moments ------------------------------------------------------------
@@ -306,7 +306,7 @@ def test_record_left_by_a_kill_after_the_final_write_does_not_hold_files(project
     a = write_task(order, "A", command=journal_command(journal), target_files=["x.txt"])
     a.write_text(a.read_text() + f"status: {left_at}\nattempts: {1 if left_at == 'DONE' else 0}\n")
     write_task(order, "B", command=journal_command(journal), target_files=["x.txt"])
-    records = project.root / ".aipm" / "workers" / "ORD"
+    records = state(project.root, make=True) / "workers" / "ORD"
     records.mkdir(parents=True)
     dead = subprocess.Popen(["true"])
     dead.wait()  # a pid that existed and is gone
@@ -849,8 +849,8 @@ def test_the_chaos_checks_see_each_kind_of_violation(tmp_path):
     (order / ".A.yaml.123.tmp").write_text("")
     assert corrupt_files(order, before) == ["C.yaml: bytes outside the managed lines changed"]
     assert temp_files(order) == [".A.yaml.123.tmp left in the order directory"]
-    (tmp_path / ".aipm" / "locks").mkdir(parents=True)
-    lock = tmp_path / ".aipm" / "locks" / "f.lock"
+    state(tmp_path, make=True)
+    lock = state(tmp_path) / "locks" / "f.lock"
     fd = os.open(lock, os.O_RDWR | os.O_CREAT)
     fcntl.flock(fd, fcntl.LOCK_EX)
     sleeper = subprocess.Popen(["sleep", "30"], start_new_session=True)

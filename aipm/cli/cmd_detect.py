@@ -25,18 +25,21 @@ def _launcher(max_workers: int | None) -> Launcher:
 
 
 def _plan(launcher: Launcher, order_dir: Path):
-    """The same planning inputs `launch` uses: the order, live worker records, free slots."""
+    """The same planning inputs `launch` uses: the order, live worker records, free slots, locks held outside."""
     order = load_order(order_dir, launcher.project.root)
-    busy, live, count = launcher.holders(order, launcher.records())
+    records = launcher.records()
+    busy, live, count = launcher.holders(order, records)
     free = max(0, launcher.settings.max_workers - count)
-    return order, plan(order, busy, live, free), free, busy
+    outside = launcher.outside(records)
+    return order, plan(order, busy, live, free, outside=outside), free, busy, outside
 
 
 def reasons_for(launcher: Launcher, order_dir: Path, task_id: str):
     """(order, task id, launchable now?, every reason it is not)."""
-    order, result, _, busy = _plan(launcher, order_dir)
+    order, result, _, busy, outside = _plan(launcher, order_dir)
     launchable = any(t.id == task_id for t in result.launchable)
-    return order, task_id, launchable, all_reasons(order, result, task_id, [b for b in busy if b.order_id != order.id])
+    elsewhere = [b for b in busy if b.order_id != order.id]
+    return order, task_id, launchable, all_reasons(order, result, task_id, elsewhere, outside)
 
 
 def print_reasons(task_id: str, launchable: bool, reasons: list) -> None:
@@ -57,7 +60,7 @@ def detect(
 ) -> None:
     """List the tasks that may start now, in launch order, and why every other task may not. Never writes."""
     launcher = _launcher(max_workers)
-    loaded, result, free, _ = _plan(launcher, launcher.project.order_dir(order))
+    loaded, result, free, *_ = _plan(launcher, launcher.project.order_dir(order))
     if json_out:
         data = {
             "order": loaded.id,

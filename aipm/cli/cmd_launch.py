@@ -50,9 +50,11 @@ def launch(
                          Options(no_review, model, dry_run))
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
     report = launcher.launch(view)
+    waiting = [b.as_dict() for b in report.plan.waiting]
     if json_out:
         print_json({"order": view.order.id, "dry_run": dry_run, "launched": report.launched,
-                    "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered})
+                    "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered,
+                    "waiting": waiting})
     else:
         out = console()
         verb = "would start" if dry_run else "started"
@@ -62,7 +64,9 @@ def launch(
             out.print(f"deferred {item['id']}: {item['detail']}")
         for item in report.failed:
             console(stderr=True).print(f"failed {item['id']}: {item['error']}", markup=False)
-        if not (report.launched or report.deferred or report.failed):
+        for item in waiting:
+            out.print(f"waiting {item['id']}: {item['detail']}", markup=False)
+        if not (report.launched or report.deferred or report.failed or waiting):
             out.print("nothing to launch (see `aipm detect`)")
     if report.failed:
         raise typer.Exit(1)

@@ -26,6 +26,7 @@ LINES = {
     "error": "error    {error}",
     "invalid_file": "ignored  {error} (keeping the last valid version)",
     "interrupted": "stopped  by signal; re-queued: {requeued}",
+    "waiting": "wait     {task}: {detail}",
 }
 
 
@@ -68,7 +69,7 @@ class Display:
         elif kind == "finished":
             self.running.pop(task, None)
             self.recent.appendleft(plain_line(event))
-        elif kind == "deferred":
+        elif kind in ("deferred", "waiting"):
             self.note = plain_line(event)
         elif kind in ("launch_failed", "interrupted", "invalid_file", "error"):
             self.recent.appendleft(plain_line(event))
