@@ -34,7 +34,7 @@ def plain_line(event: dict) -> str:
     template = LINES.get(event.get("event"))
     if template is None:
         return json.dumps(event)
-    fields = {k: ", ".join(v) or "none" if isinstance(v, list) else v for k, v in event.items()}
+    fields = {k: ", ".join(map(str, v)) or "none" if isinstance(v, list) else v for k, v in event.items()}
     return template.format_map(defaultdict(lambda: "?", fields))
 
 
