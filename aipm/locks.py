@@ -162,8 +162,11 @@ class Holdings:
         names = {os.stat(self.state).st_ino: ""}
         with os.scandir(self.state / "locks") as entries:
             for entry in entries:
-                if entry.name.endswith(".lock"):
-                    names[entry.inode()] = entry.name
+                if entry.name.endswith(".lock"):  # stat, not d_ino: they differ on some file systems (overlayfs)
+                    try:
+                        names[entry.stat(follow_symlinks=False).st_ino] = entry.name
+                    except OSError:
+                        continue
         self._names, self._stamp = names, stamp
 
     def node(self, name: str) -> str:

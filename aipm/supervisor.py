@@ -47,6 +47,7 @@ class Supervisor(Owner):
         # Orphans of our workers come to us instead of init, so they can be ended with their attempt.
         subreaper.become_subreaper()
         self.adopted: set[str] = set()  # keys of workers that are not our children
+        self.lock_fds: dict[str, list[int]] = {}  # target locks we hold ourselves (a detached owner's copies)
 
     # -- Owner interface (called under the launch lock) -----------------------------------------------
 
@@ -261,6 +262,9 @@ class Supervisor(Owner):
 
     def _drop(self, rec: Record) -> None:
         Path(rec.scope_file).unlink(missing_ok=True)
+        # Locks go before the record: a held lock without a record would look like a stranger's.
+        for fd in self.lock_fds.pop(rec.key, ()):
+            os.close(fd)
         self.rt.remove_record(rec.order, rec.task)
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)

@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
             sup.adopt(rec)
         else:
             task = load_task(Path(rec.task_file), root)
+            sup.lock_fds[rec.key] = fds
             try:
                 sup.spawn_worker(rec, task, fds)
             except Exception as exc:  # noqa: BLE001 - any failure must put the task back, not strand it
@@ -67,9 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     while sup.owned:
         for key in sup.wait(None):
             sup.handle(key)
-    sup.end_strays()  # the attempt's left-overs die before its locks are let go and successors start
-    for fd in fds:
-        os.close(fd)
+    sup.end_strays()  # the attempt's left-overs die before successors start
     launcher.launch(OrderView(Path(args.order_dir), root, watch=False), owner=None)
     return 0
 
