@@ -186,9 +186,14 @@ def kill_group(pgid: int, timeout: float = 5.0) -> None:
     """SIGKILL what is left of a group and wait until it is gone, so its file locks are free on return."""
     if not signal_group(pgid, signal.SIGKILL):
         return  # the usual case: the group ended with its leader
+    wait_all_gone(group_members(pgid), timeout)
+
+
+def wait_all_gone(pids: list[int], timeout: float) -> None:
+    """Wait (pidfd, no polling) until every one of `pids` has exited, or `timeout` passes."""
     watcher = Watcher()
     try:
-        for pid in group_members(pgid):
+        for pid in pids:
             watcher.watch_pid(pid, pid)
         deadline = time.monotonic() + timeout
         while len(watcher) and time.monotonic() < deadline:

@@ -20,10 +20,13 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-import time
 from collections.abc import Iterable
+from pathlib import Path
 
 from aipm import runner
+from aipm.locks import lock_holders, lock_nodes, node_path
+from aipm.paths import normalize
+from aipm.runtime import Record, Runtime
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -87,23 +90,46 @@ def marked(mark: frozenset[bytes], pids: Iterable[int] | None = None) -> list[in
     return out
 
 
+def left_behind(rt: Runtime, known: set[int], rec: Record | None, alone: bool, adopted: bool) -> list[int]:
+    """What to end when `rec`'s attempt is over (every stray below us when `rec` is None or we own nothing else).
+
+    known   -- recorded workers and owners (and owners we started): neither they nor what runs below them is a stray
+    alone   -- we own no other attempt, so every stray is this one's
+    adopted -- the worker is not our child: look for its marker on the whole machine
+    """
+    me = os.getpid()
+    below = strays(me, known)
+    if rec is None:
+        return below
+    mark = marker(str(rt.root), rec.order, rec.task, rec.attempt)
+    doomed = below if alone else marked(mark, below) + _holding(rt.state, rec, below)
+    if adopted:  # its daemons were never below us: find them by their marker
+        doomed += [pid for pid in marked(mark) if pid not in known and pid != me]
+    return doomed
+
+
+def _holding(state: Path, rec: Record, pids: list[int]) -> list[int]:
+    """Which of `pids` hold one of the attempt's own (exclusive) lock files."""
+    inodes = set()
+    for node, exclusive in lock_nodes(normalize(t) for t in rec.targets).items():
+        try:
+            if exclusive:
+                inodes.add(os.stat(node_path(state, node)).st_ino)
+        except OSError:
+            continue
+    held = lock_holders(inodes, str(state), pids) if inodes and pids else {}
+    return sorted({pid for holders in held.values() for pid in holders})
+
+
 def end(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
     """SIGKILL `pids` and wait (pidfd) until they are gone; reap the ones that are our children."""
     pids = [pid for pid in dict.fromkeys(pids) if pid != os.getpid()]
-    watcher = runner.Watcher()
-    try:
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            watcher.watch_pid(pid, pid)
-        deadline = time.monotonic() + timeout
-        while len(watcher) and time.monotonic() < deadline:
-            for pid in watcher.wait(max(0.0, deadline - time.monotonic())):
-                watcher.forget(pid)
-    finally:
-        watcher.close()
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    runner.wait_all_gone(pids, timeout)
     reap_zombies(pids)
     return pids
 

@@ -16,8 +16,6 @@ from pathlib import Path
 from aipm import runner, scope, subreaper
 from aipm.finish import after_review, after_work, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
-from aipm.locks import lock_holders, lock_nodes, node_path
-from aipm.paths import normalize
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.runtime import Record, process_ctime, read_exit_file
 from aipm.store import load_task, update_task
@@ -274,37 +272,17 @@ class Supervisor(Owner):
     def end_strays(self, rec: Record | None = None) -> None:
         """End the processes `rec`'s attempt left behind; with no `rec`, every stray below us."""
         ours = {r.pid for r in self.owned.values() if r.pid}
-        mine = [pid for pid in subreaper.children(os.getpid()) if pid not in ours]
         adopted = rec is not None and rec.key in self.adopted
-        if not mine and not adopted:
+        if not adopted and all(pid in ours for pid in subreaper.children(os.getpid())):
             return  # the usual case: nothing left its worker
         known = ours | self.launcher.detached | {p for r in self.rt.records() for p in (r.pid, r.owner_pid) if p}
-        below = subreaper.strays(os.getpid(), known)
-        if rec is None:
-            doomed = below
-        else:
-            mark = subreaper.marker(str(self.rt.root), rec.order, rec.task, rec.attempt)
-            others = any(key != rec.key for key in self.owned)
-            doomed = subreaper.marked(mark, below) + self._lock_holders(rec, below) if others else below
-            if adopted:  # its daemons were never below us: find them by their marker
-                doomed += [pid for pid in subreaper.marked(mark) if pid not in known and pid != os.getpid()]
+        alone = rec is None or all(key == rec.key for key in self.owned)
+        doomed = subreaper.left_behind(self.rt, known, rec, alone, adopted)
         if doomed:
             ended = subreaper.end(doomed)
             if rec is not None:
                 append_log(rec.log, f"ended {len(ended)} process(es) the attempt left running outside its "
                                     f"process group: pids {', '.join(map(str, ended))}")
-
-    def _lock_holders(self, rec: Record, pids: list[int]) -> list[int]:
-        """Which of `pids` hold one of the attempt's own (exclusive) lock files."""
-        inodes = set()
-        for node, exclusive in lock_nodes(normalize(t) for t in rec.targets).items():
-            try:
-                if exclusive:
-                    inodes.add(os.stat(node_path(self.rt.state, node)).st_ino)
-            except OSError:
-                continue
-        held = lock_holders(inodes, str(self.rt.state), pids) if inodes and pids else {}
-        return sorted({pid for pids in held.values() for pid in pids})
 
     # -- stopping ------------------------------------------------------------------------------------
 

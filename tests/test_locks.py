@@ -244,3 +244,26 @@ def test_a_worker_deleting_aipm_keeps_its_files_locked_and_run_finishes(tmp_path
         shutil.copy(path, both / path.name)
     assert check(journal, both, root=root) == []
     assert (root / ".aipm" / "logs" / "ONE" / "A2.1.log").exists()  # logs are written again
+
+
+@pytest.mark.parametrize("clear_env", [False, True], ids=["marker", "env-cleared-holding-its-lock"])
+def test_a_daemon_is_ended_when_its_attempt_ends_while_the_run_owns_others(project, tmp_path, clear_env):
+    """With other attempts running, only the ended attempt's strays die: found by its environment marker, or by
+    the lock file it still holds when it cleared its environment."""
+    order = project.order()
+    pidfile, release = tmp_path / "daemon.pid", tmp_path / "release"
+    write_task(order, "A", target_files=["docs/conf.py"], command=daemon_command(pidfile, clear_env))
+    write_task(order, "B", target_files=["src/"], command=f'until [ -e "{release}" ]; do sleep 0.02; done')
+    run = Proc(project.root, "run", "ORD", "--no-resource-monitoring")
+    try:
+        wait_for(lambda: task_statuses(order).get("A") == "DONE", timeout=120)
+        daemon = int(pidfile.read_text())
+        wait_for(lambda: not pid_alive(daemon), timeout=30)
+        assert task_statuses(order)["B"] == "IN_PROGRESS"  # ended with A, not at the end of the run
+        release.touch()
+        assert run.wait(timeout=120) == 0, run.output
+    finally:
+        release.touch()
+        run.kill()
+        if pidfile.exists() and pid_alive(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), 9)
