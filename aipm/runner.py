@@ -80,6 +80,8 @@ def spawn(
     try:
         if not os.path.isdir(cwd):
             raise SpawnError(f"working directory {cwd} does not exist")
+        # A worker may have deleted .aipm/ (git clean -fdx) since the log's path was made.
+        os.makedirs(os.path.dirname(log), exist_ok=True)
         for fd in pass_fds:
             os.set_inheritable(fd, True)
         try:

@@ -214,7 +214,7 @@ def test_a_worker_deleting_aipm_keeps_its_files_locked_and_run_finishes(tmp_path
     first, second = project.order("ONE"), project.order("TWO")
     write_task(first, "A", target_files=["x.py"], command=journal_command(
         journal, f'until [ -e "{go}" ]; do sleep 0.01; done; {clean}; touch "{cleaned}"; '
-                 f'until [ -e "{done}" ]; do sleep 0.01; done'))
+                 f'until [ -e "{done}" ]; do sleep 0.01; done'), review="true")  # its review log dir is gone
     write_task(first, "A2", target_files=["x.py"], command=journal_command(journal))  # queued behind A
     write_task(second, "B", target_files=["x.py"], command=journal_command(journal))
     if clean.startswith("git"):
@@ -237,7 +237,7 @@ def test_a_worker_deleting_aipm_keeps_its_files_locked_and_run_finishes(tmp_path
         run.kill()
     assert "Traceback" not in run.output
     project.aipm("run", "TWO", "--no-resource-monitoring", check=True)
-    assert task_statuses(first) == {"A": "DONE", "A2": "DONE"} and task_statuses(second) == {"B": "DONE"}
+    assert task_statuses(first) == {"A": "COMPLETED", "A2": "DONE"} and task_statuses(second) == {"B": "DONE"}
     both = tmp_path / "both"
     both.mkdir()
     for path in [*first.glob("*.yaml"), *second.glob("*.yaml")]:
@@ -267,3 +267,47 @@ def test_a_daemon_is_ended_when_its_attempt_ends_while_the_run_owns_others(proje
         run.kill()
         if pidfile.exists() and pid_alive(int(pidfile.read_text())):
             os.kill(int(pidfile.read_text()), 9)
+
+
+# ---- the planner agrees with the kernel -------------------------------------------------------------------
+
+
+def _task(tid, *files, status="QUEUED"):
+    from aipm.model import Priority, Status, Task
+
+    return Task(id=tid, path=f"{tid}.yaml", status=Status(status), priority=Priority("P1"), depends_on=(),
+                target_files=files, targets=tuple(normalize(f) for f in files))
+
+
+def _plan(*tasks, outside=()):
+    from aipm.model import Order
+    from aipm.plan import plan
+
+    return plan(Order("O", "O", {t.id: t for t in tasks}), live={t.id for t in tasks}, slots=9, outside=outside)
+
+
+def test_a_glob_waits_for_a_running_file_in_its_directory_as_the_kernel_makes_it():
+    result = _plan(_task("RUN", "src/data.json", status="IN_PROGRESS"), _task("GLOB", "src/*.py"),
+                   _task("ELSE", "docs/*.md"))
+    assert [t.id for t in result.launchable] == ["ELSE"]
+    blocked = result.blocked["GLOB"]
+    assert blocked.reason == "file_busy" and blocked.tasks == ("RUN",)
+    assert "a glob locks all of src/" in blocked.detail
+
+
+@pytest.mark.parametrize("nodes, files, held", [
+    ((("", False), ("docs", False), ("docs/conf.py", True)), ("docs/",), True),  # a daemon's full lock set
+    ((("", False), ("docs", False), ("docs/conf.py", True)), ("docs/other.py",), False),
+    ((("docs/conf.py", True),), ("docs/",), True),  # a holder that skipped the directory locks
+    ((("docs", False),), ("docs/x.py",), False),  # shared: only a task wanting all of docs/ waits
+    ((("docs", False),), ("docs/**/*.md",), True),
+])
+def test_a_lock_held_outside_blocks_exactly_what_it_would_block_in_the_kernel(nodes, files, held):
+    from aipm.plan import FILE_HELD, ForeignLock
+
+    result = _plan(_task("T", *files), outside=[ForeignLock((4242,), nodes)])
+    assert (result.blocked.get("T") is not None) == held
+    if held:
+        assert result.blocked["T"].reason == FILE_HELD and result.blocked["T"].pids == (4242,)
+        assert "held by pid 4242, not an aipm worker" in result.blocked["T"].detail
+        assert [b.id for b in result.waiting] == ["T"]
