@@ -186,11 +186,15 @@ def lock_prefix(target: Target) -> str:
 
 def nodes_related(p: str, q: str) -> bool:
     """Whether one lock node is at or above the other (so their locks meet on the upper one)."""
-    return p == q or not p or not q or q.startswith(p + "/") or p.startswith(q + "/")
+    if len(p) > len(q):
+        p, q = q, p
+    # The shorter is the longer itself, a directory above it, or the project node "".
+    return q.startswith(p) and (len(q) == len(p) or not p or q[len(p)] == "/")
 
 
 def lock_overlap(a: Target, b: Target) -> bool:
     """Whether the kernel locks of two targets conflict: coarser than `overlaps` for globs, which lock their
-    whole fixed directory (`src/*.py` and `src/data.json` overlap here, not in `overlaps`)."""
-    return nodes_related(lock_prefix(a), lock_prefix(b))
+    whole fixed directory (`src/*.py` and `src/data.json` overlap here, not in `overlaps`). Every pair that
+    `overlaps` also conflicts here, so the planner tests this first: it is plain string comparison."""
+    return nodes_related(lock_prefix(a) if a.is_glob else a.path, lock_prefix(b) if b.is_glob else b.path)
 

@@ -256,12 +256,12 @@ def _conflict(task: Task, holders: list[tuple[str, tuple[Target, ...]]]) -> tupl
     if not task.targets:
         return None
     for owner, targets in holders:
-        pair = first_overlap(task.targets, targets)
+        pair = first_overlap(task.targets, targets, lock_overlap)  # the cheaper, wider test first
         if pair:
-            mine, theirs = pair
-            return owner, str(theirs) if str(mine) == str(theirs) else f"{mine} ↔ {theirs}"
-        pair = first_overlap(task.targets, targets, lock_overlap)
-        if pair:
+            exact = first_overlap(task.targets, targets)
+            if exact:
+                mine, theirs = exact
+                return owner, str(theirs) if str(mine) == str(theirs) else f"{mine} ↔ {theirs}"
             mine, theirs = pair
             glob = mine if mine.is_glob else theirs
             return owner, f"{mine} ↔ {theirs} (a glob locks all of {lock_prefix(glob) or '.'}/)"
