@@ -30,7 +30,7 @@ import yaml
 from conftest import state, task_statuses, wait_for, write_task
 from invariants import (
     RecordWatch, check, classify, cli_locks, corrupt_files, end_state, group_alive, journal_command, journal_pids,
-    random_order, spans, task_texts, temp_files, user_bytes, worker_records,
+    pid_alive, random_order, spans, task_texts, temp_files, user_bytes, worker_records,
 )
 
 COLUMNS = ("lost", "double_run", "overlaps", "order", "corrupt", "stale_locks", "orphans", "temp_files",
@@ -824,6 +824,58 @@ def test_write_failing_when_a_task_finishes_is_reported_in_one_line(project):
     order, _, path, _, proc = _fail_the_finishing_write(project)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert "aipm: error:" in proc.stderr and str(path) in proc.stderr, proc.stderr
+
+
+# ---- 7. hostile workers: a cleaned tree, daemons left behind ------------------------------------------------
+
+
+def hostile_trial(root: Path, seed: int, n_tasks: int, workers: int = 4) -> Trial:
+    """A random order where some workers delete `.aipm/` and some leave a `setsid` daemon holding their locks,
+    under a `run` and a `launch` racing. Daemons must die with their attempt; nothing may overlap or crash."""
+    order = root / "orders" / "ORD"
+    journal, daemons = root / "journal.txt", root / "daemons.txt"
+    random_order(order, journal, n=n_tasks, seed=seed)
+    rng = random.Random(seed)
+    for path in sorted(order.glob("*.yaml")):
+        data = yaml.safe_load(path.read_text())
+        work = rng.choice(["sleep 0.05", "rm -rf .aipm; sleep 0.05",
+                           f"setsid sh -c 'echo $$ >> \"{daemons}\"; exec sleep 300' </dev/null >/dev/null 2>&1 & "
+                           "sleep 0.1"])
+        data["command"] = journal_command(journal, work)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+    before = task_texts(order)
+    trial = Trial("hostile workers", seed, n_tasks)
+    watch = RecordWatch(root)
+    procs = [Proc(root, *run_args(workers)), Proc(root, "launch", "ORD", "--no-resource-monitoring")]
+    try:
+        for proc in procs:
+            rc = proc.wait()
+            trial.log.append(f"{' '.join(proc.args[:2])} → {rc}: {proc.output.strip()[-300:]}")
+            if "Traceback" in proc.output:
+                trial.add("lost", [f"{' '.join(proc.args[:2])} crashed: {proc.output.strip()[-300:]}"])
+        wait_for(lambda: not worker_records(root), timeout=120)
+        if set(task_statuses(order).values()) != {"DONE"}:
+            finish_order(root, trial, workers)
+    finally:
+        for proc in procs:
+            proc.kill()
+        pgids = watch.stop()
+    pgids |= journal_pids(journal)
+    trial.add("lost", [f"{t} is {s}" for t, s in sorted(task_statuses(order).items()) if s != "DONE"])
+    trial.add_check(check(journal, order, max_workers=workers, root=root))
+    trial.add_end(end_state(root, order, before, pgids))
+    pids = [int(p) for p in daemons.read_text().split()] if daemons.exists() else []
+    trial.add("orphans", [f"daemon {pid} outlived its attempt" for pid in pids if pid_alive(pid)])
+    for pid in pids:
+        if pid_alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    return trial
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_hostile_workers_clean_the_tree_and_leave_daemons(project, seed):
+    trial = hostile_trial(project.root, seed, n_tasks=12)
+    assert unexpected(trial) == {}, str(trial)
 
 
 # ---- the checker catches what it claims ------------------------------------------------------------------
