@@ -21,7 +21,8 @@ from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
 from aipm.plan import Busy, ForeignLock, Plan, plan
 from aipm.project import Project
-from aipm.resources import ResourceMonitor
+from aipm.capacity import Capacity, fit
+from aipm.resources import ResourceMonitor, get_system_info
 from aipm.runtime import Record, Runtime, process_ctime, read_exit_file
 from aipm.settings import Settings
 from aipm.store import StaleWrite, load_task, now, update_task
@@ -136,6 +137,8 @@ class Launcher:
             report.order = order
             report.plan = result
             wanted = [t for t in result.launchable if only is None or t.id in only]
+            if self.settings.runner == "local" and any(t.resources for t in wanted):
+                wanted = self._fit_locally(wanted, records, report)
             # Read the machine only when there is something to start: the idle loop costs no CPU.
             budget = max(0, self.worker_budget(live_count) - live_count) if wanted else 0
             note = self._load_note() if wanted[budget:] else ""
@@ -155,6 +158,16 @@ class Launcher:
                     continue
                 report.launched.append({"id": task.id, "pid": rec.pid or rec.owner_pid, "log": rec.log})
         return report
+
+    def _fit_locally(self, wanted: list[Task], records: list[Record], report: LaunchReport) -> list[Task]:
+        """Keep the tasks whose declared `resources` fit beside the live ones on this machine."""
+        info = get_system_info()
+        total = Capacity(info["usable_cpus"], (info["memory_total"] or 0) // (1024 * 1024))
+        live = [r for r in records if r.alive()]
+        start, waiting, refused = fit(wanted, total, sum(r.cpus for r in live), sum(r.memory_mb for r in live))
+        report.deferred += [{"id": tid, "reason": "capacity", "detail": why} for tid, why in waiting.items()]
+        report.failed += [{"id": tid, "error": f"{tid}: {why}"} for tid, why in refused.items()]
+        return start
 
     def _load_note(self) -> str:
         if self.monitor is None:
@@ -179,6 +192,8 @@ class Launcher:
             targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, attempt)),
             exit_file=str(rt.exit_path(order.id, task.id, attempt)), started_at=now(),
         )
+        if task.resources is not None:
+            rec.cpus, rec.memory_mb = task.resources.cpus or 0.0, task.resources.memory_mb or 0
         wrote_status = False
         try:
             if self.settings.scope_audit and not self.options.no_review and task.targets:
@@ -240,6 +255,7 @@ class Launcher:
         argv += ["--adopt"] * adopt + ["--no-review"] * self.options.no_review
         argv += ["--no-resource-monitoring"] * (not s.enable_monitoring)
         argv += ["--no-auto-scaling"] * (not s.enable_auto_scaling)
+        argv += ["--runner", s.runner]
         if self.options.model:
             argv += ["--model", self.options.model]
         for fd in fds:

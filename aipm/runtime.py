@@ -51,6 +51,8 @@ class Record:
     phase: str = "work"  # "work" or "review"
     deadline: float | None = None  # wall-clock time after which the worker's group is killed
     scope_allowed: list[str] = field(default_factory=list)  # targets of tasks running when it started
+    cpus: float = 0.0  # the task's declared resources, counted against this machine's capacity
+    memory_mb: int = 0
 
     @property
     def scope_file(self) -> str:

@@ -58,6 +58,12 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "started_at": (_STRING, "When the latest attempt started."),
     "finished_at": (_STRING, "When the latest attempt or review ended."),
     "exit_code": ({"type": ["integer", "null"]}, "Exit code of the latest attempt."),
+    "resources": ({"type": ["object", "null"], "additionalProperties": False, "properties": {
+        "cpus": {"type": "number", "exclusiveMinimum": 0},
+        "memory_mb": {"type": "integer", "minimum": 1},
+        "gpus": {"type": "number", "exclusiveMinimum": 0},
+    }}, "What one attempt needs: the Ray resource request with --runner ray; on this machine, a share of its "
+        "CPUs and memory."),
 }
 
 _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {

@@ -36,6 +36,8 @@ class Settings:
     worker_model: str = "sonnet"  # worker.model
     review_command: str | tuple[str, ...] | None = None  # review.command: a string runs in a shell, a list is argv
     scope_audit: bool = True  # in a git tree, a worker that writes outside its target_files fails its review
+    runner: str = "local"  # where workers run: "local" or "ray"
+    ray_address: str | None = None  # ray.address: the cluster for --runner ray (else RAY_ADDRESS, else auto)
     # setting name -> where its value came from: "default", "aipm.yaml", "env AIPM_MAX_WORKERS", "flag --max-cpu", ...
     sources: Mapping[str, str] = field(
         default_factory=lambda: MappingProxyType(dict.fromkeys(SETTING_NAMES, "default")), compare=False, repr=False
@@ -117,6 +119,12 @@ def _argv(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _runner(value: Any) -> str:
+    if value not in ("local", "ray"):
+        raise ValueError(f"{value!r} is not a runner; use local or ray")
+    return value
+
+
 def _review(value: Any) -> str | tuple[str, ...] | None:
     """A review command: null (no review), a string (run by the shell) or a list (argv)."""
     if value is None or isinstance(value, str) and value.strip():
@@ -141,6 +149,8 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "worker.model": _text,
     "review.command": _review,
     "scope_audit": _boolean,
+    "runner": _runner,
+    "ray.address": _text,
 }
 _FIELD_KEYS = {key.replace(".", "_"): key for key in _KEYS}
 assert set(_FIELD_KEYS) == set(SETTING_NAMES)
@@ -152,6 +162,7 @@ FLAG_NAMES = {
     "max_memory_percent": "--max-memory",
     "enable_monitoring": "--no-resource-monitoring",
     "enable_auto_scaling": "--no-auto-scaling",
+    "runner": "--runner",
 }
 ENV_VARS = {f"AIPM_{name.upper()}": name for name in FLAG_NAMES}  # AIPM_MAX_WORKERS, ...
 
@@ -286,6 +297,7 @@ def settings_from_flags(
     max_memory: float | None = None,
     no_monitoring: bool = False,
     no_auto_scaling: bool = False,
+    runner: str | None = None,
 ) -> Settings:
     """Settings for `root` with the resource flags on top (a flag not given leaves the lower layers alone)."""
     return load_settings(root, {
@@ -294,4 +306,5 @@ def settings_from_flags(
         "max_memory_percent": max_memory,
         "enable_monitoring": False if no_monitoring else None,
         "enable_auto_scaling": False if no_auto_scaling else None,
+        "runner": runner,
     })

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from aipm.errors import ValidationError
-from aipm.model import MANAGED_FIELDS, TRANSITIONS, Order, Priority, Status, Task
+from aipm.model import MANAGED_FIELDS, TRANSITIONS, Order, Priority, Resources, Status, Task
 from aipm.paths import PathError, normalize
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -32,6 +32,7 @@ ORDER_FILE = "order.yaml"
 TASK_KEYS = (
     "id", "title", "status", "priority", "depends_on", "target_files", "command", "prompt", "model",
     "review", "timeout", "max_attempts", "attempts", "reworks", "started_at", "finished_at", "exit_code",
+    "resources",
 )
 ORDER_KEYS = ("id", "title", "description")
 
@@ -249,7 +250,32 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
         started_at=_timestamp(path, data, "started_at"),
         finished_at=_timestamp(path, data, "finished_at"),
         exit_code=exit_code,
+        resources=_resources(path, data),
     )
+
+
+_RESOURCE_KEYS = {"cpus": float, "memory_mb": int, "gpus": float}
+
+
+def _resources(path: Path, data: Mapping[str, Any]) -> Resources | None:
+    """`resources: {cpus: 2, memory_mb: 4096, gpus: 1}`: positive numbers, memory_mb whole."""
+    value = data.get("resources")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValidationError(str(path), "resources", f"must be a mapping such as {{cpus: 2, memory_mb: 4096}}, "
+                                                      f"not {_kind(value)}")
+    out = {}
+    for key, item in value.items():
+        kind = _RESOURCE_KEYS.get(key)
+        if kind is None:
+            raise ValidationError(str(path), f"resources.{key}", f"unknown resource; use {', '.join(_RESOURCE_KEYS)}")
+        number_ok = isinstance(item, (int, float)) and not isinstance(item, bool) and item == item
+        if not number_ok or item <= 0 or item > 1e9 or (kind is int and not isinstance(item, int)):
+            what = "a positive whole number" if kind is int else "a positive number"
+            raise ValidationError(str(path), f"resources.{key}", f"must be {what}, not {item!r}")
+        out[key] = kind(item)
+    return Resources(**out)
 
 
 def load_task(path: Path, root: Path | None = None) -> Task:

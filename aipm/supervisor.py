@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aipm import runner, scope, subreaper
+from aipm import cluster, runner, scope, subreaper
 from aipm.finish import after_review, after_work, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
@@ -51,6 +51,9 @@ class Supervisor(Owner):
 
     def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
         command, env, stdin = invocation(self.rt, self.settings, rec, task, self.launcher.options.model)
+        if self.settings.runner == "ray":
+            command = cluster.wrap(command, address=self.settings.ray_address, resources=task.resources, stdin=stdin)
+            stdin = None  # the prompt file is opened on the node
         rec.command = [command] if isinstance(command, str) else list(command)
         timeout = task.timeout or self.settings.timeout
         rec.owner_pid, rec.owner_ctime = self.me

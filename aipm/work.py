@@ -36,12 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-memory", type=float)
     parser.add_argument("--no-resource-monitoring", action="store_true")
     parser.add_argument("--no-auto-scaling", action="store_true")
+    parser.add_argument("--runner")
     args = parser.parse_args(argv)
     fds = [int(fd) for fd in args.lock_fds.split(",") if fd]
     root = Path(args.root)
     try:
         settings = settings_from_flags(root, args.max_workers, args.max_cpu, args.max_memory,
-                                       args.no_resource_monitoring, args.no_auto_scaling)
+                                       args.no_resource_monitoring, args.no_auto_scaling, args.runner)
     except UserError as exc:
         print(f"aipm: error: {exc}", file=sys.stderr)
         return 2

@@ -7,11 +7,12 @@ from typing import Optional
 import typer
 
 from aipm.cli import app
+from aipm.cluster import require_ray
 from aipm.cli.cmd_detect import print_reasons, reasons_for
 from aipm.cli.common import JsonOpt, console, print_json, project_root
 from aipm.cli.display import Display, mode_for
 from aipm.cli.resource_options import (
-    MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, settings_from_flags,
+    MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, RunnerOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, Options
 from aipm.model import status_summary
@@ -23,9 +24,12 @@ ModelOpt = typer.Option(None, "--model", help="Model for worker templates (overr
 NoReviewOpt = typer.Option(False, "--no-review", help="Skip review: a task that exits 0 becomes DONE.")
 
 
-def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options) -> Launcher:
+def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options,
+              runner: str | None = None) -> Launcher:
     root = project_root()
-    settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling)
+    settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, runner)
+    if settings.runner == "ray":
+        require_ray()
     return Launcher(Project(root, settings.orders_dir), settings, options)
 
 
@@ -40,6 +44,7 @@ def launch(
     max_memory: Optional[float] = MaxMemoryOpt,
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
+    runner: Optional[str] = RunnerOpt,
     json_out: bool = JsonOpt,
 ) -> None:
     """Start the launchable tasks as detached workers and exit at once.
@@ -47,7 +52,7 @@ def launch(
     Each worker finishes its own task (review, status) and then starts the successors that became launchable.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model, dry_run))
+                         Options(no_review, model, dry_run), runner)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
     report = launcher.launch(view)
     waiting = [b.as_dict() for b in report.plan.waiting]
@@ -82,6 +87,7 @@ def run(
     max_memory: Optional[float] = MaxMemoryOpt,
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
+    runner: Optional[str] = RunnerOpt,
     json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
 ) -> None:
     """Run an order to the end: launch, watch, review, start successors as soon as they are unblocked.
@@ -90,7 +96,7 @@ def run(
     Safe to kill: a new `aipm run` re-attaches to the workers that are still running.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model))
+                         Options(no_review, model), runner)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root)
     display = Display(mode_for(json_out), view)
     try:
@@ -113,11 +119,12 @@ def exec_(
     max_memory: Optional[float] = MaxMemoryOpt,
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
+    runner: Optional[str] = RunnerOpt,
     json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
 ) -> None:
     """Run one task in the foreground (with its review and retries). Exit 0 when it ends DONE/COMPLETED."""
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
-                         Options(no_review, model))
+                         Options(no_review, model), runner)
     order_dir, task_id = find_task(launcher.project, task)
     view = OrderView(order_dir, launcher.project.root)
     display = Display("json" if json_out else "plain", view)

@@ -27,3 +27,6 @@ NoMonitoringOpt = typer.Option(
 NoAutoScalingOpt = typer.Option(
     False, "--no-auto-scaling", help="Read the load but never start fewer than --max-workers because of it."
 )
+RunnerOpt = typer.Option(
+    None, "--runner", help="Where workers run: local (default) or ray (a Ray cluster: RAY_ADDRESS or ray.address)."
+)

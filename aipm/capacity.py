@@ -1,0 +1,46 @@
+"""Local capacity: tasks that declare `resources:` share this machine's CPUs and memory.
+
+On a Ray cluster the same field is Ray's resource request and Ray does the packing; on this machine aipm does:
+a task starts only when its CPUs and memory fit beside the running tasks' declared needs, and a task that could
+never fit here is refused with the reason. Tasks without `resources:` declare nothing and count nothing.
+Pure: the caller passes the machine's totals and what running tasks hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from aipm.model import Task
+
+
+@dataclass(frozen=True)
+class Capacity:
+    cpus: float
+    memory_mb: int
+
+
+def fit(tasks: Iterable[Task], total: Capacity, used_cpus: float, used_memory_mb: int
+        ) -> tuple[list[Task], dict[str, str], dict[str, str]]:
+    """(tasks that fit, in order; id → why it waits; id → why it can never start here)."""
+    start, waiting, refused = [], {}, {}
+    for task in tasks:
+        need = task.resources
+        if need is None:
+            start.append(task)
+            continue
+        cpus, memory = need.cpus or 0.0, need.memory_mb or 0
+        if need.gpus:
+            refused[task.id] = f"needs {need.gpus:g} GPU(s); the local runner has none (use --runner ray)"
+        elif cpus > total.cpus or memory > total.memory_mb:
+            refused[task.id] = (f"needs {cpus:g} CPU(s) and {memory} MB; this machine has {total.cpus:g} CPU(s) "
+                                f"and {total.memory_mb} MB (lower `resources` or use --runner ray)")
+        elif used_cpus + cpus > total.cpus or used_memory_mb + memory > total.memory_mb:
+            waiting[task.id] = (f"waiting for {cpus:g} CPU(s) and {memory} MB "
+                                f"({max(0.0, total.cpus - used_cpus):g} CPU(s), "
+                                f"{max(0, total.memory_mb - used_memory_mb)} MB free)")
+        else:
+            used_cpus += cpus
+            used_memory_mb += memory
+            start.append(task)
+    return start, waiting, refused

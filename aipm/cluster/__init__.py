@@ -1,0 +1,52 @@
+"""Where workers run: on this machine (`local`) or on a Ray cluster (`ray`).
+
+A Ray attempt is still started, watched, timed out and adopted exactly like a local one: the local worker
+process (holding the target-file locks, recorded among the worker records, in its own process group) runs
+`python -m aipm.cluster.attempt`, a Ray driver that submits the command to the cluster and waits for it. So
+locks, statuses, records, timeouts and adoption after a killed `aipm run` stay in aipm, unchanged; only the
+command's own process tree lives on a Ray node, under a guard (`aipm.cluster.guard`) that ends that whole tree
+when the attempt ends, is cancelled, or loses its Ray worker.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from collections.abc import Sequence
+
+from aipm.errors import UserError
+from aipm.model import Resources
+
+RUNNERS = ("local", "ray")
+
+
+def require_ray() -> None:
+    """One clear line when `--runner ray` is asked for without Ray installed."""
+    try:
+        found = importlib.util.find_spec("ray") is not None
+    except ValueError:  # sys.modules["ray"] is None: an import of it is blocked
+        found = False
+    if not found:
+        raise UserError("runner ray: the `ray` package is not installed; install it with `pip install 'aipm[ray]'`")
+
+
+def wrap(command: str | Sequence[str], *, address: str | None, resources: Resources | None,
+         stdin: str | None) -> list[str]:
+    """The local worker's argv that runs `command` on the Ray cluster at `address` (None: RAY_ADDRESS or auto).
+
+    The command's stdin (an agent's prompt file) is opened on the node, so it must be on the shared filesystem,
+    as the project is.
+    """
+    argv = [sys.executable, "-m", "aipm.cluster.attempt"]
+    if address:
+        argv += ["--address", address]
+    if resources is not None:
+        for flag, value in (("--cpus", resources.cpus), ("--memory-mb", resources.memory_mb),
+                            ("--gpus", resources.gpus)):
+            if value is not None:
+                argv += [flag, str(value)]
+    if stdin:
+        argv += ["--stdin", stdin]
+    if isinstance(command, str):
+        return argv + ["--shell", command]
+    return argv + ["--", *command]

@@ -1,0 +1,152 @@
+"""`python -m aipm.cluster.guard`: runs one attempt's command on a Ray node and ends its whole process tree.
+
+Ray kills the worker process of a cancelled task and that worker's direct children, but nothing further down:
+a command's grandchildren would keep running (and writing). So the guard is two processes. The relay, a direct
+child of the Ray worker, forwards stop signals and reports the exit code. The keeper, its child (out of reach of
+Ray's kill), learns of the relay's death by PR_SET_PDEATHSIG, is a child subreaper so descendants that `setsid`
+away are re-parented to it, runs the command in a new session, and when the command ends or it is told to stop,
+kills every descendant left. The spec (JSON on stdin) names the command, its stdin and the attempt's log.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import signal
+import sys
+
+PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
+GRACE = 5.0
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stop(signum, frame):
+    raise _Stopped(signum)
+
+
+def _prctl(option: int, value: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(option, value, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), f"prctl({option})")
+
+
+def descendants(pid: int) -> list[int]:
+    """Every live process below `pid`, from /proc (children before their own children)."""
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", "rb") as handle:
+                    fields = handle.read().rsplit(b")", 1)[1].split()
+            except OSError:
+                continue
+            if fields[0] not in (b"Z", b"X"):
+                children.setdefault(int(fields[1]), []).append(int(name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), ()):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_tree(leader: int) -> None:
+    """SIGKILL the command's group and every other descendant, and reap them (we are their subreaper)."""
+    try:
+        os.killpg(leader, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    while True:
+        rest = descendants(os.getpid())
+        for pid in rest:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            while os.waitpid(-1, 0):
+                pass
+        except ChildProcessError:
+            pass
+        if not rest:
+            return
+
+
+def _die_with_parent() -> bool:
+    """Arm SIGTERM for when our parent dies; False when it already has (the signal would never come)."""
+    parent = os.getppid()
+    _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    return os.getppid() == parent
+
+
+def main() -> int:
+    if not _die_with_parent():
+        return 128 + signal.SIGTERM
+    spec = json.loads(sys.stdin.read())
+    keeper = os.fork()
+    if keeper == 0:
+        code = 128 + signal.SIGTERM
+        try:
+            code = _keep(spec)
+        finally:
+            os._exit(code)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, lambda signum, frame: os.kill(keeper, signum))
+    _, status = os.waitpid(keeper, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _keep(spec: dict) -> int:
+    """The keeper: run the command in its own session and end every descendant when it ends or we are stopped."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _stop)
+    if not _die_with_parent():
+        return 128 + signal.SIGTERM
+    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    argv = ["/bin/sh", "-c", spec["shell"]] if spec.get("shell") is not None else spec["argv"]
+    log = spec.get("log") or os.devnull
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, spec.get("stdin") or os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ]
+    leader = 0
+    try:
+        try:
+            leader = os.posix_spawnp(argv[0], argv, spec["env"], file_actions=actions, setsid=True)
+        except OSError as exc:
+            with open(log, "a") as handle:
+                handle.write(f"[aipm] cannot start {argv[0]!r} on this node: {exc.strerror}\n")
+            return 127
+        _, status = os.waitpid(leader, 0)
+        return os.waitstatus_to_exitcode(status)
+    except _Stopped as stop:
+        # Asked to stop (timeout, cancel, or the Ray worker died): TERM the group, KILL what is left after GRACE.
+        if leader:
+            for sig in (signal.SIGTERM, signal.SIGCONT):
+                try:
+                    os.killpg(leader, sig)
+                except ProcessLookupError:
+                    pass
+            try:
+                fd = os.pidfd_open(leader)
+                select.select([fd], [], [], GRACE)
+                os.close(fd)
+            except ProcessLookupError:
+                pass
+        return 128 + stop.args[0]
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)
+        if leader:
+            _kill_tree(leader)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""`resources:` on this machine: declared CPUs and memory are shared out, impossible requests are refused."""
+
+from __future__ import annotations
+
+from aipm.capacity import Capacity, fit
+from aipm.model import Resources, Task
+from aipm.resources import get_system_info
+from conftest import task_statuses, write_task
+from invariants import check, journal_command, spans
+
+
+def _task(tid: str, **need) -> Task:
+    return Task(id=tid, path=f"{tid}.yaml", resources=Resources(**need) if need else None)
+
+
+def test_fit_packs_in_order_and_says_why():
+    tasks = [_task("A", cpus=1), _task("B", cpus=1, memory_mb=100), _task("C"), _task("D", cpus=3),
+             _task("E", gpus=1), _task("F", memory_mb=50)]
+    start, waiting, refused = fit(tasks, Capacity(cpus=2, memory_mb=120), used_cpus=0.5, used_memory_mb=0)
+    assert [t.id for t in start] == ["A", "C", "F"]  # B no longer fits beside A; C declares nothing
+    assert set(waiting) == {"B"} and "0.5 CPU(s)" in waiting["B"]
+    assert set(refused) == {"D", "E"}
+    assert "--runner ray" in refused["D"] and "GPU" in refused["E"]
+
+
+def test_tasks_that_fill_the_machine_run_one_at_a_time(project, tmp_path):
+    cpus = get_system_info()["usable_cpus"]
+    order = project.order()
+    journal = tmp_path / "journal"
+    for tid in ("A", "B", "C"):
+        write_task(order, tid, resources={"cpus": cpus}, command=journal_command(journal, "sleep 0.2"))
+    result = project.aipm("run", "ORD", "--max-workers", "5")
+    assert result.returncode == 0, result.stderr
+    assert check(journal, order, max_workers=1) == []  # never two at once, though five were allowed
+    assert len(spans(journal)) == 3
+
+
+def test_a_request_bigger_than_the_machine_is_refused_with_the_reason(project):
+    write_task(project.order(), "BIG", resources={"cpus": 100000}, command="true")
+    write_task(project.order(), "GPU", resources={"gpus": 1}, command="true")
+    result = project.aipm("launch", "ORD")
+    assert result.returncode == 1
+    assert "BIG: needs 100000 CPU(s)" in result.stderr and "GPU: needs 1 GPU(s)" in result.stderr
+    assert task_statuses(project.order()) == {"BIG": "QUEUED", "GPU": "QUEUED"}

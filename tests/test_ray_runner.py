@@ -1,0 +1,180 @@
+"""`--runner ray`: a real local Ray cluster in a network namespace that has only loopback.
+
+The head node runs inside `unshare -n` (loopback only, so nothing leaves the machine and Ray picks 127.0.0.1);
+every aipm command of these tests enters that namespace with `nsenter`. Checked on a journal the workers
+write: dependencies first, no two tasks sharing files alive together, the worker limit, each task once; that
+every command ran below a Ray worker process; that a timeout ends a grandchild (also one that setsid'd away)
+on the node; and that a SIGKILLed `aipm run` is recovered by the next one with nothing lost or run twice.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import Project, task_statuses, wait_for, write_task
+from invariants import check, journal_command, pid_alive, spans
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Ray tests need Linux network namespaces")
+
+RAY = Path(sys.executable).with_name("ray")
+PORT = 6391
+
+# Walks the ppid chain of the command and appends "TASK ray" or "TASK local" to a file: proof of where it ran.
+ANCESTRY = r'''
+import os, sys
+pid, where = os.getppid(), "local"
+while pid > 1:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+        if f.read().startswith(b"ray::"):
+            where = "ray"
+            break
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        pid = int(f.read().rsplit(b")", 1)[1].split()[1])
+with open(sys.argv[1], "a") as f:
+    f.write(f"{os.environ['AIPM_TASK_ID']} {where}\n")
+'''
+
+
+class Cluster:
+    def __init__(self) -> None:
+        self.tmp = tempfile.mkdtemp(prefix="aipm-ray-")
+        # The holder keeps the namespace alive; `ray start` daemons are started inside it by nsenter.
+        self.holder = subprocess.Popen(
+            ["unshare", "-n", "sh", "-c", "ip link set lo up && exec sleep infinity"], start_new_session=True)
+        wait_for(lambda: _has_loopback(self.holder.pid), 20)
+        self.env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{PORT}", RAY_USAGE_STATS_ENABLED="0",
+                        AIPM_ENABLE_MONITORING="false")
+        self.env.pop("AIPM_FAKE_LOAD", None)
+        start = self.ns([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={PORT}",
+                         "--num-cpus=2", "--include-dashboard=false", "--object-store-memory=80000000",
+                         "--disable-usage-stats", f"--temp-dir={self.tmp}"], timeout=180)
+        if start.returncode != 0:
+            self.close()
+            raise RuntimeError(f"ray start failed:\n{start.stdout}\n{start.stderr}")
+
+    def ns(self, argv: list[str], timeout: float = 180, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["nsenter", "-t", str(self.holder.pid), "-n", *argv], capture_output=True,
+                              text=True, env=self.env, timeout=timeout, **kw)
+
+    def popen(self, argv: list[str], **kw) -> subprocess.Popen:
+        return subprocess.Popen(["nsenter", "-t", str(self.holder.pid), "-n", *argv], env=self.env, **kw)
+
+    def close(self) -> None:
+        try:
+            self.ns([str(RAY), "stop", "--force"], timeout=120)
+        finally:
+            self.holder.kill()
+            self.holder.wait()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def _has_loopback(pid: int) -> bool:
+    out = subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "link", "show", "up"],
+                         capture_output=True, text=True)
+    return "lo:" in out.stdout
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if not RAY.exists():
+        pytest.skip("ray is not installed (pip install '.[ray]')")
+    if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"):
+        pytest.skip("needs root with unshare/nsenter to give Ray a loopback-only network namespace")
+    c = Cluster()
+    yield c
+    c.close()
+
+
+def aipm(c: Cluster, project: Project, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    return c.ns([sys.executable, "-m", "aipm", "--root", str(project.root), *args], timeout=timeout,
+                cwd=project.root)
+
+
+def test_an_order_runs_on_ray_with_every_invariant(cluster, tmp_path):
+    project = Project(tmp_path)
+    order = project.order()
+    journal, where = tmp_path / "journal", tmp_path / "where"
+    probe = tmp_path / "ancestry.py"
+    probe.write_text(ANCESTRY)
+    work = f"{sys.executable} {probe} {where}; sleep 0.3"
+    shape = {  # a diamond, two tasks on one file, one with a declared resource request
+        "A": ([], ["src/a.py"]), "B": (["A"], ["src/b.py"]), "C": (["A"], ["src/c.py"]),
+        "D": (["B", "C"], ["src/"]), "E": ([], ["docs/x.md"]), "F": ([], ["docs/x.md"]),
+    }
+    for tid, (deps, targets) in shape.items():
+        extra = {"resources": {"cpus": 1, "memory_mb": 64}} if tid == "E" else {}
+        write_task(order, tid, depends_on=deps, target_files=targets, command=journal_command(journal, work), **extra)
+    result = aipm(cluster, project, "run", "ORD", "--runner", "ray", "--max-workers", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(task_statuses(order).values()) == {"DONE"}
+    assert check(journal, order, max_workers=2, root=tmp_path) == []
+    ran = dict(line.split() for line in where.read_text().splitlines())
+    assert ran == dict.fromkeys(shape, "ray")
+    log = (tmp_path / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
+    assert "ran on Ray node" in log
+
+
+def test_a_timeout_ends_the_whole_tree_on_the_node(cluster, tmp_path):
+    project = Project(tmp_path)
+    order = project.order()
+    # One grandchild stays in the command's group; one escapes it with setsid.
+    # The timeout covers the Ray start-up of the attempt too: generous, so the command surely runs first.
+    write_task(order, "T", timeout=20, command=(
+        f"sleep 600 & echo $! > {tmp_path}/kept.pid; "
+        f"setsid sleep 600 & echo $! > {tmp_path}/escaped.pid; wait"))
+    result = aipm(cluster, project, "run", "ORD", "--runner", "ray")
+    assert result.returncode == 1
+    assert task_statuses(order) == {"T": "FAILED"}
+    pids = [int((tmp_path / name).read_text()) for name in ("kept.pid", "escaped.pid")]
+    wait_for(lambda: not any(pid_alive(p) for p in pids), 60)
+    assert "timed out" in (tmp_path / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
+
+
+def test_a_killed_run_is_recovered_with_nothing_lost_or_run_twice(cluster, tmp_path):
+    project = Project(tmp_path)
+    order = project.order()
+    journal = tmp_path / "journal"
+    for i in range(4):
+        deps = [f"T{i - 1}"] if i % 2 else []
+        write_task(order, f"T{i}", depends_on=deps, target_files=[f"f{i}"],
+                   command=journal_command(journal, "sleep 4"))
+    run = cluster.popen([sys.executable, "-m", "aipm", "--root", str(tmp_path), "run", "ORD", "--runner", "ray",
+                         "--max-workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                        start_new_session=True)
+    wait_for(lambda: len(spans(journal)) >= 2, 120)  # two commands are running on the cluster
+    os.killpg(run.pid, signal.SIGKILL)
+    run.wait()
+    result = aipm(cluster, project, "run", "ORD", "--runner", "ray", "--max-workers", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(task_statuses(order).values()) == {"DONE"}
+    assert check(journal, order, max_workers=2, root=tmp_path) == []
+
+
+def test_runner_ray_without_ray_is_one_line_and_exit_2(project):
+    write_task(project.order(), "T", command="true")
+    code = ("import sys; sys.modules['ray'] = None; from aipm.cli import main; "
+            f"sys.argv = ['aipm', '--root', {str(project.root)!r}, 'run', 'ORD', '--runner', 'ray']; main()")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "pip install 'aipm[ray]'" in proc.stderr
+    assert task_statuses(project.order()) == {"T": "QUEUED"}
+
+
+def test_a_bad_runner_setting_names_it(project):
+    write_task(project.order(), "T", command="true")
+    (project.root / "aipm.yaml").write_text("runner: slurm\n")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 2 and "runner" in proc.stderr and "slurm" in proc.stderr
+    (project.root / "aipm.yaml").write_text("max_workers: 5\n")
+    proc = project.aipm("run", "ORD", env={"AIPM_RUNNER": "k8s"})
+    assert proc.returncode == 2 and "AIPM_RUNNER" in proc.stderr
+    assert task_statuses(project.order()) == {"T": "QUEUED"}
