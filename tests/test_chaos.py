@@ -569,6 +569,14 @@ def _log(root: Path, task: str, attempt: int) -> str:
 # ---- 4. four launchers racing on one order -----------------------------------------------------------------
 
 
+def judge(root: Path, trial: Trial, journal: Path, before: dict[str, str], pgids: set[int], workers: int) -> None:
+    """Every task DONE, the journal's invariants, and a clean end state (groups seen and journal pids gone)."""
+    order = root / "orders" / "ORD"
+    trial.add("lost", [f"{t} is {s}" for t, s in sorted(task_statuses(order).items()) if s != "DONE"])
+    trial.add_check(check(journal, order, max_workers=workers, root=root))
+    trial.add_end(end_state(root, order, before, pgids | journal_pids(journal)))
+
+
 def racing_trial(root: Path, seed: int, n_tasks: int, work: str = "sleep 0.05", workers: int = 5) -> Trial:
     order = root / "orders" / "ORD"
     journal = root / "journal.txt"
@@ -602,10 +610,7 @@ def racing_trial(root: Path, seed: int, n_tasks: int, work: str = "sleep 0.05", 
         for proc in procs:
             proc.kill()
         pgids = watch.stop()
-    pgids |= journal_pids(journal)
-    trial.add("lost", [f"{t} is {s}" for t, s in sorted(task_statuses(order).items()) if s != "DONE"])
-    trial.add_check(check(journal, order, max_workers=workers, root=root))
-    trial.add_end(end_state(root, order, before, pgids))
+    judge(root, trial, journal, before, pgids, workers)
     return trial
 
 
@@ -860,10 +865,7 @@ def hostile_trial(root: Path, seed: int, n_tasks: int, workers: int = 4) -> Tria
         for proc in procs:
             proc.kill()
         pgids = watch.stop()
-    pgids |= journal_pids(journal)
-    trial.add("lost", [f"{t} is {s}" for t, s in sorted(task_statuses(order).items()) if s != "DONE"])
-    trial.add_check(check(journal, order, max_workers=workers, root=root))
-    trial.add_end(end_state(root, order, before, pgids))
+    judge(root, trial, journal, before, pgids, workers)
     pids = [int(p) for p in daemons.read_text().split()] if daemons.exists() else []
     trial.add("orphans", [f"daemon {pid} outlived its attempt" for pid in pids if pid_alive(pid)])
     for pid in pids:
