@@ -80,13 +80,19 @@ def spawn(
     try:
         if not os.path.isdir(cwd):
             raise SpawnError(f"working directory {cwd} does not exist")
-        # A worker may have deleted .aipm/ (git clean -fdx) since the log's path was made.
-        os.makedirs(os.path.dirname(log), exist_ok=True)
         for fd in pass_fds:
             os.set_inheritable(fd, True)
         try:
-            # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself.
-            pid = os.posix_spawn(SHELL, argv, dict(env, AIPM_ROOT=cwd), file_actions=actions, setsid=True)
+            for again in (False, True):
+                # A worker may be deleting .aipm/ (git clean -fdx): make the log's directory (again) first.
+                os.makedirs(os.path.dirname(log), exist_ok=True)
+                try:
+                    # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself.
+                    pid = os.posix_spawn(SHELL, argv, dict(env, AIPM_ROOT=cwd), file_actions=actions, setsid=True)
+                    break
+                except FileNotFoundError:
+                    if again:
+                        raise
         except OSError as exc:
             raise SpawnError(f"cannot start worker: {exc.strerror}") from None
         finally:

@@ -135,10 +135,15 @@ class Runtime:
     def _dir(self, path: Path) -> Path:
         """`path` under `.aipm/`, after making sure its directory (and `.aipm/.gitignore`) exist. No cache: a
         worker may delete `.aipm/` at any moment, and one mkdir is nothing next to starting a process."""
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ignore = self.dir / ".gitignore"
-        if not ignore.exists():
-            ignore.write_text(GITIGNORE)
+        for _ in range(3):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                ignore = self.dir / ".gitignore"
+                if not ignore.exists():
+                    ignore.write_text(GITIGNORE)
+                break
+            except FileNotFoundError:
+                continue  # a worker is deleting .aipm/ right now: make it again
         return path
 
     def _state_file(self, path: Path) -> Path:
