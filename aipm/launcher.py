@@ -23,7 +23,7 @@ from aipm.plan import Busy, ForeignLock, Plan, plan
 from aipm.project import Project
 from aipm.capacity import Capacity, fit
 from aipm.resources import ResourceMonitor, get_system_info
-from aipm.runtime import Record, Runtime, process_ctime, read_exit_file
+from aipm.runtime import Record, Runtime, live_pid, process_ctime
 from aipm.settings import Settings
 from aipm.store import StaleWrite, load_task, now, update_task
 from aipm.view import OrderView
@@ -66,18 +66,19 @@ class Launcher:
 
     # -- planning inputs -------------------------------------------------------------------------------
 
-    def holders(self, order: Order, records: Iterable[Record]) -> tuple[list[Busy], set[str], int]:
-        """Busy files from worker records, this order's live task ids, and the live worker count.
+    def holders(self, order: Order, records: Iterable[Record]) -> tuple[list[Busy], dict[str, int], int]:
+        """Busy files from worker records, this order's live task ids (→ pid), and the live worker count.
 
-        A dead record (a stale task) still holds its files until recovered, but takes no worker slot.
+        A dead record (a stale task) still holds its files until recovered, but takes no worker slot. A live one
+        counts whatever its task's file says now.
         """
-        busy, live, count = [], set(), 0
+        busy, live, count = [], {}, 0
         for rec in records:
             busy.append(Busy(rec.order, rec.task, tuple(normalize(t) for t in rec.targets)))
             if rec.alive():
                 count += 1
                 if rec.order == order.id:
-                    live.add(rec.task)
+                    live[rec.task] = live_pid(rec)
         return busy, live, count
 
     def outside(self, records: Iterable[Record]) -> list[ForeignLock]:
@@ -178,6 +179,9 @@ class Launcher:
     def start(self, order: Order, task: Task, owner: "Owner | None", view: OrderView | None = None) -> Record:
         """Start one task. Caller holds the launch lock. On failure everything is undone and LaunchFailed raised."""
         rt = self.runtime
+        running = rt.read_record(order.id, task.id)
+        if running is not None and running.alive():  # one record per task: never overwrite a live one
+            raise LaunchFailed(f"{task.id}: its worker pid {live_pid(running)} is still running")
         program = self._missing_program(task)
         if program:
             raise LaunchFailed(f"{task.id}: program {program!r} not found on PATH; install it or fix `command`")
@@ -187,10 +191,11 @@ class Launcher:
             holder = next((f.holder for f in self.outside(self.records()) if exc.node in dict(f.nodes)), None)
             raise LaunchBusy(f"{exc.node or '.'} is held by {holder}" if holder else str(exc)) from None
         attempt = task.attempts + 1
+        number = rt.next_number(order.id, task.id, attempt)
         rec = Record(
             order=order.id, order_dir=order.path, task=task.id, task_file=task.path, attempt=attempt,
-            targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, attempt)),
-            exit_file=str(rt.exit_path(order.id, task.id, attempt)), started_at=now(),
+            targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, number)),
+            exit_file=str(rt.exit_path(order.id, task.id, number)), started_at=now(), number=number,
         )
         if task.resources is not None:
             rec.cpus, rec.memory_mb = task.resources.cpus or 0.0, task.resources.memory_mb or 0
@@ -250,7 +255,7 @@ class Launcher:
         and starts successors. It inherits the target locks and this invocation's effective settings."""
         s = self.settings
         argv = [sys.executable, "-m", "aipm.work", str(self.project.root), rec.order_dir, rec.task,
-                "--lock-fds", ",".join(map(str, fds)), "--max-workers", str(s.max_workers),
+                "--order-id", rec.order, "--lock-fds", ",".join(map(str, fds)), "--max-workers", str(s.max_workers),
                 "--max-cpu", str(s.max_cpu_percent), "--max-memory", str(s.max_memory_percent)]
         argv += ["--adopt"] * adopt + ["--no-review"] * self.options.no_review
         argv += ["--no-resource-monitoring"] * (not s.enable_monitoring)
@@ -282,15 +287,18 @@ class Launcher:
         """
         out = []
         remove_temp_files(Path(order.path))
+        records = {rec.task: rec for rec in self.runtime.records() if rec.order == order.id}
         for task in order.tasks.values():
-            if task.status not in RUNNING:
+            rec = records.get(task.id)
+            # A live worker is adopted whatever its file says now (an agent's `git checkout` may have reset it).
+            if task.status not in RUNNING and not (rec is not None and rec.worker_alive()):
                 continue
-            rec = self.runtime.read_record(order.id, task.id)
             if rec is not None and rec.owner_alive():
                 continue
-            if rec is not None and rec.attempt == task.attempts and (
-                rec.worker_alive() or read_exit_file(rec.exit_file) is not None
-            ):
+            # An exit file, even an empty one (the worker ended; its code may be lost), goes to an owner to decide.
+            if rec is not None and (rec.worker_alive() or (
+                rec.attempt == task.attempts and os.path.exists(rec.exit_file)
+            )):
                 if adopt is not None:
                     adopt.adopt(rec)
                 else:
@@ -309,8 +317,8 @@ class Launcher:
             update_task(path, {"status": Status.INTERRUPTED, "finished_at": now()}, expect=task.status)
             attempts = task.attempts if count_attempt else max(0, task.attempts - 1)
             update_task(path, {"status": Status.QUEUED, "attempts": attempts}, expect=Status.INTERRUPTED)
-        except StaleWrite:
-            pass
+        except (StaleWrite, UserError, OSError):
+            pass  # moved on, broken or unwritable: a running status without a record is recovered later
         if rec is not None:
             append_log(rec.log, f"worker interrupted: {why}; task re-queued")
             self.runtime.remove_record(rec.order, rec.task)
@@ -321,7 +329,8 @@ def _finished_elsewhere(rec: Record, root: Path) -> bool:
     try:
         task = load_task(Path(rec.task_file), root)
     except (UserError, OSError):
-        return True
+        # Gone: finished for good. Broken: unknown, so it keeps its files until the file is fixed and recovered.
+        return not os.path.exists(rec.task_file)
     return task.status not in RUNNING or task.attempts != rec.attempt
 
 

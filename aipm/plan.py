@@ -20,6 +20,7 @@ NEVER = "dependency_cannot_finish"
 FILE_BUSY = "file_busy"
 FILE_CHOSEN = "file_conflict_in_round"
 LIMIT = "worker_limit"
+WORKER_RUNNING = "worker_running"  # the file says otherwise, but the task's worker lives (a reset file)
 FILE_HELD = "file_held_outside"  # a lock held by a process that is no aipm worker (e.g. a daemon a worker left)
 
 
@@ -180,7 +181,8 @@ def plan(
 
     order     -- the order, with current statuses
     elsewhere -- tasks of *other* orders that hold files
-    live      -- ids of this order's IN_PROGRESS/IN_REVIEW tasks whose worker is alive; the others are stale
+    live      -- ids of this order's tasks whose worker is alive (by its record; a mapping gives their pids);
+                 a running task not in it is stale, and a task in it runs whatever its file says
     slots     -- how many workers may still start (max_workers minus live workers in the project)
     ordering  -- ids to consider, in rank order (default: every task, `ranked(order)`)
     explain   -- False stops at the first full round (the supervisor's hot path needs no reasons)
@@ -197,10 +199,21 @@ def plan(
             busy.append((task.id, task.targets))
             if task.id not in live:
                 result.stale.append(task.id)
+    # A worker's file reset under it (an agent's `git checkout`, `git stash`): still running, never launched again.
+    held = {tid: live.get(tid) if isinstance(live, Mapping) else None
+            for tid in live if tid in order.tasks and order.tasks[tid].status not in RUNNING}
+    for tid in held:
+        busy.append((tid, order.tasks[tid].targets))
     doomed = _doomed(order) if explain else {}
     chosen: list[Task] = []
     tasks = ranked(order) if ordering is None else [order.tasks[i] for i in ordering if i in order.tasks]
     for task in tasks:
+        if task.id in held:
+            if explain:
+                pid = f" pid {held[task.id]}" if held[task.id] else ""
+                result.blocked[task.id] = Blocked(
+                    task.id, WORKER_RUNNING, f"its file says {task.status}, but its worker{pid} is still running")
+            continue
         if task.status != Status.QUEUED:
             if explain:
                 detail = f"status is {task.status}"
@@ -209,7 +222,7 @@ def plan(
                 result.blocked[task.id] = Blocked(task.id, STALE if task.id in result.stale else NOT_QUEUED, detail)
             continue
         deps = order.tasks
-        waiting = [d for d in task.depends_on if d in deps and deps[d].status not in FINISHED_OK]
+        waiting = [d for d in task.depends_on if d in deps and (deps[d].status not in FINISHED_OK or d in held)]
         if waiting:
             if not explain:
                 continue
@@ -283,7 +296,7 @@ def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Bu
     first = result.blocked.get(task_id)
     if first is None:
         return []
-    if task.status != Status.QUEUED:
+    if task.status != Status.QUEUED or first.reason == WORKER_RUNNING:
         return [first]
     reasons = []
     deps = order.tasks

@@ -53,6 +53,13 @@ class Record:
     scope_allowed: list[str] = field(default_factory=list)  # targets of tasks running when it started
     cpus: float = 0.0  # the task's declared resources, counted against this machine's capacity
     memory_mb: int = 0
+    # The attempt's number over the task's whole life (names its log and exit file); `attempt` is the task
+    # file's `attempts:` counter, which `retry` resets, so it cannot name files.
+    number: int = 0
+
+    @property
+    def serial(self) -> int:
+        return self.number or self.attempt  # records written before `number` existed
 
     @property
     def scope_file(self) -> str:
@@ -71,6 +78,11 @@ class Record:
 
     def alive(self) -> bool:
         return self.worker_alive() or self.owner_alive()
+
+
+def live_pid(rec: Record) -> int:
+    """The pid to name for a live record: its worker's, or its owner's while no worker runs (review, finish)."""
+    return rec.pid if rec.worker_alive() else rec.owner_pid
 
 
 def process_alive(pid: int, ctime: float) -> bool:
@@ -157,16 +169,20 @@ class Runtime:
     def _state_write(self, path: Path, text: str) -> None:
         """Atomic rename, no fsync: state files only matter while processes live."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        for again in (False, True):
-            try:
-                self._state_file(path)
-                tmp.write_text(text)
-                break
-            except FileNotFoundError:
-                if again:
-                    raise
-                self._made.clear()  # someone removed the state directory: make it again
-        os.replace(tmp, path)
+        try:
+            for again in (False, True):
+                try:
+                    self._state_file(path)
+                    tmp.write_text(text)
+                    break
+                except FileNotFoundError:
+                    if again:
+                        raise
+                    self._made.clear()  # someone removed the state directory: make it again
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave a temp file behind
+            raise
 
     # -- the launch lock: serialises every status write and launch decision in the project ------------------
 
@@ -235,10 +251,24 @@ class Runtime:
     def log_path(self, order: str, task: str, attempt: int) -> Path:
         return self._dir(self.dir / "logs" / _safe(order) / f"{_safe(task)}.{attempt}.log")
 
-    def logs(self, order: str, task: str) -> list[Path]:
+    def logs(self, order: str, task: str) -> dict[int, Path]:
+        """Attempt number → log of each attempt of a task, oldest first (review logs are not listed)."""
         base = self.dir / "logs" / _safe(order)
-        found = base.glob(f"{_safe(task)}.*.log") if base.is_dir() else []
-        return sorted(found, key=lambda p: int(p.name.rsplit(".", 2)[-2]) if p.name.rsplit(".", 2)[-2].isdigit() else 0)
+        name = re.compile(re.escape(_safe(task)) + r"\.(\d+)\.log")
+        found = {}
+        for entry in (os.scandir(base) if base.is_dir() else ()):
+            match = name.fullmatch(entry.name)
+            if match:
+                found[int(match.group(1))] = Path(entry.path)
+        return dict(sorted(found.items()))
+
+    def next_number(self, order: str, task: str, start: int) -> int:
+        """The first attempt number from `start` on whose log and exit file do not exist yet: every attempt of a
+        task gets files of its own, across retries and interrupted attempts (whose counter is given back)."""
+        number = max(1, start)
+        while self.log_path(order, task, number).exists() or self.exit_path(order, task, number).exists():
+            number += 1
+        return number
 
     def exit_path(self, order: str, task: str, attempt: int) -> Path:
         """In the state directory: the outcome of an adopted worker must survive a cleaned tree."""

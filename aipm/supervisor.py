@@ -7,18 +7,21 @@ owner adopts them and records their real outcome.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aipm import cluster, runner, scope, subreaper
+from aipm import cluster, runner, scope, subreaper, unrecorded
+from aipm.errors import UserError
 from aipm.finish import after_review, after_work, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
+from aipm.restore import disowned, known_status, restore
 from aipm.runtime import Record, process_ctime, read_exit_file
-from aipm.store import load_task, update_task
+from aipm.store import load_task, now, update_task
 from aipm.view import OrderView
 from aipm.worker import environment, invocation, model_for
 
@@ -42,6 +45,9 @@ class Supervisor(Owner):
         # Events wait here while the launch lock is held: a stalled reader of our output must never stall the
         # whole project (every other aipm command needs that lock).
         self.outbox: list[dict] = []
+        # Outcomes not yet written to their task file (key → record, exit code, timed out), retried each round.
+        self.unrecorded: dict[str, tuple[Record, int | None, bool]] = {}
+        self.writes = 0  # task-file writes of outcomes so far: tells a failure before any write from one after
         # Orphans of our workers come to us instead of init, so they can be ended with their attempt.
         subreaper.become_subreaper()
         self.adopted: set[str] = set()  # keys of workers that are not our children
@@ -61,7 +67,7 @@ class Supervisor(Owner):
                            stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout))
         self._own(rec)
         self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
-                            "attempt": rec.attempt})
+                            "attempt": rec.serial})
 
     def _record(self, rec: Record, pid: int, timeout: int | None) -> None:
         """Write the worker's record; only then may its command begin."""
@@ -136,37 +142,83 @@ class Supervisor(Owner):
             runner.kill_group(rec.pgid)
             self.end_strays(rec)
         with self.rt.launch_lock():
-            try:
-                return self._apply(rec, code, timed_out)
-            except OSError as exc:
-                return self._cannot_record(rec, exc)
+            return self._record_outcome(rec, code, timed_out)
 
-    def _cannot_record(self, rec: Record, exc: OSError) -> dict:
-        """A task file could not be written (disk full, ...): keep the worker's exit file and give the task up,
-        so `aipm recover` or the next run records the real outcome once the disk is fixed."""
-        self.owned.pop(rec.key, None)
+    def _record_outcome(self, rec: Record, code: int | None, timed_out: bool) -> dict | None:
+        """Apply an outcome. One that cannot be written now is held and retried (retry_unrecorded), and reported
+        once; one whose task file was deleted is kept in the log."""
+        writes, before = self.writes, dataclasses.replace(rec)
+        try:
+            event = self._apply(rec, code, timed_out)
+        except (UserError, OSError) as exc:
+            if not os.path.exists(rec.task_file):
+                return self._gone(rec, code)
+            self.owned.pop(rec.key, None)
+            first = rec.key not in self.unrecorded
+            self.unrecorded[rec.key] = (before, code, timed_out)
+            if self.writes != writes:  # half applied (say IN_REVIEW, no reviewer): not safe to apply twice
+                self._hand_over(rec.key)
+            if not first:
+                return None
+            text = unrecorded.message(rec, code, exc, unrecorded.keep_exit_code(rec, code))
+            append_log(rec.log, text)
+            return {"event": "error", "order": rec.order, "task": rec.task, "error": text}
+        self.unrecorded.pop(rec.key, None)
+        return event
+
+    def retry_unrecorded(self) -> None:
+        """Try the held outcomes again (the disk may have room, the file may be fixed). Caller holds the lock."""
+        for key, (rec, code, timed_out) in list(self.unrecorded.items()):
+            event = self._record_outcome(dataclasses.replace(rec), code, timed_out)
+            if event:
+                self.outbox.append(event)
+
+    def hand_over(self) -> None:
+        """Before exiting: a last try, then leave each held outcome to `aipm recover` (in its exit file)."""
+        with self.rt.launch_lock():
+            self.retry_unrecorded()
+            for key in list(self.unrecorded):
+                self._hand_over(key)
+
+    def _hand_over(self, key: str) -> None:
+        rec, code, _ = self.unrecorded.pop(key)
+        unrecorded.keep_exit_code(rec, code)
         rec.owner_pid, rec.owner_ctime = 0, 0.0
         try:
             self.rt.write_record(rec)
         except OSError:
             pass  # the record still names us; once we exit it is just as adoptable
-        return {"event": "error", "order": rec.order, "task": rec.task,
-                "error": f"cannot record the outcome of {rec.task} in {rec.task_file}: {exc.strerror or exc}; "
-                         "its exit code is kept: run `aipm recover` once that is fixed"}
+
+    def _gone(self, rec: Record, code: int | None) -> dict:
+        """The task file was deleted while its worker ran: nothing to write to; the outcome stays in the log."""
+        kept = unrecorded.keep_exit_code(rec, code)
+        append_log(rec.log, f"attempt {rec.serial} ended with exit {code}, but its task file {rec.task_file} "
+                            f"was deleted meanwhile: the outcome is recorded here" + (" and in its exit file" * kept))
+        self._drop(rec)
+        if self.view is not None and rec.order == self.view.order.id:
+            self.view.reload(rec.task_file, gone=True)
+        return {"event": "gone", "order": rec.order, "task": rec.task, "attempt": rec.serial, "exit_code": code,
+                "file": rec.task_file}
 
     def _apply(self, rec: Record, code: int | None, timed_out: bool) -> dict:
         task = load_task(Path(rec.task_file), self.rt.root)
-        event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.attempt,
+        event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.serial,
                  "phase": rec.phase, "exit_code": code}
-        if task.status not in RUNNING or task.attempts != rec.attempt:
-            # Someone moved it on (cancel, recover by another process): their word stands.
-            self._drop(rec)
+        if task.status == Status.CANCELLED:
+            self._drop(rec)  # the user's word stands
             event["status"] = str(task.status)
             return event
+        if disowned(task, rec):
+            was = task.status
+            task = self._restored(rec, task)
+            self.outbox.append({"event": "restored", "order": rec.order, "task": rec.task, "was": str(was),
+                                "status": str(task.status)})
         if code is None:
             if rec.phase == "review":
                 self._start_review(rec, task)  # the reviewer vanished without a verdict: ask again
-                return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.attempt}
+                return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial}
+            if unrecorded.exit_lost(rec.exit_file):
+                return self._outcome_lost(rec, task, event)
             # We watched this worker (adopted, so not our child) die before its wrapper wrote an exit code: it
             # was killed. That is a failed attempt like any other, or repeated kills would retry forever.
             append_log(rec.log, "worker ended without an exit code (killed from outside); counted as exit 137")
@@ -176,20 +228,54 @@ class Supervisor(Owner):
         else:
             task = self._review_ended(rec, task, code)
         if task.status == Status.IN_REVIEW:
-            return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.attempt}
+            return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial}
         self._drop(rec)
         event["status"] = str(task.status)
         return event
 
+    def _restored(self, rec: Record, task: Task) -> Task:
+        """The file was reset under a live worker (a `git checkout`): write back what we know, keep the rest."""
+        append_log(rec.log, f"{task.path} said {task.status} (attempts {task.attempts}) while attempt "
+                            f"{rec.serial} ran: restored {known_status(rec)} (attempts {rec.attempt})")
+        task = restore(task, rec, self.rt.root)
+        self._note(task)
+        return task
+
+    def restore_owned(self, tasks: dict[str, Task]) -> None:
+        """Put back the status of owned tasks whose file (as the view last read it) was reset. Under the lock."""
+        for rec in list(self.owned.values()):
+            seen = tasks.get(rec.task)
+            if seen is None or not disowned(seen, rec):
+                continue
+            try:
+                task = load_task(Path(rec.task_file), self.rt.root)
+                if disowned(task, rec):
+                    self.outbox.append({"event": "restored", "order": rec.order, "task": rec.task,
+                                        "was": str(task.status), "status": str(self._restored(rec, task).status)})
+            except (UserError, OSError):
+                pass  # broken or gone: the view reports it, and the finish deals with it
+
+    def _outcome_lost(self, rec: Record, task: Task, event: dict) -> dict:
+        """The worker ended but its exit code never reached the disk: its result is unknown. Leave it to a person
+        (INTERRUPTED) rather than run it again blindly or call it failed."""
+        append_log(rec.log, f"attempt {rec.serial} ended, but its exit code was lost ({rec.exit_file} is empty): "
+                            "left INTERRUPTED; check its work, then `aipm retry` it")
+        task = self._write(task, {"status": Status.INTERRUPTED, "finished_at": now()})
+        self._drop(rec)
+        event["status"] = str(task.status)
+        event["detail"] = "exit code lost; check its work, then `aipm retry`"
+        return event
+
     def _write(self, task: Task, updates: dict) -> Task:
         task = update_task(Path(task.path), updates, expect=task.status, root=self.rt.root)
+        self.writes += 1
         self._note(task)
         return task
 
     def _work_ended(self, rec: Record, task: Task, code: int, timed_out: bool, event: dict) -> Task:
         """IN_PROGRESS → DONE, IN_REVIEW (review started), QUEUED or FAILED; REWORK when out of scope."""
         timeout = task.timeout or self.settings.timeout
-        append_log(rec.log, f"attempt {rec.attempt} {describe_exit(code, timed_out, timeout)}")
+        append_log(rec.log, f"attempt {rec.serial} {describe_exit(code, timed_out, timeout)}")
         outside = self._scope_findings(rec) if code == 0 else []
         if outside:
             # Writing outside target_files fails the review, whatever the reviewer would say.
@@ -305,8 +391,11 @@ class Supervisor(Owner):
         stopped = []
         with self.rt.launch_lock():
             for rec in list(self.owned.values()):
-                task = load_task(Path(rec.task_file), self.rt.root)
-                if task.status in RUNNING and task.attempts == rec.attempt:
+                try:
+                    task = load_task(Path(rec.task_file), self.rt.root)
+                except (UserError, OSError):
+                    task = None  # deleted or broken: without its record, recovery re-queues it once it is fixed
+                if task is not None and task.status in RUNNING and task.attempts == rec.attempt:
                     self.launcher.interrupt(task, rec, "stopped by the user (Ctrl-C)")
                     stopped.append(rec.task)
                 self._drop(rec)
@@ -369,8 +458,8 @@ def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str]) ->
         foreign.discard(key)
     finishing = False
     for rec in records:
-        if rec.key in sup.owned or rec.key in foreign:
-            continue
+        if rec.key in sup.owned or rec.key in foreign or (rec.owner_pid, rec.owner_ctime) == sup.me:
+            continue  # ours (an outcome we hold, unrecorded): never wait on ourselves
         if rec.pid and rec.worker_alive() and sup.watcher.watch_pid(rec.pid, rec.key):
             foreign.add(rec.key)
         elif rec.owner_alive():
@@ -401,8 +490,11 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
         while not stop.requested:
             with launcher.runtime.launch_lock():  # one lock round per wake-up: finish what ended, then launch
                 _finish(sup, ready)
+                if sup.unrecorded:
+                    sup.retry_unrecorded()
                 report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False,
                                          recover=recover)
+                sup.restore_owned(view.order.tasks)
             for event in sup.outbox:
                 emit(event)
             sup.outbox.clear()
@@ -458,6 +550,8 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
         if ready:  # ended just as we were stopped: their real outcome still counts
             with launcher.runtime.launch_lock():
                 _finish(sup, ready)
+        if sup.unrecorded:
+            sup.hand_over()
         if stop.requested:
             stopped = sup.abort()
             sup.outbox.append({"event": "interrupted", "requeued": stopped})

@@ -66,12 +66,17 @@ class OrderView:
                     self.problems.append(str(exc))
         return self.order
 
-    def reload(self, path: str) -> None:
-        """Re-read one task file (after our own write, or when it changed on disk)."""
+    def reload(self, path: str, gone: bool = False) -> None:
+        """Re-read one task file (after our own write, or when it changed on disk). `gone`: its worker has
+        ended, so a deleted file's task goes too."""
         tasks = self.order.tasks
         task_id = Path(path).name[: -len(".yaml")]
         old = tasks.get(task_id)
         if not os.path.exists(path):
+            if old is not None and old.status in RUNNING and not gone:
+                # Deleted under its worker: keep the last valid version (its files, its dependants) until it ends.
+                self._stats[path] = None
+                raise ValidationError(path, None, "deleted while its task runs")
             tasks.pop(task_id, None)
             self._stats.pop(path, None)
             self._ordering = None

@@ -28,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("order_dir")
     parser.add_argument("task")
     parser.add_argument("--lock-fds", default="")
+    parser.add_argument("--order-id", required=True)
     parser.add_argument("--adopt", action="store_true")
     parser.add_argument("--no-review", action="store_true")
     parser.add_argument("--model")
@@ -51,14 +52,18 @@ def main(argv: list[str] | None = None) -> int:
     me = (os.getpid(), sup.me[1])
     with launcher.runtime.launch_lock():
         # The launcher holds this lock until our record names us, so we read a finished record here.
-        view = OrderView(Path(args.order_dir), root, watch=False)
-        rec = launcher.runtime.read_record(view.order.id, args.task)
+        rec = launcher.runtime.read_record(args.order_id, args.task)
         if rec is None or (rec.owner_pid, rec.owner_ctime) != me and rec.owner_alive():
             return 0  # finished, or owned by someone else meanwhile
         if args.adopt:
             sup.adopt(rec)
         else:
-            task = load_task(Path(rec.task_file), root)
+            try:
+                task = load_task(Path(rec.task_file), root)
+            except UserError as exc:  # broken or deleted since the launch: nothing to run
+                print(f"aipm: cannot start worker: {exc}", file=sys.stderr)
+                launcher.runtime.remove_record(rec.order, rec.task)
+                return 1
             sup.lock_fds[rec.key] = fds
             try:
                 sup.spawn_worker(rec, task, fds)
@@ -68,9 +73,18 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
     while sup.owned:
         for key in sup.wait(None):
-            sup.handle(key)
+            sup.handle(key)  # an outcome it cannot record is held (and logged), never a crash
     sup.end_strays()  # the attempt's left-overs die before successors start
-    launcher.launch(OrderView(Path(args.order_dir), root, watch=False), owner=None)
+    if sup.unrecorded:
+        sup.hand_over()
+    for held in sup.lock_fds.values():  # a handed-over outcome keeps its record; the locks go now
+        for fd in held:
+            os.close(fd)
+    try:
+        launcher.launch(OrderView(Path(args.order_dir), root, watch=False), owner=None)
+    except (UserError, OSError) as exc:  # a task file broken or a disk full: `aipm launch` says the same
+        print(f"aipm: cannot start the successors of {args.task}: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -44,7 +44,7 @@ def environment(runtime: Runtime, rec: Record, task: Task, model: str) -> dict[s
     """What a worker (and its reviewer) sees: the AIPM_* variables on top of ours."""
     env = dict(os.environ)
     env.update(
-        AIPM_ROOT=str(runtime.root), AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.attempt),
+        AIPM_ROOT=str(runtime.root), AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.serial),
         AIPM_TARGET_FILES="\n".join(task.target_files), AIPM_MODEL=model, AIPM_LOG=rec.log,
     )
     feedback = runtime.feedback_path(rec.order, rec.task)

@@ -53,8 +53,12 @@ SCENARIOS = {
                  lambda root, seed: chaos.counter_trial(root, seed)),
     "counters-kill": ("lost-update probe (0.2 s nap) while SIGKILLing `aipm run` (6 kills/trial)", 8, 6000,
                       lambda root, seed: chaos.counter_trial(root, seed, kills=6, nap="0.2")),
+    "reset": ("every worker resets its own task file (sed or git checkout), half without targets, 3 racing "
+              "launches, owned by run or launch (20 tasks, max 3 workers)", 6, 7000,
+              lambda root, seed: chaos.reset_trial(root, seed, n_tasks=20, how=("sed", "git")[seed % 2],
+                                                   owner=("run", "launch")[seed // 2 % 2])),
     "hostile": ("workers that `rm -rf .aipm` or leave a setsid daemon, under run + launch at once (30 tasks)", 5,
-                7000, lambda root, seed: chaos.hostile_trial(root, seed, n_tasks=30)),
+                8000, lambda root, seed: chaos.hostile_trial(root, seed, n_tasks=30)),
 }
 
 HEADER = ("scenario", "trials", "tasks", "kills", "lost", "double-run", "overlaps", "dep/limit", "corrupt files",

@@ -16,6 +16,7 @@ import json
 import os
 import random
 import resource
+import shutil
 import signal
 import subprocess
 import sys
@@ -569,14 +570,6 @@ def _log(root: Path, task: str, attempt: int) -> str:
 # ---- 4. four launchers racing on one order -----------------------------------------------------------------
 
 
-def judge(root: Path, trial: Trial, journal: Path, before: dict[str, str], pgids: set[int], workers: int) -> None:
-    """Every task DONE, the journal's invariants, and a clean end state (groups seen and journal pids gone)."""
-    order = root / "orders" / "ORD"
-    trial.add("lost", [f"{t} is {s}" for t, s in sorted(task_statuses(order).items()) if s != "DONE"])
-    trial.add_check(check(journal, order, max_workers=workers, root=root))
-    trial.add_end(end_state(root, order, before, pgids | journal_pids(journal)))
-
-
 def racing_trial(root: Path, seed: int, n_tasks: int, work: str = "sleep 0.05", workers: int = 5) -> Trial:
     order = root / "orders" / "ORD"
     journal = root / "journal.txt"
@@ -610,7 +603,16 @@ def racing_trial(root: Path, seed: int, n_tasks: int, work: str = "sleep 0.05", 
         for proc in procs:
             proc.kill()
         pgids = watch.stop()
-    judge(root, trial, journal, before, pgids, workers)
+    return tally(trial, root, order, journal, before, pgids, workers)
+
+
+def tally(trial: Trial, root: Path, order: Path, journal: Path, before: dict[str, str], pgids: set[int],
+          workers: int) -> Trial:
+    """The findings of a trial that must end with every task DONE, each run once."""
+    pgids |= journal_pids(journal)
+    trial.add("lost", [f"{t} is {s} at the end" for t, s in sorted(task_statuses(order).items()) if s != "DONE"])
+    trial.add_check(check(journal, order, max_workers=workers, root=root))
+    trial.add_end(end_state(root, order, before, pgids))
     return trial
 
 
@@ -831,7 +833,261 @@ def test_write_failing_when_a_task_finishes_is_reported_in_one_line(project):
     assert "aipm: error:" in proc.stderr and str(path) in proc.stderr, proc.stderr
 
 
-# ---- 7. hostile workers: a cleaned tree, daemons left behind ------------------------------------------------
+# ---- 7. workers that reset, delete or break their own task file (issue 11.1, 11.6) ---------------------------
+
+
+RESETS = {
+    # What an agent's `git checkout -- .` / `git stash` / a careless edit does to the file of the task it works on.
+    "sed": "sed -i 's/^status: IN_PROGRESS/status: QUEUED/' \"orders/ORD/$AIPM_TASK_ID.yaml\"",
+    "git": "git checkout -q -- \"orders/ORD/$AIPM_TASK_ID.yaml\" 2>/dev/null || true",
+}
+
+
+def _git_commit_all(root: Path) -> None:
+    git = ["git", "-C", str(root), "-c", "user.email=t@example.com", "-c", "user.name=t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    (root / ".gitignore").write_text("journal.txt\n")  # the test's journal is no worker's output (scope audit)
+    subprocess.run([*git, "add", "orders", ".gitignore"], check=True)
+    subprocess.run([*git, "commit", "-qm", "tasks"], check=True)
+
+
+def reset_trial(root: Path, seed: int, n_tasks: int, how: str = "sed", owner: str = "run", workers: int = 3,
+                work: str = "sleep 0.3") -> Trial:
+    """Every worker resets its own task file to what it was before aipm wrote IN_PROGRESS (half of the tasks have
+    no target files, so no kernel lock stops a second copy), while extra `aipm launch` calls race the owner.
+    Each task must run exactly once, never more than `workers` at a time, and end DONE."""
+    order = root / "orders" / "ORD"
+    journal = root / "journal.txt"
+    (root / "aipm.yaml").write_text(f"max_workers: {workers}\n")
+    random_order(order, journal, n=n_tasks, seed=seed, work=f"{RESETS[how]}; {work}")
+    rng = random.Random(seed)
+    for path in sorted(order.glob("*.yaml")):
+        if rng.random() < 0.5:
+            header, body = path.read_text().split("\n", 1)
+            data = yaml.safe_load(body)
+            data.pop("target_files")
+            path.write_text(header + "\n" + yaml.safe_dump(data, sort_keys=False))
+    if how == "git":
+        _git_commit_all(root)
+    before = task_texts(order)
+    trial = Trial(f"reset by its worker ({how}, {owner})", seed, n_tasks)
+    watch = RecordWatch(root)
+    flags = ("--no-resource-monitoring", "--max-workers", str(workers))
+    main = Proc(root, *(run_args(workers, "--json") if owner == "run" else ("launch", "ORD", *flags)))
+    racers: list[Proc] = []
+
+    def settled() -> bool:
+        if len(spans(journal)) > n_tasks:
+            return True  # a runaway: tasks started again while their first copy ran or after it ended
+        if owner == "run":
+            return main.p.poll() is not None
+        return set(task_statuses(order).values()) == {"DONE"} and not worker_records(root)
+
+    try:
+        for _ in range(3):  # racing launchers while the first workers run and reset their files
+            wait_for(lambda: spans(journal) or main.p.poll() is not None, timeout=120)
+            racers.append(Proc(root, "launch", "ORD", *flags))
+            racers[-1].wait()
+        try:
+            wait_for(settled, timeout=240)
+        except AssertionError:
+            trial.add("hung", ["the order did not finish within 240 s"])
+        if owner == "run":
+            try:
+                rc = main.p.wait(timeout=8)
+            except subprocess.TimeoutExpired:
+                rc = None
+                trial.add("hung", ["run still running"])
+            trial.log.append(f"run → {rc}: {main.output.strip()[-400:]}")
+        wait_for(lambda: not any(r["pid"] and group_alive(r["pgid"]) for r in worker_records(root)), timeout=120)
+    finally:
+        main.kill()
+        main.wait()
+        pgids = watch.stop()
+    return tally(trial, root, order, journal, before, pgids, workers)
+
+
+@pytest.mark.parametrize("how,owner", [("sed", "run"), ("sed", "launch"), ("git", "run")])
+def test_a_worker_that_resets_its_own_task_file_runs_once(project, how, owner):
+    """Issue 11.1: a file reset to QUEUED under its live worker was launched again and again (368 copies in 30 s
+    under max_workers 3); the outcome of the first copy was dropped as 'moved on by someone else'."""
+    if how == "git" and not shutil.which("git"):
+        pytest.skip("git is not installed")
+    trial = reset_trial(project.root, seed=7, n_tasks=8, how=how, owner=owner)
+    assert trial.problems == {}, str(trial)
+
+
+def test_why_and_detect_name_the_live_worker_of_a_reset_task(project):
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "A", command=f"{RESETS['sed']}; while [ ! -e {gate} ]; do sleep 0.02; done")
+    write_task(order, "B", command="true", depends_on=["A"])
+    (project.root / "aipm.yaml").write_text("max_workers: 3\n")
+    try:
+        assert project.aipm("launch", "ORD").returncode == 0
+        wait_for(lambda: task_statuses(order)["A"] == "QUEUED" and worker_records(project.root), timeout=60)
+        pid = worker_records(project.root)[0]["pid"]
+        why = project.json("why", "A")
+        assert not why["launchable"] and why["reasons"][0]["reason"] == "worker_running", why
+        assert f"its worker pid {pid} is still running" in why["reasons"][0]["detail"]
+        detect = project.json("detect", "ORD")
+        assert detect["launchable"] == [] and detect["free_slots"] == 2, detect
+        assert {b["id"]: b["reason"] for b in detect["blocked"]} == {"A": "worker_running",
+                                                                      "B": "waiting_on_dependencies"}
+        again = project.aipm("launch", "ORD")  # and launch agrees
+        assert "nothing to launch" in again.stdout, again.stdout + again.stderr
+    finally:
+        gate.touch()
+    wait_for(lambda: task_statuses(order) == {"A": "DONE", "B": "DONE"} and not worker_records(project.root),
+             timeout=120)
+
+
+def _damage_order(project, damage: str) -> tuple[Path, Path]:
+    """A damages its own file and ends; B runs until A's exit file exists (so it outlives A's finish); C
+    depends on B. A second, unrelated problem must not stop the owner from supervising B and starting C."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    act = {"delete": 'rm "orders/ORD/A.yaml"', "break": "echo 'oops: [' >> orders/ORD/A.yaml"}[damage]
+    # A goes on (until the test opens its gate) after the damage, so its owner supervises it meanwhile.
+    write_task(order, "A", command=journal_command(journal, f"{act}; while [ ! -e gate ]; do sleep 0.02; done"),
+               target_files=["a.txt"])
+    exit_file = state(project.root) / "exit" / "ORD" / "A.1"
+    write_task(order, "B", command=journal_command(journal, f'until [ -e "{exit_file}" ]; do sleep 0.02; done'),
+               target_files=["b.txt"])
+    write_task(order, "C", command=journal_command(journal), depends_on=["B"], target_files=["c.txt"])
+    return order, journal
+
+
+@pytest.mark.parametrize("damage", ["delete", "break"])
+def test_a_task_file_deleted_or_broken_mid_run_does_not_abort_run(project, damage):
+    """Issue 11.6: `run` exited 2 when a running task's file was deleted or broken, leaving B unsupervised."""
+    order, journal = _damage_order(project, damage)
+    proc = Proc(project.root, *run_args(5, "--json"))
+    try:
+        # Reported as soon as the run sees it, while A still runs (the last valid version is kept).
+        wait_for(lambda: any(e["event"] == "invalid_file" for e in proc.events()) or proc.p.poll() is not None,
+                 timeout=120)
+    finally:
+        (project.root / "gate").touch()
+    rc = proc.wait(timeout=240)
+    events = proc.events()
+    assert [e["error"].endswith({"delete": "deleted while its task runs", "break": "did not find expected node "
+                                 "content"}[damage]) for e in events if e["event"] == "invalid_file"] == [True], events
+    statuses = task_statuses(order)
+    assert {k: statuses[k] for k in ("B", "C")} == {"B": "DONE", "C": "DONE"}, proc.output
+    log = (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
+    if damage == "delete":
+        assert rc == 0, proc.output
+        assert [e["task"] for e in events if e["event"] == "gone"] == ["A"], proc.output
+        assert "was deleted meanwhile" in log and worker_records(project.root) == []
+    else:
+        assert rc == 1, proc.output  # A's outcome is not recorded yet
+        assert [e["event"] for e in events if e.get("task") == "A"].count("error") == 1, proc.output
+        _fix_and_recover(project, order)
+    assert "Traceback" not in proc.output
+    assert check(journal, order, root=project.root) == []  # A ran once
+
+
+def _fix_and_recover(project, order: Path) -> None:
+    """The user repairs A's file: `aipm recover` records A's real outcome from its kept exit code."""
+    path = order / "A.yaml"
+    path.write_text("".join(line for line in path.read_text().splitlines(True) if not line.startswith("oops")))
+    recovered = project.aipm("recover", "--json")
+    assert recovered.returncode == 0, recovered.stderr
+    wait_for(lambda: task_statuses(order)["A"] == "DONE" and not worker_records(project.root), timeout=120)
+
+
+@pytest.mark.parametrize("damage", ["delete", "break"])
+def test_a_task_file_deleted_or_broken_under_a_detached_owner(project, damage):
+    """Issue 11.6: the detached owner (python -m aipm.work) died with a traceback."""
+    order, journal = _damage_order(project, damage)
+    (project.root / "gate").touch()  # nobody watches for the damage here: A ends right after it
+    watch = RecordWatch(project.root)
+    try:
+        assert project.aipm("launch", "ORD").returncode == 0
+        wait_for(lambda: task_statuses(order).get("B") == "DONE", timeout=240)
+    finally:
+        # Every owner and worker seen has ended (the owners start successors after dropping their record).
+        groups = watch.stop()
+        wait_for(lambda: not any(group_alive(g) for g in groups), timeout=240)
+    logs = project.root / ".aipm" / "logs" / "ORD"
+    text = "".join(p.read_text() for p in sorted(logs.glob("*.log")))
+    assert "Traceback" not in text, text
+    a_log = (logs / "A.1.log").read_text()
+    if damage == "delete":
+        assert "was deleted meanwhile" in a_log, a_log
+        wait_for(lambda: task_statuses(order) == {"B": "DONE", "C": "DONE"} and not worker_records(project.root),
+                 timeout=120)
+    else:
+        assert "cannot record the outcome of A (exit 0)" in a_log, a_log
+        # With A's file broken the order cannot load, so B's owner says so (in B's log) instead of starting C.
+        assert "cannot start the successors of B" in (logs / "B.1.log").read_text()
+        _fix_and_recover(project, order)
+        assert project.aipm(*run_args(5)).returncode == 0
+    assert check(journal, order, root=project.root) == []  # every task ran once
+
+
+# ---- 8. a full disk (a tiny tmpfs) -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A 256 KiB tmpfs as the project root (root only): a worker can fill it for real."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+@pytest.mark.parametrize("owner", ["run", "launch"])
+def test_a_full_disk_neither_hangs_nor_reruns_the_task(tiny_disk, tmp_path, owner):
+    """Issue 11.3: with the disk full when A ended, `run` printed that the exit code 'is kept', then waited forever
+    for the owner its record named (itself); the exit file was empty, so the next run started A again."""
+    from conftest import Project
+
+    project = Project(tiny_disk)
+    order = project.order()
+    journal = tmp_path / "journal.txt"  # outside the full disk
+    write_task(order, "A", command=journal_command(journal, "head -c 1048576 /dev/zero > fill.bin 2>/dev/null"),
+               target_files=["fill.bin"])
+    if owner == "run":
+        proc = Proc(project.root, *run_args(5))
+        try:
+            rc = proc.wait(timeout=120)  # a hang fails here
+        finally:
+            proc.kill()
+        out = proc.output
+        assert rc == 1, out
+        assert out.count("cannot record the outcome of A") == 1, out  # each error printed once
+        assert "Traceback" not in out
+    else:
+        assert project.aipm("launch", "ORD").returncode == 0
+        wait_for(lambda: spans(journal) and spans(journal)[0].end, timeout=120)
+        wait_for(lambda: not any(group_alive(r["owner_pid"]) for r in worker_records(project.root)
+                                 if r["owner_pid"]), timeout=120)  # the owner ended: no hang
+    leftovers = [str(p) for p in project.root.rglob(".*.tmp")]
+    assert leftovers == []
+    assert task_statuses(order) == {"A": "IN_PROGRESS"}  # the last write that fitted
+    (project.root / "fill.bin").unlink()
+    # A's result is unknown (its exit file is empty): the next run leaves it INTERRUPTED, it does not run it again.
+    again = project.aipm(*run_args(5), timeout=120)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert task_statuses(order) == {"A": "INTERRUPTED"}
+    assert len(spans(journal)) == 1
+    assert "exit code was lost" in (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
+    assert worker_records(project.root) == []
+    # The person checks and decides: retry runs it again, as a new attempt.
+    assert project.aipm("retry", "A").returncode == 0
+    assert project.aipm(*run_args(5), timeout=120).returncode == 1  # it fills the disk again: same story
+    assert len(spans(journal)) == 2
+
+
+# ---- 9. hostile workers: a cleaned tree, daemons left behind ------------------------------------------------
 
 
 def hostile_trial(root: Path, seed: int, n_tasks: int, workers: int = 4) -> Trial:
@@ -865,7 +1121,7 @@ def hostile_trial(root: Path, seed: int, n_tasks: int, workers: int = 4) -> Tria
         for proc in procs:
             proc.kill()
         pgids = watch.stop()
-    judge(root, trial, journal, before, pgids, workers)
+    tally(trial, root, order, journal, before, pgids, workers)
     pids = [int(p) for p in daemons.read_text().split()] if daemons.exists() else []
     trial.add("orphans", [f"daemon {pid} outlived its attempt" for pid in pids if pid_alive(pid)])
     for pid in pids:

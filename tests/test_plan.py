@@ -3,7 +3,8 @@
 from aipm.model import Order, Priority, Status, Task
 from aipm.paths import normalize
 from aipm.plan import (
-    FILE_BUSY, FILE_CHOSEN, LIMIT, NEVER, NOT_QUEUED, STALE, WAITING, Busy, chain_lengths, plan, ranked,
+    FILE_BUSY, FILE_CHOSEN, LIMIT, NEVER, NOT_QUEUED, STALE, WAITING, WORKER_RUNNING, Busy, all_reasons,
+    chain_lengths, plan, ranked,
 )
 
 
@@ -111,3 +112,21 @@ def test_summary_counts():
 def test_quiet_mode_chooses_the_same_tasks():
     o = order(*(task(f"T{i}", pri=f"P{i % 4}", files=[f"f{i % 3}"]) for i in range(20)))
     assert ids(plan(o, slots=3, explain=False)) == ids(plan(o, slots=3))
+
+
+def test_a_task_with_a_live_worker_runs_whatever_its_file_says():
+    """Issue 11.1: a file reset under its worker (QUEUED, or a committed DONE) is neither launched again, nor lets
+    its dependants start, nor frees its files; explain=False (the supervisor's path) agrees."""
+    o = order(task("A", files=["a.py"]), task("B", deps=["A"]), task("C", status="DONE", files=["c.py"]),
+              task("D", deps=["C"]), task("E", files=["a.py"]), task("F", files=["c.py"]), task("G"))
+    for explain in (True, False):
+        result = plan(o, live={"A": 41, "C": 42}, slots=5, explain=explain)
+        assert ids(result) == ["G"]
+    assert result.stale == []
+    result = plan(o, live={"A": 41, "C": 42}, slots=5)
+    assert result.blocked["A"].reason == WORKER_RUNNING
+    assert result.blocked["A"].detail == "its file says QUEUED, but its worker pid 41 is still running"
+    assert result.blocked["C"].detail == "its file says DONE, but its worker pid 42 is still running"
+    assert {tid: result.blocked[tid].reason for tid in "BDEF"} == {
+        "B": WAITING, "D": WAITING, "E": FILE_BUSY, "F": FILE_BUSY}
+    assert [r.reason for r in all_reasons(o, result, "A")] == [WORKER_RUNNING]

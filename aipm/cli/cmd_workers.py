@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Optional
@@ -19,14 +20,14 @@ from aipm.locks import node_file
 from aipm.paths import lock_prefix, normalize
 from aipm.project import find_task
 from aipm.runner import terminate_group
-from aipm.runtime import Runtime
+from aipm.runtime import Runtime, live_pid
 from aipm.settings import load_settings
 from aipm.store import StaleWrite, load_order, load_task, now, update_task
 
 
 def _worker_info(rec) -> dict:
     pid = rec.pid if rec.worker_alive() else rec.owner_pid
-    info = {"order": rec.order, "task": rec.task, "attempt": rec.attempt, "pid": pid, "pgid": rec.pgid,
+    info = {"order": rec.order, "task": rec.task, "attempt": rec.serial, "pid": pid, "pgid": rec.pgid,
             "owner_pid": rec.owner_pid, "phase": rec.phase, "alive": rec.alive(), "log": rec.log,
             "command": rec.command, "targets": rec.targets}
     try:
@@ -97,29 +98,58 @@ def locks(json_out: bool = JsonOpt) -> None:
 def logs(
     task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
     follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing as the log grows, until the task ends."),
-    attempt: Optional[int] = typer.Option(None, "--attempt", help="Which attempt (default: the latest)."),
+    attempt: Optional[int] = typer.Option(None, "--attempt", help="Which attempt (default: the newest)."),
 ) -> None:
-    """Print a task's log (the latest attempt by default)."""
+    """Print a task's log: the newest attempt by default (`--attempt N` for another); with -f, keep following
+    the newest attempt until the task stops running."""
     project = get_project()
     order_dir, task_id = find_task(project, task)
     order = load_order(order_dir, project.root)
     rt = Runtime(project.root)
     found = rt.logs(order.id, task_id)
-    if attempt is not None:
-        found = [p for p in found if p.name == f"{task_id}.{attempt}.log"]
+    if attempt is not None and attempt not in found:
+        have = ", ".join(map(str, found)) or "none"
+        raise UserError(f"no log of attempt {attempt} of {order.id}/{task_id} (attempts with a log: {have})")
     if not found:
         raise UserError(f"no log for {order.id}/{task_id} yet (it has not run)")
-    path = found[-1]
-    with open(path, "rb") as handle:
-        while True:
-            chunk = handle.read(65536)
-            if chunk:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-                continue
-            if not follow or rt.read_record(order.id, task_id) is None:
-                break
+    number = attempt if attempt is not None else max(found)
+    while True:
+        with open(found[number], "rb") as handle:
+            _print_attempt(rt, order.id, task_id, handle, follow)
+        # Following the newest attempt goes on to the attempts that started meanwhile (a retry, a rework).
+        found = rt.logs(order.id, task_id) if follow and attempt is None else {}
+        newer = [n for n in found if n > number]
+        if not newer:
+            return
+        number = min(newer)
+        print(f"==> {found[number].name} <==", flush=True)
+
+
+def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: bool) -> None:
+    """Print the log open in `handle`; with `follow`, keep printing what is appended while its attempt runs."""
+    while True:
+        chunk = handle.read(65536)
+        if chunk:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            continue
+        if not follow:
+            return
+        rec = rt.read_record(order_id, task_id)
+        if rec is not None and _same(rec.log, handle.name):
             time.sleep(0.25)  # tail -f style: the reader is a human, a quarter second is plenty
+            continue
+        # The attempt ended. Its owner records the outcome and starts the next attempt in one step under the
+        # launch lock: once we had it, the last lines are written and a next attempt's log exists.
+        with rt.launch_lock():
+            pass
+        sys.stdout.buffer.write(handle.read())
+        sys.stdout.flush()
+        return
+
+
+def _same(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _settings_project():
@@ -147,24 +177,44 @@ def cancel(
     if rec is not None and rec.pid and rec.worker_alive():
         append_log(rec.log, "cancelled by the user: stopping the process group")
         terminate_group(rec.pgid, rec.pid, grace)
+        _until_released(rt, order_id, task_id, grace + 5)
     console().print(f"{task_id}: CANCELLED")
+
+
+def _until_released(rt: Runtime, order_id: str, task_id: str, limit: float) -> None:
+    """Wait (bounded) for the owner to see its worker end and drop the record, so that a `retry` right after a
+    cancel is not refused as still running."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        rec = rt.read_record(order_id, task_id)
+        if rec is None or not rec.alive():
+            return
+        time.sleep(0.05)
 
 
 @app.command()
 def retry(task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file.")) -> None:
-    """Put a finished, failed, rejected or cancelled task back to QUEUED with fresh attempts."""
+    """Put a finished, failed, rejected or cancelled task back to QUEUED, as new: its attempts, reworks, times and
+    exit code are cleared and the old review feedback is dropped; its next attempt gets a new number and log."""
     project, _ = _settings_project()
     order_dir, task_id = find_task(project, task)
     path = order_dir / f"{task_id}.yaml"
-    with Runtime(project.root).launch_lock():
+    rt = Runtime(project.root)
+    with rt.launch_lock():
         current = load_task(path, project.root)
         if current.status in RUNNING:
             raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
+        order_id = load_order(order_dir, project.root).id
+        rec = rt.read_record(order_id, task_id)
+        if rec is not None and rec.alive():
+            raise UserError(f"{path}: status: {current.status}, but its worker pid {live_pid(rec)} is still "
+                            "running; wait for it to end (or cancel it)")
         try:
-            update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "exit_code": None},
-                        expect=current.status)
+            update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "started_at": None,
+                               "finished_at": None, "exit_code": None}, expect=current.status)
         except StaleWrite as exc:
             raise UserError(f"{path}: status: {exc}") from None
+        rt.feedback_path(order_id, task_id).unlink(missing_ok=True)
     console().print(f"{task_id}: QUEUED")
 
 

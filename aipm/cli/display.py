@@ -26,6 +26,8 @@ LINES = {
     "error": "error    {error}",
     "invalid_file": "ignored  {error} (keeping the last valid version)",
     "interrupted": "stopped  by signal; re-queued: {requeued}",
+    "restored": "restore  {task} → {status}: its file said {was} while its worker ran",
+    "gone":     "gone     {task}: its file was deleted while it ran; exit {exit_code} kept in its log",
     "waiting": "wait     {task}: {detail}",
 }
 
@@ -61,7 +63,8 @@ class Display:
             sys.stdout.flush()
             return
         if self.mode == "plain":
-            print(plain_line(event), flush=True)
+            if event.get("event") != "error":  # on stderr already: print each error once
+                print(plain_line(event), flush=True)
             return
         kind, task = event.get("event"), event.get("task")
         if kind in ("started", "adopted"):
@@ -71,7 +74,7 @@ class Display:
             self.recent.appendleft(plain_line(event))
         elif kind in ("deferred", "waiting"):
             self.note = plain_line(event)
-        elif kind in ("launch_failed", "interrupted", "invalid_file", "error"):
+        elif kind in ("launch_failed", "interrupted", "invalid_file", "restored", "gone"):  # errors: on stderr
             self.recent.appendleft(plain_line(event))
         self.live.update(self._render())
 

@@ -1,0 +1,41 @@
+"""Outcomes that could not be written to their task file (a full disk, a file broken or deleted mid-run).
+
+The owner holds such an outcome and retries while it runs; what it cannot write in the end is kept where it can
+be: the worker's exit file, from which `aipm recover` (or the next run) records it once the file is writable.
+An exit file that exists but holds no code means the worker ended and its result is unknown: that task is left
+INTERRUPTED for a person to check, never run again blindly.
+"""
+
+from __future__ import annotations
+
+import os
+
+from aipm.errors import UserError
+from aipm.runtime import Record, read_exit_file
+
+
+def keep_exit_code(rec: Record, code: int | None) -> bool:
+    """Make sure the exit file holds `code` (the wrapper may have failed to write it); True when it does."""
+    if code is None:
+        return False
+    if read_exit_file(rec.exit_file) == code:
+        return True
+    try:
+        with open(rec.exit_file, "w") as handle:
+            handle.write(f"{code}\n")
+    except OSError:
+        return False
+    return read_exit_file(rec.exit_file) == code
+
+
+def exit_lost(path: str) -> bool:
+    """The worker's wrapper got as far as its exit file but no code is in it (its write failed)."""
+    return os.path.exists(path) and read_exit_file(path) is None
+
+
+def message(rec: Record, code: int | None, exc: Exception, kept: bool) -> str:
+    """One line for a user: what could not be recorded, why, and what happens to the outcome."""
+    why = str(exc) if isinstance(exc, UserError) else f"{rec.task_file}: {getattr(exc, 'strerror', None) or exc}"
+    where = (f"its exit code is kept in {rec.exit_file}; once that is fixed, `aipm recover` records it" if kept
+             else "its exit code could not be saved either, so `aipm recover` will leave it INTERRUPTED to check")
+    return f"cannot record the outcome of {rec.task} (exit {code}): {why}; {where}"
