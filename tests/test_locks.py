@@ -283,7 +283,8 @@ def _plan(*tasks, outside=()):
     from aipm.model import Order
     from aipm.plan import plan
 
-    return plan(Order("O", "O", {t.id: t for t in tasks}), live={t.id for t in tasks}, slots=9, outside=outside)
+    running = {t.id: 0 for t in tasks if t.status.value == "IN_PROGRESS"}  # their workers live
+    return plan(Order("O", "O", {t.id: t for t in tasks}), live=running, slots=9, outside=outside)
 
 
 def test_a_glob_waits_for_a_running_file_in_its_directory_as_the_kernel_makes_it():
