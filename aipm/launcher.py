@@ -15,14 +15,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import locks, runner, scope
+from aipm import locks, outcome, runner, scope
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
 from aipm.plan import Busy, ForeignLock, Plan, plan
 from aipm.project import Project
 from aipm.capacity import Capacity, fit
-from aipm.resources import ResourceMonitor, get_system_info
+from aipm.resources import RAMP_DELAY, ResourceMonitor, get_system_info, starts_now
 from aipm.runtime import Record, Runtime, live_pid, process_ctime
 from aipm.settings import Settings
 from aipm.store import StaleWrite, load_task, now, update_task
@@ -103,12 +103,22 @@ class Launcher:
             kept.append(rec)
         return kept
 
-    def worker_budget(self, live_workers: int) -> int:
-        """How many workers may run in total now: max_workers, scaled down under load."""
-        limit = self.settings.max_workers
-        if self.monitor is not None and self.settings.enable_auto_scaling:
-            limit = self.monitor.get_recommended_worker_count(live_workers, limit)
-        return limit
+    def start_budget(self, live_workers: int) -> tuple[int, str, str]:
+        """How many workers may start now, and why any more would wait: (count, reason code, detail).
+
+        max_workers less the live ones, scaled down under load; one at a time on a machine already half busy
+        (ramp-up: the next start waits for a reading that shows what this one does).
+        """
+        free = max(0, self.settings.max_workers - live_workers)
+        if self.monitor is None or not self.settings.enable_auto_scaling:
+            return free, "resources", "resource limit"
+        status = self.monitor.get_status()
+        detail = f"cpu {status.cpu_percent:.0f}%, memory {status.memory_percent:.0f}%"
+        allowed = max(0, self.monitor.recommended(status, live_workers, self.settings.max_workers) - live_workers)
+        ramped = starts_now(max(status.cpu_percent, status.memory_percent), allowed)
+        if ramped < allowed and not self.options.dry_run:  # a dry run shows the launch at this reading
+            return ramped, RAMP, f"ramping up ({detail}): one start per fresh load reading"
+        return allowed, "resources", f"machine busy ({detail})"
 
     # -- the transaction -------------------------------------------------------------------------------
 
@@ -141,10 +151,9 @@ class Launcher:
             if self.settings.runner == "local" and any(t.resources for t in wanted):
                 wanted = self._fit_locally(wanted, records, report)
             # Read the machine only when there is something to start: the idle loop costs no CPU.
-            budget = max(0, self.worker_budget(live_count) - live_count) if wanted else 0
-            note = self._load_note() if wanted[budget:] else ""
+            budget, why, note = self.start_budget(live_count) if wanted else (0, "", "")
             for task in wanted[budget:]:
-                report.deferred.append({"id": task.id, "reason": "resources", "detail": note})
+                report.deferred.append({"id": task.id, "reason": why, "detail": note})
             for task in wanted[:budget]:
                 if self.options.dry_run:
                     report.launched.append({"id": task.id, "pid": None, "dry_run": True})
@@ -157,7 +166,25 @@ class Launcher:
                 except LaunchFailed as exc:
                     report.failed.append({"id": task.id, "error": str(exc)})
                     continue
-                report.launched.append({"id": task.id, "pid": rec.pid or rec.owner_pid, "log": rec.log})
+                report.launched.append({"id": task.id, "pid": rec.pid or rec.owner_pid, "log": rec.log,
+                                        "attempt": rec.serial})
+        return report
+
+    def launch_ramped(self, view: OrderView) -> LaunchReport:
+        """launch() with detached owners, repeated while the ramp-up holds starts back for a fresh reading.
+
+        For callers without an event loop (`aipm launch`, a detached worker starting successors); `run` gets the
+        same effect from its loop, which re-plans RESOURCE_RECHECK seconds after a deferral.
+        """
+        report = self.launch(view)
+        while not self.options.dry_run and report.launched and any(d["reason"] == RAMP for d in report.deferred):
+            time.sleep(RAMP_DELAY)
+            more = self.launch(view, recover=False)
+            report.launched += more.launched
+            report.failed += more.failed
+            report.deferred = more.deferred
+            if not more.launched:
+                break
         return report
 
     def _fit_locally(self, wanted: list[Task], records: list[Record], report: LaunchReport) -> list[Task]:
@@ -167,24 +194,19 @@ class Launcher:
         live = [r for r in records if r.alive()]
         start, waiting, refused = fit(wanted, total, sum(r.cpus for r in live), sum(r.memory_mb for r in live))
         report.deferred += [{"id": tid, "reason": "capacity", "detail": why} for tid, why in waiting.items()]
-        report.failed += [{"id": tid, "error": f"{tid}: {why}"} for tid, why in refused.items()]
+        report.failed += [{"id": tid, "error": why} for tid, why in refused.items()]
         return start
-
-    def _load_note(self) -> str:
-        if self.monitor is None:
-            return "resource limit"
-        status = self.monitor.get_status()
-        return f"machine busy (cpu {status.cpu_percent:.0f}%, memory {status.memory_percent:.0f}%)"
 
     def start(self, order: Order, task: Task, owner: "Owner | None", view: OrderView | None = None) -> Record:
         """Start one task. Caller holds the launch lock. On failure everything is undone and LaunchFailed raised."""
         rt = self.runtime
         running = rt.read_record(order.id, task.id)
         if running is not None and running.alive():  # one record per task: never overwrite a live one
-            raise LaunchFailed(f"{task.id}: its worker pid {live_pid(running)} is still running")
+            raise LaunchFailed(f"its worker pid {live_pid(running)} is still running")
         program = self._missing_program(task)
         if program:
-            raise LaunchFailed(f"{task.id}: program {program!r} not found on PATH; install it or fix `command`")
+            fix = f"`command` in {task.path}" if task.command else "worker.command (the worker template) in aipm.yaml"
+            raise LaunchFailed(f"program {program!r} not found on PATH; install it or fix {fix}")
         try:
             fds = locks.take(rt.state, task.targets)
         except locks.LockBusy as exc:
@@ -211,7 +233,7 @@ class Launcher:
                 pass
             written = update_task(Path(task.path), {
                 "status": Status.IN_PROGRESS, "attempts": attempt, "started_at": rec.started_at,
-                "finished_at": None, "exit_code": None,
+                "finished_at": None, "exit_code": None, **cleared_reason(task),
             }, expect=Status.QUEUED, root=self.project.root)
             wrote_status = True
             if view is not None:
@@ -306,7 +328,7 @@ class Launcher:
                     self.runtime.write_record(rec)
                 out.append({"id": task.id, "action": "adopted"})
                 continue
-            self.interrupt(task, rec, "its worker is gone")
+            self.interrupt(task, rec, "worker gone")
             out.append({"id": task.id, "action": "requeued"})
         return out
 
@@ -314,7 +336,8 @@ class Launcher:
         """RUNNING → INTERRUPTED → QUEUED; the attempt is not counted unless asked (it was aipm's fault)."""
         path = Path(task.path)
         try:
-            update_task(path, {"status": Status.INTERRUPTED, "finished_at": now()}, expect=task.status)
+            update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(), "reason": outcome.interrupted(why)},
+                        expect=task.status)
             attempts = task.attempts if count_attempt else max(0, task.attempts - 1)
             update_task(path, {"status": Status.QUEUED, "attempts": attempts}, expect=Status.INTERRUPTED)
         except (StaleWrite, UserError, OSError):
@@ -339,6 +362,14 @@ def remove_temp_files(order_dir: Path) -> None:
     so any such file is a leftover: the task file beside it is intact (it is replaced only by rename)."""
     for leftover in order_dir.glob(".*.yaml.*.tmp"):
         leftover.unlink(missing_ok=True)
+
+
+def cleared_reason(task: Task) -> dict:
+    """The update that forgets the previous attempt's reason; none when there is none (no new `reason: null` line)."""
+    return {"reason": None} if task.reason is not None else {}
+
+
+RAMP = "ramp_up"  # deferral reason: started one at a time on a busy machine; the others follow a fresh reading
 
 
 class LaunchFailed(Exception):

@@ -69,7 +69,7 @@ class Priority(str, enum.Enum):
 
 
 # Keys aipm writes back into task files; everything else belongs to the user.
-MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks")
+MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks", "reason")
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,13 @@ class Task:
     finished_at: str | None = None
     exit_code: int | None = None
     resources: Resources | None = None
+    max_rework: int | None = None
+    reason: str | None = None  # why the latest attempt ended as it did (aipm.outcome words it)
+
+    @property
+    def tries(self) -> int:
+        """Attempts that count against max_attempts: every run except those a review sent back (reworks)."""
+        return max(0, self.attempts - self.reworks)
 
 
 @dataclass
@@ -113,9 +120,17 @@ class Order:
     title: str = ""
 
 
+def status_counts(order: Order) -> dict[str, int]:
+    """How many tasks are in each status, e.g. {"DONE": 9, "QUEUED": 1}."""
+    return dict(Counter(t.status.value for t in order.tasks.values()))
+
+
 def status_summary(order: Order) -> str:
     """"DONE 9, QUEUED 1": how many tasks are in each status, for one-line summaries."""
-    counts = Counter(t.status.value for t in order.tasks.values())
+    return format_counts(status_counts(order))
+
+
+def format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
 
 

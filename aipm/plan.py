@@ -216,7 +216,7 @@ def plan(
             continue
         if task.status != Status.QUEUED:
             if explain:
-                detail = f"status is {task.status}"
+                detail = f"status is {task.status}" + (f" ({task.reason})" if task.reason else "")
                 if task.id in result.stale:
                     detail += "; its worker is gone (stale): run `aipm recover`"
                 result.blocked[task.id] = Blocked(task.id, STALE if task.id in result.stale else NOT_QUEUED, detail)
@@ -256,11 +256,17 @@ def plan(
         if len(chosen) >= slots:
             if not explain:
                 break
-            result.blocked[task.id] = Blocked(task.id, LIMIT, f"worker limit reached ({slots} free slot(s))")
+            result.blocked[task.id] = Blocked(task.id, LIMIT, _limit_detail(slots))
             continue
         chosen.append(task)
     result.launchable = chosen
     return result
+
+
+def _limit_detail(slots: int) -> str:
+    if slots == 0:
+        return "worker limit reached: no free worker slot"
+    return f"worker limit reached: the {slots} free slot(s) go to tasks ranked before it"
 
 
 def _conflict(task: Task, holders: list[tuple[str, tuple[Target, ...]]]) -> tuple[str, str] | None:

@@ -60,6 +60,19 @@ def recommended_workers(load_percent: float, threshold: float, max_workers: int,
     return max(max_workers * share // 100, floor)
 
 
+# Ramp-up, after GNU parallel's --load/--delay: a worker just started has not shown its load yet. On a machine
+# already at least this busy (the higher of CPU and memory), workers start one at a time, each on a fresh reading
+# taken RAMP_DELAY seconds after the previous start (longer than a CPU sample window), so auto-scaling acts on
+# what the new workers do rather than on the quiet moment before a burst.
+RAMP_FROM_PERCENT = 50.0
+RAMP_DELAY = 1.0
+
+
+def starts_now(load_percent: float, allowed: int) -> int:
+    """How many of `allowed` new workers may start on this reading: all of them below RAMP_FROM_PERCENT, else one."""
+    return min(allowed, 1) if load_percent >= RAMP_FROM_PERCENT else allowed
+
+
 @dataclass(frozen=True)
 class ResourceStatus:
     cpu_percent: float
@@ -222,7 +235,10 @@ class ResourceMonitor:
 
     def get_recommended_worker_count(self, current_workers: int = 0, max_workers: int = 10) -> int:
         """How many workers may run in total now (the caller subtracts those already running)."""
-        status = self.get_status()
+        return self.recommended(self.get_status(), current_workers, max_workers)
+
+    def recommended(self, status: ResourceStatus, current_workers: int, max_workers: int) -> int:
+        """get_recommended_worker_count for a reading already taken."""
         return min(
             recommended_workers(status.cpu_percent, self.max_cpu_percent, max_workers, current_workers),
             recommended_workers(status.memory_percent, self.max_memory_percent, max_workers, current_workers),

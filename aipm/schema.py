@@ -52,7 +52,8 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "model": (_STRING, "Model name passed to the worker template as {model}."),
     "review": (_COMMAND, "Review command: exit 0 approves (COMPLETED), non-zero sends the task to REWORK."),
     "timeout": (_POSITIVE, "Seconds before the worker's whole process group is killed."),
-    "max_attempts": (_POSITIVE, "Failed attempts are retried until this many have run."),
+    "max_attempts": (_POSITIVE, "Tries: a failed or timed-out attempt is retried until this many have run "
+                                "(attempts a review sent back are reworks and do not count)."),
     "attempts": (_COUNT, "Attempts started so far."),
     "reworks": (_COUNT, "Times a review sent the task back."),
     "started_at": (_STRING, "When the latest attempt started."),
@@ -64,6 +65,9 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
         "gpus": {"type": "number", "exclusiveMinimum": 0},
     }}, "What one attempt needs: the Ray resource request with --runner ray; on this machine, a share of its "
         "CPUs and memory."),
+    "max_rework": (_COUNT, "Times a review may send the task back before it is REJECTED; default max_rework."),
+    "reason": (_STRING, "Why the latest attempt ended as it did: 'exit 3', 'timed out after 60 s', "
+                        "'review rejected: ...', 'scope: wrote ...', 'cancelled', 'interrupted: ...'."),
 }
 
 _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {

@@ -33,6 +33,7 @@ TASK_KEYS = (
     "id", "title", "status", "priority", "depends_on", "target_files", "command", "prompt", "model",
     "review", "timeout", "max_attempts", "attempts", "reworks", "started_at", "finished_at", "exit_code",
     "resources",
+    "max_rework", "reason",
 )
 ORDER_KEYS = ("id", "title", "description")
 
@@ -251,6 +252,8 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
         finished_at=_timestamp(path, data, "finished_at"),
         exit_code=exit_code,
         resources=_resources(path, data),
+        max_rework=_count(path, data, "max_rework") if data.get("max_rework") is not None else None,
+        reason=_str(path, data, "reason"),
     )
 
 

@@ -14,9 +14,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aipm import cluster, runner, scope, subreaper, unrecorded
+from aipm import cluster, outcome, runner, scope, subreaper, unrecorded
 from aipm.errors import UserError
-from aipm.finish import after_review, after_work, describe_exit, review_command
+from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.restore import disowned, known_status, restore
@@ -206,7 +206,7 @@ class Supervisor(Owner):
                  "phase": rec.phase, "exit_code": code}
         if task.status == Status.CANCELLED:
             self._drop(rec)  # the user's word stands
-            event["status"] = str(task.status)
+            event.update(status=str(task.status), reason=task.reason)
             return event
         if disowned(task, rec):
             was = task.status
@@ -219,10 +219,12 @@ class Supervisor(Owner):
                 return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial}
             if unrecorded.exit_lost(rec.exit_file):
                 return self._outcome_lost(rec, task, event)
-            # We watched this worker (adopted, so not our child) die before its wrapper wrote an exit code: it
-            # was killed. That is a failed attempt like any other, or repeated kills would retry forever.
-            append_log(rec.log, "worker ended without an exit code (killed from outside); counted as exit 137")
-            code = 128 + signal.SIGKILL
+            # We watched this worker (adopted, so not our child) die before its wrapper wrote an exit code: our
+            # own timeout killed it, or someone else did. Either is a failed attempt like any other, or repeated
+            # kills would retry forever.
+            if not timed_out:
+                append_log(rec.log, "worker ended without an exit code (killed from outside); counted as exit 137")
+                code = 128 + signal.SIGKILL
         if rec.phase == "work":
             task = self._work_ended(rec, task, code, timed_out, event)
         else:
@@ -230,7 +232,7 @@ class Supervisor(Owner):
         if task.status == Status.IN_REVIEW:
             return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial}
         self._drop(rec)
-        event["status"] = str(task.status)
+        event.update(status=str(task.status), reason=task.reason)
         return event
 
     def _restored(self, rec: Record, task: Task) -> Task:
@@ -260,9 +262,10 @@ class Supervisor(Owner):
         (INTERRUPTED) rather than run it again blindly or call it failed."""
         append_log(rec.log, f"attempt {rec.serial} ended, but its exit code was lost ({rec.exit_file} is empty): "
                             "left INTERRUPTED; check its work, then `aipm retry` it")
-        task = self._write(task, {"status": Status.INTERRUPTED, "finished_at": now()})
+        task = self._write(task, {"status": Status.INTERRUPTED, "finished_at": now(),
+                                  "reason": outcome.interrupted("exit code lost")})
         self._drop(rec)
-        event["status"] = str(task.status)
+        event.update(status=str(task.status), reason=task.reason)
         event["detail"] = "exit code lost; check its work, then `aipm retry`"
         return event
 
@@ -272,10 +275,13 @@ class Supervisor(Owner):
         self._note(task)
         return task
 
-    def _work_ended(self, rec: Record, task: Task, code: int, timed_out: bool, event: dict) -> Task:
-        """IN_PROGRESS → DONE, IN_REVIEW (review started), QUEUED or FAILED; REWORK when out of scope."""
+    def _work_ended(self, rec: Record, task: Task, code: int | None, timed_out: bool, event: dict) -> Task:
+        """IN_PROGRESS → DONE, IN_REVIEW (review started), QUEUED or FAILED; REWORK when out of scope.
+
+        `code` is None only for an adopted worker our timeout killed (its wrapper died before writing one).
+        """
         timeout = task.timeout or self.settings.timeout
-        append_log(rec.log, f"attempt {rec.serial} {describe_exit(code, timed_out, timeout)}")
+        append_log(rec.log, f"attempt {rec.serial} ended: {describe_exit(code, timed_out, timeout)}")
         outside = self._scope_findings(rec) if code == 0 else []
         if outside:
             # Writing outside target_files fails the review, whatever the reviewer would say.
@@ -283,12 +289,13 @@ class Supervisor(Owner):
             append_log(rec.log, message)
             self.rt.feedback_path(rec.order, rec.task).write_text(message + "\n")
             event["scope"] = outside
-            task = self._write(task, after_work(task, 0, self.settings, True))
-            for updates in after_review(task, 1, self.settings):
+            task = self._write(task, after_work(task, 0, self.settings, True, outcome.exited(0)))
+            for updates in after_review(task, 1, self.settings, outcome.scope(outside)):
                 task = self._write(task, updates)
             return task
         reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
-        task = self._write(task, after_work(task, code, self.settings, reviewing))
+        reason = attempt_reason(code, timed_out, timeout)
+        task = self._write(task, after_work(task, code, self.settings, reviewing, reason))
         if task.status == Status.IN_REVIEW:
             self._start_review(rec, task)
         return task
@@ -301,9 +308,12 @@ class Supervisor(Owner):
         append_log(rec.log, f"review {verdict}; review output: {review_log}")
         if code == 0:
             feedback.unlink(missing_ok=True)
+            reason = outcome.review_approved()
         else:
-            feedback.write_bytes(review_log.read_bytes() if review_log.exists() else b"")
-        for updates in after_review(task, code, self.settings):
+            output = review_log.read_bytes() if review_log.exists() else b""
+            feedback.write_bytes(output)
+            reason = outcome.review_rejected(output.decode(errors="replace"), code)
+        for updates in after_review(task, code, self.settings, reason):
             task = self._write(task, updates)
         return task
 
@@ -509,7 +519,8 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
                 detach_others = False
                 others = launcher.launch(view, owner=None, only=set(order.tasks) - {only})
                 for item in others.launched:
-                    emit({"event": "started", "task": item["id"], "pid": item["pid"], "attempt": "detached"})
+                    emit({"event": "started", "task": item["id"], "pid": item["pid"], "attempt": item["attempt"],
+                          "detached": True})
             deferred = [d["id"] for d in report.deferred]
             if deferred != deferred_before and deferred:
                 emit({"event": "deferred", "tasks": deferred, "detail": report.deferred[0]["detail"]})
@@ -557,9 +568,9 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
             sup.outbox.append({"event": "interrupted", "requeued": stopped})
         for event in sup.outbox:
             emit(event)
+        order = view.refresh()  # the caller's summary reads the view: bring it up to date on every path
         if stop.requested:
             return 130
-        order = view.refresh()
         if only:
             return 0 if order.tasks[only].status in FINISHED_OK else 1
         return 0 if all_done(order) else 1

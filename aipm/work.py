@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         for fd in held:
             os.close(fd)
     try:
-        launcher.launch(OrderView(Path(args.order_dir), root, watch=False), owner=None)
+        launcher.launch_ramped(OrderView(Path(args.order_dir), root, watch=False))
     except (UserError, OSError) as exc:  # a task file broken or a disk full: `aipm launch` says the same
         print(f"aipm: cannot start the successors of {args.task}: {exc}", file=sys.stderr)
         return 1

@@ -118,7 +118,7 @@ def random_order(order_dir: Path, journal: Path, n: int, seed: int, files: int =
 
 # ---- end-state checks (the chaos suite and benchmarks/chaos.py) ------------------------------------------
 
-MANAGED_LINE = re.compile(r"^(?:status|attempts|started_at|finished_at|exit_code|reworks)[ \t]*:[^\n]*\n?", re.M)
+MANAGED_LINE = re.compile(r"^(?:status|attempts|started_at|finished_at|exit_code|reworks|reason)[ \t]*:[^\n]*\n?", re.M)
 
 
 def user_bytes(text: str) -> str:

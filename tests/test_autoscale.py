@@ -81,3 +81,41 @@ def test_no_auto_scaling_keeps_the_maximum(project):
     out = project.json("launch", "ORD", "--dry-run", "--max-cpu", "99.5", "--max-memory", "99.5",
                        env=loaded("99,99"))
     assert len(out["launched"]) == 3
+
+
+def test_a_half_busy_machine_starts_one_worker_per_fresh_reading(project, monkeypatch):
+    """Readings that change between starts: each start waits for a reading that shows what the last one did."""
+    from aipm import launcher as launcher_module
+    from aipm import resources
+    from aipm.launcher import RAMP, Launcher
+    from aipm.project import Project
+    from aipm.settings import load_settings
+    from aipm.view import OrderView
+
+    order = project.order()
+    gate = project.root / "gate"
+    for i in range(5):
+        write_task(order, f"T{i}", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    # The workers' own processes (they start successors) see a quiet machine; this process reads the script.
+    monkeypatch.setenv("AIPM_FAKE_LOAD", "10,10")
+    script = iter([(60.0, 10.0), (70.0, 10.0), (96.0, 10.0)])
+    readings = []
+    monkeypatch.setattr(resources, "_fake_load", lambda: readings.append(next(script)) or readings[-1])
+    monkeypatch.setattr(launcher_module, "RAMP_DELAY", 0)
+    settings = load_settings(project.root, {"max_workers": 5, "enable_monitoring": True})
+    launcher = Launcher(Project(project.root, settings.orders_dir), settings)
+    view = OrderView(order, project.root, watch=False)
+    try:
+        first = launcher.launch(view)
+        # 60 % is under the 85 % threshold, so all five could run; but the machine is half busy: one start only.
+        assert [t["id"] for t in first.launched] == ["T0"]
+        assert [(d["id"], d["reason"]) for d in first.deferred] == [(f"T{i}", RAMP) for i in range(1, 5)]
+        report = launcher.launch_ramped(view)
+        # 70 %: one more; 96 % (≥ T+10: a quarter of 5 → 1 worker, 2 alive): the rest wait for the load to fall.
+        assert [t["id"] for t in report.launched] == ["T1"]
+        assert [d["reason"] for d in report.deferred] == ["resources"] * 3
+        assert readings == [(60.0, 10.0), (70.0, 10.0), (96.0, 10.0)]
+    finally:
+        gate.touch()
+    wait_for(lambda: set(task_statuses(order).values()) == {"DONE"})  # the workers start the rest themselves
+    wait_for(lambda: no_workers(project.root))

@@ -479,7 +479,7 @@ def test_sigstop_past_timeout_is_killed_by_the_timeout(project, max_attempts, te
     assert task_statuses(order) == {"STOP": expected, "NEXT": "DONE"}, proc.output
     assert rc == (0 if expected == "DONE" else 1), proc.output
     log = _log(project.root, "STOP", 1)
-    assert "attempt 1 timed out after 1s; process group killed" in log, log
+    assert "attempt 1 ended: timed out after 1 s; process group killed" in log, log
     if term == "default":
         # SIGTERM reached the stopped group: it was sent with SIGCONT (else only the SIGKILL 5 s later would).
         assert "(exit -15)" in log, log

@@ -105,7 +105,7 @@ def test_ps_locks_and_logs_follow(project):
     assert "started" in out and "finished" in out
     wait_for(lambda: no_workers(project.root))
     log = project.aipm("logs", "A").stdout
-    assert log.rstrip().splitlines()[-1].endswith("attempt 1 exited with code 0")
+    assert log.rstrip().splitlines()[-1].endswith("attempt 1 ended: exit 0")
 
 
 def test_recover_adopts_a_worker_whose_owner_died(project):

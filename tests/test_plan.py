@@ -130,3 +130,15 @@ def test_a_task_with_a_live_worker_runs_whatever_its_file_says():
     assert {tid: result.blocked[tid].reason for tid in "BDEF"} == {
         "B": WAITING, "D": WAITING, "E": FILE_BUSY, "F": FILE_BUSY}
     assert [r.reason for r in all_reasons(o, result, "A")] == [WORKER_RUNNING]
+
+
+def test_worker_limit_detail_does_not_contradict_itself():
+    o = order(*(task(f"T{i}") for i in range(1, 4)))
+    detail = plan(o, slots=2).blocked["T3"].detail
+    assert detail == "worker limit reached: the 2 free slot(s) go to tasks ranked before it"
+    assert plan(o, slots=0).blocked["T1"].detail == "worker limit reached: no free worker slot"
+
+
+def test_a_finished_task_names_why_it_ended():
+    o = order(Task(id="R", path="R.yaml", status=Status.REJECTED, reason="review rejected: E501 line too long"))
+    assert plan(o).blocked["R"].detail == "status is REJECTED (review rejected: E501 line too long)"

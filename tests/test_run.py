@@ -63,7 +63,8 @@ def test_sigint_stops_every_worker_and_requeues(project):
     assert project.json("locks")["locks"] == []
     assert no_workers(project.root)
     events = [json.loads(line) for line in proc.stdout.read().splitlines()]
-    assert events[-1]["event"] == "interrupted" and sorted(events[-1]["requeued"]) == ["S0", "S1", "S2"]
+    assert events[-2]["event"] == "interrupted" and sorted(events[-2]["requeued"]) == ["S0", "S1", "S2"]
+    assert events[-1] == {**events[-1], "event": "summary", "counts": {"QUEUED": 3}, "exit_code": 130}
 
 
 def test_task_added_mid_run_is_run_and_a_comment_survives(project):
@@ -107,7 +108,7 @@ def test_timeout_kills_the_whole_group(project):
     assert proc.returncode == 1
     assert task_statuses(order) == {"HANG": "FAILED"}
     log = project.aipm("logs", "ORD/HANG").stdout
-    assert "timed out after 1s" in log
+    assert "timed out after 1 s" in log
     grandchild_pid = int(pidfile.read_text())
     assert not pid_alive(grandchild_pid), "a grandchild of the timed-out worker survived"
 

@@ -216,5 +216,8 @@ def test_run_fails_the_review_of_a_worker_that_writes_outside_its_targets(tmp_pa
     assert statuses == {"GOOD": "DONE", "SNEAKY": "REJECTED"}
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["scope"] for e in events if e.get("scope")] == [["c.txt"]]
+    # The send-back says why, in the event and in the task file (not "exit 0", which is how the worker ended).
+    assert [e["reason"] for e in events if e.get("scope")] == ["scope: wrote c.txt"]
+    assert yaml.safe_load((order / "SNEAKY.yaml").read_text())["reason"] == "scope: wrote c.txt"
     feedback = root / ".aipm" / "feedback" / "ORD" / "SNEAKY.txt"
     assert "c.txt" in feedback.read_text() and "src/b.txt" not in feedback.read_text()

@@ -11,6 +11,7 @@ from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, print_json, project_root
 from aipm.cli.resource_options import MaxWorkersOpt
 from aipm.launcher import Launcher, Options
+from aipm.model import Status
 from aipm.plan import all_reasons, plan
 from aipm.project import Project, find_task
 from aipm.settings import load_settings
@@ -102,9 +103,12 @@ def why(
     """Explain whether a task may start now, and if not, every reason."""
     launcher = _launcher(max_workers)
     loaded, task_id, launchable, reasons = reasons_for(launcher, *find_task(launcher.project, task))
+    current = loaded.tasks[task_id]
     if json_out:
         print_json({"order": loaded.id, "task": task_id, "launchable": launchable,
                     "reasons": [r.as_dict() for r in reasons],
-                    "status": loaded.tasks[task_id].status.value})
+                    "status": current.status.value, "last_outcome": current.reason})
         return
     print_reasons(task_id, launchable, reasons)
+    if current.reason and current.status == Status.QUEUED:  # other statuses name it in their reason already
+        console().print(f"  last attempt: {current.reason}", markup=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Optional
 
 import typer
@@ -9,13 +10,14 @@ import typer
 from aipm.cli import app
 from aipm.cluster import require_ray
 from aipm.cli.cmd_detect import print_reasons, reasons_for
-from aipm.cli.common import JsonOpt, console, print_json, project_root
-from aipm.cli.display import Display, mode_for
+from aipm.advice import warnings
+from aipm.cli.common import JsonOpt, console, print_json, project_root, warn
+from aipm.cli.display import Display, mode_for, plain_line, summary_event
 from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, RunnerOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, Options
-from aipm.model import status_summary
+from aipm.model import DEAD_END, FINISHED_OK, Task
 from aipm.project import Project, find_task
 from aipm.supervisor import supervise
 from aipm.view import OrderView
@@ -31,6 +33,11 @@ def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, 
     if settings.runner == "ray":
         require_ray()
     return Launcher(Project(root, settings.orders_dir), settings, options)
+
+
+def warn_unbounded(tasks: Iterable[Task]) -> None:
+    """Agent tasks that claim no files, among those that may still run."""
+    warn(warnings(t for t in tasks if t.status not in FINISHED_OK | DEAD_END))
 
 
 @app.command()
@@ -54,8 +61,9 @@ def launch(
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
                          Options(no_review, model, dry_run), runner)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
-    report = launcher.launch(view)
-    waiting = [b.as_dict() for b in report.plan.waiting]
+    warn_unbounded(view.order.tasks.values())
+    report = launcher.launch_ramped(view)
+    waiting = [b.as_dict() for b in report.plan.waiting] if report.plan else []
     if json_out:
         print_json({"order": view.order.id, "dry_run": dry_run, "launched": report.launched,
                     "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered,
@@ -88,9 +96,12 @@ def run(
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
     runner: Optional[str] = RunnerOpt,
-    json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
+    json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event, then a summary event."),
 ) -> None:
     """Run an order to the end: launch, watch, review, start successors as soon as they are unblocked.
+
+    Every event is one line (on a terminal, above a live table of the running tasks); the last line counts the
+    tasks by status.
 
     Exit 0 when every task is DONE/COMPLETED, 1 when some failed or stay blocked, 130 when interrupted.
     Safe to kill: a new `aipm run` re-attaches to the workers that are still running.
@@ -98,13 +109,17 @@ def run(
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
                          Options(no_review, model), runner)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root)
+    warn_unbounded(view.order.tasks.values())
     display = Display(mode_for(json_out), view)
     try:
         code = supervise(launcher, view, display)
     finally:
         display.close()
-    if not json_out:
-        console(stderr=code != 0).print(f"{view.order.id}: {status_summary(view.order)}")
+    summary = summary_event(view.order, code)
+    if json_out:
+        display(summary)
+    else:
+        console(stderr=code != 0).print(plain_line(summary), markup=False)
     raise typer.Exit(code)
 
 
@@ -127,11 +142,13 @@ def exec_(
                          Options(no_review, model), runner)
     order_dir, task_id = find_task(launcher.project, task)
     view = OrderView(order_dir, launcher.project.root)
+    warn_unbounded([view.order.tasks[task_id]])
     display = Display("json" if json_out else "plain", view)
     code = supervise(launcher, view, display, only=task_id, detach_others=parallel)
     final = view.refresh().tasks[task_id]
     if final.status.value == "QUEUED" and final.attempts == 0:  # it never started: say why
         looker = Launcher(launcher.project, launcher.settings, Options(dry_run=True))  # reads only, no lock
         print_reasons(*reasons_for(looker, order_dir, task_id)[1:])
-    console(stderr=code != 0).print(f"{task_id}: {final.status.value}")
+    why = f" ({final.reason})" if final.reason else ""
+    console(stderr=code != 0).print(f"{task_id}: {final.status.value}{why}", markup=False)
     raise typer.Exit(code)

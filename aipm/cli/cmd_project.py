@@ -6,13 +6,17 @@ from typing import Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from aipm.cli import app
-from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root
+from aipm.advice import warnings
+from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, warn
 from aipm.errors import ValidationError
 from aipm.model import FINISHED_OK, status_summary
-from aipm.project import CONFIG_FILE
+from aipm.finish import attempt_limit, rework_limit
+from aipm.project import CONFIG_FILE, Project
 from aipm.runtime import Runtime
+from aipm.settings import load_settings
 from aipm.store import load_order
 
 CONFIG_TEMPLATE = """\
@@ -75,7 +79,10 @@ def validate(
     for directory in dirs:
         try:
             loaded = load_order(directory, project.root)
-            results.append({"order": loaded.id, "path": str(directory), "tasks": len(loaded.tasks), "ok": True})
+            advice = warnings(loaded.tasks.values())
+            warn(advice)
+            results.append({"order": loaded.id, "path": str(directory), "tasks": len(loaded.tasks), "ok": True,
+                            "warnings": advice})
         except ValidationError as exc:
             errors.append(str(exc))
             results.append({"order": directory.name, "path": str(directory), "ok": False, "error": str(exc),
@@ -94,36 +101,48 @@ def validate(
         raise typer.Exit(2)
 
 
-def task_row(task) -> dict:
+def task_row(task, settings) -> dict:
     return {
         "id": task.id, "title": task.title, "status": task.status.value, "priority": task.priority.value,
         "depends_on": list(task.depends_on), "target_files": list(task.target_files), "attempts": task.attempts,
         "exit_code": task.exit_code, "started_at": task.started_at, "finished_at": task.finished_at,
-        "file": task.path,
+        "file": task.path, "reason": task.reason, "tries": task.tries,
+        "max_attempts": attempt_limit(task, settings), "reworks": task.reworks,
+        "max_rework": rework_limit(task, settings),
     }
 
 
 @app.command()
 def status(
     order: str = typer.Argument(..., help="Order id or directory."),
+    wide: bool = typer.Option(False, "--wide", help="One line per task, however wide (for grep and wide "
+                                                    "terminals); by default long cells wrap to the terminal."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Show every task of an order: status, priority, what it waits on, target files."""
-    project = get_project()
-    loaded = load_order(project.order_dir(order), project.root)
+    """Show every task of an order: status and why, priority, what it waits on, target files, tries, reworks.
+
+    Tries count attempts against max_attempts; reworks count the times a review sent the task back (against
+    max_rework). `reason` says why the latest attempt ended as it did.
+    """
+    root = project_root()
+    settings = load_settings(root)
+    loaded = load_order(Project(root, settings.orders_dir).order_dir(order), root)
     tasks = sorted(loaded.tasks.values(), key=lambda t: t.id)
     if json_out:
-        print_json({"order": loaded.id, "tasks": [task_row(t) for t in tasks]})
+        print_json({"order": loaded.id, "tasks": [task_row(t, settings) for t in tasks]})
         return
     table = Table(title=f"Order {loaded.id}" + (f" — {loaded.title}" if loaded.title else ""))
-    for col in ("task", "status", "pri", "depends on / waiting on", "target files", "tries"):
-        table.add_column(col)
+    for col in ("task", "status", "pri", "depends on / waiting on", "target files", "tries", "reworks", "reason"):
+        # fold: a path longer than its cell breaks across lines instead of being cut off with an ellipsis
+        table.add_column(col, overflow="fold", no_wrap=wide)
     for t in tasks:
         deps = ", ".join(
             d if loaded.tasks.get(d) and loaded.tasks[d].status in FINISHED_OK else f"[bold]{d}…[/]"
             for d in t.depends_on
         )
         table.add_row(t.id, f"[{STATUS_STYLE[t.status.value]}]{t.status.value}[/]", t.priority.value, deps,
-                      "\n".join(t.target_files), str(t.attempts))
-    console().print(table)
-    console().print(status_summary(loaded))
+                      "\n".join(t.target_files), f"{t.tries}/{attempt_limit(t, settings)}",
+                      f"{t.reworks}/{rework_limit(t, settings)}", Text(t.reason or ""))
+    out = console(width=10**6 if wide else None)
+    out.print(table)
+    out.print(status_summary(loaded))

@@ -18,7 +18,8 @@ import typer
 import yaml
 
 from aipm.cli import app
-from aipm.cli.common import console, get_project
+from aipm.advice import warnings
+from aipm.cli.common import console, get_project, warn
 from aipm.errors import UserError
 from aipm.model import Priority
 from aipm.schema import KINDS, schema_text, shipped_path
@@ -86,6 +87,12 @@ def add(
     priority: str = typer.Option("P1", "--priority", help="P0 (most urgent) .. P3."),
     review: Optional[str] = typer.Option(
         None, "--review", help="Review command: exit 0 approves, non-zero sends the task to REWORK."),
+    timeout: Optional[int] = typer.Option(
+        None, "--timeout", help="Seconds per attempt before the worker's process group is killed."),
+    max_attempts: Optional[int] = typer.Option(
+        None, "--max-attempts", help="Tries: a failed or timed-out attempt runs again until this many have run."),
+    max_rework: Optional[int] = typer.Option(
+        None, "--max-rework", help="Times a review may send the task back before it is REJECTED."),
 ) -> None:
     """Create a task file ORDER/TASK.yaml, validated with its order before it is written."""
     _check_id("TASK", task)
@@ -103,7 +110,8 @@ def add(
         fields["title"] = title
     fields.update(status="QUEUED", priority=priority, depends_on=list(depends_on or []),
                   target_files=list(target_files or []))
-    optional = {"command": command, "prompt": prompt, "model": model, "review": review}
+    optional = {"command": command, "prompt": prompt, "model": model, "review": review, "timeout": timeout,
+                "max_attempts": max_attempts, "max_rework": max_rework}
     fields.update({key: value for key, value in optional.items() if value is not None})
     text = _document("task", order_dir, project.root, fields)
     # The order as it will be once the file exists: field checks, then dependencies and cycles.
@@ -113,6 +121,7 @@ def add(
     check_links(loaded)
     _create(path, text)
     console().print(f"created {_shown(path, project.root)}", markup=False)
+    warn(warnings([new_task]))
 
 
 def _check_id(what: str, value: str) -> None:

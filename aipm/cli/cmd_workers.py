@@ -11,10 +11,11 @@ import psutil
 import typer
 from rich.table import Table
 
+from aipm import outcome
 from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json
 from aipm.errors import UserError
-from aipm.launcher import Launcher, Options, append_log
+from aipm.launcher import Launcher, Options, append_log, cleared_reason
 from aipm.model import RUNNING, Status
 from aipm.locks import node_file
 from aipm.paths import lock_prefix, normalize
@@ -171,7 +172,8 @@ def cancel(
         current = load_task(path, project.root)
         if current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
             raise UserError(f"{path}: status: {current.status} cannot be cancelled")
-        update_task(path, {"status": Status.CANCELLED, "finished_at": now()}, expect=current.status)
+        update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
+                    expect=current.status)
         order_id = load_order(order_dir, project.root).id
         rec = rt.read_record(order_id, task_id)
     if rec is not None and rec.pid and rec.worker_alive():
@@ -211,7 +213,8 @@ def retry(task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to 
                             "running; wait for it to end (or cancel it)")
         try:
             update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "started_at": None,
-                               "finished_at": None, "exit_code": None}, expect=current.status)
+                               "finished_at": None, "exit_code": None, **cleared_reason(current)},
+                        expect=current.status)
         except StaleWrite as exc:
             raise UserError(f"{path}: status: {exc}") from None
         rt.feedback_path(order_id, task_id).unlink(missing_ok=True)

@@ -29,15 +29,21 @@ def project_root() -> Path:
     return Path(root).resolve() if root else find_root()
 
 
-def console(stderr: bool = False) -> Console:
+def console(stderr: bool = False, width: int | None = None) -> Console:
     # Rich honours NO_COLOR itself; no colour or markup tricks when not a terminal.
-    return Console(stderr=stderr, highlight=False, soft_wrap=True)
+    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
 
 def print_json(data: Any) -> None:
     # Indented for a person at a terminal; compact for a pipe, where json's C encoder is many times faster.
     indent = 2 if sys.stdout.isatty() else None
     sys.stdout.write(json.dumps(data, indent=indent, default=str) + "\n")
+
+
+def warn(lines: list[str]) -> None:
+    """Warnings go to stderr, one line each, and change neither the exit code nor the output on stdout."""
+    for line in lines:
+        print(f"aipm: warning: {line}", file=sys.stderr)
 
 
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")

@@ -5,20 +5,20 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import defaultdict, deque
+from collections import defaultdict
 
-from rich.console import Group
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from aipm.model import Order, status_summary
+from aipm.model import Order, format_counts, status_counts, status_summary
 
 
 # One line per event kind, for logs and CI output; fields missing from an event print as "?".
 LINES = {
-    "started": "start    {task} (attempt {attempt}, pid {pid})",
-    "finished": "finish   {task} → {status} (exit {exit_code})",
+    "started": "start    {task} (attempt {attempt}, pid {pid}{detached})",
+    "finished": "finish   {task} → {status} ({reason})",
     "review": "review   {task}",
     "adopted": "adopt    {task} (pid {pid}): worker outlived its supervisor",
     "deferred": "defer    {tasks}: {detail}",
@@ -28,6 +28,7 @@ LINES = {
     "interrupted": "stopped  by signal; re-queued: {requeued}",
     "restored": "restore  {task} → {status}: its file said {was} while its worker ran",
     "gone":     "gone     {task}: its file was deleted while it ran; exit {exit_code} kept in its log",
+    "summary": "{order}: {counts}",
     "waiting": "wait     {task}: {detail}",
 }
 
@@ -37,21 +38,39 @@ def plain_line(event: dict) -> str:
     if template is None:
         return json.dumps(event)
     fields = {k: ", ".join(map(str, v)) or "none" if isinstance(v, list) else v for k, v in event.items()}
+    fields["detached"] = ", detached" if event.get("detached") else ""
+    if event.get("event") == "finished" and not event.get("reason"):
+        fields["reason"] = f"exit {event.get('exit_code')}"  # moved on by a writer that gave no reason
+    if isinstance(event.get("counts"), dict):
+        fields["counts"] = format_counts(event["counts"])
     return template.format_map(defaultdict(lambda: "?", fields))
 
 
-class Display:
-    """Receives events from the supervisor; renders them for the kind of output we have."""
+def summary_event(order: Order, exit_code: int) -> dict:
+    """The closing event of `run`: how many tasks ended in each status, and the exit code."""
+    return {"event": "summary", "order": order.id, "counts": status_counts(order), "exit_code": exit_code}
 
-    def __init__(self, mode: str, view=None):
+
+class Display:
+    """Receives events from the supervisor; renders them for the kind of output we have.
+
+    Live mode prints like cargo or pip: every event becomes a line in the scrollback, above a small table of
+    running tasks that Rich redraws (with its elapsed times) a few times a second and erases at the end.
+    """
+
+    def __init__(self, mode: str, view=None, out: Console | None = None):
         self.mode = mode  # "json", "plain" or "live"
         self.view = view
+        self.out = out or Console(highlight=False, soft_wrap=True)
+        # Replaced, never mutated: Rich's refresh thread reads these while events arrive.
         self.running: dict[str, float] = {}
-        self.recent: deque[str] = deque(maxlen=6)
+        self.headline = ""
         self.note = ""
         self.live: Live | None = None
         if mode == "live":
-            self.live = Live(self._render(), refresh_per_second=4, transient=False)
+            self._headline()
+            self.live = Live(console=self.out, get_renderable=self._render, refresh_per_second=4, transient=True,
+                             redirect_stdout=False, redirect_stderr=False)
             self.live.start()
 
     def __call__(self, event: dict) -> None:
@@ -67,37 +86,38 @@ class Display:
                 print(plain_line(event), flush=True)
             return
         kind, task = event.get("event"), event.get("task")
-        if kind in ("started", "adopted"):
-            self.running[task] = time.time()
+        if kind in ("started", "adopted") and not event.get("detached"):
+            self.running = {**self.running, task: time.time()}
         elif kind == "finished":
-            self.running.pop(task, None)
-            self.recent.appendleft(plain_line(event))
+            self.running = {k: v for k, v in self.running.items() if k != task}
         elif kind in ("deferred", "waiting"):
             self.note = plain_line(event)
-        elif kind in ("launch_failed", "interrupted", "invalid_file", "restored", "gone"):  # errors: on stderr
-            self.recent.appendleft(plain_line(event))
-        self.live.update(self._render())
+        self._headline()
+        self.live.refresh()  # the table under the new line shows the state after it, not a quarter second old
+        if kind != "error":  # on stderr already: print each error once
+            self.out.print(Text(plain_line(event)))
 
-    def _render(self):
-        parts = []
+    def _headline(self) -> None:
         order: Order | None = self.view.order if self.view else None
         if order:
-            parts.append(Text(f"{order.id}: {status_summary(order)}"))
+            self.headline = f"{order.id}: {status_summary(order)}"
+
+    def _render(self):
         table = Table(show_header=True, box=None)
         table.add_column("running")
         table.add_column("elapsed", justify="right")
+        now = time.time()
         for task, since in sorted(self.running.items()):
-            table.add_row(task, f"{time.time() - since:.0f}s")
-        parts.append(table)
+            table.add_row(task, f"{now - since:.0f}s")
+        parts = [Text(self.headline), table]
         if self.note:
             parts.append(Text(self.note, style="yellow"))
-        parts.extend(Text(line, style="dim") for line in self.recent)
         return Group(*parts)
 
     def close(self) -> None:
         if self.live:
-            self.live.update(self._render())
             self.live.stop()
+            self.live = None
 
 
 def mode_for(json_out: bool) -> str:

@@ -1,0 +1,75 @@
+"""Why an attempt ended the way it did, in a few words: the `reason` aipm keeps in the task file.
+
+Every ending has one constructor here, so events, `status` and `why` word it the same way in every process
+and in later invocations. A reason is one short line (it is a YAML scalar on one line of the task file); a new
+kind of ending is one more function that returns such a line.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Iterable
+
+MAX_LENGTH = 160  # a reason sits in a table cell and on an event line; the log has the rest
+
+
+def one_line(text: str) -> str:
+    """Whitespace runs (newlines included) become one space; overlong text ends in an ellipsis."""
+    text = re.sub(r"\s+", " ", text).strip()
+    return text if len(text) <= MAX_LENGTH else text[: MAX_LENGTH - 1] + "…"
+
+
+def signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def exited(code: int) -> str:
+    """"exit 3"; a negative code (the process died of a signal) is "killed by SIGKILL"; a shell's 128+N code
+    names the signal too ("exit 137 (SIGKILL)")."""
+    if code < 0:
+        return killed(-code)
+    if code > 128:
+        try:
+            return f"exit {code} ({signal.Signals(code - 128).name})"
+        except ValueError:
+            pass
+    return f"exit {code}"
+
+
+def killed(number: int) -> str:
+    return f"killed by {signal_name(number)}"
+
+
+def lost() -> str:
+    """A watched worker that ended without its wrapper writing an exit code: something killed it."""
+    return "killed from outside (no exit code)"
+
+
+def timed_out(seconds: int | None) -> str:
+    return f"timed out after {seconds} s"
+
+
+def review_approved() -> str:
+    return "review approved"
+
+
+def review_rejected(output: str, code: int) -> str:
+    """"review rejected: <the first line the reviewer printed>" (its exit code when it printed nothing)."""
+    first = next((line for line in output.splitlines() if line.strip()), "")
+    return one_line(f"review rejected: {first}" if first else f"review rejected (exit {code})")
+
+
+def scope(paths: Iterable[str]) -> str:
+    return one_line("scope: wrote " + ", ".join(paths))
+
+
+def cancelled() -> str:
+    return "cancelled"
+
+
+def interrupted(why: str) -> str:
+    return one_line(f"interrupted: {why}")

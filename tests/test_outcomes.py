@@ -1,0 +1,173 @@
+"""Outcomes say why (issue 12): the `reason` of every ending, tries and reworks apart, `add` limits, warnings."""
+
+import json
+import signal
+import subprocess
+import sys
+
+import yaml
+
+from conftest import no_workers, task_statuses, wait_for, write_task
+from aipm import outcome
+
+
+def test_every_ending_names_its_reason_in_events_status_and_why(project):
+    order = project.order()
+    write_task(order, "EXIT", command="exit 3", max_attempts=2)
+    write_task(order, "SLOW", command="sleep 60", timeout=1)
+    write_task(order, "PICKY", command="true", review="echo 'E501 line too long'; echo second line; exit 1",
+               max_rework=0)
+    write_task(order, "KILLED", command="kill -9 $$")
+    write_task(order, "FINE", command="true", review="true")
+    proc = project.aipm("run", "ORD", "--json", "--no-resource-monitoring")
+    assert proc.returncode == 1, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    finished = [(e["task"], e["status"], e["reason"]) for e in events if e["event"] == "finished"]
+    assert ("EXIT", "QUEUED", "exit 3") in finished and ("EXIT", "FAILED", "exit 3") in finished
+    assert ("SLOW", "FAILED", "timed out after 1 s") in finished
+    assert ("PICKY", "REJECTED", "review rejected: E501 line too long") in finished
+    assert ("FINE", "COMPLETED", "review approved") in finished
+    assert ("KILLED", "FAILED", "killed by SIGKILL") in finished  # $$ is the worker process itself
+    # The reason outlives the run: `status` and `why` in a later invocation read it from the task files.
+    rows = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert rows["SLOW"]["reason"] == "timed out after 1 s"
+    assert rows["PICKY"]["reason"] == "review rejected: E501 line too long"
+    table = project.aipm("status", "ORD", "--wide").stdout
+    assert "timed out after 1 s" in table and "review rejected: E501 line too long" in table
+    why = project.aipm("why", "PICKY").stdout
+    assert "status is REJECTED (review rejected: E501 line too long)" in why
+    assert project.json("why", "SLOW")["last_outcome"] == "timed out after 1 s"
+
+
+def test_cancel_and_recovery_say_so(project):
+    order = project.order()
+    write_task(order, "C", command="true")
+    write_task(order, "LOST", command="true", status="IN_PROGRESS", attempts=1)  # its worker left no trace
+    project.aipm("cancel", "C", check=True)
+    project.aipm("recover", "ORD", check=True)
+    rows = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert (rows["C"]["status"], rows["C"]["reason"]) == ("CANCELLED", "cancelled")
+    assert (rows["LOST"]["status"], rows["LOST"]["reason"]) == ("QUEUED", "interrupted: worker gone")
+    assert "last attempt: interrupted: worker gone" in project.aipm("why", "LOST").stdout
+    project.aipm("retry", "C", check=True)  # a retry starts clean
+    assert project.json("status", "ORD")["tasks"][0]["reason"] is None
+
+
+def test_an_adopted_worker_that_times_out_is_recorded_as_timed_out(project):
+    order = project.order()
+    write_task(order, "SLOW", command="sleep 60", timeout=4)
+    first = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                              "--no-resource-monitoring"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    record = project.root / ".aipm" / "workers" / "ORD" / "SLOW.json"
+    wait_for(lambda: record.exists() and json.loads(record.read_text())["pgid"])
+    first.send_signal(signal.SIGKILL)  # the worker outlives its supervisor; the next run adopts it
+    first.wait(timeout=30)
+    assert task_statuses(order)["SLOW"] == "IN_PROGRESS", "the supervisor should die before the timeout"
+    second = project.aipm("run", "ORD", "--no-resource-monitoring")
+    assert second.returncode == 1
+    assert "adopt    SLOW" in second.stdout
+    assert "finish   SLOW → FAILED (timed out after 4 s)" in second.stdout, second.stdout
+    data = yaml.safe_load((order / "SLOW.yaml").read_text())
+    assert (data["status"], data["reason"]) == ("FAILED", "timed out after 4 s")
+    log = (project.root / ".aipm" / "logs" / "ORD" / "SLOW.1.log").read_text()
+    assert "killed from outside" not in log and "timed out after 4 s" in log
+    assert no_workers(project.root)
+
+
+def test_tries_and_reworks_are_counted_apart(project):
+    order = project.order()
+    runs = project.root / "runs"
+    # The first run succeeds and is sent back by the review; every later run fails.
+    write_task(order, "T", max_attempts=2,
+               command=f"echo x >> {runs}; [ $(wc -l < {runs}) -eq 1 ]", review="echo 'needs work'; exit 1")
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring")
+    assert proc.returncode == 1
+    row = project.json("status", "ORD")["tasks"][0]
+    # Three attempts: one sent back by the review (a rework), then two failed tries, max_attempts 2.
+    assert (row["status"], row["attempts"], row["tries"], row["reworks"]) == ("FAILED", 3, 2, 1)
+    assert (row["max_attempts"], row["max_rework"], row["reason"]) == (2, 3, "exit 1")
+    assert runs.read_text().count("x") == 3
+    table = project.aipm("status", "ORD", "--wide").stdout
+    line = next(line for line in table.splitlines() if " T " in line)
+    assert "│ 2/2 " in line and "│ 1/3 " in line, table
+
+
+def test_add_sets_timeout_attempts_and_rework(project):
+    project.order()
+    project.aipm("add", "ORD", "T", "--command", "true", "--target-file", "a.txt", "--timeout", "60",
+                 "--max-attempts", "2", "--max-rework", "1", check=True)
+    data = yaml.safe_load((project.root / "orders" / "ORD" / "T.yaml").read_text())
+    assert (data["timeout"], data["max_attempts"], data["max_rework"]) == (60, 2, 1)
+    row = project.json("status", "ORD")["tasks"][0]
+    assert (row["max_attempts"], row["max_rework"]) == (2, 1)
+    bad = project.aipm("add", "ORD", "U", "--command", "true", "--max-rework", "-1")
+    assert bad.returncode == 2 and "max_rework" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    assert not (project.root / "orders" / "ORD" / "U.yaml").exists()
+
+
+def test_agent_task_without_target_files_warns_at_add_validate_and_launch(project):
+    (project.root / "aipm.yaml").write_text('worker:\n  command: ["cat"]\n')
+    order = project.order()
+    write_task(order, "SCOPED", prompt="edit a", target_files=["a.txt"])
+    write_task(order, "SCRIPT", command="true")  # a command task without targets: the user chose what it runs
+    added = project.aipm("add", "ORD", "FREE", "--prompt", "do anything")
+    validated = project.aipm("validate", "ORD")
+    launched = project.aipm("launch", "ORD")
+    for proc in (added, validated, launched):
+        assert proc.returncode == 0, proc.stderr
+        warnings = [line for line in proc.stderr.splitlines() if line.startswith("aipm: warning:")]
+        assert len(warnings) == 1 and "FREE.yaml: target_files:" in warnings[0], proc.stderr
+        assert "may edit any file" in warnings[0]
+    wait_for(lambda: set(task_statuses(order).values()) == {"DONE"})
+    wait_for(lambda: no_workers(project.root))
+    # Finished tasks cannot edit anything any more: no warning for them.
+    assert "warning" not in project.aipm("launch", "ORD").stderr
+
+
+def test_missing_worker_program_blames_the_template_once(project):
+    (project.root / "aipm.yaml").write_text('worker:\n  command: ["no-such-agent-xyz", "-p"]\n')
+    order = project.order()
+    write_task(order, "AGENT", prompt="hi", target_files=["a.txt"])
+    write_task(order, "CMD", command=["no-such-tool-xyz"], target_files=["b.txt"])
+    proc = project.aipm("launch", "ORD")
+    assert proc.returncode == 1
+    lines = dict(line.split(": ", 1) for line in proc.stderr.splitlines() if line.startswith("failed "))
+    assert lines["failed AGENT"] == ("program 'no-such-agent-xyz' not found on PATH; install it or fix "
+                                     "worker.command (the worker template) in aipm.yaml")
+    assert lines["failed CMD"].startswith(
+        "program 'no-such-tool-xyz' not found on PATH; install it or fix `command` in ")
+    assert lines["failed CMD"].endswith("CMD.yaml")
+    assert set(task_statuses(order).values()) == {"QUEUED"}
+
+
+def test_exec_parallel_names_the_attempt_of_detached_tasks(project):
+    order = project.order()
+    write_task(order, "A", command="true", target_files=["a"])
+    write_task(order, "B", command="true", target_files=["b"])
+    proc = project.aipm("exec", "A", "--parallel", "--no-resource-monitoring")
+    assert proc.returncode == 0, proc.stderr
+    assert "start    B (attempt 1, pid " in proc.stdout and ", detached)" in proc.stdout, proc.stdout
+    assert "attempt detached" not in proc.stdout
+    wait_for(lambda: set(task_statuses(order).values()) == {"DONE"})
+    wait_for(lambda: no_workers(project.root))
+
+
+def test_status_never_cuts_a_path(project):
+    order = project.order()
+    path = "src/" + "/".join(f"directory_{i}" for i in range(8)) + "/module.py"
+    write_task(order, "T", command="true", target_files=[path])
+    narrow = project.aipm("status", "ORD", env={"COLUMNS": "80"}).stdout
+    assert "…" not in narrow
+    cells = "".join(line.split("│")[5].strip() for line in narrow.splitlines() if line.count("│") > 5)
+    assert cells == path
+    wide = project.aipm("status", "ORD", "--wide", env={"COLUMNS": "80"}).stdout
+    assert path in wide
+
+
+def test_reason_words():
+    assert outcome.exited(0) == "exit 0" and outcome.exited(-9) == "killed by SIGKILL"
+    assert outcome.exited(143) == "exit 143 (SIGTERM)" and outcome.exited(200) == "exit 200"
+    assert outcome.review_rejected("\n\n  first\nsecond\n", 1) == "review rejected: first"
+    assert outcome.review_rejected("", 4) == "review rejected (exit 4)"
+    long = outcome.scope(f"file_{i}.py" for i in range(100))
+    assert len(long) == outcome.MAX_LENGTH and long.endswith("…") and "\n" not in long
