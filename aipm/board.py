@@ -32,22 +32,24 @@ def task_row(task: Task, settings: Settings) -> dict:
     }
 
 
-def survey(launcher: Launcher, order_dir: Path) -> tuple[Order, Plan, int, list]:
+def survey(launcher: Launcher, order_dir: Path) -> tuple[Order, Plan, int, list, list]:
     """The same planning inputs `launch` uses (the order, live worker records, free slots) and the plan.
 
-    Returns (order, plan, free slots, busy files of every running task in the project).
+    Returns (order, plan, free slots, busy files of every running task in the project, locks held outside aipm).
     """
     order = load_order(order_dir, launcher.project.root)
-    busy, live, count = launcher.holders(order, launcher.records())
+    records = launcher.records()
+    busy, live, count = launcher.holders(order, records)
     free = max(0, launcher.settings.max_workers - count)
     spend = budget.of(order, launcher.settings.max_cost_usd)
-    return order, plan(order, busy, live, free, budget=spend), free, busy
+    outside = launcher.outside(records)
+    return order, plan(order, busy, live, free, budget=spend, outside=outside), free, busy, outside
 
 
 def order_board(launcher: Launcher, order_dir: Path) -> dict:
     """One order for the dashboard: its tasks (rows plus what each waits on) and a one-line summary."""
     try:
-        order, result, free, _ = survey(launcher, order_dir)
+        order, result, free, *_ = survey(launcher, order_dir)
     except UserError as exc:  # a file being edited: show the problem, keep the rest of the board
         return {"id": order_dir.name, "path": str(order_dir), "error": str(exc), "tasks": []}
     rows = []

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from aipm.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_MODIFY, IN_MOVED_FROM, IN_MOVED_TO, DirWatch
+from aipm.locks import state_dir
 from aipm.project import Project
 
 _FILES = IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE | IN_CREATE
@@ -18,7 +19,7 @@ _LOGS = _FILES | IN_MODIFY  # a log grows by appends: every write is news
 
 
 class ProjectWatch:
-    """inotify over the project root, its order directories and `.aipm/` (records and logs)."""
+    """inotify over the project root, its order directories, `.aipm/` (logs) and the worker records."""
 
     def __init__(self, project: Project, watch: DirWatch, orders: list[Path] | None = None):
         self.project = project
@@ -45,10 +46,11 @@ class ProjectWatch:
         root, rt = self.project.root, self.runtime
         dirs = [(root, _FILES), (root / self.project.orders_dir, _FILES), (rt, _FILES)]
         dirs += [(d, _FILES) for d in self.order_dirs()]
-        for sub, mask in (("workers", _FILES), ("logs", _LOGS)):
-            dirs.append((rt / sub, _FILES))
-            if (rt / sub).is_dir():
-                dirs += [(Path(e.path), mask) for e in os.scandir(rt / sub) if e.is_dir()]
+        # Worker records live in the state directory outside the tree (aipm.locks), logs under .aipm/.
+        for base, mask in ((state_dir(root) / "workers", _FILES), (rt / "logs", _LOGS)):
+            dirs.append((base, _FILES))
+            if base.is_dir():
+                dirs += [(Path(e.path), mask) for e in os.scandir(base) if e.is_dir()]
         for directory, mask in dirs:
             if directory.is_dir():
                 self.watch.add(str(directory), mask)

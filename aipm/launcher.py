@@ -15,16 +15,16 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import confine, holds, outcome, runner, scope, workspace
+from aipm import confine, holds, locks, outcome, runner, scope, workspace
 from aipm.budget import of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
-from aipm.plan import Busy, Plan, plan
+from aipm.plan import Busy, ForeignLock, Plan, plan
 from aipm.project import Project
 from aipm.capacity import Capacity, fit
 from aipm.resources import RAMP_DELAY, ResourceMonitor, get_system_info, starts_now
-from aipm.runtime import LockBusy, Record, Runtime, live_pid, process_ctime
+from aipm.runtime import Record, Runtime, live_pid, process_ctime
 from aipm.settings import Settings
 from aipm.store import StaleWrite, load_task, now, update_task
 from aipm.view import OrderView
@@ -60,7 +60,9 @@ class Launcher:
         self.settings = settings
         self.options = options or Options()
         self.runtime = Runtime(project.root)
+        self.holdings = locks.Holdings(self.runtime.state)
         self.monitor = monitor
+        self.detached: set[int] = set()  # owners we started (`aipm.work`): never mistaken for strays
         if monitor is None and settings.enable_monitoring:
             self.monitor = ResourceMonitor(settings.max_cpu_percent, settings.max_memory_percent)
 
@@ -87,6 +89,13 @@ class Launcher:
                                                  save=not self.options.dry_run)
                  if (b.order_id, b.task_id) not in recorded]
         return busy, live, count
+
+    def outside(self, records: Iterable[Record]) -> list[ForeignLock]:
+        """Target locks held by processes no record accounts for: a daemon a finished worker left, another tool.
+        They keep their files busy like a running task until they are released."""
+        nodes = locks.lock_nodes(normalize(t) for rec in records for t in rec.targets)
+        explained = {locks.node_file(n) if n else "" for n in nodes}
+        return [ForeignLock(pids, held) for pids, held in self.holdings.outside(explained)]
 
     def records(self) -> list[Record]:
         """Worker records, without the leftovers of owners killed after their task's final write.
@@ -140,11 +149,12 @@ class Launcher:
             busy, live, live_count = self.holders(order, records)
             free = max(0, self.settings.max_workers - live_count)
             spend = order_budget(order, self.settings.max_cost_usd)
+            outside = self.outside(records)
             if explain:
-                result = plan(order, busy, live, free, view.ordering(), budget=spend)
+                result = plan(order, busy, live, free, view.ordering(), budget=spend, outside=outside)
             else:  # the hot path: only ready tasks, indexed by the view
                 result = plan(order, busy, live, free, view.ready_ordering(), explain=False, running=view.running,
-                              budget=spend)
+                              budget=spend, outside=outside)
             report.order = order
             report.plan = result
             wanted = [t for t in result.launchable if only is None or t.id in only]
@@ -160,6 +170,9 @@ class Launcher:
                     continue
                 try:
                     rec = self.start(order, task, owner, view)
+                except LaunchBusy as exc:  # locked since we planned, or a glob's directory lock: wait for it
+                    report.deferred.append({"id": task.id, "reason": "file_busy", "detail": str(exc)})
+                    continue
                 except LaunchFailed as exc:
                     report.failed.append({"id": task.id, "error": str(exc)})
                     continue
@@ -212,9 +225,10 @@ class Launcher:
         if refusal:
             raise LaunchFailed(f"confine: {refusal}")
         try:
-            fds = rt.take_locks(task.targets)
-        except LockBusy as exc:
-            raise LaunchFailed(str(exc)) from None
+            fds = locks.take(rt.state, task.targets)
+        except locks.LockBusy as exc:
+            holder = next((f.holder for f in self.outside(self.records()) if exc.node in dict(f.nodes)), None)
+            raise LaunchBusy(f"{exc.node or '.'} is held by {holder}" if holder else str(exc)) from None
         attempt = task.attempts + 1
         number = rt.next_number(order.id, task.id, attempt)
         rec = Record(
@@ -309,6 +323,7 @@ class Launcher:
             for fd in fds:
                 os.set_inheritable(fd, False)
         rec.owner_pid, rec.owner_ctime = pid, process_ctime(pid)
+        self.detached.add(pid)
 
     # -- recovery --------------------------------------------------------------------------------------
 
@@ -386,6 +401,10 @@ RAMP = "ramp_up"  # deferral reason: started one at a time on a busy machine; th
 
 class LaunchFailed(Exception):
     pass
+
+
+class LaunchBusy(LaunchFailed):
+    """A target lock is held: the task waits, it did not fail."""
 
 
 class Owner:

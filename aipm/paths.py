@@ -160,10 +160,41 @@ def segment_overlap(p: str, q: str) -> bool:
     return match(0, 0)
 
 
-def first_overlap(mine: tuple[Target, ...], theirs: tuple[Target, ...]) -> tuple[Target, Target] | None:
-    """The first pair (mine, theirs) that overlaps, or None."""
+def first_overlap(mine: tuple[Target, ...], theirs: tuple[Target, ...], test=None) -> tuple[Target, Target] | None:
+    """The first pair (mine, theirs) that overlaps (by `test`, default `overlaps`), or None."""
+    test = test or overlaps
     for a in mine:
         for b in theirs:
-            if overlaps(a, b):
+            if test(a, b):
                 return a, b
     return None
+
+
+@lru_cache(maxsize=65536)
+def lock_prefix(target: Target) -> str:
+    """The path a target locks exclusively: itself, or for a glob its fixed leading directories (`tests/**/*.py`
+    → `tests`, `*.py` → the project root "")."""
+    if not target.is_glob:
+        return target.path
+    fixed = []
+    for part in target.path.split("/"):
+        if not GLOB_CHARS.isdisjoint(part):
+            break
+        fixed.append(part)
+    return "/".join(fixed)
+
+
+def nodes_related(p: str, q: str) -> bool:
+    """Whether one lock node is at or above the other (so their locks meet on the upper one)."""
+    if len(p) > len(q):
+        p, q = q, p
+    # The shorter is the longer itself, a directory above it, or the project node "".
+    return q.startswith(p) and (len(q) == len(p) or not p or q[len(p)] == "/")
+
+
+def lock_overlap(a: Target, b: Target) -> bool:
+    """Whether the kernel locks of two targets conflict: coarser than `overlaps` for globs, which lock their
+    whole fixed directory (`src/*.py` and `src/data.json` overlap here, not in `overlaps`). Every pair that
+    `overlaps` also conflicts here, so the planner tests this first: it is plain string comparison."""
+    return nodes_related(lock_prefix(a) if a.is_glob else a.path, lock_prefix(b) if b.is_glob else b.path)
+

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from aipm.budget import Budget
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task, natural_key
-from aipm.paths import Target, first_overlap
+from aipm.paths import Target, first_overlap, lock_overlap, lock_prefix, nodes_related
 
 # Reason codes, stable for --json consumers.
 NOT_QUEUED = "not_queued"
@@ -23,6 +23,7 @@ FILE_CHOSEN = "file_conflict_in_round"
 LIMIT = "worker_limit"
 WORKER_RUNNING = "worker_running"  # the file says otherwise, but the task's worker lives (a reset file)
 BUDGET = "budget"
+FILE_HELD = "file_held_outside"  # a lock held by a process that is no aipm worker (e.g. a daemon a worker left)
 
 
 @dataclass(frozen=True)
@@ -36,17 +37,51 @@ class Busy:
 
 
 @dataclass(frozen=True)
+class ForeignLock:
+    """Lock nodes (path, exclusive?) held by processes that no worker record accounts for."""
+
+    pids: tuple[int, ...]
+    nodes: tuple[tuple[str, bool], ...]
+
+    def conflict(self, targets: tuple[Target, ...]) -> str | None:
+        """The held path that keeps `targets` out (as the kernel would), or None."""
+        for target in targets:
+            mine = lock_prefix(target)
+            for node, exclusive in self.nodes:
+                # Exclusive: any path above or below it (even a holder that skipped the shared directory locks);
+                # shared (a directory above a held file): only a task that wants that directory whole.
+                if mine == node or (exclusive and nodes_related(node, mine)):
+                    return self.path_near(mine)
+        return None
+
+    def path_near(self, mine: str) -> str:
+        """The holder's exclusive path closest to `mine`, as a person would name it."""
+        held = [n for n, ex in self.nodes if ex] or [n for n, _ in self.nodes]
+        near = [n for n in held if nodes_related(n, mine)]
+        return (near or held)[0] or "."
+
+    @property
+    def holder(self) -> str:
+        if not self.pids:
+            return "another process (not an aipm worker)"
+        return f"{'pid' if len(self.pids) == 1 else 'pids'} {', '.join(map(str, self.pids))}, not an aipm worker"
+
+
+@dataclass(frozen=True)
 class Blocked:
     id: str
     reason: str
     detail: str
     tasks: tuple[str, ...] = ()  # the tasks it is waiting on or conflicts with
     path: str | None = None  # the conflicting path, for file reasons
+    pids: tuple[int, ...] = ()  # processes holding it, when they are no aipm workers
 
     def as_dict(self) -> dict:
         out = {"id": self.id, "reason": self.reason, "detail": self.detail, "tasks": list(self.tasks)}
         if self.path is not None:
             out["path"] = self.path
+        if self.pids:
+            out["pids"] = list(self.pids)
         return out
 
 
@@ -56,6 +91,7 @@ class Plan:
     blocked: dict[str, Blocked] = field(default_factory=dict)
     stale: list[str] = field(default_factory=list)
     budget_stop: str | None = None  # why QUEUED tasks that could otherwise start may not: the order's budget
+    waiting: list[Blocked] = field(default_factory=list)  # held outside aipm: listed even when not explaining
 
     def summary(self, order: Order) -> dict[str, int]:
         reasons = [b.reason for b in self.blocked.values()]
@@ -64,7 +100,7 @@ class Plan:
             "queued": sum(t.status == Status.QUEUED for t in order.tasks.values()),
             "launchable": len(self.launchable),
             "blocked_by_dependencies": reasons.count(WAITING) + reasons.count(NEVER),
-            "blocked_by_files": reasons.count(FILE_BUSY) + reasons.count(FILE_CHOSEN),
+            "blocked_by_files": reasons.count(FILE_BUSY) + reasons.count(FILE_CHOSEN) + reasons.count(FILE_HELD),
             "blocked_by_worker_limit": reasons.count(LIMIT),
             "stale": len(self.stale),
             "blocked_by_budget": reasons.count(BUDGET),
@@ -145,6 +181,7 @@ def plan(
     explain: bool = True,
     running: Collection[str] | None = None,
     budget: Budget | None = None,
+    outside: Iterable[ForeignLock] = (),
 ) -> Plan:
     """Decide what may start now.
 
@@ -157,6 +194,7 @@ def plan(
     explain   -- False stops at the first full round (the supervisor's hot path needs no reasons)
     running   -- ids of this order's IN_PROGRESS/IN_REVIEW tasks, when the caller indexes them
     budget    -- the order's budget; once reached no task starts (the ones running finish)
+    outside   -- locks held by processes that are not aipm workers
     """
     result = Plan()
     busy, held_as = _holders(elsewhere)
@@ -209,19 +247,24 @@ def plan(
                 states = ", ".join(f"{d} ({deps[d].status})" for d in waiting)
                 result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
             continue
-        for holders, reason, words in (
-            (busy, FILE_BUSY, "{path} is held by running task {other}{status}"),
-            ([(c.id, c.targets) for c in chosen], FILE_CHOSEN, "{path} overlaps {other}, which starts first this round"),
-        ):
-            hit = _conflict(task, holders)
-            if hit:
-                break
+        hit = _conflict(task, busy)
+        reason, words = FILE_BUSY, "{path} is held by running task {other}{status}"
+        if not hit:
+            hit = _held_outside(task, outside)
+            reason, words = FILE_HELD, "{path} is held by {other}"
+        if not hit:
+            hit = _conflict(task, [(c.id, c.targets) for c in chosen])
+            reason, words = FILE_CHOSEN, "{path} overlaps {other}, which starts first this round"
         if hit:
+            other, path = hit
+            if reason == FILE_HELD:
+                blocked = Blocked(task.id, reason, words.format(path=path, other=other.holder), (), path, other.pids)
+                result.waiting.append(blocked)
+            else:
+                status = held_as.get(other, "")
+                blocked = Blocked(task.id, reason, words.format(path=path, other=other, status=status), (other,), path)
             if explain:
-                other, path = hit
-                result.blocked[task.id] = Blocked(
-                    task.id, reason, words.format(path=path, other=other, status=held_as.get(other, "")), (other,), path
-                )
+                result.blocked[task.id] = blocked
             continue
         if len(chosen) >= slots:
             if not explain:
@@ -251,17 +294,33 @@ def _holders(elsewhere: Iterable[Busy]) -> tuple[list[tuple[str, tuple[Target, .
 
 
 def _conflict(task: Task, holders: list[tuple[str, tuple[Target, ...]]]) -> tuple[str, str] | None:
+    """The first holder whose targets overlap the task's, or whose kernel locks would (a glob locks its whole
+    fixed directory), as (holder, the paths in words)."""
     if not task.targets:
         return None
     for owner, targets in holders:
-        pair = first_overlap(task.targets, targets)
+        pair = first_overlap(task.targets, targets, lock_overlap)  # the cheaper, wider test first
         if pair:
+            exact = first_overlap(task.targets, targets)
+            if exact:
+                mine, theirs = exact
+                return owner, str(theirs) if str(mine) == str(theirs) else f"{mine} ↔ {theirs}"
             mine, theirs = pair
-            return owner, str(theirs) if str(mine) == str(theirs) else f"{mine} ↔ {theirs}"
+            glob = mine if mine.is_glob else theirs
+            return owner, f"{mine} ↔ {theirs} (a glob locks all of {lock_prefix(glob) or '.'}/)"
     return None
 
 
-def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Busy] = ()) -> list[Blocked]:
+def _held_outside(task: Task, outside: Iterable[ForeignLock]) -> tuple[str, str] | None:
+    for lock in outside if task.targets else ():
+        path = lock.conflict(task.targets)
+        if path:
+            return lock, path
+    return None
+
+
+def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Busy] = (),
+                outside: Iterable[ForeignLock] = ()) -> list[Blocked]:
     """Every reason `task_id` cannot start (the plan records only the first), for `aipm why`."""
     task = order.tasks[task_id]
     first = result.blocked.get(task_id)
@@ -291,6 +350,10 @@ def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Bu
         if hit:
             detail = f"{hit[1]} is held by running task {owner}{held_as.get(owner, '')}"
             reasons.append(Blocked(task_id, FILE_BUSY, detail, (owner,), hit[1]))
+    for lock in outside if task.targets else ():
+        path = lock.conflict(task.targets)
+        if path:
+            reasons.append(Blocked(task_id, FILE_HELD, f"{path} is held by {lock.holder}", (), path, lock.pids))
     if first.reason == BUDGET:
         reasons.insert(0, first)
     if first.reason in (FILE_CHOSEN, LIMIT):

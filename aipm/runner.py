@@ -88,8 +88,16 @@ def spawn(
         for fd in pass_fds:
             os.set_inheritable(fd, True)
         try:
-            # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself.
-            pid = os.posix_spawn(SHELL, argv, dict(env, AIPM_ROOT=cwd), file_actions=actions, setsid=True)
+            for again in (False, True):
+                # A worker may be deleting .aipm/ (git clean -fdx): make the log's directory (again) first.
+                os.makedirs(os.path.dirname(log), exist_ok=True)
+                try:
+                    # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself.
+                    pid = os.posix_spawn(SHELL, argv, dict(env, AIPM_ROOT=cwd), file_actions=actions, setsid=True)
+                    break
+                except FileNotFoundError:
+                    if again:
+                        raise
         except OSError as exc:
             raise SpawnError(f"cannot start worker: {exc.strerror}") from None
         finally:
@@ -191,9 +199,14 @@ def kill_group(pgid: int, timeout: float = 5.0) -> None:
     """SIGKILL what is left of a group and wait until it is gone, so its file locks are free on return."""
     if not signal_group(pgid, signal.SIGKILL):
         return  # the usual case: the group ended with its leader
+    wait_all_gone(group_members(pgid), timeout)
+
+
+def wait_all_gone(pids: list[int], timeout: float) -> None:
+    """Wait (pidfd, no polling) until every one of `pids` has exited, or `timeout` passes."""
     watcher = Watcher()
     try:
-        for pid in group_members(pgid):
+        for pid in pids:
             watcher.watch_pid(pid, pid)
         deadline = time.monotonic() + timeout
         while len(watcher) and time.monotonic() < deadline:

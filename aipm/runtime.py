@@ -1,4 +1,9 @@
-"""The only owner of `.aipm/`: the launch lock, target-file locks, worker records, logs and exit files.
+"""The only owner of aipm's runtime state: the launch lock, worker records and exit files in the project's
+state directory outside the work tree (see locks.py), and logs and review feedback in `<root>/.aipm/`.
+
+What mutual exclusion and recovery rest on (locks, records, exit codes) lives where a worker that cleans the
+tree (`git clean -fdx` removes the git-ignored `.aipm/`) cannot reach it; what a person reads (logs) lives in
+the tree, and every write there re-creates its directory, so a deleted `.aipm/` costs log lines, never a crash.
 
 Target-file locks are `flock` locks whose descriptors are handed to the worker process, so the kernel releases
 them exactly when the last process that may edit those files exits: no lock outlives its worker, and none is
@@ -8,9 +13,6 @@ the launcher could not hand a held lock over; it guards the short launch lock in
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import hashlib
 import json
 import os
 import re
@@ -23,15 +25,10 @@ import filelock
 import psutil
 
 from aipm.errors import UserError
-from aipm.paths import Target
+
+from aipm.locks import make_state_dir, state_dir
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
-
-
-class LockBusy(Exception):
-    def __init__(self, path: str):
-        super().__init__(f"{path} is locked by another worker")
-        self.path = path
 
 
 @dataclass
@@ -146,32 +143,60 @@ def _refuse_escape(root: Path, runtime: Path) -> None:
 
 
 class Runtime:
-    """Paths and primitives under `<root>/.aipm/`."""
+    """Paths and primitives of one project's runtime state (`.aipm/` and the state directory)."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self.dir = self.root / ".aipm"
         _refuse_escape(self.root, self.dir)
-        self._made: set[Path] = set()  # directories known to exist: the hot path skips mkdir calls
+        self.state = state_dir(self.root)
+        self._made: set[Path] = set()  # state directories known to exist: the hot path skips mkdir calls
         self._launch_lock: filelock.FileLock | None = None
         self._lock_depth = 0
 
     def ensure(self) -> None:
-        if self.dir in self._made:
-            return
-        for sub in ("locks", "workers", "logs", "exit"):
-            (self.dir / sub).mkdir(parents=True, exist_ok=True)
-        ignore = self.dir / ".gitignore"
-        if not ignore.exists():
-            ignore.write_text(GITIGNORE)
-        self._made.add(self.dir)
+        make_state_dir(self.state)  # no cache: a few syscalls, and the directory may have been removed
+        self._dir(self.dir / "logs" / "x")
 
     def _dir(self, path: Path) -> Path:
-        """`path`, after making sure its parent directory exists."""
+        """`path` under `.aipm/`, after making sure its directory (and `.aipm/.gitignore`) exist. No cache: a
+        worker may delete `.aipm/` at any moment, and one mkdir is nothing next to starting a process."""
+        for _ in range(3):
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                ignore = self.dir / ".gitignore"
+                if not ignore.exists():
+                    ignore.write_text(GITIGNORE)
+                break
+            except FileNotFoundError:
+                continue  # a worker is deleting .aipm/ right now: make it again
+        return path
+
+    def _state_file(self, path: Path) -> Path:
+        """`path` in the state directory, after making sure its directory exists (cached: the hot path)."""
         if path.parent not in self._made:
+            self.ensure()
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made.add(path.parent)
         return path
+
+    def _state_write(self, path: Path, text: str) -> None:
+        """Atomic rename, no fsync: state files only matter while processes live."""
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            for again in (False, True):
+                try:
+                    self._state_file(path)
+                    tmp.write_text(text)
+                    break
+                except FileNotFoundError:
+                    if again:
+                        raise
+                    self._made.clear()  # someone removed the state directory: make it again
+            os.replace(tmp, path)
+        except OSError:
+            tmp.unlink(missing_ok=True)  # a full disk must not leave a temp file behind
+            raise
 
     # -- the launch lock: serialises every status write and launch decision in the project ------------------
 
@@ -186,7 +211,7 @@ class Runtime:
             return
         self.ensure()
         if self._launch_lock is None:
-            self._launch_lock = filelock.FileLock(str(self.dir / "launch.lock"), is_singleton=False)
+            self._launch_lock = filelock.FileLock(str(self.state / "launch.lock"), is_singleton=False)
         # A short poll: holders keep it for milliseconds (plan + a few writes), never across a worker's run.
         with self._launch_lock.acquire(poll_interval=0.002):
             self._lock_depth = 1
@@ -195,57 +220,14 @@ class Runtime:
             finally:
                 self._lock_depth = 0
 
-    # -- target-file locks -------------------------------------------------------------------------------
-
-    def lock_path(self, target: Target) -> Path:
-        name = str(target) or "."
-        digest = hashlib.sha1(name.encode()).hexdigest()[:12]
-        return self.dir / "locks" / f"{_safe(name)[-60:]}.{digest}.lock"
-
-    def take_locks(self, targets: tuple[Target, ...]) -> list[int]:
-        """Lock every target without waiting; on any refusal release what was taken and raise LockBusy."""
-        fds: list[int] = []
-        try:
-            for target in dict.fromkeys(targets):
-                fd = os.open(self.lock_path(target), os.O_RDWR | os.O_CREAT, 0o644)
-                fds.append(fd)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except OSError as exc:
-                    if exc.errno in (errno.EAGAIN, errno.EACCES):
-                        raise LockBusy(str(target)) from None
-                    raise
-        except BaseException:
-            for fd in fds:
-                os.close(fd)
-            raise
-        return fds
-
-    def lock_held(self, target: Target) -> bool:
-        """Probe a target lock (take and drop it at once). Call under the launch lock."""
-        try:
-            fds = self.take_locks((target,))
-        except LockBusy:
-            return True
-        for fd in fds:
-            os.close(fd)
-        return False
-
     # -- worker records ---------------------------------------------------------------------------------
 
     def record_path(self, order: str, task: str) -> Path:
-        return self.dir / "workers" / _safe(order) / f"{_safe(task)}.json"
+        return self.state / "workers" / _safe(order) / f"{_safe(task)}.json"
 
     def write_record(self, record: Record) -> None:
-        """Records are runtime state: atomic rename, but no fsync (they are only meaningful while processes live)."""
-        path = self._dir(self.record_path(record.order, record.task))
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(json.dumps(vars(record)))  # flat fields: no need for asdict's deep copy
-            os.replace(tmp, path)
-        except OSError:
-            tmp.unlink(missing_ok=True)  # a full disk must not leave a temp file behind
-            raise
+        # flat fields: no need for asdict's deep copy
+        self._state_write(self.record_path(record.order, record.task), json.dumps(vars(record)))
 
     def read_record(self, order: str, task: str) -> Record | None:
         return self._read(self.record_path(order, task))
@@ -258,7 +240,7 @@ class Runtime:
 
     def records(self) -> list[Record]:
         """Every worker record in the project, live or not."""
-        base = self.dir / "workers"
+        base = self.state / "workers"
         out = []
         if not base.is_dir():
             return out
@@ -306,7 +288,8 @@ class Runtime:
         return number
 
     def exit_path(self, order: str, task: str, attempt: int) -> Path:
-        return self._dir(self.dir / "exit" / _safe(order) / f"{_safe(task)}.{attempt}")
+        """In the state directory: the outcome of an adopted worker must survive a cleaned tree."""
+        return self._state_file(self.state / "exit" / _safe(order) / f"{_safe(task)}.{attempt}")
 
     def feedback_path(self, order: str, task: str) -> Path:
         return self._dir(self.dir / "feedback" / _safe(order) / f"{_safe(task)}.txt")

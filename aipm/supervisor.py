@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aipm import agents, cluster, confine, notify, outcome, preemption, runner, scope, unrecorded, workspace
+from aipm import agents, cluster, confine, notify, outcome, preemption, runner, scope, subreaper, unrecorded, workspace
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
 from aipm.launcher import Launcher, Owner, append_log
@@ -49,6 +49,10 @@ class Supervisor(Owner):
         # Outcomes not yet written to their task file (key → record, exit code, timed out), retried each round.
         self.unrecorded: dict[str, tuple[Record, int | None, bool]] = {}
         self.writes = 0  # task-file writes of outcomes so far: tells a failure before any write from one after
+        # Orphans of our workers come to us instead of init, so they can be ended with their attempt.
+        subreaper.become_subreaper()
+        self.adopted: set[str] = set()  # keys of workers that are not our children
+        self.lock_fds: dict[str, list[int]] = {}  # target locks we hold ourselves (a detached owner's copies)
 
     # -- Owner interface (called under the launch lock) -----------------------------------------------
 
@@ -79,6 +83,7 @@ class Supervisor(Owner):
     def adopt(self, rec: Record) -> None:
         rec.owner_pid, rec.owner_ctime = self.me
         self.rt.write_record(rec)
+        self.adopted.add(rec.key)
         self._own(rec)
         self.outbox.append({"event": "adopted", "task": rec.task, "order": rec.order, "pid": rec.pid})
 
@@ -139,6 +144,7 @@ class Supervisor(Owner):
         if rec.pid:
             # The attempt is over: a straggler left in its group would hold the file locks and keep writing.
             runner.kill_group(rec.pgid)
+            self.end_strays(rec)
         with self.rt.launch_lock():
             return self._record_outcome(rec, code, timed_out)
 
@@ -415,8 +421,29 @@ class Supervisor(Owner):
     def _drop(self, rec: Record) -> None:
         Path(rec.scope_file).unlink(missing_ok=True)
         confine.tidy(rec.log)
+        # Locks go before the record: a held lock without a record would look like a stranger's.
+        for fd in self.lock_fds.pop(rec.key, ()):
+            os.close(fd)
         self.rt.remove_record(rec.order, rec.task)
         self.owned.pop(rec.key, None)
+        self.adopted.discard(rec.key)
+
+    # -- strays: what an attempt left running outside its process group (see subreaper.py) -------------------
+
+    def end_strays(self, rec: Record | None = None) -> None:
+        """End the processes `rec`'s attempt left behind; with no `rec`, every stray below us."""
+        ours = {r.pid for r in self.owned.values() if r.pid}
+        adopted = rec is not None and rec.key in self.adopted
+        if not adopted and all(pid in ours for pid in subreaper.children(os.getpid())):
+            return  # the usual case: nothing left its worker
+        known = ours | self.launcher.detached | {p for r in self.rt.records() for p in (r.pid, r.owner_pid) if p}
+        alone = rec is None or all(key == rec.key for key in self.owned)
+        doomed = subreaper.left_behind(self.rt, known, rec, alone, adopted)
+        if doomed:
+            ended = subreaper.end(doomed)
+            if rec is not None:
+                append_log(rec.log, f"ended {len(ended)} process(es) the attempt left running outside its "
+                                    f"process group: pids {', '.join(map(str, ended))}")
 
     # -- stopping ------------------------------------------------------------------------------------
 
@@ -432,6 +459,7 @@ class Supervisor(Owner):
                 runner.wait_gone(rec.pid, max(0.0, deadline - time.time()))
                 runner.kill_group(rec.pgid)
                 runner.reap(rec.pid)
+        self.end_strays()
         stopped = []
         with self.rt.launch_lock():
             for rec in list(self.owned.values()):
@@ -525,6 +553,7 @@ def _round(sup: Supervisor, ready: list[str]) -> Iterator[None]:
 
 
 FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now
+HELD_RECHECK = 5.0  # seconds: a lock held outside aipm may be released without its holder exiting
 
 
 def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str]) -> bool:
@@ -562,6 +591,8 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     if view.fd is not None:
         sup.watcher.watch_fd(view.fd, "files")
     foreign: set[str] = set()
+    holders: set[int] = set()  # pids holding locks outside aipm that tasks wait for (watched: their exit wakes us)
+    waiting_before: list[tuple[str, str]] = []
     deferred_before: list[str] = []
     recover = True  # at start, and whenever another owner's process ends (it may have died)
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
@@ -600,16 +631,25 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
             if deferred != deferred_before and deferred:
                 emit({"event": "deferred", "tasks": deferred, "detail": report.deferred[0]["detail"]})
             deferred_before = deferred
+            waiting = report.plan.waiting
+            if [(b.id, b.detail) for b in waiting] != waiting_before:
+                for blocked in waiting:
+                    emit({"event": "waiting", "task": blocked.id, "detail": blocked.detail, "pids": list(blocked.pids)})
+            waiting_before = [(b.id, b.detail) for b in waiting]
+            for pid in {p for b in waiting for p in b.pids} - holders:
+                if sup.watcher.watch_pid(pid, ("holder", pid)):
+                    holders.add(pid)
             finishing = _watch_foreign(sup, report.records, foreign)
             if only:
                 if f"{order.id}/{only}" not in sup.owned:
                     break  # finished, failed for good, or never launchable
-            elif not sup.owned and not foreign and not deferred and not finishing:
+            elif not sup.owned and not foreign and not deferred and not finishing and not waiting:
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
             ready = []
             if launcher.settings.preempt and not only and preemption.stop_for_urgent(sup, view):
                 continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
-            timeout = RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing else None
+            timeout = (RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing
+                       else HELD_RECHECK if waiting else None)
             keys = sup.wait(timeout)
             while keys == ["files"]:
                 view.refresh()
@@ -621,6 +661,9 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
                     sup.watcher.forget(key)
                     foreign.discard(key)
                     recover = True
+                elif isinstance(key, tuple):  # a lock holder outside aipm exited: plan again
+                    sup.watcher.forget(key)
+                    holders.discard(key[1])
                 elif key not in ("signal", "files"):
                     ready.append(key)
         if ready:  # ended just as we were stopped: their real outcome still counts
@@ -643,5 +686,6 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
                     f"{order.id}: {status_summary(order)}", AIPM_ORDER_ID=order.id)
         return 0 if done else 1
     finally:
+        sup.end_strays()  # nothing an attempt started outlives the run
         stop.close()
         sup.close()

@@ -2,7 +2,8 @@
 
 It owns one task: starts (or adopts) the worker process, waits for it, finishes the task (review, status),
 then starts the successors that became launchable, each as a new detached worker. It inherits the task's
-target-file locks from the launcher and holds them until the task is finished.
+target-file locks from the launcher and holds them until the task is finished. As a child subreaper it also
+ends whatever the worker left running outside its process group (see subreaper.py).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"aipm: cannot start worker: {exc}", file=sys.stderr)
                 launcher.runtime.remove_record(rec.order, rec.task)
                 return 1
+            sup.lock_fds[rec.key] = fds
             try:
                 sup.spawn_worker(rec, task, fds)
             except Exception as exc:  # noqa: BLE001 - any failure must put the task back, not strand it
@@ -75,10 +77,12 @@ def main(argv: list[str] | None = None) -> int:
     while sup.owned:
         for key in sup.wait(None):
             sup.handle(key)  # an outcome it cannot record is held (and logged), never a crash
+    sup.end_strays()  # the attempt's left-overs die before successors start
     if sup.unrecorded:
         sup.hand_over()
-    for fd in fds:
-        os.close(fd)
+    for held in sup.lock_fds.values():  # a handed-over outcome keeps its record; the locks go now
+        for fd in held:
+            os.close(fd)
     try:
         launcher.launch_ramped(OrderView(Path(args.order_dir), root, watch=False))
     except (UserError, OSError) as exc:  # a task file broken or a disk full: `aipm launch` says the same

@@ -17,7 +17,7 @@ Columns (summed over the trials of a row):
   stale locks    worker records or held target-file locks left at the end (and rows `aipm locks` lists), plus
                  records of finished tasks left by a kill that blocked the order mid-way: the harness deletes
                  those (the user's repair) so that the order can finish and every other column stays measured
-  orphans        worker process groups (or detached owners) still alive at the end
+  orphans        worker process groups (or detached owners) still alive at the end; daemons outliving their attempt
   hung runs      `aipm run`/`exec` still running 8 s after the order finished with nothing left to run (killed)
 
 Each trial runs in a fresh temporary project; trials with findings keep theirs (the path is printed).
@@ -57,6 +57,8 @@ SCENARIOS = {
               "launches, owned by run or launch (20 tasks, max 3 workers)", 6, 7000,
               lambda root, seed: chaos.reset_trial(root, seed, n_tasks=20, how=("sed", "git")[seed % 2],
                                                    owner=("run", "launch")[seed // 2 % 2])),
+    "hostile": ("workers that `rm -rf .aipm` or leave a setsid daemon, under run + launch at once (30 tasks)", 5,
+                8000, lambda root, seed: chaos.hostile_trial(root, seed, n_tasks=30)),
 }
 
 HEADER = ("scenario", "trials", "tasks", "kills", "lost", "double-run", "overlaps", "dep/limit", "corrupt files",

@@ -97,9 +97,20 @@ def task_statuses(order_dir: Path) -> dict[str, str]:
     return out
 
 
+def state(root: Path, make: bool = False) -> Path:
+    """The project's state directory (locks, worker records, exit files), outside the work tree; with `make`,
+    created as aipm creates it (its parent private to this user)."""
+    from aipm.locks import make_state_dir, state_dir
+
+    path = state_dir(root)
+    if make:
+        make_state_dir(path)
+    return path
+
+
 def no_workers(root: Path) -> bool:
     """No worker record left and no process of ours still alive."""
-    workers = root / ".aipm" / "workers"
+    workers = state(root) / "workers"
     return not any(workers.rglob("*.json")) if workers.exists() else True
 
 

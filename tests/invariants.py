@@ -156,17 +156,21 @@ def temp_files(order_dir: Path) -> list[str]:
 
 
 def held_lock_files(root: Path) -> list[str]:
-    """Lock files under .aipm/locks that some process still holds (probed with a non-blocking flock)."""
+    """Lock files (and the project node, the state directory itself) that some process still holds, probed with
+    a non-blocking flock."""
+    from aipm.locks import state_dir
+
+    state = state_dir(root)
     held = []
-    locks = sorted((root / ".aipm" / "locks").glob("*.lock"))
+    locks = sorted((state / "locks").glob("*.lock"))
     if not locks:
         return held
-    # Under the launch lock, as `aipm locks` probes: a probe must never make a launcher see a busy file.
-    guard = os.open(root / ".aipm" / "launch.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    # Under the launch lock: a probe must never make a launcher see a busy file.
+    guard = os.open(state / "launch.lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(guard, fcntl.LOCK_EX)
-        for path in locks:
-            fd = os.open(path, os.O_RDWR)
+        for path in [state, *locks]:
+            fd = os.open(path, os.O_RDONLY)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
@@ -181,8 +185,10 @@ def held_lock_files(root: Path) -> list[str]:
 
 
 def worker_records(root: Path) -> list[dict]:
+    from aipm.locks import state_dir
+
     out = []
-    for path in sorted((root / ".aipm" / "workers").glob("*/*.json")):
+    for path in sorted((state_dir(root) / "workers").glob("*/*.json")):
         try:
             out.append(json.loads(path.read_text()))
         except (OSError, ValueError):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from conftest import FIXTURES, REPO, no_workers, wait_for, write_task
+from conftest import FIXTURES, REPO, no_workers, state, wait_for, write_task
 from aipm.cli import display as display_module
 from aipm.cli.display import Display
 from aipm.view import OrderView
@@ -93,7 +93,7 @@ def test_summary_after_ctrl_c_matches_the_files(project):
         write_task(order, f"S{i}", command="sleep 60", target_files=[f"f{i}"])
     proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
                              "--no-resource-monitoring"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    workers = project.root / ".aipm" / "workers" / "ORD"
+    workers = state(project.root) / "workers" / "ORD"
     wait_for(lambda: workers.is_dir() and len([p for p in workers.glob("*.json")
                                                if json.loads(p.read_text())["pgid"]]) == 2)
     proc.send_signal(signal.SIGINT)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import no_workers, snapshot, task_statuses, wait_for, write_task
+from conftest import no_workers, snapshot, state, task_statuses, wait_for, write_task
 from invariants import check, journal_command, random_order
 
 
@@ -107,7 +107,7 @@ def test_record_with_reused_pid_counts_as_dead(project):
     write_task(order, "A", command="true", target_files=["x"])
     path = order / "A.yaml"
     path.write_text(path.read_text() + "status: IN_PROGRESS\nattempts: 1\n")
-    record_dir = project.root / ".aipm" / "workers" / "ORD"
+    record_dir = state(project.root, make=True) / "workers" / "ORD"
     record_dir.mkdir(parents=True)
     # A live pid (this test process) with the wrong start time: a reused pid, not our worker.
     record = {"order": "ORD", "order_dir": str(order), "task": "A", "task_file": str(path), "attempt": 1,

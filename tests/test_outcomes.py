@@ -7,7 +7,7 @@ import sys
 
 import yaml
 
-from conftest import no_workers, task_statuses, wait_for, write_task
+from conftest import no_workers, state, task_statuses, wait_for, write_task
 from aipm import outcome
 
 
@@ -58,7 +58,7 @@ def test_an_adopted_worker_that_times_out_is_recorded_as_timed_out(project):
     write_task(order, "SLOW", command="sleep 60", timeout=4)
     first = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
                               "--no-resource-monitoring"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    record = project.root / ".aipm" / "workers" / "ORD" / "SLOW.json"
+    record = state(project.root) / "workers" / "ORD" / "SLOW.json"
     wait_for(lambda: record.exists() and json.loads(record.read_text())["pgid"])
     first.send_signal(signal.SIGKILL)  # the worker outlives its supervisor; the next run adopts it
     first.wait(timeout=30)

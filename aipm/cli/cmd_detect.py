@@ -27,9 +27,10 @@ def _launcher(max_workers: int | None) -> Launcher:
 
 def reasons_for(launcher: Launcher, order_dir: Path, task_id: str):
     """(order, task id, launchable now?, every reason it is not)."""
-    order, result, _, busy = survey(launcher, order_dir)
+    order, result, _, busy, outside = survey(launcher, order_dir)
     launchable = any(t.id == task_id for t in result.launchable)
-    return order, task_id, launchable, all_reasons(order, result, task_id, [b for b in busy if b.order_id != order.id])
+    elsewhere = [b for b in busy if b.order_id != order.id]
+    return order, task_id, launchable, all_reasons(order, result, task_id, elsewhere, outside)
 
 
 def print_reasons(task_id: str, launchable: bool, reasons: list) -> None:
@@ -50,7 +51,7 @@ def detect(
 ) -> None:
     """List the tasks that may start now, in launch order, and why every other task may not. Never writes."""
     launcher = _launcher(max_workers)
-    loaded, result, free, _ = survey(launcher, launcher.project.order_dir(order))
+    loaded, result, free, *_ = survey(launcher, launcher.project.order_dir(order))
     if json_out:
         data = {
             "order": loaded.id,

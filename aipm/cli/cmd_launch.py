@@ -73,10 +73,11 @@ def launch(
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
     warn_unbounded(view.order.tasks.values())
     report = launcher.launch_ramped(view)
+    waiting = [b.as_dict() for b in report.plan.waiting] if report.plan else []
     if json_out:
         print_json({"order": view.order.id, "dry_run": dry_run, "launched": report.launched,
                     "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered,
-                    "budget_stop": report.plan.budget_stop})
+                    "budget_stop": report.plan.budget_stop, "waiting": waiting})
     else:
         out = console()
         verb = "would start" if dry_run else "started"
@@ -86,9 +87,11 @@ def launch(
             out.print(f"deferred {item['id']}: {item['detail']}")
         for item in report.failed:
             console(stderr=True).print(f"failed {item['id']}: {item['error']}", markup=False)
+        for item in waiting:
+            out.print(f"waiting {item['id']}: {item['detail']}", markup=False)
         if report.plan.budget_stop:
             console(stderr=True).print(f"aipm: {view.order.id}: {report.plan.budget_stop}", markup=False)
-        elif not (report.launched or report.deferred or report.failed):
+        elif not (report.launched or report.deferred or report.failed or waiting):
             out.print("nothing to launch (see `aipm detect`)")
     if report.failed or report.plan.budget_stop:
         raise typer.Exit(1)

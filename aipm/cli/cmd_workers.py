@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-from contextlib import nullcontext
 from typing import Optional
 
 import psutil
@@ -18,7 +17,8 @@ from aipm.cli.common import JsonOpt, console, get_project, print_json
 from aipm.errors import UserError
 from aipm import logbook, steering
 from aipm.launcher import Launcher, Options
-from aipm.paths import normalize
+from aipm.locks import node_file
+from aipm.paths import lock_prefix, normalize
 from aipm.project import find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
@@ -63,18 +63,25 @@ def ps(json_out: bool = JsonOpt) -> None:
 
 @app.command()
 def locks(json_out: bool = JsonOpt) -> None:
-    """Target-file locks held now: path → task and worker pid."""
+    """Target-file locks: every running task's paths (held now or not), and locks held by processes that are not
+    aipm workers (a daemon a finished worker left behind): tasks on those paths wait until they are released.
+    Reads /proc only: takes no lock and creates nothing."""
     project = get_project()
-    rt = Runtime(project.root)
+    launcher = Launcher(project, load_settings(project.root), Options(dry_run=True), monitor=None)
+    held = launcher.holdings.held()
+    records = launcher.records()
     rows = []
-    records = rt.records()
-    # Without records there is nothing to probe: no lock taken, so a fresh project gets no .aipm/ (read-only).
-    with rt.launch_lock() if records else nullcontext():
-        for rec in records:
-            for raw in rec.targets:
-                target = normalize(raw)
-                rows.append({"path": str(target), "order": rec.order, "task": rec.task,
-                             "pid": rec.pid or rec.owner_pid, "held": rt.lock_held(target)})
+    for rec in records:
+        for raw in rec.targets:
+            target = normalize(raw)
+            name = node_file(lock_prefix(target)) if lock_prefix(target) else ""
+            rows.append({"path": str(target), "order": rec.order, "task": rec.task,
+                         "pid": rec.pid or rec.owner_pid, "held": name in held})
+    for lock in launcher.outside(records):
+        for node, exclusive in lock.nodes:
+            if exclusive:
+                rows.append({"path": node or ".", "order": None, "task": None, "pid": lock.pids[0] if lock.pids else None,
+                             "pids": list(lock.pids), "held": True, "holder": lock.holder})
     if json_out:
         print_json({"locks": rows})
         return
@@ -82,7 +89,8 @@ def locks(json_out: bool = JsonOpt) -> None:
     for col in ("path", "task", "pid", "held"):
         table.add_column(col)
     for r in rows:
-        table.add_row(r["path"], f"{r['order']}/{r['task']}", str(r["pid"]), "yes" if r["held"] else "no")
+        task = f"{r['order']}/{r['task']}" if r["task"] else f"held by {r['holder']}"
+        table.add_row(r["path"], task, str(r["pid"] or "-"), "yes" if r["held"] else "no")
     console().print(table if rows else "no locks held")
 
 

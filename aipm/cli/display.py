@@ -31,6 +31,7 @@ LINES = {
     "summary": "{order}: {counts}",
     "budget": "budget   {order}: {detail}",
     "preempted": "preempt  {task} for {for} (re-queued, attempt not counted)",
+    "waiting": "wait     {task}: {detail}",
 }
 
 
@@ -38,7 +39,7 @@ def plain_line(event: dict) -> str:
     template = LINES.get(event.get("event"))
     if template is None:
         return json.dumps(event)
-    fields = {k: ", ".join(v) or "none" if isinstance(v, list) else v for k, v in event.items()}
+    fields = {k: ", ".join(map(str, v)) or "none" if isinstance(v, list) else v for k, v in event.items()}
     fields["detached"] = ", detached" if event.get("detached") else ""
     if event.get("event") == "finished" and not event.get("reason"):
         fields["reason"] = f"exit {event.get('exit_code')}"  # moved on by a writer that gave no reason
@@ -91,7 +92,7 @@ class Display:
             self.running = {**self.running, task: time.time()}
         elif kind == "finished":
             self.running = {k: v for k, v in self.running.items() if k != task}
-        elif kind == "deferred":
+        elif kind in ("deferred", "waiting"):
             self.note = plain_line(event)
         self._headline()
         self.live.refresh()  # the table under the new line shows the state after it, not a quarter second old

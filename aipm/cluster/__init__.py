@@ -1,7 +1,7 @@
 """Where workers run: on this machine (`local`) or on a Ray cluster (`ray`).
 
 A Ray attempt is still started, watched, timed out and adopted exactly like a local one: the local worker
-process (holding the target-file locks, recorded in `.aipm/workers/`, in its own process group) runs
+process (holding the target-file locks, recorded among the worker records, in its own process group) runs
 `python -m aipm.cluster.attempt`, a Ray driver that submits the command to the cluster and waits for it. So
 locks, statuses, records, timeouts and adoption after a killed `aipm run` stay in aipm, unchanged; only the
 command's own process tree lives on a Ray node, under a guard (`aipm.cluster.guard`) that ends that whole tree

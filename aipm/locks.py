@@ -1,0 +1,242 @@
+"""Target-file locks: a lock per path component, shared or exclusive (intention locks), kept outside the tree.
+
+For each target a task locks its path (a glob: its fixed leading directories, `tests/**/*.py` → `tests`)
+EXCLUSIVE and every directory above it SHARED, as databases lock hierarchies: `docs/conf.py` takes SHARED on
+the project node and on `docs`, EXCLUSIVE on `docs/conf.py`; `docs/` takes EXCLUSIVE on `docs`. So two targets
+that could cover one path always meet on a node one of them holds exclusively, and the kernel keeps them apart.
+Locks are taken without waiting, in sorted order, all or nothing.
+
+The descriptors are handed to the worker (see runtime.py), so the kernel drops the locks when the last process
+holding them exits. The lock files live in the project's state directory outside the work tree (`state_dir`):
+a worker that deletes `.aipm/` (`git clean -fdx`) cannot make aipm create a second, unlocked file for a path
+that is held. The project node is that directory itself; while a task holds it, systemd-tmpfiles' ageing skips it.
+
+Who holds what is read from /proc/locks (locked inodes) and /proc/<pid>/fd + fdinfo (which processes have the
+locked open file), without taking anything: read-only commands never make a launcher see a busy file.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+from aipm.errors import UserError
+from aipm.paths import Target, lock_prefix
+
+STATE_BASE = "/tmp"  # fixed, not $TMPDIR: every aipm process of a project must find the same directory
+_PROC_LOCKS = "/proc/locks"
+
+
+class LockBusy(Exception):
+    def __init__(self, node: str):
+        super().__init__(f"{node or '.'} is locked by another worker")
+        self.node = node
+
+
+def state_dir(root: Path) -> Path:
+    """`/tmp/aipm-<uid>/<dev>-<inode>-<path hash>` of the project root: one per project incarnation (a root
+    deleted and made again, or moved, gets a new one), shared by every aipm process of this user."""
+    real = os.path.realpath(root)
+    st = os.stat(real)
+    digest = hashlib.sha1(real.encode()).hexdigest()[:10]
+    return Path(STATE_BASE) / f"aipm-{os.getuid()}" / f"{st.st_dev:x}-{st.st_ino:x}-{digest}"
+
+
+def make_state_dir(state: Path) -> None:
+    """Create the state directory; its parent must be this user's alone (others could plant files in it)."""
+    base = state.parent
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(base)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise UserError(f"{base}: must be a directory only this user can access (aipm keeps its locks there); "
+                        "remove it and try again")
+    (state / "locks").mkdir(parents=True, exist_ok=True)
+
+
+def lock_nodes(targets: Iterable[Target]) -> dict[str, bool]:
+    """Node → exclusive?, for a set of targets ("" is the project node)."""
+    modes: dict[str, bool] = {}
+    for target in targets:
+        prefix = lock_prefix(target)
+        parts = prefix.split("/") if prefix else []
+        for i in range(len(parts)):
+            modes.setdefault("/".join(parts[:i]), False)
+        modes[prefix] = True
+    return modes
+
+
+def node_file(node: str) -> str:
+    """The lock file's name for a node (the node itself is written inside, for `aipm locks`)."""
+    return hashlib.sha1(node.encode()).hexdigest()[:20] + ".lock"
+
+
+def node_path(state: Path, node: str) -> Path:
+    return state if not node else state / "locks" / node_file(node)
+
+
+def take(state: Path, targets: Iterable[Target]) -> list[int]:
+    """Lock every target without waiting; on any refusal release what was taken and raise LockBusy."""
+    modes = lock_nodes(targets)
+    fds: list[int] = []
+    try:
+        for node in sorted(modes):  # one global order: no two takers can each hold what the other wants
+            fds.append(_lock(state, node, modes[node]))
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    return fds
+
+
+def _lock(state: Path, node: str, exclusive: bool) -> int:
+    path = node_path(state, node)
+    for _ in range(100):
+        fd = _open(state, node, path)
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except OSError as exc:
+            os.close(fd)
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                raise LockBusy(node) from None
+            raise
+        # A file deleted or replaced between open and flock is a lock nobody else will see: take the new one.
+        try:
+            held, now = os.fstat(fd), os.stat(path)
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    raise OSError(errno.EAGAIN, f"{path} keeps being replaced")
+
+
+def _open(state: Path, node: str, path: Path) -> int:
+    for _ in range(2):
+        try:
+            if not node:
+                return os.open(state, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                return os.open(path, os.O_RDONLY)
+            os.write(fd, node.encode())
+            return fd
+        except FileNotFoundError:
+            make_state_dir(state)  # first use, or someone removed it: locks held in the old one are lost there
+    raise OSError(errno.ENOENT, f"cannot create {path}")
+
+
+class Holdings:
+    """Read-only view of which lock nodes are held right now, and by whom (Linux /proc)."""
+
+    def __init__(self, state: Path):
+        self.state = state
+        self._names: dict[int, str] = {}  # inode → lock file name ("" for the project node)
+        self._stamp: int | None = None
+
+    def held(self) -> dict[str, bool]:
+        """Lock file name → held exclusively?, for every node of this project some process holds."""
+        locked = proc_locks()
+        if not locked:
+            return {}
+        self._scan()
+        return {self._names[ino]: excl for ino, excl in locked.items() if ino in self._names}
+
+    def _scan(self) -> None:
+        """Map inodes to lock files; rescanned only when a file was added or removed (directory mtime)."""
+        try:
+            stamp = os.stat(self.state / "locks").st_mtime_ns
+        except OSError:
+            self._names, self._stamp = {}, None
+            return
+        if stamp == self._stamp:
+            return
+        names = {os.stat(self.state).st_ino: ""}
+        with os.scandir(self.state / "locks") as entries:
+            for entry in entries:
+                if entry.name.endswith(".lock"):  # stat, not d_ino: they differ on some file systems (overlayfs)
+                    try:
+                        names[entry.stat(follow_symlinks=False).st_ino] = entry.name
+                    except OSError:
+                        continue
+        self._names, self._stamp = names, stamp
+
+    def node(self, name: str) -> str:
+        if not name:
+            return ""
+        try:
+            return (self.state / "locks" / name).read_text(errors="replace")
+        except OSError:
+            return "?"
+
+    def outside(self, explained: set[str]) -> list[tuple[tuple[int, ...], tuple[tuple[str, bool], ...]]]:
+        """Locks held but not explained by a worker record: [(holder pids, ((node, exclusive), ...))].
+
+        `explained` holds lock file names (`node_file`, "" for the project node) of every recorded task. Only
+        nodes a live process is seen holding count: an inode number from another file system is dropped.
+        """
+        held = {name: excl for name, excl in self.held().items() if name not in explained}
+        if not held:
+            return []
+        inodes = {ino: name for ino, name in self._names.items() if name in held}
+        by_pids: dict[tuple[int, ...], list[tuple[str, bool]]] = {}
+        for ino, pids in lock_holders(set(inodes), str(self.state)).items():
+            name = inodes[ino]
+            by_pids.setdefault(tuple(sorted(pids)), []).append((self.node(name), held[name]))
+        return [(pids, tuple(sorted(nodes))) for pids, nodes in sorted(by_pids.items())]
+
+
+def proc_locks() -> dict[int, bool]:
+    """Inode → exclusive?, for every granted flock lock on the machine (waiters skipped)."""
+    try:
+        with open(_PROC_LOCKS) as handle:
+            text = handle.read()
+    except OSError:
+        return {}
+    out: dict[int, bool] = {}
+    for line in text.splitlines():
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2171986 0 EOF"; a waiter reads "1: -> FLOCK ...".
+        parts = line.split()
+        if len(parts) < 6 or parts[1] != "FLOCK":
+            continue
+        ino = int(parts[5].rsplit(":", 1)[-1])
+        out[ino] = out.get(ino, False) or parts[3] == "WRITE"
+    return out
+
+
+def lock_holders(inodes: set[int], prefix: str, pids: Iterable[int] | None = None) -> dict[int, set[int]]:
+    """Inode → pids whose open file on it carries the lock (the pid in /proc/locks is only who took it first:
+    an inherited lock lives on in every process that has the descriptor)."""
+    out: dict[int, set[int]] = {}
+    if pids is None:
+        pids = (int(name) for name in os.listdir("/proc") if name.isdigit())
+    for pid in pids:
+        base = f"/proc/{pid}/fd"
+        try:
+            fds = os.listdir(base)
+        except OSError:
+            continue
+        for fd in fds:
+            try:
+                if not os.readlink(f"{base}/{fd}").startswith(prefix):
+                    continue
+                ino = os.stat(f"{base}/{fd}").st_ino
+                if ino in inodes and "\nlock:" in _read(f"/proc/{pid}/fdinfo/{fd}"):
+                    out.setdefault(ino, set()).add(pid)
+            except OSError:
+                continue
+    return out
+
+
+def _read(path: str) -> str:
+    with open(path) as handle:
+        return handle.read()
+

@@ -1,0 +1,143 @@
+"""Ending every process an attempt started, including the ones that left its process group.
+
+A worker's command may start a daemon (`setsid`, a double fork): it leaves the worker's process group, so
+killing the group misses it, and it keeps the inherited lock descriptors and keeps writing. Owners (`run`,
+`exec`, the detached `aipm.work`) therefore make themselves child subreapers (PR_SET_CHILD_SUBREAPER): a process
+orphaned below them is re-parented to them instead of to init, so it stays in their process tree, and a
+process directly below an owner that is not one of its recorded workers is a *stray*.
+
+When an attempt ends, its owner ends (SIGKILL, then waits until they are gone, so their locks are free):
+- every stray that carries the attempt's marker in its environment (AIPM_ROOT, AIPM_ORDER_ID, AIPM_TASK_ID,
+  AIPM_ATTEMPT are set for the worker and inherited by everything it starts) or holds one of its lock files;
+- every stray at all when the owner runs no other attempt (a daemon may clear its environment);
+- for an adopted worker, which was never below us, every process on the machine with the attempt's marker.
+Strays still left when an owner is done are ended then. Why not cgroups: they need a delegated cgroup, which an
+ordinary user rarely has; the subreaper and /proc work wherever aipm runs (Linux).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+from collections.abc import Iterable
+from pathlib import Path
+
+from aipm import runner
+from aipm.locks import lock_holders, lock_nodes, node_path
+from aipm.paths import normalize
+from aipm.runtime import Record, Runtime
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def become_subreaper() -> bool:
+    """Adopt our orphaned descendants (Linux ≥ 3.4); False where the call is missing."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of a process, from /proc/<pid>/task/<tid>/children (no scan of every process)."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as handle:
+                out += [int(p) for p in handle.read().split()]
+        except OSError:
+            continue
+    return out
+
+
+def strays(me: int, known: Iterable[int]) -> list[int]:
+    """Processes below `me` that are not below a known (recorded) worker or owner, parents first."""
+    known = set(known)
+    out: list[int] = []
+    todo = [pid for pid in children(me) if pid not in known]
+    while todo:
+        pid = todo.pop(0)
+        out.append(pid)
+        todo += children(pid)
+    return out
+
+
+def marker(root: str, order: str, task: str, attempt: int) -> frozenset[bytes]:
+    """The environment entries every process of one attempt inherits."""
+    return frozenset(f"{k}={v}".encode() for k, v in (
+        ("AIPM_ROOT", root), ("AIPM_ORDER_ID", order), ("AIPM_TASK_ID", task), ("AIPM_ATTEMPT", attempt)))
+
+
+def marked(mark: frozenset[bytes], pids: Iterable[int] | None = None) -> list[int]:
+    """The processes (of `pids`, default every one we may read) whose environment carries `mark`."""
+    if pids is None:
+        pids = (int(name) for name in os.listdir("/proc") if name.isdigit())
+    out = []
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as handle:
+                env = handle.read()
+        except OSError:
+            continue
+        if mark <= set(env.split(b"\0")):
+            out.append(pid)
+    return out
+
+
+def left_behind(rt: Runtime, known: set[int], rec: Record | None, alone: bool, adopted: bool) -> list[int]:
+    """What to end when `rec`'s attempt is over (every stray below us when `rec` is None or we own nothing else).
+
+    known   -- recorded workers and owners (and owners we started): neither they nor what runs below them is a stray
+    alone   -- we own no other attempt, so every stray is this one's
+    adopted -- the worker is not our child: look for its marker on the whole machine
+    """
+    me = os.getpid()
+    below = strays(me, known)
+    if rec is None:
+        return below
+    mark = marker(str(rt.root), rec.order, rec.task, rec.attempt)
+    doomed = below if alone else marked(mark, below) + _holding(rt.state, rec, below)
+    if adopted:  # its daemons were never below us: find them by their marker
+        doomed += [pid for pid in marked(mark) if pid not in known and pid != me]
+    return doomed
+
+
+def _holding(state: Path, rec: Record, pids: list[int]) -> list[int]:
+    """Which of `pids` hold one of the attempt's own (exclusive) lock files."""
+    inodes = set()
+    for node, exclusive in lock_nodes(normalize(t) for t in rec.targets).items():
+        try:
+            if exclusive:
+                inodes.add(os.stat(node_path(state, node)).st_ino)
+        except OSError:
+            continue
+    held = lock_holders(inodes, str(state), pids) if inodes and pids else {}
+    return sorted({pid for holders in held.values() for pid in holders})
+
+
+def end(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
+    """SIGKILL `pids` and wait (pidfd) until they are gone; reap the ones that are our children."""
+    pids = [pid for pid in dict.fromkeys(pids) if pid != os.getpid()]
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            continue
+    runner.wait_all_gone(pids, timeout)
+    reap_zombies(pids)
+    return pids
+
+
+def reap_zombies(pids: Iterable[int]) -> None:
+    """Collect the exit status of ended strays that were re-parented to us (else they stay zombies)."""
+    for pid in pids:
+        try:
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass

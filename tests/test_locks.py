@@ -1,0 +1,312 @@
+"""Target-file locks with real processes: overlaps excluded in the kernel, lock holders outside aipm named and
+waited for, daemons that left their worker ended with it, and locks that survive a worker deleting `.aipm/`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import Project, no_workers, state, task_statuses, wait_for, write_task
+from invariants import check, cli_locks, held_lock_files, journal_command, pid_alive, spans
+from test_chaos import Proc
+
+from aipm.locks import LockBusy, lock_nodes, take
+from aipm.paths import normalize
+
+PY = sys.executable
+
+
+# ---- the hierarchy, in the kernel --------------------------------------------------------------------------
+
+
+def test_lock_nodes_take_the_path_exclusive_and_every_directory_above_shared():
+    nodes = lock_nodes([normalize("docs/conf.py"), normalize("docs/"), normalize("tests/**/*.py")])
+    assert nodes == {"": False, "docs": True, "docs/conf.py": True, "tests": True}
+    assert lock_nodes([normalize("*.py")]) == {"": True}
+
+
+HOLDER = """
+import sys
+from pathlib import Path
+from aipm.locks import take, LockBusy
+from aipm.paths import normalize
+try:
+    fds = take(Path(sys.argv[1]), [normalize(t) for t in sys.argv[2:]])
+except LockBusy as exc:
+    print("busy", exc.node, flush=True)
+    sys.exit(3)
+print("held", flush=True)
+sys.stdin.read()  # hold until the test closes our stdin
+"""
+
+
+def hold(root: Path, *targets: str) -> subprocess.Popen:
+    """Another process that takes the locks of `targets` (as a launcher would) and keeps them until released."""
+    proc = subprocess.Popen([PY, "-c", HOLDER, str(state(root, make=True)), *targets], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def release(proc: subprocess.Popen) -> None:
+    proc.stdin.close()
+    proc.wait(timeout=30)
+
+
+@pytest.mark.parametrize("held, wanted, excluded", [
+    ("docs/conf.py", "docs/", True),
+    ("docs/", "docs/conf.py", True),
+    ("docs/conf.py", "docs/conf.py", True),
+    ("tests/a/b.py", "tests/**/*.py", True),
+    ("tests/**/*.py", "tests/a/b.py", True),
+    ("*.py", "src/deep/x.txt", True),
+    ("docs/a.py", "docs/b.py", False),
+    ("docs/", "src/", False),
+])
+def test_a_directory_a_file_in_it_and_a_glob_exclude_each_other_in_the_kernel(project, held, wanted, excluded):
+    holder = hold(project.root, held)
+    try:
+        probe = subprocess.run([PY, "-c", HOLDER, str(state(project.root)), wanted], input="",
+                               capture_output=True, text=True, timeout=60)
+        assert (probe.returncode == 3) == excluded, probe.stdout + probe.stderr
+    finally:
+        release(holder)
+
+
+RACER = """
+import os, random, sys, time
+from pathlib import Path
+import yaml
+from aipm.locks import take, LockBusy
+from aipm.paths import normalize
+state, order, journal, seed = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+tasks = {p.stem: [normalize(t) for t in yaml.safe_load(p.read_text())["target_files"]] for p in order.glob("*.yaml")}
+rng = random.Random(seed)
+for _ in range(150):
+    tid = rng.choice(sorted(tasks))
+    try:
+        fds = take(state, tasks[tid])
+    except LockBusy:
+        continue
+    with open(journal, "a") as j:
+        j.write(f"start {tid} {time.time_ns()} {os.getpid()}\\n")
+    time.sleep(0.002)
+    with open(journal, "a") as j:
+        j.write(f"end {tid} {time.time_ns()} {os.getpid()}\\n")
+    for fd in fds:
+        os.close(fd)
+"""
+
+
+def test_racing_lock_takers_never_hold_overlapping_targets_at_once(project):
+    """Four processes race for files, directories and globs through the kernel locks alone (no planner, no
+    records): the journal must never show two overlapping targets held at the same time."""
+    order = project.order()
+    pool = ["docs/conf.py", "docs/", "docs/a.md", "docs/**/*.md", "src/f.py", "src/*.py", "src/", "tests/x/y.py",
+            "tests/**/*.py", "README.md"]
+    for i, target in enumerate(pool):
+        write_task(order, f"T{i}", target_files=[target], command="true")
+    journal = project.root / "journal.txt"
+    racers = [subprocess.Popen([PY, "-c", RACER, str(state(project.root, make=True)), str(order), str(journal), str(seed)])
+              for seed in range(4)]
+    assert [r.wait(timeout=300) for r in racers] == [0, 0, 0, 0]
+    assert len(spans(journal)) > 100  # they did run: most attempts got their locks
+    assert check(journal, order, once=False, root=project.root) == []
+
+
+# ---- a lock held outside aipm ------------------------------------------------------------------------------
+
+
+def test_a_lock_held_by_another_process_is_named_everywhere_and_run_waits_for_it(project):
+    order = project.order()
+    journal = project.root / "journal.txt"
+    write_task(order, "FILE", target_files=["docs/conf.py"], command=journal_command(journal))
+    write_task(order, "DIR", target_files=["docs/"], command=journal_command(journal))
+    write_task(order, "OTHER", target_files=["src/a.py"], command=journal_command(journal))
+    holder = hold(project.root, "docs/conf.py")
+    pids = set()
+    try:
+        # Every process that has the locked descriptor holds it (here: just the holder).
+        rows = [r for r in project.json("locks")["locks"] if r["path"] == "docs/conf.py"]
+        assert len(rows) == 1 and holder.pid in rows[0]["pids"], rows
+        assert f"pid {holder.pid}, not an aipm worker" in rows[0]["holder"]
+        why = project.json("why", "ORD/DIR")
+        assert not why["launchable"]
+        assert [(r["reason"], r["pids"]) for r in why["reasons"]] == [("file_held_outside", [holder.pid])]
+        assert f"held by pid {holder.pid}, not an aipm worker" in why["reasons"][0]["detail"]
+        detect = project.json("detect", "ORD")
+        assert [t["id"] for t in detect["launchable"]] == ["OTHER"]
+        assert {b["id"]: b["reason"] for b in detect["blocked"]} == {"FILE": "file_held_outside",
+                                                                    "DIR": "file_held_outside"}
+        launch = project.json("launch", "ORD", "--dry-run")
+        assert [t["id"] for t in launch["launched"]] == ["OTHER"]
+        assert {w["id"] for w in launch["waiting"]} == {"FILE", "DIR"}
+
+        run = Proc(project.root, "run", "ORD", "--json", "--no-resource-monitoring")
+        wait_for(lambda: task_statuses(order).get("OTHER") == "DONE" and any(
+            '"waiting"' in line for line in run.lines), timeout=120)
+        waiting = [e for e in run.events() if e["event"] == "waiting"]
+        assert {e["task"] for e in waiting} == {"FILE", "DIR"} and all(e["pids"] == [holder.pid] for e in waiting)
+        assert run.p.poll() is None, run.output  # still waiting, not given up
+        assert task_statuses(order)["FILE"] == task_statuses(order)["DIR"] == "QUEUED"
+    finally:
+        release(holder)
+    assert run.wait(timeout=300) == 0, run.output
+    assert set(task_statuses(order).values()) == {"DONE"}
+    assert check(journal, order) == []
+
+
+# ---- processes that leave their worker --------------------------------------------------------------------
+
+
+def daemon_command(pidfile: Path, clear_env: bool) -> str:
+    """Start a daemon in its own session that records its pid, keeps every inherited descriptor, then exit 0."""
+    env = "env -i " if clear_env else ""
+    return (f'{env}setsid /bin/sh -c \'echo $$ > "{pidfile}"; exec sleep 300\' </dev/null >/dev/null 2>&1 & '
+            f'until [ -s "{pidfile}" ]; do sleep 0.01; done')
+
+
+@pytest.mark.parametrize("how", ["run", "launch"])
+@pytest.mark.parametrize("clear_env", [False, True], ids=["env", "env-cleared"])
+def test_a_setsid_daemon_is_ended_when_its_attempt_ends(project, tmp_path, how, clear_env):
+    order = project.order()
+    journal = project.root / "journal.txt"
+    pidfile = tmp_path / "daemon.pid"
+    write_task(order, "A", target_files=["docs/conf.py"], command=daemon_command(pidfile, clear_env))
+    write_task(order, "B", target_files=["docs/"], command=journal_command(journal), depends_on=["A"])
+    try:
+        if how == "run":
+            proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=300)
+            assert proc.returncode == 0, proc.stdout + proc.stderr
+        else:
+            project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
+            wait_for(lambda: set(task_statuses(order).values()) == {"DONE"}, timeout=120)
+            wait_for(lambda: no_workers(project.root), timeout=60)
+        daemon = int(pidfile.read_text())
+        wait_for(lambda: not pid_alive(daemon), timeout=30)  # the owner may still be finishing up
+        assert held_lock_files(project.root) == []
+        assert cli_locks(project.root) == []
+        log = (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text().splitlines()
+        assert any("left running" in line and str(daemon) in line.split("pids ")[-1].split(", ") for line in log)
+    finally:
+        if pidfile.exists() and pid_alive(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), 9)
+
+
+# ---- a worker that deletes .aipm/ ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("clean", ["rm -rf .aipm", "git clean -fdqx"])
+def test_a_worker_deleting_aipm_keeps_its_files_locked_and_run_finishes(tmp_path, clean):
+    if clean.startswith("git") and shutil.which("git") is None:
+        pytest.skip("git not installed")
+    root = tmp_path / "proj"
+    root.mkdir()
+    project = Project(root)
+    journal, go, cleaned, done = (tmp_path / n for n in ("journal.txt", "go", "cleaned", "done"))
+    first, second = project.order("ONE"), project.order("TWO")
+    write_task(first, "A", target_files=["x.py"], command=journal_command(
+        journal, f'until [ -e "{go}" ]; do sleep 0.01; done; {clean}; touch "{cleaned}"; '
+                 f'until [ -e "{done}" ]; do sleep 0.01; done'), review="true")  # its review log dir is gone
+    write_task(first, "A2", target_files=["x.py"], command=journal_command(journal))  # queued behind A
+    write_task(second, "B", target_files=["x.py"], command=journal_command(journal))
+    if clean.startswith("git"):
+        env = dict(os.environ, GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t",
+                   GIT_COMMITTER_EMAIL="t@t")
+        for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "orders"]):
+            subprocess.run(["git", *args], cwd=root, check=True, env=env)
+    run = Proc(root, "run", "ONE", "--max-workers", "1", "--no-resource-monitoring")
+    try:
+        wait_for(lambda: any(s.task == "A" for s in spans(journal)), timeout=120)
+        go.touch()
+        wait_for(lambda: cleaned.exists(), timeout=60)
+        assert not (root / ".aipm").exists()
+        # Another launcher, in another order, wants A's file while A still holds it.
+        out = project.json("launch", "TWO", "--no-resource-monitoring")
+        assert out["launched"] == [], out
+        done.touch()
+        assert run.wait(timeout=300) == 0, run.output
+    finally:
+        run.kill()
+    assert "Traceback" not in run.output
+    project.aipm("run", "TWO", "--no-resource-monitoring", check=True)
+    assert task_statuses(first) == {"A": "COMPLETED", "A2": "DONE"} and task_statuses(second) == {"B": "DONE"}
+    both = tmp_path / "both"
+    both.mkdir()
+    for path in [*first.glob("*.yaml"), *second.glob("*.yaml")]:
+        shutil.copy(path, both / path.name)
+    assert check(journal, both, root=root) == []
+    assert (root / ".aipm" / "logs" / "ONE" / "A2.1.log").exists()  # logs are written again
+
+
+@pytest.mark.parametrize("clear_env", [False, True], ids=["marker", "env-cleared-holding-its-lock"])
+def test_a_daemon_is_ended_when_its_attempt_ends_while_the_run_owns_others(project, tmp_path, clear_env):
+    """With other attempts running, only the ended attempt's strays die: found by its environment marker, or by
+    the lock file it still holds when it cleared its environment."""
+    order = project.order()
+    pidfile, release = tmp_path / "daemon.pid", tmp_path / "release"
+    write_task(order, "A", target_files=["docs/conf.py"], command=daemon_command(pidfile, clear_env))
+    write_task(order, "B", target_files=["src/"], command=f'until [ -e "{release}" ]; do sleep 0.02; done')
+    run = Proc(project.root, "run", "ORD", "--no-resource-monitoring")
+    try:
+        wait_for(lambda: task_statuses(order).get("A") == "DONE", timeout=120)
+        daemon = int(pidfile.read_text())
+        wait_for(lambda: not pid_alive(daemon), timeout=30)
+        assert task_statuses(order)["B"] == "IN_PROGRESS"  # ended with A, not at the end of the run
+        release.touch()
+        assert run.wait(timeout=120) == 0, run.output
+    finally:
+        release.touch()
+        run.kill()
+        if pidfile.exists() and pid_alive(int(pidfile.read_text())):
+            os.kill(int(pidfile.read_text()), 9)
+
+
+# ---- the planner agrees with the kernel -------------------------------------------------------------------
+
+
+def _task(tid, *files, status="QUEUED"):
+    from aipm.model import Priority, Status, Task
+
+    return Task(id=tid, path=f"{tid}.yaml", status=Status(status), priority=Priority("P1"), depends_on=(),
+                target_files=files, targets=tuple(normalize(f) for f in files))
+
+
+def _plan(*tasks, outside=()):
+    from aipm.model import Order
+    from aipm.plan import plan
+
+    running = {t.id: 0 for t in tasks if t.status.value == "IN_PROGRESS"}  # their workers live
+    return plan(Order("O", "O", {t.id: t for t in tasks}), live=running, slots=9, outside=outside)
+
+
+def test_a_glob_waits_for_a_running_file_in_its_directory_as_the_kernel_makes_it():
+    result = _plan(_task("RUN", "src/data.json", status="IN_PROGRESS"), _task("GLOB", "src/*.py"),
+                   _task("ELSE", "docs/*.md"))
+    assert [t.id for t in result.launchable] == ["ELSE"]
+    blocked = result.blocked["GLOB"]
+    assert blocked.reason == "file_busy" and blocked.tasks == ("RUN",)
+    assert "a glob locks all of src/" in blocked.detail
+
+
+@pytest.mark.parametrize("nodes, files, held", [
+    ((("", False), ("docs", False), ("docs/conf.py", True)), ("docs/",), True),  # a daemon's full lock set
+    ((("", False), ("docs", False), ("docs/conf.py", True)), ("docs/other.py",), False),
+    ((("docs/conf.py", True),), ("docs/",), True),  # a holder that skipped the directory locks
+    ((("docs", False),), ("docs/x.py",), False),  # shared: only a task wanting all of docs/ waits
+    ((("docs", False),), ("docs/**/*.md",), True),
+])
+def test_a_lock_held_outside_blocks_exactly_what_it_would_block_in_the_kernel(nodes, files, held):
+    from aipm.plan import FILE_HELD, ForeignLock
+
+    result = _plan(_task("T", *files), outside=[ForeignLock((4242,), nodes)])
+    assert (result.blocked.get("T") is not None) == held
+    if held:
+        assert result.blocked["T"].reason == FILE_HELD and result.blocked["T"].pids == (4242,)
+        assert "held by pid 4242, not an aipm worker" in result.blocked["T"].detail
+        assert [b.id for b in result.waiting] == ["T"]
