@@ -37,7 +37,7 @@ def send(settings: Settings, runtime: Runtime, event: str, status: str, detail: 
             handle.write(f"[aipm {time.strftime('%Y-%m-%d %H:%M:%S')}] {event} {status}: {detail}\n")
         # Our own caller may be a worker: its task's variables must not leak into an order's event.
         environ = {k: v for k, v in os.environ.items() if k not in _TASK_VARS}
-        environ.update(AIPM_ROOT=str(runtime.root), AIPM_EVENT=event, AIPM_STATUS=status, AIPM_DETAIL=detail, **env)
+        environ.update(AIPM_NOTIFY="1", AIPM_ROOT=str(runtime.root), AIPM_EVENT=event, AIPM_STATUS=status, AIPM_DETAIL=detail, **env)
         pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _DETACH, "aipm-notify", str(log), *command], environ,
                              setsid=True)
         os.waitpid(pid, 0)  # the shell only forks the command and exits

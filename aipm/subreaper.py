@@ -63,9 +63,15 @@ def strays(me: int, known: Iterable[int]) -> list[int]:
     todo = [pid for pid in children(me) if pid not in known]
     while todo:
         pid = todo.pop(0)
+        if marked(NOTIFIER, [pid]):
+            continue  # a notify command (aipm.notify) is ours to let finish, not an attempt's leftover
         out.append(pid)
         todo += children(pid)
     return out
+
+
+# The environment entry of a notify command and what it starts: detached on purpose, and re-parented to us.
+NOTIFIER = frozenset({b"AIPM_NOTIFY=1"})
 
 
 def marker(root: str, order: str, task: str, attempt: int) -> frozenset[bytes]:
