@@ -111,7 +111,8 @@ def test_confined_worker_gets_eacces_for_every_forbidden_write_and_can_do_the_al
     data = yaml.safe_load(task_file.read_text())
     assert data["status"] == "DONE" and data["exit_code"] == 0
     assert set(data) == {"id", "target_files", "command", "confine", "status", "attempts", "started_at",
-                         "finished_at", "exit_code"}
+                         "finished_at", "exit_code", "reason"}
+    assert data["reason"] == "exit 0"
     # The project lies under /tmp here, so the worker got a TMPDIR of its own, removed after the attempt.
     private = root / ".aipm" / "logs" / "ORD" / "T.1.tmp"
     assert result["TMPDIR"] == str(private) and not private.exists()

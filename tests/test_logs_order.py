@@ -46,6 +46,6 @@ def test_logs_order_follow_picks_up_a_new_attempt_and_ends_with_the_order(projec
     assert follower.returncode == 0
     lines = rest.splitlines()
     assert "A\tattempt 2" in lines
-    assert lines.index("A\tattempt 2") > next(i for i, l in enumerate(lines) if "attempt 1 exited with code 1" in l)
+    assert lines.index("A\tattempt 2") > next(i for i, l in enumerate(lines) if "attempt 1 ended: exit 1" in l)
     assert task_statuses(order) == {"A": "DONE"}
     wait_for(lambda: no_workers(project.root))

@@ -17,8 +17,9 @@ import select
 import signal
 import sys
 
+from aipm.subreaper import become_subreaper, strays
+
 PR_SET_PDEATHSIG = 1
-PR_SET_CHILD_SUBREAPER = 36
 GRACE = 5.0
 
 
@@ -36,26 +37,6 @@ def _prctl(option: int, value: int) -> None:
         raise OSError(ctypes.get_errno(), f"prctl({option})")
 
 
-def descendants(pid: int) -> list[int]:
-    """Every live process below `pid`, from /proc (children before their own children)."""
-    children: dict[int, list[int]] = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                with open(f"/proc/{name}/stat", "rb") as handle:
-                    fields = handle.read().rsplit(b")", 1)[1].split()
-            except OSError:
-                continue
-            if fields[0] not in (b"Z", b"X"):
-                children.setdefault(int(fields[1]), []).append(int(name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), ()):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
 def _kill_tree(leader: int) -> None:
     """SIGKILL the command's group and every other descendant, and reap them (we are their subreaper)."""
     try:
@@ -63,7 +44,7 @@ def _kill_tree(leader: int) -> None:
     except (ProcessLookupError, PermissionError):
         pass
     while True:
-        rest = descendants(os.getpid())
+        rest = strays(os.getpid(), ())
         for pid in rest:
             try:
                 os.kill(pid, signal.SIGKILL)
@@ -108,7 +89,7 @@ def _keep(spec: dict) -> int:
         signal.signal(sig, _stop)
     if not _die_with_parent():
         return 128 + signal.SIGTERM
-    _prctl(PR_SET_CHILD_SUBREAPER, 1)
+    become_subreaper()
     argv = ["/bin/sh", "-c", spec["shell"]] if spec.get("shell") is not None else spec["argv"]
     log = spec.get("log") or os.devnull
     actions = [
