@@ -17,9 +17,6 @@ from collections.abc import Sequence
 from aipm.errors import UserError
 from aipm.model import Resources
 
-RUNNERS = ("local", "ray")
-
-
 def require_ray() -> None:
     """One clear line when `--runner ray` is asked for without Ray installed."""
     try:
