@@ -18,6 +18,8 @@ import signal
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
+from aipm import durable
+
 SHELL = "/bin/sh"
 # The go pipe is fd 3 (dash only redirects single-digit descriptors); $1 is the exit file.
 # EOF instead of "go" means the launcher died before recording the worker: run nothing.
@@ -106,8 +108,20 @@ def spawn(
             for fd in (go_read, *moved):
                 os.close(fd)
         started(pid)
-        os.write(go_write, b"go\n")
-        return pid
+    except BaseException:
+        os.close(go_write)  # EOF: the wrapper exits without running the command
+        raise
+    # The go waits until the status writes of this wake-up are durable (see durable.py); the record is already.
+    durable.once_durable(lambda ok: _go(go_write, ok))
+    return pid
+
+
+def _go(go_write: int, ok: bool) -> None:
+    try:
+        if ok:
+            os.write(go_write, b"go\n")
+    except OSError:
+        pass  # the wrapper is gone already (killed): it ran nothing
     finally:
         os.close(go_write)
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import filelock
 import psutil
 
+from aipm import durable
 from aipm.errors import UserError
 
 from aipm.locks import make_state_dir, state_dir
@@ -213,7 +214,8 @@ class Runtime:
         if self._launch_lock is None:
             self._launch_lock = filelock.FileLock(str(self.state / "launch.lock"), is_singleton=False)
         # A short poll: holders keep it for milliseconds (plan + a few writes), never across a worker's run.
-        with self._launch_lock.acquire(poll_interval=0.002):
+        # The batch ends before the lock is released: the next holder finds this round's writes on disk.
+        with self._launch_lock.acquire(poll_interval=0.002), durable.batch():
             self._lock_depth = 1
             try:
                 yield

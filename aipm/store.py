@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from aipm import agents
+from aipm import agents, durable
 from aipm.errors import ValidationError
 from aipm.model import ID_PATTERN, MANAGED_FIELDS, TRANSITIONS, Order, Priority, Resources, Status, Task
 from aipm.patch import Unpatchable, check, patch
@@ -592,11 +592,7 @@ def atomic_write(path: Path, text: str, identity: Identity | None = None) -> boo
         except FileNotFoundError:
             pass
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    durable.sync_dir(str(directory))  # now, or once for the whole wake-up (the launch lock's batch)
     return True
 
 

@@ -1,0 +1,67 @@
+"""One directory fsync per wake-up: the durable end of the task-file writes made under one launch lock.
+
+A task file is written as temp file, fsync, rename, directory fsync; the last step is what makes the rename
+itself survive a power cut. Inside `batch()` (the launch lock opens one) that directory fsync is deferred to
+the end of the batch and done once per directory, however many files were renamed there; whatever may only
+happen once those writes are on disk (a worker's "go", see runner.spawn) waits for the same point. Nothing
+outside the batch can see the difference: the lock is released, and every command of the batch starts, only
+after its writes are durable.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+# Directories with renames not yet fsynced, and what waits for them; None outside a batch.
+_dirs: list[str] | None = None
+_after: list[Callable[[bool], None]] = []
+
+
+def sync_dir(directory: str) -> None:
+    """fsync `directory` now, or at the end of the current batch."""
+    if _dirs is None:
+        _fsync_dir(directory)
+    elif directory not in _dirs:
+        _dirs.append(directory)
+
+
+def once_durable(action: Callable[[bool], None]) -> None:
+    """Run `action(True)` once every write so far is durable (now, outside a batch); `action(False)` when the
+    batch's fsync failed, so the action can be withheld."""
+    if _dirs is None:
+        action(True)
+    else:
+        _after.append(action)
+
+
+@contextmanager
+def batch() -> Iterator[None]:
+    """Defer directory fsyncs (and the actions waiting for them) to the end of this block. Nested: one batch."""
+    global _dirs, _after
+    if _dirs is not None:
+        yield
+        return
+    _dirs, _after = [], []
+    try:
+        yield
+    finally:
+        dirs, after = _dirs, _after
+        _dirs, _after = None, []
+        ok = False
+        try:
+            for directory in dirs:
+                _fsync_dir(directory)
+            ok = True
+        finally:
+            for action in after:  # every one runs, so none leaks a descriptor, even when the fsync failed
+                action(ok)
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
