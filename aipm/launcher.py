@@ -145,40 +145,57 @@ class Launcher:
                 report.recovered = self.recover_order(order, adopt=owner)
                 if report.recovered:
                     order = view.refresh()
-            records = report.records = self.records()
-            busy, live, live_count = self.holders(order, records)
-            free = max(0, self.settings.max_workers - live_count)
-            spend = order_budget(order, self.settings.max_cost_usd)
-            outside = self.outside(records)
-            if explain:
-                result = plan(order, busy, live, free, view.ordering(), budget=spend, outside=outside)
-            else:  # the hot path: only ready tasks, indexed by the view
-                result = plan(order, busy, live, free, view.ready_ordering(), explain=False, running=view.running,
-                              budget=spend, outside=outside)
-            report.order = order
-            report.plan = result
-            wanted = [t for t in result.launchable if only is None or t.id in only]
-            if self.settings.runner == "local" and any(t.resources for t in wanted):
-                wanted = self._fit_locally(wanted, records, report)
-            # Read the machine only when there is something to start: the idle loop costs no CPU.
-            budget, why, note = self.start_budget(live_count) if wanted else (0, "", "")
-            for task in wanted[budget:]:
-                report.deferred.append({"id": task.id, "reason": why, "detail": note})
-            for task in wanted[:budget]:
-                if self.options.dry_run:
-                    report.launched.append({"id": task.id, "pid": None, "dry_run": True})
-                    continue
-                try:
-                    rec = self.start(order, task, owner, view)
-                except LaunchBusy as exc:  # locked since we planned, or a glob's directory lock: wait for it
-                    report.deferred.append({"id": task.id, "reason": "file_busy", "detail": str(exc)})
-                    continue
-                except LaunchFailed as exc:
-                    report.failed.append({"id": task.id, "error": str(exc)})
-                    continue
-                report.launched.append({"id": task.id, "pid": rec.pid or rec.owner_pid, "log": rec.log,
-                                        "attempt": rec.serial})
+            # Who holds locks outside aipm is read from /proc/locks, and that read makes the kernel wait for an
+            # RCU grace period (milliseconds, with every flock on the machine held up meanwhile). The hot path
+            # plans without it and reads it only when a lock turns out to be taken after all, then plans again.
+            for careful in (True,) if explain else (False, True):
+                busy_seen = self._plan_and_start(view, order, owner, only, explain, careful, report)
+                if not busy_seen:
+                    break
         return report
+
+    def _plan_and_start(self, view: OrderView, order: Order, owner: "Owner | None", only: Iterable[str] | None,
+                        explain: bool, careful: bool, report: LaunchReport) -> bool:
+        """One plan and its starts, into `report`. Returns True when a start found a target lock taken while the
+        plan had not looked at locks held outside aipm (so the caller plans again, carefully)."""
+        records = report.records = self.records()
+        busy, live, live_count = self.holders(order, records)
+        free = max(0, self.settings.max_workers - live_count)
+        spend = order_budget(order, self.settings.max_cost_usd)
+        outside = self.outside(records) if careful else []
+        if explain:
+            result = plan(order, busy, live, free, view.ordering(), budget=spend, outside=outside)
+        else:  # the hot path: only ready tasks, indexed by the view
+            result = plan(order, busy, live, free, view.ready_ordering(), explain=False, running=view.running,
+                          budget=spend, outside=outside)
+        report.order = order
+        report.plan = result
+        report.deferred = []
+        tried = {item["id"] for item in report.failed}
+        wanted = [t for t in result.launchable if (only is None or t.id in only) and t.id not in tried]
+        if self.settings.runner == "local" and any(t.resources for t in wanted):
+            wanted = self._fit_locally(wanted, records, report)
+        # Read the machine only when there is something to start: the idle loop costs no CPU.
+        budget, why, note = self.start_budget(live_count) if wanted else (0, "", "")
+        for task in wanted[budget:]:
+            report.deferred.append({"id": task.id, "reason": why, "detail": note})
+        for task in wanted[:budget]:
+            if self.options.dry_run:
+                report.launched.append({"id": task.id, "pid": None, "dry_run": True})
+                continue
+            try:
+                rec = self.start(order, task, owner, view)
+            except LaunchBusy as exc:  # locked since we planned, or a glob's directory lock: wait for it
+                if not careful:
+                    return True
+                report.deferred.append({"id": task.id, "reason": "file_busy", "detail": str(exc)})
+                continue
+            except LaunchFailed as exc:
+                report.failed.append({"id": task.id, "error": str(exc)})
+                continue
+            report.launched.append({"id": task.id, "pid": rec.pid or rec.owner_pid, "log": rec.log,
+                                    "attempt": rec.serial})
+        return False
 
     def launch_ramped(self, view: OrderView) -> LaunchReport:
         """launch() with detached owners, repeated while the ramp-up holds starts back for a fresh reading.
