@@ -1,0 +1,103 @@
+"""One directory fsync per launch-lock round, and no command before it (aipm/durable.py, runner.spawn's go)."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from aipm import runner
+from aipm.model import Status
+from aipm.runtime import Runtime
+from aipm.store import update_task
+from conftest import task_statuses, wait_for, write_task
+from invariants import check, journal_command, spans
+
+pytestmark = pytest.mark.skipif(not os.access("/proc/self/syscall", os.R_OK), reason="needs /proc/PID/syscall")
+
+
+def _waiting_for_go(pid: int) -> bool:
+    """The wrapper sits in read() on its go pipe (fd 3, or the descriptor the shell copied it to)."""
+    try:
+        call = Path(f"/proc/{pid}/syscall").read_text().split()
+        return call[0] == "0" and os.readlink(f"/proc/{pid}/fd/{int(call[1], 16)}") == os.readlink(f"/proc/{pid}/fd/3")
+    except (OSError, IndexError, ValueError):
+        return False
+
+
+def _spawn(root: Path, journal: Path, task: str) -> int:
+    return runner.spawn(journal_command(journal, "true"), exit_file=str(root / f"{task}.exit"),
+                        env=dict(os.environ, AIPM_TASK_ID=task), cwd=str(root), log=str(root / f"{task}.log"))
+
+
+def test_workers_of_a_round_start_only_once_its_writes_are_durable_with_one_directory_fsync(project, monkeypatch):
+    order = project.order()
+    paths = [write_task(order, tid, command="true") for tid in ("A", "B")]
+    journal = project.root / "journal.txt"
+    dir_syncs = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        real_fsync(fd)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            dir_syncs.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with Runtime(project.root).launch_lock():
+        pids = []
+        for path in paths:
+            update_task(path, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED)
+            pids.append(_spawn(project.root, journal, path.stem))
+        for pid in pids:
+            wait_for(lambda: _waiting_for_go(pid), timeout=60)
+        # Both files are renamed (readers see IN_PROGRESS) but their directory is not fsynced yet: nothing runs.
+        assert task_statuses(order) == {"A": "IN_PROGRESS", "B": "IN_PROGRESS"}
+        assert dir_syncs == [] and spans(journal) == []
+    assert dir_syncs == [str(order)]  # one for the round, however many files were renamed in it
+    assert [runner.reap(pid) for pid in pids] == [0, 0]
+    assert sorted(s.task for s in spans(journal)) == ["A", "B"]
+    assert [(project.root / f"{t}.exit").read_text() for t in "AB"] == ["0\n", "0\n"]
+
+
+KILLED_MID_ROUND = """
+import os, signal, sys
+from pathlib import Path
+from aipm import runner
+from aipm.model import Status
+from aipm.runtime import Runtime
+from aipm.store import update_task
+root, task_file, journal_cmd = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+with Runtime(root).launch_lock():
+    update_task(task_file, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED)
+    pid = runner.spawn(journal_cmd, exit_file=str(root / "A.exit"), env=dict(os.environ, AIPM_TASK_ID="A"),
+                       cwd=str(root), log=str(root / "A.log"))
+    print(pid, flush=True)
+    sys.stdin.readline()  # the test has seen the worker wait for its go
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_launcher_killed_before_its_round_is_durable_starts_nothing_and_the_task_runs_once_later(project):
+    order = project.order()
+    journal = project.root / "journal.txt"
+    path = write_task(order, "A", command=journal_command(journal, "true"))
+    launcher = subprocess.Popen([sys.executable, "-c", KILLED_MID_ROUND, str(project.root), str(path),
+                                 journal_command(journal, "true")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                text=True)
+    pid = int(launcher.stdout.readline())
+    wait_for(lambda: _waiting_for_go(pid), timeout=60)
+    launcher.stdin.write("\n")
+    launcher.stdin.flush()
+    assert launcher.wait(timeout=60) == -9
+    # The go never came: the wrapper read EOF and left without running the command or writing an exit code.
+    wait_for(lambda: not runner.group_members(pid), timeout=60)
+    assert spans(journal) == [] and not (project.root / "A.exit").exists()
+    assert task_statuses(order) == {"A": "IN_PROGRESS"}
+    # The next run finds IN_PROGRESS without a worker, re-queues it and runs it: once, to DONE.
+    project.aipm("run", "ORD", check=True)
+    assert task_statuses(order) == {"A": "DONE"}
+    assert check(journal, order) == [] and len(spans(journal)) == 1
