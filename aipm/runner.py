@@ -13,6 +13,7 @@ Waiting is event-driven: a pidfd per process in a selector, so the loop sleeps u
 from __future__ import annotations
 
 import os
+import re
 import selectors
 import shutil
 import signal
@@ -31,6 +32,24 @@ _PRELUDE = 'cd "$AIPM_ROOT" || exit 126; IFS= read -r go <&3 && [ "$go" = go ] |
 _WRAP_ARGV = _PRELUDE + '"$@"; s=$?; echo $s >"$f"; exit $s'
 # A string command runs in a subshell of the wrapper: one fork, no second exec of /bin/sh.
 _WRAP_SHELL = _PRELUDE + '(eval "$1"); s=$?; echo $s >"$f"; exit $s'
+
+# A string command of plain words means the same as its argv, which runs without that subshell (one fork less
+# per task). Anything the shell would interpret keeps it: quotes, expansions, operators, newlines, a keyword or
+# a builtin that would act on the wrapper itself (exit, exec, trap, ...) as the first word.
+_PLAIN = re.compile(r"[ \t]*[\w./,:@%+-]+(?:[ \t]+[\w./,:@%+-]+)*[ \t]*", re.ASCII)
+_SHELL_WORDS = frozenset(
+    ". : [ alias bg break cd chdir command continue eval exec exit export fc fg getopts hash jobs kill local read "
+    "readonly return set shift times trap type ulimit umask unalias unset wait ! { } case do done elif else esac "
+    "fi for function if in select then time until while".split()
+)
+
+
+def plain_words(command: str) -> list[str] | None:
+    """The argv of a string command made only of plain words, or None when the shell must read it."""
+    if not _PLAIN.fullmatch(command):
+        return None
+    words = command.split()
+    return words if words[0] not in _SHELL_WORDS else None
 
 
 class SpawnError(Exception):
@@ -72,8 +91,10 @@ def spawn(
     if prefix:  # the wrapper stays outside: it must write the exit file whatever the prefix forbids
         shell = [SHELL, "-c", command] if isinstance(command, str) else list(command)
         argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *prefix, *shell]
-    elif isinstance(command, str):
+    elif isinstance(command, str) and not plain_words(command):
         argv = [SHELL, "-c", _WRAP_SHELL, "aipm-worker", exit_file, command]
+    elif isinstance(command, str):
+        argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *plain_words(command)]
     else:
         argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *command]
     actions = [
