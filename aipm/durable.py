@@ -22,7 +22,7 @@ _after: list[Callable[[bool], None]] = []
 def sync_dir(directory: str) -> None:
     """fsync `directory` now, or at the end of the current batch."""
     if _dirs is None:
-        _fsync_dir(directory)
+        fsync_dir(directory)
     elif directory not in _dirs:
         _dirs.append(directory)
 
@@ -52,14 +52,15 @@ def batch() -> Iterator[None]:
         ok = False
         try:
             for directory in dirs:
-                _fsync_dir(directory)
+                fsync_dir(directory)
             ok = True
         finally:
             for action in after:  # every one runs, so none leaks a descriptor, even when the fsync failed
                 action(ok)
 
 
-def _fsync_dir(directory: str) -> None:
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """fsync a directory now (its renames reach the disk), batch or not."""
     fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)

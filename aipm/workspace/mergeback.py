@@ -24,6 +24,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from aipm.durable import fsync_dir
 from aipm.workspace.repo import Change, Repo
 
 ABSENT = "000000"
@@ -157,7 +158,7 @@ def save(directory: Path, attempt: int, steps: list[tuple[Step, State | None]]) 
                      + b"\n" + state.data)
     _durable(directory / "plan.json", json.dumps({"attempt": attempt,
                                                   "steps": [asdict(s) for s, _ in steps]}).encode())
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def pending(directory: Path, attempt: int | None = None) -> bool:
@@ -217,7 +218,7 @@ def _put(target: Path, state: State | None, top: Path) -> None:
             target.unlink()
         except FileNotFoundError:
             pass
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         _prune_empty(target.parent, top)
         return
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -230,7 +231,7 @@ def _put(target: Path, state: State | None, top: Path) -> None:
         mode = _mode(target)
         os.chmod(tmp, mode | 0o111 if state.exec else mode & ~0o111)
     os.replace(tmp, target)
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
 
 
 def _mode(target: Path) -> int:
@@ -265,11 +266,3 @@ def _durable(path: Path, data: bytes) -> None:
         handle.write(data)
         handle.flush()
         os.fsync(handle.fileno())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
