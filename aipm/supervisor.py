@@ -385,7 +385,7 @@ class Supervisor(Owner):
         others = self.rt.records()
         order_dirs = {os.path.relpath(r.order_dir, self.rt.root) + "/" for r in [rec, *others]}
         allowed = [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *order_dirs,
-                   *workspace.merged_since(self.rt.root, os.stat(rec.scope_file).st_mtime_ns)]
+                   *scope.written_since(self.rt, before.taken_ns)]
         return scope.out_of_scope(scope.changed(before, after), allowed)
 
     def _start_review(self, rec: Record, task: Task) -> None:
@@ -424,6 +424,7 @@ class Supervisor(Owner):
         # Locks go before the record: a held lock without a record would look like a stranger's.
         for fd in self.lock_fds.pop(rec.key, ()):
             os.close(fd)
+        scope.note_ended(self.rt, rec)
         self.rt.remove_record(rec.order, rec.task)
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)
