@@ -2,7 +2,7 @@
 
 An agent's `git checkout -- .`, `git stash` or `git reset --hard` puts committed task files back, often
 `status: QUEUED`, while their workers run. The worker's record says what is true (this attempt runs), so its
-owner writes the status and attempt it knows back, through legal transitions only, and every other line keeps
+owner writes the status, attempt and rework count it knows back, through legal transitions only, and every other line keeps
 the version the file has now (the human's edits stay).
 """
 
@@ -22,11 +22,15 @@ def known_status(rec: Record) -> Status:
 
 def disowned(task: Task, rec: Record) -> bool:
     """The file no longer holds what aipm wrote for the running attempt. A cancel is the user's word, not this."""
-    return task.status != Status.CANCELLED and (task.status != known_status(rec) or task.attempts != rec.attempt)
+    return task.status != Status.CANCELLED and (task.status != known_status(rec) or task.attempts != rec.attempt
+                                                or rec.reworks is not None and task.reworks != rec.reworks)
 
 
 def restore(task: Task, rec: Record, root: Path) -> Task:
-    """Write back the owner's status, attempts and start time. Caller holds the launch lock."""
+    """Write back the owner's status, attempts, reworks and start time. Caller holds the launch lock.
+
+    The rework count matters: without it a worker that resets its file on every attempt is sent back by its
+    review for ever (the max_rework limit never bites)."""
     path, target = Path(task.path), known_status(rec)
     # The transition table has no shortcut from, say, DONE to IN_REVIEW: walk the legal way there.
     steps = []
@@ -39,5 +43,7 @@ def restore(task: Task, rec: Record, root: Path) -> Task:
             steps.append(Status.IN_REVIEW)
     for step in steps[:-1]:
         task = update_task(path, {"status": step}, expect=task.status, root=root)
-    return update_task(path, {"status": target, "attempts": rec.attempt, "started_at": rec.started_at},
-                       expect=task.status, root=root)
+    known = {"status": target, "attempts": rec.attempt, "started_at": rec.started_at}
+    if rec.reworks is not None:
+        known["reworks"] = rec.reworks
+    return update_task(path, known, expect=task.status, root=root)
