@@ -5,50 +5,56 @@ itself survive a power cut. Inside `batch()` (the launch lock opens one) that di
 the end of the batch and done once per directory, however many files were renamed there; whatever may only
 happen once those writes are on disk (a worker's "go", see runner.spawn) waits for the same point. Nothing
 outside the batch can see the difference: the lock is released, and every command of the batch starts, only
-after its writes are durable.
+after its writes are durable. A batch belongs to one thread (the dashboard runs commands in a thread pool).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-# Directories with renames not yet fsynced, and what waits for them; None outside a batch.
-_dirs: list[str] | None = None
-_after: list[Callable[[bool], None]] = []
+
+class _Batch(threading.local):
+    """This thread's open batch: directories with renames not yet fsynced (None: no batch), what waits for them."""
+
+    dirs: list[str] | None = None
+    after: list[Callable[[bool], None]]
+
+
+_open = _Batch()
 
 
 def sync_dir(directory: str) -> None:
     """fsync `directory` now, or at the end of the current batch."""
-    if _dirs is None:
+    if _open.dirs is None:
         fsync_dir(directory)
-    elif directory not in _dirs:
-        _dirs.append(directory)
+    elif directory not in _open.dirs:
+        _open.dirs.append(directory)
 
 
 def once_durable(action: Callable[[bool], None]) -> None:
     """Run `action(True)` once every write so far is durable (now, outside a batch); `action(False)` when the
     batch's fsync failed, so the action can be withheld."""
-    if _dirs is None:
+    if _open.dirs is None:
         action(True)
     else:
-        _after.append(action)
+        _open.after.append(action)
 
 
 @contextmanager
 def batch() -> Iterator[None]:
     """Defer directory fsyncs (and the actions waiting for them) to the end of this block. Nested: one batch."""
-    global _dirs, _after
-    if _dirs is not None:
+    if _open.dirs is not None:
         yield
         return
-    _dirs, _after = [], []
+    _open.dirs, _open.after = [], []
     try:
         yield
     finally:
-        dirs, after = _dirs, _after
-        _dirs, _after = None, []
+        dirs, after = _open.dirs, _open.after
+        _open.dirs, _open.after = None, []
         ok = False
         try:
             for directory in dirs:

@@ -101,3 +101,29 @@ def test_a_launcher_killed_before_its_round_is_durable_starts_nothing_and_the_ta
     project.aipm("run", "ORD", check=True)
     assert task_statuses(order) == {"A": "DONE"}
     assert check(journal, order) == [] and len(spans(journal)) == 1
+
+
+def test_a_batch_belongs_to_its_thread(project, monkeypatch):
+    """The dashboard runs cancel/retry in a thread pool: a write there must not wait for another thread's batch."""
+    import threading
+
+    order = project.order()
+    mine, theirs = write_task(order, "A", command="true"), write_task(project.order("OTHER"), "B", command="true")
+    dir_syncs = []
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        real_fsync(fd)
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            dir_syncs.append(os.readlink(f"/proc/self/fd/{fd}"))
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    with Runtime(project.root).launch_lock():
+        update_task(mine, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED)
+        other = threading.Thread(target=update_task, args=(theirs, {"status": Status.CANCELLED}),
+                                 kwargs={"expect": Status.QUEUED})
+        other.start()
+        other.join()
+        assert dir_syncs == [str(theirs.parent)]  # synced at once, not deferred into this thread's batch
+    assert dir_syncs == [str(theirs.parent), str(order)]
+    assert task_statuses(order) == {"A": "IN_PROGRESS"} and task_statuses(theirs.parent) == {"B": "CANCELLED"}
