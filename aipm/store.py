@@ -23,6 +23,7 @@ import yaml
 from aipm import agents
 from aipm.errors import ValidationError
 from aipm.model import ID_PATTERN, MANAGED_FIELDS, TRANSITIONS, Order, Priority, Resources, Status, Task
+from aipm.parsecache import ParseCache
 from aipm.patch import Unpatchable, check, patch
 from aipm.paths import PathError, normalize
 
@@ -420,12 +421,16 @@ def load_task(path: Path, root: Path | None = None) -> Task:
 
 
 def task_files(order_dir: Path) -> list[Path]:
+    return [order_dir / name for name in task_names(order_dir)]
+
+
+def task_names(order_dir: Path) -> list[str]:
+    """The task file names of an order directory, sorted."""
     with os.scandir(order_dir) as entries:
-        names = sorted(
+        return sorted(
             e.name for e in entries
             if e.name.endswith(".yaml") and e.name != ORDER_FILE and not e.name.startswith(".") and e.is_file()
         )
-    return [order_dir / name for name in names]
 
 
 def order_meta(order_dir: Path) -> tuple[str, str, Path | None, float | None]:
@@ -459,13 +464,21 @@ def load_order(order_dir: Path, root: Path | None = None) -> Order:
     # Loading allocates many small objects that all stay alive: the cyclic GC would only rescan them.
     gc_was_on = gc.isenabled()
     gc.disable()
+    cache = ParseCache.open(order_dir, root)
+    base = os.path.join(order_dir, "")
     try:
-        for path in task_files(order_dir):
-            task = load_task(path, root)
+        for name in task_names(order_dir):
+            task = cache.recall(base + name, name, root) if cache else None
+            if task is None:
+                task = load_task(order_dir / name, root)
+                if cache:
+                    cache.learn(task)
             order.tasks[task.id] = task
     finally:
         if gc_was_on:
             gc.enable()
+    if cache:
+        cache.close()
     check_links(order)
     return order
 

@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 from rich.text import Text
 
-from aipm import budget
+from aipm import budget, parsecache
 from aipm.board import task_row
 from aipm.cli import app
 from aipm.advice import warnings
@@ -77,7 +77,11 @@ def validate(
     order: Optional[str] = typer.Argument(None, help="Order id or directory (default: every order)."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Check task and order files. Exit 2, naming the file and the field, on any error."""
+    """Check task and order files. Exit 2, naming the file and the field, on any error.
+
+    Remembers what it checked in the parse cache (in an existing .aipm/ only), so later loads skip parsing.
+    """
+    parsecache.writable()
     project = get_project()
     dirs = [project.order_dir(order)] if order else project.order_dirs()
     ids = project.order_ids()
