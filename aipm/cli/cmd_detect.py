@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from aipm.board import survey
 from aipm.cli import app
@@ -69,6 +68,8 @@ def detect(
         for key, value in result.summary(loaded).items():
             out.print(f"{key.replace('_', ' '):>26}: {value}")
         return
+    from rich.table import Table
+
     table = Table(title=f"Launchable in {loaded.id} ({free} free worker slot(s))")
     for col in ("#", "task", "pri", "target files"):
         table.add_column(col)

@@ -5,8 +5,6 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
 from aipm import budget, parsecache
 from aipm.board import task_row
@@ -136,6 +134,9 @@ def status(
             totals["max_cost_usd"] = limit.limit
         print_json({"order": loaded.id, "tasks": [task_row(t, settings) for t in tasks], **totals})
         return
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=f"Order {loaded.id}" + (f" — {loaded.title}" if loaded.title else ""))
     for col in ("task", "status", "pri", "depends on / waiting on", "target files", "tries", "reworks", "reason",
                 "cost"):

@@ -5,12 +5,14 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from rich.console import Console
 
 from aipm.project import Project, find_root
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _state: dict[str, Any] = {"root": None}
 
@@ -30,6 +32,8 @@ def project_root() -> Path:
 
 
 def console(stderr: bool = False, width: int | None = None) -> Console:
+    from rich.console import Console  # here: JSON output never needs rich
+
     # Rich honours NO_COLOR itself; no colour or markup tricks when not a terminal.
     return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
