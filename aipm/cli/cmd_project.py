@@ -10,7 +10,7 @@ from aipm import budget, parsecache
 from aipm.board import task_row
 from aipm.cli import app
 from aipm.advice import warnings
-from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, warn
+from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, read_only, warn
 from aipm.errors import ValidationError
 from aipm.model import FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
@@ -122,6 +122,7 @@ def status(
     Tries count attempts against max_attempts; reworks count the times a review sent the task back (against
     max_rework). `reason` says why the latest attempt ended as it did.
     """
+    read_only()
     root = project_root()
     settings = load_settings(root)
     loaded = load_order(Project(root, settings.orders_dir).order_dir(order), root)
