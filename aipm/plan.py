@@ -124,7 +124,8 @@ def chain_lengths(tasks: Mapping[str, Task]) -> dict[str, int]:
     length: dict[str, int] = {}
     while ready:
         tid = ready.pop()
-        length[tid] = 1 + max((length[d] for d in dependants[tid]), default=0)
+        below = dependants[tid]
+        length[tid] = 1 + max(map(length.__getitem__, below)) if below else 1
         for dep in tasks[tid].depends_on:
             if dep in pending:
                 pending[dep] -= 1
