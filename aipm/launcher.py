@@ -107,6 +107,7 @@ class Launcher:
         for rec in self.runtime.records():
             if not rec.alive() and _finished_elsewhere(rec, self.project.root):
                 if not self.options.dry_run:
+                    scope.note_ended(self.runtime, rec)
                     self.runtime.remove_record(rec.order, rec.task)
                 continue
             kept.append(rec)
@@ -371,6 +372,7 @@ class Launcher:
             pass  # moved on, broken or unwritable: a running status without a record is recovered later
         if rec is not None:
             append_log(rec.log, f"worker interrupted: {why}; task re-queued")
+            scope.note_ended(self.runtime, rec)
             self.runtime.remove_record(rec.order, rec.task)
 
 

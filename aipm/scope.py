@@ -11,10 +11,12 @@ is also skipped explicitly); a file written and restored to its exact prior stat
 
 Concurrency: other workers run in the same tree at the same time, and their writes show up in the same
 `git status`. The caller therefore passes as `allowed` the task's own targets plus the targets of every task that
-was running at any moment between the two snapshots. Target locks guarantee those sets do not overlap, so a write
-they cover is someone's legitimate work; a write that none covers is out of scope for every task that ran, and is
-charged to the task being audited (or to a human editing the tree meanwhile: the finding names the paths, so
-that is easy to tell apart).
+was running at any moment between the two snapshots: those running when it started (kept in its record), those
+running when it ends (the live records), and those that started and ended in between, whose records are gone by
+then — every attempt that ends notes its targets with the time in a small log (`note_ended`, read back by
+`written_since`). Target locks guarantee those sets do not overlap, so a write they cover is someone's legitimate
+work; a write that none covers is out of scope for every task that ran, and is charged to the task being audited
+(or to a human editing the tree meanwhile: the finding names the paths, so that is easy to tell apart).
 
 Cost: inside `shared()`, one snapshot serves every task that ends or starts in the same wake-up (the "after" of
 the tasks that ended is the "before" of the tasks that start then), so a run pays one `git status` per wake-up,
@@ -28,16 +30,24 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from aipm.paths import PathError, Target, normalize, overlaps
+from aipm.runtime import Record, Runtime
 
 RUNTIME_DIR = ".aipm"
 
 Fingerprint = tuple[int, int] | None  # (size, mtime_ns) of the path, or None when it no longer exists
-Snapshot = dict[str, Fingerprint]  # path relative to the root, "/"-separated → fingerprint
+
+
+class Snapshot(dict):
+    """Path relative to the root, "/"-separated → fingerprint; `taken_ns`: when `git status` was started."""
+
+    taken_ns: int = 0
+
 
 
 _SHARED: list[dict[str, Snapshot | None]] = []  # the open sharing scope, if any
@@ -71,6 +81,8 @@ def _take(root: Path) -> Snapshot | None:
     prefix = _prefix(str(root.resolve()))
     if prefix is None:
         return None
+    snap = Snapshot()
+    snap.taken_ns = time.time_ns()
     try:
         out = subprocess.run(
             ["git", "--no-optional-locks", "status", "--porcelain=v1", "-z", "--untracked-files=all",
@@ -79,7 +91,6 @@ def _take(root: Path) -> Snapshot | None:
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    snap: Snapshot = {}
     for path in _paths(out.decode("utf-8", "surrogateescape")):
         if not path.startswith(prefix):
             continue
@@ -116,21 +127,80 @@ def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:
 
 
 def save(snap: Snapshot, path: Path) -> None:
-    """Write a snapshot as JSON (so an owner that adopts a worker can still audit it)."""
+    """Write a snapshot as JSON (so an owner that adopts a worker can still audit it); the file's mtime is the
+    moment it was taken."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(snap, sort_keys=True))
+    if snap.taken_ns:
+        os.utime(tmp, ns=(snap.taken_ns, snap.taken_ns))
     os.replace(tmp, path)
 
 
 def load(path: Path) -> Snapshot | None:
     """A snapshot written by save(), or None when it is missing or unreadable."""
     try:
-        data = json.loads(Path(path).read_text())
+        with open(path) as handle:
+            data = json.load(handle)
+            taken = os.fstat(handle.fileno()).st_mtime_ns
     except (OSError, ValueError):
         return None
-    return {str(k): _fp(v) for k, v in data.items()} if isinstance(data, dict) else None
+    if not isinstance(data, dict):
+        return None
+    snap = Snapshot((str(k), _fp(v)) for k, v in data.items())
+    snap.taken_ns = taken
+    return snap
+
+
+# -- what ended while an audit was in flight --------------------------------------------------------------
+
+WRITTEN_LOG = "written.log"  # in the state directory: "<time_ns> <json list of targets>" per line
+
+
+def note_ended(rt: Runtime, rec: Record, targets: Iterable[str] | None = None) -> None:
+    """`rec`'s attempt is over (or, with `targets`, a worktree merge just wrote them): note its targets for the
+    audits still in flight, whose snapshots may see its writes once its record is gone. Caller holds the launch
+    lock. Only lines newer than the oldest audit in flight are kept; with none in flight the log is dropped."""
+    if targets is None:
+        if rec.workspace or _prefix(str(rt.root.resolve())) is None:
+            return  # it wrote in its own worktree (merges note themselves), or nothing here is audited
+        targets = rec.targets
+    log = rt.state / WRITTEN_LOG
+    since = []
+    for other in rt.records():
+        if other.key != rec.key and not other.workspace:
+            try:
+                since.append(os.stat(other.scope_file).st_mtime_ns)
+            except OSError:
+                continue
+    if not since:
+        log.unlink(missing_ok=True)
+        return
+    kept = [line for line in _lines(log) if int(line.split(" ", 1)[0]) >= min(since)]
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in [*kept, f"{time.time_ns()} {json.dumps(list(targets))}"]))
+    os.replace(tmp, log)
+
+
+def written_since(rt: Runtime, since_ns: int) -> list[str]:
+    """Targets of the attempts (and merges) that ended at or after `since_ns` (see note_ended)."""
+    found: list[str] = []
+    for line in _lines(rt.state / WRITTEN_LOG):
+        stamp, _, targets = line.partition(" ")
+        try:
+            if int(stamp) >= since_ns:
+                found.extend(str(t) for t in json.loads(targets))
+        except (ValueError, TypeError):
+            continue
+    return found
+
+
+def _lines(log: Path) -> list[str]:
+    try:
+        return [line for line in log.read_text().splitlines() if line.split(" ", 1)[0].isdigit()]
+    except (OSError, UnicodeDecodeError):
+        return []
 
 
 # -- helpers ----------------------------------------------------------------------------------------------

@@ -385,7 +385,7 @@ class Supervisor(Owner):
         others = self.rt.records()
         order_dirs = {os.path.relpath(r.order_dir, self.rt.root) + "/" for r in [rec, *others]}
         allowed = [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *order_dirs,
-                   *workspace.merged_since(self.rt.root, os.stat(rec.scope_file).st_mtime_ns)]
+                   *scope.written_since(self.rt, before.taken_ns)]
         return scope.out_of_scope(scope.changed(before, after), allowed)
 
     def _start_review(self, rec: Record, task: Task) -> None:
@@ -424,6 +424,7 @@ class Supervisor(Owner):
         # Locks go before the record: a held lock without a record would look like a stranger's.
         for fd in self.lock_fds.pop(rec.key, ()):
             os.close(fd)
+        scope.note_ended(self.rt, rec)
         self.rt.remove_record(rec.order, rec.task)
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)
@@ -556,17 +557,21 @@ FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker
 HELD_RECHECK = 5.0  # seconds: a lock held outside aipm may be released without its holder exiting
 
 
-def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str]) -> bool:
+def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str],
+                   order_id: str) -> tuple[bool, set[tuple[str, int]]]:
     """Watch other owners' live workers: their end may free files, a slot or a dependency.
 
     Watches workers, never their owners: another `run` lives until its order ends, and two runs watching each
-    other would wait forever. Returns True when a worker has ended but its owner is still recording the outcome.
+    other would wait forever. Returns whether a worker has ended but its owner is still recording the outcome,
+    and this order's records whose worker and owner are both gone (an owner killed before it started its
+    worker, or while it recorded): (task key, owner pid) each, for the caller to recover.
     """
     present = {rec.key for rec in records}
     for key in foreign - present:
         sup.watcher.forget(key)
         foreign.discard(key)
     finishing = False
+    dead: set[tuple[str, int]] = set()
     for rec in records:
         if rec.key in sup.owned or rec.key in foreign or (rec.owner_pid, rec.owner_ctime) == sup.me:
             continue  # ours (an outcome we hold, unrecorded): never wait on ourselves
@@ -574,7 +579,9 @@ def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str]) ->
             foreign.add(rec.key)
         elif rec.owner_alive():
             finishing = True
-    return finishing
+        elif rec.order == order_id:
+            dead.add((rec.key, rec.owner_pid))
+    return finishing, dead
 
 
 def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None = None,
@@ -591,6 +598,7 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     if view.fd is not None:
         sup.watcher.watch_fd(view.fd, "files")
     foreign: set[str] = set()
+    recovered: set[tuple[str, int]] = set()  # dead owners whose tasks a recovery round has handled
     holders: set[int] = set()  # pids holding locks outside aipm that tasks wait for (watched: their exit wakes us)
     waiting_before: list[tuple[str, str]] = []
     deferred_before: list[str] = []
@@ -639,13 +647,18 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
             for pid in {p for b in waiting for p in b.pids} - holders:
                 if sup.watcher.watch_pid(pid, ("holder", pid)):
                     holders.add(pid)
-            finishing = _watch_foreign(sup, report.records, foreign)
+            finishing, dead = _watch_foreign(sup, report.records, foreign, order.id)
+            orphaned = dead - recovered  # an owner died since the last recovery: never leave its task stuck
+            recovered |= orphaned
             if only:
                 if f"{order.id}/{only}" not in sup.owned:
                     break  # finished, failed for good, or never launchable
-            elif not sup.owned and not foreign and not deferred and not finishing and not waiting:
+            elif not sup.owned and not foreign and not deferred and not finishing and not waiting and not orphaned:
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
             ready = []
+            if orphaned:
+                recover = True
+                continue
             if launcher.settings.preempt and not only and preemption.stop_for_urgent(sup, view):
                 continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
             timeout = (RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing

@@ -1174,3 +1174,43 @@ def test_the_chaos_checks_see_each_kind_of_violation(tmp_path):
         os.close(fd)
         sleeper.kill()
         sleeper.wait()
+
+
+def test_an_owner_that_dies_before_its_worker_starts_is_recovered_by_a_watching_run(project):
+    """A detached owner (aipm.work) was seen by `run` with no worker yet ("finishing": run polls it), then died
+    before starting its worker. `run` stopped polling, never looked for dead owners again, and exited 1 with the
+    task left IN_PROGRESS. The task must be re-queued and run, once."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    write_task(order, "C", command=journal_command(journal), target_files=["c.txt"])
+    # D is run's own task: once it has started, run's first round (the one that recovers) is over.
+    write_task(order, "D", command=journal_command(journal, "touch d.started; until [ -e gate ]; do sleep 0.02; done"),
+               target_files=["d.txt"], status="CANCELLED")  # not `launch`ed with C; queued for the run below
+    owner = None
+    for _ in range(10):  # stop C's owner before it starts the worker (it needs an interpreter start-up for that)
+        assert project.aipm("launch", "ORD").returncode == 0
+        recs = wait_for(lambda: [r for r in worker_records(project.root) if r.get("owner_pid")], timeout=60)
+        os.kill(recs[0]["owner_pid"], signal.SIGSTOP)
+        if not worker_records(project.root)[0].get("pid"):
+            owner = recs[0]["owner_pid"]
+            break
+        os.kill(recs[0]["owner_pid"], signal.SIGCONT)
+        wait_for(lambda: task_statuses(order)["C"] == "DONE" and not worker_records(project.root), timeout=60)
+        write_task(order, "C", command=journal_command(journal), target_files=["c.txt"])
+        journal.unlink()
+    if owner is None:
+        pytest.skip("the owner started its worker before it could be stopped, ten times")
+    write_task(order, "D", command=journal_command(journal, "touch d.started; until [ -e gate ]; do sleep 0.02; done"),
+               target_files=["d.txt"])
+    proc = Proc(project.root, *run_args(5, "--json"))
+    try:
+        wait_for(lambda: (project.root / "d.started").exists() or proc.p.poll() is not None, timeout=120)
+        os.kill(owner, signal.SIGKILL)
+        wait_for(lambda: not group_alive(owner), timeout=60)
+        (project.root / "gate").touch()
+        rc = proc.wait(timeout=240)
+    finally:
+        proc.kill()
+    assert rc == 0, proc.output
+    assert task_statuses(order) == {"C": "DONE", "D": "DONE"}
+    assert check(journal, order, root=project.root) == []  # each ran once

@@ -264,3 +264,50 @@ def test_one_snapshot_per_wake_up_and_none_for_confined_tasks(tmp_path, confined
         "A": "A\n", "B": "B\n", "C": "C\n"}
     count = len(calls.read_text().splitlines()) if calls.exists() else 0
     assert count == (0 if confined else 4)
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("how", ["run", "launch"])
+def test_a_task_that_started_and_ended_within_anothers_run_is_not_charged_to_it(tmp_path, how):
+    """LONG runs while SHORT starts after it and ends before it, writing only its own target: SHORT's write shows
+    up in LONG's audit, and it was charged to LONG (scope: wrote short/...) because SHORT's record was gone by then.
+    Every task that ran at any moment between LONG's two snapshots may write its targets."""
+    import subprocess as sp
+    import sys
+    import time
+
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (root / "aipm.yaml").write_text("max_rework: 0\nmax_workers: 2\nenable_monitoring: false\n")
+    tasks = {
+        "FIRST": {"command": "echo 1 > first.txt", "target_files": ["first.txt"], "priority": "P0"},
+        # SHORT starts only once FIRST is finished, i.e. after LONG's "before" snapshot.
+        "SHORT": {"command": "mkdir -p short && echo s > short/out.txt && touch short/done",
+                  "target_files": ["short/"], "depends_on": ["FIRST"]},
+        "LONG": {"command": "until [ -e short/done ]; do sleep 0.02; done; echo l > long.txt",
+                 "target_files": ["long.txt"], "priority": "P0"},
+    }
+    for tid, body in tasks.items():
+        (order / f"{tid}.yaml").write_text(yaml.safe_dump(body))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        sp.run(["git", *args], cwd=root, check=True)
+    aipm = [sys.executable, "-m", "aipm", "--root", str(root)]
+
+    def statuses() -> dict:
+        return {p.stem: yaml.safe_load(p.read_text()).get("status") for p in order.glob("*.yaml")}
+
+    if how == "run":
+        proc = sp.run([*aipm, "run", "ORD"], capture_output=True, text=True, timeout=120)
+        out = proc.stdout + proc.stderr
+    else:
+        proc = sp.run([*aipm, "launch", "ORD"], capture_output=True, text=True, timeout=120)
+        out = proc.stdout + proc.stderr
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not all(s in ("DONE", "REJECTED", "FAILED") for s in statuses().values()):
+            time.sleep(0.05)
+    assert statuses() == {"FIRST": "DONE", "SHORT": "DONE", "LONG": "DONE"}, (out, {
+        p.stem: yaml.safe_load(p.read_text()).get("reason") for p in order.glob("*.yaml")})
+    assert (root / "long.txt").read_text() == "l\n" and (root / "short" / "out.txt").read_text() == "s\n"

@@ -19,19 +19,18 @@ written, worktree not yet removed). Tests use it to prove that a rerun applies e
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shlex
 import shutil
 import signal
-import time
 from pathlib import Path
 
 import psutil
 
 from aipm.model import FINISHED_OK, RUNNING, Order, Task
 from aipm.runtime import Record, Runtime
+from aipm import scope
 from aipm.scope import out_of_scope
 from aipm.settings import WORKSPACES, Settings
 from aipm.workspace import mergeback as merging
@@ -40,7 +39,7 @@ from aipm.workspace.repo import RUNTIME_DIR, Repo, WorkspaceError
 
 SHARED, WORKTREE = WORKSPACES
 __all__ = ["Conflict", "WorkspaceError", "SHARED", "WORKTREE", "kind", "prepare", "directory", "with_setup",
-           "outside_targets", "merge", "merged_since", "finished", "remove", "sweep", "prune", "diff"]
+           "outside_targets", "merge", "finished", "remove", "sweep", "prune", "diff"]
 
 
 def kind(task: Task, settings: Settings) -> str:
@@ -187,36 +186,9 @@ def merge(root: Path, rec: Record) -> list[str]:
         merging.save(plan_dir, rec.serial, steps)
     _seam("merge:0")
     notes = merging.apply(repo.top, plan_dir, after_each=lambda n: _seam(f"merge:{n}"))
-    _log_merge(root, rec.targets)
+    # A shared task whose audit is in flight may see these files change once this record is gone.
+    scope.note_ended(Runtime(root), rec, rec.targets)
     return notes
-
-
-def _log_merge(root: Path, targets: list[str]) -> None:
-    """Note for the scope audits of shared tasks in flight that these targets were just written by a merge
-    (a worktree task may start and finish within a shared task's run, unseen by its audit otherwise). Only
-    lines newer than the oldest audit in flight are kept; with none in flight the log is dropped."""
-    log = _runtime(root) / "merged.log"
-    snapshots = [Path(r.scope_file) for r in Runtime(root).records() if not r.workspace]
-    oldest = min((p.stat().st_mtime_ns for p in snapshots if p.exists()), default=None)
-    if oldest is None:
-        log.unlink(missing_ok=True)
-        return
-    kept = [line for line in (log.read_text().splitlines() if log.exists() else [])
-            if int(line.split(" ", 1)[0]) >= oldest]
-    tmp = log.with_name(log.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in [*kept, f"{time.time_ns()} {json.dumps(targets)}"]))
-    os.replace(tmp, log)
-
-
-def merged_since(root: Path, since_ns: int) -> list[str]:
-    """Targets merged into the main tree by worktree tasks at or after `since_ns` (see _log_merge)."""
-    log = _runtime(root) / "merged.log"
-    found: list[str] = []
-    for line in log.read_text().splitlines() if log.exists() else []:
-        stamp, _, targets = line.partition(" ")
-        if int(stamp) >= since_ns:
-            found.extend(json.loads(targets))
-    return found
 
 
 def finished(root: Path, rec: Record) -> str | None:
