@@ -103,8 +103,11 @@ class ParseCache:
         except OSError:
             self._pending = None
             return None
+        if not stat.S_ISREG(st.st_mode):  # a symlink or worse: the parse refuses it
+            self._pending = None
+            return None
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        self._pending = (name, key) if stat.S_ISREG(st.st_mode) else None
+        self._pending = (name, key)
         entry = self.old.get(name)
         try:
             if entry is None or entry[0] != key:

@@ -124,6 +124,17 @@ def test_a_target_that_now_leads_outside_the_root_is_refused_although_the_file_i
         load_order(order, cached)
 
 
+def test_a_task_file_replaced_by_a_symlink_is_refused_as_without_the_cache(cached):
+    order = make_order(cached)
+    load_order(order, cached)
+    copy = cached / "T3.copy"
+    copy.write_text((order / "T3.yaml").read_text())
+    (order / "T3.yaml").unlink()
+    (order / "T3.yaml").symlink_to(copy)
+    with pytest.raises(ValidationError, match="T3.yaml: is a symlink"):
+        load_order(order, cached)
+
+
 def test_links_between_tasks_are_checked_again(cached):
     order = make_order(cached)
     load_order(order, cached)
