@@ -143,12 +143,12 @@ class ParseCache:
         if not self.save or not (self.dirty or self.new.keys() != self.old.keys()):
             return
         body = marshal.dumps((_fingerprint(), self.directory, self.new))
-        data = _MAGIC + zlib.crc32(body).to_bytes(4, "big") + len(body).to_bytes(8, "big") + body
         tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
         try:
             self.file.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as handle:
-                handle.write(data)
+            with open(tmp, "wb") as handle:  # header and body apart: no second copy of a body of megabytes
+                handle.write(_MAGIC + zlib.crc32(body).to_bytes(4, "big") + len(body).to_bytes(8, "big"))
+                handle.write(body)
             os.replace(tmp, self.file)
         except OSError:
             try:
