@@ -477,9 +477,9 @@ def load_order(order_dir: Path, root: Path | None = None) -> Order:
     finally:
         if gc_was_on:
             gc.enable()
-    if cache:
-        cache.close()
     check_links(order)
+    if cache:  # after every check: a command refused for bad input changes nothing on disk
+        cache.close()
     return order
 
 

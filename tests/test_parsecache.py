@@ -282,3 +282,12 @@ def test_validate_writes_the_cache_and_read_commands_use_it_without_writing(proj
     assert snapshot(project.root) == tree and file.read_bytes() == cache and cache_files(project.root) == [file]
     data = json.loads(project.aipm("detect", "ORD", "--json", check=True).stdout)
     assert [t["id"] for t in data["launchable"]] == ["T0"]
+
+
+def test_an_order_refused_for_a_cycle_writes_no_cache(cached):
+    order = make_order(cached)
+    path = order / "T0.yaml"
+    path.write_text(path.read_text().replace("depends_on: []", "depends_on: [T3]"))
+    with pytest.raises(ValidationError, match="dependency cycle"):
+        load_order(order, cached)
+    assert not (cached / ".aipm" / "cache").exists()
