@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import confine, holds, locks, outcome, runner, scope, workspace
+from aipm import confine, holds, locks, outcome, restore, runner, scope, workspace
 from aipm.budget import of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
@@ -236,6 +236,7 @@ class Launcher:
             order=order.id, order_dir=order.path, task=task.id, task_file=task.path, attempt=attempt,
             targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, number)),
             exit_file=str(rt.exit_path(order.id, task.id, number)), started_at=now(), number=number,
+            counters=restore.counters(task),
         )
         if task.resources is not None:
             rec.cpus, rec.memory_mb = task.resources.cpus or 0.0, task.resources.memory_mb or 0

@@ -2,7 +2,7 @@
 
 An agent's `git checkout -- .`, `git stash` or `git reset --hard` puts committed task files back, often
 `status: QUEUED`, while their workers run. The worker's record says what is true (this attempt runs), so its
-owner writes the status and attempt it knows back, through legal transitions only, and every other line keeps
+owner writes the status, attempt and counters it knows back, through legal transitions only, and every other line keeps
 the version the file has now (the human's edits stay).
 """
 
@@ -20,13 +20,23 @@ def known_status(rec: Record) -> Status:
     return Status.IN_REVIEW if rec.phase == "review" else Status.IN_PROGRESS
 
 
+def counters(task: Task) -> dict:
+    """What the limits and the budget are decided on, kept in the record at the start of each attempt: a reset
+    that lost them would let a task be sent back, preempted or charged for ever."""
+    kept = {"reworks": task.reworks, "preemptions": task.preemptions}
+    if task.cost_usd is not None:
+        kept["cost_usd"] = task.cost_usd
+    return kept
+
+
 def disowned(task: Task, rec: Record) -> bool:
     """The file no longer holds what aipm wrote for the running attempt. A cancel is the user's word, not this."""
-    return task.status != Status.CANCELLED and (task.status != known_status(rec) or task.attempts != rec.attempt)
+    return task.status != Status.CANCELLED and (task.status != known_status(rec) or task.attempts != rec.attempt
+                                                or any(getattr(task, k) != v for k, v in rec.counters.items()))
 
 
 def restore(task: Task, rec: Record, root: Path) -> Task:
-    """Write back the owner's status, attempts and start time. Caller holds the launch lock."""
+    """Write back the owner's status, attempts, counters and start time. Caller holds the launch lock."""
     path, target = Path(task.path), known_status(rec)
     # The transition table has no shortcut from, say, DONE to IN_REVIEW: walk the legal way there.
     steps = []
@@ -39,5 +49,5 @@ def restore(task: Task, rec: Record, root: Path) -> Task:
             steps.append(Status.IN_REVIEW)
     for step in steps[:-1]:
         task = update_task(path, {"status": step}, expect=task.status, root=root)
-    return update_task(path, {"status": target, "attempts": rec.attempt, "started_at": rec.started_at},
-                       expect=task.status, root=root)
+    known = {"status": target, "attempts": rec.attempt, "started_at": rec.started_at, **rec.counters}
+    return update_task(path, known, expect=task.status, root=root)

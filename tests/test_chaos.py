@@ -1214,3 +1214,23 @@ def test_an_owner_that_dies_before_its_worker_starts_is_recovered_by_a_watching_
     assert rc == 0, proc.output
     assert task_statuses(order) == {"C": "DONE", "D": "DONE"}
     assert check(journal, order, root=project.root) == []  # each ran once
+
+
+@pytest.mark.parametrize("owner", ["run", "launch"])
+def test_a_reset_under_a_reworked_task_keeps_its_rework_count(project, owner):
+    """Issue 11.1: a worker's `git checkout` put back the committed file (no `reworks:`) under attempt 2 of a
+    task its review had sent back once; the owner restored status and attempts but not reworks, so the limit
+    (max_rework 1) never bit: the task was reworked again instead of REJECTED."""
+    if not shutil.which("git"):
+        pytest.skip("git is not installed")
+    order = project.order()
+    (project.root / "aipm.yaml").write_text("max_workers: 2\nmax_rework: 1\nmax_attempts: 6\nscope_audit: false\n")
+    write_task(order, "A", command=RESETS["git"], review="exit 1", target_files=["a.txt"])
+    _git_commit_all(project.root)
+    if owner == "run":
+        assert project.aipm(*run_args(2)).returncode == 1
+    else:
+        assert project.aipm("launch", "ORD").returncode == 0
+        wait_for(lambda: task_statuses(order)["A"] in FINAL and not worker_records(project.root), timeout=120)
+    data = yaml.safe_load((order / "A.yaml").read_text())
+    assert (data["status"], data["attempts"], data["reworks"]) == ("REJECTED", 2, 2), data

@@ -511,9 +511,7 @@ def test_random_mixed_order_killed_at_every_seam_keeps_the_invariants(repo, tmp_
 
     from invariants import check, journal_command
 
-    # The shared audit is off: it can charge a worktree task's merge to a shared task running the whole time
-    # (a documented limit of that audit, not of the merge under test here).
-    project = project_in(repo, config="scope_audit: false\n")
+    project = project_in(repo, config="")  # the shared audit on: merges and ends in flight are no one's fault
     rng = random.Random(seed)
     pool = [f"src/{n}.txt" for n in "abcd"] + ["docs/", "src/"]
     journal = tmp_path / "journal"

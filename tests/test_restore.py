@@ -1,0 +1,45 @@
+"""restore.py on real task files: what a reset under a running attempt loses is written back, nothing else."""
+
+from __future__ import annotations
+
+import yaml
+
+from aipm.restore import counters, disowned, restore
+from aipm.runtime import Record
+from aipm.store import load_task
+
+
+def test_a_reset_file_gets_back_status_attempts_and_every_counter_and_keeps_the_humans_edit(tmp_path):
+    order = tmp_path / "orders" / "ORD"
+    order.mkdir(parents=True)
+    path = order / "A.yaml"
+    path.write_text("id: A\ncommand: 'true'\nstatus: IN_PROGRESS\nattempts: 3\nreworks: 1\npreemptions: 1\n"
+                    "cost_usd: 2.5\nstarted_at: '2026-01-01T00:00:00+00:00'\n")
+    running = load_task(path, tmp_path)
+    rec = Record(order="ORD", order_dir=str(order), task="A", task_file=str(path), attempt=3, targets=[],
+                 log="x.log", exit_file="x.exit", started_at="2026-01-01T00:00:00+00:00", counters=counters(running))
+    assert not disowned(running, rec)
+    # What `git checkout` of the committed file does, plus an edit of the human's own.
+    path.write_text("id: A\ncommand: 'true'  # edited\npriority: P1\n")
+    reset = load_task(path, tmp_path)
+    assert disowned(reset, rec)
+    restored = restore(reset, rec, tmp_path)
+    data = yaml.safe_load(path.read_text())
+    assert {k: data.get(k) for k in ("status", "attempts", "reworks", "preemptions", "cost_usd", "priority")} == {
+        "status": "IN_PROGRESS", "attempts": 3, "reworks": 1, "preemptions": 1, "cost_usd": 2.5, "priority": "P1"}
+    assert "# edited" in path.read_text()
+    assert not disowned(restored, rec)
+
+
+def test_only_a_lost_counter_is_enough_to_disown(tmp_path):
+    order = tmp_path / "orders" / "ORD"
+    order.mkdir(parents=True)
+    path = order / "A.yaml"
+    path.write_text("id: A\ncommand: 'true'\nstatus: IN_PROGRESS\nattempts: 1\ncost_usd: 4.0\n")
+    rec = Record(order="ORD", order_dir=str(order), task="A", task_file=str(path), attempt=1, targets=[],
+                 log="x.log", exit_file="x.exit", started_at="", counters=counters(load_task(path, tmp_path)))
+    path.write_text("id: A\ncommand: 'true'\nstatus: IN_PROGRESS\nattempts: 1\n")  # the cost line lost
+    assert disowned(load_task(path, tmp_path), rec)
+    assert yaml.safe_load(path.read_text()).get("cost_usd") is None
+    restore(load_task(path, tmp_path), rec, tmp_path)
+    assert yaml.safe_load(path.read_text())["cost_usd"] == 4.0
