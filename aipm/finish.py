@@ -7,7 +7,7 @@ from typing import Any
 from aipm import outcome
 from aipm.model import Status, Task
 from aipm.settings import Settings
-from aipm.store import now
+from aipm.writer import now
 
 
 def review_command(task: Task, settings: Settings, no_review: bool) -> str | tuple[str, ...] | None:

@@ -26,7 +26,8 @@ from aipm.capacity import Capacity, fit
 from aipm.resources import RAMP_DELAY, ResourceMonitor, get_system_info, starts_now
 from aipm.runtime import Record, Runtime, live_pid, process_ctime
 from aipm.settings import Settings
-from aipm.store import StaleWrite, load_task, now, update_task
+from aipm.store import load_task
+from aipm.writer import StaleWrite, now, update_task
 from aipm.view import OrderView
 from aipm.worker import program as worker_program
 

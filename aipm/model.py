@@ -146,9 +146,12 @@ def format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
 
 
+_DIGITS = re.compile(r"(\d+)")
+
+
 def natural_key(text: str) -> tuple:
     """Sort key that puts TASK_9 before TASK_10."""
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text))
+    return tuple(int(part) if part.isdigit() else part for part in _DIGITS.split(text))
 
 
 # Ids of tasks and orders: they become file names under .aipm/, log names and environment values, so two ids

@@ -6,7 +6,7 @@ No file system, clock or psutil, so every rule is testable with literals.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from aipm.budget import Budget
@@ -124,7 +124,8 @@ def chain_lengths(tasks: Mapping[str, Task]) -> dict[str, int]:
     length: dict[str, int] = {}
     while ready:
         tid = ready.pop()
-        length[tid] = 1 + max((length[d] for d in dependants[tid]), default=0)
+        below = dependants[tid]
+        length[tid] = 1 + max(map(length.__getitem__, below)) if below else 1
         for dep in tasks[tid].depends_on:
             if dep in pending:
                 pending[dep] -= 1
@@ -147,6 +148,8 @@ def ranked(order: Order) -> list[Task]:
 def _doomed(order: Order) -> dict[str, str]:
     """Task id → the dead-end task that stops it from ever running (through any chain of dependencies)."""
     tasks = order.tasks
+    if not any(t.status in DEAD_END for t in tasks.values()):
+        return {}  # the common case, and the walk below is a third of planning a big order
     pending = {tid: sum(d in tasks for d in t.depends_on) for tid, t in tasks.items()}
     dependants: dict[str, list[str]] = {tid: [] for tid in tasks}
     for task in tasks.values():
@@ -211,6 +214,8 @@ def plan(
     for tid in held:
         busy.append((tid, order.tasks[tid].targets))
     doomed = _doomed(order) if explain else {}
+    near_busy = _LockIndex(targets for _, targets in busy)
+    near_chosen = _LockIndex(())
     chosen: list[Task] = []
     tasks = ranked(order) if ordering is None else [order.tasks[i] for i in ordering if i in order.tasks]
     for task in tasks:
@@ -247,13 +252,13 @@ def plan(
                 states = ", ".join(f"{d} ({deps[d].status})" for d in waiting)
                 result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
             continue
-        hit = _conflict(task, busy)
+        hit = _conflict(task, busy) if near_busy.near(task.targets) else None
         reason, words = FILE_BUSY, "{path} is held by running task {other}{status}"
         if not hit:
             hit = _held_outside(task, outside)
             reason, words = FILE_HELD, "{path} is held by {other}"
         if not hit:
-            hit = _conflict(task, [(c.id, c.targets) for c in chosen])
+            hit = _conflict(task, [(c.id, c.targets) for c in chosen]) if near_chosen.near(task.targets) else None
             reason, words = FILE_CHOSEN, "{path} overlaps {other}, which starts first this round"
         if hit:
             other, path = hit
@@ -272,6 +277,7 @@ def plan(
             result.blocked[task.id] = Blocked(task.id, LIMIT, _limit_detail(slots))
             continue
         chosen.append(task)
+        near_chosen.add(task.targets)
     result.launchable = chosen
     return result
 
@@ -291,6 +297,44 @@ def _holders(elsewhere: Iterable[Busy]) -> tuple[list[tuple[str, tuple[Target, .
         if b.status:
             held_as[owner] = f" ({b.status})"
     return busy, held_as
+
+
+class _LockIndex:
+    """The lock nodes of some targets and every directory above them: whether a task's locks could meet any of
+    them is a few set lookups per target, instead of a comparison with every target of every holder."""
+
+    def __init__(self, groups: Iterable[tuple[Target, ...]]):
+        self.nodes: set[str] = set()
+        self.above: set[str] = set()
+        for targets in groups:
+            self.add(targets)
+
+    def add(self, targets: tuple[Target, ...]) -> None:
+        for target in targets:
+            node = lock_prefix(target)
+            self.nodes.add(node)
+            if node:
+                self.above.add("")
+                self.above.update(_parents(node))
+
+    def near(self, targets: tuple[Target, ...]) -> bool:
+        """Whether a lock of `targets` is at, above or below a node (`lock_overlap` with some target here)."""
+        nodes, above = self.nodes, self.above
+        for target in targets:
+            node = lock_prefix(target)
+            if node in nodes or node in above or "" in nodes:
+                return True
+            if any(parent in nodes for parent in _parents(node)):
+                return True
+        return False
+
+
+def _parents(node: str) -> Iterator[str]:
+    """The directories above a non-empty node, the project root ("") excepted: `a/b/c` → `a`, `a/b`."""
+    i = node.find("/")
+    while i != -1:
+        yield node[:i]
+        i = node.find("/", i + 1)
 
 
 def _conflict(task: Task, holders: list[tuple[str, tuple[Target, ...]]]) -> tuple[str, str] | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from aipm.model import Status, Task
 from aipm.runtime import Record
-from aipm.store import update_task
+from aipm.writer import update_task
 
 
 def known_status(rec: Record) -> Status:

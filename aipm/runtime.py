@@ -20,14 +20,17 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import filelock
 import psutil
 
 from aipm import durable
 from aipm.errors import UserError
 
 from aipm.locks import make_state_dir, state_dir
+
+if TYPE_CHECKING:
+    import filelock
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
 
@@ -215,6 +218,8 @@ class Runtime:
             return
         self.ensure()
         if self._launch_lock is None:
+            import filelock  # here: it pulls in asyncio, which read-only commands never need
+
             self._launch_lock = filelock.FileLock(str(self.state / "launch.lock"), is_singleton=False)
         # A short poll: holders keep it for milliseconds (plan + a few writes), never across a worker's run.
         # The batch ends before the lock is released: the next holder finds this round's writes on disk.

@@ -17,7 +17,8 @@ from aipm.project import Project
 from aipm.runner import terminate_group
 from aipm.runtime import Runtime, live_pid
 from aipm.settings import Settings
-from aipm.store import StaleWrite, load_order, load_task, now, update_task
+from aipm.store import load_order, load_task
+from aipm.writer import StaleWrite, now, update_task
 from aipm.worker import agent_for
 
 

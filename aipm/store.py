@@ -1,29 +1,26 @@
-"""The only code that reads or writes task files.
+"""The only code that reads task files (writer.py is the only one that writes them).
 
 Loading is fast (libyaml's CSafeLoader) and strict: every mistake is a ValidationError naming file and field.
-Writing changes only the managed lines (status, attempts, ...) so comments and every other byte survive, and
-is atomic: temp file in the same directory, fsync, rename, directory fsync.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import difflib
 import errno
 import gc
 import os
-import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from aipm import agents, durable
+from aipm import agents
 from aipm.errors import ValidationError
-from aipm.model import ID_PATTERN, MANAGED_FIELDS, TRANSITIONS, Order, Priority, Resources, Status, Task
-from aipm.patch import Unpatchable, check, patch
+from aipm.model import ID_PATTERN, Order, Priority, Resources, Status, Task
+from aipm.parsecache import ParseCache
+from aipm.patch import Unpatchable, check
 from aipm.paths import PathError, normalize
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -420,12 +417,16 @@ def load_task(path: Path, root: Path | None = None) -> Task:
 
 
 def task_files(order_dir: Path) -> list[Path]:
+    return [order_dir / name for name in task_names(order_dir)]
+
+
+def task_names(order_dir: Path) -> list[str]:
+    """The task file names of an order directory, sorted."""
     with os.scandir(order_dir) as entries:
-        names = sorted(
+        return sorted(
             e.name for e in entries
             if e.name.endswith(".yaml") and e.name != ORDER_FILE and not e.name.startswith(".") and e.is_file()
         )
-    return [order_dir / name for name in names]
 
 
 def order_meta(order_dir: Path) -> tuple[str, str, Path | None, float | None]:
@@ -459,14 +460,22 @@ def load_order(order_dir: Path, root: Path | None = None) -> Order:
     # Loading allocates many small objects that all stay alive: the cyclic GC would only rescan them.
     gc_was_on = gc.isenabled()
     gc.disable()
+    cache = ParseCache.open(order_dir, root)
+    base = os.path.join(order_dir, "")
     try:
-        for path in task_files(order_dir):
-            task = load_task(path, root)
+        for name in task_names(order_dir):
+            task = cache.recall(base + name, name, root) if cache else None
+            if task is None:
+                task = load_task(order_dir / name, root)
+                if cache:
+                    cache.learn(task)
             order.tasks[task.id] = task
     finally:
         if gc_was_on:
             gc.enable()
     check_links(order)
+    if cache:  # after every check: a command refused for bad input changes nothing on disk
+        cache.close()
     return order
 
 
@@ -511,137 +520,3 @@ def find_cycle(tasks: Mapping[str, Task]) -> list[str] | None:
                 stack.pop()
                 path.pop()
     return None
-
-
-# ---- the one writer -------------------------------------------------------------------------------------
-
-
-class StaleWrite(Exception):
-    """The task file no longer holds what the caller expected (another process moved it on)."""
-
-
-def _render(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, (Status, Priority)):
-        return value.value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return money(value)
-    if isinstance(value, dict):  # token counts: a flow mapping keeps the value on its one line
-        return "{" + ", ".join(f"{k}: {_render(v)}" for k, v in value.items()) + "}"
-    # Timestamps are quoted so YAML keeps them strings.
-    return "'" + str(value).replace("'", "''") + "'"
-
-
-def money(value: float) -> str:
-    """Dollars with at most six decimals and always a dot, so YAML reads a float back (`1e-05` is a string)."""
-    text = f"{round(value, 6):.6f}".rstrip("0")
-    return text + "0" if text.endswith(".") else text
-
-
-def rewrite(text: str, updates: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> str:
-    """`text` with the managed fields in `updates` set (see aipm.patch), every other character kept.
-
-    The result is proven before it is returned: it must parse to the old mapping (`old`, when the caller parsed
-    it already) with exactly `updates` applied. Otherwise Unpatchable is raised and nothing may be written.
-    """
-    for key in updates:
-        if key not in MANAGED_FIELDS:
-            raise KeyError(f"{key} is not a field aipm writes")
-    new = patch(text, {key: _render(value) for key, value in updates.items()})
-    expected = dict(load_yaml(text) if old is None else old)
-    expected.update(updates)  # Status and Priority are str enums: equal to the strings they parse back to
-    try:
-        got = load_yaml(new)
-    except (yaml.YAMLError, DuplicateKey, Unpatchable) as exc:
-        raise Unpatchable(next(iter(updates), None), f"the edited file would not parse ({exc})") from None
-    if got != expected:
-        wrong = sorted(str(k) for k in {*expected, *got} if k not in got or k not in expected or got[k] != expected[k])
-        raise Unpatchable(wrong[0] if wrong else None, "the edited file would not hold the same data")
-    return new
-
-
-def atomic_write(path: Path, text: str, identity: Identity | None = None) -> bool:
-    """Replace `path` with `text` so that readers see the old file or the new one, never a mix.
-
-    With `identity` (of the version the text was made from), the file must still be that version right before
-    the rename; if someone changed it meanwhile nothing is written and False is returned (read it again).
-    """
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        try:
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        except FileNotFoundError:
-            pass
-        if identity is not None and _identity(path) != identity:
-            os.unlink(tmp)
-            return False
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    durable.sync_dir(str(directory))  # now, or once for the whole wake-up (the launch lock's batch)
-    return True
-
-
-def _identity(path: Path) -> Identity | None:
-    try:
-        info = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    return (info.st_ino, info.st_size, info.st_mtime_ns)
-
-
-# A person saving the file over and over while aipm writes: give up (StaleWrite) rather than spin.
-WRITE_ATTEMPTS = 50
-
-
-def update_task(
-    path: Path,
-    updates: Mapping[str, Any] | Callable[[Task], Mapping[str, Any]],
-    expect: Status | None = None,
-    root: Path | None = None,
-) -> Task:
-    """Re-read the task file, check its status, and write `updates` into the managed fields.
-
-    `updates` may be a function of the task as read now, so a decision and its write share one read.
-    `expect` guards against lost races: when given, the file must still hold that status, and a new status
-    must be a legal transition from it. Callers serialise writers with the project's launch lock; edits by
-    people and their tools are not serialised, so a file changed between our read and our rename is read
-    and rewritten again (no lost update).
-    """
-    for _ in range(WRITE_ATTEMPTS):
-        text, identity = read_versioned(path, follow=False)
-        data = parse_mapping(path, text)
-        current = task_from_mapping(path, data, root)
-        if expect is not None and current.status != expect:
-            raise StaleWrite(f"{current.id} is {current.status}, expected {expect}")
-        changes = updates(current) if callable(updates) else updates
-        new_status = changes.get("status")
-        if new_status is not None and new_status != current.status and new_status not in TRANSITIONS[current.status]:
-            raise StaleWrite(f"{current.id}: {current.status} → {new_status} is not allowed")
-        try:
-            new_text = rewrite(text, changes, data)
-        except Unpatchable as exc:
-            raise ValidationError(str(path), exc.key, f"aipm cannot write this field here ({exc.reason}); "
-                                  f"write it as a plain `{exc.key or 'status'}: VALUE` line") from None
-        if new_text == text or atomic_write(path, new_text, identity):
-            # The managed fields hold plain scalars, so the new Task is the old one with them replaced.
-            return dataclasses.replace(current, **changes)
-    raise StaleWrite(f"{path}: the file kept changing while aipm tried to write it; nothing written")
-
-
-def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")

@@ -327,7 +327,7 @@ def test_temp_file_of_a_killed_write_is_cleaned_up(project):
     directory, and nothing removed it. Fixed in dcd83a2 (recovery removes them under the launch lock)."""
     order = project.order()
     write_task(order, "A", command="true")
-    # What a writer killed inside store.atomic_write leaves: the new text in a temp file beside the task file.
+    # What a writer killed inside writer.atomic_write leaves: the new text in a temp file beside the task file.
     (order / ".A.yaml.k1ll3d.tmp").write_text((order / "A.yaml").read_text() + "status: IN_PROGRESS\n")
     assert project.aipm(*run_args(5)).returncode == 0
     project.aipm("recover")
@@ -763,7 +763,7 @@ def _big_task(order: Path, journal: Path) -> Path:
 def _sizes(text: str) -> tuple[int, int]:
     """Bytes of the task file after the IN_PROGRESS write, and after the DONE write."""
     from aipm.model import Status
-    from aipm.store import now, rewrite
+    from aipm.writer import now, rewrite
 
     started = rewrite(text, {"status": Status.IN_PROGRESS, "attempts": 1, "started_at": now(),
                              "finished_at": None, "exit_code": None})

@@ -13,7 +13,7 @@ import pytest
 from aipm import runner
 from aipm.model import Status
 from aipm.runtime import Runtime
-from aipm.store import update_task
+from aipm.writer import update_task
 from conftest import task_statuses, wait_for, write_task
 from invariants import check, journal_command, spans
 
@@ -69,7 +69,7 @@ from pathlib import Path
 from aipm import runner
 from aipm.model import Status
 from aipm.runtime import Runtime
-from aipm.store import update_task
+from aipm.writer import update_task
 root, task_file, journal_cmd = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
 with Runtime(root).launch_lock():
     update_task(task_file, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED)

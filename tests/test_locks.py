@@ -15,7 +15,7 @@ from conftest import Project, no_workers, state, task_statuses, wait_for, write_
 from invariants import check, cli_locks, held_lock_files, journal_command, pid_alive, spans
 from test_chaos import Proc
 
-from aipm.locks import LockBusy, lock_nodes, take
+from aipm.locks import lock_nodes
 from aipm.paths import normalize
 
 PY = sys.executable
@@ -129,7 +129,6 @@ def test_a_lock_held_by_another_process_is_named_everywhere_and_run_waits_for_it
     write_task(order, "DIR", target_files=["docs/"], command=journal_command(journal))
     write_task(order, "OTHER", target_files=["src/a.py"], command=journal_command(journal))
     holder = hold(project.root, "docs/conf.py")
-    pids = set()
     try:
         # Every process that has the locked descriptor holds it (here: just the holder).
         rows = [r for r in project.json("locks")["locks"] if r["path"] == "docs/conf.py"]

@@ -1,5 +1,7 @@
 """The pure planner, over literal orders."""
 
+from hypothesis import given, settings, strategies as st
+
 from aipm.model import Order, Priority, Status, Task
 from aipm.paths import normalize
 from aipm.plan import (
@@ -142,3 +144,20 @@ def test_worker_limit_detail_does_not_contradict_itself():
 def test_a_finished_task_names_why_it_ended():
     o = order(Task(id="R", path="R.yaml", status=Status.REJECTED, reason="review rejected: E501 line too long"))
     assert plan(o).blocked["R"].detail == "status is REJECTED (review rejected: E501 line too long)"
+
+
+# Issue 17: planning a big order looks up holders' lock nodes instead of comparing every pair of targets.
+raw_targets = st.lists(st.sampled_from(["a", "a/b", "a/b/c.py", "a/", "a/b/", "b.py", "x/y/z", "*.py", "a/*.py",
+                                        "a/**/t.py", "x/", ".", "a/bc", "ab/c"]), max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(mine=raw_targets, holders=st.lists(raw_targets, max_size=4))
+def test_the_lock_index_agrees_with_comparing_every_pair(mine, holders):
+    from aipm.paths import lock_overlap, normalize
+    from aipm.plan import _LockIndex
+
+    ours = tuple(normalize(raw) for raw in mine)
+    theirs = [tuple(normalize(raw) for raw in group) for group in holders]
+    pairwise = any(lock_overlap(a, b) for group in theirs for a in ours for b in group)
+    assert _LockIndex(theirs).near(ours) == pairwise

@@ -6,7 +6,8 @@ import pytest
 
 from aipm.errors import ValidationError
 from aipm.model import Status
-from aipm.store import StaleWrite, load_order, load_task, rewrite, update_task
+from aipm.store import load_order, load_task
+from aipm.writer import StaleWrite, rewrite, update_task
 
 COMMENTED = """\
 # A task with comments everywhere
@@ -88,7 +89,7 @@ import resource, signal
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
 from pathlib import Path
-from aipm.store import update_task
+from aipm.writer import update_task
 from aipm.model import Status
 try:
     update_task(Path({str(path)!r}), {{"status": Status.IN_PROGRESS}})

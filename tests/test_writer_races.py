@@ -12,7 +12,8 @@ import pytest
 
 from aipm.errors import ValidationError
 from aipm.model import Status
-from aipm.store import load_order, load_task, update_task
+from aipm.store import load_order, load_task
+from aipm.writer import update_task
 
 EDITOR = r"""
 import os, sys
@@ -61,7 +62,7 @@ def test_an_edit_between_read_and_rename_is_not_lost(tmp_path, monkeypatch, how)
 
 def test_a_status_changed_by_hand_meanwhile_makes_the_write_stale(tmp_path, monkeypatch):
     """The re-read sees the person's CANCELLED: aipm's IN_PROGRESS must not overwrite it."""
-    from aipm.store import StaleWrite
+    from aipm.writer import StaleWrite
 
     path = tmp_path / "T.yaml"
     path.write_text("command: x\nstatus: QUEUED\n")

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from aipm.board import survey
 from aipm.cli import app
-from aipm.cli.common import JsonOpt, console, print_json, project_root
+from aipm.cli.common import JsonOpt, console, print_json, project_root, read_only
 from aipm.cli.resource_options import MaxWorkersOpt
 from aipm.launcher import Launcher, Options
 from aipm.model import Status
@@ -50,6 +49,7 @@ def detect(
     json_out: bool = JsonOpt,
 ) -> None:
     """List the tasks that may start now, in launch order, and why every other task may not. Never writes."""
+    read_only()
     launcher = _launcher(max_workers)
     loaded, result, free, *_ = survey(launcher, launcher.project.order_dir(order))
     if json_out:
@@ -69,6 +69,8 @@ def detect(
         for key, value in result.summary(loaded).items():
             out.print(f"{key.replace('_', ' '):>26}: {value}")
         return
+    from rich.table import Table
+
     table = Table(title=f"Launchable in {loaded.id} ({free} free worker slot(s))")
     for col in ("#", "task", "pri", "target files"):
         table.add_column(col)
@@ -91,6 +93,7 @@ def why(
     json_out: bool = JsonOpt,
 ) -> None:
     """Explain whether a task may start now, and if not, every reason."""
+    read_only()
     launcher = _launcher(max_workers)
     loaded, task_id, launchable, reasons = reasons_for(launcher, *find_task(launcher.project, task))
     current = loaded.tasks[task_id]

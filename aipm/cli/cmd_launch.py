@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from aipm import budget
+from aipm import budget, parsecache
 from aipm.cli import app
 from aipm.cluster import require_ray
 from aipm.cli.cmd_detect import print_reasons, reasons_for
@@ -35,6 +35,7 @@ WorkspaceOpt = typer.Option(
 def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options,
               runner: str | None = None, preempt: bool = False, confine: bool = False,
               workspace: str | None = None) -> Launcher:
+    parsecache.writable(not options.dry_run)  # commands that may write keep the parse cache up to date
     root = project_root()
     settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, runner,
                                    preempt, confine, workspace)

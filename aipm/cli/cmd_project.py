@@ -5,14 +5,12 @@ from __future__ import annotations
 from typing import Optional
 
 import typer
-from rich.table import Table
-from rich.text import Text
 
-from aipm import budget
+from aipm import budget, parsecache
 from aipm.board import task_row
 from aipm.cli import app
 from aipm.advice import warnings
-from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, warn
+from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, read_only, warn
 from aipm.errors import ValidationError
 from aipm.model import FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
@@ -77,7 +75,11 @@ def validate(
     order: Optional[str] = typer.Argument(None, help="Order id or directory (default: every order)."),
     json_out: bool = JsonOpt,
 ) -> None:
-    """Check task and order files. Exit 2, naming the file and the field, on any error."""
+    """Check task and order files. Exit 2, naming the file and the field, on any error.
+
+    Remembers what it checked in the parse cache (in an existing .aipm/ only), so later loads skip parsing.
+    """
+    parsecache.writable()
     project = get_project()
     dirs = [project.order_dir(order)] if order else project.order_dirs()
     ids = project.order_ids()
@@ -120,6 +122,7 @@ def status(
     Tries count attempts against max_attempts; reworks count the times a review sent the task back (against
     max_rework). `reason` says why the latest attempt ended as it did.
     """
+    read_only()
     root = project_root()
     settings = load_settings(root)
     loaded = load_order(Project(root, settings.orders_dir).order_dir(order), root)
@@ -132,6 +135,9 @@ def status(
             totals["max_cost_usd"] = limit.limit
         print_json({"order": loaded.id, "tasks": [task_row(t, settings) for t in tasks], **totals})
         return
+    from rich.table import Table
+    from rich.text import Text
+
     table = Table(title=f"Order {loaded.id}" + (f" — {loaded.title}" if loaded.title else ""))
     for col in ("task", "status", "pri", "depends on / waiting on", "target files", "tries", "reworks", "reason",
                 "cost"):

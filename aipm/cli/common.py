@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
-from rich.console import Console
 
 from aipm.project import Project, find_root
+
+if TYPE_CHECKING:
+    from rich.console import Console
 
 _state: dict[str, Any] = {"root": None}
 
@@ -30,6 +33,8 @@ def project_root() -> Path:
 
 
 def console(stderr: bool = False, width: int | None = None) -> Console:
+    from rich.console import Console  # here: JSON output never needs rich
+
     # Rich honours NO_COLOR itself; no colour or markup tricks when not a terminal.
     return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
 
@@ -44,6 +49,12 @@ def warn(lines: list[str]) -> None:
     """Warnings go to stderr, one line each, and change neither the exit code nor the output on stdout."""
     for line in lines:
         print(f"aipm: warning: {line}", file=sys.stderr)
+
+
+def read_only() -> None:
+    """For commands that read, print and exit: the cyclic GC would only rescan the order just loaded (for 10k
+    tasks it costs about as much as planning), and the process ends before any garbage matters."""
+    gc.disable()
 
 
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")

@@ -1,0 +1,235 @@
+"""The parse cache: validated task files remembered by their stat, so a big order loads without parsing.
+
+One file per order directory, `<root>/.aipm/cache/<order dir name>-<hash of its real path>.tasks`: for each task
+file its key (device, inode, size, mtime_ns, ctime_ns) and the Task's fields. Loading an order looks every file
+up by a fresh `lstat`; a file whose key differs is parsed and validated as usual. Target paths are normalised
+again on every load (they depend on the tree, not on the file), and links between tasks are checked again.
+
+What the key can tell: any rename or replacement (inode), any edit of the bytes (ctime: unlike mtime, no tool can
+set it, so an edit that keeps the size and restores the mtime still misses). What it cannot: an edit within the
+same clock tick as the version it remembers. So a file is remembered only when its ctime is at least RACY_NS older
+than the moment it was read (git's "racily clean" entries); a later edit then carries a later ctime. A clock set
+back by more than that, or a file system without a real ctime, defeats the key: such setups can delete the
+cache directory, or never run a command that writes it.
+
+Who writes it: only commands that may write (`validate`, `launch`, `run`, `exec`; never `detect`, `status`, a dry
+run), only into an existing `<root>/.aipm/` directory, atomically (temp file and rename; no fsync: a lost cache
+costs one parse). Any unreadable, truncated, corrupt (checksum), foreign (another directory, another aipm) cache
+is ignored whole: a cache can make loading slower or faster, never change what it returns. The format is
+`marshal` of plain tuples behind a CRC, read only after the checksum matches; never pickle (a worker can write
+into `.aipm/`).
+"""
+
+from __future__ import annotations
+
+import marshal
+import os
+import stat
+import sys
+import time
+import zlib
+from dataclasses import fields
+from pathlib import Path
+
+from aipm import agents, model, patch, paths
+from aipm.model import Priority, Resources, Status, Task
+
+RACY_NS = 2_000_000_000
+_MAGIC = b"aipm-parse-cache-1\n"
+_NAMES = tuple(f.name for f in fields(Task))
+_PATH, _TARGETS, _STATUS, _PRIORITY, _RESOURCES = (
+    _NAMES.index(n) for n in ("path", "targets", "status", "priority", "resources"))
+_STATUSES = {s.value: s for s in Status}
+_PRIORITIES = {p.value: p for p in Priority}
+_RESOURCE_NAMES = tuple(f.name for f in fields(Resources))
+
+# Whether this process may write the cache: commands that may write turn it on (see writable()).
+_writable = False
+
+
+def writable(on: bool = True) -> None:
+    """Let this process write the cache (for commands that may write; read-only commands never call it)."""
+    global _writable
+    _writable = on
+
+
+def _fingerprint() -> tuple:
+    """What a remembered validation depends on besides the file: the code that validates (by the stat of its
+    source, as Python's own .pyc files do) and the shape of Task."""
+    sources = []
+    for module in (sys.modules["aipm.store"], model, agents, patch, sys.modules[__name__]):
+        try:
+            st = os.stat(module.__file__)
+            sources.append((st.st_size, st.st_mtime_ns))
+        except (OSError, TypeError):
+            sources.append(None)
+    return (marshal.version, sys.version_info[:2], _NAMES, _RESOURCE_NAMES, tuple(sources))
+
+
+class ParseCache:
+    """The cache of one order directory during one load: `recall` before parsing a file, `learn` after."""
+
+    def __init__(self, file: Path, directory: str, entries: dict, save: bool):
+        self.file = file
+        self.directory = directory
+        self.old = entries
+        self.new: dict[str, tuple] = {}
+        self.save = save
+        self.dirty = False
+        self.started = time.time_ns()
+        self._normalised: dict[str, paths.Target] = {}
+        self._pending: tuple | None = None
+
+    @classmethod
+    def open(cls, order_dir: Path, root: Path | None) -> "ParseCache | None":
+        """The cache for `order_dir`, or None when there is nothing to read and nothing may be written."""
+        if root is None:
+            return None
+        runtime = os.path.join(root, ".aipm")
+        real = os.path.realpath(order_dir)
+        name = f"{os.path.basename(real)}-{zlib.crc32(real.encode()):08x}.tasks"
+        file = Path(runtime, "cache", name)
+        entries = _read(file, real)
+        save = _writable and _is_real_dir(runtime)
+        if entries is None and not save:
+            return None
+        return cls(file, real, entries or {}, save)
+
+    def recall(self, path: str, name: str, root: Path | None) -> Task | None:
+        """The remembered Task of the file `path` (named `name`) if it is still the version remembered, else None
+        (parse it)."""
+        try:
+            st = os.lstat(path)
+        except OSError:
+            self._pending = None
+            return None
+        if not stat.S_ISREG(st.st_mode):  # a symlink or worse: the parse refuses it
+            self._pending = None
+            return None
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        self._pending = (name, key)
+        entry = self.old.get(name)
+        try:
+            if entry is None or entry[0] != key:
+                return None
+            task = self._task(entry[1], path, root)
+        except (paths.PathError, TypeError, ValueError, KeyError, IndexError):
+            return None  # e.g. a target that no longer normalises: the parse names the problem
+        self.new[name] = entry
+        return task
+
+    def learn(self, task: Task) -> None:
+        """Remember the Task just parsed from the file `recall` looked at, if the file did not move meanwhile
+        and is old enough for its key to tell every later edit."""
+        pending, self._pending = self._pending, None
+        if not self.save or pending is None:
+            return
+        name, key = pending
+        try:
+            st = os.lstat(task.path)
+        except OSError:
+            return
+        if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != key:
+            return
+        if key[4] >= self.started - RACY_NS:
+            return
+        values = _values(task)
+        if values is not None:
+            self.new[name] = (key, values)
+            self.dirty = True
+
+    def close(self) -> None:
+        """Write the cache when it changed (files learned or gone) and this process may write it."""
+        if not self.save or not (self.dirty or self.new.keys() != self.old.keys()):
+            return
+        body = marshal.dumps((_fingerprint(), self.directory, self.new))
+        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
+        try:
+            self.file.parent.mkdir(exist_ok=True)
+            with open(tmp, "wb") as handle:  # header and body apart: no second copy of a body of megabytes
+                handle.write(_MAGIC + zlib.crc32(body).to_bytes(4, "big") + len(body).to_bytes(8, "big"))
+                handle.write(body)
+            os.replace(tmp, self.file)
+        except OSError:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+    def _task(self, values: tuple, path: str, root: Path | None) -> Task:
+        row = list(values)
+        if len(row) != len(_NAMES):
+            raise ValueError("entry of another shape")
+        row[_PATH] = path
+        row[_TARGETS] = tuple(self._normalise(raw, root) for raw in row[_NAMES.index("target_files")])
+        row[_STATUS] = _STATUSES[row[_STATUS]]
+        row[_PRIORITY] = _PRIORITIES[row[_PRIORITY]]
+        if row[_RESOURCES] is not None:
+            row[_RESOURCES] = Resources(*row[_RESOURCES])
+        return Task(*row)
+
+    def _normalise(self, raw: str, root: Path | None) -> paths.Target:
+        """Target paths normalised once per load: tasks of one order share many of them."""
+        hit = self._normalised.get(raw)
+        if hit is None:
+            hit = self._normalised[raw] = paths.normalize(raw, str(root) if root else None)
+        return hit
+
+
+def _values(task: Task) -> tuple | None:
+    """The Task's fields as plain data (None when one is of a kind this cache does not know)."""
+    row = []
+    for i, name in enumerate(_NAMES):
+        value = getattr(task, name)
+        if i in (_PATH, _TARGETS):
+            value = None
+        elif i in (_STATUS, _PRIORITY):
+            value = value.value
+        elif i == _RESOURCES:
+            value = None if value is None else tuple(getattr(value, n) for n in _RESOURCE_NAMES)
+        elif not _plain(value):
+            return None
+        row.append(value)
+    return tuple(row)
+
+
+def _plain(value) -> bool:
+    if value is None or type(value) in (str, int, float, bool):
+        return True
+    if type(value) is tuple:
+        return all(type(v) is str for v in value)
+    if type(value) is dict:
+        return all(type(k) is str and type(v) is int for k, v in value.items())
+    return False
+
+
+def _read(file: Path, directory: str) -> dict | None:
+    """The entries of a cache file written by this aipm for `directory`, or None (missing, corrupt, foreign)."""
+    try:
+        with open(file, "rb") as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    head = len(_MAGIC) + 12
+    if len(data) < head or not data.startswith(_MAGIC):
+        return None
+    crc = int.from_bytes(data[len(_MAGIC):len(_MAGIC) + 4], "big")
+    size = int.from_bytes(data[len(_MAGIC) + 4:head], "big")
+    body = memoryview(data)[head:]
+    if len(body) != size or zlib.crc32(body) != crc:
+        return None
+    try:
+        fingerprint, where, entries = marshal.loads(body)
+    except (ValueError, EOFError, TypeError):
+        return None
+    if fingerprint != _fingerprint() or where != directory or type(entries) is not dict:
+        return None
+    return entries
+
+
+def _is_real_dir(path: str) -> bool:
+    """A directory, not a symlink to one (a `.aipm` link leading elsewhere is refused by the runtime)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False

@@ -1,0 +1,330 @@
+"""Recording what an attempt came to: the finishing half of an owner (supervisor.Supervisor).
+
+When an owned worker ends, its owner re-reads the task under the launch lock and writes the outcome: DONE,
+IN_REVIEW (the reviewer started), REWORK with feedback, FAILED, REJECTED; a worktree task's changes merged back
+on approval; the scope audit's findings. An outcome that cannot be written (a full disk, a broken file) is held
+and retried, and handed over to `aipm recover` (in its exit file) when the owner must exit. The decisions
+themselves are pure (finish.py); this module applies them to files and records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+from pathlib import Path
+
+from aipm import agents, confine, notify, outcome, runner, scope, unrecorded, workspace
+from aipm.errors import UserError
+from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
+from aipm.launcher import Launcher, append_log
+from aipm.model import FINISHED_OK, Status, Task
+from aipm.restore import disowned, known_status, restore
+from aipm.runtime import Record, Runtime
+from aipm.settings import Settings
+from aipm.store import load_task
+from aipm.writer import now, update_task
+from aipm.view import OrderView
+from aipm.worker import environment, model_for
+
+
+class Recording:
+    """Outcome recording for an owner. The owner provides the state below (see Supervisor.__init__)."""
+
+    launcher: Launcher
+    view: OrderView | None
+    rt: Runtime
+    settings: Settings
+    owned: dict[str, Record]
+    adopted: set[str]
+    lock_fds: dict[str, list[int]]
+    outbox: list[dict]
+    unrecorded: dict[str, tuple[Record, int | None, bool]]
+    writes: int
+
+    def _own(self, rec: Record) -> None:  # watch a process of ours (the reviewer)
+        raise NotImplementedError
+
+    def _record(self, rec: Record, pid: int, timeout: int | None) -> None:  # write the record of a started process
+        raise NotImplementedError
+
+    def _record_outcome(self, rec: Record, code: int | None, timed_out: bool) -> dict | None:
+        """Apply an outcome. One that cannot be written now is held and retried (retry_unrecorded), and reported
+        once; one whose task file was deleted is kept in the log."""
+        writes, before = self.writes, dataclasses.replace(rec)
+        try:
+            event = self._apply(rec, code, timed_out)
+        except (UserError, OSError) as exc:
+            if not os.path.exists(rec.task_file):
+                return self._gone(rec, code)
+            self.owned.pop(rec.key, None)
+            first = rec.key not in self.unrecorded
+            self.unrecorded[rec.key] = (before, code, timed_out)
+            if self.writes != writes:  # half applied (say IN_REVIEW, no reviewer): not safe to apply twice
+                self._hand_over(rec.key)
+            if not first:
+                return None
+            text = unrecorded.message(rec, code, exc, unrecorded.keep_exit_code(rec, code))
+            append_log(rec.log, text)
+            return {"event": "error", "order": rec.order, "task": rec.task, "error": text}
+        self.unrecorded.pop(rec.key, None)
+        return event
+
+    def retry_unrecorded(self) -> None:
+        """Try the held outcomes again (the disk may have room, the file may be fixed). Caller holds the lock."""
+        for key, (rec, code, timed_out) in list(self.unrecorded.items()):
+            event = self._record_outcome(dataclasses.replace(rec), code, timed_out)
+            if event:
+                self.outbox.append(event)
+
+    def hand_over(self) -> None:
+        """Before exiting: a last try, then leave each held outcome to `aipm recover` (in its exit file)."""
+        with self.rt.launch_lock():
+            self.retry_unrecorded()
+            for key in list(self.unrecorded):
+                self._hand_over(key)
+
+    def _hand_over(self, key: str) -> None:
+        rec, code, _ = self.unrecorded.pop(key)
+        unrecorded.keep_exit_code(rec, code)
+        rec.owner_pid, rec.owner_ctime = 0, 0.0
+        try:
+            self.rt.write_record(rec)
+        except OSError:
+            pass  # the record still names us; once we exit it is just as adoptable
+
+    def _gone(self, rec: Record, code: int | None) -> dict:
+        """The task file was deleted while its worker ran: nothing to write to; the outcome stays in the log."""
+        kept = unrecorded.keep_exit_code(rec, code)
+        append_log(rec.log, f"attempt {rec.serial} ended with exit {code}, but its task file {rec.task_file} "
+                            f"was deleted meanwhile: the outcome is recorded here" + (" and in its exit file" * kept))
+        self._drop(rec)
+        if self.view is not None and rec.order == self.view.order.id:
+            self.view.reload(rec.task_file, gone=True)
+        return {"event": "gone", "order": rec.order, "task": rec.task, "attempt": rec.serial, "exit_code": code,
+                "file": rec.task_file}
+
+    def _apply(self, rec: Record, code: int | None, timed_out: bool) -> dict:
+        task = load_task(Path(rec.task_file), self.rt.root)
+        event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.serial,
+                 "phase": rec.phase, "exit_code": code}
+        if task.status == Status.CANCELLED:
+            self._drop(rec)  # the user's word stands
+            event.update(status=str(task.status), reason=task.reason)
+            return event
+        if disowned(task, rec):
+            was = task.status
+            task = self._restored(rec, task)
+            self.outbox.append({"event": "restored", "order": rec.order, "task": rec.task, "was": str(was),
+                                "status": str(task.status)})
+        if code is None:
+            if rec.phase == "review":
+                self._start_review(rec, task)  # the reviewer vanished without a verdict: ask again
+                return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial}
+            if unrecorded.exit_lost(rec.exit_file):
+                return self._outcome_lost(rec, task, event)
+            # We watched this worker (adopted, so not our child) die before its wrapper wrote an exit code: our
+            # own timeout killed it, or someone else did. Either is a failed attempt like any other, or repeated
+            # kills would retry forever.
+            if not timed_out:
+                append_log(rec.log, "worker ended without an exit code (killed from outside); counted as exit 137")
+                code = 128 + signal.SIGKILL
+        if rec.phase == "work":
+            task = self._work_ended(rec, task, code, timed_out, event)
+        else:
+            task = self._review_ended(rec, task, code)
+        if task.status == Status.IN_REVIEW:
+            return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial}
+        if rec.workspace and task.status in FINISHED_OK:
+            append_log(rec.log, workspace.finished(self.rt.root, rec) or "merged; worktree removed")
+        self._drop(rec)
+        event.update(status=str(task.status), reason=task.reason)
+        if task.status in (Status.FAILED, Status.REJECTED):
+            notify.send(self.settings, self.rt, task.status.value.lower(), task.status.value,
+                        f"{rec.order}/{rec.task} is {task.status} after attempt {rec.attempt}; log: {rec.log}",
+                        AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.attempt),
+                        AIPM_LOG=rec.log)
+        return event
+
+    def _restored(self, rec: Record, task: Task) -> Task:
+        """The file was reset under a live worker (a `git checkout`): write back what we know, keep the rest."""
+        append_log(rec.log, f"{task.path} said {task.status} (attempts {task.attempts}) while attempt "
+                            f"{rec.serial} ran: restored {known_status(rec)} (attempts {rec.attempt})")
+        task = restore(task, rec, self.rt.root)
+        self._note(task)
+        return task
+
+    def restore_owned(self, tasks: dict[str, Task]) -> None:
+        """Put back the status of owned tasks whose file (as the view last read it) was reset. Under the lock."""
+        for rec in list(self.owned.values()):
+            seen = tasks.get(rec.task)
+            if seen is None or not disowned(seen, rec):
+                continue
+            try:
+                task = load_task(Path(rec.task_file), self.rt.root)
+                if disowned(task, rec):
+                    self.outbox.append({"event": "restored", "order": rec.order, "task": rec.task,
+                                        "was": str(task.status), "status": str(self._restored(rec, task).status)})
+            except (UserError, OSError):
+                pass  # broken or gone: the view reports it, and the finish deals with it
+
+    def _outcome_lost(self, rec: Record, task: Task, event: dict) -> dict:
+        """The worker ended but its exit code never reached the disk: its result is unknown. Leave it to a person
+        (INTERRUPTED) rather than run it again blindly or call it failed."""
+        append_log(rec.log, f"attempt {rec.serial} ended, but its exit code was lost ({rec.exit_file} is empty): "
+                            "left INTERRUPTED; check its work, then `aipm retry` it")
+        task = self._write(task, {"status": Status.INTERRUPTED, "finished_at": now(),
+                                  "reason": outcome.interrupted("exit code lost")})
+        self._drop(rec)
+        event.update(status=str(task.status), reason=task.reason)
+        event["detail"] = "exit code lost; check its work, then `aipm retry`"
+        return event
+
+    def _write(self, task: Task, updates: dict) -> Task:
+        task = update_task(Path(task.path), updates, expect=task.status, root=self.rt.root)
+        self.writes += 1
+        self._note(task)
+        return task
+
+    def _work_ended(self, rec: Record, task: Task, code: int | None, timed_out: bool, event: dict) -> Task:
+        """IN_PROGRESS → DONE, IN_REVIEW (review started), QUEUED or FAILED; REWORK when out of scope.
+
+        `code` is None only for an adopted worker our timeout killed (its wrapper died before writing one).
+        """
+        timeout = task.timeout or self.settings.timeout
+        append_log(rec.log, f"attempt {rec.serial} ended: {describe_exit(code, timed_out, timeout)}")
+        spent = self._usage(rec, task, event)
+        message = None
+        try:
+            outside = self._scope_findings(rec) if code == 0 else []
+        except workspace.WorkspaceError as exc:
+            outside, message = [], str(exc)
+        if outside:
+            # Writing outside target_files fails the review, whatever the reviewer would say.
+            message = "scope audit: wrote outside target_files: " + ", ".join(outside)
+            if rec.workspace:
+                message += "; nothing of this attempt was merged"
+            event["scope"] = outside
+        reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
+        if code == 0 and not message and not reviewing:
+            message = self._merge_back(rec, event)
+        if message:
+            append_log(rec.log, message.splitlines()[0])
+            self.rt.feedback_path(rec.order, rec.task).write_text(message + "\n")
+            task = self._write(task, {**after_work(task, 0, self.settings, True, outcome.exited(0)), **spent})
+            why = outcome.scope(outside) if outside else outcome.one_line(message.splitlines()[0])
+            for updates in after_review(task, 1, self.settings, why):
+                task = self._write(task, updates)
+            return task
+        reason = attempt_reason(code, timed_out, timeout)
+        task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason), **spent})
+        if task.status == Status.IN_REVIEW:
+            self._start_review(rec, task)
+        return task
+
+    def _usage(self, rec: Record, task: Task, event: dict) -> dict:
+        """The attempt's usage, read from its log by its agent preset, as updates of the task's totals."""
+        if agents.can_resume(rec.agent):
+            self.rt.resume_path(rec.order, rec.task).unlink(missing_ok=True)  # a resume is used once
+        usage = agents.read_usage(rec.agent, Path(rec.log))
+        if usage is None:
+            return {}
+        cost = "unknown" if usage.cost_usd is None else f"${usage.cost_usd:.4f}"
+        tokens = ", ".join(f"{k} {n}" for k, n in usage.tokens.items()) or "unknown"
+        append_log(rec.log, f"usage: cost {cost}; tokens {tokens}; session {usage.session_id or 'unknown'}")
+        if usage.cost_usd is not None:
+            event["cost_usd"] = usage.cost_usd
+        return agents.task_updates(task.cost_usd, task.tokens, usage)
+
+    def _review_ended(self, rec: Record, task: Task, code: int) -> Task:
+        """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback."""
+        feedback = self.rt.feedback_path(rec.order, rec.task)
+        review_log = Path(rec.log).with_suffix(".review.log")
+        verdict = "approved" if code == 0 else f"sent back (exit {code})"
+        append_log(rec.log, f"review {verdict}; review output: {review_log}")
+        conflict = self._merge_back(rec, {}) if code == 0 else None
+        if conflict:
+            append_log(rec.log, conflict.splitlines()[0])
+            feedback.write_text(conflict + "\n")
+            code, reason = 1, outcome.one_line(conflict.splitlines()[0])
+        elif code == 0:
+            feedback.unlink(missing_ok=True)
+            reason = outcome.review_approved()
+        else:
+            output = review_log.read_bytes() if review_log.exists() else b""
+            feedback.write_bytes(output)
+            reason = outcome.review_rejected(output.decode(errors="replace"), code)
+        for updates in after_review(task, code, self.settings, reason):
+            task = self._write(task, updates)
+        return task
+
+    def _merge_back(self, rec: Record, event: dict) -> str | None:
+        """An approved worktree task: apply its changes to the main tree. The conflict (its feedback) when they
+        cannot be; then nothing was applied."""
+        if not rec.workspace:
+            return None
+        try:
+            for note in workspace.merge(self.rt.root, rec):
+                append_log(rec.log, f"merge: {note}")
+        except workspace.Conflict as exc:
+            event["conflict"] = exc.paths
+            return str(exc)
+        except workspace.WorkspaceError as exc:
+            return f"merge failed, nothing of this attempt was merged: {exc}"
+        return None
+
+    def _scope_findings(self, rec: Record) -> list[str]:
+        """Paths the worker changed that neither it nor any task running alongside it may write (a worktree
+        task: that it changed outside its own targets, exactly)."""
+        if rec.workspace:
+            return workspace.outside_targets(self.rt.root, rec)
+        before = scope.load(Path(rec.scope_file))
+        after = scope.snapshot(self.rt.root) if before is not None else None
+        if after is None:
+            return []
+        others = self.rt.records()
+        order_dirs = {os.path.relpath(r.order_dir, self.rt.root) + "/" for r in [rec, *others]}
+        allowed = [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *order_dirs,
+                   *scope.written_since(self.rt, before.taken_ns)]
+        return scope.out_of_scope(scope.changed(before, after), allowed)
+
+    def _start_review(self, rec: Record, task: Task) -> None:
+        command = review_command(task, self.settings, self.launcher.options.no_review)
+        if isinstance(command, tuple):
+            command = list(command)
+        env = environment(self.rt, rec, task, model_for(task, self.settings, self.launcher.options.model))
+        rec.phase = "review"
+        rec.exit_file = rec.exit_file.split(".review")[0] + ".review"
+        review_log = str(Path(rec.log).with_suffix(".review.log"))
+        try:
+            os.unlink(rec.exit_file)
+        except FileNotFoundError:
+            pass
+        rec.command = [command] if isinstance(command, str) else command
+        try:
+            runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=workspace.directory(self.rt.root, rec),
+                         log=review_log,
+                         started=lambda pid: self._record(rec, pid, None))
+        except runner.SpawnError as exc:
+            # A reviewer that cannot start never approves (fail closed).
+            append_log(review_log, f"review could not start: {exc}")
+            rec.pid = 0
+            with open(rec.exit_file, "w") as handle:
+                handle.write("127\n")
+            self.rt.write_record(rec)
+        self._own(rec)
+
+    def _note(self, task: Task) -> None:
+        if self.view is not None:
+            self.view.note(task)
+
+    def _drop(self, rec: Record) -> None:
+        Path(rec.scope_file).unlink(missing_ok=True)
+        confine.tidy(rec.log)
+        # Locks go before the record: a held lock without a record would look like a stranger's.
+        for fd in self.lock_fds.pop(rec.key, ()):
+            os.close(fd)
+        scope.note_ended(self.rt, rec)
+        self.rt.remove_record(rec.order, rec.task)
+        self.owned.pop(rec.key, None)
+        self.adopted.discard(rec.key)

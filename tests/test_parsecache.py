@@ -1,0 +1,293 @@
+"""Issue 17 (B3): the parse cache. Whatever the cache holds, loading returns what parsing the files returns."""
+
+import json
+import marshal
+import os
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from aipm import parsecache, paths, store
+from aipm.errors import ValidationError
+from aipm.plan import plan
+from aipm.store import load_order
+from conftest import write_task
+
+
+@pytest.fixture
+def cached(tmp_path, monkeypatch):
+    """A project root with a runtime directory, in a process that may write the cache. RACY_NS is 0 so files
+    written a moment ago count as old enough (the CLI test below waits for the real window instead)."""
+    (tmp_path / ".aipm").mkdir()
+    monkeypatch.setattr(parsecache, "_writable", True)
+    monkeypatch.setattr(parsecache, "RACY_NS", 0)
+    return tmp_path
+
+
+@pytest.fixture
+def parses(monkeypatch):
+    """The names of the task files parsed (not recalled) from now on."""
+    seen = []
+    real = store.load_task
+
+    def spy(path, root=None):
+        seen.append(Path(path).name)
+        return real(path, root)
+
+    monkeypatch.setattr(store, "load_task", spy)
+    return seen
+
+
+def cache_files(root: Path) -> list[Path]:
+    return sorted((root / ".aipm" / "cache").glob("*.tasks"))
+
+
+def make_order(root: Path, n: int = 4) -> Path:
+    order = root / "orders" / "ORD"
+    for i in range(n):
+        write_task(order, f"T{i}", command="true", target_files=[f"src/m{i}.py", "docs/"],
+                   depends_on=[f"T{i - 1}"] if i else [], priority="P2" if i % 2 else "P1")
+    time.sleep(0.01)  # past the file system's timestamp tick, so the files are older than the load
+    return order
+
+
+def test_a_second_load_parses_nothing_and_returns_the_same_order(cached, parses):
+    order = make_order(cached)
+    first = load_order(order, cached)
+    assert sorted(parses) == ["T0.yaml", "T1.yaml", "T2.yaml", "T3.yaml"] and len(cache_files(cached)) == 1
+    parses.clear()
+    second = load_order(order, cached)
+    assert parses == []
+    assert second.tasks == first.tasks and list(second.tasks) == list(first.tasks)
+    assert second.tasks == load_order(order, None).tasks  # and what parsing without any cache gives
+
+
+def test_an_edit_that_keeps_size_and_mtime_is_still_seen(cached, parses):
+    """The key holds ctime, which no tool can set back: restoring mtime (and size) does not hide an edit."""
+    order = make_order(cached)
+    load_order(order, cached)
+    path = order / "T1.yaml"
+    info = path.stat()
+    text = path.read_text()
+    assert "P2" in text
+    path.write_text(text.replace("P2", "P3"))
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (info.st_size, info.st_mtime_ns)
+    parses.clear()
+    assert load_order(order, cached).tasks["T1"].priority.value == "P3"
+    assert parses == ["T1.yaml"]
+
+
+def test_a_replaced_or_deleted_file_is_seen(cached, parses):
+    order = make_order(cached)
+    load_order(order, cached)
+    (order / "T3.yaml").unlink()
+    tmp = order / ".T2.new"
+    tmp.write_text((order / "T2.yaml").read_text().replace("command: 'true'", "command: 'false'"))
+    os.replace(tmp, order / "T2.yaml")
+    parses.clear()
+    loaded = load_order(order, cached)
+    assert sorted(loaded.tasks) == ["T0", "T1", "T2"] and loaded.tasks["T2"].command == "false"
+    assert parses == ["T2.yaml"]
+
+
+def test_a_file_changed_within_the_racy_window_is_not_remembered(cached, parses, monkeypatch):
+    monkeypatch.setattr(parsecache, "RACY_NS", 3600 * 10**9)  # every file is "just written"
+    order = make_order(cached)
+    load_order(order, cached)
+    load_order(order, cached)
+    assert sorted(parses) == sorted(["T0.yaml", "T1.yaml", "T2.yaml", "T3.yaml"] * 2)
+
+
+def test_a_file_that_became_invalid_is_never_hidden(cached):
+    order = make_order(cached)
+    load_order(order, cached)
+    path = order / "T2.yaml"
+    path.write_text(path.read_text().replace("priority: P1", "priority: P9"))
+    with pytest.raises(ValidationError, match="T2.yaml: priority: 'P9' is not one of"):
+        load_order(order, cached)
+
+
+def test_a_target_that_now_leads_outside_the_root_is_refused_although_the_file_is_unchanged(cached, tmp_path_factory):
+    """Targets depend on the tree, not the file: they are normalised again on every load."""
+    order = make_order(cached)
+    load_order(order, cached)
+    outside = tmp_path_factory.mktemp("elsewhere")
+    (cached / "src").symlink_to(outside)
+    paths._dir_has_symlink.cache_clear()  # as in a new process: paths keeps parent-directory checks per process
+    with pytest.raises(ValidationError, match="T0.yaml: target_files: 'src/m0.py' is a symlink that leads outside"):
+        load_order(order, cached)
+
+
+def test_a_task_file_replaced_by_a_symlink_is_refused_as_without_the_cache(cached):
+    order = make_order(cached)
+    load_order(order, cached)
+    copy = cached / "T3.copy"
+    copy.write_text((order / "T3.yaml").read_text())
+    (order / "T3.yaml").unlink()
+    (order / "T3.yaml").symlink_to(copy)
+    with pytest.raises(ValidationError, match="T3.yaml: is a symlink"):
+        load_order(order, cached)
+
+
+def test_links_between_tasks_are_checked_again(cached):
+    order = make_order(cached)
+    load_order(order, cached)
+    (order / "T0.yaml").unlink()
+    with pytest.raises(ValidationError, match="T1.yaml: depends_on: 'T0' is not a task of order ORD"):
+        load_order(order, cached)
+
+
+def _header(body: bytes) -> bytes:
+    return parsecache._MAGIC + zlib.crc32(body).to_bytes(4, "big") + len(body).to_bytes(8, "big") + body
+
+
+@pytest.mark.parametrize("damage", [
+    "truncated", "empty", "garbage", "flipped byte", "wrong shape, right checksum", "another directory's",
+    "entries of another shape", "a directory", "a value changed behind the checksum",
+])
+def test_a_broken_or_foreign_cache_is_ignored(cached, parses, damage):
+    order = make_order(cached)
+    expected = load_order(order, cached).tasks
+    [file] = cache_files(cached)
+    data = file.read_bytes()
+    if damage == "truncated":
+        file.write_bytes(data[: len(data) // 2])
+    elif damage == "empty":
+        file.write_bytes(b"")
+    elif damage == "garbage":
+        file.write_bytes(os.urandom(len(data)))
+    elif damage == "flipped byte":
+        file.write_bytes(data[:-10] + bytes([data[-10] ^ 0xFF]) + data[-9:])
+    elif damage == "wrong shape, right checksum":
+        file.write_bytes(_header(b"\xe9\x01\x00\x00\x00"))  # marshal of a bare int
+    elif damage == "another directory's":  # e.g. an order directory copied, cache and all
+        fingerprint, _, entries = marshal.loads(data[len(parsecache._MAGIC) + 12:])
+        file.write_bytes(_header(marshal.dumps((fingerprint, str(cached / "elsewhere"), entries))))
+    elif damage == "entries of another shape":
+        fingerprint, where, entries = marshal.loads(data[len(parsecache._MAGIC) + 12:])
+        entries = {name: (key, values[:-1]) for name, (key, values) in entries.items()}
+        file.write_bytes(_header(marshal.dumps((fingerprint, where, entries))))
+    elif damage == "a value changed behind the checksum":  # marshal would load it: only the CRC tells
+        assert data.count(b"src/m1.py") == 1
+        file.write_bytes(data.replace(b"src/m1.py", b"src/m7.py"))
+    elif damage == "a directory":
+        file.unlink()
+        file.mkdir()
+    parses.clear()
+    assert load_order(order, cached).tasks == expected
+    assert sorted(parses) == ["T0.yaml", "T1.yaml", "T2.yaml", "T3.yaml"]
+
+
+def test_a_process_that_may_not_write_reads_the_cache_and_writes_nothing(cached, parses, monkeypatch):
+    order = make_order(cached)
+    monkeypatch.setattr(parsecache, "_writable", False)
+    load_order(order, cached)
+    assert not (cached / ".aipm" / "cache").exists()
+    monkeypatch.setattr(parsecache, "_writable", True)
+    load_order(order, cached)
+    [file] = cache_files(cached)
+    before = file.read_bytes()
+    monkeypatch.setattr(parsecache, "_writable", False)
+    (order / "T1.yaml").write_text((order / "T1.yaml").read_text() + "title: changed\n")
+    parses.clear()
+    assert load_order(order, cached).tasks["T1"].title == "changed"
+    assert parses == ["T1.yaml"] and file.read_bytes() == before
+
+
+def test_no_runtime_directory_no_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(parsecache, "_writable", True)
+    order = make_order(tmp_path)
+    load_order(order, tmp_path)
+    assert not (tmp_path / ".aipm").exists()
+
+
+# -- property: the same order with and without the cache, whatever the files hold --------------------------
+
+IDS = [f"T{i}" for i in range(6)]
+task_fields = st.fixed_dictionaries({}, optional={
+    "title": st.text(max_size=8),
+    "status": st.sampled_from(["QUEUED", "DONE", "IN_PROGRESS", "FAILED", "COMPLETED", "CANCELLED"]),
+    "priority": st.sampled_from(["P0", "P1", "P2", "P3"]),
+    "target_files": st.lists(st.sampled_from(["a.py", "src/", "src/b.py", "docs/**/*.md", "./c/../d.py", "e f"]),
+                             max_size=3),
+    "command": st.one_of(st.sampled_from(["true", "make -j2"]), st.lists(st.sampled_from(["a", "b c"]), min_size=1,
+                                                                          max_size=3)),
+    "timeout": st.integers(1, 10**5),
+    "max_attempts": st.integers(1, 5),
+    "attempts": st.integers(0, 5),
+    "exit_code": st.integers(-9, 255),
+    "resources": st.fixed_dictionaries({}, optional={"cpus": st.sampled_from([0.5, 2]), "memory_mb": st.just(512),
+                                                     "gpus": st.just(1)}),
+    "cost_usd": st.sampled_from([0.0, 0.25, 3.5]),
+    "tokens": st.fixed_dictionaries({}, optional={"input": st.integers(0, 10**6), "output": st.integers(0, 99)}),
+    "confine": st.booleans(),
+    "workspace": st.sampled_from(["shared", "worktree"]),
+    "workspace_copy": st.lists(st.sampled_from([".env", "conf/*.ini"]), max_size=2),
+    "started_at": st.sampled_from(["2026-01-01T00:00:00+00:00", None]),
+})
+orders = st.lists(task_fields, min_size=1, max_size=6)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tasks=orders, edits=st.lists(st.tuples(st.integers(0, 5), task_fields), max_size=3))
+def test_loading_with_the_cache_equals_parsing(tasks, edits, monkeypatch):
+    monkeypatch.setattr(parsecache, "_writable", True)
+    monkeypatch.setattr(parsecache, "RACY_NS", 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        (root / ".aipm").mkdir()
+        (root / "src").mkdir()
+        order = root / "orders" / "ORD"
+        order.mkdir(parents=True)
+        for i, fields in enumerate(tasks):
+            deps = [IDS[j] for j in range(i) if (i + j) % 3 == 0]
+            (order / f"{IDS[i]}.yaml").write_text(yaml.safe_dump({**fields, "depends_on": deps}))
+        time.sleep(0.01)
+        for round_ in range(2):
+            cold = load_order(order, None)
+            warm = [load_order(order, root) for _ in range(2)]
+            for loaded in warm:
+                assert loaded.tasks == cold.tasks and list(loaded.tasks) == list(cold.tasks)
+                assert plan(loaded).blocked == plan(cold).blocked
+            for index, fields in edits if round_ == 0 else ():
+                if index < len(tasks):
+                    path = order / f"{IDS[index]}.yaml"
+                    path.write_text(yaml.safe_dump({**fields, "depends_on": yaml.safe_load(path.read_text())
+                                                    ["depends_on"]}))
+            time.sleep(0.01)
+
+
+# -- the command line --------------------------------------------------------------------------------------
+
+def test_validate_writes_the_cache_and_read_commands_use_it_without_writing(project):
+    order = project.order()
+    for i in range(3):
+        write_task(order, f"T{i}", command="true", target_files=[f"f{i}.txt"], depends_on=[f"T{i - 1}"] if i else [])
+    reads = [("detect", "ORD", "--json"), ("status", "ORD", "--json"), ("why", "ORD/T1", "--json")]
+    before = [project.aipm(*args, check=True).stdout for args in reads]
+    (project.root / ".aipm").mkdir()
+    # Files written within the last RACY_NS are not remembered (an edit in the same clock tick would not show).
+    time.sleep(parsecache.RACY_NS / 1e9 + 0.1)
+    project.aipm("validate", "ORD", check=True)
+    [file] = cache_files(project.root)
+    from conftest import snapshot  # every file but .aipm/
+    tree, cache = snapshot(project.root), file.read_bytes()
+    assert [project.aipm(*args, check=True).stdout for args in reads] == before
+    assert snapshot(project.root) == tree and file.read_bytes() == cache and cache_files(project.root) == [file]
+    data = json.loads(project.aipm("detect", "ORD", "--json", check=True).stdout)
+    assert [t["id"] for t in data["launchable"]] == ["T0"]
+
+
+def test_an_order_refused_for_a_cycle_writes_no_cache(cached):
+    order = make_order(cached)
+    path = order / "T0.yaml"
+    path.write_text(path.read_text().replace("depends_on: []", "depends_on: [T3]"))
+    with pytest.raises(ValidationError, match="dependency cycle"):
+        load_order(order, cached)
+    assert not (cached / ".aipm" / "cache").exists()
