@@ -1,6 +1,6 @@
 """JSON Schema (draft 2020-12) for task files and order.yaml, for editors and other tools.
 
-Generated from the validator's own lists (store.TASK_KEYS, store.ORDER_KEYS, model.Status, model.Priority,
+Generated from the validator's own lists (fields.TASK_KEYS, store.ORDER_KEYS, model.Status, model.Priority,
 model.MANAGED_FIELDS), so a key or status added there appears here, and a key without a description here fails
 loudly rather than silently dropping out of the schema. The schema is advisory: `aipm validate` stays the
 authority (it also checks what JSON Schema cannot say: the id matches the file name, dependencies exist, no
@@ -19,7 +19,8 @@ from typing import Any
 
 from aipm import agents
 from aipm.model import MANAGED_FIELDS, Priority, Status
-from aipm.store import MAX_TIMEOUT, ORDER_KEYS, TASK_KEYS
+from aipm.fields import MAX_TIMEOUT, TASK_KEYS
+from aipm.store import ORDER_KEYS
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
 SHIPPED_DIR = Path(__file__).resolve().parent / "schemas"
@@ -33,7 +34,7 @@ _COMMAND = {"type": ["string", "array", "null"], "items": {"type": "string"}, "m
 _POSITIVE = {"type": ["integer", "null"], "minimum": 1}
 _COUNT = {"type": ["integer", "null"], "minimum": 0}
 
-# Why each key exists, in the words of the contract; the type rules mirror store.task_from_mapping.
+# Why each key exists, in the words of the contract; the type rules mirror fields.task_from_mapping.
 _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     # Unlike the other keys, an empty `id:` is an error (it would not equal the file name).
     "id": ({"type": "string"}, "Optional; when present it must equal the file name without .yaml."),

@@ -20,7 +20,8 @@ import yaml
 
 from aipm import agents
 from aipm.errors import SettingsError
-from aipm.store import MAX_TIMEOUT, WORKSPACES, DuplicateKey, copy_globs, load_yaml
+from aipm.fields import MAX_TIMEOUT, WORKSPACES, copy_globs
+from aipm.store import DuplicateKey, load_yaml
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from aipm import durable
 from aipm.errors import ValidationError
 from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task
 from aipm.patch import Unpatchable, patch
-from aipm.store import DuplicateKey, Identity, load_yaml, parse_mapping, read_versioned, task_from_mapping
+from aipm.fields import task_from_mapping
+from aipm.store import DuplicateKey, Identity, load_yaml, parse_mapping, read_versioned
 
 
 class StaleWrite(Exception):

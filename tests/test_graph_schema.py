@@ -16,7 +16,8 @@ from aipm.errors import ValidationError
 from aipm.graph import COLOURS, dot, mermaid
 from aipm.model import MANAGED_FIELDS, Order, Priority, Status, Task
 from aipm.schema import order_schema, schema_text, shipped_path, task_schema
-from aipm.store import ORDER_FILE, TASK_KEYS, ORDER_KEYS, load_order, parse_mapping, task_from_mapping, task_files
+from aipm.fields import TASK_KEYS, task_from_mapping
+from aipm.store import ORDER_FILE, ORDER_KEYS, load_order, parse_mapping, task_files
 from conftest import FIXTURES, snapshot
 
 # Ids that break naive quoting: reserved words, quotes, backslashes (one at the end), markup, entities.

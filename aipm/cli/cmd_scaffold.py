@@ -22,7 +22,8 @@ from aipm.cli.common import console, get_project, warn
 from aipm.errors import UserError
 from aipm.model import ID_PATTERN, Priority
 from aipm.schema import KINDS, schema_text
-from aipm.store import ORDER_FILE, check_links, load_order, parse_mapping, task_from_mapping
+from aipm.fields import task_from_mapping
+from aipm.store import ORDER_FILE, check_links, load_order, parse_mapping
 
 
 @app.command("schema")

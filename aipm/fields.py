@@ -1,0 +1,272 @@
+"""What each key of a task file may hold: one validator per kind of value, and the Task they build.
+
+Every mistake is a ValidationError naming the file and the field, so bad input is one line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aipm import agents
+from aipm.errors import ValidationError
+from aipm.model import ID_PATTERN, Priority, Resources, Status, Task
+from aipm.paths import PathError, normalize
+
+# The event loop waits at most 2**31 ms (24.8 days) at a time; a week is a generous bound for one attempt.
+MAX_TIMEOUT = 7 * 24 * 3600
+
+TASK_KEYS = (
+    "id", "title", "status", "priority", "depends_on", "target_files", "command", "prompt", "model",
+    "review", "timeout", "max_attempts", "attempts", "reworks", "started_at", "finished_at", "exit_code",
+    "resources",
+    "max_rework", "reason",
+    "agent", "max_cost_usd", "cost_usd", "tokens", "session_id",
+    "preemptions",
+    "confine",
+    "workspace", "workspace_setup", "workspace_copy",
+)
+
+
+def check_keys(path: Path, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
+    for key in data:
+        if not isinstance(key, str) or key not in allowed:
+            near = difflib.get_close_matches(str(key).replace("-", "_"), allowed, n=1, cutoff=0.6)
+            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(allowed)}"
+            raise ValidationError(str(path), str(key), f"unknown key{hint}")
+
+
+def str_field(path: Path, data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise ValidationError(str(path), key, f"must be a string, not {_kind(value)}")
+    return value
+
+
+def _positive_int(path: Path, data: Mapping[str, Any], key: str, maximum: int | None = None) -> int | None:
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(str(path), key, f"must be a positive integer, not {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValidationError(str(path), key, f"{value} is more than the maximum {maximum}")
+    return value
+
+
+def _count(path: Path, data: Mapping[str, Any], key: str) -> int:
+    value = data.get(key, 0)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValidationError(str(path), key, f"must be a whole number ≥ 0, not {value!r}")
+    return value
+
+
+def _command(path: Path, data: Mapping[str, Any], key: str) -> str | tuple[str, ...] | None:
+    value = data.get(key)
+    if value is None:
+        return value
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValidationError(str(path), key, "is empty; give a command, or leave the key out")
+        return value
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value) and value[0]:
+        return tuple(value)
+    raise ValidationError(
+        str(path), key, "must be a string (run by /bin/sh -c) or a list of strings (argv) naming a program"
+    )
+
+
+def _str_list(path: Path, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    value = data.get(key)
+    if value is None:
+        return ()
+    if not isinstance(value, list):
+        raise ValidationError(str(path), key, f"must be a list (e.g. [{value!r}]), not {_kind(value)}")
+    for item in value:
+        if not isinstance(item, str):
+            raise ValidationError(str(path), key, f"every item must be a string; {item!r} is {_kind(item)}")
+    return tuple(value)
+
+
+def _flag(path: Path, data: Mapping[str, Any], key: str) -> bool | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise ValidationError(str(path), key, f"must be true or false, not {value!r}")
+    return value
+
+
+def _timestamp(path: Path, data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
+    if isinstance(value, (dt.datetime, dt.date)):
+        return value.isoformat()
+    if value is not None and not isinstance(value, str):
+        raise ValidationError(str(path), key, f"must be a timestamp string, not {_kind(value)}")
+    return value
+
+
+def money_field(path: Path, data: Mapping[str, Any], key: str, positive: bool) -> float | None:
+    """US dollars: a positive budget, or a recorded cost (≥ 0)."""
+    value = data.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+        value > 0 if positive else value >= 0) or value == float("inf"):
+        what = "a positive number of US dollars" if positive else "a number of US dollars ≥ 0"
+        raise ValidationError(str(path), key, f"must be {what}, not {value!r}")
+    return float(value)
+
+
+def _tokens(path: Path, data: Mapping[str, Any]) -> dict[str, int] | None:
+    value = data.get("tokens")
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(
+        k in agents.TOKEN_KINDS and not isinstance(n, bool) and isinstance(n, int) and n >= 0
+        for k, n in value.items()
+    ):
+        raise ValidationError(str(path), "tokens", "must be a mapping of " + ", ".join(agents.TOKEN_KINDS)
+                              + f" to whole numbers ≥ 0, not {value!r}")
+    return value
+
+
+def _agent(path: Path, data: Mapping[str, Any]) -> str | None:
+    value = data.get("agent")
+    if value is None:
+        return None
+    if value not in agents.NAMES:
+        raise ValidationError(str(path), "agent", f"{value!r} is not one of {', '.join(agents.NAMES)}")
+    if data.get("command") is not None and value != agents.COMMAND:
+        raise ValidationError(str(path), "agent", f"{value!r} is set together with `command`; a task runs "
+                              "either its command or an agent preset: drop one")
+    return value
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
+            bool: "a boolean"}.get(type(value), type(value).__name__)
+
+
+def _enum(path: Path, data: Mapping[str, Any], key: str, enum: type, default: Any) -> Any:
+    value = data.get(key)
+    if value is None:
+        return default
+    try:
+        return enum(value)
+    except ValueError:
+        choices = ", ".join(e.value for e in enum)
+        raise ValidationError(str(path), key, f"{value!r} is not one of {choices}") from None
+
+
+def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) -> Task:
+    """Validate one task's fields (not its links to other tasks) and build the Task."""
+    check_keys(path, data, TASK_KEYS)
+    stem = path.name[: -len(".yaml")]
+    if not ID_PATTERN.fullmatch(stem):
+        raise ValidationError(str(path), "id", f"{stem!r} (the file name) is not a usable task id; rename the "
+                              "file to letters, digits, '_', '.' and '-', starting with a letter or digit")
+    task_id = data.get("id", stem)
+    if task_id != stem:
+        raise ValidationError(str(path), "id", f"{task_id!r} differs from the file name; use {stem!r} or rename")
+    raw_targets = _str_list(path, data, "target_files")
+    if any("\0" in raw for raw in raw_targets):
+        raise ValidationError(str(path), "target_files", "a path holds a NUL byte (\\0)")
+    try:
+        targets = tuple(normalize(raw, str(root) if root else None) for raw in raw_targets)
+    except PathError as exc:
+        raise ValidationError(str(path), "target_files", str(exc)) from None
+    exit_code = data.get("exit_code")
+    if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
+        raise ValidationError(str(path), "exit_code", f"must be an integer, not {exit_code!r}")
+    return Task(
+        id=stem,
+        path=str(path),
+        title=str_field(path, data, "title") or "",
+        status=_enum(path, data, "status", Status, Status.QUEUED),
+        priority=_enum(path, data, "priority", Priority, Priority.P1),
+        depends_on=_str_list(path, data, "depends_on"),
+        target_files=raw_targets,
+        targets=targets,
+        command=_command(path, data, "command"),
+        prompt=str_field(path, data, "prompt"),
+        model=str_field(path, data, "model"),
+        review=_command(path, data, "review"),
+        timeout=_positive_int(path, data, "timeout", MAX_TIMEOUT),
+        max_attempts=_positive_int(path, data, "max_attempts"),
+        attempts=_count(path, data, "attempts"),
+        reworks=_count(path, data, "reworks"),
+        started_at=_timestamp(path, data, "started_at"),
+        finished_at=_timestamp(path, data, "finished_at"),
+        exit_code=exit_code,
+        resources=_resources(path, data),
+        max_rework=_count(path, data, "max_rework") if data.get("max_rework") is not None else None,
+        reason=str_field(path, data, "reason"),
+        agent=_agent(path, data),
+        max_cost_usd=money_field(path, data, "max_cost_usd", positive=True),
+        cost_usd=money_field(path, data, "cost_usd", positive=False),
+        tokens=_tokens(path, data),
+        session_id=str_field(path, data, "session_id"),
+        preemptions=_count(path, data, "preemptions"),
+        confine=_flag(path, data, "confine"),
+        workspace=_workspace(path, data),
+        workspace_setup=_command(path, data, "workspace_setup"),
+        workspace_copy=_copy_globs(path, data),
+    )
+
+
+_RESOURCE_KEYS = {"cpus": float, "memory_mb": int, "gpus": float}
+
+
+def _resources(path: Path, data: Mapping[str, Any]) -> Resources | None:
+    """`resources: {cpus: 2, memory_mb: 4096, gpus: 1}`: positive numbers, memory_mb whole."""
+    value = data.get("resources")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValidationError(str(path), "resources", f"must be a mapping such as {{cpus: 2, memory_mb: 4096}}, "
+                                                      f"not {_kind(value)}")
+    out = {}
+    for key, item in value.items():
+        kind = _RESOURCE_KEYS.get(key)
+        if kind is None:
+            raise ValidationError(str(path), f"resources.{key}", f"unknown resource; use {', '.join(_RESOURCE_KEYS)}")
+        number_ok = isinstance(item, (int, float)) and not isinstance(item, bool) and item == item
+        if not number_ok or item <= 0 or item > 1e9 or (kind is int and not isinstance(item, int)):
+            what = "a positive whole number" if kind is int else "a positive number"
+            raise ValidationError(str(path), f"resources.{key}", f"must be {what}, not {item!r}")
+        out[key] = kind(item)
+    return Resources(**out)
+
+
+WORKSPACES = ("shared", "worktree")
+
+
+def copy_globs(value: Any) -> tuple[str, ...]:
+    """Relative globs (of files to copy into a worktree): a list of strings, nothing absolute, no `..`."""
+    if not isinstance(value, list) or not all(isinstance(g, str) and g.strip() for g in value):
+        raise ValueError(f"{value!r} is not a list of globs (strings)")
+    for glob in value:
+        if os.path.isabs(glob) or ".." in glob.split("/"):
+            raise ValueError(f"{glob!r} must be relative to the project root, without '..'")
+    return tuple(value)
+
+
+def _workspace(path: Path, data: Mapping[str, Any]) -> str | None:
+    value = data.get("workspace")
+    if value is not None and value not in WORKSPACES:
+        raise ValidationError(str(path), "workspace", f"{value!r} is not one of {', '.join(WORKSPACES)}")
+    return value
+
+
+def _copy_globs(path: Path, data: Mapping[str, Any]) -> tuple[str, ...] | None:
+    if data.get("workspace_copy") is None:
+        return None
+    try:
+        return copy_globs(data["workspace_copy"])
+    except ValueError as exc:
+        raise ValidationError(str(path), "workspace_copy", str(exc)) from None
