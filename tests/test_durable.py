@@ -34,19 +34,24 @@ def _spawn(root: Path, journal: Path, task: str) -> int:
                         env=dict(os.environ, AIPM_TASK_ID=task), cwd=str(root), log=str(root / f"{task}.log"))
 
 
-def test_workers_of_a_round_start_only_once_its_writes_are_durable_with_one_directory_fsync(project, monkeypatch):
-    order = project.order()
-    paths = [write_task(order, tid, command="true") for tid in ("A", "B")]
-    journal = project.root / "journal.txt"
-    dir_syncs = []
-    real_fsync = os.fsync
+def _record_dir_syncs(monkeypatch) -> list[str]:
+    """Directories fsynced from now on, in order (the real fsync still runs)."""
+    synced, real_fsync = [], os.fsync
 
     def fsync(fd):
         real_fsync(fd)
         if stat.S_ISDIR(os.fstat(fd).st_mode):
-            dir_syncs.append(os.readlink(f"/proc/self/fd/{fd}"))
+            synced.append(os.readlink(f"/proc/self/fd/{fd}"))
 
     monkeypatch.setattr(os, "fsync", fsync)
+    return synced
+
+
+def test_workers_of_a_round_start_only_once_its_writes_are_durable_with_one_directory_fsync(project, monkeypatch):
+    order = project.order()
+    paths = [write_task(order, tid, command="true") for tid in ("A", "B")]
+    journal = project.root / "journal.txt"
+    dir_syncs = _record_dir_syncs(monkeypatch)
     with Runtime(project.root).launch_lock():
         pids = []
         for path in paths:
@@ -109,15 +114,7 @@ def test_a_batch_belongs_to_its_thread(project, monkeypatch):
 
     order = project.order()
     mine, theirs = write_task(order, "A", command="true"), write_task(project.order("OTHER"), "B", command="true")
-    dir_syncs = []
-    real_fsync = os.fsync
-
-    def fsync(fd):
-        real_fsync(fd)
-        if stat.S_ISDIR(os.fstat(fd).st_mode):
-            dir_syncs.append(os.readlink(f"/proc/self/fd/{fd}"))
-
-    monkeypatch.setattr(os, "fsync", fsync)
+    dir_syncs = _record_dir_syncs(monkeypatch)
     with Runtime(project.root).launch_lock():
         update_task(mine, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED)
         other = threading.Thread(target=update_task, args=(theirs, {"status": Status.CANCELLED}),
