@@ -161,25 +161,40 @@ WRITTEN_LOG = "written.log"  # in the state directory: "<time_ns> <json list of 
 def note_ended(rt: Runtime, rec: Record, targets: Iterable[str] | None = None) -> None:
     """`rec`'s attempt is over (or, with `targets`, a worktree merge just wrote them): note its targets for the
     audits still in flight, whose snapshots may see its writes once its record is gone. Caller holds the launch
-    lock. Only lines newer than the oldest audit in flight are kept; with none in flight the log is dropped."""
+    lock. The log is appended to; past WRITTEN_LOG_BYTES it is cut to the lines an audit may still need."""
     if targets is None:
         if rec.workspace or _prefix(str(rt.root.resolve())) is None:
             return  # it wrote in its own worktree (merges note themselves), or nothing here is audited
         targets = rec.targets
     log = rt.state / WRITTEN_LOG
-    since = []
+    try:
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(f"{time.time_ns()} {json.dumps(list(targets))}\n")
+            size = handle.tell()
+        if size > WRITTEN_LOG_BYTES:
+            _prune(rt, log)
+    except OSError:
+        pass  # a full disk: an audit in flight may then charge these writes (fail closed), never a lost outcome
+
+
+WRITTEN_LOG_BYTES = 64 * 1024
+# A snapshot is taken before its owner queues for the launch lock and saved once it has it: lines that recent are
+# kept even when no saved snapshot needs them yet.
+WRITTEN_LOG_GRACE_NS = 600 * 10**9
+
+
+def _prune(rt: Runtime, log: Path) -> None:
+    """Keep the lines at least as new as the oldest audit in flight (and the last WRITTEN_LOG_GRACE_NS)."""
+    since = [time.time_ns() - WRITTEN_LOG_GRACE_NS]
     for other in rt.records():
-        if other.key != rec.key and not other.workspace:
+        if not other.workspace:
             try:
                 since.append(os.stat(other.scope_file).st_mtime_ns)
             except OSError:
                 continue
-    if not since:
-        log.unlink(missing_ok=True)
-        return
     kept = [line for line in _lines(log) if int(line.split(" ", 1)[0]) >= min(since)]
     tmp = log.with_name(log.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in [*kept, f"{time.time_ns()} {json.dumps(list(targets))}"]))
+    tmp.write_text("".join(f"{line}\n" for line in kept))
     os.replace(tmp, log)
 
 

@@ -311,3 +311,36 @@ def test_a_task_that_started_and_ended_within_anothers_run_is_not_charged_to_it(
     assert statuses() == {"FIRST": "DONE", "SHORT": "DONE", "LONG": "DONE"}, (out, {
         p.stem: yaml.safe_load(p.read_text()).get("reason") for p in order.glob("*.yaml")})
     assert (root / "long.txt").read_text() == "l\n" and (root / "short" / "out.txt").read_text() == "s\n"
+
+
+def test_the_written_log_is_cut_to_what_an_audit_in_flight_may_need(tmp_path, monkeypatch):
+    """note_ended appends; past its size limit the log keeps the lines newer than the oldest saved snapshot of a
+    live record (and the grace period), so it stays small however many tasks end."""
+    import time
+
+    from aipm import scope
+    from aipm.runtime import Record, Runtime
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    subprocess.run(["git", "init", "-q"], cwd=root, check=True)
+    rt = Runtime(root)
+    rt.state.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(scope, "WRITTEN_LOG_BYTES", 2000)
+    monkeypatch.setattr(scope, "WRITTEN_LOG_GRACE_NS", 0)
+    old = time.time_ns() - 10**12
+    (rt.state / scope.WRITTEN_LOG).write_text("".join(f"{old + i} [\"old/{i}\"]\n" for i in range(100)))
+    log_dir = root / ".aipm" / "logs"
+    log_dir.mkdir(parents=True)
+    live = Record(order="O", order_dir=str(root), task="L", task_file=str(root / "L.yaml"), attempt=1,
+                  targets=["l.txt"], log=str(log_dir / "L.1.log"), exit_file="x", started_at="")
+    taken = time.time_ns()
+    save = scope.Snapshot()
+    save.taken_ns = taken
+    scope.save(save, Path(live.scope_file))
+    rt.write_record(live)
+    ended = Record(order="O", order_dir=str(root), task="E", task_file=str(root / "E.yaml"), attempt=1,
+                   targets=["e.txt"], log=str(log_dir / "E.1.log"), exit_file="y", started_at="")
+    scope.note_ended(rt, ended)
+    assert scope.written_since(rt, taken) == ["e.txt"]
+    assert scope.written_since(rt, 0) == ["e.txt"]  # the 100 old lines were cut
