@@ -335,9 +335,9 @@ def test_the_written_log_is_cut_to_what_an_audit_in_flight_may_need(tmp_path, mo
     live = Record(order="O", order_dir=str(root), task="L", task_file=str(root / "L.yaml"), attempt=1,
                   targets=["l.txt"], log=str(log_dir / "L.1.log"), exit_file="x", started_at="")
     taken = time.time_ns()
-    save = scope.Snapshot()
-    save.taken_ns = taken
-    scope.save(save, Path(live.scope_file))
+    snap = scope.Snapshot()
+    snap.taken_ns = taken
+    scope.save(snap, Path(live.scope_file))
     rt.write_record(live)
     ended = Record(order="O", order_dir=str(root), task="E", task_file=str(root / "E.yaml"), attempt=1,
                    targets=["e.txt"], log=str(log_dir / "E.1.log"), exit_file="y", started_at="")
