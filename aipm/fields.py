@@ -15,7 +15,7 @@ from typing import Any
 from aipm import agents
 from aipm.errors import ValidationError
 from aipm.model import ID_PATTERN, Priority, Resources, Status, Task
-from aipm.paths import PathError, normalize
+from aipm.paths import Normaliser, PathError
 
 # The event loop waits at most 2**31 ms (24.8 days) at a time; a week is a generous bound for one attempt.
 MAX_TIMEOUT = 7 * 24 * 3600
@@ -163,10 +163,12 @@ def _enum(path: Path, data: Mapping[str, Any], key: str, enum: type, default: An
         raise ValidationError(str(path), key, f"{value!r} is not one of {choices}") from None
 
 
-def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) -> Task:
-    """Validate one task's fields (not its links to other tasks) and build the Task."""
+def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | None,
+                      normalise: Normaliser | None = None) -> Task:
+    """Validate one task's fields (not its links to other tasks) and build the Task. `normalise`: the target
+    paths already normalised during this load (loading an order passes one for all its files)."""
     check_keys(path, data, TASK_KEYS)
-    stem = path.name[: -len(".yaml")]
+    stem = os.path.basename(path)[: -len(".yaml")]
     if not ID_PATTERN.fullmatch(stem):
         raise ValidationError(str(path), "id", f"{stem!r} (the file name) is not a usable task id; rename the "
                               "file to letters, digits, '_', '.' and '-', starting with a letter or digit")
@@ -177,7 +179,8 @@ def task_from_mapping(path: Path, data: Mapping[str, Any], root: Path | None) ->
     if any("\0" in raw for raw in raw_targets):
         raise ValidationError(str(path), "target_files", "a path holds a NUL byte (\\0)")
     try:
-        targets = tuple(normalize(raw, str(root) if root else None) for raw in raw_targets)
+        normalise = Normaliser(root) if normalise is None else normalise
+        targets = tuple(normalise[raw] for raw in raw_targets)
     except PathError as exc:
         raise ValidationError(str(path), "target_files", str(exc)) from None
     exit_code = data.get("exit_code")

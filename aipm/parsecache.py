@@ -37,8 +37,8 @@ from aipm.model import Priority, Resources, Status, Task
 RACY_NS = 2_000_000_000
 _MAGIC = b"aipm-parse-cache-1\n"
 _NAMES = tuple(f.name for f in fields(Task))
-_PATH, _TARGETS, _STATUS, _PRIORITY, _RESOURCES = (
-    _NAMES.index(n) for n in ("path", "targets", "status", "priority", "resources"))
+_PATH, _TARGETS, _TARGET_FILES, _STATUS, _PRIORITY, _RESOURCES = (
+    _NAMES.index(n) for n in ("path", "targets", "target_files", "status", "priority", "resources"))
 _STATUSES = {s.value: s for s in Status}
 _PRIORITIES = {p.value: p for p in Priority}
 _RESOURCE_NAMES = tuple(f.name for f in fields(Resources))
@@ -77,8 +77,7 @@ class ParseCache:
         self.save = save
         self.dirty = False
         self.started = time.time_ns()
-        self._normalised: dict[str, paths.Target] = {}
-        self._pending: tuple | None = None
+        self._pending: dict[str, tuple] = {}  # file name → its key, from `recall` until `learn`
 
     @classmethod
     def open(cls, order_dir: Path, root: Path | None) -> "ParseCache | None":
@@ -95,36 +94,35 @@ class ParseCache:
             return None
         return cls(file, real, entries or {}, save)
 
-    def recall(self, path: str, name: str, root: Path | None) -> Task | None:
+    def recall(self, path: str, name: str, normalise: paths.Normaliser) -> Task | None:
         """The remembered Task of the file `path` (named `name`) if it is still the version remembered, else None
-        (parse it)."""
+        (parse it). `normalise`: the targets of this load."""
         try:
             st = os.lstat(path)
         except OSError:
-            self._pending = None
             return None
         if not stat.S_ISREG(st.st_mode):  # a symlink or worse: the parse refuses it
-            self._pending = None
             return None
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        self._pending = (name, key)
         entry = self.old.get(name)
         try:
             if entry is None or entry[0] != key:
+                self._pending[name] = key
                 return None
-            task = self._task(entry[1], path, root)
+            task = self._task(entry[1], path, normalise)
         except (paths.PathError, TypeError, ValueError, KeyError, IndexError):
+            self._pending[name] = key
             return None  # e.g. a target that no longer normalises: the parse names the problem
         self.new[name] = entry
         return task
 
     def learn(self, task: Task) -> None:
-        """Remember the Task just parsed from the file `recall` looked at, if the file did not move meanwhile
-        and is old enough for its key to tell every later edit."""
-        pending, self._pending = self._pending, None
-        if not self.save or pending is None:
+        """Remember the Task parsed from a file `recall` did not know, if the file did not move since `recall`
+        looked at it and is old enough for its key to tell every later edit."""
+        name = os.path.basename(task.path)
+        key = self._pending.pop(name, None)
+        if not self.save or key is None:
             return
-        name, key = pending
         try:
             st = os.lstat(task.path)
         except OSError:
@@ -133,7 +131,7 @@ class ParseCache:
             return
         if key[4] >= self.started - RACY_NS:
             return
-        values = _values(task)
+        values = as_row(task)
         if values is not None:
             self.new[name] = (key, values)
             self.dirty = True
@@ -156,29 +154,28 @@ class ParseCache:
             except OSError:
                 pass
 
-    def _task(self, values: tuple, path: str, root: Path | None) -> Task:
-        row = list(values)
-        if len(row) != len(_NAMES):
-            raise ValueError("entry of another shape")
-        row[_PATH] = path
-        row[_TARGETS] = tuple(self._normalise(raw, root) for raw in row[_NAMES.index("target_files")])
-        row[_STATUS] = _STATUSES[row[_STATUS]]
-        row[_PRIORITY] = _PRIORITIES[row[_PRIORITY]]
-        if row[_RESOURCES] is not None:
-            row[_RESOURCES] = Resources(*row[_RESOURCES])
-        return Task(*row)
-
-    def _normalise(self, raw: str, root: Path | None) -> paths.Target:
-        """Target paths normalised once per load: tasks of one order share many of them."""
-        hit = self._normalised.get(raw)
-        if hit is None:
-            hit = self._normalised[raw] = paths.normalize(raw, str(root) if root else None)
-        return hit
+    def _task(self, values: tuple, path: str, normalise: paths.Normaliser) -> Task:
+        return task_of(values, path, tuple(normalise[raw] for raw in values[_TARGET_FILES]))
 
 
-def _values(task: Task) -> tuple | None:
-    """The Task's fields as plain data (None when one is of a kind this cache does not know)."""
-    row = []
+def task_of(values: tuple, path: str, targets: tuple[paths.Target, ...]) -> Task:
+    """The Task of a row of plain data (`as_row`) read from the file `path`, with its normalised `targets`."""
+    row = list(values)
+    if len(row) != len(_NAMES):
+        raise ValueError("entry of another shape")
+    row[_PATH] = path
+    row[_TARGETS] = targets
+    row[_STATUS] = _STATUSES[row[_STATUS]]
+    row[_PRIORITY] = _PRIORITIES[row[_PRIORITY]]
+    if row[_RESOURCES] is not None:
+        row[_RESOURCES] = Resources(*row[_RESOURCES])
+    return Task(*row)
+
+
+def as_row(task: Task) -> tuple | None:
+    """The Task's fields as plain data for marshal (None when one is of a kind this cache does not know); its
+    path and normalised targets are left out (None): they depend on where, and on the tree, not on the file."""
+    out = []
     for i, name in enumerate(_NAMES):
         value = getattr(task, name)
         if i in (_PATH, _TARGETS):
@@ -189,8 +186,8 @@ def _values(task: Task) -> tuple | None:
             value = None if value is None else tuple(getattr(value, n) for n in _RESOURCE_NAMES)
         elif not _plain(value):
             return None
-        row.append(value)
-    return tuple(row)
+        out.append(value)
+    return tuple(out)
 
 
 def _plain(value) -> bool:

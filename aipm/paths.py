@@ -77,6 +77,19 @@ def normalize(raw: str, root: str | None = None) -> Target:
     return Target(norm, is_dir, is_glob)
 
 
+class Normaliser(dict):
+    """`normalize` for one load, by raw path: the tasks of an order share many targets, and each needs one look
+    at the tree. Only for one load: the tree changes between loads."""
+
+    def __init__(self, root) -> None:
+        super().__init__()
+        self.root = str(root) if root else None
+
+    def __missing__(self, raw: str) -> Target:
+        target = self[raw] = normalize(raw, self.root)
+        return target
+
+
 def _has_symlink_parent(root: str, norm: str) -> bool:
     """Whether a directory above `norm` is a symlink."""
     parent = posixpath.dirname(norm)

@@ -15,10 +15,12 @@ from typing import Any
 
 import yaml
 
+from aipm import readers
 from aipm.errors import ValidationError
 from aipm.fields import check_keys, money_field, str_field, task_from_mapping
 from aipm.model import ID_PATTERN, Order, Task
 from aipm.parsecache import ParseCache
+from aipm.paths import Normaliser
 from aipm.patch import Unpatchable, check
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -158,8 +160,8 @@ def parse_mapping(path: Path, text: str) -> dict[str, Any]:
     return data
 
 
-def load_task(path: Path, root: Path | None = None) -> Task:
-    return task_from_mapping(path, parse_mapping(path, read_text(path, follow=False)), root)
+def load_task(path: Path | str, root: Path | None = None, normalise: Normaliser | None = None) -> Task:
+    return task_from_mapping(path, parse_mapping(path, read_text(path, follow=False)), root, normalise)
 
 
 def task_files(order_dir: Path) -> list[Path]:
@@ -207,12 +209,16 @@ def load_order(order_dir: Path, root: Path | None = None) -> Order:
     gc_was_on = gc.isenabled()
     gc.disable()
     cache = ParseCache.open(order_dir, root)
-    base = os.path.join(order_dir, "")
+    normalise = Normaliser(root)
+    base = str(order_dir / "_")[:-1]  # the files' paths as `order_dir / name` prints them, built as strings
     try:
-        for name in task_names(order_dir):
-            task = cache.recall(base + name, name, root) if cache else None
+        names = task_names(order_dir)
+        found = [cache.recall(base + name, name, normalise) for name in names] if cache else [None] * len(names)
+        missing = [base + name for name, task in zip(names, found) if task is None]
+        parsed = iter(readers.load_all(missing, lambda path: load_task(path, root, normalise)))
+        for task in found:
             if task is None:
-                task = load_task(order_dir / name, root)
+                task = next(parsed)
                 if cache:
                     cache.learn(task)
             order.tasks[task.id] = task

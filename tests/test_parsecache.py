@@ -35,9 +35,9 @@ def parses(monkeypatch):
     seen = []
     real = store.load_task
 
-    def spy(path, root=None):
+    def spy(path, *args):
         seen.append(Path(path).name)
-        return real(path, root)
+        return real(path, *args)
 
     monkeypatch.setattr(store, "load_task", spy)
     return seen

@@ -53,8 +53,12 @@ def warn(lines: list[str]) -> None:
 
 def read_only() -> None:
     """For commands that read, print and exit: the cyclic GC would only rescan the order just loaded (for 10k
-    tasks it costs about as much as planning), and the process ends before any garbage matters."""
+    tasks it costs about as much as planning), and the process ends before any garbage matters. Such a process
+    may parse a big order in forked readers (aipm.readers)."""
+    from aipm import readers
+
     gc.disable()
+    readers.allow()
 
 
 JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
