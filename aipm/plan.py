@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from aipm.budget import Budget
-from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task, natural_key
+from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Priority, Status, Task, natural_key
 from aipm.paths import Target, first_overlap, lock_overlap, lock_prefix, nodes_related
 
 # Reason codes, stable for --json consumers.
@@ -135,9 +135,12 @@ def chain_lengths(tasks: Mapping[str, Task]) -> dict[str, int]:
     return {tid: length.get(tid, 1) for tid in tasks}
 
 
+_RANKS = {p: p.rank for p in Priority}
+
+
 def rank_key(task: Task, chains: Mapping[str, int]) -> tuple:
     """P0 first, then the longest remaining chain, then the id in natural order (TASK_9 before TASK_10)."""
-    return (task.priority.rank, -chains.get(task.id, 1), natural_key(task.id))
+    return (_RANKS[task.priority], -chains.get(task.id, 1), natural_key(task.id))
 
 
 def ranked(order: Order) -> list[Task]:
@@ -227,7 +230,7 @@ def plan(
             continue
         if task.status != Status.QUEUED:
             if explain:
-                detail = f"status is {task.status}" + (f" ({task.reason})" if task.reason else "")
+                detail = f"status is {task.status.value}" + (f" ({task.reason})" if task.reason else "")
                 if task.id in result.stale:
                     detail += "; its worker is gone (stale): run `aipm recover`"
                 result.blocked[task.id] = Blocked(task.id, STALE if task.id in result.stale else NOT_QUEUED, detail)
@@ -249,16 +252,24 @@ def plan(
                     task.id, NEVER, f"can never run: {dead} is {deps[dead].status}", (dead,)
                 )
             else:
-                states = ", ".join(f"{d} ({deps[d].status})" for d in waiting)
+                states = ", ".join(f"{d} ({deps[d].status.value})" for d in waiting)
                 result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
             continue
-        hit = _conflict(task, busy) if near_busy.near(task.targets) else None
+        # The lock-node indexes meet exactly where `_conflict` finds a pair, so without reasons they decide alone:
+        # a task kept out by a running or a chosen one costs a few set lookups per target, whatever the holders.
+        hit = None
+        if near_busy.near(task.targets):
+            if not explain:
+                continue
+            hit = _conflict(task, busy)
         reason, words = FILE_BUSY, "{path} is held by running task {other}{status}"
         if not hit:
             hit = _held_outside(task, outside)
             reason, words = FILE_HELD, "{path} is held by {other}"
-        if not hit:
-            hit = _conflict(task, [(c.id, c.targets) for c in chosen]) if near_chosen.near(task.targets) else None
+        if not hit and near_chosen.near(task.targets):
+            if not explain:
+                continue
+            hit = _conflict(task, [(c.id, c.targets) for c in chosen])
             reason, words = FILE_CHOSEN, "{path} overlaps {other}, which starts first this round"
         if hit:
             other, path = hit

@@ -161,3 +161,60 @@ def test_the_lock_index_agrees_with_comparing_every_pair(mine, holders):
     theirs = [tuple(normalize(raw) for raw in group) for group in holders]
     pairwise = any(lock_overlap(a, b) for group in theirs for a in ours for b in group)
     assert _LockIndex(theirs).near(ours) == pairwise
+
+
+def reference_choice(o, elsewhere, live, slots, outside):
+    """The plan's choice as first written: every ready task compared with every holder, pair by pair."""
+    from aipm.model import FINISHED_OK, RUNNING
+    from aipm.paths import lock_overlap
+
+    def meets(mine, theirs):
+        return any(lock_overlap(a, b) for a in mine for b in theirs)
+
+    held = {tid for tid in live if tid in o.tasks and o.tasks[tid].status not in RUNNING}
+    busy = [b.targets for b in elsewhere] + [t.targets for t in o.tasks.values() if t.status in RUNNING]
+    busy += [o.tasks[tid].targets for tid in held]
+    chosen, waiting = [], []
+    for t in ranked(o):
+        if t.id in held or t.status != Status.QUEUED:
+            continue
+        if any(d in o.tasks and (o.tasks[d].status not in FINISHED_OK or d in held) for d in t.depends_on):
+            continue
+        if any(meets(t.targets, theirs) for theirs in busy):
+            continue
+        if any(lock.conflict(t.targets) for lock in outside):
+            waiting.append(t.id)
+            continue
+        if any(meets(t.targets, c.targets) for c in chosen):
+            continue
+        if len(chosen) >= slots:
+            break
+        chosen.append(t)
+    return [t.id for t in chosen], waiting
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    rows=st.lists(st.tuples(st.sampled_from(["QUEUED"] * 4 + ["DONE", "IN_PROGRESS", "FAILED"]),
+                            st.sampled_from(["P0", "P1", "P2"]), st.lists(st.integers(0, 11), max_size=2),
+                            raw_targets), min_size=1, max_size=12),
+    live=st.lists(st.integers(0, 11), max_size=3), others=st.lists(raw_targets, max_size=2),
+    held=st.lists(st.sampled_from(["a", "a/b", "x", "b.py", ""]), max_size=2), slots=st.integers(0, 4),
+)
+def test_the_choice_without_reasons_is_the_choice_with_them_and_the_pairwise_one(rows, live, others, held, slots):
+    """Issue 17 (B4): without reasons (the supervisor's path) the lock indexes alone reject a ready task; the tasks
+    chosen, and those reported held outside aipm, are still those of comparing every pair, with or without reasons."""
+    from aipm.plan import ForeignLock
+
+    tasks = [task(f"T{i}", status, pri, [f"T{d}" for d in deps if d < i], raw)
+             for i, (status, pri, deps, raw) in enumerate(rows)]
+    o = order(*tasks)
+    alive = {f"T{i}" for i in live if i < len(tasks)}
+    elsewhere = [Busy("OTHER", f"X{i}", tuple(normalize(r) for r in raw)) for i, raw in enumerate(others)]
+    outside = [ForeignLock((99,), tuple((node, True) for node in held))] if held else []
+    expected = reference_choice(o, elsewhere, alive, slots, outside)
+    for explain in (False, True):
+        result = plan(o, elsewhere, alive, slots, explain=explain, outside=outside)
+        assert ids(result) == expected[0]
+        if not explain:
+            assert [b.id for b in result.waiting] == expected[1]
