@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from aipm import readers
+from aipm import flatyaml, readers
 from aipm.errors import ValidationError
 from aipm.fields import check_keys, money_field, str_field, task_from_mapping
 from aipm.model import ID_PATTERN, Order, Task
@@ -134,6 +134,9 @@ def read_versioned(path: Path, follow: bool = True) -> tuple[str, Identity]:
 
 def parse_mapping(path: Path, text: str) -> dict[str, Any]:
     """Parse YAML text into a mapping, turning every parser complaint into one ValidationError line."""
+    data = flatyaml.mapping(text)
+    if data is not None:
+        return data
     try:
         data = load_yaml(text)
     except DuplicateKey as exc:
