@@ -23,6 +23,7 @@ into `.aipm/`).
 from __future__ import annotations
 
 import marshal
+import operator
 import os
 import stat
 import sys
@@ -39,6 +40,8 @@ _MAGIC = b"aipm-parse-cache-1\n"
 _NAMES = tuple(f.name for f in fields(Task))
 _PATH, _TARGETS, _TARGET_FILES, _STATUS, _PRIORITY, _RESOURCES = (
     _NAMES.index(n) for n in ("path", "targets", "target_files", "status", "priority", "resources"))
+_FIELDS = operator.attrgetter(*_NAMES)
+_SCALARS = frozenset((str, int, float, bool))
 _STATUSES = {s.value: s for s in Status}
 _PRIORITIES = {p.value: p for p in Priority}
 _RESOURCE_NAMES = tuple(f.name for f in fields(Resources))
@@ -175,23 +178,21 @@ def task_of(values: tuple, path: str, targets: tuple[paths.Target, ...]) -> Task
 def as_row(task: Task) -> tuple | None:
     """The Task's fields as plain data for marshal (None when one is of a kind this cache does not know); its
     path and normalised targets are left out (None): they depend on where, and on the tree, not on the file."""
-    out = []
-    for i, name in enumerate(_NAMES):
-        value = getattr(task, name)
-        if i in (_PATH, _TARGETS):
-            value = None
-        elif i in (_STATUS, _PRIORITY):
-            value = value.value
-        elif i == _RESOURCES:
-            value = None if value is None else tuple(getattr(value, n) for n in _RESOURCE_NAMES)
-        elif not _plain(value):
+    out = list(_FIELDS(task))
+    resources = out[_RESOURCES]
+    out[_PATH] = out[_TARGETS] = out[_RESOURCES] = None
+    out[_STATUS] = out[_STATUS].value
+    out[_PRIORITY] = out[_PRIORITY].value
+    for value in out:
+        if value is not None and type(value) not in _SCALARS and not _plain(value):
             return None
-        out.append(value)
+    if resources is not None:
+        out[_RESOURCES] = tuple(getattr(resources, n) for n in _RESOURCE_NAMES)
     return tuple(out)
 
 
 def _plain(value) -> bool:
-    if value is None or type(value) in (str, int, float, bool):
+    if value is None or type(value) in _SCALARS:
         return True
     if type(value) is tuple:
         return all(type(v) is str for v in value)

@@ -43,7 +43,8 @@ def make_order(root, n=N):
                     f'target_files: ["src/m{i % 4}.py", "docs/", "tests/**/t{i}*.py"]\npriority: P{i % 3}\n')
         else:
             text = (f"# a comment\nid: T{i:02d}\ncommand: [sh, -c, 'exit 0']\ndepends_on: {deps}\n"
-                    f"target_files:\n  - src/m{i % 4}.py\ntokens: {{input: {i}}}\ntimeout: {i + 1}\ntitle: Tâche {i}\n")
+                    f"target_files:\n  - src/m{i % 4}.py\ntokens: {{input: {i}}}\ntimeout: {i + 1}\ntitle: Tâche {i}\n"
+                    f"resources: {{cpus: 0.5, memory_mb: {i + 64}}}\nworkspace_copy: ['*.env']\n")
         (order / f"T{i:02d}.yaml").write_text(text)
     (root / "docs").mkdir()
     return order
@@ -59,6 +60,14 @@ def test_readers_return_what_one_process_returns(tmp_path, forked, monkeypatch):
     assert list(parallel.tasks) == list(serial.tasks) and parallel.tasks == serial.tasks
     assert parallel.tasks["T03"].tokens == {"input": 3} and parallel.tasks["T03"].command == ("sh", "-c", "exit 0")
     assert parallel.tasks["T04"].targets[1].is_dir  # `docs/` exists: normalised against the tree
+
+
+def test_every_task_goes_over_the_pipe_as_plain_data(tmp_path):
+    """A Task as_row cannot carry is parsed again by the parent: correct, but the readers' work lost."""
+    from aipm.parsecache import as_row, task_of
+
+    for task in load_order(make_order(tmp_path), tmp_path).tasks.values():
+        assert task_of(as_row(task), task.path, task.targets) == task
 
 
 @pytest.mark.parametrize("bad", [[2], [12], [20], [12, 20], [2, 20], [9, 8], [22]])
