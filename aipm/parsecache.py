@@ -32,7 +32,7 @@ import zlib
 from dataclasses import fields
 from pathlib import Path
 
-from aipm import agents, model, patch, paths
+from aipm import agents, fields as fields_module, flatyaml, model, patch, paths
 from aipm.model import Priority, Resources, Status, Task
 
 RACY_NS = 2_000_000_000
@@ -60,7 +60,7 @@ def _fingerprint() -> tuple:
     """What a remembered validation depends on besides the file: the code that validates (by the stat of its
     source, as Python's own .pyc files do) and the shape of Task."""
     sources = []
-    for module in (sys.modules["aipm.store"], model, agents, patch, sys.modules[__name__]):
+    for module in (sys.modules["aipm.store"], model, agents, patch, fields_module, flatyaml, sys.modules[__name__]):
         try:
             st = os.stat(module.__file__)
             sources.append((st.st_size, st.st_mtime_ns))
