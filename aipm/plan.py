@@ -112,27 +112,29 @@ def chain_lengths(tasks: Mapping[str, Task]) -> dict[str, int]:
 
     Starting the task with the longest chain first keeps the critical path moving. Linear in tasks + edges.
     """
-    dependants: dict[str, list[str]] = {tid: [] for tid in tasks}
-    pending = {tid: 0 for tid in tasks}
+    pending = dict.fromkeys(tasks, 0)  # dependants whose length is not known yet
     for task in tasks.values():
         for dep in task.depends_on:
-            if dep in dependants:
-                dependants[dep].append(task.id)
+            if dep in pending:
                 pending[dep] += 1
-    # Peel leaves (tasks nothing depends on) first: Kahn's algorithm on the reversed graph.
+    # Peel leaves (tasks nothing depends on) first: Kahn's algorithm on the reversed graph. Each task measured
+    # passes its length on to its dependencies, so no list of dependants is built.
+    below = dict.fromkeys(tasks, 0)  # the longest chain among a task's dependants measured so far
     ready = [tid for tid, n in pending.items() if n == 0]
     length: dict[str, int] = {}
     while ready:
         tid = ready.pop()
-        below = dependants[tid]
-        length[tid] = 1 + max(map(length.__getitem__, below)) if below else 1
+        n = length[tid] = below[tid] + 1
         for dep in tasks[tid].depends_on:
-            if dep in pending:
-                pending[dep] -= 1
-                if pending[dep] == 0:
+            left = pending.get(dep)
+            if left is not None:
+                if below[dep] < n:
+                    below[dep] = n
+                pending[dep] = left - 1
+                if left == 1:
                     ready.append(dep)
     # Tasks on a cycle (only possible in unvalidated input) get no chain bonus.
-    return {tid: length.get(tid, 1) for tid in tasks}
+    return length if len(length) == len(tasks) else {tid: length.get(tid, 1) for tid in tasks}
 
 
 _RANKS = {p: p.rank for p in Priority}

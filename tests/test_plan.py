@@ -218,3 +218,17 @@ def test_the_choice_without_reasons_is_the_choice_with_them_and_the_pairwise_one
         assert ids(result) == expected[0]
         if not explain:
             assert [b.id for b in result.waiting] == expected[1]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 30), max_size=4), max_size=30))
+def test_chain_lengths_are_the_longest_paths_of_dependants(deps):
+    """Against the definition: 1 + the longest chain of any task that depends on it (repeated and unknown
+    dependencies allowed)."""
+    o = order(*(task(f"T{i}", deps=[f"T{d}" for d in ds if d < i] + ["ELSEWHERE"] * (i % 5 == 4))
+                for i, ds in enumerate(deps)))
+    longest = {}
+    for i in reversed(range(len(deps))):
+        dependants = [j for j in range(i + 1, len(deps)) if f"T{i}" in o.tasks[f"T{j}"].depends_on]
+        longest[f"T{i}"] = 1 + max((longest[f"T{j}"] for j in dependants), default=0)
+    assert chain_lengths(o.tasks) == longest
