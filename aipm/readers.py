@@ -49,10 +49,13 @@ def load_all(paths: list[str], load: Callable[[str], Task]) -> list[Task]:
     started: list[tuple[int, int]] = []
     try:
         for share in shares[1:]:
-            started.append(_start(share, load))
+            try:
+                started.append(_start(share, load))
+            except OSError:  # no process or pipe to be had now (EAGAIN, ENOMEM, EMFILE): the rest is parsed here
+                break
         tasks = [load(path) for path in shares[0]]
-        for share, (_, fd) in zip(shares[1:], started):
-            tasks.extend(_collect(share, _drain(fd), load))
+        for i, share in enumerate(shares[1:]):
+            tasks.extend(_collect(share, _drain(started[i][1]), load) if i < len(started) else map(load, share))
         return tasks
     finally:
         for pid, fd in started:  # done (or no longer wanted after an error): stop and reap every reader
@@ -77,7 +80,12 @@ def _readers(files: int) -> int:
 def _start(share: list[str], load: Callable[[str], Task]) -> tuple[int, int]:
     """Fork a reader for `share`: (its pid, the pipe its answer comes on)."""
     r, w = os.pipe()
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(r)
+        os.close(w)
+        raise
     if pid == 0:  # the reader: answer, then leave without running the parent's exit handlers or flushing its buffers
         code = 1
         try:

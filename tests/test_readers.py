@@ -104,6 +104,23 @@ def test_a_reader_that_fails_costs_time_not_the_result(tmp_path, forked, monkeyp
     assert len(parsed) == N  # every share parsed here: the first as always, the others after their reader failed
 
 
+def test_no_process_to_be_had_means_parsing_here(tmp_path, forked, monkeypatch):
+    order = make_order(tmp_path)
+    expected = load_order(order, tmp_path).tasks
+    forks = []
+
+    def fork():
+        forks.append(1)
+        if len(forks) > 1:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_fork()
+
+    real_fork = os.fork
+    monkeypatch.setattr(readers.os, "fork", fork)
+    assert load_order(order, tmp_path).tasks == expected
+    assert len(forks) == 2  # one reader forked, the second refused: its share (and the rest) parsed here
+
+
 def test_a_small_order_forks_nothing(tmp_path, forked, monkeypatch):
     monkeypatch.setattr(readers, "PARALLEL_FROM", N + 1)
     load_order(make_order(tmp_path), tmp_path)
