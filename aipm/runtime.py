@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -310,6 +311,24 @@ class Runtime:
 
     def notify_log(self) -> Path:
         return self._dir(self.dir / "notify.log")
+
+
+# How long to wait for the parent of an ended worker to reap it (the keeper writes the exit file first).
+REAP_WAIT = 2.0
+
+
+def exit_code(pid: int, path: str) -> int | None:
+    """The recorded exit code of a worker that is not our child and has ended.
+
+    Its exit file is written before it is reaped (by the shell wrapper before it exits, by the keeper before
+    it reaps), so while the pid is still a zombie the file may be on its way: wait for the reaping, briefly.
+    """
+    code = read_exit_file(path)
+    deadline = time.monotonic() + REAP_WAIT
+    while code is None and pid and (_proc_stat(pid) or ("X",))[0] == "Z" and time.monotonic() < deadline:
+        time.sleep(0.001)
+        code = read_exit_file(path)
+    return code
 
 
 def read_exit_file(path: str) -> int | None:
