@@ -180,7 +180,7 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
         raise ValidationError(str(path), "target_files", "a path holds a NUL byte (\\0)")
     try:
         normalise = Normaliser(root) if normalise is None else normalise
-        targets = tuple(normalise[raw] for raw in raw_targets)
+        targets = tuple(map(normalise.__getitem__, raw_targets))
     except PathError as exc:
         raise ValidationError(str(path), "target_files", str(exc)) from None
     exit_code = data.get("exit_code")

@@ -32,6 +32,7 @@ _FLOAT = re.compile(r"-?[0-9]+\.[0-9]+")
 _RESOLVERS = Resolver.yaml_implicit_resolvers
 _STR, _NULL, _BOOL, _INT_TAG, _FLOAT_TAG = (
     f"tag:yaml.org,2002:{t}" for t in ("str", "null", "bool", "int", "float"))
+_KEYS: dict[str, bool] = {}  # key → whether it is a string to YAML (`on:` is True), as looked up so far
 _BOOLS = {"yes": True, "no": False, "true": True, "false": False, "on": True, "off": False}
 
 
@@ -52,7 +53,12 @@ def mapping(text: str) -> dict[str, Any] | None:
             if match is None:
                 return None
             key, value = match.groups()
-            if _tag(key) != _STR or key in data:
+            known = _KEYS.get(key)
+            if known is None:
+                known = _tag(key) == _STR
+                if len(_KEYS) < 4096:  # the keys of task files are few; a file of made-up keys must not grow it
+                    _KEYS[key] = known
+            if not known or key in data:
                 return None
             data[key] = _value(value)
     except _Unsure:
