@@ -33,7 +33,16 @@ def test_sigkill_of_run_then_a_second_run_finishes_without_rerunning(project):
     journal = project.root / "journal.txt"
     random_order(order, journal, n=50, seed=11, work="sleep 0.3")
     first = start_run(project, "ORD")
-    wait_for(lambda: sum(s.end is not None for s in spans(journal)) >= 8)
+
+    def mid_work():
+        """8 commands ended and one running (begun, not ended, IN_PROGRESS): when the kill must land. Counting ends
+        alone raced the schedule: right after an end the next command may not have begun yet."""
+        seen = spans(journal)
+        begun = {s.task for s in seen if s.end is None}
+        statuses = task_statuses(order)
+        return sum(s.end is not None for s in seen) >= 8 and any(statuses.get(t) == "IN_PROGRESS" for t in begun)
+
+    wait_for(mid_work)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     # Tasks whose command had begun (their journal line proves it): a kill between a task's IN_PROGRESS write and
