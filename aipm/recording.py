@@ -210,7 +210,7 @@ class Recording:
             message = self._merge_back(rec, event)
         if message:
             append_log(rec.log, message.splitlines()[0])
-            self.rt.feedback_path(rec.order, rec.task).write_text(message + "\n")
+            self.rt.feedback_path(rec.order, rec.task, writing=True).write_text(message + "\n")
             task = self._write(task, {**after_work(task, 0, self.settings, True, outcome.exited(0)), **spent})
             why = outcome.scope(outside) if outside else outcome.one_line(message.splitlines()[0])
             for updates in after_review(task, 1, self.settings, why):
@@ -238,7 +238,7 @@ class Recording:
 
     def _review_ended(self, rec: Record, task: Task, code: int) -> Task:
         """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback."""
-        feedback = self.rt.feedback_path(rec.order, rec.task)
+        feedback = self.rt.feedback_path(rec.order, rec.task, writing=True)
         review_log = Path(rec.log).with_suffix(".review.log")
         verdict = "approved" if code == 0 else f"sent back (exit {code})"
         append_log(rec.log, f"review {verdict}; review output: {review_log}")
