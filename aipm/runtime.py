@@ -167,7 +167,13 @@ class Runtime:
 
     def _dir(self, path: Path) -> Path:
         """`path` under `.aipm/`, after making sure its directory (and `.aipm/.gitignore`) exist. No cache: a
-        worker may delete `.aipm/` at any moment, and one mkdir is nothing next to starting a process."""
+        worker may delete `.aipm/` at any moment; when the directory is there, this is one mkdir."""
+        try:
+            os.mkdir(path.parent)
+        except FileExistsError:
+            return path
+        except FileNotFoundError:
+            pass  # a level above is gone (a `git clean`): make them all, and the .gitignore
         for _ in range(3):
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ class Supervisor(Recording, Owner):
         cwd = workspace.directory(self.rt.root, rec)
         pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log,
                            stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout), prefix=jail)
-        self._own(rec)
+        self._own(rec, started=True)
         self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
                             "attempt": rec.serial})
 
@@ -87,9 +87,10 @@ class Supervisor(Recording, Owner):
         self._own(rec)
         self.outbox.append({"event": "adopted", "task": rec.task, "order": rec.order, "pid": rec.pid})
 
-    def _own(self, rec: Record) -> None:
+    def _own(self, rec: Record, started: bool = False) -> None:
+        """Watch an owned worker; one we `started` a moment ago waits for its go, so it is ours and alive."""
         self.owned[rec.key] = rec
-        if not (rec.pid and rec.worker_alive() and self.watcher.watch_pid(rec.pid, rec.key)):
+        if not (rec.pid and (started or rec.worker_alive()) and self.watcher.watch_pid(rec.pid, rec.key)):
             self.exited.append(rec.key)
 
     # -- waiting -------------------------------------------------------------------------------------
