@@ -318,13 +318,15 @@ class Recording:
         if self.view is not None:
             self.view.note(task)
 
-    def _drop(self, rec: Record) -> None:
+    def _drop(self, rec: Record, noted: bool = False) -> None:
+        """Forget an attempt that is over: its files, locks and record (`noted`: interrupt() noted its end)."""
         Path(rec.scope_file).unlink(missing_ok=True)
         confine.tidy(rec.log)
         # Locks go before the record: a held lock without a record would look like a stranger's.
         for fd in self.lock_fds.pop(rec.key, ()):
             os.close(fd)
-        scope.note_ended(self.rt, rec)
+        if not noted:
+            scope.note_ended(self.rt, rec)
         self.rt.remove_record(rec.order, rec.task)
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)

@@ -188,10 +188,11 @@ class Supervisor(Recording, Owner):
                     task = load_task(Path(rec.task_file), self.rt.root)
                 except (UserError, OSError):
                     task = None  # deleted or broken: without its record, recovery re-queues it once it is fixed
-                if task is not None and task.status in RUNNING and task.attempts == rec.attempt:
+                interrupted = task is not None and task.status in RUNNING and task.attempts == rec.attempt
+                if interrupted:
                     self.launcher.interrupt(task, rec, "stopped by the user (Ctrl-C)")
                     stopped.append(rec.task)
-                self._drop(rec)
+                self._drop(rec, noted=interrupted)
         return stopped
 
     def preempt(self, key: str, urgent: str, why: str) -> None:
@@ -212,7 +213,7 @@ class Supervisor(Recording, Owner):
             if ours:
                 self.launcher.interrupt(task, rec, why)
                 self._write(load_task(Path(rec.task_file), self.rt.root), {"preemptions": task.preemptions + 1})
-            self._drop(rec)
+            self._drop(rec, noted=ours)
         if ours:
             self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,
                                 "attempt": rec.serial})
