@@ -1,12 +1,11 @@
 """Starting, watching and stopping worker processes.
 
-Each worker runs in a new session (so its process group holds every grandchild) and waits for a "go" before
-its command begins; the go is sent only once the worker's record is on disk and the status writes of its
-launch-lock round are durable (durable.py), so a launcher that dies in between leaves no command running
-unrecorded (the worker sees EOF and exits). Its exit code reaches an exit file, which lets a supervisor that was
-restarted learn the real outcome of a worker it did not start. `run` starts workers through its keeper
-(keeper.py: the command is the keeper's child, no shell); everyone else through `/bin/sh` running a tiny
-wrapper that waits for the go on a pipe, runs the command, writes the exit file and exits with that code.
+Each worker is `/bin/sh` running a tiny wrapper in a new session (so its process group holds every
+grandchild): it waits for a "go" on a pipe, runs the task's command, writes the exit code to an exit file,
+and exits with that code. The go is sent only once the worker's record is on disk and the status writes of
+its launch-lock round are durable (durable.py), so a launcher that dies in between leaves no command running
+unrecorded (the wrapper sees EOF and exits). The exit file lets a supervisor that was restarted learn the real
+outcome of a worker it did not start.
 
 Waiting is event-driven: a pidfd per process in a selector, so the loop sleeps until something happens.
 """
@@ -22,7 +21,6 @@ import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
 from aipm import durable
-from aipm.keeper import MAX_FDS, Keeper
 
 SHELL = "/bin/sh"
 # The go pipe is fd 3 (dash only redirects single-digit descriptors); $1 is the exit file.
@@ -44,13 +42,6 @@ _SHELL_WORDS = frozenset(
     "readonly return set shift times trap type ulimit umask unalias unset wait ! { } case do done elif else esac "
     "fi for function if in select then time until while".split()
 )
-
-
-def _argv(command: str | Sequence[str]) -> list[str]:
-    """The argv that runs `command`: a string goes to /bin/sh unless it is plain words."""
-    if not isinstance(command, str):
-        return list(command)
-    return plain_words(command) or [SHELL, "-c", command]
 
 
 def plain_words(command: str) -> list[str] | None:
@@ -85,41 +76,27 @@ def spawn(
     pass_fds: Sequence[int] = (),
     started: Callable[[int], None] = lambda pid: None,
     prefix: Sequence[str] = (),
-    keeper: Keeper | None = None,
 ) -> int:
     """Start `command` in its own session; its stdout and stderr append to `log`. Returns the pid (= pgid).
 
     `started(pid)` runs before the command may begin (record the worker there); if it raises, the command
-    never runs and the error propagates. `prefix` is an argv put in front of the command (confinement); a
-    string command then runs as `prefix /bin/sh -c COMMAND`. With a `keeper` (keeper.py) the command is its
-    child, with no shell wrapper; the wrapper is used when the keeper cannot take it.
+    never runs and the error propagates. `prefix` is an argv the wrapper puts in front of the command
+    (confinement); a string command then runs as `prefix /bin/sh -c COMMAND`.
     """
     if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
         if missing:
             raise SpawnError(f"program {missing!r} not found on PATH")
-    if keeper is not None and len(pass_fds) <= MAX_FDS:
-        if not os.path.isdir(cwd):
-            raise SpawnError(f"working directory {cwd} does not exist")
-        argv = [*prefix, *_argv(command)]
-        os.makedirs(os.path.dirname(log), exist_ok=True)
-        try:
-            pid = keeper.spawn(argv, dict(env, AIPM_ROOT=cwd), cwd, log, stdin, exit_file, list(pass_fds))
-        except OSError:
-            pass  # the keeper is gone: the wrapper below does its job
-        else:
-            try:
-                started(pid)
-            except BaseException:
-                keeper.go(pid, False)
-                raise
-            durable.once_durable(lambda ok: keeper.go(pid, ok))
-            return pid
     go_read, go_write = os.pipe()
-    if isinstance(command, str) and not prefix and not plain_words(command):
+    if prefix:  # the wrapper stays outside: it must write the exit file whatever the prefix forbids
+        shell = [SHELL, "-c", command] if isinstance(command, str) else list(command)
+        argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *prefix, *shell]
+    elif isinstance(command, str) and not plain_words(command):
         argv = [SHELL, "-c", _WRAP_SHELL, "aipm-worker", exit_file, command]
-    else:  # with a prefix the wrapper stays outside: it must write the exit file whatever the prefix forbids
-        argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *prefix, *_argv(command)]
+    elif isinstance(command, str):
+        argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *plain_words(command)]
+    else:
+        argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *command]
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, stdin or os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
@@ -207,9 +184,6 @@ class Watcher:
 
     def watch_fd(self, fd: int, key: Hashable) -> None:
         self._sel.register(fd, selectors.EVENT_READ, key)
-
-    def unwatch_fd(self, fd: int) -> None:
-        self._sel.unregister(fd)
 
     def forget(self, key: Hashable) -> None:
         fd = self._pidfds.pop(key, None)

@@ -78,7 +78,7 @@ def snapshot(root: Path) -> Snapshot | None:
 
 
 def _take(root: Path) -> Snapshot | None:
-    prefix = _prefix(str(root.resolve()))
+    prefix = _prefix(_real(root))
     if prefix is None:
         return None
     snap = Snapshot()
@@ -163,7 +163,7 @@ def note_ended(rt: Runtime, rec: Record, targets: Iterable[str] | None = None) -
     audits still in flight, whose snapshots may see its writes once its record is gone. Caller holds the launch
     lock. The log is appended to; past WRITTEN_LOG_BYTES it is cut to the lines an audit may still need."""
     if targets is None:
-        if rec.workspace or _prefix(str(rt.root.resolve())) is None:
+        if rec.workspace or _prefix(_real(rt.root)) is None:
             return  # it wrote in its own worktree (merges note themselves), or nothing here is audited
         targets = rec.targets
     log = rt.state / WRITTEN_LOG
@@ -222,6 +222,16 @@ def _lines(log: Path) -> list[str]:
 
 
 _PREFIXES: dict[str, str | None] = {}  # per process: a supervisor must not fork git per task outside a repo
+
+
+_REAL: dict[Path, str] = {}
+
+
+def _real(root: Path) -> str:
+    """The project root with symlinks resolved, once per process (every attempt's end asks)."""
+    if root not in _REAL:
+        _REAL[root] = str(root.resolve())
+    return _REAL[root]
 
 
 def _prefix(root: str) -> str | None:

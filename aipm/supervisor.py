@@ -18,11 +18,10 @@ from pathlib import Path
 
 from aipm import cluster, confine, notify, preemption, runner, scope, subreaper, workspace
 from aipm.errors import UserError
-from aipm.keeper import Keeper
 from aipm.launcher import Launcher, Owner, append_log
 from aipm.recording import Recording
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task, status_summary
-from aipm.runtime import Record, exit_code, process_ctime, read_exit_file
+from aipm.runtime import Record, process_ctime, read_exit_file
 from aipm.store import load_task
 from aipm.view import OrderView
 from aipm.worker import invocation
@@ -32,8 +31,7 @@ KILL_GRACE = 5.0
 
 
 class Supervisor(Recording, Owner):
-    def __init__(self, launcher: Launcher, emit: Emit | None = None, view: OrderView | None = None,
-                 keep: bool = False):
+    def __init__(self, launcher: Launcher, emit: Emit | None = None, view: OrderView | None = None):
         self.launcher = launcher
         self.view = view  # told about our own writes, so it need not re-read those files
         self.rt = launcher.runtime
@@ -55,12 +53,6 @@ class Supervisor(Recording, Owner):
         subreaper.become_subreaper()
         self.adopted: set[str] = set()  # keys of workers that are not our children
         self.lock_fds: dict[str, list[int]] = {}  # target locks we hold ourselves (a detached owner's copies)
-        # Workers started through the keeper (keeper.py; `run` only, started at the first launch): their end is
-        # heard from the keeper, which knows the exit code, not from their pid.
-        self.keep = keep
-        self.keeper: Keeper | None = None
-        self.kept: dict[int, str] = {}  # pid → task key
-        self.codes: dict[str, int] = {}  # exit codes the keeper told us, until handled
 
     # -- Owner interface (called under the launch lock) -----------------------------------------------
 
@@ -75,15 +67,9 @@ class Supervisor(Recording, Owner):
         rec.owner_pid, rec.owner_ctime = self.me
         jail = confine.prefix(str(self.rt.root), rec.targets, rec.log) if confine.wanted(task, self.settings) else ()
         cwd = workspace.directory(self.rt.root, rec)
-        keeper = self._keeper()
-        pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log, stdin=stdin,
-                           pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout), prefix=jail,
-                           keeper=keeper)
-        if keeper is not None and pid in keeper.children:
-            self.kept[pid] = rec.key
-        elif keeper is not None and keeper.broken:
-            self.exited += self._keeper_gone()
-        self._own(rec)
+        pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log,
+                           stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout), prefix=jail)
+        self._own(rec, started=True)
         self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
                             "attempt": rec.serial})
 
@@ -101,49 +87,11 @@ class Supervisor(Recording, Owner):
         self._own(rec)
         self.outbox.append({"event": "adopted", "task": rec.task, "order": rec.order, "pid": rec.pid})
 
-    def _own(self, rec: Record) -> None:
+    def _own(self, rec: Record, started: bool = False) -> None:
+        """Watch an owned worker; one we `started` a moment ago waits for its go, so it is ours and alive."""
         self.owned[rec.key] = rec
-        if rec.pid in self.kept:
-            return  # the keeper tells us when it ends, with its exit code
-        if not (rec.pid and rec.worker_alive() and self.watcher.watch_pid(rec.pid, rec.key)):
+        if not (rec.pid and (started or rec.worker_alive()) and self.watcher.watch_pid(rec.pid, rec.key)):
             self.exited.append(rec.key)
-
-    def _keeper(self) -> Keeper | None:
-        """The keeper, started at the first launch; None for owners without one, or when it cannot start."""
-        if self.keep and self.keeper is None:
-            try:
-                self.keeper = Keeper()
-            except OSError:
-                self.keep = False  # the shell wrapper does its job
-                return None
-            self.watcher.watch_fd(self.keeper.sock.fileno(), "keeper")
-            if not self.watcher.watch_pid(self.keeper.pid, "keeper gone"):
-                self._keeper_gone()
-        return self.keeper
-
-    def _heard(self) -> list[str]:
-        """Keys of kept workers whose end the keeper reported, their codes noted for handle()."""
-        keys = []
-        for pid, code in self.keeper.exits() if self.keeper is not None else ():
-            key = self.kept.pop(pid, None)
-            if key is not None and key in self.owned:
-                self.codes[key] = code
-                keys.append(key)
-        return keys
-
-    def _keeper_gone(self) -> list[str]:
-        """The keeper died (or stopped answering): hear what it reported last; its workers are then waited for by
-        pid — our children once it is gone (we are their subreaper), else it still writes their exit files."""
-        keys = self._heard()
-        self.watcher.forget("keeper gone")
-        self.watcher.unwatch_fd(self.keeper.sock.fileno())
-        self.keeper.close()
-        self.keeper, self.keep = None, False
-        for pid, key in self.kept.items():
-            if key in self.owned and not self.watcher.watch_pid(pid, key):
-                keys.append(key)
-        self.kept.clear()
-        return keys
 
     # -- waiting -------------------------------------------------------------------------------------
 
@@ -162,9 +110,6 @@ class Supervisor(Recording, Owner):
             until = max(0.0, min(wake) - now)
             timeout = until if timeout is None else min(timeout, until)
         keys = self.watcher.wait(timeout)
-        if "keeper" in keys or "keeper gone" in keys:
-            heard = self._keeper_gone() if "keeper gone" in keys else self._heard()
-            keys = [k for k in keys if k not in ("keeper", "keeper gone")] + heard
         self._enforce_deadlines()
         return keys
 
@@ -192,11 +137,9 @@ class Supervisor(Recording, Owner):
             return None
         self.watcher.forget(key)
         self.kill_at.pop(key, None)
-        code = self.codes.pop(key, None)
-        if code is None:
-            code = runner.reap(rec.pid) if rec.pid else None
-        if code is None:  # not our child (adopted): the exit file holds the outcome
-            code = exit_code(rec.pid, rec.exit_file)
+        code = runner.reap(rec.pid) if rec.pid else None
+        if code is None:  # not our child (adopted): the wrapper's exit file holds the outcome
+            code = read_exit_file(rec.exit_file)
         timed_out = key in self.timed_out
         self.timed_out.discard(key)
         if rec.pid:
@@ -210,7 +153,7 @@ class Supervisor(Recording, Owner):
 
     def end_strays(self, rec: Record | None = None) -> None:
         """End the processes `rec`'s attempt left behind; with no `rec`, every stray below us."""
-        ours = {r.pid for r in self.owned.values() if r.pid} | ({self.keeper.pid} if self.keeper else set())
+        ours = {r.pid for r in self.owned.values() if r.pid}
         adopted = rec is not None and rec.key in self.adopted
         if not adopted and all(pid in ours for pid in subreaper.children(os.getpid())):
             return  # the usual case: nothing left its worker
@@ -245,10 +188,11 @@ class Supervisor(Recording, Owner):
                     task = load_task(Path(rec.task_file), self.rt.root)
                 except (UserError, OSError):
                     task = None  # deleted or broken: without its record, recovery re-queues it once it is fixed
-                if task is not None and task.status in RUNNING and task.attempts == rec.attempt:
+                interrupted = task is not None and task.status in RUNNING and task.attempts == rec.attempt
+                if interrupted:
                     self.launcher.interrupt(task, rec, "stopped by the user (Ctrl-C)")
                     stopped.append(rec.task)
-                self._drop(rec)
+                self._drop(rec, noted=interrupted)
         return stopped
 
     def preempt(self, key: str, urgent: str, why: str) -> None:
@@ -257,13 +201,9 @@ class Supervisor(Recording, Owner):
         self.watcher.forget(key)
         self.kill_at.pop(key, None)
         self.timed_out.discard(key)
-        kept = rec.pid in self.kept
-        if kept:  # what the keeper says after our signal is our signal's doing: hear what came before it
-            self.exited += [k for k in self._heard() if k != key]
-            self.kept.pop(rec.pid, None)
         runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
         runner.reap(rec.pid)
-        code = self.codes.pop(key, None) if kept else read_exit_file(rec.exit_file)
+        code = read_exit_file(rec.exit_file)
         with self.rt.launch_lock():
             if code is not None:  # it ended on its own before the signal: that outcome stands
                 self.outbox.append(self._apply(rec, code, False))
@@ -273,14 +213,12 @@ class Supervisor(Recording, Owner):
             if ours:
                 self.launcher.interrupt(task, rec, why)
                 self._write(load_task(Path(rec.task_file), self.rt.root), {"preemptions": task.preemptions + 1})
-            self._drop(rec)
+            self._drop(rec, noted=ours)
         if ours:
             self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,
                                 "attempt": rec.serial})
 
     def close(self) -> None:
-        if self.keeper is not None:
-            self.keeper.close()
         self.watcher.close()
 
 
@@ -376,7 +314,7 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
 
     Returns the exit code: 0 when the order (or the `only` task) ended DONE/COMPLETED, 1 when not, 130 on Ctrl-C.
     """
-    sup = Supervisor(launcher, emit, view, keep=True)
+    sup = Supervisor(launcher, emit, view)
     stop = Stop(sup.watcher)
     if view.fd is not None:
         sup.watcher.watch_fd(view.fd, "files")

@@ -7,7 +7,6 @@ atomic: temp file in the same directory, fsync, identity check, rename, director
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import os
 from collections.abc import Callable, Mapping
@@ -168,13 +167,12 @@ def update_task(
         except Unpatchable as exc:
             raise ValidationError(str(path), exc.key, f"aipm cannot write this field here ({exc.reason}); "
                                   f"write it as a plain `{exc.key or 'status'}: VALUE` line") from None
-        # What a fresh load of the new text will give (it provably parses to new_data): checked before it is
-        # written, and remembered for the next read of this file.
+        # The task as a fresh load of the new text will give it (the text provably parses to new_data): checked
+        # before it is written, remembered for the next read of this file, and returned.
         fresh = task_from_mapping(path, new_data, root)
         if new_text == text or atomic_write(path, new_text, identity):
             remember(path, new_text, root, new_data, fresh)
-            # The managed fields hold plain scalars, so the new Task is the old one with them replaced.
-            return dataclasses.replace(current, **changes)
+            return fresh
     raise StaleWrite(f"{path}: the file kept changing while aipm tried to write it; nothing written")
 
 
