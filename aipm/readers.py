@@ -11,8 +11,8 @@ the same error, for the first bad file in name order (each reader stops at its f
 order, so an earlier share's error wins). A reader that fails any other way (killed, out of memory, a crash)
 costs only time: its share is parsed again here, which then fails, or not, exactly as a sequential load would.
 
-Only processes that ask for it fork (`allow`: the short-lived read commands), and only while single-threaded:
-`run` keeps signal handlers and a wake-up descriptor that a forked child must not inherit.
+Only processes that ask for it fork (`allow`: the short-lived read commands and `validate`), and only while
+single-threaded: `run` keeps signal handlers and a wake-up descriptor that a forked child must not inherit.
 """
 
 from __future__ import annotations

@@ -156,7 +156,8 @@ def test_detect_on_a_big_order_reads_in_parallel_writes_nothing_and_names_the_fi
     for i in (n - 10, n - 50):  # both in the second share: a reader's, on two or more cores
         (order / f"T{i:04d}.yaml").write_text(f"id: T{i:04d}\ntimeout: soon\n")
     before = full_snapshot(project.root)
-    for args in (("detect", "ORD", "--json"), ("status", "ORD", "--json"), ("detect", "ORD"), ("why", "ORD/T0001")):
+    for args in (("detect", "ORD", "--json"), ("status", "ORD", "--json"), ("detect", "ORD"), ("why", "ORD/T0001"),
+                 ("validate", "ORD")):
         proc = project.aipm(*args)
         assert_one_line_error(proc, f"T{n - 50:04d}.yaml", "timeout")
         assert full_snapshot(project.root) == before and not (project.root / ".aipm").exists()

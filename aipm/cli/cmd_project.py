@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from aipm import budget, parsecache
+from aipm import budget, parsecache, readers
 from aipm.board import task_row
 from aipm.cli import app
 from aipm.advice import warnings
@@ -80,6 +80,7 @@ def validate(
     Remembers what it checked in the parse cache (in an existing .aipm/ only), so later loads skip parsing.
     """
     parsecache.writable()
+    readers.allow()
     project = get_project()
     dirs = [project.order_dir(order)] if order else project.order_dirs()
     ids = project.order_ids()
