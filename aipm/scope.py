@@ -50,7 +50,7 @@ class Snapshot(dict):
 
 
 
-_SHARED: list[dict[str, Snapshot | None]] = []  # the open sharing scope, if any
+_SHARED: list[dict[str, "Snapshot | _Pending | None"]] = []  # the open sharing scope, if any
 
 
 @contextmanager
@@ -63,6 +63,9 @@ def shared() -> Iterator[None]:
     try:
         yield
     finally:
+        for value in _SHARED[0].values():
+            if isinstance(value, _Pending):
+                value.cancel()  # nobody needed it (no audit after all): no git left running, no zombie
         _SHARED.clear()
 
 
@@ -74,31 +77,70 @@ def snapshot(root: Path) -> Snapshot | None:
     key = str(root)
     if key not in cache:
         cache[key] = _take(Path(root))
-    return cache[key]
+    value = cache[key]
+    if isinstance(value, _Pending):
+        value = cache[key] = value.result()
+    return value
+
+
+def prefetch(root: Path) -> None:
+    """Start the shared snapshot of `root` now and read it at its first use (snapshot()), so `git status` runs
+    while the caller does what needs no snapshot (reaping, the launch lock, reading the task). Only inside
+    shared(); the caller must not let anything write in the tree on a task's behalf before that first use."""
+    if _SHARED and str(root) not in _SHARED[0]:
+        _SHARED[0][str(root)] = _start(Path(root))
+
+
+def running_pids() -> set[int]:
+    """The `git status` processes started by prefetch() and not yet read: children of ours, not strays."""
+    return {v.proc.pid for cache in _SHARED for v in cache.values() if isinstance(v, _Pending)}
+
+
+class _Pending:
+    """A `git status` started for a snapshot, not yet read."""
+
+    def __init__(self, root: Path, prefix: str, proc: subprocess.Popen, taken_ns: int):
+        self.root, self.prefix, self.proc, self.taken_ns = root, prefix, proc, taken_ns
+
+    def result(self) -> Snapshot | None:
+        out, _ = self.proc.communicate()
+        if self.proc.returncode != 0:
+            return None
+        snap = Snapshot()
+        snap.taken_ns = self.taken_ns
+        for path in _paths(out.decode("utf-8", "surrogateescape")):
+            if not path.startswith(self.prefix):
+                continue
+            rel = path[len(self.prefix):].rstrip("/")
+            if not rel or rel == RUNTIME_DIR or rel.startswith(RUNTIME_DIR + "/"):
+                continue
+            snap[rel] = _fingerprint(self.root / rel)
+        return snap
+
+    def cancel(self) -> None:
+        self.proc.kill()
+        self.proc.communicate()
 
 
 def _take(root: Path) -> Snapshot | None:
+    pending = _start(root)
+    return pending.result() if pending is not None else None
+
+
+def _start(root: Path) -> _Pending | None:
     prefix = _prefix(str(root.resolve()))
     if prefix is None:
         return None
-    snap = Snapshot()
-    snap.taken_ns = time.time_ns()
+    taken_ns = time.time_ns()
     try:
-        out = subprocess.run(
+        proc = subprocess.Popen(
             ["git", "--no-optional-locks", "status", "--porcelain=v1", "-z", "--untracked-files=all",
              "--no-renames", "--", "."],
-            cwd=root, capture_output=True, check=True, env=_git_env(),
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
+            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_git_env(),
+        )
+    except OSError:
         return None
-    for path in _paths(out.decode("utf-8", "surrogateescape")):
-        if not path.startswith(prefix):
-            continue
-        rel = path[len(prefix):].rstrip("/")
-        if not rel or rel == RUNTIME_DIR or rel.startswith(RUNTIME_DIR + "/"):
-            continue
-        snap[rel] = _fingerprint(root / rel)
-    return snap
+    return _Pending(root, prefix, proc, taken_ns)
 
 
 def changed(before: Snapshot, after: Snapshot) -> set[str]:

@@ -152,7 +152,7 @@ class Supervisor(Recording, Owner):
 
     def end_strays(self, rec: Record | None = None) -> None:
         """End the processes `rec`'s attempt left behind; with no `rec`, every stray below us."""
-        ours = {r.pid for r in self.owned.values() if r.pid}
+        ours = {r.pid for r in self.owned.values() if r.pid} | scope.running_pids()  # git of a prefetch
         adopted = rec is not None and rec.key in self.adopted
         if not adopted and all(pid in ours for pid in subreaper.children(os.getpid())):
             return  # the usual case: nothing left its worker
@@ -260,14 +260,14 @@ def _finish(sup: Supervisor, keys: list[str]) -> None:
 @contextmanager
 def _round(sup: Supervisor, ready: list[str]) -> Iterator[None]:
     """One wake-up under the launch lock, with one tree snapshot for every task that ends or starts in it
-    (taken before queueing for the lock when a task that ended needs its audit)."""
+    (started before queueing for the lock when a task that ended needs its audit)."""
     with scope.shared():
         ended = [sup.owned[k] for k in ready if k in sup.owned]
         if any(Path(rec.scope_file).exists() for rec in ended):
             for rec in ended:  # stragglers first (as `handle` does): their writes belong before the snapshot
                 if rec.pid:
                     runner.kill_group(rec.pgid)
-            scope.snapshot(sup.rt.root)
+            scope.prefetch(sup.rt.root)  # read at the first audit: git runs while we reap and take the lock
         with sup.rt.launch_lock():
             yield
 

@@ -344,3 +344,57 @@ def test_the_written_log_is_cut_to_what_an_audit_in_flight_may_need(tmp_path, mo
     scope.note_ended(rt, ended)
     assert scope.written_since(rt, taken) == ["e.txt"]
     assert scope.written_since(rt, 0) == ["e.txt"]  # the 100 old lines were cut
+
+
+def test_a_prefetched_snapshot_is_read_at_its_first_use_and_one_never_read_leaves_no_git_behind(repo):
+    """`prefetch` starts git now; the snapshot, read later, is the tree as git saw it from its start. Inside one
+    shared block it is the one every later snapshot() of the root returns; a prefetch nobody read is ended with
+    the block (no git left running, no zombie)."""
+    from aipm import scope
+
+    with scope.shared():
+        scope.prefetch(repo)
+        pids = scope.running_pids()
+        assert len(pids) == 1
+        first = scope.snapshot(repo)
+        assert scope.running_pids() == set() and scope.snapshot(repo) is first
+    assert first == {} and first.taken_ns > 0
+    (repo / "new.txt").write_text("x\n")
+    with scope.shared():
+        scope.prefetch(repo)
+        (pid,) = scope.running_pids()
+    assert scope.running_pids() == set()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped already
+    assert set(snapshot(repo)) == {"new.txt"}
+
+
+def test_a_lone_task_is_audited_even_when_git_is_slower_than_its_end(tmp_path):
+    """`run` starts the audit's `git status` before it reaps a task that ended and ends what the task left
+    running. With one task and a slow git, that git is still running then: it is ours, not a stray of the
+    attempt, so the audit still sees the write outside the targets and names it."""
+    import subprocess as sp
+    import sys
+
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (root / "aipm.yaml").write_text("max_rework: 0\n")
+    (order / "SNEAKY.yaml").write_text(yaml.safe_dump(
+        {"command": "echo a > a.txt && echo c > c.txt", "target_files": ["a.txt"]}))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        sp.run(["git", *args], cwd=root, check=True)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "git").write_text(f'#!/bin/sh\ncase " $* " in *" status "*) sleep 1;; esac\n'
+                              f'exec {shutil.which("git")} "$@"\n')
+    (shim / "git").chmod(0o755)
+    env = dict(os.environ, PATH=f"{shim}:{os.environ['PATH']}", AIPM_ENABLE_MONITORING="false")
+    proc = sp.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--max-workers", "1", "--json"],
+                  capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert yaml.safe_load((order / "SNEAKY.yaml").read_text())["status"] == "REJECTED"
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["scope"] for e in events if e.get("scope")] == [["c.txt"]]
