@@ -31,10 +31,11 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from aipm import durable
 from aipm.paths import PathError, Target, normalize, overlaps
 from aipm.runtime import Record, Runtime
 
@@ -64,8 +65,8 @@ def shared() -> Iterator[None]:
         yield
     finally:
         for value in _SHARED[0].values():
-            if isinstance(value, _Pending):
-                value.cancel()  # nobody needed it (no audit after all): no git left running, no zombie
+            if isinstance(value, _Pending):  # read if a task's "before" waits for it, else ended: no git left over
+                value.result() if value.needed else value.cancel()
         _SHARED.clear()
 
 
@@ -78,9 +79,7 @@ def snapshot(root: Path) -> Snapshot | None:
     if key not in cache:
         cache[key] = _take(Path(root))
     value = cache[key]
-    if isinstance(value, _Pending):
-        value = cache[key] = value.result()
-    return value
+    return value.result() if isinstance(value, _Pending) else value
 
 
 def prefetch(root: Path) -> None:
@@ -93,16 +92,54 @@ def prefetch(root: Path) -> None:
 
 def running_pids() -> set[int]:
     """The `git status` processes started by prefetch() and not yet read: children of ours, not strays."""
-    return {v.proc.pid for cache in _SHARED for v in cache.values() if isinstance(v, _Pending)}
+    return {v.proc.pid for cache in _SHARED for v in cache.values() if isinstance(v, _Pending) and not v._read}
+
+
+def save_before(root: Path, path: Path, refuse: Callable[[], None]) -> bool:
+    """Save to `path` the snapshot a task starts from; False when there is none (not a git work tree, no git).
+
+    While that snapshot is still being taken (a prefetch), the save waits for it at the durable end of the launch
+    round, where the task's go waits too, registered after this: its command never begins before the snapshot
+    it is audited against is complete and saved. Should that late save fail, `refuse()` stops the task before
+    its command begins (nothing runs unaudited). Otherwise a failure to save raises OSError, as save() does."""
+    value = _SHARED[0].get(str(root)) if _SHARED else None
+    if not isinstance(value, _Pending):
+        snap = snapshot(root)
+        if snap is not None:
+            save(snap, path)
+        return snap is not None
+    value.needed = True
+
+    def late(durable_ok: bool) -> None:
+        if not durable_ok:
+            return  # the go is withheld too: the command never runs
+        snap = value.result()
+        try:
+            if snap is not None:
+                save(snap, path)
+        except OSError:
+            refuse()
+
+    durable.once_durable(late)
+    return True
 
 
 class _Pending:
-    """A `git status` started for a snapshot, not yet read."""
+    """A `git status` started for a snapshot, not yet read; read once, by whoever needs it first."""
 
     def __init__(self, root: Path, prefix: str, proc: subprocess.Popen, taken_ns: int):
         self.root, self.prefix, self.proc, self.taken_ns = root, prefix, proc, taken_ns
+        self.needed = False  # a task's "before" waits for it: read it, never cancel it
+        self._result: Snapshot | None = None
+        self._read = False
 
     def result(self) -> Snapshot | None:
+        if not self._read:
+            self._read = True
+            self._result = self._parse()
+        return self._result
+
+    def _parse(self) -> Snapshot | None:
         out, _ = self.proc.communicate()
         if self.proc.returncode != 0:
             return None
@@ -118,8 +155,10 @@ class _Pending:
         return snap
 
     def cancel(self) -> None:
-        self.proc.kill()
-        self.proc.communicate()
+        if not self._read:
+            self._read = True
+            self.proc.kill()
+            self.proc.communicate()
 
 
 def _take(root: Path) -> Snapshot | None:

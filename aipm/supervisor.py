@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aipm import cluster, confine, notify, preemption, runner, scope, subreaper, workspace
+from aipm import cluster, confine, durable, notify, preemption, runner, scope, subreaper, workspace
 from aipm.errors import UserError
-from aipm.launcher import Launcher, Owner, append_log
+from aipm.launcher import Launcher, LaunchReport, Owner, append_log
 from aipm.recording import Recording
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task, status_summary
 from aipm.runtime import Record, process_ctime, read_exit_file
@@ -258,18 +258,35 @@ def _finish(sup: Supervisor, keys: list[str]) -> None:
 
 
 @contextmanager
-def _round(sup: Supervisor, ready: list[str]) -> Iterator[None]:
+def _round(sup: Supervisor, ready: list[str]) -> Iterator[list[str]]:
     """One wake-up under the launch lock, with one tree snapshot for every task that ends or starts in it
-    (started before queueing for the lock when a task that ended needs its audit)."""
+    (started before queueing for the lock when a task that ended needs its audit). Yields the keys of those
+    tasks: their audit, and so their outcome, waits for that snapshot."""
     with scope.shared():
         ended = [sup.owned[k] for k in ready if k in sup.owned]
-        if any(Path(rec.scope_file).exists() for rec in ended):
+        audited = [rec.key for rec in ended if Path(rec.scope_file).exists()]
+        if audited:
             for rec in ended:  # stragglers first (as `handle` does): their writes belong before the snapshot
                 if rec.pid:
                     runner.kill_group(rec.pgid)
-            scope.prefetch(sup.rt.root)  # read at the first audit: git runs while we reap and take the lock
+            scope.prefetch(sup.rt.root)  # git runs while we take the lock and start what need not wait
         with sup.rt.launch_lock():
-            yield
+            yield audited
+
+
+def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str | None, recover: bool,
+                 audited: list[str]) -> LaunchReport | None:
+    """While the tasks that just ended wait for their audit's snapshot, start what does not depend on them in the
+    places they left, and let it go as soon as that snapshot (its "before" too) is read and its status durable:
+    neither waits for the audits and outcomes of the others. Their successors start after, in the same round."""
+    if not audited:
+        return None
+    for key in audited:  # what they left running is ended first, while they are still all we may own
+        sup.end_strays(sup.owned[key])
+    early = launcher.launch(view, owner=sup, only={only} if only else None, explain=False, recover=recover,
+                            ending=audited)
+    durable.flush()
+    return early
 
 
 FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now
@@ -326,12 +343,16 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     budget_told = False
     try:
         while not stop.requested:
-            with _round(sup, ready):  # one lock round per wake-up: finish what ended, then launch
+            with _round(sup, ready) as audited:  # one lock round per wake-up: finish what ended, then launch
+                early = _start_early(sup, launcher, view, only, recover, audited)
                 _finish(sup, ready)
                 if sup.unrecorded:
                     sup.retry_unrecorded()
                 report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False,
-                                         recover=recover)
+                                         recover=recover and early is None)
+                if early is not None:
+                    report.failed[:0] = early.failed
+                    report.recovered[:0] = early.recovered
                 sup.restore_owned(view.order.tasks)
             for event in sup.outbox:
                 emit(event)
