@@ -20,8 +20,11 @@ work; a write that none covers is out of scope for every task that ran, and is c
 
 Cost: inside `shared()`, one snapshot serves every task that ends or starts in the same wake-up (the "after" of
 the tasks that ended is the "before" of the tasks that start then), so a run pays one `git status` per wake-up,
-not two per task; the supervisor takes it before it queues for the launch lock. A confined task is not audited:
-the kernel already held it to its targets.
+not two per task. The supervisor starts it (`prefetch`) as soon as it sees a task end, before it queues for the
+launch lock, and reads it at its first use; the tasks that do not depend on the ones that ended start meanwhile,
+with their "before" saved — and their go sent — only once it is read (`save_before`, at the round's durable
+point), so no command ever begins before the snapshot it is audited from is complete. A confined task is not
+audited: the kernel already held it to its targets.
 """
 
 from __future__ import annotations
