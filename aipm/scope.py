@@ -170,9 +170,9 @@ def _take(root: Path) -> Snapshot | None:
 
 
 def _start(root: Path) -> _Pending | None:
-    prefix = _prefix(str(root.resolve()))
-    if prefix is None:
-        return None
+    resolved = str(root.resolve())
+    if _PREFIXES.get(resolved, "") is None:
+        return None  # known: not in a work tree, or no git
     taken_ns = time.time_ns()
     try:
         proc = subprocess.Popen(
@@ -182,7 +182,13 @@ def _start(root: Path) -> _Pending | None:
         )
     except OSError:
         return None
-    return _Pending(root, prefix, proc, taken_ns)
+    pending = _Pending(root, "", proc, taken_ns)
+    prefix = _prefix(resolved)  # the first time, `git rev-parse` runs while that status does
+    if prefix is None:
+        pending.cancel()
+        return None
+    pending.prefix = prefix
+    return pending
 
 
 def changed(before: Snapshot, after: Snapshot) -> set[str]:

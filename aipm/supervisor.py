@@ -258,10 +258,10 @@ def _finish(sup: Supervisor, keys: list[str]) -> None:
 
 
 @contextmanager
-def _round(sup: Supervisor, ready: list[str]) -> Iterator[list[str]]:
+def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[list[str]]:
     """One wake-up under the launch lock, with one tree snapshot for every task that ends or starts in it
-    (started before queueing for the lock when a task that ended needs its audit). Yields the keys of those
-    tasks: their audit, and so their outcome, waits for that snapshot."""
+    (started before queueing for the lock when a task that ended needs its audit, or for the first starts of
+    the run). Yields the keys of those tasks: their audit, and so their outcome, waits for that snapshot."""
     with scope.shared():
         ended = [sup.owned[k] for k in ready if k in sup.owned]
         audited = [rec.key for rec in ended if Path(rec.scope_file).exists()]
@@ -269,6 +269,8 @@ def _round(sup: Supervisor, ready: list[str]) -> Iterator[list[str]]:
             for rec in ended:  # stragglers first (as `handle` does): their writes belong before the snapshot
                 if rec.pid:
                     runner.kill_group(rec.pgid)
+        may_audit = sup.settings.scope_audit and not (sup.settings.confine or sup.launcher.options.no_review)
+        if audited or (first and may_audit):
             scope.prefetch(sup.rt.root)  # git runs while we take the lock and start what need not wait
         with sup.rt.launch_lock():
             yield audited
@@ -339,11 +341,12 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     waiting_before: list[tuple[str, str]] = []
     deferred_before: list[str] = []
     recover = True  # at start, and whenever another owner's process ends (it may have died)
+    first = True
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
     budget_told = False
     try:
         while not stop.requested:
-            with _round(sup, ready) as audited:  # one lock round per wake-up: finish what ended, then launch
+            with _round(sup, ready, first=first) as audited:  # one lock round per wake-up: finish, launch
                 early = _start_early(sup, launcher, view, only, recover, audited)
                 _finish(sup, ready)
                 if sup.unrecorded:
@@ -354,6 +357,7 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
                     report.failed[:0] = early.failed
                     report.recovered[:0] = early.recovered
                 sup.restore_owned(view.order.tasks)
+            first = False
             for event in sup.outbox:
                 emit(event)
             sup.outbox.clear()
