@@ -280,15 +280,27 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
                  audited: list[str]) -> LaunchReport | None:
     """While the tasks that just ended wait for their audit's snapshot, start what does not depend on them in the
     places they left, and let it go as soon as that snapshot (its "before" too) is read and its status durable:
-    neither waits for the audits and outcomes of the others. Their successors start after, in the same round."""
+    neither waits for the audits and outcomes of the others. Their successors start after, in the same round.
+
+    Only tasks ranked before all that those outcomes may make launchable start early (the queued dependants of
+    the ended tasks, and an ended task that failed, which may be retried), so places go in the plan's order as if
+    the outcomes were known; only a task its audit sends back to rework loses its turn to them."""
     if not audited:
         return None
     for key in audited:  # what they left running is ended first, while they are still all we may own
         sup.end_strays(sup.owned[key])
-    early = launcher.launch(view, owner=sup, only={only} if only else None, explain=False, recover=recover,
-                            ending=audited)
+    order = view.order
+    waiting = [d for key in audited if sup.owned[key].order == order.id
+               for d in view.dependants.get(sup.owned[key].task, ()) if order.tasks[d].status == Status.QUEUED]
+    waiting += [sup.owned[key].task for key in audited if sup.owned[key].order == order.id
+                and sup.owned[key].task in order.tasks and read_exit_file(sup.owned[key].exit_file) != 0]
+    limit = min((view.rank(t) for t in waiting), default=len(order.tasks))
+    early = [t for t in view.ready_ordering() if view.rank(t) < limit and (only is None or t == only)]
+    if not early:
+        return None
+    report = launcher.launch(view, owner=sup, only=set(early), explain=False, recover=recover, ending=audited)
     durable.flush()
-    return early
+    return report
 
 
 FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now

@@ -495,3 +495,24 @@ def test_honest_concurrent_work_started_early_is_never_charged(tmp_path):
     order = root / "orders" / "ORD"
     assert {yaml.safe_load(p.read_text())["status"] for p in order.glob("*.yaml")} == {"DONE"}
     assert sorted((root / "out").iterdir()) == sorted(root / "out" / f"{i}.txt" for i in range(12))
+
+
+def test_an_early_start_keeps_the_plans_order_for_what_the_ended_task_makes_launchable(tmp_path):
+    """One slot. When FIRST ends, its P0 dependant URGENT outranks the independent P3 LATER, and FIRST's first
+    attempt fails (it is retried, and ranks before LATER too): neither loses its turn to LATER because the
+    outcome was not recorded yet when LATER could have started early. Every task ends DONE, in rank order."""
+    import yaml
+
+    root = _git_repo_order(tmp_path, {
+        "FIRST": {"command": "test -e tried || { touch tried; exit 1; }; echo 1 > first.txt",
+                  "target_files": ["first.txt", "tried"], "priority": "P1", "max_attempts": 2},
+        "URGENT": {"command": "echo u > urgent.txt", "target_files": ["urgent.txt"], "priority": "P0",
+                   "depends_on": ["FIRST"]},
+        "LATER": {"command": "echo l > later.txt", "target_files": ["later.txt"], "priority": "P3"},
+    })
+    code, events = _run_json(root, dict(os.environ, AIPM_ENABLE_MONITORING="false"), 1)
+    assert code == 0, events
+    started = [(e["task"], e["attempt"]) for e in events if e["event"] == "started"]
+    assert started == [("FIRST", 1), ("FIRST", 2), ("URGENT", 1), ("LATER", 1)]
+    order = root / "orders" / "ORD"
+    assert {yaml.safe_load(p.read_text())["status"] for p in order.glob("*.yaml")} == {"DONE"}
