@@ -197,7 +197,9 @@ def restrict(grants: list) -> None:
 def tidy(log: str) -> None:
     """After an attempt: remove the TMPDIR and what was created for the rules and left untouched since
     (empty files with their first mtime, empty directories)."""
-    shutil.rmtree(private_tmp(log), ignore_errors=True)
+    tmp = private_tmp(log)
+    if os.path.lexists(tmp):  # only a confined attempt has one: the usual case costs one lstat, not an rmtree
+        shutil.rmtree(tmp, ignore_errors=True)
     listing = made_file(log)
     try:
         with open(listing) as handle:

@@ -210,7 +210,7 @@ class Recording:
             message = self._merge_back(rec, event)
         if message:
             append_log(rec.log, message.splitlines()[0])
-            self.rt.feedback_path(rec.order, rec.task).write_text(message + "\n")
+            self.rt.feedback_path(rec.order, rec.task, writing=True).write_text(message + "\n")
             task = self._write(task, {**after_work(task, 0, self.settings, True, outcome.exited(0)), **spent})
             why = outcome.scope(outside) if outside else outcome.one_line(message.splitlines()[0])
             for updates in after_review(task, 1, self.settings, why):
@@ -238,7 +238,7 @@ class Recording:
 
     def _review_ended(self, rec: Record, task: Task, code: int) -> Task:
         """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback."""
-        feedback = self.rt.feedback_path(rec.order, rec.task)
+        feedback = self.rt.feedback_path(rec.order, rec.task, writing=True)
         review_log = Path(rec.log).with_suffix(".review.log")
         verdict = "approved" if code == 0 else f"sent back (exit {code})"
         append_log(rec.log, f"review {verdict}; review output: {review_log}")
@@ -318,13 +318,15 @@ class Recording:
         if self.view is not None:
             self.view.note(task)
 
-    def _drop(self, rec: Record) -> None:
+    def _drop(self, rec: Record, noted: bool = False) -> None:
+        """Forget an attempt that is over: its files, locks and record (`noted`: interrupt() noted its end)."""
         Path(rec.scope_file).unlink(missing_ok=True)
         confine.tidy(rec.log)
         # Locks go before the record: a held lock without a record would look like a stranger's.
         for fd in self.lock_fds.pop(rec.key, ()):
             os.close(fd)
-        scope.note_ended(self.rt, rec)
+        if not noted:
+            scope.note_ended(self.rt, rec)
         self.rt.remove_record(rec.order, rec.task)
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)

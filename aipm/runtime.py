@@ -162,7 +162,13 @@ class Runtime:
 
     def _dir(self, path: Path) -> Path:
         """`path` under `.aipm/`, after making sure its directory (and `.aipm/.gitignore`) exist. No cache: a
-        worker may delete `.aipm/` at any moment, and one mkdir is nothing next to starting a process."""
+        worker may delete `.aipm/` at any moment; when the directory is there, this is one mkdir."""
+        try:
+            os.mkdir(path.parent)
+        except FileExistsError:
+            return path
+        except FileNotFoundError:
+            pass  # a level above is gone (a `git clean`): make them all, and the .gitignore
         for _ in range(3):
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -284,7 +290,8 @@ class Runtime:
         """The first attempt number from `start` on whose log and exit file do not exist yet: every attempt of a
         task gets files of its own, across retries and interrupted attempts (whose counter is given back)."""
         number = max(1, start)
-        while self.log_path(order, task, number).exists() or self.exit_path(order, task, number).exists():
+        logs, exits = self.log_dir(order), self.state / "exit" / _safe(order)
+        while os.path.exists(f"{logs}/{_safe(task)}.{number}.log") or os.path.exists(f"{exits}/{_safe(task)}.{number}"):
             number += 1
         return number
 
@@ -292,8 +299,10 @@ class Runtime:
         """In the state directory: the outcome of an adopted worker must survive a cleaned tree."""
         return self._state_file(self.state / "exit" / _safe(order) / f"{_safe(task)}.{attempt}")
 
-    def feedback_path(self, order: str, task: str) -> Path:
-        return self._dir(self.dir / "feedback" / _safe(order) / f"{_safe(task)}.txt")
+    def feedback_path(self, order: str, task: str, writing: bool = False) -> Path:
+        """Where a review's feedback for the next attempt is kept (its directory made when `writing`)."""
+        path = self.dir / "feedback" / _safe(order) / f"{_safe(task)}.txt"
+        return self._dir(path) if writing else path
 
     def resume_path(self, order: str, task: str) -> Path:
         """`aipm retry --resume` leaves the agent session to continue here, for the next attempt."""

@@ -170,7 +170,7 @@ def _take(root: Path) -> Snapshot | None:
 
 
 def _start(root: Path) -> _Pending | None:
-    resolved = str(root.resolve())
+    resolved = _real(root)
     if _PREFIXES.get(resolved, "") is None:
         return None  # known: not in a work tree, or no git
     taken_ns = time.time_ns()
@@ -253,7 +253,7 @@ def note_ended(rt: Runtime, rec: Record, targets: Iterable[str] | None = None) -
     audits still in flight, whose snapshots may see its writes once its record is gone. Caller holds the launch
     lock. The log is appended to; past WRITTEN_LOG_BYTES it is cut to the lines an audit may still need."""
     if targets is None:
-        if rec.workspace or _prefix(str(rt.root.resolve())) is None:
+        if rec.workspace or _prefix(_real(rt.root)) is None:
             return  # it wrote in its own worktree (merges note themselves), or nothing here is audited
         targets = rec.targets
     log = rt.state / WRITTEN_LOG
@@ -312,6 +312,16 @@ def _lines(log: Path) -> list[str]:
 
 
 _PREFIXES: dict[str, str | None] = {}  # per process: a supervisor must not fork git per task outside a repo
+
+
+_REAL: dict[Path, str] = {}
+
+
+def _real(root: Path) -> str:
+    """The project root with symlinks resolved, once per process (every attempt's end asks)."""
+    if root not in _REAL:
+        _REAL[root] = str(root.resolve())
+    return _REAL[root]
 
 
 def _prefix(root: str) -> str | None:

@@ -159,7 +159,31 @@ def parse_mapping(path: Path, text: str) -> dict[str, Any]:
 
 
 def load_task(path: Path, root: Path | None = None) -> Task:
-    return task_from_mapping(path, parse_mapping(path, read_text(path, follow=False)), root)
+    return parse_task(path, read_text(path, follow=False), root)[1]
+
+
+# The last version of each task file this process wrote, with what it parses to: a `run` reads a task again
+# when its worker ends and when it writes the outcome, and the same bytes need not be parsed twice. Keyed by the
+# text itself, so a file changed in any way is parsed afresh. Filled only by the writer (remember), never by
+# bulk loads, and kept small.
+_written: dict[str, tuple[str, Path | None, dict[str, Any], Task]] = {}
+_WRITTEN_MAX = 1024
+
+
+def parse_task(path: Path, text: str, root: Path | None) -> tuple[dict[str, Any], Task]:
+    """The mapping and Task of a task file's text (validated)."""
+    known = _written.get(str(path))
+    if known is not None and known[0] == text and known[1] == root:
+        return known[2], known[3]
+    data = parse_mapping(path, text)
+    return data, task_from_mapping(path, data, root)
+
+
+def remember(path: Path, text: str, root: Path | None, data: dict[str, Any], task: Task) -> None:
+    """Note what the writer just put in `path`: `data` is what `text` was proven to parse to, `task` its Task."""
+    if len(_written) >= _WRITTEN_MAX:
+        _written.clear()
+    _written[str(path)] = (text, root, data, task)
 
 
 def task_files(order_dir: Path) -> list[Path]:

@@ -69,7 +69,7 @@ class Supervisor(Recording, Owner):
         cwd = workspace.directory(self.rt.root, rec)
         pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log,
                            stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout), prefix=jail)
-        self._own(rec)
+        self._own(rec, started=True)
         self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
                             "attempt": rec.serial})
 
@@ -87,9 +87,10 @@ class Supervisor(Recording, Owner):
         self._own(rec)
         self.outbox.append({"event": "adopted", "task": rec.task, "order": rec.order, "pid": rec.pid})
 
-    def _own(self, rec: Record) -> None:
+    def _own(self, rec: Record, started: bool = False) -> None:
+        """Watch an owned worker; one we `started` a moment ago waits for its go, so it is ours and alive."""
         self.owned[rec.key] = rec
-        if not (rec.pid and rec.worker_alive() and self.watcher.watch_pid(rec.pid, rec.key)):
+        if not (rec.pid and (started or rec.worker_alive()) and self.watcher.watch_pid(rec.pid, rec.key)):
             self.exited.append(rec.key)
 
     # -- waiting -------------------------------------------------------------------------------------
@@ -187,10 +188,11 @@ class Supervisor(Recording, Owner):
                     task = load_task(Path(rec.task_file), self.rt.root)
                 except (UserError, OSError):
                     task = None  # deleted or broken: without its record, recovery re-queues it once it is fixed
-                if task is not None and task.status in RUNNING and task.attempts == rec.attempt:
+                interrupted = task is not None and task.status in RUNNING and task.attempts == rec.attempt
+                if interrupted:
                     self.launcher.interrupt(task, rec, "stopped by the user (Ctrl-C)")
                     stopped.append(rec.task)
-                self._drop(rec)
+                self._drop(rec, noted=interrupted)
         return stopped
 
     def preempt(self, key: str, urgent: str, why: str) -> None:
@@ -211,7 +213,7 @@ class Supervisor(Recording, Owner):
             if ours:
                 self.launcher.interrupt(task, rec, why)
                 self._write(load_task(Path(rec.task_file), self.rt.root), {"preemptions": task.preemptions + 1})
-            self._drop(rec)
+            self._drop(rec, noted=ours)
         if ours:
             self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,
                                 "attempt": rec.serial})

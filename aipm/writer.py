@@ -7,10 +7,8 @@ atomic: temp file in the same directory, fsync, identity check, rename, director
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -22,7 +20,7 @@ from aipm.errors import ValidationError
 from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task
 from aipm.patch import Unpatchable, patch
 from aipm.fields import task_from_mapping
-from aipm.store import DuplicateKey, Identity, load_yaml, parse_mapping, read_versioned
+from aipm.store import DuplicateKey, Identity, load_yaml, parse_task, read_versioned, remember
 
 
 class StaleWrite(Exception):
@@ -58,6 +56,11 @@ def rewrite(text: str, updates: Mapping[str, Any], old: Mapping[str, Any] | None
     The result is proven before it is returned: it must parse to the old mapping (`old`, when the caller parsed
     it already) with exactly `updates` applied. Otherwise Unpatchable is raised and nothing may be written.
     """
+    return _rewrite(text, updates, old)[0]
+
+
+def _rewrite(text: str, updates: Mapping[str, Any], old: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
+    """rewrite(), and the mapping the new text was proven to parse to."""
     for key in updates:
         if key not in MANAGED_FIELDS:
             raise KeyError(f"{key} is not a field aipm writes")
@@ -71,7 +74,7 @@ def rewrite(text: str, updates: Mapping[str, Any], old: Mapping[str, Any] | None
     if got != expected:
         wrong = sorted(str(k) for k in {*expected, *got} if k not in got or k not in expected or got[k] != expected[k])
         raise Unpatchable(wrong[0] if wrong else None, "the edited file would not hold the same data")
-    return new
+    return new, got
 
 
 def atomic_write(path: Path, text: str, identity: Identity | None = None) -> bool:
@@ -81,16 +84,19 @@ def atomic_write(path: Path, text: str, identity: Identity | None = None) -> boo
     the rename; if someone changed it meanwhile nothing is written and False is returned (read it again).
     """
     directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    fd, tmp = _temp_file(path)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
         try:
-            os.chmod(tmp, path.stat().st_mode & 0o7777)
-        except FileNotFoundError:
-            pass
+            data = text.encode("utf-8")
+            while data:
+                data = data[os.write(fd, data):]
+            try:
+                os.fchmod(fd, os.stat(path).st_mode & 0o7777)
+            except FileNotFoundError:
+                pass
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         if identity is not None and _identity(path) != identity:
             os.unlink(tmp)
             return False
@@ -103,6 +109,22 @@ def atomic_write(path: Path, text: str, identity: Identity | None = None) -> boo
         raise
     durable.sync_dir(str(directory))  # now, or once for the whole wake-up (the launch lock's batch)
     return True
+
+
+_temp_serial = 0
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    """A new file beside `path` for its next version: named after this process and a counter (no random name
+    to draw, no retry loop unless a dead process with our pid left one behind)."""
+    global _temp_serial
+    while True:
+        _temp_serial += 1
+        tmp = f"{path.parent}/.{path.name}.{os.getpid()}-{_temp_serial}.tmp"
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), tmp
+        except FileExistsError:
+            continue
 
 
 def _identity(path: Path) -> Identity | None:
@@ -133,8 +155,7 @@ def update_task(
     """
     for _ in range(WRITE_ATTEMPTS):
         text, identity = read_versioned(path, follow=False)
-        data = parse_mapping(path, text)
-        current = task_from_mapping(path, data, root)
+        data, current = parse_task(path, text, root)
         if expect is not None and current.status != expect:
             raise StaleWrite(f"{current.id} is {current.status}, expected {expect}")
         changes = updates(current) if callable(updates) else updates
@@ -142,13 +163,16 @@ def update_task(
         if new_status is not None and new_status != current.status and new_status not in TRANSITIONS[current.status]:
             raise StaleWrite(f"{current.id}: {current.status} → {new_status} is not allowed")
         try:
-            new_text = rewrite(text, changes, data)
+            new_text, new_data = _rewrite(text, changes, data)
         except Unpatchable as exc:
             raise ValidationError(str(path), exc.key, f"aipm cannot write this field here ({exc.reason}); "
                                   f"write it as a plain `{exc.key or 'status'}: VALUE` line") from None
+        # The task as a fresh load of the new text will give it (the text provably parses to new_data): checked
+        # before it is written, remembered for the next read of this file, and returned.
+        fresh = task_from_mapping(path, new_data, root)
         if new_text == text or atomic_write(path, new_text, identity):
-            # The managed fields hold plain scalars, so the new Task is the old one with them replaced.
-            return dataclasses.replace(current, **changes)
+            remember(path, new_text, root, new_data, fresh)
+            return fresh
     raise StaleWrite(f"{path}: the file kept changing while aipm tried to write it; nothing written")
 
 

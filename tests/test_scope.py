@@ -516,3 +516,33 @@ def test_an_early_start_keeps_the_plans_order_for_what_the_ended_task_makes_laun
     assert started == [("FIRST", 1), ("FIRST", 2), ("URGENT", 1), ("LATER", 1)]
     order = root / "orders" / "ORD"
     assert {yaml.safe_load(p.read_text())["status"] for p in order.glob("*.yaml")} == {"DONE"}
+
+
+def test_a_stopped_attempt_is_noted_once_in_the_written_log(repo):
+    """Ctrl-C re-queues each running task (interrupt notes its end) and drops its record: one line each."""
+    import signal
+    import sys
+    import time
+
+    import yaml
+
+    from aipm import scope
+    from aipm.runtime import Runtime
+
+    order = repo / "orders" / "ORD"
+    order.mkdir(parents=True)
+    for i in range(2):
+        (order / f"S{i}.yaml").write_text(yaml.safe_dump({"command": f"touch started{i}; sleep 60",
+                                                          "target_files": [f"out{i}.txt"]}))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "order")
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD",
+                            "--no-resource-monitoring"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not all((repo / f"started{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    lines = (Runtime(repo).state / scope.WRITTEN_LOG).read_text().splitlines()
+    noted = sorted(t for line in lines for t in json.loads(line.split(" ", 1)[1]))
+    assert noted == ["out0.txt", "out1.txt"], lines
