@@ -55,14 +55,27 @@ def batch() -> Iterator[None]:
     finally:
         dirs, after = _open.dirs, _open.after
         _open.dirs, _open.after = None, []
-        ok = False
-        try:
-            for directory in dirs:
-                fsync_dir(directory)
-            ok = True
-        finally:
-            for action in after:  # every one runs, so none leaks a descriptor, even when the fsync failed
-                action(ok)
+        _settle(dirs, after)
+
+
+def flush() -> None:
+    """Inside a batch: make its writes durable now and run what waits for them (the go of the workers started so
+    far), keeping the batch open for what follows. Outside one there is nothing to wait for."""
+    if _open.dirs is not None:
+        dirs, after = _open.dirs, _open.after
+        _open.dirs, _open.after = [], []
+        _settle(dirs, after)
+
+
+def _settle(dirs: list[str], after: list[Callable[[bool], None]]) -> None:
+    ok = False
+    try:
+        for directory in dirs:
+            fsync_dir(directory)
+        ok = True
+    finally:
+        for action in after:  # every one runs, so none leaks a descriptor, even when the fsync failed
+            action(ok)
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

@@ -8,7 +8,6 @@ rescan on their periodic wake-up instead.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import struct
 
@@ -35,7 +34,8 @@ class DirWatch:
     def open(cls, directory: str | None, mask: int = _MASK) -> "DirWatch | None":
         """A watch on `directory` (None: on nothing yet; see `add`), or None where inotify is missing."""
         try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            # The symbols already loaded (libc among them): find_library would run `ldconfig -p` at every start.
+            libc = ctypes.CDLL(None, use_errno=True)
             fd = libc.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
             if fd < 0:
                 return None

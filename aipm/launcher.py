@@ -8,10 +8,11 @@ IN_PROGRESS → process; when any step fails, the earlier ones are undone and th
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import time
 from contextlib import nullcontext, suppress
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,7 +70,8 @@ class Launcher:
 
     # -- planning inputs -------------------------------------------------------------------------------
 
-    def holders(self, order: Order, records: Iterable[Record]) -> tuple[list[Busy], dict[str, int], int]:
+    def holders(self, order: Order, records: Iterable[Record],
+                ending: Collection[str] = ()) -> tuple[list[Busy], dict[str, int], int]:
         """Busy files from worker records and other orders' running tasks, this order's live task ids (→ pid),
         and the live worker count.
 
@@ -82,7 +84,7 @@ class Launcher:
             status = Status.IN_PROGRESS if rec.phase == "work" else Status.IN_REVIEW
             busy.append(Busy(rec.order, rec.task, tuple(normalize(t) for t in rec.targets), status.value))
             if rec.alive():
-                count += 1
+                count += rec.key not in ending  # a worker that ended: its files wait for its outcome, not a slot
                 if rec.order == order.id:
                     live[rec.task] = live_pid(rec)
         recorded = {(rec.order, rec.task) for rec in records}
@@ -134,10 +136,11 @@ class Launcher:
     # -- the transaction -------------------------------------------------------------------------------
 
     def launch(self, view: OrderView, owner: "Owner | None" = None, only: Iterable[str] | None = None,
-               explain: bool = True, recover: bool = True) -> LaunchReport:
+               explain: bool = True, recover: bool = True, ending: Collection[str] = ()) -> LaunchReport:
         """Recover, plan and start what may start. `owner` None means detached workers that finish themselves.
 
-        A supervisor passes recover=False while it knows no owner died since its last look.
+        A supervisor passes recover=False while it knows no owner died since its last look, and as `ending` the
+        keys of its workers that ended but whose outcome it has not recorded yet (they take no slot).
         """
         report = LaunchReport()
         # A dry run takes no lock: it must not create or change a single byte, .aipm/ included.
@@ -151,17 +154,17 @@ class Launcher:
             # RCU grace period (milliseconds, with every flock on the machine held up meanwhile). The hot path
             # plans without it and reads it only when a lock turns out to be taken after all, then plans again.
             for careful in (True,) if explain else (False, True):
-                busy_seen = self._plan_and_start(view, order, owner, only, explain, careful, report)
+                busy_seen = self._plan_and_start(view, order, owner, only, explain, careful, report, ending)
                 if not busy_seen:
                     break
         return report
 
     def _plan_and_start(self, view: OrderView, order: Order, owner: "Owner | None", only: Iterable[str] | None,
-                        explain: bool, careful: bool, report: LaunchReport) -> bool:
+                        explain: bool, careful: bool, report: LaunchReport, ending: Collection[str] = ()) -> bool:
         """One plan and its starts, into `report`. Returns True when a start found a target lock taken while the
         plan had not looked at locks held outside aipm (so the caller plans again, carefully)."""
         records = report.records = self.records()
-        busy, live, live_count = self.holders(order, records)
+        busy, live, live_count = self.holders(order, records, ending)
         free = max(0, self.settings.max_workers - live_count)
         spend = order_budget(order, self.settings.max_cost_usd)
         outside = self.outside(records) if careful else []
@@ -304,9 +307,13 @@ class Launcher:
 
     def _scope_before(self, rec: Record) -> None:
         """Snapshot the git tree before the worker starts, and note whose files may change meanwhile."""
-        before = scope.snapshot(self.project.root)
-        if before is not None:
-            scope.save(before, Path(rec.scope_file))
+        def refuse() -> None:  # the snapshot could not be saved after all: its command must not begin
+            append_log(rec.log, "scope audit: cannot save the snapshot this attempt starts from; stopped before "
+                                "its command began")
+            if rec.pid:
+                runner.signal_group(rec.pgid, signal.SIGKILL)
+
+        if scope.save_before(self.project.root, Path(rec.scope_file), refuse):
             rec.scope_allowed = [t for other in self.runtime.records() for t in other.targets]
 
     def _missing_program(self, task: Task) -> str | None:

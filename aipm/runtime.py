@@ -7,12 +7,12 @@ the tree, and every write there re-creates its directory, so a deleted `.aipm/` 
 
 Target-file locks are `flock` locks whose descriptors are handed to the worker process, so the kernel releases
 them exactly when the last process that may edit those files exits: no lock outlives its worker, and none is
-ever released by deleting a file. (filelock's `release()` would unlock the shared open file description, so
-the launcher could not hand a held lock over; it guards the short launch lock instead.)
+ever released by deleting a file. The short launch lock is a `flock` too, on a descriptor of its own per round.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -20,7 +20,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import psutil
 
@@ -28,9 +27,6 @@ from aipm import durable
 from aipm.errors import UserError
 
 from aipm.locks import make_state_dir, state_dir
-
-if TYPE_CHECKING:
-    import filelock
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
 
@@ -158,7 +154,6 @@ class Runtime:
         _refuse_escape(self.root, self.dir)
         self.state = state_dir(self.root)
         self._made: set[Path] = set()  # state directories known to exist: the hot path skips mkdir calls
-        self._launch_lock: filelock.FileLock | None = None
         self._lock_depth = 0
 
     def ensure(self) -> None:
@@ -223,13 +218,9 @@ class Runtime:
                 self._lock_depth -= 1
             return
         self.ensure()
-        if self._launch_lock is None:
-            import filelock  # here: it pulls in asyncio, which read-only commands never need
-
-            self._launch_lock = filelock.FileLock(str(self.state / "launch.lock"), is_singleton=False)
-        # A short poll: holders keep it for milliseconds (plan + a few writes), never across a worker's run.
+        # Holders keep it for milliseconds (plan + a few writes), never across a worker's run.
         # The batch ends before the lock is released: the next holder finds this round's writes on disk.
-        with self._launch_lock.acquire(poll_interval=0.002), durable.batch():
+        with _exclusive(self.state / "launch.lock"), durable.batch():
             self._lock_depth = 1
             try:
                 yield
@@ -328,3 +319,28 @@ def read_exit_file(path: str) -> int | None:
     except OSError:
         return None
     return int(text) if text.lstrip("-").isdigit() else None
+
+
+@contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (made if missing), waiting in the kernel: the holder's release wakes us at
+    once, where polling would add its interval to every contended round. The descriptor is this round's own
+    (never inherited by a worker), so closing it releases the lock, and another thread of this process that asks
+    meanwhile waits like any other process."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held, now = os.fstat(fd), os.stat(path)
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                break
+        except FileNotFoundError:
+            pass  # deleted or replaced while we waited: a lock nobody else will see, take the new file's
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.close(fd)

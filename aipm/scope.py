@@ -20,8 +20,11 @@ work; a write that none covers is out of scope for every task that ran, and is c
 
 Cost: inside `shared()`, one snapshot serves every task that ends or starts in the same wake-up (the "after" of
 the tasks that ended is the "before" of the tasks that start then), so a run pays one `git status` per wake-up,
-not two per task; the supervisor takes it before it queues for the launch lock. A confined task is not audited:
-the kernel already held it to its targets.
+not two per task. The supervisor starts it (`prefetch`) as soon as it sees a task end, before it queues for the
+launch lock, and reads it at its first use; the tasks that do not depend on the ones that ended start meanwhile,
+with their "before" saved — and their go sent — only once it is read (`save_before`, at the round's durable
+point), so no command ever begins before the snapshot it is audited from is complete. A confined task is not
+audited: the kernel already held it to its targets.
 """
 
 from __future__ import annotations
@@ -31,10 +34,11 @@ import os
 import shutil
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from aipm import durable
 from aipm.paths import PathError, Target, normalize, overlaps
 from aipm.runtime import Record, Runtime
 
@@ -50,7 +54,7 @@ class Snapshot(dict):
 
 
 
-_SHARED: list[dict[str, Snapshot | None]] = []  # the open sharing scope, if any
+_SHARED: list[dict[str, "Snapshot | _Pending | None"]] = []  # the open sharing scope, if any
 
 
 @contextmanager
@@ -63,6 +67,9 @@ def shared() -> Iterator[None]:
     try:
         yield
     finally:
+        for value in _SHARED[0].values():
+            if isinstance(value, _Pending):  # read if a task's "before" waits for it, else ended: no git left over
+                value.result() if value.needed else value.cancel()
         _SHARED.clear()
 
 
@@ -74,31 +81,114 @@ def snapshot(root: Path) -> Snapshot | None:
     key = str(root)
     if key not in cache:
         cache[key] = _take(Path(root))
-    return cache[key]
+    value = cache[key]
+    return value.result() if isinstance(value, _Pending) else value
+
+
+def prefetch(root: Path) -> None:
+    """Start the shared snapshot of `root` now and read it at its first use (snapshot()), so `git status` runs
+    while the caller does what needs no snapshot (reaping, the launch lock, reading the task). Only inside
+    shared(); the caller must not let anything write in the tree on a task's behalf before that first use."""
+    if _SHARED and str(root) not in _SHARED[0]:
+        _SHARED[0][str(root)] = _start(Path(root))
+
+
+def running_pids() -> set[int]:
+    """The `git status` processes started by prefetch() and not yet read: children of ours, not strays."""
+    return {v.proc.pid for cache in _SHARED for v in cache.values() if isinstance(v, _Pending) and not v._read}
+
+
+def save_before(root: Path, path: Path, refuse: Callable[[], None]) -> bool:
+    """Save to `path` the snapshot a task starts from; False when there is none (not a git work tree, no git).
+
+    While that snapshot is still being taken (a prefetch), the save waits for it at the durable end of the launch
+    round, where the task's go waits too, registered after this: its command never begins before the snapshot
+    it is audited against is complete and saved. Should that late save fail, `refuse()` stops the task before
+    its command begins (nothing runs unaudited). Otherwise a failure to save raises OSError, as save() does."""
+    value = _SHARED[0].get(str(root)) if _SHARED else None
+    if not isinstance(value, _Pending):
+        snap = snapshot(root)
+        if snap is not None:
+            save(snap, path)
+        return snap is not None
+    value.needed = True
+
+    def late(durable_ok: bool) -> None:
+        if not durable_ok:
+            return  # the go is withheld too: the command never runs
+        snap = value.result()
+        try:
+            if snap is not None:
+                save(snap, path)
+        except OSError:
+            refuse()
+
+    durable.once_durable(late)
+    return True
+
+
+class _Pending:
+    """A `git status` started for a snapshot, not yet read; read once, by whoever needs it first."""
+
+    def __init__(self, root: Path, prefix: str, proc: subprocess.Popen, taken_ns: int):
+        self.root, self.prefix, self.proc, self.taken_ns = root, prefix, proc, taken_ns
+        self.needed = False  # a task's "before" waits for it: read it, never cancel it
+        self._result: Snapshot | None = None
+        self._read = False
+
+    def result(self) -> Snapshot | None:
+        if not self._read:
+            self._read = True
+            self._result = self._parse()
+        return self._result
+
+    def _parse(self) -> Snapshot | None:
+        out, _ = self.proc.communicate()
+        if self.proc.returncode != 0:
+            return None
+        snap = Snapshot()
+        snap.taken_ns = self.taken_ns
+        for path in _paths(out.decode("utf-8", "surrogateescape")):
+            if not path.startswith(self.prefix):
+                continue
+            rel = path[len(self.prefix):].rstrip("/")
+            if not rel or rel == RUNTIME_DIR or rel.startswith(RUNTIME_DIR + "/"):
+                continue
+            snap[rel] = _fingerprint(self.root / rel)
+        return snap
+
+    def cancel(self) -> None:
+        if not self._read:
+            self._read = True
+            self.proc.kill()
+            self.proc.communicate()
 
 
 def _take(root: Path) -> Snapshot | None:
-    prefix = _prefix(_real(root))
-    if prefix is None:
-        return None
-    snap = Snapshot()
-    snap.taken_ns = time.time_ns()
+    pending = _start(root)
+    return pending.result() if pending is not None else None
+
+
+def _start(root: Path) -> _Pending | None:
+    resolved = _real(root)
+    if _PREFIXES.get(resolved, "") is None:
+        return None  # known: not in a work tree, or no git
+    taken_ns = time.time_ns()
     try:
-        out = subprocess.run(
+        proc = subprocess.Popen(
             ["git", "--no-optional-locks", "status", "--porcelain=v1", "-z", "--untracked-files=all",
              "--no-renames", "--", "."],
-            cwd=root, capture_output=True, check=True, env=_git_env(),
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
+            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_git_env(),
+        )
+    except OSError:
         return None
-    for path in _paths(out.decode("utf-8", "surrogateescape")):
-        if not path.startswith(prefix):
-            continue
-        rel = path[len(prefix):].rstrip("/")
-        if not rel or rel == RUNTIME_DIR or rel.startswith(RUNTIME_DIR + "/"):
-            continue
-        snap[rel] = _fingerprint(root / rel)
-    return snap
+    pending = _Pending(root, "", proc, taken_ns)
+    prefix = _prefix(resolved)  # the first time, `git rev-parse` runs while that status does
+    if prefix is None:
+        pending.cancel()
+        return None
+    pending.prefix = prefix
+    return pending
 
 
 def changed(before: Snapshot, after: Snapshot) -> set[str]:

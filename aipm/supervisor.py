@@ -16,9 +16,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aipm import cluster, confine, notify, preemption, runner, scope, subreaper, workspace
+from aipm import cluster, confine, durable, notify, preemption, runner, scope, subreaper, workspace
 from aipm.errors import UserError
-from aipm.launcher import Launcher, Owner, append_log
+from aipm.launcher import Launcher, LaunchReport, Owner, append_log
 from aipm.recording import Recording
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task, status_summary
 from aipm.runtime import Record, process_ctime, read_exit_file
@@ -153,7 +153,7 @@ class Supervisor(Recording, Owner):
 
     def end_strays(self, rec: Record | None = None) -> None:
         """End the processes `rec`'s attempt left behind; with no `rec`, every stray below us."""
-        ours = {r.pid for r in self.owned.values() if r.pid}
+        ours = {r.pid for r in self.owned.values() if r.pid} | scope.running_pids()  # git of a prefetch
         adopted = rec is not None and rec.key in self.adopted
         if not adopted and all(pid in ours for pid in subreaper.children(os.getpid())):
             return  # the usual case: nothing left its worker
@@ -260,18 +260,49 @@ def _finish(sup: Supervisor, keys: list[str]) -> None:
 
 
 @contextmanager
-def _round(sup: Supervisor, ready: list[str]) -> Iterator[None]:
+def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[list[str]]:
     """One wake-up under the launch lock, with one tree snapshot for every task that ends or starts in it
-    (taken before queueing for the lock when a task that ended needs its audit)."""
+    (started before queueing for the lock when a task that ended needs its audit, or for the first starts of
+    the run). Yields the keys of those tasks: their audit, and so their outcome, waits for that snapshot."""
     with scope.shared():
         ended = [sup.owned[k] for k in ready if k in sup.owned]
-        if any(Path(rec.scope_file).exists() for rec in ended):
+        audited = [rec.key for rec in ended if Path(rec.scope_file).exists()]
+        if audited:
             for rec in ended:  # stragglers first (as `handle` does): their writes belong before the snapshot
                 if rec.pid:
                     runner.kill_group(rec.pgid)
-            scope.snapshot(sup.rt.root)
+        may_audit = sup.settings.scope_audit and not (sup.settings.confine or sup.launcher.options.no_review)
+        if audited or (first and may_audit):
+            scope.prefetch(sup.rt.root)  # git runs while we take the lock and start what need not wait
         with sup.rt.launch_lock():
-            yield
+            yield audited
+
+
+def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str | None, recover: bool,
+                 audited: list[str]) -> LaunchReport | None:
+    """While the tasks that just ended wait for their audit's snapshot, start what does not depend on them in the
+    places they left, and let it go as soon as that snapshot (its "before" too) is read and its status durable:
+    neither waits for the audits and outcomes of the others. Their successors start after, in the same round.
+
+    Only tasks ranked before all that those outcomes may make launchable start early (the queued dependants of
+    the ended tasks, and an ended task that failed, which may be retried), so places go in the plan's order as if
+    the outcomes were known; only a task its audit sends back to rework loses its turn to them."""
+    if not audited:
+        return None
+    for key in audited:  # what they left running is ended first, while they are still all we may own
+        sup.end_strays(sup.owned[key])
+    order = view.order
+    waiting = [d for key in audited if sup.owned[key].order == order.id
+               for d in view.dependants.get(sup.owned[key].task, ()) if order.tasks[d].status == Status.QUEUED]
+    waiting += [sup.owned[key].task for key in audited if sup.owned[key].order == order.id
+                and sup.owned[key].task in order.tasks and read_exit_file(sup.owned[key].exit_file) != 0]
+    limit = min((view.rank(t) for t in waiting), default=len(order.tasks))
+    early = [t for t in view.ready_ordering() if view.rank(t) < limit and (only is None or t == only)]
+    if not early:
+        return None
+    report = launcher.launch(view, owner=sup, only=set(early), explain=False, recover=recover, ending=audited)
+    durable.flush()
+    return report
 
 
 FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now
@@ -324,17 +355,23 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     waiting_before: list[tuple[str, str]] = []
     deferred_before: list[str] = []
     recover = True  # at start, and whenever another owner's process ends (it may have died)
+    first = True
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
     budget_told = False
     try:
         while not stop.requested:
-            with _round(sup, ready):  # one lock round per wake-up: finish what ended, then launch
+            with _round(sup, ready, first=first) as audited:  # one lock round per wake-up: finish, launch
+                early = _start_early(sup, launcher, view, only, recover, audited)
                 _finish(sup, ready)
                 if sup.unrecorded:
                     sup.retry_unrecorded()
                 report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False,
-                                         recover=recover)
+                                         recover=recover and early is None)
+                if early is not None:
+                    report.failed[:0] = early.failed
+                    report.recovered[:0] = early.recovered
                 sup.restore_owned(view.order.tasks)
+            first = False
             for event in sup.outbox:
                 emit(event)
             sup.outbox.clear()

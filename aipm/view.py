@@ -104,6 +104,11 @@ class OrderView:
             self._rank = {tid: i for i, tid in enumerate(self._ordering)}
         return self._ordering
 
+    def rank(self, tid: str) -> int:
+        """The task's place in launch order (0 first)."""
+        self.ordering()
+        return self._rank[tid]
+
     def ready_ordering(self) -> list[str]:
         """The ready tasks in launch order: all a quiet plan needs to look at."""
         self.ordering()

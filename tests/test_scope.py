@@ -346,6 +346,178 @@ def test_the_written_log_is_cut_to_what_an_audit_in_flight_may_need(tmp_path, mo
     assert scope.written_since(rt, 0) == ["e.txt"]  # the 100 old lines were cut
 
 
+def test_a_prefetched_snapshot_is_read_at_its_first_use_and_one_never_read_leaves_no_git_behind(repo):
+    """`prefetch` starts git now; the snapshot, read later, is the tree as git saw it from its start. Inside one
+    shared block it is the one every later snapshot() of the root returns; a prefetch nobody read is ended with
+    the block (no git left running, no zombie)."""
+    from aipm import scope
+
+    with scope.shared():
+        scope.prefetch(repo)
+        pids = scope.running_pids()
+        assert len(pids) == 1
+        first = scope.snapshot(repo)
+        assert scope.running_pids() == set() and scope.snapshot(repo) is first
+    assert first == {} and first.taken_ns > 0
+    (repo / "new.txt").write_text("x\n")
+    with scope.shared():
+        scope.prefetch(repo)
+        (pid,) = scope.running_pids()
+    assert scope.running_pids() == set()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(pid, os.WNOHANG)  # reaped already
+    assert set(snapshot(repo)) == {"new.txt"}
+
+
+def test_a_lone_task_is_audited_even_when_git_is_slower_than_its_end(tmp_path):
+    """`run` starts the audit's `git status` before it reaps a task that ended and ends what the task left
+    running. With one task and a slow git, that git is still running then: it is ours, not a stray of the
+    attempt, so the audit still sees the write outside the targets and names it."""
+    import subprocess as sp
+    import sys
+
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (root / "aipm.yaml").write_text("max_rework: 0\n")
+    (order / "SNEAKY.yaml").write_text(yaml.safe_dump(
+        {"command": "echo a > a.txt && echo c > c.txt", "target_files": ["a.txt"]}))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        sp.run(["git", *args], cwd=root, check=True)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "git").write_text(f'#!/bin/sh\ncase " $* " in *" status "*) sleep 1;; esac\n'
+                              f'exec {shutil.which("git")} "$@"\n')
+    (shim / "git").chmod(0o755)
+    env = dict(os.environ, PATH=f"{shim}:{os.environ['PATH']}", AIPM_ENABLE_MONITORING="false")
+    proc = sp.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--max-workers", "1", "--json"],
+                  capture_output=True, text=True, timeout=120, env=env, cwd=root)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert yaml.safe_load((order / "SNEAKY.yaml").read_text())["status"] == "REJECTED"
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["scope"] for e in events if e.get("scope")] == [["c.txt"]]
+
+
+def test_a_before_saved_while_its_snapshot_is_taken_waits_for_the_round_and_a_failed_save_refuses(repo, tmp_path):
+    """save_before() with a prefetch in flight: nothing is saved until the round's durable point (where the
+    task's go waits too), then the complete snapshot is; a save that fails then calls refuse() (the task must
+    not begin), instead of letting it run without a "before"."""
+    from aipm import durable, scope
+
+    (repo / "dirty.txt").write_text("x\n")
+    good, bad = tmp_path / "logs" / "a.scope.json", repo / "README.md" / "b.scope.json"  # under a file: fails
+    refused = []
+    with scope.shared():
+        scope.prefetch(repo)
+        with durable.batch():
+            assert scope.save_before(repo, good, lambda: refused.append("good"))
+            assert scope.save_before(repo, bad, lambda: refused.append("bad"))
+            assert not good.exists() and refused == []
+        assert set(load(good)) == {"dirty.txt"} and refused == ["bad"]
+    assert scope.running_pids() == set()
+    # Without a prefetch in flight it is saved at once, and a failure raises (the launch fails and is undone).
+    assert scope.save_before(repo, tmp_path / "c.scope.json", lambda: refused.append("c"))
+    assert set(load(tmp_path / "c.scope.json")) == {"dirty.txt"}
+    with pytest.raises(OSError):
+        scope.save_before(repo, bad, lambda: refused.append("c"))
+    assert refused == ["bad"]
+
+
+def _run_json(root: Path, env: dict, workers: int) -> tuple[int, list[dict]]:
+    import subprocess as sp
+    import sys
+
+    proc = sp.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--max-workers", str(workers),
+                   "--json"], capture_output=True, text=True, timeout=180, env=env, cwd=root)
+    return proc.returncode, [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+
+
+def _git_repo_order(tmp_path: Path, tasks: dict, settings: str = "max_rework: 0\n") -> Path:
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (root / "aipm.yaml").write_text(settings)
+    for tid, body in tasks.items():
+        (order / f"{tid}.yaml").write_text(yaml.safe_dump(body))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    return root
+
+
+@pytest.mark.parametrize("slow_git", [False, True])
+def test_an_independent_task_starts_before_the_audit_of_the_one_that_ended_and_neither_is_misjudged(
+        tmp_path, slow_git):
+    """One worker slot. FIRST (honest) ends; NEXT, which does not depend on it, starts in the same wake-up before
+    FIRST's audit and outcome (its "started" comes before FIRST's "finished"), and writes outside its targets at
+    once. Its go waits for the snapshot it starts from — with a git that takes a second too — so that snapshot
+    holds none of its writes: NEXT is sent back naming the path, and FIRST, whose audit reads the same snapshot,
+    is not charged with NEXT's write."""
+    import yaml
+
+    root = _git_repo_order(tmp_path, {
+        "FIRST": {"command": "echo 1 > first.txt", "target_files": ["first.txt"], "priority": "P0"},
+        "NEXT": {"command": "echo x > stray.txt && echo 2 > next.txt", "target_files": ["next.txt"]},
+    })
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    if slow_git:
+        shim = tmp_path / "shim"
+        shim.mkdir()
+        (shim / "git").write_text(f'#!/bin/sh\ncase " $* " in *" status "*) sleep 1;; esac\n'
+                                  f'exec {shutil.which("git")} "$@"\n')
+        (shim / "git").chmod(0o755)
+        env["PATH"] = f"{shim}:{env['PATH']}"
+    code, events = _run_json(root, env, 1)
+    assert code == 1
+    order = root / "orders" / "ORD"
+    statuses = {p.stem: yaml.safe_load(p.read_text())["status"] for p in order.glob("*.yaml")}
+    assert statuses == {"FIRST": "DONE", "NEXT": "REJECTED"}
+    assert [(e["task"], e["scope"]) for e in events if e.get("scope")] == [("NEXT", ["stray.txt"])]
+    seen = [(e["event"], e.get("task")) for e in events if e["event"] in ("started", "finished")]
+    assert seen.index(("started", "NEXT")) < seen.index(("finished", "FIRST")), seen
+
+
+def test_honest_concurrent_work_started_early_is_never_charged(tmp_path):
+    """Twelve independent tasks on two slots in a git repository, each writing only its own file in one shared
+    directory: every wake-up starts the next before the audit of the one that ended. None is charged with
+    another's write."""
+    import yaml
+
+    tasks = {f"T{i:02d}": {"command": f"mkdir -p out && echo {i} > out/{i}.txt && sleep 0.0{i % 3}",
+                           "target_files": [f"out/{i}.txt"]} for i in range(12)}
+    root = _git_repo_order(tmp_path, tasks)
+    code, events = _run_json(root, dict(os.environ, AIPM_ENABLE_MONITORING="false"), 2)
+    assert code == 0, events
+    assert [e for e in events if e.get("scope")] == []
+    order = root / "orders" / "ORD"
+    assert {yaml.safe_load(p.read_text())["status"] for p in order.glob("*.yaml")} == {"DONE"}
+    assert sorted((root / "out").iterdir()) == sorted(root / "out" / f"{i}.txt" for i in range(12))
+
+
+def test_an_early_start_keeps_the_plans_order_for_what_the_ended_task_makes_launchable(tmp_path):
+    """One slot. When FIRST ends, its P0 dependant URGENT outranks the independent P3 LATER, and FIRST's first
+    attempt fails (it is retried, and ranks before LATER too): neither loses its turn to LATER because the
+    outcome was not recorded yet when LATER could have started early. Every task ends DONE, in rank order."""
+    import yaml
+
+    root = _git_repo_order(tmp_path, {
+        "FIRST": {"command": "test -e tried || { touch tried; exit 1; }; echo 1 > first.txt",
+                  "target_files": ["first.txt", "tried"], "priority": "P1", "max_attempts": 2},
+        "URGENT": {"command": "echo u > urgent.txt", "target_files": ["urgent.txt"], "priority": "P0",
+                   "depends_on": ["FIRST"]},
+        "LATER": {"command": "echo l > later.txt", "target_files": ["later.txt"], "priority": "P3"},
+    })
+    code, events = _run_json(root, dict(os.environ, AIPM_ENABLE_MONITORING="false"), 1)
+    assert code == 0, events
+    started = [(e["task"], e["attempt"]) for e in events if e["event"] == "started"]
+    assert started == [("FIRST", 1), ("FIRST", 2), ("URGENT", 1), ("LATER", 1)]
+    order = root / "orders" / "ORD"
+    assert {yaml.safe_load(p.read_text())["status"] for p in order.glob("*.yaml")} == {"DONE"}
+
+
 def test_a_stopped_attempt_is_noted_once_in_the_written_log(repo):
     """Ctrl-C re-queues each running task (interrupt notes its end) and drops its record: one line each."""
     import signal

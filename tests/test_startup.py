@@ -50,21 +50,64 @@ def test_a_command_not_in_the_table_still_runs_and_help_lists_every_command(proj
 
 
 def test_the_polled_form_skips_typer_and_answers_exactly_as_typer_does(project):
-    """`[--root R] detect|status ORDER --json` runs the command function directly; options in another place go
-    through Typer. Both must print the same bytes, errors included."""
+    """`[--root R] detect|status ORDER --json` runs the command function directly, options in any order; a form
+    it does not read (`--` here) goes through Typer. Both must print the same bytes, errors included."""
     order = project.order()
     write_task(order, "A", command="true", target_files=["a.txt"])
     write_task(order, "B", command="true", target_files=["a.txt"], depends_on=["A"], priority="P0")
     write_task(order, "C", command="true", status="IN_PROGRESS", target_files=["c/"])
     for command in ("detect", "status"):
         for name in ("ORD", str(order), "NOPE"):
-            proc, modules = modules_of(project, command, name, "--json")
-            assert "pydantic" not in modules and "typer._adapters" not in modules
-            typer_proc, modules = modules_of(project, command, "--json", name)
-            assert "typer._adapters" in modules
-            assert (proc.returncode, proc.stdout) == (typer_proc.returncode, typer_proc.stdout)
-            assert proc.stderr.split("MODULES")[0] == typer_proc.stderr.split("MODULES")[0]
-            assert proc.returncode == (2 if name == "NOPE" else 0)
+            for direct in ((command, name, "--json"), (command, "--json", name)):
+                proc, modules = modules_of(project, *direct)
+                assert "pydantic" not in modules and "typer._adapters" not in modules
+                typer_proc, modules = modules_of(project, command, "--json", "--", name)
+                assert "typer._adapters" in modules
+                assert (proc.returncode, proc.stdout) == (typer_proc.returncode, typer_proc.stdout)
+                assert proc.stderr.split("MODULES")[0] == typer_proc.stderr.split("MODULES")[0]
+                assert proc.returncode == (2 if name == "NOPE" else 0)
+
+
+def test_run_in_a_plain_form_skips_typer_rich_and_filelock_and_ends_as_typer_does(project):
+    """`run` of a build in a log: none of Typer's argument parsing (pydantic), no rich, no lock library."""
+    def fresh():
+        for name in ("A", "B"):
+            write_task(project.order(), name, command=f"touch {name.lower()}.txt", target_files=[f"{name.lower()}.txt"],
+                       depends_on=["A"] if name == "B" else None)
+
+    fresh()
+    proc, modules = modules_of(project, "run", "ORD", "--max-workers", "2", "--no-resource-monitoring")
+    assert proc.returncode == 0, proc.stderr
+    assert not {"pydantic", "typer._adapters", "rich", "filelock", "asyncio"} & modules
+    assert proc.stdout.splitlines()[-1] == "ORD: DONE 2"
+    fresh()
+    typer_proc, modules = modules_of(project, "run", "--max-workers=2", "--no-resource-monitoring", "ORD")
+    assert "typer._adapters" in modules
+    assert typer_proc.returncode == 0 and typer_proc.stdout.splitlines()[-1] == "ORD: DONE 2"
+    assert [line.split()[:2] for line in proc.stdout.splitlines()] == [
+        line.split()[:2] for line in typer_proc.stdout.splitlines()]
+
+
+def test_a_form_the_direct_path_does_not_read_gets_typers_answer(project):
+    """Bad values, unknown or repeated options, missing or extra arguments, help: Typer parses them (usage error,
+    exit 2). A value of the right type that the settings refuse: one line, exit 2, the same either way."""
+    write_task(project.order(), "A", command="true", target_files=["a.txt"])
+    cases = [("run", "ORD", "--max-workers", "x"), ("run", "ORD", "--max-workers"), ("run", "ORD", "--bogus"),
+             ("run",), ("run", "ORD", "ORD2"), ("detect", "ORD", "--max-workers=x")]
+    for args in cases:
+        proc, modules = modules_of(project, *args)
+        assert "typer._adapters" in modules, args
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
+    proc, modules = modules_of(project, "status", "ORD", "--json", "--json")  # Typer takes it; read here, once
+    assert "typer._adapters" in modules and proc.returncode == 0
+    proc, modules = modules_of(project, "run", "--help")
+    assert "typer._adapters" in modules and proc.returncode == 0 and "--max-workers" in proc.stdout
+    proc, modules = modules_of(project, "run", "ORD", "--max-workers", "0", "--no-resource-monitoring")
+    typer_proc, typer_modules = modules_of(project, "run", "ORD", "--max-workers=0", "--no-resource-monitoring")
+    assert "typer._adapters" not in modules and "typer._adapters" in typer_modules
+    err = proc.stderr.split("MODULES")[0]
+    assert proc.returncode == typer_proc.returncode == 2 and err == typer_proc.stderr.split("MODULES")[0]
+    assert err.count("\n") == 1 and "--max-workers" in err, err
 
 
 def test_the_polled_form_into_a_closed_pipe_exits_as_typer_does_without_a_traceback(project):

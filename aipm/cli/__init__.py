@@ -65,47 +65,104 @@ def _load_commands(argv: list[str] | None = None) -> None:
             importlib.import_module(f"aipm.cli.{info.name}")
 
 
-def _polled(argv: list[str]) -> tuple[str | None, str, str] | None:
-    """(root, command, order) when argv is exactly `[--root DIR] detect|status ORDER --json`, else None.
+# Commands whose common forms skip Typer's parsing: it imports pydantic to coerce arguments, which costs more than
+# a short command does (`detect`/`status` polled by scripts, `run` of a build). Others always go through Typer.
+DIRECT = ("detect", "status", "run", "launch", "exec")
+# Parameter types read here exactly as Typer reads them (bool: a flag; the others: int(), float(), the word).
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str,
+          "Optional[int]": int, "Optional[float]": float, "Optional[str]": str}
 
-    That is the form scripts poll, and Typer's argument coercion alone (it imports pydantic) costs a third of
-    such a command on a big order. Nothing else is recognised here: every other form, option or spelling, and
-    AIPM_ROOT_DIR in the environment, go through Typer.
+
+def _direct(argv: list[str]) -> tuple[str | None, object, dict] | None:
+    """(root, command function, its arguments) when argv is a plain form of a DIRECT command, else None.
+
+    Plain: `[--root DIR] COMMAND` then its arguments and its options, in any order, each option once, spelled as
+    declared (`--max-workers 2`, `--json`), with values of the declared type. Anything else (`--opt=v`, `--`,
+    `--help`, a short cluster, a missing or extra argument, a bad value, AIPM_ROOT_DIR in the environment, an
+    option with a callback, range, environment variable or an unlisted type) goes through Typer, whose answer
+    (usage errors included) is the reference.
     """
+    import importlib
+    import inspect
+
+    from typer.models import ArgumentInfo, OptionInfo
+
     root = None
-    if argv[:1] == ["--root"] and len(argv) > 1:
+    if argv[:1] == ["--root"] and len(argv) > 1 and argv[1]:
         root, argv = argv[1], argv[2:]
-    if "AIPM_ROOT_DIR" in os.environ or len(argv) != 3 or argv[0] not in ("detect", "status"):
+    completing = any(key.startswith("_AIPM_COMPLETE") for key in os.environ)
+    if "AIPM_ROOT_DIR" in os.environ or completing or not argv or argv[0] not in DIRECT:
         return None
-    command, order, flag = argv
-    if flag != "--json" or order.startswith("-") or not order or (root is not None and not root):
+    importlib.import_module(f"aipm.cli.{COMMAND_MODULES[argv[0]]}")  # registers the command on `app`
+    function = next(c.callback for c in app.registered_commands
+                    if (c.name or c.callback.__name__) == argv[0])
+    options: dict[str, tuple[str, type]] = {}
+    positional: list[tuple[str, type, object]] = []
+    values: dict[str, object] = {}
+    for name, param in inspect.signature(function).parameters.items():
+        info, kind = param.default, _TYPES.get(str(param.annotation))
+        simple = isinstance(info, (OptionInfo, ArgumentInfo)) and kind is not None and not (
+            info.callback or info.envvar or info.parser or info.default_factory or info.is_eager
+            or info.min is not None or info.max is not None or not info.expose_value)
+        if not simple:
+            return None
+        if isinstance(info, ArgumentInfo):
+            positional.append((name, kind, info.default))
+            continue
+        if not info.param_decls or any("/" in d or not d.startswith("--") for d in info.param_decls):
+            return None
+        values[name] = info.default
+        options.update((decl, (name, kind)) for decl in info.param_decls)
+    words = iter(argv[1:])
+    given: set[str] = set()
+    args: list[str] = []
+    for word in words:
+        if not word.startswith("-"):
+            args.append(word)
+            continue
+        name, kind = options.get(word, (None, None))
+        if name is None or name in given:
+            return None
+        given.add(name)
+        if kind is bool:
+            values[name] = True
+            continue
+        value = next(words, None)
+        if value is None or value.startswith("-"):
+            return None
+        try:
+            values[name] = kind(value)
+        except ValueError:
+            return None
+    if len(args) > len(positional) or any(d is ... for _, _, d in positional[len(args):]):
         return None
-    return root, command, order
+    values.update((name, kind(word)) for (name, kind, _), word in zip(positional, args))
+    values.update((name, d) for name, _, d in positional[len(args):])
+    return root, function, values
 
 
-def _run_polled(root: str | None, command: str, order: str) -> None:
-    """The command function itself, with the values Typer would hand it for that form."""
+def _run_direct(root: str | None, function, values: dict) -> None:
+    """The command function itself, with the values Typer would hand it; its typer.Exit becomes the exit code."""
     from pathlib import Path
 
+    import typer
+
     common._root_callback(Path(root) if root is not None else None)
-    if command == "detect":
-        from aipm.cli.cmd_detect import detect
-
-        detect(order, summary=False, max_workers=None, json_out=True)
-    else:
-        from aipm.cli.cmd_project import status
-
-        status(order, wide=False, json_out=True)
+    try:
+        function(**values)
+    except typer.Exit as exc:
+        sys.stdout.flush()
+        sys.exit(exc.exit_code)
 
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point. Typer handles usage errors (exit 2) and Ctrl-C (exit 130); user errors become one line."""
     args = sys.argv[1:] if argv is None else argv
     try:
-        polled = _polled(args)
-        if polled is not None:
+        direct = _direct(args)
+        if direct is not None:
             try:
-                _run_polled(*polled)
+                _run_direct(*direct)
                 sys.stdout.flush()
             except KeyboardInterrupt:
                 sys.exit(130)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from typing import Optional
 
@@ -142,7 +143,7 @@ def run(
     if json_out:
         display(summary)
     else:
-        console(stderr=code != 0).print(plain_line(summary), markup=False)
+        print(plain_line(summary), file=sys.stderr if code != 0 else sys.stdout)  # plain text: no rich needed
     raise typer.Exit(code)
 
 

@@ -6,13 +6,13 @@ import json
 import sys
 import time
 from collections import defaultdict
-
-from rich.console import Console, Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from aipm.model import Order, format_counts, status_counts, status_summary
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.live import Live
 
 
 # One line per event kind, for logs and CI output; fields missing from an event print as "?".
@@ -63,13 +63,17 @@ class Display:
     def __init__(self, mode: str, view=None, out: Console | None = None):
         self.mode = mode  # "json", "plain" or "live"
         self.view = view
-        self.out = out or Console(highlight=False, soft_wrap=True)
+        self.out = out
         # Replaced, never mutated: Rich's refresh thread reads these while events arrive.
         self.running: dict[str, float] = {}
         self.headline = ""
         self.note = ""
         self.live: Live | None = None
-        if mode == "live":
+        if mode == "live":  # rich only here: a run in a log or a pipe never imports it
+            from rich.console import Console
+            from rich.live import Live
+
+            self.out = out or Console(highlight=False, soft_wrap=True)
             self._headline()
             self.live = Live(console=self.out, get_renderable=self._render, refresh_per_second=4, transient=True,
                              redirect_stdout=False, redirect_stderr=False)
@@ -94,6 +98,8 @@ class Display:
             self.running = {k: v for k, v in self.running.items() if k != task}
         elif kind in ("deferred", "waiting"):
             self.note = plain_line(event)
+        from rich.text import Text
+
         self._headline()
         self.live.refresh()  # the table under the new line shows the state after it, not a quarter second old
         if kind != "error":  # on stderr already: print each error once
@@ -105,6 +111,10 @@ class Display:
             self.headline = f"{order.id}: {status_summary(order)}"
 
     def _render(self):
+        from rich.console import Group
+        from rich.table import Table
+        from rich.text import Text
+
         table = Table(show_header=True, box=None)
         table.add_column("running")
         table.add_column("elapsed", justify="right")
