@@ -925,7 +925,7 @@ def test_why_and_detect_name_the_live_worker_of_a_reset_task(project):
     (project.root / "aipm.yaml").write_text("max_workers: 3\n")
     try:
         assert project.aipm("launch", "ORD").returncode == 0
-        wait_for(lambda: task_statuses(order)["A"] == "QUEUED" and worker_records(project.root), timeout=60)
+        wait_for(lambda: task_statuses(order).get("A") == "QUEUED" and worker_records(project.root), timeout=60)
         pid = worker_records(project.root)[0]["pid"]
         why = project.json("why", "A")
         assert not why["launchable"] and why["reasons"][0]["reason"] == "worker_running", why
@@ -994,7 +994,7 @@ def _fix_and_recover(project, order: Path) -> None:
     path.write_text("".join(line for line in path.read_text().splitlines(True) if not line.startswith("oops")))
     recovered = project.aipm("recover", "--json")
     assert recovered.returncode == 0, recovered.stderr
-    wait_for(lambda: task_statuses(order)["A"] == "DONE" and not worker_records(project.root), timeout=120)
+    wait_for(lambda: task_statuses(order).get("A") == "DONE" and not worker_records(project.root), timeout=120)
 
 
 @pytest.mark.parametrize("damage", ["delete", "break"])
@@ -1195,7 +1195,7 @@ def test_an_owner_that_dies_before_its_worker_starts_is_recovered_by_a_watching_
             owner = recs[0]["owner_pid"]
             break
         os.kill(recs[0]["owner_pid"], signal.SIGCONT)
-        wait_for(lambda: task_statuses(order)["C"] == "DONE" and not worker_records(project.root), timeout=60)
+        wait_for(lambda: task_statuses(order).get("C") == "DONE" and not worker_records(project.root), timeout=60)
         write_task(order, "C", command=journal_command(journal), target_files=["c.txt"])
         journal.unlink()
     if owner is None:
@@ -1231,6 +1231,6 @@ def test_a_reset_under_a_reworked_task_keeps_its_rework_count(project, owner):
         assert project.aipm(*run_args(2)).returncode == 1
     else:
         assert project.aipm("launch", "ORD").returncode == 0
-        wait_for(lambda: task_statuses(order)["A"] in FINAL and not worker_records(project.root), timeout=120)
+        wait_for(lambda: task_statuses(order).get("A") in FINAL and not worker_records(project.root), timeout=120)
     data = yaml.safe_load((order / "A.yaml").read_text())
     assert (data["status"], data["attempts"], data["reworks"]) == ("REJECTED", 2, 2), data
