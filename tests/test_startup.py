@@ -6,9 +6,15 @@ import sys
 
 from conftest import write_task
 
+# The modules loaded when the command ends: at exit, or at the os._exit that skips the teardown.
 PROBE = """
-import atexit, sys
-atexit.register(lambda: sys.stderr.write("MODULES " + " ".join(sorted(sys.modules)) + "\\n"))
+import atexit, os, sys
+def report():
+    sys.stderr.write("MODULES " + " ".join(sorted(sys.modules)) + "\\n")
+    sys.stderr.flush()
+atexit.register(report)
+_exit = os._exit
+os._exit = lambda code: (report(), _exit(code))
 from aipm.cli import main
 main(sys.argv[1:])
 """
