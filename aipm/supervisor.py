@@ -52,6 +52,7 @@ class Supervisor(Recording, Owner):
         # Orphans of our workers come to us instead of init, so they can be ended with their attempt.
         subreaper.become_subreaper()
         self.adopted: set[str] = set()  # keys of workers that are not our children
+        self.reaped: dict[str, int] = {}  # exit codes of ended workers reaped before handle() (see _round)
         self.lock_fds: dict[str, list[int]] = {}  # target locks we hold ourselves (a detached owner's copies)
 
     # -- Owner interface (called under the launch lock) -----------------------------------------------
@@ -137,7 +138,9 @@ class Supervisor(Recording, Owner):
             return None
         self.watcher.forget(key)
         self.kill_at.pop(key, None)
-        code = runner.reap(rec.pid) if rec.pid else None
+        code = self.reaped.pop(key, None)
+        if code is None and rec.pid:
+            code = runner.reap(rec.pid)
         if code is None:  # not our child (adopted): the wrapper's exit file holds the outcome
             code = read_exit_file(rec.exit_file)
         timed_out = key in self.timed_out
@@ -270,6 +273,11 @@ def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[l
         if audited:
             for rec in ended:  # stragglers first (as `handle` does): their writes belong before the snapshot
                 if rec.pid:
+                    # The leader first (its status kept for handle()): while it is an unreaped zombie the group
+                    # counts as alive, and kill_group would look for members through all of /proc.
+                    code = runner.reap(rec.pid)
+                    if code is not None:
+                        sup.reaped[rec.key] = code
                     runner.kill_group(rec.pgid)
         may_audit = sup.settings.scope_audit and not (sup.settings.confine or sup.launcher.options.no_review)
         if audited or (first and may_audit):

@@ -546,3 +546,27 @@ def test_a_stopped_attempt_is_noted_once_in_the_written_log(repo):
     lines = (Runtime(repo).state / scope.WRITTEN_LOG).read_text().splitlines()
     noted = sorted(t for line in lines for t in json.loads(line.split(" ", 1)[1]))
     assert noted == ["out0.txt", "out1.txt"], lines
+
+
+def test_an_audited_attempt_killed_by_a_signal_keeps_its_status(repo):
+    """In a git tree the ended attempt's group is cleared before the audit's snapshot, and its leader is reaped
+    there, before its outcome is recorded: the signal that ended it must still be the outcome."""
+    import sys
+
+    import yaml
+
+    order = repo / "orders" / "ORD"
+    order.mkdir(parents=True)
+    # The whole group, the wrapper too: no exit file, only the wrapper's wait status tells the signal.
+    (order / "SIG.yaml").write_text(yaml.safe_dump({"command": "kill -TERM 0", "target_files": ["sig.txt"],
+                                                    "max_attempts": 1}))
+    (order / "OK.yaml").write_text(yaml.safe_dump({"command": "echo x > ok.txt", "target_files": ["ok.txt"]}))
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "order")
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD", "--no-resource-monitoring",
+                           "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    tasks = {p.stem: yaml.safe_load(p.read_text()) for p in order.glob("*.yaml")}
+    assert (tasks["SIG"]["status"], tasks["SIG"]["exit_code"], tasks["SIG"]["reason"]) == (
+        "FAILED", -15, "killed by SIGTERM"), tasks["SIG"]
+    assert (tasks["OK"]["status"], tasks["OK"]["exit_code"]) == ("DONE", 0)
