@@ -21,7 +21,7 @@ from aipm.cli.resource_options import (
 from aipm.launcher import Launcher, Options
 from aipm.model import DEAD_END, FINISHED_OK, Status, Task
 from aipm.project import Project, find_task
-from aipm.supervisor import supervise
+from aipm.runloop import supervise
 from aipm.view import OrderView
 
 ModelOpt = typer.Option(None, "--model", help="Model for worker templates (overrides the task and aipm.yaml).")

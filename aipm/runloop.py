@@ -1,0 +1,266 @@
+"""The `run` loop (and `exec`'s): plan, launch, wait for the next event, finish what ended, repeat.
+
+One Supervisor (supervisor.py) owns the workers; this module drives it: one launch-lock round per wake-up, the
+audit's snapshot shared by the tasks that end and start in it, independent tasks started before the audits of
+the ones that ended, other owners' workers watched, Ctrl-C turned into a clean stop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from aipm import durable, notify, preemption, runner, scope
+from aipm.launcher import Launcher, LaunchReport
+from aipm.model import FINISHED_OK, Order, Status, status_summary
+from aipm.runtime import Record, read_exit_file
+from aipm.supervisor import Emit, Supervisor
+from aipm.view import OrderView
+
+
+def all_done(order: Order) -> bool:
+    return all(t.status in FINISHED_OK for t in order.tasks.values())
+
+
+class Stop:
+    """Turns SIGINT/SIGTERM into a readable descriptor, so the selector wakes and the loop stops cleanly."""
+
+    def __init__(self, watcher: runner.Watcher):
+        self.requested = False
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._w, False)
+        os.set_blocking(self._r, False)
+        self._old_fd = signal.set_wakeup_fd(self._w)
+        self._old = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        watcher.watch_fd(self._r, "signal")
+
+    def _handler(self, signum, frame) -> None:
+        self.requested = True
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._old_fd)
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+        os.close(self._r)
+        os.close(self._w)
+
+
+RESOURCE_RECHECK = 1.0  # seconds between load readings while launches are deferred
+
+
+def _finish(sup: Supervisor, keys: list[str]) -> None:
+    for key in keys:
+        event = sup.handle(key)
+        if event:
+            sup.outbox.append(event)
+
+
+@contextmanager
+def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[list[str]]:
+    """One wake-up under the launch lock, with one tree snapshot for every task that ends or starts in it
+    (started before queueing for the lock when a task that ended needs its audit, or for the first starts of
+    the run). Yields the keys of those tasks: their audit, and so their outcome, waits for that snapshot."""
+    with scope.shared():
+        ended = [sup.owned[k] for k in ready if k in sup.owned]
+        audited = [rec.key for rec in ended if Path(rec.scope_file).exists()]
+        if audited:
+            for rec in ended:  # stragglers first (as `handle` does): their writes belong before the snapshot
+                if rec.pid:
+                    # The leader first (its status kept for handle()): while it is an unreaped zombie the group
+                    # counts as alive, and kill_group would look for members through all of /proc.
+                    code = runner.reap(rec.pid)
+                    if code is not None:
+                        sup.reaped[rec.key] = code
+                    runner.kill_group(rec.pgid)
+        may_audit = sup.settings.scope_audit and not (sup.settings.confine or sup.launcher.options.no_review)
+        if audited or (first and may_audit):
+            scope.prefetch(sup.rt.root)  # git runs while we take the lock and start what need not wait
+        with sup.rt.launch_lock():
+            yield audited
+
+
+def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str | None, recover: bool,
+                 audited: list[str]) -> LaunchReport | None:
+    """While the tasks that just ended wait for their audit's snapshot, start what does not depend on them in the
+    places they left, and let it go as soon as that snapshot (its "before" too) is read and its status durable:
+    neither waits for the audits and outcomes of the others. Their successors start after, in the same round.
+
+    Only tasks ranked before all that those outcomes may make launchable start early (the queued dependants of
+    the ended tasks, and an ended task that failed, which may be retried), so places go in the plan's order as if
+    the outcomes were known; only a task its audit sends back to rework loses its turn to them."""
+    if not audited:
+        return None
+    for key in audited:  # what they left running is ended first, while they are still all we may own
+        sup.end_strays(sup.owned[key])
+    order = view.order
+    waiting = [d for key in audited if sup.owned[key].order == order.id
+               for d in view.dependants.get(sup.owned[key].task, ()) if order.tasks[d].status == Status.QUEUED]
+    waiting += [sup.owned[key].task for key in audited if sup.owned[key].order == order.id
+                and sup.owned[key].task in order.tasks and read_exit_file(sup.owned[key].exit_file) != 0]
+    limit = min((view.rank(t) for t in waiting), default=len(order.tasks))
+    early = [t for t in view.ready_ordering() if view.rank(t) < limit and (only is None or t == only)]
+    if not early:
+        return None
+    report = launcher.launch(view, owner=sup, only=set(early), explain=False, recover=recover, ending=audited)
+    durable.flush()
+    return report
+
+
+FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now
+HELD_RECHECK = 5.0  # seconds: a lock held outside aipm may be released without its holder exiting
+
+
+def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str],
+                   order_id: str) -> tuple[bool, set[tuple[str, int]]]:
+    """Watch other owners' live workers: their end may free files, a slot or a dependency.
+
+    Watches workers, never their owners: another `run` lives until its order ends, and two runs watching each
+    other would wait forever. Returns whether a worker has ended but its owner is still recording the outcome,
+    and this order's records whose worker and owner are both gone (an owner killed before it started its
+    worker, or while it recorded): (task key, owner pid) each, for the caller to recover.
+    """
+    present = {rec.key for rec in records}
+    for key in foreign - present:
+        sup.watcher.forget(key)
+        foreign.discard(key)
+    finishing = False
+    dead: set[tuple[str, int]] = set()
+    for rec in records:
+        if rec.key in sup.owned or rec.key in foreign or (rec.owner_pid, rec.owner_ctime) == sup.me:
+            continue  # ours (an outcome we hold, unrecorded): never wait on ourselves
+        if rec.pid and rec.worker_alive() and sup.watcher.watch_pid(rec.pid, rec.key):
+            foreign.add(rec.key)
+        elif rec.owner_alive():
+            finishing = True
+        elif rec.order == order_id:
+            dead.add((rec.key, rec.owner_pid))
+    return finishing, dead
+
+
+def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None = None,
+              detach_others: bool = False) -> int:
+    """The `run` loop (and, with `only`, `exec`): plan, launch, wait for the next event, finish, repeat.
+
+    With `detach_others` (exec --parallel), the order's other launchable tasks start as detached workers
+    once `only` has started.
+
+    Returns the exit code: 0 when the order (or the `only` task) ended DONE/COMPLETED, 1 when not, 130 on Ctrl-C.
+    """
+    sup = Supervisor(launcher, emit, view)
+    stop = Stop(sup.watcher)
+    if view.fd is not None:
+        sup.watcher.watch_fd(view.fd, "files")
+    foreign: set[str] = set()
+    recovered: set[tuple[str, int]] = set()  # dead owners whose tasks a recovery round has handled
+    holders: set[int] = set()  # pids holding locks outside aipm that tasks wait for (watched: their exit wakes us)
+    waiting_before: list[tuple[str, str]] = []
+    deferred_before: list[str] = []
+    recover = True  # at start, and whenever another owner's process ends (it may have died)
+    first = True
+    ready: list[str] = []  # owned workers that ended, finished at the next lock round
+    budget_told = False
+    try:
+        while not stop.requested:
+            with _round(sup, ready, first=first) as audited:  # one lock round per wake-up: finish, launch
+                early = _start_early(sup, launcher, view, only, recover, audited)
+                _finish(sup, ready)
+                if sup.unrecorded:
+                    sup.retry_unrecorded()
+                report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False,
+                                         recover=recover and early is None)
+                if early is not None:
+                    report.failed[:0] = early.failed
+                    report.recovered[:0] = early.recovered
+                sup.restore_owned(view.order.tasks)
+            first = False
+            for event in sup.outbox:
+                emit(event)
+            sup.outbox.clear()
+            recover = False
+            order = report.order
+            for problem in view.problems:
+                emit({"event": "invalid_file", "error": problem})
+            view.problems.clear()
+            for item in report.failed:
+                emit({"event": "launch_failed", "task": item["id"], "error": item["error"]})
+            if detach_others:
+                detach_others = False
+                others = launcher.launch(view, owner=None, only=set(order.tasks) - {only})
+                for item in others.launched:
+                    emit({"event": "started", "task": item["id"], "pid": item["pid"], "attempt": item["attempt"],
+                          "detached": True})
+            if report.plan.budget_stop and not budget_told:
+                budget_told = True  # once per run: the stop holds until someone raises the budget
+                emit({"event": "budget", "order": order.id, "detail": report.plan.budget_stop})
+                notify.send(launcher.settings, launcher.runtime, notify.BUDGET, "BUDGET_REACHED",
+                            f"{order.id}: {report.plan.budget_stop}", AIPM_ORDER_ID=order.id)
+            deferred = [d["id"] for d in report.deferred]
+            if deferred != deferred_before and deferred:
+                emit({"event": "deferred", "tasks": deferred, "detail": report.deferred[0]["detail"]})
+            deferred_before = deferred
+            waiting = report.plan.waiting
+            if [(b.id, b.detail) for b in waiting] != waiting_before:
+                for blocked in waiting:
+                    emit({"event": "waiting", "task": blocked.id, "detail": blocked.detail, "pids": list(blocked.pids)})
+            waiting_before = [(b.id, b.detail) for b in waiting]
+            for pid in {p for b in waiting for p in b.pids} - holders:
+                if sup.watcher.watch_pid(pid, ("holder", pid)):
+                    holders.add(pid)
+            finishing, dead = _watch_foreign(sup, report.records, foreign, order.id)
+            orphaned = dead - recovered  # an owner died since the last recovery: never leave its task stuck
+            recovered |= orphaned
+            if only:
+                if f"{order.id}/{only}" not in sup.owned:
+                    break  # finished, failed for good, or never launchable
+            elif not sup.owned and not foreign and not deferred and not finishing and not waiting and not orphaned:
+                break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
+            ready = []
+            if orphaned:
+                recover = True
+                continue
+            if launcher.settings.preempt and not only and preemption.stop_for_urgent(sup, view):
+                continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
+            timeout = (RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing
+                       else HELD_RECHECK if waiting else None)
+            keys = sup.wait(timeout)
+            while keys == ["files"]:
+                view.refresh()
+                if view.changed or view.problems:
+                    break
+                keys = sup.wait(timeout)  # only our own writes moved: no need for a planning round
+            for key in keys:
+                if key in foreign:
+                    sup.watcher.forget(key)
+                    foreign.discard(key)
+                    recover = True
+                elif isinstance(key, tuple):  # a lock holder outside aipm exited: plan again
+                    sup.watcher.forget(key)
+                    holders.discard(key[1])
+                elif key not in ("signal", "files"):
+                    ready.append(key)
+        if ready:  # ended just as we were stopped: their real outcome still counts
+            with launcher.runtime.launch_lock():
+                _finish(sup, ready)
+        if sup.unrecorded:
+            sup.hand_over()
+        if stop.requested:
+            stopped = sup.abort()
+            sup.outbox.append({"event": "interrupted", "requeued": stopped})
+        for event in sup.outbox:
+            emit(event)
+        order = view.refresh()  # the caller's summary reads the view: bring it up to date on every path
+        if stop.requested:
+            return 130
+        if only:
+            return 0 if order.tasks[only].status in FINISHED_OK else 1
+        done = all_done(order)
+        notify.send(launcher.settings, launcher.runtime, notify.ORDER_FINISHED, "DONE" if done else "INCOMPLETE",
+                    f"{order.id}: {status_summary(order)}", AIPM_ORDER_ID=order.id)
+        return 0 if done else 1
+    finally:
+        sup.end_strays()  # nothing an attempt started outlives the run
+        stop.close()
+        sup.close()
