@@ -95,6 +95,9 @@ def fresh(base: Path, work: Path, name: str) -> Path:
     copy = work / name
     shutil.rmtree(copy, ignore_errors=True)
     shutil.copytree(base, copy, symlinks=True)
+    # A copy has new inodes and ctimes: its index would look stat-dirty, and every `git status` (the audit's
+    # snapshot) would re-read all sources until the index is refreshed. Refresh it, as a clone leaves it.
+    subprocess.run(["git", "update-index", "-q", "--refresh"], cwd=copy, check=True)
     return copy
 
 
