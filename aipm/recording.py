@@ -45,7 +45,7 @@ class Recording:
     def _own(self, rec: Record) -> None:  # watch a process of ours (the reviewer)
         raise NotImplementedError
 
-    def _record(self, rec: Record, pid: int, timeout: int | None) -> None:  # write the record of a started process
+    def _record(self, rec: Record, pid: int, ctime: float, timeout: int | None) -> None:  # record a started process
         raise NotImplementedError
 
     def _record_outcome(self, rec: Record, code: int | None, timed_out: bool) -> dict | None:
@@ -304,7 +304,7 @@ class Recording:
         try:
             runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=workspace.directory(self.rt.root, rec),
                          log=review_log,
-                         started=lambda pid: self._record(rec, pid, None))
+                         started=lambda pid, ctime: self._record(rec, pid, ctime, None))
         except runner.SpawnError as exc:
             # A reviewer that cannot start never approves (fail closed).
             append_log(review_log, f"review could not start: {exc}")

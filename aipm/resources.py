@@ -17,10 +17,19 @@ from typing import Any
 
 from aipm.errors import SettingsError
 
-try:
-    import psutil
-except ImportError:  # monitoring is optional: without psutil, launching goes on unmonitored
-    psutil = None
+_PSUTIL: list = []  # [psutil or None], once imported
+
+
+def _ps():
+    """psutil, imported at the first reading (a run without monitoring never pays for the import); None when
+    it is not installed: monitoring is optional, launching goes on unmonitored."""
+    if not _PSUTIL:
+        try:
+            import psutil
+        except ImportError:
+            psutil = None
+        _PSUTIL.append(psutil)
+    return _PSUTIL[0]
 
 DEFAULT_CGROUP_DIR = Path("/sys/fs/cgroup")
 
@@ -131,12 +140,12 @@ def _cgroup_memory_used(cgroup_dir: Path) -> int | None:
 def _affinity_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
-    return (psutil.cpu_count() if psutil else os.cpu_count()) or 1
+    return (_ps().cpu_count() if _ps() else os.cpu_count()) or 1
 
 
 def _host_cpu_times() -> tuple[float, float]:
     """(busy, total) CPU-seconds over all CPUs since boot, counted the way psutil.cpu_percent counts them."""
-    t = psutil.cpu_times()
+    t = _ps().cpu_times()
     total = sum(t) - getattr(t, "guest", 0) - getattr(t, "guest_nice", 0)  # guest time is already in user/nice
     return total - t.idle - getattr(t, "iowait", 0), total
 
@@ -173,7 +182,7 @@ class ResourceMonitor:
         self.max_cpu_percent = max_cpu_percent
         self.max_memory_percent = max_memory_percent
         self.cgroup_dir = cgroup_dir
-        if psutil is None:
+        if _ps() is None:
             _warn_no_psutil()
         # A cgroup limit wins when it is tighter than what the host offers.
         limits = cgroup_limits(cgroup_dir) or {}
@@ -181,7 +190,7 @@ class ResourceMonitor:
         usage = _stat(cgroup_dir / "cpu.stat", "usage_usec") if cgroup_dir else None
         self._cgroup_cpus = cpus if cpus is not None and cpus < _affinity_cpus() and usage is not None else None
         memory_max = limits.get("memory_max")
-        host_memory = psutil.virtual_memory().total if psutil else None
+        host_memory = _ps().virtual_memory().total if _ps() else None
         self._cgroup_memory = memory_max if memory_max and (host_memory is None or memory_max < host_memory) else None
         self._base = self._cpu_sample()  # primed: the first reading measures from here, without waiting
         self._last_cpu: float | None = None  # the last reading over a full sample window
@@ -194,7 +203,7 @@ class ResourceMonitor:
                 return None
             now = _now()
             return usage / 1e6, now * self._cgroup_cpus, _own_cpu_seconds(), now
-        if psutil is None:
+        if _ps() is None:
             return None
         return (*_host_cpu_times(), _own_cpu_seconds(), _now())
 
@@ -216,12 +225,12 @@ class ResourceMonitor:
             used = _cgroup_memory_used(self.cgroup_dir)
             if used is not None:
                 return min(100.0, used / self._cgroup_memory * 100)
-        return psutil.virtual_memory().percent if psutil else 0.0
+        return _ps().virtual_memory().percent if _ps() else 0.0
 
     def _source(self) -> str:
         if self._cgroup_cpus is not None or self._cgroup_memory is not None:
             return "cgroup"
-        return "psutil" if psutil else "unavailable"
+        return "psutil" if _ps() else "unavailable"
 
     def get_status(self) -> ResourceStatus:
         fake = _fake_load()
@@ -252,19 +261,19 @@ def get_system_info(cgroup_dir: Path | None = DEFAULT_CGROUP_DIR) -> dict[str, A
     if limits and limits["cpus"] is not None:
         usable = min(usable, limits["cpus"])
     total = available = None
-    if psutil is not None:
-        memory = psutil.virtual_memory()
+    if _ps() is not None:
+        memory = _ps().virtual_memory()
         total, available = memory.total, memory.available
     if limits and limits["memory_max"] is not None and (total is None or limits["memory_max"] < total):
         total = limits["memory_max"]
         used = limits["memory_current"] or 0
         available = max(0, total - used) if available is None else min(available, max(0, total - used))
     try:
-        load = [round(x, 2) for x in (psutil.getloadavg() if psutil else os.getloadavg())]
+        load = [round(x, 2) for x in (_ps().getloadavg() if _ps() else os.getloadavg())]
     except (OSError, AttributeError):
         load = None
     return {
-        "cpu_count": (psutil.cpu_count() if psutil else os.cpu_count()) or 1,
+        "cpu_count": (_ps().cpu_count() if _ps() else os.cpu_count()) or 1,
         "usable_cpus": usable,
         "memory_total": total,
         "memory_available": available,

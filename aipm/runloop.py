@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aipm import durable, notify, preemption, runner, scope
+from aipm import budget, durable, notify, preemption, runner, scope
 from aipm.launcher import Launcher, LaunchReport
 from aipm.model import FINISHED_OK, Order, Status, status_summary
 from aipm.runtime import Record, read_exit_file
@@ -62,49 +62,49 @@ def _finish(sup: Supervisor, keys: list[str]) -> None:
 def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[list[str]]:
     """One wake-up under the launch lock, with one tree snapshot for every task that ends or starts in it
     (started before queueing for the lock when a task that ended needs its audit, or for the first starts of
-    the run). Yields the keys of those tasks: their audit, and so their outcome, waits for that snapshot."""
+    the run). Yields the keys of the owned tasks that ended, reaped: their outcomes are recorded in it."""
     with scope.shared():
         ended = [sup.owned[k] for k in ready if k in sup.owned]
-        audited = [rec.key for rec in ended if Path(rec.scope_file).exists()]
-        if audited:
-            for rec in ended:  # stragglers first (as `handle` does): their writes belong before the snapshot
-                if rec.pid:
-                    # The leader first (its status kept for handle()): while it is an unreaped zombie the group
-                    # counts as alive, and kill_group would look for members through all of /proc.
-                    code = runner.reap(rec.pid)
-                    if code is not None:
-                        sup.reaped[rec.key] = code
-                    runner.kill_group(rec.pgid)
+        for rec in ended:  # stragglers first (as `handle` does): their writes belong before the snapshot
+            if rec.pid:
+                # The leader first (its status kept for handle()): while it is an unreaped zombie the group
+                # counts as alive, and kill_group would look for members through all of /proc.
+                code = runner.reap(rec.pid)
+                if code is not None:
+                    sup.reaped[rec.key] = code
+                runner.kill_group(rec.pgid)
+        audited = any(Path(rec.scope_file).exists() for rec in ended)
         may_audit = sup.settings.scope_audit and not (sup.settings.confine or sup.launcher.options.no_review)
         if audited or (first and may_audit):
             scope.prefetch(sup.rt.root)  # git runs while we take the lock and start what need not wait
         with sup.rt.launch_lock():
-            yield audited
+            yield [rec.key for rec in ended]
 
 
 def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str | None, recover: bool,
-                 audited: list[str]) -> LaunchReport | None:
-    """While the tasks that just ended wait for their audit's snapshot, start what does not depend on them in the
-    places they left, and let it go as soon as that snapshot (its "before" too) is read and its status durable:
-    neither waits for the audits and outcomes of the others. Their successors start after, in the same round.
+                 ended: list[str]) -> LaunchReport | None:
+    """Before the outcomes of the tasks that just ended are recorded (their audits wait for a snapshot, their
+    status writes for the disk), start what does not depend on them in the places they left, and let it go as
+    soon as its status is durable (and the snapshot, its "before" too, read): it waits for none of the audits
+    and outcomes of the others. Their successors start after, in the same round.
 
     Only tasks ranked before all that those outcomes may make launchable start early (the queued dependants of
     the ended tasks, and an ended task that failed, which may be retried), so places go in the plan's order as if
     the outcomes were known; only a task its audit sends back to rework loses its turn to them."""
-    if not audited:
-        return None
-    for key in audited:  # what they left running is ended first, while they are still all we may own
+    if not ended or budget.of(view.order, launcher.settings.max_cost_usd) is not None:
+        return None  # under a budget the ended attempts' costs count first: they are known once recorded
+    for key in ended:  # what they left running is ended first, while they are still all we may own
         sup.end_strays(sup.owned[key])
     order = view.order
-    waiting = [d for key in audited if sup.owned[key].order == order.id
+    waiting = [d for key in ended if sup.owned[key].order == order.id
                for d in view.dependants.get(sup.owned[key].task, ()) if order.tasks[d].status == Status.QUEUED]
-    waiting += [sup.owned[key].task for key in audited if sup.owned[key].order == order.id
+    waiting += [sup.owned[key].task for key in ended if sup.owned[key].order == order.id
                 and sup.owned[key].task in order.tasks and read_exit_file(sup.owned[key].exit_file) != 0]
     limit = min((view.rank(t) for t in waiting), default=len(order.tasks))
     early = [t for t in view.ready_ordering() if view.rank(t) < limit and (only is None or t == only)]
     if not early:
         return None
-    report = launcher.launch(view, owner=sup, only=set(early), explain=False, recover=recover, ending=audited)
+    report = launcher.launch(view, owner=sup, only=set(early), explain=False, recover=recover, ending=ended)
     durable.flush()
     return report
 
@@ -164,8 +164,8 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     budget_told = False
     try:
         while not stop.requested:
-            with _round(sup, ready, first=first) as audited:  # one lock round per wake-up: finish, launch
-                early = _start_early(sup, launcher, view, only, recover, audited)
+            with _round(sup, ready, first=first) as ended:  # one lock round per wake-up: finish, launch
+                early = _start_early(sup, launcher, view, only, recover, ended)
                 _finish(sup, ready)
                 if sup.unrecorded:
                     sup.retry_unrecorded()

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
 from aipm import durable
+from aipm.runtime import spawned_ctime
 
 SHELL = "/bin/sh"
 # The go pipe is fd 3 (dash only redirects single-digit descriptors); $1 is the exit file.
@@ -74,13 +75,13 @@ def spawn(
     log: str,
     stdin: str | None = None,
     pass_fds: Sequence[int] = (),
-    started: Callable[[int], None] = lambda pid: None,
+    started: Callable[[int, float], None] = lambda pid, ctime: None,
     prefix: Sequence[str] = (),
 ) -> int:
     """Start `command` in its own session; its stdout and stderr append to `log`. Returns the pid (= pgid).
 
-    `started(pid)` runs before the command may begin (record the worker there); if it raises, the command
-    never runs and the error propagates. `prefix` is an argv the wrapper puts in front of the command
+    `started(pid, ctime)` runs before the command may begin (record the worker there; ctime as
+    runtime.process_ctime gives it); if it raises, the command never runs and the error propagates. `prefix` is an argv the wrapper puts in front of the command
     (confinement); a string command then runs as `prefix /bin/sh -c COMMAND`.
     """
     if not isinstance(command, str):
@@ -117,7 +118,9 @@ def spawn(
                 os.makedirs(os.path.dirname(log), exist_ok=True)
                 try:
                     # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself.
+                    before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
                     pid = os.posix_spawn(SHELL, argv, dict(env, AIPM_ROOT=cwd), file_actions=actions, setsid=True)
+                    after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
                     break
                 except FileNotFoundError:
                     if again:
@@ -129,7 +132,7 @@ def spawn(
                 os.set_inheritable(fd, False)
             for fd in (go_read, *moved):
                 os.close(fd)
-        started(pid)
+        started(pid, spawned_ctime(pid, before, after))
     except BaseException:
         os.close(go_write)  # EOF: the wrapper exits without running the command
         raise

@@ -69,15 +69,16 @@ class Supervisor(Recording, Owner):
         jail = confine.prefix(str(self.rt.root), rec.targets, rec.log) if confine.wanted(task, self.settings) else ()
         cwd = workspace.directory(self.rt.root, rec)
         pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log,
-                           stdin=stdin, pass_fds=fds, started=lambda pid: self._record(rec, pid, timeout), prefix=jail)
+                           stdin=stdin, pass_fds=fds, started=lambda pid, ctime: self._record(rec, pid, ctime, timeout),
+                           prefix=jail)
         self._own(rec, started=True)
         self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
                             "attempt": rec.serial})
 
-    def _record(self, rec: Record, pid: int, timeout: int | None) -> None:
+    def _record(self, rec: Record, pid: int, ctime: float, timeout: int | None) -> None:
         """Write the worker's record; only then may its command begin."""
         rec.pid = rec.pgid = pid
-        rec.ctime = process_ctime(pid)
+        rec.ctime = ctime
         rec.deadline = time.time() + timeout if timeout else None
         self.rt.write_record(rec)
 

@@ -5,6 +5,7 @@ import signal
 import threading
 import subprocess
 import sys
+import pytest
 
 from conftest import no_workers, task_statuses, wait_for, write_task
 from invariants import check, group_alive, pid_alive, journal_command, random_order, spans
@@ -177,3 +178,24 @@ def test_a_broken_edit_mid_run_is_reported_and_ignored(project):
     assert proc.wait(timeout=60) == 0
     reader.join(timeout=10)
     assert task_statuses(order) == {"FIRST": "DONE", "SECOND": "DONE"}
+
+
+@pytest.mark.parametrize("budget", [False, True])
+def test_the_next_task_starts_before_the_ended_ones_outcome_is_written_unless_a_budget_counts_it(project, budget):
+    """One slot, no git (nothing to audit). When A ends, the independent B takes its place in the same wake-up,
+    before A's outcome is written (B's "started" comes before A's "finished"); A's dependant C starts only once A
+    is DONE. Under a budget the ended attempt's cost counts first: B starts only once A is recorded."""
+    order = project.order()
+    if budget:
+        (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 100\n")
+    write_task(order, "A", command="sleep 0.2", target_files=["a.txt"], priority="P0")
+    write_task(order, "B", command="true", target_files=["b.txt"], priority="P2")
+    write_task(order, "C", command="true", target_files=["c.txt"], priority="P3", depends_on=["A"])
+    proc = project.aipm("run", "ORD", "--max-workers", "1", "--no-resource-monitoring", "--json")
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    seen = [(e["event"], e.get("task")) for e in events if e["event"] in ("started", "finished")]
+    assert seen.index(("started", "B")) < seen.index(("finished", "A")) if not budget else \
+        seen.index(("finished", "A")) < seen.index(("started", "B"))
+    assert seen.index(("finished", "A")) < seen.index(("started", "C"))
+    assert project.statuses() == {"A": "DONE", "B": "DONE", "C": "DONE"}

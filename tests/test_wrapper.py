@@ -27,3 +27,21 @@ def test_plain_commands_run_straight_from_the_wrapper_and_shell_commands_keep_th
     codes = {p.stem: yaml.safe_load(p.read_text()) for p in order.glob("*.yaml")}
     assert {tid: (t["status"], t.get("exit_code")) for tid, t in codes.items()} == {
         "PLAIN": ("DONE", 0), "SHELL": ("FAILED", 3), "EXIT": ("FAILED", 4), "MISSING": ("FAILED", 127)}
+
+
+def test_the_start_time_given_at_spawn_is_the_one_proc_shows(tmp_path):
+    """runner.spawn hands `started` the worker's start time without reading /proc; it must equal what
+    process_ctime reads there, or a later owner would take the live worker for a reused pid."""
+    import os
+
+    from aipm import runner
+    from aipm.runtime import process_ctime
+
+    seen = []
+    for n in range(200):
+        pid = runner.spawn(["true"], exit_file=str(tmp_path / f"{n}.exit"), env=dict(os.environ), cwd=str(tmp_path),
+                           log=str(tmp_path / "log"), started=lambda pid, ctime: seen.append((pid, ctime)))
+        assert seen[-1] == (pid, process_ctime(pid))  # unreaped, even if done: /proc still shows its start
+        os.kill(pid, 9)
+        runner.reap(pid)
+    assert len(seen) == 200

@@ -26,7 +26,6 @@ import shutil
 import signal
 from pathlib import Path
 
-import psutil
 
 from aipm.model import FINISHED_OK, RUNNING, Order, Task
 from aipm.runtime import Record, Runtime
@@ -248,6 +247,8 @@ def sweep(root: Path, order: Order, everything: bool = False) -> list[str]:
 def prune(root: Path) -> None:
     """Drop git's notes of worktrees whose directories were deleted (`git clean -fdx` of .aipm/, say), and the
     temporary indexes of captures whose process was killed."""
+    import psutil  # only here: a run's start-up does without it
+
     for index in _scratch(root).glob("index.*"):
         pid = index.name.split(".")[1]
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
