@@ -92,6 +92,8 @@ def live_pid(rec: Record) -> int:
 
 def process_alive(pid: int, ctime: float) -> bool:
     """A pid is our process only if it exists, is not a zombie, and started when we recorded (PID reuse)."""
+    if pid == os.getpid():  # ourselves (the owner of our records): reading /proc/self/stat can take ms
+        return round(_own_ctime(), 2) == round(ctime, 2)
     stat = _proc_stat(pid)
     if stat is not None:  # Linux fast path: one read of /proc/<pid>/stat
         state, started = stat
@@ -103,6 +105,15 @@ def process_alive(pid: int, ctime: float) -> bool:
         return round(proc.create_time(), 2) == round(ctime, 2) and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
+
+
+_SELF: list[tuple[int, float]] = []  # (pid, start time) of this process, read once (a fork reads its own)
+
+
+def _own_ctime() -> float:
+    if not _SELF or _SELF[0][0] != os.getpid():
+        _SELF[:] = [(os.getpid(), process_ctime(os.getpid()))]
+    return _SELF[0][1]
 
 
 def process_ctime(pid: int) -> float:

@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -130,7 +131,7 @@ def save_before(root: Path, path: Path, refuse: Callable[[], None]) -> bool:
 class _Pending:
     """A `git status` started for a snapshot, not yet read; read once, by whoever needs it first."""
 
-    def __init__(self, root: Path, prefix: str, proc: subprocess.Popen, taken_ns: int):
+    def __init__(self, root: Path, prefix: str, proc: "_Git", taken_ns: int):
         self.root, self.prefix, self.proc, self.taken_ns = root, prefix, proc, taken_ns
         self.needed = False  # a task's "before" waits for it: read it, never cancel it
         self._result: Snapshot | None = None
@@ -143,25 +144,69 @@ class _Pending:
         return self._result
 
     def _parse(self) -> Snapshot | None:
-        out, _ = self.proc.communicate()
-        if self.proc.returncode != 0:
+        out, code = self.proc.communicate()
+        if code != 0:
             return None
         snap = Snapshot()
         snap.taken_ns = self.taken_ns
+        root = str(self.root)
         for path in _paths(out.decode("utf-8", "surrogateescape")):
             if not path.startswith(self.prefix):
                 continue
             rel = path[len(self.prefix):].rstrip("/")
             if not rel or rel == RUNTIME_DIR or rel.startswith(RUNTIME_DIR + "/"):
                 continue
-            snap[rel] = _fingerprint(self.root / rel)
+            snap[rel] = _fingerprint(f"{root}/{rel}")
         return snap
 
     def cancel(self) -> None:
         if not self._read:
             self._read = True
             self.proc.kill()
-            self.proc.communicate()
+
+
+class _Git:
+    """`git status` for a snapshot, started with posix_spawn (a run starts one per wake-up: Popen's fork and
+    bookkeeping cost more than git's own start), its output read from a pipe."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]):
+        program = _GIT.get("git") or shutil.which("git", path=env.get("PATH"))
+        if program is None:
+            raise FileNotFoundError("git")
+        _GIT["git"] = program  # once per process: no search of PATH per snapshot
+        self._out, write = os.pipe()
+        try:
+            self.pid = os.posix_spawn(program, argv, env, file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_DUP2, write, 1),
+                (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
+            ])
+        except OSError:
+            os.close(self._out)
+            raise
+        finally:
+            os.close(write)
+
+    def communicate(self) -> tuple[bytes, int]:
+        """All of its output and its exit code (negative: killed by that signal)."""
+        chunks = []
+        try:
+            while chunk := os.read(self._out, 1 << 16):
+                chunks.append(chunk)
+        finally:
+            os.close(self._out)
+        _, status = os.waitpid(self.pid, 0)
+        return b"".join(chunks), os.waitstatus_to_exitcode(status)
+
+    def kill(self) -> None:
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.communicate()
+
+
+_GIT: dict[str, str] = {}
 
 
 def _take(root: Path) -> Snapshot | None:
@@ -175,11 +220,8 @@ def _start(root: Path) -> _Pending | None:
         return None  # known: not in a work tree, or no git
     taken_ns = time.time_ns()
     try:
-        proc = subprocess.Popen(
-            ["git", "--no-optional-locks", "status", "--porcelain=v1", "-z", "--untracked-files=all",
-             "--no-renames", "--", "."],
-            cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=_git_env(),
-        )
+        proc = _Git(["git", "-C", str(root), "--no-optional-locks", "status", "--porcelain=v1", "-z",
+                     "--untracked-files=all", "--no-renames", "--", "."], _git_env())
     except OSError:
         return None
     pending = _Pending(root, "", proc, taken_ns)
@@ -364,7 +406,7 @@ def _paths(out: str) -> Iterable[str]:
             i += 1
 
 
-def _fingerprint(path: Path) -> Fingerprint:
+def _fingerprint(path: str) -> Fingerprint:
     try:
         st = os.lstat(path)
     except OSError:

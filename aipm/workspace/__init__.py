@@ -18,7 +18,6 @@ written, worktree not yet removed). Tests use it to prove that a rerun applies e
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shlex
@@ -27,6 +26,7 @@ import signal
 from pathlib import Path
 
 
+from aipm.locks import sha1
 from aipm.model import FINISHED_OK, RUNNING, Order, Task
 from aipm.runtime import Record, Runtime
 from aipm import scope
@@ -53,7 +53,7 @@ def _name(text: str) -> str:
     """A directory and ref-name component for an order or task id; ids that need changing get a hash suffix,
     so two ids never share one."""
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", text)
-    return safe if safe == text else f"{safe}-{hashlib.sha1(text.encode()).hexdigest()[:8]}"
+    return safe if safe == text else f"{safe}-{sha1(text.encode()).hexdigest()[:8]}"
 
 
 def _runtime(root: Path) -> Path:

@@ -14,7 +14,6 @@ is skipped, so every change lands exactly once.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -23,6 +22,11 @@ import subprocess
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+try:
+    from _sha256 import sha256  # hashlib's own, without loading OpenSSL at every command's start
+except ImportError:
+    from hashlib import sha256
 
 from aipm.durable import fsync_dir
 from aipm.workspace.repo import Change, Repo
@@ -42,7 +46,7 @@ class State:
 
     def digest(self) -> str:
         head = f"{self.kind}:{int(self.exec)}:".encode()
-        return hashlib.sha256(head + self.data).hexdigest()
+        return sha256(head + self.data).hexdigest()
 
 
 def digest(state: State | None) -> str | None:
