@@ -5,23 +5,51 @@ from __future__ import annotations
 import os
 import sys
 
-import typer
-
+from aipm.cli import common, decl
 from aipm.errors import UserError
 
-app = typer.Typer(
-    name="aipm",
-    help="Run the tasks of an order (YAML files) in parallel: dependencies, file locks, review, recovery.",
-    no_args_is_help=True,
-    add_completion=True,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
 
-# Command modules register themselves on `app` when imported.
-from aipm.cli import common  # noqa: E402
+def typer_app():
+    """The Typer application, with every command module's declarations made Typer parameters (see decl.py).
+    Built only for a command line the direct path does not read."""
+    import typer
 
-app.callback()(common._root_callback)
+    app = typer.Typer(
+        name="aipm",
+        help="Run the tasks of an order (YAML files) in parallel: dependencies, file locks, review, recovery.",
+        no_args_is_help=True,
+        add_completion=True,
+        pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    app.callback()(_typer_function(common._root_callback))
+    for name, function in decl.COMMANDS:
+        app.command(name)(_typer_function(function))
+    return app
+
+
+def _typer_function(function):
+    """`function` as Typer reads a command: its decl.Param defaults made typer.Option/typer.Argument."""
+    import functools
+    import inspect
+
+    import typer
+
+    def typer_param(param: decl.Param):
+        if param.kind == "argument":
+            return typer.Argument(param.default, **param.kw)
+        return typer.Option(param.default, *param.decls, **param.kw)
+
+    signature = inspect.signature(function, eval_str=True)
+    params = [p.replace(default=typer_param(p.default)) if isinstance(p.default, decl.Param) else p
+              for p in signature.parameters.values()]
+
+    @functools.wraps(function)
+    def typer_function(**values):
+        return function(**values)
+
+    typer_function.__signature__ = signature.replace(parameters=params)
+    return typer_function
 
 
 # The module that defines each command: a command imports only its own module, since imports are most of a
@@ -65,8 +93,8 @@ def _load_commands(argv: list[str] | None = None) -> None:
             importlib.import_module(f"aipm.cli.{info.name}")
 
 
-# Commands whose common forms skip Typer's parsing: it imports pydantic to coerce arguments, which costs more than
-# a short command does (`detect`/`status` polled by scripts, `run` of a build). Others always go through Typer.
+# Commands whose common forms skip Typer altogether (its import and its parsing, which imports pydantic, cost more
+# than a short command does: `detect`/`status` polled by scripts, `run` of a build). Others go through Typer.
 DIRECT = ("detect", "status", "run", "launch", "exec")
 # Parameter types read here exactly as Typer reads them (bool: a flag; the others: int(), float(), the word).
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str,
@@ -85,34 +113,28 @@ def _direct(argv: list[str]) -> tuple[str | None, object, dict] | None:
     import importlib
     import inspect
 
-    from typer.models import ArgumentInfo, OptionInfo
-
     root = None
     if argv[:1] == ["--root"] and len(argv) > 1 and argv[1]:
         root, argv = argv[1], argv[2:]
     completing = any(key.startswith("_AIPM_COMPLETE") for key in os.environ)
     if "AIPM_ROOT_DIR" in os.environ or completing or not argv or argv[0] not in DIRECT:
         return None
-    importlib.import_module(f"aipm.cli.{COMMAND_MODULES[argv[0]]}")  # registers the command on `app`
-    function = next(c.callback for c in app.registered_commands
-                    if (c.name or c.callback.__name__) == argv[0])
+    importlib.import_module(f"aipm.cli.{COMMAND_MODULES[argv[0]]}")  # declares the command (decl.COMMANDS)
+    function = decl.find(argv[0])
     options: dict[str, tuple[str, type]] = {}
     positional: list[tuple[str, type, object]] = []
     values: dict[str, object] = {}
     for name, param in inspect.signature(function).parameters.items():
         info, kind = param.default, _TYPES.get(str(param.annotation))
-        simple = isinstance(info, (OptionInfo, ArgumentInfo)) and kind is not None and not (
-            info.callback or info.envvar or info.parser or info.default_factory or info.is_eager
-            or info.min is not None or info.max is not None or not info.expose_value)
-        if not simple:
+        if not (isinstance(info, decl.Param) and info.plain and kind is not None):
             return None
-        if isinstance(info, ArgumentInfo):
+        if info.kind == "argument":
             positional.append((name, kind, info.default))
             continue
-        if not info.param_decls or any("/" in d or not d.startswith("--") for d in info.param_decls):
+        if not info.decls or any("/" in d or not d.startswith("--") for d in info.decls):
             return None
         values[name] = info.default
-        options.update((decl, (name, kind)) for decl in info.param_decls)
+        options.update((decl_, (name, kind)) for decl_ in info.decls)
     words = iter(argv[1:])
     given: set[str] = set()
     args: list[str] = []
@@ -142,17 +164,11 @@ def _direct(argv: list[str]) -> tuple[str | None, object, dict] | None:
 
 
 def _run_direct(root: str | None, function, values: dict) -> None:
-    """The command function itself, with the values Typer would hand it; its typer.Exit becomes the exit code."""
+    """The command function itself, with the values Typer would hand it (its decl.Exit is a SystemExit)."""
     from pathlib import Path
 
-    import typer
-
     common._root_callback(Path(root) if root is not None else None)
-    try:
-        function(**values)
-    except typer.Exit as exc:
-        sys.stdout.flush()
-        sys.exit(exc.exit_code)
+    function(**values)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,7 +194,7 @@ def main(argv: list[str] | None = None) -> None:
             # module (~20 ms, the tail of every `run` of a build and of every polled `status`).
             os._exit(code)
         _load_commands(args)
-        app(args=argv, prog_name="aipm")
+        typer_app()(args=argv, prog_name="aipm")
     except UserError as exc:
         print(f"aipm: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)

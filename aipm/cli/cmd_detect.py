@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import typer
+from aipm.cli.decl import Argument, Option, command
 
 from aipm.board import survey
-from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, print_json, project_root, read_only
 from aipm.cli.resource_options import MaxWorkersOpt
 from aipm.launcher import Launcher, Options
@@ -41,10 +40,10 @@ def print_reasons(task_id: str, launchable: bool, reasons: list) -> None:
         console().print(f"  - {reason.detail}", markup=False)
 
 
-@app.command()
+@command()
 def detect(
-    order: str = typer.Argument(..., help="Order id or directory."),
-    summary: bool = typer.Option(False, "--summary", help="Counts only: queued, launchable, blocked, stale."),
+    order: str = Argument(..., help="Order id or directory."),
+    summary: bool = Option(False, "--summary", help="Counts only: queued, launchable, blocked, stale."),
     max_workers: int = MaxWorkersOpt,
     json_out: bool = JsonOpt,
 ) -> None:
@@ -86,9 +85,9 @@ def detect(
         out.print(f"[yellow]Stale (worker gone, files still busy): {', '.join(result.stale)} — run `aipm recover`[/]")
 
 
-@app.command()
+@command()
 def why(
-    task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
+    task: str = Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
     max_workers: int = MaxWorkersOpt,
     json_out: bool = JsonOpt,
 ) -> None:

@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import sys
 
-import typer
+from aipm.cli.decl import Argument, command
 
 from aipm import workspace
-from aipm.cli import app
 from aipm.cli.common import JsonOpt, get_project, print_json
 from aipm.project import find_task
 from aipm.store import load_order
 
 
-@app.command()
+@command()
 def diff(
-    task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
+    task: str = Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Show a worktree task's changes as a patch (apply it with `git apply` at the repository's top).

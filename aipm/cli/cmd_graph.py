@@ -4,19 +4,18 @@ from __future__ import annotations
 
 import sys
 
-import typer
+from aipm.cli.decl import Argument, Option, command
 
-from aipm.cli import app
 from aipm.cli.common import get_project
 from aipm.errors import UserError
 from aipm.graph import RENDERERS
 from aipm.store import load_order
 
 
-@app.command()
+@command()
 def graph(
-    order: str = typer.Argument(..., help="Order id or directory."),
-    fmt: str = typer.Option("mermaid", "--format", "-f", help="mermaid (renders on GitHub) or dot (Graphviz)."),
+    order: str = Argument(..., help="Order id or directory."),
+    fmt: str = Option("mermaid", "--format", "-f", help="mermaid (renders on GitHub) or dot (Graphviz)."),
 ) -> None:
     """Print the dependency graph of an order (edges from a dependency to the task waiting on it).
 

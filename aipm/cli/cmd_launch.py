@@ -6,10 +6,9 @@ import sys
 from collections.abc import Iterable
 from typing import Optional
 
-import typer
+from aipm.cli.decl import Argument, Exit, Option, command
 
 from aipm import budget, parsecache
-from aipm.cli import app
 from aipm.cluster import require_ray
 from aipm.cli.cmd_detect import print_reasons, reasons_for
 from aipm.advice import warnings
@@ -24,11 +23,11 @@ from aipm.project import Project, find_task
 from aipm.runloop import supervise
 from aipm.view import OrderView
 
-ModelOpt = typer.Option(None, "--model", help="Model for worker templates (overrides the task and aipm.yaml).")
-NoReviewOpt = typer.Option(False, "--no-review", help="Skip review: a task that exits 0 becomes DONE.")
-ConfineOpt = typer.Option(False, "--confine", help="Confine workers to their target files with Landlock "
-                          "(tasks that say `confine: false` excepted); refused where the kernel lacks it.")
-WorkspaceOpt = typer.Option(
+ModelOpt = Option(None, "--model", help="Model for worker templates (overrides the task and aipm.yaml).")
+NoReviewOpt = Option(False, "--no-review", help="Skip review: a task that exits 0 becomes DONE.")
+ConfineOpt = Option(False, "--confine", help="Confine workers to their target files with Landlock "
+                    "(tasks that say `confine: false` excepted); refused where the kernel lacks it.")
+WorkspaceOpt = Option(
     None, "--workspace", help="Where tasks without `workspace:` work: shared (the project tree, default) or "
                               "worktree (a git worktree each, merged back when approved).")
 
@@ -50,10 +49,10 @@ def warn_unbounded(tasks: Iterable[Task]) -> None:
     warn(warnings(t for t in tasks if t.status not in FINISHED_OK | DEAD_END))
 
 
-@app.command()
+@command()
 def launch(
-    order: str = typer.Argument(..., help="Order id or directory."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Show what would start; change nothing anywhere."),
+    order: str = Argument(..., help="Order id or directory."),
+    dry_run: bool = Option(False, "--dry-run", help="Show what would start; change nothing anywhere."),
     model: Optional[str] = ModelOpt,
     no_review: bool = NoReviewOpt,
     max_workers: Optional[int] = MaxWorkersOpt,
@@ -96,12 +95,12 @@ def launch(
         elif not (report.launched or report.deferred or report.failed or waiting):
             out.print("nothing to launch (see `aipm detect`)")
     if report.failed or report.plan.budget_stop:
-        raise typer.Exit(1)
+        raise Exit(1)
 
 
-@app.command()
+@command()
 def run(
-    order: str = typer.Argument(..., help="Order id or directory."),
+    order: str = Argument(..., help="Order id or directory."),
     model: Optional[str] = ModelOpt,
     no_review: bool = NoReviewOpt,
     max_workers: Optional[int] = MaxWorkersOpt,
@@ -110,12 +109,12 @@ def run(
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
     runner: Optional[str] = RunnerOpt,
-    preempt: bool = typer.Option(
+    preempt: bool = Option(
         False, "--preempt", help="An urgent (P0/P1) task that only lower-priority work of this run keeps from "
         "starting stops that work (re-queued, attempt not counted; at most twice per task). Setting `preempt`."),
     confine: bool = ConfineOpt,
     workspace: Optional[str] = WorkspaceOpt,
-    json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event, then a summary event."),
+    json_out: bool = Option(False, "--json", help="Stream one JSON object per event, then a summary event."),
 ) -> None:
     """Run an order to the end: launch, watch, review, start successors as soon as they are unblocked.
 
@@ -144,13 +143,13 @@ def run(
         display(summary)
     else:
         print(plain_line(summary), file=sys.stderr if code != 0 else sys.stdout)  # plain text: no rich needed
-    raise typer.Exit(code)
+    raise Exit(code)
 
 
-@app.command("exec")
+@command("exec")
 def exec_(
-    task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
-    parallel: bool = typer.Option(False, "--parallel", help="Also launch the order's other launchable tasks."),
+    task: str = Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
+    parallel: bool = Option(False, "--parallel", help="Also launch the order's other launchable tasks."),
     model: Optional[str] = ModelOpt,
     no_review: bool = NoReviewOpt,
     max_workers: Optional[int] = MaxWorkersOpt,
@@ -161,7 +160,7 @@ def exec_(
     runner: Optional[str] = RunnerOpt,
     confine: bool = ConfineOpt,
     workspace: Optional[str] = WorkspaceOpt,
-    json_out: bool = typer.Option(False, "--json", help="Stream one JSON object per event."),
+    json_out: bool = Option(False, "--json", help="Stream one JSON object per event."),
 ) -> None:
     """Run one task in the foreground (with its review and retries). Exit 0 when it ends DONE/COMPLETED."""
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
@@ -177,4 +176,4 @@ def exec_(
         print_reasons(*reasons_for(looker, order_dir, task_id)[1:])
     why = f" ({final.reason})" if final.reason else ""
     console(stderr=code != 0).print(f"{task_id}: {final.status.value}{why}", markup=False)
-    raise typer.Exit(code)
+    raise Exit(code)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Optional
 
-import typer
+from aipm.cli.decl import Argument, Exit, Option, command
 
 from aipm import budget, parsecache, readers
 from aipm.board import task_row
-from aipm.cli import app
 from aipm.advice import warnings
 from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, read_only, warn
 from aipm.errors import ValidationError
@@ -46,7 +45,7 @@ STATUS_STYLE = {
 }
 
 
-@app.command()
+@command()
 def init() -> None:
     """Create aipm.yaml, orders/ and the runtime directory .aipm/ in the project root."""
     root = project_root()
@@ -70,9 +69,9 @@ def init() -> None:
         out.print(f"{root} is already an aipm project; nothing changed.")
 
 
-@app.command()
+@command()
 def validate(
-    order: Optional[str] = typer.Argument(None, help="Order id or directory (default: every order)."),
+    order: Optional[str] = Argument(None, help="Order id or directory (default: every order)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Check task and order files. Exit 2, naming the file and the field, on any error.
@@ -108,14 +107,14 @@ def validate(
         if not dirs:
             console().print(f"no orders under {project.root / project.orders_dir}")
     if errors:
-        raise typer.Exit(2)
+        raise Exit(2)
 
 
-@app.command()
+@command()
 def status(
-    order: str = typer.Argument(..., help="Order id or directory."),
-    wide: bool = typer.Option(False, "--wide", help="One line per task, however wide (for grep and wide "
-                                                    "terminals); by default long cells wrap to the terminal."),
+    order: str = Argument(..., help="Order id or directory."),
+    wide: bool = Option(False, "--wide", help="One line per task, however wide (for grep and wide "
+                                              "terminals); by default long cells wrap to the terminal."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Show every task of an order: status and why, priority, what it waits on, target files, tries, reworks.

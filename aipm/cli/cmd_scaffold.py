@@ -13,10 +13,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, List, Optional
 
-import typer
+from aipm.cli.decl import Argument, Option, command
 import yaml
 
-from aipm.cli import app
 from aipm.advice import warnings
 from aipm.cli.common import console, get_project, warn
 from aipm.errors import UserError
@@ -26,18 +25,18 @@ from aipm.fields import task_from_mapping
 from aipm.store import ORDER_FILE, check_links, load_order, parse_mapping
 
 
-@app.command("schema")
-def schema_(kind: str = typer.Option("task", "--kind", help="task (a task file) or order (order.yaml).")) -> None:
+@command("schema")
+def schema_(kind: str = Option("task", "--kind", help="task (a task file) or order (order.yaml).")) -> None:
     """Print the JSON Schema (draft 2020-12) of task files or of order.yaml, for editors and linters."""
     if kind not in KINDS:
         raise UserError(f"--kind: {kind!r} is not one of {', '.join(KINDS)}")
     sys.stdout.write(schema_text(kind))
 
 
-@app.command()
+@command()
 def new(
-    order: str = typer.Argument(..., help="The new order's id (its directory name under orders_dir)."),
-    title: Optional[str] = typer.Option(None, "--title", help="One line saying what the order delivers."),
+    order: str = Argument(..., help="The new order's id (its directory name under orders_dir)."),
+    title: Optional[str] = Option(None, "--title", help="One line saying what the order delivers."),
 ) -> None:
     """Create an order: <orders_dir>/ORDER/order.yaml. Refuses an order that already has one."""
     _check_id("ORDER", order)
@@ -69,27 +68,27 @@ def new(
     out.print(f"next: aipm add {order} TASK_ID --title '...' --command '...'", markup=False)
 
 
-@app.command()
+@command()
 def add(
-    order: str = typer.Argument(..., help="Order id or directory."),
-    task: str = typer.Argument(..., help="The new task's id (its file name without .yaml)."),
-    title: Optional[str] = typer.Option(None, "--title", help="One line saying what the task does."),
-    depends_on: Optional[List[str]] = typer.Option(
+    order: str = Argument(..., help="Order id or directory."),
+    task: str = Argument(..., help="The new task's id (its file name without .yaml)."),
+    title: Optional[str] = Option(None, "--title", help="One line saying what the task does."),
+    depends_on: Optional[List[str]] = Option(
         None, "--depends-on", help="A task of the same order that must finish first (repeatable)."),
-    target_files: Optional[List[str]] = typer.Option(
+    target_files: Optional[List[str]] = Option(
         None, "--target-file", help="A file, directory or glob the task may edit (repeatable)."),
-    command: Optional[str] = typer.Option(
+    command: Optional[str] = Option(
         None, "--command", help="Shell command the worker runs (default: the worker template of aipm.yaml)."),
-    prompt: Optional[str] = typer.Option(None, "--prompt", help="Text for an agent worker (on its stdin)."),
-    model: Optional[str] = typer.Option(None, "--model", help="Model for the worker template's {model}."),
-    priority: str = typer.Option("P1", "--priority", help="P0 (most urgent) .. P3."),
-    review: Optional[str] = typer.Option(
+    prompt: Optional[str] = Option(None, "--prompt", help="Text for an agent worker (on its stdin)."),
+    model: Optional[str] = Option(None, "--model", help="Model for the worker template's {model}."),
+    priority: str = Option("P1", "--priority", help="P0 (most urgent) .. P3."),
+    review: Optional[str] = Option(
         None, "--review", help="Review command: exit 0 approves, non-zero sends the task to REWORK."),
-    timeout: Optional[int] = typer.Option(
+    timeout: Optional[int] = Option(
         None, "--timeout", help="Seconds per attempt before the worker's process group is killed."),
-    max_attempts: Optional[int] = typer.Option(
+    max_attempts: Optional[int] = Option(
         None, "--max-attempts", help="Tries: a failed or timed-out attempt runs again until this many have run."),
-    max_rework: Optional[int] = typer.Option(
+    max_rework: Optional[int] = Option(
         None, "--max-rework", help="Times a review may send the task back before it is REJECTED."),
 ) -> None:
     """Create a task file ORDER/TASK.yaml, validated with its order before it is written."""

@@ -8,8 +8,8 @@ from typing import Any, Optional
 
 from rich.table import Table
 
-from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, print_json, project_root
+from aipm.cli.decl import command
 from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, settings_from_flags,
 )
@@ -25,7 +25,7 @@ def _shown(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-@app.command()
+@command()
 def config(
     max_workers: Optional[int] = MaxWorkersOpt,
     max_cpu: Optional[float] = MaxCpuOpt,
@@ -57,7 +57,7 @@ def _size(n: Optional[int]) -> str:
     return "unknown" if n is None else f"{n / 2**30:.1f} GiB"
 
 
-@app.command()
+@command()
 def resources(
     max_workers: Optional[int] = MaxWorkersOpt,
     max_cpu: Optional[float] = MaxCpuOpt,

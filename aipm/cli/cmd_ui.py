@@ -5,20 +5,19 @@ from __future__ import annotations
 import importlib.util
 from typing import Optional
 
-import typer
+from aipm.cli.decl import Argument, Option, command
 
-from aipm.cli import app
 from aipm.cli.common import console, get_project
 from aipm.errors import UserError
 from aipm.settings import load_settings
 
 
-@app.command()
+@command()
 def ui(
-    orders: Optional[list[str]] = typer.Argument(None, help="Orders to show (default: every order, new ones too)."),
-    port: int = typer.Option(0, "--port", min=0, max=65535, help="Port to listen on; 0 = any free port."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Anything but loopback exposes "
-                             "the dashboard (and its cancel button) to the network, unencrypted: a warning says so."),
+    orders: Optional[list[str]] = Argument(None, help="Orders to show (default: every order, new ones too)."),
+    port: int = Option(0, "--port", min=0, max=65535, help="Port to listen on; 0 = any free port."),
+    host: str = Option("127.0.0.1", "--host", help="Address to listen on. Anything but loopback exposes "
+                       "the dashboard (and its cancel button) to the network, unencrypted: a warning says so."),
 ) -> None:
     """Serve a live dashboard of the project: tasks, graph, merged worker log, cancel and retry.
 

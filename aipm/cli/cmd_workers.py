@@ -8,11 +8,10 @@ import time
 from typing import Optional
 
 import psutil
-import typer
+from aipm.cli.decl import Argument, Option, command
 from rich.table import Table
 
 from aipm import workspace
-from aipm.cli import app
 from aipm.cli.common import JsonOpt, console, get_project, print_json
 from aipm.errors import UserError
 from aipm import logbook, steering
@@ -42,7 +41,7 @@ def _worker_info(rec) -> dict:
     return info
 
 
-@app.command()
+@command()
 def ps(json_out: bool = JsonOpt) -> None:
     """Live workers in the project: pid, task, elapsed time, CPU and memory (with their children)."""
     project = get_project()
@@ -61,7 +60,7 @@ def ps(json_out: bool = JsonOpt) -> None:
     console().print(table if infos else "no workers")
 
 
-@app.command()
+@command()
 def locks(json_out: bool = JsonOpt) -> None:
     """Target-file locks: every running task's paths (held now or not), and locks held by processes that are not
     aipm workers (a daemon a finished worker left behind): tasks on those paths wait until they are released.
@@ -101,12 +100,12 @@ def _order_named(project, arg: str):
         return None
 
 
-@app.command()
+@command()
 def logs(
-    task: str = typer.Argument(..., help="An order (id or directory), or a task: id, ORDER/TASK or task file."),
-    follow: bool = typer.Option(False, "-f", "--follow", help="Keep printing as logs grow, until the task ends "
-                                "(for an order: new attempts too, until no task can still run)."),
-    attempt: Optional[int] = typer.Option(None, "--attempt", help="Which attempt of a task (default: the newest)."),
+    task: str = Argument(..., help="An order (id or directory), or a task: id, ORDER/TASK or task file."),
+    follow: bool = Option(False, "-f", "--follow", help="Keep printing as logs grow, until the task ends "
+                          "(for an order: new attempts too, until no task can still run)."),
+    attempt: Optional[int] = Option(None, "--attempt", help="Which attempt of a task (default: the newest)."),
 ) -> None:
     """Print a task's log: the newest attempt by default (`--attempt N` for another); with -f, keep following
     the newest attempt until the task stops running. Or, for an order, every worker's lines, each prefixed with
@@ -176,10 +175,10 @@ def _settings_project():
     return project, load_settings(project.root)
 
 
-@app.command()
+@command()
 def cancel(
-    task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
-    grace: float = typer.Option(5.0, "--grace", help="Seconds between SIGTERM and SIGKILL."),
+    task: str = Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
+    grace: float = Option(5.0, "--grace", help="Seconds between SIGTERM and SIGKILL."),
 ) -> None:
     """Cancel a task: stop its worker's whole process group (SIGTERM, then SIGKILL) and mark it CANCELLED."""
     project = get_project()
@@ -188,11 +187,11 @@ def cancel(
     console().print(f"{task_id}: CANCELLED")
 
 
-@app.command()
+@command()
 def retry(
-    task: str = typer.Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
-    resume: bool = typer.Option(False, "--resume", help="The next attempt continues the agent's own recorded "
-                                "session (session_id), for agents that can (claude --resume, codex exec resume)."),
+    task: str = Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
+    resume: bool = Option(False, "--resume", help="The next attempt continues the agent's own recorded "
+                          "session (session_id), for agents that can (claude --resume, codex exec resume)."),
 ) -> None:
     """Put a finished, failed, rejected or cancelled task back to QUEUED, as new: its attempts, reworks, times and
     exit code are cleared and the old review feedback is dropped; its next attempt gets a new number and log."""
@@ -202,9 +201,9 @@ def retry(
     console().print(f"{task_id}: QUEUED" + (f" (resuming session {current.session_id})" if resume else ""))
 
 
-@app.command()
+@command()
 def recover(
-    order: Optional[str] = typer.Argument(None, help="Order id or directory (default: every order)."),
+    order: Optional[str] = Argument(None, help="Order id or directory (default: every order)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Repair tasks whose worker is gone: adopt workers that still run or left an exit code; re-queue the rest.

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
 
-import typer
+from aipm.cli.decl import Option
 
 from aipm.project import Project, find_root
 
@@ -19,7 +19,7 @@ _state: dict[str, Any] = {"root": None}
 
 
 def _root_callback(
-    root: Optional[Path] = typer.Option(
+    root: Optional[Path] = Option(
         None, "--root", help="Project root (default: nearest aipm.yaml, else the git top level, else the cwd).",
         envvar="AIPM_ROOT_DIR",
     ),
@@ -61,7 +61,7 @@ def read_only() -> None:
     readers.allow()
 
 
-JsonOpt = typer.Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+JsonOpt = Option(False, "--json", help="Print machine-readable JSON instead of a table.")
 
 
 def get_project() -> Project:

@@ -10,23 +10,23 @@ Use the Opt constants as parameter defaults and hand the values to `settings_fro
 
 from __future__ import annotations
 
-import typer
+from aipm.cli.decl import Option
 
 from aipm.settings import settings_from_flags  # noqa: F401 - re-exported for the command modules
 
 # Defaults are None (flag not given) so that aipm.yaml and the environment show through; the help states the
 # built-in default. Values are checked by load_settings, which names the flag in its one-line error.
-MaxWorkersOpt = typer.Option(
+MaxWorkersOpt = Option(
     None, "--max-workers", help="Most workers running at once in the project (default 5, or aipm.yaml)."
 )
-MaxCpuOpt = typer.Option(None, "--max-cpu", help="CPU percent at which fewer workers start (default 85).")
-MaxMemoryOpt = typer.Option(None, "--max-memory", help="Memory percent at which fewer workers start (default 85).")
-NoMonitoringOpt = typer.Option(
+MaxCpuOpt = Option(None, "--max-cpu", help="CPU percent at which fewer workers start (default 85).")
+MaxMemoryOpt = Option(None, "--max-memory", help="Memory percent at which fewer workers start (default 85).")
+NoMonitoringOpt = Option(
     False, "--no-resource-monitoring", help="Take no CPU or memory readings: start up to --max-workers."
 )
-NoAutoScalingOpt = typer.Option(
+NoAutoScalingOpt = Option(
     False, "--no-auto-scaling", help="Read the load but never start fewer than --max-workers because of it."
 )
-RunnerOpt = typer.Option(
+RunnerOpt = Option(
     None, "--runner", help="Where workers run: local (default) or ray (a Ray cluster: RAY_ADDRESS or ray.address)."
 )
