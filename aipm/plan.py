@@ -342,6 +342,13 @@ class _LockIndex:
         return False
 
 
+def any_clear(tasks: Iterable[Task], held: Iterable[tuple[Target, ...]]) -> bool:
+    """Whether some task's locks could meet none of the `held` targets (conservative: False means every task
+    would wait for those files, so planning them now is wasted)."""
+    index = _LockIndex(held)
+    return any(not index.near(task.targets) for task in tasks)
+
+
 def _parents(node: str) -> Iterator[str]:
     """The directories above a non-empty node, the project root ("") excepted: `a/b/c` → `a`, `a/b`."""
     i = node.find("/")

@@ -16,6 +16,8 @@ from pathlib import Path
 from aipm import budget, durable, notify, preemption, runner, scope
 from aipm.launcher import Launcher, LaunchReport
 from aipm.model import FINISHED_OK, Order, Status, status_summary
+from aipm.paths import normalize
+from aipm.plan import any_clear
 from aipm.runtime import Record, read_exit_file
 from aipm.supervisor import Emit, Supervisor
 from aipm.view import OrderView
@@ -102,8 +104,9 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
                 and sup.owned[key].task in order.tasks and read_exit_file(sup.owned[key].exit_file) != 0]
     limit = min((view.rank(t) for t in waiting), default=len(order.tasks))
     early = [t for t in view.ready_ordering() if view.rank(t) < limit and (only is None or t == only)]
-    if not early:
-        return None
+    held = [tuple(normalize(t) for t in sup.owned[key].targets) for key in ended]
+    if not any_clear((order.tasks[t] for t in early), held):
+        return None  # every one waits for the files of the ended tasks (held until their outcomes are written)
     report = launcher.launch(view, owner=sup, only=set(early), explain=False, recover=recover, ending=ended)
     durable.flush()
     return report

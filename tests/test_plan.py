@@ -6,7 +6,7 @@ from aipm.model import Order, Priority, Status, Task
 from aipm.paths import normalize
 from aipm.plan import (
     FILE_BUSY, FILE_CHOSEN, LIMIT, NEVER, NOT_QUEUED, STALE, WAITING, WORKER_RUNNING, Busy, all_reasons,
-    chain_lengths, plan, ranked,
+    any_clear, chain_lengths, plan, ranked,
 )
 
 
@@ -232,3 +232,28 @@ def test_chain_lengths_are_the_longest_paths_of_dependants(deps):
         dependants = [j for j in range(i + 1, len(deps)) if f"T{i}" in o.tasks[f"T{j}"].depends_on]
         longest[f"T{i}"] = 1 + max((longest[f"T{j}"] for j in dependants), default=0)
     assert chain_lengths(o.tasks) == longest
+
+
+def test_any_clear_is_false_only_when_every_task_would_wait_for_the_held_files():
+    """The run loop's quick test before an early start: conservative, never False for a task that could start."""
+    held = [(normalize("shared/one.txt"),), (normalize("docs/"),)]
+    assert not any_clear([task("A", files=["shared/one.txt"]), task("B", files=["docs/guide.md"]),
+                          task("C", files=["shared/"]), task("D", files=["*.txt"])], held)
+    assert any_clear([task("A", files=["shared/one.txt"]), task("E", files=["shared/two.txt"])], held)
+    assert not any_clear([], held)
+    assert any_clear([task("F", files=["src/a.py"])], [])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["a", "a/b", "a/b/c.txt", "a/*.py", "b", "b/**/x", "c.txt", "*.txt"]),
+                min_size=1, max_size=3),
+       st.lists(st.lists(st.sampled_from(["a", "a/b", "a/b/c.txt", "a/x.py", "b/y/x", "c.txt", "d.md"]),
+                         min_size=1, max_size=2), min_size=1, max_size=4))
+def test_any_clear_never_says_wait_for_a_task_whose_targets_overlap_nothing_held(held_paths, candidates):
+    from aipm.paths import lock_overlap
+
+    held = [tuple(normalize(p) for p in held_paths)]
+    tasks = [task(f"T{i}", files=files) for i, files in enumerate(candidates)]
+    free = [t for t in tasks if not any(lock_overlap(a, b) for a in t.targets for b in held[0])]
+    if free:
+        assert any_clear(tasks, held)
