@@ -92,7 +92,7 @@ def task_statuses(order_dir: Path) -> dict[str, str]:
         if path.name != "order.yaml":
             try:
                 out[path.stem] = (yaml.safe_load(path.read_text()) or {}).get("status", "QUEUED")
-            except yaml.YAMLError:
+            except (yaml.YAMLError, FileNotFoundError):  # mid-write by a worker (`git checkout` unlinks first)
                 out[path.stem] = "?"
     return out
 

@@ -1108,7 +1108,8 @@ def hostile_trial(root: Path, seed: int, n_tasks: int, workers: int = 4) -> Tria
     before = task_texts(order)
     trial = Trial("hostile workers", seed, n_tasks)
     watch = RecordWatch(root)
-    procs = [Proc(root, *run_args(workers)), Proc(root, "launch", "ORD", "--no-resource-monitoring")]
+    procs = [Proc(root, *run_args(workers)),
+             Proc(root, "launch", "ORD", "--no-resource-monitoring", "--max-workers", str(workers))]
     try:
         for proc in procs:
             rc = proc.wait()
