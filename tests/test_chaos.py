@@ -516,7 +516,8 @@ def stop_workers_trial(root: Path, seed: int, n_tasks: int, ratio: float = 0.4, 
                 if pgid in decided:
                     continue
                 decided.add(pgid)
-                if starts[task] == 1 and rng.random() < ratio:
+                # A start appended after `starts` was read is a first one (none of its task was seen before).
+                if starts.get(task, 1) == 1 and rng.random() < ratio:
                     try:
                         os.killpg(pgid, signal.SIGSTOP)
                     except ProcessLookupError:
