@@ -95,18 +95,21 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     the outcomes were known; only a task its audit sends back to rework loses its turn to them."""
     if not ended or budget.of(view.order, launcher.settings.max_cost_usd) is not None:
         return None  # under a budget the ended attempts' costs count first: they are known once recorded
-    for key in ended:  # what they left running is ended first, while they are still all we may own
-        sup.end_strays(sup.owned[key])
+    ready = [t for t in view.ready_ordering() if only is None or t == only]
+    held = [tuple(normalize(t) for t in sup.owned[key].targets) for key in ended]
     order = view.order
+    if not any_clear((order.tasks[t] for t in ready), held):
+        return None  # none ready (a chain), or every one waits for the files of the ended tasks
     waiting = [d for key in ended if sup.owned[key].order == order.id
                for d in view.dependants.get(sup.owned[key].task, ()) if order.tasks[d].status == Status.QUEUED]
     waiting += [sup.owned[key].task for key in ended if sup.owned[key].order == order.id
                 and sup.owned[key].task in order.tasks and read_exit_file(sup.owned[key].exit_file) != 0]
     limit = min((view.rank(t) for t in waiting), default=len(order.tasks))
-    early = [t for t in view.ready_ordering() if view.rank(t) < limit and (only is None or t == only)]
-    held = [tuple(normalize(t) for t in sup.owned[key].targets) for key in ended]
-    if not any_clear((order.tasks[t] for t in early), held):
-        return None  # every one waits for the files of the ended tasks (held until their outcomes are written)
+    early = [t for t in ready if view.rank(t) < limit]
+    if not early:
+        return None
+    for key in ended:  # what they left running is ended first, while they are still all we may own
+        sup.end_strays(sup.owned[key])
     report = launcher.launch(view, owner=sup, only=set(early), explain=False, recover=recover, ending=ended)
     durable.flush()
     return report
