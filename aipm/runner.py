@@ -81,8 +81,9 @@ def spawn(
     """Start `command` in its own session; its stdout and stderr append to `log`. Returns the pid (= pgid).
 
     `started(pid, ctime)` runs before the command may begin (record the worker there; ctime as
-    runtime.process_ctime gives it); if it raises, the command never runs and the error propagates. `prefix` is an argv the wrapper puts in front of the command
-    (confinement); a string command then runs as `prefix /bin/sh -c COMMAND`.
+    runtime.process_ctime gives it); if it raises, the command never runs and the error propagates. `prefix` is
+    an argv the wrapper puts in front of the command (confinement); a string command then runs as
+    `prefix /bin/sh -c COMMAND`.
     """
     if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
