@@ -10,8 +10,9 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from aipm.budget import Budget
-from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Priority, Status, Task, natural_key
+from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.paths import Target, first_overlap, lock_overlap, lock_prefix, nodes_related
+from aipm.ranking import ranked
 
 # Reason codes, stable for --json consumers.
 NOT_QUEUED = "not_queued"
@@ -105,49 +106,6 @@ class Plan:
             "stale": len(self.stale),
             "blocked_by_budget": reasons.count(BUDGET),
         }
-
-
-def chain_lengths(tasks: Mapping[str, Task]) -> dict[str, int]:
-    """Length of the longest chain of dependants below each task (1 for a task nothing waits on).
-
-    Starting the task with the longest chain first keeps the critical path moving. Linear in tasks + edges.
-    """
-    pending = dict.fromkeys(tasks, 0)  # dependants whose length is not known yet
-    for task in tasks.values():
-        for dep in task.depends_on:
-            if dep in pending:
-                pending[dep] += 1
-    # Peel leaves (tasks nothing depends on) first: Kahn's algorithm on the reversed graph. Each task measured
-    # passes its length on to its dependencies, so no list of dependants is built.
-    below = dict.fromkeys(tasks, 0)  # the longest chain among a task's dependants measured so far
-    ready = [tid for tid, n in pending.items() if n == 0]
-    length: dict[str, int] = {}
-    while ready:
-        tid = ready.pop()
-        n = length[tid] = below[tid] + 1
-        for dep in tasks[tid].depends_on:
-            left = pending.get(dep)
-            if left is not None:
-                if below[dep] < n:
-                    below[dep] = n
-                pending[dep] = left - 1
-                if left == 1:
-                    ready.append(dep)
-    # Tasks on a cycle (only possible in unvalidated input) get no chain bonus.
-    return length if len(length) == len(tasks) else {tid: length.get(tid, 1) for tid in tasks}
-
-
-_RANKS = {p: p.rank for p in Priority}
-
-
-def rank_key(task: Task, chains: Mapping[str, int]) -> tuple:
-    """P0 first, then the longest remaining chain, then the id in natural order (TASK_9 before TASK_10)."""
-    return (_RANKS[task.priority], -chains.get(task.id, 1), natural_key(task.id))
-
-
-def ranked(order: Order) -> list[Task]:
-    chains = chain_lengths(order.tasks)
-    return sorted(order.tasks.values(), key=lambda t: rank_key(t, chains))
 
 
 def _doomed(order: Order) -> dict[str, str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aipm.inotify import DirWatch
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
-from aipm.plan import ranked
+from aipm.ranking import ranked
 from aipm.errors import ValidationError
 from aipm.store import ORDER_FILE, check_links, load_order, load_task, task_files
 

@@ -6,8 +6,9 @@ from aipm.model import Order, Priority, Status, Task
 from aipm.paths import normalize
 from aipm.plan import (
     FILE_BUSY, FILE_CHOSEN, LIMIT, NEVER, NOT_QUEUED, STALE, WAITING, WORKER_RUNNING, Busy, all_reasons,
-    any_clear, chain_lengths, plan, ranked,
+    any_clear, plan,
 )
+from aipm.ranking import chain_lengths, ranked
 
 
 def task(tid, status="QUEUED", pri="P1", deps=(), files=()):
