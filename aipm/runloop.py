@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from aipm import budget, durable, notify, preemption, runner, scope
+from aipm.finish import review_command
 from aipm.launcher import Launcher, LaunchReport
 from aipm.model import FINISHED_OK, Order, Status, status_summary
 from aipm.paths import normalize
@@ -110,9 +111,20 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
         return None
     for key in ended:  # what they left running is ended first, while they are still all we may own
         sup.end_strays(sup.owned[key])
-    report = launcher.launch(view, owner=sup, only=set(early), explain=False, recover=recover, ending=ended)
+    freed = [key for key in ended if not _reviewed_next(sup.owned[key], order, launcher)]
+    report = launcher.launch(view, owner=sup, only=set(early), explain=False, recover=recover, ending=freed)
     durable.flush()
     return report
+
+
+def _reviewed_next(rec: Record, order: Order, launcher: Launcher) -> bool:
+    """Whether the outcome of this ended attempt may start its reviewer, which takes the place again (so the
+    place is not free for an early start): a work phase that exited 0 with a review to run, or one we cannot tell."""
+    task = order.tasks.get(rec.task) if rec.order == order.id else None
+    if task is None:
+        return True
+    return (rec.phase == "work" and read_exit_file(rec.exit_file) == 0
+            and review_command(task, launcher.settings, launcher.options.no_review) is not None)
 
 
 FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now

@@ -199,3 +199,18 @@ def test_the_next_task_starts_before_the_ended_ones_outcome_is_written_unless_a_
         seen.index(("finished", "A")) < seen.index(("started", "B"))
     assert seen.index(("finished", "A")) < seen.index(("started", "C"))
     assert project.statuses() == {"A": "DONE", "B": "DONE", "C": "DONE"}
+
+
+def test_a_task_going_to_review_keeps_its_place_from_an_early_start(project):
+    """One slot. A exits 0 and its review starts: the reviewer takes A's place again, so the independent B may
+    not start early in it; B starts once A's reviewer has ended. Never two processes at once."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    write_task(order, "A", command="true", target_files=["a.txt"], priority="P0",
+               review=journal_command(journal, "sleep 0.3").replace("$AIPM_TASK_ID", "review-A"))
+    write_task(order, "B", command=journal_command(journal, "true"), target_files=["b.txt"], priority="P2")
+    proc = project.aipm("run", "ORD", "--max-workers", "1", "--no-resource-monitoring", "--json")
+    assert proc.returncode == 0, proc.stderr
+    review, work = [s for s in spans(journal) if s.task == "review-A"], [s for s in spans(journal) if s.task == "B"]
+    assert len(review) == 1 and len(work) == 1 and review[0].end <= work[0].start
+    assert project.statuses() == {"A": "COMPLETED", "B": "DONE"}
