@@ -1236,3 +1236,23 @@ def test_a_reset_under_a_reworked_task_keeps_its_rework_count(project, owner):
         wait_for(lambda: task_statuses(order).get("A") in FINAL and not worker_records(project.root), timeout=120)
     data = yaml.safe_load((order / "A.yaml").read_text())
     assert (data["status"], data["attempts"], data["reworks"]) == ("REJECTED", 2, 2), data
+
+
+# ---- reviews take places too --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [11, 12])
+def test_reviewers_count_against_the_worker_limit(project, seed):
+    """A random order whose every task has a review (journalled as `review-<task>`): at no moment may commands and
+    reviewers together exceed --max-workers, whatever starts early in a place a task left (its reviewer takes it)."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    random_order(order, journal, n=16, seed=seed, work="sleep 0.03")
+    review = journal_command(journal, "sleep 0.05").replace("$AIPM_TASK_ID", "review-$AIPM_TASK_ID")
+    for path in order.glob("*.yaml"):
+        path.write_text(path.read_text() + yaml.safe_dump({"review": review}))
+    proc = project.aipm(*run_args(2), timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    assert set(task_statuses(order).values()) == {"COMPLETED"}
+    assert len([s for s in spans(journal) if s.task.startswith("review-")]) == 16
+    assert check(journal, order, max_workers=2, root=project.root) == []
