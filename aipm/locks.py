@@ -19,14 +19,15 @@ from __future__ import annotations
 
 import errno
 import fcntl
-try:
-    from _sha1 import sha1  # hashlib's own SHA-1 without loading OpenSSL (~8 ms of every command's start)
-except ImportError:  # an interpreter built without it
-    from hashlib import sha1
 import os
 import stat
 from collections.abc import Iterable
 from pathlib import Path
+
+try:
+    from _sha1 import sha1  # hashlib's own SHA-1 without loading OpenSSL (~8 ms of every command's start)
+except ImportError:  # an interpreter built without it
+    from hashlib import sha1
 
 from aipm.errors import UserError
 from aipm.paths import Target, lock_prefix

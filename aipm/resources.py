@@ -31,6 +31,7 @@ def _ps():
         _PSUTIL.append(psutil)
     return _PSUTIL[0]
 
+
 DEFAULT_CGROUP_DIR = Path("/sys/fs/cgroup")
 
 # Test seam: when set, AIPM_FAKE_LOAD replaces every reading. It holds "cpu,mem" (e.g. "95,40") or the path of a

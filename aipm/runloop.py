@@ -101,29 +101,30 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     order = view.order
     if not any_clear((order.tasks[t] for t in ready), held):
         return None  # none ready (a chain), or every one waits for the files of the ended tasks
+    codes = {key: read_exit_file(sup.owned[key].exit_file) for key in ended}
     waiting = [d for key in ended if sup.owned[key].order == order.id
                for d in view.dependants.get(sup.owned[key].task, ()) if order.tasks[d].status == Status.QUEUED]
     waiting += [sup.owned[key].task for key in ended if sup.owned[key].order == order.id
-                and sup.owned[key].task in order.tasks and read_exit_file(sup.owned[key].exit_file) != 0]
+                and sup.owned[key].task in order.tasks and codes[key] != 0]
     limit = min((view.rank(t) for t in waiting), default=len(order.tasks))
     early = [t for t in ready if view.rank(t) < limit]
     if not early:
         return None
     for key in ended:  # what they left running is ended first, while they are still all we may own
         sup.end_strays(sup.owned[key])
-    freed = [key for key in ended if not _reviewed_next(sup.owned[key], order, launcher)]
+    freed = [key for key in ended if not _reviewed_next(sup.owned[key], codes[key], order, launcher)]
     report = launcher.launch(view, owner=sup, only=set(early), explain=False, recover=recover, ending=freed)
     durable.flush()
     return report
 
 
-def _reviewed_next(rec: Record, order: Order, launcher: Launcher) -> bool:
+def _reviewed_next(rec: Record, code: int | None, order: Order, launcher: Launcher) -> bool:
     """Whether the outcome of this ended attempt may start its reviewer, which takes the place again (so the
     place is not free for an early start): a work phase that exited 0 with a review to run, or one we cannot tell."""
     task = order.tasks.get(rec.task) if rec.order == order.id else None
     if task is None:
         return True
-    return (rec.phase == "work" and read_exit_file(rec.exit_file) == 0
+    return (rec.phase == "work" and code == 0
             and review_command(task, launcher.settings, launcher.options.no_review) is not None)
 
 

@@ -29,19 +29,21 @@ def test_plain_commands_run_straight_from_the_wrapper_and_shell_commands_keep_th
         "PLAIN": ("DONE", 0), "SHELL": ("FAILED", 3), "EXIT": ("FAILED", 4), "MISSING": ("FAILED", 127)}
 
 
-def test_the_start_time_given_at_spawn_is_the_one_proc_shows(tmp_path):
-    """runner.spawn hands `started` the worker's start time without reading /proc; it must equal what
-    process_ctime reads there, or a later owner would take the live worker for a reused pid."""
+def test_the_start_time_given_at_spawn_is_the_one_proc_shows(tmp_path, monkeypatch):
+    """runner.spawn hands `started` the worker's start time, mostly without reading /proc (a spawn within one
+    clock tick); it must equal what /proc shows, or a later owner would take the live worker for a reused pid."""
     import os
 
-    from aipm import runner
-    from aipm.runtime import process_ctime
+    from aipm import runner, runtime
 
+    read = runtime.process_ctime
+    fallbacks = []
+    monkeypatch.setattr(runtime, "process_ctime", lambda pid: fallbacks.append(pid) or read(pid))
     seen = []
     for n in range(200):
         pid = runner.spawn(["true"], exit_file=str(tmp_path / f"{n}.exit"), env=dict(os.environ), cwd=str(tmp_path),
                            log=str(tmp_path / "log"), started=lambda pid, ctime: seen.append((pid, ctime)))
-        assert seen[-1] == (pid, process_ctime(pid))  # unreaped, even if done: /proc still shows its start
+        assert seen[-1] == (pid, read(pid))  # unreaped, even if done: /proc still shows its start
         os.kill(pid, 9)
         runner.reap(pid)
-    assert len(seen) == 200
+    assert len(fallbacks) < 100  # a spawn straddles a 10 ms tick rarely (22 of 600 when measured)
