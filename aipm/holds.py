@@ -28,12 +28,21 @@ RACY_NS = 2_000_000_000
 
 def held_elsewhere(root: Path, order_dirs: list[Path], this_order: str, save: bool) -> list[Busy]:
     """Running tasks of every order directory in `order_dirs` except `this_order` (a path)."""
-    mine = os.path.realpath(this_order)
+    mine = _same(this_order)
     out: list[Busy] = []
     for order_dir in order_dirs:
-        if os.path.realpath(order_dir) != mine:
+        if mine is None or _same(order_dir) != mine:
             out += _held(Path(root), Path(order_dir), save)
     return out
+
+
+def _same(directory) -> tuple[int, int] | None:
+    """What tells one directory from another, whatever path (or link) names it: device and inode."""
+    try:
+        st = os.stat(directory)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _held(root: Path, order_dir: Path, save: bool) -> list[Busy]:

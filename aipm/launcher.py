@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext, suppress
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,6 +262,7 @@ class Launcher:
         if task.resources is not None:
             rec.cpus, rec.memory_mb = task.resources.cpus or 0.0, task.resources.memory_mb or 0
         wrote_status = False
+        spawning: Started | None = None
         try:
             # The kernel already holds a confined worker to exactly its targets: nothing to audit.
             exact = confined and confine.exact(task.target_files)
@@ -275,6 +276,8 @@ class Launcher:
                 os.unlink(rec.exit_file)
             except FileNotFoundError:
                 pass
+            if owner is not None:
+                spawning = owner.begin_worker(rec, task, fds)
             written = update_task(Path(task.path), {
                 "status": Status.IN_PROGRESS, "attempts": attempt, "started_at": rec.started_at,
                 "finished_at": None, "exit_code": None, **cleared_reason(task),
@@ -286,7 +289,7 @@ class Launcher:
                 self._spawn_detached(rec, fds)
                 rt.write_record(rec)  # the detached owner reads it once we release the launch lock
             else:
-                owner.spawn_worker(rec, task, fds)  # records the worker before its command may begin
+                spawning()  # records the worker before its command may begin
             return rec
         except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
             if wrote_status:
@@ -302,6 +305,8 @@ class Launcher:
             where = f"{task.path}: " if isinstance(exc, OSError) else ""
             raise LaunchFailed(f"{where}{exc}") from None
         finally:
+            if spawning is not None:
+                spawning.abandon()  # unless it went: a wrapper whose launch failed must not wait for a go
             for fd in fds:
                 os.close(fd)
 
@@ -338,17 +343,12 @@ class Launcher:
         argv += ["--confine"] * s.confine
         if self.options.model:
             argv += ["--model", self.options.model]
-        for fd in fds:
-            os.set_inheritable(fd, True)
-        try:
-            pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 1, rec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
-                (os.POSIX_SPAWN_DUP2, 1, 2),
-            ])
-        finally:
-            for fd in fds:
-                os.set_inheritable(fd, False)
+        pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+            (os.POSIX_SPAWN_OPEN, 1, rec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+            (os.POSIX_SPAWN_DUP2, 1, 2),
+            *runner.inherit(fds),
+        ])
         rec.owner_pid, rec.owner_ctime = pid, process_ctime(pid)
         self.detached.add(pid)
 
@@ -435,10 +435,25 @@ class LaunchBusy(LaunchFailed):
     """A target lock is held: the task waits, it did not fail."""
 
 
+class Started:
+    """A worker on its way up: calling it records the worker and lets its command go; abandon() ends it unrun."""
+
+    def __init__(self, finish: Callable[[], None], abandon: Callable[[], None]):
+        self._finish, self.abandon = finish, abandon
+
+    def __call__(self) -> None:
+        self._finish()
+
+
 class Owner:
     """Interface of whatever owns running tasks (supervisor, foreground exec, detached worker)."""
 
     def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
+        raise NotImplementedError
+
+    def begin_worker(self, rec: Record, task: Task, fds: list[int]) -> Started:
+        """Start the worker's process now, its command held back until the returned Started is called (after
+        the task's status is written), so the process starts while the status is written."""
         raise NotImplementedError
 
     def adopt(self, rec: Record) -> None:
@@ -447,7 +462,12 @@ class Owner:
 
 def append_log(log: str, line: str) -> None:
     try:
-        with open(log, "a", encoding="utf-8") as handle:
-            handle.write(f"[aipm {time.strftime('%H:%M:%S')}] {line}\n")
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
+    except OSError:
+        return
+    try:
+        os.write(fd, f"[aipm {time.strftime('%H:%M:%S')}] {line}\n".encode())
     except OSError:
         pass
+    finally:
+        os.close(fd)

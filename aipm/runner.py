@@ -20,7 +20,7 @@ import signal
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
-from aipm import durable
+from aipm import durable, posix_spawn
 from aipm.runtime import spawned_ctime
 
 SHELL = "/bin/sh"
@@ -51,6 +51,13 @@ def plain_words(command: str) -> list[str] | None:
         return None
     words = command.split()
     return words if words[0] not in _SHELL_WORDS else None
+
+
+def inherit(fds: Sequence[int]) -> list[tuple]:
+    """Spawn actions that hand `fds` to the child under the same numbers: a dup2 onto itself clears close-on-exec
+    in the child only (glibc ≥ 2.29), so they are never inheritable here, where another thread may be starting
+    another process (a `git status`) at that moment."""
+    return [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in fds]
 
 
 class SpawnError(Exception):
@@ -85,11 +92,31 @@ def spawn(
     an argv the wrapper puts in front of the command (confinement); a string command then runs as
     `prefix /bin/sh -c COMMAND`.
     """
+    return begin(command, exit_file=exit_file, env=env, cwd=cwd, log=log, stdin=stdin, pass_fds=pass_fds,
+                 started=started, prefix=prefix, background=False).finish()
+
+
+def begin(
+    command: str | Sequence[str],
+    *,
+    exit_file: str,
+    env: Mapping[str, str],
+    cwd: str,
+    log: str,
+    stdin: str | None = None,
+    pass_fds: Sequence[int] = (),
+    started: Callable[[int, float], None] = lambda pid, ctime: None,
+    prefix: Sequence[str] = (),
+    background: bool = True,
+) -> Spawning:
+    """spawn() in two steps: the wrapper starts now (in the helper thread when `background`) and waits for its
+    go; the returned Spawning's finish() records it and lets it go, or abandon() ends it unrun."""
     if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
         if missing:
             raise SpawnError(f"program {missing!r} not found on PATH")
-    go_read, go_write = os.pipe()
+    if not os.path.isdir(cwd):
+        raise SpawnError(f"working directory {cwd} does not exist")
     if prefix:  # the wrapper stays outside: it must write the exit file whatever the prefix forbids
         shell = [SHELL, "-c", command] if isinstance(command, str) else list(command)
         argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *prefix, *shell]
@@ -99,6 +126,7 @@ def spawn(
         argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *plain_words(command)]
     else:
         argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *command]
+    go_read, go_write = os.pipe()
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, stdin or os.devnull, os.O_RDONLY, 0),
         (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
@@ -107,39 +135,74 @@ def spawn(
     ]
     # A lock descriptor numbered 3 would be overwritten by the go pipe in the child: hand over a duplicate.
     moved = [os.dup(fd) for fd in pass_fds if fd == _GO_FD]
-    pass_fds = [fd for fd in pass_fds if fd != _GO_FD] + moved
-    try:
-        if not os.path.isdir(cwd):
-            raise SpawnError(f"working directory {cwd} does not exist")
-        for fd in pass_fds:
-            os.set_inheritable(fd, True)
+    actions += inherit([fd for fd in pass_fds if fd != _GO_FD] + moved)
+    env = dict(env, AIPM_ROOT=cwd)  # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself
+
+    def start() -> tuple[int, int, int]:
+        for again in (False, True):
+            # A worker may be deleting .aipm/ (git clean -fdx): make the log's directory (again) first.
+            os.makedirs(os.path.dirname(log), exist_ok=True)
+            try:
+                before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+                pid = posix_spawn.spawn(SHELL, argv, env, actions, setsid=True)
+                return pid, before, time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+            except FileNotFoundError:
+                if again:
+                    raise
+        raise AssertionError("unreachable")
+
+    def release() -> None:
+        for fd in (go_read, *moved):
+            os.close(fd)
+
+    pending = posix_spawn.in_background(start) if background else posix_spawn.Pending(start)
+    if not background:
+        pending.run()
+    return Spawning(pending, go_write, release, started)
+
+
+class Spawning:
+    """A wrapper on its way up, waiting for its go (see begin())."""
+
+    def __init__(self, pending: posix_spawn.Pending, go_write: int, release: Callable[[], None],
+                 started: Callable[[int, float], None]):
+        self._pending, self._go, self._release, self._started = pending, go_write, release, started
+        self.pid = 0
+
+    def _spawned(self) -> tuple[int, int, int]:
         try:
-            for again in (False, True):
-                # A worker may be deleting .aipm/ (git clean -fdx): make the log's directory (again) first.
-                os.makedirs(os.path.dirname(log), exist_ok=True)
-                try:
-                    # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself.
-                    before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-                    pid = os.posix_spawn(SHELL, argv, dict(env, AIPM_ROOT=cwd), file_actions=actions, setsid=True)
-                    after = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-                    break
-                except FileNotFoundError:
-                    if again:
-                        raise
+            return self._pending.result()
         except OSError as exc:
             raise SpawnError(f"cannot start worker: {exc.strerror}") from None
         finally:
-            for fd in pass_fds:
-                os.set_inheritable(fd, False)
-            for fd in (go_read, *moved):
-                os.close(fd)
-        started(pid, spawned_ctime(pid, before, after))
-    except BaseException:
-        os.close(go_write)  # EOF: the wrapper exits without running the command
-        raise
-    # The go waits until the status writes of this wake-up are durable (see durable.py); the record is already.
-    durable.once_durable(lambda ok: _go(go_write, ok))
-    return pid
+            self._release()
+            self._release = lambda: None
+
+    def finish(self) -> int:
+        """Record the worker (`started`) and let its command go once this round's writes are durable."""
+        try:
+            self.pid, before, after = self._spawned()
+            self._started(self.pid, spawned_ctime(self.pid, before, after))
+        except BaseException:
+            self.abandon()
+            raise
+        go, self._go = self._go, -1
+        # The go waits until the status writes of this wake-up are durable (see durable.py); the record is already.
+        durable.once_durable(lambda ok: _go(go, ok))
+        return self.pid
+
+    def abandon(self) -> None:
+        """The launch failed: the wrapper reads EOF instead of its go, runs nothing, and is reaped."""
+        if self._go < 0:
+            return
+        try:
+            self.pid = self.pid or self._spawned()[0]
+        except SpawnError:
+            pass
+        os.close(self._go)  # EOF: the wrapper exits without running the command
+        self._go = -1
+        if self.pid:
+            reap(self.pid)
 
 
 def _go(go_write: int, ok: bool) -> None:

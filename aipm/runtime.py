@@ -16,8 +16,9 @@ import fcntl
 import json
 import os
 import re
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -90,8 +91,31 @@ def live_pid(rec: Record) -> int:
     return rec.pid if rec.worker_alive() else rec.owner_pid
 
 
+class _Round(threading.local):
+    """What one launch-lock hold of this thread has learnt (None outside a hold): which processes it found
+    dead or alive, and the worker records as read (records change only under that lock). A process found dead
+    stays dead; one found alive may end meanwhile, and counting it until the next round is the safe side (a
+    slot taken, a file held): its end wakes the owner, whose next round looks again."""
+
+    alive: dict[tuple[int, float], bool] | None = None
+    records: dict[Path, dict[Path, Record]] | None = None  # state directory → record path → record
+
+
+_round = _Round()
+
+
 def process_alive(pid: int, ctime: float) -> bool:
     """A pid is our process only if it exists, is not a zombie, and started when we recorded (PID reuse)."""
+    seen = _round.alive
+    if seen is None:
+        return _process_alive(pid, ctime)
+    alive = seen.get((pid, ctime))
+    if alive is None:
+        alive = seen[(pid, ctime)] = _process_alive(pid, ctime)
+    return alive
+
+
+def _process_alive(pid: int, ctime: float) -> bool:
     if pid == os.getpid():  # ourselves (the owner of our records): reading /proc/self/stat can take ms
         return round(_own_ctime(), 2) == round(ctime, 2)
     stat = _proc_stat(pid)
@@ -149,8 +173,7 @@ def _proc_stat(pid: int) -> tuple[str, float] | None:
     if not _HAVE_PROC:
         return None
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            data = handle.read()
+        data = read_small(f"/proc/{pid}/stat")
     except FileNotFoundError:
         return ("X", 0.0)
     except OSError:
@@ -159,6 +182,28 @@ def _proc_stat(pid: int) -> tuple[str, float] | None:
     if not _BOOT:
         _BOOT.append(_boot_time())
     return fields[0].decode(), _BOOT[0] + int(fields[19]) / _TICKS
+
+
+def read_small(path: str) -> bytes:
+    """A small file's bytes through one descriptor (no buffered file object: the hot path reads many)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = chunk = os.read(fd, 65536)
+        while chunk:
+            chunk = os.read(fd, 65536)
+            data += chunk
+        return data
+    finally:
+        os.close(fd)
+
+
+def _write_file(path: str, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    finally:
+        os.close(fd)
 
 
 def _boot_time() -> float:
@@ -230,12 +275,12 @@ class Runtime:
 
     def _state_write(self, path: Path, text: str) -> None:
         """Atomic rename, no fsync: state files only matter while processes live."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp = f"{path.parent}/.{path.name}.{os.getpid()}.tmp"
         try:
             for again in (False, True):
                 try:
                     self._state_file(path)
-                    tmp.write_text(text)
+                    _write_file(tmp, text.encode())
                     break
                 except FileNotFoundError:
                     if again:
@@ -243,7 +288,8 @@ class Runtime:
                     self._made.clear()  # someone removed the state directory: make it again
             os.replace(tmp, path)
         except OSError:
-            tmp.unlink(missing_ok=True)  # a full disk must not leave a temp file behind
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)  # a full disk must not leave a temp file behind
             raise
 
     # -- the launch lock: serialises every status write and launch decision in the project ------------------
@@ -262,10 +308,12 @@ class Runtime:
         # The batch ends before the lock is released: the next holder finds this round's writes on disk.
         with _exclusive(self.state / "launch.lock"), durable.batch():
             self._lock_depth = 1
+            _round.alive, _round.records = {}, {}
             try:
                 yield
             finally:
                 self._lock_depth = 0
+                _round.alive = _round.records = None
 
     # -- worker records ---------------------------------------------------------------------------------
 
@@ -274,36 +322,58 @@ class Runtime:
 
     def write_record(self, record: Record) -> None:
         # flat fields: no need for asdict's deep copy
-        self._state_write(self.record_path(record.order, record.task), json.dumps(vars(record)))
+        path = self.record_path(record.order, record.task)
+        self._state_write(path, json.dumps(vars(record)))
+        known = self._known()
+        if known is not None:
+            known[path] = Record(**vars(record))  # a copy: the caller's may change before its next write
 
     def read_record(self, order: str, task: str) -> Record | None:
         return self._read(self.record_path(order, task))
 
     def remove_record(self, order: str, task: str) -> None:
+        path = self.record_path(order, task)
+        known = self._known()
+        if known is not None:
+            known.pop(path, None)
         try:
-            self.record_path(order, task).unlink()
+            path.unlink()
         except FileNotFoundError:
             pass
 
     def records(self) -> list[Record]:
-        """Every worker record in the project, live or not."""
-        base = self.state / "workers"
-        out = []
-        if not base.is_dir():
+        """Every worker record in the project, live or not (read once per launch-lock hold; copies)."""
+        found = self._known()
+        if found is None:
+            found = self._scan()
+            if self._lock_depth and _round.records is not None:
+                _round.records[self.state] = found
+        return [Record(**vars(rec)) for rec in found.values()]
+
+    def _known(self) -> dict[Path, Record] | None:
+        """This project's records as read in the current launch-lock hold (None: not read yet, or no hold)."""
+        return _round.records.get(self.state) if self._lock_depth and _round.records is not None else None
+
+    def _scan(self) -> dict[Path, Record]:
+        out: dict[Path, Record] = {}
+        try:
+            subs = list(os.scandir(self.state / "workers"))
+        except OSError:
             return out
-        for sub in os.scandir(base):
+        for sub in subs:
             if sub.is_dir():
                 for entry in os.scandir(sub.path):
                     if entry.name.endswith(".json") and not entry.name.startswith("."):
-                        record = self._read(Path(entry.path))
+                        path = Path(entry.path)
+                        record = self._read(path)
                         if record:
-                            out.append(record)
+                            out[path] = record
         return out
 
     @staticmethod
     def _read(path: Path) -> Record | None:
         try:
-            return Record(**json.loads(path.read_text()))
+            return Record(**json.loads(read_small(str(path))))
         except (OSError, ValueError, TypeError):
             return None
 
@@ -355,7 +425,7 @@ class Runtime:
 def read_exit_file(path: str) -> int | None:
     """The exit code a worker's wrapper recorded, or None when it never got that far."""
     try:
-        text = Path(path).read_text().strip()
+        text = read_small(path).decode("ascii", "replace").strip()
     except OSError:
         return None
     return int(text) if text.lstrip("-").isdigit() else None

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aipm import durable
+from aipm import durable, posix_spawn
 from aipm.paths import PathError, Target, normalize, overlaps
 from aipm.runtime import Record, Runtime
 
@@ -166,8 +166,9 @@ class _Pending:
 
 
 class _Git:
-    """`git status` for a snapshot, started with posix_spawn (a run starts one per wake-up: Popen's fork and
-    bookkeeping cost more than git's own start), its output read from a pipe."""
+    """`git status` for a snapshot, its output read from a pipe. Started with posix_spawn from the helper thread
+    (aipm.posix_spawn): a run starts one per wake-up, and the caller goes on (reaping, the launch lock) while the
+    process starts; Popen's fork and bookkeeping cost more than git's own start."""
 
     def __init__(self, argv: list[str], env: dict[str, str]):
         program = _GIT.get("git") or shutil.which("git", path=env.get("PATH"))
@@ -175,34 +176,43 @@ class _Git:
             raise FileNotFoundError("git")
         _GIT["git"] = program  # once per process: no search of PATH per snapshot
         self._out, write = os.pipe()
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, write, 1),
+                   (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]
+
+        def start() -> int:
+            try:
+                return posix_spawn.spawn(program, argv, env, actions)
+            finally:
+                os.close(write)  # git holds the only write end: its exit is our EOF (a failed start: at once)
+
+        self._started = posix_spawn.in_background(start)
+
+    @property
+    def pid(self) -> int | None:
         try:
-            self.pid = os.posix_spawn(program, argv, env, file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_DUP2, write, 1),
-                (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0),
-            ])
+            return self._started.result()
         except OSError:
-            os.close(self._out)
-            raise
-        finally:
-            os.close(write)
+            return None
 
     def communicate(self) -> tuple[bytes, int]:
-        """All of its output and its exit code (negative: killed by that signal)."""
+        """All of its output and its exit code (negative: killed by that signal; 127: it could not start)."""
         chunks = []
         try:
             while chunk := os.read(self._out, 1 << 16):
                 chunks.append(chunk)
         finally:
             os.close(self._out)
+        if self.pid is None:
+            return b"", 127
         _, status = os.waitpid(self.pid, 0)
         return b"".join(chunks), os.waitstatus_to_exitcode(status)
 
     def kill(self) -> None:
-        try:
-            os.kill(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.communicate()
 
 

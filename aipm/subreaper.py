@@ -26,7 +26,7 @@ from pathlib import Path
 from aipm import runner
 from aipm.locks import lock_holders, lock_nodes, node_path
 from aipm.paths import normalize
-from aipm.runtime import Record, Runtime
+from aipm.runtime import Record, Runtime, read_small
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -49,8 +49,7 @@ def children(pid: int) -> list[int]:
         return out
     for tid in tids:
         try:
-            with open(f"/proc/{pid}/task/{tid}/children") as handle:
-                out += [int(p) for p in handle.read().split()]
+            out += [int(p) for p in read_small(f"/proc/{pid}/task/{tid}/children").split()]
         except OSError:
             continue
     return out

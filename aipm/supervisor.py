@@ -18,7 +18,7 @@ from pathlib import Path
 
 from aipm import cluster, confine, runner, scope, subreaper, workspace
 from aipm.errors import UserError
-from aipm.launcher import Launcher, Owner, append_log
+from aipm.launcher import Launcher, Owner, Started, append_log
 from aipm.recording import Recording
 from aipm.model import RUNNING, Status, Task
 from aipm.runtime import Record, process_ctime, read_exit_file
@@ -58,6 +58,9 @@ class Supervisor(Recording, Owner):
     # -- Owner interface (called under the launch lock) -----------------------------------------------
 
     def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
+        self.begin_worker(rec, task, fds, background=False)()
+
+    def begin_worker(self, rec: Record, task: Task, fds: list[int], background: bool = True) -> Started:
         command, env, stdin = invocation(self.rt, self.settings, rec, task, self.launcher.options.model)
         command = workspace.with_setup(command, rec, task, self.settings)
         if self.settings.runner == "ray":
@@ -68,12 +71,17 @@ class Supervisor(Recording, Owner):
         rec.owner_pid, rec.owner_ctime = self.me
         jail = confine.prefix(str(self.rt.root), rec.targets, rec.log) if confine.wanted(task, self.settings) else ()
         cwd = workspace.directory(self.rt.root, rec)
-        pid = runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log,
-                           stdin=stdin, pass_fds=fds, started=lambda pid, ctime: self._record(rec, pid, ctime, timeout),
-                           prefix=jail)
-        self._own(rec, started=True)
-        self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
-                            "attempt": rec.serial})
+        spawning = runner.begin(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log, stdin=stdin,
+                                pass_fds=fds, started=lambda pid, ctime: self._record(rec, pid, ctime, timeout),
+                                prefix=jail, background=background)
+
+        def finish() -> None:
+            pid = spawning.finish()
+            self._own(rec, started=True)
+            self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
+                                "attempt": rec.serial})
+
+        return Started(finish, spawning.abandon)
 
     def _record(self, rec: Record, pid: int, ctime: float, timeout: int | None) -> None:
         """Write the worker's record; only then may its command begin."""

@@ -8,6 +8,7 @@ date as tasks change: the running tasks, and the ready ones (QUEUED with every d
 
 from __future__ import annotations
 
+import bisect
 import os
 from pathlib import Path
 
@@ -102,6 +103,7 @@ class OrderView:
         if self._ordering is None:
             self._ordering = [t.id for t in ranked(self.order)]
             self._rank = {tid: i for i, tid in enumerate(self._ordering)}
+            self._ready_ranked = None
         return self._ordering
 
     def rank(self, tid: str) -> int:
@@ -110,9 +112,12 @@ class OrderView:
         return self._rank[tid]
 
     def ready_ordering(self) -> list[str]:
-        """The ready tasks in launch order: all a quiet plan needs to look at."""
+        """The ready tasks in launch order: all a quiet plan needs to look at. Kept sorted as tasks become
+        ready or stop being so (a sort of every ready task per wake-up made a big order's run quadratic)."""
         self.ordering()
-        return sorted(self.ready, key=self._rank.__getitem__)
+        if self._ready_ranked is None:
+            self._ready_ranked = sorted(self.ready, key=self._rank.__getitem__)
+        return list(self._ready_ranked)
 
     # -- indexes ------------------------------------------------------------------------------------
 
@@ -125,6 +130,7 @@ class OrderView:
                     self.dependants[dep].append(task.id)
         self.running = {tid for tid, t in tasks.items() if t.status in RUNNING}
         self.ready = {tid for tid in tasks if self._is_ready(tid)}
+        self._ready_ranked: list[str] | None = None
 
     def _is_ready(self, tid: str) -> bool:
         tasks = self.order.tasks
@@ -138,7 +144,17 @@ class OrderView:
         self.order.tasks[task.id] = task
         (self.running.add if task.status in RUNNING else self.running.discard)(task.id)
         for tid in (task.id, *self.dependants.get(task.id, ())):
-            (self.ready.add if self._is_ready(tid) else self.ready.discard)(tid)
+            ready = self._is_ready(tid)
+            if ready == (tid in self.ready):
+                continue
+            (self.ready.add if ready else self.ready.discard)(tid)
+            ranked_ids = self._ready_ranked
+            if ranked_ids is not None:
+                at = bisect.bisect_left(ranked_ids, self._rank[tid], key=self._rank.__getitem__)
+                if ready:
+                    ranked_ids.insert(at, tid)
+                else:
+                    del ranked_ids[at]
 
 
 def _stat(path: str) -> tuple[int, int, int] | None:

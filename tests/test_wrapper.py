@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import sys
 
+import pytest
 import yaml
 
-from conftest import write_task
+from conftest import wait_for, write_task
 
 # Who started me: the wrapper (the session leader, pid = pgid) or a subshell of it.
 PARENT = "import os, sys; open(sys.argv[1], 'w').write(str(os.getppid() == os.getpgid(0)))\n"
@@ -47,3 +48,85 @@ def test_the_start_time_given_at_spawn_is_the_one_proc_shows(tmp_path, monkeypat
         os.kill(pid, 9)
         runner.reap(pid)
     assert len(fallbacks) < 100  # a spawn straddles a 10 ms tick rarely (22 of 600 when measured)
+
+
+def test_posix_spawn_through_libc_applies_the_file_actions_and_the_new_session(tmp_path):
+    """aipm.posix_spawn (ctypes, off the GIL) behaves as os.posix_spawn for what the wrapper uses."""
+    import os
+
+    from aipm import posix_spawn
+
+    log = tmp_path / "log"
+    actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+               (os.POSIX_SPAWN_OPEN, 1, str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+               (os.POSIX_SPAWN_DUP2, 1, 2)]
+    pid = posix_spawn.spawn("/bin/sh", ["sh", "-c", 'echo "$GREETING"; echo oops >&2; exec sleep 30'],
+                            {"GREETING": "hello", "PATH": os.defpath}, actions, setsid=True)
+    try:
+        assert os.getsid(pid) == pid and os.getpgid(pid) == pid  # its own session and process group
+        wait_for(lambda: log.read_text() == "hello\noops\n")
+    finally:
+        os.kill(pid, 9)
+        os.waitpid(pid, 0)
+    missing = [(os.POSIX_SPAWN_OPEN, 1, str(tmp_path / "gone" / "log"), os.O_WRONLY | os.O_CREAT, 0o644)]
+    with pytest.raises(FileNotFoundError):
+        posix_spawn.spawn("/bin/true", ["true"], {}, missing)
+    with pytest.raises(FileNotFoundError):
+        posix_spawn.spawn(str(tmp_path / "no-such-program"), ["x"], {}, [])
+
+
+def test_a_wrapper_started_ahead_runs_nothing_when_its_launch_is_abandoned(tmp_path):
+    """runner.begin starts the wrapper before the task's status is written; a launch that fails after that
+    ends it without its command ever running, and reaps it."""
+    import os
+
+    from aipm import runner
+
+    marker = tmp_path / "ran"
+    spawning = runner.begin(["touch", str(marker)], exit_file=str(tmp_path / "exit"), env=dict(os.environ),
+                            cwd=str(tmp_path), log=str(tmp_path / "log"))
+    spawning.abandon()
+    assert spawning.pid and not marker.exists() and not (tmp_path / "exit").exists()
+    with pytest.raises(ChildProcessError):  # reaped: nothing of it is left
+        os.waitpid(spawning.pid, os.WNOHANG)
+
+
+def test_a_failed_status_write_ends_the_wrapper_started_for_it_and_requeues(project, monkeypatch):
+    """The launch starts the worker's wrapper while it writes IN_PROGRESS; when that write fails, the task is
+    QUEUED, the wrapper is gone, and the command never ran."""
+    import os
+
+    from aipm import launcher as launcher_module
+    from aipm import posix_spawn, subreaper
+    from aipm.launcher import Launcher
+    from aipm.project import Project
+    from aipm.settings import load_settings
+    from aipm.supervisor import Supervisor
+    from aipm.view import OrderView
+    from aipm.writer import StaleWrite
+
+    order = project.order()
+    marker = project.root / "ran"
+    write_task(order, "A", command=f"touch {marker}", target_files=["a.txt"])
+    real = launcher_module.update_task
+
+    def failing(path, updates, expect=None, root=None):
+        if isinstance(updates, dict) and updates.get("status") == "IN_PROGRESS":
+            posix_spawn.in_background(lambda: None).result()  # the wrapper is up (it waits for its go)
+            raise StaleWrite("A changed meanwhile")
+        return real(path, updates, expect=expect, root=root)
+
+    monkeypatch.setattr(launcher_module, "update_task", failing)
+    settings = load_settings(project.root, {"enable_monitoring": False})
+    launcher = Launcher(Project(project.root, settings.orders_dir), settings)
+    sup = Supervisor(launcher)
+    before = set(subreaper.children(os.getpid()))
+    try:
+        report = launcher.launch(OrderView(order, project.root, watch=False), owner=sup)
+        assert [f["id"] for f in report.failed] == ["A"] and not report.launched
+        posix_spawn.in_background(lambda: None).result()  # whatever the helper thread was starting has started
+        assert set(subreaper.children(os.getpid())) - before == set()  # the wrapper was ended and reaped
+        assert yaml.safe_load((order / "A.yaml").read_text()).get("status", "QUEUED") == "QUEUED"
+        assert not marker.exists()
+    finally:
+        sup.close()

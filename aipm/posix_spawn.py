@@ -1,0 +1,123 @@
+"""posix_spawn(3) without holding the GIL, and a helper thread to run it in.
+
+Starting a process costs the parent about half a millisecond here, nearly all of it waiting for the vfork'd child
+to reach exec. `os.posix_spawn` waits with the GIL held, so nothing else in the process moves meanwhile; the same
+call through ctypes releases it. A launch therefore starts a worker's wrapper in the helper thread (it waits for
+its go, so starting it early runs nothing) while the main thread writes the task's status, and joins before the
+go: the two waits overlap instead of adding up. Where libc has no posix_spawn, os.posix_spawn does the work.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import queue
+import threading
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+_SETSID = 0x80  # POSIX_SPAWN_SETSID in glibc and musl
+_STATE_BYTES = 1024  # room for posix_spawn_file_actions_t / posix_spawnattr_t (80 and 336 bytes on x86-64 glibc)
+
+
+def _load() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        spawn = libc.posix_spawn
+    except (OSError, AttributeError):
+        return None
+    c_p, c_int = ctypes.c_void_p, ctypes.c_int
+    spawn.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_char_p, c_p, c_p, c_p, c_p]
+    libc.posix_spawn_file_actions_addopen.argtypes = [c_p, c_int, ctypes.c_char_p, c_int, ctypes.c_uint]
+    libc.posix_spawn_file_actions_adddup2.argtypes = [c_p, c_int, c_int]
+    libc.posix_spawnattr_setflags.argtypes = [c_p, ctypes.c_short]
+    for name in ("posix_spawn_file_actions_init", "posix_spawn_file_actions_destroy", "posix_spawnattr_init",
+                 "posix_spawnattr_destroy"):
+        getattr(libc, name).argtypes = [c_p]
+    return libc
+
+
+_libc = _load()
+
+
+def spawn(path: str, argv: Sequence[str], env: Mapping[str, str], file_actions: Sequence[tuple],
+          setsid: bool = False) -> int:
+    """os.posix_spawn(path, argv, env, file_actions=..., setsid=...) that lets other threads run while it waits.
+    Takes the POSIX_SPAWN_OPEN and POSIX_SPAWN_DUP2 actions of os.posix_spawn; raises OSError as it does."""
+    if _libc is None:
+        return os.posix_spawn(path, argv, env, file_actions=file_actions, setsid=setsid)
+    fsenc = os.fsencode
+    args = (ctypes.c_char_p * (len(argv) + 1))(*map(fsenc, argv), None)
+    envp = (ctypes.c_char_p * (len(env) + 1))(*(fsenc(k) + b"=" + fsenc(v) for k, v in env.items()), None)
+    actions, attr = ctypes.create_string_buffer(_STATE_BYTES), ctypes.create_string_buffer(_STATE_BYTES)
+    keep = []  # the paths of open actions: libc keeps pointers to them until the spawn
+    _check(_libc.posix_spawn_file_actions_init(actions))
+    try:
+        _check(_libc.posix_spawnattr_init(attr))
+        try:
+            for action in file_actions:
+                if action[0] == os.POSIX_SPAWN_OPEN:
+                    _, fd, name, flags, mode = action
+                    keep.append(fsenc(name))
+                    _check(_libc.posix_spawn_file_actions_addopen(actions, fd, keep[-1], flags, mode))
+                elif action[0] == os.POSIX_SPAWN_DUP2:
+                    _check(_libc.posix_spawn_file_actions_adddup2(actions, action[1], action[2]))
+                else:
+                    raise ValueError(f"unsupported spawn action {action!r}")
+            if setsid:
+                _check(_libc.posix_spawnattr_setflags(attr, _SETSID))
+            pid = ctypes.c_int()
+            _check(_libc.posix_spawn(ctypes.byref(pid), fsenc(path), actions, attr, args, envp))
+            return pid.value
+        finally:
+            _libc.posix_spawnattr_destroy(attr)
+    finally:
+        _libc.posix_spawn_file_actions_destroy(actions)
+
+
+def _check(err: int) -> None:
+    if err:
+        raise OSError(err, os.strerror(err))
+
+
+class Pending:
+    """A call running in the helper thread; result() waits for it and returns its value or raises its error."""
+
+    def __init__(self, call: Callable[[], Any]):
+        self._call = call
+        self._done = threading.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self._value = self._call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self._error = exc
+        finally:
+            self._done.set()
+
+    def result(self) -> Any:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+_jobs: queue.SimpleQueue[Pending] = queue.SimpleQueue()
+_thread: list[threading.Thread] = []
+
+
+def in_background(call: Callable[[], Any]) -> Pending:
+    """Run `call` in the helper thread (started on first use; a daemon, idle between calls)."""
+    if not _thread or not _thread[0].is_alive():
+        _thread[:] = [threading.Thread(target=_serve, name="aipm-spawn", daemon=True)]
+        _thread[0].start()
+    job = Pending(call)
+    _jobs.put(job)
+    return job
+
+
+def _serve() -> None:
+    while True:
+        _jobs.get().run()

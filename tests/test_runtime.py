@@ -1,0 +1,53 @@
+"""The runtime's per-round memory: worker records read once per launch-lock hold, liveness looked up once."""
+
+import subprocess
+
+from aipm import runtime
+from aipm.runtime import Record, Runtime
+
+
+def _record(root, task: str, pid: int = 0, ctime: float = 0.0) -> Record:
+    return Record(order="O", order_dir=str(root), task=task, task_file=str(root / f"{task}.yaml"), attempt=1,
+                  targets=["a.txt"], log=str(root / f"{task}.log"), exit_file=str(root / f"{task}.exit"),
+                  started_at="now", pid=pid, ctime=ctime)
+
+
+def test_records_read_in_a_round_follow_the_rounds_own_writes_and_hand_out_copies(tmp_path):
+    rt = Runtime(tmp_path)
+    rt.write_record(_record(tmp_path, "A"))
+    with rt.launch_lock():
+        first = rt.records()
+        assert [r.task for r in first] == ["A"]
+        first[0].task = "changed by the caller"
+        rt.write_record(_record(tmp_path, "B"))
+        rt.remove_record("O", "A")
+        assert sorted(r.task for r in rt.records()) == ["B"]
+        # Another process's write outside the lock (none may happen under it) is not seen until the next round.
+        (rt.record_path("O", "C")).write_text((rt.record_path("O", "B")).read_text().replace('"B"', '"C"'))
+        assert sorted(r.task for r in rt.records()) == ["B"]
+    assert sorted(r.task for r in rt.records()) == ["B", "C"]  # outside a round: read from disk every time
+    with rt.launch_lock():
+        assert sorted(r.task for r in rt.records()) == ["B", "C"]
+
+
+def test_a_process_found_dead_in_a_round_is_not_looked_up_again_and_the_next_round_looks_afresh(tmp_path,
+                                                                                              monkeypatch):
+    rt = Runtime(tmp_path)
+    proc = subprocess.Popen(["sleep", "30"])
+    ctime = runtime.process_ctime(proc.pid)
+    lookups = []
+    real = runtime._process_alive
+    monkeypatch.setattr(runtime, "_process_alive", lambda pid, c: lookups.append(pid) or real(pid, c))
+    try:
+        with rt.launch_lock():
+            assert runtime.process_alive(proc.pid, ctime) and runtime.process_alive(proc.pid, ctime)
+            assert lookups == [proc.pid]
+        proc.kill()
+        proc.wait()
+        with rt.launch_lock():
+            assert not runtime.process_alive(proc.pid, ctime) and not runtime.process_alive(proc.pid, ctime)
+        assert lookups == [proc.pid, proc.pid]
+        assert not runtime.process_alive(proc.pid, ctime) and lookups == [proc.pid] * 3  # no round: no memory
+    finally:
+        if proc.poll() is None:
+            proc.kill()
