@@ -89,13 +89,14 @@ class Pending:
         self._value: Any = None
         self._error: BaseException | None = None
 
-    def run(self) -> None:
+    def run(self) -> Pending:
         try:
             self._value = self._call()
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             self._error = exc
         finally:
             self._done.set()
+        return self
 
     def result(self) -> Any:
         self._done.wait()

@@ -138,26 +138,23 @@ def begin(
     actions += inherit([fd for fd in pass_fds if fd != _GO_FD] + moved)
     env = dict(env, AIPM_ROOT=cwd)  # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself
 
+    def attempt() -> tuple[int, int, int]:
+        os.makedirs(os.path.dirname(log), exist_ok=True)
+        before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        pid = posix_spawn.spawn(SHELL, argv, env, actions, setsid=True)
+        return pid, before, time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+
     def start() -> tuple[int, int, int]:
-        for again in (False, True):
-            # A worker may be deleting .aipm/ (git clean -fdx): make the log's directory (again) first.
-            os.makedirs(os.path.dirname(log), exist_ok=True)
-            try:
-                before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-                pid = posix_spawn.spawn(SHELL, argv, env, actions, setsid=True)
-                return pid, before, time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-            except FileNotFoundError:
-                if again:
-                    raise
-        raise AssertionError("unreachable")
+        try:
+            return attempt()
+        except FileNotFoundError:  # a worker deleted .aipm/ (git clean -fdx) meanwhile: make the log's directory again
+            return attempt()
 
     def release() -> None:
         for fd in (go_read, *moved):
             os.close(fd)
 
-    pending = posix_spawn.in_background(start) if background else posix_spawn.Pending(start)
-    if not background:
-        pending.run()
+    pending = posix_spawn.in_background(start) if background else posix_spawn.Pending(start).run()
     return Spawning(pending, go_write, release, started)
 
 
