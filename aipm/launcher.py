@@ -164,6 +164,10 @@ class Launcher:
         """One plan and its starts, into `report`. Returns True when a start found a target lock taken while the
         plan had not looked at locks held outside aipm (so the caller plans again, carefully)."""
         records = report.records = self.records()
+        report.order = order
+        if not explain and sum(rec.key not in ending and rec.alive() for rec in records) >= self.settings.max_workers:
+            report.plan, report.deferred = Plan(), []
+            return False  # every slot is taken: nothing can start, and a plan would only say so
         busy, live, live_count = self.holders(order, records, ending)
         free = max(0, self.settings.max_workers - live_count)
         spend = order_budget(order, self.settings.max_cost_usd)
@@ -173,7 +177,6 @@ class Launcher:
         else:  # the hot path: only ready tasks, indexed by the view
             result = plan(order, busy, live, free, view.ready_ordering(), explain=False, running=view.running,
                           budget=spend, outside=outside)
-        report.order = order
         report.plan = result
         report.deferred = []
         tried = {item["id"] for item in report.failed}
