@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import suppress
 
-from aipm.runtime import Runtime
+from aipm.runtime import Runtime, process_ctime
 from aipm.settings import Settings
 
 FAILED, REJECTED, BUDGET, ORDER_FINISHED = "failed", "rejected", "budget", "order_finished"
@@ -20,7 +21,10 @@ LOG_LIMIT = 1 << 20
 # $1 is the log; the rest is the command, started in the background so this shell exits at once.
 _TASK_VARS = frozenset({"AIPM_ORDER_ID", "AIPM_TASK_ID", "AIPM_ATTEMPT", "AIPM_LOG", "AIPM_TARGET_FILES",
                         "AIPM_MODEL", "AIPM_REVIEW_FEEDBACK"})
-_DETACH = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 &'
+_DETACH = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 & echo $!'
+# The commands this process started, as (pid, start time): re-parented to an owner (a child subreaper), they are
+# its to let finish, never an attempt's leftovers (subreaper.strays), even before their environment can be read.
+STARTED: set[tuple[int, float]] = set()
 
 
 def send(settings: Settings, runtime: Runtime, event: str, status: str, detail: str, **env: str) -> None:
@@ -38,9 +42,18 @@ def send(settings: Settings, runtime: Runtime, event: str, status: str, detail: 
         # Our own caller may be a worker: its task's variables must not leak into an order's event.
         environ = {k: v for k, v in os.environ.items() if k not in _TASK_VARS}
         environ.update(AIPM_NOTIFY="1", AIPM_ROOT=str(runtime.root), AIPM_EVENT=event, AIPM_STATUS=status, AIPM_DETAIL=detail, **env)
-        pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _DETACH, "aipm-notify", str(log), *command], environ,
-                             setsid=True)
-        os.waitpid(pid, 0)  # the shell only forks the command and exits
+        read, write = os.pipe()
+        try:
+            pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _DETACH, "aipm-notify", str(log), *command], environ,
+                                 setsid=True, file_actions=[(os.POSIX_SPAWN_DUP2, write, 1)])
+        finally:
+            os.close(write)
+        with os.fdopen(read, "rb") as said:
+            started = said.read().strip()  # the command's pid, from the shell that forks it and exits
+        os.waitpid(pid, 0)
+        if started.isdigit():
+            with suppress(OSError):
+                STARTED.add((int(started), process_ctime(int(started))))
     except OSError as exc:
         try:
             with open(runtime.notify_log(), "a", encoding="utf-8") as handle:

@@ -23,10 +23,10 @@ import signal
 from collections.abc import Iterable
 from pathlib import Path
 
-from aipm import runner
+from aipm import notify, runner
 from aipm.locks import lock_holders, lock_nodes, node_path
 from aipm.paths import normalize
-from aipm.runtime import Record, Runtime, read_small
+from aipm.runtime import Record, Runtime, process_ctime, read_small
 
 PR_SET_CHILD_SUBREAPER = 36
 
@@ -62,7 +62,7 @@ def strays(me: int, known: Iterable[int]) -> list[int]:
     todo = [pid for pid in children(me) if pid not in known]
     while todo:
         pid = todo.pop(0)
-        if marked(NOTIFIER, [pid]):
+        if _notifier(pid):
             continue  # a notify command (aipm.notify) is ours to let finish, not an attempt's leftover
         out.append(pid)
         todo += children(pid)
@@ -71,6 +71,17 @@ def strays(me: int, known: Iterable[int]) -> list[int]:
 
 # The environment entry of a notify command and what it starts: detached on purpose, and re-parented to us.
 NOTIFIER = frozenset({b"AIPM_NOTIFY=1"})
+
+
+def _notifier(pid: int) -> bool:
+    """A notify command this process started (its environment is unreadable while it execs), or one marked so."""
+    if notify.STARTED:
+        try:
+            if (pid, process_ctime(pid)) in notify.STARTED:
+                return True
+        except (OSError, ValueError):
+            pass
+    return bool(marked(NOTIFIER, [pid]))
 
 
 def marker(root: str, order: str, task: str, attempt: int) -> frozenset[bytes]:

@@ -352,6 +352,19 @@ def test_notify_runs_on_failure_and_at_the_end_of_the_order(project):
     assert "failed FAILED: ORD/BAD is FAILED" in (project.root / ".aipm" / "notify.log").read_text()
 
 
+def test_a_notify_command_is_never_taken_for_an_attempts_leftover(project):
+    """When an attempt ends, its owner ends the processes it left behind, recognising notify commands by their
+    environment; one that cleared it (`env -i`) must still be spared: the owner knows the pids it started."""
+    notes = project.root / "notes.txt"
+    (project.root / "aipm.yaml").write_text(
+        f'max_workers: 1\nnotify: ["env", "-i", "/bin/sh", "-c", "sleep 1; echo late >> {notes}"]\n')
+    order = project.order()
+    write_task(order, "BAD", command="exit 3", priority="P0")  # fails first: a notify command starts
+    write_task(order, "GOOD", command="sleep 0.5", priority="P1")  # ends while that command still sleeps
+    assert project.aipm("run", "ORD").returncode == 1
+    wait_for(lambda: notes.exists() and notes.read_text() == "late\nlate\n")  # the failure's and the order's end
+
+
 def test_a_notify_command_that_cannot_run_changes_nothing(project):
     (project.root / "aipm.yaml").write_text('notify: ["/nonexistent/bell", "ring"]\n')
     write_task(project.order(), "A", command="exit 3")
