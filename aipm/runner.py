@@ -73,27 +73,9 @@ def missing_program(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> st
     return None if shutil.which(program, path=env.get("PATH", os.defpath)) else program
 
 
-def spawn(
-    command: str | Sequence[str],
-    *,
-    exit_file: str,
-    env: Mapping[str, str],
-    cwd: str,
-    log: str,
-    stdin: str | None = None,
-    pass_fds: Sequence[int] = (),
-    started: Callable[[int, float], None] = lambda pid, ctime: None,
-    prefix: Sequence[str] = (),
-) -> int:
-    """Start `command` in its own session; its stdout and stderr append to `log`. Returns the pid (= pgid).
-
-    `started(pid, ctime)` runs before the command may begin (record the worker there; ctime as
-    runtime.process_ctime gives it); if it raises, the command never runs and the error propagates. `prefix` is
-    an argv the wrapper puts in front of the command (confinement); a string command then runs as
-    `prefix /bin/sh -c COMMAND`.
-    """
-    return begin(command, exit_file=exit_file, env=env, cwd=cwd, log=log, stdin=stdin, pass_fds=pass_fds,
-                 started=started, prefix=prefix, background=False).finish()
+def spawn(command: str | Sequence[str], **options) -> int:
+    """Start `command` now, in the calling thread (begin()'s options); returns the pid (= pgid)."""
+    return begin(command, background=False, **options).finish()
 
 
 def begin(
@@ -109,8 +91,13 @@ def begin(
     prefix: Sequence[str] = (),
     background: bool = True,
 ) -> Spawning:
-    """spawn() in two steps: the wrapper starts now (in the helper thread when `background`) and waits for its
-    go; the returned Spawning's finish() records it and lets it go, or abandon() ends it unrun."""
+    """Start `command` in its own session; its stdout and stderr append to `log`.
+
+    The wrapper starts now (in the helper thread when `background`) and waits for its go: the returned Spawning's
+    finish() calls `started(pid, ctime)` (record the worker there; ctime as runtime.process_ctime gives it) and
+    lets the command go once this round's writes are durable; if `started` raises, or abandon() is called instead,
+    the command never runs. `prefix` is an argv the wrapper puts in front of the command (confinement); a string
+    command then runs as `prefix /bin/sh -c COMMAND`."""
     if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
         if missing:
