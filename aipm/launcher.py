@@ -335,8 +335,9 @@ class Launcher:
         """Start `python -m aipm.work` as the task's owner: it runs (or adopts) the worker, finishes the task
         and starts successors. It inherits the target locks and this invocation's effective settings."""
         s = self.settings
+        handover, given = runner.inherit(fds)
         argv = [sys.executable, "-m", "aipm.work", str(self.project.root), rec.order_dir, rec.task,
-                "--order-id", rec.order, "--lock-fds", ",".join(map(str, fds)), "--max-workers", str(s.max_workers),
+                "--order-id", rec.order, "--lock-fds", ",".join(map(str, given)), "--max-workers", str(s.max_workers),
                 "--max-cpu", str(s.max_cpu_percent), "--max-memory", str(s.max_memory_percent),
                 "--workspace", s.workspace]
         argv += ["--adopt"] * adopt + ["--no-review"] * self.options.no_review
@@ -350,7 +351,7 @@ class Launcher:
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
             (os.POSIX_SPAWN_OPEN, 1, rec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
             (os.POSIX_SPAWN_DUP2, 1, 2),
-            *runner.inherit(fds),
+            *handover,
         ])
         rec.owner_pid, rec.owner_ctime = pid, process_ctime(pid)
         self.detached.add(pid)

@@ -43,12 +43,12 @@ def send(settings: Settings, runtime: Runtime, event: str, status: str, detail: 
         environ = {k: v for k, v in os.environ.items() if k not in _TASK_VARS}
         environ.update(AIPM_NOTIFY="1", AIPM_ROOT=str(runtime.root), AIPM_EVENT=event, AIPM_STATUS=status, AIPM_DETAIL=detail, **env)
         read, write = os.pipe()
-        try:
-            pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _DETACH, "aipm-notify", str(log), *command], environ,
-                                 setsid=True, file_actions=[(os.POSIX_SPAWN_DUP2, write, 1)])
-        finally:
-            os.close(write)
         with os.fdopen(read, "rb") as said:
+            try:
+                pid = os.posix_spawn("/bin/sh", ["/bin/sh", "-c", _DETACH, "aipm-notify", str(log), *command],
+                                     environ, setsid=True, file_actions=[(os.POSIX_SPAWN_DUP2, write, 1)])
+            finally:
+                os.close(write)
             started = said.read().strip()  # the command's pid, from the shell that forks it and exits
         os.waitpid(pid, 0)
         if started.isdigit():

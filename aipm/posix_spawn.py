@@ -12,15 +12,22 @@ from __future__ import annotations
 import ctypes
 import os
 import queue
+import signal
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-_SETSID = 0x80  # POSIX_SPAWN_SETSID in glibc and musl
+# posix_spawnattr flags, as glibc and musl number them (other systems differ: Linux only, see _load)
+_SETSIGDEF, _SETSIGMASK, _SETSID = 0x04, 0x08, 0x80
 _STATE_BYTES = 1024  # room for posix_spawn_file_actions_t / posix_spawnattr_t (80 and 336 bytes on x86-64 glibc)
+# Python ignores these; a child gets them back at their default, as subprocess gives them (`yes | head` ends quietly).
+_RESTORED = (signal.SIGPIPE, signal.SIGXFSZ)
 
 
 def _load() -> Any:
+    if sys.platform != "linux":
+        return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         spawn = libc.posix_spawn
@@ -31,9 +38,12 @@ def _load() -> Any:
     libc.posix_spawn_file_actions_addopen.argtypes = [c_p, c_int, ctypes.c_char_p, c_int, ctypes.c_uint]
     libc.posix_spawn_file_actions_adddup2.argtypes = [c_p, c_int, c_int]
     libc.posix_spawnattr_setflags.argtypes = [c_p, ctypes.c_short]
+    libc.sigaddset.argtypes = [c_p, c_int]
     for name in ("posix_spawn_file_actions_init", "posix_spawn_file_actions_destroy", "posix_spawnattr_init",
-                 "posix_spawnattr_destroy"):
+                 "posix_spawnattr_destroy", "sigemptyset"):
         getattr(libc, name).argtypes = [c_p]
+    for name in ("posix_spawnattr_setsigmask", "posix_spawnattr_setsigdefault"):
+        getattr(libc, name).argtypes = [c_p, c_p]
     return libc
 
 
@@ -43,9 +53,11 @@ _libc = _load()
 def spawn(path: str, argv: Sequence[str], env: Mapping[str, str], file_actions: Sequence[tuple],
           setsid: bool = False) -> int:
     """os.posix_spawn(path, argv, env, file_actions=..., setsid=...) that lets other threads run while it waits.
-    Takes the POSIX_SPAWN_OPEN and POSIX_SPAWN_DUP2 actions of os.posix_spawn; raises OSError as it does."""
+    Takes the POSIX_SPAWN_OPEN and POSIX_SPAWN_DUP2 actions of os.posix_spawn; raises OSError as it does. The
+    child starts with no signal blocked (whatever the calling thread blocks) and SIGPIPE and SIGXFSZ at default."""
     if _libc is None:
-        return os.posix_spawn(path, argv, env, file_actions=file_actions, setsid=setsid)
+        return os.posix_spawn(path, argv, env, file_actions=file_actions, setsid=setsid, setsigmask=(),
+                              setsigdef=_RESTORED)
     fsenc = os.fsencode
     args = (ctypes.c_char_p * (len(argv) + 1))(*map(fsenc, argv), None)
     envp = (ctypes.c_char_p * (len(env) + 1))(*(fsenc(k) + b"=" + fsenc(v) for k, v in env.items()), None)
@@ -64,8 +76,14 @@ def spawn(path: str, argv: Sequence[str], env: Mapping[str, str], file_actions: 
                     _check(_libc.posix_spawn_file_actions_adddup2(actions, action[1], action[2]))
                 else:
                     raise ValueError(f"unsupported spawn action {action!r}")
-            if setsid:
-                _check(_libc.posix_spawnattr_setflags(attr, _SETSID))
+            none, restored = ctypes.create_string_buffer(_STATE_BYTES), ctypes.create_string_buffer(_STATE_BYTES)
+            _check(_libc.sigemptyset(none) and ctypes.get_errno())
+            _check(_libc.sigemptyset(restored) and ctypes.get_errno())
+            for signum in _RESTORED:
+                _check(_libc.sigaddset(restored, signum) and ctypes.get_errno())
+            _check(_libc.posix_spawnattr_setsigmask(attr, none))
+            _check(_libc.posix_spawnattr_setsigdefault(attr, restored))
+            _check(_libc.posix_spawnattr_setflags(attr, _SETSIGMASK | _SETSIGDEF | (_SETSID if setsid else 0)))
             pid = ctypes.c_int()
             _check(_libc.posix_spawn(ctypes.byref(pid), fsenc(path), actions, attr, args, envp))
             return pid.value

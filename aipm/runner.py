@@ -53,11 +53,13 @@ def plain_words(command: str) -> list[str] | None:
     return words if words[0] not in _SHELL_WORDS else None
 
 
-def inherit(fds: Sequence[int]) -> list[tuple]:
-    """Spawn actions that hand `fds` to the child under the same numbers: a dup2 onto itself clears close-on-exec
-    in the child only (glibc ≥ 2.29), so they are never inheritable here, where another thread may be starting
-    another process (a `git status`) at that moment."""
-    return [(os.POSIX_SPAWN_DUP2, fd, fd) for fd in fds]
+def inherit(fds: Sequence[int], above: int = _GO_FD) -> tuple[list[tuple], list[int]]:
+    """Spawn actions that hand `fds` to the child, and the numbers they get there: each is dup2'd onto a number of
+    its own above every descriptor in play (a dup2 onto another number never keeps close-on-exec, with any libc),
+    so they are never inheritable here, where another thread may be starting another process at that moment."""
+    base = max([above, *fds]) + 1
+    given = list(range(base, base + len(fds)))
+    return [(os.POSIX_SPAWN_DUP2, fd, to) for fd, to in zip(fds, given)], given
 
 
 class SpawnError(Exception):
@@ -120,9 +122,7 @@ def begin(
         (os.POSIX_SPAWN_DUP2, 1, 2),
         (os.POSIX_SPAWN_DUP2, go_read, _GO_FD),
     ]
-    # A lock descriptor numbered 3 would be overwritten by the go pipe in the child: hand over a duplicate.
-    moved = [os.dup(fd) for fd in pass_fds if fd == _GO_FD]
-    actions += inherit([fd for fd in pass_fds if fd != _GO_FD] + moved)
+    actions += inherit(pass_fds, above=max(go_read, _GO_FD))[0]
     env = dict(env, AIPM_ROOT=cwd)  # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself
 
     def attempt() -> tuple[int, int, int]:
@@ -138,8 +138,7 @@ def begin(
             return attempt()
 
     def release() -> None:
-        for fd in (go_read, *moved):
-            os.close(fd)
+        os.close(go_read)
 
     pending = posix_spawn.in_background(start) if background else posix_spawn.Pending(start).run()
     return Spawning(pending, go_write, release, started)

@@ -71,13 +71,20 @@ class Supervisor(Recording, Owner):
         rec.owner_pid, rec.owner_ctime = self.me
         jail = confine.prefix(str(self.rt.root), rec.targets, rec.log) if confine.wanted(task, self.settings) else ()
         cwd = workspace.directory(self.rt.root, rec)
+        def started(pid: int, ctime: float) -> None:
+            """Recorded and watched before its command may begin: if either fails, the command never runs."""
+            self._record(rec, pid, ctime, timeout)
+            try:
+                self._own(rec, started=True)
+            except OSError:  # no descriptor left to watch it (EMFILE)
+                self.owned.pop(rec.key, None)
+                raise
+
         spawning = runner.begin(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log, stdin=stdin,
-                                pass_fds=fds, started=lambda pid, ctime: self._record(rec, pid, ctime, timeout),
-                                prefix=jail, background=background)
+                                pass_fds=fds, started=started, prefix=jail, background=background)
 
         def finish() -> None:
             pid = spawning.finish()
-            self._own(rec, started=True)
             self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
                                 "attempt": rec.serial})
 

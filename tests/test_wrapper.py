@@ -130,3 +130,25 @@ def test_a_failed_status_write_ends_the_wrapper_started_for_it_and_requeues(proj
         assert not marker.exists()
     finally:
         sup.close()
+
+
+def test_a_worker_starts_with_no_signal_blocked_and_sigpipe_at_its_default(tmp_path):
+    """Python ignores SIGPIPE and SIGXFSZ, and a thread may block signals: a worker gets neither (a pipeline such
+    as `yes | head` ends quietly, and a timeout's SIGTERM reaches it)."""
+    import os
+    import signal
+
+    from aipm import runner
+
+    log, exit_file = tmp_path / "log", tmp_path / "exit"
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    try:
+        runner.spawn(["grep", "-E", "^Sig(Blk|Ign)", "/proc/self/status"], exit_file=str(exit_file),
+                     env=dict(os.environ), cwd=str(tmp_path), log=str(log))
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    wait_for(lambda: exit_file.exists() and exit_file.read_text().strip() == "0")
+    masks = dict(line.split(":\t") for line in log.read_text().splitlines())
+    assert int(masks["SigBlk"], 16) == 0
+    ignored = int(masks["SigIgn"], 16)
+    assert not ignored & (1 << (signal.SIGPIPE - 1)) and not ignored & (1 << (signal.SIGXFSZ - 1))
