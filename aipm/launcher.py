@@ -16,7 +16,7 @@ from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import confine, holds, locks, outcome, restore, runner, scope, workspace
+from aipm import confine, holds, locks, recovery, restore, runner, scope, workspace
 from aipm.budget import of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
@@ -25,7 +25,8 @@ from aipm.plan import Busy, ForeignLock, Plan, plan
 from aipm.project import Project
 from aipm.capacity import Capacity, fit
 from aipm.resources import RAMP_DELAY, ResourceMonitor, get_system_info, starts_now
-from aipm.runtime import Record, Runtime, live_pid, process_ctime
+from aipm.liveness import process_ctime
+from aipm.runtime import Record, Runtime, append_log, live_pid
 from aipm.settings import Settings
 from aipm.store import load_task
 from aipm.writer import StaleWrite, now, update_task
@@ -147,7 +148,7 @@ class Launcher:
         with nullcontext() if self.options.dry_run else self.runtime.launch_lock(), scope.shared():
             order = view.refresh()
             if recover and not self.options.dry_run:
-                report.recovered = self.recover_order(order, adopt=owner)
+                report.recovered = recovery.recover_order(self, order, adopt=owner)
                 if report.recovered:
                     order = view.refresh()
             # Who holds locks outside aipm is read from /proc/locks, and that read makes the kernel wait for an
@@ -289,7 +290,7 @@ class Launcher:
             if view is not None:
                 view.note(written)
             if owner is None:
-                self._spawn_detached(rec, fds)
+                self.spawn_detached(rec, fds)
                 rt.write_record(rec)  # the detached owner reads it once we release the launch lock
             else:
                 spawning()  # records the worker before its command may begin
@@ -331,7 +332,7 @@ class Launcher:
             return None  # a string command: the shell reports it in the log, as a failed attempt
         return runner.missing_program(argv, os.environ, str(self.project.root))
 
-    def _spawn_detached(self, rec: Record, fds: list[int] = (), adopt: bool = False) -> None:
+    def spawn_detached(self, rec: Record, fds: list[int] = (), adopt: bool = False) -> None:
         """Start `python -m aipm.work` as the task's owner: it runs (or adopts) the worker, finishes the task
         and starts successors. It inherits the target locks and this invocation's effective settings."""
         s = self.settings
@@ -356,55 +357,6 @@ class Launcher:
         rec.owner_pid, rec.owner_ctime = pid, process_ctime(pid)
         self.detached.add(pid)
 
-    # -- recovery --------------------------------------------------------------------------------------
-
-    def recover_order(self, order: Order, adopt: "Owner | None" = None) -> list[dict]:
-        """Repair running tasks whose owner is gone. Caller holds the launch lock.
-
-        A worker that is still alive, or that left its exit code, is adopted (by `adopt`, or by a new detached
-        owner) so its real outcome is recorded; a worker lost without a trace is INTERRUPTED, then QUEUED.
-        """
-        out = []
-        remove_temp_files(Path(order.path))
-        workspace.sweep(self.project.root, order)
-        records = {rec.task: rec for rec in self.runtime.records() if rec.order == order.id}
-        for task in order.tasks.values():
-            rec = records.get(task.id)
-            # A live worker is adopted whatever its file says now (an agent's `git checkout` may have reset it).
-            if task.status not in RUNNING and not (rec is not None and rec.worker_alive()):
-                continue
-            if rec is not None and rec.owner_alive():
-                continue
-            # An exit file, even an empty one (the worker ended; its code may be lost), goes to an owner to decide.
-            if rec is not None and (rec.worker_alive() or (
-                rec.attempt == task.attempts and os.path.exists(rec.exit_file)
-            )):
-                if adopt is not None:
-                    adopt.adopt(rec)
-                else:
-                    self._spawn_detached(rec, adopt=True)
-                    self.runtime.write_record(rec)
-                out.append({"id": task.id, "action": "adopted"})
-                continue
-            self.interrupt(task, rec, "worker gone")
-            out.append({"id": task.id, "action": "requeued"})
-        return out
-
-    def interrupt(self, task: Task, rec: Record | None, why: str, count_attempt: bool = False) -> None:
-        """RUNNING → INTERRUPTED → QUEUED; the attempt is not counted unless asked (it was aipm's fault)."""
-        path = Path(task.path)
-        try:
-            update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(), "reason": outcome.interrupted(why)},
-                        expect=task.status)
-            attempts = task.attempts if count_attempt else max(0, task.attempts - 1)
-            update_task(path, {"status": Status.QUEUED, "attempts": attempts}, expect=Status.INTERRUPTED)
-        except (StaleWrite, UserError, OSError):
-            pass  # moved on, broken or unwritable: a running status without a record is recovered later
-        if rec is not None:
-            append_log(rec.log, f"worker interrupted: {why}; task re-queued")
-            scope.note_ended(self.runtime, rec)
-            self.runtime.remove_record(rec.order, rec.task)
-
 
 def _finished_elsewhere(rec: Record, root: Path) -> bool:
     """The record's task is no longer running this attempt (or its file is gone or unreadable)."""
@@ -414,13 +366,6 @@ def _finished_elsewhere(rec: Record, root: Path) -> bool:
         # Gone: finished for good. Broken: unknown, so it keeps its files until the file is fixed and recovered.
         return not os.path.exists(rec.task_file)
     return task.status not in RUNNING or task.attempts != rec.attempt
-
-
-def remove_temp_files(order_dir: Path) -> None:
-    """Temp files of task-file writes killed midway. Every writer holds the launch lock, as our caller does,
-    so any such file is a leftover: the task file beside it is intact (it is replaced only by rename)."""
-    for leftover in order_dir.glob(".*.yaml.*.tmp"):
-        leftover.unlink(missing_ok=True)
 
 
 def cleared_reason(task: Task) -> dict:
@@ -462,16 +407,3 @@ class Owner:
 
     def adopt(self, rec: Record) -> None:
         raise NotImplementedError
-
-
-def append_log(log: str, line: str) -> None:
-    try:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
-    except OSError:
-        return
-    try:
-        os.write(fd, f"[aipm {time.strftime('%H:%M:%S')}] {line}\n".encode())
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

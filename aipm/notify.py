@@ -13,7 +13,8 @@ import os
 import time
 from contextlib import suppress
 
-from aipm.runtime import Runtime, process_ctime
+from aipm.liveness import process_ctime
+from aipm.runtime import Runtime
 from aipm.settings import Settings
 
 FAILED, REJECTED, BUDGET, ORDER_FINISHED = "failed", "rejected", "budget", "order_finished"

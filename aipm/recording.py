@@ -17,10 +17,10 @@ from pathlib import Path
 from aipm import agents, confine, notify, outcome, runner, scope, unrecorded, workspace
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
-from aipm.launcher import Launcher, append_log
+from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Status, Task
 from aipm.restore import disowned, known_status, restore
-from aipm.runtime import Record, Runtime
+from aipm.runtime import Record, Runtime, append_log
 from aipm.settings import Settings
 from aipm.store import load_task
 from aipm.writer import now, update_task

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
 from aipm import durable, posix_spawn
-from aipm.runtime import spawned_ctime
+from aipm.liveness import spawned_ctime
 
 SHELL = "/bin/sh"
 # The go pipe is fd 3 (dash only redirects single-digit descriptors); $1 is the exit file.
@@ -96,7 +96,7 @@ def begin(
     """Start `command` in its own session; its stdout and stderr append to `log`.
 
     The wrapper starts now (in the helper thread when `background`) and waits for its go: the returned Spawning's
-    finish() calls `started(pid, ctime)` (record the worker there; ctime as runtime.process_ctime gives it) and
+    finish() calls `started(pid, ctime)` (record the worker there; ctime as liveness.process_ctime gives it) and
     lets the command go once this round's writes are durable; if `started` raises, or abandon() is called instead,
     the command never runs. `prefix` is an argv the wrapper puts in front of the command (confinement); a string
     command then runs as `prefix /bin/sh -c COMMAND`."""

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from aipm import durable
 from aipm.errors import UserError
+from aipm.liveness import process_alive, read_small, remembered
 
 from aipm.locks import make_state_dir, state_dir
 
@@ -90,111 +92,14 @@ def live_pid(rec: Record) -> int:
     """The pid to name for a live record: its worker's, or its owner's while no worker runs (review, finish)."""
     return rec.pid if rec.worker_alive() else rec.owner_pid
 
-
 class _Round(threading.local):
-    """What one launch-lock hold of this thread has learnt (None outside a hold): which processes it found
-    dead or alive, and the worker records as read (records change only under that lock). A process found dead
-    stays dead; one found alive may end meanwhile, and counting it until the next round is the safe side (a
-    slot taken, a file held): its end wakes the owner, whose next round looks again."""
+    """The worker records as read in this thread's current hold of the launch lock (None outside one): records
+    change only under that lock, so the hold's own writes keep this copy current."""
 
-    alive: dict[tuple[int, float], bool] | None = None
     records: dict[Path, dict[Path, Record]] | None = None  # state directory → record path → record
 
 
 _round = _Round()
-
-
-def process_alive(pid: int, ctime: float) -> bool:
-    """A pid is our process only if it exists, is not a zombie, and started when we recorded (PID reuse)."""
-    seen = _round.alive
-    if seen is None:
-        return _process_alive(pid, ctime)
-    alive = seen.get((pid, ctime))
-    if alive is None:
-        alive = seen[(pid, ctime)] = _process_alive(pid, ctime)
-    return alive
-
-
-def _process_alive(pid: int, ctime: float) -> bool:
-    if pid == os.getpid():  # ourselves (the owner of our records): reading /proc/self/stat can take ms
-        return round(_own_ctime(), 2) == round(ctime, 2)
-    stat = _proc_stat(pid)
-    if stat is not None:  # Linux fast path: one read of /proc/<pid>/stat
-        state, started = stat
-        return state not in "ZX" and round(started, 2) == round(ctime, 2)
-    import psutil  # off Linux only
-
-    try:
-        proc = psutil.Process(pid)
-        return round(proc.create_time(), 2) == round(ctime, 2) and proc.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
-        return False
-
-
-_SELF: list[tuple[int, float]] = []  # (pid, start time) of this process, read once (a fork reads its own)
-
-
-def _own_ctime() -> float:
-    if not _SELF or _SELF[0][0] != os.getpid():
-        _SELF[:] = [(os.getpid(), process_ctime(os.getpid()))]
-    return _SELF[0][1]
-
-
-def process_ctime(pid: int) -> float:
-    stat = _proc_stat(pid)
-    if stat is not None:
-        return stat[1]
-    import psutil  # off Linux only
-
-    return psutil.Process(pid).create_time()
-
-
-_BOOT: list[float] = []
-_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-_HAVE_PROC = os.path.exists("/proc/self/stat")
-
-
-def spawned_ctime(pid: int, before_ns: int, after_ns: int) -> float:
-    """process_ctime() of a child spawned between two CLOCK_BOOTTIME readings, without reading /proc.
-
-    The kernel stamps a new process's start on CLOCK_BOOTTIME and /proc shows it in whole clock ticks, so a spawn
-    that began and returned within one tick started in that tick. Reading /proc/<pid>/stat of a child that is still
-    loading its program waits for it (~0.5 ms per task on a busy machine); a spawn that straddled a tick is read."""
-    tick = 10**9 // _TICKS
-    if not _HAVE_PROC or before_ns // tick != after_ns // tick:
-        return process_ctime(pid)
-    if not _BOOT:
-        _BOOT.append(_boot_time())
-    return _BOOT[0] + (before_ns // tick) / _TICKS
-
-
-def _proc_stat(pid: int) -> tuple[str, float] | None:
-    """(state, start time) from /proc, computed the way psutil computes create_time; None off Linux."""
-    if not _HAVE_PROC:
-        return None
-    try:
-        data = read_small(f"/proc/{pid}/stat")
-    except FileNotFoundError:
-        return ("X", 0.0)
-    except OSError:
-        return None
-    fields = data[data.rfind(b")") + 2:].split()
-    if not _BOOT:
-        _BOOT.append(_boot_time())
-    return fields[0].decode(), _BOOT[0] + int(fields[19]) / _TICKS
-
-
-def read_small(path: str) -> bytes:
-    """A small file's bytes through one descriptor (no buffered file object: the hot path reads many)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        data = chunk = os.read(fd, 65536)
-        while chunk:
-            chunk = os.read(fd, 65536)
-            data += chunk
-        return data
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: str, data: bytes) -> None:
@@ -204,18 +109,6 @@ def _write_file(path: str, data: bytes) -> None:
             data = data[os.write(fd, data):]
     finally:
         os.close(fd)
-
-
-def _boot_time() -> float:
-    """The `btime` line of /proc/stat, as psutil.boot_time() reads it on Linux (without importing psutil)."""
-    with open("/proc/stat", "rb") as handle:
-        for line in handle:
-            if line.startswith(b"btime"):
-                return float(line.split()[1])
-    import psutil
-
-    return psutil.boot_time()
-
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
@@ -308,12 +201,13 @@ class Runtime:
         # The batch ends before the lock is released: the next holder finds this round's writes on disk.
         with _exclusive(self.state / "launch.lock"), durable.batch():
             self._lock_depth = 1
-            _round.alive, _round.records = {}, {}
+            _round.records = {}
             try:
-                yield
+                with remembered():
+                    yield
             finally:
                 self._lock_depth = 0
-                _round.alive = _round.records = None
+                _round.records = None
 
     # -- worker records ---------------------------------------------------------------------------------
 
@@ -452,5 +346,18 @@ def _exclusive(path: Path) -> Iterator[None]:
         os.close(fd)
     try:
         yield
+    finally:
+        os.close(fd)
+
+
+def append_log(log: str, line: str) -> None:
+    try:
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
+    except OSError:
+        return
+    try:
+        os.write(fd, f"[aipm {time.strftime('%H:%M:%S')}] {line}\n".encode())
+    except OSError:
+        pass
     finally:
         os.close(fd)

@@ -11,11 +11,11 @@ from pathlib import Path
 from aipm import outcome
 from aipm.agents import can_resume
 from aipm.errors import UserError
-from aipm.launcher import append_log, cleared_reason
+from aipm.launcher import cleared_reason
 from aipm.model import RUNNING, Status, Task
 from aipm.project import Project
 from aipm.runner import terminate_group
-from aipm.runtime import Runtime, live_pid
+from aipm.runtime import Runtime, append_log, live_pid
 from aipm.settings import Settings
 from aipm.store import load_order, load_task
 from aipm.writer import StaleWrite, now, update_task

@@ -26,7 +26,8 @@ from pathlib import Path
 from aipm import notify, runner
 from aipm.locks import lock_holders, lock_nodes, node_path
 from aipm.paths import normalize
-from aipm.runtime import Record, Runtime, process_ctime, read_small
+from aipm.liveness import process_ctime, read_small
+from aipm.runtime import Record, Runtime
 
 PR_SET_CHILD_SUBREAPER = 36
 

@@ -16,12 +16,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from aipm import cluster, confine, runner, scope, subreaper, workspace
+from aipm import cluster, confine, recovery, runner, scope, subreaper, workspace
 from aipm.errors import UserError
-from aipm.launcher import Launcher, Owner, Started, append_log
+from aipm.launcher import Launcher, Owner, Started
 from aipm.recording import Recording
 from aipm.model import RUNNING, Status, Task
-from aipm.runtime import Record, process_ctime, read_exit_file
+from aipm.liveness import process_ctime
+from aipm.runtime import Record, append_log, read_exit_file
 from aipm.store import load_task
 from aipm.view import OrderView
 from aipm.worker import invocation
@@ -209,7 +210,7 @@ class Supervisor(Recording, Owner):
                     task = None  # deleted or broken: without its record, recovery re-queues it once it is fixed
                 interrupted = task is not None and task.status in RUNNING and task.attempts == rec.attempt
                 if interrupted:
-                    self.launcher.interrupt(task, rec, "stopped by the user (Ctrl-C)")
+                    recovery.interrupt(self.rt, task, rec, "stopped by the user (Ctrl-C)")
                     stopped.append(rec.task)
                 self._drop(rec, noted=interrupted)
         return stopped
@@ -230,7 +231,7 @@ class Supervisor(Recording, Owner):
             task = load_task(Path(rec.task_file), self.rt.root)
             ours = task.status == Status.IN_PROGRESS and task.attempts == rec.attempt  # else moved on (cancel)
             if ours:
-                self.launcher.interrupt(task, rec, why)
+                recovery.interrupt(self.rt, task, rec, why)
                 self._write(load_task(Path(rec.task_file), self.rt.root), {"preemptions": task.preemptions + 1})
             self._drop(rec, noted=ours)
         if ours:

@@ -13,6 +13,7 @@ import os
 import sys
 from pathlib import Path
 
+from aipm import recovery
 from aipm.errors import UserError
 from aipm.launcher import Launcher, Options
 from aipm.project import Project
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 sup.spawn_worker(rec, task, fds)
             except Exception as exc:  # noqa: BLE001 - any failure must put the task back, not strand it
                 print(f"aipm: cannot start worker: {exc}", file=sys.stderr)
-                launcher.interrupt(task, rec, f"worker could not start: {exc}")
+                recovery.interrupt(launcher.runtime, task, rec, f"worker could not start: {exc}")
                 return 1
     while sup.owned:
         for key in sup.wait(None):

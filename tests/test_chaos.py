@@ -303,7 +303,7 @@ def test_record_left_by_a_kill_after_the_final_write_does_not_hold_files(project
     order = project.order()
     journal = project.root / "journal.txt"
     # DONE: killed in Supervisor._apply between update_task(DONE) and _drop(); QUEUED: killed in
-    # Launcher.interrupt between update_task(QUEUED) and remove_record(). The state is what such a kill leaves.
+    # recovery.interrupt between update_task(QUEUED) and remove_record(). The state is what such a kill leaves.
     a = write_task(order, "A", command=journal_command(journal), target_files=["x.txt"])
     a.write_text(a.read_text() + f"status: {left_at}\nattempts: {1 if left_at == 'DONE' else 0}\n")
     write_task(order, "B", command=journal_command(journal), target_files=["x.txt"])

@@ -2,7 +2,7 @@
 
 import subprocess
 
-from aipm import runtime
+from aipm import liveness
 from aipm.runtime import Record, Runtime
 
 
@@ -34,20 +34,20 @@ def test_a_process_found_dead_in_a_round_is_not_looked_up_again_and_the_next_rou
                                                                                               monkeypatch):
     rt = Runtime(tmp_path)
     proc = subprocess.Popen(["sleep", "30"])
-    ctime = runtime.process_ctime(proc.pid)
+    ctime = liveness.process_ctime(proc.pid)
     lookups = []
-    real = runtime._process_alive
-    monkeypatch.setattr(runtime, "_process_alive", lambda pid, c: lookups.append(pid) or real(pid, c))
+    real = liveness._process_alive
+    monkeypatch.setattr(liveness, "_process_alive", lambda pid, c: lookups.append(pid) or real(pid, c))
     try:
         with rt.launch_lock():
-            assert runtime.process_alive(proc.pid, ctime) and runtime.process_alive(proc.pid, ctime)
+            assert liveness.process_alive(proc.pid, ctime) and liveness.process_alive(proc.pid, ctime)
             assert lookups == [proc.pid]
         proc.kill()
         proc.wait()
         with rt.launch_lock():
-            assert not runtime.process_alive(proc.pid, ctime) and not runtime.process_alive(proc.pid, ctime)
+            assert not liveness.process_alive(proc.pid, ctime) and not liveness.process_alive(proc.pid, ctime)
         assert lookups == [proc.pid, proc.pid]
-        assert not runtime.process_alive(proc.pid, ctime) and lookups == [proc.pid] * 3  # no round: no memory
+        assert not liveness.process_alive(proc.pid, ctime) and lookups == [proc.pid] * 3  # no round: no memory
     finally:
         if proc.poll() is None:
             proc.kill()

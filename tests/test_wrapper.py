@@ -35,11 +35,11 @@ def test_the_start_time_given_at_spawn_is_the_one_proc_shows(tmp_path, monkeypat
     clock tick); it must equal what /proc shows, or a later owner would take the live worker for a reused pid."""
     import os
 
-    from aipm import runner, runtime
+    from aipm import liveness, runner
 
-    read = runtime.process_ctime
+    read = liveness.process_ctime
     fallbacks = []
-    monkeypatch.setattr(runtime, "process_ctime", lambda pid: fallbacks.append(pid) or read(pid))
+    monkeypatch.setattr(liveness, "process_ctime", lambda pid: fallbacks.append(pid) or read(pid))
     seen = []
     for n in range(200):
         pid = runner.spawn(["true"], exit_file=str(tmp_path / f"{n}.exit"), env=dict(os.environ), cwd=str(tmp_path),

@@ -14,7 +14,7 @@ from rich.table import Table
 from aipm import workspace
 from aipm.cli.common import JsonOpt, console, get_project, print_json
 from aipm.errors import UserError
-from aipm import logbook, steering
+from aipm import logbook, recovery, steering
 from aipm.launcher import Launcher, Options
 from aipm.locks import node_file
 from aipm.paths import lock_prefix, normalize
@@ -216,7 +216,7 @@ def recover(
     with launcher.runtime.launch_lock():
         for directory in dirs:
             loaded = load_order(directory, project.root)
-            for item in launcher.recover_order(loaded):
+            for item in recovery.recover_order(launcher, loaded):
                 done.append({"order": loaded.id, **item})
             for task_id in workspace.sweep(project.root, loaded, everything=True):
                 done.append({"order": loaded.id, "id": task_id, "action": "worktree removed"})

@@ -1,0 +1,134 @@
+"""Whether a recorded process is still the one that was recorded: alive, not a zombie, and started when the
+record says (a pid can be reused), read from /proc (psutil off Linux).
+
+Within one hold of the launch lock (`remembered()`), a process found dead is not looked up again: it stays dead.
+One found alive may end meanwhile; counting it until the next round is the safe side (a slot taken, a file
+held), and its end wakes its owner, whose next round looks again.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+
+class _Seen(threading.local):
+    alive: dict[tuple[int, float], bool] | None = None  # (pid, start time) → alive, in this thread's hold
+
+
+_seen = _Seen()
+
+
+@contextmanager
+def remembered() -> Iterator[None]:
+    """Look each (pid, start time) up once inside this block (the launch lock's hold)."""
+    _seen.alive = {}
+    try:
+        yield
+    finally:
+        _seen.alive = None
+
+
+def process_alive(pid: int, ctime: float) -> bool:
+    """A pid is our process only if it exists, is not a zombie, and started when we recorded (PID reuse)."""
+    seen = _seen.alive
+    if seen is None:
+        return _process_alive(pid, ctime)
+    alive = seen.get((pid, ctime))
+    if alive is None:
+        alive = seen[(pid, ctime)] = _process_alive(pid, ctime)
+    return alive
+
+
+def _process_alive(pid: int, ctime: float) -> bool:
+    if pid == os.getpid():  # ourselves (the owner of our records): reading /proc/self/stat can take ms
+        return round(_own_ctime(), 2) == round(ctime, 2)
+    stat = _proc_stat(pid)
+    if stat is not None:  # Linux fast path: one read of /proc/<pid>/stat
+        state, started = stat
+        return state not in "ZX" and round(started, 2) == round(ctime, 2)
+    import psutil  # off Linux only
+
+    try:
+        proc = psutil.Process(pid)
+        return round(proc.create_time(), 2) == round(ctime, 2) and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+        return False
+
+
+_SELF: list[tuple[int, float]] = []  # (pid, start time) of this process, read once (a fork reads its own)
+
+
+def _own_ctime() -> float:
+    if not _SELF or _SELF[0][0] != os.getpid():
+        _SELF[:] = [(os.getpid(), process_ctime(os.getpid()))]
+    return _SELF[0][1]
+
+
+def process_ctime(pid: int) -> float:
+    stat = _proc_stat(pid)
+    if stat is not None:
+        return stat[1]
+    import psutil  # off Linux only
+
+    return psutil.Process(pid).create_time()
+
+
+_BOOT: list[float] = []
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_HAVE_PROC = os.path.exists("/proc/self/stat")
+
+
+def spawned_ctime(pid: int, before_ns: int, after_ns: int) -> float:
+    """process_ctime() of a child spawned between two CLOCK_BOOTTIME readings, without reading /proc.
+
+    The kernel stamps a new process's start on CLOCK_BOOTTIME and /proc shows it in whole clock ticks, so a spawn
+    that began and returned within one tick started in that tick. Reading /proc/<pid>/stat of a child that is still
+    loading its program waits for it (~0.5 ms per task on a busy machine); a spawn that straddled a tick is read."""
+    tick = 10**9 // _TICKS
+    if not _HAVE_PROC or before_ns // tick != after_ns // tick:
+        return process_ctime(pid)
+    if not _BOOT:
+        _BOOT.append(_boot_time())
+    return _BOOT[0] + (before_ns // tick) / _TICKS
+
+
+def _proc_stat(pid: int) -> tuple[str, float] | None:
+    """(state, start time) from /proc, computed the way psutil computes create_time; None off Linux."""
+    if not _HAVE_PROC:
+        return None
+    try:
+        data = read_small(f"/proc/{pid}/stat")
+    except FileNotFoundError:
+        return ("X", 0.0)
+    except OSError:
+        return None
+    fields = data[data.rfind(b")") + 2:].split()
+    if not _BOOT:
+        _BOOT.append(_boot_time())
+    return fields[0].decode(), _BOOT[0] + int(fields[19]) / _TICKS
+
+
+def read_small(path: str) -> bytes:
+    """A small file's bytes through one descriptor (no buffered file object: the hot path reads many)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = chunk = os.read(fd, 65536)
+        while chunk:
+            chunk = os.read(fd, 65536)
+            data += chunk
+        return data
+    finally:
+        os.close(fd)
+
+def _boot_time() -> float:
+    """The `btime` line of /proc/stat, as psutil.boot_time() reads it on Linux (without importing psutil)."""
+    with open("/proc/stat", "rb") as handle:
+        for line in handle:
+            if line.startswith(b"btime"):
+                return float(line.split()[1])
+    import psutil
+
+    return psutil.boot_time()

@@ -1,0 +1,75 @@
+"""Repairing an order whose owners are gone, and putting a task back in the queue.
+
+A worker that is still alive, or that left its exit code, is adopted so its real outcome is recorded; a worker lost
+without a trace is INTERRUPTED, then QUEUED (see docs/locks-review-recovery.md). Callers hold the launch lock.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from aipm import outcome, scope, workspace
+from aipm.errors import UserError
+from aipm.model import RUNNING, Order, Status, Task
+from aipm.runtime import Record, Runtime, append_log
+from aipm.writer import StaleWrite, now, update_task
+
+if TYPE_CHECKING:
+    from aipm.launcher import Launcher, Owner
+
+
+def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) -> list[dict]:
+    """Repair running tasks whose owner is gone. Caller holds the launch lock.
+
+    A worker that is still alive, or that left its exit code, is adopted (by `adopt`, or by a new detached
+    owner) so its real outcome is recorded; a worker lost without a trace is INTERRUPTED, then QUEUED.
+    """
+    out = []
+    remove_temp_files(Path(order.path))
+    workspace.sweep(launcher.project.root, order)
+    records = {rec.task: rec for rec in launcher.runtime.records() if rec.order == order.id}
+    for task in order.tasks.values():
+        rec = records.get(task.id)
+        # A live worker is adopted whatever its file says now (an agent's `git checkout` may have reset it).
+        if task.status not in RUNNING and not (rec is not None and rec.worker_alive()):
+            continue
+        if rec is not None and rec.owner_alive():
+            continue
+        # An exit file, even an empty one (the worker ended; its code may be lost), goes to an owner to decide.
+        if rec is not None and (rec.worker_alive() or (
+            rec.attempt == task.attempts and os.path.exists(rec.exit_file)
+        )):
+            if adopt is not None:
+                adopt.adopt(rec)
+            else:
+                launcher.spawn_detached(rec, adopt=True)
+                launcher.runtime.write_record(rec)
+            out.append({"id": task.id, "action": "adopted"})
+            continue
+        interrupt(launcher.runtime, task, rec, "worker gone")
+        out.append({"id": task.id, "action": "requeued"})
+    return out
+
+def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attempt: bool = False) -> None:
+    """RUNNING → INTERRUPTED → QUEUED; the attempt is not counted unless asked (it was aipm's fault)."""
+    path = Path(task.path)
+    try:
+        update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(), "reason": outcome.interrupted(why)},
+                    expect=task.status)
+        attempts = task.attempts if count_attempt else max(0, task.attempts - 1)
+        update_task(path, {"status": Status.QUEUED, "attempts": attempts}, expect=Status.INTERRUPTED)
+    except (StaleWrite, UserError, OSError):
+        pass  # moved on, broken or unwritable: a running status without a record is recovered later
+    if rec is not None:
+        append_log(rec.log, f"worker interrupted: {why}; task re-queued")
+        scope.note_ended(rt, rec)
+        rt.remove_record(rec.order, rec.task)
+
+
+def remove_temp_files(order_dir: Path) -> None:
+    """Temp files of task-file writes killed midway. Every writer holds the launch lock, as our caller does,
+    so any such file is a leftover: the task file beside it is intact (it is replaced only by rename)."""
+    for leftover in order_dir.glob(".*.yaml.*.tmp"):
+        leftover.unlink(missing_ok=True)
