@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext, suppress
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -266,7 +266,7 @@ class Launcher:
         if task.resources is not None:
             rec.cpus, rec.memory_mb = task.resources.cpus or 0.0, task.resources.memory_mb or 0
         wrote_status = False
-        spawning: Started | None = None
+        spawning: runner.Spawning | None = None
         try:
             # The kernel already holds a confined worker to exactly its targets: nothing to audit.
             exact = confined and confine.exact(task.target_files)
@@ -293,7 +293,7 @@ class Launcher:
                 self.spawn_detached(rec, fds)
                 rt.write_record(rec)  # the detached owner reads it once we release the launch lock
             else:
-                spawning()  # records the worker before its command may begin
+                spawning.finish()  # records the worker before its command may begin
             return rec
         except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
             if wrote_status:
@@ -384,24 +384,14 @@ class LaunchBusy(LaunchFailed):
     """A target lock is held: the task waits, it did not fail."""
 
 
-class Started:
-    """A worker on its way up: calling it records the worker and lets its command go; abandon() ends it unrun."""
-
-    def __init__(self, finish: Callable[[], None], abandon: Callable[[], None]):
-        self._finish, self.abandon = finish, abandon
-
-    def __call__(self) -> None:
-        self._finish()
-
-
 class Owner:
     """Interface of whatever owns running tasks (supervisor, foreground exec, detached worker)."""
 
     def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
         raise NotImplementedError
 
-    def begin_worker(self, rec: Record, task: Task, fds: list[int]) -> Started:
-        """Start the worker's process now, its command held back until the returned Started is called (after
+    def begin_worker(self, rec: Record, task: Task, fds: list[int]) -> runner.Spawning:
+        """Start the worker's process now, its command held back until the returned Spawning is finished (after
         the task's status is written), so the process starts while the status is written."""
         raise NotImplementedError
 

@@ -92,6 +92,7 @@ def live_pid(rec: Record) -> int:
     """The pid to name for a live record: its worker's, or its owner's while no worker runs (review, finish)."""
     return rec.pid if rec.worker_alive() else rec.owner_pid
 
+
 class _Round(threading.local):
     """The worker records as read in this thread's current hold of the launch lock (None outside one): records
     change only under that lock, so the hold's own writes keep this copy current."""
@@ -109,6 +110,7 @@ def _write_file(path: str, data: bytes) -> None:
             data = data[os.write(fd, data):]
     finally:
         os.close(fd)
+
 
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)

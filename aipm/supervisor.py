@@ -18,7 +18,7 @@ from pathlib import Path
 
 from aipm import cluster, confine, recovery, runner, scope, subreaper, workspace
 from aipm.errors import UserError
-from aipm.launcher import Launcher, Owner, Started
+from aipm.launcher import Launcher, Owner
 from aipm.recording import Recording
 from aipm.model import RUNNING, Status, Task
 from aipm.liveness import process_ctime
@@ -59,9 +59,9 @@ class Supervisor(Recording, Owner):
     # -- Owner interface (called under the launch lock) -----------------------------------------------
 
     def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
-        self.begin_worker(rec, task, fds, background=False)()
+        self.begin_worker(rec, task, fds, background=False).finish()
 
-    def begin_worker(self, rec: Record, task: Task, fds: list[int], background: bool = True) -> Started:
+    def begin_worker(self, rec: Record, task: Task, fds: list[int], background: bool = True) -> runner.Spawning:
         command, env, stdin = invocation(self.rt, self.settings, rec, task, self.launcher.options.model)
         command = workspace.with_setup(command, rec, task, self.settings)
         if self.settings.runner == "ray":
@@ -80,16 +80,11 @@ class Supervisor(Recording, Owner):
             except OSError:  # no descriptor left to watch it (EMFILE)
                 self.owned.pop(rec.key, None)
                 raise
-
-        spawning = runner.begin(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log, stdin=stdin,
-                                pass_fds=fds, started=started, prefix=jail, background=background)
-
-        def finish() -> None:
-            pid = spawning.finish()
             self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
                                 "attempt": rec.serial})
 
-        return Started(finish, spawning.abandon)
+        return runner.begin(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log, stdin=stdin,
+                            pass_fds=fds, started=started, prefix=jail, background=background)
 
     def _record(self, rec: Record, pid: int, ctime: float, timeout: int | None) -> None:
         """Write the worker's record; only then may its command begin."""
