@@ -71,10 +71,10 @@ class Launcher:
 
     # -- planning inputs -------------------------------------------------------------------------------
 
-    def holders(self, order: Order, records: Iterable[Record],
-                ending: Collection[str] = ()) -> tuple[list[Busy], dict[str, int], int]:
+    def holders(self, order: Order, records: Iterable[Record], ending: Collection[str] = (),
+                released: Collection[str] = ()) -> tuple[list[Busy], dict[str, int], int]:
         """Busy files from worker records and other orders' running tasks, this order's live task ids (→ pid),
-        and the live worker count.
+        and the live worker count. `released`: keys of ended workers whose files are free already (see runloop).
 
         A dead record (a stale task) still holds its files until recovered, but takes no worker slot; so does a
         task of another order marked IN_PROGRESS or IN_REVIEW by hand, with no record at all. A live one counts
@@ -82,6 +82,8 @@ class Launcher:
         """
         busy, live, count = [], {}, 0
         for rec in records:
+            if rec.key in released:
+                continue
             status = Status.IN_PROGRESS if rec.phase == "work" else Status.IN_REVIEW
             busy.append(Busy(rec.order, rec.task, tuple(normalize(t) for t in rec.targets), status.value))
             if rec.alive():
@@ -137,11 +139,13 @@ class Launcher:
     # -- the transaction -------------------------------------------------------------------------------
 
     def launch(self, view: OrderView, owner: "Owner | None" = None, only: Iterable[str] | None = None,
-               explain: bool = True, recover: bool = True, ending: Collection[str] = ()) -> LaunchReport:
+               explain: bool = True, recover: bool = True, ending: Collection[str] = (),
+               released: Collection[str] = ()) -> LaunchReport:
         """Recover, plan and start what may start. `owner` None means detached workers that finish themselves.
 
         A supervisor passes recover=False while it knows no owner died since its last look, and as `ending` the
-        keys of its workers that ended but whose outcome it has not recorded yet (they take no slot).
+        keys of its workers that ended but whose outcome it has not recorded yet (they take no slot), and as
+        `released` those of them whose files are free too (no reviewer follows).
         """
         report = LaunchReport()
         # A dry run takes no lock: it must not create or change a single byte, .aipm/ included.
@@ -155,13 +159,15 @@ class Launcher:
             # RCU grace period (milliseconds, with every flock on the machine held up meanwhile). The hot path
             # plans without it and reads it only when a lock turns out to be taken after all, then plans again.
             for careful in (True,) if explain else (False, True):
-                busy_seen = self._plan_and_start(view, order, owner, only, explain, careful, report, ending)
+                busy_seen = self._plan_and_start(view, order, owner, only, explain, careful, report, ending,
+                                                 released)
                 if not busy_seen:
                     break
         return report
 
     def _plan_and_start(self, view: OrderView, order: Order, owner: "Owner | None", only: Iterable[str] | None,
-                        explain: bool, careful: bool, report: LaunchReport, ending: Collection[str] = ()) -> bool:
+                        explain: bool, careful: bool, report: LaunchReport, ending: Collection[str] = (),
+                        released: Collection[str] = ()) -> bool:
         """One plan and its starts, into `report`. Returns True when a start found a target lock taken while the
         plan had not looked at locks held outside aipm (so the caller plans again, carefully)."""
         records = report.records = self.records()
@@ -169,7 +175,7 @@ class Launcher:
         if not explain and sum(rec.key not in ending and rec.alive() for rec in records) >= self.settings.max_workers:
             report.plan, report.deferred = Plan(), []
             return False  # every slot is taken: nothing can start, and a plan would only say so
-        busy, live, live_count = self.holders(order, records, ending)
+        busy, live, live_count = self.holders(order, records, ending, released)
         free = max(0, self.settings.max_workers - live_count)
         spend = order_budget(order, self.settings.max_cost_usd)
         outside = self.outside(records) if careful else []
@@ -177,7 +183,8 @@ class Launcher:
             result = plan(order, busy, live, free, view.ordering(), budget=spend, outside=outside)
         else:  # the hot path: only ready tasks, indexed by the view
             result = plan(order, busy, live, free, view.ready_ordering(), explain=False, running=view.running,
-                          budget=spend, outside=outside)
+                          budget=spend, outside=outside,
+                          released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")})
         report.plan = result
         report.deferred = []
         tried = {item["id"] for item in report.failed}

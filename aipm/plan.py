@@ -148,6 +148,7 @@ def plan(
     running: Collection[str] | None = None,
     budget: Budget | None = None,
     outside: Iterable[ForeignLock] = (),
+    released: Collection[str] = (),
 ) -> Plan:
     """Decide what may start now.
 
@@ -161,12 +162,13 @@ def plan(
     running   -- ids of this order's IN_PROGRESS/IN_REVIEW tasks, when the caller indexes them
     budget    -- the order's budget; once reached no task starts (the ones running finish)
     outside   -- locks held by processes that are not aipm workers
+    released  -- ids of running tasks whose worker ended and whose files are free before their outcome is written
     """
     result = Plan()
     busy, held_as = _holders(elsewhere)
     running_tasks = (order.tasks[i] for i in running) if running is not None else order.tasks.values()
     for task in running_tasks:
-        if task.status in RUNNING:
+        if task.status in RUNNING and task.id not in released:
             busy.append((task.id, task.targets))
             held_as[task.id] = f" ({task.status})"
             if task.id not in live:

@@ -87,9 +87,10 @@ def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[l
 def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str | None, recover: bool,
                  ended: list[str]) -> LaunchReport | None:
     """Before the outcomes of the tasks that just ended are recorded (their audits wait for a snapshot, their
-    status writes for the disk), start what does not depend on them in the places they left, and let it go as
-    soon as its status is durable (and the snapshot, its "before" too, read): it waits for none of the audits
-    and outcomes of the others. Their successors start after, in the same round.
+    status writes for the disk), start what does not depend on them in the places they left — and in their files,
+    when no reviewer follows — and let it go as soon as its status is durable (and the snapshot, its "before"
+    too, read): it waits for none of the audits and outcomes of the others. Their successors start after, in the
+    same round.
 
     Only tasks ranked before all that those outcomes may make launchable start early (the queued dependants of
     the ended tasks, and an ended task that failed, which may be retried), so places go in the plan's order as if
@@ -97,11 +98,17 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     if not ended or budget.of(view.order, launcher.settings.max_cost_usd) is not None:
         return None  # under a budget the ended attempts' costs count first: they are known once recorded
     ready = [t for t in view.ready_ordering() if only is None or t == only]
-    held = [tuple(normalize(t) for t in sup.owned[key].targets) for key in ended]
+    if not ready:
+        return None  # a chain: what comes next waits for an outcome
     order = view.order
-    if not any_clear((order.tasks[t] for t in ready), held):
-        return None  # none ready (a chain), or every one waits for the files of the ended tasks
     codes = {key: read_exit_file(sup.owned[key].exit_file) for key in ended}
+    freed = [key for key in ended if not _reviewed_next(sup.owned[key], codes[key], order, launcher)]
+    # An attempt that no reviewer follows is over with its files once its group has ended (and its strays, below):
+    # recording its outcome changes none of them. A worktree's attempt still merges back into them first.
+    released = [key for key in freed if not sup.owned[key].workspace]
+    held = [tuple(normalize(t) for t in sup.owned[key].targets) for key in ended if key not in released]
+    if not any_clear((order.tasks[t] for t in ready), held):
+        return None  # every ready task waits for the files of ended tasks that are reviewed next
     waiting = [d for key in ended if sup.owned[key].order == order.id
                for d in view.dependants.get(sup.owned[key].task, ()) if order.tasks[d].status == Status.QUEUED]
     waiting += [sup.owned[key].task for key in ended if sup.owned[key].order == order.id
@@ -112,8 +119,8 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
         return None
     for key in ended:  # what they left running is ended first, while they are still all we may own
         sup.end_strays(sup.owned[key])
-    freed = [key for key in ended if not _reviewed_next(sup.owned[key], codes[key], order, launcher)]
-    report = launcher.launch(view, owner=sup, only=set(early), explain=False, recover=recover, ending=freed)
+    report = launcher.launch(view, owner=sup, only=set(early), explain=False, recover=recover, ending=freed,
+                             released=released)
     durable.flush()
     return report
 

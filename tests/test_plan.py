@@ -258,3 +258,14 @@ def test_any_clear_never_says_wait_for_a_task_whose_targets_overlap_nothing_held
     free = [t for t in tasks if not any(lock_overlap(a, b) for a in t.targets for b in held[0])]
     if free:
         assert any_clear(tasks, held)
+
+
+def test_a_released_running_task_holds_no_file_and_is_not_stale():
+    """A running task whose worker ended with no reviewer to follow (`released`) keeps nothing busy: the next
+    task on its file may start; its dependants still wait for its outcome."""
+    o = order(task("A", status="IN_PROGRESS", files=["s.txt"]), task("B", files=["s.txt"]),
+              task("C", deps=["A"], files=["c.txt"]))
+    held = plan(o, slots=2, explain=False, running={"A"})
+    assert ids(held) == [] and held.stale == ["A"]
+    free = plan(o, slots=2, explain=False, running={"A"}, released={"A"})
+    assert ids(free) == ["B"] and free.stale == []

@@ -201,6 +201,41 @@ def test_the_next_task_starts_before_the_ended_ones_outcome_is_written_unless_a_
     assert project.statuses() == {"A": "DONE", "B": "DONE", "C": "DONE"}
 
 
+def test_an_ended_attempt_hands_its_files_on_before_its_outcome_is_written(project):
+    """Two slots; A and B want the same file. When A's command ends (no reviewer follows), B starts in the same
+    wake-up, before A's outcome is written — but only once nothing of A lives: the `setsid` daemon A left holds
+    A's target lock and is ended first (B fails if it finds it alive). Never two commands on the file at once."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    daemon = "setsid sh -c 'echo $$ > daemon.pid; exec sleep 30' </dev/null >/dev/null 2>&1 & sleep 0.2"
+    write_task(order, "A", command=journal_command(journal, daemon), target_files=["s.txt"], priority="P0")
+    write_task(order, "B", command=journal_command(journal, "! kill -0 $(cat daemon.pid)"),
+               target_files=["s.txt"], priority="P2")
+    proc = project.aipm("run", "ORD", "--max-workers", "2", "--no-resource-monitoring", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    seen = [(e["event"], e.get("task")) for e in map(json.loads, proc.stdout.splitlines())
+            if e["event"] in ("started", "finished")]
+    assert seen.index(("started", "B")) < seen.index(("finished", "A")), seen
+    a, b = ([s for s in spans(journal) if s.task == t] for t in "AB")
+    assert len(a) == 1 and len(b) == 1 and a[0].end <= b[0].start
+    assert project.statuses() == {"A": "DONE", "B": "DONE"}
+
+
+def test_an_attempt_going_to_review_keeps_its_files_until_the_review_ends(project):
+    """Two slots, so a place is free: B wants A's file, and A's reviewer looks at that file after A's command,
+    so B starts only once the review has ended."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    write_task(order, "A", command="true", target_files=["s.txt"], priority="P0",
+               review=journal_command(journal, "sleep 0.3").replace("$AIPM_TASK_ID", "review-A"))
+    write_task(order, "B", command=journal_command(journal, "true"), target_files=["s.txt"], priority="P2")
+    proc = project.aipm("run", "ORD", "--max-workers", "2", "--no-resource-monitoring", "--json")
+    assert proc.returncode == 0, proc.stderr
+    review, work = [s for s in spans(journal) if s.task == "review-A"], [s for s in spans(journal) if s.task == "B"]
+    assert len(review) == 1 and len(work) == 1 and review[0].end <= work[0].start
+    assert project.statuses() == {"A": "COMPLETED", "B": "DONE"}
+
+
 def test_a_task_going_to_review_keeps_its_place_from_an_early_start(project):
     """One slot. A exits 0 and its review starts: the reviewer takes A's place again, so the independent B may
     not start early in it; B starts once A's reviewer has ended. Never two processes at once."""
