@@ -65,7 +65,7 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
     if rec is not None:
         append_log(rec.log, f"worker interrupted: {why}; task re-queued")
         scope.note_ended(rt, rec)
-        rt.remove_record(rec.order, rec.task)
+        rt.forget(rec)
 
 
 def remove_temp_files(order_dir: Path) -> None:

@@ -237,6 +237,20 @@ class Runtime:
         except FileNotFoundError:
             pass
 
+    def forget(self, rec: Record) -> None:
+        """Remove an attempt's record and, once this round's writes (its outcome) are durable, its exit files: the
+        outcome is in its task file now, and an exit file kept for every attempt ever made would pile up."""
+        self.remove_record(rec.order, rec.task)
+        work = rec.exit_file.split(".review")[0]
+
+        def tidy(durable_ok: bool) -> None:
+            if durable_ok:
+                for path in (work, work + ".review"):
+                    with suppress(FileNotFoundError):
+                        os.unlink(path)
+
+        durable.once_durable(tidy)
+
     def records(self) -> list[Record]:
         """Every worker record in the project, live or not (read once per launch-lock hold; copies)."""
         found = self._known()

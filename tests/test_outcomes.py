@@ -171,3 +171,19 @@ def test_reason_words():
     assert outcome.review_rejected("", 4) == "review rejected (exit 4)"
     long = outcome.scope(f"file_{i}.py" for i in range(100))
     assert len(long) == outcome.MAX_LENGTH and long.endswith("…") and "\n" not in long
+
+
+def test_an_exit_file_goes_once_its_outcome_is_recorded(project):
+    """Exit files carry an outcome to whoever records it; once it is in the task file they are removed (a
+    project's state directory kept one per attempt ever made: 22,000 of them after 22 runs of one 1000-task
+    order). Covered: a retried failure, a reviewed task (work and review exit files), a detached `launch`."""
+    order = project.order()
+    write_task(order, "RETRY", command="test -e tried || { touch tried; exit 1; }", target_files=["tried"],
+               max_attempts=2)
+    write_task(order, "REVIEWED", command="true", target_files=["r.txt"], review="true")
+    assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 0
+    write_task(order, "DETACHED", command="true", target_files=["d.txt"])
+    assert project.aipm("launch", "ORD").returncode == 0
+    wait_for(lambda: task_statuses(order)["DETACHED"] == "DONE" and no_workers(project.root))
+    assert task_statuses(order) == {"RETRY": "DONE", "REVIEWED": "COMPLETED", "DETACHED": "DONE"}
+    assert sorted(p.name for p in (state(project.root) / "exit").rglob("*") if p.is_file()) == []
