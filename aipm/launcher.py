@@ -114,7 +114,7 @@ class Launcher:
             if not rec.alive() and _finished_elsewhere(rec, self.project.root):
                 if not self.options.dry_run:
                     scope.note_ended(self.runtime, rec)
-                    self.runtime.forget(rec)
+                    self.runtime.remove_record(rec.order, rec.task)
                 continue
             kept.append(rec)
         return kept

@@ -98,7 +98,7 @@ class Recording:
         kept = unrecorded.keep_exit_code(rec, code)
         append_log(rec.log, f"attempt {rec.serial} ended with exit {code}, but its task file {rec.task_file} "
                             f"was deleted meanwhile: the outcome is recorded here" + (" and in its exit file" * kept))
-        self._drop(rec, keep_exit=kept)
+        self._drop(rec)
         if self.view is not None and rec.order == self.view.order.id:
             self.view.reload(rec.task_file, gone=True)
         return {"event": "gone", "order": rec.order, "task": rec.task, "attempt": rec.serial, "exit_code": code,
@@ -318,9 +318,8 @@ class Recording:
         if self.view is not None:
             self.view.note(task)
 
-    def _drop(self, rec: Record, noted: bool = False, keep_exit: bool = False) -> None:
-        """Forget an attempt that is over: its files, locks and record (`noted`: interrupt() noted its end;
-        `keep_exit`: its exit file is where its outcome is kept)."""
+    def _drop(self, rec: Record, noted: bool = False) -> None:
+        """Forget an attempt that is over: its files, locks and record (`noted`: interrupt() noted its end)."""
         Path(rec.scope_file).unlink(missing_ok=True)
         confine.tidy(rec.log)
         # Locks go before the record: a held lock without a record would look like a stranger's.
@@ -328,9 +327,6 @@ class Recording:
             os.close(fd)
         if not noted:
             scope.note_ended(self.rt, rec)
-        if keep_exit:
-            self.rt.remove_record(rec.order, rec.task)
-        else:
-            self.rt.forget(rec)
+        self.rt.remove_record(rec.order, rec.task)
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)

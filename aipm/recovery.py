@@ -50,6 +50,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
             continue
         interrupt(launcher.runtime, task, rec, "worker gone")
         out.append({"id": task.id, "action": "requeued"})
+    launcher.runtime.remove_spent_exit_files(order.id)
     return out
 
 def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attempt: bool = False) -> None:
@@ -65,7 +66,7 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
     if rec is not None:
         append_log(rec.log, f"worker interrupted: {why}; task re-queued")
         scope.note_ended(rt, rec)
-        rt.forget(rec)
+        rt.remove_record(rec.order, rec.task)
 
 
 def remove_temp_files(order_dir: Path) -> None:

@@ -237,19 +237,20 @@ class Runtime:
         except FileNotFoundError:
             pass
 
-    def forget(self, rec: Record) -> None:
-        """Remove an attempt's record and, once this round's writes (its outcome) are durable, its exit files: the
-        outcome is in its task file now, and an exit file kept for every attempt ever made would pile up."""
-        self.remove_record(rec.order, rec.task)
-        work = rec.exit_file.split(".review")[0]
-
-        def tidy(durable_ok: bool) -> None:
-            if durable_ok:
-                for path in (work, work + ".review"):
-                    with suppress(FileNotFoundError):
-                        os.unlink(path)
-
-        durable.once_durable(tidy)
+    def remove_spent_exit_files(self, order: str) -> None:
+        """Remove an order's exit files that no worker record refers to. Each carried an outcome to whoever recorded
+        it, and the record is dropped only once that outcome is in the task file: kept, they would pile up, one per
+        attempt ever made (and every new attempt's number is found by looking past them). Under the launch lock."""
+        directory = self.state / "exit" / _safe(order)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            return
+        wanted = {os.path.basename(rec.exit_file).split(".review")[0] for rec in self.records()}
+        for name in names:
+            if name.split(".review")[0] not in wanted:
+                with suppress(FileNotFoundError):
+                    os.unlink(directory / name)
 
     def records(self) -> list[Record]:
         """Every worker record in the project, live or not (read once per launch-lock hold; copies)."""

@@ -1,6 +1,7 @@
 """Outcomes say why (issue 12): the `reason` of every ending, tries and reworks apart, `add` limits, warnings."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -173,17 +174,29 @@ def test_reason_words():
     assert len(long) == outcome.MAX_LENGTH and long.endswith("…") and "\n" not in long
 
 
-def test_an_exit_file_goes_once_its_outcome_is_recorded(project):
-    """Exit files carry an outcome to whoever records it; once it is in the task file they are removed (a
-    project's state directory kept one per attempt ever made: 22,000 of them after 22 runs of one 1000-task
-    order). Covered: a retried failure, a reviewed task (work and review exit files), a detached `launch`."""
+def test_spent_exit_files_are_removed_by_the_next_recovery(project):
+    """Exit files carry an outcome to whoever records it; once it is in the task file (and the worker record is
+    dropped) the next `run`, `launch` or `recover` removes them (a state directory kept one per attempt ever made:
+    22,000 after 22 runs of one 1000-task order at one path). Covered: a retried failure, a reviewed task (its
+    work and review exit files). An exit file whose outcome is not recorded yet stays: here a worker's owner is
+    SIGKILLed, the worker ends (exit 3), and the recovery that adopts it must leave the file to the adopter."""
     order = project.order()
     write_task(order, "RETRY", command="test -e tried || { touch tried; exit 1; }", target_files=["tried"],
                max_attempts=2)
     write_task(order, "REVIEWED", command="true", target_files=["r.txt"], review="true")
-    assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 0
-    write_task(order, "DETACHED", command="true", target_files=["d.txt"])
-    assert project.aipm("launch", "ORD").returncode == 0
-    wait_for(lambda: task_statuses(order)["DETACHED"] == "DONE" and no_workers(project.root))
-    assert task_statuses(order) == {"RETRY": "DONE", "REVIEWED": "COMPLETED", "DETACHED": "DONE"}
-    assert sorted(p.name for p in (state(project.root) / "exit").rglob("*") if p.is_file()) == []
+    gate = project.root / "gate"
+    write_task(order, "ORPHAN", command=f"touch began; while [ ! -e {gate} ]; do sleep 0.05; done; exit 3",
+               target_files=["x.txt"], max_attempts=1, priority="P0")
+    assert project.aipm("launch", "ORD", "--max-workers", "1").returncode == 0
+    record = state(project.root) / "workers" / "ORD" / "ORPHAN.json"
+    wait_for((project.root / "began").exists)
+    owner = json.loads(record.read_text())["owner_pid"]
+    os.kill(owner, signal.SIGKILL)
+    gate.touch()
+    exits = state(project.root) / "exit" / "ORD"
+    wait_for(lambda: (exits / "ORPHAN.1").exists() and (exits / "ORPHAN.1").read_text() == "3\n")
+    assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 1  # ORPHAN failed
+    assert task_statuses(order) == {"RETRY": "DONE", "REVIEWED": "COMPLETED", "ORPHAN": "FAILED"}
+    assert "exit 3" in yaml.safe_load((order / "ORPHAN.yaml").read_text())["reason"]
+    assert project.aipm("recover", "ORD").returncode == 0
+    assert list(exits.iterdir()) == []
