@@ -944,16 +944,15 @@ def test_why_and_detect_name_the_live_worker_of_a_reset_task(project):
 
 
 def _damage_order(project, damage: str) -> tuple[Path, Path]:
-    """A damages its own file and ends; B runs until A's exit file exists (so it outlives A's finish); C
+    """A damages its own file and ends; B runs until A's command has ended (so it outlives A's finish); C
     depends on B. A second, unrelated problem must not stop the owner from supervising B and starting C."""
     order = project.order()
     journal = project.root / "journal.txt"
     act = {"delete": 'rm "orders/ORD/A.yaml"', "break": "echo 'oops: [' >> orders/ORD/A.yaml"}[damage]
     # A goes on (until the test opens its gate) after the damage, so its owner supervises it meanwhile.
-    write_task(order, "A", command=journal_command(journal, f"{act}; while [ ! -e gate ]; do sleep 0.02; done"),
-               target_files=["a.txt"])
-    exit_file = state(project.root) / "exit" / "ORD" / "A.1"
-    write_task(order, "B", command=journal_command(journal, f'until [ -e "{exit_file}" ]; do sleep 0.02; done'),
+    write_task(order, "A", command=journal_command(journal, f"{act}; while [ ! -e gate ]; do sleep 0.02; done; "
+                                                               "touch a.ended"), target_files=["a.txt", "a.ended"])
+    write_task(order, "B", command=journal_command(journal, "until [ -e a.ended ]; do sleep 0.02; done"),
                target_files=["b.txt"])
     write_task(order, "C", command=journal_command(journal), depends_on=["B"], target_files=["c.txt"])
     return order, journal
