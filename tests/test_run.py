@@ -221,30 +221,17 @@ def test_an_ended_attempt_hands_its_files_on_before_its_outcome_is_written(proje
     assert project.statuses() == {"A": "DONE", "B": "DONE"}
 
 
-def test_an_attempt_going_to_review_keeps_its_files_until_the_review_ends(project):
-    """Two slots, so a place is free: B wants A's file, and A's reviewer looks at that file after A's command,
-    so B starts only once the review has ended."""
-    order = project.order()
-    journal = project.root / "journal.txt"
-    write_task(order, "A", command="true", target_files=["s.txt"], priority="P0",
-               review=journal_command(journal, "sleep 0.3").replace("$AIPM_TASK_ID", "review-A"))
-    write_task(order, "B", command=journal_command(journal, "true"), target_files=["s.txt"], priority="P2")
-    proc = project.aipm("run", "ORD", "--max-workers", "2", "--no-resource-monitoring", "--json")
-    assert proc.returncode == 0, proc.stderr
-    review, work = [s for s in spans(journal) if s.task == "review-A"], [s for s in spans(journal) if s.task == "B"]
-    assert len(review) == 1 and len(work) == 1 and review[0].end <= work[0].start
-    assert project.statuses() == {"A": "COMPLETED", "B": "DONE"}
-
-
-def test_a_task_going_to_review_keeps_its_place_from_an_early_start(project):
-    """One slot. A exits 0 and its review starts: the reviewer takes A's place again, so the independent B may
-    not start early in it; B starts once A's reviewer has ended. Never two processes at once."""
+@pytest.mark.parametrize("slots, b_file", [(1, "b.txt"), (2, "a.txt")])
+def test_a_task_going_to_review_keeps_its_place_and_its_files_from_an_early_start(project, slots, b_file):
+    """A exits 0 and its review starts. One slot: the reviewer takes A's place again, so the independent B may not
+    start early in it. Two slots and B wants A's file: the reviewer looks at that file, so B may not start in it
+    either. Either way B starts once A's reviewer has ended: never both at once."""
     order = project.order()
     journal = project.root / "journal.txt"
     write_task(order, "A", command="true", target_files=["a.txt"], priority="P0",
                review=journal_command(journal, "sleep 0.3").replace("$AIPM_TASK_ID", "review-A"))
-    write_task(order, "B", command=journal_command(journal, "true"), target_files=["b.txt"], priority="P2")
-    proc = project.aipm("run", "ORD", "--max-workers", "1", "--no-resource-monitoring", "--json")
+    write_task(order, "B", command=journal_command(journal, "true"), target_files=[b_file], priority="P2")
+    proc = project.aipm("run", "ORD", "--max-workers", str(slots), "--no-resource-monitoring", "--json")
     assert proc.returncode == 0, proc.stderr
     review, work = [s for s in spans(journal) if s.task == "review-A"], [s for s in spans(journal) if s.task == "B"]
     assert len(review) == 1 and len(work) == 1 and review[0].end <= work[0].start

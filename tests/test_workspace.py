@@ -129,6 +129,22 @@ def test_successor_starts_from_its_dependencys_merged_edit(repo, tmp_path):
     assert project.statuses() == {"T1": "DONE", "T2": "DONE"}
 
 
+def test_a_worktree_attempt_keeps_its_files_until_it_has_merged_back(repo, tmp_path):
+    """T1 (a worktree) and T2 (any workspace) want the same file and do not depend on each other. An attempt that
+    no reviewer follows hands its files on at its command's end, except one in a worktree: its edit reaches the
+    shared file only when its outcome is recorded (the merge), so T2 starts from the merged file."""
+    project = project_in(repo, config="workspace: worktree\nscope_audit: false\n")
+    journal = tmp_path / "journal"
+    order = project.order()
+    write_task(order, "T1", target_files=["src/a.txt"], priority="P0", command="echo 'from T1' >> src/a.txt")
+    write_task(order, "T2", target_files=["src/a.txt"], priority="P2",
+               command=f'tail -n 1 src/a.txt >> "{journal}"; echo "from T2" >> src/a.txt')
+    assert project.aipm("run", "ORD", "--max-workers", "2").returncode == 0
+    assert journal_lines(journal) == ["from T1"]
+    assert (repo / "src/a.txt").read_text().endswith("from T1\nfrom T2\n")
+    assert project.statuses() == {"T1": "DONE", "T2": "DONE"}
+
+
 # -- 2. the start state, the user's git state, setup and copy --------------------------------------------------
 
 
