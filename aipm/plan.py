@@ -182,7 +182,8 @@ def plan(
     near_busy = _LockIndex(targets for _, targets in busy)
     near_chosen = _LockIndex(())
     chosen: list[Task] = []
-    tasks = ranked(order) if ordering is None else [order.tasks[i] for i in ordering if i in order.tasks]
+    # Lazily: the hot path stops at the first full round, and a big order's ready list is long.
+    tasks = ranked(order) if ordering is None else (order.tasks[i] for i in ordering if i in order.tasks)
     for task in tasks:
         if task.id in held:
             if explain:

@@ -7,6 +7,7 @@ this run owns are stopped: another owner would count the kill as a failed attemp
 
 from __future__ import annotations
 
+from itertools import takewhile
 from typing import TYPE_CHECKING
 
 from aipm.model import Status
@@ -21,7 +22,9 @@ if TYPE_CHECKING:
 def stop_for_urgent(sup: "Supervisor", view: "OrderView") -> bool:
     """Stop whatever keeps a ready P0/P1 task from starting, when the planner allows it. True when any stopped."""
     order = view.order
-    candidates = [order.tasks[i] for i in view.ready_ordering() if order.tasks[i].priority.rank <= URGENT_RANK]
+    # Launch order is priority first: the urgent ready tasks are a prefix of it.
+    candidates = list(takewhile(lambda t: t.priority.rank <= URGENT_RANK,
+                                (order.tasks[i] for i in view.ready_ordering())))
     if not candidates:
         return False  # the common case costs one look at the ready index
     holders, live = [], 0

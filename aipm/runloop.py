@@ -97,7 +97,7 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     the outcomes were known; only a task its audit sends back to rework loses its turn to them."""
     if not ended or budget.of(view.order, launcher.settings.max_cost_usd) is not None:
         return None  # under a budget the ended attempts' costs count first: they are known once recorded
-    ready = [t for t in view.ready_ordering() if only is None or t == only]
+    ready = view.ready_ordering() if only is None else [only] if only in view.ready else []
     if not ready:
         return None  # a chain: what comes next waits for an outcome
     order = view.order
@@ -114,13 +114,12 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     waiting += [sup.owned[key].task for key in ended if sup.owned[key].order == order.id
                 and sup.owned[key].task in order.tasks and codes[key] != 0]
     limit = min((view.rank(t) for t in waiting), default=len(order.tasks))
-    early = [t for t in ready if view.rank(t) < limit]
-    if not early:
-        return None
+    if view.rank(ready[0]) >= limit:
+        return None  # ready is in rank order: none is ranked before what the outcomes may make launchable
     for key in ended:  # what they left running is ended first, while they are still all we may own
         sup.end_strays(sup.owned[key])
-    report = launcher.launch(view, owner=sup, only=set(early), explain=False, recover=recover, ending=freed,
-                             released=released)
+    report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False, recover=recover,
+                             ending=freed, released=released, below=limit)
     durable.flush()
     return report
 

@@ -111,13 +111,16 @@ class OrderView:
         self.ordering()
         return self._rank[tid]
 
-    def ready_ordering(self) -> list[str]:
-        """The ready tasks in launch order: all a quiet plan needs to look at. Kept sorted as tasks become
-        ready or stop being so (a sort of every ready task per wake-up made a big order's run quadratic)."""
+    def ready_ordering(self, below: int | None = None) -> list[str]:
+        """The ready tasks in launch order (only those ranked before `below`): all a quiet plan needs to look at.
+        Kept sorted as tasks become ready or stop being so (a sort of every ready task per wake-up made a big
+        order's run quadratic)."""
         self.ordering()
         if self._ready_ranked is None:
             self._ready_ranked = sorted(self.ready, key=self._rank.__getitem__)
-        return list(self._ready_ranked)
+        if below is None:
+            return list(self._ready_ranked)
+        return self._ready_ranked[:bisect.bisect_left(self._ready_ranked, below, key=self._rank.__getitem__)]
 
     # -- indexes ------------------------------------------------------------------------------------
 

@@ -36,4 +36,6 @@ def test_the_ready_tasks_stay_in_launch_order_as_statuses_change(tmp_path_factor
         task = dataclasses.replace(view.order.tasks[tid], status=data.draw(st.sampled_from(STATUSES)))
         view.note(task)  # as after a write of our own
         assert view.ready_ordering() == _ready_from_scratch(view.order)
+        below = data.draw(st.integers(min_value=0, max_value=len(view.order.tasks)))
+        assert view.ready_ordering(below) == [t for t in _ready_from_scratch(view.order) if view.rank(t) < below]
         assert view.running == {t.id for t in view.order.tasks.values() if t.status in (Status.IN_PROGRESS,)}
