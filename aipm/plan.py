@@ -181,6 +181,7 @@ def plan(
     doomed = _doomed(order) if explain else {}
     near_busy = _LockIndex(targets for _, targets in busy)
     near_chosen = _LockIndex(())
+    kept_out: set[tuple[Target, ...]] = set()  # without reasons: targets found kept out, so identical ones are too
     chosen: list[Task] = []
     # Lazily: the hot path stops at the first full round, and a big order's ready list is long.
     tasks = ranked(order) if ordering is None else (order.tasks[i] for i in ordering if i in order.tasks)
@@ -221,8 +222,11 @@ def plan(
         # The lock-node indexes meet exactly where `_conflict` finds a pair, so without reasons they decide alone:
         # a task kept out by a running or a chosen one costs a few set lookups per target, whatever the holders.
         hit = None
+        if not explain and task.targets in kept_out:
+            continue  # many tasks waiting for one file cost a set lookup each, not a walk of their locks
         if near_busy.near(task.targets):
             if not explain:
+                kept_out.add(task.targets)
                 continue
             hit = _conflict(task, busy)
         reason, words = FILE_BUSY, "{path} is held by running task {other}{status}"
@@ -231,6 +235,7 @@ def plan(
             reason, words = FILE_HELD, "{path} is held by {other}"
         if not hit and near_chosen.near(task.targets):
             if not explain:
+                kept_out.add(task.targets)  # the chosen only grow: kept out for the rest of this plan
                 continue
             hit = _conflict(task, [(c.id, c.targets) for c in chosen])
             reason, words = FILE_CHOSEN, "{path} overlaps {other}, which starts first this round"
