@@ -82,10 +82,9 @@ class Launcher:
         """
         busy, live, count = [], {}, 0
         for rec in records:
-            if rec.key in released:
-                continue
-            status = Status.IN_PROGRESS if rec.phase == "work" else Status.IN_REVIEW
-            busy.append(Busy(rec.order, rec.task, tuple(normalize(t) for t in rec.targets), status.value))
+            if rec.key not in released:  # a released one still counts as live below: its file may have been reset
+                status = Status.IN_PROGRESS if rec.phase == "work" else Status.IN_REVIEW
+                busy.append(Busy(rec.order, rec.task, tuple(normalize(t) for t in rec.targets), status.value))
             if rec.alive():
                 count += rec.key not in ending  # a worker that ended: its files wait for its outcome, not a slot
                 if rec.order == order.id:
@@ -140,13 +139,13 @@ class Launcher:
 
     def launch(self, view: OrderView, owner: "Owner | None" = None, only: Iterable[str] | None = None,
                explain: bool = True, recover: bool = True, ending: Collection[str] = (),
-               released: Collection[str] = (), below: int | None = None) -> LaunchReport:
+               released: Collection[str] = (), ranked_before: Collection[str] | None = None) -> LaunchReport:
         """Recover, plan and start what may start. `owner` None means detached workers that finish themselves.
 
         A supervisor passes recover=False while it knows no owner died since its last look, and as `ending` the
         keys of its workers that ended but whose outcome it has not recorded yet (they take no slot), and as
-        `released` those of them whose files are free too (no reviewer follows); `below`: only tasks ranked
-        before it may start (the hot path's plan looks at no other).
+        `released` those of them whose files are free too (no reviewer follows); `ranked_before`: only tasks
+        ranked before all of these ids may start (ranked after this round's refresh; the plan looks at no other).
         """
         report = LaunchReport()
         # A dry run takes no lock: it must not create or change a single byte, .aipm/ included.
@@ -161,14 +160,14 @@ class Launcher:
             # plans without it and reads it only when a lock turns out to be taken after all, then plans again.
             for careful in (True,) if explain else (False, True):
                 busy_seen = self._plan_and_start(view, order, owner, only, explain, careful, report, ending,
-                                                 released, below)
+                                                 released, ranked_before)
                 if not busy_seen:
                     break
         return report
 
     def _plan_and_start(self, view: OrderView, order: Order, owner: "Owner | None", only: Iterable[str] | None,
                         explain: bool, careful: bool, report: LaunchReport, ending: Collection[str] = (),
-                        released: Collection[str] = (), below: int | None = None) -> bool:
+                        released: Collection[str] = (), ranked_before: Collection[str] | None = None) -> bool:
         """One plan and its starts, into `report`. Returns True when a start found a target lock taken while the
         plan had not looked at locks held outside aipm (so the caller plans again, carefully)."""
         records = report.records = self.records()
@@ -183,6 +182,8 @@ class Launcher:
         if explain:
             result = plan(order, busy, live, free, view.ordering(), budget=spend, outside=outside)
         else:  # the hot path: only ready tasks, indexed by the view
+            below = None if ranked_before is None else min(
+                (view.rank(t) for t in ranked_before if t in order.tasks), default=len(order.tasks))
             result = plan(order, busy, live, free, view.ready_ordering(below), explain=False, running=view.running,
                           budget=spend, outside=outside,
                           released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")})

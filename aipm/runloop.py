@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aipm import budget, durable, notify, preemption, runner, scope
+from aipm import budget, confine, durable, notify, preemption, runner, scope
 from aipm.finish import review_command
 from aipm.launcher import Launcher, LaunchReport
 from aipm.model import FINISHED_OK, Order, Status, status_summary
@@ -97,15 +97,17 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     the outcomes were known; only a task its audit sends back to rework loses its turn to them."""
     if not ended or budget.of(view.order, launcher.settings.max_cost_usd) is not None:
         return None  # under a budget the ended attempts' costs count first: they are known once recorded
+    order = view.refresh()  # the ended tasks' files as they are now: a `review:` saved meanwhile counts
     ready = view.ready_ordering() if only is None else [only] if only in view.ready else []
     if not ready:
         return None  # a chain: what comes next waits for an outcome
-    order = view.order
-    codes = {key: read_exit_file(sup.owned[key].exit_file) for key in ended}
+    codes = {key: _exit_code(sup, sup.owned[key]) for key in ended}
     freed = [key for key in ended if not _reviewed_next(sup.owned[key], codes[key], order, launcher)]
     # An attempt that no reviewer follows is over with its files once its group has ended (and its strays, below):
-    # recording its outcome changes none of them. A worktree's attempt still merges back into them first.
-    released = [key for key in freed if not sup.owned[key].workspace]
+    # recording its outcome changes none of them — unless it worked in a worktree (it merges back into them) or
+    # was confined (what confinement created for it and it left untouched is removed then).
+    released = [key for key in freed
+                if not sup.owned[key].workspace and not os.path.exists(confine.made_file(sup.owned[key].log))]
     held = [tuple(normalize(t) for t in sup.owned[key].targets) for key in ended if key not in released]
     if not any_clear((order.tasks[t] for t in ready), held):
         return None  # every ready task waits for the files of ended tasks that are reviewed next
@@ -113,22 +115,29 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
                for d in view.dependants.get(sup.owned[key].task, ()) if order.tasks[d].status == Status.QUEUED]
     waiting += [sup.owned[key].task for key in ended if sup.owned[key].order == order.id
                 and sup.owned[key].task in order.tasks and codes[key] != 0]
-    limit = min((view.rank(t) for t in waiting), default=len(order.tasks))
-    if view.rank(ready[0]) >= limit:
+    if view.rank(ready[0]) >= min((view.rank(t) for t in waiting), default=len(order.tasks)):
         return None  # ready is in rank order: none is ranked before what the outcomes may make launchable
     for key in ended:  # what they left running is ended first, while they are still all we may own
         sup.end_strays(sup.owned[key])
     report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False, recover=recover,
-                             ending=freed, released=released, below=limit)
+                             ending=freed, released=released, ranked_before=waiting)
     durable.flush()
     return report
 
 
+def _exit_code(sup: Supervisor, rec: Record) -> int | None:
+    """The ended attempt's exit code as its outcome will be recorded (Supervisor.handle): our child's wait
+    status, else the exit file its wrapper wrote."""
+    code = sup.reaped.get(rec.key)
+    return code if code is not None else read_exit_file(rec.exit_file)
+
+
 def _reviewed_next(rec: Record, code: int | None, order: Order, launcher: Launcher) -> bool:
     """Whether the outcome of this ended attempt may start its reviewer, which takes the place again (so the
-    place is not free for an early start): a work phase that exited 0 with a review to run, or one we cannot tell."""
+    place is not free for an early start): a work phase that exited 0 with a review to run, or one we cannot tell
+    (no exit code: a reviewer that vanished is asked again)."""
     task = order.tasks.get(rec.task) if rec.order == order.id else None
-    if task is None:
+    if task is None or code is None:
         return True
     return (rec.phase == "work" and code == 0
             and review_command(task, launcher.settings, launcher.options.no_review) is not None)

@@ -163,6 +163,23 @@ def test_detached_launch_confines_too_and_missing_targets_are_tidied(tmp_path):
     assert not (root / "gen" / "made.txt.code").exists()
 
 
+@landlock
+def test_a_confined_attempt_hands_its_files_on_only_after_what_was_made_for_it_is_tidied(tmp_path):
+    """A is confined and wants gen/f.txt, which does not exist: confinement creates it (and gen/) empty for the
+    rule. A ends without touching it; B, not confined, wants the same file and appends to it through a descriptor
+    it holds open for a while. A's files go to B only once A's outcome is recorded and what was made for A is
+    removed, so that removal never pulls the file from under B: B's line is in gen/f.txt at the end."""
+    project, root, _ = _tree(tmp_path)
+    order = project.order()
+    write_task(order, "A", target_files=["gen/f.txt"], confine=True, command="true", priority="P0")
+    write_task(order, "B", target_files=["gen/f.txt"], priority="P2",
+               command="mkdir -p gen && exec 3>>gen/f.txt && sleep 0.3 && echo b >&3")
+    proc = project.aipm("run", "ORD", "--max-workers", "2", "--no-resource-monitoring", "--no-review")
+    assert proc.returncode == 0, proc.stderr
+    assert task_statuses(order) == {"A": "DONE", "B": "DONE"}
+    assert (root / "gen" / "f.txt").read_text() == "b\n"
+
+
 def test_confine_is_refused_at_launch_with_one_line_where_landlock_is_missing(project):
     order = project.order()
     task = write_task(order, "T", target_files=["a.txt"], command="echo hi > a.txt", confine=True)

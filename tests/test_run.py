@@ -7,7 +7,7 @@ import subprocess
 import sys
 import pytest
 
-from conftest import no_workers, task_statuses, wait_for, write_task
+from conftest import no_workers, state, task_statuses, wait_for, write_task
 from invariants import check, group_alive, pid_alive, journal_command, random_order, spans
 
 
@@ -219,6 +219,26 @@ def test_an_ended_attempt_hands_its_files_on_before_its_outcome_is_written(proje
     a, b = ([s for s in spans(journal) if s.task == t] for t in "AB")
     assert len(a) == 1 and len(b) == 1 and a[0].end <= b[0].start
     assert project.statuses() == {"A": "DONE", "B": "DONE"}
+
+
+def test_a_lost_exit_file_never_hands_on_the_files_of_an_attempt_its_review_follows(project):
+    """A's command adds B (P0, ranked before A, wanting A's file) to the order and removes the directory its
+    wrapper writes the exit file to: A's exit file is lost, but A is our child and exited 0, so its review runs on
+    A's files. B, ranked first, may start in the wake-up A ends in only if those files were free: they are not,
+    so B starts after A's review."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    pending = project.root / "B.pending"
+    write_task(pending.parent, "B", command=journal_command(journal, "true"), target_files=["s.txt"], priority="P0")
+    (project.root / "B.yaml").rename(pending)
+    add_b = f"cp '{pending}' orders/ORD/B.yaml; sleep 0.2; rm -rf '{state(project.root) / 'exit'}'"
+    write_task(order, "A", command=add_b, target_files=["s.txt"], priority="P1",
+               review=journal_command(journal, "sleep 0.3").replace("$AIPM_TASK_ID", "review-A"))
+    proc = project.aipm("run", "ORD", "--max-workers", "2", "--no-resource-monitoring", "--json")
+    assert proc.returncode == 0, proc.stderr
+    review, work = [s for s in spans(journal) if s.task == "review-A"], [s for s in spans(journal) if s.task == "B"]
+    assert len(review) == 1 and len(work) == 1 and review[0].end <= work[0].start
+    assert project.statuses() == {"A": "COMPLETED", "B": "DONE"}
 
 
 @pytest.mark.parametrize("slots, b_file", [(1, "b.txt"), (2, "a.txt")])
