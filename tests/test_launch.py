@@ -121,3 +121,30 @@ def test_record_with_reused_pid_counts_as_dead(project):
     assert out["recovered"] == [{"order": "ORD", "id": "A", "action": "requeued"}]
     assert task_statuses(order)["A"] == "QUEUED"
     assert not (record_dir / "A.json").exists()
+
+
+def test_a_released_worker_whose_file_was_reset_is_neither_planned_again_nor_stops_holding_it(project):
+    """The wake-up that hands an ended attempt's files on (`released`) must still count its worker as this
+    owner's: when its file was reset to QUEUED under it (an agent's `git checkout`), it is not a task to start
+    again, and its files stay held by it (B, wanting the same file, waits for its outcome)."""
+    from aipm.launcher import Launcher, Options
+    from aipm.liveness import process_ctime
+    from aipm.project import Project
+    from aipm.runtime import Record
+    from aipm.settings import load_settings
+    from aipm.view import OrderView
+
+    order = project.order()
+    a = write_task(order, "A", command="true", target_files=["s.txt"], priority="P0", attempts=1)  # reset: QUEUED
+    write_task(order, "B", command="true", target_files=["s.txt"], priority="P2")
+    settings = load_settings(project.root, {"enable_monitoring": False})
+    launcher = Launcher(Project(project.root, settings.orders_dir), settings, Options(dry_run=True))
+    rt = launcher.runtime
+    rt.ensure()
+    rt.write_record(Record(order="ORD", order_dir=str(order), task="A", task_file=str(a), attempt=1,
+                           targets=["s.txt"], log=str(rt.log_path("ORD", "A", 1)),
+                           exit_file=str(rt.exit_path("ORD", "A", 1)), started_at="2026-12-02T00:00:00+00:00",
+                           owner_pid=os.getpid(), owner_ctime=process_ctime(os.getpid())))  # its worker ended
+    report = launcher.launch(OrderView(order, project.root, watch=False), explain=False, recover=False,
+                             ending=["ORD/A"], released=["ORD/A"], ranked_before=[])
+    assert report.launched == [] and report.failed == []
