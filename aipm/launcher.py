@@ -182,8 +182,7 @@ class Launcher:
         if explain:
             result = plan(order, busy, live, free, view.ordering(), budget=spend, outside=outside)
         else:  # the hot path: only ready tasks, indexed by the view
-            below = None if ranked_before is None else min(
-                (view.rank(t) for t in ranked_before if t in order.tasks), default=len(order.tasks))
+            below = None if ranked_before is None else view.first_rank(ranked_before)
             result = plan(order, busy, live, free, view.ready_ordering(below), explain=False, running=view.running,
                           budget=spend, outside=outside,
                           released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")})

@@ -1,6 +1,6 @@
 """`run --preempt`: stop lower-priority work so that an urgent task starts now.
 
-The decision is the planner's (`plan.preemptions`, pure); this module gathers its inputs from the run's view,
+The decision is pure (`urgency.preemptions`); this module gathers its inputs from the run's view,
 the worker records and what the supervisor owns, and has the supervisor stop the chosen workers. Only tasks
 this run owns are stopped: another owner would count the kill as a failed attempt.
 """
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from aipm.model import Status
 from aipm.paths import normalize
-from aipm.plan import PREEMPT_LIMIT, URGENT_RANK, Holder, preemptions
+from aipm.urgency import PREEMPT_LIMIT, URGENT_RANK, Holder, preemptions
 
 if TYPE_CHECKING:
     from aipm.supervisor import Supervisor

@@ -115,7 +115,7 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
                for d in view.dependants.get(sup.owned[key].task, ()) if order.tasks[d].status == Status.QUEUED]
     waiting += [sup.owned[key].task for key in ended if sup.owned[key].order == order.id
                 and sup.owned[key].task in order.tasks and codes[key] != 0]
-    if view.rank(ready[0]) >= min((view.rank(t) for t in waiting), default=len(order.tasks)):
+    if view.rank(ready[0]) >= view.first_rank(waiting):
         return None  # ready is in rank order: none is ranked before what the outcomes may make launchable
     for key in ended:  # what they left running is ended first, while they are still all we may own
         sup.end_strays(sup.owned[key])

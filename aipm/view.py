@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 from aipm.inotify import DirWatch
@@ -110,6 +111,11 @@ class OrderView:
         """The task's place in launch order (0 first)."""
         self.ordering()
         return self._rank[tid]
+
+    def first_rank(self, ids: Iterable[str]) -> int:
+        """The best rank among `ids` (tasks of this order; others are ignored); past the last one when none."""
+        self.ordering()
+        return min((self._rank[t] for t in ids if t in self._rank), default=len(self._ordering))
 
     def ready_ordering(self, below: int | None = None) -> list[str]:
         """The ready tasks in launch order (only those ranked before `below`): all a quiet plan needs to look at.

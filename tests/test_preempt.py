@@ -8,7 +8,7 @@ from conftest import no_workers, wait_for, write_task
 from test_plan import task
 
 from aipm.paths import normalize
-from aipm.plan import PREEMPT_LIMIT, Holder, Preemption, preemptions
+from aipm.urgency import PREEMPT_LIMIT, Holder, Preemption, preemptions
 
 
 def holder(key, pri, files, stoppable=True, alive=True):
