@@ -281,7 +281,7 @@ class Launcher:
             if workspace.kind(task, self.settings) == workspace.WORKTREE:
                 rec.workspace = workspace.prepare(self.project.root, rec, task, self.settings)
             elif self.settings.scope_audit and not self.options.no_review and task.targets and not exact:
-                self._scope_before(rec)
+                self._scope_before(rec, ours=owner is not None)
             # The record is written once the worker exists; a crash before that leaves IN_PROGRESS with no
             # record, which recovery re-queues.
             try:
@@ -311,6 +311,7 @@ class Launcher:
                 if view is not None:
                     view.note(restored)
             rt.remove_record(order.id, task.id)
+            scope.end(self.project.root, Path(rec.scope_file))
             if workspace.kind(task, self.settings) == workspace.WORKTREE:
                 with suppress(UserError, OSError):  # what a failed prepare left; the launch error says why
                     workspace.remove(self.project.root, order.id, task.id)
@@ -322,15 +323,16 @@ class Launcher:
             for fd in fds:
                 os.close(fd)
 
-    def _scope_before(self, rec: Record) -> None:
-        """Snapshot the git tree before the worker starts, and note whose files may change meanwhile."""
+    def _scope_before(self, rec: Record, ours: bool) -> None:
+        """Snapshot the git tree before the worker starts (or, for an attempt `ours` while this process watches
+        the tree, open its window of events), and note whose files may change meanwhile."""
         def refuse() -> None:  # the snapshot could not be saved after all: its command must not begin
             append_log(rec.log, "scope audit: cannot save the snapshot this attempt starts from; stopped before "
                                 "its command began")
             if rec.pid:
                 runner.signal_group(rec.pgid, signal.SIGKILL)
 
-        if scope.save_before(self.project.root, Path(rec.scope_file), refuse):
+        if scope.save_before(self.project.root, Path(rec.scope_file), refuse, ours):
             rec.scope_allowed = [t for other in self.runtime.records() for t in other.targets]
 
     def _missing_program(self, task: Task) -> str | None:

@@ -278,15 +278,14 @@ class Recording:
         task: that it changed outside its own targets, exactly)."""
         if rec.workspace:
             return workspace.outside_targets(self.rt.root, rec)
-        before = scope.load(Path(rec.scope_file))
-        after = scope.snapshot(self.rt.root) if before is not None else None
-        if after is None:
-            return []
-        others = self.rt.records()
-        order_dirs = {os.path.relpath(r.order_dir, self.rt.root) + "/" for r in [rec, *others]}
-        allowed = [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *order_dirs,
-                   *scope.written_since(self.rt, before.taken_ns)]
-        return scope.out_of_scope(scope.changed(before, after), allowed)
+
+        def allowed(since_ns: int) -> list[str]:
+            others = self.rt.records()
+            order_dirs = {os.path.relpath(r.order_dir, self.rt.root) + "/" for r in [rec, *others]}
+            return [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *order_dirs,
+                    *scope.written_since(self.rt, since_ns)]
+
+        return scope.findings(self.rt.root, Path(rec.scope_file), allowed)
 
     def _start_review(self, rec: Record, task: Task) -> None:
         command = review_command(task, self.settings, self.launcher.options.no_review)
@@ -320,7 +319,7 @@ class Recording:
 
     def _drop(self, rec: Record, noted: bool = False) -> None:
         """Forget an attempt that is over: its files, locks and record (`noted`: interrupt() noted its end)."""
-        Path(rec.scope_file).unlink(missing_ok=True)
+        scope.end(self.rt.root, Path(rec.scope_file))
         confine.tidy(rec.log)
         # Locks go before the record: a held lock without a record would look like a stranger's.
         for fd in self.lock_fds.pop(rec.key, ()):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 from aipm import budget, confine, durable, notify, preemption, runner, scope
@@ -76,6 +76,7 @@ def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[l
                 if code is not None:
                     sup.reaped[rec.key] = code
                 runner.kill_group(rec.pgid)
+            scope.ended(sup.rt.root, Path(rec.scope_file))  # what starts early is not in its audit
         audited = any(Path(rec.scope_file).exists() for rec in ended)
         may_audit = sup.settings.scope_audit and not (sup.settings.confine or sup.launcher.options.no_review)
         if audited or (first and may_audit):
@@ -183,6 +184,13 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
 
     Returns the exit code: 0 when the order (or the `only` task) ended DONE/COMPLETED, 1 when not, 130 on Ctrl-C.
     """
+    settings = launcher.settings
+    audits = settings.scope_audit and settings.scope_watch and not launcher.options.no_review
+    with scope.watching(launcher.project.root) if audits else nullcontext():
+        return _supervise(launcher, view, emit, only, detach_others)
+
+
+def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None, detach_others: bool) -> int:
     sup = Supervisor(launcher, emit, view)
     stop = Stop(sup.watcher)
     if view.fd is not None:

@@ -42,6 +42,7 @@ from pathlib import Path
 from aipm import durable, posix_spawn
 from aipm.paths import PathError, Target, normalize, overlaps
 from aipm.runtime import Record, Runtime
+from aipm.treewatch import CREATED, TreeWatch
 
 RUNTIME_DIR = ".aipm"
 
@@ -89,8 +90,9 @@ def snapshot(root: Path) -> Snapshot | None:
 def prefetch(root: Path) -> None:
     """Start the shared snapshot of `root` now and read it at its first use (snapshot()), so `git status` runs
     while the caller does what needs no snapshot (reaping, the launch lock, reading the task). Only inside
-    shared(); the caller must not let anything write in the tree on a task's behalf before that first use."""
-    if _SHARED and str(root) not in _SHARED[0]:
+    shared(), and not while this process watches the tree (its attempts need no snapshot); the caller must not
+    let anything write in the tree on a task's behalf before that first use."""
+    if _SHARED and str(root) not in _SHARED[0] and _real(Path(root)) not in _WATCHES:
         _SHARED[0][str(root)] = _start(Path(root))
 
 
@@ -99,13 +101,22 @@ def running_pids() -> set[int]:
     return {v.proc.pid for cache in _SHARED for v in cache.values() if isinstance(v, _Pending) and not v._read}
 
 
-def save_before(root: Path, path: Path, refuse: Callable[[], None]) -> bool:
-    """Save to `path` the snapshot a task starts from; False when there is none (not a git work tree, no git).
+def save_before(root: Path, path: Path, refuse: Callable[[], None], ours: bool = False) -> bool:
+    """Save to `path` what a task starts from; False when there is none (not a git work tree, no git).
+
+    With `ours` (this process owns the attempt and audits it) inside watching(), that is the moment its window
+    of tree events opens: no snapshot is taken.
 
     While that snapshot is still being taken (a prefetch), the save waits for it at the durable end of the launch
     round, where the task's go waits too, registered after this: its command never begins before the snapshot
     it is audited against is complete and saved. Should that late save fail, `refuse()` stops the task before
     its command begins (nothing runs unaudited). Otherwise a failure to save raises OSError, as save() does."""
+    watch = _WATCHES.get(_real(Path(root))) if ours else None
+    if watch is not None:
+        since = time.time_ns()  # before the events are read: what ended later may have written in the window
+        _write_json(Path(path), ["watched", since])  # for an owner that adopts the attempt if we die
+        watch.open_window(str(path), since)
+        return True
     value = _SHARED[0].get(str(root)) if _SHARED else None
     if not isinstance(value, _Pending):
         snap = snapshot(root)
@@ -271,23 +282,35 @@ def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:
 def save(snap: Snapshot, path: Path) -> None:
     """Write a snapshot as JSON (so an owner that adopts a worker can still audit it); the file's mtime is the
     moment it was taken."""
-    path = Path(path)
+    _write_json(Path(path), snap, snap.taken_ns)
+
+
+def _write_json(path: Path, data: object, mtime_ns: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(snap, sort_keys=True))
-    if snap.taken_ns:
-        os.utime(tmp, ns=(snap.taken_ns, snap.taken_ns))
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    if mtime_ns:
+        os.utime(tmp, ns=(mtime_ns, mtime_ns))
     os.replace(tmp, path)
 
 
-def load(path: Path) -> Snapshot | None:
-    """A snapshot written by save(), or None when it is missing or unreadable."""
+class Watched:
+    """What an attempt audited from tree events starts from: when its window opened."""
+
+    def __init__(self, taken_ns: int):
+        self.taken_ns = taken_ns
+
+
+def load(path: Path) -> Snapshot | Watched | None:
+    """What save() or save_before() wrote, or None when it is missing or unreadable."""
     try:
         with open(path) as handle:
             data = json.load(handle)
             taken = os.fstat(handle.fileno()).st_mtime_ns
     except (OSError, ValueError):
         return None
+    if isinstance(data, list) and len(data) == 2 and data[0] == "watched" and isinstance(data[1], int):
+        return Watched(data[1])
     if not isinstance(data, dict):
         return None
     snap = Snapshot((str(k), _fp(v)) for k, v in data.items())
@@ -295,19 +318,147 @@ def load(path: Path) -> Snapshot | None:
     return snap
 
 
+def findings(root: Path, path: Path, allowed: Callable[[int], list[Target | str]]) -> list[str]:
+    """Sorted paths that the attempt whose start is saved at `path` changed and that nothing in
+    `allowed(since_ns)` covers (the targets of every task that may write meanwhile, given the moment it began)."""
+    watch = _WATCHES.get(_real(Path(root)))
+    # Our own window is kept here, not read back from its file: a worker may have cleaned the file away.
+    since = watch.opened(str(path)) if watch is not None else None
+    if since is None:
+        start = load(path)
+        if isinstance(start, Snapshot):
+            after = snapshot(root)
+            return out_of_scope(changed(start, after), allowed(start.taken_ns)) if after is not None else []
+        if start is None:
+            return []
+        since = start.taken_ns
+    touched = watch.touched(str(path)) if watch is not None else None
+    writers_since = since
+    if touched is None:  # adopted from an owner that died, or events were lost: what git shows written since
+        after = snapshot(root)
+        if after is None:
+            return []
+        touched = {p: _UNSEEN for p in after}
+        writers_since -= CTIME_SLACK_NS  # a write that recent counts as in the window: so does its writer
+    if not touched:
+        return []
+    covered = allowed(writers_since)
+    bad = out_of_scope({p for p in touched if not p.endswith("/")}, covered)
+    bad = [p for p in bad if _changed_since(f"{_real(Path(root))}/{p}", touched[p], since)]
+    bad += [p for p in touched if p.endswith("/") and not _dir_covered(p[:-1], covered)]
+    return sorted(_not_ignored(Path(root), bad))
+
+
+_UNSEEN = -1  # the first event in the window is not known: a path gone now may have gone before it
+
+CTIME_SLACK_NS = 50_000_000  # inode times come from a coarse clock: a write just after the window opened may
+# carry a time a few milliseconds before it
+
+
+def _changed_since(path: str, first: int, since_ns: int) -> bool:
+    """Whether a path with events in the window differs from what was there when it opened: created and still
+    there, removed (it was there: its first event was not its creation), or its inode changed since."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return first not in (CREATED, _UNSEEN)
+    return first == CREATED or st.st_ctime_ns >= since_ns - CTIME_SLACK_NS
+
+
+def _dir_covered(directory: str, allowed: Iterable[Target | str]) -> bool:
+    """A directory moved away took every file in it: covered only by a target that covers all of them."""
+    whole = Target(directory, True, False)
+    for t in (normalize(t) if isinstance(t, str) else t for t in allowed):
+        if t.is_glob and overlaps(whole, t):
+            return True  # conservative for patterns, like out_of_scope
+        if t.is_dir and (not t.path or directory == t.path or directory.startswith(t.path + "/")):
+            return True
+    return False
+
+
+def _not_ignored(root: Path, paths: list[str]) -> list[str]:
+    """The paths git does not ignore (events are seen in new directories git may ignore; git status is not)."""
+    if not paths:
+        return paths
+    try:
+        res = subprocess.run(["git", "-C", str(root), "check-ignore", "-z", "--stdin"], env=_git_env(),
+                             input="\0".join(paths).encode("utf-8", "surrogateescape"), capture_output=True)
+    except OSError:
+        return paths
+    if res.returncode not in (0, 1):
+        return paths  # git could not tell: keep every finding (fail closed)
+    ignored = set(res.stdout.decode("utf-8", "surrogateescape").split("\0"))
+    return [p for p in paths if p not in ignored and p.rstrip("/") not in ignored]
+
+
+def ended(root: Path, path: Path) -> None:
+    """The attempt whose start is saved at `path` has ended (its processes are gone): its window closes now,
+    before anything else starts, even if it is audited later."""
+    watch = _WATCHES.get(_real(Path(root)))
+    if watch is not None:
+        watch.end_window(str(path))
+
+
+def end(root: Path, path: Path) -> None:
+    """The attempt whose start is saved at `path` is over: forget it."""
+    Path(path).unlink(missing_ok=True)
+    watch = _WATCHES.get(_real(Path(root)))
+    if watch is not None:
+        watch.close_window(str(path))
+
+
+# -- the watch of a `run` ------------------------------------------------------------------------------
+
+_WATCHES: dict[str, TreeWatch] = {}  # real root -> the watch this process holds over it (treewatch.py)
+
+
+@contextmanager
+def watching(root: Path) -> Iterator[None]:
+    """Within this block the attempts this process starts and ends in `root` are audited from one watch of
+    the tree's events instead of `git status` per wake-up (where inotify works and the tree is a git work tree
+    of at most treewatch.MAX_DIRS directories; else as before)."""
+    real = _real(Path(root))
+    watch = None
+    if real not in _WATCHES and _prefix(real) is not None:
+        watch = TreeWatch.open(real, _ignored_dirs(real), RUNTIME_DIR)
+        if watch is not None:
+            _WATCHES[real] = watch
+    try:
+        yield
+    finally:
+        if watch is not None:
+            del _WATCHES[real]
+            watch.close()
+
+
+def _ignored_dirs(root: str) -> list[str]:
+    """Directories below `root` that git ignores (relative, "/"-separated): not watched."""
+    try:
+        res = subprocess.run(["git", "-C", root, "ls-files", "-z", "--others", "--ignored", "--exclude-standard",
+                              "--directory", "--", "."], env=_git_env(), capture_output=True)
+    except OSError:
+        return []
+    out = res.stdout.decode("utf-8", "surrogateescape").split("\0") if res.returncode == 0 else []
+    return [p.rstrip("/") for p in out if p.endswith("/")]
+
+
 # -- what ended while an audit was in flight --------------------------------------------------------------
 
 WRITTEN_LOG = "written.log"  # in the state directory: "<time_ns> <json list of targets>" per line
 
 
-def note_ended(rt: Runtime, rec: Record, targets: Iterable[str] | None = None) -> None:
-    """`rec`'s attempt is over (or, with `targets`, a worktree merge just wrote them): note its targets for the
-    audits still in flight, whose snapshots may see its writes once its record is gone. Caller holds the launch
-    lock. The log is appended to; past WRITTEN_LOG_BYTES it is cut to the lines an audit may still need."""
-    if targets is None:
-        if rec.workspace or _prefix(_real(rt.root)) is None:
-            return  # it wrote in its own worktree (merges note themselves), or nothing here is audited
-        targets = rec.targets
+def note_ended(rt: Runtime, rec: Record) -> None:
+    """`rec`'s attempt is over: note its targets for the audits still in flight, which may see its writes once
+    its record is gone. Caller holds the launch lock."""
+    if rec.workspace or _prefix(_real(rt.root)) is None:
+        return  # it wrote in its own worktree (merges note themselves), or nothing here is audited
+    note_written(rt, rec.targets)
+
+
+def note_written(rt: Runtime, targets: Iterable[str]) -> None:
+    """Something aipm did on a task's behalf (an attempt that ended, a worktree merge) just wrote `targets`: note
+    them for the audits in flight. Caller holds the launch lock. The log is appended to; past WRITTEN_LOG_BYTES
+    it is cut to the lines an audit may still need."""
     log = rt.state / WRITTEN_LOG
     try:
         with open(log, "a", encoding="utf-8") as handle:

@@ -39,6 +39,7 @@ class Settings:
     worker_model: str = "sonnet"  # worker.model
     review_command: str | tuple[str, ...] | None = None  # review.command: a string runs in a shell, a list is argv
     scope_audit: bool = True  # in a git tree, a worker that writes outside its target_files fails its review
+    scope_watch: bool = True  # run audits its own attempts from an inotify watch of the tree, not git status
     runner: str = "local"  # where workers run: "local" or "ray"
     ray_address: str | None = None  # ray.address: the cluster for --runner ray (else RAY_ADDRESS, else auto)
     worker_agent: str = "command"  # worker.agent: the preset for tasks without `command` (aipm.agents.NAMES)
@@ -186,6 +187,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "worker.model": _text,
     "review.command": _review,
     "scope_audit": _boolean,
+    "scope_watch": _boolean,
     "runner": _runner,
     "ray.address": _text,
     "worker.agent": _agent,

@@ -191,7 +191,8 @@ def test_snapshot_survives_save_and_load(repo, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_run_fails_the_review_of_a_worker_that_writes_outside_its_targets(tmp_path):
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
+def test_run_fails_the_review_of_a_worker_that_writes_outside_its_targets(tmp_path, watch):
     import subprocess as sp
     import sys
 
@@ -200,7 +201,7 @@ def test_run_fails_the_review_of_a_worker_that_writes_outside_its_targets(tmp_pa
     root = tmp_path / "repo"
     order = root / "orders" / "ORD"
     order.mkdir(parents=True)
-    (root / "aipm.yaml").write_text("max_rework: 0\n")
+    (root / "aipm.yaml").write_text(f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
     # One at a time: aipm cannot tell which of two concurrent workers wrote a file outside both their targets,
     # so it charges every task that was running then (fail closed).
     (order / "GOOD.yaml").write_text(yaml.safe_dump(
@@ -236,7 +237,8 @@ def _counting_git(tmp_path: Path) -> tuple[dict, Path]:
 
 @pytest.mark.parametrize("confined", [False, True])
 def test_one_snapshot_per_wake_up_and_none_for_confined_tasks(tmp_path, confined):
-    """A chain A → B → C: the snapshot after A is the one before B (and so on): 4 `git status`, not 6.
+    """Auditing with `git status` (`scope_watch: false`), a chain A → B → C: the snapshot after A is the one
+    before B (and so on): 4 `git status`, not 6.
     Confined tasks (where the kernel has Landlock) need none: the kernel held them to their targets."""
     import subprocess as sp
     import sys
@@ -250,7 +252,7 @@ def test_one_snapshot_per_wake_up_and_none_for_confined_tasks(tmp_path, confined
     root = tmp_path / "repo"
     order = root / "orders" / "ORD"
     order.mkdir(parents=True)
-    (root / "aipm.yaml").write_text(f"confine: {str(confined).lower()}\n")
+    (root / "aipm.yaml").write_text(f"confine: {str(confined).lower()}\nscope_watch: false\n")
     for tid, dep in (("A", None), ("B", "A"), ("C", "B")):
         (order / f"{tid}.yaml").write_text(yaml.safe_dump(
             {"command": f"echo {tid} > {tid}.txt", "target_files": [f"{tid}.txt"], "depends_on": [dep] if dep else []}))
@@ -267,7 +269,7 @@ def test_one_snapshot_per_wake_up_and_none_for_confined_tasks(tmp_path, confined
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-@pytest.mark.parametrize("how", ["run", "launch"])
+@pytest.mark.parametrize("how", ["run", "run with git status", "launch"])
 def test_a_task_that_started_and_ended_within_anothers_run_is_not_charged_to_it(tmp_path, how):
     """LONG runs while SHORT starts after it and ends before it, writing only its own target: SHORT's write shows
     up in LONG's audit, and it was charged to LONG (scope: wrote short/...) because SHORT's record was gone by then.
@@ -281,7 +283,8 @@ def test_a_task_that_started_and_ended_within_anothers_run_is_not_charged_to_it(
     root = tmp_path / "repo"
     order = root / "orders" / "ORD"
     order.mkdir(parents=True)
-    (root / "aipm.yaml").write_text("max_rework: 0\nmax_workers: 2\nenable_monitoring: false\n")
+    (root / "aipm.yaml").write_text("max_rework: 0\nmax_workers: 2\nenable_monitoring: false\n"
+                                    f"scope_watch: {str(how == 'run').lower()}\n")
     tasks = {
         "FIRST": {"command": "echo 1 > first.txt", "target_files": ["first.txt"], "priority": "P0"},
         # SHORT starts only once FIRST is finished, i.e. after LONG's "before" snapshot.
@@ -299,7 +302,7 @@ def test_a_task_that_started_and_ended_within_anothers_run_is_not_charged_to_it(
     def statuses() -> dict:
         return {p.stem: yaml.safe_load(p.read_text()).get("status") for p in order.glob("*.yaml")}
 
-    if how == "run":
+    if how != "launch":
         proc = sp.run([*aipm, "run", "ORD"], capture_output=True, text=True, timeout=120)
         out = proc.stdout + proc.stderr
     else:
@@ -381,7 +384,7 @@ def test_a_lone_task_is_audited_even_when_git_is_slower_than_its_end(tmp_path):
     root = tmp_path / "repo"
     order = root / "orders" / "ORD"
     order.mkdir(parents=True)
-    (root / "aipm.yaml").write_text("max_rework: 0\n")
+    (root / "aipm.yaml").write_text("max_rework: 0\nscope_watch: false\n")
     (order / "SNEAKY.yaml").write_text(yaml.safe_dump(
         {"command": "echo a > a.txt && echo c > c.txt", "target_files": ["a.txt"]}))
     for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
@@ -448,9 +451,9 @@ def _git_repo_order(tmp_path: Path, tasks: dict, settings: str = "max_rework: 0\
     return root
 
 
-@pytest.mark.parametrize("slow_git", [False, True])
+@pytest.mark.parametrize("mode", ["watch", "git", "slow git"])
 def test_an_independent_task_starts_before_the_audit_of_the_one_that_ended_and_neither_is_misjudged(
-        tmp_path, slow_git):
+        tmp_path, mode):
     """One worker slot. FIRST (honest) ends; NEXT, which does not depend on it, starts in the same wake-up before
     FIRST's audit and outcome (its "started" comes before FIRST's "finished"), and writes outside its targets at
     once. Its go waits for the snapshot it starts from — with a git that takes a second too — so that snapshot
@@ -461,9 +464,9 @@ def test_an_independent_task_starts_before_the_audit_of_the_one_that_ended_and_n
     root = _git_repo_order(tmp_path, {
         "FIRST": {"command": "echo 1 > first.txt", "target_files": ["first.txt"], "priority": "P0"},
         "NEXT": {"command": "echo x > stray.txt && echo 2 > next.txt", "target_files": ["next.txt"]},
-    })
+    }, f"max_rework: 0\nscope_watch: {str(mode == 'watch').lower()}\n")
     env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
-    if slow_git:
+    if mode == "slow git":
         shim = tmp_path / "shim"
         shim.mkdir()
         (shim / "git").write_text(f'#!/bin/sh\ncase " $* " in *" status "*) sleep 1;; esac\n'
@@ -480,7 +483,8 @@ def test_an_independent_task_starts_before_the_audit_of_the_one_that_ended_and_n
     assert seen.index(("started", "NEXT")) < seen.index(("finished", "FIRST")), seen
 
 
-def test_honest_concurrent_work_started_early_is_never_charged(tmp_path):
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
+def test_honest_concurrent_work_started_early_is_never_charged(tmp_path, watch):
     """Twelve independent tasks on two slots in a git repository, each writing only its own file in one shared
     directory: every wake-up starts the next before the audit of the one that ended. None is charged with
     another's write."""
@@ -488,7 +492,7 @@ def test_honest_concurrent_work_started_early_is_never_charged(tmp_path):
 
     tasks = {f"T{i:02d}": {"command": f"mkdir -p out && echo {i} > out/{i}.txt && sleep 0.0{i % 3}",
                            "target_files": [f"out/{i}.txt"]} for i in range(12)}
-    root = _git_repo_order(tmp_path, tasks)
+    root = _git_repo_order(tmp_path, tasks, f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
     code, events = _run_json(root, dict(os.environ, AIPM_ENABLE_MONITORING="false"), 2)
     assert code == 0, events
     assert [e for e in events if e.get("scope")] == []

@@ -186,7 +186,7 @@ def merge(root: Path, rec: Record) -> list[str]:
     _seam("merge:0")
     notes = merging.apply(repo.top, plan_dir, after_each=lambda n: _seam(f"merge:{n}"))
     # A shared task whose audit is in flight may see these files change once this record is gone.
-    scope.note_ended(Runtime(root), rec, rec.targets)
+    scope.note_written(Runtime(root), rec.targets)
     return notes
 
 
