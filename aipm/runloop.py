@@ -186,8 +186,12 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     """
     settings = launcher.settings
     audits = settings.scope_audit and settings.scope_watch and not launcher.options.no_review
-    with scope.watching(launcher.project.root) if audits else nullcontext():
-        return _supervise(launcher, view, emit, only, detach_others)
+    # The caller exits soon after: the watches are handed to a child to close (inotify.close_at_exit).
+    with scope.watching(launcher.project.root, at_exit=True) if audits else nullcontext():
+        try:
+            return _supervise(launcher, view, emit, only, detach_others)
+        finally:
+            view.close_watch()
 
 
 def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None, detach_others: bool) -> int:

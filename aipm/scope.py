@@ -413,10 +413,10 @@ _WATCHES: dict[str, TreeWatch] = {}  # real root -> the watch this process holds
 
 
 @contextmanager
-def watching(root: Path) -> Iterator[None]:
+def watching(root: Path, at_exit: bool = False) -> Iterator[None]:
     """Within this block the attempts this process starts and ends in `root` are audited from one watch of
     the tree's events instead of `git status` per wake-up (where inotify works and the tree is a git work tree
-    of at most treewatch.MAX_DIRS directories; else as before)."""
+    of at most treewatch.MAX_DIRS directories; else as before). `at_exit`: the process ends with the block."""
     real = _real(Path(root))
     watch = None
     if real not in _WATCHES and _prefix(real) is not None:
@@ -428,7 +428,7 @@ def watching(root: Path) -> Iterator[None]:
     finally:
         if watch is not None:
             del _WATCHES[real]
-            watch.close()
+            watch.close(at_exit)
 
 
 def _ignored_dirs(root: str) -> list[str]:

@@ -22,6 +22,8 @@ import os
 import struct
 from collections.abc import Iterable
 
+from aipm.inotify import close_at_exit
+
 IN_MODIFY, IN_ATTRIB, IN_CLOSE_WRITE = 0x002, 0x004, 0x008
 IN_MOVED_FROM, IN_MOVED_TO, IN_CREATE, IN_DELETE = 0x040, 0x080, 0x100, 0x200
 IN_Q_OVERFLOW, IN_IGNORED, IN_ONLYDIR, IN_DONT_FOLLOW = 0x4000, 0x8000, 0x01000000, 0x02000000
@@ -105,8 +107,9 @@ class TreeWatch:
         del self._log[:keep - self._base]
         self._base = keep
 
-    def close(self) -> None:
-        os.close(self._fd)
+    def close(self, at_exit: bool = False) -> None:
+        """`at_exit`: this process ends soon; do not wait for the kernel's teardown (inotify.close_at_exit)."""
+        close_at_exit(self._fd) if at_exit else os.close(self._fd)
 
     # -- events ---------------------------------------------------------------------------------------------
 

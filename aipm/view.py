@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from aipm.inotify import DirWatch
+from aipm.inotify import DirWatch, close_at_exit
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.ranking import ranked
 from aipm.errors import ValidationError
@@ -35,6 +35,12 @@ class OrderView:
     @property
     def fd(self) -> int | None:
         return self.watch.fd if self.watch else None
+
+    def close_watch(self) -> None:
+        """Stop watching the directory, as a process that is about to exit (later refreshes compare stats)."""
+        if self.watch is not None:
+            close_at_exit(self.watch.fd)
+            self.watch = None
 
     def refresh(self) -> Order:
         """Bring the view up to date with the directory. `self.changed` says whether anything but our own

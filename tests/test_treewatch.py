@@ -244,3 +244,38 @@ def test_adopted_audit_does_not_charge_what_a_task_that_just_ended_wrote(repo):
     with scope.shared():  # its owner died: the next run has no window for it
         found = scope.findings(repo, start, lambda since_ns: ["src/", *scope.written_since(rt, since_ns)])
     assert found == ["stray.txt"]
+
+
+def test_a_watch_closed_at_exit_is_handed_to_a_child_that_ends_with_us(tmp_path):
+    """Closing an inotify descriptor waits for a kernel grace period; `run` hands its watches to a child
+    instead. The descriptor is closed here at once, the child holds the instance, and the child ends when the
+    process that handed it over ends (it is never left behind)."""
+    script = """
+import os
+from aipm.inotify import DirWatch, close_at_exit
+from aipm.subreaper import children
+watch = DirWatch.open(".")
+close_at_exit(watch.fd)
+try:
+    os.fstat(watch.fd)
+    print("still open here")
+except OSError:
+    pass
+(child,) = children(os.getpid())
+print(child, os.readlink(f"/proc/{child}/fd/3"), flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    pid, held = proc.stdout.split()
+    assert held == "anon_inode:inotify"
+
+    def running() -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not running()
