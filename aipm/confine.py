@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 
 # Test seam (like AIPM_FAKE_LOAD in resources.py): a Landlock ABI to report instead of asking the kernel;
 # "0" simulates a kernel without Landlock. Read only here.
@@ -105,6 +104,8 @@ def rules(root: str, targets: list[str], log: str, made: list) -> tuple[list, st
     Creates what must exist for a rule (missing targets, the TMPDIR), appending each new path to `made` as
     [path, is_dir, mtime_ns].
     """
+    import tempfile  # only here: a run that confines nothing does without it
+
     real_root = os.path.realpath(root)
     out = _outside(real_root)
     for raw in targets:

@@ -6,7 +6,6 @@ Every mistake is a ValidationError naming the file and the field, so bad input i
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -35,6 +34,8 @@ TASK_KEYS = (
 def check_keys(path: Path, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     for key in data:
         if not isinstance(key, str) or key not in allowed:
+            import difflib  # only for this message: loading an order does without it
+
             near = difflib.get_close_matches(str(key).replace("-", "_"), allowed, n=1, cutoff=0.6)
             hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(allowed)}"
             raise ValidationError(str(path), str(key), f"unknown key{hint}")

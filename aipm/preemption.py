@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 from aipm.model import Status
 from aipm.paths import normalize
-from aipm.urgency import PREEMPT_LIMIT, URGENT_RANK, Holder, preemptions
 
 if TYPE_CHECKING:
     from aipm.supervisor import Supervisor
@@ -21,6 +20,8 @@ if TYPE_CHECKING:
 
 def stop_for_urgent(sup: "Supervisor", view: "OrderView") -> bool:
     """Stop whatever keeps a ready P0/P1 task from starting, when the planner allows it. True when any stopped."""
+    from aipm.urgency import PREEMPT_LIMIT, URGENT_RANK, Holder, preemptions  # only for `run --preempt`
+
     order = view.order
     # Launch order is priority first: the urgent ready tasks are a prefix of it.
     candidates = list(takewhile(lambda t: t.priority.rank <= URGENT_RANK,

@@ -7,7 +7,6 @@ a bad one raises SettingsError with one line naming the setting, where it came f
 
 from __future__ import annotations
 
-import difflib
 import os
 import shlex
 import sys
@@ -231,6 +230,8 @@ def _one_line(text: str) -> str:
 
 
 def _unknown(path: Path, key: str, known: list[str]) -> SettingsError:
+    import difflib  # only for this message: loading the settings does without it
+
     close = difflib.get_close_matches(key, known, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
     return SettingsError(f"{path}: {key}: unknown setting{hint}")

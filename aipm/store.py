@@ -5,7 +5,6 @@ Loading is fast (libyaml's CSafeLoader) and strict: every mistake is a Validatio
 
 from __future__ import annotations
 
-import difflib
 import errno
 import gc
 import os
@@ -267,6 +266,8 @@ def check_links(order: Order) -> None:
             if dep == task.id:
                 raise ValidationError(task.path, "depends_on", "a task cannot depend on itself")
             if dep not in tasks:
+                import difflib  # only for this message: loading an order does without it
+
                 near = difflib.get_close_matches(dep, [t for t in tasks if t != task.id], n=1)
                 hint = f"; did you mean {near[0]!r}?" if near else ""
                 raise ValidationError(task.path, "depends_on", f"{dep!r} is not a task of order {order.id}{hint}")

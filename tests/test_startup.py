@@ -75,7 +75,8 @@ def test_the_polled_form_skips_typer_and_answers_exactly_as_typer_does(project):
 
 
 def test_run_in_a_plain_form_skips_typer_rich_and_filelock_and_ends_as_typer_does(project):
-    """`run` of a build in a log: no Typer at all (its import alone is ~30 ms), no rich, no lock library."""
+    """`run` of a build in a log: no Typer at all (its import alone is ~30 ms), no rich, no lock library, nothing
+    only worktrees, --preempt, `exec` or an error message need."""
     def fresh():
         for name in ("A", "B"):
             write_task(project.order(), name, command=f"touch {name.lower()}.txt", target_files=[f"{name.lower()}.txt"],
@@ -84,7 +85,8 @@ def test_run_in_a_plain_form_skips_typer_rich_and_filelock_and_ends_as_typer_doe
     fresh()
     proc, modules = modules_of(project, "run", "ORD", "--max-workers", "2", "--no-resource-monitoring")
     assert proc.returncode == 0, proc.stderr
-    assert not {"pydantic", "typer", "rich", "filelock", "asyncio"} & modules
+    assert not {"pydantic", "typer", "rich", "filelock", "asyncio", "tempfile", "difflib",
+                "aipm.workspace.mergeback", "aipm.urgency", "aipm.cli.cmd_detect"} & modules
     assert proc.stdout.splitlines()[-1] == "ORD: DONE 2"
     fresh()
     typer_proc, modules = modules_of(project, "run", "--max-workers=2", "--no-resource-monitoring", "ORD")

@@ -10,7 +10,6 @@ from aipm.cli.decl import Argument, Exit, Option, command
 
 from aipm import budget, parsecache
 from aipm.cluster import require_ray
-from aipm.cli.cmd_detect import print_reasons, reasons_for
 from aipm.advice import warnings
 from aipm.cli.common import JsonOpt, console, print_json, project_root, warn
 from aipm.cli.display import Display, mode_for, plain_line, summary_event
@@ -172,6 +171,8 @@ def exec_(
     code = supervise(launcher, view, display, only=task_id, detach_others=parallel)
     final = view.refresh().tasks[task_id]
     if final.status.value == "QUEUED" and final.attempts == 0:  # it never started: say why
+        from aipm.cli.cmd_detect import print_reasons, reasons_for  # only here: `run` does without them
+
         looker = Launcher(launcher.project, launcher.settings, Options(dry_run=True))  # reads only, no lock
         print_reasons(*reasons_for(looker, order_dir, task_id)[1:])
     why = f" ({final.reason})" if final.reason else ""

@@ -32,11 +32,19 @@ from aipm.runtime import Record, Runtime
 from aipm import scope
 from aipm.scope import out_of_scope
 from aipm.settings import WORKSPACES, Settings
-from aipm.workspace import mergeback as merging
-from aipm.workspace.mergeback import Conflict
 from aipm.workspace.repo import RUNTIME_DIR, Repo, WorkspaceError
 
 SHARED, WORKTREE = WORKSPACES
+
+
+class Conflict(Exception):
+    """The task's changes cannot be merged: the message says which paths and why (it becomes the feedback)."""
+
+    def __init__(self, message: str, paths: list[str]):
+        super().__init__(message)
+        self.paths = paths
+
+
 __all__ = ["Conflict", "WorkspaceError", "SHARED", "WORKTREE", "kind", "prepare", "directory", "with_setup",
            "outside_targets", "merge", "finished", "remove", "sweep", "prune", "diff"]
 
@@ -168,6 +176,8 @@ def _relative(path: str, prefix: str) -> str:
 def merge(root: Path, rec: Record) -> list[str]:
     """Apply the approved attempt's changes to the main tree, exactly once (Conflict: nothing applied).
     Caller holds the launch lock, and the task still holds its target files. Returns notes for the log."""
+    from aipm.workspace import mergeback as merging  # only here and in remove(): a shared run does without it
+
     repo = Repo(root)
     plan_dir = _merge_dir(root, rec.order, rec.task)
     if not merging.pending(plan_dir, rec.serial):
@@ -203,6 +213,8 @@ def finished(root: Path, rec: Record) -> str | None:
 
 def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
     """Remove a task's worktree, refs and merge plan (a pending plan is applied first: it was decided)."""
+    from aipm.workspace import mergeback as merging
+
     plan_dir = _merge_dir(root, order, task)
     try:
         repo = repo or Repo(root)

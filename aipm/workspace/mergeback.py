@@ -29,6 +29,7 @@ except ImportError:
     from hashlib import sha256
 
 from aipm.durable import fsync_dir
+from aipm.workspace import Conflict
 from aipm.workspace.repo import Change, Repo
 
 ABSENT = "000000"
@@ -78,14 +79,6 @@ class Step:
     path: str  # relative to the repository's top
     before: str | None  # digest of the main tree's state when planned (None: nothing there)
     after: str | None  # digest of the result (None: the path is deleted)
-
-
-class Conflict(Exception):
-    """The task's changes cannot be merged: the message says which paths and why (it becomes the feedback)."""
-
-    def __init__(self, message: str, paths: list[str]):
-        super().__init__(message)
-        self.paths = paths
 
 
 def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[tuple[Step, State | None]]:

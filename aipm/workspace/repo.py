@@ -10,11 +10,14 @@ from __future__ import annotations
 import itertools
 import os
 import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aipm.errors import UserError
+
+if TYPE_CHECKING:
+    import subprocess
 
 RUNTIME_DIR = ".aipm"
 # Who "wrote" the capture commits (commit-tree needs an identity; the user's may not be configured).
@@ -56,6 +59,8 @@ class Repo:
     @staticmethod
     def _run(cwd: Path, args: list[str], env: dict[str, str] | None = None, check: bool = True,
              stdin: bytes | None = None) -> subprocess.CompletedProcess:
+        import subprocess  # only here: a run whose tasks share the tree starts no git through it
+
         full = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C", **_IDENTITY)
         for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX"):
             full.pop(key, None)  # a caller's git hook environment must not redirect us
