@@ -8,9 +8,10 @@ from conftest import write_task
 
 # The modules loaded when the command ends: at exit, or at the os._exit that skips the teardown.
 PROBE = """
-import atexit, os, sys
+import atexit, gc, os, sys
 def report():
     sys.stderr.write("MODULES " + " ".join(sorted(sys.modules)) + "\\n")
+    sys.stderr.write(f"GC {gc.isenabled()} {gc.get_freeze_count()}\\n")
     sys.stderr.flush()
 atexit.register(report)
 _exit = os._exit
@@ -76,7 +77,8 @@ def test_the_polled_form_skips_typer_and_answers_exactly_as_typer_does(project):
 
 def test_run_in_a_plain_form_skips_typer_rich_and_filelock_and_ends_as_typer_does(project):
     """`run` of a build in a log: no Typer at all (its import alone is ~30 ms), no rich, no lock library, nothing
-    only worktrees, --preempt, `exec` or an error message need."""
+    only worktrees, --preempt, `exec` or an error message need; the start-up's objects are kept out of the cyclic
+    GC, which is on for the run itself."""
     def fresh():
         for name in ("A", "B"):
             write_task(project.order(), name, command=f"touch {name.lower()}.txt", target_files=[f"{name.lower()}.txt"],
@@ -87,6 +89,8 @@ def test_run_in_a_plain_form_skips_typer_rich_and_filelock_and_ends_as_typer_doe
     assert proc.returncode == 0, proc.stderr
     assert not {"pydantic", "typer", "rich", "filelock", "asyncio", "tempfile", "difflib",
                 "aipm.workspace.mergeback", "aipm.urgency", "aipm.cli.cmd_detect"} & modules
+    enabled, frozen = [x for x in proc.stderr.splitlines() if x.startswith("GC ")][-1].split()[1:]
+    assert enabled == "True" and int(frozen) > 10_000
     assert proc.stdout.splitlines()[-1] == "ORD: DONE 2"
     fresh()
     typer_proc, modules = modules_of(project, "run", "--max-workers=2", "--no-resource-monitoring", "ORD")
