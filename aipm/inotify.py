@@ -88,6 +88,9 @@ def close_at_exit(fd: int) -> None:
     into dropping a reference: the wait is paid after we are gone, by nobody who waits."""
     from aipm import posix_spawn
 
+    if "AIPM_TASK_ID" in os.environ:
+        os.close(fd)  # we are some aipm's worker: a child left behind would be a stray to its owner
+        return
     if not _EXIT_PIPE:
         _EXIT_PIPE.extend(os.pipe())  # not inherited: only our exit closes the write end
     try:

@@ -345,8 +345,10 @@ def findings(root: Path, path: Path, allowed: Callable[[int], list[Target | str]
     covered = allowed(writers_since)
     bad = out_of_scope({p for p in touched if not p.endswith("/")}, covered)
     bad = [p for p in bad if _changed_since(f"{_real(Path(root))}/{p}", touched[p], since)]
-    bad += [p for p in touched if p.endswith("/") and not _dir_covered(p[:-1], covered)]
-    return sorted(_not_ignored(Path(root), bad))
+    # A directory moved away (one made in the window and moved on is no change: its files count by name).
+    bad += [p for p in touched if p.endswith("/") and touched[p] != CREATED and not _dir_covered(p[:-1], covered)]
+    ignored = _ignored(_real(Path(root)), bad)
+    return sorted(p for p in bad if p not in ignored and p.rstrip("/") not in ignored)
 
 
 _UNSEEN = -1  # the first event in the window is not known: a path gone now may have gone before it
@@ -376,19 +378,18 @@ def _dir_covered(directory: str, allowed: Iterable[Target | str]) -> bool:
     return False
 
 
-def _not_ignored(root: Path, paths: list[str]) -> list[str]:
-    """The paths git does not ignore (events are seen in new directories git may ignore; git status is not)."""
+def _ignored(root: str, paths: list[str]) -> set[str]:
+    """The paths (relative to `root`) that git ignores; none when git cannot tell (fail closed)."""
     if not paths:
-        return paths
+        return set()
     try:
-        res = subprocess.run(["git", "-C", str(root), "check-ignore", "-z", "--stdin"], env=_git_env(),
+        res = subprocess.run(["git", "-C", root, "check-ignore", "-z", "--stdin"], env=_git_env(),
                              input="\0".join(paths).encode("utf-8", "surrogateescape"), capture_output=True)
     except OSError:
-        return paths
+        return set()
     if res.returncode not in (0, 1):
-        return paths  # git could not tell: keep every finding (fail closed)
-    ignored = set(res.stdout.decode("utf-8", "surrogateescape").split("\0"))
-    return [p for p in paths if p not in ignored and p.rstrip("/") not in ignored]
+        return set()
+    return set(res.stdout.decode("utf-8", "surrogateescape").split("\0")) - {""}
 
 
 def ended(root: Path, path: Path) -> None:
@@ -420,7 +421,7 @@ def watching(root: Path, at_exit: bool = False) -> Iterator[None]:
     real = _real(Path(root))
     watch = None
     if real not in _WATCHES and _prefix(real) is not None:
-        watch = TreeWatch.open(real, _ignored_dirs(real), RUNTIME_DIR)
+        watch = TreeWatch.open(real, _ignored_dirs(real), RUNTIME_DIR, lambda dirs: _ignored(real, dirs))
         if watch is not None:
             _WATCHES[real] = watch
     try:
