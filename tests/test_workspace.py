@@ -505,6 +505,24 @@ def test_a_saved_plan_resumes_without_repeating_a_step_and_leaves_a_persons_late
     assert merge.apply(repo, plan_dir) == []  # a third time: nothing left to do
 
 
+def test_a_pending_merge_applied_when_its_worktree_is_removed_is_noted_for_audits_in_flight(repo):
+    """A merge cut short and then applied by remove() (its task was reset meanwhile): the files it writes are
+    noted like any merge's, so a shared task's audit in flight is not charged with them."""
+    import time
+
+    from aipm import scope, workspace
+    from aipm.runtime import Runtime
+    from aipm.workspace import mergeback as merge
+
+    r, base, end = _commits(repo, {"src/a.txt": "W\n", "src/new.txt": "N\n"})
+    merge.save(workspace._merge_dir(repo, "ORD", "W"), 1, merge.plan(r, base, end, r.changes(base, end)))
+    Runtime(repo).state.mkdir(parents=True, exist_ok=True)  # where a run keeps the log its audits read
+    since = time.time_ns()
+    workspace.remove(repo, "ORD", "W")
+    assert (repo / "src/a.txt").read_text() == "W\n"
+    assert sorted(scope.written_since(Runtime(repo), since)) == ["src/a.txt", "src/new.txt"]
+
+
 def test_plan_refuses_overlapping_edits_and_touches_nothing(repo):
     from aipm.workspace import mergeback as merge
 

@@ -223,6 +223,8 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
     if repo is not None:
         if merging.pending(plan_dir):
             merging.apply(repo.top, plan_dir)
+            # A shared task's audit in flight sees these files change: they are no one's stray writes.
+            scope.note_written(Runtime(root), [_relative(p, repo.prefix) for p in merging.paths(plan_dir)])
         repo.delete_refs(repo.refs(_ref(order, task)))
         repo.remove_worktree(worktree_path(root, order, task))
     shutil.rmtree(worktree_path(root, order, task), ignore_errors=True)

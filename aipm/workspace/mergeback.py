@@ -164,6 +164,12 @@ def pending(directory: Path, attempt: int | None = None) -> bool:
     return data is not None and (attempt is None or data["attempt"] == attempt)
 
 
+def paths(directory: Path) -> list[str]:
+    """The paths a saved plan writes, relative to the repository's top."""
+    data = _load(directory)
+    return [raw["path"] for raw in data["steps"]] if data is not None else []
+
+
 def apply(top: Path, directory: Path, after_each=lambda steps_done: None) -> list[str]:
     """Apply a saved plan, skipping what is already done. Returns notes on paths left alone (see below).
 
