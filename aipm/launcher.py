@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import confine, holds, locks, recovery, restore, runner, scope, workspace
+from aipm import confine, holds, locks, recovery, restore, runner, scope, workspace, writtenlog
 from aipm.budget import of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
@@ -112,7 +112,7 @@ class Launcher:
         for rec in self.runtime.records():
             if not rec.alive() and _finished_elsewhere(rec, self.project.root):
                 if not self.options.dry_run:
-                    scope.note_ended(self.runtime, rec)
+                    writtenlog.note_ended(self.runtime, rec)
                     self.runtime.remove_record(rec.order, rec.task)
                 continue
             kept.append(rec)

@@ -14,7 +14,7 @@ import os
 import signal
 from pathlib import Path
 
-from aipm import agents, confine, notify, outcome, runner, scope, unrecorded, workspace
+from aipm import agents, confine, notify, outcome, runner, scope, unrecorded, workspace, writtenlog
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
 from aipm.launcher import Launcher
@@ -283,7 +283,7 @@ class Recording:
             others = self.rt.records()
             order_dirs = {os.path.relpath(r.order_dir, self.rt.root) + "/" for r in [rec, *others]}
             return [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *order_dirs,
-                    *scope.written_since(self.rt, since_ns)]
+                    *writtenlog.written_since(self.rt, since_ns)]
 
         return scope.findings(self.rt.root, Path(rec.scope_file), allowed)
 
@@ -325,7 +325,7 @@ class Recording:
         for fd in self.lock_fds.pop(rec.key, ()):
             os.close(fd)
         if not noted:
-            scope.note_ended(self.rt, rec)
+            writtenlog.note_ended(self.rt, rec)
         self.rt.remove_record(rec.order, rec.task)
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)

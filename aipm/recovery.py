@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aipm import outcome, scope, workspace
+from aipm import outcome, workspace, writtenlog
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.runtime import Record, Runtime, append_log
@@ -65,7 +65,7 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
         pass  # moved on, broken or unwritable: a running status without a record is recovered later
     if rec is not None:
         append_log(rec.log, f"worker interrupted: {why}; task re-queued")
-        scope.note_ended(rt, rec)
+        writtenlog.note_ended(rt, rec)
         rt.remove_record(rec.order, rec.task)
 
 

@@ -13,7 +13,7 @@ Concurrency: other workers run in the same tree at the same time, and their writ
 `git status`. The caller therefore passes as `allowed` the task's own targets plus the targets of every task that
 was running at any moment between the two snapshots: those running when it started (kept in its record), those
 running when it ends (the live records), and those that started and ended in between, whose records are gone by
-then — every attempt that ends notes its targets with the time in a small log (`note_ended`, read back by
+then — every attempt that ends notes its targets with the time in a small log (`writtenlog.note_ended`, read back by
 `written_since`). Target locks guarantee those sets do not overlap, so a write they cover is someone's legitimate
 work; a write that none covers is out of scope for every task that ran, and is charged to the task being audited
 (or to a human editing the tree meanwhile: the finding names the paths, so that is easy to tell apart).
@@ -31,22 +31,19 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aipm import durable, posix_spawn
+from aipm import durable
+from aipm.gitstatus import (Git, as_fingerprint, changed, fingerprint, git_env, known_outside, real_root,
+                            status_paths, tree_prefix)
 from aipm.paths import PathError, Target, normalize, overlaps
-from aipm.runtime import Record, Runtime
 from aipm.treewatch import CREATED, TreeWatch
 
 RUNTIME_DIR = ".aipm"
-
-Fingerprint = tuple[int, int] | None  # (size, mtime_ns) of the path, or None when it no longer exists
 
 
 class Snapshot(dict):
@@ -92,7 +89,7 @@ def prefetch(root: Path) -> None:
     while the caller does what needs no snapshot (reaping, the launch lock, reading the task). Only inside
     shared(), and not while this process watches the tree (its attempts need no snapshot); the caller must not
     let anything write in the tree on a task's behalf before that first use."""
-    if _SHARED and str(root) not in _SHARED[0] and _real(Path(root)) not in _WATCHES:
+    if _SHARED and str(root) not in _SHARED[0] and real_root(Path(root)) not in _WATCHES:
         _SHARED[0][str(root)] = _start(Path(root))
 
 
@@ -111,7 +108,7 @@ def save_before(root: Path, path: Path, refuse: Callable[[], None], ours: bool =
     round, where the task's go waits too, registered after this: its command never begins before the snapshot
     it is audited against is complete and saved. Should that late save fail, `refuse()` stops the task before
     its command begins (nothing runs unaudited). Otherwise a failure to save raises OSError, as save() does."""
-    watch = _WATCHES.get(_real(Path(root))) if ours else None
+    watch = _WATCHES.get(real_root(Path(root))) if ours else None
     if watch is not None:
         since = time.time_ns()  # before the events are read: what ended later may have written in the window
         _write_json(Path(path), ["watched", since])  # for an owner that adopts the attempt if we die
@@ -142,7 +139,7 @@ def save_before(root: Path, path: Path, refuse: Callable[[], None], ours: bool =
 class _Pending:
     """A `git status` started for a snapshot, not yet read; read once, by whoever needs it first."""
 
-    def __init__(self, root: Path, prefix: str, proc: "_Git", taken_ns: int):
+    def __init__(self, root: Path, prefix: str, proc: "Git", taken_ns: int):
         self.root, self.prefix, self.proc, self.taken_ns = root, prefix, proc, taken_ns
         self.needed = False  # a task's "before" waits for it: read it, never cancel it
         self._result: Snapshot | None = None
@@ -161,13 +158,13 @@ class _Pending:
         snap = Snapshot()
         snap.taken_ns = self.taken_ns
         root = str(self.root)
-        for path in _paths(out.decode("utf-8", "surrogateescape")):
+        for path in status_paths(out.decode("utf-8", "surrogateescape")):
             if not path.startswith(self.prefix):
                 continue
             rel = path[len(self.prefix):].rstrip("/")
             if not rel or rel == RUNTIME_DIR or rel.startswith(RUNTIME_DIR + "/"):
                 continue
-            snap[rel] = _fingerprint(f"{root}/{rel}")
+            snap[rel] = fingerprint(f"{root}/{rel}")
         return snap
 
     def cancel(self) -> None:
@@ -176,59 +173,6 @@ class _Pending:
             self.proc.kill()
 
 
-class _Git:
-    """`git status` for a snapshot, its output read from a pipe. Started with posix_spawn from the helper thread
-    (aipm.posix_spawn): a run starts one per wake-up, and the caller goes on (reaping, the launch lock) while the
-    process starts; Popen's fork and bookkeeping cost more than git's own start."""
-
-    def __init__(self, argv: list[str], env: dict[str, str]):
-        program = _GIT.get("git") or shutil.which("git", path=env.get("PATH"))
-        if program is None:
-            raise FileNotFoundError("git")
-        _GIT["git"] = program  # once per process: no search of PATH per snapshot
-        self._out, write = os.pipe()
-        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, write, 1),
-                   (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]
-
-        def start() -> int:
-            try:
-                return posix_spawn.spawn(program, argv, env, actions)
-            finally:
-                os.close(write)  # git holds the only write end: its exit is our EOF (a failed start: at once)
-
-        self._started = posix_spawn.in_background(start)
-
-    @property
-    def pid(self) -> int | None:
-        try:
-            return self._started.result()
-        except OSError:
-            return None
-
-    def communicate(self) -> tuple[bytes, int]:
-        """All of its output and its exit code (negative: killed by that signal; 127: it could not start)."""
-        chunks = []
-        try:
-            while chunk := os.read(self._out, 1 << 16):
-                chunks.append(chunk)
-        finally:
-            os.close(self._out)
-        if self.pid is None:
-            return b"", 127
-        _, status = os.waitpid(self.pid, 0)
-        return b"".join(chunks), os.waitstatus_to_exitcode(status)
-
-    def kill(self) -> None:
-        if self.pid is not None:
-            try:
-                os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        self.communicate()
-
-
-_GIT: dict[str, str] = {}
-
 
 def _take(root: Path) -> Snapshot | None:
     pending = _start(root)
@@ -236,28 +180,23 @@ def _take(root: Path) -> Snapshot | None:
 
 
 def _start(root: Path) -> _Pending | None:
-    resolved = _real(root)
-    if _PREFIXES.get(resolved, "") is None:
+    resolved = real_root(root)
+    if known_outside(resolved):
         return None  # known: not in a work tree, or no git
     taken_ns = time.time_ns()
     try:
-        proc = _Git(["git", "-C", str(root), "--no-optional-locks", "status", "--porcelain=v1", "-z",
-                     "--untracked-files=all", "--no-renames", "--", "."], _git_env())
+        proc = Git(["git", "-C", str(root), "--no-optional-locks", "status", "--porcelain=v1", "-z",
+                     "--untracked-files=all", "--no-renames", "--", "."], git_env())
     except OSError:
         return None
     pending = _Pending(root, "", proc, taken_ns)
-    prefix = _prefix(resolved)  # the first time, `git rev-parse` runs while that status does
+    prefix = tree_prefix(resolved)  # the first time, `git rev-parse` runs while that status does
     if prefix is None:
         pending.cancel()
         return None
     pending.prefix = prefix
     return pending
 
-
-def changed(before: Snapshot, after: Snapshot) -> set[str]:
-    """Paths that appeared, disappeared, or whose fingerprint differs between the two snapshots."""
-    return {p for p in before.keys() | after.keys()
-            if p not in before or p not in after or _fp(before[p]) != _fp(after[p])}
 
 
 def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:
@@ -313,7 +252,7 @@ def load(path: Path) -> Snapshot | Watched | None:
         return Watched(data[1])
     if not isinstance(data, dict):
         return None
-    snap = Snapshot((str(k), _fp(v)) for k, v in data.items())
+    snap = Snapshot((str(k), as_fingerprint(v)) for k, v in data.items())
     snap.taken_ns = taken
     return snap
 
@@ -321,7 +260,7 @@ def load(path: Path) -> Snapshot | Watched | None:
 def findings(root: Path, path: Path, allowed: Callable[[int], list[Target | str]]) -> list[str]:
     """Sorted paths that the attempt whose start is saved at `path` changed and that nothing in
     `allowed(since_ns)` covers (the targets of every task that may write meanwhile, given the moment it began)."""
-    watch = _WATCHES.get(_real(Path(root)))
+    watch = _WATCHES.get(real_root(Path(root)))
     # Our own window is kept here, not read back from its file: a worker may have cleaned the file away.
     since = watch.opened(str(path)) if watch is not None else None
     if since is None:
@@ -344,10 +283,10 @@ def findings(root: Path, path: Path, allowed: Callable[[int], list[Target | str]
         return []
     covered = allowed(writers_since)
     bad = out_of_scope({p for p in touched if not p.endswith("/")}, covered)
-    bad = [p for p in bad if _changed_since(f"{_real(Path(root))}/{p}", touched[p], since)]
+    bad = [p for p in bad if _changed_since(f"{real_root(Path(root))}/{p}", touched[p], since)]
     # A directory moved away (one made in the window and moved on is no change: its files count by name).
     bad += [p for p in touched if p.endswith("/") and touched[p] != CREATED and not _dir_covered(p[:-1], covered)]
-    ignored = _ignored(_real(Path(root)), bad)
+    ignored = _ignored(real_root(Path(root)), bad)
     return sorted(p for p in bad if p not in ignored and p.rstrip("/") not in ignored)
 
 
@@ -383,7 +322,7 @@ def _ignored(root: str, paths: list[str]) -> set[str]:
     if not paths:
         return set()
     try:
-        res = subprocess.run(["git", "-C", root, "check-ignore", "-z", "--stdin"], env=_git_env(),
+        res = subprocess.run(["git", "-C", root, "check-ignore", "-z", "--stdin"], env=git_env(),
                              input="\0".join(paths).encode("utf-8", "surrogateescape"), capture_output=True)
     except OSError:
         return set()
@@ -395,7 +334,7 @@ def _ignored(root: str, paths: list[str]) -> set[str]:
 def ended(root: Path, path: Path) -> None:
     """The attempt whose start is saved at `path` has ended (its processes are gone): its window closes now,
     before anything else starts, even if it is audited later."""
-    watch = _WATCHES.get(_real(Path(root)))
+    watch = _WATCHES.get(real_root(Path(root)))
     if watch is not None:
         watch.end_window(str(path))
 
@@ -403,7 +342,7 @@ def ended(root: Path, path: Path) -> None:
 def end(root: Path, path: Path) -> None:
     """The attempt whose start is saved at `path` is over: forget it."""
     Path(path).unlink(missing_ok=True)
-    watch = _WATCHES.get(_real(Path(root)))
+    watch = _WATCHES.get(real_root(Path(root)))
     if watch is not None:
         watch.close_window(str(path))
 
@@ -418,9 +357,9 @@ def watching(root: Path, at_exit: bool = False) -> Iterator[None]:
     """Within this block the attempts this process starts and ends in `root` are audited from one watch of
     the tree's events instead of `git status` per wake-up (where inotify works and the tree is a git work tree
     of at most treewatch.MAX_DIRS directories; else as before). `at_exit`: the process ends with the block."""
-    real = _real(Path(root))
+    real = real_root(Path(root))
     watch = None
-    if real not in _WATCHES and _prefix(real) is not None:
+    if real not in _WATCHES and tree_prefix(real) is not None:
         watch = TreeWatch.open(real, _ignored_dirs(real), RUNTIME_DIR, lambda dirs: _ignored(real, dirs))
         if watch is not None:
             _WATCHES[real] = watch
@@ -436,145 +375,12 @@ def _ignored_dirs(root: str) -> list[str]:
     """Directories below `root` that git ignores (relative, "/"-separated): not watched."""
     try:
         res = subprocess.run(["git", "-C", root, "ls-files", "-z", "--others", "--ignored", "--exclude-standard",
-                              "--directory", "--", "."], env=_git_env(), capture_output=True)
+                              "--directory", "--", "."], env=git_env(), capture_output=True)
     except OSError:
         return []
     out = res.stdout.decode("utf-8", "surrogateescape").split("\0") if res.returncode == 0 else []
     return [p.rstrip("/") for p in out if p.endswith("/")]
 
 
-# -- what ended while an audit was in flight --------------------------------------------------------------
-
-WRITTEN_LOG = "written.log"  # in the state directory: "<time_ns> <json list of targets>" per line
 
 
-def note_ended(rt: Runtime, rec: Record) -> None:
-    """`rec`'s attempt is over: note its targets for the audits still in flight, which may see its writes once
-    its record is gone. Caller holds the launch lock."""
-    if rec.workspace or _prefix(_real(rt.root)) is None:
-        return  # it wrote in its own worktree (merges note themselves), or nothing here is audited
-    note_written(rt, rec.targets)
-
-
-def note_written(rt: Runtime, targets: Iterable[str]) -> None:
-    """Something aipm did on a task's behalf (an attempt that ended, a worktree merge) just wrote `targets`: note
-    them for the audits in flight. Caller holds the launch lock. The log is appended to; past WRITTEN_LOG_BYTES
-    it is cut to the lines an audit may still need."""
-    log = rt.state / WRITTEN_LOG
-    try:
-        with open(log, "a", encoding="utf-8") as handle:
-            handle.write(f"{time.time_ns()} {json.dumps(list(targets))}\n")
-            size = handle.tell()
-        if size > WRITTEN_LOG_BYTES:
-            _prune(rt, log)
-    except OSError:
-        pass  # a full disk: an audit in flight may then charge these writes (fail closed), never a lost outcome
-
-
-WRITTEN_LOG_BYTES = 64 * 1024
-# A snapshot is taken before its owner queues for the launch lock and saved once it has it: lines that recent are
-# kept even when no saved snapshot needs them yet.
-WRITTEN_LOG_GRACE_NS = 600 * 10**9
-
-
-def _prune(rt: Runtime, log: Path) -> None:
-    """Keep the lines at least as new as the oldest audit in flight (and the last WRITTEN_LOG_GRACE_NS)."""
-    since = [time.time_ns() - WRITTEN_LOG_GRACE_NS]
-    for other in rt.records():
-        if not other.workspace:
-            try:
-                since.append(os.stat(other.scope_file).st_mtime_ns)
-            except OSError:
-                continue
-    kept = [line for line in _lines(log) if int(line.split(" ", 1)[0]) >= min(since)]
-    tmp = log.with_name(log.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, log)
-
-
-def written_since(rt: Runtime, since_ns: int) -> list[str]:
-    """Targets of the attempts (and merges) that ended at or after `since_ns` (see note_ended)."""
-    found: list[str] = []
-    for line in _lines(rt.state / WRITTEN_LOG):
-        stamp, _, targets = line.partition(" ")
-        try:
-            if int(stamp) >= since_ns:
-                found.extend(str(t) for t in json.loads(targets))
-        except (ValueError, TypeError):
-            continue
-    return found
-
-
-def _lines(log: Path) -> list[str]:
-    try:
-        return [line for line in log.read_text().splitlines() if line.split(" ", 1)[0].isdigit()]
-    except (OSError, UnicodeDecodeError):
-        return []
-
-
-# -- helpers ----------------------------------------------------------------------------------------------
-
-
-_PREFIXES: dict[str, str | None] = {}  # per process: a supervisor must not fork git per task outside a repo
-
-
-_REAL: dict[Path, str] = {}
-
-
-def _real(root: Path) -> str:
-    """The project root with symlinks resolved, once per process (every attempt's end asks)."""
-    if root not in _REAL:
-        _REAL[root] = str(root.resolve())
-    return _REAL[root]
-
-
-def _prefix(root: str) -> str | None:
-    """The root's path inside its work tree ("" at the top, else "sub/dir/"); None when not in a work tree."""
-    if root in _PREFIXES:
-        return _PREFIXES[root]
-    if shutil.which("git") is None:
-        return None
-    try:
-        res = subprocess.run(["git", "rev-parse", "--is-inside-work-tree", "--show-prefix"], cwd=root,
-                             capture_output=True, text=True, env=_git_env())
-    except OSError:
-        return None
-    lines = res.stdout.splitlines()
-    inside = res.returncode == 0 and lines and lines[0] == "true"
-    _PREFIXES[root] = (lines[1] if len(lines) > 1 else "") if inside else None
-    return _PREFIXES[root]
-
-
-def _git_env() -> dict[str, str]:
-    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C")
-    for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
-        env.pop(key, None)  # audit the tree at root, whatever the caller's git hooks exported
-    return env
-
-
-def _paths(out: str) -> Iterable[str]:
-    """Paths of `git status --porcelain=v1 -z` records; a rename or copy yields both its paths."""
-    fields = out.split("\0")
-    i = 0
-    while i < len(fields):
-        entry = fields[i]
-        i += 1
-        if len(entry) < 4:
-            continue
-        yield entry[3:]
-        if entry[0] in "RC":  # the source path follows as its own field
-            if i < len(fields) and fields[i]:
-                yield fields[i]
-            i += 1
-
-
-def _fingerprint(path: str) -> Fingerprint:
-    try:
-        st = os.lstat(path)
-    except OSError:
-        return None
-    return (st.st_size, st.st_mtime_ns)
-
-
-def _fp(value: object) -> Fingerprint:
-    return tuple(value) if isinstance(value, (list, tuple)) else None  # type: ignore[return-value]

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from aipm.paths import normalize
-from aipm.scope import changed, load, out_of_scope, save, snapshot
+from aipm.gitstatus import changed
+from aipm.scope import load, out_of_scope, save, snapshot
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -135,9 +136,9 @@ def test_not_a_git_repo_gives_none(tmp_path, monkeypatch):
 
 
 def test_git_missing_gives_none(repo, monkeypatch):
-    import aipm.scope as scope
+    import aipm.gitstatus as gitstatus
 
-    monkeypatch.setattr(scope, "_PREFIXES", {})
+    monkeypatch.setattr(gitstatus, "_PREFIXES", {})
     monkeypatch.setenv("PATH", "")
     assert snapshot(repo) is None
 
@@ -321,7 +322,7 @@ def test_the_written_log_is_cut_to_what_an_audit_in_flight_may_need(tmp_path, mo
     live record (and the grace period), so it stays small however many tasks end."""
     import time
 
-    from aipm import scope
+    from aipm import scope, writtenlog
     from aipm.runtime import Record, Runtime
 
     root = tmp_path / "repo"
@@ -329,10 +330,10 @@ def test_the_written_log_is_cut_to_what_an_audit_in_flight_may_need(tmp_path, mo
     subprocess.run(["git", "init", "-q"], cwd=root, check=True)
     rt = Runtime(root)
     rt.state.mkdir(parents=True, exist_ok=True)
-    monkeypatch.setattr(scope, "WRITTEN_LOG_BYTES", 2000)
-    monkeypatch.setattr(scope, "WRITTEN_LOG_GRACE_NS", 0)
+    monkeypatch.setattr(writtenlog, "WRITTEN_LOG_BYTES", 2000)
+    monkeypatch.setattr(writtenlog, "WRITTEN_LOG_GRACE_NS", 0)
     old = time.time_ns() - 10**12
-    (rt.state / scope.WRITTEN_LOG).write_text("".join(f"{old + i} [\"old/{i}\"]\n" for i in range(100)))
+    (rt.state / writtenlog.WRITTEN_LOG).write_text("".join(f"{old + i} [\"old/{i}\"]\n" for i in range(100)))
     log_dir = root / ".aipm" / "logs"
     log_dir.mkdir(parents=True)
     live = Record(order="O", order_dir=str(root), task="L", task_file=str(root / "L.yaml"), attempt=1,
@@ -344,9 +345,9 @@ def test_the_written_log_is_cut_to_what_an_audit_in_flight_may_need(tmp_path, mo
     rt.write_record(live)
     ended = Record(order="O", order_dir=str(root), task="E", task_file=str(root / "E.yaml"), attempt=1,
                    targets=["e.txt"], log=str(log_dir / "E.1.log"), exit_file="y", started_at="")
-    scope.note_ended(rt, ended)
-    assert scope.written_since(rt, taken) == ["e.txt"]
-    assert scope.written_since(rt, 0) == ["e.txt"]  # the 100 old lines were cut
+    writtenlog.note_ended(rt, ended)
+    assert writtenlog.written_since(rt, taken) == ["e.txt"]
+    assert writtenlog.written_since(rt, 0) == ["e.txt"]  # the 100 old lines were cut
 
 
 def test_a_prefetched_snapshot_is_read_at_its_first_use_and_one_never_read_leaves_no_git_behind(repo):
@@ -530,7 +531,7 @@ def test_a_stopped_attempt_is_noted_once_in_the_written_log(repo):
 
     import yaml
 
-    from aipm import scope
+    from aipm import writtenlog
     from aipm.runtime import Runtime
 
     order = repo / "orders" / "ORD"
@@ -547,7 +548,7 @@ def test_a_stopped_attempt_is_noted_once_in_the_written_log(repo):
         time.sleep(0.02)
     run.send_signal(signal.SIGINT)
     assert run.wait(timeout=60) == 130
-    lines = (Runtime(repo).state / scope.WRITTEN_LOG).read_text().splitlines()
+    lines = (Runtime(repo).state / writtenlog.WRITTEN_LOG).read_text().splitlines()
     noted = sorted(t for line in lines for t in json.loads(line.split(" ", 1)[1]))
     assert noted == ["out0.txt", "out1.txt"], lines
 

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aipm import scope
+from aipm import scope, writtenlog
+from aipm.gitstatus import real_root
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -114,7 +115,7 @@ def test_a_nested_repository_is_one_path(repo, watch):
 def test_a_directory_git_ignores_made_during_the_run_is_not_watched(repo):
     start = repo.parent / "state" / "T.1.scope.json"
     with scope.watching(repo):
-        watch = scope._WATCHES[scope._real(repo)]
+        watch = scope._WATCHES[real_root(repo)]
         scope.save_before(repo, start, lambda: None, ours=True)
         subprocess.run(["sh", "-c", "mkdir -p cache/a/b src/new && echo 1 > cache/a/b/f"], cwd=repo, check=True)
         scope.ended(repo, start)
@@ -134,7 +135,7 @@ def test_after_lost_events_the_next_window_watches_the_tree_afresh(repo):
     first, second = (repo.parent / "state" / f"{t}.1.scope.json" for t in "AB")
     (repo / "gen").mkdir()
     with scope.watching(repo):
-        watch = scope._WATCHES[scope._real(repo)]
+        watch = scope._WATCHES[real_root(repo)]
         scope.save_before(repo, first, lambda: None, ours=True)
         subprocess.run([sys.executable, "-c", f"""
 import os
@@ -161,7 +162,7 @@ def test_lost_events_fall_back_to_what_git_shows_written_since_the_start(repo):
         pytest.skip(f"max_queued_events is {limit}: too many files to make")
     start = repo.parent / "state" / "T.1.scope.json"
     with scope.watching(repo):
-        watch = scope._WATCHES[scope._real(repo)]
+        watch = scope._WATCHES[real_root(repo)]
         (repo / "flood").mkdir()  # watched before the files come: an event each
         assert scope.save_before(repo, start, lambda: None, ours=True)
         subprocess.run([sys.executable, "-c", f"""
@@ -180,7 +181,7 @@ def test_windows_see_only_their_own_span_and_old_events_are_dropped(repo):
     is empty again."""
     first, second = (repo.parent / "state" / f"{t}.scope.json" for t in "AB")
     with scope.watching(repo):
-        watch = scope._WATCHES[scope._real(repo)]
+        watch = scope._WATCHES[real_root(repo)]
         scope.save_before(repo, first, lambda: None, ours=True)
         subprocess.run(["sh", "-c", "echo 1 > one.txt"], cwd=repo, check=True)
         scope.save_before(repo, second, lambda: None, ours=True)
@@ -287,12 +288,12 @@ def test_adopted_audit_does_not_charge_what_a_task_that_just_ended_wrote(repo):
     rt.state.mkdir(parents=True, exist_ok=True)
     start = repo.parent / "state" / "SNEAKY.1.scope.json"
     subprocess.run(["sh", "-c", "echo o > other.txt"], cwd=repo, check=True)  # OTHER's work, just now
-    scope.note_written(rt, ["other.txt"])  # OTHER has ended
+    writtenlog.note_written(rt, ["other.txt"])  # OTHER has ended
     with scope.watching(repo):
         assert scope.save_before(repo, start, lambda: None, ours=True)
     subprocess.run(["sh", "-c", "echo s > stray.txt"], cwd=repo, check=True)
     with scope.shared():  # its owner died: the next run has no window for it
-        found = scope.findings(repo, start, lambda since_ns: ["src/", *scope.written_since(rt, since_ns)])
+        found = scope.findings(repo, start, lambda since_ns: ["src/", *writtenlog.written_since(rt, since_ns)])
     assert found == ["stray.txt"]
 
 

@@ -510,7 +510,7 @@ def test_a_pending_merge_applied_when_its_worktree_is_removed_is_noted_for_audit
     noted like any merge's, so a shared task's audit in flight is not charged with them."""
     import time
 
-    from aipm import scope, workspace
+    from aipm import workspace, writtenlog
     from aipm.runtime import Runtime
     from aipm.workspace import mergeback as merge
 
@@ -520,7 +520,7 @@ def test_a_pending_merge_applied_when_its_worktree_is_removed_is_noted_for_audit
     since = time.time_ns()
     workspace.remove(repo, "ORD", "W")
     assert (repo / "src/a.txt").read_text() == "W\n"
-    assert sorted(scope.written_since(Runtime(repo), since)) == ["src/a.txt", "src/new.txt"]
+    assert sorted(writtenlog.written_since(Runtime(repo), since)) == ["src/a.txt", "src/new.txt"]
 
 
 def test_plan_refuses_overlapping_edits_and_touches_nothing(repo):

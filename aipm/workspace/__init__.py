@@ -29,7 +29,7 @@ from pathlib import Path
 from aipm.locks import sha1
 from aipm.model import FINISHED_OK, RUNNING, Order, Task
 from aipm.runtime import Record, Runtime
-from aipm import scope
+from aipm import writtenlog
 from aipm.scope import out_of_scope
 from aipm.settings import WORKSPACES, Settings
 from aipm.workspace.repo import RUNTIME_DIR, Repo, WorkspaceError
@@ -196,7 +196,7 @@ def merge(root: Path, rec: Record) -> list[str]:
     _seam("merge:0")
     notes = merging.apply(repo.top, plan_dir, after_each=lambda n: _seam(f"merge:{n}"))
     # A shared task whose audit is in flight may see these files change once this record is gone.
-    scope.note_written(Runtime(root), rec.targets)
+    writtenlog.note_written(Runtime(root), rec.targets)
     return notes
 
 
@@ -224,7 +224,7 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
         if merging.pending(plan_dir):
             merging.apply(repo.top, plan_dir)
             # A shared task's audit in flight sees these files change: they are no one's stray writes.
-            scope.note_written(Runtime(root), [_relative(p, repo.prefix) for p in merging.paths(plan_dir)])
+            writtenlog.note_written(Runtime(root), [_relative(p, repo.prefix) for p in merging.paths(plan_dir)])
         repo.delete_refs(repo.refs(_ref(order, task)))
         repo.remove_worktree(worktree_path(root, order, task))
     shutil.rmtree(worktree_path(root, order, task), ignore_errors=True)

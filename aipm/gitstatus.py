@@ -1,0 +1,146 @@
+"""git plumbing for the scope audit: where a root sits in its work tree, `git status` started off the main
+thread, and the fingerprints a snapshot compares (scope.py holds the audit itself).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from aipm import posix_spawn
+
+Fingerprint = tuple[int, int] | None  # (size, mtime_ns) of the path, or None when it no longer exists
+
+
+class Git:
+    """`git status` for a snapshot, its output read from a pipe. Started with posix_spawn from the helper thread
+    (aipm.posix_spawn): a run starts one per wake-up, and the caller goes on (reaping, the launch lock) while the
+    process starts; Popen's fork and bookkeeping cost more than git's own start."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]):
+        program = _GIT.get("git") or shutil.which("git", path=env.get("PATH"))
+        if program is None:
+            raise FileNotFoundError("git")
+        _GIT["git"] = program  # once per process: no search of PATH per snapshot
+        self._out, write = os.pipe()
+        actions = [(os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0), (os.POSIX_SPAWN_DUP2, write, 1),
+                   (os.POSIX_SPAWN_OPEN, 2, os.devnull, os.O_WRONLY, 0)]
+
+        def start() -> int:
+            try:
+                return posix_spawn.spawn(program, argv, env, actions)
+            finally:
+                os.close(write)  # git holds the only write end: its exit is our EOF (a failed start: at once)
+
+        self._started = posix_spawn.in_background(start)
+
+    @property
+    def pid(self) -> int | None:
+        try:
+            return self._started.result()
+        except OSError:
+            return None
+
+    def communicate(self) -> tuple[bytes, int]:
+        """All of its output and its exit code (negative: killed by that signal; 127: it could not start)."""
+        chunks = []
+        try:
+            while chunk := os.read(self._out, 1 << 16):
+                chunks.append(chunk)
+        finally:
+            os.close(self._out)
+        if self.pid is None:
+            return b"", 127
+        _, status = os.waitpid(self.pid, 0)
+        return b"".join(chunks), os.waitstatus_to_exitcode(status)
+
+    def kill(self) -> None:
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.communicate()
+
+
+_GIT: dict[str, str] = {}
+
+
+def changed(before: Mapping[str, Fingerprint], after: Mapping[str, Fingerprint]) -> set[str]:
+    """Paths that appeared, disappeared, or whose fingerprint differs between the two snapshots."""
+    return {p for p in before.keys() | after.keys()
+            if p not in before or p not in after or as_fingerprint(before[p]) != as_fingerprint(after[p])}
+
+
+_PREFIXES: dict[str, str | None] = {}  # per process: a supervisor must not fork git per task outside a repo
+
+
+_REAL: dict[Path, str] = {}
+
+
+def known_outside(root: str) -> bool:
+    """Already found not to be in a work tree (or without git), in this process."""
+    return _PREFIXES.get(root, "") is None
+
+
+def real_root(root: Path) -> str:
+    """The project root with symlinks resolved, once per process (every attempt's end asks)."""
+    if root not in _REAL:
+        _REAL[root] = str(root.resolve())
+    return _REAL[root]
+
+
+def tree_prefix(root: str) -> str | None:
+    """The root's path inside its work tree ("" at the top, else "sub/dir/"); None when not in a work tree."""
+    if root in _PREFIXES:
+        return _PREFIXES[root]
+    if shutil.which("git") is None:
+        return None
+    try:
+        res = subprocess.run(["git", "rev-parse", "--is-inside-work-tree", "--show-prefix"], cwd=root,
+                             capture_output=True, text=True, env=git_env())
+    except OSError:
+        return None
+    lines = res.stdout.splitlines()
+    inside = res.returncode == 0 and lines and lines[0] == "true"
+    _PREFIXES[root] = (lines[1] if len(lines) > 1 else "") if inside else None
+    return _PREFIXES[root]
+
+
+def git_env() -> dict[str, str]:
+    env = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C")
+    for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE"):
+        env.pop(key, None)  # audit the tree at root, whatever the caller's git hooks exported
+    return env
+
+
+def status_paths(out: str) -> Iterable[str]:
+    """Paths of `git status --porcelain=v1 -z` records; a rename or copy yields both its paths."""
+    fields = out.split("\0")
+    i = 0
+    while i < len(fields):
+        entry = fields[i]
+        i += 1
+        if len(entry) < 4:
+            continue
+        yield entry[3:]
+        if entry[0] in "RC":  # the source path follows as its own field
+            if i < len(fields) and fields[i]:
+                yield fields[i]
+            i += 1
+
+
+def fingerprint(path: str) -> Fingerprint:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return (st.st_size, st.st_mtime_ns)
+
+
+def as_fingerprint(value: object) -> Fingerprint:
+    return tuple(value) if isinstance(value, (list, tuple)) else None  # type: ignore[return-value]

@@ -1,0 +1,82 @@
+"""What ended while an audit was in flight: the targets of attempts (and worktree merges) that wrote, with the time.
+
+An audit allows the writes of every task that ran at any moment of the audited attempt's run; those that started
+and ended in between have no record left by then, so each notes its targets here when it ends (see scope.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+from aipm.gitstatus import real_root, tree_prefix
+from aipm.runtime import Record, Runtime
+
+WRITTEN_LOG = "written.log"  # in the state directory: "<time_ns> <json list of targets>" per line
+
+
+def note_ended(rt: Runtime, rec: Record) -> None:
+    """`rec`'s attempt is over: note its targets for the audits still in flight, which may see its writes once
+    its record is gone. Caller holds the launch lock."""
+    if rec.workspace or tree_prefix(real_root(rt.root)) is None:
+        return  # it wrote in its own worktree (merges note themselves), or nothing here is audited
+    note_written(rt, rec.targets)
+
+
+def note_written(rt: Runtime, targets: Iterable[str]) -> None:
+    """Something aipm did on a task's behalf (an attempt that ended, a worktree merge) just wrote `targets`: note
+    them for the audits in flight. Caller holds the launch lock. The log is appended to; past WRITTEN_LOG_BYTES
+    it is cut to the lines an audit may still need."""
+    log = rt.state / WRITTEN_LOG
+    try:
+        with open(log, "a", encoding="utf-8") as handle:
+            handle.write(f"{time.time_ns()} {json.dumps(list(targets))}\n")
+            size = handle.tell()
+        if size > WRITTEN_LOG_BYTES:
+            _prune(rt, log)
+    except OSError:
+        pass  # a full disk: an audit in flight may then charge these writes (fail closed), never a lost outcome
+
+
+WRITTEN_LOG_BYTES = 64 * 1024
+# A snapshot is taken before its owner queues for the launch lock and saved once it has it: lines that recent are
+# kept even when no saved snapshot needs them yet.
+WRITTEN_LOG_GRACE_NS = 600 * 10**9
+
+
+def _prune(rt: Runtime, log: Path) -> None:
+    """Keep the lines at least as new as the oldest audit in flight (and the last WRITTEN_LOG_GRACE_NS)."""
+    since = [time.time_ns() - WRITTEN_LOG_GRACE_NS]
+    for other in rt.records():
+        if not other.workspace:
+            try:
+                since.append(os.stat(other.scope_file).st_mtime_ns)
+            except OSError:
+                continue
+    kept = [line for line in _lines(log) if int(line.split(" ", 1)[0]) >= min(since)]
+    tmp = log.with_name(log.name + ".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    os.replace(tmp, log)
+
+
+def written_since(rt: Runtime, since_ns: int) -> list[str]:
+    """Targets of the attempts (and merges) that ended at or after `since_ns` (see note_ended)."""
+    found: list[str] = []
+    for line in _lines(rt.state / WRITTEN_LOG):
+        stamp, _, targets = line.partition(" ")
+        try:
+            if int(stamp) >= since_ns:
+                found.extend(str(t) for t in json.loads(targets))
+        except (ValueError, TypeError):
+            continue
+    return found
+
+
+def _lines(log: Path) -> list[str]:
+    try:
+        return [line for line in log.read_text().splitlines() if line.split(" ", 1)[0].isdigit()]
+    except (OSError, UnicodeDecodeError):
+        return []
