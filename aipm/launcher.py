@@ -311,7 +311,7 @@ class Launcher:
                 if view is not None:
                     view.note(restored)
             rt.remove_record(order.id, task.id)
-            scope.end(self.project.root, Path(rec.scope_file))
+            scope.end(self.project.root, rec.scope_file)
             if workspace.kind(task, self.settings) == workspace.WORKTREE:
                 with suppress(UserError, OSError):  # what a failed prepare left; the launch error says why
                     workspace.remove(self.project.root, order.id, task.id)

@@ -285,7 +285,7 @@ class Recording:
             return [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *order_dirs,
                     *writtenlog.written_since(self.rt, since_ns)]
 
-        return scope.findings(self.rt.root, Path(rec.scope_file), allowed)
+        return scope.findings(self.rt.root, rec.scope_file, allowed)
 
     def _start_review(self, rec: Record, task: Task) -> None:
         command = review_command(task, self.settings, self.launcher.options.no_review)
@@ -319,7 +319,7 @@ class Recording:
 
     def _drop(self, rec: Record, noted: bool = False) -> None:
         """Forget an attempt that is over: its files, locks and record (`noted`: interrupt() noted its end)."""
-        scope.end(self.rt.root, Path(rec.scope_file))
+        scope.end(self.rt.root, rec.scope_file)
         confine.tidy(rec.log)
         # Locks go before the record: a held lock without a record would look like a stranger's.
         for fd in self.lock_fds.pop(rec.key, ()):

@@ -11,7 +11,6 @@ import os
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 from aipm import budget, confine, durable, notify, preemption, runner, scope
 from aipm.finish import review_command
@@ -76,8 +75,8 @@ def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[l
                 if code is not None:
                     sup.reaped[rec.key] = code
                 runner.kill_group(rec.pgid)
-            scope.ended(sup.rt.root, Path(rec.scope_file))  # what starts early is not in its audit
-        audited = any(Path(rec.scope_file).exists() for rec in ended)
+            scope.ended(sup.rt.root, rec.scope_file)  # what starts early is not in its audit
+        audited = any(os.path.exists(rec.scope_file) for rec in ended)
         may_audit = sup.settings.scope_audit and not (sup.settings.confine or sup.launcher.options.no_review)
         if audited or (first and may_audit):
             scope.prefetch(sup.rt.root)  # git runs while we take the lock and start what need not wait

@@ -18,6 +18,7 @@ import os
 import re
 import threading
 import time
+from functools import lru_cache
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -112,7 +113,9 @@ def _write_file(path: str, data: bytes) -> None:
         os.close(fd)
 
 
+@lru_cache(maxsize=8192)
 def _safe(name: str) -> str:
+    """A name made safe for a file name (ids repeat on every path of a run's hot path: remembered)."""
     return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
@@ -134,6 +137,7 @@ class Runtime:
         _refuse_escape(self.root, self.dir)
         self.state = state_dir(self.root)
         self._made: set[Path] = set()  # state directories known to exist: the hot path skips mkdir calls
+        self._paths: dict[tuple[str, ...], Path] = {}  # (order, task[, kind]) -> its file's path
         self._lock_depth = 0
 
     def ensure(self) -> None:
@@ -214,7 +218,10 @@ class Runtime:
     # -- worker records ---------------------------------------------------------------------------------
 
     def record_path(self, order: str, task: str) -> Path:
-        return self.state / "workers" / _safe(order) / f"{_safe(task)}.json"
+        path = self._paths.get((order, task))
+        if path is None:  # asked ~9 times per attempt: pathlib's joins are worth remembering
+            path = self._paths[(order, task)] = self.state / "workers" / _safe(order) / f"{_safe(task)}.json"
+        return path
 
     def write_record(self, record: Record) -> None:
         # flat fields: no need for asdict's deep copy
@@ -322,7 +329,10 @@ class Runtime:
 
     def feedback_path(self, order: str, task: str, writing: bool = False) -> Path:
         """Where a review's feedback for the next attempt is kept (its directory made when `writing`)."""
-        path = self.dir / "feedback" / _safe(order) / f"{_safe(task)}.txt"
+        path = self._paths.get((order, task, "feedback"))
+        if path is None:
+            path = self.dir / "feedback" / _safe(order) / f"{_safe(task)}.txt"
+            self._paths[(order, task, "feedback")] = path
         return self._dir(path) if writing else path
 
     def resume_path(self, order: str, task: str) -> Path:

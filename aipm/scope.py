@@ -89,7 +89,7 @@ def prefetch(root: Path) -> None:
     while the caller does what needs no snapshot (reaping, the launch lock, reading the task). Only inside
     shared(), and not while this process watches the tree (its attempts need no snapshot); the caller must not
     let anything write in the tree on a task's behalf before that first use."""
-    if _SHARED and str(root) not in _SHARED[0] and real_root(Path(root)) not in _WATCHES:
+    if _SHARED and str(root) not in _SHARED[0] and real_root(root) not in _WATCHES:
         _SHARED[0][str(root)] = _start(Path(root))
 
 
@@ -108,7 +108,7 @@ def save_before(root: Path, path: Path, refuse: Callable[[], None], ours: bool =
     round, where the task's go waits too, registered after this: its command never begins before the snapshot
     it is audited against is complete and saved. Should that late save fail, `refuse()` stops the task before
     its command begins (nothing runs unaudited). Otherwise a failure to save raises OSError, as save() does."""
-    watch = _WATCHES.get(real_root(Path(root))) if ours else None
+    watch = _WATCHES.get(real_root(root)) if ours else None
     if watch is not None:
         since = time.time_ns()  # before the events are read: what ended later may have written in the window
         _write_json(Path(path), ["watched", since])  # for an owner that adopts the attempt if we die
@@ -257,12 +257,13 @@ def load(path: Path) -> Snapshot | Watched | None:
     return snap
 
 
-def findings(root: Path, path: Path, allowed: Callable[[int], list[Target | str]]) -> list[str]:
+def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target | str]]) -> list[str]:
     """Sorted paths that the attempt whose start is saved at `path` changed and that nothing in
     `allowed(since_ns)` covers (the targets of every task that may write meanwhile, given the moment it began)."""
-    watch = _WATCHES.get(real_root(Path(root)))
+    path = os.fspath(path)
+    watch = _WATCHES.get(real_root(root))
     # Our own window is kept here, not read back from its file: a worker may have cleaned the file away.
-    since = watch.opened(str(path)) if watch is not None else None
+    since = watch.opened(path) if watch is not None else None
     if since is None:
         start = load(path)
         if isinstance(start, Snapshot):
@@ -271,7 +272,7 @@ def findings(root: Path, path: Path, allowed: Callable[[int], list[Target | str]
         if start is None:
             return []
         since = start.taken_ns
-    touched = watch.touched(str(path)) if watch is not None else None
+    touched = watch.touched(path) if watch is not None else None
     writers_since = since
     if touched is None:  # adopted from an owner that died, or events were lost: what git shows written since
         after = snapshot(root)
@@ -283,10 +284,10 @@ def findings(root: Path, path: Path, allowed: Callable[[int], list[Target | str]
         return []
     covered = allowed(writers_since)
     bad = out_of_scope({p for p in touched if not p.endswith("/")}, covered)
-    bad = [p for p in bad if _changed_since(f"{real_root(Path(root))}/{p}", touched[p], since)]
+    bad = [p for p in bad if _changed_since(f"{real_root(root)}/{p}", touched[p], since)]
     # A directory moved away (one made in the window and moved on is no change: its files count by name).
     bad += [p for p in touched if p.endswith("/") and touched[p] != CREATED and not _dir_covered(p[:-1], covered)]
-    ignored = _ignored(real_root(Path(root)), bad)
+    ignored = _ignored(real_root(root), bad)
     return sorted(p for p in bad if p not in ignored and p.rstrip("/") not in ignored)
 
 
@@ -331,20 +332,24 @@ def _ignored(root: str, paths: list[str]) -> set[str]:
     return set(res.stdout.decode("utf-8", "surrogateescape").split("\0")) - {""}
 
 
-def ended(root: Path, path: Path) -> None:
+def ended(root: Path, path: str | Path) -> None:
     """The attempt whose start is saved at `path` has ended (its processes are gone): its window closes now,
     before anything else starts, even if it is audited later."""
-    watch = _WATCHES.get(real_root(Path(root)))
+    watch = _WATCHES.get(real_root(root))
     if watch is not None:
-        watch.end_window(str(path))
+        watch.end_window(os.fspath(path))
 
 
-def end(root: Path, path: Path) -> None:
+def end(root: Path, path: str | Path) -> None:
     """The attempt whose start is saved at `path` is over: forget it."""
-    Path(path).unlink(missing_ok=True)
-    watch = _WATCHES.get(real_root(Path(root)))
+    path = os.fspath(path)
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    watch = _WATCHES.get(real_root(root))
     if watch is not None:
-        watch.close_window(str(path))
+        watch.close_window(path)
 
 
 # -- the watch of a `run` ------------------------------------------------------------------------------
@@ -357,7 +362,7 @@ def watching(root: Path, at_exit: bool = False) -> Iterator[None]:
     """Within this block the attempts this process starts and ends in `root` are audited from one watch of
     the tree's events instead of `git status` per wake-up (where inotify works and the tree is a git work tree
     of at most treewatch.MAX_DIRS directories; else as before). `at_exit`: the process ends with the block."""
-    real = real_root(Path(root))
+    real = real_root(root)
     watch = None
     if real not in _WATCHES and tree_prefix(real) is not None:
         watch = TreeWatch.open(real, _ignored_dirs(real), RUNTIME_DIR, lambda dirs: _ignored(real, dirs))
