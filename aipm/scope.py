@@ -52,7 +52,6 @@ class Snapshot(dict):
     taken_ns: int = 0
 
 
-
 _SHARED: list[dict[str, "Snapshot | _Pending | None"]] = []  # the open sharing scope, if any
 
 
@@ -173,7 +172,6 @@ class _Pending:
             self.proc.kill()
 
 
-
 def _take(root: Path) -> Snapshot | None:
     pending = _start(root)
     return pending.result() if pending is not None else None
@@ -186,7 +184,7 @@ def _start(root: Path) -> _Pending | None:
     taken_ns = time.time_ns()
     try:
         proc = Git(["git", "-C", str(root), "--no-optional-locks", "status", "--porcelain=v1", "-z",
-                     "--untracked-files=all", "--no-renames", "--", "."], git_env())
+                    "--untracked-files=all", "--no-renames", "--", "."], git_env())
     except OSError:
         return None
     pending = _Pending(root, "", proc, taken_ns)
@@ -196,7 +194,6 @@ def _start(root: Path) -> _Pending | None:
         return None
     pending.prefix = prefix
     return pending
-
 
 
 def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:
@@ -385,7 +382,3 @@ def _ignored_dirs(root: str) -> list[str]:
         return []
     out = res.stdout.decode("utf-8", "surrogateescape").split("\0") if res.returncode == 0 else []
     return [p.rstrip("/") for p in out if p.endswith("/")]
-
-
-
-
