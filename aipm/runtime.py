@@ -18,10 +18,10 @@ import os
 import re
 import threading
 import time
-from functools import lru_cache
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 from aipm import durable

@@ -65,7 +65,7 @@ class TreeWatch:
         more than MAX_DIRS directories to watch."""
         try:
             libc = ctypes.CDLL(None, use_errno=True)
-            libc.inotify_init1
+            libc.inotify_init1  # missing outside Linux: AttributeError
         except (OSError, AttributeError):
             return None
         watch = cls(root, libc, {d.rstrip("/") for d in ignored_dirs} | {runtime_dir}, ignored)
@@ -245,10 +245,9 @@ class TreeWatch:
     def _watch_made(self, made: list[str]) -> None:
         """Watch the directories made since the last read that git does not ignore. Files may have been made in
         them before their watch was added: every one found is new."""
-        for path in sorted(self._ignored(made)):
-            self._skip.add(path)
-        for path in made:
-            if path in self._skip or any(path.startswith(s + "/") for s in self._skip):
+        self._skip.update(self._ignored(made))
+        for path in made:  # each in a watched directory: only its own name can be skipped
+            if path in self._skip:
                 continue
             found = self._add_tree(path, [])
             if found is None:
