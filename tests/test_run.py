@@ -247,6 +247,20 @@ def test_a_kill_between_an_early_go_and_the_done_it_assumed_loses_nothing(projec
     assert no_workers(project.root)
 
 
+def test_a_run_leaves_no_exit_files_behind(project):
+    """Each exit file is spent once its outcome is written, reviewed or not: none is left in the state directory
+    (they used to wait for the next run's recovery, so a run of N tasks left N files in /tmp)."""
+    order = project.order()
+    for i in range(4):
+        write_task(order, f"T{i}", command="true" if i % 2 else "exit 3", target_files=[f"f{i}.txt"],
+                   max_attempts=1, **({"review": "true"} if i == 1 else {}))
+    proc = project.aipm("run", "ORD", "--max-workers", "2", "--no-resource-monitoring")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert project.statuses() == {"T0": "FAILED", "T1": "COMPLETED", "T2": "FAILED", "T3": "DONE"}
+    exit_dir = state(project.root) / "exit"
+    assert [p.name for p in exit_dir.rglob("*") if p.is_file()] == []
+
+
 def test_an_ended_attempt_hands_its_files_on_before_its_outcome_is_written(project):
     """Two slots; A and B want the same file. When A's command ends (no reviewer follows), B starts in the same
     wake-up, before A's outcome is written — but only once nothing of A lives: the `setsid` daemon A left holds
