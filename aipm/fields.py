@@ -184,14 +184,10 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
         targets = tuple(map(normalise.__getitem__, raw_targets))
     except PathError as exc:
         raise ValidationError(str(path), "target_files", str(exc)) from None
-    exit_code = data.get("exit_code")
-    if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
-        raise ValidationError(str(path), "exit_code", f"must be an integer, not {exit_code!r}")
     return Task(
         id=stem,
         path=str(path),
         title=str_field(path, data, "title") or "",
-        status=_enum(path, data, "status", Status, Status.QUEUED),
         priority=_enum(path, data, "priority", Priority, Priority.P1),
         depends_on=_str_list(path, data, "depends_on"),
         target_files=raw_targets,
@@ -202,24 +198,36 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
         review=_command(path, data, "review"),
         timeout=_positive_int(path, data, "timeout", MAX_TIMEOUT),
         max_attempts=_positive_int(path, data, "max_attempts"),
+        resources=_resources(path, data),
+        max_rework=_count(path, data, "max_rework") if data.get("max_rework") is not None else None,
+        agent=_agent(path, data),
+        max_cost_usd=money_field(path, data, "max_cost_usd", positive=True),
+        confine=_flag(path, data, "confine"),
+        workspace=_workspace(path, data),
+        workspace_setup=_command(path, data, "workspace_setup"),
+        workspace_copy=_copy_globs(path, data),
+        **managed_values(path, data),
+    )
+
+
+def managed_values(path: Path | str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """The Task's fields that aipm writes (MANAGED_FIELDS), validated: after a write that changed only these, the
+    new Task is the old one with them replaced (writer.update_task), no need to build it all again."""
+    exit_code = data.get("exit_code")
+    if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
+        raise ValidationError(str(path), "exit_code", f"must be an integer, not {exit_code!r}")
+    return dict(
+        status=_enum(path, data, "status", Status, Status.QUEUED),
         attempts=_count(path, data, "attempts"),
         reworks=_count(path, data, "reworks"),
         started_at=_timestamp(path, data, "started_at"),
         finished_at=_timestamp(path, data, "finished_at"),
         exit_code=exit_code,
-        resources=_resources(path, data),
-        max_rework=_count(path, data, "max_rework") if data.get("max_rework") is not None else None,
         reason=str_field(path, data, "reason"),
-        agent=_agent(path, data),
-        max_cost_usd=money_field(path, data, "max_cost_usd", positive=True),
         cost_usd=money_field(path, data, "cost_usd", positive=False),
         tokens=_tokens(path, data),
         session_id=str_field(path, data, "session_id"),
         preemptions=_count(path, data, "preemptions"),
-        confine=_flag(path, data, "confine"),
-        workspace=_workspace(path, data),
-        workspace_setup=_command(path, data, "workspace_setup"),
-        workspace_copy=_copy_globs(path, data),
     )
 
 

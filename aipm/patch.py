@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 import yaml
 
+from aipm import flatyaml
 from aipm.model import MANAGED_FIELDS
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -55,6 +56,9 @@ def check(root: yaml.Node, text: str) -> None:
 
 def patch(text: str, rendered: Mapping[str, str]) -> str:
     """`text` with each key of `rendered` set to that YAML text (a plain scalar); missing keys appended."""
+    flat = _flat(text, rendered)
+    if flat is not None:
+        return flat
     loader = Loader(text)
     try:
         root = loader.get_single_node()
@@ -90,6 +94,28 @@ def patch(text: str, rendered: Mapping[str, str]) -> str:
         edits.append(_append(text, root, off, missing))
     # From the end backwards, so earlier positions stay valid; at one position the append goes last.
     for start, _, end, replacement in sorted(edits, reverse=True):
+        text = text[:start] + replacement + text[end:]
+    return text
+
+
+def _flat(text: str, rendered: Mapping[str, str]) -> str | None:
+    """patch() of a text in the flat form (flatyaml: one `key: value` line per key, "\n" line ends), where every
+    value is the rest of its line: the same edits, found without libyaml. None for any other text."""
+    if flatyaml.mapping(text) is None:
+        return None
+    spans: dict[str, tuple[int, int]] = {}
+    pos = last = 0
+    for line in text.split("\n"):
+        if line and line[0] != "#":
+            colon = line.index(": ")
+            last = pos + len(line)
+            spans[line[:colon]] = (pos + colon + 2, last)
+        pos += len(line) + 1
+    edits = [(*spans[key], value) for key, value in rendered.items() if key in spans]
+    missing = "".join(f"\n{key}: {value}" for key, value in rendered.items() if key not in spans)
+    if missing:  # after the last entry's line, as _append puts them
+        edits.append((last, last, missing if last < len(text) else missing + "\n"))
+    for start, end, replacement in sorted(edits, reverse=True):
         text = text[:start] + replacement + text[end:]
     return text
 

@@ -7,6 +7,7 @@ atomic: temp file in the same directory, fsync, identity check, rename, director
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 from collections.abc import Callable, Mapping
@@ -15,11 +16,11 @@ from typing import Any
 
 import yaml
 
-from aipm import durable
+from aipm import durable, flatyaml
 from aipm.errors import ValidationError
 from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task
 from aipm.patch import Unpatchable, patch
-from aipm.fields import task_from_mapping
+from aipm.fields import managed_values
 from aipm.store import DuplicateKey, Identity, load_yaml, parse_task, read_versioned, remember
 
 
@@ -68,7 +69,9 @@ def _rewrite(text: str, updates: Mapping[str, Any], old: Mapping[str, Any] | Non
     expected = dict(load_yaml(text) if old is None else old)
     expected.update(updates)  # Status and Priority are str enums: equal to the strings they parse back to
     try:
-        got = load_yaml(new)
+        got = flatyaml.mapping(new)  # what libyaml reads, where the new text is in the flat form (flatyaml.py)
+        if got is None:
+            got = load_yaml(new)
     except (yaml.YAMLError, DuplicateKey, Unpatchable) as exc:
         raise Unpatchable(next(iter(updates), None), f"the edited file would not parse ({exc})") from None
     if got != expected:
@@ -167,9 +170,10 @@ def update_task(
         except Unpatchable as exc:
             raise ValidationError(str(path), exc.key, f"aipm cannot write this field here ({exc.reason}); "
                                   f"write it as a plain `{exc.key or 'status'}: VALUE` line") from None
-        # The task as a fresh load of the new text will give it (the text provably parses to new_data): checked
-        # before it is written, remembered for the next read of this file, and returned.
-        fresh = task_from_mapping(path, new_data, root)
+        # The task as a fresh load of the new text will give it (the text provably parses to new_data, which is
+        # the old data with only managed fields changed): checked before it is written, remembered for the next
+        # read of this file, and returned.
+        fresh = dataclasses.replace(current, **managed_values(path, new_data))
         if new_text == text or atomic_write(path, new_text, identity):
             remember(path, new_text, root, new_data, fresh)
             return fresh

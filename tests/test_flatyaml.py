@@ -101,3 +101,33 @@ good_value = st.one_of(good_plain, good_quoted, st.lists(st.one_of(
 def test_lines_of_the_flat_shape_are_read_as_libyaml_reads_them(lines):
     text = "".join(f"{key}: {value}\n" for key, value in lines.items())
     agrees(text)
+
+
+# The writer's edits of a flat file (patch._flat) are the edits libyaml's positions give, byte for byte.
+managed = st.sampled_from(["status", "attempts", "started_at", "exit_code", "reason", "finished_at"])
+rendered = st.sampled_from(["DONE", "1", "null", "'2026-12-02T12:00:00+00:00'", "{input: 3}", "'it''s'", "-1"])
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(line, min_size=1, max_size=5), st.booleans(), st.dictionaries(managed, rendered, min_size=1))
+def test_a_flat_files_edits_are_libyamls_edits(lines, final_newline, updates):
+    from aipm import patch
+
+    text = "\n".join(lines) + ("\n" if final_newline else "")
+    fast = patch._flat(text, updates)
+    if fast is None:
+        return
+    patch_flat, patch._flat = patch._flat, lambda text, rendered: None
+    try:
+        slow = patch.patch(text, updates)
+    finally:
+        patch._flat = patch_flat
+    assert fast == slow, text
+
+
+def test_most_generated_flat_files_take_the_fast_edit():
+    """The property above is not vacuous: the forms aipm writes are flat, and so edited without libyaml."""
+    from aipm import patch
+
+    text = 'id: T1\ncommand: "make x"\ndepends_on: [T0]\ntarget_files: [out/1]\nstatus: IN_PROGRESS\nattempts: 1\n'
+    assert patch._flat(text, {"status": "DONE", "reason": "'ok'"}) == text.replace("IN_PROGRESS", "DONE") + "reason: 'ok'\n"

@@ -73,9 +73,13 @@ def test_every_form_is_written_to_exactly_the_intended_data(tmp_path, name):
     before = load_yaml(text)
     load_task(path)  # validate accepts it
     update_task(path, START, expect=Status.QUEUED)
-    update_task(path, FINISH, expect=Status.IN_PROGRESS)
+    written = update_task(path, FINISH | {"cost_usd": 0.25, "tokens": {"input": 3}, "reason": "ok"},
+                          expect=Status.IN_PROGRESS)
     new = path.read_bytes().decode()
-    assert load_yaml(new) == _expect(_expect(before, START), FINISH), new
+    assert load_yaml(new) == _expect(_expect(before, START), FINISH | {"cost_usd": 0.25, "tokens": {"input": 3},
+                                                                        "reason": "ok"}), new
+    # The Task the writer returns (the old one with the managed fields replaced) is what a fresh load builds.
+    assert written == task_from_mapping(path, load_yaml(new), None) == load_task(path)
     assert load_task(path).status == Status.DONE
     assert _comments(new) == _comments(text), new
     assert new.startswith("\ufeff") == text.startswith("\ufeff")
