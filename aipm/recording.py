@@ -327,13 +327,5 @@ class Recording:
         if not noted:
             writtenlog.note_ended(self.rt, rec)
         self.rt.remove_record(rec.order, rec.task)
-        # Its exit files are spent now (the outcome is written, or was never ours to write): removed here, not
-        # left for the next run's recovery to sweep (a run of N tasks left N files in the state directory).
-        work = rec.exit_file.split(".review")[0]
-        for path in (work, work + ".review"):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)
