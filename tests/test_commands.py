@@ -164,3 +164,21 @@ def test_an_adopted_worker_killed_from_outside_counts_as_a_failed_attempt(projec
     wait_for(lambda: task_statuses(order) == {"A": "FAILED"})  # not re-queued: repeated kills must end
     wait_for(lambda: no_workers(project.root))
     assert "without an exit code" in project.aipm("logs", "A").stdout
+
+
+def test_ps_reads_a_worker_whose_children_come_and_go(project):
+    """A worker polling with short-lived children (`sleep`, `true`): a child that ends while `ps` sums CPU and
+    memory over the worker's tree must not blank the worker's own figures (elapsed, CPU, memory)."""
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do /bin/true; done", target_files=["a.txt"])
+    project.aipm("launch", "ORD", check=True)
+    wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    try:
+        seen = [project.json("ps")["workers"] for _ in range(15)]
+    finally:
+        gate.touch()
+    for workers in seen:
+        assert [w["task"] for w in workers] == ["A"]
+        assert all(w[k] is not None for w in workers for k in ("elapsed", "cpu_percent", "memory_mb")), workers
+    wait_for(lambda: no_workers(project.root))

@@ -31,13 +31,19 @@ def _worker_info(rec) -> dict:
             "command": rec.command, "targets": rec.targets}
     try:
         proc = psutil.Process(pid)
-        with proc.oneshot():
-            procs = [proc, *proc.children(recursive=True)]
-            info["elapsed"] = round(time.time() - proc.create_time(), 1)
-            info["cpu_percent"] = round(sum(p.cpu_percent(interval=None) for p in procs), 1)
-            info["memory_mb"] = round(sum(p.memory_info().rss for p in procs) / 2**20, 1)
+        info["elapsed"] = round(time.time() - proc.create_time(), 1)
+        procs = [proc, *proc.children(recursive=True)]
     except (psutil.Error, ValueError):
         info.update(elapsed=None, cpu_percent=None, memory_mb=None)
+        return info
+    cpu = rss = 0.0
+    for one in procs:
+        try:
+            with one.oneshot():
+                cpu, rss = cpu + one.cpu_percent(interval=None), rss + one.memory_info().rss
+        except psutil.Error:
+            continue  # a child that ended since it was listed (a polling loop's `sleep`): it uses nothing now
+    info.update(cpu_percent=round(cpu, 1), memory_mb=round(rss / 2**20, 1))
     return info
 
 
