@@ -86,7 +86,7 @@ def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[l
 
 
 def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str | None, recover: bool,
-                 ended: list[str]) -> tuple[LaunchReport, bool] | None:
+                 ended: list[str]) -> LaunchReport | None:
     """Before the outcomes of the tasks that just ended are recorded (their audits wait for a snapshot, their
     status writes for the disk), start what does not depend on them in the places they left — and in their files,
     when no reviewer follows — and let it go as soon as its status is durable (and the snapshot, its "before"
@@ -96,10 +96,7 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
 
     Only tasks ranked before all that those outcomes may make launchable start early (the queued dependants of
     the ended tasks, and an ended task that failed, which may be retried), so places go in the plan's order as if
-    the outcomes were known; only a task its audit sends back to rework loses its turn to them.
-
-    Returns the launch's report and whether its plan already saw what the outcomes change (every ended attempt
-    sure to be DONE, nothing held back for them): then no second plan is needed in this round."""
+    the outcomes were known; only a task its audit sends back to rework loses its turn to them."""
     if not ended or budget.of(view.order, launcher.settings.max_cost_usd) is not None:
         return None  # under a budget the ended attempts' costs count first: they are known once recorded
     order = view.refresh()  # the ended tasks' files as they are now: a `review:` saved meanwhile counts
@@ -134,8 +131,7 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     durable.flush()
     if done and report.launched:
         seams.reached("early-go")
-    whole = not waiting and all(sup.owned[key].order == order.id and sup.owned[key].task in done for key in ended)
-    return report, whole
+    return report
 
 
 def _surely_done(sup: Supervisor, order: Order, released: list[str], codes: dict[str, int | None]) -> set[str]:
@@ -239,18 +235,15 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     try:
         while not stop.requested:
             with _round(sup, ready, first=first) as ended:  # one lock round per wake-up: finish, launch
-                early, whole = _start_early(sup, launcher, view, only, recover, ended) or (None, False)
+                early = _start_early(sup, launcher, view, only, recover, ended)
                 _finish(sup, ready)
                 if sup.unrecorded:
                     sup.retry_unrecorded()
-                if early is not None and whole and not sup.unrecorded:
-                    report = early  # its plan assumed these very outcomes: a second one would find nothing new
-                else:
-                    report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False,
-                                             recover=recover and early is None)
-                    if early is not None:
-                        report.failed[:0] = early.failed
-                        report.recovered[:0] = early.recovered
+                report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False,
+                                         recover=recover and early is None)
+                if early is not None:
+                    report.failed[:0] = early.failed
+                    report.recovered[:0] = early.recovered
                 sup.restore_owned(view.order.tasks)
             first = False
             for event in sup.outbox:
