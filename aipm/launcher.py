@@ -187,7 +187,10 @@ class Launcher:
             result = plan(order, busy, live, free, view.ordering(), budget=spend, outside=outside)
         else:  # the hot path: only ready tasks, indexed by the view
             below = None if ranked_before is None else view.first_rank(ranked_before)
-            ordering = view.ready_ordering(below, also=view.unblocked_by(done) if done else ())
+            ordering = view.ready_ordering(below)
+            if done:
+                unblocked = [t for t in view.unblocked_by(done) if below is None or view.rank(t) < below]
+                ordering = sorted({*ordering, *unblocked}, key=view.rank)
             result = plan(order, busy, live, free, ordering, explain=False, running=view.running,
                           budget=spend, outside=outside, done=done,
                           released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")})

@@ -109,7 +109,7 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
                 if not sup.owned[key].workspace and not os.path.exists(confine.made_file(sup.owned[key].log))]
     done = _surely_done(sup, order, released, codes)
     unblocked = view.unblocked_by(done) if done else []
-    ready = view.ready_ordering(also=unblocked)
+    ready = sorted({*view.ready_ordering(), *unblocked}, key=view.rank) if unblocked else view.ready_ordering()
     if only is not None:
         ready = [only] if only in ready else []
     if not ready:

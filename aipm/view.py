@@ -123,20 +123,16 @@ class OrderView:
         self.ordering()
         return min((self._rank[t] for t in ids if t in self._rank), default=len(self._ordering))
 
-    def ready_ordering(self, below: int | None = None, also: Iterable[str] = ()) -> list[str]:
+    def ready_ordering(self, below: int | None = None) -> list[str]:
         """The ready tasks in launch order (only those ranked before `below`): all a quiet plan needs to look at.
         Kept sorted as tasks become ready or stop being so (a sort of every ready task per wake-up made a big
-        order's run quadratic); `also`: a few more ids (not ready now) put in their places."""
+        order's run quadratic)."""
         self.ordering()
         if self._ready_ranked is None:
             self._ready_ranked = sorted(self.ready, key=self._rank.__getitem__)
-        rank = self._rank.__getitem__
-        out = list(self._ready_ranked) if below is None else \
-            self._ready_ranked[:bisect.bisect_left(self._ready_ranked, below, key=rank)]
-        for tid in also:
-            if below is None or rank(tid) < below:
-                bisect.insort(out, tid, key=rank)
-        return out
+        if below is None:
+            return list(self._ready_ranked)
+        return self._ready_ranked[:bisect.bisect_left(self._ready_ranked, below, key=self._rank.__getitem__)]
 
     # -- indexes ------------------------------------------------------------------------------------
 
