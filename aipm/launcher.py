@@ -139,16 +139,13 @@ class Launcher:
 
     def launch(self, view: OrderView, owner: "Owner | None" = None, only: Iterable[str] | None = None,
                explain: bool = True, recover: bool = True, ending: Collection[str] = (),
-               released: Collection[str] = (), ranked_before: Collection[str] | None = None,
-               done: Collection[str] = ()) -> LaunchReport:
+               released: Collection[str] = (), ranked_before: Collection[str] | None = None) -> LaunchReport:
         """Recover, plan and start what may start. `owner` None means detached workers that finish themselves.
 
         A supervisor passes recover=False while it knows no owner died since its last look, and as `ending` the
         keys of its workers that ended but whose outcome it has not recorded yet (they take no slot), and as
         `released` those of them whose files are free too (no reviewer follows); `ranked_before`: only tasks
-        ranked before all of these ids may start (ranked after this round's refresh; the plan looks at no other);
-        `done`: ids of `released` tasks of the view's order whose outcome is sure to be DONE (their dependants may
-        start before it is written, in the same hold of the launch lock).
+        ranked before all of these ids may start (ranked after this round's refresh; the plan looks at no other).
         """
         report = LaunchReport()
         # A dry run takes no lock: it must not create or change a single byte, .aipm/ included.
@@ -163,15 +160,14 @@ class Launcher:
             # plans without it and reads it only when a lock turns out to be taken after all, then plans again.
             for careful in (True,) if explain else (False, True):
                 busy_seen = self._plan_and_start(view, order, owner, only, explain, careful, report, ending,
-                                                 released, ranked_before, done)
+                                                 released, ranked_before)
                 if not busy_seen:
                     break
         return report
 
     def _plan_and_start(self, view: OrderView, order: Order, owner: "Owner | None", only: Iterable[str] | None,
                         explain: bool, careful: bool, report: LaunchReport, ending: Collection[str] = (),
-                        released: Collection[str] = (), ranked_before: Collection[str] | None = None,
-                        done: Collection[str] = ()) -> bool:
+                        released: Collection[str] = (), ranked_before: Collection[str] | None = None) -> bool:
         """One plan and its starts, into `report`. Returns True when a start found a target lock taken while the
         plan had not looked at locks held outside aipm (so the caller plans again, carefully)."""
         records = report.records = self.records()
@@ -187,12 +183,8 @@ class Launcher:
             result = plan(order, busy, live, free, view.ordering(), budget=spend, outside=outside)
         else:  # the hot path: only ready tasks, indexed by the view
             below = None if ranked_before is None else view.first_rank(ranked_before)
-            ordering = view.ready_ordering(below)
-            if done:
-                unblocked = [t for t in view.unblocked_by(done) if below is None or view.rank(t) < below]
-                ordering = sorted({*ordering, *unblocked}, key=view.rank)
-            result = plan(order, busy, live, free, ordering, explain=False, running=view.running,
-                          budget=spend, outside=outside, done=done,
+            result = plan(order, busy, live, free, view.ready_ordering(below), explain=False, running=view.running,
+                          budget=spend, outside=outside,
                           released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")})
         report.plan = result
         report.deferred = []

@@ -149,7 +149,6 @@ def plan(
     budget: Budget | None = None,
     outside: Iterable[ForeignLock] = (),
     released: Collection[str] = (),
-    done: Collection[str] = (),
 ) -> Plan:
     """Decide what may start now.
 
@@ -164,8 +163,6 @@ def plan(
     budget    -- the order's budget; once reached no task starts (the ones running finish)
     outside   -- locks held by processes that are not aipm workers
     released  -- ids of running tasks whose worker ended and whose files are free before their outcome is written
-    done      -- ids of released tasks whose outcome, being written in this round, is sure to be DONE: their
-                 dependants may start (the hot path only)
     """
     result = Plan()
     busy, held_as = _holders(elsewhere)
@@ -209,8 +206,7 @@ def plan(
             result.blocked[task.id] = Blocked(task.id, BUDGET, budget.detail)
             continue
         deps = order.tasks
-        waiting = [d for d in task.depends_on
-                   if d in deps and ((deps[d].status not in FINISHED_OK and d not in done) or d in held)]
+        waiting = [d for d in task.depends_on if d in deps and (deps[d].status not in FINISHED_OK or d in held)]
         if waiting:
             if not explain:
                 continue

@@ -12,13 +12,12 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
-from aipm import budget, confine, durable, notify, preemption, runner, scope, seams
+from aipm import budget, confine, durable, notify, preemption, runner, scope
 from aipm.finish import review_command
 from aipm.launcher import Launcher, LaunchReport
 from aipm.model import FINISHED_OK, Order, Status, status_summary
 from aipm.paths import normalize
 from aipm.plan import any_clear
-from aipm.restore import disowned
 from aipm.runtime import Record, read_exit_file
 from aipm.supervisor import Emit, Supervisor
 from aipm.view import OrderView
@@ -91,8 +90,7 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     status writes for the disk), start what does not depend on them in the places they left — and in their files,
     when no reviewer follows — and let it go as soon as its status is durable (and the snapshot, its "before"
     too, read): it waits for none of the audits and outcomes of the others. Their successors start after, in the
-    same round — except those of attempts sure to end DONE (_surely_done), which start here too: a chain's next
-    step waits for no outcome write.
+    same round.
 
     Only tasks ranked before all that those outcomes may make launchable start early (the queued dependants of
     the ended tasks, and an ended task that failed, which may be retried), so places go in the plan's order as if
@@ -100,6 +98,9 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     if not ended or budget.of(view.order, launcher.settings.max_cost_usd) is not None:
         return None  # under a budget the ended attempts' costs count first: they are known once recorded
     order = view.refresh()  # the ended tasks' files as they are now: a `review:` saved meanwhile counts
+    ready = view.ready_ordering() if only is None else [only] if only in view.ready else []
+    if not ready:
+        return None  # a chain: what comes next waits for an outcome
     codes = {key: _exit_code(sup, sup.owned[key]) for key in ended}
     freed = [key for key in ended if not _reviewed_next(sup.owned[key], codes[key], order, launcher)]
     # An attempt that no reviewer follows is over with its files once its group has ended (and its strays, below):
@@ -107,19 +108,11 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     # was confined (what confinement created for it and it left untouched is removed then).
     released = [key for key in freed
                 if not sup.owned[key].workspace and not os.path.exists(confine.made_file(sup.owned[key].log))]
-    done = _surely_done(sup, order, released, codes)
-    unblocked = view.unblocked_by(done) if done else []
-    ready = sorted({*view.ready_ordering(), *unblocked}, key=view.rank) if unblocked else view.ready_ordering()
-    if only is not None:
-        ready = [only] if only in ready else []
-    if not ready:
-        return None  # what comes next waits for an outcome (a review, an audit, a retry)
     held = [tuple(normalize(t) for t in sup.owned[key].targets) for key in ended if key not in released]
     if not any_clear((order.tasks[t] for t in ready), held):
         return None  # every ready task waits for the files of ended tasks that are reviewed next
     waiting = [d for key in ended if sup.owned[key].order == order.id
-               for d in view.dependants.get(sup.owned[key].task, ())
-               if order.tasks[d].status == Status.QUEUED and d not in unblocked]
+               for d in view.dependants.get(sup.owned[key].task, ()) if order.tasks[d].status == Status.QUEUED]
     waiting += [sup.owned[key].task for key in ended if sup.owned[key].order == order.id
                 and sup.owned[key].task in order.tasks and codes[key] != 0]
     if view.rank(ready[0]) >= view.first_rank(waiting):
@@ -127,27 +120,9 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     for key in ended:  # what they left running is ended first, while they are still all we may own
         sup.end_strays(sup.owned[key])
     report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False, recover=recover,
-                             ending=freed, released=released, ranked_before=waiting, done=done)
+                             ending=freed, released=released, ranked_before=waiting)
     durable.flush()
-    if done and report.launched:
-        seams.reached("early-go")
     return report
-
-
-def _surely_done(sup: Supervisor, order: Order, released: list[str], codes: dict[str, int | None]) -> set[str]:
-    """Ids of the view's order whose ended attempt (of `released`) will be recorded DONE in this round: exit 0, no
-    timeout, a work phase no reviewer follows, no scope audit to run, and its file still shows that attempt. Their
-    dependants may start first: nothing else sees the order before the outcome is written (the launch lock is held
-    throughout), and a crash in between leaves the exit file, from which recovery records the same DONE."""
-    out = set()
-    for key in released:
-        rec = sup.owned[key]
-        task = order.tasks.get(rec.task) if rec.order == order.id else None
-        if (task is not None and codes[key] == 0 and key not in sup.timed_out and rec.phase == "work"
-                and task.status == Status.IN_PROGRESS and not disowned(task, rec)
-                and not os.path.exists(rec.scope_file)):
-            out.add(rec.task)
-    return out
 
 
 def _exit_code(sup: Supervisor, rec: Record) -> int | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Collection, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 
 from aipm.inotify import DirWatch, close_at_exit
@@ -147,17 +147,12 @@ class OrderView:
         self.ready = {tid for tid in tasks if self._is_ready(tid)}
         self._ready_ranked: list[str] | None = None
 
-    def _is_ready(self, tid: str, done: Collection[str] = ()) -> bool:
+    def _is_ready(self, tid: str) -> bool:
         tasks = self.order.tasks
         task = tasks[tid]
         return task.status == Status.QUEUED and all(
-            d in tasks and (tasks[d].status in FINISHED_OK or d in done) for d in task.depends_on
+            d in tasks and tasks[d].status in FINISHED_OK for d in task.depends_on
         )
-
-    def unblocked_by(self, done: Collection[str]) -> list[str]:
-        """The QUEUED tasks that would be ready were the tasks `done` finished (and not ready now), in rank order."""
-        out = {d for tid in done for d in self.dependants.get(tid, ()) if d not in self.ready and self._is_ready(d, done)}
-        return sorted(out, key=self.rank)
 
     def _put(self, task: Task) -> None:
         """Replace a task whose links did not change, updating the indexes for it and its dependants."""

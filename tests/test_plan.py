@@ -269,15 +269,3 @@ def test_a_released_running_task_holds_no_file_and_is_not_stale():
     assert ids(held) == [] and held.stale == ["A"]
     free = plan(o, slots=2, explain=False, running={"A"}, released={"A"})
     assert ids(free) == ["B"] and free.stale == []
-
-
-def test_the_dependants_of_a_task_sure_to_be_done_may_start_and_no_others():
-    """`done`: released tasks whose outcome, being written, is sure to be DONE count as finished for their
-    dependants; a dependant that also waits on an unfinished task still waits."""
-    o = order(task("A", status="IN_PROGRESS", files=["a.txt"]), task("X", status="IN_PROGRESS", files=["x.txt"]),
-              task("C", deps=["A"], files=["c.txt"]), task("D", deps=["A", "X"], files=["d.txt"]))
-    result = plan(o, slots=3, explain=False, running={"A", "X"}, live={"X"}, released={"A"}, done={"A"},
-                  ordering=["C", "D"])
-    assert ids(result) == ["C"]
-    assert ids(plan(o, slots=3, explain=False, running={"A", "X"}, live={"X"}, released={"A"},
-                    ordering=["C", "D"])) == []

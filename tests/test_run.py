@@ -183,8 +183,8 @@ def test_a_broken_edit_mid_run_is_reported_and_ignored(project):
 @pytest.mark.parametrize("budget", [False, True])
 def test_the_next_task_starts_before_the_ended_ones_outcome_is_written_unless_a_budget_counts_it(project, budget):
     """One slot, no git (nothing to audit). When A ends, the independent B takes its place in the same wake-up,
-    before A's outcome is written (B's "started" comes before A's "finished"); A's dependant C, ranked after B,
-    waits for the slot. Under a budget the ended attempt's cost counts first: B starts only once A is recorded."""
+    before A's outcome is written (B's "started" comes before A's "finished"); A's dependant C starts only once A
+    is DONE. Under a budget the ended attempt's cost counts first: B starts only once A is recorded."""
     order = project.order()
     if budget:
         (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 100\n")
@@ -201,18 +201,16 @@ def test_the_next_task_starts_before_the_ended_ones_outcome_is_written_unless_a_
     assert project.statuses() == {"A": "DONE", "B": "DONE", "C": "DONE"}
 
 
-@pytest.mark.parametrize("case", ["done", "failed", "review", "budget"])
-def test_a_chains_next_step_starts_before_the_done_it_waits_for_is_written_only_when_that_is_sure(project, case):
-    """A → C. When A exits 0 with no reviewer, no audit and no budget to count first, its outcome can only be DONE:
-    C starts in the same wake-up, before A's DONE is written (C's "started" before A's "finished"). A reviewer
-    (it may send A back), a budget (A's cost counts first) or a failure hold C back until A's outcome is written
-    (and a failed A never lets C start)."""
+@pytest.mark.parametrize("case", ["done", "failed", "review"])
+def test_a_dependant_starts_only_once_its_dependencys_outcome_is_written(project, case):
+    """A → C with a free slot for C. C starts only after A's outcome is written (A's "finished" before C's
+    "started"): C's own command, `aipm status`, and a disk after a power cut all see A finished when C runs. (A
+    version that let C go before a sure DONE was written was reviewed and backed out: benchmarks/README.md.)"""
     order = project.order()
-    if case == "budget":
-        (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 100\n")
     write_task(order, "A", command="exit 1" if case == "failed" else "true", target_files=["a.txt"], max_attempts=1,
                **({"review": "true"} if case == "review" else {}))
-    write_task(order, "C", command="true", target_files=["c.txt"], depends_on=["A"])
+    write_task(order, "C", command="grep -q 'status: \\(DONE\\|COMPLETED\\)' orders/ORD/A.yaml",
+               target_files=["c.txt"], depends_on=["A"])
     proc = project.aipm("run", "ORD", "--max-workers", "2", "--no-resource-monitoring", "--json")
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     seen = [(e["event"], e.get("task")) for e in events if e["event"] in ("started", "finished")]
@@ -220,31 +218,9 @@ def test_a_chains_next_step_starts_before_the_done_it_waits_for_is_written_only_
         assert proc.returncode == 1 and ("started", "C") not in seen
         assert project.statuses() == {"A": "FAILED", "C": "QUEUED"}
         return
-    assert proc.returncode == 0, proc.stderr
-    first_finish = seen.index(("finished", "A"))
-    assert (seen.index(("started", "C")) < first_finish) == (case == "done"), seen
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert seen.index(("finished", "A")) < seen.index(("started", "C")), seen
     assert project.statuses() == {"A": "COMPLETED" if case == "review" else "DONE", "C": "DONE"}
-
-
-def test_a_kill_between_an_early_go_and_the_done_it_assumed_loses_nothing(project):
-    """The supervisor dies right after letting C go, before A's DONE is written (the test seam `early-go`): A's
-    file still says IN_PROGRESS while C runs. The next run records A's real outcome from its exit file (DONE, not
-    run again) and adopts C: each command ran once, C after A."""
-    order = project.order()
-    journal = project.root / "journal.txt"
-    write_task(order, "A", command=journal_command(journal, "true"), target_files=["a.txt"])
-    write_task(order, "C", command=journal_command(journal, "sleep 0.5"), target_files=["c.txt"], depends_on=["A"])
-    write_task(order, "D", command=journal_command(journal, "true"), target_files=["d.txt"], depends_on=["C"])
-    first = project.aipm("run", "ORD", "--max-workers", "2", "--no-resource-monitoring",
-                         env={"AIPM_TEST_KILL_AT": "early-go"})
-    assert first.returncode == -signal.SIGKILL, first.stdout + first.stderr
-    assert project.statuses() == {"A": "IN_PROGRESS", "C": "IN_PROGRESS", "D": "QUEUED"}
-    second = project.aipm("run", "ORD", "--max-workers", "2", "--no-resource-monitoring")
-    assert second.returncode == 0, second.stdout + second.stderr
-    assert project.statuses() == {"A": "DONE", "C": "DONE", "D": "DONE"}
-    assert check(journal, order, max_workers=2) == []
-    assert sorted(s.task for s in spans(journal)) == ["A", "C", "D"]
-    assert no_workers(project.root)
 
 
 def test_a_run_leaves_no_exit_files_behind(project):

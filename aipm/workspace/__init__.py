@@ -11,9 +11,9 @@ On disk, under the project's runtime directory:
   .aipm/patches/<ORDER>/<TASK>.<N>.patch what attempt N changed (`git apply` at the repository's top)
   refs/aipm/<ORDER>/<TASK>/{base,end}    the attempt's start and end, as commits no branch points to
 
-Test seams (aipm.seams): AIPM_TEST_KILL_AT=prepare|merge:N|cleanup makes the process that reaches that point
-SIGKILL itself (prepare: worktree made, task not yet started; merge:N: N files of a merge applied; cleanup: final
-status written, worktree not yet removed). Tests use it to prove that a rerun applies every change exactly once.
+Test seam: AIPM_TEST_KILL_AT=prepare|merge:N|cleanup makes the process that reaches that point SIGKILL itself
+(prepare: worktree made, task not yet started; merge:N: N files of a merge applied; cleanup: final status
+written, worktree not yet removed). Tests use it to prove that a rerun applies every change exactly once.
 """
 
 from __future__ import annotations
@@ -22,13 +22,14 @@ import os
 import re
 import shlex
 import shutil
+import signal
 from pathlib import Path
 
 
 from aipm.locks import sha1
 from aipm.model import FINISHED_OK, RUNNING, Order, Task
 from aipm.runtime import Record, Runtime
-from aipm import seams, writtenlog
+from aipm import writtenlog
 from aipm.scope import out_of_scope
 from aipm.settings import WORKSPACES, Settings
 from aipm.workspace.repo import RUNTIME_DIR, Repo, WorkspaceError
@@ -87,6 +88,11 @@ def _scratch(root: Path) -> Path:
     return _runtime(root) / "tmp"
 
 
+def _seam(point: str) -> None:
+    if os.environ.get("AIPM_TEST_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 # -- an attempt's life -----------------------------------------------------------------------------------
 
 
@@ -102,7 +108,7 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
     repo.add_worktree(path, base)
     globs = task.workspace_copy if task.workspace_copy is not None else settings.workspace_copy
     _copy_ignored(Path(root), path / repo.prefix, globs)
-    seams.reached("prepare")
+    _seam("prepare")
     return str(path)
 
 
@@ -187,8 +193,8 @@ def merge(root: Path, rec: Record) -> list[str]:
             raise Conflict(f"{exc}\nThis attempt's changes are kept in {kept}; the next attempt starts from the "
                            "main tree as it is now.", exc.paths) from None
         merging.save(plan_dir, rec.serial, steps)
-    seams.reached("merge:0")
-    notes = merging.apply(repo.top, plan_dir, after_each=lambda n: seams.reached(f"merge:{n}"))
+    _seam("merge:0")
+    notes = merging.apply(repo.top, plan_dir, after_each=lambda n: _seam(f"merge:{n}"))
     # A shared task whose audit is in flight may see these files change once this record is gone.
     writtenlog.note_written(Runtime(root), rec.targets)
     return notes
@@ -197,7 +203,7 @@ def merge(root: Path, rec: Record) -> list[str]:
 def finished(root: Path, rec: Record) -> str | None:
     """The task's final status (DONE, COMPLETED) is written: its worktree has served. Returns why it could not
     be removed (the next `aipm run` or `aipm recover` tries again), else None."""
-    seams.reached("cleanup")
+    _seam("cleanup")
     try:
         remove(root, rec.order, rec.task)
     except (WorkspaceError, OSError) as exc:
