@@ -125,9 +125,10 @@ def test_a_flat_files_edits_are_libyamls_edits(lines, final_newline, updates):
     assert fast == slow, text
 
 
-def test_most_generated_flat_files_take_the_fast_edit():
-    """The property above is not vacuous: the forms aipm writes are flat, and so edited without libyaml."""
+def test_the_files_aipm_writes_take_the_flat_edit():
+    """The property above is not vacuous: the form aipm writes is flat, and so edited without libyaml."""
     from aipm import patch
 
     text = 'id: T1\ncommand: "make x"\ndepends_on: [T0]\ntarget_files: [out/1]\nstatus: IN_PROGRESS\nattempts: 1\n'
-    assert patch._flat(text, {"status": "DONE", "reason": "'ok'"}) == text.replace("IN_PROGRESS", "DONE") + "reason: 'ok'\n"
+    edited = patch._flat(text, {"status": "DONE", "reason": "'ok'"})
+    assert edited == text.replace("IN_PROGRESS", "DONE") + "reason: 'ok'\n"

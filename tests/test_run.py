@@ -203,9 +203,10 @@ def test_the_next_task_starts_before_the_ended_ones_outcome_is_written_unless_a_
 
 @pytest.mark.parametrize("case", ["done", "failed", "review"])
 def test_a_dependant_starts_only_once_its_dependencys_outcome_is_written(project, case):
-    """A → C with a free slot for C. C starts only after A's outcome is written (A's "finished" before C's
-    "started"): C's own command, `aipm status`, and a disk after a power cut all see A finished when C runs. (A
-    version that let C go before a sure DONE was written was reviewed and backed out: benchmarks/README.md.)"""
+    """A → C with a free slot for C. C starts only after A's outcome is written and durable (A's "finished"
+    before C's "started"), so C's own command (checked here: it reads A's file), `aipm status` and a disk after a
+    power cut all see A finished while C runs. (A version that let C go before a sure DONE was written was
+    reviewed and backed out: benchmarks/README.md, 2026-12-02 11:41.)"""
     order = project.order()
     write_task(order, "A", command="exit 1" if case == "failed" else "true", target_files=["a.txt"], max_attempts=1,
                **({"review": "true"} if case == "review" else {}))
