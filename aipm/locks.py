@@ -48,12 +48,16 @@ def state_dir(root: Path) -> Path:
     real = os.path.realpath(root)
     st = os.stat(real)
     digest = sha1(real.encode()).hexdigest()[:10]
-    return Path(STATE_BASE) / f"aipm-{os.getuid()}" / f"{st.st_dev:x}-{st.st_ino:x}-{digest}"
+    return _user_dir() / f"{st.st_dev:x}-{st.st_ino:x}-{digest}"
 
 
-def make_state_dir(state: Path) -> None:
-    """Create the state directory; its parent must be this user's alone (others could plant files in it)."""
-    base = state.parent
+def _user_dir() -> Path:
+    return Path(STATE_BASE) / f"aipm-{os.getuid()}"
+
+
+def user_base() -> Path:
+    """`/tmp/aipm-<uid>`, created if need be; it must be this user's alone (others could plant files in it)."""
+    base = _user_dir()
     try:
         os.mkdir(base, 0o700)
     except FileExistsError:
@@ -62,6 +66,12 @@ def make_state_dir(state: Path) -> None:
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise UserError(f"{base}: must be a directory only this user can access (aipm keeps its locks there); "
                         "remove it and try again")
+    return base
+
+
+def make_state_dir(state: Path) -> None:
+    """Create the state directory inside the user's base directory."""
+    user_base()
     (state / "locks").mkdir(parents=True, exist_ok=True)
 
 

@@ -1,8 +1,8 @@
 """Starting, watching and stopping worker processes.
 
-Each worker is `/bin/sh` running a tiny wrapper in a new session (so its process group holds every
-grandchild): it waits for a "go" on a pipe, runs the task's command, writes the exit code to an exit file,
-and exits with that code. The go is sent only once the worker's record is on disk and the status writes of
+Each worker is a tiny wrapper in a new session (so its process group holds every grandchild): it waits for a
+"go" on a pipe, runs the task's command, writes the exit code to an exit file, and exits with that code. The
+wrapper is `/bin/sh`, or for a command that is a program, the compiled one of wrapper.py where it could be built. The go is sent only once the worker's record is on disk and the status writes of
 its launch-lock round are durable (durable.py), so a launcher that dies in between leaves no command running
 unrecorded (the wrapper sees EOF and exits). The exit file lets a supervisor that was restarted learn the real
 outcome of a worker it did not start.
@@ -20,7 +20,7 @@ import signal
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 
-from aipm import durable, posix_spawn
+from aipm import durable, posix_spawn, wrapper
 from aipm.liveness import spawned_ctime
 
 SHELL = "/bin/sh"
@@ -43,6 +43,11 @@ _SHELL_WORDS = frozenset(
     "readonly return set shift times trap type ulimit umask unalias unset wait ! { } case do done elif else esac "
     "fi for function if in select then time until while".split()
 )
+
+
+# Commands /bin/sh runs itself, without starting a program: they keep the shell wrapper (one exec, and the
+# builtin's own behaviour, which may differ from the program of that name: dash's echo is not coreutils').
+_SH_BUILTINS = _SHELL_WORDS | {"true", "false", "echo", "printf", "test", "pwd"}
 
 
 def plain_words(command: str) -> list[str] | None:
@@ -107,14 +112,14 @@ def begin(
     if not os.path.isdir(cwd):
         raise SpawnError(f"working directory {cwd} does not exist")
     if prefix:  # the wrapper stays outside: it must write the exit file whatever the prefix forbids
-        shell = [SHELL, "-c", command] if isinstance(command, str) else list(command)
-        argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *prefix, *shell]
-    elif isinstance(command, str) and not plain_words(command):
-        argv = [SHELL, "-c", _WRAP_SHELL, "aipm-worker", exit_file, command]
+        words = [*prefix, *([SHELL, "-c", command] if isinstance(command, str) else command)]
     elif isinstance(command, str):
-        argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *plain_words(command)]
+        words = plain_words(command)
     else:
-        argv = [SHELL, "-c", _WRAP_ARGV, "aipm-worker", exit_file, *command]
+        words = list(command)
+    shell = [SHELL, "-c", _WRAP_ARGV if words else _WRAP_SHELL, "aipm-worker", exit_file, *(words or [command])]
+    compiled = wrapper.binary() if words and words[0] not in _SH_BUILTINS else None
+    program, argv = (compiled, ["aipm-worker", exit_file, *words]) if compiled else (SHELL, shell)
     go_read, go_write = os.pipe()
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, stdin or os.devnull, os.O_RDONLY, 0),
@@ -123,19 +128,24 @@ def begin(
         (os.POSIX_SPAWN_DUP2, go_read, _GO_FD),
     ]
     actions += inherit(pass_fds, above=max(go_read, _GO_FD))[0]
-    env = dict(env, AIPM_ROOT=cwd)  # posix_spawn has no cwd argument; the wrapper changes to $AIPM_ROOT itself
+    # posix_spawn has no cwd argument: the wrapper changes to $AIPM_ROOT itself ($PWD as a shell's cd sets it).
+    env = dict(env, AIPM_ROOT=cwd, PWD=cwd)
 
-    def attempt() -> tuple[int, int, int]:
+    def attempt(program: str, argv: list[str]) -> tuple[int, int, int]:
         os.makedirs(os.path.dirname(log), exist_ok=True)
         before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        pid = posix_spawn.spawn(SHELL, argv, env, actions, setsid=True)
+        pid = posix_spawn.spawn(program, argv, env, actions, setsid=True)
         return pid, before, time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
     def start() -> tuple[int, int, int]:
         try:
-            return attempt()
-        except FileNotFoundError:  # a worker deleted .aipm/ (git clean -fdx) meanwhile: make the log's directory again
-            return attempt()
+            return attempt(program, argv)
+        except FileNotFoundError:
+            # A worker deleted .aipm/ (git clean -fdx) meanwhile: make the log's directory again. Or the compiled
+            # wrapper was aged out of /tmp: the shell does its work, and the next start looks for it again.
+            if compiled and not os.path.exists(compiled):
+                wrapper.forget()
+            return attempt(SHELL, shell)
 
     def release() -> None:
         os.close(go_read)
