@@ -23,11 +23,13 @@ import yaml
 from aipm.paths import normalize, overlaps
 
 
-def journal_command(journal: Path, work: str = "sleep 0.02") -> str:
-    """A shell command that brackets `work` with start/end journal lines."""
+def journal_command(journal: Path, work: str = "sleep 0.02", argv: bool = False) -> str | list[str]:
+    """A shell command that brackets `work` with start/end journal lines; with `argv`, the same as the argv
+    `/bin/sh -c ...`: a program, which the compiled wrapper runs (a string goes through the shell wrapper)."""
     j = str(journal)
-    return (f'echo "start $AIPM_TASK_ID $(date +%s%N) $$" >> "{j}"; {work}; s=$?; '
-            f'echo "end $AIPM_TASK_ID $(date +%s%N) $$" >> "{j}"; exit $s')
+    script = (f'echo "start $AIPM_TASK_ID $(date +%s%N) $$" >> "{j}"; {work}; s=$?; '
+              f'echo "end $AIPM_TASK_ID $(date +%s%N) $$" >> "{j}"; exit $s')
+    return ["/bin/sh", "-c", script] if argv else script
 
 
 @dataclass
@@ -102,7 +104,8 @@ def check(journal: Path, order_dir: Path, max_workers: int | None = None, once: 
 
 
 def random_order(order_dir: Path, journal: Path, n: int, seed: int, files: int = 8, work: str = "sleep 0.02") -> None:
-    """A random DAG of n tasks over a small pool of files, directories and globs, so many pairs overlap."""
+    """A random DAG of n tasks over a small pool of files, directories and globs, so many pairs overlap. Every
+    other task's command is an argv, so both worker wrappers are in every trial."""
     rng = random.Random(seed)
     pool = [f"src/f{i}.py" for i in range(files)] + ["src/", "docs/", "src/*.py", "docs/**/*.md", "docs/a.md"]
     order_dir.mkdir(parents=True, exist_ok=True)
@@ -111,7 +114,7 @@ def random_order(order_dir: Path, journal: Path, n: int, seed: int, files: int =
         deps = sorted({f"T{j:03d}" for j in rng.sample(range(i), k=min(i, rng.randint(0, 2)))})
         body = {
             "id": tid, "priority": f"P{rng.randint(0, 3)}", "depends_on": deps,
-            "target_files": rng.sample(pool, k=rng.randint(1, 2)), "command": journal_command(journal, work),
+            "target_files": rng.sample(pool, k=rng.randint(1, 2)), "command": journal_command(journal, work, argv=i % 2 == 1),
         }
         (order_dir / f"{tid}.yaml").write_text(f"# generated task {i}\n" + yaml.safe_dump(body, sort_keys=False))
 

@@ -684,7 +684,7 @@ def counter_order(counters: int = 3, per_counter: int = 10, nap: str = "0.05"):
                                    f"counters/c{c}.*", f"counters/c[{c}].txt", "counters", "counters/"])
             work = f'v=$(cat counters/c{c}.txt); sleep {nap}; echo $((v+1)) > counters/c{c}.txt'
             body = {"id": f"T{i:03d}", "priority": f"P{rng.randint(0, 3)}", "target_files": [spelling],
-                    "command": journal_command(journal, work)}
+                    "command": journal_command(journal, work, argv=i % 2 == 1)}
             (order_dir / f"T{i:03d}.yaml").write_text(yaml.safe_dump(body, sort_keys=False))
 
     make.counters = counters
@@ -1098,12 +1098,12 @@ def hostile_trial(root: Path, seed: int, n_tasks: int, workers: int = 4) -> Tria
     journal, daemons = root / "journal.txt", root / "daemons.txt"
     random_order(order, journal, n=n_tasks, seed=seed)
     rng = random.Random(seed)
-    for path in sorted(order.glob("*.yaml")):
+    for i, path in enumerate(sorted(order.glob("*.yaml"))):
         data = yaml.safe_load(path.read_text())
         work = rng.choice(["sleep 0.05", "rm -rf .aipm; sleep 0.05",
                            f"setsid sh -c 'echo $$ >> \"{daemons}\"; exec sleep 300' </dev/null >/dev/null 2>&1 & "
                            "sleep 0.1"])
-        data["command"] = journal_command(journal, work)
+        data["command"] = journal_command(journal, work, argv=i % 2 == 1)
         path.write_text(yaml.safe_dump(data, sort_keys=False))
     before = task_texts(order)
     trial = Trial("hostile workers", seed, n_tasks)
