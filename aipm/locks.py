@@ -55,9 +55,9 @@ def _user_dir() -> Path:
     return Path(STATE_BASE) / f"aipm-{os.getuid()}"
 
 
-def user_base() -> Path:
+def user_base(base: Path | None = None) -> Path:
     """`/tmp/aipm-<uid>`, created if need be; it must be this user's alone (others could plant files in it)."""
-    base = _user_dir()
+    base = base or _user_dir()
     try:
         os.mkdir(base, 0o700)
     except FileExistsError:
@@ -71,7 +71,7 @@ def user_base() -> Path:
 
 def make_state_dir(state: Path) -> None:
     """Create the state directory inside the user's base directory."""
-    user_base()
+    user_base(state.parent)
     (state / "locks").mkdir(parents=True, exist_ok=True)
 
 
