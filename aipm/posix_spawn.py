@@ -22,7 +22,8 @@ from typing import Any
 _SETSIGDEF, _SETSIGMASK, _SETSID = 0x04, 0x08, 0x80
 _STATE_BYTES = 1024  # room for posix_spawn_file_actions_t / posix_spawnattr_t (80 and 336 bytes on x86-64 glibc)
 # Python ignores these; a child gets them back at their default, as subprocess gives them (`yes | head` ends quietly).
-_RESTORED = (signal.SIGPIPE, signal.SIGXFSZ)
+# SIGCHLD too: ignored by whoever started aipm, it would be ignored in the wrapper, whose wait4 then sees no child.
+_RESTORED = (signal.SIGPIPE, signal.SIGXFSZ, signal.SIGCHLD)
 
 
 def _load() -> Any:

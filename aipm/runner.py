@@ -12,6 +12,7 @@ Waiting is event-driven: a pidfd per process in a selector, so the loop sleeps u
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import selectors
@@ -118,7 +119,8 @@ def begin(
     else:
         words = list(command)
     shell = [SHELL, "-c", _WRAP_ARGV if words else _WRAP_SHELL, "aipm-worker", exit_file, *(words or [command])]
-    compiled = wrapper.binary() if words and words[0] not in _SH_BUILTINS else None
+    # Without PATH the shell searches its own default (dash's has the sbin directories): that stays the shell's.
+    compiled = wrapper.binary() if words and words[0] not in _SH_BUILTINS and "PATH" in env else None
     program, argv = (compiled, ["aipm-worker", exit_file, *words]) if compiled else (SHELL, shell)
     go_read, go_write = os.pipe()
     actions = [
@@ -145,6 +147,11 @@ def begin(
             # wrapper was aged out of /tmp: the shell does its work, and the next start looks for it again.
             if compiled and not os.path.exists(compiled):
                 wrapper.forget()
+            return attempt(SHELL, shell)
+        except OSError as exc:
+            if not compiled or exc.errno not in (errno.ENOEXEC, errno.EACCES, errno.EPERM):
+                raise
+            wrapper.discard(compiled)  # truncated, replaced, /tmp made noexec: the shell now, a new build later
             return attempt(SHELL, shell)
 
     def release() -> None:

@@ -6,10 +6,10 @@
  *
  * Changes to $AIPM_ROOT (126 if it cannot), waits for "go\n" on fd 3 (125, running nothing, on EOF or
  * anything else), runs PROGRAM as `sh -c '"$@"'` would (PATH search, a file without #! run by /bin/sh, 127
- * not found, 126 not executable), writes its exit code (128+N if killed by signal N) and a newline to
- * EXIT_FILE, and exits with that code. No signal is caught: a signal to the process group ends the wrapper
- * too, with no exit file, as it ends the shell. x86-64 Linux only; elsewhere the build fails and aipm keeps
- * using the shell. */
+ * not found, 126 not executable; PATH must be set), writes its exit code (128+N if killed by signal N) and a
+ * newline to EXIT_FILE, and exits with that code. No signal is caught: a signal to the process group ends
+ * the wrapper too, with no exit file, as it ends the shell. x86-64 Linux only; elsewhere the build fails and
+ * aipm keeps using the shell. */
 
 #if !defined(__x86_64__) || !defined(__linux__)
 #error "aipm-wrapper: x86-64 Linux only"
@@ -17,7 +17,7 @@
 
 enum { SYS_READ = 0, SYS_WRITE = 1, SYS_OPEN = 2, SYS_CLOSE = 3, SYS_FORK = 57, SYS_EXECVE = 59,
        SYS_WAIT4 = 61, SYS_CHDIR = 80, SYS_EXIT_GROUP = 231 };
-enum { E_NOENT = 2, E_INTR = 4, E_NOEXEC = 8, E_ACCES = 13, E_NOTDIR = 20 };
+enum { E_NOENT = 2, E_INTR = 4, E_NOEXEC = 8, E_ACCES = 13, E_NOTDIR = 20, E_NAMETOOLONG = 36, E_LOOP = 40 };
 enum { O_WRONLY_ = 01, O_CREAT_ = 0100, O_TRUNC_ = 01000, O_CLOEXEC_ = 02000000 };
 
 static long sys(long n, long a, long b, long c, long d) {
@@ -59,50 +59,55 @@ static const char *getenv_(char **envp, const char *name) {
     return 0;
 }
 
-/* execve, and for a file the kernel cannot run (no #!), /bin/sh on it, as a shell does. */
-static long exec(const char *path, char **argv, int argc, char **envp) {
+/* execve, and for a file the kernel cannot run (no #!), /bin/sh on it, as a shell does. The argv for that is
+ * made in place, as dash makes it: argv[-1] is this child's copy of EXIT_FILE's slot, unused here. */
+static long exec(const char *path, char **argv, char **envp) {
     long r = sys(SYS_EXECVE, (long)path, (long)argv, (long)envp, 0);
     if (r != -E_NOEXEC) return r;
-    char *script[argc + 2];
-    script[0] = "/bin/sh";
-    script[1] = (char *)path;
-    for (int i = 1; i <= argc; i++) script[i + 1] = argv[i];  /* argv[argc] is the terminating null */
-    return sys(SYS_EXECVE, (long)"/bin/sh", (long)script, (long)envp, 0);
+    char *first = argv[0];
+    argv[-1] = "/bin/sh";
+    argv[0] = (char *)path;
+    r = sys(SYS_EXECVE, (long)"/bin/sh", (long)(argv - 1), (long)envp, 0);
+    argv[0] = first;
+    return r;
 }
 
-static void __attribute__((noreturn)) run(char **argv, int argc, char **envp) {
+/* dash's exit codes: 127 when nothing by that name could be found, 126 when something was and would not run. */
+static void __attribute__((noreturn)) fail(const char *program, long error) {
+    int missing = error == -E_NOENT || error == -E_NOTDIR || error == -E_LOOP || error == -E_NAMETOOLONG;
+    say(program, error == -E_ACCES ? "Permission denied" : missing ? "not found" : "cannot execute", "");
+    leave(missing ? 127 : 126);
+}
+
+/* A PATH search as dash's: every entry is tried, and the last error other than "not there" (or "not allowed":
+ * dash's search passes over a file without the x bit) is the one reported.
+ * runner.py uses the shell when PATH is unset (its default PATH is the shell's own). */
+static void __attribute__((noreturn)) run(char **argv, char **envp) {
     const char *program = argv[0];
     for (const char *c = program; *c; c++)
-        if (*c == '/') {
-            long r = exec(program, argv, argc, envp);
-            say(program, r == -E_ACCES ? "Permission denied" : r == -E_NOENT ? "not found" : "cannot execute", "");
-            leave(r == -E_NOENT ? 127 : 126);
-        }
+        if (*c == '/') fail(program, exec(program, argv, envp));
     const char *path = getenv_(envp, "PATH");
-    if (!path) path = "/usr/local/bin:/usr/bin:/bin";
-    long denied = 0, plen = length(program);
+    if (!path) fail(program, -E_NOENT);
+    long error = -E_NOENT, plen = length(program);
     char full[4096];
     for (;;) {
         long n = 0;
         while (path[n] && path[n] != ':') n++;
-        if (n + 1 + plen < (long)sizeof full) {
+        if ((n ? n : 1) + 1 + plen < (long)sizeof full) {
             long at = 0;
             if (n == 0) full[at++] = '.';  /* an empty PATH entry is the current directory */
             for (long i = 0; i < n; i++) full[at++] = path[i];
             full[at++] = '/';
             for (long i = 0; i <= plen; i++) full[at++] = program[i];
-            long r = exec(full, argv, argc, envp);
-            if (r == -E_ACCES) denied = 1;
-            else if (r != -E_NOENT && r != -E_NOTDIR) {
-                say(program, "cannot execute", "");
-                leave(126);
-            }
+            long r = exec(full, argv, envp);
+            if (r != -E_NOENT && r != -E_NOTDIR && r != -E_ACCES) error = r;  /* dash passes files it may not run */
+        } else {
+            error = -E_NAMETOOLONG;
         }
         if (!path[n]) break;
         path += n + 1;
     }
-    say(program, denied ? "Permission denied" : "not found", "");
-    leave(denied ? 126 : 127);
+    fail(program, error);
 }
 
 __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
@@ -126,14 +131,15 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     sys(SYS_CLOSE, 3, 0, 0, 0);
     long pid = sys(SYS_FORK, 0, 0, 0, 0);
     if (pid < 0) leave(126);
-    if (pid == 0) run(argv + 2, argc - 2, envp);
+    if (pid == 0) run(argv + 2, envp);
     int status = 0;
     long r;
     while ((r = sys(SYS_WAIT4, pid, (long)&status, 0, 0)) == -E_INTR) {}
     int code = r < 0 ? 126 : (status & 0x7f) ? 128 + (status & 0x7f) : (status >> 8) & 0xff;
     char text[5];
-    if (r >= 0 && (status & 0x7f)) {  /* as a shell says "Terminated": the log shows why the output stops */
-        decimal(status & 0x7f, text);
+    int sig = r >= 0 ? status & 0x7f : 0;
+    if (sig && sig != 2 && sig != 13) {  /* as dash says "Terminated" (not for SIGINT, SIGPIPE) */
+        decimal(sig, text);
         say(argv[2], "killed by signal ", text);
     }
     int n = decimal(code, text);

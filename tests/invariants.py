@@ -27,8 +27,9 @@ def journal_command(journal: Path, work: str = "sleep 0.02", argv: bool = False)
     """A shell command that brackets `work` with start/end journal lines; with `argv`, the same as the argv
     `/bin/sh -c ...`: a program, which the compiled wrapper runs (a string goes through the shell wrapper)."""
     j = str(journal)
-    script = (f'echo "start $AIPM_TASK_ID $(date +%s%N) $$" >> "{j}"; {work}; s=$?; '
-              f'echo "end $AIPM_TASK_ID $(date +%s%N) $$" >> "{j}"; exit $s')
+    me = "$PPID" if argv else "$$"  # the worker's process group leader, the wrapper: sh's parent when sh is the program
+    script = (f'echo "start $AIPM_TASK_ID $(date +%s%N) {me}" >> "{j}"; {work}; s=$?; '
+              f'echo "end $AIPM_TASK_ID $(date +%s%N) {me}" >> "{j}"; exit $s')
     return ["/bin/sh", "-c", script] if argv else script
 
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import resource
+import signal
 import stat
 import subprocess
 import sys
@@ -43,6 +45,16 @@ def _both(tmp_path: Path, monkeypatch, command, **options) -> tuple[tuple, tuple
         shell = _run(tmp_path, command, "shell", **options)
     assert started == [wrapper.binary(), runner.SHELL]
     return compiled, shell
+
+
+@pytest.fixture
+def private_state(tmp_path, monkeypatch):
+    """A state directory of the test's own: what is built, broken or marked there touches no other test."""
+    (tmp_path / "state").mkdir()
+    monkeypatch.setattr(locks, "STATE_BASE", str(tmp_path / "state"))
+    wrapper.forget()
+    yield tmp_path / "state" / f"aipm-{os.getuid()}" / "bin"
+    wrapper.forget()
 
 
 SCRIPT = "echo from a script without a shebang\nexit 5\n"
@@ -105,36 +117,107 @@ def test_a_run_starts_programs_through_the_compiled_wrapper_and_shell_builtins_t
     assert (logs / "BUILTIN.1.log").read_text().startswith(builtin)
 
 
-def test_a_wrapper_aged_out_of_tmp_is_replaced_by_the_shell_then_built_again(tmp_path, monkeypatch):
-    (tmp_path / "state").mkdir()
-    monkeypatch.setattr(locks, "STATE_BASE", str(tmp_path / "state"))
-    wrapper.forget()
-    try:
-        built = wrapper.binary()
-        assert built and built.startswith(str(tmp_path / "state"))
-        os.unlink(built)  # as systemd-tmpfiles would, between two starts
-        code, written, _ = _run(tmp_path, [sys.executable, "-c", "raise SystemExit(4)"], "fallback")
-        assert (code, written) == (4, "4\n")
-        assert wrapper.binary() == built and os.access(built, os.X_OK)
-    finally:
-        wrapper.forget()
+def test_a_wrapper_aged_out_of_tmp_is_replaced_by_the_shell_then_built_again(tmp_path, private_state):
+    built = wrapper.binary()
+    assert built and built.startswith(str(private_state))
+    os.unlink(built)  # as systemd-tmpfiles would, between two starts
+    code, written, _ = _run(tmp_path, [sys.executable, "-c", "raise SystemExit(4)"], "fallback")
+    assert (code, written) == (4, "4\n")
+    assert wrapper.binary() == built and os.access(built, os.X_OK)
 
 
-def test_where_the_wrapper_cannot_be_built_the_reason_is_kept_and_the_shell_runs_commands(tmp_path, monkeypatch):
-    (tmp_path / "state").mkdir()
-    monkeypatch.setattr(locks, "STATE_BASE", str(tmp_path / "state"))
+def test_where_the_wrapper_cannot_be_built_the_reason_is_kept_and_the_shell_runs_commands(
+        tmp_path, monkeypatch, private_state):
     monkeypatch.setenv("CC", "false")
+    assert wrapper.binary() is None
+    [failed] = private_state.glob("*.failed")
+    assert failed.read_text() == "false\nfalse exited 1\n"
+    os.utime(failed, (1, 1))
     wrapper.forget()
+    assert wrapper.binary() is None  # the same compiler, a day later: tried again
+    assert failed.stat().st_mtime > 1
+    stamp = failed.stat().st_mtime_ns
+    wrapper.forget()
+    assert wrapper.binary() is None  # the same compiler, just failed: not tried again
+    assert failed.stat().st_mtime_ns == stamp
+    code, written, _ = _run(tmp_path, [sys.executable, "-c", "raise SystemExit(6)"], "shell")
+    assert (code, written) == (6, "6\n")
+    monkeypatch.setenv("CC", "gcc -std=gnu11")  # another compiler (a value with flags, as `ccache gcc`): tried
+    wrapper.forget()
+    assert wrapper.binary() and not failed.exists()
+    assert not stat.S_IMODE(os.stat(private_state.parent).st_mode) & 0o077
+
+
+def test_a_broken_wrapper_binary_gives_way_to_the_shell_and_is_built_again(tmp_path, private_state):
+    built = wrapper.binary()
+    Path(built).write_bytes(b"")  # truncated: a crash after the rename, a full disk, a worker's mischief
+    code, written, _ = _run(tmp_path, [sys.executable, "-c", "raise SystemExit(4)"], "broken")
+    assert (code, written) == (4, "4\n")
+    assert wrapper.binary() == built and os.path.getsize(built) > 0
+
+
+def test_sigchld_ignored_by_whoever_started_aipm_changes_no_exit_code(tmp_path, private_state):
+    old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     try:
-        assert wrapper.binary() is None
-        failed = list((tmp_path / "state" / f"aipm-{os.getuid()}" / "bin").glob("*.failed"))
-        assert len(failed) == 1 and "false exited 1" in failed[0].read_text()
-        monkeypatch.setenv("CC", "/no/such/compiler")  # the marker is read: no second attempt
-        wrapper.forget()
-        assert wrapper.binary() is None
-        assert "false exited 1" in failed[0].read_text()
-        code, written, _ = _run(tmp_path, [sys.executable, "-c", "raise SystemExit(6)"], "shell")
-        assert (code, written) == (6, "6\n")
-        assert not stat.S_IMODE(os.stat(tmp_path / "state" / f"aipm-{os.getuid()}").st_mode) & 0o077
+        assert wrapper.binary()  # built and proven with SIGCHLD ignored
+        _, written, log = _run(tmp_path, [sys.executable, "-c", "raise SystemExit(3)"], "chld")
     finally:
-        wrapper.forget()
+        signal.signal(signal.SIGCHLD, old)
+    assert written == "3\n", log
+
+
+def test_without_path_a_program_is_searched_where_the_shell_searches(tmp_path, monkeypatch):
+    env = {k: v for k, v in os.environ.items() if k != "PATH"}
+    spawn, started = runner.posix_spawn.spawn, []
+    monkeypatch.setattr(runner.posix_spawn, "spawn", lambda program, *a, **k: started.append(program) or spawn(
+        program, *a, **k))
+    exit_file = tmp_path / "ldconfig.exit"
+    pid = runner.spawn("ldconfig -p", exit_file=str(exit_file), env=env, cwd=str(tmp_path), log=str(tmp_path / "log"))
+    assert (runner.reap(pid), exit_file.read_text()) == (0, "0\n")  # dash's default PATH has /sbin
+    assert started == [runner.SHELL]
+
+
+def test_the_path_search_goes_past_an_entry_that_cannot_run_as_a_shell_does(tmp_path, monkeypatch):
+    for name in ("loop", "noexec", "good"):
+        (tmp_path / name).mkdir()
+    os.symlink("tool", tmp_path / "loop" / "tool")  # ELOOP
+    (tmp_path / "noexec" / "tool").write_text("exit 9\n")  # EACCES
+    (tmp_path / "good" / "tool").write_text("#!/bin/sh\nexit 5\n")
+    (tmp_path / "good" / "tool").chmod(0o755)
+    path = f"{tmp_path}/loop:{tmp_path}/noexec:{tmp_path}/good"
+    monkeypatch.setenv("PATH", f"{path}:{os.environ['PATH']}")
+    compiled, shell = _both(tmp_path, monkeypatch, "tool")
+    assert compiled[:2] == shell[:2] == (5, "5\n")
+    (tmp_path / "good" / "tool").unlink()
+    compiled, shell = _both(tmp_path, monkeypatch, "tool")
+    assert compiled[:2] == shell[:2] == (127, "127\n")  # a file it may not run is passed over, as by dash
+    assert "tool: not found" in compiled[2]
+
+
+def test_a_script_without_shebang_and_many_arguments_runs_on_a_small_stack(tmp_path, monkeypatch):
+    (tmp_path / "ns").write_text('exit "$#"\n')
+    (tmp_path / "ns").chmod(0o755)
+    old = resource.getrlimit(resource.RLIMIT_STACK)
+    resource.setrlimit(resource.RLIMIT_STACK, (160 * 1024, old[1]))
+    try:
+        compiled, shell = _both(tmp_path, monkeypatch, ["./ns", *[""] * 10000, "x"])
+    finally:
+        resource.setrlimit(resource.RLIMIT_STACK, old)
+    assert compiled[:2] == shell[:2] == (10001 % 256, f"{10001 % 256}\n")
+
+
+@pytest.mark.parametrize("argv", [False, True], ids=["string", "argv"])
+def test_the_chaos_journal_names_each_worker_by_its_process_group(tmp_path, argv):
+    """The chaos suite kills workers by the pid their journal line gives, and checks that group is gone at the
+    end: for an argv task (`/bin/sh -c ...` run by the compiled wrapper) that is the wrapper, not the inner sh."""
+    from invariants import journal_command
+
+    journal = tmp_path / "journal.txt"
+    check = "import os, sys; pid = int(open(sys.argv[1]).read().split()[3]); print(pid, os.getpgid(pid))"
+    command = journal_command(journal, f"{sys.executable} -c '{check}' {journal}", argv=argv)
+    exit_file = tmp_path / "exit"
+    pid = runner.spawn(command, exit_file=str(exit_file), env=dict(os.environ, AIPM_TASK_ID="T1"), cwd=str(tmp_path),
+                       log=str(tmp_path / "log"))
+    assert runner.reap(pid) == 0, (tmp_path / "log").read_text()
+    named, group = map(int, (tmp_path / "log").read_text().split()[:2])
+    assert named == group == pid
