@@ -72,6 +72,26 @@ def project(tmp_path: Path) -> Project:
     return Project(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _remove_state_dirs(request):
+    """After each test, the state directories (/tmp/aipm-<uid>/...) of the projects it made under its tmp_path:
+    left, a suite run piled up thousands of them. Only this test's: another run's may be in use."""
+    if "tmp_path" not in request.fixturenames:
+        yield
+        return
+    base = request.getfixturevalue("tmp_path")  # now, so that it is torn down after this
+    yield
+    import shutil
+
+    from aipm.locks import state_dir
+
+    for root in [base, *base.glob("*/"), *base.glob("*/*/")]:
+        try:
+            shutil.rmtree(state_dir(root))
+        except OSError:
+            pass
+
+
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):
     """Poll until predicate() is truthy; fail the test (not time it) when it never becomes so."""
     import time
