@@ -2,9 +2,10 @@
 
 Each worker is a tiny wrapper in a new session (so its process group holds every grandchild): it waits for a
 "go" on a pipe, runs the task's command, writes the exit code to an exit file, and exits with that code. The
-wrapper is `/bin/sh`, or for a command that is a program, the compiled one of wrapper.py where it could be built. The go is sent only once the worker's record is on disk and the status writes of
-its launch-lock round are durable (durable.py), so a launcher that dies in between leaves no command running
-unrecorded (the wrapper sees EOF and exits). The exit file lets a supervisor that was restarted learn the real
+wrapper is `/bin/sh`, or for a command that is a program the compiled one of wrapper.py, where it could be
+built. The go is sent only once the worker's record is on disk and the status writes of its launch-lock round
+are durable (durable.py), so a launcher that dies in between leaves no command running unrecorded (the
+wrapper sees EOF and exits). The exit file lets a supervisor that was restarted learn the real
 outcome of a worker it did not start.
 
 Waiting is event-driven: a pidfd per process in a selector, so the loop sleeps until something happens.
