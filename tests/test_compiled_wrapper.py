@@ -34,11 +34,17 @@ def _run(tmp_path: Path, command, tag: str, cwd: Path | None = None, abandon: bo
     return code, written, log.read_text() if log.exists() else ""
 
 
-def _both(tmp_path: Path, monkeypatch, command, **options) -> tuple[tuple, tuple]:
-    """The same command through the compiled wrapper, then through the shell; the first must really be compiled."""
+def _programs_started(monkeypatch) -> list[str]:
+    """The programs runner starts from now on (the wrapper each worker runs under), in order."""
     spawn, started = runner.posix_spawn.spawn, []
     monkeypatch.setattr(runner.posix_spawn, "spawn", lambda program, *a, **k: started.append(program) or spawn(
         program, *a, **k))
+    return started
+
+
+def _both(tmp_path: Path, monkeypatch, command, **options) -> tuple[tuple, tuple]:
+    """The same command through the compiled wrapper, then through the shell; the first must really be compiled."""
+    started = _programs_started(monkeypatch)
     compiled = _run(tmp_path, command, "compiled", **options)
     with monkeypatch.context() as m:
         m.setattr(wrapper, "binary", lambda: None)
@@ -168,9 +174,7 @@ def test_sigchld_ignored_by_whoever_started_aipm_changes_no_exit_code(tmp_path, 
 
 def test_without_path_a_program_is_searched_where_the_shell_searches(tmp_path, monkeypatch):
     env = {k: v for k, v in os.environ.items() if k != "PATH"}
-    spawn, started = runner.posix_spawn.spawn, []
-    monkeypatch.setattr(runner.posix_spawn, "spawn", lambda program, *a, **k: started.append(program) or spawn(
-        program, *a, **k))
+    started = _programs_started(monkeypatch)
     exit_file = tmp_path / "ldconfig.exit"
     pid = runner.spawn("ldconfig -p", exit_file=str(exit_file), env=env, cwd=str(tmp_path), log=str(tmp_path / "log"))
     assert (runner.reap(pid), exit_file.read_text()) == (0, "0\n")  # dash's default PATH has /sbin
