@@ -29,6 +29,7 @@ from aipm.errors import UserError
 from aipm.liveness import process_alive, read_small, remembered
 
 from aipm.locks import make_state_dir, state_dir
+from aipm.spares import Pool, pool
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
 
@@ -104,11 +105,15 @@ class _Round(threading.local):
 _round = _Round()
 
 
-def _write_file(path: str, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+def _write_file(path: str, data: bytes, spares: Pool) -> None:
+    fd = spares.take(path)
+    if fd is None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
+        size = len(data)
         while data:
             data = data[os.write(fd, data):]
+        os.ftruncate(fd, size)  # a spare held an older record, perhaps longer
     finally:
         os.close(fd)
 
@@ -139,6 +144,7 @@ class Runtime:
         self._made: set[Path] = set()  # state directories known to exist: the hot path skips mkdir calls
         self._paths: dict[tuple[str, ...], Path] = {}  # (order, task[, kind]) -> its file's path
         self._lock_depth = 0
+        self._spares = pool(f"{self.state}/spare")  # removed records, reused by the next ones
 
     def ensure(self) -> None:
         make_state_dir(self.state)  # no cache: a few syscalls, and the directory may have been removed
@@ -179,7 +185,7 @@ class Runtime:
             for again in (False, True):
                 try:
                     self._state_file(path)
-                    _write_file(tmp, text.encode())
+                    _write_file(tmp, text.encode(), self._spares)
                     break
                 except FileNotFoundError:
                     if again:
@@ -232,17 +238,17 @@ class Runtime:
             known[path] = Record(**vars(record))  # a copy: the caller's may change before its next write
 
     def read_record(self, order: str, task: str) -> Record | None:
-        return self._read(self.record_path(order, task))
+        record = self._read(self.record_path(order, task))
+        return record if record is None or (record.order, record.task) == (order, task) else None
 
     def remove_record(self, order: str, task: str) -> None:
         path = self.record_path(order, task)
         known = self._known()
         if known is not None:
             known.pop(path, None)
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
+        # Kept as a spare for the next record rather than freed (see spares.py); records are never fsynced, so
+        # it is ready at once.
+        self._spares.ready(self._spares.keep(str(path)))
 
     def remove_spent_exit_files(self, order: str) -> None:
         """Remove an order's exit files that no worker record refers to. Each carried an outcome to whoever recorded
@@ -284,8 +290,8 @@ class Runtime:
                     if entry.name.endswith(".json") and not entry.name.startswith("."):
                         path = Path(entry.path)
                         record = self._read(path)
-                        if record:
-                            out[path] = record
+                        if record and self.record_path(record.order, record.task) == path:
+                            out[path] = record  # (a record under another's name: a spare's old bytes after a crash)
         return out
 
     @staticmethod

@@ -21,6 +21,7 @@ from aipm.errors import ValidationError
 from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task
 from aipm.patch import Unpatchable, patch
 from aipm.fields import managed_values
+from aipm.spares import Pool, exchange as swap, pool
 from aipm.store import DuplicateKey, Identity, load_yaml, parse_task, read_versioned, remember
 
 
@@ -80,19 +81,24 @@ def _rewrite(text: str, updates: Mapping[str, Any], old: Mapping[str, Any] | Non
     return new, got
 
 
-def atomic_write(path: Path, text: str, identity: Identity | None = None) -> bool:
+def atomic_write(path: Path, text: str, identity: Identity | None = None, spares: Pool | None = None) -> bool:
     """Replace `path` with `text` so that readers see the old file or the new one, never a mix.
 
     With `identity` (of the version the text was made from), the file must still be that version right before
     the rename; if someone changed it meanwhile nothing is written and False is returned (read it again).
+    With `spares`, the temp file is a spare inode when one may be reused, and the replaced version becomes one
+    once the directory fsync has made the new one durable (see spares.py); the steps stay the same.
     """
     directory = path.parent
-    fd, tmp = _temp_file(path)
+    fd, tmp = _temp_file(path, spares)
+    kept = None
     try:
         try:
             data = text.encode("utf-8")
+            size = len(data)
             while data:
                 data = data[os.write(fd, data):]
+            os.ftruncate(fd, size)  # a spare held an older text, perhaps longer
             try:
                 os.fchmod(fd, os.stat(path).st_mode & 0o7777)
             except FileNotFoundError:
@@ -103,7 +109,10 @@ def atomic_write(path: Path, text: str, identity: Identity | None = None) -> boo
         if identity is not None and _identity(path) != identity:
             os.unlink(tmp)
             return False
-        os.replace(tmp, path)
+        if spares is not None and swap(tmp, str(path)):
+            kept = spares.keep(tmp)  # the old version, out of the directory at once
+        else:
+            os.replace(tmp, path)
     except BaseException:
         try:
             os.unlink(tmp)
@@ -111,19 +120,24 @@ def atomic_write(path: Path, text: str, identity: Identity | None = None) -> boo
             pass
         raise
     durable.sync_dir(str(directory))  # now, or once for the whole wake-up (the launch lock's batch)
+    if kept is not None:
+        durable.once_durable(lambda ok: spares.ready(kept, ok))
     return True
 
 
 _temp_serial = 0
 
 
-def _temp_file(path: Path) -> tuple[int, str]:
-    """A new file beside `path` for its next version: named after this process and a counter (no random name
-    to draw, no retry loop unless a dead process with our pid left one behind)."""
+def _temp_file(path: Path, spares: Pool | None = None) -> tuple[int, str]:
+    """A file beside `path` for its next version: named after this process and a counter (no random name
+    to draw, no retry loop unless a dead process with our pid left one behind); a spare when there is one."""
     global _temp_serial
     while True:
         _temp_serial += 1
         tmp = f"{path.parent}/.{path.name}.{os.getpid()}-{_temp_serial}.tmp"
+        fd = spares.take(tmp) if spares is not None else None
+        if fd is not None:
+            return fd, tmp
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), tmp
         except FileExistsError:
@@ -174,10 +188,15 @@ def update_task(
         # the old data with only managed fields changed): checked before it is written, remembered for the next
         # read of this file, and returned.
         fresh = dataclasses.replace(current, **managed_values(path, new_data))
-        if new_text == text or atomic_write(path, new_text, identity):
+        if new_text == text or atomic_write(path, new_text, identity, _spares(root)):
             remember(path, new_text, root, new_data, fresh)
             return fresh
     raise StaleWrite(f"{path}: the file kept changing while aipm tried to write it; nothing written")
+
+
+def _spares(root: Path | None) -> Pool | None:
+    """The pool of replaced task files: in the project's runtime directory, on the tree's file system."""
+    return None if root is None else pool(f"{root}/.aipm/spare", ignored_by_git=True)
 
 
 def now() -> str:

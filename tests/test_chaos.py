@@ -1053,7 +1053,10 @@ def test_a_full_disk_neither_hangs_nor_reruns_the_task(tiny_disk, tmp_path, owne
     project = Project(tiny_disk)
     order = project.order()
     journal = tmp_path / "journal.txt"  # outside the full disk
-    write_task(order, "A", command=journal_command(journal, "head -c 1048576 /dev/zero > fill.bin 2>/dev/null"),
+    # No spare file to write the outcome into (spares.py: the old version of a status write, reused in place,
+    # needs no new block): the outcome's write needs room the disk does not have.
+    write_task(order, "A", command=journal_command(journal, "rm -rf .aipm/spare; head -c 1048576 /dev/zero > fill.bin "
+                                                            "2>/dev/null"),
                target_files=["fill.bin"])
     if owner == "run":
         proc = Proc(project.root, *run_args(5))
@@ -1086,6 +1089,24 @@ def test_a_full_disk_neither_hangs_nor_reruns_the_task(tiny_disk, tmp_path, owne
     assert project.aipm("retry", "A").returncode == 0
     assert project.aipm(*run_args(5), timeout=120).returncode == 1  # it fills the disk again: same story
     assert len(spans(journal)) == 2
+
+
+def test_a_full_disk_still_takes_the_outcome_into_a_spare(tiny_disk, tmp_path):
+    """The status write that started A left A's old version as a spare: the outcome is written into it in place,
+    with no new block, so a worker that fills the disk cannot keep its own outcome from being recorded."""
+    from conftest import Project
+
+    project = Project(tiny_disk)
+    order = project.order()
+    journal = tmp_path / "journal.txt"
+    write_task(order, "A", command=journal_command(journal, "head -c 1048576 /dev/zero > fill.bin 2>/dev/null"),
+               target_files=["fill.bin"])
+    proc = project.aipm(*run_args(5), timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "finish   A → FAILED (exit 1)" in proc.stdout and "cannot record" not in proc.stdout + proc.stderr
+    assert task_statuses(order) == {"A": "FAILED"}
+    assert len(spans(journal)) == 1 and worker_records(project.root) == []
+    assert [str(p) for p in project.root.rglob(".*.tmp")] == []
 
 
 # ---- 9. hostile workers: a cleaned tree, daemons left behind ------------------------------------------------

@@ -1,0 +1,210 @@
+"""Spare inodes (aipm/spares.py): a replaced task file or a removed record is reused by a later write, and nobody
+who can still see the old version sees it change."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aipm import durable, spares
+from aipm.model import Status
+from aipm.recovery import remove_temp_files
+from aipm.runtime import Record, Runtime
+from aipm.writer import update_task
+from conftest import write_task
+
+
+@pytest.fixture(autouse=True)
+def _fresh_pools(monkeypatch):
+    monkeypatch.setattr(spares, "_pools", {})  # each test its own pools (they are per process)
+
+
+def _tasks(project, n: int) -> list[Path]:
+    order = project.order()
+    return [write_task(order, f"T{i}", command="true", status="QUEUED") for i in range(n)]
+
+
+def _start(path: Path, root: Path) -> None:
+    update_task(path, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=root)
+
+
+def test_the_file_a_write_replaced_is_reused_by_the_next_write_once_durable(project):
+    a, b, c = _tasks(project, 3)
+    old = {a.stat().st_ino, b.stat().st_ino}
+    with durable.batch():
+        _start(a, project.root)
+        _start(b, project.root)  # same round: a's old version is not durable away yet, so not reused
+        assert b.stat().st_ino not in old
+    _start(c, project.root)  # the round's directory fsync is done: now they may be
+    assert c.stat().st_ino in old
+    assert yaml.safe_load(c.read_text()) == {"id": "T2", "command": "true", "status": "IN_PROGRESS", "attempts": 1}
+    assert sorted(p.name for p in a.parent.iterdir()) == ["T0.yaml", "T1.yaml", "T2.yaml"]  # no temp files left
+
+
+def test_a_reader_that_opened_the_old_version_keeps_reading_it(project):
+    a, b = _tasks(project, 2)
+    before = a.read_text()
+    reader = subprocess.Popen([sys.executable, "-c", "import sys, time\nf = open(sys.argv[1])\nprint('open', flush=True)"
+                               "\nsys.stdin.readline()\nprint(f.read(), end='')", str(a)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline() == "open\n"
+    _start(a, project.root)
+    _start(b, project.root)  # would reuse a's old inode, but the reader still has it open
+    out, _ = reader.communicate("go\n", timeout=60)
+    assert out == before
+
+
+def test_a_hard_linked_task_file_is_not_recycled(project):
+    a, b = _tasks(project, 2)
+    elsewhere = project.root / "copy-of-T0.yaml"
+    os.link(a, elsewhere)
+    before = elsewhere.read_text()
+    _start(a, project.root)
+    _start(b, project.root)
+    assert elsewhere.read_text() == before
+    assert a.read_text() != before
+
+
+def test_a_spare_replaced_by_a_link_or_deleted_is_not_written_through(project, tmp_path):
+    a, b, c = _tasks(project, 3)
+    _start(a, project.root)
+    pool = project.root / ".aipm" / "spare"
+    (name,) = [p for p in pool.iterdir() if p.name != ".gitignore"]
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me\n")
+    name.unlink()
+    name.symlink_to(victim)  # planted under the spare's name
+    _start(b, project.root)
+    assert victim.read_text() == "keep me\n"
+    assert yaml.safe_load(b.read_text())["status"] == "IN_PROGRESS"
+    assert sorted(p.name for p in a.parent.iterdir()) == ["T0.yaml", "T1.yaml", "T2.yaml"]
+    _start(c, project.root)
+    update_task(c, {"status": Status.QUEUED}, root=project.root)  # c's old version is a spare now
+    (name,) = [p for p in pool.iterdir() if p.name != ".gitignore"]
+    name.unlink()
+    os.mkfifo(name)  # a FIFO no one reads: opening it to write would wait for ever
+    _start(c, project.root)
+    assert yaml.safe_load(c.read_text())["status"] == "IN_PROGRESS"
+    os.system(f"rm -rf {project.root / '.aipm'}")  # a worker's `git clean -fdx`
+    update_task(c, {"status": Status.QUEUED}, root=project.root)
+    _start(c, project.root)
+    assert yaml.safe_load(c.read_text())["status"] == "IN_PROGRESS"
+
+
+def test_spares_are_ignored_by_git_and_swept_when_their_process_is_gone(project):
+    subprocess.run(["git", "init", "-q", str(project.root)], check=True)
+    (a,) = _tasks(project, 1)
+    _start(a, project.root)
+    pool = project.root / ".aipm" / "spare"
+    status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=project.root,
+                            capture_output=True, text=True, check=True).stdout
+    assert ".aipm" not in status and "orders/ORD/T0.yaml" in status
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (pool / f"{dead.pid}-1").write_text("left by a killed aipm\n")
+    spares._pools.clear()
+    update_task(a, {"status": Status.DONE}, expect=Status.IN_PROGRESS, root=project.root)
+    assert not (pool / f"{dead.pid}-1").exists()
+
+
+def test_records_reuse_the_removed_ones_and_a_record_under_another_name_is_ignored(project):
+    rt = Runtime(project.root)
+    rt.ensure()
+
+    def record(task: str) -> Record:
+        return Record(order="ORD", order_dir=str(project.order()), task=task, task_file="x", attempt=1,
+                      targets=[], log="l", exit_file="e", started_at="now", number=1)
+
+    rt.write_record(record("A"))
+    old = rt.record_path("ORD", "A").stat().st_ino
+    with open(rt.record_path("ORD", "A")) as held:  # someone reading it when it is removed
+        rt.remove_record("ORD", "A")
+        rt.write_record(record("B"))
+        assert rt.record_path("ORD", "B").stat().st_ino != old
+        assert '"task": "A"' in held.read()
+    old = rt.record_path("ORD", "B").stat().st_ino
+    rt.remove_record("ORD", "B")
+    rt.write_record(record("C"))
+    assert rt.record_path("ORD", "C").stat().st_ino == old
+    assert [r.task for r in rt.records()] == ["C"]
+    # What a power cut can leave: a record file whose bytes are another task's (a reused spare's).
+    rt.record_path("ORD", "D").write_text(rt.record_path("ORD", "C").read_text())
+    assert [r.task for r in rt.records()] == ["C"]
+    assert rt.read_record("ORD", "D") is None and rt.read_record("ORD", "C").task == "C"
+
+
+READER = r"""
+import os, sys, time, yaml
+order, stop, holds = sys.argv[1], sys.argv[2], sys.argv[3] == "hold"
+seen = 0
+while not os.path.exists(stop):
+    for name in sorted(os.listdir(order)):
+        if not name.endswith(".yaml") or name.startswith("."):
+            continue
+        try:
+            fd = os.open(os.path.join(order, name), os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        if holds:
+            time.sleep(0.002)  # opened the old version; read it after a few more writes
+        data = b""
+        while chunk := os.read(fd, 65536):
+            data += chunk
+        os.close(fd)
+        task = yaml.safe_load(data)
+        if not isinstance(task, dict) or task.get("id") != name[:-5] or "status" not in task:
+            print(f"BAD {name}: {data!r}", flush=True)
+            sys.exit(1)
+        seen += 1
+print(f"ok {seen}", flush=True)
+"""
+
+WRITER = r"""
+import sys
+from pathlib import Path
+from aipm import durable
+from aipm.model import Status
+from aipm.writer import update_task
+root, paths = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
+print("ready", flush=True)
+for rounds in range(10**6):
+    with durable.batch():
+        for i, path in enumerate(paths[rounds % 2::2]):
+            status = Status.IN_PROGRESS if rounds % 4 < 2 else Status.QUEUED
+            update_task(path, {"status": status, "attempts": rounds}, root=root)
+"""
+
+
+def test_readers_racing_writes_never_see_another_tasks_bytes_and_a_killed_writer_leaves_nothing(project):
+    """Readers open and read the task files over and over (some hold a file open a moment before reading)
+    while a writer process rewrites them; the writer is then killed with SIGKILL mid-run. Invariant: every read
+    is a whole task file of the name it was read under."""
+    paths = _tasks(project, 6)
+    stop = project.root / "stop"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    readers = [subprocess.Popen([sys.executable, "-c", READER, str(paths[0].parent), str(stop), how],
+                                stdout=subprocess.PIPE, text=True) for how in ("hold", "hold", "quick")]
+    writer = subprocess.Popen([sys.executable, "-c", WRITER, str(project.root), *map(str, paths)],
+                              stdout=subprocess.PIPE, text=True, env=env)
+    assert writer.stdout.readline() == "ready\n"
+    time.sleep(3)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=60)
+    stop.touch()
+    outs = [r.communicate(timeout=60)[0] for r in readers]
+    assert all(out.startswith("ok ") and int(out.split()[1]) > 50 for out in outs), outs
+    pool = project.root / ".aipm" / "spare"
+    assert len([p for p in pool.iterdir() if p.name != ".gitignore"]) <= spares.KEEP
+    remove_temp_files(paths[0].parent)  # what recovery does with the killed writer's temp file
+    assert sorted(p.name for p in paths[0].parent.iterdir()) == [p.name for p in paths]
+    for path in paths:
+        assert yaml.safe_load(path.read_text())["id"] == path.stem
+    update_task(paths[0], {"attempts": 99}, root=project.root)  # a new writer sweeps the dead one's spares
+    assert not [p.name for p in pool.iterdir() if p.name.startswith(f"{writer.pid}-")]
