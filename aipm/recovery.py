@@ -7,6 +7,7 @@ without a trace is INTERRUPTED, then QUEUED (see docs/locks-review-recovery.md).
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -73,4 +74,5 @@ def remove_temp_files(order_dir: Path) -> None:
     """Temp files of task-file writes killed midway. Every writer holds the launch lock, as our caller does,
     so any such file is a leftover: the task file beside it is intact (it is replaced only by rename)."""
     for leftover in order_dir.glob(".*.yaml.*.tmp"):
-        leftover.unlink(missing_ok=True)
+        with suppress(FileNotFoundError, IsADirectoryError):  # a directory under such a name was planted: left
+            leftover.unlink()

@@ -105,15 +105,15 @@ class _Round(threading.local):
 _round = _Round()
 
 
-def _write_file(path: str, data: bytes, spares: Pool) -> None:
-    fd = spares.take(path)
+def _write_file(path: str, data: bytes, spares: Pool, final: str) -> None:
+    fd = spares.take(path, avoid=final)
     if fd is None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
         size = len(data)
         while data:
             data = data[os.write(fd, data):]
-        os.ftruncate(fd, size)  # a spare held an older record, perhaps longer
+        os.ftruncate(fd, size)  # a spare keeps its old length
     finally:
         os.close(fd)
 
@@ -185,7 +185,7 @@ class Runtime:
             for again in (False, True):
                 try:
                     self._state_file(path)
-                    _write_file(tmp, text.encode(), self._spares)
+                    _write_file(tmp, text.encode(), self._spares, str(path))
                     break
                 except FileNotFoundError:
                     if again:

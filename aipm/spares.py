@@ -4,25 +4,28 @@ Why: every status write made a new file (temp, fsync, rename) and freed the one 
 was made and later removed. On ext4 without a journal (the benchmark machine's disk) each new inode costs a scan
 of every inode freed in the last 60 seconds (`recently_deleted` in the allocator), and inside a run, where each
 write frees one, that scan grows with the run: creating the temp file of a status write took 313 µs in B2 (cProfile,
-1000 creates), more than its fsync. A write that reuses a spare creates and frees nothing, and overwrites it in
-place (truncated afterwards to the new length), so its blocks stay allocated too.
+1000 creates), more than its fsync. A write that reuses a spare creates and frees nothing.
 
 Reuse must not change what anyone can still see:
 - a replaced version becomes a spare only once its replacement is durable (the writer waits for the directory
   fsync): until then a power cut could bring the old name back onto it;
-- a spare is reused only when no other process has it open (the kernel grants a write lease only then): a reader
-  that opened the old version keeps reading the old version;
-- only a plain file of ours with one link (a hard link elsewhere would see the new text), and only the very inode
-  we put in the pool (nothing planted under its name).
+- a spare is reused only when no other process has it open (the kernel grants a write lease only then, and the
+  lease must not be under a break when it is given back): a reader that opened the old version reads it to the end;
+- its cached pages are dropped before it is written (`FALLOC_FL_ZERO_RANGE`, else a truncation): a pipe or
+  socket that still holds them (`splice`, `sendfile`) delivers the old bytes, not the new ones;
+- only a plain file of ours with one link and no extended attributes but security labels (a hard link elsewhere
+  would see the new text; an ACL of one task file must not pass to another), and only the very inode we kept.
 Where any of this fails, or the system cannot swap two names atomically, the write makes a new file as before.
+A limit: a holder of a file *handle* (an NFS export of the project, a fanotify indexer: no open descriptor, so no
+lease to refuse) can read a reused inode's new contents through its handle to the old version.
 """
 
 from __future__ import annotations
 
 import ctypes
-import errno
 import fcntl
 import os
+import re
 import signal
 import stat
 from contextlib import suppress
@@ -30,28 +33,31 @@ from contextlib import suppress
 KEEP = 4  # spares per pool: one round of a run writes a few files
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
-_renameat2 = None  # the libc function, or False where there is none
+_FALLOC_FL_ZERO_RANGE = 0x10
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_NAME = re.compile(r"\d+-\d+")
+_libc = None  # ctypes' libc, or False where it cannot be loaded
+
+
+def _c() -> ctypes.CDLL | None:
+    global _libc
+    if _libc is None:
+        try:
+            _libc = ctypes.CDLL(None, use_errno=True)
+            _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+        except (OSError, AttributeError):
+            _libc = False
+    return _libc or None
 
 
 def exchange(a: str, b: str) -> bool:
     """Swap the files named `a` and `b` in one step (renameat2 RENAME_EXCHANGE): `b` gets `a`'s file, which
     readers see whole or not at all, as with a rename, and `a` keeps the old one. False where that cannot be done
-    (no such call, a file system without it, `b` missing): the caller renames instead."""
-    global _renameat2
-    if _renameat2 is None:
-        try:
-            _renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-            _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-        except (OSError, AttributeError):
-            _renameat2 = False
-    if _renameat2 is False:
-        return False
-    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOENT, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), b)
+    (no such call, a file system without it, `b` missing, ...): the caller renames instead."""
+    libc = _c()
+    return libc is not None and libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                                               _RENAME_EXCHANGE) == 0
 
 
 class Pool:
@@ -60,51 +66,65 @@ class Pool:
     def __init__(self, directory: str, ignored_by_git: bool):
         self.dir = directory
         self._ignored = ignored_by_git
-        self._ready: list[tuple[str, int]] = []  # (name, inode) ready for reuse
+        self._ready: list[tuple[str, int, str]] = []  # (name, inode, the path it was) ready for reuse
         self._kept = 0  # ready or waiting for their replacement to become durable
         self._serial = 0
-        self._swept = False
+        self._checked = False
 
-    def take(self, tmp: str) -> int | None:
-        """A spare renamed to `tmp` and opened for writing, its old bytes still in it (write, then truncate to
-        the new length); None when there is none that may be reused."""
-        while self._ready:
-            name, ino = self._ready.pop()
+    def take(self, tmp: str, avoid: str | None = None) -> int | None:
+        """A spare renamed to `tmp` and opened for writing, emptied; None when there is none that may be reused.
+        `avoid`: not one that was this path (a record's own earlier version: after a power cut its old bytes
+        would pass for the new record)."""
+        for i in range(len(self._ready) - 1, -1, -1):
+            name, ino, was = self._ready[i]
+            if was == avoid:
+                continue
+            del self._ready[i]
             self._kept -= 1
-            try:
-                os.rename(name, tmp)
-            except OSError:
-                continue  # removed by someone (a `git clean`)
-            try:
-                # O_NONBLOCK: a FIFO planted under the name would otherwise hold the open until someone reads it
-                fd = os.open(tmp, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-                if _ours_alone(fd, ino):
-                    return fd
-                os.close(fd)
-            except OSError:
-                pass  # replaced by a link, or gone: not ours to write through
-            with suppress(OSError):
-                os.unlink(tmp)
+            fd = self._claim(name, ino, tmp)
+            if fd is not None:
+                return fd
         return None
 
-    def keep(self, old: str) -> tuple[str, int] | None:
+    def _claim(self, name: str, ino: int, tmp: str) -> int | None:
+        try:
+            # Checked under its name in the pool, before it is moved next to the file it will replace. O_NONBLOCK:
+            # a FIFO planted under the name would hold the open until someone reads it.
+            fd = os.open(name, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            with suppress(OSError):
+                os.unlink(name)  # a link or FIFO planted under the name (a directory stays), or it is gone
+            return None
+        try:
+            if _ours_alone(fd, ino):
+                os.rename(name, tmp)
+                if os.lstat(tmp).st_ino == ino:
+                    _empty(fd, os.fstat(fd).st_size)
+                    return fd
+        except OSError:
+            pass  # gone meanwhile, another file system (EXDEV), ...: a new file it is
+        os.close(fd)
+        with suppress(OSError):
+            os.unlink(name)  # not reusable (or another file system): not to be left behind either
+        return None
+
+    def keep(self, old: str) -> tuple[str, int, str] | None:
         """Move the replaced file at `old` into the pool, not yet usable (see ready()); it is removed instead when
-        the pool is full or it may not be reused. Returns its name and inode in the pool, or None."""
-        if not self._swept:
-            self._swept = True
-            sweep(self.dir)
+        the pool is full or it may not be reused. Returns its entry, or None."""
         try:
             info = os.lstat(old)
-            if self._kept < KEEP and _reusable(info) and self._move(old, name := self._name()):
+            if self._kept < KEEP and _reusable(info) and self._usable():
+                name = self._name()
+                os.rename(old, name)
                 self._kept += 1
-                return name, info.st_ino
+                return name, info.st_ino, old
         except OSError:
             pass
         with suppress(OSError):
             os.unlink(old)
         return None
 
-    def ready(self, kept: tuple[str, int] | None, durable: bool = True) -> None:
+    def ready(self, kept: tuple[str, int, str] | None, durable: bool = True) -> None:
         """The write that replaced `kept` is durable: it may be reused (or, when it is not, it is removed)."""
         if kept is None:
             return
@@ -119,28 +139,22 @@ class Pool:
         self._serial += 1
         return f"{self.dir}/{os.getpid()}-{self._serial}"
 
-    def _move(self, old: str, name: str) -> bool:
+    def _usable(self) -> bool:
+        """The pool's directory is a real directory of ours (made if need be; never through a link)."""
         try:
-            os.rename(old, name)
-            return True
+            info = os.lstat(self.dir)
         except FileNotFoundError:
-            if not os.path.exists(old):
-                raise
-        except OSError as exc:  # another file system (EXDEV): this pool cannot serve that directory
-            if exc.errno != errno.EXDEV:
-                raise
-            return False
-        self._make()  # the pool's directory is not there (first use, or a `git clean` removed it)
-        os.rename(old, name)
-        return True
-
-    def _make(self) -> None:
-        os.makedirs(self.dir, exist_ok=True)
-        if self._ignored:
-            ignore = os.path.join(self.dir, ".gitignore")
-            if not os.path.exists(ignore):
-                with open(ignore, "w") as handle:
+            os.makedirs(self.dir, exist_ok=True)
+            info = os.lstat(self.dir)
+            if self._ignored:
+                with open(os.path.join(self.dir, ".gitignore"), "w") as handle:
                     handle.write("# aipm's spare files: never version-controlled\n*\n")
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+            return False
+        if not self._checked:
+            self._checked = True
+            sweep(self.dir)
+        return True
 
 
 def _reusable(info: os.stat_result) -> bool:
@@ -148,38 +162,55 @@ def _reusable(info: os.stat_result) -> bool:
 
 
 def _ours_alone(fd: int, ino: int) -> bool:
-    """The descriptor is the spare we kept (same inode, still one link, ours) and no other process has it open."""
+    """The descriptor is the spare we kept (same inode, still one link, ours, no extended attribute of its old
+    file but a security label) and no other process has it open."""
     info = os.fstat(fd)
     if info.st_ino != ino or not _reusable(info):
         return False
+    if any(not name.startswith("security.") for name in os.listxattr(fd)):
+        return False
     try:
-        # A lease break (an open in the microsecond we hold the lease) signals us; SIGURG is ignored by default,
-        # SIGIO would end the process.
+        # A lease break (an open while we hold the lease) signals us: SIGURG is ignored by default, SIGIO would end
+        # the process.
         fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)  # refused (EAGAIN) while anyone else has it open
     except OSError:
         return False
+    alone = fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_WRLCK  # not being broken by someone's open meanwhile
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-    return True
+    return alone
+
+
+def _empty(fd: int, size: int) -> None:
+    """Drop the spare's cached pages, keeping its blocks where the file system can (a pipe that holds those pages
+    keeps the old bytes; the new text goes into fresh ones); else truncate it. Whole pages: a partial one would be
+    zeroed in place."""
+    libc = _c()
+    whole = -(-size // _PAGE) * _PAGE
+    if whole and (libc is None or libc.fallocate(fd, _FALLOC_FL_ZERO_RANGE, 0, whole) != 0):
+        os.ftruncate(fd, 0)
 
 
 def sweep(directory: str) -> None:
-    """Remove the spares of processes that are gone (named `<pid>-<serial>`)."""
+    """Remove the spares of processes that are gone (plain files named `<pid>-<serial>`)."""
     try:
         names = os.listdir(directory)
     except OSError:
         return
     for name in names:
-        pid = name.split("-", 1)[0]
-        if not pid.isdigit() or int(pid) == os.getpid():
+        if not _NAME.fullmatch(name) or int(name.split("-")[0]) == os.getpid():
             continue
         try:
-            os.kill(int(pid), 0)
+            os.kill(int(name.split("-")[0]), 0)
+            continue  # alive
         except ProcessLookupError:
-            with suppress(OSError):
-                os.unlink(os.path.join(directory, name))
-        except PermissionError:
-            pass  # alive, someone else's
+            pass
+        except (PermissionError, OverflowError):
+            continue
+        path = os.path.join(directory, name)
+        with suppress(OSError):
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.unlink(path)
 
 
 _pools: dict[str, Pool] = {}

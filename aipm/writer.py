@@ -98,7 +98,7 @@ def atomic_write(path: Path, text: str, identity: Identity | None = None, spares
             size = len(data)
             while data:
                 data = data[os.write(fd, data):]
-            os.ftruncate(fd, size)  # a spare held an older text, perhaps longer
+            os.ftruncate(fd, size)  # a spare keeps its old length
             try:
                 os.fchmod(fd, os.stat(path).st_mode & 0o7777)
             except FileNotFoundError:
@@ -119,7 +119,12 @@ def atomic_write(path: Path, text: str, identity: Identity | None = None, spares
         except FileNotFoundError:
             pass
         raise
-    durable.sync_dir(str(directory))  # now, or once for the whole wake-up (the launch lock's batch)
+    try:
+        durable.sync_dir(str(directory))  # now, or once for the whole wake-up (the launch lock's batch)
+    except BaseException:
+        if kept is not None:
+            spares.ready(kept, False)  # its replacement may not be on disk: never to be reused
+        raise
     if kept is not None:
         durable.once_durable(lambda ok: spares.ready(kept, ok))
     return True

@@ -1053,8 +1053,8 @@ def test_a_full_disk_neither_hangs_nor_reruns_the_task(tiny_disk, tmp_path, owne
     project = Project(tiny_disk)
     order = project.order()
     journal = tmp_path / "journal.txt"  # outside the full disk
-    # No spare file to write the outcome into (spares.py: the old version of a status write, reused in place,
-    # needs no new block): the outcome's write needs room the disk does not have.
+    # No spare file to write the outcome into (spares.py: the old version of a status write, reused, gives back
+    # the room the outcome needs): the outcome's write needs room the disk does not have.
     write_task(order, "A", command=journal_command(journal, "rm -rf .aipm/spare; head -c 1048576 /dev/zero > fill.bin "
                                                             "2>/dev/null"),
                target_files=["fill.bin"])
@@ -1092,8 +1092,8 @@ def test_a_full_disk_neither_hangs_nor_reruns_the_task(tiny_disk, tmp_path, owne
 
 
 def test_a_full_disk_still_takes_the_outcome_into_a_spare(tiny_disk, tmp_path):
-    """The status write that started A left A's old version as a spare: the outcome is written into it in place,
-    with no new block, so a worker that fills the disk cannot keep its own outcome from being recorded."""
+    """The status write that started A left A's old version as a spare: the outcome is written into it, in the room
+    it held, so a worker that fills the disk cannot keep its own outcome from being recorded."""
     from conftest import Project
 
     project = Project(tiny_disk)

@@ -131,13 +131,109 @@ def test_records_reuse_the_removed_ones_and_a_record_under_another_name_is_ignor
         assert '"task": "A"' in held.read()
     old = rt.record_path("ORD", "B").stat().st_ino
     rt.remove_record("ORD", "B")
-    rt.write_record(record("C"))
+    rt.write_record(record("B"))  # B's own earlier record is not reused for it (a power cut could bring its bytes back)
+    assert rt.record_path("ORD", "B").stat().st_ino != old
+    rt.write_record(record("C"))  # but for another record it is
     assert rt.record_path("ORD", "C").stat().st_ino == old
+    rt.remove_record("ORD", "B")
     assert [r.task for r in rt.records()] == ["C"]
     # What a power cut can leave: a record file whose bytes are another task's (a reused spare's).
     rt.record_path("ORD", "D").write_text(rt.record_path("ORD", "C").read_text())
     assert [r.task for r in rt.records()] == ["C"]
     assert rt.read_record("ORD", "D") is None and rt.read_record("ORD", "C").task == "C"
+
+
+def test_a_pipe_that_holds_the_old_versions_pages_still_delivers_the_old_bytes(project):
+    """`splice` (uutils' cat, pv) and `sendfile` leave references to the file's cached pages in a pipe or socket
+    after the file is closed: a spare written in place would change what they deliver."""
+    a, b = _tasks(project, 2)
+    before = a.read_bytes()
+    r, w = os.pipe()
+    with open(a, "rb") as held:
+        assert os.splice(held.fileno(), w, len(before)) == len(before)
+    _start(a, project.root)
+    _start(b, project.root)  # reuses a's old inode (nobody has it open)
+    assert os.read(r, 65536) == before
+    os.close(r)
+    os.close(w)
+
+
+def test_a_spare_with_extended_attributes_is_not_reused(project):
+    a, b = _tasks(project, 2)
+    try:
+        os.setxattr(a, "user.note", b"T0 only")
+    except OSError:
+        pytest.skip("no user extended attributes on this file system")
+    old = a.stat().st_ino
+    _start(a, project.root)
+    _start(b, project.root)
+    assert "user.note" not in os.listxattr(b)
+
+
+def test_a_directory_or_a_link_put_in_the_pool_is_neither_used_nor_followed(project, tmp_path):
+    a, b, c = _tasks(project, 3)
+    _start(a, project.root)
+    pool = project.root / ".aipm" / "spare"
+    (name,) = [p for p in pool.iterdir() if p.name != ".gitignore"]
+    name.unlink()
+    name.mkdir()  # a directory under the spare's name
+    _start(b, project.root)
+    assert sorted(p.name for p in a.parent.iterdir()) == ["T0.yaml", "T1.yaml", "T2.yaml"]
+    os.mkdir(a.parent / ".T9.yaml.1-1.tmp")  # and one among the temp files: recovery must not crash on it
+    remove_temp_files(a.parent)
+    # The pool's directory itself replaced by a link to someone's files: never written through, never swept.
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "123456").write_text("a user's file\n")
+    os.system(f"rm -rf {pool}")
+    pool.symlink_to(victim)
+    spares._pools.clear()
+    _start(c, project.root)
+    assert sorted(p.name for p in victim.iterdir()) == ["123456"]
+    assert yaml.safe_load(c.read_text())["status"] == "IN_PROGRESS"
+
+
+def test_a_failed_directory_fsync_drops_the_spare_and_the_pool_keeps_working(project, monkeypatch):
+    paths = _tasks(project, 8)
+    real = durable.fsync_dir
+
+    def broken(directory):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(durable, "fsync_dir", broken)
+    for path in paths[:6]:
+        with pytest.raises(OSError):
+            _start(path, project.root)
+    monkeypatch.setattr(durable, "fsync_dir", real)
+    pool = project.root / ".aipm" / "spare"
+    assert [p.name for p in pool.iterdir() if p.name != ".gitignore"] == []  # none kept whose replacement may be lost
+    _start(paths[6], project.root)
+    old = paths[7].stat().st_ino
+    update_task(paths[6], {"status": Status.QUEUED}, root=project.root)
+    update_task(paths[7], {"status": Status.IN_PROGRESS}, root=project.root)
+    assert paths[7].stat().st_ino != old  # a spare was reused: the pool still works
+    assert {paths[7].stat().st_ino} & {p.stat().st_ino for p in paths[:6]} == set()
+
+
+def test_an_order_directory_on_another_file_system_leaves_no_spares_behind(project, tmp_path):
+    (a,) = _tasks(project, 1)
+    other = project.root / "orders" / "OTHER"
+    other.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(other)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        b = write_task(other, "B", command="true", status="QUEUED")
+        for _ in range(10):
+            _start(a, project.root)  # on the tree's file system: its old versions become spares
+            update_task(a, {"status": Status.QUEUED}, root=project.root)
+            _start(b, project.root)  # elsewhere: a spare cannot be moved there, nor its old version here
+            update_task(b, {"status": Status.QUEUED}, root=project.root)
+        pool = project.root / ".aipm" / "spare"
+        assert len([p for p in pool.iterdir() if p.name != ".gitignore"]) <= spares.KEEP
+        assert sorted(p.name for p in other.iterdir()) == ["B.yaml"]
+    finally:
+        subprocess.run(["umount", "-l", str(other)], check=False)
 
 
 READER = r"""
