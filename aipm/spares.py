@@ -16,8 +16,9 @@ Reuse must not change what anyone can still see:
 - only a plain file of ours with one link and no extended attributes but security labels (a hard link elsewhere
   would see the new text; an ACL of one task file must not pass to another), and only the very inode we kept.
 Where any of this fails, or the system cannot swap two names atomically, the write makes a new file as before.
-A limit: a holder of a file *handle* (an NFS export of the project, a fanotify indexer: no open descriptor, so no
-lease to refuse) can read a reused inode's new contents through its handle to the old version.
+A limit: a holder of a file *handle* (an NFS client, a fanotify indexer: no open descriptor, so no lease to refuse)
+can read a reused inode's new contents through its handle to the old version. So a project the kernel's NFS
+server exports gets no spares (exported()); an indexer that keeps handles is not detected.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import re
 import signal
 import stat
 from contextlib import suppress
+from functools import lru_cache
 
 KEEP = 4  # spares per pool: one round of a run writes a few files
 _AT_FDCWD = -100
@@ -36,6 +38,7 @@ _RENAME_EXCHANGE = 2
 _FALLOC_FL_ZERO_RANGE = 0x10
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _NAME = re.compile(r"\d+-\d+")
+_EXPORTS = "/proc/fs/nfsd/exports"  # what the kernel NFS server exports, while it runs
 _libc = None  # ctypes' libc, or False where it cannot be loaded
 
 
@@ -211,6 +214,24 @@ def sweep(directory: str) -> None:
         with suppress(OSError):
             if stat.S_ISREG(os.lstat(path).st_mode):
                 os.unlink(path)
+
+
+@lru_cache(maxsize=16)
+def exported(path: str) -> bool:
+    """Whether the kernel NFS server exports `path` or a directory above it (its clients read by file handle)."""
+    try:
+        with open(_EXPORTS) as handle:
+            lines = handle.read().splitlines()
+    except OSError:
+        return False  # no NFS server running
+    real = os.path.realpath(path)
+    for line in lines:
+        if not line.strip() or line.startswith("#"):
+            continue
+        export = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), line.split()[0]).rstrip("/")
+        if real == export or real.startswith(export + "/"):
+            return True
+    return False
 
 
 _pools: dict[str, Pool] = {}

@@ -21,7 +21,7 @@ from aipm.errors import ValidationError
 from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task
 from aipm.patch import Unpatchable, patch
 from aipm.fields import managed_values
-from aipm.spares import Pool, exchange as swap, pool
+from aipm.spares import Pool, exchange as swap, exported, pool
 from aipm.store import DuplicateKey, Identity, load_yaml, parse_task, read_versioned, remember
 
 
@@ -200,8 +200,9 @@ def update_task(
 
 
 def _spares(root: Path | None) -> Pool | None:
-    """The pool of replaced task files: in the project's runtime directory, on the tree's file system."""
-    return None if root is None else pool(f"{root}/.aipm/spare", ignored_by_git=True)
+    """The pool of replaced task files: in the project's runtime directory, on the tree's file system (none for a
+    project that NFS exports: see spares.py)."""
+    return None if root is None or exported(str(root)) else pool(f"{root}/.aipm/spare", ignored_by_git=True)
 
 
 def now() -> str:

@@ -24,6 +24,27 @@ from conftest import write_task
 @pytest.fixture(autouse=True)
 def _fresh_pools(monkeypatch):
     monkeypatch.setattr(spares, "_pools", {})  # each test its own pools (they are per process)
+    spares.exported.cache_clear()
+    yield
+    spares.exported.cache_clear()
+
+
+def test_a_project_the_nfs_server_exports_gets_no_spares(project, tmp_path, monkeypatch):
+    """NFS clients read by file handle: no open descriptor, so no lease could keep a reused inode from them."""
+    a, b = _tasks(project, 2)
+    exports = tmp_path / "exports"
+    exports.write_text(f"# Version 1.1\n/srv/other\t*(rw)\n{project.root.parent}\t*(rw,no_subtree_check)\n")
+    monkeypatch.setattr(spares, "_EXPORTS", str(exports))
+    for _ in range(3):
+        _start(a, project.root)
+        update_task(a, {"status": Status.QUEUED}, root=project.root)
+    assert not (project.root / ".aipm" / "spare").exists()
+    spares.exported.cache_clear()
+    exports.write_text("/srv/other\t*(rw)\n/srv/with\\040space\t*(rw)\n")
+    _start(a, project.root)
+    _start(b, project.root)
+    assert (project.root / ".aipm" / "spare").is_dir()  # not exported: spares again
+    assert spares.exported("/srv/with space/x") and not spares.exported("/srv/without")
 
 
 def _tasks(project, n: int) -> list[Path]:
