@@ -176,6 +176,28 @@ def keep_or_remove(path: Path) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
+def build_floor(work: Path) -> Path | None:
+    """`floor.c` (the contract's durable status writes and the commands' starts, nothing else) built with `cc`
+    into `work`; None (the row is left out, with a note) when there is no compiler or the build fails."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    out = work / "floor"
+    if cc is None or subprocess.run([cc, "-O2", "-o", str(out), str(Path(__file__).with_name("floor.c"))],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode:
+        print("(no floor row: cc is missing or could not build benchmarks/floor.c)")
+        return None
+    return out
+
+
+def run_floor(floor: Path | None, mode: str, n: int, root: Path, order: str, command: list[str]) -> float | None:
+    """Wall seconds of `floor MODE N ORDER_DIR COMMAND...` in the project `root` (None without a floor)."""
+    if floor is None:
+        return None
+    t, rc = timed([str(floor), mode, str(n), str(root / "orders" / order), *command], cwd=root)
+    if rc != 0:
+        raise SystemExit(f"floor exited {rc}")
+    return t
+
+
 def durable_write_ms(directory: Path, count: int = 50) -> float:
     """Median cost of one durable atomic write on this disk (temp file, write, fsync, rename, directory
     fsync): the floor under every status aipm records. Shown next to the figures it explains."""
