@@ -74,7 +74,6 @@ def main() -> int:
                 print(f"make exited {rc}")
                 return 1
             best["make"] = t if best["make"] is None else min(best["make"], t)
-            C.keep_or_remove(root)
 
         base = best["parallel"]
         rows = [[tool, f"{t:.2f}", f"{t / N * 1000:.2f}", f"{t / base:.2f}"] for tool, t in best.items()]

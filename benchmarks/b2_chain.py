@@ -100,8 +100,6 @@ def main() -> int:
                     print("! floor: not every file made and task DONE")
                     return 1
                 best["floor"] = min(best.get("floor", t), t)
-            for d in (root, nd, md, fd):
-                C.keep_or_remove(d)
 
         rows = [[tool, f"{t:.2f}", f"{t / N * 1000:.2f}", f"{t / best['ninja']:.1f}x"] for tool, t in best.items()]
         print(C.table(["tool", "wall s", "ms/edge", "vs ninja"], rows))

@@ -77,8 +77,6 @@ def main() -> int:
                     print("! floor: not every task DONE")
                     return 1
                 best["floor (durable writes only)"] = min(best.get("floor (durable writes only)", t), t)
-            C.keep_or_remove(root)
-            C.keep_or_remove(fd)
 
         ideal = N * SLEEP
         rows = [["ideal (N x sleep)", f"{ideal:.2f}", "0.0", f"{ideal / best['make (serial chain)']:.2f}"]]
