@@ -261,7 +261,8 @@ class Runtime:
             return
         wanted = {os.path.basename(rec.exit_file).split(".review")[0] for rec in self.records()}
         for name in names:
-            if name.split(".review")[0] not in wanted:
+            # (`.w`: the exit file the compiled wrapper makes at its start, named when its command ends)
+            if name.removesuffix(".w").split(".review")[0] not in wanted:
                 with suppress(FileNotFoundError):
                     os.unlink(directory / name)
 

@@ -7,7 +7,10 @@
  * Changes to $AIPM_ROOT (126 if it cannot), waits for "go\n" on fd 3 (125, running nothing, on EOF or
  * anything else), runs PROGRAM as `sh -c '"$@"'` would (PATH search, a file without #! run by /bin/sh, 127
  * not found, 126 not executable; PATH must be set), writes its exit code (128+N if killed by signal N) and a
- * newline to EXIT_FILE, and exits with that code. No signal is caught: a signal to the process group ends
+ * newline to EXIT_FILE, and exits with that code. The exit file is made at the start as EXIT_FILE.w and takes
+ * its name, code inside, when the command ends (a new file costs more than the rest of the wrapper on ext4
+ * without a journal, which scans the inodes freed in the last minute: off the critical path, while the launcher
+ * writes the task's status); a wrapper that runs nothing removes it. No signal is caught: a signal to the process group ends
  * the wrapper too, with no exit file, as it ends the shell. x86-64 Linux only; elsewhere the build fails and
  * aipm keeps using the shell. */
 
@@ -16,7 +19,7 @@
 #endif
 
 enum { SYS_READ = 0, SYS_WRITE = 1, SYS_OPEN = 2, SYS_CLOSE = 3, SYS_FORK = 57, SYS_EXECVE = 59,
-       SYS_WAIT4 = 61, SYS_CHDIR = 80, SYS_EXIT_GROUP = 231 };
+       SYS_WAIT4 = 61, SYS_CHDIR = 80, SYS_RENAME = 82, SYS_UNLINK = 87, SYS_EXIT_GROUP = 231 };
 enum { E_NOENT = 2, E_INTR = 4, E_NOEXEC = 8, E_ACCES = 13, E_NOTDIR = 20, E_NAMETOOLONG = 36, E_LOOP = 40 };
 enum { O_WRONLY_ = 01, O_CREAT_ = 0100, O_TRUNC_ = 01000, O_CLOEXEC_ = 02000000 };
 
@@ -110,6 +113,15 @@ static void __attribute__((noreturn)) run(char **argv, char **envp) {
     fail(program, error);
 }
 
+static char early[4096];  /* EXIT_FILE.w */
+static long early_fd = -1;
+
+/* Ends a wrapper that never ran its command: no exit file is left, early or not. */
+static void __attribute__((noreturn)) quit(int code) {
+    if (early_fd >= 0) sys(SYS_UNLINK, (long)early, 0, 0, 0);
+    leave(code);
+}
+
 __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     int argc = (int)stack[0];
     char **argv = (char **)(stack + 1), **envp = argv + argc + 1;
@@ -117,20 +129,26 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
         say("usage", "aipm-wrapper EXIT_FILE PROGRAM [ARG...]", "");
         leave(2);
     }
+    long elen = length(argv[1]);
+    if (elen + 3 <= (long)sizeof early) {
+        for (long i = 0; i < elen; i++) early[i] = argv[1][i];
+        early[elen] = '.', early[elen + 1] = 'w', early[elen + 2] = 0;
+        early_fd = sys(SYS_OPEN, (long)early, O_WRONLY_ | O_CREAT_ | O_TRUNC_ | O_CLOEXEC_, 0666, 0);
+    }
     const char *root = getenv_(envp, "AIPM_ROOT");
-    if (!root || sys(SYS_CHDIR, (long)root, 0, 0, 0) < 0) leave(126);
+    if (!root || sys(SYS_CHDIR, (long)root, 0, 0, 0) < 0) quit(126);
     char go[3];
     long got = 0;
     while (got < 3) {
         long r = sys(SYS_READ, 3, (long)(go + got), 3 - got, 0);
         if (r == -E_INTR) continue;
-        if (r <= 0) leave(125);  /* EOF: the launcher died before recording this worker */
+        if (r <= 0) quit(125);  /* EOF: the launcher died before recording this worker */
         got += r;
     }
-    if (go[0] != 'g' || go[1] != 'o' || go[2] != '\n') leave(125);
+    if (go[0] != 'g' || go[1] != 'o' || go[2] != '\n') quit(125);
     sys(SYS_CLOSE, 3, 0, 0, 0);
     long pid = sys(SYS_FORK, 0, 0, 0, 0);
-    if (pid < 0) leave(126);
+    if (pid < 0) quit(126);
     if (pid == 0) run(argv + 2, envp);
     int status = 0;
     long r;
@@ -144,6 +162,11 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     }
     int n = decimal(code, text);
     text[n++] = '\n';
+    if (early_fd >= 0) {
+        if (sys(SYS_WRITE, early_fd, (long)text, n, 0) == n && sys(SYS_RENAME, (long)early, (long)argv[1], 0, 0) == 0)
+            leave(code);
+        sys(SYS_UNLINK, (long)early, 0, 0, 0);  /* a full disk, or removed meanwhile: the exit file as before */
+    }
     long fd = sys(SYS_OPEN, (long)argv[1], O_WRONLY_ | O_CREAT_ | O_TRUNC_ | O_CLOEXEC_, 0666, 0);
     if (fd >= 0) {
         sys(SYS_WRITE, fd, (long)text, n, 0);

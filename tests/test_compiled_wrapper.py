@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from aipm import locks, runner, wrapper
-from conftest import write_task
+from conftest import wait_for, write_task
 
 pytestmark = pytest.mark.skipif(wrapper.binary() is None, reason="the wrapper cannot be built here (no cc / x86-64)")
 
@@ -31,6 +31,7 @@ def _run(tmp_path: Path, command, tag: str, cwd: Path | None = None, abandon: bo
     else:
         code = runner.reap(spawning.finish())
     written = exit_file.read_text() if exit_file.exists() else None
+    assert not Path(f"{exit_file}.w").exists()  # the compiled wrapper's early exit file: named, or removed
     return code, written, log.read_text() if log.exists() else ""
 
 
@@ -105,6 +106,41 @@ def test_an_abandoned_launch_runs_nothing_through_either_wrapper(tmp_path, monke
     compiled, shell = _both(tmp_path, monkeypatch, ["touch", str(marker)], abandon=True)
     assert compiled == shell == (None, None, "")
     assert not marker.exists()
+
+
+def test_the_exit_file_is_made_at_the_start_and_named_with_its_code_when_the_command_ends(tmp_path):
+    """The compiled wrapper makes its exit file before its go (under `.w`, empty) so that the command's end costs
+    no new file; the real name appears only with the code in it. If the early file is removed meanwhile (a
+    sweep, a cleaner), the exit file is written as before."""
+    for sweep in (False, True):
+        exit_file, gate = tmp_path / f"x{sweep}.exit", tmp_path / f"gate{sweep}"
+        early = Path(f"{exit_file}.w")
+        spawning = runner.begin(["sh", "-c", f'while [ ! -e "{gate}" ]; do sleep 0.01; done; exit 4'],
+                                exit_file=str(exit_file), env=dict(os.environ), cwd=str(tmp_path),
+                                log=str(tmp_path / "log"), background=False)
+        pid = spawning.finish()
+        wait_for(early.exists)
+        assert early.read_text() == "" and not exit_file.exists()  # running: no outcome under the real name
+        if sweep:
+            early.unlink()
+        gate.touch()
+        assert runner.reap(pid) == 4
+        assert exit_file.read_text() == "4\n" and not early.exists()
+
+
+def test_the_sweep_of_spent_exit_files_keeps_the_early_file_of_a_live_worker(project):
+    """remove_spent_exit_files keeps what a recorded worker's wrapper will name, `.w` included, and removes the
+    early files of wrappers that are gone with no record left (killed before their command ended)."""
+    from aipm.runtime import Record, Runtime
+
+    rt = Runtime(project.root)
+    live = Record(order="O", order_dir="", task="T1", task_file="", attempt=1, targets=[], log="",
+                  exit_file=str(rt.exit_path("O", "T1", 1)), started_at="")
+    rt.write_record(live)
+    for name in ("T1.1.w", "T1.1.review.w", "T2.1", "T2.1.w", "T2.1.review.w"):
+        (Path(live.exit_file).parent / name).write_text("")
+    rt.remove_spent_exit_files("O")
+    assert sorted(os.listdir(Path(live.exit_file).parent)) == ["T1.1.review.w", "T1.1.w"]
 
 
 def test_a_run_starts_programs_through_the_compiled_wrapper_and_shell_builtins_through_the_shell(project):
