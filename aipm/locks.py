@@ -96,6 +96,27 @@ def node_path(state: Path, node: str) -> Path:
     return state if not node else state / "locks" / node_file(node)
 
 
+def prepare(state: Path, targets: Iterable[Target], made: set[str]) -> None:
+    """Make the lock files of targets about to be locked, while nothing waits for them: a new file is the dearest
+    step of a first lock (on ext4 without a journal each create scans the inodes freed in the last minute). Locks
+    nothing; `made` remembers the nodes whose files are known to exist (take() makes any that vanished since)."""
+    for node in lock_nodes(targets):
+        if not node or node in made:
+            continue
+        try:
+            fd = os.open(node_path(state, node), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except FileExistsError:
+            made.add(node)
+            continue
+        except OSError:
+            return  # no state directory (yet), a full disk: take() will make it or say why
+        try:
+            os.write(fd, node.encode())
+        finally:
+            os.close(fd)
+        made.add(node)
+
+
 def take(state: Path, targets: Iterable[Target]) -> list[int]:
     """Lock every target without waiting; on any refusal release what was taken and raise LockBusy."""
     modes = lock_nodes(targets)

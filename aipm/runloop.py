@@ -12,7 +12,7 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
-from aipm import budget, confine, durable, notify, preemption, runner, scope
+from aipm import budget, confine, durable, locks, notify, preemption, runner, scope
 from aipm.finish import review_command
 from aipm.launcher import Launcher, LaunchReport
 from aipm.model import FINISHED_OK, Order, Status, status_summary
@@ -125,6 +125,18 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     return report
 
 
+def _prepare_next(sup: Supervisor, view: OrderView, made: set[str]) -> None:
+    """While the workers run, make the lock files of the queued tasks that wait for them, so that starting one
+    when its dependency is done creates no file (in a chain of short tasks, the dearest step of its start)."""
+    order = view.order
+    for rec in sup.owned.values():
+        if rec.order == order.id:
+            for dependant in view.dependants.get(rec.task, ()):
+                task = order.tasks.get(dependant)
+                if task is not None and task.status == Status.QUEUED:
+                    locks.prepare(sup.rt.state, task.targets, made)
+
+
 def _exit_code(sup: Supervisor, rec: Record) -> int | None:
     """The ended attempt's exit code as its outcome will be recorded (Supervisor.handle): our child's wait
     status, else the exit file its wrapper wrote."""
@@ -207,6 +219,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     first = True
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
     budget_told = False
+    lock_files: set[str] = set()  # lock nodes whose files exist (see _prepare_next)
     try:
         while not stop.requested:
             with _round(sup, ready, first=first) as ended:  # one lock round per wake-up: finish, launch
@@ -270,6 +283,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
             timeout = (RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing
                        else HELD_RECHECK if waiting else None)
+            _prepare_next(sup, view, lock_files)
             keys = sup.wait(timeout)
             while keys == ["files"]:
                 view.refresh()

@@ -293,3 +293,25 @@ def test_a_task_going_to_review_keeps_its_place_and_its_files_from_an_early_star
     review, work = [s for s in spans(journal) if s.task == "review-A"], [s for s in spans(journal) if s.task == "B"]
     assert len(review) == 1 and len(work) == 1 and review[0].end <= work[0].start
     assert project.statuses() == {"A": "COMPLETED", "B": "DONE"}
+
+
+def test_the_lock_files_of_a_running_tasks_dependants_are_made_while_it_runs(project, gate):
+    """Starting a dependant the moment its dependency is done makes no new file: its target lock files were made
+    while the dependency ran (locks.prepare), and nothing is locked by that — the dependant still starts only
+    after its dependency is DONE, and tasks further down the chain get no lock file yet."""
+    from aipm.locks import node_file
+
+    order = project.order()
+    write_task(order, "FIRST", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a.txt"])
+    write_task(order, "SECOND", command="true", depends_on=["FIRST"], target_files=["new/dir/b.txt"])
+    write_task(order, "THIRD", command="true", depends_on=["SECOND"], target_files=["other/c.txt"])
+    proc = start_run(project, "ORD")
+    lock_dir = state(project.root) / "locks"
+    made = lock_dir / node_file("new/dir/b.txt")
+    wait_for(made.exists, timeout=20)
+    assert made.read_text() == "new/dir/b.txt" and (lock_dir / node_file("new/dir")).exists()
+    assert task_statuses(order) == {"FIRST": "IN_PROGRESS", "SECOND": "QUEUED", "THIRD": "QUEUED"}
+    assert not (lock_dir / node_file("other/c.txt")).exists()
+    gate.touch()
+    assert proc.wait(timeout=60) == 0
+    assert task_statuses(order) == {"FIRST": "DONE", "SECOND": "DONE", "THIRD": "DONE"}
