@@ -263,6 +263,8 @@ class Launcher:
         except locks.LockBusy as exc:
             holder = next((f.holder for f in self.outside(self.records()) if exc.node in dict(f.nodes)), None)
             raise LaunchBusy(f"{exc.node or '.'} is held by {holder}" if holder else str(exc)) from None
+        except OSError as exc:  # a full disk or a removed state directory while its lock file was made
+            raise LaunchFailed(f"cannot lock its files: {exc.strerror or exc}") from None
         attempt = task.attempts + 1
         number = rt.next_number(order.id, task.id, attempt)
         rec = Record(

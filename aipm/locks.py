@@ -104,16 +104,11 @@ def prepare(state: Path, targets: Iterable[Target], made: set[str]) -> None:
         if not node or node in made:
             continue
         try:
-            fd = os.open(node_path(state, node), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            os.close(_create(node_path(state, node), node))
         except FileExistsError:
-            made.add(node)
-            continue
+            pass
         except OSError:
             return  # no state directory (yet), a full disk: take() will make it or say why
-        try:
-            os.write(fd, node.encode())
-        finally:
-            os.close(fd)
         made.add(node)
 
 
@@ -159,14 +154,24 @@ def _open(state: Path, node: str, path: Path) -> int:
             if not node:
                 return os.open(state, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                return _create(path, node)
             except FileExistsError:
                 return os.open(path, os.O_RDONLY)
-            os.write(fd, node.encode())
-            return fd
         except FileNotFoundError:
             make_state_dir(state)  # first use, or someone removed it: locks held in the old one are lost there
     raise OSError(errno.ENOENT, f"cannot create {path}")
+
+
+def _create(path: Path, node: str) -> int:
+    """A new lock file holding its node's name (for `aipm locks`); none is left behind if that write fails."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, node.encode())
+    except BaseException:
+        os.close(fd)
+        os.unlink(path)
+        raise
+    return fd
 
 
 class Holdings:

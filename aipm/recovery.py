@@ -6,7 +6,6 @@ without a trace is INTERRUPTED, then QUEUED (see docs/locks-review-recovery.md).
 
 from __future__ import annotations
 
-import os
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING
 from aipm import outcome, workspace, writtenlog
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
-from aipm.runtime import Record, Runtime, append_log
+from aipm.runtime import Record, Runtime, append_log, exit_file_written
 from aipm.writer import StaleWrite, now, update_task
 
 if TYPE_CHECKING:
@@ -40,7 +39,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
             continue
         # An exit file, even an empty one (the worker ended; its code may be lost), goes to an owner to decide.
         if rec is not None and (rec.worker_alive() or (
-            rec.attempt == task.attempts and os.path.exists(rec.exit_file)
+            rec.attempt == task.attempts and exit_file_written(rec.exit_file)
         )):
             if adopt is not None:
                 adopt.adopt(rec)

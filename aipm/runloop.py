@@ -125,16 +125,18 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     return report
 
 
-def _prepare_next(sup: Supervisor, view: OrderView, made: set[str]) -> None:
+def _prepare_next(sup: Supervisor, view: OrderView, made: set[str], prepared: set[tuple[str, tuple]]) -> None:
     """While the workers run, make the lock files of the queued tasks that wait for them, so that starting one
-    when its dependency is done creates no file (in a chain of short tasks, the dearest step of its start)."""
+    when its dependency is done creates no file (in a chain of short tasks, the dearest step of its start).
+    `prepared`: (task, targets) already seen, so a wide fan-out costs its lookups once, not on every wake-up."""
     order = view.order
     for rec in sup.owned.values():
         if rec.order == order.id:
             for dependant in view.dependants.get(rec.task, ()):
                 task = order.tasks.get(dependant)
-                if task is not None and task.status == Status.QUEUED:
+                if task is not None and task.status == Status.QUEUED and (task.id, task.targets) not in prepared:
                     locks.prepare(sup.rt.state, task.targets, made)
+                    prepared.add((task.id, task.targets))
 
 
 def _exit_code(sup: Supervisor, rec: Record) -> int | None:
@@ -220,6 +222,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
     budget_told = False
     lock_files: set[str] = set()  # lock nodes whose files exist (see _prepare_next)
+    prepared: set[tuple[str, tuple]] = set()
     try:
         while not stop.requested:
             with _round(sup, ready, first=first) as ended:  # one lock round per wake-up: finish, launch
@@ -283,7 +286,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
             timeout = (RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing
                        else HELD_RECHECK if waiting else None)
-            _prepare_next(sup, view, lock_files)
+            _prepare_next(sup, view, lock_files, prepared)
             keys = sup.wait(timeout)
             while keys == ["files"]:
                 view.refresh()

@@ -351,12 +351,27 @@ class Runtime:
 
 
 def read_exit_file(path: str) -> int | None:
-    """The exit code a worker's wrapper recorded, or None when it never got that far."""
+    """The exit code a worker's wrapper recorded, or None when it never got that far. The compiled wrapper writes
+    its code into `<path>.w` and then names it: one killed between the two left the code there, newline and all
+    (an empty `.w` only says the wrapper started)."""
     try:
-        text = read_small(path).decode("ascii", "replace").strip()
+        text = read_small(path).decode("ascii", "replace")
+    except FileNotFoundError:
+        try:
+            text = read_small(path + ".w").decode("ascii", "replace")
+        except OSError:
+            return None
+        if not text.endswith("\n"):
+            return None
     except OSError:
         return None
+    text = text.strip()
     return int(text) if text.lstrip("-").isdigit() else None
+
+
+def exit_file_written(path: str) -> bool:
+    """The worker's wrapper got as far as its exit file (the code in it may be lost, see unrecorded.exit_lost)."""
+    return os.path.exists(path) or read_exit_file(path) is not None
 
 
 @contextmanager

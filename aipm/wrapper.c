@@ -21,7 +21,7 @@
 enum { SYS_READ = 0, SYS_WRITE = 1, SYS_OPEN = 2, SYS_CLOSE = 3, SYS_FORK = 57, SYS_EXECVE = 59,
        SYS_WAIT4 = 61, SYS_CHDIR = 80, SYS_RENAME = 82, SYS_UNLINK = 87, SYS_EXIT_GROUP = 231 };
 enum { E_NOENT = 2, E_INTR = 4, E_NOEXEC = 8, E_ACCES = 13, E_NOTDIR = 20, E_NAMETOOLONG = 36, E_LOOP = 40 };
-enum { O_WRONLY_ = 01, O_CREAT_ = 0100, O_TRUNC_ = 01000, O_CLOEXEC_ = 02000000 };
+enum { O_WRONLY_ = 01, O_CREAT_ = 0100, O_TRUNC_ = 01000, O_NOFOLLOW_ = 0400000, O_CLOEXEC_ = 02000000 };
 
 static long sys(long n, long a, long b, long c, long d) {
     long r;
@@ -129,14 +129,14 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
         say("usage", "aipm-wrapper EXIT_FILE PROGRAM [ARG...]", "");
         leave(2);
     }
+    const char *root = getenv_(envp, "AIPM_ROOT");
+    if (!root || sys(SYS_CHDIR, (long)root, 0, 0, 0) < 0) leave(126);
     long elen = length(argv[1]);
-    if (elen + 3 <= (long)sizeof early) {
+    if (elen + 3 <= (long)sizeof early) {  /* after the chdir: a relative EXIT_FILE means the same all along */
         for (long i = 0; i < elen; i++) early[i] = argv[1][i];
         early[elen] = '.', early[elen + 1] = 'w', early[elen + 2] = 0;
-        early_fd = sys(SYS_OPEN, (long)early, O_WRONLY_ | O_CREAT_ | O_TRUNC_ | O_CLOEXEC_, 0666, 0);
+        early_fd = sys(SYS_OPEN, (long)early, O_WRONLY_ | O_CREAT_ | O_TRUNC_ | O_NOFOLLOW_ | O_CLOEXEC_, 0666, 0);
     }
-    const char *root = getenv_(envp, "AIPM_ROOT");
-    if (!root || sys(SYS_CHDIR, (long)root, 0, 0, 0) < 0) quit(126);
     char go[3];
     long got = 0;
     while (got < 3) {

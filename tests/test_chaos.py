@@ -322,6 +322,37 @@ def test_record_left_by_a_kill_after_the_final_write_does_not_hold_files(project
     assert worker_records(project.root) == [] and cli_locks(project.root) == []
 
 
+@pytest.mark.parametrize("early", ["0\n", ""])
+def test_an_exit_code_left_in_the_early_exit_file_is_recorded_not_run_again(project, early):
+    """The compiled wrapper writes its command's code into `<exit file>.w` and then names it; one SIGKILLed between
+    the two (with its owner gone too) left the code only there, and recovery took the task for never finished and
+    ran it again (found by review). The code there is the outcome: recorded, not run again. An empty `.w` says
+    only that the wrapper started: that attempt is interrupted and the task runs again, as before."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    a = write_task(order, "A", command=journal_command(journal), target_files=["x.txt"])
+    a.write_text(a.read_text() + "status: IN_PROGRESS\nattempts: 1\n")
+    exit_file = state(project.root, make=True) / "exit" / "ORD" / "A.1"
+    exit_file.parent.mkdir(parents=True)
+    Path(f"{exit_file}.w").write_text(early)
+    records = state(project.root) / "workers" / "ORD"
+    records.mkdir(parents=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that existed and is gone: the wrapper and its owner
+    (records / "A.json").write_text(json.dumps({
+        "order": "ORD", "order_dir": str(order), "task": "A", "task_file": str(a), "attempt": 1,
+        "targets": ["x.txt"], "log": str(project.root / "A.log"), "exit_file": str(exit_file),
+        "started_at": "2025-01-01T00:00:00+00:00", "owner_pid": dead.pid, "owner_ctime": 1.0, "pid": dead.pid,
+        "ctime": 1.0, "pgid": dead.pid, "number": 1}))
+    proc = project.aipm(*run_args(5), timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    done = yaml.safe_load(a.read_text())
+    assert done["status"] == "DONE" and done["exit_code"] == 0
+    ran = spans(journal) if journal.exists() else []
+    assert (len(ran), done["attempts"]) == (0 if early else 1, 1)  # an interrupted attempt is given back
+    assert not any(exit_file.parent.iterdir())  # spent, early file included
+
+
 def test_temp_file_of_a_killed_write_is_cleaned_up(project):
     """Found by the random kills: a SIGKILL inside a task-file write left `.TASK.yaml.XXXX.tmp` in the order
     directory, and nothing removed it. Fixed in dcd83a2 (recovery removes them under the launch lock)."""

@@ -128,6 +128,18 @@ def test_the_exit_file_is_made_at_the_start_and_named_with_its_code_when_the_com
         assert exit_file.read_text() == "4\n" and not early.exists()
 
 
+def test_a_link_planted_as_the_early_exit_file_is_not_written_through(tmp_path):
+    """A worker may write anywhere the user can, the state directory included: a symlink planted where the early
+    exit file goes is neither followed nor truncated; the exit file is then written as before."""
+    exit_file, victim = tmp_path / "p.exit", tmp_path / "victim"
+    victim.write_text("keep me\n")
+    Path(f"{exit_file}.w").symlink_to(victim)
+    spawning = runner.begin(["sh", "-c", "exit 3"], exit_file=str(exit_file), env=dict(os.environ),
+                            cwd=str(tmp_path), log=str(tmp_path / "log"), background=False)
+    assert runner.reap(spawning.finish()) == 3
+    assert victim.read_text() == "keep me\n" and exit_file.read_text() == "3\n"
+
+
 def test_the_sweep_of_spent_exit_files_keeps_the_early_file_of_a_live_worker(project):
     """remove_spent_exit_files keeps what a recorded worker's wrapper will name, `.w` included, and removes the
     early files of wrappers that are gone with no record left (killed before their command ended)."""

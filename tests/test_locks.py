@@ -309,3 +309,34 @@ def test_a_lock_held_outside_blocks_exactly_what_it_would_block_in_the_kernel(no
         assert result.blocked["T"].reason == FILE_HELD and result.blocked["T"].pids == (4242,)
         assert "held by pid 4242, not an aipm worker" in result.blocked["T"].detail
         assert [b.id for b in result.waiting] == ["T"]
+
+
+def test_a_full_disk_leaves_no_empty_lock_file_and_fails_the_lock_cleanly(tmp_path):
+    """A lock file is made with its node's name inside (for `aipm locks`); on a full disk that write fails, and
+    neither locks.prepare (made while workers run: it gives up quietly) nor take() (an OSError, which the launcher
+    reports as a failed launch) leaves an empty lock file behind or a descriptor open."""
+    from aipm import locks
+
+    disk = tmp_path / "state" / "locks"
+    disk.mkdir(parents=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        filler = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT)  # fill it for real
+        try:
+            while os.write(filler, b"x" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(filler)
+        fds_before = len(os.listdir("/proc/self/fd"))
+        made: set[str] = set()
+        locks.prepare(tmp_path / "state", [normalize("a/b.txt", tmp_path)], made)
+        assert made == set() and os.listdir(disk) == ["filler"]
+        with pytest.raises(OSError):
+            locks.take(tmp_path / "state", [normalize("a/b.txt", tmp_path)])
+        assert os.listdir(disk) == ["filler"] and len(os.listdir("/proc/self/fd")) == fds_before
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
