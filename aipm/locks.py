@@ -22,6 +22,7 @@ import fcntl
 import os
 import stat
 from collections.abc import Iterable
+from contextlib import suppress
 from pathlib import Path
 
 try:
@@ -169,7 +170,8 @@ def _create(path: Path, node: str) -> int:
         os.write(fd, node.encode())
     except BaseException:
         os.close(fd)
-        os.unlink(path)
+        with suppress(OSError):
+            os.unlink(path)
         raise
     return fd
 

@@ -10,8 +10,8 @@
  * newline to EXIT_FILE, and exits with that code. The exit file is made at the start as EXIT_FILE.w and takes
  * its name, code inside, when the command ends (a new file costs more than the rest of the wrapper on ext4
  * without a journal, which scans the inodes freed in the last minute: off the critical path, while the launcher
- * writes the task's status); a wrapper that runs nothing removes it. No signal is caught: a signal to the process group ends
- * the wrapper too, with no exit file, as it ends the shell. x86-64 Linux only; elsewhere the build fails and
+ * writes the task's status); a wrapper that runs nothing removes it. No signal is caught: a signal to the
+ * process group ends the wrapper too, with no exit file, as it ends the shell. x86-64 Linux only; elsewhere the build fails and
  * aipm keeps using the shell. */
 
 #if !defined(__x86_64__) || !defined(__linux__)
