@@ -29,7 +29,7 @@ from aipm.errors import UserError
 from aipm.liveness import process_alive, read_small, remembered
 
 from aipm.locks import make_state_dir, state_dir
-from aipm.spares import Pool, pool
+from aipm.spares import Pool, fill, pool
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
 
@@ -110,10 +110,7 @@ def _write_file(path: str, data: bytes, spares: Pool, final: str) -> None:
     if fd is None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
     try:
-        size = len(data)
-        while data:
-            data = data[os.write(fd, data):]
-        os.ftruncate(fd, size)  # a spare keeps its old length
+        fill(fd, data)
     finally:
         os.close(fd)
 

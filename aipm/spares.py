@@ -184,6 +184,14 @@ def _ours_alone(fd: int, ino: int) -> bool:
     return alone
 
 
+def fill(fd: int, data: bytes) -> None:
+    """Write `data` from the start of the file and end the file there (a spare keeps its old length)."""
+    size = len(data)
+    while data:
+        data = data[os.write(fd, data):]
+    os.ftruncate(fd, size)
+
+
 def _empty(fd: int, size: int) -> None:
     """Drop the spare's cached pages, keeping its blocks where the file system can (a pipe that holds those pages
     keeps the old bytes; the new text goes into fresh ones); else truncate it. Whole pages: a partial one would be
@@ -201,15 +209,17 @@ def sweep(directory: str) -> None:
     except OSError:
         return
     for name in names:
-        if not _NAME.fullmatch(name) or int(name.split("-")[0]) == os.getpid():
+        if not _NAME.fullmatch(name):
             continue
+        pid = int(name.split("-")[0])
         try:
-            os.kill(int(name.split("-")[0]), 0)
-            continue  # alive
+            if pid != os.getpid():
+                os.kill(pid, 0)
+            continue  # ours, or alive
         except ProcessLookupError:
-            pass
+            pass  # gone: its spares are nobody's
         except (PermissionError, OverflowError):
-            continue
+            continue  # alive (someone else's), or no pid at all
         path = os.path.join(directory, name)
         with suppress(OSError):
             if stat.S_ISREG(os.lstat(path).st_mode):

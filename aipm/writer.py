@@ -21,7 +21,7 @@ from aipm.errors import ValidationError
 from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task
 from aipm.patch import Unpatchable, patch
 from aipm.fields import managed_values
-from aipm.spares import Pool, exchange as swap, exported, pool
+from aipm.spares import Pool, exchange as swap, exported, fill, pool
 from aipm.store import DuplicateKey, Identity, load_yaml, parse_task, read_versioned, remember
 
 
@@ -94,11 +94,7 @@ def atomic_write(path: Path, text: str, identity: Identity | None = None, spares
     kept = None
     try:
         try:
-            data = text.encode("utf-8")
-            size = len(data)
-            while data:
-                data = data[os.write(fd, data):]
-            os.ftruncate(fd, size)  # a spare keeps its old length
+            fill(fd, text.encode("utf-8"))
             try:
                 os.fchmod(fd, os.stat(path).st_mode & 0o7777)
             except FileNotFoundError:
