@@ -16,7 +16,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import confine, holds, locks, recovery, restore, runner, scope, workspace, writtenlog
+from aipm import confine, holds, locks, recovery, restore, runner, scope, workspace, writer, writtenlog
 from aipm.budget import of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
@@ -291,11 +291,11 @@ class Launcher:
             except FileNotFoundError:
                 pass
             if owner is not None:
-                spawning = owner.begin_worker(rec, task, fds)
-            written = update_task(Path(task.path), {
-                "status": Status.IN_PROGRESS, "attempts": attempt, "started_at": rec.started_at,
-                "finished_at": None, "exit_code": None, **cleared_reason(task),
-            }, expect=Status.QUEUED, root=self.project.root)
+                # Beside a status written ahead (a rename, no fsync to wait for) the helper thread's hand-offs
+                # cost more than the spawn they hide.
+                spawning = owner.begin_worker(rec, task, fds, background=not writer.is_prepared(Path(task.path)))
+            written = update_task(Path(task.path), start_updates(task, rec.started_at), expect=Status.QUEUED,
+                                  root=self.project.root)
             wrote_status = True
             if view is not None:
                 view.note(written)
@@ -324,6 +324,11 @@ class Launcher:
                 spawning.abandon()  # unless it went: a wrapper whose launch failed must not wait for a go
             for fd in fds:
                 os.close(fd)
+
+    def prepare_start(self, task: Task) -> None:
+        """Write the IN_PROGRESS version of a task that may start next ahead of time (see writer.prepare)."""
+        writer.prepare(Path(task.path), lambda current: start_updates(current, now()), Status.QUEUED,
+                       self.project.root)
 
     def _scope_before(self, rec: Record, ours: bool) -> None:
         """Snapshot the git tree before the worker starts (or, for an attempt `ours` while this process watches
@@ -380,6 +385,12 @@ def _finished_elsewhere(rec: Record, root: Path) -> bool:
     return task.status not in RUNNING or task.attempts != rec.attempt
 
 
+def start_updates(task: Task, started_at: str) -> dict:
+    """The status write that starts the task's next attempt."""
+    return {"status": Status.IN_PROGRESS, "attempts": task.attempts + 1, "started_at": started_at,
+            "finished_at": None, "exit_code": None, **cleared_reason(task)}
+
+
 def cleared_reason(task: Task) -> dict:
     """The update that forgets the previous attempt's reason; none when there is none (no new `reason: null` line)."""
     return {"reason": None} if task.reason is not None else {}
@@ -402,9 +413,10 @@ class Owner:
     def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
         raise NotImplementedError
 
-    def begin_worker(self, rec: Record, task: Task, fds: list[int]) -> runner.Spawning:
+    def begin_worker(self, rec: Record, task: Task, fds: list[int], background: bool = True) -> runner.Spawning:
         """Start the worker's process now, its command held back until the returned Spawning is finished (after
-        the task's status is written), so the process starts while the status is written."""
+        the task's status is written); in the background (a helper thread), so the process starts while the
+        status is written."""
         raise NotImplementedError
 
     def adopt(self, rec: Record) -> None:

@@ -14,7 +14,7 @@ import os
 import signal
 from pathlib import Path
 
-from aipm import agents, confine, notify, outcome, runner, scope, unrecorded, workspace, writtenlog
+from aipm import agents, confine, notify, outcome, runner, scope, unrecorded, workspace, writer, writtenlog
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
 from aipm.launcher import Launcher
@@ -185,6 +185,17 @@ class Recording:
         self.writes += 1
         self._note(task)
         return task
+
+    def prepare_outcome(self, rec: Record) -> None:
+        """Write ahead (writer.prepare) what a clean exit of this worker will write: the end whose hand-over is
+        waited for (its dependants, or the next task on its files). Not for an agent's attempt: its usage, read
+        from its log at the end, is part of that write."""
+        if rec.phase != "work" or agents.is_preset(rec.agent):
+            return
+        no_review = self.launcher.options.no_review
+        writer.prepare(Path(rec.task_file), lambda task: after_work(
+            task, 0, self.settings, review_command(task, self.settings, no_review) is not None,
+            attempt_reason(0, False, None)), Status.IN_PROGRESS, self.rt.root)
 
     def _work_ended(self, rec: Record, task: Task, code: int | None, timed_out: bool, event: dict) -> Task:
         """IN_PROGRESS → DONE, IN_REVIEW (review started), QUEUED or FAILED; REWORK when out of scope.

@@ -12,7 +12,7 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
-from aipm import budget, confine, durable, locks, notify, preemption, runner, scope
+from aipm import budget, confine, durable, locks, notify, preemption, runner, scope, writer
 from aipm.finish import review_command
 from aipm.launcher import Launcher, LaunchReport
 from aipm.model import FINISHED_OK, Order, Status, status_summary
@@ -125,18 +125,33 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     return report
 
 
-def _prepare_next(sup: Supervisor, view: OrderView, made: set[str], prepared: set[tuple[str, tuple]]) -> None:
-    """While the workers run, make the lock files of the queued tasks that wait for them, so that starting one
-    when its dependency is done creates no file (in a chain of short tasks, the dearest step of its start).
-    `prepared`: (task, targets) already seen, so a wide fan-out costs its lookups once, not on every wake-up."""
+def _prepare_next(sup: Supervisor, launcher: Launcher, view: OrderView, made: set[str],
+                  prepared: set[tuple[str, tuple]]) -> None:
+    """While the workers run, do what the next hand-overs would otherwise do while something waits for them:
+    - write ahead the status a clean exit gives each running task, and the IN_PROGRESS of the tasks that may
+      start next (its queued dependants, and as many ready tasks as run now: each end frees a place), so that
+      those writes only rename a file that is on disk already (writer.prepare);
+    - make the lock files of those dependants, and empty files for the next workers' logs: in a chain of short
+      tasks a new file is the dearest step of a start (on ext4 without a journal each create scans the inodes
+      freed in the last minute). `prepared`: (task, targets) whose lock files were made, so a wide fan-out costs
+      its lookups once, not on every wake-up."""
     order = view.order
+    starting: list[str] = []
     for rec in sup.owned.values():
         if rec.order == order.id:
+            sup.prepare_outcome(rec)
             for dependant in view.dependants.get(rec.task, ()):
                 task = order.tasks.get(dependant)
-                if task is not None and task.status == Status.QUEUED and (task.id, task.targets) not in prepared:
-                    locks.prepare(sup.rt.state, task.targets, made)
-                    prepared.add((task.id, task.targets))
+                if task is not None and task.status == Status.QUEUED:
+                    starting.append(dependant)
+                    if (task.id, task.targets) not in prepared:
+                        locks.prepare(sup.rt.state, task.targets, made)
+                        prepared.add((task.id, task.targets))
+    if sup.owned:
+        starting += view.ready_ordering()[:len(sup.owned)]
+        sup.rt.stock_logs(len(sup.owned))
+    for tid in starting:
+        launcher.prepare_start(order.tasks[tid])
 
 
 def _exit_code(sup: Supervisor, rec: Record) -> int | None:
@@ -286,7 +301,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
             timeout = (RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing
                        else HELD_RECHECK if waiting else None)
-            _prepare_next(sup, view, lock_files, prepared)
+            _prepare_next(sup, launcher, view, lock_files, prepared)
             keys = sup.wait(timeout)
             while keys == ["files"]:
                 view.refresh()
@@ -327,6 +342,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                     f"{order.id}: {status_summary(order)}", AIPM_ORDER_ID=order.id)
         return 0 if done else 1
     finally:
+        writer.drop_prepared()
         sup.end_strays()  # nothing an attempt started outlives the run
         stop.close()
         sup.close()

@@ -99,6 +99,7 @@ def begin(
     started: Callable[[int, float], None] = lambda pid, ctime: None,
     prefix: Sequence[str] = (),
     background: bool = True,
+    place_log: Callable[[str], None] = lambda log: None,
 ) -> Spawning:
     """Start `command` in its own session; its stdout and stderr append to `log`.
 
@@ -106,7 +107,8 @@ def begin(
     finish() calls `started(pid, ctime)` (record the worker there; ctime as liveness.process_ctime gives it) and
     lets the command go once this round's writes are durable; if `started` raises, or abandon() is called instead,
     the command never runs. `prefix` is an argv the wrapper puts in front of the command (confinement); a string
-    command then runs as `prefix /bin/sh -c COMMAND`."""
+    command then runs as `prefix /bin/sh -c COMMAND`. `place_log(log)` may put a file at `log` before it is
+    opened."""
     if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
         if missing:
@@ -136,6 +138,7 @@ def begin(
 
     def attempt(program: str, argv: list[str]) -> tuple[int, int, int]:
         os.makedirs(os.path.dirname(log), exist_ok=True)
+        place_log(log)
         before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         pid = posix_spawn.spawn(program, argv, env, actions, setsid=True)
         return pid, before, time.clock_gettime_ns(time.CLOCK_BOOTTIME)

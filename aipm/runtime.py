@@ -29,7 +29,7 @@ from aipm.errors import UserError
 from aipm.liveness import process_alive, read_small, remembered
 
 from aipm.locks import make_state_dir, state_dir
-from aipm.spares import Pool, fill, pool
+from aipm.spares import Pool, fill, in_tree, pool
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
 
@@ -303,6 +303,19 @@ class Runtime:
 
     def log_path(self, order: str, task: str, attempt: int) -> Path:
         return self._dir(self.dir / "logs" / _safe(order) / f"{_safe(task)}.{attempt}.log")
+
+    def stock_logs(self, count: int) -> None:
+        """Make `count` empty files for the next workers' logs while nothing waits (see place_log)."""
+        spares = in_tree(self.root)
+        if spares is not None:
+            spares.stock(count)
+
+    def place_log(self, log: str) -> None:
+        """Give a new log its name on an empty file stock_logs() made, so that the worker's start, which opens
+        it, creates no file (the dear step of a short task's start on ext4 without a journal)."""
+        spares = in_tree(self.root)
+        if spares is not None:
+            spares.place(log)
 
     def log_dir(self, order: str) -> Path:
         return self.dir / "logs" / _safe(order)

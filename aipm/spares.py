@@ -34,7 +34,7 @@ from functools import lru_cache
 
 KEEP = 4  # spares per pool: one round of a run writes a few files
 _AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _FALLOC_FL_ZERO_RANGE = 0x10
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 _NAME = re.compile(r"\d+-\d+")
@@ -73,6 +73,7 @@ class Pool:
         self._kept = 0  # ready or waiting for their replacement to become durable
         self._serial = 0
         self._checked = False
+        self._blanks: list[tuple[str, int]] = []  # empty files made by stock(): (name, inode)
 
     def take(self, tmp: str, avoid: str | None = None) -> int | None:
         """A spare renamed to `tmp` and opened for writing, emptied; None when there is none that may be reused.
@@ -138,6 +139,82 @@ class Pool:
         with suppress(OSError):
             os.unlink(kept[0])
 
+    def write_ahead(self, data: bytes, mode: int) -> tuple[str, Stamp] | None:
+        """A file of the pool holding `data` (permissions `mode`), on disk: a file's next version written before
+        its moment (writer.prepare). Its name and stamp for claim() or give_back(); None without a usable pool."""
+        if not self._usable():
+            return None
+        name = self._name()
+        fd = self.take(name)
+        if fd is None:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                fill(fd, data)
+                os.fchmod(fd, mode)
+                os.fsync(fd)
+                return name, _stamp(os.fstat(fd))
+            finally:
+                os.close(fd)
+        except BaseException:
+            with suppress(OSError):
+                os.unlink(name)
+            raise
+
+    def claim(self, name: str, stamp: Stamp, dest: str) -> bool:
+        """Move a file written ahead to `dest` (beside the file it will replace) if it is still exactly as it was
+        written: the same inode with one link, size, mtime and ctime (any write or chmod since changes its ctime).
+        False, and nothing left at `dest`, otherwise (the caller writes the version anew)."""
+        try:
+            info = os.lstat(name)
+            if _stamp(info) != stamp or not _reusable(info):
+                return False
+            os.rename(name, dest)
+            if os.lstat(dest).st_ino == stamp[0]:
+                return True
+            os.unlink(dest)  # swapped in the instant between: not ours
+        except OSError:
+            pass
+        return False
+
+    def give_back(self, name: str, stamp: Stamp) -> None:
+        """A file written ahead that will not be used: a spare (nobody ever saw it as a version), or removed."""
+        if self._kept < KEEP:
+            self._kept += 1
+            self._ready.append((name, stamp[0], ""))
+        else:
+            with suppress(OSError):
+                os.unlink(name)
+
+    def stock(self, count: int) -> None:
+        """Make empty files until `count` wait for place(), while nothing waits for them (each new file is a
+        create, the dear step on ext4 without a journal: see above)."""
+        try:
+            if not self._usable():
+                return
+            while len(self._blanks) < count:
+                name = self._name()
+                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                self._blanks.append((name, os.fstat(fd).st_ino))
+                os.close(fd)
+        except OSError:
+            pass  # a full disk, a removed directory: the opener creates the file as before
+
+    def place(self, dest: str) -> None:
+        """Put an empty file made by stock() at `dest`, which does not exist yet, so that opening `dest` with
+        O_CREAT creates nothing. Does nothing when none is left or `dest` exists (never replaced)."""
+        while self._blanks:
+            name, ino = self._blanks.pop()  # atomic: the spawn thread places, the main thread stocks
+            if not _move_new(name, dest):
+                with suppress(OSError):
+                    os.unlink(name)
+                return
+            with suppress(OSError):
+                info = os.lstat(dest)
+                if info.st_ino == ino and _reusable(info) and info.st_size == 0:
+                    return
+                os.unlink(dest)  # not the file we made (changed, or replaced under its name): it is not a log
+
     def _name(self) -> str:
         self._serial += 1
         return f"{self.dir}/{os.getpid()}-{self._serial}"
@@ -158,6 +235,21 @@ class Pool:
             self._checked = True
             sweep(self.dir)
         return True
+
+
+Stamp = tuple[int, int, int, int]
+
+
+def _stamp(info: os.stat_result) -> Stamp:
+    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+def _move_new(a: str, b: str) -> bool:
+    """Rename `a` to `b` unless `b` exists (renameat2 RENAME_NOREPLACE); False where it exists or that cannot
+    be done."""
+    libc = _c()
+    return libc is not None and libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
+                                               _RENAME_NOREPLACE) == 0
 
 
 def _reusable(info: os.stat_result) -> bool:
@@ -245,6 +337,12 @@ def exported(path: str) -> bool:
 
 
 _pools: dict[str, Pool] = {}
+
+
+def in_tree(root: str | os.PathLike) -> Pool | None:
+    """The pool of the project's runtime directory in its tree (`.aipm/spare`, ignored by git): on the file system
+    of the task files and logs. None for a project the kernel's NFS server exports (see above)."""
+    return None if exported(os.fspath(root)) else pool(f"{os.fspath(root)}/.aipm/spare", ignored_by_git=True)
 
 
 def pool(directory: str, ignored_by_git: bool = False) -> Pool:

@@ -17,11 +17,11 @@ from typing import Any
 import yaml
 
 from aipm import durable, flatyaml
-from aipm.errors import ValidationError
+from aipm.errors import UserError, ValidationError
 from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task
 from aipm.patch import Unpatchable, patch
 from aipm.fields import managed_values
-from aipm.spares import Pool, exchange as swap, exported, fill, pool
+from aipm.spares import Pool, Stamp, exchange as swap, fill, in_tree
 from aipm.store import DuplicateKey, Identity, load_yaml, parse_task, read_versioned, remember
 
 
@@ -89,19 +89,39 @@ def atomic_write(path: Path, text: str, identity: Identity | None = None, spares
     With `spares`, the temp file is a spare inode when one may be reused, and the replaced version becomes one
     once the directory fsync has made the new one durable (see spares.py); the steps stay the same.
     """
-    directory = path.parent
     fd, tmp = _temp_file(path, spares)
-    kept = None
     try:
         try:
             fill(fd, text.encode("utf-8"))
-            try:
-                os.fchmod(fd, os.stat(path).st_mode & 0o7777)
-            except FileNotFoundError:
-                pass
+            _same_mode(fd, path)
             os.fsync(fd)
         finally:
             os.close(fd)
+    except BaseException:
+        _discard(tmp)
+        raise
+    return _install(path, tmp, identity, spares)
+
+
+def _same_mode(fd: int, path: Path) -> None:
+    try:
+        os.fchmod(fd, os.stat(path).st_mode & 0o7777)
+    except FileNotFoundError:
+        pass
+
+
+def _discard(tmp: str) -> None:
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+
+
+def _install(path: Path, tmp: str, identity: Identity | None, spares: Pool | None) -> bool:
+    """The end of a write: `tmp`, the new version beside `path` and already on disk, renamed over it (unless
+    `path` is no longer `identity`: then removed, and False returned), and the directory fsynced."""
+    kept = None
+    try:
         if identity is not None and _identity(path) != identity:
             os.unlink(tmp)
             return False
@@ -110,13 +130,10 @@ def atomic_write(path: Path, text: str, identity: Identity | None = None, spares
         else:
             os.replace(tmp, path)
     except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
+        _discard(tmp)
         raise
     try:
-        durable.sync_dir(str(directory))  # now, or once for the whole wake-up (the launch lock's batch)
+        durable.sync_dir(str(path.parent))  # now, or once for the whole wake-up (the launch lock's batch)
     except BaseException:
         if kept is not None:
             spares.ready(kept, False)  # its replacement may not be on disk: never to be reused
@@ -132,10 +149,8 @@ _temp_serial = 0
 def _temp_file(path: Path, spares: Pool | None = None) -> tuple[int, str]:
     """A file beside `path` for its next version: named after this process and a counter (no random name
     to draw, no retry loop unless a dead process with our pid left one behind); a spare when there is one."""
-    global _temp_serial
     while True:
-        _temp_serial += 1
-        tmp = f"{path.parent}/.{path.name}.{os.getpid()}-{_temp_serial}.tmp"
+        tmp = _temp_name(path)
         fd = spares.take(tmp) if spares is not None else None
         if fd is not None:
             return fd, tmp
@@ -143,6 +158,12 @@ def _temp_file(path: Path, spares: Pool | None = None) -> tuple[int, str]:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), tmp
         except FileExistsError:
             continue
+
+
+def _temp_name(path: Path) -> str:
+    global _temp_serial
+    _temp_serial += 1
+    return f"{path.parent}/.{path.name}.{os.getpid()}-{_temp_serial}.tmp"
 
 
 def _identity(path: Path) -> Identity | None:
@@ -169,8 +190,11 @@ def update_task(
     `expect` guards against lost races: when given, the file must still hold that status, and a new status
     must be a legal transition from it. Callers serialise writers with the project's launch lock; edits by
     people and their tools are not serialised, so a file changed between our read and our rename is read
-    and rewritten again (no lost update).
+    and rewritten again (no lost update). A version prepare()d for exactly this write is moved into place.
     """
+    done = _write_ahead_of_time(path, updates, expect, root)
+    if done is not None:
+        return done
     for _ in range(WRITE_ATTEMPTS):
         text, identity = read_versioned(path, follow=False)
         data, current = parse_task(path, text, root)
@@ -178,7 +202,7 @@ def update_task(
             raise StaleWrite(f"{current.id} is {current.status}, expected {expect}")
         changes = updates(current) if callable(updates) else updates
         new_status = changes.get("status")
-        if new_status is not None and new_status != current.status and new_status not in TRANSITIONS[current.status]:
+        if not _allowed(current, new_status):
             raise StaleWrite(f"{current.id}: {current.status} → {new_status} is not allowed")
         try:
             new_text, new_data = _rewrite(text, changes, data)
@@ -195,10 +219,107 @@ def update_task(
     raise StaleWrite(f"{path}: the file kept changing while aipm tried to write it; nothing written")
 
 
+def _allowed(current: Task, new_status: Status | None) -> bool:
+    return new_status is None or new_status == current.status or new_status in TRANSITIONS[current.status]
+
+
+@dataclasses.dataclass
+class _Ahead:
+    """A task file's next version, made and on disk before it was asked for (prepare())."""
+
+    expect: Status | None
+    changes: Mapping[str, Any]
+    current: Task  # the task as the version it was made from holds it
+    identity: Identity  # of that version
+    text: str
+    data: dict[str, Any]
+    fresh: Task
+    name: str  # in the pool
+    stamp: Stamp
+    spares: Pool
+    root: Path
+
+
+_ahead: dict[str, _Ahead] = {}
+AHEAD_MAX = 16  # versions kept ready at once (a run prepares the next status of its running and next tasks)
+
+
+def prepare(path: Path, updates: Callable[[Task], Mapping[str, Any]], expect: Status | None,
+            root: Path) -> None:
+    """Write the task file's next version now, while nothing waits for it: the text made and proven as
+    update_task() makes it, written and fsynced in the project's pool of spare files (outside the order's
+    directory). An update_task() that later asks for exactly these changes of exactly this version only moves it
+    into place: the status write on the hot path of a start or an outcome loses its file write and fsync (its
+    directory fsync remains). Anything else (the file changed, other changes, a timestamp a second later) writes
+    as before, and the prepared version becomes a spare. Whatever goes wrong here leaves nothing prepared.
+
+    `updates` gets the task as the file holds it now."""
+    key = os.fspath(path)
+    known = _ahead.get(key)
+    if known is not None:
+        if _identity(path) == known.identity:
+            return  # still the version it was made from
+        _drop(_ahead.pop(key))
+    spares = _spares(root)
+    if spares is None or len(_ahead) >= AHEAD_MAX:
+        return
+    try:
+        text, identity = read_versioned(path, follow=False)
+        data, current = parse_task(path, text, root)
+        changes = dict(updates(current))
+        if (expect is not None and current.status != expect) or not _allowed(current, changes.get("status")):
+            return
+        new_text, new_data = _rewrite(text, changes, data)
+        written = spares.write_ahead(new_text.encode("utf-8"), os.lstat(path).st_mode & 0o7777)
+    except (UserError, Unpatchable, OSError):
+        return
+    if written is not None and new_text != text:
+        fresh = dataclasses.replace(current, **managed_values(path, new_data))
+        _ahead[key] = _Ahead(expect, changes, current, identity, new_text, new_data, fresh, *written, spares, root)
+    elif written is not None:
+        spares.give_back(*written)
+
+
+def is_prepared(path: Path) -> bool:
+    """Whether a version of the file was prepare()d (it is used only if it is still exactly the write asked for)."""
+    return os.fspath(path) in _ahead
+
+
+def _write_ahead_of_time(path: Path, updates: Mapping[str, Any] | Callable[[Task], Mapping[str, Any]],
+                         expect: Status | None, root: Path | None) -> Task | None:
+    """update_task() through its prepared version, when there is one and it is exactly this write: the file is
+    still the version it was made from, and these are its changes and expectation. None: write as usual."""
+    ahead = _ahead.pop(os.fspath(path), None)
+    if ahead is None:
+        return None
+    if ahead.expect != expect or _identity(path) != ahead.identity or root != ahead.root:
+        _drop(ahead)
+        return None
+    if (updates(ahead.current) if callable(updates) else updates) != ahead.changes:
+        _drop(ahead)
+        return None
+    tmp = _temp_name(path)
+    if not ahead.spares.claim(ahead.name, ahead.stamp, tmp):
+        return None  # changed or gone in the pool: written as usual
+    if not _install(path, tmp, ahead.identity, ahead.spares):
+        return None  # changed in the instant before the rename: read again
+    remember(path, ahead.text, root, ahead.data, ahead.fresh)
+    return ahead.fresh
+
+
+def _drop(ahead: _Ahead) -> None:
+    ahead.spares.give_back(ahead.name, ahead.stamp)
+
+
+def drop_prepared() -> None:
+    """Forget every prepared version (each becomes a spare): the run that prepared them ends."""
+    while _ahead:
+        _drop(_ahead.popitem()[1])
+
+
 def _spares(root: Path | None) -> Pool | None:
-    """The pool of replaced task files: in the project's runtime directory, on the tree's file system (none for a
-    project that NFS exports: see spares.py)."""
-    return None if root is None or exported(str(root)) else pool(f"{root}/.aipm/spare", ignored_by_git=True)
+    """The pool of replaced task files (none without a project root)."""
+    return None if root is None else in_tree(root)
 
 
 def now() -> str:

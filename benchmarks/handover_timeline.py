@@ -23,6 +23,10 @@ import sys
 
 import _common as C
 import b2_chain
+import b4_one_file
+
+# TIMELINE_BENCH=b4: B4's order instead (its hand-over: a shared file, not a dependency)
+BENCH = {"b2": (b2_chain, "B2", "2"), "b4": (b4_one_file, "B4", "5")}[os.environ.get("TIMELINE_BENCH", "b2")]
 
 FUNCS = os.environ.get("TIMELINE_FUNCS") or ",".join([
     "aipm.runloop:_start_early", "aipm.supervisor:Supervisor.handle", "aipm.store:load_task",
@@ -85,11 +89,12 @@ def main() -> int:
     C.require_aipm()
     work = C.temp_dir("timeline")
     try:
-        root = work / "chain"
-        b2_chain.setup_aipm(root)
+        bench, order, workers = BENCH
+        root = work / "order"
+        bench.setup_aipm(root)
         out = work / "stamps.pickle"
         env = dict(os.environ, TIMELINE_FUNCS=FUNCS, TIMELINE_OUT=str(out))
-        rc = subprocess.run([sys.executable, "-c", BOOT, "--root", str(root), "run", "B2", "--max-workers", "2",
+        rc = subprocess.run([sys.executable, "-c", BOOT, "--root", str(root), "run", order, "--max-workers", workers,
                              "--no-resource-monitoring"], cwd=root, env=env, stdout=subprocess.DEVNULL).returncode
         if rc != 0:
             print(f"aipm run exited {rc}")
@@ -106,7 +111,7 @@ def main() -> int:
                 current.append((t, name))
         shapes = collections.Counter(tuple(n for _, n in c) for c in cycles)
         shape, count = shapes.most_common(1)[0]
-        print(f"B2 hand-over timeline · {b2_chain.N} tasks · {C.machine()}")
+        print(f"{order} hand-over timeline · {bench.N} tasks · {C.machine()}")
         print(f"{count} of {len(cycles)} cycles have the most common sequence of stamps; medians over those (ms):")
         gaps: dict[int, list[float]] = collections.defaultdict(list)
         for c in cycles:
