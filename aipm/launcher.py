@@ -12,11 +12,11 @@ import signal
 import sys
 import time
 from contextlib import nullcontext, suppress
-from collections.abc import Collection, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import confine, holds, locks, recovery, restore, runner, scope, workspace, writer, writtenlog
+from aipm import confine, durable, holds, locks, recovery, restore, runner, scope, workspace, writer, writtenlog
 from aipm.budget import of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
@@ -196,23 +196,36 @@ class Launcher:
         budget, why, note = self.start_budget(live_count) if wanted else (0, "", "")
         for task in wanted[budget:]:
             report.deferred.append({"id": task.id, "reason": why, "detail": note})
+        started: list[tuple[Task, Starting]] = []
+        again = False
         for task in wanted[:budget]:
             if self.options.dry_run:
                 report.launched.append({"id": task.id, "pid": None, "dry_run": True})
                 continue
             try:
-                rec = self.start(order, task, owner, view)
+                started.append((task, self.start(order, task, owner, view)))
             except LaunchBusy as exc:  # locked since we planned, or a glob's directory lock: wait for it
                 if not careful:
-                    return True
+                    again = True
+                    break
                 report.deferred.append({"id": task.id, "reason": "file_busy", "detail": str(exc)})
-                continue
+            except LaunchFailed as exc:
+                report.failed.append({"id": task.id, "error": str(exc)})
+        # Their statuses made durable (one directory fsync for the round so far) while their workers' processes
+        # start; then each worker is recorded and let go.
+        if any(starting.finish for _, starting in started):
+            durable.flush()
+        for task, starting in started:
+            try:
+                rec = starting.done()
             except LaunchFailed as exc:
                 report.failed.append({"id": task.id, "error": str(exc)})
                 continue
             report.launched.append({"id": task.id, "pid": rec.pid or rec.owner_pid, "log": rec.log,
                                     "attempt": rec.serial})
-        return False
+        if any(starting.finish for _, starting in started):
+            durable.flush()  # nothing new to fsync: the gos
+        return again
 
     def launch_ramped(self, view: OrderView) -> LaunchReport:
         """launch() with detached owners, repeated while the ramp-up holds starts back for a fresh reading.
@@ -241,8 +254,10 @@ class Launcher:
         report.failed += [{"id": tid, "error": why} for tid, why in refused.items()]
         return start
 
-    def start(self, order: Order, task: Task, owner: "Owner | None", view: OrderView | None = None) -> Record:
-        """Start one task. Caller holds the launch lock. On failure everything is undone and LaunchFailed raised."""
+    def start(self, order: Order, task: Task, owner: "Owner | None", view: OrderView | None = None) -> Starting:
+        """Start one task: its status written, its worker's process on its way. Caller holds the launch lock, and
+        calls the result's done() once the status is durable (it records the worker and lets its command go). On
+        failure, here or there, everything is undone and LaunchFailed raised."""
         rt = self.runtime
         running = rt.read_record(order.id, task.id)
         if running is not None and running.alive():  # one record per task: never overwrite a live one
@@ -275,7 +290,7 @@ class Launcher:
         )
         if task.resources is not None:
             rec.cpus, rec.memory_mb = task.resources.cpus or 0.0, task.resources.memory_mb or 0
-        wrote_status = False
+        wrote_status = handed = False
         spawning: runner.Spawning | None = None
         try:
             # The kernel already holds a confined worker to exactly its targets: nothing to audit.
@@ -291,9 +306,7 @@ class Launcher:
             except FileNotFoundError:
                 pass
             if owner is not None:
-                # Beside a status written ahead (a rename, no fsync to wait for) the helper thread's hand-offs
-                # cost more than the spawn they hide.
-                spawning = owner.begin_worker(rec, task, fds, background=not writer.is_prepared(Path(task.path)))
+                spawning = owner.begin_worker(rec, task, fds)  # in the helper thread, while the status is written
             written = update_task(Path(task.path), start_updates(task, rec.started_at), expect=Status.QUEUED,
                                   root=self.project.root)
             wrote_status = True
@@ -302,28 +315,46 @@ class Launcher:
             if owner is None:
                 self.spawn_detached(rec, fds)
                 rt.write_record(rec)  # the detached owner reads it once we release the launch lock
-            else:
-                spawning.finish()  # records the worker before its command may begin
-            return rec
+                return Starting(rec)
+            handed = True
+            return Starting(rec, lambda: self._go(order, task, rec, view, spawning, fds))
         except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
-            if wrote_status:
-                restored = update_task(Path(task.path), {"status": Status.QUEUED, "attempts": task.attempts,
-                                                         "started_at": task.started_at},
-                                       expect=Status.IN_PROGRESS, root=self.project.root)
-                if view is not None:
-                    view.note(restored)
-            rt.remove_record(order.id, task.id)
-            scope.end(self.project.root, rec.scope_file)
-            if workspace.kind(task, self.settings) == workspace.WORKTREE:
-                with suppress(UserError, OSError):  # what a failed prepare left; the launch error says why
-                    workspace.remove(self.project.root, order.id, task.id)
-            where = f"{task.path}: " if isinstance(exc, OSError) else ""
-            raise LaunchFailed(f"{where}{exc}") from None
+            raise self._undo(order, task, rec, view, wrote_status, exc) from None
         finally:
-            if spawning is not None:
-                spawning.abandon()  # unless it went: a wrapper whose launch failed must not wait for a go
+            if not handed:
+                if spawning is not None:
+                    spawning.abandon()  # a wrapper whose launch failed must not wait for a go
+                for fd in fds:
+                    os.close(fd)
+
+    def _go(self, order: Order, task: Task, rec: Record, view: OrderView | None, spawning: runner.Spawning,
+            fds: list[int]) -> None:
+        """The end of start(): the worker recorded before its command may begin (once the status is durable)."""
+        try:
+            spawning.finish()
+        except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
+            raise self._undo(order, task, rec, view, True, exc) from None
+        finally:
+            spawning.abandon()  # unless it went
             for fd in fds:
-                os.close(fd)
+                os.close(fd)  # the worker has its own copies
+
+    def _undo(self, order: Order, task: Task, rec: Record, view: OrderView | None, wrote_status: bool,
+              exc: Exception) -> LaunchFailed:
+        """Put back what a start did (the task QUEUED again, no record, no snapshot or worktree); the error."""
+        if wrote_status:
+            restored = update_task(Path(task.path), {"status": Status.QUEUED, "attempts": task.attempts,
+                                                     "started_at": task.started_at},
+                                   expect=Status.IN_PROGRESS, root=self.project.root)
+            if view is not None:
+                view.note(restored)
+        self.runtime.remove_record(order.id, task.id)
+        scope.end(self.project.root, rec.scope_file)
+        if workspace.kind(task, self.settings) == workspace.WORKTREE:
+            with suppress(UserError, OSError):  # what a failed prepare left; the launch error says why
+                workspace.remove(self.project.root, order.id, task.id)
+        where = f"{task.path}: " if isinstance(exc, OSError) else ""
+        return LaunchFailed(f"{where}{exc}")
 
     def prepare_start(self, task: Task) -> None:
         """Write the IN_PROGRESS version of a task that may start next ahead of time (see writer.prepare)."""
@@ -403,6 +434,20 @@ class LaunchFailed(Exception):
     pass
 
 
+@dataclass
+class Starting:
+    """A started task (Launcher.start) whose worker is yet to be recorded and let go: done() does that, once
+    the status is durable, and returns the record (LaunchFailed, everything undone, if it cannot)."""
+
+    rec: Record
+    finish: Callable[[], None] | None = None
+
+    def done(self) -> Record:
+        if self.finish is not None:
+            self.finish()
+        return self.rec
+
+
 class LaunchBusy(LaunchFailed):
     """A target lock is held: the task waits, it did not fail."""
 
@@ -413,10 +458,9 @@ class Owner:
     def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
         raise NotImplementedError
 
-    def begin_worker(self, rec: Record, task: Task, fds: list[int], background: bool = True) -> runner.Spawning:
+    def begin_worker(self, rec: Record, task: Task, fds: list[int]) -> runner.Spawning:
         """Start the worker's process now, its command held back until the returned Spawning is finished (after
-        the task's status is written); in the background (a helper thread), so the process starts while the
-        status is written."""
+        the task's status is written and durable), so the process starts while the status is written."""
         raise NotImplementedError
 
     def adopt(self, rec: Record) -> None:

@@ -150,6 +150,9 @@ def _prepare_next(sup: Supervisor, launcher: Launcher, view: OrderView, made: se
     if sup.owned:
         starting += view.ready_ordering()[:len(sup.owned)]
         sup.rt.stock_logs(len(sup.owned))
+    wanted = {rec.task_file for rec in sup.owned.values() if rec.order == order.id}
+    wanted.update(order.tasks[tid].path for tid in starting)
+    writer.keep_prepared(wanted)
     for tid in starting:
         launcher.prepare_start(order.tasks[tid])
 

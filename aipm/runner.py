@@ -21,6 +21,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
+from contextlib import suppress
 
 from aipm import durable, posix_spawn, wrapper
 from aipm.liveness import spawned_ctime
@@ -99,7 +100,7 @@ def begin(
     started: Callable[[int, float], None] = lambda pid, ctime: None,
     prefix: Sequence[str] = (),
     background: bool = True,
-    place_log: Callable[[str], None] = lambda log: None,
+    place_log: Callable[[str], bool] = lambda log: False,
 ) -> Spawning:
     """Start `command` in its own session; its stdout and stderr append to `log`.
 
@@ -107,8 +108,8 @@ def begin(
     finish() calls `started(pid, ctime)` (record the worker there; ctime as liveness.process_ctime gives it) and
     lets the command go once this round's writes are durable; if `started` raises, or abandon() is called instead,
     the command never runs. `prefix` is an argv the wrapper puts in front of the command (confinement); a string
-    command then runs as `prefix /bin/sh -c COMMAND`. `place_log(log)` may put a file at `log` before it is
-    opened."""
+    command then runs as `prefix /bin/sh -c COMMAND`. `place_log(log)` may put an empty file at `log` before it
+    is opened (True when it did: a spawn that fails removes it, as if it had never been made)."""
     if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
         if missing:
@@ -138,9 +139,16 @@ def begin(
 
     def attempt(program: str, argv: list[str]) -> tuple[int, int, int]:
         os.makedirs(os.path.dirname(log), exist_ok=True)
-        place_log(log)
+        placed = place_log(log)
         before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        pid = posix_spawn.spawn(program, argv, env, actions, setsid=True)
+        try:
+            pid = posix_spawn.spawn(program, argv, env, actions, setsid=True)
+        except BaseException:
+            if placed:
+                with suppress(OSError):
+                    if os.path.getsize(log) == 0:
+                        os.unlink(log)  # no attempt began: its number stays free (Runtime.next_number)
+            raise
         return pid, before, time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
     def start() -> tuple[int, int, int]:

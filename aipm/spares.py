@@ -139,10 +139,11 @@ class Pool:
         with suppress(OSError):
             os.unlink(kept[0])
 
-    def write_ahead(self, data: bytes, mode: int) -> tuple[str, Stamp] | None:
-        """A file of the pool holding `data` (permissions `mode`), on disk: a file's next version written before
-        its moment (writer.prepare). Its name and stamp for claim() or give_back(); None without a usable pool."""
-        if not self._usable():
+    def write_ahead(self, data: bytes, mode: int, beside: str) -> tuple[str, Stamp] | None:
+        """A file of the pool holding `data` (permissions `mode`), on disk: the next version of a file in the
+        directory `beside`, written before its moment (writer.prepare). Its name and stamp for claim() or
+        give_back(); None without a usable pool, or when `beside` is on another file system (no rename there)."""
+        if not self._usable() or os.stat(self.dir).st_dev != os.stat(beside).st_dev:
             return None
         name = self._name()
         fd = self.take(name)
@@ -164,17 +165,19 @@ class Pool:
     def claim(self, name: str, stamp: Stamp, dest: str) -> bool:
         """Move a file written ahead to `dest` (beside the file it will replace) if it is still exactly as it was
         written: the same inode with one link, size, mtime and ctime (any write or chmod since changes its ctime).
-        False, and nothing left at `dest`, otherwise (the caller writes the version anew)."""
+        Otherwise it is removed, nothing is left at `dest`, and False returned (the caller writes anew)."""
         try:
             info = os.lstat(name)
-            if _stamp(info) != stamp or not _reusable(info):
+            if _stamp(info) == stamp and _reusable(info):
+                os.rename(name, dest)
+                if os.lstat(dest).st_ino == stamp[0]:
+                    return True
+                os.unlink(dest)  # swapped in the instant between: not ours
                 return False
-            os.rename(name, dest)
-            if os.lstat(dest).st_ino == stamp[0]:
-                return True
-            os.unlink(dest)  # swapped in the instant between: not ours
         except OSError:
             pass
+        with suppress(OSError):
+            os.unlink(name)
         return False
 
     def give_back(self, name: str, stamp: Stamp) -> None:
@@ -200,20 +203,25 @@ class Pool:
         except OSError:
             pass  # a full disk, a removed directory: the opener creates the file as before
 
-    def place(self, dest: str) -> None:
+    def place(self, dest: str) -> bool:
         """Put an empty file made by stock() at `dest`, which does not exist yet, so that opening `dest` with
-        O_CREAT creates nothing. Does nothing when none is left or `dest` exists (never replaced)."""
+        O_CREAT creates nothing; True when it did. Not when none is left or `dest` exists (never replaced), nor
+        where a file created in `dest`'s directory would get more than a blank has (a setgid directory's group,
+        a default ACL)."""
+        if not self._blanks or _inherits(os.path.dirname(dest)):
+            return False
         while self._blanks:
             name, ino = self._blanks.pop()  # atomic: the spawn thread places, the main thread stocks
             if not _move_new(name, dest):
                 with suppress(OSError):
                     os.unlink(name)
-                return
+                return False
             with suppress(OSError):
                 info = os.lstat(dest)
                 if info.st_ino == ino and _reusable(info) and info.st_size == 0:
-                    return
+                    return True
                 os.unlink(dest)  # not the file we made (changed, or replaced under its name): it is not a log
+        return False
 
     def _name(self) -> str:
         self._serial += 1
@@ -250,6 +258,14 @@ def _move_new(a: str, b: str) -> bool:
     libc = _c()
     return libc is not None and libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
                                                _RENAME_NOREPLACE) == 0
+
+
+def _inherits(directory: str) -> bool:
+    """Whether a file created in `directory` gets something from it (setgid: its group; a default ACL)."""
+    try:
+        return bool(os.stat(directory).st_mode & stat.S_ISGID) or "system.posix_acl_default" in os.listxattr(directory)
+    except OSError:
+        return True
 
 
 def _reusable(info: os.stat_result) -> bool:

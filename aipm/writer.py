@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -231,6 +231,7 @@ class _Ahead:
     changes: Mapping[str, Any]
     current: Task  # the task as the version it was made from holds it
     identity: Identity  # of that version
+    ctime: int  # and its ctime: a chmod, or an edit that puts the mtime back, changes it
     text: str
     data: dict[str, Any]
     fresh: Task
@@ -238,6 +239,14 @@ class _Ahead:
     stamp: Stamp
     spares: Pool
     root: Path
+
+    def unchanged(self, path: Path) -> bool:
+        """The file is still the very version this was made from."""
+        try:
+            info = os.lstat(path)
+        except OSError:
+            return False
+        return (info.st_ino, info.st_size, info.st_mtime_ns) == self.identity and info.st_ctime_ns == self.ctime
 
 
 _ahead: dict[str, _Ahead] = {}
@@ -250,39 +259,50 @@ def prepare(path: Path, updates: Callable[[Task], Mapping[str, Any]], expect: St
     update_task() makes it, written and fsynced in the project's pool of spare files (outside the order's
     directory). An update_task() that later asks for exactly these changes of exactly this version only moves it
     into place: the status write on the hot path of a start or an outcome loses its file write and fsync (its
-    directory fsync remains). Anything else (the file changed, other changes, a timestamp a second later) writes
-    as before, and the prepared version becomes a spare. Whatever goes wrong here leaves nothing prepared.
+    directory fsync remains). Anything else (the file changed, other changes) writes as before, and the prepared
+    version becomes a spare. Whatever goes wrong here leaves nothing prepared.
 
-    `updates` gets the task as the file holds it now."""
+    Made once per version of the file: its timestamps are those of the second it was made in, so it serves a
+    hand-over within that second (short tasks, whose hand-over this write dominates); a longer task's end writes
+    as before rather than making its next status again on every wake-up. `updates` gets the task as the file
+    holds it now."""
     key = os.fspath(path)
     known = _ahead.get(key)
     if known is not None:
-        if _identity(path) == known.identity:
-            return  # still the version it was made from
+        if known.unchanged(path):
+            return
         _drop(_ahead.pop(key))
     spares = _spares(root)
-    if spares is None or len(_ahead) >= AHEAD_MAX:
+    if spares is None:
         return
     try:
         text, identity = read_versioned(path, follow=False)
+        info = os.lstat(path)
+        if (info.st_ino, info.st_size, info.st_mtime_ns) != identity:
+            return  # changed while it was read
         data, current = parse_task(path, text, root)
         changes = dict(updates(current))
         if (expect is not None and current.status != expect) or not _allowed(current, changes.get("status")):
             return
         new_text, new_data = _rewrite(text, changes, data)
-        written = spares.write_ahead(new_text.encode("utf-8"), os.lstat(path).st_mode & 0o7777)
+        if new_text == text:
+            return
+        written = spares.write_ahead(new_text.encode("utf-8"), info.st_mode & 0o7777, str(path.parent))
     except (UserError, Unpatchable, OSError):
         return
-    if written is not None and new_text != text:
-        fresh = dataclasses.replace(current, **managed_values(path, new_data))
-        _ahead[key] = _Ahead(expect, changes, current, identity, new_text, new_data, fresh, *written, spares, root)
-    elif written is not None:
-        spares.give_back(*written)
+    if written is None:
+        return
+    while len(_ahead) >= AHEAD_MAX:
+        _drop(_ahead.pop(next(iter(_ahead))))  # the oldest: the likeliest to have gone stale
+    fresh = dataclasses.replace(current, **managed_values(path, new_data))
+    _ahead[key] = _Ahead(expect, changes, current, identity, info.st_ctime_ns, new_text, new_data, fresh, *written,
+                         spares, root)
 
 
-def is_prepared(path: Path) -> bool:
-    """Whether a version of the file was prepare()d (it is used only if it is still exactly the write asked for)."""
-    return os.fspath(path) in _ahead
+def keep_prepared(paths: Collection[str]) -> None:
+    """Forget the prepared versions of files not in `paths` (tasks no longer about to end or start)."""
+    for key in [key for key in _ahead if key not in paths]:
+        _drop(_ahead.pop(key))
 
 
 def _write_ahead_of_time(path: Path, updates: Mapping[str, Any] | Callable[[Task], Mapping[str, Any]],
@@ -292,15 +312,13 @@ def _write_ahead_of_time(path: Path, updates: Mapping[str, Any] | Callable[[Task
     ahead = _ahead.pop(os.fspath(path), None)
     if ahead is None:
         return None
-    if ahead.expect != expect or _identity(path) != ahead.identity or root != ahead.root:
-        _drop(ahead)
-        return None
-    if (updates(ahead.current) if callable(updates) else updates) != ahead.changes:
+    if (ahead.expect != expect or root != ahead.root or not ahead.unchanged(path)
+            or (updates(ahead.current) if callable(updates) else updates) != ahead.changes):
         _drop(ahead)
         return None
     tmp = _temp_name(path)
     if not ahead.spares.claim(ahead.name, ahead.stamp, tmp):
-        return None  # changed or gone in the pool: written as usual
+        return None  # changed or gone in the pool (and removed): written as usual
     if not _install(path, tmp, ahead.identity, ahead.spares):
         return None  # changed in the instant before the rename: read again
     remember(path, ahead.text, root, ahead.data, ahead.fresh)
@@ -313,8 +331,7 @@ def _drop(ahead: _Ahead) -> None:
 
 def drop_prepared() -> None:
     """Forget every prepared version (each becomes a spare): the run that prepared them ends."""
-    while _ahead:
-        _drop(_ahead.popitem()[1])
+    keep_prepared(())
 
 
 def _spares(root: Path | None) -> Pool | None:

@@ -4,6 +4,7 @@ write it stands for would not have written."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -14,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aipm import spares, writer
+from aipm import runner, spares, writer
 from aipm.launcher import start_updates
 from aipm.model import Status
 from aipm.runtime import Runtime
@@ -51,7 +52,7 @@ def test_a_prepared_version_is_what_the_write_installs(project):
     writer.prepare(path, lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
     assert path.read_bytes() == before  # nothing visible changes until the write is asked for
     ready = _pool_inodes(project.root)
-    assert writer.is_prepared(path)
+    assert list(writer._ahead) == [str(path)]
     task = update_task(path, _start_updates(path, project.root), expect=Status.QUEUED, root=project.root)
     assert path.stat().st_ino in ready  # the file written ahead, moved into place: no new write
     assert ready[path.stat().st_ino] == path.read_bytes()
@@ -59,7 +60,7 @@ def test_a_prepared_version_is_what_the_write_installs(project):
                                                 "attempts": 1, "started_at": STAMP, "finished_at": None,
                                                 "exit_code": None}
     assert task.status == Status.IN_PROGRESS and task.attempts == 1
-    assert not writer.is_prepared(path)
+    assert not writer._ahead  # used once
     assert sorted(p.name for p in path.parent.iterdir()) == ["T1.yaml"]  # no temp file left beside it
 
 
@@ -94,6 +95,53 @@ def test_a_prepared_file_changed_where_it_waits_is_not_installed(project):
     assert data["id"] == "T1" and data["status"] == "IN_PROGRESS"
 
 
+def test_a_chmod_after_the_version_was_prepared_is_kept(project):
+    path = _queued(project)
+    writer.prepare(path, lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
+    os.chmod(path, 0o600)
+    update_task(path, _start_updates(path, project.root), expect=Status.QUEUED, root=project.root)
+    assert path.stat().st_mode & 0o777 == 0o600 and yaml.safe_load(path.read_text())["status"] == "IN_PROGRESS"
+
+
+def test_an_edit_of_the_same_size_with_its_mtime_put_back_is_kept(project):
+    """`rsync --inplace -t` or `touch -r`: inode, size and mtime as prepared; only the ctime tells."""
+    path = write_task(project.order(), "T1", command="true", status="QUEUED", priority="P2")
+    writer.prepare(path, lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
+    before = path.stat()
+    with open(path, "r+") as handle:
+        text = handle.read()
+        handle.seek(0)
+        handle.write(text.replace("P2", "P0"))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    update_task(path, _start_updates(path, project.root), expect=Status.QUEUED, root=project.root)
+    assert yaml.safe_load(path.read_text())["priority"] == "P0"
+
+
+def test_a_prepared_file_that_cannot_be_used_is_removed_from_the_pool(project):
+    path = _queued(project)
+    for attempt in range(5):
+        writer.prepare(path, lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
+        (waiting,) = [p for p in (project.root / ".aipm" / "spare").iterdir() if b"IN_PROGRESS" in p.read_bytes()]
+        os.chmod(waiting, 0o640)  # its ctime moves: not what was written
+        update_task(path, _start_updates(path, project.root), expect=Status.QUEUED, root=project.root)
+        update_task(path, {"status": Status.QUEUED}, root=project.root)
+    left = [p for p in (project.root / ".aipm" / "spare").iterdir() if p.name != ".gitignore"]
+    assert len(left) <= spares.KEEP and not any(p.stat().st_mode & 0o777 == 0o640 for p in left)
+
+
+def test_prepared_versions_are_bounded_and_those_not_wanted_are_let_go(project, monkeypatch):
+    monkeypatch.setattr(writer, "AHEAD_MAX", 2)
+    paths = [_queued(project, f"T{i}") for i in range(4)]
+    for path in paths[:3]:
+        writer.prepare(path, lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
+    assert sorted(writer._ahead) == sorted(map(str, paths[1:3]))  # the oldest made room
+    writer.keep_prepared({str(paths[2])})
+    assert list(writer._ahead) == [str(paths[2])]
+    writer.prepare(paths[3], lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
+    assert list(writer._ahead) == [str(paths[2]), str(paths[3])]
+    assert len(_pool_inodes(project.root)) <= spares.KEEP + 2
+
+
 def test_a_version_prepared_from_a_file_that_moved_on_is_made_again(project):
     path = _queued(project)
     writer.prepare(path, lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
@@ -108,7 +156,7 @@ def test_a_version_prepared_from_a_file_that_moved_on_is_made_again(project):
 def test_nothing_is_prepared_for_a_status_the_file_no_longer_has(project):
     path = write_task(project.order(), "T1", command="true", status="DONE")
     writer.prepare(path, lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
-    assert not writer.is_prepared(path)
+    assert not writer._ahead
     assert not (project.root / ".aipm" / "spare").exists() or not _pool_inodes(project.root)
 
 
@@ -122,11 +170,11 @@ def test_the_prepared_versions_of_a_killed_process_are_swept(project):
         from aipm.launcher import start_updates
         from aipm.model import Status
         writer.prepare(Path({str(path)!r}), lambda t: start_updates(t, {STAMP!r}), Status.QUEUED, Path({str(project.root)!r}))
-        print(writer.is_prepared(Path({str(path)!r})), flush=True)
+        print(len(writer._ahead), flush=True)
         time.sleep(60)
     """)
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    assert child.stdout.readline() == "True\n"
+    assert child.stdout.readline() == "1\n"
     os.kill(child.pid, signal.SIGKILL)
     child.wait()
     assert any(name.startswith(f"{child.pid}-") for name in os.listdir(project.root / ".aipm" / "spare"))
@@ -162,37 +210,70 @@ def test_something_planted_in_place_of_an_empty_file_is_not_placed(project):
     assert secret.read_text() == "keep me\n"
 
 
+def test_a_failed_spawn_leaves_no_log(project):
+    """A log placed for a worker that never started would take its attempt's number."""
+    rt = Runtime(project.root)
+    rt.stock_logs(1)
+    log = str(rt.log_path("ORD", "T1", 1))
+    spawning = runner.begin(["true"], exit_file=str(project.root / "exit"), env=dict(os.environ),
+                            cwd=str(project.root), log=log, stdin=str(project.root / "no-such-input"),
+                            place_log=rt.place_log, background=False)
+    with pytest.raises(runner.SpawnError):
+        spawning.finish()
+    assert not os.path.lexists(log)
+    assert not [p for p in (project.root / ".aipm" / "spare").iterdir() if p.name != ".gitignore"]  # it was used
+    assert rt.next_number("ORD", "T1", 1) == 1
+
+
+def test_no_log_is_placed_where_the_directory_gives_new_files_its_group(project):
+    rt = Runtime(project.root)
+    rt.stock_logs(1)
+    log = str(rt.log_path("ORD", "T1", 1))
+    os.chmod(os.path.dirname(log), 0o2755)
+    assert not rt.place_log(log) and not os.path.lexists(log)
+
+
 WATCHER = """\
-import pathlib, sys, time
+import json, pathlib, sys, time
 import yaml
 pool = pathlib.Path(sys.argv[1]) / ".aipm" / "spare"
 want = {("T1", "DONE"), ("T2", "IN_PROGRESS")}
 deadline = time.time() + 20
 while time.time() < deadline:
-    seen = set()
+    seen = {}
     for p in pool.iterdir():
         try:
             data = yaml.safe_load(p.read_text())
+            seen[(data["id"], data["status"])] = p.stat().st_ino
         except Exception:
             continue
-        if isinstance(data, dict):
-            seen.add((data.get("id"), data.get("status")))
-    if want <= seen:
+    if want <= seen.keys():
+        pathlib.Path(sys.argv[2]).write_text(json.dumps({f"{k[0]} {k[1]}": seen[k] for k in want}))
         sys.exit(0)
-    time.sleep(0.05)
+    time.sleep(0.02)
 sys.exit(3)
 """
+# T0 ends just after a second begins: what the run prepares while T1 runs is stamped with the second T1 ends in.
+ALIGN = "import time; time.sleep(1.05 - time.time() % 1)"
 
 
-def test_a_run_writes_the_next_statuses_while_the_worker_runs(project, tmp_path):
-    """While T1 runs, its DONE and its dependant's IN_PROGRESS wait on disk (T1's command looks for them)."""
-    script = tmp_path / "watch.py"
+def test_a_run_hands_over_through_the_statuses_it_wrote_while_the_worker_ran(project, tmp_path):
+    """While T1 runs, its DONE and its dependant's IN_PROGRESS wait on disk (T1's command finds them and notes
+    their inodes); then those very files become T1's and T2's task files."""
+    script, seen, inode = tmp_path / "watch.py", tmp_path / "seen.json", tmp_path / "t2-inode"
     script.write_text(WATCHER)
     order = project.order()
-    write_task(order, "T1", command=f"{sys.executable} {script} {project.root}", status="QUEUED")
-    write_task(order, "T2", command="true", status="QUEUED", depends_on=["T1"])
+    write_task(order, "T0", command=[sys.executable, "-c", ALIGN], status="QUEUED")
+    write_task(order, "T1", command=[sys.executable, str(script), str(project.root), str(seen)], status="QUEUED",
+               depends_on=["T0"])
+    write_task(order, "T2", command=[sys.executable, "-c", f"import os; open({str(inode)!r}, 'w').write("
+                                     f"str(os.stat({str(order / 'T2.yaml')!r}).st_ino))"],
+               status="QUEUED", depends_on=["T1"])
     proc = project.aipm("run", "ORD")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert {t: yaml.safe_load((order / f"{t}.yaml").read_text())["status"] for t in ("T1", "T2")} == {
-        "T1": "DONE", "T2": "DONE"}
-    assert sorted(p.name for p in order.iterdir()) == ["T1.yaml", "T2.yaml"]
+    assert {t: yaml.safe_load((order / f"{t}.yaml").read_text())["status"] for t in ("T0", "T1", "T2")} == {
+        "T0": "DONE", "T1": "DONE", "T2": "DONE"}
+    prepared = json.loads(seen.read_text())
+    assert (order / "T1.yaml").stat().st_ino == prepared["T1 DONE"]
+    assert int(inode.read_text()) == prepared["T2 IN_PROGRESS"]
+    assert sorted(p.name for p in order.iterdir()) == ["T0.yaml", "T1.yaml", "T2.yaml"]
