@@ -67,6 +67,22 @@ def flush() -> None:
         _settle(dirs, after)
 
 
+def sync_now() -> None:
+    """Inside a batch: fsync its directories now, so its writes so far are durable, and leave what waits for them
+    (once_durable) queued, in order, for the next flush() or the batch's end. Where the fsync fails the
+    directories stay pending (and the error is raised)."""
+    dirs = _open.dirs
+    if not dirs:
+        return
+    _open.dirs = []
+    try:
+        for directory in dirs:
+            fsync_dir(directory)
+    except BaseException:
+        _open.dirs = dirs + _open.dirs
+        raise
+
+
 def _settle(dirs: list[str], after: list[Callable[[bool], None]]) -> None:
     ok = False
     try:

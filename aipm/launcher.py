@@ -198,33 +198,40 @@ class Launcher:
             report.deferred.append({"id": task.id, "reason": why, "detail": note})
         started: list[tuple[Task, Starting]] = []
         again = False
-        for task in wanted[:budget]:
-            if self.options.dry_run:
-                report.launched.append({"id": task.id, "pid": None, "dry_run": True})
-                continue
-            try:
-                started.append((task, self.start(order, task, owner, view)))
-            except LaunchBusy as exc:  # locked since we planned, or a glob's directory lock: wait for it
-                if not careful:
-                    again = True
-                    break
-                report.deferred.append({"id": task.id, "reason": "file_busy", "detail": str(exc)})
-            except LaunchFailed as exc:
-                report.failed.append({"id": task.id, "error": str(exc)})
-        # Their statuses made durable (one directory fsync for the round so far) while their workers' processes
-        # start; then each worker is recorded and let go.
-        if any(starting.finish for _, starting in started):
-            durable.flush()
-        for task, starting in started:
-            try:
-                rec = starting.done()
-            except LaunchFailed as exc:
-                report.failed.append({"id": task.id, "error": str(exc)})
-                continue
-            report.launched.append({"id": task.id, "pid": rec.pid or rec.owner_pid, "log": rec.log,
-                                    "attempt": rec.serial})
-        if any(starting.finish for _, starting in started):
-            durable.flush()  # nothing new to fsync: the gos
+        try:
+            for task in wanted[:budget]:
+                if self.options.dry_run:
+                    report.launched.append({"id": task.id, "pid": None, "dry_run": True})
+                    continue
+                try:
+                    started.append((task, self.start(order, task, owner, view)))
+                except LaunchBusy as exc:  # locked since we planned, or a glob's directory lock: wait for it
+                    if not careful:
+                        again = True
+                        break
+                    report.deferred.append({"id": task.id, "reason": "file_busy", "detail": str(exc)})
+                except LaunchFailed as exc:
+                    report.failed.append({"id": task.id, "error": str(exc)})
+            owned = [(task, starting) for task, starting in started if starting.finish]
+            # Their statuses made durable (the round's directory fsync) while their workers' processes start; what
+            # waits for that point (a snapshot's late save, which may still stop a worker) runs after each worker
+            # is recorded, in the order it was queued, and then the gos.
+            if owned:
+                durable.sync_now()
+            for task, starting in started:
+                try:
+                    rec = starting.done()
+                except LaunchFailed as exc:
+                    report.failed.append({"id": task.id, "error": str(exc)})
+                    continue
+                report.launched.append({"id": task.id, "pid": rec.pid or rec.owner_pid, "log": rec.log,
+                                        "attempt": rec.serial})
+            if owned:
+                durable.flush()
+        except BaseException:
+            for _, starting in started:
+                starting.abort()  # those not recorded yet: never left IN_PROGRESS with a wrapper waiting
+            raise
         return again
 
     def launch_ramped(self, view: OrderView) -> LaunchReport:
@@ -299,8 +306,8 @@ class Launcher:
                 rec.workspace = workspace.prepare(self.project.root, rec, task, self.settings)
             elif self.settings.scope_audit and not self.options.no_review and task.targets and not exact:
                 self._scope_before(rec, ours=owner is not None)
-            # The record is written once the worker exists; a crash before that leaves IN_PROGRESS with no
-            # record, which recovery re-queues.
+            # The record is written once the worker exists and the round's statuses are durable; a crash before
+            # that leaves IN_PROGRESS with no record, which recovery re-queues.
             try:
                 os.unlink(rec.exit_file)
             except FileNotFoundError:
@@ -317,7 +324,8 @@ class Launcher:
                 rt.write_record(rec)  # the detached owner reads it once we release the launch lock
                 return Starting(rec)
             handed = True
-            return Starting(rec, lambda: self._go(order, task, rec, view, spawning, fds))
+            return Starting(rec, lambda: self._go(order, task, rec, view, spawning, fds),
+                            lambda: self._abort(order, task, rec, view, spawning, fds))
         except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
             raise self._undo(order, task, rec, view, wrote_status, exc) from None
         finally:
@@ -338,6 +346,18 @@ class Launcher:
             spawning.abandon()  # unless it went
             for fd in fds:
                 os.close(fd)  # the worker has its own copies
+
+    def _abort(self, order: Order, task: Task, rec: Record, view: OrderView | None, spawning: runner.Spawning,
+               fds: list[int]) -> None:
+        """A start given up half-way (an error elsewhere in its round): its wrapper runs nothing, its locks go,
+        and it is undone as far as that can be done; the error being raised says why."""
+        try:
+            spawning.abandon()
+        finally:
+            for fd in fds:
+                os.close(fd)
+            with suppress(Exception):
+                self._undo(order, task, rec, view, True, RuntimeError("aborted"))
 
     def _undo(self, order: Order, task: Task, rec: Record, view: OrderView | None, wrote_status: bool,
               exc: Exception) -> LaunchFailed:
@@ -437,15 +457,23 @@ class LaunchFailed(Exception):
 @dataclass
 class Starting:
     """A started task (Launcher.start) whose worker is yet to be recorded and let go: done() does that, once
-    the status is durable, and returns the record (LaunchFailed, everything undone, if it cannot)."""
+    the status is durable, and returns the record (LaunchFailed, everything undone, if it cannot); abort() gives
+    it up instead."""
 
     rec: Record
     finish: Callable[[], None] | None = None
+    cancel: Callable[[], None] | None = None
 
     def done(self) -> Record:
-        if self.finish is not None:
-            self.finish()
+        finish, self.finish = self.finish, None
+        if finish is not None:
+            finish()
         return self.rec
+
+    def abort(self) -> None:
+        if self.finish is not None and self.cancel is not None:
+            self.finish = None
+            self.cancel()
 
 
 class LaunchBusy(LaunchFailed):
@@ -458,9 +486,10 @@ class Owner:
     def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
         raise NotImplementedError
 
-    def begin_worker(self, rec: Record, task: Task, fds: list[int]) -> runner.Spawning:
-        """Start the worker's process now, its command held back until the returned Spawning is finished (after
-        the task's status is written and durable), so the process starts while the status is written."""
+    def begin_worker(self, rec: Record, task: Task, fds: list[int], background: bool = True) -> runner.Spawning:
+        """Start the worker's process now (in the background: a helper thread), its command held back until the
+        returned Spawning is finished (after the task's status is written and durable), so the process starts
+        while the status is written."""
         raise NotImplementedError
 
     def adopt(self, rec: Record) -> None:
