@@ -1,8 +1,9 @@
 """The launch transaction and the task transitions after a worker ends.
 
 Every status write happens under the project's launch lock, so a plan and the writes that act on it are one
-step that no other aipm process can interleave with. A task is started as: target locks → worker record →
-IN_PROGRESS → process; when any step fails, the earlier ones are undone and the task is QUEUED again.
+step that no other aipm process can interleave with. A task is started as: target locks → its wrapper's process
+(waiting for a go) → IN_PROGRESS → the round's directory fsync → worker record → go; when any step fails, the
+earlier ones are undone and the task is QUEUED again.
 """
 
 from __future__ import annotations

@@ -109,6 +109,10 @@ class Supervisor(Recording, Owner):
 
     # -- waiting -------------------------------------------------------------------------------------
 
+    def pending(self) -> bool:
+        """Whether wait() would return at once with something to handle (changes in the order's files aside)."""
+        return bool(self.exited) or self.watcher.pending("files")
+
     def wait(self, timeout: float | None) -> list[str]:
         """Sleep until an owned process ends, a deadline passes or a watched descriptor is ready.
 
