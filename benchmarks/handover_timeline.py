@@ -6,6 +6,7 @@ inflation: each stamp costs ~1 µs).
     python benchmarks/handover_timeline.py            # a 500-task chain
     BENCH_N=200 python benchmarks/handover_timeline.py
     TIMELINE_FUNCS=aipm.writer:update_task,... python benchmarks/handover_timeline.py
+    TIMELINE_BENCH=b4 python benchmarks/handover_timeline.py   # B4's order: hand-overs of one shared file
 
 Each line is `median ms  from -> to`; a cycle starts where the supervisor starts a round after a worker ended
 (`_start_early>`). Only cycles with the most common sequence of stamps count (the others: the first and last).
