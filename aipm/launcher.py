@@ -213,7 +213,7 @@ class Launcher:
                     report.deferred.append({"id": task.id, "reason": "file_busy", "detail": str(exc)})
                 except LaunchFailed as exc:
                     report.failed.append({"id": task.id, "error": str(exc)})
-            owned = [(task, starting) for task, starting in started if starting.finish]
+            owned = any(starting.finish for _, starting in started)
             # Their statuses made durable (the round's directory fsync) while their workers' processes start; what
             # waits for that point (a snapshot's late save, which may still stop a worker) runs after each worker
             # is recorded, in the order it was queued, and then the gos.
@@ -328,7 +328,8 @@ class Launcher:
             return Starting(rec, lambda: self._go(order, task, rec, view, spawning, fds),
                             lambda: self._abort(order, task, rec, view, spawning, fds))
         except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
-            raise self._undo(order, task, rec, view, wrote_status, exc) from None
+            self._undo(order, task, rec, view, wrote_status)
+            raise _failed(task, exc) from None
         finally:
             if not handed:
                 if spawning is not None:
@@ -342,7 +343,8 @@ class Launcher:
         try:
             spawning.finish()
         except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
-            raise self._undo(order, task, rec, view, True, exc) from None
+            self._undo(order, task, rec, view, True)
+            raise _failed(task, exc) from None
         finally:
             spawning.abandon()  # unless it went
             for fd in fds:
@@ -358,11 +360,10 @@ class Launcher:
             for fd in fds:
                 os.close(fd)
             with suppress(Exception):
-                self._undo(order, task, rec, view, True, RuntimeError("aborted"))
+                self._undo(order, task, rec, view, True)
 
-    def _undo(self, order: Order, task: Task, rec: Record, view: OrderView | None, wrote_status: bool,
-              exc: Exception) -> LaunchFailed:
-        """Put back what a start did (the task QUEUED again, no record, no snapshot or worktree); the error."""
+    def _undo(self, order: Order, task: Task, rec: Record, view: OrderView | None, wrote_status: bool) -> None:
+        """Put back what a start did: the task QUEUED again, no record, no snapshot or worktree."""
         if wrote_status:
             restored = update_task(Path(task.path), {"status": Status.QUEUED, "attempts": task.attempts,
                                                      "started_at": task.started_at},
@@ -374,8 +375,6 @@ class Launcher:
         if workspace.kind(task, self.settings) == workspace.WORKTREE:
             with suppress(UserError, OSError):  # what a failed prepare left; the launch error says why
                 workspace.remove(self.project.root, order.id, task.id)
-        where = f"{task.path}: " if isinstance(exc, OSError) else ""
-        return LaunchFailed(f"{where}{exc}")
 
     def prepare_start(self, task: Task) -> None:
         """Write the IN_PROGRESS version of a task that may start next ahead of time (see writer.prepare)."""
@@ -435,6 +434,10 @@ def _finished_elsewhere(rec: Record, root: Path) -> bool:
         # Gone: finished for good. Broken: unknown, so it keeps its files until the file is fixed and recovered.
         return not os.path.exists(rec.task_file)
     return task.status not in RUNNING or task.attempts != rec.attempt
+
+
+def _failed(task: Task, exc: Exception) -> LaunchFailed:
+    return LaunchFailed(f"{task.path}: {exc}" if isinstance(exc, OSError) else str(exc))
 
 
 def start_updates(task: Task, started_at: str) -> dict:

@@ -135,8 +135,9 @@ def _prepare_next(sup: Supervisor, launcher: Launcher, view: OrderView, made: se
       tasks a new file is the dearest step of a start (on ext4 without a journal each create scans the inodes
       freed in the last minute). `prepared`: (task, targets) whose lock files were made, so a wide fan-out costs
       its lookups once, not on every wake-up.
-    Each step only while nothing waits to be handled: where workers end faster than the supervisor hands over
-    (1000 `true`s on 2 workers), the work would only be done sooner and delay every hand-over."""
+    Only while nothing waits to be handled (checked first, and before each write ahead): where workers end faster
+    than the supervisor hands over (1000 `true`s on 2 workers), the work would only be done sooner and delay every
+    hand-over."""
     if sup.pending():
         return
     order = view.order
