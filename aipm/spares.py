@@ -148,13 +148,13 @@ class Pool:
         name = self._name()
         fd = self.take(name)
         if fd is None:
-            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = _create(name, 0o600)
         try:
             try:
                 fill(fd, data)
                 os.fchmod(fd, mode)
                 os.fsync(fd)
-                return name, _stamp(os.fstat(fd))
+                return name, stamp(os.fstat(fd))
             finally:
                 os.close(fd)
         except BaseException:
@@ -162,15 +162,15 @@ class Pool:
                 os.unlink(name)
             raise
 
-    def claim(self, name: str, stamp: Stamp, dest: str) -> bool:
+    def claim(self, name: str, version: Stamp, dest: str) -> bool:
         """Move a file written ahead to `dest` (beside the file it will replace) if it is still exactly as it was
         written: the same inode with one link, size, mtime and ctime (any write or chmod since changes its ctime).
         Otherwise it is removed, nothing is left at `dest`, and False returned (the caller writes anew)."""
         try:
             info = os.lstat(name)
-            if _stamp(info) == stamp and _reusable(info):
+            if stamp(info) == version and _reusable(info):
                 os.rename(name, dest)
-                if os.lstat(dest).st_ino == stamp[0]:
+                if os.lstat(dest).st_ino == version[0]:
                     return True
                 os.unlink(dest)  # swapped in the instant between: not ours
                 return False
@@ -180,11 +180,11 @@ class Pool:
             os.unlink(name)
         return False
 
-    def give_back(self, name: str, stamp: Stamp) -> None:
+    def give_back(self, name: str, version: Stamp) -> None:
         """A file written ahead that will not be used: a spare (nobody ever saw it as a version), or removed."""
         if self._kept < KEEP:
             self._kept += 1
-            self._ready.append((name, stamp[0], ""))
+            self._ready.append((name, version[0], ""))
         else:
             with suppress(OSError):
                 os.unlink(name)
@@ -197,7 +197,7 @@ class Pool:
                 return
             while len(self._blanks) < count:
                 name = self._name()
-                fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                fd = _create(name, 0o644)
                 self._blanks.append((name, os.fstat(fd).st_ino))
                 os.close(fd)
         except OSError:
@@ -248,8 +248,14 @@ class Pool:
 Stamp = tuple[int, int, int, int]
 
 
-def _stamp(info: os.stat_result) -> Stamp:
+def stamp(info: os.stat_result) -> Stamp:
+    """What tells one version of a file from another: inode, size, mtime and ctime (no one sets a ctime back)."""
     return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+
+
+def _create(name: str, mode: int) -> int:
+    """A new file of the pool, opened for writing (never through a link, never an existing file)."""
+    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
 
 
 def _move_new(a: str, b: str) -> bool:

@@ -21,7 +21,7 @@ from aipm.errors import UserError, ValidationError
 from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task
 from aipm.patch import Unpatchable, patch
 from aipm.fields import managed_values
-from aipm.spares import Pool, Stamp, exchange as swap, fill, in_tree
+from aipm.spares import Pool, Stamp, exchange as swap, fill, in_tree, stamp
 from aipm.store import DuplicateKey, Identity, load_yaml, parse_task, read_versioned, remember
 
 
@@ -230,23 +230,21 @@ class _Ahead:
     expect: Status | None
     changes: Mapping[str, Any]
     current: Task  # the task as the version it was made from holds it
-    identity: Identity  # of that version
-    ctime: int  # and its ctime: a chmod, or an edit that puts the mtime back, changes it
+    version: Stamp  # of that version (its ctime too: a chmod, or an edit that puts the mtime back, changes it)
     text: str
     data: dict[str, Any]
     fresh: Task
     name: str  # in the pool
-    stamp: Stamp
+    written: Stamp  # of the prepared file
     spares: Pool
     root: Path
 
     def unchanged(self, path: Path) -> bool:
         """The file is still the very version this was made from."""
         try:
-            info = os.lstat(path)
+            return stamp(os.lstat(path)) == self.version
         except OSError:
             return False
-        return (info.st_ino, info.st_size, info.st_mtime_ns) == self.identity and info.st_ctime_ns == self.ctime
 
 
 _ahead: dict[str, _Ahead] = {}
@@ -278,7 +276,8 @@ def prepare(path: Path, updates: Callable[[Task], Mapping[str, Any]], expect: St
     try:
         text, identity = read_versioned(path, follow=False)
         info = os.lstat(path)
-        if (info.st_ino, info.st_size, info.st_mtime_ns) != identity:
+        version = stamp(info)
+        if version[:3] != identity:
             return  # changed while it was read
         data, current = parse_task(path, text, root)
         changes = dict(updates(current))
@@ -295,8 +294,7 @@ def prepare(path: Path, updates: Callable[[Task], Mapping[str, Any]], expect: St
     while len(_ahead) >= AHEAD_MAX:
         _drop(_ahead.pop(next(iter(_ahead))))  # the oldest: the likeliest to have gone stale
     fresh = dataclasses.replace(current, **managed_values(path, new_data))
-    _ahead[key] = _Ahead(expect, changes, current, identity, info.st_ctime_ns, new_text, new_data, fresh, *written,
-                         spares, root)
+    _ahead[key] = _Ahead(expect, changes, current, version, new_text, new_data, fresh, *written, spares, root)
 
 
 def keep_prepared(paths: Collection[str]) -> None:
@@ -317,16 +315,16 @@ def _write_ahead_of_time(path: Path, updates: Mapping[str, Any] | Callable[[Task
         _drop(ahead)
         return None
     tmp = _temp_name(path)
-    if not ahead.spares.claim(ahead.name, ahead.stamp, tmp):
+    if not ahead.spares.claim(ahead.name, ahead.written, tmp):
         return None  # changed or gone in the pool (and removed): written as usual
-    if not _install(path, tmp, ahead.identity, ahead.spares):
+    if not _install(path, tmp, ahead.version[:3], ahead.spares):
         return None  # changed in the instant before the rename: read again
     remember(path, ahead.text, root, ahead.data, ahead.fresh)
     return ahead.fresh
 
 
 def _drop(ahead: _Ahead) -> None:
-    ahead.spares.give_back(ahead.name, ahead.stamp)
+    ahead.spares.give_back(ahead.name, ahead.written)
 
 
 def drop_prepared() -> None:
