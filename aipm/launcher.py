@@ -1,23 +1,20 @@
-"""The launch transaction and the task transitions after a worker ends.
+"""The launch transaction: recover, plan and start, as one step under the project's launch lock.
 
-Every status write happens under the project's launch lock, so a plan and the writes that act on it are one
-step that no other aipm process can interleave with. A task is started as: target locks → its wrapper's process
-(waiting for a go) → IN_PROGRESS → the round's directory fsync → worker record → go; when any step fails, the
-earlier ones are undone and the task is QUEUED again.
+Every status write happens under that lock, so a plan and the writes that act on it are one step that no other
+aipm process can interleave with. The plan's inputs (what running tasks hold, the live workers, how many more
+may start now) are read here; each task's start and its undoing are starting.py's.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import sys
 import time
-from contextlib import nullcontext, suppress
-from collections.abc import Callable, Collection, Iterable
+from contextlib import nullcontext
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import confine, durable, holds, locks, recovery, restore, runner, scope, workspace, writer, writtenlog
+from aipm import durable, holds, locks, recovery, scope, writtenlog
 from aipm.budget import of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
@@ -26,13 +23,11 @@ from aipm.plan import Busy, ForeignLock, Plan, plan
 from aipm.project import Project
 from aipm.capacity import Capacity, fit
 from aipm.resources import RAMP_DELAY, ResourceMonitor, get_system_info, starts_now
-from aipm.liveness import process_ctime
-from aipm.runtime import Record, Runtime, append_log, live_pid
+from aipm.runtime import Record, Runtime, live_pid
 from aipm.settings import Settings
 from aipm.store import load_task
-from aipm.writer import StaleWrite, now, update_task
+from aipm.starting import LaunchBusy, LaunchFailed, Owner, Starter, Starting
 from aipm.view import OrderView
-from aipm.worker import program as worker_program
 
 
 @dataclass
@@ -55,7 +50,7 @@ class LaunchReport:
     records: list[Record] = field(default_factory=list)  # as read before this launch
 
 
-class Launcher:
+class Launcher(Starter):
     """Starts tasks of one project; shared by `launch`, `exec`, `run` and detached workers."""
 
     def __init__(self, project: Project, settings: Settings, options: Options | None = None,
@@ -262,169 +257,6 @@ class Launcher:
         report.failed += [{"id": tid, "error": why} for tid, why in refused.items()]
         return start
 
-    def start(self, order: Order, task: Task, owner: "Owner | None", view: OrderView | None = None) -> Starting:
-        """Start one task: its status written, its worker's process on its way. Caller holds the launch lock, and
-        calls the result's done() once the status is durable (it records the worker and lets its command go). On
-        failure, here or there, everything is undone and LaunchFailed raised."""
-        rt = self.runtime
-        running = rt.read_record(order.id, task.id)
-        if running is not None and running.alive():  # one record per task: never overwrite a live one
-            raise LaunchFailed(f"its worker pid {live_pid(running)} is still running")
-        program = self._missing_program(task)
-        if program:
-            fix = f"`command` in {task.path}" if task.command else "worker.command (the worker template) in aipm.yaml"
-            raise LaunchFailed(f"program {program!r} not found on PATH; install it or fix {fix}")
-        confined = confine.wanted(task, self.settings)
-        # On a Ray node the command runs on another machine: a ruleset here would confine only the local driver.
-        refusal = confined and ("not with --runner ray" if self.settings.runner == "ray"
-                                else "not with workspace: worktree (yet)"
-                                if workspace.kind(task, self.settings) == workspace.WORKTREE else confine.unavailable())
-        if refusal:
-            raise LaunchFailed(f"confine: {refusal}")
-        try:
-            fds = locks.take(rt.state, task.targets)
-        except locks.LockBusy as exc:
-            holder = next((f.holder for f in self.outside(self.records()) if exc.node in dict(f.nodes)), None)
-            raise LaunchBusy(f"{exc.node or '.'} is held by {holder}" if holder else str(exc)) from None
-        except OSError as exc:  # a full disk or a removed state directory while its lock file was made
-            raise LaunchFailed(f"cannot lock its files: {exc.strerror or exc}") from None
-        attempt = task.attempts + 1
-        number = rt.next_number(order.id, task.id, attempt)
-        rec = Record(
-            order=order.id, order_dir=order.path, task=task.id, task_file=task.path, attempt=attempt,
-            targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, number)),
-            exit_file=str(rt.exit_path(order.id, task.id, number)), started_at=now(), number=number,
-            counters=restore.counters(task),
-        )
-        if task.resources is not None:
-            rec.cpus, rec.memory_mb = task.resources.cpus or 0.0, task.resources.memory_mb or 0
-        wrote_status = handed = False
-        spawning: runner.Spawning | None = None
-        try:
-            # The kernel already holds a confined worker to exactly its targets: nothing to audit.
-            exact = confined and confine.exact(task.target_files)
-            if workspace.kind(task, self.settings) == workspace.WORKTREE:
-                rec.workspace = workspace.prepare(self.project.root, rec, task, self.settings)
-            elif self.settings.scope_audit and not self.options.no_review and task.targets and not exact:
-                self._scope_before(rec, ours=owner is not None)
-            # The record is written once the worker exists and the round's statuses are durable; a crash before
-            # that leaves IN_PROGRESS with no record, which recovery re-queues.
-            try:
-                os.unlink(rec.exit_file)
-            except FileNotFoundError:
-                pass
-            if owner is not None:
-                spawning = owner.begin_worker(rec, task, fds)  # in the helper thread, while the status is written
-            written = update_task(Path(task.path), start_updates(task, rec.started_at), expect=Status.QUEUED,
-                                  root=self.project.root)
-            wrote_status = True
-            if view is not None:
-                view.note(written)
-            if owner is None:
-                self.spawn_detached(rec, fds)
-                rt.write_record(rec)  # the detached owner reads it once we release the launch lock
-                return Starting(rec)
-            handed = True
-            return Starting(rec, lambda: self._go(order, task, rec, view, spawning, fds),
-                            lambda: self._abort(order, task, rec, view, spawning, fds))
-        except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
-            self._undo(order, task, rec, view, wrote_status)
-            raise _failed(task, exc) from None
-        finally:
-            if not handed:
-                if spawning is not None:
-                    spawning.abandon()  # a wrapper whose launch failed must not wait for a go
-                for fd in fds:
-                    os.close(fd)
-
-    def _go(self, order: Order, task: Task, rec: Record, view: OrderView | None, spawning: runner.Spawning,
-            fds: list[int]) -> None:
-        """The end of start(): the worker recorded before its command may begin (once the status is durable)."""
-        try:
-            spawning.finish()
-        except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
-            self._undo(order, task, rec, view, True)
-            raise _failed(task, exc) from None
-        finally:
-            spawning.abandon()  # unless it went
-            for fd in fds:
-                os.close(fd)  # the worker has its own copies
-
-    def _abort(self, order: Order, task: Task, rec: Record, view: OrderView | None, spawning: runner.Spawning,
-               fds: list[int]) -> None:
-        """A start given up half-way (an error elsewhere in its round): its wrapper runs nothing, its locks go,
-        and it is undone as far as that can be done; the error being raised says why."""
-        try:
-            spawning.abandon()
-        finally:
-            for fd in fds:
-                os.close(fd)
-            with suppress(Exception):
-                self._undo(order, task, rec, view, True)
-
-    def _undo(self, order: Order, task: Task, rec: Record, view: OrderView | None, wrote_status: bool) -> None:
-        """Put back what a start did: the task QUEUED again, no record, no snapshot or worktree."""
-        if wrote_status:
-            restored = update_task(Path(task.path), {"status": Status.QUEUED, "attempts": task.attempts,
-                                                     "started_at": task.started_at},
-                                   expect=Status.IN_PROGRESS, root=self.project.root)
-            if view is not None:
-                view.note(restored)
-        self.runtime.remove_record(order.id, task.id)
-        scope.end(self.project.root, rec.scope_file)
-        if workspace.kind(task, self.settings) == workspace.WORKTREE:
-            with suppress(UserError, OSError):  # what a failed prepare left; the launch error says why
-                workspace.remove(self.project.root, order.id, task.id)
-
-    def prepare_start(self, task: Task) -> None:
-        """Write the IN_PROGRESS version of a task that may start next ahead of time (see writer.prepare)."""
-        writer.prepare(Path(task.path), lambda current: start_updates(current, now()), Status.QUEUED,
-                       self.project.root)
-
-    def _scope_before(self, rec: Record, ours: bool) -> None:
-        """Snapshot the git tree before the worker starts (or, for an attempt `ours` while this process watches
-        the tree, open its window of events), and note whose files may change meanwhile."""
-        def refuse() -> None:  # the snapshot could not be saved after all: its command must not begin
-            append_log(rec.log, "scope audit: cannot save the snapshot this attempt starts from; stopped before "
-                                "its command began")
-            if rec.pid:
-                runner.signal_group(rec.pgid, signal.SIGKILL)
-
-        if scope.save_before(self.project.root, Path(rec.scope_file), refuse, ours):
-            rec.scope_allowed = [t for other in self.runtime.records() for t in other.targets]
-
-    def _missing_program(self, task: Task) -> str | None:
-        """Checked before any status changes, so a typo in a command is an error, not a stuck task."""
-        argv = worker_program(task, self.settings)
-        if not argv:
-            return None  # a string command: the shell reports it in the log, as a failed attempt
-        return runner.missing_program(argv, os.environ, str(self.project.root))
-
-    def spawn_detached(self, rec: Record, fds: list[int] = (), adopt: bool = False) -> None:
-        """Start `python -m aipm.work` as the task's owner: it runs (or adopts) the worker, finishes the task
-        and starts successors. It inherits the target locks and this invocation's effective settings."""
-        s = self.settings
-        handover, given = runner.inherit(fds)
-        argv = [sys.executable, "-m", "aipm.work", str(self.project.root), rec.order_dir, rec.task,
-                "--order-id", rec.order, "--lock-fds", ",".join(map(str, given)), "--max-workers", str(s.max_workers),
-                "--max-cpu", str(s.max_cpu_percent), "--max-memory", str(s.max_memory_percent),
-                "--workspace", s.workspace]
-        argv += ["--adopt"] * adopt + ["--no-review"] * self.options.no_review
-        argv += ["--no-resource-monitoring"] * (not s.enable_monitoring)
-        argv += ["--no-auto-scaling"] * (not s.enable_auto_scaling)
-        argv += ["--runner", s.runner]
-        argv += ["--confine"] * s.confine
-        if self.options.model:
-            argv += ["--model", self.options.model]
-        pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, rec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
-            (os.POSIX_SPAWN_DUP2, 1, 2),
-            *handover,
-        ])
-        rec.owner_pid, rec.owner_ctime = pid, process_ctime(pid)
-        self.detached.add(pid)
-
 
 def _finished_elsewhere(rec: Record, root: Path) -> bool:
     """The record's task is no longer running this attempt (or its file is gone or unreadable)."""
@@ -436,65 +268,5 @@ def _finished_elsewhere(rec: Record, root: Path) -> bool:
     return task.status not in RUNNING or task.attempts != rec.attempt
 
 
-def _failed(task: Task, exc: Exception) -> LaunchFailed:
-    return LaunchFailed(f"{task.path}: {exc}" if isinstance(exc, OSError) else str(exc))
-
-
-def start_updates(task: Task, started_at: str) -> dict:
-    """The status write that starts the task's next attempt."""
-    return {"status": Status.IN_PROGRESS, "attempts": task.attempts + 1, "started_at": started_at,
-            "finished_at": None, "exit_code": None, **cleared_reason(task)}
-
-
-def cleared_reason(task: Task) -> dict:
-    """The update that forgets the previous attempt's reason; none when there is none (no new `reason: null` line)."""
-    return {"reason": None} if task.reason is not None else {}
-
 
 RAMP = "ramp_up"  # deferral reason: started one at a time on a busy machine; the others follow a fresh reading
-
-
-class LaunchFailed(Exception):
-    pass
-
-
-@dataclass
-class Starting:
-    """A started task (Launcher.start) whose worker is yet to be recorded and let go: done() does that, once
-    the status is durable, and returns the record (LaunchFailed, everything undone, if it cannot); abort() gives
-    it up instead."""
-
-    rec: Record
-    finish: Callable[[], None] | None = None
-    cancel: Callable[[], None] | None = None
-
-    def done(self) -> Record:
-        finish, self.finish = self.finish, None
-        if finish is not None:
-            finish()
-        return self.rec
-
-    def abort(self) -> None:
-        if self.finish is not None and self.cancel is not None:
-            self.finish = None
-            self.cancel()
-
-
-class LaunchBusy(LaunchFailed):
-    """A target lock is held: the task waits, it did not fail."""
-
-
-class Owner:
-    """Interface of whatever owns running tasks (supervisor, foreground exec, detached worker)."""
-
-    def spawn_worker(self, rec: Record, task: Task, fds: list[int]) -> None:
-        raise NotImplementedError
-
-    def begin_worker(self, rec: Record, task: Task, fds: list[int], background: bool = True) -> runner.Spawning:
-        """Start the worker's process now (in the background: a helper thread), its command held back until the
-        returned Spawning is finished (after the task's status is written and durable), so the process starts
-        while the status is written."""
-        raise NotImplementedError
-
-    def adopt(self, rec: Record) -> None:
-        raise NotImplementedError

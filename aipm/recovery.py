@@ -17,7 +17,8 @@ from aipm.runtime import Record, Runtime, append_log, exit_file_written
 from aipm.writer import StaleWrite, now, update_task
 
 if TYPE_CHECKING:
-    from aipm.launcher import Launcher, Owner
+    from aipm.launcher import Launcher
+    from aipm.starting import Owner
 
 
 def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) -> list[dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 from aipm import outcome
 from aipm.agents import can_resume
 from aipm.errors import UserError
-from aipm.launcher import cleared_reason
+from aipm.starting import cleared_reason
 from aipm.model import RUNNING, Status, Task
 from aipm.project import Project
 from aipm.runner import terminate_group

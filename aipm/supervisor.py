@@ -18,7 +18,8 @@ from pathlib import Path
 
 from aipm import cluster, confine, recovery, runner, scope, subreaper, workspace
 from aipm.errors import UserError
-from aipm.launcher import Launcher, Owner
+from aipm.launcher import Launcher
+from aipm.starting import Owner
 from aipm.recording import Recording
 from aipm.model import RUNNING, Status, Task
 from aipm.liveness import process_ctime

@@ -86,6 +86,10 @@ def main() -> int:
         t = best["aipm"]
         verdict = "ok" if t <= TARGET_S else f"MISS by {t - TARGET_S:.2f} s ({t / ideal:.2f}x the ideal)"
         print(f"target aipm <= {TARGET_S:.1f} s: {verdict}")
+        floor_s = best.get("floor (durable writes only)")
+        if floor_s is not None and floor_s > TARGET_S:
+            print(f"  (the floor, {floor_s:.2f} s, is above the target on this machine: no tool that makes each "
+                  f"start durable before its command meets it here)")
         return 0
     finally:
         C.keep_or_remove(work)

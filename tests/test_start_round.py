@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aipm import launcher as launcher_module, scope, subreaper
+from aipm import scope, starting, subreaper
 from aipm.launcher import Launcher
 from aipm.project import Project
 from aipm.settings import load_settings
@@ -65,14 +65,14 @@ def test_an_error_in_a_later_start_leaves_no_earlier_start_half_made(tmp_path, m
     marker = tmp_path / "ran"
     write_task(order, "A", priority="P0", command=f"touch {marker}", target_files=["a.txt"])
     write_task(order, "B", priority="P1", command="true", target_files=["b.txt"])
-    real = launcher_module.update_task
+    real = starting.update_task
 
     def failing(path, updates, expect=None, root=None):
         if Path(path).stem == "B" and isinstance(updates, dict) and updates.get("status") == "IN_PROGRESS":
             raise RuntimeError("injected")
         return real(path, updates, expect=expect, root=root)
 
-    monkeypatch.setattr(launcher_module, "update_task", failing)
+    monkeypatch.setattr(starting, "update_task", failing)
     launcher, sup = _launcher(root)
     before, kids = set(os.listdir("/proc/self/fd")), set(subreaper.children(os.getpid()))
     try:

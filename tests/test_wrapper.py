@@ -99,7 +99,7 @@ def test_a_failed_status_write_ends_the_wrapper_started_for_it_and_requeues(proj
     QUEUED, the wrapper is gone, and the command never ran."""
     import os
 
-    from aipm import launcher as launcher_module
+    from aipm import starting
     from aipm import posix_spawn, subreaper
     from aipm.launcher import Launcher
     from aipm.project import Project
@@ -111,7 +111,7 @@ def test_a_failed_status_write_ends_the_wrapper_started_for_it_and_requeues(proj
     order = project.order()
     marker = project.root / "ran"
     write_task(order, "A", command=f"touch {marker}", target_files=["a.txt"])
-    real = launcher_module.update_task
+    real = starting.update_task
 
     def failing(path, updates, expect=None, root=None):
         if isinstance(updates, dict) and updates.get("status") == "IN_PROGRESS":
@@ -119,7 +119,7 @@ def test_a_failed_status_write_ends_the_wrapper_started_for_it_and_requeues(proj
             raise StaleWrite("A changed meanwhile")
         return real(path, updates, expect=expect, root=root)
 
-    monkeypatch.setattr(launcher_module, "update_task", failing)
+    monkeypatch.setattr(starting, "update_task", failing)
     settings = load_settings(project.root, {"enable_monitoring": False})
     launcher = Launcher(Project(project.root, settings.orders_dir), settings)
     sup = Supervisor(launcher)

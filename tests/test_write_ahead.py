@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from aipm import runner, spares, writer
-from aipm.launcher import start_updates
+from aipm.starting import start_updates
 from aipm.model import Status
 from aipm.runtime import Runtime
 from aipm.writer import update_task
@@ -167,7 +167,7 @@ def test_the_prepared_versions_of_a_killed_process_are_swept(project):
         import sys, time
         from pathlib import Path
         from aipm import writer
-        from aipm.launcher import start_updates
+        from aipm.starting import start_updates
         from aipm.model import Status
         writer.prepare(Path({str(path)!r}), lambda t: start_updates(t, {STAMP!r}), Status.QUEUED, Path({str(project.root)!r}))
         print(len(writer._ahead), flush=True)
