@@ -265,6 +265,8 @@ def _finished_elsewhere(rec: Record, root: Path) -> bool:
     except (UserError, OSError):
         # Gone: finished for good. Broken: unknown, so it keeps its files until the file is fixed and recovered.
         return not os.path.exists(rec.task_file)
+    if recovery.unrecorded(task, rec):
+        return False  # its file was put back under it: what it came to is recovery's to record
     return task.status not in RUNNING or task.attempts != rec.attempt
 
 

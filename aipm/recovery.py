@@ -10,7 +10,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aipm import outcome, workspace, writtenlog
+from aipm import outcome, subreaper, workspace, writtenlog
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.runtime import Record, Runtime, append_log, exit_file_written
@@ -33,14 +33,15 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
     records = {rec.task: rec for rec in launcher.runtime.records() if rec.order == order.id}
     for task in order.tasks.values():
         rec = records.get(task.id)
-        # A live worker is adopted whatever its file says now (an agent's `git checkout` may have reset it).
-        if task.status not in RUNNING and not (rec is not None and rec.worker_alive()):
+        # A live worker is adopted whatever its file says now (an agent's `git checkout` may have reset it), and so
+        # is one that ended under such a reset: its outcome was never written.
+        if task.status not in RUNNING and not (rec is not None and (rec.worker_alive() or unrecorded(task, rec))):
             continue
         if rec is not None and rec.owner_alive():
             continue
         # An exit file, even an empty one (the worker ended; its code may be lost), goes to an owner to decide.
         if rec is not None and (rec.worker_alive() or (
-            rec.attempt == task.attempts and exit_file_written(rec.exit_file)
+            (rec.attempt == task.attempts or unrecorded(task, rec)) and exit_file_written(rec.exit_file)
         )):
             if adopt is not None:
                 adopt.adopt(rec)
@@ -49,19 +50,40 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
                 launcher.runtime.write_record(rec)
             out.append({"id": task.id, "action": "adopted"})
             continue
+        if rec is not None:
+            end_remnants(launcher.runtime, rec)  # its wrapper is gone, but its command may not be
         interrupt(launcher.runtime, task, rec, "worker gone")
         out.append({"id": task.id, "action": "requeued"})
     launcher.runtime.remove_spent_exit_files(order.id)
     return out
 
+def unrecorded(task: Task, rec: Record) -> bool:
+    """The record's attempt is newer than the file's: the file was put back under it (an agent's `git checkout`,
+    `git stash`), so whatever that attempt came to was never written. A written outcome keeps the attempt's number,
+    and a re-queue that lowers it removes the record in the same step."""
+    return rec.attempt > task.attempts
+
+
+def end_remnants(rt: Runtime, rec: Record) -> None:
+    """End what still runs of an attempt whose wrapper died without an exit code (killed along with its owner, as
+    `pkill -f aipm` does): its command would otherwise run on beside the task's next attempt. Found by the
+    attempt's marker in their environment, not by its process group, whose number may have been reused."""
+    left = subreaper.marked(subreaper.marker(str(rt.root), rec.order, rec.task, rec.attempt))
+    if left:
+        ended = subreaper.end(left)
+        append_log(rec.log, f"its wrapper gone, ended {len(ended)} process(es) of attempt {rec.serial} still "
+                            f"running: pids {', '.join(map(str, ended))}")
+
+
 def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attempt: bool = False) -> None:
     """RUNNING → INTERRUPTED → QUEUED; the attempt is not counted unless asked (it was aipm's fault)."""
     path = Path(task.path)
     try:
-        update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(), "reason": outcome.interrupted(why)},
-                    expect=task.status)
-        attempts = task.attempts if count_attempt else max(0, task.attempts - 1)
-        update_task(path, {"status": Status.QUEUED, "attempts": attempts}, expect=Status.INTERRUPTED)
+        if task.status in RUNNING:  # else it was put back under the attempt (QUEUED already): nothing to undo
+            update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(),
+                               "reason": outcome.interrupted(why)}, expect=task.status)
+            attempts = task.attempts if count_attempt else max(0, task.attempts - 1)
+            update_task(path, {"status": Status.QUEUED, "attempts": attempts}, expect=Status.INTERRUPTED)
     except (StaleWrite, UserError, OSError):
         pass  # moved on, broken or unwritable: a running status without a record is recovered later
     if rec is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from aipm import outcome
 from aipm.agents import can_resume
 from aipm.errors import UserError
+from aipm.recovery import unrecorded
 from aipm.starting import cleared_reason
 from aipm.model import RUNNING, Status, Task
 from aipm.project import Project
@@ -59,13 +60,22 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
     rt = Runtime(project.root)
     with rt.launch_lock():
         current = load_task(path, project.root)
-        if current.status in RUNNING:
-            raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
         order_id = load_order(order_dir, project.root).id
         rec = rt.read_record(order_id, task_id)
-        if rec is not None and rec.alive():
+        live = rec is not None and rec.alive()
+        if current.status in RUNNING:
+            if live:
+                raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
+            raise UserError(f"{path}: status: {current.status}, but no worker runs it (stale); "
+                            f"`aipm recover {order_id}` puts it back in the queue")
+        if live:
             raise UserError(f"{path}: status: {current.status}, but its worker pid {live_pid(rec)} is still "
                             "running; wait for it to end (or cancel it)")
+        if rec is not None:
+            if unrecorded(current, rec):
+                raise UserError(f"{path}: status: {current.status}, but attempt {rec.attempt} ended after the "
+                                f"file was put back and was never recorded; `aipm recover {order_id}` records it")
+            rt.remove_record(order_id, task_id)  # left by an owner killed after its final write: the file has it
         marker = None
         if resume_with is not None:
             agent = agent_for(current, resume_with)

@@ -81,11 +81,25 @@ def test_cancel_stops_the_whole_group(project):
     assert data["status"] == "QUEUED" and data["attempts"] == 0
 
 
-def test_retry_of_a_running_task_is_refused(project):
+def test_retry_of_a_running_task_is_refused(project, gate):
     order = project.order()
-    write_task(order, "A", command="true", status="IN_PROGRESS")
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    project.aipm("launch", "ORD", check=True)
+    wait_for(lambda: any(w["pgid"] for w in project.json("ps")["workers"]))
     proc = project.aipm("retry", "A")
-    assert proc.returncode == 2 and "running" in proc.stderr
+    assert proc.returncode == 2 and "it is running (cancel it first)" in proc.stderr, proc.stderr
+    gate.touch()
+    wait_for(lambda: no_workers(project.root))
+
+
+def test_retry_of_a_stale_task_says_so_and_names_recover(project):
+    """IN_PROGRESS with no worker (its owner died): not "running" — `recover` is what puts it back."""
+    order = project.order()
+    path = write_task(order, "A", command="true", status="IN_PROGRESS", attempts=1)
+    before = path.read_bytes()
+    proc = project.aipm("retry", "A")
+    assert proc.returncode == 2 and "no worker runs it (stale); `aipm recover ORD`" in proc.stderr, proc.stderr
+    assert path.read_bytes() == before
 
 
 def test_ps_locks_and_logs_follow(project):
