@@ -17,10 +17,14 @@ IN_MOVED_FROM = 0x040
 IN_MOVED_TO = 0x080
 IN_CREATE = 0x100
 IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_IGNORED = 0x8000  # the watch is gone (its directory was deleted): always reported, never asked for
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
 # Not IN_CREATE: a file just created is usually still empty; its IN_CLOSE_WRITE follows.
-_MASK = IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE
+_MASK = IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF
+_GONE = IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED
 _HEADER = struct.Struct("iIII")
 
 
@@ -29,6 +33,9 @@ class DirWatch:
         self.fd = fd
         self._libc = libc
         self.dirs: dict[int, str] = {}  # watch descriptor -> directory
+        # Watched directories deleted or moved away since the caller last looked: a directory made again under the
+        # same name is another inode, which the old watch does not see (add() it again).
+        self.lost: set[str] = set()
 
     @classmethod
     def open(cls, directory: str | None, mask: int = _MASK) -> "DirWatch | None":
@@ -56,7 +63,8 @@ class DirWatch:
         return True
 
     def events(self) -> list[tuple[str, str]]:
-        """(directory, name) of every event since the last call (non-blocking; empty when nothing happened)."""
+        """(directory, name) of every event since the last call (non-blocking; empty when nothing happened). A
+        watched directory's own deletion or move is not among them: it is added to `lost`."""
         out: list[tuple[str, str]] = []
         while True:
             try:
@@ -65,10 +73,17 @@ class DirWatch:
                 return out
             offset = 0
             while offset < len(data):
-                wd, _, _, length = _HEADER.unpack_from(data, offset)
+                wd, mask, _, length = _HEADER.unpack_from(data, offset)
                 start = offset + _HEADER.size
                 name = data[start:start + length].rstrip(b"\0").decode(errors="replace")
-                out.append((self.dirs.get(wd, ""), name))
+                if mask & _GONE:
+                    directory = self.dirs.pop(wd, None)
+                    if directory is not None:
+                        self.lost.add(directory)
+                        if not mask & IN_IGNORED:  # moved away: what happens there is no longer news of this path
+                            self._libc.inotify_rm_watch(self.fd, wd)
+                else:
+                    out.append((self.dirs.get(wd, ""), name))
                 offset = start + length
 
     def changed(self) -> set[str]:

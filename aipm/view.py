@@ -13,7 +13,7 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from aipm.inotify import DirWatch, close_at_exit
+from aipm.inotify import IN_CREATE, IN_MOVED_TO, DirWatch, close_at_exit
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.ranking import ranked
 from aipm.errors import ValidationError
@@ -26,6 +26,9 @@ class OrderView:
         self.root = root
         self.order = load_order(self.dir, root)
         self.watch = DirWatch.open(str(self.dir)) if watch else None
+        self._above: dict[str, str] = {}  # directories above the order's (to the root) → the name below on the way
+        if self.watch is not None:
+            self._watch_path()
         self._stats = {t.path: _stat(t.path) for t in self.order.tasks.values()}
         self._ordering: list[str] | None = None
         self.problems: list[str] = []  # changed files that did not validate, for the caller to report
@@ -42,45 +45,104 @@ class OrderView:
             close_at_exit(self.watch.fd)
             self.watch = None
 
+    def _watch_path(self) -> None:
+        """Watch the order's directory, and each directory above it up to the project root for the one below made
+        again: `rm -rf` then `git checkout`, or `git stash -u` then `pop`, give them new inodes that the old watches
+        do not see (a deleted directory's watch is gone). From the top down: a directory made before its parent's
+        watch is found by the add below it, one made after is that watch's event."""
+        path, below = [], self.dir
+        for parent in self.dir.parents:
+            path.append((str(parent), below.name))
+            if parent == self.root or not parent.is_relative_to(self.root):
+                break
+            below = parent
+        for parent, name in reversed(path):
+            self._above[parent] = name
+            self.watch.add(parent, IN_CREATE | IN_MOVED_TO)
+        self.watch.add(str(self.dir))
+
     def refresh(self) -> Order:
         """Bring the view up to date with the directory. `self.changed` says whether anything but our own
         writes moved (a bad file is kept out and reported in `problems`)."""
         self.changed = False
         if self.watch is not None:
-            names = {n for n in self.watch.changed() if n.endswith(".yaml") and not n.startswith(".")}
-            if ORDER_FILE in names:  # rare: re-read everything, keeping the watch
-                try:
-                    self.order = load_order(self.dir, self.root)
-                except ValidationError as exc:
-                    self.problems.append(str(exc))
+            names, made_again = set(), False
+            for directory, name in self.watch.events():
+                if directory == str(self.dir):
+                    if name.endswith(".yaml") and not name.startswith("."):
+                        names.add(name)
+                elif self._above.get(directory) == name:
+                    made_again = True  # the order's directory, or one on the way to it, appeared
+            if made_again or self.watch.lost:
+                # Watch whatever stands at those paths now, then read it all again (every file is a new inode).
+                self.watch.lost.clear()
+                self._watch_path()
+                if self.dir.is_dir() and self._reload_all(quiet=True):
                     return self.order
-                self._stats = {t.path: _stat(t.path) for t in self.order.tasks.values()}
-                self._ordering = None
-                self._index()
-                self.changed = True
+                paths = self._all_changed()
+            elif ORDER_FILE in names:  # rare: re-read everything, keeping the watch
+                self._reload_all()
                 return self.order
-            paths = {str(self.dir / n) for n in names}
+            else:
+                paths = {str(self.dir / n) for n in names}
         else:
-            current = {str(p) for p in task_files(self.dir)}
-            paths = {p for p in current | set(self._stats) if _stat(p) != self._stats.get(p)}
-        for path in paths:
-            if _stat(path) != self._stats.get(path) or path not in self._stats:
-                self.changed = True
+            paths = self._all_changed()
+        todo = {}
+        for path in sorted(paths):
+            seen = _stat(path)  # before the read: a change that lands after it is seen at its own event
+            if seen != self._stats.get(path) or path not in self._stats:
+                todo[path] = seen
+        while todo:
+            self.changed = True
+            failed = {}
+            for path, seen in todo.items():
                 try:
-                    self.reload(path)
+                    self.reload(path, seen=seen)
                 except ValidationError as exc:
-                    # A file being edited mid-run: keep the last good version, say why, and retry on its next change.
-                    self._stats[path] = _stat(path)
-                    self.problems.append(str(exc))
+                    failed[path] = (seen, exc)
+            if len(failed) < len(todo):  # a file may name a dependency read after it: try those again
+                todo = {path: seen for path, (seen, _) in failed.items()}
+                continue
+            for path, (seen, exc) in failed.items():
+                # A file being edited mid-run: keep the last good version, say why, and retry on its next change.
+                self._stats[path] = seen
+                self.problems.append(str(exc))
+            break
         return self.order
 
-    def reload(self, path: str, gone: bool = False) -> None:
+    def _all_changed(self) -> set[str]:
+        """Task files whose inode, size or mtime differ from what the view holds, new and deleted ones included."""
+        try:
+            current = {str(p) for p in task_files(self.dir)}
+        except FileNotFoundError:
+            current = set()  # the directory itself is gone (for now): so is every file in it
+        return {p for p in current | set(self._stats) if _stat(p) != self._stats.get(p) or p not in self._stats}
+
+    def _reload_all(self, quiet: bool = False) -> bool:
+        """Read the whole order again; False (the view as it was, the error in `problems` unless `quiet`) when
+        it does not load."""
+        try:
+            stats = {str(p): _stat(str(p)) for p in task_files(self.dir)}  # before the reads, as in refresh()
+            self.order = load_order(self.dir, self.root)
+        except (ValidationError, OSError) as exc:
+            if not quiet:
+                self.problems.append(str(exc))
+            return False
+        self._stats = {t.path: stats.get(t.path) for t in self.order.tasks.values()}
+        self._ordering = None
+        self._index()
+        self.changed = True
+        return True
+
+    def reload(self, path: str, gone: bool = False, seen: tuple[int, int, int] | None = None) -> None:
         """Re-read one task file (after our own write, or when it changed on disk). `gone`: its worker has
-        ended, so a deleted file's task goes too."""
+        ended, so a deleted file's task goes too. `seen`: the file's stat taken before this read."""
         tasks = self.order.tasks
         task_id = Path(path).name[: -len(".yaml")]
         old = tasks.get(task_id)
-        if not os.path.exists(path):
+        if seen is None:
+            seen = _stat(path)
+        if seen is None:
             if old is not None and old.status in RUNNING and not gone:
                 # Deleted under its worker: keep the last valid version (its files, its dependants) until it ends.
                 self._stats[path] = None
@@ -91,7 +153,7 @@ class OrderView:
             self._index()
             return
         new = load_task(Path(path), self.root)
-        self._stats[path] = _stat(path)
+        self._stats[path] = seen
         if old is None or (old.depends_on, old.priority) != (new.depends_on, new.priority):
             candidate = dict(tasks, **{task_id: new})
             check_links(Order(self.order.id, self.order.path, candidate))

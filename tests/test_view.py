@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from aipm.model import FINISHED_OK, Status
@@ -39,3 +40,57 @@ def test_the_ready_tasks_stay_in_launch_order_as_statuses_change(tmp_path_factor
         below = data.draw(st.integers(min_value=0, max_value=len(view.order.tasks)))
         assert view.ready_ordering(below) == [t for t in _ready_from_scratch(view.order) if view.rank(t) < below]
         assert view.running == {t.id for t in view.order.tasks.values() if t.status in (Status.IN_PROGRESS,)}
+
+
+def _order(root, name="ORD"):
+    order_dir = root / "orders" / name
+    write_task(order_dir, "A", command="true")
+    write_task(order_dir, "B", command="true", depends_on=["A"])
+    return order_dir
+
+
+@pytest.mark.parametrize("removed", ["orders/ORD", "orders"])
+def test_an_order_directory_made_again_is_watched_again(tmp_path, removed):
+    """`rm -rf` and `git checkout`, or `git stash -u` and `pop`, put back a directory with a new inode: the view
+    sees its files (found by a hostile-worker review: `run` ended with a ready task never started)."""
+    import shutil
+
+    order_dir = _order(tmp_path)
+    view = OrderView(order_dir, tmp_path)
+    assert view.watch is not None
+    shutil.rmtree(tmp_path / removed)
+    view.refresh()
+    assert view.order.tasks == {} and view.changed
+    _order(tmp_path)
+    write_task(order_dir, "C", command="true")
+    view.refresh()
+    assert sorted(view.order.tasks) == ["A", "B", "C"] and view.ready_ordering() == ["A", "C"]
+    write_task(order_dir, "A", command="true", status="DONE")  # a change inside the new directory is an event
+    view.refresh()
+    assert view.order.tasks["A"].status == Status.DONE and view.ready_ordering() == ["B", "C"]
+
+
+def test_a_file_read_mid_write_is_read_again_when_the_write_ends(tmp_path, monkeypatch):
+    """The view read a file while another program was writing it (empty, so invalid), and the write ended before
+    the view took the file's stat: that stat matched the finished file, and its change event was then ignored."""
+    from aipm import view as view_module
+    from aipm.errors import ValidationError
+
+    order_dir = _order(tmp_path)
+    view = OrderView(order_dir, tmp_path)
+    real = view_module.load_task
+
+    def read_mid_write(path, root):
+        if path.name == "A.yaml":  # what the reader saw: the file truncated, not yet written
+            write_task(order_dir, "A", command="true", status="DONE")  # ...and the write ends right after
+            raise ValidationError(str(path), None, "file is empty")
+        return real(path, root)
+
+    path = order_dir / "A.yaml"
+    path.write_text("")
+    monkeypatch.setattr(view_module, "load_task", read_mid_write)
+    view.refresh()
+    assert view.problems and view.order.tasks["A"].status == Status.QUEUED  # the last good version, kept
+    monkeypatch.setattr(view_module, "load_task", real)
+    view.refresh()  # the write's own event
+    assert view.order.tasks["A"].status == Status.DONE

@@ -1,5 +1,6 @@
-"""Recovery after `kill -9` of `run` when the workers misbehaved meanwhile: a worker that reset its own task file
-(`git checkout`) and then ended, and a command whose wrapper was killed with its supervisor (`pkill -f aipm`)."""
+"""Workers that misbehave on purpose (found by a hostile-worker review): one that resets its own task file
+(`git checkout`) and ends while its supervisor is dead, a command whose wrapper dies with its supervisor (`pkill -f
+aipm`), one that deletes the order's directory and puts it back."""
 
 import json
 import os
@@ -137,3 +138,23 @@ def test_retry_of_a_task_whose_last_attempt_was_never_recorded_is_refused(projec
     wait_for(lambda: no_workers(project.root))
     done = project.json("status", "ORD")["tasks"][0]
     assert (done["status"], done["attempts"], done["exit_code"]) == ("DONE", 2, 0)
+
+
+@pytest.mark.parametrize("how", ["rm -rf orders/ORD; git checkout -q -- orders/ORD",
+                                 "git stash -u -q; sleep 0.2; git stash pop -q"])
+def test_an_order_directory_a_worker_deletes_and_puts_back_still_runs_to_the_end(project, how):
+    """The directory comes back as a new inode: `run` watched the old one and ended (exit 0) with T3 never run."""
+    order = project.order()
+    journal = project.root.parent / f"{project.root.name}.journal"  # outside the tree: `git stash -u` takes it
+    write_task(order, "T1", target_files=["a.txt"], command=f"sleep 0.3; {how}; sleep 0.3")
+    write_task(order, "T3", target_files=["c.txt"], depends_on=["T1"], command=f"echo ran >> {journal}")
+    _git(project.root, "init", "-q")
+    _git(project.root, "add", "aipm.yaml")
+    if how.startswith("rm"):
+        _git(project.root, "add", "orders")  # a checkout puts back what was committed
+    _git(project.root, "commit", "-qm", "order")
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert task_statuses(order) == {"T1": "DONE", "T3": "DONE"}, proc.stdout
+    assert journal.read_text() == "ran\n"
+    assert no_workers(project.root)
