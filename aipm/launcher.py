@@ -175,12 +175,15 @@ class Launcher(Starter):
         free = max(0, self.settings.max_workers - live_count)
         spend = order_budget(order, self.settings.max_cost_usd)
         outside = self.outside(records) if careful else []
+        # With `only` (exec's task), the plan chooses among those alone: a task this launch will not start must
+        # not take their files "first this round".
+        chosen = (lambda ids: ids) if only is None else (lambda ids: [t for t in ids if t in only])
         if explain:
-            result = plan(order, busy, live, free, view.ordering(), budget=spend, outside=outside)
+            result = plan(order, busy, live, free, chosen(view.ordering()), budget=spend, outside=outside)
         else:  # the hot path: only ready tasks, indexed by the view
             below = None if ranked_before is None else view.first_rank(ranked_before)
-            result = plan(order, busy, live, free, view.ready_ordering(below), explain=False, running=view.running,
-                          budget=spend, outside=outside,
+            result = plan(order, busy, live, free, chosen(view.ready_ordering(below)), explain=False,
+                          running=view.running, budget=spend, outside=outside,
                           released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")})
         report.plan = result
         report.deferred = []

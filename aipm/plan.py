@@ -336,8 +336,12 @@ def _conflict(task: Task, holders: list[tuple[str, tuple[Target, ...]]]) -> tupl
                 mine, theirs = exact
                 return owner, str(theirs) if str(mine) == str(theirs) else f"{mine} ↔ {theirs}"
             mine, theirs = pair
-            glob = mine if mine.is_glob else theirs
-            return owner, f"{mine} ↔ {theirs} (a glob locks all of {lock_prefix(glob) or '.'}/)"
+            if mine.is_glob or theirs.is_glob:
+                glob = mine if mine.is_glob else theirs
+                return owner, f"{mine} ↔ {theirs} (a glob locks all of {lock_prefix(glob) or '.'}/)"
+            # `docs` (no slash) and `docs/a.txt`: a path's lock covers what is below it, as if it were a directory
+            outer = mine if str(theirs).startswith(f"{mine}/") else theirs
+            return owner, f"{mine} ↔ {theirs} (the lock of {outer} covers everything below it)"
     return None
 
 

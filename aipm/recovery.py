@@ -6,11 +6,12 @@ without a trace is INTERRUPTED, then QUEUED (see docs/locks-review-recovery.md).
 
 from __future__ import annotations
 
+import os
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aipm import outcome, subreaper, workspace, writtenlog
+from aipm import outcome, runner, subreaper, workspace, writtenlog
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.runtime import Record, Runtime, append_log, exit_file_written
@@ -67,12 +68,29 @@ def unrecorded(task: Task, rec: Record) -> bool:
 def end_remnants(rt: Runtime, rec: Record) -> None:
     """End what still runs of an attempt whose wrapper died without an exit code (killed along with its owner, as
     `pkill -f aipm` does): its command would otherwise run on beside the task's next attempt. Found by the
-    attempt's marker in their environment, not by its process group, whose number may have been reused."""
-    left = subreaper.marked(subreaper.marker(str(rt.root), rec.order, rec.task, rec.attempt))
-    if left:
-        ended = subreaper.end(left)
-        append_log(rec.log, f"its wrapper gone, ended {len(ended)} process(es) of attempt {rec.serial} still "
-                            f"running: pids {', '.join(map(str, ended))}")
+    attempt's marker in their environment. Its process group is killed whole (a shell loop forks while it is
+    looked at) only when a marked process is still in it: a group's number is not reused while it has members."""
+    mark = subreaper.marker(str(rt.root), rec.order, rec.task, rec.attempt)
+    ended: list[int] = []
+    for _ in range(3):  # again for what a process forked between the look and the kill
+        left = subreaper.marked(mark)
+        if not left:
+            break
+        if rec.pgid and any(_group(pid) == rec.pgid for pid in left):
+            ended += runner.group_members(rec.pgid)
+            runner.kill_group(rec.pgid)
+        ended += subreaper.end(left)
+    if ended:
+        shown = sorted(set(ended))
+        append_log(rec.log, f"its wrapper gone, ended {len(shown)} process(es) of attempt {rec.serial} still "
+                            f"running: pids {', '.join(map(str, shown))}")
+
+
+def _group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
 
 
 def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attempt: bool = False) -> None:

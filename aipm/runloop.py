@@ -32,6 +32,7 @@ class Stop:
 
     def __init__(self, watcher: runner.Watcher):
         self.requested = False
+        self.why = ""  # what stopped us, for the stopped tasks' reason
         self._r, self._w = os.pipe()
         os.set_blocking(self._w, False)
         os.set_blocking(self._r, False)
@@ -41,6 +42,8 @@ class Stop:
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+        self.why = self.why or ("stopped by the user (Ctrl-C)" if signum == signal.SIGINT else
+                                f"stopped by {signal.Signals(signum).name}")
 
     def close(self) -> None:
         signal.set_wakeup_fd(self._old_fd)
@@ -340,7 +343,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         if sup.unrecorded:
             sup.hand_over()
         if stop.requested:
-            stopped = sup.abort()
+            stopped = sup.abort(stop.why)
             sup.outbox.append({"event": "interrupted", "requeued": stopped})
         for event in sup.outbox:
             emit(event)

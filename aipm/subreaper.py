@@ -139,16 +139,27 @@ def _holding(state: Path, rec: Record, pids: list[int]) -> list[int]:
 
 
 def end(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
-    """SIGKILL `pids` and wait (pidfd) until they are gone; reap the ones that are our children."""
+    """SIGKILL `pids` and wait (pidfd) until they are gone; reap the ones that are our children. Returns those
+    that were still running: a zombie (a group member the group's kill ended, re-parented to us when its parent
+    died first) is only reaped."""
     pids = [pid for pid in dict.fromkeys(pids) if pid != os.getpid()]
-    for pid in pids:
+    running = [pid for pid in pids if not _zombie(pid)]
+    for pid in running:
         try:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             continue
-    runner.wait_all_gone(pids, timeout)
+    runner.wait_all_gone(running, timeout)
     reap_zombies(pids)
-    return pids
+    return running
+
+
+def _zombie(pid: int) -> bool:
+    """Ended, waiting to be reaped (or gone already)."""
+    try:
+        return read_small(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+    except (OSError, IndexError):
+        return True
 
 
 def reap_zombies(pids: Iterable[int]) -> None:

@@ -183,14 +183,15 @@ class Supervisor(Recording, Owner):
         doomed = subreaper.left_behind(self.rt, known, rec, alone, adopted)
         if doomed:
             ended = subreaper.end(doomed)
-            if rec is not None:
+            if rec is not None and ended:
                 append_log(rec.log, f"ended {len(ended)} process(es) the attempt left running outside its "
                                     f"process group: pids {', '.join(map(str, ended))}")
 
     # -- stopping ------------------------------------------------------------------------------------
 
-    def abort(self) -> list[str]:
-        """Ctrl-C: stop every owned worker's group and put its task back to QUEUED, attempt not counted."""
+    def abort(self, why: str) -> list[str]:
+        """Ctrl-C or SIGTERM (`why` says which): stop every owned worker's group and put its task back to QUEUED,
+        attempt not counted."""
         for rec in self.owned.values():
             if rec.pid:
                 runner.signal_group(rec.pgid, signal.SIGTERM)
@@ -211,7 +212,7 @@ class Supervisor(Recording, Owner):
                     task = None  # deleted or broken: without its record, recovery re-queues it once it is fixed
                 interrupted = task is not None and task.status in RUNNING and task.attempts == rec.attempt
                 if interrupted:
-                    recovery.interrupt(self.rt, task, rec, "stopped by the user (Ctrl-C)")
+                    recovery.interrupt(self.rt, task, rec, why)
                     stopped.append(rec.task)
                 self._drop(rec, noted=interrupted)
         return stopped

@@ -196,3 +196,55 @@ def test_ps_reads_a_worker_whose_children_come_and_go(project):
         assert [w["task"] for w in workers] == ["A"]
         assert all(w[k] is not None for w in workers for k in ("elapsed", "cpu_percent", "memory_mb")), workers
     wait_for(lambda: no_workers(project.root))
+
+
+def test_a_root_that_is_not_a_directory_is_one_line_and_creates_nothing(tmp_path):
+    """A mistyped --root (or AIPM_ROOT_DIR) was a traceback (exit 1), and `new` made the mistyped tree."""
+    missing, a_file = tmp_path / "nope", tmp_path / "file"
+    a_file.write_text("x")
+    for root, args in [(missing, ["run", "X"]), (missing, ["ps"]), (missing, ["recover"]), (missing, ["new", "X"]),
+                       (missing, ["status", "X", "--json"]), (a_file, ["locks"]), (a_file, ["init"])]:
+        proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), *args], capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 2, (args, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+        assert f"project root {root} (--root or AIPM_ROOT_DIR): " in proc.stderr
+    env = dict(os.environ, AIPM_ROOT_DIR=str(missing))
+    proc = subprocess.run([sys.executable, "-m", "aipm", "ps"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2 and "no such directory" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]
+    made = missing / "a"
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(made), "init"], capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0 and (made / "aipm.yaml").is_file() and (made / "orders").is_dir(), proc.stderr
+
+
+def test_brackets_in_paths_and_help_are_shown_not_taken_for_markup(project):
+    """Rich reads `[ab]` as markup: `lib/[ab].c` was shown as `lib/.c`, and `ui --help` said `pip install 'aipm'`."""
+    order = project.order()
+    write_task(order, "A", command="true", target_files=["lib/[ab].c"])
+    write_task(order, "B", command="true", depends_on=["A"], target_files=["[x]/y.txt"])
+    assert "lib/[ab].c" in project.aipm("detect", "ORD", check=True).stdout
+    shown = project.aipm("status", "ORD", "--wide", check=True).stdout
+    assert "lib/[ab].c" in shown and "[x]/y.txt" in shown
+    assert "pip install 'aipm[ui]'" in project.aipm("ui", "--help", check=True).stdout
+
+
+def test_status_at_80_columns_keeps_each_status_whole(project):
+    order = project.order()
+    write_task(order, "A_TASK_WITH_A_LONG_NAME", command="true", status="IN_PROGRESS", attempts=1,
+               target_files=["src/some/deeply/nested/module_with_a_long_name.py"], depends_on=[])
+    write_task(order, "B", command="true", status="REJECTED", depends_on=["A_TASK_WITH_A_LONG_NAME"])
+    out = project.aipm("status", "ORD", env={"COLUMNS": "80"}, check=True).stdout
+    assert "IN_PROGRESS" in out and "REJECTED" in out, out
+    assert "cost" not in out  # no task has a cost and there is no budget: no column of dashes
+
+
+def test_exec_runs_its_task_though_a_higher_priority_task_it_will_not_start_shares_its_file(project):
+    """`exec S3` was refused: "s1.txt overlaps S1, which starts first this round", though exec starts S3 alone."""
+    order = project.order()
+    write_task(order, "S1", command="true", priority="P1", target_files=["s1.txt"])
+    write_task(order, "S3", command="true", priority="P2", target_files=["./s1.txt"])
+    proc = project.aipm("exec", "S3", "--no-resource-monitoring")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert task_statuses(order) == {"S1": "QUEUED", "S3": "DONE"}

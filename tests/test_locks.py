@@ -293,6 +293,12 @@ def test_a_glob_waits_for_a_running_file_in_its_directory_as_the_kernel_makes_it
     assert "a glob locks all of src/" in blocked.detail
 
 
+def test_a_path_whose_lock_covers_a_running_file_below_it_is_not_called_a_glob():
+    result = _plan(_task("RUN", "docs/a/b.txt", status="IN_PROGRESS"), _task("DOCS", "docs"))
+    detail = result.blocked["DOCS"].detail
+    assert "(the lock of docs covers everything below it)" in detail and "glob" not in detail, detail
+
+
 @pytest.mark.parametrize("nodes, files, held", [
     ((("", False), ("docs", False), ("docs/conf.py", True)), ("docs/",), True),  # a daemon's full lock set
     ((("", False), ("docs", False), ("docs/conf.py", True)), ("docs/other.py",), False),

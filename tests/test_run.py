@@ -124,6 +124,9 @@ def test_timeout_kills_the_whole_group(project):
     assert "timed out after 1 s" in log
     grandchild_pid = int(pidfile.read_text())
     assert not pid_alive(grandchild_pid), "a grandchild of the timed-out worker survived"
+    # Its processes were in its group, ended by the group's kill: none "left running outside its process group"
+    # (the line named the group's own members, dead and waiting to be reaped, found re-parented to the run).
+    assert "outside its process group" not in log, log
 
 
 def test_review_approves_or_sends_back_to_rework_then_rejects(project):
@@ -315,3 +318,24 @@ def test_the_lock_files_of_a_running_tasks_dependants_are_made_while_it_runs(pro
     gate.touch()
     assert proc.wait(timeout=60) == 0
     assert task_statuses(order) == {"FIRST": "DONE", "SECOND": "DONE", "THIRD": "DONE"}
+
+
+def test_sigterm_of_exec_says_sigterm_and_not_that_the_task_can_start(project):
+    """A SIGTERM was reported as Ctrl-C, and exec then printed "A can start now." for the task it had just stopped."""
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "exec", "A",
+                             "--no-resource-monitoring"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: any(w["pgid"] for w in project.json("ps")["workers"]))
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        gate.touch()
+        proc.kill()
+    assert proc.returncode == 130, out + err
+    task = project.json("status", "ORD")["tasks"][0]
+    assert (task["status"], task["reason"]) == ("QUEUED", "interrupted: stopped by SIGTERM"), task
+    assert "can start now" not in out + err and "Ctrl-C" not in out + err, out + err
+    assert no_workers(project.root)

@@ -68,13 +68,14 @@ def detect(
         for key, value in result.summary(loaded).items():
             out.print(f"{key.replace('_', ' '):>26}: {value}")
         return
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"Launchable in {loaded.id} ({free} free worker slot(s))")
+    table = Table(title=f"Launchable in {escape(loaded.id)} ({free} free worker slot(s))")
     for col in ("#", "task", "pri", "target files"):
         table.add_column(col)
-    for i, t in enumerate(result.launchable, 1):
-        table.add_row(str(i), t.id, t.priority.value, "\n".join(t.target_files))
+    for i, t in enumerate(result.launchable, 1):  # paths and ids as written: `lib/[ab].c` is not markup
+        table.add_row(str(i), escape(t.id), t.priority.value, escape("\n".join(t.target_files)))
     out.print(table)
     waiting = [b for b in result.blocked.values() if b.reason != "not_queued"]
     if waiting:

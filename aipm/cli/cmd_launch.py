@@ -170,7 +170,7 @@ def exec_(
     display = Display("json" if json_out else "plain", view)
     code = supervise(launcher, view, display, only=task_id, detach_others=parallel)
     final = view.refresh().tasks[task_id]
-    if final.status.value == "QUEUED" and final.attempts == 0:  # it never started: say why
+    if final.status.value == "QUEUED" and final.attempts == 0 and code != 130:  # it never started: say why
         from aipm.cli.cmd_detect import print_reasons, reasons_for  # only here: `run` does without them
 
         looker = Launcher(launcher.project, launcher.settings, Options(dry_run=True))  # reads only, no lock

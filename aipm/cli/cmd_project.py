@@ -47,8 +47,8 @@ STATUS_STYLE = {
 
 @command()
 def init() -> None:
-    """Create aipm.yaml, orders/ and the runtime directory .aipm/ in the project root."""
-    root = project_root()
+    """Create aipm.yaml, orders/ and the runtime directory .aipm/ in the project root (--root: made if missing)."""
+    root = project_root(create=True)
     made = []
     config = root / CONFIG_FILE
     if not config.exists():
@@ -135,23 +135,26 @@ def status(
             totals["max_cost_usd"] = limit.limit
         print_json({"order": loaded.id, "tasks": [task_row(t, settings) for t in tasks], **totals})
         return
+    from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
     table = Table(title=f"Order {loaded.id}" + (f" — {loaded.title}" if loaded.title else ""))
+    costs = any(t.cost_usd is not None for t in tasks) or limit is not None  # else a column of dashes
     for col in ("task", "status", "pri", "depends on / waiting on", "target files", "tries", "reworks", "reason",
-                "cost"):
-        # fold: a path longer than its cell breaks across lines instead of being cut off with an ellipsis
-        table.add_column(col, overflow="fold", no_wrap=wide)
+                "cost")[:None if costs else -1]:
+        # fold: a path longer than its cell breaks across lines instead of being cut off with an ellipsis; a
+        # status is one word, never broken (`IN_PROGR` / `ESS`)
+        table.add_column(col, overflow="fold", no_wrap=wide or col == "status")
     for t in tasks:
         deps = ", ".join(
-            d if loaded.tasks.get(d) and loaded.tasks[d].status in FINISHED_OK else f"[bold]{d}…[/]"
+            escape(d) if loaded.tasks.get(d) and loaded.tasks[d].status in FINISHED_OK else f"[bold]{escape(d)}…[/]"
             for d in t.depends_on
         )
-        table.add_row(t.id, f"[{STATUS_STYLE[t.status.value]}]{t.status.value}[/]", t.priority.value, deps,
-                      "\n".join(t.target_files), f"{t.tries}/{attempt_limit(t, settings)}",
-                      f"{t.reworks}/{rework_limit(t, settings)}", Text(t.reason or ""),
-                      "-" if t.cost_usd is None else budget.usd(t.cost_usd))
+        row = [escape(t.id), f"[{STATUS_STYLE[t.status.value]}]{t.status.value}[/]", t.priority.value, deps,
+               escape("\n".join(t.target_files)), f"{t.tries}/{attempt_limit(t, settings)}",
+               f"{t.reworks}/{rework_limit(t, settings)}", Text(t.reason or "")]
+        table.add_row(*row, *["-" if t.cost_usd is None else budget.usd(t.cost_usd)] * costs)
     out = console(width=10**6 if wide else None)
     out.print(table)
     line = status_summary(loaded)

@@ -6,6 +6,7 @@ import shlex
 import time
 from typing import Any, Optional
 
+from rich.markup import escape
 from rich.table import Table
 
 from aipm.cli.common import JsonOpt, console, print_json, project_root
@@ -49,7 +50,7 @@ def config(
     table.add_column("value")
     table.add_column("source", no_wrap=True)
     for name, value in values.items():
-        table.add_row(setting_key(name), _shown(value), settings.sources[name])
+        table.add_row(setting_key(name), escape(_shown(value)), escape(settings.sources[name]))
     console().print(table)
 
 

@@ -23,7 +23,7 @@ def ui(
 
     Prints the URL to open; it carries a random token, and every request without it is refused (403). The page
     updates itself as task files, workers and logs change. Works with or without `aipm run` going. Ctrl-C stops.
-    Needs the `ui` extra: pip install 'aipm[ui]'.
+    Needs the `ui` extra: pip install 'aipm\\[ui]'.
     """
     if not all(importlib.util.find_spec(name) for name in ("starlette", "uvicorn")):
         raise UserError("aipm ui needs the web extra: pip install 'aipm[ui]' (Starlette and uvicorn)")

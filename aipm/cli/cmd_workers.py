@@ -9,6 +9,7 @@ from typing import Optional
 
 import psutil
 from aipm.cli.decl import Argument, Option, command
+from rich.markup import escape
 from rich.table import Table
 
 from aipm import workspace
@@ -59,7 +60,7 @@ def ps(json_out: bool = JsonOpt) -> None:
     for col in ("pid", "task", "phase", "elapsed", "cpu %", "mem MB", "state"):
         table.add_column(col)
     for i in infos:
-        table.add_row(str(i["pid"]), f"{i['order']}/{i['task']}", i["phase"], f"{i['elapsed'] or '-'}s",
+        table.add_row(str(i["pid"]), escape(f"{i['order']}/{i['task']}"), i["phase"], f"{i['elapsed'] or '-'}s",
                       str(i["cpu_percent"] if i["cpu_percent"] is not None else "-"),
                       str(i["memory_mb"] if i["memory_mb"] is not None else "-"),
                       "alive" if i["alive"] else "[red]gone (stale: aipm recover)[/]")
@@ -95,7 +96,7 @@ def locks(json_out: bool = JsonOpt) -> None:
         table.add_column(col)
     for r in rows:
         task = f"{r['order']}/{r['task']}" if r["task"] else f"held by {r['holder']}"
-        table.add_row(r["path"], task, str(r["pid"] or "-"), "yes" if r["held"] else "no")
+        table.add_row(escape(r["path"]), escape(task), str(r["pid"] or "-"), "yes" if r["held"] else "no")
     console().print(table if rows else "no locks held")
 
 

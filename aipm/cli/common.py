@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from aipm.cli.decl import Option
 
+from aipm.errors import UserError
 from aipm.project import Project, find_root
 
 if TYPE_CHECKING:
@@ -27,9 +28,22 @@ def _root_callback(
     _state["root"] = root
 
 
-def project_root() -> Path:
+def project_root(create: bool = False) -> Path:
+    """The project root: --root (or AIPM_ROOT_DIR), which must be a directory (`create`: made if missing, for
+    `init`), else found from the working directory."""
     root = _state["root"]
-    return Path(root).resolve() if root else find_root()
+    if not root:
+        return find_root()
+    path = Path(root).resolve()
+    if create and not path.exists():
+        try:
+            path.mkdir(parents=True)
+        except OSError as exc:
+            raise UserError(f"project root {root} (--root or AIPM_ROOT_DIR): cannot create it: {exc.strerror}") from None
+    if not path.is_dir():
+        what = "not a directory" if path.exists() else "no such directory (`aipm --root DIR init` makes a project there)"
+        raise UserError(f"project root {root} (--root or AIPM_ROOT_DIR): {what}")
+    return path
 
 
 def console(stderr: bool = False, width: int | None = None) -> Console:
