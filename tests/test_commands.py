@@ -248,3 +248,21 @@ def test_exec_runs_its_task_though_a_higher_priority_task_it_will_not_start_shar
     proc = project.aipm("exec", "S3", "--no-resource-monitoring")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert task_statuses(order) == {"S1": "QUEUED", "S3": "DONE"}
+
+
+def test_version_and_logs_as_json(project):
+    import aipm
+
+    proc = project.aipm("--version", check=True)
+    assert proc.stdout == f"aipm {aipm.__version__}\n"
+    order = project.order()
+    write_task(order, "A", command="echo hello; exit 3", max_attempts=2)
+    project.aipm("run", "ORD", "--no-resource-monitoring")
+    one = project.json("logs", "A")
+    assert (one["order"], one["task"], one["attempt"], one["attempts"]) == ("ORD", "A", 2, [1, 2])
+    assert one["text"].startswith("hello\n") and one["log"].endswith("A.2.log")
+    assert project.json("logs", "A", "--attempt", "1")["attempt"] == 1
+    lines = project.json("logs", "ORD")["lines"]
+    assert {"task": "A", "line": "hello"} in lines and {line["task"] for line in lines} == {"A"}
+    refused = project.aipm("logs", "A", "-f", "--json")
+    assert refused.returncode == 2 and "not with -f" in refused.stderr

@@ -113,6 +113,8 @@ def logs(
     follow: bool = Option(False, "-f", "--follow", help="Keep printing as logs grow, until the task ends "
                           "(for an order: new attempts too, until no task can still run)."),
     attempt: Optional[int] = Option(None, "--attempt", help="Which attempt of a task (default: the newest)."),
+    json_out: bool = Option(False, "--json", help="Print the log as JSON: a task's {order, task, attempt, "
+                            "attempts, log, text}, an order's {order, lines: [{task, line}]}. Not with -f."),
 ) -> None:
     """Print a task's log: the newest attempt by default (`--attempt N` for another); with -f, keep following
     the newest attempt until the task stops running. Or, for an order, every worker's lines, each prefixed with
@@ -121,9 +123,16 @@ def logs(
     An order's lines already written print attempt by attempt, in the order the attempts ended; with -f, new
     lines print as they arrive. An argument that names both an order and a task means the order.
     """
+    if json_out and follow:
+        raise UserError("--json: not with -f (following prints the log as it grows); drop one of them")
     project = get_project()
     order_dir = _order_named(project, task) if attempt is None else None
     if order_dir is not None:
+        if json_out:
+            lines = [line.split("\t", 1) for line in logbook.order_lines(project, order_dir)]
+            print_json({"order": load_order(order_dir, project.root).id,
+                        "lines": [{"task": tid, "line": text} for tid, text in lines]})
+            return
         for line in logbook.order_lines(project, order_dir, follow):
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
@@ -138,6 +147,12 @@ def logs(
     if not found:
         raise UserError(f"no log for {order.id}/{task_id} yet (it has not run)")
     number = attempt if attempt is not None else max(found)
+    if json_out:
+        with open(found[number], "rb") as handle:
+            text = handle.read().decode("utf-8", errors="replace")
+        print_json({"order": order.id, "task": task_id, "attempt": number, "attempts": sorted(found),
+                    "log": str(found[number]), "text": text})
+        return
     while True:
         with open(found[number], "rb") as handle:
             _print_attempt(rt, order.id, task_id, handle, follow)

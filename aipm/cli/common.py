@@ -19,11 +19,22 @@ if TYPE_CHECKING:
 _state: dict[str, Any] = {"root": None}
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from aipm import __version__
+        from aipm.cli.decl import Exit
+
+        print(f"aipm {__version__}")
+        raise Exit(0)
+
+
 def _root_callback(
     root: Optional[Path] = Option(
         None, "--root", help="Project root (default: nearest aipm.yaml, else the git top level, else the cwd).",
         envvar="AIPM_ROOT_DIR",
     ),
+    version: bool = Option(False, "--version", help="Print aipm's version and exit.", is_eager=True,
+                           callback=_print_version),
 ) -> None:
     _state["root"] = root
 
