@@ -19,6 +19,7 @@ IN_CREATE = 0x100
 IN_DELETE = 0x200
 IN_DELETE_SELF = 0x400
 IN_MOVE_SELF = 0x800
+IN_Q_OVERFLOW = 0x4000  # events were dropped (the queue was full): whatever was watched may have changed
 IN_IGNORED = 0x8000  # the watch is gone (its directory was deleted): always reported, never asked for
 IN_NONBLOCK = os.O_NONBLOCK
 IN_CLOEXEC = os.O_CLOEXEC
@@ -34,7 +35,8 @@ class DirWatch:
         self._libc = libc
         self.dirs: dict[int, str] = {}  # watch descriptor -> directory
         # Watched directories deleted or moved away since the caller last looked: a directory made again under the
-        # same name is another inode, which the old watch does not see (add() it again).
+        # same name is another inode, which the old watch does not see (add() it again). "" after an overflow:
+        # events were dropped, anything may have changed.
         self.lost: set[str] = set()
 
     @classmethod
@@ -76,7 +78,10 @@ class DirWatch:
                 wd, mask, _, length = _HEADER.unpack_from(data, offset)
                 start = offset + _HEADER.size
                 name = data[start:start + length].rstrip(b"\0").decode(errors="replace")
-                if mask & _GONE:
+                if mask & IN_Q_OVERFLOW:
+                    self.lost.add("")
+                    out.append(("", ""))  # for callers that only read events: something changed
+                elif mask & _GONE:
                     directory = self.dirs.pop(wd, None)
                     if directory is not None:
                         self.lost.add(directory)

@@ -35,8 +35,12 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
     for task in order.tasks.values():
         rec = records.get(task.id)
         # A live worker is adopted whatever its file says now (an agent's `git checkout` may have reset it), and so
-        # is one that ended under such a reset: its outcome was never written.
-        if task.status not in RUNNING and not (rec is not None and (rec.worker_alive() or unrecorded(task, rec))):
+        # is one that ended under such a reset: its outcome was never written. INTERRUPTED with its record left:
+        # a re-queue (interrupt) killed between its two writes.
+        stuck = task.status == Status.INTERRUPTED and rec is not None and rec.attempt == task.attempts
+        if task.status not in RUNNING and not stuck and not (
+            rec is not None and (rec.worker_alive() or unrecorded(task, rec))
+        ):
             continue
         if rec is not None and rec.owner_alive():
             continue
@@ -59,10 +63,11 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
     return out
 
 def unrecorded(task: Task, rec: Record) -> bool:
-    """The record's attempt is newer than the file's: the file was put back under it (an agent's `git checkout`,
-    `git stash`), so whatever that attempt came to was never written. A written outcome keeps the attempt's number,
-    and a re-queue that lowers it removes the record in the same step."""
-    return rec.attempt > task.attempts
+    """The file, no longer running, is not this attempt's: it was put back under it (an agent's `git checkout`,
+    `git stash`), so whatever the attempt came to was never written. An outcome written for it keeps its number
+    and its start time; a version from before it (even one with a higher count, before a `retry`) does not. A
+    later attempt would have replaced the record (one per task), and a re-queue removes it with its writes."""
+    return task.status not in RUNNING and (task.attempts, task.started_at) != (rec.attempt, rec.started_at)
 
 
 def end_remnants(rt: Runtime, rec: Record) -> None:
@@ -70,13 +75,13 @@ def end_remnants(rt: Runtime, rec: Record) -> None:
     `pkill -f aipm` does): its command would otherwise run on beside the task's next attempt. Found by the
     attempt's marker in their environment. Its process group is killed whole (a shell loop forks while it is
     looked at) only when a marked process is still in it: a group's number is not reused while it has members."""
-    mark = subreaper.marker(str(rt.root), rec.order, rec.task, rec.attempt)
+    mark = subreaper.attempt_marker(rt.root, rec)
     ended: list[int] = []
     for _ in range(3):  # again for what a process forked between the look and the kill
         left = subreaper.marked(mark)
         if not left:
             break
-        if rec.pgid and any(_group(pid) == rec.pgid for pid in left):
+        if rec.pgid and rec.pgid != os.getpgid(0) and any(_group(pid) == rec.pgid for pid in left):
             ended += runner.group_members(rec.pgid)
             runner.kill_group(rec.pgid)
         ended += subreaper.end(left)
@@ -96,11 +101,13 @@ def _group(pid: int) -> int | None:
 def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attempt: bool = False) -> None:
     """RUNNING → INTERRUPTED → QUEUED; the attempt is not counted unless asked (it was aipm's fault)."""
     path = Path(task.path)
+    attempts = task.attempts if count_attempt else max(0, task.attempts - 1)
     try:
-        if task.status in RUNNING:  # else it was put back under the attempt (QUEUED already): nothing to undo
-            update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(),
-                               "reason": outcome.interrupted(why)}, expect=task.status)
-            attempts = task.attempts if count_attempt else max(0, task.attempts - 1)
+        # Put back under the attempt (QUEUED already): nothing to undo. INTERRUPTED: the second step is left.
+        if task.status in RUNNING:
+            task = update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(),
+                                      "reason": outcome.interrupted(why)}, expect=task.status)
+        if task.status == Status.INTERRUPTED:
             update_task(path, {"status": Status.QUEUED, "attempts": attempts}, expect=Status.INTERRUPTED)
     except (StaleWrite, UserError, OSError):
         pass  # moved on, broken or unwritable: a running status without a record is recovered later

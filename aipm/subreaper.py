@@ -91,6 +91,20 @@ def marker(root: str, order: str, task: str, attempt: int) -> frozenset[bytes]:
         ("AIPM_ROOT", root), ("AIPM_ORDER_ID", order), ("AIPM_TASK_ID", task), ("AIPM_ATTEMPT", attempt)))
 
 
+def attempt_marker(root: Path, rec: Record) -> frozenset[bytes]:
+    """The marker of `rec`'s attempt as its processes carry it: AIPM_ROOT is the worker's working directory (its
+    worktree's copy of the root, for a worktree attempt) and AIPM_ATTEMPT the attempt's serial number."""
+    from aipm import workspace  # not at import: the subreaper is loaded by every run, worktrees rarely
+
+    where = str(root)
+    if rec.workspace:
+        try:
+            where = workspace.directory(root, rec)
+        except (workspace.WorkspaceError, OSError):
+            pass
+    return marker(where, rec.order, rec.task, rec.serial)
+
+
 def marked(mark: frozenset[bytes], pids: Iterable[int] | None = None) -> list[int]:
     """The processes (of `pids`, default every one we may read) whose environment carries `mark`."""
     if pids is None:
@@ -118,7 +132,7 @@ def left_behind(rt: Runtime, known: set[int], rec: Record | None, alone: bool, a
     below = strays(me, known)
     if rec is None:
         return below
-    mark = marker(str(rt.root), rec.order, rec.task, rec.attempt)
+    mark = attempt_marker(rt.root, rec)
     doomed = below if alone else marked(mark, below) + _holding(rt.state, rec, below)
     if adopted:  # its daemons were never below us: find them by their marker
         doomed += [pid for pid in marked(mark) if pid not in known and pid != me]

@@ -32,6 +32,7 @@ class OrderView:
         self._stats = {t.path: _stat(t.path) for t in self.order.tasks.values()}
         self._ordering: list[str] | None = None
         self.problems: list[str] = []  # changed files that did not validate, for the caller to report
+        self._kept_out: set[str] = set()  # files that did not load: read again whenever another file changes
         self.changed = False
         self._index()
 
@@ -88,25 +89,32 @@ class OrderView:
         else:
             paths = self._all_changed()
         todo = {}
+        if paths:  # a file kept out for naming a task that was missing may load now that something changed
+            paths = set(paths) | self._kept_out
         for path in sorted(paths):
             seen = _stat(path)  # before the read: a change that lands after it is seen at its own event
-            if seen != self._stats.get(path) or path not in self._stats:
+            if seen != self._stats.get(path) or path not in self._stats or path in self._kept_out:
                 todo[path] = seen
         while todo:
-            self.changed = True
             failed = {}
             for path, seen in todo.items():
                 try:
                     self.reload(path, seen=seen)
+                    self._kept_out.discard(path)
+                    self.changed = True
                 except ValidationError as exc:
                     failed[path] = (seen, exc)
             if len(failed) < len(todo):  # a file may name a dependency read after it: try those again
                 todo = {path: seen for path, (seen, _) in failed.items()}
                 continue
             for path, (seen, exc) in failed.items():
-                # A file being edited mid-run: keep the last good version, say why, and retry on its next change.
+                # A file being edited mid-run: keep the last good version, say why (once per version of the
+                # file), and retry on its next change or another file's.
+                if path not in self._kept_out or seen != self._stats.get(path):
+                    self.changed = True
+                    self.problems.append(str(exc))
                 self._stats[path] = seen
-                self.problems.append(str(exc))
+                self._kept_out.add(path)
             break
         return self.order
 
@@ -129,6 +137,7 @@ class OrderView:
                 self.problems.append(str(exc))
             return False
         self._stats = {t.path: stats.get(t.path) for t in self.order.tasks.values()}
+        self._kept_out.clear()
         self._ordering = None
         self._index()
         self.changed = True

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -118,7 +119,7 @@ def test_retry_after_a_kill_that_left_the_record_behind_runs_the_task_afresh(pro
     order = project.order()
     journal = project.root / "journal.txt"
     write_task(order, "A", command=f"echo ran >> {journal}", target_files=["x.txt"], status="FAILED", attempts=1,
-               exit_code=3)
+               exit_code=3, started_at="2025-01-01T00:00:00+00:00")  # the outcome of the record's attempt
     record = _dead_record(project, order, "A", 1, 3)
     project.aipm("retry", "A", check=True)
     assert not record.exists()
@@ -158,3 +159,209 @@ def test_an_order_directory_a_worker_deletes_and_puts_back_still_runs_to_the_end
     assert task_statuses(order) == {"T1": "DONE", "T3": "DONE"}, proc.stdout
     assert journal.read_text() == "ran\n"
     assert no_workers(project.root)
+
+
+# ---- found by a review of the fixes above (reproductions kept as they were written, renamed) ----
+
+
+def test_a_lost_attempt_numbered_past_its_count_is_ended_too(project, gate):
+    """Same as test_a_command_whose_wrapper_died_with_its_supervisor..., but the lost attempt is the task's second
+    try (number 2, attempts counter 1) because an earlier run was stopped with Ctrl-C."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    write_task(order, "T1", target_files=[],
+               command=f"echo start $AIPM_ATTEMPT >> {journal}; while [ ! -e {gate} ]; do sleep 0.05; done; "
+                       f"echo end $AIPM_ATTEMPT >> {journal}")
+    # A first run, stopped by the user (Ctrl-C): attempt not counted, so the next attempt is attempts 1 again.
+    zero = _start_run(project)
+    wait_for(lambda: journal.exists() and _record(project, "T1"))
+    zero.send_signal(signal.SIGINT)
+    assert zero.wait(timeout=30) == 130
+    assert task_statuses(order)["T1"] == "QUEUED"
+    journal.unlink()
+    # Now the hostile case of 8a5e40c: supervisor and wrapper killed, command left running.
+    first = _start_run(project)
+    rec = wait_for(lambda: _record(project, "T1") if journal.exists() else None)
+    print("record attempt", rec["attempt"], "number", rec["number"], "journal", journal.read_text())
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    os.kill(rec["pid"], signal.SIGKILL)
+    wait_for(lambda: not pid_alive(rec["pid"]))
+    assert group_alive(rec["pgid"])
+    second = _start_run(project)
+    try:
+        wait_for(lambda: journal.read_text().count("start") == 2)
+        alive = group_alive(rec["pgid"])
+        gate.touch()
+        assert second.wait(timeout=60) == 0
+    finally:
+        gate.touch()
+        second.kill()
+    print(journal.read_text())
+    assert not alive, "the lost attempt's command still runs beside the new one"
+
+
+def test_a_dependant_put_back_before_its_dependency_runs(project):
+    """The order directory is put back one file at a time (dependant T3 before its dependency T2): the view keeps
+    T3 out as invalid ('depends on unknown task') and never reads it again, so `run` ends 0 with T3 never run."""
+    import shutil
+    order = project.order()
+    saved = project.root.parent / f"{project.root.name}.saved"
+    journal = project.root.parent / f"{project.root.name}.journal"
+    write_task(order, "T1", target_files=["a.txt"],
+               command=f"sleep 0.3; rm -rf orders/ORD; mkdir orders/ORD; cp {saved}/T1.yaml {saved}/T3.yaml "
+                       f"orders/ORD/; sleep 0.5; cp {saved}/T2.yaml orders/ORD/; sleep 0.3")
+    write_task(order, "T2", target_files=["b.txt"], depends_on=["T1"], command=f"echo T2 >> {journal}")
+    write_task(order, "T3", target_files=["c.txt"], depends_on=["T2"], command=f"echo T3 >> {journal}")
+    shutil.copytree(order, saved)
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    print(proc.returncode, proc.stdout, proc.stderr)
+    assert task_statuses(order)["T3"] == "DONE", (proc.returncode, task_statuses(order))
+
+
+def test_a_dependant_added_before_its_dependency_runs(project):
+    order = project.order()
+    saved = project.root.parent / f"{project.root.name}.saved"
+    saved.mkdir()
+    journal = project.root.parent / f"{project.root.name}.journal"
+    write_task(saved, "T2", target_files=["b.txt"], depends_on=["T1"], command=f"echo T2 >> {journal}")
+    write_task(saved, "T3", target_files=["c.txt"], depends_on=["T2"], command=f"echo T3 >> {journal}")
+    write_task(order, "T1", target_files=["a.txt"],
+               command=f"cp {saved}/T3.yaml orders/ORD/; sleep 0.5; cp {saved}/T2.yaml orders/ORD/; sleep 0.3")
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    print(proc.returncode, proc.stdout, proc.stderr)
+    assert task_statuses(order)["T3"] == "DONE", (proc.returncode, task_statuses(order))
+
+
+def test_a_lost_worktree_attempt_is_ended_too(project, gate):
+    order = project.order()
+    journal = project.root.parent / f"{project.root.name}.journal"
+    (project.root / "aipm.yaml").write_text("max_workers: 5\nworkspace: worktree\n")
+    write_task(order, "T1", target_files=[],
+               command=f"echo start $AIPM_ROOT >> {journal}; while [ ! -e {gate} ]; do sleep 0.05; done; "
+                       f"echo end >> {journal}")
+    _git(project.root, "init", "-q")
+    _git(project.root, "add", "-A")
+    _git(project.root, "commit", "-qm", "order")
+    first = _start_run(project)
+    rec = wait_for(lambda: _record(project, "T1") if journal.exists() else None)
+    print(journal.read_text())
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    os.kill(rec["pid"], signal.SIGKILL)
+    wait_for(lambda: not pid_alive(rec["pid"]))
+    assert group_alive(rec["pgid"])
+    second = _start_run(project)
+    try:
+        wait_for(lambda: journal.read_text().count("start") == 2)
+        alive = group_alive(rec["pgid"])
+    finally:
+        gate.touch()
+        second.wait(timeout=60)
+    print(journal.read_text())
+    assert not alive, "the lost attempt's command still runs beside the new one"
+
+
+def test_an_aipm_run_in_the_lost_attempts_group_does_not_kill_itself(project, gate):
+    """The lost attempt's own command restarts aipm (after `pkill -f aipm`): end_remnants' group kill (c4dc16c)
+    SIGKILLs the recovering process itself, mid-recovery; subreaper.end() alone spared it."""
+    order = project.order()
+    journal = project.root.parent / f"{project.root.name}.journal"
+    once = project.root.parent / f"{project.root.name}.once"
+    write_task(order, "T1", target_files=[],
+               command=f"if [ -e {once} ]; then exit 0; fi; touch {once}; "
+                       f"while [ ! -e {gate} ]; do sleep 0.05; done; "
+                       f"{sys.executable} -m aipm --root {project.root} run ORD --no-resource-monitoring "
+                       f"> {journal}.out 2>&1 & p=$!; wait $p; echo nested aipm exit $? >> {journal}")
+    first = _start_run(project)
+    rec = wait_for(lambda: _record(project, "T1"))
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    os.kill(rec["pid"], signal.SIGKILL)
+    wait_for(lambda: not pid_alive(rec["pid"]))
+    gate.touch()
+    wait_for(lambda: not group_alive(rec["pgid"]), timeout=30)
+    time.sleep(0.5)
+    print("journal:", journal.read_text() if journal.exists() else None)
+    print("nested out:", (project.root.parent / f"{project.root.name}.journal.out").read_text())
+    print(task_statuses(order), _record(project, "T1"))
+    assert task_statuses(order)["T1"] != "IN_PROGRESS"
+
+
+def test_two_lost_attempts_in_a_row_are_both_ended(project, gate):
+    """8a5e40c's own scenario, twice in a row: the first lost attempt is ended, the second is not (its re-queue
+    gave the attempts counter back, so record.attempt 1 != AIPM_ATTEMPT 2 in the command's environment)."""
+    order = project.order()
+    journal = project.root.parent / f"{project.root.name}.journal"
+    write_task(order, "T1", target_files=[],
+               command=f"echo start $AIPM_ATTEMPT >> {journal}; while [ ! -e {gate} ]; do sleep 0.05; done; "
+                       f"echo end $AIPM_ATTEMPT >> {journal}")
+    run = _start_run(project)
+    lost = []
+    for n in (1, 2):
+        rec = wait_for(lambda: (r := _record(project, "T1")) and r["number"] == n and r)
+        wait_for(lambda: journal.exists() and f"start {n}" in journal.read_text())
+        run.send_signal(signal.SIGKILL)           # `pkill -f aipm`: the supervisor...
+        run.wait(timeout=30)
+        os.kill(rec["pid"], signal.SIGKILL)       # ...and the wrapper, not the command
+        wait_for(lambda: not pid_alive(rec["pid"]))
+        lost.append(rec)
+        run = _start_run(project)
+        wait_for(lambda: f"start {n + 1}" in journal.read_text())
+        print(n, "lost attempt", rec["attempt"], "number", rec["number"], "group alive:", group_alive(rec["pgid"]))
+    try:
+        assert not group_alive(lost[1]["pgid"]), "the second lost attempt's command runs beside attempt 3"
+    finally:
+        gate.touch()
+        run.wait(timeout=60)
+        print(journal.read_text())
+
+
+
+def test_an_attempt_after_a_retry_that_put_back_an_older_outcome_is_recorded(project):
+    """After a `retry` (attempts 0), the committed version the worker puts back has a count as high as the new
+    attempt's, or higher: only its start time tells it from this attempt's outcome."""
+    order = project.order()
+    outside = project.root.parent / project.root.name
+    journal, gate = outside.with_suffix(".journal"), outside.with_suffix(".gate")  # outside the audited tree
+    write_task(order, "T1", target_files=["a.txt"], max_attempts=3, status="FAILED", attempts=3, exit_code=3,
+               started_at="2025-01-01T00:00:00+00:00",
+               command=f"while [ ! -e {gate} ]; do sleep 0.05; done; git checkout -q -- orders/ORD/T1.yaml; "
+                       f"echo ran >> {journal}")
+    _git(project.root, "init", "-q")
+    _git(project.root, "add", "-A")
+    _git(project.root, "commit", "-qm", "order after three failed attempts")
+    project.aipm("retry", "T1", check=True)
+    first = _start_run(project)
+    rec = wait_for(lambda: _record(project, "T1"))
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    gate.touch()
+    wait_for(lambda: not pid_alive(rec["pid"]))
+    assert task_statuses(order)["T1"] == "FAILED"  # put back: attempts 3 > the record's 1
+    second = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    task = project.json("status", "ORD")["tasks"][0]
+    assert (task["status"], task["attempts"], task["exit_code"]) == ("DONE", 1, 0), task
+    assert journal.read_text() == "ran\n"
+
+
+def test_a_requeue_killed_between_its_two_writes_is_finished_by_recovery(project):
+    """interrupt() writes INTERRUPTED, then QUEUED, then drops the record: killed after the first write, the task
+    stayed INTERRUPTED for good (recovery looked only at running tasks)."""
+    order = project.order()
+    write_task(order, "A", command="true", target_files=["x.txt"], status="INTERRUPTED", attempts=1)
+    records = state(project.root, make=True) / "workers" / "ORD"
+    records.mkdir(parents=True, exist_ok=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (records / "A.json").write_text(json.dumps({
+        "order": "ORD", "order_dir": str(order), "task": "A", "task_file": str(order / "A.yaml"), "attempt": 1,
+        "targets": ["x.txt"], "log": str(project.root / "A.log"), "exit_file": str(state(project.root) / "exit/ORD/A.1"),
+        "started_at": "2025-01-01T00:00:00+00:00", "owner_pid": dead.pid, "owner_ctime": 1.0, "pid": dead.pid,
+        "ctime": 1.0, "pgid": dead.pid, "number": 1}))
+    assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "A", "action": "requeued"}]
+    task = project.json("status", "ORD")["tasks"][0]
+    assert (task["status"], task["attempts"]) == ("QUEUED", 0)
+    assert project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60).returncode == 0
+    assert task_statuses(order)["A"] == "DONE"

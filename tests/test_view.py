@@ -94,3 +94,17 @@ def test_a_file_read_mid_write_is_read_again_when_the_write_ends(tmp_path, monke
     monkeypatch.setattr(view_module, "load_task", real)
     view.refresh()  # the write's own event
     assert view.order.tasks["A"].status == Status.DONE
+
+
+def test_events_dropped_by_a_full_queue_are_made_up_by_reading_the_order_again(tmp_path):
+    """The view also watches the directories above the order (for its return), so a burst of files made at the
+    project root can fill the inotify queue: its overflow event said nothing, and a change to a task was lost."""
+    order_dir = _order(tmp_path)
+    view = OrderView(order_dir, tmp_path)
+    with open("/proc/sys/fs/inotify/max_queued_events") as handle:
+        limit = int(handle.read())
+    for i in range(limit + 10):  # a worker's output files at the project root
+        (tmp_path / f"out{i}").touch()
+    write_task(order_dir, "A", command="true", status="CANCELLED")
+    view.refresh()
+    assert view.order.tasks["A"].status == Status.CANCELLED and view.changed
