@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -20,11 +19,46 @@ def _git(root, *args):
                    capture_output=True)
 
 
+def _commit_everything(root):
+    """A git repository of the project as it is now: what `git checkout` puts back."""
+    _git(root, "init", "-q")
+    _git(root, "add", "-A")
+    _git(root, "commit", "-qm", "order")
+
+
 def _start_run(project, order="ORD"):
     return subprocess.Popen(
         [sys.executable, "-m", "aipm", "--root", str(project.root), "run", order, "--no-resource-monitoring"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
+
+
+def _end_unwatched(project, gate):
+    """Run the order, SIGKILL the run once T1's attempt is recorded, then open the gate: the attempt goes on and
+    ends with no supervisor. Returns its record."""
+    first = _start_run(project)
+    rec = wait_for(lambda: _record(project, "T1"))
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    gate.touch()
+    wait_for(lambda: not pid_alive(rec["pid"]))
+    return rec
+
+
+def _pkill(run, rec):
+    """What an agent's `pkill -f aipm` does: the supervisor and the attempt's wrapper SIGKILLed, its command left."""
+    run.send_signal(signal.SIGKILL)
+    run.wait(timeout=30)
+    os.kill(rec["pid"], signal.SIGKILL)
+    wait_for(lambda: not pid_alive(rec["pid"]))
+
+
+def _alive_beside_the_next(project, journal, rec, starts):
+    """Run the order again until the task's next attempt has started (`starts` start lines in the journal): is
+    the lost attempt's process group still alive then? Returns (the run, that answer)."""
+    run = _start_run(project)
+    wait_for(lambda: journal.read_text().count("start") == starts)
+    return run, group_alive(rec["pgid"])
 
 
 def _record(project, task):
@@ -45,15 +79,8 @@ def test_a_worker_that_reset_its_file_and_ended_after_the_kill_keeps_its_exit_co
     write_task(order, "T1", target_files=["a.txt"], max_attempts=1,
                command=f"while [ ! -e {gate} ]; do sleep 0.05; done; git checkout -q -- orders/ORD/T1.yaml; "
                        f"echo ran >> {journal}; exit 3")
-    _git(project.root, "init", "-q")
-    _git(project.root, "add", "-A")
-    _git(project.root, "commit", "-qm", "order")
-    first = _start_run(project)
-    rec = wait_for(lambda: _record(project, "T1"))
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
-    gate.touch()
-    wait_for(lambda: not pid_alive(rec["pid"]))
+    _commit_everything(project.root)
+    _end_unwatched(project, gate)
     assert task_statuses(order)["T1"] == "QUEUED"  # what the worker left: the reset, with its attempt unrecorded
     if then == "recover":  # a detached owner records it
         assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "T1", "action": "adopted"}]
@@ -75,16 +102,12 @@ def test_a_command_whose_wrapper_died_with_its_supervisor_is_ended_before_its_ta
                command=f"echo start >> {journal}; while [ ! -e {gate} ]; do sleep 0.05; done; echo end >> {journal}")
     first = _start_run(project)
     rec = wait_for(lambda: _record(project, "T1") if journal.exists() else None)
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
-    os.kill(rec["pid"], signal.SIGKILL)  # the wrapper (what `pkill -f aipm` matches), not its command
-    wait_for(lambda: not pid_alive(rec["pid"]))
+    _pkill(first, rec)
     assert group_alive(rec["pgid"]), "the command should outlive its wrapper for this test"
-    second = _start_run(project)
+    # The first attempt's command is ended (it never reaches its end line) before the task starts again.
+    second, alive = _alive_beside_the_next(project, journal, rec, 2)
     try:
-        # The first attempt's command is ended (it never reaches its end line) before the task starts again.
-        wait_for(lambda: journal.read_text().count("start") == 2)
-        assert not group_alive(rec["pgid"]), "the lost attempt's command still runs beside the new one"
+        assert not alive, "the lost attempt's command still runs beside the new one"
         gate.touch()
         assert second.wait(timeout=60) == 0
     finally:
@@ -161,7 +184,7 @@ def test_an_order_directory_a_worker_deletes_and_puts_back_still_runs_to_the_end
     assert no_workers(project.root)
 
 
-# ---- found by a review of the fixes above (reproductions kept as they were written, renamed) ----
+# ---- found by a review of the fixes above (its reproductions, renamed) ----
 
 
 def test_a_lost_attempt_numbered_past_its_count_is_ended_too(project, gate):
@@ -182,22 +205,16 @@ def test_a_lost_attempt_numbered_past_its_count_is_ended_too(project, gate):
     # Now the hostile case of 8a5e40c: supervisor and wrapper killed, command left running.
     first = _start_run(project)
     rec = wait_for(lambda: _record(project, "T1") if journal.exists() else None)
-    print("record attempt", rec["attempt"], "number", rec["number"], "journal", journal.read_text())
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
-    os.kill(rec["pid"], signal.SIGKILL)
-    wait_for(lambda: not pid_alive(rec["pid"]))
+    assert (rec["attempt"], rec["number"]) == (1, 2)
+    _pkill(first, rec)
     assert group_alive(rec["pgid"])
-    second = _start_run(project)
+    second, alive = _alive_beside_the_next(project, journal, rec, 2)
     try:
-        wait_for(lambda: journal.read_text().count("start") == 2)
-        alive = group_alive(rec["pgid"])
         gate.touch()
         assert second.wait(timeout=60) == 0
     finally:
         gate.touch()
         second.kill()
-    print(journal.read_text())
     assert not alive, "the lost attempt's command still runs beside the new one"
 
 
@@ -215,8 +232,7 @@ def test_a_dependant_put_back_before_its_dependency_runs(project):
     write_task(order, "T3", target_files=["c.txt"], depends_on=["T2"], command=f"echo T3 >> {journal}")
     shutil.copytree(order, saved)
     proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
-    print(proc.returncode, proc.stdout, proc.stderr)
-    assert task_statuses(order)["T3"] == "DONE", (proc.returncode, task_statuses(order))
+    assert task_statuses(order)["T3"] == "DONE", (proc.returncode, proc.stdout, task_statuses(order))
 
 
 def test_a_dependant_added_before_its_dependency_runs(project):
@@ -229,8 +245,7 @@ def test_a_dependant_added_before_its_dependency_runs(project):
     write_task(order, "T1", target_files=["a.txt"],
                command=f"cp {saved}/T3.yaml orders/ORD/; sleep 0.5; cp {saved}/T2.yaml orders/ORD/; sleep 0.3")
     proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
-    print(proc.returncode, proc.stdout, proc.stderr)
-    assert task_statuses(order)["T3"] == "DONE", (proc.returncode, task_statuses(order))
+    assert task_statuses(order)["T3"] == "DONE", (proc.returncode, proc.stdout, task_statuses(order))
 
 
 def test_a_lost_worktree_attempt_is_ended_too(project, gate):
@@ -240,25 +255,16 @@ def test_a_lost_worktree_attempt_is_ended_too(project, gate):
     write_task(order, "T1", target_files=[],
                command=f"echo start $AIPM_ROOT >> {journal}; while [ ! -e {gate} ]; do sleep 0.05; done; "
                        f"echo end >> {journal}")
-    _git(project.root, "init", "-q")
-    _git(project.root, "add", "-A")
-    _git(project.root, "commit", "-qm", "order")
+    _commit_everything(project.root)
     first = _start_run(project)
     rec = wait_for(lambda: _record(project, "T1") if journal.exists() else None)
-    print(journal.read_text())
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
-    os.kill(rec["pid"], signal.SIGKILL)
-    wait_for(lambda: not pid_alive(rec["pid"]))
+    _pkill(first, rec)
     assert group_alive(rec["pgid"])
-    second = _start_run(project)
     try:
-        wait_for(lambda: journal.read_text().count("start") == 2)
-        alive = group_alive(rec["pgid"])
+        second, alive = _alive_beside_the_next(project, journal, rec, 2)
     finally:
         gate.touch()
-        second.wait(timeout=60)
-    print(journal.read_text())
+    second.wait(timeout=60)
     assert not alive, "the lost attempt's command still runs beside the new one"
 
 
@@ -275,17 +281,11 @@ def test_an_aipm_run_in_the_lost_attempts_group_does_not_kill_itself(project, ga
                        f"> {journal}.out 2>&1 & p=$!; wait $p; echo nested aipm exit $? >> {journal}")
     first = _start_run(project)
     rec = wait_for(lambda: _record(project, "T1"))
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
-    os.kill(rec["pid"], signal.SIGKILL)
-    wait_for(lambda: not pid_alive(rec["pid"]))
+    _pkill(first, rec)
     gate.touch()
+    # The nested run recovers the task (ending the lost attempt's other processes, not itself) and runs it again.
+    wait_for(lambda: task_statuses(order)["T1"] == "DONE", timeout=60)
     wait_for(lambda: not group_alive(rec["pgid"]), timeout=30)
-    time.sleep(0.5)
-    print("journal:", journal.read_text() if journal.exists() else None)
-    print("nested out:", (project.root.parent / f"{project.root.name}.journal.out").read_text())
-    print(task_statuses(order), _record(project, "T1"))
-    assert task_statuses(order)["T1"] != "IN_PROGRESS"
 
 
 def test_two_lost_attempts_in_a_row_are_both_ended(project, gate):
@@ -301,20 +301,12 @@ def test_two_lost_attempts_in_a_row_are_both_ended(project, gate):
     for n in (1, 2):
         rec = wait_for(lambda: (r := _record(project, "T1")) and r["number"] == n and r)
         wait_for(lambda: journal.exists() and f"start {n}" in journal.read_text())
-        run.send_signal(signal.SIGKILL)           # `pkill -f aipm`: the supervisor...
-        run.wait(timeout=30)
-        os.kill(rec["pid"], signal.SIGKILL)       # ...and the wrapper, not the command
-        wait_for(lambda: not pid_alive(rec["pid"]))
+        _pkill(run, rec)
         lost.append(rec)
-        run = _start_run(project)
-        wait_for(lambda: f"start {n + 1}" in journal.read_text())
-        print(n, "lost attempt", rec["attempt"], "number", rec["number"], "group alive:", group_alive(rec["pgid"]))
-    try:
-        assert not group_alive(lost[1]["pgid"]), "the second lost attempt's command runs beside attempt 3"
-    finally:
-        gate.touch()
-        run.wait(timeout=60)
-        print(journal.read_text())
+        run, alive = _alive_beside_the_next(project, journal, rec, n + 1)
+        assert not alive, f"lost attempt {n}'s command runs beside attempt {n + 1}"
+    gate.touch()
+    assert run.wait(timeout=60) == 0
 
 
 
@@ -328,16 +320,9 @@ def test_an_attempt_after_a_retry_that_put_back_an_older_outcome_is_recorded(pro
                started_at="2025-01-01T00:00:00+00:00",
                command=f"while [ ! -e {gate} ]; do sleep 0.05; done; git checkout -q -- orders/ORD/T1.yaml; "
                        f"echo ran >> {journal}")
-    _git(project.root, "init", "-q")
-    _git(project.root, "add", "-A")
-    _git(project.root, "commit", "-qm", "order after three failed attempts")
+    _commit_everything(project.root)
     project.aipm("retry", "T1", check=True)
-    first = _start_run(project)
-    rec = wait_for(lambda: _record(project, "T1"))
-    first.send_signal(signal.SIGKILL)
-    first.wait(timeout=30)
-    gate.touch()
-    wait_for(lambda: not pid_alive(rec["pid"]))
+    _end_unwatched(project, gate)
     assert task_statuses(order)["T1"] == "FAILED"  # put back: attempts 3 > the record's 1
     second = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
     assert second.returncode == 0, second.stdout + second.stderr
