@@ -62,6 +62,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
     launcher.runtime.remove_spent_exit_files(order.id)
     return out
 
+
 def unrecorded(task: Task, rec: Record) -> bool:
     """The file, no longer running, is not this attempt's: it was put back under it (an agent's `git checkout`,
     `git stash`), so whatever the attempt came to was never written. An outcome written for it keeps its number
