@@ -188,7 +188,7 @@ class Launcher(Starter):
         report.plan = result
         report.deferred = []
         tried = {item["id"] for item in report.failed}
-        wanted = [t for t in result.launchable if (only is None or t.id in only) and t.id not in tried]
+        wanted = [t for t in result.launchable if t.id not in tried]  # only `only`'s: the plan saw no other
         if self.settings.runner == "local" and any(t.resources for t in wanted):
             wanted = self._fit_locally(wanted, records, report)
         # Read the machine only when there is something to start: the idle loop costs no CPU.

@@ -100,7 +100,8 @@ def _group(pid: int) -> int | None:
 
 
 def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attempt: bool = False) -> None:
-    """RUNNING → INTERRUPTED → QUEUED; the attempt is not counted unless asked (it was aipm's fault)."""
+    """RUNNING → INTERRUPTED → QUEUED (from INTERRUPTED: the rest of one killed half-way); the attempt is not
+    counted unless asked (it was aipm's fault)."""
     path = Path(task.path)
     attempts = task.attempts if count_attempt else max(0, task.attempts - 1)
     try:
