@@ -85,3 +85,33 @@ def test_a_runtime_directory_linked_outside_the_root_is_refused(project, tmp_pat
         assert_one_line_error(proc, ".aipm", "outside the project")
     assert list(outside.iterdir()) == []
     assert not (project.root / "a.txt").exists()
+
+
+USAGE_ERRORS = [
+    (("run", "ORD", "--max-workers", "many"), "aipm run", "--max-workers"),
+    (("status", "ORD", "--bogus"), "aipm status", "--bogus"),
+    (("why",), "aipm why", "task"),
+    (("detect", "ORD", "extra"), "aipm detect", "extra"),
+    (("launch", "ORD", "--max-workers=-x"), "aipm launch", "--max-workers"),
+    (("cancel",), "aipm cancel", "task"),
+    (("nosuchcommand",), "aipm", "nosuchcommand"),
+]
+
+
+@pytest.mark.parametrize("args, command, named", USAGE_ERRORS, ids=lambda v: " ".join(v) if isinstance(v, tuple) else "")
+def test_a_usage_error_is_one_line_naming_the_command_and_writes_nothing(project, args, command, named):
+    """Usage errors Typer finds itself (a value of the wrong type, an unknown option, a missing or extra argument)
+    were its boxed usage text; as every other bad input, they are one line, exit 2, nothing on disk changed."""
+    write_task(project.order(), "A", command="true", target_files=["a.txt"])
+    before = full_snapshot(project.root)
+    proc = project.aipm(*args)
+    assert_one_line_error(proc, f"aipm: error: {command}", named)
+    assert f"(see '{command} --help')" in proc.stderr
+    assert proc.stdout == ""
+    assert full_snapshot(project.root) == before
+
+
+def test_help_and_version_still_exit_0(project):
+    for args in (("--help",), ("run", "--help"), ("--version",)):
+        proc = project.aipm(*args)
+        assert proc.returncode == 0 and proc.stderr == "" and proc.stdout.strip(), (args, proc.stderr)

@@ -176,6 +176,38 @@ def _run_direct(root: str | None, function, values: dict) -> None:
     function(**values)
 
 
+def _click_exceptions():
+    """The exception classes of the click that Typer runs on: vendored in Typer since 0.2x, the package before."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def _run_typer(args: list[str]) -> int:
+    """Typer's answer for args, as an exit code. Its usage errors (a bad value, an unknown option, a missing
+    argument) are one line, as every other bad input is, instead of its boxed usage text."""
+    import typer
+
+    exceptions = _click_exceptions()
+    try:
+        result = typer_app()(args=args, prog_name="aipm", standalone_mode=False)
+    except getattr(exceptions, "NoArgsIsHelpError", ()) as exc:  # a bare `aipm`/`aipm new`: the help is the answer
+        exc.show()
+        return exc.exit_code
+    except exceptions.ClickException as exc:
+        where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "aipm"
+        message = " ".join(exc.format_message().split())
+        hint = f" (see '{where} --help')" if isinstance(exc, exceptions.UsageError) else ""
+        print(f"aipm: error: {where}: {message}{hint}", file=sys.stderr)
+        return exc.exit_code
+    except typer.Abort:
+        print("Aborted!", file=sys.stderr)
+        return 1
+    return result if isinstance(result, int) else 0  # Typer returns an Exit's code (--help, Ctrl-C) in this mode
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point. Typer handles usage errors (exit 2) and Ctrl-C (exit 130); user errors become one line."""
     args = sys.argv[1:] if argv is None else argv
@@ -208,7 +240,7 @@ def main(argv: list[str] | None = None) -> None:
             # module (~20 ms, the tail of every `run` of a build and of every polled `status`).
             os._exit(code)
         _load_commands(args)
-        typer_app()(args=argv, prog_name="aipm")
+        sys.exit(_run_typer(args))
     except UserError as exc:
         print(f"aipm: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
