@@ -7,11 +7,13 @@ Only write-ish rights are handled (write, truncate, remove, make, refer);
 reading and executing stay free everywhere.
 
 Landlock grants whole hierarchies and cannot subtract, so the ruleset is built from the project root outwards:
-- outside the root: every entry beside the path from `/` down to the root gets every right (so `/tmp`, `$HOME`
-  caches and `/dev/null` stay writable when they do not contain the project); the directories on that path
-  cannot, so nothing new can be created directly in them;
+- outside the root: every entry beside the path from `/` down to the root (and to the repository's `.git`
+  when it lies above the root) gets every right (so `/tmp`, `$HOME` caches and `/dev/null` stay writable when
+  they do not contain the project); the directories on that path cannot, so nothing new can be created
+  directly in them;
 - a target directory: every right below it (created empty first when missing: Landlock only takes rules on
-  paths that exist, and an empty directory is invisible to git);
+  paths that exist, and an empty directory is invisible to git); one that holds the repository's `.git`,
+  `.aipm/` or an order directory (the root, `*.md`) is granted as the outside is, everything beside those;
 - a target file: write and truncate on the file itself, created empty first when missing (a file rule cannot
   let a process create a file, and a directory rule would open every file beside it);
 - a glob: every right below its literal base directory (`tests/**/*.py` → `tests/`): Landlock has no patterns;
@@ -26,6 +28,8 @@ import os
 import shutil
 import sys
 
+from aipm.paths import GLOB_CHARS, literal_base
+
 # Test seam (like AIPM_FAKE_LOAD in resources.py): a Landlock ABI to report instead of asking the kernel;
 # "0" simulates a kernel without Landlock. Read only here.
 FAKE_ABI = "AIPM_FAKE_LANDLOCK_ABI"
@@ -38,7 +42,6 @@ REFER, TRUNCATE = 1 << 13, 1 << 14
 FILE_RIGHTS = WRITE_FILE | TRUNCATE  # the only handled rights a rule on a file may carry
 ALL_RIGHTS = (FILE_RIGHTS | REMOVE_DIR | REMOVE_FILE | MAKE_CHAR | MAKE_DIR | MAKE_REG | MAKE_SOCK | MAKE_FIFO
               | MAKE_BLOCK | MAKE_SYM | REFER)
-_GLOB = frozenset("*?[")
 
 
 def abi() -> int:
@@ -60,7 +63,7 @@ def wanted(task, settings) -> bool:
 
 def exact(target_files) -> bool:
     """Whether the kernel enforces exactly the targets (a glob is granted its whole base directory)."""
-    return all(_GLOB.isdisjoint(t) for t in target_files)
+    return all(GLOB_CHARS.isdisjoint(t) for t in target_files)
 
 
 def unavailable() -> str | None:
@@ -80,9 +83,10 @@ def unavailable() -> str | None:
     return None
 
 
-def prefix(root: str, targets: list[str], log: str) -> list[str]:
-    """The argv to put in front of the worker's command so it runs confined to `targets`."""
-    spec = {"root": root, "targets": targets, "log": log}
+def prefix(root: str, targets: list[str], log: str, keep: list[str]) -> list[str]:
+    """The argv to put in front of the worker's command so it runs confined to `targets`; `keep`: directories
+    no rule may open unless a target names them (the order directories: task files are aipm's)."""
+    spec = {"root": root, "targets": targets, "log": log, "keep": keep}
     return [sys.executable, "-m", "aipm.confine", json.dumps(spec), "--"]
 
 
@@ -98,25 +102,31 @@ def private_tmp(log: str) -> str:
 # -- building the rules (in the worker's process, just before it restricts itself) --------------------------
 
 
-def rules(root: str, targets: list[str], log: str, made: list) -> tuple[list, str | None]:
+def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] = ()) -> tuple[list, str | None]:
     """[(path, rights)] for a worker, and its TMPDIR when it needs one of its own.
 
     Creates what must exist for a rule (missing targets, the TMPDIR), appending each new path to `made` as
-    [path, is_dir, mtime_ns].
+    [path, is_dir, mtime_ns]. Raises OSError when a target now leads through a symlink (one made after the order
+    was read, where its locks did not look).
     """
     import tempfile  # only here: a run that confines nothing does without it
 
     real_root = os.path.realpath(root)
-    out = _outside(real_root)
+    git = _git_dirs(real_root)
+    kept = git + [os.path.join(real_root, ".aipm")] + [os.path.realpath(k) for k in keep]
+    out = _beside("/", [real_root] + [k for k in git if not _contains(real_root, k)])
     for raw in targets:
         path, kind = _target_path(real_root, raw)
+        if os.path.realpath(path) != path:
+            raise OSError(f"target {raw or '.'} now leads through a symlink, to {os.path.realpath(path)}")
         if kind == "file":
             _make_parents(os.path.dirname(path), made)
             _make_file(path, made)
             out.append((path, FILE_RIGHTS))
-        else:
-            _make_parents(path, made)
-            out.append((path, ALL_RIGHTS))
+            continue
+        _make_parents(path, made)
+        inside = [k for k in kept if _contains(path, k) and k != path]
+        out += _beside(path, inside) if inside else [(path, ALL_RIGHTS)]
     out.append((log, WRITE_FILE))
     tmp = None
     system_tmp = os.path.realpath(tempfile.gettempdir())
@@ -131,34 +141,60 @@ def _contains(outer: str, inner: str) -> bool:
     return inner == outer or inner.startswith(outer.rstrip("/") + "/")
 
 
-def _outside(real_root: str) -> list[tuple[str, int]]:
-    """Every entry beside the path from / down to the root, with every right it can carry. Symlinks are
-    skipped: what they point to is covered by its own entry, and one pointing into the project must not open it."""
+def _beside(top: str, avoid: list[str]) -> list[tuple[str, int]]:
+    """Every entry below `top` but the `avoid` paths, in as few rules as Landlock allows: an entry on the way to
+    one is walked into (it cannot be granted: the grant would cover what it holds), any other gets every right it
+    can carry. So nothing new can be created directly in `top` or a directory on the way. Symlinks are skipped:
+    what they point to is covered by its own entry, and one pointing into the project must not open it."""
     found = []
-    parent = "/"
-    for part in [p for p in real_root.split("/") if p]:
+    pending = [top]
+    while pending:
         try:
-            entries = list(os.scandir(parent))
+            entries = list(os.scandir(pending.pop()))
         except OSError:
             entries = []
         for entry in entries:
-            if entry.name != part and not entry.is_symlink():
+            if any(_contains(entry.path, a) for a in avoid):
+                if entry.path not in avoid and entry.is_dir(follow_symlinks=False):
+                    pending.append(entry.path)
+            elif not entry.is_symlink():
                 found.append((entry.path, ALL_RIGHTS if entry.is_dir(follow_symlinks=False) else FILE_RIGHTS))
-        parent = os.path.join(parent, part)
     return found
+
+
+def _git_dirs(real_root: str) -> list[str]:
+    """The repository's git directories that hold the root (its `.git`, in the root or above it; for a linked
+    worktree also the directory `.git` names and the common one): no rule may open them unless a target does."""
+    directory = real_root
+    while True:
+        dot_git = os.path.join(directory, ".git")
+        if os.path.isdir(dot_git):
+            return [os.path.realpath(dot_git)]
+        if os.path.isfile(dot_git):
+            found = [dot_git]
+            try:
+                with open(dot_git) as handle:
+                    line = handle.readline().strip()
+                if line.startswith("gitdir:"):
+                    named = os.path.realpath(os.path.join(directory, line[len("gitdir:"):].strip()))
+                    found.append(named)
+                    with open(os.path.join(named, "commondir")) as handle:
+                        found.append(os.path.realpath(os.path.join(named, handle.readline().strip())))
+            except OSError:
+                pass  # no commondir: a submodule's own git directory, already listed
+            return found
+        if directory == "/":
+            return []
+        directory = os.path.dirname(directory)
 
 
 def _target_path(real_root: str, raw: str) -> tuple[str, str]:
     """(absolute path, "file" | "dir") that a target's rule goes on. A glob's rule goes on its literal base."""
-    text = raw.rstrip("/") if raw.endswith("/") else raw
-    parts = [p for p in text.split("/") if p and p != "."]
-    literal = []
-    for part in parts:
-        if not _GLOB.isdisjoint(part):
-            return os.path.join(real_root, *literal), "dir"
-        literal.append(part)
-    path = os.path.join(real_root, *literal)
-    return path, "dir" if raw.endswith("/") or not literal or os.path.isdir(path) else "file"
+    base = literal_base(raw.rstrip("/"))
+    path = os.path.normpath(os.path.join(real_root, base)) if base else real_root
+    if base != raw.rstrip("/"):
+        return path, "dir"
+    return path, "dir" if raw.endswith("/") or not base or os.path.isdir(path) else "file"
 
 
 def _make_parents(directory: str, made: list) -> None:
@@ -232,7 +268,7 @@ def main(argv: list[str]) -> int:
             raise OSError(reason)
         made: list = []
         try:
-            grants, tmp = rules(spec["root"], spec["targets"], spec["log"], made)
+            grants, tmp = rules(spec["root"], spec["targets"], spec["log"], made, spec.get("keep", ()))
         finally:
             with open(made_file(spec["log"]), "w") as handle:
                 json.dump(made, handle)

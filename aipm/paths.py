@@ -32,7 +32,9 @@ class Target:
         return _segments(self.path, self.is_dir)
 
     def __str__(self) -> str:
-        return self.path + ("/" if self.is_dir and self.path else "")
+        if not self.path:
+            return "./"  # the root: a name that normalises back to it ("" is no path)
+        return self.path + ("/" if self.is_dir else "")
 
 
 @lru_cache(maxsize=65536)
@@ -45,8 +47,10 @@ def _segments(path: str, is_dir: bool) -> tuple[str, ...]:
 def normalize(raw: str, root: str | None = None) -> Target:
     """Normalise `raw` relative to the project root; raise PathError when it leaves the root.
 
-    With `root`, an existing directory counts as a directory even without a trailing slash, and a symlink
-    that resolves outside the root is refused.
+    With `root`, an existing directory counts as a directory even without a trailing slash, and a path that goes
+    through a symlink is taken where it leads (a glob: its literal directories): refused outside the root, else
+    named by its real path, so that locks, overlaps, the scope audit and confinement all see the files a write
+    through it reaches (`notes.md -> README.md` is README.md, and conflicts with a task on README.md).
     """
     if not isinstance(raw, str) or not raw.strip():
         raise PathError("empty path")
@@ -60,21 +64,45 @@ def normalize(raw: str, root: str | None = None) -> Target:
     if norm == ".." or norm.startswith("../"):
         raise PathError(f"{raw!r} leads outside the project root")
     is_glob = not GLOB_CHARS.isdisjoint(norm)
-    if root is not None and not is_glob and norm:
-        full = os.path.join(root, norm)
+    if root is not None and norm:
+        literal = norm if not is_glob else literal_base(norm)
+        full = os.path.join(root, literal)
         try:
-            mode = os.lstat(full).st_mode  # one call answers both "symlink?" and "directory?"
+            mode = os.lstat(full).st_mode if literal else 0  # one call answers both "symlink?" and "directory?"
         except OSError:
             mode = 0
-        if stat.S_ISLNK(mode) or _has_symlink_parent(root, norm):
-            real_root = os.path.realpath(root)
-            real = os.path.realpath(full)
-            if real != real_root and not real.startswith(real_root + os.sep):
+        if literal and (stat.S_ISLNK(mode) or _has_symlink_parent(root, literal)):
+            real = real_relative(root, literal)
+            if real is None:
                 raise PathError(f"{raw!r} is a symlink that leads outside the project root")
+            norm = real + norm[len(literal):] if real else norm[len(literal):].lstrip("/")
             mode = os.stat(full).st_mode if os.path.exists(full) else 0
-        if not is_dir and stat.S_ISDIR(mode):
+            if not norm:
+                norm, is_dir = "", True
+        if not is_glob and not is_dir and stat.S_ISDIR(mode):
             is_dir = True
     return Target(norm, is_dir, is_glob)
+
+
+def literal_base(pattern: str) -> str:
+    """A glob's leading directories without pattern characters (`tests/**/*.py` → `tests`, `*.md` → "")."""
+    fixed = []
+    for part in pattern.split("/"):
+        if not GLOB_CHARS.isdisjoint(part):
+            break
+        fixed.append(part)
+    return "/".join(fixed)
+
+
+def real_relative(root: str, rel: str) -> str | None:
+    """Where `rel` really leads, relative to the real root ("" for the root itself); None when outside it."""
+    real_root = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(root, rel))
+    if real == real_root:
+        return ""
+    if not real.startswith(real_root + os.sep):
+        return None
+    return real[len(real_root) + 1:]
 
 
 class Normaliser(dict):
@@ -187,14 +215,7 @@ def first_overlap(mine: tuple[Target, ...], theirs: tuple[Target, ...], test=Non
 def lock_prefix(target: Target) -> str:
     """The path a target locks exclusively: itself, or for a glob its fixed leading directories (`tests/**/*.py`
     → `tests`, `*.py` → the project root "")."""
-    if not target.is_glob:
-        return target.path
-    fixed = []
-    for part in target.path.split("/"):
-        if not GLOB_CHARS.isdisjoint(part):
-            break
-        fixed.append(part)
-    return "/".join(fixed)
+    return literal_base(target.path) if target.is_glob else target.path
 
 
 def nodes_related(p: str, q: str) -> bool:

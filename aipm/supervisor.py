@@ -71,7 +71,10 @@ class Supervisor(Recording, Owner):
         rec.command = [command] if isinstance(command, str) else list(command)
         timeout = task.timeout or self.settings.timeout
         rec.owner_pid, rec.owner_ctime = self.me
-        jail = confine.prefix(str(self.rt.root), rec.targets, rec.log) if confine.wanted(task, self.settings) else ()
+        jail = ()
+        if confine.wanted(task, self.settings):
+            keep = [os.path.dirname(rec.task_file), str(self.rt.root / self.settings.orders_dir)]
+            jail = confine.prefix(str(self.rt.root), rec.targets, rec.log, keep)
         cwd = workspace.directory(self.rt.root, rec)
         def started(pid: int, ctime: float) -> None:
             """Recorded and watched before its command may begin: if either fails, the command never runs."""

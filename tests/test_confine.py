@@ -235,3 +235,114 @@ def test_rules_never_open_the_project_through_its_ancestors_or_a_symlink(tmp_pat
     assert tmp == str(log)[: -len(".log")] + ".tmp"  # the project lies under the temp directory
     assert [m[0] for m in made] == [os.path.join(real, "a"), os.path.join(real, "a", "b.txt"),
                                     os.path.join(real, "tests")]
+
+
+def _git(top: Path, *args: str) -> None:
+    import subprocess
+
+    subprocess.run(["git", *args], cwd=top, check=True, capture_output=True)
+
+
+def _repo_with_project(tmp_path: Path, below: str = "") -> tuple[Project, Path, Path]:
+    """A git repository whose project root is its top, or a directory `below` it; returns (project, root, top)."""
+    top = tmp_path / "repo"
+    root = top / below if below else top
+    root.mkdir(parents=True)
+    project = Project(root)
+    (root / "README.md").write_text("readme\n")
+    (root / "notes.md").write_text("notes\n")
+    (root / "src").mkdir()
+    (root / "src" / "a.py").write_text("a = 1\n")
+    write_task(project.order(), "OTHER", command="true", target_files=["other.txt"], status="DONE")
+    _git(top, "init", "-q")
+    _git(top, "config", "user.email", "t@example.com")
+    _git(top, "config", "user.name", "t")
+    _git(top, "add", "-A")
+    _git(top, "commit", "-q", "-m", "init")
+    return project, root, top
+
+
+# What a confined task tries that touches aipm's and git's own files, each a line of the worker's log.
+TAMPER = r'''
+import json, os, subprocess
+result = {}
+def attempt(name, action):
+    try:
+        action()
+        result[name] = "ok"
+    except OSError as exc:
+        result[name] = "denied"
+def append(path, text):
+    with open(path, "a") as handle:
+        handle.write(text)
+attempt("own_target", lambda: append("README.md", "more\n"))
+attempt("task_file", lambda: append("orders/ORD/OTHER.yaml", "command: rm -rf /\n"))
+attempt("new_task_file", lambda: append("orders/ORD/NEW.yaml", "id: NEW\n"))
+attempt("runtime_dir", lambda: append(".aipm/evil", "x"))
+attempt("new_at_root", lambda: append("new.md", "x"))
+commit = subprocess.run(["git", "commit", "-qam", "agent"], capture_output=True)
+result["git_commit"] = "ok" if commit.returncode == 0 else "denied"
+print("PROBE " + json.dumps(result), flush=True)
+'''
+
+
+@landlock
+@pytest.mark.parametrize("below", ["", "sub/project"], ids=["root-at-top", "root-below-top"])
+def test_a_glob_at_the_root_opens_neither_task_files_nor_runtime_nor_git(tmp_path, below):
+    """`*.md` is granted its literal base, the project root: that rule opened every task file, `.aipm/` and
+    `.git/` (a confined worker committed and rewrote another task's command). A project below the repository's
+    top had `.git/` beside its path, granted as "outside the project". Now neither is opened, wherever it is."""
+    project, root, top = _repo_with_project(tmp_path, below)
+    (root / "tamper.py").write_text(TAMPER)
+    write_task(project.order(), "T", command=[sys.executable, "tamper.py"], target_files=["*.md"], confine=True)
+    head = (top / ".git" / "HEAD").read_text(), sorted(p.name for p in (top / ".git" / "refs" / "heads").iterdir())
+    before = (root / "orders" / "ORD" / "OTHER.yaml").read_text()
+    proc = project.aipm("run", "ORD", "--no-review")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result = _probe_result(root)
+    assert result == {"own_target": "ok", "task_file": "denied", "new_task_file": "denied", "runtime_dir": "denied",
+                      "new_at_root": "denied", "git_commit": "denied"}, result
+    assert (root / "orders" / "ORD" / "OTHER.yaml").read_text() == before
+    assert not (root / "orders" / "ORD" / "NEW.yaml").exists() and not (root / ".aipm" / "evil").exists()
+    assert ((top / ".git" / "HEAD").read_text(), sorted(p.name for p in (top / ".git" / "refs" / "heads").iterdir())
+            ) == head
+    import subprocess
+    log = subprocess.run(["git", "log", "--format=%s"], cwd=top, capture_output=True, text=True).stdout.split()
+    assert log == ["init"]
+
+
+@landlock
+def test_a_target_through_a_symlink_is_its_real_path_for_locks_audit_and_kernel(tmp_path):
+    """`notes -> README.md`: the lock was taken on `notes`, so a task on README.md ran beside it on the same file,
+    and a directory link `lnk -> src` made the unconfined audit reject a task for writing its own target. Both
+    are named by where they lead now."""
+    project, root, top = _repo_with_project(tmp_path)
+    os.symlink("README.md", root / "notes")
+    os.symlink("src", root / "lnk")
+    order = project.order()
+    write_task(order, "A", command="sleep 1; echo a >> notes", target_files=["notes"], confine=True)
+    write_task(order, "B", command="echo b >> README.md", target_files=["README.md"])
+    write_task(order, "C", command="echo c >> lnk/a.py", target_files=["lnk/"])
+    detect = project.json("detect", "ORD")
+    launchable = [t["id"] for t in detect["launchable"]]
+    assert "C" in launchable and not {"A", "B"} <= set(launchable), detect  # A and B share README.md
+    proc = project.aipm("run", "ORD", "--max-workers", "3")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert task_statuses(order) == {"A": "DONE", "B": "DONE", "C": "DONE", "OTHER": "DONE"}
+    assert sorted((root / "README.md").read_text().split()) == ["a", "b", "readme"]
+    assert (root / "src" / "a.py").read_text() == "a = 1\nc\n"
+
+
+def test_rules_refuse_a_target_that_became_a_symlink_after_the_order_was_read(tmp_path):
+    """Its locks were taken on the path as it was read; a link made since (by another worker) would open where
+    it points, so the worker does not start."""
+    root = tmp_path / "proj"
+    (root / "src").mkdir(parents=True)
+    os.symlink(".", root / "out")
+    log = root / ".aipm" / "logs" / "O" / "T.1.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("")
+    with pytest.raises(OSError, match="symlink"):
+        confine.rules(str(root), ["out/"], str(log), [])
+    with pytest.raises(OSError, match="symlink"):
+        confine.rules(str(root), ["out/src/x.py"], str(log), [])
