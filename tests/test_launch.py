@@ -148,3 +148,18 @@ def test_a_released_worker_whose_file_was_reset_is_neither_planned_again_nor_sto
     report = launcher.launch(OrderView(order, project.root, watch=False), explain=False, recover=False,
                              ending=["ORD/A"], released=["ORD/A"], ranked_before=[])
     assert report.launched == [] and report.failed == []
+
+
+def test_a_running_task_whose_target_is_the_whole_project_is_read_back_by_the_next_launch(project):
+    """The root target was recorded as "" in its worker record, which the next launcher could not read back:
+    every `launch` while it ran ended in a traceback."""
+    order = project.order()
+    write_task(order, "ROOT", command="sleep 30", target_files=["."], priority="P0")
+    write_task(order, "B", command="true", target_files=["b.txt"])
+    first = project.aipm("launch", "ORD", "--json")
+    assert first.returncode == 0 and [t["id"] for t in json.loads(first.stdout)["launched"]] == ["ROOT"], first.stderr
+    again = project.aipm("launch", "ORD", "--json")
+    assert again.returncode == 0 and "Traceback" not in again.stderr, again.stderr
+    assert json.loads(again.stdout)["launched"] == []  # B overlaps the whole project, which ROOT holds
+    assert project.aipm("cancel", "ORD/ROOT").returncode == 0
+    wait_for(lambda: no_workers(project.root))
