@@ -118,20 +118,34 @@ def git_env() -> dict[str, str]:
     return env
 
 
-def status_paths(out: str) -> Iterable[str]:
-    """Paths of `git status --porcelain=v1 -z` records; a rename or copy yields both its paths."""
+STATUS_ARGS = ("status", "--porcelain=v2", "-z", "--branch", "--untracked-files=all", "--no-renames")
+
+
+def read_status(out: str) -> tuple[str | None, list[str]]:
+    """(HEAD's commit, None before the first; the paths) of `git <STATUS_ARGS>` output. A rename or copy yields
+    both its paths."""
     fields = out.split("\0")
+    head, paths = None, []
     i = 0
     while i < len(fields):
         entry = fields[i]
         i += 1
-        if len(entry) < 4:
-            continue
-        yield entry[3:]
-        if entry[0] in "RC":  # the source path follows as its own field
-            if i < len(fields) and fields[i]:
-                yield fields[i]
+        kind = entry[:2]
+        if entry.startswith("# branch.oid "):
+            oid = entry[len("# branch.oid "):]
+            head = oid if oid != "(initial)" else None
+        elif kind == "1 ":
+            paths.append(entry.split(" ", 8)[8])
+        elif kind == "2 ":
+            paths.append(entry.split(" ", 9)[9])
+            if i < len(fields) and fields[i]:  # the source path follows as its own field
+                paths.append(fields[i])
             i += 1
+        elif kind == "u ":
+            paths.append(entry.split(" ", 10)[10])
+        elif kind == "? ":
+            paths.append(entry[2:])
+    return head, paths
 
 
 def fingerprint(path: str) -> Fingerprint:

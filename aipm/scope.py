@@ -38,8 +38,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from aipm import durable
-from aipm.gitstatus import (Git, as_fingerprint, changed, fingerprint, git_env, known_outside, real_root,
-                            status_paths, tree_prefix)
+from aipm.gitstatus import (STATUS_ARGS, Git, as_fingerprint, changed, fingerprint, git_env, known_outside,
+                            read_status, real_root, tree_prefix)
 from aipm.paths import PathError, Target, normalize, overlaps
 from aipm.treewatch import CREATED, TreeWatch
 
@@ -47,9 +47,11 @@ RUNTIME_DIR = ".aipm"
 
 
 class Snapshot(dict):
-    """Path relative to the root, "/"-separated → fingerprint; `taken_ns`: when `git status` was started."""
+    """Path relative to the root, "/"-separated → fingerprint; `taken_ns`: when `git status` was started; `head`:
+    the commit checked out then (a worker that commits its writes leaves them clean, but HEAD moved)."""
 
     taken_ns: int = 0
+    head: str | None = None
 
 
 _SHARED: list[dict[str, "Snapshot | _Pending | None"]] = []  # the open sharing scope, if any
@@ -157,7 +159,8 @@ class _Pending:
         snap = Snapshot()
         snap.taken_ns = self.taken_ns
         root = str(self.root)
-        for path in status_paths(out.decode("utf-8", "surrogateescape")):
+        snap.head, paths = read_status(out.decode("utf-8", "surrogateescape"))
+        for path in paths:
             if not path.startswith(self.prefix):
                 continue
             rel = path[len(self.prefix):].rstrip("/")
@@ -183,8 +186,7 @@ def _start(root: Path) -> _Pending | None:
         return None  # known: not in a work tree, or no git
     taken_ns = time.time_ns()
     try:
-        proc = Git(["git", "-C", str(root), "--no-optional-locks", "status", "--porcelain=v1", "-z",
-                    "--untracked-files=all", "--no-renames", "--", "."], git_env())
+        proc = Git(["git", "-C", str(root), "--no-optional-locks", *STATUS_ARGS, "--", "."], git_env())
     except OSError:
         return None
     pending = _Pending(root, "", proc, taken_ns)
@@ -218,7 +220,7 @@ def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:
 def save(snap: Snapshot, path: Path) -> None:
     """Write a snapshot as JSON (so an owner that adopts a worker can still audit it); the file's mtime is the
     moment it was taken."""
-    _write_json(Path(path), snap, snap.taken_ns)
+    _write_json(Path(path), ["snapshot", snap.head, snap], snap.taken_ns)
 
 
 def _write_json(path: Path, data: object, mtime_ns: int = 0) -> None:
@@ -247,10 +249,11 @@ def load(path: Path) -> Snapshot | Watched | None:
         return None
     if isinstance(data, list) and len(data) == 2 and data[0] == "watched" and isinstance(data[1], int):
         return Watched(data[1])
-    if not isinstance(data, dict):
+    if not (isinstance(data, list) and len(data) == 3 and data[0] == "snapshot" and isinstance(data[2], dict)):
         return None
-    snap = Snapshot((str(k), as_fingerprint(v)) for k, v in data.items())
+    snap = Snapshot((str(k), as_fingerprint(v)) for k, v in data[2].items())
     snap.taken_ns = taken
+    snap.head = data[1] if isinstance(data[1], str) else None
     return snap
 
 
@@ -265,7 +268,9 @@ def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target 
         start = load(path)
         if isinstance(start, Snapshot):
             after = snapshot(root)
-            return out_of_scope(changed(start, after), allowed(start.taken_ns)) if after is not None else []
+            if after is None:
+                return []
+            return out_of_scope(changed(start, after) | committed(root, start.head, after.head), allowed(start.taken_ns))
         if start is None:
             return []
         since = start.taken_ns
@@ -286,6 +291,23 @@ def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target 
     bad += [p for p in touched if p.endswith("/") and touched[p] != CREATED and not _dir_covered(p[:-1], covered)]
     ignored = _ignored(real_root(root), bad)
     return sorted(p for p in bad if p not in ignored and p.rstrip("/") not in ignored)
+
+
+def committed(root: Path, before: str | None, after: str | None) -> set[str]:
+    """Paths under the root that the commits from `before` to `after` changed: a worker that commits what it
+    wrote leaves `git status` clean. Empty when HEAD did not move (or there was none before)."""
+    if before is None or after is None or before == after:
+        return set()
+    prefix = tree_prefix(real_root(root)) or ""
+    try:
+        proc = Git(["git", "-C", str(root), "diff", "--name-only", "-z", "--no-renames", before, after, "--", "."],
+                   git_env())
+    except OSError:
+        return set()
+    out, code = proc.communicate()
+    if code != 0:  # `before` is gone (a history rewritten and collected): what HEAD holds now is all we know
+        return set()
+    return {p[len(prefix):] for p in out.decode("utf-8", "surrogateescape").split("\0") if p.startswith(prefix) and p}
 
 
 _UNSEEN = -1  # the first event in the window is not known: a path gone now may have gone before it

@@ -225,6 +225,63 @@ def test_run_fails_the_review_of_a_worker_that_writes_outside_its_targets(tmp_pa
     assert "c.txt" in feedback.read_text() and "src/b.txt" not in feedback.read_text()
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("order_at", ["orders/ORD", "."], ids=["orders", "root"])
+def test_the_order_directory_allows_its_task_files_not_everything_in_it(tmp_path, order_at):
+    """The audit allowed every order directory whole: a worker's notes file beside the task files passed, and
+    an order directory at the root (`aipm run .`) allowed every path of the project."""
+    import subprocess as sp
+    import sys
+
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / order_at
+    order.mkdir(parents=True, exist_ok=True)
+    (root / "aipm.yaml").write_text("max_rework: 0\n")
+    (root / "README.md").write_text("readme\n")
+    stray = "notes.txt" if order_at == "." else f"{order_at}/notes.txt"
+    (order / "T.yaml").write_text(yaml.safe_dump(
+        {"command": f"echo a > a.txt && echo n > {stray} && echo more >> README.md", "target_files": ["a.txt"]}))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        sp.run(["git", *args], cwd=root, check=True)
+    proc = sp.run([sys.executable, "-m", "aipm", "--root", str(root), "run", str(order), "--no-resource-monitoring",
+                   "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert yaml.safe_load((order / "T.yaml").read_text())["status"] == "REJECTED"
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["scope"] for e in events if e.get("scope")] == [sorted(["README.md", stray])]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
+def test_a_write_outside_the_targets_that_the_worker_commits_is_still_found(tmp_path, watch):
+    """`git status` is clean again after `git commit -a`: the audit by snapshots (launch, scope_watch: false)
+    passed such a worker. The commits since the attempt's start count as its writes."""
+    import subprocess as sp
+    import sys
+
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (root / "aipm.yaml").write_text(f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
+    (root / "README.md").write_text("readme\n")
+    (order / "T.yaml").write_text(yaml.safe_dump({
+        "command": "echo a > a.txt && echo more >> README.md && git add README.md && "
+                   "git -c user.name=w -c user.email=w@w commit -qm agent README.md",
+        "target_files": ["a.txt"]}))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        sp.run(["git", *args], cwd=root, check=True)
+    proc = sp.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--no-resource-monitoring",
+                   "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert yaml.safe_load((order / "T.yaml").read_text())["status"] == "REJECTED"
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["scope"] for e in events if e.get("scope")] == [["README.md"]]
+
+
 def _counting_git(tmp_path: Path) -> tuple[dict, Path]:
     """A `git` first on PATH that logs each `status` call and runs the real git."""
     shim = tmp_path / "shim"
