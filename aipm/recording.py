@@ -20,7 +20,7 @@ from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
 from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Status, Task
-from aipm.restore import disowned, known_status, restore
+from aipm.restore import counters, disowned, known_status, restore
 from aipm.runtime import Record, Runtime, append_log
 from aipm.settings import Settings
 from aipm.store import load_task
@@ -309,6 +309,9 @@ class Recording:
             command = list(command)
         env = environment(self.rt, rec, task, model_for(task, self.settings, self.launcher.options.model))
         rec.phase = "review"
+        # The review's record holds what the file says now: the attempt's usage was just added, and the start's
+        # figures would read as a reset and be written back when the review ends.
+        rec.counters = counters(task)
         rec.exit_file = rec.exit_file.split(".review")[0] + ".review"
         review_log = str(Path(rec.log).with_suffix(".review.log"))
         try:

@@ -324,6 +324,20 @@ def test_the_budget_setting_applies_when_order_yaml_has_none(project):
     assert project.statuses() == {"T1": "DONE", "T2": "QUEUED"}
 
 
+def test_reviewed_attempts_add_up_and_the_budget_stops_them(project):
+    # Each rejected attempt's cost must stay recorded after its review ends, or the budget is never reached.
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.12\n")
+    write_task(order, "A", prompt="@cost 0.05", review="false", max_rework=5)
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "budget reached" in proc.stderr and "restore" not in proc.stdout, proc.stdout + proc.stderr
+    assert len(journal(project)) == 3  # $0.10 after two is below the budget; $0.15 after three is not
+    a = task_file(order, "A")
+    assert (a["status"], a["cost_usd"]) == ("QUEUED", 0.15)
+
+
 def test_a_task_budget_is_passed_to_claude(project):
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     write_task(project.order(), "A", prompt="hi", max_cost_usd=2.5)
