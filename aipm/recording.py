@@ -110,6 +110,9 @@ class Recording:
         event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.serial,
                  "phase": rec.phase, "exit_code": code}
         if task.status == Status.CANCELLED:
+            if rec.phase == "work":  # stopped by the cancel, the attempt still cost what its agent reported
+                spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens)[1]
+                task = self._write(task, spent) if spent else task
             self._drop(rec)  # the user's word stands
             event.update(status=str(task.status), reason=task.reason)
             return event
@@ -238,15 +241,10 @@ class Recording:
         """The attempt's usage, read from its log by its agent preset, as updates of the task's totals."""
         if agents.can_resume(rec.agent):
             self.rt.resume_path(rec.order, rec.task).unlink(missing_ok=True)  # a resume is used once
-        usage = agents.read_usage(rec.agent, Path(rec.log))
-        if usage is None:
-            return {}
-        cost = "unknown" if usage.cost_usd is None else f"${usage.cost_usd:.4f}"
-        tokens = ", ".join(f"{k} {n}" for k, n in usage.tokens.items()) or "unknown"
-        append_log(rec.log, f"usage: cost {cost}; tokens {tokens}; session {usage.session_id or 'unknown'}")
-        if usage.cost_usd is not None:
+        usage, updates = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens)
+        if usage is not None and usage.cost_usd is not None:
             event["cost_usd"] = usage.cost_usd
-        return agents.task_updates(task.cost_usd, task.tokens, usage)
+        return updates
 
     def _review_ended(self, rec: Record, task: Task, code: int) -> Task:
         """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback."""

@@ -11,7 +11,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aipm import outcome, runner, subreaper, workspace, writtenlog
+from aipm import agents, outcome, runner, subreaper, workspace, writtenlog
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.runtime import Record, Runtime, append_log, exit_file_written
@@ -107,8 +107,11 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
     try:
         # Put back under the attempt (QUEUED already): nothing to undo. INTERRUPTED: the second step is left.
         if task.status in RUNNING:
+            # A stopped attempt (Ctrl-C, preempted, its owner gone) still cost what its agent reported so far.
+            ran = rec is not None and rec.phase == "work" and rec.pid
+            spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens)[1] if ran else {}
             task = update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(),
-                                      "reason": outcome.interrupted(why)}, expect=task.status)
+                                      "reason": outcome.interrupted(why), **spent}, expect=task.status)
         if task.status == Status.INTERRUPTED:
             update_task(path, {"status": Status.QUEUED, "attempts": attempts}, expect=Status.INTERRUPTED)
     except (StaleWrite, UserError, OSError):

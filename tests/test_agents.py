@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import FIXTURES, REPO, snapshot, wait_for, write_task
+from conftest import FIXTURES, REPO, no_workers, snapshot, wait_for, write_task
 from aipm import agents
 from aipm.agents import Attempt, aider, claude, codex, guard
 from aipm.paths import normalize
@@ -346,6 +348,72 @@ def test_a_task_budget_is_passed_to_claude(project):
     assert argv[argv.index("--max-budget-usd") + 1] == "2.5"
 
 
+# ---- stopped attempts: what they reported before the stop still counts -----------------------------------
+
+
+def waiting_aider(project, **fields) -> Path:
+    """An aider task whose attempts report $0.04, then go on until the gate opens."""
+    return write_task(project.order(), "A", agent="aider", prompt=f"@cost 0.04\n@wait-for {project.root / 'gate'}",
+                      target_files=["a.txt"], **fields)
+
+
+def reported(project, attempt: int = 1) -> bool:
+    log = project.root / f".aipm/logs/ORD/A.{attempt}.log"
+    return log.exists() and "session." in log.read_text()
+
+
+def test_a_cancelled_attempt_keeps_the_cost_it_reported(project, gate):
+    path = waiting_aider(project)
+    project.aipm("launch", "ORD", env=agent_env(project), check=True)
+    wait_for(lambda: reported(project))
+    project.aipm("cancel", "A", check=True)
+    wait_for(lambda: no_workers(project.root))
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a["cost_usd"]) == ("CANCELLED", 0.04)
+    assert "usage: cost $0.0400" in (project.root / ".aipm/logs/ORD/A.1.log").read_text()
+
+
+def test_ctrl_c_of_run_keeps_the_cost_the_attempt_reported(project, gate):
+    path = waiting_aider(project)
+    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: reported(project))
+    run.send_signal(signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a["attempts"], a["cost_usd"]) == ("QUEUED", 0, 0.04)
+
+
+def test_a_preempted_attempt_keeps_the_cost_it_reported(project, gate):
+    path = waiting_aider(project, priority="P3")
+    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--preempt"],
+                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for(lambda: reported(project))
+    # The urgent task opens the gate, so the second attempt of A reports its $0.04 and ends.
+    write_task(project.order(), "URGENT", priority="P0", target_files=["a.txt"], command=f"touch {gate}")
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 0, out
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a["preemptions"], a["cost_usd"]) == ("DONE", 1, 0.08)
+
+
+def test_an_attempt_recovered_after_its_owner_died_keeps_the_cost_it_reported(project, gate):
+    from aipm.runtime import Runtime
+
+    path = waiting_aider(project)
+    project.aipm("launch", "ORD", env=agent_env(project), check=True)
+    wait_for(lambda: reported(project))
+    rec = Runtime(project.root).read_record("ORD", "A")
+    os.kill(rec.owner_pid, signal.SIGKILL)  # first, or it would record the worker's end itself
+    os.killpg(rec.pgid, signal.SIGKILL)  # worker and wrapper: no exit code is left
+    wait_for(lambda: not rec.alive())
+    assert "requeued" in project.aipm("recover", "ORD", check=True).stdout
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a["cost_usd"]) == ("QUEUED", 0.04)
+
+
 # ---- notify ---------------------------------------------------------------------------------------------
 
 
@@ -473,9 +541,6 @@ def test_the_budget_holds_with_workers_finishing_in_parallel(project):
 
 
 def test_a_supervisor_killed_mid_attempt_leaves_the_usage_to_the_next_one(project):
-    import signal
-    import sys
-
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     order = project.order()
     gate = project.root / "gate"

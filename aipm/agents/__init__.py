@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from aipm.paths import Target
+from aipm.runtime import append_log
 
 COMMAND = "command"  # not a preset: the worker.command template (or the task's own command)
 NAMES = (COMMAND, "claude", "codex", "aider")
@@ -84,6 +85,18 @@ def read_usage(name: str, log: Path) -> Usage | None:
     except OSError:
         pass  # the task file gets the figures anyway; this copy is for people reading .aipm/
     return usage
+
+
+def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] | None) -> tuple[Usage | None, dict]:
+    """An ended attempt's usage, however it ended: read from its log, summed up there in a `usage:` line, and as
+    updates of the task's totals (`cost_usd`, `tokens`: the task's before the attempt)."""
+    usage = read_usage(name, log)
+    if usage is None:
+        return None, {}
+    cost = "unknown" if usage.cost_usd is None else f"${usage.cost_usd:.4f}"
+    kinds = ", ".join(f"{k} {n}" for k, n in usage.tokens.items()) or "unknown"
+    append_log(str(log), f"usage: cost {cost}; tokens {kinds}; session {usage.session_id or 'unknown'}")
+    return usage, task_updates(cost_usd, tokens, usage)
 
 
 def task_updates(cost_usd: float | None, tokens: dict[str, int] | None, usage: Usage | None) -> dict[str, Any]:

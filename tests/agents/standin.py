@@ -8,7 +8,8 @@ Directives, one per line anywhere in the prompt:
     @fail                    end the run with an error (exit 1)
     @fail-attempt N          ... only when AIPM_ATTEMPT is N
     @write PATH TEXT         write TEXT to PATH, through the agent's own permission checks
-    @wait-for PATH           (claude) wait until PATH exists before finishing
+    @wait-for PATH           wait until PATH exists before finishing (claude: before its result; aider: after its
+                             report)
 
 With FAKE_AGENT_JOURNAL set, each run appends one JSON line {"agent", "argv", "prompt", "attempt", "task"}.
 """
