@@ -18,24 +18,28 @@ from aipm.project import Project
 from aipm.runner import terminate_group
 from aipm.runtime import Runtime, append_log, live_pid
 from aipm.settings import Settings
-from aipm.store import load_order, load_task
+from aipm.store import load_task, order_meta
 from aipm.writer import StaleWrite, now, update_task
 from aipm.worker import agent_for
 
 
 def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) -> None:
-    """Mark the task CANCELLED, then stop its worker's group (SIGTERM, SIGKILL after `grace` seconds)."""
+    """Mark the task CANCELLED, then stop its worker's group (SIGTERM, SIGKILL after `grace` seconds). A task
+    already CANCELLED whose worker still runs (its first cancel was cut short) only has its worker stopped."""
     rt = Runtime(project.root)
     path = order_dir / f"{task_id}.yaml"
     with rt.launch_lock():
         current = load_task(path, project.root)
-        if current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
-            raise UserError(f"{path}: status: {current.status} cannot be cancelled")
-        update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
-                    expect=current.status)
-        order_id = load_order(order_dir, project.root).id
+        # Only order.yaml is read for the id: a sibling task file half-edited must not stop a cancel.
+        order_id = order_meta(order_dir)[0]
         rec = rt.read_record(order_id, task_id)
-    if rec is not None and rec.pid and rec.worker_alive():
+        live = rec is not None and rec.pid and rec.worker_alive()
+        if not (current.status == Status.CANCELLED and live):
+            if current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
+                raise UserError(f"{path}: status: {current.status} cannot be cancelled")
+            update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
+                        expect=current.status)
+    if live:
         append_log(rec.log, "cancelled by the user: stopping the process group")
         terminate_group(rec.pgid, rec.pid, grace)
         _until_released(rt, order_id, task_id, grace + 5)
@@ -60,7 +64,7 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
     rt = Runtime(project.root)
     with rt.launch_lock():
         current = load_task(path, project.root)
-        order_id = load_order(order_dir, project.root).id
+        order_id = order_meta(order_dir)[0]  # as for cancel: a broken sibling is no reason to refuse
         rec = rt.read_record(order_id, task_id)
         live = rec is not None and rec.alive()
         if current.status in RUNNING:

@@ -81,6 +81,35 @@ def test_cancel_stops_the_whole_group(project):
     assert data["status"] == "QUEUED" and data["attempts"] == 0
 
 
+def test_cancel_stops_the_worker_while_a_sibling_task_file_is_broken(project, gate):
+    order = project.order()
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])
+    project.aipm("launch", "ORD", check=True)
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    (order / "B.yaml").write_text("title: [unclosed\n")  # being edited
+    proc = project.aipm("cancel", "ORD/A", "--grace", "2")
+    assert proc.returncode == 0, proc.stderr
+    assert task_statuses(order)["A"] == "CANCELLED"
+    wait_for(lambda: not group_alive(worker["pgid"]))
+
+
+def test_cancel_of_a_cancelled_task_whose_worker_runs_stops_it(project, gate):
+    """A cancel cut short after its write (killed, or by an older aipm) left CANCELLED over a live worker."""
+    order = project.order()
+    path = write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])
+    project.aipm("launch", "ORD", check=True)
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    path.write_text(path.read_text().replace("status: IN_PROGRESS", "status: CANCELLED"))
+    proc = project.aipm("cancel", "A", "--grace", "2")
+    assert proc.returncode == 0, proc.stderr
+    wait_for(lambda: not group_alive(worker["pgid"]))
+    wait_for(lambda: no_workers(project.root))
+    assert task_statuses(order) == {"A": "CANCELLED"}
+    # With no worker left, cancelling it again is the usual one-line refusal.
+    again = project.aipm("cancel", "A")
+    assert again.returncode == 2 and "status: CANCELLED cannot be cancelled" in again.stderr, again.stderr
+
+
 def test_retry_of_a_running_task_is_refused(project, gate):
     order = project.order()
     write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
