@@ -176,6 +176,25 @@ def test_cancel_from_the_page_stops_the_worker_group_and_retry_requeues(project,
     wait_for(lambda: row_status(browser, "ORD/A") == "QUEUED")
 
 
+def test_a_broken_task_file_leaves_the_other_tasks_reachable(project, dashboard, gate):
+    """O1 has a file being edited; O2 (after it on the board) and O1's healthy task still answer."""
+    first, second = project.order("O1"), project.order("O2")
+    write_task(first, "T1", command="echo hello", target_files=["a"])
+    write_task(second, "T1", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["b"])
+    project.aipm("launch", "O2", check=True)
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    (first / "T2.yaml").write_text("title: [unclosed\n")
+    base, token = base_and_token(dashboard)
+    for order in ("O1", "O2"):
+        assert status_code(f"{base}/api/log?token={token}&order={order}&task=T1") == 200, order
+    assert status_code(f"{base}/api/log?token={token}&order=O1&task=T2") == 200  # its file is there, broken
+    assert status_code(f"{base}/api/log?token={token}&order=O2&task=nope") == 404
+    headers = {"Content-Type": "application/json", "X-Aipm-Token": token}
+    assert status_code(f"{base}/api/cancel", "POST", headers, b'{"order": "O2", "task": "T1"}') == 200
+    wait_for(lambda: not group_alive(worker["pgid"]))
+    assert task_statuses(second) == {"T1": "CANCELLED"}
+
+
 def test_another_host_only_when_asked_and_with_a_warning(project):
     """127.0.0.2 is loopback too (nothing leaves the machine), but not the default: aipm warns."""
     proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "ui", "--host", "127.0.0.2"],

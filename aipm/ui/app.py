@@ -29,7 +29,7 @@ from aipm.launcher import Launcher, Options
 from aipm.logbook import attempt_logs
 from aipm.project import Project
 from aipm.settings import Settings
-from aipm.store import load_order
+from aipm.store import order_meta, task_names
 from aipm.ui.stream import Hub, LiveLog, Stream, sse
 
 TOKEN_HEADER = b"x-aipm-token"
@@ -104,12 +104,17 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
         return project_board(looker, order_dirs())
 
     def find(order_id: str, task_id: str) -> tuple[Path, str]:
-        """The order directory and task a request names; only tasks of the orders on the board."""
+        """The order directory and task a request names; only tasks of the orders on the board. Only order.yaml
+        and the file names are read: a task file being edited must not make other tasks unreachable."""
         for directory in order_dirs():
-            if directory.name == order_id or load_order(directory, project.root).id == order_id:
-                if task_id in load_order(directory, project.root).tasks:
+            try:
+                if directory.name != order_id and order_meta(directory)[0] != order_id:
+                    continue
+                if f"{task_id}.yaml" in task_names(directory):  # a listed name: no path from the request
                     return directory, task_id
-                break
+            except (UserError, OSError):
+                continue  # a broken order.yaml or a vanished directory: its row on the board says so
+            break
         raise UserError(f"no task {order_id}/{task_id} on this board")
 
     async def page(request: Request):
@@ -121,9 +126,9 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
 
     def task_log(order_id: str, task_id: str) -> dict:
         order_dir, task_id = find(order_id, task_id)
-        order = load_order(order_dir, project.root)
+        order_id = order_meta(order_dir)[0]
         attempts = []
-        mine = sorted((log for log in attempt_logs(looker.runtime, order.id) if log.task == task_id),
+        mine = sorted((log for log in attempt_logs(looker.runtime, order_id) if log.task == task_id),
                       key=lambda log: (log.attempt, log.review))
         for path in (log.path for log in mine):
             with open(path, "rb") as handle:
@@ -131,7 +136,7 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
                 handle.seek(max(0, size - LOG_BYTES))
                 attempts.append({"name": path.name, "text": handle.read().decode(errors="replace"),
                                  "truncated": size > LOG_BYTES})
-        return {"order": order.id, "task": task_id, "logs": attempts}
+        return {"order": order_id, "task": task_id, "logs": attempts}
 
     async def log_json(request: Request):
         try:
