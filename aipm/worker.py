@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from aipm import agents
+from aipm import agents, workspace
 from aipm.errors import UserError
 from aipm.model import Task
 from aipm.runtime import Record, Runtime
@@ -31,11 +31,16 @@ def invocation(
     prompt.write_text(text)
     if agents.is_preset(rec.agent):
         resume = runtime.resume_path(rec.order, rec.task)
+        work = Path(workspace.directory(runtime.root, rec))  # the tree the agent edits: its rules are for it
+        order_dir = Path(rec.order_dir).resolve()
+        protected = [runtime.dir, order_dir]
+        if rec.workspace and not os.path.relpath(order_dir, runtime.root).startswith(".."):
+            protected.append(work / os.path.relpath(order_dir, runtime.root))  # the worktree's copy of the order
         attempt = agents.Attempt(
-            root=runtime.root, prompt_file=prompt, log=Path(rec.log), model=model, model_chosen=chosen,
-            targets=task.targets, protected=(runtime.dir, Path(rec.order_dir).resolve()),
-            max_cost_usd=task.max_cost_usd,
+            root=work, prompt_file=prompt, log=Path(rec.log), model=model, model_chosen=chosen,
+            targets=task.targets, protected=tuple(protected), max_cost_usd=task.max_cost_usd,
             resume=(resume.read_text().strip() or None) if resume.exists() else None,
+            workspace=Path(rec.workspace) if rec.workspace else None,
         )
         return agents.command_line(rec.agent, attempt), env, str(prompt)
     values = {"model": model, "task_id": rec.task, "order_id": rec.order, "prompt_file": str(prompt)}

@@ -155,6 +155,38 @@ def test_the_hook_follows_symlinks_out_of_a_target(tmp_path):
     assert guard.verdict(pre_tool_use(tmp_path, "Edit", "docs/real.md"), rules) is None
 
 
+def test_claude_in_a_worktree_is_guarded_in_its_worktree_not_the_main_tree(project):
+    root = project.root
+    (root / "aipm.yaml").write_text("worker:\n  agent: claude\nworkspace: worktree\n")
+    (root / "src").mkdir()
+    (root / "src" / "a.py").write_text("old\n")
+    write_task(project.order(), "A", target_files=["src/a.py"],
+               prompt=f"@write src/a.py new\n@write {root / 'src/a.py'} shared\n@write other.txt no")
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "i"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (root / ".aipm/logs/ORD/A.1.log").read_text()
+    # The target in its worktree was written and merged back; the main tree's copy and a non-target were not.
+    assert (root / "src/a.py").read_text() == "new\n" and not (root / "other.txt").exists()
+    assert f"{root / 'src/a.py'} is outside this task's worktree" in log
+    assert "other.txt is not among this task's target_files" in log
+    rules = json.loads((root / ".aipm/logs/ORD/A.1.claude-settings.json").read_text())["permissions"]
+    worktree = root / ".aipm/worktrees/ORD/A"
+    assert rules["allow"] == [f"Edit(/{worktree}/src/a.py)"]
+    assert rules["deny"] == [f"Edit(/{root}/orders/ORD/**)", f"Edit(/{worktree}/orders/ORD/**)"]
+
+
+def test_the_hook_of_a_worktree_task_protects_aipm_but_its_own_worktree(tmp_path):
+    worktree = tmp_path / ".aipm" / "worktrees" / "ORD" / "T"
+    a = attempt(tmp_path, root=worktree, workspace=worktree,
+                protected=(tmp_path / ".aipm", tmp_path / "orders/ORD", worktree / "orders/ORD"))
+    assert run_hook(a, pre_tool_use(worktree, "Edit", "src/app.py")) is None
+    for path in (tmp_path / ".aipm/logs/x", worktree / "orders/ORD/T.yaml", tmp_path / "src/app.py",
+                 tmp_path / ".aipm/worktrees/ORD/OTHER/src/app.py"):
+        assert denied(run_hook(a, pre_tool_use(worktree, "Write", str(path)))), path
+
+
 # ---- usage parsing --------------------------------------------------------------------------------------
 
 

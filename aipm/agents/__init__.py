@@ -28,7 +28,7 @@ TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
 class Attempt:
     """What a preset needs to build one attempt's command line."""
 
-    root: Path
+    root: Path  # where the agent works: the project root, or its copy in the task's worktree
     prompt_file: Path
     log: Path  # the attempt's log; per-attempt files go beside it: log.with_suffix(".<what>")
     model: str
@@ -37,6 +37,7 @@ class Attempt:
     protected: tuple[Path, ...]  # directories no agent may edit: the runtime directory, the order directory
     max_cost_usd: float | None = None
     resume: str | None = None  # the agent's session to continue (retry --resume)
+    workspace: Path | None = None  # the task's git worktree: inside the runtime directory, yet the agent's to edit
 
 
 @dataclass

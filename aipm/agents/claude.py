@@ -52,8 +52,11 @@ def settings(attempt: Attempt, guard_file: Path) -> dict:
     return {
         "permissions": {
             "allow": [f"Edit({_rule_path(root, t)})" for t in attempt.targets],
-            # Deny wins over allow in Claude Code, so these hold even if a target is drawn too wide.
-            "deny": [f"Edit(/{p.as_posix()}/**)" for p in attempt.protected],
+            # Deny wins over allow in Claude Code, so these hold even if a target is drawn too wide. A directory
+            # holding the task's worktree (the runtime directory) gets none: it would deny the targets too; the
+            # hook guards it.
+            "deny": [f"Edit(/{p.as_posix()}/**)" for p in attempt.protected
+                     if not (attempt.workspace and attempt.workspace.is_relative_to(p))],
         },
         "hooks": {"PreToolUse": [{"matcher": EDIT_TOOLS,
                                   "hooks": [{"type": "command", "command": hook}]}]},
@@ -65,6 +68,7 @@ def write_settings(attempt: Attempt) -> Path:
     guard_file.write_text(json.dumps({
         "root": str(attempt.root), "allow": [str(t) for t in attempt.targets],
         "deny": [str(p) for p in attempt.protected],
+        "workspace": str(attempt.workspace) if attempt.workspace else None,
     }, indent=2) + "\n")
     path = attempt.log.with_suffix(".claude-settings.json")
     path.write_text(json.dumps(settings(attempt, guard_file), indent=2) + "\n")

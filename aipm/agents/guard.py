@@ -5,7 +5,8 @@ Claude Code runs it before each Edit/Write/MultiEdit/NotebookEdit with the tool 
 `{"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "deny", ...}}` to refuse, and
 nothing to let the call go on to Claude's own permission rules. It fails closed: input it cannot read is denied.
 
-Usage: `python -m aipm.agents.guard GUARD_JSON` — the file the preset wrote: {"root", "allow", "deny"}.
+Usage: `python -m aipm.agents.guard GUARD_JSON` — the file the preset wrote: {"root", "allow", "deny", "workspace"}
+(`workspace`: the task's worktree, editable although it lies in a denied directory, the runtime directory).
 """
 
 from __future__ import annotations
@@ -33,13 +34,14 @@ def verdict(call: Any, rules: dict) -> str | None:
     root = os.path.realpath(rules["root"])
     # realpath: a symlink inside a target must not lead the edit elsewhere.
     full = os.path.realpath(os.path.join(call.get("cwd") or root, raw))
+    own = rules.get("workspace") and os.path.realpath(rules["workspace"])  # the task's worktree, in .aipm/
     for protected in rules.get("deny", ()):
         protected = os.path.realpath(protected)
-        if full == protected or full.startswith(protected + os.sep):
+        if _within(full, protected) and not (own and _within(own, protected) and _within(full, own)):
             return f"{raw} belongs to aipm ({protected}); a task never edits it"
     rel = os.path.relpath(full, root)
     if rel == ".." or rel.startswith(".." + os.sep):
-        return f"{raw} is outside the project ({root})"
+        return f"{raw} is outside {'this task' + chr(39) + 's worktree' if own else 'the project'} ({root})"
     try:
         wanted = normalize(rel)
         if any(overlaps(wanted, normalize(t)) for t in rules["allow"]):
@@ -48,6 +50,10 @@ def verdict(call: Any, rules: dict) -> str | None:
         pass
     return (f"{rel} is not among this task's target_files ({', '.join(rules['allow'])}); "
             "edit only those files")
+
+
+def _within(path: str, top: str) -> bool:
+    return path == top or path.startswith(top + os.sep)
 
 
 def main(argv: list[str] | None = None) -> int:
