@@ -84,17 +84,24 @@ def test_codex_argv_reads_the_prompt_from_stdin_in_the_workspace_sandbox(tmp_pat
 
 
 def test_aider_argv_makes_the_targets_its_files(tmp_path):
-    (tmp_path / "tests" / "unit").mkdir(parents=True)
-    (tmp_path / "tests" / "unit" / "test_b.py").write_text("")
-    (tmp_path / "tests" / "test_a.py").write_text("")
-    (tmp_path / "tests" / "notes.txt").write_text("")
+    for name in ("tests/unit/test_b.py", "tests/test_a.py", "tests/notes.txt", "docs/a.md", "docs/sub/b.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("")
     a = attempt(tmp_path)
     argv = aider.argv(a)
     assert argv[:5] == ["aider", "--message-file", str(a.prompt_file), "--yes-always", "--no-auto-commits"]
-    assert "--no-gitignore" in argv and argv[argv.index("--model") + 1] == "sonnet"
+    assert "--no-gitignore" in argv
     # Its history files go to the runtime directory, not the project.
     assert argv[argv.index("--chat-history-file") + 1].startswith(str(tmp_path / ".aipm"))
-    assert argv[-4:] == ["src/app.py", "docs", "tests/test_a.py", "tests/unit/test_b.py"]
+    # aider takes files only: a directory, like a glob, becomes the files it holds.
+    assert argv[-5:] == ["src/app.py", "docs/a.md", "docs/sub/b.md", "tests/test_a.py", "tests/unit/test_b.py"]
+
+
+def test_aider_is_told_of_a_directory_target_without_files(tmp_path):
+    (tmp_path / "docs").mkdir()
+    a = attempt(tmp_path, targets=("docs/", "src/app.py"))
+    assert aider.argv(a)[-1:] == ["src/app.py"]
+    assert "aider: target docs/ holds no file yet" in a.log.read_text()
 
 
 # ---- the PreToolUse guard -------------------------------------------------------------------------------
@@ -317,6 +324,20 @@ def test_codex_and_aider_runs(project):
     runs = {j["agent"]: j for j in journal(project)}
     assert runs["aider"]["argv"][-1] == "y.txt"
     assert runs["codex"]["argv"][-1] == "-"
+
+
+def test_aider_runs_with_directory_targets(project):
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: aider\n")
+    (project.root / "docs").mkdir()
+    (project.root / "docs" / "a.md").write_text("old\n")
+    order = project.order()
+    write_task(order, "A", prompt="@write docs/a.md new", target_files=["docs/", "y.txt"])
+    write_task(order, "B", prompt="@write docs/a.md newer", target_files=["docs/"], depends_on=["A"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (project.root / "docs" / "a.md").read_text() == "newer\n"  # B's lone directory gave aider its file
+    first, second = (j["argv"] for j in journal(project))
+    assert first[-2:] == ["docs/a.md", "y.txt"] and second[-1] == "docs/a.md" and "docs" not in second
 
 
 # ---- budgets --------------------------------------------------------------------------------------------

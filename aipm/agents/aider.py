@@ -1,4 +1,4 @@
-"""Aider: `aider --message-file PROMPT --yes-always --no-auto-commits ... FILES` — the targets are its files.
+"""Aider: `aider --message-file PROMPT --yes-always --no-auto-commits ... FILES` — the targets' files are its files.
 
 Aider runs the one message and exits. After each reply it prints a line such as
 `Tokens: 2.3k sent, 1.1k cache write, 4.0k cache hit, 120 received. Cost: $0.01 message, $0.05 session.`
@@ -12,6 +12,8 @@ import re
 from collections.abc import Iterable
 
 from aipm.agents import Attempt, Usage
+from aipm.project import RUNTIME_DIR
+from aipm.runtime import append_log
 
 PROGRAM = "aider"
 RESUMES = False
@@ -33,14 +35,21 @@ def argv(attempt: Attempt) -> list[str]:
 
 
 def files(attempt: Attempt) -> list[str]:
-    """The targets as aider's editable files: files and directories as written, globs expanded now."""
+    """The targets as aider's editable files. aider takes files only (a directory among several is an error, a
+    lone one the repository to work in), so directories and globs become the files they hold now."""
     out: list[str] = []
     for target in attempt.targets:
-        if target.is_glob:
-            out += sorted(p.relative_to(attempt.root).as_posix() for p in attempt.root.glob(target.path)
-                          if p.is_file())
-        else:
-            out.append(target.path or ".")
+        top = attempt.root / target.path
+        if not target.is_glob and not top.is_dir():
+            out.append(target.path)  # a file, or one to create
+            continue
+        found = [p.relative_to(attempt.root) for p in (attempt.root.glob(target.path) if target.is_glob
+                                                        else top.rglob("*")) if p.is_file()]
+        found = [p for p in found if ".git" not in p.parts and p.parts[0] != RUNTIME_DIR]
+        if not found:
+            append_log(str(attempt.log), f"aider: target {target} holds no file yet, so aider is given none for "
+                                         "it (it may still create the files its reply names)")
+        out += sorted(p.as_posix() for p in found)
     return list(dict.fromkeys(out))
 
 
