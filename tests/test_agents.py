@@ -104,6 +104,12 @@ def test_aider_is_told_of_a_directory_target_without_files(tmp_path):
     assert "aider: target docs/ holds no file yet" in a.log.read_text()
 
 
+def test_aider_gets_a_model_only_when_one_was_chosen(tmp_path):
+    assert "--model" not in aider.argv(attempt(tmp_path))  # aider's own configured model is used
+    argv = aider.argv(attempt(tmp_path, model="gpt-4o", model_chosen=True))
+    assert argv[argv.index("--model") + 1] == "gpt-4o"
+
+
 # ---- the PreToolUse guard -------------------------------------------------------------------------------
 
 

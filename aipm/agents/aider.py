@@ -30,7 +30,9 @@ def argv(attempt: Attempt) -> list[str]:
             # both are writes outside the targets.
             "--no-gitignore", "--chat-history-file", str(attempt.log.with_suffix(".aider.chat.md")),
             "--input-history-file", str(attempt.log.with_suffix(".aider.input")),
-            "--no-pretty", "--no-stream", "--no-check-update", "--model", attempt.model]
+            "--no-pretty", "--no-stream", "--no-check-update"]
+    if attempt.model_chosen:  # aipm's default (`sonnet`) would override the model configured for aider itself
+        args += ["--model", attempt.model]
     return args + files(attempt)
 
 
