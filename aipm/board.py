@@ -32,6 +32,14 @@ def task_row(task: Task, settings: Settings) -> dict:
     }
 
 
+def order_totals(order: Order, settings: Settings) -> dict:
+    """The order's recorded cost and its budget, each when known (`status --json`, the dashboard)."""
+    cost = budget.recorded(order)
+    limit = budget.of(order, settings.max_cost_usd)
+    return {**({"cost_usd": cost} if cost is not None else {}),
+            **({"max_cost_usd": limit.limit} if limit is not None else {})}
+
+
 def survey(launcher: Launcher, order_dir: Path) -> tuple[Order, Plan, int, list, list]:
     """The same planning inputs `launch` uses (the order, live worker records, free slots) and the plan.
 
@@ -59,7 +67,7 @@ def order_board(launcher: Launcher, order_dir: Path) -> dict:
         row["waits_on"] = blocked.detail if blocked is not None and blocked.reason != NOT_QUEUED else None
         rows.append(row)
     return {"id": order.id, "title": order.title, "path": str(order_dir), "summary": status_summary(order),
-            "free_slots": free, "tasks": rows}
+            "free_slots": free, "tasks": rows, **order_totals(order, launcher.settings)}
 
 
 def workers(launcher: Launcher) -> list[dict]:

@@ -1,5 +1,6 @@
 """`aipm ui`: the dashboard in a real headless Chromium, and its token, Host and POST checks over plain HTTP."""
 
+import json
 import os
 import shutil
 import signal
@@ -11,7 +12,7 @@ import urllib.request
 
 import pytest
 
-from conftest import no_workers, task_statuses, wait_for, write_task
+from conftest import REPO, no_workers, task_statuses, wait_for, write_task
 from invariants import group_alive
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
@@ -193,6 +194,30 @@ def test_a_broken_task_file_leaves_the_other_tasks_reachable(project, dashboard,
     assert status_code(f"{base}/api/cancel", "POST", headers, b'{"order": "O2", "task": "T1"}') == 200
     wait_for(lambda: not group_alive(worker["pgid"]))
     assert task_statuses(second) == {"T1": "CANCELLED"}
+
+
+def test_costs_show_as_status_shows_them_with_the_order_total_and_budget(project, dashboard, browser):
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.5\n")
+    write_task(order, "A", prompt="@cost 0.0042")
+    write_task(order, "B", prompt="@cost 1234.5")  # starts below the budget, ends far above it
+    env = {"PATH": f"{REPO / 'tests' / 'agents'}{os.pathsep}{os.environ['PATH']}"}
+    project.aipm("run", "ORD", env=env, check=True)
+    base, token = base_and_token(dashboard)
+    with urllib.request.urlopen(f"{base}/api/board?token={token}", timeout=30) as response:
+        (board,) = json.load(response)["orders"]
+    assert (board["cost_usd"], board["max_cost_usd"]) == (1234.5042, 0.5)
+    browser.get(dashboard)
+
+    def cost_cells():
+        return browser.execute_script(
+            "return [...document.querySelectorAll('tr[data-task]')].map(r => r.children[5].textContent)")
+
+    wait_for(lambda: cost_cells() == ["$0.0042", "$1,234.50"])  # as `aipm status` (budget.usd), not $0.00
+    summary = browser.find_element("css selector", "section[data-order='ORD'] h2 .summary").text
+    assert summary.endswith("DONE 2; cost $1,234.50 of max_cost_usd $0.5000 (reached)"), summary
+    assert summary.split("; ", 1)[1] == project.aipm("status", "ORD").stdout.strip().splitlines()[-1].split("; ", 1)[1]
 
 
 def test_another_host_only_when_asked_and_with_a_warning(project):

@@ -7,7 +7,7 @@ from typing import Optional
 from aipm.cli.decl import Argument, Exit, Option, command
 
 from aipm import budget, parsecache, readers
-from aipm.board import task_row
+from aipm.board import order_totals, task_row
 from aipm.advice import warnings
 from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, read_only, warn
 from aipm.errors import ValidationError
@@ -127,14 +127,12 @@ def status(
     settings = load_settings(root)
     loaded = load_order(Project(root, settings.orders_dir).order_dir(order), root)
     tasks = sorted(loaded.tasks.values(), key=lambda t: t.id)
+    if json_out:
+        print_json({"order": loaded.id, "tasks": [task_row(t, settings) for t in tasks],
+                    **order_totals(loaded, settings)})
+        return
     cost = budget.recorded(loaded)
     limit = budget.of(loaded, settings.max_cost_usd)
-    if json_out:
-        totals = {"cost_usd": cost} if cost is not None else {}
-        if limit is not None:
-            totals["max_cost_usd"] = limit.limit
-        print_json({"order": loaded.id, "tasks": [task_row(t, settings) for t in tasks], **totals})
-        return
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
