@@ -177,8 +177,9 @@ class Recording:
         (INTERRUPTED) rather than run it again blindly or call it failed."""
         append_log(rec.log, f"attempt {rec.serial} ended, but its exit code was lost ({rec.exit_file} is empty): "
                             "left INTERRUPTED; check its work, then `aipm retry` it")
+        spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens)[1] if rec.phase == "work" else {}
         task = self._write(task, {"status": Status.INTERRUPTED, "finished_at": now(),
-                                  "reason": outcome.interrupted("exit code lost")})
+                                  "reason": outcome.interrupted("exit code lost"), **spent})
         self._drop(rec)
         event.update(status=str(task.status), reason=task.reason)
         event["detail"] = "exit code lost; check its work, then `aipm retry`"

@@ -475,6 +475,24 @@ def test_an_attempt_recovered_after_its_owner_died_keeps_the_cost_it_reported(pr
     assert (a["status"], a["cost_usd"]) == ("QUEUED", 0.04)
 
 
+def test_an_attempt_whose_exit_code_was_lost_keeps_the_cost_it_reported(project, gate):
+    from aipm.runtime import Runtime
+
+    path = waiting_aider(project)
+    project.aipm("launch", "ORD", env=agent_env(project), check=True)
+    wait_for(lambda: reported(project))
+    rec = Runtime(project.root).read_record("ORD", "A")
+    os.kill(rec.owner_pid, signal.SIGKILL)  # so that the adopter reads the exit file
+    gate.touch()
+    exit_file = Path(rec.exit_file)
+    wait_for(lambda: exit_file.exists() and exit_file.read_text().strip())
+    exit_file.write_text("")  # as when the wrapper's write of it failed (a full disk)
+    assert "adopted" in project.aipm("recover", "ORD", env=agent_env(project), check=True).stdout
+    wait_for(lambda: no_workers(project.root))
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a["cost_usd"]) == ("INTERRUPTED", 0.04)
+
+
 # ---- notify ---------------------------------------------------------------------------------------------
 
 
