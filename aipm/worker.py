@@ -32,10 +32,10 @@ def invocation(
     if agents.is_preset(rec.agent):
         resume = runtime.resume_path(rec.order, rec.task)
         work = Path(workspace.directory(runtime.root, rec))  # the tree the agent edits: its rules are for it
-        order_dir = Path(rec.order_dir).resolve()
-        protected = [runtime.dir, order_dir]
-        if rec.workspace and not os.path.relpath(order_dir, runtime.root).startswith(".."):
-            protected.append(work / os.path.relpath(order_dir, runtime.root))  # the worktree's copy of the order
+        protected = [runtime.dir, Path(rec.order_dir).resolve()]
+        in_root = os.path.relpath(rec.order_dir, runtime.root)
+        if rec.workspace and not in_root.startswith(".."):
+            protected.append(work / in_root)  # the worktree's copy of the order directory
         attempt = agents.Attempt(
             root=work, prompt_file=prompt, log=Path(rec.log), model=model, model_chosen=chosen,
             targets=task.targets, protected=tuple(protected), max_cost_usd=task.max_cost_usd,

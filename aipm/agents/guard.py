@@ -41,7 +41,8 @@ def verdict(call: Any, rules: dict) -> str | None:
             return f"{raw} belongs to aipm ({protected}); a task never edits it"
     rel = os.path.relpath(full, root)
     if rel == ".." or rel.startswith(".." + os.sep):
-        return f"{raw} is outside {'this task' + chr(39) + 's worktree' if own else 'the project'} ({root})"
+        where = "this task's worktree" if own else "the project"
+        return f"{raw} is outside {where} ({root})"
     try:
         wanted = normalize(rel)
         if any(overlaps(wanted, normalize(t)) for t in rules["allow"]):
