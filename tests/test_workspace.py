@@ -592,3 +592,85 @@ def test_a_merge_within_a_shared_tasks_run_is_not_charged_to_the_shared_task(rep
     shared = yaml.safe_load((order / "S.yaml").read_text())
     assert (shared["attempts"], shared.get("reworks", 0)) == (1, 0)  # not sent back for W's merge
     assert (repo / "src/a.txt").read_text().endswith("W\n") and (repo / "src/b.txt").read_text().endswith("S\n")
+
+
+# -- 11. the review of the worktree mode: paths the main tree blocks, crashes mid-merge, kept work -----------
+
+
+def test_a_file_where_the_task_needs_a_directory_is_a_conflict_found_before_anything_is_written(repo, tmp_path):
+    """A person makes a file src/zz while the task makes src/zz/new.txt: the plan sees it, nothing is written
+    (src/a.txt neither), and the task is sent back naming src/zz, not left IN_PROGRESS."""
+    project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n")
+    ready, gate = tmp_path / "ready", tmp_path / "gate"
+    write_task(project.order(), "T", target_files=["src/a.txt", "src/zz/"], command=(
+        f'touch "{ready}"; {wait_gate(gate)} echo task >> src/a.txt; mkdir -p src/zz; echo new > src/zz/new.txt'))
+    before = (repo / "src/a.txt").read_bytes()
+    proc = _run_with_person(project, tmp_path, lambda: (repo / "src/zz").write_text("a person's notes\n"))
+    assert proc.returncode == 1, proc.stderr
+    assert project.statuses() == {"T": "REJECTED"}
+    feedback = (repo / ".aipm/feedback/ORD/T.txt").read_text()
+    assert "src/zz/new.txt: src/zz is not a directory in the main tree" in feedback
+    assert (repo / "src/a.txt").read_bytes() == before and (repo / "src/zz").read_text() == "a person's notes\n"
+    assert "T.yaml" not in proc.stderr
+
+
+def test_plan_refuses_a_directory_where_the_task_has_a_file_unless_its_own_deletions_empty_it(repo):
+    from aipm.workspace import mergeback as merge
+    from aipm.workspace.repo import Repo
+
+    r = Repo(repo)
+    scratch = repo / ".aipm" / "tmp"
+    (repo / "d").mkdir()
+    (repo / "d/f.txt").write_text("f\n")
+    base = r.capture(repo, scratch, r.head(), "base")
+    shutil.rmtree(repo / "d")
+    (repo / "d").write_text("now a file\n")
+    end = r.capture(repo, scratch, base, "end")
+    (repo / "d").unlink()
+    (repo / "d").mkdir()
+    (repo / "d/f.txt").write_text("f\n")
+    (repo / "d/person.txt").write_text("a person's\n")
+    with pytest.raises(merge.Conflict) as caught:
+        merge.plan(r, base, end, r.changes(base, end))
+    assert "d: a directory in the main tree, where the task has a file" in str(caught.value)
+    assert (repo / "d/person.txt").exists()
+    (repo / "d/person.txt").unlink()  # now the task's own deletion empties it: a plain change of kind
+    plan_dir = repo / ".aipm" / "merges" / "x"
+    merge.save(plan_dir, 1, merge.plan(r, base, end, r.changes(base, end)))
+    assert merge.apply(repo, plan_dir) == []
+    assert (repo / "d").read_text() == "now a file\n"
+
+
+def test_a_parent_made_a_file_after_planning_leaves_that_path_out_and_the_rest_is_applied(repo):
+    from aipm.workspace import mergeback as merge
+
+    (repo / "src/zz").mkdir()
+    r, base, end = _commits(repo, {"src/a.txt": "A\n", "src/zz/new.txt": "N\n"})
+    (repo / "src/zz").rmdir()
+    plan_dir = repo / ".aipm" / "merges" / "x"
+    merge.save(plan_dir, 1, merge.plan(r, base, end, r.changes(base, end)))
+    (repo / "src/zz").write_text("a person's\n")  # between the plan and its application
+    notes = merge.apply(repo, plan_dir)
+    assert notes == ["src/zz/new.txt: src/zz became a file in the main tree after the merge was planned; left out"]
+    assert (repo / "src/a.txt").read_text() == "A\n" and (repo / "src/zz").read_text() == "a person's\n"
+
+
+def test_recover_reports_a_merge_that_cannot_be_written_names_its_path_and_tidies_the_rest(repo):
+    """A pending plan whose path cannot be written (a name too long for the file system): `aipm recover` says
+    which path, keeps the plan, and still removes the other tasks' worktrees."""
+    from aipm import workspace
+    from aipm.workspace import mergeback as merge
+
+    project = project_in(repo, config="workspace: worktree\n")
+    write_task(project.order(), "F", target_files=["src/a.txt"], command="echo x >> src/a.txt; exit 1")
+    assert project.aipm("run", "ORD").returncode == 1
+    assert aipm_leftovers(repo)["worktrees"]  # the failed attempt's, kept until recover
+    long = "src/" + "x" * 300
+    plan_dir = workspace._merge_dir(repo, "ORD", "B")
+    merge.save(plan_dir, 1, [(merge.Step(long, None, merge.State("file", b"b\n").digest()),
+                              merge.State("file", b"b\n"))])
+    proc = project.aipm("recover")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"ORD/B: worktree not removed: merge stopped at {long}: File name too long" in proc.stdout
+    assert merge.pending(plan_dir)
+    assert aipm_leftovers(repo)["worktrees"] == []

@@ -240,8 +240,8 @@ def recover(
             loaded = load_order(directory, project.root)
             for item in recovery.recover_order(launcher, loaded):
                 done.append({"order": loaded.id, **item})
-            for task_id in workspace.sweep(project.root, loaded, everything=True):
-                done.append({"order": loaded.id, "id": task_id, "action": "worktree removed"})
+            for task_id, action in workspace.sweep(project.root, loaded, everything=True):
+                done.append({"order": loaded.id, "id": task_id, "action": action})
         workspace.prune(project.root)
     if json_out:
         print_json({"recovered": done})

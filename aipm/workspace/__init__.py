@@ -26,6 +26,7 @@ import signal
 from pathlib import Path
 
 
+from aipm.errors import UserError
 from aipm.locks import sha1
 from aipm.model import FINISHED_OK, RUNNING, Order, Task
 from aipm.runtime import Record, Runtime
@@ -45,8 +46,13 @@ class Conflict(Exception):
         self.paths = paths
 
 
-__all__ = ["Conflict", "WorkspaceError", "SHARED", "WORKTREE", "kind", "prepare", "directory", "with_setup",
-           "outside_targets", "merge", "finished", "remove", "sweep", "prune", "diff"]
+class MergeStopped(UserError):
+    """A planned merge could not write a path (the message names it); the rest of its plan stays pending. Not a
+    WorkspaceError: part of the attempt may be in the main tree, so it is not a merge that wrote nothing."""
+
+
+__all__ = ["Conflict", "MergeStopped", "WorkspaceError", "SHARED", "WORKTREE", "kind", "prepare", "directory",
+           "with_setup", "outside_targets", "merge", "finished", "remove", "sweep", "prune", "diff"]
 
 
 def kind(task: Task, settings: Settings) -> str:
@@ -206,7 +212,7 @@ def finished(root: Path, rec: Record) -> str | None:
     _seam("cleanup")
     try:
         remove(root, rec.order, rec.task)
-    except (WorkspaceError, OSError) as exc:
+    except (UserError, OSError) as exc:  # MergeStopped included: the plan stays for the next try
         return f"worktree not removed yet: {exc}"
     return None
 
@@ -231,9 +237,10 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
     shutil.rmtree(plan_dir, ignore_errors=True)
 
 
-def sweep(root: Path, order: Order, everything: bool = False) -> list[str]:
+def sweep(root: Path, order: Order, everything: bool = False) -> list[tuple[str, str]]:
     """Tidy the order's workspaces after crashes: remove those of finished tasks (of every task not running,
-    with `everything`: `aipm recover`). Cheap when worktrees were never used. Returns the task ids tidied."""
+    with `everything`: `aipm recover`). Cheap when worktrees were never used. Returns (task id, what happened)
+    for each tried; one that cannot be removed is reported and the rest are still tidied."""
     if not everything and not (_runtime(root) / "worktrees").is_dir():
         return []
     by_name = {_name(t.id): t for t in order.tasks.values()}
@@ -253,8 +260,12 @@ def sweep(root: Path, order: Order, everything: bool = False) -> list[str]:
         if task is not None and task.status in RUNNING:
             continue
         if task is None or task.status in FINISHED_OK or everything:
-            remove(root, order.id, task.id if task else name, repo)
-            tidied.append(task.id if task else name)
+            try:
+                remove(root, order.id, task.id if task else name, repo)
+            except (UserError, OSError) as exc:
+                tidied.append((task.id if task else name, f"worktree not removed: {exc}"))
+            else:
+                tidied.append((task.id if task else name, "worktree removed"))
     return tidied
 
 

@@ -29,7 +29,7 @@ except ImportError:
     from hashlib import sha256
 
 from aipm.durable import fsync_dir
-from aipm.workspace import Conflict
+from aipm.workspace import Conflict, MergeStopped
 from aipm.workspace.repo import Change, Repo
 
 ABSENT = "000000"
@@ -86,6 +86,7 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[tuple[S
     steps: list[tuple[Step, State | None]] = []
     problems: list[str] = []
     details: list[str] = []
+    deleted = {c.path for c in changes if c.new_mode == ABSENT}
     for change in changes:
         if GITLINK in (change.old_mode, change.new_mode):
             problems.append(f"{change.path}: a submodule; its changes are not merged back (commit them there)")
@@ -93,6 +94,18 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[tuple[S
         old = commit_state(repo, base, change.path, change.old_mode)
         new = commit_state(repo, end, change.path, change.new_mode)
         now = read_state(repo.top / change.path)
+        if new is not None:
+            # Checked here, not found half-way through applying: a write needs every parent to be a directory
+            # and its own path free, once the plan's own deletions are done.
+            blocked = _blocked_parent(repo.top, change.path, deleted)
+            if blocked:
+                problems.append(f"{change.path}: {blocked} is not a directory in the main tree")
+                continue
+            if now is not None and now.kind == "other":
+                if not _emptied(repo.top / change.path, repo.top, deleted):
+                    problems.append(f"{change.path}: a directory in the main tree, where the task has a file")
+                    continue
+                now = None  # a directory the plan's deletions empty (and apply's pruning removes)
         if now == new:
             continue  # already there (a person made the same change, or a crashed merge got this far)
         if now == old:
@@ -113,6 +126,33 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[tuple[S
         raise Conflict(message, [p.split(": ", 1)[0] for p in problems])
     # Deletions first: a path may turn from a directory into a file (or back) between start and end.
     return sorted(steps, key=lambda s: (s[1] is not None, s[0].path))
+
+
+def _blocked_parent(top: Path, path: str, deleted: set[str]) -> str | None:
+    """The first parent of `path` that exists in the main tree but is not a directory (a file, a symbolic link),
+    unless the plan deletes it; None when all are directories or absent."""
+    parts = path.split("/")[:-1]
+    for n in range(1, len(parts) + 1):
+        parent = "/".join(parts[:n])
+        try:
+            mode = os.lstat(top / parent).st_mode
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISDIR(mode):
+            return None if parent in deleted else parent
+    return None
+
+
+def _emptied(directory: Path, top: Path, deleted: set[str]) -> bool:
+    """Every file below `directory` is one the plan deletes, and no directory below it is empty (the plan
+    cannot remove one that holds nothing of its own)."""
+    for here, dirs, files in os.walk(directory):
+        if not dirs and not files:
+            return False
+        links = [d for d in dirs if os.path.islink(os.path.join(here, d))]  # git's files; walk skips them
+        if any(os.path.relpath(os.path.join(here, f), top) not in deleted for f in files + links):
+            return False
+    return True
 
 
 def _three_way(repo: Repo, old: State | None, now: State | None, new: State | None
@@ -183,22 +223,35 @@ def apply(top: Path, directory: Path, after_each=lambda steps_done: None) -> lis
     with open(journal, "a") as log:
         for i, raw in enumerate(data["steps"]):
             step = Step(**raw)
-            target = top / step.path
-            _remove_temp(target)
+            try:
+                _remove_temp(top / step.path)
+                if str(i) not in done:
+                    notes += _step(top, directory, i, step)
+            except OSError as exc:
+                raise MergeStopped(f"merge stopped at {step.path}: {exc.strerror or exc}; {i} of "
+                                   f"{len(data['steps'])} steps applied, the rest stays pending in "
+                                   f"{directory} until it can be written") from None
             if str(i) not in done:
-                now = digest(read_state(target))
-                if now == step.before:
-                    _put(target, _load_state(directory / f"{i}.state") if step.after else None, top)
-                elif now != step.after:
-                    # Changed by someone between a crash and this resumption: their bytes win; ours stay in the
-                    # attempt's patch.
-                    notes.append(f"{step.path}: changed in the main tree while the merge was interrupted; "
-                                 "left as it is")
                 log.write(f"{i}\n")
                 log.flush()
                 os.fsync(log.fileno())
             after_each(i + 1)
     return notes
+
+
+def _step(top: Path, directory: Path, i: int, step: Step) -> list[str]:
+    """Apply one step; notes on a path left alone. Someone's change since the plan wins over ours (ours stay in
+    the attempt's patch): its file changed, or a parent it needs became a file."""
+    target = top / step.path
+    blocked = step.after and _blocked_parent(top, step.path, set())  # the plan's deletions are done by now
+    if blocked:
+        return [f"{step.path}: {blocked} became a file in the main tree after the merge was planned; left out"]
+    now = digest(read_state(target))
+    if now == step.before:
+        _put(target, _load_state(directory / f"{i}.state") if step.after else None, top)
+    elif now != step.after:
+        return [f"{step.path}: changed in the main tree while the merge was interrupted; left as it is"]
+    return []
 
 
 def _load(directory: Path) -> dict | None:
