@@ -674,3 +674,24 @@ def test_recover_reports_a_merge_that_cannot_be_written_names_its_path_and_tidie
     assert f"ORD/B: worktree not removed: merge stopped at {long}: File name too long" in proc.stdout
     assert merge.pending(plan_dir)
     assert aipm_leftovers(repo)["worktrees"] == []
+
+
+def test_recover_keeps_the_worktree_of_a_live_worker_whose_task_file_was_reset(repo, tmp_path):
+    """A sibling's `git checkout -- orders/` resets the file to QUEUED under a live worktree worker: `aipm
+    recover` must judge by the worker's record, not the file, and leave its worktree alone."""
+    project = project_in(repo)
+    ready, gate = tmp_path / "ready", tmp_path / "gate"
+    order = project.order()
+    write_task(order, "T", target_files=["src/a.txt"],
+               command=f'touch "{ready}"; {wait_gate(gate)} echo T >> src/a.txt')
+    git(repo, "add", "orders")
+    git(repo, "commit", "-q", "-m", "orders")
+    project.aipm("launch", "ORD", check=True)
+    wait_for(lambda: ready.exists())
+    git(repo, "checkout", "--", "orders/ORD/T.yaml")
+    proc = project.aipm("recover", check=True)
+    assert "worktree removed" not in proc.stdout
+    assert (repo / ".aipm/worktrees/ORD/T").is_dir()
+    gate.touch()
+    wait_for(lambda: task_statuses(order)["T"] == "DONE")
+    assert (repo / "src/a.txt").read_text().endswith("T\n")

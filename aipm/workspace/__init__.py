@@ -254,10 +254,12 @@ def sweep(root: Path, order: Order, everything: bool = False) -> list[tuple[str,
         repo = None
     if repo is not None:
         names.update(ref.split("/")[3] for ref in repo.refs(f"refs/aipm/{_name(order.id)}/"))
+    # A live worker or owner is judged by its record, not its file's status (a `git checkout` may have reset it).
+    live = {_name(r.task) for r in Runtime(root).records() if r.order == order.id and r.alive()}
     tidied = []
     for name in sorted(names):
         task = by_name.get(name)
-        if task is not None and task.status in RUNNING:
+        if name in live or task is not None and task.status in RUNNING:
             continue
         if task is None or task.status in FINISHED_OK or everything:
             try:
