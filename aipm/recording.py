@@ -211,8 +211,12 @@ class Recording:
         append_log(rec.log, f"attempt {rec.serial} ended: {describe_exit(code, timed_out, timeout)}")
         spent = self._usage(rec, task, event)
         message = None
+        decided = bool(rec.workspace) and code == 0 and workspace.decided(self.rt.root, rec)
+        if decided:
+            append_log(rec.log, "merge: finishing the merge its plan decided before its owner died (not reviewed "
+                                "again)")
         try:
-            outside = self._scope_findings(rec) if code == 0 else []
+            outside = self._scope_findings(rec) if code == 0 and not decided else []
         except workspace.WorkspaceError as exc:
             outside, message = [], str(exc)
         if outside:
@@ -221,7 +225,7 @@ class Recording:
             if rec.workspace:
                 message += "; nothing of this attempt was merged"
             event["scope"] = outside
-        reviewing = review_command(task, self.settings, self.launcher.options.no_review) is not None
+        reviewing = not decided and review_command(task, self.settings, self.launcher.options.no_review) is not None
         if code == 0 and not message and not reviewing:
             message = self._merge_back(rec, event)
         if message:

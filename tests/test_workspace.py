@@ -672,7 +672,7 @@ def test_recover_reports_a_merge_that_cannot_be_written_names_its_path_and_tidie
     proc = project.aipm("recover")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert f"ORD/B: worktree not removed: merge stopped at {long}: File name too long" in proc.stdout
-    assert merge.pending(plan_dir)
+    assert merge.progress(plan_dir) == (1, 0, 1)
     assert aipm_leftovers(repo)["worktrees"] == []
 
 
@@ -695,3 +695,43 @@ def test_recover_keeps_the_worktree_of_a_live_worker_whose_task_file_was_reset(r
     gate.touch()
     wait_for(lambda: task_statuses(order)["T"] == "DONE")
     assert (repo / "src/a.txt").read_text().endswith("T\n")
+
+
+def _killed_mid_merge(repo: Path, **fields) -> tuple[Project, list[Path]]:
+    """T appends a line to four files; `aipm run --no-review` is SIGKILLed after two of them are merged."""
+    project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n")
+    files = [repo / f"src/{n}.txt" for n in "abcd"]
+    write_task(project.order(), "T", target_files=["src/"],
+               command="for f in a b c d; do echo T >> src/$f.txt; done", **fields)
+    killed = project.aipm("run", "ORD", "--no-review", env={"AIPM_TEST_KILL_AT": "merge:2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert [f.read_text().endswith("T\n") for f in files] == [True, True, False, False]
+    return project, files
+
+
+def test_a_merge_killed_half_way_is_finished_by_its_adopter_and_never_reviewed_again(repo):
+    """The plan was saved after approval (--no-review): a rerun without --no-review finishes it, DONE, instead
+    of sending a half-merged attempt to a review that could reject it with its changes in the tree."""
+    project, files = _killed_mid_merge(repo, review="exit 1")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert project.statuses() == {"T": "DONE"}
+    assert all(f.read_text().count("T\n") == 1 for f in files)
+    assert not (repo / ".aipm/logs/ORD/T.1.review.log").exists()
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "not reviewed again" in log
+    assert "when its worktree was removed" not in log  # merge() wrote the rest; the removal found nothing left
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+
+
+def test_cancel_of_a_task_killed_mid_merge_says_the_tree_is_half_merged_and_remove_logs_the_rest(repo):
+    project, files = _killed_mid_merge(repo)
+    proc = project.aipm("cancel", "T", check=True)
+    assert "the merge of attempt 1 was cut short with 2 of 4 paths written" in proc.stdout
+    log = repo / ".aipm/logs/ORD/T.1.log"
+    assert "cancelled: the merge of attempt 1 was cut short" in log.read_text()
+    project.aipm("recover", check=True)
+    assert all(f.read_text().count("T\n") == 1 for f in files)  # the decided plan, finished once
+    assert ("merge: the rest of attempt 1's saved merge plan (2 of 4 paths) was written when its worktree was "
+            "removed") in log.read_text()
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}

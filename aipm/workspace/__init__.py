@@ -29,7 +29,7 @@ from pathlib import Path
 from aipm.errors import UserError
 from aipm.locks import sha1
 from aipm.model import FINISHED_OK, RUNNING, Order, Task
-from aipm.runtime import Record, Runtime
+from aipm.runtime import Record, Runtime, append_log
 from aipm import writtenlog
 from aipm.scope import out_of_scope
 from aipm.settings import WORKSPACES, Settings
@@ -52,7 +52,8 @@ class MergeStopped(UserError):
 
 
 __all__ = ["Conflict", "MergeStopped", "WorkspaceError", "SHARED", "WORKTREE", "kind", "prepare", "directory",
-           "with_setup", "outside_targets", "merge", "finished", "remove", "sweep", "prune", "diff"]
+           "with_setup", "outside_targets", "merge", "decided", "note_pending_merge", "finished", "remove", "sweep",
+           "prune", "diff"]
 
 
 def kind(task: Task, settings: Settings) -> str:
@@ -206,6 +207,32 @@ def merge(root: Path, rec: Record) -> list[str]:
     return notes
 
 
+def decided(root: Path, rec: Record) -> bool:
+    """This attempt's merge plan is saved (its owner died applying it): it was approved, and only finishing it
+    and writing the final status are left, whatever the options of the run that adopts it."""
+    from aipm.workspace import mergeback as merging
+
+    return merging.pending(_merge_dir(root, rec.order, rec.task), rec.serial)
+
+
+def note_pending_merge(root: Path, order: str, task: str, why: str) -> str | None:
+    """A task's merge cut short and still pending: say so in its attempt's log (after `why`) and return the
+    sentence; None when there is none. A person who stops such a task must know the tree is half-merged."""
+    from aipm.workspace import mergeback as merging
+
+    plan_dir = _merge_dir(root, order, task)
+    progress = merging.progress(plan_dir)
+    if progress is None:
+        return None
+    attempt, done, steps = progress
+    if done == steps:
+        return None  # applied whole; only its removal was cut short
+    note = (f"the merge of attempt {attempt} was cut short with {done} of {steps} paths written; the rest is "
+            f"planned in {plan_dir} and is written when its worktree is removed (`aipm recover`, its next attempt)")
+    append_log(str(Runtime(root).log_path(order, task, attempt)), f"{why}: {note}")
+    return note
+
+
 def finished(root: Path, rec: Record) -> str | None:
     """The task's final status (DONE, COMPLETED) is written: its worktree has served. Returns why it could not
     be removed (the next `aipm run` or `aipm recover` tries again), else None."""
@@ -227,8 +254,14 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
     except WorkspaceError:
         repo = None  # git gone or the repository deleted: only our directories are left to remove
     if repo is not None:
-        if merging.pending(plan_dir):
-            merging.apply(repo.top, plan_dir)
+        progress = merging.progress(plan_dir)
+        if progress is not None:
+            attempt, done, steps = progress
+            notes = merging.apply(repo.top, plan_dir)
+            if done < steps:  # else merge() applied it all, and its log says so
+                append_log(str(Runtime(root).log_path(order, task, attempt)),
+                           f"merge: the rest of attempt {attempt}'s saved merge plan ({steps - done} of {steps} "
+                           "paths) was written when its worktree was removed" + "".join(f"; {n}" for n in notes))
             # A shared task's audit in flight sees these files change: they are no one's stray writes.
             writtenlog.note_written(Runtime(root), [_relative(p, repo.prefix) for p in merging.paths(plan_dir)])
         repo.delete_refs(repo.refs(_ref(order, task)))

@@ -198,10 +198,20 @@ def save(directory: Path, attempt: int, steps: list[tuple[Step, State | None]]) 
     fsync_dir(directory)
 
 
-def pending(directory: Path, attempt: int | None = None) -> bool:
-    """A saved plan (for `attempt`, when given) exists: it must be applied before anything else happens."""
+def pending(directory: Path, attempt: int) -> bool:
+    """A saved plan for `attempt` exists: it must be applied before anything else happens."""
     data = _load(directory)
-    return data is not None and (attempt is None or data["attempt"] == attempt)
+    return data is not None and data["attempt"] == attempt
+
+
+def progress(directory: Path) -> tuple[int, int, int] | None:
+    """(attempt, steps applied, steps) of a saved plan, or None when there is none."""
+    data = _load(directory)
+    if data is None:
+        return None
+    journal = directory / "applied"
+    done = set(journal.read_text().split()) if journal.exists() else set()
+    return data["attempt"], len(done), len(data["steps"])
 
 
 def paths(directory: Path) -> list[str]:
