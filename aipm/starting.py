@@ -55,6 +55,10 @@ class Starter:
             raise LaunchFailed(f"cannot lock its files: {exc.strerror or exc}") from None
         attempt = task.attempts + 1
         number = rt.next_number(order.id, task.id, attempt)
+        worktree = workspace.kind(task, self.settings) == workspace.WORKTREE
+        # A kept patch may be the only copy of an attempt's work (its logs cleared since): never write over it.
+        while worktree and workspace.patch_path(self.project.root, order.id, task.id, number).exists():
+            number = rt.next_number(order.id, task.id, number + 1)
         rec = Record(
             order=order.id, order_dir=order.path, task=task.id, task_file=task.path, attempt=attempt,
             targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, number)),
@@ -68,7 +72,7 @@ class Starter:
         try:
             # The kernel already holds a confined worker to exactly its targets: nothing to audit.
             exact = confined and confine.exact(task.target_files)
-            if workspace.kind(task, self.settings) == workspace.WORKTREE:
+            if worktree:
                 rec.workspace = workspace.prepare(self.project.root, rec, task, self.settings)
             elif self.settings.scope_audit and not self.options.no_review and task.targets and not exact:
                 self._scope_before(rec, ours=owner is not None)

@@ -735,3 +735,20 @@ def test_cancel_of_a_task_killed_mid_merge_says_the_tree_is_half_merged_and_remo
     assert ("merge: the rest of attempt 1's saved merge plan (2 of 4 paths) was written when its worktree was "
             "removed") in log.read_text()
     assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+
+
+def test_a_kept_patch_is_never_written_over_by_a_later_attempt(repo):
+    """Attempt numbers came from logs and exit files only: with the logs cleared, a retry was attempt 1 again
+    and its patch replaced the one kept from the first (the only copy once its worktree is gone)."""
+    project = project_in(repo)
+    order = project.order()
+    write_task(order, "T", target_files=["src/a.txt"], command="echo first >> src/a.txt")
+    project.aipm("run", "ORD", check=True)
+    kept = repo / ".aipm/patches/ORD/T.1.patch"
+    assert "+first" in kept.read_text()
+    shutil.rmtree(repo / ".aipm/logs")
+    project.aipm("retry", "T", check=True)
+    (order / "T.yaml").write_text((order / "T.yaml").read_text().replace("first", "second"))
+    project.aipm("run", "ORD", check=True)
+    assert "+first" in kept.read_text()
+    assert "+second" in (repo / ".aipm/patches/ORD/T.2.patch").read_text()
