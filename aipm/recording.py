@@ -215,6 +215,8 @@ class Recording:
         if decided:
             append_log(rec.log, "merge: finishing the merge its plan decided before its owner died (not reviewed "
                                 "again)")
+        if code != 0 and rec.workspace:
+            append_log(rec.log, workspace.keep(self.rt.root, rec))
         try:
             outside = self._scope_findings(rec) if code == 0 and not decided else []
         except workspace.WorkspaceError as exc:

@@ -752,3 +752,18 @@ def test_a_kept_patch_is_never_written_over_by_a_later_attempt(repo):
     project.aipm("run", "ORD", check=True)
     assert "+first" in kept.read_text()
     assert "+second" in (repo / ".aipm/patches/ORD/T.2.patch").read_text()
+
+
+@pytest.mark.parametrize("ending", ["exit 3", "sleep 30"])
+def test_a_failed_or_timed_out_attempts_changes_are_kept_as_a_patch_and_the_log_says_where(repo, ending):
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"], max_attempts=2, timeout=2,
+               command=f'echo "work of attempt $AIPM_ATTEMPT" >> src/a.txt; {ending}')
+    assert project.aipm("run", "ORD").returncode == 1
+    assert project.statuses() == {"T": "FAILED"}
+    project.aipm("recover", check=True)  # removes the last attempt's worktree
+    for n in (1, 2):
+        patch = repo / f".aipm/patches/ORD/T.{n}.patch"
+        assert f"+work of attempt {n}" in patch.read_text()
+        assert f"the changes of attempt {n} are kept in {patch}" in (repo / f".aipm/logs/ORD/T.{n}.log").read_text()
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}

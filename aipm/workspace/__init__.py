@@ -52,7 +52,7 @@ class MergeStopped(UserError):
 
 
 __all__ = ["Conflict", "MergeStopped", "WorkspaceError", "SHARED", "WORKTREE", "kind", "prepare", "directory",
-           "with_setup", "outside_targets", "merge", "decided", "note_pending_merge", "finished", "remove", "sweep",
+           "with_setup", "outside_targets", "keep", "merge", "decided", "note_pending_merge", "finished", "remove", "sweep",
            "prune", "diff"]
 
 
@@ -159,6 +159,27 @@ def outside_targets(root: Path, rec: Record) -> list[str]:
     """The worker ended: record the attempt's end state and patch; the changed paths no target covers.
 
     The scope is exact: the difference between the attempt's start and end, nothing else."""
+    repo, base, end = _capture_end(root, rec)
+    changed = {_relative(c.path, repo.prefix) for c in repo.changes(base, end)}
+    return out_of_scope(changed, rec.targets)
+
+
+def keep(root: Path, rec: Record) -> str:
+    """A failed (or timed-out) attempt: write its changes to its patch, as for one sent back, since its worktree
+    goes when the next attempt starts. Returns a line for its log saying where they are."""
+    try:
+        repo, base, end = _capture_end(root, rec)
+    except (WorkspaceError, OSError) as exc:
+        return f"the changes of attempt {rec.serial} could not be kept: {exc}"
+    patch = patch_path(root, rec.order, rec.task, rec.serial)
+    if not repo.changes(base, end):
+        return f"attempt {rec.serial} changed nothing in its worktree"
+    return (f"the changes of attempt {rec.serial} are kept in {patch} (`git apply` it at the repository's top); "
+            f"its worktree is removed when the next attempt starts or by `aipm recover`")
+
+
+def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str]:
+    """Capture the attempt's worktree as its end, and write its patch: (repo, start, end)."""
     repo = Repo(root)
     base = repo.rev(_ref(rec.order, rec.task, "base"))
     tree = Path(rec.workspace)
@@ -171,8 +192,7 @@ def outside_targets(root: Path, rec: Record) -> list[str]:
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     patch.parent.mkdir(parents=True, exist_ok=True)
     patch.write_bytes(repo.patch(base, end))
-    changed = {_relative(c.path, repo.prefix) for c in repo.changes(base, end)}
-    return out_of_scope(changed, rec.targets)
+    return repo, base, end
 
 
 def _relative(path: str, prefix: str) -> str:
