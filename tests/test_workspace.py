@@ -767,3 +767,25 @@ def test_a_failed_or_timed_out_attempts_changes_are_kept_as_a_patch_and_the_log_
         assert f"+work of attempt {n}" in patch.read_text()
         assert f"the changes of attempt {n} are kept in {patch}" in (repo / f".aipm/logs/ORD/T.{n}.log").read_text()
     assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+
+
+def test_recover_removes_the_worktree_and_refs_of_a_deleted_order_but_not_of_one_outside_orders_dir(repo, tmp_path):
+    project = project_in(repo)
+    write_task(project.order("GONE"), "T", target_files=["src/a.txt"], command="echo x >> src/a.txt; exit 1")
+    assert project.aipm("run", "GONE").returncode == 1
+    elsewhere = repo / "more" / "ELSE"  # an order given by its path, not under orders/
+    ready, gate = tmp_path / "ready", tmp_path / "gate"
+    write_task(elsewhere, "L", target_files=["src/b.txt"],
+               command=f'touch "{ready}"; {wait_gate(gate)} echo L >> src/b.txt')
+    project.aipm("launch", str(elsewhere), check=True)
+    wait_for(lambda: ready.exists())
+    shutil.rmtree(project.order("GONE"))
+    proc = project.aipm("recover", check=True)
+    assert "GONE/T: worktree removed (its order is gone)" in proc.stdout
+    assert "ELSE" not in proc.stdout
+    assert [ref for ref in git(repo, "for-each-ref", "--format=%(refname)", "refs/aipm/").split()
+            if "/GONE/" in ref] == []
+    assert not (repo / ".aipm/worktrees/GONE").exists() and (repo / ".aipm/worktrees/ELSE/L").is_dir()
+    gate.touch()
+    wait_for(lambda: task_statuses(elsewhere)["L"] == "DONE")
+    wait_for(lambda: aipm_leftovers(repo) == {"worktrees": [], "refs": []})  # removed just after DONE is written

@@ -233,11 +233,11 @@ def recover(
 ) -> None:
     """Repair tasks whose worker is gone: adopt workers that still run or left an exit code; re-queue the rest.
 
-    Also removes the worktrees kept from failed attempts (and those of tasks that no longer exist)."""
+    Also removes the worktrees kept from failed attempts, and those of deleted tasks (and orders, without ORDER)."""
     project, settings = _settings_project()
     launcher = Launcher(project, settings, Options(), monitor=None)
     dirs = [project.order_dir(order)] if order else project.order_dirs()
-    done = []
+    done, known = [], []
     with launcher.runtime.launch_lock():
         for directory in dirs:
             loaded = load_order(directory, project.root)
@@ -245,6 +245,10 @@ def recover(
                 done.append({"order": loaded.id, **item})
             for task_id, action in workspace.sweep(project.root, loaded, everything=True):
                 done.append({"order": loaded.id, "id": task_id, "action": action})
+            known.append(loaded.id)
+        if not order:
+            for order_name, task_id, action in workspace.sweep_orphans(project.root, known):
+                done.append({"order": order_name, "id": task_id, "action": f"{action} (its order is gone)"})
         workspace.prune(project.root)
     if json_out:
         print_json({"recovered": done})

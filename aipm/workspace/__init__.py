@@ -18,6 +18,7 @@ written, worktree not yet removed). Tests use it to prove that a rerun applies e
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shlex
@@ -52,8 +53,8 @@ class MergeStopped(UserError):
 
 
 __all__ = ["Conflict", "MergeStopped", "WorkspaceError", "SHARED", "WORKTREE", "kind", "prepare", "directory",
-           "with_setup", "outside_targets", "keep", "merge", "decided", "note_pending_merge", "finished", "remove", "sweep",
-           "prune", "diff"]
+           "with_setup", "outside_targets", "keep", "merge", "decided", "note_pending_merge", "finished", "remove",
+           "sweep", "sweep_orphans", "prune", "diff"]
 
 
 def kind(task: Task, settings: Settings) -> str:
@@ -269,10 +270,7 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
     from aipm.workspace import mergeback as merging
 
     plan_dir = _merge_dir(root, order, task)
-    try:
-        repo = repo or Repo(root)
-    except WorkspaceError:
-        repo = None  # git gone or the repository deleted: only our directories are left to remove
+    repo = repo or _repo_or_none(root)
     if repo is not None:
         progress = merging.progress(plan_dir)
         if progress is not None:
@@ -296,19 +294,48 @@ def sweep(root: Path, order: Order, everything: bool = False) -> list[tuple[str,
     for each tried; one that cannot be removed is reported and the rest are still tidied."""
     if not everything and not (_runtime(root) / "worktrees").is_dir():
         return []
-    by_name = {_name(t.id): t for t in order.tasks.values()}
+    return _sweep(root, _repo_or_none(root), order.id, list(order.tasks.values()), everything)
+
+
+def sweep_orphans(root: Path, known: list[str]) -> list[tuple[str, str, str]]:
+    """`aipm recover` of every order: remove the workspaces of orders that no longer exist (their directory
+    deleted), which no per-order sweep sees. Returns (order, task, what happened) for each tried."""
+    repo = _repo_or_none(root)
+    orders = set()
+    for base in (_runtime(root) / "worktrees", _runtime(root) / "merges"):
+        if base.is_dir():
+            orders.update(p.name for p in base.iterdir())
+    if repo is not None:
+        orders.update(ref.split("/")[2] for ref in repo.refs("refs/aipm/"))
+    # An order run from outside orders_dir (a path argument) is not in `known`: its records say it still exists.
+    orders -= {_name(order) for order in known}
+    orders -= {_name(r.order) for r in Runtime(root).records() if r.alive() or os.path.isdir(r.order_dir)}
+    tidied = []
+    for name in sorted(orders):
+        tidied += [(name, *item) for item in _sweep(root, repo, name, [], True)]
+        for base in (_runtime(root) / "worktrees" / name, _runtime(root) / "merges" / name):
+            with contextlib.suppress(OSError):  # absent, or holding what could not be removed (reported)
+                base.rmdir()
+    return tidied
+
+
+def _repo_or_none(root: Path) -> Repo | None:
+    try:
+        return Repo(root)
+    except WorkspaceError:
+        return None  # git gone or the repository deleted: only our directories are left to remove
+
+
+def _sweep(root: Path, repo: Repo | None, order: str, tasks: list[Task], everything: bool) -> list[tuple[str, str]]:
+    by_name = {_name(t.id): t for t in tasks}
     names = set()
-    for base in (worktree_path(root, order.id, "x").parent, _merge_dir(root, order.id, "x").parent):
+    for base in (worktree_path(root, order, "x").parent, _merge_dir(root, order, "x").parent):
         if base.is_dir():
             names.update(p.name for p in base.iterdir())
-    try:
-        repo = Repo(root)
-    except WorkspaceError:
-        repo = None
     if repo is not None:
-        names.update(ref.split("/")[3] for ref in repo.refs(f"refs/aipm/{_name(order.id)}/"))
+        names.update(ref.split("/")[3] for ref in repo.refs(f"refs/aipm/{_name(order)}/"))
     # A live worker or owner is judged by its record, not its file's status (a `git checkout` may have reset it).
-    live = {_name(r.task) for r in Runtime(root).records() if r.order == order.id and r.alive()}
+    live = {_name(r.task) for r in Runtime(root).records() if _name(r.order) == _name(order) and r.alive()}
     tidied = []
     for name in sorted(names):
         task = by_name.get(name)
@@ -316,7 +343,7 @@ def sweep(root: Path, order: Order, everything: bool = False) -> list[tuple[str,
             continue
         if task is None or task.status in FINISHED_OK or everything:
             try:
-                remove(root, order.id, task.id if task else name, repo)
+                remove(root, order, task.id if task else name, repo)
             except (UserError, OSError) as exc:
                 tidied.append((task.id if task else name, f"worktree not removed: {exc}"))
             else:
