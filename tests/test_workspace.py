@@ -789,3 +789,16 @@ def test_recover_removes_the_worktree_and_refs_of_a_deleted_order_but_not_of_one
     gate.touch()
     wait_for(lambda: task_statuses(elsewhere)["L"] == "DONE")
     wait_for(lambda: aipm_leftovers(repo) == {"worktrees": [], "refs": []})  # removed just after DONE is written
+
+
+def test_a_git_failure_names_its_cause_not_only_gits_last_line(repo):
+    """An untracked repository without commits in the main tree: `git add` says why on its first error line and
+    only "fatal: adding files failed" on its last; the launch error must show the first."""
+    project = project_in(repo)
+    (repo / "scratch").mkdir()
+    git(repo / "scratch", "init", "-q")
+    (repo / "scratch/notes.txt").write_text("hi\n")
+    write_task(project.order(), "T", target_files=["src/a.txt"], command="echo T >> src/a.txt")
+    proc = project.aipm("launch", "ORD")
+    assert "'scratch/' does not have a commit checked out" in proc.stdout + proc.stderr
+    assert project.statuses() == {"T": "QUEUED"}

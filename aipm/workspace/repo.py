@@ -68,8 +68,11 @@ class Repo:
         proc = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", *args], cwd=cwd, env=full,
                               capture_output=True, input=stdin)
         if check and proc.returncode != 0:
-            why = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-            raise WorkspaceError(f"{cwd}: git {args[0]} failed: {why[-1] if why else f'exit {proc.returncode}'}")
+            # Git's cause often comes before its last line ("error: 'x/' does not have a commit checked out",
+            # then "fatal: adding files failed"): keep its error lines (the last few), else its last line.
+            lines = [line.strip() for line in proc.stderr.decode("utf-8", "replace").splitlines() if line.strip()]
+            why = [line for line in lines if line.startswith(("error:", "fatal:"))][-5:] or lines[-1:]
+            raise WorkspaceError(f"{cwd}: git {args[0]} failed: {'; '.join(why) or f'exit {proc.returncode}'}")
         return proc
 
     def git(self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
