@@ -64,7 +64,7 @@ class Supervisor(Recording, Owner):
 
     def begin_worker(self, rec: Record, task: Task, fds: list[int], background: bool = True) -> runner.Spawning:
         command, env, stdin = invocation(self.rt, self.settings, rec, task, self.launcher.options.model)
-        command = workspace.with_setup(command, rec, task, self.settings)
+        command = workspace.with_setup(self.rt.root, command, rec, task, self.settings)
         if self.settings.runner == "ray":
             command = cluster.wrap(command, address=self.settings.ray_address, resources=task.resources, stdin=stdin)
             stdin = None  # the prompt file is opened on the node

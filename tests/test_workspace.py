@@ -802,3 +802,17 @@ def test_a_git_failure_names_its_cause_not_only_gits_last_line(repo):
     proc = project.aipm("launch", "ORD")
     assert "'scratch/' does not have a commit checked out" in proc.stdout + proc.stderr
     assert project.statuses() == {"T": "QUEUED"}
+
+
+def test_what_workspace_setup_writes_is_not_charged_to_the_task_nor_merged(repo):
+    """The start is captured again after workspace_setup: its write to src/c.txt (a lock file, codegen) is not
+    the task's out-of-scope write, and only the task's own change reaches the main tree."""
+    project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n"
+                                      "workspace_setup: 'echo regenerated >> src/c.txt'\n")
+    write_task(project.order(), "T", target_files=["src/a.txt"], command="echo T >> src/a.txt")
+    c_before = (repo / "src/c.txt").read_bytes()
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert project.statuses() == {"T": "DONE"}
+    assert (repo / "src/a.txt").read_text().endswith("T\n") and (repo / "src/c.txt").read_bytes() == c_before
+    assert "src/c.txt" not in (repo / ".aipm/patches/ORD/T.1.patch").read_text()

@@ -24,6 +24,7 @@ import re
 import shlex
 import shutil
 import signal
+import sys
 from pathlib import Path
 
 
@@ -53,8 +54,8 @@ class MergeStopped(UserError):
 
 
 __all__ = ["Conflict", "MergeStopped", "WorkspaceError", "SHARED", "WORKTREE", "kind", "prepare", "directory",
-           "with_setup", "outside_targets", "keep", "merge", "decided", "note_pending_merge", "finished", "remove",
-           "sweep", "sweep_orphans", "prune", "diff"]
+           "with_setup", "after_setup", "outside_targets", "keep", "merge", "decided", "note_pending_merge",
+           "finished", "remove", "sweep", "sweep_orphans", "prune", "diff"]
 
 
 def kind(task: Task, settings: Settings) -> str:
@@ -145,15 +146,35 @@ def directory(root: Path, rec: Record) -> str:
     return str(Path(rec.workspace) / Repo(root).prefix)
 
 
-def with_setup(command: str | list[str], rec: Record, task: Task, settings: Settings) -> str | list[str]:
-    """The worker's command, preceded by `workspace_setup` in a fresh worktree (its failure fails the attempt)."""
+def with_setup(root: Path, command: str | list[str], rec: Record, task: Task, settings: Settings
+               ) -> str | list[str]:
+    """The worker's command, preceded by `workspace_setup` in a fresh worktree (its failure fails the attempt),
+    then by a new capture of the attempt's start (after_setup)."""
     setup = task.workspace_setup if task.workspace_setup is not None else settings.workspace_setup
     if not rec.workspace or not setup:
         return command
     text = setup if isinstance(setup, str) else shlex.join(setup)
     then = command if isinstance(command, str) else "exec " + shlex.join(command)
+    capture = shlex.join([sys.executable, "-c", "import sys; from aipm.workspace import after_setup; "
+                          "after_setup(*sys.argv[1:])", str(root), rec.order, rec.task, str(rec.serial),
+                          rec.workspace])
     return (f"(\n{text}\n) </dev/null || {{ s=$?; echo \"aipm: workspace_setup failed (exit $s)\"; exit $s; }}\n"
-            f"{then}")
+            f"{capture} || exit $?\n{then}")
+
+
+def after_setup(root: str, order: str, task: str, serial: str, worktree: str) -> None:
+    """Run in the worker's shell once `workspace_setup` succeeded: capture the worktree again as the attempt's
+    start, so that what the setup wrote (a lock file, generated code) is neither charged to the task by the
+    scope check nor merged back."""
+    try:
+        repo = Repo(Path(root))
+        base = repo.rev(_ref(order, task, "base"))
+        start = repo.capture(Path(worktree), _scratch(Path(root)), base,
+                             f"aipm: start of {order}/{task}, attempt {serial}, after workspace_setup")
+        repo.set_ref(_ref(order, task, "base"), start)
+    except (WorkspaceError, OSError) as exc:
+        print(f"aipm: cannot capture the worktree after workspace_setup: {exc}", flush=True)
+        sys.exit(1)
 
 
 def outside_targets(root: Path, rec: Record) -> list[str]:
