@@ -816,3 +816,24 @@ def test_what_workspace_setup_writes_is_not_charged_to_the_task_nor_merged(repo)
     assert project.statuses() == {"T": "DONE"}
     assert (repo / "src/a.txt").read_text().endswith("T\n") and (repo / "src/c.txt").read_bytes() == c_before
     assert "src/c.txt" not in (repo / ".aipm/patches/ORD/T.1.patch").read_text()
+
+
+def test_ignored_files_a_task_writes_in_its_targets_are_named_as_not_merged(repo):
+    """.gitignore has .env and build/: the task's new build/ and its changed .env.local are left behind with
+    its worktree, and the log says so; the .env workspace_copy brought in unchanged is not named, nor a
+    build/ directory the main tree has too."""
+    (repo / ".gitignore").write_text(".env\n.env.local\nbuild/\n")
+    (repo / ".env").write_text("A=1\n")
+    (repo / ".env.local").write_text("B=1\n")
+    project = project_in(repo, config="workspace: worktree\nworkspace_copy: ['.env*']\n")
+    write_task(project.order(), "T", target_files=["src/a.txt", ".env", ".env.local", "build/"],
+               command="echo T >> src/a.txt; mkdir -p build && echo out > build/out.js; echo B=2 > .env.local")
+    project.aipm("run", "ORD", check=True)
+    assert project.statuses() == {"T": "DONE"}
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "merge: .env.local, build/: ignored by git, so not merged back (gone with the worktree)" in log
+    assert ".env," not in log and ".env:" not in log
+    (repo / "build").mkdir()
+    project.aipm("retry", "T", check=True)
+    project.aipm("run", "ORD", check=True)
+    assert "merge: .env.local: ignored by git" in (repo / ".aipm/logs/ORD/T.2.log").read_text()

@@ -246,7 +246,29 @@ def merge(root: Path, rec: Record) -> list[str]:
     notes = merging.apply(repo.top, plan_dir, after_each=lambda n: _seam(f"merge:{n}"))
     # A shared task whose audit is in flight may see these files change once this record is gone.
     writtenlog.note_written(Runtime(root), rec.targets)
-    return notes
+    return notes + _ignored_left_behind(repo, rec)
+
+
+def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
+    """Ignored files inside the task's targets that its worktree holds and the main tree does not (or not so):
+    they are not in the capture, so the merge leaves them behind and the worktree's removal deletes them."""
+    from aipm.workspace import mergeback as merging
+
+    tree = Path(rec.workspace)
+    if not rec.targets or not tree.is_dir():
+        return []
+    try:
+        found = repo.ignored(tree, [f":(top,glob){repo.prefix}{target}" for target in rec.targets])
+    except WorkspaceError as exc:  # the merge is done: this is only a warning
+        return [f"ignored files in its targets could not be listed: {exc}"]
+    # A directory ignored whole is named only when the main tree has none there: comparing it could mean
+    # reading a whole node_modules/.
+    lost = [p for p in found if (not (repo.top / p).is_dir() if p.endswith("/")
+                                 else merging.read_state(tree / p) != merging.read_state(repo.top / p))]
+    if not lost:
+        return []
+    more = f" and {len(lost) - 10} more" if len(lost) > 10 else ""
+    return [f"{', '.join(lost[:10])}{more}: ignored by git, so not merged back (gone with the worktree)"]
 
 
 def decided(root: Path, rec: Record) -> bool:

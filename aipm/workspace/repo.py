@@ -137,6 +137,13 @@ class Repo:
             shutil.rmtree(path, ignore_errors=True)
         self.git("worktree", "prune")
 
+    def ignored(self, tree_dir: Path, pathspecs: list[str]) -> list[str]:
+        """Files in `tree_dir` that git ignores, among `pathspecs` (paths relative to its top); a directory
+        ignored whole is one entry ending in "/" (node_modules/ is not listed file by file)."""
+        out = self.git("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--directory", "--",
+                       *pathspecs, cwd=tree_dir)
+        return [p for p in out.decode("utf-8", "surrogateescape").split("\0") if p]
+
     # -- reading commits ----------------------------------------------------------------------------------
 
     def changes(self, old: str, new: str) -> list[Change]:
