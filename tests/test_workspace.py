@@ -837,3 +837,22 @@ def test_ignored_files_a_task_writes_in_its_targets_are_named_as_not_merged(repo
     project.aipm("retry", "T", check=True)
     project.aipm("run", "ORD", check=True)
     assert "merge: .env.local: ignored by git" in (repo / ".aipm/logs/ORD/T.2.log").read_text()
+
+
+def test_what_an_approving_review_changed_in_the_worktree_is_merged_or_sends_the_attempt_back(repo):
+    """The review runs after the end capture: its edit inside the targets is what it approved, so it is merged
+    (and logged); an edit outside them merges nothing of the attempt."""
+    project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n")
+    write_task(project.order(), "IN", target_files=["src/a.txt"], command="echo task >> src/a.txt",
+               review="sed -i 's/^task$/task, fixed by the review/' src/a.txt")
+    write_task(project.order(), "OUT", target_files=["src/c.txt"], command="echo task >> src/c.txt",
+               review="echo review >> src/d.txt")
+    d_before = (repo / "src/d.txt").read_bytes()
+    c_before = (repo / "src/c.txt").read_bytes()
+    assert project.aipm("run", "ORD").returncode == 1
+    assert project.statuses() == {"IN": "COMPLETED", "OUT": "REJECTED"}
+    assert (repo / "src/a.txt").read_text().endswith("a line 20\ntask, fixed by the review\n")
+    assert ("merge: the review changed src/a.txt in the worktree; merged with the task's changes"
+            in (repo / ".aipm/logs/ORD/IN.1.log").read_text())
+    assert "the review wrote outside target_files: src/d.txt" in (repo / ".aipm/feedback/ORD/OUT.txt").read_text()
+    assert (repo / "src/d.txt").read_bytes() == d_before and (repo / "src/c.txt").read_bytes() == c_before

@@ -229,7 +229,10 @@ def merge(root: Path, rec: Record) -> list[str]:
 
     repo = Repo(root)
     plan_dir = _merge_dir(root, rec.order, rec.task)
+    notes = []
     if not merging.pending(plan_dir, rec.serial):
+        if rec.phase == "review":
+            notes = _reviewed(root, repo, rec)
         base = repo.rev(_ref(rec.order, rec.task, "base"))
         end = repo.rev(_ref(rec.order, rec.task, "end"))
         if base is None or end is None:
@@ -243,10 +246,27 @@ def merge(root: Path, rec: Record) -> list[str]:
                            "main tree as it is now.", exc.paths) from None
         merging.save(plan_dir, rec.serial, steps)
     _seam("merge:0")
-    notes = merging.apply(repo.top, plan_dir, after_each=lambda n: _seam(f"merge:{n}"))
+    notes += merging.apply(repo.top, plan_dir, after_each=lambda n: _seam(f"merge:{n}"))
     # A shared task whose audit is in flight may see these files change once this record is gone.
     writtenlog.note_written(Runtime(root), rec.targets)
     return notes + _ignored_left_behind(repo, rec)
+
+
+def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
+    """The review ran in the worktree after the end capture, and approved what it left there: capture it again.
+    Its edits inside the targets are merged with the task's (as in the shared tree); one outside them sends the
+    attempt back. Notes for the log."""
+    before = repo.rev(_ref(rec.order, rec.task, "end"))
+    if before is None:
+        return []  # gone: merge() says so
+    _, _, end = _capture_end(root, rec)
+    changed = sorted({_relative(c.path, repo.prefix) for c in repo.changes(before, end)})
+    outside = out_of_scope(set(changed), rec.targets)
+    if outside:
+        raise Conflict("scope audit: the review wrote outside target_files: " + ", ".join(outside)
+                       + "; nothing of this attempt was merged", outside)
+    return [f"the review changed {', '.join(changed)} in the worktree; merged with the task's changes"
+            ] if changed else []
 
 
 def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
