@@ -730,6 +730,8 @@ def test_cancel_of_a_task_killed_mid_merge_says_the_tree_is_half_merged_and_remo
     assert "the merge of attempt 1 was cut short with 2 of 4 paths written" in proc.stdout
     log = repo / ".aipm/logs/ORD/T.1.log"
     assert "cancelled: the merge of attempt 1 was cut short" in log.read_text()
+    proc = project.aipm("run", "ORD")
+    assert "aipm: T: the merge of attempt 1 was cut short with 2 of 4 paths written" in proc.stderr
     project.aipm("recover", check=True)
     assert all(f.read_text().count("T\n") == 1 for f in files)  # the decided plan, finished once
     assert ("merge: the rest of attempt 1's saved merge plan (2 of 4 paths) was written when its worktree was "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Optional
 
 from aipm.cli.decl import Argument, Exit, Option, command
@@ -17,7 +18,7 @@ from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, RunnerOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, Options
-from aipm.model import DEAD_END, FINISHED_OK, Status, Task
+from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.project import Project, find_task
 from aipm.runloop import supervise
 from aipm.view import OrderView
@@ -137,12 +138,24 @@ def run(
     if not json_out and code == 1 and stop is not None and stop.reached and any(
             t.status == Status.QUEUED for t in view.order.tasks.values()):
         console(stderr=True).print(f"aipm: {view.order.id} stopped: {stop.detail}", markup=False)
+    _pending_merges(launcher.project.root, view.order)
     summary = summary_event(view.order, code)
     if json_out:
         display(summary)
     else:
         print(plain_line(summary), file=sys.stderr if code != 0 else sys.stdout)  # plain text: no rich needed
     raise Exit(code)
+
+
+def _pending_merges(root: Path, order: Order) -> None:
+    """A task no one runs whose merge was cut short (cancelled after a crash mid-merge) leaves the tree
+    half-merged until its worktree is removed: say so at the end of every run, and in its log."""
+    from aipm.workspace import note_pending_merge  # the supervisor has loaded it already
+
+    for task in order.tasks.values():
+        note = None if task.status in RUNNING else note_pending_merge(root, order.id, task.id, "run")
+        if note:
+            console(stderr=True).print(f"aipm: {task.id}: {note}", markup=False)
 
 
 @command("exec")

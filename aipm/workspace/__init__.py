@@ -302,9 +302,11 @@ def decided(root: Path, rec: Record) -> bool:
 def note_pending_merge(root: Path, order: str, task: str, why: str) -> str | None:
     """A task's merge cut short and still pending: say so in its attempt's log (after `why`) and return the
     sentence; None when there is none. A person who stops such a task must know the tree is half-merged."""
+    plan_dir = _merge_dir(root, order, task)
+    if not plan_dir.is_dir():
+        return None  # the usual case, asked of every task at the end of a run: without loading mergeback
     from aipm.workspace import mergeback as merging
 
-    plan_dir = _merge_dir(root, order, task)
     progress = merging.progress(plan_dir)
     if progress is None:
         return None
