@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -858,3 +859,28 @@ def test_what_an_approving_review_changed_in_the_worktree_is_merged_or_sends_the
             in (repo / ".aipm/logs/ORD/IN.1.log").read_text())
     assert "the review wrote outside target_files: src/d.txt" in (repo / ".aipm/feedback/ORD/OUT.txt").read_text()
     assert (repo / "src/d.txt").read_bytes() == d_before and (repo / "src/c.txt").read_bytes() == c_before
+
+
+def test_a_same_size_edit_in_the_second_of_the_checkout_is_captured(repo):
+    """The capture seeds a temporary index from the tree's own. A copy with a new mtime made git trust the stat
+    data of a file edited (same size) in the second its index was written: racy git's check (a file not older
+    than its index is read again) compares against the index's mtime, so the copy must keep it. Without that,
+    the worker's edit was missing from the capture (and from the merge), once the next second had begun."""
+    from aipm.workspace.repo import Repo
+
+    r = Repo(repo)
+    path = repo / "src" / "a.txt"
+    index = repo / ".git" / "index"
+    for _ in range(50):  # the checkout's index, the edit and its stat in one second (retried at a boundary)
+        git(repo, "checkout", "-q", "--", "src/a.txt")
+        git(repo, "update-index", "--refresh", "-q")
+        path.write_text(path.read_text().replace("a line 1\n", "A line 1\n"))
+        st, ix = path.stat(), index.stat()
+        if int(st.st_mtime) == int(ix.st_mtime) == int(st.st_ctime):
+            break
+    else:
+        pytest.skip("could not edit within the second of the index write")
+    time.sleep(1.05 - time.time() % 1)  # the capture's copy of the index now carries a later second
+    tree = r.capture(repo, repo / ".aipm" / "tmp", None, "end")
+    blob = git(repo, "rev-parse", f"{tree}:src/a.txt").strip()
+    assert git(repo, "cat-file", "-p", blob).startswith("A line 1\n")

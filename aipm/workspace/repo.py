@@ -98,7 +98,9 @@ class Repo:
         seed = tree_dir / self.git("rev-parse", "--git-path", "index", cwd=tree_dir).decode().strip()
         try:
             if seed.is_file():
-                shutil.copyfile(seed, index)
+                # copy2 keeps the index's mtime: git reads again a file not older than its index (racy git), and
+                # a copy stamped later made it trust a same-size edit made in the second of the checkout
+                shutil.copy2(seed, index)
             env = {"GIT_INDEX_FILE": str(index)}
             self.git("add", "--all", "--", ":/", f":(top,exclude){self.prefix}{RUNTIME_DIR}", cwd=tree_dir, env=env)
             tree = self.git("write-tree", cwd=tree_dir, env=env).decode().strip()
