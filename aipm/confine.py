@@ -83,10 +83,11 @@ def unavailable() -> str | None:
     return None
 
 
-def prefix(root: str, targets: list[str], log: str, keep: list[str]) -> list[str]:
-    """The argv to put in front of the worker's command so it runs confined to `targets`; `keep`: directories
-    no rule may open unless a target names them (the order directories: task files are aipm's)."""
-    spec = {"root": root, "targets": targets, "log": log, "keep": keep}
+def prefix(root: str, targets: list[str], log: str, keep: list[str], project: str | None = None) -> list[str]:
+    """The argv to put in front of the worker's command so it runs confined to `targets` below `root`; `keep`:
+    directories no rule may open unless a target names them (the order directories: task files are aipm's);
+    `project`: the project root when `root` is a worktree of it (nothing of the project tree is opened then)."""
+    spec = {"root": root, "targets": targets, "log": log, "keep": keep, "project": project or root}
     return [sys.executable, "-m", "aipm.confine", json.dumps(spec), "--"]
 
 
@@ -102,8 +103,10 @@ def private_tmp(log: str) -> str:
 # -- building the rules (in the worker's process, just before it restricts itself) --------------------------
 
 
-def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] = ()) -> tuple[list, str | None]:
-    """[(path, rights)] for a worker, and its TMPDIR when it needs one of its own.
+def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] = (),
+          project: str | None = None) -> tuple[list, str | None]:
+    """[(path, rights)] for a worker, and its TMPDIR when it needs one of its own: its targets below `root`
+    (the project root, or the worktree it works in, inside `project`), nothing else of the project.
 
     Creates what must exist for a rule (missing targets, the TMPDIR), appending each new path to `made` as
     [path, is_dir, mtime_ns]. Raises OSError when a target now leads through a symlink (one made after the order
@@ -112,9 +115,10 @@ def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] =
     import tempfile  # only here: a run that confines nothing does without it
 
     real_root = os.path.realpath(root)
+    real_project = os.path.realpath(project or root)
     git = _git_dirs(real_root)
     kept = git + [os.path.join(real_root, ".aipm")] + [os.path.realpath(k) for k in keep]
-    out = _beside("/", [real_root] + [k for k in git if not _contains(real_root, k)])
+    out = _beside("/", [real_project] + [k for k in git if not _contains(real_project, k)])
     for raw in targets:
         path, kind = _target_path(real_root, raw)
         if os.path.realpath(path) != path:
@@ -130,7 +134,7 @@ def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] =
     out.append((log, WRITE_FILE))
     tmp = None
     system_tmp = os.path.realpath(tempfile.gettempdir())
-    if _contains(system_tmp, real_root) or _contains(real_root, system_tmp):
+    if _contains(system_tmp, real_project) or _contains(real_project, system_tmp):
         tmp = private_tmp(log)
         os.makedirs(tmp, exist_ok=True)
         out.append((tmp, ALL_RIGHTS))
@@ -268,7 +272,7 @@ def main(argv: list[str]) -> int:
             raise OSError(reason)
         made: list = []
         try:
-            grants, tmp = rules(spec["root"], spec["targets"], spec["log"], made, spec.get("keep", ()))
+            grants, tmp = rules(spec["root"], spec["targets"], spec["log"], made, spec["keep"], spec["project"])
         finally:
             with open(made_file(spec["log"]), "w") as handle:
                 json.dump(made, handle)

@@ -209,6 +209,8 @@ class Recording:
         """
         timeout = task.timeout or self.settings.timeout
         append_log(rec.log, f"attempt {rec.serial} ended: {describe_exit(code, timed_out, timeout)}")
+        if rec.workspace:
+            confine.tidy(rec.log)  # before the end capture: an empty file made for a rule is no change of its own
         spent = self._usage(rec, task, event)
         message = None
         decided = bool(rec.workspace) and code == 0 and workspace.decided(self.rt.root, rec)

@@ -42,8 +42,9 @@ class Starter:
         confined = confine.wanted(task, self.settings)
         # On a Ray node the command runs on another machine: a ruleset here would confine only the local driver.
         refusal = confined and ("not with --runner ray" if self.settings.runner == "ray"
-                                else "not with workspace: worktree (yet)"
-                                if workspace.kind(task, self.settings) == workspace.WORKTREE else confine.unavailable())
+                                else "not with workspace_setup (yet): the setup would run confined too"
+                                if workspace.setup_of(task, self.settings) and
+                                workspace.kind(task, self.settings) == workspace.WORKTREE else confine.unavailable())
         if refusal:
             raise LaunchFailed(f"confine: {refusal}")
         try:

@@ -71,11 +71,15 @@ class Supervisor(Recording, Owner):
         rec.command = [command] if isinstance(command, str) else list(command)
         timeout = task.timeout or self.settings.timeout
         rec.owner_pid, rec.owner_ctime = self.me
+        cwd = workspace.directory(self.rt.root, rec)
         jail = ()
         if confine.wanted(task, self.settings):
-            keep = [os.path.dirname(rec.task_file), str(self.rt.root / self.settings.orders_dir)]
-            jail = confine.prefix(str(self.rt.root), rec.targets, rec.log, keep)
-        cwd = workspace.directory(self.rt.root, rec)
+            # A worktree task's targets are its worktree's copies; the task files it may not touch are both the
+            # main tree's and its worktree's copies of them.
+            order_dir = os.path.relpath(os.path.dirname(rec.task_file), self.rt.root)
+            keep = [os.path.join(top, rel) for top in {str(self.rt.root), cwd}
+                    for rel in (order_dir, self.settings.orders_dir)]
+            jail = confine.prefix(cwd, rec.targets, rec.log, keep, project=str(self.rt.root))
         def started(pid: int, ctime: float) -> None:
             """Recorded and watched before its command may begin: if either fails, the command never runs."""
             self._record(rec, pid, ctime, timeout)

@@ -346,3 +346,38 @@ def test_rules_refuse_a_target_that_became_a_symlink_after_the_order_was_read(tm
         confine.rules(str(root), ["out/"], str(log), [])
     with pytest.raises(OSError, match="symlink"):
         confine.rules(str(root), ["out/src/x.py"], str(log), [])
+
+
+@landlock
+def test_a_confined_worktree_task_writes_its_targets_in_its_worktree_and_nothing_of_the_main_tree(tmp_path):
+    """A worktree task was refused `confine`, and nothing stopped its worker writing the main tree by an
+    absolute path (the merge brings only its targets, the write had already landed). Confined, it can write its
+    targets in its worktree, nothing else there, and nothing of the main tree; a target file made empty for its
+    rule and left untouched is not merged."""
+    project, root, top = _repo_with_project(tmp_path)
+    script = (f"echo more >> README.md; echo x >> src/a.py || echo denied-worktree; "
+              f"echo x >> {root}/src/a.py || echo denied-main; echo x > {root}/new.txt || echo denied-new")
+    write_task(project.order(), "T", command=script, target_files=["README.md", "out.txt"], confine=True,
+               workspace="worktree")
+    _git(top, "add", "-A")
+    _git(top, "commit", "-q", "-m", "task")
+    proc = project.aipm("run", "ORD", "--no-review")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert task_statuses(project.order())["T"] == "DONE"
+    log = next((root / ".aipm" / "logs" / "ORD").glob("T.1.log")).read_text()
+    assert "denied-worktree" in log and "denied-main" in log and "denied-new" in log, log
+    assert (root / "README.md").read_text() == "readme\nmore\n"  # merged back
+    assert (root / "src" / "a.py").read_text() == "a = 1\n"
+    assert not (root / "new.txt").exists() and not (root / "out.txt").exists()
+
+
+def test_a_confined_worktree_task_with_a_workspace_setup_is_refused_at_launch(tmp_path):
+    """The setup runs in the worker's process before its command (npm install, uv sync): confined, it could not
+    write what it makes. Refused with one line; the task stays QUEUED, its attempt not counted."""
+    project, root, top = _repo_with_project(tmp_path)
+    write_task(project.order(), "T", command="true", target_files=["README.md"], confine=True, workspace="worktree",
+               workspace_setup="true")
+    proc = project.aipm("run", "ORD", "--no-review", env={confine.FAKE_ABI: "4"})
+    assert proc.returncode != 0
+    assert "T: confine: not with workspace_setup (yet)" in proc.stdout, proc.stdout + proc.stderr
+    assert task_statuses(project.order())["T"] == "QUEUED"

@@ -146,11 +146,16 @@ def directory(root: Path, rec: Record) -> str:
     return str(Path(rec.workspace) / Repo(root).prefix)
 
 
+def setup_of(task: Task, settings: Settings):
+    """The task's `workspace_setup`, else the setting's (None: none)."""
+    return task.workspace_setup if task.workspace_setup is not None else settings.workspace_setup
+
+
 def with_setup(root: Path, command: str | list[str], rec: Record, task: Task, settings: Settings
                ) -> str | list[str]:
     """The worker's command, preceded by `workspace_setup` in a fresh worktree (its failure fails the attempt),
     then by a new capture of the attempt's start (after_setup)."""
-    setup = task.workspace_setup if task.workspace_setup is not None else settings.workspace_setup
+    setup = setup_of(task, settings)
     if not rec.workspace or not setup:
         return command
     text = setup if isinstance(setup, str) else shlex.join(setup)
