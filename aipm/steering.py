@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from aipm import outcome
+from aipm import outcome, workspace
 from aipm.agents import can_resume
 from aipm.errors import UserError
 from aipm.recovery import unrecorded
@@ -23,9 +23,10 @@ from aipm.writer import StaleWrite, now, update_task
 from aipm.worker import agent_for
 
 
-def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) -> None:
+def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) -> str | None:
     """Mark the task CANCELLED, then stop its worker's group (SIGTERM, SIGKILL after `grace` seconds). A task
-    already CANCELLED whose worker still runs (its first cancel was cut short) only has its worker stopped."""
+    already CANCELLED whose worker still runs (its first cancel was cut short) only has its worker stopped.
+    Returns what the person must know besides: a merge of the task cut short (the tree half-merged), or None."""
     rt = Runtime(project.root)
     path = order_dir / f"{task_id}.yaml"
     with rt.launch_lock():
@@ -43,6 +44,7 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
         append_log(rec.log, "cancelled by the user: stopping the process group")
         terminate_group(rec.pgid, rec.pid, grace)
         _until_released(rt, order_id, task_id, grace + 5)
+    return workspace.note_pending_merge(project.root, order_id, task_id, "cancelled")
 
 
 def _until_released(rt: Runtime, order_id: str, task_id: str, limit: float) -> None:

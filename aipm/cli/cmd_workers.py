@@ -205,9 +205,8 @@ def cancel(
     """Cancel a task: stop its worker's whole process group (SIGTERM, then SIGKILL) and mark it CANCELLED."""
     project = get_project()
     order_dir, task_id = find_task(project, task)
-    steering.cancel(project, order_dir, task_id, grace)
+    note = steering.cancel(project, order_dir, task_id, grace)
     console().print(f"{task_id}: CANCELLED")
-    note = workspace.note_pending_merge(project.root, load_order(order_dir, project.root).id, task_id, "cancelled")
     if note:
         console().print(escape(f"{task_id}: {note}"))
 

@@ -150,12 +150,12 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
             try:
                 body = await request.json()
                 order_dir, task_id = await run_in_threadpool(find, str(body["order"]), str(body["task"]))
-                await run_in_threadpool(action, project, order_dir, task_id)
+                said = await run_in_threadpool(action, project, order_dir, task_id)
             except (ValueError, KeyError, TypeError):
                 return JSONResponse({"error": "expected JSON {\"order\": ..., \"task\": ...}"}, 400)
             except UserError as exc:
                 return JSONResponse({"error": str(exc)}, 409)
-            return JSONResponse({"ok": True})
+            return JSONResponse({"ok": True, **({"note": said} if isinstance(said, str) else {})})
         return endpoint
 
     async def events(request: Request):
