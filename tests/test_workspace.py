@@ -842,6 +842,21 @@ def test_ignored_files_a_task_writes_in_its_targets_are_named_as_not_merged(repo
     assert "merge: .env.local: ignored by git" in (repo / ".aipm/logs/ORD/T.2.log").read_text()
 
 
+@pytest.mark.parametrize("targets, named", [(["."], ".env.local, build/"), (["*.txt", ".env.local"], ".env.local")],
+                         ids=["root", "glob"])
+def test_the_ignored_files_note_follows_the_targets_for_the_root_and_globs(repo, targets, named):
+    """The root target ("./") gave git a pathspec that matches nothing: no note at all. A glob made git list the
+    directories that might hold a match (`build/` for `*.txt`), named although no target covers them."""
+    (repo / ".gitignore").write_text(".env.local\nbuild/\n")
+    project = project_in(repo, config="workspace: worktree\n")
+    write_task(project.order(), "T", target_files=targets,
+               command="echo T >> top.txt; mkdir -p build && echo out > build/out.js; echo B=2 > .env.local")
+    project.aipm("run", "ORD", check=True)
+    assert project.statuses() == {"T": "DONE"}
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert f"merge: {named}: ignored by git, so not merged back (gone with the worktree)" in log, log
+
+
 def test_what_an_approving_review_changed_in_the_worktree_is_merged_or_sends_the_attempt_back(repo):
     """The review runs after the end capture: its edit inside the targets is what it approved, so it is merged
     (and logged); an edit outside them merges nothing of the attempt."""

@@ -282,12 +282,16 @@ def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
     tree = Path(rec.workspace)
     if not rec.targets or not tree.is_dir():
         return []
+    # The root target is "./", which no glob pathspec matches: its pathspec is the root's place itself.
+    specs = [f":(top,glob){repo.prefix}{t}" if t != "./" else f":(top){repo.prefix}" for t in rec.targets]
     try:
-        found = repo.ignored(tree, [f":(top,glob){repo.prefix}{target}" for target in rec.targets])
+        found = repo.ignored(tree, specs)
     except WorkspaceError as exc:  # the merge is done: this is only a warning
         return [f"ignored files in its targets could not be listed: {exc}"]
-    # A directory ignored whole is named only when the main tree has none there: comparing it could mean
-    # reading a whole node_modules/.
+    # git also lists a directory that might hold a match of a glob (`build/` for `*.md`): only what the targets
+    # cover counts. A directory ignored whole is named only when the main tree has none there: comparing it
+    # could mean reading a whole node_modules/.
+    found = [p for p in found if not out_of_scope({_relative(p, repo.prefix).rstrip("/")}, rec.targets)]
     lost = [p for p in found if (not (repo.top / p).is_dir() if p.endswith("/")
                                  else merging.read_state(tree / p) != merging.read_state(repo.top / p))]
     if not lost:
