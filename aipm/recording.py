@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import posixpath
 import signal
 from pathlib import Path
 
@@ -300,11 +299,11 @@ class Recording:
 
         def allowed(since_ns: int) -> list[str]:
             others = self.rt.records()
-            # aipm writes the task files of the orders that run, through temp files beside them (and people edit
-            # them meanwhile): those files, not their whole directory (an order at the root allowed every path).
-            order_dirs = {os.path.relpath(r.order_dir, self.rt.root) for r in [rec, *others]}
-            task_files = [posixpath.normpath(posixpath.join(d, name)) for d in order_dirs
-                          if d != ".." and not d.startswith("../") for name in ("*.yaml", ".*.tmp")]
+            # aipm writes the task files of the orders that run (and people edit them meanwhile): those files,
+            # not their whole directory (an order at the root allowed every path). Orders whose attempts ended
+            # meanwhile are in the written log.
+            task_files = [f for d in {r.order_dir for r in [rec, *others]}
+                          for f in writtenlog.order_files(self.rt.root, d)]
             return [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *task_files,
                     *writtenlog.written_since(self.rt, since_ns)]
 

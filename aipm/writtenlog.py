@@ -8,22 +8,35 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from aipm.gitstatus import real_root, tree_prefix
+from aipm.paths import real_relative
 from aipm.runtime import Record, Runtime
 
 WRITTEN_LOG = "written.log"  # in the state directory: "<time_ns> <json list of targets>" per line
 
 
 def note_ended(rt: Runtime, rec: Record) -> None:
-    """`rec`'s attempt is over: note its targets for the audits still in flight, which may see its writes once
-    its record is gone. Caller holds the launch lock."""
-    if rec.workspace or tree_prefix(real_root(rt.root)) is None:
-        return  # it wrote in its own worktree (merges note themselves), or nothing here is audited
-    note_written(rt, rec.targets)
+    """`rec`'s attempt is over: note its targets and its order's task files (its outcome was just written there)
+    for the audits still in flight, which may see those writes once its record is gone. Caller holds the launch
+    lock."""
+    if tree_prefix(real_root(rt.root)) is None:
+        return  # nothing here is audited
+    # A worktree attempt wrote in its own worktree (merges note themselves); its status, here.
+    note_written(rt, [*(() if rec.workspace else rec.targets), *order_files(rt.root, rec.order_dir)])
+
+
+def order_files(root: Path, order_dir: str) -> list[str]:
+    """What aipm writes in an order directory, as targets: its task files and the temp files it writes them
+    through (none when the directory is outside the project). Named by its real path, as git names them."""
+    rel = real_relative(str(root), os.path.relpath(order_dir, root))
+    if rel is None:
+        return []
+    return [posixpath.join(rel, name) if rel else name for name in ("*.yaml", ".*.tmp")]
 
 
 def note_written(rt: Runtime, targets: Iterable[str]) -> None:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import pytest
 from aipm.paths import normalize
 from aipm.gitstatus import changed
 from aipm.scope import load, out_of_scope, save, snapshot
+from conftest import wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -632,3 +634,46 @@ def test_an_audited_attempt_killed_by_a_signal_keeps_its_status(repo):
     assert (tasks["SIG"]["status"], tasks["SIG"]["exit_code"], tasks["SIG"]["reason"]) == (
         "FAILED", -15, "killed by SIGTERM"), tasks["SIG"]
     assert (tasks["OK"]["status"], tasks["OK"]["exit_code"]) == ("DONE", 0)
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
+def test_a_run_of_another_order_ending_a_task_meanwhile_is_not_charged(tmp_path, watch):
+    """Two `run`s of two orders in one tree: B's outcome is written in O2's task file during A's attempt, and
+    B's record is gone by A's audit, which then charged A with `orders/O2/B.yaml`. An ended attempt's order
+    files are noted in the written log with its targets."""
+    import yaml
+
+    root = _git_repo_order(tmp_path, {"A": {"command": "sleep 2; echo a > a.txt", "target_files": ["a.txt"]}},
+                           f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
+    o2 = root / "orders" / "O2"
+    o2.mkdir()
+    (o2 / "B.yaml").write_text(yaml.safe_dump({"command": "echo b > b.txt", "target_files": ["b.txt"]}))
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    first = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a_file = root / "orders" / "ORD" / "A.yaml"
+    wait_for(lambda: yaml.safe_load(a_file.read_text()).get("status") == "IN_PROGRESS", timeout=30)
+    second = subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "O2"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    out, err = first.communicate(timeout=60)
+    assert second.returncode == 0 and first.returncode == 0, out + err + second.stdout + second.stderr
+    assert yaml.safe_load(a_file.read_text())["status"] == "DONE"
+
+
+def test_an_order_directory_reached_through_a_symlink_allows_its_task_files_by_their_real_path(tmp_path):
+    """`orders -> real`: git names `real/ORD/A.yaml`, the allow-list named `orders/ORD/*.yaml`, and every task
+    was sent back for its own status writes."""
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / "real" / "ORD"
+    order.mkdir(parents=True)
+    (root / "orders").symlink_to("real")
+    (root / "aipm.yaml").write_text("max_rework: 0\n")
+    (order / "A.yaml").write_text(yaml.safe_dump({"command": "echo a > a.txt", "target_files": ["a.txt"]}))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD"], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert yaml.safe_load((order / "A.yaml").read_text())["status"] == "DONE"
