@@ -249,6 +249,8 @@ def load(path: Path) -> Snapshot | Watched | None:
         return None
     if isinstance(data, list) and len(data) == 2 and data[0] == "watched" and isinstance(data[1], int):
         return Watched(data[1])
+    if isinstance(data, dict):  # saved by an aipm from before HEAD was kept (an attempt adopted across versions)
+        data = ["snapshot", None, data]
     if not (isinstance(data, list) and len(data) == 3 and data[0] == "snapshot" and isinstance(data[2], dict)):
         return None
     snap = Snapshot((str(k), as_fingerprint(v)) for k, v in data[2].items())

@@ -191,6 +191,11 @@ def test_snapshot_survives_save_and_load(repo, tmp_path):
     (repo / "src" / "a.py").unlink()
     assert changed(loaded, snapshot(repo)) == {"src/a.py"}
     assert load(tmp_path / "missing.json") is None
+    assert loaded.head is not None and loaded.head == before.head
+    # the form an aipm from before HEAD was kept saved (a dict): still read, without HEAD, not as "no audit"
+    (tmp_path / "old.json").write_text(json.dumps(dict(before)))
+    old = load(tmp_path / "old.json")
+    assert old == before and old.head is None
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
