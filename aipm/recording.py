@@ -112,6 +112,8 @@ class Recording:
             if rec.phase == "work":  # stopped by the cancel, the attempt still cost what its agent reported
                 spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens)[1]
                 task = self._write(task, spent) if spent else task
+                if rec.workspace:  # and what it changed is kept: a retry's start removes the worktree
+                    append_log(rec.log, workspace.keep(self.rt.root, rec))
             self._drop(rec)  # the user's word stands
             event.update(status=str(task.status), reason=task.reason)
             return event

@@ -118,6 +118,8 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
         pass  # moved on, broken or unwritable: a running status without a record is recovered later
     if rec is not None:
         append_log(rec.log, f"worker interrupted: {why}; task re-queued")
+        if rec.workspace and rec.phase == "work" and rec.pid:  # the next attempt's start removes its worktree
+            append_log(rec.log, workspace.keep(rt.root, rec))
         writtenlog.note_ended(rt, rec)
         rt.remove_record(rec.order, rec.task)
 

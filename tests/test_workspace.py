@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import signal
+import sys
 import subprocess
 import time
 from pathlib import Path
@@ -770,6 +771,29 @@ def test_a_failed_or_timed_out_attempts_changes_are_kept_as_a_patch_and_the_log_
         assert f"+work of attempt {n}" in patch.read_text()
         assert f"the changes of attempt {n} are kept in {patch}" in (repo / f".aipm/logs/ORD/T.{n}.log").read_text()
     assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+
+
+@pytest.mark.parametrize("stop", ["cancel", "SIGINT"])
+def test_a_stopped_attempts_changes_are_kept_as_a_patch(repo, tmp_path, stop):
+    """Cancelled, or interrupted by Ctrl-C of its run: the attempt's worktree went with the next attempt's start
+    (or `aipm recover`) and its work with it, unlike a failed one's."""
+    project = project_in(repo)
+    ready = tmp_path / "ready"
+    write_task(project.order(), "T", target_files=["src/a.txt"],
+               command=f'echo "work of attempt $AIPM_ATTEMPT" >> src/a.txt; touch "{ready}"; sleep 60')
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: ready.exists())
+    if stop == "cancel":
+        project.aipm("cancel", "T", check=True)
+    else:
+        run.send_signal(signal.SIGINT)
+    run.communicate(timeout=60)
+    project.aipm("recover", check=True)  # removes the worktree
+    patch = repo / ".aipm/patches/ORD/T.1.patch"
+    assert "+work of attempt 1" in patch.read_text()
+    assert f"the changes of attempt 1 are kept in {patch}" in (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert aipm_leftovers(repo)["worktrees"] == []
 
 
 def test_recover_removes_the_worktree_and_refs_of_a_deleted_order_but_not_of_one_outside_orders_dir(repo, tmp_path):
