@@ -644,3 +644,18 @@ def test_retry_resume_with_codex_uses_exec_resume(project):
     project.aipm("retry", "A", "--resume", check=True)
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1  # still @fail; the argv is the point
     assert journal(project)[1]["argv"][-3:] == ["resume", thread, "-"]
+
+
+def test_aider_is_not_given_what_git_ignores_under_a_directory_target(tmp_path):
+    """Every file on disk under `.` or `src/` went to aider's chat: node_modules/, .venv/, build output."""
+    import subprocess
+
+    for name in ("src/app.py", "src/gen/out.o", "node_modules/x/index.js", "notes.md"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    (tmp_path / ".gitignore").write_text("node_modules/\n*.o\n")
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "add", "src/app.py", ".gitignore"], cwd=tmp_path, check=True)
+    assert aider.files(attempt(tmp_path, targets=("./",))) == [".gitignore", "notes.md", "src/app.py"]
+    assert aider.files(attempt(tmp_path, targets=("src/",))) == ["src/app.py"]
+    assert aider.files(attempt(tmp_path, targets=("**/*.js", "src/*.o"))) == []

@@ -9,7 +9,9 @@ figure (aider's own running total for this run). Aider keeps no session id.
 from __future__ import annotations
 
 import re
+import subprocess
 from collections.abc import Iterable
+from pathlib import Path
 
 from aipm.agents import Attempt, Usage
 from aipm.project import RUNTIME_DIR
@@ -38,21 +40,40 @@ def argv(attempt: Attempt) -> list[str]:
 
 def files(attempt: Attempt) -> list[str]:
     """The targets as aider's editable files. aider takes files only (a directory among several is an error, a
-    lone one the repository to work in), so directories and globs become the files they hold now."""
+    lone one the repository to work in), so directories and globs become the files they hold now: in a git work
+    tree those git shows (tracked, or untracked and not ignored: not node_modules/, .venv/ or build output, each
+    of which would be sent to the model), elsewhere every file."""
     out: list[str] = []
     for target in attempt.targets:
         top = attempt.root / target.path
         if not target.is_glob and not top.is_dir():
             out.append(target.path)  # a file, or one to create
             continue
-        found = [p.relative_to(attempt.root) for p in (attempt.root.glob(target.path) if target.is_glob
-                                                        else top.rglob("*")) if p.is_file()]
-        found = [p for p in found if ".git" not in p.parts and p.parts[0] != RUNTIME_DIR]
+        listed = _git_files(attempt.root, target)
+        found = ([Path(p) for p in listed] if listed is not None else
+                 [p.relative_to(attempt.root) for p in (attempt.root.glob(target.path) if target.is_glob
+                                                        else top.rglob("*"))])
+        found = [p for p in found if ".git" not in p.parts and p.parts[0] != RUNTIME_DIR
+                 and (attempt.root / p).is_file()]
         if not found:
             append_log(str(attempt.log), f"aider: target {target} holds no file yet, so aider is given none for "
                                          "it (it may still create the files its reply names)")
         out += sorted(p.as_posix() for p in found)
     return list(dict.fromkeys(out))
+
+
+def _git_files(root: Path, target) -> list[str] | None:
+    """The files git shows under a directory or glob target, relative to the root; None outside a git work tree
+    (or without git)."""
+    spec = f":(glob){target.path}" if target.is_glob else (target.path or ".")
+    try:
+        proc = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard",
+                               "--", spec], capture_output=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return [p for p in proc.stdout.decode("utf-8", "surrogateescape").split("\0") if p]
 
 
 def _tokens(text: str | None) -> int | None:
