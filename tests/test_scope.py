@@ -410,8 +410,9 @@ def test_the_written_log_is_cut_to_what_an_audit_in_flight_may_need(tmp_path, mo
     ended = Record(order="O", order_dir=str(root), task="E", task_file=str(root / "E.yaml"), attempt=1,
                    targets=["e.txt"], log=str(log_dir / "E.1.log"), exit_file="y", started_at="")
     writtenlog.note_ended(rt, ended)
-    assert writtenlog.written_since(rt, taken) == ["e.txt"]
-    assert writtenlog.written_since(rt, 0) == ["e.txt"]  # the 100 old lines were cut
+    noted = ["e.txt", "*.yaml", ".*.tmp"]  # its targets, and its order's task files (the order is the root here)
+    assert writtenlog.written_since(rt, taken) == noted
+    assert writtenlog.written_since(rt, 0) == noted  # the 100 old lines were cut
 
 
 def test_a_prefetched_snapshot_is_read_at_its_first_use_and_one_never_read_leaves_no_git_behind(repo):
@@ -614,7 +615,8 @@ def test_a_stopped_attempt_is_noted_once_in_the_written_log(repo):
     assert run.wait(timeout=60) == 130
     lines = (Runtime(repo).state / writtenlog.WRITTEN_LOG).read_text().splitlines()
     noted = sorted(t for line in lines for t in json.loads(line.split(" ", 1)[1]))
-    assert noted == ["out0.txt", "out1.txt"], lines
+    assert noted == ["orders/ORD/*.yaml", "orders/ORD/*.yaml", "orders/ORD/.*.tmp", "orders/ORD/.*.tmp",
+                     "out0.txt", "out1.txt"], lines
 
 
 def test_an_audited_attempt_killed_by_a_signal_keeps_its_status(repo):
