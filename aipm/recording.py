@@ -113,6 +113,7 @@ class Recording:
                 spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens)[1]
                 task = self._write(task, spent) if spent else task
                 if rec.workspace:  # and what it changed is kept: a retry's start removes the worktree
+                    confine.tidy(rec.log)  # first: an empty file made for a rule is no change of its own
                     append_log(rec.log, workspace.keep(self.rt.root, rec))
             self._drop(rec)  # the user's word stands
             event.update(status=str(task.status), reason=task.reason)

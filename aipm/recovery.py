@@ -11,7 +11,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aipm import agents, outcome, runner, subreaper, workspace, writtenlog
+from aipm import agents, confine, outcome, runner, subreaper, workspace, writtenlog
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.runtime import Record, Runtime, append_log, exit_file_written
@@ -118,6 +118,7 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
         pass  # moved on, broken or unwritable: a running status without a record is recovered later
     if rec is not None:
         append_log(rec.log, f"worker interrupted: {why}; task re-queued")
+        confine.tidy(rec.log)  # what was made for its rules and left untouched; before keep(), not in its patch
         if rec.workspace and rec.phase == "work" and rec.pid:  # the next attempt's start removes its worktree
             append_log(rec.log, workspace.keep(rt.root, rec))
         writtenlog.note_ended(rt, rec)

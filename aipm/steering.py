@@ -8,7 +8,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from aipm import outcome, workspace
+from aipm import outcome, workspace, writtenlog
 from aipm.agents import can_resume
 from aipm.errors import UserError
 from aipm.recovery import unrecorded
@@ -40,6 +40,7 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
                 raise UserError(f"{path}: status: {current.status} cannot be cancelled")
             update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
                         expect=current.status)
+            writtenlog.note_written(rt, writtenlog.order_files(project.root, str(order_dir)))  # not a worker's write
     if live:
         append_log(rec.log, "cancelled by the user: stopping the process group")
         terminate_group(rec.pgid, rec.pid, grace)
@@ -99,5 +100,6 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
             if marker is not None:
                 marker.unlink(missing_ok=True)
             raise UserError(f"{path}: status: {exc}") from None
+        writtenlog.note_written(rt, writtenlog.order_files(project.root, str(order_dir)))  # not a worker's write
         rt.feedback_path(order_id, task_id).unlink(missing_ok=True)
     return current

@@ -19,6 +19,7 @@ from pathlib import Path
 from aipm import cluster, confine, recovery, runner, scope, subreaper, workspace
 from aipm.errors import UserError
 from aipm.launcher import Launcher
+from aipm.paths import real_relative
 from aipm.starting import Owner
 from aipm.recording import Recording
 from aipm.model import RUNNING, Status, Task
@@ -75,10 +76,11 @@ class Supervisor(Recording, Owner):
         jail = ()
         if confine.wanted(task, self.settings):
             # A worktree task's targets are its worktree's copies; the task files it may not touch are both the
-            # main tree's and its worktree's copies of them.
-            order_dir = os.path.relpath(os.path.dirname(rec.task_file), self.rt.root)
-            keep = [os.path.join(top, rel) for top in {str(self.rt.root), cwd}
-                    for rel in (order_dir, self.settings.orders_dir)]
+            # main tree's and its worktree's copies of them, by their real place (a symlinked orders/ checked out
+            # in the worktree may lead back to the main tree, leaving the worktree's copies open).
+            places = [real_relative(str(self.rt.root), os.path.relpath(d, self.rt.root))
+                      for d in (os.path.dirname(rec.task_file), self.rt.root / self.settings.orders_dir)]
+            keep = [os.path.join(top, rel) for top in {str(self.rt.root), cwd} for rel in places if rel is not None]
             jail = confine.prefix(cwd, rec.targets, rec.log, keep, project=str(self.rt.root))
         def started(pid: int, ctime: float) -> None:
             """Recorded and watched before its command may begin: if either fails, the command never runs."""

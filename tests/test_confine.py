@@ -381,3 +381,44 @@ def test_a_confined_worktree_task_with_a_workspace_setup_is_refused_at_launch(tm
     assert proc.returncode != 0
     assert "T: confine: not with workspace_setup (yet)" in proc.stdout, proc.stdout + proc.stderr
     assert task_statuses(project.order())["T"] == "QUEUED"
+
+
+@landlock
+def test_a_cancelled_confined_worktree_attempts_patch_holds_its_work_not_the_files_made_for_its_rules(tmp_path):
+    """keep() captured the worktree before the tidy-up: the patch of a cancelled attempt created the empty
+    target file aipm had made for its rule."""
+    import subprocess
+
+    project, root, top = _repo_with_project(tmp_path)
+    (tmp_path / "signal").mkdir()  # beside the project: writable (its parent, on the way to the project, is not)
+    ready = tmp_path / "signal" / "ready"
+    write_task(project.order(), "T", command=f"echo work >> README.md; touch {ready}; sleep 60",
+               target_files=["README.md", "untouched.txt"], confine=True, workspace="worktree")
+    _git(top, "add", "-A")
+    _git(top, "commit", "-q", "-m", "task")
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: ready.exists())
+    project.aipm("cancel", "T", check=True)
+    run.communicate(timeout=60)
+    patch = (root / ".aipm" / "patches" / "ORD" / "T.1.patch").read_text()
+    assert "+work" in patch and "untouched.txt" not in patch, patch
+
+
+@landlock
+def test_a_confined_worktree_task_cannot_touch_task_files_under_an_absolute_symlinked_orders(tmp_path):
+    """`orders -> /abs/project/tasks`, checked out in the worktree, leads back to the main tree: the worktree's
+    copies of the task files were left open to a `./` target, and an edit of another task's file was merged."""
+    project, root, top = _repo_with_project(tmp_path)
+    (root / "orders").rename(root / "tasks")
+    (root / "orders").symlink_to(root / "tasks")
+    other = root / "tasks" / "ORD" / "OTHER.yaml"
+    before = other.read_text()
+    write_task(project.order(), "T", command="echo 'command: rm -rf /' >> tasks/ORD/OTHER.yaml || echo denied",
+               target_files=["."], confine=True, workspace="worktree")
+    _git(top, "add", "-A")
+    _git(top, "commit", "-q", "-m", "task")
+    proc = project.aipm("run", "ORD", "--no-review")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert other.read_text() == before
+    assert "denied" in (root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()

@@ -684,3 +684,28 @@ def test_an_order_directory_reached_through_a_symlink_allows_its_task_files_by_t
                           text=True, timeout=60, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert yaml.safe_load((order / "A.yaml").read_text())["status"] == "DONE"
+
+
+@pytest.mark.parametrize("steer", ["cancel", "retry"])
+def test_a_cancel_or_retry_in_another_order_during_an_attempt_is_not_charged(tmp_path, steer):
+    """`aipm cancel`/`retry` write a task file of an order no one runs: the audit of an attempt running then
+    charged it with that file (a rework, an extra attempt). They note it in the written log, as an ended
+    attempt does."""
+    import yaml
+
+    root = _git_repo_order(tmp_path, {"A": {"command": "sleep 2; echo a > a.txt", "target_files": ["a.txt"]}})
+    o3 = root / "orders" / "O3"
+    o3.mkdir()
+    (o3 / "X.yaml").write_text(yaml.safe_dump({"command": "true", "target_files": ["x.txt"],
+                                               **({"status": "FAILED"} if steer == "retry" else {})}))
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    first = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    a_file = root / "orders" / "ORD" / "A.yaml"
+    wait_for(lambda: yaml.safe_load(a_file.read_text()).get("status") == "IN_PROGRESS", timeout=30)
+    steered = subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), steer, "O3/X"], env=env,
+                             capture_output=True, text=True, timeout=60)
+    out, err = first.communicate(timeout=60)
+    assert steered.returncode == 0, steered.stderr
+    assert first.returncode == 0, out + err
+    assert yaml.safe_load(a_file.read_text())["status"] == "DONE"
