@@ -923,3 +923,20 @@ def test_a_same_size_edit_in_the_second_of_the_checkout_is_captured(repo):
     tree = r.capture(repo, repo / ".aipm" / "tmp", None, "end")
     blob = git(repo, "rev-parse", f"{tree}:src/a.txt").strip()
     assert git(repo, "cat-file", "-p", blob).startswith("A line 1\n")
+
+
+def test_a_worktree_task_on_the_whole_project_never_merges_an_edit_of_a_task_file(repo):
+    """`./` covers the order directory too: a worker's edit of another task's file (its command) was merged into
+    the main tree. Task files are aipm's state: such an attempt is sent back with nothing merged."""
+    project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n")
+    write_task(project.order(), "OTHER", command="true", target_files=["o.txt"], status="DONE")
+    write_task(project.order(), "T", target_files=["."],
+               command="echo T >> src/a.txt; echo 'command: rm -rf /' >> orders/ORD/OTHER.yaml")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-q", "-m", "order")
+    other = (repo / "orders/ORD/OTHER.yaml").read_text()
+    a_before = (repo / "src/a.txt").read_text()
+    assert project.aipm("run", "ORD").returncode == 1
+    assert project.statuses() == {"OTHER": "DONE", "T": "REJECTED"}
+    assert (repo / "orders/ORD/OTHER.yaml").read_text() == other and (repo / "src/a.txt").read_text() == a_before
+    assert "orders/ORD/OTHER.yaml" in (repo / ".aipm/feedback/ORD/T.txt").read_text()

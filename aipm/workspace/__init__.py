@@ -188,7 +188,9 @@ def outside_targets(root: Path, rec: Record) -> list[str]:
     The scope is exact: the difference between the attempt's start and end, nothing else."""
     repo, base, end = _capture_end(root, rec)
     changed = {_relative(c.path, repo.prefix) for c in repo.changes(base, end)}
-    return out_of_scope(changed, rec.targets)
+    # Its order's task files are aipm's state, whatever the targets cover (`./`): an edit of one is never merged.
+    task_files = changed - set(out_of_scope(changed, writtenlog.order_files(root, rec.order_dir)))
+    return sorted(set(out_of_scope(changed, rec.targets)) | task_files)
 
 
 def keep(root: Path, rec: Record) -> str:
