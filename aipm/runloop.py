@@ -218,6 +218,15 @@ def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str],
     return finishing, dead
 
 
+def _others_matter(order: Order, foreign: set[str], finishing: bool) -> bool:
+    """Whether another owner's work is worth waiting for: a task of this order runs there, or a queued task of
+    this order may start once it ends (it may free files, a slot or a dependency). A run of an order that is
+    done waited for every other order's workers to end."""
+    if finishing or any(key.startswith(f"{order.id}/") for key in foreign):
+        return True  # (an outcome being recorded: it may be this order's)
+    return bool(foreign) and any(t.status == Status.QUEUED for t in order.tasks.values())
+
+
 def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None = None,
               detach_others: bool = False) -> int:
     """The `run` loop (and, with `only`, `exec`): plan, launch, wait for the next event, finish, repeat.
@@ -306,7 +315,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             if only:
                 if f"{order.id}/{only}" not in sup.owned:
                     break  # finished, failed for good, or never launchable
-            elif not sup.owned and not foreign and not deferred and not finishing and not waiting and not orphaned:
+            elif not sup.owned and not _others_matter(order, foreign, finishing) and not deferred and not waiting \
+                    and not orphaned:
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
             ready = []
             if orphaned:

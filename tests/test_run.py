@@ -339,3 +339,18 @@ def test_sigterm_of_exec_says_sigterm_and_not_that_the_task_can_start(project):
     assert (task["status"], task["reason"]) == ("QUEUED", "interrupted: stopped by SIGTERM"), task
     assert "can start now" not in out + err and "Ctrl-C" not in out + err, out + err
     assert no_workers(project.root)
+
+
+def test_a_run_ends_with_its_order_whatever_another_order_still_runs(project):
+    """`run O2` waited for every live worker of every other order before it exited (a worker's end may free
+    files, a slot or a dependency, but O2 had nothing left to start)."""
+    write_task(project.order("O1"), "LONG", command="sleep 60", target_files=["long.txt"])
+    write_task(project.order("O2"), "QUICK", command="true", target_files=["quick.txt"])
+    assert project.aipm("launch", "O1").returncode == 0
+    wait_for(lambda: project.statuses("O1")["LONG"] == "IN_PROGRESS")
+    proc = project.aipm("run", "O2", timeout=50)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert project.statuses("O2") == {"QUICK": "DONE"}
+    assert project.statuses("O1") == {"LONG": "IN_PROGRESS"}  # still running when O2's run was over
+    assert project.aipm("cancel", "O1/LONG").returncode == 0
+    wait_for(lambda: no_workers(project.root))
