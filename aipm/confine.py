@@ -33,6 +33,7 @@ from aipm.paths import GLOB_CHARS, literal_base
 # Test seam (like AIPM_FAKE_LOAD in resources.py): a Landlock ABI to report instead of asking the kernel;
 # "0" simulates a kernel without Landlock. Read only here.
 FAKE_ABI = "AIPM_FAKE_LANDLOCK_ABI"
+_FAILED = "[aipm] confine: cannot confine the worker: "  # the log line failure() reads back
 MIN_ABI = 3  # ABI 3 (Linux 6.2) adds control of truncate(2); without it "cannot truncate" would not hold
 
 # LANDLOCK_ACCESS_FS_* (linux/landlock.h)
@@ -235,6 +236,20 @@ def restrict(grants: list) -> None:
         ruleset.restrict()
 
 
+def failure(log: str) -> str | None:
+    """Why a confined attempt's ruleset could not be applied (its exit 126), from the end of its log; None when
+    the attempt was not confined or said nothing of it (its command's own exit 126)."""
+    if not os.path.exists(made_file(log)):  # written by main() whatever happens: only a confined attempt has one
+        return None
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 8192))
+            tail = handle.read().decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    return next((line[len("[aipm] "):] for line in reversed(tail) if line.startswith(_FAILED)), None)
+
+
 def tidy(log: str) -> None:
     """After an attempt: remove the TMPDIR and what was created for the rules and left untouched since
     (empty files with their first mtime, empty directories)."""
@@ -279,7 +294,7 @@ def main(argv: list[str]) -> int:
         restrict(grants)
     except OSError as exc:
         # Never run the command unconfined: the attempt fails with the reason in its log.
-        print(f"[aipm] confine: cannot confine the worker: {exc}", file=sys.stderr)
+        print(f"{_FAILED}{exc}", file=sys.stderr)
         return 126
     if tmp:
         os.environ["TMPDIR"] = tmp

@@ -242,7 +242,9 @@ class Recording:
             for updates in after_review(task, 1, self.settings, why):
                 task = self._write(task, updates)
             return task
-        reason = attempt_reason(code, timed_out, timeout)
+        # 126 of a confined attempt may be its ruleset refused in the worker: the reason names why, not "exit 126"
+        refused = confine.failure(rec.log) if code == 126 else None
+        reason = outcome.one_line(refused) if refused else attempt_reason(code, timed_out, timeout)
         task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason), **spent})
         if task.status == Status.IN_REVIEW:
             self._start_review(rec, task)

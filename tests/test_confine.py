@@ -422,3 +422,27 @@ def test_a_confined_worktree_task_cannot_touch_task_files_under_an_absolute_syml
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert other.read_text() == before
     assert "denied" in (root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
+
+
+@landlock
+def test_a_ruleset_refused_in_the_worker_is_the_attempts_reason_not_exit_126(tmp_path):
+    """`sub` is a file, so the target `sub/out.txt` cannot be made for its rule: the attempt fails without running
+    its command, and the console and the task said only `exit 126` (the why was in the log alone)."""
+    project, root, outside = _tree(tmp_path)
+    (root / "sub").write_text("a file, not a directory\n")
+    write_task(project.order(), "T", command="echo ran > ran.txt", target_files=["sub/out.txt"], confine=True)
+    proc = project.aipm("run", "ORD", "--no-review")
+    assert proc.returncode == 1
+    data = yaml.safe_load((root / "orders" / "ORD" / "T.yaml").read_text())
+    assert data["status"] == "FAILED" and data["exit_code"] == 126
+    assert data["reason"].startswith("confine: cannot confine the worker: "), data["reason"]
+    assert "confine: cannot confine the worker" in proc.stdout, proc.stdout
+    assert not (root / "ran.txt").exists()
+
+
+def test_a_commands_own_exit_126_stays_exit_126(project):
+    """Only a confined attempt's log is read for the why: an unconfined command exiting 126 is just that."""
+    write_task(project.order(), "T", command="echo '[aipm] confine: cannot confine the worker: no'; exit 126",
+               target_files=["t.txt"])
+    project.aipm("run", "ORD", "--no-review")
+    assert yaml.safe_load((project.root / "orders" / "ORD" / "T.yaml").read_text())["reason"] == "exit 126"
