@@ -194,8 +194,9 @@ def outside_targets(root: Path, rec: Record) -> list[str]:
 
 
 def keep(root: Path, rec: Record) -> str:
-    """A failed (or timed-out) attempt: write its changes to its patch, as for one sent back, since its worktree
-    goes when the next attempt starts. Returns a line for its log saying where they are."""
+    """An attempt that failed, timed out, or was cancelled or interrupted: write its changes to its patch, as for
+    one sent back, since its worktree goes when the next attempt starts. Returns a line for its log saying where
+    they are."""
     try:
         repo, base, end = _capture_end(root, rec)
     except (WorkspaceError, OSError) as exc:
