@@ -514,10 +514,10 @@ def test_a_pending_merge_applied_when_its_worktree_is_removed_is_noted_for_audit
 
     from aipm import workspace, writtenlog
     from aipm.runtime import Runtime
-    from aipm.workspace import mergeback as merge
+    from aipm.workspace import mergeback as merge, places
 
     r, base, end = _commits(repo, {"src/a.txt": "W\n", "src/new.txt": "N\n"})
-    merge.save(workspace._merge_dir(repo, "ORD", "W"), 1, merge.plan(r, base, end, r.changes(base, end)))
+    merge.save(places.merge_dir(repo, "ORD", "W"), 1, merge.plan(r, base, end, r.changes(base, end)))
     Runtime(repo).state.mkdir(parents=True, exist_ok=True)  # where a run keeps the log its audits read
     since = time.time_ns()
     workspace.remove(repo, "ORD", "W")
@@ -660,15 +660,14 @@ def test_a_parent_made_a_file_after_planning_leaves_that_path_out_and_the_rest_i
 def test_recover_reports_a_merge_that_cannot_be_written_names_its_path_and_tidies_the_rest(repo):
     """A pending plan whose path cannot be written (a name too long for the file system): `aipm recover` says
     which path, keeps the plan, and still removes the other tasks' worktrees."""
-    from aipm import workspace
-    from aipm.workspace import mergeback as merge
+    from aipm.workspace import mergeback as merge, places
 
     project = project_in(repo, config="workspace: worktree\n")
     write_task(project.order(), "F", target_files=["src/a.txt"], command="echo x >> src/a.txt; exit 1")
     assert project.aipm("run", "ORD").returncode == 1
     assert aipm_leftovers(repo)["worktrees"]  # the failed attempt's, kept until recover
     long = "src/" + "x" * 300
-    plan_dir = workspace._merge_dir(repo, "ORD", "B")
+    plan_dir = places.merge_dir(repo, "ORD", "B")
     merge.save(plan_dir, 1, [(merge.Step(long, None, merge.State("file", b"b\n").digest()),
                               merge.State("file", b"b\n"))])
     proc = project.aipm("recover")

@@ -3,7 +3,8 @@
 The one door between the rest of aipm and git. The launcher asks `prepare` for a task's worktree when it starts
 an attempt; the supervisor runs the worker and its review in `directory(...)`, asks `outside_targets` when the
 worker ends (the exact scope check) and `merge` when the task is approved, then `remove`s the worktree once the
-task's final status is written. `sweep` tidies after crashes; `diff` shows a task's changes.
+task's final status is written. `sweep` tidies after crashes; `diff` shows a task's changes. Where each thing
+lives is places.py; removing and sweeping is cleanup.py; applying an approved merge is mergeback.py.
 
 On disk, under the project's runtime directory:
   .aipm/worktrees/<ORDER>/<TASK>/        the worktree (a detached checkout of the task's start)
@@ -18,23 +19,20 @@ written, worktree not yet removed). Tests use it to prove that a rerun applies e
 
 from __future__ import annotations
 
-import contextlib
-import os
-import re
 import shlex
 import shutil
-import signal
 import sys
 from pathlib import Path
 
-
 from aipm.errors import UserError
-from aipm.locks import sha1
-from aipm.model import FINISHED_OK, RUNNING, Order, Task
-from aipm.runtime import Record, Runtime, append_log
+from aipm.model import Task
+from aipm.runtime import Record, Runtime
 from aipm import writtenlog
 from aipm.scope import out_of_scope
 from aipm.settings import WORKSPACES, Settings
+from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
+from aipm.workspace.places import (component, merge_dir, patch_path, refname, relative, scratch, seam,
+                                   worktree_path)
 from aipm.workspace.repo import RUNTIME_DIR, Repo, WorkspaceError
 
 SHARED, WORKTREE = WORKSPACES
@@ -63,45 +61,6 @@ def kind(task: Task, settings: Settings) -> str:
     return task.workspace or settings.workspace
 
 
-# -- where things are ------------------------------------------------------------------------------------
-
-
-def _name(text: str) -> str:
-    """A directory and ref-name component for an order or task id; ids that need changing get a hash suffix,
-    so two ids never share one."""
-    safe = re.sub(r"[^A-Za-z0-9_-]", "_", text)
-    return safe if safe == text else f"{safe}-{sha1(text.encode()).hexdigest()[:8]}"
-
-
-def _runtime(root: Path) -> Path:
-    return Path(root) / RUNTIME_DIR
-
-
-def worktree_path(root: Path, order: str, task: str) -> Path:
-    return _runtime(root) / "worktrees" / _name(order) / _name(task)
-
-
-def _merge_dir(root: Path, order: str, task: str) -> Path:
-    return _runtime(root) / "merges" / _name(order) / _name(task)
-
-
-def patch_path(root: Path, order: str, task: str, attempt: int) -> Path:
-    return _runtime(root) / "patches" / _name(order) / f"{_name(task)}.{attempt}.patch"
-
-
-def _ref(order: str, task: str, which: str = "") -> str:
-    return f"refs/aipm/{_name(order)}/{_name(task)}/{which}"
-
-
-def _scratch(root: Path) -> Path:
-    return _runtime(root) / "tmp"
-
-
-def _seam(point: str) -> None:
-    if os.environ.get("AIPM_TEST_KILL_AT") == point:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 # -- an attempt's life -----------------------------------------------------------------------------------
 
 
@@ -110,14 +69,14 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
     lock and the task's target locks, so no merge is half-way through and the capture is consistent."""
     repo = Repo(root)
     remove(root, rec.order, rec.task, repo)  # the previous attempt's, kept for inspection until now
-    base = repo.capture(repo.top, _scratch(root), repo.head(),
+    base = repo.capture(repo.top, scratch(root), repo.head(),
                         f"aipm: start of {rec.order}/{rec.task}, attempt {rec.serial}")
-    repo.set_ref(_ref(rec.order, rec.task, "base"), base)
+    repo.set_ref(refname(rec.order, rec.task, "base"), base)
     path = worktree_path(root, rec.order, rec.task)
     repo.add_worktree(path, base)
     globs = task.workspace_copy if task.workspace_copy is not None else settings.workspace_copy
     _copy_ignored(Path(root), path / repo.prefix, globs)
-    _seam("prepare")
+    seam("prepare")
     return str(path)
 
 
@@ -173,10 +132,10 @@ def after_setup(root: str, order: str, task: str, serial: str, worktree: str) ->
     scope check nor merged back."""
     try:
         repo = Repo(Path(root))
-        base = repo.rev(_ref(order, task, "base"))
-        start = repo.capture(Path(worktree), _scratch(Path(root)), base,
+        base = repo.rev(refname(order, task, "base"))
+        start = repo.capture(Path(worktree), scratch(Path(root)), base,
                              f"aipm: start of {order}/{task}, attempt {serial}, after workspace_setup")
-        repo.set_ref(_ref(order, task, "base"), start)
+        repo.set_ref(refname(order, task, "base"), start)
     except (WorkspaceError, OSError) as exc:
         print(f"aipm: cannot capture the worktree after workspace_setup: {exc}", flush=True)
         sys.exit(1)
@@ -187,7 +146,7 @@ def outside_targets(root: Path, rec: Record) -> list[str]:
 
     The scope is exact: the difference between the attempt's start and end, nothing else."""
     repo, base, end = _capture_end(root, rec)
-    changed = {_relative(c.path, repo.prefix) for c in repo.changes(base, end)}
+    changed = {relative(c.path, repo.prefix) for c in repo.changes(base, end)}
     # Its order's task files are aipm's state, whatever the targets cover (`./`): an edit of one is never merged.
     task_files = changed - set(out_of_scope(changed, writtenlog.order_files(root, rec.order_dir)))
     return sorted(set(out_of_scope(changed, rec.targets)) | task_files)
@@ -211,23 +170,18 @@ def keep(root: Path, rec: Record) -> str:
 def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str]:
     """Capture the attempt's worktree as its end, and write its patch: (repo, start, end)."""
     repo = Repo(root)
-    base = repo.rev(_ref(rec.order, rec.task, "base"))
+    base = repo.rev(refname(rec.order, rec.task, "base"))
     tree = Path(rec.workspace)
     if base is None or not tree.is_dir():
         raise WorkspaceError(f"the worktree of {rec.order}/{rec.task} ({tree}) or its start "
-                             f"({_ref(rec.order, rec.task, 'base')}) is gone; nothing of attempt {rec.serial} "
+                             f"({refname(rec.order, rec.task, 'base')}) is gone; nothing of attempt {rec.serial} "
                              "can be merged")
-    end = repo.capture(tree, _scratch(root), base, f"aipm: end of {rec.order}/{rec.task}, attempt {rec.serial}")
-    repo.set_ref(_ref(rec.order, rec.task, "end"), end)
+    end = repo.capture(tree, scratch(root), base, f"aipm: end of {rec.order}/{rec.task}, attempt {rec.serial}")
+    repo.set_ref(refname(rec.order, rec.task, "end"), end)
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     patch.parent.mkdir(parents=True, exist_ok=True)
     patch.write_bytes(repo.patch(base, end))
     return repo, base, end
-
-
-def _relative(path: str, prefix: str) -> str:
-    """A repository path relative to the project root (outside it: `../...`, which no target covers)."""
-    return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, prefix or ".")
 
 
 def merge(root: Path, rec: Record) -> list[str]:
@@ -236,15 +190,15 @@ def merge(root: Path, rec: Record) -> list[str]:
     from aipm.workspace import mergeback as merging  # only here and in remove(): a shared run does without it
 
     repo = Repo(root)
-    plan_dir = _merge_dir(root, rec.order, rec.task)
+    plan_dir = merge_dir(root, rec.order, rec.task)
     notes = []
     if not merging.pending(plan_dir, rec.serial):
         if rec.phase == "review":
             notes = _reviewed(root, repo, rec)
-        base = repo.rev(_ref(rec.order, rec.task, "base"))
-        end = repo.rev(_ref(rec.order, rec.task, "end"))
+        base = repo.rev(refname(rec.order, rec.task, "base"))
+        end = repo.rev(refname(rec.order, rec.task, "end"))
         if base is None or end is None:
-            raise Conflict(f"the start or end of attempt {rec.serial} ({_ref(rec.order, rec.task)}) is gone; "
+            raise Conflict(f"the start or end of attempt {rec.serial} ({refname(rec.order, rec.task)}) is gone; "
                            "nothing was merged", [])
         try:
             steps = merging.plan(repo, base, end, repo.changes(base, end))
@@ -253,8 +207,8 @@ def merge(root: Path, rec: Record) -> list[str]:
             raise Conflict(f"{exc}\nThis attempt's changes are kept in {kept}; the next attempt starts from the "
                            "main tree as it is now.", exc.paths) from None
         merging.save(plan_dir, rec.serial, steps)
-    _seam("merge:0")
-    notes += merging.apply(repo.top, plan_dir, after_each=lambda n: _seam(f"merge:{n}"))
+    seam("merge:0")
+    notes += merging.apply(repo.top, plan_dir, after_each=lambda n: seam(f"merge:{n}"))
     # A shared task whose audit is in flight may see these files change once this record is gone.
     writtenlog.note_written(Runtime(root), rec.targets)
     return notes + _ignored_left_behind(repo, rec)
@@ -264,11 +218,11 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
     """The review ran in the worktree after the end capture, and approved what it left there: capture it again.
     Its edits inside the targets are merged with the task's (as in the shared tree); one outside them sends the
     attempt back. Notes for the log."""
-    before = repo.rev(_ref(rec.order, rec.task, "end"))
+    before = repo.rev(refname(rec.order, rec.task, "end"))
     if before is None:
         return []  # gone: merge() says so
     _, _, end = _capture_end(root, rec)
-    changed = sorted({_relative(c.path, repo.prefix) for c in repo.changes(before, end)})
+    changed = sorted({relative(c.path, repo.prefix) for c in repo.changes(before, end)})
     outside = out_of_scope(set(changed), rec.targets)
     if outside:
         raise Conflict("scope audit: the review wrote outside target_files: " + ", ".join(outside)
@@ -294,7 +248,7 @@ def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
     # git also lists a directory that might hold a match of a glob (`build/` for `*.md`): only what the targets
     # cover counts. A directory ignored whole is named only when the main tree has none there: comparing it
     # could mean reading a whole node_modules/.
-    found = [p for p in found if not out_of_scope({_relative(p, repo.prefix).rstrip("/")}, rec.targets)]
+    found = [p for p in found if not out_of_scope({relative(p, repo.prefix).rstrip("/")}, rec.targets)]
     lost = [p for p in found if (not (repo.top / p).is_dir() if p.endswith("/")
                                  else merging.read_state(tree / p) != merging.read_state(repo.top / p))]
     if not lost:
@@ -308,151 +262,19 @@ def decided(root: Path, rec: Record) -> bool:
     and writing the final status are left, whatever the options of the run that adopts it."""
     from aipm.workspace import mergeback as merging
 
-    return merging.pending(_merge_dir(root, rec.order, rec.task), rec.serial)
-
-
-def note_pending_merge(root: Path, order: str, task: str, why: str) -> str | None:
-    """A task's merge cut short and still pending: say so in its attempt's log (after `why`) and return the
-    sentence; None when there is none. A person who stops such a task must know the tree is half-merged."""
-    plan_dir = _merge_dir(root, order, task)
-    if not plan_dir.is_dir():
-        return None  # the usual case, asked of every task at the end of a run: without loading mergeback
-    from aipm.workspace import mergeback as merging
-
-    progress = merging.progress(plan_dir)
-    if progress is None:
-        return None
-    attempt, done, steps = progress
-    if done == steps:
-        return None  # applied whole; only its removal was cut short
-    note = (f"the merge of attempt {attempt} was cut short with {done} of {steps} paths written; the rest is "
-            f"planned in {plan_dir} and is written when its worktree is removed (`aipm recover`, its next attempt)")
-    append_log(str(Runtime(root).log_path(order, task, attempt)), f"{why}: {note}")
-    return note
-
-
-def finished(root: Path, rec: Record) -> str | None:
-    """The task's final status (DONE, COMPLETED) is written: its worktree has served. Returns why it could not
-    be removed (the next `aipm run` or `aipm recover` tries again), else None."""
-    _seam("cleanup")
-    try:
-        remove(root, rec.order, rec.task)
-    except (UserError, OSError) as exc:  # MergeStopped included: the plan stays for the next try
-        return f"worktree not removed yet: {exc}"
-    return None
-
-
-def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
-    """Remove a task's worktree, refs and merge plan (a pending plan is applied first: it was decided)."""
-    from aipm.workspace import mergeback as merging
-
-    plan_dir = _merge_dir(root, order, task)
-    repo = repo or _repo_or_none(root)
-    if repo is not None:
-        progress = merging.progress(plan_dir)
-        if progress is not None:
-            attempt, done, steps = progress
-            notes = merging.apply(repo.top, plan_dir)
-            if done < steps:  # else merge() applied it all, and its log says so
-                append_log(str(Runtime(root).log_path(order, task, attempt)),
-                           f"merge: the rest of attempt {attempt}'s saved merge plan ({steps - done} of {steps} "
-                           "paths) was written when its worktree was removed" + "".join(f"; {n}" for n in notes))
-            # A shared task's audit in flight sees these files change: they are no one's stray writes.
-            writtenlog.note_written(Runtime(root), [_relative(p, repo.prefix) for p in merging.paths(plan_dir)])
-        repo.delete_refs(repo.refs(_ref(order, task)))
-        repo.remove_worktree(worktree_path(root, order, task))
-    shutil.rmtree(worktree_path(root, order, task), ignore_errors=True)
-    shutil.rmtree(plan_dir, ignore_errors=True)
-
-
-def sweep(root: Path, order: Order, everything: bool = False) -> list[tuple[str, str]]:
-    """Tidy the order's workspaces after crashes: remove those of finished tasks (of every task not running,
-    with `everything`: `aipm recover`). Cheap when worktrees were never used. Returns (task id, what happened)
-    for each tried; one that cannot be removed is reported and the rest are still tidied."""
-    if not everything and not (_runtime(root) / "worktrees").is_dir():
-        return []
-    return _sweep(root, _repo_or_none(root), order.id, list(order.tasks.values()), everything)
-
-
-def sweep_orphans(root: Path, known: list[str]) -> list[tuple[str, str, str]]:
-    """`aipm recover` of every order: remove the workspaces of orders that no longer exist (their directory
-    deleted), which no per-order sweep sees. Returns (order, task, what happened) for each tried."""
-    repo = _repo_or_none(root)
-    orders = set()
-    for base in (_runtime(root) / "worktrees", _runtime(root) / "merges"):
-        if base.is_dir():
-            orders.update(p.name for p in base.iterdir())
-    if repo is not None:
-        orders.update(ref.split("/")[2] for ref in repo.refs("refs/aipm/"))
-    # An order run from outside orders_dir (a path argument) is not in `known`: its records say it still exists.
-    orders -= {_name(order) for order in known}
-    orders -= {_name(r.order) for r in Runtime(root).records() if r.alive() or os.path.isdir(r.order_dir)}
-    tidied = []
-    for name in sorted(orders):
-        tidied += [(name, *item) for item in _sweep(root, repo, name, [], True)]
-        for base in (_runtime(root) / "worktrees" / name, _runtime(root) / "merges" / name):
-            with contextlib.suppress(OSError):  # absent, or holding what could not be removed (reported)
-                base.rmdir()
-    return tidied
-
-
-def _repo_or_none(root: Path) -> Repo | None:
-    try:
-        return Repo(root)
-    except WorkspaceError:
-        return None  # git gone or the repository deleted: only our directories are left to remove
-
-
-def _sweep(root: Path, repo: Repo | None, order: str, tasks: list[Task], everything: bool) -> list[tuple[str, str]]:
-    by_name = {_name(t.id): t for t in tasks}
-    names = set()
-    for base in (worktree_path(root, order, "x").parent, _merge_dir(root, order, "x").parent):
-        if base.is_dir():
-            names.update(p.name for p in base.iterdir())
-    if repo is not None:
-        names.update(ref.split("/")[3] for ref in repo.refs(f"refs/aipm/{_name(order)}/"))
-    # A live worker or owner is judged by its record, not its file's status (a `git checkout` may have reset it).
-    live = {_name(r.task) for r in Runtime(root).records() if _name(r.order) == _name(order) and r.alive()}
-    tidied = []
-    for name in sorted(names):
-        task = by_name.get(name)
-        if name in live or task is not None and task.status in RUNNING:
-            continue
-        if task is None or task.status in FINISHED_OK or everything:
-            try:
-                remove(root, order, task.id if task else name, repo)
-            except (UserError, OSError) as exc:
-                tidied.append((task.id if task else name, f"worktree not removed: {exc}"))
-            else:
-                tidied.append((task.id if task else name, "worktree removed"))
-    return tidied
-
-
-def prune(root: Path) -> None:
-    """Drop git's notes of worktrees whose directories were deleted (`git clean -fdx` of .aipm/, say), and the
-    temporary indexes of captures whose process was killed."""
-    import psutil  # only here: a run's start-up does without it
-
-    for index in _scratch(root).glob("index.*"):
-        pid = index.name.split(".")[1]
-        if pid.isdigit() and not psutil.pid_exists(int(pid)):
-            index.unlink(missing_ok=True)
-    try:
-        Repo(root).git("worktree", "prune")
-    except WorkspaceError:
-        pass
+    return merging.pending(merge_dir(root, rec.order, rec.task), rec.serial)
 
 
 def diff(root: Path, order: str, task: str) -> tuple[str, bytes]:
     """(where it comes from, patch): the running (or kept) worktree against its start, else the last patch."""
-    patches = sorted(patch_path(root, order, task, 0).parent.glob(f"{_name(task)}.*.patch"),
+    patches = sorted(patch_path(root, order, task, 0).parent.glob(f"{component(task)}.*.patch"),
                      key=lambda p: int(p.name.rsplit(".", 2)[-2]))
     tree = worktree_path(root, order, task)
     if tree.is_dir():
         repo = Repo(root)
-        base = repo.rev(_ref(order, task, "base"))
+        base = repo.rev(refname(order, task, "base"))
         if base is not None:
-            return f"worktree {tree}", repo.patch(base, repo.capture(tree, _scratch(root), None, ""))
+            return f"worktree {tree}", repo.patch(base, repo.capture(tree, scratch(root), None, ""))
     if patches:
         return str(patches[-1]), patches[-1].read_bytes()
     raise WorkspaceError(f"{order}/{task}: no changes recorded; only a task that ran with workspace: worktree "

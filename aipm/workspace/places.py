@@ -1,0 +1,53 @@
+"""Where a task's workspace keeps things: its worktree, merge plan, patches, refs and scratch space, by order and
+task id (see the package's docstring for the layout); and the test seam that kills a process at a named point."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+from pathlib import Path
+
+from aipm.locks import sha1
+from aipm.workspace.repo import RUNTIME_DIR
+
+
+def component(text: str) -> str:
+    """A directory and ref-name component for an order or task id; ids that need changing get a hash suffix,
+    so two ids never share one."""
+    safe = re.sub(r"[^A-Za-z0-9_-]", "_", text)
+    return safe if safe == text else f"{safe}-{sha1(text.encode()).hexdigest()[:8]}"
+
+
+def runtime_dir(root: Path) -> Path:
+    return Path(root) / RUNTIME_DIR
+
+
+def worktree_path(root: Path, order: str, task: str) -> Path:
+    return runtime_dir(root) / "worktrees" / component(order) / component(task)
+
+
+def merge_dir(root: Path, order: str, task: str) -> Path:
+    return runtime_dir(root) / "merges" / component(order) / component(task)
+
+
+def patch_path(root: Path, order: str, task: str, attempt: int) -> Path:
+    return runtime_dir(root) / "patches" / component(order) / f"{component(task)}.{attempt}.patch"
+
+
+def refname(order: str, task: str, which: str = "") -> str:
+    return f"refs/aipm/{component(order)}/{component(task)}/{which}"
+
+
+def scratch(root: Path) -> Path:
+    return runtime_dir(root) / "tmp"
+
+
+def seam(point: str) -> None:
+    if os.environ.get("AIPM_TEST_KILL_AT") == point:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def relative(path: str, prefix: str) -> str:
+    """A repository path relative to the project root (outside it: `../...`, which no target covers)."""
+    return path[len(prefix):] if path.startswith(prefix) else os.path.relpath(path, prefix or ".")
