@@ -1,6 +1,7 @@
 """exec, cancel, retry, logs, ps, locks, recover, detect, why, init: through the real CLI."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -257,6 +258,20 @@ def test_brackets_in_paths_and_help_are_shown_not_taken_for_markup(project):
     shown = project.aipm("status", "ORD", "--wide", check=True).stdout
     assert "lib/[ab].c" in shown and "[x]/y.txt" in shown
     assert "pip install 'aipm[ui]'" in project.aipm("ui", "--help", check=True).stdout
+
+
+def test_every_help_shows_flags_as_flags_without_a_type(project):
+    """Typer's rich help gave every flag a `<bool>` type cell (`--json <bool>`), as if it took a value: a flag's
+    row is its name and its help; an option that takes a value keeps its type."""
+    from aipm.cli import COMMAND_MODULES
+
+    env = {"COLUMNS": "200"}
+    for command in ["", *COMMAND_MODULES]:
+        proc = project.aipm(*([command] if command else []), "--help", env=env, check=True)
+        assert "<bool>" not in proc.stdout, (command, proc.stdout)
+        assert re.search(r"--help\s+-h\s+Show this message", proc.stdout), (command, proc.stdout)
+    shown = project.aipm("run", "--help", env=env, check=True).stdout
+    assert re.search(r"--no-review\s+Skip review", shown) and re.search(r"--max-workers\s+<int>", shown)
 
 
 def test_status_at_80_columns_keeps_each_status_whole(project):

@@ -14,10 +14,12 @@ def typer_app():
     """The Typer application, with every command module's declarations made Typer parameters (see decl.py).
     Built only for a command line the direct path does not read."""
     import typer
+    from typer.core import TyperCommand, TyperGroup
 
     from aipm.cli import common
 
     app = typer.Typer(
+        cls=_flags_read_as_flags(TyperGroup),
         name="aipm",
         help="Run the tasks of an order (YAML files) in parallel: dependencies, file locks, review, recovery.",
         no_args_is_help=True,
@@ -27,8 +29,21 @@ def typer_app():
     )
     app.callback()(_typer_function(common._root_callback))
     for name, function in decl.COMMANDS:
-        app.command(name)(_typer_function(function))
+        app.command(name, cls=_flags_read_as_flags(TyperCommand))(_typer_function(function))
     return app
+
+
+def _flags_read_as_flags(cls):
+    """`cls` whose help shows a flag as a flag: Typer's rich help gives every option a type cell, `<bool>` for a
+    flag (ours, `--help` and the completion options included), which reads as if the flag took a value."""
+    class FlagsReadAsFlags(cls):
+        def get_params(self, ctx):
+            params = super().get_params(ctx)
+            for param in params:
+                if getattr(param, "is_flag", False) and param.metavar is None:
+                    param.metavar = ""  # an empty type cell; a flag's usage and errors show no metavar
+            return params
+    return FlagsReadAsFlags
 
 
 def _typer_function(function):
