@@ -118,8 +118,15 @@ class Task:
 
     @property
     def tries(self) -> int:
-        """Attempts that count against max_attempts: every run except those a review sent back (reworks)."""
-        return max(0, self.attempts - self.reworks)
+        """Attempts that count against max_attempts: every run except those a review sent back for another
+        attempt (rework rounds). With `rework_rounds`, it adds up to `attempts`, and neither passes its limit."""
+        return max(0, self.attempts - self.rework_rounds)
+
+    @property
+    def rework_rounds(self) -> int:
+        """Times a review sent the task back for another attempt: what max_rework bounds. The file's `reworks`
+        also counts the rejection that made the task REJECTED, which sent it to no other attempt."""
+        return self.reworks - 1 if self.status is Status.REJECTED and self.reworks else self.reworks
     confine: bool | None = None  # None: the `confine` setting decides
 
 

@@ -93,6 +93,22 @@ def test_tries_and_reworks_are_counted_apart(project):
     assert "│ 2/2 " in line and "│ 1/3 " in line, table
 
 
+def test_a_rejected_task_shows_its_reworks_used_of_allowed_never_past_the_limit(project):
+    """max_rework 1 and a review that always rejects: two attempts, one rework round, then REJECTED. Status
+    showed `0/1` tries and `2/1` reworks (the final rejection counted as a rework it never got); the counts are
+    used of allowed, add up to the attempts, and `status`, `status --json` and the dashboard's rows agree."""
+    order = project.order()
+    write_task(order, "T", max_attempts=1, max_rework=1, command="true", review="echo 'needs work'; exit 1")
+    assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 1
+    row = project.json("status", "ORD")["tasks"][0]
+    assert (row["status"], row["attempts"], row["tries"], row["reworks"]) == ("REJECTED", 2, 1, 1)
+    assert (row["max_attempts"], row["max_rework"]) == (1, 1)
+    assert yaml.safe_load((order / "T.yaml").read_text())["reworks"] == 2  # the file counts every rejection
+    table = project.aipm("status", "ORD", "--wide").stdout
+    line = next(line for line in table.splitlines() if " T " in line)
+    assert line.count("│ 1/1 ") == 2, table
+
+
 def test_add_sets_timeout_attempts_and_rework(project):
     project.order()
     project.aipm("add", "ORD", "T", "--command", "true", "--target-file", "a.txt", "--timeout", "60",

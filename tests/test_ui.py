@@ -212,12 +212,29 @@ def test_costs_show_as_status_shows_them_with_the_order_total_and_budget(project
 
     def cost_cells():
         return browser.execute_script(
-            "return [...document.querySelectorAll('tr[data-task]')].map(r => r.children[5].textContent)")
+            "return [...document.querySelectorAll('tr[data-task]')].map(r => r.querySelector('td.cost').textContent)")
 
     wait_for(lambda: cost_cells() == ["$0.0042", "$1,234.50"])  # as `aipm status` (budget.usd), not $0.00
     summary = browser.find_element("css selector", "section[data-order='ORD'] h2 .summary").text
     assert summary.endswith("DONE 2; cost $1,234.50 of max_cost_usd $0.5000 (reached)"), summary
     assert summary.split("; ", 1)[1] == project.aipm("status", "ORD").stdout.strip().splitlines()[-1].split("; ", 1)[1]
+
+
+def test_tries_and_reworks_show_as_status_shows_them(project, dashboard, browser):
+    """Used of allowed, as `aipm status`: a task rejected after its one rework round shows 1/1 and 1/1 (the
+    page showed its 2 attempts as `tries`; status showed `0/1` tries and `2/1` reworks)."""
+    order = project.order()
+    write_task(order, "T", max_attempts=1, max_rework=1, command="true", review="exit 1")
+    assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 1
+    base, token = base_and_token(dashboard)
+    with urllib.request.urlopen(f"{base}/api/board?token={token}", timeout=30) as response:
+        (row,) = json.load(response)["orders"][0]["tasks"]
+    assert row == {**row, **{k: v for k, v in project.json("status", "ORD")["tasks"][0].items()}}
+    assert (row["tries"], row["max_attempts"], row["reworks"], row["max_rework"]) == (1, 1, 1, 1)
+    browser.get(dashboard)
+    cells = "const r = document.querySelector(`tr[data-task='ORD/T']`); " \
+            "return r && [r.querySelector('td.tries').textContent, r.querySelector('td.reworks').textContent]"
+    wait_for(lambda: browser.execute_script(cells) == ["1/1", "1/1"])
 
 
 def test_another_host_only_when_asked_and_with_a_warning(project):

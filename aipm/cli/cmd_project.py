@@ -119,8 +119,9 @@ def status(
 ) -> None:
     """Show every task of an order: status and why, priority, what it waits on, target files, tries, reworks.
 
-    Tries count attempts against max_attempts; reworks count the times a review sent the task back (against
-    max_rework). `reason` says why the latest attempt ended as it did.
+    Tries count attempts against max_attempts; reworks count the times a review sent the task back for another
+    attempt (against max_rework); together they make every attempt, and neither passes its limit. `reason`
+    says why the latest attempt ended as it did.
     """
     read_only()
     root = project_root()
@@ -151,7 +152,7 @@ def status(
         )
         row = [escape(t.id), f"[{STATUS_STYLE[t.status.value]}]{t.status.value}[/]", t.priority.value, deps,
                escape("\n".join(t.target_files)), f"{t.tries}/{attempt_limit(t, settings)}",
-               f"{t.reworks}/{rework_limit(t, settings)}", Text(t.reason or "")]
+               f"{t.rework_rounds}/{rework_limit(t, settings)}", Text(t.reason or "")]
         table.add_row(*row, *["-" if t.cost_usd is None else budget.usd(t.cost_usd)] * costs)
     out = console(width=10**6 if wide else None)
     out.print(table)
