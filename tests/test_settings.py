@@ -149,6 +149,21 @@ def test_precedence_through_the_cli(tmp_path):
     assert s["enable_auto_scaling"] == {"value": False, "source": "flag --no-auto-scaling"}
 
 
+def test_config_json_keys_are_the_names_written_in_aipm_yaml(tmp_path):
+    """`config --json` keyed a nested setting by its Python field (`worker_command`), not as aipm.yaml, the
+    table and the error messages spell it (`worker.command`)."""
+    from aipm.settings import SETTING_NAMES, setting_key
+
+    (tmp_path / "aipm.yaml").write_text("worker:\n  command: [my-agent, '{model}']\n  model: opus\n"
+                                        "review:\n  command: ruff check\n")
+    s = effective(tmp_path)
+    assert set(s) == {setting_key(name) for name in SETTING_NAMES}
+    assert s["worker.command"] == {"value": ["my-agent", "{model}"], "source": "aipm.yaml"}
+    assert s["worker.model"] == {"value": "opus", "source": "aipm.yaml"}
+    assert s["review.command"] == {"value": "ruff check", "source": "aipm.yaml"}
+    assert s["worker.agent"]["source"] == "default" and "worker_command" not in s
+
+
 def test_config_table_names_sources(tmp_path):
     (tmp_path / "aipm.yaml").write_text("max_workers: 3\n")
     proc = aipm(tmp_path, "config", env={"AIPM_MAX_MEMORY_PERCENT": "70"})

@@ -39,9 +39,9 @@ def config(
     root = project_root()
     settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling)
     values = {name: getattr(settings, name) for name in SETTING_NAMES}
-    if json_out:
+    if json_out:  # keyed as aipm.yaml spells each setting (`worker.command`), as the table and errors name it
         print_json({"root": str(root), "settings": {
-            name: {"value": list(v) if isinstance(v, tuple) else v, "source": settings.sources[name]}
+            setting_key(name): {"value": list(v) if isinstance(v, tuple) else v, "source": settings.sources[name]}
             for name, v in values.items()
         }})
         return
