@@ -33,11 +33,12 @@ def task_row(task: Task, settings: Settings) -> dict:
 
 
 def order_totals(order: Order, settings: Settings) -> dict:
-    """The order's recorded cost and its budget, each when known (`status --json`, the dashboard)."""
+    """The order's recorded cost and its budget, each when known (`status --json`, the dashboard), and whether
+    the budget is reached: the planner's own verdict, so no reader works it out again and disagrees."""
     cost = budget.recorded(order)
     limit = budget.of(order, settings.max_cost_usd)
     return {**({"cost_usd": cost} if cost is not None else {}),
-            **({"max_cost_usd": limit.limit} if limit is not None else {})}
+            **({"max_cost_usd": limit.limit, "budget_reached": limit.reached} if limit is not None else {})}
 
 
 def survey(launcher: Launcher, order_dir: Path) -> tuple[Order, Plan, int, list, list]:

@@ -207,7 +207,7 @@ def test_costs_show_as_status_shows_them_with_the_order_total_and_budget(project
     base, token = base_and_token(dashboard)
     with urllib.request.urlopen(f"{base}/api/board?token={token}", timeout=30) as response:
         (board,) = json.load(response)["orders"]
-    assert (board["cost_usd"], board["max_cost_usd"]) == (1234.5042, 0.5)
+    assert (board["cost_usd"], board["max_cost_usd"], board["budget_reached"]) == (1234.5042, 0.5, True)
     browser.get(dashboard)
 
     def cost_cells():
@@ -218,6 +218,34 @@ def test_costs_show_as_status_shows_them_with_the_order_total_and_budget(project
     summary = browser.find_element("css selector", "section[data-order='ORD'] h2 .summary").text
     assert summary.endswith("DONE 2; cost $1,234.50 of max_cost_usd $0.5000 (reached)"), summary
     assert summary.split("; ", 1)[1] == project.aipm("status", "ORD").stdout.strip().splitlines()[-1].split("; ", 1)[1]
+
+
+def test_the_server_says_whether_the_budget_is_reached_as_status_does(project, dashboard):
+    """The page worked out "(reached)" itself from the cost and the limit; the board (and `status --json`) say
+    it, from the budget the planner uses, so the page and `aipm status` cannot disagree."""
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.5\n")
+    write_task(order, "A", command="true", status="DONE", cost_usd=0.2)
+    write_task(order, "B", command="true")
+    base, token = base_and_token(dashboard)
+
+    def board():
+        with urllib.request.urlopen(f"{base}/api/board?token={token}", timeout=30) as response:
+            (shown,) = json.load(response)["orders"]
+        return shown
+
+    def line():
+        return project.aipm("status", "ORD").stdout.strip().splitlines()[-1]
+
+    for cost, reached in ((0.2, False), (0.3, True)):
+        write_task(order, "B", command="true", status="DONE", cost_usd=cost)
+        shown, status = board(), project.json("status", "ORD")
+        assert (shown["max_cost_usd"], shown["budget_reached"]) == (0.5, reached)
+        assert status["budget_reached"] is reached and line().endswith("(reached)") is reached
+    write_task(order, "B", command="true")  # no recorded cost at all: unknown, and not reached
+    (order / "A.yaml").write_text("id: A\ncommand: 'true'\n")
+    shown, status = board(), project.json("status", "ORD")
+    assert "cost_usd" not in shown and shown["budget_reached"] is False and status["budget_reached"] is False
 
 
 def test_tries_and_reworks_show_as_status_shows_them(project, dashboard, browser):
