@@ -16,13 +16,15 @@ def review_command(task: Task, settings: Settings, no_review: bool) -> str | tup
     return task.review if task.review is not None else settings.review_command
 
 
-def after_work(task: Task, exit_code: int | None, settings: Settings, reviewing: bool, reason: str) -> dict[str, Any]:
-    """Updates for a worker that ended: IN_REVIEW, DONE, or QUEUED/FAILED by the tries left.
+def after_work(task: Task, exit_code: int | None, settings: Settings, reviewing: bool, reason: str,
+               failed: bool = False) -> dict[str, Any]:
+    """Updates for a worker that ended: IN_REVIEW, DONE, or QUEUED/FAILED by the tries left (`failed`: the
+    attempt failed whatever its exit code, e.g. its work could not be captured).
 
     Only tries count against max_attempts: an attempt a review sent back is a rework, bounded by max_rework.
     """
     updates: dict[str, Any] = {"exit_code": exit_code, "finished_at": now(), "reason": reason}
-    if exit_code == 0:
+    if exit_code == 0 and not failed:
         updates["status"] = Status.IN_REVIEW if reviewing else Status.DONE
     else:
         updates["status"] = Status.FAILED if task.tries >= attempt_limit(task, settings) else Status.QUEUED

@@ -223,6 +223,10 @@ class Recording:
             append_log(rec.log, workspace.keep(self.rt.root, rec))
         try:
             outside = self._scope_findings(rec) if code == 0 and not decided else []
+        except workspace.NotCaptured as exc:  # no review can judge what is not captured: a failed try
+            append_log(rec.log, str(exc))
+            return self._write(task, {**after_work(task, code, self.settings, False, outcome.one_line(str(exc)),
+                                                   failed=True), **spent})
         except workspace.WorkspaceError as exc:
             outside, message = [], str(exc)
         if outside:

@@ -451,6 +451,36 @@ def test_a_worker_that_breaks_its_worktree_merges_nothing(repo):
     assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
 
 
+def test_a_repository_without_commits_in_the_worktree_fails_the_attempt_and_keeps_the_rest(repo):
+    """A worker's `git init` (cargo new, ...) left a repository without commits in its worktree: `git add` refused
+    it ("does not have a commit checked out"), the end capture failed, and the task went round REWORK until
+    REJECTED, with no patch. Now the attempt fails as a try (nothing merged), its reason and log say why and
+    where its files are, and the rest of its changes are in its patch, as for any failed attempt."""
+    project = project_in(repo, config="workspace: worktree\n")
+    order = project.order()
+    nested = "mkdir -p {d} && (cd {d} && git init -q . && echo new > f.txt) && echo more >> src/{f}.txt"
+    write_task(order, "T", target_files=["src/a.txt", "src/new/"], command=nested.format(d="src/new", f="a"))
+    write_task(order, "U", target_files=["src/b.txt", "src/other/"],
+               command=nested.format(d="src/other", f="b") + " && exit 3")
+    before = {p: (repo / p).read_bytes() for p in ("src/a.txt", "src/b.txt")}
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    rows = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert [(rows[t]["status"], rows[t]["attempts"]) for t in "TU"] == [("FAILED", 1), ("FAILED", 1)]
+    assert rows["T"]["reason"].startswith("attempt 1 cannot be merged: src/new/: a git repository without commits")
+    assert {p: (repo / p).read_bytes() for p in before} == before
+    assert not (repo / "src/new").exists() and not (repo / "src/other").exists()
+    for task, name, path in (("T", "a", "src/new"), ("U", "b", "src/other")):
+        patch = (repo / f".aipm/patches/ORD/{task}.1.patch").read_text()
+        assert f"+++ b/src/{name}.txt" in patch and "f.txt" not in patch, patch
+        assert (repo / f".aipm/worktrees/ORD/{task}/{path}/f.txt").read_text() == "new\n"
+        log = (repo / f".aipm/logs/ORD/{task}.1.log").read_text()
+        assert f"{path}/: a git repository without commits (a `git init` in the worktree)" in log, log
+        assert f"they are only in {repo}/.aipm/worktrees/ORD/{task}," in log, log
+    assert project.aipm("recover").returncode == 0
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+
+
 # -- 9. the merge plan, directly -----------------------------------------------------------------------------
 
 

@@ -33,7 +33,7 @@ from aipm.settings import WORKSPACES, Settings
 from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
 from aipm.workspace.places import (component, merge_dir, patch_path, refname, relative, scratch, seam,
                                    worktree_path)
-from aipm.workspace.repo import RUNTIME_DIR, Repo, WorkspaceError
+from aipm.workspace.repo import RUNTIME_DIR, Repo, UnbornRepositories, WorkspaceError
 
 SHARED, WORKTREE = WORKSPACES
 
@@ -46,14 +46,19 @@ class Conflict(Exception):
         self.paths = paths
 
 
+class NotCaptured(WorkspaceError):
+    """The worker's end state cannot be captured whole (a repository without commits in its worktree): the
+    attempt fails, as a try; the message says why, and where its changes are kept."""
+
+
 class MergeStopped(UserError):
     """A planned merge could not write a path (the message names it); the rest of its plan stays pending. Not a
     WorkspaceError: part of the attempt may be in the main tree, so it is not a merge that wrote nothing."""
 
 
-__all__ = ["Conflict", "MergeStopped", "WorkspaceError", "SHARED", "WORKTREE", "kind", "prepare", "directory",
-           "with_setup", "after_setup", "outside_targets", "keep", "merge", "decided", "note_pending_merge",
-           "finished", "remove", "sweep", "sweep_orphans", "prune", "diff"]
+__all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED", "WORKTREE", "kind", "prepare",
+           "directory", "with_setup", "after_setup", "outside_targets", "keep", "merge", "decided",
+           "note_pending_merge", "finished", "remove", "sweep", "sweep_orphans", "prune", "diff"]
 
 
 def kind(task: Task, settings: Settings) -> str:
@@ -144,8 +149,13 @@ def after_setup(root: str, order: str, task: str, serial: str, worktree: str) ->
 def outside_targets(root: Path, rec: Record) -> list[str]:
     """The worker ended: record the attempt's end state and patch; the changed paths no target covers.
 
-    The scope is exact: the difference between the attempt's start and end, nothing else."""
-    repo, base, end = _capture_end(root, rec)
+    The scope is exact: the difference between the attempt's start and end, nothing else. NotCaptured: part of
+    the end cannot be captured, so the attempt cannot be merged (the rest is in its patch)."""
+    repo, base, end, left_out = _capture_end(root, rec)
+    if left_out:
+        raise NotCaptured(f"attempt {rec.serial} cannot be merged: {_left_out(root, rec, left_out)}; commit in it, or "
+                          "remove its .git, to have its files merged; the rest of its changes are kept in "
+                          f"{patch_path(root, rec.order, rec.task, rec.serial)}")
     changed = {relative(c.path, repo.prefix) for c in repo.changes(base, end)}
     # Its order's task files are aipm's state, whatever the targets cover (`./`): an edit of one is never merged.
     task_files = changed - set(out_of_scope(changed, writtenlog.order_files(root, rec.order_dir)))
@@ -157,18 +167,27 @@ def keep(root: Path, rec: Record) -> str:
     one sent back, since its worktree goes when the next attempt starts. Returns a line for its log saying where
     they are."""
     try:
-        repo, base, end = _capture_end(root, rec)
+        repo, base, end, left_out = _capture_end(root, rec)
     except (WorkspaceError, OSError) as exc:
         return f"the changes of attempt {rec.serial} could not be kept: {exc}"
     patch = patch_path(root, rec.order, rec.task, rec.serial)
+    also = f"; {_left_out(root, rec, left_out)}" if left_out else ""
     if not repo.changes(base, end):
-        return f"attempt {rec.serial} changed nothing in its worktree"
+        return f"attempt {rec.serial} changed nothing in its worktree{also}"
     return (f"the changes of attempt {rec.serial} are kept in {patch} (`git apply` it at the repository's top); "
-            f"its worktree is removed when the next attempt starts or by `aipm recover`")
+            f"its worktree is removed when the next attempt starts or by `aipm recover`{also}")
 
 
-def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str]:
-    """Capture the attempt's worktree as its end, and write its patch: (repo, start, end)."""
+def _left_out(root: Path, rec: Record, paths: list[str]) -> str:
+    """What the end capture left out, and where those files are."""
+    return (f"{', '.join(paths)}: a git repository without commits (a `git init` in the worktree), whose files git "
+            f"cannot capture: they are only in {worktree_path(root, rec.order, rec.task)}, until the next attempt "
+            "starts or `aipm recover`")
+
+
+def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, list[str]]:
+    """Capture the attempt's worktree as its end, and write its patch: (repo, start, end, what was left out:
+    the repositories without commits in the worktree, which git cannot capture)."""
     repo = Repo(root)
     base = repo.rev(refname(rec.order, rec.task, "base"))
     tree = Path(rec.workspace)
@@ -176,12 +195,18 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str]:
         raise WorkspaceError(f"the worktree of {rec.order}/{rec.task} ({tree}) or its start "
                              f"({refname(rec.order, rec.task, 'base')}) is gone; nothing of attempt {rec.serial} "
                              "can be merged")
-    end = repo.capture(tree, scratch(root), base, f"aipm: end of {rec.order}/{rec.task}, attempt {rec.serial}")
+    message = f"aipm: end of {rec.order}/{rec.task}, attempt {rec.serial}"
+    try:
+        left_out = []
+        end = repo.capture(tree, scratch(root), base, message)
+    except UnbornRepositories as exc:
+        left_out = exc.paths
+        end = repo.capture(tree, scratch(root), base, message, leave_out=left_out)
     repo.set_ref(refname(rec.order, rec.task, "end"), end)
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     patch.parent.mkdir(parents=True, exist_ok=True)
     patch.write_bytes(repo.patch(base, end))
-    return repo, base, end
+    return repo, base, end, left_out
 
 
 def merge(root: Path, rec: Record) -> list[str]:
@@ -221,7 +246,10 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
     before = repo.rev(refname(rec.order, rec.task, "end"))
     if before is None:
         return []  # gone: merge() says so
-    _, _, end = _capture_end(root, rec)
+    _, _, end, left_out = _capture_end(root, rec)
+    if left_out:
+        raise Conflict(f"the review left {_left_out(root, rec, left_out)}; nothing of this attempt was merged",
+                       left_out)
     changed = sorted({relative(c.path, repo.prefix) for c in repo.changes(before, end)})
     outside = out_of_scope(set(changed), rec.targets)
     if outside:

@@ -30,6 +30,17 @@ class WorkspaceError(UserError):
     """A worktree cannot be made or read (no git, not a repository, git refused): one line saying why."""
 
 
+class UnbornRepositories(WorkspaceError):
+    """Git repositories without a commit inside a tree (a worker's `git init`, `cargo new`): `git add` refuses
+    them ("does not have a commit checked out"), so a capture cannot hold their files. `paths` names them,
+    relative to the repository's top, each ending in "/"."""
+
+    def __init__(self, paths: list[str], refused: WorkspaceError):
+        super().__init__(f"{refused}; {', '.join(paths)}: a git repository without commits, whose files git cannot "
+                         "capture: commit in it, ignore it or remove its .git")
+        self.paths = paths
+
+
 @dataclass(frozen=True)
 class Change:
     """One path that differs between two commits (`git diff-tree --raw`): modes as git writes them."""
@@ -86,10 +97,12 @@ class Repo:
 
     # -- capturing a tree ---------------------------------------------------------------------------------
 
-    def capture(self, tree_dir: Path, scratch: Path, parent: str | None, message: str) -> str:
+    def capture(self, tree_dir: Path, scratch: Path, parent: str | None, message: str,
+                leave_out: list[str] | tuple[str, ...] = ()) -> str:
         """Commit what `tree_dir` (the main work tree or a worktree) holds now: tracked, modified and untracked
         files that are not ignored. The index of `tree_dir` only seeds a temporary copy (its stat data spares
-        re-reading unchanged files); the runtime directory is always left out."""
+        re-reading unchanged files); the runtime directory, and the directories in `leave_out` (relative to the
+        top), are always left out. UnbornRepositories: a repository without commits is in the way."""
         top = self._run(tree_dir, ["rev-parse", "--show-toplevel"], check=False).stdout.decode().strip()
         if top != str(tree_dir):  # a worker deleted the worktree's .git: git would find the main tree instead
             raise WorkspaceError(f"{tree_dir} is no longer a git work tree of its own")
@@ -102,7 +115,14 @@ class Repo:
                 # a copy stamped later made it trust a same-size edit made in the second of the checkout
                 shutil.copy2(seed, index)
             env = {"GIT_INDEX_FILE": str(index)}
-            self.git("add", "--all", "--", ":/", f":(top,exclude){self.prefix}{RUNTIME_DIR}", cwd=tree_dir, env=env)
+            specs = [":/", f":(top,exclude){self.prefix}{RUNTIME_DIR}", *(f":(top,exclude){p}" for p in leave_out)]
+            try:
+                self.git("add", "--all", "--", *specs, cwd=tree_dir, env=env)
+            except WorkspaceError as exc:
+                unborn = [p for p in self._nested(tree_dir, specs) if p not in leave_out and self._unborn(tree_dir / p)]
+                if unborn:
+                    raise UnbornRepositories(unborn, exc) from None
+                raise
             tree = self.git("write-tree", cwd=tree_dir, env=env).decode().strip()
         finally:
             index.unlink(missing_ok=True)
@@ -110,6 +130,15 @@ class Repo:
             return tree  # a tree is enough for a diff that is only looked at
         args = ["commit-tree", tree, "-m", message] + (["-p", parent] if parent else [])
         return self.git(*args).decode().strip()
+
+    def _nested(self, tree_dir: Path, specs: list[str]) -> list[str]:
+        """The untracked repositories nested in `tree_dir` (git lists each as one entry ending in "/")."""
+        out = self.git("ls-files", "-z", "--others", "--exclude-standard", "--", *specs, cwd=tree_dir)
+        return [p for p in out.decode("utf-8", "surrogateescape").split("\0") if p.endswith("/")]
+
+    def _unborn(self, path: Path) -> bool:
+        """A repository at `path` whose HEAD names no commit yet."""
+        return self._run(path, ["rev-parse", "--verify", "--quiet", "HEAD^{commit}"], check=False).returncode != 0
 
     def head(self) -> str:
         """The user's HEAD commit, or "" in a repository without commits (a capture then has no parent)."""
