@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-from conftest import write_task
+from conftest import snapshot, write_task
 
 # The modules loaded when the command ends: at exit, or at the os._exit that skips the teardown.
 PROBE = """
@@ -135,3 +135,15 @@ def test_the_polled_form_into_a_closed_pipe_exits_as_typer_does_without_a_traceb
             os.close(write)
         results.append((proc.returncode, proc.stderr))
     assert results[0] == results[1] and results[0][0] == 1 and "Traceback" not in results[0][1]
+
+
+def test_a_value_in_non_ascii_digits_is_refused_as_typer_refuses_it(project):
+    """`--max-workers ٣` is a bad value, as `--max-workers=٣` is: Python's int() reads any Unicode digit, so the
+    direct path took it as 3 and ran."""
+    write_task(project.order(), "A", command="true", target_files=["a.txt"])
+    before = snapshot(project.root)
+    for args in (("detect", "ORD", "--json", "--max-workers", "٣"), ("run", "ORD", "--max-cpu", "٩٠")):
+        proc, modules = modules_of(project, *args)
+        assert "typer._adapters" in modules, args
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, (args, proc.stderr)
+    assert snapshot(project.root) == before

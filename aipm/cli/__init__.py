@@ -168,7 +168,8 @@ def _direct(argv: list[str]) -> tuple[str | None, object, dict] | None:
             values[name] = True
             continue
         value = next(words, None)
-        if value is None or value.startswith("-"):
+        # int()/float() also take non-ASCII digits ('٣'), which Typer refuses: leave those to it.
+        if value is None or value.startswith("-") or not value.isascii():
             return None
         try:
             values[name] = kind(value)
