@@ -44,6 +44,11 @@ class Project:
             as_path = Path(os.getcwd()) / as_path
         if as_path.is_dir():
             return self.check_unique(as_path.resolve())
+        # The id order.yaml gives, which every command reports, names its order too (orders/sprint-12 → ORDER_012).
+        ids = self.order_ids()
+        named = [d for d in self.order_dirs() if ids.get(d.resolve(), ("",))[0] == arg]
+        if len(named) == 1:
+            return self.check_unique(named[0], ids)
         raise UserError(
             f"order {arg!r}: no directory {self.orders_dir}/{arg} under {self.root} and no such path; "
             "give an order id or a path to an order directory"

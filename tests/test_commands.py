@@ -194,6 +194,22 @@ def test_why_in_words_and_json(project):
     assert project.json("why", "A")["reasons"][0]["reason"] == "not_queued"
 
 
+def test_an_order_is_named_by_the_id_its_order_yaml_gives(project):
+    """CONTRACT: the order id is order.yaml's `id`, and an ORDER argument is an order id. Every command reports
+    orders/sprint-12 with `id: ORDER_012` as ORDER_012; naming it so was 'no directory orders/ORDER_012'."""
+    order = project.order("sprint-12")
+    (order / "order.yaml").write_text("id: ORDER_012\n")
+    write_task(order, "A", command="echo hello")
+    write_task(order, "B", command="true", depends_on=["A"])
+    assert project.json("status", "ORDER_012")["order"] == "ORDER_012"
+    assert [t["id"] for t in project.json("detect", "ORDER_012")["launchable"]] == ["A"]
+    assert project.json("why", "ORDER_012/B")["reasons"][0]["tasks"] == ["A"]
+    assert project.aipm("run", "ORDER_012").returncode == 0
+    assert project.json("logs", "ORDER_012")["lines"][0] == {"task": "A", "line": "hello"}
+    proc = project.aipm("status", "ORDER_013")
+    assert proc.returncode == 2 and "no directory orders/ORDER_013" in proc.stderr
+
+
 def test_an_adopted_worker_killed_from_outside_counts_as_a_failed_attempt(project):
     order = project.order()
     write_task(order, "A", command="sleep 60", target_files=["a"], max_attempts=1)
