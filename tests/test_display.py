@@ -87,6 +87,19 @@ def test_run_json_closes_with_a_summary_event(project):
     assert summary["counts"] == {s: statuses.count(s) for s in set(statuses)} == {"DONE": 1, "FAILED": 1}
 
 
+def test_every_run_json_event_names_its_order(project):
+    """The reference: each event has `event`, `task`, `order`, `time`. A launch that failed (the worker program
+    missing) and a deferral came without `order`."""
+    order = project.order()
+    (project.root / "aipm.yaml").write_text("max_workers: 5\nworker:\n  command: [no-such-agent-program]\n")
+    write_task(order, "AGENT", prompt="do it", target_files=["a.txt"])
+    write_task(order, "OK", command="true", target_files=["b.txt"])
+    proc = project.aipm("run", "ORD", "--json", "--no-resource-monitoring")
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 1 and "launch_failed" in {e["event"] for e in events}, proc.stdout
+    assert [e for e in events if e.get("order") != "ORD"] == []
+
+
 def test_summary_after_ctrl_c_matches_the_files(project):
     order = project.order()
     for i in range(2):

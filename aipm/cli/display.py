@@ -81,6 +81,9 @@ class Display:
 
     def __call__(self, event: dict) -> None:
         event.setdefault("time", round(time.time(), 3))
+        order = self.view.order if self.view else None
+        if order is not None:  # the run loop leaves it out where it is the run's own order
+            event.setdefault("order", order.id)
         if event.get("event") == "error":  # errors reach a human whatever the output mode
             print(f"aipm: error: {event['error']}", file=sys.stderr, flush=True)
         if self.mode == "json":
