@@ -157,6 +157,22 @@ def test_missing_worker_program_blames_the_template_once(project):
     assert set(task_statuses(order).values()) == {"QUEUED"}
 
 
+def test_run_says_a_failed_launch_once_though_it_tries_it_every_round(project):
+    """A missing worker program: `run` tries the launch again at each wake-up (the program may be installed
+    meanwhile), and printed the same 'failed' line each time, once per start or finish of the other tasks."""
+    (project.root / "aipm.yaml").write_text('worker:\n  command: ["no-such-agent-xyz"]\n')
+    order = project.order()
+    write_task(order, "AGENT", prompt="hi", target_files=["a.txt"])
+    for i in range(5):
+        write_task(order, f"C{i}", command="true", target_files=[f"c{i}"], depends_on=[f"C{i - 1}"] if i else [])
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring")
+    assert proc.returncode == 1
+    failed = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("failed")]
+    assert failed == ["failed   AGENT: program 'no-such-agent-xyz' not found on PATH; install it or fix "
+                      "worker.command (the worker template) in aipm.yaml"], proc.stdout
+    assert task_statuses(order) == {"AGENT": "QUEUED", **{f"C{i}": "DONE" for i in range(5)}}
+
+
 def test_exec_parallel_names_the_attempt_of_detached_tasks(project):
     order = project.order()
     write_task(order, "A", command="true", target_files=["a"])
