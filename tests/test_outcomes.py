@@ -173,6 +173,18 @@ def test_run_says_a_failed_launch_once_though_it_tries_it_every_round(project):
     assert task_statuses(order) == {"AGENT": "QUEUED", **{f"C{i}": "DONE" for i in range(5)}}
 
 
+def test_exec_whose_launch_failed_does_not_say_the_task_can_start(project):
+    """exec of a task that never started prints why; after a failed launch that printout found no reason and
+    said 'A can start now.' between the error and 'A: QUEUED'."""
+    (project.root / "aipm.yaml").write_text('worker:\n  command: ["no-such-agent-xyz"]\n')
+    write_task(project.order(), "A", prompt="hi", target_files=["a.txt"])
+    proc = project.aipm("exec", "A")
+    assert proc.returncode == 1
+    assert (proc.stdout + proc.stderr).splitlines() == [
+        "failed   A: program 'no-such-agent-xyz' not found on PATH; install it or fix worker.command (the worker "
+        "template) in aipm.yaml", "A: QUEUED"], (proc.stdout, proc.stderr)
+
+
 def test_exec_parallel_names_the_attempt_of_detached_tasks(project):
     order = project.order()
     write_task(order, "A", command="true", target_files=["a"])

@@ -187,7 +187,9 @@ def exec_(
         from aipm.cli.cmd_detect import print_reasons, reasons_for  # only here: `run` does without them
 
         looker = Launcher(launcher.project, launcher.settings, Options(dry_run=True))  # reads only, no lock
-        print_reasons(*reasons_for(looker, order_dir, task_id)[1:])
+        _, _, launchable, reasons = reasons_for(looker, order_dir, task_id)
+        if not launchable:  # else its launch failed, and the 'failed' line said why
+            print_reasons(task_id, launchable, reasons)
     why = f" ({final.reason})" if final.reason else ""
     console(stderr=code != 0).print(f"{task_id}: {final.status.value}{why}", markup=False)
     raise Exit(code)
