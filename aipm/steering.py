@@ -92,10 +92,13 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
                 raise UserError(f"{path}: session_id: no agent session recorded yet; retry without --resume")
             marker = rt.resume_path(order_id, task_id)
             marker.write_text(current.session_id + "\n")
+        fresh = {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "started_at": None, "finished_at": None,
+                 "exit_code": None, "preemptions": 0, **cleared_reason(current)}
+        # Only what differs: a task that never ran gets no lines of nulls and zeros in its versioned file.
+        changes = {key: value for key, value in fresh.items() if getattr(current, key) != value}
         try:
-            update_task(path, {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "started_at": None,
-                               "finished_at": None, "exit_code": None, "preemptions": 0, **cleared_reason(current)},
-                        expect=current.status)
+            if changes:
+                update_task(path, changes, expect=current.status)
         except StaleWrite as exc:
             if marker is not None:
                 marker.unlink(missing_ok=True)

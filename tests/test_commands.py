@@ -132,6 +132,23 @@ def test_retry_of_a_stale_task_says_so_and_names_recover(project):
     assert path.read_bytes() == before
 
 
+def test_retry_writes_only_what_it_changes(project):
+    """A task that never ran has nothing to clear: its file stays byte for byte (retry wrote seven lines of
+    `status: QUEUED`, zeros and nulls into it). A failed one gets its managed values reset, and no new lines."""
+    order = project.order()
+    fresh = order / "A.yaml"
+    fresh.write_text("command: 'true'  # build it\n")
+    proc = project.aipm("retry", "A")
+    assert proc.returncode == 0 and fresh.read_text() == "command: 'true'  # build it\n", fresh.read_text()
+    failed = order / "B.yaml"
+    failed.write_text("command: 'exit 3'\n")
+    assert project.aipm("run", "ORD").returncode == 1
+    written = failed.read_text().splitlines()
+    assert project.aipm("retry", "B").returncode == 0
+    after = failed.read_text().splitlines()
+    assert len(after) == len(written) and "status: QUEUED" in after and "attempts: 0" in after, after
+
+
 def test_ps_locks_and_logs_follow(project):
     order = project.order()
     gate = project.root / "gate"
