@@ -103,4 +103,13 @@ def dot(order: Order) -> str:
     return "\n".join(lines) + "\n"
 
 
+def as_data(order: Order) -> dict:
+    """The graph for `aipm graph --json`: nodes with what colours them, and edges dependency → task."""
+    tasks = _tasks(order)
+    return {"order": order.id,
+            "nodes": [{"id": t.id, "title": t.title, "status": t.status.value, "priority": t.priority.value}
+                      for t in tasks],
+            "edges": [{"from": dep, "to": t.id} for t in tasks for dep in t.depends_on]}
+
+
 RENDERERS = {"mermaid": mermaid, "dot": dot}

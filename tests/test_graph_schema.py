@@ -168,6 +168,18 @@ def test_graph_command_prints_both_formats(project):
     assert bad.returncode == 2 and bad.stderr.startswith("aipm: error: --format")
 
 
+def test_graph_json_gives_nodes_and_edges(project):
+    """CONTRACT: read commands take `--json`; `graph` was the one read command without it."""
+    order_dir = project.order("G")
+    (order_dir / "A.yaml").write_text("title: a\npriority: P0\n")
+    (order_dir / "B.yaml").write_text("depends_on: [A]\nstatus: DONE\n")
+    assert project.json("graph", "G") == {
+        "order": "G",
+        "nodes": [{"id": "A", "title": "a", "status": "QUEUED", "priority": "P0"},
+                  {"id": "B", "title": "", "status": "DONE", "priority": "P1"}],
+        "edges": [{"from": "A", "to": "B"}]}
+
+
 # ---- JSON Schema -------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""`aipm graph`: an order's dependency graph as Mermaid or DOT text."""
+"""`aipm graph`: an order's dependency graph as Mermaid or DOT text, or JSON."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import sys
 
 from aipm.cli.decl import Argument, Option, command
 
-from aipm.cli.common import get_project
+from aipm.cli.common import JsonOpt, get_project, print_json
 from aipm.errors import UserError
-from aipm.graph import RENDERERS
+from aipm.graph import RENDERERS, as_data
 from aipm.store import load_order
 
 
@@ -16,13 +16,19 @@ from aipm.store import load_order
 def graph(
     order: str = Argument(..., help="Order id or directory."),
     fmt: str = Option("mermaid", "--format", "-f", help="mermaid (renders on GitHub) or dot (Graphviz)."),
+    json_out: bool = JsonOpt,
 ) -> None:
     """Print the dependency graph of an order (edges from a dependency to the task waiting on it).
 
-    Nodes are coloured by status. Examples: `aipm graph ORD > ord.mmd`; `aipm graph ORD --format dot | dot -Tsvg`.
+    Nodes are coloured by status; --json gives the nodes and edges as data. Examples: `aipm graph ORD > ord.mmd`;
+    `aipm graph ORD --format dot | dot -Tsvg`.
     """
     render = RENDERERS.get(fmt)
     if render is None:
         raise UserError(f"--format: {fmt!r} is not one of {', '.join(RENDERERS)}")
     project = get_project()
-    sys.stdout.write(render(load_order(project.order_dir(order), project.root)))
+    loaded = load_order(project.order_dir(order), project.root)
+    if json_out:
+        print_json(as_data(loaded))
+        return
+    sys.stdout.write(render(loaded))
