@@ -141,6 +141,22 @@ def test_agent_task_without_target_files_warns_at_add_validate_and_launch(projec
     assert "warning" not in project.aipm("launch", "ORD").stderr
 
 
+def test_a_task_file_not_named_yaml_is_named_in_a_warning(project):
+    """T1.yml is no task (the contract reads *.yaml): validate said 'ok (0 tasks)' and run exited 0 at once,
+    having run nothing, without a word. Now a warning names it; exit codes are unchanged."""
+    order = project.order()
+    (order / "T1.yml").write_text("command: touch built\ntarget_files: [built]\n")
+    (order / "T2.YAML").write_text("command: 'true'\n")
+    write_task(order, "T3", command="true")
+    for args in (("validate", "ORD"), ("run", "ORD"), ("launch", "ORD"), ("exec", "T3")):
+        proc = project.aipm(*args)
+        assert proc.returncode == 0, (args, proc.stderr)
+        warned = [line for line in proc.stderr.splitlines() if line.startswith("aipm: warning:")]
+        assert [line.split(": ")[2] for line in warned] == [f"{order}/T1.yml", f"{order}/T2.YAML"], args
+        assert "rename it T1.yaml" in warned[0], warned
+    assert not (project.root / "built").exists()
+
+
 def test_missing_worker_program_blames_the_template_once(project):
     (project.root / "aipm.yaml").write_text('worker:\n  command: ["no-such-agent-xyz", "-p"]\n')
     order = project.order()

@@ -11,7 +11,7 @@ from aipm.cli.decl import Argument, Exit, Option, command
 
 from aipm import budget, parsecache
 from aipm.cluster import require_ray
-from aipm.advice import warnings
+from aipm.advice import stray_files, warnings
 from aipm.cli.common import JsonOpt, console, print_json, project_root, warn
 from aipm.cli.display import Display, mode_for, plain_line, summary_event
 from aipm.cli.resource_options import (
@@ -44,9 +44,10 @@ def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, 
     return Launcher(Project(root, settings.orders_dir), settings, options)
 
 
-def warn_unbounded(tasks: Iterable[Task]) -> None:
-    """Agent tasks that claim no files, among those that may still run."""
-    warn(warnings(t for t in tasks if t.status not in FINISHED_OK | DEAD_END))
+def warn_unbounded(tasks: Iterable[Task], order_dir: Path) -> None:
+    """Files of the order that are no task files, and agent tasks that claim no files among those that may
+    still run."""
+    warn(stray_files(order_dir) + warnings(t for t in tasks if t.status not in FINISHED_OK | DEAD_END))
 
 
 @command()
@@ -72,7 +73,7 @@ def launch(
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
                          Options(no_review, model, dry_run), runner, confine=confine, workspace=workspace)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
-    warn_unbounded(view.order.tasks.values())
+    warn_unbounded(view.order.tasks.values(), view.dir)
     report = launcher.launch_ramped(view)
     waiting = [b.as_dict() for b in report.plan.waiting] if report.plan else []
     if json_out:
@@ -128,7 +129,7 @@ def run(
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
                          Options(no_review, model), runner, preempt, confine, workspace)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root)
-    warn_unbounded(view.order.tasks.values())
+    warn_unbounded(view.order.tasks.values(), view.dir)
     display = Display(mode_for(json_out), view)
     try:
         code = supervise(launcher, view, display)
@@ -179,7 +180,7 @@ def exec_(
                          Options(no_review, model), runner, confine=confine, workspace=workspace)
     order_dir, task_id = find_task(launcher.project, task)
     view = OrderView(order_dir, launcher.project.root)
-    warn_unbounded([view.order.tasks[task_id]])
+    warn_unbounded([view.order.tasks[task_id]], order_dir)
     display = Display("json" if json_out else "plain", view)
     code = supervise(launcher, view, display, only=task_id, detach_others=parallel)
     final = view.refresh().tasks[task_id]

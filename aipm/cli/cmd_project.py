@@ -8,7 +8,7 @@ from aipm.cli.decl import Argument, Exit, Option, command
 
 from aipm import budget, parsecache, readers
 from aipm.board import order_totals, task_row
-from aipm.advice import warnings
+from aipm.advice import stray_files, warnings
 from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, read_only, warn
 from aipm.errors import ValidationError
 from aipm.model import FINISHED_OK, status_summary
@@ -88,7 +88,7 @@ def validate(
         try:
             project.check_unique(directory, ids)
             loaded = load_order(directory, project.root)
-            advice = warnings(loaded.tasks.values())
+            advice = stray_files(directory) + warnings(loaded.tasks.values())
             warn(advice)
             results.append({"order": loaded.id, "path": str(directory), "tasks": len(loaded.tasks), "ok": True,
                             "warnings": advice})
