@@ -150,7 +150,7 @@ def status_summary(order: Order) -> str:
 
 
 def format_counts(counts: dict[str, int]) -> str:
-    return ", ".join(f"{status} {n}" for status, n in sorted(counts.items()))
+    return ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) or "no tasks"  # not "ORD: "
 
 
 _DIGITS = re.compile(r"(\d+)")

@@ -100,6 +100,14 @@ def test_every_run_json_event_names_its_order(project):
     assert [e for e in events if e.get("order") != "ORD"] == []
 
 
+def test_the_summary_of_an_order_without_tasks_says_so(project):
+    """Was 'ORD: ' with nothing after the colon (and an empty last line in `status`)."""
+    project.order()
+    proc = project.aipm("run", "ORD")
+    assert (proc.returncode, proc.stdout) == (0, "ORD: no tasks\n")
+    assert project.aipm("status", "ORD").stdout.splitlines()[-1] == "no tasks"
+
+
 def test_summary_after_ctrl_c_matches_the_files(project):
     order = project.order()
     for i in range(2):
