@@ -48,6 +48,14 @@ def str_field(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def one_line(path: Path, data: Mapping[str, Any], key: str) -> str:
+    """A title: shown in one table cell and one log line (a trailing newline, as `>` gives, is dropped)."""
+    value = (str_field(path, data, key) or "").rstrip("\n")
+    if "\n" in value:
+        raise ValidationError(str(path), key, "must be one line; longer text belongs in `prompt` or a comment")
+    return value
+
+
 def _positive_int(path: Path, data: Mapping[str, Any], key: str, maximum: int | None = None) -> int | None:
     value = data.get(key)
     if value is None:
@@ -187,7 +195,7 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
     return Task(
         id=stem,
         path=str(path),
-        title=str_field(path, data, "title") or "",
+        title=one_line(path, data, "title"),
         priority=_enum(path, data, "priority", Priority, Priority.P1),
         depends_on=_str_list(path, data, "depends_on"),
         target_files=raw_targets,

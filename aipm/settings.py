@@ -8,6 +8,7 @@ a bad one raises SettingsError with one line naming the setting, where it came f
 from __future__ import annotations
 
 import os
+import posixpath
 import shlex
 import sys
 from dataclasses import dataclass, field, fields
@@ -123,6 +124,16 @@ def _text(value: Any) -> str:
     return value
 
 
+def _orders_dir(value: Any) -> str:
+    """A directory inside the project, written relative to its root: orders are version-controlled with it, and
+    every order path (locks, the audit, the view) is taken relative to the root."""
+    text = _text(value)
+    parts = posixpath.normpath(text.replace(os.sep, "/")).split("/")
+    if os.path.isabs(text) or parts[0] == "..":
+        raise ValueError(f"{text!r} is outside the project; give a directory relative to the project root")
+    return text
+
+
 def _argv(value: Any) -> tuple[str, ...]:
     """A command as argv: a list of strings, or a string split like a shell would."""
     if isinstance(value, str):
@@ -181,7 +192,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "max_attempts": _positive,
     "max_rework": _non_negative,
     "timeout": _timeout,
-    "orders_dir": _text,
+    "orders_dir": _orders_dir,
     "worker.command": _argv,
     "worker.model": _text,
     "review.command": _review,

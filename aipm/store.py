@@ -16,7 +16,7 @@ import yaml
 
 from aipm import flatyaml, readers
 from aipm.errors import ValidationError
-from aipm.fields import check_keys, money_field, str_field, task_from_mapping
+from aipm.fields import check_keys, money_field, one_line, str_field, task_from_mapping
 from aipm.model import ID_PATTERN, Order, Task
 from aipm.parsecache import ParseCache
 from aipm.paths import Normaliser
@@ -214,7 +214,7 @@ def order_meta(order_dir: Path) -> tuple[str, str, Path | None, float | None]:
         check_keys(meta, data, ORDER_KEYS)
         if str_field(meta, data, "id"):
             order_id, id_from = data["id"], meta
-        title = str_field(meta, data, "title") or ""
+        title = one_line(meta, data, "title")
         str_field(meta, data, "description")
         budget = money_field(meta, data, "max_cost_usd", positive=True)
     if not ID_PATTERN.fullmatch(order_id):

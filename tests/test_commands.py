@@ -25,6 +25,15 @@ def test_init_twice_changes_nothing(tmp_path):
     assert "nothing changed" in init().stdout and snapshot(root) == before
 
 
+def test_init_over_a_broken_aipm_yaml_names_it_and_changes_nothing(tmp_path):
+    (tmp_path / "aipm.yaml").write_text("max_workers: [\n")
+    before = snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(tmp_path), "init"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.count("\n") == 1 and f"{tmp_path / 'aipm.yaml'}:2:1: invalid YAML" in proc.stderr
+    assert "nothing changed" not in proc.stdout and snapshot(tmp_path) == before
+
+
 def test_exec_runs_one_task_in_the_foreground(project):
     order = project.order()
     write_task(order, "A", command="echo from-a")

@@ -219,6 +219,9 @@ BAD_YAML = [
     ("timeout: -5\n", "timeout"),
     ("timeout: soon\n", "timeout"),
     ("orders_dir: ''\n", "orders_dir"),
+    ("orders_dir: ../elsewhere\n", "orders_dir"),  # outside the project
+    ("orders_dir: orders/../../x\n", "orders_dir"),
+    ("orders_dir: /srv/orders\n", "orders_dir"),
     ("worker: 5\n", "worker"),
     ("worker:\n  command: []\n", "worker.command"),
     ("worker:\n  command: [claude, 5]\n", "worker.command"),

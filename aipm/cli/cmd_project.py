@@ -51,7 +51,9 @@ def init() -> None:
     root = project_root(create=True)
     made = []
     config = root / CONFIG_FILE
-    if not config.exists():
+    if config.exists():
+        load_settings(root)  # a broken aipm.yaml is named (exit 2) rather than called a project
+    else:
         config.write_text(CONFIG_TEMPLATE)
         made.append(CONFIG_FILE)
     orders = root / "orders"
