@@ -51,7 +51,7 @@ def str_field(path: Path, data: Mapping[str, Any], key: str) -> str | None:
 def one_line(path: Path, data: Mapping[str, Any], key: str) -> str:
     """A title: shown in one table cell and one log line (a trailing newline, as `>` gives, is dropped)."""
     value = (str_field(path, data, key) or "").rstrip("\n")
-    if "\n" in value:
+    if len(value.splitlines()) > 1:  # any line break Python knows (\r, \u2028 too)
         raise ValidationError(str(path), key, "must be one line; longer text belongs in `prompt` or a comment")
     return value
 

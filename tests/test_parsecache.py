@@ -211,7 +211,7 @@ def test_no_runtime_directory_no_cache(tmp_path, monkeypatch):
 
 IDS = [f"T{i}" for i in range(6)]
 task_fields = st.fixed_dictionaries({}, optional={
-    "title": st.text(max_size=8),
+    "title": st.text(max_size=8).filter(lambda t: len(t.rstrip("\n").splitlines()) <= 1),  # one line
     "status": st.sampled_from(["QUEUED", "DONE", "IN_PROGRESS", "FAILED", "COMPLETED", "CANCELLED"]),
     "priority": st.sampled_from(["P0", "P1", "P2", "P3"]),
     "target_files": st.lists(st.sampled_from(["a.py", "src/", "src/b.py", "docs/**/*.md", "./c/../d.py", "e f"]),
