@@ -175,6 +175,25 @@ def _warn_no_psutil() -> None:
               "(pip install psutil)", file=sys.stderr)
 
 
+_warned_failed = False
+
+
+def _safely(read):
+    """read(), or None when the reading raises (an unreadable /proc, psutil.AccessDenied in a sandbox).
+
+    Monitoring is optional: a reading that fails is skipped, as without psutil, and launching goes on; it must
+    never take `run` down with its workers running."""
+    global _warned_failed
+    try:
+        return read()
+    except Exception as exc:  # noqa: BLE001 - psutil raises OSError, psutil.Error and, on odd /proc, ValueError
+        if not _warned_failed:
+            _warned_failed = True
+            print(f"aipm: warning: cannot read the machine's load ({type(exc).__name__}: {exc}); "
+                  "launching goes on without it while readings fail", file=sys.stderr)
+        return None
+
+
 class ResourceMonitor:
     """CPU and memory readings against thresholds, and the worker count they allow."""
 
@@ -191,7 +210,7 @@ class ResourceMonitor:
         usage = _stat(cgroup_dir / "cpu.stat", "usage_usec") if cgroup_dir else None
         self._cgroup_cpus = cpus if cpus is not None and cpus < _affinity_cpus() and usage is not None else None
         memory_max = limits.get("memory_max")
-        host_memory = _ps().virtual_memory().total if _ps() else None
+        host_memory = _safely(lambda: _ps().virtual_memory().total) if _ps() else None
         self._cgroup_memory = memory_max if memory_max and (host_memory is None or memory_max < host_memory) else None
         self._base = self._cpu_sample()  # primed: the first reading measures from here, without waiting
         self._last_cpu: float | None = None  # the last reading over a full sample window
@@ -204,15 +223,14 @@ class ResourceMonitor:
                 return None
             now = _now()
             return usage / 1e6, now * self._cgroup_cpus, _own_cpu_seconds(), now
-        if _ps() is None:
-            return None
-        return (*_host_cpu_times(), _own_cpu_seconds(), _now())
+        times = _safely(_host_cpu_times) if _ps() else None
+        return None if times is None else (*times, _own_cpu_seconds(), _now())
 
-    def _cpu_percent(self) -> float:
+    def _cpu_percent(self) -> float | None:
         sample, base = self._cpu_sample(), self._base
         if sample is None or base is None:
             self._base = sample
-            return 0.0
+            return None
         busy, capacity, own, wall = (now - then for now, then in zip(sample, base))
         if wall < MIN_SAMPLE_WINDOW and self._last_cpu is not None:
             return self._last_cpu
@@ -221,12 +239,12 @@ class ResourceMonitor:
             self._base, self._last_cpu = sample, percent
         return percent
 
-    def _memory_percent(self) -> float:
+    def _memory_percent(self) -> float | None:
         if self._cgroup_memory is not None:
             used = _cgroup_memory_used(self.cgroup_dir)
             if used is not None:
                 return min(100.0, used / self._cgroup_memory * 100)
-        return _ps().virtual_memory().percent if _ps() else 0.0
+        return _safely(lambda: _ps().virtual_memory().percent) if _ps() else None
 
     def _source(self) -> str:
         if self._cgroup_cpus is not None or self._cgroup_memory is not None:
@@ -240,6 +258,9 @@ class ResourceMonitor:
             source = FAKE_LOAD_VAR
         else:
             cpu, memory, source = self._cpu_percent(), self._memory_percent(), self._source()
+            if cpu is None or memory is None:
+                source = "unavailable"  # what could be read is shown; what could not counts as idle
+                cpu, memory = cpu or 0.0, memory or 0.0
         healthy = cpu < self.max_cpu_percent and memory < self.max_memory_percent
         return ResourceStatus(round(cpu, 1), round(memory, 1), healthy, source)
 
@@ -262,8 +283,8 @@ def get_system_info(cgroup_dir: Path | None = DEFAULT_CGROUP_DIR) -> dict[str, A
     if limits and limits["cpus"] is not None:
         usable = min(usable, limits["cpus"])
     total = available = None
-    if _ps() is not None:
-        memory = _ps().virtual_memory()
+    memory = _safely(_ps().virtual_memory) if _ps() else None
+    if memory is not None:
         total, available = memory.total, memory.available
     if limits and limits["memory_max"] is not None and (total is None or limits["memory_max"] < total):
         total = limits["memory_max"]
@@ -274,7 +295,7 @@ def get_system_info(cgroup_dir: Path | None = DEFAULT_CGROUP_DIR) -> dict[str, A
     except (OSError, AttributeError):
         load = None
     return {
-        "cpu_count": (_ps().cpu_count() if _ps() else os.cpu_count()) or 1,
+        "cpu_count": (_safely(_ps().cpu_count) if _ps() else None) or os.cpu_count() or 1,
         "usable_cpus": usable,
         "memory_total": total,
         "memory_available": available,

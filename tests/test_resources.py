@@ -244,6 +244,52 @@ def test_without_psutil_launching_goes_on(tmp_path):
     assert len(warning) == 1 and "psutil" in warning[0] and "warning" in warning[0]
 
 
+def test_a_reading_that_raises_is_skipped_not_fatal(monkeypatch, capsys):
+    """An unreadable /proc (psutil raises) must not take a run down: the reading counts as unavailable."""
+    import psutil
+
+    def broken(*args, **kwargs):
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(resources, "_warned_failed", False)
+    monkeypatch.setattr(psutil, "cpu_times", broken)
+    monkeypatch.setattr(psutil, "virtual_memory", broken)
+    monitor = ResourceMonitor(cgroup_dir=None)
+    status = monitor.get_status()
+    assert status.source == "unavailable" and status.is_healthy
+    assert monitor.get_recommended_worker_count(0, 4) == 4
+    info = get_system_info(None)
+    assert info["memory_total"] is None and info["cpu_count"] >= 1
+    warning = capsys.readouterr().err.strip().splitlines()
+    assert len(warning) == 1 and "cannot read the machine's load" in warning[0]
+
+
+def test_run_goes_on_when_psutil_readings_start_to_fail(tmp_path):
+    """A real `run` whose psutil readings raise from the second one on (faked in a sitecustomize) ends its order."""
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "sitecustomize.py").write_text(textwrap.dedent("""
+        import psutil
+        real, calls = psutil.cpu_times, []
+        def cpu_times(*args, **kwargs):
+            calls.append(1)
+            if len(calls) > 1:
+                raise psutil.AccessDenied()
+            return real(*args, **kwargs)
+        psutil.cpu_times = cpu_times
+    """))
+    root = tmp_path / "p"
+    (root / "orders" / "O").mkdir(parents=True)
+    for i in range(3):
+        (root / "orders" / "O" / f"T{i}.yaml").write_text(f"command: sleep 0.2\ntarget_files: [f{i}]\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIPM_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(fake), *filter(None, [env.get("PYTHONPATH")])])
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "O", "--max-workers", "2"],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "cannot read the machine's load" in proc.stderr
+
+
 # -- aipm resources ------------------------------------------------------------------------------------------------
 
 
