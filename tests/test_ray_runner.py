@@ -198,3 +198,21 @@ def test_a_worktree_task_runs_on_ray_in_its_worktree_and_is_merged(cluster, tmp_
     assert where.read_text().splitlines() == ["W ray", str(top / ".aipm" / "worktrees" / "ORD" / "W")]
     assert (top / "src" / "a.txt").read_text() == "start\nfrom W\n"
     assert subprocess.run(["git", "worktree", "list"], cwd=top, capture_output=True, text=True).stdout.count("\n") == 1
+
+
+def test_cancel_ends_a_command_slow_to_stop_on_the_node(cluster, tmp_path):
+    """A command that ignores SIGTERM is SIGKILLed after the guard's grace: Ray's kill of the Ray worker's
+    process group must not take the guard's keeper down with it before that."""
+    project = Project(tmp_path)
+    pid_file = tmp_path / "pid"
+    write_task(project.order(), "T", target_files=["a.txt"],
+               command=f'trap "" TERM; echo $$ > {pid_file}; while true; do sleep 0.2; done')
+    assert aipm(cluster, project, "launch", "ORD", "--runner", "ray").returncode == 0
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 120)
+    pid = int(pid_file.read_text())
+    try:
+        assert aipm(cluster, project, "cancel", "ORD/T").returncode == 0
+        wait_for(lambda: not pid_alive(pid), 30)  # the guard's grace is 5 s
+    finally:
+        if pid_alive(pid):
+            os.killpg(pid, signal.SIGKILL)

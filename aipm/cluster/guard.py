@@ -2,9 +2,9 @@
 
 Ray kills the worker process of a cancelled task and that worker's direct children, but nothing further down:
 a command's grandchildren would keep running (and writing). So the guard is two processes. The relay, a direct
-child of the Ray worker, forwards stop signals and reports the exit code. The keeper, its child (out of reach of
-Ray's kill), learns of the relay's death by PR_SET_PDEATHSIG, is a child subreaper so descendants that `setsid`
-away are re-parented to it, runs the command in a new session, and when the command ends or it is told to stop,
+child of the Ray worker, forwards stop signals and reports the exit code. The keeper, its child in a process group
+of its own (out of reach of Ray's kill of the worker's children and of the worker's group), learns of the relay's
+death by PR_SET_PDEATHSIG, is a child subreaper so descendants that `setsid` away are re-parented to it, runs the command in a new session, and when the command ends or it is told to stop,
 kills every descendant left. The spec (JSON on stdin) names the command, its stdin and the attempt's log.
 """
 
@@ -89,6 +89,9 @@ def _keep(spec: dict) -> int:
         signal.signal(sig, _stop)
     if not _die_with_parent():
         return 128 + signal.SIGTERM
+    # Out of the Ray worker's process group: when that worker exits (cancel, driver gone) Ray SIGKILLs its whole
+    # group, which would kill us in the grace period and leave a command slow to stop running for good.
+    os.setpgid(0, 0)
     become_subreaper()
     argv = ["/bin/sh", "-c", spec["shell"]] if spec.get("shell") is not None else spec["argv"]
     log = spec.get("log") or os.devnull
