@@ -18,6 +18,7 @@ import sys
 # Ray calls these when the attempt's Ray worker cannot be had or is lost: a failed attempt like any other.
 LOST = 75  # EX_TEMPFAIL
 CANCEL_WAIT = 10.0  # seconds to wait for Ray to confirm a cancelled task is gone
+PROBE_TIMEOUT = 5.0  # seconds for the cluster's port to answer before ray.init is asked
 
 
 class _Stopped(Exception):
@@ -40,6 +41,20 @@ def run_on_node(spec: dict) -> dict:
     return {"code": code, "host": socket.gethostname(), "guard_pid": proc.pid}
 
 
+def unreachable(address: str) -> str | None:
+    """Why nothing answers at `address` (host:port or ray://host:port), else None. ray.init retries an address
+    where nothing listens for some 14 minutes, holding the attempt's place and locks, deaf to signals: a refused
+    or silent port ends the attempt at once instead. "auto" and forms not host:port are left to Ray."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aipm.cluster.attempt")
     parser.add_argument("--address")
@@ -54,16 +69,19 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _stop)
     spec = {"env": dict(os.environ), "cwd": os.getcwd(), "shell": args.shell, "argv": args.argv,
             "stdin": args.stdin, "log": os.environ.get("AIPM_LOG")}
+    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
     try:
-        import ray
+        why = unreachable(address)
+        if why is None:
+            import ray
 
-        ray.init(address=args.address or os.environ.get("RAY_ADDRESS") or "auto", log_to_driver=False,
-                 logging_level="ERROR", configure_logging=False)
+            ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=False)
     except _Stopped as stop:
         return 128 + stop.args[0]
     except Exception as exc:  # noqa: BLE001 - any failure to reach the cluster is one line in the log
-        print(f"[aipm] cannot reach the Ray cluster ({args.address or os.environ.get('RAY_ADDRESS') or 'auto'}): "
-              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}", flush=True)
+        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if why is not None:
+        print(f"[aipm] cannot reach the Ray cluster ({address}): {why}", flush=True)
         return LOST
     options = {"max_retries": 0, "num_cpus": args.cpus if args.cpus is not None else 1}
     if args.memory_mb:
