@@ -125,7 +125,7 @@ class Launcher(Starter):
             return free, "resources", "resource limit"
         status = self.monitor.get_status()
         detail = f"cpu {status.cpu_percent:.0f}%, memory {status.memory_percent:.0f}%"
-        allowed = max(0, self.monitor.recommended(status, live_workers, self.settings.max_workers) - live_workers)
+        allowed = max(0, self.monitor.recommended(status, self.settings.max_workers) - live_workers)
         ramped = starts_now(max(status.cpu_percent, status.memory_percent), allowed)
         if ramped < allowed and not self.options.dry_run:  # a dry run shows the launch at this reading
             return ramped, RAMP, f"ramping up ({detail}): one start per fresh load reading"

@@ -52,11 +52,11 @@ def _own_cpu_seconds() -> float:
     return t.user + t.system
 
 
-def recommended_workers(load_percent: float, threshold: float, max_workers: int, running: int = 0) -> int:
+def recommended_workers(load_percent: float, threshold: float, max_workers: int) -> int:
     """How many workers may run in total at this load (the higher of CPU and memory) against threshold T.
 
-    Below T all of them; from T 75 %; from T+5 50 %; from T+10 25 %; rounded down, but never below 1 while nothing
-    runs, so an order always makes progress.
+    Below T all of them; from T 75 %; from T+5 50 %; from T+10 25 %; rounded down, but at least 1, so an order
+    always makes progress (while one runs, that one is all: the caller subtracts the running workers).
     """
     if load_percent < threshold:
         share = 100
@@ -66,8 +66,7 @@ def recommended_workers(load_percent: float, threshold: float, max_workers: int,
         share = 50
     else:
         share = 25
-    floor = 1 if running == 0 and max_workers > 0 else 0
-    return max(max_workers * share // 100, floor)
+    return max(max_workers * share // 100, 1 if max_workers > 0 else 0)
 
 
 # Ramp-up, after GNU parallel's --load/--delay: a worker just started has not shown its load yet. On a machine
@@ -265,15 +264,14 @@ class ResourceMonitor:
         return ResourceStatus(round(cpu, 1), round(memory, 1), healthy, source)
 
     def get_recommended_worker_count(self, current_workers: int = 0, max_workers: int = 10) -> int:
-        """How many workers may run in total now (the caller subtracts those already running)."""
-        return self.recommended(self.get_status(), current_workers, max_workers)
+        """How many workers may run in total now (the caller subtracts those already running; `current_workers`
+        is the seed API's and does not change the total)."""
+        return self.recommended(self.get_status(), max_workers)
 
-    def recommended(self, status: ResourceStatus, current_workers: int, max_workers: int) -> int:
+    def recommended(self, status: ResourceStatus, max_workers: int) -> int:
         """get_recommended_worker_count for a reading already taken."""
-        return min(
-            recommended_workers(status.cpu_percent, self.max_cpu_percent, max_workers, current_workers),
-            recommended_workers(status.memory_percent, self.max_memory_percent, max_workers, current_workers),
-        )
+        return min(recommended_workers(status.cpu_percent, self.max_cpu_percent, max_workers),
+                   recommended_workers(status.memory_percent, self.max_memory_percent, max_workers))
 
 
 def get_system_info(cgroup_dir: Path | None = DEFAULT_CGROUP_DIR) -> dict[str, Any]:

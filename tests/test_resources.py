@@ -41,10 +41,12 @@ def test_rounds_down_but_never_below_one(max_workers, load, expected):
     assert recommended_workers(load, 85, max_workers) == expected
 
 
-def test_floor_of_one_is_only_while_nothing_runs():
-    assert recommended_workers(100, 85, 3, running=0) == 1
-    assert recommended_workers(100, 85, 3, running=2) == 0
-    assert recommended_workers(100, 85, 10, running=4) == 2
+def test_the_total_is_at_least_one_whatever_runs(monkeypatch):
+    """The contract's "(at least 1)": a total, from which the caller subtracts the workers that run."""
+    assert recommended_workers(100, 85, 3) == 1
+    assert recommended_workers(100, 85, 10) == 2
+    monkeypatch.setenv("AIPM_FAKE_LOAD", "100,10")
+    assert ResourceMonitor(85, 85, cgroup_dir=None).get_recommended_worker_count(current_workers=2, max_workers=3) == 1
 
 
 def test_other_thresholds():
