@@ -17,7 +17,7 @@ from aipm.model import Task
 @dataclass(frozen=True)
 class Capacity:
     cpus: float
-    memory_mb: int
+    memory_mb: int | None  # None: the machine's memory cannot be read, so only CPUs are counted
 
 
 def fit(tasks: Iterable[Task], total: Capacity, used_cpus: float, used_memory_mb: int
@@ -30,17 +30,23 @@ def fit(tasks: Iterable[Task], total: Capacity, used_cpus: float, used_memory_mb
             start.append(task)
             continue
         cpus, memory = need.cpus or 0.0, need.memory_mb or 0
+        room = total.memory_mb if total.memory_mb is not None else used_memory_mb + memory  # unknown: it fits
         if need.gpus:
             refused[task.id] = f"needs {need.gpus:g} GPU(s); the local runner has none (use --runner ray)"
-        elif cpus > total.cpus or memory > total.memory_mb:
+        elif cpus > total.cpus or memory > room:
             refused[task.id] = (f"needs {cpus:g} CPU(s) and {memory} MB; this machine has {total.cpus:g} CPU(s) "
-                                f"and {total.memory_mb} MB (lower `resources` or use --runner ray)")
-        elif used_cpus + cpus > total.cpus or used_memory_mb + memory > total.memory_mb:
+                                f"and {_mb(total.memory_mb)} (lower `resources` or use --runner ray)")
+        elif used_cpus + cpus > total.cpus or used_memory_mb + memory > room:
             waiting[task.id] = (f"waiting for {cpus:g} CPU(s) and {memory} MB "
-                                f"({max(0.0, total.cpus - used_cpus):g} CPU(s), "
-                                f"{max(0, total.memory_mb - used_memory_mb)} MB free)")
+                                f"({max(0.0, total.cpus - used_cpus):g} CPU(s)"
+                                + (f", {max(0, room - used_memory_mb)} MB" if total.memory_mb is not None else "")
+                                + " free)")
         else:
             used_cpus += cpus
             used_memory_mb += memory
             start.append(task)
     return start, waiting, refused
+
+
+def _mb(value: int | None) -> str:
+    return f"{value} MB" if value is not None else "memory it cannot read"

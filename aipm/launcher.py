@@ -253,7 +253,8 @@ class Launcher(Starter):
     def _fit_locally(self, wanted: list[Task], records: list[Record], report: LaunchReport) -> list[Task]:
         """Keep the tasks whose declared `resources` fit beside the live ones on this machine."""
         info = get_system_info()
-        total = Capacity(info["usable_cpus"], (info["memory_total"] or 0) // (1024 * 1024))
+        memory = info["memory_total"]
+        total = Capacity(info["usable_cpus"], memory // (1024 * 1024) if memory is not None else None)
         live = [r for r in records if r.alive()]
         start, waiting, refused = fit(wanted, total, sum(r.cpus for r in live), sum(r.memory_mb for r in live))
         report.deferred += [{"id": tid, "reason": "capacity", "detail": why} for tid, why in waiting.items()]

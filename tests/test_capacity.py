@@ -23,6 +23,16 @@ def test_fit_packs_in_order_and_says_why():
     assert "--runner ray" in refused["D"] and "GPU" in refused["E"]
 
 
+def test_memory_that_cannot_be_read_counts_only_cpus():
+    """psutil unreadable: a task declaring memory is not refused for a machine of '0 MB'."""
+    tasks = [_task(t, cpus=1, memory_mb=500) for t in ("A", "B", "C")]
+    start, waiting, refused = fit(tasks, Capacity(cpus=2, memory_mb=None), used_cpus=0, used_memory_mb=0)
+    assert [t.id for t in start] == ["A", "B"] and not refused
+    assert waiting == {"C": "waiting for 1 CPU(s) and 500 MB (0 CPU(s) free)"}
+    _, _, refused = fit([_task("D", cpus=3)], Capacity(cpus=2, memory_mb=None), used_cpus=0, used_memory_mb=0)
+    assert refused["D"].startswith("needs 3 CPU(s) and 0 MB; this machine has 2 CPU(s) and memory it cannot read")
+
+
 def test_tasks_that_fill_the_machine_run_one_at_a_time(project, tmp_path):
     cpus = get_system_info()["usable_cpus"]
     order = project.order()
