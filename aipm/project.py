@@ -25,6 +25,10 @@ def find_root(start: str | os.PathLike | None = None) -> Path:
     return here
 
 
+class AmbiguousOrder(UserError):
+    """An ORDER argument that is one order's directory name and another order's id."""
+
+
 @dataclass(frozen=True)
 class Project:
     root: Path
@@ -38,7 +42,9 @@ class Project:
         """An order id (`ORDER_090` → <root>/orders/ORDER_090) or a path to an order directory."""
         by_id = self.root / self.orders_dir / arg
         if by_id.is_dir():
-            return self.check_unique(by_id)
+            ids = self.order_ids()
+            self._one_meaning(arg, by_id, ids)
+            return self.check_unique(by_id, ids)
         as_path = Path(arg)
         if not as_path.is_absolute():
             as_path = Path(os.getcwd()) / as_path
@@ -53,6 +59,20 @@ class Project:
             f"order {arg!r}: no directory {self.orders_dir}/{arg} under {self.root} and no such path; "
             "give an order id or a path to an order directory"
         )
+
+    def _one_meaning(self, arg: str, order_dir: Path, ids: dict[Path, tuple[str, Path]]) -> None:
+        """`arg` names the directory `order_dir`, whose id is something else: refused when another order's id is
+        `arg`, since every command reports that other order by that name (a silent pick would run, cancel or
+        retry the wrong order). A path to the directory says which."""
+        mine = ids.get(order_dir.resolve())
+        if mine is None or mine[0] == arg:
+            return
+        for other, (order_id, source) in ids.items():
+            if order_id == arg and other != order_dir.resolve():
+                raise AmbiguousOrder(
+                    f"order {arg!r} is ambiguous: {self.orders_dir}/{arg} is the directory of order {mine[0]!r}, and "
+                    f"{source} gives {arg!r} as its id; give a path to the order directory "
+                    f"({self.root / self.orders_dir / arg} or {other})")
 
     def order_dirs(self) -> list[Path]:
         base = self.root / self.orders_dir

@@ -236,6 +236,26 @@ def test_an_order_is_named_by_the_id_its_order_yaml_gives(project):
     assert proc.returncode == 2 and "no directory orders/ORDER_013" in proc.stderr
 
 
+def test_a_name_that_is_one_orders_directory_and_another_orders_id_is_refused_as_ambiguous(project):
+    """orders/old says `id: SPRINT` (every command reports it as SPRINT); orders/SPRINT is another order (id NEXT).
+    'SPRINT' silently meant the directory, so `run SPRINT` ran NEXT and `status SPRINT` showed it, though the
+    order reported as SPRINT exists. Found by a review of 7800b7f (repro 01-order-id-shadowed-by-directory.sh)."""
+    old, other = project.order("old"), project.order("SPRINT")
+    (old / "order.yaml").write_text("id: SPRINT\n")
+    (other / "order.yaml").write_text("id: NEXT\n")
+    write_task(old, "A", command="true")
+    write_task(other, "B", command="true")
+    for args in (("status", "SPRINT"), ("run", "SPRINT"), ("logs", "SPRINT"), ("why", "SPRINT/B")):
+        proc = project.aipm(*args)
+        assert proc.returncode == 2 and "ambiguous" in proc.stderr, (args, proc.stdout, proc.stderr)
+    assert project.statuses("old") == project.statuses("orders/old") == {"A": "QUEUED"}  # nothing ran
+    assert project.json("status", "orders/SPRINT")["order"] == "NEXT"  # a path says which
+    assert project.json("status", "NEXT")["order"] == "NEXT"
+    # A directory named as its own id, or an id no other directory has, is as before.
+    (old / "order.yaml").write_text("id: LATER\n")
+    assert project.json("status", "SPRINT")["order"] == "NEXT"
+
+
 def test_an_adopted_worker_killed_from_outside_counts_as_a_failed_attempt(project):
     order = project.order()
     write_task(order, "A", command="sleep 60", target_files=["a"], max_attempts=1)

@@ -19,7 +19,7 @@ from aipm import logbook, recovery, steering
 from aipm.launcher import Launcher, Options
 from aipm.locks import node_file
 from aipm.paths import lock_prefix, normalize
-from aipm.project import find_task
+from aipm.project import AmbiguousOrder, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
 from aipm.store import load_order
@@ -103,6 +103,8 @@ def locks(json_out: bool = JsonOpt) -> None:
 def _order_named(project, arg: str):
     try:
         return project.order_dir(arg)
+    except AmbiguousOrder:
+        raise  # not "no such task": the name is two orders'
     except UserError:
         return None
 
