@@ -53,7 +53,7 @@ class Project:
         # The id order.yaml gives, which every command reports, names its order too (orders/sprint-12 → ORDER_012).
         ids = self.order_ids()
         named = [d for d in self.order_dirs() if ids.get(d.resolve(), ("",))[0] == arg]
-        if len(named) == 1:
+        if named:  # two or more: check_unique names the other one, as for a directory name
             return self.check_unique(named[0], ids)
         raise UserError(
             f"order {arg!r}: no directory {self.orders_dir}/{arg} under {self.root} and no such path; "

@@ -256,6 +256,17 @@ def test_a_name_that_is_one_orders_directory_and_another_orders_id_is_refused_as
     assert project.json("status", "SPRINT")["order"] == "NEXT"
 
 
+def test_an_id_two_orders_give_is_named_as_such_not_as_no_directory(project):
+    """Two order.yaml with the same id: naming either directory said 'also the id of ...', but naming the id said
+    'no directory orders/SAME ... and no such path'. Found by a review of 7800b7f
+    (repro 03-duplicate-order-id-by-id-says-no-directory.sh)."""
+    for name in ("a", "b"):
+        (project.order(name) / "order.yaml").write_text("id: SAME\n")
+    write_task(project.order("a"), "A", command="true")
+    proc = project.aipm("status", "SAME")
+    assert proc.returncode == 2 and "is also the id of" in proc.stderr, proc.stderr
+
+
 def test_an_adopted_worker_killed_from_outside_counts_as_a_failed_attempt(project):
     order = project.order()
     write_task(order, "A", command="sleep 60", target_files=["a"], max_attempts=1)
