@@ -383,3 +383,15 @@ def test_version_and_logs_as_json(project):
     assert {"task": "A", "line": "hello"} in lines and {line["task"] for line in lines} == {"A"}
     refused = project.aipm("logs", "A", "-f", "--json")
     assert refused.returncode == 2 and "not with -f" in refused.stderr
+
+
+def test_new_refuses_a_title_over_two_lines_and_writes_nothing(project):
+    """`aipm new O --title $'a\\nb'` wrote an order.yaml every command then refused (a title is one line, since
+    e1269a0), validate included; `aipm add` already refused such a title before writing. Found by a review
+    (repro 02-new-title-two-lines-writes-broken-order.sh)."""
+    before = snapshot(project.root)
+    proc = project.aipm("new", "O", "--title", "Sprint 12\nsecond line")
+    assert proc.returncode == 2 and "title" in proc.stderr and "one line" in proc.stderr, proc.stderr
+    assert snapshot(project.root) == before and not (project.root / "orders" / "O").exists()
+    project.aipm("new", "O", "--title", "Sprint 12", check=True)
+    assert project.json("validate", "O")

@@ -21,7 +21,7 @@ from aipm.cli.common import console, get_project, warn
 from aipm.errors import UserError
 from aipm.model import ID_PATTERN, Priority
 from aipm.schema import KINDS, schema_text
-from aipm.fields import task_from_mapping
+from aipm.fields import one_line, task_from_mapping
 from aipm.store import ORDER_FILE, check_links, load_order, parse_mapping
 
 
@@ -48,6 +48,7 @@ def new(
     fields: dict[str, Any] = {"id": order}
     if title:
         fields["title"] = title
+        one_line(meta, fields, "title")  # as every command will read it: refused before anything is written
     # Directories we create are removed again if the file cannot be written: a refusal changes nothing.
     made = [d for d in (order_dir, *order_dir.parents) if not d.exists()]
     try:
