@@ -48,11 +48,12 @@ def str_field(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
-def one_line(path: Path, data: Mapping[str, Any], key: str) -> str:
-    """A title: shown in one table cell and one log line (a trailing newline, as `>` gives, is dropped)."""
+def one_line(path: Path, data: Mapping[str, Any], key: str, longer: str = "prompt") -> str:
+    """A title: shown in one table cell and one log line (a trailing newline, as `>` gives, is dropped).
+    `longer`: the file's key for longer text, which the error points to (`description` in order.yaml)."""
     value = (str_field(path, data, key) or "").rstrip("\n")
     if len(value.splitlines()) > 1:  # any line break Python knows (\r, \u2028 too)
-        raise ValidationError(str(path), key, "must be one line; longer text belongs in `prompt` or a comment")
+        raise ValidationError(str(path), key, f"must be one line; longer text belongs in `{longer}` or a comment")
     return value
 
 

@@ -214,7 +214,7 @@ def order_meta(order_dir: Path) -> tuple[str, str, Path | None, float | None]:
         check_keys(meta, data, ORDER_KEYS)
         if str_field(meta, data, "id"):
             order_id, id_from = data["id"], meta
-        title = one_line(meta, data, "title")
+        title = one_line(meta, data, "title", longer="description")
         str_field(meta, data, "description")
         budget = money_field(meta, data, "max_cost_usd", positive=True)
     if not ID_PATTERN.fullmatch(order_id):

@@ -395,3 +395,19 @@ def test_new_refuses_a_title_over_two_lines_and_writes_nothing(project):
     assert snapshot(project.root) == before and not (project.root / "orders" / "O").exists()
     project.aipm("new", "O", "--title", "Sprint 12", check=True)
     assert project.json("validate", "O")
+
+
+def test_a_title_over_two_lines_points_to_the_files_own_key_for_longer_text(project):
+    """order.yaml's error said 'longer text belongs in `prompt`', a key order.yaml refuses ('prompt: unknown
+    key'); its longer text is `description`. A task's is `prompt`. Found by a review of e1269a0
+    (repro 04-order-title-error-advises-prompt.sh)."""
+    order = project.order("O")
+    (order / "order.yaml").write_text("id: O\ntitle: |\n  Sprint 12\n  second line\n")
+    proc = project.aipm("validate", "O")
+    assert proc.returncode == 2 and "belongs in `description`" in proc.stderr, proc.stderr
+    proc = project.aipm("new", "P", "--title", "a\nb")
+    assert proc.returncode == 2 and "belongs in `description`" in proc.stderr, proc.stderr
+    (order / "order.yaml").write_text("id: O\ntitle: Sprint 12\ndescription: |\n  second line\n  third\n")
+    (order / "A.yaml").write_text("title: |\n  Fix\n  and more\ncommand: 'true'\n")
+    proc = project.aipm("validate", "O")
+    assert proc.returncode == 2 and "A.yaml: title" in proc.stderr and "belongs in `prompt`" in proc.stderr

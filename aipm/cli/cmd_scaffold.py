@@ -48,7 +48,7 @@ def new(
     fields: dict[str, Any] = {"id": order}
     if title:
         fields["title"] = title
-        one_line(meta, fields, "title")  # as every command will read it: refused before anything is written
+        one_line(meta, fields, "title", longer="description")  # as every command will read it: refused before anything is written
     # Directories we create are removed again if the file cannot be written: a refusal changes nothing.
     made = [d for d in (order_dir, *order_dir.parents) if not d.exists()]
     try:
