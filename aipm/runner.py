@@ -34,6 +34,9 @@ _PRELUDE = 'cd "$AIPM_ROOT" || exit 126; IFS= read -r go <&3 && [ "$go" = go ] |
 
 # "$@" is the command's argv; the exit code goes to the exit file before the wrapper exits with it.
 _WRAP_ARGV = _PRELUDE + '"$@"; s=$?; echo $s >"$f"; exit $s'
+# A wrapper that outlives a stop signal to its group (begin(shield=True)): SIGTERM, SIGINT and SIGHUP ignored,
+# so it waits for a command that handles them itself instead of dying at once, which gets the group SIGKILLed.
+_SHIELD = "trap '' TERM INT HUP; "
 # A string command runs in a subshell of the wrapper: one fork, no second exec of /bin/sh.
 _WRAP_SHELL = _PRELUDE + '(eval "$1"); s=$?; echo $s >"$f"; exit $s'
 
@@ -101,6 +104,7 @@ def begin(
     prefix: Sequence[str] = (),
     background: bool = True,
     place_log: Callable[[str], bool] = lambda log: False,
+    shield: bool = False,
 ) -> Spawning:
     """Start `command` in its own session; its stdout and stderr append to `log`.
 
@@ -109,7 +113,13 @@ def begin(
     lets the command go once this round's writes are durable; if `started` raises, or abandon() is called instead,
     the command never runs. `prefix` is an argv the wrapper puts in front of the command (confinement); a string
     command then runs as `prefix /bin/sh -c COMMAND`. `place_log(log)` may put an empty file at `log` before it
-    is opened (True when it did: a spawn that fails removes it, as if it had never been made)."""
+    is opened (True when it did: a spawn that fails removes it, as if it had never been made).
+
+    A stop (terminate_group, a timeout) SIGTERMs the group and SIGKILLs it as soon as the wrapper, its leader,
+    has gone; the wrapper catches no signal, so that is at once. With `shield` the wrapper (the /bin/sh one)
+    ignores SIGTERM, SIGINT and SIGHUP, the command starts with them ignored and must set its own handlers, and
+    the group lives until the command has ended (or the grace has passed): for a command that must finish
+    something when stopped (a Ray attempt's local worker cancels its Ray task and waits for it)."""
     if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
         if missing:
@@ -122,9 +132,11 @@ def begin(
         words = plain_words(command)
     else:
         words = list(command)
-    shell = [SHELL, "-c", _WRAP_ARGV if words else _WRAP_SHELL, "aipm-worker", exit_file, *(words or [command])]
+    script = (_SHIELD if shield else "") + (_WRAP_ARGV if words else _WRAP_SHELL)
+    shell = [SHELL, "-c", script, "aipm-worker", exit_file, *(words or [command])]
     # Without PATH the shell searches its own default (dash's has the sbin directories): that stays the shell's.
-    compiled = wrapper.binary() if words and words[0] not in _SH_BUILTINS and "PATH" in env else None
+    plain = words and words[0] not in _SH_BUILTINS and "PATH" in env and not shield
+    compiled = wrapper.binary() if plain else None
     program, argv = (compiled, ["aipm-worker", exit_file, *words]) if compiled else (SHELL, shell)
     go_read, go_write = os.pipe()
     actions = [

@@ -241,7 +241,75 @@ def test_cancel_ends_a_command_slow_to_stop_on_the_node(cluster, tmp_path):
     pid = int(pid_file.read_text())
     try:
         assert aipm(cluster, project, "cancel", "ORD/T").returncode == 0
-        wait_for(lambda: not pid_alive(pid), 30)  # the guard's grace is 5 s
+        wait_for(lambda: not pid_alive(pid), 30)  # the guard's grace is 3 s
     finally:
         if pid_alive(pid):
             os.killpg(pid, signal.SIGKILL)
+
+
+def _attempt_process(pgid: int) -> int | None:
+    """The local worker's `python -m aipm.cluster.attempt` in the worker's process group, if it runs yet."""
+    for pid in _in_group(pgid):
+        with contextlib.suppress(OSError):
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"aipm.cluster.attempt" in f.read():
+                    return pid
+    return None
+
+
+def _in_group(pgid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                with open(f"/proc/{entry}/stat", "rb") as f:
+                    if int(f.read().rsplit(b")", 1)[1].split()[2]) == pgid:
+                        found.append(int(entry))
+    return found
+
+
+def test_cancel_waits_until_the_command_has_ended_on_the_node(cluster, tmp_path):
+    """The local worker holds the locks: on `aipm cancel` (SIGTERM) it must cancel the Ray task itself and stay
+    until the command has ended on the node. ray.init's handlers made it die at once ('*** SIGTERM received'),
+    leaving the command to Ray's fate-sharing while the locks were already free."""
+    import select
+    import threading
+    import time
+
+    from aipm.runtime import Runtime
+
+    project = Project(tmp_path)
+    beats, dead, pid_file = tmp_path / "beats", tmp_path / "dead", tmp_path / "pid"
+    # On TERM the command goes on writing heartbeats for a while (within the guard's grace), then says it died.
+    stamp = f"date +%s.%N >> {beats}"
+    write_task(project.order(), "T", target_files=["a.txt"], command=(
+        f"trap '{stamp}; sleep 0.5; {stamp}; sleep 0.5; {stamp}; echo x > {dead}; exit 0' TERM; "
+        f"echo $$ > {pid_file}; while true; do {stamp}; sleep 0.2; done"))
+    assert aipm(cluster, project, "launch", "ORD", "--runner", "ray").returncode == 0
+    wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 120)
+    command = int(pid_file.read_text())
+    rec = Runtime(project.root).read_record("ORD", "T")
+    worker = wait_for(lambda: _attempt_process(rec.pgid), 30)
+    fd = os.pidfd_open(worker)
+    exited: list[float] = []
+
+    def watch() -> None:
+        select.select([fd], [], [], 120)
+        exited.append(time.time())
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        assert aipm(cluster, project, "cancel", "ORD/T").returncode == 0
+        watcher.join(120)
+        wait_for(lambda: not pid_alive(command), 30)
+        assert exited, "the local worker did not exit"
+        log = (tmp_path / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
+        assert "[aipm] stopped by signal 15: Ray task cancelled" in log, log
+        assert dead.exists(), "the command was not let run its TERM trap to the end"
+        last_beat = float(beats.read_text().split()[-1])
+        assert last_beat <= exited[0], f"the command wrote {last_beat - exited[0]:.2f} s after the worker exited"
+    finally:
+        os.close(fd)
+        if pid_alive(command):
+            os.killpg(command, signal.SIGKILL)

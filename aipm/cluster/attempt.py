@@ -1,9 +1,19 @@
 """`python -m aipm.cluster.attempt`: one attempt's command, run on a Ray cluster; this process waits for it.
 
 It is the local worker process of a `--runner ray` attempt, so it holds the attempt's target-file locks and is
-what the supervisor watches, times out and adopts. It exits with the remote command's exit code. SIGTERM (a
-timeout, `aipm cancel`, Ctrl-C of `run`) cancels the Ray task; the node's guard then ends the command's whole
-process tree. If this process is SIGKILLed, Ray fate-shares the task with its driver and the guard does the same.
+what the supervisor watches, times out and adopts. It exits with the remote command's exit code. SIGTERM, SIGINT
+or SIGHUP (a timeout, `aipm cancel`, Ctrl-C of `run`) cancels the Ray task, and this process waits until the
+command has ended on the node (the guard's grace at most: it TERMs the command's group, KILLs what is left) before
+it exits with 128+N, so the locks are not freed while the command may still write. If this process is SIGKILLed,
+Ray fate-shares the task with its driver and the guard ends the tree the same way, but nothing waits for it.
+
+Signals and Ray: `ray.init()` puts its own SIGTERM handler in place (sys.exit), and the core worker it starts puts
+absl's failure handler over it (prints "*** SIGTERM received ...", re-raises: the process dies at once). So the
+stop signals are blocked while Ray starts (its threads inherit the mask and never take them), our handler is put
+back after `ray.init`, and the handler only notes the signal (it raises nothing through Ray's C++ code): the
+main thread waits in short `ray.wait` slices and looks at the note between them. The wrapper that leads this
+process's group ignores these signals (runner.begin(shield=True)) and waits for us: a wrapper that died at once
+would get the group SIGKILLed before the cancel is done.
 """
 
 from __future__ import annotations
@@ -14,10 +24,17 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 
 # Ray calls these when the attempt's Ray worker cannot be had or is lost: a failed attempt like any other.
 LOST = 75  # EX_TEMPFAIL
-CANCEL_WAIT = 10.0  # seconds to wait for Ray to confirm a cancelled task is gone
+# A stop must be over before the supervisor's SIGKILL of this process's group (supervisor.KILL_GRACE, 5 s): the
+# guard's grace on the node (guard.GRACE, 3 s) plus Ray's round trips fit in CANCEL_WAIT; a task still running
+# then is force-cancelled (its Ray worker killed; the guard's keeper ends the tree by itself).
+CANCEL_WAIT = 4.0
+FORCE_WAIT = 0.5  # seconds for Ray to confirm a force-cancelled task is gone
+SLICE = 0.5  # seconds of each ray.wait: between slices the main thread sees a stop signal
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 PROBE_TIMEOUT = 5.0  # seconds for the cluster's port to answer before ray.init is asked
 
 
@@ -29,6 +46,20 @@ def _stop(signum, frame):
     raise _Stopped(signum)
 
 
+_received: list[int] = []
+
+
+def _note(signum, frame):
+    _received.append(signum)
+
+
+def _wait_for(proc: subprocess.Popen) -> int:
+    """The guard's exit code; Python code runs between polls, so Ray's KeyboardInterrupt (a cancel) gets in."""
+    while proc.poll() is None:
+        time.sleep(0.1)
+    return proc.returncode
+
+
 def run_on_node(spec: dict) -> dict:
     """The Ray task: run the guard (which runs the command) on this node and report how it ended."""
     proc = subprocess.Popen([sys.executable, "-m", "aipm.cluster.guard"], stdin=subprocess.PIPE,
@@ -37,7 +68,17 @@ def run_on_node(spec: dict) -> dict:
 
     proc.stdin.write(json.dumps(spec).encode())
     proc.stdin.close()
-    code = proc.wait()
+    try:
+        code = _wait_for(proc)
+    except KeyboardInterrupt:  # ray.cancel without force: stop the command and return only once it has ended
+        proc.send_signal(signal.SIGTERM)  # the guard TERMs the command's group, KILLs what is left after its grace
+        while True:
+            try:
+                code = _wait_for(proc)
+                break
+            except KeyboardInterrupt:  # Ray repeats a cancel it sees no answer to
+                continue
+        return {"code": code, "host": socket.gethostname(), "guard_pid": proc.pid, "cancelled": True}
     return {"code": code, "host": socket.gethostname(), "guard_pid": proc.pid}
 
 
@@ -65,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shell")
     parser.add_argument("argv", nargs="*")
     args = parser.parse_args(argv)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in STOPS:
         signal.signal(sig, _stop)
     spec = {"env": dict(os.environ), "cwd": os.getcwd(), "shell": args.shell, "argv": args.argv,
             "stdin": args.stdin, "log": os.environ.get("AIPM_LOG")}
@@ -73,13 +114,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         why = unreachable(address)
         if why is None:
+            # Blocked before Ray starts a thread (they inherit the mask, so only this thread ever takes them) and
+            # while ray.init and the core worker put their own handlers in place; a signal meanwhile waits.
+            signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+            for sig in STOPS:
+                signal.signal(sig, _note)
             import ray
 
-            ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+            try:
+                ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+            finally:
+                for sig in STOPS:
+                    signal.signal(sig, _note)
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
     except _Stopped as stop:
         return 128 + stop.args[0]
     except Exception as exc:  # noqa: BLE001 - any failure to reach the cluster is one line in the log
         why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if _received:
+        return 128 + _received[0]
     if why is not None:
         print(f"[aipm] cannot reach the Ray cluster ({address}): {why}", flush=True)
         return LOST
@@ -89,16 +142,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.gpus:
         options["num_gpus"] = args.gpus
     ref = ray.remote(run_on_node).options(**options).remote(spec)
+    while not ray.wait([ref], timeout=SLICE)[0]:
+        if _received:
+            return _cancel(ray, ref, _received[0])
     try:
         result = ray.get(ref)
-    except _Stopped as stop:
-        ray.cancel(ref, force=True)
-        try:
-            ray.get(ref, timeout=CANCEL_WAIT)
-        except Exception:  # noqa: BLE001 - cancelled or crashed: either way the task is gone
-            pass
-        print(f"[aipm] stopped by signal {stop.args[0]}: Ray task cancelled", flush=True)
-        return 128 + stop.args[0]
     except Exception as exc:  # noqa: BLE001 - a lost worker or node
         print(f"[aipm] Ray ended the attempt: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
               flush=True)
@@ -106,6 +154,24 @@ def main(argv: list[str] | None = None) -> int:
     code = result["code"]
     print(f"[aipm] ran on Ray node {result['host']} (guard pid {result['guard_pid']}), exit {code}", flush=True)
     return 128 - code if code < 0 else code
+
+
+def _cancel(ray, ref, signum: int) -> int:
+    """Cancel the Ray task and wait (CANCEL_WAIT at most) until the command has ended on the node: a cancel
+    without force raises KeyboardInterrupt in run_on_node, which stops the guard and returns once it has ended.
+    Past CANCEL_WAIT (or a task stuck in Ray) the task is force-cancelled: its Ray worker is killed, and the
+    guard's keeper ends the command's tree by itself, unwatched."""
+    how = "the command has ended on the node"
+    try:
+        ray.cancel(ref, force=False)
+        if not ray.wait([ref], timeout=CANCEL_WAIT)[0]:
+            ray.cancel(ref, force=True)
+            ray.wait([ref], timeout=FORCE_WAIT)
+            how = (f"force-cancelled after {CANCEL_WAIT:g} s without an end; the node's guard ends what is left")
+    except Exception as exc:  # noqa: BLE001 - Ray lost the task meanwhile: the guard ends the tree
+        how = f"{type(exc).__name__} while cancelling; the node's guard ends what is left"
+    print(f"[aipm] stopped by signal {signum}: Ray task cancelled, {how}", flush=True)
+    return 128 + signum
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import sys
 from aipm.subreaper import become_subreaper, strays
 
 PR_SET_PDEATHSIG = 1
-GRACE = 5.0
+GRACE = 3.0  # below supervisor.KILL_GRACE (5 s): the local worker waits for it (attempt.CANCEL_WAIT)
 
 
 class _Stopped(Exception):
