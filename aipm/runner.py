@@ -30,13 +30,14 @@ SHELL = "/bin/sh"
 # The go pipe is fd 3 (dash only redirects single-digit descriptors); $1 is the exit file.
 # EOF instead of "go" means the launcher died before recording the worker: run nothing.
 _GO_FD = 3
-_PRELUDE = 'cd "$AIPM_ROOT" || exit 126; IFS= read -r go <&3 && [ "$go" = go ] || exit 125; exec 3<&-; f=$1; shift; '
+# Once it has its go, the wrapper outlives a stop signal to its group (caught, so the command starts with the default
+# action): the group then lives until the command has ended, within the stopper's grace before its SIGKILL, so a
+# command that handles SIGTERM (an agent saving its session, a Ray attempt cancelling its task) gets the time.
+_PRELUDE = ('cd "$AIPM_ROOT" || exit 126; IFS= read -r go <&3 && [ "$go" = go ] || exit 125; exec 3<&-; f=$1; shift; '
+            'trap : TERM INT HUP; ')
 
 # "$@" is the command's argv; the exit code goes to the exit file before the wrapper exits with it.
 _WRAP_ARGV = _PRELUDE + '"$@"; s=$?; echo $s >"$f"; exit $s'
-# A wrapper that outlives a stop signal to its group (begin(shield=True)): SIGTERM, SIGINT and SIGHUP ignored,
-# so it waits for a command that handles them itself instead of dying at once, which gets the group SIGKILLed.
-_SHIELD = "trap '' TERM INT HUP; "
 # A string command runs in a subshell of the wrapper: one fork, no second exec of /bin/sh.
 _WRAP_SHELL = _PRELUDE + '(eval "$1"); s=$?; echo $s >"$f"; exit $s'
 
@@ -104,7 +105,6 @@ def begin(
     prefix: Sequence[str] = (),
     background: bool = True,
     place_log: Callable[[str], bool] = lambda log: False,
-    shield: bool = False,
 ) -> Spawning:
     """Start `command` in its own session; its stdout and stderr append to `log`.
 
@@ -115,11 +115,9 @@ def begin(
     command then runs as `prefix /bin/sh -c COMMAND`. `place_log(log)` may put an empty file at `log` before it
     is opened (True when it did: a spawn that fails removes it, as if it had never been made).
 
-    A stop (terminate_group, a timeout) SIGTERMs the group and SIGKILLs it as soon as the wrapper, its leader,
-    has gone; the wrapper catches no signal, so that is at once. With `shield` the wrapper (the /bin/sh one)
-    ignores SIGTERM, SIGINT and SIGHUP, the command starts with them ignored and must set its own handlers, and
-    the group lives until the command has ended (or the grace has passed): for a command that must finish
-    something when stopped (a Ray attempt's local worker cancels its Ray task and waits for it)."""
+    A stop (terminate_group, a timeout) SIGTERMs the group and SIGKILLs what is left once the wrapper, its leader,
+    has gone or the grace has passed; after the go the wrapper outlives SIGTERM, SIGINT and SIGHUP (the command
+    gets them with their default action), so it goes when the command has ended."""
     if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
         if missing:
@@ -132,11 +130,9 @@ def begin(
         words = plain_words(command)
     else:
         words = list(command)
-    script = (_SHIELD if shield else "") + (_WRAP_ARGV if words else _WRAP_SHELL)
-    shell = [SHELL, "-c", script, "aipm-worker", exit_file, *(words or [command])]
+    shell = [SHELL, "-c", _WRAP_ARGV if words else _WRAP_SHELL, "aipm-worker", exit_file, *(words or [command])]
     # Without PATH the shell searches its own default (dash's has the sbin directories): that stays the shell's.
-    plain = words and words[0] not in _SH_BUILTINS and "PATH" in env and not shield
-    compiled = wrapper.binary() if plain else None
+    compiled = wrapper.binary() if words and words[0] not in _SH_BUILTINS and "PATH" in env else None
     program, argv = (compiled, ["aipm-worker", exit_file, *words]) if compiled else (SHELL, shell)
     go_read, go_write = os.pipe()
     actions = [

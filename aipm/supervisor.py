@@ -95,7 +95,7 @@ class Supervisor(Recording, Owner):
 
         return runner.begin(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log, stdin=stdin,
                             pass_fds=fds, started=started, prefix=jail, background=background,
-                            place_log=self.rt.place_log, shield=self.settings.runner == "ray")
+                            place_log=self.rt.place_log)
 
     def _record(self, rec: Record, pid: int, ctime: float, timeout: int | None) -> None:
         """Write the worker's record; only then may its command begin."""
@@ -232,9 +232,10 @@ class Supervisor(Recording, Owner):
         self.watcher.forget(key)
         self.kill_at.pop(key, None)
         self.timed_out.discard(key)
+        # Read before the signal: the wrapper writes the exit file of a command our SIGTERM ended too.
+        code = read_exit_file(rec.exit_file)
         runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
         runner.reap(rec.pid)
-        code = read_exit_file(rec.exit_file)
         with self.rt.launch_lock():
             if code is not None:  # it ended on its own before the signal: that outcome stands
                 self.outbox.append(self._apply(rec, code, False))

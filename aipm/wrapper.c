@@ -7,18 +7,18 @@
  * Changes to $AIPM_ROOT (126 if it cannot), waits for "go\n" on fd 3 (125, running nothing, on EOF or
  * anything else), runs PROGRAM as `sh -c '"$@"'` would (PATH search, a file without #! run by /bin/sh, 127
  * not found, 126 not executable; PATH must be set), writes its exit code (128+N if killed by signal N) and a
- * newline to EXIT_FILE, and exits with that code. The exit file is made at the start as EXIT_FILE.w and takes
+ * newline to EXIT_FILE, and exits with that code (a stop signal to its group after the go waits for the command). The exit file is made at the start as EXIT_FILE.w and takes
  * its name, code inside, when the command ends (a new file costs more than the rest of the wrapper on ext4
  * without a journal, which scans the inodes freed in the last minute: off the critical path, while the launcher
- * writes the task's status); a wrapper that runs nothing removes it. No signal is caught: a signal to the
- * process group ends the wrapper too, with no exit file, as it ends the shell. x86-64 Linux only; elsewhere the build fails and
+ * writes the task's status); a wrapper that runs nothing removes it. Before the go no signal is caught: a
+ * signal to the process group ends the wrapper too, with no exit file. x86-64 Linux only; elsewhere the build fails and
  * aipm keeps using the shell. */
 
 #if !defined(__x86_64__) || !defined(__linux__)
 #error "aipm-wrapper: x86-64 Linux only"
 #endif
 
-enum { SYS_READ = 0, SYS_WRITE = 1, SYS_OPEN = 2, SYS_CLOSE = 3, SYS_FORK = 57, SYS_EXECVE = 59,
+enum { SYS_READ = 0, SYS_WRITE = 1, SYS_OPEN = 2, SYS_CLOSE = 3, SYS_RT_SIGPROCMASK = 14, SYS_FORK = 57, SYS_EXECVE = 59,
        SYS_WAIT4 = 61, SYS_CHDIR = 80, SYS_RENAME = 82, SYS_UNLINK = 87, SYS_EXIT_GROUP = 231 };
 enum { E_NOENT = 2, E_INTR = 4, E_NOEXEC = 8, E_ACCES = 13, E_NOTDIR = 20, E_NAMETOOLONG = 36, E_LOOP = 40 };
 enum { O_WRONLY_ = 01, O_CREAT_ = 0100, O_TRUNC_ = 01000, O_NOFOLLOW_ = 0400000, O_CLOEXEC_ = 02000000 };
@@ -147,9 +147,17 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     }
     if (go[0] != 'g' || go[1] != 'o' || go[2] != '\n') quit(125);
     sys(SYS_CLOSE, 3, 0, 0, 0);
+    /* From the go on, a stop signal to the group (SIGTERM, SIGINT, SIGHUP) waits, blocked, until the wrapper exits:
+     * the wrapper goes when its command has gone, so the stopper's grace is the command's (as the shell wrapper's
+     * `trap :`). Blocked before the fork and let through again in the child, which starts as the command would. */
+    static const unsigned long stops = (1UL << (1 - 1)) | (1UL << (2 - 1)) | (1UL << (15 - 1));
+    sys(SYS_RT_SIGPROCMASK, 0 /* SIG_BLOCK */, (long)&stops, 0, sizeof stops);
     long pid = sys(SYS_FORK, 0, 0, 0, 0);
     if (pid < 0) quit(126);
-    if (pid == 0) run(argv + 2, envp);
+    if (pid == 0) {
+        sys(SYS_RT_SIGPROCMASK, 1 /* SIG_UNBLOCK */, (long)&stops, 0, sizeof stops);
+        run(argv + 2, envp);
+    }
     int status = 0;
     long r;
     while ((r = sys(SYS_WAIT4, pid, (long)&status, 0, 0)) == -E_INTR) {}

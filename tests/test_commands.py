@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from conftest import no_workers, snapshot, task_statuses, wait_for, write_task
 from invariants import group_alive, pid_alive
 
@@ -89,6 +91,32 @@ def test_cancel_stops_the_whole_group(project):
     assert project.aipm("retry", "A").returncode == 0
     data = project.json("status", "ORD")["tasks"][0]
     assert data["status"] == "QUEUED" and data["attempts"] == 0
+
+
+# Cleans up for a second when told to stop, as an agent saving its session would; argv: the compiled wrapper runs
+# it, a string: the shell wrapper.
+CLEANS_UP = ("trap 'sleep 1; echo cleaned > cleaned.txt; exit 0' TERM; echo up > up.txt; "
+             "while :; do sleep 0.1; done")
+
+
+@pytest.mark.parametrize("as_argv", [True, False], ids=["compiled-wrapper", "shell-wrapper"])
+def test_a_stopped_command_gets_its_grace_before_the_kill(project, as_argv):
+    """cancel and timeout SIGTERM the group and SIGKILL it after the grace: the wrapper, the group's leader, waits
+    for its command (it died at once, and the group was SIGKILLed with it, cleanup cut short)."""
+    order = project.order()
+    command = ["sh", "-c", CLEANS_UP] if as_argv else CLEANS_UP
+    write_task(order, "A", command=command, target_files=["a"])
+    project.aipm("launch", "ORD", check=True)
+    wait_for(lambda: (project.root / "up.txt").exists())
+    assert project.aipm("cancel", "A", "--grace", "5").returncode == 0
+    assert (project.root / "cleaned.txt").read_text() == "cleaned\n"
+    assert task_statuses(order) == {"A": "CANCELLED"}
+    (project.root / "cleaned.txt").unlink()
+    write_task(order, "B", command=command, target_files=["b"], timeout=1)
+    proc = project.aipm("run", "ORD", "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert (project.root / "cleaned.txt").read_text() == "cleaned\n"
+    assert project.json("status", "ORD")["tasks"][1]["reason"] == "timed out after 1 s"
 
 
 def test_cancel_stops_the_worker_while_a_sibling_task_file_is_broken(project, gate):

@@ -628,8 +628,9 @@ def test_an_audited_attempt_killed_by_a_signal_keeps_its_status(repo):
 
     order = repo / "orders" / "ORD"
     order.mkdir(parents=True)
-    # The whole group, the wrapper too: no exit file, only the wrapper's wait status tells the signal.
-    (order / "SIG.yaml").write_text(yaml.safe_dump({"command": "kill -TERM 0", "target_files": ["sig.txt"],
+    # The whole group, the wrapper too (SIGKILL: a SIGTERM waits for the command): no exit file, only the
+    # wrapper's wait status tells the signal.
+    (order / "SIG.yaml").write_text(yaml.safe_dump({"command": "kill -KILL 0", "target_files": ["sig.txt"],
                                                     "max_attempts": 1}))
     (order / "OK.yaml").write_text(yaml.safe_dump({"command": "echo x > ok.txt", "target_files": ["ok.txt"]}))
     git(repo, "add", "-A")
@@ -639,7 +640,7 @@ def test_an_audited_attempt_killed_by_a_signal_keeps_its_status(repo):
     assert proc.returncode == 1, proc.stdout + proc.stderr
     tasks = {p.stem: yaml.safe_load(p.read_text()) for p in order.glob("*.yaml")}
     assert (tasks["SIG"]["status"], tasks["SIG"]["exit_code"], tasks["SIG"]["reason"]) == (
-        "FAILED", -15, "killed by SIGTERM"), tasks["SIG"]
+        "FAILED", -9, "killed by SIGKILL"), tasks["SIG"]
     assert (tasks["OK"]["status"], tasks["OK"]["exit_code"]) == ("DONE", 0)
 
 

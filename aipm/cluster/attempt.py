@@ -12,8 +12,8 @@ absl's failure handler over it (prints "*** SIGTERM received ...", re-raises: th
 stop signals are blocked while Ray starts (its threads inherit the mask and never take them), our handler is put
 back after `ray.init`, and the handler only notes the signal (it raises nothing through Ray's C++ code): the
 main thread waits in short `ray.wait` slices and looks at the note between them. The wrapper that leads this
-process's group ignores these signals (runner.begin(shield=True)) and waits for us: a wrapper that died at once
-would get the group SIGKILLed before the cancel is done.
+process's group outlives these signals (runner.py) and waits for us: a wrapper that died at once would get the
+group SIGKILLed before the cancel is done.
 """
 
 from __future__ import annotations
