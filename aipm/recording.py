@@ -207,7 +207,8 @@ class Recording:
     def _work_ended(self, rec: Record, task: Task, code: int | None, timed_out: bool, event: dict) -> Task:
         """IN_PROGRESS → DONE, IN_REVIEW (review started), QUEUED or FAILED; REWORK when out of scope.
 
-        `code` is None only for an adopted worker our timeout killed (its wrapper died before writing one).
+        `code` is None only for an adopted worker our timeout killed (its wrapper died before writing one). A timed-out
+        attempt failed whatever its code: its wrapper waits for a command that handles the SIGTERM, which may exit 0.
         """
         timeout = task.timeout or self.settings.timeout
         append_log(rec.log, f"attempt {rec.serial} ended: {describe_exit(code, timed_out, timeout)}")
@@ -215,14 +216,15 @@ class Recording:
             confine.tidy(rec.log)  # before the end capture: an empty file made for a rule is no change of its own
         spent = self._usage(rec, task, event)
         message = None
-        decided = bool(rec.workspace) and code == 0 and workspace.decided(self.rt.root, rec)
+        ok = code == 0 and not timed_out
+        decided = ok and bool(rec.workspace) and workspace.decided(self.rt.root, rec)
         if decided:
             append_log(rec.log, "merge: finishing the merge its plan decided before its owner died (not reviewed "
                                 "again)")
-        if code != 0 and rec.workspace:
+        if not ok and rec.workspace:
             append_log(rec.log, workspace.keep(self.rt.root, rec))
         try:
-            outside = self._scope_findings(rec) if code == 0 and not decided else []
+            outside = self._scope_findings(rec) if ok and not decided else []
         except workspace.NotCaptured as exc:  # no review can judge what is not captured: a failed try
             append_log(rec.log, str(exc))
             return self._write(task, {**after_work(task, code, self.settings, False, outcome.one_line(str(exc)),
@@ -236,7 +238,7 @@ class Recording:
                 message += "; nothing of this attempt was merged"
             event["scope"] = outside
         reviewing = not decided and review_command(task, self.settings, self.launcher.options.no_review) is not None
-        if code == 0 and not message and not reviewing:
+        if ok and not message and not reviewing:
             message = self._merge_back(rec, event)
         if message:
             append_log(rec.log, message.splitlines()[0])
@@ -249,7 +251,8 @@ class Recording:
         # 126 of a confined attempt may be its ruleset refused in the worker: the reason names why, not "exit 126"
         refused = confine.failure(rec.log) if code == 126 else None
         reason = outcome.one_line(refused) if refused else attempt_reason(code, timed_out, timeout)
-        task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason), **spent})
+        task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason, failed=timed_out),
+                                  **spent})
         if task.status == Status.IN_REVIEW:
             self._start_review(rec, task)
         return task

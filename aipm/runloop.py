@@ -104,7 +104,8 @@ def _start_early(sup: Supervisor, launcher: Launcher, view: OrderView, only: str
     ready = view.ready_ordering() if only is None else [only] if only in view.ready else []
     if not ready:
         return None  # a chain: what comes next waits for an outcome
-    codes = {key: _exit_code(sup, sup.owned[key]) for key in ended}
+    # A timed-out attempt failed whatever its code (Recording._work_ended): it is not reviewed next, it may be retried.
+    codes = {key: 1 if key in sup.timed_out else _exit_code(sup, sup.owned[key]) for key in ended}
     freed = [key for key in ended if not _reviewed_next(sup.owned[key], codes[key], order, launcher)]
     # An attempt that no reviewer follows is over with its files once its group has ended (and its strays, below):
     # recording its outcome changes none of them — unless it worked in a worktree (it merges back into them) or

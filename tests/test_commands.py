@@ -119,6 +119,20 @@ def test_a_stopped_command_gets_its_grace_before_the_kill(project, as_argv):
     assert project.json("status", "ORD")["tasks"][1]["reason"] == "timed out after 1 s"
 
 
+@pytest.mark.parametrize("as_argv", [True, False], ids=["compiled-wrapper", "shell-wrapper"])
+def test_a_timed_out_command_that_exits_0_on_sigterm_still_failed(project, as_argv):
+    """The wrapper waits for a command that handles the timeout's SIGTERM; one that exits 0 then (an agent saving
+    its session) timed out all the same: FAILED, no review, nothing merged (it was recorded DONE)."""
+    order = project.order()
+    script = "trap 'exit 0' TERM; echo up > up.txt; while :; do sleep 0.1; done"
+    write_task(order, "T", command=["sh", "-c", script] if as_argv else script, target_files=["up.txt"],
+               timeout=1, max_attempts=1, review="true")
+    proc = project.aipm("run", "ORD", "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    task = project.json("status", "ORD")["tasks"][0]
+    assert (task["status"], task["reason"]) == ("FAILED", "timed out after 1 s"), task
+
+
 def test_cancel_stops_the_worker_while_a_sibling_task_file_is_broken(project, gate):
     order = project.order()
     write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])
