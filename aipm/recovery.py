@@ -45,8 +45,10 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
         if rec is not None and rec.owner_alive():
             continue
         # An exit file, even an empty one (the worker ended; its code may be lost), goes to an owner to decide.
+        # A worker its owner was stopping (Record.stopping) left no outcome of its own: re-queued below once it ended.
         if rec is not None and (rec.worker_alive() or (
-            (rec.attempt == task.attempts or unrecorded(task, rec)) and exit_file_written(rec.exit_file)
+            not rec.stopping and (rec.attempt == task.attempts or unrecorded(task, rec))
+            and exit_file_written(rec.exit_file)
         )):
             if adopt is not None:
                 adopt.adopt(rec)
@@ -57,7 +59,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
             continue
         if rec is not None:
             end_remnants(launcher.runtime, rec)  # its wrapper is gone, but its command may not be
-        interrupt(launcher.runtime, task, rec, "worker gone")
+        interrupt(launcher.runtime, task, rec, rec.stopping if rec is not None and rec.stopping else "worker gone")
         out.append({"id": task.id, "action": "requeued"})
     launcher.runtime.remove_spent_exit_files(order.id)
     return out

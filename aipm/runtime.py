@@ -66,6 +66,10 @@ class Record:
     # The task's counters when this attempt started (reworks, preemptions, cost_usd: what its limits and the
     # budget are decided on), written back with the status if a reset loses them.
     counters: dict = field(default_factory=dict)
+    # Why its owner is stopping it (Ctrl-C, a preemption), set before the SIGTERM: its wrapper waits for the command
+    # and writes its code, which is then no outcome of its own. An owner killed during the grace leaves the
+    # re-queue to whoever finds the record (recovery.recover_order, Supervisor.handle), attempt not counted.
+    stopping: str = ""
 
     @property
     def serial(self) -> int:

@@ -109,6 +109,10 @@ class Supervisor(Recording, Owner):
         self.rt.write_record(rec)
         self.adopted.add(rec.key)
         self._own(rec)
+        if rec.stopping and rec.pid:  # its owner died stopping it: the stop goes on, SIGKILL after the grace
+            runner.signal_group(rec.pgid, signal.SIGTERM)
+            runner.signal_group(rec.pgid, signal.SIGCONT)
+            self.kill_at[rec.key] = time.time() + KILL_GRACE
         self.outbox.append({"event": "adopted", "task": rec.task, "order": rec.order, "pid": rec.pid})
 
     def _own(self, rec: Record, started: bool = False) -> None:
@@ -177,6 +181,8 @@ class Supervisor(Recording, Owner):
             runner.kill_group(rec.pgid)
             self.end_strays(rec)
         with self.rt.launch_lock():
+            if rec.stopping:
+                return self._stopped_by_owner(rec)
             return self._record_outcome(rec, code, timed_out)
 
     # -- strays: what an attempt left running outside its process group (see subreaper.py) -------------------
@@ -201,6 +207,7 @@ class Supervisor(Recording, Owner):
     def abort(self, why: str) -> list[str]:
         """Ctrl-C or SIGTERM (`why` says which): stop every owned worker's group and put its task back to QUEUED,
         attempt not counted."""
+        self._mark_stopping([rec for rec in self.owned.values() if rec.pid], why)
         for rec in self.owned.values():
             if rec.pid:
                 runner.signal_group(rec.pgid, signal.SIGTERM)
@@ -226,6 +233,31 @@ class Supervisor(Recording, Owner):
                 self._drop(rec, noted=interrupted)
         return stopped
 
+    def _mark_stopping(self, recs: list[Record], why: str) -> None:
+        """Note in their records that we are stopping these workers (see Record.stopping), before the signal."""
+        if not recs:
+            return
+        with self.rt.launch_lock():
+            for rec in recs:
+                rec.stopping = why
+                try:
+                    self.rt.write_record(rec)
+                except OSError:
+                    pass  # unwritable: as before, a kill of ours during the grace may leave the code to count
+
+    def _stopped_by_owner(self, rec: Record) -> dict | None:
+        """An adopted worker its dead owner was stopping (Ctrl-C, a preemption) has ended: re-queued, attempt not
+        counted, whatever its command exited with. Caller holds the launch lock."""
+        try:
+            task = load_task(Path(rec.task_file), self.rt.root)
+        except (UserError, OSError):
+            task = None
+        ours = task is not None and task.status in RUNNING and task.attempts == rec.attempt
+        if ours:
+            recovery.interrupt(self.rt, task, rec, rec.stopping)
+        self._drop(rec, noted=ours)
+        return {"event": "interrupted", "requeued": [rec.task]} if ours else None
+
     def preempt(self, key: str, urgent: str, why: str) -> None:
         """Stop an owned worker's whole group for a more urgent task: QUEUED again, the attempt not counted."""
         rec = self.owned[key]
@@ -234,6 +266,8 @@ class Supervisor(Recording, Owner):
         self.timed_out.discard(key)
         # Read before the signal: the wrapper writes the exit file of a command our SIGTERM ended too.
         code = read_exit_file(rec.exit_file)
+        if code is None:
+            self._mark_stopping([rec], why)
         runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
         runner.reap(rec.pid)
         with self.rt.launch_lock():

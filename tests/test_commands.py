@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import no_workers, snapshot, task_statuses, wait_for, write_task
 from invariants import group_alive, pid_alive
@@ -131,6 +132,42 @@ def test_a_timed_out_command_that_exits_0_on_sigterm_still_failed(project, as_ar
     assert proc.returncode == 1, proc.stdout + proc.stderr
     task = project.json("status", "ORD")["tasks"][0]
     assert (task["status"], task["reason"]) == ("FAILED", "timed out after 1 s"), task
+
+
+@pytest.mark.parametrize("when", ["ended", "running"])
+def test_a_run_killed_while_stopping_its_worker_leaves_it_requeued_not_counted(project, gate, when):
+    """`run` stopped (SIGTERM), then killed during the grace it gives a command that cleans up: the command's code
+    (its wrapper waits for it and writes it) is no outcome of its own. `recover` re-queues the task, attempt not
+    counted, as the stop would have (it adopted that code: FAILED at max_attempts 1); a worker still running is
+    stopped by its new owner."""
+    order = project.order()
+    write_task(order, "T", target_files=["up.txt"], max_attempts=1,
+               command=f"[ -e stopping.txt ] && exit 0; "  # the next attempt: done at once
+                       f"trap 'echo > stopping.txt; while [ ! -e {gate} ]; do sleep 0.05; done; exit 1' TERM; "
+                       "echo up > up.txt; while :; do sleep 0.05; done")
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=dict(os.environ, AIPM_ENABLE_MONITORING="false"))
+    try:
+        wait_for(lambda: (project.root / "up.txt").exists())
+        run.send_signal(signal.SIGTERM)
+        wait_for(lambda: (project.root / "stopping.txt").exists())  # the command cleans up, run waits for it
+    finally:
+        run.kill()
+        run.wait()
+    if when == "ended":
+        import json
+        from conftest import state
+        rec = json.loads(next((state(project.root) / "workers").rglob("*.json")).read_text())
+        gate.touch()
+        wait_for(lambda: os.path.exists(rec["exit_file"]))  # its wrapper wrote the command's code: exit 1
+    assert project.aipm("recover", "ORD").returncode == 0
+    # Re-queued (ended: by recover itself; running: by its new owner, which then starts it again: done at once).
+    wanted = ("QUEUED", 0) if when == "ended" else ("DONE", 1)
+    ends = ("QUEUED", "FAILED") if when == "ended" else ("DONE", "FAILED")
+    wait_for(lambda: no_workers(project.root) and task_statuses(order)["T"] in ends)
+    data = yaml.safe_load((order / "T.yaml").read_text())
+    assert (data["status"], data["attempts"]) == wanted, data
 
 
 def test_cancel_stops_the_worker_while_a_sibling_task_file_is_broken(project, gate):
