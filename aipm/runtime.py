@@ -70,6 +70,9 @@ class Record:
     # and writes its code, which is then no outcome of its own. An owner killed during the grace leaves the
     # re-queue to whoever finds the record (recovery.recover_order, Supervisor.handle), attempt not counted.
     stopping: str = ""
+    # Its owner's timeout fired (set before the SIGTERM): an adopter records the attempt as timed out, whatever
+    # code the command the wrapper waited for exits with.
+    timed_out: bool = False
 
     @property
     def serial(self) -> int:

@@ -109,7 +109,9 @@ class Supervisor(Recording, Owner):
         self.rt.write_record(rec)
         self.adopted.add(rec.key)
         self._own(rec)
-        if rec.stopping and rec.pid:  # its owner died stopping it: the stop goes on, SIGKILL after the grace
+        if rec.timed_out:
+            self.timed_out.add(rec.key)
+        if (rec.stopping or rec.timed_out) and rec.pid:  # its owner died stopping it: the stop goes on
             runner.signal_group(rec.pgid, signal.SIGTERM)
             runner.signal_group(rec.pgid, signal.SIGCONT)
             self.kill_at[rec.key] = time.time() + KILL_GRACE
@@ -150,6 +152,7 @@ class Supervisor(Recording, Owner):
         for key, rec in self.owned.items():
             if rec.deadline and now >= rec.deadline and key not in self.timed_out and rec.pid:
                 self.timed_out.add(key)
+                self._mark_timed_out(rec)
                 append_log(rec.log, f"timeout: sending SIGTERM to process group {rec.pgid}")
                 runner.signal_group(rec.pgid, signal.SIGTERM)
                 runner.signal_group(rec.pgid, signal.SIGCONT)
@@ -244,6 +247,15 @@ class Supervisor(Recording, Owner):
                     self.rt.write_record(rec)
                 except OSError:
                     pass  # unwritable: as before, a kill of ours during the grace may leave the code to count
+
+    def _mark_timed_out(self, rec: Record) -> None:
+        """Note the timeout in the worker's record before the SIGTERM (see Record.timed_out)."""
+        rec.timed_out = True
+        with self.rt.launch_lock():
+            try:
+                self.rt.write_record(rec)
+            except OSError:
+                pass  # unwritable: as before, an adopter after our death takes the command's code as it is
 
     def _stopped_by_owner(self, rec: Record) -> dict | None:
         """An adopted worker its dead owner was stopping (Ctrl-C, a preemption) has ended: re-queued, attempt not

@@ -1,5 +1,6 @@
 """exec, cancel, retry, logs, ps, locks, recover, detect, why, init: through the real CLI."""
 
+import json
 import os
 import re
 import signal
@@ -132,6 +133,35 @@ def test_a_timed_out_command_that_exits_0_on_sigterm_still_failed(project, as_ar
     assert proc.returncode == 1, proc.stdout + proc.stderr
     task = project.json("status", "ORD")["tasks"][0]
     assert (task["status"], task["reason"]) == ("FAILED", "timed out after 1 s"), task
+
+
+@pytest.mark.parametrize("when", ["ended", "running"])
+def test_a_timeout_survives_its_owners_death_during_the_grace(project, gate, when):
+    """`run`'s timeout SIGTERMs a command that cleans up and exits 0, and `run` is killed during that grace: the
+    adopter (recover) records the attempt as timed out, not DONE (the timeout lived only in the dead owner)."""
+    order = project.order()
+    write_task(order, "T", target_files=["up.txt"], max_attempts=1, timeout=1,
+               command=f"trap 'echo > stopping.txt; while [ ! -e {gate} ]; do sleep 0.05; done; exit 0' TERM; "
+                       "echo up > up.txt; while :; do sleep 0.05; done")
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=dict(os.environ, AIPM_ENABLE_MONITORING="false"))
+    try:
+        wait_for(lambda: (project.root / "stopping.txt").exists(), 30)  # the timeout fired; the command cleans up
+    finally:
+        run.kill()
+        run.wait()
+    if when == "ended":
+        from conftest import state
+        rec = json.loads(next((state(project.root) / "workers").rglob("*.json")).read_text())
+        gate.touch()
+        wait_for(lambda: os.path.exists(rec["exit_file"]))  # its wrapper wrote the command's code: exit 0
+    assert project.aipm("recover", "ORD").returncode == 0
+    if when == "running":
+        gate.touch()
+    wait_for(lambda: no_workers(project.root) and task_statuses(order)["T"] != "IN_PROGRESS", 30)
+    task = project.json("status", "ORD")["tasks"][0]
+    assert (task["status"], task["attempts"], task["reason"]) == ("FAILED", 1, "timed out after 1 s"), task
 
 
 @pytest.mark.parametrize("when", ["ended", "running"])
