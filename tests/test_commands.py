@@ -135,6 +135,28 @@ def test_a_timed_out_command_that_exits_0_on_sigterm_still_failed(project, as_ar
     assert (task["status"], task["reason"]) == ("FAILED", "timed out after 1 s"), task
 
 
+def _kill_run_in_the_grace(project, gate, when, stop=None):
+    """Start `run`, let `stop(run)` (or the task's timeout) SIGTERM its worker, whose command then cleans up until
+    `gate` exists (writing stopping.txt first), and SIGKILL `run` in that grace. `when`: "ended" lets the command
+    end (its wrapper writes its code) before returning; "running" leaves it waiting on `gate`."""
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=dict(os.environ, AIPM_ENABLE_MONITORING="false"))
+    try:
+        wait_for(lambda: (project.root / "up.txt").exists())
+        if stop:
+            stop(run)
+        wait_for(lambda: (project.root / "stopping.txt").exists(), 30)  # the command cleans up, run waits for it
+    finally:
+        run.kill()
+        run.wait()
+    if when == "ended":
+        from conftest import state
+        rec = json.loads(next((state(project.root) / "workers").rglob("*.json")).read_text())
+        gate.touch()
+        wait_for(lambda: os.path.exists(rec["exit_file"]))  # its wrapper wrote the command's code
+
+
 @pytest.mark.parametrize("when", ["ended", "running"])
 def test_a_timeout_survives_its_owners_death_during_the_grace(project, gate, when):
     """`run`'s timeout SIGTERMs a command that cleans up and exits 0, and `run` is killed during that grace: the
@@ -143,19 +165,7 @@ def test_a_timeout_survives_its_owners_death_during_the_grace(project, gate, whe
     write_task(order, "T", target_files=["up.txt"], max_attempts=1, timeout=1,
                command=f"trap 'echo > stopping.txt; while [ ! -e {gate} ]; do sleep 0.05; done; exit 0' TERM; "
                        "echo up > up.txt; while :; do sleep 0.05; done")
-    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
-                           cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env=dict(os.environ, AIPM_ENABLE_MONITORING="false"))
-    try:
-        wait_for(lambda: (project.root / "stopping.txt").exists(), 30)  # the timeout fired; the command cleans up
-    finally:
-        run.kill()
-        run.wait()
-    if when == "ended":
-        from conftest import state
-        rec = json.loads(next((state(project.root) / "workers").rglob("*.json")).read_text())
-        gate.touch()
-        wait_for(lambda: os.path.exists(rec["exit_file"]))  # its wrapper wrote the command's code: exit 0
+    _kill_run_in_the_grace(project, gate, when)  # the timeout stops it
     assert project.aipm("recover", "ORD").returncode == 0
     if when == "running":
         gate.touch()
@@ -175,22 +185,7 @@ def test_a_run_killed_while_stopping_its_worker_leaves_it_requeued_not_counted(p
                command=f"[ -e stopping.txt ] && exit 0; "  # the next attempt: done at once
                        f"trap 'echo > stopping.txt; while [ ! -e {gate} ]; do sleep 0.05; done; exit 1' TERM; "
                        "echo up > up.txt; while :; do sleep 0.05; done")
-    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
-                           cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                           env=dict(os.environ, AIPM_ENABLE_MONITORING="false"))
-    try:
-        wait_for(lambda: (project.root / "up.txt").exists())
-        run.send_signal(signal.SIGTERM)
-        wait_for(lambda: (project.root / "stopping.txt").exists())  # the command cleans up, run waits for it
-    finally:
-        run.kill()
-        run.wait()
-    if when == "ended":
-        import json
-        from conftest import state
-        rec = json.loads(next((state(project.root) / "workers").rglob("*.json")).read_text())
-        gate.touch()
-        wait_for(lambda: os.path.exists(rec["exit_file"]))  # its wrapper wrote the command's code: exit 1
+    _kill_run_in_the_grace(project, gate, when, stop=lambda run: run.send_signal(signal.SIGTERM))
     assert project.aipm("recover", "ORD").returncode == 0
     # Re-queued (ended: by recover itself; running: by its new owner, which then starts it again: done at once).
     wanted = ("QUEUED", 0) if when == "ended" else ("DONE", 1)
