@@ -152,7 +152,7 @@ class Supervisor(Recording, Owner):
         for key, rec in self.owned.items():
             if rec.deadline and now >= rec.deadline and key not in self.timed_out and rec.pid:
                 self.timed_out.add(key)
-                self._mark_timed_out(rec)
+                self._note_in_records([rec], timed_out=True)
                 append_log(rec.log, f"timeout: sending SIGTERM to process group {rec.pgid}")
                 runner.signal_group(rec.pgid, signal.SIGTERM)
                 runner.signal_group(rec.pgid, signal.SIGCONT)
@@ -184,8 +184,8 @@ class Supervisor(Recording, Owner):
             runner.kill_group(rec.pgid)
             self.end_strays(rec)
         with self.rt.launch_lock():
-            if rec.stopping:
-                return self._stopped_by_owner(rec)
+            if rec.stopping:  # its dead owner was stopping it (Ctrl-C, a preemption): no outcome of its own
+                return {"event": "interrupted", "requeued": [rec.task]} if self._requeue(rec, rec.stopping) else None
             return self._record_outcome(rec, code, timed_out)
 
     # -- strays: what an attempt left running outside its process group (see subreaper.py) -------------------
@@ -210,7 +210,7 @@ class Supervisor(Recording, Owner):
     def abort(self, why: str) -> list[str]:
         """Ctrl-C or SIGTERM (`why` says which): stop every owned worker's group and put its task back to QUEUED,
         attempt not counted."""
-        self._mark_stopping([rec for rec in self.owned.values() if rec.pid], why)
+        self._note_in_records([rec for rec in self.owned.values() if rec.pid], stopping=why)
         for rec in self.owned.values():
             if rec.pid:
                 runner.signal_group(rec.pgid, signal.SIGTERM)
@@ -225,50 +225,35 @@ class Supervisor(Recording, Owner):
         stopped = []
         with self.rt.launch_lock():
             for rec in list(self.owned.values()):
-                try:
-                    task = load_task(Path(rec.task_file), self.rt.root)
-                except (UserError, OSError):
-                    task = None  # deleted or broken: without its record, recovery re-queues it once it is fixed
-                interrupted = task is not None and task.status in RUNNING and task.attempts == rec.attempt
-                if interrupted:
-                    recovery.interrupt(self.rt, task, rec, why)
+                if self._requeue(rec, why):
                     stopped.append(rec.task)
-                self._drop(rec, noted=interrupted)
         return stopped
 
-    def _mark_stopping(self, recs: list[Record], why: str) -> None:
-        """Note in their records that we are stopping these workers (see Record.stopping), before the signal."""
+    def _note_in_records(self, recs: list[Record], **marks) -> None:
+        """Note in these workers' records, before the signal, that we stop them (Record.stopping, Record.timed_out):
+        an adopter after our death carries on with what we meant, not with the code the command exits with."""
         if not recs:
             return
         with self.rt.launch_lock():
             for rec in recs:
-                rec.stopping = why
+                vars(rec).update(marks)
                 try:
                     self.rt.write_record(rec)
                 except OSError:
-                    pass  # unwritable: as before, a kill of ours during the grace may leave the code to count
+                    pass  # unwritable: as before, an adopter takes the command's code as it is
 
-    def _mark_timed_out(self, rec: Record) -> None:
-        """Note the timeout in the worker's record before the SIGTERM (see Record.timed_out)."""
-        rec.timed_out = True
-        with self.rt.launch_lock():
-            try:
-                self.rt.write_record(rec)
-            except OSError:
-                pass  # unwritable: as before, an adopter after our death takes the command's code as it is
-
-    def _stopped_by_owner(self, rec: Record) -> dict | None:
-        """An adopted worker its dead owner was stopping (Ctrl-C, a preemption) has ended: re-queued, attempt not
-        counted, whatever its command exited with. Caller holds the launch lock."""
+    def _requeue(self, rec: Record, why: str) -> bool:
+        """Put a stopped worker's task back to QUEUED (through INTERRUPTED), attempt not counted, if the task is still
+        that attempt's; drop the record either way. Caller holds the launch lock."""
         try:
             task = load_task(Path(rec.task_file), self.rt.root)
         except (UserError, OSError):
-            task = None
+            task = None  # deleted or broken: without its record, recovery re-queues it once it is fixed
         ours = task is not None and task.status in RUNNING and task.attempts == rec.attempt
         if ours:
-            recovery.interrupt(self.rt, task, rec, rec.stopping)
+            recovery.interrupt(self.rt, task, rec, why)
         self._drop(rec, noted=ours)
-        return {"event": "interrupted", "requeued": [rec.task]} if ours else None
+        return ours
 
     def preempt(self, key: str, urgent: str, why: str) -> None:
         """Stop an owned worker's whole group for a more urgent task: QUEUED again, the attempt not counted."""
@@ -279,7 +264,7 @@ class Supervisor(Recording, Owner):
         # Read before the signal: the wrapper writes the exit file of a command our SIGTERM ended too.
         code = read_exit_file(rec.exit_file)
         if code is None:
-            self._mark_stopping([rec], why)
+            self._note_in_records([rec], stopping=why)
         runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
         runner.reap(rec.pid)
         with self.rt.launch_lock():
