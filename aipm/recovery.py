@@ -50,7 +50,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
             not rec.stopping and (rec.attempt == task.attempts or unrecorded(task, rec))
             and exit_file_written(rec.exit_file)
         )):
-            if adopt is not None:
+            if adopt is not None and not rec.encloses_us():  # else a detached owner: we cannot wait for it
                 adopt.adopt(rec)
             else:
                 launcher.spawn_detached(rec, adopt=True)

@@ -192,14 +192,15 @@ FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker
 HELD_RECHECK = 5.0  # seconds: a lock held outside aipm may be released without its holder exiting
 
 
-def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str],
+def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], inside: set[str],
                    order_id: str) -> tuple[bool, set[tuple[str, int]]]:
     """Watch other owners' live workers: their end may free files, a slot or a dependency.
 
     Watches workers, never their owners: another `run` lives until its order ends, and two runs watching each
     other would wait forever. Returns whether a worker has ended but its owner is still recording the outcome,
     and this order's records whose worker and owner are both gone (an owner killed before it started its
-    worker, or while it recorded): (task key, owner pid) each, for the caller to recover.
+    worker, or while it recorded): (task key, owner pid) each, for the caller to recover. A worker that runs us
+    (`inside`: told once) is not waited for: this run ends with what it can do, and the order stays unfinished.
     """
     present = {rec.key for rec in records}
     for key in foreign - present:
@@ -210,6 +211,11 @@ def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str],
     for rec in records:
         if rec.key in sup.owned or rec.key in foreign or (rec.owner_pid, rec.owner_ctime) == sup.me:
             continue  # ours (an outcome we hold, unrecorded): never wait on ourselves
+        if rec.encloses_us():  # a worker ran this `aipm run`: it cannot end before we do
+            if rec.key not in inside:
+                inside.add(rec.key)
+                sup.outbox.append({"event": "enclosing", "task": rec.key, "pid": rec.pid})
+            continue
         if rec.pid and rec.worker_alive() and sup.watcher.watch_pid(rec.pid, rec.key):
             foreign.add(rec.key)
         elif rec.owner_alive():
@@ -253,6 +259,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     if view.fd is not None:
         sup.watcher.watch_fd(view.fd, "files")
     foreign: set[str] = set()
+    inside: set[str] = set()  # workers this run runs inside (a worker's command started it)
     recovered: set[tuple[str, int]] = set()  # dead owners whose tasks a recovery round has handled
     holders: set[int] = set()  # pids holding locks outside aipm that tasks wait for (watched: their exit wakes us)
     waiting_before: list[tuple[str, str]] = []
@@ -315,7 +322,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             for pid in {p for b in waiting for p in b.pids} - holders:
                 if sup.watcher.watch_pid(pid, ("holder", pid)):
                     holders.add(pid)
-            finishing, dead = _watch_foreign(sup, report.records, foreign, order.id)
+            finishing, dead = _watch_foreign(sup, report.records, foreign, inside, order.id)
             orphaned = dead - recovered  # an owner died since the last recovery: never leave its task stuck
             recovered |= orphaned
             if only:

@@ -96,6 +96,20 @@ class Record:
     def alive(self) -> bool:
         return self.worker_alive() or self.owner_alive()
 
+    def encloses_us(self) -> bool:
+        """This process runs inside the worker (in its session): an `aipm run` its command started. Waiting for
+        that worker, or adopting it, would be waiting for ourselves."""
+        return bool(self.pid) and self.pgid == _own_session() and self.worker_alive()
+
+
+_SESSION: list[int] = []  # this process's session, read once
+
+
+def _own_session() -> int:
+    if not _SESSION:
+        _SESSION.append(os.getsid(0))
+    return _SESSION[0]
+
 
 def live_pid(rec: Record) -> int:
     """The pid to name for a live record: its worker's, or its owner's while no worker runs (review, finish)."""
