@@ -149,6 +149,8 @@ class Launcher(Starter):
             order = view.refresh()
             if recover and not self.options.dry_run:
                 report.recovered = recovery.recover_order(self, order, adopt=owner)
+                report.failed += [{"id": item["id"], "error": item["error"]} for item in report.recovered
+                                  if "error" in item]
                 if report.recovered:
                     order = view.refresh()
             # Who holds locks outside aipm is read from /proc/locks, and that read makes the kernel wait for an

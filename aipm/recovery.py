@@ -50,11 +50,16 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
             not rec.stopping and (rec.attempt == task.attempts or unrecorded(task, rec))
             and exit_file_written(rec.exit_file)
         )):
-            if adopt is not None and not rec.encloses_us():  # else a detached owner: we cannot wait for it
-                adopt.adopt(rec)
-            else:
-                launcher.spawn_detached(rec, adopt=True)
-                launcher.runtime.write_record(rec)
+            try:
+                if adopt is not None and not rec.encloses_us():  # else a detached owner: we cannot wait for it
+                    adopt.adopt(rec)
+                else:
+                    launcher.spawn_detached(rec, adopt=True)  # (it tries again itself, under the lock)
+                    launcher.runtime.write_record(rec)
+            except OSError as exc:  # a full state directory: the record still names the dead owner; tried again
+                out.append({"id": task.id, "action": "not adopted",
+                            "error": f"cannot adopt its worker: {exc.strerror or exc}"})
+                continue
             out.append({"id": task.id, "action": "adopted"})
             continue
         if rec is not None:

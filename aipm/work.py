@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         if rec is None or (rec.owner_pid, rec.owner_ctime) != me and rec.owner_alive():
             return 0  # finished, or owned by someone else meanwhile
         if args.adopt:
-            sup.adopt(rec)
+            try:
+                sup.adopt(rec)
+            except OSError as exc:  # a full state directory: the record names the dead owner; recovered later
+                print(f"aipm: cannot adopt the worker of {args.task}: {exc.strerror or exc}", file=sys.stderr)
+                return 1
         else:
             try:
                 task = load_task(Path(rec.task_file), root)

@@ -8,7 +8,7 @@ import time
 from typing import Optional
 
 import psutil
-from aipm.cli.decl import Argument, Option, command
+from aipm.cli.decl import Argument, Exit, Option, command
 from rich.markup import escape
 from rich.table import Table
 
@@ -253,8 +253,10 @@ def recover(
         workspace.prune(project.root)
     if json_out:
         print_json({"recovered": done})
-        return
-    for item in done:
-        console().print(f"{item['order']}/{item['id']}: {item['action']}")
-    if not done:
-        console().print("nothing to recover")
+    else:
+        for item in done:
+            console().print(f"{item['order']}/{item['id']}: {item.get('error') or item['action']}", markup=False)
+        if not done:
+            console().print("nothing to recover")
+    if any("error" in item for item in done):  # left for a later recovery
+        raise Exit(1)

@@ -1,0 +1,88 @@
+"""A full state directory (`/tmp/aipm-<uid>/...`: a small tmpfs mounted over it, root only): aipm says what it
+cannot do, holds nothing it cannot record, and picks up once there is room again."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from conftest import state, task_statuses, wait_for, write_task
+from invariants import check, journal_command, worker_records
+from test_chaos import Proc
+
+
+@pytest.fixture
+def full_state(project):
+    """The project's state directory on a 256 KiB tmpfs; `fill()` takes every byte of it, `free()` gives it back."""
+    path = state(project.root, make=True)
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(path)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    filler = path / "filler"
+
+    class Disk:
+        @staticmethod
+        def fill() -> None:
+            fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+            try:
+                while True:
+                    os.write(fd, b"\0" * 4096)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+            finally:
+                os.close(fd)
+
+        @staticmethod
+        def free() -> None:
+            filler.unlink()
+
+    try:
+        yield Disk
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def test_a_worker_that_cannot_be_adopted_for_want_of_room_is_reported_and_adopted_later(project, full_state, gate):
+    """`run`, `launch` and `recover` died with a traceback (ENOSPC in Supervisor.adopt's write_record; `launch`'s
+    detached adopter too, in the task's log) when a dead owner's live worker was to be adopted with the state
+    directory full."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    write_task(order, "A", target_files=["a.txt"],
+               command=journal_command(journal, f"while [ ! -e {gate} ]; do sleep 0.05; done"))
+    write_task(order, "B", target_files=["b.txt"], depends_on=["A"], command=journal_command(journal))
+    first = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                              "--no-resource-monitoring"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    rec = wait_for(lambda: next((r for r in worker_records(project.root) if r.get("pid")), None))
+    first.send_signal(signal.SIGKILL)  # its worker goes on, waiting for the gate, with no owner
+    first.wait(timeout=30)
+    full_state.fill()
+    for args in (("launch", "ORD"), ("recover", "ORD")):
+        proc = project.aipm(*args, timeout=120)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 1, out
+        assert "cannot adopt its worker: No space left on device" in out and "Traceback" not in out, out
+    # The detached adopter `launch` started could not take the record either: it says so in the task's log.
+    log = project.root / ".aipm" / "logs" / "ORD" / "A.1.log"
+    wait_for(lambda: "aipm: cannot adopt the worker of A" in log.read_text())
+    assert "Traceback" not in log.read_text()
+    # `run` says so too, and waits for the worker (its end may bring room): then it adopts what it left.
+    run = Proc(project.root, "run", "ORD", "--no-resource-monitoring")
+    try:
+        run.wait_lines(1)
+        assert run.lines[:1] == ["failed   A: cannot adopt its worker: No space left on device\n"], run.output
+        assert task_statuses(order) == {"A": "IN_PROGRESS", "B": "QUEUED"}
+        assert [r["owner_pid"] for r in worker_records(project.root)] == [rec["owner_pid"]]  # the dead owner still
+        full_state.free()
+        gate.touch()
+        assert run.wait(timeout=120) == 0, run.output
+    finally:
+        run.kill()
+    assert "Traceback" not in run.output, run.output
+    assert task_statuses(order) == {"A": "DONE", "B": "DONE"}
+    assert check(journal, order) == []  # A ran once, B after it
