@@ -70,6 +70,18 @@ def user_base(base: Path | None = None) -> Path:
     return base
 
 
+def keep_inherited_locks() -> None:
+    """Pass no lock this process inherited on to what it starts. An aipm command that a worker's command runs
+    (`aipm launch` of its own order) inherits that worker's target locks; handed on, they outlived the worker in
+    the owners and workers that command started, keeping the worker's files from its dependants."""
+    prefix = f"{_user_dir()}/"
+    for name in os.listdir("/proc/self/fd"):
+        fd = int(name)
+        with suppress(OSError):  # the listing's own descriptor, closed by now
+            if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith(prefix):
+                os.set_inheritable(fd, False)
+
+
 def make_state_dir(state: Path) -> None:
     """Create the state directory inside the user's base directory."""
     user_base(state.parent)

@@ -380,3 +380,19 @@ def test_a_run_a_worker_starts_of_its_own_order_does_not_wait_for_that_worker(pr
     log = (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
     assert "skip     ORD/A: this aipm runs inside its worker" in log and "Traceback" not in log, log
     assert check(journal, order) == []  # each task ran once, C after A
+
+
+def test_an_aipm_command_a_worker_runs_does_not_hand_the_workers_locks_on(project, gate):
+    """A's command ran `aipm launch ORD2`, which inherited A's target locks (a.txt) and passed them on to B's
+    detached owner and worker: once A ended, a.txt stayed locked by B ("held by pid N, not an aipm worker"), and A's
+    dependant E waited for B to end."""
+    order, other = project.order(), project.order("ORD2")
+    write_task(order, "A", target_files=["a.txt"],
+               command=f"{sys.executable} -m aipm --root {project.root} launch ORD2 --no-resource-monitoring")
+    write_task(order, "E", target_files=["a.txt"], depends_on=["A"], command="true")
+    write_task(other, "B", target_files=["b.txt"], command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    run = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)  # a lock left to B: E waits for it
+    assert run.returncode == 0 and "not an aipm worker" not in run.stdout, run.stdout + run.stderr
+    assert task_statuses(other) == {"B": "IN_PROGRESS"}  # still running: E did not wait for it
+    gate.touch()
+    wait_for(lambda: task_statuses(other) == {"B": "DONE"} and no_workers(project.root))

@@ -227,6 +227,10 @@ def _run_typer(args: list[str]) -> int:
 def main(argv: list[str] | None = None) -> None:
     """Entry point. Typer handles usage errors (exit 2) and Ctrl-C (exit 130); user errors become one line."""
     args = sys.argv[1:] if argv is None else argv
+    if "AIPM_TASK_ID" in os.environ:  # run by a worker's command: it may have handed us its locks
+        from aipm.locks import keep_inherited_locks
+
+        keep_inherited_locks()
     try:
         # The start-up imports make ~25k container objects that live as long as the process: the cyclic GC would
         # only scan them again and again (~5 ms of a `run`'s start). Off while they load; then left out for good.
