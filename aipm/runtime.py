@@ -210,9 +210,11 @@ class Runtime:
                         raise
                     self._made.clear()  # someone removed the state directory: make it again
             os.replace(tmp, path)
-        except OSError:
+        except OSError as exc:
             with suppress(FileNotFoundError):
                 os.unlink(tmp)  # a full disk must not leave a temp file behind
+            if exc.filename is None:  # a failed write names no file: say which
+                raise OSError(exc.errno, exc.strerror, str(path)) from None
             raise
 
     # -- the launch lock: serialises every status write and launch decision in the project ------------------

@@ -99,7 +99,7 @@ class Starter:
                             lambda: self._abort(order, task, rec, view, spawning, fds))
         except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
             self._undo(order, task, rec, view, wrote_status)
-            raise _failed(task, exc) from None
+            raise _failed(task, exc, self.runtime.state) from None
         finally:
             if not handed:
                 if spawning is not None:
@@ -114,7 +114,7 @@ class Starter:
             spawning.finish()
         except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
             self._undo(order, task, rec, view, True)
-            raise _failed(task, exc) from None
+            raise _failed(task, exc, self.runtime.state) from None
         finally:
             spawning.abandon()  # unless it went
             for fd in fds:
@@ -196,7 +196,9 @@ class Starter:
         self.detached.add(pid)
 
 
-def _failed(task: Task, exc: Exception) -> LaunchFailed:
+def _failed(task: Task, exc: Exception, state: Path) -> LaunchFailed:
+    if isinstance(exc, OSError) and str(exc.filename).startswith(f"{state}/"):  # a record: not on the task's disk
+        return LaunchFailed(f"{exc.filename}: {exc.strerror}")
     return LaunchFailed(f"{task.path}: {exc}" if isinstance(exc, OSError) else str(exc))
 
 

@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import state, task_statuses, wait_for, write_task
-from invariants import check, journal_command, worker_records
+from invariants import check, journal_command, spans, worker_records
 from test_chaos import Proc
 
 
@@ -86,3 +86,23 @@ def test_a_worker_that_cannot_be_adopted_for_want_of_room_is_reported_and_adopte
     assert "Traceback" not in run.output, run.output
     assert task_statuses(order) == {"A": "DONE", "B": "DONE"}
     assert check(journal, order) == []  # A ran once, B after it
+
+
+def test_a_start_that_cannot_write_its_record_names_the_record_not_the_task_file(project, full_state):
+    """`failed A: <root>/orders/ORD/A.yaml: [Errno 28] No space left on device`: the task file's disk had room; the
+    worker record in the state directory did not."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    write_task(order, "A", target_files=["a.txt"], command=journal_command(journal))
+    assert project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120).returncode == 0  # its lock file made
+    project.aipm("retry", "A", check=True)
+    full_state.fill()
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    record = state(project.root) / "workers" / "ORD" / "A.json"
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"failed   A: {record}: No space left on device" in proc.stdout, proc.stdout + proc.stderr
+    assert "A.yaml" not in proc.stdout + proc.stderr
+    assert task_statuses(order) == {"A": "QUEUED"} and worker_records(project.root) == []  # undone
+    full_state.free()
+    assert project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120).returncode == 0
+    assert len(spans(journal)) == 2  # the first run and this one: the failed start ran nothing
