@@ -113,7 +113,7 @@ def begin(
     lets the command go once this round's writes are durable; if `started` raises, or abandon() is called instead,
     the command never runs. `prefix` is an argv the wrapper puts in front of the command (confinement); a string
     command then runs as `prefix /bin/sh -c COMMAND`. `place_log(log)` may put an empty file at `log` before it
-    is opened (True when it did: a spawn that fails removes it, as if it had never been made).
+    is opened; a start given up (abandon(), a failed spawn included) removes the log it left empty.
 
     A stop (terminate_group, a timeout) SIGTERMs the group and SIGKILLs what is left once the wrapper, its leader,
     has gone or the grace has passed; after the go the wrapper outlives SIGTERM, SIGINT and SIGHUP (the command
@@ -147,16 +147,9 @@ def begin(
 
     def attempt(program: str, argv: list[str]) -> tuple[int, int, int]:
         os.makedirs(os.path.dirname(log), exist_ok=True)
-        placed = place_log(log)
+        place_log(log)
         before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        try:
-            pid = posix_spawn.spawn(program, argv, env, actions, setsid=True)
-        except BaseException:
-            if placed:
-                with suppress(OSError):
-                    if os.path.getsize(log) == 0:
-                        os.unlink(log)  # no attempt began: its number stays free (Runtime.next_number)
-            raise
+        pid = posix_spawn.spawn(program, argv, env, actions, setsid=True)
         return pid, before, time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
     def start() -> tuple[int, int, int]:
@@ -178,15 +171,15 @@ def begin(
         os.close(go_read)
 
     pending = posix_spawn.in_background(start) if background else posix_spawn.Pending(start).run()
-    return Spawning(pending, go_write, release, started)
+    return Spawning(pending, go_write, release, started, log)
 
 
 class Spawning:
     """A wrapper on its way up, waiting for its go (see begin())."""
 
     def __init__(self, pending: posix_spawn.Pending, go_write: int, release: Callable[[], None],
-                 started: Callable[[int, float], None]):
-        self._pending, self._go, self._release, self._started = pending, go_write, release, started
+                 started: Callable[[int, float], None], log: str):
+        self._pending, self._go, self._release, self._started, self._log = pending, go_write, release, started, log
         self.pid = 0
 
     def _spawned(self) -> tuple[int, int, int]:
@@ -223,6 +216,9 @@ class Spawning:
         self._go = -1
         if self.pid:
             reap(self.pid)
+        with suppress(OSError):
+            if os.path.getsize(self._log) == 0:
+                os.unlink(self._log)  # no attempt began: its number stays free (Runtime.next_number)
 
 
 def _go(go_write: int, ok: bool) -> None:

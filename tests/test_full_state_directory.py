@@ -103,6 +103,10 @@ def test_a_start_that_cannot_write_its_record_names_the_record_not_the_task_file
     assert f"failed   A: {record}: No space left on device" in proc.stdout, proc.stdout + proc.stderr
     assert "A.yaml" not in proc.stdout + proc.stderr
     assert task_statuses(order) == {"A": "QUEUED"} and worker_records(project.root) == []  # undone
+    logs = project.root / ".aipm" / "logs" / "ORD"
+    # Nor did it leave an empty log behind, which took the attempt's number: the next attempt's log was A.3.log.
+    assert sorted(p.name for p in logs.glob("A.*.log")) == ["A.1.log"]
     full_state.free()
     assert project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120).returncode == 0
     assert len(spans(journal)) == 2  # the first run and this one: the failed start ran nothing
+    assert sorted(p.name for p in logs.glob("A.*.log")) == ["A.1.log", "A.2.log"]
