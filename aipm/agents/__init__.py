@@ -11,6 +11,7 @@ missing token kind), never 0.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import import_module
 from pathlib import Path
@@ -78,7 +79,7 @@ def read_usage(name: str, log: Path) -> Usage | None:
         return None
     try:
         with open(log, encoding="utf-8", errors="replace") as handle:
-            usage = preset(name).parse(handle)
+            usage = preset(name).parse(_bounded_lines(handle))
     except OSError:
         return None
     try:
@@ -86,6 +87,20 @@ def read_usage(name: str, log: Path) -> Usage | None:
     except OSError:
         pass  # the task file gets the figures anyway; this copy is for people reading .aipm/
     return usage
+
+
+_LONGEST = 16 << 20  # characters: an agent's event is far shorter; a worker's stray output may be one endless line
+
+
+def _bounded_lines(handle: Any) -> Iterator[str]:
+    """The log's lines; one longer than _LONGEST is passed over, never held whole (a line of gigabytes, held and
+    decoded, took twice its size of the owner's memory)."""
+    while line := handle.readline(_LONGEST):
+        if len(line) == _LONGEST and not line.endswith("\n"):
+            while (rest := handle.readline(_LONGEST)) and not rest.endswith("\n"):
+                pass
+            continue
+        yield line
 
 
 def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] | None) -> tuple[Usage | None, dict]:

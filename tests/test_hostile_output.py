@@ -1,0 +1,37 @@
+"""Workers whose output is hostile by accident: one endless line in an agent's transcript."""
+
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+
+from conftest import task_statuses, write_task
+
+LINE = 400 << 20  # bytes of one line without a newline
+MEMORY = 400 << 20  # the address space `run` may use: far more than it needs, less than twice the line
+
+
+def test_an_endless_line_in_an_agents_log_does_not_exhaust_the_owners_memory(project):
+    """Reading the attempt's usage held the log's longest line whole, decoded: a worker that printed gigabytes
+    without a newline made its owner run out of memory (MemoryError here, under a limit; the OOM killer without
+    one, and every later run that adopted the attempt read it again)."""
+    bin_dir = project.root / "bin"
+    bin_dir.mkdir()
+    claude = bin_dir / "claude"
+    claude.write_text(f"#!/bin/sh\ncat > /dev/null\nhead -c {LINE} /dev/zero | tr '\\0' x; echo\n"
+                      """echo '{"type": "result", "total_cost_usd": 0.25, "session_id": "s1"}'\n""")
+    claude.chmod(0o755)
+    order = project.order()
+    write_task(order, "A", agent="claude", prompt="go", target_files=["a.txt"])
+
+    def limit_memory():
+        resource.setrlimit(resource.RLIMIT_AS, (MEMORY, MEMORY))
+
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                          capture_output=True, text=True, env=env, timeout=300, preexec_fn=limit_memory)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+    assert task_statuses(order) == {"A": "DONE"}
+    assert project.json("status", "ORD")["tasks"][0]["cost_usd"] == 0.25  # the event after the line still counts
