@@ -102,6 +102,10 @@ class Record:
         return bool(self.pid) and self.pgid == _own_session() and self.worker_alive()
 
 
+class StateWriteError(OSError):
+    """A file in the state directory could not be written (a full /tmp): named, as the task file's disk is not."""
+
+
 _SESSION: list[int] = []  # this process's session, read once
 
 
@@ -213,9 +217,7 @@ class Runtime:
         except OSError as exc:
             with suppress(FileNotFoundError):
                 os.unlink(tmp)  # a full disk must not leave a temp file behind
-            if exc.filename is None:  # a failed write names no file: say which
-                raise OSError(exc.errno, exc.strerror, str(path)) from None
-            raise
+            raise StateWriteError(exc.errno, exc.strerror, str(path)) from None
 
     # -- the launch lock: serialises every status write and launch decision in the project ------------------
 

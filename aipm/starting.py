@@ -18,7 +18,7 @@ from aipm import confine, locks, restore, runner, scope, workspace, writer
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
 from aipm.model import Order, Status, Task
-from aipm.runtime import Record, append_log, live_pid
+from aipm.runtime import Record, StateWriteError, append_log, live_pid
 from aipm.view import OrderView
 from aipm.worker import program as worker_program
 from aipm.writer import StaleWrite, now, update_task
@@ -99,7 +99,7 @@ class Starter:
                             lambda: self._abort(order, task, rec, view, spawning, fds))
         except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
             self._undo(order, task, rec, view, wrote_status)
-            raise _failed(task, exc, self.runtime.state) from None
+            raise _failed(task, exc) from None
         finally:
             if not handed:
                 if spawning is not None:
@@ -114,7 +114,7 @@ class Starter:
             spawning.finish()
         except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
             self._undo(order, task, rec, view, True)
-            raise _failed(task, exc, self.runtime.state) from None
+            raise _failed(task, exc) from None
         finally:
             spawning.abandon()  # unless it went
             for fd in fds:
@@ -196,8 +196,8 @@ class Starter:
         self.detached.add(pid)
 
 
-def _failed(task: Task, exc: Exception, state: Path) -> LaunchFailed:
-    if isinstance(exc, OSError) and str(exc.filename).startswith(f"{state}/"):  # a record: not on the task's disk
+def _failed(task: Task, exc: Exception) -> LaunchFailed:
+    if isinstance(exc, StateWriteError):
         return LaunchFailed(f"{exc.filename}: {exc.strerror}")
     return LaunchFailed(f"{task.path}: {exc}" if isinstance(exc, OSError) else str(exc))
 

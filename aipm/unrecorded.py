@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from aipm.errors import UserError
-from aipm.runtime import Record, read_exit_file
+from aipm.runtime import Record, StateWriteError, read_exit_file
 
 
 def keep_exit_code(rec: Record, code: int | None) -> bool:
@@ -35,7 +35,8 @@ def exit_lost(path: str) -> bool:
 
 def message(rec: Record, code: int | None, exc: Exception, kept: bool) -> str:
     """One line for a user: what could not be recorded, why, and what happens to the outcome."""
-    why = str(exc) if isinstance(exc, UserError) else f"{rec.task_file}: {getattr(exc, 'strerror', None) or exc}"
+    place = exc.filename if isinstance(exc, StateWriteError) else rec.task_file  # (a reviewer's record, say)
+    why = str(exc) if isinstance(exc, UserError) else f"{place}: {getattr(exc, 'strerror', None) or exc}"
     where = (f"its exit code is kept in {rec.exit_file}; once that is fixed, `aipm recover` records it" if kept
              else "its exit code could not be saved either, so `aipm recover` will leave it INTERRUPTED to check")
     return f"cannot record the outcome of {rec.task} (exit {code}): {why}; {where}"

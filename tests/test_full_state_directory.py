@@ -110,3 +110,22 @@ def test_a_start_that_cannot_write_its_record_names_the_record_not_the_task_file
     assert project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120).returncode == 0
     assert len(spans(journal)) == 2  # the first run and this one: the failed start ran nothing
     assert sorted(p.name for p in logs.glob("A.*.log")) == ["A.1.log", "A.2.log"]
+
+
+def test_a_reviewer_whose_record_cannot_be_written_is_reported_with_the_record(project, full_state):
+    """A's work exited 0 and IN_REVIEW was written; its reviewer's record could not be: run said `cannot record the
+    outcome of A (exit 0): <root>/orders/ORD/A.yaml: No space left on device`, naming a file that had been written."""
+    order = project.order()
+    write_task(order, "A", target_files=["a.txt"], review="true",
+               command=f"touch {project.root / 'worked'}; while [ ! -e {project.root / 'full'} ]; do sleep 0.05; done")
+    run = Proc(project.root, "run", "ORD", "--no-resource-monitoring")
+    try:
+        wait_for(lambda: (project.root / "worked").exists())
+        full_state.fill()
+        (project.root / "full").touch()
+        assert run.wait(timeout=120) == 1, run.output
+    finally:
+        run.kill()
+    record = state(project.root) / "workers" / "ORD" / "A.json"
+    assert f"cannot record the outcome of A (exit 0): {record}: No space left on device" in run.output, run.output
+    assert "A.yaml" not in run.output and "Traceback" not in run.output, run.output
