@@ -325,7 +325,7 @@ class Recording:
         command = review_command(task, self.settings, self.launcher.options.no_review)
         if isinstance(command, tuple):
             command = list(command)
-        env = environment(self.rt, rec, task, model_for(task, self.settings, self.launcher.options.model))
+        env = environment(self.rt, rec, model_for(task, self.settings, self.launcher.options.model))
         rec.phase = "review"
         # The review's record holds what the file says now: the attempt's usage was just added, and the start's
         # figures would read as a reset and be written back when the review ends.

@@ -19,7 +19,7 @@ def invocation(
     chosen = bool(model or task.model or settings.sources["worker_model"] != "default")
     model = model_for(task, settings, model)
     feedback = runtime.feedback_path(rec.order, rec.task)
-    env = environment(runtime, rec, task, model)
+    env = environment(runtime, rec, model)
     rec.agent = agent_for(task, settings)
     if task.command is not None:
         command = task.command if isinstance(task.command, str) else list(task.command)
@@ -70,13 +70,13 @@ def model_for(task: Task, settings: Settings, override: str | None) -> str:
     return override or task.model or settings.worker_model
 
 
-def environment(runtime: Runtime, rec: Record, task: Task, model: str) -> dict[str, str]:
+def environment(runtime: Runtime, rec: Record, model: str) -> dict[str, str]:
     """What a worker (and its reviewer) sees: the AIPM_* variables on top of ours."""
     env = dict(os.environ)
     env.update(
         AIPM_ROOT=str(runtime.root), AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.serial),
-        AIPM_TARGET_FILES="\n".join(task.target_files), AIPM_MODEL=model, AIPM_LOG=rec.log,
-    )
+        AIPM_TARGET_FILES="\n".join(rec.targets), AIPM_MODEL=model, AIPM_LOG=rec.log,
+    )  # the targets as normalised, as locked and confined (`./src/../a.py` is `a.py`; a directory ends in /)
     if rec.workspace:
         env["AIPM_WORKSPACE"] = rec.workspace  # its git worktree; AIPM_ROOT is its copy of the project root
     else:

@@ -315,6 +315,18 @@ def test_claude_hook_stops_a_write_outside_the_targets_in_a_real_run(project):
     assert "theirs.txt is not among this task's target_files" in (project.root / ".aipm/logs/ORD/A.1.log").read_text()
 
 
+@pytest.mark.parametrize("agent", ["claude", "codex", "aider"])
+def test_an_agent_gets_its_targets_normalised(project, agent):
+    """AIPM_TARGET_FILES held the targets as written (`./src/../a.txt`), while the preset's own rules had them
+    normalised."""
+    (project.root / "src").mkdir()
+    write_task(project.order(), "A", agent=agent, prompt="@write a.txt ok", target_files=["./src/../a.txt", "src"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (run,) = journal(project)
+    assert run["targets"] == "a.txt\nsrc/"
+
+
 def test_codex_and_aider_runs(project):
     (project.root / "aipm.yaml").write_text("worker:\n  agent: codex\n")
     order = project.order()

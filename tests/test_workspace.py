@@ -184,6 +184,19 @@ def test_worktree_starts_from_what_the_user_sees_without_touching_their_git_stat
     assert not tree.exists()
 
 
+@pytest.mark.parametrize("mode", ["worktree", "shared"])
+def test_the_worker_and_its_review_get_the_targets_normalised(repo, tmp_path, mode):
+    """AIPM_TARGET_FILES held the targets as written (`./src/../out.txt`), not as aipm locks and confines them."""
+    project = project_in(repo, config=f"workspace: {mode}\n")
+    journal = tmp_path / "journal"
+    tell = f'printf "%s\\n" "$AIPM_TARGET_FILES" >> "{journal}"'
+    write_task(project.order(), "T", target_files=["./src/../out.txt", "src", "./docs//x.md"],
+               command=f"{tell}; echo done > out.txt", review=tell)
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert journal_lines(journal) == ["out.txt", "src/", "docs/x.md"] * 2  # the worker's, then its review's
+
+
 def test_failed_setup_fails_the_attempt(repo, tmp_path):
     project = project_in(repo, config="workspace: worktree\nworkspace_setup: 'exit 3'\n")
     write_task(project.order(), "T", target_files=["src/a.txt"], command="echo ran >> src/a.txt")

@@ -11,7 +11,8 @@ Directives, one per line anywhere in the prompt:
     @wait-for PATH           wait until PATH exists before finishing (claude: before its result; aider: after its
                              report)
 
-With FAKE_AGENT_JOURNAL set, each run appends one JSON line {"agent", "argv", "prompt", "attempt", "task"}.
+With FAKE_AGENT_JOURNAL set, each run appends one JSON line {"agent", "argv", "prompt", "attempt", "task",
+"targets"} (targets: AIPM_TARGET_FILES).
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def journal(agent: str, argv: list[str], prompt: str) -> None:
         with open(path, "a") as handle:
             handle.write(json.dumps({"agent": agent, "argv": argv, "prompt": prompt,
                                      "attempt": os.environ.get("AIPM_ATTEMPT"),
-                                     "task": os.environ.get("AIPM_TASK_ID")}) + "\n")
+                                     "task": os.environ.get("AIPM_TASK_ID"),
+                                     "targets": os.environ.get("AIPM_TARGET_FILES")}) + "\n")
 
 
 def options(argv: list[str], with_values: set[str]) -> tuple[dict[str, str | bool], list[str]]:
