@@ -18,6 +18,9 @@ from aipm.paths import Normaliser, PathError
 
 # The event loop waits at most 2**31 ms (24.8 days) at a time; a week is a generous bound for one attempt.
 MAX_TIMEOUT = 7 * 24 * 3600
+# Bounds of max_attempts, max_rework and max_workers: far above any real use, so that a typo (`1000000`) is an
+# error rather than a task retried for ever, and every count stays exact in JSON readers (jq, the dashboard).
+MAX_COUNT = 1000
 
 TASK_KEYS = (
     "id", "title", "status", "priority", "depends_on", "target_files", "command", "prompt", "model",
@@ -68,12 +71,14 @@ def _positive_int(path: Path, data: Mapping[str, Any], key: str, maximum: int | 
     return value
 
 
-def _count(path: Path, data: Mapping[str, Any], key: str) -> int:
+def _count(path: Path, data: Mapping[str, Any], key: str, maximum: int | None = None) -> int:
     value = data.get(key, 0)
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValidationError(str(path), key, f"must be a whole number ≥ 0, not {value!r}")
+    if maximum is not None and value > maximum:
+        raise ValidationError(str(path), key, f"{value} is more than the maximum {maximum}")
     return value
 
 
@@ -206,9 +211,9 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
         model=str_field(path, data, "model"),
         review=_command(path, data, "review"),
         timeout=_positive_int(path, data, "timeout", MAX_TIMEOUT),
-        max_attempts=_positive_int(path, data, "max_attempts"),
+        max_attempts=_positive_int(path, data, "max_attempts", MAX_COUNT),
         resources=_resources(path, data),
-        max_rework=_count(path, data, "max_rework") if data.get("max_rework") is not None else None,
+        max_rework=_count(path, data, "max_rework", MAX_COUNT) if data.get("max_rework") is not None else None,
         agent=_agent(path, data),
         max_cost_usd=money_field(path, data, "max_cost_usd", positive=True),
         confine=_flag(path, data, "confine"),

@@ -19,7 +19,7 @@ from typing import Any
 
 from aipm import agents
 from aipm.model import MANAGED_FIELDS, Priority, Status
-from aipm.fields import MAX_TIMEOUT, TASK_KEYS
+from aipm.fields import MAX_COUNT, MAX_TIMEOUT, TASK_KEYS
 from aipm.store import ORDER_KEYS
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -54,7 +54,7 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "model": (_STRING, "Model name passed to the worker template as {model}."),
     "review": (_COMMAND, "Review command: exit 0 approves (COMPLETED), non-zero sends the task to REWORK."),
     "timeout": ({**_POSITIVE, "maximum": MAX_TIMEOUT}, "Seconds before the worker's whole process group is killed."),
-    "max_attempts": (_POSITIVE, "Tries: a failed or timed-out attempt is retried until this many have run "
+    "max_attempts": ({**_POSITIVE, "maximum": MAX_COUNT}, "Tries: a failed or timed-out attempt is retried until this many have run "
                                 "(attempts a review sent back are reworks and do not count)."),
     "attempts": (_COUNT, "Attempts started so far."),
     "reworks": (_COUNT, "Times a review sent the task back."),
@@ -67,7 +67,7 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
         "gpus": {"type": "number", "exclusiveMinimum": 0},
     }}, "What one attempt needs: the Ray resource request with --runner ray; on this machine, a share of its "
         "CPUs and memory."),
-    "max_rework": (_COUNT, "Times a review may send the task back before it is REJECTED; default max_rework."),
+    "max_rework": ({**_COUNT, "maximum": MAX_COUNT}, "Times a review may send the task back before it is REJECTED; default max_rework."),
     "reason": (_STRING, "Why the latest attempt ended as it did: 'exit 3', 'timed out after 60 s', "
                         "'review rejected: ...', 'scope: wrote ...', 'cancelled', 'interrupted: ...'."),
     "agent": ({"type": ["string", "null"], "enum": [*agents.NAMES, None]},

@@ -20,7 +20,7 @@ import yaml
 
 from aipm import agents
 from aipm.errors import SettingsError
-from aipm.fields import MAX_TIMEOUT, WORKSPACES, copy_globs
+from aipm.fields import MAX_COUNT, MAX_TIMEOUT, WORKSPACES, copy_globs
 from aipm.store import DuplicateKey, load_yaml
 
 
@@ -74,17 +74,20 @@ def _number(value: Any, kind: type) -> Any:
         return None
 
 
-def _integer(minimum: int, what: str) -> Callable[[Any], int]:
+def _integer(minimum: int, what: str, maximum: int | None = MAX_COUNT) -> Callable[[Any], int]:
     def convert(value: Any) -> int:
         number = _number(value, int)
         if number is None or number < minimum:
             raise ValueError(f"{value!r} is not a {what} integer")
+        if maximum is not None and number > maximum:
+            raise ValueError(f"{value!r} is more than the maximum {maximum}")
         return number
 
     return convert
 
 
 _positive, _non_negative = _integer(1, "positive"), _integer(0, "non-negative")
+_seconds = _integer(1, "positive", maximum=None)  # the timeout has its own maximum and message
 
 
 def _percent(value: Any) -> float:
@@ -110,7 +113,7 @@ def _timeout(value: Any) -> int | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
         return None
     try:
-        seconds = _positive(value)
+        seconds = _seconds(value)
     except ValueError:
         raise ValueError(f"{value!r} is not a positive number of seconds or none") from None
     if seconds > MAX_TIMEOUT:

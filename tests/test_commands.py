@@ -95,6 +95,24 @@ def test_cancel_stops_the_whole_group(project):
     assert data["status"] == "QUEUED" and data["attempts"] == 0
 
 
+@pytest.mark.parametrize("grace", ["nan", "inf", "-1", "2592000"])
+def test_a_bad_grace_is_refused_before_the_task_is_cancelled(project, grace):
+    """--grace nan, inf or a month was a traceback (exit 1) from the wait, after the task file was already marked
+    CANCELLED, with its worker left running; a negative one was taken as no grace at all."""
+    order = project.order()
+    write_task(order, "A", command="sleep 60", target_files=["a"])
+    project.aipm("launch", "ORD", check=True)
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    before = snapshot(project.root)
+    proc = project.aipm("cancel", "A", "--grace", grace)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"aipm: error: --grace: {float(grace)} is not a number of seconds from 0 to 604800 (a week)"]
+    assert snapshot(project.root) == before and group_alive(worker["pgid"])
+    assert project.aipm("cancel", "A", "--grace", "0").returncode == 0
+    wait_for(lambda: not group_alive(worker["pgid"]))
+
+
 # Cleans up for a second when told to stop, as an agent saving its session would; argv: the compiled wrapper runs
 # it, a string: the shell wrapper.
 CLEANS_UP = ("trap 'sleep 1; echo cleaned > cleaned.txt; exit 0' TERM; echo up > up.txt; "

@@ -76,6 +76,12 @@ def test_every_layer_in_order(tmp_path):
     assert s.sources["enable_auto_scaling"] == "default"
 
 
+def test_the_largest_counts_and_timeout_are_accepted(tmp_path):
+    (tmp_path / "aipm.yaml").write_text("max_workers: 1000\nmax_attempts: 1000\nmax_rework: 1000\ntimeout: 604800\n")
+    s = load_settings(tmp_path, environ={})
+    assert (s.max_workers, s.max_attempts, s.max_rework, s.timeout) == (1000, 1000, 1000, 604800)
+
+
 def test_full_aipm_yaml(tmp_path):
     (tmp_path / "aipm.yaml").write_text(
         "max_attempts: 2\nmax_rework: 0\ntimeout: none\norders_dir: work/orders\n"
@@ -176,7 +182,7 @@ BAD_ENV = [
     ("AIPM_MAX_WORKERS", "abc"), ("AIPM_MAX_WORKERS", "0"), ("AIPM_MAX_WORKERS", "-1"), ("AIPM_MAX_WORKERS", "2.5"),
     ("AIPM_MAX_CPU_PERCENT", "0"), ("AIPM_MAX_CPU_PERCENT", "101"), ("AIPM_MAX_CPU_PERCENT", "-5"),
     ("AIPM_MAX_CPU_PERCENT", "nan"), ("AIPM_MAX_MEMORY_PERCENT", "150"), ("AIPM_MAX_MEMORY_PERCENT", "lots"),
-    ("AIPM_ENABLE_MONITORING", "maybe"), ("AIPM_ENABLE_AUTO_SCALING", "2"),
+    ("AIPM_ENABLE_MONITORING", "maybe"), ("AIPM_ENABLE_AUTO_SCALING", "2"), ("AIPM_MAX_WORKERS", "1001"),
     # Python's int() reads other scripts' digits: Arabic-Indic three, full-width four, Devanagari five.
     ("AIPM_MAX_WORKERS", "\u0663"), ("AIPM_MAX_WORKERS", "\uff14"), ("AIPM_MAX_CPU_PERCENT", "\u096b0"),
 ]
@@ -191,7 +197,7 @@ def test_bad_environment_value(tmp_path, var, value):
 
 BAD_FLAGS = [
     (("--max-workers", "0"), "--max-workers"), (("--max-workers", "-1"), "--max-workers"),
-    (("--max-cpu", "150"), "--max-cpu"), (("--max-cpu", "0"), "--max-cpu"), (("--max-memory", "100.5"), "--max-memory"),
+    (("--max-workers", "1001"), "--max-workers"), (("--max-cpu", "150"), "--max-cpu"), (("--max-cpu", "0"), "--max-cpu"), (("--max-memory", "100.5"), "--max-memory"),
 ]
 
 
@@ -230,6 +236,10 @@ BAD_YAML = [
     ("review:\n  command: 5\n", "review.command"),
     ("- max_workers\n", "expected a mapping"),
     ("timeout: 99999999999\n", "timeout"),
+    # Counts over 1000: a typo, not a limit anyone means (and not exact in every JSON reader past 2**53).
+    ("max_workers: 1001\n", "max_workers: 1001 is more than the maximum 1000"),
+    ("max_attempts: 1000000000000\n", "max_attempts: 1000000000000 is more than the maximum 1000"),
+    ("max_rework: 99999999999999999999999999999\n", "max_rework: 99999999999999999999999999999 is more than"),
     ("max_workers: 2\nmax_workers: 8\n", "max_workers: appears twice"),
     ("worker:\n  model: a\n  model: b\n", "model: appears twice"),
 ]

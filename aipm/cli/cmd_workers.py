@@ -15,6 +15,7 @@ from rich.table import Table
 from aipm import workspace
 from aipm.cli.common import JsonOpt, console, get_project, print_json
 from aipm.errors import UserError
+from aipm.fields import MAX_TIMEOUT
 from aipm import logbook, recovery, steering
 from aipm.launcher import Launcher, Options
 from aipm.locks import node_file
@@ -205,6 +206,8 @@ def cancel(
     grace: float = Option(5.0, "--grace", help="Seconds between SIGTERM and SIGKILL."),
 ) -> None:
     """Cancel a task: stop its worker's whole process group (SIGTERM, then SIGKILL) and mark it CANCELLED."""
+    if not 0 <= grace <= MAX_TIMEOUT:  # checked before the task is marked: NaN or a month cannot be waited for
+        raise UserError(f"--grace: {grace} is not a number of seconds from 0 to {MAX_TIMEOUT} (a week)")
     project = get_project()
     order_dir, task_id = find_task(project, task)
     note = steering.cancel(project, order_dir, task_id, grace)
