@@ -264,7 +264,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     holders: set[int] = set()  # pids holding locks outside aipm that tasks wait for (watched: their exit wakes us)
     waiting_before: list[tuple[str, str]] = []
     deferred_before: list[str] = []
-    failed_told: dict[str, str] = {}  # task → the launch error last emitted for it
+    failed_told: dict[str, tuple] = {}  # task → the launch error last emitted for it, and the launch it followed
     recover = True  # at start, and whenever another owner's process ends (it may have died)
     first = True
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
@@ -293,11 +293,13 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             for problem in view.problems:
                 emit({"event": "invalid_file", "error": problem})
             view.problems.clear()
-            for item in report.launched:
-                failed_told.pop(item["id"], None)
             for item in report.failed:  # a failed launch is tried again every round: said once, until it changes
-                if failed_told.get(item["id"]) != item["error"]:
-                    failed_told[item["id"]] = item["error"]
+                # or the task was launched in between, by this run or by any other process (its file's attempts
+                # and started_at tell; a launch that fails writes neither).
+                task = order.tasks[item["id"]]
+                told = (item["error"], task.attempts, task.started_at)
+                if failed_told.get(item["id"]) != told:
+                    failed_told[item["id"]] = told
                     emit({"event": "launch_failed", "task": item["id"], "error": item["error"]})
             if detach_others:
                 detach_others = False

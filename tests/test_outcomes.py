@@ -189,6 +189,39 @@ def test_run_says_a_failed_launch_once_though_it_tries_it_every_round(project):
     assert task_statuses(order) == {"AGENT": "QUEUED", **{f"C{i}": "DONE" for i in range(5)}}
 
 
+def test_run_says_a_failed_launch_again_after_another_process_launched_the_task(project, gate):
+    """A failed launch was said once per run: when another process launched the task meanwhile (its program on
+    that process's PATH) and the launch failed again after that attempt, `run` said nothing, and the task sat
+    QUEUED with the run silent about it."""
+    order = project.order()
+    write_task(order, "A", command=["tool-xyz"], max_attempts=3, target_files=["a"])
+    write_task(order, "B", command=f'i=0; while [ ! -e "{gate}" ] && [ $i -lt 2400 ]; do sleep 0.05; i=$((i+1)); done',
+               target_files=["b"])
+    tools = project.root / "bin"
+    tools.mkdir()
+    (tools / "tool-xyz").write_text('#!/bin/sh\nrm -f "$0"; exit 1\n')  # runs once: the next launch fails again
+    (tools / "tool-xyz").chmod(0o755)
+    out = project.root / "run.jsonl"
+    with out.open("w") as handle:
+        run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--json",
+                                "--no-resource-monitoring"], stdout=handle, stderr=subprocess.DEVNULL)
+
+    def failures() -> int:
+        return sum('"launch_failed"' in line and '"A"' in line for line in out.read_text().splitlines())
+
+    try:
+        wait_for(lambda: failures() == 1 and '"started"' in out.read_text())
+        other = project.aipm("launch", "ORD", env={"PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"})
+        assert "started A" in other.stdout, other.stdout + other.stderr
+        wait_for(lambda: yaml.safe_load((order / "A.yaml").read_text()).get("exit_code") == 1)
+        wait_for(lambda: not (state(project.root) / "workers" / "ORD" / "A.json").exists())
+    finally:
+        gate.touch()
+        assert run.wait(timeout=120) == 1
+    assert failures() == 2, out.read_text()
+    assert task_statuses(order) == {"A": "QUEUED", "B": "DONE"}
+
+
 def test_exec_whose_launch_failed_does_not_say_the_task_can_start(project):
     """exec of a task that never started prints why; after a failed launch that printout found no reason and
     said 'A can start now.' between the error and 'A: QUEUED'."""
