@@ -6,16 +6,21 @@ Read-only: a dry-run launcher takes no lock and writes nothing.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
-from aipm import budget
+from aipm import budget, outcome
 from aipm.errors import UserError
 from aipm.finish import attempt_limit, rework_limit
 from aipm.launcher import Launcher
-from aipm.model import Order, Task, status_summary
+from aipm.model import RUNNING, Order, Status, Task, status_summary
 from aipm.plan import NOT_QUEUED, Plan, plan
+from aipm.runtime import Runtime
 from aipm.settings import Settings
-from aipm.store import load_order
+from aipm.store import load_task, load_order
+
+# Why a task whose worker was lost reads as INTERRUPTED: what its file still says and what to do.
+LOST = "worker lost with its supervisor; `aipm recover` re-queues it"
 
 
 def task_row(task: Task, settings: Settings) -> dict:
@@ -30,6 +35,41 @@ def task_row(task: Task, settings: Settings) -> dict:
         **({"cost_usd": task.cost_usd} if task.cost_usd is not None else {}),
         **({"tokens": dict(task.tokens)} if task.tokens else {}),
     }
+
+
+def as_seen(order: Order, root: Path) -> Order:
+    """The order as it stands: a running task whose worker is gone (its supervisor and wrapper died) is INTERRUPTED,
+    as the contract has it, though its file says IN_PROGRESS or IN_REVIEW until a recovery writes it. A reader
+    writes nothing: it shows the task so, with the reason and what to do (LOST), and the file stays as it is."""
+    running = [t for t in order.tasks.values() if t.status in RUNNING]
+    if not running:
+        return order  # the common case: no record is read
+    rt = Runtime(root)
+    if not _gone(rt, order.id, running):
+        return order
+    # Confirmed between launch rounds: a round writes a start's status before its record, and an outcome before
+    # removing the record, so a look inside one could take a task starting or ending for a lost one.
+    with rt.between_rounds():
+        now = [t for t in (_reload(t, root) for t in running) if t is not None and t.status in RUNNING]
+        lost = _gone(rt, order.id, now)
+    if not lost:
+        return order
+    tasks = dict(order.tasks)
+    for task in lost:
+        tasks[task.id] = replace(task, status=Status.INTERRUPTED, reason=outcome.interrupted(LOST))
+    return replace(order, tasks=tasks)
+
+
+def _gone(rt: Runtime, order_id: str, running: list[Task]) -> list[Task]:
+    live = {rec.task for rec in rt.records() if rec.order == order_id and rec.alive()}
+    return [t for t in running if t.id not in live]
+
+
+def _reload(task: Task, root: Path) -> Task | None:
+    try:
+        return load_task(task.path, root)
+    except (UserError, OSError):
+        return None  # gone or mid-edit: not shown as lost on a guess
 
 
 def order_totals(order: Order, settings: Settings) -> dict:
@@ -61,6 +101,7 @@ def order_board(launcher: Launcher, order_dir: Path) -> dict:
         order, result, free, *_ = survey(launcher, order_dir)
     except UserError as exc:  # a file being edited: show the problem, keep the rest of the board
         return {"id": order_dir.name, "path": str(order_dir), "error": str(exc), "tasks": []}
+    order = as_seen(order, launcher.project.root)  # after the plan: a lost task's files stay busy until recovered
     rows = []
     for task in sorted(order.tasks.values(), key=lambda t: t.id):
         row = task_row(task, launcher.settings)

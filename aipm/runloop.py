@@ -285,6 +285,9 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                     report.recovered[:0] = early.recovered
                 sup.restore_owned(view.order.tasks)
             first = False
+            for item in report.recovered:  # before the round's starts; adopted ones the supervisor says itself
+                if item["action"] == "requeued":
+                    emit({"event": "recovered", "task": item["id"], "order": report.order.id})
             for event in sup.outbox:
                 emit(event)
             sup.outbox.clear()

@@ -243,6 +243,21 @@ class Runtime:
                 self._lock_depth = 0
                 _round.records = None
 
+    @contextmanager
+    def between_rounds(self) -> Iterator[None]:
+        """For a reader that must see task files and records of the same moment: holds launch rounds off (a
+        shared flock on the launch lock) while it looks. Creates nothing: without the lock file no round has run."""
+        try:
+            fd = os.open(self.state / "launch.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            yield
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            yield
+        finally:
+            os.close(fd)
+
     # -- worker records ---------------------------------------------------------------------------------
 
     def record_path(self, order: str, task: str) -> Path:

@@ -12,8 +12,8 @@ import urllib.request
 
 import pytest
 
-from conftest import REPO, no_workers, task_statuses, wait_for, write_task
-from invariants import group_alive
+from conftest import REPO, no_workers, snapshot, state, task_statuses, wait_for, write_task
+from invariants import group_alive, pid_alive
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -263,6 +263,65 @@ def test_tries_and_reworks_show_as_status_shows_them(project, dashboard, browser
     cells = "const r = document.querySelector(`tr[data-task='ORD/T']`); " \
             "return r && [r.querySelector('td.tries').textContent, r.querySelector('td.reworks').textContent]"
     wait_for(lambda: browser.execute_script(cells) == ["1/1", "1/1"])
+
+
+def test_a_worker_lost_with_its_supervisor_reads_as_interrupted_and_says_what_to_do(project, dashboard):
+    """Its supervisor and wrapper SIGKILLed, the task showed IN_PROGRESS in `status`, `status --json` and the
+    dashboard, as if it ran, until someone thought of `aipm recover`; and `run` re-queued it without a word. Reads
+    still write nothing: the file says IN_PROGRESS until a recovery."""
+    order = project.order()
+    write_task(order, "A", command='if [ "$AIPM_ATTEMPT" = 1 ]; then sleep 60; fi', target_files=["a.txt"])
+    write_task(order, "B", command="true", target_files=["b.txt"], status="DONE")
+    project.aipm("launch", "ORD", check=True)
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pid"]), None))
+    for pid in (worker["owner_pid"], worker["pid"]):
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(worker["owner_pid"]) and not pid_alive(worker["pid"]))
+    before = (snapshot(project.root), sorted(p.name for p in (state(project.root) / "workers" / "ORD").iterdir()))
+    base, token = base_and_token(dashboard)
+    with urllib.request.urlopen(f"{base}/api/board?token={token}", timeout=30) as response:
+        (board,) = json.load(response)["orders"]
+    shown = {t["id"]: t for t in board["tasks"]}["A"]
+    (listed, _) = project.json("status", "ORD")["tasks"]
+    table = project.aipm("status", "ORD", "--wide").stdout
+    lost = "interrupted: worker lost with its supervisor; `aipm recover` re-queues it"
+    assert (listed["status"], listed["reason"]) == (shown["status"], shown["reason"]) == ("INTERRUPTED", lost)
+    assert board["summary"] == "DONE 1, INTERRUPTED 1" and table.strip().endswith("DONE 1, INTERRUPTED 1")
+    assert any("INTERRUPTED" in line and lost in line for line in table.splitlines()), table
+    assert task_statuses(order)["A"] == "IN_PROGRESS"  # shown as it is, written by no reader
+    assert (snapshot(project.root), sorted(p.name for p in (state(project.root) / "workers" / "ORD").iterdir())) \
+        == before
+    run = project.aipm("run", "ORD", "--no-resource-monitoring")
+    assert run.returncode == 0, run.stdout + run.stderr
+    lines = run.stdout.splitlines()
+    recovered = "recover  A: its worker was lost with its supervisor; re-queued, attempt not counted"
+    starts = [i for i, line in enumerate(lines) if line.startswith("start")]
+    assert recovered in lines and lines.index(recovered) < starts[0], run.stdout  # said before attempt 2 starts
+    assert task_statuses(order) == {"A": "DONE", "B": "DONE"}
+
+
+def test_a_task_starting_in_a_launch_round_is_not_taken_for_lost(project):
+    """A launch round writes a task's IN_PROGRESS before its worker record, under the launch lock: a reader
+    looking in between must wait for the round's end rather than call the starting task INTERRUPTED."""
+    from aipm.liveness import process_ctime
+    from aipm.runtime import Record, Runtime
+
+    order = project.order()
+    path = write_task(order, "A", command="true", status="IN_PROGRESS", attempts=1)
+    rt = Runtime(project.root)
+    with rt.launch_lock():  # the round: the status is written, the record not yet
+        lock = os.stat(rt.state / "launch.lock").st_ino
+        reader = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "status", "ORD",
+                                   "--json"], stdout=subprocess.PIPE, text=True)
+        # Blocked on the launch lock: /proc/locks lists a waiter ("->") on its inode.
+        wait_for(lambda: any("->" in line and f":{lock} " in line for line in open("/proc/locks")))
+        rt.write_record(Record(order="ORD", order_dir=str(order), task="A", task_file=str(path), attempt=1,
+                               targets=[], log=str(rt.log_path("ORD", "A", 1)),
+                               exit_file=str(rt.exit_path("ORD", "A", 1)), started_at="now",
+                               owner_pid=os.getpid(), owner_ctime=process_ctime(os.getpid())))
+    out, _ = reader.communicate(timeout=60)
+    assert reader.returncode == 0 and json.loads(out)["tasks"][0]["status"] == "IN_PROGRESS"
+    rt.remove_record("ORD", "A")
 
 
 def test_another_host_only_when_asked_and_with_a_warning(project):

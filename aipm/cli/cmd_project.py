@@ -7,7 +7,7 @@ from typing import Optional
 from aipm.cli.decl import Argument, Exit, Option, command
 
 from aipm import budget, parsecache, readers
-from aipm.board import order_totals, task_row
+from aipm.board import as_seen, order_totals, task_row
 from aipm.advice import stray_files, warnings
 from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, read_only, warn
 from aipm.errors import ValidationError
@@ -128,7 +128,7 @@ def status(
     read_only()
     root = project_root()
     settings = load_settings(root)
-    loaded = load_order(Project(root, settings.orders_dir).order_dir(order), root)
+    loaded = as_seen(load_order(Project(root, settings.orders_dir).order_dir(order), root), root)
     tasks = sorted(loaded.tasks.values(), key=lambda t: t.id)
     if json_out:
         print_json({"order": loaded.id, "tasks": [task_row(t, settings) for t in tasks],

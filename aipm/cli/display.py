@@ -21,6 +21,7 @@ LINES = {
     "finished": "finish   {task} → {status} ({reason})",
     "review": "review   {task}",
     "adopted": "adopt    {task} (pid {pid}): worker outlived its supervisor",
+    "recovered": "recover  {task}: its worker was lost with its supervisor; re-queued, attempt not counted",
     "deferred": "defer    {tasks}: {detail}",
     "launch_failed": "failed   {task}: {error}",
     "error": "error    {error}",
