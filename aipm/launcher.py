@@ -23,7 +23,8 @@ from aipm.plan import Busy, ForeignLock, Plan, plan
 from aipm.project import Project
 from aipm.capacity import Capacity, fit
 from aipm.resources import RAMP_DELAY, ResourceMonitor, get_system_info, starts_now
-from aipm.runtime import Record, Runtime, live_pid
+from aipm.record import Record, live_pid
+from aipm.runtime import Runtime
 from aipm.settings import Settings
 from aipm.store import load_task
 from aipm.starting import LaunchBusy, LaunchFailed, Owner, Starter, Starting

@@ -20,7 +20,8 @@ from aipm.finish import after_review, after_work, attempt_reason, describe_exit,
 from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Status, Task
 from aipm.restore import counters, disowned, known_status, restore
-from aipm.runtime import Record, Runtime, append_log
+from aipm.record import Record
+from aipm.runtime import Runtime, append_log
 from aipm.settings import Settings
 from aipm.store import load_task
 from aipm.writer import now, update_task

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING
 from aipm import agents, confine, outcome, runner, subreaper, workspace, writtenlog
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
-from aipm.runtime import Record, Runtime, append_log, exit_file_written
+from aipm.record import Record
+from aipm.runtime import Runtime, append_log, exit_file_written
 from aipm.writer import StaleWrite, now, update_task
 
 if TYPE_CHECKING:

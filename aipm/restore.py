@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from aipm.model import Status, Task
-from aipm.runtime import Record
+from aipm.record import Record
 from aipm.writer import update_task
 
 

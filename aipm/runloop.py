@@ -18,7 +18,8 @@ from aipm.launcher import Launcher, LaunchReport
 from aipm.model import FINISHED_OK, Order, Status, status_summary
 from aipm.paths import normalize
 from aipm.plan import any_clear
-from aipm.runtime import Record, read_exit_file
+from aipm.record import Record
+from aipm.runtime import read_exit_file
 from aipm.supervisor import Emit, Supervisor
 from aipm.view import OrderView
 

@@ -18,7 +18,8 @@ from aipm import confine, locks, restore, runner, scope, workspace, writer
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
 from aipm.model import Order, Status, Task
-from aipm.runtime import Record, StateWriteError, append_log, live_pid
+from aipm.record import Record, live_pid
+from aipm.runtime import StateWriteError, append_log
 from aipm.view import OrderView
 from aipm.worker import program as worker_program
 from aipm.writer import StaleWrite, now, update_task

@@ -16,7 +16,8 @@ from aipm.starting import cleared_reason
 from aipm.model import RUNNING, Status, Task
 from aipm.project import Project
 from aipm.runner import terminate_group
-from aipm.runtime import Runtime, append_log, live_pid
+from aipm.record import live_pid
+from aipm.runtime import Runtime, append_log
 from aipm.settings import Settings
 from aipm.store import load_task, order_meta
 from aipm.writer import StaleWrite, now, update_task

@@ -27,7 +27,8 @@ from aipm import notify, runner
 from aipm.locks import lock_holders, lock_nodes, node_path
 from aipm.paths import normalize
 from aipm.liveness import process_ctime, read_small
-from aipm.runtime import Record, Runtime
+from aipm.record import Record
+from aipm.runtime import Runtime
 
 PR_SET_CHILD_SUBREAPER = 36
 

@@ -24,7 +24,8 @@ from aipm.starting import Owner
 from aipm.recording import Recording
 from aipm.model import RUNNING, Status, Task
 from aipm.liveness import process_ctime
-from aipm.runtime import Record, append_log, read_exit_file
+from aipm.record import Record
+from aipm.runtime import append_log, read_exit_file
 from aipm.store import load_task
 from aipm.view import OrderView
 from aipm.worker import invocation

@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 
 from aipm.errors import UserError
-from aipm.runtime import Record, StateWriteError, read_exit_file
+from aipm.record import Record
+from aipm.runtime import StateWriteError, read_exit_file
 
 
 def keep_exit_code(rec: Record, code: int | None) -> bool:

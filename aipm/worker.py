@@ -8,7 +8,8 @@ from pathlib import Path
 from aipm import agents, workspace
 from aipm.errors import UserError
 from aipm.model import Task
-from aipm.runtime import Record, Runtime
+from aipm.record import Record
+from aipm.runtime import Runtime
 from aipm.settings import Settings
 
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from aipm.gitstatus import real_root, tree_prefix
 from aipm.paths import real_relative
-from aipm.runtime import Record, Runtime
+from aipm.record import Record
+from aipm.runtime import Runtime
 
 WRITTEN_LOG = "written.log"  # in the state directory: "<time_ns> <json list of targets>" per line
 

@@ -143,7 +143,8 @@ def test_a_link_planted_as_the_early_exit_file_is_not_written_through(tmp_path):
 def test_the_sweep_of_spent_exit_files_keeps_the_early_file_of_a_live_worker(project):
     """remove_spent_exit_files keeps what a recorded worker's wrapper will name, `.w` included, and removes the
     early files of wrappers that are gone with no record left (killed before their command ended)."""
-    from aipm.runtime import Record, Runtime
+    from aipm.record import Record
+    from aipm.runtime import Runtime
 
     rt = Runtime(project.root)
     live = Record(order="O", order_dir="", task="T1", task_file="", attempt=1, targets=[], log="",

@@ -130,7 +130,7 @@ def test_a_released_worker_whose_file_was_reset_is_neither_planned_again_nor_sto
     from aipm.launcher import Launcher, Options
     from aipm.liveness import process_ctime
     from aipm.project import Project
-    from aipm.runtime import Record
+    from aipm.record import Record
     from aipm.settings import load_settings
     from aipm.view import OrderView
 

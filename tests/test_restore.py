@@ -5,7 +5,7 @@ from __future__ import annotations
 import yaml
 
 from aipm.restore import counters, disowned, restore
-from aipm.runtime import Record
+from aipm.record import Record
 from aipm.store import load_task
 
 

@@ -3,7 +3,8 @@
 import subprocess
 
 from aipm import liveness
-from aipm.runtime import Record, Runtime
+from aipm.record import Record
+from aipm.runtime import Runtime
 
 
 def _record(root, task: str, pid: int = 0, ctime: float = 0.0) -> Record:

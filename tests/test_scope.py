@@ -387,7 +387,8 @@ def test_the_written_log_is_cut_to_what_an_audit_in_flight_may_need(tmp_path, mo
     import time
 
     from aipm import scope, writtenlog
-    from aipm.runtime import Record, Runtime
+    from aipm.record import Record
+    from aipm.runtime import Runtime
 
     root = tmp_path / "repo"
     root.mkdir()

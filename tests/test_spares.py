@@ -16,7 +16,8 @@ import yaml
 from aipm import durable, spares
 from aipm.model import Status
 from aipm.recovery import remove_temp_files
-from aipm.runtime import Record, Runtime
+from aipm.record import Record
+from aipm.runtime import Runtime
 from aipm.writer import update_task
 from conftest import write_task
 

@@ -304,7 +304,8 @@ def test_a_task_starting_in_a_launch_round_is_not_taken_for_lost(project):
     """A launch round writes a task's IN_PROGRESS before its worker record, under the launch lock: a reader
     looking in between must wait for the round's end rather than call the starting task INTERRUPTED."""
     from aipm.liveness import process_ctime
-    from aipm.runtime import Record, Runtime
+    from aipm.record import Record
+    from aipm.runtime import Runtime
 
     order = project.order()
     path = write_task(order, "A", command="true", status="IN_PROGRESS", attempts=1)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aipm.changes import ProjectWatch
 from aipm.logbook import Tail, parse
-from aipm.runtime import Record
+from aipm.record import Record
 
 BACKLOG = 200  # lines of each running worker's log a page gets when it connects
 # Seconds between comment lines that keep an idle stream open through proxies (AIPM_UI_KEEPALIVE overrides).

@@ -26,7 +26,8 @@ from pathlib import Path
 
 from aipm.errors import UserError
 from aipm.model import Task
-from aipm.runtime import Record, Runtime
+from aipm.record import Record
+from aipm.runtime import Runtime
 from aipm import writtenlog
 from aipm.scope import out_of_scope
 from aipm.settings import WORKSPACES, Settings

@@ -11,7 +11,8 @@ from pathlib import Path
 from aipm import writtenlog
 from aipm.errors import UserError
 from aipm.model import FINISHED_OK, RUNNING, Order, Task
-from aipm.runtime import Record, Runtime, append_log
+from aipm.record import Record
+from aipm.runtime import Runtime, append_log
 from aipm.workspace.places import component, merge_dir, refname, relative, runtime_dir, scratch, seam, worktree_path
 from aipm.workspace.repo import Repo, WorkspaceError
 

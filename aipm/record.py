@@ -1,0 +1,93 @@
+"""A worker record: what aipm knows about one running task (who owns it, which process does the work), and
+whether it is alive: a pid that exists *and* whose start time matches, so a reused pid is never taken for it.
+Runtime (runtime.py) stores the records; this is the record itself, plain data and its liveness.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from aipm.liveness import process_alive
+
+
+@dataclass
+class Record:
+    """What aipm knows about one running task: who owns it and which process does the work."""
+
+    order: str
+    order_dir: str
+    task: str
+    task_file: str
+    attempt: int
+    targets: list[str]
+    log: str
+    exit_file: str
+    started_at: str
+    owner_pid: int = 0  # the supervisor or detached worker that will finish the task
+    owner_ctime: float = 0.0
+    pid: int = 0  # the worker process (session leader of its process group)
+    ctime: float = 0.0
+    pgid: int = 0
+    command: list[str] = field(default_factory=list)
+    phase: str = "work"  # "work" or "review"
+    deadline: float | None = None  # wall-clock time after which the worker's group is killed
+    scope_allowed: list[str] = field(default_factory=list)  # targets of tasks running when it started
+    cpus: float = 0.0  # the task's declared resources, counted against this machine's capacity
+    memory_mb: int = 0
+    # The attempt's number over the task's whole life (names its log and exit file); `attempt` is the task
+    # file's `attempts:` counter, which `retry` resets, so it cannot name files.
+    number: int = 0
+    agent: str = "command"  # the preset that runs the work (aipm.agents), so its usage can be read at the end
+    workspace: str = ""  # the task's git worktree ("" = it works in the shared project tree)
+    # The task's counters when this attempt started (reworks, preemptions, cost_usd: what its limits and the
+    # budget are decided on), written back with the status if a reset loses them.
+    counters: dict = field(default_factory=dict)
+    # Why its owner is stopping it (Ctrl-C, a preemption), set before the SIGTERM: its wrapper waits for the command
+    # and writes its code, which is then no outcome of its own. An owner killed during the grace leaves the
+    # re-queue to whoever finds the record (recovery.recover_order, Supervisor.handle), attempt not counted.
+    stopping: str = ""
+    # Its owner's timeout fired (set before the SIGTERM): an adopter records the attempt as timed out, whatever
+    # code the command the wrapper waited for exits with.
+    timed_out: bool = False
+
+    @property
+    def serial(self) -> int:
+        return self.number or self.attempt  # records written before `number` existed
+
+    @property
+    def scope_file(self) -> str:
+        """Where the scope audit keeps the git snapshot taken before the worker started."""
+        return self.log[: -len(".log")] + ".scope.json"
+
+    @property
+    def key(self) -> str:
+        return f"{self.order}/{self.task}"
+
+    def worker_alive(self) -> bool:
+        return bool(self.pid) and process_alive(self.pid, self.ctime)
+
+    def owner_alive(self) -> bool:
+        return bool(self.owner_pid) and process_alive(self.owner_pid, self.owner_ctime)
+
+    def alive(self) -> bool:
+        return self.worker_alive() or self.owner_alive()
+
+    def encloses_us(self) -> bool:
+        """This process runs inside the worker (in its session): an `aipm run` its command started. Waiting for
+        that worker, or adopting it, would be waiting for ourselves."""
+        return bool(self.pid) and self.pgid == _own_session() and self.worker_alive()
+
+
+_SESSION: list[int] = []  # this process's session, read once
+
+
+def _own_session() -> int:
+    if not _SESSION:
+        _SESSION.append(os.getsid(0))
+    return _SESSION[0]
+
+
+def live_pid(rec: Record) -> int:
+    """The pid to name for a live record: its worker's, or its owner's while no worker runs (review, finish)."""
+    return rec.pid if rec.worker_alive() else rec.owner_pid
