@@ -17,7 +17,7 @@ from aipm.model import RUNNING, Order, Status, Task, status_summary
 from aipm.plan import NOT_QUEUED, Plan, plan
 from aipm.runtime import Runtime
 from aipm.settings import Settings
-from aipm.store import load_task, load_order
+from aipm.store import load_order, load_task
 
 # Why a task whose worker was lost reads as INTERRUPTED: what its file still says and what to do.
 LOST = "worker lost with its supervisor; `aipm recover` re-queues it"
