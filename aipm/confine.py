@@ -298,7 +298,13 @@ def main(argv: list[str]) -> int:
         return 126
     if tmp:
         os.environ["TMPDIR"] = tmp
-    os.execv(argv[2], argv[2:])
+    # An argv names its program as the wrapper would run it: a bare name (`claude`, an agent preset's) is
+    # looked up on the worker's PATH, as execvp does unconfined.
+    try:
+        os.execvp(argv[2], argv[2:])
+    except OSError as exc:  # as a shell says it: one line, 127 for a program not found, 126 for one not runnable
+        print(f"aipm: cannot run {argv[2]}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
     return 127  # not reached
 
 

@@ -446,3 +446,38 @@ def test_a_commands_own_exit_126_stays_exit_126(project):
                target_files=["t.txt"])
     project.aipm("run", "ORD", "--no-review")
     assert yaml.safe_load((project.root / "orders" / "ORD" / "T.yaml").read_text())["reason"] == "exit 126"
+
+
+@landlock
+def test_a_confined_argv_finds_its_program_on_path_as_an_agent_preset_needs(tmp_path):
+    """An argv naming its program by a bare name (every agent preset's: `claude -p ...`) ran as
+    `os.execv("claude")`, which searches no PATH: every confined agent attempt failed with a traceback in its
+    log. Here the program is found on PATH, runs confined, and its write outside the targets is refused."""
+    project, root, _ = _tree(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    agent = bin_dir / "fake-agent"
+    agent.write_text("#!/bin/sh\necho done > docs/ok.md\necho hacked >> README || echo 'README refused'\n")
+    agent.chmod(0o755)
+    write_task(project.order(), "T", command=["fake-agent"], target_files=["docs/"], confine=True)
+    proc = project.aipm("run", "ORD", "--no-review", env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (root / "docs" / "ok.md").read_text() == "done\n"
+    assert (root / "README").read_text() == "readme\n"
+    log = (root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
+    assert "Permission denied" in log and "README refused" in log and "Traceback" not in log, log
+
+
+@landlock
+def test_a_confined_program_that_cannot_start_fails_with_one_line_not_a_traceback(tmp_path):
+    """Found on PATH at launch, yet its interpreter is missing: the attempt fails as a shell would say it."""
+    project, root, _ = _tree(tmp_path)
+    (root / "tool").write_text("#!/nonexistent/interpreter\n")
+    (root / "tool").chmod(0o755)
+    write_task(project.order(), "T", command=["./tool"], target_files=["docs/"], confine=True)
+    proc = project.aipm("run", "ORD", "--no-review")
+    assert proc.returncode == 1
+    data = yaml.safe_load((root / "orders" / "ORD" / "T.yaml").read_text())
+    assert data["status"] == "FAILED" and data["exit_code"] == 127, data
+    log = (root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
+    assert "aipm: cannot run ./tool: No such file or directory" in log and "Traceback" not in log, log
