@@ -131,6 +131,20 @@ def test_successor_starts_from_its_dependencys_merged_edit(repo, tmp_path):
     assert project.statuses() == {"T1": "DONE", "T2": "DONE"}
 
 
+def test_a_project_that_ignores_its_runtime_directory_runs_worktree_tasks(repo):
+    """`.aipm/` in the project's .gitignore (as many add it): the capture's pathspec excluding the runtime
+    directory named an ignored path, which git add refuses, so every worktree task failed to launch with
+    `git add failed: hint: ...` and stayed QUEUED."""
+    (repo / ".gitignore").write_text(".env\nbuild/\n.aipm/\n")
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"], command="echo 'from T' >> src/a.txt")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert project.statuses() == {"T": "DONE"}
+    assert (repo / "src/a.txt").read_text().endswith("from T\n")
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+
+
 def test_a_worktree_attempt_keeps_its_files_until_it_has_merged_back(repo, tmp_path):
     """T1 (a worktree) and T2 (any workspace) want the same file and do not depend on each other. An attempt that
     no reviewer follows hands its files on at its command's end, except one in a worktree: its edit reaches the

@@ -115,7 +115,11 @@ class Repo:
                 # a copy stamped later made it trust a same-size edit made in the second of the checkout
                 shutil.copy2(seed, index)
             env = {"GIT_INDEX_FILE": str(index)}
-            specs = [":/", f":(top,exclude){self.prefix}{RUNTIME_DIR}", *(f":(top,exclude){p}" for p in leave_out)]
+            # The runtime directory as a pattern ("[.]aipm/**"), not its literal name: git add refuses a pathspec,
+            # excluding ones too, that names an ignored path ("paths are ignored by one of your .gitignore
+            # files"), and many projects ignore .aipm/ themselves.
+            runtime = f"{self.prefix}[{RUNTIME_DIR[0]}]{RUNTIME_DIR[1:]}/**"
+            specs = [":/", f":(top,exclude){runtime}", *(f":(top,exclude){p}" for p in leave_out)]
             try:
                 self.git("add", "--all", "--", *specs, cwd=tree_dir, env=env)
             except WorkspaceError as exc:
