@@ -235,8 +235,9 @@ class Recording:
         if outside:
             # Writing outside target_files fails the review, whatever the reviewer would say.
             message = "scope audit: wrote outside target_files: " + ", ".join(outside)
-            if rec.workspace:
-                message += "; nothing of this attempt was merged"
+            if rec.workspace:  # its worktree goes when the next attempt starts: say where the work is kept
+                message += ("; nothing of this attempt was merged; its changes are kept in "
+                            f"{workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial)}")
             event["scope"] = outside
         reviewing = not decided and review_command(task, self.settings, self.launcher.options.no_review) is not None
         if ok and not message and not reviewing:

@@ -235,7 +235,11 @@ def test_out_of_scope_write_merges_nothing_and_names_the_paths(repo, tmp_path):
     feedback = (repo / ".aipm/feedback/ORD/T.txt").read_text()
     assert "src/b.txt" in feedback and "stray.txt" in feedback and "src/a.txt" not in feedback
     assert "nothing of this attempt was merged" in feedback
-    assert (repo / "src/a.txt").read_bytes() == before_a  # the in-scope change was not merged either
+    # The in-scope change was not merged either: the feedback and the log say where it is kept.
+    patch = repo / ".aipm/patches/ORD/T.1.patch"
+    assert f"its changes are kept in {patch}" in feedback and "+mine" in patch.read_text()
+    assert f"its changes are kept in {patch}" in (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert (repo / "src/a.txt").read_bytes() == before_a
     assert not (repo / "stray.txt").exists()
     # The failed attempt stays inspectable until `aipm recover`.
     shown = project.aipm("diff", "T")
