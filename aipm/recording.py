@@ -243,7 +243,7 @@ class Recording:
         if ok and not message and not reviewing:
             message = self._merge_back(rec, event)
         if message:
-            append_log(rec.log, message.splitlines()[0])
+            log_whole(rec.log, message)
             self.rt.feedback_path(rec.order, rec.task, writing=True).write_text(message + "\n")
             task = self._write(task, {**after_work(task, 0, self.settings, True, outcome.exited(0)), **spent})
             why = outcome.scope(outside) if outside else outcome.one_line(message.splitlines()[0])
@@ -276,7 +276,7 @@ class Recording:
         append_log(rec.log, f"review {verdict}; review output: {review_log}")
         conflict = self._merge_back(rec, {}) if code == 0 else None
         if conflict:
-            append_log(rec.log, conflict.splitlines()[0])
+            log_whole(rec.log, conflict)
             feedback.write_text(conflict + "\n")
             code, reason = 1, outcome.one_line(conflict.splitlines()[0])
         elif code == 0:
@@ -368,3 +368,10 @@ class Recording:
         self.rt.remove_record(rec.order, rec.task)
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)
+
+
+def log_whole(log: str, text: str) -> None:
+    """A message of several lines (a merge conflict's paths, markers and kept patch) in the attempt's log: the
+    reason keeps only its first line. Lines after the first are indented, so no line of a file's text can be
+    taken for an agent's JSON event when the log's usage is read."""
+    append_log(log, "\n  ".join(text.rstrip("\n").splitlines()))

@@ -312,6 +312,13 @@ def test_a_conflicting_edit_sends_the_task_back_with_the_conflict_and_keeps_the_
     assert "merge conflict" in seen and "src/a.txt" in seen and "<<<<<<<" in seen
     patch = repo / ".aipm/patches/ORD/T.1.patch"
     assert str(patch) in seen and "+a line 5 by the task 1" in patch.read_text()
+    # The log and the reason name the path (the log's line ended "nothing of this attempt was merged:", with
+    # neither the path nor the kept patch); the log has the rest, indented.
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "] merge conflict in src/a.txt: " in log and f"\n  This attempt's changes are kept in {patch}" in log
+    assert "\n  <<<<<<< main tree" in log
+    run_lines = [line for line in proc.stdout.splitlines() if "merge conflict" in line]
+    assert run_lines and "merge conflict in src/a.txt:" in run_lines[0], proc.stdout
     # Attempt 2 started from the main tree with the person's edit: its sed found no "a line 5" to change.
     text = (repo / "src/a.txt").read_text()
     assert person in text and "by the task" not in text
@@ -957,6 +964,9 @@ def test_what_an_approving_review_changed_in_the_worktree_is_merged_or_sends_the
     assert ("merge: the review changed src/a.txt in the worktree; merged with the task's changes"
             in (repo / ".aipm/logs/ORD/IN.1.log").read_text())
     assert "the review wrote outside target_files: src/d.txt" in (repo / ".aipm/feedback/ORD/OUT.txt").read_text()
+    kept = repo / ".aipm/patches/ORD/OUT.1.patch"  # the task's work and the review's, named in the log
+    assert f"This attempt's changes are kept in {kept}" in (repo / ".aipm/logs/ORD/OUT.1.log").read_text()
+    assert "+task" in kept.read_text() and "+review" in kept.read_text()
     assert (repo / "src/d.txt").read_bytes() == d_before and (repo / "src/c.txt").read_bytes() == c_before
 
 

@@ -220,7 +220,10 @@ def merge(root: Path, rec: Record) -> list[str]:
     notes = []
     if not merging.pending(plan_dir, rec.serial):
         if rec.phase == "review":
-            notes = _reviewed(root, repo, rec)
+            try:
+                notes = _reviewed(root, repo, rec)
+            except Conflict as exc:
+                raise _kept(root, rec, exc) from None
         base = repo.rev(refname(rec.order, rec.task, "base"))
         end = repo.rev(refname(rec.order, rec.task, "end"))
         if base is None or end is None:
@@ -229,15 +232,20 @@ def merge(root: Path, rec: Record) -> list[str]:
         try:
             steps = merging.plan(repo, base, end, repo.changes(base, end))
         except Conflict as exc:
-            kept = patch_path(root, rec.order, rec.task, rec.serial)
-            raise Conflict(f"{exc}\nThis attempt's changes are kept in {kept}; the next attempt starts from the "
-                           "main tree as it is now.", exc.paths) from None
+            raise _kept(root, rec, exc) from None
         merging.save(plan_dir, rec.serial, steps)
     seam("merge:0")
     notes += merging.apply(repo.top, plan_dir, after_each=lambda n: seam(f"merge:{n}"))
     # A shared task whose audit is in flight may see these files change once this record is gone.
     writtenlog.note_written(Runtime(root), rec.targets)
     return notes + _ignored_left_behind(repo, rec)
+
+
+def _kept(root: Path, rec: Record, conflict: Conflict) -> Conflict:
+    """The conflict, saying where the attempt's changes are kept (its worktree goes with the next attempt)."""
+    kept = patch_path(root, rec.order, rec.task, rec.serial)
+    return Conflict(f"{conflict}\nThis attempt's changes are kept in {kept}; the next attempt starts from the main "
+                    "tree as it is now.", conflict.paths)
 
 
 def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:

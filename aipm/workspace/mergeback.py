@@ -120,10 +120,12 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[tuple[S
             continue
         steps.append((Step(change.path, digest(now), digest(merged)), merged))
     if problems:
-        message = ("merge conflict: the main tree changed since this attempt started, and its changes cannot be "
-                   "combined with the task's; nothing of this attempt was merged:\n"
+        paths = [p.split(": ", 1)[0] for p in problems]
+        # The first line is the task's reason: it names the paths (the lines below give each one's why).
+        message = (f"merge conflict in {', '.join(paths)}: the main tree changed meanwhile and cannot be combined "
+                   "with this attempt's changes; nothing of it was merged\n"
                    + "".join(f"  {p}\n" for p in problems) + "".join(f"\n{d}" for d in details))
-        raise Conflict(message, [p.split(": ", 1)[0] for p in problems])
+        raise Conflict(message, paths)
     # Deletions first: a path may turn from a directory into a file (or back) between start and end.
     return sorted(steps, key=lambda s: (s[1] is not None, s[0].path))
 
