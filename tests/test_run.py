@@ -112,6 +112,18 @@ def test_failed_task_never_unblocks_dependants_and_the_rest_goes_on(project):
     assert why["reasons"][0]["reason"] == "dependency_cannot_finish"
 
 
+def test_run_says_which_tasks_can_never_run_and_what_would_start_them(project):
+    """The closing counts ('QUEUED 2, FAILED 1', exit 1) alone did not say why tasks never started."""
+    order = project.order()
+    write_task(order, "BAD", command="exit 3")
+    write_task(order, "AFTER", command="true", depends_on=["BAD"])
+    write_task(order, "LAST", command="true", depends_on=["AFTER"])
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring")
+    assert proc.returncode == 1
+    assert ("aipm: AFTER, LAST can never run: BAD is FAILED; fix what stopped it, then `aipm retry BAD` and run "
+            "again") in proc.stderr, proc.stderr
+
+
 def test_timeout_kills_the_whole_group(project):
     order = project.order()
     pidfile = project.root / "grandchild.pid"

@@ -18,6 +18,7 @@ from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, RunnerOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, Options
+from aipm.plan import NEVER, plan
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.project import Project, find_task
 from aipm.runloop import supervise
@@ -139,6 +140,8 @@ def run(
     if not json_out and code == 1 and stop is not None and stop.reached and any(
             t.status == Status.QUEUED for t in view.order.tasks.values()):
         console(stderr=True).print(f"aipm: {view.order.id} stopped: {stop.detail}", markup=False)
+    if not json_out and code == 1:
+        _never_run(view.order)
     _pending_merges(launcher.project.root, view.order)
     summary = summary_event(view.order, code)
     if json_out:
@@ -146,6 +149,19 @@ def run(
     else:
         print(plain_line(summary), file=sys.stderr if code != 0 else sys.stdout)  # plain text: no rich needed
     raise Exit(code)
+
+
+def _never_run(order: Order) -> None:
+    """The tasks left QUEUED behind a dependency that ended FAILED, REJECTED or CANCELLED: the closing counts
+    alone do not say why they never started, nor what would start them."""
+    behind: dict[str, list[str]] = {}
+    for blocked in plan(order).blocked.values():
+        if blocked.reason == NEVER:
+            behind.setdefault(blocked.tasks[0], []).append(blocked.id)
+    for cause, ids in behind.items():
+        console(stderr=True).print(
+            f"aipm: {', '.join(ids)} can never run: {cause} is {order.tasks[cause].status}; fix what stopped it, "
+            f"then `aipm retry {cause}` and run again", markup=False)
 
 
 def _pending_merges(root: Path, order: Order) -> None:
