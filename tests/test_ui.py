@@ -339,3 +339,30 @@ def test_another_host_only_when_asked_and_with_a_warning(project):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
     assert "warning: listening on 127.0.0.2" in err
+
+
+def test_a_burst_of_log_lines_is_sent_only_as_far_as_the_page_keeps_them(project, dashboard, gate):
+    """A worker printing 20,000 lines at once (one write): the merged log's message carried every one of them
+    (a chatty agent's 18 MB transcript went out as 21 MB of events), though the page keeps its last 2,000."""
+    burst = "import os; os.write(1, ''.join(f'line {n}\\n' for n in range(20000)).encode())"
+    write_task(project.order(), "T", target_files=["t"],
+               command=[sys.executable, "-c", f"{burst}\nimport os, time\nwhile not os.path.exists({str(gate)!r}): "
+                        "time.sleep(0.05)"])
+    base, token = base_and_token(dashboard)
+    events = urllib.request.urlopen(f"{base}/events?token={token}", timeout=60)
+    assert events.readline().startswith(b"event: board")  # connected, before the worker starts
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                            "--no-resource-monitoring"], stdout=subprocess.DEVNULL)
+    sent = []
+    while not any(item["line"] == "line 19999" for item in sent):
+        line = events.readline()
+        assert line, "the event stream ended"
+        if line == b"event: log\n":
+            sent = json.loads(events.readline()[len(b"data: "):])
+            assert len(sent) <= 2000, len(sent)
+    assert sent[0] == {"order": "", "task": "aipm",
+                       "line": "[aipm ui] 18001 lines not shown here: each task's own log has them"}
+    assert [item["line"] for item in sent[1:]] == [f"line {n}" for n in range(18001, 20000)]
+    events.close()
+    gate.touch()
+    assert run.wait(timeout=120) == 0

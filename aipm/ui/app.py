@@ -35,6 +35,7 @@ from aipm.ui.stream import Hub, LiveLog, Stream, sse
 TOKEN_HEADER = b"x-aipm-token"
 LINGER = 0.05  # seconds a woken stream waits for the rest of a burst of changes
 LOG_BYTES = 256 * 1024  # of each attempt's log shown for one task: the end, where the news is
+LIVE_LINES = 2000  # of the merged log the page keeps (page.html's MAX_LINES): no message carries more
 SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"x-content-type-options", b"nosniff"),
@@ -177,7 +178,7 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
                             sent = current
                             yield sse("board", current)
                     if lines:
-                        yield sse("log", lines)
+                        yield sse("log", _page_full(lines))
                     lines = []
                     if not await hub.wait(stream):
                         yield ": keep-alive\n\n"
@@ -207,6 +208,16 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
         Route("/events", events),
     ], lifespan=lifespan)
     return Guard(app, token, hosts, any_ip_host)
+
+
+def _page_full(lines: list[dict]) -> list[dict]:
+    """At most the lines the page keeps: of a burst beyond them (an agent printing megabytes at once) only the
+    end goes out, after a line saying how many were left out."""
+    if len(lines) <= LIVE_LINES:
+        return lines
+    cut = len(lines) - LIVE_LINES + 1
+    note = f"[aipm ui] {cut} lines not shown here: each task's own log has them"
+    return [{"order": "", "task": "aipm", "line": note}, *lines[cut:]]
 
 
 def _grown(live: LiveLog, paths: set[Path]) -> list[dict]:
