@@ -21,7 +21,7 @@ from aipm.model import Order, Status, Task
 from aipm.record import Record, live_pid
 from aipm.runtime import StateWriteError, append_log
 from aipm.view import OrderView
-from aipm.worker import program as worker_program
+from aipm.worker import program as worker_program, program_source
 from aipm.writer import StaleWrite, now, update_task
 
 
@@ -38,8 +38,7 @@ class Starter:
             raise LaunchFailed(f"its worker pid {live_pid(running)} is still running")
         program = self._missing_program(task)
         if program:
-            fix = f"`command` in {task.path}" if task.command else "worker.command (the worker template) in aipm.yaml"
-            raise LaunchFailed(f"program {program!r} not found on PATH; install it or fix {fix}")
+            raise LaunchFailed(f"program {program!r} not found on PATH; install it or fix {program_source(task, self.settings)}")
         confined = confine.wanted(task, self.settings)
         # On a Ray node the command runs on another machine: a ruleset here would confine only the local driver.
         refusal = confined and ("not with --runner ray" if self.settings.runner == "ray"

@@ -66,6 +66,15 @@ def program(task: Task, settings: Settings) -> list[str]:
     return [agents.program(agent)] if agents.is_preset(agent) else list(settings.worker_command)
 
 
+def program_source(task: Task, settings: Settings) -> str:
+    """Where the program `program()` names was chosen: what to fix when it is missing."""
+    if task.command is not None:
+        return f"`command` in {task.path}"
+    if not agents.is_preset(agent_for(task, settings)):
+        return "worker.command (the worker template) in aipm.yaml"
+    return f"`agent` in {task.path}" if task.agent else "worker.agent (the agent preset) in aipm.yaml"
+
+
 def model_for(task: Task, settings: Settings, override: str | None) -> str:
     """--model, else the task's `model`, else worker.model from aipm.yaml."""
     return override or task.model or settings.worker_model

@@ -603,11 +603,18 @@ def test_a_bad_worker_agent_setting_is_one_line_and_exit_2(project):
 
 
 def test_a_missing_agent_program_is_refused_at_launch(project):
+    """The message names the setting that chose the preset (it named worker.command, the template, which a
+    preset does not use)."""
     (project.root / "aipm.yaml").write_text("worker:\n  agent: codex\n")
-    write_task(project.order(), "A", prompt="x")
+    order = project.order()
+    write_task(order, "A", prompt="x")
+    write_task(order, "B", prompt="x", agent="aider")
     proc = project.aipm("launch", "ORD", env={"PATH": "/usr/bin:/bin"})
-    assert proc.returncode == 1 and "program 'codex' not found on PATH" in proc.stderr
-    assert project.statuses() == {"A": "QUEUED"}
+    assert proc.returncode == 1
+    assert ("program 'codex' not found on PATH; install it or fix worker.agent (the agent preset) in aipm.yaml"
+            in proc.stderr), proc.stderr
+    assert f"program 'aider' not found on PATH; install it or fix `agent` in {order / 'B.yaml'}" in proc.stderr
+    assert project.statuses() == {"A": "QUEUED", "B": "QUEUED"}
 
 
 # ---- racing workers, killed supervisors ----------------------------------------------------------------
