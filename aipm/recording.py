@@ -321,7 +321,7 @@ class Recording:
             return [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *task_files,
                     *writtenlog.written_since(self.rt, since_ns)]
 
-        return scope.findings(self.rt.root, rec.scope_file, allowed)
+        return writtenlog.not_own_output(self.rt.root, scope.findings(self.rt.root, rec.scope_file, allowed))
 
     def _start_review(self, rec: Record, task: Task) -> None:
         command = review_command(task, self.settings, self.launcher.options.no_review)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -94,3 +95,31 @@ def _lines(log: Path) -> list[str]:
         return [line for line in log.read_text().splitlines() if line.split(" ", 1)[0].isdigit()]
     except (OSError, UnicodeDecodeError):
         return []
+
+
+def not_own_output(root: Path, paths: list[str]) -> list[str]:
+    """`paths` without this process's standard output and error: `nohup aipm run` writes nohup.out in the
+    project root (`aipm run > run.log` likewise), and those writes are aipm's, no worker's. Compared by inode:
+    only the paths an audit found are looked at, so an audit that found nothing costs nothing here."""
+    if not paths:
+        return paths
+    ours = set()
+    for fd in (1, 2):
+        try:
+            st = os.fstat(fd)
+        except OSError:
+            continue
+        if stat.S_ISREG(st.st_mode):
+            ours.add((st.st_dev, st.st_ino))
+    if not ours:
+        return paths
+    kept = []
+    for path in paths:
+        try:
+            st = os.stat(Path(root) / path)
+        except OSError:
+            kept.append(path)
+            continue
+        if (st.st_dev, st.st_ino) not in ours:
+            kept.append(path)
+    return kept

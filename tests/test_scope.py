@@ -711,3 +711,32 @@ def test_a_cancel_or_retry_in_another_order_during_an_attempt_is_not_charged(tmp
     assert steered.returncode == 0, steered.stderr
     assert first.returncode == 0, out + err
     assert yaml.safe_load(a_file.read_text())["status"] == "DONE"
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
+def test_the_runs_own_output_file_in_the_tree_is_not_charged_to_its_workers(tmp_path, watch):
+    """`nohup aipm run ORD` in the project root writes nohup.out there (as `aipm run ORD > run.log` does): every
+    line the run printed while a worker ran was charged to that worker ('scope: wrote nohup.out'), so every task
+    was sent back until REJECTED, an agent paid for each attempt."""
+    import subprocess as sp
+
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (root / "aipm.yaml").write_text(f"max_rework: 0\nmax_workers: 2\nscope_watch: {str(watch).lower()}\n")
+    (order / "FIRST.yaml").write_text(yaml.safe_dump({"command": "echo 1 > first.txt", "target_files": ["first.txt"]}))
+    # LONG ends only once the run has written FIRST's outcome to its output file: a write inside LONG's run.
+    (order / "LONG.yaml").write_text(yaml.safe_dump({
+        "command": "until grep -q 'finish   FIRST' nohup.out; do sleep 0.02; done; echo l > long.txt",
+        "target_files": ["long.txt"]}))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        sp.run(["git", *args], cwd=root, check=True)
+    with open(root / "nohup.out", "w") as out:
+        proc = sp.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--no-resource-monitoring"],
+                      stdout=out, stderr=sp.STDOUT, text=True, timeout=120, cwd=root)
+    statuses = {p.stem: yaml.safe_load(p.read_text()) for p in order.glob("*.yaml")}
+    assert proc.returncode == 0, (root / "nohup.out").read_text()
+    assert {t: s["status"] for t, s in statuses.items()} == {"FIRST": "DONE", "LONG": "DONE"}
