@@ -264,6 +264,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     recovered: set[tuple[str, int]] = set()  # dead owners whose tasks a recovery round has handled
     holders: set[int] = set()  # pids holding locks outside aipm that tasks wait for (watched: their exit wakes us)
     waiting_before: list[tuple[str, str]] = []
+    watched: set[str] = set()  # this order's tasks run by another owner, already said
     deferred_before: list[str] = []
     failed_told: dict[str, tuple] = {}  # task → the launch error last emitted for it, and the launch it followed
     recover = True  # at start, and whenever another owner's process ends (it may have died)
@@ -329,6 +330,13 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 if sup.watcher.watch_pid(pid, ("holder", pid)):
                     holders.add(pid)
             finishing, dead = _watch_foreign(sup, report.records, foreign, inside, order.id)
+            # This order's tasks another owner runs (`aipm launch`, another `run`): said once each, or a run that
+            # only waits for them prints nothing until the end.
+            theirs = [key[len(order.id) + 1:] for key in foreign if key.startswith(f"{order.id}/")]
+            if any(task not in watched for task in theirs):
+                emit({"event": "watching", "tasks": sorted(theirs), "detail": "run by another aipm (a detached "
+                      "`aipm launch` or another `aipm run`); this run waits for them and goes on from there"})
+                watched.update(theirs)
             orphaned = dead - recovered  # an owner died since the last recovery: never leave its task stuck
             recovered |= orphaned
             if only:

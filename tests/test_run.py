@@ -366,3 +366,22 @@ def test_a_run_ends_with_its_order_whatever_another_order_still_runs(project):
     assert project.statuses("O1") == {"LONG": "IN_PROGRESS"}  # still running when O2's run was over
     assert project.aipm("cancel", "O1/LONG").returncode == 0
     wait_for(lambda: no_workers(project.root))
+
+
+def test_a_run_says_which_tasks_of_its_order_another_owner_runs(project, gate):
+    """`aipm launch` started a detached worker; a `run` of the same order then only watched it and printed
+    nothing at all until the end."""
+    write_task(project.order(), "T", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                            "--no-resource-monitoring"], stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(run.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: lines)  # the worker waits for the gate: nothing else can print first
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 0
+    reader.join(timeout=60)
+    assert lines[0].startswith("watch    T: run by another aipm"), lines

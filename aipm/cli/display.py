@@ -34,6 +34,7 @@ LINES = {
     "preempted": "preempt  {task} for {for} (re-queued, attempt not counted)",
     "waiting": "wait     {task}: {detail}",
     "enclosing": "skip     {task}: this aipm runs inside its worker (pid {pid}), so it cannot wait for it",
+    "watching": "watch    {tasks}: {detail}",
 }
 
 
