@@ -38,7 +38,8 @@ class Starter:
             raise LaunchFailed(f"its worker pid {live_pid(running)} is still running")
         program = self._missing_program(task)
         if program:
-            raise LaunchFailed(f"program {program!r} not found on PATH; install it or fix {program_source(task, self.settings)}")
+            fix = program_source(task, self.settings)
+            raise LaunchFailed(f"program {program!r} not found on PATH; install it or fix {fix}")
         confined = confine.wanted(task, self.settings)
         # On a Ray node the command runs on another machine: a ruleset here would confine only the local driver.
         refusal = confined and ("not with --runner ray" if self.settings.runner == "ray"

@@ -18,8 +18,8 @@ from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, RunnerOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, Options
-from aipm.plan import NEVER, plan
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
+from aipm.plan import NEVER, plan
 from aipm.project import Project, find_task
 from aipm.runloop import supervise
 from aipm.view import OrderView
