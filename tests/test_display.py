@@ -87,6 +87,27 @@ def test_run_json_closes_with_a_summary_event(project):
     assert summary["counts"] == {s: statuses.count(s) for s in set(statuses)} == {"DONE": 1, "FAILED": 1}
 
 
+def test_exec_json_prints_only_json_and_closes_with_a_summary_event(project):
+    """`exec --json` ended with a text line (`BAD: FAILED (exit 3)`) on stdout, or `W cannot start:` and its
+    reasons for a task that could not start: a script reading JSON lines failed on it."""
+    order = project.order()
+    write_task(order, "BAD", command="exit 3")
+    write_task(order, "W", command="true", depends_on=["BAD"])
+    write_task(order, "OK", command="true")
+    proc = project.aipm("exec", "OK", "--json")
+    assert proc.returncode == 0 and [json.loads(line)["event"] for line in proc.stdout.splitlines()] == [
+        "started", "finished", "summary"], proc.stdout
+    proc = project.aipm("exec", "BAD", "--json")
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert proc.returncode == 1 and events[-1] == {
+        "event": "summary", "order": "ORD", "task": "BAD", "status": "FAILED", "reason": "exit 3",
+        "exit_code": 1, "time": events[-1]["time"]}
+    proc = project.aipm("exec", "W", "--json")
+    summary = [json.loads(line) for line in proc.stdout.splitlines()][-1]
+    assert proc.returncode == 1 and summary["status"] == "QUEUED", proc.stdout
+    assert [r["reason"] for r in summary["reasons"]] == ["dependency_cannot_finish"]
+
+
 def test_every_run_json_event_names_its_order(project):
     """The reference: each event has `event`, `task`, `order`, `time`. A launch that failed (the worker program
     missing) and a deferral came without `order`."""

@@ -189,7 +189,7 @@ def exec_(
     runner: Optional[str] = RunnerOpt,
     confine: bool = ConfineOpt,
     workspace: Optional[str] = WorkspaceOpt,
-    json_out: bool = Option(False, "--json", help="Stream one JSON object per event."),
+    json_out: bool = Option(False, "--json", help="Stream one JSON object per event, then a summary event."),
 ) -> None:
     """Run one task in the foreground (with its review and retries). Exit 0 when it ends DONE/COMPLETED."""
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
@@ -200,13 +200,22 @@ def exec_(
     display = Display("json" if json_out else "plain", view)
     code = supervise(launcher, view, display, only=task_id, detach_others=parallel)
     final = view.refresh().tasks[task_id]
+    reasons = []
     if final.status.value == "QUEUED" and final.attempts == 0 and code != 130:  # it never started: say why
-        from aipm.cli.cmd_detect import print_reasons, reasons_for  # only here: `run` does without them
+        from aipm.cli.cmd_detect import reasons_for  # only here: `run` does without it
 
         looker = Launcher(launcher.project, launcher.settings, Options(dry_run=True))  # reads only, no lock
-        _, _, launchable, reasons = reasons_for(looker, order_dir, task_id)
-        if not launchable:  # else its launch failed, and the 'failed' line said why
-            print_reasons(task_id, launchable, reasons)
+        _, _, launchable, found = reasons_for(looker, order_dir, task_id)
+        reasons = [] if launchable else found  # launchable: its launch failed, and the 'failed' line said why
+    if json_out:  # stdout stays JSON lines: the closing line is an event too
+        display({"event": "summary", "order": view.order.id, "task": task_id, "status": final.status.value,
+                 "reason": final.reason, "exit_code": code, **({"reasons": [r.as_dict() for r in reasons]}
+                                                               if reasons else {})})
+        raise Exit(code)
+    if reasons:
+        from aipm.cli.cmd_detect import print_reasons
+
+        print_reasons(task_id, False, reasons)
     why = f" ({final.reason})" if final.reason else ""
     console(stderr=code != 0).print(f"{task_id}: {final.status.value}{why}", markup=False)
     raise Exit(code)
