@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import posixpath
 import shlex
+import string
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -149,6 +150,28 @@ def _argv(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+# What aipm fills into worker.command: the worker module formats the template with exactly these.
+PLACEHOLDERS = ("model", "task_id", "order_id", "prompt_file")
+
+
+def _template(value: Any) -> tuple[str, ...]:
+    """worker.command: an argv whose only placeholders are PLACEHOLDERS, so a typo fails every command (exit 2)
+    rather than each launch of a task that uses it."""
+    argv = _argv(value)
+    for part in argv:
+        try:
+            names = [name for _, name, _, _ in string.Formatter().parse(part) if name is not None]
+            unknown = next((name for name in names if name not in PLACEHOLDERS), None)
+            if unknown is None:
+                part.format(**dict.fromkeys(PLACEHOLDERS, ""))  # a format spec no string takes (`{model:d}`)
+        except ValueError as exc:  # a lone brace, or that spec
+            raise ValueError(f"{part!r}: {exc}; write {{{{ and }}}} for literal braces") from None
+        if unknown is not None:
+            raise ValueError(f"bad placeholder {{{unknown}}} in {part!r}; use {{model}}, {{task_id}}, {{order_id}} "
+                             "or {prompt_file}")
+    return argv
+
+
 def _runner(value: Any) -> str:
     if value not in ("local", "ray"):
         raise ValueError(f"{value!r} is not a runner; use local or ray")
@@ -196,7 +219,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "max_rework": _non_negative,
     "timeout": _timeout,
     "orders_dir": _orders_dir,
-    "worker.command": _argv,
+    "worker.command": _template,
     "worker.model": _text,
     "review.command": _review,
     "scope_audit": _boolean,

@@ -6,7 +6,6 @@ import os
 from pathlib import Path
 
 from aipm import agents, workspace
-from aipm.errors import UserError
 from aipm.model import Task
 from aipm.record import Record
 from aipm.runtime import Runtime
@@ -45,12 +44,7 @@ def invocation(
         )
         return agents.command_line(rec.agent, attempt), env, str(prompt)
     values = {"model": model, "task_id": rec.task, "order_id": rec.order, "prompt_file": str(prompt)}
-    try:
-        command = [part.format(**values) for part in settings.worker_command]
-    except (KeyError, IndexError, ValueError) as exc:
-        raise UserError(f"aipm.yaml: worker.command: bad placeholder {exc}; use {{model}}, {{task_id}}, "
-                        "{order_id} or {prompt_file}") from None
-    return command, env, str(prompt)
+    return [part.format(**values) for part in settings.worker_command], env, str(prompt)  # checked by settings
 
 
 def agent_for(task: Task, settings: Settings) -> str:

@@ -232,6 +232,9 @@ BAD_YAML = [
     ("worker:\n  command: []\n", "worker.command"),
     ("worker:\n  command: [claude, 5]\n", "worker.command"),
     ("worker:\n  command: \"unclosed 'quote\"\n", "worker.command"),
+    ("worker:\n  command: [agent, '{prompt}']\n", "worker.command: bad placeholder {prompt}"),
+    ("worker:\n  command: 'agent {model'\n", "worker.command"),
+    ("worker:\n  command: [agent, '{model:d}']\n", "worker.command"),
     ("worker:\n  model: 7\n", "worker.model"),
     ("review:\n  command: 5\n", "review.command"),
     ("- max_workers\n", "expected a mapping"),
@@ -249,6 +252,32 @@ BAD_YAML = [
 def test_bad_aipm_yaml_value(tmp_path, text, setting):
     (tmp_path / "aipm.yaml").write_text(text)
     assert_one_line_error(aipm(tmp_path, "config", "--json"), str(tmp_path / "aipm.yaml"), setting)
+
+
+def test_a_bad_template_placeholder_stops_run_before_anything_starts(tmp_path):
+    """`worker.command: [agent, "{prompt}"]` passed `config` and `validate`; `run` then failed each template task at
+    its launch (exit 1) while it ran the others. A bad value is exit 2 naming the setting, nothing changed."""
+    (tmp_path / "aipm.yaml").write_text("worker:\n  command: [cat, '{prompt}']\n")
+    order = tmp_path / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (order / "AGENT.yaml").write_text("prompt: hello\ntarget_files: [a]\n")
+    (order / "CMD.yaml").write_text("command: 'true'\ntarget_files: [b]\n")
+    before = {p: p.read_bytes() for p in order.iterdir()}
+    assert_one_line_error(aipm(tmp_path, "validate"), "worker.command: bad placeholder {prompt}")
+    assert_one_line_error(aipm(tmp_path, "run", "ORD"), "worker.command: bad placeholder {prompt}")
+    assert {p: p.read_bytes() for p in order.iterdir()} == before
+
+
+def test_template_placeholders_and_literal_braces_reach_the_worker(tmp_path):
+    (tmp_path / "aipm.yaml").write_text(
+        "worker:\n  command: [sh, -c, 'echo \"$0 $1 $2 {{x}}\" > out; cat $3 >> out', '{task_id}', '{order_id}',"
+        " '{model}', '{prompt_file}']\n")
+    order = tmp_path / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (order / "T.yaml").write_text("prompt: hello\nmodel: opus\ntarget_files: [out]\n")
+    proc = aipm(tmp_path, "run", "ORD", env={"AIPM_ENABLE_MONITORING": "false"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "out").read_text() == "T ORD opus {x}\nhello"
 
 
 def test_unknown_key_suggests_the_right_one(tmp_path):
