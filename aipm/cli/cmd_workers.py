@@ -222,8 +222,9 @@ def retry(
     resume: bool = Option(False, "--resume", help="The next attempt continues the agent's own recorded "
                           "session (session_id), for agents that can (claude --resume, codex exec resume)."),
 ) -> None:
-    """Put a finished, failed, rejected or cancelled task back to QUEUED, as new: its attempts, reworks, times and
-    exit code are cleared and the old review feedback is dropped; its next attempt gets a new number and log."""
+    """Put a finished, failed, rejected, interrupted or cancelled task back to QUEUED, as new: its attempts, reworks,
+    times, exit code and reason are cleared and the old review feedback is dropped; its next attempt gets a new
+    number and log."""
     project, settings = _settings_project()
     order_dir, task_id = find_task(project, task)
     current = steering.retry(project, order_dir, task_id, settings if resume else None)
