@@ -331,6 +331,16 @@ def test_detect_summary_and_json(project):
     assert [t["id"] for t in project.json("detect", "ORD", "--max-workers", "1")["launchable"]] == ["A"]
 
 
+def test_detect_with_nothing_launchable_says_so_instead_of_an_empty_table(project):
+    order = project.order()
+    write_task(order, "A", command="true", status="DONE")
+    write_task(order, "B", command="true", status="FAILED")
+    write_task(order, "C", command="true", depends_on=["B"])
+    lines = project.aipm("detect", "ORD", check=True).stdout.splitlines()
+    assert lines == ["Nothing may start in ORD now (5 free worker slot(s))", "Not launchable:",
+                     "  C: can never run: B is FAILED"], lines
+
+
 def test_why_in_words_and_json(project):
     order = project.order()
     write_task(order, "A", command="true", status="FAILED")

@@ -71,12 +71,16 @@ def detect(
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"Launchable in {escape(loaded.id)} ({free} free worker slot(s))")
-    for col in ("#", "task", "pri", "target files"):
-        table.add_column(col)
-    for i, t in enumerate(result.launchable, 1):  # paths and ids as written: `lib/[ab].c` is not markup
-        table.add_row(str(i), escape(t.id), t.priority.value, escape("\n".join(t.target_files)))
-    out.print(table)
+    slots = f"({free} free worker slot(s))"
+    if result.launchable:
+        table = Table(title=f"Launchable in {escape(loaded.id)} {slots}")
+        for col in ("#", "task", "pri", "target files"):
+            table.add_column(col)
+        for i, t in enumerate(result.launchable, 1):  # paths and ids as written: `lib/[ab].c` is not markup
+            table.add_row(str(i), escape(t.id), t.priority.value, escape("\n".join(t.target_files)))
+        out.print(table)
+    else:  # an empty table's frame said nothing
+        out.print(f"Nothing may start in {loaded.id} now {slots}", markup=False)
     waiting = [b for b in result.blocked.values() if b.reason != "not_queued"]
     if waiting:
         out.print("[bold]Not launchable:[/]")
