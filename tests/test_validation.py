@@ -69,4 +69,4 @@ def test_validate_all_orders_reports_each_bad_one(project):
     write_task(project.order("BAD"), "A", command=42)
     proc = project.aipm("validate")
     assert proc.returncode == 2
-    assert "ok  GOOD" in proc.stdout and "A.yaml: command" in proc.stderr
+    assert proc.stdout == "ok  GOOD (1 task)\n" and "A.yaml: command" in proc.stderr  # was '(1 tasks)'

@@ -103,7 +103,7 @@ def validate(
     else:
         for item in results:
             if item["ok"]:
-                console().print(f"ok  {item['order']} ({item['tasks']} tasks)")
+                console().print(f"ok  {item['order']} ({item['tasks']} task{'' if item['tasks'] == 1 else 's'})")
         for line in errors:
             console(stderr=True).print(f"aipm: error: {line}", markup=False)
         if not dirs:
