@@ -111,6 +111,15 @@ def test_a_usage_error_is_one_line_naming_the_command_and_writes_nothing(project
     assert full_snapshot(project.root) == before
 
 
+def test_root_after_the_command_says_where_it_goes(project):
+    """`aipm status ORD --root DIR` said only 'No such option: --root (see 'aipm status --help')', and that help
+    does not list --root: it is an option of `aipm` itself."""
+    project.order()
+    proc = project.aipm("status", "ORD", "--root", str(project.root))
+    assert_one_line_error(proc, "aipm: error: aipm status", "--root")
+    assert "(--root goes before the command: aipm --root DIR status ...)" in proc.stderr, proc.stderr
+
+
 def test_help_and_version_still_exit_0(project):
     for args in (("--help",), ("run", "--help"), ("--version",)):
         proc = project.aipm(*args)

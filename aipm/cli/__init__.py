@@ -216,6 +216,8 @@ def _run_typer(args: list[str]) -> int:
         where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "aipm"
         message = " ".join(exc.format_message().split())
         hint = f" (see '{where} --help')" if isinstance(exc, exceptions.UsageError) else ""
+        if getattr(exc, "option_name", None) == "--root":  # an option of `aipm`, absent from the command's help
+            hint = f" (--root goes before the command: aipm --root DIR {exc.ctx.info_name} ...)"
         print(f"aipm: error: {where}: {message}{hint}", file=sys.stderr)
         return exc.exit_code
     except typer.Abort:
