@@ -64,6 +64,18 @@ def test_unknown_order_and_task_are_one_line(project):
     assert_one_line_error(project.aipm("why", "ORD/NOPE"), "NOPE", "-")
 
 
+def test_an_unknown_order_names_the_orders_there_are(project):
+    """A first `aipm add ORDER_001 T1` (before `aipm new`), or a typo, said only 'give an order id or a path to an
+    order directory': the ids there are, or the command that makes the first one, are what to do next."""
+    proc = project.aipm("add", "ORDER_001", "T1")
+    assert_one_line_error(proc, "ORDER_001", "no order yet: `aipm new ORDER_001` makes one")
+    write_task(project.order("sprint"), "A", command="true")
+    (project.order("sprint") / "order.yaml").write_text("id: ORDER_012\n")
+    write_task(project.order("B"), "A", command="true")
+    assert_one_line_error(project.aipm("status", "ORDER_12"), "ORDER_12", "(orders here: B, ORDER_012)")
+    assert not (project.root / "orders" / "ORDER_001").exists()
+
+
 def test_validate_all_orders_reports_each_bad_one(project):
     write_task(project.order("GOOD"), "A", command="true")
     write_task(project.order("BAD"), "A", command=42)
