@@ -347,6 +347,7 @@ def test_why_in_words_and_json(project):
     write_task(order, "B", command="true", depends_on=["A"])
     words = project.aipm("why", "B").stdout
     assert "can never run: A is FAILED" in words
+    assert project.aipm("why", "A").stdout.splitlines()[-1] == "  `aipm retry A` queues it again"  # what to do
     data = project.json("why", str(order / "B.yaml"))
     assert data["launchable"] is False and data["reasons"][0]["tasks"] == ["A"]
     assert project.json("why", "A")["reasons"][0]["reason"] == "not_queued"

@@ -10,7 +10,7 @@ from aipm.board import survey
 from aipm.cli.common import JsonOpt, console, print_json, project_root, read_only
 from aipm.cli.resource_options import MaxWorkersOpt
 from aipm.launcher import Launcher, Options
-from aipm.model import Status
+from aipm.model import DEAD_END, FINISHED_OK, Status
 from aipm.plan import all_reasons
 from aipm.project import Project, find_task
 from aipm.settings import load_settings
@@ -109,3 +109,5 @@ def why(
     print_reasons(task_id, launchable, reasons)
     if current.reason and current.status == Status.QUEUED:  # other statuses name it in their reason already
         console().print(f"  last attempt: {current.reason}", markup=False)
+    if current.status in FINISHED_OK | DEAD_END | {Status.INTERRUPTED}:  # what `retry` takes: say so
+        console().print(f"  `aipm retry {task_id}` queues it again", markup=False)
