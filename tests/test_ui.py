@@ -366,3 +366,12 @@ def test_a_burst_of_log_lines_is_sent_only_as_far_as_the_page_keeps_them(project
     events.close()
     gate.touch()
     assert run.wait(timeout=120) == 0
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-5", "nan"])
+def test_a_bad_keepalive_is_one_line_and_exit_2(project, value):
+    """AIPM_UI_KEEPALIVE=abc ended `aipm ui` with a ValueError traceback after it had bound its port."""
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(project.root), "ui"], capture_output=True,
+                          text=True, timeout=60, env=dict(os.environ, AIPM_UI_KEEPALIVE=value))
+    assert (proc.returncode, proc.stdout) == (2, "")
+    assert proc.stderr == f"aipm: error: AIPM_UI_KEEPALIVE: {value!r} is not a positive number of seconds\n"

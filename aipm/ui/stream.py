@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from aipm.changes import ProjectWatch
+from aipm.errors import UserError
 from aipm.logbook import Tail, parse
 from aipm.record import Record
 
@@ -19,6 +20,20 @@ BACKLOG = 200  # lines of each running worker's log a page gets when it connects
 # Seconds between comment lines that keep an idle stream open through proxies (AIPM_UI_KEEPALIVE overrides).
 KEEPALIVE = 15.0
 NO_INOTIFY_RECHECK = 2.0  # seconds: only where inotify is missing does a stream look again on its own
+
+
+def keepalive() -> float:
+    """AIPM_UI_KEEPALIVE, checked like every setting: a bad value is one line and exit 2, before the URL."""
+    text = os.environ.get("AIPM_UI_KEEPALIVE") or ""
+    if not text:
+        return KEEPALIVE
+    try:
+        seconds = float(text) if text.isascii() else 0.0
+    except ValueError:
+        seconds = 0.0
+    if not 0 < seconds < float("inf"):
+        raise UserError(f"AIPM_UI_KEEPALIVE: {text!r} is not a positive number of seconds")
+    return seconds
 
 
 class Stream:
@@ -34,7 +49,7 @@ class Hub:
     def __init__(self, watch: ProjectWatch | None):
         self.watch = watch
         self.streams: set[Stream] = set()
-        self.keepalive = float(os.environ.get("AIPM_UI_KEEPALIVE") or KEEPALIVE)
+        self.keepalive = keepalive()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def start(self) -> None:
