@@ -491,6 +491,21 @@ def test_status_at_80_columns_keeps_each_status_whole(project):
     assert "cost" not in out  # no task has a cost and there is no budget: no column of dashes
 
 
+def test_status_at_80_columns_keeps_the_walkthroughs_paths_whole(project):
+    """The walkthrough's order at 80 columns showed `site/greet` / `ing.txt` under a header four lines high
+    (`depends on / waiting on`) beside an empty `reason` column: paths now give way last."""
+    order = project.order()
+    write_task(order, "TASK_001", command="true", target_files=["site/greeting.txt"])
+    write_task(order, "TASK_002", command="true", target_files=["site/farewell.txt"])
+    write_task(order, "TASK_003", command="true", target_files=["site/index.html"],
+               depends_on=["TASK_001", "TASK_002"])
+    out = project.aipm("status", "ORD", env={"COLUMNS": "80"}, check=True).stdout
+    assert all(path in out for path in ("site/greeting.txt", "site/farewell.txt", "site/index.html")), out
+    assert "reason" not in out  # no attempt ended yet: no empty column
+    header = [line for line in out.splitlines() if line.startswith("┃")]
+    assert len(header) == 1 and "depends on" in header[0], out
+
+
 def test_exec_runs_its_task_though_a_higher_priority_task_it_will_not_start_shares_its_file(project):
     """`exec S3` was refused: "s1.txt overlaps S1, which starts first this round", though exec starts S3 alone."""
     order = project.order()

@@ -142,11 +142,16 @@ def status(
 
     table = Table(title=f"Order {loaded.id}" + (f" — {loaded.title}" if loaded.title else ""))
     costs = any(t.cost_usd is not None for t in tasks) or limit is not None  # else a column of dashes
-    for col in ("task", "status", "pri", "depends on / waiting on", "target files", "tries", "reworks", "reason",
-                "cost")[:None if costs else -1]:
+    reasons = any(t.reason for t in tasks)  # else an empty column, taking the width the paths need
+    columns = ["task", "status", "pri", "depends on", "target files", "tries", "reworks"]
+    # A path keeps up to 30 characters on a line, so that the other columns (dependencies wrap at their commas)
+    # give way first on a narrow terminal.
+    paths = min(30, max((len(path) for t in tasks for path in t.target_files), default=0))
+    for col in columns + ["reason"] * reasons + ["cost"] * costs:
         # fold: a path longer than its cell breaks across lines instead of being cut off with an ellipsis; a
         # status is one word, never broken (`IN_PROGR` / `ESS`)
-        table.add_column(col, overflow="fold", no_wrap=wide or col == "status")
+        table.add_column(col, overflow="fold", no_wrap=wide or col == "status",
+                         min_width=paths if col == "target files" else None)
     for t in tasks:
         deps = ", ".join(
             escape(d) if loaded.tasks.get(d) and loaded.tasks[d].status in FINISHED_OK else f"[bold]{escape(d)}…[/]"
@@ -154,7 +159,7 @@ def status(
         )
         row = [escape(t.id), f"[{STATUS_STYLE[t.status.value]}]{t.status.value}[/]", t.priority.value, deps,
                escape("\n".join(t.target_files)), f"{t.tries}/{attempt_limit(t, settings)}",
-               f"{t.rework_rounds}/{rework_limit(t, settings)}", Text(t.reason or "")]
+               f"{t.rework_rounds}/{rework_limit(t, settings)}", *[Text(t.reason or "")] * reasons]
         table.add_row(*row, *["-" if t.cost_usd is None else budget.usd(t.cost_usd)] * costs)
     out = console(width=10**6 if wide else None)
     out.print(table)
