@@ -37,6 +37,16 @@ max_workers: 5
 #   command: null
 # max_cost_usd: null     # budget in US dollars of orders whose order.yaml sets none
 # notify: null           # command run when a task fails or is rejected, a budget stops an order, a run ends
+# scope_audit: true      # in a git tree: a task that wrote outside its target_files is sent back
+# scope_watch: true      # run audits its attempts from inotify events (false: git status snapshots)
+# preempt: false         # run: an urgent task stops lower-priority work that holds its files
+# confine: false         # Landlock holds each worker to its target files (docs/confinement.md)
+# workspace: shared      # or worktree: a git worktree per task, merged back (docs/workspaces.md)
+# workspace_setup: null  # command run in each new worktree before the worker
+# workspace_copy: []     # ignored files (globs) copied into each new worktree
+# runner: local          # or ray: attempts run on a Ray cluster (docs/cluster.md)
+# ray:
+#   address: auto        # the cluster for runner: ray; when unset, RAY_ADDRESS, else auto
 """
 
 STATUS_STYLE = {
