@@ -55,13 +55,17 @@ class Project:
         named = [d for d in self.order_dirs() if ids.get(d.resolve(), ("",))[0] == arg]
         if named:  # two or more: check_unique names the other one, as for a directory name
             return self.check_unique(named[0], ids)
-        known = sorted(order_id for order_id, _ in ids.values())
-        there = (f"orders here: {', '.join(known[:10])}{', ...' if len(known) > 10 else ''}" if known
-                 else f"no order yet: `aipm new {arg}` makes one")
         raise UserError(
             f"order {arg!r}: no directory {self.orders_dir}/{arg} under {self.root} and no such path; "
-            f"give an order id ({there}) or a path to an order directory"
+            f"give an order id ({self.orders_here(ids, arg)}) or a path to an order directory"
         )
+
+    def orders_here(self, ids: dict[Path, tuple[str, Path]] | None = None, new: str = "ORDER") -> str:
+        """The order ids a user may give, for a message about a wrong or missing one; or how to make the first."""
+        known = sorted(order_id for order_id, _ in (self.order_ids() if ids is None else ids).values())
+        if not known:
+            return f"no order yet: `aipm new {new}` makes one"
+        return f"orders here: {', '.join(known[:10])}{', ...' if len(known) > 10 else ''}"
 
     def _one_meaning(self, arg: str, order_dir: Path, ids: dict[Path, tuple[str, Path]]) -> None:
         """`arg` names the directory `order_dir`, whose id is something else: refused when another order's id is

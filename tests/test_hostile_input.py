@@ -120,6 +120,17 @@ def test_root_after_the_command_says_where_it_goes(project):
     assert "(--root goes before the command: aipm --root DIR status ...)" in proc.stderr, proc.stderr
 
 
+def test_a_missing_order_names_the_orders_there_are(project):
+    """`aipm run` without ORDER said only "Missing argument 'order'": a first-time user needs the ids there are."""
+    assert_one_line_error(project.aipm("run"), "aipm run: Missing argument", "(no order yet: `aipm new ORDER`")
+    write_task(project.order("ORDER_001"), "A", command="true")
+    before = full_snapshot(project.root)
+    for command in ("status", "run", "detect", "graph", "launch"):
+        assert_one_line_error(project.aipm(command), f"aipm {command}: Missing argument", "(orders here: ORDER_001)")
+    assert "(see 'aipm new --help')" in project.aipm("new").stderr
+    assert full_snapshot(project.root) == before
+
+
 def test_help_and_version_still_exit_0(project):
     for args in (("--help",), ("run", "--help"), ("--version",)):
         proc = project.aipm(*args)

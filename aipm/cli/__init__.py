@@ -201,6 +201,16 @@ def _click_exceptions():
     return exceptions
 
 
+def _orders_hint() -> str:
+    """For a command run without its ORDER: the orders there are (a first-time user types `aipm run`)."""
+    from aipm.cli.common import get_project
+
+    try:
+        return f" ({get_project().orders_here()})"
+    except (UserError, OSError):
+        return ""  # no project to look in: the usage hint alone
+
+
 def _run_typer(args: list[str]) -> int:
     """Typer's answer for args, as an exit code. Its usage errors (a bad value, an unknown option, a missing
     argument) are one line, as every other bad input is, instead of its boxed usage text."""
@@ -218,6 +228,9 @@ def _run_typer(args: list[str]) -> int:
         hint = f" (see '{where} --help')" if isinstance(exc, exceptions.UsageError) else ""
         if getattr(exc, "option_name", None) == "--root":  # an option of `aipm`, absent from the command's help
             hint = f" (--root goes before the command: aipm --root DIR {exc.ctx.info_name} ...)"
+        elif isinstance(exc, exceptions.MissingParameter) and getattr(exc.param, "name", "") == "order" and (
+                exc.ctx.info_name != "new"):  # `new` wants an id that is not there yet
+            hint = _orders_hint() or hint
         print(f"aipm: error: {where}: {message}{hint}", file=sys.stderr)
         return exc.exit_code
     except typer.Abort:
