@@ -75,6 +75,21 @@ def test_exec_of_a_blocked_task_says_why(project):
     assert task_statuses(order) == {"A": "QUEUED", "B": "QUEUED"}
 
 
+def test_exec_of_a_finished_task_says_it_ran_nothing(project):
+    """`aipm exec A` of a DONE task printed 'A: DONE (exit 0)' as if it had just run it; of a FAILED task, 'A:
+    FAILED (exit 2)', as if it had failed again. Nothing ran: say so, and how to run it again."""
+    order = project.order()
+    write_task(order, "A", command="true", status="DONE", attempts=1, exit_code=0, reason="exit 0")
+    write_task(order, "B", command="true", status="FAILED", attempts=1, exit_code=2, reason="exit 2")
+    before = snapshot(project.root)
+    for task, code, status in (("A", 0, "DONE"), ("B", 1, "FAILED")):
+        proc = project.aipm("exec", task)
+        assert proc.returncode == code, proc.stderr
+        assert proc.stdout.splitlines()[:3] == [f"{task} cannot start:", f"  - status is {status} (exit {code * 2})",
+                                                f"  `aipm retry {task}` queues it again"], proc.stdout
+    assert snapshot(project.root) == before
+
+
 def test_exec_parallel_starts_the_others_detached(project):
     order = project.order()
     write_task(order, "A", command="sleep 0.3", target_files=["a"])

@@ -31,6 +31,11 @@ def reasons_for(launcher: Launcher, order_dir: Path, task_id: str):
     return order, task_id, launchable, all_reasons(order, result, task_id, elsewhere, outside)
 
 
+def print_retry_hint(task_id: str, status: Status) -> None:
+    if status in FINISHED_OK | DEAD_END | {Status.INTERRUPTED}:  # what `retry` takes: say so
+        console().print(f"  `aipm retry {task_id}` queues it again", markup=False)
+
+
 def print_reasons(task_id: str, launchable: bool, reasons: list) -> None:
     if launchable:
         console().print(f"{task_id} can start now.")
@@ -109,5 +114,4 @@ def why(
     print_reasons(task_id, launchable, reasons)
     if current.reason and current.status == Status.QUEUED:  # other statuses name it in their reason already
         console().print(f"  last attempt: {current.reason}", markup=False)
-    if current.status in FINISHED_OK | DEAD_END | {Status.INTERRUPTED}:  # what `retry` takes: say so
-        console().print(f"  `aipm retry {task_id}` queues it again", markup=False)
+    print_retry_hint(task_id, current.status)

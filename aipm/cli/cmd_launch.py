@@ -198,10 +198,12 @@ def exec_(
     view = OrderView(order_dir, launcher.project.root)
     warn_unbounded([view.order.tasks[task_id]], order_dir)
     display = Display("json" if json_out else "plain", view)
+    before = view.order.tasks[task_id]
     code = supervise(launcher, view, display, only=task_id, detach_others=parallel)
     final = view.refresh().tasks[task_id]
     reasons = []
-    if final.status.value == "QUEUED" and final.attempts == 0 and code != 130:  # it never started: say why
+    ran = (final.attempts, final.started_at) != (before.attempts, before.started_at)
+    if not ran and before.status not in RUNNING and code != 130:  # nothing ran (not even adopted): say why
         from aipm.cli.cmd_detect import reasons_for  # only here: `run` does without it
 
         looker = Launcher(launcher.project, launcher.settings, Options(dry_run=True))  # reads only, no lock
@@ -213,9 +215,10 @@ def exec_(
                                                                if reasons else {})})
         raise Exit(code)
     if reasons:
-        from aipm.cli.cmd_detect import print_reasons
+        from aipm.cli.cmd_detect import print_reasons, print_retry_hint
 
         print_reasons(task_id, False, reasons)
+        print_retry_hint(task_id, final.status)
     why = f" ({final.reason})" if final.reason else ""
     console(stderr=code != 0).print(f"{task_id}: {final.status.value}{why}", markup=False)
     raise Exit(code)
