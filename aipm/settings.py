@@ -154,14 +154,21 @@ def _argv(value: Any) -> tuple[str, ...]:
 PLACEHOLDERS = ("model", "task_id", "order_id", "prompt_file")
 
 
+def _fields(text: str):
+    """The names of the placeholders in a format string, those nested in a format spec (`{model:{x}}`) too."""
+    for _, name, spec, _ in string.Formatter().parse(text):
+        if name is not None:
+            yield name
+            yield from _fields(spec or "")
+
+
 def _template(value: Any) -> tuple[str, ...]:
     """worker.command: an argv whose only placeholders are PLACEHOLDERS, so a typo fails every command (exit 2)
     rather than each launch of a task that uses it."""
     argv = _argv(value)
     for part in argv:
         try:
-            names = [name for _, name, _, _ in string.Formatter().parse(part) if name is not None]
-            unknown = next((name for name in names if name not in PLACEHOLDERS), None)
+            unknown = next((name for name in _fields(part) if name not in PLACEHOLDERS), None)
             if unknown is None:
                 part.format(**dict.fromkeys(PLACEHOLDERS, ""))  # a format spec no string takes (`{model:d}`)
         except ValueError as exc:  # a lone brace, or that spec
