@@ -42,7 +42,7 @@ class Settings:
     scope_audit: bool = True  # in a git tree, a worker that writes outside its target_files fails its review
     scope_watch: bool = True  # run audits its own attempts from an inotify watch of the tree, not git status
     runner: str = "local"  # where workers run: "local" or "ray"
-    ray_address: str | None = None  # ray.address: the cluster for --runner ray (else RAY_ADDRESS, else auto)
+    ray_address: str | None = None  # ray.address (RAY_ADDRESS wins): the cluster for --runner ray, else auto
     worker_agent: str = "command"  # worker.agent: the preset for tasks without `command` (aipm.agents.NAMES)
     max_cost_usd: float | None = None  # budget of every order whose order.yaml sets none
     notify: str | tuple[str, ...] | None = None  # run when a task fails or is rejected, or an order stops or ends
@@ -257,6 +257,7 @@ FLAG_NAMES = {
     "workspace": "--workspace",
 }
 ENV_VARS = {f"AIPM_{name.upper()}": name for name in FLAG_NAMES}  # AIPM_MAX_WORKERS, ...
+ENV_VARS["RAY_ADDRESS"] = "ray_address"  # Ray's own variable: the environment layer of ray.address
 
 # One layer of settings: field name -> (typed value, source label).
 Layer = dict[str, tuple[Any, str]]

@@ -178,6 +178,15 @@ def test_config_table_names_sources(tmp_path):
         assert text in proc.stdout
 
 
+def test_ray_address_in_the_environment_wins_over_aipm_yaml(tmp_path):
+    """RAY_ADDRESS is the environment layer of ray.address: environment > aipm.yaml, as for every setting (it lost
+    to aipm.yaml, so `--runner ray` went to the cluster of aipm.yaml whatever RAY_ADDRESS said)."""
+    (tmp_path / "aipm.yaml").write_text("ray:\n  address: 127.0.0.1:2\n")
+    assert effective(tmp_path)["ray.address"] == {"value": "127.0.0.1:2", "source": "aipm.yaml"}
+    assert effective(tmp_path, env={"RAY_ADDRESS": "127.0.0.1:1"})["ray.address"] == {
+        "value": "127.0.0.1:1", "source": "env RAY_ADDRESS"}
+
+
 BAD_ENV = [
     ("AIPM_MAX_WORKERS", "abc"), ("AIPM_MAX_WORKERS", "0"), ("AIPM_MAX_WORKERS", "-1"), ("AIPM_MAX_WORKERS", "2.5"),
     ("AIPM_MAX_CPU_PERCENT", "0"), ("AIPM_MAX_CPU_PERCENT", "101"), ("AIPM_MAX_CPU_PERCENT", "-5"),

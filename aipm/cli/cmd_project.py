@@ -46,7 +46,7 @@ max_workers: 5
 # workspace_copy: []     # ignored files (globs) copied into each new worktree
 # runner: local          # or ray: attempts run on a Ray cluster (docs/cluster.md)
 # ray:
-#   address: auto        # the cluster for runner: ray; when unset, RAY_ADDRESS, else auto
+#   address: auto        # the cluster for runner: ray; RAY_ADDRESS, when set, wins
 """
 
 STATUS_STYLE = {

@@ -29,7 +29,7 @@ def require_ray() -> None:
 
 def wrap(command: str | Sequence[str], *, address: str | None, resources: Resources | None,
          stdin: str | None) -> list[str]:
-    """The local worker's argv that runs `command` on the Ray cluster at `address` (None: RAY_ADDRESS or auto).
+    """The local worker's argv that runs `command` on the Ray cluster at `address` (None: auto).
 
     The command's stdin (an agent's prompt file) is opened on the node, so it must be on the shared filesystem,
     as the project is.

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _stop)
     spec = {"env": dict(os.environ), "cwd": os.getcwd(), "shell": args.shell, "argv": args.argv,
             "stdin": args.stdin, "log": os.environ.get("AIPM_LOG")}
-    address = args.address or os.environ.get("RAY_ADDRESS") or "auto"
+    address = args.address or "auto"  # the ray.address setting, which RAY_ADDRESS sets too
     try:
         why = unreachable(address)
         if why is None:
