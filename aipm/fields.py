@@ -249,7 +249,7 @@ _RESOURCE_KEYS = {"cpus": float, "memory_mb": int, "gpus": float}
 
 
 def _resources(path: Path, data: Mapping[str, Any]) -> Resources | None:
-    """`resources: {cpus: 2, memory_mb: 4096, gpus: 1}`: positive numbers, memory_mb whole."""
+    """`resources: {cpus: 2, memory_mb: 4096, gpus: 1}`: numbers ≥ 0 (0: none of it), memory_mb whole."""
     value = data.get("resources")
     if value is None:
         return None
@@ -262,8 +262,8 @@ def _resources(path: Path, data: Mapping[str, Any]) -> Resources | None:
         if kind is None:
             raise ValidationError(str(path), f"resources.{key}", f"unknown resource; use {', '.join(_RESOURCE_KEYS)}")
         number_ok = isinstance(item, (int, float)) and not isinstance(item, bool) and item == item
-        if not number_ok or item <= 0 or item > 1e9 or (kind is int and not isinstance(item, int)):
-            what = "a positive whole number" if kind is int else "a positive number"
+        if not number_ok or item < 0 or item > 1e9 or (kind is int and not isinstance(item, int)):
+            what = "a whole number ≥ 0" if kind is int else "a number ≥ 0"
             raise ValidationError(str(path), f"resources.{key}", f"must be {what}, not {item!r}")
         out[key] = kind(item)
     return Resources(**out)

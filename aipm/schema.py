@@ -62,11 +62,11 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "finished_at": (_STRING, "When the latest attempt or review ended."),
     "exit_code": ({"type": ["integer", "null"]}, "Exit code of the latest attempt."),
     "resources": ({"type": ["object", "null"], "additionalProperties": False, "properties": {
-        "cpus": {"type": "number", "exclusiveMinimum": 0},
-        "memory_mb": {"type": "integer", "minimum": 1},
-        "gpus": {"type": "number", "exclusiveMinimum": 0},
+        "cpus": {"type": "number", "minimum": 0},
+        "memory_mb": {"type": "integer", "minimum": 0},
+        "gpus": {"type": "number", "minimum": 0},
     }}, "What one attempt needs: the Ray resource request with --runner ray; on this machine, a share of its "
-        "CPUs and memory."),
+        "CPUs and memory. 0 asks for none (cpus: 0 also with Ray, where a task without cpus asks for 1)."),
     "max_rework": ({**_COUNT, "maximum": MAX_COUNT}, "Times a review may send the task back before it is REJECTED; default max_rework."),
     "reason": (_STRING, "Why the latest attempt ended as it did: 'exit 3', 'timed out after 60 s', "
                         "'review rejected: ...', 'scope: wrote ...', 'cancelled', 'interrupted: ...'."),

@@ -52,3 +52,15 @@ def test_a_request_bigger_than_the_machine_is_refused_with_the_reason(project):
     assert result.returncode == 1
     assert "BIG: needs 100000 CPU(s)" in result.stderr and "GPU: needs 1 GPU(s)" in result.stderr
     assert task_statuses(project.order()) == {"BIG": "QUEUED", "GPU": "QUEUED"}
+
+
+def test_zero_of_a_resource_means_none_of_it(project):
+    """`gpus: 0` (or cpus/memory_mb 0) was refused as 'must be a positive number'; 0 asks for none of it, so the
+    task runs on this machine (no GPU), as one without the key does. A negative amount is still an error."""
+    write_task(project.order(), "Z", resources={"cpus": 0, "memory_mb": 0, "gpus": 0}, command="true")
+    result = project.aipm("run", "ORD")
+    assert result.returncode == 0, result.stderr
+    assert task_statuses(project.order()) == {"Z": "DONE"}
+    write_task(project.order(), "N", resources={"gpus": -1}, command="true")
+    result = project.aipm("validate", "ORD")
+    assert result.returncode == 2 and "resources.gpus: must be a number ≥ 0, not -1" in result.stderr
