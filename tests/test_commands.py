@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 import yaml
 
@@ -463,6 +464,27 @@ def test_ps_reads_a_worker_whose_children_come_and_go(project):
     for workers in seen:
         assert [w["task"] for w in workers] == ["A"]
         assert all(w[k] is not None for w in workers for k in ("elapsed", "cpu_percent", "memory_mb")), workers
+    wait_for(lambda: no_workers(project.root))
+
+
+def test_ps_says_a_stopped_worker_is_stopped(project):
+    """A worker stopped by `kill -STOP` (/proc state T) was shown as `alive`, in the table and in --json."""
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.1; done", target_files=["a.txt"])
+    project.aipm("launch", "ORD", check=True)
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    assert worker["state"] == "alive"
+    os.killpg(worker["pgid"], signal.SIGSTOP)
+    try:
+        wait_for(lambda: psutil.Process(worker["pid"]).status() == psutil.STATUS_STOPPED)
+        assert "stopped" in project.aipm("ps").stdout
+        assert [w["state"] for w in project.json("ps")["workers"]] == ["stopped"]
+    finally:
+        os.killpg(worker["pgid"], signal.SIGCONT)
+    wait_for(lambda: psutil.Process(worker["pid"]).status() != psutil.STATUS_STOPPED)
+    assert [w["state"] for w in project.json("ps")["workers"]] == ["alive"]
+    gate.touch()
     wait_for(lambda: no_workers(project.root))
 
 

@@ -31,6 +31,7 @@ def _worker_info(rec) -> dict:
     info = {"order": rec.order, "task": rec.task, "attempt": rec.serial, "pid": pid, "pgid": rec.pgid,
             "owner_pid": rec.owner_pid, "phase": rec.phase, "alive": rec.alive(), "log": rec.log,
             "command": rec.command, "targets": rec.targets}
+    info["state"] = "alive" if info["alive"] else "gone"
     try:
         proc = psutil.Process(pid)
         info["elapsed"] = round(time.time() - proc.create_time(), 1)
@@ -43,10 +44,15 @@ def _worker_info(rec) -> dict:
         try:
             with one.oneshot():
                 cpu, rss = cpu + one.cpu_percent(interval=None), rss + one.memory_info().rss
+                if info["alive"] and one.status() == psutil.STATUS_STOPPED:  # /proc state T: kill -STOP, ^Z
+                    info["state"] = "stopped"
         except psutil.Error:
             continue  # a child that ended since it was listed (a polling loop's `sleep`): it uses nothing now
     info.update(cpu_percent=round(cpu, 1), memory_mb=round(rss / 2**20, 1))
     return info
+
+
+STATE_TEXT = {"alive": "alive", "stopped": "[yellow]stopped[/]", "gone": "[red]gone (stale: aipm recover)[/]"}
 
 
 @command()
@@ -64,7 +70,7 @@ def ps(json_out: bool = JsonOpt) -> None:
         table.add_row(str(i["pid"]), escape(f"{i['order']}/{i['task']}"), i["phase"], f"{i['elapsed'] or '-'}s",
                       str(i["cpu_percent"] if i["cpu_percent"] is not None else "-"),
                       str(i["memory_mb"] if i["memory_mb"] is not None else "-"),
-                      "alive" if i["alive"] else "[red]gone (stale: aipm recover)[/]")
+                      STATE_TEXT[i["state"]])
     console().print(table if infos else "no workers")
 
 
