@@ -194,14 +194,15 @@ HELD_RECHECK = 5.0  # seconds: a lock held outside aipm may be released without 
 
 
 def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], inside: set[str],
-                   order_id: str) -> tuple[bool, set[tuple[str, int]]]:
+                   order_id: str, tell_inside: bool) -> tuple[bool, set[tuple[str, int]]]:
     """Watch other owners' live workers: their end may free files, a slot or a dependency.
 
     Watches workers, never their owners: another `run` lives until its order ends, and two runs watching each
     other would wait forever. Returns whether a worker has ended but its owner is still recording the outcome,
     and this order's records whose worker and owner are both gone (an owner killed before it started its
     worker, or while it recorded): (task key, owner pid) each, for the caller to recover. A worker that runs us
-    (`inside`: told once) is not waited for: this run ends with what it can do, and the order stays unfinished.
+    (`inside`: told once if `tell_inside`) is not waited for: this run ends with what it can do, and the order
+    stays unfinished. `exec` waits for no other worker, so it has nothing to tell.
     """
     present = {rec.key for rec in records}
     for key in foreign - present:
@@ -215,7 +216,8 @@ def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], in
         if rec.encloses_us():  # a worker ran this `aipm run`: it cannot end before we do
             if rec.key not in inside:
                 inside.add(rec.key)
-                sup.outbox.append({"event": "enclosing", "task": rec.key, "pid": rec.pid})
+                if tell_inside:
+                    sup.outbox.append({"event": "enclosing", "task": rec.key, "pid": rec.pid})
             continue
         if rec.pid and rec.worker_alive() and sup.watcher.watch_pid(rec.pid, rec.key):
             foreign.add(rec.key)
@@ -329,7 +331,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             for pid in {p for b in waiting for p in b.pids} - holders:
                 if sup.watcher.watch_pid(pid, ("holder", pid)):
                     holders.add(pid)
-            finishing, dead = _watch_foreign(sup, report.records, foreign, inside, order.id)
+            finishing, dead = _watch_foreign(sup, report.records, foreign, inside, order.id, tell_inside=not only)
             # This order's tasks another owner runs (`aipm launch`, another `run`): said once each, or a run that
             # only waits for them prints nothing until the end.
             theirs = [key[len(order.id) + 1:] for key in foreign if key.startswith(f"{order.id}/")]

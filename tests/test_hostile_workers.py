@@ -382,6 +382,23 @@ def test_a_run_a_worker_starts_of_its_own_order_does_not_wait_for_that_worker(pr
     assert check(journal, order) == []  # each task ran once, C after A
 
 
+def test_an_exec_inside_a_worker_does_not_say_it_runs_inside_it(project):
+    """`aipm exec` run by a worker printed 'skip ORD/A: this aipm runs inside its worker ..., so it cannot wait
+    for it' as a nested `run` does, though exec waits for no other worker: noise in A's log. `run` still says it."""
+    order = project.order()
+    aipm = f"{sys.executable} -m aipm --root {project.root}"
+    write_task(order, "A", target_files=["a.txt"],
+               command=f"{aipm} exec ORD/B --no-resource-monitoring && {aipm} run ORD --no-resource-monitoring")
+    write_task(order, "B", target_files=["b.txt"], command="true")
+    write_task(order, "C", target_files=["c.txt"], command="true")
+    run = project.aipm("exec", "ORD/A", "--no-resource-monitoring", timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr  # the nested run ended with A unfinished
+    assert task_statuses(order) == {"A": "FAILED", "B": "DONE", "C": "DONE"}
+    log = (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
+    assert log.count("this aipm runs inside its worker") == 1, log  # the run's, not the exec's
+    assert log.index("finish   B") < log.index("skip     ORD/A") < log.index("finish   C"), log
+
+
 def test_an_aipm_command_a_worker_runs_does_not_hand_the_workers_locks_on(project, gate):
     """A's command ran `aipm launch ORD2`, which inherited A's target locks (a.txt) and passed them on to B's
     detached owner and worker: once A ended, a.txt stayed locked by B ("held by pid N, not an aipm worker"), and A's
