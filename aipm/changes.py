@@ -44,7 +44,8 @@ class ProjectWatch:
     def rescan(self) -> None:
         """Watch every directory that exists now (adding a watch twice is a no-op)."""
         root, rt = self.project.root, self.runtime
-        dirs = [(root, _FILES), (root / self.project.orders_dir, _FILES), (rt, _FILES)]
+        # The state directory only for the directories made in it: its files (locks, spares) are no news.
+        dirs = [(root, _FILES), (root / self.project.orders_dir, _FILES), (rt, _FILES), (state_dir(root), IN_CREATE)]
         dirs += [(d, _FILES) for d in self.order_dirs()]
         # Worker records live in the state directory outside the tree (aipm.locks), logs under .aipm/.
         for base, mask in ((state_dir(root) / "workers", _FILES), (rt / "logs", _LOGS)):

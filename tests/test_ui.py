@@ -300,6 +300,34 @@ def test_a_worker_lost_with_its_supervisor_reads_as_interrupted_and_says_what_to
     assert task_statuses(order) == {"A": "DONE", "B": "DONE"}
 
 
+def test_an_open_page_hears_that_a_worker_was_lost_with_its_supervisor(project, dashboard):
+    """/api/board and a reload showed the task INTERRUPTED, but an open page's event stream, woken only by file
+    changes, never said so: a process that dies changes no file. The stream now holds the recorded processes'
+    pidfds (the keep-alive is an hour: only that can wake it)."""
+    write_task(project.order(), "A", command="sleep 60", target_files=["a.txt"])
+    base, token = base_and_token(dashboard)
+    events = urllib.request.urlopen(f"{base}/events?token={token}", timeout=60)
+
+    def next_board():
+        while (line := events.readline()) != b"event: board\n":
+            assert line, "the event stream ended"
+        return json.loads(events.readline()[len(b"data: "):])
+
+    assert next_board()["orders"][0]["tasks"][0]["status"] == "QUEUED"  # connected
+    project.aipm("launch", "ORD", check=True)
+    # The worker's record (written twice: by the launch, then with the worker's pid by its owner) in a state
+    # directory made meanwhile, outside the tree: the board must have the last one.
+    while not (board := next_board())["workers"] or not all(w["pid"] and w["alive"] for w in board["workers"]):
+        pass
+    (worker,) = board["workers"]
+    os.kill(project.json("ps")["workers"][0]["owner_pid"], signal.SIGKILL)
+    os.killpg(worker["pgid"], signal.SIGKILL)
+    while (task := next_board()["orders"][0]["tasks"][0])["status"] != "INTERRUPTED":
+        assert task["status"] == "IN_PROGRESS", task
+    assert task["reason"] == "interrupted: worker lost with its supervisor; `aipm recover` re-queues it"
+    events.close()
+
+
 def test_a_task_starting_in_a_launch_round_is_not_taken_for_lost(project):
     """A launch round writes a task's IN_PROGRESS before its worker record, under the launch lock: a reader
     looking in between must wait for the round's end rather than call the starting task INTERRUPTED."""

@@ -96,7 +96,7 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
     """The app for `project`; `orders` None shows every order under orders_dir (and new ones as they appear)."""
     # Reads only, as `status` and `detect` do: a dry-run launcher takes no lock and writes nothing.
     looker = Launcher(project, settings, Options(dry_run=True), monitor=None)
-    hub = Hub(ProjectWatch.open(project, orders))
+    hub = Hub(ProjectWatch.open(project, orders), looker.runtime)
 
     def order_dirs() -> list[Path]:
         return list(orders) if orders is not None else project.order_dirs()

@@ -1,7 +1,9 @@
 """Server-sent events for the dashboard, woken by one inotify watch over the project (no polling loop).
 
 Each open page has a Stream: the hub marks what changed (task files and records → a new board; log files →
-new lines) and wakes it; the stream then sends only what differs from what that page already has.
+new lines) and wakes it; the stream then sends only what differs from what that page already has. A worker
+lost with its supervisor changes no file, yet the board then shows its task INTERRUPTED (board.as_seen): the
+hub also holds a pidfd of every recorded worker and owner, readable when that process ends.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from pathlib import Path
 
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
+from aipm.liveness import process_alive
 from aipm.logbook import Tail, parse
 from aipm.record import Record
+from aipm.runtime import Runtime
 
 BACKLOG = 200  # lines of each running worker's log a page gets when it connects
 # Seconds between comment lines that keep an idle stream open through proxies (AIPM_UI_KEEPALIVE overrides).
@@ -44,25 +48,60 @@ class Stream:
 
 
 class Hub:
-    """Owns the project watch and wakes every open stream when something changed."""
+    """Owns the project watch and the recorded processes' pidfds; wakes every open stream when something changed."""
 
-    def __init__(self, watch: ProjectWatch | None):
+    def __init__(self, watch: ProjectWatch | None, runtime: Runtime):
         self.watch = watch
+        self.runtime = runtime
         self.streams: set[Stream] = set()
         self.keepalive = keepalive()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._pidfds: dict[tuple[int, float], int] = {}  # (pid, start time) of a worker or owner -> its pidfd
 
     def start(self) -> None:
         if self.watch is not None:
             self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self.watch.fd, self._ready)
+            self._track()
 
     def _ready(self) -> None:
         board, logs = self.watch.changes()
+        if board:  # records may have come or gone
+            self._track()
+        self._wake(board, logs)
+
+    def _wake(self, board: bool, logs: set[Path]) -> None:
         for stream in self.streams:
             stream.board |= board
             stream.logs |= logs
             stream.wake.set()
+
+    def _track(self) -> None:
+        """Hold a pidfd of each live process the records name, and only of those. One that has ended already is
+        seen by the board the streams read after this."""
+        wanted = {(pid, ctime) for rec in self.runtime.records()
+                  for pid, ctime in ((rec.pid, rec.ctime), (rec.owner_pid, rec.owner_ctime)) if pid}
+        for key in self._pidfds.keys() - wanted:
+            self._forget(key)
+        for pid, ctime in wanted - self._pidfds.keys():
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # gone (ESRCH), or no descriptor left (EMFILE): its files' changes still wake the streams
+                continue
+            if not process_alive(pid, ctime):  # ended, and its pid taken by another process since
+                os.close(fd)
+                continue
+            self._pidfds[(pid, ctime)] = fd
+            self._loop.add_reader(fd, self._ended, (pid, ctime))
+
+    def _ended(self, key: tuple[int, float]) -> None:
+        self._forget(key)
+        self._wake(True, set())
+
+    def _forget(self, key: tuple[int, float]) -> None:
+        fd = self._pidfds.pop(key)
+        self._loop.remove_reader(fd)
+        os.close(fd)
 
     async def wait(self, stream: Stream) -> bool:
         """Sleep until the project changes; False when the keep-alive interval passed first."""
@@ -81,6 +120,8 @@ class Hub:
         if self.watch is not None:
             if self._loop is not None:
                 self._loop.remove_reader(self.watch.fd)
+                for key in list(self._pidfds):
+                    self._forget(key)
             self.watch.close()
 
 
