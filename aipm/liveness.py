@@ -106,9 +106,33 @@ def _proc_stat(pid: int) -> tuple[str, float] | None:
     except OSError:
         return None
     fields = data[data.rfind(b")") + 2:].split()
+    return fields[0].decode(), _start_time(fields)
+
+
+def _start_time(fields: list[bytes]) -> float:
+    """The start time in /proc/<pid>/stat's fields after the name, as psutil computes create_time."""
     if not _BOOT:
         _BOOT.append(_boot_time())
-    return fields[0].decode(), _BOOT[0] + int(fields[19]) / _TICKS
+    return _BOOT[0] + int(fields[19]) / _TICKS
+
+
+def ancestors() -> dict[int, float]:
+    """pid → start time of every process above this one: its parent, the parent's parent, and so on."""
+    if not _HAVE_PROC:
+        import psutil  # off Linux only
+
+        return {p.pid: p.create_time() for p in psutil.Process().parents()}
+    found: dict[int, float] = {}
+    pid = os.getppid()
+    while pid > 1 and pid not in found:
+        try:
+            data = read_small(f"/proc/{pid}/stat")
+        except OSError:
+            break  # it ended meanwhile: what is above it is no longer above us
+        fields = data[data.rfind(b")") + 2:].split()
+        found[pid] = _start_time(fields)
+        pid = int(fields[1])
+    return found
 
 
 def read_small(path: str) -> bytes:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from aipm.liveness import process_alive
+from aipm.liveness import ancestors, process_alive
 
 
 @dataclass
@@ -74,18 +74,23 @@ class Record:
         return self.worker_alive() or self.owner_alive()
 
     def encloses_us(self) -> bool:
-        """This process runs inside the worker (in its session): an `aipm run` its command started. Waiting for
-        that worker, or adopting it, would be waiting for ourselves."""
-        return bool(self.pid) and self.pgid == _own_session() and self.worker_alive()
+        """This process runs inside the worker: an `aipm run` its command started, in the worker's session or, if
+        the command left the session (`setsid aipm run`), below the worker. Waiting for that worker, or adopting
+        it, would be waiting for ourselves."""
+        if not self.pid:
+            return False
+        session, above = _enclosing()
+        return ((self.pgid == session or round(above.get(self.pid, -1.0), 2) == round(self.ctime, 2))
+                and self.worker_alive())
 
 
-_SESSION: list[int] = []  # this process's session, read once
+_ENCLOSING: list[tuple[int, dict[int, float]]] = []  # this process's session and ancestors, read once
 
 
-def _own_session() -> int:
-    if not _SESSION:
-        _SESSION.append(os.getsid(0))
-    return _SESSION[0]
+def _enclosing() -> tuple[int, dict[int, float]]:
+    if not _ENCLOSING:
+        _ENCLOSING.append((os.getsid(0), ancestors()))
+    return _ENCLOSING[0]
 
 
 def live_pid(rec: Record) -> int:

@@ -355,17 +355,19 @@ def test_a_requeue_killed_between_its_two_writes_is_finished_by_recovery(project
 # ---- an `aipm run` of its own order started by a worker (found by the hostile-workers review of 2026-12-03) ----
 
 
-@pytest.mark.parametrize("outer", ["supervising", "killed"])
+@pytest.mark.parametrize("outer", ["supervising", "killed", "setsid"])
 def test_a_run_a_worker_starts_of_its_own_order_does_not_wait_for_that_worker(project, outer):
     """The nested run waited for A, whose worker runs it (A IN_PROGRESS: the order is not finished), so A never
     ended: a deadlock until A's timeout. With its supervisor killed first (`kill -9 $PPID`: the wrapper's parent),
     the nested run's recovery adopted A and waited for its own ancestor; A's timeout then made the nested run kill
-    its own group, leaving A IN_PROGRESS. Now the nested run runs what it can (B), ends with exit 1 and leaves A to
-    its owner (the outer run, or a detached owner it starts), which records A and starts C."""
+    its own group, leaving A IN_PROGRESS. Started by `setsid` (out of the worker's session, still below it), the
+    nested run took A for another owner's ('watch A: run by another aipm') and waited until A timed out, FAILED.
+    Now the nested run runs what it can (B), ends with exit 1 and leaves A to its owner (the outer run, or a
+    detached owner it starts), which records A and starts C."""
     order = project.order()
     journal = project.root / "journal.txt"
     nested = project.root / "nested.rc"
-    kill = "kill -9 $PPID; " if outer == "killed" else ""
+    kill = {"killed": "kill -9 $PPID; ", "setsid": "setsid "}.get(outer, "")
     # A's timeout only bounds the deadlock this test would otherwise leave behind: it is never reached with the fix.
     write_task(order, "A", target_files=["nested.rc"], timeout=90, command=journal_command(
         journal, f"{kill}{sys.executable} -m aipm --root {project.root} run ORD --no-resource-monitoring; "
@@ -373,7 +375,7 @@ def test_a_run_a_worker_starts_of_its_own_order_does_not_wait_for_that_worker(pr
     write_task(order, "B", target_files=["b.txt"], command=journal_command(journal))
     write_task(order, "C", target_files=["c.txt"], depends_on=["A"], command=journal_command(journal))
     run = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
-    assert run.returncode == (0 if outer == "supervising" else -signal.SIGKILL), run.stdout + run.stderr
+    assert run.returncode == (-signal.SIGKILL if outer == "killed" else 0), run.stdout + run.stderr
     wait_for(lambda: task_statuses(order) == {"A": "DONE", "B": "DONE", "C": "DONE"} and no_workers(project.root),
              timeout=120)
     assert nested.read_text() == "1\n"  # A was not finished when it ended
