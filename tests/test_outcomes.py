@@ -246,6 +246,23 @@ def test_exec_parallel_names_the_attempt_of_detached_tasks(project):
     wait_for(lambda: no_workers(project.root))
 
 
+def test_exec_parallel_does_not_call_its_own_detached_tasks_another_aipms(project, gate):
+    """exec --parallel printed 'watch    B: run by another aipm (a detached `aipm launch` or another `aipm run`);
+    this run waits for them and goes on from there' for B, which it had started itself, and then exited at once
+    without waiting for B."""
+    order = project.order()
+    started = project.root / "b-started"
+    write_task(order, "A", command=f"while [ ! -e {started} ]; do sleep 0.05; done", target_files=["a"])
+    write_task(order, "B", command=f"touch {started}; while [ ! -e {gate} ]; do sleep 0.05; done",
+               target_files=["b"])
+    proc = project.aipm("exec", "A", "--parallel", "--no-resource-monitoring")  # A ends once B runs
+    assert proc.returncode == 0, proc.stderr
+    assert task_statuses(order) == {"A": "DONE", "B": "IN_PROGRESS"}  # B was running when exec looked again
+    assert ", detached)" in proc.stdout and "watch" not in proc.stdout, proc.stdout
+    gate.touch()
+    wait_for(lambda: task_statuses(order)["B"] == "DONE" and no_workers(project.root))
+
+
 def test_status_never_cuts_a_path(project):
     order = project.order()
     path = "src/" + "/".join(f"directory_{i}" for i in range(8)) + "/module.py"
