@@ -171,3 +171,16 @@ def test_readme_demo_removes_its_directory_and_keeps_the_exit_status(tmp_path, b
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == (1 if broken else 0), proc.stdout + proc.stderr
     assert list(temp.iterdir()) == []
+
+
+def test_reference_lists_every_event_run_prints():
+    """reference.md's 'What `run` prints' left out the lines and JSON kinds added since (`recover`, `watch`,
+    `skip`: events `recovered`, `watching`, `enclosing`): a script reading `run --json` could not know them."""
+    text = (REPO / "docs" / "reference.md").read_text()
+    section = text[text.index("## What `run` prints"):text.index("## Pre-commit")]
+    block = section[section.index("```\n") + 4:section.index("\n```", section.index("```\n") + 4)]
+    shown = {line.split()[0] for line in block.splitlines() if line.strip()}
+    kinds = set(re.findall(r"`(\w+)`", section[section.index("the kinds are"):section.index("and closes")]))
+    printed = {kind: template.split()[0] for kind, template in display_module.LINES.items() if kind != "summary"}
+    assert {kind for kind, word in printed.items() if word not in shown} == set()
+    assert set(printed) - kinds == set()
