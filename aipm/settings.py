@@ -154,12 +154,12 @@ def _argv(value: Any) -> tuple[str, ...]:
 PLACEHOLDERS = ("model", "task_id", "order_id", "prompt_file")
 
 
-def _fields(text: str):
-    """The names of the placeholders in a format string, those nested in a format spec (`{model:{x}}`) too."""
+def _fields(text: str, inner: bool = False):
+    """The placeholders in a format string, each as (name, whether it is nested in a format spec: `{model:{x}}`)."""
     for _, name, spec, _ in string.Formatter().parse(text):
         if name is not None:
-            yield name
-            yield from _fields(spec or "")
+            yield name, inner
+            yield from _fields(spec or "", True)
 
 
 def _template(value: Any) -> tuple[str, ...]:
@@ -168,14 +168,19 @@ def _template(value: Any) -> tuple[str, ...]:
     argv = _argv(value)
     for part in argv:
         try:
-            unknown = next((name for name in _fields(part) if name not in PLACEHOLDERS), None)
-            if unknown is None:
+            found = list(_fields(part))
+            unknown = next((name for name, _ in found if name not in PLACEHOLDERS), None)
+            # A spec made of a value (`{task_id:{model}}`) is a bad one for most values: no check here could pass it.
+            inner = next((name for name, nested in found if nested), None)
+            if unknown is None and inner is None:
                 part.format(**dict.fromkeys(PLACEHOLDERS, ""))  # a format spec no string takes (`{model:d}`)
         except ValueError as exc:  # a lone brace, or that spec
             raise ValueError(f"{part!r}: {exc}; write {{{{ and }}}} for literal braces") from None
         if unknown is not None:
             raise ValueError(f"bad placeholder {{{unknown}}} in {part!r}; use {{model}}, {{task_id}}, {{order_id}} "
                              "or {prompt_file}")
+        if inner is not None:
+            raise ValueError(f"{{{inner}}} in a format spec in {part!r}; write each placeholder on its own")
     return argv
 
 

@@ -246,6 +246,7 @@ BAD_YAML = [
     ("worker:\n  command: [agent, '{model:d}']\n", "worker.command"),
     ("worker:\n  command: [agent, '{model:{x}}']\n", "worker.command: bad placeholder {x}"),
     ("worker:\n  command: [agent, '{model:{0}}']\n", "worker.command: bad placeholder {0}"),
+    ("worker:\n  command: [agent, '{task_id:{model}}']\n", "worker.command: {model} in a format spec in "),
     ("worker:\n  model: 7\n", "worker.model"),
     ("review:\n  command: 5\n", "review.command"),
     ("- max_workers\n", "expected a mapping"),
