@@ -9,18 +9,21 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from aipm import budget, outcome
+from aipm import budget, outcome, recovery
 from aipm.errors import UserError
 from aipm.finish import attempt_limit, rework_limit
 from aipm.launcher import Launcher
 from aipm.model import RUNNING, Order, Status, Task, status_summary
 from aipm.plan import NOT_QUEUED, Plan, plan
+from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.settings import Settings
 from aipm.store import load_order, load_task
 
 # Why a task whose worker was lost reads as INTERRUPTED: what its file still says and what to do.
 LOST = "worker lost with its supervisor; `aipm recover` re-queues it"
+# The same for one whose worker ended, its exit code left for the supervisor that died (recovery records it).
+ENDED = "its supervisor died before recording how its worker ended; `aipm recover` records it"
 
 
 def task_row(task: Task, settings: Settings) -> dict:
@@ -40,7 +43,7 @@ def task_row(task: Task, settings: Settings) -> dict:
 def as_seen(order: Order, root: Path) -> Order:
     """The order as it stands: a running task whose worker is gone (its supervisor and wrapper died) is INTERRUPTED,
     as the contract has it, though its file says IN_PROGRESS or IN_REVIEW until a recovery writes it. A reader
-    writes nothing: it shows the task so, with the reason and what to do (LOST), and the file stays as it is."""
+    writes nothing: it shows the task so, with the reason and what to do (LOST, ENDED), and the file stays as it is."""
     running = [t for t in order.tasks.values() if t.status in RUNNING]
     if not running:
         return order  # the common case: no record is read
@@ -51,18 +54,20 @@ def as_seen(order: Order, root: Path) -> Order:
     # removing the record, so a look inside one could take a task starting or ending for a lost one.
     with rt.between_rounds():
         now = [t for t in (_reload(t, root) for t in running) if t is not None and t.status in RUNNING]
-        lost = _gone(rt, order.id, now)
+        lost = [(task, ENDED if rec is not None and recovery.outcome_left(task, rec) else LOST)
+                for task, rec in _gone(rt, order.id, now)]
     if not lost:
         return order
     tasks = dict(order.tasks)
-    for task in lost:
-        tasks[task.id] = replace(task, status=Status.INTERRUPTED, reason=outcome.interrupted(LOST))
+    for task, why in lost:
+        tasks[task.id] = replace(task, status=Status.INTERRUPTED, reason=outcome.interrupted(why))
     return replace(order, tasks=tasks)
 
 
-def _gone(rt: Runtime, order_id: str, running: list[Task]) -> list[Task]:
-    live = {rec.task for rec in rt.records() if rec.order == order_id and rec.alive()}
-    return [t for t in running if t.id not in live]
+def _gone(rt: Runtime, order_id: str, running: list[Task]) -> list[tuple[Task, Record | None]]:
+    """The running tasks with no live worker or owner, each with its record (None: none left)."""
+    records = {rec.task: rec for rec in rt.records() if rec.order == order_id}
+    return [(t, records.get(t.id)) for t in running if t.id not in records or not records[t.id].alive()]
 
 
 def _reload(task: Task, root: Path) -> Task | None:

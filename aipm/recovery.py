@@ -47,10 +47,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
             continue
         # An exit file, even an empty one (the worker ended; its code may be lost), goes to an owner to decide.
         # A worker its owner was stopping (Record.stopping) left no outcome of its own: re-queued below once it ended.
-        if rec is not None and (rec.worker_alive() or (
-            not rec.stopping and (rec.attempt == task.attempts or unrecorded(task, rec))
-            and exit_file_written(rec.exit_file)
-        )):
+        if rec is not None and (rec.worker_alive() or outcome_left(task, rec)):
             try:
                 if adopt is not None and not rec.encloses_us():  # else a detached owner: we cannot wait for it
                     adopt.adopt(rec)
@@ -69,6 +66,13 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
         out.append({"id": task.id, "action": "requeued"})
     launcher.runtime.remove_spent_exit_files(order.id)
     return out
+
+
+def outcome_left(task: Task, rec: Record) -> bool:
+    """The attempt's worker ended and got as far as its exit file (its code may be lost): an owner records that
+    outcome. Not so for a worker its owner was stopping: it is re-queued."""
+    return (not rec.stopping and (rec.attempt == task.attempts or unrecorded(task, rec))
+            and exit_file_written(rec.exit_file))
 
 
 def unrecorded(task: Task, rec: Record) -> bool:

@@ -403,3 +403,20 @@ def test_a_bad_keepalive_is_one_line_and_exit_2(project, value):
                           text=True, timeout=60, env=dict(os.environ, AIPM_UI_KEEPALIVE=value))
     assert (proc.returncode, proc.stdout) == (2, "")
     assert proc.stderr == f"aipm: error: AIPM_UI_KEEPALIVE: {value!r} is not a positive number of seconds\n"
+
+
+def test_a_worker_that_ended_after_its_supervisor_died_reads_as_waiting_for_its_outcome(project):
+    """Its owner killed, the worker went on and exited 0 (its exit file written): status said 'worker lost with
+    its supervisor; `aipm recover` re-queues it', but recovery adopts such a worker and records its outcome (DONE),
+    as run did: 'adopt    A (pid N): worker outlived its supervisor', 'finish   A → DONE (exit 0)'."""
+    order = project.order()
+    write_task(order, "A", command="kill -9 $PPID; true", target_files=["a.txt"])  # $PPID: the detached owner
+    project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
+    (rec,) = wait_for(lambda: [w for w in project.json("ps")["workers"] if w["pid"] and not w["alive"]])
+    (listed,) = project.json("status", "ORD")["tasks"]
+    assert (listed["status"], listed["reason"]) == (
+        "INTERRUPTED", "interrupted: its supervisor died before recording how its worker ended; `aipm recover` "
+        "records it"), rec
+    assert task_statuses(order) == {"A": "IN_PROGRESS"}  # written by no reader
+    assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "A", "action": "adopted"}]
+    wait_for(lambda: task_statuses(order) == {"A": "DONE"} and no_workers(project.root))
