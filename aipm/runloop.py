@@ -333,8 +333,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                     holders.add(pid)
             finishing, dead = _watch_foreign(sup, report.records, foreign, inside, order.id, tell_inside=not only)
             # This order's tasks another owner runs (`aipm launch`, another `run`): said once each, or a run that
-            # only waits for them prints nothing until the end. Not by exec, which waits for its task alone (and
-            # whose --parallel started the detached ones itself).
+            # only waits for them prints nothing until the end. Not by exec: it waits for its task alone.
             theirs = [key[len(order.id) + 1:] for key in foreign if key.startswith(f"{order.id}/")] if not only else []
             if any(task not in watched for task in theirs):
                 emit({"event": "watching", "tasks": sorted(theirs), "detail": "run by another aipm (a detached "
