@@ -332,13 +332,14 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 if sup.watcher.watch_pid(pid, ("holder", pid)):
                     holders.add(pid)
             finishing, dead = _watch_foreign(sup, report.records, foreign, inside, order.id, tell_inside=not only)
-            # This order's tasks another owner runs (`aipm launch`, another `run`): said once each, or a run that
-            # only waits for them prints nothing until the end. Not by exec: it waits for its task alone.
-            theirs = [key[len(order.id) + 1:] for key in foreign if key.startswith(f"{order.id}/")] if not only else []
-            if any(task not in watched for task in theirs):
+            # This order's tasks a live other owner runs (not a worker we could not adopt), said once each, or a run
+            # that only waits for them prints nothing until the end. Not by exec: it waits for its task alone.
+            theirs = {rec.task for rec in report.records if rec.key in foreign and rec.order == order.id
+                      and (rec.task in watched or rec.owner_alive())} if not only else set()
+            if theirs - watched:
                 emit({"event": "watching", "tasks": sorted(theirs), "detail": "run by another aipm (a detached "
                       "`aipm launch` or another `aipm run`); this run waits for them and goes on from there"})
-                watched.update(theirs)
+                watched |= theirs
             orphaned = dead - recovered  # an owner died since the last recovery: never leave its task stuck
             recovered |= orphaned
             if only:

@@ -84,6 +84,7 @@ def test_a_worker_that_cannot_be_adopted_for_want_of_room_is_reported_and_adopte
     finally:
         run.kill()
     assert "Traceback" not in run.output, run.output
+    assert "watch" not in run.output, run.output  # its owner is dead: no other aipm runs A
     assert task_statuses(order) == {"A": "DONE", "B": "DONE"}
     assert check(journal, order) == []  # A ran once, B after it
 
