@@ -24,6 +24,8 @@ from aipm.store import load_order, load_task
 LOST = "worker lost with its supervisor; `aipm recover` re-queues it"
 # The same for one whose worker ended, its exit code left for the supervisor that died (recovery records it).
 ENDED = "its supervisor died before recording how its worker ended; `aipm recover` records it"
+# ... and for one whose review was stopped (or lost) without a verdict: its work is kept.
+REVIEW_LOST = "review ended without a verdict; the next run (or `aipm recover`) runs it again"
 
 
 def task_row(task: Task, settings: Settings) -> dict:
@@ -43,7 +45,7 @@ def task_row(task: Task, settings: Settings) -> dict:
 def as_seen(order: Order, root: Path) -> Order:
     """The order as it stands: a running task whose worker is gone (its supervisor and wrapper died) is INTERRUPTED,
     as the contract has it, though its file says IN_PROGRESS or IN_REVIEW until a recovery writes it. A reader
-    writes nothing: it shows the task so, with the reason and what to do (LOST, ENDED), and the file stays as it is."""
+    writes nothing: it shows the task so, with the reason and what to do (LOST, ENDED, REVIEW_LOST), and the file stays as it is."""
     running = [t for t in order.tasks.values() if t.status in RUNNING]
     if not running:
         return order  # the common case: no record is read
@@ -54,7 +56,8 @@ def as_seen(order: Order, root: Path) -> Order:
     # removing the record, so a look inside one could take a task starting or ending for a lost one.
     with rt.between_rounds():
         now = [t for t in (_reload(t, root) for t in running) if t is not None and t.status in RUNNING]
-        lost = [(task, ENDED if rec is not None and recovery.outcome_left(task, rec) else LOST)
+        lost = [(task, ENDED if rec is not None and recovery.outcome_left(task, rec)
+                 else REVIEW_LOST if rec is not None and recovery.in_review(task, rec) else LOST)
                 for task, rec in _gone(rt, order.id, now)]
     if not lost:
         return order

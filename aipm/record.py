@@ -45,7 +45,8 @@ class Record:
     counters: dict = field(default_factory=dict)
     # Why its owner is stopping it (Ctrl-C, a preemption), set before the SIGTERM: its wrapper waits for the command
     # and writes its code, which is then no outcome of its own. An owner killed during the grace leaves the
-    # re-queue to whoever finds the record (recovery.recover_order, Supervisor.handle), attempt not counted.
+    # re-queue to whoever finds the record (recovery.recover_order, Supervisor.handle), attempt not counted; a
+    # stopped review is run again instead (its work is done), also after a Ctrl-C (Supervisor._leave_review).
     stopping: str = ""
     # Its owner's timeout fired (set before the SIGTERM): an adopter records the attempt as timed out, whatever
     # code the command the wrapper waited for exits with.

@@ -14,7 +14,7 @@ import os
 import signal
 from pathlib import Path
 
-from aipm import agents, confine, notify, outcome, runner, scope, unrecorded, workspace, writer, writtenlog
+from aipm import agents, confine, notify, outcome, recovery, runner, scope, unrecorded, workspace, writer, writtenlog
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
 from aipm.launcher import Launcher
@@ -47,6 +47,9 @@ class Recording:
         raise NotImplementedError
 
     def _record(self, rec: Record, pid: int, ctime: float, timeout: int | None) -> None:  # record a started process
+        raise NotImplementedError
+
+    def _requeue(self, rec: Record, why: str) -> bool:  # put a stopped attempt's task back to QUEUED
         raise NotImplementedError
 
     def _record_outcome(self, rec: Record, code: int | None, timed_out: bool) -> dict | None:
@@ -125,9 +128,8 @@ class Recording:
             self.outbox.append({"event": "restored", "order": rec.order, "task": rec.task, "was": str(was),
                                 "status": str(task.status)})
         if code is None:
-            if rec.phase == "review":
-                self._start_review(rec, task)  # the reviewer vanished without a verdict: ask again
-                return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial}
+            if rec.phase == "review":  # stopped by its owner, or vanished without a verdict: ask again
+                return self._review_again(rec, task)
             if unrecorded.exit_lost(rec.exit_file):
                 return self._outcome_lost(rec, task, event)
             # We watched this worker (adopted, so not our child) die before its wrapper wrote an exit code: our
@@ -152,6 +154,21 @@ class Recording:
                         AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.attempt),
                         AIPM_LOG=rec.log)
         return event
+
+    def _review_again(self, rec: Record, task: Task) -> dict:
+        """Run the review of this attempt again: its work is done and paid for, only the verdict is missing. Where
+        the work can no longer be reviewed (recovery.cannot_review), the attempt is re-queued as before."""
+        why = recovery.cannot_review(self.launcher, task, rec)
+        if why:
+            append_log(rec.log, f"review of {rec.task} cannot run again: {why}; its work runs again")
+            self._requeue(rec, rec.stopping or "review lost")
+            return {"event": "interrupted", "requeued": [rec.task]}
+        lost = "stopped" if rec.stopping else "lost without a verdict"
+        append_log(rec.log, f"review of attempt {rec.serial} {lost}" + f" ({rec.stopping})" * bool(rec.stopping)
+                   + ": it runs again; the attempt's work is kept")
+        rec.stopping = ""
+        self._start_review(rec, task)
+        return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial, "again": lost}
 
     def _restored(self, rec: Record, task: Task) -> Task:
         """The file was reset under a live worker (a `git checkout`): write back what we know, keep the rest."""

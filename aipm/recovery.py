@@ -1,7 +1,8 @@
 """Repairing an order whose owners are gone, and putting a task back in the queue.
 
-A worker that is still alive, or that left its exit code, is adopted so its real outcome is recorded; a worker lost
-without a trace is INTERRUPTED, then QUEUED (see docs/locks-review-recovery.md). Callers hold the launch lock.
+A worker that is still alive, or that left its exit code, is adopted so its real outcome is recorded; a reviewer
+stopped or lost without a verdict is adopted to run the review again; a worker lost without a trace is INTERRUPTED,
+then QUEUED (see docs/locks-review-recovery.md). Callers hold the launch lock.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from aipm import agents, confine, outcome, runner, subreaper, workspace, writtenlog
 from aipm.errors import UserError
+from aipm.finish import review_command
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.record import Record
 from aipm.runtime import Runtime, append_log, exit_file_written
@@ -47,7 +49,12 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
             continue
         # An exit file, even an empty one (the worker ended; its code may be lost), goes to an owner to decide.
         # A worker its owner was stopping (Record.stopping) left no outcome of its own: re-queued below once it ended.
-        if rec is not None and (rec.worker_alive() or outcome_left(task, rec)):
+        again = rec is not None and in_review(task, rec) and not rec.worker_alive() and (
+            rec.stopping or not exit_file_written(rec.exit_file))  # no verdict: the review is asked again
+        if again and (why := cannot_review(launcher, task, rec)):
+            append_log(rec.log, f"review of {task.id} cannot run again: {why}; its work runs again")
+            again = False
+        if rec is not None and (again or rec.worker_alive() or outcome_left(task, rec)):
             try:
                 if adopt is not None and not rec.encloses_us():  # else a detached owner: we cannot wait for it
                     adopt.adopt(rec)
@@ -58,7 +65,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
                 out.append({"id": task.id, "action": "not adopted",
                             "error": f"cannot adopt its worker: {exc.strerror or exc}"})
                 continue
-            out.append({"id": task.id, "action": "adopted"})
+            out.append({"id": task.id, "action": "its review runs again" if again else "adopted"})
             continue
         if rec is not None:
             end_remnants(launcher.runtime, rec)  # its wrapper is gone, but its command may not be
@@ -81,6 +88,22 @@ def unrecorded(task: Task, rec: Record) -> bool:
     and its start time; a version from before it (even one with a higher count, before a `retry`) does not. A
     later attempt would have replaced the record (one per task), and a re-queue removes it with its writes."""
     return task.status not in RUNNING and (task.attempts, task.started_at) != (rec.attempt, rec.started_at)
+
+
+def in_review(task: Task, rec: Record) -> bool:
+    """The record is the review of the attempt the file holds: that attempt's work is done (and paid for)."""
+    return rec.phase == "review" and task.status == Status.IN_REVIEW and task.attempts == rec.attempt
+
+
+def cannot_review(launcher: Launcher, task: Task, rec: Record) -> str:
+    """Why a review stopped or lost without a verdict cannot simply run again for the same attempt ("" if it can).
+    A worktree task's work is only in its worktree; a shared-tree task's targets stayed busy (IN_REVIEW) meanwhile,
+    so its work is still there."""
+    if review_command(task, launcher.settings, launcher.options.no_review) is None:
+        return "no review command now"
+    if rec.workspace and not os.path.isdir(rec.workspace):
+        return f"its worktree {rec.workspace} is gone"
+    return ""
 
 
 def end_remnants(rt: Runtime, rec: Record) -> None:

@@ -112,11 +112,13 @@ class Supervisor(Recording, Owner):
         self._own(rec)
         if rec.timed_out:
             self.timed_out.add(rec.key)
-        if (rec.stopping or rec.timed_out) and rec.pid:  # its owner died stopping it: the stop goes on
+        # Its owner died stopping it: the stop goes on (not for one gone: its group's number may be reused).
+        if (rec.stopping or rec.timed_out) and rec.pid and rec.key not in self.exited:
             runner.signal_group(rec.pgid, signal.SIGTERM)
             runner.signal_group(rec.pgid, signal.SIGCONT)
             self.kill_at[rec.key] = time.time() + KILL_GRACE
-        self.outbox.append({"event": "adopted", "task": rec.task, "order": rec.order, "pid": rec.pid})
+        if not (rec.phase == "review" and rec.key in self.exited):  # a reviewer gone: handle() says what follows
+            self.outbox.append({"event": "adopted", "task": rec.task, "order": rec.order, "pid": rec.pid})
 
     def _own(self, rec: Record, started: bool = False) -> None:
         """Watch an owned worker; one we `started` a moment ago waits for its go, so it is ours and alive."""
@@ -185,7 +187,9 @@ class Supervisor(Recording, Owner):
             runner.kill_group(rec.pgid)
             self.end_strays(rec)
         with self.rt.launch_lock():
-            if rec.stopping:  # its dead owner was stopping it (Ctrl-C, a preemption): no outcome of its own
+            if rec.stopping and rec.phase == "review":  # its code is no verdict: the review runs again
+                code, timed_out = None, False
+            elif rec.stopping:  # its dead owner was stopping it (Ctrl-C, a preemption): no outcome of its own
                 return {"event": "interrupted", "requeued": [rec.task]} if self._requeue(rec, rec.stopping) else None
             return self._record_outcome(rec, code, timed_out)
 
@@ -226,9 +230,39 @@ class Supervisor(Recording, Owner):
         stopped = []
         with self.rt.launch_lock():
             for rec in list(self.owned.values()):
+                if rec.phase == "review" and self._leave_review(rec, why):
+                    continue
                 if self._requeue(rec, why):
                     stopped.append(rec.task)
         return stopped
+
+    def _leave_review(self, rec: Record, why: str) -> bool:
+        """A stopped review: its attempt's work is done and paid for, so the task stays IN_REVIEW and its record
+        (Record.stopping set, no owner) goes to the next `run`/`exec`/`recover`, which runs the review again. False
+        when it cannot be (recovery.cannot_review): then it is re-queued. Caller holds the launch lock."""
+        try:
+            task = load_task(Path(rec.task_file), self.rt.root)
+        except (UserError, OSError):
+            return False
+        if not recovery.in_review(task, rec):
+            return False
+        cannot = recovery.cannot_review(self.launcher, task, rec)
+        if cannot:
+            append_log(rec.log, f"review of {rec.task} stopped ({why}); it cannot run again: {cannot}; its work "
+                                "runs again")
+            return False
+        rec.owner_pid, rec.owner_ctime = 0, 0.0
+        try:
+            self.rt.write_record(rec)
+        except OSError:
+            return False
+        append_log(rec.log, f"review of {rec.task} stopped ({why}); it runs again on the next run")
+        for fd in self.lock_fds.pop(rec.key, ()):
+            os.close(fd)  # IN_REVIEW keeps its files busy for every planner meanwhile
+        self.owned.pop(rec.key, None)
+        self.adopted.discard(rec.key)
+        self.outbox.append({"event": "review_stopped", "order": rec.order, "task": rec.task, "attempt": rec.serial})
+        return True
 
     def _note_in_records(self, recs: list[Record], **marks) -> None:
         """Note in these workers' records, before the signal, that we stop them (Record.stopping, Record.timed_out):

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
 LINES = {
     "started": "start    {task} (attempt {attempt}, pid {pid}{detached})",
     "finished": "finish   {task} → {status} ({reason})",
-    "review": "review   {task}",
+    "review": "review   {task}{again}",
+    "review_stopped": "stopped  review of {task}; it runs again on the next run (its work is kept)",
     "adopted": "adopt    {task} (pid {pid}): worker outlived its supervisor",
     "recovered": "recover  {task}: its worker was lost with its supervisor; re-queued, attempt not counted",
     "deferred": "defer    {tasks}: {detail}",
@@ -44,6 +45,7 @@ def plain_line(event: dict) -> str:
         return json.dumps(event)
     fields = {k: ", ".join(map(str, v)) or "none" if isinstance(v, list) else v for k, v in event.items()}
     fields["detached"] = ", detached" if event.get("detached") else ""
+    fields["again"] = f" again (its review was {event['again']})" if event.get("again") else ""
     if event.get("event") == "finished" and not event.get("reason"):
         fields["reason"] = f"exit {event.get('exit_code')}"  # moved on by a writer that gave no reason
     if isinstance(event.get("counts"), dict):

@@ -1,0 +1,115 @@
+"""A review stopped by its owner (Ctrl-C or SIGTERM of `run`/`exec`) or lost without a verdict (its owner and it
+SIGKILLed) runs again for the same attempt: the attempt's work is done and paid for, so it is not run (and paid)
+again. Real runs with the stand-in `claude` of tests/agents, which journals each run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import no_workers, state, wait_for, write_task
+from test_agents import agent_env, journal
+from test_workspace import git, project_in, repo  # noqa: F401 - repo is a fixture
+
+
+def reviewed_task(project, gate):
+    """A claude task that reports $0.25; its review says it has begun, then waits for the gate and approves."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    begun = project.root / "reviewing"
+    review = f'touch "{begun}"; while [ ! -e "{gate}" ]; do sleep 0.05; done'
+    path = write_task(project.order(), "A", prompt="@cost 0.25", target_files=["a.txt"], review=review)
+    return path, begun
+
+
+def start(project, *args: str) -> subprocess.Popen:
+    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    return subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), *args], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def fields(path) -> tuple:
+    task = yaml.safe_load(path.read_text())
+    return task["status"], task["attempts"], task.get("cost_usd")
+
+
+@pytest.mark.parametrize("command", [("run", "ORD"), ("exec", "A")], ids=["run", "exec"])
+def test_ctrl_c_during_the_review_runs_only_the_review_again(project, gate, command):
+    path, begun = reviewed_task(project, gate)
+    first = start(project, *command)
+    wait_for(begun.exists)
+    first.send_signal(signal.SIGINT)
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 130, out
+    assert "review of A; it runs again on the next run" in out
+    assert fields(path) == ("IN_REVIEW", 1, 0.25)  # its work kept, not re-queued
+    (row,) = project.json("status", "ORD")["tasks"]
+    assert "review ended without a verdict; the next run" in row["reason"], row
+    gate.touch()
+    proc = project.aipm(*command, env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "review   A again (its review was stopped)" in proc.stdout
+    assert fields(path) == ("COMPLETED", 1, 0.25)  # the cost counted once
+    assert len(journal(project)) == 1  # the agent ran once
+    log = (project.root / ".aipm/logs/ORD/A.1.log").read_text()
+    assert "review of A stopped (stopped by the user (Ctrl-C)); it runs again on the next run" in log
+    assert "review of attempt 1 stopped (stopped by the user (Ctrl-C)): it runs again" in log
+
+
+@pytest.mark.parametrize("adopter", ["recover", "run"])
+def test_a_review_killed_with_its_owner_runs_again(project, gate, adopter):
+    path, begun = reviewed_task(project, gate)
+    first = start(project, "run", "ORD")
+    wait_for(begun.exists)
+    record = json.loads((state(project.root) / "workers/ORD/A.json").read_text())
+    assert record["phase"] == "review"
+    first.kill()
+    os.killpg(record["pgid"], signal.SIGKILL)  # the reviewer and its wrapper: no exit code is left
+    first.communicate(timeout=60)
+    gate.touch()
+    if adopter == "recover":
+        proc = project.aipm("recover", "ORD", env=agent_env(project))
+        assert "ORD/A: its review runs again" in proc.stdout, proc.stdout + proc.stderr
+        wait_for(lambda: no_workers(project.root))  # the detached owner ran the review
+    else:
+        proc = project.aipm("run", "ORD", env=agent_env(project))
+        assert proc.returncode == 0 and "review   A again (its review was lost without a verdict)" in proc.stdout, \
+            proc.stdout + proc.stderr
+    assert fields(path) == ("COMPLETED", 1, 0.25)
+    assert len(journal(project)) == 1
+    assert "review of attempt 1 lost without a verdict: it runs again" in \
+        (project.root / ".aipm/logs/ORD/A.1.log").read_text()
+
+
+@pytest.mark.parametrize("worktree_kept", [True, False], ids=["kept", "removed"])
+def test_a_worktree_task_reviews_again_unless_its_worktree_is_gone(repo, tmp_path, gate, worktree_kept):
+    """Its work is only in its worktree: reviewed again there and merged; removed while the review was stopped,
+    there is nothing to review, so the task goes back to the queue as before, and the log says why."""
+    project = project_in(repo, config="workspace: worktree\nscope_audit: false\n")
+    runs, begun = tmp_path / "runs", tmp_path / "reviewing"
+    path = write_task(project.order(), "T", target_files=["src/a.txt"],
+                      command=f'echo "attempt $AIPM_ATTEMPT" >> "{runs}"; echo done >> src/a.txt',
+                      review=f'touch "{begun}"; while [ ! -e "{gate}" ]; do sleep 0.05; done')
+    first = start(project, "run", "ORD")
+    wait_for(begun.exists)
+    first.send_signal(signal.SIGINT)
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 130 and "it runs again on the next run" in out, out
+    worktree = json.loads((state(repo) / "workers/ORD/T.json").read_text())["workspace"]
+    if not worktree_kept:
+        git(repo, "worktree", "remove", "--force", worktree)
+    gate.touch()
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert runs.read_text().splitlines() == (["attempt 1"] if worktree_kept else ["attempt 1", "attempt 2"])
+    assert yaml.safe_load(path.read_text())["status"] == "COMPLETED"
+    assert (repo / "src/a.txt").read_text().endswith("done\n")  # merged once
+    assert (repo / "src/a.txt").read_text().count("done") == 1
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    gone = f"review of T cannot run again: its worktree {worktree} is gone; its work runs again"
+    assert (gone in log) != worktree_kept
