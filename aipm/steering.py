@@ -11,7 +11,7 @@ from pathlib import Path
 from aipm import outcome, workspace, writtenlog
 from aipm.agents import can_resume
 from aipm.errors import UserError
-from aipm.recovery import unrecorded
+from aipm.recovery import in_review, unrecorded
 from aipm.starting import cleared_reason
 from aipm.model import RUNNING, Status, Task
 from aipm.project import Project
@@ -74,8 +74,10 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
         if current.status in RUNNING:
             if live:
                 raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
+            review = rec is not None and in_review(current, rec)
+            then = "runs its review again" if review else "puts it back in the queue"
             raise UserError(f"{path}: status: {current.status}, but no worker runs it (stale); "
-                            f"`aipm recover {order_id}` puts it back in the queue")
+                            f"`aipm recover {order_id}` {then}")
         if live:
             raise UserError(f"{path}: status: {current.status}, but its worker pid {live_pid(rec)} is still "
                             "running; wait for it to end (or cancel it)")

@@ -50,6 +50,8 @@ def test_ctrl_c_during_the_review_runs_only_the_review_again(project, gate, comm
     assert fields(path) == ("IN_REVIEW", 1, 0.25)  # its work kept, not re-queued
     (row,) = project.json("status", "ORD")["tasks"]
     assert "review ended without a verdict; the next run" in row["reason"], row
+    retry = project.aipm("retry", "A")
+    assert retry.returncode != 0 and "`aipm recover ORD` runs its review again" in retry.stderr, retry.stderr
     gate.touch()
     proc = project.aipm(*command, env=agent_env(project))
     assert proc.returncode == 0, proc.stdout + proc.stderr
