@@ -38,12 +38,16 @@ def fields(path) -> tuple:
     return task["status"], task["attempts"], task.get("cost_usd")
 
 
-@pytest.mark.parametrize("command", [("run", "ORD"), ("exec", "A")], ids=["run", "exec"])
-def test_ctrl_c_during_the_review_runs_only_the_review_again(project, gate, command):
+@pytest.mark.parametrize("command, stop, why", [
+    (("run", "ORD"), signal.SIGINT, "stopped by the user (Ctrl-C)"),
+    (("exec", "A"), signal.SIGINT, "stopped by the user (Ctrl-C)"),
+    (("run", "ORD"), signal.SIGTERM, "stopped by SIGTERM"),
+], ids=["run", "exec", "run-SIGTERM"])
+def test_ctrl_c_during_the_review_runs_only_the_review_again(project, gate, command, stop, why):
     path, begun = reviewed_task(project, gate)
     first = start(project, *command)
     wait_for(begun.exists)
-    first.send_signal(signal.SIGINT)
+    first.send_signal(stop)
     out, _ = first.communicate(timeout=60)
     assert first.returncode == 130, out
     assert "review of A; it runs again on the next run" in out
@@ -59,8 +63,8 @@ def test_ctrl_c_during_the_review_runs_only_the_review_again(project, gate, comm
     assert fields(path) == ("COMPLETED", 1, 0.25)  # the cost counted once
     assert len(journal(project)) == 1  # the agent ran once
     log = (project.root / ".aipm/logs/ORD/A.1.log").read_text()
-    assert "review of A stopped (stopped by the user (Ctrl-C)); it runs again on the next run" in log
-    assert "review of attempt 1 stopped (stopped by the user (Ctrl-C)): it runs again" in log
+    assert f"review of A stopped ({why}); it runs again on the next run" in log
+    assert f"review of attempt 1 stopped ({why}): it runs again" in log
 
 
 @pytest.mark.parametrize("adopter", ["recover", "run"])
