@@ -100,13 +100,18 @@ def _proc_stat(pid: int) -> tuple[str, float] | None:
     if not _HAVE_PROC:
         return None
     try:
-        data = read_small(f"/proc/{pid}/stat")
+        fields = _stat_fields(pid)
     except FileNotFoundError:
         return ("X", 0.0)
     except OSError:
         return None
-    fields = data[data.rfind(b")") + 2:].split()
     return fields[0].decode(), _start_time(fields)
+
+
+def _stat_fields(pid: int) -> list[bytes]:
+    """/proc/<pid>/stat's fields after the process's name (which may hold spaces and parentheses)."""
+    data = read_small(f"/proc/{pid}/stat")
+    return data[data.rfind(b")") + 2:].split()
 
 
 def _start_time(fields: list[bytes]) -> float:
@@ -126,10 +131,9 @@ def ancestors() -> dict[int, float]:
     pid = os.getppid()
     while pid > 1 and pid not in found:
         try:
-            data = read_small(f"/proc/{pid}/stat")
+            fields = _stat_fields(pid)
         except OSError:
             break  # it ended meanwhile: what is above it is no longer above us
-        fields = data[data.rfind(b")") + 2:].split()
         found[pid] = _start_time(fields)
         pid = int(fields[1])
     return found
