@@ -44,18 +44,23 @@ def process_alive(pid: int, ctime: float) -> bool:
 
 def _process_alive(pid: int, ctime: float) -> bool:
     if pid == os.getpid():  # ourselves (the owner of our records): reading /proc/self/stat can take ms
-        return round(_own_ctime(), 2) == round(ctime, 2)
+        return same_start(_own_ctime(), ctime)
     stat = _proc_stat(pid)
     if stat is not None:  # Linux fast path: one read of /proc/<pid>/stat
         state, started = stat
-        return state not in "ZX" and round(started, 2) == round(ctime, 2)
+        return state not in "ZX" and same_start(started, ctime)
     import psutil  # off Linux only
 
     try:
         proc = psutil.Process(pid)
-        return round(proc.create_time(), 2) == round(ctime, 2) and proc.status() != psutil.STATUS_ZOMBIE
+        return same_start(proc.create_time(), ctime) and proc.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
         return False
+
+
+def same_start(started: float, recorded: float) -> bool:
+    """A start time is the recorded one to within the 1/100 s a record keeps (a pid alone can be reused)."""
+    return round(started, 2) == round(recorded, 2)
 
 
 _SELF: list[tuple[int, float]] = []  # (pid, start time) of this process, read once (a fork reads its own)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from aipm.liveness import ancestors, process_alive
+from aipm.liveness import ancestors, process_alive, same_start
 
 
 @dataclass
@@ -81,7 +81,7 @@ class Record:
         if not self.pid:
             return False
         session, above = _enclosing()
-        return ((self.pgid == session or round(above.get(self.pid, -1.0), 2) == round(self.ctime, 2))
+        return ((self.pgid == session or same_start(above.get(self.pid, -1.0), self.ctime))
                 and self.worker_alive())
 
 
