@@ -114,9 +114,7 @@ class Supervisor(Recording, Owner):
             self.timed_out.add(rec.key)
         # Its owner died stopping it: the stop goes on (not for one gone: its group's number may be reused).
         if (rec.stopping or rec.timed_out) and rec.pid and rec.key not in self.exited:
-            runner.signal_group(rec.pgid, signal.SIGTERM)
-            runner.signal_group(rec.pgid, signal.SIGCONT)
-            self.kill_at[rec.key] = time.time() + KILL_GRACE
+            self._stop(rec, time.time())
         if not (rec.phase == "review" and rec.key in self.exited):  # a reviewer gone: handle() says what follows
             self.outbox.append({"event": "adopted", "task": rec.task, "order": rec.order, "pid": rec.pid})
 
@@ -157,14 +155,18 @@ class Supervisor(Recording, Owner):
                 self.timed_out.add(key)
                 self._note_in_records([rec], timed_out=True)
                 append_log(rec.log, f"timeout: sending SIGTERM to process group {rec.pgid}")
-                runner.signal_group(rec.pgid, signal.SIGTERM)
-                runner.signal_group(rec.pgid, signal.SIGCONT)
-                self.kill_at[key] = now + KILL_GRACE
+                self._stop(rec, now)
         for key, at in list(self.kill_at.items()):
             if now >= at:
                 del self.kill_at[key]
                 if key in self.owned:
                     runner.signal_group(self.owned[key].pgid, signal.SIGKILL)
+
+    def _stop(self, rec: Record, now: float) -> None:
+        """SIGTERM the worker's group (and SIGCONT: a stopped group would never see it); SIGKILL after KILL_GRACE."""
+        runner.signal_group(rec.pgid, signal.SIGTERM)
+        runner.signal_group(rec.pgid, signal.SIGCONT)
+        self.kill_at[rec.key] = now + KILL_GRACE
 
     # -- finishing -----------------------------------------------------------------------------------
 
