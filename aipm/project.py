@@ -74,12 +74,13 @@ class Project:
         mine = ids.get(order_dir.resolve())
         if mine is None or mine[0] == arg:
             return
-        for other, (order_id, source) in ids.items():
-            if order_id == arg and other != order_dir.resolve():
-                raise AmbiguousOrder(
-                    f"order {arg!r} is ambiguous: {self.orders_dir}/{arg} is the directory of order {mine[0]!r}, and "
-                    f"{source} gives {arg!r} as its id; give a path to the order directory "
-                    f"({self.root / self.orders_dir / arg} or {other})")
+        clash = _other_with_id(ids, arg, order_dir)
+        if clash is not None:
+            other, source = clash
+            raise AmbiguousOrder(
+                f"order {arg!r} is ambiguous: {self.orders_dir}/{arg} is the directory of order {mine[0]!r}, and "
+                f"{source} gives {arg!r} as its id; give a path to the order directory "
+                f"({self.root / self.orders_dir / arg} or {other})")
 
     def order_dirs(self) -> list[Path]:
         base = self.root / self.orders_dir
@@ -110,13 +111,19 @@ class Project:
             except ValidationError:
                 return order_dir
             mine = (order_id, source or order_dir)
-        for other, (order_id, source) in ids.items():
-            if order_id == mine[0] and other != order_dir.resolve():
-                raise ValidationError(str(mine[1]), "id" if mine[1].is_file() else None,
-                                      f"order id {order_id!r} is also the id of {source}; "
-                                      "give each order its own id (runtime state is kept per id)")
+        clash = _other_with_id(ids, mine[0], order_dir)
+        if clash is not None:
+            raise ValidationError(str(mine[1]), "id" if mine[1].is_file() else None,
+                                  f"order id {mine[0]!r} is also the id of {clash[1]}; "
+                                  "give each order its own id (runtime state is kept per id)")
         return order_dir
 
+
+def _other_with_id(ids: dict[Path, tuple[str, Path]], order_id: str, order_dir: Path) -> tuple[Path, Path] | None:
+    """An order other than `order_dir` whose id is `order_id`: its directory and the file or directory giving the
+    id (`ids` as Project.order_ids gives them); None when there is none."""
+    here = order_dir.resolve()
+    return next(((d, source) for d, (i, source) in ids.items() if i == order_id and d != here), None)
 
 
 def find_task(project: Project, arg: str) -> tuple[Path, str]:
