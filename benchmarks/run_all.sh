@@ -5,7 +5,7 @@
 # journal every file created within 60 s of many deletions scans the freed inodes (the next script's runs slow).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
-py=${PYTHON:-/work/venv/bin/python}
+py=${PYTHON:-$here/../.venv/bin/python}
 [ -x "$py" ] || py=python3
 status=0
 first=1
