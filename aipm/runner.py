@@ -104,7 +104,7 @@ def begin(
     started: Callable[[int, float], None] = lambda pid, ctime: None,
     prefix: Sequence[str] = (),
     background: bool = True,
-    place_log: Callable[[str], bool] = lambda log: False,
+    place_log: Callable[[str], None] = lambda log: None,
 ) -> Spawning:
     """Start `command` in its own session; its stdout and stderr append to `log`.
 

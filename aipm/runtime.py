@@ -268,11 +268,12 @@ class Runtime:
         if spares is not None:
             spares.stock(count)
 
-    def place_log(self, log: str) -> bool:
+    def place_log(self, log: str) -> None:
         """Give a new log its name on an empty file stock_logs() made, so that the worker's start, which opens
-        it, creates no file (the dear step of a short task's start on ext4 without a journal). True if it did."""
+        it, creates no file (the dear step of a short task's start on ext4 without a journal)."""
         spares = in_tree(self.root)
-        return spares is not None and spares.place(log)
+        if spares is not None:
+            spares.place(log)
 
     def log_dir(self, order: str) -> Path:
         return self.dir / "logs" / _safe(order)

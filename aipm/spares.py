@@ -203,25 +203,24 @@ class Pool:
         except OSError:
             pass  # a full disk, a removed directory: the opener creates the file as before
 
-    def place(self, dest: str) -> bool:
+    def place(self, dest: str) -> None:
         """Put an empty file made by stock() at `dest`, which does not exist yet, so that opening `dest` with
-        O_CREAT creates nothing; True when it did. Not when none is left or `dest` exists (never replaced), nor
+        O_CREAT creates nothing. Not when none is left or `dest` exists (never replaced), nor
         where a file created in `dest`'s directory would get more than a blank has (a setgid directory's group,
         a default ACL)."""
         if not self._blanks or _inherits(os.path.dirname(dest)):
-            return False
+            return
         while self._blanks:
             name, ino = self._blanks.pop()  # atomic: the spawn thread places, the main thread stocks
             if not _move_new(name, dest):
                 with suppress(OSError):
                     os.unlink(name)
-                return False
+                return
             with suppress(OSError):
                 info = os.lstat(dest)
                 if info.st_ino == ino and _reusable(info) and info.st_size == 0:
-                    return True
+                    return
                 os.unlink(dest)  # not the file we made (changed, or replaced under its name): it is not a log
-        return False
 
     def _name(self) -> str:
         self._serial += 1
