@@ -111,8 +111,8 @@ def _load_commands(argv: list[str] | None = None) -> None:
             importlib.import_module(f"aipm.cli.{info.name}")
 
 
-# Commands whose common forms skip Typer altogether (its import and its parsing, which imports pydantic, cost more
-# than a short command does: `detect`/`status` polled by scripts, `run` of a build). Others go through Typer.
+# Commands whose common forms skip Typer altogether (its import and its parsing cost more than a short command
+# does: `detect`/`status` polled by scripts, `run` of a build). Others go through Typer.
 DIRECT = ("detect", "status", "run", "launch", "exec")
 # Parameter types read here exactly as Typer reads them (bool: a flag; the others: int(), float(), the word).
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str,
