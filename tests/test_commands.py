@@ -534,6 +534,21 @@ def test_every_help_shows_flags_as_flags_without_a_type(project):
     assert re.search(r"--no-review\s+Skip review", shown) and re.search(r"--max-workers\s+<int>", shown)
 
 
+def test_every_help_wraps_its_paragraphs_to_the_terminal(project):
+    """Typer's rich help kept every line break of a docstring: `run --help` said "... the last line counts the" and
+    then "tasks by status." on a line of its own, at any width. Each paragraph is one line on a wide terminal."""
+    import inspect
+
+    from aipm.cli import _load_commands, decl
+
+    _load_commands()
+    for name, function in decl.COMMANDS:
+        shown = [" ".join(line.strip(" │").split()) for line in project.aipm(
+            name or function.__name__, "--help", env={"COLUMNS": "1000"}, check=True).stdout.splitlines()]
+        for paragraph in inspect.cleandoc(function.__doc__).replace("\\[", "[").split("\n\n"):  # (rich's escape)
+            assert " ".join(paragraph.split()) in shown, (name or function.__name__, paragraph)
+
+
 def test_status_at_80_columns_keeps_each_status_whole(project):
     order = project.order()
     write_task(order, "A_TASK_WITH_A_LONG_NAME", command="true", status="IN_PROGRESS", attempts=1,

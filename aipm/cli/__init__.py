@@ -29,8 +29,19 @@ def typer_app():
     )
     app.callback()(_typer_function(common._root_callback))
     for name, function in decl.COMMANDS:
-        app.command(name, cls=_flags_read_as_flags(TyperCommand))(_typer_function(function))
+        app.command(name, cls=_flags_read_as_flags(TyperCommand), help=_prose(function.__doc__))(
+            _typer_function(function))
     return app
+
+
+def _prose(doc: str | None) -> str | None:
+    """A docstring as help: each paragraph one line, for the terminal to wrap. Typer's rich help keeps every line
+    break of the source, so a paragraph wrapped at 116 columns came out ragged at any other width."""
+    if doc is None:
+        return None
+    import inspect
+
+    return "\n\n".join(" ".join(part.split()) for part in inspect.cleandoc(doc).split("\n\n"))
 
 
 def _flags_read_as_flags(cls):
