@@ -40,8 +40,10 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.IN_PROGRESS: frozenset(
         {Status.IN_REVIEW, Status.DONE, Status.QUEUED, Status.FAILED, Status.INTERRUPTED, Status.CANCELLED}
     ),
+    # DONE: a stopped review not run again under `--no-review` (its work exited 0 and is kept, as without review).
     Status.IN_REVIEW: frozenset(
-        {Status.COMPLETED, Status.REWORK, Status.QUEUED, Status.REJECTED, Status.INTERRUPTED, Status.CANCELLED}
+        {Status.COMPLETED, Status.DONE, Status.REWORK, Status.QUEUED, Status.REJECTED, Status.INTERRUPTED,
+         Status.CANCELLED}
     ),
     Status.REWORK: frozenset({Status.QUEUED, Status.REJECTED, Status.CANCELLED}),
     Status.INTERRUPTED: frozenset({Status.QUEUED, Status.CANCELLED}),

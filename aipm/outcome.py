@@ -57,6 +57,11 @@ def review_approved() -> str:
     return "review approved"
 
 
+def unreviewed() -> str:
+    """A stopped review not run again: no review command now (`--no-review`); its work exited 0."""
+    return "exit 0; stopped review not run again: no review command now"
+
+
 def review_rejected(output: str, code: int) -> str:
     """"review rejected: <the first line the reviewer printed>" (its exit code when it printed nothing)."""
     first = next((line for line in output.splitlines() if line.strip()), "")

@@ -129,7 +129,7 @@ class Recording:
                                 "status": str(task.status)})
         if code is None:
             if rec.phase == "review":  # stopped by its owner, or vanished without a verdict: ask again
-                return self._review_again(rec, task)
+                return self._review_again(rec, task, event)
             if unrecorded.exit_lost(rec.exit_file):
                 return self._outcome_lost(rec, task, event)
             # We watched this worker (adopted, so not our child) die before its wrapper wrote an exit code: our
@@ -142,6 +142,10 @@ class Recording:
             task = self._work_ended(rec, task, code, timed_out, event)
         else:
             task = self._review_ended(rec, task, code)
+        return self._ended(rec, task, event)
+
+    def _ended(self, rec: Record, task: Task, event: dict) -> dict:
+        """The event for what the attempt came to; an attempt that is over is merged (worktree) and dropped."""
         if task.status == Status.IN_REVIEW:
             return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial}
         if rec.workspace and task.status in FINISHED_OK:
@@ -155,20 +159,32 @@ class Recording:
                         AIPM_LOG=rec.log)
         return event
 
-    def _review_again(self, rec: Record, task: Task) -> dict:
+    def _review_again(self, rec: Record, task: Task, event: dict) -> dict:
         """Run the review of this attempt again: its work is done and paid for, only the verdict is missing. Where
-        the work can no longer be reviewed (recovery.cannot_review), the attempt is re-queued as before."""
-        why = recovery.cannot_review(self.launcher, task, rec)
+        the work can no longer be reviewed (recovery.cannot_review), the attempt is re-queued as before; with no
+        review command now (`--no-review`), the kept work ends as it would have without review."""
+        why = recovery.cannot_review(rec)
         if why:
             append_log(rec.log, f"review of {rec.task} cannot run again: {why}; its work runs again")
             self._requeue(rec, rec.stopping or "review lost")
             return {"event": "interrupted", "requeued": [rec.task]}
         lost = "stopped" if rec.stopping else "lost without a verdict"
-        append_log(rec.log, f"review of attempt {rec.serial} {lost}" + f" ({rec.stopping})" * bool(rec.stopping)
-                   + ": it runs again; the attempt's work is kept")
+        said = f"review of attempt {rec.serial} {lost}" + f" ({rec.stopping})" * bool(rec.stopping)
+        if review_command(task, self.settings, self.launcher.options.no_review) is None:
+            append_log(rec.log, f"{said}: no review command now; the attempt's work is kept, unreviewed")
+            return self._ended(rec, self._unreviewed(rec, task), event)
+        append_log(rec.log, f"{said}: it runs again; the attempt's work is kept")
         rec.stopping = ""
         self._start_review(rec, task)
         return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial, "again": lost}
+
+    def _unreviewed(self, rec: Record, task: Task) -> Task:
+        """IN_REVIEW → DONE (a worktree task's work merged first), as its work's exit 0 would have ended without
+        review; a merge that conflicts sends it back (REWORK), as after an approval."""
+        conflict = self._merge_back(rec, {})
+        if conflict:
+            return self._conflicted(rec, task, conflict)
+        return self._write(task, {"status": Status.DONE, "finished_at": now(), "reason": outcome.unreviewed()})
 
     def _restored(self, rec: Record, task: Task) -> Task:
         """The file was reset under a live worker (a `git checkout`): write back what we know, keep the rest."""
@@ -293,10 +309,8 @@ class Recording:
         append_log(rec.log, f"review {verdict}; review output: {review_log}")
         conflict = self._merge_back(rec, {}) if code == 0 else None
         if conflict:
-            log_whole(rec.log, conflict)
-            feedback.write_text(conflict + "\n")
-            code, reason = 1, outcome.one_line(conflict.splitlines()[0])
-        elif code == 0:
+            return self._conflicted(rec, task, conflict)
+        if code == 0:
             feedback.unlink(missing_ok=True)
             reason = outcome.review_approved()
         else:
@@ -304,6 +318,14 @@ class Recording:
             feedback.write_bytes(output)
             reason = outcome.review_rejected(output.decode(errors="replace"), code)
         for updates in after_review(task, code, self.settings, reason):
+            task = self._write(task, updates)
+        return task
+
+    def _conflicted(self, rec: Record, task: Task, conflict: str) -> Task:
+        """An approved (or unreviewed) worktree task whose merge conflicts: sent back with the conflict as feedback."""
+        log_whole(rec.log, conflict)
+        self.rt.feedback_path(rec.order, rec.task, writing=True).write_text(conflict + "\n")
+        for updates in after_review(task, 1, self.settings, outcome.one_line(conflict.splitlines()[0])):
             task = self._write(task, updates)
         return task
 

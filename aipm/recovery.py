@@ -51,7 +51,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
         # A worker its owner was stopping (Record.stopping) left no outcome of its own: re-queued below once it ended.
         again = rec is not None and in_review(task, rec) and not rec.worker_alive() and (
             rec.stopping or not exit_file_written(rec.exit_file))  # no verdict: the review is asked again
-        if again and (why := cannot_review(launcher, task, rec)):
+        if again and (why := cannot_review(rec)):
             append_log(rec.log, f"review of {task.id} cannot run again: {why}; its work runs again")
             again = False
         if rec is not None and (again or rec.worker_alive() or outcome_left(task, rec)):
@@ -65,7 +65,9 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
                 out.append({"id": task.id, "action": "not adopted",
                             "error": f"cannot adopt its worker: {exc.strerror or exc}"})
                 continue
-            out.append({"id": task.id, "action": "its review runs again" if again else "adopted"})
+            reviewing = review_command(task, launcher.settings, launcher.options.no_review) is not None
+            out.append({"id": task.id, "action": "adopted" if not again else "its review runs again" if reviewing
+                        else "its work is kept, unreviewed (no review command now)"})
             continue
         if rec is not None:
             end_remnants(launcher.runtime, rec)  # its wrapper is gone, but its command may not be
@@ -95,12 +97,10 @@ def in_review(task: Task, rec: Record) -> bool:
     return rec.phase == "review" and task.status == Status.IN_REVIEW and task.attempts == rec.attempt
 
 
-def cannot_review(launcher: Launcher, task: Task, rec: Record) -> str:
-    """Why a review stopped or lost without a verdict cannot simply run again for the same attempt ("" if it can).
-    A worktree task's work is only in its worktree; a shared-tree task's targets stayed busy (IN_REVIEW) meanwhile,
-    so its work is still there."""
-    if review_command(task, launcher.settings, launcher.options.no_review) is None:
-        return "no review command now"
+def cannot_review(rec: Record) -> str:
+    """Why the work of a review stopped or lost without a verdict is gone ("" if it is kept): a worktree task's work
+    is only in its worktree; a shared-tree task's targets stayed busy (IN_REVIEW) meanwhile, so its work is still
+    there. With no review command now (`--no-review`) kept work is finished unreviewed (Recording._unreviewed)."""
     if rec.workspace and not os.path.isdir(rec.workspace):
         return f"its worktree {rec.workspace} is gone"
     return ""

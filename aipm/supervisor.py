@@ -248,7 +248,7 @@ class Supervisor(Recording, Owner):
             return False
         if not recovery.in_review(task, rec):
             return False
-        cannot = recovery.cannot_review(self.launcher, task, rec)
+        cannot = recovery.cannot_review(rec)
         if cannot:
             append_log(rec.log, f"review of {rec.task} stopped ({why}); it cannot run again: {cannot}; its work "
                                 "runs again")

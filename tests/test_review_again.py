@@ -67,6 +67,25 @@ def test_ctrl_c_during_the_review_runs_only_the_review_again(project, gate, comm
     assert f"review of attempt 1 stopped ({why}): it runs again" in log
 
 
+@pytest.mark.parametrize("command", [("run", "ORD"), ("exec", "A")], ids=["run", "exec"])
+def test_no_review_after_a_stopped_review_keeps_the_work_unreviewed(project, gate, command):
+    """`--no-review` after a stopped review ran the agent again and counted its cost twice (the review could not
+    run, so the task was re-queued): its work exited 0 and is kept, so the task ends DONE, as without review."""
+    path, begun = reviewed_task(project, gate)
+    first = start(project, *command)
+    wait_for(begun.exists)
+    first.send_signal(signal.SIGINT)
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 130 and fields(path) == ("IN_REVIEW", 1, 0.25), out
+    proc = project.aipm(*command, "--no-review", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "A → DONE (exit 0; stopped review not run again: no review command now)" in proc.stdout, proc.stdout
+    assert fields(path) == ("DONE", 1, 0.25)  # the cost counted once
+    assert len(journal(project)) == 1  # the agent ran once
+    assert "review of attempt 1 stopped (stopped by the user (Ctrl-C)): no review command now; the attempt's work " \
+           "is kept, unreviewed" in (project.root / ".aipm/logs/ORD/A.1.log").read_text()
+
+
 @pytest.mark.parametrize("adopter", ["recover", "run"])
 def test_a_review_killed_with_its_owner_runs_again(project, gate, adopter):
     path, begun = reviewed_task(project, gate)
@@ -92,10 +111,12 @@ def test_a_review_killed_with_its_owner_runs_again(project, gate, adopter):
         (project.root / ".aipm/logs/ORD/A.1.log").read_text()
 
 
-@pytest.mark.parametrize("worktree_kept", [True, False], ids=["kept", "removed"])
-def test_a_worktree_task_reviews_again_unless_its_worktree_is_gone(repo, tmp_path, gate, worktree_kept):
-    """Its work is only in its worktree: reviewed again there and merged; removed while the review was stopped,
-    there is nothing to review, so the task goes back to the queue as before, and the log says why."""
+@pytest.mark.parametrize("worktree_kept, no_review", [(True, False), (False, False), (True, True)],
+                         ids=["kept", "removed", "kept-no-review"])
+def test_a_worktree_task_reviews_again_unless_its_worktree_is_gone(repo, tmp_path, gate, worktree_kept, no_review):
+    """Its work is only in its worktree: reviewed again there and merged (with `--no-review`, merged unreviewed:
+    DONE); removed while the review was stopped, there is nothing to review, so the task goes back to the queue as
+    before, and the log says why."""
     project = project_in(repo, config="workspace: worktree\nscope_audit: false\n")
     runs, begun = tmp_path / "runs", tmp_path / "reviewing"
     path = write_task(project.order(), "T", target_files=["src/a.txt"],
@@ -110,10 +131,10 @@ def test_a_worktree_task_reviews_again_unless_its_worktree_is_gone(repo, tmp_pat
     if not worktree_kept:
         git(repo, "worktree", "remove", "--force", worktree)
     gate.touch()
-    proc = project.aipm("run", "ORD")
+    proc = project.aipm("run", "ORD", *["--no-review"] * no_review)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert runs.read_text().splitlines() == (["attempt 1"] if worktree_kept else ["attempt 1", "attempt 2"])
-    assert yaml.safe_load(path.read_text())["status"] == "COMPLETED"
+    assert yaml.safe_load(path.read_text())["status"] == ("DONE" if no_review else "COMPLETED")
     assert (repo / "src/a.txt").read_text().endswith("done\n")  # merged once
     assert (repo / "src/a.txt").read_text().count("done") == 1
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
