@@ -383,8 +383,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         if sup.unrecorded:
             sup.hand_over()
         if stop.requested:
-            stopped = sup.abort(stop.why)
-            sup.outbox.append({"event": "interrupted", "requeued": stopped})
+            sup.outbox.append(sup.abort(stop.why))
         for event in sup.outbox:
             emit(event)
         order = view.refresh()  # the caller's summary reads the view: bring it up to date on every path

@@ -214,9 +214,9 @@ class Supervisor(Recording, Owner):
 
     # -- stopping ------------------------------------------------------------------------------------
 
-    def abort(self, why: str) -> list[str]:
+    def abort(self, why: str) -> dict:
         """Ctrl-C or SIGTERM (`why` says which): stop every owned worker's group and put its task back to QUEUED,
-        attempt not counted."""
+        attempt not counted; a review's task keeps its work (_leave_review). The `interrupted` event: which."""
         self._note_in_records([rec for rec in self.owned.values() if rec.pid], stopping=why)
         for rec in self.owned.values():
             if rec.pid:
@@ -229,14 +229,14 @@ class Supervisor(Recording, Owner):
                 runner.kill_group(rec.pgid)
                 runner.reap(rec.pid)
         self.end_strays()
-        stopped = []
+        stopped, reviews = [], []
         with self.rt.launch_lock():
             for rec in list(self.owned.values()):
                 if rec.phase == "review" and self._leave_review(rec, why):
-                    continue
-                if self._requeue(rec, why):
+                    reviews.append(rec.task)
+                elif self._requeue(rec, why):
                     stopped.append(rec.task)
-        return stopped
+        return {"event": "interrupted", "requeued": stopped, "reviews_stopped": reviews}
 
     def _leave_review(self, rec: Record, why: str) -> bool:
         """A stopped review: its attempt's work is done and paid for, so the task stays IN_REVIEW and its record

@@ -51,6 +51,8 @@ def test_ctrl_c_during_the_review_runs_only_the_review_again(project, gate, comm
     out, _ = first.communicate(timeout=60)
     assert first.returncode == 130, out
     assert "review of A; it runs again on the next run" in out
+    # Not "re-queued: none": the line said nothing of the review it stopped.
+    assert "stopped  by signal; reviews stopped, their work kept: A\n" in out and "re-queued" not in out, out
     assert fields(path) == ("IN_REVIEW", 1, 0.25)  # its work kept, not re-queued
     (row,) = project.json("status", "ORD")["tasks"]
     assert "review ended without a verdict; the next run" in row["reason"], row
@@ -72,11 +74,13 @@ def test_no_review_after_a_stopped_review_keeps_the_work_unreviewed(project, gat
     """`--no-review` after a stopped review ran the agent again and counted its cost twice (the review could not
     run, so the task was re-queued): its work exited 0 and is kept, so the task ends DONE, as without review."""
     path, begun = reviewed_task(project, gate)
-    first = start(project, *command)
+    first = start(project, *command, "--json")
     wait_for(begun.exists)
     first.send_signal(signal.SIGINT)
     out, _ = first.communicate(timeout=60)
     assert first.returncode == 130 and fields(path) == ("IN_REVIEW", 1, 0.25), out
+    (stop,) = [event for line in out.splitlines() if (event := json.loads(line))["event"] == "interrupted"]
+    assert (stop["requeued"], stop["reviews_stopped"]) == ([], ["A"]), out
     proc = project.aipm(*command, "--no-review", env=agent_env(project))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "A → DONE (exit 0; stopped review not run again: no review command now)" in proc.stdout, proc.stdout

@@ -27,7 +27,7 @@ LINES = {
     "launch_failed": "failed   {task}: {error}",
     "error": "error    {error}",
     "invalid_file": "ignored  {error} (keeping the last valid version)",
-    "interrupted": "stopped  by signal; re-queued: {requeued}",
+    "interrupted": "stopped  by signal; {stopped}",
     "restored": "restore  {task} → {status}: its file said {was} while its worker ran",
     "gone":     "gone     {task}: its file was deleted while it ran; exit {exit_code} kept in its log",
     "summary": "{order}: {counts}",
@@ -48,9 +48,18 @@ def plain_line(event: dict) -> str:
     fields["again"] = f" again (its review was {event['again']})" if event.get("again") else ""
     if event.get("event") == "finished" and not event.get("reason"):
         fields["reason"] = f"exit {event.get('exit_code')}"  # moved on by a writer that gave no reason
+    if event.get("event") == "interrupted":
+        fields["stopped"] = stopped_tasks(event)
     if isinstance(event.get("counts"), dict):
         fields["counts"] = format_counts(event["counts"])
     return template.format_map(defaultdict(lambda: "?", fields))
+
+
+def stopped_tasks(event: dict) -> str:
+    """What a stop did: the tasks re-queued, and the reviews stopped whose tasks keep their work (run again later)."""
+    said = [f"{what}: {', '.join(event[key])}" for key, what in (
+        ("requeued", "re-queued"), ("reviews_stopped", "reviews stopped, their work kept")) if event.get(key)]
+    return "; ".join(said) or "re-queued: none"
 
 
 def summary_event(order: Order, exit_code: int) -> dict:
