@@ -19,7 +19,7 @@ from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
 from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Status, Task
-from aipm.restore import counters, disowned, known_status, restore
+from aipm.restore import disowned, known_status, restore
 from aipm.record import Record
 from aipm.runtime import Runtime, append_log
 from aipm.settings import Settings
@@ -68,7 +68,9 @@ class Recording:
                 self._hand_over(rec.key)
             if not first:
                 return None
-            text = unrecorded.message(rec, code, exc, unrecorded.keep_exit_code(rec, code))
+            # `before`: the code is its process's; rec may be its review's by now, whose exit file holds a verdict.
+            text = unrecorded.message(before, code, exc, unrecorded.keep_exit_code(before, code),
+                                      review_unstarted=rec.phase != before.phase)
             append_log(rec.log, text)
             return {"event": "error", "order": rec.order, "task": rec.task, "error": text}
         self.unrecorded.pop(rec.key, None)
@@ -367,11 +369,7 @@ class Recording:
         if isinstance(command, tuple):
             command = list(command)
         env = environment(self.rt, rec, model_for(task, self.settings, self.launcher.options.model))
-        rec.phase = "review"
-        # The review's record holds what the file says now: the attempt's usage was just added, and the start's
-        # figures would read as a reset and be written back when the review ends.
-        rec.counters = counters(task)
-        rec.exit_file = rec.exit_file.split(".review")[0] + ".review"
+        recovery.as_review(rec, task)
         review_log = str(Path(rec.log).with_suffix(".review.log"))
         try:
             os.unlink(rec.exit_file)

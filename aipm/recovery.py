@@ -17,6 +17,7 @@ from aipm.errors import UserError
 from aipm.finish import review_command
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.record import Record
+from aipm.restore import counters
 from aipm.runtime import Runtime, append_log, exit_file_written
 from aipm.writer import StaleWrite, now, update_task
 
@@ -47,6 +48,8 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
             continue
         if rec is not None and rec.owner_alive():
             continue
+        if rec is not None and review_unrecorded(task, rec):
+            as_review(rec, task)  # and so adopted below, as a review lost without a verdict
         # An exit file, even an empty one (the worker ended; its code may be lost), goes to an owner to decide.
         # A worker its owner was stopping (Record.stopping) left no outcome of its own: re-queued below once it ended.
         again = rec is not None and in_review(task, rec) and not rec.worker_alive() and (
@@ -95,6 +98,23 @@ def unrecorded(task: Task, rec: Record) -> bool:
 def in_review(task: Task, rec: Record) -> bool:
     """The record is the review of the attempt the file holds: that attempt's work is done (and paid for)."""
     return rec.phase == "review" and task.status == Status.IN_REVIEW and task.attempts == rec.attempt
+
+
+def review_unrecorded(task: Task, rec: Record) -> bool:
+    """The attempt's work ended with exit 0 and its outcome was written (the file says IN_REVIEW for this attempt:
+    only its owner writes that, after the exit), but its reviewer's record never was (a full state directory, or
+    the owner killed in between): the attempt's review is lost without a verdict, its work kept."""
+    return (rec.phase == "work" and task.status == Status.IN_REVIEW and not rec.worker_alive()
+            and (task.attempts, task.started_at) == (rec.attempt, rec.started_at))
+
+
+def as_review(rec: Record, task: Task) -> None:
+    """Make `rec` the record of its attempt's review, no reviewer started yet. Its counters are what the file says
+    now (the attempt's usage was added when its work ended): the start's would read as a reset (restore.disowned)."""
+    rec.phase = "review"
+    rec.counters = counters(task)
+    rec.exit_file = rec.exit_file.split(".review")[0] + ".review"
+    rec.pid = 0
 
 
 def cannot_review(rec: Record) -> str:

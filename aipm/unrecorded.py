@@ -34,10 +34,16 @@ def exit_lost(path: str) -> bool:
     return os.path.exists(path) and read_exit_file(path) is None
 
 
-def message(rec: Record, code: int | None, exc: Exception, kept: bool) -> str:
-    """One line for a user: what could not be recorded, why, and what happens to the outcome."""
+def message(rec: Record, code: int | None, exc: Exception, kept: bool, review_unstarted: bool = False) -> str:
+    """One line for a user: what could not be recorded, why, and what happens to the outcome (`review_unstarted`:
+    the work's was written, IN_REVIEW, and its reviewer could not start)."""
     place = exc.filename if isinstance(exc, StateWriteError) else rec.task_file  # (a reviewer's record, say)
     why = str(exc) if isinstance(exc, UserError) else f"{place}: {getattr(exc, 'strerror', None) or exc}"
-    where = (f"its exit code is kept in {rec.exit_file}; once that is fixed, `aipm recover` records it" if kept
-             else "its exit code could not be saved either, so `aipm recover` will leave it INTERRUPTED to check")
+    if review_unstarted:
+        where = "its work's outcome is written (IN_REVIEW), its review did not start: the next run (or `aipm " \
+                "recover`) starts it"
+    elif kept:
+        where = f"its exit code is kept in {rec.exit_file}; once that is fixed, `aipm recover` records it"
+    else:
+        where = "its exit code could not be saved either, so `aipm recover` will leave it INTERRUPTED to check"
     return f"cannot record the outcome of {rec.task} (exit {code}): {why}; {where}"

@@ -113,12 +113,16 @@ def test_a_start_that_cannot_write_its_record_names_the_record_not_the_task_file
     assert sorted(p.name for p in logs.glob("A.*.log")) == ["A.1.log", "A.2.log"]
 
 
-def test_a_reviewer_whose_record_cannot_be_written_is_reported_with_the_record(project, full_state):
+def test_a_reviewer_whose_record_cannot_be_written_is_reported_and_runs_once_there_is_room(project, full_state):
     """A's work exited 0 and IN_REVIEW was written; its reviewer's record could not be: run said `cannot record the
-    outcome of A (exit 0): <root>/orders/ORD/A.yaml: No space left on device`, naming a file that had been written."""
+    outcome of A (exit 0): <root>/orders/ORD/A.yaml: No space left on device`, naming a file that had been written.
+    Once there was room, the next run left A INTERRUPTED (`exit code lost`: the record still said the work ran):
+    its work is done (IN_REVIEW says it exited 0), so only its review runs."""
     order = project.order()
-    write_task(order, "A", target_files=["a.txt"], review="true",
-               command=f"touch {project.root / 'worked'}; while [ ! -e {project.root / 'full'} ]; do sleep 0.05; done")
+    runs, reviews = project.root / "runs", project.root / "reviews"
+    write_task(order, "A", target_files=["a.txt"], review=f"echo reviewed >> {reviews}",
+               command=f"echo ran >> {runs}; touch {project.root / 'worked'}; "
+                       f"while [ ! -e {project.root / 'full'} ]; do sleep 0.05; done")
     run = Proc(project.root, "run", "ORD", "--no-resource-monitoring")
     try:
         wait_for(lambda: (project.root / "worked").exists())
@@ -128,5 +132,13 @@ def test_a_reviewer_whose_record_cannot_be_written_is_reported_with_the_record(p
     finally:
         run.kill()
     record = state(project.root) / "workers" / "ORD" / "A.json"
-    assert f"cannot record the outcome of A (exit 0): {record}: No space left on device" in run.output, run.output
+    assert f"cannot record the outcome of A (exit 0): {record}: No space left on device; its work's outcome is " \
+           "written (IN_REVIEW), its review did not start: the next run (or `aipm recover`) starts it" in run.output, \
+        run.output
     assert "A.yaml" not in run.output and "Traceback" not in run.output, run.output
+    full_state.free()
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "review   A again (its review was lost without a verdict)" in proc.stdout, proc.stdout
+    assert task_statuses(order) == {"A": "COMPLETED"}
+    assert runs.read_text() == "ran\n" and reviews.read_text() == "reviewed\n"  # the work ran once
