@@ -114,7 +114,7 @@ class Recording:
         task = load_task(Path(rec.task_file), self.rt.root)
         event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.serial,
                  "phase": rec.phase, "exit_code": code}
-        if task.status == Status.CANCELLED:
+        if task.status == Status.CANCELLED and self.rt.cancelled(rec):
             if rec.phase == "work":  # stopped by the cancel, the attempt still cost what its agent reported
                 spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens)[1]
                 task = self._write(task, spent) if spent else task
@@ -122,9 +122,10 @@ class Recording:
                     confine.tidy(rec.log)  # first: an empty file made for a rule is no change of its own
                     append_log(rec.log, workspace.keep(self.rt.root, rec))
             self._drop(rec)  # the user's word stands
+            self.rt.unmark_cancelled(rec)
             event.update(status=str(task.status), reason=task.reason)
             return event
-        if disowned(task, rec):
+        if disowned(task, rec, self.rt):
             was = task.status
             task = self._restored(rec, task)
             self.outbox.append({"event": "restored", "order": rec.order, "task": rec.task, "was": str(was),
@@ -191,7 +192,8 @@ class Recording:
     def _restored(self, rec: Record, task: Task) -> Task:
         """The file was reset under a live worker (a `git checkout`): write back what we know, keep the rest."""
         append_log(rec.log, f"{task.path} said {task.status} (attempts {task.attempts}) while attempt "
-                            f"{rec.serial} ran: restored {known_status(rec)} (attempts {rec.attempt})")
+                            f"{rec.serial} ran: restored {known_status(rec)} (attempts {rec.attempt})"
+                            + " (not an `aipm cancel`: it runs on)" * (task.status == Status.CANCELLED))
         task = restore(task, rec, self.rt.root)
         self._note(task)
         return task
@@ -200,11 +202,11 @@ class Recording:
         """Put back the status of owned tasks whose file (as the view last read it) was reset. Under the lock."""
         for rec in list(self.owned.values()):
             seen = tasks.get(rec.task)
-            if seen is None or not disowned(seen, rec):
+            if seen is None or not disowned(seen, rec, self.rt):
                 continue
             try:
                 task = load_task(Path(rec.task_file), self.rt.root)
-                if disowned(task, rec):
+                if disowned(task, rec, self.rt):
                     self.outbox.append({"event": "restored", "order": rec.order, "task": rec.task,
                                         "was": str(task.status), "status": str(self._restored(rec, task).status)})
             except (UserError, OSError):

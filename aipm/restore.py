@@ -1,9 +1,10 @@
 """Putting back what a running task's file must say, after something else rewrote it under its worker.
 
 An agent's `git checkout -- .`, `git stash` or `git reset --hard` puts committed task files back, often
-`status: QUEUED`, while their workers run. The worker's record says what is true (this attempt runs), so its
-owner writes the status, attempt and counters it knows back, through legal transitions only, and every other line keeps
-the version the file has now (the human's edits stay).
+`status: QUEUED`, while their workers run; an agent may write a status of its own (CANCELLED, DONE) into its
+file. The worker's record says what is true (this attempt runs), so its owner writes the status, attempt and
+counters it knows back, through legal transitions only, and every other line keeps the version the file has now
+(the human's edits stay).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 from aipm.model import Status, Task
 from aipm.record import Record
+from aipm.runtime import Runtime
 from aipm.writer import update_task
 
 
@@ -29,10 +31,13 @@ def counters(task: Task) -> dict:
     return kept
 
 
-def disowned(task: Task, rec: Record) -> bool:
-    """The file no longer holds what aipm wrote for the running attempt. A cancel is the user's word, not this."""
-    return task.status != Status.CANCELLED and (task.status != known_status(rec) or task.attempts != rec.attempt
-                                                or any(getattr(task, k) != v for k, v in rec.counters.items()))
+def disowned(task: Task, rec: Record, rt: Runtime) -> bool:
+    """The file no longer holds what aipm wrote for the running attempt. A cancel is the user's word, not this;
+    a CANCELLED that `aipm cancel` did not mark is (a worker wrote it: the live worker outranks its file)."""
+    if task.status == Status.CANCELLED:
+        return not rt.cancelled(rec)
+    return (task.status != known_status(rec) or task.attempts != rec.attempt
+            or any(getattr(task, k) != v for k, v in rec.counters.items()))
 
 
 def restore(task: Task, rec: Record, root: Path) -> Task:

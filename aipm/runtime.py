@@ -257,6 +257,26 @@ class Runtime:
         except (OSError, ValueError, TypeError):
             return None
 
+    # -- cancels: the user's word, where no worker writes ----------------------------------------------------
+
+    def mark_cancelled(self, rec: Record) -> None:
+        """`aipm cancel` marks the attempt it stops. A task file is anyone's to write (an agent may set its own
+        `status: CANCELLED`): a CANCELLED over a live attempt is the user's only with this mark (restore.disowned)."""
+        self._state_write(self._cancel_path(rec), _attempt_name(rec))
+
+    def cancelled(self, rec: Record) -> bool:
+        try:
+            return read_small(str(self._cancel_path(rec))).decode() == _attempt_name(rec)
+        except OSError:
+            return False
+
+    def unmark_cancelled(self, rec: Record) -> None:
+        with suppress(FileNotFoundError):
+            os.unlink(self._cancel_path(rec))
+
+    def _cancel_path(self, rec: Record) -> Path:
+        return self.state / "cancel" / _safe(rec.order) / _safe(rec.task)
+
     # -- logs, exit files, review feedback --------------------------------------------------------------
 
     def log_path(self, order: str, task: str, attempt: int) -> Path:
@@ -316,6 +336,11 @@ class Runtime:
 
     def notify_log(self) -> Path:
         return self._dir(self.dir / "notify.log")
+
+
+def _attempt_name(rec: Record) -> str:
+    """One attempt among all of a task's: a number alone comes back once its log and exit file are gone."""
+    return f"{rec.serial} {rec.started_at}"
 
 
 def read_exit_file(path: str) -> int | None:

@@ -36,9 +36,12 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
         order_id = order_meta(order_dir)[0]
         rec = rt.read_record(order_id, task_id)
         live = rec is not None and rec.pid and rec.worker_alive()
-        if not (current.status == Status.CANCELLED and live):
-            if current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
-                raise UserError(f"{path}: status: {current.status} cannot be cancelled")
+        again = current.status == Status.CANCELLED and live
+        if not again and current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
+            raise UserError(f"{path}: status: {current.status} cannot be cancelled")
+        if rec is not None:  # first: a cancel cut short after its write is still the user's
+            rt.mark_cancelled(rec)
+        if not again:
             update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
                         expect=current.status)
             writtenlog.note_written(rt, writtenlog.order_files(project.root, str(order_dir)))  # not a worker's write

@@ -28,7 +28,7 @@ LINES = {
     "error": "error    {error}",
     "invalid_file": "ignored  {error} (keeping the last valid version)",
     "interrupted": "stopped  by signal; {stopped}",
-    "restored": "restore  {task} → {status}: its file said {was} while its worker ran",
+    "restored": "restore  {task} → {status}: its file said {was} while its worker ran{not_cancel}",
     "gone":     "gone     {task}: its file was deleted while it ran; exit {exit_code} kept in its log",
     "summary": "{order}: {counts}",
     "budget": "budget   {order}: {detail}",
@@ -45,6 +45,8 @@ def plain_line(event: dict) -> str:
         return json.dumps(event)
     fields = {k: ", ".join(map(str, v)) or "none" if isinstance(v, list) else v for k, v in event.items()}
     fields["detached"] = ", detached" if event.get("detached") else ""
+    # Not the user's cancel (that is `aipm cancel`, which stops the worker): a worker wrote it, and runs on.
+    fields["not_cancel"] = "; not an `aipm cancel`: it runs on" if event.get("was") == "CANCELLED" else ""
     fields["again"] = f" again (its review was {event['again']})" if event.get("again") else ""
     if event.get("event") == "finished" and not event.get("reason"):
         fields["reason"] = f"exit {event.get('exit_code')}"  # moved on by a writer that gave no reason
