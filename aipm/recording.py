@@ -54,12 +54,13 @@ class Recording:
 
     def _record_outcome(self, rec: Record, code: int | None, timed_out: bool) -> dict | None:
         """Apply an outcome. One that cannot be written now is held and retried (retry_unrecorded), and reported
-        once; one whose task file was deleted is kept in the log."""
+        once; one whose task file was deleted is kept in the log. A file gone with its whole order directory
+        (deleted or renamed: it may be put back) is held too, so its exit file outlives the run for `recover`."""
         writes, before = self.writes, dataclasses.replace(rec)
         try:
             event = self._apply(rec, code, timed_out)
         except (UserError, OSError) as exc:
-            if not os.path.exists(rec.task_file):
+            if not os.path.exists(rec.task_file) and os.path.isdir(rec.order_dir):
                 return self._gone(rec, code)
             self.owned.pop(rec.key, None)
             first = rec.key not in self.unrecorded
@@ -100,10 +101,10 @@ class Recording:
             pass  # the record still names us; once we exit it is just as adoptable
 
     def _gone(self, rec: Record, code: int | None) -> dict:
-        """The task file was deleted while its worker ran: nothing to write to; the outcome stays in the log."""
-        kept = unrecorded.keep_exit_code(rec, code)
+        """The task file was deleted while its worker ran: nothing to write to; the outcome stays in the log (its
+        exit file goes with the record, as spent)."""
         append_log(rec.log, f"attempt {rec.serial} ended with exit {code}, but its task file {rec.task_file} "
-                            f"was deleted meanwhile: the outcome is recorded here" + (" and in its exit file" * kept))
+                            "was deleted meanwhile: the outcome is recorded here")
         self._drop(rec)
         if self.view is not None and rec.order == self.view.order.id:
             self.view.reload(rec.task_file, gone=True)

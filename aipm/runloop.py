@@ -389,9 +389,14 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         order = view.refresh()  # the caller's summary reads the view: bring it up to date on every path
         if stop.requested:
             return 130
+        lost = not os.path.isdir(view.dir)  # an order emptied by deleting or renaming its directory is not done
+        if lost:
+            emit({"event": "error", "error": f"{view.dir}: the order directory was deleted or renamed during the "
+                  "run, so it ends unfinished; put the directory back and run it again (the outcomes it could not "
+                  "write are said above)"})
         if only:
-            return 0 if order.tasks[only].status in FINISHED_OK else 1
-        done = all_done(order)
+            return 0 if not lost and order.tasks[only].status in FINISHED_OK else 1
+        done = not lost and all_done(order)
         notify.send(launcher.settings, launcher.runtime, notify.ORDER_FINISHED, "DONE" if done else "INCOMPLETE",
                     f"{order.id}: {status_summary(order)}", AIPM_ORDER_ID=order.id)
         return 0 if done else 1

@@ -1016,6 +1016,8 @@ def test_a_task_file_deleted_or_broken_mid_run_does_not_abort_run(project, damag
         assert rc == 0, proc.output
         assert [e["task"] for e in events if e["event"] == "gone"] == ["A"], proc.output
         assert "was deleted meanwhile" in log and worker_records(project.root) == []
+        # Said only where it is: the exit file went with the record, as spent (the log claimed it was kept there).
+        assert "exit file" not in log and not any((state(project.root) / "exit").rglob("A.*")), log
     else:
         assert rc == 1, proc.output  # A's outcome is not recorded yet
         assert [e["event"] for e in events if e.get("task") == "A"].count("error") == 1, proc.output

@@ -184,6 +184,42 @@ def test_an_order_directory_a_worker_deletes_and_puts_back_still_runs_to_the_end
     assert no_workers(project.root)
 
 
+@pytest.mark.parametrize("how", ["mv orders/ORD orders/OLD", "rm -rf orders/ORD"])
+def test_a_run_whose_order_directory_is_renamed_or_deleted_says_so_exits_1_and_keeps_the_outcome(project, gate,
+                                                                                                  how):
+    """The run saw every task file deleted, waited for T1, dropped its outcome ('gone') and ended 'ORD: no tasks'
+    with exit 0. Now it says which directory went, exits 1, and holds T1's outcome for `aipm recover`: once the
+    directory is back, T1 is recorded DONE from its exit code, not run again."""
+    order = project.order()
+    journal = project.root.parent / f"{project.root.name}.journal"
+    write_task(order, "T1", command=f"while [ ! -e {gate} ]; do sleep 0.05; done; echo T1 >> {journal}")
+    write_task(order, "T2", depends_on=["T1"], command=f"echo T2 >> {journal}")
+    _commit_everything(project.root)
+    out = project.root.parent / f"{project.root.name}.out"
+    with open(out, "w") as handle:
+        run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                                "--no-resource-monitoring"], stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _record(project, "T1"))
+        subprocess.run(how, shell=True, cwd=project.root, check=True)
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 1, out.read_text()
+    said = out.read_text()
+    assert f"aipm: error: {order}: the order directory was deleted or renamed during the run" in said, said
+    assert "Traceback" not in said and "ORD: no tasks" not in said, said
+    assert not order.exists()
+    _git(project.root, "checkout", "-q", "--", "orders/ORD")  # put back (committed: T1 QUEUED)
+    if how.startswith("mv"):  # the renamed directory, as the run left it
+        subprocess.run(["rm", "-rf", str(order)], check=True)
+        (project.root / "orders" / "OLD").rename(order)
+    assert task_statuses(order)["T1"] == ("IN_PROGRESS" if how.startswith("mv") else "QUEUED")
+    recover = project.aipm("recover", "ORD", check=True)
+    assert "ORD/T1: adopted" in recover.stdout, recover.stdout
+    wait_for(lambda: task_statuses(order) == {"T1": "DONE", "T2": "DONE"} and no_workers(project.root))
+    assert journal.read_text() == "T1\nT2\n"  # T1 ran once
+
+
 # ---- found by a review of the fixes above (its reproductions, renamed) ----
 
 
