@@ -94,6 +94,17 @@ def _enclosing() -> tuple[int, dict[int, float]]:
     return _ENCLOSING[0]
 
 
+def lender(records: list[Record]) -> str | None:
+    """The key of the worker whose command runs this process (its environment names it, its process encloses
+    us), or None. It waits for us, so a task we run in the foreground takes its slot (a recursive make's job
+    slot): counted besides, an `exec` inside a worker found no slot under load, though it was the floor's one."""
+    task = os.environ.get("AIPM_TASK_ID")
+    if task is None:
+        return None
+    key = f"{os.environ.get('AIPM_ORDER_ID', '')}/{task}"
+    return next((rec.key for rec in records if rec.key == key and rec.encloses_us()), None)
+
+
 def live_pid(rec: Record) -> int:
     """The pid to name for a live record: its worker's, or its owner's while no worker runs (review, finish)."""
     return rec.pid if rec.worker_alive() else rec.owner_pid

@@ -343,8 +343,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             orphaned = dead - recovered  # an owner died since the last recovery: never leave its task stuck
             recovered |= orphaned
             if only:
-                if f"{order.id}/{only}" not in sup.owned:
-                    break  # finished, failed for good, or never launchable
+                if f"{order.id}/{only}" not in sup.owned and only not in deferred:
+                    break  # finished, failed for good, or never launchable (a busy machine is waited for, as by run)
             elif not sup.owned and not _others_matter(order, foreign, finishing) and not deferred and not waiting \
                     and not orphaned:
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)

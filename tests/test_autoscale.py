@@ -119,3 +119,46 @@ def test_a_half_busy_machine_starts_one_worker_per_fresh_reading(project, monkey
         gate.touch()
     wait_for(lambda: set(task_statuses(order).values()) == {"DONE"})  # the workers start the rest themselves
     wait_for(lambda: no_workers(project.root))
+
+
+def test_an_exec_a_worker_runs_on_a_busy_machine_takes_its_workers_slot(project):
+    """`aipm exec B` run by A's command, at 99 % cpu (≥ T+10: 25 % of 5 workers → the floor of 1), counted A as
+    the one live worker: B was deferred ('machine busy') and the exec ended at once, exit 1, B QUEUED; waiting
+    could not help while A waits for B. A waits for B, so B takes A's slot, as it would outside a worker."""
+    order = project.order()
+    inner = project.root / "inner.rc"
+    write_task(order, "A", target_files=["inner.rc"], timeout=90, command=(
+        f"{sys.executable} -m aipm --root {project.root} exec ORD/B; echo $? > {inner}"))
+    write_task(order, "B", target_files=["b.txt"], command="echo B > b.txt")
+    proc = project.aipm("exec", "ORD/A", env=loaded("99,20"))  # the worker inherits the readings
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert inner.read_text() == "0\n", (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
+    assert task_statuses(order) == {"A": "DONE", "B": "DONE"}
+    assert no_workers(project.root)
+
+
+def test_exec_waits_while_the_machine_is_too_busy_for_its_task(project):
+    """exec ended at once, exit 1, its task QUEUED, when the load deferred it (another worker live); run waits.
+    Now it waits for a reading that lets its task start."""
+    order = project.order()
+    gate = project.root / "gate"
+    load = project.root / "load"
+    load.write_text("99,20")  # ≥ T+10: 1 worker, and A is it
+    write_task(order, "A", target_files=["a.txt"], command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    write_task(order, "B", target_files=["b.txt"], command="echo B > b.txt")
+    try:
+        project.aipm("launch", "ORD", "--max-workers", "1", check=True)
+        out = project.root / "exec.out"
+        with open(out, "w") as handle:
+            proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "exec", "ORD/B"],
+                                    stdout=handle, stderr=subprocess.STDOUT, text=True,
+                                    env={**os.environ, **loaded(str(load))})
+        wait_for(lambda: "defer    B: machine busy" in out.read_text() or proc.poll() is not None)
+        tmp = load.with_suffix(".tmp")
+        tmp.write_text("10,20")
+        tmp.replace(load)  # atomically: the monitor re-reads this file at every reading
+        assert proc.wait(timeout=60) == 0, out.read_text()
+        assert task_statuses(order)["B"] == "DONE"
+    finally:
+        gate.touch()
+    wait_for(lambda: no_workers(project.root))
