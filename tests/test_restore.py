@@ -10,16 +10,22 @@ from aipm.runtime import Runtime
 from aipm.store import load_task
 
 
-def test_a_reset_file_gets_back_status_attempts_and_every_counter_and_keeps_the_humans_edit(tmp_path):
+def _running(tmp_path, text: str, **fields) -> tuple:
+    """A task file as aipm wrote it for a running attempt, and that attempt's record."""
     order = tmp_path / "orders" / "ORD"
     order.mkdir(parents=True)
     path = order / "A.yaml"
-    path.write_text("id: A\ncommand: 'true'\nstatus: IN_PROGRESS\nattempts: 3\nreworks: 1\npreemptions: 1\n"
-                    "cost_usd: 2.5\nstarted_at: '2026-01-01T00:00:00+00:00'\n")
-    running = load_task(path, tmp_path)
-    rec = Record(order="ORD", order_dir=str(order), task="A", task_file=str(path), attempt=3, targets=[],
-                 log="x.log", exit_file="x.exit", started_at="2026-01-01T00:00:00+00:00", counters=counters(running))
-    assert not disowned(running, rec, Runtime(tmp_path))
+    path.write_text(text)
+    rec = Record(order="ORD", order_dir=str(order), task="A", task_file=str(path), targets=[], log="x.log",
+                 exit_file="x.exit", counters=counters(load_task(path, tmp_path)), **fields)
+    return path, rec
+
+
+def test_a_reset_file_gets_back_status_attempts_and_every_counter_and_keeps_the_humans_edit(tmp_path):
+    path, rec = _running(tmp_path, "id: A\ncommand: 'true'\nstatus: IN_PROGRESS\nattempts: 3\nreworks: 1\n"
+                         "preemptions: 1\ncost_usd: 2.5\nstarted_at: '2026-01-01T00:00:00+00:00'\n", attempt=3,
+                         started_at="2026-01-01T00:00:00+00:00")
+    assert not disowned(load_task(path, tmp_path), rec, Runtime(tmp_path))
     # What `git checkout` of the committed file does, plus an edit of the human's own.
     path.write_text("id: A\ncommand: 'true'  # edited\npriority: P1\n")
     reset = load_task(path, tmp_path)
@@ -33,12 +39,8 @@ def test_a_reset_file_gets_back_status_attempts_and_every_counter_and_keeps_the_
 
 
 def test_only_a_lost_counter_is_enough_to_disown(tmp_path):
-    order = tmp_path / "orders" / "ORD"
-    order.mkdir(parents=True)
-    path = order / "A.yaml"
-    path.write_text("id: A\ncommand: 'true'\nstatus: IN_PROGRESS\nattempts: 1\ncost_usd: 4.0\n")
-    rec = Record(order="ORD", order_dir=str(order), task="A", task_file=str(path), attempt=1, targets=[],
-                 log="x.log", exit_file="x.exit", started_at="", counters=counters(load_task(path, tmp_path)))
+    path, rec = _running(tmp_path, "id: A\ncommand: 'true'\nstatus: IN_PROGRESS\nattempts: 1\ncost_usd: 4.0\n",
+                         attempt=1, started_at="")
     path.write_text("id: A\ncommand: 'true'\nstatus: IN_PROGRESS\nattempts: 1\n")  # the cost line lost
     assert disowned(load_task(path, tmp_path), rec, Runtime(tmp_path))
     assert yaml.safe_load(path.read_text()).get("cost_usd") is None
@@ -47,12 +49,8 @@ def test_only_a_lost_counter_is_enough_to_disown(tmp_path):
 
 
 def test_a_cancelled_file_is_the_users_word_only_when_aipm_cancel_marked_that_attempt(tmp_path):
-    order = tmp_path / "orders" / "ORD"
-    order.mkdir(parents=True)
-    path = order / "A.yaml"
-    path.write_text("id: A\ncommand: 'true'\nstatus: IN_PROGRESS\nattempts: 2\n")
-    rec = Record(order="ORD", order_dir=str(order), task="A", task_file=str(path), attempt=2, targets=[],
-                 log="x.log", exit_file="x.exit", started_at="2026-01-01T00:00:00+00:00", number=2)
+    path, rec = _running(tmp_path, "id: A\ncommand: 'true'\nstatus: IN_PROGRESS\nattempts: 2\n", attempt=2,
+                         started_at="2026-01-01T00:00:00+00:00", number=2)
     path.write_text("id: A\ncommand: 'true'\nstatus: CANCELLED\nattempts: 2\n")  # the worker's own write
     rt = Runtime(tmp_path)
     assert disowned(load_task(path, tmp_path), rec, rt)
