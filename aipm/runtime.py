@@ -257,11 +257,9 @@ class Runtime:
         except (OSError, ValueError, TypeError):
             return None
 
-    # -- cancels: the user's word, where no worker writes ----------------------------------------------------
-
     def mark_cancelled(self, rec: Record) -> None:
-        """`aipm cancel` marks the attempt it stops. A task file is anyone's to write (an agent may set its own
-        `status: CANCELLED`): a CANCELLED over a live attempt is the user's only with this mark (restore.disowned)."""
+        """`aipm cancel` marks the attempt it stops, where no worker writes: a task file is anyone's (an agent may
+        write `status: CANCELLED`), so a CANCELLED over an attempt is the user's only with this mark (see restore)."""
         self._state_write(self._cancel_path(rec), _attempt_name(rec))
 
     def cancelled(self, rec: Record) -> bool:
