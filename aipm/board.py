@@ -56,7 +56,7 @@ def as_seen(order: Order, root: Path) -> Order:
     # removing the record, so a look inside one could take a task starting or ending for a lost one.
     with rt.between_rounds():
         now = [t for t in (_reload(t, root) for t in running) if t is not None and t.status in RUNNING]
-        lost = [(task, ENDED if rec is not None and recovery.outcome_left(task, rec)
+        lost = [(task, ENDED if rec is not None and recovery.outcome_left(task, rec, rt)
                  else REVIEW_LOST if rec is not None and recovery.in_review(task, rec) else LOST)
                 for task, rec in _gone(rt, order.id, now)]
     if not lost:

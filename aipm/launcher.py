@@ -107,7 +107,7 @@ class Launcher(Starter):
         """
         kept = []
         for rec in self.runtime.records():
-            if not rec.alive() and _finished_elsewhere(rec, self.project.root):
+            if not rec.alive() and _finished_elsewhere(rec, self.runtime):
                 if not self.options.dry_run:
                     writtenlog.note_ended(self.runtime, rec)
                     self.runtime.remove_record(rec.order, rec.task)
@@ -268,14 +268,14 @@ class Launcher(Starter):
         return start
 
 
-def _finished_elsewhere(rec: Record, root: Path) -> bool:
+def _finished_elsewhere(rec: Record, rt: Runtime) -> bool:
     """The record's task is no longer running this attempt (or its file is gone or unreadable)."""
     try:
-        task = load_task(Path(rec.task_file), root)
+        task = load_task(Path(rec.task_file), rt.root)
     except (UserError, OSError):
         # Gone: finished for good. Broken: unknown, so it keeps its files until the file is fixed and recovered.
         return not os.path.exists(rec.task_file)
-    if recovery.unrecorded(task, rec):
+    if recovery.unrecorded(task, rec, rt):
         return False  # its file was put back under it: what it came to is recovery's to record
     return task.status not in RUNNING or task.attempts != rec.attempt
 

@@ -194,7 +194,7 @@ class Recording:
         """The file was reset under a live worker (a `git checkout`): write back what we know, keep the rest."""
         append_log(rec.log, f"{task.path} said {task.status} (attempts {task.attempts}) while attempt "
                             f"{rec.serial} ran: restored {known_status(rec)} (attempts {rec.attempt})"
-                            + " (not an `aipm cancel`: it runs on)" * (task.status == Status.CANCELLED))
+                            + " (not an `aipm cancel`: its outcome counts)" * (task.status == Status.CANCELLED))
         task = restore(task, rec, self.rt.root)
         self._note(task)
         return task

@@ -43,7 +43,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
         # a re-queue (interrupt) killed between its two writes.
         stuck = task.status == Status.INTERRUPTED and rec is not None and rec.attempt == task.attempts
         if task.status not in RUNNING and not stuck and not (
-            rec is not None and (rec.worker_alive() or unrecorded(task, rec))
+            rec is not None and (rec.worker_alive() or unrecorded(task, rec, launcher.runtime))
         ):
             continue
         if rec is not None and rec.owner_alive():
@@ -57,7 +57,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
         if again and (why := cannot_review(rec)):
             append_log(rec.log, f"review of {task.id} cannot run again: {why}; its work runs again")
             again = False
-        if rec is not None and (again or rec.worker_alive() or outcome_left(task, rec)):
+        if rec is not None and (again or rec.worker_alive() or outcome_left(task, rec, launcher.runtime)):
             try:
                 if adopt is not None and not rec.encloses_us():  # else a detached owner: we cannot wait for it
                     adopt.adopt(rec)
@@ -80,19 +80,23 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
     return out
 
 
-def outcome_left(task: Task, rec: Record) -> bool:
+def outcome_left(task: Task, rec: Record, rt: Runtime) -> bool:
     """The attempt's worker ended and got as far as its exit file (its code may be lost): an owner records that
     outcome. Not so for a worker its owner was stopping: it is re-queued."""
-    return (not rec.stopping and (rec.attempt == task.attempts or unrecorded(task, rec))
+    return (not rec.stopping and (rec.attempt == task.attempts or unrecorded(task, rec, rt))
             and exit_file_written(rec.exit_file))
 
 
-def unrecorded(task: Task, rec: Record) -> bool:
+def unrecorded(task: Task, rec: Record, rt: Runtime) -> bool:
     """The file, no longer running, is not this attempt's: it was put back under it (an agent's `git checkout`,
     `git stash`), so whatever the attempt came to was never written. An outcome written for it keeps its number
     and its start time; a version from before it (even one with a higher count, before a `retry`) does not. A
-    later attempt would have replaced the record (one per task), and a re-queue removes it with its writes."""
-    return task.status not in RUNNING and (task.attempts, task.started_at) != (rec.attempt, rec.started_at)
+    later attempt would have replaced the record (one per task), and a re-queue removes it with its writes. A
+    CANCELLED that `aipm cancel` did not mark was written by someone else (its worker): no outcome either."""
+    if task.status in RUNNING:
+        return False
+    return ((task.attempts, task.started_at) != (rec.attempt, rec.started_at)
+            or task.status == Status.CANCELLED and not rt.cancelled(rec))
 
 
 def in_review(task: Task, rec: Record) -> bool:

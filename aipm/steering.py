@@ -85,7 +85,7 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
             raise UserError(f"{path}: status: {current.status}, but its worker pid {live_pid(rec)} is still "
                             "running; wait for it to end (or cancel it)")
         if rec is not None:
-            if unrecorded(current, rec):
+            if unrecorded(current, rec, rt):
                 raise UserError(f"{path}: status: {current.status}, but attempt {rec.attempt} ended after the "
                                 f"file was put back and was never recorded; `aipm recover {order_id}` records it")
             rt.remove_record(order_id, task_id)  # left by an owner killed after its final write: the file has it

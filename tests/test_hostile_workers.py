@@ -456,21 +456,28 @@ def test_an_aipm_command_a_worker_runs_does_not_hand_the_workers_locks_on(projec
 # ---- a status a worker writes into its own task file (found by the hostile-workers review of 2026-12-03) ----
 
 
-@pytest.mark.parametrize("owner", ["run", "launch"])
+@pytest.mark.parametrize("owner", ["run", "launch", "recover"])
 def test_a_cancelled_status_a_worker_writes_into_its_own_file_is_no_cancel(project, gate, owner):
     """A worker that wrote `status: CANCELLED` into its own task file was taken for the user's cancel: the run left
     the task CANCELLED while its worker went on, dropped the attempt's outcome, and the dependant never ran (exit
-    1). Only `aipm cancel` cancels (and stops the worker): the live worker outranks what its file says."""
+    1). Only `aipm cancel` cancels (and stops the worker): the live worker outranks what its file says. With its
+    owner killed before it ended, `recover` said 'nothing to recover' while `ps` called the record stale."""
     order = project.order()
     write_task(order, "A", target_files=["a.txt"], command=(
         "sed -i 's/^status: .*/status: CANCELLED/' orders/ORD/A.yaml; "
         f"while [ ! -e {gate} ]; do sleep 0.05; done; echo done > a.txt"))
     write_task(order, "B", target_files=["b.txt"], depends_on=["A"], command="true")
     log = project.root / ".aipm" / "logs" / "ORD" / "A.1.log"
-    if owner == "launch":  # a detached owner puts the status back when the attempt ends
+    if owner != "run":  # a detached owner (or, its owner killed, recovery's) puts the status back at the end
         project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
-        wait_for(lambda: _record(project, "A") and task_statuses(order)["A"] == "CANCELLED")
+        rec = wait_for(lambda: task_statuses(order)["A"] == "CANCELLED" and _record(project, "A"))
+        if owner == "recover":
+            os.kill(rec["owner_pid"], signal.SIGKILL)
+            wait_for(lambda: not pid_alive(rec["owner_pid"]))
         gate.touch()
+        if owner == "recover":
+            wait_for(lambda: not pid_alive(rec["pid"]))
+            assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "A", "action": "adopted"}]
         wait_for(lambda: task_statuses(order) == {"A": "DONE", "B": "DONE"} and no_workers(project.root))
     else:  # a run puts it back as soon as it sees it, while the worker still runs
         out = project.root / "run.out"
@@ -484,7 +491,7 @@ def test_a_cancelled_status_a_worker_writes_into_its_own_file_is_no_cancel(proje
         finally:
             gate.touch()
         assert run.wait(timeout=120) == 0, out.read_text()
-        assert "said CANCELLED while its worker ran; not an `aipm cancel`: it runs on" in out.read_text()
+        assert "said CANCELLED while its worker ran; not an `aipm cancel`: its outcome counts" in out.read_text()
         assert task_statuses(order) == {"A": "DONE", "B": "DONE"}
     assert (project.root / "a.txt").read_text() == "done\n"
-    assert "(not an `aipm cancel`: it runs on)" in log.read_text()
+    assert "(not an `aipm cancel`: its outcome counts)" in log.read_text()

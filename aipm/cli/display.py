@@ -45,8 +45,8 @@ def plain_line(event: dict) -> str:
         return json.dumps(event)
     fields = {k: ", ".join(map(str, v)) or "none" if isinstance(v, list) else v for k, v in event.items()}
     fields["detached"] = ", detached" if event.get("detached") else ""
-    # Not the user's cancel (that is `aipm cancel`, which stops the worker): a worker wrote it, and runs on.
-    fields["not_cancel"] = "; not an `aipm cancel`: it runs on" if event.get("was") == "CANCELLED" else ""
+    # Not the user's cancel (that is `aipm cancel`, which stops the worker): a worker wrote it; its outcome counts.
+    fields["not_cancel"] = "; not an `aipm cancel`: its outcome counts" if event.get("was") == "CANCELLED" else ""
     fields["again"] = f" again (its review was {event['again']})" if event.get("again") else ""
     if event.get("event") == "finished" and not event.get("reason"):
         fields["reason"] = f"exit {event.get('exit_code')}"  # moved on by a writer that gave no reason
