@@ -12,6 +12,7 @@ from aipm import outcome, workspace, writtenlog
 from aipm.agents import can_resume
 from aipm.errors import UserError
 from aipm.recovery import in_review, unrecorded
+from aipm.restore import disowned, restore
 from aipm.starting import cleared_reason
 from aipm.model import RUNNING, Status, Task
 from aipm.project import Project
@@ -37,6 +38,8 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
         rec = rt.read_record(order_id, task_id)
         live = rec is not None and rec.pid and rec.worker_alive()
         again = current.status == Status.CANCELLED and live
+        if live and not again and disowned(current, rec, rt):  # its file rewritten under it (by the worker, say):
+            current = restore(current, rec, project.root)  # the live worker is what is cancelled, as aipm knows it
         if not again and current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
             raise UserError(f"{path}: status: {current.status} cannot be cancelled")
         if rec is not None:  # first: a cancel cut short after its write is still the user's
