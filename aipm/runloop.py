@@ -394,8 +394,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             emit({"event": "error", "error": f"{view.dir}: the order directory was deleted or renamed during the "
                   "run, so it ends unfinished; put the directory back and run it again (the outcomes it could not "
                   "write are said above)"})
-        if only:
-            return 0 if not lost and order.tasks[only].status in FINISHED_OK else 1
+        if only:  # (its file may be gone: deleted while it ran)
+            return 0 if not lost and only in order.tasks and order.tasks[only].status in FINISHED_OK else 1
         done = not lost and all_done(order)
         notify.send(launcher.settings, launcher.runtime, notify.ORDER_FINISHED, "DONE" if done else "INCOMPLETE",
                     f"{order.id}: {status_summary(order)}", AIPM_ORDER_ID=order.id)

@@ -220,6 +220,26 @@ def test_a_run_whose_order_directory_is_renamed_or_deleted_says_so_exits_1_and_k
     assert journal.read_text() == "T1\nT2\n"  # T1 ran once
 
 
+def test_an_exec_whose_task_file_is_deleted_while_it_runs_says_so_without_a_traceback(project, gate):
+    """`aipm exec T1` ended in a KeyError traceback (runloop, then cmd_launch) when T1's file was deleted while it
+    ran: the view had dropped the task once its outcome went to the log ('gone')."""
+    order = project.order()
+    path = write_task(order, "T1", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    out = project.root.parent / f"{project.root.name}.out"
+    with open(out, "w") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "exec", "T1",
+                                 "--no-resource-monitoring"], stdout=handle, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _record(project, "T1"))
+        path.unlink()
+    finally:
+        gate.touch()
+    assert proc.wait(timeout=120) == 1, out.read_text()
+    said = out.read_text()
+    assert "Traceback" not in said and f"T1: its task file {path} is gone" in said, said
+    assert no_workers(project.root)
+
+
 # ---- found by a review of the fixes above (its reproductions, renamed) ----
 
 

@@ -200,7 +200,14 @@ def exec_(
     display = Display("json" if json_out else "plain", view)
     before = view.order.tasks[task_id]
     code = supervise(launcher, view, display, only=task_id, detach_others=parallel)
-    final = view.refresh().tasks[task_id]
+    final = view.refresh().tasks.get(task_id)
+    if final is None:  # its file was deleted while it ran or waited: nothing to show but that
+        if json_out:
+            display({"event": "summary", "order": view.order.id, "task": task_id, "status": None, "exit_code": code})
+        else:
+            console(stderr=True).print(f"{task_id}: its task file {order_dir / (task_id + '.yaml')} is gone",
+                                       markup=False)
+        raise Exit(code)
     reasons = []
     ran = (final.attempts, final.started_at) != (before.attempts, before.started_at)
     if not ran and before.status not in RUNNING and code != 130:  # nothing ran (not even adopted): say why
