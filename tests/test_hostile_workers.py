@@ -33,6 +33,15 @@ def _start_run(project, order="ORD"):
     )
 
 
+def _started(project, *args):
+    """`aipm ARGS --no-resource-monitoring` in the background, both its streams into a file: (process, file)."""
+    out = project.root.parent / f"{project.root.name}.out"
+    with open(out, "w") as handle:
+        proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), *args,
+                                 "--no-resource-monitoring"], stdout=handle, stderr=subprocess.STDOUT)
+    return proc, out
+
+
 def _end_unwatched(project, gate):
     """Run the order, SIGKILL the run once T1's attempt is recorded, then open the gate: the attempt goes on and
     ends with no supervisor. Returns its record."""
@@ -195,10 +204,7 @@ def test_a_run_whose_order_directory_is_renamed_or_deleted_says_so_exits_1_and_k
     write_task(order, "T1", command=f"while [ ! -e {gate} ]; do sleep 0.05; done; echo T1 >> {journal}")
     write_task(order, "T2", depends_on=["T1"], command=f"echo T2 >> {journal}")
     _commit_everything(project.root)
-    out = project.root.parent / f"{project.root.name}.out"
-    with open(out, "w") as handle:
-        run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
-                                "--no-resource-monitoring"], stdout=handle, stderr=subprocess.STDOUT)
+    run, out = _started(project, "run", "ORD")
     try:
         wait_for(lambda: _record(project, "T1"))
         subprocess.run(how, shell=True, cwd=project.root, check=True)
@@ -225,10 +231,7 @@ def test_an_exec_whose_task_file_is_deleted_while_it_runs_says_so_without_a_trac
     ran: the view had dropped the task once its outcome went to the log ('gone')."""
     order = project.order()
     path = write_task(order, "T1", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
-    out = project.root.parent / f"{project.root.name}.out"
-    with open(out, "w") as handle:
-        proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "exec", "T1",
-                                 "--no-resource-monitoring"], stdout=handle, stderr=subprocess.STDOUT)
+    proc, out = _started(project, "exec", "T1")
     try:
         wait_for(lambda: _record(project, "T1"))
         path.unlink()
@@ -500,10 +503,7 @@ def test_a_cancelled_status_a_worker_writes_into_its_own_file_is_no_cancel(proje
             assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "A", "action": "adopted"}]
         wait_for(lambda: task_statuses(order) == {"A": "DONE", "B": "DONE"} and no_workers(project.root))
     else:  # a run puts it back as soon as it sees it, while the worker still runs
-        out = project.root / "run.out"
-        with open(out, "w") as handle:
-            run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
-                                    "--no-resource-monitoring"], stdout=handle, stderr=subprocess.STDOUT)
+        run, out = _started(project, "run", "ORD")
         try:
             wait_for(lambda: log.exists() and "said CANCELLED" in log.read_text()
                      and task_statuses(order)["A"] == "IN_PROGRESS")
