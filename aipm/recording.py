@@ -306,6 +306,11 @@ class Recording:
             event["cost_usd"] = usage.cost_usd
         return updates
 
+    def read_usage_ahead(self, rec: Record) -> None:
+        """Before taking the launch lock for an attempt that ended: read its usage (agents.read_ahead)."""
+        if rec.phase == "work":
+            agents.read_ahead(rec.agent, Path(rec.log))
+
     def _review_ended(self, rec: Record, task: Task, code: int) -> Task:
         """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback."""
         feedback = self.rt.feedback_path(rec.order, rec.task, writing=True)
@@ -406,6 +411,7 @@ class Recording:
         if not noted:
             writtenlog.note_ended(self.rt, rec)
         self.rt.remove_record(rec.order, rec.task)
+        agents.forget(Path(rec.log))
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)
 

@@ -80,6 +80,7 @@ def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[l
                     sup.reaped[rec.key] = code
                 runner.kill_group(rec.pgid)
             scope.ended(sup.rt.root, rec.scope_file)  # what starts early is not in its audit
+            sup.read_usage_ahead(rec)
         audited = any(os.path.exists(rec.scope_file) for rec in ended)
         may_audit = sup.settings.scope_audit and not (sup.settings.confine or sup.launcher.options.no_review)
         if audited or (first and may_audit):
@@ -376,6 +377,9 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         # The exit files of the outcomes written are spent: removed now, once, not one by one while tasks end (a
         # removal per task cost B1 ~80 µs of system time each) and not left for the next recovery (a run of N
         # tasks left N files in the state directory, and a project run once, a test's, kept them forever).
+        for key in ready:
+            if key in sup.owned:
+                sup.read_usage_ahead(sup.owned[key])
         with launcher.runtime.launch_lock():
             if ready:  # ended just as we were stopped: their real outcome still counts
                 _finish(sup, ready)

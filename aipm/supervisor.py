@@ -188,6 +188,7 @@ class Supervisor(Recording, Owner):
             # The attempt is over: a straggler left in its group would hold the file locks and keep writing.
             runner.kill_group(rec.pgid)
             self.end_strays(rec)
+        self.read_usage_ahead(rec)
         with self.rt.launch_lock():
             if rec.stopping and rec.phase == "review":  # its code is no verdict: the review runs again
                 code, timed_out = None, False
@@ -229,6 +230,9 @@ class Supervisor(Recording, Owner):
                 runner.kill_group(rec.pgid)
                 runner.reap(rec.pid)
         self.end_strays()
+        for rec in self.owned.values():
+            if rec.pid:
+                self.read_usage_ahead(rec)
         stopped, reviews = [], []
         with self.rt.launch_lock():
             for rec in list(self.owned.values()):
@@ -304,6 +308,7 @@ class Supervisor(Recording, Owner):
             self._note_in_records([rec], stopping=why)
         runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
         runner.reap(rec.pid)
+        self.read_usage_ahead(rec)
         with self.rt.launch_lock():
             if code is not None:  # it ended on its own before the signal: that outcome stands
                 self.outbox.append(self._apply(rec, code, False))

@@ -4,18 +4,20 @@ One small module per preset (`claude`, `codex`, `aider`); `command` is the proje
 The worker module picks one by name; nothing outside this package knows what a preset does.
 
 Usage is read after an attempt from its log, which holds the agent's whole transcript: a preset parses the
-structured lines it knows and ignores everything else. What the agent did not report stays unknown (None, or a
-missing token kind), never 0.
+structured lines it knows and ignores everything else; its owner reads it before taking the launch lock (see
+read_ahead). What the agent did not report stays unknown (None, or a missing token kind), never 0.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from importlib import import_module
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from aipm.paths import Target
 from aipm.runtime import append_log
@@ -73,20 +75,76 @@ def command_line(name: str, attempt: Attempt) -> list[str]:
     return preset(name).argv(attempt)
 
 
+class _Read(NamedTuple):
+    """A log as its read-ahead found it: the file (device, inode), how far it was read, and its usage."""
+
+    dev: int
+    ino: int
+    end: int
+    usage: Usage
+
+
+# The logs of ended attempts read ahead by their owner (read_ahead), by path, until their record is removed.
+_ahead: dict[str, _Read] = {}
+
+
+def read_ahead(name: str, log: Path) -> None:
+    """Parse an ended attempt's log before its owner takes the launch lock for the outcome: a transcript of a
+    gigabyte takes seconds to read, and every other aipm command of the project would wait for them. read_usage,
+    under the lock, then reads only what was added since (as a rule aipm's own lines)."""
+    if is_preset(name) and str(log) not in _ahead and (read := _read(name, log)) is not None:
+        _ahead[str(log)] = read
+
+
+def forget(log: Path) -> None:
+    """The attempt is over (its record removed): its read-ahead goes."""
+    _ahead.pop(str(log), None)
+
+
 def read_usage(name: str, log: Path) -> Usage | None:
-    """Parse the attempt's log and keep the result beside it (`<TASK>.<attempt>.usage.json`); None for `command`."""
+    """The attempt's usage from its log: its read-ahead's, unless usage was added since; None for `command`.
+    Kept beside the log too (`<TASK>.<attempt>.usage.json`)."""
     if not is_preset(name):
         return None
+    ahead = _ahead.get(str(log))
+    if ahead is not None and _nothing_added(name, log, ahead):
+        return ahead.usage
+    read = _read(name, log)
+    if read is not None and ahead is not None:
+        _ahead[str(log)] = read  # an outcome held and retried reads only what follows
+    return read.usage if read is not None else None
+
+
+def _read(name: str, log: Path) -> _Read | None:
     try:
-        with open(log, encoding="utf-8", errors="replace") as handle:
-            usage = preset(name).parse(_bounded_lines(handle))
+        with open(log, "rb") as raw:
+            found, text = os.fstat(raw.fileno()), _text(raw)
+            usage = preset(name).parse(_bounded_lines(text))
+            read = _Read(found.st_dev, found.st_ino, text.buffer.tell(), usage)  # the end it read to
     except OSError:
         return None
     try:
         log.with_suffix(".usage.json").write_text(json.dumps({"agent": name, **asdict(usage)}) + "\n")
     except OSError:
         pass  # the task file gets the figures anyway; this copy is for people reading .aipm/
-    return usage
+    return read
+
+
+def _nothing_added(name: str, log: Path, ahead: _Read) -> bool:
+    """Whether the log is the one read ahead and what was written to it since holds no usage of the agent's."""
+    try:
+        with open(log, "rb") as raw:
+            found = os.fstat(raw.fileno())
+            if (found.st_dev, found.st_ino) != (ahead.dev, ahead.ino) or found.st_size < ahead.end:
+                return False  # replaced or cut: read whole
+            raw.seek(ahead.end)
+            return preset(name).parse(_bounded_lines(_text(raw))) == Usage()
+    except OSError:
+        return False
+
+
+def _text(raw: Any) -> io.TextIOWrapper:
+    return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
 
 
 _LONGEST = 16 << 20  # characters: an agent's event is far shorter; a worker's stray output may be one endless line

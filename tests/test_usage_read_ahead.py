@@ -1,0 +1,81 @@
+"""An ended attempt's usage is read from its log before its owner takes the launch lock: a transcript of a
+gigabyte took seconds to parse, and every other aipm command of the project (cancel, launch, run) waited."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import no_workers, wait_for, write_task
+from test_agents import agent_env, journal
+from aipm import agents
+from aipm.runtime import Runtime, append_log
+
+
+def result(cost: float) -> str:
+    return json.dumps({"type": "result", "session_id": "S", "total_cost_usd": cost, "usage": {"input_tokens": 1}})
+
+
+def swap_in_place(path: Path, old: bytes, new: bytes) -> None:
+    """Rewrite bytes of the log where they stand: same file, same size, so only a whole new read would see it."""
+    data = path.read_bytes()
+    assert len(old) == len(new) and data.count(old) == 1
+    with open(path, "r+b") as handle:
+        handle.seek(data.index(old))
+        handle.write(new)
+
+
+def test_what_is_read_ahead_stands_unless_usage_was_added_since(tmp_path):
+    log = tmp_path / "A.1.log"
+    log.write_text('{"type": "system", "session_id": "S"}\n' + result(0.25) + "\n")
+    agents.read_ahead("claude", log)
+    try:
+        swap_in_place(log, b"0.25", b"0.99")
+        append_log(str(log), "attempt 1 ended: exit 0")  # aipm's own lines hold no usage
+        assert agents.read_usage("claude", log).cost_usd == 0.25
+        with open(log, "a") as handle:  # written after the read-ahead (a straggler of the agent's): read whole
+            handle.write(result(0.5) + "\n")
+        assert agents.read_usage("claude", log).cost_usd == 0.5
+        replaced = tmp_path / "new.log"
+        replaced.write_text(result(0.75) + "\n")
+        os.replace(replaced, log)  # another file under the name: read whole
+        assert agents.read_usage("claude", log).cost_usd == 0.75
+    finally:
+        agents.forget(log)
+    assert agents.read_usage("claude", log).cost_usd == 0.75
+
+
+@pytest.mark.parametrize("owner", ["run", "launch"])
+def test_the_usage_is_read_while_another_process_holds_the_launch_lock(project, gate, owner):
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    path = write_task(project.order(), "A", prompt=f"@cost 0.25\n@wait-for {gate}", target_files=["a.txt"])
+    env = agent_env(project)
+    run = None
+    if owner == "run":
+        run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                               env={**os.environ, **env, "AIPM_ENABLE_MONITORING": "false"},
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    else:  # a detached owner
+        project.aipm("launch", "ORD", env=env, check=True)
+    wait_for(lambda: journal(project))  # the agent runs
+    log = project.root / ".aipm/logs/ORD/A.1.log"
+    with Runtime(project.root).launch_lock():
+        gate.touch()  # the agent reports its $0.25 and ends
+        # Its owner reads the usage while this process holds the lock: the read does not wait for it...
+        wait_for(log.with_suffix(".usage.json").exists)
+        # ... and is not done again under it, where a whole read would now find $0.99.
+        swap_in_place(log, b'"total_cost_usd": 0.25', b'"total_cost_usd": 0.99')
+        assert yaml.safe_load(path.read_text())["status"] == "IN_PROGRESS"  # the outcome waits for the lock
+    if run is not None:
+        out, _ = run.communicate(timeout=120)
+        assert run.returncode == 0, out
+    wait_for(lambda: no_workers(project.root))
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a["cost_usd"]) == ("DONE", 0.25)
+    assert log.read_text().count("usage: cost $0.2500") == 1
