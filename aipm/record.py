@@ -40,8 +40,8 @@ class Record:
     number: int = 0
     agent: str = "command"  # the preset that runs the work (aipm.agents), so its usage can be read at the end
     workspace: str = ""  # the task's git worktree ("" = it works in the shared project tree)
-    # The task's counters when this attempt started (reworks, preemptions, cost_usd: what its limits and the
-    # budget are decided on), written back with the status if a reset loses them.
+    # The task's counters when this attempt started (reworks, preemptions, cost_usd and tokens: what its limits and
+    # the budget are decided on), written back with the status if a reset loses them.
     counters: dict = field(default_factory=dict)
     # Why its owner is stopping it (Ctrl-C, a preemption), set before the SIGTERM: its wrapper waits for the command
     # and writes its code, which is then no outcome of its own. An owner killed during the grace leaves the

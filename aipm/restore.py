@@ -24,11 +24,11 @@ def known_status(rec: Record) -> Status:
 
 def counters(task: Task) -> dict:
     """What the limits and the budget are decided on, kept in the record at the start of each attempt: a reset
-    that lost them would let a task be sent back, preempted or charged for ever."""
-    kept = {"reworks": task.reworks, "preemptions": task.preemptions}
-    if task.cost_usd is not None:
-        kept["cost_usd"] = task.cost_usd
-    return kept
+    that lost them would let a task be sent back, preempted or charged for ever. The usage totals are kept even
+    when unknown: an outcome written in part (IN_REVIEW with the attempt's usage added, its reviewer's record not
+    yet written) is put back to them before its adopter adds that usage again."""
+    return {"reworks": task.reworks, "preemptions": task.preemptions, "cost_usd": task.cost_usd,
+            "tokens": task.tokens}
 
 
 def disowned(task: Task, rec: Record, rt: Runtime) -> bool:
@@ -54,5 +54,6 @@ def restore(task: Task, rec: Record, root: Path) -> Task:
             steps.append(Status.IN_REVIEW)
     for step in steps[:-1]:
         task = update_task(path, {"status": step}, expect=task.status, root=root)
-    known = {"status": target, "attempts": rec.attempt, "started_at": rec.started_at, **rec.counters}
+    lost = {k: v for k, v in rec.counters.items() if getattr(task, k) != v}  # an unknown cost is no `null` line
+    known = {"status": target, "attempts": rec.attempt, "started_at": rec.started_at, **lost}
     return update_task(path, known, expect=task.status, root=root)

@@ -10,9 +10,11 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import state, task_statuses, wait_for, write_task
 from invariants import check, journal_command, spans, worker_records
+from test_agents import STAND_INS
 from test_chaos import Proc
 
 
@@ -142,3 +144,32 @@ def test_a_reviewer_whose_record_cannot_be_written_is_reported_and_runs_once_the
     assert "review   A again (its review was lost without a verdict)" in proc.stdout, proc.stdout
     assert task_statuses(order) == {"A": "COMPLETED"}
     assert runs.read_text() == "ran\n" and reviews.read_text() == "reviewed\n"  # the work ran once
+
+
+def test_an_outcome_written_in_part_adds_the_attempts_usage_once(project, full_state, tmp_path_factory):
+    """A's agent reported $0.25 and 15 tokens; IN_REVIEW was written with them, its reviewer's record could not be.
+    The next run restored IN_PROGRESS (the reviewer never ran) and added the usage again: $0.50 and 30 tokens for
+    one attempt (a SIGKILL of the owner between those two writes did the same), as the attempt's start had no cost
+    to put back. Now its review runs (recovery.review_unrecorded) and the usage stays counted once."""
+    gate = tmp_path_factory.mktemp("outside") / "gate"  # outside the project: opening it is no change of A's
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    path = write_task(project.order(), "A", prompt=f"@cost 0.25\n@wait-for {gate}", target_files=["a.txt"],
+                      review="true")
+    env = {"PATH": f"{STAND_INS}{os.pathsep}{os.environ['PATH']}"}
+    log = project.root / ".aipm" / "logs" / "ORD" / "A.1.log"
+    run = Proc(project.root, "run", "ORD", "--no-resource-monitoring", env={**os.environ, **env})
+    try:
+        wait_for(lambda: log.exists() and '"session_id"' in log.read_text())  # the agent runs
+        full_state.fill()
+        gate.touch()
+        assert run.wait(timeout=120) == 1, run.output
+    finally:
+        gate.touch()
+        run.kill()
+    assert "cannot record the outcome of A" in run.output, run.output
+    assert yaml.safe_load(path.read_text())["status"] == "IN_REVIEW"
+    full_state.free()
+    again = project.aipm("run", "ORD", "--no-resource-monitoring", env=env, timeout=120)
+    assert "review   A again" in again.stdout and "restore" not in again.stdout, again.stdout + again.stderr
+    a = yaml.safe_load(path.read_text())
+    assert (a["cost_usd"], a["tokens"]) == (0.25, {"input": 10, "output": 5, "cache_read": 0, "cache_write": 0}), a
