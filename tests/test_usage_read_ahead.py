@@ -79,3 +79,25 @@ def test_the_usage_is_read_while_another_process_holds_the_launch_lock(project, 
     a = yaml.safe_load(path.read_text())
     assert (a["status"], a["cost_usd"]) == ("DONE", 0.25)
     assert log.read_text().count("usage: cost $0.2500") == 1
+
+
+def test_an_owner_killed_after_its_read_ahead_leaves_the_usage_to_its_adopter(project, gate):
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    path = write_task(project.order(), "A", prompt=f"@cost 0.25\n@wait-for {gate}", target_files=["a.txt"])
+    env = agent_env(project)
+    first = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                             env={**os.environ, **env, "AIPM_ENABLE_MONITORING": "false"},
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: journal(project))  # the agent runs
+    log = project.root / ".aipm/logs/ORD/A.1.log"
+    with Runtime(project.root).launch_lock():
+        gate.touch()
+        wait_for(log.with_suffix(".usage.json").exists)  # read ahead; the outcome waits for the lock
+        first.kill()
+        first.wait(timeout=60)
+    assert yaml.safe_load(path.read_text())["status"] == "IN_PROGRESS"
+    second = project.aipm("run", "ORD", env=env)
+    assert second.returncode == 0 and "adopt" in second.stdout, second.stdout + second.stderr
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a["cost_usd"], a["tokens"]["input"]) == ("DONE", 0.25, 10)
+    assert len(journal(project)) == 1  # adopted, not run again
