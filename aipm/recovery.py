@@ -43,7 +43,8 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
         # a re-queue (interrupt) killed between its two writes.
         stuck = task.status == Status.INTERRUPTED and rec is not None and rec.attempt == task.attempts
         if task.status not in RUNNING and not stuck and not (
-            rec is not None and (rec.worker_alive() or unrecorded(task, rec, launcher.runtime))
+            rec is not None
+            and (rec.worker_alive() or unrecorded(task, rec, launcher.runtime) or usage_left(task, rec))
         ):
             continue
         if rec is not None and rec.owner_alive():
@@ -57,7 +58,8 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
         if again and (why := cannot_review(rec)):
             append_log(rec.log, f"review of {task.id} cannot run again: {why}; its work runs again")
             again = False
-        if rec is not None and (again or rec.worker_alive() or outcome_left(task, rec, launcher.runtime)):
+        if rec is not None and (again or rec.worker_alive() or outcome_left(task, rec, launcher.runtime)
+                                or usage_left(task, rec)):
             try:
                 if adopt is not None and not rec.encloses_us():  # else a detached owner: we cannot wait for it
                     adopt.adopt(rec)
@@ -85,6 +87,15 @@ def outcome_left(task: Task, rec: Record, rt: Runtime) -> bool:
     outcome. Not so for a worker its owner was stopping: it is re-queued."""
     return (not rec.stopping and (rec.attempt == task.attempts or unrecorded(task, rec, rt))
             and exit_file_written(rec.exit_file))
+
+
+def usage_left(task: Task, rec: Record) -> bool:
+    """The agent attempt was cancelled and its owner died before adding its usage (it was dead at the cancel, or
+    died right after): the file holds the usage totals of the attempt's start (an owner adds the attempt's usage,
+    then removes the record), so an owner adopts it to add them."""
+    return (task.status == Status.CANCELLED and rec.phase == "work" and bool(rec.pid) and agents.is_preset(rec.agent)
+            and (task.attempts, task.started_at) == (rec.attempt, rec.started_at)
+            and (task.cost_usd, task.tokens) == (rec.counters.get("cost_usd"), rec.counters.get("tokens")))
 
 
 def unrecorded(task: Task, rec: Record, rt: Runtime) -> bool:

@@ -1,10 +1,12 @@
-"""An ended attempt's usage is read from its log before its owner takes the launch lock: a transcript of a
-gigabyte took seconds to parse, and every other aipm command of the project (cancel, launch, run) waited."""
+"""An agent attempt's usage is recorded once, however its owner ends. It is read from the log before its owner
+takes the launch lock: a transcript of a gigabyte took seconds to parse, and every other aipm command of the
+project (cancel, launch, run) waited."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +15,7 @@ import pytest
 import yaml
 
 from conftest import no_workers, wait_for, write_task
-from test_agents import agent_env, journal
+from test_agents import agent_env, journal, reported, waiting_aider
 from aipm import agents
 from aipm.runtime import Runtime, append_log
 
@@ -101,3 +103,20 @@ def test_an_owner_killed_after_its_read_ahead_leaves_the_usage_to_its_adopter(pr
     a = yaml.safe_load(path.read_text())
     assert (a["status"], a["cost_usd"], a["tokens"]["input"]) == ("DONE", 0.25, 10)
     assert len(journal(project)) == 1  # adopted, not run again
+
+
+def test_an_attempt_cancelled_after_its_owner_died_keeps_the_cost_it_reported(project, gate):
+    """`aipm cancel` stopped the worker; nobody added its $0.04 (its owner was dead, and recovery passed over a
+    CANCELLED task), so the order's budget never counted it."""
+    path = waiting_aider(project)
+    project.aipm("launch", "ORD", env=agent_env(project), check=True)
+    wait_for(lambda: reported(project))
+    rec = Runtime(project.root).read_record("ORD", "A")
+    os.kill(rec.owner_pid, signal.SIGKILL)
+    project.aipm("cancel", "A", check=True)
+    assert "adopted" in project.aipm("recover", "ORD", env=agent_env(project), check=True).stdout
+    wait_for(lambda: no_workers(project.root))
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a["cost_usd"]) == ("CANCELLED", 0.04)
+    assert "nothing to recover" in project.aipm("recover", "ORD", check=True).stdout  # added once
+    assert yaml.safe_load(path.read_text())["cost_usd"] == 0.04
