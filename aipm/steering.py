@@ -11,7 +11,7 @@ from pathlib import Path
 from aipm import outcome, workspace, writtenlog
 from aipm.agents import can_resume
 from aipm.errors import UserError
-from aipm.recovery import in_review, unrecorded
+from aipm.recovery import in_review, unrecorded, usage_left
 from aipm.restore import disowned, restore
 from aipm.starting import cleared_reason
 from aipm.model import RUNNING, Status, Task
@@ -91,6 +91,9 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
             if unrecorded(current, rec, rt):
                 raise UserError(f"{path}: status: {current.status}, but attempt {rec.attempt} ended after the "
                                 f"file was put back and was never recorded; `aipm recover {order_id}` records it")
+            if usage_left(current, rec):
+                raise UserError(f"{path}: status: {current.status}, but attempt {rec.attempt} was cancelled and its "
+                                f"supervisor died before recording its usage; `aipm recover {order_id}` records it")
             rt.remove_record(order_id, task_id)  # left by an owner killed after its final write: the file has it
         marker = None
         if resume_with is not None:

@@ -107,16 +107,22 @@ def test_an_owner_killed_after_its_read_ahead_leaves_the_usage_to_its_adopter(pr
 
 def test_an_attempt_cancelled_after_its_owner_died_keeps_the_cost_it_reported(project, gate):
     """`aipm cancel` stopped the worker; nobody added its $0.04 (its owner was dead, and recovery passed over a
-    CANCELLED task), so the order's budget never counted it."""
+    CANCELLED task), so the order's budget never counted it; a `retry` then dropped the record, and the usage."""
     path = waiting_aider(project)
     project.aipm("launch", "ORD", env=agent_env(project), check=True)
     wait_for(lambda: reported(project))
     rec = Runtime(project.root).read_record("ORD", "A")
     os.kill(rec.owner_pid, signal.SIGKILL)
     project.aipm("cancel", "A", check=True)
+    retry = project.aipm("retry", "A")  # it would drop the record, and the usage with it
+    assert retry.returncode == 2 and retry.stderr == (
+        f"aipm: error: {path}: status: CANCELLED, but attempt 1 was cancelled and its supervisor died before "
+        "recording its usage; `aipm recover ORD` records it\n"), retry.stderr
+    assert yaml.safe_load(path.read_text())["status"] == "CANCELLED"
     assert "adopted" in project.aipm("recover", "ORD", env=agent_env(project), check=True).stdout
     wait_for(lambda: no_workers(project.root))
     a = yaml.safe_load(path.read_text())
     assert (a["status"], a["cost_usd"]) == ("CANCELLED", 0.04)
     assert "nothing to recover" in project.aipm("recover", "ORD", check=True).stdout  # added once
     assert yaml.safe_load(path.read_text())["cost_usd"] == 0.04
+    project.aipm("retry", "A", check=True)  # recorded: nothing holds the retry now
