@@ -82,6 +82,14 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
     return out
 
 
+def read_lost_usage_ahead(rt: Runtime) -> None:
+    """Before a recovery takes the launch lock: read the usage of the agent attempts it may re-queue (owner and
+    worker both gone), which it adds to their tasks (agents.read_ahead)."""
+    for rec in rt.records():
+        if rec.phase == "work" and rec.pid and not rec.alive():
+            agents.read_ahead(rec.agent, Path(rec.log))
+
+
 def outcome_left(task: Task, rec: Record, rt: Runtime) -> bool:
     """The attempt's worker ended and got as far as its exit file (its code may be lost): an owner records that
     outcome. Not so for a worker its owner was stopping: it is re-queued."""
@@ -193,6 +201,7 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
             append_log(rec.log, workspace.keep(rt.root, rec))
         writtenlog.note_ended(rt, rec)
         rt.remove_record(rec.order, rec.task)
+        agents.forget(Path(rec.log))
 
 
 def remove_temp_files(order_dir: Path) -> None:

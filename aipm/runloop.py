@@ -12,7 +12,7 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
-from aipm import budget, confine, durable, locks, notify, preemption, runner, scope, writer
+from aipm import budget, confine, durable, locks, notify, preemption, recovery, runner, scope, writer
 from aipm.finish import review_command
 from aipm.launcher import Launcher, LaunchReport
 from aipm.model import FINISHED_OK, Order, Status, status_summary
@@ -278,6 +278,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     prepared: set[tuple[str, tuple]] = set()
     try:
         while not stop.requested:
+            if recover:
+                recovery.read_lost_usage_ahead(sup.rt)
             with _round(sup, ready, first=first) as ended:  # one lock round per wake-up: finish, launch
                 early = _start_early(sup, launcher, view, only, recover, ended)
                 _finish(sup, ready)

@@ -126,3 +126,29 @@ def test_an_attempt_cancelled_after_its_owner_died_keeps_the_cost_it_reported(pr
     assert "nothing to recover" in project.aipm("recover", "ORD", check=True).stdout  # added once
     assert yaml.safe_load(path.read_text())["cost_usd"] == 0.04
     project.aipm("retry", "A", check=True)  # recorded: nothing holds the retry now
+
+
+@pytest.mark.parametrize("command", ["recover", "run"])
+def test_a_lost_attempts_usage_is_read_before_its_recovery_takes_the_launch_lock(project, gate, command):
+    path = waiting_aider(project)
+    project.aipm("launch", "ORD", env=agent_env(project), check=True)
+    wait_for(lambda: reported(project))
+    rec = Runtime(project.root).read_record("ORD", "A")
+    os.kill(rec.owner_pid, signal.SIGKILL)
+    os.killpg(rec.pgid, signal.SIGKILL)  # worker and wrapper: no exit code is left, the attempt is re-queued
+    wait_for(lambda: not rec.alive())
+    log = project.root / ".aipm/logs/ORD/A.1.log"
+    with Runtime(project.root).launch_lock():
+        recovering = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), command, "ORD"],
+                                      env={**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for(log.with_suffix(".usage.json").exists)  # read while this process holds the lock
+        swap_in_place(log, b"$0.04 session", b"$0.09 session")  # a whole read under the lock would find $0.09
+    if command == "run":
+        wait_for(lambda: reported(project, attempt=2))  # re-queued, then started again
+        gate.touch()
+    out, _ = recovering.communicate(timeout=120)
+    assert recovering.returncode == 0, out
+    a = yaml.safe_load(path.read_text())
+    assert a["cost_usd"] == (0.04 if command == "recover" else 0.08), a
+    assert log.read_text().count("usage: cost $0.0400") == 1

@@ -9,7 +9,7 @@ from typing import Optional
 
 from aipm.cli.decl import Argument, Exit, Option, command
 
-from aipm import budget, parsecache
+from aipm import budget, parsecache, recovery
 from aipm.cluster import require_ray
 from aipm.advice import stray_files, warnings
 from aipm.cli.common import JsonOpt, console, print_json, project_root, warn
@@ -75,6 +75,8 @@ def launch(
                          Options(no_review, model, dry_run), runner, confine=confine, workspace=workspace)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
     warn_unbounded(view.order.tasks.values(), view.dir)
+    if not dry_run:
+        recovery.read_lost_usage_ahead(launcher.runtime)
     report = launcher.launch_ramped(view)
     waiting = [b.as_dict() for b in report.plan.waiting] if report.plan else []
     if json_out:

@@ -249,6 +249,7 @@ def recover(
     launcher = Launcher(project, settings, Options(), monitor=None)
     dirs = [project.order_dir(order)] if order else project.order_dirs()
     done, known = [], []
+    recovery.read_lost_usage_ahead(launcher.runtime)
     with launcher.runtime.launch_lock():
         for directory in dirs:
             loaded = load_order(directory, project.root)
