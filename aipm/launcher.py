@@ -275,8 +275,10 @@ def _finished_elsewhere(rec: Record, rt: Runtime) -> bool:
     except (UserError, OSError):
         # Gone: finished for good. Broken: unknown, so it keeps its files until the file is fixed and recovered.
         return not os.path.exists(rec.task_file)
-    if recovery.unrecorded(task, rec, rt):
-        return False  # its file was put back under it: what it came to is recovery's to record
+    if recovery.unrecorded(task, rec, rt) or recovery.usage_left(task, rec):
+        # Its file was put back under it, or it was cancelled with its owner dead before its usage was added: what
+        # it came to is recovery's to record (for its own order: this plan may be another's).
+        return False
     return task.status not in RUNNING or task.attempts != rec.attempt
 
 

@@ -107,13 +107,16 @@ def test_an_owner_killed_after_its_read_ahead_leaves_the_usage_to_its_adopter(pr
 
 def test_an_attempt_cancelled_after_its_owner_died_keeps_the_cost_it_reported(project, gate):
     """`aipm cancel` stopped the worker; nobody added its $0.04 (its owner was dead, and recovery passed over a
-    CANCELLED task), so the order's budget never counted it; a `retry` then dropped the record, and the usage."""
+    CANCELLED task), so the order's budget never counted it; a `retry` then dropped the record, and the usage, and
+    so did a run of any other order (its plan prunes the records of tasks no longer running)."""
     path = waiting_aider(project)
+    write_task(project.order("OTHER"), "B", command="true", target_files=["b.txt"])
     project.aipm("launch", "ORD", env=agent_env(project), check=True)
     wait_for(lambda: reported(project))
     rec = Runtime(project.root).read_record("ORD", "A")
     os.kill(rec.owner_pid, signal.SIGKILL)
     project.aipm("cancel", "A", check=True)
+    project.aipm("run", "OTHER", "--no-resource-monitoring", check=True)
     retry = project.aipm("retry", "A")  # it would drop the record, and the usage with it
     assert retry.returncode == 2 and retry.stderr == (
         f"aipm: error: {path}: status: CANCELLED, but attempt 1 was cancelled and its supervisor died before "
