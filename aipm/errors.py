@@ -20,3 +20,10 @@ class ValidationError(UserError):
 
 class SettingsError(UserError):
     """A bad setting value, naming the setting and where it came from."""
+
+
+class Unwritable(UserError):
+    """The machine refused a write the command needs first (a full state directory): one line, exit 1, and the
+    command did nothing."""
+
+    exit_code = 1

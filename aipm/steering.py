@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aipm import outcome, workspace, writtenlog
 from aipm.agents import can_resume
-from aipm.errors import UserError
+from aipm.errors import Unwritable, UserError
 from aipm.recovery import in_review, unrecorded, usage_left
 from aipm.restore import disowned, restore
 from aipm.starting import cleared_reason
@@ -18,7 +18,7 @@ from aipm.model import RUNNING, Status, Task
 from aipm.project import Project
 from aipm.runner import terminate_group
 from aipm.record import live_pid
-from aipm.runtime import Runtime, append_log
+from aipm.runtime import Runtime, StateWriteError, append_log
 from aipm.settings import Settings
 from aipm.store import load_task, order_meta
 from aipm.writer import StaleWrite, now, update_task
@@ -37,13 +37,17 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
         order_id = order_meta(order_dir)[0]
         rec = rt.read_record(order_id, task_id)
         live = rec is not None and rec.pid and rec.worker_alive()
-        again = current.status == Status.CANCELLED and live
+        again = current.status == Status.CANCELLED and live and rt.cancelled(rec)  # a cancel cut short
         if live and not again and disowned(current, rec, rt):  # its file rewritten under it (by the worker, say):
             current = restore(current, rec, project.root)  # the live worker is what is cancelled, as aipm knows it
         if not again and current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
             raise UserError(f"{path}: status: {current.status} cannot be cancelled")
         if rec is not None:  # first: a cancel cut short after its write is still the user's
-            rt.mark_cancelled(rec)
+            try:
+                rt.mark_cancelled(rec)
+            except StateWriteError as exc:  # unmarked, a CANCELLED would be taken for the worker's own write
+                raise Unwritable(f"cannot cancel {task_id}: {exc.filename}: {exc.strerror}; nothing was changed "
+                                 "(make room in the state directory and cancel again)") from None
         if not again:
             update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
                         expect=current.status)

@@ -275,14 +275,16 @@ def test_cancel_of_a_cancelled_task_whose_worker_runs_stops_it(project, gate):
     assert again.returncode == 2 and "status: CANCELLED cannot be cancelled" in again.stderr, again.stderr
 
 
-def test_cancel_stops_a_live_worker_whatever_status_it_wrote_into_its_own_file(project, gate):
+@pytest.mark.parametrize("wrote", ["DONE", "CANCELLED"])
+def test_cancel_stops_a_live_worker_whatever_status_it_wrote_into_its_own_file(project, gate, wrote):
     """A worker that wrote `status: DONE` into its own file could not be cancelled while it ran ('status: DONE
-    cannot be cancelled', exit 2): the file outranked the live worker. Now its status is put back, then cancelled."""
+    cannot be cancelled', exit 2): the file outranked the live worker. Now its status is put back, then cancelled.
+    One that wrote CANCELLED was taken for a cancel cut short: stopped, with no `finished_at` or reason written."""
     order = project.order()
     write_task(order, "A", target_files=["a"], command=(
-        f"sed -i 's/^status: .*/status: DONE/' orders/ORD/A.yaml; while [ ! -e {gate} ]; do sleep 0.05; done"))
+        f"sed -i 's/^status: .*/status: {wrote}/' orders/ORD/A.yaml; while [ ! -e {gate} ]; do sleep 0.05; done"))
     project.aipm("launch", "ORD", check=True)
-    worker = wait_for(lambda: task_statuses(order)["A"] == "DONE"
+    worker = wait_for(lambda: task_statuses(order)["A"] == wrote
                       and next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
     proc = project.aipm("cancel", "A", "--grace", "2")
     assert proc.returncode == 0, proc.stderr
@@ -290,6 +292,7 @@ def test_cancel_stops_a_live_worker_whatever_status_it_wrote_into_its_own_file(p
     wait_for(lambda: no_workers(project.root))
     data = yaml.safe_load((order / "A.yaml").read_text())
     assert (data["status"], data["attempts"], data["reason"]) == ("CANCELLED", 1, "cancelled"), data
+    assert data.get("finished_at"), data
 
 
 def test_retry_of_a_running_task_is_refused(project, gate):

@@ -12,10 +12,12 @@ import sys
 import pytest
 import yaml
 
-from conftest import state, task_statuses, wait_for, write_task
+from conftest import no_workers, state, task_statuses, wait_for, write_task
 from invariants import check, journal_command, spans, worker_records
 from test_agents import STAND_INS
 from test_chaos import Proc
+
+from aipm.runtime import Runtime
 
 
 @pytest.fixture
@@ -173,3 +175,24 @@ def test_an_outcome_written_in_part_adds_the_attempts_usage_once(project, full_s
     assert "review   A again" in again.stdout and "restore" not in again.stdout, again.stdout + again.stderr
     a = yaml.safe_load(path.read_text())
     assert (a["cost_usd"], a["tokens"]) == (0.25, {"input": 10, "output": 5, "cache_read": 0, "cache_write": 0}), a
+
+
+def test_a_cancel_that_cannot_mark_its_attempt_changes_nothing_and_says_so(project, full_state, gate):
+    """`aipm cancel` marks the attempt it stops before it writes CANCELLED (a CANCELLED with no mark is taken for
+    the worker's own write). With no room for the mark it ended in a StateWriteError traceback; now one line, exit
+    1, the task and its worker as they were, and a cancel once there is room does it."""
+    path = write_task(project.order(), "A", target_files=["a.txt"],
+                      command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    project.aipm("launch", "ORD", check=True)
+    rec = wait_for(lambda: (r := Runtime(project.root).read_record("ORD", "A")) is not None and r.worker_alive() and r)
+    before = path.read_text()
+    full_state.fill()
+    proc = project.aipm("cancel", "A")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("aipm: error: cannot cancel A: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "No space left on device" in proc.stderr and "nothing was changed" in proc.stderr, proc.stderr
+    assert path.read_text() == before and rec.worker_alive()
+    full_state.free()
+    project.aipm("cancel", "A", "--grace", "2", check=True)
+    wait_for(lambda: no_workers(project.root))
+    assert yaml.safe_load(path.read_text())["status"] == "CANCELLED"
