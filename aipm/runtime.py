@@ -18,7 +18,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from functools import lru_cache
 from pathlib import Path
@@ -208,16 +208,25 @@ class Runtime:
     def remove_spent_exit_files(self, order: str) -> None:
         """Remove an order's exit files that no worker record refers to. Each carried an outcome to whoever recorded
         it, and the record is dropped only once that outcome is in the task file: kept, they would pile up, one per
-        attempt ever made (and every new attempt's number is found by looking past them). Under the launch lock."""
-        directory = self.state / "exit" / _safe(order)
+        attempt ever made (and every new attempt's number is found by looking past them). The cancel marks of tasks
+        with no record go too (a mark names its attempt, so a stale one never counts: this only tidies). Under the
+        launch lock."""
+        records = self.records()
+        wanted = {os.path.basename(rec.exit_file).split(".review")[0] for rec in records}
+        # (`.w`: the exit file the compiled wrapper makes at its start, named when its command ends)
+        self._remove_unwanted(self.state / "exit" / _safe(order), lambda name: name.removesuffix(".w").split(
+            ".review")[0] in wanted)
+        marked = {_safe(rec.task) for rec in records if rec.order == order}
+        self._remove_unwanted(self.state / "cancel" / _safe(order), marked.__contains__)
+
+    @staticmethod
+    def _remove_unwanted(directory: Path, wanted: Callable[[str], bool]) -> None:
         try:
             names = os.listdir(directory)
         except FileNotFoundError:
             return
-        wanted = {os.path.basename(rec.exit_file).split(".review")[0] for rec in self.records()}
         for name in names:
-            # (`.w`: the exit file the compiled wrapper makes at its start, named when its command ends)
-            if name.removesuffix(".w").split(".review")[0] not in wanted:
+            if not wanted(name):
                 with suppress(FileNotFoundError):
                     os.unlink(directory / name)
 

@@ -61,3 +61,17 @@ def test_a_cancelled_file_is_the_users_word_only_when_aipm_cancel_marked_that_at
     assert not disowned(load_task(path, tmp_path), rec, rt)
     rt.unmark_cancelled(rec)
     assert disowned(load_task(path, tmp_path), rec, rt)
+
+
+def test_the_end_of_a_run_removes_the_cancel_marks_of_tasks_with_no_record(tmp_path):
+    """A mark names its attempt, so one left behind (its record removed by a retry or a prune, a cancel cut short)
+    never counts for another; the run's end tidies them away with the spent exit files."""
+    path, rec = _running(tmp_path, "id: A\ncommand: 'true'\nstatus: IN_PROGRESS\nattempts: 1\n", attempt=1,
+                         started_at="2026-01-01T00:00:00+00:00", number=1)
+    rt = Runtime(tmp_path)
+    rt.write_record(rec)
+    gone = Record(**{**vars(rec), "task": "B", "task_file": str(path.with_name("B.yaml"))})
+    rt.mark_cancelled(rec)
+    rt.mark_cancelled(gone)  # B has no record
+    rt.remove_spent_exit_files(rec.order)
+    assert rt.cancelled(rec) and not rt.cancelled(gone)
