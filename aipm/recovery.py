@@ -86,7 +86,7 @@ def read_lost_usage_ahead(rt: Runtime) -> None:
     """Before a recovery takes the launch lock: read the usage of the agent attempts it may re-queue (owner and
     worker both gone), which it adds to their tasks (agents.read_ahead)."""
     for rec in rt.records():
-        if rec.phase == "work" and rec.pid and not rec.alive():
+        if agents.is_preset(rec.agent) and rec.phase == "work" and rec.pid and not rec.alive():
             agents.read_ahead(rec.agent, Path(rec.log))
 
 

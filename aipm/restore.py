@@ -24,9 +24,9 @@ def known_status(rec: Record) -> Status:
 
 def counters(task: Task) -> dict:
     """What the limits and the budget are decided on, kept in the record at the start of each attempt: a reset
-    that lost them would let a task be sent back, preempted or charged for ever. The usage totals are kept even
-    when unknown: an outcome written in part (IN_REVIEW with the attempt's usage added, its reviewer's record not
-    yet written) is put back to them before its adopter adds that usage again."""
+    that lost them would let a task be sent back, preempted or charged for ever. The usage totals (cost and tokens)
+    are kept even when unknown: a file put back under its attempt gets exactly the totals it started with, to
+    which the attempt's end adds its usage once."""
     return {"reworks": task.reworks, "preemptions": task.preemptions, "cost_usd": task.cost_usd,
             "tokens": task.tokens}
 

@@ -271,6 +271,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     deferred_before: list[str] = []
     failed_told: dict[str, tuple] = {}  # task → the launch error last emitted for it, and the launch it followed
     recover = True  # at start, and whenever another owner's process ends (it may have died)
+    lost = True  # at start, and when an owner died: its agents' transcripts are read before the lock (recovery)
     first = True
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
     budget_told = False
@@ -278,7 +279,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     prepared: set[tuple[str, tuple]] = set()
     try:
         while not stop.requested:
-            if recover:
+            if lost:
+                lost = False
                 recovery.read_lost_usage_ahead(sup.rt)
             with _round(sup, ready, first=first) as ended:  # one lock round per wake-up: finish, launch
                 early = _start_early(sup, launcher, view, only, recover, ended)
@@ -353,7 +355,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
             ready = []
             if orphaned:
-                recover = True
+                recover = lost = True
                 continue
             if launcher.settings.preempt and not only and preemption.stop_for_urgent(sup, view):
                 continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
