@@ -171,7 +171,7 @@ class Recording:
         if why:
             append_log(rec.log, f"review of {rec.task} cannot run again: {why}; its work runs again")
             self._requeue(rec, rec.stopping or "review lost")
-            return {"event": "interrupted", "requeued": [rec.task]}
+            return {"event": "interrupted", "requeued": [rec.task], "why": f"review: it cannot run again ({why})"}
         lost = "stopped" if rec.stopping else "lost without a verdict"
         said = f"review of attempt {rec.serial} {lost}" + f" ({rec.stopping})" * bool(rec.stopping)
         if review_command(task, self.settings, self.launcher.options.no_review) is None:

@@ -193,7 +193,8 @@ class Supervisor(Recording, Owner):
             if rec.stopping and rec.phase == "review":  # its code is no verdict: the review runs again
                 code, timed_out = None, False
             elif rec.stopping:  # its dead owner was stopping it (Ctrl-C, a preemption): no outcome of its own
-                return {"event": "interrupted", "requeued": [rec.task]} if self._requeue(rec, rec.stopping) else None
+                return {"event": "interrupted", "requeued": [rec.task], "why": f"by its last owner ({rec.stopping})"} \
+                    if self._requeue(rec, rec.stopping) else None
             return self._record_outcome(rec, code, timed_out)
 
     # -- strays: what an attempt left running outside its process group (see subreaper.py) -------------------

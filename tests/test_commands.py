@@ -246,6 +246,19 @@ def test_a_run_killed_while_stopping_its_worker_leaves_it_requeued_not_counted(p
     assert (data["status"], data["attempts"]) == wanted, data
 
 
+def test_a_worker_its_dead_owner_was_stopping_is_said_stopped_by_that_owner(project, gate):
+    """The `run` that adopts such a worker stops it and re-queues its task: it printed `stopped  by signal` though
+    no signal had reached that run."""
+    write_task(project.order(), "T", target_files=["up.txt"],
+               command=f"[ -e stopping.txt ] && exit 0; "
+                       f"trap 'echo > stopping.txt; while [ ! -e {gate} ]; do sleep 0.05; done; exit 1' TERM; "
+                       "echo up > up.txt; while :; do sleep 0.05; done")
+    _kill_run_in_the_grace(project, gate, "running", stop=lambda run: run.send_signal(signal.SIGTERM))
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "stopped  by its last owner (" in proc.stdout and "by signal" not in proc.stdout, proc.stdout
+
+
 def test_cancel_stops_the_worker_while_a_sibling_task_file_is_broken(project, gate):
     order = project.order()
     write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])

@@ -144,3 +144,4 @@ def test_a_worktree_task_reviews_again_unless_its_worktree_is_gone(repo, tmp_pat
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     gone = f"review of T cannot run again: its worktree {worktree} is gone; its work runs again"
     assert (gone in log) != worktree_kept
+    assert "by signal" not in proc.stdout, proc.stdout  # no signal stopped anything in that run

@@ -27,7 +27,7 @@ LINES = {
     "launch_failed": "failed   {task}: {error}",
     "error": "error    {error}",
     "invalid_file": "ignored  {error} (keeping the last valid version)",
-    "interrupted": "stopped  by signal; {stopped}",
+    "interrupted": "stopped  {why}; {stopped}",
     "restored": "restore  {task} → {status}: its file said {was} while its worker ran{not_cancel}",
     "gone":     "gone     {task}: its file was deleted while it ran; exit {exit_code} kept in its log",
     "summary": "{order}: {counts}",
@@ -52,6 +52,7 @@ def plain_line(event: dict) -> str:
         fields["reason"] = f"exit {event.get('exit_code')}"  # moved on by a writer that gave no reason
     if event.get("event") == "interrupted":
         fields["stopped"] = stopped_tasks(event)
+        fields["why"] = event.get("why", "by signal")  # (a Ctrl-C or SIGTERM of this run says nothing more)
     if isinstance(event.get("counts"), dict):
         fields["counts"] = format_counts(event["counts"])
     return template.format_map(defaultdict(lambda: "?", fields))
