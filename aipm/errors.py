@@ -1,4 +1,5 @@
-"""Errors a user can cause. The CLI prints them as one line and exits 2, with nothing changed on disk."""
+"""Errors a user can cause. The CLI prints them as one line and exits 2 (1 for Unwritable), with nothing changed
+on disk."""
 
 from __future__ import annotations
 
