@@ -21,6 +21,7 @@ from aipm.plan import NEVER, plan
 from aipm.project import Project
 from aipm.runtime import Runtime
 from aipm.store import load_order
+from aipm.workerfiles import read_bytes, reading
 
 _NAME = re.compile(r"^(?P<task>.+)\.(?P<attempt>\d+)(?P<review>\.review)?\.log$")
 
@@ -66,7 +67,7 @@ class Tail:
         offset = 0
         if last is not None:
             try:
-                data = path.read_bytes()
+                data = read_bytes(path)
             except OSError:
                 data = b""
             keep = data.splitlines(keepends=True)[-last:] if last else []
@@ -77,7 +78,7 @@ class Tail:
         """Lines added to `path`; with `final`, also an unterminated last line (the file is done)."""
         self.start(path)
         try:
-            with open(path, "rb") as handle:
+            with reading(path) as handle:
                 handle.seek(self.offsets[path])
                 data = handle.read()
         except OSError:

@@ -27,6 +27,7 @@ from aipm.store import load_task
 from aipm.writer import now, update_task
 from aipm.view import OrderView
 from aipm.worker import environment, model_for
+from aipm.workerfiles import read_bytes, write_bytes
 
 
 class Recording:
@@ -282,7 +283,7 @@ class Recording:
             message = self._merge_back(rec, event)
         if message:
             log_whole(rec.log, message)
-            self.rt.feedback_path(rec.order, rec.task, writing=True).write_text(message + "\n")
+            write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True), f"{message}\n".encode())
             task = self._write(task, {**after_work(task, 0, self.settings, True, outcome.exited(0)), **spent})
             why = outcome.scope(outside) if outside else outcome.one_line(message.splitlines()[0])
             for updates in after_review(task, 1, self.settings, why):
@@ -324,8 +325,11 @@ class Recording:
             feedback.unlink(missing_ok=True)
             reason = outcome.review_approved()
         else:
-            output = review_log.read_bytes() if review_log.exists() else b""
-            feedback.write_bytes(output)
+            try:
+                output = read_bytes(review_log)
+            except OSError:
+                output = b""  # none, or the worker replaced it with what is not a file
+            write_bytes(feedback, output)
             reason = outcome.review_rejected(output.decode(errors="replace"), code)
         for updates in after_review(task, code, self.settings, reason):
             task = self._write(task, updates)
@@ -334,7 +338,7 @@ class Recording:
     def _conflicted(self, rec: Record, task: Task, conflict: str) -> Task:
         """An approved (or unreviewed) worktree task whose merge conflicts: sent back with the conflict as feedback."""
         log_whole(rec.log, conflict)
-        self.rt.feedback_path(rec.order, rec.task, writing=True).write_text(conflict + "\n")
+        write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True), f"{conflict}\n".encode())
         for updates in after_review(task, 1, self.settings, outcome.one_line(conflict.splitlines()[0])):
             task = self._write(task, updates)
         return task

@@ -30,6 +30,7 @@ from aipm.liveness import read_small, remembered
 from aipm.locks import make_state_dir, state_dir
 from aipm.record import Record
 from aipm.spares import Pool, fill, in_tree, pool
+from aipm.workerfiles import open_regular
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
 
@@ -400,8 +401,10 @@ def _exclusive(path: Path) -> Iterator[None]:
 
 
 def append_log(log: str, line: str) -> None:
+    """aipm's line at the end of an attempt's log; none when the worker replaced its log with what is not a file
+    (the outcome is in the task file anyway, and `aipm logs` says the log is unusable)."""
     try:
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o666)
+        fd = open_regular(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     except OSError:
         return
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from pathlib import Path
 
 from aipm import agents, workspace
@@ -10,6 +11,7 @@ from aipm.model import Task
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.settings import Settings
+from aipm.workerfiles import read_bytes
 
 
 def invocation(
@@ -26,8 +28,8 @@ def invocation(
         return command, env, None
     prompt = Path(rec.log).with_suffix(".prompt.md")
     text = task.prompt or task.title or task.id
-    if feedback.exists():
-        text += "\n\n## Review feedback from the previous attempt\n\n" + feedback.read_text(errors="replace")
+    with suppress(OSError):  # none, or what a worker put in its place and is no file
+        text += "\n\n## Review feedback from the previous attempt\n\n" + read_bytes(feedback).decode(errors="replace")
     prompt.write_text(text)
     if agents.is_preset(rec.agent):
         resume = runtime.resume_path(rec.order, rec.task)

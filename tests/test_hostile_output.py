@@ -1,4 +1,5 @@
-"""Workers whose output is hostile by accident: one endless line in an agent's transcript."""
+"""Workers whose output is hostile by accident: one endless line in an agent's transcript, a log replaced with a
+FIFO."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import os
 import resource
 import subprocess
 import sys
+
+import pytest
 
 from conftest import task_statuses, write_task
 
@@ -35,3 +38,34 @@ def test_an_endless_line_in_an_agents_log_does_not_exhaust_the_owners_memory(pro
     assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
     assert task_statuses(order) == {"A": "DONE"}
     assert project.json("status", "ORD")["tasks"][0]["cost_usd"] == 0.25  # the event after the line still counts
+
+
+REPLACE_LOG = 'rm "$AIPM_LOG"; mkfifo "$AIPM_LOG"'
+
+
+@pytest.mark.parametrize("how", ["command", "agent"])
+def test_a_worker_that_replaces_its_log_with_a_fifo_does_not_hang_its_run_or_logs(project, how):
+    """Opening the log at the attempt's end (aipm's closing line, under the launch lock; an agent's usage) waited
+    for ever for a peer of the FIFO: the run never ended, its task stayed IN_PROGRESS and every aipm command that
+    needs the lock waited too. `aipm logs` hung on the same open."""
+    order = project.order()
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    if how == "agent":
+        bin_dir = project.root / "bin"
+        bin_dir.mkdir()
+        claude = bin_dir / "claude"
+        claude.write_text(f"#!/bin/sh\ncat > /dev/null\n{REPLACE_LOG}\n")
+        claude.chmod(0o755)
+        env["PATH"] = f"{bin_dir}:{os.environ['PATH']}"
+        write_task(order, "A", agent="claude", prompt="go", target_files=["a.txt"])
+    else:
+        write_task(order, "A", command=REPLACE_LOG, target_files=["a.txt"])
+    aipm = [sys.executable, "-m", "aipm", "--root", str(project.root)]
+    proc = subprocess.run([*aipm, "run", "ORD"], capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert task_statuses(order) == {"A": "DONE"}
+    log = project.root / ".aipm" / "logs" / "ORD" / "A.1.log"
+    assert log.is_fifo()  # the worker's replacement is left as it is
+    shown = subprocess.run([*aipm, "logs", "A"], capture_output=True, text=True, env=env, timeout=60)
+    assert (shown.returncode, shown.stderr) == (
+        2, f"aipm: error: cannot read the log {log}: not a regular file (its worker replaced it)\n")

@@ -21,6 +21,7 @@ from typing import Any, NamedTuple
 
 from aipm.paths import Target
 from aipm.runtime import append_log
+from aipm.workerfiles import reading, write_bytes
 
 COMMAND = "command"  # not a preset: the worker.command template (or the task's own command)
 NAMES = (COMMAND, "claude", "codex", "aider")
@@ -117,14 +118,14 @@ def read_usage(name: str, log: Path) -> Usage | None:
 
 def _read(name: str, log: Path) -> _Read | None:
     try:
-        with open(log, "rb") as raw:
+        with reading(log) as raw:
             found, text = os.fstat(raw.fileno()), _text(raw)
             usage = preset(name).parse(_bounded_lines(text))
             read = _Read(found.st_dev, found.st_ino, text.buffer.tell(), usage)  # the end it read to
     except OSError:
         return None
     try:
-        log.with_suffix(".usage.json").write_text(json.dumps({"agent": name, **asdict(usage)}) + "\n")
+        write_bytes(log.with_suffix(".usage.json"), (json.dumps({"agent": name, **asdict(usage)}) + "\n").encode())
     except OSError:
         pass  # the task file gets the figures anyway; this copy is for people reading .aipm/
     return read
@@ -133,7 +134,7 @@ def _read(name: str, log: Path) -> _Read | None:
 def _nothing_added(name: str, log: Path, ahead: _Read) -> bool:
     """Whether the log is the one read ahead and what was written to it since holds no usage of the agent's."""
     try:
-        with open(log, "rb") as raw:
+        with reading(log) as raw:
             found = os.fstat(raw.fileno())
             if (found.st_dev, found.st_ino) != (ahead.dev, ahead.ino) or found.st_size < ahead.end:
                 return False  # replaced or cut: read whole

@@ -24,6 +24,7 @@ from aipm.project import AmbiguousOrder, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
 from aipm.store import load_order
+from aipm.workerfiles import reading
 
 
 def _worker_info(rec) -> dict:
@@ -157,13 +158,13 @@ def logs(
         raise UserError(f"no log for {order.id}/{task_id} yet (it has not run)")
     number = attempt if attempt is not None else max(found)
     if json_out:
-        with open(found[number], "rb") as handle:
+        with _log(found[number]) as handle:
             text = handle.read().decode("utf-8", errors="replace")
         print_json({"order": order.id, "task": task_id, "attempt": number, "attempts": sorted(found),
                     "log": str(found[number]), "text": text})
         return
     while True:
-        with open(found[number], "rb") as handle:
+        with _log(found[number]) as handle:
             _print_attempt(rt, order.id, task_id, handle, follow)
         # Following the newest attempt goes on to the attempts that started meanwhile (a retry, a rework).
         found = rt.logs(order.id, task_id) if follow and attempt is None else {}
@@ -172,6 +173,14 @@ def logs(
             return
         number = min(newer)
         print(f"==> {found[number].name} <==", flush=True)
+
+
+def _log(path):
+    """The attempt's log to read; a worker may have put what is no file in its place (a FIFO's open would wait)."""
+    try:
+        return reading(path)
+    except OSError as exc:
+        raise UserError(f"cannot read the log {path}: {exc.strerror}") from None
 
 
 def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: bool) -> None:

@@ -31,6 +31,7 @@ from aipm.project import Project
 from aipm.settings import Settings
 from aipm.store import order_meta, task_names
 from aipm.ui.stream import Hub, LiveLog, Stream, sse
+from aipm.workerfiles import reading
 
 TOKEN_HEADER = b"x-aipm-token"
 LINGER = 0.05  # seconds a woken stream waits for the rest of a burst of changes
@@ -132,7 +133,11 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
         mine = sorted((log for log in attempt_logs(looker.runtime, order_id) if log.task == task_id),
                       key=lambda log: (log.attempt, log.review))
         for path in (log.path for log in mine):
-            with open(path, "rb") as handle:
+            try:
+                handle = reading(path)
+            except OSError:
+                continue  # the worker replaced its log with what is no file (a FIFO would block for ever)
+            with handle:
                 size = handle.seek(0, 2)
                 handle.seek(max(0, size - LOG_BYTES))
                 attempts.append({"name": path.name, "text": handle.read().decode(errors="replace"),

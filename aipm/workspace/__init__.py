@@ -34,6 +34,7 @@ from aipm.settings import WORKSPACES, Settings
 from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
 from aipm.workspace.places import (component, merge_dir, patch_path, refname, relative, scratch, seam,
                                    worktree_path)
+from aipm.workerfiles import read_bytes, write_bytes
 from aipm.workspace.repo import RUNTIME_DIR, Repo, UnbornRepositories, WorkspaceError
 
 SHARED, WORKTREE = WORKSPACES
@@ -206,7 +207,7 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, list[str]]:
     repo.set_ref(refname(rec.order, rec.task, "end"), end)
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     patch.parent.mkdir(parents=True, exist_ok=True)
-    patch.write_bytes(repo.patch(base, end))
+    write_bytes(patch, repo.patch(base, end))
     return repo, base, end, left_out
 
 
@@ -313,6 +314,9 @@ def diff(root: Path, order: str, task: str) -> tuple[str, bytes]:
         if base is not None:
             return f"worktree {tree}", repo.patch(base, repo.capture(tree, scratch(root), None, ""))
     if patches:
-        return str(patches[-1]), patches[-1].read_bytes()
+        try:
+            return str(patches[-1]), read_bytes(patches[-1])
+        except OSError as exc:
+            raise WorkspaceError(f"cannot read the patch {patches[-1]}: {exc.strerror}") from None
     raise WorkspaceError(f"{order}/{task}: no changes recorded; only a task that ran with workspace: worktree "
                          "has them")
