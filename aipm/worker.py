@@ -11,7 +11,7 @@ from aipm.model import Task
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.settings import Settings
-from aipm.workerfiles import read_bytes
+from aipm.workerfiles import read_bytes, write_bytes
 
 
 def invocation(
@@ -30,7 +30,7 @@ def invocation(
     text = task.prompt or task.title or task.id
     with suppress(OSError):  # none, or what a worker put in its place and is no file
         text += "\n\n## Review feedback from the previous attempt\n\n" + read_bytes(feedback).decode(errors="replace")
-    prompt.write_text(text)
+    write_bytes(prompt, text.encode())  # renamed over: an earlier attempt's worker may have put a FIFO here
     if agents.is_preset(rec.agent):
         resume = runtime.resume_path(rec.order, rec.task)
         work = Path(workspace.directory(runtime.root, rec))  # the tree the agent edits: its rules are for it
@@ -41,7 +41,7 @@ def invocation(
         attempt = agents.Attempt(
             root=work, prompt_file=prompt, log=Path(rec.log), model=model, model_chosen=chosen,
             targets=task.targets, protected=tuple(protected), max_cost_usd=task.max_cost_usd,
-            resume=(resume.read_text().strip() or None) if resume.exists() else None,
+            resume=_resume(resume),
             workspace=Path(rec.workspace) if rec.workspace else None,
         )
         return agents.command_line(rec.agent, attempt), env, str(prompt)
@@ -93,3 +93,11 @@ def environment(runtime: Runtime, rec: Record, model: str) -> dict[str, str]:
     else:
         env.pop("AIPM_REVIEW_FEEDBACK", None)
     return env
+
+
+def _resume(path: Path) -> str | None:
+    """The session `aipm retry --resume` left; none when there is no file (missing, or a worker's FIFO)."""
+    try:
+        return read_bytes(path).decode(errors="replace").strip() or None
+    except OSError:
+        return None

@@ -69,3 +69,21 @@ def test_a_worker_that_replaces_its_log_with_a_fifo_does_not_hang_its_run_or_log
     shown = subprocess.run([*aipm, "logs", "A"], capture_output=True, text=True, env=env, timeout=60)
     assert (shown.returncode, shown.stderr) == (
         2, f"aipm: error: cannot read the log {log}: not a regular file (its worker replaced it)\n")
+
+
+def test_a_fifo_a_worker_leaves_for_the_next_attempts_prompt_does_not_hang_that_attempt(project):
+    """The next attempt's prompt (and the settings a `claude` attempt gets) were written with a plain open():
+    a FIFO the failed first attempt left at `A.2.prompt.md` held its run for ever before the second could start."""
+    bin_dir = project.root / "bin"
+    bin_dir.mkdir()
+    claude = bin_dir / "claude"
+    claude.write_text('#!/bin/sh\ncat > /dev/null\nmkfifo "${AIPM_LOG%.1.log}.2.prompt.md" 2>/dev/null\nexit 1\n')
+    claude.chmod(0o755)
+    order = project.order()
+    write_task(order, "A", agent="claude", prompt="go", target_files=["a.txt"], max_attempts=2)
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false", PATH=f"{bin_dir}:{os.environ['PATH']}")
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert task_statuses(order) == {"A": "FAILED"}
+    assert (project.root / ".aipm" / "logs" / "ORD" / "A.2.prompt.md").read_text() == "go"

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from aipm.agents import Attempt, Usage, count, dollars, json_lines
 from aipm.paths import Target
+from aipm.workerfiles import write_bytes
 
 PROGRAM = "claude"
 RESUMES = True
@@ -65,13 +66,13 @@ def settings(attempt: Attempt, guard_file: Path) -> dict:
 
 def write_settings(attempt: Attempt) -> Path:
     guard_file = attempt.log.with_suffix(".guard.json")
-    guard_file.write_text(json.dumps({
+    write_bytes(guard_file, json.dumps({
         "root": str(attempt.root), "allow": [str(t) for t in attempt.targets],
         "deny": [str(p) for p in attempt.protected],
         "workspace": str(attempt.workspace) if attempt.workspace else None,
-    }, indent=2) + "\n")
+    }, indent=2).encode() + b"\n")
     path = attempt.log.with_suffix(".claude-settings.json")
-    path.write_text(json.dumps(settings(attempt, guard_file), indent=2) + "\n")
+    write_bytes(path, json.dumps(settings(attempt, guard_file), indent=2).encode() + b"\n")
     return path
 
 
