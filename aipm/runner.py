@@ -25,6 +25,7 @@ from contextlib import suppress
 
 from aipm import durable, posix_spawn, wrapper
 from aipm.liveness import spawned_ctime
+from aipm.workerfiles import NO_WAIT
 
 SHELL = "/bin/sh"
 # The go pipe is fd 3 (dash only redirects single-digit descriptors); $1 is the exit file.
@@ -137,7 +138,7 @@ def begin(
     go_read, go_write = os.pipe()
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, stdin or os.devnull, os.O_RDONLY, 0),
-        (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+        (os.POSIX_SPAWN_OPEN, 1, log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | NO_WAIT, 0o644),
         (os.POSIX_SPAWN_DUP2, 1, 2),
         (os.POSIX_SPAWN_DUP2, go_read, _GO_FD),
     ]

@@ -22,6 +22,7 @@ from aipm.record import Record, live_pid
 from aipm.runtime import StateWriteError, append_log
 from aipm.view import OrderView
 from aipm.worker import program as worker_program, program_source
+from aipm.workerfiles import NO_WAIT
 from aipm.writer import StaleWrite, now, update_task
 
 
@@ -189,7 +190,7 @@ class Starter:
             argv += ["--model", self.options.model]
         pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, rec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644),
+            (os.POSIX_SPAWN_OPEN, 1, rec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | NO_WAIT, 0o644),
             (os.POSIX_SPAWN_DUP2, 1, 2),
             *handover,
         ])

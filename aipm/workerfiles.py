@@ -11,9 +11,12 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
+# Flags for a log a child is given: a FIFO in its place fails the spawn (ENXIO) where it held spawner and child.
+NO_WAIT = os.O_NONBLOCK | os.O_NOFOLLOW
+
 
 def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
-    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    fd = os.open(path, flags | NO_WAIT | os.O_CLOEXEC, mode)
     try:
         regular = stat.S_ISREG(os.fstat(fd).st_mode)
     except BaseException:

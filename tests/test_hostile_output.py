@@ -87,3 +87,17 @@ def test_a_fifo_a_worker_leaves_for_the_next_attempts_prompt_does_not_hang_that_
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert task_statuses(order) == {"A": "FAILED"}
     assert (project.root / ".aipm" / "logs" / "ORD" / "A.2.prompt.md").read_text() == "go"
+
+
+def test_a_fifo_a_worker_leaves_for_its_review_log_fails_the_review_closed_and_the_run_ends(project):
+    """The review's log was opened by posix_spawn's file action, which waited on the FIFO with its spawner (the
+    run, under the launch lock) for ever; the task stayed IN_REVIEW. Now the review cannot start: sent back."""
+    order = project.order()
+    write_task(order, "A", command='mkfifo "${AIPM_LOG%.log}.review.log"', review="true", max_rework=1,
+               target_files=["a.txt"])
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert task_statuses(order) == {"A": "REJECTED"}
+    assert "review could not start" in project.json("status", "ORD")["tasks"][0]["reason"]
