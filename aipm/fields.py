@@ -66,9 +66,7 @@ def _positive_int(path: Path, data: Mapping[str, Any], key: str, maximum: int | 
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValidationError(str(path), key, f"must be a positive integer, not {value!r}")
-    if maximum is not None and value > maximum:
-        raise ValidationError(str(path), key, f"{value} is more than the maximum {maximum}")
-    return value
+    return _at_most(path, key, value, maximum)
 
 
 def _count(path: Path, data: Mapping[str, Any], key: str, maximum: int | None = None) -> int:
@@ -77,6 +75,10 @@ def _count(path: Path, data: Mapping[str, Any], key: str, maximum: int | None = 
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ValidationError(str(path), key, f"must be a whole number ≥ 0, not {value!r}")
+    return _at_most(path, key, value, maximum)
+
+
+def _at_most(path: Path, key: str, value: int, maximum: int | None) -> int:
     if maximum is not None and value > maximum:
         raise ValidationError(str(path), key, f"{value} is more than the maximum {maximum}")
     return value

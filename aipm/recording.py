@@ -170,7 +170,6 @@ class Recording:
         review command now (`--no-review`), the kept work ends as it would have without review."""
         why = recovery.cannot_review(rec)
         if why:
-            append_log(rec.log, f"review of {rec.task} cannot run again: {why}; its work runs again")
             self._requeue(rec, rec.stopping or "review lost")
             return {"event": "interrupted", "requeued": [rec.task], "why": f"review: it cannot run again ({why})"}
         lost = "stopped" if rec.stopping else "lost without a verdict"

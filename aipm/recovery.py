@@ -55,8 +55,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
         # A worker its owner was stopping (Record.stopping) left no outcome of its own: re-queued below once it ended.
         again = rec is not None and in_review(task, rec) and not rec.worker_alive() and (
             rec.stopping or not exit_file_written(rec.exit_file))  # no verdict: the review is asked again
-        if again and (why := cannot_review(rec)):
-            append_log(rec.log, f"review of {task.id} cannot run again: {why}; its work runs again")
+        if again and cannot_review(rec):
             again = False
         if rec is not None and (again or rec.worker_alive() or outcome_left(task, rec, launcher.runtime)
                                 or usage_left(task, rec)):
@@ -102,7 +101,7 @@ def usage_left(task: Task, rec: Record) -> bool:
     died right after): the file holds the usage totals of the attempt's start (an owner adds the attempt's usage,
     then removes the record), so an owner adopts it to add them."""
     return (task.status == Status.CANCELLED and rec.phase == "work" and bool(rec.pid) and agents.is_preset(rec.agent)
-            and (task.attempts, task.started_at) == (rec.attempt, rec.started_at)
+            and same_attempt(task, rec)
             and (task.cost_usd, task.tokens) == (rec.counters.get("cost_usd"), rec.counters.get("tokens")))
 
 
@@ -114,8 +113,12 @@ def unrecorded(task: Task, rec: Record, rt: Runtime) -> bool:
     CANCELLED that `aipm cancel` did not mark was written by someone else (its worker): no outcome either."""
     if task.status in RUNNING:
         return False
-    return ((task.attempts, task.started_at) != (rec.attempt, rec.started_at)
-            or task.status == Status.CANCELLED and not rt.cancelled(rec))
+    return not same_attempt(task, rec) or (task.status == Status.CANCELLED and not rt.cancelled(rec))
+
+
+def same_attempt(task: Task, rec: Record) -> bool:
+    """The file is the record's attempt's: an outcome written for it keeps its number and its start time."""
+    return (task.attempts, task.started_at) == (rec.attempt, rec.started_at)
 
 
 def in_review(task: Task, rec: Record) -> bool:
@@ -128,7 +131,7 @@ def review_unrecorded(task: Task, rec: Record) -> bool:
     only its owner writes that, after the exit), but its reviewer's record never was (a full state directory, or
     the owner killed in between): the attempt's review is lost without a verdict, its work kept."""
     return (rec.phase == "work" and task.status == Status.IN_REVIEW and not rec.worker_alive()
-            and (task.attempts, task.started_at) == (rec.attempt, rec.started_at))
+            and same_attempt(task, rec))
 
 
 def as_review(rec: Record, task: Task) -> None:
@@ -140,13 +143,17 @@ def as_review(rec: Record, task: Task) -> None:
     rec.pid = 0
 
 
-def cannot_review(rec: Record) -> str:
-    """Why the work of a review stopped or lost without a verdict is gone ("" if it is kept): a worktree task's work
-    is only in its worktree; a shared-tree task's targets stayed busy (IN_REVIEW) meanwhile, so its work is still
-    there. With no review command now (`--no-review`) kept work is finished unreviewed (Recording._unreviewed)."""
-    if rec.workspace and not os.path.isdir(rec.workspace):
-        return f"its worktree {rec.workspace} is gone"
-    return ""
+def cannot_review(rec: Record, stopped: str = "") -> str:
+    """Why the work of a review stopped (`stopped`: by what) or lost without a verdict is gone ("" if it is kept),
+    said in the attempt's log: a worktree task's work is only in its worktree; a shared-tree task's targets stayed
+    busy (IN_REVIEW) meanwhile, so its work is still there. With no review command now (`--no-review`) kept work
+    is finished unreviewed (Recording._unreviewed)."""
+    if not rec.workspace or os.path.isdir(rec.workspace):
+        return ""
+    why = f"its worktree {rec.workspace} is gone"
+    append_log(rec.log, f"review of {rec.task} " + f"stopped ({stopped}); it " * bool(stopped)
+               + f"cannot run again: {why}; its work runs again")
+    return why
 
 
 def end_remnants(rt: Runtime, rec: Record) -> None:

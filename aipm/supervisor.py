@@ -253,10 +253,7 @@ class Supervisor(Recording, Owner):
             return False
         if not recovery.in_review(task, rec):
             return False
-        cannot = recovery.cannot_review(rec)
-        if cannot:
-            append_log(rec.log, f"review of {rec.task} stopped ({why}); it cannot run again: {cannot}; its work "
-                                "runs again")
+        if recovery.cannot_review(rec, stopped=why):
             return False
         rec.owner_pid, rec.owner_ctime = 0, 0.0
         try:
