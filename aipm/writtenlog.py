@@ -98,9 +98,11 @@ def _lines(log: Path) -> list[str]:
 
 
 def not_own_output(root: Path, paths: list[str]) -> list[str]:
-    """`paths` without this process's standard output and error: `nohup aipm run` writes nohup.out in the
-    project root (`aipm run > run.log` likewise), and those writes are aipm's, no worker's. Compared by inode:
-    only the paths an audit found are looked at, so an audit that found nothing costs nothing here."""
+    """`paths` without the files this run's own output goes to: this process's standard output and error
+    (`nohup aipm run` writes nohup.out in the project root, `aipm run > run.log` likewise) and any file a process
+    of its session holds open for writing (`aipm run | tee run.log`): workers run in sessions of their own, so
+    those writes are the run's or its user's, no worker's. Compared by inode: only the paths an audit found are
+    looked at, so an audit that found nothing costs nothing here."""
     if not paths:
         return paths
     ours = set()
@@ -111,8 +113,7 @@ def not_own_output(root: Path, paths: list[str]) -> list[str]:
             continue
         if stat.S_ISREG(st.st_mode):
             ours.add((st.st_dev, st.st_ino))
-    if not ours:
-        return paths
+    ours |= _written_by_session()
     kept = []
     for path in paths:
         try:
@@ -123,3 +124,32 @@ def not_own_output(root: Path, paths: list[str]) -> list[str]:
         if (st.st_dev, st.st_ino) not in ours:
             kept.append(path)
     return kept
+
+
+def _written_by_session() -> set[tuple[int, int]]:
+    """(device, inode) of the regular files that processes of this process's session hold open for writing."""
+    session = os.getsid(0)
+    found = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as handle:
+                fields = handle.read().rsplit(b")", 1)[1].split()  # the name before ")" may hold spaces
+            if int(fields[3]) != session:
+                continue
+            fds = os.listdir(f"/proc/{name}/fd")
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or not ours to read
+        for fd in fds:
+            try:
+                with open(f"/proc/{name}/fdinfo/{fd}", "rb") as handle:
+                    flags = int(handle.read().split(b"flags:", 1)[1].split()[0], 8)
+                if flags & os.O_ACCMODE == os.O_RDONLY:
+                    continue
+                st = os.stat(f"/proc/{name}/fd/{fd}")
+            except (OSError, IndexError, ValueError):
+                continue
+            if stat.S_ISREG(st.st_mode):
+                found.add((st.st_dev, st.st_ino))
+    return found

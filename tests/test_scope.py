@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -715,10 +716,12 @@ def test_a_cancel_or_retry_in_another_order_during_an_attempt_is_not_charged(tmp
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 @pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
-def test_the_runs_own_output_file_in_the_tree_is_not_charged_to_its_workers(tmp_path, watch):
+@pytest.mark.parametrize("how", ["redirect", "tee"])
+def test_the_runs_own_output_file_in_the_tree_is_not_charged_to_its_workers(tmp_path, watch, how):
     """`nohup aipm run ORD` in the project root writes nohup.out there (as `aipm run ORD > run.log` does): every
     line the run printed while a worker ran was charged to that worker ('scope: wrote nohup.out'), so every task
-    was sent back until REJECTED, an agent paid for each attempt."""
+    was sent back until REJECTED, an agent paid for each attempt. `aipm run ORD | tee nohup.out` did the same
+    through tee, a process of the run's session (no worker's)."""
     import subprocess as sp
 
     import yaml
@@ -734,9 +737,37 @@ def test_the_runs_own_output_file_in_the_tree_is_not_charged_to_its_workers(tmp_
         "target_files": ["long.txt"]}))
     for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
         sp.run(["git", *args], cwd=root, check=True)
-    with open(root / "nohup.out", "w") as out:
-        proc = sp.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--no-resource-monitoring"],
-                      stdout=out, stderr=sp.STDOUT, text=True, timeout=120, cwd=root)
+    argv = [sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--no-resource-monitoring"]
+    if how == "tee":
+        proc = sp.run(f"{shlex.join(argv)} 2>&1 | tee nohup.out; exit ${{PIPESTATUS[0]}}", shell=True,
+                      executable="/bin/bash", stdout=sp.DEVNULL, timeout=120, cwd=root)
+    else:
+        with open(root / "nohup.out", "w") as out:
+            proc = sp.run(argv, stdout=out, stderr=sp.STDOUT, text=True, timeout=120, cwd=root)
     statuses = {p.stem: yaml.safe_load(p.read_text()) for p in order.glob("*.yaml")}
     assert proc.returncode == 0, (root / "nohup.out").read_text()
     assert {t: s["status"] for t, s in statuses.items()} == {"FIRST": "DONE", "LONG": "DONE"}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_a_file_the_runs_session_holds_open_only_for_reading_is_still_charged(tmp_path):
+    """Only files the run's session writes are its output: one it merely reads (its standard input here) and a
+    worker appends to is that worker's out-of-scope write."""
+    import subprocess as sp
+
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (root / "aipm.yaml").write_text("max_rework: 0\n")
+    (root / "notes.txt").write_text("n\n")
+    (order / "W.yaml").write_text(yaml.safe_dump({"command": "echo x >> notes.txt; echo w > w.txt",
+                                                  "target_files": ["w.txt"]}))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        sp.run(["git", *args], cwd=root, check=True)
+    with open(root / "notes.txt") as notes:
+        proc = sp.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--no-resource-monitoring"],
+                      stdin=notes, capture_output=True, text=True, timeout=120, cwd=root)
+    assert "scope: wrote notes.txt" in proc.stdout, proc.stdout + proc.stderr
+    assert yaml.safe_load((order / "W.yaml").read_text())["status"] == "REJECTED"
