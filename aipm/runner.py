@@ -341,12 +341,18 @@ def wait_all_gone(pids: list[int], timeout: float) -> None:
         watcher.close()
 
 
+def ask_to_stop(pgid: int) -> bool:
+    """SIGTERM the whole group, and SIGCONT: a stopped group would otherwise never see the SIGTERM."""
+    if not signal_group(pgid, signal.SIGTERM):
+        return False
+    signal_group(pgid, signal.SIGCONT)
+    return True
+
+
 def terminate_group(pgid: int, leader: int, grace: float = 5.0) -> None:
     """SIGTERM the whole group, then SIGKILL it if the leader has not gone within `grace` seconds."""
-    if not signal_group(pgid, signal.SIGTERM):
+    if not ask_to_stop(pgid):
         return
-    # SIGCONT too: a stopped group would otherwise never see the SIGTERM.
-    signal_group(pgid, signal.SIGCONT)
     wait_gone(leader, grace)
     # Grandchildren that ignored SIGTERM still belong to the group: make sure none survives.
     kill_group(pgid)

@@ -163,9 +163,8 @@ class Supervisor(Recording, Owner):
                     runner.signal_group(self.owned[key].pgid, signal.SIGKILL)
 
     def _stop(self, rec: Record, now: float) -> None:
-        """SIGTERM the worker's group (and SIGCONT: a stopped group would never see it); SIGKILL after KILL_GRACE."""
-        runner.signal_group(rec.pgid, signal.SIGTERM)
-        runner.signal_group(rec.pgid, signal.SIGCONT)
+        """Ask the worker's group to stop (runner.ask_to_stop); SIGKILL after KILL_GRACE."""
+        runner.ask_to_stop(rec.pgid)
         self.kill_at[rec.key] = now + KILL_GRACE
 
     # -- finishing -----------------------------------------------------------------------------------
@@ -222,8 +221,7 @@ class Supervisor(Recording, Owner):
         self._note_in_records([rec for rec in self.owned.values() if rec.pid], stopping=why)
         for rec in self.owned.values():
             if rec.pid:
-                runner.signal_group(rec.pgid, signal.SIGTERM)
-                runner.signal_group(rec.pgid, signal.SIGCONT)
+                runner.ask_to_stop(rec.pgid)
         deadline = time.time() + KILL_GRACE
         for rec in self.owned.values():
             if rec.pid:
