@@ -8,9 +8,6 @@ a bad one raises SettingsError with one line naming the setting, where it came f
 from __future__ import annotations
 
 import os
-import posixpath
-import shlex
-import string
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -19,9 +16,9 @@ from typing import Any, Callable, Mapping
 
 import yaml
 
-from aipm import agents
+from aipm import settingvalues as values
 from aipm.errors import SettingsError
-from aipm.fields import MAX_COUNT, MAX_TIMEOUT, WORKSPACES, copy_globs
+from aipm.fields import copy_globs
 from aipm.store import DuplicateKey, load_yaml
 
 
@@ -60,191 +57,31 @@ class Settings:
 SETTING_NAMES = tuple(f.name for f in fields(Settings) if f.name != "sources")
 
 
-# -- converters: a raw value (from YAML, TOML, the environment or a flag) -> a typed value, or ValueError ----------
-
-
-def _number(value: Any, kind: type) -> Any:
-    """`value` as an int or float, from a number or a string; None when it is neither (booleans are not numbers)."""
-    if isinstance(value, bool) or not isinstance(value, (str, int) if kind is int else (str, int, float)):
-        return None
-    if isinstance(value, str) and not value.isascii():  # int() would read "٣" (Arabic-Indic three) as 3
-        return None
-    try:
-        return kind(value.strip() if isinstance(value, str) else value)
-    except ValueError:
-        return None
-
-
-def _integer(minimum: int, what: str, maximum: int | None = MAX_COUNT) -> Callable[[Any], int]:
-    def convert(value: Any) -> int:
-        number = _number(value, int)
-        if number is None or number < minimum:
-            raise ValueError(f"{value!r} is not a {what} integer")
-        if maximum is not None and number > maximum:
-            raise ValueError(f"{value!r} is more than the maximum {maximum}")
-        return number
-
-    return convert
-
-
-_positive, _non_negative = _integer(1, "positive"), _integer(0, "non-negative")
-_seconds = _integer(1, "positive", maximum=None)  # the timeout has its own maximum and message
-
-
-def _percent(value: Any) -> float:
-    number = _number(value, float)
-    if number is None or not 0 < number <= 100:  # NaN fails this test too
-        raise ValueError(f"{value!r} is not a percentage above 0 and at most 100")
-    return number
-
-
-_TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-
-
-def _boolean(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower() if isinstance(value, (str, int)) else None
-    if text in _TRUE or text in _FALSE:
-        return text in _TRUE
-    raise ValueError(f"{value!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
-
-
-def _timeout(value: Any) -> int | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
-        return None
-    try:
-        seconds = _seconds(value)
-    except ValueError:
-        raise ValueError(f"{value!r} is not a positive number of seconds or none") from None
-    if seconds > MAX_TIMEOUT:
-        raise ValueError(f"{seconds} is more than the maximum {MAX_TIMEOUT} seconds (a week); or say none")
-    return seconds
-
-
-def _text(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{value!r} is not a non-empty string")
-    return value
-
-
-def _orders_dir(value: Any) -> str:
-    """A directory inside the project, written relative to its root: orders are version-controlled with it, and
-    every order path (locks, the audit, the view) is taken relative to the root."""
-    text = _text(value)
-    parts = posixpath.normpath(text.replace(os.sep, "/")).split("/")
-    if os.path.isabs(text) or parts[0] == "..":
-        raise ValueError(f"{text!r} is outside the project; give a directory relative to the project root")
-    return text
-
-
-def _argv(value: Any) -> tuple[str, ...]:
-    """A command as argv: a list of strings, or a string split like a shell would."""
-    if isinstance(value, str):
-        try:
-            value = shlex.split(value)
-        except ValueError as exc:
-            raise ValueError(f"{value!r} cannot be split into arguments: {exc}") from None
-    if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
-        raise ValueError(f"{value!r} is not a command (a non-empty list of strings, or a string)")
-    return tuple(value)
-
-
-# What aipm fills into worker.command: the worker module formats the template with exactly these.
-PLACEHOLDERS = ("model", "task_id", "order_id", "prompt_file")
-
-
-def _fields(text: str, inner: bool = False):
-    """The placeholders in a format string, each as (name, whether it is nested in a format spec: `{model:{x}}`)."""
-    for _, name, spec, _ in string.Formatter().parse(text):
-        if name is not None:
-            yield name, inner
-            yield from _fields(spec or "", True)
-
-
-def _template(value: Any) -> tuple[str, ...]:
-    """worker.command: an argv whose only placeholders are PLACEHOLDERS, so a typo fails every command (exit 2)
-    rather than each launch of a task that uses it."""
-    argv = _argv(value)
-    for part in argv:
-        try:
-            found = list(_fields(part))
-            unknown = next((name for name, _ in found if name not in PLACEHOLDERS), None)
-            # A spec made of a value (`{task_id:{model}}`) is a bad one for most values: no check here could pass it.
-            inner = next((name for name, nested in found if nested), None)
-            if unknown is None and inner is None:
-                part.format(**dict.fromkeys(PLACEHOLDERS, ""))  # a format spec no string takes (`{model:d}`)
-        except ValueError as exc:  # a lone brace, or that spec
-            raise ValueError(f"{part!r}: {exc}; write {{{{ and }}}} for literal braces") from None
-        if unknown is not None:
-            raise ValueError(f"bad placeholder {{{unknown}}} in {part!r}; use {{model}}, {{task_id}}, {{order_id}} "
-                             "or {prompt_file}")
-        if inner is not None:
-            raise ValueError(f"{{{inner}}} in a format spec in {part!r}; write each placeholder on its own")
-    return argv
-
-
-def _runner(value: Any) -> str:
-    if value not in ("local", "ray"):
-        raise ValueError(f"{value!r} is not a runner; use local or ray")
-    return value
-
-
-def _workspace(value: Any) -> str:
-    if value in WORKSPACES:
-        return value
-    raise ValueError(f"{value!r} is not one of {', '.join(WORKSPACES)}")
-
-
-def _review(value: Any) -> str | tuple[str, ...] | None:
-    """A review command: null (no review), a string (run by the shell) or a list (argv)."""
-    if value is None or isinstance(value, str) and value.strip():
-        return value
-    if isinstance(value, list):
-        return _argv(value)
-    raise ValueError(f"{value!r} is not a command (a string, a list of strings, or null)")
-
-
-def _agent(value: Any) -> str:
-    if value not in agents.NAMES:
-        raise ValueError(f"{value!r} is not one of {', '.join(agents.NAMES)}")
-    return value
-
-
-def _budget(value: Any) -> float | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
-        return None
-    number = _number(value, float)
-    if number is None or not 0 < number < float("inf"):
-        raise ValueError(f"{value!r} is not a positive number of US dollars or none")
-    return number
-
-
 # Keys as written in aipm.yaml (dotted = nested) -> converter. The Settings field is the key with "." -> "_".
 _KEYS: dict[str, Callable[[Any], Any]] = {
-    "max_workers": _positive,
-    "max_cpu_percent": _percent,
-    "max_memory_percent": _percent,
-    "enable_monitoring": _boolean,
-    "enable_auto_scaling": _boolean,
-    "max_attempts": _positive,
-    "max_rework": _non_negative,
-    "timeout": _timeout,
-    "orders_dir": _orders_dir,
-    "worker.command": _template,
-    "worker.model": _text,
-    "review.command": _review,
-    "scope_audit": _boolean,
-    "scope_watch": _boolean,
-    "runner": _runner,
-    "ray.address": _text,
-    "worker.agent": _agent,
-    "max_cost_usd": _budget,
-    "notify": _review,  # same shape as a review command: null, a string (shell) or a list (argv)
-    "preempt": _boolean,
-    "confine": _boolean,
-    "workspace": _workspace,
-    "workspace_setup": _review,
+    "max_workers": values.positive,
+    "max_cpu_percent": values.percent,
+    "max_memory_percent": values.percent,
+    "enable_monitoring": values.boolean,
+    "enable_auto_scaling": values.boolean,
+    "max_attempts": values.positive,
+    "max_rework": values.non_negative,
+    "timeout": values.timeout,
+    "orders_dir": values.orders_dir,
+    "worker.command": values.template,
+    "worker.model": values.text,
+    "review.command": values.review,
+    "scope_audit": values.boolean,
+    "scope_watch": values.boolean,
+    "runner": values.runner,
+    "ray.address": values.text,
+    "worker.agent": values.agent,
+    "max_cost_usd": values.budget,
+    "notify": values.review,  # same shape as a review command: null, a string (shell) or a list (argv)
+    "preempt": values.boolean,
+    "confine": values.boolean,
+    "workspace": values.workspace,
+    "workspace_setup": values.review,
     "workspace_copy": copy_globs,
 }
 _FIELD_KEYS = {key.replace(".", "_"): key for key in _KEYS}

@@ -19,7 +19,7 @@ from aipm.liveness import process_alive
 from aipm.logbook import Tail, parse
 from aipm.record import Record
 from aipm.runtime import Runtime
-from aipm.settings import _number
+from aipm.settingvalues import number
 
 BACKLOG = 200  # lines of each running worker's log a page gets when it connects
 # Seconds between comment lines that keep an idle stream open through proxies (AIPM_UI_KEEPALIVE overrides).
@@ -32,7 +32,7 @@ def keepalive() -> float:
     text = os.environ.get("AIPM_UI_KEEPALIVE") or ""
     if not text:
         return KEEPALIVE
-    seconds = _number(text, float)
+    seconds = number(text, float)
     if seconds is None or not 0 < seconds < float("inf"):
         raise UserError(f"AIPM_UI_KEEPALIVE: {text!r} is not a positive number of seconds")
     return seconds

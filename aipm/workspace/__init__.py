@@ -30,7 +30,8 @@ from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm import writtenlog
 from aipm.scope import out_of_scope
-from aipm.settings import WORKSPACES, Settings
+from aipm.fields import WORKSPACES
+from aipm.settings import Settings
 from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
 from aipm.workspace.places import (component, merge_dir, patch_path, refname, relative, scratch, seam,
                                    worktree_path)
