@@ -33,6 +33,7 @@ class Record:
     phase: str = "work"  # "work" or "review"
     deadline: float | None = None  # wall-clock time after which the worker's group is killed
     scope_allowed: list[str] = field(default_factory=list)  # targets of tasks running when it started
+    head: list = field(default_factory=list)  # a shared-tree attempt: HEAD as it started (commits.at_start)
     cpus: float = 0.0  # the task's declared resources, counted against this machine's capacity
     memory_mb: int = 0
     # The attempt's number over the task's whole life (names its log and exit file); `attempt` is the task

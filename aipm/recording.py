@@ -14,7 +14,8 @@ import os
 import signal
 from pathlib import Path
 
-from aipm import agents, confine, notify, outcome, recovery, runner, scope, unrecorded, workspace, writer, writtenlog
+from aipm import (agents, commits, confine, notify, outcome, recovery, runner, scope, unrecorded, workspace, writer,
+                  writtenlog)
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
 from aipm.launcher import Launcher
@@ -253,6 +254,7 @@ class Recording:
         append_log(rec.log, f"attempt {rec.serial} ended: {describe_exit(code, timed_out, timeout)}")
         if rec.workspace:
             confine.tidy(rec.log)  # before the end capture: an empty file made for a rule is no change of its own
+        commit = None if rec.workspace else commits.committed_during(self.rt.root, rec)
         spent = self._usage(rec, task, event)
         message = None
         ok = code == 0 and not timed_out
@@ -262,8 +264,11 @@ class Recording:
                                 "again)")
         if not ok and rec.workspace:
             append_log(rec.log, workspace.keep(self.rt.root, rec))
+        # `git status` no longer shows what was committed: the commits' files count as the attempt's writes (None:
+        # its start noted no HEAD, an attempt started by an older aipm).
+        in_commits = commit[2] if commit else set() if rec.head else None
         try:
-            outside = self._scope_findings(rec) if ok and not decided else []
+            outside = self._scope_findings(rec, in_commits) if ok and not decided else []
         except workspace.NotCaptured as exc:  # no review can judge what is not captured: a failed try
             append_log(rec.log, str(exc))
             return self._write(task, {**after_work(task, code, self.settings, False, outcome.one_line(str(exc)),
@@ -357,9 +362,9 @@ class Recording:
             return f"merge failed, nothing of this attempt was merged: {exc}"
         return None
 
-    def _scope_findings(self, rec: Record) -> list[str]:
-        """Paths the worker changed that neither it nor any task running alongside it may write (a worktree
-        task: that it changed outside its own targets, exactly)."""
+    def _scope_findings(self, rec: Record, in_commits: set[str] | None) -> list[str]:
+        """Paths the worker changed or committed (`in_commits`, see scope.findings) that neither it nor any task
+        running alongside it may write (a worktree task: that it changed outside its own targets, exactly)."""
         if rec.workspace:
             return workspace.outside_targets(self.rt.root, rec)
 
@@ -373,7 +378,8 @@ class Recording:
             return [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *task_files,
                     *writtenlog.written_since(self.rt, since_ns)]
 
-        return writtenlog.not_own_output(self.rt.root, scope.findings(self.rt.root, rec.scope_file, allowed))
+        return writtenlog.not_own_output(self.rt.root, scope.findings(self.rt.root, rec.scope_file, allowed,
+                                                                      in_commits))
 
     def _start_review(self, rec: Record, task: Task) -> None:
         command = review_command(task, self.settings, self.launcher.options.no_review)

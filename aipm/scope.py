@@ -3,8 +3,10 @@
 Before a worker starts, `snapshot(root)` records every dirty or untracked path of the git work tree (one
 `git status` call) with a cheap fingerprint (size, mtime_ns). When the worker ends, a second snapshot is taken and
 `changed(before, after)` gives the paths that appeared, disappeared (reverted to clean or deleted) or whose
-fingerprint moved, so a file that was already dirty and was written again is seen too. `out_of_scope(paths,
-allowed)` names the ones no allowed target covers; a non-empty answer fails the review with those paths named.
+fingerprint moved, so a file that was already dirty and was written again is seen too; the files of the commits
+made meanwhile count as well (`findings`' `in_commits`, from commits.py): `git status` no longer shows them.
+`out_of_scope(paths, allowed)` names the ones no allowed target covers; a non-empty answer fails the review with
+those paths named.
 
 Limits, by design: files ignored by git are invisible (build output, caches, the runtime directory `.aipm/`, which
 is also skipped explicitly); a file written and restored to its exact prior state between snapshots is not seen.
@@ -259,9 +261,13 @@ def load(path: Path) -> Snapshot | Watched | None:
     return snap
 
 
-def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target | str]]) -> list[str]:
+def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target | str]],
+             in_commits: set[str] | None = None) -> list[str]:
     """Sorted paths that the attempt whose start is saved at `path` changed and that nothing in
-    `allowed(since_ns)` covers (the targets of every task that may write meanwhile, given the moment it began)."""
+    `allowed(since_ns)` covers (the targets of every task that may write meanwhile, given the moment it began).
+    `in_commits`: the paths committed during the attempt (commits.py), which `git status` no longer shows and a
+    window of events may not hold (a file dirty before it began, swept into a commit); None when its start did
+    not note HEAD (an attempt of an older aipm): a snapshot's own HEAD then tells."""
     path = os.fspath(path)
     watch = _WATCHES.get(real_root(root))
     # Our own window is kept here, not read back from its file: a worker may have cleaned the file away.
@@ -272,7 +278,8 @@ def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target 
             after = snapshot(root)
             if after is None:
                 return []
-            return out_of_scope(changed(start, after) | committed(root, start.head, after.head), allowed(start.taken_ns))
+            made = in_commits if in_commits is not None else committed(root, start.head, after.head)
+            return out_of_scope(changed(start, after) | made, allowed(start.taken_ns))
         if start is None:
             return []
         since = start.taken_ns
@@ -284,11 +291,13 @@ def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target 
             return []
         touched = {p: _UNSEEN for p in after}
         writers_since -= CTIME_SLACK_NS  # a write that recent counts as in the window: so does its writer
-    if not touched:
+    in_commits = in_commits or set()
+    if not touched and not in_commits:
         return []
     covered = allowed(writers_since)
     bad = out_of_scope({p for p in touched if not p.endswith("/")}, covered)
     bad = [p for p in bad if _changed_since(f"{real_root(root)}/{p}", touched[p], since)]
+    bad += out_of_scope(in_commits - set(bad), covered)  # changed by a commit of the window, whatever their inode says
     # A directory moved away (one made in the window and moved on is no change: its files count by name).
     bad += [p for p in touched if p.endswith("/") and touched[p] != CREATED and not _dir_covered(p[:-1], covered)]
     ignored = _ignored(real_root(root), bad)

@@ -14,7 +14,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from aipm import confine, locks, restore, runner, scope, workspace, writer
+from aipm import commits, confine, locks, restore, runner, scope, workspace, writer
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
 from aipm.model import Order, Status, Task
@@ -77,8 +77,10 @@ class Starter:
             exact = confined and confine.exact(task.target_files)
             if worktree:
                 rec.workspace = workspace.prepare(self.project.root, rec, task, self.settings)
-            elif self.settings.scope_audit and not self.options.no_review and task.targets and not exact:
-                self._scope_before(rec, ours=owner is not None)
+            else:
+                rec.head = commits.at_start(self.project.root)  # before its command may begin (commits.py)
+                if self.settings.scope_audit and not self.options.no_review and task.targets and not exact:
+                    self._scope_before(rec, ours=owner is not None)
             # The record is written once the worker exists and the round's statuses are durable; a crash before
             # that leaves IN_PROGRESS with no record, which recovery re-queues.
             try:

@@ -1,0 +1,142 @@
+"""Commits made in the shared tree while tasks run (aipm/commits.py): audited as the attempt's writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aipm import commits
+from aipm.record import Record
+from conftest import wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+
+COMMIT = "git -c user.name=w -c user.email=w@w commit -qm agent"
+
+
+def git(root: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=root, check=True, capture_output=True, text=True).stdout.strip()
+
+
+def project(tmp_path: Path, tasks: dict, settings: str = "max_rework: 0\n") -> tuple[Path, Path]:
+    """A git repository with an order of `tasks`; `gate/` (where the workers signal each other) is ignored."""
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (root / "src").mkdir()
+    (root / "aipm.yaml").write_text(settings)
+    (root / ".gitignore").write_text("gate/\n")
+    (root / "src" / "a.py").write_text("a = 0\n")
+    (root / "src" / "b.py").write_text("b = 0\n")
+    for tid, body in tasks.items():
+        (order / f"{tid}.yaml").write_text(yaml.safe_dump(body))
+    git(root, "init", "-q")
+    git(root, "add", "-A")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    return root, order
+
+
+def run(root: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD",
+                           "--no-resource-monitoring", *args], capture_output=True, text=True, timeout=120,
+                          env=env)
+
+
+def statuses(order: Path) -> dict[str, str]:
+    return {p.stem: yaml.safe_load(p.read_text())["status"] for p in order.glob("*.yaml")}
+
+
+# -- the scope audit ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
+def test_a_dirty_file_swept_into_a_commit_is_out_of_scope_either_way(tmp_path, watch):
+    """A person's uncommitted notes.txt, swept into the worker's `git add -A` commit: the audit by snapshots
+    (`scope_watch: false`) sent the task back, the audit by events passed it (the worker never wrote the file).
+    Committing it is the worker's doing: both send it back now."""
+    root, order = project(tmp_path, {"T": {"command": f"echo 'a = 1' > src/a.py && git add -A && {COMMIT}",
+                                           "target_files": ["src/a.py"]}},
+                          f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
+    (root / "notes.txt").write_text("a person's notes\n")
+    proc = run(root, "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert statuses(order) == {"T": "REJECTED"}
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["scope"] for e in events if e.get("scope")] == [["notes.txt"]]
+
+
+def test_a_commit_does_not_hide_a_write_from_the_audit_of_an_adopted_attempt(tmp_path):
+    """The run that started T is SIGKILLed after T wrote README.md (outside its targets) and committed it; a
+    second run adopts T without the first run's events, and its audit falls back to `git status`, which is
+    clean: T passed. The commits since its start count as its writes."""
+    root, order = project(tmp_path, {"T": {
+        "command": f"echo more >> README.md && git add README.md && {COMMIT} README.md && mkdir -p gate && "
+                   "touch gate/committed && until [ -e gate/go ]; do sleep 0.02; done",
+        "target_files": ["src/a.py"]}})
+    first = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD",
+                              "--no-resource-monitoring"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (root / "gate" / "committed").exists())
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    (root / "gate" / "go").touch()
+    proc = run(root, "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert statuses(order) == {"T": "REJECTED"}
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["scope"] for e in events if e.get("scope")] == [["README.md"]]
+
+
+# -- reading HEAD from .git's files ---------------------------------------------------------------------------
+
+
+def test_head_is_read_from_loose_and_packed_refs_detached_and_in_a_linked_worktree(tmp_path):
+    root, _ = project(tmp_path, {})
+    head = git(root, "rev-parse", "HEAD")
+    start = commits.at_start(root)
+    assert start[:2] == [head, "refs/heads/" + git(root, "symbolic-ref", "--short", "HEAD")]
+    assert commits.moved(root, start) is None
+    git(root, "pack-refs", "--all")  # the branch's loose ref goes: the ref files changed, HEAD did not
+    assert commits.moved(root, start) is None
+    packed = commits.at_start(root)
+    assert packed[0] == head
+    (root / "new.txt").write_text("x\n")
+    git(root, "add", "new.txt")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "next")
+    assert commits.moved(root, packed) == (head, git(root, "rev-parse", "HEAD"))
+    git(root, "checkout", "-q", "--detach", head)
+    assert commits.at_start(root)[:2] == [head, ""]
+    git(root, "worktree", "add", "-q", "--detach", str(tmp_path / "linked"), head)
+    linked = commits.at_start(tmp_path / "linked")
+    assert linked[:2] == [head, ""]
+    (tmp_path / "linked" / "l.txt").write_text("l\n")
+    git(tmp_path / "linked", "add", "l.txt")
+    git(tmp_path / "linked", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "linked")
+    assert commits.moved(tmp_path / "linked", linked) == (head, git(tmp_path / "linked", "rev-parse", "HEAD"))
+    assert commits.moved(root, commits.at_start(root)) is None  # the main tree's HEAD did not move
+
+
+def test_what_a_worker_leaves_in_head_is_no_option_and_no_wait(tmp_path):
+    """.git/HEAD is the worker's to write: text that is no commit id never reaches git's command line (an
+    `--output=` would write a file), and a FIFO there is not waited for (the end is read under the launch lock)."""
+    root, _ = project(tmp_path, {})
+    start = commits.at_start(root)
+    head = root / ".git" / "HEAD"
+    head.write_text(f"--output={tmp_path / 'written'}\n")
+    assert commits.moved(root, start) == (start[0], "")
+    rec = Record(order="ORD", order_dir=str(root / "orders" / "ORD"), task="T", task_file="", attempt=1,
+                 targets=[], log="", exit_file="", started_at="", head=start)
+    assert commits.committed_during(root, rec) == (start[0], "", set())
+    assert not (tmp_path / "written").exists()
+    head.unlink()
+    os.mkfifo(head)
+    assert commits.at_start(root)[:2] == ["", ""]
