@@ -1,22 +1,35 @@
 """Commits made in the shared work tree while an attempt ran.
 
-An agent often ends with `git add -A && git commit` (or `git commit -am`). Each shared-tree attempt notes HEAD
-as it starts (`at_start`: read from .git's files, no git process; nothing outside a git work tree), and its end
-compares (`moved`): when the ref files' inode, size and mtime are as they were, no commit happened, and that
-costs a few stats and no git. Only when HEAD moved does one `git diff` name the files (scope.committed). The
-scope audit treats them as the attempt's writes (recording.py): `git status` no longer shows what was committed.
+An agent often ends with `git add -A && git commit` (or `git commit -am`). In the shared tree that sweeps into
+its commit the half-written files of the tasks still running beside it, and files outside its own targets. Each
+shared-tree attempt notes HEAD as it starts (`at_start`: read from .git's files, no git process; nothing outside
+a git work tree), and its end compares (`moved`): when the ref files' inode, size and mtime are as they were, no
+commit happened, and that costs a few stats and no git. Only when HEAD moved does one `git diff` name the files
+(scope.committed), and `notice` says which of them lie outside the attempt's targets, and whose they are.
+
+Which worker committed is not known (git records no process, and nothing else ties a commit to one): the notice
+names every task that ran at some moment of the attempt, the one whose end it is first. The scope audit treats
+the committed files as the attempt's writes (recording.py): `git status` no longer shows what was committed.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import re
 import subprocess
+from collections.abc import Iterable
 from pathlib import Path
 
+from aipm import writtenlog
+from aipm.errors import UserError
 from aipm.gitstatus import git_env, real_root
+from aipm.model import Task
+from aipm.paths import Target
 from aipm.record import Record
-from aipm.scope import committed
+from aipm.runtime import Runtime
+from aipm.scope import committed, out_of_scope
+from aipm.store import load_task, task_files
 from aipm.workerfiles import reading
 
 _DIRS: dict[str, tuple[str, str] | None] = {}  # real root -> (git dir, common dir), or None outside a work tree
@@ -42,6 +55,65 @@ def moved(root: Path, start: list) -> tuple[str, str] | None:
         return None  # git replaces a ref file (lock file, rename) whenever it moves it
     new = _resolve(root, *dirs)[0]
     return (old, new) if new != old else None
+
+
+def notice(rt: Runtime, rec: Record, old: str, new: str, paths: set[str]) -> tuple[str, dict]:
+    """The line (for the task's log and run's output) and the `committed` event of an attempt during which HEAD
+    moved from `old` to `new`, `paths` changed by those commits."""
+    records = [r for r in rt.records() if r.key != rec.key and r.alive()]
+    beside = [(r.key, r.targets, "running") for r in records]  # first: a task may have ended and started again
+    beside += [(f"{rec.order}/{t.id}", t.targets, "ended") for t in _ended_since(rt, rec)]
+    name = {key: key.split("/", 1)[1] if key.startswith(rec.order + "/") else key for key, _, _ in beside}
+    running = [rec.task, *sorted(set(name.values()))]
+    aipms = [f for r in [rec, *records] for f in writtenlog.order_files(rt.root, r.order_dir)]
+    swept = []
+    for path in out_of_scope(paths, rec.targets):
+        whose = next(((name[key], state) for key, targets, state in beside if _covers(targets, path)), None)
+        if whose is None:
+            whose = (None, "task_file" if _covers(aipms, path) else "none")
+        swept.append({"path": path, "task": whose[0], "state": whose[1]})
+    text = (f"HEAD moved {_short(old)} → {_short(new)} during attempt {rec.serial} (running then: "
+            f"{', '.join(running)}); ")
+    text += ("swept in: " + ", ".join(f"{s['path']} ({_SAYS[s['state']].format(task=s['task'])})" for s in swept)
+             if swept else "every committed file is among its targets")
+    event = {"event": "committed", "order": rec.order, "task": rec.task, "attempt": rec.serial, "from": old or None,
+             "to": new, "running": running, "swept_in": swept, "detail": text}
+    return text, event
+
+
+_SAYS = {"running": "target of {task}, still running", "ended": "target of {task}, ended",
+         "task_file": "a task file aipm writes", "none": "no running task's target"}
+
+
+def _covers(targets: Iterable[Target | str], path: str) -> bool:
+    return not out_of_scope({path}, targets)
+
+
+def _ended_since(rt: Runtime, rec: Record) -> list[Task]:
+    """The tasks of `rec`'s order that ended since its attempt started: they ran beside it (a task of another
+    order that ended meanwhile is not known here; running ones are, by their records)."""
+    since = _when(rec.started_at)
+    found = []
+    for path in task_files(Path(rec.order_dir)) if since is not None else ():
+        try:
+            task = load_task(path, rt.root)
+        except (UserError, OSError):
+            continue  # broken or gone meanwhile: the run's view reports it
+        ended = _when(task.finished_at)
+        if task.id != rec.task and ended is not None and ended >= since:  # stamped to the second: kept if equal
+            found.append(task)
+    return found
+
+
+def _when(stamp: str | None) -> dt.datetime | None:
+    try:
+        return dt.datetime.fromisoformat(stamp) if stamp else None
+    except ValueError:
+        return None
+
+
+def _short(oid: str) -> str:
+    return oid[:10] if oid else "(no commit)"
 
 
 def committed_during(root: Path, rec: Record) -> tuple[str, str, set[str]] | None:

@@ -255,6 +255,10 @@ class Recording:
         if rec.workspace:
             confine.tidy(rec.log)  # before the end capture: an empty file made for a rule is no change of its own
         commit = None if rec.workspace else commits.committed_during(self.rt.root, rec)
+        if commit is not None:  # said, not judged: only the scope audit below may send the task back for it
+            text, note = commits.notice(self.rt, rec, *commit)
+            append_log(rec.log, text)
+            self.outbox.append(note)
         spent = self._usage(rec, task, event)
         message = None
         ok = code == 0 and not timed_out

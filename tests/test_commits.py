@@ -1,4 +1,4 @@
-"""Commits made in the shared tree while tasks run (aipm/commits.py): audited as the attempt's writes."""
+"""Commits made in the shared tree while tasks run (aipm/commits.py): said at the task's end, audited as writes."""
 
 from __future__ import annotations
 
@@ -54,6 +54,97 @@ def statuses(order: Path) -> dict[str, str]:
     return {p.stem: yaml.safe_load(p.read_text())["status"] for p in order.glob("*.yaml")}
 
 
+# T1 commits everything (`git add -A`) while T2 has written half of its file and waits: T2's half-written
+# src/b.py goes into T1's commit.
+SWEEP = {
+    "T1": {"command": f"until [ -e gate/b_started ]; do sleep 0.02; done; echo 'a = 1' > src/a.py && "
+                      f"git add -A && {COMMIT} && touch gate/t1_committed", "target_files": ["src/a.py"]},
+    "T2": {"command": "echo 'b = half' > src/b.py; mkdir -p gate; touch gate/b_started; "
+                      "until [ -e gate/t1_committed ]; do sleep 0.02; done; echo 'b = 1' > src/b.py",
+           "target_files": ["src/b.py"]},
+}
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
+def test_a_commit_that_sweeps_in_a_running_tasks_file_is_said_not_failed(tmp_path, watch):
+    """Two tasks in the shared tree; T1 ends with `git add -A && git commit` while T2 is half-way. aipm said
+    nothing. Now T1's end says HEAD moved, from and to which commit, who was running, and that T2's file (and
+    the task files aipm writes) were swept in; a warning: both are DONE (the scope audit allows what a task
+    running beside it may write)."""
+    root, order = project(tmp_path, SWEEP, f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
+    before = git(root, "rev-parse", "HEAD")
+    proc = run(root, "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert statuses(order) == {"T1": "DONE", "T2": "DONE"}
+    after = git(root, "rev-parse", "HEAD")
+    assert git(root, "show", "HEAD:src/b.py") == "b = half"  # what the sweep is: a half-written file committed
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert not [e for e in events if e.get("scope")]
+    said = {e["task"]: e for e in events if e["event"] == "committed"}
+    assert said["T1"]["from"] == before and said["T1"]["to"] == after
+    assert said["T1"]["running"] == ["T1", "T2"]
+    assert said["T1"]["swept_in"] == [
+        {"path": "orders/ORD/T1.yaml", "task": None, "state": "task_file"},
+        {"path": "orders/ORD/T2.yaml", "task": None, "state": "task_file"},
+        {"path": "src/b.py", "task": "T2", "state": "running"}]
+    # T2's run saw the same commit: from its side, T1's file came in, T1 having ended.
+    assert said["T2"]["running"] == ["T2", "T1"]
+    assert {"path": "src/a.py", "task": "T1", "state": "ended"} in said["T2"]["swept_in"]
+    # Said before the attempt's `finished`, and in the task's log, one line.
+    kinds = [(e["event"], e.get("task")) for e in events]
+    assert kinds.index(("committed", "T1")) < kinds.index(("finished", "T1"))
+    line = [x for x in (root / ".aipm" / "logs" / "ORD" / "T1.1.log").read_text().splitlines() if "HEAD moved" in x]
+    assert len(line) == 1
+    assert f"HEAD moved {before[:10]} → {after[:10]} during attempt 1 (running then: T1, T2)" in line[0]
+    assert line[0].endswith("src/b.py (target of T2, still running)")
+
+
+def test_the_plain_output_says_it_in_one_line(tmp_path):
+    root, order = project(tmp_path, SWEEP)
+    proc = run(root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    lines = [x for x in proc.stdout.splitlines() if x.startswith("commit   T1: ")]
+    assert len(lines) == 1, proc.stdout
+    assert "(running then: T1, T2); swept in: " in lines[0]
+    assert "src/b.py (target of T2, still running)" in lines[0]
+
+
+def test_a_commit_of_its_own_targets_flags_nothing_and_no_commit_costs_no_git(tmp_path):
+    """T1 commits only its own file; T2 (after it) commits nothing. T1's end says HEAD moved with nothing swept
+    in; T2's says nothing at all, and finding that out ran no git (one `git diff`, for T1's commit)."""
+    root, order = project(tmp_path, {
+        "T1": {"command": f"echo 'a = 1' > src/a.py && git add src/a.py && {COMMIT} src/a.py",
+               "target_files": ["src/a.py"]},
+        "T2": {"command": "echo 'b = 1' > src/b.py", "target_files": ["src/b.py"], "depends_on": ["T1"]}})
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    calls = tmp_path / "git-calls"
+    (shim / "git").write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexec {shutil.which("git")} "$@"\n')
+    (shim / "git").chmod(0o755)
+    proc = run(root, "--json", env=dict(os.environ, PATH=f"{shim}:{os.environ['PATH']}"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert statuses(order) == {"T1": "DONE", "T2": "DONE"}
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    said = [e for e in events if e["event"] == "committed"]
+    assert [(e["task"], e["swept_in"]) for e in said] == [("T1", [])]
+    assert said[0]["detail"].endswith("every committed file is among its targets")
+    assert not [e for e in events if e.get("scope")]
+    ours = [c for c in calls.read_text().splitlines() if " diff " in f" {c} " or "rev-parse -q --verify" in c]
+    assert len(ours) == 1, ours
+    assert "HEAD moved" not in (root / ".aipm" / "logs" / "ORD" / "T2.1.log").read_text()
+
+
+def test_nothing_is_said_outside_a_git_work_tree(tmp_path, monkeypatch):
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))
+    order = tmp_path / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (order / "T.yaml").write_text(yaml.safe_dump({"command": "echo a > a.txt", "target_files": ["a.txt"]}))
+    assert commits.at_start(tmp_path) == [] and commits.moved(tmp_path, []) is None
+    proc = run(tmp_path, "--json", env=dict(os.environ, GIT_CEILING_DIRECTORIES=str(tmp_path)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert not [line for line in proc.stdout.splitlines() if json.loads(line)["event"] == "committed"]
+
+
 # -- the scope audit ------------------------------------------------------------------------------------------
 
 
@@ -71,6 +162,8 @@ def test_a_dirty_file_swept_into_a_commit_is_out_of_scope_either_way(tmp_path, w
     assert statuses(order) == {"T": "REJECTED"}
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["scope"] for e in events if e.get("scope")] == [["notes.txt"]]
+    swept = next(e for e in events if e["event"] == "committed")["swept_in"]
+    assert {"path": "notes.txt", "task": None, "state": "none"} in swept
 
 
 def test_a_commit_does_not_hide_a_write_from_the_audit_of_an_adopted_attempt(tmp_path):
@@ -94,6 +187,8 @@ def test_a_commit_does_not_hide_a_write_from_the_audit_of_an_adopted_attempt(tmp
     assert statuses(order) == {"T": "REJECTED"}
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["scope"] for e in events if e.get("scope")] == [["README.md"]]
+    assert [e["swept_in"] for e in events if e["event"] == "committed"] == [
+        [{"path": "README.md", "task": None, "state": "none"}]]
 
 
 # -- reading HEAD from .git's files ---------------------------------------------------------------------------

@@ -30,6 +30,7 @@ LINES = {
     "interrupted": "stopped  {why}; {stopped}",
     "restored": "restore  {task} → {status}: its file said {was} while its worker ran{not_cancel}",
     "gone":     "gone     {task}: its file was deleted while it ran; exit {exit_code} kept in its log",
+    "committed": "commit   {task}: {detail}",
     "summary": "{order}: {counts}",
     "budget": "budget   {order}: {detail}",
     "preempted": "preempt  {task} for {for} (re-queued, attempt not counted)",
