@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
@@ -61,7 +62,7 @@ def _finish(sup: Supervisor, keys: list[str]) -> None:
     for key in keys:
         event = sup.handle(key)
         if event:
-            sup.outbox.append(event)
+            sup.outbox.append({**event, "time": round(time.time(), 3)})  # when it was recorded (see supervise)
 
 
 @contextmanager
@@ -283,10 +284,15 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 lost = False
                 recovery.read_lost_usage_ahead(sup.rt)
             with _round(sup, ready, first=first) as ended:  # one lock round per wake-up: finish, launch
+                said = len(sup.outbox)
                 early = _start_early(sup, launcher, view, only, recover, ended)
+                early_said = len(sup.outbox)
                 _finish(sup, ready)
                 if sup.unrecorded:
                     sup.retry_unrecorded()
+                # An early start takes the place of a worker whose outcome is recorded after it: said after that
+                # outcome, so the lines never show more workers at once than --max-workers.
+                sup.outbox[said:] = sup.outbox[early_said:] + sup.outbox[said:early_said]
                 report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False,
                                          recover=recover and early is None)
                 if early is not None:

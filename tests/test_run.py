@@ -198,8 +198,9 @@ def test_a_broken_edit_mid_run_is_reported_and_ignored(project):
 @pytest.mark.parametrize("budget", [False, True])
 def test_the_next_task_starts_before_the_ended_ones_outcome_is_written_unless_a_budget_counts_it(project, budget):
     """One slot, no git (nothing to audit). When A ends, the independent B takes its place in the same wake-up,
-    before A's outcome is written (B's "started" comes before A's "finished"); A's dependant C starts only once A
-    is DONE. Under a budget the ended attempt's cost counts first: B starts only once A is recorded."""
+    before A's outcome is written (B's "started" time is before A's "finished" time; its line comes after A's, so
+    the lines never show two workers in one slot); A's dependant C starts only once A is DONE. Under a budget the
+    ended attempt's cost counts first: B starts only once A is recorded."""
     order = project.order()
     if budget:
         (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 100\n")
@@ -210,10 +211,32 @@ def test_the_next_task_starts_before_the_ended_ones_outcome_is_written_unless_a_
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     seen = [(e["event"], e.get("task")) for e in events if e["event"] in ("started", "finished")]
-    assert seen.index(("started", "B")) < seen.index(("finished", "A")) if not budget else \
-        seen.index(("finished", "A")) < seen.index(("started", "B"))
+    at = {(e["event"], e.get("task")): e["time"] for e in events if e["event"] in ("started", "finished")}
+    assert at[("started", "B")] < at[("finished", "A")] if not budget else \
+        at[("finished", "A")] <= at[("started", "B")]
+    assert seen.index(("finished", "A")) < seen.index(("started", "B")) < seen.index(("started", "C"))
     assert seen.index(("finished", "A")) < seen.index(("started", "C"))
     assert project.statuses() == {"A": "DONE", "B": "DONE", "C": "DONE"}
+
+
+def test_the_lines_of_a_run_never_show_more_workers_than_max_workers(project):
+    """Replayed in the order they are printed, `started` and `finished` never count more running workers than
+    --max-workers: an early start (the next task in an ended worker's place, before that outcome is written) is
+    said after the outcome it followed. A user saw three starts before any finish with --max-workers 2."""
+    order = project.order()
+    for i in range(8):
+        write_task(order, f"T{i}", command="sleep 0.05", target_files=[f"f{i}.txt"])
+    proc = project.aipm("run", "ORD", "--max-workers", "2", "--no-resource-monitoring", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    running: set[str] = set()
+    most = 0
+    for event in map(json.loads, proc.stdout.splitlines()):
+        if event["event"] == "started":
+            running.add(event["task"])
+        elif event["event"] == "finished":
+            running.discard(event["task"])
+        most = max(most, len(running))
+    assert most == 2, proc.stdout
 
 
 @pytest.mark.parametrize("case", ["done", "failed", "review"])
@@ -265,9 +288,9 @@ def test_an_ended_attempt_hands_its_files_on_before_its_outcome_is_written(proje
                target_files=["s.txt"], priority="P2")
     proc = project.aipm("run", "ORD", "--max-workers", "2", "--no-resource-monitoring", "--json")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    seen = [(e["event"], e.get("task")) for e in map(json.loads, proc.stdout.splitlines())
-            if e["event"] in ("started", "finished")]
-    assert seen.index(("started", "B")) < seen.index(("finished", "A")), seen
+    at = {(e["event"], e.get("task")): e["time"] for e in map(json.loads, proc.stdout.splitlines())
+          if e["event"] in ("started", "finished")}
+    assert at[("started", "B")] < at[("finished", "A")], at
     a, b = ([s for s in spans(journal) if s.task == t] for t in "AB")
     assert len(a) == 1 and len(b) == 1 and a[0].end <= b[0].start
     assert project.statuses() == {"A": "DONE", "B": "DONE"}

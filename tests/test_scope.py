@@ -547,8 +547,8 @@ def test_an_independent_task_starts_before_the_audit_of_the_one_that_ended_and_n
     statuses = {p.stem: yaml.safe_load(p.read_text())["status"] for p in order.glob("*.yaml")}
     assert statuses == {"FIRST": "DONE", "NEXT": "REJECTED"}
     assert [(e["task"], e["scope"]) for e in events if e.get("scope")] == [("NEXT", ["stray.txt"])]
-    seen = [(e["event"], e.get("task")) for e in events if e["event"] in ("started", "finished")]
-    assert seen.index(("started", "NEXT")) < seen.index(("finished", "FIRST")), seen
+    at = {(e["event"], e.get("task")): e["time"] for e in events if e["event"] in ("started", "finished")}
+    assert at[("started", "NEXT")] < at[("finished", "FIRST")], at
 
 
 @pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
