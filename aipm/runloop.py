@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -30,7 +31,10 @@ def all_done(order: Order) -> bool:
 
 
 class Stop:
-    """Turns SIGINT/SIGTERM into a readable descriptor, so the selector wakes and the loop stops cleanly."""
+    """Turns SIGINT/SIGTERM/SIGHUP into a readable descriptor, so the selector wakes and the loop stops cleanly.
+
+    SIGHUP (the terminal closed) stops the run as SIGTERM does: its workers run in sessions of their own and would
+    outlive it unsupervised, their successors never started. Under `nohup` (SIGHUP ignored) the run goes on."""
 
     def __init__(self, watcher: runner.Watcher):
         self.requested = False
@@ -39,12 +43,24 @@ class Stop:
         os.set_blocking(self._w, False)
         os.set_blocking(self._r, False)
         self._old_fd = signal.set_wakeup_fd(self._w)
-        self._old = {sig: signal.signal(sig, self._handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+        stopping = [signal.SIGINT, signal.SIGTERM]
+        if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+            stopping.append(signal.SIGHUP)
+        # Outputs a hang-up takes away (the terminal, a pipe to a reader that goes with it): the stop's own lines
+        # must not fail on them half-way.
+        self._hung_up = [fd for fd in (1, 2) if not _regular_file(fd)]
+        self._old = {sig: signal.signal(sig, self._handler) for sig in stopping}
         watcher.watch_fd(self._r, "signal")
 
     def _handler(self, signum, frame) -> None:
         self.requested = True
+        if signum == signal.SIGHUP:
+            null = os.open(os.devnull, os.O_WRONLY)
+            for fd in self._hung_up:
+                os.dup2(null, fd)
+            os.close(null)
         self.why = self.why or ("stopped by the user (Ctrl-C)" if signum == signal.SIGINT else
+                                "stopped: its terminal closed (SIGHUP)" if signum == signal.SIGHUP else
                                 f"stopped by {signal.Signals(signum).name}")
 
     def close(self) -> None:
@@ -53,6 +69,13 @@ class Stop:
             signal.signal(sig, handler)
         os.close(self._r)
         os.close(self._w)
+
+
+def _regular_file(fd: int) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 RESOURCE_RECHECK = 1.0  # seconds between load readings while launches are deferred

@@ -1,8 +1,10 @@
 """`aipm run`: a supervisor that runs an order to the end, survives SIGKILL and stops cleanly on SIGINT."""
 
 import json
+import os
 import signal
 import threading
+import time
 import subprocess
 import sys
 import pytest
@@ -373,6 +375,46 @@ def test_sigterm_of_exec_says_sigterm_and_not_that_the_task_can_start(project):
     task = project.json("status", "ORD")["tasks"][0]
     assert (task["status"], task["reason"]) == ("QUEUED", "interrupted: stopped by SIGTERM"), task
     assert "can start now" not in out + err and "Ctrl-C" not in out + err, out + err
+    assert no_workers(project.root)
+
+
+@pytest.mark.parametrize("nohup", [False, True], ids=["hang-up", "nohup"])
+def test_a_closed_terminal_stops_the_run_cleanly_unless_under_nohup(project, nohup):
+    """SIGHUP (the terminal closed) killed `run` on the spot: its worker ran on unsupervised (its own session),
+    its task stayed IN_PROGRESS and its dependant never started. Now it stops as SIGTERM does, its lines going
+    nowhere instead of failing on the dead terminal; with SIGHUP ignored (`nohup`) the run goes on."""
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a.txt"])
+    write_task(order, "B", command="true", target_files=["b.txt"], depends_on=["A"])
+    master, slave = os.openpty()
+    ignore = (lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if nohup else None
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                             "--no-resource-monitoring"], stdin=subprocess.DEVNULL, stdout=slave, stderr=slave,
+                            preexec_fn=ignore)
+    os.close(slave)
+    try:
+        wait_for(lambda: any(w["pgid"] for w in project.json("ps")["workers"]))
+        if not nohup:
+            os.close(master)  # the terminal is gone: a write to it fails from now on
+        proc.send_signal(signal.SIGHUP)
+        if nohup:
+            time.sleep(0.5)  # (the signal's chance to stop it, which it must not take)
+            assert proc.poll() is None
+            gate.touch()
+        code = proc.wait(timeout=60)
+    finally:
+        gate.touch()
+        proc.kill()
+        if nohup:
+            os.close(master)
+    if nohup:
+        assert code == 0 and project.statuses() == {"A": "DONE", "B": "DONE"}
+        return
+    assert code == 130
+    a = next(t for t in project.json("status", "ORD")["tasks"] if t["id"] == "A")
+    assert (a["status"], a["reason"]) == ("QUEUED", "interrupted: stopped: its terminal closed (SIGHUP)"), a
+    assert project.statuses()["B"] == "QUEUED"
     assert no_workers(project.root)
 
 
