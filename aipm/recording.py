@@ -281,7 +281,11 @@ class Recording:
             outside, message = [], str(exc)
         if outside:
             # Writing outside target_files fails the review, whatever the reviewer would say.
-            message = "scope audit: wrote outside target_files: " + ", ".join(outside)
+            # Said to the next attempt too (its prompt): a person or another process may have made the change,
+            # and an agent told it wrote a file it never touched could undo that person's work.
+            message = ("scope audit: changed outside target_files while this attempt ran: " + ", ".join(outside)
+                       + "; if you changed them, undo that and keep to target_files; if you did not, leave them as "
+                       "they are")
             if rec.workspace:  # its worktree goes when the next attempt starts: say where the work is kept
                 message += ("; nothing of this attempt was merged; its changes are kept in "
                             f"{workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial)}")
@@ -380,6 +384,7 @@ class Recording:
             task_files = [f for d in {r.order_dir for r in [rec, *others]}
                           for f in writtenlog.order_files(self.rt.root, d)]
             return [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *task_files,
+                    *self.settings.scope_ignore,
                     *writtenlog.written_since(self.rt, since_ns)]
 
         return writtenlog.not_own_output(self.rt.root, scope.findings(self.rt.root, rec.scope_file, allowed,

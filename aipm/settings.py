@@ -38,6 +38,7 @@ class Settings:
     review_command: str | tuple[str, ...] | None = None  # review.command: a string runs in a shell, a list is argv
     scope_audit: bool = True  # in a git tree, a worker that writes outside its target_files fails its review
     scope_watch: bool = True  # run audits its own attempts from an inotify watch of the tree, not git status
+    scope_ignore: tuple[str, ...] = ()  # globs the audit never charges: files a person edits during runs
     runner: str = "local"  # where workers run: "local" or "ray"
     ray_address: str | None = None  # ray.address (RAY_ADDRESS wins): the cluster for --runner ray, else auto
     worker_agent: str = "command"  # worker.agent: the preset for tasks without `command` (aipm.agents.NAMES)
@@ -73,6 +74,7 @@ _KEYS: dict[str, Callable[[Any], Any]] = {
     "review.command": values.review,
     "scope_audit": values.boolean,
     "scope_watch": values.boolean,
+    "scope_ignore": copy_globs,
     "runner": values.runner,
     "ray.address": values.text,
     "worker.agent": values.agent,

@@ -771,3 +771,41 @@ def test_a_file_the_runs_session_holds_open_only_for_reading_is_still_charged(tm
                       stdin=notes, capture_output=True, text=True, timeout=120, cwd=root)
     assert "scope: wrote notes.txt" in proc.stdout, proc.stdout + proc.stderr
     assert yaml.safe_load((order / "W.yaml").read_text())["status"] == "REJECTED"
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("ignored", [False, True], ids=["charged", "scope_ignore"])
+def test_a_file_a_person_edits_during_a_run_is_charged_unless_scope_ignore_names_it(tmp_path, ignored):
+    """aipm cannot tell a person's write from a worker's: a note saved while U ran sends U back. The feedback its
+    next attempt reads says the file changed, not that U wrote it, and to leave it alone if U did not (an agent
+    told it wrote a file could undo the person's note). `scope_ignore` names files never charged."""
+    import yaml
+
+    gate = tmp_path / "go"
+    root = _git_repo_order(tmp_path, {"U": {"command": f"until [ -e {gate} ]; do sleep 0.02; done; echo u > u.txt",
+                                            "target_files": ["u.txt"]}},
+                           "max_rework: 0\n" + ("scope_ignore: [NOTES.md, 'drafts/**']\n" if ignored else ""))
+    (root / "NOTES.md").write_text("mine\n")
+    subprocess.run(["git", "add", "NOTES.md"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "n"], cwd=root, check=True)
+    task_file = root / "orders" / "ORD" / "U.yaml"
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD",
+                             "--no-resource-monitoring"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: yaml.safe_load(task_file.read_text()).get("status") == "IN_PROGRESS", timeout=30)
+        with open(root / "NOTES.md", "a") as notes:  # the person's edit, while U runs
+            notes.write("a thought\n")
+        gate.touch()
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        gate.touch()
+        proc.kill()
+    status = yaml.safe_load(task_file.read_text())["status"]
+    if ignored:
+        assert (proc.returncode, status) == (0, "DONE"), out
+        return
+    assert (proc.returncode, status) == (1, "REJECTED"), out
+    assert "scope: wrote NOTES.md" in out
+    feedback = (root / ".aipm" / "feedback" / "ORD" / "U.txt").read_text()
+    assert "changed outside target_files while this attempt ran: NOTES.md" in feedback
+    assert "if you did not, leave them as they are" in feedback

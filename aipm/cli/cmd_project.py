@@ -39,6 +39,7 @@ max_workers: 5
 # notify: null           # command run when a task fails or is rejected, a budget stops an order, a run ends
 # scope_audit: true      # in a git tree: a task that wrote outside its target_files is sent back
 # scope_watch: true      # run audits its attempts from inotify events (false: git status snapshots)
+# scope_ignore: []       # globs never charged to a task: files you edit while agents run (NOTES.md, "docs/**")
 # preempt: false         # run: an urgent task stops lower-priority work that holds its files
 # confine: false         # Landlock holds each worker to its target files (docs/confinement.md)
 # workspace: shared      # or worktree: a git worktree per task, merged back (docs/workspaces.md)
