@@ -334,6 +334,9 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             for problem in view.problems:
                 emit({"event": "invalid_file", "error": problem})
             view.problems.clear()
+            # A task whose file was saved invalid mid-run cannot start from it: the run waits for the fix (its
+            # file's next change wakes it) rather than ending with the task never run.
+            fixing = [item for item in report.failed if view.invalid(order.tasks[item["id"]])]
             for item in report.failed:  # a failed launch is tried again every round: said once, until it changes
                 # or the task was launched in between, by this run or by any other process (its file's attempts
                 # and started_at tell; a launch that fails writes neither).
@@ -341,7 +344,9 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 told = (item["error"], task.attempts, task.started_at)
                 if failed_told.get(item["id"]) != told:
                     failed_told[item["id"]] = told
-                    emit({"event": "launch_failed", "task": item["id"], "error": item["error"]})
+                    emit({"event": "waiting", "task": item["id"], "pids": [], "detail": f"{item['error']}; fix "
+                          "the file and the run goes on (Ctrl-C stops it)"} if item in fixing else
+                         {"event": "launch_failed", "task": item["id"], "error": item["error"]})
             if detach_others:
                 detach_others = False
                 others = launcher.launch(view, owner=None, only=set(order.tasks) - {only})
@@ -380,7 +385,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 if f"{order.id}/{only}" not in sup.owned and only not in deferred:
                     break  # finished, failed for good, or never launchable (a busy machine is waited for, as by run)
             elif not sup.owned and not _others_matter(order, foreign, finishing) and not deferred and not waiting \
-                    and not orphaned:
+                    and not orphaned and not fixing:
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
             ready = []
             if orphaned:
@@ -389,7 +394,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             if launcher.settings.preempt and not only and preemption.stop_for_urgent(sup, view):
                 continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
             timeout = (RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing
-                       else HELD_RECHECK if waiting else None)
+                       else HELD_RECHECK if waiting or fixing else None)
             _prepare_next(sup, launcher, view, lock_files, prepared)
             keys = sup.wait(timeout)
             while keys == ["files"]:

@@ -118,6 +118,10 @@ class OrderView:
             break
         return self.order
 
+    def invalid(self, task: Task) -> bool:
+        """Whether the task's file, there now, does not validate (the view holds its last valid version)."""
+        return task.path in self._kept_out and os.path.exists(task.path)
+
     def _all_changed(self) -> set[str]:
         """Task files whose inode, size or mtime differ from what the view holds, new and deleted ones included."""
         try:

@@ -197,6 +197,38 @@ def test_a_broken_edit_mid_run_is_reported_and_ignored(project):
     assert task_statuses(order) == {"FIRST": "DONE", "SECOND": "DONE"}
 
 
+def test_a_task_whose_file_is_still_broken_when_its_turn_comes_waits_for_the_fix(project):
+    """SECOND's file is saved invalid while FIRST runs and stays so when FIRST ends: the run ended at once
+    ('failed SECOND: ...', exit 1) with SECOND never run, though it had said it kept the last valid version. Now
+    it waits (a `waiting` event naming the problem) and SECOND runs once its file is fixed."""
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "FIRST", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    write_task(order, "SECOND", command="true", depends_on=["FIRST"])
+    proc = start_run(project, "ORD", "--json")
+    events: list[dict] = []
+    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: task_statuses(order)["FIRST"] == "IN_PROGRESS")
+        second = order / "SECOND.yaml"
+        good = second.read_text()
+        second.write_text(good + "priority: urgent\n")  # a mistake, saved mid-run
+        wait_for(lambda: any(e["event"] == "invalid_file" for e in events))
+        gate.touch()
+        wait_for(lambda: any(e["event"] == "waiting" and e["task"] == "SECOND" and "urgent" in e["detail"]
+                             for e in events) or proc.poll() is not None)
+        assert proc.poll() is None, events
+        second.write_text(good)  # fixed
+        assert proc.wait(timeout=60) == 0
+    finally:
+        gate.touch()
+        proc.kill()
+    reader.join(timeout=10)
+    assert task_statuses(order) == {"FIRST": "DONE", "SECOND": "DONE"}
+    assert not any(e["event"] == "launch_failed" for e in events), events
+
+
 @pytest.mark.parametrize("budget", [False, True])
 def test_the_next_task_starts_before_the_ended_ones_outcome_is_written_unless_a_budget_counts_it(project, budget):
     """One slot, no git (nothing to audit). When A ends, the independent B takes its place in the same wake-up,
