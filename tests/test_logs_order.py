@@ -49,3 +49,25 @@ def test_logs_order_follow_picks_up_a_new_attempt_and_ends_with_the_order(projec
     assert lines.index("A\tattempt 2") > next(i for i, l in enumerate(lines) if "attempt 1 ended: exit 1" in l)
     assert task_statuses(order) == {"A": "DONE"}
     wait_for(lambda: no_workers(project.root))
+
+
+def test_logs_follow_of_a_task_not_started_yet_waits_for_its_first_attempt(project):
+    """`aipm logs B -f` before B has run exited 2 ('no log ... yet'), unlike `tail -F`: it now waits while B may
+    still start, then follows its log to B's end. Without -f, or for a task that can no longer run, it still
+    says there is no log (exit 2)."""
+    order = project.order()
+    write_task(order, "B", command="echo hello-from-b", target_files=["b"])
+    write_task(project.order("O2"), "X", command="true", status="CANCELLED")
+    assert project.aipm("logs", "B").returncode == 2
+    assert project.aipm("logs", "O2/X", "-f", timeout=30).returncode == 2  # cancelled: it will never run
+    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "B", "-f"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = follower.stderr.readline()  # it waits (and says so) before B has run
+        assert said.startswith("waiting for ORD/B to start"), said
+        assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 0
+        out, err = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0, out + err
+    assert "hello-from-b" in out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import psutil
@@ -23,7 +24,8 @@ from aipm.paths import lock_prefix, normalize
 from aipm.project import AmbiguousOrder, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
-from aipm.store import load_order
+from aipm.model import DEAD_END, FINISHED_OK
+from aipm.store import load_order, load_task
 from aipm.workerfiles import reading
 
 
@@ -127,7 +129,7 @@ def logs(
                             "attempts, log, text}, an order's {order, lines: [{task, line}]}. Not with -f."),
 ) -> None:
     """Print a task's log: the newest attempt by default (`--attempt N` for another); with -f, keep following
-    the newest attempt until the task stops running. Or, for an order, every worker's lines, each prefixed with
+    the newest attempt until the task stops running (a task that has not run yet: wait for it to start). Or, for an order, every worker's lines, each prefixed with
     its task id and a tab (GNU parallel --tag style).
 
     An order's lines already written print attempt by attempt, in the order the attempts ended; with -f, new
@@ -154,6 +156,8 @@ def logs(
     if attempt is not None and attempt not in found:
         have = ", ".join(map(str, found)) or "none"
         raise UserError(f"no log of attempt {attempt} of {order.id}/{task_id} (attempts with a log: {have})")
+    if not found and follow and attempt is None:
+        found = _first_log(rt, order, task_id)
     if not found:
         raise UserError(f"no log for {order.id}/{task_id} yet (it has not run)")
     number = attempt if attempt is not None else max(found)
@@ -173,6 +177,25 @@ def logs(
             return
         number = min(newer)
         print(f"==> {found[number].name} <==", flush=True)
+
+
+def _first_log(rt: Runtime, order, task_id: str) -> dict:
+    """`logs -f` of a task that has not run yet: wait for its first log (`tail -F` style) while it may still
+    start; {} once it no longer can (finished, failed, cancelled or gone)."""
+    said = False
+    while True:
+        try:
+            status = load_task(Path(order.tasks[task_id].path), rt.root).status
+        except (UserError, OSError, KeyError):
+            return {}
+        found = rt.logs(order.id, task_id)
+        if found or status in FINISHED_OK | DEAD_END:
+            return found
+        if not said:
+            console(stderr=True).print(f"waiting for {order.id}/{task_id} to start ({status.value}; Ctrl-C stops)",
+                                       markup=False)
+            said = True
+        time.sleep(0.25)
 
 
 def _log(path):
