@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import enum
+import hashlib
 import re
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from aipm.paths import Target
 
@@ -130,6 +131,18 @@ class Task:
         also counts the rejection that made the task REJECTED, which sent it to no other attempt."""
         return self.reworks - 1 if self.status is Status.REJECTED and self.reworks else self.reworks
     confine: bool | None = None  # None: the `confine` setting decides
+
+
+# What a task is apart from the file that holds it: every field but the managed ones, its path and its targets
+# (target_files, normalised).
+_NOT_DEFINITION = frozenset({*MANAGED_FIELDS, "path", "targets"})
+
+
+def definition(task: Task) -> str:
+    """A digest of what the user wrote for the task. A held outcome is the task's only while this is unchanged
+    (recovery.same_task): a task made again under the same name with another command or prompt is another task."""
+    mine = [(f.name, getattr(task, f.name)) for f in fields(Task) if f.name not in _NOT_DEFINITION]
+    return hashlib.sha256(repr(mine).encode()).hexdigest()[:16]
 
 
 @dataclass

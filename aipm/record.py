@@ -52,6 +52,9 @@ class Record:
     # Its owner's timeout fired (set before the SIGTERM): an adopter records the attempt as timed out, whatever
     # code the command the wrapper waited for exits with.
     timed_out: bool = False
+    # model.definition of the task when this attempt started: what tells the task file put back under it (an
+    # agent's `git checkout`) from another task made under its name. "" in records written before it: the same.
+    definition: str = ""
 
     @property
     def serial(self) -> int:

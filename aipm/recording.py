@@ -113,8 +113,17 @@ class Recording:
         return {"event": "gone", "order": rec.order, "task": rec.task, "attempt": rec.serial, "exit_code": code,
                 "file": rec.task_file}
 
+    def _discard(self, rec: Record, task: Task, code: int | None) -> dict:
+        """The file holds another task now (made again under the name): the attempt's outcome is not its."""
+        line = recovery.discard(self.rt, rec, code, recovery.another_task(task))
+        self._drop(rec)
+        return {"event": "discarded", "order": rec.order, "task": rec.task, "attempt": rec.serial,
+                "exit_code": code, "detail": line}
+
     def _apply(self, rec: Record, code: int | None, timed_out: bool) -> dict:
         task = load_task(Path(rec.task_file), self.rt.root)
+        if not recovery.same_task(task, rec):
+            return self._discard(rec, task, code)
         event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.serial,
                  "phase": rec.phase, "exit_code": code}
         if task.status == Status.CANCELLED and self.rt.cancelled(rec):
@@ -204,15 +213,20 @@ class Recording:
         """Put back the status of owned tasks whose file (as the view last read it) was reset. Under the lock."""
         for rec in list(self.owned.values()):
             seen = tasks.get(rec.task)
-            if seen is None or not disowned(seen, rec, self.rt):
+            if seen is None or not self._reset(seen, rec):
                 continue
             try:
                 task = load_task(Path(rec.task_file), self.rt.root)
-                if disowned(task, rec, self.rt):
+                if self._reset(task, rec):
                     self.outbox.append({"event": "restored", "order": rec.order, "task": rec.task,
                                         "was": str(task.status), "status": str(self._restored(rec, task).status)})
             except (UserError, OSError):
                 pass  # broken or gone: the view reports it, and the finish deals with it
+
+    def _reset(self, task: Task, rec: Record) -> bool:
+        """The attempt's own task, put back under it: not another task made under its name, whose file the
+        attempt's end leaves alone (_discard)."""
+        return disowned(task, rec, self.rt) and recovery.same_task(task, rec)
 
     def _outcome_lost(self, rec: Record, task: Task, event: dict) -> dict:
         """The worker ended but its exit code never reached the disk: its result is unknown. Leave it to a person

@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 from aipm import agents, confine, outcome, runner, subreaper, workspace, writtenlog
 from aipm.errors import UserError
 from aipm.finish import review_command
-from aipm.model import RUNNING, Order, Status, Task
+from aipm.model import RUNNING, Order, Status, Task, definition
 from aipm.record import Record
 from aipm.restore import counters
-from aipm.runtime import Runtime, append_log, exit_file_written
+from aipm.runtime import Runtime, append_log, exit_file_written, read_exit_file
 from aipm.writer import StaleWrite, now, update_task
 
 if TYPE_CHECKING:
@@ -48,6 +48,11 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
         ):
             continue
         if rec is not None and rec.owner_alive():
+            continue
+        if rec is not None and not rec.worker_alive() and not same_task(task, rec):  # (a live one: its owner's end)
+            line = discard(launcher.runtime, rec, read_exit_file(rec.exit_file), another_task(task))
+            out.append({"id": task.id, "action": "discarded", "detail": line})
+            forget(launcher.runtime, rec)
             continue
         if rec is not None and review_unrecorded(task, rec):
             as_review(rec, task)  # and so adopted below, as a review lost without a verdict
@@ -119,6 +124,33 @@ def unrecorded(task: Task, rec: Record, rt: Runtime) -> bool:
 def same_attempt(task: Task, rec: Record) -> bool:
     """The file is the record's attempt's: an outcome written for it keeps its number and its start time."""
     return (task.attempts, task.started_at) == (rec.attempt, rec.started_at)
+
+
+def same_task(task: Task, rec: Record) -> bool:
+    """The file holds the task the record's attempt ran, so what that attempt came to is the file's: it is the
+    attempt's own version, or one put back under it (a `git checkout`: the definition it started with). A task
+    made again under the same name with another definition (command, prompt, targets...) is another task."""
+    return same_attempt(task, rec) or rec.definition in ("", definition(task))
+
+
+def discard(rt: Runtime, rec: Record, code: int | None, why: str) -> str:
+    """What an attempt came to (`code`) is not recorded, `why`: said in the attempt's log, with where its usage
+    went (an agent's: added to no task) and a worktree attempt's changes kept. Returns the line, for the caller's
+    output; the caller drops the record."""
+    ran = rec.phase == "work" and rec.pid
+    usage = agents.settle(rec.agent, Path(rec.log), None, None)[0] if ran else None
+    line = (f"attempt {rec.serial} (exit {code}) not recorded: {why}"
+            + f"; its usage is added to no task (see {rec.log})" * (usage is not None))
+    append_log(rec.log, line)
+    if rec.workspace and ran:
+        confine.tidy(rec.log)  # as interrupt() does: before keep(), not in its patch
+        append_log(rec.log, workspace.keep(rt.root, rec))
+    return line
+
+
+def another_task(task: Task) -> str:
+    """Why an outcome held for the file's previous task is discarded (not same_task)."""
+    return f"{task.path} now holds another task (its definition changed since the attempt started), which runs afresh"
 
 
 def in_review(task: Task, rec: Record) -> bool:
@@ -206,9 +238,14 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
         confine.tidy(rec.log)  # what was made for its rules and left untouched; before keep(), not in its patch
         if rec.workspace and rec.phase == "work" and rec.pid:  # the next attempt's start removes its worktree
             append_log(rec.log, workspace.keep(rt.root, rec))
-        writtenlog.note_ended(rt, rec)
-        rt.remove_record(rec.order, rec.task)
-        agents.forget(Path(rec.log))
+        forget(rt, rec)
+
+
+def forget(rt: Runtime, rec: Record) -> None:
+    """Drop the record of an attempt that is over and has no owner (its locks went with its processes)."""
+    writtenlog.note_ended(rt, rec)
+    rt.remove_record(rec.order, rec.task)
+    agents.forget(Path(rec.log))
 
 
 def remove_temp_files(order_dir: Path) -> None:

@@ -326,6 +326,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             for item in report.recovered:  # before the round's starts; adopted ones the supervisor says itself
                 if item["action"] == "requeued":
                     emit({"event": "recovered", "task": item["id"], "order": report.order.id})
+                elif item["action"] == "discarded":
+                    emit({"event": "discarded", "task": item["id"], "order": report.order.id, "detail": item["detail"]})
             for event in sup.outbox:
                 emit(event)
             sup.outbox.clear()

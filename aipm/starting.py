@@ -17,7 +17,7 @@ from pathlib import Path
 from aipm import commits, confine, locks, restore, runner, scope, workspace, writer
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
-from aipm.model import Order, Status, Task
+from aipm.model import Order, Status, Task, definition
 from aipm.record import Record, live_pid
 from aipm.runtime import StateWriteError, append_log
 from aipm.view import OrderView
@@ -66,7 +66,7 @@ class Starter:
             order=order.id, order_dir=order.path, task=task.id, task_file=task.path, attempt=attempt,
             targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, number)),
             exit_file=str(rt.exit_path(order.id, task.id, number)), started_at=now(), number=number,
-            counters=restore.counters(task),
+            counters=restore.counters(task), definition=definition(task),
         )
         if task.resources is not None:
             rec.cpus, rec.memory_mb = task.resources.cpus or 0.0, task.resources.memory_mb or 0

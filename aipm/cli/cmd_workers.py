@@ -298,7 +298,8 @@ def recover(
         print_json({"recovered": done})
     else:
         for item in done:
-            console().print(f"{item['order']}/{item['id']}: {item.get('error') or item['action']}", markup=False)
+            said = item.get("error") or (f"{item['action']}: {item['detail']}" if "detail" in item else item["action"])
+            console().print(f"{item['order']}/{item['id']}: {said}", markup=False)
         if not done:
             console().print("nothing to recover")
     if any("error" in item for item in done):  # left for a later recovery

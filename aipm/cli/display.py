@@ -31,6 +31,7 @@ LINES = {
     "restored": "restore  {task} → {status}: its file said {was} while its worker ran{not_cancel}",
     "gone":     "gone     {task}: its file was deleted while it ran; exit {exit_code} kept in its log",
     "committed": "commit   {task}: {detail}",
+    "discarded": "discard  {task}: {detail}",
     "summary": "{order}: {counts}",
     "budget": "budget   {order}: {detail}",
     "preempted": "preempt  {task} for {for} (re-queued, attempt not counted)",

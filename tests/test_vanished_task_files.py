@@ -1,0 +1,111 @@
+"""Task files that disappear while their worker runs (deleted alone or with their order directory, by a worker or
+the user): the attempt's outcome is held for `aipm recover` until the file is back as it was, and never recorded
+into another task made under the same name."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from conftest import no_workers, task_statuses, wait_for, write_task
+from test_agents import agent_env, journal as agent_runs
+from test_hostile_workers import _commit_everything, _record, _started
+
+
+def _journal(project):
+    return project.root.parent / f"{project.root.name}.journal"  # outside the tree: not a scope finding
+
+
+def _gated(gate, journal, name, before=""):
+    return f"{before}while [ ! -e {gate} ]; do sleep 0.05; done; echo {name} >> {journal}"
+
+
+def _another_t1(order, journal):
+    """The user makes the order's T1 again, as another task (another command and targets), QUEUED."""
+    write_task(order, "T1", target_files=["new.txt"], command=f"echo new >> {journal}")
+
+
+@pytest.mark.parametrize("then", ["run", "recover"])
+def test_a_held_outcome_is_not_recorded_into_another_task_made_under_its_name(project, gate, then):
+    """The order directory went mid-run (its outcome held), then the user made T1 again with another command:
+    the next `run` (or `recover`) recorded the old attempt's exit 0 into it, DONE without ever running."""
+    order = project.order()
+    journal = _journal(project)
+    write_task(order, "T1", target_files=["a.txt"], command=_gated(gate, journal, "old"))
+    _commit_everything(project.root)
+    run, out = _started(project, "run", "ORD")
+    try:
+        wait_for(lambda: _record(project, "T1"))
+        subprocess.run(["rm", "-rf", str(order)], check=True)
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 1, out.read_text()
+    _another_t1(order, journal)
+    said = "attempt 1 (exit 0) not recorded: " + f"{order / 'T1.yaml'} now holds another task"
+    if then == "recover":
+        recover = project.aipm("recover", "ORD", check=True)
+        assert f"ORD/T1: discarded: {said}" in recover.stdout, recover.stdout
+        assert no_workers(project.root) and task_statuses(order) == {"T1": "QUEUED"}
+    second = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert (f"discard  T1: {said}" in second.stdout) == (then == "run"), second.stdout
+    assert task_statuses(order) == {"T1": "DONE"} and journal.read_text() == "old\nnew\n"
+    assert said in (project.root / ".aipm" / "logs" / "ORD" / "T1.1.log").read_text()
+    assert no_workers(project.root)
+
+
+def test_the_usage_of_a_discarded_agent_attempt_is_said_and_added_to_no_task(project, gate):
+    """The old attempt's $0.25 went into the new task's cost_usd with its outcome; discarded, it is said where it
+    is (its log) and the new task costs only its own $0.50."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    order = project.order()
+    write_task(order, "T1", prompt=f"@cost 0.25\n@wait-for {gate}", target_files=["a.txt"])
+    env = agent_env(project)
+    with open(project.root.parent / f"{project.root.name}.out", "w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                               env={**os.environ, **env, "AIPM_ENABLE_MONITORING": "false"}, stdout=out,
+                               stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _record(project, "T1") and agent_runs(project))  # the agent runs
+        subprocess.run(["rm", "-rf", str(order)], check=True)
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 1
+    write_task(order, "T1", prompt="@cost 0.5", target_files=["a.txt"])
+    second = project.aipm("run", "ORD", env=env, timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    log = project.root / ".aipm" / "logs" / "ORD" / "T1.1.log"
+    assert f"not recorded: {order / 'T1.yaml'} now holds another task" in second.stdout, second.stdout
+    assert f"its usage is added to no task (see {log})" in second.stdout, second.stdout
+    assert log.read_text().count("usage: cost $0.2500") == 1
+    task = yaml.safe_load((order / "T1.yaml").read_text())
+    assert (task["status"], task["cost_usd"]) == ("DONE", 0.5), task
+
+
+def test_a_run_does_not_put_its_attempt_back_into_another_task_made_under_its_name(project, gate):
+    """Made again while the worker still ran: the run wrote the attempt's IN_PROGRESS back into the new file (as
+    for a `git checkout`), then recorded the old attempt's exit 0 there: the new T1 DONE without running."""
+    order = project.order()
+    journal = _journal(project)
+    write_task(order, "T1", target_files=["a.txt"], command=_gated(gate, journal, "old"))
+    write_task(order, "T2", depends_on=["T1"], command=f"echo T2 >> {journal}")
+    run, out = _started(project, "run", "ORD")
+    try:
+        wait_for(lambda: _record(project, "T1"))
+        subprocess.run(["rm", "-rf", str(order)], check=True)
+        _another_t1(order, journal)
+        write_task(order, "T2", depends_on=["T1"], command=f"echo T2 >> {journal}")
+        # Nothing shows that the run has read the new files (a restore was the bug): give it a moment to, so it
+        # would restore (restore_owned) before the attempt's end; if it is slower, the end is what is checked.
+        time.sleep(1.0)
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 0, out.read_text()
+    said = out.read_text()
+    assert f"discard  T1: attempt 1 (exit 0) not recorded: {order / 'T1.yaml'} now holds another task" in said, said
+    assert "restore  T1" not in said, said
+    assert task_statuses(order) == {"T1": "DONE", "T2": "DONE"} and journal.read_text() == "old\nnew\nT2\n"
+    assert no_workers(project.root)
