@@ -7,7 +7,6 @@ may start now) are read here; each task's start and its undoing are starting.py'
 
 from __future__ import annotations
 
-import os
 import time
 from contextlib import nullcontext
 from collections.abc import Collection, Iterable
@@ -269,12 +268,13 @@ class Launcher(Starter):
 
 
 def _finished_elsewhere(rec: Record, rt: Runtime) -> bool:
-    """The record's task is no longer running this attempt (or its file is gone or unreadable)."""
+    """The record's task is no longer running this attempt."""
     try:
         task = load_task(Path(rec.task_file), rt.root)
     except (UserError, OSError):
-        # Gone: finished for good. Broken: unknown, so it keeps its files until the file is fixed and recovered.
-        return not os.path.exists(rec.task_file)
+        # Broken or gone (deleted or moved: it may be put back): its outcome is held, so it keeps its files until
+        # the file is back and recovered (or a recovery drops it, recovery.drop_gone).
+        return False
     if recovery.unrecorded(task, rec, rt) or recovery.usage_left(task, rec):
         # Its file was put back under it, or it was cancelled with its owner dead before its usage was added: what
         # it came to is recovery's to record (for its own order: this plan may be another's).

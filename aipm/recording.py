@@ -56,14 +56,12 @@ class Recording:
 
     def _record_outcome(self, rec: Record, code: int | None, timed_out: bool) -> dict | None:
         """Apply an outcome. One that cannot be written now is held and retried (retry_unrecorded), and reported
-        once; one whose task file was deleted is kept in the log. A file gone with its whole order directory
-        (deleted or renamed: it may be put back) is held too, so its exit file outlives the run for `recover`."""
+        once; so is one whose task file went (deleted or renamed, alone or with its order directory: it may be put
+        back), so its exit file outlives the run for `recover`."""
         writes, before = self.writes, dataclasses.replace(rec)
         try:
             event = self._apply(rec, code, timed_out)
         except (UserError, OSError) as exc:
-            if not os.path.exists(rec.task_file) and os.path.isdir(rec.order_dir):
-                return self._gone(rec, code)
             self.owned.pop(rec.key, None)
             first = rec.key not in self.unrecorded
             self.unrecorded[rec.key] = (before, code, timed_out)
@@ -101,17 +99,6 @@ class Recording:
             self.rt.write_record(rec)
         except OSError:
             pass  # the record still names us; once we exit it is just as adoptable
-
-    def _gone(self, rec: Record, code: int | None) -> dict:
-        """The task file was deleted while its worker ran: nothing to write to; the outcome stays in the log (its
-        exit file goes with the record, as spent)."""
-        append_log(rec.log, f"attempt {rec.serial} ended with exit {code}, but its task file {rec.task_file} "
-                            "was deleted meanwhile: the outcome is recorded here")
-        self._drop(rec)
-        if self.view is not None and rec.order == self.view.order.id:
-            self.view.reload(rec.task_file, gone=True)
-        return {"event": "gone", "order": rec.order, "task": rec.task, "attempt": rec.serial, "exit_code": code,
-                "file": rec.task_file}
 
     def _discard(self, rec: Record, task: Task, code: int | None) -> dict:
         """The file holds another task now (made again under the name): the attempt's outcome is not its."""

@@ -153,6 +153,20 @@ def another_task(task: Task) -> str:
     return f"{task.path} now holds another task (its definition changed since the attempt started), which runs afresh"
 
 
+def drop_gone(rt: Runtime, records: list[Record]) -> list[dict]:
+    """`aipm recover`: drop the held outcomes of `records` whose task file is still gone (deleted or moved while
+    the attempt ran, and not put back). They kept its files busy meanwhile, as a stale task does; a run or launch
+    leaves them, so the file can still be put back."""
+    out = []
+    for rec in records:
+        if not rec.alive() and not os.path.exists(rec.task_file):
+            why = f"its task file {rec.task_file} is still gone; put back now, it runs afresh"
+            out.append({"order": rec.order, "id": rec.task, "action": "dropped",
+                        "detail": discard(rt, rec, read_exit_file(rec.exit_file), why)})
+            forget(rt, rec)
+    return out
+
+
 def in_review(task: Task, rec: Record) -> bool:
     """The record is the review of the attempt the file holds: that attempt's work is done (and paid for)."""
     return rec.phase == "review" and task.status == Status.IN_REVIEW and task.attempts == rec.attempt

@@ -1,4 +1,4 @@
-"""Outcomes that could not be written to their task file (a full disk, a file broken or deleted mid-run).
+"""Outcomes that could not be written to their task file (a full disk, a file broken, deleted or moved mid-run).
 
 The owner holds such an outcome and retries while it runs; what it cannot write in the end is kept where it can
 be: the worker's exit file, from which `aipm recover` (or the next run) records it once the file is writable.
@@ -38,12 +38,15 @@ def message(rec: Record, code: int | None, exc: Exception, kept: bool, review_un
     """One line for a user: what could not be recorded, why, and what happens to the outcome (`review_unstarted`:
     the work's was written, IN_REVIEW, and its reviewer could not start)."""
     place = exc.filename if isinstance(exc, StateWriteError) else rec.task_file  # (a reviewer's record, say)
-    why = str(exc) if isinstance(exc, UserError) else f"{place}: {getattr(exc, 'strerror', None) or exc}"
+    gone = place == rec.task_file and not os.path.exists(place)  # deleted or moved: it may be put back
+    why = (f"{place}: deleted or moved while it ran" if gone else str(exc) if isinstance(exc, UserError)
+           else f"{place}: {getattr(exc, 'strerror', None) or exc}")
     if review_unstarted:
         where = "its work's outcome is written (IN_REVIEW), its review did not start: the next run (or `aipm " \
                 "recover`) starts it"
     elif kept:
-        where = f"its exit code is kept in {rec.exit_file}; once that is fixed, `aipm recover` records it"
+        fixed = "the file is back as it was (`git checkout` of it, say)" if gone else "that is fixed"
+        where = f"its exit code is kept in {rec.exit_file}; once {fixed}, `aipm recover` records it"
     else:
         where = "its exit code could not be saved either, so `aipm recover` will leave it INTERRUPTED to check"
     return f"cannot record the outcome of {rec.task} (exit {code}): {why}; {where}"

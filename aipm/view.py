@@ -147,17 +147,18 @@ class OrderView:
         self.changed = True
         return True
 
-    def reload(self, path: str, gone: bool = False, seen: tuple[int, int, int] | None = None) -> None:
-        """Re-read one task file (after our own write, or when it changed on disk). `gone`: its worker has
-        ended, so a deleted file's task goes too. `seen`: the file's stat taken before this read."""
+    def reload(self, path: str, seen: tuple[int, int, int] | None = None) -> None:
+        """Re-read one task file (after our own write, or when it changed on disk). `seen`: the file's stat
+        taken before this read."""
         tasks = self.order.tasks
         task_id = Path(path).name[: -len(".yaml")]
         old = tasks.get(task_id)
         if seen is None:
             seen = _stat(path)
         if seen is None:
-            if old is not None and old.status in RUNNING and not gone:
-                # Deleted under its worker: keep the last valid version (its files, its dependants) until it ends.
+            if old is not None and old.status in RUNNING:
+                # Deleted under its worker: keep the last valid version (its files, its dependants): its outcome
+                # is held until the file is back (Recording._record_outcome), so the order is not finished.
                 self._stats[path] = None
                 raise ValidationError(path, None, "deleted while its task runs")
             tasks.pop(task_id, None)

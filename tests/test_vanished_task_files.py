@@ -10,9 +10,9 @@ import time
 import pytest
 import yaml
 
-from conftest import no_workers, task_statuses, wait_for, write_task
+from conftest import no_workers, state, task_statuses, wait_for, write_task
 from test_agents import agent_env, journal as agent_runs
-from test_hostile_workers import _commit_everything, _record, _started
+from test_hostile_workers import _commit_everything, _git, _record, _started
 
 
 def _journal(project):
@@ -109,3 +109,56 @@ def test_a_run_does_not_put_its_attempt_back_into_another_task_made_under_its_na
     assert "restore  T1" not in said, said
     assert task_statuses(order) == {"T1": "DONE", "T2": "DONE"} and journal.read_text() == "old\nnew\nT2\n"
     assert no_workers(project.root)
+
+
+@pytest.mark.parametrize("then", ["put back", "another task", "still gone"])
+def test_a_task_file_deleted_mid_run_says_so_exits_1_and_holds_the_outcome(project, gate, then):
+    """A task file deleted while its worker ran (not its directory): the run said 'gone', ended 0 with the order
+    'DONE', and dropped the outcome with the exit file, so the file put back (`git checkout`) ran T1 again. Now it
+    is held as for a deleted order directory: recorded once the file is back as it was; discarded for another
+    task made there; dropped, said, by a `recover` while the file is still gone."""
+    order = project.order()
+    journal = _journal(project)
+    # (no targets: the gate the test opens in the tree is no scope finding)
+    path = write_task(order, "T1", command=_gated(gate, journal, "T1", "rm orders/ORD/T1.yaml; "))
+    write_task(order, "T2", command=f"echo T2 >> {journal}")
+    _commit_everything(project.root)
+    run, out = _started(project, "run", "ORD")
+    try:
+        wait_for(lambda: _record(project, "T1") and not path.exists())
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 1, out.read_text()
+    said = out.read_text()
+    assert f"aipm: error: cannot record the outcome of T1 (exit 0): {path}: deleted or moved while it ran" in said
+    assert "Traceback" not in said and task_statuses(order) == {"T2": "DONE"}, said
+    assert any((state(project.root) / "exit" / "ORD").glob("T1.*")), "the exit code was not kept"
+    if then == "put back":
+        _git(project.root, "checkout", "-q", "--", "orders/ORD/T1.yaml")  # committed: QUEUED
+        assert "ORD/T1: adopted" in project.aipm("recover", "ORD", check=True).stdout
+        wait_for(lambda: task_statuses(order) == {"T1": "DONE", "T2": "DONE"} and no_workers(project.root))
+        assert sorted(journal.read_text().splitlines()) == ["T1", "T2"]  # T1 ran once
+        return
+    if then == "still gone":
+        recover = project.aipm("recover", "ORD", check=True)
+        assert (f"ORD/T1: dropped: attempt 1 (exit 0) not recorded: its task file {path} is still gone"
+                in recover.stdout), recover.stdout
+        assert no_workers(project.root)
+    _another_t1(order, journal)  # (after a drop: whatever is put there now runs afresh)
+    second = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert ("discard  T1: attempt 1 (exit 0) not recorded" in second.stdout) == (then == "another task")
+    assert task_statuses(order) == {"T1": "DONE", "T2": "DONE"}
+    assert sorted(journal.read_text().splitlines()) == ["T1", "T2", "new"]
+    assert no_workers(project.root)
+
+
+def test_a_task_file_a_worker_deletes_and_puts_back_before_its_end_is_recorded(project):
+    order = project.order()
+    write_task(order, "T1", target_files=["a.txt"],
+               command="rm orders/ORD/T1.yaml; sleep 0.3; git checkout -q -- orders/ORD/T1.yaml; sleep 0.3")
+    write_task(order, "T2", depends_on=["T1"], command="true")
+    _commit_everything(project.root)
+    run = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert task_statuses(order) == {"T1": "DONE", "T2": "DONE"} and no_workers(project.root)

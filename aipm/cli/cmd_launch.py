@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -203,7 +204,9 @@ def exec_(
     before = view.order.tasks[task_id]
     code = supervise(launcher, view, display, only=task_id, detach_others=parallel)
     final = view.refresh().tasks.get(task_id)
-    if final is None:  # its file was deleted while it ran or waited: nothing to show but that
+    # Its file was deleted while it waited, or while it ran (the view keeps that task's last valid version while
+    # its outcome is held, said above): nothing to show but that.
+    if final is None or not os.path.exists(final.path):
         if json_out:
             display({"event": "summary", "order": view.order.id, "task": task_id, "status": None, "exit_code": code})
         else:

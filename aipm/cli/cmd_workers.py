@@ -280,7 +280,7 @@ def recover(
     project, settings = _settings_project()
     launcher = Launcher(project, settings, Options(), monitor=None)
     dirs = [project.order_dir(order)] if order else project.order_dirs()
-    done, known = [], []
+    done, known, tasks = [], [], set()
     recovery.read_lost_usage_ahead(launcher.runtime)
     with launcher.runtime.launch_lock():
         for directory in dirs:
@@ -290,6 +290,10 @@ def recover(
             for task_id, action in workspace.sweep(project.root, loaded, everything=True):
                 done.append({"order": loaded.id, "id": task_id, "action": action})
             known.append(loaded.id)
+            tasks.update((loaded.id, task_id) for task_id in loaded.tasks)
+        # Held outcomes of task files still gone (with their order directory too, without ORDER).
+        done += recovery.drop_gone(launcher.runtime, [rec for rec in launcher.runtime.records() if (
+            rec.order, rec.task) not in tasks and (rec.order in known or not order)])
         if not order:
             for order_name, task_id, action in workspace.sweep_orphans(project.root, known):
                 done.append({"order": order_name, "id": task_id, "action": f"{action} (its order is gone)"})

@@ -29,7 +29,6 @@ LINES = {
     "invalid_file": "ignored  {error} (keeping the last valid version)",
     "interrupted": "stopped  {why}; {stopped}",
     "restored": "restore  {task} → {status}: its file said {was} while its worker ran{not_cancel}",
-    "gone":     "gone     {task}: its file was deleted while it ran; exit {exit_code} kept in its log",
     "committed": "commit   {task}: {detail}",
     "discarded": "discard  {task}: {detail}",
     "summary": "{order}: {counts}",
