@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from aipm import budget, outcome, recovery
+from aipm import budget, outcome, recovery, subreaper
 from aipm.errors import UserError
 from aipm.finish import attempt_limit, rework_limit
 from aipm.launcher import Launcher
@@ -68,9 +68,11 @@ def as_seen(order: Order, root: Path) -> Order:
 
 
 def _gone(rt: Runtime, order_id: str, running: list[Task]) -> list[tuple[Task, Record | None]]:
-    """The running tasks with no live worker or owner, each with its record (None: none left)."""
+    """The running tasks with no live worker or owner, each with its record (None: none left, and no process of
+    the task runs: a worker may outlive its deleted record)."""
     records = {rec.task: rec for rec in rt.records() if rec.order == order_id}
-    return [(t, records.get(t.id)) for t in running if t.id not in records or not records[t.id].alive()]
+    return [(t, records.get(t.id)) for t in running
+            if (not records[t.id].alive() if t.id in records else not subreaper.task_runs(rt.root, order_id, t.id))]
 
 
 def _reload(task: Task, root: Path) -> Task | None:

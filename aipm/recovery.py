@@ -54,6 +54,11 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
             out.append({"id": task.id, "action": "discarded", "detail": line})
             forget(launcher.runtime, rec)
             continue
+        if rec is None and subreaper.task_runs(launcher.runtime.root, order.id, task.id):
+            # Its record was deleted (a worker removed the state directory), not its worker: re-queued, it would
+            # run twice at once. Its owner, if alive, writes the record again; else it is recovered once it ends.
+            out.append({"id": task.id, "action": "left running: its worker runs without a record"})
+            continue
         if rec is not None and review_unrecorded(task, rec):
             as_review(rec, task)  # and so adopted below, as a review lost without a verdict
         # An exit file, even an empty one (the worker ended; its code may be lost), goes to an owner to decide.

@@ -108,18 +108,29 @@ def attempt_marker(root: Path, rec: Record) -> frozenset[bytes]:
 
 def marked(mark: frozenset[bytes], pids: Iterable[int] | None = None) -> list[int]:
     """The processes (of `pids`, default every one we may read) whose environment carries `mark`."""
+    return [pid for pid, env in _environs(pids) if mark <= env]
+
+
+def task_runs(root: Path, order: str, task: str) -> bool:
+    """Whether a process of some attempt of the task lives: its marker without AIPM_ATTEMPT (only a record knows
+    the attempt's number), with AIPM_ROOT the root or below it (a worktree). For a running task whose record is
+    gone (a worker deleted the state directory): its worker may run on, and then the task is not lost."""
+    mark = {f"AIPM_ORDER_ID={order}".encode(), f"AIPM_TASK_ID={task}".encode()}
+    at, below = f"AIPM_ROOT={root}".encode(), f"AIPM_ROOT={root}/".encode()
+    return any(mark <= env and any(e == at or e.startswith(below) for e in env) for _, env in _environs())
+
+
+def _environs(pids: Iterable[int] | None = None) -> Iterable[tuple[int, set[bytes]]]:
+    """(pid, environment entries) of `pids`, default every process we may read."""
     if pids is None:
         pids = (int(name) for name in os.listdir("/proc") if name.isdigit())
-    out = []
     for pid in pids:
         try:
             with open(f"/proc/{pid}/environ", "rb") as handle:
                 env = handle.read()
         except OSError:
             continue
-        if mark <= set(env.split(b"\0")):
-            out.append(pid)
-    return out
+        yield pid, set(env.split(b"\0"))
 
 
 def left_behind(rt: Runtime, known: set[int], rec: Record | None, alone: bool, adopted: bool) -> list[int]:
