@@ -22,7 +22,7 @@ from aipm.paths import normalize
 from aipm.plan import any_clear
 from aipm.record import Record
 from aipm.runtime import read_exit_file
-from aipm.supervisor import Emit, Supervisor
+from aipm.supervisor import RECORDS, RECORDS_RECHECK, Emit, Supervisor
 from aipm.view import OrderView
 
 
@@ -110,6 +110,7 @@ def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[l
         if audited or (first and may_audit):
             scope.prefetch(sup.rt.root)  # git runs while we take the lock and start what need not wait
         with sup.rt.launch_lock():
+            sup.keep_records()  # before this round's recovery looks for them
             yield [rec.key for rec in ended]
 
 
@@ -398,6 +399,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             timeout = (RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing
                        else HELD_RECHECK if waiting or fixing else None)
             _prepare_next(sup, launcher, view, lock_files, prepared)
+            if not sup.watch_records():
+                timeout = min(timeout or RECORDS_RECHECK, RECORDS_RECHECK)
             keys = sup.wait(timeout)
             while keys == ["files"]:
                 view.refresh()
@@ -412,7 +415,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 elif isinstance(key, tuple):  # a lock holder outside aipm exited: plan again
                     sup.watcher.forget(key)
                     holders.discard(key[1])
-                elif key not in ("signal", "files"):
+                elif key not in ("signal", "files", RECORDS):  # RECORDS: the round below writes them again
                     ready.append(key)
         # The exit files of the outcomes written are spent: removed now, once, not one by one while tasks end (a
         # removal per task cost B1 ~80 µs of system time each) and not left for the next recovery (a run of N

@@ -14,10 +14,12 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from pathlib import Path
 
 from aipm import cluster, confine, recovery, runner, scope, subreaper, workspace
 from aipm.errors import UserError
+from aipm.inotify import IN_DELETE, IN_DELETE_SELF, DirWatch, close_at_exit
 from aipm.launcher import Launcher
 from aipm.paths import real_relative
 from aipm.starting import Owner
@@ -32,6 +34,10 @@ from aipm.worker import invocation
 
 Emit = Callable[[dict], None]
 KILL_GRACE = 5.0
+RECORDS = "records"  # the wait key of a deletion in our records' directory
+RECORDS_RECHECK = 0.2  # seconds: a record of ours went unseen by the watch; written again by the next round
+# Records are replaced and removed by rename (runtime.py), so a deletion there, or of the directory, is someone else's.
+_RECORDS_GONE = IN_DELETE | IN_DELETE_SELF
 
 
 class Supervisor(Recording, Owner):
@@ -58,6 +64,7 @@ class Supervisor(Recording, Owner):
         self.adopted: set[str] = set()  # keys of workers that are not our children
         self.reaped: dict[str, int] = {}  # exit codes of ended workers reaped before handle() (see _round)
         self.lock_fds: dict[str, list[int]] = {}  # target locks we hold ourselves (a detached owner's copies)
+        self.records_watch: DirWatch | None = None  # wakes us when our records are deleted (see keep_records)
 
     # -- Owner interface (called under the launch lock) -----------------------------------------------
 
@@ -319,5 +326,36 @@ class Supervisor(Recording, Owner):
             self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,
                                 "attempt": rec.serial})
 
+    # -- records a worker deleted -----------------------------------------------------------------------
+
+    def keep_records(self) -> None:
+        """Write again the records of owned workers that are gone from the state directory (a worker's command
+        removed it: `rm -rf /tmp/aipm-*`, a test suite cleaning /tmp), and the directories their wrappers write
+        their exit codes into: without them `ps` misses the workers, and our death would leave them to be re-queued
+        instead of adopted. Under the lock, before the round's recovery (the hold's records are read once)."""
+        if self.records_watch is not None:
+            self.records_watch.events()  # cleared before we look: a deletion after this wakes the next round
+        kept = {rec.key for rec in self.rt.records()}
+        for rec in self.owned.values():
+            if rec.key not in kept:
+                with suppress(OSError):  # a full /tmp: tried again next round
+                    os.makedirs(os.path.dirname(rec.exit_file), exist_ok=True)
+                    self.rt.write_record(rec)
+
+    def watch_records(self) -> bool:
+        """Before we sleep: wake (RECORDS) when a record of ours, or its directory, is deleted, so that
+        keep_records() follows at once rather than at our next event. False when one is missing already (deleted
+        before its directory was watched: an `rm -rf` still at work when keep_records() made it again)."""
+        if self.records_watch is None and self.owned:
+            self.records_watch = DirWatch.open(None)
+            if self.records_watch is not None:
+                self.watcher.watch_fd(self.records_watch.fd, RECORDS)
+        if self.records_watch is not None:
+            for order in {rec.order for rec in self.owned.values()}:  # every time: a directory made again is new
+                self.records_watch.add(str(self.rt.record_path(order, "-").parent), _RECORDS_GONE)
+        return all(os.path.exists(self.rt.record_path(rec.order, rec.task)) for rec in self.owned.values())
+
     def close(self) -> None:
+        if self.records_watch is not None:
+            close_at_exit(self.records_watch.fd)
         self.watcher.close()

@@ -19,7 +19,7 @@ from aipm.launcher import Launcher, Options
 from aipm.project import Project
 from aipm.settings import settings_from_flags
 from aipm.store import load_task
-from aipm.supervisor import Supervisor
+from aipm.supervisor import RECORDS, RECORDS_RECHECK, Supervisor
 from aipm.view import OrderView
 
 
@@ -80,7 +80,12 @@ def main(argv: list[str] | None = None) -> int:
                 recovery.interrupt(launcher.runtime, task, rec, f"worker could not start: {exc}")
                 return 1
     while sup.owned:
-        for key in sup.wait(None):
+        whole = sup.watch_records()
+        keys = sup.wait(None if whole else RECORDS_RECHECK)
+        if RECORDS in keys or not whole:  # a worker removed the state directory: our record goes back
+            with launcher.runtime.launch_lock():
+                sup.keep_records()
+        for key in keys:
             sup.handle(key)  # an outcome it cannot record is held (and logged), never a crash
     sup.end_strays()  # the attempt's left-overs die before successors start
     if sup.unrecorded:

@@ -15,6 +15,9 @@ from conftest import Project, state, task_statuses, wait_for, write_task
 from invariants import check, journal_command, spans
 from test_chaos import Proc
 
+# What the worker removes, below the state directory ("": all of it).
+REMOVED = ["", "locks", "workers"]
+
 
 def remover(root: Path, removed: str, tmp: Path):
     """Order ONE: A (x.py) removes `removed` when told, then waits and exits 3; C (y.py) holds its lock meanwhile;
@@ -32,6 +35,26 @@ def remover(root: Path, removed: str, tmp: Path):
     write_task(two, "B", target_files=["x.py"], command=journal_command(journal))
     write_task(two, "E", target_files=["y.py"], command=journal_command(journal))
     return project, journal, go, removed_mark, done
+
+
+def start_and_remove(project: Project, journal: Path, go: Path, removed_mark: Path, how: str = "run") -> Proc:
+    """Order ONE run by `aipm run`, or by the detached owners of `aipm launch` (the Proc then is the launch)."""
+    run = Proc(project.root, how, "ONE", "--max-workers", "2", "--no-resource-monitoring")
+    wait_for(lambda: {"A", "C"} <= {s.task for s in spans(journal)}, timeout=120)
+    go.touch()
+    wait_for(removed_mark.exists, timeout=60)
+    return run
+
+
+def workers_listed(project: Project) -> set[str]:
+    return {w["task"] for w in project.json("ps")["workers"] if w["alive"]}
+
+
+def outcomes(order_dir: Path) -> dict[str, tuple]:
+    import yaml
+
+    return {p.stem: (d["status"], d.get("exit_code"), d.get("attempts"))
+            for p in order_dir.glob("*.yaml") for d in [yaml.safe_load(p.read_text())]}
 
 
 def all_tasks(tmp: Path, *orders: Path) -> Path:
@@ -73,3 +96,59 @@ def test_running_workers_whose_owner_died_and_records_were_removed_are_not_recov
     project.aipm("run", "TWO", "--no-resource-monitoring", check=True)
     assert task_statuses(one) == {"A": "FAILED", "C": "DONE", "A2": "DONE"}
     assert check(journal, all_tasks(tmp_path, one, two), root=root, once=False) == []
+
+
+@pytest.mark.parametrize("how", ["run", "launch"])
+@pytest.mark.parametrize("removed", REMOVED, ids=["state-dir", "locks", "records"])
+def test_a_second_aipm_never_starts_on_files_whose_worker_removed_the_state_directory(tmp_path, removed, how):
+    root = tmp_path / "proj"
+    root.mkdir()
+    project, journal, go, removed_mark, done = remover(root, removed, tmp_path)
+    one, two = root / "orders" / "ONE", root / "orders" / "TWO"
+    run = start_and_remove(project, journal, go, removed_mark, how)
+    try:
+        # Their owners write their lost records again at once: ps and status see both workers as they are.
+        wait_for(lambda: workers_listed(project) == {"A", "C"}, timeout=60)
+        assert {t["id"]: t["status"] for t in project.json("status", "ONE")["tasks"]} == {
+            "A": "IN_PROGRESS", "C": "IN_PROGRESS", "A2": "QUEUED"}
+        # Another terminal: neither launch, exec nor recover may start or re-queue anything on x.py or y.py.
+        assert project.json("launch", "TWO", "--no-resource-monitoring")["launched"] == []
+        ex = project.aipm("exec", "TWO/E", "--no-resource-monitoring")
+        assert ex.returncode == 1 and "held by running task ONE/C" in ex.stdout + ex.stderr, ex.stdout + ex.stderr
+        recovered = project.json("recover", "ONE")["recovered"]
+        assert not [r for r in recovered if r["action"] == "requeued"], recovered
+        assert task_statuses(one) == {"A": "IN_PROGRESS", "C": "IN_PROGRESS", "A2": "QUEUED"}
+        assert task_statuses(two) == {"B": "QUEUED", "E": "QUEUED"}
+        done.touch()
+        assert run.wait(timeout=300) == (1 if how == "run" else 0), run.output
+        wait_for(lambda: set(task_statuses(one).values()) <= {"FAILED", "DONE"}, timeout=120)
+    finally:
+        done.touch()
+        run.kill()
+    assert "Traceback" not in run.output
+    assert outcomes(one) == {"A": ("FAILED", 3, 1), "C": ("DONE", 0, 1), "A2": ("DONE", 0, 1)}
+    project.aipm("run", "TWO", "--no-resource-monitoring", check=True)
+    assert check(journal, all_tasks(tmp_path, one, two), root=root) == []
+
+
+@pytest.mark.parametrize("removed", ["", "workers"], ids=["state-dir", "records"])
+def test_a_supervisor_killed_after_its_records_were_removed_leaves_its_workers_to_be_adopted(tmp_path, removed):
+    root = tmp_path / "proj"
+    root.mkdir()
+    project, journal, go, removed_mark, done = remover(root, removed, tmp_path)
+    one = root / "orders" / "ONE"
+    run = start_and_remove(project, journal, go, removed_mark)
+    try:
+        wait_for(lambda: workers_listed(project) == {"A", "C"}, timeout=60)
+        run.p.kill()
+        run.wait(timeout=60)
+        recovered = project.json("recover", "ONE")["recovered"]
+        assert sorted((r["id"], r["action"]) for r in recovered) == [("A", "adopted"), ("C", "adopted")]
+        done.touch()
+        wait_for(lambda: set(task_statuses(one).values()) <= {"FAILED", "DONE"}, timeout=120)
+    finally:
+        done.touch()
+        run.kill()
+    # Each attempt's real exit code, recorded once: none re-run, none re-queued as lost.
+    assert outcomes(one) == {"A": ("FAILED", 3, 1), "C": ("DONE", 0, 1), "A2": ("DONE", 0, 1)}
+    assert check(journal, one, root=root) == []
