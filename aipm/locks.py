@@ -10,6 +10,8 @@ The descriptors are handed to the worker (see runtime.py), so the kernel drops t
 holding them exits. The lock files live in the project's state directory outside the work tree (`state_dir`):
 a worker that deletes `.aipm/` (`git clean -fdx`) cannot make aipm create a second, unlocked file for a path
 that is held. The project node is that directory itself; while a task holds it, systemd-tmpfiles' ageing skips it.
+A worker may still remove that directory (`rm -rf /tmp/aipm-*`): the locks held in it are noted when it is made
+again, and kept in force (`orphans`).
 
 Who holds what is read from /proc/locks (locked inodes) and /proc/<pid>/fd + fdinfo (which processes have the
 locked open file), without taking anything: read-only commands never make a launcher see a busy file.
@@ -19,9 +21,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import json
 import os
 import stat
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from pathlib import Path
 
@@ -31,6 +34,7 @@ except ImportError:  # an interpreter built without it
     from hashlib import sha1
 
 from aipm.errors import UserError
+from aipm.liveness import process_alive, process_ctime, read_small
 from aipm.paths import Target, lock_prefix
 
 STATE_BASE = "/tmp"  # fixed, not $TMPDIR: every aipm process of a project must find the same directory
@@ -83,9 +87,93 @@ def keep_inherited_locks() -> None:
 
 
 def make_state_dir(state: Path) -> None:
-    """Create the state directory inside the user's base directory."""
+    """Create the state directory inside the user's base directory. A state directory (or its `locks/`) made again
+    after someone removed it (`rm -rf /tmp/aipm-*`, a test suite cleaning /tmp) first notes the locks still held
+    in the removed one (see `orphans`): only then does `locks/` appear, and every taker looks there first."""
     user_base(state.parent)
-    (state / "locks").mkdir(parents=True, exist_ok=True)
+    locks = state / "locks"
+    for _ in range(3):
+        if locks.is_dir():
+            return
+        try:
+            with suppress(FileExistsError):
+                os.mkdir(state)
+            _note_orphans(state)
+            with suppress(FileExistsError):
+                os.mkdir(locks)
+        except FileNotFoundError:
+            continue  # removed again while being made: make it again
+    raise OSError(errno.ENOENT, f"{state} keeps being removed")
+
+
+# Locks held in a removed incarnation of the state directory: a JSON list of [pid, start time, descriptor, inode,
+# exclusive, node].
+ORPHANS = "orphans.json"
+_DELETED = " (deleted)"  # how /proc names a descriptor's file that was removed
+
+
+def _note_orphans(state: Path) -> None:
+    """Write down who holds a lock on a removed lock file (or removed state directory) of this project. Nobody can
+    take such a lock any more (the file has no name), so who holds it now is all there will ever be."""
+    held = _held_in_removed(state)
+    path = state / ORPHANS
+    if not held:
+        with suppress(FileNotFoundError):
+            os.unlink(path)  # whatever it named has ended: a holder still alive would have been found
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w") as handle:
+        json.dump(held, handle)
+    os.replace(tmp, path)
+
+
+def _held_in_removed(state: Path) -> list[list]:
+    """The ORPHANS entries of the locks held on removed files of this project now (a scan of every process)."""
+    held = []
+    top, below = f"{state}{_DELETED}", f"{state}/locks/"
+    for pid, fd, link in _open_under(str(state)):
+        if link != top and not (link.startswith(below) and link.endswith(".lock" + _DELETED)):
+            continue
+        try:
+            lock = _read(f"/proc/{pid}/fdinfo/{fd}").partition("\nlock:")[2].split("\n", 1)[0]
+            node = "" if link == top else _read(f"/proc/{pid}/fd/{fd}")  # a lock file holds its node's name
+            if lock:
+                ino = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+                held.append([pid, process_ctime(pid), int(fd), ino, " WRITE " in lock, node])
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+    return held
+
+
+def orphans(state: Path, make: bool = True) -> list[tuple[int, str, bool]]:
+    """(pid, node, exclusive?) of every live process still holding a lock in a removed incarnation of the state
+    directory: such a lock keeps its files from everyone as before, though no lock file shows it any more. With
+    `make` (a taker), a state directory being made again is finished first, its orphans noted (a reader: none)."""
+    try:
+        return _holding(json.loads(read_small(str(state / ORPHANS))))
+    except FileNotFoundError:
+        if (state / "locks").is_dir():
+            return []
+        if make:  # someone may be making it again and still be noting the orphans: note them too
+            make_state_dir(state)
+            return orphans(state, make=False)
+    except (ValueError, TypeError):
+        pass  # not as written (any worker can write here): look for ourselves
+    return _holding(_held_in_removed(state))
+
+
+def _holding(held: list[list]) -> list[tuple[int, str, bool]]:
+    return [(pid, node, exclusive) for pid, ctime, fd, ino, exclusive, node in held
+            if process_alive(pid, ctime) and _still_open(pid, fd, ino)]
+
+
+def _still_open(pid: int, fd: int, ino: int) -> bool:
+    """The process has not closed its descriptor of the removed file (a detached owner closes its copies of its
+    worker's locks before it starts the successors)."""
+    try:
+        return os.stat(f"/proc/{pid}/fd/{fd}").st_ino == ino
+    except OSError:
+        return False
 
 
 def lock_nodes(targets: Iterable[Target]) -> dict[str, bool]:
@@ -132,6 +220,10 @@ def take(state: Path, targets: Iterable[Target]) -> list[int]:
     try:
         for node in sorted(modes):  # one global order: no two takers can each hold what the other wants
             fds.append(_lock(state, node, modes[node]))
+        if modes:
+            for _, node, exclusive in orphans(state):
+                if node in modes and (exclusive or modes[node]):
+                    raise LockBusy(node)
     except BaseException:
         for fd in fds:
             os.close(fd)
@@ -238,13 +330,16 @@ class Holdings:
         nodes a live process is seen holding count: an inode number from another file system is dropped.
         """
         held = {name: excl for name, excl in self.held().items() if name not in explained}
-        if not held:
-            return []
-        inodes = {ino: name for ino, name in self._names.items() if name in held}
         by_pids: dict[tuple[int, ...], list[tuple[str, bool]]] = {}
-        for ino, pids in lock_holders(set(inodes), str(self.state)).items():
-            name = inodes[ino]
-            by_pids.setdefault(tuple(sorted(pids)), []).append((self.node(name), held[name]))
+        if held:
+            inodes = {ino: name for ino, name in self._names.items() if name in held}
+            for ino, pids in lock_holders(set(inodes), str(self.state)).items():
+                name = inodes[ino]
+                by_pids.setdefault(tuple(sorted(pids)), []).append((self.node(name), held[name]))
+        # Locks in a removed state directory: no file shows them any more, yet they hold their files as before.
+        for pid, node, exclusive in orphans(self.state, make=False):
+            if (node_file(node) if node else "") not in explained:
+                by_pids.setdefault((pid,), []).append((node, exclusive))
         return [(pids, tuple(sorted(nodes))) for pids, nodes in sorted(by_pids.items())]
 
 
@@ -270,6 +365,19 @@ def lock_holders(inodes: set[int], prefix: str, pids: Iterable[int] | None = Non
     """Inode → pids whose open file on it carries the lock (the pid in /proc/locks is only who took it first:
     an inherited lock lives on in every process that has the descriptor)."""
     out: dict[int, set[int]] = {}
+    for pid, fd, _ in _open_under(prefix, pids):
+        try:
+            ino = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
+            if ino in inodes and "\nlock:" in _read(f"/proc/{pid}/fdinfo/{fd}"):
+                out.setdefault(ino, set()).add(pid)
+        except OSError:
+            continue
+    return out
+
+
+def _open_under(prefix: str, pids: Iterable[int] | None = None) -> Iterator[tuple[int, str, str]]:
+    """(pid, descriptor number, what it names) of every descriptor of `pids` (default: every process we may read)
+    naming a file under `prefix`."""
     if pids is None:
         pids = (int(name) for name in os.listdir("/proc") if name.isdigit())
     for pid in pids:
@@ -280,14 +388,11 @@ def lock_holders(inodes: set[int], prefix: str, pids: Iterable[int] | None = Non
             continue
         for fd in fds:
             try:
-                if not os.readlink(f"{base}/{fd}").startswith(prefix):
-                    continue
-                ino = os.stat(f"{base}/{fd}").st_ino
-                if ino in inodes and "\nlock:" in _read(f"/proc/{pid}/fdinfo/{fd}"):
-                    out.setdefault(ino, set()).add(pid)
+                link = os.readlink(f"{base}/{fd}")
             except OSError:
                 continue
-    return out
+            if link.startswith(prefix):
+                yield pid, fd, link
 
 
 def _read(path: str) -> str:

@@ -7,6 +7,7 @@ workers wrote to a journal."""
 from __future__ import annotations
 
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import pytest
 from conftest import Project, state, task_statuses, wait_for, write_task
 from invariants import check, journal_command, spans
 from test_chaos import Proc
+from test_locks import HOLDER, PY, hold, release
 
 # What the worker removes, below the state directory ("": all of it).
 REMOVED = ["", "locks", "workers"]
@@ -152,3 +154,35 @@ def test_a_supervisor_killed_after_its_records_were_removed_leaves_its_workers_t
     # Each attempt's real exit code, recorded once: none re-run, none re-queued as lost.
     assert outcomes(one) == {"A": ("FAILED", 3, 1), "C": ("DONE", 0, 1), "A2": ("DONE", 0, 1)}
     assert check(journal, one, root=root) == []
+
+
+@pytest.mark.parametrize("removed", ["", "locks"], ids=["state-dir", "locks"])
+def test_a_lock_held_in_a_removed_state_directory_still_keeps_its_files(project, removed):
+    """The lock files are gone, so a new one would be free: the lock its holder still has is noted when the
+    directory is made again, and named by `locks`, `why` and `run`, which waits for it as for any holder."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    write_task(order, "FILE", target_files=["docs/conf.py"], command=journal_command(journal))
+    write_task(order, "DIR", target_files=["docs/"], command=journal_command(journal))
+    write_task(order, "OTHER", target_files=["src/a.py"], command=journal_command(journal))
+    holder = hold(project.root, "docs/conf.py")
+    run = None
+    try:
+        shutil.rmtree(state(project.root) / removed)
+        rows = [r for r in project.json("locks")["locks"] if r["path"] == "docs/conf.py"]
+        assert len(rows) == 1 and rows[0]["pids"] == [holder.pid], rows
+        assert [r["reason"] for r in project.json("why", "ORD/DIR")["reasons"]] == ["file_held_outside"]
+        run = Proc(project.root, "run", "ORD", "--json", "--no-resource-monitoring")
+        wait_for(lambda: task_statuses(order).get("OTHER") == "DONE" and any(
+            '"waiting"' in line for line in run.lines), timeout=120)
+        # A taker that is not aipm's planner meets the kernel's refusal in the lock layer itself.
+        probe = subprocess.run([PY, "-c", HOLDER, str(state(project.root)), "docs/"], input="",
+                               capture_output=True, text=True, timeout=60)
+        assert probe.returncode == 3 and probe.stdout.startswith("busy"), probe.stdout + probe.stderr
+        assert run.p.poll() is None, run.output
+        assert task_statuses(order)["FILE"] == task_statuses(order)["DIR"] == "QUEUED"
+    finally:
+        release(holder)
+    assert run is not None and run.wait(timeout=300) == 0, run.output
+    assert set(task_statuses(order).values()) == {"DONE"}
+    assert check(journal, order) == []
