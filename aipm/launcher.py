@@ -22,9 +22,10 @@ from aipm.plan import Busy, ForeignLock, Plan, plan
 from aipm.project import Project
 from aipm.capacity import Capacity, fit
 from aipm.resources import RAMP_DELAY, ResourceMonitor, get_system_info, starts_now
-from aipm.record import Record, lender, live_pid
+from aipm.record import Record, live_pid
 from aipm.runtime import Runtime
 from aipm.settings import Settings
+from aipm.slots import borrowed
 from aipm.store import load_task
 from aipm.starting import LaunchBusy, LaunchFailed, Owner, Starter, Starting
 from aipm.view import OrderView
@@ -170,9 +171,9 @@ class Launcher(Starter):
         plan had not looked at locks held outside aipm (so the caller plans again, carefully)."""
         records = report.records = self.records()
         report.order = order
-        lent = lender(records) if only is not None and owner is not None else None  # exec's task, in front
-        if lent is not None:
-            ending = {*ending, lent}
+        lent = borrowed(records) if only is not None and owner is not None else []  # exec's task, in front
+        if lent:
+            ending = {*ending, *lent}
         if not explain and sum(rec.key not in ending and rec.alive() for rec in records) >= self.settings.max_workers:
             report.plan, report.deferred = Plan(), []
             return False  # every slot is taken: nothing can start, and a plan would only say so
@@ -195,7 +196,7 @@ class Launcher(Starter):
         tried = {item["id"] for item in report.failed}
         wanted = [t for t in result.launchable if t.id not in tried]  # only `only`'s: the plan saw no other
         if self.settings.runner == "local" and any(t.resources for t in wanted):
-            wanted = self._fit_locally(wanted, [r for r in records if r.key != lent], report)
+            wanted = self._fit_locally(wanted, [r for r in records if r.key not in lent], report)
         # Read the machine only when there is something to start: the idle loop costs no CPU.
         budget, why, note = self.start_budget(live_count) if wanted else (0, "", "")
         for task in wanted[budget:]:
@@ -208,7 +209,7 @@ class Launcher(Starter):
                     report.launched.append({"id": task.id, "pid": None, "dry_run": True})
                     continue
                 try:
-                    started.append((task, self.start(order, task, owner, view)))
+                    started.append((task, self.start(order, task, owner, view, lent[0] if lent else "")))
                 except LaunchBusy as exc:  # locked since we planned, or a glob's directory lock: wait for it
                     if not careful:
                         again = True

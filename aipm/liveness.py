@@ -144,6 +144,17 @@ def ancestors() -> dict[int, float]:
     return found
 
 
+def blocked_in_wait(pid: int) -> bool:
+    """The process sleeps in wait() for a child (a shell running a command in the foreground) or in sigsuspend()
+    (dash's `wait`): it does nothing until a child ends or a signal comes. False where /proc cannot tell."""
+    try:
+        sleeping = _stat_fields(pid)[0] == b"S"
+        where = read_small(f"/proc/{pid}/wchan")
+    except OSError:
+        return False
+    return sleeping and where.startswith((b"do_wait", b"sigsuspend"))
+
+
 def read_small(path: str) -> bytes:
     """A small file's bytes through one descriptor (no buffered file object: the hot path reads many)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -55,6 +55,9 @@ class Record:
     # model.definition of the task when this attempt started: what tells the task file put back under it (an
     # agent's `git checkout`) from another task made under its name. "" in records written before it: the same.
     definition: str = ""
+    # The worker whose slot this attempt runs in (its key): the `exec` that owns it took that slot, its command
+    # waiting for it (aipm/slots.py).
+    borrowed: str = ""
 
     @property
     def serial(self) -> int:
@@ -96,17 +99,6 @@ def _enclosing() -> tuple[int, dict[int, float]]:
     if not _ENCLOSING:
         _ENCLOSING.append((os.getsid(0), ancestors()))
     return _ENCLOSING[0]
-
-
-def lender(records: list[Record]) -> str | None:
-    """The key of the worker whose command runs this process (its environment names it, its process encloses
-    us), or None. It waits for us, so a task we run in the foreground takes its slot (a recursive make's job
-    slot): counted besides, an `exec` inside a worker found no slot under load, though it was the floor's one."""
-    task = os.environ.get("AIPM_TASK_ID")
-    if task is None:
-        return None
-    key = f"{os.environ.get('AIPM_ORDER_ID', '')}/{task}"
-    return next((rec.key for rec in records if rec.key == key and rec.encloses_us()), None)
 
 
 def live_pid(rec: Record) -> int:

@@ -104,6 +104,21 @@ def check(journal: Path, order_dir: Path, max_workers: int | None = None, once: 
     return problems
 
 
+def unblocked_peak(journal: Path) -> int:
+    """The most commands running at one instant that were not blocked waiting on an `aipm exec` they started in
+    the foreground. Workers append `start|end|block|unblock TASK NANOSECONDS PID` lines; a command counts from its
+    `start` to its `end`, except from a `block` (written just before a foreground exec) to its `unblock` (just
+    after it returned). At equal instants an end or a block is taken before a start or an unblock."""
+    delta = {"start": 1, "end": -1, "block": -1, "unblock": 1}
+    events = sorted((int(ns), delta[kind]) for kind, _, ns, _ in
+                    (line.split() for line in journal.read_text().splitlines()))
+    running = peak = 0
+    for _, change in events:
+        running += change
+        peak = max(peak, running)
+    return peak
+
+
 def random_order(order_dir: Path, journal: Path, n: int, seed: int, files: int = 8, work: str = "sleep 0.02") -> None:
     """A random DAG of n tasks over a small pool of files, directories and globs, so many pairs overlap. Every
     other task's command is an argv, so both worker wrappers are in every trial."""

@@ -20,9 +20,10 @@ from aipm.cli.resource_options import (
 )
 from aipm.launcher import Launcher, Options
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
-from aipm.plan import NEVER, plan
+from aipm.plan import LIMIT, NEVER, plan
 from aipm.project import Project, find_task
 from aipm.runloop import supervise
+from aipm.slots import refusal_note
 from aipm.view import OrderView
 
 ModelOpt = Option(None, "--model", help="Model for worker templates (overrides the task and aipm.yaml).")
@@ -194,7 +195,12 @@ def exec_(
     workspace: Optional[str] = WorkspaceOpt,
     json_out: bool = Option(False, "--json", help="Stream one JSON object per event, then a summary event."),
 ) -> None:
-    """Run one task in the foreground (with its review and retries). Exit 0 when it ends DONE/COMPLETED."""
+    """Run one task in the foreground (with its review and retries). Exit 0 when it ends DONE/COMPLETED.
+
+    Run by a worker's command, it takes that worker's slot when the command waits for it with nothing else
+    running (a recursive make's job slot): one such exec at a time. Started in the background (`aipm exec X &`)
+    it needs a free slot of its own; without one it says why and exits 1, as any exec does.
+    """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
                          Options(no_review, model), runner, confine=confine, workspace=workspace)
     order_dir, task_id = find_task(launcher.project, task)
@@ -230,6 +236,9 @@ def exec_(
         from aipm.cli.cmd_detect import print_reasons, print_retry_hint
 
         print_reasons(task_id, False, reasons)
+        note = refusal_note() if any(r.reason == LIMIT for r in reasons) else None
+        if note:
+            console().print(f"  ({note})", markup=False)
         print_retry_hint(task_id, final.status)
     why = f" ({final.reason})" if final.reason else ""
     console(stderr=code != 0).print(f"{task_id}: {final.status.value}{why}", markup=False)

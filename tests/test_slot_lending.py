@@ -1,0 +1,114 @@
+"""`aipm exec` run by a worker's command: the worker lends its slot to one exec it waits for, and to no other.
+
+Every test worker journals `start`/`end` around its command, and `block`/`unblock` around each wait for execs
+it started: an exec in the foreground, or the `wait` for ones it put in the background. invariants.unblocked_peak()
+counts the commands running at each instant, not counting a caller between its `block` and `unblock` (it runs
+nothing then: it waits). The worker limit holds when that count never exceeds max_workers.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from conftest import no_workers, task_statuses, wait_for, write_task
+from invariants import unblocked_peak
+
+
+def journaled(journal: Path, body: str) -> str:
+    """A shell command that journals its start and end, with `j block`/`j unblock` at hand for its body."""
+    return (f'j() {{ echo "$1 $AIPM_TASK_ID $(date +%s%N) $$" >> "{journal}"; }}; '
+            f'j start; {body}; j end')
+
+
+def execs(project) -> str:
+    return f"{sys.executable} -m aipm --root {project.root} exec"
+
+
+def foreground(project, task: str, rc: Path) -> str:
+    """Run `aipm exec task` in the foreground, blocked meanwhile; its exit code into `rc`."""
+    return f"j block; {execs(project)} {task}; r=$?; j unblock; echo $r > {rc}"
+
+
+def background(project, *tasks: str) -> str:
+    """Start `aipm exec` of each task in the background and keep running until every one has ended or its task
+    has started (it touches `<id>.started`); then wait for them, blocked meanwhile."""
+    starts = "".join(f"{execs(project)} SUB/{tid} & e{n}=$!; " for n, tid in enumerate(tasks))
+    pending = " || ".join(f"pending $e{n} {project.root / tid}.started" for n, tid in enumerate(tasks))
+    return (f"pending() {{ kill -0 $1 2>/dev/null && [ ! -e $2 ]; }}; {starts}"
+            f"while {pending}; do sleep 0.02; done; j block; wait; j unblock")
+
+
+def test_a_background_exec_takes_no_slot_while_its_caller_goes_on(project):
+    """max_workers 1. L's command starts `aipm exec SUB/A &` and keeps running until A has started (or the exec
+    ended). A borrowed L's slot: A ran beside L's still running command, two commands at once. Now a worker lends
+    its slot only to an exec it waits for alone: this one finds no slot, says why and exits 1, A stays QUEUED."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\n")
+    order, sub = project.order(), project.order("SUB")
+    journal, started, rc = project.root / "journal", project.root / "A.started", project.root / "A.rc"
+    write_task(order, "L", target_files=["l.txt"], timeout=120, command=journaled(journal, (
+        f"{execs(project)} SUB/A & e=$!; while kill -0 $e 2>/dev/null && [ ! -e {started} ]; do sleep 0.02; done; "
+        f"wait $e; echo $? > {rc}")))
+    write_task(sub, "A", target_files=["a.txt"], command=journaled(journal, f"touch {started}"))
+    proc = project.aipm("exec", "ORD/L")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (project.root / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
+    assert unblocked_peak(journal) == 1, journal.read_text()
+    assert rc.read_text() == "1\n", log
+    assert "worker limit reached" in log and "lends its slot only to one exec at a time" in log, log
+    assert task_statuses(sub) == {"A": "QUEUED"}
+    assert no_workers(project.root)
+
+
+def test_nested_foreground_execs_each_take_their_callers_slot(project):
+    """max_workers 1. L runs `aipm exec SUB/A` in the foreground, A runs `aipm exec SUB/B` in the foreground. B's
+    exec did not count A (its lender) but did count L, which had lent its slot to A: 'worker limit reached', B
+    QUEUED, exit 1, though L and A both only waited. A slot lent on is lent with the slot it came from."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\n")
+    order, sub = project.order(), project.order("SUB")
+    journal, a_rc, b_rc = project.root / "journal", project.root / "A.rc", project.root / "B.rc"
+    write_task(order, "L", target_files=["l.txt"], timeout=120,
+               command=journaled(journal, foreground(project, "SUB/A", a_rc)))
+    write_task(sub, "A", target_files=["a.txt"], timeout=120,
+               command=journaled(journal, foreground(project, "SUB/B", b_rc)))
+    write_task(sub, "B", target_files=["b.txt"], command=journaled(journal, "echo B > b.txt"))
+    proc = project.aipm("exec", "ORD/L")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (a_rc.read_text(), b_rc.read_text()) == ("0\n", "0\n"), \
+        (project.root / ".aipm" / "logs" / "SUB" / "A.1.log").read_text()
+    assert task_statuses(sub) == {"A": "DONE", "B": "DONE"}
+    assert unblocked_peak(journal) == 1, journal.read_text()
+    assert no_workers(project.root)
+
+
+def test_execs_inside_workers_never_run_more_commands_than_max_workers(project):
+    """A run of 2 workers over tasks whose commands start execs every way: in the foreground, nested, in the
+    background while the command goes on, two side by side. Invariant (invariants.unblocked_peak): at no instant
+    do more than max_workers commands run that are not blocked waiting on execs they started (a foreground exec,
+    or the shell's `wait` for background ones, journalled from `block` to `unblock`).
+    An exec that found no slot exits 1 and leaves its task QUEUED; that is allowed, exceeding the limit is not."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    order, sub = project.order(), project.order("SUB")
+    journal = project.root / "journal"
+    work = "sleep 0.3"
+    commands = {
+        "F1": foreground(project, "SUB/A1", project.root / "A1.rc"),
+        "F2": foreground(project, "SUB/B1", project.root / "B1.rc"),
+        "G1": background(project, "C1"),
+        "G2": background(project, "D1", "D2"),
+        "P1": work,
+        "P2": work,
+    }
+    for tid, body in commands.items():
+        write_task(order, tid, target_files=[f"{tid}.txt"], timeout=120, command=journaled(journal, body))
+    write_task(sub, "B1", target_files=["B1.txt"], timeout=120,
+               command=journaled(journal, foreground(project, "SUB/B2", project.root / "B2.rc")))
+    for tid in ("A1", "B2", "C1", "D1", "D2"):
+        write_task(sub, tid, target_files=[f"{tid}.txt"],
+                   command=journaled(journal, f"touch {project.root / tid}.started; {work}"))
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    wait_for(lambda: no_workers(project.root))
+    assert unblocked_peak(journal) <= 2, journal.read_text()
+    assert set(task_statuses(sub).values()) <= {"DONE", "QUEUED"}, task_statuses(sub)
+
