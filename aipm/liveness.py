@@ -144,15 +144,20 @@ def ancestors() -> dict[int, float]:
     return found
 
 
-def blocked_in_wait(pid: int) -> bool:
-    """The process sleeps in wait() for a child (a shell running a command in the foreground) or in sigsuspend()
-    (dash's `wait`): it does nothing until a child ends or a signal comes. False where /proc cannot tell."""
+def asleep_in_wait(pid: int) -> bytes | None:
+    """While the process sleeps in wait() for a child (a shell running a command in the foreground) or in
+    sigsuspend() (dash's `wait`), a token that stays the same as long as it sleeps on (its context switches: a
+    sleeping process makes none); else None, also where /proc cannot tell. Two equal tokens: it did not run in
+    between, so it started no process and reaped none."""
     try:
         sleeping = _stat_fields(pid)[0] == b"S"
         where = read_small(f"/proc/{pid}/wchan")
+        status = read_small(f"/proc/{pid}/status")
     except OSError:
-        return False
-    return sleeping and where.startswith((b"do_wait", b"sigsuspend"))
+        return None
+    if not sleeping or not where.startswith((b"do_wait", b"sigsuspend")):
+        return None
+    return b"".join(line for line in status.splitlines() if b"ctxt_switches:" in line)
 
 
 def read_small(path: str) -> bytes:

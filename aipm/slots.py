@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import os
 
-from aipm.liveness import blocked_in_wait
+from aipm.liveness import asleep_in_wait
 from aipm.record import Record
-from aipm.subreaper import children, zombie
+from aipm.subreaper import children
 
 
 def borrowed(records: list[Record]) -> list[str]:
@@ -42,15 +42,15 @@ def borrowed(records: list[Record]) -> list[str]:
 
 
 def _waits_for_us_alone(worker: int) -> bool:
-    """Every process from the worker down to this one sleeps in wait() and has no other live child: the
-    command runs nothing but us, and cannot go on before we end. Seen under the launch lock, before our start."""
+    """Every process from the worker down to this one sleeps in wait() with no other child (a zombie is one: it
+    is about to wake its parent), and slept on while we looked: the command runs nothing but us, and cannot go on
+    before we end. Seen under the launch lock, before our start."""
     me = os.getpid()
     pid = worker
     while pid != me:
-        if not blocked_in_wait(pid):
-            return False
-        kids = [kid for kid in children(pid) if not zombie(kid)]  # a finished background job runs nothing
-        if len(kids) != 1:
+        asleep = asleep_in_wait(pid)
+        kids = children(pid)
+        if asleep is None or len(kids) != 1 or asleep_in_wait(pid) != asleep:
             return False
         pid = kids[0]
     return True

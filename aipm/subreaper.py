@@ -169,7 +169,7 @@ def end(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
     that were still running: a zombie (a group member the group's kill ended, re-parented to us when its parent
     died first) is only reaped."""
     pids = [pid for pid in dict.fromkeys(pids) if pid != os.getpid()]
-    running = [pid for pid in pids if not zombie(pid)]
+    running = [pid for pid in pids if not _zombie(pid)]
     for pid in running:
         try:
             os.kill(pid, signal.SIGKILL)
@@ -180,7 +180,7 @@ def end(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
     return running
 
 
-def zombie(pid: int) -> bool:
+def _zombie(pid: int) -> bool:
     """Ended, waiting to be reaped (or gone already)."""
     try:
         return read_small(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")

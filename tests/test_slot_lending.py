@@ -8,6 +8,7 @@ nothing then: it waits). The worker limit holds when that count never exceeds ma
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -37,6 +38,19 @@ def background(project, *tasks: str) -> str:
     pending = " || ".join(f"pending $e{n} {project.root / tid}.started" for n, tid in enumerate(tasks))
     return (f"pending() {{ kill -0 $1 2>/dev/null && [ ! -e $2 ]; }}; {starts}"
             f"while {pending}; do sleep 0.02; done; j block; wait; j unblock")
+
+
+def test_a_caller_that_runs_on_is_never_seen_waiting_for_its_exec_alone(tmp_path):
+    """The look read a process's state, then its children: a shell looping on `sleep 0.001` beside its background
+    exec was seen asleep in wait() with the exec as its one child (that sleep ended meanwhile, or the next one not
+    yet started) a few times in a thousand looks, and so lent its slot while it ran on. Now it must sleep on, unchanged,
+    across the whole look. The probe plays the exec: the shell's child, looking at the shell."""
+    out = tmp_path / "seen"
+    probe = ("import os; from aipm.slots import _waits_for_us_alone as alone; "
+             "print(sum(alone(os.getppid()) for _ in range(3000)))")
+    script = f'{sys.executable} -c "{probe}" > {out} & e=$!; while kill -0 $e 2>/dev/null; do sleep 0.001; done'
+    subprocess.run(["sh", "-c", script], timeout=300, check=True)
+    assert out.read_text() == "0\n"
 
 
 def test_a_background_exec_takes_no_slot_while_its_caller_goes_on(project):
