@@ -149,7 +149,7 @@ class Launcher(Starter):
         with nullcontext() if self.options.dry_run else self.runtime.launch_lock(), scope.shared():
             order = view.refresh()
             if recover and not self.options.dry_run:
-                report.recovered = recovery.recover_order(self, order, adopt=owner)
+                report.recovered = recovery.recover_order(self, order, adopt=owner, only=only)
                 report.failed += [{"id": item["id"], "error": item["error"]} for item in report.recovered
                                   if "error" in item]
                 if report.recovered:

@@ -56,7 +56,7 @@ class Record:
     # agent's `git checkout`) from another task made under its name. "" in records written before it: the same.
     definition: str = ""
     # The worker whose slot this attempt runs in (its key): the `exec` that owns it took that slot, its command
-    # waiting for it (aipm/slots.py).
+    # waiting for it (aipm/slots.py). Cleared when its owner is gone (recovery): that worker went on.
     borrowed: str = ""
 
     @property

@@ -8,6 +8,7 @@ then QUEUED (see docs/locks-review-recovery.md). Callers hold the launch lock.
 from __future__ import annotations
 
 import os
+from collections.abc import Collection
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -26,11 +27,13 @@ if TYPE_CHECKING:
     from aipm.starting import Owner
 
 
-def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) -> list[dict]:
+def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
+                  only: Collection[str] | None = None) -> list[dict]:
     """Repair running tasks whose owner is gone. Caller holds the launch lock.
 
     A worker that is still alive, or that left its exit code, is adopted (by `adopt`, or by a new detached
-    owner) so its real outcome is recorded; a worker lost without a trace is INTERRUPTED, then QUEUED.
+    owner) so its real outcome is recorded; a worker lost without a trace is INTERRUPTED, then QUEUED. With
+    `only` (exec's task), `adopt` takes only those: it ends with them, and would leave any other unrecorded.
     """
     out = []
     remove_temp_files(Path(order.path))
@@ -69,9 +72,10 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None) 
             again = False
         if rec is not None and (again or rec.worker_alive() or outcome_left(task, rec, launcher.runtime)
                                 or usage_left(task, rec)):
+            rec.borrowed = ""  # its exec is gone and the worker that lent it a slot went on: it takes its own
             try:
-                if adopt is not None and not rec.encloses_us():  # else a detached owner: we cannot wait for it
-                    adopt.adopt(rec)
+                if adopt is not None and not rec.encloses_us() and (only is None or task.id in only):
+                    adopt.adopt(rec)  # else a detached owner: we cannot wait for it, or will not
                 else:
                     launcher.spawn_detached(rec, adopt=True)  # (it tries again itself, under the lock)
                     launcher.runtime.write_record(rec)

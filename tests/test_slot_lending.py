@@ -8,12 +8,14 @@ nothing then: it waits). The worker limit holds when that count never exceeds ma
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 from conftest import no_workers, task_statuses, wait_for, write_task
-from invariants import unblocked_peak
+from invariants import unblocked_peak, worker_records
 
 
 def journaled(journal: Path, body: str) -> str:
@@ -126,3 +128,37 @@ def test_execs_inside_workers_never_run_more_commands_than_max_workers(project):
     assert unblocked_peak(journal) <= 2, journal.read_text()
     assert set(task_statuses(sub).values()) <= {"DONE", "QUEUED"}, task_statuses(sub)
 
+
+def test_a_borrower_killed_gives_its_slot_back_and_its_adopted_worker_keeps_one(project):
+    """max_workers 2. L's foreground exec of SUB/A is SIGKILLed while A runs: A's worker lives on and is adopted
+    (as any worker whose owner died), and L goes on, so A now counts as a worker of its own. L's next foreground
+    exec SUB/C takes L's slot again and starts beside A: two commands, never three; A's outcome is recorded.
+    C's exec adopted A itself and, done with C, exited: A ended IN_PROGRESS with no owner (stale until a
+    recovery). An exec now adopts only its own task; the others get a detached owner, which clears A's mark of
+    L's slot (left, it made the slot look lent still: C counted L and A, and found no slot)."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    order, sub = project.order(), project.order("SUB")
+    journal, gate = project.root / "journal", project.root / "gate"
+    a_rc, c_rc, started = project.root / "A.rc", project.root / "C.rc", project.root / "A.started"
+    write_task(order, "L", target_files=["l.txt"], timeout=120, command=journaled(
+        journal, f"{foreground(project, 'SUB/A', a_rc)}; {foreground(project, 'SUB/C', c_rc)}"))
+    write_task(sub, "A", target_files=["a.txt"], timeout=120, command=journaled(
+        journal, f"touch {started}; while [ ! -e {gate} ]; do sleep 0.02; done"))
+    write_task(sub, "C", target_files=["c.txt"], command=journaled(journal, "echo C > c.txt"))
+    env = {**os.environ, "AIPM_ENABLE_MONITORING": "false"}
+    with open(project.root / "exec.out", "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "exec", "ORD/L"],
+                                stdout=out, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_for(started.exists)
+        owner = next(rec["owner_pid"] for rec in worker_records(project.root) if rec["task"] == "A")
+        os.kill(owner, signal.SIGKILL)
+        wait_for(c_rc.exists)
+    finally:
+        gate.touch()
+    assert proc.wait(timeout=120) == 0, (project.root / "exec.out").read_text()
+    log = (project.root / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
+    assert (a_rc.read_text(), c_rc.read_text()) == ("137\n", "0\n"), log
+    wait_for(lambda: no_workers(project.root))
+    assert task_statuses(sub) == {"A": "DONE", "C": "DONE"}, log
+    assert unblocked_peak(journal) <= 2, journal.read_text()
