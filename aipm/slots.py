@@ -56,12 +56,14 @@ def _waits_for_us_alone(worker: int) -> bool:
     return True
 
 
-def refusal_note() -> str | None:
-    """Why an exec run inside a worker found no slot although its caller holds one, or None outside a worker."""
+def refusal_note(records: list[Record]) -> str | None:
+    """Why an exec run inside a worker found no slot although its caller holds one; None outside a worker of
+    this project (a worker of another project holds no slot here)."""
     key = _caller()
-    return None if key is None else (
-        f"this exec runs inside the worker {key}, which lends its slot only to one exec at a time that its command "
-        "waits for with nothing else running (not `aipm exec X &`)")
+    if key is None or not any(rec.key == key and rec.encloses_us() for rec in records):
+        return None
+    return (f"this exec runs inside the worker {key}, which lends its slot only to one exec at a time that its "
+            "command waits for with nothing else running (not `aipm exec X &`)")
 
 
 def _caller() -> str | None:

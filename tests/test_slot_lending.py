@@ -162,3 +162,28 @@ def test_a_borrower_killed_gives_its_slot_back_and_its_adopted_worker_keeps_one(
     wait_for(lambda: no_workers(project.root))
     assert task_statuses(sub) == {"A": "DONE", "C": "DONE"}, log
     assert unblocked_peak(journal) <= 2, journal.read_text()
+
+
+def test_an_exec_a_worker_of_another_project_runs_borrows_no_slot_there(project, tmp_path, gate):
+    """P1's worker ORD/L runs `aipm --root P2 exec ORD/A`, while P2 (max_workers 1) runs its own ORD/L: the same
+    key, but P1's worker holds no slot of P2. The exec counts P2's L, finds no slot and exits 1, A QUEUED; its
+    note about lending named P1's worker as if it were P2's, and is no longer said."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\n")
+    order = project.order()
+    write_task(order, "L", priority="P0", target_files=["l.txt"], command=f"while [ ! -e {gate} ]; do sleep 0.02; done")
+    write_task(order, "A", priority="P3", target_files=["a.txt"], command="echo A > a.txt")
+    project.aipm("launch", "ORD", check=True)
+    other = tmp_path / "p1"
+    (other / "orders").mkdir(parents=True)
+    (other / "aipm.yaml").write_text("max_workers: 1\n")
+    rc = tmp_path / "A.rc"
+    write_task(other / "orders" / "ORD", "L", target_files=["l.txt"], command=f"{execs(project)} ORD/A; echo $? > {rc}")
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(other), "exec", "ORD/L"], capture_output=True,
+                          text=True, env={**os.environ, "AIPM_ENABLE_MONITORING": "false"}, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (other / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
+    assert rc.read_text() == "1\n", log
+    assert "worker limit reached" in log and "lends its slot" not in log, log
+    assert task_statuses(order) == {"L": "IN_PROGRESS", "A": "QUEUED"}
+    gate.touch()
+    wait_for(lambda: no_workers(project.root))

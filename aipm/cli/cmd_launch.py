@@ -236,7 +236,7 @@ def exec_(
         from aipm.cli.cmd_detect import print_reasons, print_retry_hint
 
         print_reasons(task_id, False, reasons)
-        note = refusal_note() if any(r.reason == LIMIT for r in reasons) else None
+        note = refusal_note(looker.records()) if any(r.reason == LIMIT for r in reasons) else None
         if note:
             console().print(f"  ({note})", markup=False)
         print_retry_hint(task_id, final.status)
