@@ -3,6 +3,9 @@
 An agent task (no `command`: the worker template runs it) without `target_files` may edit any file, and, since
 it claims no files, no lock keeps other tasks off the files it edits: aipm starts it beside anything.
 
+An order with a budget whose agent tasks run an agent that reports no cost (the worker.command template, codex):
+their attempts count as nothing against it and get no cap, so the budget cannot hold.
+
 A file in an order directory named like a task file but not `*.yaml` (`T1.yml`, `T2.YAML`) is no task at all: the
 order runs without it, and an order of nothing but such files "succeeds" at once.
 """
@@ -13,7 +16,10 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-from aipm.model import Task
+from aipm import agents, budget
+from aipm.model import Order, Task
+from aipm.settings import Settings
+from aipm.worker import agent_for
 
 
 def unbounded_agent(task: Task) -> str | None:
@@ -27,6 +33,29 @@ def unbounded_agent(task: Task) -> str | None:
 
 def warnings(tasks: Iterable[Task]) -> list[str]:
     return [w for w in map(unbounded_agent, tasks) if w]
+
+
+def unenforced_budget(order: Order, tasks: Iterable[Task], settings: Settings) -> list[str]:
+    """A warning per agent among `tasks` (of `order`) that reports no cost, when the order has a budget."""
+    limit = budget.of(order, settings.max_cost_usd)
+    if limit is None:
+        return []
+    blind: dict[str, list[str]] = {}
+    for task in tasks:
+        agent = agent_for(task, settings)
+        if task.command is None and not agents.reports_cost(agent):
+            blind.setdefault(agent, []).append(task.id)
+    where = str(Path(order.path) / "order.yaml") if limit.source == "order.yaml" else "aipm.yaml"
+    out = []
+    for agent, ids in blind.items():
+        named = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
+        runs = "the worker.command template (worker.agent: command)" if agent == agents.COMMAND else agent
+        fix = ("set `worker.agent: claude` in aipm.yaml (Claude Code through its preset: cost, a cap per attempt, "
+               "permission rules from target_files)" if agent == agents.COMMAND else
+               "run them with an agent that reports cost (claude, aider)")
+        out.append(f"{where}: max_cost_usd {budget.usd(limit.limit)} of order {order.id} cannot be enforced: "
+                   f"{named} run {runs}, which reports no cost, so their attempts count as nothing against it; {fix}")
+    return out
 
 
 def stray_files(order_dir: Path) -> list[str]:

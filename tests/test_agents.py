@@ -638,6 +638,29 @@ def test_the_budget_holds_with_workers_finishing_in_parallel(project):
     assert project.json("status", "ORD")["cost_usd"] == pytest.approx(0.1 * len(started))
 
 
+def test_a_budget_the_agent_cannot_count_is_warned_about(project):
+    """A user trial: `aipm init`'s worker template runs `claude -p` as a plain command, which reports no cost, so
+    `max_cost_usd: 0.01` never stopped anything and no command said why."""
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.01\n")
+    for name in ("P1", "P2"):
+        write_task(order, name, prompt="@cost 0.05", target_files=[f"{name}.txt"])
+    write_task(order, "C", command="true")  # its own command: not an agent, nothing to warn about
+    expected = (f"aipm: warning: {order / 'order.yaml'}: max_cost_usd $0.0100 of order ORD cannot be enforced: P1, "
+                "P2 run the worker.command template (worker.agent: command), which reports no cost, so their "
+                "attempts count as nothing against it; set `worker.agent: claude` in aipm.yaml")
+    (project.root / "aipm.yaml").write_text('worker:\n  command: ["claude", "-p"]\n')
+    for args in (["validate", "ORD"], ["run", "ORD"]):
+        proc = project.aipm(*args, env=agent_env(project))
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        warned = [line for line in proc.stderr.splitlines() if "max_cost_usd" in line]
+        assert len(warned) == 1 and warned[0].startswith(expected), proc.stderr
+    for name in ("P1", "P2", "C"):
+        write_task(order, name, prompt="@cost 0.001", target_files=[f"{name}.txt"])
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    assert "max_cost_usd" not in project.aipm("validate", "ORD").stderr
+
+
 def test_a_supervisor_killed_mid_attempt_leaves_the_usage_to_the_next_one(project):
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     order = project.order()

@@ -71,6 +71,11 @@ def can_resume(name: str) -> bool:
     return is_preset(name) and preset(name).RESUMES
 
 
+def reports_cost(name: str) -> bool:
+    """Whether the agent's output says what an attempt cost (what an order's budget counts)."""
+    return is_preset(name) and preset(name).REPORTS_COST
+
+
 def command_line(name: str, attempt: Attempt) -> list[str]:
     """The preset's argv for this attempt; writes the permission files it refers to."""
     return preset(name).argv(attempt)

@@ -22,6 +22,7 @@ from aipm.workerfiles import write_bytes
 
 PROGRAM = "claude"
 RESUMES = True
+REPORTS_COST = True
 EDIT_TOOLS = "Edit|Write|MultiEdit|NotebookEdit"
 # Claude's usage keys → ours.
 _TOKENS = {"input_tokens": "input", "output_tokens": "output", "cache_read_input_tokens": "cache_read",

@@ -15,6 +15,7 @@ from aipm.agents import Attempt, Usage, count, json_lines
 
 PROGRAM = "codex"
 RESUMES = True
+REPORTS_COST = False  # tokens only
 
 
 def argv(attempt: Attempt) -> list[str]:

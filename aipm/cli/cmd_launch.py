@@ -12,7 +12,7 @@ from aipm.cli.decl import Argument, Exit, Option, command
 
 from aipm import budget, parsecache, recovery
 from aipm.cluster import require_ray
-from aipm.advice import stray_files, warnings
+from aipm.advice import stray_files, unenforced_budget, warnings
 from aipm.cli.common import JsonOpt, console, print_json, project_root, warn
 from aipm.cli.display import Display, mode_for, plain_line, summary_event
 from aipm.cli.resource_options import (
@@ -23,6 +23,7 @@ from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.plan import LIMIT, NEVER, plan
 from aipm.project import Project, find_task
 from aipm.runloop import supervise
+from aipm.settings import Settings
 from aipm.slots import refusal_note
 from aipm.view import OrderView
 
@@ -47,10 +48,11 @@ def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, 
     return Launcher(Project(root, settings.orders_dir), settings, options)
 
 
-def warn_unbounded(tasks: Iterable[Task], order_dir: Path) -> None:
-    """Files of the order that are no task files, and agent tasks that claim no files among those that may
-    still run."""
-    warn(stray_files(order_dir) + warnings(t for t in tasks if t.status not in FINISHED_OK | DEAD_END))
+def warn_unbounded(order: Order, tasks: Iterable[Task], settings: Settings) -> None:
+    """Files of the order that are no task files, and among the tasks that may still run, agent tasks that
+    claim no files or that its budget cannot count."""
+    tasks = [t for t in tasks if t.status not in FINISHED_OK | DEAD_END]
+    warn(stray_files(Path(order.path)) + warnings(tasks) + unenforced_budget(order, tasks, settings))
 
 
 @command()
@@ -76,7 +78,7 @@ def launch(
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
                          Options(no_review, model, dry_run), runner, confine=confine, workspace=workspace)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
-    warn_unbounded(view.order.tasks.values(), view.dir)
+    warn_unbounded(view.order, view.order.tasks.values(), launcher.settings)
     if not dry_run:
         recovery.read_lost_usage_ahead(launcher.runtime)
     report = launcher.launch_ramped(view)
@@ -134,7 +136,7 @@ def run(
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
                          Options(no_review, model), runner, preempt, confine, workspace)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root)
-    warn_unbounded(view.order.tasks.values(), view.dir)
+    warn_unbounded(view.order, view.order.tasks.values(), launcher.settings)
     display = Display(mode_for(json_out), view)
     try:
         code = supervise(launcher, view, display)
@@ -205,7 +207,7 @@ def exec_(
                          Options(no_review, model), runner, confine=confine, workspace=workspace)
     order_dir, task_id = find_task(launcher.project, task)
     view = OrderView(order_dir, launcher.project.root)
-    warn_unbounded([view.order.tasks[task_id]], order_dir)
+    warn_unbounded(view.order, [view.order.tasks[task_id]], launcher.settings)
     display = Display("json" if json_out else "plain", view)
     before = view.order.tasks[task_id]
     code = supervise(launcher, view, display, only=task_id, detach_others=parallel)

@@ -8,7 +8,7 @@ from aipm.cli.decl import Argument, Exit, Option, command
 
 from aipm import budget, parsecache, readers
 from aipm.board import as_seen, order_totals, task_row
-from aipm.advice import stray_files, warnings
+from aipm.advice import stray_files, unenforced_budget, warnings
 from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, read_only, warn
 from aipm.errors import ValidationError
 from aipm.model import FINISHED_OK, status_summary
@@ -32,7 +32,7 @@ max_workers: 5
 # worker:
 #   command: ["claude", "-p", "--model", "{model}"]   # for tasks without `command`; prompt on stdin
 #   model: sonnet
-#   agent: command       # or a preset: claude, codex, aider (see docs/workers.md)
+#   agent: command       # or a preset: claude (cost, budget caps, permission rules), codex, aider (docs/workers.md)
 # review:
 #   command: null
 # max_cost_usd: null     # budget in US dollars of orders whose order.yaml sets none
@@ -94,6 +94,7 @@ def validate(
     parsecache.writable()
     readers.allow()
     project = get_project()
+    settings = load_settings(project.root)
     dirs = [project.order_dir(order)] if order else project.order_dirs()
     ids = project.order_ids()
     results, errors = [], []
@@ -101,7 +102,8 @@ def validate(
         try:
             project.check_unique(directory, ids)
             loaded = load_order(directory, project.root)
-            advice = stray_files(directory) + warnings(loaded.tasks.values())
+            advice = (stray_files(directory) + warnings(loaded.tasks.values())
+                      + unenforced_budget(loaded, loaded.tasks.values(), settings))
             warn(advice)
             results.append({"order": loaded.id, "path": str(directory), "tasks": len(loaded.tasks), "ok": True,
                             "warnings": advice})
