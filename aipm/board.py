@@ -100,7 +100,7 @@ def survey(launcher: Launcher, order_dir: Path) -> tuple[Order, Plan, int, list,
     records = launcher.records()
     busy, live, count = launcher.holders(order, records)
     free = max(0, launcher.settings.max_workers - count)
-    spend = budget.of(order, launcher.settings.max_cost_usd)
+    spend = budget.of(order, launcher.settings.max_cost_usd, records)
     outside = launcher.outside(records)
     return order, plan(order, busy, live, free, budget=spend, outside=outside), free, busy, outside
 

@@ -2,13 +2,20 @@
 
 Pure: the planner gets a Budget and stops starting attempts once it is spent; running attempts finish.
 The limit is order.yaml's `max_cost_usd`, else the `max_cost_usd` setting; no limit, no Budget.
+
+Recorded costs arrive only when attempts end, so attempts started together could each spend the whole rest. An
+attempt whose agent takes a cap (claude) is therefore given a share of what is left and holds it while it works
+(its record's `cost_cap`): what is spent plus what running attempts hold never passes the limit, and no attempt
+starts while nothing is left to share.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from aipm.model import Order
+from aipm.record import Record
 
 
 @dataclass(frozen=True)
@@ -16,10 +23,26 @@ class Budget:
     limit: float
     spent: float
     source: str  # where the limit comes from, for messages: "order.yaml" or "setting max_cost_usd"
+    held: float = 0.0  # the caps of the order's running attempts: what they may still spend
 
     @property
     def reached(self) -> bool:
         return self.spent >= self.limit
+
+    @property
+    def available(self) -> float:
+        """What a new attempt may be given: the limit less what is spent and what running attempts hold."""
+        return max(0.0, round(self.limit - self.spent - self.held, 6))
+
+    def shares(self, count: int) -> float:
+        """Each of `count` attempts starting together gets an equal part of what is available, cut to whole
+        micro-dollars so the parts never add up to more."""
+        return int(self.available * 1_000_000 / count) / 1_000_000
+
+    @property
+    def held_detail(self) -> str:
+        return (f"budget held: the order's attempts cost {usd(self.spent)} and its running attempts may spend "
+                f"{usd(self.held)} more, of max_cost_usd {usd(self.limit)} ({self.source}); waits for them to end")
 
     @property
     def detail(self) -> str:
@@ -42,9 +65,15 @@ def recorded(order: Order) -> float | None:
     return spent(order) if any(t.cost_usd is not None for t in order.tasks.values()) else None
 
 
-def of(order: Order, default_limit: float | None) -> Budget | None:
+def held(order: Order, records: Iterable[Record]) -> float:
+    """What the order's attempts still at work may spend: their caps (an ended attempt's cost is recorded)."""
+    return round(sum(r.cost_cap for r in records if r.order == order.id and r.phase == "work" and r.cost_cap), 6)
+
+
+def of(order: Order, default_limit: float | None, records: Iterable[Record] = ()) -> Budget | None:
+    """The order's budget; `records` (the worker records) give what its running attempts hold."""
     if order.max_cost_usd is not None:
-        return Budget(order.max_cost_usd, spent(order), "order.yaml")
+        return Budget(order.max_cost_usd, spent(order), "order.yaml", held(order, records))
     if default_limit is not None:
-        return Budget(default_limit, spent(order), "setting max_cost_usd")
+        return Budget(default_limit, spent(order), "setting max_cost_usd", held(order, records))
     return None

@@ -13,8 +13,8 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import durable, holds, locks, recovery, scope, writtenlog
-from aipm.budget import of as order_budget
+from aipm import agents, durable, holds, locks, recovery, scope, writtenlog
+from aipm.budget import Budget, of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
@@ -29,6 +29,7 @@ from aipm.slots import borrowed
 from aipm.store import load_task
 from aipm.starting import LaunchBusy, LaunchFailed, Owner, Starter, Starting
 from aipm.view import OrderView
+from aipm.worker import agent_for
 
 
 @dataclass
@@ -179,7 +180,7 @@ class Launcher(Starter):
             return False  # every slot is taken: nothing can start, and a plan would only say so
         busy, live, live_count = self.holders(order, records, ending, released)
         free = max(0, self.settings.max_workers - live_count)
-        spend = order_budget(order, self.settings.max_cost_usd)
+        spend = order_budget(order, self.settings.max_cost_usd, records)
         outside = self.outside(records) if careful else []
         # With `only` (exec's task), the plan chooses among those alone: a task this launch will not start must
         # not take their files "first this round".
@@ -203,13 +204,15 @@ class Launcher(Starter):
             report.deferred.append({"id": task.id, "reason": why, "detail": note})
         started: list[tuple[Task, Starting]] = []
         again = False
+        caps = self._caps(wanted[:budget], spend)
         try:
             for task in wanted[:budget]:
                 if self.options.dry_run:
                     report.launched.append({"id": task.id, "pid": None, "dry_run": True})
                     continue
                 try:
-                    started.append((task, self.start(order, task, owner, view, lent[0] if lent else "")))
+                    started.append((task, self.start(order, task, owner, view, lent[0] if lent else "",
+                                                     caps[task.id])))
                 except LaunchBusy as exc:  # locked since we planned, or a glob's directory lock: wait for it
                     if not careful:
                         again = True
@@ -238,6 +241,18 @@ class Launcher(Starter):
                 starting.abort()  # those not recorded yet: never left IN_PROGRESS with a wrapper waiting
             raise
         return again
+
+    def _caps(self, tasks: list[Task], spend: Budget | None) -> dict[str, float | None]:
+        """Each starting attempt's spending cap: the task's own `max_cost_usd`, and under an order budget no more
+        than an equal share of what is available, so the attempts starting now cannot together pass it. None for
+        agents that take no cap (their spending is known only once recorded)."""
+        capped = [t for t in tasks if agents.caps_cost(agent_for(t, self.settings))]
+        share = spend.shares(len(capped)) if spend is not None and capped else None
+        caps: dict[str, float | None] = {t.id: None for t in tasks}
+        for task in capped:
+            limits = [c for c in (task.max_cost_usd, share) if c is not None]
+            caps[task.id] = min(limits) if limits else None
+        return caps
 
     def launch_ramped(self, view: OrderView) -> LaunchReport:
         """launch() with detached owners, repeated while the ramp-up holds starts back for a fresh reading.

@@ -160,7 +160,8 @@ def plan(
     ordering  -- ids to consider, in rank order (default: every task, `ranked(order)`)
     explain   -- False stops at the first full round (the supervisor's hot path needs no reasons)
     running   -- ids of this order's IN_PROGRESS/IN_REVIEW tasks, when the caller indexes them
-    budget    -- the order's budget; once reached no task starts (the ones running finish)
+    budget    -- the order's budget; once reached no task starts (the ones running finish), nor while its running
+                 attempts hold all that is left
     outside   -- locks held by processes that are not aipm workers
     released  -- ids of running tasks whose worker ended and whose files are free before their outcome is written
     """
@@ -204,6 +205,11 @@ def plan(
             if not explain:
                 break
             result.blocked[task.id] = Blocked(task.id, BUDGET, budget.detail)
+            continue
+        if budget is not None and not budget.available:  # not a stop: what the running ones leave is shared next
+            if not explain:
+                break
+            result.blocked[task.id] = Blocked(task.id, BUDGET, budget.held_detail)
             continue
         deps = order.tasks
         waiting = [d for d in task.depends_on if d in deps and (deps[d].status not in FINISHED_OK or d in held)]

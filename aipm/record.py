@@ -39,6 +39,9 @@ class Record:
     # The attempt's number over the task's whole life (names its log and exit file); `attempt` is the task
     # file's `attempts:` counter, which `retry` resets, so it cannot name files.
     number: int = 0
+    # Dollars its agent may spend (claude --max-budget-usd): the task's own cap, or its share of the order's budget,
+    # which it holds until it ends (budget.held). None: uncapped.
+    cost_cap: float | None = None
     agent: str = "command"  # the preset that runs the work (aipm.agents), so its usage can be read at the end
     workspace: str = ""  # the task's git worktree ("" = it works in the shared project tree)
     # The task's counters when this attempt started (reworks, preemptions, cost_usd and tokens: what its limits and

@@ -40,7 +40,7 @@ def invocation(
             protected.append(work / in_root)  # the worktree's copy of the order directory
         attempt = agents.Attempt(
             root=work, prompt_file=prompt, log=Path(rec.log), model=model, model_chosen=chosen,
-            targets=task.targets, protected=tuple(protected), max_cost_usd=task.max_cost_usd,
+            targets=task.targets, protected=tuple(protected), max_cost_usd=rec.cost_cap,
             resume=_resume(resume),
             workspace=Path(rec.workspace) if rec.workspace else None,
         )

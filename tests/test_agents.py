@@ -366,7 +366,7 @@ def test_aider_runs_with_directory_targets(project):
 def test_the_budget_stops_new_attempts_and_run_says_so(project):
     (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
     order = project.order()
-    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.15\n")
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.2\n")
     for name in ("T1", "T2", "T3"):
         write_task(order, name, prompt="@cost 0.1", target_files=[f"{name}.txt"])
     proc = project.aipm("run", "ORD", env=agent_env(project))
@@ -374,7 +374,7 @@ def test_the_budget_stops_new_attempts_and_run_says_so(project):
     statuses = {t["id"]: t["status"] for t in project.json("status", "ORD")["tasks"]}
     assert statuses == {"T1": "DONE", "T2": "DONE", "T3": "QUEUED"}  # T2 started below the budget, then finished
     stop_lines = [line for line in proc.stderr.splitlines() if "budget reached" in line]
-    assert len(stop_lines) == 1 and "max_cost_usd $0.1500 (order.yaml)" in stop_lines[0], proc.stderr
+    assert len(stop_lines) == 1 and "max_cost_usd $0.2000 (order.yaml)" in stop_lines[0], proc.stderr
     assert [j["task"] for j in journal(project)] == ["T1", "T2"]
     why = project.aipm("why", "T3")
     assert "budget reached" in why.stdout, why.stdout
@@ -389,7 +389,7 @@ def test_the_budget_stops_new_attempts_and_run_says_so(project):
 
 
 def test_the_budget_setting_applies_when_order_yaml_has_none(project):
-    (project.root / "aipm.yaml").write_text("max_workers: 1\nmax_cost_usd: 0.05\nworker:\n  agent: claude\n")
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nmax_cost_usd: 0.1\nworker:\n  agent: claude\n")
     order = project.order()
     for name in ("T1", "T2"):
         write_task(order, name, prompt="@cost 0.1")
@@ -403,14 +403,30 @@ def test_reviewed_attempts_add_up_and_the_budget_stops_them(project):
     # Each rejected attempt's cost must stay recorded after its review ends, or the budget is never reached.
     (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
     order = project.order()
-    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.12\n")
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.15\n")
     write_task(order, "A", prompt="@cost 0.05", review="false", max_rework=5)
     proc = project.aipm("run", "ORD", env=agent_env(project))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "budget reached" in proc.stderr and "restore" not in proc.stdout, proc.stdout + proc.stderr
-    assert len(journal(project)) == 3  # $0.10 after two is below the budget; $0.15 after three is not
+    assert len(journal(project)) == 3  # $0.10 after two is below the budget; $0.15 after three reaches it
     a = task_file(order, "A")
     assert (a["status"], a["cost_usd"]) == ("QUEUED", 0.15)
+
+
+def test_claudes_cap_is_never_rounded_up(tmp_path):
+    argv = claude.argv(attempt(tmp_path, max_cost_usd=1234.567891))
+    assert argv[argv.index("--max-budget-usd") + 1] == "1234.567891"  # `:g` made it 1234.57
+
+
+def test_a_task_cap_below_its_share_of_the_order_budget_wins(project):
+    (project.root / "aipm.yaml").write_text("max_workers: 2\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 1\n")
+    write_task(order, "A", prompt="hi", target_files=["a.txt"], max_cost_usd=0.1)
+    write_task(order, "B", prompt="hi", target_files=["b.txt"])
+    assert project.aipm("run", "ORD", "--no-auto-scaling", env=agent_env(project)).returncode == 0
+    caps = {j["task"]: j["argv"][j["argv"].index("--max-budget-usd") + 1] for j in journal(project)}
+    assert caps == {"A": "0.1", "B": "0.5"}
 
 
 def test_a_task_budget_is_passed_to_claude(project):
@@ -620,22 +636,73 @@ def test_a_missing_agent_program_is_refused_at_launch(project):
 # ---- racing workers, killed supervisors ----------------------------------------------------------------
 
 
-def test_the_budget_holds_with_workers_finishing_in_parallel(project):
-    (project.root / "aipm.yaml").write_text("max_workers: 3\nworker:\n  agent: claude\n")
+def _caps(project) -> list[float]:
+    """The --max-budget-usd each claude attempt was given, in the order they ran."""
+    argvs = [j["argv"] for j in journal(project)]
+    assert all("--max-budget-usd" in argv for argv in argvs), argvs  # under a budget every attempt is capped
+    return [float(argv[argv.index("--max-budget-usd") + 1]) for argv in argvs]
+
+
+def test_attempts_started_together_share_the_budget_so_it_holds(project):
+    """A user trial: budget $0.05, four claude tasks of $0.05 each, four workers: all four started at once with no
+    cap, each spent $0.05, the order cost $0.20 and `run` said DONE 4, exit 0. Now each is given a quarter of it."""
+    (project.root / "aipm.yaml").write_text("max_workers: 4\nworker:\n  agent: claude\n")
     order = project.order()
-    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.15\n")
-    for i in range(6):
-        write_task(order, f"T{i}", prompt="@cost 0.1", target_files=[f"f{i}.txt"])
-    proc = project.aipm("run", "ORD", env=agent_env(project))
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    started = {j["task"] for j in journal(project)}
-    statuses = project.statuses()
-    # Three start at once; after the first cost is recorded ($0.10 < $0.15) one more slot may be filled; the
-    # second recorded cost reaches the budget, and the plan runs after every recording (under the launch lock).
-    assert 3 <= len(started) <= 4, started
-    assert {t for t, s in statuses.items() if s == "DONE"} == started  # every started attempt finished
-    assert {t for t, s in statuses.items() if s == "QUEUED"} == set(statuses) - started
-    assert project.json("status", "ORD")["cost_usd"] == pytest.approx(0.1 * len(started))
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.05\n")
+    for i in range(4):
+        write_task(order, f"T{i}", prompt="@cost 0.05", target_files=[f"f{i}.txt"])
+    proc = project.aipm("run", "ORD", "--no-auto-scaling", env=agent_env(project))
+    status = project.json("status", "ORD")
+    assert status["cost_usd"] <= 0.05 and status["budget_reached"], status  # each stopped at its share
+    assert _caps(project) == [0.0125] * 4
+    assert proc.returncode == 1 and "over budget" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_the_budget_holds_with_launchers_racing_and_workers_finishing_in_parallel(project):
+    """Two detached `aipm launch` and an `aipm run` of the same order race; owners start successors as tasks end.
+    Whatever the interleaving, what the attempts recorded never adds up to more than the budget, and no attempt
+    was ever given more than the budget."""
+    (project.root / "aipm.yaml").write_text("max_workers: 3\nworker:\n  agent: claude\nmax_attempts: 2\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.3\n")
+    costs = [0.02, 0.05, 0.2, 0.03, 0.08, 0.01, 0.12, 0.04]
+    for i, cost in enumerate(costs):
+        write_task(order, f"T{i}", prompt=f"@cost {cost}", target_files=[f"f{i}.txt"])
+    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    racers = [subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), *args], env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+              for args in (["launch", "ORD"], ["launch", "ORD"], ["run", "ORD"])]
+    for racer in racers:
+        racer.wait(timeout=120)
+    wait_for(lambda: no_workers(project.root), timeout=120)
+    recorded = [task_file(order, f"T{i}").get("cost_usd") or 0 for i in range(len(costs))]
+    assert sum(recorded) <= 0.3 + 1e-9, recorded
+    caps = _caps(project)
+    assert max(caps) <= 0.3 and len(caps) >= 3, caps
+    assert project.json("status", "ORD")["cost_usd"] == pytest.approx(sum(recorded))
+
+
+def test_running_attempts_hold_their_share_until_they_end(project):
+    """An attempt holds its cap while it works: a task written meanwhile waits (reason `budget`, no stop), and
+    starts with what the ended attempt left."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")
+    gate = project.root / "gate"
+    write_task(order, "A", prompt=f"@cost 0.03\n@wait-for {gate}", target_files=["a.txt"])
+    assert project.aipm("launch", "ORD", env=agent_env(project)).returncode == 0
+    wait_for(lambda: journal(project))
+    write_task(order, "B", prompt="@cost 0.05", target_files=["b.txt"])
+    blocked = {b["id"]: b for b in project.json("detect", "ORD")["blocked"]}["B"]
+    assert blocked["reason"] == "budget" and "budget held" in blocked["detail"], blocked
+    launch = project.aipm("launch", "ORD", env=agent_env(project))
+    assert launch.returncode == 0 and "budget reached" not in launch.stderr, launch.stderr  # it waits; no stop
+    assert project.statuses()["B"] == "QUEUED"
+    gate.touch()
+    wait_for(lambda: project.statuses()["A"] == "DONE")
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    assert _caps(project) == [0.1, 0.07]
+    assert project.json("status", "ORD")["cost_usd"] == pytest.approx(0.08)
 
 
 def test_a_budget_the_agent_cannot_count_is_warned_about(project):

@@ -269,3 +269,18 @@ def test_a_released_running_task_holds_no_file_and_is_not_stale():
     assert ids(held) == [] and held.stale == ["A"]
     free = plan(o, slots=2, explain=False, running={"A"}, released={"A"})
     assert ids(free) == ["B"] and free.stale == []
+
+
+def test_a_budget_its_running_attempts_hold_whole_stops_no_order_but_starts_nothing():
+    from aipm.budget import Budget
+    from aipm.plan import BUDGET
+
+    o = order(task("A", status="IN_PROGRESS"), task("B"))
+    for held, launchable in ((0.6, []), (0.5, ["B"])):
+        budget = Budget(limit=1.0, spent=0.4, source="order.yaml", held=held)
+        result = plan(o, slots=5, budget=budget)
+        assert ids(result) == launchable and result.budget_stop is None
+        if not launchable:
+            assert result.blocked["B"].reason == BUDGET and "budget held" in result.blocked["B"].detail
+            assert ids(plan(o, slots=5, budget=budget, explain=False)) == []
+    assert Budget(1.0, 0.4, "order.yaml", 0.5).shares(3) == 0.033333  # cut, never rounded up: 3 × it ≤ 0.1

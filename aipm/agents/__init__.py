@@ -39,7 +39,7 @@ class Attempt:
     model_chosen: bool  # False when `model` is only aipm's default (`sonnet`, a Claude alias)
     targets: tuple[Target, ...]
     protected: tuple[Path, ...]  # directories no agent may edit: the runtime directory, the order directory
-    max_cost_usd: float | None = None
+    max_cost_usd: float | None = None  # the attempt's cap: the task's own, or its share of the order's budget
     resume: str | None = None  # the agent's session to continue (retry --resume)
     workspace: Path | None = None  # the task's git worktree: inside the runtime directory, yet the agent's to edit
 
@@ -74,6 +74,11 @@ def can_resume(name: str) -> bool:
 def reports_cost(name: str) -> bool:
     """Whether the agent's output says what an attempt cost (what an order's budget counts)."""
     return is_preset(name) and preset(name).REPORTS_COST
+
+
+def caps_cost(name: str) -> bool:
+    """Whether the agent's CLI takes a spending cap per attempt (Attempt.max_cost_usd)."""
+    return is_preset(name) and preset(name).CAPS_COST
 
 
 def command_line(name: str, attempt: Attempt) -> list[str]:

@@ -20,6 +20,7 @@ from aipm.runtime import append_log
 PROGRAM = "aider"
 RESUMES = False
 REPORTS_COST = True
+CAPS_COST = False  # no flag caps its spending
 
 _NUMBER = r"(\d+(?:\.\d+)?k?)"
 _TOKENS = re.compile(rf"Tokens: {_NUMBER} sent(?:, {_NUMBER} cache write)?(?:, {_NUMBER} cache (?:hit|read))?"

@@ -23,6 +23,7 @@ from aipm.workerfiles import write_bytes
 PROGRAM = "claude"
 RESUMES = True
 REPORTS_COST = True
+CAPS_COST = True  # --max-budget-usd
 EDIT_TOOLS = "Edit|Write|MultiEdit|NotebookEdit"
 # Claude's usage keys → ours.
 _TOKENS = {"input_tokens": "input", "output_tokens": "output", "cache_read_input_tokens": "cache_read",
@@ -34,10 +35,16 @@ def argv(attempt: Attempt) -> list[str]:
     if attempt.targets:
         args += ["--settings", str(write_settings(attempt))]
     if attempt.max_cost_usd is not None:
-        args += ["--max-budget-usd", f"{attempt.max_cost_usd:g}"]
+        args += ["--max-budget-usd", dollars_arg(attempt.max_cost_usd)]
     if attempt.resume:
         args += ["--resume", attempt.resume]
     return args
+
+
+def dollars_arg(amount: float) -> str:
+    """A cap as claude reads it, never rounded up: a share of an order's budget is cut to whole micro-dollars, and
+    `:g` would round 1234.5678 to 1234.57."""
+    return f"{amount:.6f}".rstrip("0").rstrip(".")
 
 
 def _rule_path(root: Path, target: Target) -> str:

@@ -16,6 +16,7 @@ from aipm.agents import Attempt, Usage, count, json_lines
 PROGRAM = "codex"
 RESUMES = True
 REPORTS_COST = False  # tokens only
+CAPS_COST = False
 
 
 def argv(attempt: Attempt) -> list[str]:

@@ -3,7 +3,8 @@
 The stand-ins print what the real CLIs print (see fixtures/agents/) and do only what a prompt tells them.
 Directives, one per line anywhere in the prompt:
 
-    @cost 0.10               report this cost in US dollars (`@cost none`: report none)
+    @cost 0.10               report this cost in US dollars (`@cost none`: report none); claude stops at its
+                             --max-budget-usd instead, reporting that much, with an error
     @tokens IN OUT CR CW     report these token counts (input, output, cache read, cache write)
     @fail                    end the run with an error (exit 1)
     @fail-attempt N          ... only when AIPM_ATTEMPT is N
