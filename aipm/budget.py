@@ -30,6 +30,10 @@ class Budget:
         return self.spent >= self.limit
 
     @property
+    def over(self) -> bool:
+        return self.spent > self.limit
+
+    @property
     def available(self) -> float:
         """What a new attempt may be given: the limit less what is spent and what running attempts hold."""
         return max(0.0, round(self.limit - self.spent - self.held, 6))
@@ -43,6 +47,11 @@ class Budget:
     def held_detail(self) -> str:
         return (f"budget held: the order's attempts cost {usd(self.spent)} and its running attempts may spend "
                 f"{usd(self.held)} more, of max_cost_usd {usd(self.limit)} ({self.source}); waits for them to end")
+
+    @property
+    def over_detail(self) -> str:
+        return (f"over budget: the order's attempts cost {usd(self.spent)}, more than max_cost_usd "
+                f"{usd(self.limit)} ({self.source})")
 
     @property
     def detail(self) -> str:

@@ -444,9 +444,13 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         if only:  # (its file may be gone: deleted while it ran)
             return 0 if not lost and only in order.tasks and order.tasks[only].status in FINISHED_OK else 1
         done = not lost and all_done(order)
+        spend = budget.of(order, launcher.settings.max_cost_usd)
+        over = spend is not None and spend.over
+        if over and not budget_told:  # every task may be DONE, and yet the order cost more than it may
+            emit({"event": "budget", "order": order.id, "detail": spend.over_detail})
         notify.send(launcher.settings, launcher.runtime, notify.ORDER_FINISHED, "DONE" if done else "INCOMPLETE",
                     f"{order.id}: {status_summary(order)}", AIPM_ORDER_ID=order.id)
-        return 0 if done else 1
+        return 0 if done and not over else 1
     finally:
         writer.drop_prepared()
         sup.end_strays()  # nothing an attempt started outlives the run
