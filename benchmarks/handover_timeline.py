@@ -9,7 +9,7 @@ inflation: each stamp costs ~1 µs).
     TIMELINE_BENCH=b4 python benchmarks/handover_timeline.py   # B4's order: hand-overs of one shared file
 
 Each line is `median ms  from -> to`; a cycle starts where the supervisor starts a round after a worker ended
-(`_start_early>`). Only cycles with the most common sequence of stamps count (the others: the first and last).
+(`start_early>`). Only cycles with the most common sequence of stamps count (the others: the first and last).
 Reads the disk's state as it is: run it after a quiet minute (see README.md, "the floor").
 """
 
@@ -30,11 +30,11 @@ import b4_one_file
 BENCH = {"b2": (b2_chain, "B2", "2"), "b4": (b4_one_file, "B4", "5")}[os.environ.get("TIMELINE_BENCH", "b2")]
 
 FUNCS = os.environ.get("TIMELINE_FUNCS") or ",".join([
-    "aipm.runloop:_start_early", "aipm.supervisor:Supervisor.handle", "aipm.store:load_task",
+    "aipm.handover:start_early", "aipm.supervisor:Supervisor.handle", "aipm.store:load_task",
     "aipm.recording:Recording._work_ended", "aipm.recording:Recording._drop", "aipm.writer:update_task",
     "aipm.writer:atomic_write", "aipm.launcher:Launcher.launch", "aipm.launcher:Launcher._plan_and_start",
     "aipm.plan:plan", "aipm.launcher:Launcher.start", "aipm.locks:take", "aipm.supervisor:Supervisor.begin_worker",
-    "aipm.runner:Spawning.finish", "aipm.runtime:Runtime.write_record", "aipm.runloop:_prepare_next",
+    "aipm.runner:Spawning.finish", "aipm.runtime:Runtime.write_record", "aipm.handover:prepare_next",
     "aipm.supervisor:Supervisor.wait",
 ])
 
@@ -104,7 +104,7 @@ def main() -> int:
             stamps = pickle.load(fh)
         cycles, current = [], None
         for t, name in stamps:
-            if name == "_start_early>":
+            if name == "start_early>":
                 if current:
                     cycles.append(current)
                 current = []
