@@ -35,6 +35,11 @@ def attempt_limit(task: Task, settings: Settings) -> int:
     return task.max_attempts or settings.max_attempts
 
 
+def time_limit(task: Task, settings: Settings) -> int | None:
+    """Seconds one attempt's work, and then its review, may run (None: no limit)."""
+    return task.timeout or settings.timeout
+
+
 def rework_limit(task: Task, settings: Settings) -> int:
     return task.max_rework if task.max_rework is not None else settings.max_rework
 

@@ -53,6 +53,10 @@ def timed_out(seconds: int | None) -> str:
     return f"timed out after {seconds} s"
 
 
+def review_timed_out(seconds: int | None) -> str:
+    return "review " + timed_out(seconds)
+
+
 def review_approved() -> str:
     return "review approved"
 

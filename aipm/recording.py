@@ -17,7 +17,7 @@ from pathlib import Path
 from aipm import (agents, commits, confine, notify, outcome, recovery, runner, scope, unrecorded, workspace, writer,
                   writtenlog)
 from aipm.errors import UserError
-from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command
+from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
 from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Status, Task
 from aipm.restore import disowned, known_status, restore
@@ -130,7 +130,8 @@ class Recording:
             self.outbox.append({"event": "restored", "order": rec.order, "task": rec.task, "was": str(was),
                                 "status": str(task.status)})
         if code is None:
-            if rec.phase == "review":  # stopped by its owner, or vanished without a verdict: ask again
+            # A review stopped by its owner, or vanished without a verdict, is asked again; one that timed out was not.
+            if rec.phase == "review" and not timed_out:
                 return self._review_again(rec, task, event)
             if unrecorded.exit_lost(rec.exit_file):
                 return self._outcome_lost(rec, task, event)
@@ -143,7 +144,7 @@ class Recording:
         if rec.phase == "work":
             task = self._work_ended(rec, task, code, timed_out, event)
         else:
-            task = self._review_ended(rec, task, code)
+            task = self._review_ended(rec, task, code, timed_out)
         return self._ended(rec, task, event)
 
     def _ended(self, rec: Record, task: Task, event: dict) -> dict:
@@ -251,7 +252,7 @@ class Recording:
         `code` is None only for an adopted worker our timeout killed (its wrapper died before writing one). A timed-out
         attempt failed whatever its code: its wrapper waits for a command that handles the SIGTERM, which may exit 0.
         """
-        timeout = task.timeout or self.settings.timeout
+        timeout = time_limit(task, self.settings)
         append_log(rec.log, f"attempt {rec.serial} ended: {describe_exit(code, timed_out, timeout)}")
         if rec.workspace:
             confine.tidy(rec.log)  # before the end capture: an empty file made for a rule is no change of its own
@@ -325,11 +326,18 @@ class Recording:
         if rec.phase == "work":
             agents.read_ahead(rec.agent, Path(rec.log))
 
-    def _review_ended(self, rec: Record, task: Task, code: int) -> Task:
-        """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback."""
+    def _review_ended(self, rec: Record, task: Task, code: int | None, timed_out: bool) -> Task:
+        """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback. A review
+        that timed out sends the task back whatever its code (it may exit 0 on the SIGTERM): a hung reviewer must
+        not hold the task's files for ever, and no verdict is never approval."""
         feedback = self.rt.feedback_path(rec.order, rec.task, writing=True)
         review_log = Path(rec.log).with_suffix(".review.log")
-        verdict = "approved" if code == 0 else f"sent back (exit {code})"
+        late = outcome.review_timed_out(time_limit(task, self.settings)) if timed_out else ""
+        if late:
+            code = code or 1  # killed without a code, or exit 0 on the SIGTERM: still no approval
+            verdict = f"{outcome.timed_out(time_limit(task, self.settings))}; process group killed"
+        else:
+            verdict = "approved" if code == 0 else f"sent back (exit {code})"
         append_log(rec.log, f"review {verdict}; review output: {review_log}")
         conflict = self._merge_back(rec, {}) if code == 0 else None
         if conflict:
@@ -342,8 +350,8 @@ class Recording:
                 output = read_bytes(review_log)
             except OSError:
                 output = b""  # none, or the worker replaced it with what is not a file
-            write_bytes(feedback, output)
-            reason = outcome.review_rejected(output.decode(errors="replace"), code)
+            write_bytes(feedback, output + f"{late}\n".encode() * bool(late))
+            reason = late or outcome.review_rejected(output.decode(errors="replace"), code)
         for updates in after_review(task, code, self.settings, reason):
             task = self._write(task, updates)
         return task
@@ -406,7 +414,7 @@ class Recording:
         try:
             runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=workspace.directory(self.rt.root, rec),
                          log=review_log,
-                         started=lambda pid, ctime: self._record(rec, pid, ctime, None))
+                         started=lambda pid, ctime: self._record(rec, pid, ctime, time_limit(task, self.settings)))
         except runner.SpawnError as exc:
             # A reviewer that cannot start never approves (fail closed).
             append_log(review_log, f"review could not start: {exc}")

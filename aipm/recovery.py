@@ -196,6 +196,7 @@ def as_review(rec: Record, task: Task) -> None:
     rec.counters = counters(task)
     rec.exit_file = rec.exit_file.split(".review")[0] + ".review"
     rec.pid = 0
+    rec.timed_out, rec.deadline = False, None  # the review's own limit starts with its reviewer (Recording._record)
 
 
 def cannot_review(rec: Record, stopped: str = "") -> str:

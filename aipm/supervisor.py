@@ -19,6 +19,7 @@ from pathlib import Path
 
 from aipm import cluster, confine, recovery, runner, scope, subreaper, workspace
 from aipm.errors import UserError
+from aipm.finish import time_limit
 from aipm.inotify import IN_DELETE, IN_DELETE_SELF, DirWatch, close_at_exit
 from aipm.launcher import Launcher
 from aipm.paths import real_relative
@@ -78,7 +79,7 @@ class Supervisor(Recording, Owner):
             command = cluster.wrap(command, address=self.settings.ray_address, resources=task.resources, stdin=stdin)
             stdin = None  # the prompt file is opened on the node
         rec.command = [command] if isinstance(command, str) else list(command)
-        timeout = task.timeout or self.settings.timeout
+        timeout = time_limit(task, self.settings)
         rec.owner_pid, rec.owner_ctime = self.me
         cwd = workspace.directory(self.rt.root, rec)
         jail = ()
