@@ -24,8 +24,6 @@ from aipm.store import load_order, load_task
 LOST = "worker lost with its supervisor; `aipm recover` re-queues it"
 # The same for one whose worker ended, its exit code left for the supervisor that died (recovery records it).
 ENDED = "its supervisor died before recording how its worker ended; `aipm recover` records it"
-# ... and for one whose review was stopped (or lost) without a verdict: its work is kept.
-REVIEW_LOST = "review ended without a verdict; the next run (or `aipm recover`) runs it again"
 
 
 def task_row(task: Task, settings: Settings) -> dict:
@@ -45,7 +43,9 @@ def task_row(task: Task, settings: Settings) -> dict:
 def as_seen(order: Order, root: Path) -> Order:
     """The order as it stands: a running task whose worker is gone (its supervisor and wrapper died) is INTERRUPTED,
     as the contract has it, though its file says IN_PROGRESS or IN_REVIEW until a recovery writes it. A reader
-    writes nothing: it shows the task so, with the reason and what to do (LOST, ENDED, REVIEW_LOST), and the file stays as it is."""
+    writes nothing: it shows the task so, with the reason and what to do (LOST, ENDED), and the file stays as it
+    is. A review stopped or lost without a verdict is no lost worker: the task stays IN_REVIEW, its work kept,
+    and the reason says that its review runs again (recovery.review_pending), as `run` said when it stopped it."""
     running = [t for t in order.tasks.values() if t.status in RUNNING]
     if not running:
         return order  # the common case: no record is read
@@ -56,15 +56,17 @@ def as_seen(order: Order, root: Path) -> Order:
     # removing the record, so a look inside one could take a task starting or ending for a lost one.
     with rt.between_rounds():
         now = [t for t in (_reload(t, root) for t in running) if t is not None and t.status in RUNNING]
-        lost = [(task, ENDED if rec is not None and recovery.outcome_left(task, rec, rt)
-                 else REVIEW_LOST if rec is not None and recovery.in_review(task, rec) else LOST)
-                for task, rec in _gone(rt, order.id, now)]
-    if not lost:
+        seen = {}
+        for task, rec in _gone(rt, order.id, now):
+            again = recovery.review_pending(task, rec) if rec is not None else ""
+            if again:
+                seen[task.id] = replace(task, reason=again)
+            else:
+                why = ENDED if rec is not None and recovery.outcome_left(task, rec, rt) else LOST
+                seen[task.id] = replace(task, status=Status.INTERRUPTED, reason=outcome.interrupted(why))
+    if not seen:
         return order
-    tasks = dict(order.tasks)
-    for task, why in lost:
-        tasks[task.id] = replace(task, status=Status.INTERRUPTED, reason=outcome.interrupted(why))
-    return replace(order, tasks=tasks)
+    return replace(order, tasks={**order.tasks, **seen})
 
 
 def _gone(rt: Runtime, order_id: str, running: list[Task]) -> list[tuple[Task, Record | None]]:

@@ -201,15 +201,36 @@ def as_review(rec: Record, task: Task) -> None:
 
 def cannot_review(rec: Record, stopped: str = "") -> str:
     """Why the work of a review stopped (`stopped`: by what) or lost without a verdict is gone ("" if it is kept),
-    said in the attempt's log: a worktree task's work is only in its worktree; a shared-tree task's targets stayed
-    busy (IN_REVIEW) meanwhile, so its work is still there. With no review command now (`--no-review`) kept work
-    is finished unreviewed (Recording._unreviewed)."""
+    said in the attempt's log. With no review command now (`--no-review`) kept work is finished unreviewed
+    (Recording._unreviewed)."""
+    why = review_work_gone(rec)
+    if why:
+        append_log(rec.log, f"review of {rec.task} " + f"stopped ({stopped}); it " * bool(stopped)
+                   + f"cannot run again: {why}; its work runs again")
+    return why
+
+
+def review_work_gone(rec: Record) -> str:
+    """cannot_review() without saying it: a worktree task's work is only in its worktree; a shared-tree task's
+    targets stayed busy (IN_REVIEW) meanwhile, so its work is still there."""
     if not rec.workspace or os.path.isdir(rec.workspace):
         return ""
-    why = f"its worktree {rec.workspace} is gone"
-    append_log(rec.log, f"review of {rec.task} " + f"stopped ({stopped}); it " * bool(stopped)
-               + f"cannot run again: {why}; its work runs again")
-    return why
+    return f"its worktree {rec.workspace} is gone"
+
+
+def review_pending(task: Task, rec: Record) -> str:
+    """For readers (`status`, `why`, `ps`): what becomes of a task whose review was stopped (Ctrl-C of its `run`)
+    or lost without a verdict, no owner left: the next run or `aipm recover` runs it again (recover_order's
+    `again`), the task IN_REVIEW meanwhile, its work kept. "" when the record is no such review."""
+    if rec.alive() or review_work_gone(rec):
+        return ""
+    if in_review(task, rec) and (rec.stopping or not exit_file_written(rec.exit_file)):
+        what = f"review {rec.stopping}" if rec.stopping else "review lost without a verdict"
+    elif review_unrecorded(task, rec):
+        what = "review lost without a verdict"
+    else:
+        return ""
+    return f"{what}; it runs again on the next run, its work kept"
 
 
 def end_remnants(rt: Runtime, rec: Record) -> None:

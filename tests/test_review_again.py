@@ -54,8 +54,18 @@ def test_ctrl_c_during_the_review_runs_only_the_review_again(project, gate, comm
     # Not "re-queued: none": the line said nothing of the review it stopped.
     assert "stopped  by signal; reviews stopped, their work kept: A\n" in out and "re-queued" not in out, out
     assert fields(path) == ("IN_REVIEW", 1, 0.25)  # its work kept, not re-queued
+    # status, why and ps say what the run said: IN_REVIEW, its review runs again (they said INTERRUPTED, and ps
+    # called the record stale).
+    again = f"review {why}; it runs again on the next run, its work kept"
     (row,) = project.json("status", "ORD")["tasks"]
-    assert "review ended without a verdict; the next run" in row["reason"], row
+    assert (row["status"], row["reason"]) == ("IN_REVIEW", again), row
+    assert f"IN_REVIEW │ P1  │            │ a.txt        │ 1/1   │ 0/3     │ {again}" in \
+        project.aipm("status", "ORD", "--wide").stdout
+    assert project.aipm("why", "A").stdout == f"A cannot start:\n  - status is IN_REVIEW ({again})\n"
+    assert project.json("why", "A")["status"] == "IN_REVIEW"
+    (worker,) = project.json("ps")["workers"]
+    assert worker["state"] == "review_pending", worker
+    assert "review pending: it runs again on the next run" in project.aipm("ps", env={"COLUMNS": "200"}).stdout
     retry = project.aipm("retry", "A")
     assert retry.returncode != 0 and "`aipm recover ORD` runs its review again" in retry.stderr, retry.stderr
     gate.touch()
@@ -100,6 +110,10 @@ def test_a_review_killed_with_its_owner_runs_again(project, gate, adopter):
     first.kill()
     os.killpg(record["pgid"], signal.SIGKILL)  # the reviewer and its wrapper: no exit code is left
     first.communicate(timeout=60)
+    (row,) = project.json("status", "ORD")["tasks"]
+    assert (row["status"], row["reason"]) == \
+        ("IN_REVIEW", "review lost without a verdict; it runs again on the next run, its work kept"), row
+    assert project.json("ps")["workers"][0]["state"] == "review_pending"
     gate.touch()
     if adopter == "recover":
         proc = project.aipm("recover", "ORD", env=agent_env(project))

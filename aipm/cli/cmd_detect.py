@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from aipm.cli.decl import Argument, Option, command
 
-from aipm.board import survey
+from aipm.board import as_seen, survey
 from aipm.cli.common import JsonOpt, console, print_json, project_root, read_only
 from aipm.cli.resource_options import MaxWorkersOpt
 from aipm.launcher import Launcher, Options
 from aipm.model import DEAD_END, FINISHED_OK, Status
-from aipm.plan import all_reasons
+from aipm.plan import STALE, all_reasons
 from aipm.project import Project, find_task
 from aipm.settings import load_settings
 
@@ -106,10 +107,15 @@ def why(
     launcher = _launcher(max_workers)
     loaded, task_id, launchable, reasons = reasons_for(launcher, *find_task(launcher.project, task))
     current = loaded.tasks[task_id]
+    # A running task whose worker is gone, as `status` shows it: lost (INTERRUPTED), or its review to run again.
+    shown = as_seen(loaded, launcher.project.root).tasks[task_id]
+    if shown is not current:
+        reasons = [replace(r, detail=f"status is {shown.status.value} ({shown.reason})") if r.reason == STALE else r
+                   for r in reasons]
     if json_out:
         print_json({"order": loaded.id, "task": task_id, "launchable": launchable,
                     "reasons": [r.as_dict() for r in reasons],
-                    "status": current.status.value, "last_outcome": current.reason})
+                    "status": shown.status.value, "last_outcome": shown.reason})
         return
     print_reasons(task_id, launchable, reasons)
     if current.reason and current.status == Status.QUEUED:  # other statuses name it in their reason already

@@ -29,12 +29,12 @@ from aipm.store import load_order, load_task
 from aipm.workerfiles import reading
 
 
-def _worker_info(rec) -> dict:
+def _worker_info(rec, root: Path) -> dict:
     pid = rec.pid if rec.worker_alive() else rec.owner_pid
     info = {"order": rec.order, "task": rec.task, "attempt": rec.serial, "pid": pid, "pgid": rec.pgid,
             "owner_pid": rec.owner_pid, "phase": rec.phase, "alive": rec.alive(), "log": rec.log,
             "command": rec.command, "targets": rec.targets}
-    info["state"] = "alive" if info["alive"] else "gone"
+    info["state"] = "alive" if info["alive"] else "review_pending" if _review_pending(rec, root) else "gone"
     try:
         proc = psutil.Process(pid)
         info["elapsed"] = round(time.time() - proc.create_time(), 1)
@@ -55,14 +55,24 @@ def _worker_info(rec) -> dict:
     return info
 
 
-STATE_TEXT = {"alive": "alive", "stopped": "[yellow]stopped[/]", "gone": "[red]gone (stale: aipm recover)[/]"}
+def _review_pending(rec, root: Path) -> bool:
+    """A review stopped (Ctrl-C) or lost without a verdict: no process, but nothing stale either (the task stays
+    IN_REVIEW and the next run runs the review again), as `status` says (recovery.review_pending)."""
+    try:
+        return bool(recovery.review_pending(load_task(rec.task_file, root), rec))
+    except (UserError, OSError):
+        return False
+
+
+STATE_TEXT = {"alive": "alive", "stopped": "[yellow]stopped[/]", "gone": "[red]gone (stale: aipm recover)[/]",
+              "review_pending": "[yellow]review pending: it runs again on the next run[/]"}
 
 
 @command()
 def ps(json_out: bool = JsonOpt) -> None:
     """Live workers in the project: pid, task, elapsed time, CPU and memory (with their children)."""
     project = get_project()
-    infos = [_worker_info(r) for r in Runtime(project.root).records()]
+    infos = [_worker_info(r, project.root) for r in Runtime(project.root).records()]
     if json_out:
         print_json({"workers": infos})
         return
@@ -70,7 +80,8 @@ def ps(json_out: bool = JsonOpt) -> None:
     for col in ("pid", "task", "phase", "elapsed", "cpu %", "mem MB", "state"):
         table.add_column(col)
     for i in infos:
-        table.add_row(str(i["pid"]), escape(f"{i['order']}/{i['task']}"), i["phase"], f"{i['elapsed'] or '-'}s",
+        table.add_row(str(i["pid"] or "-"), escape(f"{i['order']}/{i['task']}"), i["phase"],
+                      f"{i['elapsed']}s" if i["elapsed"] is not None else "-",
                       str(i["cpu_percent"] if i["cpu_percent"] is not None else "-"),
                       str(i["memory_mb"] if i["memory_mb"] is not None else "-"),
                       STATE_TEXT[i["state"]])
