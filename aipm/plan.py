@@ -138,6 +138,27 @@ def _doomed(order: Order) -> dict[str, str]:
     return cause
 
 
+def _never(order: Order, task_id: str, dead: str) -> Blocked:
+    return Blocked(task_id, NEVER, f"can never run: {dead} is {order.tasks[dead].status}", (dead,))
+
+
+def never_runs(order: Order) -> dict[str, list[str]]:
+    """The QUEUED tasks that can never run, by the FAILED, REJECTED or CANCELLED task they wait on (through any
+    chain of dependencies): no run starts them until that one is retried (`status`, and `run`'s last words)."""
+    behind: dict[str, list[str]] = {}
+    doomed = _doomed(order)
+    for task in ranked(order) if doomed else ():  # in launch order, as `detect` lists them
+        if task.id in doomed and task.status == Status.QUEUED:
+            behind.setdefault(doomed[task.id], []).append(task.id)
+    return behind
+
+
+def never_run_notes(order: Order) -> list[str]:
+    """never_runs() in words, each with what would start them."""
+    return [f"{', '.join(ids)} can never run: {dead} is {order.tasks[dead].status}; fix what stopped it, then "
+            f"`aipm retry {dead}`" for dead, ids in never_runs(order).items()]
+
+
 def plan(
     order: Order,
     elsewhere: Iterable[Busy] = (),
@@ -217,10 +238,7 @@ def plan(
             if not explain:
                 continue
             if task.id in doomed:
-                dead = doomed[task.id]
-                result.blocked[task.id] = Blocked(
-                    task.id, NEVER, f"can never run: {dead} is {deps[dead].status}", (dead,)
-                )
+                result.blocked[task.id] = _never(order, task.id, doomed[task.id])
             else:
                 states = ", ".join(f"{d} ({deps[d].status.value})" for d in waiting)
                 result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
@@ -374,8 +392,7 @@ def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Bu
     for dep in task.depends_on:
         if dep in deps and deps[dep].status not in FINISHED_OK:
             if dep in doomed or deps[dep].status in DEAD_END:
-                cause = dep if deps[dep].status in DEAD_END else doomed[dep]
-                reasons.append(Blocked(task_id, NEVER, f"can never run: {cause} is {deps[cause].status}", (cause,)))
+                reasons.append(_never(order, task_id, dep if deps[dep].status in DEAD_END else doomed[dep]))
             else:
                 reasons.append(Blocked(task_id, WAITING, f"waiting on {dep} ({deps[dep].status})", (dep,)))
     holders, held_as = _holders(elsewhere)

@@ -407,6 +407,26 @@ def test_detect_with_nothing_launchable_says_so_instead_of_an_empty_table(projec
                      "  C: can never run: B is FAILED"], lines
 
 
+def test_status_says_a_cancelled_dependency_is_never_waited_for(project):
+    """`status` marked R1 as still waited on (`R1…`) after R1 was CANCELLED: it can never be DONE or COMPLETED, so
+    R2 (and R3 behind R2) can never run, as `detect`, `why` and `run`'s end already said."""
+    order = project.order()
+    write_task(order, "R1", command="true")
+    write_task(order, "R2", command="true", depends_on=["R1"])
+    write_task(order, "R3", command="true", depends_on=["R2"])
+    write_task(order, "W", command="true", depends_on=["Q"])
+    write_task(order, "Q", command="true")
+    project.aipm("cancel", "R1", check=True)
+    table = project.aipm("status", "ORD", "--wide").stdout
+    deps = {cells[1].strip(): cells[4].strip() for line in table.splitlines()
+            if len(cells := line.split("│")) > 4 and cells[1].strip()}
+    assert (deps["R2"], deps["R3"], deps["W"]) == ("R1✗", "R2✗", "Q…"), table
+    assert table.splitlines()[-1] == "R2, R3 can never run: R1 is CANCELLED; fix what stopped it, then `aipm retry R1`"
+    rows = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert rows["R2"]["never_runs"] == rows["R3"]["never_runs"] == {"task": "R1", "status": "CANCELLED"}
+    assert "never_runs" not in rows["W"] and "never_runs" not in rows["R1"]
+
+
 def test_why_in_words_and_json(project):
     order = project.order()
     write_task(order, "A", command="true", status="FAILED")

@@ -20,7 +20,7 @@ from aipm.cli.resource_options import (
 )
 from aipm.launcher import Launcher, Options
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
-from aipm.plan import LIMIT, NEVER, plan
+from aipm.plan import LIMIT, never_run_notes
 from aipm.project import Project, find_task
 from aipm.runloop import supervise
 from aipm.settings import Settings
@@ -160,14 +160,8 @@ def run(
 def _never_run(order: Order) -> None:
     """The tasks left QUEUED behind a dependency that ended FAILED, REJECTED or CANCELLED: the closing counts
     alone do not say why they never started, nor what would start them."""
-    behind: dict[str, list[str]] = {}
-    for blocked in plan(order).blocked.values():
-        if blocked.reason == NEVER:
-            behind.setdefault(blocked.tasks[0], []).append(blocked.id)
-    for cause, ids in behind.items():
-        console(stderr=True).print(
-            f"aipm: {', '.join(ids)} can never run: {cause} is {order.tasks[cause].status}; fix what stopped it, "
-            f"then `aipm retry {cause}` and run again", markup=False)
+    for note in never_run_notes(order):
+        console(stderr=True).print(f"aipm: {note} and run again", markup=False)
 
 
 def _pending_merges(root: Path, order: Order) -> None:

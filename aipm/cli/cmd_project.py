@@ -11,8 +11,9 @@ from aipm.board import as_seen, order_totals, task_row
 from aipm.advice import stray_files, unenforced_budget, warnings
 from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, read_only, warn
 from aipm.errors import ValidationError
-from aipm.model import FINISHED_OK, status_summary
+from aipm.model import DEAD_END, FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
+from aipm.plan import never_run_notes, never_runs
 from aipm.project import CONFIG_FILE, Project
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
@@ -143,9 +144,15 @@ def status(
     settings = load_settings(root)
     loaded = as_seen(load_order(Project(root, settings.orders_dir).order_dir(order), root), root)
     tasks = sorted(loaded.tasks.values(), key=lambda t: t.id)
+    # Behind a FAILED, REJECTED or CANCELLED dependency (through any chain): never waited on, it never finishes.
+    behind = {tid: dead for dead, ids in never_runs(loaded).items() for tid in ids}
     if json_out:
-        print_json({"order": loaded.id, "tasks": [task_row(t, settings) for t in tasks],
-                    **order_totals(loaded, settings)})
+        rows = [task_row(t, settings) for t in tasks]
+        for row in rows:
+            if row["id"] in behind:
+                dead = loaded.tasks[behind[row["id"]]]
+                row["never_runs"] = {"task": dead.id, "status": dead.status.value}
+        print_json({"order": loaded.id, "tasks": rows, **order_totals(loaded, settings)})
         return
     cost = budget.recorded(loaded)
     limit = budget.of(loaded, settings.max_cost_usd)
@@ -165,11 +172,17 @@ def status(
         # status is one word, never broken (`IN_PROGR` / `ESS`)
         table.add_column(col, overflow="fold", no_wrap=wide or col == "status",
                          min_width=paths if col == "target files" else None)
+    def dependency(d: str) -> str:
+        """A dependency as it stands: finished, waited on (…), or never finishing (✗)."""
+        dep = loaded.tasks.get(d)
+        if dep is not None and dep.status in FINISHED_OK:
+            return escape(d)
+        if dep is not None and (dep.status in DEAD_END or d in behind):
+            return f"[red]{escape(d)}✗[/]"
+        return f"[bold]{escape(d)}…[/]"
+
     for t in tasks:
-        deps = ", ".join(
-            escape(d) if loaded.tasks.get(d) and loaded.tasks[d].status in FINISHED_OK else f"[bold]{escape(d)}…[/]"
-            for d in t.depends_on
-        )
+        deps = ", ".join(dependency(d) for d in t.depends_on)
         row = [escape(t.id), f"[{STATUS_STYLE[t.status.value]}]{t.status.value}[/]", t.priority.value, deps,
                escape("\n".join(t.target_files)), f"{t.tries}/{attempt_limit(t, settings)}",
                f"{t.rework_rounds}/{rework_limit(t, settings)}", *[Text(t.reason or "")] * reasons]
@@ -182,3 +195,5 @@ def status(
     if limit is not None:
         line += f" of max_cost_usd {budget.usd(limit.limit)}" + (" (reached)" if limit.reached else "")
     out.print(line)
+    for note in never_run_notes(loaded):
+        out.print(note, markup=False)
