@@ -172,6 +172,7 @@ class Launcher(Starter):
         plan had not looked at locks held outside aipm (so the caller plans again, carefully)."""
         records = report.records = self.records()
         report.order = order
+        noted = len(report.failed)  # the failures of this plan's starts, kept in their tasks' files below
         lent = borrowed(records) if only is not None and owner is not None else []  # exec's task, in front
         if lent:
             ending = {*ending, *lent}
@@ -240,6 +241,10 @@ class Launcher(Starter):
             for _, starting in started:
                 starting.abort()  # those not recorded yet: never left IN_PROGRESS with a wrapper waiting
             raise
+        if not self.options.dry_run:
+            for item in report.failed[noted:]:
+                if item["id"] in order.tasks:
+                    self.note_failure(order.tasks[item["id"]], item["error"], view)
         return again
 
     def _caps(self, tasks: list[Task], spend: Budget | None) -> dict[str, float | None]:

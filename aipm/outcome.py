@@ -80,5 +80,14 @@ def cancelled() -> str:
     return "cancelled"
 
 
+LAUNCH_FAILED = "launch failed: "
+
+
+def launch_failed(error: str) -> str:
+    """A start that failed before any attempt (a missing worker program): the task stays QUEUED, and this says why
+    and how to fix it until an attempt starts."""
+    return one_line(LAUNCH_FAILED + error)
+
+
 def interrupted(why: str) -> str:
     return one_line(f"interrupted: {why}")

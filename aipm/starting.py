@@ -14,7 +14,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from aipm import commits, confine, locks, restore, runner, scope, workspace, writer
+from aipm import commits, confine, locks, outcome, restore, runner, scope, workspace, writer
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
 from aipm.model import Order, Status, Task, definition
@@ -151,6 +151,19 @@ class Starter:
         if workspace.kind(task, self.settings) == workspace.WORKTREE:
             with suppress(UserError, OSError):  # what a failed prepare left; the launch error says why
                 workspace.remove(self.project.root, order.id, task.id)
+
+    def note_failure(self, task: Task, error: str, view: OrderView | None) -> None:
+        """Keep why a task could not start in its `reason` (it stays QUEUED), so `status` and `why` say it after the
+        launch's output is gone. Written only when it changed: `run` tries the launch again at every wake-up.
+        Caller holds the launch lock."""
+        reason = outcome.launch_failed(error)
+        try:
+            written = update_task(Path(task.path), lambda now: {"reason": reason} if now.reason != reason else {},
+                                  expect=Status.QUEUED, root=self.project.root)
+        except (StaleWrite, UserError, OSError):
+            return  # launched by another process since, broken or unwritable: the error is printed all the same
+        if view is not None:
+            view.note(written)
 
     def prepare_start(self, task: Task) -> None:
         """Write the IN_PROGRESS version of a task that may start next ahead of time (see writer.prepare)."""

@@ -184,7 +184,11 @@ def test_confine_is_refused_at_launch_with_one_line_where_landlock_is_missing(pr
     order = project.order()
     task = write_task(order, "T", target_files=["a.txt"], command="echo hi > a.txt", confine=True)
     write_task(order, "FREE", command="true")
-    before = task.read_text()
+
+    def unstarted() -> tuple:
+        data = yaml.safe_load(task.read_text())
+        return data.get("status", "QUEUED"), data.get("attempts", 0), data.get("reason")
+
     for abi, words in (("0", "no Landlock"), ("2", "ABI is 2")):
         env = {confine.FAKE_ABI: abi}
         launch = project.aipm("launch", "ORD", "--json", env=env)
@@ -192,12 +196,13 @@ def test_confine_is_refused_at_launch_with_one_line_where_landlock_is_missing(pr
         failed = json.loads(launch.stdout)["failed"]
         assert [f["id"] for f in failed] == ["T"] and words in failed[0]["error"], failed
         assert "\n" not in failed[0]["error"]
-        assert task.read_text() == before  # still QUEUED, attempt not counted: never silently unconfined
+        # Still QUEUED, attempt not counted (never silently unconfined), the refusal kept as its reason.
+        assert unstarted() == ("QUEUED", 0, f"launch failed: {failed[0]['error']}")
         wait_for(lambda: task_statuses(order)["FREE"] == "DONE")
         wait_for(lambda: no_workers(project.root))
         run = project.aipm("run", "ORD", env=env)
         assert run.returncode == 1 and "confine" in run.stdout + run.stderr
-        assert task.read_text() == before
+        assert unstarted() == ("QUEUED", 0, f"launch failed: {failed[0]['error']}")
         assert not (project.root / "a.txt").exists()
         (order / "FREE.yaml").write_text("command: 'true'\n")
 

@@ -173,6 +173,35 @@ def test_missing_worker_program_blames_the_template_once(project):
     assert set(task_statuses(order).values()) == {"QUEUED"}
 
 
+def test_status_and_why_keep_why_a_launch_failed_and_the_fix(project):
+    """A launch that failed with `program ... not found` left no trace once its output was gone: `status` showed
+    the task QUEUED with no reason, and `aipm why` said `AGENT can start now.`. The reason is kept in the task
+    file (it stays QUEUED, as the contract says) until an attempt starts; a launch failing the same way again
+    does not rewrite the file."""
+    (project.root / "aipm.yaml").write_text('worker:\n  command: ["no-such-agent-xyz"]\n')
+    order = project.order()
+    path = write_task(order, "AGENT", prompt="hi", target_files=["a.txt"])
+    error = ("program 'no-such-agent-xyz' not found on PATH; install it or fix worker.command (the worker template) "
+             "in aipm.yaml")
+    assert project.aipm("launch", "ORD").returncode == 1
+    (row,) = project.json("status", "ORD")["tasks"]
+    assert (row["status"], row["reason"], row["attempts"]) == ("QUEUED", f"launch failed: {error}", 0), row
+    assert f"launch failed: {error}" in project.aipm("status", "ORD", "--wide").stdout
+    assert project.aipm("why", "AGENT").stdout == f"AGENT can start now, but its last launch failed: {error}\n"
+    assert project.json("why", "AGENT")["last_outcome"] == f"launch failed: {error}"
+    written = os.stat(path)
+    assert project.aipm("run", "ORD").returncode == 1  # fails the same way: the file is not written again
+    assert (os.stat(path).st_ino, os.stat(path).st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    tools = project.root / "bin"
+    tools.mkdir()
+    (tools / "no-such-agent-xyz").write_text("#!/bin/sh\nexit 0\n")
+    (tools / "no-such-agent-xyz").chmod(0o755)
+    proc = project.aipm("run", "ORD", env={"PATH": f"{tools}{os.pathsep}{os.environ['PATH']}"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    (row,) = project.json("status", "ORD")["tasks"]
+    assert (row["status"], row["reason"]) == ("DONE", "exit 0")  # the attempt's own reason replaced it
+
+
 def test_run_says_a_failed_launch_once_though_it_tries_it_every_round(project):
     """A missing worker program: `run` tries the launch again at each wake-up (the program may be installed
     meanwhile), and printed the same 'failed' line each time, once per start or finish of the other tasks."""
@@ -231,7 +260,8 @@ def test_exec_whose_launch_failed_does_not_say_the_task_can_start(project):
     assert proc.returncode == 1
     assert (proc.stdout + proc.stderr).splitlines() == [
         "failed   A: program 'no-such-agent-xyz' not found on PATH; install it or fix worker.command (the worker "
-        "template) in aipm.yaml", "A: QUEUED"], (proc.stdout, proc.stderr)
+        "template) in aipm.yaml", "A: QUEUED (launch failed: program 'no-such-agent-xyz' not found on PATH; install "
+        "it or fix worker.command (the worker template) in aipm.yaml)"], (proc.stdout, proc.stderr)
 
 
 def test_exec_parallel_names_the_attempt_of_detached_tasks(project):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aipm.cli.decl import Argument, Option, command
 
+from aipm import outcome
 from aipm.board import as_seen, survey
 from aipm.cli.common import JsonOpt, console, print_json, project_root, read_only
 from aipm.cli.resource_options import MaxWorkersOpt
@@ -117,7 +118,12 @@ def why(
                     "reasons": [r.as_dict() for r in reasons],
                     "status": shown.status.value, "last_outcome": shown.reason})
         return
-    print_reasons(task_id, launchable, reasons)
-    if current.reason and current.status == Status.QUEUED:  # other statuses name it in their reason already
-        console().print(f"  last attempt: {current.reason}", markup=False)
+    failed = current.status == Status.QUEUED and (current.reason or "").startswith(outcome.LAUNCH_FAILED)
+    if launchable and failed:  # the plan lets it start, but its last start failed: say why, and the fix
+        console().print(f"{task_id} can start now, but its last launch failed: "
+                        f"{current.reason[len(outcome.LAUNCH_FAILED):]}", markup=False)
+    else:
+        print_reasons(task_id, launchable, reasons)
+        if current.reason and current.status == Status.QUEUED:  # other statuses name it in their reason already
+            console().print(f"  last {'' if failed else 'attempt: '}{current.reason}", markup=False)
     print_retry_hint(task_id, current.status)
