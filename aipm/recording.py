@@ -4,7 +4,7 @@ When an owned worker ends, its owner re-reads the task under the launch lock and
 IN_REVIEW (the reviewer started), REWORK with feedback, FAILED, REJECTED; a worktree task's changes merged back
 on approval; the scope audit's findings. An outcome that cannot be written (a full disk, a broken file) is held
 and retried, and handed over to `aipm recover` (in its exit file) when the owner must exit. The decisions
-themselves are pure (finish.py); this module applies them to files and records.
+themselves are pure (finish.py); this module applies them to files and records, the review half in reviewing.py.
 """
 
 from __future__ import annotations
@@ -14,24 +14,24 @@ import os
 import signal
 from pathlib import Path
 
-from aipm import (agents, commits, confine, notify, outcome, recovery, runner, scope, unrecorded, workspace, writer,
+from aipm import (agents, commits, confine, notify, outcome, recovery, scope, unrecorded, workspace, writer,
                   writtenlog)
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
 from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Status, Task
 from aipm.restore import disowned, known_status, restore
+from aipm.reviewing import Reviewing, log_whole
 from aipm.record import Record
 from aipm.runtime import Runtime, append_log
 from aipm.settings import Settings
 from aipm.store import load_task
 from aipm.writer import now, update_task
 from aipm.view import OrderView
-from aipm.worker import environment, model_for
-from aipm.workerfiles import read_bytes, write_bytes
+from aipm.workerfiles import write_bytes
 
 
-class Recording:
+class Recording(Reviewing):
     """Outcome recording for an owner. The owner provides the state below (see Supervisor.__init__)."""
 
     launcher: Launcher
@@ -161,32 +161,6 @@ class Recording:
                         AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.attempt),
                         AIPM_LOG=rec.log)
         return event
-
-    def _review_again(self, rec: Record, task: Task, event: dict) -> dict:
-        """Run the review of this attempt again: its work is done and paid for, only the verdict is missing. Where
-        the work can no longer be reviewed (recovery.cannot_review), the attempt is re-queued as before; with no
-        review command now (`--no-review`), the kept work ends as it would have without review."""
-        why = recovery.cannot_review(rec)
-        if why:
-            self._requeue(rec, rec.stopping or "review lost")
-            return {"event": "interrupted", "requeued": [rec.task], "why": f"review: it cannot run again ({why})"}
-        lost = "stopped" if rec.stopping else "lost without a verdict"
-        said = f"review of attempt {rec.serial} {lost}" + f" ({rec.stopping})" * bool(rec.stopping)
-        if review_command(task, self.settings, self.launcher.options.no_review) is None:
-            append_log(rec.log, f"{said}: no review command now; the attempt's work is kept, unreviewed")
-            return self._ended(rec, self._unreviewed(rec, task), event)
-        append_log(rec.log, f"{said}: it runs again; the attempt's work is kept")
-        rec.stopping = ""
-        self._start_review(rec, task)
-        return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial, "again": lost}
-
-    def _unreviewed(self, rec: Record, task: Task) -> Task:
-        """IN_REVIEW → DONE (a worktree task's work merged first), as its work's exit 0 would have ended without
-        review; a merge that conflicts sends it back (REWORK), as after an approval."""
-        conflict = self._merge_back(rec, {})
-        if conflict:
-            return self._conflicted(rec, task, conflict)
-        return self._write(task, {"status": Status.DONE, "finished_at": now(), "reason": outcome.unreviewed()})
 
     def _restored(self, rec: Record, task: Task) -> Task:
         """The file was reset under a live worker (a `git checkout`): write back what we know, keep the rest."""
@@ -326,59 +300,6 @@ class Recording:
         if rec.phase == "work":
             agents.read_ahead(rec.agent, Path(rec.log))
 
-    def _review_ended(self, rec: Record, task: Task, code: int | None, timed_out: bool) -> Task:
-        """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback. A review
-        that timed out sends the task back whatever its code (it may exit 0 on the SIGTERM): a hung reviewer must
-        not hold the task's files for ever, and no verdict is never approval."""
-        feedback = self.rt.feedback_path(rec.order, rec.task, writing=True)
-        review_log = Path(rec.log).with_suffix(".review.log")
-        late = outcome.review_timed_out(time_limit(task, self.settings)) if timed_out else ""
-        if late:
-            code = code or 1  # killed without a code, or exit 0 on the SIGTERM: still no approval
-            verdict = f"{outcome.timed_out(time_limit(task, self.settings))}; process group killed"
-        else:
-            verdict = "approved" if code == 0 else f"sent back (exit {code})"
-        append_log(rec.log, f"review {verdict}; review output: {review_log}")
-        conflict = self._merge_back(rec, {}) if code == 0 else None
-        if conflict:
-            return self._conflicted(rec, task, conflict)
-        if code == 0:
-            feedback.unlink(missing_ok=True)
-            reason = outcome.review_approved()
-        else:
-            try:
-                output = read_bytes(review_log)
-            except OSError:
-                output = b""  # none, or the worker replaced it with what is not a file
-            write_bytes(feedback, output + f"{late}\n".encode() * bool(late))
-            reason = late or outcome.review_rejected(output.decode(errors="replace"), code)
-        for updates in after_review(task, code, self.settings, reason):
-            task = self._write(task, updates)
-        return task
-
-    def _conflicted(self, rec: Record, task: Task, conflict: str) -> Task:
-        """An approved (or unreviewed) worktree task whose merge conflicts: sent back with the conflict as feedback."""
-        log_whole(rec.log, conflict)
-        write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True), f"{conflict}\n".encode())
-        for updates in after_review(task, 1, self.settings, outcome.one_line(conflict.splitlines()[0])):
-            task = self._write(task, updates)
-        return task
-
-    def _merge_back(self, rec: Record, event: dict) -> str | None:
-        """An approved worktree task: apply its changes to the main tree. The conflict (its feedback) when they
-        cannot be; then nothing was applied."""
-        if not rec.workspace:
-            return None
-        try:
-            for note in workspace.merge(self.rt.root, rec):
-                append_log(rec.log, f"merge: {note}")
-        except workspace.Conflict as exc:
-            event["conflict"] = exc.paths
-            return str(exc)
-        except workspace.WorkspaceError as exc:
-            return f"merge failed, nothing of this attempt was merged: {exc}"
-        return None
-
     def _scope_findings(self, rec: Record, in_commits: set[str] | None) -> list[str]:
         """Paths the worker changed or committed (`in_commits`, see scope.findings) that neither it nor any task
         running alongside it may write (a worktree task: that it changed outside its own targets, exactly)."""
@@ -399,31 +320,6 @@ class Recording:
         return writtenlog.not_own_output(self.rt.root, scope.findings(self.rt.root, rec.scope_file, allowed,
                                                                       in_commits))
 
-    def _start_review(self, rec: Record, task: Task) -> None:
-        command = review_command(task, self.settings, self.launcher.options.no_review)
-        if isinstance(command, tuple):
-            command = list(command)
-        env = environment(self.rt, rec, model_for(task, self.settings, self.launcher.options.model))
-        recovery.as_review(rec, task)
-        review_log = str(Path(rec.log).with_suffix(".review.log"))
-        try:
-            os.unlink(rec.exit_file)
-        except FileNotFoundError:
-            pass
-        rec.command = [command] if isinstance(command, str) else command
-        try:
-            runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=workspace.directory(self.rt.root, rec),
-                         log=review_log,
-                         started=lambda pid, ctime: self._record(rec, pid, ctime, time_limit(task, self.settings)))
-        except runner.SpawnError as exc:
-            # A reviewer that cannot start never approves (fail closed).
-            append_log(review_log, f"review could not start: {exc}")
-            rec.pid = 0
-            with open(rec.exit_file, "w") as handle:
-                handle.write("127\n")
-            self.rt.write_record(rec)
-        self._own(rec)
-
     def _note(self, task: Task) -> None:
         if self.view is not None:
             self.view.note(task)
@@ -441,10 +337,3 @@ class Recording:
         agents.forget(Path(rec.log))
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)
-
-
-def log_whole(log: str, text: str) -> None:
-    """A message of several lines (a merge conflict's paths, markers and kept patch) in the attempt's log: the
-    reason keeps only its first line. Lines after the first are indented, so no line of a file's text can be
-    taken for an agent's JSON event when the log's usage is read."""
-    append_log(log, "\n  ".join(text.rstrip("\n").splitlines()))

@@ -202,7 +202,7 @@ def as_review(rec: Record, task: Task) -> None:
 def cannot_review(rec: Record, stopped: str = "") -> str:
     """Why the work of a review stopped (`stopped`: by what) or lost without a verdict is gone ("" if it is kept),
     said in the attempt's log. With no review command now (`--no-review`) kept work is finished unreviewed
-    (Recording._unreviewed)."""
+    (Reviewing._unreviewed)."""
     why = review_work_gone(rec)
     if why:
         append_log(rec.log, f"review of {rec.task} " + f"stopped ({stopped}); it " * bool(stopped)
