@@ -122,13 +122,19 @@ def test_racing_lock_takers_never_hold_overlapping_targets_at_once(project):
 # ---- a lock held outside aipm ------------------------------------------------------------------------------
 
 
-def test_a_lock_held_by_another_process_is_named_everywhere_and_run_waits_for_it(project):
+def docs_order(project):
+    """FILE (docs/conf.py), DIR (docs/) and OTHER (src/a.py), each writing the journal; and a process holding
+    docs/conf.py's lock outside aipm. The order, the journal, the holder."""
     order = project.order()
     journal = project.root / "journal.txt"
     write_task(order, "FILE", target_files=["docs/conf.py"], command=journal_command(journal))
     write_task(order, "DIR", target_files=["docs/"], command=journal_command(journal))
     write_task(order, "OTHER", target_files=["src/a.py"], command=journal_command(journal))
-    holder = hold(project.root, "docs/conf.py")
+    return order, journal, hold(project.root, "docs/conf.py")
+
+
+def test_a_lock_held_by_another_process_is_named_everywhere_and_run_waits_for_it(project):
+    order, journal, holder = docs_order(project)
     try:
         # Every process that has the locked descriptor holds it (here: just the holder).
         rows = [r for r in project.json("locks")["locks"] if r["path"] == "docs/conf.py"]

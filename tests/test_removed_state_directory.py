@@ -15,7 +15,7 @@ import pytest
 from conftest import Project, state, task_statuses, wait_for, write_task
 from invariants import check, journal_command, spans
 from test_chaos import Proc
-from test_locks import HOLDER, PY, hold, release
+from test_locks import HOLDER, PY, docs_order, release
 
 # What the worker removes, below the state directory ("": all of it).
 REMOVED = ["", "locks", "workers"]
@@ -160,12 +160,7 @@ def test_a_supervisor_killed_after_its_records_were_removed_leaves_its_workers_t
 def test_a_lock_held_in_a_removed_state_directory_still_keeps_its_files(project, removed):
     """The lock files are gone, so a new one would be free: the lock its holder still has is noted when the
     directory is made again, and named by `locks`, `why` and `run`, which waits for it as for any holder."""
-    order = project.order()
-    journal = project.root / "journal.txt"
-    write_task(order, "FILE", target_files=["docs/conf.py"], command=journal_command(journal))
-    write_task(order, "DIR", target_files=["docs/"], command=journal_command(journal))
-    write_task(order, "OTHER", target_files=["src/a.py"], command=journal_command(journal))
-    holder = hold(project.root, "docs/conf.py")
+    order, journal, holder = docs_order(project)
     run = None
     try:
         shutil.rmtree(state(project.root) / removed)

@@ -176,7 +176,9 @@ def test_no_review_flag_gives_done(project):
     assert task_statuses(order) == {"T": "DONE"}
 
 
-def test_a_broken_edit_mid_run_is_reported_and_ignored(project):
+def _second_broken_mid_run(project, mistake: str):
+    """FIRST runs until `gate` exists; SECOND, its dependant, is saved with `mistake` appended once FIRST runs
+    and the run has said so. The run, its events (read as they come), SECOND's file and its good text."""
     order = project.order()
     gate = project.root / "gate"
     write_task(order, "FIRST", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
@@ -188,8 +190,14 @@ def test_a_broken_edit_mid_run_is_reported_and_ignored(project):
     wait_for(lambda: task_statuses(order)["FIRST"] == "IN_PROGRESS")
     second = order / "SECOND.yaml"
     good = second.read_text()
-    second.write_text(good + "colour: red\n")  # a mistake, saved mid-run
-    wait_for(lambda: any(e["event"] == "invalid_file" and "colour" in e["error"] for e in events))
+    second.write_text(good + mistake)  # saved mid-run
+    wait_for(lambda: any(e["event"] == "invalid_file" for e in events))
+    return order, gate, proc, events, reader, second, good
+
+
+def test_a_broken_edit_mid_run_is_reported_and_ignored(project):
+    order, gate, proc, events, reader, second, good = _second_broken_mid_run(project, "colour: red\n")
+    assert any(e["event"] == "invalid_file" and "colour" in e["error"] for e in events)
     second.write_text(good)  # fixed
     gate.touch()
     assert proc.wait(timeout=60) == 0
@@ -201,20 +209,8 @@ def test_a_task_whose_file_is_still_broken_when_its_turn_comes_waits_for_the_fix
     """SECOND's file is saved invalid while FIRST runs and stays so when FIRST ends: the run ended at once
     ('failed SECOND: ...', exit 1) with SECOND never run, though it had said it kept the last valid version. Now
     it waits (a `waiting` event naming the problem) and SECOND runs once its file is fixed."""
-    order = project.order()
-    gate = project.root / "gate"
-    write_task(order, "FIRST", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
-    write_task(order, "SECOND", command="true", depends_on=["FIRST"])
-    proc = start_run(project, "ORD", "--json")
-    events: list[dict] = []
-    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in proc.stdout), daemon=True)
-    reader.start()
+    order, gate, proc, events, reader, second, good = _second_broken_mid_run(project, "priority: urgent\n")
     try:
-        wait_for(lambda: task_statuses(order)["FIRST"] == "IN_PROGRESS")
-        second = order / "SECOND.yaml"
-        good = second.read_text()
-        second.write_text(good + "priority: urgent\n")  # a mistake, saved mid-run
-        wait_for(lambda: any(e["event"] == "invalid_file" for e in events))
         gate.touch()
         wait_for(lambda: any(e["event"] == "waiting" and e["task"] == "SECOND" and "urgent" in e["detail"]
                              for e in events) or proc.poll() is not None)
