@@ -58,8 +58,11 @@ def test_logs_follow_of_a_task_not_started_yet_waits_for_its_first_attempt(proje
     order = project.order()
     write_task(order, "B", command="echo hello-from-b", target_files=["b"])
     write_task(project.order("O2"), "X", command="true", status="CANCELLED")
+    write_task(project.order("O2"), "Y", command="true", depends_on=["X"])
     assert project.aipm("logs", "B").returncode == 2
     assert project.aipm("logs", "O2/X", "-f", timeout=30).returncode == 2  # cancelled: it will never run
+    behind = project.aipm("logs", "O2/Y", "-f", timeout=30)  # nor will what waits on it
+    assert behind.returncode == 2 and "O2/Y can never run: X is CANCELLED" in behind.stderr, behind.stderr
     follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "B", "-f"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

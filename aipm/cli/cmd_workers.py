@@ -25,6 +25,7 @@ from aipm.project import AmbiguousOrder, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
 from aipm.model import DEAD_END, FINISHED_OK
+from aipm.plan import never_runs
 from aipm.store import load_order, load_task
 from aipm.workerfiles import reading
 
@@ -192,16 +193,22 @@ def logs(
 
 def _first_log(rt: Runtime, order, task_id: str) -> dict:
     """`logs -f` of a task that has not run yet: wait for its first log (`tail -F` style) while it may still
-    start; {} once it no longer can (finished, failed, cancelled or gone)."""
+    start; {} once it no longer can (finished, failed, cancelled or gone); UserError when it waits on a task that
+    can never finish (it would wait for ever)."""
     said = False
     while True:
         try:
-            status = load_task(Path(order.tasks[task_id].path), rt.root).status
+            now = load_order(Path(order.path), rt.root)
+            status = now.tasks[task_id].status
         except (UserError, OSError, KeyError):
             return {}
         found = rt.logs(order.id, task_id)
         if found or status in FINISHED_OK | DEAD_END:
             return found
+        dead = next((d for d, ids in never_runs(now).items() if task_id in ids), None)
+        if dead is not None:
+            raise UserError(f"{order.id}/{task_id} can never run: {dead} is {now.tasks[dead].status}; fix what "
+                            f"stopped it, then `aipm retry {dead}`")
         if not said:
             console(stderr=True).print(f"waiting for {order.id}/{task_id} to start ({status.value}; Ctrl-C stops)",
                                        markup=False)
