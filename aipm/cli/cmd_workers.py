@@ -294,7 +294,10 @@ def recover(
 ) -> None:
     """Repair tasks whose worker is gone: adopt workers that still run or left an exit code; re-queue the rest.
 
-    Also removes the worktrees kept from failed attempts, and those of deleted tasks (and orders, without ORDER)."""
+    A held outcome (its task file was deleted mid-run) is recorded once the file is back as it was, discarded when
+    another task was made under its name, dropped when the file is still gone; a task whose worker still runs
+    though its record was removed is left running. Also removes the worktrees kept from failed attempts, and
+    those of deleted tasks (and orders, without ORDER)."""
     project, settings = _settings_project()
     launcher = Launcher(project, settings, Options(), monitor=None)
     dirs = [project.order_dir(order)] if order else project.order_dirs()
