@@ -28,11 +28,7 @@ from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from pathlib import Path
 
-try:
-    from _sha1 import sha1  # hashlib's own SHA-1 without loading OpenSSL (~8 ms of every command's start)
-except ImportError:  # an interpreter built without it
-    from hashlib import sha1
-
+from aipm.digest import sha1
 from aipm.errors import UserError
 from aipm.liveness import process_alive, process_ctime, read_small
 from aipm.paths import Target, lock_prefix

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import enum
-import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field, fields
 
+from aipm.digest import sha1
 from aipm.paths import Target
 
 
@@ -142,7 +142,7 @@ def definition(task: Task) -> str:
     """A digest of what the user wrote for the task. A held outcome is the task's only while this is unchanged
     (recovery.same_task): a task made again under the same name with another command or prompt is another task."""
     mine = [(f.name, getattr(task, f.name)) for f in fields(Task) if f.name not in _NOT_DEFINITION]
-    return hashlib.sha256(repr(mine).encode()).hexdigest()[:16]
+    return sha1(repr(mine).encode()).hexdigest()[:16]
 
 
 @dataclass

@@ -88,8 +88,8 @@ def test_the_polled_form_skips_typer_and_answers_exactly_as_typer_does(project):
 
 def test_run_in_a_plain_form_skips_typer_rich_and_filelock_and_ends_as_typer_does(project):
     """`run` of a build in a log: no Typer at all (its import alone is ~30 ms), no rich, no lock library, nothing
-    only worktrees, --preempt, `exec` or an error message need; the start-up's objects are kept out of the cyclic
-    GC, which is on for the run itself."""
+    only worktrees, --preempt, `exec` or an error message need, no OpenSSL (hashlib's, ~3 ms: aipm.digest); the
+    start-up's objects are kept out of the cyclic GC, which is on for the run itself."""
     def fresh():
         for name in ("A", "B"):
             write_task(project.order(), name, command=f"touch {name.lower()}.txt", target_files=[f"{name.lower()}.txt"],
@@ -98,7 +98,7 @@ def test_run_in_a_plain_form_skips_typer_rich_and_filelock_and_ends_as_typer_doe
     fresh()
     proc, modules = modules_of(project, "run", "ORD", "--max-workers", "2", "--no-resource-monitoring")
     assert proc.returncode == 0, proc.stderr
-    assert not {"pydantic", "typer", "rich", "filelock", "asyncio", "tempfile", "difflib",
+    assert not {"pydantic", "typer", "rich", "filelock", "asyncio", "tempfile", "difflib", "_hashlib",
                 "aipm.workspace.mergeback", "aipm.urgency", "aipm.cli.cmd_detect"} & modules
     enabled, frozen = [x for x in proc.stderr.splitlines() if x.startswith("GC ")][-1].split()[1:]
     assert enabled == "True" and int(frozen) > 10_000

@@ -23,11 +23,7 @@ import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-try:
-    from _sha256 import sha256  # hashlib's own, without loading OpenSSL at every command's start
-except ImportError:
-    from hashlib import sha256
-
+from aipm.digest import sha256
 from aipm.durable import fsync_dir
 from aipm.workspace import Conflict, MergeStopped
 from aipm.workspace.repo import Change, Repo
