@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from aipm import agents, durable, holds, locks, recovery, scope, writtenlog
+from aipm import agents, durable, holds, locks, recovery, scope, subreaper, writtenlog
 from aipm.budget import Budget, of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
@@ -64,19 +64,23 @@ class Launcher(Starter):
         self.holdings = locks.Holdings(self.runtime.state)
         self.monitor = monitor
         self.detached: set[int] = set()  # owners we started (`aipm.work`): never mistaken for strays
+        self._unrecorded: tuple[frozenset, float, set] | None = None  # see _running_unrecorded
         if monitor is None and settings.enable_monitoring:
             self.monitor = ResourceMonitor(settings.max_cpu_percent, settings.max_memory_percent)
 
     # -- planning inputs -------------------------------------------------------------------------------
 
     def holders(self, order: Order, records: Iterable[Record], ending: Collection[str] = (),
-                released: Collection[str] = ()) -> tuple[list[Busy], dict[str, int], int]:
+                released: Collection[str] = (), running: Collection[str] | None = None,
+                ) -> tuple[list[Busy], dict[str, int], int]:
         """Busy files from worker records and other orders' running tasks, this order's live task ids (→ pid),
-        and the live worker count. `released`: keys of ended workers whose files are free already (see runloop).
+        and the live worker count. `released`: keys of ended workers whose files are free already (see runloop);
+        `running`: this order's IN_PROGRESS and IN_REVIEW task ids, when the caller's view knows them.
 
         A dead record (a stale task) still holds its files until recovered, but takes no worker slot; so does a
         task of another order marked IN_PROGRESS or IN_REVIEW by hand, with no record at all. A live one counts
-        whatever its task's file says now.
+        whatever its task's file says now, and so does a running task whose worker lives on without its record
+        (a worker removed the state directory, and its owner died): its pid unknown (0).
         """
         busy, live, count = [], {}, 0
         for rec in records:
@@ -88,10 +92,30 @@ class Launcher(Starter):
                 if rec.order == order.id:
                     live[rec.task] = live_pid(rec)
         recorded = {(rec.order, rec.task) for rec in records}
-        busy += [b for b in holds.held_elsewhere(self.project.root, self.project.order_dirs(), order.path,
-                                                 save=not self.options.dry_run)
-                 if (b.order_id, b.task_id) not in recorded]
+        elsewhere = [b for b in holds.held_elsewhere(self.project.root, self.project.order_dirs(), order.path,
+                                                     save=not self.options.dry_run)
+                     if (b.order_id, b.task_id) not in recorded]
+        busy += elsewhere
+        ids = running if running is not None else [t.id for t in order.tasks.values() if t.status in RUNNING]
+        unrecorded = {(order.id, tid) for tid in ids if (order.id, tid) not in recorded}
+        for order_id, task_id in self._running_unrecorded(unrecorded | {(b.order_id, b.task_id) for b in elsewhere}):
+            count += 1
+            if order_id == order.id:
+                live[task_id] = 0
         return busy, live, count
+
+    def _running_unrecorded(self, tasks: set[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Of running tasks without a record, those whose worker lives on (subreaper.tasks_running): one look at
+        every process, at most once a second for the same tasks (such a worker only ever ends, so a stale answer
+        errs on the side of one slot too few). Nothing to look at in the usual case: every worker has a record."""
+        if not tasks:
+            return set()
+        now = time.monotonic()
+        if self._unrecorded is not None and self._unrecorded[0] == tasks and now - self._unrecorded[1] < 1.0:
+            return self._unrecorded[2]
+        alive = subreaper.tasks_running(self.project.root, tasks)
+        self._unrecorded = (frozenset(tasks), now, alive)
+        return alive
 
     def outside(self, records: Iterable[Record]) -> list[ForeignLock]:
         """Target locks held by processes no record accounts for: a daemon a finished worker left, another tool.
@@ -179,7 +203,7 @@ class Launcher(Starter):
         if not explain and sum(rec.key not in ending and rec.alive() for rec in records) >= self.settings.max_workers:
             report.plan, report.deferred = Plan(), []
             return False  # every slot is taken: nothing can start, and a plan would only say so
-        busy, live, live_count = self.holders(order, records, ending, released)
+        busy, live, live_count = self.holders(order, records, ending, released, view.running)
         free = max(0, self.settings.max_workers - live_count)
         spend = order_budget(order, self.settings.max_cost_usd, records)
         outside = self.outside(records) if careful else []

@@ -20,7 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from aipm import notify, runner
@@ -115,9 +115,18 @@ def task_runs(root: Path, order: str, task: str) -> bool:
     """Whether a process of some attempt of the task lives: its marker without AIPM_ATTEMPT (only a record knows
     the attempt's number), with AIPM_ROOT the root or below it (a worktree). For a running task whose record is
     gone (a worker deleted the state directory): its worker may run on, and then the task is not lost."""
-    mark = {f"AIPM_ORDER_ID={order}".encode(), f"AIPM_TASK_ID={task}".encode()}
+    return bool(tasks_running(root, {(order, task)}))
+
+
+def tasks_running(root: Path, tasks: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
+    """The (order, task) pairs of `tasks` that task_runs() finds running, in one look at every process."""
     at, below = f"AIPM_ROOT={root}".encode(), f"AIPM_ROOT={root}/".encode()
-    return any(mark <= env and any(e == at or e.startswith(below) for e in env) for _, env in _environs())
+    marks = {(o, t): {f"AIPM_ORDER_ID={o}".encode(), f"AIPM_TASK_ID={t}".encode()} for o, t in tasks}
+    found: set[tuple[str, str]] = set()
+    for _, env in _environs() if marks else ():
+        if any(e == at or e.startswith(below) for e in env):
+            found.update(key for key, mark in marks.items() if mark <= env)
+    return found
 
 
 def _environs(pids: Iterable[int] | None = None) -> Iterable[tuple[int, set[bytes]]]:

@@ -70,11 +70,14 @@ def all_tasks(tmp: Path, *orders: Path) -> Path:
 
 @pytest.mark.parametrize("removed", ["", "workers"], ids=["state-dir", "records"])
 def test_running_workers_whose_owner_died_and_records_were_removed_are_not_recovered_as_lost(tmp_path, removed):
-    """No record and no owner: only the workers' own processes say that they still run and hold their files."""
+    """No record and no owner: only the workers' own processes say that they still run and hold their files,
+    and take their slots: with two of two running so, `launch` starts nothing, not even TWO's F on a free file
+    (it started F, a third worker, before)."""
     root = tmp_path / "proj"
     root.mkdir()
     project, journal, go, removed_mark, done = remover(root, removed, tmp_path)
     one, two = root / "orders" / "ONE", root / "orders" / "TWO"
+    write_task(two, "F", target_files=["z.py"], command=journal_command(journal))
     run = Proc(root, "run", "ONE", "--max-workers", "2", "--no-resource-monitoring")
     try:
         wait_for(lambda: {"A", "C"} <= {s.task for s in spans(journal)}, timeout=120)
@@ -86,8 +89,8 @@ def test_running_workers_whose_owner_died_and_records_were_removed_are_not_recov
         assert {t["id"]: t["status"] for t in project.json("status", "ONE")["tasks"]} == running
         recovered = project.json("recover", "ONE")["recovered"]
         assert sorted(r["id"] for r in recovered if r["action"].startswith("left running")) == ["A", "C"], recovered
-        assert project.json("launch", "TWO", "--no-resource-monitoring")["launched"] == []
-        assert task_statuses(one) == running and task_statuses(two) == {"B": "QUEUED", "E": "QUEUED"}
+        assert project.json("launch", "TWO", "--max-workers", "2", "--no-resource-monitoring")["launched"] == []
+        assert task_statuses(one) == running and task_statuses(two) == {"B": "QUEUED", "E": "QUEUED", "F": "QUEUED"}
         done.touch()
         wait_for(lambda: all(s.end is not None for s in spans(journal)), timeout=60)
     finally:
