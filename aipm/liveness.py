@@ -105,7 +105,7 @@ def _proc_stat(pid: int) -> tuple[str, float] | None:
     if not _HAVE_PROC:
         return None
     try:
-        fields = _stat_fields(pid)
+        fields = stat_fields(pid)
     except FileNotFoundError:
         return ("X", 0.0)
     except OSError:
@@ -113,7 +113,7 @@ def _proc_stat(pid: int) -> tuple[str, float] | None:
     return fields[0].decode(), _start_time(fields)
 
 
-def _stat_fields(pid: int) -> list[bytes]:
+def stat_fields(pid: int) -> list[bytes]:
     """/proc/<pid>/stat's fields after the process's name (which may hold spaces and parentheses)."""
     data = read_small(f"/proc/{pid}/stat")
     return data[data.rfind(b")") + 2:].split()
@@ -136,7 +136,7 @@ def ancestors() -> dict[int, float]:
     pid = os.getppid()
     while pid > 1 and pid not in found:
         try:
-            fields = _stat_fields(pid)
+            fields = stat_fields(pid)
         except OSError:
             break  # it ended meanwhile: what is above it is no longer above us
         found[pid] = _start_time(fields)
@@ -150,7 +150,7 @@ def asleep_in_wait(pid: int) -> bytes | None:
     sleeping process makes none); else None, also where /proc cannot tell. Two equal tokens: it did not run in
     between, so it started no process and reaped none."""
     try:
-        sleeping = _stat_fields(pid)[0] == b"S"
+        sleeping = stat_fields(pid)[0] == b"S"
         where = read_small(f"/proc/{pid}/wchan")
         status = read_small(f"/proc/{pid}/status")
     except OSError:

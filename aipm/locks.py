@@ -127,7 +127,7 @@ def _held_in_removed(state: Path) -> list[list]:
     """The ORPHANS entries of the locks held on removed files of this project now (a scan of every process)."""
     held = []
     top, below = f"{state}{_DELETED}", f"{state}/locks/"
-    for pid, fd, link in _open_under(str(state)):
+    for pid, fd, link in open_under(str(state)):
         if link != top and not (link.startswith(below) and link.endswith(".lock" + _DELETED)):
             continue
         try:
@@ -361,7 +361,7 @@ def lock_holders(inodes: set[int], prefix: str, pids: Iterable[int] | None = Non
     """Inode → pids whose open file on it carries the lock (the pid in /proc/locks is only who took it first:
     an inherited lock lives on in every process that has the descriptor)."""
     out: dict[int, set[int]] = {}
-    for pid, fd, _ in _open_under(prefix, pids):
+    for pid, fd, _ in open_under(prefix, pids):
         try:
             ino = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
             if ino in inodes and "\nlock:" in _read(f"/proc/{pid}/fdinfo/{fd}"):
@@ -371,7 +371,7 @@ def lock_holders(inodes: set[int], prefix: str, pids: Iterable[int] | None = Non
     return out
 
 
-def _open_under(prefix: str, pids: Iterable[int] | None = None) -> Iterator[tuple[int, str, str]]:
+def open_under(prefix: str, pids: Iterable[int] | None = None) -> Iterator[tuple[int, str, str]]:
     """(pid, descriptor number, what it names) of every descriptor of `pids` (default: every process we may read)
     naming a file under `prefix`."""
     if pids is None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import suppress
 
 from aipm import durable, posix_spawn, wrapper
-from aipm.liveness import spawned_ctime
+from aipm.liveness import spawned_ctime, stat_fields
 from aipm.workerfiles import NO_WAIT
 
 SHELL = "/bin/sh"
@@ -311,8 +311,7 @@ def group_members(pgid: int) -> list[int]:
         if not name.isdigit():
             continue
         try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()
+            fields = stat_fields(int(name))
         except OSError:
             continue
         if int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):

@@ -15,6 +15,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from aipm.gitstatus import real_root, tree_prefix
+from aipm.liveness import read_small, stat_fields
+from aipm.locks import open_under
 from aipm.paths import real_relative
 from aipm.record import Record
 from aipm.runtime import Runtime
@@ -98,22 +100,14 @@ def _lines(log: Path) -> list[str]:
 
 
 def not_own_output(root: Path, paths: list[str]) -> list[str]:
-    """`paths` without the files this run's own output goes to: this process's standard output and error
-    (`nohup aipm run` writes nohup.out in the project root, `aipm run > run.log` likewise) and any file a process
-    of its session holds open for writing (`aipm run | tee run.log`): workers run in sessions of their own, so
+    """`paths` without the files this run's own output goes to: any file a process of its session holds open for
+    writing, this one's standard output and error included (`nohup aipm run` writes nohup.out in the project root,
+    `aipm run > run.log` likewise, `aipm run | tee run.log` through tee): workers run in sessions of their own, so
     those writes are the run's or its user's, no worker's. Compared by inode: only the paths an audit found are
     looked at, so an audit that found nothing costs nothing here."""
     if not paths:
         return paths
-    ours = set()
-    for fd in (1, 2):
-        try:
-            st = os.fstat(fd)
-        except OSError:
-            continue
-        if stat.S_ISREG(st.st_mode):
-            ours.add((st.st_dev, st.st_ino))
-    ours |= _written_by_session()
+    ours = _written_by_session(root)
     kept = []
     for path in paths:
         try:
@@ -126,30 +120,31 @@ def not_own_output(root: Path, paths: list[str]) -> list[str]:
     return kept
 
 
-def _written_by_session() -> set[tuple[int, int]]:
-    """(device, inode) of the regular files that processes of this process's session hold open for writing."""
+def _written_by_session(root: Path) -> set[tuple[int, int]]:
+    """(device, inode) of the regular files in the tree that processes of this process's session hold open for
+    writing."""
     session = os.getsid(0)
     found = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
+    for pid, fd, _ in open_under(f"{os.path.realpath(root)}/", _members(session)):
         try:
-            with open(f"/proc/{name}/stat", "rb") as handle:
-                fields = handle.read().rsplit(b")", 1)[1].split()  # the name before ")" may hold spaces
-            if int(fields[3]) != session:
+            flags = int(read_small(f"/proc/{pid}/fdinfo/{fd}").split(b"flags:", 1)[1].split()[0], 8)
+            if flags & os.O_ACCMODE == os.O_RDONLY:
                 continue
-            fds = os.listdir(f"/proc/{name}/fd")
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
         except (OSError, IndexError, ValueError):
-            continue  # gone meanwhile, or not ours to read
-        for fd in fds:
-            try:
-                with open(f"/proc/{name}/fdinfo/{fd}", "rb") as handle:
-                    flags = int(handle.read().split(b"flags:", 1)[1].split()[0], 8)
-                if flags & os.O_ACCMODE == os.O_RDONLY:
-                    continue
-                st = os.stat(f"/proc/{name}/fd/{fd}")
-            except (OSError, IndexError, ValueError):
-                continue
-            if stat.S_ISREG(st.st_mode):
-                found.add((st.st_dev, st.st_ino))
+            continue  # closed or gone meanwhile
+        if stat.S_ISREG(st.st_mode):
+            found.add((st.st_dev, st.st_ino))
     return found
+
+
+def _members(session: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if int(stat_fields(int(name))[3]) == session:
+                    pids.append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile, or not ours to read
+    return pids
