@@ -81,8 +81,6 @@ def held(order: Order, records: Iterable[Record]) -> float:
 
 def of(order: Order, default_limit: float | None, records: Iterable[Record] = ()) -> Budget | None:
     """The order's budget; `records` (the worker records) give what its running attempts hold."""
-    if order.max_cost_usd is not None:
-        return Budget(order.max_cost_usd, spent(order), "order.yaml", held(order, records))
-    if default_limit is not None:
-        return Budget(default_limit, spent(order), "setting max_cost_usd", held(order, records))
-    return None
+    limit, source = ((order.max_cost_usd, "order.yaml") if order.max_cost_usd is not None
+                     else (default_limit, "setting max_cost_usd"))
+    return None if limit is None else Budget(limit, spent(order), source, held(order, records))
