@@ -234,7 +234,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             view.problems.clear()
             # A task whose file was saved invalid mid-run cannot start from it: the run waits for the fix (its
             # file's next change wakes it) rather than ending with the task never run.
-            fixing = [item for item in report.failed if view.invalid(order.tasks[item["id"]])]
+            fixing = {item["id"] for item in report.failed if view.invalid(order.tasks[item["id"]])}
             for item in report.failed:  # a failed launch is tried again every round: said once, until it changes
                 # or the task was launched in between, by this run or by any other process (its file's attempts
                 # and started_at tell; a launch that fails writes neither).
@@ -243,7 +243,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 if failed_told.get(item["id"]) != told:
                     failed_told[item["id"]] = told
                     emit({"event": "waiting", "task": item["id"], "pids": [], "detail": f"{item['error']}; fix "
-                          "the file and the run goes on (Ctrl-C stops it)"} if item in fixing else
+                          "the file and the run goes on (Ctrl-C stops it)"} if item["id"] in fixing else
                          {"event": "launch_failed", "task": item["id"], "error": item["error"]})
             if detach_others:
                 detach_others = False
