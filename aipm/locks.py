@@ -301,14 +301,17 @@ class Holdings:
             return
         if stamp == self._stamp:
             return
-        names = {os.stat(self.state).st_ino: ""}
-        with os.scandir(self.state / "locks") as entries:
-            for entry in entries:
-                if entry.name.endswith(".lock"):  # stat, not d_ino: they differ on some file systems (overlayfs)
-                    try:
-                        names[entry.stat(follow_symlinks=False).st_ino] = entry.name
-                    except OSError:
-                        continue
+        try:  # (removed since its stat: a worker's `rm -rf` of the state directory)
+            names = {os.stat(self.state).st_ino: ""}
+            with os.scandir(self.state / "locks") as entries:
+                for entry in entries:
+                    if entry.name.endswith(".lock"):  # stat, not d_ino: they differ on some file systems (overlayfs)
+                        try:
+                            names[entry.stat(follow_symlinks=False).st_ino] = entry.name
+                        except OSError:
+                            continue
+        except OSError:
+            names, stamp = {}, None
         self._names, self._stamp = names, stamp
 
     def node(self, name: str) -> str:

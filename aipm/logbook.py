@@ -39,12 +39,19 @@ def attempt_logs(rt: Runtime, order_id: str) -> list[AttemptLog]:
     """The order's log files (work and review), oldest last write first."""
     base = rt.log_dir(order_id)
     found = []
-    if base.is_dir():
-        for entry in os.scandir(base):
-            match = _NAME.match(entry.name)
-            if match and entry.is_file():
-                found.append((entry.stat().st_mtime_ns, AttemptLog(
-                    order_id, match["task"], int(match["attempt"]), Path(entry.path), bool(match["review"]))))
+    try:
+        entries = list(os.scandir(base))
+    except OSError:  # none yet, or removed (`git clean -fdx` of `.aipm/`)
+        entries = []
+    for entry in entries:
+        match = _NAME.match(entry.name)
+        if match and entry.is_file():
+            try:
+                written = entry.stat().st_mtime_ns
+            except OSError:  # removed since it was listed
+                continue
+            found.append((written, AttemptLog(
+                order_id, match["task"], int(match["attempt"]), Path(entry.path), bool(match["review"]))))
     return [log for _, log in sorted(found, key=lambda pair: (pair[0], pair[1].path.name))]
 
 

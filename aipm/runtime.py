@@ -251,13 +251,16 @@ class Runtime:
         except OSError:
             return out
         for sub in subs:
-            if sub.is_dir():
-                for entry in os.scandir(sub.path):
-                    if entry.name.endswith(".json") and not entry.name.startswith("."):
-                        path = Path(entry.path)
-                        record = self._read(path)
-                        if record and self.record_path(record.order, record.task) == path:
-                            out[path] = record  # (a record under another's name: a spare's old bytes after a crash)
+            try:  # listed, then removed before it is read (a worker's `rm -rf`): an order without records
+                entries = list(os.scandir(sub.path)) if sub.is_dir() else []
+            except OSError:
+                continue
+            for entry in entries:
+                if entry.name.endswith(".json") and not entry.name.startswith("."):
+                    path = Path(entry.path)
+                    record = self._read(path)
+                    if record and self.record_path(record.order, record.task) == path:
+                        out[path] = record  # (a record under another's name: a spare's old bytes after a crash)
         return out
 
     @staticmethod
@@ -311,7 +314,11 @@ class Runtime:
         base = self.log_dir(order)
         name = re.compile(re.escape(_safe(task)) + r"\.(\d+)\.log")
         found = {}
-        for entry in (os.scandir(base) if base.is_dir() else ()):
+        try:
+            entries = list(os.scandir(base))
+        except OSError:  # none yet, or removed (`git clean -fdx` of `.aipm/`)
+            entries = []
+        for entry in entries:
             match = name.fullmatch(entry.name)
             if match:
                 found[int(match.group(1))] = Path(entry.path)

@@ -352,3 +352,27 @@ def test_a_full_disk_leaves_no_empty_lock_file_and_fails_the_lock_cleanly(tmp_pa
         assert os.listdir(disk) == ["filler"] and len(os.listdir("/proc/self/fd")) == fds_before
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_who_holds_what_is_read_while_a_worker_removes_the_lock_files_without_failing(tmp_path):
+    """`rm -rf` of the lock files (a worker's command) while a planner asks which nodes are held: a directory
+    gone between its stat and its listing reads as no names, never an error (the planner of a `run` raised)."""
+    import fcntl
+
+    from aipm.locks import Holdings
+
+    locks = tmp_path / "locks"
+    locks.mkdir()
+    fd = os.open(locks / "x.lock", os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    churn = subprocess.Popen(["sh", "-c", f'while :; do rm -rf "{locks}"; mkdir -p "{locks}"; '
+                              f'touch "{locks}/y.lock"; done'], stderr=subprocess.DEVNULL)
+    holdings = Holdings(tmp_path)
+    try:
+        seen = [holdings.held() for _ in range(5000)]
+    finally:
+        churn.kill()
+        churn.wait()
+        os.close(fd)
+    # Before the first removal it is x.lock's; once removed its lock names no file, and y.lock is never held.
+    assert all(h in ({"x.lock": True}, {}) for h in seen) and seen[-1] == {}

@@ -52,3 +52,23 @@ def test_a_process_found_dead_in_a_round_is_not_looked_up_again_and_the_next_rou
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_reading_the_records_while_a_worker_removes_their_directories_never_fails(tmp_path):
+    """A worker's `rm -rf` of the records while an owner or `ps` reads them: an order's directory listed and gone
+    before it is read is an order without records, not an error (an owner that raised here died, and its worker
+    went unlisted and unrecorded). A real process removes and makes the directory again as fast as it can."""
+    rt = Runtime(tmp_path)
+    rt.write_record(_record(tmp_path, "A"))
+    order_dir = rt.record_path("O", "A").parent
+    (tmp_path / "A.json").write_bytes(rt.record_path("O", "A").read_bytes())
+    churn = subprocess.Popen(["sh", "-c", f'while :; do rm -rf "{order_dir}"; mkdir -p "{order_dir}"; '
+                              f'cp "{tmp_path}/A.json" "{order_dir}/A.json"; done'], stderr=subprocess.DEVNULL)
+    try:
+        seen = set()
+        for _ in range(20000):
+            seen.add(tuple(r.task for r in rt.records()))
+    finally:
+        churn.kill()
+        churn.wait()
+    assert seen <= {(), ("A",)} and ("A",) in seen
