@@ -81,7 +81,7 @@ def _finish(sup: Supervisor, keys: list[str]) -> None:
     for key in keys:
         event = sup.handle(key)
         if event:
-            sup.outbox.append({**event, "time": round(time.time(), 3)})  # when it was recorded (see supervise)
+            sup.outbox.append({**event, "time": round(time.time(), 6)})  # when it was recorded (see supervise)
 
 
 @contextmanager

@@ -100,7 +100,7 @@ class Supervisor(Recording, Owner):
                 self.owned.pop(rec.key, None)
                 raise
             self.outbox.append({"event": "started", "task": rec.task, "order": rec.order, "pid": pid,
-                                "attempt": rec.serial, "time": round(time.time(), 3)})  # its go, not its line
+                                "attempt": rec.serial, "time": round(time.time(), 6)})  # its go, not its line
 
         return runner.begin(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log, stdin=stdin,
                             pass_fds=fds, started=started, prefix=jail, background=background,

@@ -98,7 +98,7 @@ class Display:
             self.live.start()
 
     def __call__(self, event: dict) -> None:
-        event.setdefault("time", round(time.time(), 3))
+        event.setdefault("time", round(time.time(), 6))
         order = self.view.order if self.view else None
         if order is not None:  # the run loop leaves it out where it is the run's own order
             event.setdefault("order", order.id)
