@@ -57,6 +57,13 @@ class Project:
             raise AssertionError(f"aipm {' '.join(args)} → {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
         return proc
 
+    def aipm_all(self, calls: list[tuple[str, ...]], **kw) -> list:
+        """Each call's aipm at once (a process each; two cores: half the time), for tests of many read-only calls."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            return list(pool.map(lambda call: self.aipm(*call, **kw), calls))
+
     def json(self, *args: str, **kw):
         proc = self.aipm(*args, "--json", **kw)
         assert proc.returncode == 0, proc.stderr

@@ -579,8 +579,9 @@ def test_every_help_shows_flags_as_flags_without_a_type(project):
     from aipm.cli import COMMAND_MODULES
 
     env = {"COLUMNS": "200"}
-    for command in ["", *COMMAND_MODULES]:
-        proc = project.aipm(*([command] if command else []), "--help", env=env, check=True)
+    commands = ["", *COMMAND_MODULES]
+    for command, proc in zip(commands, project.aipm_all([(c, "--help") if c else ("--help",) for c in commands],
+                                                        env=env, check=True)):
         assert "<bool>" not in proc.stdout, (command, proc.stdout)
         assert re.search(r"--help\s+-h\s+Show this message", proc.stdout), (command, proc.stdout)
     shown = project.aipm("run", "--help", env=env, check=True).stdout
@@ -595,11 +596,12 @@ def test_every_help_wraps_its_paragraphs_to_the_terminal(project):
     from aipm.cli import _load_commands, decl
 
     _load_commands()
-    for name, function in decl.COMMANDS:
-        shown = [" ".join(line.strip(" │").split()) for line in project.aipm(
-            name or function.__name__, "--help", env={"COLUMNS": "1000"}, check=True).stdout.splitlines()]
+    names = [name or function.__name__ for name, function in decl.COMMANDS]
+    helps = project.aipm_all([(name, "--help") for name in names], env={"COLUMNS": "1000"}, check=True)
+    for name, (_, function), proc in zip(names, decl.COMMANDS, helps):
+        shown = [" ".join(line.strip(" │").split()) for line in proc.stdout.splitlines()]
         for paragraph in inspect.cleandoc(function.__doc__).replace("\\[", "[").split("\n\n"):  # (rich's escape)
-            assert " ".join(paragraph.split()) in shown, (name or function.__name__, paragraph)
+            assert " ".join(paragraph.split()) in shown, (name, paragraph)
 
 
 def test_status_at_80_columns_keeps_each_status_whole(project):
