@@ -7,7 +7,6 @@ print as they come, so concurrent workers interleave as they ran.
 
 from __future__ import annotations
 
-import os
 import re
 import select
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ from aipm.errors import UserError
 from aipm.model import DEAD_END, FINISHED_OK, Order, Status
 from aipm.plan import NEVER, plan
 from aipm.project import Project
-from aipm.runtime import Runtime
+from aipm.runtime import Runtime, entries
 from aipm.store import load_order
 from aipm.workerfiles import read_bytes, reading
 
@@ -39,11 +38,7 @@ def attempt_logs(rt: Runtime, order_id: str) -> list[AttemptLog]:
     """The order's log files (work and review), oldest last write first."""
     base = rt.log_dir(order_id)
     found = []
-    try:
-        entries = list(os.scandir(base))
-    except OSError:  # none yet, or removed (`git clean -fdx` of `.aipm/`)
-        entries = []
-    for entry in entries:
+    for entry in entries(base):
         match = _NAME.match(entry.name)
         if match and entry.is_file():
             try:

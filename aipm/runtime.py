@@ -246,16 +246,9 @@ class Runtime:
 
     def _scan(self) -> dict[Path, Record]:
         out: dict[Path, Record] = {}
-        try:
-            subs = list(os.scandir(self.state / "workers"))
-        except OSError:
-            return out
-        for sub in subs:
-            try:  # listed, then removed before it is read (a worker's `rm -rf`): an order without records
-                entries = list(os.scandir(sub.path)) if sub.is_dir() else []
-            except OSError:
-                continue
-            for entry in entries:
+        for sub in entries(self.state / "workers"):
+            # (listed, then removed before it is read by a worker's `rm -rf`: an order without records)
+            for entry in entries(sub.path) if sub.is_dir() else ():
                 if entry.name.endswith(".json") and not entry.name.startswith("."):
                     path = Path(entry.path)
                     record = self._read(path)
@@ -314,11 +307,7 @@ class Runtime:
         base = self.log_dir(order)
         name = re.compile(re.escape(_safe(task)) + r"\.(\d+)\.log")
         found = {}
-        try:
-            entries = list(os.scandir(base))
-        except OSError:  # none yet, or removed (`git clean -fdx` of `.aipm/`)
-            entries = []
-        for entry in entries:
+        for entry in entries(base):
             match = name.fullmatch(entry.name)
             if match:
                 found[int(match.group(1))] = Path(entry.path)
@@ -356,6 +345,14 @@ class Runtime:
 def _attempt_name(rec: Record) -> str:
     """One attempt among all of a task's: a number alone comes back once its log and exit file are gone."""
     return f"{rec.serial} {rec.started_at}"
+
+
+def entries(directory: str | Path) -> list[os.DirEntry]:
+    """A directory's entries; none when it does not exist (yet, or any more: a worker's `rm -rf`, `git clean`)."""
+    try:
+        return list(os.scandir(directory))
+    except OSError:
+        return []
 
 
 def read_exit_file(path: str) -> int | None:
