@@ -13,6 +13,7 @@ ever released by deleting a file. The short launch lock is a `flock` too, on a d
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
 import re
@@ -33,6 +34,7 @@ from aipm.spares import Pool, fill, in_tree, pool
 from aipm.workerfiles import open_regular
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
+_REMAKES = 100  # a state directory removed again each time it is made: give up, it is not a single `rm -rf`
 
 
 class StateWriteError(OSError):
@@ -90,6 +92,11 @@ class Runtime:
     def ensure(self) -> None:
         make_state_dir(self.state)  # no cache: a few syscalls, and the directory may have been removed
         self._dir(self.dir / "logs" / "x")
+
+    def _remake_state(self) -> None:
+        """The state directory made (again); removed again at once is left to the caller's next try."""
+        with suppress(FileNotFoundError):
+            make_state_dir(self.state)
 
     def _dir(self, path: Path) -> Path:
         """`path` under `.aipm/`, after making sure its directory (and `.aipm/.gitignore`) exist. No cache: a
@@ -149,10 +156,11 @@ class Runtime:
             finally:
                 self._lock_depth -= 1
             return
-        self.ensure()
+        self._dir(self.dir / "logs" / "x")
+        self._remake_state()
         # Holders keep it for milliseconds (plan + a few writes), never across a worker's run.
         # The batch ends before the lock is released: the next holder finds this round's writes on disk.
-        with _exclusive(self.state / "launch.lock"), durable.batch():
+        with _exclusive(self.state / "launch.lock", remake=self._remake_state), durable.batch():
             self._lock_depth = 1
             _round.records = {}
             try:
@@ -380,13 +388,22 @@ def exit_file_written(path: str) -> bool:
 
 
 @contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
+def _exclusive(path: Path, remake: Callable[[], None]) -> Iterator[None]:
     """Hold an exclusive flock on `path` (made if missing), waiting in the kernel: the holder's release wakes us at
     once, where polling would add its interval to every contended round. The descriptor is this round's own
     (never inherited by a worker), so closing it releases the lock, and another thread of this process that asks
-    meanwhile waits like any other process."""
-    while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    meanwhile waits like any other process. `remake` makes the directory again when a worker's `rm -rf` took it
+    away since it was made (a detached owner that raised here would die in its loop, its worker unlisted)."""
+    for tries in itertools.count(1):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            if tries == _REMAKES:
+                raise
+            if tries > 10:
+                time.sleep(0.001)  # `rm -rf` of a big tree still at work: let it finish
+            remake()
+            continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             held, now = os.fstat(fd), os.stat(path)

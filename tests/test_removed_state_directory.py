@@ -52,6 +52,21 @@ def workers_listed(project: Project) -> set[str]:
     return {w["task"] for w in project.json("ps")["workers"] if w["alive"]}
 
 
+def listed_or_told(project: Project, tasks: set[str]) -> None:
+    """Wait until ps lists `tasks` alive; when it never does, fail with what there is to see: ps, the state
+    directory's files and the logs (a detached owner's stderr goes to its task's log)."""
+    try:
+        wait_for(lambda: workers_listed(project) == tasks, timeout=60)
+    except AssertionError:
+        root = state(project.root)
+        files = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else "no state dir"
+        logs = {str(p.relative_to(project.root)): p.read_text()[-2000:]
+                for p in project.root.rglob("*.log") if p.is_file()}
+        ps = subprocess.run(["ps", "-eo", "pid,ppid,pgid,stat,args"], capture_output=True, text=True).stdout
+        raise AssertionError(f"ps lists {workers_listed(project)}, not {tasks}\naipm ps: {project.json('ps')}\n"
+                             f"state: {files}\nlogs: {logs}\nprocesses:\n{ps}") from None
+
+
 def outcomes(order_dir: Path) -> dict[str, tuple]:
     import yaml
 
@@ -113,7 +128,7 @@ def test_a_second_aipm_never_starts_on_files_whose_worker_removed_the_state_dire
     run = start_and_remove(project, journal, go, removed_mark, how)
     try:
         # Their owners write their lost records again at once: ps and status see both workers as they are.
-        wait_for(lambda: workers_listed(project) == {"A", "C"}, timeout=60)
+        listed_or_told(project, {"A", "C"})
         assert {t["id"]: t["status"] for t in project.json("status", "ONE")["tasks"]} == {
             "A": "IN_PROGRESS", "C": "IN_PROGRESS", "A2": "QUEUED"}
         # Another terminal: neither launch, exec nor recover may start or re-queue anything on x.py or y.py.
@@ -144,7 +159,7 @@ def test_a_supervisor_killed_after_its_records_were_removed_leaves_its_workers_t
     one = root / "orders" / "ONE"
     run = start_and_remove(project, journal, go, removed_mark)
     try:
-        wait_for(lambda: workers_listed(project) == {"A", "C"}, timeout=60)
+        listed_or_told(project, {"A", "C"})
         run.p.kill()
         run.wait(timeout=60)
         recovered = project.json("recover", "ONE")["recovered"]

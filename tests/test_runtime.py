@@ -1,6 +1,8 @@
 """The runtime's per-round memory: worker records read once per launch-lock hold, liveness looked up once."""
 
 import subprocess
+import sys
+from contextlib import suppress
 
 from aipm import liveness
 from aipm.record import Record
@@ -72,3 +74,26 @@ def test_reading_the_records_while_a_worker_removes_their_directories_never_fail
         churn.kill()
         churn.wait()
     assert seen <= {(), ("A",)} and ("A",) in seen
+
+
+def test_taking_the_launch_lock_while_a_worker_removes_the_state_directory_never_fails(tmp_path):
+    """A worker's `rm -rf` of the whole state directory between the lock's `mkdir` and its `open`: the lock is
+    taken on the directory made again, never an error (a detached owner that raised here died in its loop, and
+    its worker went unlisted: CI saw it once in ~1000 runs). A real process removes the directory and makes it
+    again as fast as it can; each round also writes a record, as an owner's keep_records() does."""
+    rt = Runtime(tmp_path)
+    # One process (not a shell's `rm` children): once it is killed and reaped, nothing removes anything.
+    churn = subprocess.Popen([sys.executable, "-c", "import os, shutil, sys\nwhile True:\n"
+                              " shutil.rmtree(sys.argv[1], ignore_errors=True); os.makedirs(sys.argv[1], exist_ok=True)",
+                              str(rt.state)])
+    try:
+        for _ in range(500):
+            # A write may fail (the directory went again): keep_records() retries next round. The lock may not.
+            with rt.launch_lock(), suppress(OSError):
+                rt.write_record(_record(tmp_path, "A"))
+    finally:
+        churn.kill()
+        churn.wait()
+    with rt.launch_lock():
+        rt.write_record(_record(tmp_path, "A"))
+        assert [r.task for r in rt.records()] == ["A"]
