@@ -398,7 +398,7 @@ def _exclusive(path: Path, remake: Callable[[], None]) -> Iterator[None]:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except FileNotFoundError:
-            if tries == _REMAKES:
+            if tries >= _REMAKES:
                 raise
             if tries > 10:
                 time.sleep(0.001)  # `rm -rf` of a big tree still at work: let it finish
