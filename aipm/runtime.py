@@ -90,11 +90,12 @@ class Runtime:
         self._spares = pool(f"{self.state}/spare")  # removed records, reused by the next ones
 
     def ensure(self) -> None:
-        make_state_dir(self.state)  # no cache: a few syscalls, and the directory may have been removed
+        self._remake_state()
         self._dir(self.dir / "logs" / "x")
 
     def _remake_state(self) -> None:
-        """The state directory made (again); removed again at once is left to the caller's next try."""
+        """The state directory made (again): no cache, a few syscalls, and a worker may have removed it. Removed
+        again while it is made is left to what the caller does next (the launch lock tries again)."""
         with suppress(FileNotFoundError):
             make_state_dir(self.state)
 
@@ -156,8 +157,7 @@ class Runtime:
             finally:
                 self._lock_depth -= 1
             return
-        self._dir(self.dir / "logs" / "x")
-        self._remake_state()
+        self.ensure()
         # Holders keep it for milliseconds (plan + a few writes), never across a worker's run.
         # The batch ends before the lock is released: the next holder finds this round's writes on disk.
         with _exclusive(self.state / "launch.lock", remake=self._remake_state), durable.batch():
