@@ -90,14 +90,8 @@ class Runtime:
         self._spares = pool(f"{self.state}/spare")  # removed records, reused by the next ones
 
     def ensure(self) -> None:
-        self._remake_state()
+        _remake(self.state)
         self._dir(self.dir / "logs" / "x")
-
-    def _remake_state(self) -> None:
-        """The state directory made (again): no cache, a few syscalls, and a worker may have removed it. Removed
-        again while it is made is left to what the caller does next (the launch lock tries again)."""
-        with suppress(FileNotFoundError):
-            make_state_dir(self.state)
 
     def _dir(self, path: Path) -> Path:
         """`path` under `.aipm/`, after making sure its directory (and `.aipm/.gitignore`) exist. No cache: a
@@ -160,7 +154,7 @@ class Runtime:
         self.ensure()
         # Holders keep it for milliseconds (plan + a few writes), never across a worker's run.
         # The batch ends before the lock is released: the next holder finds this round's writes on disk.
-        with _exclusive(self.state / "launch.lock", remake=self._remake_state), durable.batch():
+        with _exclusive(self.state / "launch.lock"), durable.batch():
             self._lock_depth = 1
             _round.records = {}
             try:
@@ -387,12 +381,19 @@ def exit_file_written(path: str) -> bool:
     return os.path.exists(path) or read_exit_file(path) is not None
 
 
+def _remake(state: Path) -> None:
+    """The state directory made (again): no cache, a few syscalls, and a worker may have removed it. Removed
+    again while it is made is left to what the caller does next (the launch lock tries again)."""
+    with suppress(FileNotFoundError):
+        make_state_dir(state)
+
+
 @contextmanager
-def _exclusive(path: Path, remake: Callable[[], None]) -> Iterator[None]:
+def _exclusive(path: Path) -> Iterator[None]:
     """Hold an exclusive flock on `path` (made if missing), waiting in the kernel: the holder's release wakes us at
     once, where polling would add its interval to every contended round. The descriptor is this round's own
     (never inherited by a worker), so closing it releases the lock, and another thread of this process that asks
-    meanwhile waits like any other process. `remake` makes the directory again when a worker's `rm -rf` took it
+    meanwhile waits like any other process. The state directory is made again when a worker's `rm -rf` took it
     away since it was made (a detached owner that raised here would die in its loop, its worker unlisted)."""
     for tries in itertools.count(1):
         try:
@@ -402,7 +403,7 @@ def _exclusive(path: Path, remake: Callable[[], None]) -> Iterator[None]:
                 raise
             if tries > 10:
                 time.sleep(0.001)  # `rm -rf` of a big tree still at work: let it finish
-            remake()
+            _remake(path.parent)
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
