@@ -86,8 +86,9 @@ def atomic_write(path: Path, text: str, identity: Identity | None = None, spares
 
     With `identity` (of the version the text was made from), the file must still be that version right before
     the rename; if someone changed it meanwhile nothing is written and False is returned (read it again).
-    With `spares`, the temp file is a spare inode when one may be reused, and the replaced version becomes one
-    once the directory fsync has made the new one durable (see spares.py); the steps stay the same.
+    With `spares`, the new version is written in the pool (a spare inode when one may be reused) and exchanged
+    into place from there, and the replaced version becomes a spare once the directory fsync has made the new one
+    durable (see spares.py); the steps stay the same.
     """
     fd, tmp = _temp_file(path, spares)
     try:
@@ -95,12 +96,13 @@ def atomic_write(path: Path, text: str, identity: Identity | None = None, spares
             fill(fd, text.encode("utf-8"))
             _same_mode(fd, path)
             os.fsync(fd)
+            ino = os.fstat(fd).st_ino
         finally:
             os.close(fd)
     except BaseException:
         _discard(tmp)
         raise
-    return _install(path, tmp, identity, spares)
+    return _install(path, tmp, identity, spares, ino)
 
 
 def _same_mode(fd: int, path: Path) -> None:
@@ -117,16 +119,22 @@ def _discard(tmp: str) -> None:
         pass
 
 
-def _install(path: Path, tmp: str, identity: Identity | None, spares: Pool | None) -> bool:
-    """The end of a write: `tmp`, the new version beside `path` and already on disk, renamed over it (unless
-    `path` is no longer `identity`: then removed, and False returned), and the directory fsynced."""
+def _install(path: Path, tmp: str, identity: Identity | None, spares: Pool | None, ino: int) -> bool:
+    """The end of a write: `tmp` (inode `ino`), the new version beside `path` or in the pool and already on disk,
+    put in its place (unless `path` is no longer `identity`, or what was put there is not `ino`: then it is taken
+    back and removed, and False returned), and the directory fsynced."""
     kept = None
     try:
         if identity is not None and _identity(path) != identity:
             os.unlink(tmp)
             return False
         if spares is not None and swap(tmp, str(path)):
-            kept = spares.keep(tmp)  # the old version, out of the directory at once
+            if os.lstat(path).st_ino != ino:  # another file put under `tmp` in the instant before: not ours
+                swap(tmp, str(path))
+                os.unlink(tmp)
+                return False
+            # The old version, now at `tmp`: out of the order's directory at once.
+            kept = spares.swapped(tmp, str(path)) if os.path.dirname(tmp) == spares.dir else spares.keep(tmp)
         else:
             os.replace(tmp, path)
     except BaseException:
@@ -147,13 +155,19 @@ _temp_serial = 0
 
 
 def _temp_file(path: Path, spares: Pool | None = None) -> tuple[int, str]:
-    """A file beside `path` for its next version: named after this process and a counter (no random name
-    to draw, no retry loop unless a dead process with our pid left one behind); a spare when there is one."""
+    """A file for `path`'s next version: in the pool when its versions can be exchanged in from there (a spare,
+    else a new file of the pool); otherwise beside `path`, named after this process and a counter (no random name
+    to draw, no retry loop unless a dead process with our pid left one behind)."""
+    if spares is not None and spares.replaces(str(path.parent)):
+        found = spares.take_here()
+        if found is not None:
+            return found
+        try:
+            return spares.new_file()
+        except OSError:
+            pass  # the pool's directory removed (a worker's `git clean`): beside the file, as without a pool
     while True:
         tmp = _temp_name(path)
-        fd = spares.take(tmp) if spares is not None else None
-        if fd is not None:
-            return fd, tmp
         try:
             return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600), tmp
         except FileExistsError:
@@ -314,10 +328,9 @@ def _write_ahead_of_time(path: Path, updates: Mapping[str, Any] | Callable[[Task
             or (updates(ahead.current) if callable(updates) else updates) != ahead.changes):
         _drop(ahead)
         return None
-    tmp = _temp_name(path)
-    if not ahead.spares.claim(ahead.name, ahead.written, tmp):
+    if not ahead.spares.unchanged(ahead.name, ahead.written):
         return None  # changed or gone in the pool (and removed): written as usual
-    if not _install(path, tmp, ahead.version[:3], ahead.spares):
+    if not _install(path, ahead.name, ahead.version[:3], ahead.spares, ahead.written[0]):
         return None  # changed in the instant before the rename: read again
     remember(path, ahead.text, root, ahead.data, ahead.fresh)
     return ahead.fresh

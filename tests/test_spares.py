@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from aipm import durable, spares
+from aipm.inotify import DirWatch
 from aipm.model import Status
 from aipm.recovery import remove_temp_files
 from aipm.record import Record
@@ -68,6 +69,23 @@ def test_the_file_a_write_replaced_is_reused_by_the_next_write_once_durable(proj
     assert c.stat().st_ino in old
     assert yaml.safe_load(c.read_text()) == {"id": "T2", "command": "true", "status": "IN_PROGRESS", "attempts": 1}
     assert sorted(p.name for p in a.parent.iterdir()) == ["T0.yaml", "T1.yaml", "T2.yaml"]  # no temp files left
+
+
+def test_a_write_is_exchanged_in_from_the_pool_with_no_temp_name_in_the_order_directory(project):
+    """The next version is written and fsynced in the pool and exchanged into place from there: the order's
+    directory (which views and agents watch) sees the task file's name change and nothing else, whether the write
+    reuses a spare or makes a new file of the pool."""
+    a, b = _tasks(project, 2)
+    watch = DirWatch.open(str(a.parent))
+    try:
+        old = a.stat().st_ino
+        _start(a, project.root)  # no spare yet: a new file of the pool
+        _start(b, project.root)  # a's old version, reused
+        assert b.stat().st_ino == old
+        assert {name for _, name in watch.events()} == {"T0.yaml", "T1.yaml"}
+    finally:
+        os.close(watch.fd)
+    assert yaml.safe_load(b.read_text())["status"] == "IN_PROGRESS"
 
 
 def test_a_reader_that_opened_the_old_version_keeps_reading_it(project):
@@ -232,8 +250,10 @@ def test_a_failed_directory_fsync_drops_the_spare_and_the_pool_keeps_working(pro
     kept = paths[6].stat().st_ino
     _start(paths[6], project.root)
     (spare,) = [p for p in pool.iterdir() if p.name != ".gitignore"]  # its old version is kept ...
+    replaced = paths[7].stat().st_ino
     _start(paths[7], project.root)
-    assert not spare.exists() and paths[7].stat().st_ino == kept  # ... and reused: the pool still works
+    # ... and reused (exchanged in from the pool, which keeps the version it replaced): the pool still works
+    assert paths[7].stat().st_ino == kept and spare.stat().st_ino == replaced
 
 
 def test_an_order_directory_on_another_file_system_leaves_no_spares_behind(project, tmp_path):
@@ -287,6 +307,7 @@ WRITER = r"""
 import sys
 from pathlib import Path
 from aipm import durable
+from aipm.inotify import DirWatch
 from aipm.model import Status
 from aipm.writer import update_task
 root, paths = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]

@@ -95,6 +95,28 @@ def test_a_prepared_file_changed_where_it_waits_is_not_installed(project):
     assert data["id"] == "T1" and data["status"] == "IN_PROGRESS"
 
 
+def test_a_file_put_in_the_pools_place_in_the_instant_before_the_exchange_is_taken_back(project, monkeypatch):
+    """The version written ahead is exchanged into place straight from the pool: another file renamed under its
+    name after it was checked (a worker writing into `.aipm/spare` at that instant) is swapped back out, and the
+    status is written anew; the task file never keeps bytes aipm did not write."""
+    path = _queued(project)
+    writer.prepare(path, lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
+    checked = spares.Pool.unchanged
+
+    def then_planted(pool, name, version):
+        ok = checked(pool, name, version)
+        planted = Path(name).with_name("planted")
+        planted.write_text("id: T9\nstatus: DONE\n")
+        os.rename(planted, name)  # after the check, before the exchange
+        return ok
+
+    monkeypatch.setattr(spares.Pool, "unchanged", then_planted)
+    update_task(path, _start_updates(path, project.root), expect=Status.QUEUED, root=project.root)
+    data = yaml.safe_load(path.read_text())
+    assert data["id"] == "T1" and data["status"] == "IN_PROGRESS"
+    assert not any(b"T9" in p.read_bytes() for p in (project.root / ".aipm" / "spare").iterdir())
+
+
 def test_a_chmod_after_the_version_was_prepared_is_kept(project):
     path = _queued(project)
     writer.prepare(path, lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
