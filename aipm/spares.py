@@ -130,7 +130,10 @@ class Pool:
         return None
 
     def new_file(self, mode: int = 0o600) -> tuple[int, str]:
-        """A new file of the pool, opened for writing, and its name (no spare to reuse)."""
+        """A new file of the pool, opened for writing, and its name (no spare to reuse). OSError when the pool's
+        directory is not one of ours (replaced by a link, say)."""
+        if not self._usable():
+            raise NotADirectoryError(self.dir)
         name = self._name()
         return _create(name, mode), name
 
@@ -151,7 +154,7 @@ class Pool:
         as keep() keeps a replaced file (usable once ready() says its replacement is durable), or removed."""
         try:
             info = os.lstat(name)
-            if self._kept < KEEP and _reusable(info):
+            if self._kept < KEEP and _reusable(info) and self._usable():
                 self._kept += 1
                 return name, info.st_ino, was
         except OSError:

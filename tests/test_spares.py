@@ -88,6 +88,22 @@ def test_a_write_is_exchanged_in_from_the_pool_with_no_temp_name_in_the_order_di
     assert yaml.safe_load(b.read_text())["status"] == "IN_PROGRESS"
 
 
+def test_a_pool_directory_replaced_by_a_link_is_not_written_through(project, tmp_path):
+    """A worker may replace `.aipm/spare` with a symlink: no write goes through it, and every write still lands."""
+    a, b, c = _tasks(project, 3)
+    _start(a, project.root)  # the pool exists and keeps a's old version
+    pool = project.root / ".aipm" / "spare"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    os.system(f"rm -rf {pool}")
+    pool.symlink_to(elsewhere)
+    _start(b, project.root)
+    _start(c, project.root)
+    assert list(elsewhere.iterdir()) == []
+    assert [yaml.safe_load(p.read_text())["status"] for p in (b, c)] == ["IN_PROGRESS", "IN_PROGRESS"]
+    assert sorted(p.name for p in a.parent.iterdir()) == ["T0.yaml", "T1.yaml", "T2.yaml"]
+
+
 def test_a_reader_that_opened_the_old_version_keeps_reading_it(project):
     a, b = _tasks(project, 2)
     before = a.read_text()
