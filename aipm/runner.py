@@ -22,6 +22,7 @@ import signal
 import time
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import suppress
+from functools import partial
 
 from aipm import durable, posix_spawn, wrapper
 from aipm.liveness import spawned_ctime, stat_fields
@@ -146,33 +147,48 @@ def begin(
     # posix_spawn has no cwd argument: the wrapper changes to $AIPM_ROOT itself ($PWD as a shell's cd sets it).
     env = dict(env, AIPM_ROOT=cwd, PWD=cwd)
 
-    def attempt(program: str, argv: list[str]) -> tuple[int, int, int]:
+    def prepared(program: str, argv: list[str]) -> Callable[[], tuple[int, int, int]]:
+        """Everything up to the spawn itself, done here: in the helper thread each step that lets go of the GIL
+        would wait for it back while the main thread writes the status."""
         os.makedirs(os.path.dirname(log), exist_ok=True)
         place_log(log)
-        before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-        pid = posix_spawn.spawn(program, argv, env, actions, setsid=True)
-        return pid, before, time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        call = posix_spawn.prepare(program, argv, env, actions, setsid=True)
 
-    def start() -> tuple[int, int, int]:
+        def run() -> tuple[int, int, int]:
+            before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+            pid = call()
+            return pid, before, time.clock_gettime_ns(time.CLOCK_BOOTTIME)
+        return run
+
+    def start(first: Callable[[], tuple[int, int, int]]) -> tuple[int, int, int]:
         try:
-            return attempt(program, argv)
+            return first()
         except FileNotFoundError:
             # A worker deleted .aipm/ (git clean -fdx) meanwhile: make the log's directory again. Or the compiled
             # wrapper was aged out of /tmp: the shell does its work, and the next start looks for it again.
             if compiled and not os.path.exists(compiled):
                 wrapper.forget()
-            return attempt(SHELL, shell)
+            return prepared(SHELL, shell)()
         except OSError as exc:
             if not compiled or exc.errno not in (errno.ENOEXEC, errno.EACCES, errno.EPERM):
                 raise
             wrapper.discard(compiled)  # truncated, replaced, /tmp made noexec: the shell now, a new build later
-            return attempt(SHELL, shell)
+            return prepared(SHELL, shell)()
 
     def release() -> None:
         os.close(go_read)
 
-    pending = posix_spawn.in_background(start) if background else posix_spawn.Pending(start).run()
+    try:
+        first = prepared(program, argv)
+    except OSError as exc:
+        first = partial(_raise, exc)  # tried again (start) where the spawn runs, as a failed spawn is
+    job = partial(start, first)
+    pending = posix_spawn.in_background(job) if background else posix_spawn.Pending(job).run()
     return Spawning(pending, go_write, release, started, log)
+
+
+def _raise(exc: BaseException) -> None:
+    raise exc
 
 
 class Spawning:
