@@ -2,10 +2,10 @@
 
 Starting a process costs the parent about half a millisecond here, nearly all of it waiting for the vfork'd child
 to reach exec. `os.posix_spawn` waits with the GIL held, so nothing else in the process moves meanwhile; the same
-call through ctypes releases it (and only it: the setup calls keep the GIL, see _load). A launch therefore
-prepares a worker's wrapper in the main thread and starts it in the helper thread (it waits for its go, so
-starting it early runs nothing) while the main thread writes the task's status, and joins before the go: the two
-waits overlap instead of adding up. Where libc has no posix_spawn, os.posix_spawn does the work.
+call through ctypes releases it (and only it: the setup calls keep the GIL, see _load). A launch therefore starts
+a worker's wrapper in the helper thread (it waits for its go, so starting it early runs nothing) while the main
+thread writes the task's status, and joins before the go: the two waits overlap instead of adding up. Where libc
+has no posix_spawn, os.posix_spawn does the work.
 """
 
 from __future__ import annotations
@@ -60,17 +60,9 @@ def spawn(path: str, argv: Sequence[str], env: Mapping[str, str], file_actions: 
     """os.posix_spawn(path, argv, env, file_actions=..., setsid=...) that lets other threads run while it waits.
     Takes the POSIX_SPAWN_OPEN and POSIX_SPAWN_DUP2 actions of os.posix_spawn; raises OSError as it does. The
     child starts with no signal blocked (whatever the calling thread blocks) and SIGPIPE and SIGXFSZ at default."""
-    return prepare(path, argv, env, file_actions, setsid)()
-
-
-def prepare(path: str, argv: Sequence[str], env: Mapping[str, str], file_actions: Sequence[tuple],
-            setsid: bool = False) -> Callable[[], int]:
-    """spawn() in two steps: everything made now, in the calling thread and holding the GIL throughout; the
-    returned call starts the process (once: it frees what was made), the only step that waits, with the GIL let
-    go. So a spawn handed to the helper thread takes the GIL back once, not once per setup call."""
     if _libc is None:
-        return lambda: os.posix_spawn(path, argv, env, file_actions=file_actions, setsid=setsid, setsigmask=(),
-                                      setsigdef=_RESTORED)
+        return os.posix_spawn(path, argv, env, file_actions=file_actions, setsid=setsid, setsigmask=(),
+                              setsigdef=_RESTORED)
     fsenc, libc = os.fsencode, _quick
     args = (ctypes.c_char_p * (len(argv) + 1))(*map(fsenc, argv), None)
     envp = (ctypes.c_char_p * (len(env) + 1))(*(fsenc(k) + b"=" + fsenc(v) for k, v in env.items()), None)
@@ -79,53 +71,31 @@ def prepare(path: str, argv: Sequence[str], env: Mapping[str, str], file_actions
     _check(libc.posix_spawn_file_actions_init(actions))
     try:
         _check(libc.posix_spawnattr_init(attr))
-    except BaseException:
-        libc.posix_spawn_file_actions_destroy(actions)
-        raise
-    made = True
-
-    def free() -> None:
-        nonlocal made
-        if made:
-            made = False
-            libc.posix_spawnattr_destroy(attr)
-            libc.posix_spawn_file_actions_destroy(actions)
-
-    try:
-        for action in file_actions:
-            if action[0] == os.POSIX_SPAWN_OPEN:
-                _, fd, name, flags, mode = action
-                keep.append(fsenc(name))
-                _check(libc.posix_spawn_file_actions_addopen(actions, fd, keep[-1], flags, mode))
-            elif action[0] == os.POSIX_SPAWN_DUP2:
-                _check(libc.posix_spawn_file_actions_adddup2(actions, action[1], action[2]))
-            else:
-                raise ValueError(f"unsupported spawn action {action!r}")
-        none, restored = ctypes.create_string_buffer(_STATE_BYTES), ctypes.create_string_buffer(_STATE_BYTES)
-        _check(libc.sigemptyset(none) and ctypes.get_errno())
-        _check(libc.sigemptyset(restored) and ctypes.get_errno())
-        for signum in _RESTORED:
-            _check(libc.sigaddset(restored, signum) and ctypes.get_errno())
-        _check(libc.posix_spawnattr_setsigmask(attr, none))
-        _check(libc.posix_spawnattr_setsigdefault(attr, restored))
-        _check(libc.posix_spawnattr_setflags(attr, _SETSIGMASK | _SETSIGDEF | (_SETSID if setsid else 0)))
-    except BaseException:
-        free()
-        raise
-    program = fsenc(path)
-
-    def start() -> int:
         try:
-            if not made:
-                raise RuntimeError("a prepared spawn runs once")
+            for action in file_actions:
+                if action[0] == os.POSIX_SPAWN_OPEN:
+                    _, fd, name, flags, mode = action
+                    keep.append(fsenc(name))
+                    _check(libc.posix_spawn_file_actions_addopen(actions, fd, keep[-1], flags, mode))
+                elif action[0] == os.POSIX_SPAWN_DUP2:
+                    _check(libc.posix_spawn_file_actions_adddup2(actions, action[1], action[2]))
+                else:
+                    raise ValueError(f"unsupported spawn action {action!r}")
+            none, restored = ctypes.create_string_buffer(_STATE_BYTES), ctypes.create_string_buffer(_STATE_BYTES)
+            _check(libc.sigemptyset(none) and ctypes.get_errno())
+            _check(libc.sigemptyset(restored) and ctypes.get_errno())
+            for signum in _RESTORED:
+                _check(libc.sigaddset(restored, signum) and ctypes.get_errno())
+            _check(libc.posix_spawnattr_setsigmask(attr, none))
+            _check(libc.posix_spawnattr_setsigdefault(attr, restored))
+            _check(libc.posix_spawnattr_setflags(attr, _SETSIGMASK | _SETSIGDEF | (_SETSID if setsid else 0)))
             pid = ctypes.c_int()
-            _check(_libc.posix_spawn(ctypes.byref(pid), program, actions, attr, args, envp))
+            _check(_libc.posix_spawn(ctypes.byref(pid), fsenc(path), actions, attr, args, envp))
             return pid.value
         finally:
-            free()
-            keep.clear()
-
-    return start
+            libc.posix_spawnattr_destroy(attr)
+    finally:
+        libc.posix_spawn_file_actions_destroy(actions)
 
 
 def _check(err: int) -> None:

@@ -147,16 +147,16 @@ def begin(
     # posix_spawn has no cwd argument: the wrapper changes to $AIPM_ROOT itself ($PWD as a shell's cd sets it).
     env = dict(env, AIPM_ROOT=cwd, PWD=cwd)
 
-    def prepared(program: str, argv: list[str]) -> Callable[[], tuple[int, int, int]]:
-        """Everything up to the spawn itself, done here: in the helper thread each step that lets go of the GIL
-        would wait for it back while the main thread writes the status."""
+    def placed(program: str, argv: list[str]) -> Callable[[], tuple[int, int, int]]:
+        """The log's directory and file made ready here (in the helper thread each of these syscalls would let go
+        of the GIL and wait for it back while the main thread writes the status); the rest of the spawn in the
+        returned call, which takes the GIL once and lets go of it once, for the spawn itself."""
         os.makedirs(os.path.dirname(log), exist_ok=True)
         place_log(log)
-        call = posix_spawn.prepare(program, argv, env, actions, setsid=True)
 
         def run() -> tuple[int, int, int]:
             before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-            pid = call()
+            pid = posix_spawn.spawn(program, argv, env, actions, setsid=True)
             return pid, before, time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         return run
 
@@ -168,18 +168,18 @@ def begin(
             # wrapper was aged out of /tmp: the shell does its work, and the next start looks for it again.
             if compiled and not os.path.exists(compiled):
                 wrapper.forget()
-            return prepared(SHELL, shell)()
+            return placed(SHELL, shell)()
         except OSError as exc:
             if not compiled or exc.errno not in (errno.ENOEXEC, errno.EACCES, errno.EPERM):
                 raise
             wrapper.discard(compiled)  # truncated, replaced, /tmp made noexec: the shell now, a new build later
-            return prepared(SHELL, shell)()
+            return placed(SHELL, shell)()
 
     def release() -> None:
         os.close(go_read)
 
     try:
-        first = prepared(program, argv)
+        first = placed(program, argv)
     except OSError as exc:
         first = partial(_raise, exc)  # tried again (start) where the spawn runs, as a failed spawn is
     job = partial(start, first)

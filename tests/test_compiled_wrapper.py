@@ -37,13 +37,9 @@ def _run(tmp_path: Path, command, tag: str, cwd: Path | None = None, abandon: bo
 
 def _programs_started(monkeypatch) -> list[str]:
     """The programs runner starts from now on (the wrapper each worker runs under), in order."""
-    prepare, started = runner.posix_spawn.prepare, []
-
-    def spied(program, *a, **k):
-        call = prepare(program, *a, **k)
-        return lambda: started.append(program) or call()
-
-    monkeypatch.setattr(runner.posix_spawn, "prepare", spied)
+    spawn, started = runner.posix_spawn.spawn, []
+    monkeypatch.setattr(runner.posix_spawn, "spawn", lambda program, *a, **k: started.append(program) or spawn(
+        program, *a, **k))
     return started
 
 
