@@ -152,31 +152,26 @@ class Pool:
     def swapped(self, name: str, was: str) -> tuple[str, int, str] | None:
         """`name`, a file of the pool just exchanged into place at `was`, holds the version that was there: kept
         as keep() keeps a replaced file (usable once ready() says its replacement is durable), or removed."""
+        return self._keep(name, was, moved=True)
+
+    def keep(self, old: str) -> tuple[str, int, str] | None:
+        """Move the replaced file at `old` into the pool, not yet usable (see ready()); it is removed instead when
+        the pool is full or it may not be reused. Returns its entry, or None."""
+        return self._keep(old, old, moved=False)
+
+    def _keep(self, path: str, was: str, moved: bool) -> tuple[str, int, str] | None:
         try:
-            info = os.lstat(name)
+            info = os.lstat(path)
             if self._kept < KEEP and _reusable(info) and self._usable():
+                name = path if moved else self._name()
+                if not moved:
+                    os.rename(path, name)
                 self._kept += 1
                 return name, info.st_ino, was
         except OSError:
             pass
         with suppress(OSError):
-            os.unlink(name)
-        return None
-
-    def keep(self, old: str) -> tuple[str, int, str] | None:
-        """Move the replaced file at `old` into the pool, not yet usable (see ready()); it is removed instead when
-        the pool is full or it may not be reused. Returns its entry, or None."""
-        try:
-            info = os.lstat(old)
-            if self._kept < KEEP and _reusable(info) and self._usable():
-                name = self._name()
-                os.rename(old, name)
-                self._kept += 1
-                return name, info.st_ino, old
-        except OSError:
-            pass
-        with suppress(OSError):
-            os.unlink(old)
+            os.unlink(path)
         return None
 
     def ready(self, kept: tuple[str, int, str] | None, durable: bool = True) -> None:
