@@ -181,7 +181,7 @@ def begin(
     try:
         first = placed(program, argv)
     except OSError as exc:
-        first = partial(_raise, exc)  # tried again (start) where the spawn runs, as a failed spawn is
+        first = partial(_raise, exc)  # start() then tries the shell, in the helper thread, as after a failed spawn
     job = partial(start, first)
     pending = posix_spawn.in_background(job) if background else posix_spawn.Pending(job).run()
     return Spawning(pending, go_write, release, started, log)

@@ -144,9 +144,10 @@ class Pool:
         known = self._devices.get(directory)
         if known is None:
             try:
-                known = self._devices[directory] = self._usable() and os.stat(self.dir).st_dev == os.stat(directory).st_dev
+                known = self._usable() and os.stat(self.dir).st_dev == os.stat(directory).st_dev
             except OSError:
                 return False
+            self._devices[directory] = known
         return known
 
     def swapped(self, name: str, was: str) -> tuple[str, int, str] | None:

@@ -130,8 +130,7 @@ def _install(path: Path, tmp: str, identity: Identity | None, spares: Pool | Non
             return False
         if spares is not None and swap(tmp, str(path)):
             if os.lstat(path).st_ino != ino:  # another file put under `tmp` in the instant before: not ours
-                swap(tmp, str(path))
-                os.unlink(tmp)
+                os.replace(tmp, path)  # the version it replaced, back in place
                 return False
             # The old version, now at `tmp`: out of the order's directory at once.
             kept = spares.swapped(tmp, str(path)) if os.path.dirname(tmp) == spares.dir else spares.keep(tmp)

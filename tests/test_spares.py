@@ -323,7 +323,6 @@ WRITER = r"""
 import sys
 from pathlib import Path
 from aipm import durable
-from aipm.inotify import DirWatch
 from aipm.model import Status
 from aipm.writer import update_task
 root, paths = Path(sys.argv[1]), [Path(p) for p in sys.argv[2:]]
