@@ -138,13 +138,16 @@ class Pool:
         return _create(name, mode), name
 
     def replaces(self, directory: str) -> bool:
-        """Whether a file of the pool may be exchanged straight into `directory` (the same file system, and a
-        usable pool): the next version is then written and fsynced in the pool, and the one it replaces comes
-        back into the pool under its name (swapped()), with no temp name beside the file and no rename of either."""
+        """Whether a file of the pool may be exchanged straight into `directory` (the same file system, a usable
+        pool, and not a directory that gives its new files something a file made in the pool would lack: a
+        setgid directory's group, a default ACL): the next version is then written and fsynced in the pool, and
+        the one it replaces comes back into the pool under its name (swapped()), with no temp name beside the
+        file and no rename of either."""
         known = self._devices.get(directory)
         if known is None:
             try:
-                known = self._usable() and os.stat(self.dir).st_dev == os.stat(directory).st_dev
+                known = (self._usable() and os.stat(self.dir).st_dev == os.stat(directory).st_dev
+                         and not _inherits(directory))
             except OSError:
                 return False
             self._devices[directory] = known
@@ -189,8 +192,8 @@ class Pool:
     def write_ahead(self, data: bytes, mode: int, beside: str) -> tuple[str, Stamp] | None:
         """A file of the pool holding `data` (permissions `mode`), on disk: the next version of a file in the
         directory `beside`, written before its moment (writer.prepare). Its name and stamp for claim() or
-        give_back(); None without a usable pool, or when `beside` is on another file system (no rename there)."""
-        if not self._usable() or os.stat(self.dir).st_dev != os.stat(beside).st_dev:
+        give_back(); None where the pool's files may not replace those of `beside` (see replaces())."""
+        if not self.replaces(beside):
             return None
         found = self.take_here()
         fd, name = found if found is not None else self.new_file()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aipm import durable, spares
+from aipm import durable, spares, writer
 from aipm.inotify import DirWatch
 from aipm.model import Status
 from aipm.recovery import remove_temp_files
@@ -102,6 +102,19 @@ def test_a_pool_directory_replaced_by_a_link_is_not_written_through(project, tmp
     assert list(elsewhere.iterdir()) == []
     assert [yaml.safe_load(p.read_text())["status"] for p in (b, c)] == ["IN_PROGRESS", "IN_PROGRESS"]
     assert sorted(p.name for p in a.parent.iterdir()) == ["T0.yaml", "T1.yaml", "T2.yaml"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a directory another group needs root")
+def test_a_task_file_in_a_setgid_directory_keeps_the_directorys_group(project):
+    """A file made in the pool would get the pool's group, not the one a setgid order directory gives its files:
+    there every version is made beside the task file, written ahead or not."""
+    a, b = _tasks(project, 2)
+    os.chown(a.parent, -1, 4242)
+    os.chmod(a.parent, 0o2775)
+    writer.prepare(b, lambda task: {"status": Status.IN_PROGRESS, "attempts": 1}, Status.QUEUED, project.root)
+    for path in (a, b):
+        _start(path, project.root)
+        assert path.stat().st_gid == 4242 and yaml.safe_load(path.read_text())["status"] == "IN_PROGRESS"
 
 
 def test_a_reader_that_opened_the_old_version_keeps_reading_it(project):
