@@ -191,8 +191,9 @@ class Pool:
 
     def write_ahead(self, data: bytes, mode: int, beside: str) -> tuple[str, Stamp] | None:
         """A file of the pool holding `data` (permissions `mode`), on disk: the next version of a file in the
-        directory `beside`, written before its moment (writer.prepare). Its name and stamp for claim() or
-        give_back(); None where the pool's files may not replace those of `beside` (see replaces())."""
+        directory `beside`, written before its moment (writer.prepare). Its name and stamp for unchanged()
+        (before it is exchanged into place) or give_back(); None where the pool's files may not replace those of
+        `beside` (see replaces())."""
         if not self.replaces(beside):
             return None
         found = self.take_here()
