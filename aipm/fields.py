@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -200,51 +200,62 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
         targets = tuple(map(normalise.__getitem__, raw_targets))
     except PathError as exc:
         raise ValidationError(str(path), "target_files", str(exc)) from None
-    return Task(
-        id=stem,
-        path=str(path),
-        title=one_line(path, data, "title"),
-        priority=_enum(path, data, "priority", Priority, Priority.P1),
-        depends_on=_str_list(path, data, "depends_on"),
-        target_files=raw_targets,
-        targets=targets,
-        command=_command(path, data, "command"),
-        prompt=str_field(path, data, "prompt"),
-        model=str_field(path, data, "model"),
-        review=_command(path, data, "review"),
-        timeout=_positive_int(path, data, "timeout", MAX_TIMEOUT),
-        max_attempts=_positive_int(path, data, "max_attempts", MAX_COUNT),
-        resources=_resources(path, data),
-        max_rework=_count(path, data, "max_rework", MAX_COUNT) if data.get("max_rework") is not None else None,
-        agent=_agent(path, data),
-        max_cost_usd=money_field(path, data, "max_cost_usd", positive=True),
-        confine=_flag(path, data, "confine"),
-        workspace=_workspace(path, data),
-        workspace_setup=_command(path, data, "workspace_setup"),
-        workspace_copy=_copy_globs(path, data),
-        **managed_values(path, data),
-    )
+    # Only the keys the file has are validated (a file holds a handful of the thirty): an absent key leaves its
+    # field at Task's default, which is what its validator returns for it (tests/test_fields_table.py).
+    return Task(id=stem, path=str(path), target_files=raw_targets, targets=targets,
+                **{key: check(path, data) for key, check in _FIELDS if key in data})
 
 
 def managed_values(path: Path | str, data: Mapping[str, Any]) -> dict[str, Any]:
     """The Task's fields that aipm writes (MANAGED_FIELDS), validated: after a write that changed only these, the
     new Task is the old one with them replaced (writer.update_task), no need to build it all again."""
+    return {key: check(path, data) for key, check in _MANAGED}
+
+
+def _exit_code(path: Path | str, data: Mapping[str, Any]) -> int | None:
     exit_code = data.get("exit_code")
     if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
         raise ValidationError(str(path), "exit_code", f"must be an integer, not {exit_code!r}")
-    return dict(
-        status=_enum(path, data, "status", Status, Status.QUEUED),
-        attempts=_count(path, data, "attempts"),
-        reworks=_count(path, data, "reworks"),
-        started_at=_timestamp(path, data, "started_at"),
-        finished_at=_timestamp(path, data, "finished_at"),
-        exit_code=exit_code,
-        reason=str_field(path, data, "reason"),
-        cost_usd=money_field(path, data, "cost_usd", positive=False),
-        tokens=_tokens(path, data),
-        session_id=str_field(path, data, "session_id"),
-        preemptions=_count(path, data, "preemptions"),
-    )
+    return exit_code
+
+
+Check = Callable[[Any, Mapping[str, Any]], Any]
+# Each key a task file may hold besides id and target_files: its validator, in the order errors are looked for
+# (the first wrong key in this order is the one reported). The key is also the Task field it sets.
+_DEFINED: tuple[tuple[str, Check], ...] = (
+    ("title", lambda path, data: one_line(path, data, "title")),
+    ("priority", lambda path, data: _enum(path, data, "priority", Priority, Priority.P1)),
+    ("depends_on", lambda path, data: _str_list(path, data, "depends_on")),
+    ("command", lambda path, data: _command(path, data, "command")),
+    ("prompt", lambda path, data: str_field(path, data, "prompt")),
+    ("model", lambda path, data: str_field(path, data, "model")),
+    ("review", lambda path, data: _command(path, data, "review")),
+    ("timeout", lambda path, data: _positive_int(path, data, "timeout", MAX_TIMEOUT)),
+    ("max_attempts", lambda path, data: _positive_int(path, data, "max_attempts", MAX_COUNT)),
+    ("resources", lambda path, data: _resources(path, data)),
+    ("max_rework", lambda path, data: _count(path, data, "max_rework", MAX_COUNT)
+     if data.get("max_rework") is not None else None),
+    ("agent", lambda path, data: _agent(path, data)),
+    ("max_cost_usd", lambda path, data: money_field(path, data, "max_cost_usd", positive=True)),
+    ("confine", lambda path, data: _flag(path, data, "confine")),
+    ("workspace", lambda path, data: _workspace(path, data)),
+    ("workspace_setup", lambda path, data: _command(path, data, "workspace_setup")),
+    ("workspace_copy", lambda path, data: _copy_globs(path, data)),
+)
+_MANAGED: tuple[tuple[str, Check], ...] = (
+    ("exit_code", _exit_code),
+    ("status", lambda path, data: _enum(path, data, "status", Status, Status.QUEUED)),
+    ("attempts", lambda path, data: _count(path, data, "attempts")),
+    ("reworks", lambda path, data: _count(path, data, "reworks")),
+    ("started_at", lambda path, data: _timestamp(path, data, "started_at")),
+    ("finished_at", lambda path, data: _timestamp(path, data, "finished_at")),
+    ("reason", lambda path, data: str_field(path, data, "reason")),
+    ("cost_usd", lambda path, data: money_field(path, data, "cost_usd", positive=False)),
+    ("tokens", lambda path, data: _tokens(path, data)),
+    ("session_id", lambda path, data: str_field(path, data, "session_id")),
+    ("preemptions", lambda path, data: _count(path, data, "preemptions")),
+)
+_FIELDS = _DEFINED + _MANAGED
 
 
 _RESOURCE_KEYS = {"cpus": float, "memory_mb": int, "gpus": float}

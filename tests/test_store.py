@@ -141,3 +141,14 @@ def test_small_alias_bomb_does_not_expand(tmp_path):
     (order / "T.yaml").write_text("\n".join(lines) + "\n")
     with pytest.raises(ValidationError, match="unknown key"):
         load_order(order)
+
+
+@pytest.mark.parametrize("size", [65535, 65536, 65537, 300000])
+def test_a_task_file_longer_than_one_read_is_loaded_whole(tmp_path, size):
+    # read_text reads a small file in one call; one of that size or more is read again, all of it.
+    path = tmp_path / "T1.yaml"
+    head = 'id: T1\ncommand: "true"\nprompt: "'
+    path.write_text(head + "x" * (size - len(head) - 2) + '"\n')
+    assert os.path.getsize(path) == size
+    task = load_task(path)
+    assert len(task.prompt) == size - len(head) - 2
