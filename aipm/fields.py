@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -139,8 +139,8 @@ def money_field(path: Path, data: Mapping[str, Any], key: str, positive: bool) -
     return float(value)
 
 
-def _tokens(path: Path, data: Mapping[str, Any]) -> dict[str, int] | None:
-    value = data.get("tokens")
+def _tokens(path: Path, data: Mapping[str, Any], key: str) -> dict[str, int] | None:
+    value = data.get(key)
     if value is None:
         return None
     if not isinstance(value, dict) or not all(
@@ -152,8 +152,8 @@ def _tokens(path: Path, data: Mapping[str, Any]) -> dict[str, int] | None:
     return value
 
 
-def _agent(path: Path, data: Mapping[str, Any]) -> str | None:
-    value = data.get("agent")
+def _agent(path: Path, data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
     if value is None:
         return None
     if value not in agents.NAMES:
@@ -203,67 +203,30 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
     # Only the keys the file has are validated (a file holds a handful of the thirty): an absent key leaves its
     # field at Task's default, which is what its validator returns for it (tests/test_fields_table.py).
     return Task(id=stem, path=str(path), target_files=raw_targets, targets=targets,
-                **{key: check(path, data) for key, check in _FIELDS if key in data})
+                **{key: check(path, data, key, *extra) for key, check, extra in _FIELDS if key in data})
 
 
 def managed_values(path: Path | str, data: Mapping[str, Any]) -> dict[str, Any]:
     """The Task's fields that aipm writes (MANAGED_FIELDS), validated: after a write that changed only these, the
     new Task is the old one with them replaced (writer.update_task), no need to build it all again."""
-    return {key: check(path, data) for key, check in _MANAGED}
+    return {key: check(path, data, key, *extra) for key, check, extra in _MANAGED}
 
 
-def _exit_code(path: Path | str, data: Mapping[str, Any]) -> int | None:
-    exit_code = data.get("exit_code")
+def _exit_code(path: Path | str, data: Mapping[str, Any], key: str) -> int | None:
+    exit_code = data.get(key)
     if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
         raise ValidationError(str(path), "exit_code", f"must be an integer, not {exit_code!r}")
     return exit_code
 
 
-Check = Callable[[Any, Mapping[str, Any]], Any]
-# Each key a task file may hold besides id and target_files: its validator, in the order errors are looked for
-# (the first wrong key in this order is the one reported). The key is also the Task field it sets.
-_DEFINED: tuple[tuple[str, Check], ...] = (
-    ("title", lambda path, data: one_line(path, data, "title")),
-    ("priority", lambda path, data: _enum(path, data, "priority", Priority, Priority.P1)),
-    ("depends_on", lambda path, data: _str_list(path, data, "depends_on")),
-    ("command", lambda path, data: _command(path, data, "command")),
-    ("prompt", lambda path, data: str_field(path, data, "prompt")),
-    ("model", lambda path, data: str_field(path, data, "model")),
-    ("review", lambda path, data: _command(path, data, "review")),
-    ("timeout", lambda path, data: _positive_int(path, data, "timeout", MAX_TIMEOUT)),
-    ("max_attempts", lambda path, data: _positive_int(path, data, "max_attempts", MAX_COUNT)),
-    ("resources", lambda path, data: _resources(path, data)),
-    ("max_rework", lambda path, data: _count(path, data, "max_rework", MAX_COUNT)
-     if data.get("max_rework") is not None else None),
-    ("agent", lambda path, data: _agent(path, data)),
-    ("max_cost_usd", lambda path, data: money_field(path, data, "max_cost_usd", positive=True)),
-    ("confine", lambda path, data: _flag(path, data, "confine")),
-    ("workspace", lambda path, data: _workspace(path, data)),
-    ("workspace_setup", lambda path, data: _command(path, data, "workspace_setup")),
-    ("workspace_copy", lambda path, data: _copy_globs(path, data)),
-)
-_MANAGED: tuple[tuple[str, Check], ...] = (
-    ("exit_code", _exit_code),
-    ("status", lambda path, data: _enum(path, data, "status", Status, Status.QUEUED)),
-    ("attempts", lambda path, data: _count(path, data, "attempts")),
-    ("reworks", lambda path, data: _count(path, data, "reworks")),
-    ("started_at", lambda path, data: _timestamp(path, data, "started_at")),
-    ("finished_at", lambda path, data: _timestamp(path, data, "finished_at")),
-    ("reason", lambda path, data: str_field(path, data, "reason")),
-    ("cost_usd", lambda path, data: money_field(path, data, "cost_usd", positive=False)),
-    ("tokens", lambda path, data: _tokens(path, data)),
-    ("session_id", lambda path, data: str_field(path, data, "session_id")),
-    ("preemptions", lambda path, data: _count(path, data, "preemptions")),
-)
-_FIELDS = _DEFINED + _MANAGED
 
 
 _RESOURCE_KEYS = {"cpus": float, "memory_mb": int, "gpus": float}
 
 
-def _resources(path: Path, data: Mapping[str, Any]) -> Resources | None:
+def _resources(path: Path, data: Mapping[str, Any], key: str) -> Resources | None:
     """`resources: {cpus: 2, memory_mb: 4096, gpus: 1}`: numbers ≥ 0 (0: none of it), memory_mb whole."""
-    value = data.get("resources")
+    value = data.get(key)
     if value is None:
         return None
     if not isinstance(value, dict):
@@ -295,17 +258,41 @@ def copy_globs(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
-def _workspace(path: Path, data: Mapping[str, Any]) -> str | None:
-    value = data.get("workspace")
+def _workspace(path: Path, data: Mapping[str, Any], key: str) -> str | None:
+    value = data.get(key)
     if value is not None and value not in WORKSPACES:
         raise ValidationError(str(path), "workspace", f"{value!r} is not one of {', '.join(WORKSPACES)}")
     return value
 
 
-def _copy_globs(path: Path, data: Mapping[str, Any]) -> tuple[str, ...] | None:
-    if data.get("workspace_copy") is None:
+def _copy_globs(path: Path, data: Mapping[str, Any], key: str) -> tuple[str, ...] | None:
+    if data.get(key) is None:
         return None
     try:
-        return copy_globs(data["workspace_copy"])
+        return copy_globs(data[key])
     except ValueError as exc:
         raise ValidationError(str(path), "workspace_copy", str(exc)) from None
+
+
+def _optional_count(path: Path | str, data: Mapping[str, Any], key: str, maximum: int) -> int | None:
+    return _count(path, data, key, maximum) if data.get(key) is not None else None
+
+
+# Each key a task file may hold besides id and target_files, in the order errors are looked for (the first wrong
+# key in this order is the one reported): its validator, called as validator(path, data, key, *extra), and the
+# extra arguments. The key is also the Task field it sets.
+_DEFINED: tuple[tuple[str, Any, tuple], ...] = (
+    ("title", one_line, ()), ("priority", _enum, (Priority, Priority.P1)), ("depends_on", _str_list, ()),
+    ("command", _command, ()), ("prompt", str_field, ()), ("model", str_field, ()), ("review", _command, ()),
+    ("timeout", _positive_int, (MAX_TIMEOUT,)), ("max_attempts", _positive_int, (MAX_COUNT,)),
+    ("resources", _resources, ()), ("max_rework", _optional_count, (MAX_COUNT,)), ("agent", _agent, ()),
+    ("max_cost_usd", money_field, (True,)), ("confine", _flag, ()), ("workspace", _workspace, ()),
+    ("workspace_setup", _command, ()), ("workspace_copy", _copy_globs, ()),
+)
+_MANAGED: tuple[tuple[str, Any, tuple], ...] = (
+    ("exit_code", _exit_code, ()), ("status", _enum, (Status, Status.QUEUED)), ("attempts", _count, ()),
+    ("reworks", _count, ()), ("started_at", _timestamp, ()), ("finished_at", _timestamp, ()),
+    ("reason", str_field, ()), ("cost_usd", money_field, (False,)), ("tokens", _tokens, ()),
+    ("session_id", str_field, ()), ("preemptions", _count, ()),
+)
+_FIELDS = _DEFINED + _MANAGED

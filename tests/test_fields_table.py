@@ -11,14 +11,15 @@ from aipm.model import Task
 BARE = Task(id="T1", path="orders/o/T1.yaml")
 
 
-@pytest.mark.parametrize("key,check", fields._FIELDS, ids=[key for key, _ in fields._FIELDS])
-def test_an_absent_or_null_key_gives_tasks_default(key, check):
-    assert check("orders/o/T1.yaml", {}) == getattr(BARE, key)
-    assert check("orders/o/T1.yaml", {key: None}) == getattr(BARE, key)
+@pytest.mark.parametrize("row", fields._FIELDS, ids=[row[0] for row in fields._FIELDS])
+def test_an_absent_or_null_key_gives_tasks_default(row):
+    key, check, extra = row
+    assert check("orders/o/T1.yaml", {}, key, *extra) == getattr(BARE, key)
+    assert check("orders/o/T1.yaml", {key: None}, key, *extra) == getattr(BARE, key)
 
 
 def test_every_key_but_id_and_targets_has_a_validator():
-    assert {key for key, _ in fields._FIELDS} == set(fields.TASK_KEYS) - {"id", "target_files"}
+    assert {row[0] for row in fields._FIELDS} == set(fields.TASK_KEYS) - {"id", "target_files"}
 
 
 def test_a_file_of_one_key_builds_the_bare_task():
@@ -35,4 +36,4 @@ def test_present_keys_are_validated_in_the_tables_order():
 def test_managed_values_sets_every_managed_field_even_when_absent():
     values = fields.managed_values("orders/o/T1.yaml", {"status": "DONE"})
     assert values["status"].value == "DONE" and values["exit_code"] is None and values["attempts"] == 0
-    assert set(values) == {key for key, _ in fields._MANAGED}
+    assert set(values) == {row[0] for row in fields._MANAGED}
