@@ -219,8 +219,6 @@ def _exit_code(path: Path | str, data: Mapping[str, Any], key: str) -> int | Non
     return exit_code
 
 
-
-
 _RESOURCE_KEYS = {"cpus": float, "memory_mb": int, "gpus": float}
 
 

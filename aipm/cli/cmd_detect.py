@@ -20,7 +20,7 @@ from aipm.settings import load_settings
 
 def _launcher(max_workers: int | None) -> Launcher:
     """A launcher that only looks: detection never writes (dry-run rules for records, no lock) and takes no
-    CPU or memory reading (its plan counts the slots max_workers leaves), so it imports no psutil (~20 ms)."""
+    CPU or memory reading (its plan counts the slots max_workers leaves), so it imports no psutil (~30 ms here)."""
     root = project_root()
     settings = load_settings(root, {"max_workers": max_workers, "enable_monitoring": False})
     return Launcher(Project(root, settings.orders_dir), settings, Options(dry_run=True))
