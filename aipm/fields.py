@@ -147,7 +147,7 @@ def _tokens(path: Path, data: Mapping[str, Any], key: str) -> dict[str, int] | N
         k in agents.TOKEN_KINDS and not isinstance(n, bool) and isinstance(n, int) and n >= 0
         for k, n in value.items()
     ):
-        raise ValidationError(str(path), "tokens", "must be a mapping of " + ", ".join(agents.TOKEN_KINDS)
+        raise ValidationError(str(path), key, "must be a mapping of " + ", ".join(agents.TOKEN_KINDS)
                               + f" to whole numbers ≥ 0, not {value!r}")
     return value
 
@@ -157,9 +157,9 @@ def _agent(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     if value is None:
         return None
     if value not in agents.NAMES:
-        raise ValidationError(str(path), "agent", f"{value!r} is not one of {', '.join(agents.NAMES)}")
+        raise ValidationError(str(path), key, f"{value!r} is not one of {', '.join(agents.NAMES)}")
     if data.get("command") is not None and value != agents.COMMAND:
-        raise ValidationError(str(path), "agent", f"{value!r} is set together with `command`; a task runs "
+        raise ValidationError(str(path), key, f"{value!r} is set together with `command`; a task runs "
                               "either its command or an agent preset: drop one")
     return value
 
@@ -215,7 +215,7 @@ def managed_values(path: Path | str, data: Mapping[str, Any]) -> dict[str, Any]:
 def _exit_code(path: Path | str, data: Mapping[str, Any], key: str) -> int | None:
     exit_code = data.get(key)
     if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
-        raise ValidationError(str(path), "exit_code", f"must be an integer, not {exit_code!r}")
+        raise ValidationError(str(path), key, f"must be an integer, not {exit_code!r}")
     return exit_code
 
 
@@ -228,18 +228,18 @@ def _resources(path: Path, data: Mapping[str, Any], key: str) -> Resources | Non
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise ValidationError(str(path), "resources", f"must be a mapping such as {{cpus: 2, memory_mb: 4096}}, "
-                                                      f"not {_kind(value)}")
+        raise ValidationError(str(path), key, f"must be a mapping such as {{cpus: 2, memory_mb: 4096}}, "
+                                             f"not {_kind(value)}")
     out = {}
-    for key, item in value.items():
-        kind = _RESOURCE_KEYS.get(key)
+    for name, item in value.items():
+        kind = _RESOURCE_KEYS.get(name)
         if kind is None:
-            raise ValidationError(str(path), f"resources.{key}", f"unknown resource; use {', '.join(_RESOURCE_KEYS)}")
+            raise ValidationError(str(path), f"{key}.{name}", f"unknown resource; use {', '.join(_RESOURCE_KEYS)}")
         number_ok = isinstance(item, (int, float)) and not isinstance(item, bool) and item == item
         if not number_ok or item < 0 or item > 1e9 or (kind is int and not isinstance(item, int)):
             what = "a whole number ≥ 0" if kind is int else "a number ≥ 0"
-            raise ValidationError(str(path), f"resources.{key}", f"must be {what}, not {item!r}")
-        out[key] = kind(item)
+            raise ValidationError(str(path), f"{key}.{name}", f"must be {what}, not {item!r}")
+        out[name] = kind(item)
     return Resources(**out)
 
 
@@ -259,7 +259,7 @@ def copy_globs(value: Any) -> tuple[str, ...]:
 def _workspace(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     value = data.get(key)
     if value is not None and value not in WORKSPACES:
-        raise ValidationError(str(path), "workspace", f"{value!r} is not one of {', '.join(WORKSPACES)}")
+        raise ValidationError(str(path), key, f"{value!r} is not one of {', '.join(WORKSPACES)}")
     return value
 
 
@@ -269,7 +269,7 @@ def _copy_globs(path: Path, data: Mapping[str, Any], key: str) -> tuple[str, ...
     try:
         return copy_globs(data[key])
     except ValueError as exc:
-        raise ValidationError(str(path), "workspace_copy", str(exc)) from None
+        raise ValidationError(str(path), key, str(exc)) from None
 
 
 def _optional_count(path: Path | str, data: Mapping[str, Any], key: str, maximum: int) -> int | None:

@@ -4,6 +4,7 @@ who can still see the old version sees it change."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -95,7 +96,7 @@ def test_a_pool_directory_replaced_by_a_link_is_not_written_through(project, tmp
     pool = project.root / ".aipm" / "spare"
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    os.system(f"rm -rf {pool}")
+    shutil.rmtree(pool)
     pool.symlink_to(elsewhere)
     _start(b, project.root)
     _start(c, project.root)
@@ -254,7 +255,7 @@ def test_a_directory_or_a_link_put_in_the_pool_is_neither_used_nor_followed(proj
     victim = tmp_path / "victim"
     victim.mkdir()
     (victim / "123456").write_text("a user's file\n")
-    os.system(f"rm -rf {pool}")
+    shutil.rmtree(pool)
     pool.symlink_to(victim)
     spares._pools.clear()
     _start(c, project.root)
