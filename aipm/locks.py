@@ -165,11 +165,14 @@ def _holding(held: list[list]) -> list[tuple[int, str, bool]]:
 
 def _still_open(pid: int, fd: int, ino: int) -> bool:
     """The process has not closed its descriptor of the removed file (a detached owner closes its copies of its
-    worker's locks before it starts the successors)."""
+    worker's locks before it starts the successors). The file must still have no name: a descriptor number reused
+    on a new file can meet the freed inode's number again (a detached owner opens its successor's new lock file
+    on the number it just closed), and that file is no lock held in a removed directory."""
     try:
-        return os.stat(f"/proc/{pid}/fd/{fd}").st_ino == ino
+        info = os.stat(f"/proc/{pid}/fd/{fd}")
     except OSError:
         return False
+    return info.st_ino == ino and info.st_nlink == 0
 
 
 def lock_nodes(targets: Iterable[Target]) -> dict[str, bool]:

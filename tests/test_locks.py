@@ -376,3 +376,38 @@ def test_who_holds_what_is_read_while_a_worker_removes_the_lock_files_without_fa
         os.close(fd)
     # Before the first removal it is x.lock's; once removed its lock names no file, and y.lock is never held.
     assert all(h in ({"x.lock": True}, {}) for h in seen) and seen[-1] == {}
+
+
+def test_a_descriptor_reused_on_a_named_file_of_the_noted_inode_holds_no_lock_of_a_removed_directory(tmp_path):
+    """The note of locks held in a removed `locks/` names a process, its descriptor and the file's inode. A holder
+    that closes that descriptor and opens a new lock file, which gets the same number and may get the freed
+    inode's number too, holds nothing of the removed directory: taken for the old lock, it kept a detached owner
+    from starting its own successor on that file, for good."""
+    import json
+
+    from aipm.liveness import process_ctime
+    from aipm.locks import LockBusy, ORPHANS, make_state_dir, take
+
+    st = state(tmp_path, make=True)
+    x = [normalize("x.py")]
+    held = take(st, x)
+    # Really held in a removed directory: refused, by the note the directory's making writes.
+    shutil.rmtree(st / "locks")
+    make_state_dir(st)
+    assert json.loads((st / ORPHANS).read_text())[-1][-1] == "x.py"
+    with pytest.raises(LockBusy):
+        take(st, x)
+    for fd in held:
+        os.close(fd)
+    mine = take(st, x)  # its descriptors closed: nothing of the removed directory is held
+    for fd in mine:
+        os.close(fd)
+    # The note's descriptor now open on a named lock file with the noted inode number: no lock of the removed one.
+    fd = os.open(next((st / "locks").iterdir()), os.O_RDONLY)
+    (st / ORPHANS).write_text(json.dumps([[os.getpid(), process_ctime(os.getpid()), fd, os.fstat(fd).st_ino, True,
+                                            "x.py"]]))
+    try:
+        for lock in take(st, x):
+            os.close(lock)
+    finally:
+        os.close(fd)
