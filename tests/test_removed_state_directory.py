@@ -53,18 +53,31 @@ def workers_listed(project: Project) -> set[str]:
 
 
 def listed_or_told(project: Project, tasks: set[str]) -> None:
-    """Wait until ps lists `tasks` alive; when it never does, fail with what there is to see: ps, the state
-    directory's files and the logs (a detached owner's stderr goes to its task's log)."""
+    """Wait until ps lists `tasks` alive; when it never does, fail with what there is to see."""
     try:
         wait_for(lambda: workers_listed(project) == tasks, timeout=60)
     except AssertionError:
-        root = state(project.root)
-        files = sorted(str(p.relative_to(root)) for p in root.rglob("*")) if root.exists() else "no state dir"
-        logs = {str(p.relative_to(project.root)): p.read_text()[-2000:]
-                for p in project.root.rglob("*.log") if p.is_file()}
-        ps = subprocess.run(["ps", "-eo", "pid,ppid,pgid,stat,args"], capture_output=True, text=True).stdout
-        raise AssertionError(f"ps lists {workers_listed(project)}, not {tasks}\naipm ps: {project.json('ps')}\n"
-                             f"state: {files}\nlogs: {logs}\nprocesses:\n{ps}") from None
+        raise AssertionError(f"ps lists {workers_listed(project)}, not {tasks}\n{what_is_seen(project)}") from None
+
+
+def finished_or_told(project: Project, order: Path) -> None:
+    """Wait until every task of `order` is FAILED or DONE; when that never happens, fail with what there is to see."""
+    try:
+        wait_for(lambda: set(task_statuses(order).values()) <= {"FAILED", "DONE"}, timeout=120)
+    except AssertionError:
+        raise AssertionError(f"{order.name} is {task_statuses(order)}\n{what_is_seen(project)}") from None
+
+
+def what_is_seen(project: Project) -> str:
+    """aipm ps, the state directory's files and their contents, the logs (a detached owner's stderr goes to its
+    task's log) and the processes."""
+    root = state(project.root)
+    files = {str(p.relative_to(root)): p.read_text(errors="replace")[-500:] if p.is_file() else "dir"
+             for p in root.rglob("*")} if root.exists() else "no state dir"
+    logs = {str(p.relative_to(project.root)): p.read_text()[-2000:]
+            for p in project.root.rglob("*.log") if p.is_file()}
+    ps = subprocess.run(["ps", "-eo", "pid,ppid,pgid,stat,args"], capture_output=True, text=True).stdout
+    return f"aipm ps: {project.json('ps')}\nstate: {files}\nlogs: {logs}\nprocesses:\n{ps}"
 
 
 def outcomes(order_dir: Path) -> dict[str, tuple]:
@@ -141,7 +154,7 @@ def test_a_second_aipm_never_starts_on_files_whose_worker_removed_the_state_dire
         assert task_statuses(two) == {"B": "QUEUED", "E": "QUEUED"}
         done.touch()
         assert run.wait(timeout=300) == (1 if how == "run" else 0), run.output
-        wait_for(lambda: set(task_statuses(one).values()) <= {"FAILED", "DONE"}, timeout=120)
+        finished_or_told(project, one)
     finally:
         done.touch()
         run.kill()
@@ -165,7 +178,7 @@ def test_a_supervisor_killed_after_its_records_were_removed_leaves_its_workers_t
         recovered = project.json("recover", "ONE")["recovered"]
         assert sorted((r["id"], r["action"]) for r in recovered) == [("A", "adopted"), ("C", "adopted")]
         done.touch()
-        wait_for(lambda: set(task_statuses(one).values()) <= {"FAILED", "DONE"}, timeout=120)
+        finished_or_told(project, one)
     finally:
         done.touch()
         run.kill()
