@@ -71,11 +71,15 @@ def finished_or_told(project: Project, order: Path) -> None:
 def what_is_seen(project: Project) -> str:
     """aipm ps, the state directory's files and their contents, the logs (a detached owner's stderr goes to its
     task's log) and the processes."""
+    def tail(path: Path, n: int) -> str:
+        try:
+            return path.read_text(errors="replace")[-n:] if path.is_file() else "(not a file)"
+        except OSError as exc:  # removed meanwhile: the failure being told must not become this one
+            return f"({exc.strerror})"
+
     root = state(project.root)
-    files = {str(p.relative_to(root)): p.read_text(errors="replace")[-500:] if p.is_file() else "dir"
-             for p in root.rglob("*")} if root.exists() else "no state dir"
-    logs = {str(p.relative_to(project.root)): p.read_text()[-2000:]
-            for p in project.root.rglob("*.log") if p.is_file()}
+    files = {str(p.relative_to(root)): tail(p, 500) for p in root.rglob("*")} if root.exists() else "no state dir"
+    logs = {str(p.relative_to(project.root)): tail(p, 2000) for p in project.root.rglob("*.log")}
     ps = subprocess.run(["ps", "-eo", "pid,ppid,pgid,stat,args"], capture_output=True, text=True).stdout
     return f"aipm ps: {project.json('ps')}\nstate: {files}\nlogs: {logs}\nprocesses:\n{ps}"
 
