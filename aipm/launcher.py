@@ -11,13 +11,12 @@ import time
 from contextlib import nullcontext
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from aipm import agents, durable, holds, locks, recovery, scope, subreaper, writtenlog
 from aipm.budget import Budget, of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
-from aipm.paths import normalize
+from aipm.paths import as_path, normalize
 from aipm.plan import Busy, ForeignLock, Plan, plan
 from aipm.project import Project
 from aipm.capacity import Capacity, fit
@@ -315,7 +314,7 @@ class Launcher(Starter):
 def _finished_elsewhere(rec: Record, rt: Runtime) -> bool:
     """The record's task is no longer running this attempt."""
     try:
-        task = load_task(Path(rec.task_file), rt.root)
+        task = load_task(as_path(rec.task_file), rt.root)
     except (UserError, OSError):
         # Broken or gone (deleted or moved: it may be put back): its outcome is held, so it keeps its files until
         # the file is back and recovered (or a recovery drops it, recovery.drop_gone).

@@ -26,6 +26,7 @@ import os
 import stat
 from collections.abc import Iterable, Iterator
 from contextlib import suppress
+from functools import lru_cache
 from pathlib import Path
 
 from aipm.digest import sha1
@@ -86,10 +87,10 @@ def make_state_dir(state: Path) -> None:
     """Create the state directory inside the user's base directory. A state directory (or its `locks/`) made again
     after someone removed it (`rm -rf /tmp/aipm-*`, a test suite cleaning /tmp) first notes the locks still held
     in the removed one (see `orphans`): only then does `locks/` appear, and every taker looks there first."""
-    user_base(state.parent)
-    locks = state / "locks"
+    base, locks, _ = _places(state)
+    user_base(base)
     for _ in range(3):
-        if locks.is_dir():
+        if os.path.isdir(locks):
             return
         try:
             with suppress(FileExistsError):
@@ -145,10 +146,11 @@ def orphans(state: Path, make: bool = True) -> list[tuple[int, str, bool]]:
     """(pid, node, exclusive?) of every live process still holding a lock in a removed incarnation of the state
     directory: such a lock keeps its files from everyone as before, though no lock file shows it any more. With
     `make` (a taker), a state directory being made again is finished first, its orphans noted (a reader: none)."""
+    _, locks, noted = _places(state)
     try:
-        return _holding(json.loads(read_small(str(state / ORPHANS))))
+        return _holding(json.loads(read_small(noted)))
     except FileNotFoundError:
-        if (state / "locks").is_dir():
+        if os.path.isdir(locks):
             return []
         if make:  # someone may be making it again and still be noting the orphans: note them too
             make_state_dir(state)
@@ -192,8 +194,17 @@ def node_file(node: str) -> str:
     return sha1(node.encode()).hexdigest()[:20] + ".lock"
 
 
-def node_path(state: Path, node: str) -> Path:
-    return state if not node else state / "locks" / node_file(node)
+@lru_cache(maxsize=4096)
+def node_path(state: Path, node: str) -> str:
+    """The lock file of a node (the state directory itself for the project node). Asked on every lock of every
+    start: remembered, as pathlib's joins and the digest cost more than the lock."""
+    return os.fspath(state) if not node else f"{state}/locks/{node_file(node)}"
+
+
+@lru_cache(maxsize=64)
+def _places(state: Path) -> tuple[Path, str, str]:
+    """The user's base directory above a state directory, its `locks/` and its ORPHANS note (checked every round)."""
+    return state.parent, f"{state}/locks", f"{state}/{ORPHANS}"
 
 
 def prepare(state: Path, targets: Iterable[Target], made: set[str]) -> None:
@@ -252,7 +263,7 @@ def _lock(state: Path, node: str, exclusive: bool) -> int:
     raise OSError(errno.EAGAIN, f"{path} keeps being replaced")
 
 
-def _open(state: Path, node: str, path: Path) -> int:
+def _open(state: Path, node: str, path: str) -> int:
     for _ in range(2):
         try:
             if not node:
@@ -266,7 +277,7 @@ def _open(state: Path, node: str, path: Path) -> int:
     raise OSError(errno.ENOENT, f"cannot create {path}")
 
 
-def _create(path: Path, node: str) -> int:
+def _create(path: str, node: str) -> int:
     """A new lock file holding its node's name (for `aipm locks`); none is left behind if that write fails."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:

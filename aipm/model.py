@@ -5,7 +5,9 @@ from __future__ import annotations
 import enum
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 from aipm.digest import sha1
 from aipm.paths import Target
@@ -138,11 +140,21 @@ class Task:
 _NOT_DEFINITION = frozenset({*MANAGED_FIELDS, "path", "targets"})
 
 
+_TASK_FIELDS = tuple(f.name for f in fields(Task))
+_DEFINITION_FIELDS = tuple(name for name in _TASK_FIELDS if name not in _NOT_DEFINITION)
+
+
 def definition(task: Task) -> str:
     """A digest of what the user wrote for the task. A held outcome is the task's only while this is unchanged
     (recovery.same_task): a task made again under the same name with another command or prompt is another task."""
-    mine = [(f.name, getattr(task, f.name)) for f in fields(Task) if f.name not in _NOT_DEFINITION]
+    mine = [(name, getattr(task, name)) for name in _DEFINITION_FIELDS]
     return sha1(repr(mine).encode()).hexdigest()[:16]
+
+
+def evolve(task: Task, changes: Mapping[str, Any]) -> Task:
+    """`task` with the fields in `changes` replaced: dataclasses.replace without its per-field checks, which cost
+    more than the copy on every status write (Task has no init-only or non-init fields to check)."""
+    return Task(**{name: changes[name] if name in changes else getattr(task, name) for name in _TASK_FIELDS})
 
 
 @dataclass

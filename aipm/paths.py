@@ -11,8 +11,16 @@ import posixpath
 import stat
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 GLOB_CHARS = frozenset("*?[")
+
+
+@lru_cache(maxsize=4096)
+def as_path(text: str) -> Path:
+    """The Path of a file named by text (a task file, a log): a start or an outcome asks for the same few again
+    and again, and pathlib's parse costs more than a lookup (Paths never change)."""
+    return Path(text)
 
 
 class PathError(ValueError):

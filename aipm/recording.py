@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
-from pathlib import Path
 
 from aipm import (agents, commits, confine, notify, outcome, recovery, scope, unrecorded, workspace, writer,
                   writtenlog)
@@ -29,6 +28,7 @@ from aipm.store import load_task
 from aipm.writer import now, update_task
 from aipm.view import OrderView
 from aipm.workerfiles import write_bytes
+from aipm.paths import as_path
 
 
 class Recording(Reviewing):
@@ -108,14 +108,14 @@ class Recording(Reviewing):
                 "exit_code": code, "detail": line}
 
     def _apply(self, rec: Record, code: int | None, timed_out: bool) -> dict:
-        task = load_task(Path(rec.task_file), self.rt.root)
+        task = load_task(as_path(rec.task_file), self.rt.root)
         if not recovery.same_task(task, rec):
             return self._discard(rec, task, code)
         event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.serial,
                  "phase": rec.phase, "exit_code": code}
         if task.status == Status.CANCELLED and self.rt.cancelled(rec):
             if rec.phase == "work":  # stopped by the cancel, the attempt still cost what its agent reported
-                spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens)[1]
+                spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens)[1]
                 task = self._write(task, spent) if spent else task
                 if rec.workspace:  # and what it changed is kept: a retry's start removes the worktree
                     confine.tidy(rec.log)  # first: an empty file made for a rule is no change of its own
@@ -178,7 +178,7 @@ class Recording(Reviewing):
             if seen is None or not self._reset(seen, rec):
                 continue
             try:
-                task = load_task(Path(rec.task_file), self.rt.root)
+                task = load_task(as_path(rec.task_file), self.rt.root)
                 if self._reset(task, rec):
                     self.outbox.append({"event": "restored", "order": rec.order, "task": rec.task,
                                         "was": str(task.status), "status": str(self._restored(rec, task).status)})
@@ -195,7 +195,7 @@ class Recording(Reviewing):
         (INTERRUPTED) rather than run it again blindly or call it failed."""
         append_log(rec.log, f"attempt {rec.serial} ended, but its exit code was lost ({rec.exit_file} is empty): "
                             "left INTERRUPTED; check its work, then `aipm retry` it")
-        spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens)[1] if rec.phase == "work" else {}
+        spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens)[1] if rec.phase == "work" else {}
         task = self._write(task, {"status": Status.INTERRUPTED, "finished_at": now(),
                                   "reason": outcome.interrupted("exit code lost"), **spent})
         self._drop(rec)
@@ -204,7 +204,7 @@ class Recording(Reviewing):
         return event
 
     def _write(self, task: Task, updates: dict) -> Task:
-        task = update_task(Path(task.path), updates, expect=task.status, root=self.rt.root)
+        task = update_task(as_path(task.path), updates, expect=task.status, root=self.rt.root)
         self.writes += 1
         self._note(task)
         return task
@@ -216,7 +216,7 @@ class Recording(Reviewing):
         if rec.phase != "work" or agents.is_preset(rec.agent):
             return
         no_review = self.launcher.options.no_review
-        writer.prepare(Path(rec.task_file), lambda task: after_work(
+        writer.prepare(as_path(rec.task_file), lambda task: after_work(
             task, 0, self.settings, review_command(task, self.settings, no_review) is not None,
             attempt_reason(0, False, None)), Status.IN_PROGRESS, self.rt.root)
 
@@ -290,7 +290,7 @@ class Recording(Reviewing):
         """The attempt's usage, read from its log by its agent preset, as updates of the task's totals."""
         if agents.can_resume(rec.agent):
             self.rt.resume_path(rec.order, rec.task).unlink(missing_ok=True)  # a resume is used once
-        usage, updates = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens)
+        usage, updates = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens)
         if usage is not None and usage.cost_usd is not None:
             event["cost_usd"] = usage.cost_usd
         return updates
@@ -298,7 +298,7 @@ class Recording(Reviewing):
     def read_usage_ahead(self, rec: Record) -> None:
         """Before taking the launch lock for an attempt that ended: read its usage (agents.read_ahead)."""
         if rec.phase == "work":
-            agents.read_ahead(rec.agent, Path(rec.log))
+            agents.read_ahead(rec.agent, rec.log)
 
     def _scope_findings(self, rec: Record, in_commits: set[str] | None) -> list[str]:
         """Paths the worker changed or committed (`in_commits`, see scope.findings) that neither it nor any task
@@ -334,6 +334,6 @@ class Recording(Reviewing):
         if not noted:
             writtenlog.note_ended(self.rt, rec)
         self.rt.remove_record(rec.order, rec.task)
-        agents.forget(Path(rec.log))
+        agents.forget(rec.log)
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)

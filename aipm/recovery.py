@@ -100,7 +100,7 @@ def read_lost_usage_ahead(rt: Runtime) -> None:
     worker both gone), which it adds to their tasks (agents.read_ahead)."""
     for rec in rt.records():
         if agents.is_preset(rec.agent) and rec.phase == "work" and rec.pid and not rec.alive():
-            agents.read_ahead(rec.agent, Path(rec.log))
+            agents.read_ahead(rec.agent, rec.log)
 
 
 def outcome_left(task: Task, rec: Record, rt: Runtime) -> bool:
@@ -290,7 +290,7 @@ def forget(rt: Runtime, rec: Record) -> None:
     """Drop the record of an attempt that is over and has no owner (its locks went with its processes)."""
     writtenlog.note_ended(rt, rec)
     rt.remove_record(rec.order, rec.task)
-    agents.forget(Path(rec.log))
+    agents.forget(rec.log)
 
 
 def remove_temp_files(order_dir: Path) -> None:

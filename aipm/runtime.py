@@ -84,7 +84,7 @@ class Runtime:
         self.dir = self.root / ".aipm"
         _refuse_escape(self.root, self.dir)
         self.state = state_dir(self.root)
-        self._made: set[Path] = set()  # state directories known to exist: the hot path skips mkdir calls
+        self._made: set[str] = set()  # state directories known to exist: the hot path skips mkdir calls
         self._paths: dict[tuple[str, ...], Path] = {}  # (order, task[, kind]) -> its file's path
         self._lock_depth = 0
         self._spares = pool(f"{self.state}/spare")  # removed records, reused by the next ones
@@ -115,15 +115,17 @@ class Runtime:
 
     def _state_file(self, path: Path) -> Path:
         """`path` in the state directory, after making sure its directory exists (cached: the hot path)."""
-        if path.parent not in self._made:
+        parent = os.path.dirname(path)
+        if parent not in self._made:
             self.ensure()
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._made.add(path.parent)
+            os.makedirs(parent, exist_ok=True)
+            self._made.add(parent)
         return path
 
     def _state_write(self, path: Path, text: str) -> None:
         """Atomic rename, no fsync: state files only matter while processes live."""
-        tmp = f"{path.parent}/.{path.name}.{os.getpid()}.tmp"
+        parent, name = os.path.split(path)
+        tmp = f"{parent}/.{name}.{os.getpid()}.tmp"
         try:
             for again in (False, True):
                 try:
@@ -248,20 +250,20 @@ class Runtime:
 
     def _scan(self) -> dict[Path, Record]:
         out: dict[Path, Record] = {}
-        for sub in entries(self.state / "workers"):
+        for sub in entries(f"{self.state}/workers"):
             # (listed, then removed before it is read by a worker's `rm -rf`: an order without records)
             for entry in entries(sub.path) if sub.is_dir() else ():
                 if entry.name.endswith(".json") and not entry.name.startswith("."):
-                    path = Path(entry.path)
-                    record = self._read(path)
-                    if record and self.record_path(record.order, record.task) == path:
+                    record = self._read(entry.path)
+                    path = record and self.record_path(record.order, record.task)
+                    if path and str(path) == entry.path:
                         out[path] = record  # (a record under another's name: a spare's old bytes after a crash)
         return out
 
     @staticmethod
-    def _read(path: Path) -> Record | None:
+    def _read(path: Path | str) -> Record | None:
         try:
-            return Record(**json.loads(read_small(str(path))))
+            return Record(**json.loads(read_small(os.fspath(path))))
         except (OSError, ValueError, TypeError):
             return None
 

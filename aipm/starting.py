@@ -12,7 +12,6 @@ import sys
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
-from pathlib import Path
 
 from aipm import commits, confine, locks, outcome, restore, runner, scope, workspace, writer
 from aipm.errors import UserError
@@ -24,6 +23,7 @@ from aipm.view import OrderView
 from aipm.worker import program as worker_program, program_source
 from aipm.workerfiles import NO_WAIT
 from aipm.writer import StaleWrite, now, update_task
+from aipm.paths import as_path
 
 
 class Starter:
@@ -91,7 +91,7 @@ class Starter:
                 pass
             if owner is not None:
                 spawning = owner.begin_worker(rec, task, fds)  # in the helper thread, while the status is written
-            written = update_task(Path(task.path), start_updates(task, rec.started_at), expect=Status.QUEUED,
+            written = update_task(as_path(task.path), start_updates(task, rec.started_at), expect=Status.QUEUED,
                                   root=self.project.root)
             wrote_status = True
             if view is not None:
@@ -141,7 +141,7 @@ class Starter:
     def _undo(self, order: Order, task: Task, rec: Record, view: OrderView | None, wrote_status: bool) -> None:
         """Put back what a start did: the task QUEUED again, no record, no snapshot or worktree."""
         if wrote_status:
-            restored = update_task(Path(task.path), {"status": Status.QUEUED, "attempts": task.attempts,
+            restored = update_task(as_path(task.path), {"status": Status.QUEUED, "attempts": task.attempts,
                                                      "started_at": task.started_at},
                                    expect=Status.IN_PROGRESS, root=self.project.root)
             if view is not None:
@@ -158,7 +158,7 @@ class Starter:
         Caller holds the launch lock."""
         reason = outcome.launch_failed(error)
         try:
-            written = update_task(Path(task.path), lambda now: {"reason": reason} if now.reason != reason else {},
+            written = update_task(as_path(task.path), lambda now: {"reason": reason} if now.reason != reason else {},
                                   expect=Status.QUEUED, root=self.project.root)
         except (StaleWrite, UserError, OSError):
             return  # launched by another process since, broken or unwritable: the error is printed all the same
@@ -167,7 +167,7 @@ class Starter:
 
     def prepare_start(self, task: Task) -> None:
         """Write the IN_PROGRESS version of a task that may start next ahead of time (see writer.prepare)."""
-        writer.prepare(Path(task.path), lambda current: start_updates(current, now()), Status.QUEUED,
+        writer.prepare(as_path(task.path), lambda current: start_updates(current, now()), Status.QUEUED,
                        self.project.root)
 
     def _scope_before(self, rec: Record, ours: bool) -> None:
@@ -179,7 +179,7 @@ class Starter:
             if rec.pid:
                 runner.signal_group(rec.pgid, signal.SIGKILL)
 
-        if scope.save_before(self.project.root, Path(rec.scope_file), refuse, ours):
+        if scope.save_before(self.project.root, as_path(rec.scope_file), refuse, ours):
             rec.scope_allowed = [t for other in self.runtime.records() for t in other.targets]
 
     def _missing_program(self, task: Task) -> str | None:

@@ -15,14 +15,13 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from pathlib import Path
 
 from aipm import cluster, confine, recovery, runner, scope, subreaper, workspace
 from aipm.errors import UserError
 from aipm.finish import time_limit
 from aipm.inotify import IN_DELETE, IN_DELETE_SELF, DirWatch, close_at_exit
 from aipm.launcher import Launcher
-from aipm.paths import real_relative
+from aipm.paths import as_path, real_relative
 from aipm.starting import Owner
 from aipm.recording import Recording
 from aipm.model import RUNNING, Status, Task
@@ -254,7 +253,7 @@ class Supervisor(Recording, Owner):
         (Record.stopping set, no owner) goes to the next `run`/`exec`/`recover`, which runs the review again. False
         when it cannot be (recovery.cannot_review): then it is re-queued. Caller holds the launch lock."""
         try:
-            task = load_task(Path(rec.task_file), self.rt.root)
+            task = load_task(as_path(rec.task_file), self.rt.root)
         except (UserError, OSError):
             return False
         if not recovery.in_review(task, rec):
@@ -291,7 +290,7 @@ class Supervisor(Recording, Owner):
         """Put a stopped worker's task back to QUEUED (through INTERRUPTED), attempt not counted, if the task is still
         that attempt's; drop the record either way. Caller holds the launch lock."""
         try:
-            task = load_task(Path(rec.task_file), self.rt.root)
+            task = load_task(as_path(rec.task_file), self.rt.root)
         except (UserError, OSError):
             task = None  # deleted or broken: without its record, recovery re-queues it once it is fixed
         ours = task is not None and task.status in RUNNING and task.attempts == rec.attempt
@@ -317,11 +316,11 @@ class Supervisor(Recording, Owner):
             if code is not None:  # it ended on its own before the signal: that outcome stands
                 self.outbox.append(self._apply(rec, code, False))
                 return
-            task = load_task(Path(rec.task_file), self.rt.root)
+            task = load_task(as_path(rec.task_file), self.rt.root)
             ours = task.status == Status.IN_PROGRESS and task.attempts == rec.attempt  # else moved on (cancel)
             if ours:
                 recovery.interrupt(self.rt, task, rec, why)
-                self._write(load_task(Path(rec.task_file), self.rt.root), {"preemptions": task.preemptions + 1})
+                self._write(load_task(as_path(rec.task_file), self.rt.root), {"preemptions": task.preemptions + 1})
             self._drop(rec, noted=ours)
         if ours:
             self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,
@@ -353,7 +352,7 @@ class Supervisor(Recording, Owner):
                 self.watcher.watch_fd(self.records_watch.fd, RECORDS)
         if self.records_watch is not None:
             for order in {rec.order for rec in self.owned.values()}:  # every time: a directory made again is new
-                self.records_watch.add(str(self.rt.record_path(order, "-").parent), _RECORDS_GONE)
+                self.records_watch.add(os.path.dirname(self.rt.record_path(order, "-")), _RECORDS_GONE)
         return all(os.path.exists(self.rt.record_path(rec.order, rec.task)) for rec in self.owned.values())
 
     def close(self) -> None:

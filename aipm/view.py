@@ -85,7 +85,7 @@ class OrderView:
                 self._reload_all()
                 return self.order
             else:
-                paths = {str(self.dir / n) for n in names}
+                paths = {f"{self.dir}/{n}" for n in names}  # (an event's name is one path component)
         else:
             paths = self._all_changed()
         todo = {}

@@ -78,7 +78,7 @@ def model_for(task: Task, settings: Settings, override: str | None) -> str:
 
 def environment(runtime: Runtime, rec: Record, model: str) -> dict[str, str]:
     """What a worker (and its reviewer) sees: the AIPM_* variables on top of ours."""
-    env = dict(os.environ)
+    env = _ours()
     env.update(
         AIPM_ROOT=str(runtime.root), AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.serial),
         AIPM_TARGET_FILES="\n".join(rec.targets), AIPM_MODEL=model, AIPM_LOG=rec.log,
@@ -93,6 +93,21 @@ def environment(runtime: Runtime, rec: Record, model: str) -> dict[str, str]:
     else:
         env.pop("AIPM_REVIEW_FEEDBACK", None)
     return env
+
+
+_copied: tuple[dict[bytes, bytes], dict[str, str]] | None = None  # os.environ's bytes as last copied, and the copy
+
+
+def _ours() -> dict[str, str]:
+    """A copy of os.environ: decoded again only when it changed (decoding every variable was a tenth of a chain's
+    start; `_data` holds its bytes, and comparing them costs little)."""
+    global _copied
+    raw = getattr(os.environ, "_data", None)
+    if not isinstance(raw, dict):
+        return dict(os.environ)
+    if _copied is None or _copied[0] != raw:
+        _copied = (dict(raw), dict(os.environ))
+    return dict(_copied[1])
 
 
 def _resume(path: Path) -> str | None:

@@ -18,7 +18,7 @@ import yaml
 
 from aipm import durable, flatyaml
 from aipm.errors import UserError, ValidationError
-from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task
+from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task, evolve
 from aipm.patch import Unpatchable, patch
 from aipm.fields import managed_values
 from aipm.spares import Pool, Stamp, exchange as swap, fill, in_tree, stamp
@@ -225,7 +225,7 @@ def update_task(
         # The task as a fresh load of the new text will give it (the text provably parses to new_data, which is
         # the old data with only managed fields changed): checked before it is written, remembered for the next
         # read of this file, and returned.
-        fresh = dataclasses.replace(current, **managed_values(path, new_data))
+        fresh = evolve(current, managed_values(path, new_data))
         if new_text == text or atomic_write(path, new_text, identity, _spares(root)):
             remember(path, new_text, root, new_data, fresh)
             return fresh
@@ -306,7 +306,7 @@ def prepare(path: Path, updates: Callable[[Task], Mapping[str, Any]], expect: St
         return
     while len(_ahead) >= AHEAD_MAX:
         _drop(_ahead.pop(next(iter(_ahead))))  # the oldest: the likeliest to have gone stale
-    fresh = dataclasses.replace(current, **managed_values(path, new_data))
+    fresh = evolve(current, managed_values(path, new_data))
     _ahead[key] = _Ahead(expect, changes, current, version, new_text, new_data, fresh, *written, spares, root)
 
 

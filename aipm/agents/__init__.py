@@ -99,15 +99,15 @@ class _Read(NamedTuple):
 _ahead: dict[str, _Read] = {}
 
 
-def read_ahead(name: str, log: Path) -> None:
+def read_ahead(name: str, log: str | Path) -> None:
     """Parse an ended attempt's log before its owner takes the launch lock for the outcome: a transcript of a
     gigabyte takes seconds to read, and every other aipm command of the project would wait for them. read_usage,
     under the lock, then reads only what was added since (as a rule aipm's own lines)."""
-    if is_preset(name) and str(log) not in _ahead and (read := _read(name, log)) is not None:
+    if is_preset(name) and str(log) not in _ahead and (read := _read(name, Path(log))) is not None:
         _ahead[str(log)] = read
 
 
-def forget(log: Path) -> None:
+def forget(log: str | Path) -> None:
     """The attempt is over (its record removed): its read-ahead goes."""
     _ahead.pop(str(log), None)
 
