@@ -40,8 +40,25 @@ class _Unsure(Exception):
     """Not certainly the flat form: leave the file to libyaml."""
 
 
+# The last two texts read and their mappings: a status write reads its file's text twice (its parse, then
+# patch.py's edit) and proves the text it writes, which the next write of that file reads again.
+_last: tuple[str, dict[str, Any]] | None = None
+_before: tuple[str, dict[str, Any]] | None = None
+
+
 def mapping(text: str) -> dict[str, Any] | None:
     """The mapping of a flat task file, or None when `text` is not certainly in the flat form."""
+    global _last, _before
+    for known in (_last, _before):
+        if known is not None and known[0] == text:
+            return dict(known[1])  # a copy: what a caller does with its mapping is not the next caller's
+    data = _read(text)
+    if data is not None:
+        _last, _before = (text, data), _last
+    return data  # (callers read their mapping, never change it: what the writer remembers is shared the same way)
+
+
+def _read(text: str) -> dict[str, Any] | None:
     if _OTHER.search(text):
         return None
     data: dict[str, Any] = {}

@@ -9,7 +9,6 @@ themselves are pure (finish.py); this module applies them to files and records, 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 
@@ -58,7 +57,7 @@ class Recording(Reviewing):
         """Apply an outcome. One that cannot be written now is held and retried (retry_unrecorded), and reported
         once; so is one whose task file went (deleted or renamed, alone or with its order directory: it may be put
         back), so its exit file outlives the run for `recover`."""
-        writes, before = self.writes, dataclasses.replace(rec)
+        writes, before = self.writes, Record(**vars(rec))
         try:
             event = self._apply(rec, code, timed_out)
         except (UserError, OSError) as exc:
@@ -80,7 +79,7 @@ class Recording(Reviewing):
     def retry_unrecorded(self) -> None:
         """Try the held outcomes again (the disk may have room, the file may be fixed). Caller holds the lock."""
         for key, (rec, code, timed_out) in list(self.unrecorded.items()):
-            event = self._record_outcome(dataclasses.replace(rec), code, timed_out)
+            event = self._record_outcome(Record(**vars(rec)), code, timed_out)
             if event:
                 self.outbox.append(event)
 

@@ -86,12 +86,22 @@ class Runtime:
         self.state = state_dir(self.root)
         self._made: set[str] = set()  # state directories known to exist: the hot path skips mkdir calls
         self._paths: dict[tuple[str, ...], Path] = {}  # (order, task[, kind]) -> its file's path
+        self._dirs: dict[tuple[str, str], Path] = {}  # (kind, order) -> the order's directory of that kind
+        self._launch_lock = self.state / "launch.lock"
+        self._logs_probe = self.dir / "logs" / "x"
         self._lock_depth = 0
         self._spares = pool(f"{self.state}/spare")  # removed records, reused by the next ones
 
+    def _in(self, base: Path, kind: str, order: str) -> Path:
+        """`base/kind/<order>`: an order's directory of one kind of file (remembered: asked on every start)."""
+        found = self._dirs.get((kind, order))
+        if found is None:
+            found = self._dirs[(kind, order)] = base / kind / _safe(order)
+        return found
+
     def ensure(self) -> None:
         _remake(self.state)
-        self._dir(self.dir / "logs" / "x")
+        self._dir(self._logs_probe)
 
     def _dir(self, path: Path) -> Path:
         """`path` under `.aipm/`, after making sure its directory (and `.aipm/.gitignore`) exist. No cache: a
@@ -156,7 +166,7 @@ class Runtime:
         self.ensure()
         # Holders keep it for milliseconds (plan + a few writes), never across a worker's run.
         # The batch ends before the lock is released: the next holder finds this round's writes on disk.
-        with _exclusive(self.state / "launch.lock"), durable.batch():
+        with _exclusive(self._launch_lock), durable.batch():
             self._lock_depth = 1
             _round.records = {}
             try:
@@ -171,7 +181,7 @@ class Runtime:
         """For a reader that must see task files and records of the same moment: holds launch rounds off (a
         shared flock on the launch lock) while it looks. Creates nothing: without the lock file no round has run."""
         try:
-            fd = os.open(self.state / "launch.lock", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = os.open(self._launch_lock, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
             yield
             return
@@ -186,7 +196,7 @@ class Runtime:
     def record_path(self, order: str, task: str) -> Path:
         path = self._paths.get((order, task))
         if path is None:  # asked ~9 times per attempt: pathlib's joins are worth remembering
-            path = self._paths[(order, task)] = self.state / "workers" / _safe(order) / f"{_safe(task)}.json"
+            path = self._paths[(order, task)] = self._in(self.state, "workers", order) / f"{_safe(task)}.json"
         return path
 
     def write_record(self, record: Record) -> None:
@@ -219,7 +229,7 @@ class Runtime:
         records = self.records()
         wanted = {os.path.basename(rec.exit_file).split(".review")[0] for rec in records}
         # (`.w`: the exit file the compiled wrapper makes at its start, named when its command ends)
-        self._remove_unwanted(self.state / "exit" / _safe(order), lambda name: name.removesuffix(".w").split(
+        self._remove_unwanted(self._in(self.state, "exit", order), lambda name: name.removesuffix(".w").split(
             ".review")[0] in wanted)
         marked = {_safe(rec.task) for rec in records if rec.order == order}
         self._remove_unwanted(self.state / "cancel" / _safe(order), marked.__contains__)
@@ -288,7 +298,7 @@ class Runtime:
     # -- logs, exit files, review feedback --------------------------------------------------------------
 
     def log_path(self, order: str, task: str, attempt: int) -> Path:
-        return self._dir(self.dir / "logs" / _safe(order) / f"{_safe(task)}.{attempt}.log")
+        return self._dir(self.log_dir(order) / f"{_safe(task)}.{attempt}.log")
 
     def stock_logs(self, count: int) -> None:
         """Make `count` empty files for the next workers' logs while nothing waits (see place_log)."""
@@ -304,7 +314,7 @@ class Runtime:
             spares.place(log)
 
     def log_dir(self, order: str) -> Path:
-        return self.dir / "logs" / _safe(order)
+        return self._in(self.dir, "logs", order)
 
     def logs(self, order: str, task: str) -> dict[int, Path]:
         """Attempt number → log of each attempt of a task, oldest first (review logs are not listed)."""
@@ -321,20 +331,20 @@ class Runtime:
         """The first attempt number from `start` on whose log and exit file do not exist yet: every attempt of a
         task gets files of its own, across retries and interrupted attempts (whose counter is given back)."""
         number = max(1, start)
-        logs, exits = self.log_dir(order), self.state / "exit" / _safe(order)
+        logs, exits = self.log_dir(order), self._in(self.state, "exit", order)
         while os.path.exists(f"{logs}/{_safe(task)}.{number}.log") or os.path.exists(f"{exits}/{_safe(task)}.{number}"):
             number += 1
         return number
 
     def exit_path(self, order: str, task: str, attempt: int) -> Path:
         """In the state directory: the outcome of an adopted worker must survive a cleaned tree."""
-        return self._state_file(self.state / "exit" / _safe(order) / f"{_safe(task)}.{attempt}")
+        return self._state_file(self._in(self.state, "exit", order) / f"{_safe(task)}.{attempt}")
 
     def feedback_path(self, order: str, task: str, writing: bool = False) -> Path:
         """Where a review's feedback for the next attempt is kept (its directory made when `writing`)."""
         path = self._paths.get((order, task, "feedback"))
         if path is None:
-            path = self.dir / "feedback" / _safe(order) / f"{_safe(task)}.txt"
+            path = self._in(self.dir, "feedback", order) / f"{_safe(task)}.txt"
             self._paths[(order, task, "feedback")] = path
         return self._dir(path) if writing else path
 

@@ -167,8 +167,10 @@ def _never_run(order: Order) -> None:
 def _pending_merges(root: Path, order: Order) -> None:
     """A task no one runs whose merge was cut short (cancelled after a crash mid-merge) leaves the tree
     half-merged until its worktree is removed: say so at the end of every run, and in its log."""
-    from aipm.workspace import note_pending_merge  # the supervisor has loaded it already
+    from aipm.workspace import merge_dir, note_pending_merge  # the supervisor has loaded it already
 
+    if not merge_dir(root, order.id, "-").parent.is_dir():
+        return  # no merge of this order was ever planned here: one look, not one per task
     for task in order.tasks.values():
         note = None if task.status in RUNNING else note_pending_merge(root, order.id, task.id, "run")
         if note:
