@@ -108,7 +108,10 @@ class Pending:
 
     def __init__(self, call: Callable[[], Any]):
         self._call = call
-        self._done = threading.Event()
+        # Held until the call is done: a bare lock, where an Event builds a Condition in Python on every spawn and
+        # runs Python again to set and to wait.
+        self._done = threading.Lock()
+        self._done.acquire()
         self._value: Any = None
         self._error: BaseException | None = None
 
@@ -118,11 +121,12 @@ class Pending:
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
             self._error = exc
         finally:
-            self._done.set()
+            self._done.release()
         return self
 
     def result(self) -> Any:
-        self._done.wait()
+        with self._done:  # waits for run(); released again, so a second result() does not wait
+            pass
         if self._error is not None:
             raise self._error
         return self._value
