@@ -54,8 +54,8 @@ def mapping(text: str) -> dict[str, Any] | None:
             return dict(known[1])  # a copy: what a caller does with its mapping is not the next caller's
     data = _read(text)
     if data is not None:
-        _last, _before = (text, data), _last
-    return data  # (callers read their mapping, never change it: what the writer remembers is shared the same way)
+        _last, _before = (text, dict(data)), _last  # kept apart from the caller's, which is the caller's own
+    return data
 
 
 def _read(text: str) -> dict[str, Any] | None:

@@ -132,3 +132,17 @@ def test_the_files_aipm_writes_take_the_flat_edit():
     text = 'id: T1\ncommand: "make x"\ndepends_on: [T0]\ntarget_files: [out/1]\nstatus: IN_PROGRESS\nattempts: 1\n'
     edited = patch._flat(text, {"status": "DONE", "reason": "'ok'"})
     assert edited == text.replace("IN_PROGRESS", "DONE") + "reason: 'ok'\n"
+
+
+def test_a_text_read_again_gives_the_same_mapping_and_a_caller_changing_its_own_changes_no_other():
+    # The last texts read are kept (a status write reads its text twice); what one caller does with its mapping
+    # must not reach the next caller of the same text, nor a text read since.
+    text = "id: T1\ncommand: make a\nstatus: QUEUED\nattempts: 1\n"
+    first = flatyaml.mapping(text)
+    first["status"] = "DONE"
+    other = flatyaml.mapping("id: T2\ncommand: make b\n")
+    again = flatyaml.mapping(text)
+    assert again == {"id": "T1", "command": "make a", "status": "QUEUED", "attempts": 1}
+    again.pop("attempts")
+    assert flatyaml.mapping(text)["attempts"] == 1
+    assert other == {"id": "T2", "command": "make b"} and flatyaml.mapping("id: T2\ncommand: make b\n") == other
