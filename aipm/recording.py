@@ -18,6 +18,7 @@ from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
 from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Status, Task
+from aipm.paths import as_path
 from aipm.restore import disowned, known_status, restore
 from aipm.reviewing import Reviewing, log_whole
 from aipm.record import Record
@@ -27,7 +28,6 @@ from aipm.store import load_task
 from aipm.writer import now, update_task
 from aipm.view import OrderView
 from aipm.workerfiles import write_bytes
-from aipm.paths import as_path
 
 
 class Recording(Reviewing):

@@ -265,8 +265,10 @@ class Runtime:
             for entry in entries(sub.path) if sub.is_dir() else ():
                 if entry.name.endswith(".json") and not entry.name.startswith("."):
                     record = self._read(entry.path)
-                    path = record and self.record_path(record.order, record.task)
-                    if path and str(path) == entry.path:
+                    if record is None:
+                        continue
+                    path = self.record_path(record.order, record.task)
+                    if str(path) == entry.path:
                         out[path] = record  # (a record under another's name: a spare's old bytes after a crash)
         return out
 

@@ -17,13 +17,13 @@ from aipm import commits, confine, locks, outcome, restore, runner, scope, works
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
 from aipm.model import Order, Status, Task, definition
+from aipm.paths import as_path
 from aipm.record import Record, live_pid
 from aipm.runtime import StateWriteError, append_log
 from aipm.view import OrderView
 from aipm.worker import program as worker_program, program_source
 from aipm.workerfiles import NO_WAIT
 from aipm.writer import StaleWrite, now, update_task
-from aipm.paths import as_path
 
 
 class Starter:
