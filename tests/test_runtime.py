@@ -7,6 +7,7 @@ from contextlib import suppress
 from aipm import liveness
 from aipm.record import Record
 from aipm.runtime import Runtime
+from aipm.worker import environment
 
 
 def _record(root, task: str, pid: int = 0, ctime: float = 0.0) -> Record:
@@ -97,3 +98,22 @@ def test_taking_the_launch_lock_while_a_worker_removes_the_state_directory_never
     with rt.launch_lock():
         rt.write_record(_record(tmp_path, "A"))
         assert [r.task for r in rt.records()] == ["A"]
+
+
+def test_each_worker_gets_the_environment_as_it_is_at_its_start(tmp_path, monkeypatch):
+    # The copy of os.environ is kept between starts (decoding it all was a tenth of a short start); a variable
+    # set, changed or removed in between must still reach the next worker as it is then, and a worker's own
+    # copy must not reach the next one.
+    rt = Runtime(tmp_path)
+    rec = Record(order="O", order_dir=str(tmp_path / "orders" / "O"), task="T", task_file=str(tmp_path / "T.yaml"),
+                 attempt=1, targets=["a.py"], log=str(tmp_path / "T.1.log"), exit_file=str(tmp_path / "T.1"),
+                 started_at="2026-12-04T00:00:00+00:00", number=1)
+    monkeypatch.setenv("AIPM_TEST_VAR", "one")
+    first = environment(rt, rec, "m")
+    assert first["AIPM_TEST_VAR"] == "one" and first["AIPM_TASK_ID"] == "T"
+    first["AIPM_TEST_OTHER"] = "leaked"
+    monkeypatch.setenv("AIPM_TEST_VAR", "two")
+    second = environment(rt, rec, "m")
+    assert second["AIPM_TEST_VAR"] == "two" and "AIPM_TEST_OTHER" not in second
+    monkeypatch.delenv("AIPM_TEST_VAR")
+    assert "AIPM_TEST_VAR" not in environment(rt, rec, "m")
