@@ -28,7 +28,7 @@ from aipm import durable
 from aipm.errors import UserError
 from aipm.liveness import read_small, remembered
 
-from aipm.locks import make_state_dir, state_dir
+from aipm.locks import make_state_dir, state_dir, user_base
 from aipm.record import Record
 from aipm.spares import Pool, fill, in_tree, pool
 from aipm.workerfiles import open_regular
@@ -417,7 +417,12 @@ def _exclusive(path: Path) -> Iterator[None]:
                 raise
             if tries > 10:
                 time.sleep(0.001)  # `rm -rf` of a big tree still at work: let it finish
-            _remake(path.parent)
+            # The directory alone, at once: the lock file needs nothing more, and the whole remake (a scan of every
+            # process for locks held in the removed one) takes long enough for a remover at work to take it again.
+            # The rest is made by the next taker of a target lock (locks.orphans) and the next round's ensure().
+            with suppress(FileNotFoundError, FileExistsError):
+                user_base(path.parent.parent)
+                os.mkdir(path.parent)
             continue
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
