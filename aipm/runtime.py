@@ -13,7 +13,6 @@ ever released by deleting a file. The short launch lock is a `flock` too, on a d
 from __future__ import annotations
 
 import fcntl
-import itertools
 import json
 import os
 import re
@@ -28,13 +27,13 @@ from aipm import durable
 from aipm.errors import UserError
 from aipm.liveness import read_small, remembered
 
-from aipm.locks import make_state_dir, state_dir, user_base
+from aipm.launchlock import exclusive
+from aipm.locks import make_state_dir, state_dir
 from aipm.record import Record
 from aipm.spares import Pool, fill, in_tree, pool
 from aipm.workerfiles import open_regular
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
-_REMAKES = 100  # a state directory removed again each time it is made: give up, it is not a single `rm -rf`
 
 
 class StateWriteError(OSError):
@@ -166,7 +165,7 @@ class Runtime:
         self.ensure()
         # Holders keep it for milliseconds (plan + a few writes), never across a worker's run.
         # The batch ends before the lock is released: the next holder finds this round's writes on disk.
-        with _exclusive(self._launch_lock), durable.batch():
+        with exclusive(self._launch_lock), durable.batch():
             self._lock_depth = 1
             _round.records = {}
             try:
@@ -400,45 +399,6 @@ def _remake(state: Path) -> None:
     again while it is made is left to what the caller does next (the launch lock tries again)."""
     with suppress(FileNotFoundError):
         make_state_dir(state)
-
-
-@contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
-    """Hold an exclusive flock on `path` (made if missing), waiting in the kernel: the holder's release wakes us at
-    once, where polling would add its interval to every contended round. The descriptor is this round's own
-    (never inherited by a worker), so closing it releases the lock, and another thread of this process that asks
-    meanwhile waits like any other process. The state directory is made again when a worker's `rm -rf` took it
-    away since it was made (a detached owner that raised here would die in its loop, its worker unlisted)."""
-    for tries in itertools.count(1):
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except FileNotFoundError:
-            if tries >= _REMAKES:
-                raise
-            if tries > 10:
-                time.sleep(0.001)  # `rm -rf` of a big tree still at work: let it finish
-            # The directory alone, at once: the lock file needs nothing more, and the whole remake (a scan of every
-            # process for locks held in the removed one) takes long enough for a remover at work to take it again.
-            # The rest is made by the next taker of a target lock (locks.orphans) and the next round's ensure().
-            with suppress(FileNotFoundError, FileExistsError):
-                user_base(path.parent.parent)
-                os.mkdir(path.parent)
-            continue
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            held, now = os.fstat(fd), os.stat(path)
-            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
-                break
-        except FileNotFoundError:
-            pass  # deleted or replaced while we waited: a lock nobody else will see, take the new file's
-        except BaseException:
-            os.close(fd)
-            raise
-        os.close(fd)
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 
 def append_log(log: str, line: str) -> None:

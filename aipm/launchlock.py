@@ -1,0 +1,55 @@
+"""The launch lock's primitive: an exclusive flock on a file in the state directory, taken whatever a worker does
+to that directory meanwhile (runtime.Runtime.launch_lock holds it around every round)."""
+
+from __future__ import annotations
+
+import fcntl
+import itertools
+import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from pathlib import Path
+
+from aipm.locks import user_base
+
+_REMAKES = 100  # a state directory removed again each time it is made: give up, it is not a single `rm -rf`
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` (made if missing), waiting in the kernel: the holder's release wakes us at
+    once, where polling would add its interval to every contended round. The descriptor is this round's own
+    (never inherited by a worker), so closing it releases the lock, and another thread of this process that asks
+    meanwhile waits like any other process. The state directory is made again when a worker's `rm -rf` took it
+    away since it was made (a detached owner that raised here would die in its loop, its worker unlisted)."""
+    for tries in itertools.count(1):
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            if tries >= _REMAKES:
+                raise
+            if tries > 10:
+                time.sleep(0.001)  # `rm -rf` of a big tree still at work: let it finish
+            # The directory alone, at once: the lock file needs nothing more, and the whole remake (a scan of every
+            # process for locks held in the removed one) takes long enough for a remover at work to take it again.
+            # The rest is made by the next taker of a target lock (locks.orphans) and the next round's ensure().
+            with suppress(FileNotFoundError, FileExistsError):
+                user_base(path.parent.parent)
+                os.mkdir(path.parent)
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held, now = os.fstat(fd), os.stat(path)
+            if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+                break
+        except FileNotFoundError:
+            pass  # deleted or replaced while we waited: a lock nobody else will see, take the new file's
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+    try:
+        yield
+    finally:
+        os.close(fd)
