@@ -8,8 +8,9 @@ inflation: each stamp costs ~1 µs).
     TIMELINE_FUNCS=aipm.writer:update_task,... python benchmarks/handover_timeline.py
     TIMELINE_BENCH=b4 python benchmarks/handover_timeline.py   # B4's order: hand-overs of one shared file
 
-Each line is `median ms  from -> to`; a cycle starts where the supervisor starts a round after a worker ended
-(`start_early>`). Only cycles with the most common sequence of stamps count (the others: the first and last).
+Each line is `median ms  from -> to`; a cycle runs from where the supervisor starts a round after a worker ended
+(`start_early>`) to the next such start, the wake-up before it included. Only cycles with the most common sequence
+of stamps count (the others: the first and last).
 Reads the disk's state as it is: run it after a quiet minute (see README.md, "the floor").
 """
 
@@ -105,8 +106,8 @@ def main() -> int:
         cycles, current = [], None
         for t, name in stamps:
             if name == "start_early>":
-                if current:
-                    cycles.append(current)
+                if current:  # closed by the next round's start: the wake-up before it belongs to this cycle
+                    cycles.append(current + [(t, "start_early> (next round)")])
                 current = []
             if current is not None:
                 current.append((t, name))
@@ -124,7 +125,7 @@ def main() -> int:
             median = statistics.median(gaps[i])
             total += median
             print(f"{median:7.3f}  {a} -> {b}")
-        print(f"{total:7.3f}  one cycle, from a round's start to the last stamp before the next")
+        print(f"{total:7.3f}  one cycle, from a round's start to the next round's")
         return 0
     finally:
         C.keep_or_remove(work)
