@@ -51,11 +51,16 @@ def mapping(text: str) -> dict[str, Any] | None:
     global _last, _before
     for known in (_last, _before):
         if known is not None and known[0] == text:
-            return dict(known[1])  # a copy: what a caller does with its mapping is not the next caller's
+            return _copy(known[1])  # a copy: what a caller does with its mapping is not the next caller's
     data = _read(text)
     if data is not None:
-        _last, _before = (text, dict(data)), _last  # kept apart from the caller's, which is the caller's own
+        _last, _before = (text, _copy(data)), _last  # kept apart from the caller's, which is the caller's own
     return data
+
+
+def _copy(data: dict[str, Any]) -> dict[str, Any]:
+    """The mapping and its lists (the flat form's only containers, of scalars) copied."""
+    return {key: list(value) if type(value) is list else value for key, value in data.items()}
 
 
 def _read(text: str) -> dict[str, Any] | None:

@@ -141,6 +141,7 @@ _NOT_DEFINITION = frozenset({*MANAGED_FIELDS, "path", "targets"})
 
 
 _TASK_FIELDS = tuple(f.name for f in fields(Task))
+_FIELD_NAMES = frozenset(_TASK_FIELDS)
 _DEFINITION_FIELDS = tuple(name for name in _TASK_FIELDS if name not in _NOT_DEFINITION)
 
 
@@ -153,7 +154,10 @@ def definition(task: Task) -> str:
 
 def evolve(task: Task, changes: Mapping[str, Any]) -> Task:
     """`task` with the fields in `changes` replaced: dataclasses.replace without its per-field checks, which cost
-    more than the copy on every status write (Task has no init-only or non-init fields to check)."""
+    more than the copy on every status write (Task has no init-only or non-init fields to check). A name that is
+    no field raises, as there."""
+    if not _FIELD_NAMES.issuperset(changes):
+        raise TypeError(f"Task has no field {sorted(set(changes) - _FIELD_NAMES)[0]!r}")
     return Task(**{name: changes[name] if name in changes else getattr(task, name) for name in _TASK_FIELDS})
 
 

@@ -85,7 +85,7 @@ class Runtime:
         self.state = state_dir(self.root)
         self._made: set[str] = set()  # state directories known to exist: the hot path skips mkdir calls
         self._paths: dict[tuple[str, ...], Path] = {}  # (order, task[, kind]) -> its file's path
-        self._dirs: dict[tuple[str, str], Path] = {}  # (kind, order) -> the order's directory of that kind
+        self._dirs: dict[tuple[Path, str, str], Path] = {}  # (base, kind, order) -> the order's directory there
         self._launch_lock = self.state / "launch.lock"
         self._logs_probe = self.dir / "logs" / "x"
         self._lock_depth = 0
@@ -93,9 +93,9 @@ class Runtime:
 
     def _in(self, base: Path, kind: str, order: str) -> Path:
         """`base/kind/<order>`: an order's directory of one kind of file (remembered: asked on every start)."""
-        found = self._dirs.get((kind, order))
+        found = self._dirs.get((base, kind, order))
         if found is None:
-            found = self._dirs[(kind, order)] = base / kind / _safe(order)
+            found = self._dirs[(base, kind, order)] = base / kind / _safe(order)
         return found
 
     def ensure(self) -> None:
@@ -338,8 +338,13 @@ class Runtime:
         return number
 
     def exit_path(self, order: str, task: str, attempt: int) -> Path:
-        """In the state directory: the outcome of an adopted worker must survive a cleaned tree."""
-        return self._state_file(self._in(self.state, "exit", order) / f"{_safe(task)}.{attempt}")
+        """In the state directory: the outcome of an adopted worker must survive a cleaned tree. Its directory is
+        looked at every time: the wrapper writes the file, and nothing would make again a directory removed since
+        it was remembered as made (the state directory's `rm -rf` between two starts)."""
+        directory = self._in(self.state, "exit", order)
+        if not os.path.isdir(directory):
+            self._made.discard(str(directory))
+        return self._state_file(directory / f"{_safe(task)}.{attempt}")
 
     def feedback_path(self, order: str, task: str, writing: bool = False) -> Path:
         """Where a review's feedback for the next attempt is kept (its directory made when `writing`)."""

@@ -37,3 +37,16 @@ def test_managed_values_sets_every_managed_field_even_when_absent():
     values = fields.managed_values("orders/o/T1.yaml", {"status": "DONE"})
     assert values["status"].value == "DONE" and values["exit_code"] is None and values["attempts"] == 0
     assert set(values) == {row[0] for row in fields._MANAGED}
+
+
+def test_evolve_is_dataclasses_replace_for_every_field_and_refuses_a_name_that_is_none():
+    """model.evolve stands in for dataclasses.replace on every status write."""
+    import dataclasses
+
+    from aipm.model import Status, evolve
+
+    changes = {"status": Status.DONE, "attempts": 3, "cost_usd": 1.5, "reason": "why"}
+    assert evolve(BARE, changes) == dataclasses.replace(BARE, **changes)
+    assert evolve(BARE, {}) == BARE and evolve(BARE, {}) is not BARE
+    with pytest.raises(TypeError, match="stauts"):
+        evolve(BARE, {"stauts": Status.DONE})  # a misspelt field is no silent no-op

@@ -146,3 +146,9 @@ def test_a_text_read_again_gives_the_same_mapping_and_a_caller_changing_its_own_
     again.pop("attempts")
     assert flatyaml.mapping(text)["attempts"] == 1
     assert other == {"id": "T2", "command": "make b"} and flatyaml.mapping("id: T2\ncommand: make b\n") == other
+    # Nor through a list inside it.
+    listed = "id: T3\ncommand: make c\ndepends_on: [T1]\ntarget_files: []\n"
+    mine = flatyaml.mapping(listed)
+    mine["depends_on"].append("T2")
+    mine["target_files"].append("x")
+    assert flatyaml.mapping(listed) == {"id": "T3", "command": "make c", "depends_on": ["T1"], "target_files": []}

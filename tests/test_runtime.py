@@ -1,10 +1,13 @@
 """The runtime's per-round memory: worker records read once per launch-lock hold, liveness looked up once."""
 
+import os
+import shutil
 import subprocess
 import sys
 from contextlib import suppress
+from pathlib import Path
 
-from aipm import liveness
+from aipm import liveness, runner
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.worker import environment
@@ -117,3 +120,24 @@ def test_each_worker_gets_the_environment_as_it_is_at_its_start(tmp_path, monkey
     assert second["AIPM_TEST_VAR"] == "two" and "AIPM_TEST_OTHER" not in second
     monkeypatch.delenv("AIPM_TEST_VAR")
     assert "AIPM_TEST_VAR" not in environment(rt, rec, "m")
+
+
+def test_an_exit_file_whose_directory_was_removed_since_it_was_made_is_written_by_the_next_worker(tmp_path):
+    """The wrapper writes the exit file, not aipm: a directory remembered as made but removed since (`rm -rf
+    /tmp/aipm-*` between two starts of one long-lived process) would leave the next worker's exit code nowhere,
+    and an owner that died meanwhile would adopt it without its code."""
+    rt = Runtime(tmp_path)
+    first = rt.exit_path("O", "A", 1)
+    assert first.parent.is_dir()
+    shutil.rmtree(rt.state)
+    exit_file = str(rt.exit_path("O", "B", 1))
+    pid = runner.spawn(["sh", "-c", "exit 7"], exit_file=exit_file, env=dict(os.environ), cwd=str(tmp_path),
+                       log=str(tmp_path / "B.log"))
+    assert runner.reap(pid) == 7
+    assert Path(exit_file).read_text() == "7\n"
+
+
+def test_an_orders_directories_of_one_kind_under_two_bases_are_two(tmp_path):
+    rt = Runtime(tmp_path)
+    assert rt._in(rt.state, "exit", "O") == rt.state / "exit" / "O"
+    assert rt._in(rt.dir, "exit", "O") == rt.dir / "exit" / "O"

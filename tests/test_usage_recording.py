@@ -53,6 +53,20 @@ def test_what_is_read_ahead_stands_unless_usage_was_added_since(tmp_path):
     assert agents.read_usage("claude", log).cost_usd == 0.75
 
 
+def test_a_read_ahead_is_found_however_the_logs_path_is_spelt(tmp_path):
+    """The read-ahead is asked for with the record's text of the path, the usage with a Path made of it."""
+    log = tmp_path / "A.1.log"
+    log.write_text('{"type": "system", "session_id": "S"}\n' + result(0.25) + "\n")
+    spelt = f"{tmp_path}//./A.1.log"
+    agents.read_ahead("claude", spelt)
+    try:
+        swap_in_place(log, b"0.25", b"0.99")  # the same size: only a read-ahead found gives 0.25
+        assert agents.read_usage("claude", Path(spelt)).cost_usd == 0.25
+    finally:
+        agents.forget(spelt)
+    assert agents.read_usage("claude", log).cost_usd == 0.99  # forgotten: read whole
+
+
 @pytest.mark.parametrize("owner", ["run", "launch"])
 def test_the_usage_is_read_while_another_process_holds_the_launch_lock(project, gate, owner):
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")

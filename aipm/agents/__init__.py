@@ -103,13 +103,18 @@ def read_ahead(name: str, log: str | Path) -> None:
     """Parse an ended attempt's log before its owner takes the launch lock for the outcome: a transcript of a
     gigabyte takes seconds to read, and every other aipm command of the project would wait for them. read_usage,
     under the lock, then reads only what was added since (as a rule aipm's own lines)."""
-    if is_preset(name) and str(log) not in _ahead and (read := _read(name, Path(log))) is not None:
-        _ahead[str(log)] = read
+    if is_preset(name) and _key(log) not in _ahead and (read := _read(name, Path(log))) is not None:
+        _ahead[_key(log)] = read
 
 
 def forget(log: str | Path) -> None:
     """The attempt is over (its record removed): its read-ahead goes."""
-    _ahead.pop(str(log), None)
+    _ahead.pop(_key(log), None)
+
+
+def _key(log: str | Path) -> str:
+    """One key for a log however its path is spelt (a record's text, or a Path made of it)."""
+    return os.path.normpath(log)
 
 
 def read_usage(name: str, log: Path) -> Usage | None:
@@ -117,12 +122,12 @@ def read_usage(name: str, log: Path) -> Usage | None:
     Kept beside the log too (`<TASK>.<attempt>.usage.json`)."""
     if not is_preset(name):
         return None
-    ahead = _ahead.get(str(log))
+    ahead = _ahead.get(_key(log))
     if ahead is not None and _nothing_added(name, log, ahead):
         return ahead.usage
     read = _read(name, log)
     if read is not None and ahead is not None:
-        _ahead[str(log)] = read  # an outcome held and retried reads only what follows
+        _ahead[_key(log)] = read  # an outcome held and retried reads only what follows
     return read.usage if read is not None else None
 
 
