@@ -76,8 +76,7 @@ def sync_now() -> None:
         return
     _open.dirs = []
     try:
-        for directory in dirs:
-            fsync_dir(directory)
+        _fsync_all(dirs)
     except BaseException:
         _open.dirs = dirs + _open.dirs
         raise
@@ -86,12 +85,19 @@ def sync_now() -> None:
 def _settle(dirs: list[str], after: list[Callable[[bool], None]]) -> None:
     ok = False
     try:
-        for directory in dirs:
-            fsync_dir(directory)
+        _fsync_all(dirs)
         ok = True
     finally:
         for action in after:  # every one runs, so none leaks a descriptor, even when the fsync failed
             action(ok)
+
+
+def _fsync_all(dirs: list[str]) -> None:
+    for directory in dirs:
+        try:
+            fsync_dir(directory)
+        except FileNotFoundError:
+            pass  # removed since its renames (a worker checked out a branch without it): nothing there to keep
 
 
 def fsync_dir(directory: str | os.PathLike) -> None:

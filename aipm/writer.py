@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import stat
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
@@ -121,21 +122,27 @@ def _discard(tmp: str) -> None:
 
 def _install(path: Path, tmp: str, identity: Identity | None, spares: Pool | None, ino: int) -> bool:
     """The end of a write: `tmp` (inode `ino`), the new version beside `path` or in the pool and already on disk,
-    put in its place (unless `path` is no longer `identity`, or what was put there is not `ino`: then it is taken
-    back and removed, and False returned), and the directory fsynced."""
+    put in its place, and the directory fsynced. False (nothing of ours left in place: read again) when `path` is
+    no longer `identity`, or a file moved under either name in the instant around the exchange, or `tmp` is gone
+    (a worker's `git clean`)."""
     kept = None
     try:
         if identity is not None and _identity(path) != identity:
             os.unlink(tmp)
             return False
+        if os.lstat(tmp).st_ino != ino:  # another file renamed under our temp's name (into the pool): not ours
+            _discard(tmp)
+            return False
         if spares is not None and swap(tmp, str(path)):
-            if os.lstat(path).st_ino != ino:  # another file put under `tmp` in the instant before: not ours
-                os.replace(tmp, path)  # the version it replaced, back in place
+            if not _exchanged(path, tmp, identity, ino):
                 return False
             # The old version, now at `tmp`: out of the order's directory at once.
             kept = spares.swapped(tmp, str(path)) if os.path.dirname(tmp) == spares.dir else spares.keep(tmp)
         else:
             os.replace(tmp, path)
+    except FileNotFoundError:
+        _discard(tmp)
+        return False
     except BaseException:
         _discard(tmp)
         raise
@@ -147,6 +154,23 @@ def _install(path: Path, tmp: str, identity: Identity | None, spares: Pool | Non
         raise
     if kept is not None:
         durable.once_durable(lambda ok: spares.ready(kept, ok))
+    return True
+
+
+def _exchanged(path: Path, tmp: str, identity: Identity | None, ino: int) -> bool:
+    """After the exchange: whether ours is at `path` and the version we read at `tmp`. Else someone moved a file
+    in the instant around it, and theirs is left at `path`: a rename over it after the exchange (a worker's save,
+    a `git checkout`) stays, and the version ours replaced goes; one before it had put their version (or a
+    directory) into the pool, so it is exchanged back and ours goes."""
+    now, old = os.lstat(path), os.lstat(tmp)
+    if now.st_ino != ino:
+        if stat.S_ISREG(old.st_mode):
+            _discard(tmp)
+        return False
+    if identity is not None and (old.st_ino, old.st_size, old.st_mtime_ns) != identity:
+        if swap(tmp, str(path)) and os.lstat(tmp).st_ino == ino:
+            _discard(tmp)
+        return False
     return True
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from aipm import runner
+from aipm import durable, runner
 from aipm.model import Status
 from aipm.runtime import Runtime
 from aipm.writer import update_task
@@ -124,3 +125,20 @@ def test_a_batch_belongs_to_its_thread(project, monkeypatch):
         assert dir_syncs == [str(theirs.parent)]  # synced at once, not deferred into this thread's batch
     assert dir_syncs == [str(theirs.parent), str(order)]
     assert task_statuses(order) == {"A": "IN_PROGRESS"} and task_statuses(theirs.parent) == {"B": "CANCELLED"}
+
+
+def test_a_directory_removed_before_the_rounds_fsync_leaves_the_others_durable_and_their_workers_let_go(project,
+                                                                                                    monkeypatch):
+    """A worker's `git checkout` of a branch without order A, between the round's renames and its fsync."""
+    a = write_task(project.order("A"), "T1", command="true")
+    b = write_task(project.order("B"), "T2", command="true")
+    dir_syncs = _record_dir_syncs(monkeypatch)
+    outcome = []
+    with Runtime(project.root).launch_lock():
+        for path in (a, b):
+            update_task(path, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED,
+                        root=project.root)
+        durable.once_durable(outcome.append)  # as a worker's go waits
+        shutil.rmtree(a.parent)
+    assert dir_syncs == [str(b.parent)] and outcome == [True]
+    assert task_statuses(b.parent) == {"T2": "IN_PROGRESS"}

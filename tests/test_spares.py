@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from aipm import durable, spares, writer
+from aipm.errors import ValidationError
 from aipm.inotify import DirWatch
 from aipm.model import Status
 from aipm.recovery import remove_temp_files
@@ -375,3 +376,83 @@ def test_readers_racing_writes_never_see_another_tasks_bytes_and_a_killed_writer
         assert yaml.safe_load(path.read_text())["id"] == path.stem
     update_task(paths[0], {"attempts": 99}, root=project.root)  # a new writer sweeps the dead one's spares
     assert not [p.name for p in pool.iterdir() if p.name.startswith(f"{writer.pid}-")]
+
+
+# A worker's save at the very instant of aipm's exchange, made to land there: the write's exchange wrapped so that
+# the save happens just before it or just after it (a rename, as git checkout and editors save).
+def _save_around_the_exchange(monkeypatch, path: Path, text: str, after: bool) -> list:
+    real, saved = writer.swap, []
+
+    def swap(a, b):
+        if not saved and not after:
+            _save(path, text, saved)
+        done = real(a, b)
+        if not saved and after:
+            _save(path, text, saved)
+        return done
+
+    monkeypatch.setattr(writer, "swap", swap)
+    return saved
+
+
+def _save(path: Path, text: str, saved: list) -> None:
+    new = path.with_name(".save")
+    new.write_text(text)
+    os.replace(new, path)
+    saved.append(path.stat().st_ino)
+
+
+@pytest.mark.parametrize("after", [False, True], ids=["just before", "just after"])
+def test_a_save_at_the_instant_of_the_exchange_is_kept_and_the_status_written_on_it(project, monkeypatch, after):
+    """Just before: the exchange took the saved version into the pool (it would have become a spare); just after:
+    aipm took the save for a file planted in its pool and put the version it had read back over it."""
+    (path,) = _tasks(project, 1)
+    text = yaml.safe_dump({"id": "T0", "command": "echo saved by hand", "status": "QUEUED"}, sort_keys=False)
+    saved = _save_around_the_exchange(monkeypatch, path, text, after)
+    _start(path, project.root)
+    assert saved
+    data = yaml.safe_load(path.read_text())
+    assert (data["command"], data["status"]) == ("echo saved by hand", "IN_PROGRESS")
+
+
+def test_a_directory_put_at_the_task_files_place_before_the_exchange_stays_there(project, monkeypatch):
+    (path,) = _tasks(project, 1)
+    real, done = writer.swap, []
+
+    def swap(a, b):
+        if not done:
+            done.append(b)
+            path.unlink()
+            path.mkdir()
+            (path / "work.txt").write_text("a worker's file\n")
+        return real(a, b)
+
+    monkeypatch.setattr(writer, "swap", swap)
+    with pytest.raises(ValidationError, match="Is a directory"):  # the task file is a directory now
+        _start(path, project.root)
+    assert (path / "work.txt").read_text() == "a worker's file\n"
+    assert not any(p.is_dir() for p in (project.root / ".aipm" / "spare").iterdir())
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_a_pool_removed_in_the_middle_of_a_write_does_not_fail_it(project, monkeypatch, prepared):
+    """`git clean -fdx` takes .aipm/ (the pool and the next version in it) while a status is written."""
+    from aipm.starting import start_updates
+    from aipm.store import load_task
+
+    a, b = _tasks(project, 2)
+    _start(a, project.root)  # the pool exists
+    stamp = "2026-12-03T04:00:00+00:00"
+    if prepared:
+        writer.prepare(b, lambda task: start_updates(task, stamp), Status.QUEUED, project.root)
+    real, cleaned = writer._identity, []
+
+    def identity(p):  # the write's last look before its exchange: the pool goes right after it, once
+        found = real(p)
+        if not cleaned:
+            cleaned.append(shutil.rmtree(project.root / ".aipm"))
+        return found
+
+    monkeypatch.setattr(writer, "_identity", identity)
+    update_task(b, start_updates(load_task(b, project.root), stamp), expect=Status.QUEUED, root=project.root)
+    assert yaml.safe_load(b.read_text())["status"] == "IN_PROGRESS"
