@@ -272,7 +272,14 @@ class Pool:
         return f"{self.dir}/{os.getpid()}-{self._serial}"
 
     def _usable(self) -> bool:
-        """The pool's directory is a real directory of ours (made if need be; never through a link)."""
+        """The pool's directory is a real directory of ours (made if need be; never through a link), and so is the
+        one it is in (`.aipm/`, the state directory): through a link the pool's writes and its sweep would land in
+        whatever directory the link names."""
+        try:
+            if stat.S_ISLNK(os.lstat(os.path.dirname(self.dir)).st_mode):
+                return False
+        except FileNotFoundError:
+            pass  # made below, with the pool's
         try:
             info = os.lstat(self.dir)
         except FileNotFoundError:
@@ -319,7 +326,9 @@ def _inherits(directory: str) -> bool:
 
 
 def _reusable(info: os.stat_result) -> bool:
-    return stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == os.geteuid()
+    # The group too: one task file's (a `chgrp` to share it) must not pass to another, as an ACL must not.
+    return (stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == os.geteuid()
+            and info.st_gid == os.getegid())
 
 
 def _ours_alone(fd: int, ino: int) -> bool:

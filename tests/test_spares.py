@@ -90,15 +90,19 @@ def test_a_write_is_exchanged_in_from_the_pool_with_no_temp_name_in_the_order_di
     assert yaml.safe_load(b.read_text())["status"] == "IN_PROGRESS"
 
 
-def test_a_pool_directory_replaced_by_a_link_is_not_written_through(project, tmp_path):
-    """A worker may replace `.aipm/spare` with a symlink: no write goes through it, and every write still lands."""
+@pytest.mark.parametrize("linked", [".aipm/spare", ".aipm"])
+def test_a_pool_directory_replaced_by_a_link_is_not_written_through(project, tmp_path, linked):
+    """A worker may replace `.aipm/spare`, or `.aipm` itself, with a symlink: no write goes through it, and every
+    write still lands."""
     a, b, c = _tasks(project, 3)
     _start(a, project.root)  # the pool exists and keeps a's old version
-    pool = project.root / ".aipm" / "spare"
+    link = project.root / linked
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    shutil.rmtree(pool)
-    pool.symlink_to(elsewhere)
+    shutil.rmtree(link)
+    link.symlink_to(elsewhere)
+    if linked == ".aipm":
+        spares._pools.clear()  # as the next aipm command finds it
     _start(b, project.root)
     _start(c, project.root)
     assert list(elsewhere.iterdir()) == []
@@ -456,3 +460,15 @@ def test_a_pool_removed_in_the_middle_of_a_write_does_not_fail_it(project, monke
     monkeypatch.setattr(writer, "_identity", identity)
     update_task(b, start_updates(load_task(b, project.root), stamp), expect=Status.QUEUED, root=project.root)
     assert yaml.safe_load(b.read_text())["status"] == "IN_PROGRESS"
+
+
+def test_one_task_files_group_never_passes_to_another(project):
+    """`chgrp` of task A, to share it with a group: A's replaced version is no spare for B."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a file another group than our own needs root")
+    a, b = _tasks(project, 2)
+    os.chown(a, -1, 4242)
+    os.chmod(b, 0o640)
+    _start(a, project.root)
+    _start(b, project.root)
+    assert b.stat().st_gid == os.getegid() and b.stat().st_mode & 0o777 == 0o640
