@@ -19,7 +19,7 @@ from aipm.errors import ValidationError
 from aipm.fields import check_keys, money_field, one_line, str_field, task_from_mapping
 from aipm.model import ID_PATTERN, Order, Task
 from aipm.parsecache import ParseCache
-from aipm.paths import Normaliser
+from aipm.paths import Normaliser, PathError
 from aipm.patch import Unpatchable, check
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -198,7 +198,17 @@ def parse_task(path: Path | str, text: str, root: Path | None,
     """The mapping and Task of a task file's text (validated); `normalise`: the targets of this load."""
     known = _written.get(str(path))
     if known is not None and known[0] == text and known[1] == root:
-        return known[2], known[3]
+        # The text is proven, but targets depend on the tree, not the file (a path made a directory, or a symlink
+        # leading out of the root, since the write): normalised again as every load does. One lstat a target,
+        # far less than the parse spared on this hot path (every status write of a run); any difference, or a
+        # target that no longer normalises, goes to the full parse, which gives the Task or names the error.
+        task = known[3]
+        normalise = Normaliser(root) if normalise is None else normalise
+        try:
+            if tuple(map(normalise.__getitem__, task.target_files)) == task.targets:
+                return known[2], task
+        except PathError:
+            pass
     data = parse_mapping(path, text)
     return data, task_from_mapping(path, data, root, normalise)
 

@@ -2,7 +2,7 @@
 
 The supervisor plans after every event; re-parsing every task file, or even walking every task, each time
 would make a run quadratic in the order's size. The view keeps parsed tasks and reloads a file only when
-inotify names it (or, without inotify, when its size or mtime changed), and it keeps ninja-style indexes up to
+inotify names it (or, without inotify, when its stamp changed: see _stat), and it keeps ninja-style indexes up to
 date as tasks change: the running tasks, and the ready ones (QUEUED with every dependency finished).
 """
 
@@ -123,7 +123,7 @@ class OrderView:
         return task.path in self._kept_out and os.path.exists(task.path)
 
     def _all_changed(self) -> set[str]:
-        """Task files whose inode, size or mtime differ from what the view holds, new and deleted ones included."""
+        """Task files whose stamp differs from what the view holds, new and deleted ones included."""
         try:
             current = {str(p) for p in task_files(self.dir)}
         except FileNotFoundError:
@@ -147,7 +147,7 @@ class OrderView:
         self.changed = True
         return True
 
-    def reload(self, path: str, seen: tuple[int, int, int] | None = None) -> None:
+    def reload(self, path: str, seen: Stamp | None = None) -> None:
         """Re-read one task file (after our own write, or when it changed on disk). `seen`: the file's stat
         taken before this read."""
         tasks = self.order.tasks
@@ -248,9 +248,15 @@ class OrderView:
                     del ranked_ids[at]
 
 
-def _stat(path: str) -> tuple[int, int, int] | None:
+# What tells one version of a file from the next: inode, size, mtime and ctime. ctime because `cp -p` or `touch -d`
+# can put an edited file's size and mtime back, but no one can set a ctime (a write, chmod or rename moves it on).
+# Our own writes rename their inode into place, which moves its ctime too: note() stamps the file after that.
+Stamp = tuple[int, int, int, int]
+
+
+def _stat(path: str) -> Stamp | None:
     try:
         st = os.stat(path)
     except FileNotFoundError:
         return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns

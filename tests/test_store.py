@@ -6,6 +6,7 @@ import pytest
 
 from aipm.errors import ValidationError
 from aipm.model import Status
+from aipm.paths import Target
 from aipm.store import load_order, load_task
 from aipm.writer import StaleWrite, rewrite, update_task
 
@@ -91,6 +92,7 @@ resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
 from pathlib import Path
 from aipm.writer import update_task
 from aipm.model import Status
+from aipm.paths import Target
 try:
     update_task(Path({str(path)!r}), {{"status": Status.IN_PROGRESS}})
 except OSError as exc:
@@ -110,6 +112,23 @@ def test_concurrent_user_edit_of_other_lines_survives(tmp_path):
     path.write_text(path.read_text().replace("title: a", "title: edited # by hand"))
     update_task(path, {"status": Status.DONE})
     assert path.read_text() == "title: edited # by hand\nstatus: DONE\n"
+
+
+def test_targets_of_a_file_aipm_wrote_are_normalised_again_on_every_read(tmp_path, tmp_path_factory):
+    """The writer remembers the versions it wrote, so a run does not parse them again; their targets depend on
+    the tree, not the file, and read as a fresh process reads them (found by review: a target made a symlink
+    leading out of the root was still taken as a plain file by the process that had written the task)."""
+    order = tmp_path / "orders" / "ORD"
+    order.mkdir(parents=True)
+    path = order / "T.yaml"
+    path.write_text("command: 'true'\ntarget_files: [build]\n")
+    assert update_task(path, {"attempts": 1}, root=tmp_path).targets == (Target("build", False, False),)
+    (tmp_path / "build").mkdir()  # as a worker makes its target: a directory, so all that is below it
+    assert update_task(path, {"attempts": 2}, root=tmp_path).targets == (Target("build", True, False),)
+    (tmp_path / "build").rmdir()
+    (tmp_path / "build").symlink_to(tmp_path_factory.mktemp("outside"))
+    with pytest.raises(ValidationError, match="'build' is a symlink that leads outside the project root"):
+        load_order(order, tmp_path)
 
 
 def test_missing_trailing_newline_gets_one_before_appending(tmp_path):

@@ -108,3 +108,26 @@ def test_events_dropped_by_a_full_queue_are_made_up_by_reading_the_order_again(t
     write_task(order_dir, "A", command="true", status="CANCELLED")
     view.refresh()
     assert view.order.tasks["A"].status == Status.CANCELLED and view.changed
+
+
+@pytest.mark.parametrize("watch", [True, False])
+def test_a_same_size_file_copied_over_with_its_mtime_kept_is_read_again(tmp_path, watch):
+    """`cp -p` writes into the task file's own inode and puts the mtime back: inode, size and mtime all stay, only
+    the ctime tells the versions apart (found by review: the view kept QUEUED where the file said FAILED)."""
+    import os
+    import subprocess
+    import time
+
+    order_dir = _order(tmp_path)
+    path = write_task(order_dir, "A", command="true", status="QUEUED")
+    twin = tmp_path / "A.copy"
+    twin.write_text(path.read_text().replace("QUEUED", "FAILED"))
+    os.utime(twin, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns))
+    view = OrderView(order_dir, tmp_path, watch=watch)
+    before = path.stat()
+    time.sleep(0.02)  # past the file system's timestamp tick: the copy's ctime is a later one
+    subprocess.run(["cp", "-p", str(twin), str(path)], check=True)
+    after = path.stat()
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
+    view.refresh()
+    assert view.order.tasks["A"].status == Status.FAILED and view.changed
