@@ -93,8 +93,9 @@ class DuplicateKey(Exception):
         self.key, self.mark = key, mark
 
 
-# What tells one version of a file from the next: a rename changes the inode, an edit in place size or mtime.
-Identity = tuple[int, int, int]
+# What tells one version of a file from the next: a rename changes the inode, an edit in place its size, mtime or
+# ctime (`cp -p`, `rsync --inplace -t` or `touch -r` put a same-size edit's mtime back; no one sets a ctime back).
+Identity = tuple[int, int, int, int]
 
 
 _FIRST_READ = 1 << 16  # bytes a first read asks for: any real task file, in one call
@@ -131,7 +132,7 @@ def read_versioned(path: Path, follow: bool = True) -> tuple[str, Identity]:
         raise ValidationError(str(path), None, f"cannot read: {exc.strerror}") from None
     finally:
         os.close(fd)
-    return _decoded(path, data), (info.st_ino, info.st_size, info.st_mtime_ns)
+    return _decoded(path, data), (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _open(path: Path, follow: bool) -> int:

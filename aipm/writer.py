@@ -167,7 +167,8 @@ def _exchanged(path: Path, tmp: str, identity: Identity | None, ino: int) -> boo
         if stat.S_ISREG(old.st_mode):
             _discard(tmp)
         return False
-    if identity is not None and (old.st_ino, old.st_size, old.st_mtime_ns) != identity:
+    # (Not its ctime: the exchange itself moved that on.)
+    if identity is not None and (old.st_ino, old.st_size, old.st_mtime_ns) != identity[:3]:
         if swap(tmp, str(path)) and os.lstat(tmp).st_ino == ino:
             _discard(tmp)
         return False
@@ -208,7 +209,7 @@ def _identity(path: Path) -> Identity | None:
         info = os.lstat(path)
     except FileNotFoundError:
         return None
-    return (info.st_ino, info.st_size, info.st_mtime_ns)
+    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 # A person saving the file over and over while aipm writes: give up (StaleWrite) rather than spin.
@@ -314,7 +315,7 @@ def prepare(path: Path, updates: Callable[[Task], Mapping[str, Any]], expect: St
         text, identity = read_versioned(path, follow=False)
         info = os.lstat(path)
         version = stamp(info)
-        if version[:3] != identity:
+        if version != identity:
             return  # changed while it was read
         data, current = parse_task(path, text, root)
         changes = dict(updates(current))
@@ -353,7 +354,7 @@ def _write_ahead_of_time(path: Path, updates: Mapping[str, Any] | Callable[[Task
         return None
     if not ahead.spares.unchanged(ahead.name, ahead.written):
         return None  # changed or gone in the pool (and removed): written as usual
-    if not _install(path, ahead.name, ahead.version[:3], ahead.spares, ahead.written[0]):
+    if not _install(path, ahead.name, ahead.version, ahead.spares, ahead.written[0]):
         return None  # changed in the instant before the rename: read again
     remember(path, ahead.text, root, ahead.data, ahead.fresh)
     return ahead.fresh

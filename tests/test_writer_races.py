@@ -20,7 +20,12 @@ import os, sys
 path, how = sys.argv[1], sys.argv[2]
 for _ in sys.stdin:  # one edit per line received
     text = open(path).read().replace("title: original", "title: edited by hand")
-    if how == "rename":  # how vim and most editors save
+    if how == "same_size_mtime_kept":  # `rsync --inplace -t`, `cp -p` of a same-size file: only the ctime moves
+        before = os.stat(path)
+        with open(path, "r+") as f:
+            f.write(open(path).read().replace("original", "ORIGINAL"))
+        os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    elif how == "rename":  # how vim and most editors save
         with open(path + ".swp", "w") as f:
             f.write(text)
         os.replace(path + ".swp", path)
@@ -32,7 +37,7 @@ for _ in sys.stdin:  # one edit per line received
 """
 
 
-@pytest.mark.parametrize("how", ["rename", "in_place"])
+@pytest.mark.parametrize("how", ["rename", "in_place", "same_size_mtime_kept"])
 def test_an_edit_between_read_and_rename_is_not_lost(tmp_path, monkeypatch, how):
     path = tmp_path / "T.yaml"
     path.write_text("title: original\ncommand: x\nstatus: QUEUED\n")
@@ -55,8 +60,9 @@ def test_an_edit_between_read_and_rename_is_not_lost(tmp_path, monkeypatch, how)
         editor.stdin.close()
         editor.wait(timeout=60)
     assert edits == ["done"]
-    assert path.read_text() == "title: edited by hand\ncommand: x\nstatus: IN_PROGRESS\nattempts: 1\n"
-    assert task.title == "edited by hand" and task.status == Status.IN_PROGRESS
+    title = "ORIGINAL" if how == "same_size_mtime_kept" else "edited by hand"
+    assert path.read_text() == f"title: {title}\ncommand: x\nstatus: IN_PROGRESS\nattempts: 1\n"
+    assert task.title == title and task.status == Status.IN_PROGRESS
     assert sorted(p.name for p in tmp_path.iterdir()) == ["T.yaml"]
 
 
