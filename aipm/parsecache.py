@@ -15,9 +15,11 @@ cache directory, or never run a command that writes it.
 Who writes it: only commands that may write (`validate`, `launch`, `run`, `exec`; never `detect`, `status`, a dry
 run), only into an existing `<root>/.aipm/` directory, atomically (temp file and rename; no fsync: a lost cache
 costs one parse). Any unreadable, truncated, corrupt (checksum), foreign (another directory, another aipm) cache
-is ignored whole: a cache can make loading slower or faster, never change what it returns. The format is
-`marshal` of plain tuples behind a CRC, read only after the checksum matches; never pickle (a worker can write
-into `.aipm/`).
+is ignored whole, and so is one that is no regular file (a FIFO would block), too big to be one (_MAX_BYTES), or
+reached through a symlink (`.aipm` or `.aipm/cache`: it would be read and written outside the project). A row of
+the wrong types is a miss for its file: a cache can make loading slower or faster, never change what it returns.
+The format is `marshal` of plain tuples behind a CRC, read only after the checksum matches; never pickle (a
+worker can write into `.aipm/`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 import time
 import zlib
 from dataclasses import fields
+from itertools import chain
 from pathlib import Path
 
 from aipm import agents, fields as fields_module, flatyaml, model, patch, paths
@@ -45,6 +48,36 @@ _SCALARS = frozenset((str, int, float, bool))
 _STATUSES = {s.value: s for s in Status}
 _PRIORITIES = {p.value: p for p in Priority}
 _RESOURCE_NAMES = tuple(f.name for f in fields(Resources))
+_HEAD = len(_MAGIC) + 12  # magic, CRC, body length
+# A cache file is read whole: a bigger one is neither read nor written, so that a file grown by mistake or on
+# purpose (a sparse terabyte) costs a parse, never the memory. A row is ~200 bytes (a 100k-task order, the scale
+# the cache is for, writes ~20 MB); 1 GiB still holds 100k rows of 10 KB (long inline prompts).
+_MAX_BYTES = 1 << 30
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+# The types a row may hold in each field (as_row's plain data: enums by value, Resources as a tuple, path and
+# targets left out). The CRC tells a damaged file, not a well-formed one written wrong (a bug, a hand edit), whose
+# wrong type would crash a command far from here; a field missing from this table fails at import.
+_NONE = type(None)
+_ROW_KINDS = {
+    (_NONE,): ("path", "targets"),
+    (str,): ("id", "title", "status", "priority"),
+    (int,): ("attempts", "reworks", "preemptions"),
+    (tuple,): ("depends_on", "target_files"),
+    (str, _NONE): ("prompt", "model", "started_at", "finished_at", "reason", "agent", "session_id", "workspace"),
+    (int, _NONE): ("timeout", "max_attempts", "exit_code", "max_rework"),
+    (float, int, _NONE): ("max_cost_usd", "cost_usd"),
+    (str, tuple, _NONE): ("command", "review", "workspace_setup"),
+    (tuple, _NONE): ("workspace_copy", "resources"),
+    (dict, _NONE): ("tokens",),
+    (bool, _NONE): ("confine",),
+}
+_ROW_TYPES = tuple(map({name: frozenset(kinds) for kinds, names in _ROW_KINDS.items() for name in names}.__getitem__,
+                       _NAMES))
+_WORDS = operator.itemgetter(*(_NAMES.index(n) for n in (
+    "depends_on", "target_files", "command", "review", "workspace_setup", "workspace_copy")))  # tuples of str
+_TOKENS = _NAMES.index("tokens")
+_RESOURCE_TYPES = tuple(frozenset((int, _NONE) if n == "memory_mb" else (float, int, _NONE)) for n in _RESOURCE_NAMES)
 
 # Whether this process may write the cache: commands that may write turn it on (see writable()).
 _writable = False
@@ -60,20 +93,29 @@ def _fingerprint() -> tuple:
     """What a remembered validation depends on besides the file: the code that validates (by the stat of its
     source, as Python's own .pyc files do) and the shape of Task."""
     sources = []
-    for module in (sys.modules["aipm.store"], model, agents, patch, fields_module, flatyaml, sys.modules[__name__]):
+    # store by its path: it imports this module (through readers), so it may not be in sys.modules yet.
+    store = os.path.join(os.path.dirname(__file__), "store.py")
+    for source in (store, model.__file__, agents.__file__, patch.__file__, fields_module.__file__, flatyaml.__file__,
+                   __file__):
         try:
-            st = os.stat(module.__file__)
+            st = os.stat(source)
             sources.append((st.st_size, st.st_mtime_ns))
         except (OSError, TypeError):
             sources.append(None)
     return (marshal.version, sys.version_info[:2], _NAMES, _RESOURCE_NAMES, tuple(sources))
 
 
+# Once, as the code it names is imported: a long-running process must stamp what its code accepted with that
+# code's fingerprint, not with that of sources upgraded underneath it since.
+_FINGERPRINT = _fingerprint()
+
+
 class ParseCache:
     """The cache of one order directory during one load: `recall` before parsing a file, `learn` after."""
 
-    def __init__(self, file: Path, directory: str, entries: dict, save: bool):
-        self.file = file
+    def __init__(self, runtime: str, name: str, directory: str, entries: dict, save: bool):
+        self.runtime = runtime
+        self.name = name
         self.directory = directory
         self.old = entries
         self.new: dict[str, tuple] = {}
@@ -90,12 +132,11 @@ class ParseCache:
         runtime = os.path.join(root, ".aipm")
         real = os.path.realpath(order_dir)
         name = f"{os.path.basename(real)}-{zlib.crc32(real.encode()):08x}.tasks"
-        file = Path(runtime, "cache", name)
-        entries = _read(file, real)
+        entries = _read(runtime, name, real)
         save = _writable and _is_real_dir(runtime)
         if entries is None and not save:
             return None
-        return cls(file, real, entries or {}, save)
+        return cls(runtime, name, real, entries or {}, save)
 
     def recall(self, path: str, name: str, normalise: paths.Normaliser) -> Task | None:
         """The remembered Task of the file `path` (named `name`) if it is still the version remembered, else None
@@ -109,7 +150,7 @@ class ParseCache:
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         entry = self.old.get(name)
         try:
-            if entry is None or entry[0] != key:
+            if entry is None or entry[0] != key or not _well_typed(entry[1]):
                 self._pending[name] = key
                 return None
             task = self._task(entry[1], path, normalise)
@@ -143,19 +184,27 @@ class ParseCache:
         """Write the cache when it changed (files learned or gone) and this process may write it."""
         if not self.save or not (self.dirty or self.new.keys() != self.old.keys()):
             return
-        body = marshal.dumps((_fingerprint(), self.directory, self.new))
-        tmp = self.file.with_name(f".{self.file.name}.{os.getpid()}.tmp")
+        body = marshal.dumps((_FINGERPRINT, self.directory, self.new))
+        if len(body) > _MAX_BYTES:  # it would never be read
+            return
+        folder = _cache_dir(self.runtime, make=True)
+        if folder is None:
+            return
+        tmp = f".{self.name}.{os.getpid()}.tmp"
         try:
-            self.file.parent.mkdir(exist_ok=True)
-            with open(tmp, "wb") as handle:  # header and body apart: no second copy of a body of megabytes
+            # O_EXCL: whatever is at that name (a link leading out, a FIFO) is never opened, only removed below.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666, dir_fd=folder)
+            with open(fd, "wb") as handle:  # header and body apart: no second copy of a body of megabytes
                 handle.write(_MAGIC + zlib.crc32(body).to_bytes(4, "big") + len(body).to_bytes(8, "big"))
                 handle.write(body)
-            os.replace(tmp, self.file)
+            os.replace(tmp, self.name, src_dir_fd=folder, dst_dir_fd=folder)  # a FIFO there too is replaced
         except OSError:
             try:
-                os.unlink(tmp)
+                os.unlink(tmp, dir_fd=folder)
             except OSError:
                 pass
+        finally:
+            os.close(folder)
 
     def _task(self, values: tuple, path: str, normalise: paths.Normaliser) -> Task:
         return task_of(values, path, tuple(normalise[raw] for raw in values[_TARGET_FILES]))
@@ -201,28 +250,76 @@ def _plain(value) -> bool:
     return False
 
 
-def _read(file: Path, directory: str) -> dict | None:
-    """The entries of a cache file written by this aipm for `directory`, or None (missing, corrupt, foreign)."""
-    try:
-        with open(file, "rb") as handle:
-            data = handle.read()
+def _well_typed(values) -> bool:
+    """Whether a row read from a cache file holds what `as_row` writes (see _ROW_TYPES), so `task_of` may trust it."""
+    if type(values) is not tuple or len(values) != len(_ROW_TYPES):
+        return False
+    if not all(map(operator.contains, _ROW_TYPES, map(type, values))):
+        return False
+    words = [value for value in _WORDS(values) if type(value) is tuple]
+    if not set(map(type, chain.from_iterable(words))) <= {str}:
+        return False
+    tokens, resources = values[_TOKENS], values[_RESOURCES]
+    return (tokens is None or _plain(tokens)) and (resources is None or (
+        len(resources) == len(_RESOURCE_TYPES) and all(map(operator.contains, _RESOURCE_TYPES, map(type, resources)))))
+
+
+def _read(runtime: str, name: str, directory: str) -> dict | None:
+    """The entries of the cache file `name` written by this aipm for `directory`, or None (missing, no regular
+    file, too big, corrupt, foreign)."""
+    folder = _cache_dir(runtime, make=False)
+    if folder is None:
+        return None
+    try:  # O_NONBLOCK: a FIFO there must not wait for a writer; O_NOFOLLOW: nor may a link lead elsewhere
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
     except OSError:
         return None
-    head = len(_MAGIC) + 12
-    if len(data) < head or not data.startswith(_MAGIC):
+    finally:
+        os.close(folder)
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > _HEAD + _MAX_BYTES:
+            return None
+        with open(fd, "rb", closefd=False) as handle:
+            data = handle.read(info.st_size)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(data) < _HEAD or not data.startswith(_MAGIC):
         return None
     crc = int.from_bytes(data[len(_MAGIC):len(_MAGIC) + 4], "big")
-    size = int.from_bytes(data[len(_MAGIC) + 4:head], "big")
-    body = memoryview(data)[head:]
+    size = int.from_bytes(data[len(_MAGIC) + 4:_HEAD], "big")
+    body = memoryview(data)[_HEAD:]
     if len(body) != size or zlib.crc32(body) != crc:
         return None
     try:
         fingerprint, where, entries = marshal.loads(body)
     except (ValueError, EOFError, TypeError):
         return None
-    if fingerprint != _fingerprint() or where != directory or type(entries) is not dict:
+    if fingerprint != _FINGERPRINT or where != directory or type(entries) is not dict:
         return None
     return entries
+
+
+def _cache_dir(runtime: str, make: bool) -> int | None:
+    """`<runtime>/cache` opened (made first if `make`), or None when it or `runtime` is missing or a symlink:
+    the cache would be read and written wherever the link leads."""
+    try:
+        top = os.open(runtime, _DIR_FLAGS)
+    except OSError:
+        return None
+    try:
+        if make:
+            try:
+                os.mkdir("cache", dir_fd=top)
+            except FileExistsError:
+                pass
+        return os.open("cache", _DIR_FLAGS, dir_fd=top)
+    except OSError:
+        return None
+    finally:
+        os.close(top)
 
 
 def _is_real_dir(path: str) -> bool:

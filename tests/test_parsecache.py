@@ -3,6 +3,9 @@
 import json
 import marshal
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 import zlib
@@ -45,6 +48,11 @@ def parses(monkeypatch):
 
 def cache_files(root: Path) -> list[Path]:
     return sorted((root / ".aipm" / "cache").glob("*.tasks"))
+
+
+def cache_name(order: Path) -> str:
+    real = os.path.realpath(order)
+    return f"{os.path.basename(real)}-{zlib.crc32(real.encode()):08x}.tasks"
 
 
 def make_order(root: Path, n: int = 4) -> Path:
@@ -207,6 +215,76 @@ def test_no_runtime_directory_no_cache(tmp_path, monkeypatch):
     assert not (tmp_path / ".aipm").exists()
 
 
+@pytest.mark.parametrize("field, value", [
+    ("depends_on", 5), ("title", 5), ("command", ("make", 5)), ("tokens", {"input": "many"}),
+    ("resources", ("2", None, None)), ("confine", "yes"), ("attempts", 1.5),
+])
+def test_a_row_of_the_wrong_types_is_a_miss(cached, parses, field, value):
+    """Right checksum, fingerprint and key, but a value parsing never gives: the file is parsed instead (before,
+    `depends_on: 5` crashed the load with a TypeError, the others changed the Task)."""
+    order = make_order(cached)
+    expected = load_order(order, cached).tasks
+    [file] = cache_files(cached)
+    fingerprint, where, entries = marshal.loads(file.read_bytes()[len(parsecache._MAGIC) + 12:])
+    key, values = entries["T1.yaml"]
+    values = list(values)
+    values[parsecache._NAMES.index(field)] = value
+    entries["T1.yaml"] = (key, tuple(values))
+    file.write_bytes(_header(marshal.dumps((fingerprint, where, entries))))
+    parses.clear()
+    assert load_order(order, cached).tasks == expected
+    assert parses == ["T1.yaml"]
+
+
+def test_a_cache_bigger_than_its_bound_is_neither_read_nor_written(cached, parses, monkeypatch):
+    order = make_order(cached)
+    load_order(order, cached)
+    [file] = cache_files(cached)
+    body = file.stat().st_size - len(parsecache._MAGIC) - 12
+    monkeypatch.setattr(parsecache, "_MAX_BYTES", body - 1)
+    (order / "T1.yaml").write_text((order / "T1.yaml").read_text() + "title: changed\n")
+    time.sleep(0.01)
+    before = file.stat().st_ino
+    parses.clear()
+    assert load_order(order, cached).tasks["T1"].title == "changed"
+    assert sorted(parses) == ["T0.yaml", "T1.yaml", "T2.yaml", "T3.yaml"]  # not read
+    assert file.stat().st_ino == before  # nor written: the new body is as big
+    monkeypatch.setattr(parsecache, "_MAX_BYTES", body)
+    load_order(order, cached)
+    parses.clear()
+    load_order(order, cached)
+    assert parses == ["T1.yaml"]  # at the bound: read
+
+
+def test_a_cache_directory_that_is_a_link_is_neither_read_nor_written(cached, parses, tmp_path_factory):
+    """`.aipm/cache` leading out of the project (a worker can write into `.aipm/`): as if there were no cache."""
+    order = make_order(cached)
+    load_order(order, cached)
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "cache"
+    (cached / ".aipm" / "cache").rename(elsewhere)
+    (cached / ".aipm" / "cache").symlink_to(elsewhere)
+    [file] = elsewhere.iterdir()
+    before = file.read_bytes()
+    (order / "T1.yaml").write_text((order / "T1.yaml").read_text() + "title: changed\n")
+    time.sleep(0.01)  # T1 old enough to be remembered: a write would change the file
+    parses.clear()
+    assert load_order(order, cached).tasks["T1"].title == "changed"
+    assert sorted(parses) == ["T0.yaml", "T1.yaml", "T2.yaml", "T3.yaml"]
+    assert list(elsewhere.iterdir()) == [file] and file.read_bytes() == before
+
+
+def test_the_temporary_file_is_never_written_through_a_link(cached, tmp_path_factory):
+    order = make_order(cached)
+    (cached / ".aipm" / "cache").mkdir()
+    victim = tmp_path_factory.mktemp("elsewhere") / "victim"
+    victim.write_bytes(b"mine")
+    (cached / ".aipm" / "cache" / f".{cache_name(order)}.{os.getpid()}.tmp").symlink_to(victim)
+    load_order(order, cached)
+    assert victim.read_bytes() == b"mine"
+    load_order(order, cached)  # the link was removed: this write makes the cache
+    assert cache_files(cached) == [cached / ".aipm" / "cache" / cache_name(order)]
+
+
 # -- property: the same order with and without the cache, whatever the files hold --------------------------
 
 IDS = [f"T{i}" for i in range(6)]
@@ -282,6 +360,80 @@ def test_validate_writes_the_cache_and_read_commands_use_it_without_writing(proj
     assert snapshot(project.root) == tree and file.read_bytes() == cache and cache_files(project.root) == [file]
     data = json.loads(project.aipm("detect", "ORD", "--json", check=True).stdout)
     assert [t["id"] for t in data["launchable"]] == ["T0"]
+
+
+def _detect_with_a_cache_file(project, make) -> tuple[Path, str]:
+    """`detect` answers as without a cache when `make(path)` put something else at the cache file's path."""
+    order = project.order()
+    for i in range(3):
+        write_task(order, f"T{i}", command="true", depends_on=[f"T{i - 1}"] if i else [])
+    expected = project.aipm("detect", "ORD", "--json", check=True).stdout
+    path = project.root / ".aipm" / "cache" / cache_name(order)
+    path.parent.mkdir(parents=True)
+    make(path)
+    assert project.aipm("detect", "ORD", "--json", timeout=20, check=True).stdout == expected
+    return path, expected
+
+
+def test_a_fifo_at_the_cache_path_is_a_miss_and_the_next_write_replaces_it(project):
+    path, expected = _detect_with_a_cache_file(project, os.mkfifo)  # before: detect waited for a writer
+    time.sleep(parsecache.RACY_NS / 1e9 + 0.1)  # so that validate remembers the files
+    project.aipm("validate", "ORD", timeout=20, check=True)
+    assert path.is_file() and path.read_bytes().startswith(parsecache._MAGIC)
+    assert project.aipm("detect", "ORD", "--json", check=True).stdout == expected
+
+
+def test_a_huge_cache_file_is_a_miss(project):
+    def sparse_terabyte(path):
+        with open(path, "wb") as handle:
+            handle.truncate(1 << 40)
+
+    _detect_with_a_cache_file(project, sparse_terabyte)  # before: MemoryError, reading it whole
+
+
+OLD_PROCESS = r'''
+import sys
+from pathlib import Path
+from aipm import parsecache
+from aipm.store import load_order
+parsecache.writable()
+parsecache.RACY_NS = 0
+print(parsecache.__file__, flush=True)
+sys.stdin.readline()  # meanwhile its sources are upgraded
+root = Path(sys.argv[1])
+load_order(root / "orders" / "ORD", root)
+'''
+UPGRADE = '''
+
+_accepted_before = task_from_mapping
+
+
+def task_from_mapping(path, data, root, normalise=None):  # the new version refuses a title
+    if data.get("title") == "hello":
+        raise ValidationError(str(path), "title", "hello is refused now")
+    return _accepted_before(path, data, root, normalise)
+'''
+
+
+def test_a_process_upgraded_underneath_stamps_the_cache_with_the_code_it_runs(project, tmp_path_factory):
+    """The fingerprint is taken as the code is imported: what an old process remembers after an upgrade on disk
+    is not trusted by the new code (before, it was stamped with the new sources' fingerprint and trusted)."""
+    installed = tmp_path_factory.mktemp("installed")
+    shutil.copytree(Path(parsecache.__file__).parent, installed / "aipm", ignore=shutil.ignore_patterns("__pycache__"))
+    env = dict(os.environ, PYTHONPATH=str(installed), AIPM_ENABLE_MONITORING="false")
+    write_task(project.order(), "T0", command="true", title="hello")
+    (project.root / ".aipm").mkdir()
+    time.sleep(0.01)
+    old = subprocess.Popen([sys.executable, "-c", OLD_PROCESS, str(project.root)], env=env, cwd=installed,
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert old.stdout.readline().strip() == str(installed / "aipm" / "parsecache.py")
+    fields = installed / "aipm" / "fields.py"
+    fields.write_text(fields.read_text() + UPGRADE)
+    old.communicate("go\n", timeout=60)
+    assert old.returncode == 0 and len(cache_files(project.root)) == 1
+    new = subprocess.run([sys.executable, "-m", "aipm", "--root", str(project.root), "validate", "ORD"], env=env,
+                         cwd=installed, capture_output=True, text=True, timeout=60)
+    assert new.returncode == 2 and "title: hello is refused now" in new.stderr, new.stdout + new.stderr
 
 
 def test_an_order_refused_for_a_cycle_writes_no_cache(cached):
