@@ -107,3 +107,9 @@ def _enclosing() -> tuple[int, dict[int, float]]:
 def live_pid(rec: Record) -> int:
     """The pid to name for a live record: its worker's, or its owner's while no worker runs (review, finish)."""
     return rec.pid if rec.worker_alive() else rec.owner_pid
+
+
+def same_attempt(task, rec: Record) -> bool:
+    """The file (`task`, a model.Task) is the record's attempt's: an outcome written for it keeps its number and
+    its start time."""
+    return (task.attempts, task.started_at) == (rec.attempt, rec.started_at)

@@ -17,7 +17,7 @@ from aipm import agents, confine, outcome, runner, subreaper, workspace, written
 from aipm.errors import UserError
 from aipm.finish import review_command
 from aipm.model import RUNNING, Order, Status, Task, definition
-from aipm.record import Record
+from aipm.record import Record, same_attempt
 from aipm.restore import counters
 from aipm.runtime import Runtime, append_log, exit_file_written, read_exit_file
 from aipm.writer import StaleWrite, now, update_task
@@ -128,11 +128,6 @@ def unrecorded(task: Task, rec: Record, rt: Runtime) -> bool:
     if task.status in RUNNING:
         return False
     return not same_attempt(task, rec) or (task.status == Status.CANCELLED and not rt.cancelled(rec))
-
-
-def same_attempt(task: Task, rec: Record) -> bool:
-    """The file is the record's attempt's: an outcome written for it keeps its number and its start time."""
-    return (task.attempts, task.started_at) == (rec.attempt, rec.started_at)
 
 
 def same_task(task: Task, rec: Record) -> bool:

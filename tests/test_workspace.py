@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import Project, task_statuses, wait_for, write_task
+from conftest import Project, no_workers, state, task_statuses, wait_for, write_task
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -1010,3 +1010,55 @@ def test_a_worktree_task_on_the_whole_project_never_merges_an_edit_of_a_task_fil
     assert project.statuses() == {"OTHER": "DONE", "T": "REJECTED"}
     assert (repo / "orders/ORD/OTHER.yaml").read_text() == other and (repo / "src/a.txt").read_text() == a_before
     assert "orders/ORD/OTHER.yaml" in (repo / ".aipm/feedback/ORD/T.txt").read_text()
+
+
+@pytest.mark.parametrize("then", ["recover while it is gone", "run, put back, recover"])
+def test_a_worktree_whose_outcome_is_held_keeps_its_work_until_it_is_recorded_or_kept(repo, tmp_path, then):
+    """The task file is moved away while its attempt runs: the outcome is held (the file may come back), and the
+    attempt's work is in its worktree alone. No sweep may remove that worktree: `aipm recover` keeps the work as a
+    patch when it drops the outcome, and a file put back gets its outcome, the work merged."""
+    project = project_in(repo)
+    order = project.order()
+    away = tmp_path / "away.yaml"
+    path = write_task(order, "T1", target_files=["src/a.txt"],
+                      command=f'echo "WORKER WORK" >> src/a.txt; mv "{order}/T1.yaml" "{away}"')
+    write_task(order, "T2", command="true")
+    project.aipm("run", "ORD")
+    assert not path.exists()
+    if then == "recover while it is gone":
+        project.aipm("recover", "ORD")
+    else:
+        write_task(order, "T3", command="true")
+        project.aipm("run", "ORD")  # its recovery sweeps the order's worktrees
+        shutil.move(str(away), str(path))
+        project.aipm("recover", "ORD")
+        wait_for(lambda: task_statuses(order)["T1"] != "IN_PROGRESS")
+    patches = list((project.root / ".aipm").rglob("*.patch"))
+    assert "WORKER WORK" in (repo / "src/a.txt").read_text() or any("WORKER WORK" in p.read_text() for p in patches)
+
+
+def test_a_worktree_whose_file_a_checkout_reset_to_done_meanwhile_keeps_its_work(repo, tmp_path):
+    """A worker's `git checkout` brings back a committed DONE of its own task file while its owner is dead: the
+    record, not the file, says the attempt's outcome is unrecorded, and its worktree stays until it is."""
+    project = project_in(repo)
+    order = project.order()
+    gate, ready = tmp_path / "gate", tmp_path / "ready"
+    command = (f'echo "WORKER WORK" >> src/a.txt; touch "{ready}"; {wait_gate(gate)}'
+               f'git -C "{repo}" checkout -- orders/ORD/T1.yaml')
+    path = write_task(order, "T1", status="DONE", target_files=["src/a.txt"], command=command)
+    git(repo, "add", "orders")
+    git(repo, "commit", "-qm", "done before")
+    write_task(order, "T1", target_files=["src/a.txt"], command=command)  # queued again, not committed
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD", "--no-review"],
+                           cwd=repo, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(ready.exists)
+    run.kill()
+    run.wait()
+    gate.touch()
+    wait_for(lambda: (state(repo) / "exit" / "ORD" / "T1.1").exists())  # the worker ended, its file says DONE
+    assert yaml.safe_load(path.read_text())["status"] == "DONE"
+    project.aipm("recover", "ORD")
+    wait_for(lambda: no_workers(repo))
+    patches = list((project.root / ".aipm").rglob("*.patch"))
+    assert "WORKER WORK" in (repo / "src/a.txt").read_text() or any("WORKER WORK" in p.read_text() for p in patches)

@@ -4,14 +4,13 @@ merge plan is applied first: it was decided), sweep what crashes left, and say w
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 from pathlib import Path
 
 from aipm import writtenlog
 from aipm.errors import UserError
 from aipm.model import FINISHED_OK, RUNNING, Order, Task
-from aipm.record import Record
+from aipm.record import Record, same_attempt
 from aipm.runtime import Runtime, append_log
 from aipm.workspace.places import component, merge_dir, refname, relative, runtime_dir, scratch, seam, worktree_path
 from aipm.workspace.repo import Repo, WorkspaceError
@@ -92,7 +91,7 @@ def sweep_orphans(root: Path, known: list[str]) -> list[tuple[str, str, str]]:
         orders.update(ref.split("/")[2] for ref in repo.refs("refs/aipm/"))
     # An order run from outside orders_dir (a path argument) is not in `known`: its records say it still exists.
     orders -= {component(order) for order in known}
-    orders -= {component(r.order) for r in Runtime(root).records() if r.alive() or os.path.isdir(r.order_dir)}
+    orders -= {component(r.order) for r in Runtime(root).records()}  # an order with a record holds its work (_sweep)
     tidied = []
     for name in sorted(orders):
         tidied += [(name, *item) for item in _sweep(root, repo, name, [], True)]
@@ -117,12 +116,16 @@ def _sweep(root: Path, repo: Repo | None, order: str, tasks: list[Task], everyth
             names.update(p.name for p in base.iterdir())
     if repo is not None:
         names.update(ref.split("/")[3] for ref in repo.refs(f"refs/aipm/{component(order)}/"))
-    # A live worker or owner is judged by its record, not its file's status (a `git checkout` may have reset it).
-    live = {component(r.task) for r in Runtime(root).records() if component(r.order) == component(order) and r.alive()}
+    # An attempt with a record is judged by it, not by its file's status (a `git checkout` may have reset it, or
+    # the file is gone): live, it works in its worktree; dead, its work is in the worktree alone until its outcome
+    # is recorded (or the record dropped, `aipm recover`, which keeps it as a patch) — unless the file holds that
+    # outcome already (a record left by an owner killed after writing it).
+    held = {component(r.task) for r in Runtime(root).records() if component(r.order) == component(order)
+            and (r.alive() or not _recorded(by_name.get(component(r.task)), r))}
     tidied = []
     for name in sorted(names):
         task = by_name.get(name)
-        if name in live or task is not None and task.status in RUNNING:
+        if name in held or task is not None and task.status in RUNNING:
             continue
         if task is None or task.status in FINISHED_OK or everything:
             try:
@@ -132,6 +135,10 @@ def _sweep(root: Path, repo: Repo | None, order: str, tasks: list[Task], everyth
             else:
                 tidied.append((task.id if task else name, "worktree removed"))
     return tidied
+
+
+def _recorded(task: Task | None, rec: Record) -> bool:
+    return task is not None and task.status not in RUNNING and same_attempt(task, rec)
 
 
 def prune(root: Path) -> None:
