@@ -189,7 +189,7 @@ def as_review(rec: Record, task: Task) -> None:
     now (the attempt's usage was added when its work ended): the start's would read as a reset (restore.disowned)."""
     rec.phase = "review"
     rec.counters = counters(task)
-    rec.exit_file = rec.exit_file.split(".review")[0] + ".review"
+    rec.exit_file = rec.exit_file.removesuffix(".review") + ".review"  # (`.review` may be in an order's or task's name)
     rec.pid = 0
     rec.timed_out, rec.deadline = False, None  # the review's own limit starts with its reviewer (Recording._record)
 

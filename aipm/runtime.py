@@ -226,10 +226,10 @@ class Runtime:
         with no record go too (a mark names its attempt, so a stale one never counts: this only tidies). Under the
         launch lock."""
         records = self.records()
-        wanted = {os.path.basename(rec.exit_file).split(".review")[0] for rec in records}
+        wanted = {os.path.basename(rec.exit_file).removesuffix(".review") for rec in records}
         # (`.w`: the exit file the compiled wrapper makes at its start, named when its command ends)
-        self._remove_unwanted(self._in(self.state, "exit", order), lambda name: name.removesuffix(".w").split(
-            ".review")[0] in wanted)
+        self._remove_unwanted(self._in(self.state, "exit", order), lambda name: name.removesuffix(".w").removesuffix(
+            ".review") in wanted)
         marked = {_safe(rec.task) for rec in records if rec.order == order}
         self._remove_unwanted(self.state / "cancel" / _safe(order), marked.__contains__)
 

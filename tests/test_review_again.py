@@ -159,3 +159,33 @@ def test_a_worktree_task_reviews_again_unless_its_worktree_is_gone(repo, tmp_pat
     gone = f"review of T cannot run again: its worktree {worktree} is gone; its work runs again"
     assert (gone in log) != worktree_kept
     assert "by signal" not in proc.stdout, proc.stdout  # no signal stopped anything in that run
+
+
+def test_reviews_named_with_review_in_their_order_or_task_get_exit_files_of_their_own(tmp_path):
+    """A review's exit file is its attempt's with `.review` after it: a name holding `.review` (an order `pr.review`,
+    tasks `a.review1` and `a.review2`) must not be cut there. The owner is killed while both reviews wait; one
+    rejects, then the other approves; the next run adopts both, each with its own verdict."""
+    from conftest import Project
+    from test_chaos import Proc
+
+    project = Project(tmp_path)
+    order = project.order("pr.review")
+    gate, rejected, approved = tmp_path / "gate", tmp_path / "rejected", tmp_path / "approved"
+    wait = f'until [ -e "{gate}" ]; do sleep 0.01; done; '
+    write_task(order, "a.review1", target_files=["x.py"], command="true", max_rework=0,
+               review=wait + f'until [ -e "{rejected}" ]; do sleep 0.01; done; touch "{approved}"; exit 0')
+    write_task(order, "a.review2", target_files=["y.py"], command="true", max_rework=0,
+               review=wait + f'touch "{rejected}"; exit 1')
+    first = Proc(tmp_path, "run", "pr.review", "--no-resource-monitoring")
+    try:
+        wait_for(lambda: sum(line.startswith("review") for line in first.lines) == 2, timeout=60)
+        first.p.kill()
+        first.wait(60)
+    finally:
+        gate.touch()
+        first.kill()
+    wait_for(approved.exists, timeout=30)
+    project.aipm("run", "pr.review", "--no-resource-monitoring")
+    wait_for(lambda: no_workers(tmp_path))
+    statuses = {p.stem: yaml.safe_load(p.read_text())["status"] for p in order.glob("*.yaml")}
+    assert statuses == {"a.review1": "COMPLETED", "a.review2": "REJECTED"}
