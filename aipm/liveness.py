@@ -58,6 +58,12 @@ def _process_alive(pid: int, ctime: float) -> bool:
         return False
 
 
+def led_by_another(pid: int, ctime: float) -> bool:
+    """A process other than the one that started at `ctime` has the number `pid` now (zombies included)."""
+    stat = _proc_stat(pid)
+    return stat is not None and not same_start(stat[1], ctime)
+
+
 def same_start(started: float, recorded: float) -> bool:
     """A start time is the recorded one to within the 1/100 s a record keeps (a pid alone can be reused)."""
     return round(started, 2) == round(recorded, 2)

@@ -93,12 +93,11 @@ def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[l
         ended = [sup.owned[k] for k in ready if k in sup.owned]
         for rec in ended:  # stragglers first (as `handle` does): their writes belong before the snapshot
             if rec.pid:
-                # The leader first (its status kept for handle()): while it is an unreaped zombie the group
+                # The leader reaped first (its status kept for handle()): while it is an unreaped zombie the group
                 # counts as alive, and kill_group would look for members through all of /proc.
-                code = runner.reap(rec.pid)
+                code = sup.end_group(rec)
                 if code is not None:
                     sup.reaped[rec.key] = code
-                runner.kill_group(rec.pgid)
             scope.ended(sup.rt.root, rec.scope_file)  # what starts early is not in its audit
             sup.read_usage_ahead(rec)
         audited = any(os.path.exists(rec.scope_file) for rec in ended)

@@ -25,7 +25,7 @@ from aipm.paths import as_path, real_relative
 from aipm.starting import Owner
 from aipm.recording import Recording
 from aipm.model import RUNNING, Status, Task
-from aipm.liveness import process_ctime
+from aipm.liveness import led_by_another, process_ctime
 from aipm.record import Record
 from aipm.runtime import append_log, read_exit_file
 from aipm.store import load_task
@@ -184,15 +184,14 @@ class Supervisor(Recording, Owner):
         self.watcher.forget(key)
         self.kill_at.pop(key, None)
         code = self.reaped.pop(key, None)
-        if code is None and rec.pid:
-            code = runner.reap(rec.pid)
+        if rec.pid:
+            reaped = self.end_group(rec)  # (a straggler left in its group would hold the file locks and keep writing)
+            code = reaped if code is None else code
         if code is None:  # not our child (adopted): the wrapper's exit file holds the outcome
             code = read_exit_file(rec.exit_file)
         timed_out = key in self.timed_out
         self.timed_out.discard(key)
         if rec.pid:
-            # The attempt is over: a straggler left in its group would hold the file locks and keep writing.
-            runner.kill_group(rec.pgid)
             self.end_strays(rec)
         self.read_usage_ahead(rec)
         with self.rt.launch_lock():
@@ -222,19 +221,32 @@ class Supervisor(Recording, Owner):
 
     # -- stopping ------------------------------------------------------------------------------------
 
+    def end_group(self, rec: Record) -> int | None:
+        """The attempt is over: our worker's exit code, reaped (None for an adopted one: no child of ours, and its
+        pid may be one of our children by now), and what is left of its group SIGKILLed."""
+        code = None if rec.key in self.adopted else runner.reap(rec.pid)
+        if self._group(rec):
+            runner.kill_group(rec.pgid)
+        return code
+
+    def _group(self, rec: Record) -> int:
+        """The worker's process group, or 0 when its number leads another process now: an adopted worker that had
+        ended, whose group emptied (a number in use as a group's is given to no new process) and was reused."""
+        return 0 if rec.key in self.adopted and led_by_another(rec.pgid, rec.ctime) else rec.pgid
+
     def abort(self, why: str) -> dict:
         """Ctrl-C or SIGTERM (`why` says which): stop every owned worker's group and put its task back to QUEUED,
         attempt not counted; a review's task keeps its work (_leave_review). The `interrupted` event: which."""
         self._note_in_records([rec for rec in self.owned.values() if rec.pid], stopping=why)
         for rec in self.owned.values():
-            if rec.pid:
+            if rec.pid and self._group(rec):
                 runner.ask_to_stop(rec.pgid)
         deadline = time.time() + KILL_GRACE
         for rec in self.owned.values():
-            if rec.pid:
+            if rec.pid and self._group(rec):
                 runner.wait_gone(rec.pid, max(0.0, deadline - time.time()))
-                runner.kill_group(rec.pgid)
-                runner.reap(rec.pid)
+            if rec.pid:
+                self.end_group(rec)
         self.end_strays()
         for rec in self.owned.values():
             if rec.pid:

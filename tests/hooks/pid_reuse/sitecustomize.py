@@ -1,0 +1,21 @@
+# Test hook (tests/test_pid_reuse.py): with AIPM_REUSE_PID set, the first worker spawn of this process that can get
+# that pid gets it (ns_last_pid written right before the spawn; only inside a private pid namespace). It stands for
+# the kernel handing out a pid again after wrap-around.
+import os
+
+_want = os.environ.get("AIPM_REUSE_PID")
+if _want:
+    import aipm.posix_spawn as _spawning
+
+    _spawn, _done = _spawning.spawn, []
+
+    def spawn(*args, **kwargs):
+        if not _done:
+            with open("/proc/sys/kernel/ns_last_pid", "w") as handle:
+                handle.write(str(int(_want) - 1))
+        pid = _spawn(*args, **kwargs)
+        if pid == int(_want):
+            _done.append(pid)
+        return pid
+
+    _spawning.spawn = spawn
