@@ -1062,3 +1062,13 @@ def test_a_worktree_whose_file_a_checkout_reset_to_done_meanwhile_keeps_its_work
     wait_for(lambda: no_workers(repo))
     patches = list((project.root / ".aipm").rglob("*.patch"))
     assert "WORKER WORK" in (repo / "src/a.txt").read_text() or any("WORKER WORK" in p.read_text() for p in patches)
+
+
+def test_a_target_in_a_directory_ignored_whole_is_named_as_not_merged(repo):
+    """git names a directory ignored whole alone (`build/`), not the task's target in it (`build/out.js`): taken for
+    a path outside the targets, it was left behind with no word."""
+    project = project_in(repo, config="workspace: worktree\n")
+    write_task(project.order(), "T", target_files=["build/out.js"], command="mkdir -p build && echo out > build/out.js")
+    project.aipm("run", "ORD", check=True)
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "merge: build/: ignored by git, so not merged back (gone with the worktree)" in log, log

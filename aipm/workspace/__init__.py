@@ -285,9 +285,11 @@ def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
     except WorkspaceError as exc:  # the merge is done: this is only a warning
         return [f"ignored files in its targets could not be listed: {exc}"]
     # git also lists a directory that might hold a match of a glob (`build/` for `*.md`): only what the targets
-    # cover counts. A directory ignored whole is named only when the main tree has none there: comparing it
-    # could mean reading a whole node_modules/.
-    found = [p for p in found if not out_of_scope({relative(p, repo.prefix).rstrip("/")}, rec.targets)]
+    # cover counts, or a directory ignored whole that holds a target (`build/` for `build/gen.txt`: git names the
+    # directory alone). Such a directory is named only when the main tree has none there: comparing it could mean
+    # reading a whole node_modules/.
+    found = [p for p in found if not out_of_scope({relative(p, repo.prefix).rstrip("/")}, rec.targets)
+             or p.endswith("/") and any(t.startswith(relative(p, repo.prefix)) for t in rec.targets)]
     lost = [p for p in found if (not (repo.top / p).is_dir() if p.endswith("/")
                                  else merging.read_state(tree / p) != merging.read_state(repo.top / p))]
     if not lost:
