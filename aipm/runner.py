@@ -38,10 +38,12 @@ _GO_FD = 3
 _PRELUDE = ('cd "$AIPM_ROOT" || exit 126; IFS= read -r go <&3 && [ "$go" = go ] || exit 125; exec 3<&-; f=$1; shift; '
             'trap : TERM INT HUP; ')
 
-# "$@" is the command's argv; the exit code goes to the exit file before the wrapper exits with it.
-_WRAP_ARGV = _PRELUDE + '"$@"; s=$?; echo $s >"$f"; exit $s'
+# "$@" is the command's argv; the exit code goes to the exit file before the wrapper exits with it, or, where its
+# directory was removed (the command's `rm -rf` of aipm's state), to the end of the log (runtime.exit_code_in_log).
+_WRITE_CODE = 'echo $s >"$f" || echo "aipm-wrapper: exit file not written; exit code $s" >&2; exit $s'
+_WRAP_ARGV = _PRELUDE + '"$@"; s=$?; ' + _WRITE_CODE
 # A string command runs in a subshell of the wrapper: one fork, no second exec of /bin/sh.
-_WRAP_SHELL = _PRELUDE + '(eval "$1"); s=$?; echo $s >"$f"; exit $s'
+_WRAP_SHELL = _PRELUDE + '(eval "$1"); s=$?; ' + _WRITE_CODE
 
 # A string command of plain words means the same as its argv, which runs without that subshell (one fork less
 # per task). Anything the shell would interpret keeps it: quotes, expansions, operators, newlines, a keyword or

@@ -375,6 +375,21 @@ def entries(directory: str | Path) -> list[os.DirEntry]:
         return []
 
 
+_LOGGED_CODE = re.compile(rb"aipm-wrapper: .*exit file not written; exit code (\d{1,3})\n\Z")
+
+
+def exit_code_in_log(log: str) -> int | None:
+    """The exit code a wrapper put at the end of the log when its exit file's directory was gone (a command that
+    removed aipm's state directory as its last act): None unless that line is the log's last."""
+    try:
+        with open(log, "rb") as handle:
+            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 512))
+            match = _LOGGED_CODE.search(handle.read())
+    except OSError:
+        return None
+    return int(match.group(1)) if match else None
+
+
 def read_exit_file(path: str) -> int | None:
     """The exit code a worker's wrapper recorded, or None when it never got that far. The compiled wrapper writes
     its code into `<path>.w` and then names it: one killed between the two left the code there, newline and all

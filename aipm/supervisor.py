@@ -27,7 +27,7 @@ from aipm.recording import Recording
 from aipm.model import RUNNING, Status, Task
 from aipm.liveness import led_by_another, process_ctime
 from aipm.record import Record
-from aipm.runtime import append_log, read_exit_file
+from aipm.runtime import append_log, exit_code_in_log, read_exit_file
 from aipm.store import load_task
 from aipm.view import OrderView
 from aipm.worker import invocation
@@ -187,8 +187,9 @@ class Supervisor(Recording, Owner):
         if rec.pid:
             reaped = self.end_group(rec)  # (a straggler left in its group would hold the file locks and keep writing)
             code = reaped if code is None else code
-        if code is None:  # not our child (adopted): the wrapper's exit file holds the outcome
+        if code is None:  # not our child (adopted): the wrapper's exit file holds the outcome, or else its log
             code = read_exit_file(rec.exit_file)
+            code = exit_code_in_log(rec.log) if code is None else code
         timed_out = key in self.timed_out
         self.timed_out.discard(key)
         if rec.pid:

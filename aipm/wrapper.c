@@ -179,6 +179,9 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     if (fd >= 0) {
         sys(SYS_WRITE, fd, (long)text, n, 0);
         sys(SYS_CLOSE, fd, 0, 0, 0);
+    } else {  /* its directory removed (the command's `rm -rf` of aipm's state): the log, last, has the code */
+        text[n - 1] = 0;
+        say(argv[2], "exit file not written; exit code ", text);
     }
     leave(code);
 }

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Project, state, task_statuses, wait_for, write_task
-from invariants import check, journal_command, spans
+from invariants import check, journal_command, spans, worker_records
 from test_chaos import Proc
 from test_locks import HOLDER, PY, docs_order, release
 
@@ -216,3 +216,37 @@ def test_a_lock_held_in_a_removed_state_directory_still_keeps_its_files(project,
     assert run is not None and run.wait(timeout=300) == 0, run.output
     assert set(task_statuses(order).values()) == {"DONE"}
     assert check(journal, order) == []
+
+
+@pytest.mark.parametrize("argv", [False, True], ids=["shell wrapper", "compiled wrapper"])
+def test_an_adopted_worker_whose_last_act_removes_the_state_directory_keeps_its_exit_code(tmp_path, argv):
+    """The owner is SIGKILLed; a new `run` adopts the worker, whose command then removes aipm's state directory and
+    exits 0 at once: its wrapper finds no directory for the exit file (unless the adopter made it again first, a
+    race) and puts the code at the end of the log, where the adopter reads it, instead of the attempt counting as
+    killed and running again. Three rounds each, so that the race cannot hide a failure."""
+    for round_ in range(3):
+        root = tmp_path / f"p{round_}"
+        root.mkdir()
+        project = Project(root)
+        one = project.order("ONE")
+        go, starts = tmp_path / f"go{round_}", tmp_path / f"starts{round_}"
+        script = f'echo x >> "{starts}"; until [ -e "{go}" ]; do sleep 0.01; done; rm -rf "{state(root)}"; exit 0'
+        write_task(one, "A", target_files=["x.py"], max_attempts=3,
+                   command=["/bin/sh", "-c", script] if argv else script)
+        first = Proc(root, "run", "ONE", "--no-resource-monitoring")
+        adopter = None
+        try:
+            wait_for(starts.exists, timeout=60)
+            first.p.kill()
+            first.wait(60)
+            adopter = Proc(root, "run", "ONE", "--no-resource-monitoring")
+            wait_for(lambda: any(r.get("owner_pid") == adopter.p.pid for r in worker_records(root)), timeout=60)
+            go.touch()
+            adopter.wait(120)
+        finally:
+            go.touch()
+            first.kill()
+            if adopter is not None:
+                adopter.kill()
+        assert starts.read_text().count("x") == 1, f"round {round_}: A's command ran again"
+        assert outcomes(one)["A"][:2] == ("DONE", 0)
