@@ -7,7 +7,8 @@
  * Changes to $AIPM_ROOT (126 if it cannot), waits for "go\n" on fd 3 (125, running nothing, on EOF or
  * anything else), runs PROGRAM as `sh -c '"$@"'` would (PATH search, a file without #! run by /bin/sh, 127
  * not found, 126 not executable; PATH must be set), writes its exit code (128+N if killed by signal N) and a
- * newline to EXIT_FILE, and exits with that code (a stop signal to its group after the go waits for the command). The exit file is made at the start as EXIT_FILE.w and takes
+ * newline to EXIT_FILE (where that cannot be made, a last line "aipm-wrapper: PROGRAM: exit file not written; exit
+ * code N" to the log), and exits with that code (a stop signal to its group after the go waits for the command). The exit file is made at the start as EXIT_FILE.w and takes
  * its name, code inside, when the command ends (a new file costs more than the rest of the wrapper on ext4
  * without a journal, which scans the inodes freed in the last minute: off the critical path, while the launcher
  * writes the task's status); a wrapper that runs nothing removes it. Before the go no signal is caught: a
