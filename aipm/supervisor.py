@@ -226,25 +226,25 @@ class Supervisor(Recording, Owner):
         """The attempt is over: our worker's exit code, reaped (None for an adopted one: no child of ours, and its
         pid may be one of our children by now), and what is left of its group SIGKILLed."""
         code = None if rec.key in self.adopted else runner.reap(rec.pid)
-        if self._group(rec):
+        if not self._group_reused(rec):
             runner.kill_group(rec.pgid)
         return code
 
-    def _group(self, rec: Record) -> int:
-        """The worker's process group, or 0 when its number leads another process now: an adopted worker that had
-        ended, whose group emptied (a number in use as a group's is given to no new process) and was reused."""
-        return 0 if rec.key in self.adopted and led_by_another(rec.pgid, rec.ctime) else rec.pgid
+    def _group_reused(self, rec: Record) -> bool:
+        """Its group's number leads another process now: an adopted worker that had ended, whose group emptied (a
+        number in use as a group's is given to no new process). Not to be signalled."""
+        return rec.key in self.adopted and led_by_another(rec.pgid, rec.ctime)
 
     def abort(self, why: str) -> dict:
         """Ctrl-C or SIGTERM (`why` says which): stop every owned worker's group and put its task back to QUEUED,
         attempt not counted; a review's task keeps its work (_leave_review). The `interrupted` event: which."""
         self._note_in_records([rec for rec in self.owned.values() if rec.pid], stopping=why)
         for rec in self.owned.values():
-            if rec.pid and self._group(rec):
+            if rec.pid and not self._group_reused(rec):
                 runner.ask_to_stop(rec.pgid)
         deadline = time.time() + KILL_GRACE
         for rec in self.owned.values():
-            if rec.pid and self._group(rec):
+            if rec.pid and not self._group_reused(rec):
                 runner.wait_gone(rec.pid, max(0.0, deadline - time.time()))
             if rec.pid:
                 self.end_group(rec)
