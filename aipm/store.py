@@ -21,6 +21,7 @@ from aipm.model import ID_PATTERN, Order, Task
 from aipm.parsecache import ParseCache
 from aipm.paths import Normaliser, PathError
 from aipm.patch import Unpatchable, check
+from aipm.spares import Stamp, stamp
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -95,7 +96,7 @@ class DuplicateKey(Exception):
 
 # What tells one version of a file from the next: a rename changes the inode, an edit in place its size, mtime or
 # ctime (`cp -p`, `rsync --inplace -t` or `touch -r` put a same-size edit's mtime back; no one sets a ctime back).
-Identity = tuple[int, int, int, int]
+Identity = Stamp
 
 
 _FIRST_READ = 1 << 16  # bytes a first read asks for: any real task file, in one call
@@ -132,7 +133,7 @@ def read_versioned(path: Path, follow: bool = True) -> tuple[str, Identity]:
         raise ValidationError(str(path), None, f"cannot read: {exc.strerror}") from None
     finally:
         os.close(fd)
-    return _decoded(path, data), (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
+    return _decoded(path, data), stamp(info)
 
 
 def _open(path: Path, follow: bool) -> int:

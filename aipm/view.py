@@ -16,6 +16,7 @@ from pathlib import Path
 from aipm.inotify import IN_CREATE, IN_MOVED_TO, DirWatch, close_at_exit
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.ranking import ranked
+from aipm.spares import Stamp, stamp
 from aipm.errors import ValidationError
 from aipm.store import ORDER_FILE, check_links, load_order, load_task, task_files
 
@@ -248,15 +249,10 @@ class OrderView:
                     del ranked_ids[at]
 
 
-# What tells one version of a file from the next: inode, size, mtime and ctime. ctime because `cp -p` or `touch -d`
-# can put an edited file's size and mtime back, but no one can set a ctime (a write, chmod or rename moves it on).
-# Our own writes rename their inode into place, which moves its ctime too: note() stamps the file after that.
-Stamp = tuple[int, int, int, int]
-
-
 def _stat(path: str) -> Stamp | None:
+    """The file's version (spares.stamp: its ctime too, as `cp -p` or `touch -d` put an edit's size and mtime back).
+    Our own writes rename their inode into place, which moves its ctime: note() stamps the file after that."""
     try:
-        st = os.stat(path)
+        return stamp(os.stat(path))
     except FileNotFoundError:
         return None
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns

@@ -206,10 +206,9 @@ def _temp_name(path: Path) -> str:
 
 def _identity(path: Path) -> Identity | None:
     try:
-        info = os.lstat(path)
+        return stamp(os.lstat(path))
     except FileNotFoundError:
         return None
-    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 # A person saving the file over and over while aipm writes: give up (StaleWrite) rather than spin.
