@@ -544,12 +544,12 @@ def _commits(repo: Path, edits: dict[str, str | None]) -> tuple:
     return r, base, end
 
 
-def test_a_saved_plan_resumes_without_repeating_a_step_and_leaves_a_persons_later_edit(repo):
+def test_a_saved_plan_resumes_without_repeating_a_step_and_keeps_a_persons_conflicting_edit(repo):
     from aipm.workspace import mergeback as merge
 
     r, base, end = _commits(repo, {"src/a.txt": "A\n", "src/b.txt": "B\n", "src/c.txt": None, "src/n.txt": "N\n"})
     steps = merge.plan(r, base, end, r.changes(base, end))
-    assert [s.path for s, _ in steps] == ["src/c.txt", "src/a.txt", "src/b.txt", "src/n.txt"]  # deletions first
+    assert [s.step.path for s in steps] == ["src/c.txt", "src/a.txt", "src/b.txt", "src/n.txt"]  # deletions first
     plan_dir = repo / ".aipm" / "merges" / "x"
     merge.save(plan_dir, 1, steps)
     assert merge.pending(plan_dir, 1) and not merge.pending(plan_dir, 2)
@@ -567,12 +567,49 @@ def test_a_saved_plan_resumes_without_repeating_a_step_and_leaves_a_persons_late
     assert (repo / "src/b.txt").read_text().startswith("b line 1")
     (repo / "src/a.txt").write_text("a person, after the step\n")  # journalled: must not be redone
     (repo / "src/b.txt").write_text("a person, during the crash\n")  # not yet applied, changed meanwhile
-    notes = merge.apply(repo, plan_dir)
+    conflict = ["src/b.txt: changed in the main tree after the merge was planned; changed on both sides in "
+                "overlapping lines"]
+    assert merge.apply(repo, plan_dir) == merge.Applied([], conflict, 4)
     assert (repo / "src/a.txt").read_text() == "a person, after the step\n"
     assert (repo / "src/b.txt").read_text() == "a person, during the crash\n"
-    assert notes == ["src/b.txt: changed in the main tree while the merge was interrupted; left as it is"]
     assert (repo / "src/n.txt").read_text() == "N\n"
-    assert merge.apply(repo, plan_dir) == []  # a third time: nothing left to do
+    assert merge.progress(plan_dir) == (1, 4, 4)
+    (repo / "src/n.txt").write_text("a person, after the merge\n")
+    assert merge.apply(repo, plan_dir) == merge.Applied([], conflict, 4)  # the same conflict, nothing rewritten
+    assert (repo / "src/n.txt").read_text() == "a person, after the merge\n"
+
+
+def test_a_persons_edit_to_a_file_the_held_up_plan_has_not_written_is_merged_with_its_step(repo):
+    """Killed mid-merge, and a person edits a file the plan has not reached: the step is merged with the edit
+    three ways (the file as planned is the ancestor), not skipped with the task's change lost."""
+    from aipm.workspace import mergeback as merge
+
+    lines = "".join(f"b line {i}\n" for i in range(1, 9))
+    (repo / "src/b.txt").write_text(lines)
+    r, base, end = _commits(repo, {"src/b.txt": lines + "the task's\n"})
+    plan_dir = repo / ".aipm" / "merges" / "x"
+    merge.save(plan_dir, 1, merge.plan(r, base, end, r.changes(base, end)))
+    (repo / "src/b.txt").write_text("a person's\n" + lines.split("\n", 1)[1])
+    applied = merge.apply(repo, plan_dir)
+    assert applied == merge.Applied(["src/b.txt: changed in the main tree after the merge was planned; merged "
+                                     "with it"], [], 1)
+    assert (repo / "src/b.txt").read_text() == "a person's\n" + lines.split("\n", 1)[1] + "the task's\n"
+    (repo / "src/b.txt").write_text("later\n")
+    assert merge.apply(repo, plan_dir) == merge.Applied([], [], 1)  # journalled: never applied twice
+    assert (repo / "src/b.txt").read_text() == "later\n"
+
+
+def test_a_journal_line_a_crash_cut_short_counts_for_nothing(repo):
+    from aipm.workspace import mergeback as merge
+
+    r, base, end = _commits(repo, {f"src/{n}.txt": f"{n}\n" for n in "abcdefghijkl"})
+    plan_dir = repo / ".aipm" / "merges" / "x"
+    merge.save(plan_dir, 1, merge.plan(r, base, end, r.changes(base, end)))
+    (plan_dir / "applied").write_text("".join(f"{i}\n" for i in range(10)) + "1")  # "1" of "10\n"
+    assert merge.progress(plan_dir) == (1, 10, 12)
+    merge.apply(repo, plan_dir)
+    assert (repo / "src/k.txt").read_text() == "k\n" and (repo / "src/l.txt").read_text() == "l\n"
+    assert merge.progress(plan_dir) == (1, 12, 12)
 
 
 def test_a_pending_merge_applied_when_its_worktree_is_removed_is_noted_for_audits_in_flight(repo):
@@ -707,7 +744,7 @@ def test_plan_refuses_a_directory_where_the_task_has_a_file_unless_its_own_delet
     (repo / "d/person.txt").unlink()  # now the task's own deletion empties it: a plain change of kind
     plan_dir = repo / ".aipm" / "merges" / "x"
     merge.save(plan_dir, 1, merge.plan(r, base, end, r.changes(base, end)))
-    assert merge.apply(repo, plan_dir) == []
+    assert merge.apply(repo, plan_dir) == merge.Applied([], [], 2)
     assert (repo / "d").read_text() == "now a file\n"
 
 
@@ -720,8 +757,8 @@ def test_a_parent_made_a_file_after_planning_leaves_that_path_out_and_the_rest_i
     plan_dir = repo / ".aipm" / "merges" / "x"
     merge.save(plan_dir, 1, merge.plan(r, base, end, r.changes(base, end)))
     (repo / "src/zz").write_text("a person's\n")  # between the plan and its application
-    notes = merge.apply(repo, plan_dir)
-    assert notes == ["src/zz/new.txt: src/zz became a file in the main tree after the merge was planned; left out"]
+    applied = merge.apply(repo, plan_dir)
+    assert applied.conflicts == ["src/zz/new.txt: src/zz became a file in the main tree after the merge was planned"]
     assert (repo / "src/a.txt").read_text() == "A\n" and (repo / "src/zz").read_text() == "a person's\n"
 
 
@@ -736,8 +773,8 @@ def test_recover_reports_a_merge_that_cannot_be_written_names_its_path_and_tidie
     assert aipm_leftovers(repo)["worktrees"]  # the failed attempt's, kept until recover
     long = "src/" + "x" * 300
     plan_dir = places.merge_dir(repo, "ORD", "B")
-    merge.save(plan_dir, 1, [(merge.Step(long, None, merge.State("file", b"b\n").digest()),
-                              merge.State("file", b"b\n"))])
+    merge.save(plan_dir, 1, [merge.Planned(merge.Step(long, None, merge.State("file", b"b\n").digest()),
+                                           merge.State("file", b"b\n"))])
     proc = project.aipm("recover")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert f"ORD/B: worktree not removed: merge stopped at {long}: File name too long" in proc.stdout
@@ -790,6 +827,44 @@ def test_a_merge_killed_half_way_is_finished_by_its_adopter_and_never_reviewed_a
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert "not reviewed again" in log
     assert "when its worktree was removed" not in log  # merge() wrote the rest; the removal found nothing left
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+
+
+def test_a_persons_edit_during_a_merge_held_up_by_a_crash_is_merged_with_the_rest_of_it(repo):
+    """Killed after two of four files; a person edits the first line of a third before the rerun: the rerun
+    merges the task's line into it (it was skipped, and the task recorded DONE without it)."""
+    project, files = _killed_mid_merge(repo)
+    files[2].write_text("a person's\n" + files[2].read_text().split("\n", 1)[1])
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert project.statuses() == {"T": "DONE"}
+    assert files[2].read_text().startswith("a person's\n")
+    assert all(f.read_text().count("T\n") == 1 for f in files)
+    assert ("merge: src/c.txt: changed in the main tree after the merge was planned; merged with it"
+            in (repo / ".aipm/logs/ORD/T.1.log").read_text())
+
+
+def test_a_persons_conflicting_edit_during_a_held_up_merge_sends_the_attempt_back_and_keeps_both(repo):
+    """The person's edit overlaps the task's line: their file is kept, the other files are finished, and the
+    attempt is not DONE; its feedback names the path and the patch that keeps its changes. Every later look
+    at the plan (recover, a rerun) reports the same and writes nothing."""
+    project, files = _killed_mid_merge(repo)
+    person = files[3].read_text() + "a person's last line\n"
+    files[3].write_text(person)
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert project.statuses() == {"T": "REJECTED"}  # max_rework: 0
+    assert files[3].read_text() == person
+    assert [f.read_text().count("T\n") for f in files] == [1, 1, 1, 0]
+    feedback = (repo / ".aipm/feedback/ORD/T.txt").read_text()
+    assert feedback.startswith("merge conflict in src/d.txt: the main tree changed there after this attempt's "
+                               "merge was planned"), feedback
+    assert "3 of 4 paths were merged" in feedback
+    assert "src/d.txt: changed in the main tree after the merge was planned; changed on both sides" in feedback
+    patch = repo / ".aipm/patches/ORD/T.1.patch"
+    assert f"kept in {patch}" in feedback and "+T" in patch.read_text()
+    project.aipm("recover", check=True)
+    assert files[3].read_text() == person and [f.read_text().count("T\n") for f in files] == [1, 1, 1, 0]
     assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
 
 

@@ -213,7 +213,8 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, list[str]]:
 
 
 def merge(root: Path, rec: Record) -> list[str]:
-    """Apply the approved attempt's changes to the main tree, exactly once (Conflict: nothing applied).
+    """Apply the approved attempt's changes to the main tree, exactly once. Conflict: nothing applied, unless a
+    plan held up by a crash met a person's change it cannot merge with (then the rest of the plan was applied).
     Caller holds the launch lock, and the task still holds its target files. Returns notes for the log."""
     from aipm.workspace import mergeback as merging  # only here and in remove(): a shared run does without it
 
@@ -237,10 +238,17 @@ def merge(root: Path, rec: Record) -> list[str]:
             raise _kept(root, rec, exc) from None
         merging.save(plan_dir, rec.serial, steps)
     seam("merge:0")
-    notes += merging.apply(repo.top, plan_dir, after_each=lambda n: seam(f"merge:{n}"))
+    applied = merging.apply(repo.top, plan_dir, after_each=lambda n: seam(f"merge:{n}"))
     # A shared task whose audit is in flight may see these files change once this record is gone.
     writtenlog.note_written(Runtime(root), rec.targets)
-    return notes + _ignored_left_behind(repo, rec)
+    if applied.conflicts:
+        paths = [c.split(": ", 1)[0] for c in applied.conflicts]
+        raise _kept(root, rec, Conflict(
+            f"merge conflict in {', '.join(paths)}: the main tree changed there after this attempt's merge was "
+            f"planned (a crash held it up), and the changes cannot be combined; {applied.steps - len(paths)} of "
+            f"{applied.steps} paths were merged, these were left as the main tree has them\n"
+            + "".join(f"  {c}\n" for c in applied.conflicts), paths))
+    return notes + applied.notes + _ignored_left_behind(repo, rec)
 
 
 def _kept(root: Path, rec: Record, conflict: Conflict) -> Conflict:

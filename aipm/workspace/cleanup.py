@@ -57,7 +57,9 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
         progress = merging.progress(plan_dir)
         if progress is not None:
             attempt, done, steps = progress
-            notes = merging.apply(repo.top, plan_dir)
+            applied = merging.apply(repo.top, plan_dir)
+            notes = applied.notes + [f"{c}; left as it is (the attempt's change is in its patch)"
+                                     for c in applied.conflicts]
             if done < steps:  # else merge() applied it all, and its log says so
                 append_log(str(Runtime(root).log_path(order, task, attempt)),
                            f"merge: the rest of attempt {attempt}'s saved merge plan ({steps - done} of {steps} "

@@ -5,11 +5,13 @@ decides: nothing to do (the main tree already holds the result), a plain write o
 holds the start), or a three-way merge (`git merge-file`) where a person changed the file meanwhile. Any
 conflict and nothing is written at all.
 
-Applying is resumable. The plan (each file's result, and digests of the state before and after) is written to
-`.aipm/merges/...` and made durable before the first file is touched; each file is then replaced atomically
+Applying is resumable. The plan (each file's state when planned and its result, with their digests) is written
+to `.aipm/merges/...` and made durable before the first file is touched; each file is then replaced atomically
 (temp file in its directory, fsync, rename, directory fsync) and its step number appended to a journal. After a
 crash the next owner applies the same plan again: a step in the journal, or whose file already holds its result,
-is skipped, so every change lands exactly once.
+is skipped, so every change lands exactly once. A file a person changed after the plan was made (while a
+crash held the merge up) is merged three ways again, its state when planned the ancestor; where that cannot be
+done the person's file is kept, the step is journalled as a conflict, and every later application reports it.
 """
 
 from __future__ import annotations
@@ -20,8 +22,9 @@ import shutil
 import stat
 import subprocess
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from aipm.digest import sha256
 from aipm.durable import fsync_dir
@@ -77,9 +80,24 @@ class Step:
     after: str | None  # digest of the result (None: the path is deleted)
 
 
-def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[tuple[Step, State | None]]:
+class Planned(NamedTuple):
+    step: Step
+    result: State | None  # None: the path is deleted
+    before: State | None = None  # the main tree's state when planned: the ancestor if it changes before its step
+
+
+@dataclass
+class Applied:
+    """What applying a plan did beyond writing its results."""
+
+    notes: list[str] = field(default_factory=list)  # for the attempt's log
+    conflicts: list[str] = field(default_factory=list)  # "path: why" of each step whose result was not written
+    steps: int = 0
+
+
+def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned]:
     """Steps (with each result) that bring the task's changes into the main tree; Conflict when impossible."""
-    steps: list[tuple[Step, State | None]] = []
+    steps: list[Planned] = []
     problems: list[str] = []
     details: list[str] = []
     deleted = {c.path for c in changes if c.new_mode == ABSENT}
@@ -105,16 +123,16 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[tuple[S
         if now == new:
             continue  # already there (a person made the same change, or a crashed merge got this far)
         if now == old:
-            steps.append((Step(change.path, digest(now), digest(new)), new))
+            steps.append(Planned(Step(change.path, digest(now), digest(new)), new, now))
             continue
-        merged, why, text = _three_way(repo, old, now, new)
+        merged, why, text = _three_way(old, now, new)
         if merged is None:
             problems.append(f"{change.path}: {why}")
             if text:
                 details.append(f"--- {change.path}: the task's changes and the main tree's, with conflict markers\n"
                                + text.decode("utf-8", "replace"))
             continue
-        steps.append((Step(change.path, digest(now), digest(merged)), merged))
+        steps.append(Planned(Step(change.path, digest(now), digest(merged)), merged, now))
     if problems:
         paths = [p.split(": ", 1)[0] for p in problems]
         # The first line is the task's reason: it names the paths (the lines below give each one's why).
@@ -123,7 +141,7 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[tuple[S
                    + "".join(f"  {p}\n" for p in problems) + "".join(f"\n{d}" for d in details))
         raise Conflict(message, paths)
     # Deletions first: a path may turn from a directory into a file (or back) between start and end.
-    return sorted(steps, key=lambda s: (s[1] is not None, s[0].path))
+    return sorted(steps, key=lambda s: (s.result is not None, s.step.path))
 
 
 def _blocked_parent(top: Path, path: str, deleted: set[str]) -> str | None:
@@ -153,8 +171,7 @@ def _emptied(directory: Path, top: Path, deleted: set[str]) -> bool:
     return True
 
 
-def _three_way(repo: Repo, old: State | None, now: State | None, new: State | None
-               ) -> tuple[State | None, str, bytes]:
+def _three_way(old: State | None, now: State | None, new: State | None) -> tuple[State | None, str, bytes]:
     """(merged state, "", b"") or (None, why not, the conflicted text when there is one)."""
     if now is None:
         return None, "deleted in the main tree since the task started, changed by the task", b""
@@ -182,17 +199,18 @@ def _three_way(repo: Repo, old: State | None, now: State | None, new: State | No
 # -- the durable plan and its application -------------------------------------------------------------------
 
 
-def save(directory: Path, attempt: int, steps: list[tuple[Step, State | None]]) -> None:
+def save(directory: Path, attempt: int, steps: list[Planned]) -> None:
     """Write the plan so that it is complete on disk before any file of the user's is touched."""
     if directory.exists():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
-    for i, (_, state) in enumerate(steps):
-        if state is not None:
-            _durable(directory / f"{i}.state", json.dumps({"kind": state.kind, "exec": state.exec}).encode()
-                     + b"\n" + state.data)
+    for i, (_, result, before) in enumerate(steps):
+        for name, state in ((f"{i}.state", result), (f"{i}.before", before)):
+            if state is not None and state.kind != "other":
+                _durable(directory / name, json.dumps({"kind": state.kind, "exec": state.exec}).encode()
+                         + b"\n" + state.data)
     _durable(directory / "plan.json", json.dumps({"attempt": attempt,
-                                                  "steps": [asdict(s) for s, _ in steps]}).encode())
+                                                  "steps": [asdict(s.step) for s in steps]}).encode())
     fsync_dir(directory)
 
 
@@ -207,9 +225,7 @@ def progress(directory: Path) -> tuple[int, int, int] | None:
     data = _load(directory)
     if data is None:
         return None
-    journal = directory / "applied"
-    done = set(journal.read_text().split()) if journal.exists() else set()
-    return data["attempt"], len(done), len(data["steps"])
+    return data["attempt"], len(_journal(directory)), len(data["steps"])
 
 
 def paths(directory: Path) -> list[str]:
@@ -218,48 +234,75 @@ def paths(directory: Path) -> list[str]:
     return [raw["path"] for raw in data["steps"]] if data is not None else []
 
 
-def apply(top: Path, directory: Path, after_each=lambda steps_done: None) -> list[str]:
-    """Apply a saved plan, skipping what is already done. Returns notes on paths left alone (see below).
+def apply(top: Path, directory: Path, after_each=lambda steps_done: None) -> Applied:
+    """Apply a saved plan, skipping what is already done; the conflicts it met, now and in earlier applications.
 
     `after_each(n)` runs once n steps are done (the test seam that kills a merge midway hooks in there)."""
     data = _load(directory)
     if data is None:
-        return []
-    journal = directory / "applied"
-    done = set(journal.read_text().split()) if journal.exists() else set()
-    notes = []
-    with open(journal, "a") as log:
+        return Applied()
+    done = _journal(directory)
+    applied = Applied(steps=len(data["steps"]))
+    with open(directory / "applied", "a") as log:
         for i, raw in enumerate(data["steps"]):
             step = Step(**raw)
             try:
                 _remove_temp(top / step.path)
-                if str(i) not in done:
-                    notes += _step(top, directory, i, step)
+                if i not in done:
+                    done[i] = _step(top, directory, i, step, applied.notes)
+                    # One line per step: its number, and why its result was not written when it was not.
+                    log.write(f"{i} {done[i]}".rstrip() + "\n")
+                    log.flush()
+                    os.fsync(log.fileno())
             except OSError as exc:
                 raise MergeStopped(f"merge stopped at {step.path}: {exc.strerror or exc}; {i} of "
                                    f"{len(data['steps'])} steps applied, the rest stays pending in "
                                    f"{directory} until it can be written") from None
-            if str(i) not in done:
-                log.write(f"{i}\n")
-                log.flush()
-                os.fsync(log.fileno())
+            if done[i]:
+                applied.conflicts.append(f"{step.path}: {done[i]}")
             after_each(i + 1)
-    return notes
+    return applied
 
 
-def _step(top: Path, directory: Path, i: int, step: Step) -> list[str]:
-    """Apply one step; notes on a path left alone. Someone's change since the plan wins over ours (ours stay in
-    the attempt's patch): its file changed, or a parent it needs became a file."""
+def _journal(directory: Path) -> dict[int, str]:
+    """Step number -> "" (written) or why its result was not written, for each step already applied."""
+    try:
+        text = (directory / "applied").read_text()
+    except FileNotFoundError:
+        return {}
+    done = {}
+    for line in text.split("\n")[:-1]:  # a last line a crash cut short has no newline: its step is applied again
+        number, _, why = line.partition(" ")
+        if number.isdigit():
+            done[int(number)] = why
+    return done
+
+
+def _step(top: Path, directory: Path, i: int, step: Step, notes: list[str]) -> str:
+    """Apply one step: "" when the path holds its result, else why it was left as the main tree has it.
+
+    A change made since the plan to a file the step has not written yet is merged with the step's three ways;
+    where that cannot be done the main tree's file is kept (and the step's change stays in the attempt's
+    patch): a conflict."""
     target = top / step.path
     blocked = step.after and _blocked_parent(top, step.path, set())  # the plan's deletions are done by now
     if blocked:
-        return [f"{step.path}: {blocked} became a file in the main tree after the merge was planned; left out"]
-    now = digest(read_state(target))
-    if now == step.before:
-        _put(target, _load_state(directory / f"{i}.state") if step.after else None, top)
-    elif now != step.after:
-        return [f"{step.path}: changed in the main tree while the merge was interrupted; left as it is"]
-    return []
+        return f"{blocked} became a file in the main tree after the merge was planned"
+    state = read_state(target)
+    now = digest(state)
+    if now == step.after:
+        return ""
+    result = _load_state(directory / f"{i}.state") if step.after else None
+    if now != step.before:
+        ancestor = directory / f"{i}.before"
+        if step.before is not None and not ancestor.exists():
+            return "changed in the main tree after the merge was planned"  # a plan saved without its ancestors
+        result, why, _ = _three_way(_load_state(ancestor) if step.before else None, state, result)
+        if result is None:
+            return f"changed in the main tree after the merge was planned; {why}"
+        notes.append(f"{step.path}: changed in the main tree after the merge was planned; merged with it")
+    _put(target, result, top)
+    return ""
 
 
 def _load(directory: Path) -> dict | None:
