@@ -15,8 +15,9 @@ MAX_LENGTH = 160  # a reason sits in a table cell and on an event line; the log 
 
 
 def one_line(text: str) -> str:
-    """Whitespace runs (newlines included) become one space; overlong text ends in an ellipsis."""
-    text = re.sub(r"\s+", " ", text).strip()
+    """Whitespace runs (newlines included) become one space; overlong text ends in an ellipsis. A byte of a file
+    name that is not UTF-8 (decoded as a surrogate) is shown as "?": a task file is UTF-8 text."""
+    text = re.sub(r"\s+", " ", text).strip().encode(errors="replace").decode()
     return text if len(text) <= MAX_LENGTH else text[: MAX_LENGTH - 1] + "…"
 
 

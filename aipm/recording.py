@@ -270,7 +270,8 @@ class Recording(Reviewing):
             message = self._merge_back(rec, event)
         if message:
             log_whole(rec.log, message)
-            write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True), f"{message}\n".encode())
+            write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True),
+                        f"{message}\n".encode(errors="surrogateescape"))
             task = self._write(task, {**after_work(task, 0, self.settings, True, outcome.exited(0)), **spent})
             why = outcome.scope(outside) if outside else outcome.one_line(message.splitlines()[0])
             for updates in after_review(task, 1, self.settings, why):

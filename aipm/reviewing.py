@@ -81,7 +81,8 @@ class Reviewing:
     def _conflicted(self, rec: Record, task: Task, conflict: str) -> Task:
         """An approved (or unreviewed) worktree task whose merge conflicts: sent back with the conflict as feedback."""
         log_whole(rec.log, conflict)
-        write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True), f"{conflict}\n".encode())
+        write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True),
+                    f"{conflict}\n".encode(errors="surrogateescape"))
         for updates in after_review(task, 1, self.settings, outcome.one_line(conflict.splitlines()[0])):
             task = self._write(task, updates)
         return task

@@ -429,7 +429,8 @@ def append_log(log: str, line: str) -> None:
     except OSError:
         return
     try:
-        os.write(fd, f"[aipm {time.strftime('%H:%M:%S')}] {line}\n".encode())
+        # A path git gave us may hold bytes that are not UTF-8 (decoded as surrogates): written back as they were.
+        os.write(fd, f"[aipm {time.strftime('%H:%M:%S')}] {line}\n".encode(errors="surrogateescape"))
     except OSError:
         pass
     finally:

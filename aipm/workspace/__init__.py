@@ -27,7 +27,7 @@ from pathlib import Path
 from aipm.errors import UserError
 from aipm.model import Task
 from aipm.record import Record
-from aipm.runtime import Runtime
+from aipm.runtime import Runtime, append_log
 from aipm import writtenlog
 from aipm.scope import out_of_scope
 from aipm.fields import WORKSPACES
@@ -241,14 +241,17 @@ def merge(root: Path, rec: Record) -> list[str]:
     applied = merging.apply(repo.top, plan_dir, after_each=lambda n: seam(f"merge:{n}"))
     # A shared task whose audit is in flight may see these files change once this record is gone.
     writtenlog.note_written(Runtime(root), rec.targets)
+    notes += applied.notes
     if applied.conflicts:
-        paths = [c.split(": ", 1)[0] for c in applied.conflicts]
+        for note in notes:  # what was merged, said before the conflict that sends the attempt back
+            append_log(rec.log, f"merge: {note}")
+        paths = [path for path, _ in applied.conflicts]
         raise _kept(root, rec, Conflict(
             f"merge conflict in {', '.join(paths)}: the main tree changed there after this attempt's merge was "
-            f"planned (a crash held it up), and the changes cannot be combined; {applied.steps - len(paths)} of "
-            f"{applied.steps} paths were merged, these were left as the main tree has them\n"
-            + "".join(f"  {c}\n" for c in applied.conflicts), paths))
-    return notes + applied.notes + _ignored_left_behind(repo, rec)
+            f"planned, and the changes cannot be combined; {applied.steps - len(paths)} of {applied.steps} paths "
+            "were merged, these were left as the main tree has them\n"
+            + "".join(f"  {path}: {why}\n" for path, why in applied.conflicts), paths))
+    return notes + _ignored_left_behind(repo, rec)
 
 
 def _kept(root: Path, rec: Record, conflict: Conflict) -> Conflict:

@@ -58,8 +58,8 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
         if progress is not None:
             attempt, done, steps = progress
             applied = merging.apply(repo.top, plan_dir)
-            notes = applied.notes + [f"{c}; left as it is (the attempt's change is in its patch)"
-                                     for c in applied.conflicts]
+            notes = applied.notes + [f"{path}: {why}; left as it is (the attempt's change is in its patch)"
+                                     for path, why in applied.conflicts]
             if done < steps:  # else merge() applied it all, and its log says so
                 append_log(str(Runtime(root).log_path(order, task, attempt)),
                            f"merge: the rest of attempt {attempt}'s saved merge plan ({steps - done} of {steps} "

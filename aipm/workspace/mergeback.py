@@ -22,6 +22,8 @@ import shutil
 import stat
 import subprocess
 import tempfile
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -91,19 +93,19 @@ class Applied:
     """What applying a plan did beyond writing its results."""
 
     notes: list[str] = field(default_factory=list)  # for the attempt's log
-    conflicts: list[str] = field(default_factory=list)  # "path: why" of each step whose result was not written
+    conflicts: list[tuple[str, str]] = field(default_factory=list)  # (path, why) of each result not written
     steps: int = 0
 
 
 def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned]:
     """Steps (with each result) that bring the task's changes into the main tree; Conflict when impossible."""
     steps: list[Planned] = []
-    problems: list[str] = []
+    problems: list[tuple[str, str]] = []  # (path, why)
     details: list[str] = []
     deleted = {c.path for c in changes if c.new_mode == ABSENT}
     for change in changes:
         if GITLINK in (change.old_mode, change.new_mode):
-            problems.append(f"{change.path}: a submodule; its changes are not merged back (commit them there)")
+            problems.append((change.path, "a submodule; its changes are not merged back (commit them there)"))
             continue
         old = commit_state(repo, base, change.path, change.old_mode)
         new = commit_state(repo, end, change.path, change.new_mode)
@@ -113,11 +115,11 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
             # and its own path free, once the plan's own deletions are done.
             blocked = _blocked_parent(repo.top, change.path, deleted)
             if blocked:
-                problems.append(f"{change.path}: {blocked} is not a directory in the main tree")
+                problems.append((change.path, f"{blocked} is not a directory in the main tree"))
                 continue
             if now is not None and now.kind == "other":
                 if not _emptied(repo.top / change.path, repo.top, deleted):
-                    problems.append(f"{change.path}: a directory in the main tree, where the task has a file")
+                    problems.append((change.path, "a directory in the main tree, where the task has a file"))
                     continue
                 now = None  # a directory the plan's deletions empty (and apply's pruning removes)
         if now == new:
@@ -127,18 +129,18 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
             continue
         merged, why, text = _three_way(old, now, new)
         if merged is None:
-            problems.append(f"{change.path}: {why}")
+            problems.append((change.path, why))
             if text:
                 details.append(f"--- {change.path}: the task's changes and the main tree's, with conflict markers\n"
                                + text.decode("utf-8", "replace"))
             continue
         steps.append(Planned(Step(change.path, digest(now), digest(merged)), merged, now))
     if problems:
-        paths = [p.split(": ", 1)[0] for p in problems]
+        paths = [path for path, _ in problems]
         # The first line is the task's reason: it names the paths (the lines below give each one's why).
         message = (f"merge conflict in {', '.join(paths)}: the main tree changed meanwhile and cannot be combined "
                    "with this attempt's changes; nothing of it was merged\n"
-                   + "".join(f"  {p}\n" for p in problems) + "".join(f"\n{d}" for d in details))
+                   + "".join(f"  {path}: {why}\n" for path, why in problems) + "".join(f"\n{d}" for d in details))
         raise Conflict(message, paths)
     # Deletions first: a path may turn from a directory into a file (or back) between start and end.
     return sorted(steps, key=lambda s: (s.result is not None, s.step.path))
@@ -225,7 +227,7 @@ def progress(directory: Path) -> tuple[int, int, int] | None:
     data = _load(directory)
     if data is None:
         return None
-    return data["attempt"], len(_journal(directory)), len(data["steps"])
+    return data["attempt"], len(_journal(directory)[0]), len(data["steps"])
 
 
 def paths(directory: Path) -> list[str]:
@@ -241,49 +243,69 @@ def apply(top: Path, directory: Path, after_each=lambda steps_done: None) -> App
     data = _load(directory)
     if data is None:
         return Applied()
-    done = _journal(directory)
+    journal = directory / "applied"
+    with suppress(FileNotFoundError):  # a last line a crash cut short: cut off, else the next would extend it
+        text = journal.read_bytes()
+        os.truncate(journal, text.rfind(b"\n") + 1)
+    done, begun = _journal(directory)
     applied = Applied(steps=len(data["steps"]))
     with open(directory / "applied", "a") as log:
+        def note(*line) -> None:
+            log.write(json.dumps(line) + "\n")
+            log.flush()
+            os.fsync(log.fileno())
+
         for i, raw in enumerate(data["steps"]):
             step = Step(**raw)
             try:
-                _remove_temp(top / step.path)
                 if i not in done:
-                    done[i] = _step(top, directory, i, step, applied.notes)
-                    # One line per step: its number, and why its result was not written when it was not.
-                    log.write(f"{i} {done[i]}".rstrip() + "\n")
-                    log.flush()
-                    os.fsync(log.fileno())
+                    _remove_temp(top / step.path)
+                    done[i] = _step(top, directory, i, step, begun.get(i), applied.notes,
+                                    lambda inode: note(i, None, inode))
+                    note(i, done[i])
             except OSError as exc:
                 raise MergeStopped(f"merge stopped at {step.path}: {exc.strerror or exc}; {i} of "
                                    f"{len(data['steps'])} steps applied, the rest stays pending in "
                                    f"{directory} until it can be written") from None
             if done[i]:
-                applied.conflicts.append(f"{step.path}: {done[i]}")
+                applied.conflicts.append((step.path, done[i]))
             after_each(i + 1)
     return applied
 
 
-def _journal(directory: Path) -> dict[int, str]:
-    """Step number -> "" (written) or why its result was not written, for each step already applied."""
+def _journal(directory: Path) -> tuple[dict[int, str], dict[int, int]]:
+    """The journal of the steps applied so far: step number -> "" (written) or why its result was not written;
+    and step number -> the inode of the file its write was about to rename into place (a step begun, whose end
+    a crash may have cut off). A last line a crash cut short counts for nothing: its step is applied again."""
     try:
-        text = (directory / "applied").read_text()
+        data = (directory / "applied").read_bytes()
     except FileNotFoundError:
-        return {}
-    done = {}
-    for line in text.split("\n")[:-1]:  # a last line a crash cut short has no newline: its step is applied again
-        number, _, why = line.partition(" ")
-        if number.isdigit():
-            done[int(number)] = why
-    return done
+        return {}, {}
+    whole = data.rfind(b"\n") + 1
+    done: dict[int, str] = {}
+    begun: dict[int, int] = {}
+    for line in data[:whole].splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(entry, int):
+            done[entry] = ""  # a plan's journal from before the lines were JSON
+        elif isinstance(entry, list) and len(entry) == 2:
+            done[entry[0]] = entry[1]
+        elif isinstance(entry, list) and len(entry) == 3:
+            begun[entry[0]] = entry[2]
+    return done, begun
 
 
-def _step(top: Path, directory: Path, i: int, step: Step, notes: list[str]) -> str:
+def _step(top: Path, directory: Path, i: int, step: Step, begun: int | None, notes: list[str],
+          renaming: Callable[[int], None]) -> str:
     """Apply one step: "" when the path holds its result, else why it was left as the main tree has it.
 
     A change made since the plan to a file the step has not written yet is merged with the step's three ways;
     where that cannot be done the main tree's file is kept (and the step's change stays in the attempt's
-    patch): a conflict."""
+    patch): a conflict. `begun`: the inode this step's write renamed into place, when a crash may have cut
+    the step short after it (a person's edit since then kept that inode only if made in place)."""
     target = top / step.path
     blocked = step.after and _blocked_parent(top, step.path, set())  # the plan's deletions are done by now
     if blocked:
@@ -291,7 +313,11 @@ def _step(top: Path, directory: Path, i: int, step: Step, notes: list[str]) -> s
     state = read_state(target)
     now = digest(state)
     if now == step.after:
+        if step.after is None:
+            _prune_empty(target.parent, top)  # a crash may have come between the deletion and the pruning
         return ""
+    if begun is not None and state is not None and os.lstat(target).st_ino == begun:
+        return ""  # written, then changed in place by a person: their change is on top of ours
     result = _load_state(directory / f"{i}.state") if step.after else None
     if now != step.before:
         ancestor = directory / f"{i}.before"
@@ -301,7 +327,7 @@ def _step(top: Path, directory: Path, i: int, step: Step, notes: list[str]) -> s
         if result is None:
             return f"changed in the main tree after the merge was planned; {why}"
         notes.append(f"{step.path}: changed in the main tree after the merge was planned; merged with it")
-    _put(target, result, top)
+    _put(target, result, top, renaming)
     return ""
 
 
@@ -318,8 +344,10 @@ def _load_state(path: Path) -> State:
     return State(meta["kind"], data, meta["exec"])
 
 
-def _put(target: Path, state: State | None, top: Path) -> None:
-    """Make `target` hold `state` (None: remove it) in one atomic step."""
+def _put(target: Path, state: State | None, top: Path, renaming: Callable[[int], None] = lambda inode: None
+         ) -> None:
+    """Make `target` hold `state` (None: remove it) in one atomic step; `renaming(inode)` just before the file
+    that holds it is renamed into place."""
     if state is None:
         try:
             target.unlink()
@@ -337,6 +365,7 @@ def _put(target: Path, state: State | None, top: Path) -> None:
         _durable(tmp, state.data)
         mode = _mode(target)
         os.chmod(tmp, mode | 0o111 if state.exec else mode & ~0o111)
+    renaming(os.lstat(tmp).st_ino)
     os.replace(tmp, target)
     fsync_dir(target.parent)
 
