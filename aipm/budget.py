@@ -41,7 +41,7 @@ class Budget:
     def shares(self, count: int) -> float:
         """Each of `count` attempts starting together gets an equal part of what is available, cut to whole
         micro-dollars so the parts never add up to more."""
-        return int(self.available * 1_000_000 / count) / 1_000_000
+        return round(self.available * 1_000_000) // count / 1_000_000  # (available is whole micro-dollars)
 
     @property
     def held_detail(self) -> str:
@@ -76,7 +76,8 @@ def recorded(order: Order) -> float | None:
 
 def held(order: Order, records: Iterable[Record]) -> float:
     """What the order's attempts still at work may spend: their caps (an ended attempt's cost is recorded)."""
-    return round(sum(r.cost_cap for r in records if r.order == order.id and r.phase == "work" and r.cost_cap), 6)
+    return round(sum(r.cost_cap for r in records if r.order == order.id and r.phase == "work"
+                     and r.cost_cap is not None), 6)
 
 
 def of(order: Order, default_limit: float | None, records: Iterable[Record] = ()) -> Budget | None:

@@ -229,8 +229,10 @@ class Launcher(Starter):
         started: list[tuple[Task, Starting]] = []
         again = False
         caps = self._caps(wanted[:budget], spend)
+        for task in [t for t in wanted[:budget] if caps[t.id] == 0]:
+            report.deferred.append({"id": task.id, "reason": "budget", "detail": spend.held_detail})
         try:
-            for task in wanted[:budget]:
+            for task in [t for t in wanted[:budget] if caps[t.id] != 0]:
                 if self.options.dry_run:
                     report.launched.append({"id": task.id, "pid": None, "dry_run": True})
                     continue
@@ -273,10 +275,15 @@ class Launcher(Starter):
     def _caps(self, tasks: list[Task], spend: Budget | None) -> dict[str, float | None]:
         """Each starting attempt's spending cap: the task's own `max_cost_usd`, and under an order budget no more
         than an equal share of what is available, so the attempts starting now cannot together pass it. None for
-        agents that take no cap (their spending is known only once recorded)."""
+        agents that take no cap (their spending is known only once recorded); 0 for those that wait, when what
+        is available is fewer micro-dollars than attempts (the first ones in the plan's order get one each)."""
         capped = [t for t in tasks if agents.caps_cost(agent_for(t, self.settings))]
-        share = spend.shares(len(capped)) if spend is not None and capped else None
         caps: dict[str, float | None] = {t.id: None for t in tasks}
+        if spend is not None and capped:
+            funded = min(len(capped), int(round(spend.available * 1_000_000)))
+            caps.update({t.id: 0 for t in capped[funded:]})
+            capped = capped[:funded]
+        share = spend.shares(len(capped)) if spend is not None and capped else None
         for task in capped:
             limits = [c for c in (task.max_cost_usd, share) if c is not None]
             caps[task.id] = min(limits) if limits else None

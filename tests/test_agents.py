@@ -260,6 +260,16 @@ def test_unknown_usage_adds_nothing_to_the_totals():
     assert updates == {"cost_usd": 0.75, "tokens": {"input": 15, "output": 1, "cache_read": 3}, "session_id": "s2"}
 
 
+def test_codex_cached_input_above_the_input_leaves_the_fresh_input_unknown():
+    usage = codex.parse(['{"type": "turn.completed", "usage": {"input_tokens": 5, "cached_input_tokens": 10, '
+                         '"output_tokens": 1}}'])
+    assert usage.tokens == {"cache_read": 10, "output": 1}  # not input -5, which no task file may hold
+
+
+def test_a_total_that_would_not_be_finite_is_not_added():
+    assert agents.task_updates(1e308, None, agents.Usage(cost_usd=9e307)) == {}
+
+
 # ---- real runs with the stand-ins -----------------------------------------------------------------------
 
 
@@ -290,6 +300,17 @@ def test_claude_run_records_cost_and_tokens_in_the_task_file_and_status(project)
     (run,) = [j for j in journal(project) if j["task"] == "A"]
     assert run["argv"][:5] == ["-p", "--output-format", "stream-json", "--verbose", "--model"]
     assert "@cost 0.125" in run["prompt"]  # the prompt reached it on standard input
+
+
+def test_an_agent_reporting_an_infinite_cost_still_ends_and_its_cost_is_unknown(project):
+    """JSON's Infinity (1e400 reads as it too) passed as a cost ≥ 0: the outcome, which must hold a finite
+    cost_usd, could never be written, and the task stayed running for every later run."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    write_task(project.order(), "A", prompt="@cost inf", target_files=["a.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = task_file(project.order(), "A")
+    assert a["status"] == "DONE" and "cost_usd" not in a
 
 
 def test_a_failed_attempt_with_is_error_still_adds_its_cost(project):
@@ -656,6 +677,22 @@ def test_attempts_started_together_share_the_budget_so_it_holds(project):
     assert status["cost_usd"] <= 0.05 and status["budget_reached"], status  # each stopped at its share
     assert _caps(project) == [0.0125] * 4
     assert proc.returncode == 1 and "over budget" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+
+
+def test_fewer_micro_dollars_left_than_attempts_start_only_as_many_as_get_one(project):
+    """A review found two micro-dollars left shared by three attempts starting together: each was given a cap of
+    $0 (the share cut to whole micro-dollars), none could spend anything, and each failed for good."""
+    (project.root / "aipm.yaml").write_text("max_workers: 5\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.05\n")
+    write_task(order, "T0", command="true", status="DONE", cost_usd=0.049998)
+    for n in range(1, 4):
+        write_task(order, f"T{n}", prompt="@cost 0.001", target_files=[f"f{n}.txt"])
+    project.aipm("run", "ORD", "--no-auto-scaling", env=agent_env(project))
+    assert _caps(project) == [0.000001] * 2  # the third waits, and then the budget is reached
+    status = project.json("status", "ORD")
+    assert status["cost_usd"] <= 0.05 and status["budget_reached"], status
+    assert sorted(t["status"] for t in status["tasks"]) == ["DONE", "FAILED", "FAILED", "QUEUED"], status
 
 
 def test_the_budget_holds_with_launchers_racing_and_workers_finishing_in_parallel(project):

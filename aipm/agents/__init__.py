@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -195,7 +196,9 @@ def task_updates(cost_usd: float | None, tokens: dict[str, int] | None, usage: U
         return {}
     updates: dict[str, Any] = {}
     if usage.cost_usd is not None:
-        updates["cost_usd"] = round((cost_usd or 0.0) + usage.cost_usd, 6)
+        total = round((cost_usd or 0.0) + usage.cost_usd, 6)
+        if math.isfinite(total):  # a task file edited to hold 1e308 must not keep the outcome from being written
+            updates["cost_usd"] = total
     if usage.tokens:
         total = dict(tokens or {})
         for kind, count in usage.tokens.items():
@@ -223,7 +226,12 @@ def count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+# Far above any real cost, and low enough that sums of such costs stay finite and writable.
+MAX_DOLLARS = 1e12
+
+
 def dollars(value: Any) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+    """A cost from an agent's JSON, or None when it is no finite amount ≥ 0 (JSON may say Infinity, or 1e400)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value < MAX_DOLLARS:
         return float(value)
     return None

@@ -42,7 +42,9 @@ def parse(lines: Iterable[str]) -> Usage:
             given, cached, out = (count(reported.get(k)) for k in ("input_tokens", "cached_input_tokens",
                                                                     "output_tokens"))
             # Ours count cache reads apart from fresh input, as Claude's do.
-            for ours, n in (("input", given - cached if given is not None and cached is not None else given),
+            # (a cached count above the input's, which no real turn has, makes the input count unknown, not < 0)
+            fresh = given if given is None or cached is None else given - cached if given >= cached else None
+            for ours, n in (("input", fresh),
                             ("cache_read", cached), ("output", out)):
                 if n is not None:
                     tokens[ours] = tokens.get(ours, 0) + n
