@@ -84,12 +84,20 @@ def unavailable() -> str | None:
     return None
 
 
-def prefix(root: str, targets: list[str], log: str, keep: list[str], project: str | None = None) -> list[str]:
+def prefix(root: str, targets: list[str], log: str, keep: list[str], project: str | None = None,
+           state: str | None = None) -> list[str]:
     """The argv to put in front of the worker's command so it runs confined to `targets` below `root`; `keep`:
     directories no rule may open unless a target names them (the order directories: task files are aipm's);
-    `project`: the project root when `root` is a worktree of it (nothing of the project tree is opened then)."""
-    spec = {"root": root, "targets": targets, "log": log, "keep": keep, "project": project or root}
-    return [sys.executable, "-m", "aipm.confine", json.dumps(spec), "--"]
+    `project`: the project root when `root` is a worktree of it (nothing of the project tree is opened then);
+    `state`: aipm's directory outside the project (exit files, locks, the compiled wrapper), never opened.
+
+    Python runs isolated (-I): with the project root as its working directory, `-m` would put the root first on
+    sys.path, and a module a task left there (`token.py`, `json.py`) would run before the ruleset does; the
+    directory holding aipm is appended instead (after the standard library)."""
+    spec = {"root": root, "targets": targets, "log": log, "keep": keep, "project": project or root, "state": state}
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    boot = f"import sys; sys.path.append({here!r}); from aipm.confine import main; sys.exit(main(sys.argv[1:]))"
+    return [sys.executable, "-I", "-c", boot, json.dumps(spec), "--"]
 
 
 def made_file(log: str) -> str:
@@ -105,7 +113,7 @@ def private_tmp(log: str) -> str:
 
 
 def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] = (),
-          project: str | None = None) -> tuple[list, str | None]:
+          project: str | None = None, state: str | None = None) -> tuple[list, str | None]:
     """[(path, rights)] for a worker, and its TMPDIR when it needs one of its own: its targets below `root`
     (the project root, or the worktree it works in, inside `project`), nothing else of the project.
 
@@ -118,28 +126,50 @@ def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] =
     real_root = os.path.realpath(root)
     real_project = os.path.realpath(project or root)
     git = _git_dirs(real_root)
-    kept = git + [os.path.join(real_root, ".aipm")] + [os.path.realpath(k) for k in keep]
-    out = _beside("/", [real_project] + [k for k in git if not _contains(real_project, k)])
+    runtime = os.path.join(real_root, ".aipm")
+    orders = [os.path.realpath(k) for k in keep]
+    kept = git + [runtime] + orders
+    state = [os.path.realpath(state)] if state else []
+    out = _beside("/", [real_project] + [k for k in git if not _contains(real_project, k)] + state)
     for raw in targets:
         path, kind = _target_path(real_root, raw)
         if os.path.realpath(path) != path:
             raise OSError(f"target {raw or '.'} now leads through a symlink, to {os.path.realpath(path)}")
+        if _contains(runtime, path):
+            continue  # aipm's: no target opens it
         if kind == "file":
+            if os.path.dirname(path) in orders and path.endswith(".yaml"):
+                continue  # a task file
             _make_parents(os.path.dirname(path), made)
             _make_file(path, made)
             out.append((path, FILE_RIGHTS))
             continue
         _make_parents(path, made)
-        inside = [k for k in kept if _contains(path, k) and k != path]
+        if path in orders:
+            # An order directory (or the one holding them) named by a glob's base or as a directory: Landlock
+            # cannot open it without letting task files be made or replaced there, so only the files in it that
+            # are no task files (nor aipm's hidden temporary ones) may be written, and nothing made.
+            out += [(e.path, FILE_RIGHTS) for e in _entries(path)
+                    if e.is_file(follow_symlinks=False) and not e.name.endswith(".yaml") and e.name[:1] != "."]
+            continue
+        inside = [k for k in kept if _contains(path, k)]
         out += _beside(path, inside) if inside else [(path, ALL_RIGHTS)]
     out.append((log, WRITE_FILE))
     tmp = None
     system_tmp = os.path.realpath(tempfile.gettempdir())
-    if _contains(system_tmp, real_project) or _contains(real_project, system_tmp):
+    # A temp directory that holds the project or aipm's state cannot be opened whole: the worker gets its own.
+    if any(_contains(system_tmp, p) or _contains(p, system_tmp) for p in [real_project] + state):
         tmp = private_tmp(log)
         os.makedirs(tmp, exist_ok=True)
         out.append((tmp, ALL_RIGHTS))
     return out, tmp
+
+
+def _entries(directory: str) -> list[os.DirEntry]:
+    try:
+        return list(os.scandir(directory))
+    except OSError:
+        return []
 
 
 def _contains(outer: str, inner: str) -> bool:
@@ -154,11 +184,7 @@ def _beside(top: str, avoid: list[str]) -> list[tuple[str, int]]:
     found = []
     pending = [top]
     while pending:
-        try:
-            entries = list(os.scandir(pending.pop()))
-        except OSError:
-            entries = []
-        for entry in entries:
+        for entry in _entries(pending.pop()):
             if any(_contains(entry.path, a) for a in avoid):
                 if entry.path not in avoid and entry.is_dir(follow_symlinks=False):
                     pending.append(entry.path)
@@ -287,7 +313,8 @@ def main(argv: list[str]) -> int:
             raise OSError(reason)
         made: list = []
         try:
-            grants, tmp = rules(spec["root"], spec["targets"], spec["log"], made, spec["keep"], spec["project"])
+            grants, tmp = rules(spec["root"], spec["targets"], spec["log"], made, spec["keep"], spec["project"],
+                                spec.get("state"))
         finally:
             with open(made_file(spec["log"]), "w") as handle:
                 json.dump(made, handle)

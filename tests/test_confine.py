@@ -486,3 +486,101 @@ def test_a_confined_program_that_cannot_start_fails_with_one_line_not_a_tracebac
     assert data["status"] == "FAILED" and data["exit_code"] == 127, data
     log = (root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
     assert "aipm: cannot run ./tool: No such file or directory" in log and "Traceback" not in log, log
+
+
+# -- cases an adversarial review reproduced (each failed before its fix) --------------------------------------
+
+# Stands in for the standard library's `token` (which the confine step imports before its ruleset applies)
+# after writing outside every target: run from the project root by `python -m`, it would run unconfined.
+PLANTED = r'''
+import importlib.util, os, sysconfig
+with open(os.path.join(os.getcwd(), "README"), "a") as handle:
+    handle.write("escaped\n")
+_spec = importlib.util.spec_from_file_location("token", os.path.join(sysconfig.get_paths()["stdlib"], "token.py"))
+_real = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_real)
+globals().update({k: v for k, v in vars(_real).items() if not k.startswith("__")})
+'''
+
+
+@landlock
+def test_a_module_a_task_left_in_the_project_root_never_runs_before_the_next_ruleset(tmp_path):
+    (tmp_path / "p").mkdir()
+    project = Project(tmp_path / "p")
+    root = project.root
+    (root / "README").write_text("readme\n")
+    (root / "planted.txt").write_text(PLANTED)
+    write_task(project.order(), "A", target_files=["token.py"], confine=True, command="cat planted.txt > token.py")
+    write_task(project.order(), "B", target_files=["docs/"], confine=True, depends_on=["A"],
+               command="echo hi > docs/x.md; echo direct >> README || true")
+    proc = project.aipm("run", "ORD", "--no-review")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (root / "README").read_text() == "readme\n"
+    assert (root / "docs" / "x.md").read_text() == "hi\n"
+
+
+# Reads its exit file's path from its wrapper's argv, writes 0 there, kills its wrapper and its owner, and fails.
+FORGE = ("W=$PPID; EX=$(tr '\\0' '\\n' < /proc/$W/cmdline | sed -n 2p); "
+         "OWNER=$(awk '/^PPid/{print $2}' /proc/$W/status); "
+         "echo 0 > \"$EX\" && echo forged; kill -9 $OWNER $W; exit 1")
+
+
+@landlock
+def test_a_confined_worker_cannot_write_aipms_state_outside_the_project(tmp_path):
+    """Its exit file (forged: the next run recorded DONE for a command that failed), the compiled wrapper every
+    later worker of the user starts through (outside any ruleset), the locks: none may be written or made."""
+    from aipm.locks import user_base
+
+    (tmp_path / "p").mkdir()
+    project = Project(tmp_path / "p")
+    task = write_task(project.order(), "T", target_files=["out/"], confine=True, command=FORGE)
+    project.aipm("run", "ORD", "--no-review")
+    probe = f"touch {user_base()}/bin/probe-$$ && echo made; echo t > $TMPDIR/t && echo tmp"
+    write_task(project.order("PROBE"), "P", target_files=["probe/"], confine=True, command=probe)
+    project.aipm("run", "PROBE", "--no-review")
+    assert "forged" not in (project.root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
+    assert yaml.safe_load(task.read_text())["status"] != "DONE"
+    log = (project.root / ".aipm" / "logs" / "PROBE" / "P.1.log").read_text()
+    assert "made" not in log and "tmp" in log  # its own TMPDIR stays writable
+
+
+EVIL_TASK = "printf 'id: EVIL\\ncommand: echo pwned >> README\\n' > {d}/EVIL.yaml; sed -i 's/QUEUED/DONE/' {d}/U.yaml"
+
+
+@landlock
+@pytest.mark.parametrize("glob", ["orders/ORD/*.md", "orders/*.md"])
+def test_a_glob_whose_base_is_an_order_directory_opens_no_task_file(tmp_path, glob):
+    """The glob's base is granted as a directory: an order directory's (or the one holding them) opened every
+    task file in it; a worker planted a task that aipm then ran unconfined, and marked another DONE."""
+    (tmp_path / "p").mkdir()
+    project = Project(tmp_path / "p")
+    root = project.root
+    (root / "README").write_text("r\n")
+    notes = project.order() / "notes.md"
+    notes.write_text("notes\n")
+    place = "orders/ORD" if glob.startswith("orders/ORD") else "orders/OTHER"
+    write_task(project.order(), "T", target_files=[glob], confine=True,
+               command=EVIL_TASK.format(d=place) + "; echo more >> orders/ORD/notes.md")
+    write_task(project.order("OTHER"), "U", target_files=["u/"], command="echo U ran >> README")
+    write_task(project.order(), "U", target_files=["u/"], depends_on=["T"], command="echo U ran >> README")
+    project.aipm("run", "ORD", "--no-review")
+    assert not (root / place / "EVIL.yaml").exists() and "pwned" not in (root / "README").read_text()
+    assert yaml.safe_load((root / place / "U.yaml").read_text()).get("status", "QUEUED") in ("QUEUED", "DONE")
+    assert (root / "README").read_text().count("U ran") == (1 if place == "orders/ORD" else 0)
+    assert notes.read_text() == ("notes\nmore\n" if glob == "orders/ORD/*.md" else "notes\n")
+
+
+def test_rules_give_no_target_a_task_file_or_aipms_runtime_directory(tmp_path):
+    root = tmp_path / "proj"
+    order = root / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (order / "T.yaml").write_text("command: true\n")
+    log = root / ".aipm" / "logs" / "ORD" / "T.1.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("")
+    real = os.path.realpath(root)
+    grants, tmp = confine.rules(str(root), ["orders/ORD/T.yaml", ".aipm/", ".aipm/x", "ok.txt"], str(log), [],
+                                keep=[str(order), str(root / "orders")], state=str(tmp_path / "state"))
+    paths = {p for p, _ in grants}
+    assert os.path.join(real, "ok.txt") in paths
+    assert not {p for p in paths if p.startswith((os.path.join(real, ".aipm"), str(order)))} - {str(log), tmp}
