@@ -249,9 +249,13 @@ def _make_file(path: str, made: list) -> None:
 
 def restrict(grants: list) -> None:
     import landlockpy
-    from landlockpy import AccessFS, AccessNet, Ruleset
+    from landlockpy import AccessFS, AccessNet, Ruleset, Scope
 
-    with Ruleset(handled_fs=AccessFS(ALL_RIGHTS), handled_net=AccessNet.NONE, best_effort=False) as ruleset:
+    # Where the kernel can (ABI 6), no signal leaves the worker's processes: it cannot kill its wrapper and its
+    # owner to have a forged outcome adopted, nor stop another worker or aipm.
+    scoped = landlockpy.scope_for_abi(abi()) & Scope.SIGNAL
+    with Ruleset(handled_fs=AccessFS(ALL_RIGHTS), handled_net=AccessNet.NONE, scoped=scoped,
+                 best_effort=False) as ruleset:
         for path, rights in grants:
             try:
                 ruleset.allow_path(path, AccessFS(rights))

@@ -584,3 +584,19 @@ def test_rules_give_no_target_a_task_file_or_aipms_runtime_directory(tmp_path):
     paths = {p for p, _ in grants}
     assert os.path.join(real, "ok.txt") in paths
     assert not {p for p in paths if p.startswith((os.path.join(real, ".aipm"), str(order)))} - {str(log), tmp}
+
+
+@landlock
+@pytest.mark.skipif(confine.abi() < 6, reason="signals are scoped from Landlock ABI 6 (Linux 6.12)")
+def test_a_confined_worker_cannot_signal_its_wrapper_or_its_owner(tmp_path):
+    (tmp_path / "p").mkdir()
+    project = Project(tmp_path / "p")
+    command = ("sleep 30 & kill -0 $! && echo own-child; kill -0 $PPID 2>/dev/null || echo wrapper-denied; "
+               "O=$(awk '/^PPid/{print $2}' /proc/$PPID/status); kill -0 $O 2>/dev/null || echo owner-denied; "
+               "kill $!")
+    write_task(project.order(), "T", target_files=["out/"], confine=True, command=command)
+    proc = project.aipm("run", "ORD", "--no-review")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (project.root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
+    assert ("own-child", "wrapper-denied", "owner-denied") == tuple(w for w in log.split() if w.endswith(
+        ("child", "denied"))), log
