@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import re
+import stat
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -104,13 +105,17 @@ class Runtime:
 
     def _dir(self, path: Path) -> Path:
         """`path` under `.aipm/`, after making sure its directory (and `.aipm/.gitignore`) exist. No cache: a
-        worker may delete `.aipm/` at any moment; when the directory is there, this is one mkdir."""
+        worker may delete `.aipm/` at any moment; when the directory is there, this is one mkdir and one lstat."""
         try:
             os.mkdir(path.parent)
         except FileExistsError:
-            return path
+            if stat.S_ISDIR(os.lstat(path.parent).st_mode):
+                return path
+            self._clear_way(path.parent)
         except FileNotFoundError:
             pass  # a level above is gone (a `git clean`): make them all, and the .gitignore
+        except NotADirectoryError:
+            self._clear_way(path.parent)
         for _ in range(3):
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -120,7 +125,26 @@ class Runtime:
                 break
             except FileNotFoundError:
                 continue  # a worker is deleting .aipm/ right now: make it again
+            except (FileExistsError, NotADirectoryError):
+                self._clear_way(path.parent)  # a link to nothing at `.aipm`, or a file made meanwhile
         return path
+
+    def _clear_way(self, directory: Path) -> None:
+        """A file or symbolic link a worker left where one of aipm's directories goes (`.aipm`, `.aipm/logs/ORD`):
+        moved aside, kept under a name that says why, so the directory can be made again. `.aipm` itself may be a
+        link to a directory (a person's choice of where it lives)."""
+        for place in [*reversed(directory.relative_to(self.dir).parents), directory.relative_to(self.dir)]:
+            path = self.dir / place
+            try:
+                mode = (os.stat if path == self.dir else os.lstat)(path).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                if not os.path.islink(path):
+                    return  # made below: nothing else stands in the way
+                mode = 0  # a link to nothing
+            if not stat.S_ISDIR(mode):
+                with suppress(FileNotFoundError):
+                    os.rename(path, f"{path}.not-a-directory.{time.time_ns()}")
+                return
 
     def _state_file(self, path: Path) -> Path:
         """`path` in the state directory, after making sure its directory exists (cached: the hot path)."""
@@ -422,10 +446,13 @@ def _remake(state: Path) -> None:
 
 
 def append_log(log: str, line: str) -> None:
-    """aipm's line at the end of an attempt's log; none when the worker replaced its log with what is not a file
-    (the outcome is in the task file anyway, and `aipm logs` says the log is unusable)."""
+    """aipm's line at the end of an attempt's log; none when the worker replaced its log with what is not a file,
+    or its directory with a link (the outcome is in the task file anyway, and `aipm logs` says the log is
+    unusable); the line would land where the link leads, in the project tree."""
     try:
-        fd = open_regular(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        if not stat.S_ISDIR(os.lstat(os.path.dirname(log)).st_mode):
+            return
+        fd = open_regular(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW)
     except OSError:
         return
     try:

@@ -127,8 +127,8 @@ class OrderView:
         """Task files whose stamp differs from what the view holds, new and deleted ones included."""
         try:
             current = {str(p) for p in task_files(self.dir)}
-        except FileNotFoundError:
-            current = set()  # the directory itself is gone (for now): so is every file in it
+        except (FileNotFoundError, NotADirectoryError):
+            current = set()  # the directory itself is gone (for now, or a file stands there): so is every file in it
         return {p for p in current | set(self._stats) if _stat(p) != self._stats.get(p) or p not in self._stats}
 
     def _reload_all(self, quiet: bool = False) -> bool:
@@ -254,5 +254,5 @@ def _stat(path: str) -> Stamp | None:
     Our own writes rename their inode into place, which moves its ctime: note() stamps the file after that."""
     try:
         return stamp(os.stat(path))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # (a file where its order directory was)
         return None

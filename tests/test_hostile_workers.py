@@ -193,12 +193,14 @@ def test_an_order_directory_a_worker_deletes_and_puts_back_still_runs_to_the_end
     assert no_workers(project.root)
 
 
-@pytest.mark.parametrize("how", ["mv orders/ORD orders/OLD", "rm -rf orders/ORD"])
+@pytest.mark.parametrize("how", ["mv orders/ORD orders/OLD", "rm -rf orders/ORD",
+                                 "rm -rf orders/ORD; echo x > orders/ORD"])
 def test_a_run_whose_order_directory_is_renamed_or_deleted_says_so_exits_1_and_keeps_the_outcome(project, gate,
                                                                                                   how):
     """The run saw every task file deleted, waited for T1, dropped its outcome ('gone') and ended 'ORD: no tasks'
     with exit 0. Now it says which directory went, exits 1, and holds T1's outcome for `aipm recover`: once the
-    directory is back, T1 is recorded DONE from its exit code, not run again."""
+    directory is back, T1 is recorded DONE from its exit code, not run again. (A file left where the directory
+    was ended the run in a traceback.)"""
     order = project.order()
     journal = project.root.parent / f"{project.root.name}.journal"
     write_task(order, "T1", command=f"while [ ! -e {gate} ]; do sleep 0.05; done; echo T1 >> {journal}")
@@ -214,7 +216,9 @@ def test_a_run_whose_order_directory_is_renamed_or_deleted_says_so_exits_1_and_k
     said = out.read_text()
     assert f"aipm: error: {order}: the order directory was deleted or renamed during the run" in said, said
     assert "Traceback" not in said and "ORD: no tasks" not in said, said
-    assert not order.exists()
+    assert not order.is_dir()
+    if order.exists():
+        order.unlink()
     _git(project.root, "checkout", "-q", "--", "orders/ORD")  # put back (committed: T1 QUEUED)
     if how.startswith("mv"):  # the renamed directory, as the run left it
         subprocess.run(["rm", "-rf", str(order)], check=True)
@@ -224,6 +228,26 @@ def test_a_run_whose_order_directory_is_renamed_or_deleted_says_so_exits_1_and_k
     assert "ORD/T1: adopted" in recover.stdout, recover.stdout
     wait_for(lambda: task_statuses(order) == {"T1": "DONE", "T2": "DONE"} and no_workers(project.root))
     assert journal.read_text() == "T1\nT2\n"  # T1 ran once
+
+
+@pytest.mark.parametrize("where", [".aipm", ".aipm/logs", ".aipm/logs/ORD"])
+@pytest.mark.parametrize("what", ["file", "link"])
+def test_a_file_or_link_a_worker_leaves_where_aipms_directory_goes_is_moved_aside(project, where, what):
+    """`rm -rf .aipm; echo x > .aipm` ended the run in a traceback, and so did every later run; a link at
+    `.aipm/logs/ORD` to `src/` had the next attempts' logs written into the project tree."""
+    (project.root / "src").mkdir()
+    make = ("echo x > " if what == "file" else "ln -s ../../src " if where != ".aipm" else "ln -s src/missing ")
+    # Until it stands: aipm may make its directory again between the removal and the planting.
+    plant = f"until [ {'-f' if what == 'file' else '-L'} {where} ]; do rm -rf {where}; {make}{where} 2>/dev/null; done"
+    write_task(project.order(), "T", target_files=["t/"], command=plant)
+    write_task(project.order(), "U", target_files=["u/"], depends_on=["T"], command="echo U")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert task_statuses(project.order()) == {"T": "DONE", "U": "DONE"}
+    assert list((project.root / "src").iterdir()) == []
+    assert "U" in (project.root / ".aipm" / "logs" / "ORD" / "U.1.log").read_text()
+    aside = list((project.root / where).parent.glob(f"{os.path.basename(where)}.not-a-directory.*"))
+    assert aside and all(p.is_symlink() if what == "link" else p.read_text() == "x\n" for p in aside)
 
 
 def test_an_exec_whose_task_file_is_deleted_while_it_runs_says_so_without_a_traceback(project, gate):
