@@ -307,6 +307,8 @@ class Supervisor(Recording, Owner):
             task = load_task(as_path(rec.task_file), self.rt.root)
         except (UserError, OSError):
             task = None  # deleted or broken: without its record, recovery re-queues it once it is fixed
+        if task is not None and self._reset(task, rec):
+            task = self._restored(rec, task)  # put back under it (a `git checkout`): the attempt is still ours
         ours = task is not None and task.status in RUNNING and task.attempts == rec.attempt
         if ours:
             recovery.interrupt(self.rt, task, rec, why)

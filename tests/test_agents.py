@@ -495,6 +495,29 @@ def test_ctrl_c_of_run_keeps_the_cost_the_attempt_reported(project, gate):
     assert (a["status"], a["attempts"], a["cost_usd"]) == ("QUEUED", 0, 0.04)
 
 
+def test_ctrl_c_right_after_a_checkout_of_the_task_file_keeps_the_cost_the_attempt_reported(project, gate):
+    """The file put back (QUEUED, no cost) and the run stopped before it restored the file: the stop took the
+    attempt for another's and dropped its record with its usage unread (a review saw it in 2 of 9 runs; the
+    run is held with SIGSTOP here so that the reset and the Ctrl-C reach it together)."""
+    path = waiting_aider(project)
+    original = path.read_bytes()
+    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: reported(project))
+    run.send_signal(signal.SIGSTOP)
+    try:
+        reset = path.with_name(".reset.tmp")
+        reset.write_bytes(original)
+        os.replace(reset, path)  # as `git checkout` does
+        run.send_signal(signal.SIGINT)
+    finally:
+        run.send_signal(signal.SIGCONT)
+    assert run.wait(timeout=60) == 130
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a["attempts"], a.get("cost_usd")) == ("QUEUED", 0, 0.04)
+
+
 def test_a_preempted_attempt_keeps_the_cost_it_reported(project, gate):
     path = waiting_aider(project, priority="P3")
     env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
