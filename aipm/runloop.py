@@ -231,6 +231,9 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             for problem in view.problems:
                 emit({"event": "invalid_file", "error": problem})
             view.problems.clear()
+            for task, was, status in view.reopened:
+                emit({"event": "reopened", "order": order.id, "task": task, "was": str(was), "status": str(status)})
+            view.reopened.clear()
             # A task whose file was saved invalid mid-run cannot start from it: the run waits for the fix (its
             # file's next change wakes it) rather than ending with the task never run.
             fixing = {item["id"] for item in report.failed if view.invalid(order.tasks[item["id"]])}

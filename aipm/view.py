@@ -33,6 +33,10 @@ class OrderView:
         self._stats = {t.path: _stat(t.path) for t in self.order.tasks.values()}
         self._ordering: list[str] | None = None
         self.problems: list[str] = []  # changed files that did not validate, for the caller to report
+        # (task id, status, status now) of finished tasks whose file a change on disk put back (a `git checkout`
+        # or `git stash` of the order): they run again; the caller says so
+        self.reopened: list[tuple[str, Status, Status]] = []
+        self._deleted: dict[str, Task] = {}  # finished tasks whose file went (a checkout deletes, then writes)
         self._kept_out: set[str] = set()  # files that did not load: read again whenever another file changes
         self.changed = False
         self._index()
@@ -134,6 +138,7 @@ class OrderView:
     def _reload_all(self, quiet: bool = False) -> bool:
         """Read the whole order again; False (the view as it was, the error in `problems` unless `quiet`) when
         it does not load."""
+        before = self.order.tasks
         try:
             stats = {str(p): _stat(str(p)) for p in task_files(self.dir)}  # before the reads, as in refresh()
             self.order = load_order(self.dir, self.root)
@@ -141,6 +146,8 @@ class OrderView:
             if not quiet:
                 self.problems.append(str(exc))
             return False
+        for task in self.order.tasks.values():
+            self._note_reopened(before.get(task.id), task)
         self._stats = {t.path: stats.get(t.path) for t in self.order.tasks.values()}
         self._kept_out.clear()
         self._ordering = None
@@ -162,6 +169,8 @@ class OrderView:
                 # is held until the file is back (Recording._record_outcome), so the order is not finished.
                 self._stats[path] = None
                 raise ValidationError(path, None, "deleted while its task runs")
+            if old is not None and old.status in FINISHED_OK:
+                self._deleted[task_id] = old
             tasks.pop(task_id, None)
             self._stats.pop(path, None)
             self._ordering = None
@@ -169,6 +178,7 @@ class OrderView:
             return
         new = load_task(Path(path), self.root)
         self._stats[path] = seen
+        self._note_reopened(old or self._deleted.pop(task_id, None), new)
         if old is None or (old.depends_on, old.priority) != (new.depends_on, new.priority):
             candidate = dict(tasks, **{task_id: new})
             check_links(Order(self.order.id, self.order.path, candidate))
@@ -177,6 +187,10 @@ class OrderView:
             self._index()
         else:
             self._put(new)
+
+    def _note_reopened(self, old: Task | None, new: Task) -> None:
+        if old is not None and old.status in FINISHED_OK and new.status not in FINISHED_OK:
+            self.reopened.append((new.id, old.status, new.status))
 
     def note(self, task: Task) -> None:
         """Take a task we just wrote ourselves, so the change event it causes need not re-read the file."""

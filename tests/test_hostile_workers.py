@@ -250,6 +250,24 @@ def test_a_file_or_link_a_worker_leaves_where_aipms_directory_goes_is_moved_asid
     assert aside and all(p.is_symlink() if what == "link" else p.read_text() == "x\n" for p in aside)
 
 
+def test_a_finished_task_a_worker_puts_back_to_queued_runs_again_and_the_run_says_why(project):
+    """A worker's `git checkout` of the order put U's file back to QUEUED after U ended DONE: the file is the
+    truth for a task no worker runs, so U runs again; the run now says why, in a `reopened` event."""
+    order = project.order()
+    journal = project.root.parent / f"{project.root.name}.journal"
+    write_task(order, "U", target_files=["u.txt"], command=f"echo U >> {journal}")
+    write_task(order, "T", target_files=["t.txt"], depends_on=["U"], command="git checkout -q -- orders/ORD/U.yaml")
+    _commit_everything(project.root)
+    proc = project.aipm("run", "ORD", "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [(e["task"], e["was"], e["status"]) for e in events if e["event"] == "reopened"] == [
+        ("U", "DONE", "QUEUED")], proc.stdout
+    assert journal.read_text() == "U\nU\n" and task_statuses(order) == {"U": "DONE", "T": "DONE"}
+    plain = project.aipm("run", "ORD")  # nothing left to run, nothing reopened
+    assert "reopen" not in plain.stdout + plain.stderr
+
+
 def test_an_exec_whose_task_file_is_deleted_while_it_runs_says_so_without_a_traceback(project, gate):
     """`aipm exec T1` ended in a KeyError traceback (runloop, then cmd_launch) when T1's file was deleted while it
     ran: the view had dropped the task once its outcome went to the log ('gone')."""
