@@ -7,6 +7,7 @@ print as they come, so concurrent workers interleave as they ran.
 
 from __future__ import annotations
 
+import os
 import re
 import select
 from collections.abc import Iterator
@@ -20,7 +21,7 @@ from aipm.plan import NEVER, plan
 from aipm.project import Project
 from aipm.runtime import Runtime, entries
 from aipm.store import load_order
-from aipm.workerfiles import read_bytes, reading
+from aipm.workerfiles import reading
 
 _NAME = re.compile(r"^(?P<task>.+)\.(?P<attempt>\d+)(?P<review>\.review)?\.log$")
 
@@ -55,12 +56,24 @@ def parse(path: Path, order_id: str) -> AttemptLog | None:
     return AttemptLog(order_id, match["task"], int(match["attempt"]), path, bool(match["review"])) if match else None
 
 
-class Tail:
-    """New complete lines of many files since the last read; a partial last line waits for its newline."""
+CHUNK = 1 << 20  # bytes read at a time: a log of gigabytes is never held whole
+LONGEST = 1 << 16  # bytes of one line given at once: a longer one (one huge JSON event) comes in pieces
+_BACK_BLOCK = 1 << 16
 
-    def __init__(self) -> None:
+
+class Tail:
+    """New complete lines of many files since the last read; a partial last line waits for its newline.
+
+    Memory stays bounded whatever the files hold: they are read a chunk at a time, a line longer than LONGEST
+    comes in pieces of that size, and `skip` (bytes) lets a reader that only shows the end of a burst start
+    there. A file truncated or replaced since the last read (its worker's `truncate`, a new inode) is read again
+    from its start."""
+
+    def __init__(self, skip: int | None = None) -> None:
+        self.skip = skip
         self.offsets: dict[Path, int] = {}
         self.partial: dict[Path, bytes] = {}
+        self._ids: dict[Path, tuple[int, int]] = {}
 
     def start(self, path: Path, last: int | None = None) -> None:
         """Follow `path` from its beginning, or from its last `last` lines (the end when 0)."""
@@ -69,35 +82,107 @@ class Tail:
         offset = 0
         if last is not None:
             try:
-                data = read_bytes(path)
+                with reading(path) as handle:
+                    st = os.fstat(handle.fileno())
+                    self._ids[path] = (st.st_dev, st.st_ino)
+                    offset = _lines_back(handle, st.st_size, last, self.skip)
             except OSError:
-                data = b""
-            keep = data.splitlines(keepends=True)[-last:] if last else []
-            offset = len(data) - sum(map(len, keep))
+                pass
         self.offsets[path] = offset
 
-    def read(self, path: Path, final: bool = False) -> list[str]:
+    def read(self, path: Path, final: bool = False) -> Iterator[str]:
         """Lines added to `path`; with `final`, also an unterminated last line (the file is done)."""
         self.start(path)
         try:
-            with reading(path) as handle:
-                handle.seek(self.offsets[path])
-                data = handle.read()
+            handle = reading(path)
         except OSError:
-            data = b""
-        self.offsets[path] += len(data)
-        data = self.partial.pop(path, b"") + data
-        lines = data.split(b"\n")
-        rest = lines.pop()
-        if rest and not final:
-            self.partial[path] = rest
-        elif rest:
-            lines.append(rest)
-        return [line.decode(errors="replace").rstrip("\r") for line in lines]
+            return
+        with handle:
+            st = os.fstat(handle.fileno())
+            if self._ids.setdefault(path, (st.st_dev, st.st_ino)) != (st.st_dev, st.st_ino) \
+                    or st.st_size < self.offsets[path]:
+                self._ids[path] = (st.st_dev, st.st_ino)
+                self.offsets[path] = 0
+                self.partial.pop(path, None)
+            if self.skip is not None and st.st_size - self.offsets[path] > self.skip:
+                self.offsets[path] = _line_start(handle, st.st_size - self.skip)
+                self.partial.pop(path, None)
+                yield "[aipm] … (the log's lines before these are not shown here: the task's log has them)"
+            handle.seek(self.offsets[path])
+            while True:
+                data = handle.read(CHUNK)
+                if not data:
+                    break
+                self.offsets[path] += len(data)
+                lines = (self.partial.pop(path, b"") + data).split(b"\n")
+                rest = lines.pop()
+                while len(rest) > LONGEST:  # no newline in sight: its pieces go now
+                    cut = _char_boundary(rest, LONGEST)
+                    lines.append(rest[:cut])
+                    rest = rest[cut:]
+                if rest:
+                    self.partial[path] = rest
+                for line in lines:
+                    while len(line) > LONGEST:
+                        cut = _char_boundary(line, LONGEST)
+                        yield line[:cut].decode(errors="replace")
+                        line = line[cut:]
+                    yield line.decode(errors="replace").rstrip("\r")
+        rest = self.partial.pop(path, b"") if final else b""
+        if rest:
+            yield rest.decode(errors="replace").rstrip("\r")
 
     def forget(self, path: Path) -> None:
         self.offsets.pop(path, None)
         self.partial.pop(path, None)
+        self._ids.pop(path, None)
+
+
+def _lines_back(handle, size: int, count: int, limit: int | None) -> int:
+    """The offset where the last `count` lines of the file begin (its end when 0), reading back from its end a
+    block at a time, no further back than `limit` bytes (then at the first line that starts within them)."""
+    if count == 0:
+        return size
+    end = size
+    pos, found = size, 0
+    floor = 0 if limit is None else max(0, size - limit)
+    while pos > floor:
+        step = min(_BACK_BLOCK, pos - floor)
+        pos -= step
+        handle.seek(pos)
+        block = handle.read(step)
+        at = len(block)
+        while True:
+            at = block.rfind(b"\n", 0, at)
+            if at < 0:
+                break
+            if pos + at + 1 < end:  # a newline that ends a line, not the file's last byte
+                found += 1
+                if found == count:
+                    return pos + at + 1
+    return 0 if floor == 0 else _line_start(handle, floor)
+
+
+def _line_start(handle, offset: int) -> int:
+    """The first line start at or after `offset`."""
+    if offset == 0:
+        return 0
+    handle.seek(offset - 1)
+    while True:
+        block = handle.read(_BACK_BLOCK)
+        if not block:
+            return handle.tell()
+        at = block.find(b"\n")
+        if at >= 0:
+            return handle.tell() - len(block) + at + 1
+
+
+def _char_boundary(data: bytes, at: int) -> int:
+    """`at`, moved back over UTF-8 continuation bytes so a character is not split (at most 3)."""
+    for cut in range(at, max(at - 4, 0), -1):
+        if data[cut] & 0xC0 != 0x80:
+            return cut
+    return at
 
 
 def tagged(task: str, line: str) -> str:

@@ -74,3 +74,77 @@ def test_logs_follow_of_a_task_not_started_yet_waits_for_its_first_attempt(proje
         follower.kill()
     assert follower.returncode == 0, out + err
     assert "hello-from-b" in out
+
+
+# -- the tail the followers read with (logs -f, the dashboard's live log) ------------------------------------
+
+
+def _peak(action) -> int:
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        action()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_last_lines_of_a_big_log_are_found_without_holding_the_log(tmp_path):
+    """A page connecting to a 400 MB log held 2.5 times it in memory (read whole, split, cut to 200 lines)."""
+    from aipm.logbook import Tail
+
+    log = tmp_path / "T.1.log"
+    with open(log, "wb") as handle:
+        for block in range(40):
+            handle.write(b"".join(b"line %d of block %d %s\n" % (i, block, b"x" * 400) for i in range(1000)))
+    tail = Tail(skip=1 << 18)
+    lines: list[str] = []
+    peak = _peak(lambda: (tail.start(log, last=200), lines.extend(tail.read(log))))
+    assert len(lines) == 200 and lines[-1].startswith("line 999 of block 39 ")
+    assert peak < 4 << 20, peak  # the log is 16 MB
+
+
+def test_a_line_without_end_comes_in_pieces_and_nothing_is_lost(tmp_path):
+    from aipm.logbook import LONGEST, Tail
+
+    log = tmp_path / "T.1.log"
+    text = ("é" * (3 * LONGEST)).encode()  # two bytes a character: a piece never splits one
+    log.write_bytes(text + b"\nend\n")
+    pieces: list[str] = []
+    peak = _peak(lambda: pieces.extend(Tail().read(log)))
+    assert "".join(pieces[:-1]).encode() == text and pieces[-1] == "end"
+    assert all(len(p.encode()) <= LONGEST for p in pieces) and peak < 8 * LONGEST + (2 << 20)
+
+
+def test_a_log_truncated_or_replaced_while_followed_is_read_from_its_start(tmp_path):
+    """A worker's `truncate -s 0` of its log: the follower kept its offset and showed nothing more."""
+    from aipm.logbook import Tail
+
+    log = tmp_path / "T.1.log"
+    log.write_text("".join(f"old {i}\n" for i in range(300)))
+    tail = Tail()
+    assert len(list(tail.read(log))) == 300
+    with open(log, "r+") as handle:
+        handle.truncate(0)
+    with open(log, "a") as handle:
+        handle.write("new 1\nnew 2\nnew 3\n")
+    assert list(tail.read(log)) == ["new 1", "new 2", "new 3"]
+    fresh = tmp_path / "fresh"
+    fresh.write_text("".join(f"other {i}\n" for i in range(400)))
+    fresh.replace(log)  # a new file, longer than the offset
+    assert list(tail.read(log))[:2] == ["other 0", "other 1"]
+
+
+def test_a_burst_beyond_the_skip_gives_only_its_end_after_a_note(tmp_path):
+    from aipm.logbook import Tail
+
+    log = tmp_path / "T.1.log"
+    log.write_text("first\n")
+    tail = Tail(skip=1000)
+    assert list(tail.read(log)) == ["first"]
+    with open(log, "a") as handle:
+        handle.write("".join(f"burst {i:05d}\n" for i in range(10000)))
+    lines = list(tail.read(log))
+    assert lines[0].startswith("[aipm] … ") and lines[-1] == "burst 09999"
+    assert sum(len(line) + 1 for line in lines[1:]) <= 1000 and lines[1].startswith("burst ")

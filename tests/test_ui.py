@@ -30,7 +30,10 @@ def dashboard(project):
     yield url
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130  # Ctrl-C, as every aipm command reports it
-    assert "warning" not in proc.stderr.read()  # 127.0.0.1, the default: nothing to warn about
+    said = proc.stderr.read()
+    assert "warning" not in said  # 127.0.0.1, the default: nothing to warn about
+    # An open page's event stream is ended by the stop, not cancelled with a traceback after the grace.
+    assert "Traceback" not in said and "ERROR" not in said, said
 
 
 @pytest.fixture(scope="module")
@@ -422,3 +425,49 @@ def test_a_worker_that_ended_after_its_supervisor_died_reads_as_waiting_for_its_
     assert task_statuses(order) == {"A": "IN_PROGRESS"}  # written by no reader
     assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "A", "action": "adopted"}]
     wait_for(lambda: task_statuses(order) == {"A": "DONE"} and no_workers(project.root))
+
+
+def _event_stream(url: str):
+    """A page's event stream, opened and read up to its first message."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    client = socket.create_connection((parts.hostname, parts.port))
+    client.sendall(f"GET /events?{parts.query} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
+    assert b"200" in client.recv(65536).split(b"\r\n", 1)[0]
+    return client
+
+
+def test_ctrl_c_with_pages_open_ends_their_streams_without_a_traceback(project):
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false", AIPM_UI_KEEPALIVE="3600")
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "ui", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    url = proc.stdout.readline().strip()
+    clients = [_event_stream(url) for _ in range(2)]
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    said = proc.stderr.read()
+    assert "Traceback" not in said and "ERROR" not in said, said
+    for client in clients:
+        client.close()
+
+
+def test_a_cancel_request_too_deep_or_too_long_is_a_400(project, dashboard):
+    import urllib.error
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(dashboard)
+    token = parts.query.split("token=")[1]
+    for body in (b"[" * 100000 + b"]" * 100000, b'{"order": "' + b"x" * 100000 + b'", "task": "T"}'):
+        request = urllib.request.Request(f"http://{parts.netloc}/api/cancel", data=body, method="POST",
+                                         headers={"x-aipm-token": token, "content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(request, timeout=30)
+        assert caught.value.code == 400
+
+
+def test_an_empty_host_is_refused_not_every_interface(project):
+    proc = project.aipm("ui", "--host", "")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--host: empty" in proc.stderr, proc.stderr

@@ -29,6 +29,9 @@ def ui(
         raise UserError("aipm ui needs the web extra: pip install 'aipm[ui]' (Starlette and uvicorn)")
     from aipm.ui.serve import LOOPBACK, serve
 
+    if not host.strip():
+        raise UserError("--host: empty; name the address to listen on (127.0.0.1, the default, keeps the dashboard "
+                        "on this machine; 0.0.0.0 is every interface)")
     project = get_project()
     settings = load_settings(project.root)
     dirs = [project.order_dir(o) for o in orders] if orders else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import json
 from contextlib import asynccontextmanager
 from importlib import resources
 from pathlib import Path
@@ -37,6 +38,7 @@ TOKEN_HEADER = b"x-aipm-token"
 LINGER = 0.05  # seconds a woken stream waits for the rest of a burst of changes
 LOG_BYTES = 256 * 1024  # of each attempt's log shown for one task: the end, where the news is
 LIVE_LINES = 2000  # of the merged log the page keeps (page.html's MAX_LINES): no message carries more
+MAX_BODY = 4096  # bytes of a cancel's or retry's request: {"order": ..., "task": ...}
 SECURITY_HEADERS = [
     (b"referrer-policy", b"no-referrer"),
     (b"x-content-type-options", b"nosniff"),
@@ -52,6 +54,7 @@ class Guard:
 
     def __init__(self, app, token: str, hosts: set[str], any_ip_host: bool = False):
         self.app = app
+        self.stop = lambda: None  # ends the open event streams (create_app sets it)
         self.token = token.encode()
         self.hosts = hosts
         self.any_ip_host = any_ip_host  # --host 0.0.0.0: the page is reached by whatever address the machine has
@@ -154,10 +157,15 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
     def steer(action):
         async def endpoint(request: Request):
             try:
-                body = await request.json()
+                raw = b""
+                async for chunk in request.stream():  # a cap, not the whole body first: {"order", "task"} is small
+                    raw += chunk
+                    if len(raw) > MAX_BODY:
+                        raise ValueError("too long")
+                body = json.loads(raw)
                 order_dir, task_id = await run_in_threadpool(find, str(body["order"]), str(body["task"]))
                 said = await run_in_threadpool(action, project, order_dir, task_id)
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 return JSONResponse({"error": "expected JSON {\"order\": ..., \"task\": ...}"}, 400)
             except UserError as exc:
                 return JSONResponse({"error": str(exc)}, 409)
@@ -188,6 +196,8 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
                     if not await hub.wait(stream):
                         yield ": keep-alive\n\n"
                         continue
+                    if hub.stopping:
+                        return
                     await asyncio.sleep(LINGER)  # let a burst of writes land: one message, not hundreds
                     grown, stream.logs = stream.logs, set()
                     lines = await run_in_threadpool(_grown, live, grown)
@@ -212,7 +222,9 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
         Route("/api/retry", steer(steering.retry), methods=["POST"]),
         Route("/events", events),
     ], lifespan=lifespan)
-    return Guard(app, token, hosts, any_ip_host)
+    guard = Guard(app, token, hosts, any_ip_host)
+    guard.stop = hub.stop
+    return guard
 
 
 def _page_full(lines: list[dict]) -> list[dict]:

@@ -42,4 +42,12 @@ def serve(project: Project, settings: Settings, orders: list[Path] | None, host:
     announce(f"http://{shown}:{port}/?token={token}")
     # Open event streams never end by themselves: on Ctrl-C close them after a second instead of waiting.
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1, lifespan="on")
-    uvicorn.Server(config).run(sockets=[sock])
+    server = uvicorn.Server(config)
+    exit_server = server.handle_exit
+
+    def handle_exit(sig, frame) -> None:  # the open event streams end as the shutdown begins
+        app.stop()
+        exit_server(sig, frame)
+
+    server.handle_exit = handle_exit
+    server.run(sockets=[sock])

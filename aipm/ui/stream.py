@@ -22,6 +22,7 @@ from aipm.runtime import Runtime
 from aipm.settingvalues import number
 
 BACKLOG = 200  # lines of each running worker's log a page gets when it connects
+LIVE_BYTES = 1 << 18  # of a log that grew by more at once (or a backlog's lines), only its end is read and sent
 # Seconds between comment lines that keep an idle stream open through proxies (AIPM_UI_KEEPALIVE overrides).
 KEEPALIVE = 15.0
 NO_INOTIFY_RECHECK = 2.0  # seconds: only where inotify is missing does a stream look again on its own
@@ -55,10 +56,18 @@ class Hub:
         self.keepalive = keepalive()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pidfds: dict[tuple[int, float], int] = {}  # (pid, start time) of a worker or owner -> its pidfd
+        self.stopping = False  # the server is shutting down: every stream ends
+
+    def stop(self) -> None:
+        """From the server's signal handler (Ctrl-C): end the open streams now, so the shutdown need not cancel
+        them (with a traceback each) once its grace has passed."""
+        self.stopping = True
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._wake, False, set())
 
     def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         if self.watch is not None:
-            self._loop = asyncio.get_running_loop()
             self._loop.add_reader(self.watch.fd, self._ready)
             self._track()
 
@@ -127,7 +136,7 @@ class LiveLog:
     """The merged log of the running workers: each new line with its order and task."""
 
     def __init__(self) -> None:
-        self.tail = Tail()
+        self.tail = Tail(skip=LIVE_BYTES)
 
     def backlog(self, records: list[Record]) -> list[dict]:
         """The last lines of every live worker's log, for a page that just connected."""
