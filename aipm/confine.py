@@ -27,6 +27,7 @@ import json
 import os
 import shutil
 import sys
+from functools import lru_cache
 
 from aipm.paths import GLOB_CHARS, literal_base
 
@@ -91,13 +92,31 @@ def prefix(root: str, targets: list[str], log: str, keep: list[str], project: st
     `project`: the project root when `root` is a worktree of it (nothing of the project tree is opened then);
     `state`: aipm's directory outside the project (exit files, locks, the compiled wrapper), never opened.
 
-    Python runs isolated (-I): with the project root as its working directory, `-m` would put the root first on
-    sys.path, and a module a task left there (`token.py`, `json.py`) would run before the ruleset does; the
-    directory holding aipm is appended instead (after the standard library)."""
-    spec = {"root": root, "targets": targets, "log": log, "keep": keep, "project": project or root, "state": state}
-    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    boot = f"import sys; sys.path.append({here!r}); from aipm.confine import main; sys.exit(main(sys.argv[1:]))"
-    return [sys.executable, "-I", "-c", boot, json.dumps(spec), "--"]
+    Python runs isolated and without `site` (-I -S): the standard library first, then only the directories
+    that hold aipm and the Landlock binding. From the project root, `-m` would have put the root first on the
+    import path, and a module a task left there (`token.py`, `json.py`) ran before the ruleset did; `site` would
+    run the `.pth` files of site-packages, which a worker may write when they lie outside the project."""
+    spec = {"root": root, "targets": targets, "log": log, "keep": keep, "project": project or root, "state": state,
+            "path": _boot_path()}
+    boot = ("import json, sys; sys.path += json.loads(sys.argv[1])['path']; from aipm.confine import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    return [sys.executable, "-I", "-S", "-c", boot, json.dumps(spec), "--"]
+
+
+@lru_cache(maxsize=None)
+def _boot_path() -> list[str]:
+    """Where this process finds aipm and landlockpy (an editable install, PYTHONPATH and site-packages alike)."""
+    import importlib.util
+
+    places = [os.path.dirname(os.path.dirname(os.path.abspath(__file__)))]
+    found = importlib.util.find_spec("landlockpy")
+    if found is not None and found.origin:
+        package = found.submodule_search_locations
+        places.append(os.path.dirname(package[0] if package else found.origin))
+    return list(dict.fromkeys(places))
+
+
+WHOLE = -1  # a listing's mtime for a directory removed with all it holds (the worker's TMPDIR)
 
 
 def made_file(log: str) -> str:
@@ -126,7 +145,7 @@ def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] =
     real_root = os.path.realpath(root)
     real_project = os.path.realpath(project or root)
     git = _git_dirs(real_root)
-    runtime = os.path.join(real_root, ".aipm")
+    runtime = os.path.realpath(os.path.join(real_root, ".aipm"))  # (a link to where it lives: that place)
     orders = [os.path.realpath(k) for k in keep]
     kept = git + [runtime] + orders
     state = [os.path.realpath(state)] if state else []
@@ -146,23 +165,39 @@ def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] =
             continue
         _make_parents(path, made)
         if path in orders:
-            # An order directory (or the one holding them) named by a glob's base or as a directory: Landlock
-            # cannot open it without letting task files be made or replaced there, so only the files in it that
-            # are no task files (nor aipm's hidden temporary ones) may be written, and nothing made.
-            out += [(e.path, FILE_RIGHTS) for e in _entries(path)
-                    if e.is_file(follow_symlinks=False) and not e.name.endswith(".yaml") and e.name[:1] != "."]
+            out += _order_entries(path)
             continue
         inside = [k for k in kept if _contains(path, k)]
         out += _beside(path, inside) if inside else [(path, ALL_RIGHTS)]
     out.append((log, WRITE_FILE))
     tmp = None
     system_tmp = os.path.realpath(tempfile.gettempdir())
-    # A temp directory that holds the project or aipm's state cannot be opened whole: the worker gets its own.
+    # A temp directory that holds the project or aipm's state cannot be opened whole: the worker gets its own,
+    # made there with a short name (a socket's path must fit in 108 bytes), removed by tidy().
     if any(_contains(system_tmp, p) or _contains(p, system_tmp) for p in [real_project] + state):
-        tmp = private_tmp(log)
+        inside = _contains(real_project, system_tmp)
+        tmp = private_tmp(log) if inside else tempfile.mkdtemp(prefix="aipm-tmp-", dir=system_tmp)
         os.makedirs(tmp, exist_ok=True)
+        made.append([tmp, True, WHOLE])
         out.append((tmp, ALL_RIGHTS))
     return out, tmp
+
+
+def _order_entries(directory: str) -> list[tuple[str, int]]:
+    """An order directory (or the one holding them) named by a glob's base or as a directory target: Landlock
+    cannot open it without letting task files be made or replaced in it, so only its files that are no task files
+    (nor aipm's hidden temporary ones) may be written, and nothing made in it; its subdirectories are open, but
+    for one that holds task files itself (an order directory in `orders/`), which gets the same again."""
+    out = []
+    for entry in _entries(directory):
+        if entry.is_symlink() or entry.name[:1] == ".":
+            continue
+        if entry.is_dir():
+            holds_tasks = any(e.name.endswith(".yaml") for e in _entries(entry.path))
+            out += _order_entries(entry.path) if holds_tasks else [(entry.path, ALL_RIGHTS)]
+        elif entry.is_file() and not entry.name.endswith(".yaml"):
+            out.append((entry.path, FILE_RIGHTS))
+    return out
 
 
 def _entries(directory: str) -> list[os.DirEntry]:
@@ -284,7 +319,7 @@ def tidy(log: str) -> None:
     """After an attempt: remove the TMPDIR and what was created for the rules and left untouched since
     (empty files with their first mtime, empty directories)."""
     tmp = private_tmp(log)
-    if os.path.lexists(tmp):  # only a confined attempt has one: the usual case costs one lstat, not an rmtree
+    if os.path.lexists(tmp):  # (where an older aipm made every one)
         shutil.rmtree(tmp, ignore_errors=True)
     listing = made_file(log)
     try:
@@ -294,7 +329,9 @@ def tidy(log: str) -> None:
         return
     for path, is_dir, mtime in reversed(made):
         try:
-            if is_dir:
+            if mtime == WHOLE:
+                shutil.rmtree(path, ignore_errors=True)
+            elif is_dir:
                 os.rmdir(path)
             else:
                 st = os.stat(path)

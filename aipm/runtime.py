@@ -131,16 +131,17 @@ class Runtime:
 
     def _clear_way(self, directory: Path) -> None:
         """A file or symbolic link a worker left where one of aipm's directories goes (`.aipm`, `.aipm/logs/ORD`):
-        moved aside, kept under a name that says why, so the directory can be made again. `.aipm` itself may be a
-        link to a directory (a person's choice of where it lives)."""
+        moved aside, kept under a name that says why, so the directory can be made again. A link to a directory
+        stays where it is aipm's own (`.aipm` itself, a person's choice of where it lives) or leads out of the
+        project's files (`.aipm/logs` on another disk): see kept_link."""
         for place in [*reversed(directory.relative_to(self.dir).parents), directory.relative_to(self.dir)]:
             path = self.dir / place
             try:
-                mode = (os.stat if path == self.dir else os.lstat)(path).st_mode
+                mode = os.lstat(path).st_mode
             except (FileNotFoundError, NotADirectoryError):
-                if not os.path.islink(path):
-                    return  # made below: nothing else stands in the way
-                mode = 0  # a link to nothing
+                return  # made below: nothing else stands in the way
+            if stat.S_ISLNK(mode) and (path == self.dir and os.path.isdir(path) or kept_link(str(path))):
+                continue
             if not stat.S_ISDIR(mode):
                 with suppress(FileNotFoundError):
                     os.rename(path, f"{path}.not-a-directory.{time.time_ns()}")
@@ -445,12 +446,25 @@ def _remake(state: Path) -> None:
         make_state_dir(state)
 
 
+def kept_link(path: str) -> bool:
+    """A link at `path`, a directory below `<root>/.aipm/`, that aipm writes through: it leads to a directory
+    outside the project's files (another disk), or inside `.aipm/`. One into the project's files (a worker's
+    link of `.aipm/logs/ORD` to `src/`) would have aipm write there."""
+    parts = path.split(os.sep)
+    if ".aipm" not in parts or not os.path.isdir(path):
+        return False
+    top = os.sep.join(parts[:len(parts) - parts[::-1].index(".aipm") - 1])
+    real, root = os.path.realpath(path), os.path.realpath(top)
+    return not real.startswith(root + os.sep) or real.startswith(os.path.realpath(os.path.join(top, ".aipm")) + os.sep)
+
+
 def append_log(log: str, line: str) -> None:
     """aipm's line at the end of an attempt's log; none when the worker replaced its log with what is not a file,
     or its directory with a link (the outcome is in the task file anyway, and `aipm logs` says the log is
     unusable); the line would land where the link leads, in the project tree."""
     try:
-        if not stat.S_ISDIR(os.lstat(os.path.dirname(log)).st_mode):
+        directory = os.path.dirname(log)
+        if not stat.S_ISDIR(os.lstat(directory).st_mode) and not kept_link(directory):
             return
         fd = open_regular(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW)
     except OSError:

@@ -31,6 +31,7 @@ from aipm.runtime import append_log, exit_code_in_log, read_exit_file
 from aipm.store import load_task
 from aipm.view import OrderView
 from aipm.worker import invocation
+from aipm.writer import StaleWrite
 
 Emit = Callable[[dict], None]
 KILL_GRACE = 5.0
@@ -308,7 +309,10 @@ class Supervisor(Recording, Owner):
         except (UserError, OSError):
             task = None  # deleted or broken: without its record, recovery re-queues it once it is fixed
         if task is not None and self._reset(task, rec):
-            task = self._restored(rec, task)  # put back under it (a `git checkout`): the attempt is still ours
+            try:
+                task = self._restored(rec, task)  # put back under it (a `git checkout`): the attempt is still ours
+            except (StaleWrite, UserError, OSError):
+                pass  # changed again, or unwritable: left as it is, like any task that is not this attempt's
         ours = task is not None and task.status in RUNNING and task.attempts == rec.attempt
         if ours:
             recovery.interrupt(self.rt, task, rec, why)

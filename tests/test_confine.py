@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -113,9 +114,11 @@ def test_confined_worker_gets_eacces_for_every_forbidden_write_and_can_do_the_al
     assert set(data) == {"id", "target_files", "command", "confine", "status", "attempts", "started_at",
                          "finished_at", "exit_code", "reason"}
     assert data["reason"] == "exit 0"
-    # The project lies under /tmp here, so the worker got a TMPDIR of its own, removed after the attempt.
-    private = root / ".aipm" / "logs" / "ORD" / "T.1.tmp"
-    assert result["TMPDIR"] == str(private) and not private.exists()
+    # /tmp holds aipm's state directory (and here the project), so the worker got a TMPDIR of its own there,
+    # with a short name (a socket's path must fit in 108 bytes), removed after the attempt.
+    private = result["TMPDIR"]
+    assert private.startswith(os.path.join(os.path.realpath(tempfile.gettempdir()), "aipm-tmp-"))
+    assert len(private) < 40 and not os.path.exists(private)
     assert (outside / "note.txt").exists()
 
 
@@ -237,9 +240,10 @@ def test_rules_never_open_the_project_through_its_ancestors_or_a_symlink(tmp_pat
     assert paths[os.path.realpath(tmp_path / "sibling")] == confine.ALL_RIGHTS
     assert paths[os.path.join(real, "a", "b.txt")] == confine.FILE_RIGHTS
     assert paths[os.path.join(real, "tests")] == confine.ALL_RIGHTS  # a glob: its literal base
-    assert tmp == str(log)[: -len(".log")] + ".tmp"  # the project lies under the temp directory
+    assert tmp.startswith(os.path.join(os.path.realpath(tempfile.gettempdir()), "aipm-tmp-"))  # project in /tmp
     assert [m[0] for m in made] == [os.path.join(real, "a"), os.path.join(real, "a", "b.txt"),
-                                    os.path.join(real, "tests")]
+                                    os.path.join(real, "tests"), tmp]
+    os.rmdir(tmp)
 
 
 def _git(top: Path, *args: str) -> None:
@@ -558,16 +562,18 @@ def test_a_glob_whose_base_is_an_order_directory_opens_no_task_file(tmp_path, gl
     (root / "README").write_text("r\n")
     notes = project.order() / "notes.md"
     notes.write_text("notes\n")
+    (project.order() / "r").mkdir()  # a directory of the order's own: no task files in it
     place = "orders/ORD" if glob.startswith("orders/ORD") else "orders/OTHER"
     write_task(project.order(), "T", target_files=[glob], confine=True,
-               command=EVIL_TASK.format(d=place) + "; echo more >> orders/ORD/notes.md")
+               command=EVIL_TASK.format(d=place) + "; echo more >> orders/ORD/notes.md; echo r > orders/ORD/r/r.md; true")
     write_task(project.order("OTHER"), "U", target_files=["u/"], command="echo U ran >> README")
     write_task(project.order(), "U", target_files=["u/"], depends_on=["T"], command="echo U ran >> README")
     project.aipm("run", "ORD", "--no-review")
     assert not (root / place / "EVIL.yaml").exists() and "pwned" not in (root / "README").read_text()
     assert yaml.safe_load((root / place / "U.yaml").read_text()).get("status", "QUEUED") in ("QUEUED", "DONE")
-    assert (root / "README").read_text().count("U ran") == (1 if place == "orders/ORD" else 0)
-    assert notes.read_text() == ("notes\nmore\n" if glob == "orders/ORD/*.md" else "notes\n")
+    assert (root / "README").read_text().count("U ran") == 1  # ORD's U, once: OTHER's is no task of this run
+    # What is no task file stays writable: a file beside the task files, and below them (a glob `**` reaches).
+    assert notes.read_text() == "notes\nmore\n" and (project.order() / "r" / "r.md").read_text() == "r\n"
 
 
 def test_rules_give_no_target_a_task_file_or_aipms_runtime_directory(tmp_path):
@@ -584,6 +590,7 @@ def test_rules_give_no_target_a_task_file_or_aipms_runtime_directory(tmp_path):
     paths = {p for p, _ in grants}
     assert os.path.join(real, "ok.txt") in paths
     assert not {p for p in paths if p.startswith((os.path.join(real, ".aipm"), str(order)))} - {str(log), tmp}
+    os.rmdir(tmp)
 
 
 @landlock
@@ -600,3 +607,43 @@ def test_a_confined_worker_cannot_signal_its_wrapper_or_its_owner(tmp_path):
     log = (project.root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
     assert ("own-child", "wrapper-denied", "owner-denied") == tuple(w for w in log.split() if w.endswith(
         ("child", "denied"))), log
+
+
+@landlock
+def test_a_confined_task_runs_where_aipm_and_landlockpy_are_found_through_pythonpath_only(tmp_path):
+    """The step that builds the ruleset runs isolated (no PYTHONPATH, no site): it must still find aipm and the
+    binding where the process that started it found them, or every confined task fails with exit 126."""
+    import subprocess
+    import sysconfig
+
+    base = os.path.join(sys.base_prefix, "bin", "python3")
+    if not os.access(base, os.X_OK) or subprocess.run([base, "-c", "import landlockpy"],
+                                                      capture_output=True).returncode == 0:
+        pytest.skip("needs a base interpreter without landlockpy of its own")
+    (tmp_path / "p").mkdir()
+    project = Project(tmp_path / "p")
+    task = write_task(project.order(), "T", target_files=["out.txt"], command="echo ok > out.txt", confine=True)
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false",
+               PYTHONPATH=os.pathsep.join([str(Path(confine.__file__).parents[1]), sysconfig.get_paths()["purelib"]]))
+    proc = subprocess.run([base, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--no-review"],
+                          capture_output=True, text=True, env=env, cwd=project.root, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert yaml.safe_load(task.read_text())["status"] == "DONE"
+    assert (project.root / "out.txt").read_text() == "ok\n"
+
+
+def test_rules_keep_out_the_runtime_directory_where_a_link_at_aipm_leads(tmp_path):
+    """`.aipm` may be a link to a directory in the project: the rules kept out the link's path, not the place,
+    and a target of the root (or of that place) opened other tasks' logs, feedback and merge plans."""
+    root = tmp_path / "proj"
+    (root / "rt" / "logs" / "ORD").mkdir(parents=True)
+    (root / "orders" / "ORD").mkdir(parents=True)
+    os.symlink("rt", root / ".aipm")
+    log = str(root / ".aipm" / "logs" / "ORD" / "T.1.log")
+    real = os.path.realpath(root / "rt")
+    for targets in (["./"], ["rt/"]):
+        grants, tmp = confine.rules(str(root), targets, log, [], [str(root / "orders" / "ORD"),
+                                                                  str(root / "orders")])
+        opened = [p for p, _ in grants if os.path.realpath(p) == real or os.path.realpath(p).startswith(real + "/")]
+        assert opened == [log], (targets, opened)
+        os.rmdir(tmp)

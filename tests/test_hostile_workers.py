@@ -250,6 +250,18 @@ def test_a_file_or_link_a_worker_leaves_where_aipms_directory_goes_is_moved_asid
     assert aside and all(p.is_symlink() if what == "link" else p.read_text() == "x\n" for p in aside)
 
 
+def test_a_persons_link_of_the_logs_to_another_place_is_kept_and_written_through(project, tmp_path_factory):
+    """Only a link into the project's files is a worker's doing: `.aipm/logs` on another disk is a choice."""
+    elsewhere = tmp_path_factory.mktemp("other-disk")
+    (project.root / ".aipm").mkdir(exist_ok=True)
+    (project.root / ".aipm" / "logs").symlink_to(elsewhere)
+    write_task(project.order(), "T", command="echo T")
+    assert project.aipm("run", "ORD").returncode == 0
+    assert (project.root / ".aipm" / "logs").is_symlink()
+    assert "T" in (elsewhere / "ORD" / "T.1.log").read_text()
+    assert not list((project.root / ".aipm").glob("logs.not-a-directory.*"))
+
+
 def test_a_finished_task_a_worker_puts_back_to_queued_runs_again_and_the_run_says_why(project):
     """A worker's `git checkout` of the order put U's file back to QUEUED after U ended DONE: the file is the
     truth for a task no worker runs, so U runs again; the run now says why, in a `reopened` event."""

@@ -259,8 +259,9 @@ def apply(top: Path, directory: Path, after_each=lambda steps_done: None) -> App
             step = Step(**raw)
             try:
                 if i not in done:
-                    _remove_temp(top / step.path)
-                    done[i] = _step(top, directory, i, step, begun.get(i), applied.notes,
+                    # A temp still there: the crash came before its rename, so the step's inode never landed.
+                    renamed = not _remove_temp(top / step.path)
+                    done[i] = _step(top, directory, i, step, begun.get(i) if renamed else None, applied.notes,
                                     lambda inode: note(i, None, inode))
                     note(i, done[i])
             except OSError as exc:
@@ -322,7 +323,8 @@ def _step(top: Path, directory: Path, i: int, step: Step, begun: int | None, not
     if now != step.before:
         ancestor = directory / f"{i}.before"
         if step.before is not None and not ancestor.exists():
-            return "changed in the main tree after the merge was planned"  # a plan saved without its ancestors
+            return ("changed in the main tree after the merge was planned; the plan, saved by an older aipm, "
+                    "keeps no copy of the file as planned to merge the two with")
         result, why, _ = _three_way(_load_state(ancestor) if step.before else None, state, result)
         if result is None:
             return f"changed in the main tree after the merge was planned; {why}"
@@ -390,11 +392,13 @@ def _prune_empty(directory: Path, top: Path) -> None:
         directory = directory.parent
 
 
-def _remove_temp(target: Path) -> None:
+def _remove_temp(target: Path) -> bool:
+    """Remove what a crashed write left; whether there was one."""
     try:
         target.with_name(target.name + _TEMP).unlink()
     except (FileNotFoundError, NotADirectoryError):
-        pass
+        return False
+    return True
 
 
 def _durable(path: Path, data: bytes) -> None:
