@@ -111,6 +111,13 @@ def _str_list(path: Path, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _model(path: Path, data: Mapping[str, Any], key: str) -> str | None:
+    value = str_field(path, data, key)
+    if value is not None and not value.strip():
+        raise ValidationError(str(path), key, "empty; name a model, or remove the line for the default")
+    return value
+
+
 def _flag(path: Path, data: Mapping[str, Any], key: str) -> bool | None:
     value = data.get(key)
     if value is not None and not isinstance(value, bool):
@@ -281,7 +288,7 @@ def _optional_count(path: Path | str, data: Mapping[str, Any], key: str, maximum
 # extra arguments. The key is also the Task field it sets.
 _DEFINED: tuple[tuple[str, Any, tuple], ...] = (
     ("title", one_line, ()), ("priority", _enum, (Priority, Priority.P1)), ("depends_on", _str_list, ()),
-    ("command", _command, ()), ("prompt", str_field, ()), ("model", str_field, ()), ("review", _command, ()),
+    ("command", _command, ()), ("prompt", str_field, ()), ("model", _model, ()), ("review", _command, ()),
     ("timeout", _positive_int, (MAX_TIMEOUT,)), ("max_attempts", _positive_int, (MAX_COUNT,)),
     ("resources", _resources, ()), ("max_rework", _optional_count, (MAX_COUNT,)), ("agent", _agent, ()),
     ("max_cost_usd", money_field, (True,)), ("confine", _flag, ()), ("workspace", _workspace, ()),

@@ -40,6 +40,8 @@ class Project:
 
     def order_dir(self, arg: str) -> Path:
         """An order id (`ORDER_090` → <root>/orders/ORDER_090) or a path to an order directory."""
+        if not arg.strip():  # it would name the directory of the orders itself
+            raise UserError("ORDER: empty; name an order id or the path of an order directory")
         by_id = self.root / self.orders_dir / arg
         if by_id.is_dir():
             ids = self.order_ids()

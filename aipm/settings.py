@@ -20,6 +20,7 @@ from aipm import settingvalues as values
 from aipm.errors import SettingsError
 from aipm.fields import copy_globs
 from aipm.store import DuplicateKey, load_yaml
+from aipm.workerfiles import read_bytes
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,7 @@ def _file_layer(path: Path, data: Any, source: str) -> Layer:
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return load_yaml(path.read_bytes().decode("utf-8"))
+        return load_yaml(read_bytes(path).decode("utf-8"))  # (a regular file: a FIFO there hung every command)
     except OSError as exc:
         raise SettingsError(f"{path}: cannot read: {exc.strerror or exc}") from None
     except UnicodeDecodeError as exc:

@@ -31,6 +31,9 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
     Returns what the person must know besides: a merge of the task cut short (the tree half-merged), or None."""
     rt = Runtime(project.root)
     path = order_dir / f"{task_id}.yaml"
+    current, order_id = _read(project, order_dir, path)  # bad input is refused before the lock makes .aipm/
+    if rt.read_record(order_id, task_id) is None and current.status not in (*RUNNING, *CANCELLABLE):
+        raise UserError(f"{path}: status: {current.status} cannot be cancelled")
     with rt.launch_lock():
         current = load_task(path, project.root)
         # Only order.yaml is read for the id: a sibling task file half-edited must not stop a cancel.
@@ -40,7 +43,7 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
         again = current.status == Status.CANCELLED and live and rt.cancelled(rec)  # a cancel cut short
         if live and not again and disowned(current, rec, rt):  # its file rewritten under it (by the worker, say):
             current = restore(current, rec, project.root)  # the live worker is what is cancelled, as aipm knows it
-        if not again and current.status not in (*RUNNING, Status.QUEUED, Status.REWORK, Status.INTERRUPTED):
+        if not again and current.status not in (*RUNNING, *CANCELLABLE):
             raise UserError(f"{path}: status: {current.status} cannot be cancelled")
         if rec is not None:  # first: a cancel cut short after its write is still the user's
             try:
@@ -57,6 +60,22 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
         terminate_group(rec.pgid, rec.pid, grace)
         _until_released(rt, order_id, task_id, grace + 5)
     return workspace.note_pending_merge(project.root, order_id, task_id, "cancelled")
+
+
+def _resumable(path: Path, task: Task, settings: Settings) -> None:
+    agent = agent_for(task, settings)
+    if not can_resume(agent):
+        raise UserError(f"{path}: agent: {agent} cannot resume a session; retry without --resume")
+    if not task.session_id:
+        raise UserError(f"{path}: session_id: no agent session recorded yet; retry without --resume")
+
+
+CANCELLABLE = (Status.QUEUED, Status.REWORK, Status.INTERRUPTED)  # besides the running ones
+
+
+def _read(project: Project, order_dir: Path, path: Path) -> tuple[Task, str]:
+    """The task and its order's id, read to refuse bad input (UserError) before anything is written."""
+    return load_task(path, project.root), order_meta(order_dir)[0]
 
 
 def _until_released(rt: Runtime, order_id: str, task_id: str, limit: float) -> None:
@@ -76,6 +95,9 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
     next attempt continues the agent's recorded session. Returns the task as it was."""
     path = order_dir / f"{task_id}.yaml"
     rt = Runtime(project.root)
+    current, _ = _read(project, order_dir, path)  # bad input is refused before the lock makes .aipm/
+    if resume_with is not None:
+        _resumable(path, current, resume_with)
     with rt.launch_lock():
         current = load_task(path, project.root)
         order_id = order_meta(order_dir)[0]  # as for cancel: a broken sibling is no reason to refuse
@@ -101,11 +123,7 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
             rt.remove_record(order_id, task_id)  # left by an owner killed after its final write: the file has it
         marker = None
         if resume_with is not None:
-            agent = agent_for(current, resume_with)
-            if not can_resume(agent):
-                raise UserError(f"{path}: agent: {agent} cannot resume a session; retry without --resume")
-            if not current.session_id:
-                raise UserError(f"{path}: session_id: no agent session recorded yet; retry without --resume")
+            _resumable(path, current, resume_with)
             marker = rt.resume_path(order_id, task_id)
             marker.write_text(current.session_id + "\n")
         fresh = {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "started_at": None, "finished_at": None,

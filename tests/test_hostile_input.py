@@ -135,3 +135,62 @@ def test_help_and_version_still_exit_0(project):
     for args in (("--help",), ("run", "--help"), ("--version",)):
         proc = project.aipm(*args)
         assert proc.returncode == 0 and proc.stderr == "" and proc.stdout.strip(), (args, proc.stderr)
+
+
+# -- cases a review of every command's bad input found (each failed before its fix) -------------------------
+
+
+@pytest.mark.parametrize("args", [("cancel", "ORD/A"), ("retry", "ORD/A"), ("recover", "ORD"), ("recover",)],
+                         ids=" ".join)
+def test_a_write_command_refuses_a_broken_order_before_it_makes_the_runtime_directory(project, args):
+    write_task(project.order(), "A", command="true", target_files=["a.txt"], status="FAILED")
+    (project.order() / "order.yaml").write_text("foo: 1\n")
+    before = full_snapshot(project.root)
+    assert_one_line_error(project.aipm(*args), "order.yaml", "foo")
+    assert full_snapshot(project.root) == before
+
+
+@pytest.mark.parametrize("args, field", [(("cancel", "A"), "status"), (("retry", "A", "--resume"), "agent")],
+                         ids=["cancel a finished task", "resume a command task"])
+def test_a_refused_cancel_or_retry_writes_nothing(project, args, field):
+    write_task(project.order(), "A", command="true", status="DONE")
+    before = full_snapshot(project.root)
+    assert_one_line_error(project.aipm(*args), "A.yaml", field)
+    assert full_snapshot(project.root) == before
+
+
+def test_an_aipm_yaml_that_is_a_fifo_is_an_error_not_a_hang(project):
+    import os
+
+    (project.root / "aipm.yaml").unlink()
+    os.mkfifo(project.root / "aipm.yaml")
+    write_task(project.order(), "A", command="true")
+    assert_one_line_error(project.aipm("status", "ORD", timeout=30), "aipm.yaml", "-")
+
+
+@pytest.mark.parametrize("command", ["status", "run", "launch", "recover"])
+def test_an_empty_order_argument_is_refused(project, command):
+    write_task(project.order(), "A", command="true")
+    before = full_snapshot(project.root)
+    assert_one_line_error(project.aipm(command, ""), "ORDER", "empty")
+    assert full_snapshot(project.root) == before
+
+
+@pytest.mark.parametrize("value", ["''", "~"])
+def test_an_order_id_given_empty_is_refused(project, value):
+    write_task(project.order(), "A", command="true")
+    (project.order() / "order.yaml").write_text(f"id: {value}\n")
+    assert_one_line_error(project.aipm("validate"), "order.yaml", "id")
+
+
+def test_an_empty_model_is_refused_in_a_task_and_as_a_flag(project):
+    write_task(project.order(), "A", command="true")
+    assert_one_line_error(project.aipm("launch", "ORD", "--model", ""), "--model", "empty")
+    write_task(project.order(), "B", command="true", model="")
+    assert_one_line_error(project.aipm("validate"), "B.yaml", "model")
+
+
+@pytest.mark.parametrize("value", ["1_0", "+3", " 3 "])
+def test_a_number_setting_is_ascii_digits_only(project, value):
+    write_task(project.order(), "A", command="true")
+    assert_one_line_error(project.aipm("status", "ORD", env={"AIPM_MAX_WORKERS": value}), "AIPM_MAX_WORKERS", "-")

@@ -12,6 +12,7 @@ from aipm.cli.decl import Argument, Exit, Option, command
 
 from aipm import budget, parsecache, recovery
 from aipm.cluster import require_ray
+from aipm.errors import UserError
 from aipm.advice import stray_files, unenforced_budget, warnings
 from aipm.cli.common import JsonOpt, console, print_json, project_root, warn
 from aipm.cli.display import Display, mode_for, plain_line, summary_event
@@ -39,6 +40,8 @@ WorkspaceOpt = Option(
 def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options,
               runner: str | None = None, preempt: bool = False, confine: bool = False,
               workspace: str | None = None) -> Launcher:
+    if options.model is not None and not options.model.strip():
+        raise UserError("--model: empty; name a model, or leave the option out for the task's or aipm.yaml's")
     parsecache.writable(not options.dry_run)  # commands that may write keep the parse cache up to date
     root = project_root()
     settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, runner,

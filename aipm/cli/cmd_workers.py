@@ -300,7 +300,9 @@ def recover(
     those of deleted tasks (and orders, without ORDER)."""
     project, settings = _settings_project()
     launcher = Launcher(project, settings, Options(), monitor=None)
-    dirs = [project.order_dir(order)] if order else project.order_dirs()
+    dirs = [project.order_dir(order)] if order is not None else project.order_dirs()
+    for directory in dirs:  # bad input is refused before the lock makes .aipm/ (read again under it)
+        load_order(directory, project.root)
     done, known, tasks = [], [], set()
     recovery.read_lost_usage_ahead(launcher.runtime)
     with launcher.runtime.launch_lock():
