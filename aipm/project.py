@@ -87,6 +87,9 @@ class Project:
     def order_dirs(self) -> list[Path]:
         base = self.root / self.orders_dir
         if not base.is_dir():
+            if os.path.lexists(base):
+                raise UserError(f"{base}: orders_dir names {'a link to nothing' if base.is_symlink() else 'a file'}, "
+                                "not a directory; fix orders_dir in aipm.yaml (or move the file away)")
             return []
         return sorted(p for p in base.iterdir() if p.is_dir() and not p.name.startswith("."))
 

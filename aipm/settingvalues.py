@@ -86,9 +86,14 @@ def orders_dir(value: Any) -> str:
     """A directory inside the project, written relative to its root: orders are version-controlled with it, and
     every order path (locks, the audit, the view) is taken relative to the root."""
     path = text(value)
+    if "\0" in path:
+        raise ValueError(f"{path!r} holds a NUL byte, which no path may")
     parts = posixpath.normpath(path.replace(os.sep, "/")).split("/")
     if os.path.isabs(path) or parts[0] == "..":
         raise ValueError(f"{path!r} is outside the project; give a directory relative to the project root")
+    if parts[0] in (".aipm", ".git"):
+        raise ValueError(f"{path!r} is inside {parts[0]}/, which is not version-controlled with the project; give "
+                         "a directory of its own (orders, the default)")
     return path
 
 

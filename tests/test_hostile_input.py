@@ -194,3 +194,19 @@ def test_an_empty_model_is_refused_in_a_task_and_as_a_flag(project):
 def test_a_number_setting_is_ascii_digits_only(project, value):
     write_task(project.order(), "A", command="true")
     assert_one_line_error(project.aipm("status", "ORD", env={"AIPM_MAX_WORKERS": value}), "AIPM_MAX_WORKERS", "-")
+
+
+@pytest.mark.parametrize("value", ['"a\\0b"', ".aipm", ".aipm/orders", ".git/x"])
+def test_an_orders_dir_that_cannot_hold_orders_is_refused(project, value):
+    (project.root / "aipm.yaml").write_text(f"orders_dir: {value}\n")
+    before = full_snapshot(project.root)
+    for args in (("validate",), ("new", "O2")):
+        assert_one_line_error(project.aipm(*args), "aipm.yaml", "orders_dir")
+    assert full_snapshot(project.root) == before
+
+
+def test_an_orders_dir_that_is_a_file_is_refused_not_an_empty_project(project):
+    (project.root / "aipm.yaml").write_text("orders_dir: aipm.yaml\n")
+    for args in (("validate",), ("recover",)):
+        assert_one_line_error(project.aipm(*args), "aipm.yaml", "orders_dir")
+    assert not (project.root / ".aipm").exists()
