@@ -471,3 +471,8 @@ def test_a_cancel_request_too_deep_or_too_long_is_a_400(project, dashboard):
 def test_an_empty_host_is_refused_not_every_interface(project):
     proc = project.aipm("ui", "--host", "")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--host: empty" in proc.stderr, proc.stderr
+
+
+def test_an_address_that_cannot_be_had_is_one_line_without_the_exposure_warning(project):
+    proc = project.aipm("ui", "--host", "999.1.1.1")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--host 999.1.1.1" in proc.stderr, proc.stderr

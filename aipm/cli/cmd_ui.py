@@ -35,11 +35,15 @@ def ui(
     project = get_project()
     settings = load_settings(project.root)
     dirs = [project.order_dir(o) for o in orders] if orders else None
-    if host not in LOOPBACK:
-        console(stderr=True).print(
-            f"aipm: warning: listening on {host}: anyone who can reach it and learns the URL (token included) can "
-            "read every log and cancel tasks; traffic is not encrypted", markup=False)
+
+    def announce(url: str) -> None:  # once listening: an address that cannot be had gets its error alone
+        if host not in LOOPBACK:
+            console(stderr=True).print(
+                f"aipm: warning: listening on {host}: anyone who can reach it and learns the URL (token included) "
+                "can read every log and cancel tasks; traffic is not encrypted", markup=False)
+        print(url, flush=True)
+
     try:
-        serve(project, settings, dirs, host, port, lambda url: print(url, flush=True))
+        serve(project, settings, dirs, host, port, announce)
     except OSError as exc:
         raise UserError(f"--host {host} --port {port}: cannot listen: {exc.strerror or exc}") from None
