@@ -41,6 +41,10 @@ def fit(tasks: Iterable[Task], total: Capacity, used_cpus: float, used_memory_mb
                                 f"({max(0.0, total.cpus - used_cpus):g} CPU(s)"
                                 + (f", {max(0, room - used_memory_mb)} MB" if total.memory_mb is not None else "")
                                 + " free)")
+            # What is free is kept for it from the tasks ranked after it: else each CPU it waits for goes to the
+            # next smaller task as it frees, and a P0 that needs two waits behind every P3 that needs one.
+            used_cpus = max(used_cpus, min(total.cpus, used_cpus + cpus))
+            used_memory_mb = max(used_memory_mb, min(room, used_memory_mb + memory))
         else:
             used_cpus += cpus
             used_memory_mb += memory

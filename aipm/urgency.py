@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from aipm.model import Task
-from aipm.paths import Target, first_overlap
+from aipm.paths import Target, first_overlap, lock_overlap
 
 URGENT_RANK = 1  # P0 and P1 tasks may stop lower-priority work
 PREEMPT_LIMIT = 2  # a task is stopped at most this often (its `preemptions` field); then it runs to its end
@@ -52,10 +52,12 @@ def preemptions(candidates: Iterable[Task], holders: Iterable[Holder], slots: in
     for task in candidates:
         if task.priority.rank > URGENT_RANK:
             break  # rank order: no urgent task follows
-        if any(first_overlap(task.targets, targets) for targets in placed):
+        # By the kernel locks' test, as the planner blocks (a glob locks its whole fixed directory): a holder that
+        # only the finer test would pass over still keeps the task from starting.
+        if any(first_overlap(task.targets, targets, lock_overlap) for targets in placed):
             continue
         live = [h for h in holders if h.key not in stopped]
-        conflicts = [h for h in live if first_overlap(task.targets, h.targets)]
+        conflicts = [h for h in live if first_overlap(task.targets, h.targets, lock_overlap)]
 
         def may_stop(holder: Holder) -> bool:
             return holder.stoppable and holder.alive and holder.rank > task.priority.rank

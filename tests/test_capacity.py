@@ -17,10 +17,21 @@ def test_fit_packs_in_order_and_says_why():
     tasks = [_task("A", cpus=1), _task("B", cpus=1, memory_mb=100), _task("C"), _task("D", cpus=3),
              _task("E", gpus=1), _task("F", memory_mb=50)]
     start, waiting, refused = fit(tasks, Capacity(cpus=2, memory_mb=120), used_cpus=0.5, used_memory_mb=0)
-    assert [t.id for t in start] == ["A", "C", "F"]  # B no longer fits beside A; C declares nothing
-    assert set(waiting) == {"B"} and "0.5 CPU(s)" in waiting["B"]
+    assert [t.id for t in start] == ["A", "C"]  # B no longer fits beside A; C declares nothing
+    # F would fit, but in the memory B waits for: what is free is kept for the task ranked first
+    assert set(waiting) == {"B", "F"} and "0.5 CPU(s)" in waiting["B"]
     assert set(refused) == {"D", "E"}
     assert "--runner ray" in refused["D"] and "GPU" in refused["E"]
+
+
+def test_a_task_waiting_for_capacity_is_not_passed_by_smaller_ones_ranked_after_it():
+    """A P0 needing both CPUs waited behind every P3 needing one: each CPU that freed went to the next of them
+    (found by a review)."""
+    tasks = [_task("BIG", cpus=2), _task("S1", cpus=1), _task("S2", cpus=1)]
+    start, waiting, _ = fit(tasks, Capacity(cpus=2, memory_mb=1000), used_cpus=1, used_memory_mb=0)
+    assert start == [] and set(waiting) == {"BIG", "S1", "S2"}
+    start, _, _ = fit(tasks, Capacity(cpus=2, memory_mb=1000), used_cpus=0, used_memory_mb=0)
+    assert [t.id for t in start] == ["BIG"]
 
 
 def test_memory_that_cannot_be_read_counts_only_cpus():

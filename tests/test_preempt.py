@@ -44,6 +44,15 @@ def test_the_worker_limit_stops_the_least_urgent_stoppable_task():
     assert preemptions([urgent], running, slots=1) == []  # a free slot: nothing to stop (load, not the limit)
 
 
+def test_a_holder_the_glob_s_lock_meets_is_the_one_stopped():
+    """`src/*.py` locks all of src/: HOLD's `src/data.json` keeps it out though the glob cannot match it. The
+    finer test found no conflict, and the worker limit's victim, an unrelated task, was stopped (three times,
+    to its limit) while the urgent task stayed blocked (found by a review)."""
+    urgent = task("U", pri="P0", files=["src/*.py"])
+    running = [holder("O/AOTHER", "P3", ["other.txt"]), holder("O/HOLD", "P3", ["src/data.json"])]
+    assert preemptions([urgent], running, slots=0) == [Preemption("O/HOLD", "U")]
+
+
 def test_one_victim_is_not_stopped_twice_and_urgent_tasks_do_not_collide():
     first, second = task("U1", pri="P0", files=["x"]), task("U2", pri="P0", files=["x"])
     got = preemptions([first, second], [holder("O/LOW", "P3", ["x"])], slots=0)

@@ -1295,3 +1295,34 @@ def test_a_target_in_a_directory_ignored_whole_is_named_as_not_merged(repo):
     project.aipm("run", "ORD", check=True)
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert "merge: build/: ignored by git, so not merged back (gone with the worktree)" in log, log
+
+
+def test_a_persons_worktree_whose_directory_is_away_keeps_its_note_in_git(repo, tmp_path):
+    """aipm ran `git worktree prune` after each removal: a person's worktree on a disk unmounted for a while
+    lost git's note of it, and with it that worktree's index (a staged change) and HEAD (found by a review)."""
+    user_tree = tmp_path / "mnt" / "feature-wt"
+    git(repo, "worktree", "add", "-q", "-b", "feature", str(user_tree))
+    (user_tree / "src" / "a.txt").write_text("staged in the person's worktree\n")
+    git(user_tree, "add", "src/a.txt")
+    shutil.move(str(tmp_path / "mnt"), str(tmp_path / "away"))
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/b.txt"], command="echo hi >> src/b.txt")
+    assert project.aipm("run", "ORD").returncode == 0
+    project.aipm("recover", check=True)
+    shutil.move(str(tmp_path / "away"), str(tmp_path / "mnt"))
+    assert str(user_tree) in git(repo, "worktree", "list", "--porcelain")
+    assert git(user_tree, "diff", "--cached", "--name-only").split() == ["src/a.txt"]
+    assert aipm_leftovers(repo) == {"worktrees": [f"worktree {user_tree}"], "refs": []}
+
+
+def test_a_workspace_copy_glob_that_matches_git_s_directory_leaves_it_out(repo):
+    """`workspace_copy: ['.*']` matched the main tree's .git and copied it over the worktree's .git file: every
+    worktree task failed to launch, File exists (found by a review)."""
+    (repo / ".env").write_text("SECRET=1\n")
+    with open(repo / ".gitignore", "a") as handle:
+        handle.write(".env\n")
+    project = project_in(repo, config="workspace: worktree\nworkspace_copy: ['.*']\n")
+    write_task(project.order(), "T", target_files=["src/b.txt"], command="cat .env >> src/b.txt")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (repo / "src/b.txt").read_text().endswith("SECRET=1\n")

@@ -94,8 +94,8 @@ def _copy_ignored(root: Path, dest: Path, globs: tuple[str, ...]) -> None:
     for pattern in globs:
         for src in sorted(root.glob(pattern)):
             rel = src.relative_to(root)
-            if rel.parts[0] == RUNTIME_DIR:
-                continue
+            if rel.parts[0] in (RUNTIME_DIR, ".git"):  # aipm's, and git's (`.*` would copy .git over the
+                continue                                  # worktree's own .git file: every launch failed)
             sources = [src] if not src.is_dir() or src.is_symlink() else [p for p in src.rglob("*")
                                                                             if not p.is_dir() or p.is_symlink()]
             for item in sources:

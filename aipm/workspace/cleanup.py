@@ -153,6 +153,6 @@ def prune(root: Path) -> None:
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             index.unlink(missing_ok=True)
     try:
-        Repo(root).git("worktree", "prune")
+        Repo(root).prune_worktrees(runtime_dir(root) / "worktrees")
     except WorkspaceError:
         pass

@@ -170,7 +170,23 @@ class Repo:
         if path.exists():
             self._run(self.top, ["worktree", "remove", "--force", "--force", str(path)], check=False)
             shutil.rmtree(path, ignore_errors=True)
-        self.git("worktree", "prune")
+        self.prune_worktrees(path.parent)
+
+    def prune_worktrees(self, under: Path) -> None:
+        """Drop git's notes of the worktrees below `under` (aipm's) whose directories are gone. Not `git worktree
+        prune`: it drops the notes of every worktree whose directory is missing, a person's on a disk that is not
+        mounted now included, and with them that worktree's index and HEAD."""
+        common = self.git("rev-parse", "--git-common-dir").decode("utf-8", "surrogateescape").strip()
+        notes = (self.top / common) / "worktrees"
+        mine = os.path.realpath(under) + os.sep
+        for note in notes.iterdir() if notes.is_dir() else ():
+            try:
+                gitdir = (note / "gitdir").read_text("utf-8", "surrogateescape").strip()
+            except OSError:
+                continue
+            worktree = os.path.realpath(os.path.dirname(gitdir))  # gitdir names the worktree's `.git` file
+            if (worktree + os.sep).startswith(mine) and not os.path.exists(gitdir):
+                shutil.rmtree(note, ignore_errors=True)
 
     def ignored(self, tree_dir: Path, pathspecs: list[str]) -> list[str]:
         """Files in `tree_dir` that git ignores, among `pathspecs` (paths relative to its top); a directory
