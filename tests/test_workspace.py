@@ -1326,3 +1326,53 @@ def test_a_workspace_copy_glob_that_matches_git_s_directory_leaves_it_out(repo):
     proc = project.aipm("run", "ORD")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (repo / "src/b.txt").read_text().endswith("SECRET=1\n")
+
+
+def _start_run(project: Project, order: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", order],
+                            cwd=project.root, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_two_projects_of_one_repository_keep_their_attempts_refs_apart(repo, tmp_path):
+    """Refs were refs/aipm/<ORDER>/<TASK>/ whatever the project: `aipm recover` in sub2 took sub1's running
+    order for a deleted one and removed its refs, and the attempt's work, with no start to diff against, was
+    in no patch when the next attempt removed its worktree (found by a review)."""
+    (repo / "sub1").mkdir()
+    (repo / "sub1" / "x.txt").write_text("x\n")
+    git(repo, "add", "sub1")
+    git(repo, "commit", "-q", "-m", "sub1")
+    one, two = project_in(repo, sub="sub1"), project_in(repo, sub="sub2")
+    two.order("OTHER")
+    started, go = tmp_path / "started", tmp_path / "go"
+    write_task(one.order("ORD_A"), "T", target_files=["x.txt"],
+               command=f'echo "work of A" >> x.txt; touch "{started}"; {wait_gate(go)}')
+    run = _start_run(one, "ORD_A")
+    try:
+        wait_for(lambda: started.exists())
+        refs = git(repo, "for-each-ref", "--format=%(refname)", "refs/aipm/").split()
+        assert refs and all(ref.startswith("refs/aipm/@sub1/ORD_A/T/") for ref in refs), refs
+        two.aipm("recover", check=True)
+        assert git(repo, "for-each-ref", "--format=%(refname)", "refs/aipm/").split() == refs
+    finally:
+        go.touch()
+    assert run.wait(timeout=120) == 0, run.communicate()
+    assert (repo / "sub1" / "x.txt").read_text() == "x\nwork of A\n"
+
+
+def test_an_attempt_whose_start_ref_was_deleted_is_captured_against_its_worktree_s_head(repo, tmp_path):
+    project = project_in(repo)
+    started, go = tmp_path / "started", tmp_path / "go"
+    write_task(project.order(), "T", target_files=["src/a.txt"],
+               command=f'echo "work" >> src/a.txt; touch "{started}"; {wait_gate(go)}')
+    run = _start_run(project, "ORD")
+    try:
+        wait_for(lambda: started.exists())
+        git(repo, "update-ref", "-d", "refs/aipm/ORD/T/base")  # a person's clean-up of refs
+    finally:
+        go.touch()
+    assert run.wait(timeout=120) == 0, run.communicate()
+    assert (repo / "src" / "a.txt").read_text().endswith("work\n")
+    assert "+work" in (repo / ".aipm" / "patches" / "ORD" / "T.1.patch").read_text()
+    assert "was gone: the attempt is captured against its worktree's HEAD" in (
+        repo / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()

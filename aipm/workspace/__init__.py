@@ -11,6 +11,7 @@ On disk, under the project's runtime directory:
   .aipm/merges/<ORDER>/<TASK>/           a merge plan being applied (see mergeback.py)
   .aipm/patches/<ORDER>/<TASK>.<N>.patch what attempt N changed (`git apply` at the repository's top)
   refs/aipm/<ORDER>/<TASK>/{base,end}    the attempt's start and end, as commits no branch points to
+                                         (refs/aipm/@<DIR>/... for a project in a directory DIR of its repo)
 
 Test seam: AIPM_TEST_KILL_AT=prepare|merge:N|cleanup makes the process that reaches that point SIGKILL itself
 (prepare: worktree made, task not yet started; merge:N: N files of a merge applied; cleanup: final status
@@ -79,7 +80,7 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
     remove(root, rec.order, rec.task, repo)  # the previous attempt's, kept for inspection until now
     base = repo.capture(repo.top, scratch(root), repo.head(),
                         f"aipm: start of {rec.order}/{rec.task}, attempt {rec.serial}")
-    repo.set_ref(refname(rec.order, rec.task, "base"), base)
+    repo.set_ref(refname(rec.order, rec.task, "base", prefix=repo.prefix), base)
     path = worktree_path(root, rec.order, rec.task)
     repo.add_worktree(path, base)
     globs = task.workspace_copy if task.workspace_copy is not None else settings.workspace_copy
@@ -140,10 +141,10 @@ def after_setup(root: str, order: str, task: str, serial: str, worktree: str) ->
     scope check nor merged back."""
     try:
         repo = Repo(Path(root))
-        base = repo.rev(refname(order, task, "base"))
+        base = repo.rev(refname(order, task, "base", prefix=repo.prefix))
         start = repo.capture(Path(worktree), scratch(Path(root)), base,
                              f"aipm: start of {order}/{task}, attempt {serial}, after workspace_setup")
-        repo.set_ref(refname(order, task, "base"), start)
+        repo.set_ref(refname(order, task, "base", prefix=repo.prefix), start)
     except (WorkspaceError, OSError) as exc:
         print(f"aipm: cannot capture the worktree after workspace_setup: {exc}", flush=True)
         sys.exit(1)
@@ -192,12 +193,20 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, list[str]]:
     """Capture the attempt's worktree as its end, and write its patch: (repo, start, end, what was left out:
     the repositories without commits in the worktree, which git cannot capture)."""
     repo = Repo(root)
-    base = repo.rev(refname(rec.order, rec.task, "base"))
+    start = refname(rec.order, rec.task, "base", prefix=repo.prefix)
+    base = repo.rev(start)
     tree = Path(rec.workspace)
+    if base is None and tree.is_dir():
+        # The ref was deleted (a person's clean-up of refs, an aipm of another version): the worktree was made
+        # at its start, detached, so its HEAD is that start unless the worker committed there. Better a patch
+        # against it than none: with no patch the next attempt's start removed the only copy of the work.
+        base = repo.head_of(tree)
+        if base is not None:
+            repo.set_ref(start, base)
+            append_log(rec.log, f"{start} was gone: the attempt is captured against its worktree's HEAD")
     if base is None or not tree.is_dir():
-        raise WorkspaceError(f"the worktree of {rec.order}/{rec.task} ({tree}) or its start "
-                             f"({refname(rec.order, rec.task, 'base')}) is gone; nothing of attempt {rec.serial} "
-                             "can be merged")
+        raise WorkspaceError(f"the worktree of {rec.order}/{rec.task} ({tree}) or its start ({start}) is gone; "
+                             f"nothing of attempt {rec.serial} can be merged")
     message = f"aipm: end of {rec.order}/{rec.task}, attempt {rec.serial}"
     try:
         left_out = []
@@ -205,7 +214,7 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, list[str]]:
     except UnbornRepositories as exc:
         left_out = exc.paths
         end = repo.capture(tree, scratch(root), base, message, leave_out=left_out)
-    repo.set_ref(refname(rec.order, rec.task, "end"), end)
+    repo.set_ref(refname(rec.order, rec.task, "end", prefix=repo.prefix), end)
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     patch.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(patch, repo.patch(base, end))
@@ -227,10 +236,10 @@ def merge(root: Path, rec: Record) -> list[str]:
                 notes = _reviewed(root, repo, rec)
             except Conflict as exc:
                 raise _kept(root, rec, exc) from None
-        base = repo.rev(refname(rec.order, rec.task, "base"))
-        end = repo.rev(refname(rec.order, rec.task, "end"))
+        base = repo.rev(refname(rec.order, rec.task, "base", prefix=repo.prefix))
+        end = repo.rev(refname(rec.order, rec.task, "end", prefix=repo.prefix))
         if base is None or end is None:
-            raise Conflict(f"the start or end of attempt {rec.serial} ({refname(rec.order, rec.task)}) is gone; "
+            raise Conflict(f"the start or end of attempt {rec.serial} ({refname(rec.order, rec.task, prefix=repo.prefix)}) is gone; "
                            "nothing was merged", [])
         try:
             steps = merging.plan(repo, base, end, repo.changes(base, end))
@@ -265,7 +274,7 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
     """The review ran in the worktree after the end capture, and approved what it left there: capture it again.
     Its edits inside the targets are merged with the task's (as in the shared tree); one outside them sends the
     attempt back. Notes for the log."""
-    before = repo.rev(refname(rec.order, rec.task, "end"))
+    before = repo.rev(refname(rec.order, rec.task, "end", prefix=repo.prefix))
     if before is None:
         return []  # gone: merge() says so
     _, _, end, left_out = _capture_end(root, rec)
@@ -324,7 +333,7 @@ def diff(root: Path, order: str, task: str) -> tuple[str, bytes]:
     tree = worktree_path(root, order, task)
     if tree.is_dir():
         repo = Repo(root)
-        base = repo.rev(refname(order, task, "base"))
+        base = repo.rev(refname(order, task, "base", prefix=repo.prefix))
         if base is not None:
             return f"worktree {tree}", repo.patch(base, repo.capture(tree, scratch(root), None, ""))
     if patches:

@@ -12,7 +12,8 @@ from aipm.errors import UserError
 from aipm.model import FINISHED_OK, RUNNING, Order, Task
 from aipm.record import Record, same_attempt
 from aipm.runtime import Runtime, append_log
-from aipm.workspace.places import component, merge_dir, refname, relative, runtime_dir, scratch, seam, worktree_path
+from aipm.workspace.places import (component, merge_dir, ref_space, refname, relative, runtime_dir, scratch, seam,
+                                   worktree_path)
 from aipm.workspace.repo import Repo, WorkspaceError
 
 
@@ -66,7 +67,7 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
                            "paths) was written when its worktree was removed" + "".join(f"; {n}" for n in notes))
             # A shared task's audit in flight sees these files change: they are no one's stray writes.
             writtenlog.note_written(Runtime(root), [relative(p, repo.prefix) for p in merging.paths(plan_dir)])
-        repo.delete_refs(repo.refs(refname(order, task)))
+        repo.delete_refs(repo.refs(refname(order, task, prefix=repo.prefix)))
         repo.remove_worktree(worktree_path(root, order, task))
     shutil.rmtree(worktree_path(root, order, task), ignore_errors=True)
     shutil.rmtree(plan_dir, ignore_errors=True)
@@ -90,7 +91,8 @@ def sweep_orphans(root: Path, known: list[str]) -> list[tuple[str, str, str]]:
         if base.is_dir():
             orders.update(p.name for p in base.iterdir())
     if repo is not None:
-        orders.update(ref.split("/")[2] for ref in repo.refs("refs/aipm/"))
+        space = ref_space(repo.prefix)  # this project's: another project of the repository has its own
+        orders.update(name for ref in repo.refs(space) if not (name := ref[len(space):].split("/")[0]).startswith("@"))
     # An order run from outside orders_dir (a path argument) is not in `known`: its records say it still exists.
     orders -= {component(order) for order in known}
     orders -= {component(r.order) for r in Runtime(root).records()}  # an order with a record holds its work (_sweep)
@@ -117,7 +119,8 @@ def _sweep(root: Path, repo: Repo | None, order: str, tasks: list[Task], everyth
         if base.is_dir():
             names.update(p.name for p in base.iterdir())
     if repo is not None:
-        names.update(ref.split("/")[3] for ref in repo.refs(f"refs/aipm/{component(order)}/"))
+        mine = refname(order, "", prefix=repo.prefix)[:-1]  # `.../<ORDER>/`
+        names.update(ref[len(mine):].split("/")[0] for ref in repo.refs(mine))
     # An attempt with a record is judged by it, not by its file's status (a `git checkout` may have reset it, or
     # the file is gone): live, it works in its worktree; dead, its work is in the worktree alone until its outcome
     # is recorded (or the record dropped, `aipm recover`, which keeps it as a patch) — unless the file holds that

@@ -35,8 +35,16 @@ def patch_path(root: Path, order: str, task: str, attempt: int) -> Path:
     return runtime_dir(root) / "patches" / component(order) / f"{component(task)}.{attempt}.patch"
 
 
-def refname(order: str, task: str, which: str = "") -> str:
-    return f"refs/aipm/{component(order)}/{component(task)}/{which}"
+def refname(order: str, task: str, which: str = "", prefix: str = "") -> str:
+    """The ref of a task's attempt: `refs/aipm/<ORDER>/<TASK>/<which>`, under `@<dir>/` for a project in a
+    directory `prefix` of its repository, so that two projects of one repository never share one (an order id
+    never starts with `@`)."""
+    return f"{ref_space(prefix)}{component(order)}/{component(task)}/{which}"
+
+
+def ref_space(prefix: str) -> str:
+    """Where a project's refs live: `refs/aipm/`, or `refs/aipm/@<dir>/` for one below its repository's top."""
+    return f"refs/aipm/@{component(prefix.rstrip('/'))}/" if prefix else "refs/aipm/"
 
 
 def scratch(root: Path) -> Path:

@@ -95,6 +95,14 @@ class Repo:
         proc = self._run(self.top, ["rev-parse", "--verify", "--quiet", name + "^{commit}"], check=False)
         return proc.stdout.decode().strip() or None
 
+    def head_of(self, tree: Path) -> str | None:
+        """The HEAD commit of the work tree `tree` (a worktree of ours), or None when it has none or is no work
+        tree of its own any more (a worker deleted its .git: git would answer for the main tree)."""
+        proc = self._run(tree, ["rev-parse", "--show-toplevel", "HEAD^{commit}"], check=False)
+        lines = proc.stdout.decode("utf-8", "surrogateescape").split()
+        own = proc.returncode == 0 and len(lines) == 2 and lines[0] == os.path.realpath(tree)
+        return lines[1] if own else None
+
     # -- capturing a tree ---------------------------------------------------------------------------------
 
     def capture(self, tree_dir: Path, scratch: Path, parent: str | None, message: str,
