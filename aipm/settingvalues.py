@@ -14,17 +14,20 @@ from aipm import agents
 from aipm.fields import MAX_COUNT, MAX_TIMEOUT, WORKSPACES
 
 
-_DIGITS = {int: re.compile(r"-?[0-9]+"), float: re.compile(r"-?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")}
+_DIGITS = {int: re.compile(r"[-+]?[0-9]+"),
+           float: re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][-+]?[0-9]+)?")}
 
 
 def number(value: Any, kind: type) -> Any:
     """`value` as an int or float, from a number or a string; None when it is neither (booleans are not numbers)."""
     if isinstance(value, bool) or not isinstance(value, (str, int) if kind is int else (str, int, float)):
         return None
-    if isinstance(value, str) and not (value.isascii() and _DIGITS[kind].fullmatch(value)):
-        return None  # int() would read "٣" (Arabic-Indic three) as 3, "1_0" as 10, " +3 " as 3
+    if isinstance(value, str):
+        value = value.strip()
+        if not (value.isascii() and _DIGITS[kind].fullmatch(value)):
+            return None  # int() would read "٣" (Arabic-Indic three) as 3 and "1_0" as 10
     try:
-        return kind(value.strip() if isinstance(value, str) else value)
+        return kind(value)
     except ValueError:
         return None
 

@@ -243,11 +243,12 @@ def order_meta(order_dir: Path) -> tuple[str, str, Path | None, float | None]:
         text = read_text(meta)
         data = parse_mapping(meta, text) if text.strip() else {}
         check_keys(meta, data, ORDER_KEYS)
-        if "id" in data:  # given, it is the id: empty or null is no way to say "the directory's name"
-            if not str_field(meta, data, "id"):
+        given = str_field(meta, data, "id")  # null: not given (the schema allows it), the directory's name
+        if given is not None:
+            if not given.strip():
                 raise ValidationError(str(meta), "id", "empty; give the order's id, or remove the line to use "
                                       f"the directory's name ({order_dir.name!r})")
-            order_id, id_from = data["id"], meta
+            order_id, id_from = given, meta
         title = one_line(meta, data, "title", longer="description")
         str_field(meta, data, "description")
         budget = money_field(meta, data, "max_cost_usd", positive=True)

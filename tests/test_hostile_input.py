@@ -4,6 +4,7 @@ Each bad input ends in one line naming the file (and field), exit 2, and not one
 """
 
 import hashlib
+import json
 
 import pytest
 
@@ -176,7 +177,7 @@ def test_an_empty_order_argument_is_refused(project, command):
     assert full_snapshot(project.root) == before
 
 
-@pytest.mark.parametrize("value", ["''", "~"])
+@pytest.mark.parametrize("value", ["''", "'  '"])
 def test_an_order_id_given_empty_is_refused(project, value):
     write_task(project.order(), "A", command="true")
     (project.order() / "order.yaml").write_text(f"id: {value}\n")
@@ -190,10 +191,24 @@ def test_an_empty_model_is_refused_in_a_task_and_as_a_flag(project):
     assert_one_line_error(project.aipm("validate"), "B.yaml", "model")
 
 
-@pytest.mark.parametrize("value", ["1_0", "+3", " 3 "])
+@pytest.mark.parametrize("value", ["1_0", "1 0", "٣"])
 def test_a_number_setting_is_ascii_digits_only(project, value):
     write_task(project.order(), "A", command="true")
     assert_one_line_error(project.aipm("status", "ORD", env={"AIPM_MAX_WORKERS": value}), "AIPM_MAX_WORKERS", "-")
+
+
+@pytest.mark.parametrize("value", ["+3", " 3 "])
+def test_a_number_setting_may_have_a_sign_and_spaces_around_it(project, value):
+    write_task(project.order(), "A", command="true")
+    proc = project.aipm("config", "--json", env={"AIPM_MAX_WORKERS": value})
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["settings"]["max_workers"]["value"] == 3
+
+
+def test_an_order_id_given_null_is_the_directory_s_name(project):
+    write_task(project.order(), "A", command="true")
+    (project.order() / "order.yaml").write_text("id:\n")
+    assert project.aipm("status", "ORD", "--json", check=True).returncode == 0
 
 
 @pytest.mark.parametrize("value", ['"a\\0b"', ".aipm", ".aipm/orders", ".git/x"])

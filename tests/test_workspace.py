@@ -1376,3 +1376,22 @@ def test_an_attempt_whose_start_ref_was_deleted_is_captured_against_its_worktree
     assert "+work" in (repo / ".aipm" / "patches" / "ORD" / "T.1.patch").read_text()
     assert "was gone: the attempt is captured against its worktree's HEAD" in (
         repo / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
+
+
+def test_a_start_ref_deleted_after_workspace_setup_is_found_again_after_the_setup(repo, tmp_path):
+    """The fallback took the worktree's HEAD, the commit from before the setup: the setup's output counted as
+    the attempt's write and the attempt was sent back (found by a review)."""
+    project = project_in(repo, config="workspace: worktree\nworkspace_setup: 'echo generated > src/setup.txt'\n")
+    started, go = tmp_path / "started", tmp_path / "go"
+    write_task(project.order(), "T", target_files=["src/a.txt"],
+               command=f'echo "work" >> src/a.txt; touch "{started}"; {wait_gate(go)}')
+    run = _start_run(project, "ORD")
+    try:
+        wait_for(lambda: started.exists())
+        git(repo, "update-ref", "-d", "refs/aipm/ORD/T/base")
+    finally:
+        go.touch()
+    assert run.wait(timeout=120) == 0, run.communicate()
+    assert project.statuses() == {"T": "DONE"}
+    assert "scope audit" not in (repo / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()  # done at attempt 1
+    assert (repo / "src" / "a.txt").read_text().endswith("work\n") and not (repo / "src" / "setup.txt").exists()

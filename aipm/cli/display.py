@@ -29,8 +29,8 @@ LINES = {
     "invalid_file": "ignored  {error} (keeping the last valid version)",
     "interrupted": "stopped  {why}; {stopped}",
     "restored": "restore  {task} → {status}: its file said {was} while its worker ran{not_cancel}",
-    "reopened": "reopen   {task}: its file went from {was} back to {status} during the run (a checkout or stash of "
-                "it?); it runs again as its file says",
+    "reopened": "reopen   {task}: its file went from {was} back to {status} during the run (`aipm retry`, or a "
+                "checkout or stash of it); it runs again as its file says",
     "committed": "commit   {task}: {detail}",
     "discarded": "discard  {task}: {detail}",
     "summary": "{order}: {counts}",

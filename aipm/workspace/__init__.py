@@ -145,6 +145,8 @@ def after_setup(root: str, order: str, task: str, serial: str, worktree: str) ->
         start = repo.capture(Path(worktree), scratch(Path(root)), base,
                              f"aipm: start of {order}/{task}, attempt {serial}, after workspace_setup")
         repo.set_ref(refname(order, task, "base", prefix=repo.prefix), start)
+        # The worktree's HEAD too (its files stay as they are): a start ref deleted later is found there again.
+        repo.git("update-ref", "--no-deref", "HEAD", start, cwd=Path(worktree))
     except (WorkspaceError, OSError) as exc:
         print(f"aipm: cannot capture the worktree after workspace_setup: {exc}", flush=True)
         sys.exit(1)
