@@ -192,6 +192,7 @@ class Repo:
                 gitdir = (note / "gitdir").read_text("utf-8", "surrogateescape").strip()
             except OSError:
                 continue
+            gitdir = os.path.join(note, gitdir)  # (relative to the note with worktree.useRelativePaths)
             worktree = os.path.realpath(os.path.dirname(gitdir))  # gitdir names the worktree's `.git` file
             if (worktree + os.sep).startswith(mine) and not os.path.exists(gitdir):
                 shutil.rmtree(note, ignore_errors=True)
