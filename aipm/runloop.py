@@ -272,17 +272,22 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                     holders.add(pid)
             finishing, dead = _watch_foreign(sup, report.records, foreign, inside, order.id, tell_inside=not only)
             # This order's tasks a live other owner runs (not a worker we could not adopt), said once each, or a run
-            # that only waits for them prints nothing until the end. Not by exec: it waits for its task alone.
+            # that only waits for them prints nothing until the end; exec says only its own task.
             theirs = {rec.task for rec in report.records if rec.key in foreign and rec.order == order.id
-                      and (rec.task in watched or rec.owner_alive())} if not only else set()
+                      and (rec.task in watched or rec.owner_alive()) and only in (None, rec.task)}
             if theirs - watched:
                 emit({"event": "watching", "tasks": sorted(theirs), "detail": "run by another aipm (a detached "
-                      "`aipm launch` or another `aipm run`); this run waits for them and goes on from there"})
+                      "`aipm launch` or another `aipm run`); this run waits for them and goes on from there"
+                      if not only else "run by another aipm; this exec waits for it and ends as it ends"})
                 watched |= theirs
             orphaned = dead - recovered  # an owner died since the last recovery: never leave its task stuck
             recovered |= orphaned
             if only:
-                if f"{order.id}/{only}" not in sup.owned and only not in deferred:
+                key = f"{order.id}/{only}"
+                # Run by another owner (its worker alive, or its owner recording the outcome, or dead and to be
+                # recovered): exec waits for its end, as run does, and exits by the status it comes to.
+                elsewhere = any(rec.key == key and (rec.key in foreign or rec.owner_alive()) for rec in report.records)
+                if key not in sup.owned and only not in deferred and not elsewhere and key not in dict(orphaned):
                     break  # finished, failed for good, or never launchable (a busy machine is waited for, as by run)
             elif not sup.owned and not _others_matter(order, foreign, finishing) and not deferred and not waiting \
                     and not orphaned and not fixing:

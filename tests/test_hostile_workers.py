@@ -570,3 +570,28 @@ def test_a_cancelled_status_a_worker_writes_into_its_own_file_is_no_cancel(proje
         assert task_statuses(order) == {"A": "DONE", "B": "DONE"}
     assert (project.root / "a.txt").read_text() == "done\n"
     assert "(not an `aipm cancel`: its outcome counts)" in log.read_text()
+
+
+@pytest.mark.parametrize("first", [("launch", "ORD"), ("run", "ORD"), ("exec", "ORD/A")], ids=lambda a: a[0])
+def test_an_exec_of_a_task_another_aipm_runs_waits_for_it_and_exits_by_its_status(project, gate, first):
+    """It gave up at once, exit 1 and `A: IN_PROGRESS`, for a task that then ended DONE (`aipm exec A && next`
+    failed); a review found it racing each kind of first owner. The task still runs once."""
+    journal = project.root.parent / f"{project.root.name}.journal"
+    write_task(project.order(), "A", target_files=["a.txt"],
+               command=f"echo start >> {journal}; while [ ! -e {gate} ]; do sleep 0.05; done; echo end >> {journal}")
+    owner, _ = _started(project, *first)
+    try:
+        wait_for(lambda: journal.exists())
+        second = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "exec", "ORD/A",
+                                   "--json", "--no-resource-monitoring"], stdout=subprocess.PIPE, text=True)
+        said = second.stdout.readline()  # while A runs: what the second exec does about it
+    finally:
+        gate.touch()
+    out = said + second.communicate(timeout=120)[0]
+    events = [json.loads(line) for line in out.splitlines()]
+    assert second.returncode == 0, out
+    assert events[0]["event"] == "watching" and events[0]["tasks"] == ["A"], out
+    assert events[-1]["status"] == "DONE", out
+    owner.wait(timeout=120)
+    wait_for(lambda: no_workers(project.root))
+    assert journal.read_text() == "start\nend\n"

@@ -198,6 +198,9 @@ def exec_(
 ) -> None:
     """Run one task in the foreground (with its review and retries). Exit 0 when it ends DONE/COMPLETED.
 
+    A task another aipm runs already (a detached launch, a run) is waited for, with a `watching` line; the exit
+    code is what it comes to.
+
     Run by a worker's command, it takes that worker's slot when the command waits for it with nothing else
     running (a recursive make's job slot): one such exec at a time. Started in the background (`aipm exec X &`)
     it needs a free slot of its own; without one it says why and exits 1, as any exec does.
