@@ -22,12 +22,12 @@ from aipm.paths import as_path
 from aipm.restore import disowned, known_status, restore
 from aipm.reviewing import Reviewing, log_whole
 from aipm.record import Record
-from aipm.runtime import Runtime, append_log
+from aipm.runtime import Runtime
 from aipm.settings import Settings
 from aipm.store import load_task
 from aipm.writer import now, update_task
 from aipm.view import OrderView
-from aipm.workerfiles import write_bytes
+from aipm.workerfiles import append_log, write_bytes
 
 
 class Recording(Reviewing):

@@ -19,7 +19,8 @@ from aipm.finish import review_command
 from aipm.model import RUNNING, Order, Status, Task, definition
 from aipm.record import Record, same_attempt
 from aipm.restore import counters
-from aipm.runtime import Runtime, append_log, exit_file_written, read_exit_file
+from aipm.runtime import Runtime, exit_file_written, read_exit_file
+from aipm.workerfiles import append_log
 from aipm.writer import StaleWrite, now, update_task
 
 if TYPE_CHECKING:

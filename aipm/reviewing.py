@@ -13,9 +13,8 @@ from aipm import outcome, recovery, runner, workspace
 from aipm.finish import after_review, review_command, time_limit
 from aipm.model import Status, Task
 from aipm.record import Record
-from aipm.runtime import append_log
 from aipm.worker import environment, model_for
-from aipm.workerfiles import read_bytes, write_bytes
+from aipm.workerfiles import append_log, read_bytes, write_bytes
 from aipm.writer import now
 
 

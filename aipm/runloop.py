@@ -286,7 +286,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 key = f"{order.id}/{only}"
                 # Run by another owner (its worker alive, or its owner recording the outcome, or dead and to be
                 # recovered): exec waits for its end, as run does, and exits by the status it comes to.
-                elsewhere = any(rec.key == key and (rec.key in foreign or rec.owner_alive()) for rec in report.records)
+                elsewhere = any(rec.key == key and (rec.owner_pid, rec.owner_ctime) != sup.me
+                                and (rec.key in foreign or rec.owner_alive()) for rec in report.records)
                 if key not in sup.owned and only not in deferred and not elsewhere and key not in dict(orphaned):
                     break  # finished, failed for good, or never launchable (a busy machine is waited for, as by run)
             elif not sup.owned and not _others_matter(order, foreign, finishing) and not deferred and not waiting \

@@ -39,7 +39,7 @@ _PRELUDE = ('cd "$AIPM_ROOT" || exit 126; IFS= read -r go <&3 && [ "$go" = go ] 
             'trap : TERM INT HUP; ')
 
 # "$@" is the command's argv; the exit code goes to the exit file before the wrapper exits with it, or, where its
-# directory was removed (the command's `rm -rf` of aipm's state), to the end of the log (runtime.exit_code_in_log).
+# directory was removed (the command's `rm -rf` of aipm's state), to the end of the log (workerfiles.exit_code_in_log).
 _WRITE_CODE = 'echo $s >"$f" || echo "aipm-wrapper: exit file not written; exit code $s" >&2; exit $s'
 _WRAP_ARGV = _PRELUDE + '"$@"; s=$?; ' + _WRITE_CODE
 # A string command runs in a subshell of the wrapper: one fork, no second exec of /bin/sh.

@@ -32,7 +32,7 @@ from aipm.launchlock import exclusive
 from aipm.locks import make_state_dir, state_dir
 from aipm.record import Record
 from aipm.spares import Pool, fill, in_tree, pool
-from aipm.workerfiles import open_regular
+from aipm.workerfiles import kept_link
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
 
@@ -400,21 +400,6 @@ def entries(directory: str | Path) -> list[os.DirEntry]:
         return []
 
 
-_LOGGED_CODE = re.compile(rb"aipm-wrapper: .*exit file not written; exit code (\d{1,3})\n\Z")
-
-
-def exit_code_in_log(log: str) -> int | None:
-    """The exit code a wrapper put at the end of the log when its exit file's directory was gone (a command that
-    removed aipm's state directory as its last act): None unless that line is the log's last."""
-    try:
-        with open(log, "rb") as handle:
-            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 512))
-            match = _LOGGED_CODE.search(handle.read())
-    except OSError:
-        return None
-    return int(match.group(1)) if match else None
-
-
 def read_exit_file(path: str) -> int | None:
     """The exit code a worker's wrapper recorded, or None when it never got that far. The compiled wrapper writes
     its code into `<path>.w` and then names it: one killed between the two left the code there, newline and all
@@ -444,35 +429,3 @@ def _remake(state: Path) -> None:
     again while it is made is left to what the caller does next (the launch lock tries again)."""
     with suppress(FileNotFoundError):
         make_state_dir(state)
-
-
-def kept_link(path: str) -> bool:
-    """A link at `path`, a directory below `<root>/.aipm/`, that aipm writes through: it leads to a directory
-    outside the project's files (another disk), or inside `.aipm/`. One into the project's files (a worker's
-    link of `.aipm/logs/ORD` to `src/`) would have aipm write there."""
-    parts = path.split(os.sep)
-    if ".aipm" not in parts or not os.path.isdir(path):
-        return False
-    top = os.sep.join(parts[:len(parts) - parts[::-1].index(".aipm") - 1])
-    real, root = os.path.realpath(path), os.path.realpath(top)
-    return not real.startswith(root + os.sep) or real.startswith(os.path.realpath(os.path.join(top, ".aipm")) + os.sep)
-
-
-def append_log(log: str, line: str) -> None:
-    """aipm's line at the end of an attempt's log; none when the worker replaced its log with what is not a file,
-    or its directory with a link (the outcome is in the task file anyway, and `aipm logs` says the log is
-    unusable); the line would land where the link leads, in the project tree."""
-    try:
-        directory = os.path.dirname(log)
-        if not stat.S_ISDIR(os.lstat(directory).st_mode) and not kept_link(directory):
-            return
-        fd = open_regular(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW)
-    except OSError:
-        return
-    try:
-        # A path git gave us may hold bytes that are not UTF-8 (decoded as surrogates): written back as they were.
-        os.write(fd, f"[aipm {time.strftime('%H:%M:%S')}] {line}\n".encode(errors="surrogateescape"))
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

@@ -19,10 +19,10 @@ from aipm.liveness import process_ctime
 from aipm.model import Order, Status, Task, definition
 from aipm.paths import as_path
 from aipm.record import Record, live_pid
-from aipm.runtime import StateWriteError, append_log
+from aipm.runtime import StateWriteError
 from aipm.view import OrderView
 from aipm.worker import program as worker_program, program_source
-from aipm.workerfiles import NO_WAIT
+from aipm.workerfiles import NO_WAIT, append_log
 from aipm.writer import StaleWrite, now, update_task
 
 

@@ -18,7 +18,8 @@ from aipm.model import RUNNING, Status, Task
 from aipm.project import Project
 from aipm.runner import terminate_group
 from aipm.record import live_pid
-from aipm.runtime import Runtime, StateWriteError, append_log
+from aipm.runtime import Runtime, StateWriteError
+from aipm.workerfiles import append_log
 from aipm.settings import Settings
 from aipm.store import load_task, order_meta
 from aipm.writer import StaleWrite, now, update_task

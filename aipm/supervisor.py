@@ -27,7 +27,8 @@ from aipm.recording import Recording
 from aipm.model import RUNNING, Status, Task
 from aipm.liveness import led_by_another, process_ctime
 from aipm.record import Record
-from aipm.runtime import append_log, exit_code_in_log, read_exit_file
+from aipm.runtime import read_exit_file
+from aipm.workerfiles import append_log, exit_code_in_log
 from aipm.store import load_task
 from aipm.view import OrderView
 from aipm.worker import invocation

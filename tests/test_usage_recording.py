@@ -17,7 +17,8 @@ import yaml
 from conftest import no_workers, wait_for, write_task
 from test_agents import agent_env, journal, reported, waiting_aider
 from aipm import agents
-from aipm.runtime import Runtime, append_log
+from aipm.runtime import Runtime
+from aipm.workerfiles import append_log
 
 
 def result(cost: float) -> str:

@@ -21,8 +21,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from aipm.paths import Target
-from aipm.runtime import append_log
-from aipm.workerfiles import reading, write_bytes
+from aipm.workerfiles import append_log, reading, write_bytes
 
 COMMAND = "command"  # not a preset: the worker.command template (or the task's own command)
 NAMES = (COMMAND, "claude", "codex", "aider")

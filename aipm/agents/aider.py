@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aipm.agents import Attempt, Usage
 from aipm.project import RUNTIME_DIR
-from aipm.runtime import append_log
+from aipm.workerfiles import append_log
 
 PROGRAM = "aider"
 RESUMES = False

@@ -28,7 +28,7 @@ from pathlib import Path
 from aipm.errors import UserError
 from aipm.model import Task
 from aipm.record import Record
-from aipm.runtime import Runtime, append_log
+from aipm.runtime import Runtime
 from aipm import writtenlog
 from aipm.scope import out_of_scope
 from aipm.fields import WORKSPACES
@@ -36,7 +36,7 @@ from aipm.settings import Settings
 from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
 from aipm.workspace.places import (component, merge_dir, patch_path, refname, relative, scratch, seam,
                                    worktree_path)
-from aipm.workerfiles import read_bytes, write_bytes
+from aipm.workerfiles import append_log, read_bytes, write_bytes
 from aipm.workspace.repo import RUNTIME_DIR, Repo, UnbornRepositories, WorkspaceError
 
 SHARED, WORKTREE = WORKSPACES

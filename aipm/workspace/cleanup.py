@@ -11,7 +11,8 @@ from aipm import writtenlog
 from aipm.errors import UserError
 from aipm.model import FINISHED_OK, RUNNING, Order, Task
 from aipm.record import Record, same_attempt
-from aipm.runtime import Runtime, append_log
+from aipm.runtime import Runtime
+from aipm.workerfiles import append_log
 from aipm.workspace.places import (component, merge_dir, ref_space, refname, relative, runtime_dir, scratch, seam,
                                    worktree_path)
 from aipm.workspace.repo import Repo, WorkspaceError
