@@ -143,7 +143,6 @@ def _lines_back(handle, size: int, count: int, limit: int | None) -> int:
     block at a time, no further back than `limit` bytes (then at the first line that starts within them)."""
     if count == 0:
         return size
-    end = size
     pos, found = size, 0
     floor = 0 if limit is None else max(0, size - limit)
     while pos > floor:
@@ -156,7 +155,7 @@ def _lines_back(handle, size: int, count: int, limit: int | None) -> int:
             at = block.rfind(b"\n", 0, at)
             if at < 0:
                 break
-            if pos + at + 1 < end:  # a newline that ends a line, not the file's last byte
+            if pos + at + 1 < size:  # a newline that ends a line, not the file's last byte
                 found += 1
                 if found == count:
                     return pos + at + 1
