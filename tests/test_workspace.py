@@ -1382,3 +1382,21 @@ def test_an_attempt_whose_start_ref_was_deleted_is_captured_against_its_worktree
     assert "was gone: the attempt is captured against its worktree's HEAD" in log and "scope audit" not in log
     assert "+work" in (repo / ".aipm" / "patches" / "ORD" / "T.1.patch").read_text()
     assert (repo / "src" / "a.txt").read_text().endswith("work\n") and not (repo / "src" / "setup.txt").exists()
+
+
+def test_a_worktree_task_runs_in_a_sparse_checkout_and_keeps_it_sparse(repo):
+    """`git add --all` refused the untracked task file outside the sparse set: every worktree task failed to
+    launch (found by a review)."""
+    (repo / "docs").mkdir()
+    (repo / "docs" / "x.txt").write_text("x\n")
+    git(repo, "add", "docs")
+    git(repo, "commit", "-q", "-m", "docs")
+    git(repo, "sparse-checkout", "set", "src")
+    assert not (repo / "docs" / "x.txt").exists()
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"], command="echo 'from T' >> src/a.txt")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (repo / "src" / "a.txt").read_text().endswith("from T\n")
+    assert not (repo / "docs" / "x.txt").exists() and "docs/x.txt" in git(repo, "ls-files")
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}

@@ -8,9 +8,11 @@ a worktree runs none of the user's scripts.
 from __future__ import annotations
 
 import itertools
+import re
 import os
 import shutil
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -129,7 +131,7 @@ class Repo:
             runtime = f"{self.prefix}[{RUNTIME_DIR[0]}]{RUNTIME_DIR[1:]}/**"
             specs = [":/", f":(top,exclude){runtime}", *(f":(top,exclude){p}" for p in leave_out)]
             try:
-                self.git("add", "--all", "--", *specs, cwd=tree_dir, env=env)
+                self.git("add", "--all", *_sparse(), "--", *specs, cwd=tree_dir, env=env)
             except WorkspaceError as exc:
                 unborn = [p for p in self._nested(tree_dir, specs) if p not in leave_out and self._unborn(tree_dir / p)]
                 if unborn:
@@ -227,3 +229,15 @@ class Repo:
 
     def patch(self, old: str, new: str) -> bytes:
         return self.git("diff", "--binary", "--no-renames", old, new)
+
+
+@lru_cache(maxsize=None)
+def _sparse() -> list[str]:
+    """`--sparse` where git has it (2.34+): in a sparse checkout, `git add --all` refuses untracked files outside
+    the sparse set (a task file, say) and every worktree task failed to launch; with it they are added and the
+    entries outside the set are kept as they are."""
+    import subprocess
+
+    out = subprocess.run(["git", "version"], capture_output=True, text=True).stdout
+    found = re.search(r"(\d+)\.(\d+)", out)
+    return ["--sparse"] if found and (int(found[1]), int(found[2])) >= (2, 34) else []
