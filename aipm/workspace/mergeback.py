@@ -23,7 +23,6 @@ import stat
 import subprocess
 import tempfile
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NamedTuple
@@ -227,7 +226,7 @@ def progress(directory: Path) -> tuple[int, int, int] | None:
     data = _load(directory)
     if data is None:
         return None
-    return data["attempt"], len(_journal(directory)[0]), len(data["steps"])
+    return data["attempt"], len(_journal(_journal_text(directory))[0]), len(data["steps"])
 
 
 def paths(directory: Path) -> list[str]:
@@ -244,12 +243,12 @@ def apply(top: Path, directory: Path, after_each=lambda steps_done: None) -> App
     if data is None:
         return Applied()
     journal = directory / "applied"
-    with suppress(FileNotFoundError):  # a last line a crash cut short: cut off, else the next would extend it
-        text = journal.read_bytes()
+    text = _journal_text(directory)
+    if not text.endswith(b"\n") and text:  # a last line a crash cut short: cut off, else the next would extend it
         os.truncate(journal, text.rfind(b"\n") + 1)
-    done, begun = _journal(directory)
+    done, begun = _journal(text)
     applied = Applied(steps=len(data["steps"]))
-    with open(directory / "applied", "a") as log:
+    with open(journal, "a") as log:
         def note(*line) -> None:
             log.write(json.dumps(line) + "\n")
             log.flush()
@@ -274,14 +273,17 @@ def apply(top: Path, directory: Path, after_each=lambda steps_done: None) -> App
     return applied
 
 
-def _journal(directory: Path) -> tuple[dict[int, str], dict[int, int]]:
+def _journal_text(directory: Path) -> bytes:
+    try:
+        return (directory / "applied").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def _journal(data: bytes) -> tuple[dict[int, str], dict[int, int]]:
     """The journal of the steps applied so far: step number -> "" (written) or why its result was not written;
     and step number -> the inode of the file its write was about to rename into place (a step begun, whose end
     a crash may have cut off). A last line a crash cut short counts for nothing: its step is applied again."""
-    try:
-        data = (directory / "applied").read_bytes()
-    except FileNotFoundError:
-        return {}, {}
     whole = data.rfind(b"\n") + 1
     done: dict[int, str] = {}
     begun: dict[int, int] = {}
