@@ -187,7 +187,7 @@ def plan(
     released  -- ids of running tasks whose worker ended and whose files are free before their outcome is written
     """
     result = Plan()
-    busy, held_as = _holders(elsewhere)
+    busy, held_as = _holders(elsewhere, order.id)
     running_tasks = (order.tasks[i] for i in running) if running is not None else order.tasks.values()
     for task in running_tasks:
         if task.status in RUNNING and task.id not in released:
@@ -291,11 +291,14 @@ def _limit_detail(slots: int) -> str:
     return f"worker limit reached: the {slots} free slot(s) go to tasks ranked before it"
 
 
-def _holders(elsewhere: Iterable[Busy]) -> tuple[list[tuple[str, tuple[Target, ...]]], dict[str, str]]:
-    """("ORDER/TASK", targets) of each holder elsewhere, and " (STATUS)" for the holders whose status is known."""
+def _holders(elsewhere: Iterable[Busy], order_id: str,
+             ) -> tuple[list[tuple[str, tuple[Target, ...]]], dict[str, str]]:
+    """(holder, targets) of each holder, named "ORDER/TASK" when of another order than `order_id` (a worker
+    record of this order names its task as the order's own running tasks are named), and " (STATUS)" for the
+    holders whose status is known."""
     busy, held_as = [], {}
     for b in elsewhere:
-        owner = f"{b.order_id}/{b.task_id}"
+        owner = b.task_id if b.order_id == order_id else f"{b.order_id}/{b.task_id}"
         busy.append((owner, b.targets))
         if b.status:
             held_as[owner] = f" ({b.status})"
@@ -395,7 +398,7 @@ def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Bu
                 reasons.append(_never(order, task_id, dep if deps[dep].status in DEAD_END else doomed[dep]))
             else:
                 reasons.append(Blocked(task_id, WAITING, f"waiting on {dep} ({deps[dep].status})", (dep,)))
-    holders, held_as = _holders(elsewhere)
+    holders, held_as = _holders(elsewhere, order.id)
     for t in deps.values():
         if t.status in RUNNING:
             holders.append((t.id, t.targets))

@@ -684,3 +684,75 @@ def test_a_title_over_two_lines_points_to_the_files_own_key_for_longer_text(proj
     (order / "A.yaml").write_text("title: |\n  Fix\n  and more\ncommand: 'true'\n")
     proc = project.aipm("validate", "O")
     assert proc.returncode == 2 and "A.yaml: title" in proc.stderr and "belongs in `prompt`" in proc.stderr
+
+
+def test_detect_names_holders_and_paths_as_why_and_the_overlap_rule_do(project):
+    """detect named a running task of the same order `ORD/A` (from its worker record) where `why` says `A`, and
+    listed a launchable task's targets as written (`./src/../src/b.py`) instead of as the overlap rule sees them."""
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a.py"])
+    write_task(order, "B", command="true", target_files=["./src/../a.py"])
+    write_task(order, "C", command="true", target_files=["./src/../src/b.py"])
+    try:
+        project.aipm("launch", "ORD", "--max-workers", "1", check=True)
+        wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+        found = project.json("detect", "ORD")
+        assert found["launchable"] == [{"id": "C", "priority": "P1", "target_files": ["src/b.py"]}]
+        held = next(b for b in found["blocked"] if b["id"] == "B")
+        assert held["tasks"] == ["A"] and held["detail"] == "a.py is held by running task A (IN_PROGRESS)"
+        assert "B: a.py is held by running task A (IN_PROGRESS)" in project.aipm("detect", "ORD").stdout
+        assert "src/b.py" in project.aipm("detect", "ORD").stdout.replace("./src/../src/b.py", "")
+        assert project.json("why", "B")["reasons"][0]["detail"] == held["detail"]
+    finally:
+        gate.touch()
+    wait_for(lambda: no_workers(project.root))
+
+
+def _orphan(project, order, gate):
+    """Launch A and SIGKILL its owner and wrapper: its command runs on, in its group, holding a.py."""
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a.py"])
+    project.aipm("launch", "ORD", check=True)
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    os.kill(worker["owner_pid"], signal.SIGKILL)
+    os.kill(worker["pid"], signal.SIGKILL)
+    wait_for(lambda: not pid_alive(worker["owner_pid"]) and not pid_alive(worker["pid"]))
+    assert group_alive(worker["pgid"])
+    return worker
+
+
+def test_detect_shows_a_lost_task_as_status_and_why_do(project):
+    """detect called a task whose worker is gone `status is IN_PROGRESS` where `status` and `why` say INTERRUPTED."""
+    order = project.order()
+    gate = project.root / "gate"
+    _orphan(project, order, gate)
+    try:
+        found = next(b for b in project.json("detect", "ORD")["blocked"] if b["id"] == "A")
+        why = project.json("why", "A")
+        assert found["reason"] == "stale" and found["detail"].startswith("status is INTERRUPTED (")
+        assert why["reasons"][0]["detail"] == found["detail"] and why["status"] == "INTERRUPTED"
+        assert project.json("status", "ORD")["tasks"][0]["status"] == "INTERRUPTED"
+        assert f"A: {found['detail']}" in project.aipm("detect", "ORD").stdout.replace("\n", " ").replace("  ", " ")
+    finally:
+        gate.touch()
+        project.aipm("recover")
+
+
+def test_ps_says_a_worker_whose_command_outlived_its_owner_is_orphaned(project):
+    """Owner and wrapper SIGKILLed, the command running on and holding the task's files: `ps` said `gone` while
+    `locks` showed the lock held. It names the processes that run on, and `recover` ends them."""
+    order = project.order()
+    gate = project.root / "gate"
+    worker = _orphan(project, order, gate)
+    try:
+        [info] = project.json("ps")["workers"]
+        assert info["state"] == "orphaned" and not info["alive"]
+        assert info["remnants"] and all(os.getpgid(pid) == worker["pgid"] for pid in info["remnants"])
+        assert info["pid"] in info["remnants"] and info["elapsed"] is not None
+        assert "orphaned" in project.aipm("ps").stdout
+        assert project.json("locks")["locks"][0]["held"]
+        project.aipm("recover", check=True)
+        wait_for(lambda: not group_alive(worker["pgid"]))
+        assert project.json("ps")["workers"] == []
+    finally:
+        gate.touch()

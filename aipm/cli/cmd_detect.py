@@ -34,6 +34,24 @@ def reasons_for(launcher: Launcher, order_dir: Path, task_id: str):
     return order, task_id, launchable, all_reasons(order, result, task_id, elsewhere, outside)
 
 
+def _stale_as_seen(launcher: Launcher, loaded, reasons: list):
+    """`reasons` with each stale task's detail as `status` shows that task (lost: INTERRUPTED, or its review to
+    run again), and the order as shown."""
+    seen = as_seen(loaded, launcher.project.root)
+    out = []
+    for r in reasons:
+        shown = seen.tasks[r.id]
+        if r.reason == STALE and shown is not loaded.tasks[r.id]:
+            r = replace(r, detail=f"status is {shown.status.value} ({shown.reason})")
+        out.append(r)
+    return out, seen
+
+
+def _paths(task) -> list[str]:
+    """A task's target files as the overlap rule sees them (`./src/../a.py` is `a.py`)."""
+    return [str(t) for t in task.targets]
+
+
 def print_retry_hint(task_id: str, status: Status) -> None:
     if status in FINISHED_OK | DEAD_END | {Status.INTERRUPTED}:  # what `retry` takes: say so
         console().print(f"  `aipm retry {task_id}` queues it again", markup=False)
@@ -59,11 +77,13 @@ def detect(
     read_only()
     launcher = _launcher(max_workers)
     loaded, result, free, *_ = survey(launcher, launcher.project.order_dir(order))
+    if result.stale:  # a stale task as `status` and `why` show it
+        result.blocked.update((b.id, b) for b in _stale_as_seen(launcher, loaded, list(result.blocked.values()))[0])
     if json_out:
         data = {
             "order": loaded.id,
             "free_slots": free,
-            "launchable": [{"id": t.id, "priority": t.priority.value, "target_files": list(t.target_files)}
+            "launchable": [{"id": t.id, "priority": t.priority.value, "target_files": _paths(t)}
                            for t in result.launchable],
             "blocked": [b.as_dict() for b in result.blocked.values()],
             "stale": result.stale,
@@ -84,8 +104,8 @@ def detect(
         table = Table(title=f"Launchable in {escape(loaded.id)} {slots}")
         for col in ("#", "task", "pri", "target files"):
             table.add_column(col)
-        for i, t in enumerate(result.launchable, 1):  # paths and ids as written: `lib/[ab].c` is not markup
-            table.add_row(str(i), escape(t.id), t.priority.value, escape("\n".join(t.target_files)))
+        for i, t in enumerate(result.launchable, 1):  # ids and paths escaped: `lib/[ab].c` is not markup
+            table.add_row(str(i), escape(t.id), t.priority.value, escape("\n".join(_paths(t))))
         out.print(table)
     else:  # an empty table's frame said nothing
         out.print(f"Nothing may start in {loaded.id} now {slots}", markup=False)
@@ -109,11 +129,8 @@ def why(
     launcher = _launcher(max_workers)
     loaded, task_id, launchable, reasons = reasons_for(launcher, *find_task(launcher.project, task))
     current = loaded.tasks[task_id]
-    # A running task whose worker is gone, as `status` shows it: lost (INTERRUPTED), or its review to run again.
-    shown = as_seen(loaded, launcher.project.root).tasks[task_id]
-    if shown is not current:
-        reasons = [replace(r, detail=f"status is {shown.status.value} ({shown.reason})") if r.reason == STALE else r
-                   for r in reasons]
+    reasons, seen = _stale_as_seen(launcher, loaded, reasons)
+    shown = seen.tasks[task_id]
     if json_out:
         print_json({"order": loaded.id, "task": task_id, "launchable": launchable,
                     "reasons": [r.as_dict() for r in reasons],

@@ -17,7 +17,7 @@ from aipm import workspace
 from aipm.cli.common import JsonOpt, console, get_project, print_json
 from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
-from aipm import logbook, recovery, steering
+from aipm import logbook, recovery, steering, subreaper
 from aipm.launcher import Launcher, Options
 from aipm.locks import node_file
 from aipm.paths import lock_prefix, normalize
@@ -36,8 +36,11 @@ def _worker_info(rec, root: Path) -> dict:
             "owner_pid": rec.owner_pid, "phase": rec.phase, "alive": rec.alive(), "log": rec.log,
             "command": rec.command, "targets": rec.targets}
     info["state"] = "alive" if info["alive"] else "review_pending" if _review_pending(rec, root) else "gone"
+    left = subreaper.marked(subreaper.attempt_marker(root, rec)) if info["state"] == "gone" else []
+    if left:  # its owner and wrapper died, its command runs on (and holds its files): `recover` ends it
+        info.update(state="orphaned", pid=min(left), remnants=sorted(left))
     try:
-        proc = psutil.Process(pid)
+        proc = psutil.Process(info["pid"])
         info["elapsed"] = round(time.time() - proc.create_time(), 1)
         procs = [proc, *proc.children(recursive=True)]
     except (psutil.Error, ValueError):
@@ -66,6 +69,7 @@ def _review_pending(rec, root: Path) -> bool:
 
 
 STATE_TEXT = {"alive": "alive", "stopped": "[yellow]stopped[/]", "gone": "[red]gone (stale: aipm recover)[/]",
+              "orphaned": "[red]orphaned: runs on (aipm recover ends it)[/]",
               "review_pending": "[yellow]review pending: it runs again on the next run[/]"}
 
 
