@@ -41,7 +41,7 @@ class Settings:
     scope_watch: bool = True  # run audits its own attempts from an inotify watch of the tree, not git status
     scope_ignore: tuple[str, ...] = ()  # globs the audit never charges: files a person edits during runs
     runner: str = "local"  # where workers run: "local" or "ray"
-    ray_address: str | None = None  # ray.address (RAY_ADDRESS wins): the cluster for --runner ray, else auto
+    ray_address: str = "auto"  # ray.address (RAY_ADDRESS wins): the cluster for --runner ray; auto: one on this machine
     worker_agent: str = "command"  # worker.agent: the preset for tasks without `command` (aipm.agents.NAMES)
     max_cost_usd: float | None = None  # budget of every order whose order.yaml sets none
     notify: str | tuple[str, ...] | None = None  # run when a task fails or is rejected, or an order stops or ends

@@ -33,7 +33,7 @@ def test_init_twice_changes_nothing(tmp_path):
 def test_inits_aipm_yaml_shows_every_setting_with_its_default(tmp_path):
     """The aipm.yaml `init` writes says 'every key is optional (defaults shown)' but left out nine of the settings
     reference.md lists (scope_audit, preempt, confine, workspace, runner, ...). Uncommented, it is the defaults
-    (ray.address says what unset means)."""
+    (ray.address `auto`, as `config` shows its default)."""
     import dataclasses
 
     from aipm.settings import SETTING_NAMES, Settings, load_settings
@@ -43,7 +43,7 @@ def test_inits_aipm_yaml_shows_every_setting_with_its_default(tmp_path):
     (tmp_path / "aipm.yaml").write_text("\n".join(line.removeprefix("# ") for line in lines[1:]) + "\n")
     loaded = load_settings(tmp_path, environ={})
     assert {name for name in SETTING_NAMES if loaded.sources[name] == "default"} == set()  # each one is there
-    assert dataclasses.replace(loaded, ray_address=None, sources={}) == dataclasses.replace(Settings(), sources={})
+    assert dataclasses.replace(loaded, sources={}) == dataclasses.replace(Settings(), sources={})
     assert loaded.ray_address == "auto"
 
 

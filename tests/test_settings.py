@@ -323,3 +323,8 @@ def test_bad_pyproject(tmp_path):
 def test_bad_setting_stops_resources_too(tmp_path):
     assert_one_line_error(aipm(tmp_path, "resources", "--json", env={"AIPM_MAX_MEMORY_PERCENT": "0"}),
                           "AIPM_MAX_MEMORY_PERCENT")
+
+
+def test_config_shows_ray_address_default_as_the_reference_does(tmp_path):
+    """`config --json` said ray.address null where reference.md gives its default as `auto`."""
+    assert effective(tmp_path)["ray.address"] == {"value": "auto", "source": "default"}

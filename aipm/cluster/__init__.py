@@ -27,16 +27,14 @@ def require_ray() -> None:
         raise UserError("runner ray: the `ray` package is not installed; install it with `pip install 'aipm[ray]'`")
 
 
-def wrap(command: str | Sequence[str], *, address: str | None, resources: Resources | None,
+def wrap(command: str | Sequence[str], *, address: str, resources: Resources | None,
          stdin: str | None) -> list[str]:
-    """The local worker's argv that runs `command` on the Ray cluster at `address` (None: auto).
+    """The local worker's argv that runs `command` on the Ray cluster at `address` (`auto`: one on this machine).
 
     The command's stdin (an agent's prompt file) is opened on the node, so it must be on the shared filesystem,
     as the project is.
     """
-    argv = [sys.executable, "-m", "aipm.cluster.attempt"]
-    if address:
-        argv += ["--address", address]
+    argv = [sys.executable, "-m", "aipm.cluster.attempt", "--address", address]
     if resources is not None:
         for flag, value in (("--cpus", resources.cpus), ("--memory-mb", resources.memory_mb),
                             ("--gpus", resources.gpus)):
