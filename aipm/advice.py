@@ -13,6 +13,7 @@ order runs without it, and an order of nothing but such files "succeeds" at once
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -59,11 +60,42 @@ def unenforced_budget(order: Order, tasks: Iterable[Task], settings: Settings) -
 
 
 def stray_files(order_dir: Path) -> list[str]:
-    """Warnings for files of the order directory that look like task files but are not read as any."""
+    """Warnings for entries of the order directory that look like task files but are not read as any: `.yml`
+    (or `.YAML`) files, and `*.yaml` names that are no regular file (a directory, a FIFO, a link to nothing)."""
     try:
-        names = sorted(e.name for e in os.scandir(order_dir) if e.is_file())
+        entries = sorted(os.scandir(order_dir), key=lambda e: e.name)
     except OSError:
         return []
-    return [f"{order_dir / name}: not read: aipm reads only files ending in .yaml; rename it "
-            f"{os.path.splitext(name)[0]}.yaml" for name in names
-            if os.path.splitext(name)[1].lower() in (".yml", ".yaml") and not name.endswith(".yaml")]
+    out = []
+    for entry in entries:
+        name = entry.name
+        if name == "order.yaml":
+            continue
+        if name.endswith(".yaml"):
+            kind = _not_a_file(entry)
+            if kind:
+                out.append(f"{order_dir / name}: not read: {kind}, not a task file")
+        elif os.path.splitext(name)[1].lower() in (".yml", ".yaml") and _is_file(entry):
+            out.append(f"{order_dir / name}: not read: aipm reads only files ending in .yaml; rename it "
+                       f"{os.path.splitext(name)[0]}.yaml")
+    return out
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:
+        return False
+
+
+def _not_a_file(entry: os.DirEntry) -> str:
+    """What a `*.yaml` entry is when it is no regular file (as the loader skips it), else ''."""
+    try:
+        st = os.stat(entry.path)
+    except FileNotFoundError:
+        return "a link to nothing" if entry.is_symlink() else ""
+    except OSError as exc:
+        return f"unreadable ({exc.strerror})"
+    if stat.S_ISREG(st.st_mode):
+        return ""
+    return "a directory" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file"

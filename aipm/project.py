@@ -118,10 +118,19 @@ class Project:
             mine = (order_id, source or order_dir)
         clash = _other_with_id(ids, mine[0], order_dir)
         if clash is not None:
-            raise ValidationError(str(mine[1]), "id" if mine[1].is_file() else None,
-                                  f"order id {mine[0]!r} is also the id of {clash[1]}; "
-                                  "give each order its own id (runtime state is kept per id)")
+            others = [str(source) for d, (i, source) in ids.items() if i == mine[0] and d != order_dir.resolve()]
+            raise IdClash(mine[0], str(mine[1]), "id" if mine[1].is_file() else None,
+                          f"order id {mine[0]!r} is also the id of {' and '.join(others)}; "
+                          "give each order its own id (runtime state is kept per id)")
         return order_dir
+
+
+class IdClash(ValidationError):
+    """Two or more orders of the project give one id (`validate` says so once, not once per order)."""
+
+    def __init__(self, order_id: str, *args):
+        self.order_id = order_id
+        super().__init__(*args)
 
 
 def _other_with_id(ids: dict[Path, tuple[str, Path]], order_id: str, order_dir: Path) -> tuple[Path, Path] | None:

@@ -48,8 +48,16 @@ def test_duplicate_order_ids_are_refused_by_every_command(project):
         proc = project.aipm(*args)
         assert_one_line_error(proc, "order.yaml" if "SECOND" in args[1] or args[1] == "B" else "FIRST", "-")
         assert "'FIRST' is also the id of" in proc.stderr
+    proc = project.aipm("validate")  # one line for the clash (it was one per order), naming every order of the id
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    (project.root / "orders" / "THIRD").mkdir()
+    (project.root / "orders" / "THIRD" / "order.yaml").write_text("id: FIRST\n")
     proc = project.aipm("validate")
-    assert proc.returncode == 2 and proc.stderr.count("is also the id of") == 2
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert all(f"{name}/order.yaml" in proc.stderr for name in ("SECOND", "THIRD")), proc.stderr
+    assert [o["ok"] for o in json.loads(project.aipm("validate", "--json").stdout)["orders"]] == [False] * 3
+    (project.root / "orders" / "THIRD" / "order.yaml").unlink()
+    (project.root / "orders" / "THIRD").rmdir()
     assert full_snapshot(project.root) == before
 
 

@@ -157,6 +157,22 @@ def test_a_task_file_not_named_yaml_is_named_in_a_warning(project):
     assert not (project.root / "built").exists()
 
 
+def test_a_task_name_that_is_no_file_is_named_in_a_warning(project):
+    """D.yaml a directory, F.yaml a FIFO, L.yaml a link to nothing: skipped by the loader without a word."""
+    order = project.order()
+    (order / "D.yaml").mkdir()
+    os.mkfifo(order / "F.yaml")
+    (order / "L.yaml").symlink_to("nowhere.yaml")
+    write_task(order, "T3", command="true")
+    for args in (("validate", "ORD"), ("run", "ORD")):
+        proc = project.aipm(*args)
+        assert proc.returncode == 0, (args, proc.stderr)
+        warned = [line for line in proc.stderr.splitlines() if line.startswith("aipm: warning:")]
+        assert warned == [f"aipm: warning: {order}/{name}: not read: {kind}, not a task file" for name, kind in
+                          (("D.yaml", "a directory"), ("F.yaml", "a FIFO"), ("L.yaml", "a link to nothing"))], warned
+    assert project.statuses() == {"T3": "DONE"}
+
+
 def test_missing_worker_program_blames_the_template_once(project):
     (project.root / "aipm.yaml").write_text('worker:\n  command: ["no-such-agent-xyz", "-p"]\n')
     order = project.order()

@@ -14,7 +14,7 @@ from aipm.errors import ValidationError
 from aipm.model import DEAD_END, FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
 from aipm.plan import never_run_notes, never_runs
-from aipm.project import CONFIG_FILE, Project
+from aipm.project import CONFIG_FILE, IdClash, Project
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
 from aipm.store import load_order
@@ -98,7 +98,7 @@ def validate(
     settings = load_settings(project.root)
     dirs = [project.order_dir(order)] if order else project.order_dirs()
     ids = project.order_ids()
-    results, errors = [], []
+    results, errors, clashed = [], [], set()
     for directory in dirs:
         try:
             project.check_unique(directory, ids)
@@ -109,7 +109,10 @@ def validate(
             results.append({"order": loaded.id, "path": str(directory), "tasks": len(loaded.tasks), "ok": True,
                             "warnings": advice})
         except ValidationError as exc:
-            errors.append(str(exc))
+            if not isinstance(exc, IdClash) or exc.order_id not in clashed:  # one line names every order of an id
+                errors.append(str(exc))
+            if isinstance(exc, IdClash):
+                clashed.add(exc.order_id)
             results.append({"order": directory.name, "path": str(directory), "ok": False, "error": str(exc),
                             "file": exc.file, "field": exc.field})
     if json_out:
