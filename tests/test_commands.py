@@ -709,9 +709,10 @@ def test_detect_names_holders_and_paths_as_why_and_the_overlap_rule_do(project):
     wait_for(lambda: no_workers(project.root))
 
 
-def _orphan(project, order, gate):
-    """Launch A and SIGKILL its owner and wrapper: its command runs on, in its group, holding a.py."""
-    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a.py"])
+def _orphan(project, order):
+    """Launch A and SIGKILL its owner and wrapper: its command (no shell, no children) runs on in its group,
+    holding a.py; `aipm recover` ends it."""
+    write_task(order, "A", command="sleep 120", target_files=["a.py"])
     project.aipm("launch", "ORD", check=True)
     worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
     os.kill(worker["owner_pid"], signal.SIGKILL)
@@ -723,9 +724,7 @@ def _orphan(project, order, gate):
 
 def test_detect_shows_a_lost_task_as_status_and_why_do(project):
     """detect called a task whose worker is gone `status is IN_PROGRESS` where `status` and `why` say INTERRUPTED."""
-    order = project.order()
-    gate = project.root / "gate"
-    _orphan(project, order, gate)
+    _orphan(project, project.order())
     try:
         found = next(b for b in project.json("detect", "ORD")["blocked"] if b["id"] == "A")
         why = project.json("why", "A")
@@ -734,16 +733,13 @@ def test_detect_shows_a_lost_task_as_status_and_why_do(project):
         assert project.json("status", "ORD")["tasks"][0]["status"] == "INTERRUPTED"
         assert f"A: {found['detail']}" in project.aipm("detect", "ORD").stdout.replace("\n", " ").replace("  ", " ")
     finally:
-        gate.touch()
         project.aipm("recover")
 
 
 def test_ps_says_a_worker_whose_command_outlived_its_owner_is_orphaned(project):
     """Owner and wrapper SIGKILLed, the command running on and holding the task's files: `ps` said `gone` while
     `locks` showed the lock held. It names the processes that run on, and `recover` ends them."""
-    order = project.order()
-    gate = project.root / "gate"
-    worker = _orphan(project, order, gate)
+    worker = _orphan(project, project.order())
     try:
         [info] = project.json("ps")["workers"]
         assert info["state"] == "orphaned" and not info["alive"]
@@ -755,4 +751,4 @@ def test_ps_says_a_worker_whose_command_outlived_its_owner_is_orphaned(project):
         wait_for(lambda: not group_alive(worker["pgid"]))
         assert project.json("ps")["workers"] == []
     finally:
-        gate.touch()
+        project.aipm("recover")
