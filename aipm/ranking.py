@@ -7,11 +7,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from aipm.model import Order, Priority, Task, natural_key
+from aipm.model import DEAD_END, FINISHED_OK, Order, Priority, Task, natural_key
+
+_OVER = FINISHED_OK | DEAD_END
+
+
+def remains(task: Task) -> bool:
+    """Whether the task is still to run: neither finished nor at a dead end. Only such tasks make a chain."""
+    return task.status not in _OVER
 
 
 def chain_lengths(tasks: Mapping[str, Task]) -> dict[str, int]:
-    """Length of the longest chain of dependants below each task (1 for a task nothing waits on).
+    """Length of the longest chain of remaining tasks from each task down its dependants (1 for a task no
+    remaining task waits on; 0 for a task that is over, which ends every chain through it: a retried task whose
+    dependants are done already unblocks nothing more by finishing).
 
     Starting the task with the longest chain first keeps the critical path moving. Linear in tasks + edges.
     """
@@ -27,7 +36,7 @@ def chain_lengths(tasks: Mapping[str, Task]) -> dict[str, int]:
     length: dict[str, int] = {}
     while ready:
         tid = ready.pop()
-        n = length[tid] = below[tid] + 1
+        n = length[tid] = below[tid] + 1 if tasks[tid].status not in _OVER else 0
         for dep in tasks[tid].depends_on:
             left = pending.get(dep)
             if left is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from aipm.inotify import IN_CREATE, IN_MOVED_TO, DirWatch, close_at_exit
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
-from aipm.ranking import ranked
+from aipm.ranking import ranked, remains
 from aipm.spares import Stamp, stamp
 from aipm.errors import ValidationError
 from aipm.store import ORDER_FILE, check_links, load_order, load_task, task_files
@@ -247,7 +247,15 @@ class OrderView:
 
     def _put(self, task: Task) -> None:
         """Replace a task whose links did not change, updating the indexes for it and its dependants."""
-        self.order.tasks[task.id] = task
+        tasks = self.order.tasks
+        old = tasks.get(task.id)
+        tasks[task.id] = task
+        if old is not None and remains(old) != remains(task) and (
+                remains(task) or any(d in tasks and remains(tasks[d]) for d in task.depends_on)):
+            # Its chain starts or ends (a retry, a dependency put back): its own rank, or a remaining dependency's,
+            # moves. Not so when it finishes after its dependencies, as tasks do: the hot path keeps its ranks.
+            self._ordering = None
+            self._ready_ranked = None
         (self.running.add if task.status in RUNNING else self.running.discard)(task.id)
         for tid in (task.id, *self.dependants.get(task.id, ())):
             ready = self._is_ready(tid)

@@ -37,6 +37,15 @@ def test_chain_lengths_count_dependants():
     assert [t.id for t in ranked(o)][0] == "A"
 
 
+def test_a_chain_counts_only_the_tasks_still_to_run():
+    """A retried task whose dependants are done (or failed) unblocks nothing more by finishing: it outranked a
+    task whose two-task chain is still to run."""
+    o = order(task("A"), task("B", "DONE", deps=["A"]), task("C", "COMPLETED", deps=["B"]),
+              task("F", "FAILED", deps=["A"]), task("G", deps=["F"]), task("X"), task("Y", deps=["X"]))
+    assert chain_lengths(o.tasks) == {"A": 1, "B": 0, "C": 0, "F": 0, "G": 1, "X": 2, "Y": 1}
+    assert ids(plan(o, slots=1)) == ["X"]
+
+
 def test_waiting_on_dependencies_names_them():
     o = order(task("A", status="IN_PROGRESS"), task("B", deps=["A"]), task("C", status="DONE"),
               task("D", deps=["C"]), task("E", status="COMPLETED"), task("F", deps=["E", "C"]))
@@ -222,16 +231,17 @@ def test_the_choice_without_reasons_is_the_choice_with_them_and_the_pairwise_one
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.lists(st.lists(st.integers(0, 30), max_size=4), max_size=30))
+@given(st.lists(st.tuples(st.lists(st.integers(0, 30), max_size=4), st.sampled_from(list(Status))), max_size=30))
 def test_chain_lengths_are_the_longest_paths_of_dependants(deps):
-    """Against the definition: 1 + the longest chain of any task that depends on it (repeated and unknown
-    dependencies allowed)."""
-    o = order(*(task(f"T{i}", deps=[f"T{d}" for d in ds if d < i] + ["ELSEWHERE"] * (i % 5 == 4))
-                for i, ds in enumerate(deps)))
+    """Against the definition: 0 for a task that is over (finished or at a dead end), else 1 + the longest chain
+    of any task that depends on it (repeated and unknown dependencies allowed)."""
+    o = order(*(task(f"T{i}", status.value, deps=[f"T{d}" for d in ds if d < i] + ["ELSEWHERE"] * (i % 5 == 4))
+                for i, (ds, status) in enumerate(deps)))
+    over = {Status.DONE, Status.COMPLETED, Status.FAILED, Status.REJECTED, Status.CANCELLED}
     longest = {}
     for i in reversed(range(len(deps))):
         dependants = [j for j in range(i + 1, len(deps)) if f"T{i}" in o.tasks[f"T{j}"].depends_on]
-        longest[f"T{i}"] = 1 + max((longest[f"T{j}"] for j in dependants), default=0)
+        longest[f"T{i}"] = 0 if deps[i][1] in over else 1 + max((longest[f"T{j}"] for j in dependants), default=0)
     assert chain_lengths(o.tasks) == longest
 
 
