@@ -17,9 +17,10 @@ from aipm.budget import Budget, of as order_budget
 from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import as_path, normalize
-from aipm.plan import Busy, ForeignLock, Plan, plan
+from aipm.plan import LIMIT, Busy, ForeignLock, Plan, plan
 from aipm.project import Project
 from aipm.capacity import Capacity, fit
+from aipm.demand import Demands
 from aipm.resources import RAMP_DELAY, ResourceMonitor, get_system_info, starts_now
 from aipm.record import Record, live_pid
 from aipm.runtime import Runtime
@@ -64,6 +65,7 @@ class Launcher(Starter):
         self.monitor = monitor
         self.detached: set[int] = set()  # owners we started (`aipm.work`): never mistaken for strays
         self._unrecorded: tuple[frozenset, float, set] | None = None  # see _running_unrecorded
+        self.demands = Demands(self.runtime.state)  # priority across orders (demand.py)
         if monitor is None and settings.enable_monitoring:
             self.monitor = ResourceMonitor(settings.max_cpu_percent, settings.max_memory_percent)
 
@@ -201,6 +203,9 @@ class Launcher(Starter):
             ending = {*ending, *lent}
         if not explain and sum(rec.key not in ending and rec.alive() for rec in records) >= self.settings.max_workers:
             report.plan, report.deferred = Plan(), []
+            ready = view.ready_ordering()
+            if owner is not None and ready and not self.options.dry_run and self.demands.said(order.id) is None:
+                self.demands.publish(order.id, order.tasks[ready[0]].priority)  # (its first plan says better)
             return False  # every slot is taken: nothing can start, and a plan would only say so
         busy, live, live_count = self.holders(order, records, ending, released, view.running)
         free = max(0, self.settings.max_workers - live_count)
@@ -218,10 +223,14 @@ class Launcher(Starter):
                           released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")})
         report.plan = result
         report.deferred = []
+        if owner is not None and not self.options.dry_run and (result.limited or ranked_before is None):
+            self.demands.publish(order.id, result.limited)  # (a plan of the first-ranked tasks only: no withdrawal)
         tried = {item["id"] for item in report.failed}
         wanted = [t for t in result.launchable if t.id not in tried]  # only `only`'s: the plan saw no other
         if self.settings.runner == "local" and any(t.resources for t in wanted):
             wanted = self._fit_locally(wanted, [r for r in records if r.key not in lent], report)
+        if wanted:
+            wanted = self._leave_slots(order, wanted, free, report)
         # Read the machine only when there is something to start: the idle loop costs no CPU.
         budget, why, note = self.start_budget(live_count) if wanted else (0, "", "")
         for task in wanted[budget:]:
@@ -271,6 +280,23 @@ class Launcher(Starter):
                 if item["id"] in order.tasks:
                     self.note_failure(order.tasks[item["id"]], item["error"], view)
         return again
+
+    def _leave_slots(self, order: Order, wanted: list[Task], free: int, report: LaunchReport) -> list[Task]:
+        """Of the tasks chosen (in launch order), those that may take a slot while more urgent tasks of other runs
+        wait for one (demand.py): each such demand keeps one of the `free` slots from every less urgent task."""
+        urgent = self.demands.ahead_of(order.id, wanted[-1].priority)
+        if not urgent:
+            return wanted
+        kept = []
+        for task in wanted:
+            before = [d for d in urgent if d[1].rank < task.priority.rank]
+            if len(kept) + len(before) < free:
+                kept.append(task)
+                continue
+            other, priority = min(before, key=lambda d: (d[1].rank, d[0]))
+            report.deferred.append({"id": task.id, "reason": LIMIT, "detail": f"a free worker slot is left to a "
+                                    f"{priority} task of order {other}, which waits for one"})
+        return kept
 
     def _caps(self, tasks: list[Task], spend: Budget | None) -> dict[str, float | None]:
         """Each starting attempt's spending cap: the task's own `max_cost_usd`, and under an order budget no more

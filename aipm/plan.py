@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from aipm.budget import Budget
-from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
+from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Priority, Status, Task
 from aipm.paths import Target, first_overlap, lock_overlap, lock_prefix, nodes_related
 from aipm.ranking import ranked
 
@@ -93,6 +93,7 @@ class Plan:
     stale: list[str] = field(default_factory=list)
     budget_stop: str | None = None  # why QUEUED tasks that could otherwise start may not: the order's budget
     waiting: list[Blocked] = field(default_factory=list)  # held outside aipm: listed even when not explaining
+    limited: Priority | None = None  # the best priority of a task that could start but for a free worker slot
 
     def summary(self, order: Order) -> dict[str, int]:
         reasons = [b.reason for b in self.blocked.values()]
@@ -275,6 +276,8 @@ def plan(
                 result.blocked[task.id] = blocked
             continue
         if len(chosen) >= slots:
+            if result.limited is None:
+                result.limited = task.priority
             if not explain:
                 break
             result.blocked[task.id] = Blocked(task.id, LIMIT, _limit_detail(slots))

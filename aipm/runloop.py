@@ -356,6 +356,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         return 0 if done and not over else 1
     finally:
         writer.drop_prepared()
+        launcher.demands.withdraw()  # its tasks wait for no slot now
         sup.end_strays()  # nothing an attempt started outlives the run
         stop.close()
         sup.close()

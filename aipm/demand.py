@@ -1,0 +1,87 @@
+"""Priority across orders: a worker slot kept for a more urgent task another run is waiting to start.
+
+Each `run` plans its own order, and the worker limit is the project's. Without a word between them, the run
+whose worker ended takes the slot for its own next task, so a P0 of one order waited behind every P3 of a busy
+one. A run (or exec) whose plan has a ready task waiting only for a slot says so here: the best priority
+waiting, in a file of its order's in the state directory, with its own pid and start time. Another owner
+planning with slots free leaves one per such demand more urgent than its candidate, and that run, woken by the
+worker's end (runs watch every worker), takes it. A demand is written when it changes (not per round), removed
+when its run ends, and ignored once its process is gone (a killed run's). Written and read under the launch lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from aipm.liveness import process_alive, process_ctime
+from aipm.model import Priority
+
+_BY_RANK = {p.rank: p for p in Priority}
+
+
+class Demands:
+    """One process's view of the project's demands: its own (published) and the others' (read per plan)."""
+
+    def __init__(self, state: Path):
+        self.dir = f"{state}/demand"
+        self._mine: dict[str, Priority | None] = {}  # order → what this process last said for it
+
+    def publish(self, order_id: str, waiting: Priority | None) -> None:
+        """Say that `order_id`'s best ready task waiting for a slot has priority `waiting` (None: none waits)."""
+        if self._mine.get(order_id) == waiting:
+            return
+        path = f"{self.dir}/{_name(order_id)}"
+        if waiting is None:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        else:
+            pid = os.getpid()
+            os.makedirs(self.dir, exist_ok=True)
+            tmp = f"{path}.{pid}.tmp"
+            with open(tmp, "w") as handle:
+                handle.write(f"{waiting.rank} {pid} {process_ctime(pid)!r} {order_id}\n")
+            os.replace(tmp, path)
+        self._mine[order_id] = waiting
+
+    def said(self, order_id: str) -> Priority | None:
+        """What this process last said for `order_id`."""
+        return self._mine.get(order_id)
+
+    def withdraw(self) -> None:
+        """Remove this process's demands (its run ends)."""
+        for order_id in list(self._mine):
+            try:
+                self.publish(order_id, None)
+            except OSError:
+                pass  # the state directory went: nothing to withdraw
+
+    def ahead_of(self, order_id: str, least: Priority) -> list[tuple[str, Priority]]:
+        """(order, priority) of the live demands of other orders more urgent than `least`."""
+        try:
+            names = os.listdir(self.dir)
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+        mine = _name(order_id)
+        found = []
+        for name in names:
+            if name == mine or name.endswith(".tmp"):
+                continue
+            try:
+                with open(f"{self.dir}/{name}") as handle:
+                    rank, pid, ctime, other = handle.read().rstrip("\n").split(" ", 3)
+                priority = _BY_RANK[int(rank)]
+                if priority.rank < least.rank and process_alive(int(pid), float(ctime)):
+                    found.append((other, priority))
+            except (OSError, ValueError, KeyError):
+                continue  # gone meanwhile, or not ours to read: no demand
+        return found
+
+
+def _name(order_id: str) -> str:
+    """A file name for the order (its id made safe, and told apart from ids that make the same safe name)."""
+    safe = "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "_" for c in order_id)
+    return f"{safe}.{hashlib.sha1(order_id.encode(errors='surrogateescape')).hexdigest()[:8]}.demand"

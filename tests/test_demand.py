@@ -1,0 +1,95 @@
+"""Priority across orders: two `aipm run`s share the project's worker limit, and a slot a worker frees goes to
+the more urgent task another run waits to start (demand.py), not to the freeing run's own less urgent one."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import no_workers, wait_for, write_task
+
+from aipm.runtime import state_dir
+
+
+def gated(journal: Path, gates: Path) -> str:
+    """A command that journals its start, then waits for its gate file."""
+    return (f'echo "start $AIPM_ORDER_ID/$AIPM_TASK_ID" >> {journal}; '
+            f'while [ ! -e {gates}/$AIPM_TASK_ID ]; do sleep 0.02; done')
+
+
+def run(project, order: str) -> subprocess.Popen:
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    return subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", order,
+                             "--max-workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, cwd=project.root)
+
+
+def started(journal: Path) -> list[str]:
+    return journal.read_text().split("start ")[1:] if journal.exists() else []
+
+
+def demands(root: Path) -> list[str]:
+    """The orders whose runs say a task waits for a slot."""
+    where = Path(state_dir(root)) / "demand"
+    return sorted(p.read_text().split()[-1] for p in where.glob("*.demand")) if where.is_dir() else []
+
+
+def test_a_freed_slot_goes_to_the_more_urgent_order(project):
+    journal, gates = project.root / "journal", project.root / "gates"
+    gates.mkdir()
+    for n in range(1, 5):
+        write_task(project.order("LOW"), f"L{n}", command=gated(journal, gates), priority="P3")
+    write_task(project.order("HIGH"), "H1", command=gated(journal, gates), priority="P0")
+    low = run(project, "LOW")
+    high = None
+    try:
+        wait_for(lambda: len(started(journal)) == 2)
+        high = run(project, "HIGH")
+        wait_for(lambda: "HIGH" in demands(project.root))  # its P0 waits for a slot, and says so
+        (gates / "L1").touch()
+        wait_for(lambda: len(started(journal)) == 3)
+        assert [s.strip() for s in started(journal)][2] == "HIGH/H1", started(journal)
+        for name in ("L2", "L3", "L4", "H1"):
+            (gates / name).touch()
+        assert high.wait(timeout=60) == 0 and low.wait(timeout=60) == 0
+        assert demands(project.root) == []  # withdrawn as each run ended
+        assert sorted(s.strip() for s in started(journal)) == ["HIGH/H1", "LOW/L1", "LOW/L2", "LOW/L3", "LOW/L4"]
+    finally:
+        for name in ("L1", "L2", "L3", "L4", "H1"):
+            (gates / name).touch()
+        for proc in (low, high):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    wait_for(lambda: no_workers(project.root))
+
+
+def test_a_dead_runs_demand_keeps_no_slot(project):
+    """A run killed while its task waited for a slot leaves its demand file: ignored (its process is gone)."""
+    journal, gates = project.root / "journal", project.root / "gates"
+    gates.mkdir()
+    for n in range(1, 4):
+        write_task(project.order("LOW"), f"L{n}", command=gated(journal, gates), priority="P3")
+    write_task(project.order("HIGH"), "H1", command=gated(journal, gates), priority="P0")
+    low = run(project, "LOW")
+    try:
+        wait_for(lambda: len(started(journal)) == 2)
+        high = run(project, "HIGH")
+        wait_for(lambda: "HIGH" in demands(project.root))
+        high.kill()
+        high.wait()
+        (gates / "L1").touch()
+        wait_for(lambda: len(started(journal)) == 3)
+        assert started(journal)[2].strip() == "LOW/L3"
+        for name in ("L2", "L3"):
+            (gates / name).touch()
+        assert low.wait(timeout=60) == 0
+    finally:
+        for name in ("L1", "L2", "L3", "H1"):
+            (gates / name).touch()
+        if low.poll() is None:
+            low.kill()
+            low.wait()
+    wait_for(lambda: no_workers(project.root))
