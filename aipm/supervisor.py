@@ -249,6 +249,9 @@ class Supervisor(Recording, Owner):
         for rec in self.owned.values():
             if rec.pid and not self._group_reused(rec):
                 runner.wait_gone(rec.pid, max(0.0, deadline - time.time()))
+                # The grace is over: what ignored the SIGTERM (the wrapper waits for its command) is killed
+                # before the reap, which would otherwise wait for the command to end by itself.
+                runner.kill_group(rec.pgid)
             if rec.pid:
                 self.end_group(rec)
         self.end_strays()

@@ -82,6 +82,18 @@ def test_sigint_stops_every_worker_and_requeues(project):
     assert events[-1] == {**events[-1], "event": "summary", "counts": {"QUEUED": 3}, "exit_code": 130}
 
 
+def test_sigint_kills_a_worker_that_ignores_sigterm_after_the_grace(project):
+    """A command that traps SIGTERM kept a stopped run waiting for it to end by itself (the reap of its wrapper
+    came before the group's SIGKILL): `run` hung for the command's whole life after Ctrl-C."""
+    write_task(project.order(), "S", command='trap "" TERM; sleep 600', target_files=["s"])
+    proc = start_run(project, "ORD", "--json")
+    [worker] = wait_for(lambda: [w for w in project.json("ps")["workers"] if w["pgid"]])
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130  # (the command would have lived 600 s)
+    assert not group_alive(worker["pgid"])
+    assert project.statuses() == {"S": "QUEUED"} and no_workers(project.root)
+
+
 def test_task_added_mid_run_is_run_and_a_comment_survives(project):
     order = project.order()
     journal = project.root / "journal.txt"
