@@ -21,6 +21,7 @@ from aipm.settings import settings_from_flags
 from aipm.store import load_task
 from aipm.supervisor import RECORDS, RECORDS_RECHECK, Supervisor
 from aipm.view import OrderView
+from aipm.workerfiles import append_log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"aipm: cannot start worker: {exc}", file=sys.stderr)
                 launcher.runtime.remove_record(rec.order, rec.task)
                 return 1
+            if launcher.runtime.cancelled(rec):  # `aipm cancel` came between the launch and us: nothing runs
+                append_log(rec.log, f"cancelled by the user before its worker started (attempt {rec.serial})")
+                launcher.runtime.remove_record(rec.order, rec.task)
+                return 0
             sup.lock_fds[rec.key] = fds
             try:
                 sup.spawn_worker(rec, task, fds)

@@ -752,3 +752,20 @@ def test_ps_says_a_worker_whose_command_outlived_its_owner_is_orphaned(project):
         assert project.json("ps")["workers"] == []
     finally:
         project.aipm("recover")
+
+
+def test_a_cancel_before_the_detached_owner_starts_runs_nothing(project, tmp_path_factory):
+    """`aipm launch` returns once the task is IN_PROGRESS and its record names the detached owner, which then
+    starts Python: a cancel in between said CANCELLED, and the owner started the command anyway."""
+    slow = tmp_path_factory.mktemp("slow")  # the owner's start-up, made long enough for the cancel to come first
+    (slow / "sitecustomize.py").write_text(
+        "import sys, time\nif sys.orig_argv[1:3] == ['-m', 'aipm.work']:\n    time.sleep(2)\n")
+    ran = project.root / "ran"
+    write_task(project.order(), "T1", command=f"touch {ran}", target_files=["a.txt"])
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(slow), os.environ.get("PYTHONPATH")]))}
+    project.aipm("launch", "ORD", env=env, check=True)
+    assert project.aipm("cancel", "T1").returncode == 0
+    wait_for(lambda: no_workers(project.root))
+    assert not ran.exists()
+    assert project.statuses() == {"T1": "CANCELLED"}
+    assert "cancelled by the user before its worker started" in project.aipm("logs", "T1").stdout
