@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from aipm import agents, confine, outcome, runner, subreaper, workspace, writtenlog
 from aipm.errors import UserError
-from aipm.finish import review_command
+from aipm.finish import review_command, rework_limit
 from aipm.model import RUNNING, Order, Status, Task, definition
 from aipm.record import Record, same_attempt
 from aipm.restore import counters
@@ -42,6 +42,10 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
     records = {rec.task: rec for rec in launcher.runtime.records() if rec.order == order.id}
     for task in order.tasks.values():
         rec = records.get(task.id)
+        if task.status == Status.REWORK and (rec is None or (rec.attempt == task.attempts and not rec.alive())):
+            if rec is not None or not subreaper.task_runs(launcher.runtime.root, order.id, task.id):
+                out.append({"id": task.id, "action": _rework_on(launcher, task, rec)})
+            continue
         # A live worker is adopted whatever its file says now (an agent's `git checkout` may have reset it), and so
         # is one that ended under such a reset: its outcome was never written. INTERRUPTED with its record left:
         # a re-queue (interrupt) killed between its two writes.
@@ -94,6 +98,21 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
         out.append({"id": task.id, "action": "requeued"})
     launcher.runtime.remove_spent_exit_files(order.id)
     return out
+
+
+def _rework_on(launcher: Launcher, task: Task, rec: Record | None) -> str:
+    """A rejected review is two writes, REWORK then QUEUED (REJECTED past max_rework): its owner died between
+    them, so the task sat in REWORK, which nothing runs. The second is written now, as the owner would have."""
+    final = Status.REJECTED if task.reworks > rework_limit(task, launcher.settings) else Status.QUEUED
+    try:
+        update_task(Path(task.path), {"status": final}, expect=Status.REWORK)
+    except (StaleWrite, UserError, OSError) as exc:
+        return f"left in REWORK: {exc}"
+    if rec is not None:
+        append_log(rec.log, f"review sent the task back; its owner was gone before the task went on: {final}")
+        confine.tidy(rec.log)
+        forget(launcher.runtime, rec)
+    return "requeued" if final == Status.QUEUED else "rejected"
 
 
 def read_lost_usage_ahead(rt: Runtime) -> None:

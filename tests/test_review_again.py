@@ -189,3 +189,39 @@ def test_reviews_named_with_review_in_their_order_or_task_get_exit_files_of_thei
     wait_for(lambda: no_workers(tmp_path))
     statuses = {p.stem: yaml.safe_load(p.read_text())["status"] for p in order.glob("*.yaml")}
     assert statuses == {"a.review1": "COMPLETED", "a.review2": "REJECTED"}
+
+
+CRASH_HOOK = os.path.join(os.path.dirname(__file__), "hooks", "crash_after_rework")
+
+
+@pytest.mark.parametrize("max_rework, final, action", [(3, "QUEUED", "requeued"), (0, "REJECTED", "rejected")])
+def test_a_rework_its_owner_died_in_goes_on_at_the_next_recovery(project, max_rework, final, action):
+    """A rejected review is two writes, REWORK then QUEUED (REJECTED past max_rework). An owner killed between
+    them left the task in REWORK for good: `recover` said there was nothing to recover, and `run` exited 1 at
+    once without running it or saying why."""
+    (project.root / "aipm.yaml").write_text(f"max_rework: {max_rework}\n")
+    path = write_task(project.order(), "T", command="true", review="echo no; exit 1", target_files=["t"])
+    write_task(project.order(), "D", command="true", depends_on=["T"])
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [CRASH_HOOK, os.environ.get("PYTHONPATH")])),
+           "AIPM_CRASH_AFTER_REWORK": "1"}
+    crashed = project.aipm("run", "ORD", env=env)
+    assert crashed.returncode == 9, crashed.stderr
+    task = yaml.safe_load(path.read_text())
+    assert (task["status"], task["reworks"]) == ("REWORK", 1)
+    assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "T", "action": action}]
+    task = yaml.safe_load(path.read_text())
+    assert (task["status"], task["reworks"]) == (final, 1)
+    assert no_workers(project.root) and "its owner was gone" in project.aipm("logs", "T").stdout
+
+
+def test_a_run_moves_a_rework_its_owner_died_in_on(project):
+    """The next `run` recovers it too, and goes on to the reviews that are left (max_rework 1: one more)."""
+    (project.root / "aipm.yaml").write_text("max_rework: 1\n")
+    path = write_task(project.order(), "T", command="true", review="echo no; exit 1", target_files=["t"])
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [CRASH_HOOK, os.environ.get("PYTHONPATH")])),
+           "AIPM_CRASH_AFTER_REWORK": "1"}
+    assert project.aipm("run", "ORD", env=env).returncode == 9
+    again = project.aipm("run", "ORD")
+    assert again.returncode == 1, again.stdout + again.stderr
+    task = yaml.safe_load(path.read_text())
+    assert (task["status"], task["reworks"], task["attempts"]) == ("REJECTED", 2, 2), task
