@@ -99,6 +99,11 @@ def _command(path: Path, data: Mapping[str, Any], key: str) -> str | tuple[str, 
     )
 
 
+def _setup(path: Path, data: Mapping[str, Any], key: str) -> str | tuple[str, ...] | None:
+    """A command, or "" for none (a task's way out of the project's `workspace_setup`; null means the setting)."""
+    return "" if data.get(key) == "" else _command(path, data, key)
+
+
 def _str_list(path: Path, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
     value = data.get(key)
     if value is None:
@@ -292,7 +297,7 @@ _DEFINED: tuple[tuple[str, Any, tuple], ...] = (
     ("timeout", _positive_int, (MAX_TIMEOUT,)), ("max_attempts", _positive_int, (MAX_COUNT,)),
     ("resources", _resources, ()), ("max_rework", _optional_count, (MAX_COUNT,)), ("agent", _agent, ()),
     ("max_cost_usd", money_field, (True,)), ("confine", _flag, ()), ("workspace", _workspace, ()),
-    ("workspace_setup", _command, ()), ("workspace_copy", _copy_globs, ()),
+    ("workspace_setup", _setup, ()), ("workspace_copy", _copy_globs, ()),
 )
 _MANAGED: tuple[tuple[str, Any, tuple], ...] = (
     ("exit_code", _exit_code, ()), ("status", _enum, (Status, Status.QUEUED)), ("attempts", _count, ()),

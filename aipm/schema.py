@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from aipm import agents
-from aipm.model import MANAGED_FIELDS, Priority, Status
+from aipm.model import ID_PATTERN, MANAGED_FIELDS, Priority, Status
 from aipm.fields import MAX_COUNT, MAX_TIMEOUT, TASK_KEYS
 from aipm.store import ORDER_KEYS
 
@@ -29,29 +29,36 @@ KINDS = ("task", "order")
 # The loader treats an empty value (`key:`) as absent, so every key also accepts null.
 _STRING = {"type": ["string", "null"]}
 _STRINGS = {"type": ["array", "null"], "items": {"type": "string"}}
-# A string runs through /bin/sh -c; a list is argv and must name a program.
-_COMMAND = {"type": ["string", "array", "null"], "items": {"type": "string"}, "minItems": 1}
+# A string runs through /bin/sh -c (not blank); a list is argv and must name a program.
+_COMMAND = {"type": ["string", "array", "null"], "pattern": r"\S", "items": {"type": "string"},
+            "prefixItems": [{"type": "string", "minLength": 1}], "minItems": 1}
+_SETUP = {**_COMMAND, "pattern": r"^$|\S"}  # "" for none
+_LINE = {"type": ["string", "null"], "pattern": r"^[^\n\r]*$"}
+_NAME = {"type": ["string", "null"], "pattern": r"\S"}
+_PATHS = {"type": ["array", "null"], "items": {"type": "string", "pattern": r"\S"}}
+_ID = f"^{ID_PATTERN.pattern}$"
+_RELATIVE = r"^(?!/)(?!(?:.*/)?\.\.(?:/|$))\S"  # inside the project: not absolute, no `..`
 _POSITIVE = {"type": ["integer", "null"], "minimum": 1}
 _COUNT = {"type": ["integer", "null"], "minimum": 0}
 
 # Why each key exists, in the words of the contract; the type rules mirror fields.task_from_mapping.
 _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     # Unlike the other keys, an empty `id:` is an error (it would not equal the file name).
-    "id": ({"type": "string"}, "Optional; when present it must equal the file name without .yaml."),
-    "title": (_STRING, "One line saying what the task does."),
+    "id": ({"type": "string", "pattern": _ID}, "Optional; when present it must equal the file name without .yaml."),
+    "title": (_LINE, "One line saying what the task does."),
     "status": ({"type": ["string", "null"], "enum": [s.value for s in Status] + [None], "default": "QUEUED"},
                "Where the task stands; default QUEUED."),
     "priority": ({"type": ["string", "null"], "enum": [p.value for p in Priority] + [None], "default": "P1"},
                  "P0 (most urgent) .. P3; default P1."),
     "depends_on": ({**_STRINGS, "default": []},
                    "Ids of tasks in the same order that must be DONE or COMPLETED first."),
-    "target_files": ({**_STRINGS, "default": []},
+    "target_files": ({**_PATHS, "default": []},
                      "Files the task may edit: a file, a directory (everything below it) or a glob. "
                      "Tasks whose target files overlap never run at the same time."),
     "command": (_COMMAND, "What the worker runs: a string (run by /bin/sh -c) or a list (argv, no shell). "
                           "Without it the project's worker template (worker.command in aipm.yaml) runs."),
     "prompt": (_STRING, "Text for an agent worker, given on standard input."),
-    "model": (_STRING, "Model name passed to the worker template as {model}."),
+    "model": (_NAME, "Model name passed to the worker template as {model}."),
     "review": (_COMMAND, "Review command: exit 0 approves (COMPLETED), non-zero sends the task to REWORK."),
     "timeout": ({**_POSITIVE, "maximum": MAX_TIMEOUT}, "Seconds before the worker's whole process group is killed."),
     "max_attempts": ({**_POSITIVE, "maximum": MAX_COUNT}, "Tries: a failed or timed-out attempt is retried until this many have run "
@@ -90,15 +97,16 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "workspace": ({"type": ["string", "null"], "enum": ["shared", "worktree", None]},
                   "Where the worker runs: the shared project tree, or its own git worktree whose changes are "
                   "merged back when approved; default the `workspace` setting."),
-    "workspace_setup": (_COMMAND, "Command run in a new worktree before the worker (e.g. `uv sync`); "
-                                  "default the `workspace_setup` setting."),
-    "workspace_copy": (_STRINGS, "Globs of ignored files copied into a new worktree (e.g. `.env`); "
-                                 "default the `workspace_copy` setting."),
+    "workspace_setup": (_SETUP, "Command run in a new worktree before the worker (e.g. `uv sync`); "
+                                "default the `workspace_setup` setting; \"\" for none."),
+    "workspace_copy": ({"type": ["array", "null"], "items": {"type": "string", "pattern": _RELATIVE}},
+                       "Globs of ignored files copied into a new worktree (e.g. `.env`); "
+                       "default the `workspace_copy` setting."),
 }
 
 _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
-    "id": (_STRING, "The order id; default the directory name."),
-    "title": (_STRING, "One line saying what the order delivers."),
+    "id": ({"type": ["string", "null"], "pattern": _ID}, "The order id; default the directory name."),
+    "title": (_LINE, "One line saying what the order delivers."),
     "description": (_STRING, "Anything else a reader should know."),
     "max_cost_usd": ({"type": ["number", "null"], "exclusiveMinimum": 0},
                      "Budget in US dollars: once the tasks' recorded cost_usd reaches it, no new attempt starts."),

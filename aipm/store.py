@@ -152,8 +152,9 @@ def _decoded(path: Path, data: bytes) -> str:
         raise ValidationError(str(path), None, f"not UTF-8 (byte {exc.start}); save it as UTF-8") from None
 
 
-def parse_mapping(path: Path, text: str) -> dict[str, Any]:
-    """Parse YAML text into a mapping, turning every parser complaint into one ValidationError line."""
+def parse_mapping(path: Path, text: str, empty_ok: bool = False) -> dict[str, Any]:
+    """Parse YAML text into a mapping, turning every parser complaint into one ValidationError line. `empty_ok`:
+    no data at all (nothing, or only comments) is an empty mapping (order.yaml's keys are all optional)."""
     data = flatyaml.mapping(text)
     if data is not None:
         return data
@@ -177,6 +178,8 @@ def parse_mapping(path: Path, text: str) -> dict[str, Any]:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise ValidationError(str(path), None, f"broken YAML: {where}{problem}") from None
     if data is None:
+        if empty_ok:
+            return {}
         raise ValidationError(str(path), None, "file is empty; a task file is a mapping such as `command: make`")
     if not isinstance(data, dict):
         raise ValidationError(str(path), None, f"must be a mapping of keys to values, not a {type(data).__name__}")
@@ -241,7 +244,7 @@ def order_meta(order_dir: Path) -> tuple[str, str, Path | None, float | None]:
     meta = order_dir / ORDER_FILE
     if meta.is_file():
         text = read_text(meta)
-        data = parse_mapping(meta, text) if text.strip() else {}
+        data = parse_mapping(meta, text, empty_ok=True)
         check_keys(meta, data, ORDER_KEYS)
         given = str_field(meta, data, "id")  # null: not given (the schema allows it), the directory's name
         if given is not None:

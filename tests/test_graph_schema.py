@@ -196,10 +196,17 @@ def check(instance, schema: dict) -> list[str]:
         errors.append(f"{instance!r} not in enum")
     if isinstance(instance, int) and "minimum" in schema and instance < schema["minimum"]:
         errors.append(f"{instance} < minimum")
+    if isinstance(instance, str):
+        if len(instance) < schema.get("minLength", 0):
+            errors.append(f"{instance!r} too short")
+        if "pattern" in schema and not re.search(schema["pattern"], instance):  # (ECMA-262 and `re` agree here)
+            errors.append(f"{instance!r} does not match {schema['pattern']}")
     if isinstance(instance, list):
         if len(instance) < schema.get("minItems", 0):
             errors.append("too few items")
-        errors += [e for item in instance for e in check(item, schema.get("items", {}))]
+        first = schema.get("prefixItems", [])
+        errors += [e for item, rule in zip(instance, first) for e in check(item, rule)]
+        errors += [e for item in instance[len(first):] for e in check(item, schema.get("items", {}))]
     if isinstance(instance, dict):
         props = schema.get("properties", {})
         for key, value in instance.items():
@@ -232,6 +239,7 @@ def test_shipped_schema_files_equal_what_aipm_schema_prints(project):
             f"aipm/schemas/{kind}.schema.json is stale: run `python -m aipm.schema`"
         json.loads(printed)
     assert project.aipm("schema", check=True).stdout == schema_text("task")
+    assert project.aipm("schema", "--json", check=True).stdout == schema_text("task")  # read commands take --json
 
 
 def fixture_orders() -> list[Path]:
@@ -258,6 +266,13 @@ def test_schema_accepts_every_valid_fixture(order_dir):
     "status: DOING\n", "priority: P4\n", "depends_on: B\n", "command: []\n", "command: [ls, 1]\n",
     "timeout: 0\n", "attempts: -1\n", "max_attempts: true\n", "exit_code: '1'\n", "stauts: QUEUED\n",
     "id:\n", "title: [a]\n", "target_files: [1]\n",
+    # found by a review: the schema took what validate refuses
+    "command: ''\n", "command: '   '\n", "command: ['']\n", "review: ''\n", "review: ['', x]\n", "model: ''\n",
+    "title: \"two\\nlines\"\n", "target_files: ['']\n", "workspace_copy: ['']\n", "workspace_copy: [/abs]\n",
+    "workspace_copy: [a/../../b]\n", "workspace_setup: ['']\n", "id: 'a b'\n",
+    # and what both take
+    "workspace_setup: ''\n", "workspace_setup: make\n", "workspace_copy: [.env, 'cfg/*.json']\n", "model: opus\n",
+    "command: [make, '']\n",
 ])
 def test_schema_and_validator_agree(tmp_path, text):
     path = tmp_path / "A.yaml"

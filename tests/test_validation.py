@@ -75,6 +75,15 @@ def test_an_unknown_order_names_the_orders_there_are(project):
     assert not (project.root / "orders" / "ORDER_001").exists()
 
 
+@pytest.mark.parametrize("text", ["", "\n", "# notes only\n", "---\n# a comment\n"])
+def test_an_order_yaml_with_no_data_is_an_order_with_no_keys(project, text):
+    """Every order.yaml key is optional: an empty file passed, a comment-only one was refused as 'a task file'."""
+    write_task(project.order("O"), "A", command="true")
+    (project.order("O") / "order.yaml").write_text(text)
+    proc = project.aipm("validate", "O")
+    assert proc.returncode == 0 and proc.stdout == "ok  O (1 task)\n", proc.stderr
+
+
 def test_validate_all_orders_reports_each_bad_one(project):
     write_task(project.order("GOOD"), "A", command="true")
     write_task(project.order("BAD"), "A", command=42)

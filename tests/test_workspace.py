@@ -221,6 +221,18 @@ def test_failed_setup_fails_the_attempt(repo, tmp_path):
     assert "ran" not in (repo / "src/a.txt").read_text()
 
 
+def test_a_task_opts_out_of_the_projects_setup_with_an_empty_string(repo, tmp_path):
+    """reference.md: `workspace_setup: ""` for none. validate refused it ("is empty"), so a task could not leave
+    out a project-wide setup."""
+    project = project_in(repo, config="workspace: worktree\nworkspace_setup: 'exit 3'\n")
+    write_task(project.order(), "T", target_files=["src/a.txt"], command="echo ran >> src/a.txt",
+               workspace_setup="")
+    assert project.aipm("validate", "ORD").returncode == 0
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert project.statuses() == {"T": "DONE"} and "ran" in (repo / "src/a.txt").read_text()
+
+
 # -- 3. exact scope --------------------------------------------------------------------------------------------
 
 

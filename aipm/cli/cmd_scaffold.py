@@ -26,7 +26,9 @@ from aipm.store import ORDER_FILE, check_links, load_order, parse_mapping
 
 
 @command("schema")
-def schema_(kind: str = Option("task", "--kind", help="task (a task file) or order (order.yaml).")) -> None:
+def schema_(kind: str = Option("task", "--kind", help="task (a task file) or order (order.yaml)."),
+            json_out: bool = Option(False, "--json", help="Accepted as by every read command: the output is JSON "
+                                                          "already.")) -> None:
     """Print the JSON Schema (draft 2020-12) of task files or of order.yaml, for editors and linters."""
     if kind not in KINDS:
         raise UserError(f"--kind: {kind!r} is not one of {', '.join(KINDS)}")
