@@ -490,3 +490,19 @@ def test_a_run_says_which_tasks_of_its_order_another_owner_runs(project, gate):
     assert run.wait(timeout=120) == 0
     reader.join(timeout=60)
     assert lines[0].startswith("watch    T: run by another aipm"), lines
+
+
+def test_a_run_left_behind_another_orders_lost_task_says_why_and_the_fix(project):
+    """A task whose file is held by another order's task with no worker (its owner killed, or written by hand)
+    cannot start until that order is recovered: `run` exited 1 with only `ORD: QUEUED 1`."""
+    other = project.order("O2")
+    (other / "R.yaml").write_text("command: sleep 30\ntarget_files: [x]\nstatus: IN_PROGRESS\n")
+    write_task(project.order(), "A", command="true", target_files=["x"])
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1
+    assert ("aipm: A waits: x is held by running task O2/R (IN_PROGRESS); its worker is gone: `aipm recover O2` "
+            "frees it") in proc.stderr
+    events = [json.loads(line) for line in project.aipm("run", "ORD", "--json").stdout.splitlines()]
+    assert [e["task"] for e in events if e["event"] == "blocked"] == ["A"]
+    project.aipm("recover", "O2", check=True)
+    assert project.aipm("run", "ORD").returncode == 0

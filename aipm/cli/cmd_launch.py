@@ -21,7 +21,7 @@ from aipm.cli.resource_options import (
 )
 from aipm.launcher import Launcher, Options
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
-from aipm.plan import LIMIT, never_run_notes
+from aipm.plan import FILE_BUSY, LIMIT, never_run_notes
 from aipm.project import Project, find_task
 from aipm.runloop import supervise
 from aipm.settings import Settings
@@ -151,6 +151,9 @@ def run(
         console(stderr=True).print(f"aipm: {view.order.id} stopped: {stop.detail}", markup=False)
     if not json_out and code == 1:
         _never_run(view.order)
+    if code == 1:
+        for event in _held_elsewhere(launcher, view):
+            display(event) if json_out else console(stderr=True).print(f"aipm: {event['detail']}", markup=False)
     _pending_merges(launcher.project.root, view.order)
     summary = summary_event(view.order, code)
     if json_out:
@@ -165,6 +168,25 @@ def _never_run(order: Order) -> None:
     alone do not say why they never started, nor what would start them."""
     for note in never_run_notes(order):
         console(stderr=True).print(f"aipm: {note} and run again", markup=False)
+
+
+def _held_elsewhere(launcher: Launcher, view: OrderView) -> list[dict]:
+    """The queued tasks this run left because files they need are held by another order's task whose worker is
+    gone (until `aipm recover` of that order): the closing counts alone said nothing of them."""
+    from aipm.board import survey  # only for a run that ends unfinished
+
+    try:
+        _, result, _, _, _ = survey(launcher, view.dir)
+    except UserError:
+        return []
+    live = {rec.key for rec in launcher.records() if rec.alive()}
+    out = []
+    for blocked in result.blocked.values():
+        holder = blocked.tasks[0] if blocked.tasks else ""
+        if blocked.reason == FILE_BUSY and "/" in holder and holder not in live:
+            fix = f"; its worker is gone: `aipm recover {holder.split('/')[0]}` frees it"
+            out.append({"event": "blocked", "task": blocked.id, "detail": f"{blocked.id} waits: {blocked.detail}{fix}"})
+    return out
 
 
 def _pending_merges(root: Path, order: Order) -> None:
