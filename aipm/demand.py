@@ -30,21 +30,23 @@ class Demands:
 
     def publish(self, order_id: str, waiting: Priority | None) -> None:
         """Say that `order_id`'s best ready task waiting for a slot has priority `waiting` (None: none waits)."""
-        if self._mine.get(order_id) == waiting:
-            return
         path = f"{self.dir}/{_name(order_id)}"
-        if waiting is None:
-            try:
+        if self._mine.get(order_id, False) == waiting and (waiting is None or os.path.exists(path)):
+            return  # said already (and still there: a worker may have removed the state directory)
+        try:
+            if waiting is None:
                 os.unlink(path)
-            except FileNotFoundError:
-                pass
-        else:
-            pid = os.getpid()
-            os.makedirs(self.dir, exist_ok=True)
-            tmp = f"{path}.{pid}.tmp"
-            with open(tmp, "w") as handle:
-                handle.write(f"{waiting.rank} {pid} {process_ctime(pid)!r} {order_id}\n")
-            os.replace(tmp, path)
+            else:
+                pid = os.getpid()
+                os.makedirs(self.dir, exist_ok=True)
+                tmp = f"{path}.{pid}.tmp"
+                with open(tmp, "w") as handle:
+                    handle.write(f"{waiting.rank} {pid} {process_ctime(pid)!r} {order_id}\n")
+                os.replace(tmp, path)
+        except FileNotFoundError:
+            pass  # nothing to withdraw (a worker removed the state directory)
+        except OSError:
+            return  # unwritable (a full disk, a file where the directory goes): a courtesy, tried again next plan
         self._mine[order_id] = waiting
 
     def said(self, order_id: str) -> Priority | None:
@@ -54,10 +56,7 @@ class Demands:
     def withdraw(self) -> None:
         """Remove this process's demands (its run ends)."""
         for order_id in list(self._mine):
-            try:
-                self.publish(order_id, None)
-            except OSError:
-                pass  # the state directory went: nothing to withdraw
+            self.publish(order_id, None)
 
     def ahead_of(self, order_id: str, least: Priority) -> list[tuple[str, Priority]]:
         """(order, priority) of the live demands of other orders more urgent than `least`."""

@@ -93,3 +93,30 @@ def test_a_dead_runs_demand_keeps_no_slot(project):
             low.kill()
             low.wait()
     wait_for(lambda: no_workers(project.root))
+
+
+def test_a_demand_removed_under_its_run_is_said_again(tmp_path):
+    """A worker may remove the state directory: the next plan's word puts the demand back (it was said once and
+    remembered, so the run's P0 went unseen); an unwritable state directory costs the plan nothing but the word."""
+    import shutil
+
+    from aipm.demand import Demands
+    from aipm.model import Priority
+
+    state = tmp_path / "state"
+    mine, theirs = Demands(state), Demands(state)
+    mine.publish("HIGH", Priority.P0)
+    assert theirs.ahead_of("LOW", Priority.P3) == [("HIGH", Priority.P0)]
+    shutil.rmtree(state)
+    mine.publish("HIGH", Priority.P0)
+    assert theirs.ahead_of("LOW", Priority.P3) == [("HIGH", Priority.P0)]
+    assert theirs.ahead_of("LOW", Priority.P0) == [] and mine.ahead_of("HIGH", Priority.P3) == []
+    shutil.rmtree(state)
+    state.mkdir()
+    (state / "demand").write_text("a file where the directory goes")
+    mine.publish("HIGH", Priority.P1)  # no error: a courtesy
+    assert theirs.ahead_of("LOW", Priority.P3) == []
+    (state / "demand").unlink()
+    mine.publish("HIGH", Priority.P1)
+    mine.withdraw()
+    assert theirs.ahead_of("LOW", Priority.P3) == []
