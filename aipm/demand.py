@@ -11,10 +11,10 @@ when its run ends, and ignored once its process is gone (a killed run's). Writte
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
+from aipm.digest import sha1
 from aipm.liveness import process_alive, process_ctime
 from aipm.model import Priority
 
@@ -83,4 +83,4 @@ class Demands:
 def _name(order_id: str) -> str:
     """A file name for the order (its id made safe, and told apart from ids that make the same safe name)."""
     safe = "".join(c if c.isascii() and (c.isalnum() or c in "_.-") else "_" for c in order_id)
-    return f"{safe}.{hashlib.sha1(order_id.encode(errors='surrogateescape')).hexdigest()[:8]}.demand"
+    return f"{safe}.{sha1(order_id.encode(errors='surrogateescape')).hexdigest()[:8]}.demand"
