@@ -1,3 +1,35 @@
 """aipm: run tasks from YAML order files in parallel, safely."""
 
 __version__ = "0.1.0"
+
+
+def main() -> None:
+    """The `aipm` command: the installed script and `python -m aipm` start here, ahead of aipm.cli's imports (most
+    of a `run`'s start-up, where nothing caught an interrupt: a traceback, or death by SIGTERM).
+
+    Until a command puts its own handler in place (run's Stop, the dashboard's server), SIGTERM and SIGHUP raise
+    KeyboardInterrupt as Ctrl-C does, so a write under way is undone as on Ctrl-C (writer.atomic_write), and the
+    interrupt ends the command with exit 130 and no traceback. A signal ignored when we started (SIGHUP under nohup,
+    SIGINT in a background job) stays ignored."""
+    import os
+    import signal
+    import sys
+
+    stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    for sig in stops:
+        if signal.getsignal(sig) != signal.SIG_IGN:
+            signal.signal(sig, signal.default_int_handler)
+    try:
+        from aipm.cli import main as cli
+
+        cli()
+    except KeyboardInterrupt:
+        signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # another one would only break into the exit
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass  # its reader is gone (a hang-up): what it did not take is lost either way
+        # Not sys.exit: under `python -m`, an interrupt raised in code made by exec (a dataclass's methods, built
+        # as its module is imported) makes the interpreter kill itself with SIGINT at exit, caught or not.
+        os._exit(130)

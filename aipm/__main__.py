@@ -1,3 +1,3 @@
-from aipm.cli import main
+from aipm import main
 
 main()

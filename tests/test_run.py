@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import threading
 import time
@@ -9,8 +10,9 @@ import subprocess
 import sys
 import pytest
 
-from conftest import no_workers, state, task_statuses, wait_for, write_task
+from conftest import no_workers, snapshot, state, task_statuses, wait_for, write_task
 from invariants import check, group_alive, pid_alive, journal_command, random_order, spans
+from test_locks import hold, release
 
 
 def start_run(project, order, *args):
@@ -80,6 +82,34 @@ def test_sigint_stops_every_worker_and_requeues(project):
     events = [json.loads(line) for line in proc.stdout.read().splitlines()]
     assert events[-2]["event"] == "interrupted" and sorted(events[-2]["requeued"]) == ["S0", "S1", "S2"]
     assert events[-1] == {**events[-1], "event": "summary", "counts": {"QUEUED": 3}, "exit_code": 130}
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_an_interrupt_while_run_starts_exits_130_without_a_traceback(project, sig):
+    """Ctrl-C or SIGTERM in the first ~0.5 s of `run` (its imports, before Stop is in place) printed a 30-line
+    KeyboardInterrupt traceback and exited 1 or died of the signal; SIGTERM killed it outright (143). The signal
+    goes at several instants from the moment aipm's own code runs (what comes before, the interpreter's start-up,
+    is out of its reach): the first aipm module loaded, as `-X importtime` tells. Its task waits for a lock held
+    outside aipm, so the run writes nothing at any instant, even once Stop has taken over."""
+    write_task(project.order(), "A", command="true", target_files=["a.txt"])
+    before = snapshot(project.root)
+    holder = hold(project.root, "a.txt")
+    try:
+        for delay in (0, 0.02, 0.05, 0.15, 0.4):
+            proc = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "aipm", "--root", str(project.root),
+                                     "run", "ORD", "--no-resource-monitoring"], stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.PIPE, text=True, cwd=project.root)
+            for line in proc.stderr:  # a line as each import ends
+                if re.search(r"\|\s+aipm\.", line):
+                    break
+            time.sleep(delay)
+            proc.send_signal(sig)
+            err = proc.stderr.read()
+            assert proc.wait(timeout=60) == 130, (delay, err)
+            assert "Traceback" not in err, (delay, err)
+            assert snapshot(project.root) == before
+    finally:
+        release(holder)
 
 
 def test_sigint_kills_a_worker_that_ignores_sigterm_after_the_grace(project):

@@ -251,7 +251,8 @@ def _run_typer(args: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point. Typer handles usage errors (exit 2) and Ctrl-C (exit 130); user errors become one line."""
+    """The command line (aipm.main runs it, and turns an interrupt outside a command's own handling into exit 130).
+    Typer handles usage errors (exit 2) and Ctrl-C in its commands (exit 130); user errors become one line."""
     args = sys.argv[1:] if argv is None else argv
     if "AIPM_TASK_ID" in os.environ:  # run by a worker's command: it may have handed us its locks
         from aipm.locks import keep_inherited_locks
@@ -277,8 +278,6 @@ def main(argv: list[str] | None = None) -> None:
                     code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
                 sys.stdout.flush()
                 sys.stderr.flush()
-            except KeyboardInterrupt:
-                sys.exit(130)
             except BrokenPipeError:  # `| head`: as Typer does, exit 1 without a traceback
                 os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
                 sys.exit(1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import secrets
+import signal
 import socket
 from collections.abc import Callable
 from pathlib import Path
@@ -50,4 +51,8 @@ def serve(project: Project, settings: Settings, orders: list[Path] | None, host:
         exit_server(sig, frame)
 
     server.handle_exit = handle_exit
+    # The server takes SIGINT and SIGTERM, not SIGHUP: a hang-up ends the dashboard at once, as it always did (left
+    # to aipm.main's interrupt, it broke into the server's loop, which logged the break with its traceback).
+    if signal.getsignal(signal.SIGHUP) != signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     server.run(sockets=[sock])
