@@ -150,7 +150,7 @@ class Launcher(Starter):
         free = max(0, self.settings.max_workers - live_workers)
         if self.monitor is None or not self.settings.enable_auto_scaling:
             return free, "resources", "resource limit"
-        status = self.monitor.get_status()
+        status = self.monitor.get_status(wait=False)  # never blocks the run's loop; ramp-up re-reads
         detail = f"cpu {status.cpu_percent:.0f}%, memory {status.memory_percent:.0f}%"
         allowed = max(0, self.monitor.recommended(status, self.settings.max_workers) - live_workers)
         ramped = starts_now(max(status.cpu_percent, status.memory_percent), allowed)

@@ -2,8 +2,10 @@
 count.
 
 Readings come from psutil, except inside a cgroup v2 with limits (`cpu.max`, `memory.max`), where psutil would report
-the host: there the cgroup's own usage against its limits is used. Reading never blocks: CPU use is measured between
-the previous sample (primed when the monitor is made) and now, never by sleeping.
+the host: there the cgroup's own usage against its limits is used. CPU use is measured between the previous sample
+(primed when the monitor is made) and now, over at least MIN_SAMPLE_WINDOW: /proc/stat counts 10 ms ticks, and a
+window of a few ms read 0 % on a saturated machine. Only a monitor's first reading may wait for its window (the seed
+API's one-off reading); a caller that must not block (the launcher) reads the load average meanwhile.
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ DEFAULT_CGROUP_DIR = Path("/sys/fs/cgroup")
 FAKE_LOAD_VAR = "AIPM_FAKE_LOAD"
 
 # CPU samples closer together than this are too noisy to become the next baseline. Until a window this long has
-# passed, a reading repeats the last full-window reading, or (before there is one) measures from the primed sample.
+# passed, a reading repeats the last full-window reading; before there is one, see _cpu_percent.
 MIN_SAMPLE_WINDOW = 0.5
 
 _now = time.monotonic
@@ -143,6 +145,14 @@ def _affinity_cpus() -> int:
     return (_ps().cpu_count() if _ps() else os.cpu_count()) or 1
 
 
+def _load_average_percent() -> float | None:
+    """The last minute's load average against the usable CPUs (the host's: it knows no cgroup), or None."""
+    try:
+        return min(100.0, os.getloadavg()[0] / _affinity_cpus() * 100)
+    except OSError:
+        return None
+
+
 def _host_cpu_times() -> tuple[float, float]:
     """(busy, total) CPU-seconds over all CPUs since boot, counted the way psutil.cpu_percent counts them."""
     t = _ps().cpu_times()
@@ -225,17 +235,26 @@ class ResourceMonitor:
         times = _safely(_host_cpu_times) if _ps() else None
         return None if times is None else (*times, _own_cpu_seconds(), _now())
 
-    def _cpu_percent(self) -> float | None:
+    def _cpu_percent(self, wait: bool) -> float | None:
+        """CPU use over at least MIN_SAMPLE_WINDOW. Before the first such window has passed: with `wait`, the rest
+        of it is waited for (once per monitor); without, the load average stands in, never becoming a baseline."""
         sample, base = self._cpu_sample(), self._base
         if sample is None or base is None:
             self._base = sample
             return None
-        busy, capacity, own, wall = (now - then for now, then in zip(sample, base))
-        if wall < MIN_SAMPLE_WINDOW and self._last_cpu is not None:
-            return self._last_cpu
+        early = MIN_SAMPLE_WINDOW - (sample[3] - base[3])
+        if early > 0:
+            if self._last_cpu is not None:
+                return self._last_cpu
+            if not wait:
+                return _load_average_percent()
+            time.sleep(early)
+            sample = self._cpu_sample()
+            if sample is None:
+                return None
+        busy, capacity, own, _ = (now - then for now, then in zip(sample, base))
         percent = min(100.0, max(0.0, (busy - own) / capacity * 100)) if capacity > 0 else 0.0
-        if wall >= MIN_SAMPLE_WINDOW:
-            self._base, self._last_cpu = sample, percent
+        self._base, self._last_cpu = sample, percent
         return percent
 
     def _memory_percent(self) -> float | None:
@@ -250,13 +269,15 @@ class ResourceMonitor:
             return "cgroup"
         return "psutil" if _ps() else "unavailable"
 
-    def get_status(self) -> ResourceStatus:
+    def get_status(self, wait: bool = True) -> ResourceStatus:
+        """The current reading. A monitor's first one waits until its CPU sample window has passed (at most
+        MIN_SAMPLE_WINDOW after it was made); with `wait` False it never blocks (see _cpu_percent)."""
         fake = _fake_load()
         if fake is not None:
             cpu, memory = fake
             source = FAKE_LOAD_VAR
         else:
-            cpu, memory, source = self._cpu_percent(), self._memory_percent(), self._source()
+            cpu, memory, source = self._cpu_percent(wait), self._memory_percent(), self._source()
             if cpu is None or memory is None:
                 source = "unavailable"  # what could be read is shown; what could not counts as idle
                 cpu, memory = cpu or 0.0, memory or 0.0

@@ -176,16 +176,65 @@ def test_readings_in_quick_succession_keep_the_older_baseline(tmp_path, monkeypa
     clock = [1000.0]
     monkeypatch.setattr(resources, "_now", lambda: clock[0])
     monkeypatch.setattr(resources, "_own_cpu_seconds", lambda: 0.0)
+    monkeypatch.setattr(resources.os, "getloadavg", lambda: (0.5, 0.0, 0.0))
+    monkeypatch.setattr(resources, "_affinity_cpus", lambda: 2)
     cg = fake_cgroup(tmp_path, usage=0)
     monitor = ResourceMonitor(cgroup_dir=cg)
     clock[0] += 0.1
     (cg / "cpu.stat").write_text("usage_usec 50000\n")
-    assert monitor.get_status().cpu_percent == 100.0
+    assert monitor.get_status(wait=False).cpu_percent == 25.0  # no full window yet: the load average stands in
     clock[0] += 0.9  # measured from the primed sample, not from the reading 0.9 s ago
     assert monitor.get_status().cpu_percent == 10.0
     clock[0] += 0.01  # too soon for a new window: the last full-window reading stands
     (cg / "cpu.stat").write_text("usage_usec 60000\n")
     assert monitor.get_status().cpu_percent == 10.0
+
+
+def test_a_first_reading_is_taken_over_a_full_window(tmp_path, monkeypatch):
+    """A monitor read right after it was made measured the few ms since its primed sample: /proc/stat counts 10 ms
+    ticks, so on a saturated machine it read 0 % (19 fresh monitors in 20) and allowed every worker. Here the
+    cgroup's counter has not moved 10 ms after the prime (a too-short window reads 0 %), and then shows the
+    cgroup using all of its quota: the first reading waits for the rest of the window and sees it."""
+    clock = [1000.0]
+    monkeypatch.setattr(resources, "_now", lambda: clock[0])
+    monkeypatch.setattr(resources, "_own_cpu_seconds", lambda: 0.0)
+    cg = fake_cgroup(tmp_path, usage=1_000_000)  # a quota of 0.5 CPU
+    slept = []
+
+    def sleep(seconds):  # the machine goes on saturated while we wait
+        slept.append(seconds)
+        clock[0] += seconds
+        (cg / "cpu.stat").write_text(f"usage_usec {1_000_000 + int((clock[0] - 1000.0) * 500_000)}\n")
+
+    monkeypatch.setattr(resources.time, "sleep", sleep)
+    monitor = ResourceMonitor(85, 85, cgroup_dir=cg)
+    clock[0] += 0.01
+    status = monitor.get_status()
+    assert slept == [pytest.approx(resources.MIN_SAMPLE_WINDOW - 0.01)]
+    assert (status.cpu_percent, status.is_healthy) == (100.0, False)
+    assert monitor.get_recommended_worker_count(0, 10) == 2
+    assert len(slept) == 1  # once per monitor: the next readings reuse or extend that window
+
+
+def test_a_first_reading_that_must_not_wait_reads_the_load_average(tmp_path, monkeypatch):
+    """The launcher's reading (`run`'s loop, `launch`) never blocks: before a full window has passed, the last
+    minute's load average against the usable CPUs stands in (3 runnable on 2 CPUs: saturated), not a reading
+    over the few ms since the prime."""
+    clock = [1000.0]
+    monkeypatch.setattr(resources, "_now", lambda: clock[0])
+    monkeypatch.setattr(resources, "_own_cpu_seconds", lambda: 0.0)
+    monkeypatch.setattr(resources.os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    monkeypatch.setattr(resources, "_affinity_cpus", lambda: 2)
+    monkeypatch.setattr(resources.time, "sleep", lambda _: pytest.fail("the launcher's reading must not block"))
+    cg = fake_cgroup(tmp_path, usage=1_000_000)
+    monitor = ResourceMonitor(85, 85, cgroup_dir=cg)
+    clock[0] += 0.01
+    status = monitor.get_status(wait=False)
+    assert (status.cpu_percent, status.is_healthy) == (100.0, False)
+    assert monitor.recommended(status, 10) == 2
+    clock[0] += resources.MIN_SAMPLE_WINDOW  # a full window now: measured from the prime, the stand-in forgotten
+    (cg / "cpu.stat").write_text("usage_usec 1051000\n")
+    assert monitor.get_status(wait=False).cpu_percent == 20.0
 
 
 def test_unlimited_cgroup_falls_back_to_the_host(tmp_path):
@@ -195,15 +244,17 @@ def test_unlimited_cgroup_falls_back_to_the_host(tmp_path):
     assert get_system_info(cg)["cgroup"] is None
 
 
-def test_monitor_never_sleeps(monkeypatch, tmp_path):
+def test_the_launchers_readings_never_sleep(monkeypatch, tmp_path):
+    """`run`'s loop sleeps only in its selector and `launch` is a short command: the reading they take (wait=False)
+    never blocks, a monitor's first included. Only the seed API's first reading waits for a full window."""
     def no_sleep(*_):
         raise AssertionError("the monitor must not block")
 
     monkeypatch.setattr(resources.time, "sleep", no_sleep)
     for cg in (None, fake_cgroup(tmp_path)):
         monitor = ResourceMonitor(cgroup_dir=cg)
-        monitor.get_status()
-        monitor.get_recommended_worker_count(0, 5)
+        for _ in range(2):
+            monitor.recommended(monitor.get_status(wait=False), 5)
 
 
 # -- real readings ---------------------------------------------------------------------------------------------------

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import shlex
-import time
 from typing import Any, Optional
 
 from rich.markup import escape
@@ -77,9 +76,7 @@ def resources(
     }
     if settings.enable_monitoring:
         monitor = ResourceMonitor(settings.max_cpu_percent, settings.max_memory_percent)
-        # The monitor never blocks; a one-off reading needs a sampling window, so this command waits a moment.
-        time.sleep(0.3)
-        status = monitor.get_status()
+        status = monitor.get_status()  # a one-off reading: it waits for its sample window
         data.update(cpu_percent=status.cpu_percent, memory_percent=status.memory_percent, source=status.source,
                     healthy=status.is_healthy)
         if settings.enable_auto_scaling:
