@@ -10,8 +10,9 @@ The descriptors are handed to the worker (see runtime.py), so the kernel drops t
 holding them exits. The lock files live in the project's state directory outside the work tree (`state_dir`):
 a worker that deletes `.aipm/` (`git clean -fdx`) cannot make aipm create a second, unlocked file for a path
 that is held. The project node is that directory itself; while a task holds it, systemd-tmpfiles' ageing skips it.
-A worker may still remove that directory (`rm -rf /tmp/aipm-*`): the locks held in it are noted when it is made
-again, and kept in force (`orphans`).
+A worker may still remove that directory (`rm -rf /tmp/aipm-*`) or files in it: the locks still held on removed
+lock files are noted when the directory is made again, or when a lock file is (lockfiles.py), or when the note
+itself went missing, and kept in force (`orphans`).
 
 Who holds what is read from /proc/locks (locked inodes) and /proc/<pid>/fd + fdinfo (which processes have the
 locked open file), without taking anything: read-only commands never make a launcher see a busy file.
@@ -29,6 +30,7 @@ from contextlib import suppress
 from functools import lru_cache
 from pathlib import Path
 
+from aipm import lockfiles
 from aipm.digest import sha1
 from aipm.errors import UserError
 from aipm.liveness import process_alive, process_ctime, read_small
@@ -86,7 +88,8 @@ def keep_inherited_locks() -> None:
 def make_state_dir(state: Path) -> None:
     """Create the state directory inside the user's base directory. A state directory (or its `locks/`) made again
     after someone removed it (`rm -rf /tmp/aipm-*`, a test suite cleaning /tmp) first notes the locks still held
-    in the removed one (see `orphans`): only then does `locks/` appear, and every taker looks there first."""
+    in the removed one (see `orphans`), and lists no lock file yet: only then does `locks/` appear, and every taker
+    looks there first."""
     base, locks, _ = _places(state)
     user_base(base)
     for _ in range(3):
@@ -96,6 +99,7 @@ def make_state_dir(state: Path) -> None:
             with suppress(FileExistsError):
                 os.mkdir(state)
             _note_orphans(state)
+            lockfiles.make(state)
             with suppress(FileExistsError):
                 os.mkdir(locks)
         except FileNotFoundError:
@@ -103,8 +107,8 @@ def make_state_dir(state: Path) -> None:
     raise OSError(errno.ENOENT, f"{state} keeps being removed")
 
 
-# Locks held in a removed incarnation of the state directory: a JSON list of [pid, start time, descriptor, inode,
-# exclusive, node].
+# Locks held in a removed incarnation of the state directory or on a removed lock file: a JSON list of [pid, start
+# time, descriptor, inode, exclusive, node]. Kept when empty, so that a missing one says it was removed.
 ORPHANS = "orphans.json"
 _DELETED = " (deleted)"  # how /proc names a descriptor's file that was removed
 
@@ -112,12 +116,8 @@ _DELETED = " (deleted)"  # how /proc names a descriptor's file that was removed
 def _note_orphans(state: Path) -> None:
     """Write down who holds a lock on a removed lock file (or removed state directory) of this project. Nobody can
     take such a lock any more (the file has no name), so who holds it now is all there will ever be."""
-    held = _held_in_removed(state)
+    held = _held_in_removed(state)  # (a holder noted before and alive still is found again)
     path = state / ORPHANS
-    if not held:
-        with suppress(FileNotFoundError):
-            os.unlink(path)  # whatever it named has ended: a holder still alive would have been found
-        return
     tmp = f"{path}.{os.getpid()}.tmp"
     with open(tmp, "w") as handle:
         json.dump(held, handle)
@@ -144,16 +144,19 @@ def _held_in_removed(state: Path) -> list[list]:
 
 def orphans(state: Path, make: bool = True) -> list[tuple[int, str, bool]]:
     """(pid, node, exclusive?) of every live process still holding a lock in a removed incarnation of the state
-    directory: such a lock keeps its files from everyone as before, though no lock file shows it any more. With
-    `make` (a taker), a state directory being made again is finished first, its orphans noted (a reader: none)."""
+    directory or on a removed lock file: such a lock keeps its files from everyone as before, though no lock file
+    shows it any more. With `make` (a taker), a state directory being made again is finished first, its orphans
+    noted, and a note a worker removed is written again (a reader only looks for itself)."""
     _, locks, noted = _places(state)
     try:
-        return _holding(json.loads(read_small(noted)))
+        if make or os.path.isdir(locks):  # (a taker makes `locks/` again first; a reader would read the old note)
+            return _holding(json.loads(read_small(noted)))
     except FileNotFoundError:
-        if os.path.isdir(locks):
-            return []
-        if make:  # someone may be making it again and still be noting the orphans: note them too
-            make_state_dir(state)
+        if make:
+            if os.path.isdir(locks):
+                _note_orphans(state)  # removed (`rm`, an `rm -rf` that left the directories), maybe not alone
+            else:  # someone may be making it again and still be noting the orphans: note them too
+                make_state_dir(state)
             return orphans(state, make=False)
     except (ValueError, TypeError):
         pass  # not as written (any worker can write here): look for ourselves
@@ -228,9 +231,14 @@ def take(state: Path, targets: Iterable[Target]) -> list[int]:
     modes = lock_nodes(targets)
     fds: list[int] = []
     try:
+        files: dict[str, int] = {}  # lock file → inode
         for node in sorted(modes):  # one global order: no two takers can each hold what the other wants
-            fds.append(_lock(state, node, modes[node]))
+            fd, ino = _lock(state, node, modes[node])
+            fds.append(fd)
+            if node:
+                files[node_path(state, node)] = ino
         if modes:
+            _check_made(state, files)
             for _, node, exclusive in orphans(state):
                 if node in modes and (exclusive or modes[node]):
                     raise LockBusy(node)
@@ -241,7 +249,28 @@ def take(state: Path, targets: Iterable[Target]) -> list[int]:
     return fds
 
 
-def _lock(state: Path, node: str, exclusive: bool) -> int:
+def _check_made(state: Path, locked: dict[str, int]) -> None:
+    """Lock files just locked (path → inode) that were never locked before: listed (see lockfiles.py). One listed
+    with another inode was removed and made again, and so may be any when the list itself is gone: a process may
+    still hold the removed file's lock, which no lock file shows. Who does is noted (see `orphans`), before the
+    list says the new file is known."""
+    made = lockfiles.of(state)
+    new = made.unlisted(locked)
+    if not new:
+        return
+    listed = made.read()  # (another taker may have listed them since)
+    new = made.unlisted(new)
+    if not new:
+        return
+    if listed and not new.keys() & made.inodes.keys() and made.add(new):
+        return  # new names: nobody can hold a removed file of theirs
+    present = made.present()  # before the scan: a file removed after it is still listed, and checked when made again
+    _note_orphans(state)
+    made.write({**present, **new})
+
+
+def _lock(state: Path, node: str, exclusive: bool) -> tuple[int, int]:
+    """The descriptor holding the node's lock, and its file's inode."""
     path = node_path(state, node)
     for _ in range(100):
         fd = _open(state, node, path)
@@ -256,7 +285,7 @@ def _lock(state: Path, node: str, exclusive: bool) -> int:
         try:
             held, now = os.fstat(fd), os.stat(path)
             if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
-                return fd
+                return fd, held.st_ino
         except FileNotFoundError:
             pass
         os.close(fd)

@@ -411,3 +411,33 @@ def test_a_descriptor_reused_on_a_named_file_of_the_noted_inode_holds_no_lock_of
             os.close(lock)
     finally:
         os.close(fd)
+
+
+
+@pytest.mark.parametrize("also", ["", "made.txt", "orphans.json"],
+                         ids=["lock file", "and the list", "then the note"])
+def test_a_new_lock_file_in_place_of_a_removed_one_still_held_is_no_free_lock(tmp_path, also):
+    """x.py's lock file removed while its lock is held, `locks/` left in place: the file made in its place is no
+    free lock of x.py until the removed one is let go, also when the list of lock files made (which tells a file
+    made again from a new one) is removed with it, or the note of who holds a removed one is removed after."""
+    from aipm.locks import LockBusy, node_file, take
+
+    st = state(tmp_path, make=True)
+    x = [normalize("x.py")]
+    other = take(st, [normalize("y.py")])  # another lock file listed: the list is not of x.py alone
+    held = take(st, x)
+    try:
+        os.unlink(st / "locks" / node_file("x.py"))
+        if also == "made.txt":
+            os.unlink(st / also)
+        with pytest.raises(LockBusy):
+            take(st, x)  # its new file made and locked, and refused: the holder of the removed one is noted
+        if also == "orphans.json":
+            os.unlink(st / also)
+        with pytest.raises(LockBusy):
+            take(st, x)  # the same file again: known now, so only the note (or its absence) tells
+    finally:
+        for fd in held + other:
+            os.close(fd)
+    for fd in take(st, x):
+        os.close(fd)

@@ -17,6 +17,8 @@ from invariants import check, journal_command, spans, worker_records
 from test_chaos import Proc
 from test_locks import HOLDER, PY, docs_order, release
 
+from aipm.locks import node_file
+
 # What the worker removes, below the state directory ("": all of it).
 REMOVED = ["", "locks", "workers"]
 
@@ -250,3 +252,97 @@ def test_an_adopted_worker_whose_last_act_removes_the_state_directory_keeps_its_
                 adopter.kill()
         assert starts.read_text().count("x") == 1, f"round {round_}: A's command ran again"
         assert outcomes(one)["A"][:2] == ("DONE", 0)
+
+
+# ---- a lock held on a removed lock file, and what tells aipm of it removed too ------------------------------
+
+# A process a finished task left behind, its owner gone (so nothing ended it): it holds x.py's lock and journals
+# as task D while it does, until its stdin closes.
+LEFT = """
+import os, sys, time
+from pathlib import Path
+from aipm.locks import take
+from aipm.paths import normalize
+fds = take(Path(sys.argv[1]), [normalize("x.py")])
+def line(kind):
+    with open(sys.argv[2], "a") as journal:
+        journal.write(f"{kind} D {time.time_ns()} {os.getpid()}\\n")
+line("start")
+print("held", flush=True)
+sys.stdin.read()
+line("end")
+"""
+
+
+def left_holding(project: Project, journal: Path, tmp: Path):
+    """The process left behind holding x.py, and the task file that names its files for the journal's check."""
+    left = subprocess.Popen([PY, "-c", LEFT, str(state(project.root, make=True)), str(journal)],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert left.stdout.readline().strip() == "held"
+    write_task(tmp / "left", "D", target_files=["x.py"])
+    return left
+
+
+def a_worker_runs(project: Project, order: str, command: str) -> None:
+    """Order `order`: one task, on a file of its own, whose command is `command`; run to its end."""
+    write_task(project.order(order), "W", target_files=[f"{order.lower()}.py"], command=command)
+    project.aipm("run", order, "--no-resource-monitoring", check=True)
+
+
+def x_waits_for_the_left_process(project: Project, left: subprocess.Popen, journal: Path, tmp: Path) -> None:
+    """B (x.py) is neither started nor told free while the left process holds x.py; once it ends, B runs."""
+    two = project.root / "orders" / "TWO"
+    try:
+        assert project.json("launch", "TWO", "--no-resource-monitoring")["launched"] == []
+        assert task_statuses(two) == {"B": "QUEUED"}
+        why = project.json("why", "TWO/B")
+        assert [(r["reason"], r["pids"]) for r in why["reasons"]] == [("file_held_outside", [left.pid])], why
+    finally:
+        release(left)
+    project.aipm("run", "TWO", "--no-resource-monitoring", check=True)
+    assert task_statuses(two) == {"B": "DONE"}
+    assert check(journal, all_tasks(tmp, tmp / "left", two), root=project.root) == []
+
+
+def test_a_lock_held_in_a_removed_state_directory_keeps_its_files_when_a_worker_removes_its_note(tmp_path):
+    """The note of locks held in a removed state directory is all that keeps x.py from the next task once x.py's
+    lock file is made again; a worker that removes the note (`rm -f orphans.json`) made x.py free to the next
+    launch (no note, and `locks/` there, read as nothing held) while the left process still held it."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    project = Project(root)
+    journal = tmp_path / "journal.txt"
+    write_task(project.order("TWO"), "B", target_files=["x.py"], command=journal_command(journal))
+    left = left_holding(project, journal, tmp_path)
+    try:
+        a_worker_runs(project, "RM", f'rm -rf "{state(root)}"')
+        # Refused by the note: x.py's new lock file is made now, and nothing is wrong with it.
+        assert project.json("launch", "TWO", "--no-resource-monitoring")["launched"] == []
+        a_worker_runs(project, "NOTE", f'rm -f "{state(root) / "orphans.json"}"')
+    except BaseException:
+        release(left)
+        raise
+    x_waits_for_the_left_process(project, left, journal, tmp_path)
+
+
+@pytest.mark.parametrize("removal", ["lock files", "every file"])
+def test_a_lock_held_on_a_removed_lock_file_keeps_its_files_while_locks_stays(tmp_path, removal):
+    """A removal that leaves `locks/` in place: the lock files alone (`rm -f locks/*`), or every file but no
+    directory (an `rm -rf` that ends with "Directory not empty" while aipm makes lock files in `locks/`). Nothing
+    was noted (only a `locks/` made again was looked at), so x.py's new lock file was free to the next launch."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    project = Project(root)
+    journal = tmp_path / "journal.txt"
+    write_task(project.order("TWO"), "B", target_files=["x.py"], command=journal_command(journal))
+    left = left_holding(project, journal, tmp_path)
+    # (find fails on a file that aipm removed or replaced between its listing and its delete: no matter)
+    command = {"lock files": f'rm -f "{state(root)}"/locks/*',
+               "every file": f'find "{state(root)}" -type f -delete 2>/dev/null; true'}
+    try:
+        a_worker_runs(project, "RM", command[removal])
+        assert (state(root) / "locks").is_dir() and not (state(root) / "locks" / node_file("x.py")).exists()
+    except BaseException:
+        release(left)
+        raise
+    x_waits_for_the_left_process(project, left, journal, tmp_path)

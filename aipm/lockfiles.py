@@ -1,0 +1,99 @@
+"""The lock files locked so far in a state directory, each with its inode: how a lock file that was removed and
+made again is told from a new one.
+
+aipm never removes a lock file it locked, so a name listed with another inode than its file's now was removed by
+someone (a worker's `rm`), maybe while a process held its lock; locks.py then looks for such holders (a scan of
+every process), which a new file never costs: its first taker appends one line. The list (`made.txt`, one
+"<file name> <inode>" a line) is only appended to, or written anew when it went missing; each process reads on
+from where it left off.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import suppress
+from functools import lru_cache
+from pathlib import Path
+
+MADE = "made.txt"
+
+
+class LockFiles:
+    """This process's reading of one state directory's list."""
+
+    def __init__(self, state: Path):
+        self.path = f"{state}/{MADE}"
+        self.locks = f"{state}/locks"
+        self.inodes: dict[str, int] = {}  # lock file path → inode, as listed
+        self._read = (0, 0, 0)  # device, inode and length of the list read so far
+
+    def unlisted(self, locked: dict[str, int]) -> dict[str, int]:
+        """Of lock file path → inode, those not listed so (as this process read the list last)."""
+        return {path: ino for path, ino in locked.items() if self.inodes.get(path) != ino}
+
+    def read(self) -> bool:
+        """Read what was appended since; False when there is no list (removed, or made before aipm kept one)."""
+        try:
+            handle = open(self.path, "rb")
+        except FileNotFoundError:
+            return False
+        with handle:
+            st = os.fstat(handle.fileno())
+            dev, ino, length = self._read
+            if (st.st_dev, st.st_ino) != (dev, ino) or st.st_size < length:
+                self.inodes, length = {}, 0  # written anew
+            handle.seek(length)
+            data = handle.read()
+        whole = data.rfind(b"\n") + 1  # a line still being appended is read next time
+        for line in data[:whole].decode(errors="replace").splitlines():
+            name, _, number = line.partition(" ")
+            with suppress(ValueError):  # not as written (any worker can write here)
+                self.inodes[f"{self.locks}/{name}"] = int(number)
+        self._read = (st.st_dev, st.st_ino, length + whole)
+        return True
+
+    def add(self, locked: dict[str, int]) -> bool:
+        """Append lock files to the list; False when there is none to append to."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        try:
+            os.write(fd, _lines(locked))  # one write: appenders never interleave
+        finally:
+            os.close(fd)
+        self.inodes.update(locked)
+        return True
+
+    def present(self) -> dict[str, int]:
+        """Every lock file there now → its inode."""
+        found: dict[str, int] = {}
+        with suppress(OSError), os.scandir(self.locks) as entries:
+            for entry in entries:
+                if entry.name.endswith(".lock"):
+                    with suppress(OSError):  # removed meanwhile
+                        found[entry.path] = entry.stat(follow_symlinks=False).st_ino
+        return found
+
+    def write(self, locked: dict[str, int]) -> None:
+        """The list written anew, of `locked` alone."""
+        tmp = f"{self.path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as handle:
+            handle.write(_lines(locked))
+        os.replace(tmp, self.path)
+        self.read()
+
+
+@lru_cache(maxsize=64)
+def of(state: Path) -> LockFiles:
+    """This process's reading of a state directory's list (kept: it is read on, not again)."""
+    return LockFiles(state)
+
+
+def make(state: Path) -> None:
+    """An empty list, for a `locks/` about to be made (a list still there is kept: what it names was removed)."""
+    os.close(os.open(f"{state}/{MADE}", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+
+
+def _lines(locked: dict[str, int]) -> bytes:
+    return "".join(f"{os.path.basename(path)} {ino}\n" for path, ino in locked.items()).encode()
