@@ -36,12 +36,18 @@ def demands(root: Path) -> list[str]:
     return sorted(p.read_text().split()[-1] for p in where.glob("*.demand")) if where.is_dir() else []
 
 
-def test_a_freed_slot_goes_to_the_more_urgent_order(project):
+def two_orders(project, lows: int) -> tuple[Path, Path]:
+    """LOW: `lows` gated P3 tasks; HIGH: one gated P0 task (journal, gates directory)."""
     journal, gates = project.root / "journal", project.root / "gates"
     gates.mkdir()
-    for n in range(1, 5):
+    for n in range(1, lows + 1):
         write_task(project.order("LOW"), f"L{n}", command=gated(journal, gates), priority="P3")
     write_task(project.order("HIGH"), "H1", command=gated(journal, gates), priority="P0")
+    return journal, gates
+
+
+def test_a_freed_slot_goes_to_the_more_urgent_order(project):
+    journal, gates = two_orders(project, 4)
     low = run(project, "LOW")
     high = None
     try:
@@ -68,11 +74,7 @@ def test_a_freed_slot_goes_to_the_more_urgent_order(project):
 
 def test_a_dead_runs_demand_keeps_no_slot(project):
     """A run killed while its task waited for a slot leaves its demand file: ignored (its process is gone)."""
-    journal, gates = project.root / "journal", project.root / "gates"
-    gates.mkdir()
-    for n in range(1, 4):
-        write_task(project.order("LOW"), f"L{n}", command=gated(journal, gates), priority="P3")
-    write_task(project.order("HIGH"), "H1", command=gated(journal, gates), priority="P0")
+    journal, gates = two_orders(project, 3)
     low = run(project, "LOW")
     try:
         wait_for(lambda: len(started(journal)) == 2)

@@ -304,18 +304,25 @@ def x_waits_for_the_left_process(project: Project, left: subprocess.Popen, journ
     assert check(journal, all_tasks(tmp, tmp / "left", two), root=project.root) == []
 
 
-def test_a_lock_held_in_a_removed_state_directory_keeps_its_files_when_a_worker_removes_its_note(tmp_path):
-    """The note of locks held in a removed state directory is all that keeps x.py from the next task once x.py's
-    lock file is made again; a worker that removes the note (`rm -f orphans.json`) made x.py free to the next
-    launch (no note, and `locks/` there, read as nothing held) while the left process still held it."""
+def b_on_x_and_a_left_holder(tmp_path: Path):
+    """A project whose task TWO/B wants x.py, and a process left holding x.py's lock (root, project, journal,
+    the holder)."""
     root = tmp_path / "proj"
     root.mkdir()
     project = Project(root)
     journal = tmp_path / "journal.txt"
     write_task(project.order("TWO"), "B", target_files=["x.py"], command=journal_command(journal))
-    left = left_holding(project, journal, tmp_path)
+    return root, project, journal, left_holding(project, journal, tmp_path)
+
+
+def test_a_lock_held_in_a_removed_state_directory_keeps_its_files_when_a_worker_removes_its_note(tmp_path):
+    """The note of locks held in a removed state directory is all that keeps x.py from the next task once x.py's
+    lock file is made again; a worker that removes the note (`rm -f orphans.json`) made x.py free to the next
+    launch (no note, and `locks/` there, read as nothing held) while the left process still held it."""
+    root, project, journal, left = b_on_x_and_a_left_holder(tmp_path)
     try:
-        a_worker_runs(project, "RM", f'rm -rf "{state(root)}"')
+        # (its rm races the run's own writes there and may end "Directory not empty": partial, as workers' may)
+        a_worker_runs(project, "RM", f'rm -rf "{state(root)}" 2>/dev/null; true')
         # Refused by the note: x.py's new lock file is made now, and nothing is wrong with it.
         assert project.json("launch", "TWO", "--no-resource-monitoring")["launched"] == []
         a_worker_runs(project, "NOTE", f'rm -f "{state(root) / "orphans.json"}"')
@@ -330,12 +337,7 @@ def test_a_lock_held_on_a_removed_lock_file_keeps_its_files_while_locks_stays(tm
     """A removal that leaves `locks/` in place: the lock files alone (`rm -f locks/*`), or every file but no
     directory (an `rm -rf` that ends with "Directory not empty" while aipm makes lock files in `locks/`). Nothing
     was noted (only a `locks/` made again was looked at), so x.py's new lock file was free to the next launch."""
-    root = tmp_path / "proj"
-    root.mkdir()
-    project = Project(root)
-    journal = tmp_path / "journal.txt"
-    write_task(project.order("TWO"), "B", target_files=["x.py"], command=journal_command(journal))
-    left = left_holding(project, journal, tmp_path)
+    root, project, journal, left = b_on_x_and_a_left_holder(tmp_path)
     # (find fails on a file that aipm removed or replaced between its listing and its delete: no matter)
     command = {"lock files": f'rm -f "{state(root)}"/locks/*',
                "every file": f'find "{state(root)}" -type f -delete 2>/dev/null; true'}
