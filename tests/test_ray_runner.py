@@ -10,6 +10,7 @@ on the node; and that a SIGKILLed `aipm run` is recovered by the next one with n
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -19,6 +20,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import Project, task_statuses, wait_for, write_task
 from invariants import check, journal_command, pid_alive, spans
@@ -195,6 +197,25 @@ def test_an_address_where_nothing_listens_ends_the_attempt_at_once(project):
     assert task_statuses(project.order()) == {"T": "FAILED"}
     log = (project.root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
     assert "[aipm] cannot reach the Ray cluster (127.0.0.1:1): Connection refused" in log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_the_guard_dies_of_the_signal_its_command_died_of(tmp_path, sig):
+    """Both the keeper and the relay: an exit status cannot carry -9 (the keeper's os._exit(-9) was exit 247)."""
+    spec = {"env": {"PATH": os.defpath}, "shell": f"kill -{sig.value} $$", "log": str(tmp_path / "log")}
+    guard = subprocess.run([sys.executable, "-m", "aipm.cluster.guard"], input=json.dumps(spec), text=True,
+                           capture_output=True, timeout=60)
+    assert guard.returncode == -sig, guard.stderr
+
+
+def test_a_command_killed_by_a_signal_on_ray_is_recorded_as_one_run_here_is(cluster, tmp_path):
+    """As a local argv command killed by SIGKILL: the wrapper's 128+N, the signal named (it was "exit 247")."""
+    project = Project(tmp_path)
+    write_task(project.order(), "T", command="kill -9 $$")
+    assert aipm(cluster, project, "run", "ORD", "--runner", "ray", "--no-review").returncode == 1
+    task = yaml.safe_load((project.order() / "T.yaml").read_text())
+    assert (task["exit_code"], task["reason"]) == (128 + signal.SIGKILL, "exit 137 (SIGKILL)")
+    assert "), killed by SIGKILL" in (tmp_path / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
 
 
 def test_a_bad_runner_setting_names_it(project):

@@ -26,6 +26,8 @@ import subprocess
 import sys
 import time
 
+from aipm.outcome import exited
+
 # Ray calls these when the attempt's Ray worker cannot be had or is lost: a failed attempt like any other.
 LOST = 75  # EX_TEMPFAIL
 # A stop must be over before the supervisor's SIGKILL of this process's group (supervisor.KILL_GRACE, 5 s): the
@@ -151,9 +153,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[aipm] Ray ended the attempt: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
               flush=True)
         return LOST
-    code = result["code"]
-    print(f"[aipm] ran on Ray node {result['host']} (guard pid {result['guard_pid']}), exit {code}", flush=True)
-    return 128 - code if code < 0 else code
+    code = result["code"]  # negative: the command died of that signal (the guard died of it too)
+    print(f"[aipm] ran on Ray node {result['host']} (guard pid {result['guard_pid']}), {exited(code)}", flush=True)
+    return 128 - code if code < 0 else code  # as a shell's $? says it, and the wrapper writes it
 
 
 def _cancel(ray, ref, signum: int) -> int:

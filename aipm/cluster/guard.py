@@ -2,7 +2,8 @@
 
 Ray kills the worker process of a cancelled task and that worker's direct children, but nothing further down:
 a command's grandchildren would keep running (and writing). So the guard is two processes. The relay, a direct
-child of the Ray worker, forwards stop signals and reports the exit code. The keeper, its child in a process group
+child of the Ray worker, forwards stop signals and reports the exit code (a command killed by a signal: the
+keeper and the relay die of that signal too). The keeper, its child in a process group
 of its own (out of reach of Ray's kill of the worker's children and of the worker's group), learns of the relay's
 death by PR_SET_PDEATHSIG, is a child subreaper so descendants that `setsid` away are re-parented to it, runs the command in a new session, and when the command ends or it is told to stop,
 kills every descendant left. The spec (JSON on stdin) names the command, its stdin and the attempt's log.
@@ -13,6 +14,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import resource
 import select
 import signal
 import sys
@@ -66,6 +68,17 @@ def _die_with_parent() -> bool:
     return os.getppid() == parent
 
 
+def _end_as(code: int) -> None:
+    """Exit with `code`; a negative one (the command died of that signal) by dying of the same signal, so the
+    process above sees what it would had the command been exec'd (an exit status cannot carry -9: it was 247)."""
+    if code < 0:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the command's SIGSEGV must not dump our core
+        if -code != signal.SIGKILL:
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    os._exit(code)
+
+
 def main() -> int:
     if not _die_with_parent():
         return 128 + signal.SIGTERM
@@ -76,7 +89,7 @@ def main() -> int:
         try:
             code = _keep(spec)
         finally:
-            os._exit(code)
+            _end_as(code)
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, lambda signum, frame: os.kill(keeper, signum))
     _, status = os.waitpid(keeper, 0)
@@ -133,4 +146,4 @@ def _keep(spec: dict) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    _end_as(main())
