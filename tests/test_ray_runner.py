@@ -56,8 +56,9 @@ class Cluster:
         self.env = dict(os.environ, RAY_ADDRESS=f"127.0.0.1:{PORT}", RAY_USAGE_STATS_ENABLED="0",
                         AIPM_ENABLE_MONITORING="false")
         self.env.pop("AIPM_FAKE_LOAD", None)
+        self.env.pop("OMP_NUM_THREADS", None)  # else Ray leaves the node's value to its tasks
         start = self.ns([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={PORT}",
-                         "--num-cpus=2", "--include-dashboard=false", "--object-store-memory=80000000",
+                         "--num-cpus=2", "--num-gpus=2", "--include-dashboard=false", "--object-store-memory=80000000",
                          "--disable-usage-stats", f"--temp-dir={self.tmp}"], timeout=180)
         if start.returncode != 0:
             self.close()
@@ -248,6 +249,20 @@ def test_a_worktree_task_runs_on_ray_in_its_worktree_and_is_merged(cluster, tmp_
     assert where.read_text().splitlines() == ["W ray", str(top / ".aipm" / "worktrees" / "ORD" / "W")]
     assert (top / "src" / "a.txt").read_text() == "start\nfrom W\n"
     assert subprocess.run(["git", "worktree", "list"], cwd=top, capture_output=True, text=True).stdout.count("\n") == 1
+
+
+def test_a_command_gets_the_gpus_ray_gave_its_task(cluster, tmp_path):
+    """Ray's per-task variables reach the command (they stayed in the Ray worker: both saw no GPU). The cluster has
+    two (fake) GPUs; each task waits for the other, so both hold one at once and must see different ones."""
+    project = Project(tmp_path)
+    seen = tmp_path / "seen"
+    for tid in ("G1", "G2"):
+        write_task(project.order(), tid, target_files=[f"{tid}.txt"], resources={"cpus": 1, "gpus": 1}, command=(
+            f'echo "$CUDA_VISIBLE_DEVICES $OMP_NUM_THREADS" >> {seen}; '
+            f'for i in $(seq 300); do [ "$(wc -l < {seen})" -ge 2 ] && break; sleep 0.2; done'))
+    result = aipm(cluster, project, "run", "ORD", "--runner", "ray", "--max-workers", "2")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert sorted(seen.read_text().splitlines()) == ["0 1", "1 1"]
 
 
 def test_cancel_ends_a_command_slow_to_stop_on_the_node(cluster, tmp_path):

@@ -62,8 +62,23 @@ def _wait_for(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
+def ray_task_env() -> dict[str, str]:
+    """The variables Ray sets in its worker for this task alone (as its execute_task does): the visible-devices
+    variable of each accelerator it assigned the task (CUDA_VISIBLE_DEVICES, ...) and OMP_NUM_THREADS. Only
+    these: the rest of the worker's environment is the node's, where the command gets the attempt's."""
+    import ray
+    from ray._private.accelerators import get_accelerator_manager_for_resource
+
+    names = ["OMP_NUM_THREADS"]
+    for resource, ids in ray.get_runtime_context().get_accelerator_ids().items():
+        if ids:
+            names.append(get_accelerator_manager_for_resource(resource).get_visible_accelerator_ids_env_var())
+    return {name: os.environ[name] for name in names if name and name in os.environ}  # Apple's MPS has no name
+
+
 def run_on_node(spec: dict) -> dict:
     """The Ray task: run the guard (which runs the command) on this node and report how it ended."""
+    spec = dict(spec, env={**spec["env"], **ray_task_env()})  # the GPUs Ray gave this task, not the submitter's
     proc = subprocess.Popen([sys.executable, "-m", "aipm.cluster.guard"], stdin=subprocess.PIPE,
                             env=spec["env"], cwd=spec["cwd"])
     import json
