@@ -219,6 +219,29 @@ def test_a_command_killed_by_a_signal_on_ray_is_recorded_as_one_run_here_is(clus
     assert "), killed by SIGKILL" in (tmp_path / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
 
 
+def test_auto_naming_a_dead_cluster_ends_the_attempt_at_once(project, tmp_path):
+    """`auto` is the cluster `ray start` last wrote in Ray's temp directory: one gone is probed like any address
+    (ray.init retried it until the task's timeout). In a namespace of its own, so no cluster of this machine's
+    answers."""
+    if not RAY.exists():
+        pytest.skip("ray is not installed (pip install '.[ray]')")
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root with unshare for a loopback-only network namespace")
+    (tmp_path / "raytmp" / "ray").mkdir(parents=True)
+    (tmp_path / "raytmp" / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
+    write_task(project.order(), "T", command="true", timeout=60)
+    env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "raytmp"), AIPM_ENABLE_MONITORING="false")
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "-", sys.executable, "-m",
+                           "aipm", "--root", str(project.root), "run", "ORD", "--runner", "ray"],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    task = yaml.safe_load((project.order() / "T.yaml").read_text())
+    assert (task["status"], task["exit_code"]) == ("FAILED", 75), task
+    log = (project.root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
+    assert "[aipm] cannot reach the Ray cluster (auto: " in log, log
+
+
 def test_a_bad_runner_setting_names_it(project):
     write_task(project.order(), "T", command="true")
     (project.root / "aipm.yaml").write_text("runner: slurm\n")

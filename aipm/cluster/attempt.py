@@ -99,10 +99,24 @@ def run_on_node(spec: dict) -> dict:
     return {"code": code, "host": socket.gethostname(), "guard_pid": proc.pid}
 
 
+def resolved(address: str) -> str:
+    """The cluster ray.init will connect to for `address`: for "auto", as Ray resolves it (RAY_ADDRESS, a Ray
+    cluster running on this machine, else the one `ray start` last wrote in Ray's temp directory, RAY_TMPDIR's),
+    or "auto" itself when there is nothing to resolve (ray.init then says so at once)."""
+    if address != "auto":
+        return address
+    from ray._private.services import canonicalize_bootstrap_address  # starts no thread: signals are not blocked yet
+
+    try:
+        return canonicalize_bootstrap_address(address) or address
+    except ConnectionError:  # no cluster found: ray.init fails at once with Ray's own words
+        return address
+
+
 def unreachable(address: str) -> str | None:
     """Why nothing answers at `address` (host:port or ray://host:port), else None. ray.init retries an address
     where nothing listens for some 14 minutes, holding the attempt's place and locks, deaf to signals: a refused
-    or silent port ends the attempt at once instead. "auto" and forms not host:port are left to Ray."""
+    or silent port ends the attempt at once instead. Forms not host:port ("auto" unresolved) are left to Ray."""
     host, sep, port = address.split("://", 1)[-1].rpartition(":")
     if not sep or not host or not port.isdigit():
         return None
@@ -127,9 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, _stop)
     spec = {"env": dict(os.environ), "cwd": os.getcwd(), "shell": args.shell, "argv": args.argv,
             "stdin": args.stdin, "log": os.environ.get("AIPM_LOG")}
-    address = args.address or "auto"  # the ray.address setting, which RAY_ADDRESS sets too
+    address = target = args.address or "auto"  # the ray.address setting, which RAY_ADDRESS sets too
     try:
-        why = unreachable(address)
+        target = resolved(address)  # what is probed is what ray.init is given
+        why = unreachable(target)
         if why is None:
             # Blocked before Ray starts a thread (they inherit the mask, so only this thread ever takes them) and
             # while ray.init and the core worker put their own handlers in place; a signal meanwhile waits.
@@ -139,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             try:
-                ray.init(address=address, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+                ray.init(address=target, log_to_driver=False, logging_level="ERROR", configure_logging=False)
             finally:
                 for sig in STOPS:
                     signal.signal(sig, _note)
@@ -151,7 +166,8 @@ def main(argv: list[str] | None = None) -> int:
     if _received:
         return 128 + _received[0]
     if why is not None:
-        print(f"[aipm] cannot reach the Ray cluster ({address}): {why}", flush=True)
+        shown = address if target == address else f"{address}: {target}"
+        print(f"[aipm] cannot reach the Ray cluster ({shown}): {why}", flush=True)
         return LOST
     options = {"max_retries": 0, "num_cpus": args.cpus if args.cpus is not None else 1}
     if args.memory_mb:
