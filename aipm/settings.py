@@ -204,6 +204,8 @@ def _env_layer(environ: Mapping[str, str]) -> Layer:
         value = environ.get(var)
         if var == "AIPM_WORKSPACE" and os.path.isabs(value or ""):
             continue  # inside a worker it names the worker's worktree (docs/workspaces.md), not a setting
+        if var == "RAY_ADDRESS" and not (value or "").strip():
+            continue  # Ray's own variable, set by other tools: a blank one must not stop commands that use no Ray
         if value:  # unset or empty: not given
             layer[name] = (_convert(name, value, var), f"env {var}")
     return layer

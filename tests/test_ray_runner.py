@@ -219,10 +219,12 @@ def test_a_command_killed_by_a_signal_on_ray_is_recorded_as_one_run_here_is(clus
     assert "), killed by SIGKILL" in (tmp_path / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
 
 
-def test_auto_naming_a_dead_cluster_ends_the_attempt_at_once(project, tmp_path):
+@pytest.mark.parametrize("ray_address", [None, " "], ids=["unset", "blank"])
+def test_auto_naming_a_dead_cluster_ends_the_attempt_at_once(project, tmp_path, ray_address):
     """`auto` is the cluster `ray start` last wrote in Ray's temp directory: one gone is probed like any address
-    (ray.init retried it until the task's timeout). In a namespace of its own, so no cluster of this machine's
-    answers."""
+    (ray.init retried it until the task's timeout). A blank RAY_ADDRESS is unset for Ray too, as for aipm's
+    settings (Ray took it for an address: "Invalid address format"). In a namespace of its own, so no cluster of
+    this machine's answers."""
     if not RAY.exists():
         pytest.skip("ray is not installed (pip install '.[ray]')")
     if os.geteuid() != 0 or not shutil.which("unshare"):
@@ -232,6 +234,7 @@ def test_auto_naming_a_dead_cluster_ends_the_attempt_at_once(project, tmp_path):
     write_task(project.order(), "T", command="true", timeout=60)
     env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "raytmp"), AIPM_ENABLE_MONITORING="false")
     env.pop("RAY_ADDRESS", None)
+    env.update({"RAY_ADDRESS": ray_address} if ray_address else {})
     proc = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "-", sys.executable, "-m",
                            "aipm", "--root", str(project.root), "run", "ORD", "--runner", "ray"],
                           capture_output=True, text=True, env=env, timeout=180)
@@ -239,7 +242,7 @@ def test_auto_naming_a_dead_cluster_ends_the_attempt_at_once(project, tmp_path):
     task = yaml.safe_load((project.order() / "T.yaml").read_text())
     assert (task["status"], task["exit_code"]) == ("FAILED", 75), task
     log = (project.root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
-    assert "[aipm] cannot reach the Ray cluster (auto: " in log, log
+    assert "[aipm] cannot reach the Ray cluster (auto: " in log and "Connection refused" in log, log
 
 
 def test_a_bad_runner_setting_names_it(project):

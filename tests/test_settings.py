@@ -187,6 +187,17 @@ def test_ray_address_in_the_environment_wins_over_aipm_yaml(tmp_path):
         "value": "127.0.0.1:1", "source": "env RAY_ADDRESS"}
 
 
+def test_a_blank_ray_address_counts_as_unset(tmp_path):
+    """Ray's own variable, set by whatever else the shell runs: a blank one made every command exit 2 ("' ' is not
+    a non-empty string"), `aipm status` of a local project too. Ray would only fail to parse it."""
+    (tmp_path / "orders" / "ORD").mkdir(parents=True)
+    (tmp_path / "orders" / "ORD" / "T.yaml").write_text("command: 'true'\n")
+    for blank in (" ", "\t \n"):
+        status = aipm(tmp_path, "status", "ORD", env={"RAY_ADDRESS": blank})
+        assert status.returncode == 0, status.stderr
+        assert effective(tmp_path, env={"RAY_ADDRESS": blank})["ray.address"] == {"value": "auto", "source": "default"}
+
+
 BAD_ENV = [
     ("AIPM_MAX_WORKERS", "abc"), ("AIPM_MAX_WORKERS", "0"), ("AIPM_MAX_WORKERS", "-1"), ("AIPM_MAX_WORKERS", "2.5"),
     ("AIPM_MAX_CPU_PERCENT", "0"), ("AIPM_MAX_CPU_PERCENT", "101"), ("AIPM_MAX_CPU_PERCENT", "-5"),

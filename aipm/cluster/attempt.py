@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     for sig in STOPS:
         signal.signal(sig, _stop)
+    if not os.environ.get("RAY_ADDRESS", "-").strip():
+        del os.environ["RAY_ADDRESS"]  # blank: unset for aipm's settings, so for Ray too (it would fail to parse it)
     spec = {"env": dict(os.environ), "cwd": os.getcwd(), "shell": args.shell, "argv": args.argv,
             "stdin": args.stdin, "log": os.environ.get("AIPM_LOG")}
     address = target = args.address or "auto"  # the ray.address setting, which RAY_ADDRESS sets too
