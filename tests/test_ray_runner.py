@@ -209,6 +209,30 @@ def test_the_guard_dies_of_the_signal_its_command_died_of(tmp_path, sig):
     assert guard.returncode == -sig, guard.stderr
 
 
+def test_a_keeper_whose_relay_died_before_it_armed_its_death_signal_runs_nothing(tmp_path):
+    """The keeper compared its parent after arming PR_SET_PDEATHSIG with its parent read just before: a relay
+    already dead by then went unnoticed, and the command ran with nothing left to stop it. Here the relay exits
+    right after the fork and the keeper waits to be re-parented before it starts."""
+    marker, code_file = tmp_path / "ran", tmp_path / "code"
+    spec = {"env": {"PATH": os.defpath}, "shell": f"touch {marker}", "log": os.devnull}
+    script = f"""
+import os, time
+from aipm.cluster import guard
+relay = os.getpid()
+if os.fork() == 0:
+    while os.getppid() == relay:
+        time.sleep(0.01)
+    code = guard._keep(dict({spec!r}, parent=relay))
+    with open({str(code_file)!r}, "w") as f:
+        f.write(str(code))
+    os._exit(0)
+"""
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
+    wait_for(code_file.exists, 60)
+    assert not marker.exists()
+    assert code_file.read_text() == str(128 + signal.SIGTERM)
+
+
 def test_a_command_killed_by_a_signal_on_ray_is_recorded_as_one_run_here_is(cluster, tmp_path):
     """As a local argv command killed by SIGKILL: the wrapper's 128+N, the signal named (it was "exit 247")."""
     project = Project(tmp_path)

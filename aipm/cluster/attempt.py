@@ -78,7 +78,8 @@ def ray_task_env() -> dict[str, str]:
 
 def run_on_node(spec: dict) -> dict:
     """The Ray task: run the guard (which runs the command) on this node and report how it ended."""
-    spec = dict(spec, env={**spec["env"], **ray_task_env()})  # the GPUs Ray gave this task, not the submitter's
+    # The GPUs Ray gave this task, not the submitter's; and this worker's pid, for the guard to check it is alive.
+    spec = dict(spec, env={**spec["env"], **ray_task_env()}, parent=os.getpid())
     proc = subprocess.Popen([sys.executable, "-m", "aipm.cluster.guard"], stdin=subprocess.PIPE,
                             env=spec["env"], cwd=spec["cwd"])
     import json

@@ -6,7 +6,8 @@ child of the Ray worker, forwards stop signals and reports the exit code (a comm
 keeper and the relay die of that signal too). The keeper, its child in a process group
 of its own (out of reach of Ray's kill of the worker's children and of the worker's group), learns of the relay's
 death by PR_SET_PDEATHSIG, is a child subreaper so descendants that `setsid` away are re-parented to it, runs the command in a new session, and when the command ends or it is told to stop,
-kills every descendant left. The spec (JSON on stdin) names the command, its stdin and the attempt's log.
+kills every descendant left. The spec (JSON on stdin) names the command, its stdin, the attempt's log and the
+Ray worker's pid (the relay's parent, known before the relay could see it gone).
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ def _kill_tree(leader: int) -> None:
             return
 
 
-def _die_with_parent() -> bool:
-    """Arm SIGTERM for when our parent dies; False when it already has (the signal would never come)."""
-    parent = os.getppid()
+def _die_with_parent(parent: int) -> bool:
+    """Arm SIGTERM for when our parent dies; False when it already has (the signal would never come). `parent`
+    is its pid as known before we were started: read by us, it could be the reaper of an already dead one."""
     _prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     return os.getppid() == parent
 
@@ -80,9 +81,10 @@ def _end_as(code: int) -> None:
 
 
 def main() -> int:
-    if not _die_with_parent():
-        return 128 + signal.SIGTERM
     spec = json.loads(sys.stdin.read())
+    if not _die_with_parent(spec.get("parent", os.getppid())):  # the Ray worker (by hand: whoever started us)
+        return 128 + signal.SIGTERM
+    spec["parent"] = os.getpid()  # the keeper's
     keeper = os.fork()
     if keeper == 0:
         code = 128 + signal.SIGTERM
@@ -100,7 +102,7 @@ def _keep(spec: dict) -> int:
     """The keeper: run the command in its own session and end every descendant when it ends or we are stopped."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, _stop)
-    if not _die_with_parent():
+    if not _die_with_parent(spec["parent"]):
         return 128 + signal.SIGTERM
     # Out of the Ray worker's process group: when that worker exits (cancel, driver gone) Ray SIGKILLs its whole
     # group, which would kill us in the grace period and leave a command slow to stop running for good.
