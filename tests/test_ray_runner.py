@@ -209,6 +209,46 @@ def test_the_guard_dies_of_the_signal_its_command_died_of(tmp_path, sig):
     assert guard.returncode == -sig, guard.stderr
 
 
+def _children(pid: int) -> list[int]:
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    return []
+
+
+def test_a_stop_while_the_guard_starts_the_command_ends_the_command(tmp_path):
+    """A SIGTERM that reached the keeper inside posix_spawnp was handled before the command's pid was kept: the
+    keeper gave up with nothing to kill and left the command running. The log is a FIFO, so the spawn waits (in
+    its child's open of it) until the stop is surely pending, then is let go."""
+    log = tmp_path / "log"
+    os.mkfifo(log)
+    spec = {"env": {"PATH": os.defpath}, "shell": "sleep 600", "log": str(log)}
+    guard = subprocess.Popen([sys.executable, "-m", "aipm.cluster.guard"], stdin=subprocess.PIPE, text=True)
+    guard.stdin.write(json.dumps(spec))
+    guard.stdin.close()
+    keeper = wait_for(lambda: (_children(guard.pid) or [None])[0], 60)
+    command = wait_for(lambda: (_children(keeper) or [None])[0], 60)  # in the spawn, opening the log
+    os.kill(keeper, signal.SIGTERM)
+    reader = os.open(log, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        assert guard.wait(60) == 128 + signal.SIGTERM
+        wait_for(lambda: not pid_alive(command), 30)
+    finally:
+        os.close(reader)
+        if pid_alive(command):
+            os.killpg(command, signal.SIGKILL)
+
+
+def test_the_command_starts_with_no_signal_blocked(tmp_path):
+    """The keeper blocks the stop signals around the spawn; the command (here a program, no shell to reset its
+    mask) must not inherit that, or a SIGTERM would wait for the KILL after the grace."""
+    log = tmp_path / "log"
+    spec = {"env": {"PATH": os.defpath}, "argv": ["grep", "SigBlk", "/proc/self/status"], "log": str(log)}
+    subprocess.run([sys.executable, "-m", "aipm.cluster.guard"], input=json.dumps(spec), text=True, check=True,
+                   timeout=60)
+    assert log.read_text().split() == ["SigBlk:", "0" * 16]
+
+
 def test_a_keeper_whose_relay_died_before_it_armed_its_death_signal_runs_nothing(tmp_path):
     """The keeper compared its parent after arming PR_SET_PDEATHSIG with its parent read just before: a relay
     already dead by then went unnoticed, and the command ran with nothing left to stop it. Here the relay exits

@@ -23,6 +23,7 @@ import sys
 from aipm.subreaper import become_subreaper, strays
 
 PR_SET_PDEATHSIG = 1
+STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 GRACE = 3.0  # below supervisor.KILL_GRACE (5 s): the local worker waits for it (attempt.CANCEL_WAIT)
 
 
@@ -92,7 +93,7 @@ def main() -> int:
             code = _keep(spec)
         finally:
             _end_as(code)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in STOPS:
         signal.signal(sig, lambda signum, frame: os.kill(keeper, signum))
     _, status = os.waitpid(keeper, 0)
     return os.waitstatus_to_exitcode(status)
@@ -100,7 +101,7 @@ def main() -> int:
 
 def _keep(spec: dict) -> int:
     """The keeper: run the command in its own session and end every descendant when it ends or we are stopped."""
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in STOPS:
         signal.signal(sig, _stop)
     if not _die_with_parent(spec["parent"]):
         return 128 + signal.SIGTERM
@@ -117,12 +118,17 @@ def _keep(spec: dict) -> int:
     ]
     leader = 0
     try:
+        # A stop during the spawn waits until `leader` is set (else it would leave the command running, unknown);
+        # the command starts with no signal blocked.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
         try:
-            leader = os.posix_spawnp(argv[0], argv, spec["env"], file_actions=actions, setsid=True)
+            leader = os.posix_spawnp(argv[0], argv, spec["env"], file_actions=actions, setsid=True, setsigmask=())
         except OSError as exc:
             with open(log, "a") as handle:
                 handle.write(f"[aipm] cannot start {argv[0]!r} on this node: {exc.strerror}\n")
             return 127
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
         _, status = os.waitpid(leader, 0)
         return os.waitstatus_to_exitcode(status)
     except _Stopped as stop:
@@ -141,7 +147,7 @@ def _keep(spec: dict) -> int:
                 pass
         return 128 + stop.args[0]
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in STOPS:
             signal.signal(sig, signal.SIG_IGN)
         if leader:
             _kill_tree(leader)
