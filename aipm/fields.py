@@ -232,12 +232,12 @@ def _exit_code(path: Path | str, data: Mapping[str, Any], key: str) -> int | Non
 
 
 _RESOURCE_KEYS = {"cpus": float, "memory_mb": int, "gpus": float}
-_RAY_SHARE = 0.0001  # Ray's smallest fraction of a CPU or GPU: it refuses a smaller nonzero request at every attempt
+RAY_SHARE = 0.0001  # Ray's smallest fraction of a CPU or GPU: it refuses a smaller nonzero request at every attempt
 
 
 def _resources(path: Path, data: Mapping[str, Any], key: str) -> Resources | None:
     """`resources: {cpus: 2, memory_mb: 4096, gpus: 1}`: numbers ≥ 0 (0: none of it), memory_mb whole, cpus and gpus
-    0 or at least _RAY_SHARE."""
+    0 or at least RAY_SHARE."""
     value = data.get(key)
     if value is None:
         return None
@@ -253,8 +253,8 @@ def _resources(path: Path, data: Mapping[str, Any], key: str) -> Resources | Non
         if not number_ok or item < 0 or item > 1e9 or (kind is int and not isinstance(item, int)):
             what = "a whole number ≥ 0" if kind is int else "a number ≥ 0"
             raise ValidationError(str(path), f"{key}.{name}", f"must be {what}, not {item!r}")
-        if kind is float and 0 < item < _RAY_SHARE:
-            raise ValidationError(str(path), f"{key}.{name}", f"must be 0 or at least {_RAY_SHARE} (the smallest "
+        if kind is float and 0 < item < RAY_SHARE:
+            raise ValidationError(str(path), f"{key}.{name}", f"must be 0 or at least {RAY_SHARE} (the smallest "
                                                                f"share Ray gives), not {item!r}")
         out[name] = kind(item)
     return Resources(**out)

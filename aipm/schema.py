@@ -19,7 +19,7 @@ from typing import Any
 
 from aipm import agents
 from aipm.model import ID_PATTERN, MANAGED_FIELDS, Priority, Status
-from aipm.fields import MAX_COUNT, MAX_TIMEOUT, TASK_KEYS
+from aipm.fields import MAX_COUNT, MAX_TIMEOUT, RAY_SHARE, TASK_KEYS
 from aipm.store import ORDER_KEYS
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -37,6 +37,8 @@ _LINE = {"type": ["string", "null"], "pattern": r"^[^\n\r]*$"}
 _NAME = {"type": ["string", "null"], "pattern": r"\S"}
 _PATHS = {"type": ["array", "null"], "items": {"type": "string", "pattern": r"\S"}}
 _ID = f"^{ID_PATTERN.pattern}$"
+# 0 (none) or at least Ray's smallest share
+_SHARE = {"type": "number", "minimum": 0, "not": {"exclusiveMinimum": 0, "exclusiveMaximum": RAY_SHARE}}
 _RELATIVE = r"^(?!/)(?!(?:.*/)?\.\.(?:/|$))\S"  # inside the project: not absolute, no `..`
 _POSITIVE = {"type": ["integer", "null"], "minimum": 1}
 _COUNT = {"type": ["integer", "null"], "minimum": 0}
@@ -69,9 +71,9 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "finished_at": (_STRING, "When the latest attempt or review ended."),
     "exit_code": ({"type": ["integer", "null"]}, "Exit code of the latest attempt."),
     "resources": ({"type": ["object", "null"], "additionalProperties": False, "properties": {
-        "cpus": {"type": "number", "minimum": 0},
+        "cpus": _SHARE,
         "memory_mb": {"type": "integer", "minimum": 0},
-        "gpus": {"type": "number", "minimum": 0},
+        "gpus": _SHARE,
     }}, "What one attempt needs: the Ray resource request with --runner ray; on this machine, a share of its "
         "CPUs and memory. 0 asks for none (cpus: 0 also with Ray, where a task without cpus asks for 1)."),
     "max_rework": ({**_COUNT, "maximum": MAX_COUNT}, "Times a review may send the task back before it is REJECTED; default max_rework."),
