@@ -17,6 +17,7 @@ from pathlib import Path
 from aipm.digest import sha1
 from aipm.liveness import process_alive, process_ctime
 from aipm.model import Priority
+from aipm.workerfiles import open_regular
 
 _BY_RANK = {p.rank: p for p in Priority}
 
@@ -26,12 +27,14 @@ class Demands:
 
     def __init__(self, state: Path):
         self.dir = f"{state}/demand"
-        self._mine: dict[str, Priority | None] = {}  # order → what this process last said for it
+        self._mine: dict[str, tuple[Priority, int] | None] = {}  # order → what this process last said for it
 
-    def publish(self, order_id: str, waiting: Priority | None) -> None:
-        """Say that `order_id`'s best ready task waiting for a slot has priority `waiting` (None: none waits)."""
+    def publish(self, order_id: str, waiting: Priority | None, max_workers: int = 0) -> None:
+        """Say that `order_id`'s best ready task waiting for a slot has priority `waiting` (None: none waits), in a
+        run whose worker limit is `max_workers` (a slot kept for it is one it can take only below that)."""
         path = f"{self.dir}/{_name(order_id)}"
-        if self._mine.get(order_id, False) == waiting and (waiting is None or os.path.exists(path)):
+        said = None if waiting is None else (waiting, max_workers)
+        if self._mine.get(order_id, False) == said and (said is None or os.path.exists(path)):
             return  # said already (and still there: a worker may have removed the state directory)
         try:
             if waiting is None:
@@ -40,17 +43,21 @@ class Demands:
                 pid = os.getpid()
                 os.makedirs(self.dir, exist_ok=True)
                 tmp = f"{path}.{pid}.tmp"
-                with open(tmp, "w") as handle:
-                    handle.write(f"{waiting.rank} {pid} {process_ctime(pid)!r} {order_id}\n")
+                fd = open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # (a FIFO there: refused)
+                try:
+                    os.write(fd, f"{waiting.rank} {max_workers} {pid} {process_ctime(pid)!r} {order_id}\n".encode(
+                        errors="surrogateescape"))
+                finally:
+                    os.close(fd)
                 os.replace(tmp, path)
         except FileNotFoundError:
             pass  # nothing to withdraw (a worker removed the state directory)
         except OSError:
             return  # unwritable (a full disk, a file where the directory goes): a courtesy, tried again next plan
-        self._mine[order_id] = waiting
+        self._mine[order_id] = said
 
-    def said(self, order_id: str) -> Priority | None:
-        """What this process last said for `order_id`."""
+    def said(self, order_id: str) -> tuple[Priority, int] | None:
+        """What this process last said for `order_id` (priority, worker limit)."""
         return self._mine.get(order_id)
 
     def withdraw(self) -> None:
@@ -58,8 +65,9 @@ class Demands:
         for order_id in list(self._mine):
             self.publish(order_id, None)
 
-    def ahead_of(self, order_id: str, least: Priority) -> list[tuple[str, Priority]]:
-        """(order, priority) of the live demands of other orders more urgent than `least`."""
+    def ahead_of(self, order_id: str, least: Priority, live: int) -> list[tuple[str, Priority]]:
+        """(order, priority) of the live demands of other orders more urgent than `least` whose runs could take a
+        slot with `live` workers alive in the project (a run whose own limit is reached cannot)."""
         try:
             names = os.listdir(self.dir)
         except (FileNotFoundError, NotADirectoryError):
@@ -70,10 +78,14 @@ class Demands:
             if name == mine or name.endswith(".tmp"):
                 continue
             try:
-                with open(f"{self.dir}/{name}") as handle:
-                    rank, pid, ctime, other = handle.read().rstrip("\n").split(" ", 3)
+                fd = open_regular(f"{self.dir}/{name}")  # (a worker may leave a FIFO or a link to /dev/zero)
+                try:
+                    text = os.read(fd, 512).decode(errors="surrogateescape")
+                finally:
+                    os.close(fd)
+                rank, limit, pid, ctime, other = text.rstrip("\n").split(" ", 4)
                 priority = _BY_RANK[int(rank)]
-                if priority.rank < least.rank and process_alive(int(pid), float(ctime)):
+                if priority.rank < least.rank and int(limit) > live and process_alive(int(pid), float(ctime)):
                     found.append((other, priority))
             except (OSError, ValueError, KeyError):
                 continue  # gone meanwhile, or not ours to read: no demand

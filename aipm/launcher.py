@@ -205,7 +205,8 @@ class Launcher(Starter):
             report.plan, report.deferred = Plan(), []
             ready = view.ready_ordering()
             if owner is not None and ready and not self.options.dry_run and self.demands.said(order.id) is None:
-                self.demands.publish(order.id, order.tasks[ready[0]].priority)  # (its first plan says better)
+                # (its first plan says better)
+                self.demands.publish(order.id, order.tasks[ready[0]].priority, self.settings.max_workers)
             return False  # every slot is taken: nothing can start, and a plan would only say so
         busy, live, live_count = self.holders(order, records, ending, released, view.running)
         free = max(0, self.settings.max_workers - live_count)
@@ -224,13 +225,14 @@ class Launcher(Starter):
         report.plan = result
         report.deferred = []
         if owner is not None and not self.options.dry_run and (result.limited or ranked_before is None):
-            self.demands.publish(order.id, result.limited)  # (a plan of the first-ranked tasks only: no withdrawal)
+            # (a plan of the first-ranked tasks only: no withdrawal)
+            self.demands.publish(order.id, result.limited, self.settings.max_workers)
         tried = {item["id"] for item in report.failed}
         wanted = [t for t in result.launchable if t.id not in tried]  # only `only`'s: the plan saw no other
         if self.settings.runner == "local" and any(t.resources for t in wanted):
             wanted = self._fit_locally(wanted, [r for r in records if r.key not in lent], report)
         if wanted:
-            wanted = self._leave_slots(order, wanted, free, report)
+            wanted = self._leave_slots(order, wanted, free, live_count, report)
         # Read the machine only when there is something to start: the idle loop costs no CPU.
         budget, why, note = self.start_budget(live_count) if wanted else (0, "", "")
         for task in wanted[budget:]:
@@ -281,10 +283,12 @@ class Launcher(Starter):
                     self.note_failure(order.tasks[item["id"]], item["error"], view)
         return again
 
-    def _leave_slots(self, order: Order, wanted: list[Task], free: int, report: LaunchReport) -> list[Task]:
+    def _leave_slots(self, order: Order, wanted: list[Task], free: int, live: int, report: LaunchReport
+                     ) -> list[Task]:
         """Of the tasks chosen (in launch order), those that may take a slot while more urgent tasks of other runs
-        wait for one (demand.py): each such demand keeps one of the `free` slots from every less urgent task."""
-        urgent = self.demands.ahead_of(order.id, wanted[-1].priority)
+        wait for one (demand.py): each such demand (of a run whose own limit lets it start one more beside the
+        `live` workers) keeps one of the `free` slots from every less urgent task."""
+        urgent = self.demands.ahead_of(order.id, wanted[-1].priority, live)
         if not urgent:
             return wanted
         kept = []

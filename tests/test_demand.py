@@ -107,18 +107,66 @@ def test_a_demand_removed_under_its_run_is_said_again(tmp_path):
 
     state = tmp_path / "state"
     mine, theirs = Demands(state), Demands(state)
-    mine.publish("HIGH", Priority.P0)
-    assert theirs.ahead_of("LOW", Priority.P3) == [("HIGH", Priority.P0)]
+    mine.publish("HIGH", Priority.P0, 5)
+    assert theirs.ahead_of("LOW", Priority.P3, 4) == [("HIGH", Priority.P0)]
+    assert theirs.ahead_of("LOW", Priority.P3, 5) == []  # its run's own limit is reached: it cannot take a slot
     shutil.rmtree(state)
-    mine.publish("HIGH", Priority.P0)
-    assert theirs.ahead_of("LOW", Priority.P3) == [("HIGH", Priority.P0)]
-    assert theirs.ahead_of("LOW", Priority.P0) == [] and mine.ahead_of("HIGH", Priority.P3) == []
+    mine.publish("HIGH", Priority.P0, 5)
+    assert theirs.ahead_of("LOW", Priority.P3, 0) == [("HIGH", Priority.P0)]
+    assert theirs.ahead_of("LOW", Priority.P0, 0) == [] and mine.ahead_of("HIGH", Priority.P3, 0) == []
     shutil.rmtree(state)
     state.mkdir()
     (state / "demand").write_text("a file where the directory goes")
-    mine.publish("HIGH", Priority.P1)  # no error: a courtesy
-    assert theirs.ahead_of("LOW", Priority.P3) == []
+    mine.publish("HIGH", Priority.P1, 5)  # no error: a courtesy
+    assert theirs.ahead_of("LOW", Priority.P3, 0) == []
     (state / "demand").unlink()
-    mine.publish("HIGH", Priority.P1)
+    mine.publish("HIGH", Priority.P1, 5)
     mine.withdraw()
-    assert theirs.ahead_of("LOW", Priority.P3) == []
+    assert theirs.ahead_of("LOW", Priority.P3, 0) == []
+
+
+def test_a_demand_file_a_worker_replaced_is_no_demand_and_no_hang(tmp_path):
+    """A FIFO among the demands hung every launch (holding the launch lock, deaf to SIGTERM), and a link to
+    /dev/zero was read without end: any worker can write the state directory."""
+    from aipm.demand import Demands, _name
+    from aipm.model import Priority
+
+    state = tmp_path / "state"
+    (state / "demand").mkdir(parents=True)
+    os.mkfifo(state / "demand" / "fifo.demand")
+    (state / "demand" / "zero.demand").symlink_to("/dev/zero")
+    planted = state / "demand" / f"{_name('HIGH')}.{os.getpid()}.tmp"  # where the next word is written first
+    os.mkfifo(planted)
+    mine = Demands(state)
+    mine.publish("HIGH", Priority.P0, 5)  # refused, not hung
+    assert Demands(state).ahead_of("LOW", Priority.P3, 0) == []
+    planted.unlink()
+    mine.publish("HIGH", Priority.P0, 5)
+    assert Demands(state).ahead_of("LOW", Priority.P3, 0) == [("HIGH", Priority.P0)]
+
+
+def test_a_run_whose_own_limit_is_reached_keeps_no_slot_elsewhere(project):
+    """HIGH runs with --max-workers 1, LOW with 2: HIGH's waiting P0 can never take LOW's second slot (its own
+    limit counts every live worker), and LOW kept it free for HIGH's whole run."""
+    journal, gates = two_orders(project, 1)
+    write_task(project.order("HIGH"), "H2", command=gated(journal, gates), priority="P0")
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    high = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "HIGH",
+                             "--max-workers", "1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    low = None
+    try:
+        wait_for(lambda: len(started(journal)) == 1)
+        wait_for(lambda: "HIGH" in demands(project.root))  # H2 waits for a slot of HIGH's own
+        low = run(project, "LOW")
+        wait_for(lambda: "LOW/L1" in [s.strip() for s in started(journal)])  # beside H1, with no gate opened
+        for name in ("L1", "H1", "H2"):
+            (gates / name).touch()
+        assert low.wait(timeout=60) == 0 and high.wait(timeout=60) == 0
+    finally:
+        for name in ("L1", "H1", "H2"):
+            (gates / name).touch()
+        for proc in (low, high):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    wait_for(lambda: no_workers(project.root))
