@@ -23,7 +23,11 @@ def main() -> None:
         from aipm.cli import main as cli
 
         cli()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, RuntimeError, ImportError) as exc:
+        # An interrupt inside a class being built or a module being imported arrives wrapped ("Error calling
+        # __set_name__ ...": its cause is the KeyboardInterrupt); anything else is no interrupt of ours.
+        if not _interrupted(exc):
+            raise
         signal.pthread_sigmask(signal.SIG_BLOCK, stops)  # another one would only break into the exit
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -33,3 +37,14 @@ def main() -> None:
         # Not sys.exit: under `python -m`, an interrupt raised in code made by exec (a dataclass's methods, built
         # as its module is imported) makes the interpreter kill itself with SIGINT at exit, caught or not.
         os._exit(130)
+
+
+def _interrupted(exc: BaseException | None) -> bool:
+    """Whether `exc` is a KeyboardInterrupt, or was raised because of one (its cause or context, at any depth)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False

@@ -10,10 +10,13 @@ from where it left off.
 
 from __future__ import annotations
 
+import errno
 import os
 from contextlib import suppress
 from functools import lru_cache
 from pathlib import Path
+
+from aipm.workerfiles import open_regular, reading
 
 MADE = "made.txt"
 
@@ -34,8 +37,8 @@ class LockFiles:
     def read(self) -> bool:
         """Read what was appended since; False when there is no list (removed, or made before aipm kept one)."""
         try:
-            handle = open(self.path, "rb")
-        except FileNotFoundError:
+            handle = reading(self.path)
+        except OSError:  # none, or no file (a FIFO a worker left): written anew
             return False
         with handle:
             st = os.fstat(handle.fileno())
@@ -55,8 +58,8 @@ class LockFiles:
     def add(self, locked: dict[str, int]) -> bool:
         """Append lock files to the list; False when there is none to append to."""
         try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
-        except FileNotFoundError:
+            fd = open_regular(self.path, os.O_WRONLY | os.O_APPEND)
+        except OSError:  # none, or no file
             return False
         try:
             os.write(fd, _lines(locked))  # one write: appenders never interleave
@@ -78,7 +81,7 @@ class LockFiles:
     def write(self, locked: dict[str, int]) -> None:
         """The list written anew, of `locked` alone."""
         tmp = f"{self.path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as handle:
+        with os.fdopen(open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
             handle.write(_lines(locked))
         os.replace(tmp, self.path)
         self.read()
@@ -92,7 +95,14 @@ def of(state: Path) -> LockFiles:
 
 def make(state: Path) -> None:
     """An empty list, for a `locks/` about to be made (a list still there is kept: what it names was removed)."""
-    os.close(os.open(f"{state}/{MADE}", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600))
+    path = f"{state}/{MADE}"
+    try:
+        os.close(open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600))
+    except OSError as exc:
+        if exc.errno not in (errno.EINVAL, errno.ENXIO, errno.ELOOP):
+            raise
+        os.unlink(path)  # no file (a FIFO, a link a worker left): the list starts again, as when it is missing
+        os.close(open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _lines(locked: dict[str, int]) -> bytes:

@@ -33,7 +33,8 @@ from pathlib import Path
 from aipm import lockfiles
 from aipm.digest import sha1
 from aipm.errors import UserError
-from aipm.liveness import process_alive, process_ctime, read_small
+from aipm.liveness import process_alive, process_ctime
+from aipm.workerfiles import open_regular, read_bytes
 from aipm.paths import Target, lock_prefix
 
 STATE_BASE = "/tmp"  # fixed, not $TMPDIR: every aipm process of a project must find the same directory
@@ -119,8 +120,8 @@ def _note_orphans(state: Path) -> None:
     held = _held_in_removed(state)  # (a holder noted before and alive still is found again)
     path = state / ORPHANS
     tmp = f"{path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as handle:
-        json.dump(held, handle)
+    with os.fdopen(open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
+        json.dump(held, handle)  # (a FIFO a worker left at that name is refused, not waited on)
     os.replace(tmp, path)
 
 
@@ -150,7 +151,7 @@ def orphans(state: Path, make: bool = True) -> list[tuple[int, str, bool]]:
     _, locks, noted = _places(state)
     try:
         if make or os.path.isdir(locks):  # (a taker makes `locks/` again first; a reader would read the old note)
-            return _holding(json.loads(read_small(noted)))
+            return _holding(json.loads(read_bytes(noted)))
     except FileNotFoundError:
         if make:
             if os.path.isdir(locks):
@@ -158,8 +159,10 @@ def orphans(state: Path, make: bool = True) -> list[tuple[int, str, bool]]:
             else:  # someone may be making it again and still be noting the orphans: note them too
                 make_state_dir(state)
             return orphans(state, make=False)
-    except (ValueError, TypeError):
-        pass  # not as written (any worker can write here): look for ourselves
+    except (OSError, ValueError, TypeError):  # not as written, or no file (a FIFO): any worker can write here
+        if make:
+            _note_orphans(state)  # written again, as for a note removed
+            return orphans(state, make=False)
     return _holding(_held_in_removed(state))
 
 

@@ -348,3 +348,17 @@ def test_a_lock_held_on_a_removed_lock_file_keeps_its_files_while_locks_stays(tm
         release(left)
         raise
     x_waits_for_the_left_process(project, left, journal, tmp_path)
+
+
+@pytest.mark.parametrize("name", ["orphans.json", "made.txt"])
+def test_a_fifo_a_worker_leaves_in_place_of_a_state_file_hangs_nothing(tmp_path, name):
+    """The note of held removed locks and the list of lock files were opened as any file: a worker's FIFO there
+    (`rm -f $STATE/x; mkfifo $STATE/x`) hung the next launch for ever, under the launch lock."""
+    project = Project(tmp_path)
+    where = state(tmp_path) / name
+    a_worker_runs(project, "PLANT", f'rm -f "{where}"; mkfifo "{where}"; rm -f "{state(tmp_path)}"/locks/*')
+    write_task(project.order("NEXT"), "B", target_files=["x.py"], command="true")
+    proc = project.aipm("run", "NEXT", "--no-resource-monitoring", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert where.is_file() and not where.is_symlink()  # written again, as a file
+    assert project.json("locks")["locks"] == []

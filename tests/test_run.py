@@ -536,3 +536,16 @@ def test_a_run_left_behind_another_orders_lost_task_says_why_and_the_fix(project
     assert [e["task"] for e in events if e["event"] == "blocked"] == ["A"]
     project.aipm("recover", "O2", check=True)
     assert project.aipm("run", "ORD").returncode == 0
+
+
+@pytest.mark.parametrize("raised, code", [("RuntimeError('Error calling __set_name__') from KeyboardInterrupt()", 130),
+                                          ("ImportError('x') from RuntimeError('y')", 1)])
+def test_an_interrupt_wrapped_by_the_class_or_import_it_landed_in_is_still_an_interrupt(raised, code):
+    """A Ctrl-C landing while a dataclass is built reaches aipm.main as the RuntimeError Python wraps it in (its
+    cause the KeyboardInterrupt): it printed a traceback (seen once in the early-interrupt test under CI load)."""
+    script = ("import aipm, aipm.cli\n"
+              f"def boom(*args):\n    raise {raised}\n"
+              "aipm.cli.main = boom\naipm.main()\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == code, proc.stderr
+    assert ("Traceback" in proc.stderr) == (code != 130)

@@ -348,7 +348,9 @@ def test_a_task_starting_in_a_launch_round_is_not_taken_for_lost(project):
         reader = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "status", "ORD",
                                    "--json"], stdout=subprocess.PIPE, text=True)
         # Blocked on the launch lock: /proc/locks lists a waiter ("->") on its inode.
-        wait_for(lambda: any("->" in line and f":{lock} " in line for line in open("/proc/locks")))
+        # (its pid too: another process may wait on a removed lock file whose inode number this one got since)
+        wait_for(lambda: any("->" in line and f":{lock} " in line and f" {reader.pid} " in line
+                             for line in open("/proc/locks")))
         rt.write_record(Record(order="ORD", order_dir=str(order), task="A", task_file=str(path), attempt=1,
                                targets=[], log=str(rt.log_path("ORD", "A", 1)),
                                exit_file=str(rt.exit_path("ORD", "A", 1)), started_at="now",
