@@ -46,6 +46,17 @@ def two_orders(project, lows: int) -> tuple[Path, Path]:
     return journal, gates
 
 
+def open_all(project, gates: Path, names, procs) -> None:
+    """Let every gated task end, stop the runs left, and wait until no worker is left."""
+    for name in names:
+        (gates / name).touch()
+    for proc in procs:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    wait_for(lambda: no_workers(project.root))
+
+
 def test_a_freed_slot_goes_to_the_more_urgent_order(project):
     journal, gates = two_orders(project, 4)
     low = run(project, "LOW")
@@ -63,13 +74,7 @@ def test_a_freed_slot_goes_to_the_more_urgent_order(project):
         assert demands(project.root) == []  # withdrawn as each run ended
         assert sorted(s.strip() for s in started(journal)) == ["HIGH/H1", "LOW/L1", "LOW/L2", "LOW/L3", "LOW/L4"]
     finally:
-        for name in ("L1", "L2", "L3", "L4", "H1"):
-            (gates / name).touch()
-        for proc in (low, high):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    wait_for(lambda: no_workers(project.root))
+        open_all(project, gates, ("L1", "L2", "L3", "L4", "H1"), (low, high))
 
 
 def test_a_dead_runs_demand_keeps_no_slot(project):
@@ -89,12 +94,7 @@ def test_a_dead_runs_demand_keeps_no_slot(project):
             (gates / name).touch()
         assert low.wait(timeout=60) == 0
     finally:
-        for name in ("L1", "L2", "L3", "H1"):
-            (gates / name).touch()
-        if low.poll() is None:
-            low.kill()
-            low.wait()
-    wait_for(lambda: no_workers(project.root))
+        open_all(project, gates, ("L1", "L2", "L3", "H1"), (low,))
 
 
 def test_a_demand_removed_under_its_run_is_said_again(tmp_path):
@@ -163,10 +163,4 @@ def test_a_run_whose_own_limit_is_reached_keeps_no_slot_elsewhere(project):
             (gates / name).touch()
         assert low.wait(timeout=60) == 0 and high.wait(timeout=60) == 0
     finally:
-        for name in ("L1", "H1", "H2"):
-            (gates / name).touch()
-        for proc in (low, high):
-            if proc is not None and proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    wait_for(lambda: no_workers(project.root))
+        open_all(project, gates, ("L1", "H1", "H2"), (low, high))

@@ -304,6 +304,16 @@ def x_waits_for_the_left_process(project: Project, left: subprocess.Popen, journ
     assert check(journal, all_tasks(tmp, tmp / "left", two), root=project.root) == []
 
 
+def after(workers, project: Project, left: subprocess.Popen, journal: Path, tmp: Path) -> None:
+    """`workers()` (what misbehaving workers do), then B must wait for the left process (which goes if they fail)."""
+    try:
+        workers()
+    except BaseException:
+        release(left)
+        raise
+    x_waits_for_the_left_process(project, left, journal, tmp)
+
+
 def b_on_x_and_a_left_holder(tmp_path: Path):
     """A project whose task TWO/B wants x.py, and a process left holding x.py's lock (root, project, journal,
     the holder)."""
@@ -320,16 +330,15 @@ def test_a_lock_held_in_a_removed_state_directory_keeps_its_files_when_a_worker_
     lock file is made again; a worker that removes the note (`rm -f orphans.json`) made x.py free to the next
     launch (no note, and `locks/` there, read as nothing held) while the left process still held it."""
     root, project, journal, left = b_on_x_and_a_left_holder(tmp_path)
-    try:
+
+    def workers():
         # (its rm races the run's own writes there and may end "Directory not empty": partial, as workers' may)
         a_worker_runs(project, "RM", f'rm -rf "{state(root)}" 2>/dev/null; true')
         # Refused by the note: x.py's new lock file is made now, and nothing is wrong with it.
         assert project.json("launch", "TWO", "--no-resource-monitoring")["launched"] == []
         a_worker_runs(project, "NOTE", f'rm -f "{state(root) / "orphans.json"}"')
-    except BaseException:
-        release(left)
-        raise
-    x_waits_for_the_left_process(project, left, journal, tmp_path)
+
+    after(workers, project, left, journal, tmp_path)
 
 
 @pytest.mark.parametrize("removal", ["lock files", "every file"])
@@ -341,13 +350,12 @@ def test_a_lock_held_on_a_removed_lock_file_keeps_its_files_while_locks_stays(tm
     # (find fails on a file that aipm removed or replaced between its listing and its delete: no matter)
     command = {"lock files": f'rm -f "{state(root)}"/locks/*',
                "every file": f'find "{state(root)}" -type f -delete 2>/dev/null; true'}
-    try:
+
+    def workers():
         a_worker_runs(project, "RM", command[removal])
         assert (state(root) / "locks").is_dir() and not (state(root) / "locks" / node_file("x.py")).exists()
-    except BaseException:
-        release(left)
-        raise
-    x_waits_for_the_left_process(project, left, journal, tmp_path)
+
+    after(workers, project, left, journal, tmp_path)
 
 
 @pytest.mark.parametrize("name", ["orphans.json", "made.txt"])
