@@ -17,7 +17,7 @@ from pathlib import Path
 from aipm.digest import sha1
 from aipm.liveness import process_alive, process_ctime
 from aipm.model import Priority
-from aipm.workerfiles import open_regular
+from aipm.workerfiles import open_regular, write_bytes
 
 _BY_RANK = {p.rank: p for p in Priority}
 
@@ -42,14 +42,8 @@ class Demands:
             else:
                 pid = os.getpid()
                 os.makedirs(self.dir, exist_ok=True)
-                tmp = f"{path}.{pid}.tmp"
-                fd = open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # (a FIFO there: refused)
-                try:
-                    os.write(fd, f"{waiting.rank} {max_workers} {pid} {process_ctime(pid)!r} {order_id}\n".encode(
-                        errors="surrogateescape"))
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
+                write_bytes(Path(path), f"{waiting.rank} {max_workers} {pid} {process_ctime(pid)!r} {order_id}\n"
+                            .encode(errors="surrogateescape"))  # (regular files only: a FIFO there is refused)
         except FileNotFoundError:
             pass  # nothing to withdraw (a worker removed the state directory)
         except OSError:

@@ -16,7 +16,7 @@ from contextlib import suppress
 from functools import lru_cache
 from pathlib import Path
 
-from aipm.workerfiles import open_regular, reading
+from aipm.workerfiles import open_regular, reading, write_bytes
 
 MADE = "made.txt"
 
@@ -80,10 +80,7 @@ class LockFiles:
 
     def write(self, locked: dict[str, int]) -> None:
         """The list written anew, of `locked` alone."""
-        tmp = f"{self.path}.{os.getpid()}.tmp"
-        with os.fdopen(open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as handle:
-            handle.write(_lines(locked))
-        os.replace(tmp, self.path)
+        write_bytes(Path(self.path), _lines(locked))
         self.read()
 
 

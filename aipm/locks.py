@@ -34,7 +34,7 @@ from aipm import lockfiles
 from aipm.digest import sha1
 from aipm.errors import UserError
 from aipm.liveness import process_alive, process_ctime
-from aipm.workerfiles import open_regular, read_bytes
+from aipm.workerfiles import read_bytes, write_bytes
 from aipm.paths import Target, lock_prefix
 
 STATE_BASE = "/tmp"  # fixed, not $TMPDIR: every aipm process of a project must find the same directory
@@ -119,10 +119,7 @@ def _note_orphans(state: Path) -> None:
     take such a lock any more (the file has no name), so who holds it now is all there will ever be."""
     held = _held_in_removed(state)  # (a holder noted before and alive still is found again)
     path = state / ORPHANS
-    tmp = f"{path}.{os.getpid()}.tmp"
-    with os.fdopen(open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as handle:
-        json.dump(held, handle)  # (a FIFO a worker left at that name is refused, not waited on)
-    os.replace(tmp, path)
+    write_bytes(path, json.dumps(held).encode())  # (regular files only: a worker's FIFO is refused, not waited on)
 
 
 def _held_in_removed(state: Path) -> list[list]:
