@@ -42,8 +42,11 @@ class Project:
         """An order id (`ORDER_090` → <root>/orders/ORDER_090) or a path to an order directory."""
         if not arg.strip():  # it would name the directory of the orders itself
             raise UserError("ORDER: empty; name an order id or the path of an order directory")
+        # Only one name is looked up in orders_dir: `.` there was the orders directory itself (an order of no
+        # tasks, so `aipm run .` inside an order directory ran nothing and exited 0).
+        name = arg.rstrip("/")
         by_id = self.root / self.orders_dir / arg
-        if by_id.is_dir():
+        if name not in ("", ".", "..") and "/" not in name and by_id.is_dir():
             ids = self.order_ids()
             self._one_meaning(arg, by_id, ids)
             return self.check_unique(by_id, ids)
@@ -51,7 +54,11 @@ class Project:
         if not as_path.is_absolute():
             as_path = Path(os.getcwd()) / as_path
         if as_path.is_dir():
-            return self.check_unique(as_path.resolve())
+            found = as_path.resolve()
+            if found == (self.root / self.orders_dir).resolve():  # it holds orders; its task files are none
+                raise UserError(f"order {arg!r}: {found} is the directory of the orders, not an order; give an "
+                                f"order id ({self.orders_here()}) or a path to an order directory")
+            return self.check_unique(found)
         # The id order.yaml gives, which every command reports, names its order too (orders/sprint-12 → ORDER_012).
         ids = self.order_ids()
         named = [d for d in self.order_dirs() if ids.get(d.resolve(), ("",))[0] == arg]

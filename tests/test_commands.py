@@ -475,6 +475,33 @@ def test_a_name_that_is_one_orders_directory_and_another_orders_id_is_refused_as
     assert project.json("status", "SPRINT")["order"] == "NEXT"
 
 
+def test_dot_inside_an_order_directory_is_that_order_and_the_orders_directory_is_no_order(project):
+    """`cd orders/ORD && aipm run .` looked `.` up as an order id: orders/. is the orders directory itself, an order
+    of no tasks, so the run said 'orders: no tasks' and exited 0 with nothing run. A path is taken from the working
+    directory, as the contract says, and the orders directory is no order. Found by a review."""
+    write_task(project.order(), "A", command="true")
+
+    def aipm(cwd, *args):
+        return subprocess.run([sys.executable, "-m", "aipm", *args], capture_output=True, text=True, cwd=cwd,
+                              env={**os.environ, "AIPM_ENABLE_MONITORING": "false"})
+
+    order, orders = project.order(), project.root / "orders"
+    assert json.loads(aipm(order, "status", ".", "--json").stdout)["order"] == "ORD"
+    assert json.loads(aipm(order, "status", "./", "--json").stdout)["order"] == "ORD"
+    proc = aipm(order, "run", ".")
+    assert proc.returncode == 0 and task_statuses(order) == {"A": "DONE"}, proc.stderr
+    assert json.loads(aipm(project.root, "status", "ORD/", "--json").stdout)["order"] == "ORD"
+    before = snapshot(project.root)
+    for cwd, arg in ((order, ".."), (orders, "."), (project.root, "orders"), (project.root, "orders/")):
+        for command in ("status", "run"):
+            proc = aipm(cwd, command, arg)
+            assert proc.returncode == 2 and "is the directory of the orders, not an order" in proc.stderr, (
+                cwd, arg, proc.stdout, proc.stderr)
+            assert "orders here: ORD" in proc.stderr
+            assert len(proc.stderr.splitlines()) == 1 and proc.stdout == ""
+    assert snapshot(project.root) == before
+
+
 def test_an_id_two_orders_give_is_named_as_such_not_as_no_directory(project):
     """Two order.yaml with the same id: naming either directory said 'also the id of ...', but naming the id said
     'no directory orders/SAME ... and no such path'. Found by a review of 7800b7f
