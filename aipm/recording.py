@@ -261,6 +261,9 @@ class Recording(Reviewing):
             message = ("scope audit: changed outside target_files while this attempt ran: " + ", ".join(outside)
                        + "; if you changed them, undo that and keep to target_files; if you did not, leave them as "
                        "they are")
+            for target in scope.files_above(outside, rec.targets):  # `gen` for the directory the task makes
+                message += (f"; {target} is a file target, not a directory (it did not exist when the attempt "
+                            f"started): write `{target}/` in target_files to cover everything below it")
             if rec.workspace:  # its worktree goes when the next attempt starts: say where the work is kept
                 message += ("; nothing of this attempt was merged; its changes are kept in "
                             f"{workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial)}")

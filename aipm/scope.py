@@ -219,6 +219,16 @@ def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:
     return sorted(bad)
 
 
+def files_above(paths: Iterable[str], targets: Iterable[Target | str]) -> list[str]:
+    """The file targets (no trailing `/`, no glob) that some of `paths` lie below: `gen` named before the task made
+    the directory gen/ is a file, so gen/out.txt is outside it (though its lock covers gen/out.txt too)."""
+    found = []
+    for t in (normalize(t) if isinstance(t, str) else t for t in targets):
+        if t.path and not t.is_dir and not t.is_glob and any(p.startswith(t.path + "/") for p in paths):
+            found.append(t.path)
+    return sorted(set(found))
+
+
 def save(snap: Snapshot, path: Path) -> None:
     """Write a snapshot as JSON (so an owner that adopts a worker can still audit it); the file's mtime is the
     moment it was taken."""

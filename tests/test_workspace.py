@@ -262,6 +262,21 @@ def test_out_of_scope_write_merges_nothing_and_names_the_paths(repo, tmp_path):
     assert "+mine" in project.aipm("diff", "T").stdout  # the attempt's patch is kept
 
 
+def test_a_file_target_the_task_makes_a_directory_says_how_to_cover_it(repo):
+    """`target_files: [gen]` for a directory the task makes: gen did not exist, so it is a file target and
+    gen/out.txt lies outside it (though its lock covers it). In a worktree that can never pass (every attempt starts
+    without gen/), and the feedback only said 'changed outside target_files: gen/out.txt', which names a path under
+    the very target the user listed. It now says how to write the target. Found by a review."""
+    project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n")
+    write_task(project.order(), "T", target_files=["gen", "src/a.txt"],
+               command="mkdir -p gen && echo x > gen/out.txt && echo y > stray.txt")
+    assert project.aipm("run", "ORD").returncode == 1
+    feedback = (repo / ".aipm/feedback/ORD/T.txt").read_text()
+    assert "gen/out.txt" in feedback and "stray.txt" in feedback
+    assert "gen is a file target, not a directory" in feedback and "write `gen/` in target_files" in feedback
+    assert feedback.count("is a file target") == 1  # src/a.txt has nothing below it
+
+
 # -- 4. a person's concurrent edit ----------------------------------------------------------------------------
 
 
