@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aipm import agents, durable, holds, locks, recovery, scope, subreaper, writtenlog
 from aipm.budget import Budget, of as order_budget
@@ -85,10 +85,12 @@ class Launcher(Starter):
         """
         busy, live, count = [], {}, 0
         for rec in records:
+            alive = rec.alive()
             if rec.key not in released:  # a released one still counts as live below: its file may have been reset
                 status = Status.IN_PROGRESS if rec.phase == "work" else Status.IN_REVIEW
-                busy.append(Busy(rec.order, rec.task, tuple(normalize(t) for t in rec.targets), status.value))
-            if rec.alive():
+                busy.append(Busy(rec.order, rec.task, tuple(normalize(t) for t in rec.targets), status.value,
+                                 gone=not alive))
+            if alive:
                 count += rec.key not in ending  # a worker that ended: its files wait for its outcome, not a slot
                 if rec.order == order.id:
                     live[rec.task] = live_pid(rec)
@@ -96,10 +98,12 @@ class Launcher(Starter):
         elsewhere = [b for b in holds.held_elsewhere(self.project.root, self.project.order_dirs(), order.path,
                                                      save=not self.options.dry_run)
                      if (b.order_id, b.task_id) not in recorded]
-        busy += elsewhere
         ids = running if running is not None else [t.id for t in order.tasks.values() if t.status in RUNNING]
         unrecorded = {(order.id, tid) for tid in ids if (order.id, tid) not in recorded}
-        for order_id, task_id in self._running_unrecorded(unrecorded | {(b.order_id, b.task_id) for b in elsewhere}):
+        running_on = self._running_unrecorded(unrecorded | {(b.order_id, b.task_id) for b in elsewhere})
+        # Another order's task marked running with no record and no worker: nothing will ever free its files.
+        busy += [replace(b, gone=True) if (b.order_id, b.task_id) not in running_on else b for b in elsewhere]
+        for order_id, task_id in running_on:
             count += 1
             if order_id == order.id:
                 live[task_id] = 0

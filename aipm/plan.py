@@ -35,6 +35,7 @@ class Busy:
     task_id: str
     targets: tuple[Target, ...]
     status: str = ""  # IN_PROGRESS or IN_REVIEW, named in the reason when known
+    gone: bool = False  # its worker is gone (stale): the files stay busy until `aipm recover` of its order
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,7 @@ def plan(
             held_as[task.id] = f" ({task.status})"
             if task.id not in live:
                 result.stale.append(task.id)
+                held_as[task.id] += _gone(order.id)
     # A worker's file reset under it (an agent's `git checkout`, `git stash`): still running, never launched again.
     held = {tid: live.get(tid) if isinstance(live, Mapping) else None
             for tid in live if tid in order.tasks and order.tasks[tid].status not in RUNNING}
@@ -304,8 +306,14 @@ def _holders(elsewhere: Iterable[Busy], order_id: str,
         owner = b.task_id if b.order_id == order_id else f"{b.order_id}/{b.task_id}"
         busy.append((owner, b.targets))
         if b.status:
-            held_as[owner] = f" ({b.status})"
+            held_as[owner] = f" ({b.status})" + (_gone(b.order_id) if b.gone else "")
     return busy, held_as
+
+
+def _gone(order_id: str) -> str:
+    """Said of a holder whose worker is gone: waiting for it would be for ever (`aipm why` said only 'held by
+    running task X (IN_PROGRESS)' of a task a killed run left behind)."""
+    return f"; its worker is gone: `aipm recover {order_id}` frees it"
 
 
 class _LockIndex:
@@ -405,7 +413,7 @@ def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Bu
     for t in deps.values():
         if t.status in RUNNING:
             holders.append((t.id, t.targets))
-            held_as[t.id] = f" ({t.status})"
+            held_as[t.id] = f" ({t.status})" + (_gone(order.id) if t.id in result.stale else "")
     for owner, targets in holders:
         if owner == task_id:
             continue

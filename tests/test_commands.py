@@ -763,6 +763,27 @@ def test_detect_shows_a_lost_task_as_status_and_why_do(project):
         project.aipm("recover")
 
 
+def test_why_and_detect_say_a_holder_whose_worker_is_gone_waits_for_aipm_recover(project):
+    """A task whose file a lost task holds (its run killed, or marked IN_PROGRESS by hand) waits until that task's
+    order is recovered, but `why` and `detect` said only 'held by running task H (IN_PROGRESS)': a user waited
+    for a worker that no longer existed. Only `run`'s closing line named the fix, and only for another order's
+    task. Found by a review."""
+    (project.order() / "H.yaml").write_text("command: 'true'\ntarget_files: [a.txt]\nstatus: IN_PROGRESS\n")
+    write_task(project.order(), "A", command="true", target_files=["a.txt"])
+    (project.order("O2") / "R.yaml").write_text("command: 'true'\ntarget_files: [b.txt]\nstatus: IN_PROGRESS\n")
+    write_task(project.order(), "B", command="true", target_files=["b.txt"])
+    for task, words in (("A", "a.txt is held by running task H (IN_PROGRESS); its worker is gone: "
+                              "`aipm recover ORD` frees it"),
+                        ("B", "b.txt is held by running task O2/R (IN_PROGRESS); its worker is gone: "
+                              "`aipm recover O2` frees it")):
+        assert project.json("why", task)["reasons"][0]["detail"] == words
+        assert next(b for b in project.json("detect", "ORD")["blocked"] if b["id"] == task)["detail"] == words
+        assert words in project.aipm("why", task).stdout.replace("\n", " ")
+    proc = project.aipm("run", "ORD")  # recovers its own order's H; O2's R still holds b.txt
+    assert proc.returncode == 1
+    assert proc.stderr.count("`aipm recover O2` frees it") == 1, proc.stderr
+
+
 def test_ps_says_a_worker_whose_command_outlived_its_owner_is_orphaned(project):
     """Owner and wrapper SIGKILLed, the command running on and holding the task's files: `ps` said `gone` while
     `locks` showed the lock held. It names the processes that run on, and `recover` ends them."""

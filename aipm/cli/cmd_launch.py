@@ -184,8 +184,8 @@ def _held_elsewhere(launcher: Launcher, view: OrderView) -> list[dict]:
     for blocked in result.blocked.values():
         holder = blocked.tasks[0] if blocked.tasks else ""
         if blocked.reason == FILE_BUSY and "/" in holder and holder not in live:
-            fix = f"; its worker is gone: `aipm recover {holder.split('/')[0]}` frees it"
-            out.append({"event": "blocked", "task": blocked.id, "detail": f"{blocked.id} waits: {blocked.detail}{fix}"})
+            # the plan's detail names the holder, and the `aipm recover` that frees it when its worker is gone
+            out.append({"event": "blocked", "task": blocked.id, "detail": f"{blocked.id} waits: {blocked.detail}"})
     return out
 
 
