@@ -73,7 +73,7 @@ def timeout(value: Any) -> int | None:
     try:
         seconds = _seconds(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not a positive number of seconds or none") from None
+        raise ValueError(f"{value!r} is not a positive whole number of seconds, or none") from None
     if seconds > MAX_TIMEOUT:
         raise ValueError(f"{seconds} is more than the maximum {MAX_TIMEOUT} seconds (a week); or say none")
     return seconds

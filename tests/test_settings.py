@@ -262,6 +262,8 @@ BAD_YAML = [
     ("review:\n  command: 5\n", "review.command"),
     ("- max_workers\n", "expected a mapping"),
     ("timeout: 99999999999\n", "timeout"),
+    # 1.5 is a positive number of seconds, as the message said it was not: a timeout is whole seconds (a review)
+    ("timeout: 1.5\n", "timeout: 1.5 is not a positive whole number of seconds, or none"),
     # Counts over 1000: a typo, not a limit anyone means (and not exact in every JSON reader past 2**53).
     ("max_workers: 1001\n", "max_workers: 1001 is more than the maximum 1000"),
     ("max_attempts: 1000000000000\n", "max_attempts: 1000000000000 is more than the maximum 1000"),
