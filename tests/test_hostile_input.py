@@ -114,7 +114,9 @@ def test_a_usage_error_is_one_line_naming_the_command_and_writes_nothing(project
     write_task(project.order(), "A", command="true", target_files=["a.txt"])
     before = full_snapshot(project.root)
     proc = project.aipm(*args)
-    assert_one_line_error(proc, f"aipm: error: {command}", named)
+    # aipm's own usage errors are not prefixed twice (`aipm: error: aipm: No such command`)
+    assert_one_line_error(proc, "aipm: error: No such command" if command == "aipm" else f"aipm: error: {command}",
+                          named)
     assert f"(see '{command} --help')" in proc.stderr
     assert proc.stdout == ""
     assert full_snapshot(project.root) == before

@@ -56,6 +56,7 @@ def test_a_command_not_in_the_table_still_runs_and_help_lists_every_command(proj
     assert all(name in proc.stdout for name in COMMAND_MODULES)
     proc = project.aipm("detec", "ORD")
     assert proc.returncode == 2 and "No such command 'detec'" in proc.stderr
+    assert proc.stderr.startswith("aipm: error: No such command"), proc.stderr  # not 'aipm: error: aipm: ...'
 
 
 def test_no_command_imports_pydantic_not_even_through_typer(project):

@@ -242,7 +242,8 @@ def _run_typer(args: list[str]) -> int:
         elif isinstance(exc, exceptions.MissingParameter) and getattr(exc.param, "name", "") == "order" and (
                 exc.ctx.info_name != "new"):  # `new` wants an id that is not there yet
             hint = _orders_hint() or hint
-        print(f"aipm: error: {where}: {message}{hint}", file=sys.stderr)
+        prefix = "" if where == "aipm" else f"{where}: "  # `aipm: error: aipm: No such command` said it twice
+        print(f"aipm: error: {prefix}{message}{hint}", file=sys.stderr)
         return exc.exit_code
     except typer.Abort:
         print("Aborted!", file=sys.stderr)
