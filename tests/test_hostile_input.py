@@ -215,6 +215,55 @@ def test_a_number_setting_may_have_a_sign_and_spaces_around_it(project, value):
     assert json.loads(proc.stdout)["settings"]["max_workers"]["value"] == 3
 
 
+# A number flag of every command that has one, each with a value that a number setting refuses from the
+# environment but int()/float() read: other scripts' digits (Arabic-Indic, full-width), `_` between digits, inf.
+NUMBER_FLAGS = [
+    ("run", "ORD", "--max-workers", "٣"), ("run", "ORD", "--max-cpu", "٩٠"), ("run", "ORD", "--max-workers", "1_0"),
+    ("launch", "ORD", "--max-workers", "３"), ("launch", "ORD", "--max-memory", "inf"),
+    ("exec", "A", "--max-workers", "٣"), ("exec", "A", "--max-cpu", "1_0"),
+    ("detect", "ORD", "--max-workers", "٣"), ("why", "A", "--max-workers", "٣"),
+    ("config", "--max-workers", "٣"), ("resources", "--max-cpu", "٩٠"),
+    ("logs", "A", "--attempt", "١"), ("cancel", "A", "--grace", "٣"), ("ui", "--port", "٣"),
+    ("add", "ORD", "B", "--timeout", "٣"), ("add", "ORD", "B", "--max-attempts", "٣"),
+    ("add", "ORD", "B", "--max-rework", "1_0"),
+]
+
+
+def test_a_number_flag_is_ascii_digits_only_as_a_number_setting_is(project):
+    """`--max-workers ٣` was 3 (Click's INT is int(), and so was the direct path's) where AIPM_MAX_WORKERS=٣ is
+    refused; `cancel A --grace ٣` cancelled A, `ui --port ٣` served on port 3. Each is a usage error now, as
+    `--max-workers many` is: one line naming the command and the flag, exit 2, nothing on disk changed."""
+    write_task(project.order(), "A", command="true", target_files=["a.txt"])
+    before = full_snapshot(project.root)
+    for args, proc in zip(NUMBER_FLAGS, project.aipm_all(NUMBER_FLAGS, timeout=60)):
+        assert_one_line_error(proc, f"aipm: error: aipm {args[0]}: Invalid value for '{args[-2]}'", repr(args[-1]))
+        assert proc.stdout == "", args
+    assert full_snapshot(project.root) == before
+
+
+def test_every_number_parameter_of_every_command_reads_its_value_as_a_number_setting():
+    """Whatever command or flag comes later: an int or float parameter takes what a setting takes, nothing more."""
+    import typer.main
+
+    from aipm.cli import _load_commands, typer_app
+
+    try:
+        from typer._click import exceptions, types
+    except ImportError:  # a Typer from before it vendored click
+        from click import exceptions, types
+    _load_commands()
+    numbers = []
+    for name, command in typer.main.get_command(typer_app()).commands.items():
+        for param in command.params:
+            if isinstance(param.type, (types.IntParamType, types.FloatParamType)):
+                numbers.append(f"{name} {param.opts[0]}")
+                assert param.type.convert(" +3 ", param, None) == 3, numbers[-1]
+                for bad in ("٣", "３", "1_0", "inf", "nan", "0x3"):
+                    with pytest.raises(exceptions.BadParameter):
+                        param.type.convert(bad, param, None)
+    assert {f"{args[0]} {args[-2]}" for args in NUMBER_FLAGS} <= set(numbers), numbers
+
+
 def test_an_order_id_given_null_is_the_directory_s_name(project):
     write_task(project.order(), "A", command="true")
     (project.order() / "order.yaml").write_text("id:\n")

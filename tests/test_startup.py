@@ -151,15 +151,20 @@ def test_the_polled_form_into_a_closed_pipe_exits_as_typer_does_without_a_traceb
     assert results[0] == results[1] and results[0][0] == 1 and "Traceback" not in results[0][1]
 
 
-def test_a_value_in_non_ascii_digits_is_left_to_typer(project):
-    """`--max-workers ٣`: Python's int() reads any Unicode digit, so the direct path took it as 3 where Typer's
-    answer is the reference. It leaves such a value to Typer, which answers as for `--max-workers=٣`."""
+def test_a_value_in_non_ascii_digits_is_refused_on_the_direct_path_as_by_typer(project):
+    """`--max-workers ٣`: Python's int() reads any Unicode digit, so the direct path took it as 3, and so did Typer
+    (Click's INT is int()), where AIPM_MAX_WORKERS=٣ is refused. The direct path leaves such a value to Typer,
+    which refuses it as it refuses `--max-workers=٣`: one line, exit 2, nothing written."""
     write_task(project.order(), "A", command="true", target_files=["a.txt"])
     before = snapshot(project.root)
-    for option, value in (("--max-workers", "٣"), ("--max-cpu", "٩٠")):
-        proc, modules = modules_of(project, "detect", "ORD", "--json", option, value)
-        typer_proc, _ = modules_of(project, "detect", "ORD", "--json", f"{option}={value}")
+    for command, option, value in (("detect", "--max-workers", "٣"), ("launch", "--max-cpu", "٩٠"),
+                                   ("run", "--max-workers", "1_0"), ("run", "--max-memory", "５０")):
+        proc, modules = modules_of(project, command, "ORD", "--json", option, value)
+        typer_proc, _ = modules_of(project, command, "ORD", "--json", f"{option}={value}")
         assert "typer.main" in modules, option
         assert "Traceback" not in proc.stderr and (proc.returncode, proc.stdout) == (typer_proc.returncode,
                                                                                    typer_proc.stdout)
+        err = proc.stderr.split("MODULES")[0]
+        assert proc.returncode == 2 and err == typer_proc.stderr.split("MODULES")[0], err
+        assert err.count("\n") == 1 and f"'{option}': {value!r}" in err, err
     assert snapshot(project.root) == before

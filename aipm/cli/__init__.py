@@ -64,13 +64,14 @@ def _typer_function(function):
 
     import typer
 
-    def typer_param(param: decl.Param):
+    def typer_param(param: decl.Param, annotation):
+        kw = _numbers_read_as_settings(annotation, param.kw)
         if param.kind == "argument":
-            return typer.Argument(param.default, **param.kw)
-        return typer.Option(param.default, *param.decls, **param.kw)
+            return typer.Argument(param.default, **kw)
+        return typer.Option(param.default, *param.decls, **kw)
 
     signature = inspect.signature(function, eval_str=True)
-    params = [p.replace(default=typer_param(p.default)) if isinstance(p.default, decl.Param) else p
+    params = [p.replace(default=typer_param(p.default, p.annotation)) if isinstance(p.default, decl.Param) else p
               for p in signature.parameters.values()]
 
     @functools.wraps(function)
@@ -79,6 +80,38 @@ def _typer_function(function):
 
     typer_function.__signature__ = signature.replace(parameters=params)
     return typer_function
+
+
+def _numbers_read_as_settings(annotation, kw: dict) -> dict:
+    """Typer's keyword arguments for a parameter, with an int or float one (Optional or not) read as a setting is
+    (settingvalues.number: ASCII digits, no `_`, no inf or nan). Click's own number types are int() and float(),
+    which read `--max-workers ٣` as 3 and `1_0` as 10 where AIPM_MAX_WORKERS=٣ is refused; the refusal keeps
+    Click's wording (`'٣' is not a valid integer.`), a usage error like any other bad value."""
+    import types as pytypes
+    import typing
+
+    union = typing.get_origin(annotation) in (typing.Union, pytypes.UnionType)
+    kinds = set(typing.get_args(annotation) if union else (annotation,)) - {type(None)}
+    if kinds not in ({int}, {float}):
+        return kw
+    from aipm.settingvalues import number
+
+    (kind,) = kinds
+
+    def read(value):
+        found = number(value, kind)
+        if found is None:
+            raise ValueError(value)  # the base class turns it into its usage error
+        return found
+
+    click_types, kw = _click_module("types"), dict(kw)
+    bounds = {key: kw.pop(key) for key in ("min", "max", "clamp") if key in kw}  # Typer ignores them beside click_type
+    if "min" in bounds or "max" in bounds:
+        base = click_types.IntRange if kind is int else click_types.FloatRange
+    else:
+        base, bounds = (click_types.IntParamType if kind is int else click_types.FloatParamType), {}
+    kw["click_type"] = type(base.__name__, (base,), {"_number_class": staticmethod(read)})(**bounds)
+    return kw
 
 
 # The module that defines each command: a command imports only its own module, since imports are most of a
@@ -125,7 +158,7 @@ def _load_commands(argv: list[str] | None = None) -> None:
 # Commands whose common forms skip Typer altogether (its import and its parsing cost more than a short command
 # does: `detect`/`status` polled by scripts, `run` of a build). Others go through Typer.
 DIRECT = ("detect", "status", "run", "launch", "exec")
-# Parameter types read here exactly as Typer reads them (bool: a flag; the others: int(), float(), the word).
+# Parameter types read here exactly as Typer reads them (bool: a flag; int, float: _read; str: the word).
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str,
           "Optional[int]": int, "Optional[float]": float, "Optional[str]": str}
 
@@ -179,18 +212,29 @@ def _direct(argv: list[str]) -> tuple[str | None, object, dict] | None:
             values[name] = True
             continue
         value = next(words, None)
-        # int()/float() also take non-ASCII digits ('٣'), which Typer refuses: leave those to it.
-        if value is None or value.startswith("-") or not value.isascii():
+        found = None if value is None or value.startswith("-") else _read(kind, value)
+        if found is None:  # a missing or bad value: Typer's usage error
             return None
-        try:
-            values[name] = kind(value)
-        except ValueError:
-            return None
+        values[name] = found
     if len(args) > len(positional) or any(d is ... for _, _, d in positional[len(args):]):
         return None
-    values.update((name, kind(word)) for (name, kind, _), word in zip(positional, args))
+    read = [_read(kind, word) for (_, kind, _), word in zip(positional, args)]
+    if None in read:
+        return None
+    values.update((name, value) for (name, _, _), value in zip(positional, read))
     values.update((name, d) for name, _, d in positional[len(args):])
     return root, function, values
+
+
+def _read(kind: type, word: str):
+    """A word as a value of `kind`, as Typer reads it (numbers: as _numbers_read_as_settings has Typer read them,
+    so `--max-workers ٣` is refused as AIPM_MAX_WORKERS=٣ is, not taken as 3 by int()); None when it is no such
+    value."""
+    if kind not in (int, float):
+        return kind(word)
+    from aipm.settingvalues import number  # loaded with the settings by every direct command
+
+    return number(word, kind)
 
 
 def _run_direct(root: str | None, function, values: dict) -> None:
@@ -203,13 +247,15 @@ def _run_direct(root: str | None, function, values: dict) -> None:
     function(**values)
 
 
-def _click_exceptions():
-    """The exception classes of the click that Typer runs on: vendored in Typer since 0.2x, the package before."""
+def _click_module(name: str):
+    """A module of the click that Typer runs on (`exceptions`, `types`): vendored in Typer since 0.2x, the package
+    before."""
+    import importlib
+
     try:
-        from typer._click import exceptions
+        return importlib.import_module(f"typer._click.{name}")
     except ImportError:
-        from click import exceptions
-    return exceptions
+        return importlib.import_module(f"click.{name}")
 
 
 def _orders_hint() -> str:
@@ -227,7 +273,7 @@ def _run_typer(args: list[str]) -> int:
     argument) are one line, as every other bad input is, instead of its boxed usage text."""
     import typer
 
-    exceptions = _click_exceptions()
+    exceptions = _click_module("exceptions")
     try:
         result = typer_app()(args=args, prog_name="aipm", standalone_mode=False)
     except getattr(exceptions, "NoArgsIsHelpError", ()) as exc:  # a bare `aipm`/`aipm new`: the help is the answer
