@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from aipm.inotify import IN_CLOSE_WRITE, IN_CREATE, IN_DELETE, IN_MODIFY, IN_MOVED_FROM, IN_MOVED_TO, DirWatch
-from aipm.locks import state_dir
+from aipm.statedir import state_dir
 from aipm.project import Project
 
 _FILES = IN_CLOSE_WRITE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE | IN_CREATE
@@ -47,7 +47,7 @@ class ProjectWatch:
         # The state directory only for the directories made in it: its files (locks, spares) are no news.
         dirs = [(root, _FILES), (root / self.project.orders_dir, _FILES), (rt, _FILES), (state_dir(root), IN_CREATE)]
         dirs += [(d, _FILES) for d in self.order_dirs()]
-        # Worker records live in the state directory outside the tree (aipm.locks), logs under .aipm/.
+        # Worker records live in the state directory outside the tree (aipm.statedir), logs under .aipm/.
         for base, mask in ((state_dir(root) / "workers", _FILES), (rt / "logs", _LOGS)):
             dirs.append((base, _FILES))
             if base.is_dir():

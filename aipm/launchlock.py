@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from aipm.locks import user_base
+from aipm.statedir import user_base
 
 _REMAKES = 100  # a state directory removed again each time it is made: give up, it is not a single `rm -rf`
 
@@ -33,7 +33,7 @@ def exclusive(path: Path) -> Iterator[None]:
                 time.sleep(0.001)  # `rm -rf` of a big tree still at work: let it finish
             # The directory alone, at once: the lock file needs nothing more, and the whole remake (a scan of every
             # process for locks held in the removed one) takes long enough for a remover at work to take it again.
-            # The rest is made by the next taker of a target lock (locks.orphans) and the next round's ensure().
+            # The rest is made by the next taker of a target lock (statedir.orphans) and the next round's ensure().
             with suppress(FileNotFoundError, FileExistsError):
                 user_base(path.parent.parent)
                 os.mkdir(path.parent)

@@ -2,7 +2,7 @@
 made again is told from a new one.
 
 aipm never removes a lock file it locked, so a name listed with another inode than its file's now was removed by
-someone (a worker's `rm`), maybe while a process held its lock; locks.py then looks for such holders (a scan of
+someone (a worker's `rm`), maybe while a process held its lock; statedir.py then looks for such holders (a scan of
 every process), which a new file never costs: its first taker appends one line. The list (`made.txt`, one
 "<file name> <inode>" a line) is only appended to, or written anew when it went missing; each process reads on
 from where it left off.

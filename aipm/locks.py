@@ -7,177 +7,32 @@ that could cover one path always meet on a node one of them holds exclusively, a
 Locks are taken without waiting, in sorted order, all or nothing.
 
 The descriptors are handed to the worker (see runtime.py), so the kernel drops the locks when the last process
-holding them exits. The lock files live in the project's state directory outside the work tree (`state_dir`):
-a worker that deletes `.aipm/` (`git clean -fdx`) cannot make aipm create a second, unlocked file for a path
-that is held. The project node is that directory itself; while a task holds it, systemd-tmpfiles' ageing skips it.
-A worker may still remove that directory (`rm -rf /tmp/aipm-*`) or files in it: the locks still held on removed
-lock files are noted when the directory is made again, or when a lock file is (lockfiles.py), or when the note
-itself went missing, and kept in force (`orphans`).
-
-Who holds what is read from /proc/locks (locked inodes) and /proc/<pid>/fd + fdinfo (which processes have the
-locked open file), without taking anything: read-only commands never make a launcher see a busy file.
+holding them exits. The lock files live in the project's state directory outside the work tree (statedir.py), the
+project node's lock being that directory itself; locks still held on lock files a worker removed are kept in force
+(statedir.orphans). Who holds what (`Holdings`) is read from /proc without taking anything (lockholders.py).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
-import stat
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from contextlib import suppress
 from functools import lru_cache
 from pathlib import Path
 
 from aipm import lockfiles
 from aipm.digest import sha1
-from aipm.errors import UserError
-from aipm.liveness import process_alive, process_ctime
-from aipm.workerfiles import read_bytes, write_bytes
+from aipm.lockholders import lock_holders, proc_locks
 from aipm.paths import Target, lock_prefix
-
-STATE_BASE = "/tmp"  # fixed, not $TMPDIR: every aipm process of a project must find the same directory
-_PROC_LOCKS = "/proc/locks"
+from aipm.statedir import make_state_dir, note_orphans, orphans
 
 
 class LockBusy(Exception):
     def __init__(self, node: str):
         super().__init__(f"{node or '.'} is locked by another worker")
         self.node = node
-
-
-def state_dir(root: Path) -> Path:
-    """`/tmp/aipm-<uid>/<dev>-<inode>-<path hash>` of the project root: one per project incarnation (a root
-    deleted and made again, or moved, gets a new one), shared by every aipm process of this user."""
-    real = os.path.realpath(root)
-    st = os.stat(real)
-    digest = sha1(real.encode()).hexdigest()[:10]
-    return _user_dir() / f"{st.st_dev:x}-{st.st_ino:x}-{digest}"
-
-
-def _user_dir() -> Path:
-    return Path(STATE_BASE) / f"aipm-{os.getuid()}"
-
-
-def user_base(base: Path | None = None) -> Path:
-    """`/tmp/aipm-<uid>`, created if need be; it must be this user's alone (others could plant files in it)."""
-    base = base or _user_dir()
-    try:
-        os.mkdir(base, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(base)
-    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
-        raise UserError(f"{base}: must be a directory only this user can access (aipm keeps its locks there); "
-                        "remove it and try again")
-    return base
-
-
-def keep_inherited_locks() -> None:
-    """Pass no lock this process inherited on to what it starts. An aipm command that a worker's command runs
-    (`aipm launch` of its own order) inherits that worker's target locks; handed on, they outlived the worker in
-    the owners and workers that command started, keeping the worker's files from its dependants."""
-    prefix = f"{_user_dir()}/"
-    for name in os.listdir("/proc/self/fd"):
-        fd = int(name)
-        with suppress(OSError):  # the listing's own descriptor, closed by now
-            if fd > 2 and os.readlink(f"/proc/self/fd/{fd}").startswith(prefix):
-                os.set_inheritable(fd, False)
-
-
-def make_state_dir(state: Path) -> None:
-    """Create the state directory inside the user's base directory. A state directory (or its `locks/`) made again
-    after someone removed it (`rm -rf /tmp/aipm-*`, a test suite cleaning /tmp) first notes the locks still held
-    in the removed one (see `orphans`), and lists no lock file yet: only then does `locks/` appear, and every taker
-    looks there first."""
-    base, locks, _ = _places(state)
-    user_base(base)
-    for _ in range(3):
-        if os.path.isdir(locks):
-            return
-        try:
-            with suppress(FileExistsError):
-                os.mkdir(state)
-            _note_orphans(state)
-            lockfiles.make(state)
-            with suppress(FileExistsError):
-                os.mkdir(locks)
-        except FileNotFoundError:
-            continue  # removed again while being made: make it again
-    raise OSError(errno.ENOENT, f"{state} keeps being removed")
-
-
-# Locks held in a removed incarnation of the state directory or on a removed lock file: a JSON list of [pid, start
-# time, descriptor, inode, exclusive, node]. Kept when empty, so that a missing one says it was removed.
-ORPHANS = "orphans.json"
-_DELETED = " (deleted)"  # how /proc names a descriptor's file that was removed
-
-
-def _note_orphans(state: Path) -> None:
-    """Write down who holds a lock on a removed lock file (or removed state directory) of this project. Nobody can
-    take such a lock any more (the file has no name), so who holds it now is all there will ever be."""
-    held = _held_in_removed(state)  # (a holder noted before and alive still is found again)
-    path = state / ORPHANS
-    write_bytes(path, json.dumps(held).encode())  # (regular files only: a worker's FIFO is refused, not waited on)
-
-
-def _held_in_removed(state: Path) -> list[list]:
-    """The ORPHANS entries of the locks held on removed files of this project now (a scan of every process)."""
-    held = []
-    top, below = f"{state}{_DELETED}", f"{state}/locks/"
-    for pid, fd, link in open_under(str(state)):
-        if link != top and not (link.startswith(below) and link.endswith(".lock" + _DELETED)):
-            continue
-        try:
-            lock = _read(f"/proc/{pid}/fdinfo/{fd}").partition("\nlock:")[2].split("\n", 1)[0]
-            node = "" if link == top else _read(f"/proc/{pid}/fd/{fd}")  # a lock file holds its node's name
-            if lock:
-                ino = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
-                held.append([pid, process_ctime(pid), int(fd), ino, " WRITE " in lock, node])
-        except (OSError, ValueError):
-            continue  # ended meanwhile
-    return held
-
-
-def orphans(state: Path, make: bool = True) -> list[tuple[int, str, bool]]:
-    """(pid, node, exclusive?) of every live process still holding a lock in a removed incarnation of the state
-    directory or on a removed lock file: such a lock keeps its files from everyone as before, though no lock file
-    shows it any more. With `make` (a taker), a state directory being made again is finished first, its orphans
-    noted, and a note a worker removed is written again (a reader only looks for itself)."""
-    _, locks, noted = _places(state)
-    try:
-        if make or os.path.isdir(locks):  # (a taker makes `locks/` again first; a reader would read the old note)
-            return _holding(json.loads(read_bytes(noted)))
-    except FileNotFoundError:
-        if make:
-            if os.path.isdir(locks):
-                _note_orphans(state)  # removed (`rm`, an `rm -rf` that left the directories), maybe not alone
-            else:  # someone may be making it again and still be noting the orphans: note them too
-                make_state_dir(state)
-            return orphans(state, make=False)
-    except (OSError, ValueError, TypeError):  # not as written, or no file (a FIFO): any worker can write here
-        if make:
-            _note_orphans(state)  # written again, as for a note removed
-            return orphans(state, make=False)
-    return _holding(_held_in_removed(state))
-
-
-def _holding(held: list[list]) -> list[tuple[int, str, bool]]:
-    return [(pid, node, exclusive) for pid, ctime, fd, ino, exclusive, node in held
-            if process_alive(pid, ctime) and _still_open(pid, fd, ino)]
-
-
-def _still_open(pid: int, fd: int, ino: int) -> bool:
-    """The process has not closed its descriptor of the removed file (a detached owner closes its copies of its
-    worker's locks before it starts the successors). The file must still have no name: a descriptor number reused
-    on a new file can meet the freed inode's number again (a detached owner opens its successor's new lock file
-    on the number it just closed), and that file is no lock held in a removed directory."""
-    try:
-        info = os.stat(f"/proc/{pid}/fd/{fd}")
-    except OSError:
-        return False
-    return info.st_ino == ino and info.st_nlink == 0
 
 
 def lock_nodes(targets: Iterable[Target]) -> dict[str, bool]:
@@ -202,12 +57,6 @@ def node_path(state: Path, node: str) -> str:
     """The lock file of a node (the state directory itself for the project node). Asked on every lock of every
     start: remembered, as pathlib's joins and the digest cost more than the lock."""
     return os.fspath(state) if not node else f"{state}/locks/{node_file(node)}"
-
-
-@lru_cache(maxsize=64)
-def _places(state: Path) -> tuple[Path, str, str]:
-    """The user's base directory above a state directory, its `locks/` and its ORPHANS note (checked every round)."""
-    return state.parent, f"{state}/locks", f"{state}/{ORPHANS}"
 
 
 def prepare(state: Path, targets: Iterable[Target], made: set[str]) -> None:
@@ -265,7 +114,7 @@ def _check_made(state: Path, locked: dict[str, int]) -> None:
     if listed and not new.keys() & made.inodes.keys() and made.add(new):
         return  # new names: nobody can hold a removed file of theirs
     present = made.present()  # before the scan: a file removed after it is still listed, and checked when made again
-    _note_orphans(state)
+    note_orphans(state)
     made.write({**present, **new})
 
 
@@ -383,61 +232,3 @@ class Holdings:
             if (node_file(node) if node else "") not in explained:
                 by_pids.setdefault((pid,), []).append((node, exclusive))
         return [(pids, tuple(sorted(nodes))) for pids, nodes in sorted(by_pids.items())]
-
-
-def proc_locks() -> dict[int, bool]:
-    """Inode → exclusive?, for every granted flock lock on the machine (waiters skipped)."""
-    try:
-        with open(_PROC_LOCKS) as handle:
-            text = handle.read()
-    except OSError:
-        return {}
-    out: dict[int, bool] = {}
-    for line in text.splitlines():
-        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2171986 0 EOF"; a waiter reads "1: -> FLOCK ...".
-        parts = line.split()
-        if len(parts) < 6 or parts[1] != "FLOCK":
-            continue
-        ino = int(parts[5].rsplit(":", 1)[-1])
-        out[ino] = out.get(ino, False) or parts[3] == "WRITE"
-    return out
-
-
-def lock_holders(inodes: set[int], prefix: str, pids: Iterable[int] | None = None) -> dict[int, set[int]]:
-    """Inode → pids whose open file on it carries the lock (the pid in /proc/locks is only who took it first:
-    an inherited lock lives on in every process that has the descriptor)."""
-    out: dict[int, set[int]] = {}
-    for pid, fd, _ in open_under(prefix, pids):
-        try:
-            ino = os.stat(f"/proc/{pid}/fd/{fd}").st_ino
-            if ino in inodes and "\nlock:" in _read(f"/proc/{pid}/fdinfo/{fd}"):
-                out.setdefault(ino, set()).add(pid)
-        except OSError:
-            continue
-    return out
-
-
-def open_under(prefix: str, pids: Iterable[int] | None = None) -> Iterator[tuple[int, str, str]]:
-    """(pid, descriptor number, what it names) of every descriptor of `pids` (default: every process we may read)
-    naming a file under `prefix`."""
-    if pids is None:
-        pids = (int(name) for name in os.listdir("/proc") if name.isdigit())
-    for pid in pids:
-        base = f"/proc/{pid}/fd"
-        try:
-            fds = os.listdir(base)
-        except OSError:
-            continue
-        for fd in fds:
-            try:
-                link = os.readlink(f"{base}/{fd}")
-            except OSError:
-                continue
-            if link.startswith(prefix):
-                yield pid, fd, link
-
-
-def _read(path: str) -> str:
-    with open(path) as handle:
-        return handle.read()
-

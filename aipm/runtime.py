@@ -1,5 +1,5 @@
 """The only owner of aipm's runtime state: the launch lock, worker records and exit files in the project's
-state directory outside the work tree (see locks.py), and logs and review feedback in `<root>/.aipm/`.
+state directory outside the work tree (see statedir.py), and logs and review feedback in `<root>/.aipm/`.
 
 What mutual exclusion and recovery rest on (locks, records, exit codes) lives where a worker that cleans the
 tree (`git clean -fdx` removes the git-ignored `.aipm/`) cannot reach it; what a person reads (logs) lives in
@@ -29,7 +29,7 @@ from aipm.errors import UserError
 from aipm.liveness import read_small, remembered
 
 from aipm.launchlock import exclusive
-from aipm.locks import make_state_dir, state_dir
+from aipm.statedir import make_state_dir, state_dir
 from aipm.record import Record
 from aipm.spares import Pool, fill, in_tree, pool
 from aipm.workerfiles import kept_link

@@ -24,7 +24,8 @@ from collections.abc import Collection, Iterable
 from pathlib import Path
 
 from aipm import notify, runner
-from aipm.locks import lock_holders, lock_nodes, node_path
+from aipm.lockholders import lock_holders
+from aipm.locks import lock_nodes, node_path
 from aipm.paths import normalize
 from aipm.liveness import process_ctime, read_small
 from aipm.record import Record

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 
-from aipm import cluster, confine, locks, recovery, runner, scope, subreaper, workspace
+from aipm import cluster, confine, recovery, runner, scope, statedir, subreaper, workspace
 from aipm.errors import UserError
 from aipm.finish import time_limit
 from aipm.inotify import IN_DELETE, IN_DELETE_SELF, DirWatch, close_at_exit
@@ -92,7 +92,7 @@ class Supervisor(Recording, Owner):
                       for d in (os.path.dirname(rec.task_file), self.rt.root / self.settings.orders_dir)]
             keep = [os.path.join(top, rel) for top in {str(self.rt.root), cwd} for rel in places if rel is not None]
             jail = confine.prefix(cwd, rec.targets, rec.log, keep, project=str(self.rt.root),
-                                  state=str(locks.user_base()))
+                                  state=str(statedir.user_base()))
         def started(pid: int, ctime: float) -> None:
             """Recorded and watched before its command may begin: if either fails, the command never runs."""
             self._record(rec, pid, ctime, timeout)

@@ -20,7 +20,7 @@ import time
 import zlib
 from pathlib import Path
 
-from aipm.locks import user_base
+from aipm.statedir import user_base
 
 SOURCE = Path(__file__).with_name("wrapper.c")
 _FLAGS = ["-O2", "-static", "-nostdlib", "-fno-pie", "-no-pie", "-fno-stack-protector", "-fno-builtin",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from aipm.gitstatus import real_root, tree_prefix
 from aipm.liveness import read_small, stat_fields
-from aipm.locks import open_under
+from aipm.lockholders import open_under
 from aipm.paths import real_relative
 from aipm.record import Record
 from aipm.runtime import Runtime

@@ -90,7 +90,7 @@ def _remove_state_dirs(request):
     yield
     import shutil
 
-    from aipm.locks import state_dir
+    from aipm.statedir import state_dir
 
     for root in [base, *base.glob("*/"), *base.glob("*/*/")]:
         try:
@@ -127,7 +127,7 @@ def task_statuses(order_dir: Path) -> dict[str, str]:
 def state(root: Path, make: bool = False) -> Path:
     """The project's state directory (locks, worker records, exit files), outside the work tree; with `make`,
     created as aipm creates it (its parent private to this user)."""
-    from aipm.locks import make_state_dir, state_dir
+    from aipm.statedir import make_state_dir, state_dir
 
     path = state_dir(root)
     if make:

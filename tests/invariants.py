@@ -177,7 +177,7 @@ def temp_files(order_dir: Path) -> list[str]:
 def held_lock_files(root: Path) -> list[str]:
     """Lock files (and the project node, the state directory itself) that some process still holds, probed with
     a non-blocking flock."""
-    from aipm.locks import state_dir
+    from aipm.statedir import state_dir
 
     state = state_dir(root)
     held = []
@@ -204,7 +204,7 @@ def held_lock_files(root: Path) -> list[str]:
 
 
 def worker_records(root: Path) -> list[dict]:
-    from aipm.locks import state_dir
+    from aipm.statedir import state_dir
 
     out = []
     for path in sorted((state_dir(root) / "workers").glob("*/*.json")):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aipm import locks, runner, wrapper
+from aipm import runner, statedir, wrapper
 from conftest import wait_for, write_task
 
 pytestmark = pytest.mark.skipif(wrapper.binary() is None, reason="the wrapper cannot be built here (no cc / x86-64)")
@@ -58,7 +58,7 @@ def _both(tmp_path: Path, monkeypatch, command, **options) -> tuple[tuple, tuple
 def private_state(tmp_path, monkeypatch):
     """A state directory of the test's own: what is built, broken or marked there touches no other test."""
     (tmp_path / "state").mkdir()
-    monkeypatch.setattr(locks, "STATE_BASE", str(tmp_path / "state"))
+    monkeypatch.setattr(statedir, "STATE_BASE", str(tmp_path / "state"))
     wrapper.forget()
     yield tmp_path / "state" / f"aipm-{os.getuid()}" / "bin"
     wrapper.forget()

@@ -533,7 +533,7 @@ FORGE = ("W=$PPID; EX=$(tr '\\0' '\\n' < /proc/$W/cmdline | sed -n 2p); "
 def test_a_confined_worker_cannot_write_aipms_state_outside_the_project(tmp_path):
     """Its exit file (forged: the next run recorded DONE for a command that failed), the compiled wrapper every
     later worker of the user starts through (outside any ruleset), the locks: none may be written or made."""
-    from aipm.locks import user_base
+    from aipm.statedir import user_base
 
     (tmp_path / "p").mkdir()
     project = Project(tmp_path / "p")

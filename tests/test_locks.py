@@ -386,7 +386,8 @@ def test_a_descriptor_reused_on_a_named_file_of_the_noted_inode_holds_no_lock_of
     import json
 
     from aipm.liveness import process_ctime
-    from aipm.locks import LockBusy, ORPHANS, make_state_dir, take
+    from aipm.locks import LockBusy, take
+    from aipm.statedir import ORPHANS, make_state_dir
 
     st = state(tmp_path, make=True)
     x = [normalize("x.py")]

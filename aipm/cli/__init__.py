@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> None:
     Typer handles usage errors (exit 2) and Ctrl-C in its commands (exit 130); user errors become one line."""
     args = sys.argv[1:] if argv is None else argv
     if "AIPM_TASK_ID" in os.environ:  # run by a worker's command: it may have handed us its locks
-        from aipm.locks import keep_inherited_locks
+        from aipm.statedir import keep_inherited_locks
 
         keep_inherited_locks()
     try:

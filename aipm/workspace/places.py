@@ -8,7 +8,7 @@ import re
 import signal
 from pathlib import Path
 
-from aipm.locks import sha1
+from aipm.digest import sha1
 from aipm.workspace.repo import RUNTIME_DIR
 
 
