@@ -20,6 +20,7 @@ from pathlib import Path
 from aipm import agents, budget
 from aipm.model import Order, Task
 from aipm.settings import Settings
+from aipm.store import NOT_TASKS
 from aipm.worker import agent_for
 
 
@@ -69,7 +70,7 @@ def stray_files(order_dir: Path) -> list[str]:
     out = []
     for entry in entries:
         name = entry.name
-        if name == "order.yaml":
+        if name in NOT_TASKS:
             continue
         if name.endswith(".yaml"):
             kind = _not_a_file(entry)

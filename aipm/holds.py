@@ -19,7 +19,7 @@ from aipm.errors import ValidationError
 from aipm.model import RUNNING
 from aipm.paths import normalize
 from aipm.plan import Busy
-from aipm.store import ORDER_FILE, load_task, parse_mapping, read_text
+from aipm.store import NOT_TASKS, ORDER_FILE, load_task, parse_mapping, read_text
 
 _MARKS = tuple(status.value.encode() for status in RUNNING)
 Stat = list  # [inode, size, mtime_ns]
@@ -70,7 +70,7 @@ def _held(root: Path, order_dir: Path, save: bool) -> list[Busy]:
                 held[name] = index["held"][name]
             continue
         changed = True
-        if name == ORDER_FILE:
+        if name in NOT_TASKS:
             continue
         found = _running(root, Path(entry.path))
         if found:

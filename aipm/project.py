@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aipm.errors import UserError, ValidationError
-from aipm.store import order_meta
+from aipm.store import NOT_TASKS, SETTINGS_FILE as CONFIG_FILE, order_meta
 
-CONFIG_FILE = "aipm.yaml"
 RUNTIME_DIR = ".aipm"
 
 
@@ -151,6 +150,9 @@ def find_task(project: Project, arg: str) -> tuple[Path, str]:
     """A task given as an id, `ORDER/TASK`, or a path to its file → (order directory, task id)."""
     path = Path(arg)
     if arg.endswith(".yaml") and path.is_file():
+        if path.name in NOT_TASKS:
+            raise UserError(f"task {arg!r}: {path.name} is no task file (it is read as the "
+                            f"{'order' if path.name == 'order.yaml' else 'settings'} file)")
         return project.check_unique(path.resolve().parent), path.stem
     if "/" in arg:
         order, _, task = arg.rpartition("/")

@@ -28,6 +28,10 @@ Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 MAX_FILE_BYTES = 1 << 20  # a task file is a page of YAML; anything bigger is a mistake (or an alias bomb)
 _SYMLINK = "is a symlink; aipm rewrites task files, so keep the file itself in the order directory"
 ORDER_FILE = "order.yaml"
+SETTINGS_FILE = "aipm.yaml"
+# `*.yaml` names in an order directory that are no task: the order's own file, and the settings file of a project
+# whose root is the order directory (`aipm run .` there read aipm.yaml as a task named `aipm`).
+NOT_TASKS = frozenset((ORDER_FILE, SETTINGS_FILE))
 
 ORDER_KEYS = ("id", "title", "description", "max_cost_usd")
 
@@ -234,7 +238,7 @@ def task_names(order_dir: Path) -> list[str]:
     with os.scandir(order_dir) as entries:
         return sorted(
             e.name for e in entries
-            if e.name.endswith(".yaml") and e.name != ORDER_FILE and not e.name.startswith(".") and e.is_file()
+            if e.name.endswith(".yaml") and e.name not in NOT_TASKS and not e.name.startswith(".") and e.is_file()
         )
 
 

@@ -18,7 +18,7 @@ from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.ranking import ranked, remains
 from aipm.spares import Stamp, stamp
 from aipm.errors import ValidationError
-from aipm.store import ORDER_FILE, check_links, load_order, load_task, task_files
+from aipm.store import ORDER_FILE, SETTINGS_FILE, check_links, load_order, load_task, task_files
 
 
 class OrderView:
@@ -75,7 +75,7 @@ class OrderView:
             names, made_again = set(), False
             for directory, name in self.watch.events():
                 if directory == str(self.dir):
-                    if name.endswith(".yaml") and not name.startswith("."):
+                    if name.endswith(".yaml") and not name.startswith(".") and name != SETTINGS_FILE:
                         names.add(name)
                 elif self._above.get(directory) == name:
                     made_again = True  # the order's directory, or one on the way to it, appeared

@@ -820,3 +820,31 @@ def test_a_cancel_before_the_detached_owner_starts_runs_nothing(project, tmp_pat
     assert not ran.exists()
     assert project.statuses() == {"T1": "CANCELLED"}
     assert "cancelled by the user before its worker started" in project.aipm("logs", "T1").stdout
+
+
+def test_a_root_used_as_its_own_order_reads_aipm_yaml_as_settings_never_as_a_task(tmp_path):
+    """An order directory at the project root (`aipm run .`, as test_scope's root case runs) read aipm.yaml as a task
+    named `aipm`: a settings file of `max_workers: 2` made every command fail on 'unknown key', and one whose keys
+    were task keys as well (`max_rework: 0`) was a task that never had a command. Found by a review."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    (root / "aipm.yaml").write_text("max_workers: 2\nmax_rework: 0\n")
+    (root / "T.yaml").write_text("command: echo hi > out.txt\ntarget_files: [out.txt]\n")
+
+    def aipm(*args):
+        return subprocess.run([sys.executable, "-m", "aipm", *args], capture_output=True, text=True, cwd=root,
+                              env={**os.environ, "AIPM_ENABLE_MONITORING": "false"}, timeout=120)
+
+    proc = aipm("validate", ".")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    proc = aipm("run", ".")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert yaml.safe_load((root / "T.yaml").read_text())["status"] == "DONE"
+    assert [t["id"] for t in json.loads(aipm("status", ".", "--json").stdout)["tasks"]] == ["T"]
+    assert (root / "aipm.yaml").read_text() == "max_workers: 2\nmax_rework: 0\n"  # never rewritten as a task
+    before = snapshot(root)
+    for args in (("add", ".", "aipm", "--command", "true"), ("why", "aipm.yaml")):
+        proc = aipm(*args)
+        assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, (args, proc.stdout, proc.stderr)
+        assert "settings file" in proc.stderr and "Traceback" not in proc.stderr
+    assert snapshot(root) == before

@@ -22,7 +22,7 @@ from aipm.errors import UserError
 from aipm.model import ID_PATTERN, Priority
 from aipm.schema import KINDS, schema_text
 from aipm.fields import one_line, task_from_mapping
-from aipm.store import ORDER_FILE, check_links, load_order, parse_mapping
+from aipm.store import NOT_TASKS, ORDER_FILE, check_links, load_order, parse_mapping
 
 
 @command("schema")
@@ -96,8 +96,9 @@ def add(
 ) -> None:
     """Create a task file ORDER/TASK.yaml, validated with its order before it is written."""
     _check_id("TASK", task)
-    if task == Path(ORDER_FILE).stem:
-        raise UserError(f"TASK: {task!r} is reserved for the order's own {ORDER_FILE}; pick another id")
+    if f"{task}.yaml" in NOT_TASKS:
+        raise UserError(f"TASK: {task!r} is reserved ({task}.yaml is read as the "
+                        f"{'order' if task == Path(ORDER_FILE).stem else 'settings'} file); pick another id")
     if priority not in {p.value for p in Priority}:
         raise UserError(f"--priority: {priority!r} is not one of {', '.join(p.value for p in Priority)}")
     project = get_project()
