@@ -58,6 +58,11 @@ def review_timed_out(seconds: int | None) -> str:
     return "review " + timed_out(seconds)
 
 
+def not_merged(reason: str) -> str:
+    """The reason of a task whose merge left ignored files of its targets behind: DONE alone read as all merged."""
+    return f"{reason}; ignored files in its targets not merged back (its log names them)"
+
+
 def review_approved() -> str:
     return "review approved"
 

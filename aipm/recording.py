@@ -283,6 +283,8 @@ class Recording(Reviewing):
         # 126 of a confined attempt may be its ruleset refused in the worker: the reason names why, not "exit 126"
         refused = confine.failure(rec.log) if code == 126 else None
         reason = outcome.one_line(refused) if refused else attempt_reason(code, timed_out, timeout)
+        if event.get("not_merged"):
+            reason = outcome.not_merged(reason)
         task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason, failed=timed_out),
                                   **spent})
         if task.status == Status.IN_REVIEW:

@@ -42,10 +42,13 @@ class Reviewing:
     def _unreviewed(self, rec: Record, task: Task) -> Task:
         """IN_REVIEW → DONE (a worktree task's work merged first), as its work's exit 0 would have ended without
         review; a merge that conflicts sends it back (REWORK), as after an approval."""
-        conflict = self._merge_back(rec, {})
+        merged: dict = {}
+        conflict = self._merge_back(rec, merged)
         if conflict:
             return self._conflicted(rec, task, conflict)
-        return self._write(task, {"status": Status.DONE, "finished_at": now(), "reason": outcome.unreviewed()})
+        reason = outcome.unreviewed()
+        return self._write(task, {"status": Status.DONE, "finished_at": now(),
+                                  "reason": outcome.not_merged(reason) if merged else reason})
 
     def _review_ended(self, rec: Record, task: Task, code: int | None, timed_out: bool) -> Task:
         """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback. A review
@@ -60,12 +63,13 @@ class Reviewing:
         else:
             verdict = "approved" if code == 0 else f"sent back (exit {code})"
         append_log(rec.log, f"review {verdict}; review output: {review_log}")
-        conflict = self._merge_back(rec, {}) if code == 0 else None
+        merged: dict = {}
+        conflict = self._merge_back(rec, merged) if code == 0 else None
         if conflict:
             return self._conflicted(rec, task, conflict)
         if code == 0:
             feedback.unlink(missing_ok=True)
-            reason = outcome.review_approved()
+            reason = outcome.not_merged(outcome.review_approved()) if merged else outcome.review_approved()
         else:
             try:
                 output = read_bytes(review_log)
@@ -94,6 +98,8 @@ class Reviewing:
         try:
             for note in workspace.merge(self.rt.root, rec):
                 append_log(rec.log, f"merge: {note}")
+                if note.endswith(workspace.NOT_MERGED):
+                    event["not_merged"] = note  # (the task's reason says so)
         except workspace.Conflict as exc:
             event["conflict"] = exc.paths
             return str(exc)

@@ -1172,15 +1172,27 @@ def test_ignored_files_a_task_writes_in_its_targets_are_named_as_not_merged(repo
     project = project_in(repo, config="workspace: worktree\nworkspace_copy: ['.env*']\n")
     write_task(project.order(), "T", target_files=["src/a.txt", ".env", ".env.local", "build/"],
                command="echo T >> src/a.txt; mkdir -p build && echo out > build/out.js; echo B=2 > .env.local")
-    project.aipm("run", "ORD", check=True)
+    proc = project.aipm("run", "ORD", check=True)
     assert project.statuses() == {"T": "DONE"}
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert "merge: .env.local, build/: ignored by git, so not merged back (gone with the worktree)" in log
     assert ".env," not in log and ".env:" not in log
+    # Said where the user looks too, not in the log alone: a plain DONE read as everything merged.
+    said = "exit 0; ignored files in its targets not merged back (its log names them)"
+    assert yaml.safe_load((project.order() / "T.yaml").read_text())["reason"] == said
+    assert f"finish   T → DONE ({said})" in proc.stdout, proc.stdout
     (repo / "build").mkdir()
     project.aipm("retry", "T", check=True)
     project.aipm("run", "ORD", check=True)
     assert "merge: .env.local: ignored by git" in (repo / ".aipm/logs/ORD/T.2.log").read_text()
+    # The same after an approving review.
+    write_task(project.order(), "R", target_files=[".env.local"], command="echo B=3 > .env.local", review="true")
+    project.aipm("run", "ORD", check=True)
+    assert yaml.safe_load((project.order() / "R.yaml").read_text())["reason"] == (
+        "review approved; ignored files in its targets not merged back (its log names them)")
+    write_task(project.order(), "S", target_files=["src/b.txt"], command="echo S >> src/b.txt", review="true")
+    project.aipm("run", "ORD", check=True)  # nothing ignored written: the reason says nothing of it
+    assert yaml.safe_load((project.order() / "S.yaml").read_text())["reason"] == "review approved"
 
 
 @pytest.mark.parametrize("targets, named", [(["."], ".env.local, build/"), (["*.txt", ".env.local"], ".env.local")],

@@ -60,7 +60,7 @@ class MergeStopped(UserError):
     WorkspaceError: part of the attempt may be in the main tree, so it is not a merge that wrote nothing."""
 
 
-__all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED", "WORKTREE", "kind", "prepare",
+__all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED", "WORKTREE", "NOT_MERGED", "kind", "prepare",
            "directory", "with_setup", "after_setup", "outside_targets", "keep", "merge", "decided",
            "note_pending_merge", "finished", "remove", "sweep", "sweep_orphans", "prune", "diff"]
 
@@ -292,6 +292,9 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
             ] if changed else []
 
 
+NOT_MERGED = "ignored by git, so not merged back (gone with the worktree)"
+
+
 def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
     """Ignored files inside the task's targets that its worktree holds and the main tree does not (or not so):
     they are not in the capture, so the merge leaves them behind and the worktree's removal deletes them."""
@@ -317,7 +320,7 @@ def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
     if not lost:
         return []
     more = f" and {len(lost) - 10} more" if len(lost) > 10 else ""
-    return [f"{', '.join(lost[:10])}{more}: ignored by git, so not merged back (gone with the worktree)"]
+    return [f"{', '.join(lost[:10])}{more}: {NOT_MERGED}"]
 
 
 def decided(root: Path, rec: Record) -> bool:
