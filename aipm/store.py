@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,8 @@ def read_text(path: Path, follow: bool = True) -> str:
     fd = _open(path, follow)
     try:
         data = os.read(fd, _FIRST_READ)
+        if not data:  # empty, or no file at all: a FIFO (opened without waiting) reads as empty
+            _regular(path, os.fstat(fd))
     except OSError as exc:
         raise ValidationError(str(path), None, f"cannot read: {exc.strerror}") from None
     finally:
@@ -126,6 +129,7 @@ def read_versioned(path: Path, follow: bool = True) -> tuple[str, Identity]:
     fd = _open(path, follow)
     try:
         info = os.fstat(fd)
+        _regular(path, info)
         if info.st_size > MAX_FILE_BYTES:
             raise ValidationError(str(path), None, f"file is {info.st_size} bytes, over the 1 MiB limit; split it up")
         data = os.read(fd, info.st_size + 1)
@@ -141,12 +145,19 @@ def read_versioned(path: Path, follow: bool = True) -> tuple[str, Identity]:
 
 
 def _open(path: Path, follow: bool) -> int:
+    # O_NONBLOCK: a FIFO a worker put in a task file's place must not wait for a writer (the owner reads the file
+    # to record its outcome, under the launch lock: every aipm command of the project hung). No effect on a file.
     try:
-        return os.open(path, os.O_RDONLY | (0 if follow else os.O_NOFOLLOW))
+        return os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW))
     except OSError as exc:
         if exc.errno == errno.ELOOP and not follow:
             raise ValidationError(str(path), None, _SYMLINK) from None
         raise ValidationError(str(path), None, f"cannot read: {exc.strerror}") from None
+
+
+def _regular(path: Path, info: os.stat_result) -> None:
+    if not stat.S_ISREG(info.st_mode):
+        raise ValidationError(str(path), None, "not a regular file; a task file is a file of YAML")
 
 
 def _decoded(path: Path, data: bytes) -> str:

@@ -162,3 +162,25 @@ def test_a_task_file_a_worker_deletes_and_puts_back_before_its_end_is_recorded(p
     run = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
     assert run.returncode == 0, run.stdout + run.stderr
     assert task_statuses(order) == {"T1": "DONE", "T2": "DONE"} and no_workers(project.root)
+
+
+def test_a_fifo_a_worker_leaves_in_place_of_its_task_file_hangs_nothing(project):
+    """A worker that replaced its own task file with a FIFO (`rm T1.yaml; mkfifo T1.yaml`): its owner opened the
+    FIFO to record the outcome and waited for a writer for ever, under the launch lock (every aipm command of the
+    project hung, SIGTERM too). Now the file is refused as no regular file and the outcome held, as for a broken
+    file: the run ends 1, and once the file is put back `aipm recover` records it."""
+    order = project.order()
+    path = write_task(order, "T1", command="rm orders/ORD/T1.yaml; mkfifo orders/ORD/T1.yaml")
+    _commit_everything(project.root)
+    run = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60)
+    said = run.stdout + run.stderr
+    assert run.returncode == 1, said
+    assert f"cannot record the outcome of T1 (exit 0): {path}: not a regular file" in said, said
+    assert "Traceback" not in said and path.is_fifo()
+    for args in (("cancel", "ORD/T1"), ("why", "ORD/T1"), ("retry", "ORD/T1")):  # each opened it too
+        proc = project.aipm(*args, timeout=60)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    path.unlink()
+    _git(project.root, "checkout", "-q", "--", "orders/ORD/T1.yaml")
+    assert "ORD/T1: adopted" in project.aipm("recover", "ORD", check=True).stdout
+    wait_for(lambda: task_statuses(order) == {"T1": "DONE"} and no_workers(project.root))
