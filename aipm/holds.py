@@ -15,6 +15,7 @@ import os
 import time
 from pathlib import Path
 
+from aipm import workerfiles
 from aipm.errors import ValidationError
 from aipm.model import RUNNING
 from aipm.paths import normalize
@@ -89,9 +90,8 @@ def _held(root: Path, order_dir: Path, save: bool) -> list[Busy]:
 
 def _running(root: Path, path: Path) -> list | None:
     """[task id, status, targets] when the file is a valid running task, else None."""
-    try:
-        with open(path, "rb") as handle:
-            data = handle.read()
+    try:  # a FIFO a worker left in an order directory must not hold every plan of the project for ever
+        data = workerfiles.read_bytes(path)
     except OSError:
         return None
     if not any(mark in data for mark in _MARKS):
@@ -117,7 +117,7 @@ def _order_id(order_dir: Path) -> str:
 
 def _read_index(path: Path, order_dir: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(workerfiles.read_bytes(path))  # a worker can reach .aipm/: no FIFO waited for
         if data.get("dir") == str(order_dir) and isinstance(data.get("files"), dict):
             return data
     except (OSError, ValueError, AttributeError):

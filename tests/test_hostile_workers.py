@@ -595,3 +595,19 @@ def test_an_exec_of_a_task_another_aipm_runs_waits_for_it_and_exits_by_its_statu
     owner.wait(timeout=120)
     wait_for(lambda: no_workers(project.root))
     assert journal.read_text() == "start\nend\n"
+
+
+@pytest.mark.parametrize("where", ["orders/OTHER/F.yaml", ".aipm/holds/OTHER.json"])
+def test_a_fifo_a_worker_leaves_in_another_order_or_its_holds_index_hangs_nothing(project, where):
+    """The running tasks of the other orders are read for every plan (`.aipm/holds/<order>.json`, then their task
+    files): both were opened as any file, so a FIFO a worker left there (`mkfifo orders/OTHER/F.yaml`) hung the
+    run that was to start its successor, and every later launch, run and detect, for ever."""
+    write_task(project.order("OTHER"), "X", command="true")
+    order = project.order()
+    write_task(order, "A", command=f"rm -f {where}; mkfifo {where}")
+    write_task(order, "B", command="true", depends_on=["A"])
+    run = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60)
+    assert run.returncode == 0 and "Traceback" not in run.stderr, run.stdout + run.stderr
+    assert task_statuses(order) == {"A": "DONE", "B": "DONE"} and (project.root / where).is_fifo() != (
+        where.startswith(".aipm"))  # the index is written anew over it; the order's FIFO is the worker's
+    assert project.aipm("detect", "ORD", timeout=60).returncode == 0
