@@ -3,7 +3,8 @@ budget stops it, and when `aipm run` ends its order.
 
 It never blocks or breaks the caller: the command starts detached, in a session of its own, through a shell that
 backgrounds it and exits at once (so no process is left for us to reap), with standard input from /dev/null and
-its output appended to `.aipm/notify.log`, which is rotated at 1 MiB. A command that cannot start is noted in that
+its output appended to `.aipm/notify.log`, which is rotated at 1 MiB (a regular file only: a FIFO a worker left
+there would hold us; the output then goes nowhere). A command that cannot start is noted in that
 log and otherwise ignored.
 """
 
@@ -12,7 +13,9 @@ from __future__ import annotations
 import os
 import time
 from contextlib import suppress
+from pathlib import Path
 
+from aipm import workerfiles
 from aipm.liveness import process_ctime
 from aipm.runtime import Runtime
 from aipm.settings import Settings
@@ -38,8 +41,10 @@ def send(settings: Settings, runtime: Runtime, event: str, status: str, detail: 
         log = runtime.notify_log()
         if log.exists() and log.stat().st_size > LOG_LIMIT:
             os.replace(log, log.with_suffix(".log.1"))
-        with open(log, "a", encoding="utf-8") as handle:
-            handle.write(f"[aipm {time.strftime('%Y-%m-%d %H:%M:%S')}] {event} {status}: {detail}\n")
+        try:
+            _append(log, f"[aipm {time.strftime('%Y-%m-%d %H:%M:%S')}] {event} {status}: {detail}\n")
+        except OSError:  # a worker left no file there (a FIFO, opened, held us for ever): the command still runs
+            log = Path(os.devnull)
         # Our own caller may be a worker: its task's variables must not leak into an order's event.
         environ = {k: v for k, v in os.environ.items() if k not in _TASK_VARS}
         environ.update(AIPM_NOTIFY="1", AIPM_ROOT=str(runtime.root), AIPM_EVENT=event, AIPM_STATUS=status, AIPM_DETAIL=detail, **env)
@@ -56,8 +61,13 @@ def send(settings: Settings, runtime: Runtime, event: str, status: str, detail: 
             with suppress(OSError):
                 STARTED.add((int(started), process_ctime(int(started))))
     except OSError as exc:
-        try:
-            with open(runtime.notify_log(), "a", encoding="utf-8") as handle:
-                handle.write(f"[aipm] notify command could not start: {exc}\n")
-        except OSError:
-            pass
+        with suppress(OSError):
+            _append(runtime.notify_log(), f"[aipm] notify command could not start: {exc}\n")
+
+
+def _append(log: Path, line: str) -> None:
+    fd = workerfiles.open_regular(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    try:
+        os.write(fd, line.encode(errors="surrogateescape"))
+    finally:
+        os.close(fd)

@@ -608,6 +608,19 @@ def test_a_notify_command_that_cannot_run_changes_nothing(project):
     wait_for(lambda: "/nonexistent/bell" in log.read_text())
 
 
+def test_a_fifo_a_worker_leaves_at_the_notify_log_hangs_nothing(project):
+    """`.aipm/notify.log` was opened as any file: a FIFO a worker left there held its run for ever once a failure
+    was to be told (and the command's shell, opening it for the command's output). Now the command still runs,
+    its output to nowhere, and the worker's FIFO is left as it is."""
+    notes = project.root / "notes.txt"
+    (project.root / "aipm.yaml").write_text(f"notify: 'echo \"$AIPM_EVENT\" >> {notes}'\n")
+    write_task(project.order(), "A", command="rm -f .aipm/notify.log; mkfifo .aipm/notify.log; exit 3")
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert project.statuses() == {"A": "FAILED"} and (project.root / ".aipm" / "notify.log").is_fifo()
+    wait_for(lambda: notes.exists() and sorted(notes.read_text().split()) == ["failed", "order_finished"])
+
+
 # ---- retry --resume -------------------------------------------------------------------------------------
 
 
