@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aipm import durable
+from aipm import durable, workerfiles
 from aipm.gitstatus import (STATUS_ARGS, Git, as_fingerprint, changed, fingerprint, git_env, known_outside,
                             read_status, real_root, tree_prefix)
 from aipm.paths import PathError, Target, normalize, overlaps
@@ -238,7 +238,10 @@ def save(snap: Snapshot, path: Path) -> None:
 def _write_json(path: Path, data: object, mtime_ns: int = 0) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, sort_keys=True))
+    tmp.unlink(missing_ok=True)  # ours by name: what a worker left there (a FIFO would hold us) goes
+    with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666),
+                   "w") as handle:
+        handle.write(json.dumps(data, sort_keys=True))
     if mtime_ns:
         os.utime(tmp, ns=(mtime_ns, mtime_ns))
     os.replace(tmp, path)
@@ -253,8 +256,8 @@ class Watched:
 
 def load(path: Path) -> Snapshot | Watched | None:
     """What save() or save_before() wrote, or None when it is missing or unreadable."""
-    try:
-        with open(path) as handle:
+    try:  # beside its attempt's log: a FIFO the worker left there must not hold its owner (under the launch lock)
+        with workerfiles.reading(path) as handle:
             data = json.load(handle)
             taken = os.fstat(handle.fileno()).st_mtime_ns
     except (OSError, ValueError):

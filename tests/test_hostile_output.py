@@ -101,3 +101,31 @@ def test_a_fifo_a_worker_leaves_for_its_review_log_fails_the_review_closed_and_t
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert task_statuses(order) == {"A": "REJECTED"}
     assert "review could not start" in project.json("status", "ORD")["tasks"][0]["reason"]
+
+
+def test_a_fifo_a_worker_leaves_for_its_scope_audits_start_does_not_hang_its_run(project):
+    """The scope audit's saved start (`A.1.scope.json`, beside the log) was read with a plain open(): a FIFO the
+    worker left there held its run for ever, under the launch lock, when the attempt ended (a task without
+    targets, whose start `run` does not watch; every attempt of a detached owner)."""
+    from test_hostile_workers import _commit_everything
+
+    order = project.order()
+    write_task(order, "A", command='s="${AIPM_LOG%.log}.scope.json"; rm -f "$s"; mkfifo "$s"')
+    _commit_everything(project.root)
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert task_statuses(order) == {"A": "DONE"}
+
+
+def test_a_fifo_left_where_a_scope_audits_start_is_written_is_replaced(tmp_path):
+    """It was written through `<name>.tmp` with a plain open(): a FIFO a worker left at the next attempt's name
+    held that attempt's start for ever."""
+    from aipm import scope
+
+    path = tmp_path / "A.2.scope.json"
+    os.mkfifo(tmp_path / "A.2.scope.json.tmp")
+    subprocess.run([sys.executable, "-c", "import sys; from pathlib import Path; from aipm import scope; "
+                    "scope._write_json(Path(sys.argv[1]), ['watched', 1])", str(path)], check=True, timeout=30)
+    assert isinstance(scope.load(path), scope.Watched) and not (tmp_path / "A.2.scope.json.tmp").exists()
