@@ -33,6 +33,9 @@ class Record:
     phase: str = "work"  # "work" or "review"
     deadline: float | None = None  # wall-clock time after which the worker's group is killed
     scope_allowed: list[str] = field(default_factory=list)  # targets of tasks running when it started
+    # When its scope audit began (ns; 0: not audited): the audit's fallback when its saved start (beside its log,
+    # in .aipm/) is gone, a worker's `git clean -fdx` that a skipped audit would have let write anywhere.
+    scope_since: int = 0
     head: list = field(default_factory=list)  # a shared-tree attempt: HEAD as it started (commits.at_start)
     cpus: float = 0.0  # the task's declared resources, counted against this machine's capacity
     memory_mb: int = 0

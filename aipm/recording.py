@@ -323,7 +323,7 @@ class Recording(Reviewing):
                     *writtenlog.written_since(self.rt, since_ns)]
 
         return writtenlog.not_own_output(self.rt.root, scope.findings(self.rt.root, rec.scope_file, allowed,
-                                                                      in_commits))
+                                                                      in_commits, rec.scope_since))
 
     def _note(self, task: Task) -> None:
         if self.view is not None:

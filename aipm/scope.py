@@ -275,12 +275,13 @@ def load(path: Path) -> Snapshot | Watched | None:
 
 
 def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target | str]],
-             in_commits: set[str] | None = None) -> list[str]:
+             in_commits: set[str] | None = None, began_ns: int = 0) -> list[str]:
     """Sorted paths that the attempt whose start is saved at `path` changed and that nothing in
     `allowed(since_ns)` covers (the targets of every task that may write meanwhile, given the moment it began).
     `in_commits`: the paths committed during the attempt (commits.py), which `git status` no longer shows and a
     window of events may not hold (a file dirty before it began, swept into a commit); None when its start did
-    not note HEAD (an attempt of an older aipm): a snapshot's own HEAD then tells."""
+    not note HEAD (an attempt of an older aipm): a snapshot's own HEAD then tells. `began_ns`: when the audit of
+    the attempt began (0: it is not audited), what it falls back on when the file at `path` is gone."""
     path = os.fspath(path)
     watch = _WATCHES.get(real_root(root))
     # Our own window is kept here, not read back from its file: a worker may have cleaned the file away.
@@ -293,9 +294,12 @@ def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target 
                 return []
             made = in_commits if in_commits is not None else committed(root, start.head, after.head)
             return out_of_scope(changed(start, after) | made, allowed(start.taken_ns))
-        if start is None:
+        if start is not None:
+            since = start.taken_ns
+        elif began_ns:  # saved, and gone (a worker's `git clean -fdx` of .aipm/): what git shows written since
+            since = began_ns
+        else:
             return []
-        since = start.taken_ns
     touched = watch.touched(path) if watch is not None else None
     writers_since = since
     if touched is None:  # adopted from an owner that died, or events were lost: what git shows written since

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
@@ -179,8 +180,10 @@ class Starter:
             if rec.pid:
                 runner.signal_group(rec.pgid, signal.SIGKILL)
 
+        since = time.time_ns()
         if scope.save_before(self.project.root, as_path(rec.scope_file), refuse, ours):
             rec.scope_allowed = [t for other in self.runtime.records() for t in other.targets]
+            rec.scope_since = since
 
     def _missing_program(self, task: Task) -> str | None:
         """Checked before any status changes, so a typo in a command is an error, not a stuck task."""

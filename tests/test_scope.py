@@ -809,3 +809,36 @@ def test_a_file_a_person_edits_during_a_run_is_charged_unless_scope_ignore_names
     feedback = (root / ".aipm" / "feedback" / "ORD" / "U.txt").read_text()
     assert "changed outside target_files while this attempt ran: NOTES.md" in feedback
     assert "if you did not, leave them as they are" in feedback
+
+
+@pytest.mark.parametrize("how", ["launch", "run with git status"])
+def test_a_worker_that_cleans_away_aipms_directory_is_still_audited(tmp_path, how):
+    """An attempt's saved start lives beside its log, in `.aipm/`: a worker that wrote outside its targets and
+    then ran `git clean -fdx` (a build's usual clean-up) took it away, and its audit found nothing to compare
+    with: DONE. Now the audit falls back on what `git status` shows written since the attempt began (B, after
+    it, is not charged with A's write: a moment later, beyond the slack of inode times)."""
+    import time
+
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    order.mkdir(parents=True)
+    # (one at a time: a write no task may make is charged to every task running then)
+    (root / "aipm.yaml").write_text("max_workers: 1\nmax_rework: 0\nenable_monitoring: false\nscope_watch: false\n")
+    (root / "notes.txt").write_text("a person's\n")
+    (order / "A.yaml").write_text(yaml.safe_dump({"target_files": ["a.txt"], "priority": "P0",
+                                                  "command": "echo a > a.txt; echo b >> notes.txt; sleep 0.2; git clean -fdxq"}))
+    (order / "B.yaml").write_text(yaml.safe_dump({"target_files": ["b.txt"], "command": "echo b > b.txt; git clean -fdxq"}))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    aipm = [sys.executable, "-m", "aipm", "--root", str(root)]
+
+    def outcomes() -> dict:
+        return {p.stem: (data.get("status"), data.get("reason")) for p in order.glob("*.yaml")
+                for data in [yaml.safe_load(p.read_text())]}
+
+    proc = subprocess.run([*aipm, how.split()[0], "ORD"], capture_output=True, text=True, timeout=120)
+    wait_for(lambda: all(status in ("DONE", "REJECTED") for status, _ in outcomes().values()))
+    assert outcomes() == {"A": ("REJECTED", "scope: wrote notes.txt"), "B": ("DONE", "exit 0")}, (
+        proc.stdout + proc.stderr)
