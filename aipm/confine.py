@@ -301,10 +301,10 @@ def restrict(grants: list) -> None:
         ruleset.restrict()
 
 
-def failure(log: str) -> str | None:
+def failure(log: str, confined: bool) -> str | None:
     """Why a confined attempt's ruleset could not be applied (its exit 126), from the end of its log; None when
     the attempt was not confined or said nothing of it (its command's own exit 126)."""
-    if not os.path.exists(made_file(log)):  # written by main() whatever happens: only a confined attempt has one
+    if not confined or not os.path.exists(made_file(log)):  # written by main() whatever happens
         return None
     try:
         with open(log, "rb") as handle:
@@ -315,12 +315,16 @@ def failure(log: str) -> str | None:
     return next((line[len("[aipm] "):] for line in reversed(tail) if line.startswith(_FAILED)), None)
 
 
-def tidy(log: str) -> None:
+def tidy(log: str, confined: bool) -> None:
     """After an attempt: remove the TMPDIR and what was created for the rules and left untouched since
     (empty files with their first mtime, empty directories)."""
     tmp = private_tmp(log)
     if os.path.lexists(tmp):  # (where an older aipm made every one)
         shutil.rmtree(tmp, ignore_errors=True)
+    if not confined:
+        # Beside the log, a listing is only trusted from a worker that could not write there: an unconfined one
+        # could name any directory for us to remove (or leave a FIFO, holding us for ever).
+        return
     listing = made_file(log)
     try:
         with open(listing) as handle:

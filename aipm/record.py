@@ -36,6 +36,9 @@ class Record:
     # When its scope audit began (ns; 0: not audited): the audit's fallback when its saved start (beside its log,
     # in .aipm/) is gone, a worker's `git clean -fdx` that a skipped audit would have let write anywhere.
     scope_since: int = 0
+    # Run under a Landlock ruleset (confine.prefix): only such an attempt's listing of what was made for its rules,
+    # beside its log where it cannot write, is read back (confine.tidy).
+    confined: bool = False
     head: list = field(default_factory=list)  # a shared-tree attempt: HEAD as it started (commits.at_start)
     cpus: float = 0.0  # the task's declared resources, counted against this machine's capacity
     memory_mb: int = 0

@@ -117,7 +117,7 @@ class Recording(Reviewing):
                 spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens)[1]
                 task = self._write(task, spent) if spent else task
                 if rec.workspace:  # and what it changed is kept: a retry's start removes the worktree
-                    confine.tidy(rec.log)  # first: an empty file made for a rule is no change of its own
+                    confine.tidy(rec.log, rec.confined)  # first: an empty file made for a rule is no change of its own
                     append_log(rec.log, workspace.keep(self.rt.root, rec))
             self._drop(rec)  # the user's word stands
             self.rt.unmark_cancelled(rec)
@@ -228,7 +228,8 @@ class Recording(Reviewing):
         timeout = time_limit(task, self.settings)
         append_log(rec.log, f"attempt {rec.serial} ended: {describe_exit(code, timed_out, timeout)}")
         if rec.workspace:
-            confine.tidy(rec.log)  # before the end capture: an empty file made for a rule is no change of its own
+            # before the end capture: an empty file made for a rule is no change of its own
+            confine.tidy(rec.log, rec.confined)
         commit = None if rec.workspace else commits.committed_during(self.rt.root, rec)
         if commit is not None:  # said, not judged: only the scope audit below may send the task back for it
             text, note = commits.notice(self.rt, rec, *commit)
@@ -281,7 +282,7 @@ class Recording(Reviewing):
                 task = self._write(task, updates)
             return task
         # 126 of a confined attempt may be its ruleset refused in the worker: the reason names why, not "exit 126"
-        refused = confine.failure(rec.log) if code == 126 else None
+        refused = confine.failure(rec.log, rec.confined) if code == 126 else None
         reason = outcome.one_line(refused) if refused else attempt_reason(code, timed_out, timeout)
         if event.get("not_merged"):
             reason = outcome.not_merged(reason)
@@ -332,7 +333,7 @@ class Recording(Reviewing):
     def _drop(self, rec: Record, noted: bool = False) -> None:
         """Forget an attempt that is over: its files, locks and record (`noted`: interrupt() noted its end)."""
         scope.end(self.rt.root, rec.scope_file)
-        confine.tidy(rec.log)
+        confine.tidy(rec.log, rec.confined)
         # Locks go before the record: a held lock without a record would look like a stranger's.
         for fd in self.lock_fds.pop(rec.key, ()):
             os.close(fd)

@@ -110,7 +110,7 @@ def _rework_on(launcher: Launcher, task: Task, rec: Record | None) -> str:
         return f"left in REWORK: {exc}"
     if rec is not None:
         append_log(rec.log, f"review sent the task back; its owner was gone before the task went on: {final}")
-        confine.tidy(rec.log)
+        confine.tidy(rec.log, rec.confined)
         forget(launcher.runtime, rec)
     return "requeued" if final == Status.QUEUED else "rejected"
 
@@ -167,7 +167,7 @@ def discard(rt: Runtime, rec: Record, code: int | None, why: str) -> str:
             + f"; its usage is added to no task (see {rec.log})" * (usage is not None))
     append_log(rec.log, line)
     if rec.workspace and ran:
-        confine.tidy(rec.log)  # as interrupt() does: before keep(), not in its patch
+        confine.tidy(rec.log, rec.confined)  # as interrupt() does: before keep(), not in its patch
         append_log(rec.log, workspace.keep(rt.root, rec))
     return line
 
@@ -295,7 +295,8 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
         pass  # moved on, broken or unwritable: a running status without a record is recovered later
     if rec is not None:
         append_log(rec.log, f"worker interrupted: {why}; task re-queued")
-        confine.tidy(rec.log)  # what was made for its rules and left untouched; before keep(), not in its patch
+        # what was made for its rules and left untouched; before keep(), not in its patch
+        confine.tidy(rec.log, rec.confined)
         if rec.workspace and rec.phase == "work" and rec.pid:  # the next attempt's start removes its worktree
             append_log(rec.log, workspace.keep(rt.root, rec))
         forget(rt, rec)

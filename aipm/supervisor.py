@@ -93,6 +93,7 @@ class Supervisor(Recording, Owner):
             keep = [os.path.join(top, rel) for top in {str(self.rt.root), cwd} for rel in places if rel is not None]
             jail = confine.prefix(cwd, rec.targets, rec.log, keep, project=str(self.rt.root),
                                   state=str(statedir.user_base()))
+            rec.confined = True
         def started(pid: int, ctime: float) -> None:
             """Recorded and watched before its command may begin: if either fails, the command never runs."""
             self._record(rec, pid, ctime, timeout)

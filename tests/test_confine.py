@@ -647,3 +647,26 @@ def test_rules_keep_out_the_runtime_directory_where_a_link_at_aipm_leads(tmp_pat
         opened = [p for p, _ in grants if os.path.realpath(p) == real or os.path.realpath(p).startswith(real + "/")]
         assert opened == [log], (targets, opened)
         os.rmdir(tmp)
+
+
+def test_an_unconfined_worker_cannot_have_aipm_remove_what_it_lists_beside_its_log(project, tmp_path):
+    """After every attempt, confined or not, the listing beside its log (`A.1.confine.json`: what was made for a
+    ruleset's rules) was read back and what it named removed, a directory named whole with all it holds. An
+    unconfined worker may write there: it had aipm `rm -rf` any directory (`victim/` here, outside the project),
+    or held its run for ever with a FIFO there. Only a confined attempt's listing is read now."""
+    victim = tmp_path.parent / f"{tmp_path.name}-victim"
+    (victim / "sub").mkdir(parents=True)
+    (victim / "sub" / "precious").write_text("keep\n")
+    order = project.order()
+    listing = json.dumps([[str(victim), True, confine.WHOLE]])
+    write_task(order, "A", command=f"echo '{listing}' > \"${{AIPM_LOG%.log}}.confine.json\"")
+    write_task(order, "B", command='mkfifo "${AIPM_LOG%.log}.confine.json"')
+    try:
+        proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert task_statuses(order) == {"A": "DONE", "B": "DONE"} and no_workers(project.root)
+        assert (victim / "sub" / "precious").read_text() == "keep\n"
+    finally:
+        import shutil
+
+        shutil.rmtree(victim, ignore_errors=True)
