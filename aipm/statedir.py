@@ -12,9 +12,11 @@ it: the locks still held on removed lock files are noted when the directory is m
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import os
 import stat
+import sys
 from contextlib import suppress
 from functools import lru_cache
 from pathlib import Path
@@ -34,8 +36,29 @@ def state_dir(root: Path) -> Path:
     deleted and made again, or moved, gets a new one), shared by every aipm process of this user."""
     real = os.path.realpath(root)
     st = os.stat(real)
-    digest = sha1(real.encode()).hexdigest()[:10]
+    digest = sha1(real.encode() + _generation(real)).hexdigest()[:10]
     return _user_dir() / f"{st.st_dev:x}-{st.st_ino:x}-{digest}"
+
+
+_FS_IOC_GETVERSION = 0x80087601  # _IOR('v', 1, long)
+
+
+def _generation(real: str) -> bytes:
+    """The root's inode generation, where the file system keeps one (ext4, btrfs): a number drawn anew each time
+    an inode is given out. A root deleted and made again at its path often gets the freed inode back (ext4), and
+    with the same name then the dead incarnation's records: a fresh clone's task was 'adopted' from an attempt
+    that ran in the deleted tree and marked DONE without running. b"" where there is none (the name as before)."""
+    try:
+        fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return b""
+    try:
+        number = int.from_bytes(fcntl.ioctl(fd, _FS_IOC_GETVERSION, bytes(8))[:4], sys.byteorder)
+    except OSError:  # not kept here (tmpfs, overlayfs, NFS): dev, inode and path must do
+        return b""
+    finally:
+        os.close(fd)
+    return b"\0%d" % number if number else b""
 
 
 def _user_dir() -> Path:

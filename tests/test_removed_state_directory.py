@@ -6,6 +6,8 @@ workers wrote to a journal."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -370,3 +372,43 @@ def test_a_fifo_a_worker_leaves_in_place_of_a_state_file_hangs_nothing(tmp_path,
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert where.is_file() and not where.is_symlink()  # written again, as a file
     assert project.json("locks")["locks"] == []
+
+
+def test_a_project_made_again_at_its_path_does_not_take_the_dead_ones_attempts(tmp_path):
+    """A run killed with `kill -9`, its worker ended on its own; then the project removed and made again at the
+    same path (`rm -rf p && git clone ... p`). ext4 gives the new root the freed inode back, and the state
+    directory, named by device, inode and path, was the dead project's: the next run 'adopted' the attempt that
+    ran in the deleted tree and marked the new A DONE without running it. The inode's generation tells them apart."""
+    root, journal = tmp_path / "p", tmp_path / "journal"
+
+    def made():
+        root.mkdir()
+        project = Project(root)
+        write_task(project.order(), "A", command=f"echo ran >> {journal}; sleep 0.5")
+        return project
+
+    project = made()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.ioctl(fd, 0x80087601, bytes(8))  # FS_IOC_GETVERSION
+    except OSError:
+        pytest.skip("the file system keeps no inode generation")
+    finally:
+        os.close(fd)
+    old, inode = state(root), root.stat().st_ino
+    try:
+        first = Proc(root, "run", "ORD")
+        wait_for(journal.exists)
+        first.kill()
+        wait_for((old / "exit" / "ORD" / "A.1").exists)  # its worker ended on its own, the exit code kept
+        shutil.rmtree(root)
+        project = made()
+        if root.stat().st_ino != inode:
+            pytest.skip("the file system gave the new root another inode")
+        run = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60)
+        assert run.returncode == 0 and "adopt" not in run.stdout, run.stdout + run.stderr
+        assert task_statuses(project.order()) == {"A": "DONE"}
+        assert journal.read_text() == "ran\nran\n"  # once in each project
+        assert state(root) != old
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
