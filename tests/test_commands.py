@@ -660,6 +660,38 @@ def test_status_at_80_columns_keeps_the_walkthroughs_paths_whole(project):
     assert len(header) == 1 and "depends on" in header[0], out
 
 
+def test_tables_in_a_pipe_break_no_word_and_honour_columns(project):
+    """In a pipe or a file (no terminal, no COLUMNS) Rich laid tables out at 80 columns and broke words inside
+    narrow cells: `aipm status ORD | cat` showed a reason's "supervisor" as `superviso` / `r`. There, like git
+    and kubectl, a table is as wide as its cells; COLUMNS still sets a width."""
+    command = '["claude", "-p", "--append-system-prompt", "keep every supervisor line whole"]'
+    (project.root / "aipm.yaml").write_text(f"max_workers: 5\nworker:\n  command: {command}\n")
+    order = project.order()
+    reason = "interrupted: its worker was lost with its supervisor and nobody recovered it yet"
+    long_path = "docs/" + "a_rather_long_directory_name/" * 3 + "reference.md"
+    write_task(order, "A", command="true", status="INTERRUPTED", attempts=1, reason=reason,
+               target_files=["aipm/cli/display.py", long_path])
+    write_task(order, "B", command="true", target_files=["src/" + "/".join(["nested"] * 12) + "/module.py"])
+    # No terminal anywhere: Rich also takes its width from a terminal on stdin.
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "FORCE_COLOR", "TTY_COMPATIBLE")}
+
+    def shown(*args: str, **extra: str) -> str:
+        return subprocess.run([sys.executable, "-m", "aipm", "--root", str(project.root), *args],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True, env={**env, **extra},
+                              timeout=120, check=True).stdout
+
+    status = shown("status", "ORD")
+    (row,) = [line for line in status.splitlines() if line.startswith("│ A ")]
+    assert reason in row and "aipm/cli/display.py" in row, status
+    assert long_path in status and "/".join(["nested"] * 12) in status, status
+    assert "src/" + "/".join(["nested"] * 12) + "/module.py" in shown("detect", "ORD")
+    (row,) = [line for line in shown("config").splitlines() if "worker.command" in line]
+    assert "keep every supervisor line whole" in row
+    narrow = shown("status", "ORD", COLUMNS="80")  # the reason wraps to fit
+    (row,) = [line for line in narrow.splitlines() if line.startswith("│ A ")]
+    assert "INTERRUPTED" in row and reason not in row and len(row) < len(status.splitlines()[1]), narrow
+
+
 def test_exec_runs_its_task_though_a_higher_priority_task_it_will_not_start_shares_its_file(project):
     """`exec S3` was refused: "s1.txt overlaps S1, which starts first this round", though exec starts S3 alone."""
     order = project.order()

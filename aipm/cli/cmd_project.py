@@ -9,7 +9,7 @@ from aipm.cli.decl import Argument, Exit, Option, command
 from aipm import budget, parsecache, readers
 from aipm.board import as_seen, order_totals, task_row
 from aipm.advice import stray_files, unenforced_budget, warnings
-from aipm.cli.common import JsonOpt, console, get_project, print_json, project_root, read_only, warn
+from aipm.cli.common import UNLIMITED, JsonOpt, console, get_project, print_json, project_root, read_only, warn
 from aipm.errors import ValidationError
 from aipm.model import DEAD_END, FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
@@ -133,7 +133,8 @@ def validate(
 def status(
     order: str = Argument(..., help="Order id or directory."),
     wide: bool = Option(False, "--wide", help="One line per task, however wide (for grep and wide "
-                                              "terminals); by default long cells wrap to the terminal."),
+                                              "terminals); by default long cells wrap to the terminal (in a "
+                                              "pipe or a file: to COLUMNS if set, else not at all)."),
     json_out: bool = JsonOpt,
 ) -> None:
     """Show every task of an order: status and why, priority, what it waits on, target files, tries, reworks.
@@ -190,7 +191,7 @@ def status(
                escape("\n".join(t.target_files)), f"{t.tries}/{attempt_limit(t, settings)}",
                f"{t.rework_rounds}/{rework_limit(t, settings)}", *[Text(t.reason or "")] * reasons]
         table.add_row(*row, *["-" if t.cost_usd is None else budget.usd(t.cost_usd)] * costs)
-    out = console(width=10**6 if wide else None)
+    out = console(width=UNLIMITED if wide else None)
     out.print(table)
     line = status_summary(loaded)
     if cost is not None or limit is not None:

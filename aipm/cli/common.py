@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -57,11 +58,22 @@ def project_root(create: bool = False) -> Path:
     return path
 
 
+# A width no table reaches: each column as wide as its widest cell, every line whole.
+UNLIMITED = 10**6
+
+
 def console(stderr: bool = False, width: int | None = None) -> Console:
     from rich.console import Console  # here: JSON output never needs rich
 
     # Rich honours NO_COLOR itself; no colour or markup tricks when not a terminal.
-    return Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+    out = Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
+    if width is None and not out.is_terminal and not os.environ.get("COLUMNS", "").isdigit():
+        # A pipe or a file has no width to fit. Rich takes 80 columns (or the width of a terminal on stdin, so
+        # a file's content would depend on where it was made) and then breaks words inside narrow cells
+        # (`superviso` / `r`). Like git and kubectl, print whole lines instead; `less -S` scrolls them, and
+        # COLUMNS (read by Rich) still sets a width.
+        out.width = UNLIMITED
+    return out
 
 
 def print_json(data: Any) -> None:
