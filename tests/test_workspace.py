@@ -503,6 +503,24 @@ def test_diff_of_a_shared_task_says_why_there_is_none(repo):
     assert proc.returncode == 2 and "workspace: worktree" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_diff_of_an_attempt_that_changed_nothing_says_so(repo, tmp_path):
+    """An empty patch printed nothing at all, exit 0: no word on whether the task changed nothing or diff broke.
+    It still prints no patch and exits 0 (git diff's way), with one line on stderr saying why."""
+    project = project_in(repo)
+    _gated_task(project.order(), tmp_path, "true")
+    seen = {}
+    proc = _run_with_person(project, tmp_path, lambda: seen.update(running=project.aipm("diff", "T")))
+    assert proc.returncode == 0, proc.stderr
+    running, done = seen["running"], project.aipm("diff", "T")
+    for shown in (running, done):
+        assert (shown.returncode, shown.stdout) == (0, ""), shown
+        (line,) = shown.stderr.splitlines()
+        assert line.startswith("aipm: ORD/T: no changes to show: "), line
+    assert f"its worktree ({repo / '.aipm/worktrees/ORD/T'}) has none against its attempt's start" in running.stderr
+    assert f"its last attempt changed nothing ({repo / '.aipm/patches/ORD/T.1.patch'} is empty)" in done.stderr
+    assert project.json("diff", "T")["patch"] == ""
+
+
 def test_a_worker_that_breaks_its_worktree_merges_nothing(repo):
     project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n")
     write_task(project.order(), "T", target_files=["src/a.txt"],

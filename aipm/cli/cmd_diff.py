@@ -20,7 +20,8 @@ def diff(
     """Show a worktree task's changes as a patch (apply it with `git apply` at the repository's top).
 
     A running task (or one whose failed attempt's worktree is kept) shows its worktree against the attempt's
-    start; a finished one shows the patch of its last attempt, kept in .aipm/patches/.
+    start; a finished one shows the patch of its last attempt, kept in .aipm/patches/. With no changes to show
+    it prints no patch and exits 0, saying why on stderr.
     """
     project = get_project()
     order_dir, task_id = find_task(project, task)
@@ -29,5 +30,10 @@ def diff(
     if json_out:
         print_json({"order": order.id, "task": task_id, "source": source,
                     "patch": patch.decode("utf-8", "replace")})
+        return
+    if not patch:  # else nothing at all is printed, which reads as diff itself failing
+        what = (f"its worktree ({source[len('worktree '):]}) has none against its attempt's start"
+                if source.startswith("worktree ") else f"its last attempt changed nothing ({source} is empty)")
+        print(f"aipm: {order.id}/{task_id}: no changes to show: {what}", file=sys.stderr)
         return
     sys.stdout.buffer.write(patch)
