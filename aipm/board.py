@@ -37,6 +37,8 @@ def task_row(task: Task, settings: Settings) -> dict:
         # Unknown usage is left out, never shown as 0.
         **({"cost_usd": task.cost_usd} if task.cost_usd is not None else {}),
         **({"tokens": dict(task.tokens)} if task.tokens else {}),
+        # The agent's session of the latest attempt, which `retry --resume` continues; left out when none is known.
+        **({"session_id": task.session_id} if task.session_id else {}),
     }
 
 

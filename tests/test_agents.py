@@ -648,6 +648,25 @@ def test_retry_resume_continues_the_agent_session(project):
     assert "--resume" not in journal(project)[2]["argv"]
 
 
+def test_status_json_and_the_board_give_each_tasks_session_when_known(project):
+    """`status --json` left out the session `retry --resume` continues: a script had to read the task file."""
+    from aipm.board import order_board
+    from aipm.launcher import Launcher, Options
+    from aipm.project import Project
+    from aipm.settings import load_settings
+
+    order = project.order()
+    session = "9b1f4c2e-5d7a-4e0b-8c3f-2a6d1e9b7c40"
+    write_task(order, "A", agent="claude", prompt="x", status="FAILED", attempts=1, session_id=session)
+    write_task(order, "B", command="true")  # no agent session: left out, never null
+    rows = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert rows["A"]["session_id"] == session and "session_id" not in rows["B"]
+    settings = load_settings(project.root)
+    launcher = Launcher(Project(project.root, settings.orders_dir), settings, Options(dry_run=True), monitor=None)
+    rows = {t["id"]: t for t in order_board(launcher, order)["tasks"]}  # what /api/board sends
+    assert rows["A"]["session_id"] == session and "session_id" not in rows["B"]
+
+
 @pytest.mark.parametrize("agent, field", [("aider", "agent"), ("claude", "session_id")])
 def test_retry_resume_refused_without_a_session_to_resume(project, agent, field):
     order = project.order()
