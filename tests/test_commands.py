@@ -634,6 +634,19 @@ def test_every_help_wraps_its_paragraphs_to_the_terminal(project):
             assert " ".join(paragraph.split()) in shown, (name, paragraph)
 
 
+def test_json_help_names_what_the_command_prints_without_it(project):
+    """`graph --help` said --json prints JSON "instead of a table", but graph prints Mermaid or DOT text; diff,
+    why, validate, launch and recover print no table either."""
+    tables = {"status", "detect", "ps", "locks", "config", "resources"}
+    names = ["graph", "diff", "why", "validate", "launch", "recover", *sorted(tables)]
+    helps = project.aipm_all([(name, "--help") for name in names], env={"COLUMNS": "1000"}, check=True)
+    said = {name: " ".join(line.split()) for name, proc in zip(names, helps)
+            for line in proc.stdout.splitlines() if "--json " in line}
+    assert "JSON ({order, nodes, edges}) instead of Mermaid or DOT text." in said["graph"], said
+    assert "{order, task, source, patch} as JSON instead of the bare patch." in said["diff"], said
+    assert {name for name, line in said.items() if "instead of a table" in line} == tables, said
+
+
 def test_status_at_80_columns_keeps_each_status_whole(project):
     order = project.order()
     write_task(order, "A_TASK_WITH_A_LONG_NAME", command="true", status="IN_PROGRESS", attempts=1,

@@ -9,7 +9,7 @@ from aipm.cli.decl import Argument, Option, command
 
 from aipm import outcome
 from aipm.board import as_seen, survey
-from aipm.cli.common import JsonOpt, console, print_json, project_root, read_only
+from aipm.cli.common import JsonOpt, console, json_option, print_json, project_root, read_only
 from aipm.cli.resource_options import MaxWorkersOpt
 from aipm.launcher import Launcher, Options
 from aipm.model import DEAD_END, FINISHED_OK, Status
@@ -122,7 +122,7 @@ def detect(
 def why(
     task: str = Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
     max_workers: int = MaxWorkersOpt,
-    json_out: bool = JsonOpt,
+    json_out: bool = json_option("the explanation"),
 ) -> None:
     """Explain whether a task may start now, and if not, every reason."""
     read_only()

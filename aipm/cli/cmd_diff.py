@@ -7,7 +7,7 @@ import sys
 from aipm.cli.decl import Argument, command
 
 from aipm import workspace
-from aipm.cli.common import JsonOpt, get_project, print_json
+from aipm.cli.common import get_project, json_option, print_json
 from aipm.project import find_task
 from aipm.store import load_order
 
@@ -15,7 +15,7 @@ from aipm.store import load_order
 @command()
 def diff(
     task: str = Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
-    json_out: bool = JsonOpt,
+    json_out: bool = json_option("the bare patch", "{order, task, source, patch} as JSON"),
 ) -> None:
     """Show a worktree task's changes as a patch (apply it with `git apply` at the repository's top).
 

@@ -6,7 +6,7 @@ import sys
 
 from aipm.cli.decl import Argument, Option, command
 
-from aipm.cli.common import JsonOpt, get_project, print_json
+from aipm.cli.common import get_project, json_option, print_json
 from aipm.errors import UserError
 from aipm.graph import RENDERERS, as_data
 from aipm.store import load_order
@@ -16,7 +16,7 @@ from aipm.store import load_order
 def graph(
     order: str = Argument(..., help="Order id or directory."),
     fmt: str = Option("mermaid", "--format", "-f", help="mermaid (renders on GitHub) or dot (Graphviz)."),
-    json_out: bool = JsonOpt,
+    json_out: bool = json_option("Mermaid or DOT text", "the nodes and edges as JSON ({order, nodes, edges})"),
 ) -> None:
     """Print the dependency graph of an order (edges from a dependency to the task waiting on it).
 

@@ -14,7 +14,7 @@ from aipm import budget, parsecache, recovery
 from aipm.cluster import require_ray
 from aipm.errors import UserError
 from aipm.advice import stray_files, unenforced_budget, warnings
-from aipm.cli.common import JsonOpt, console, print_json, project_root, warn
+from aipm.cli.common import console, json_option, print_json, project_root, warn
 from aipm.cli.display import Display, mode_for, plain_line, summary_event
 from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, RunnerOpt, settings_from_flags,
@@ -72,7 +72,7 @@ def launch(
     runner: Optional[str] = RunnerOpt,
     confine: bool = ConfineOpt,
     workspace: Optional[str] = WorkspaceOpt,
-    json_out: bool = JsonOpt,
+    json_out: bool = json_option("a line per task"),
 ) -> None:
     """Start the launchable tasks as detached workers and exit at once.
 

@@ -9,7 +9,8 @@ from aipm.cli.decl import Argument, Exit, Option, command
 from aipm import budget, parsecache, readers
 from aipm.board import as_seen, order_totals, task_row
 from aipm.advice import stray_files, unenforced_budget, warnings
-from aipm.cli.common import UNLIMITED, JsonOpt, console, get_project, print_json, project_root, read_only, warn
+from aipm.cli.common import (UNLIMITED, JsonOpt, console, get_project, json_option, print_json, project_root,
+                             read_only, warn)
 from aipm.errors import ValidationError
 from aipm.model import DEAD_END, FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
@@ -86,7 +87,7 @@ def init() -> None:
 @command()
 def validate(
     order: Optional[str] = Argument(None, help="Order id or directory (default: every order)."),
-    json_out: bool = JsonOpt,
+    json_out: bool = json_option("a line per order"),
 ) -> None:
     """Check task and order files. Exit 2, naming the file and the field, on any error.
 

@@ -14,7 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aipm import workspace
-from aipm.cli.common import JsonOpt, console, get_project, print_json
+from aipm.cli.common import JsonOpt, console, get_project, json_option, print_json
 from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
 from aipm import logbook, recovery, steering, subreaper
@@ -294,7 +294,7 @@ def retry(
 @command()
 def recover(
     order: Optional[str] = Argument(None, help="Order id or directory (default: every order)."),
-    json_out: bool = JsonOpt,
+    json_out: bool = json_option("a line per task"),
 ) -> None:
     """Repair tasks whose worker is gone: adopt workers that still run or left an exit code; re-queue the rest.
 

@@ -98,7 +98,12 @@ def read_only() -> None:
     readers.allow()
 
 
-JsonOpt = Option(False, "--json", help="Print machine-readable JSON instead of a table.")
+def json_option(instead: str, what: str = "machine-readable JSON") -> Any:
+    """`--json`, whose help names what the command prints without it: not every command prints a table."""
+    return Option(False, "--json", help=f"Print {what} instead of {instead}.")
+
+
+JsonOpt = json_option("a table")
 
 
 def get_project() -> Project:
