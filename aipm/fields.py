@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from aipm import agents
-from aipm.errors import ValidationError
+from aipm.errors import ValidationError, did_you_mean
 from aipm.model import ID_PATTERN, Priority, Resources, Status, Task
 from aipm.paths import Normaliser, PathError
 
@@ -37,10 +37,7 @@ TASK_KEYS = (
 def check_keys(path: Path, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     for key in data:
         if not isinstance(key, str) or key not in allowed:
-            import difflib  # only for this message: loading an order does without it
-
-            near = difflib.get_close_matches(str(key).replace("-", "_"), allowed, n=1, cutoff=0.6)
-            hint = f"; did you mean {near[0]!r}?" if near else f"; known keys: {', '.join(allowed)}"
+            hint = did_you_mean(str(key).replace("-", "_"), allowed) or f"; known keys: {', '.join(allowed)}"
             raise ValidationError(str(path), str(key), f"unknown key{hint}")
 
 

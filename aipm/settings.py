@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from aipm import settingvalues as values
-from aipm.errors import SettingsError
+from aipm.errors import SettingsError, did_you_mean
 from aipm.fields import copy_globs
 from aipm.store import DuplicateKey, load_yaml
 from aipm.workerfiles import read_bytes
@@ -120,10 +120,7 @@ def _one_line(text: str) -> str:
 
 
 def _unknown(path: Path, key: str, known: list[str]) -> SettingsError:
-    import difflib  # only for this message: loading the settings does without it
-
-    close = difflib.get_close_matches(key, known, n=1)
-    hint = f"; did you mean {close[0]!r}?" if close else f"; known keys: {', '.join(known)}"
+    hint = did_you_mean(key, known) or f"; known keys: {', '.join(known)}"
     return SettingsError(f"{path}: {key}: unknown setting{hint}")
 
 

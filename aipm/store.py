@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from aipm import flatyaml, readers
-from aipm.errors import ValidationError
+from aipm.errors import ValidationError, did_you_mean
 from aipm.fields import check_keys, money_field, one_line, str_field, task_from_mapping
 from aipm.model import ID_PATTERN, Order, Task
 from aipm.parsecache import ParseCache
@@ -319,10 +319,7 @@ def check_links(order: Order) -> None:
             if dep == task.id:
                 raise ValidationError(task.path, "depends_on", "a task cannot depend on itself")
             if dep not in tasks:
-                import difflib  # only for this message: loading an order does without it
-
-                near = difflib.get_close_matches(dep, [t for t in tasks if t != task.id], n=1)
-                hint = f"; did you mean {near[0]!r}?" if near else ""
+                hint = did_you_mean(dep, [t for t in tasks if t != task.id])
                 raise ValidationError(task.path, "depends_on", f"{dep!r} is not a task of order {order.id}{hint}")
     cycle = find_cycle(tasks)
     if cycle:

@@ -90,3 +90,27 @@ def test_validate_all_orders_reports_each_bad_one(project):
     proc = project.aipm("validate")
     assert proc.returncode == 2
     assert proc.stdout == "ok  GOOD (1 task)\n" and "A.yaml: command" in proc.stderr  # was '(1 tasks)'
+
+
+def test_an_unknown_key_is_given_a_hint_only_when_one_is_close(project):
+    """`tags: [x]` in a task file got "did you mean 'status'?", and `target` got 'agent': difflib's default
+    cutoff (0.6) took the three letters they share for a match. A close misspelling still gets its key, and so
+    does a word of one key; anything else gets the list of keys."""
+    cases = {"TAGS": ("tags", None), "PRIORTY": ("priorty", "did you mean 'priority'?"),
+             "TARGET": ("target", "did you mean 'target_files'?")}
+    for name, (key, _) in cases.items():
+        write_task(project.order(name), "A", command="true", **{key: "x"})
+    before = snapshot(project.root)
+    for (name, (key, hint)), proc in zip(cases.items(), project.aipm_all([("validate", n) for n in cases])):
+        assert_one_line_error(proc, f"{name}/A.yaml", key)
+        if hint:
+            assert proc.stderr.rstrip().endswith(hint), proc.stderr
+        else:
+            assert "did you mean" not in proc.stderr and "known keys: id, title, status" in proc.stderr, proc.stderr
+    assert snapshot(project.root) == before
+    # The same rule for settings (nested ones by their dotted names) and dependencies.
+    from aipm.errors import did_you_mean
+
+    assert did_you_mean("model", ["worker.model", "review.command"]) == "; did you mean 'worker.model'?"
+    assert did_you_mean("command", ["worker.command", "review.command"]) == ""  # two keys have it: no guess
+    assert did_you_mean("tags", ["status", "TASK_1"]) == ""
