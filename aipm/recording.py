@@ -124,10 +124,9 @@ class Recording(Reviewing):
             event.update(status=str(task.status), reason=task.reason)
             return event
         if disowned(task, rec, self.rt):
-            was = task.status
+            was = task
             task = self._restored(rec, task)
-            self.outbox.append({"event": "restored", "order": rec.order, "task": rec.task, "was": str(was),
-                                "status": str(task.status)})
+            self.outbox.append(_restored_event(rec, was, task))
         if code is None:
             # A review stopped by its owner, or vanished without a verdict, is asked again; one that timed out was not.
             if rec.phase == "review" and not timed_out:
@@ -179,8 +178,7 @@ class Recording(Reviewing):
             try:
                 task = load_task(as_path(rec.task_file), self.rt.root)
                 if self._reset(task, rec):
-                    self.outbox.append({"event": "restored", "order": rec.order, "task": rec.task,
-                                        "was": str(task.status), "status": str(self._restored(rec, task).status)})
+                    self.outbox.append(_restored_event(rec, task, self._restored(rec, task)))
             except (UserError, OSError):
                 pass  # broken or gone: the view reports it, and the finish deals with it
 
@@ -343,3 +341,12 @@ class Recording(Reviewing):
         agents.forget(rec.log)
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)
+
+
+def _restored_event(rec: Record, was: Task, now: Task) -> dict:
+    """The event of a file put back under its worker: what the file said that was not what aipm wrote (its status,
+    else its attempts, else a counter: 'said IN_PROGRESS' of a file still IN_PROGRESS read as no change at all)."""
+    said = (str(was.status) if was.status != now.status else f"attempts {was.attempts}" if was.attempts != now.attempts
+            else "other counts (" + ", ".join(k for k, v in rec.counters.items() if getattr(was, k) != v) + ")")
+    return {"event": "restored", "order": rec.order, "task": rec.task, "was": str(was.status),
+            "status": str(now.status), "said": said}

@@ -611,3 +611,17 @@ def test_a_fifo_a_worker_leaves_in_another_order_or_its_holds_index_hangs_nothin
     assert task_statuses(order) == {"A": "DONE", "B": "DONE"} and (project.root / where).is_fifo() != (
         where.startswith(".aipm"))  # the index is written anew over it; the order's FIFO is the worker's
     assert project.aipm("detect", "ORD", timeout=60).returncode == 0
+
+
+def test_a_restore_says_what_the_file_said_when_its_status_was_left_alone(project):
+    """A worker that rewrote only its file's attempts: the run said 'restore A → IN_PROGRESS: its file said
+    IN_PROGRESS while its worker ran', which reads as no change at all. It names the attempts it put back.
+    Found by a review."""
+    order = project.order()
+    write_task(order, "A", target_files=["a.txt"], command=(
+        "sed -i 's/^attempts: .*/attempts: 7/' orders/ORD/A.yaml; sleep 0.5; echo done > a.txt"))
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "restore  A → IN_PROGRESS: its file said attempts 7 while its worker ran" in proc.stdout, proc.stdout
+    assert task_statuses(order) == {"A": "DONE"}
+    assert "attempts: 1\n" in (order / "A.yaml").read_text()

@@ -28,7 +28,7 @@ LINES = {
     "error": "error    {error}",
     "invalid_file": "ignored  {error} (keeping the last valid version)",
     "interrupted": "stopped  {why}; {stopped}",
-    "restored": "restore  {task} → {status}: its file said {was} while its worker ran{not_cancel}",
+    "restored": "restore  {task} → {status}: its file said {said} while its worker ran{not_cancel}",
     "reopened": "reopen   {task}: its file went from {was} back to {status} during the run (`aipm retry`, or a "
                 "checkout or stash of it); it runs again as its file says",
     "committed": "commit   {task}: {detail}",
@@ -50,6 +50,7 @@ def plain_line(event: dict) -> str:
     fields["detached"] = ", detached" if event.get("detached") else ""
     # Not the user's cancel (that is `aipm cancel`, which stops the worker): a worker wrote it; its outcome counts.
     fields["not_cancel"] = "; not an `aipm cancel`: its outcome counts" if event.get("was") == "CANCELLED" else ""
+    fields.setdefault("said", event.get("was"))  # (an event of an older aipm, in a log)
     fields["again"] = f" again (its review was {event['again']})" if event.get("again") else ""
     if event.get("event") == "finished" and not event.get("reason"):
         fields["reason"] = f"exit {event.get('exit_code')}"  # moved on by a writer that gave no reason
