@@ -1457,3 +1457,25 @@ def test_a_worktree_task_runs_in_a_sparse_checkout_and_keeps_it_sparse(repo):
     assert (repo / "src" / "a.txt").read_text().endswith("from T\n")
     assert not (repo / "docs" / "x.txt").exists() and "docs/x.txt" in git(repo, "ls-files")
     assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+
+
+@pytest.mark.parametrize("link", ["worktrees/ORD", "worktrees", "merges/ORD", "merges"])
+def test_a_link_left_in_the_workspace_directories_is_never_listed_or_removed_through(repo, tmp_path, link):
+    """A worker that made `.aipm/worktrees/ORD` a link to a directory of the user's: every run's sweep listed it
+    and `rm -rf`ed each directory there as a finished task's worktree (`aipm recover`: through `.aipm/worktrees`
+    too), and a merge saved its plan where `.aipm/merges/...` led, removing what had its task's name."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"], command="echo done >> src/a.txt")
+    victim = tmp_path / "victim"
+    for where in ("T", "ORD/T", "ORD/other", "other"):
+        (victim / where).mkdir(parents=True)
+        (victim / where / "keep.txt").write_text("the user's\n")
+    before = sorted(str(p.relative_to(victim)) for p in victim.rglob("*"))
+    (repo / ".aipm" / link).parent.mkdir(parents=True, exist_ok=True)
+    (repo / ".aipm" / link).symlink_to(victim)
+    assert project.aipm("run", "ORD").returncode == 0
+    assert project.aipm("recover").returncode == 0
+    assert sorted(str(p.relative_to(victim)) for p in victim.rglob("*")) == before
+    assert project.statuses() == {"T": "DONE"}
+    assert (repo / "src/a.txt").read_text().endswith("done\n")
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}

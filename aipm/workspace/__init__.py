@@ -34,8 +34,8 @@ from aipm.scope import out_of_scope
 from aipm.fields import WORKSPACES
 from aipm.settings import Settings
 from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
-from aipm.workspace.places import (component, merge_dir, patch_path, refname, relative, scratch, seam,
-                                   worktree_path)
+from aipm.workspace.places import (component, make_own_dir, merge_dir, patch_path, refname, relative, scratch,
+                                   seam, worktree_path)
 from aipm.workerfiles import append_log, read_bytes, write_bytes
 from aipm.workspace.repo import RUNTIME_DIR, Repo, UnbornRepositories, WorkspaceError
 
@@ -82,6 +82,7 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
                         f"aipm: start of {rec.order}/{rec.task}, attempt {rec.serial}")
     repo.set_ref(refname(rec.order, rec.task, "base", prefix=repo.prefix), base)
     path = worktree_path(root, rec.order, rec.task)
+    make_own_dir(root, path.parent)  # where remove() will remove it: not through a link a worker left there
     repo.add_worktree(path, base)
     globs = task.workspace_copy if task.workspace_copy is not None else settings.workspace_copy
     _copy_ignored(Path(root), path / repo.prefix, globs)
@@ -231,6 +232,7 @@ def merge(root: Path, rec: Record) -> list[str]:
 
     repo = Repo(root)
     plan_dir = merge_dir(root, rec.order, rec.task)
+    make_own_dir(root, plan_dir.parent)  # a link there: a plan read from, and saved (rm -rf first) where it leads
     notes = []
     if not merging.pending(plan_dir, rec.serial):
         if rec.phase == "review":

@@ -4,6 +4,7 @@ merge plan is applied first: it was decided), sweep what crashes left, and say w
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 from pathlib import Path
 
@@ -13,8 +14,8 @@ from aipm.model import FINISHED_OK, RUNNING, Order, Task
 from aipm.record import Record, same_attempt
 from aipm.runtime import Runtime
 from aipm.workerfiles import append_log
-from aipm.workspace.places import (component, merge_dir, ref_space, refname, relative, runtime_dir, scratch, seam,
-                                   worktree_path)
+from aipm.workspace.places import (component, merge_dir, own_dir, ref_space, refname, relative, runtime_dir, scratch,
+                                   seam, worktree_path)
 from aipm.workspace.repo import Repo, WorkspaceError
 
 
@@ -53,10 +54,14 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
     """Remove a task's worktree, refs and merge plan (a pending plan is applied first: it was decided)."""
     from aipm.workspace import mergeback as merging
 
-    plan_dir = merge_dir(root, order, task)
+    plan_dir, tree = merge_dir(root, order, task), worktree_path(root, order, task)
+    # Nothing through a link a worker left on the way (own_dir): a link at the worktree's own name goes alone.
+    own_plan, own_tree = own_dir(root, plan_dir.parent), own_dir(root, tree)
+    if not own_tree and own_dir(root, tree.parent) and os.path.islink(tree):
+        os.unlink(tree)
     repo = repo or repo_or_none(root)
     if repo is not None:
-        progress = merging.progress(plan_dir)
+        progress = merging.progress(plan_dir) if own_plan else None
         if progress is not None:
             attempt, done, steps = progress
             applied = merging.apply(repo.top, plan_dir)
@@ -69,9 +74,14 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
             # A shared task's audit in flight sees these files change: they are no one's stray writes.
             writtenlog.note_written(Runtime(root), [relative(p, repo.prefix) for p in merging.paths(plan_dir)])
         repo.delete_refs(repo.refs(refname(order, task, prefix=repo.prefix)))
-        repo.remove_worktree(worktree_path(root, order, task))
-    shutil.rmtree(worktree_path(root, order, task), ignore_errors=True)
-    shutil.rmtree(plan_dir, ignore_errors=True)
+        if own_tree:
+            repo.remove_worktree(tree)
+        elif own_dir(root, tree.parent):
+            repo.prune_worktrees(tree.parent)
+    if own_tree:
+        shutil.rmtree(tree, ignore_errors=True)
+    if own_plan:
+        shutil.rmtree(plan_dir, ignore_errors=True)
 
 
 def sweep(root: Path, order: Order, everything: bool = False) -> list[tuple[str, str]]:
@@ -89,7 +99,7 @@ def sweep_orphans(root: Path, known: list[str]) -> list[tuple[str, str, str]]:
     repo = repo_or_none(root)
     orders = set()
     for base in (runtime_dir(root) / "worktrees", runtime_dir(root) / "merges"):
-        if base.is_dir():
+        if own_dir(root, base):
             orders.update(p.name for p in base.iterdir())
     if repo is not None:
         space = ref_space(repo.prefix)  # this project's: another project of the repository has its own
@@ -102,7 +112,8 @@ def sweep_orphans(root: Path, known: list[str]) -> list[tuple[str, str, str]]:
         tidied += [(name, *item) for item in _sweep(root, repo, name, [], True)]
         for base in (runtime_dir(root) / "worktrees" / name, runtime_dir(root) / "merges" / name):
             with contextlib.suppress(OSError):  # absent, or holding what could not be removed (reported)
-                base.rmdir()
+                if own_dir(root, base):
+                    base.rmdir()
     return tidied
 
 
@@ -117,7 +128,7 @@ def _sweep(root: Path, repo: Repo | None, order: str, tasks: list[Task], everyth
     by_name = {component(t.id): t for t in tasks}
     names = set()
     for base in (worktree_path(root, order, "x").parent, merge_dir(root, order, "x").parent):
-        if base.is_dir():
+        if own_dir(root, base):  # (a link there: what it leads to is no one's worktree)
             names.update(p.name for p in base.iterdir())
     if repo is not None:
         mine = refname(order, "", prefix=repo.prefix)[:-1]  # `.../<ORDER>/`
@@ -157,6 +168,7 @@ def prune(root: Path) -> None:
         if pid.isdigit() and not psutil.pid_exists(int(pid)):
             index.unlink(missing_ok=True)
     try:
-        Repo(root).prune_worktrees(runtime_dir(root) / "worktrees")
+        if own_dir(root, runtime_dir(root) / "worktrees"):  # (through a link: the notes of worktrees elsewhere)
+            Repo(root).prune_worktrees(runtime_dir(root) / "worktrees")
     except WorkspaceError:
         pass

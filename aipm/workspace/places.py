@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
+import time
 from pathlib import Path
 
 from aipm.digest import sha1
@@ -33,6 +35,38 @@ def merge_dir(root: Path, order: str, task: str) -> Path:
 
 def patch_path(root: Path, order: str, task: str, attempt: int) -> Path:
     return runtime_dir(root) / "patches" / component(order) / f"{component(task)}.{attempt}.patch"
+
+
+def own_dir(root: Path, path: Path) -> bool:
+    """`path`, below the runtime directory, is a directory reached without a symbolic link below `.aipm` (a
+    `.aipm` that is a link is a person's choice of where it lives; runtime.py refuses one that leads out). Only
+    then is it listed or removed: through a worker's `.aipm/worktrees/ORD -> ~` a sweep took every directory it
+    found there for a finished task's worktree and `rm -rf`ed it, and `git worktree remove` would remove a
+    person's worktree a link named."""
+    here = runtime_dir(root)
+    for part in Path(path).relative_to(here).parts:
+        here = here / part
+        try:
+            if not stat.S_ISDIR(os.lstat(here).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def make_own_dir(root: Path, path: Path) -> None:
+    """Make `path` below the runtime directory as own_dir() wants it: a link or file a worker left on the way
+    is moved aside (kept under a name that says why, as runtime.py does for the logs' directories)."""
+    here = runtime_dir(root)
+    for part in Path(path).relative_to(here).parts:
+        here = here / part
+        try:
+            if stat.S_ISDIR(os.lstat(here).st_mode):
+                continue
+            os.rename(here, f"{here}.not-a-directory.{time.time_ns()}")
+        except FileNotFoundError:
+            pass
+        os.makedirs(here, exist_ok=True)
 
 
 def refname(order: str, task: str, which: str = "", prefix: str = "") -> str:
