@@ -260,14 +260,19 @@ class Runtime:
 
     @staticmethod
     def _remove_unwanted(directory: Path, wanted: Callable[[str], bool]) -> None:
+        """Opened as a directory of its own, never through a link: a worker's `exit/ORD -> ~` had every file there
+        removed. What is no file of ours (a directory a worker made there) stays: its unlink failed the run."""
         try:
-            names = os.listdir(directory)
-        except FileNotFoundError:
-            return
-        for name in names:
-            if not wanted(name):
-                with suppress(FileNotFoundError):
-                    os.unlink(directory / name)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return  # gone, or a link (ELOOP) or file where the directory goes
+        try:
+            for name in os.listdir(fd):
+                if not wanted(name):
+                    with suppress(FileNotFoundError, IsADirectoryError, PermissionError):
+                        os.unlink(name, dir_fd=fd)
+        finally:
+            os.close(fd)
 
     def records(self) -> list[Record]:
         """Every worker record in the project, live or not (read once per launch-lock hold; copies)."""

@@ -356,3 +356,27 @@ def test_spent_exit_files_are_removed_by_the_next_recovery(project):
     assert "exit 3" in yaml.safe_load((order / "ORPHAN.yaml").read_text())["reason"]
     assert project.aipm("recover", "ORD").returncode == 0
     assert list(exits.iterdir()) == []
+
+
+def test_the_sweep_of_spent_exit_files_never_follows_a_link_nor_stops_at_a_directory(project, tmp_path):
+    """A worker (unconfined, it can write aipm's state directory) that made the order's exit directory a link to
+    one of the user's had every file there removed by the next sweep; a directory it made there failed every
+    `run` and `recover` of the order with a traceback (unlink of a directory)."""
+    write_task(project.order(), "T", command="true", target_files=["t.txt"])
+    assert project.aipm("run", "ORD").returncode == 0
+    exits = state(project.root) / "exit" / "ORD"
+    exits.rmdir()
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "notes.txt").write_text("the user's\n")
+    exits.symlink_to(victim)
+    proc = project.aipm("recover", "ORD")
+    assert proc.returncode == 0, proc.stderr
+    assert (victim / "notes.txt").read_text() == "the user's\n"
+    exits.unlink()
+    (exits / "made-by-a-worker").mkdir(parents=True)
+    (exits / "T.9").write_text("0\n")  # spent: no record names it
+    for args in (("recover", "ORD"), ("run", "ORD")):
+        proc = project.aipm(*args)
+        assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert sorted(p.name for p in exits.iterdir()) == ["made-by-a-worker"]
