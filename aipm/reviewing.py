@@ -14,7 +14,7 @@ from aipm.finish import after_review, review_command, time_limit
 from aipm.model import Status, Task
 from aipm.record import Record
 from aipm.worker import environment, model_for
-from aipm.workerfiles import append_log, read_bytes, write_bytes
+from aipm.workerfiles import append_log, read_bytes, unlink_hard_link, write_bytes
 from aipm.writer import now
 
 
@@ -119,6 +119,7 @@ class Reviewing:
         except FileNotFoundError:
             pass
         rec.command = [command] if isinstance(command, str) else command
+        unlink_hard_link(review_log)  # the reviewer's output goes to a file of ours, not through the worker's link
         try:
             runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=workspace.directory(self.rt.root, rec),
                          log=review_log,

@@ -20,13 +20,17 @@ NO_WAIT = os.O_NONBLOCK | os.O_NOFOLLOW
 def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
     fd = os.open(path, flags | NO_WAIT | os.O_CLOEXEC, mode)
     try:
-        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        info = os.fstat(fd)
     except BaseException:
         os.close(fd)
         raise
-    if not regular:
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise OSError(errno.EINVAL, "not a regular file (its worker replaced it)", str(path))
+    if flags & (os.O_WRONLY | os.O_RDWR) and info.st_nlink > 1:
+        # A worker's `ln ~/notes .aipm/logs/ORD/T.1.log`: our lines would land in its file outside the project.
+        os.close(fd)
+        raise OSError(errno.EINVAL, "a hard link to another file (its worker made it)", str(path))
     return fd
 
 
@@ -42,7 +46,9 @@ def read_bytes(path: str | os.PathLike) -> bytes:
 def write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with os.fdopen(open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "wb") as handle:
+        # Made new (O_EXCL): a hard link a worker left under the name would be truncated by the open itself.
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as handle:
             handle.write(data)
         os.replace(tmp, path)
     except BaseException:
@@ -75,6 +81,16 @@ def kept_link(path: str) -> bool:
     top = os.sep.join(parts[:len(parts) - parts[::-1].index(".aipm") - 1])
     real, root = os.path.realpath(path), os.path.realpath(top)
     return not real.startswith(root + os.sep) or real.startswith(os.path.realpath(os.path.join(top, ".aipm")) + os.sep)
+
+
+def unlink_hard_link(path: str) -> None:
+    """A file aipm is about to have a process append to (a review's log) that a worker made a hard link to a file
+    of its own: the name is taken back (their file keeps what it has), so the open creates a file of ours."""
+    try:
+        if os.lstat(path).st_nlink > 1:
+            os.unlink(path)
+    except OSError:
+        pass
 
 
 def append_log(log: str, line: str) -> None:

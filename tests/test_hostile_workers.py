@@ -625,3 +625,30 @@ def test_a_restore_says_what_the_file_said_when_its_status_was_left_alone(projec
     assert "restore  A → IN_PROGRESS: its file said attempts 7 while its worker ran" in proc.stdout, proc.stdout
     assert task_statuses(order) == {"A": "DONE"}
     assert "attempts: 1\n" in (order / "A.yaml").read_text()
+
+
+def test_a_hard_link_a_worker_left_at_a_file_aipm_writes_is_never_written_through(project, tmp_path):
+    """A worker that hard-linked a file of the user's (outside the project) to its own log, or to its review's log
+    before the review began, had aipm append its lines and the reviewer's output to that file."""
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    for name in ("log.txt", "review.txt"):
+        (victim / name).write_text("the user's\n")
+    write_task(project.order(), "T", target_files=["t.txt"], review="echo the review says no; exit 1", max_rework=0,
+               command=f'ln -f "{victim}/log.txt" "$AIPM_LOG"; ln "{victim}/review.txt" "${{AIPM_LOG%.log}}.review.log"')
+    assert project.aipm("run", "ORD").returncode == 1
+    assert task_statuses(project.order()) == {"T": "REJECTED"}
+    assert {p.name: p.read_text() for p in victim.iterdir()} == {"log.txt": "the user's\n", "review.txt": "the user's\n"}
+    assert "the review says no" in (project.root / ".aipm/logs/ORD/T.1.review.log").read_text()
+    assert "the review says no" in (project.root / ".aipm/feedback/ORD/T.txt").read_text()
+
+
+def test_write_bytes_never_truncates_what_a_hard_link_at_its_temp_name_leads_to(tmp_path):
+    from aipm.workerfiles import write_bytes
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's\n")
+    path = tmp_path / "feedback.txt"
+    os.link(victim, tmp_path / f".feedback.txt.{os.getpid()}.tmp")
+    write_bytes(path, b"ours\n")
+    assert victim.read_text() == "the user's\n" and path.read_text() == "ours\n"
