@@ -54,7 +54,14 @@ _round = _Round()
 def _write_file(path: str, data: bytes, spares: Pool, final: str) -> None:
     fd = spares.take(path, avoid=final)
     if fd is None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        # Made new: what a worker left under the temp name (a link to ~/.bashrc, a hard link) is removed, never
+        # truncated and written through; the usual case, no file there, costs nothing more.
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = os.open(path, flags, 0o666)
+        except FileExistsError:
+            os.unlink(path)
+            fd = os.open(path, flags, 0o666)
     try:
         fill(fd, data)
     finally:
