@@ -8,7 +8,9 @@ held), and its end wakes its owner, whose next round looks again.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -166,12 +168,22 @@ def asleep_in_wait(pid: int) -> bytes | None:
     return b"".join(line for line in status.splitlines() if b"ctxt_switches:" in line)
 
 
+SMALL = 1 << 22  # more than any record or /proc file read here holds
+
+
 def read_small(path: str) -> bytes:
-    """A small file's bytes through one descriptor (no buffered file object: the hot path reads many)."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    """A small file's bytes through one descriptor (no buffered file object: the hot path reads many). A worker can
+    write the state directory: only a regular file is read (a link to /dev/zero, a FIFO, or a sparse file of
+    gigabytes at a record had every command of the project read for ever, or wait for ever); OSError otherwise."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > SMALL:
+            raise OSError(errno.EINVAL, "not a small regular file", path)
         data = chunk = os.read(fd, 65536)
         while chunk:
+            if len(data) > SMALL:  # (a /proc file says size 0)
+                raise OSError(errno.EFBIG, "not a small file", path)
             chunk = os.read(fd, 65536)
             data += chunk
         return data

@@ -128,8 +128,7 @@ class Reviewing:
             # A reviewer that cannot start never approves (fail closed).
             append_log(review_log, f"review could not start: {exc}")
             rec.pid = 0
-            with open(rec.exit_file, "w") as handle:
-                handle.write("127\n")
+            write_bytes(Path(rec.exit_file), b"127\n")
             self.rt.write_record(rec)
         self._own(rec)
 

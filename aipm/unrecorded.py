@@ -9,10 +9,12 @@ INTERRUPTED for a person to check, never run again blindly.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from aipm.errors import UserError
 from aipm.record import Record
 from aipm.runtime import StateWriteError, read_exit_file
+from aipm.workerfiles import write_bytes
 
 
 def keep_exit_code(rec: Record, code: int | None) -> bool:
@@ -22,8 +24,7 @@ def keep_exit_code(rec: Record, code: int | None) -> bool:
     if read_exit_file(rec.exit_file) == code:
         return True
     try:
-        with open(rec.exit_file, "w") as handle:
-            handle.write(f"{code}\n")
+        write_bytes(Path(rec.exit_file), f"{code}\n".encode())  # renamed over what a worker left (a FIFO waits)
     except OSError:
         return False
     return read_exit_file(rec.exit_file) == code

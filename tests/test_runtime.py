@@ -160,3 +160,43 @@ def test_a_link_or_hard_link_at_a_records_temp_name_is_never_written_through(tmp
         rt.write_record(_record(root, "A", pid=7))
         assert victim.read_text() == "the user's\n"
         assert rt.read_record("O", "A").pid == 7
+
+
+def test_what_a_worker_leaves_at_a_record_or_an_exit_file_is_never_read_for_ever(tmp_path):
+    """The state directory is any unconfined worker's to write: a record that was a link to /dev/zero or a sparse
+    file of gigabytes had every command of the project (`aipm ps`, each round of a run) read until memory ran out;
+    a FIFO at an exit file held whoever read it."""
+    from aipm.runtime import read_exit_file
+
+    root = tmp_path / "p"
+    root.mkdir()
+    rt = Runtime(root)
+    rt.write_record(_record(root, "A"))
+    records = rt.record_path("O", "A").parent
+    (records / "Z.json").symlink_to("/dev/zero")
+    with open(records / "S.json", "wb") as handle:
+        handle.truncate(3 << 30)
+    os.mkfifo(records / "F.json")
+    fifo = tmp_path / "exit"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-c", f"""
+import resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+from aipm.runtime import Runtime, read_exit_file
+print(sorted(r.task for r in Runtime({str(root)!r}).records()), read_exit_file({str(fifo)!r}))
+"""], capture_output=True, text=True, timeout=60)
+    assert proc.stdout == "['A'] None\n", proc.stderr
+
+
+def test_an_exit_code_kept_where_a_worker_left_a_fifo_replaces_it(tmp_path):
+    """keep_exit_code (an outcome that could not be written to its task file) opened the exit file to write it:
+    a FIFO a worker left there held the owner for ever."""
+    fifo = tmp_path / "T.1"
+    os.mkfifo(fifo)
+    proc = subprocess.run([sys.executable, "-c", f"""
+from types import SimpleNamespace
+from aipm.unrecorded import keep_exit_code
+print(keep_exit_code(SimpleNamespace(exit_file={str(fifo)!r}), 3))
+"""], capture_output=True, text=True, timeout=30)
+    assert proc.stdout == "True\n", proc.stderr
+    assert fifo.read_text() == "3\n"
