@@ -20,6 +20,7 @@ from aipm.lockholders import open_under
 from aipm.paths import real_relative
 from aipm.record import Record
 from aipm.runtime import Runtime
+from aipm.workerfiles import open_regular, read_bytes, write_bytes
 
 WRITTEN_LOG = "written.log"  # in the state directory: "<time_ns> <json list of targets>" per line
 
@@ -49,9 +50,13 @@ def note_written(rt: Runtime, targets: Iterable[str]) -> None:
     it is cut to the lines an audit may still need."""
     log = rt.state / WRITTEN_LOG
     try:
-        with open(log, "a", encoding="utf-8") as handle:
-            handle.write(f"{time.time_ns()} {json.dumps(list(targets))}\n")
-            size = handle.tell()
+        # (regular files only, never through a link: any unconfined worker can write the state directory)
+        fd = open_regular(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+        try:
+            os.write(fd, f"{time.time_ns()} {json.dumps(list(targets))}\n".encode())
+            size = os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
         if size > WRITTEN_LOG_BYTES:
             _prune(rt, log)
     except OSError:
@@ -74,9 +79,7 @@ def _prune(rt: Runtime, log: Path) -> None:
             except OSError:
                 continue
     kept = [line for line in _lines(log) if int(line.split(" ", 1)[0]) >= min(since)]
-    tmp = log.with_name(log.name + ".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    os.replace(tmp, log)
+    write_bytes(log, "".join(f"{line}\n" for line in kept).encode())
 
 
 def written_since(rt: Runtime, since_ns: int) -> list[str]:
@@ -94,7 +97,7 @@ def written_since(rt: Runtime, since_ns: int) -> list[str]:
 
 def _lines(log: Path) -> list[str]:
     try:
-        return [line for line in log.read_text().splitlines() if line.split(" ", 1)[0].isdigit()]
+        return [line for line in read_bytes(log).decode().splitlines() if line.split(" ", 1)[0].isdigit()]
     except (OSError, UnicodeDecodeError):
         return []
 

@@ -417,6 +417,35 @@ def test_the_written_log_is_cut_to_what_an_audit_in_flight_may_need(tmp_path, mo
     assert writtenlog.written_since(rt, 0) == noted  # the 100 old lines were cut
 
 
+def test_the_written_log_is_never_appended_or_cut_through_a_link_a_worker_left(tmp_path, monkeypatch):
+    """The written log is in the state directory, which any unconfined worker can write: a link at its name had
+    each ended attempt's line appended to the file it led to, and one at the fixed temp name of its cut
+    (`written.log.tmp`) had that file truncated and written with the log."""
+    import time
+
+    from aipm import writtenlog
+    from aipm.runtime import Runtime
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    rt = Runtime(root)
+    rt.state.mkdir(parents=True, exist_ok=True)
+    monkeypatch.setattr(writtenlog, "WRITTEN_LOG_BYTES", 2000)
+    log = rt.state / writtenlog.WRITTEN_LOG
+    victims = {name: tmp_path / name for name in ("appended.txt", "cut.txt")}
+    for victim in victims.values():
+        victim.write_text("the user's\n")
+    log.symlink_to(victims["appended.txt"])
+    writtenlog.note_written(rt, ["a.txt"])
+    log.unlink()
+    log.write_text("".join(f"{time.time_ns()} [\"old/{i}\"]\n" for i in range(100)))
+    log.with_name(log.name + ".tmp").symlink_to(victims["cut.txt"])
+    writtenlog.note_written(rt, ["b.txt"])
+    assert {name: victim.read_text() for name, victim in victims.items()} == {
+        "appended.txt": "the user's\n", "cut.txt": "the user's\n"}
+    assert writtenlog.written_since(rt, 0)[-1] == "b.txt"
+
+
 def test_a_prefetched_snapshot_is_read_at_its_first_use_and_one_never_read_leaves_no_git_behind(repo):
     """`prefetch` starts git now; the snapshot, read later, is the tree as git saw it from its start. Inside one
     shared block it is the one every later snapshot() of the root returns; a prefetch nobody read is ended with
