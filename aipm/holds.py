@@ -128,8 +128,6 @@ def _read_index(path: Path, order_dir: Path) -> dict:
 def _write_index(path: Path, data: dict) -> None:
     try:
         path.parent.mkdir(exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, path)
+        workerfiles.write_bytes(path, json.dumps(data).encode())  # (its temp file never opened through a link)
     except OSError:
         pass  # only a cache: the next look reads the files again

@@ -19,7 +19,7 @@ from aipm.project import Project
 from aipm.runner import terminate_group
 from aipm.record import live_pid
 from aipm.runtime import Runtime, StateWriteError
-from aipm.workerfiles import append_log
+from aipm.workerfiles import append_log, write_bytes
 from aipm.settings import Settings
 from aipm.store import load_task, order_meta
 from aipm.writer import StaleWrite, now, update_task
@@ -126,7 +126,7 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
         if resume_with is not None:
             _resumable(path, current, resume_with)
             marker = rt.resume_path(order_id, task_id)
-            marker.write_text(current.session_id + "\n")
+            write_bytes(marker, (current.session_id + "\n").encode())  # (not opened through a worker's link)
         fresh = {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "started_at": None, "finished_at": None,
                  "exit_code": None, "preemptions": 0, **cleared_reason(current)}
         # Only what differs: a task that never ran gets no lines of nulls and zeros in its versioned file.

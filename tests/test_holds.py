@@ -95,3 +95,17 @@ def test_a_broken_file_in_another_order_holds_nothing_and_breaks_nothing(project
     detect = project.json("detect", "B")
     assert {t["id"] for t in detect["launchable"]} == {"T1", "T2"}
     assert snapshot(project.root) == before
+
+
+def test_the_holds_index_is_never_written_through_a_link_at_its_temp_name(tmp_path):
+    """`.aipm/holds/` is in the tree: a link a worker left at the index's temp name had the file it led to (outside
+    the project) truncated and written with the index."""
+    from aipm.holds import _write_index
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's\n")
+    index = tmp_path / "holds" / "A.json"
+    index.parent.mkdir()
+    (index.parent / f".A.json.{os.getpid()}.tmp").symlink_to(victim)
+    _write_index(index, {"files": {}})
+    assert victim.read_text() == "the user's\n" and '"files"' in index.read_text()
