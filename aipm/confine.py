@@ -28,8 +28,10 @@ import os
 import shutil
 import sys
 from functools import lru_cache
+from pathlib import Path
 
 from aipm.paths import GLOB_CHARS, literal_base
+from aipm.workerfiles import write_bytes
 
 # Test seam (like AIPM_FAKE_LOAD in resources.py): a Landlock ABI to report instead of asking the kernel;
 # "0" simulates a kernel without Landlock. Read only here.
@@ -361,8 +363,8 @@ def main(argv: list[str]) -> int:
             grants, tmp = rules(spec["root"], spec["targets"], spec["log"], made, spec["keep"], spec["project"],
                                 spec.get("state"))
         finally:
-            with open(made_file(spec["log"]), "w") as handle:
-                json.dump(made, handle)
+            # Renamed into place: a link an earlier, unconfined attempt left under this name is not written through.
+            write_bytes(Path(made_file(spec["log"])), json.dumps(made).encode())
         restrict(grants)
     except OSError as exc:
         # Never run the command unconfined: the attempt fails with the reason in its log.

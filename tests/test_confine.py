@@ -670,3 +670,21 @@ def test_an_unconfined_worker_cannot_have_aipm_remove_what_it_lists_beside_its_l
         import shutil
 
         shutil.rmtree(victim, ignore_errors=True)
+
+
+@landlock
+def test_the_listing_of_what_was_made_for_the_rules_is_never_written_through_a_link(tmp_path):
+    """The listing beside the log is written in the worker's process before the ruleset applies: a link an
+    earlier, unconfined attempt left under the next attempt's name had the file it led to truncated and written."""
+    import subprocess
+
+    root = tmp_path / "p"
+    (root / ".aipm" / "logs").mkdir(parents=True)
+    log = root / ".aipm" / "logs" / "T.2.log"
+    victim = tmp_path / "victim.txt"
+    victim.write_text("the user's\n")
+    Path(confine.made_file(str(log))).symlink_to(victim)
+    argv = confine.prefix(str(root), ["new.txt"], str(log), [])
+    assert subprocess.run([*argv, "true"], cwd=root, timeout=60).returncode == 0
+    assert victim.read_text() == "the user's\n"
+    assert json.loads(Path(confine.made_file(str(log))).read_text())[0][0] == str(root / "new.txt")
