@@ -1479,3 +1479,33 @@ def test_a_link_left_in_the_workspace_directories_is_never_listed_or_removed_thr
     assert project.statuses() == {"T": "DONE"}
     assert (repo / "src/a.txt").read_text().endswith("done\n")
     assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+
+
+def test_a_kept_patch_and_a_captures_index_are_never_written_where_a_workers_link_leads(repo, tmp_path):
+    """A link at `.aipm/patches/ORD` had a failed attempt's patch (the only copy of its work) written where it
+    led, outside the project; one at a capture's temporary index had copy2 write git's index into the file it
+    led to."""
+    import re as regex
+
+    from aipm.workspace import repo as repository
+
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "T.1.patch").write_text("the user's\n")
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"], command="echo work >> src/a.txt; exit 1")
+    (repo / ".aipm" / "patches").mkdir(parents=True)
+    (repo / ".aipm" / "patches" / "ORD").symlink_to(victim)
+    assert project.aipm("run", "ORD").returncode == 1
+    assert [(p.name, p.read_text()) for p in victim.iterdir()] == [("T.1.patch", "the user's\n")]
+    assert any("+work" in p.read_text() for p in (repo / ".aipm/patches/ORD").glob("T.*.patch"))
+
+    index_victim = tmp_path / "index.txt"
+    index_victim.write_text("the user's\n")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    after = int(regex.search(r"\d+", repr(repository._counter)).group())
+    for n in range(after, after + 3):
+        (scratch / f"index.{os.getpid()}.{n}").symlink_to(index_victim)
+    repository.Repo(repo).capture(repo, scratch, None, "capture")
+    assert index_victim.read_text() == "the user's\n"

@@ -219,7 +219,7 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, list[str]]:
         end = repo.capture(tree, scratch(root), base, message, leave_out=left_out)
     repo.set_ref(refname(rec.order, rec.task, "end", prefix=repo.prefix), end)
     patch = patch_path(root, rec.order, rec.task, rec.serial)
-    patch.parent.mkdir(parents=True, exist_ok=True)
+    make_own_dir(root, patch.parent)  # (the only copy of the work: not where a worker's link leads)
     write_bytes(patch, repo.patch(base, end))
     return repo, base, end, left_out
 

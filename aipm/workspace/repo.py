@@ -120,6 +120,7 @@ class Repo:
         index = scratch / f"index.{os.getpid()}.{next(_counter)}"
         seed = tree_dir / self.git("rev-parse", "--git-path", "index", cwd=tree_dir).decode().strip()
         try:
+            index.unlink(missing_ok=True)  # a link a worker left under the name: copy2 would write where it leads
             if seed.is_file():
                 # copy2 keeps the index's mtime: git reads again a file not older than its index (racy git), and
                 # a copy stamped later made it trust a same-size edit made in the second of the checkout
