@@ -72,15 +72,21 @@ def exit_code_in_log(log: str) -> int | None:
 
 
 def kept_link(path: str) -> bool:
-    """A link at `path`, a directory below `<root>/.aipm/`, that aipm writes through: it leads to a directory
-    outside the project's files (another disk), or inside `.aipm/`. One into the project's files (a worker's
-    link of `.aipm/logs/ORD` to `src/`) would have aipm write there."""
+    """A link at `path`, a directory below `<root>/.aipm/`, that aipm writes through: it leads inside `.aipm/`, or
+    it is the logs' (`.aipm/logs` or an order's below it) and leads outside the project's files (another disk).
+    One into the project's files (a worker's link of `.aipm/logs/ORD` to `src/`) would have aipm write there;
+    the feedback's, resume's or notify log's to a directory outside (`.aipm/feedback/ORD -> ~`) had aipm replace
+    and remove files of its names there (`~/T.txt` of a task T approved): they hold no logs, so no disk of their
+    own."""
     parts = path.split(os.sep)
     if ".aipm" not in parts or not os.path.isdir(path):
         return False
-    top = os.sep.join(parts[:len(parts) - parts[::-1].index(".aipm") - 1])
+    at = len(parts) - parts[::-1].index(".aipm") - 1
+    top = os.sep.join(parts[:at])
     real, root = os.path.realpath(path), os.path.realpath(top)
-    return not real.startswith(root + os.sep) or real.startswith(os.path.realpath(os.path.join(top, ".aipm")) + os.sep)
+    if real.startswith(os.path.realpath(os.path.join(top, ".aipm")) + os.sep):
+        return True
+    return parts[at + 1:at + 2] == ["logs"] and not real.startswith(root + os.sep)
 
 
 def unlink_hard_link(path: str) -> None:

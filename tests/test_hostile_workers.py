@@ -652,3 +652,18 @@ def test_write_bytes_never_truncates_what_a_hard_link_at_its_temp_name_leads_to(
     os.link(victim, tmp_path / f".feedback.txt.{os.getpid()}.tmp")
     write_bytes(path, b"ours\n")
     assert victim.read_text() == "the user's\n" and path.read_text() == "ours\n"
+
+
+@pytest.mark.parametrize("review", ["true", "echo no; exit 1"])
+def test_a_link_of_the_feedback_directory_out_of_the_project_is_moved_aside(project, tmp_path_factory, review):
+    """`.aipm/logs` may be a person's link to another disk; the feedback's directory holds no logs: a worker's
+    `.aipm/feedback/ORD -> ~` had an approval remove `~/T.txt` and a rejection replace it with the review's
+    output."""
+    victim = tmp_path_factory.mktemp("victim")  # outside the project
+    (victim / "T.txt").write_text("the user's\n")
+    (project.root / ".aipm" / "feedback").mkdir(parents=True)
+    (project.root / ".aipm" / "feedback" / "ORD").symlink_to(victim)
+    write_task(project.order(), "T", target_files=["t.txt"], command="true", review=review, max_rework=0)
+    project.aipm("run", "ORD")
+    assert task_statuses(project.order())["T"] in ("COMPLETED", "REJECTED")
+    assert [(p.name, p.read_text()) for p in victim.iterdir()] == [("T.txt", "the user's\n")]
