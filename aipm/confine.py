@@ -336,7 +336,8 @@ def tidy(log: str, confined: bool) -> None:
     for path, is_dir, mtime in reversed(made):
         try:
             if mtime == WHOLE:
-                shutil.rmtree(path, ignore_errors=True)
+                if _made_tmp(path, log):
+                    shutil.rmtree(path, ignore_errors=True)
             elif is_dir:
                 os.rmdir(path)
             else:
@@ -346,6 +347,18 @@ def tidy(log: str, confined: bool) -> None:
         except OSError:
             continue  # used by the worker (not empty, or written): it stays
     os.unlink(listing)
+
+
+def _made_tmp(path: str, log: str) -> bool:
+    """Whether a listing's directory to remove whole is a TMPDIR rules() makes: beside the log, or `aipm-tmp-*` in
+    the system's temp directory. The listing lies in `.aipm/`, where another task's unconfined worker can rewrite
+    it while this attempt runs: one that named `~` there had it removed with all it holds."""
+    import tempfile
+
+    if path == private_tmp(log):
+        return True
+    return (os.path.dirname(path) == os.path.realpath(tempfile.gettempdir())
+            and os.path.basename(path).startswith("aipm-tmp-"))
 
 
 def main(argv: list[str]) -> int:

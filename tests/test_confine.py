@@ -688,3 +688,19 @@ def test_the_listing_of_what_was_made_for_the_rules_is_never_written_through_a_l
     assert subprocess.run([*argv, "true"], cwd=root, timeout=60).returncode == 0
     assert victim.read_text() == "the user's\n"
     assert json.loads(Path(confine.made_file(str(log))).read_text())[0][0] == str(root / "new.txt")
+
+
+@landlock
+def test_a_listing_another_worker_rewrote_never_removes_more_than_a_tmpdir_of_ours(project, tmp_path_factory):
+    """The listing of a confined attempt lies in `.aipm/logs`, which another task's unconfined worker can write
+    while the attempt runs: one that named a directory of the user's to be removed whole had the attempt's end
+    `rm -rf` it."""
+    victim = tmp_path_factory.mktemp("victim")
+    (victim / "notes.txt").write_text("the user's\n")
+    logs = project.root / ".aipm" / "logs" / "ORD"
+    write_task(project.order(), "C", target_files=["c.txt"], confine=True,
+               command=f'while [ ! -e "{logs}/go" ]; do sleep 0.05; done; echo c > c.txt')
+    write_task(project.order(), "U", target_files=["u.txt"],
+               command=f"""sleep 0.5; echo '[["{victim}", true, -1]]' > "{logs}/C.1.confine.json"; touch "{logs}/go" """)
+    assert project.aipm("run", "ORD").returncode == 0
+    assert (victim / "notes.txt").read_text() == "the user's\n"
