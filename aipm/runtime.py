@@ -32,7 +32,7 @@ from aipm.launchlock import exclusive
 from aipm.statedir import make_state_dir, state_dir
 from aipm.record import Record
 from aipm.spares import Pool, fill, in_tree, pool
-from aipm.workerfiles import kept_link
+from aipm.workerfiles import kept_link, write_bytes
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
 
@@ -127,8 +127,8 @@ class Runtime:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 ignore = self.dir / ".gitignore"
-                if not ignore.exists():
-                    ignore.write_text(GITIGNORE)
+                if not ignore.is_file() or ignore.is_symlink():
+                    write_bytes(ignore, GITIGNORE.encode())  # renamed over a link a worker left: never written through
                 break
             except FileNotFoundError:
                 continue  # a worker is deleting .aipm/ right now: make it again

@@ -200,3 +200,16 @@ print(keep_exit_code(SimpleNamespace(exit_file={str(fifo)!r}), 3))
 """], capture_output=True, text=True, timeout=30)
     assert proc.stdout == "True\n", proc.stderr
     assert fifo.read_text() == "3\n"
+
+
+def test_the_runtime_directorys_gitignore_is_never_written_through_a_link(tmp_path):
+    """A worker's `.aipm/.gitignore -> ~/somewhere` (nothing there yet): making a directory of `.aipm/` again
+    created that file outside the project, and git saw no ignore file of aipm's."""
+    root = tmp_path / "p"
+    (root / ".aipm").mkdir(parents=True)
+    victim = tmp_path / "outside.txt"
+    (root / ".aipm" / ".gitignore").symlink_to(victim)
+    Runtime(root).log_path("ORD", "T", 1)
+    assert not os.path.lexists(victim)
+    assert (root / ".aipm" / ".gitignore").read_text().endswith("*\n")
+    assert not (root / ".aipm" / ".gitignore").is_symlink()
