@@ -31,7 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from aipm.paths import GLOB_CHARS, literal_base
-from aipm.workerfiles import write_bytes
+from aipm.workerfiles import reading, write_bytes
 
 # Test seam (like AIPM_FAKE_LOAD in resources.py): a Landlock ABI to report instead of asking the kernel;
 # "0" simulates a kernel without Landlock. Read only here.
@@ -329,15 +329,19 @@ def tidy(log: str, confined: bool) -> None:
         return
     listing = made_file(log)
     try:
-        with open(listing) as handle:
+        with reading(listing) as handle:  # (another task's worker may have left a FIFO there: not waited on)
             made = json.load(handle)
     except (OSError, ValueError):
         return
+    at = log.rfind(f"{os.sep}.aipm{os.sep}")  # the project's (a worktree's paths lie below it too), as rules() saw it
+    root = os.path.join(os.path.realpath(log[:at]), "") if at > 0 else ""
     for path, is_dir, mtime in reversed(made):
         try:
             if mtime == WHOLE:
                 if _made_tmp(path, log):
                     shutil.rmtree(path, ignore_errors=True)
+            elif not path.startswith(root) or root == "":
+                continue  # (a rewritten listing: the empty files and directories aipm makes are all in the project)
             elif is_dir:
                 os.rmdir(path)
             else:

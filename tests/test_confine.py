@@ -700,7 +700,13 @@ def test_a_listing_another_worker_rewrote_never_removes_more_than_a_tmpdir_of_ou
     logs = project.root / ".aipm" / "logs" / "ORD"
     write_task(project.order(), "C", target_files=["c.txt"], confine=True,
                command=f'while [ ! -e "{logs}/go" ]; do sleep 0.05; done; echo c > c.txt')
+    (victim / "empty").mkdir()
+    (victim / "empty.txt").touch()
+    mtime = (victim / "empty.txt").stat().st_mtime_ns
+    listing = json.dumps([[str(victim), True, -1], [str(victim / "empty"), True, 0],
+                          [str(victim / "empty.txt"), False, mtime]])
     write_task(project.order(), "U", target_files=["u.txt"],
-               command=f"""sleep 0.5; echo '[["{victim}", true, -1]]' > "{logs}/C.1.confine.json"; touch "{logs}/go" """)
+               command=f"""sleep 0.5; echo '{listing}' > "{logs}/C.1.confine.json"; touch "{logs}/go" """)
     assert project.aipm("run", "ORD").returncode == 0
+    assert sorted(p.name for p in victim.iterdir()) == ["empty", "empty.txt", "notes.txt"]
     assert (victim / "notes.txt").read_text() == "the user's\n"
