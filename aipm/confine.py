@@ -309,9 +309,9 @@ def failure(log: str, confined: bool) -> str | None:
     if not confined or not os.path.exists(made_file(log)):  # written by main() whatever happens
         return None
     try:
-        with open(log, "rb") as handle:
+        with reading(log) as handle:  # (a worker's link to /dev/zero at its log was read for ever)
             handle.seek(max(0, os.fstat(handle.fileno()).st_size - 8192))
-            tail = handle.read().decode("utf-8", "replace").splitlines()
+            tail = handle.read(8192).decode("utf-8", "replace").splitlines()
     except OSError:
         return None
     return next((line[len("[aipm] "):] for line in reversed(tail) if line.startswith(_FAILED)), None)

@@ -213,3 +213,19 @@ def test_the_runtime_directorys_gitignore_is_never_written_through_a_link(tmp_pa
     assert not os.path.lexists(victim)
     assert (root / ".aipm" / ".gitignore").read_text().endswith("*\n")
     assert not (root / ".aipm" / ".gitignore").is_symlink()
+
+
+def test_the_end_of_a_log_a_worker_made_a_link_to_dev_zero_is_not_read_for_ever(tmp_path):
+    """exit_code_in_log (an adopted worker without an exit file) and confine.failure (a confined attempt's exit
+    126) read a log's end: a worker's `ln -sf /dev/zero "$AIPM_LOG"` had them read until memory ran out."""
+    log = tmp_path / "T.1.log"
+    log.symlink_to("/dev/zero")
+    (tmp_path / "T.1.confine.json").write_text("[]")
+    proc = subprocess.run([sys.executable, "-c", f"""
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+from aipm import confine
+from aipm.workerfiles import exit_code_in_log
+print(exit_code_in_log({str(log)!r}), confine.failure({str(log)!r}, True))
+"""], capture_output=True, text=True, timeout=60)
+    assert proc.stdout == "None None\n", proc.stderr
