@@ -14,10 +14,16 @@ from collections.abc import Iterable
 MAX_LENGTH = 160  # a reason sits in a table cell and on an event line; the log has the rest
 
 
+_COLOUR = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")  # a terminal's escape sequence (colours: linters print them)
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ufffe\uffff]")  # what a YAML file cannot hold as it is
+
+
 def one_line(text: str) -> str:
     """Whitespace runs (newlines included) become one space; overlong text ends in an ellipsis. A byte of a file
-    name that is not UTF-8 (decoded as a surrogate) is shown as "?": a task file is UTF-8 text."""
-    text = re.sub(r"\s+", " ", text).strip().encode(errors="replace").decode()
+    name that is not UTF-8 (decoded as a surrogate) is shown as "?": a task file is UTF-8 text. Colour codes go,
+    and any other control character is a "?": a reviewer's first line in red had its task's outcome unwritable."""
+    text = re.sub(r"\s+", " ", _COLOUR.sub("", text)).strip().encode(errors="replace").decode()
+    text = _UNPRINTABLE.sub("?", text)
     return text if len(text) <= MAX_LENGTH else text[: MAX_LENGTH - 1] + "…"
 
 

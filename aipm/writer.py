@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import json
 import os
+import re
 import stat
 from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
@@ -43,8 +45,16 @@ def _render(value: Any) -> str:
         return money(value)
     if isinstance(value, dict):  # token counts: a flow mapping keeps the value on its one line
         return "{" + ", ".join(f"{k}: {_render(v)}" for k, v in value.items()) + "}"
-    # Timestamps are quoted so YAML keeps them strings.
-    return "'" + str(value).replace("'", "''") + "'"
+    # Timestamps are quoted so YAML keeps them strings. A character YAML cannot hold as it is (a control character)
+    # is escaped in a double-quoted string (JSON's is one): the file would not parse, and the write was refused.
+    text = str(value)
+    if _UNPRINTABLE.search(text):
+        return json.dumps(text)
+    return "'" + text.replace("'", "''") + "'"
+
+
+# (a line break too, \x85 and \u2028 included: the value must stay on its key's line)
+_UNPRINTABLE = re.compile("[^\t\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def money(value: float) -> str:

@@ -380,3 +380,14 @@ def test_the_sweep_of_spent_exit_files_never_follows_a_link_nor_stops_at_a_direc
         proc = project.aipm(*args)
         assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert sorted(p.name for p in exits.iterdir()) == ["made-by-a-worker"]
+
+
+def test_a_reviewer_whose_first_line_is_in_colour_has_its_verdict_recorded(project):
+    """Linters and test runners print colour: the reason (the reviewer's first line) held ESC, the task file
+    would not parse with it, and the task stayed IN_REVIEW with 'cannot record the outcome'."""
+    write_task(project.order(), "T", target_files=["t.txt"], command="true", max_rework=0,
+               review="printf '\\033[31mFAIL\\033[0m tests\\n'; exit 1")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1 and "cannot record" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert task_statuses(project.order()) == {"T": "REJECTED"}
+    assert yaml.safe_load((project.order() / "T.yaml").read_text())["reason"] == "review rejected: FAIL tests"

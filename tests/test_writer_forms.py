@@ -209,3 +209,14 @@ def test_keys_inside_nested_mappings_are_not_the_managed_ones():
     text = "env: {status: x}\nnested:\n  status: y\n  attempts: 3\ncommand: z\n"
     new = rewrite(text, {"status": Status.IN_PROGRESS, "attempts": 1})
     assert new == text + "status: IN_PROGRESS\nattempts: 1\n"
+
+
+@pytest.mark.parametrize("reason", ["\x1b[31mFAIL\x1b[0m", "a\x00b", "two\nlines", "next\x85line\u2028", "\x7f"])
+def test_a_value_yaml_cannot_hold_as_it_is_is_written_escaped_and_reads_back(tmp_path, reason):
+    """A control character in a written value (a reviewer's first line in colour, a NUL) made the edited file
+    unparsable, so the write was refused and the outcome never recorded."""
+    path = tmp_path / "T.yaml"
+    path.write_text("# mine\nid: T\nstatus: QUEUED  # kept\ncommand: x\n")
+    update_task(path, {"reason": reason})
+    assert load_task(path).reason == reason
+    assert path.read_text().startswith("# mine\nid: T\nstatus: QUEUED  # kept\ncommand: x\n")
