@@ -14,8 +14,11 @@ from aipm.finish import after_review, review_command, time_limit
 from aipm.model import Status, Task
 from aipm.record import Record
 from aipm.worker import environment, model_for
-from aipm.workerfiles import append_log, read_bytes, unlink_hard_link, write_bytes
+from aipm.workerfiles import append_log, read_end, unlink_hard_link, write_bytes
 from aipm.writer import now
+
+
+FEEDBACK_BYTES = 1 << 20  # of a review's output kept for the next attempt's prompt: the end, where a verdict is
 
 
 class Reviewing:
@@ -72,7 +75,7 @@ class Reviewing:
             reason = outcome.not_merged(outcome.review_approved()) if merged else outcome.review_approved()
         else:
             try:
-                output = read_bytes(review_log)
+                output = read_end(review_log, FEEDBACK_BYTES)
             except OSError:
                 output = b""  # none, or the worker replaced it with what is not a file
             write_bytes(feedback, output + f"{late}\n".encode() * bool(late))

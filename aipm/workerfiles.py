@@ -43,6 +43,14 @@ def read_bytes(path: str | os.PathLike) -> bytes:
         return handle.read()
 
 
+def read_end(path: str | os.PathLike, limit: int) -> bytes:
+    """At most the last `limit` bytes of a regular file: a worker's sparse file of gigabytes under the name (a
+    review's log, made before its reviewer appended to it) is not read whole into memory."""
+    with reading(path) as handle:
+        handle.seek(max(0, os.fstat(handle.fileno()).st_size - limit))
+        return handle.read(limit)
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

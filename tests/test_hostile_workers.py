@@ -667,3 +667,18 @@ def test_a_link_of_the_feedback_directory_out_of_the_project_is_moved_aside(proj
     project.aipm("run", "ORD")
     assert task_statuses(project.order())["T"] in ("COMPLETED", "REJECTED")
     assert [(p.name, p.read_text()) for p in victim.iterdir()] == [("T.txt", "the user's\n")]
+
+
+def test_a_sparse_file_a_worker_left_as_its_reviews_log_is_not_read_whole(project):
+    """The review's output is kept as feedback: a worker that made its review's log a sparse file of gigabytes
+    before the reviewer appended to it had the owner read it whole into memory."""
+    write_task(project.order(), "T", target_files=["t.txt"], review="echo the review says no; exit 1", max_rework=0,
+               command='truncate -s 8G "${AIPM_LOG%.log}.review.log"')
+    limited = ("import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30)); "
+               f"sys.argv = ['aipm', '--root', {str(project.root)!r}, 'run', 'ORD']; "
+               "runpy.run_module('aipm', run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", limited], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert task_statuses(project.order()) == {"T": "REJECTED"}
+    feedback = (project.root / ".aipm/feedback/ORD/T.txt").read_bytes()
+    assert len(feedback) <= 1 << 20 and feedback.endswith(b"the review says no\n")
