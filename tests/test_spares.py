@@ -432,7 +432,7 @@ def test_a_directory_put_at_the_task_files_place_before_the_exchange_stays_there
         return real(a, b)
 
     monkeypatch.setattr(writer, "swap", swap)
-    with pytest.raises(ValidationError, match="Is a directory"):  # the task file is a directory now
+    with pytest.raises(ValidationError, match="not a regular file"):  # the task file is a directory now
         _start(path, project.root)
     assert (path / "work.txt").read_text() == "a worker's file\n"
     assert not any(p.is_dir() for p in (project.root / ".aipm" / "spare").iterdir())
