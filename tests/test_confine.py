@@ -710,3 +710,18 @@ def test_a_listing_another_worker_rewrote_never_removes_more_than_a_tmpdir_of_ou
     assert project.aipm("run", "ORD").returncode == 0
     assert sorted(p.name for p in victim.iterdir()) == ["empty", "empty.txt", "notes.txt"]
     assert (victim / "notes.txt").read_text() == "the user's\n"
+
+
+@landlock
+def test_a_reviewer_cannot_hold_a_confined_tasks_owner_with_a_fifo_beside_its_log(project):
+    """A confined attempt's listing of what was made for its rules (`A.1.confine.json`) is trusted, since its
+    worker cannot write beside its log; but its review runs unconfined, and a reviewer (or another task's
+    unconfined worker) that put a FIFO in the listing's place held the run for ever when the attempt was dropped,
+    under the launch lock: every command of the project, SIGTERM too. The listing is read without waiting now."""
+    order = project.order()
+    write_task(order, "A", command="echo hi > out.txt", target_files=["out.txt"], confine=True,
+               review='L="${AIPM_LOG%.log}.confine.json"; rm -f "$L"; mkfifo "$L"')
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert task_statuses(order) == {"A": "COMPLETED"} and no_workers(project.root)
+    assert (project.root / "out.txt").read_text() == "hi\n"
