@@ -47,18 +47,30 @@ def _generation(real: str) -> bytes:
     """The root's inode generation, where the file system keeps one (ext4, btrfs): a number drawn anew each time
     an inode is given out. A root deleted and made again at its path often gets the freed inode back (ext4), and
     with the same name then the dead incarnation's records: a fresh clone's task was 'adopted' from an attempt
-    that ran in the deleted tree and marked DONE without running. b"" where there is none (the name as before)."""
+    that ran in the deleted tree and marked DONE without running. b"" where there is none (the name as before).
+
+    Only a lasting answer is taken for "none": the root not readable by this user, or a file system that keeps no
+    generation. A passing failure (no descriptor left: EMFILE, ENFILE) raises instead, since it would name another
+    state directory, with none of the project's locks and records, for this process alone."""
     try:
         fd = os.open(real, os.O_RDONLY | os.O_DIRECTORY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return b""
+    except OSError as exc:
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            return b""
+        raise
     try:
         number = int.from_bytes(fcntl.ioctl(fd, _FS_IOC_GETVERSION, bytes(8))[:4], sys.byteorder)
-    except OSError:  # not kept here (tmpfs, overlayfs, NFS): dev, inode and path must do
-        return b""
+    except OSError as exc:
+        if exc.errno in _NOT_KEPT:  # not kept here (tmpfs, overlayfs, NFS): dev, inode and path must do
+            return b""
+        raise
     finally:
         os.close(fd)
     return b"\0%d" % number if number else b""
+
+
+# What an ioctl a file system does not have fails with.
+_NOT_KEPT = {errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS}
 
 
 def _user_dir() -> Path:

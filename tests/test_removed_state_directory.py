@@ -412,3 +412,38 @@ def test_a_project_made_again_at_its_path_does_not_take_the_dead_ones_attempts(t
         assert state(root) != old
     finally:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def test_a_passing_failure_to_read_the_roots_generation_names_no_other_state_directory(tmp_path, monkeypatch):
+    """The root's generation is part of the state directory's name, and any failure to read it was taken for a
+    file system that keeps none: a process out of descriptors (EMFILE) for that one open named another state
+    directory than every other aipm process of the project, with none of its locks and records (a launcher there
+    takes its launch lock and target locks alone). Only a lasting answer (not readable, no such ioctl) is "none"."""
+    import errno
+
+    from aipm import statedir
+
+    root = tmp_path / "p"
+    root.mkdir()
+    real_open, real_ioctl = os.open, fcntl.ioctl
+    named = statedir.state_dir(root)
+
+    def out_of_descriptors(path, flags, *args):
+        if os.fspath(path) == str(root) and flags & os.O_DIRECTORY:
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(statedir.os, "open", out_of_descriptors)
+    with pytest.raises(OSError):
+        statedir.state_dir(root)
+    monkeypatch.setattr(statedir.os, "open", real_open)
+
+    def no_such_ioctl(fd, request, *args):
+        if request == statedir._FS_IOC_GETVERSION:
+            raise OSError(errno.ENOTTY, os.strerror(errno.ENOTTY))
+        return real_ioctl(fd, request, *args)
+
+    monkeypatch.setattr(statedir.fcntl, "ioctl", no_such_ioctl)
+    assert statedir._generation(str(root)) == b""  # a file system without generations: the name as before
+    monkeypatch.undo()
+    assert statedir.state_dir(root) == named
