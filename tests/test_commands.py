@@ -893,3 +893,15 @@ def test_a_root_used_as_its_own_order_reads_aipm_yaml_as_settings_never_as_a_tas
         assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, (args, proc.stdout, proc.stderr)
         assert "settings file" in proc.stderr and "Traceback" not in proc.stderr
     assert snapshot(root) == before
+
+
+def test_a_path_below_orders_dir_given_from_the_root_says_it_is_taken_from_the_working_directory(project):
+    """Since only a single name is looked up in orders_dir, `aipm status 2024/Q1` (an order kept below a directory
+    of orders) is a path from the working directory; the refusal said 'no directory orders/2024/Q1 under <root>',
+    which was there. It names the path to give instead."""
+    write_task(project.root / "orders" / "2024" / "Q1", "A", command="true")
+    proc = project.aipm("status", "2024/Q1")
+    assert proc.returncode == 2 and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert "no directory" not in proc.stderr
+    assert str(project.root / "orders" / "2024" / "Q1") in proc.stderr
+    assert project.json("status", "orders/2024/Q1")["order"] == "Q1"
