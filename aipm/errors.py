@@ -20,7 +20,8 @@ def did_you_mean(word: str, known) -> str:
     known = list(known)
     near = difflib.get_close_matches(word, known, n=1, cutoff=CLOSE)
     if not near and len(word) >= 5:
-        near = [name for name in known if word in name.replace(".", "_").split("_")]
+        forms = {word, word[:-1]} if word.endswith("s") else {word}  # `targets` → target_files as `target` does
+        near = [name for name in known if forms & set(name.replace(".", "_").split("_"))]
     return f"; did you mean {near[0]!r}?" if len(near) == 1 else ""
 
 

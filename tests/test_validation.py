@@ -114,3 +114,15 @@ def test_an_unknown_key_is_given_a_hint_only_when_one_is_close(project):
     assert did_you_mean("model", ["worker.model", "review.command"]) == "; did you mean 'worker.model'?"
     assert did_you_mean("command", ["worker.command", "review.command"]) == ""  # two keys have it: no guess
     assert did_you_mean("tags", ["status", "TASK_1"]) == ""
+
+
+def test_a_plural_of_a_keys_word_still_gets_that_key():
+    """`targets:` for target_files got "did you mean 'target_files'?" from difflib's 0.6 cutoff; at 0.75 it is not
+    close enough (0.63), and the word rule took `target` only: the likeliest slip for target_files lost its hint.
+    A plural of a key's word finds that key as the word does."""
+    from aipm.errors import did_you_mean
+    from aipm.fields import TASK_KEYS
+
+    assert did_you_mean("targets", TASK_KEYS) == "; did you mean 'target_files'?"
+    assert did_you_mean("target", TASK_KEYS) == "; did you mean 'target_files'?"
+    assert did_you_mean("tags", TASK_KEYS) == ""
