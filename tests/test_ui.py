@@ -478,3 +478,20 @@ def test_an_empty_host_is_refused_not_every_interface(project):
 def test_an_address_that_cannot_be_had_is_one_line_without_the_exposure_warning(project):
     proc = project.aipm("ui", "--host", "999.1.1.1")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "--host 999.1.1.1" in proc.stderr, proc.stderr
+
+
+def test_tasks_named_like_object_properties_are_drawn_with_the_other_orders(project, dashboard, browser):
+    """Task ids are file names from the repository, and `constructor` or `toString` is a usable one: the graph
+    looked them up in plain objects, found Object.prototype's members, threw, and the page drew no order at all."""
+    first, second = project.order("O1"), project.order("O2")
+    write_task(first, "constructor", command="true")
+    write_task(first, "toString", command="true", depends_on=["constructor"])
+    write_task(first, "A", command="true", depends_on=["toString"])
+    write_task(second, "B", command="true")
+    browser.get(dashboard)
+    wait_for(lambda: row_status(browser, "O2/B") == "QUEUED")
+    for key in ("O1/constructor", "O1/toString", "O1/A"):
+        assert row_status(browser, key) == "QUEUED", key
+    columns = browser.execute_script(
+        "return [...document.querySelectorAll(\"section[data-order='O1'] svg rect\")].map(r => +r.getAttribute('x'))")
+    assert sorted(columns) == [4, 164, 324]  # a chain of three: a column each
