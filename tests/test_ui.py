@@ -495,3 +495,22 @@ def test_tasks_named_like_object_properties_are_drawn_with_the_other_orders(proj
     columns = browser.execute_script(
         "return [...document.querySelectorAll(\"section[data-order='O1'] svg rect\")].map(r => +r.getAttribute('x'))")
     assert sorted(columns) == [4, 164, 324]  # a chain of three: a column each
+
+
+def test_only_the_pages_own_script_may_run(project, dashboard, browser):
+    """The page puts every text as text (no innerHTML); should a later change slip, markup from a task file or a
+    log line must still run nothing: the policy names the page's one script by its hash ('unsafe-inline' let an
+    injected onerror= handler or <script> run)."""
+    write_task(project.order(), "A", command="true")
+    browser.get(dashboard)
+    wait_for(lambda: row_status(browser, "ORD/A") == "QUEUED")  # the page's own script ran
+    browser.execute_script("""
+        const box = document.createElement('div');
+        box.innerHTML = '<img src="data:," onerror="window.injected = 1"><svg onload="window.injected = 2"></svg>';
+        document.body.append(box);
+        const script = document.createElement('script');
+        script.textContent = 'window.injected = 3';
+        document.body.append(script);""")
+    import time
+    time.sleep(1)  # the image's error and the svg's load fire at once; give them a moment
+    assert browser.execute_script("return window.injected") is None
