@@ -514,3 +514,22 @@ def test_only_the_pages_own_script_may_run(project, dashboard, browser):
     import time
     time.sleep(1)  # the image's error and the svg's load fire at once; give them a moment
     assert browser.execute_script("return window.injected") is None
+
+
+def test_a_tasks_log_sends_its_newest_attempts_only_as_far_as_a_budget(project, dashboard):
+    """Each attempt's log was cut to its last 256 KiB, but every attempt's was sent: a worker that left thousands
+    of sparse files named A.<n>.log (no disk used) had one click on its task read gigabytes into the server's
+    memory. The newest attempts come first to the budget; the response says how many older ones it left out."""
+    write_task(project.order(), "A", command="true")
+    logs = project.root / ".aipm" / "logs" / "ORD"
+    logs.mkdir(parents=True)
+    for attempt in range(1, 41):
+        with open(logs / f"A.{attempt}.log", "wb") as handle:
+            handle.truncate(1 << 20)
+    base, token = base_and_token(dashboard)
+    with urllib.request.urlopen(f"{base}/api/log?token={token}&order=ORD&task=A", timeout=60) as response:
+        body = response.read()
+    shown = json.loads(body)
+    assert len(body) < 8 << 20, len(body)  # 1 MiB of NULs, as JSON writes them (\u0000): 6 MiB
+    assert [log["name"] for log in shown["logs"]] == [f"A.{n}.log" for n in range(37, 41)]
+    assert shown["omitted"] == 36

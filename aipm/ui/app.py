@@ -40,6 +40,9 @@ from aipm.workerfiles import reading
 TOKEN_HEADER = b"x-aipm-token"
 LINGER = 0.05  # seconds a woken stream waits for the rest of a burst of changes
 LOG_BYTES = 256 * 1024  # of each attempt's log shown for one task: the end, where the news is
+# Of all of one task's logs together, newest attempt first: a worker can leave any number of files named like its
+# attempts' logs (sparse ones cost no disk), and one click must not read them all into memory.
+LOG_TOTAL = 4 * LOG_BYTES
 LIVE_LINES = 2000  # of the merged log the page keeps (page.html's MAX_LINES): no message carries more
 MAX_BODY = 4096  # bytes of a cancel's or retry's request: {"order": ..., "task": ...}
 PAGE = resources.files("aipm.ui").joinpath("page.html").read_text(encoding="utf-8")
@@ -144,20 +147,25 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
     def task_log(order_id: str, task_id: str) -> dict:
         order_dir, task_id = find(order_id, task_id)
         order_id = order_meta(order_dir)[0]
-        attempts = []
+        attempts, budget, omitted = [], LOG_TOTAL, 0
         mine = sorted((log for log in attempt_logs(looker.runtime, order_id) if log.task == task_id),
-                      key=lambda log: (log.attempt, log.review))
+                      key=lambda log: (log.attempt, log.review), reverse=True)  # newest first, to the budget
         for path in (log.path for log in mine):
+            if budget <= 0:
+                omitted += 1
+                continue
             try:
                 handle = reading(path)
             except OSError:
                 continue  # the worker replaced its log with what is no file (a FIFO would block for ever)
             with handle:
                 size = handle.seek(0, 2)
-                handle.seek(max(0, size - LOG_BYTES))
-                attempts.append({"name": path.name, "text": handle.read().decode(errors="replace"),
-                                 "truncated": size > LOG_BYTES})
-        return {"order": order_id, "task": task_id, "logs": attempts}
+                keep = min(size, LOG_BYTES, budget)
+                handle.seek(size - keep)
+                attempts.append({"name": path.name, "text": handle.read(keep).decode(errors="replace"),
+                                 "truncated": size > keep})
+                budget -= keep
+        return {"order": order_id, "task": task_id, "logs": attempts[::-1], "omitted": omitted}
 
     async def log_json(request: Request):
         try:
