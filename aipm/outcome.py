@@ -47,6 +47,11 @@ def exited(code: int) -> str:
     return f"exit {code}"
 
 
+def agent_error(reason: str, error: str) -> str:
+    """An attempt whose agent reported an error: how its process ended, and the agent's word for it."""
+    return one_line(f"{reason}; the agent reported an error: {error}")
+
+
 def killed(number: int) -> str:
     return f"killed by {signal_name(number)}"
 

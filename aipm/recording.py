@@ -233,9 +233,10 @@ class Recording(Reviewing):
             text, note = commits.notice(self.rt, rec, *commit)
             append_log(rec.log, text)
             self.outbox.append(note)
-        spent = self._usage(rec, task, event)
+        usage, spent = self._usage(rec, task, event)
+        error = agents.failure(usage)  # its agent's own report of a failure: an exit 0 does not make it a success
         message = None
-        ok = code == 0 and not timed_out
+        ok = code == 0 and not timed_out and not error
         decided = ok and bool(rec.workspace) and workspace.decided(self.rt.root, rec)
         if decided:
             append_log(rec.log, "merge: finishing the merge its plan decided before its owner died (not reviewed "
@@ -282,22 +283,24 @@ class Recording(Reviewing):
         # 126 of a confined attempt may be its ruleset refused in the worker: the reason names why, not "exit 126"
         refused = confine.failure(rec.log, rec.confined) if code == 126 else None
         reason = outcome.one_line(refused) if refused else attempt_reason(code, timed_out, timeout)
+        if error:
+            reason = outcome.agent_error(reason, error)
         if event.get("not_merged"):
             reason = outcome.not_merged(reason)
-        task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason, failed=timed_out),
-                                  **spent})
+        task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason,
+                                               failed=timed_out or bool(error)), **spent})
         if task.status == Status.IN_REVIEW:
             self._start_review(rec, task)
         return task
 
-    def _usage(self, rec: Record, task: Task, event: dict) -> dict:
-        """The attempt's usage, read from its log by its agent preset, as updates of the task's totals."""
+    def _usage(self, rec: Record, task: Task, event: dict) -> tuple[agents.Usage | None, dict]:
+        """The attempt's usage, read from its log by its agent preset, and as updates of the task's totals."""
         if agents.can_resume(rec.agent):
             self.rt.resume_path(rec.order, rec.task).unlink(missing_ok=True)  # a resume is used once
         usage, updates = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens)
         if usage is not None and usage.cost_usd is not None:
             event["cost_usd"] = usage.cost_usd
-        return updates
+        return usage, updates
 
     def read_usage_ahead(self, rec: Record) -> None:
         """Before taking the launch lock for an attempt that ended: read its usage (agents.read_ahead)."""

@@ -325,6 +325,45 @@ def test_a_failed_attempt_with_is_error_still_adds_its_cost(project):
     assert first["is_error"] is True and first["cost_usd"] == 0.25
 
 
+def test_an_agent_that_exits_0_reporting_an_error_fails_its_attempt(project):
+    """Claude Code exits 0 on an API error (a rate limit), saying so only in its result (is_error, subtype
+    "success"): the attempt, which did nothing, was DONE with reason "exit 0", and its dependants started."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    order = project.order()
+    write_task(order, "A", prompt="@api-error API Error: Rate limit reached", max_attempts=2)
+    write_task(order, "B", prompt="@cost 0.5\n@tokens 1 1 0 0\n@fail")
+    write_task(order, "C", prompt="after A", depends_on=["A"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    a, b = task_file(order, "A"), task_file(order, "B")
+    assert (a["status"], a["attempts"]) == ("FAILED", 2)  # retried, as a failed attempt is
+    assert "C" not in [j["task"] for j in journal(project)]
+    # A non-zero exit says what the agent's result called its error; a failed attempt's cost still counts.
+    assert b["status"] == "FAILED" and b["reason"] == "exit 1; the agent reported an error: error_during_execution"
+    assert b["cost_usd"] == 0.5
+
+
+def test_an_exit_0_api_error_is_the_reason_of_the_failed_attempt(project):
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    write_task(project.order(), "A", prompt="@api-error API Error: Rate limit reached")
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
+    a = task_file(project.order(), "A")
+    assert (a["status"], a["exit_code"]) == ("FAILED", 0)
+    assert a["reason"] == "exit 0; the agent reported an error: API Error: Rate limit reached"
+    usage = json.loads((project.root / ".aipm/logs/ORD/A.1.usage.json").read_text())
+    assert usage["is_error"] is True and usage["error"] == "API Error: Rate limit reached"
+
+
+def test_claude_parse_names_the_error_of_an_error_result():
+    def result(**kw):
+        return json.dumps({"type": "result", "session_id": "S", "total_cost_usd": 0.1, **kw}) + "\n"
+    assert claude.parse([result(subtype="error_max_turns", is_error=True)]).error == "error_max_turns"
+    assert claude.parse([result(subtype="success", is_error=True, result="API Error: 529\nmore")]).error \
+        == "API Error: 529"
+    assert claude.parse([result(subtype="success", is_error=False, result="done")]).error is None
+    assert claude.parse([result(subtype="success", is_error=True)]).error == "is_error"
+
+
 def test_claude_hook_stops_a_write_outside_the_targets_in_a_real_run(project):
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     order = project.order()

@@ -53,6 +53,9 @@ class Usage:
     session_id: str | None = None
     turns: int | None = None
     is_error: bool | None = None
+    # The error the agent's final report names (claude: its result's subtype, or the result's text when that
+    # subtype says success), when that report is an error: the attempt failed, whatever the exit code.
+    error: str | None = None
 
 
 def preset(name: str) -> Any:
@@ -187,6 +190,12 @@ def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] 
     kinds = ", ".join(f"{k} {n}" for k, n in usage.tokens.items()) or "unknown"
     append_log(str(log), f"usage: cost {cost}; tokens {kinds}; session {usage.session_id or 'unknown'}")
     return usage, task_updates(cost_usd, tokens, usage)
+
+
+def failure(usage: Usage | None) -> str | None:
+    """What the agent's own final report says went wrong, if it says so: claude exits 0 on an API error (a rate
+    limit) with `is_error` in its result, and the attempt, which did nothing, must not count as done."""
+    return usage.error if usage is not None else None
 
 
 def task_updates(cost_usd: float | None, tokens: dict[str, int] | None, usage: Usage | None) -> dict[str, Any]:

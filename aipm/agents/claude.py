@@ -96,4 +96,16 @@ def parse(lines: Iterable[str]) -> Usage:
         usage.tokens = {ours: n for theirs, ours in _TOKENS.items() if (n := count(reported.get(theirs))) is not None}
         usage.turns = count(event.get("num_turns"))
         usage.is_error = event.get("is_error") if isinstance(event.get("is_error"), bool) else None
+        usage.error = _error(event) if usage.is_error else None
     return usage
+
+
+def _error(result: dict) -> str:
+    """An error result in a few words: its subtype (error_max_turns, error_max_budget_usd, ...), or, for an API
+    error that claude reports as subtype "success" with is_error (and exit 0), the first line of its text."""
+    subtype, text = result.get("subtype"), result.get("result")
+    if isinstance(subtype, str) and subtype and subtype != "success":
+        return subtype
+    if isinstance(text, str) and text.strip():
+        return text.strip().splitlines()[0]
+    return "is_error"

@@ -8,6 +8,8 @@ Directives, one per line anywhere in the prompt:
     @tokens IN OUT CR CW     report these token counts (input, output, cache read, cache write)
     @fail                    end the run with an error (exit 1)
     @fail-attempt N          ... only when AIPM_ATTEMPT is N
+    @api-error TEXT          claude: end as Claude Code does on an API error (a rate limit): a result of subtype
+                             "success" with is_error true and TEXT as its result, no tokens, and exit 0
     @write PATH TEXT         write TEXT to PATH, through the agent's own permission checks
     @wait-for PATH           wait until PATH exists before finishing (claude: before its result; aider: after its
                              report)
@@ -30,6 +32,7 @@ class Directives:
     fail: bool = False
     writes: list[tuple[str, str]] = field(default_factory=list)
     gate: str | None = None
+    api_error: str | None = None
 
 
 def directives(prompt: str) -> Directives:
@@ -44,6 +47,8 @@ def directives(prompt: str) -> Directives:
             d.fail = True
         elif word == "@fail-attempt":
             d.fail = d.fail or rest.strip() == os.environ.get("AIPM_ATTEMPT")
+        elif word == "@api-error":
+            d.api_error = rest.strip()
         elif word == "@wait-for":
             d.gate = rest.strip()
         elif word == "@write":
