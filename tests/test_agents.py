@@ -57,7 +57,8 @@ def test_claude_argv_and_its_permission_files(tmp_path):
     argv = claude.argv(a)
     settings_file = a.log.with_suffix(".claude-settings.json")
     assert argv == ["claude", "-p", "--output-format", "stream-json", "--verbose", "--model", "sonnet",
-                    "--settings", str(settings_file), "--max-budget-usd", "0.5", "--resume", "sess-1"]
+                    "--settings", str(settings_file), "--max-budget-usd", "0.5", "--resume", "sess-1",
+                    "--fork-session"]
     settings = json.loads(settings_file.read_text())
     root = tmp_path.as_posix()
     assert settings["permissions"]["allow"] == [f"Edit(/{root}/src/app.py)", f"Edit(/{root}/docs/**)",
@@ -685,6 +686,28 @@ def test_retry_resume_continues_the_agent_session(project):
     project.aipm("retry", "A", check=True)
     project.aipm("run", "ORD", env=agent_env(project), check=True)
     assert "--resume" not in journal(project)[2]["argv"]
+
+
+def test_a_resumed_claude_attempt_is_charged_its_own_cost_once(project):
+    """Claude Code's `--resume S` starts from the cost session S had at its last exit (restoreCostStateForSession):
+    the resumed attempt's total_cost_usd held the earlier attempts' cost, which aipm had recorded already, so it was
+    added again, and its --max-budget-usd cap counted it too (an attempt capped at its share stopped at once).
+    With --fork-session the conversation goes on under a new session id whose cost starts at 0."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    order = project.order()
+    write_task(order, "A", prompt="@cost 0.15\n@fail", max_cost_usd=0.2)
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
+    session = task_file(order, "A")["session_id"]
+    project.aipm("retry", "A", "--resume", check=True)
+    (order / "A.yaml").write_text((order / "A.yaml").read_text().replace("@cost 0.15", "@cost 0.1")
+                               .replace("@fail", "ok"))
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = task_file(order, "A")
+    assert (a["status"], a["cost_usd"]) == ("DONE", 0.25)
+    argv = journal(project)[1]["argv"]
+    assert argv[argv.index("--resume") + 1] == session and "--fork-session" in argv
+    assert a["session_id"] != session  # the fork's: a later `retry --resume` continues from where this one ended
 
 
 def test_status_json_and_the_board_give_each_tasks_session_when_known(project):

@@ -1,7 +1,8 @@
 """Claude Code in print mode: `claude -p --output-format stream-json --verbose` (stream-json needs --verbose).
 
 The prompt arrives on standard input. Every event is one JSON line in the log; the last one,
-`{"type": "result", ..., "total_cost_usd", "usage", "num_turns", "session_id", "is_error"}`, carries the usage.
+`{"type": "result", ..., "total_cost_usd", "usage", "num_turns", "session_id", "is_error"}`, carries the usage:
+this run's own, since a resumed session is forked (see argv).
 
 Permissions: a task with target_files gets its own `--settings` file that allows `Edit(...)` on its targets
 only, denies edits to aipm's own files, and installs a PreToolUse hook (aipm.agents.guard) that denies every
@@ -37,7 +38,10 @@ def argv(attempt: Attempt) -> list[str]:
     if attempt.max_cost_usd is not None:
         args += ["--max-budget-usd", dollars_arg(attempt.max_cost_usd)]
     if attempt.resume:
-        args += ["--resume", attempt.resume]
+        # A resumed session starts from the cost it had at its last exit (Claude Code restores it), so its result's
+        # total_cost_usd, and the --max-budget-usd cap, would count the earlier attempts again: they are recorded
+        # already. A fork goes on with the whole conversation under a new session id whose cost starts at 0.
+        args += ["--resume", attempt.resume, "--fork-session"]
     return args
 
 
