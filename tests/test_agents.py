@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -923,6 +924,34 @@ def test_retry_resume_with_codex_uses_exec_resume(project):
     project.aipm("retry", "A", "--resume", check=True)
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1  # still @fail; the argv is the point
     assert journal(project)[1]["argv"][-3:] == ["resume", thread, "-"]
+
+
+def test_a_resumed_codex_attempt_counts_only_its_own_tokens(project):
+    """codex's turn.completed usage is its thread's running total, and `exec resume` restores the total the thread
+    had: a resumed attempt's figures held every earlier attempt's tokens, which aipm had recorded already."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: codex\n")
+    order = project.order()
+    write_task(order, "A", prompt="@tokens 100 10 50 0")
+    project.aipm("run", "ORD", env=agent_env(project), check=True)
+    for tokens in ("7 3 1 0", "20 2 0 0"):  # resumed twice: each attempt counts from the one it resumes
+        project.aipm("retry", "A", "--resume", check=True)
+        (order / "A.yaml").write_text(re.sub(r"@tokens [0-9 ]+", f"@tokens {tokens}", (order / "A.yaml").read_text()))
+        project.aipm("run", "ORD", env=agent_env(project), check=True)
+    a = task_file(order, "A")
+    assert a["tokens"] == {"input": 127, "output": 15, "cache_read": 51}
+    assert [j["argv"][-3:-1] for j in journal(project)][1:] == [["resume", a["session_id"]]] * 2
+    usage = json.loads((project.root / ".aipm/logs/ORD/A.3.usage.json").read_text())
+    assert usage["tokens"] == {"input": 20, "output": 2, "cache_read": 0}
+
+
+def test_codex_usage_is_the_last_total_less_the_resumed_threads():
+    events = [json.dumps({"type": "thread.started", "thread_id": "T"}) + "\n",
+              f"[aipm 10:00:00] {codex.BASELINE} " + json.dumps(
+                  {"input_tokens": 150, "cached_input_tokens": 50, "output_tokens": 10}) + "\n",
+              json.dumps({"type": "turn.completed", "usage": {"input_tokens": 160, "cached_input_tokens": 51,
+                                                              "output_tokens": 13}}) + "\n"]
+    assert codex.parse(events).tokens == {"input": 9, "cache_read": 1, "output": 3}
+    assert codex.parse([events[0], events[2]]).tokens == {"input": 109, "cache_read": 51, "output": 13}
 
 
 def test_aider_is_not_given_what_git_ignores_under_a_directory_target(tmp_path):

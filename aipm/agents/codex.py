@@ -3,15 +3,22 @@
 `--json` prints one event per line on stdout (progress goes to stderr; both land in the log):
 `thread.started` names the session (`thread_id`), each `turn.completed` carries `usage` with `input_tokens`
 (cached ones included), `cached_input_tokens` and `output_tokens`; `turn.failed` and `error` report failures.
+That usage is the thread's total so far, not the turn's: codex reports its running total, and `exec resume`
+restores the total the thread had (from its rollout). A resumed attempt's own tokens are its last total less the
+one its thread reported in the attempt it resumes, which argv notes at the head of the log (BASELINE).
 Codex reports no cost, so `cost_usd` stays unknown. The workspace-write sandbox lets it write inside the project
 only (and no network); it cannot narrow writes to the task's targets (`confine: true` does, for every tool).
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Iterable
+from pathlib import Path
 
-from aipm.agents import Attempt, Usage, count, json_lines
+from aipm.agents import Attempt, Usage, _bounded_lines, _text, count, json_lines
+from aipm.workerfiles import append_log, reading
 
 PROGRAM = "codex"
 RESUMES = True
@@ -25,30 +32,75 @@ def argv(attempt: Attempt) -> list[str]:
         args += ["--model", attempt.model]
     if attempt.resume:
         args += ["resume", attempt.resume]
+        base = _resumed_total(attempt.log, attempt.resume)
+        if base:
+            append_log(str(attempt.log), f"{BASELINE} {json.dumps(base)}")
     return args + ["-"]  # read the prompt from standard input
+
+
+# aipm's note of the total a resumed thread had reported: what the attempt's own totals are counted from.
+BASELINE = "codex resume: the thread's usage so far"
+_BASELINE = re.compile(re.escape(BASELINE) + r" (\{.*\})$")
+_KEYS = ("input_tokens", "cached_input_tokens", "output_tokens")
+
+
+def _resumed_total(log: Path, thread: str) -> dict[str, int]:
+    """The usage total `thread` last reported, from the newest earlier attempt's log of this task that ran it
+    (`<TASK>.<n>.log` beside this attempt's); {} when none did."""
+    task, _, serial = log.name.removesuffix(".log").rpartition(".")
+    if not serial.isdigit():
+        return {}
+    for n in range(int(serial) - 1, 0, -1):
+        try:
+            with reading(log.with_name(f"{task}.{n}.log")) as raw:
+                found, total = _thread_total(_bounded_lines(_text(raw)))
+        except OSError:
+            continue
+        if found == thread and total:
+            return total
+    return {}
+
+
+def _thread_total(lines: Iterable[str]) -> tuple[str | None, dict[str, int]]:
+    """The thread a log ran and the last usage total it reported (as codex reports it)."""
+    thread, total = None, {}
+    for event in json_lines(lines):
+        if event.get("type") == "thread.started" and isinstance(event.get("thread_id"), str):
+            thread = event["thread_id"]
+        elif event.get("type") == "turn.completed" and isinstance(event.get("usage"), dict):
+            total = {k: n for k in _KEYS if (n := count(event["usage"].get(k))) is not None}
+    return thread, total
 
 
 def parse(lines: Iterable[str]) -> Usage:
     usage = Usage()
-    tokens: dict[str, int] = {}
-    for event in json_lines(lines):
-        kind = event.get("type")
-        if kind == "thread.started" and isinstance(event.get("thread_id"), str):
-            usage.session_id = event["thread_id"]
-        elif kind in ("turn.completed", "turn.failed"):
-            usage.turns = (usage.turns or 0) + 1
-            usage.is_error = usage.is_error or kind == "turn.failed"
-            reported = event.get("usage") if isinstance(event.get("usage"), dict) else {}
-            given, cached, out = (count(reported.get(k)) for k in ("input_tokens", "cached_input_tokens",
-                                                                    "output_tokens"))
-            # Ours count cache reads apart from fresh input, as Claude's do.
-            # (a cached count above the input's, which no real turn has, makes the input count unknown, not < 0)
-            fresh = given if given is None or cached is None else given - cached if given >= cached else None
-            for ours, n in (("input", fresh),
-                            ("cache_read", cached), ("output", out)):
-                if n is not None:
-                    tokens[ours] = tokens.get(ours, 0) + n
-        elif kind == "error":
-            usage.is_error = True
-    usage.tokens = tokens
+    base: dict[str, int] = {}
+    total: dict[str, int | None] = {}
+    for line in lines:
+        if (noted := _BASELINE.search(line.rstrip("\n"))) and not line.startswith("{"):
+            try:
+                base = {k: n for k, n in json.loads(noted.group(1)).items() if k in _KEYS and count(n) is not None}
+            except ValueError:
+                pass
+            continue
+        for event in json_lines([line]):
+            kind = event.get("type")
+            if kind == "thread.started" and isinstance(event.get("thread_id"), str):
+                usage.session_id = event["thread_id"]
+            elif kind in ("turn.completed", "turn.failed"):
+                usage.turns = (usage.turns or 0) + 1
+                usage.is_error = usage.is_error or kind == "turn.failed"
+                if isinstance(event.get("usage"), dict):  # the thread's total so far: the last one counts
+                    total = {k: count(event["usage"].get(k)) for k in _KEYS}
+            elif kind == "error":
+                usage.is_error = True
+    # This attempt's own: the total less what the thread had when resumed (a figure below its base is unknown).
+    own = {k: (n - base.get(k, 0) if n >= base.get(k, 0) else None) if n is not None else None
+           for k, n in total.items()}
+    given, cached, out = (own.get(k) for k in _KEYS)
+    # Ours count cache reads apart from fresh input, as Claude's do.
+    # (a cached count above the input's, which no real turn has, makes the input count unknown, not < 0)
+    fresh = given if given is None or cached is None else given - cached if given >= cached else None
+    usage.tokens = {ours: n for ours, n in (("input", fresh), ("cache_read", cached), ("output", out))
+                    if n is not None}
     return usage
