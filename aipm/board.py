@@ -36,6 +36,8 @@ def task_row(task: Task, settings: Settings) -> dict:
         "max_rework": rework_limit(task, settings), "preemptions": task.preemptions,
         # Unknown usage is left out, never shown as 0.
         **({"cost_usd": task.cost_usd} if task.cost_usd is not None else {}),
+        # The caps of its attempts killed before reporting their cost: up to this much more may have been spent.
+        **({"cost_unreported_usd": task.cost_unreported_usd} if task.cost_unreported_usd else {}),
         **({"tokens": dict(task.tokens)} if task.tokens else {}),
         # The agent's session of the latest attempt, which `retry --resume` continues; left out when none is known.
         **({"session_id": task.session_id} if task.session_id else {}),
@@ -88,10 +90,14 @@ def _reload(task: Task, root: Path) -> Task | None:
 
 def order_totals(order: Order, settings: Settings) -> dict:
     """The order's recorded cost and its budget, each when known (`status --json`, the dashboard), and whether
-    the budget is reached: the planner's own verdict, so no reader works it out again and disagrees."""
+    the budget is reached: the planner's own verdict, so no reader works it out again and disagrees. The caps of
+    attempts killed before reporting their cost (`cost_unreported_usd`: up to this much more may have been spent)
+    count against the budget, apart from the cost."""
     cost = budget.recorded(order)
+    unreported = budget.unreported(order)
     limit = budget.of(order, settings.max_cost_usd)
     return {**({"cost_usd": cost} if cost is not None else {}),
+            **({"cost_unreported_usd": unreported} if unreported else {}),
             **({"max_cost_usd": limit.limit, "budget_reached": limit.reached} if limit is not None else {})}
 
 

@@ -7,6 +7,11 @@ Recorded costs arrive only when attempts end, so attempts started together could
 attempt whose agent takes a cap (claude) is therefore given a share of what is left and holds it while it works
 (its record's `cost_cap`): what is spent plus what running attempts hold never passes the limit, and no attempt
 starts while nothing is left to share.
+
+Claude reports its cost only in its final result: a capped attempt killed before it (a timeout, a cancel, its worker
+lost) may have spent up to its cap, which aipm cannot see. Such an attempt's cap is recorded apart from the cost, in
+its task's `cost_unreported_usd`, and counts against the budget as spent at most: never in `cost_usd` (no cost is
+made up), never left out (the budget is not passed by what aipm cannot see).
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ class Budget:
     spent: float
     source: str  # where the limit comes from, for messages: "order.yaml" or "setting max_cost_usd"
     held: float = 0.0  # the caps of the order's running attempts: what they may still spend
+    unreported: float = 0.0  # the caps of ended attempts that reported no cost: what they may have spent at most
 
     @property
     def reached(self) -> bool:
-        return self.spent >= self.limit
+        return self.spent + self.unreported >= self.limit
 
     @property
     def over(self) -> bool:
@@ -36,7 +42,7 @@ class Budget:
     @property
     def available(self) -> float:
         """What a new attempt may be given: the limit less what is spent and what running attempts hold."""
-        return max(0.0, round(self.limit - self.spent - self.held, 6))
+        return max(0.0, round(self.limit - self.spent - self.unreported - self.held, 6))
 
     def shares(self, count: int) -> float:
         """Each of `count` attempts starting together gets an equal part of what is available, cut to whole
@@ -44,18 +50,24 @@ class Budget:
         return round(self.available * 1_000_000) // count / 1_000_000  # (available is whole micro-dollars)
 
     @property
+    def cost(self) -> str:
+        """What the order's attempts cost, as far as aipm can tell: "$X" or "$X spent, up to $Y more not reported
+        by killed attempts"."""
+        return spent_text(self.spent, self.unreported)
+
+    @property
     def held_detail(self) -> str:
-        return (f"budget held: the order's attempts cost {usd(self.spent)} and its running attempts may spend "
+        return (f"budget held: the order's attempts cost {self.cost} and its running attempts may spend "
                 f"{usd(self.held)} more, of max_cost_usd {usd(self.limit)} ({self.source}); waits for them to end")
 
     @property
     def over_detail(self) -> str:
-        return (f"over budget: the order's attempts cost {usd(self.spent)}, more than max_cost_usd "
+        return (f"over budget: the order's attempts cost {self.cost}, more than max_cost_usd "
                 f"{usd(self.limit)} ({self.source})")
 
     @property
     def detail(self) -> str:
-        return (f"budget reached: the order's attempts cost {usd(self.spent)} of max_cost_usd "
+        return (f"budget reached: the order's attempts cost {self.cost} of max_cost_usd "
                 f"{usd(self.limit)} ({self.source}); raise it to go on")
 
 
@@ -67,6 +79,20 @@ def usd(amount: float) -> str:
 def spent(order: Order) -> float:
     """The order's recorded cost: the sum of its tasks' `cost_usd` (unknown costs count as nothing)."""
     return round(sum(t.cost_usd for t in order.tasks.values() if t.cost_usd is not None), 6)
+
+
+def unreported(order: Order) -> float:
+    """The caps of the order's attempts that ended without reporting their cost: what they may have spent at most."""
+    return round(sum(t.cost_unreported_usd for t in order.tasks.values() if t.cost_unreported_usd is not None), 6)
+
+
+def spent_text(known: float | None, more: float) -> str:
+    """A cost for people: the known part, and the most that killed attempts may have spent without reporting it."""
+    if not more:
+        return "unknown" if known is None else usd(known)
+    if known is None:  # no attempt reported a cost
+        return f"unknown: up to {usd(more)} not reported by killed attempts"
+    return f"{usd(known)} spent, up to {usd(more)} more not reported by killed attempts"
 
 
 def recorded(order: Order) -> float | None:
@@ -84,4 +110,4 @@ def of(order: Order, default_limit: float | None, records: Iterable[Record] = ()
     """The order's budget; `records` (the worker records) give what its running attempts hold."""
     limit, source = ((order.max_cost_usd, "order.yaml") if order.max_cost_usd is not None
                      else (default_limit, "setting max_cost_usd"))
-    return None if limit is None else Budget(limit, spent(order), source, held(order, records))
+    return None if limit is None else Budget(limit, spent(order), source, held(order, records), unreported(order))

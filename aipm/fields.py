@@ -27,7 +27,7 @@ TASK_KEYS = (
     "review", "timeout", "max_attempts", "attempts", "reworks", "started_at", "finished_at", "exit_code",
     "resources",
     "max_rework", "reason",
-    "agent", "max_cost_usd", "cost_usd", "tokens", "session_id",
+    "agent", "max_cost_usd", "cost_usd", "cost_unreported_usd", "tokens", "session_id",
     "preemptions",
     "confine",
     "workspace", "workspace_setup", "workspace_copy",
@@ -304,7 +304,8 @@ _DEFINED: tuple[tuple[str, Any, tuple], ...] = (
 _MANAGED: tuple[tuple[str, Any, tuple], ...] = (
     ("exit_code", _exit_code, ()), ("status", _enum, (Status, Status.QUEUED)), ("attempts", _count, ()),
     ("reworks", _count, ()), ("started_at", _timestamp, ()), ("finished_at", _timestamp, ()),
-    ("reason", str_field, ()), ("cost_usd", money_field, (False,)), ("tokens", _tokens, ()),
+    ("reason", str_field, ()), ("cost_usd", money_field, (False,)),
+    ("cost_unreported_usd", money_field, (False,)), ("tokens", _tokens, ()),
     ("session_id", str_field, ()), ("preemptions", _count, ()),
 )
 _FIELDS = _DEFINED + _MANAGED

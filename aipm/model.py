@@ -75,7 +75,7 @@ class Priority(str, enum.Enum):
 
 # Keys aipm writes back into task files; everything else belongs to the user.
 MANAGED_FIELDS = ("status", "attempts", "started_at", "finished_at", "exit_code", "reworks", "reason", "cost_usd",
-                  "tokens", "session_id", "preemptions")
+                  "cost_unreported_usd", "tokens", "session_id", "preemptions")
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,9 @@ class Task:
     agent: str | None = None  # preset name; None: the worker.agent setting
     max_cost_usd: float | None = None  # per-attempt cap handed to agents that support one
     cost_usd: float | None = None  # recorded: total over attempts; None = unknown (never 0 for unknown)
+    # recorded: the caps of capped attempts that ended without reporting their cost (killed: timeout, cancel, a
+    # lost worker): what they may have spent at most, beyond cost_usd. Counted against the budget, never in cost_usd.
+    cost_unreported_usd: float | None = None
     tokens: dict[str, int] | None = None  # recorded: input/output/cache_read/cache_write totals that are known
     session_id: str | None = None  # recorded: the agent's own session of the latest attempt (retry --resume)
     preemptions: int = 0  # times a more urgent task stopped it (bounds preemption)

@@ -66,7 +66,7 @@ _ROW_KINDS = {
     (tuple,): ("depends_on", "target_files"),
     (str, _NONE): ("prompt", "model", "started_at", "finished_at", "reason", "agent", "session_id", "workspace"),
     (int, _NONE): ("timeout", "max_attempts", "exit_code", "max_rework"),
-    (float, int, _NONE): ("max_cost_usd", "cost_usd"),
+    (float, int, _NONE): ("max_cost_usd", "cost_usd", "cost_unreported_usd"),
     (str, tuple, _NONE): ("command", "review", "workspace_setup"),
     (tuple, _NONE): ("workspace_copy", "resources"),
     (dict, _NONE): ("tokens",),

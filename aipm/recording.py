@@ -114,7 +114,8 @@ class Recording(Reviewing):
                  "phase": rec.phase, "exit_code": code}
         if task.status == Status.CANCELLED and self.rt.cancelled(rec):
             if rec.phase == "work":  # stopped by the cancel, the attempt still cost what its agent reported
-                spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens)[1]
+                spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
+                                      task.cost_unreported_usd)[1]
                 task = self._write(task, spent) if spent else task
                 if rec.workspace:  # and what it changed is kept: a retry's start removes the worktree
                     confine.tidy(rec.log, rec.confined)  # first: an empty file made for a rule is no change of its own
@@ -192,7 +193,8 @@ class Recording(Reviewing):
         (INTERRUPTED) rather than run it again blindly or call it failed."""
         append_log(rec.log, f"attempt {rec.serial} ended, but its exit code was lost ({rec.exit_file} is empty): "
                             "left INTERRUPTED; check its work, then `aipm retry` it")
-        spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens)[1] if rec.phase == "work" else {}
+        spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
+                              task.cost_unreported_usd)[1] if rec.phase == "work" else {}
         task = self._write(task, {"status": Status.INTERRUPTED, "finished_at": now(),
                                   "reason": outcome.interrupted("exit code lost"), **spent})
         self._drop(rec)
@@ -297,7 +299,8 @@ class Recording(Reviewing):
         """The attempt's usage, read from its log by its agent preset, and as updates of the task's totals."""
         if agents.can_resume(rec.agent):
             self.rt.resume_path(rec.order, rec.task).unlink(missing_ok=True)  # a resume is used once
-        usage, updates = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens)
+        usage, updates = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
+                                       task.cost_unreported_usd)
         if usage is not None and usage.cost_usd is not None:
             event["cost_usd"] = usage.cost_usd
         return usage, updates

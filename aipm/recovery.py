@@ -136,7 +136,8 @@ def usage_left(task: Task, rec: Record) -> bool:
     then removes the record), so an owner adopts it to add them."""
     return (task.status == Status.CANCELLED and rec.phase == "work" and bool(rec.pid) and agents.is_preset(rec.agent)
             and same_attempt(task, rec)
-            and (task.cost_usd, task.tokens) == (rec.counters.get("cost_usd"), rec.counters.get("tokens")))
+            and (task.cost_usd, task.tokens, task.cost_unreported_usd)
+            == (rec.counters.get("cost_usd"), rec.counters.get("tokens"), rec.counters.get("cost_unreported_usd")))
 
 
 def unrecorded(task: Task, rec: Record, rt: Runtime) -> bool:
@@ -286,7 +287,8 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
         if task.status in RUNNING:
             # A stopped attempt (Ctrl-C, preempted, its owner gone) still cost what its agent reported so far.
             ran = rec is not None and rec.phase == "work" and rec.pid
-            spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens)[1] if ran else {}
+            spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
+                                  task.cost_unreported_usd)[1] if ran else {}
             task = update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(),
                                       "reason": outcome.interrupted(why), **spent}, expect=task.status)
         if task.status == Status.INTERRUPTED:

@@ -28,7 +28,7 @@ def counters(task: Task) -> dict:
     are kept even when unknown: a file put back under its attempt gets exactly the totals it started with, to
     which the attempt's end adds its usage once."""
     return {"reworks": task.reworks, "preemptions": task.preemptions, "cost_usd": task.cost_usd,
-            "tokens": task.tokens}
+            "cost_unreported_usd": task.cost_unreported_usd, "tokens": task.tokens}
 
 
 def disowned(task: Task, rec: Record, rt: Runtime) -> bool:

@@ -87,6 +87,9 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
                      "(claude --max-budget-usd)."),
     "cost_usd": ({"type": ["number", "null"], "minimum": 0},
                  "What the task's attempts cost in total, as the agent reported it; absent when unknown."),
+    "cost_unreported_usd": ({"type": ["number", "null"], "minimum": 0},
+                            "The caps of capped attempts that ended without reporting their cost (killed): what "
+                            "they may have spent at most, beyond cost_usd; counted against the order's budget."),
     "tokens": ({"type": ["object", "null"], "additionalProperties": False,
                 "properties": {k: {"type": "integer", "minimum": 0} for k in agents.TOKEN_KINDS}},
                "Tokens the task's attempts used in total, by kind; a kind the agent did not report is absent."),

@@ -475,6 +475,67 @@ def test_reviewed_attempts_add_up_and_the_budget_stops_them(project):
     assert (a["status"], a["cost_usd"]) == ("QUEUED", 0.15)
 
 
+# Claude reports its cost only in its final result: an attempt killed before it may have spent up to its cap.
+
+
+def test_caps_of_killed_attempts_count_against_the_budget(project):
+    """A review found attempts killed by their timeout counted as $0: repeated timeouts ran an order past its
+    budget while aipm said it was fine. Now each one's cap counts, apart from the cost, as spent at most."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.25\n")
+    write_task(order, "A", prompt="@wait-for never-made", timeout=1, max_attempts=5, max_cost_usd=0.1)
+    proc = project.aipm("run", "ORD", "--json", env=agent_env(project))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert _caps(project) == [0.1, 0.1, 0.05]  # the third gets what is left; then nothing is left to give
+    a = task_file(order, "A")
+    assert (a["status"], a["attempts"], a.get("cost_usd")) == ("QUEUED", 3, None), a  # no cost is made up
+    assert a["cost_unreported_usd"] == pytest.approx(0.25)
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["detail"] for e in events if e["event"] == "budget"] == [
+        "budget reached: the order's attempts cost $0.0000 spent, up to $0.2500 more not reported by killed "
+        "attempts of max_cost_usd $0.2500 (order.yaml); raise it to go on"]
+    status = project.json("status", "ORD")
+    assert "cost_usd" not in status and status["cost_unreported_usd"] == pytest.approx(0.25), status
+    assert status["budget_reached"] and status["tasks"][0]["cost_unreported_usd"] == pytest.approx(0.25), status
+    table = project.aipm("status", "ORD").stdout
+    assert ("cost unknown: up to $0.2500 not reported by killed attempts of max_cost_usd $0.2500 (reached)"
+            in table), table
+    # It is the task file's: a later run (a restart) is refused too, and `retry` keeps it like the cost.
+    launch = project.aipm("launch", "ORD", env=agent_env(project))
+    assert launch.returncode == 1 and "not reported by killed attempts" in launch.stderr, launch.stderr
+    assert project.aipm("retry", "A").returncode == 0
+    assert task_file(order, "A")["cost_unreported_usd"] == pytest.approx(0.25)
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
+    assert len(journal(project)) == 3
+
+
+def test_a_killed_attempt_that_reported_its_cost_counts_its_cost_not_its_cap(project):
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 1\n")
+    write_task(order, "A", prompt="@cost 0.04\n@linger", timeout=1, max_attempts=2, max_cost_usd=0.3)
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    a = task_file(order, "A")
+    assert (a["status"], a["cost_usd"]) == ("FAILED", 0.08) and "cost_unreported_usd" not in a, a
+    assert "timed out" in a["reason"], a
+    status = project.json("status", "ORD")
+    assert status["cost_usd"] == pytest.approx(0.08) and "cost_unreported_usd" not in status, status
+
+
+def test_settle_counts_the_cap_of_an_attempt_without_a_reported_cost(tmp_path):
+    log = tmp_path / "T.1.log"
+    log.write_text(json.dumps({"type": "system", "subtype": "init", "session_id": "s1"}) + "\n")
+    usage, updates = agents.settle("claude", log, 0.5, None, cap=0.2, unreported=0.1)
+    assert usage.cost_usd is None and "cost_usd" not in updates
+    assert updates["cost_unreported_usd"] == pytest.approx(0.3)
+    assert "counted against the budget as not reported" in log.read_text()
+    # no cap (no budget): unknown stays unknown, as before
+    assert "cost_unreported_usd" not in agents.settle("claude", log, 0.5, None)[1]
+    # codex and aider take no cap, so their attempts never get one to count (Record.cost_cap stays None)
+    assert not agents.caps_cost("codex") and not agents.caps_cost("aider") and agents.caps_cost("claude")
+
 def test_claudes_cap_is_never_rounded_up(tmp_path):
     argv = claude.argv(attempt(tmp_path, max_cost_usd=1234.567891))
     assert argv[argv.index("--max-budget-usd") + 1] == "1234.567891"  # `:g` made it 1234.57

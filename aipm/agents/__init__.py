@@ -180,16 +180,28 @@ def _bounded_lines(handle: Any) -> Iterator[str]:
         yield line
 
 
-def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] | None) -> tuple[Usage | None, dict]:
+def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] | None,
+           cap: float | None = None, unreported: float | None = None) -> tuple[Usage | None, dict]:
     """An ended attempt's usage, however it ended: read from its log, summed up there in a `usage:` line, and as
-    updates of the task's totals (`cost_usd`, `tokens`: the task's before the attempt)."""
+    updates of the task's totals (`cost_usd`, `tokens`, `unreported`: the task's before the attempt). An attempt
+    that ran with a cap (`cap`, its record's cost_cap) and reported no cost (killed before its final report) may
+    have spent up to it: the cap is added to the task's `cost_unreported_usd`, never to its cost."""
     usage = read_usage(name, log)
-    if usage is None:
+    if usage is None and not (is_preset(name) and cap):
         return None, {}
+    if usage is None:  # a capped agent's log that cannot be read: its cost is unknown like any unreported one
+        usage = Usage()
     cost = "unknown" if usage.cost_usd is None else f"${usage.cost_usd:.4f}"
+    if usage.cost_usd is None and cap:
+        cost += f" (up to its cap ${cap:.4f}, counted against the budget as not reported)"
     kinds = ", ".join(f"{k} {n}" for k, n in usage.tokens.items()) or "unknown"
     append_log(str(log), f"usage: cost {cost}; tokens {kinds}; session {usage.session_id or 'unknown'}")
-    return usage, task_updates(cost_usd, tokens, usage)
+    updates = task_updates(cost_usd, tokens, usage)
+    if usage.cost_usd is None and cap:
+        total = round((unreported or 0.0) + cap, 6)
+        if math.isfinite(total):
+            updates["cost_unreported_usd"] = total
+    return usage, updates
 
 
 def failure(usage: Usage | None) -> str | None:

@@ -160,13 +160,14 @@ def status(
         print_json({"order": loaded.id, "tasks": rows, **order_totals(loaded, settings)})
         return
     cost = budget.recorded(loaded)
+    unreported = budget.unreported(loaded)
     limit = budget.of(loaded, settings.max_cost_usd)
     from rich.markup import escape
     from rich.table import Table
     from rich.text import Text
 
     table = Table(title=f"Order {loaded.id}" + (f" — {loaded.title}" if loaded.title else ""))
-    costs = any(t.cost_usd is not None for t in tasks) or limit is not None  # else a column of dashes
+    costs = any(t.cost_usd is not None or t.cost_unreported_usd for t in tasks) or limit is not None  # else dashes
     reasons = any(t.reason for t in tasks)  # else an empty column, taking the width the paths need
     columns = ["task", "status", "pri", "depends on", "target files", "tries", "reworks"]
     # A path keeps up to 30 characters on a line, so that the other columns (dependencies wrap at their commas)
@@ -191,12 +192,15 @@ def status(
         row = [escape(t.id), f"[{STATUS_STYLE[t.status.value]}]{t.status.value}[/]", t.priority.value, deps,
                escape("\n".join(t.target_files)), f"{t.tries}/{attempt_limit(t, settings)}",
                f"{t.rework_rounds}/{rework_limit(t, settings)}", *[Text(t.reason or "")] * reasons]
-        table.add_row(*row, *["-" if t.cost_usd is None else budget.usd(t.cost_usd)] * costs)
+        cell = "-" if t.cost_usd is None else budget.usd(t.cost_usd)
+        if t.cost_unreported_usd:  # attempts killed before reporting their cost: at most their caps more
+            cell += f" (+ up to {budget.usd(t.cost_unreported_usd)})"
+        table.add_row(*row, *[cell] * costs)
     out = console(width=UNLIMITED if wide else None)
     out.print(table)
     line = status_summary(loaded)
-    if cost is not None or limit is not None:
-        line += "; cost " + ("unknown" if cost is None else budget.usd(cost))
+    if cost is not None or unreported or limit is not None:
+        line += "; cost " + budget.spent_text(cost, unreported)
     if limit is not None:
         line += f" of max_cost_usd {budget.usd(limit.limit)}" + (" (reached)" if limit.reached else "")
     out.print(line)

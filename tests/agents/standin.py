@@ -13,6 +13,7 @@ Directives, one per line anywhere in the prompt:
     @write PATH TEXT         write TEXT to PATH, through the agent's own permission checks
     @wait-for PATH           wait until PATH exists before finishing (claude: before its result; aider: after its
                              report)
+    @linger                  claude: after its result, stay alive until killed (the cost is reported already)
 
 With FAKE_AGENT_JOURNAL set, each run appends one JSON line {"agent", "argv", "prompt", "attempt", "task",
 "targets"} (targets: AIPM_TARGET_FILES).
@@ -33,6 +34,7 @@ class Directives:
     writes: list[tuple[str, str]] = field(default_factory=list)
     gate: str | None = None
     api_error: str | None = None
+    linger: bool = False
 
 
 def directives(prompt: str) -> Directives:
@@ -49,6 +51,8 @@ def directives(prompt: str) -> Directives:
             d.fail = d.fail or rest.strip() == os.environ.get("AIPM_ATTEMPT")
         elif word == "@api-error":
             d.api_error = rest.strip()
+        elif word == "@linger":
+            d.linger = True
         elif word == "@wait-for":
             d.gate = rest.strip()
         elif word == "@write":
