@@ -585,6 +585,20 @@ def test_a_cancelled_attempt_keeps_the_cost_it_reported(project, gate):
     assert "usage: cost $0.0400" in (project.root / ".aipm/logs/ORD/A.1.log").read_text()
 
 
+def test_a_cancelled_claude_attempt_that_reported_no_cost_counts_its_cap(project, gate):
+    """Claude's cost comes only in its final result: cancelled before it, its cap counts against the budget."""
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.3\n")
+    path = write_task(order, "A", agent="claude", prompt=f"@cost 0.04\n@wait-for {project.root / 'gate'}",
+                      target_files=["a.txt"])
+    project.aipm("launch", "ORD", env=agent_env(project), check=True)
+    wait_for(lambda: journal(project))
+    project.aipm("cancel", "A", check=True)
+    wait_for(lambda: no_workers(project.root))
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a.get("cost_usd"), a["cost_unreported_usd"]) == ("CANCELLED", None, 0.3), a
+    assert project.json("status", "ORD")["budget_reached"]
+
 def test_ctrl_c_of_run_keeps_the_cost_the_attempt_reported(project, gate):
     path = waiting_aider(project)
     env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
