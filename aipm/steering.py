@@ -11,7 +11,7 @@ from pathlib import Path
 from aipm import outcome, workspace, writtenlog
 from aipm.agents import can_resume
 from aipm.errors import Unwritable, UserError
-from aipm.recovery import in_review, unrecorded, usage_left
+from aipm.recovery import end_remnants, in_review, unrecorded, usage_left
 from aipm.restore import disowned, restore
 from aipm.starting import cleared_reason
 from aipm.model import RUNNING, Status, Task
@@ -59,6 +59,12 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
     if live:
         append_log(rec.log, "cancelled by the user: stopping the process group")
         terminate_group(rec.pgid, rec.pid, grace)
+    if rec is not None and rec.pid and not rec.owner_alive():
+        # No owner ends what the attempt left: its command, when only its wrapper died (`pkill -9 -f aipm`), and
+        # what left the group (a `setsid` daemon). Recovery passes a CANCELLED task by, so they would run on,
+        # holding its files, for ever. Found by the attempt's marker, as recovery finds a lost attempt's.
+        end_remnants(rt, rec)
+    if live:
         _until_released(rt, order_id, task_id, grace + 5)
     return workspace.note_pending_merge(project.root, order_id, task_id, "cancelled")
 

@@ -682,3 +682,40 @@ def test_a_sparse_file_a_worker_left_as_its_reviews_log_is_not_read_whole(projec
     assert task_statuses(project.order()) == {"T": "REJECTED"}
     feedback = (project.root / ".aipm/feedback/ORD/T.txt").read_bytes()
     assert len(feedback) <= 1 << 20 and feedback.endswith(b"the review says no\n")
+
+
+@pytest.mark.parametrize("killed", ["owner and wrapper", "owner"])
+def test_a_cancel_of_an_attempt_whose_owner_died_ends_all_it_started_and_frees_its_files(project, gate, killed):
+    """`aipm cancel` after `pkill -9 -f aipm` (supervisor and wrapper gone, the command left) stopped nothing: its
+    worker, the wrapper, was dead, so no group was signalled; the task said CANCELLED, recovery passes CANCELLED
+    tasks by, and the command ran on for ever holding the task's lock (`run` waits for such a holder). With only
+    the owner dead, the group's kill missed a `setsid` daemon of the attempt, which kept the lock the same way."""
+    order = project.order()
+    daemon = project.root / "daemon.pid"
+    write_task(order, "T1", target_files=["x.txt"],
+               command=f"setsid sh -c 'echo $$ > {daemon}; exec sleep 300' & "
+                       f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    write_task(order, "T2", target_files=["x.txt"], depends_on=[], priority="P3", command="true")
+    first = _start_run(project)
+    rec = wait_for(lambda: _record(project, "T1") if daemon.exists() and daemon.read_text().strip() else None)
+    daemon_pid = int(daemon.read_text())
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    if killed == "owner and wrapper":
+        os.kill(rec["pid"], signal.SIGKILL)
+        wait_for(lambda: not pid_alive(rec["pid"]))
+    assert group_alive(rec["pgid"]) and pid_alive(daemon_pid), "the attempt should outlive its owner for this test"
+    try:
+        project.aipm("cancel", "T1", "--grace", "1", check=True)
+        wait_for(lambda: not group_alive(rec["pgid"]) and not pid_alive(daemon_pid), timeout=15)
+        assert task_statuses(order)["T1"] == "CANCELLED"
+        assert project.aipm("locks", check=True).stdout.strip() == "no locks held"
+        project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60)
+        assert task_statuses(order)["T2"] == "DONE"
+    finally:
+        gate.touch()
+        for pid in (daemon_pid,):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
