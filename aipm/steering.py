@@ -8,16 +8,16 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from aipm import outcome, workspace, writtenlog
+from aipm import agents, confine, outcome, workspace, writtenlog
 from aipm.agents import can_resume
 from aipm.errors import Unwritable, UserError
-from aipm.recovery import end_remnants, in_review, unrecorded, usage_left
+from aipm.recovery import end_remnants, forget, in_review, unrecorded, usage_left
 from aipm.restore import disowned, restore
 from aipm.starting import cleared_reason
 from aipm.model import RUNNING, Status, Task
 from aipm.project import Project
 from aipm.runner import terminate_group
-from aipm.record import live_pid
+from aipm.record import Record, live_pid, same_attempt
 from aipm.runtime import Runtime, StateWriteError
 from aipm.workerfiles import append_log, write_bytes
 from aipm.settings import Settings
@@ -64,9 +64,40 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
         # what left the group (a `setsid` daemon). Recovery passes a CANCELLED task by, so they would run on,
         # holding its files, for ever. Found by the attempt's marker, as recovery finds a lost attempt's.
         end_remnants(rt, rec)
+        _settle_unowned(rt, path, rec)
     if live:
         _until_released(rt, order_id, task_id, grace + 5)
     return workspace.note_pending_merge(project.root, order_id, task_id, "cancelled")
+
+
+def _settle_unowned(rt: Runtime, path: Path, rec: Record) -> None:
+    """What an owner does when its cancelled worker ends, for an attempt whose owner is dead: its agent's usage
+    added, a worktree attempt's changes kept, the record dropped. Left, the record of a dead worker outlived the
+    task (recovery passes a CANCELLED task by): `aipm ps` said it was stale, `aipm recover` had nothing to do, and
+    `aipm logs -f` followed it for ever."""
+    with rt.launch_lock():
+        now_rec = rt.read_record(rec.order, rec.task)
+        if now_rec is None or now_rec.serial != rec.serial or now_rec.alive() or not rt.cancelled(now_rec):
+            return  # gone already, another attempt's, adopted meanwhile, or not this cancel's
+        try:
+            task = load_task(path, rt.root)
+        except (UserError, OSError):
+            return  # broken meanwhile: recovery sees to it once it is fixed
+        if task.status != Status.CANCELLED or not same_attempt(task, now_rec):
+            return
+        if now_rec.phase == "work" and now_rec.pid:  # as the owner would: what the agent reported still cost
+            spent = agents.settle(now_rec.agent, Path(now_rec.log), task.cost_usd, task.tokens)[1]
+            if spent:
+                try:
+                    update_task(path, spent, expect=Status.CANCELLED)
+                except (StaleWrite, UserError, OSError):
+                    return  # the record stays: usage_left() has recovery add it
+            if now_rec.workspace:
+                confine.tidy(now_rec.log, now_rec.confined)
+                append_log(now_rec.log, workspace.keep(rt.root, now_rec))
+        append_log(now_rec.log, f"attempt {now_rec.serial} cancelled by the user after its owner died: ended")
+        forget(rt, now_rec)
+        rt.unmark_cancelled(now_rec)
 
 
 def _resumable(path: Path, task: Task, settings: Settings) -> None:

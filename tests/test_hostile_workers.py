@@ -710,6 +710,9 @@ def test_a_cancel_of_an_attempt_whose_owner_died_ends_all_it_started_and_frees_i
         wait_for(lambda: not group_alive(rec["pgid"]) and not pid_alive(daemon_pid), timeout=15)
         assert task_statuses(order)["T1"] == "CANCELLED"
         assert project.aipm("locks", check=True).stdout.strip() == "no locks held"
+        # Nothing of the attempt is left behind: no stale record that `ps` lists and `logs -f` follows for ever.
+        assert no_workers(project.root)
+        assert "cancelled by the user" in project.aipm("logs", "T1", "-f", timeout=30, check=True).stdout
         project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60)
         assert task_statuses(order)["T2"] == "DONE"
     finally:
