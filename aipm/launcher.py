@@ -14,9 +14,8 @@ from dataclasses import dataclass, field, replace
 
 from aipm import agents, durable, holds, locks, recovery, scope, subreaper, writtenlog
 from aipm.budget import Budget, of as order_budget
-from aipm.errors import UserError
 from aipm.model import RUNNING, Order, Status, Task
-from aipm.paths import as_path, normalize
+from aipm.paths import normalize
 from aipm.plan import LIMIT, Busy, ForeignLock, Plan, plan
 from aipm.project import Project
 from aipm.capacity import Capacity, fit
@@ -26,7 +25,6 @@ from aipm.record import Record, live_pid
 from aipm.runtime import Runtime
 from aipm.settings import Settings
 from aipm.slots import borrowed
-from aipm.store import load_task
 from aipm.starting import LaunchBusy, LaunchFailed, Owner, Starter, Starting
 from aipm.view import OrderView
 from aipm.worker import agent_for
@@ -137,7 +135,7 @@ class Launcher(Starter):
         """
         kept = []
         for rec in self.runtime.records():
-            if not rec.alive() and _finished_elsewhere(rec, self.runtime):
+            if recovery.left_behind(rec, self.runtime):
                 if not self.options.dry_run:
                     writtenlog.note_ended(self.runtime, rec)
                     self.runtime.remove_record(rec.order, rec.task)
@@ -350,22 +348,6 @@ class Launcher(Starter):
         report.deferred += [{"id": tid, "reason": "capacity", "detail": why} for tid, why in waiting.items()]
         report.failed += [{"id": tid, "error": why} for tid, why in refused.items()]
         return start
-
-
-def _finished_elsewhere(rec: Record, rt: Runtime) -> bool:
-    """The record's task is no longer running this attempt."""
-    try:
-        task = load_task(as_path(rec.task_file), rt.root)
-    except (UserError, OSError):
-        # Broken or gone (deleted or moved: it may be put back): its outcome is held, so it keeps its files until
-        # the file is back and recovered (or a recovery drops it, recovery.drop_gone).
-        return False
-    if recovery.unrecorded(task, rec, rt) or recovery.usage_left(task, rec):
-        # Its file was put back under it, or it was cancelled with its owner dead before its usage was added: what
-        # it came to is recovery's to record (for its own order: this plan may be another's).
-        return False
-    return task.status not in RUNNING or task.attempts != rec.attempt
-
 
 
 RAMP = "ramp_up"  # deferral reason: started one at a time on a busy machine; the others follow a fresh reading

@@ -19,6 +19,7 @@ from aipm.errors import UserError
 from aipm.model import DEAD_END, FINISHED_OK, Order, Status
 from aipm.plan import NEVER, plan
 from aipm.project import Project
+from aipm.recovery import left_behind
 from aipm.runtime import Runtime, entries
 from aipm.store import load_order
 from aipm.workerfiles import reading
@@ -227,7 +228,7 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False) -> Iter
                     order = load_order(order_dir, project.root)
                 except UserError:
                     pass  # a task file mid-edit: judge by the last good version
-                if settled(order, rt.records()):
+                if settled(order, [rec for rec in rt.records() if not left_behind(rec, rt)]):
                     break
             # Without inotify, look again every half second.
             select.select([watch.fd] if watch else [], [], [], None if watch else 0.5)

@@ -20,6 +20,8 @@ from aipm.model import RUNNING, Order, Status, Task, definition
 from aipm.record import Record, same_attempt
 from aipm.restore import counters
 from aipm.runtime import Runtime, exit_file_written, read_exit_file
+from aipm.paths import as_path
+from aipm.store import load_task
 from aipm.workerfiles import append_log
 from aipm.writer import StaleWrite, now, update_task
 
@@ -149,6 +151,25 @@ def unrecorded(task: Task, rec: Record, rt: Runtime) -> bool:
     if task.status in RUNNING:
         return False
     return not same_attempt(task, rec) or (task.status == Status.CANCELLED and not rt.cancelled(rec))
+
+
+def left_behind(rec: Record, rt: Runtime) -> bool:
+    """A record left by an owner killed after its task's final write: worker and owner dead, its task no longer
+    running this attempt (or gone). It holds nothing; a run or launch drops it, `aipm recover` too, and a follower
+    (`logs -f`) has nothing left to wait for on its account."""
+    if rec.alive():
+        return False
+    try:
+        task = load_task(as_path(rec.task_file), rt.root)
+    except (UserError, OSError):
+        # Broken or gone (deleted or moved: it may be put back): its outcome is held, so it keeps its files until
+        # the file is back and recovered (or a recovery drops it, drop_gone).
+        return False
+    if unrecorded(task, rec, rt) or usage_left(task, rec):
+        # Its file was put back under it, or it was cancelled with its owner dead before its usage was added: what
+        # it came to is recovery's to record (for its own order: this plan may be another's).
+        return False
+    return task.status not in RUNNING or task.attempts != rec.attempt
 
 
 def same_task(task: Task, rec: Record) -> bool:

@@ -722,3 +722,30 @@ def test_a_cancel_of_an_attempt_whose_owner_died_ends_all_it_started_and_frees_i
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+
+
+def test_a_record_left_by_an_owner_killed_after_its_final_write_is_dropped_by_recover_and_ends_logs_follow(project):
+    """An owner SIGKILLed between its task's final write and the record's removal left a dead record: `ps` called
+    it stale and sent the user to `aipm recover`, which said "nothing to recover" and kept it; `aipm logs T -f` and
+    `aipm logs ORDER -f` followed it for ever (only a later run or launch dropped it)."""
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "T1", target_files=["x.txt"],
+               command=f"echo working; while [ ! -e {gate} ]; do sleep 0.05; done")
+    path = state(project.root) / "workers" / "ORD" / "T1.json"
+    run = _start_run(project)
+    try:
+        rec = wait_for(lambda: _record(project, "T1"))
+        saved = path.read_text()
+        gate.touch()
+        assert run.wait(timeout=60) == 0
+    finally:
+        gate.touch()
+        run.kill()
+    path.write_text(saved)  # what the kill after the final write leaves: the record of a finished attempt
+    assert task_statuses(order)["T1"] == "DONE" and not pid_alive(rec["pid"])
+    assert "working" in project.aipm("logs", "T1", "-f", timeout=30, check=True).stdout
+    assert "T1\tworking" in project.aipm("logs", "ORD", "-f", timeout=30, check=True).stdout
+    assert "dropped the record of attempt 1" in project.aipm("recover", "ORD", check=True).stdout
+    assert no_workers(project.root)
+    assert project.aipm("ps", check=True).stdout.strip() == "no workers"

@@ -13,7 +13,7 @@ from aipm.cli.decl import Argument, Exit, Option, command
 from rich.markup import escape
 from rich.table import Table
 
-from aipm import workspace
+from aipm import workspace, writtenlog
 from aipm.cli.common import JsonOpt, console, get_project, json_option, print_json
 from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
@@ -239,7 +239,7 @@ def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: boo
         if not follow:
             return
         rec = rt.read_record(order_id, task_id)
-        if rec is not None and _same(rec.log, handle.name):
+        if rec is not None and _same(rec.log, handle.name) and not recovery.left_behind(rec, rt):
             time.sleep(0.25)  # tail -f style: the reader is a human, a quarter second is plenty
             continue
         # The attempt ended. Its owner records the outcome and starts the next attempt in one step under the
@@ -310,6 +310,15 @@ def recover(
     done, known, tasks = [], [], set()
     recovery.read_lost_usage_ahead(launcher.runtime)
     with launcher.runtime.launch_lock():
+        # Records left by owners killed after their task's final write: `ps` calls them stale and sends the user
+        # here, and `logs -f` waited on them. A run or launch drops them as it plans; so does a recovery.
+        ids = {load_order(directory, project.root).id for directory in dirs}
+        for rec in launcher.runtime.records():
+            if (rec.order in ids or not order) and recovery.left_behind(rec, launcher.runtime):
+                writtenlog.note_ended(launcher.runtime, rec)
+                launcher.runtime.remove_record(rec.order, rec.task)
+                done.append({"order": rec.order, "id": rec.task,
+                             "action": f"dropped the record of attempt {rec.serial}: its outcome is written"})
         for directory in dirs:
             loaded = load_order(directory, project.root)
             for item in recovery.recover_order(launcher, loaded):
