@@ -86,7 +86,8 @@ def _settle_unowned(rt: Runtime, path: Path, rec: Record) -> None:
         if task.status != Status.CANCELLED or not same_attempt(task, now_rec):
             return
         if now_rec.phase == "work" and now_rec.pid:  # as the owner would: what the agent reported still cost
-            spent = agents.settle(now_rec.agent, Path(now_rec.log), task.cost_usd, task.tokens)[1]
+            spent = agents.settle(now_rec.agent, Path(now_rec.log), task.cost_usd, task.tokens, now_rec.cost_cap,
+                                  task.cost_unreported_usd)[1]
             if spent:
                 try:
                     update_task(path, spent, expect=Status.CANCELLED)
