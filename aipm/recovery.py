@@ -169,7 +169,8 @@ def left_behind(rec: Record, rt: Runtime) -> bool:
         # Its file was put back under it, or it was cancelled with its owner dead before its usage was added: what
         # it came to is recovery's to record (for its own order: this plan may be another's).
         return False
-    return task.status not in RUNNING or task.attempts != rec.attempt
+    # REWORK is the first of a rejected review's two writes: recovery writes the second (_rework_on) and drops it.
+    return task.status not in RUNNING and task.status != Status.REWORK or task.attempts != rec.attempt
 
 
 def same_task(task: Task, rec: Record) -> bool:
