@@ -113,13 +113,7 @@ class Recording(Reviewing):
         event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.serial,
                  "phase": rec.phase, "exit_code": code}
         if task.status == Status.CANCELLED and self.rt.cancelled(rec):
-            if rec.phase == "work":  # stopped by the cancel, the attempt still cost what its agent reported
-                spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
-                                      task.cost_unreported_usd)[1]
-                task = self._write(task, spent) if spent else task
-                if rec.workspace:  # and what it changed is kept: a retry's start removes the worktree
-                    confine.tidy(rec.log, rec.confined)  # first: an empty file made for a rule is no change of its own
-                    append_log(rec.log, workspace.keep(self.rt.root, rec))
+            task = recovery.settle_cancelled(self.rt, rec, task, self._write)
             self._drop(rec)  # the user's word stands
             self.rt.unmark_cancelled(rec)
             event.update(status=str(task.status), reason=task.reason)

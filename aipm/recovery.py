@@ -8,7 +8,7 @@ then QUEUED (see docs/locks-review-recovery.md). Callers hold the launch lock.
 from __future__ import annotations
 
 import os
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -324,6 +324,20 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
         if rec.workspace and rec.phase == "work" and rec.pid:  # the next attempt's start removes its worktree
             append_log(rec.log, workspace.keep(rt.root, rec))
         forget(rt, rec)
+
+
+def settle_cancelled(rt: Runtime, rec: Record, task: Task, write: Callable[[Task, dict], Task]) -> Task:
+    """A cancelled attempt's end, by its owner or, the owner dead, by the cancel: what its agent reported still
+    cost (a claude attempt that reported nothing: its cap), and a worktree attempt's changes kept (a retry's start
+    removes the worktree). `write` puts the usage in the task file; what it raises goes to the caller."""
+    if rec.phase == "work" and rec.pid:
+        spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
+                              task.cost_unreported_usd)[1]
+        task = write(task, spent) if spent else task
+        if rec.workspace:
+            confine.tidy(rec.log, rec.confined)  # first: an empty file made for a rule is no change of its own
+            append_log(rec.log, workspace.keep(rt.root, rec))
+    return task
 
 
 def forget(rt: Runtime, rec: Record) -> None:

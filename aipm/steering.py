@@ -8,10 +8,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from aipm import agents, confine, outcome, workspace, writtenlog
+from aipm import outcome, workspace, writtenlog
 from aipm.agents import can_resume
 from aipm.errors import Unwritable, UserError
-from aipm.recovery import end_remnants, forget, in_review, unrecorded, usage_left
+from aipm.recovery import end_remnants, forget, in_review, settle_cancelled, unrecorded, usage_left
 from aipm.restore import disowned, restore
 from aipm.starting import cleared_reason
 from aipm.model import RUNNING, Status, Task
@@ -85,17 +85,10 @@ def _settle_unowned(rt: Runtime, path: Path, rec: Record) -> None:
             return  # broken meanwhile: recovery sees to it once it is fixed
         if task.status != Status.CANCELLED or not same_attempt(task, now_rec):
             return
-        if now_rec.phase == "work" and now_rec.pid:  # as the owner would: what the agent reported still cost
-            spent = agents.settle(now_rec.agent, Path(now_rec.log), task.cost_usd, task.tokens, now_rec.cost_cap,
-                                  task.cost_unreported_usd)[1]
-            if spent:
-                try:
-                    update_task(path, spent, expect=Status.CANCELLED)
-                except (StaleWrite, UserError, OSError):
-                    return  # the record stays: usage_left() has recovery add it
-            if now_rec.workspace:
-                confine.tidy(now_rec.log, now_rec.confined)
-                append_log(now_rec.log, workspace.keep(rt.root, now_rec))
+        try:  # as the owner would
+            settle_cancelled(rt, now_rec, task, lambda t, spent: update_task(path, spent, expect=Status.CANCELLED))
+        except (StaleWrite, UserError, OSError):
+            return  # the record stays: usage_left() has recovery add it
         append_log(now_rec.log, f"attempt {now_rec.serial} cancelled by the user after its owner died: ended")
         forget(rt, now_rec)
         rt.unmark_cancelled(now_rec)
