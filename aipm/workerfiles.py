@@ -71,9 +71,7 @@ def exit_code_in_log(log: str) -> int | None:
     """The exit code a wrapper put at the end of the log when its exit file's directory was gone (a command that
     removed aipm's state directory as its last act): None unless that line is the log's last."""
     try:
-        with reading(log) as handle:  # (a worker's link to /dev/zero at its log was read for ever)
-            handle.seek(max(0, os.fstat(handle.fileno()).st_size - 512))
-            match = _LOGGED_CODE.search(handle.read(512))
+        match = _LOGGED_CODE.search(read_end(log, 512))
     except OSError:
         return None
     return int(match.group(1)) if match else None
