@@ -11,10 +11,12 @@ from __future__ import annotations
 CLOSE = 0.75
 
 
-def did_you_mean(word: str, known) -> str:
+def did_you_mean(word: str, known, synonyms: dict[str, str] | None = None) -> str:
     """The hint `; did you mean 'x'?` for a name spelt close to `word`, else for the one name that has `word` as
     one of its words (`target` → 'target_files', `ignore` → 'scope_ignore'; a word of five letters or more: `id`,
-    `max` or `code` says too little); else "": better no guess than a wrong one."""
+    `max` or `code` says too little), else for the one name it begins (`prio` → 'priority'; four letters or
+    more), else for the name `synonyms` gives it (`dependencies` → 'depends_on': other tools' words, too far
+    from ours to be spelt close); else "": better no guess than a wrong one."""
     import difflib  # only for this message: loading an order or the settings does without it
 
     known = list(known)
@@ -22,6 +24,10 @@ def did_you_mean(word: str, known) -> str:
     if not near and len(word) >= 5:
         forms = {word, word[:-1]} if word.endswith("s") else {word}  # `targets` → target_files as `target` does
         near = [name for name in known if forms & set(name.replace(".", "_").split("_"))]
+    if not near and len(word) >= 4:
+        near = [name for name in known if name.startswith(word)]
+    if not near and synonyms and synonyms.get(word.lower()) in known:
+        near = [synonyms[word.lower()]]
     return f"; did you mean {near[0]!r}?" if len(near) == 1 else ""
 
 

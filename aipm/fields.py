@@ -34,10 +34,20 @@ TASK_KEYS = (
 )
 
 
+# What other task runners and CI files call a task file's keys (hints only: the file must use our names).
+SYNONYMS = {
+    "dependencies": "depends_on", "deps": "depends_on", "needs": "depends_on", "requires": "depends_on",
+    "after": "depends_on", "files": "target_files", "paths": "target_files", "outputs": "target_files",
+    "cmd": "command", "run": "command", "script": "command", "name": "title", "retries": "max_attempts",
+    "reviewer": "review", "budget": "max_cost_usd",
+}
+
+
 def check_keys(path: Path, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     for key in data:
         if not isinstance(key, str) or key not in allowed:
-            hint = did_you_mean(str(key).replace("-", "_"), allowed) or f"; known keys: {', '.join(allowed)}"
+            hint = (did_you_mean(str(key).replace("-", "_"), allowed, SYNONYMS)
+                    or f"; known keys: {', '.join(allowed)}")
             raise ValidationError(str(path), str(key), f"unknown key{hint}")
 
 

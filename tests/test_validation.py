@@ -126,3 +126,23 @@ def test_a_plural_of_a_keys_word_still_gets_that_key():
     assert did_you_mean("targets", TASK_KEYS) == "; did you mean 'target_files'?"
     assert did_you_mean("target", TASK_KEYS) == "; did you mean 'target_files'?"
     assert did_you_mean("tags", TASK_KEYS) == ""
+
+
+def test_a_key_cut_short_or_named_as_other_tools_name_it_gets_its_hint(project):
+    """`prio:` and `dependencies:` got the list of all 31 keys: neither is spelt close enough to its key (0.67 and
+    0.55 against the 0.75 cutoff). A word that begins exactly one key gets that key, and the names other task
+    runners use for ours get ours; a beginning several keys share, or a name meant for another file, gets none."""
+    cases = {"PRIO": ("prio", "priority"), "DEPS": ("dependencies", "depends_on"), "CMD": ("cmd", "command"),
+             "FILES": ("files", "target_files")}
+    for name, (key, _) in cases.items():
+        write_task(project.order(name), "A", command="true", **{key: "x"})
+    before = snapshot(project.root)
+    for (name, (key, hint)), proc in zip(cases.items(), project.aipm_all([("validate", n) for n in cases])):
+        assert_one_line_error(proc, f"{name}/A.yaml", key)
+        assert proc.stderr.rstrip().endswith(f"did you mean {hint!r}?"), proc.stderr
+    assert snapshot(project.root) == before
+    from aipm.errors import did_you_mean
+    from aipm.fields import SYNONYMS, TASK_KEYS
+
+    assert did_you_mean("work", TASK_KEYS, SYNONYMS) == ""  # workspace, workspace_setup, workspace_copy
+    assert did_you_mean("run", ["max_workers", "ray_address"], SYNONYMS) == ""  # (settings have no `command`)
