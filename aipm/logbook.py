@@ -91,8 +91,10 @@ class Tail:
                 pass
         self.offsets[path] = offset
 
-    def read(self, path: Path, final: bool = False) -> Iterator[str]:
-        """Lines added to `path`; with `final`, also an unterminated last line (the file is done)."""
+    def read(self, path: Path, final: bool = False, skip: int | None = None) -> Iterator[str]:
+        """Lines added to `path` up to its size now (a worker writing faster than we read is not followed for
+        ever); with `final`, also an unterminated last line (the file is done). `skip`: this read's own."""
+        skip = self.skip if skip is None else skip
         self.start(path)
         try:
             handle = reading(path)
@@ -105,13 +107,13 @@ class Tail:
                 self._ids[path] = (st.st_dev, st.st_ino)
                 self.offsets[path] = 0
                 self.partial.pop(path, None)
-            if self.skip is not None and st.st_size - self.offsets[path] > self.skip:
-                self.offsets[path] = _line_start(handle, st.st_size - self.skip)
+            if skip is not None and st.st_size - self.offsets[path] > skip:
+                self.offsets[path] = _line_start(handle, st.st_size - skip)
                 self.partial.pop(path, None)
                 yield "[aipm] … (the log's lines before these are not shown here: the task's log has them)"
             handle.seek(self.offsets[path])
-            while True:
-                data = handle.read(CHUNK)
+            while self.offsets[path] < st.st_size:
+                data = handle.read(min(CHUNK, st.st_size - self.offsets[path]))
                 if not data:
                     break
                 self.offsets[path] += len(data)

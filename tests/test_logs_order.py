@@ -148,3 +148,48 @@ def test_a_burst_beyond_the_skip_gives_only_its_end_after_a_note(tmp_path):
     lines = list(tail.read(log))
     assert lines[0].startswith("[aipm] … ") and lines[-1] == "burst 09999"
     assert sum(len(line) + 1 for line in lines[1:]) <= 1000 and lines[1].startswith("burst ")
+
+
+def test_a_read_ends_at_the_size_the_log_had_when_it_began_and_the_rest_comes_next(tmp_path):
+    """A worker that writes faster than the dashboard reads had `Tail.read` follow it for as long as it wrote
+    (each chunk read found more). A read stops at the size it saw at its start; what came after is the next
+    read's, none of it lost."""
+    from aipm.logbook import CHUNK, Tail
+
+    log = tmp_path / "T.1.log"
+    first = [f"before {i:07d} {'x' * 100}" for i in range(3 * CHUNK // 100)]
+    log.write_text("".join(line + "\n" for line in first))
+    tail = Tail()
+    lines = tail.read(log)
+    got = [next(lines)]  # the read has begun: its size is taken
+    with open(log, "a") as handle:
+        handle.write("".join(f"after {i}\n" for i in range(1000)))
+    got += lines
+    assert got == first
+    assert list(tail.read(log)) == [f"after {i}" for i in range(1000)]
+
+
+def test_a_burst_in_many_logs_at_once_reads_a_share_of_the_live_budget_from_each(tmp_path):
+    """Forty logs that each grew by a megabyte in one burst had the dashboard read 256 KiB of each (10 MiB for a
+    page that keeps 2,000 lines); a log removed after it changed ended the page's live stream (its mtime read
+    after a check that it exists). Now the burst reads LIVE_BYTES in all, each log's end, and a removed log is
+    nothing to read."""
+    from aipm.ui.app import MIN_SHARE, _grown
+    from aipm.ui.stream import LIVE_BYTES, LiveLog
+
+    order = tmp_path / ".aipm" / "logs" / "ORD"
+    order.mkdir(parents=True)
+    live = LiveLog()
+    logs = [order / f"T{n:02d}.1.log" for n in range(40)]
+    for log in logs:
+        log.write_text("start\n")
+    assert len(_grown(live, set(logs))) == 40
+    for n, log in enumerate(logs):
+        with open(log, "a") as handle:
+            handle.write("".join(f"T{n:02d} line {i:06d} {'y' * 60}\n" for i in range((1 << 20) // 80)))
+    gone = order / "GONE.1.log"
+    lines = _grown(live, {*logs, gone})
+    read = sum(len(item["line"]) + 1 for item in lines if not item["line"].startswith("[aipm] "))
+    assert read <= max(LIVE_BYTES, 40 * MIN_SHARE), read
+    last = {item["task"]: item["line"] for item in lines}
+    assert all(last[f"T{n:02d}"].startswith(f"T{n:02d} line {(1 << 20) // 80 - 1:06d} ") for n in range(40)), last

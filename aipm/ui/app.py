@@ -34,7 +34,7 @@ from aipm.logbook import attempt_logs
 from aipm.project import Project
 from aipm.settings import Settings
 from aipm.store import order_meta, task_names
-from aipm.ui.stream import Hub, LiveLog, Stream, sse
+from aipm.ui.stream import LIVE_BYTES, Hub, LiveLog, Stream, sse
 from aipm.workerfiles import reading
 
 TOKEN_HEADER = b"x-aipm-token"
@@ -44,6 +44,7 @@ LOG_BYTES = 256 * 1024  # of each attempt's log shown for one task: the end, whe
 # attempts' logs (sparse ones cost no disk), and one click must not read them all into memory.
 LOG_TOTAL = 4 * LOG_BYTES
 LIVE_LINES = 2000  # of the merged log the page keeps (page.html's MAX_LINES): no message carries more
+MIN_SHARE = 8 * 1024  # bytes of each grown log a burst may read, however many grew: its last lines at least
 MAX_BODY = 4096  # bytes of a cancel's or retry's request: {"order": ..., "task": ...}
 PAGE = resources.files("aipm.ui").joinpath("page.html").read_text(encoding="utf-8")
 
@@ -258,8 +259,18 @@ def _page_full(lines: list[dict]) -> list[dict]:
 
 
 def _grown(live: LiveLog, paths: set[Path]) -> list[dict]:
-    """New lines of the logs that grew since the stream last looked, oldest change first."""
+    """New lines of the logs that grew since the stream last looked, oldest change first: LIVE_BYTES in all,
+    shared among them (forty logs that each grew by a megabyte at once were 10 MiB read for one message whose
+    page keeps LIVE_LINES lines)."""
+    share = max(LIVE_BYTES // max(len(paths), 1), MIN_SHARE)
     out = []
-    for path in sorted(paths, key=lambda p: p.stat().st_mtime_ns if p.exists() else 0):
-        out += live.read(path)
+    for path in sorted(paths, key=_changed_at):
+        out += live.read(path, skip=share)
     return out
+
+
+def _changed_at(path: Path) -> int:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:  # removed since it changed (its attempt's log swept): nothing to read, no reason to stop
+        return 0

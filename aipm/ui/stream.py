@@ -148,12 +148,13 @@ class LiveLog:
                 out += self.read(path)
         return out
 
-    def read(self, path: Path) -> list[dict]:
-        """New lines of a log that grew (a log first seen now is read from its start: a new attempt)."""
+    def read(self, path: Path, skip: int | None = None) -> list[dict]:
+        """New lines of a log that grew (a log first seen now is read from its start: a new attempt); of more
+        than `skip` bytes (LIVE_BYTES by default), only the end."""
         log = parse(path, path.parent.name)
         if log is None:
             return []
-        return [{"order": log.order, "task": log.task, "line": line} for line in self.tail.read(path)]
+        return [{"order": log.order, "task": log.task, "line": line} for line in self.tail.read(path, skip=skip)]
 
 
 def sse(event: str, data) -> str:
