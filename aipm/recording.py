@@ -187,6 +187,9 @@ class Recording(Reviewing):
         (INTERRUPTED) rather than run it again blindly or call it failed."""
         append_log(rec.log, f"attempt {rec.serial} ended, but its exit code was lost ({rec.exit_file} is empty): "
                             "left INTERRUPTED; check its work, then `aipm retry` it")
+        if rec.workspace and rec.phase == "work":  # the retry's start, or `aipm recover`, removes its worktree
+            confine.tidy(rec.log, rec.confined)
+            append_log(rec.log, workspace.keep(self.rt.root, rec))
         spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
                               task.cost_unreported_usd)[1] if rec.phase == "work" else {}
         task = self._write(task, {"status": Status.INTERRUPTED, "finished_at": now(),

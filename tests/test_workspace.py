@@ -1509,3 +1509,29 @@ def test_a_kept_patch_and_a_captures_index_are_never_written_where_a_workers_lin
         (scratch / f"index.{os.getpid()}.{n}").symlink_to(index_victim)
     repository.Repo(repo).capture(repo, scratch, None, "capture")
     assert index_victim.read_text() == "the user's\n"
+
+
+def test_an_attempt_whose_exit_code_was_lost_keeps_its_changes_as_a_patch(repo, tmp_path):
+    """Its wrapper's write of the exit code failed (a full disk): the task is left INTERRUPTED, "check its work,
+    then `aipm retry`". Its work was in its worktree alone, and the retried attempt's start removed that worktree:
+    no patch had been written, so the work was gone."""
+    project = project_in(repo)
+    order = project.order()
+    gate, ready = tmp_path / "gate", tmp_path / "ready"
+    write_task(order, "T", target_files=["src/a.txt"],
+               command=f'echo "WORKER WORK" >> src/a.txt; touch "{ready}"; {wait_gate(gate)}')
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD"],
+                           cwd=repo, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(ready.exists)
+    run.kill()
+    run.wait()
+    gate.touch()
+    exit_file = state(repo) / "exit" / "ORD" / "T.1"
+    wait_for(lambda: exit_file.exists() and exit_file.read_text())
+    exit_file.write_text("")  # the code never reached the disk
+    project.aipm("run", "ORD")
+    assert project.statuses() == {"T": "INTERRUPTED"}
+    patch = repo / ".aipm/patches/ORD/T.1.patch"
+    assert patch.exists() and "WORKER WORK" in patch.read_text()
+    assert str(patch) in (repo / ".aipm/logs/ORD/T.1.log").read_text()
