@@ -1535,3 +1535,22 @@ def test_an_attempt_whose_exit_code_was_lost_keeps_its_changes_as_a_patch(repo, 
     patch = repo / ".aipm/patches/ORD/T.1.patch"
     assert patch.exists() and "WORKER WORK" in patch.read_text()
     assert str(patch) in (repo / ".aipm/logs/ORD/T.1.log").read_text()
+
+
+def test_edits_of_files_marked_assume_unchanged_or_skip_worktree_are_captured(repo, tmp_path):
+    """`git update-index --assume-unchanged` / `--skip-worktree` (the usual way to keep a local edit of a tracked
+    file out of commits) made `git add` skip the file, and the capture's index is seeded from the tree's own: a
+    worker that marked its target so and edited it ended DONE with its edit silently not merged, and a user's
+    marked local edit was not in the worktree the task started from."""
+    journal = tmp_path / "journal"
+    (repo / "src" / "c.txt").write_text("the user's local setting\n")
+    git(repo, "update-index", "--skip-worktree", "src/c.txt")
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt", "src/b.txt"], command=(
+        f'cat src/c.txt >> "{journal}"; git update-index --assume-unchanged src/a.txt; '
+        "git update-index --skip-worktree src/b.txt; echo 'from T' >> src/a.txt; echo 'from T' >> src/b.txt"))
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert journal_lines(journal) == ["the user's local setting"]
+    assert (repo / "src" / "a.txt").read_text().endswith("from T\n")
+    assert (repo / "src" / "b.txt").read_text().endswith("from T\n")

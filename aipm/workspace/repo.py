@@ -126,6 +126,7 @@ class Repo:
                 # a copy stamped later made it trust a same-size edit made in the second of the checkout
                 shutil.copy2(seed, index)
             env = {"GIT_INDEX_FILE": str(index)}
+            self._unmark(tree_dir, env)
             # The runtime directory as a pattern ("[.]aipm/**"), not its literal name: git add refuses a pathspec,
             # excluding ones too, that names an ignored path ("paths are ignored by one of your .gitignore
             # files"), and many projects ignore .aipm/ themselves.
@@ -145,6 +146,20 @@ class Repo:
             return tree  # a tree is enough for a diff that is only looked at
         args = ["commit-tree", tree, "-m", message] + (["-p", parent] if parent else [])
         return self.git(*args).decode().strip()
+
+    def _unmark(self, tree_dir: Path, env: dict[str, str]) -> None:
+        """Clear, in the capture's index, the marks that make `git add` skip a present file's edit: assume-unchanged
+        and skip-worktree (`git update-index`, the usual way to keep a local edit of a tracked file out of
+        commits). Seeded with them, a capture missed a worker's edit of a file it marked (merged as unchanged) and
+        a user's local edit. A sparse checkout's marks on files absent from the tree stay."""
+        out = self.git("ls-files", "-v", "-z", cwd=tree_dir, env=env).decode("utf-8", "surrogateescape")
+        entries = [(e[0], e[2:]) for e in out.split("\0") if len(e) > 2 and not e.endswith("/")]
+        for flag, marked in (("--no-assume-unchanged", lambda tag: tag.islower()),
+                             ("--no-skip-worktree", lambda tag: tag in "Ss")):
+            paths = [p for tag, p in entries if marked(tag) and os.path.lexists(tree_dir / p)]
+            if paths:  # (update-index applies one of the two flags per call)
+                self.git("update-index", flag, "-z", "--stdin", cwd=tree_dir, env=env,
+                         stdin="".join(f"{p}\0" for p in paths).encode("utf-8", "surrogateescape"))
 
     def _nested(self, tree_dir: Path, specs: list[str]) -> list[str]:
         """The untracked repositories nested in `tree_dir` (git lists each as one entry ending in "/")."""
