@@ -113,19 +113,17 @@ class Repo:
         files that are not ignored. The index of `tree_dir` only seeds a temporary copy (its stat data spares
         re-reading unchanged files); the runtime directory, and the directories in `leave_out` (relative to the
         top), are always left out. UnbornRepositories: a repository without commits is in the way."""
-        top = self._run(tree_dir, ["rev-parse", "--show-toplevel"], check=False).stdout.decode().strip()
-        if top != str(tree_dir):  # a worker deleted the worktree's .git: git would find the main tree instead
-            raise WorkspaceError(f"{tree_dir} is no longer a git work tree of its own")
+        tree_env = self._reach(tree_dir)
         scratch.mkdir(parents=True, exist_ok=True)
         index = scratch / f"index.{os.getpid()}.{next(_counter)}"
-        seed = tree_dir / self.git("rev-parse", "--git-path", "index", cwd=tree_dir).decode().strip()
+        seed = tree_dir / self.git("rev-parse", "--git-path", "index", cwd=tree_dir, env=tree_env).decode().strip()
         try:
             index.unlink(missing_ok=True)  # a link a worker left under the name: copy2 would write where it leads
             if seed.is_file():
                 # copy2 keeps the index's mtime: git reads again a file not older than its index (racy git), and
                 # a copy stamped later made it trust a same-size edit made in the second of the checkout
                 shutil.copy2(seed, index)
-            env = {"GIT_INDEX_FILE": str(index)}
+            env = {**tree_env, "GIT_INDEX_FILE": str(index)}
             self._unmark(tree_dir, env)
             # The runtime directory as a pattern ("[.]aipm/**"), not its literal name: git add refuses a pathspec,
             # excluding ones too, that names an ignored path ("paths are ignored by one of your .gitignore
@@ -135,7 +133,8 @@ class Repo:
             try:
                 self.git("add", "--all", *_sparse(), "--", *specs, cwd=tree_dir, env=env)
             except WorkspaceError as exc:
-                unborn = [p for p in self._nested(tree_dir, specs) if p not in leave_out and self._unborn(tree_dir / p)]
+                unborn = [p for p in self._nested(tree_dir, specs, tree_env) if p not in leave_out
+                          and self._unborn(tree_dir / p)]
                 if unborn:
                     raise UnbornRepositories(unborn, exc) from None
                 raise
@@ -161,9 +160,20 @@ class Repo:
                 self.git("update-index", flag, "-z", "--stdin", cwd=tree_dir, env=env,
                          stdin="".join(f"{p}\0" for p in paths).encode("utf-8", "surrogateescape"))
 
-    def _nested(self, tree_dir: Path, specs: list[str]) -> list[str]:
+    def _reach(self, tree_dir: Path) -> dict[str, str]:
+        """The environment that points git at `tree_dir`: none for the main work tree; for a worktree of ours, git's
+        note of it, not the `.git` file in it, which a worker may have deleted or made a repository of its own
+        (`git init`): git then found another repository, the capture failed, and the work was never kept."""
+        if os.path.realpath(tree_dir) == os.path.realpath(self.top):
+            return {}
+        for note, gitdir in self._notes():
+            if os.path.realpath(os.path.dirname(gitdir)) == os.path.realpath(tree_dir):
+                return {"GIT_DIR": str(note), "GIT_WORK_TREE": str(tree_dir)}
+        raise WorkspaceError(f"{tree_dir} is no longer a git work tree of its own")
+
+    def _nested(self, tree_dir: Path, specs: list[str], env: dict[str, str]) -> list[str]:
         """The untracked repositories nested in `tree_dir` (git lists each as one entry ending in "/")."""
-        out = self.git("ls-files", "-z", "--others", "--exclude-standard", "--", *specs, cwd=tree_dir)
+        out = self.git("ls-files", "-z", "--others", "--exclude-standard", "--", *specs, cwd=tree_dir, env=env)
         return [p for p in out.decode("utf-8", "surrogateescape").split("\0") if p.endswith("/")]
 
     def _unborn(self, path: Path) -> bool:
@@ -202,24 +212,30 @@ class Repo:
         """Drop git's notes of the worktrees below `under` (aipm's) whose directories are gone. Not `git worktree
         prune`: it drops the notes of every worktree whose directory is missing, a person's on a disk that is not
         mounted now included, and with them that worktree's index and HEAD."""
+        mine = os.path.realpath(under) + os.sep
+        for note, gitdir in self._notes():
+            worktree = os.path.realpath(os.path.dirname(gitdir))
+            if (worktree + os.sep).startswith(mine) and not os.path.exists(gitdir):
+                shutil.rmtree(note, ignore_errors=True)
+
+    def _notes(self) -> list[tuple[Path, str]]:
+        """git's notes of the repository's worktrees: (the note's directory, the path of the worktree's `.git`)."""
         common = self.git("rev-parse", "--git-common-dir").decode("utf-8", "surrogateescape").strip()
         notes = (self.top / common) / "worktrees"
-        mine = os.path.realpath(under) + os.sep
+        found = []
         for note in notes.iterdir() if notes.is_dir() else ():
             try:
                 gitdir = (note / "gitdir").read_text("utf-8", "surrogateescape").strip()
             except OSError:
                 continue
-            gitdir = os.path.join(note, gitdir)  # (relative to the note with worktree.useRelativePaths)
-            worktree = os.path.realpath(os.path.dirname(gitdir))  # gitdir names the worktree's `.git` file
-            if (worktree + os.sep).startswith(mine) and not os.path.exists(gitdir):
-                shutil.rmtree(note, ignore_errors=True)
+            found.append((note, os.path.join(note, gitdir)))  # (relative to the note with worktree.useRelativePaths)
+        return found
 
     def ignored(self, tree_dir: Path, pathspecs: list[str]) -> list[str]:
         """Files in `tree_dir` that git ignores, among `pathspecs` (paths relative to its top); a directory
         ignored whole is one entry ending in "/" (node_modules/ is not listed file by file)."""
         out = self.git("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--directory", "--",
-                       *pathspecs, cwd=tree_dir)
+                       *pathspecs, cwd=tree_dir, env=self._reach(tree_dir))
         return [p for p in out.decode("utf-8", "surrogateescape").split("\0") if p]
 
     # -- reading commits ----------------------------------------------------------------------------------
