@@ -1419,16 +1419,20 @@ def test_two_projects_of_one_repository_keep_their_attempts_refs_apart(repo, tmp
     assert (repo / "sub1" / "x.txt").read_text() == "x\nwork of A\n"
 
 
-@pytest.mark.parametrize("setup", ["", "echo generated > src/setup.txt"], ids=["plain", "after-setup"])
-def test_an_attempt_whose_start_ref_was_deleted_is_captured_against_its_worktree_s_head(repo, tmp_path, setup):
+@pytest.mark.parametrize("setup, commit", [("", ""), ("echo generated > src/setup.txt", ""),
+                                           ("", "git commit -qam mine; ")], ids=["plain", "after-setup", "committed"])
+def test_an_attempt_whose_start_ref_was_deleted_is_captured_against_its_start_in_its_worktree(repo, tmp_path, setup,
+                                                                                              commit):
     """Found by reviews: with no start ref the attempt's work was in no patch when the next attempt removed its
     worktree; and after a workspace_setup the fallback took the commit from before the setup, whose output was
-    then charged to the attempt, which was sent back."""
+    then charged to the attempt, which was sent back. A worker that had committed in its worktree: the fallback
+    took its commit for the start, so what it committed was in no patch, and the merge met the main tree without
+    it as a conflict ("the main tree changed meanwhile"), until REJECTED."""
     config = "workspace: worktree\n" + (f"workspace_setup: '{setup}'\n" if setup else "")
     project = project_in(repo, config=config)
     started, go = tmp_path / "started", tmp_path / "go"
     write_task(project.order(), "T", target_files=["src/a.txt"],
-               command=f'echo "work" >> src/a.txt; touch "{started}"; {wait_gate(go)}')
+               command=f'echo "work" >> src/a.txt; {commit}touch "{started}"; {wait_gate(go)}')
     run = _start_run(project, "ORD")
     try:
         wait_for(lambda: started.exists())
@@ -1437,10 +1441,11 @@ def test_an_attempt_whose_start_ref_was_deleted_is_captured_against_its_worktree
         go.touch()
     assert run.wait(timeout=120) == 0, run.communicate()
     assert project.statuses() == {"T": "DONE"}
-    log = (repo / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
-    assert "was gone: the attempt is captured against its worktree's HEAD" in log and "scope audit" not in log
     assert "+work" in (repo / ".aipm" / "patches" / "ORD" / "T.1.patch").read_text()
     assert (repo / "src" / "a.txt").read_text().endswith("work\n") and not (repo / "src" / "setup.txt").exists()
+    log = (repo / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
+    assert "was gone: the attempt is captured against its start in its worktree's history" in log
+    assert "scope audit" not in log
 
 
 def test_a_worktree_task_runs_in_a_sparse_checkout_and_keeps_it_sparse(repo):

@@ -78,8 +78,7 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
     lock and the task's target locks, so no merge is half-way through and the capture is consistent."""
     repo = Repo(root)
     remove(root, rec.order, rec.task, repo)  # the previous attempt's, kept for inspection until now
-    base = repo.capture(repo.top, scratch(root), repo.head(),
-                        f"aipm: start of {rec.order}/{rec.task}, attempt {rec.serial}")
+    base = repo.capture(repo.top, scratch(root), repo.head(), _start_message(rec.order, rec.task, rec.serial))
     repo.set_ref(refname(rec.order, rec.task, "base", prefix=repo.prefix), base)
     path = worktree_path(root, rec.order, rec.task)
     make_own_dir(root, path.parent)  # where remove() will remove it: not through a link a worker left there
@@ -144,13 +143,18 @@ def after_setup(root: str, order: str, task: str, serial: str, worktree: str) ->
         repo = Repo(Path(root))
         base = repo.rev(refname(order, task, "base", prefix=repo.prefix))
         start = repo.capture(Path(worktree), scratch(Path(root)), base,
-                             f"aipm: start of {order}/{task}, attempt {serial}, after workspace_setup")
+                             f"{_start_message(order, task, serial)}, after workspace_setup")
         repo.set_ref(refname(order, task, "base", prefix=repo.prefix), start)
         # The worktree's HEAD too (its files stay as they are): a start ref deleted later is found there again.
         repo.git("update-ref", "--no-deref", "HEAD", start, cwd=Path(worktree))
     except (WorkspaceError, OSError) as exc:
         print(f"aipm: cannot capture the worktree after workspace_setup: {exc}", flush=True)
         sys.exit(1)
+
+
+def _start_message(order: str, task: str, serial: int | str) -> str:
+    """The message of an attempt's start commit: how it is found again in its worktree's history."""
+    return f"aipm: start of {order}/{task}, attempt {serial}"
 
 
 def outside_targets(root: Path, rec: Record) -> list[str]:
@@ -201,12 +205,16 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, list[str]]:
     tree = Path(rec.workspace)
     if base is None and tree.is_dir():
         # The ref was deleted (a person's clean-up of refs, an aipm of another version): the worktree was made
-        # at its start, detached, so its HEAD is that start unless the worker committed there. Better a patch
-        # against it than none: with no patch the next attempt's start removed the only copy of the work.
-        base = repo.head_of(tree)
+        # at its start, detached, so the start is its HEAD or, where the worker committed, in HEAD's history (not
+        # HEAD: what it committed was in no patch, and the merge took the main tree for changed). Else (a worker's
+        # reset past it) HEAD: better a patch against it than none, as the next attempt's start removes the work.
+        head = repo.head_of(tree)
+        base = head and repo.made_before(head, _start_message(rec.order, rec.task, rec.serial))
+        where = "its start in its worktree's history" if base else "its worktree's HEAD"
+        base = base or head
         if base is not None:
             repo.set_ref(start, base)
-            append_log(rec.log, f"{start} was gone: the attempt is captured against its worktree's HEAD")
+            append_log(rec.log, f"{start} was gone: the attempt is captured against {where}")
     if base is None or not tree.is_dir():
         raise WorkspaceError(f"the worktree of {rec.order}/{rec.task} ({tree}) or its start ({start}) is gone; "
                              f"nothing of attempt {rec.serial} can be merged")

@@ -180,6 +180,12 @@ class Repo:
         """A repository at `path` whose HEAD names no commit yet."""
         return self._run(path, ["rev-parse", "--verify", "--quiet", "HEAD^{commit}"], check=False).returncode != 0
 
+    def made_before(self, commit: str, message: str) -> str | None:
+        """The newest commit of aipm's, `commit` or one of its ancestors, whose message holds `message`."""
+        out = self.git("rev-list", "-1", "--fixed-strings", f"--grep={message}",
+                       f"--author={_IDENTITY['GIT_AUTHOR_EMAIL']}", commit)
+        return out.decode().strip() or None
+
     def head(self) -> str:
         """The user's HEAD commit, or "" in a repository without commits (a capture then has no parent)."""
         return self.rev("HEAD") or ""
