@@ -181,7 +181,13 @@ class OrderView:
         self._note_reopened(old or self._deleted.pop(task_id, None), new)
         if old is None or (old.depends_on, old.priority) != (new.depends_on, new.priority):
             candidate = dict(tasks, **{task_id: new})
-            check_links(Order(self.order.id, self.order.path, candidate))
+            try:
+                check_links(Order(self.order.id, self.order.path, candidate))
+            except ValidationError as exc:
+                if exc.file == path:
+                    raise
+                # A cycle is named from its first task's file, but it is this file's version that is kept out.
+                raise ValidationError(path, exc.field, exc.message) from None
             tasks[task_id] = new
             self._ordering = None
             self._index()

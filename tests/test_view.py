@@ -131,3 +131,22 @@ def test_a_same_size_file_copied_over_with_its_mtime_kept_is_read_again(tmp_path
     assert (after.st_ino, after.st_size, after.st_mtime_ns) == (before.st_ino, before.st_size, before.st_mtime_ns)
     view.refresh()
     assert view.order.tasks["A"].status == Status.FAILED and view.changed
+
+
+def test_a_file_kept_out_for_a_cycle_its_edit_makes_is_the_one_named(tmp_path):
+    """Two files edited mid-run into a cycle (B on C, then C on B): B's new version is taken (no cycle yet), C's
+    kept out. The cycle is named from its first task, so `run` said `ignored .../B.yaml (keeping the last valid
+    version)`: the user was told B's edit was ignored while C's was, and C then ran before B, which its file
+    says it depends on."""
+    order_dir = tmp_path / "orders" / "ORD"
+    write_task(order_dir, "A", command="true")
+    write_task(order_dir, "B", command="true", depends_on=["A"])
+    write_task(order_dir, "C", command="true", depends_on=["A"])
+    view = OrderView(order_dir, tmp_path, watch=False)
+    write_task(order_dir, "B", command="true", depends_on=["A", "C"])
+    view.refresh()
+    write_task(order_dir, "C", command="true", depends_on=["A", "B"])
+    order = view.refresh()
+    assert list(order.tasks["B"].depends_on) == ["A", "C"] and list(order.tasks["C"].depends_on) == ["A"]
+    assert len(view.problems) == 1 and view.problems[0].startswith(f"{order_dir / 'C.yaml'}: depends_on: "), \
+        view.problems
