@@ -65,7 +65,7 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
         # holding its files, for ever. Found by the attempt's marker, as recovery finds a lost attempt's.
         end_remnants(rt, rec)
         _settle_unowned(rt, path, rec)
-    if live:
+    if live or (rec is not None and rec.owner_alive()):  # a worker that ended just before: its owner records it
         _until_released(rt, order_id, task_id, grace + 5)
     return workspace.note_pending_merge(project.root, order_id, task_id, "cancelled")
 

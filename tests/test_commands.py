@@ -905,3 +905,39 @@ def test_a_path_below_orders_dir_given_from_the_root_says_it_is_taken_from_the_w
     assert "no directory" not in proc.stderr
     assert str(project.root / "orders" / "2024" / "Q1") in proc.stderr
     assert project.json("status", "orders/2024/Q1")["order"] == "Q1"
+
+
+def test_a_cancel_that_meets_its_worker_ending_waits_for_the_owner_so_a_retry_is_not_refused(project, gate):
+    """The worker ended on its own just before the cancel, its owner (a busy `run`, held here with SIGSTOP) not yet
+    recording that: the cancel returned at once, its record still there, and a `retry` right after was refused,
+    naming the run's pid as the task's "worker pid ... still running". It now waits for the owner, as it does
+    for a worker it stops itself (bounded: --grace + 5 s)."""
+    order = project.order()
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])
+    argv = [sys.executable, "-m", "aipm", "--root", str(project.root)]
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    run = subprocess.Popen([*argv, "run", "ORD"], cwd=project.root, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env=env)
+    try:
+        worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+        run.send_signal(signal.SIGSTOP)
+        gate.touch()
+        wait_for(lambda: not group_alive(worker["pgid"]))
+        cancel = subprocess.Popen([*argv, "cancel", "A", "--grace", "30"], cwd=project.root,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        wait_for(lambda: task_statuses(order)["A"] == "CANCELLED")
+        try:  # the owner is held: a cancel that returns now leaves its record behind, and a retry is refused
+            cancel.wait(timeout=3)
+            early = no_workers(project.root) or "its record still there"
+        except subprocess.TimeoutExpired:
+            early = True
+        run.send_signal(signal.SIGCONT)
+        assert cancel.wait(timeout=60) == 0, cancel.stderr.read()
+        assert early is True, "cancel returned while the owner had not yet seen its worker end: " + early
+        retry = project.aipm("retry", "A")
+        assert retry.returncode == 0, retry.stderr
+        assert task_statuses(order)["A"] == "QUEUED"
+    finally:
+        run.send_signal(signal.SIGCONT)
+        run.kill()
+        run.wait()
