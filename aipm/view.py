@@ -25,12 +25,23 @@ class OrderView:
     def __init__(self, order_dir: Path, root: Path, watch: bool = True):
         self.dir = Path(order_dir)
         self.root = root
-        self.order = load_order(self.dir, root)
         self.watch = DirWatch.open(str(self.dir)) if watch else None
         self._above: dict[str, str] = {}  # directories above the order's (to the root) → the name below on the way
         if self.watch is not None:
             self._watch_path()
-        self._stats = {t.path: _stat(t.path) for t in self.order.tasks.values()}
+        # Watched and stamped before the read, as refresh() does: a write that landed between the read and the
+        # watch (another run recording a task as this one starts) was never seen, and the view stayed stale.
+        try:
+            stats = {str(p): _stat(str(p)) for p in task_files(self.dir)}
+        except OSError:
+            stats = {}  # no directory: load_order says so
+        try:
+            self.order = load_order(self.dir, root)
+        except BaseException:
+            if self.watch is not None:
+                os.close(self.watch.fd)
+            raise
+        self._stats = {t.path: stats.get(t.path) for t in self.order.tasks.values()}
         self._ordering: list[str] | None = None
         self.problems: list[str] = []  # changed files that did not validate, for the caller to report
         # (task id, status, status now) of finished tasks whose file a change on disk put back (a `git checkout`

@@ -150,3 +150,27 @@ def test_a_file_kept_out_for_a_cycle_its_edit_makes_is_the_one_named(tmp_path):
     assert list(order.tasks["B"].depends_on) == ["A", "C"] and list(order.tasks["C"].depends_on) == ["A"]
     assert len(view.problems) == 1 and view.problems[0].startswith(f"{order_dir / 'C.yaml'}: depends_on: "), \
         view.problems
+
+
+@pytest.mark.parametrize("watch", [True, False])
+def test_a_write_between_the_first_read_and_the_watch_is_seen(tmp_path, monkeypatch, watch):
+    """Two `run`s of one order started at once: the second read the order (A running, owned by the first), the
+    first recorded A DONE, and only then did the second start watching the directory. It never saw A end: it
+    'recovered' A as lost with its supervisor at every round (the write refused, A being DONE), never started
+    A's dependants itself, and exited 1 with `ORD: DONE 7, IN_PROGRESS 1` though every task was DONE."""
+    import aipm.view
+
+    order_dir = _order(tmp_path)
+    write_task(order_dir, "A", command="true", status="IN_PROGRESS", attempts=1)
+    real = aipm.view.load_order
+
+    def read_then_the_other_run_records_a(*args):
+        order = real(*args)
+        write_task(order_dir, "A", command="true", status="DONE", attempts=1)
+        return order
+
+    monkeypatch.setattr(aipm.view, "load_order", read_then_the_other_run_records_a)
+    view = OrderView(order_dir, tmp_path, watch=watch)
+    monkeypatch.undo()
+    assert view.refresh().tasks["A"].status == Status.DONE
+    assert view.ready_ordering() == ["B"]
