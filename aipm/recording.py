@@ -99,6 +99,13 @@ class Recording(Reviewing):
         except OSError:
             pass  # the record still names us; once we exit it is just as adoptable
 
+    def _cancelled(self, rec: Record, task: Task, event: dict) -> dict:
+        task = recovery.settle_cancelled(self.rt, rec, task, self._write)
+        self._drop(rec)  # the user's word stands
+        self.rt.unmark_cancelled(rec)
+        event.update(status=str(task.status), reason=task.reason)
+        return event
+
     def _discard(self, rec: Record, task: Task, code: int | None) -> dict:
         """The file holds another task now (made again under the name): the attempt's outcome is not its."""
         line = recovery.discard(self.rt, rec, code, recovery.another_task(task))
@@ -112,16 +119,17 @@ class Recording(Reviewing):
             return self._discard(rec, task, code)
         event = {"event": "finished", "order": rec.order, "task": rec.task, "attempt": rec.serial,
                  "phase": rec.phase, "exit_code": code}
-        if task.status == Status.CANCELLED and self.rt.cancelled(rec):
-            task = recovery.settle_cancelled(self.rt, rec, task, self._write)
-            self._drop(rec)  # the user's word stands
-            self.rt.unmark_cancelled(rec)
-            event.update(status=str(task.status), reason=task.reason)
-            return event
+        cancelled = self.rt.cancelled(rec)
+        if task.status == Status.CANCELLED and cancelled:
+            return self._cancelled(rec, task, event)
         if disowned(task, rec, self.rt):
             was = task
             task = self._restored(rec, task)
             self.outbox.append(_restored_event(rec, was, task))
+        if cancelled and task.status == known_status(rec):
+            # `aipm cancel` stopped it while its file was away (moved or deleted, now back): the user's word, written now
+            return self._cancelled(rec, self._write(task, {"status": Status.CANCELLED, "finished_at": now(),
+                                                           "reason": outcome.cancelled()}), event)
         if code is None:
             # A review stopped by its owner, or vanished without a verdict, is asked again; one that timed out was not.
             if rec.phase == "review" and not timed_out:

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -68,6 +69,32 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
     if live or (rec is not None and rec.owner_alive()):  # a worker that ended just before: its owner records it
         _until_released(rt, order_id, task_id, grace + 5)
     return workspace.note_pending_merge(project.root, order_id, task_id, "cancelled")
+
+
+def cancel_fileless(project: Project, arg: str, grace: float = 5.0) -> Record | None:
+    """Stop the live worker of `arg` (TASK or ORDER/TASK) whose task file is gone (deleted or moved while it
+    ran: nothing to mark CANCELLED, yet its worker runs on, holding its files). None when no such worker is known
+    by that name, or its file is there (cancel() is for that)."""
+    order, _, task = arg.rpartition("/")
+    rt = Runtime(project.root)
+    with rt.launch_lock():
+        found = [rec for rec in rt.records() if rec.task == task and order in ("", rec.order)
+                 and rec.pid and rec.worker_alive()]
+        if len(found) != 1 or os.path.lexists(found[0].task_file):
+            return None
+        rec = found[0]
+        try:
+            rt.mark_cancelled(rec)  # its owner records the end as the user's, not as a failure
+        except StateWriteError as exc:
+            raise Unwritable(f"cannot cancel {task}: {exc.filename}: {exc.strerror}; nothing was changed "
+                             "(make room in the state directory and cancel again)") from None
+    append_log(rec.log, "cancelled by the user (its task file is gone): stopping the process group")
+    terminate_group(rec.pgid, rec.pid, grace)
+    if rec.owner_alive():
+        _until_released(rt, rec.order, rec.task, grace + 5)
+    else:  # what left its group ended too; the record stays, for recovery to write the cancel once the file is back
+        end_remnants(rt, rec)
+    return rec
 
 
 def _settle_unowned(rt: Runtime, path: Path, rec: Record) -> None:

@@ -184,3 +184,33 @@ def test_a_fifo_a_worker_leaves_in_place_of_its_task_file_hangs_nothing(project)
     _git(project.root, "checkout", "-q", "--", "orders/ORD/T1.yaml")
     assert "ORD/T1: adopted" in project.aipm("recover", "ORD", check=True).stdout
     wait_for(lambda: task_statuses(order) == {"T1": "DONE"} and no_workers(project.root))
+
+
+@pytest.mark.parametrize("owner", ["alive", "killed"])
+def test_cancel_stops_the_worker_of_a_task_whose_file_was_moved_and_its_return_records_the_cancel(project, owner):
+    """`aipm cancel ORD/T` of a running task whose file the user had moved away refused ('no file T.yaml', exit 2)
+    while `aipm ps` listed its worker: nothing could stop it but a kill by hand. Now the worker is stopped, and
+    once the file is back the attempt's end is recorded as the user's cancel, not as a failure (exit 143)."""
+    order = project.order()
+    journal = _journal(project)
+    write_task(order, "T", target_files=["a.txt"], command=f"echo began >> {journal}; sleep 60; echo ended >> {journal}")
+    run, out = _started(project, "run", "ORD")
+    wait_for(lambda: _record(project, "T") and journal.exists())
+    pid = _record(project, "T")["pid"]
+    if owner == "killed":
+        run.kill()
+        run.wait()
+    away = project.root.parent / "T.yaml.away"
+    os.replace(order / "T.yaml", away)
+    cancel = project.aipm("cancel", "ORD/T", "--grace", "1", timeout=60)
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    assert f"ORD/T: its worker (pid {pid}) was stopped" in cancel.stdout, cancel.stdout
+    wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z")
+    if owner == "alive":
+        assert run.wait(timeout=60) == 1, out.read_text()
+    os.replace(away, order / "T.yaml")
+    recover = project.aipm("recover", "ORD", timeout=60)
+    assert recover.returncode == 0, recover.stdout + recover.stderr
+    wait_for(lambda: task_statuses(order) == {"T": "CANCELLED"})
+    assert journal.read_text() == "began\n" and no_workers(project.root)
+    assert project.aipm("cancel", "ORD/NOPE").returncode == 2  # no file and no worker: the refusal stands

@@ -269,7 +269,16 @@ def cancel(
     if not 0 <= grace <= MAX_TIMEOUT:  # checked before the task is marked: NaN or a month cannot be waited for
         raise UserError(f"--grace: {grace} is not a number of seconds from 0 to {MAX_TIMEOUT} (a week)")
     project = get_project()
-    order_dir, task_id = find_task(project, task)
+    try:
+        order_dir, task_id = find_task(project, task)
+    except UserError:
+        rec = steering.cancel_fileless(project, task, grace)
+        if rec is None:
+            raise
+        console().print(escape(f"{rec.order}/{rec.task}: its worker (pid {rec.pid}) was stopped; its task file "
+                               f"{rec.task_file} is gone, so no status was written (put it back, and the next `aipm recover` or run "
+                               "writes CANCELLED)"))
+        return
     note = steering.cancel(project, order_dir, task_id, grace)
     console().print(f"{task_id}: CANCELLED")
     if note:
