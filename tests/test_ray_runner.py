@@ -309,6 +309,30 @@ def test_auto_naming_a_dead_cluster_ends_the_attempt_at_once(project, tmp_path, 
     assert "[aipm] cannot reach the Ray cluster (auto: " in log and "Connection refused" in log, log
 
 
+def test_an_address_whose_port_answers_but_is_no_ray_cluster_ends_the_attempt(project, tmp_path):
+    """Another service's port (a web server here): the probe connected, and ray.init retried its GCS for some 12
+    minutes, deaf to signals and holding the attempt's place and locks, until the task's timeout. In a namespace of
+    its own, with the web server inside it."""
+    if not RAY.exists():
+        pytest.skip("ray is not installed (pip install '.[ray]')")
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root with unshare for a loopback-only network namespace")
+    write_task(project.order(), "T", command="true", timeout=90)
+    env = dict(os.environ, RAY_ADDRESS="127.0.0.1:8899", AIPM_ENABLE_MONITORING="false")
+    script = (f"ip link set lo up && {sys.executable} -m http.server -b 127.0.0.1 8899 >/dev/null 2>&1 & web=$!; "
+              f"for i in $(seq 100); do {sys.executable} -c 'import socket; socket.create_connection((\"127.0.0.1\", "
+              f"8899))' 2>/dev/null && break; sleep 0.1; done; "
+              f'"$@"; s=$?; kill $web; exit $s')
+    proc = subprocess.run(["unshare", "-n", "sh", "-c", script, "-", sys.executable, "-m", "aipm", "--root",
+                           str(project.root), "run", "ORD", "--runner", "ray"],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    task = yaml.safe_load((project.order() / "T.yaml").read_text())
+    log = (project.root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
+    assert (task["status"], task["exit_code"]) == ("FAILED", 75), log
+    assert "[aipm] cannot reach the Ray cluster (127.0.0.1:8899): no Ray cluster answers at this port" in log, log
+
+
 def test_a_bad_runner_setting_names_it(project):
     write_task(project.order(), "T", command="true")
     (project.root / "aipm.yaml").write_text("runner: slurm\n")

@@ -114,17 +114,41 @@ def resolved(address: str) -> str:
         return address
 
 
+def _host_port(address: str) -> tuple[str, int] | None:
+    """`address`'s host and port (host:port or ray://host:port); None for other forms ("auto" unresolved)."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    return host.strip("[]"), int(port)
+
+
 def unreachable(address: str) -> str | None:
     """Why nothing answers at `address` (host:port or ray://host:port), else None. ray.init retries an address
     where nothing listens for some 14 minutes, holding the attempt's place and locks, deaf to signals: a refused
     or silent port ends the attempt at once instead. Forms not host:port ("auto" unresolved) are left to Ray."""
-    host, sep, port = address.split("://", 1)[-1].rpartition(":")
-    if not sep or not host or not port.isdigit():
+    place = _host_port(address)
+    if place is None:
         return None
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=PROBE_TIMEOUT).close()
+        socket.create_connection(place, timeout=PROBE_TIMEOUT).close()
     except OSError as exc:
         return exc.strerror or str(exc) or type(exc).__name__
+    return None
+
+
+def no_cluster(address: str) -> str | None:
+    """Why the port at `address` (which answers) is no Ray cluster's, else None: another service's port (a web
+    server, a database, a raylet's gRPC port) passes the probe, and ray.init would retry it as a GCS for some 12
+    minutes. Ray's own GCS client asks it once (about PROBE_TIMEOUT plus Ray's 10 s of connection attempts). Ray
+    starts threads here: called where ray.init is, signals blocked. ray:// (a Ray Client server) is left to Ray."""
+    if address.startswith("ray://") or _host_port(address) is None:
+        return None
+    from ray._raylet import InnerGcsClient
+
+    try:
+        InnerGcsClient.standalone(address, None, int(PROBE_TIMEOUT * 1000))
+    except Exception as exc:  # noqa: BLE001 - Ray's RpcError (or whatever else it raises): not a cluster we can use
+        return f"no Ray cluster answers at this port ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
     return None
 
 
@@ -157,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
             import ray
 
             try:
-                ray.init(address=target, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+                why = no_cluster(target)
+                if why is None:
+                    ray.init(address=target, log_to_driver=False, logging_level="ERROR", configure_logging=False)
             finally:
                 for sig in STOPS:
                     signal.signal(sig, _note)
