@@ -57,6 +57,8 @@ class Cluster:
                         AIPM_ENABLE_MONITORING="false")
         self.env.pop("AIPM_FAKE_LOAD", None)
         self.env.pop("OMP_NUM_THREADS", None)  # else Ray leaves the node's value to its tasks
+        # Ray then hides the GPUs from a task that asks for none (an empty CUDA_VISIBLE_DEVICES), as before 2.4x.
+        self.env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "1"
         start = self.ns([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={PORT}",
                          "--num-cpus=2", "--num-gpus=2", "--include-dashboard=false", "--object-store-memory=80000000",
                          "--disable-usage-stats", f"--temp-dir={self.tmp}"], timeout=180)
@@ -66,7 +68,7 @@ class Cluster:
 
     def ns(self, argv: list[str], timeout: float = 180, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(["nsenter", "-t", str(self.holder.pid), "-n", *argv], capture_output=True,
-                              text=True, env=self.env, timeout=timeout, **kw)
+                              text=True, env=kw.pop("env", self.env), timeout=timeout, **kw)
 
     def popen(self, argv: list[str], **kw) -> subprocess.Popen:
         return subprocess.Popen(["nsenter", "-t", str(self.holder.pid), "-n", *argv], env=self.env, **kw)
@@ -377,6 +379,19 @@ def test_a_command_gets_the_gpus_ray_gave_its_task(cluster, tmp_path):
     result = aipm(cluster, project, "run", "ORD", "--runner", "ray", "--max-workers", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     assert sorted(seen.read_text().splitlines()) == ["0 1", "1 1"]
+
+
+def test_a_command_that_asks_for_no_gpu_sees_its_nodes_devices_not_the_submitters(cluster, tmp_path):
+    """The visible-devices variables are Ray's on the node, as a Ray task sees them: here the head hides its GPUs
+    from a task that asks for none (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1). The command got the submitting shell's
+    CUDA_VISIBLE_DEVICES, which names a device of another machine (on the node, maybe one Ray gave another task)."""
+    project = Project(tmp_path)
+    seen = tmp_path / "seen"
+    write_task(project.order(), "T", command=f'echo "[${{CUDA_VISIBLE_DEVICES-unset}}]" > {seen}')
+    result = cluster.ns([sys.executable, "-m", "aipm", "--root", str(tmp_path), "run", "ORD", "--runner", "ray"],
+                        env=dict(cluster.env, CUDA_VISIBLE_DEVICES="7"), cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert seen.read_text() == "[]\n"
 
 
 def test_cancel_ends_a_command_slow_to_stop_on_the_node(cluster, tmp_path):

@@ -62,24 +62,26 @@ def _wait_for(proc: subprocess.Popen) -> int:
     return proc.returncode
 
 
-def ray_task_env() -> dict[str, str]:
-    """The variables Ray sets in its worker for this task alone (as its execute_task does): the visible-devices
-    variable of each accelerator it assigned the task (CUDA_VISIBLE_DEVICES, ...) and OMP_NUM_THREADS. Only
-    these: the rest of the worker's environment is the node's, where the command gets the attempt's."""
+def ray_task_env() -> dict[str, str | None]:
+    """The variables Ray sets in its worker for this task (as its execute_task does), by their value there (None:
+    unset there): the visible-devices variable of each accelerator (CUDA_VISIBLE_DEVICES, ...) and OMP_NUM_THREADS.
+    Every accelerator's, not only those assigned the task: a task that asks for none sees the node's, or with
+    RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO=1 there Ray's empty one, never the submitter's (devices of another machine).
+    Only these: the rest of the worker's environment is the node's, where the command gets the attempt's."""
     import ray
     from ray._private.accelerators import get_accelerator_manager_for_resource
 
     names = ["OMP_NUM_THREADS"]
-    for resource, ids in ray.get_runtime_context().get_accelerator_ids().items():
-        if ids:
-            names.append(get_accelerator_manager_for_resource(resource).get_visible_accelerator_ids_env_var())
-    return {name: os.environ[name] for name in names if name and name in os.environ}  # Apple's MPS has no name
+    for resource in ray.get_runtime_context().get_accelerator_ids():
+        names.append(get_accelerator_manager_for_resource(resource).get_visible_accelerator_ids_env_var())
+    return {name: os.environ.get(name) for name in names if name}  # Apple's MPS has no name
 
 
 def run_on_node(spec: dict) -> dict:
     """The Ray task: run the guard (which runs the command) on this node and report how it ended."""
     # The GPUs Ray gave this task, not the submitter's; and this worker's pid, for the guard to check it is alive.
-    spec = dict(spec, env={**spec["env"], **ray_task_env()}, parent=os.getpid())
+    env = {name: value for name, value in {**spec["env"], **ray_task_env()}.items() if value is not None}
+    spec = dict(spec, env=env, parent=os.getpid())
     proc = subprocess.Popen([sys.executable, "-m", "aipm.cluster.guard"], stdin=subprocess.PIPE,
                             env=spec["env"], cwd=spec["cwd"])
     import json
