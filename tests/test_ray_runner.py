@@ -47,7 +47,7 @@ with open(sys.argv[1], "a") as f:
 
 
 class Cluster:
-    def __init__(self) -> None:
+    def __init__(self, **ray_env: str) -> None:
         self.tmp = tempfile.mkdtemp(prefix="aipm-ray-")
         # The holder keeps the namespace alive; `ray start` daemons are started inside it by nsenter.
         self.holder = subprocess.Popen(
@@ -59,6 +59,7 @@ class Cluster:
         self.env.pop("OMP_NUM_THREADS", None)  # else Ray leaves the node's value to its tasks
         # Ray then hides the GPUs from a task that asks for none (an empty CUDA_VISIBLE_DEVICES), as before 2.4x.
         self.env["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "1"
+        self.env.update(ray_env)
         start = self.ns([str(RAY), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={PORT}",
                          "--num-cpus=2", "--num-gpus=2", "--include-dashboard=false", "--object-store-memory=80000000",
                          "--disable-usage-stats", f"--temp-dir={self.tmp}"], timeout=180)
@@ -402,7 +403,8 @@ def test_an_attempt_that_loses_the_clusters_gcs_ends_with_75(tmp_path):
         pytest.skip("ray is not installed (pip install '.[ray]')")
     if os.geteuid() != 0 or not shutil.which("unshare") or not shutil.which("nsenter"):
         pytest.skip("needs root with unshare/nsenter to give Ray a loopback-only network namespace")
-    c = Cluster()
+    # (Ray's processes give up on a lost GCS after 5 s instead of 60: the test waits for no more than that)
+    c = Cluster(RAY_gcs_rpc_server_reconnect_timeout_s="5")
     try:
         project = Project(tmp_path)
         pid_file = tmp_path / "pid"
