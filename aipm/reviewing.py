@@ -49,9 +49,8 @@ class Reviewing:
         conflict = self._merge_back(rec, merged)
         if conflict:
             return self._conflicted(rec, task, conflict)
-        reason = outcome.unreviewed()
         return self._write(task, {"status": Status.DONE, "finished_at": now(),
-                                  "reason": outcome.not_merged(reason) if merged else reason})
+                                  "reason": _left_out(outcome.unreviewed(), merged)})
 
     def _review_ended(self, rec: Record, task: Task, code: int | None, timed_out: bool) -> Task:
         """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback. A review
@@ -72,7 +71,7 @@ class Reviewing:
             return self._conflicted(rec, task, conflict)
         if code == 0:
             feedback.unlink(missing_ok=True)
-            reason = outcome.not_merged(outcome.review_approved()) if merged else outcome.review_approved()
+            reason = _left_out(outcome.review_approved(), merged)
         else:
             try:
                 output = read_end(review_log, FEEDBACK_BYTES)
@@ -103,6 +102,8 @@ class Reviewing:
                 append_log(rec.log, f"merge: {note}")
                 if note.endswith(workspace.NOT_MERGED):
                     event["not_merged"] = note  # (the task's reason says so)
+                elif workspace.UNDONE in note:
+                    event["undone"] = note
         except workspace.Conflict as exc:
             event["conflict"] = exc.paths
             return str(exc)
@@ -134,6 +135,13 @@ class Reviewing:
             write_bytes(Path(rec.exit_file), b"127\n")
             self.rt.write_record(rec)
         self._own(rec)
+
+
+def _left_out(reason: str, merged: dict) -> str:
+    """`reason`, saying what an approved merge left out: ignored files, the task's changes its review put back."""
+    if "not_merged" in merged:
+        reason = outcome.not_merged(reason)
+    return outcome.undone_by_review(reason) if "undone" in merged else reason
 
 
 def log_whole(log: str, text: str) -> None:

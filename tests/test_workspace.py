@@ -1252,6 +1252,27 @@ def test_what_an_approving_review_changed_in_the_worktree_is_merged_or_sends_the
     assert (repo / "src/d.txt").read_bytes() == d_before and (repo / "src/c.txt").read_bytes() == c_before
 
 
+@pytest.mark.parametrize("review", ["git checkout -- .", "git stash -q"])
+def test_an_approving_review_that_puts_the_tasks_changes_back_keeps_them_in_the_patch(repo, review):
+    """A review that undid the task's edits in the worktree (a `git checkout .`, a `git stash` in its script) and
+    exited 0: COMPLETED with nothing merged, its log saying the review's changes were "merged with the task's
+    changes", and the end capture after the review wrote the attempt's patch over with an empty one: the task's
+    work was gone (or in the user's stash). What the review approved is still what is merged."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt", "src/b.txt"], review=review,
+               command="echo 'from T' >> src/a.txt")
+    before = (repo / "src/a.txt").read_bytes()
+    assert project.aipm("run", "ORD").returncode == 0
+    assert project.statuses() == {"T": "COMPLETED"}
+    assert (repo / "src/a.txt").read_bytes() == before
+    patch = repo / ".aipm/patches/ORD/T.1.patch"
+    assert "+from T" in patch.read_text()
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert f"merge: src/a.txt: put back as they were by the review, so the task's changes there are not merged; " \
+           f"the task's changes are kept in {patch}" in log and "merged with the task's changes" not in log
+    assert "the review put back some of the task's changes" in project.json("status", "ORD")["tasks"][0]["reason"]
+
+
 def test_a_same_size_edit_in_the_second_of_the_checkout_is_captured(repo):
     """The capture seeds a temporary index from the tree's own. A copy with a new mtime made git trust the stat
     data of a file edited (same size) in the second its index was written: racy git's check (a file not older

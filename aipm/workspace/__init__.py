@@ -60,7 +60,7 @@ class MergeStopped(UserError):
     WorkspaceError: part of the attempt may be in the main tree, so it is not a merge that wrote nothing."""
 
 
-__all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED", "WORKTREE", "NOT_MERGED", "kind", "prepare",
+__all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED", "WORKTREE", "NOT_MERGED", "UNDONE", "kind", "prepare",
            "directory", "with_setup", "after_setup", "outside_targets", "keep", "merge", "decided",
            "note_pending_merge", "finished", "remove", "sweep", "sweep_orphans", "prune", "diff"]
 
@@ -289,7 +289,7 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
     before = repo.rev(refname(rec.order, rec.task, "end", prefix=repo.prefix))
     if before is None:
         return []  # gone: merge() says so
-    _, _, end, left_out = _capture_end(root, rec)
+    _, base, end, left_out = _capture_end(root, rec)
     if left_out:
         raise Conflict(f"the review left {_left_out(root, rec, left_out)}; nothing of this attempt was merged",
                        left_out)
@@ -298,11 +298,22 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
     if outside:
         raise Conflict("scope audit: the review wrote outside target_files: " + ", ".join(outside)
                        + "; nothing of this attempt was merged", outside)
-    return [f"the review changed {', '.join(changed)} in the worktree; merged with the task's changes"
-            ] if changed else []
+    # Paths the task changed that the review put back as they were (a `git stash`, a `git checkout .` in it): the
+    # approved state is merged, but the end capture wrote its patch over the task's, the only copy of its work.
+    undone = sorted({relative(c.path, repo.prefix) for c in repo.changes(base, before)}
+                    - {relative(c.path, repo.prefix) for c in repo.changes(base, end)})
+    changed = [path for path in changed if path not in undone]
+    notes = [f"the review changed {', '.join(changed)} in the worktree; merged with the task's changes"
+             ] if changed else []
+    if undone:
+        patch = patch_path(root, rec.order, rec.task, rec.serial)
+        write_bytes(patch, repo.patch(base, before))
+        notes.append(f"{', '.join(undone)}: {UNDONE}; the task's changes are kept in {patch}")
+    return notes
 
 
 NOT_MERGED = "ignored by git, so not merged back (gone with the worktree)"
+UNDONE = "put back as they were by the review, so the task's changes there are not merged"
 
 
 def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
