@@ -164,19 +164,28 @@ def test_a_timeout_ends_the_whole_tree_on_the_node(cluster, tmp_path):
 def test_a_killed_run_is_recovered_with_nothing_lost_or_run_twice(cluster, tmp_path):
     project = Project(tmp_path)
     order = project.order()
-    journal = tmp_path / "journal"
+    journal, gate, out = tmp_path / "journal", tmp_path / "gate", tmp_path / "second.out"
+    # Each command waits for the gate (at most 60 s): T0 and T2 run until the second run has adopted them.
+    work = f"for i in $(seq 1200); do [ -e {gate} ] && break; sleep 0.05; done"
     for i in range(4):
         deps = [f"T{i - 1}"] if i % 2 else []
         write_task(order, f"T{i}", depends_on=deps, target_files=[f"f{i}"],
-                   command=journal_command(journal, "sleep 4"))
-    run = cluster.popen([sys.executable, "-m", "aipm", "--root", str(tmp_path), "run", "ORD", "--runner", "ray",
-                         "--max-workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                        start_new_session=True)
-    wait_for(lambda: len(spans(journal)) >= 2, 120)  # two commands are running on the cluster
-    os.killpg(run.pid, signal.SIGKILL)
-    run.wait()
-    result = aipm(cluster, project, "run", "ORD", "--runner", "ray", "--max-workers", "2")
-    assert result.returncode == 0, result.stdout + result.stderr
+                   command=journal_command(journal, work))
+    try:
+        run = cluster.popen([sys.executable, "-m", "aipm", "--root", str(tmp_path), "run", "ORD", "--runner", "ray",
+                             "--max-workers", "2"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+        wait_for(lambda: len(spans(journal)) >= 2, 120)  # two commands are running on the cluster
+        os.killpg(run.pid, signal.SIGKILL)
+        run.wait()
+        with out.open("w") as said:
+            second = cluster.popen([sys.executable, "-m", "aipm", "--root", str(tmp_path), "run", "ORD", "--runner",
+                                    "ray", "--max-workers", "2"], stdout=said, stderr=subprocess.STDOUT, text=True,
+                                   cwd=tmp_path)
+        wait_for(lambda: all(f"adopt    {t}" in out.read_text() for t in ("T0", "T2")), 120)
+    finally:
+        gate.touch()
+    assert second.wait(300) == 0, out.read_text()
     assert set(task_statuses(order).values()) == {"DONE"}
     assert check(journal, order, max_workers=2, root=tmp_path) == []
 
