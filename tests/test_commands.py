@@ -541,10 +541,12 @@ def test_ps_reads_a_worker_whose_children_come_and_go(project):
     project.aipm("launch", "ORD", check=True)
     wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
     try:
-        seen = [project.json("ps")["workers"] for _ in range(15)]
+        # Fifteen readings, as many at once as aipm_all runs (each its own process): the children end meanwhile.
+        procs = project.aipm_all([("ps", "--json")] * 15)
     finally:
         gate.touch()
-    for workers in seen:
+    assert all(proc.returncode == 0 for proc in procs), [proc.stderr for proc in procs]
+    for workers in (json.loads(proc.stdout)["workers"] for proc in procs):
         assert [w["task"] for w in workers] == ["A"]
         assert all(w[k] is not None for w in workers for k in ("elapsed", "cpu_percent", "memory_mb")), workers
     wait_for(lambda: no_workers(project.root))
