@@ -348,7 +348,7 @@ def test_validate_writes_the_cache_and_read_commands_use_it_without_writing(proj
     for i in range(3):
         write_task(order, f"T{i}", command="true", target_files=[f"f{i}.txt"], depends_on=[f"T{i - 1}"] if i else [])
     reads = [("detect", "ORD", "--json"), ("status", "ORD", "--json"), ("why", "ORD/T1", "--json")]
-    before = [project.aipm(*args, check=True).stdout for args in reads]
+    before = [proc.stdout for proc in project.aipm_all(reads, check=True)]
     (project.root / ".aipm").mkdir()
     # Files written within the last RACY_NS are not remembered (an edit in the same clock tick would not show).
     time.sleep(parsecache.RACY_NS / 1e9 + 0.1)
@@ -356,7 +356,7 @@ def test_validate_writes_the_cache_and_read_commands_use_it_without_writing(proj
     [file] = cache_files(project.root)
     from conftest import snapshot  # every file but .aipm/
     tree, cache = snapshot(project.root), file.read_bytes()
-    assert [project.aipm(*args, check=True).stdout for args in reads] == before
+    assert [proc.stdout for proc in project.aipm_all(reads, check=True)] == before
     assert snapshot(project.root) == tree and file.read_bytes() == cache and cache_files(project.root) == [file]
     data = json.loads(project.aipm("detect", "ORD", "--json", check=True).stdout)
     assert [t["id"] for t in data["launchable"]] == ["T0"]
