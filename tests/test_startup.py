@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 from conftest import snapshot, write_task
 
@@ -77,16 +78,21 @@ def test_the_polled_form_skips_typer_and_answers_exactly_as_typer_does(project):
     write_task(order, "A", command="true", target_files=["a.txt"])
     write_task(order, "B", command="true", target_files=["a.txt"], depends_on=["A"], priority="P0")
     write_task(order, "C", command="true", status="IN_PROGRESS", target_files=["c/"])
-    for command in ("detect", "status"):
-        for name in ("ORD", str(order), "NOPE"):
-            for direct in ((command, name, "--json"), (command, "--json", name)):
-                proc, modules = modules_of(project, *direct)
-                assert "pydantic" not in modules and "typer" not in modules
-                typer_proc, modules = modules_of(project, command, "--json", "--", name)
-                assert "typer.main" in modules
-                assert (proc.returncode, proc.stdout) == (typer_proc.returncode, typer_proc.stdout)
-                assert proc.stderr.split("MODULES")[0] == typer_proc.stderr.split("MODULES")[0]
-                assert proc.returncode == (2 if name == "NOPE" else 0)
+    # Every call at once, a process each (all read only): the Typer form once per command and order.
+    cases = [(command, name) for command in ("detect", "status") for name in ("ORD", str(order), "NOPE")]
+    calls = [form for command, name in cases for form in ((command, "--json", "--", name), (command, name, "--json"),
+                                                          (command, "--json", name))]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = dict(zip(calls, pool.map(lambda call: modules_of(project, *call), calls)))
+    for command, name in cases:
+        typer_proc, modules = results[command, "--json", "--", name]
+        assert "typer.main" in modules
+        for direct in ((command, name, "--json"), (command, "--json", name)):
+            proc, modules = results[direct]
+            assert "pydantic" not in modules and "typer" not in modules
+            assert (proc.returncode, proc.stdout) == (typer_proc.returncode, typer_proc.stdout)
+            assert proc.stderr.split("MODULES")[0] == typer_proc.stderr.split("MODULES")[0]
+            assert proc.returncode == (2 if name == "NOPE" else 0)
 
 
 def test_run_in_a_plain_form_skips_typer_rich_and_filelock_and_ends_as_typer_does(project):
