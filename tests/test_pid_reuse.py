@@ -30,7 +30,7 @@ def test_pid_reuse_scenarios_in_a_private_pid_namespace():
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root and unshare for a private pid namespace")
     done = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "pytest", "-q",
-                           "-p", "no:cacheprovider", __file__, "-k", "not in_a_private"],
+                           "-p", "no:cacheprovider", "-n", "0", __file__, "-k", "not in_a_private"],
                           cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, AIPM_TEST_PID_NAMESPACE="1"))
     assert done.returncode == 0 and done.stdout.splitlines()[-1].startswith("2 passed"), done.stdout[-3000:] + done.stderr[-2000:]
