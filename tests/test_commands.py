@@ -610,17 +610,30 @@ def test_every_help_shows_flags_as_flags_without_a_type(project):
     row is its name and its help; an option that takes a value keeps its type."""
     from aipm.cli import COMMAND_MODULES
 
-    env = {"COLUMNS": "200"}
     commands = ["", *COMMAND_MODULES]
-    for command, proc in zip(commands, project.aipm_all([(c, "--help") if c else ("--help",) for c in commands],
-                                                        env=env, check=True)):
+    helps = dict(zip(commands, project.aipm_all([(c, "--help") if c else ("--help",) for c in commands],
+                                                env={"COLUMNS": "200"}, check=True)))
+    for command, proc in helps.items():
         assert "<bool>" not in proc.stdout, (command, proc.stdout)
         assert re.search(r"--help\s+-h\s+Show this message", proc.stdout), (command, proc.stdout)
-    shown = project.aipm("run", "--help", env=env, check=True).stdout
+    shown = helps["run"].stdout
     assert re.search(r"--no-review\s+Skip review", shown) and re.search(r"--max-workers\s+<int>", shown)
 
 
-def test_every_help_wraps_its_paragraphs_to_the_terminal(project):
+@pytest.fixture(scope="module")
+def wide_helps(tmp_path_factory):
+    """Every command's `--help` on a 1000-column terminal, by command name: made once for the tests that read it."""
+    from aipm.cli import _load_commands, decl
+    from conftest import Project
+
+    _load_commands()
+    names = [name or function.__name__ for name, function in decl.COMMANDS]
+    project = Project(tmp_path_factory.mktemp("helps"))
+    return dict(zip(names, project.aipm_all([(name, "--help") for name in names], env={"COLUMNS": "1000"},
+                                            check=True)))
+
+
+def test_every_help_wraps_its_paragraphs_to_the_terminal(wide_helps):
     """Typer's rich help kept every line break of a docstring: `run --help` said "... the last line counts the" and
     then "tasks by status." on a line of its own, at any width. Each paragraph is one line on a wide terminal."""
     import inspect
@@ -628,22 +641,21 @@ def test_every_help_wraps_its_paragraphs_to_the_terminal(project):
     from aipm.cli import _load_commands, decl
 
     _load_commands()
-    names = [name or function.__name__ for name, function in decl.COMMANDS]
-    helps = project.aipm_all([(name, "--help") for name in names], env={"COLUMNS": "1000"}, check=True)
-    for name, (_, function), proc in zip(names, decl.COMMANDS, helps):
-        shown = [" ".join(line.strip(" │").split()) for line in proc.stdout.splitlines()]
+    assert len(wide_helps) == len(decl.COMMANDS)
+    for given, function in decl.COMMANDS:
+        name = given or function.__name__
+        shown = [" ".join(line.strip(" │").split()) for line in wide_helps[name].stdout.splitlines()]
         for paragraph in inspect.cleandoc(function.__doc__).replace("\\[", "[").split("\n\n"):  # (rich's escape)
             assert " ".join(paragraph.split()) in shown, (name, paragraph)
 
 
-def test_json_help_names_what_the_command_prints_without_it(project):
+def test_json_help_names_what_the_command_prints_without_it(wide_helps):
     """`graph --help` said --json prints JSON "instead of a table", but graph prints Mermaid or DOT text; diff,
     why, validate, launch and recover print no table either."""
     tables = {"status", "detect", "ps", "locks", "config", "resources"}
     names = ["graph", "diff", "why", "validate", "launch", "recover", *sorted(tables)]
-    helps = project.aipm_all([(name, "--help") for name in names], env={"COLUMNS": "1000"}, check=True)
-    said = {name: " ".join(line.split()) for name, proc in zip(names, helps)
-            for line in proc.stdout.splitlines() if "--json " in line}
+    said = {name: " ".join(line.split()) for name in names
+            for line in wide_helps[name].stdout.splitlines() if "--json " in line}
     assert "JSON ({order, nodes, edges}) instead of Mermaid or DOT text." in said["graph"], said
     assert "{order, task, source, patch} as JSON instead of the bare patch." in said["diff"], said
     assert {name for name, line in said.items() if "instead of a table" in line} == tables, said
