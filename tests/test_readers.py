@@ -4,6 +4,7 @@ import hashlib
 import json
 import os
 import signal
+from types import SimpleNamespace
 
 import pytest
 
@@ -29,6 +30,9 @@ def forked(monkeypatch):
     monkeypatch.setattr(readers, "PARALLEL_FROM", 4)
     monkeypatch.setattr(readers.os, "sched_getaffinity", lambda pid: {0, 1, 2})
     monkeypatch.setattr(readers, "_start", start)
+    # Nor whatever threads another test left in this process (a thread draining a command's output while its
+    # workers live on): readers fork only while single-threaded, and these tests start no thread.
+    monkeypatch.setattr(readers, "threading", SimpleNamespace(active_count=lambda: 1))
     return started
 
 
