@@ -2,6 +2,16 @@
 
 __version__ = "0.1.0"
 
+# Stop signals that came before a command's own handler took over (see main). Each also raised KeyboardInterrupt,
+# but one raised where Python swallows it (in a finalizer: "Exception ignored in ...") stopped nothing; run's Stop
+# finds it here.
+EARLY: list[int] = []
+
+
+def _early(signum, frame) -> None:
+    EARLY.append(signum)
+    raise KeyboardInterrupt
+
 
 def main() -> None:
     """The `aipm` command: the installed script and `python -m aipm` start here, ahead of aipm.cli's imports (most
@@ -18,7 +28,7 @@ def main() -> None:
     stops = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     for sig in stops:
         if signal.getsignal(sig) != signal.SIG_IGN:
-            signal.signal(sig, signal.default_int_handler)
+            signal.signal(sig, _early)
     try:
         from aipm.cli import main as cli
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
+import aipm
 from aipm import budget, handover, notify, preemption, recovery, runner, scope, writer
 from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Order, Status, status_summary
@@ -47,6 +48,8 @@ class Stop:
         self._hung_up = [fd for fd in (1, 2) if not _regular_file(fd)]
         self._old = {sig: signal.signal(sig, self._handler) for sig in stopping}
         watcher.watch_fd(self._r, "signal")
+        if aipm.EARLY:  # one came before us, and its KeyboardInterrupt was swallowed on the way
+            self._handler(aipm.EARLY[-1], None)
 
     def _handler(self, signum, frame) -> None:
         self.requested = True

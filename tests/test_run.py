@@ -553,3 +553,38 @@ def test_an_interrupt_wrapped_by_the_class_or_import_it_landed_in_is_still_an_in
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert proc.returncode == code, proc.stderr
     assert ("Traceback" in proc.stderr) == (code != 130)
+
+
+def test_an_interrupt_python_swallows_before_run_takes_over_still_stops_it(project):
+    """An early Ctrl-C raises KeyboardInterrupt wherever the main thread is; raised in a finalizer Python only prints
+    'Exception ignored' and goes on, and the run went on too, for ever (its task waits for a held lock): the signal
+    was lost. A run now also looks for a stop signal that came before its own handler took over."""
+    write_task(project.order(), "A", command="true", target_files=["a.txt"])
+    before = snapshot(project.root)
+    holder = hold(project.root, "a.txt")
+    script = (
+        "import os, signal, sys\n"
+        "import aipm, aipm.cli\n"
+        "real = aipm.cli.main\n"
+        "class Finalized:\n"
+        "    def __del__(self):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)  # its KeyboardInterrupt is raised in here, and swallowed\n"
+        "def main():\n"
+        "    Finalized()\n"
+        "    real()\n"
+        "aipm.cli.main = main\n"
+        f"sys.argv = ['aipm', '--root', {str(project.root)!r}, 'run', 'ORD', '--no-resource-monitoring']\n"
+        "aipm.main()\n")
+    try:
+        proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, cwd=project.root)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise AssertionError("the run went on after the interrupt") from None
+    finally:
+        release(holder)
+    assert "KeyboardInterrupt" in err, err  # (Python's own note of the one it swallowed)
+    assert proc.returncode == 130, out + err
+    assert snapshot(project.root) == before
