@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 
-from aipm import (agents, commits, confine, notify, outcome, recovery, scope, unrecorded, workspace, writer,
+from aipm import (agents, cluster, commits, confine, notify, outcome, recovery, scope, unrecorded, workspace, writer,
                   writtenlog)
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
@@ -287,8 +287,10 @@ class Recording(Reviewing):
             for updates in after_review(task, 1, self.settings, why):
                 task = self._write(task, updates)
             return task
-        # 126 of a confined attempt may be its ruleset refused in the worker: the reason names why, not "exit 126"
-        refused = confine.failure(rec.log, rec.confined) if code == 126 else None
+        # 126 of a confined attempt may be its ruleset refused in the worker, 75 of a Ray attempt its cluster not
+        # reached: the reason names why, not "exit 126" or "exit 75"
+        refused = (confine.failure(rec.log, rec.confined) if code == 126 else None) or cluster.failure(
+            rec.log, rec.command, code)
         reason = outcome.one_line(refused) if refused else attempt_reason(code, timed_out, timeout)
         if error:
             reason = outcome.agent_error(reason, error)

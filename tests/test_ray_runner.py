@@ -201,15 +201,23 @@ def test_runner_ray_without_ray_is_one_line_and_exit_2(project):
 
 
 def test_an_address_where_nothing_listens_ends_the_attempt_at_once(project):
-    """ray.init would retry 127.0.0.1:1 for some 14 minutes, holding the place and the locks."""
+    """ray.init would retry 127.0.0.1:1 for some 14 minutes, holding the place and the locks. The task's reason
+    says why, where it said "exit 75" (the why only in the log)."""
     if not RAY.exists():
         pytest.skip("ray is not installed (pip install '.[ray]')")
     write_task(project.order(), "T", command="true", target_files=["a.txt"])
     proc = project.aipm("run", "ORD", "--runner", "ray", env={"RAY_ADDRESS": "127.0.0.1:1"}, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert task_statuses(project.order()) == {"T": "FAILED"}
+    why = "cannot reach the Ray cluster (127.0.0.1:1): Connection refused"
+    task = yaml.safe_load((project.order() / "T.yaml").read_text())
+    assert (task["status"], task["exit_code"], task["reason"]) == ("FAILED", 75, why), task
+    assert f"finish   T → FAILED ({why})" in proc.stdout, proc.stdout
     log = (project.root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
-    assert "[aipm] cannot reach the Ray cluster (127.0.0.1:1): Connection refused" in log
+    assert f"[aipm] {why}" in log
+    # A command of its own that exits 75 with such a line is no Ray attempt: its exit code is its reason.
+    write_task(project.order(), "L", command=f"echo '[aipm] {why}'; exit 75")
+    assert project.aipm("run", "ORD").returncode == 1
+    assert yaml.safe_load((project.order() / "L.yaml").read_text())["reason"] == "exit 75"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])

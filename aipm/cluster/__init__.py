@@ -16,6 +16,11 @@ from collections.abc import Sequence
 
 from aipm.errors import UserError
 from aipm.model import Resources
+from aipm.workerfiles import read_end
+
+# The attempt's exit code when its Ray worker cannot be had or is lost: a failed attempt like any other.
+LOST = 75  # EX_TEMPFAIL
+_LOST_LINES = ("[aipm] cannot reach the Ray cluster", "[aipm] Ray ended the attempt")
 
 def require_ray() -> None:
     """One clear line when `--runner ray` is asked for without Ray installed."""
@@ -45,3 +50,15 @@ def wrap(command: str | Sequence[str], *, address: str, resources: Resources | N
     if isinstance(command, str):
         return argv + ["--shell", command]
     return argv + ["--", *command]
+
+
+def failure(log: str, command: Sequence[str], code: int | None) -> str | None:
+    """Why Ray lost an attempt (exit LOST), as its log says it (`cannot reach the Ray cluster (ADDR): Connection
+    refused`), for the task's reason in place of a bare "exit 75"; None for any other attempt or exit."""
+    if code != LOST or "aipm.cluster.attempt" not in command[:3]:
+        return None
+    try:
+        tail = read_end(log, 8192).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    return next((line[len("[aipm] "):] for line in reversed(tail) if line.startswith(_LOST_LINES)), None)

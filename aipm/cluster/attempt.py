@@ -26,10 +26,9 @@ import subprocess
 import sys
 import time
 
+from aipm.cluster import LOST
 from aipm.outcome import exited
 
-# Ray calls these when the attempt's Ray worker cannot be had or is lost: a failed attempt like any other.
-LOST = 75  # EX_TEMPFAIL
 # A stop must be over before the supervisor's SIGKILL of this process's group (supervisor.KILL_GRACE, 5 s): the
 # guard's grace on the node (guard.GRACE, 3 s) plus Ray's round trips fit in CANCEL_WAIT; a task still running
 # then is force-cancelled (its Ray worker killed; the guard's keeper ends the tree by itself).
