@@ -1352,13 +1352,7 @@ def test_a_worktree_whose_file_a_checkout_reset_to_done_meanwhile_keeps_its_work
     git(repo, "add", "orders")
     git(repo, "commit", "-qm", "done before")
     write_task(order, "T1", target_files=["src/a.txt"], command=command)  # queued again, not committed
-    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD", "--no-review"],
-                           cwd=repo, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(ready.exists)
-    run.kill()
-    run.wait()
-    gate.touch()
+    _owner_killed_when(repo, ready, gate, "--no-review")
     wait_for(lambda: (state(repo) / "exit" / "ORD" / "T1.1").exists())  # the worker ended, its file says DONE
     assert yaml.safe_load(path.read_text())["status"] == "DONE"
     project.aipm("recover", "ORD")
@@ -1548,13 +1542,7 @@ def test_an_attempt_whose_exit_code_was_lost_keeps_its_changes_as_a_patch(repo, 
     gate, ready = tmp_path / "gate", tmp_path / "ready"
     write_task(order, "T", target_files=["src/a.txt"],
                command=f'echo "WORKER WORK" >> src/a.txt; touch "{ready}"; {wait_gate(gate)}')
-    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD"],
-                           cwd=repo, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(ready.exists)
-    run.kill()
-    run.wait()
-    gate.touch()
+    _owner_killed_when(repo, ready, gate)
     exit_file = state(repo) / "exit" / "ORD" / "T.1"
     wait_for(lambda: exit_file.exists() and exit_file.read_text())
     exit_file.write_text("")  # the code never reached the disk
@@ -1582,3 +1570,15 @@ def test_edits_of_files_marked_assume_unchanged_or_skip_worktree_are_captured(re
     assert journal_lines(journal) == ["the user's local setting"]
     assert (repo / "src" / "a.txt").read_text().endswith("from T\n")
     assert (repo / "src" / "b.txt").read_text().endswith("from T\n")
+
+
+def _owner_killed_when(repo, ready, gate, *flags: str) -> None:
+    """`aipm run ORD` SIGKILLed once its worker says it is `ready`; then the `gate` opens: the worker ends with no
+    owner to record it."""
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD", *flags],
+                           cwd=repo, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(ready.exists)
+    run.kill()
+    run.wait()
+    gate.touch()
