@@ -31,7 +31,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from aipm.paths import GLOB_CHARS, literal_base
-from aipm.workerfiles import read_end, reading, write_bytes
+from aipm.workerfiles import last_note, reading, write_bytes
 
 # Test seam (like AIPM_FAKE_LOAD in resources.py): a Landlock ABI to report instead of asking the kernel;
 # "0" simulates a kernel without Landlock. Read only here.
@@ -308,11 +308,7 @@ def failure(log: str, confined: bool) -> str | None:
     the attempt was not confined or said nothing of it (its command's own exit 126)."""
     if not confined or not os.path.exists(made_file(log)):  # written by main() whatever happens
         return None
-    try:
-        tail = read_end(log, 8192).decode("utf-8", "replace").splitlines()
-    except OSError:
-        return None
-    return next((line[len("[aipm] "):] for line in reversed(tail) if line.startswith(_FAILED)), None)
+    return last_note(log, _FAILED)
 
 
 def tidy(log: str, confined: bool) -> None:

@@ -51,6 +51,16 @@ def read_end(path: str | os.PathLike, limit: int) -> bytes:
         return handle.read(limit)
 
 
+def last_note(log: str, starts: str | tuple[str, ...]) -> str | None:
+    """The last line among a log's last 8 KiB that begins with `starts` (aipm's own `[aipm] ...` lines), without
+    its `[aipm] ` tag: why an attempt ended, for its task's reason. None when there is none, or no log."""
+    try:
+        tail = read_end(log, 8192).decode("utf-8", "replace").splitlines()
+    except OSError:
+        return None
+    return next((line.removeprefix("[aipm] ") for line in reversed(tail) if line.startswith(starts)), None)
+
+
 def write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:

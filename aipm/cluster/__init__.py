@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from aipm.errors import UserError
 from aipm.model import Resources
-from aipm.workerfiles import read_end
+from aipm.workerfiles import last_note
 
 # The attempt's exit code when its Ray worker cannot be had or is lost: a failed attempt like any other.
 LOST = 75  # EX_TEMPFAIL
@@ -57,8 +57,4 @@ def failure(log: str, command: Sequence[str], code: int | None) -> str | None:
     refused`), for the task's reason in place of a bare "exit 75"; None for any other attempt or exit."""
     if code != LOST or "aipm.cluster.attempt" not in command[:3]:
         return None
-    try:
-        tail = read_end(log, 8192).decode("utf-8", "replace").splitlines()
-    except OSError:
-        return None
-    return next((line[len("[aipm] "):] for line in reversed(tail) if line.startswith(_LOST_LINES)), None)
+    return last_note(log, _LOST_LINES)
