@@ -18,7 +18,7 @@ from aipm.starting import cleared_reason
 from aipm.model import RUNNING, Status, Task
 from aipm.project import Project
 from aipm.runner import terminate_group
-from aipm.record import Record, live_pid, same_attempt
+from aipm.record import Record, same_attempt
 from aipm.runtime import Runtime, StateWriteError
 from aipm.workerfiles import append_log, write_bytes
 from aipm.settings import Settings
@@ -170,7 +170,10 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
             raise UserError(f"{path}: status: {current.status}, but no worker runs it (stale); "
                             f"`aipm recover {order_id}` {then}")
         if live:
-            raise UserError(f"{path}: status: {current.status}, but its worker pid {live_pid(rec)} is still "
+            if not rec.worker_alive():  # its owner records the end that it has come to: a moment
+                raise UserError(f"{path}: status: {current.status}, but its attempt's end is being recorded (by "
+                                f"aipm pid {rec.owner_pid}); retry it once that is done")
+            raise UserError(f"{path}: status: {current.status}, but its worker pid {rec.pid} is still "
                             "running; wait for it to end (or cancel it)")
         if rec is not None:
             if unrecorded(current, rec, rt):

@@ -921,6 +921,33 @@ def test_a_path_below_orders_dir_given_from_the_root_says_it_is_taken_from_the_w
     assert project.json("status", "orders/2024/Q1")["order"] == "Q1"
 
 
+def test_a_retry_while_the_owner_records_the_end_says_so_not_that_a_worker_runs(project, gate):
+    """A retry refused while the owner has yet to record its worker's end (held here with SIGSTOP, past the
+    cancel's bounded wait) named the owner's pid as the task's "worker pid ... still running": no worker ran."""
+    order = project.order()
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                           env=dict(os.environ, AIPM_ENABLE_MONITORING="false"))
+    try:
+        worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+        run.send_signal(signal.SIGSTOP)
+        gate.touch()
+        wait_for(lambda: not group_alive(worker["pgid"]))
+        assert project.aipm("cancel", "A", "--grace", "0", timeout=60).returncode == 0  # (waits 5 s, in vain)
+        retry = project.aipm("retry", "A")
+        assert retry.returncode == 2 and task_statuses(order)["A"] == "CANCELLED", retry.stderr
+        assert f"its attempt's end is being recorded (by aipm pid {run.pid})" in retry.stderr, retry.stderr
+        assert "still running" not in retry.stderr, retry.stderr
+        run.send_signal(signal.SIGCONT)
+        wait_for(lambda: no_workers(project.root))
+        assert project.aipm("retry", "A").returncode == 0 and task_statuses(order)["A"] == "QUEUED"
+    finally:
+        run.send_signal(signal.SIGCONT)
+        run.kill()
+        run.wait()
+
+
 def test_a_cancel_that_meets_its_worker_ending_waits_for_the_owner_so_a_retry_is_not_refused(project, gate):
     """The worker ended on its own just before the cancel, its owner (a busy `run`, held here with SIGSTOP) not yet
     recording that: the cancel returned at once, its record still there, and a `retry` right after was refused,
