@@ -190,7 +190,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     holders: set[int] = set()  # pids holding locks outside aipm that tasks wait for (watched: their exit wakes us)
     waiting_before: list[tuple[str, str]] = []
     watched: set[str] = set()  # this order's tasks run by another owner, already said
-    deferred_before: list[str] = []
+    deferred_before: list[tuple[str, str]] = []  # (task, reason) of the last deferral said
     failed_told: dict[str, tuple] = {}  # task → the launch error last emitted for it, and the launch it followed
     recover = True  # at start, and whenever another owner's process ends (it may have died)
     lost = True  # at start, and when an owner died: its agents' transcripts are read before the lock (recovery)
@@ -262,9 +262,16 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 notify.send(launcher.settings, launcher.runtime, notify.BUDGET, "BUDGET_REACHED",
                             f"{order.id}: {report.plan.budget_stop}", AIPM_ORDER_ID=order.id)
             deferred = [d["id"] for d in report.deferred]
-            if deferred != deferred_before and deferred:
-                emit({"event": "deferred", "tasks": deferred, "detail": report.deferred[0]["detail"]})
-            deferred_before = deferred
+            # Said again when a task is deferred anew or for another reason (not at each new load reading), a
+            # line per detail: the tasks the load holds back are not said to wait for CPUs they never asked for.
+            reasons = [(d["id"], d["reason"]) for d in report.deferred]
+            if reasons != deferred_before:
+                details: dict[str, list[str]] = {}
+                for item in report.deferred:
+                    details.setdefault(item["detail"], []).append(item["id"])
+                for detail, tasks in details.items():
+                    emit({"event": "deferred", "tasks": tasks, "detail": detail})
+            deferred_before = reasons
             waiting = report.plan.waiting
             if [(b.id, b.detail) for b in waiting] != waiting_before:
                 for blocked in waiting:

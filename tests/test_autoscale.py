@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+from aipm.resources import get_system_info
 from conftest import no_workers, task_statuses, wait_for, write_task
 from invariants import check, journal_command, spans
 
@@ -162,3 +163,22 @@ def test_exec_waits_while_the_machine_is_too_busy_for_its_task(project):
     finally:
         gate.touch()
     wait_for(lambda: no_workers(project.root))
+
+
+def test_each_deferral_line_names_its_own_reason(project):
+    """A run deferring tasks for different reasons said one line, the first task's reason, for all of them:
+    'defer C, N1, N2: waiting for 1 CPU(s) and 0 MB (0 CPU(s) ... free)' of N1 and N2, which declare no
+    resources and were held back by the load. Each reason now has its own line, naming its tasks only."""
+    cpus = get_system_info()["usable_cpus"]
+    order = project.order()
+    write_task(order, "BIG", priority="P0", resources={"cpus": cpus}, command="sleep 0.3")
+    write_task(order, "C", resources={"cpus": 1}, command="true")
+    write_task(order, "N1", command="true")
+    write_task(order, "N2", command="true")
+    # ≥ T+10: 25 % of 4 workers → 1, and BIG takes every CPU.
+    proc = project.aipm("run", "ORD", "--max-workers", "4", "--json", env=loaded("99,20"))
+    assert proc.returncode == 0, proc.stderr
+    deferred = [e for e in map(json.loads, proc.stdout.splitlines()) if e["event"] == "deferred"]
+    assert deferred
+    for event in deferred:  # C waits for CPUs, or for the load once BIG is done; N1 and N2 only for the load
+        assert "busy" in event["detail"] or event["tasks"] == ["C"], event
