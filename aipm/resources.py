@@ -111,21 +111,51 @@ def _stat(path: Path, key: str) -> int | None:
     return None
 
 
+PROC_SELF_CGROUP = Path("/proc/self/cgroup")
+
+
+def _own_cgroup(root: Path) -> Path:
+    """This process's cgroup v2 directory under the mount `root` (its "0::/path" line): a systemd service, or a
+    container sharing the host's cgroup namespace, sits below the root, whose files set no limit. `root` when the
+    line is missing or names no directory there (outside our namespace: "/.."; cgroup v1 only)."""
+    for line in (_read(PROC_SELF_CGROUP) or "").splitlines():
+        if line.startswith("0::/"):
+            own = root / line[4:]
+            if ".." not in Path(line[4:]).parts and own.is_dir():
+                return own
+    return root
+
+
+def _tightest(cgroup_dir: Path) -> tuple[float | None, Path, int | None, Path]:
+    """(cpus, the cgroup that sets them, memory limit, the cgroup that sets it): the tightest of the process's
+    cgroup (below `cgroup_dir`) and its ancestors, up to the mount root, since a parent's limit binds its children.
+    Memory's limit is `memory.high` where it is below `memory.max`: past it the kernel throttles and reclaims."""
+    cpus = memory = None
+    cpu_dir = memory_dir = here = _own_cgroup(cgroup_dir)
+    while True:
+        quota, _, period = (_read(here / "cpu.max") or "max").partition(" ")
+        if quota.isdigit() and period.strip().isdigit() and int(period) > 0:
+            if cpus is None or int(quota) / int(period) < cpus:
+                cpus, cpu_dir = int(quota) / int(period), here
+        for name in ("memory.max", "memory.high"):
+            limit = _read(here / name) or "max"
+            if limit.isdigit() and (memory is None or int(limit) < memory):
+                memory, memory_dir = int(limit), here
+        if not (here.parent / "cgroup.controllers").exists():  # the mount root (or a directory outside cgroupfs)
+            return cpus, cpu_dir, memory, memory_dir
+        here = here.parent
+
+
 def cgroup_limits(cgroup_dir: Path | None) -> dict[str, Any] | None:
-    """The CPU and memory limits of the cgroup v2 at `cgroup_dir`, or None when it sets neither."""
+    """The CPU and memory limits of this process's cgroup v2 under the mount `cgroup_dir` (see _tightest), or
+    None when none is set."""
     if cgroup_dir is None:
         return None
-    cpus = memory_max = None
-    quota, _, period = (_read(cgroup_dir / "cpu.max") or "max").partition(" ")
-    if quota.isdigit() and period.strip().isdigit() and int(period) > 0:
-        cpus = int(quota) / int(period)
-    limit = _read(cgroup_dir / "memory.max") or "max"
-    if limit.isdigit():
-        memory_max = int(limit)
+    cpus, _, memory_max, memory_dir = _tightest(cgroup_dir)
     if cpus is None and memory_max is None:
         return None
-    return {"dir": str(cgroup_dir), "cpus": cpus, "memory_max": memory_max,
-            "memory_current": _cgroup_memory_used(cgroup_dir)}
+    return {"dir": str(_own_cgroup(cgroup_dir)), "cpus": cpus, "memory_max": memory_max,
+            "memory_current": _cgroup_memory_used(memory_dir)}
 
 
 def _cgroup_memory_used(cgroup_dir: Path) -> int | None:
@@ -213,12 +243,10 @@ class ResourceMonitor:
         self.cgroup_dir = cgroup_dir
         if _ps() is None:
             _warn_no_psutil()
-        # A cgroup limit wins when it is tighter than what the host offers.
-        limits = cgroup_limits(cgroup_dir) or {}
-        cpus = limits.get("cpus")
-        usage = _stat(cgroup_dir / "cpu.stat", "usage_usec") if cgroup_dir else None
+        # A cgroup limit wins when it is tighter than what the host offers; the cgroup that sets it is read.
+        cpus, self._cpu_dir, memory_max, self._memory_dir = _tightest(cgroup_dir) if cgroup_dir else (None,) * 4
+        usage = _stat(self._cpu_dir / "cpu.stat", "usage_usec") if cgroup_dir else None
         self._cgroup_cpus = cpus if cpus is not None and cpus < _affinity_cpus() and usage is not None else None
-        memory_max = limits.get("memory_max")
         host_memory = _safely(lambda: _ps().virtual_memory().total) if _ps() else None
         self._cgroup_memory = memory_max if memory_max and (host_memory is None or memory_max < host_memory) else None
         self._base = self._cpu_sample()  # primed: the first reading measures from here, without waiting
@@ -227,7 +255,7 @@ class ResourceMonitor:
     def _cpu_sample(self) -> tuple[float, float, float, float] | None:
         """(busy CPU-seconds, capacity CPU-seconds, this process's CPU-seconds, wall clock), or None."""
         if self._cgroup_cpus is not None:
-            usage = _stat(self.cgroup_dir / "cpu.stat", "usage_usec")
+            usage = _stat(self._cpu_dir / "cpu.stat", "usage_usec")
             if usage is None:
                 return None
             now = _now()
@@ -259,7 +287,7 @@ class ResourceMonitor:
 
     def _memory_percent(self) -> float | None:
         if self._cgroup_memory is not None:
-            used = _cgroup_memory_used(self.cgroup_dir)
+            used = _cgroup_memory_used(self._memory_dir)
             if used is not None:
                 return min(100.0, used / self._cgroup_memory * 100)
         return _safely(lambda: _ps().virtual_memory().percent) if _ps() else None

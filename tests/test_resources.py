@@ -244,6 +244,32 @@ def test_unlimited_cgroup_falls_back_to_the_host(tmp_path):
     assert get_system_info(cg)["cgroup"] is None
 
 
+def test_the_limit_of_a_parent_cgroup_binds_a_process_below_it(tmp_path, monkeypatch):
+    """A process in a child cgroup (a systemd service, a container sharing the host's cgroup namespace: its
+    /proc/self/cgroup says "0::/system.slice/app.service") had only the mount root's files read, which set no
+    limit: 'cgroup limits: none found', and the host's memory and CPUs counted. The limits of its own cgroup and
+    of every ancestor bind it; the tightest wins, and its usage is read where it is set."""
+    root = tmp_path / "cgroup"
+    root.mkdir()
+    (root / "cgroup.controllers").write_text("cpu memory\n")
+    slice_ = fake_cgroup(root / "system.slice", memory_max=str(512 * MiB), current=384 * MiB)
+    (slice_ / "cgroup.controllers").write_text("cpu memory\n")
+    service = fake_cgroup(slice_ / "app.service", cpu_max="max 100000", memory_max="max", current=64 * MiB)
+    (service / "cgroup.controllers").write_text("cpu memory\n")
+    own = tmp_path / "proc-self-cgroup"
+    own.write_text("0::/system.slice/app.service\n")
+    monkeypatch.setattr(resources, "PROC_SELF_CGROUP", own, raising=False)
+    limits = cgroup_limits(root)
+    assert (limits["cpus"], limits["memory_max"], limits["memory_current"]) == (0.5, 512 * MiB, 384 * MiB)
+    assert get_system_info(root)["usable_cpus"] == 0.5
+    status = ResourceMonitor(cgroup_dir=root).get_status()
+    assert (status.memory_percent, status.source) == (75.0, "cgroup")
+    # memory.high, below memory.max, is where the kernel starts to throttle the cgroup: the limit that counts.
+    (service / "memory.high").write_text(f"{128 * MiB}\n")
+    assert cgroup_limits(root)["memory_max"] == 128 * MiB
+    assert ResourceMonitor(cgroup_dir=root).get_status().memory_percent == 50.0
+
+
 def test_the_launchers_readings_never_sleep(monkeypatch, tmp_path):
     """`run`'s loop sleeps only in its selector and `launch` is a short command: the reading they take (wait=False)
     never blocks, a monitor's first included. Only the seed API's first reading waits for a full window."""
