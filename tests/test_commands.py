@@ -552,6 +552,29 @@ def test_ps_reads_a_worker_whose_children_come_and_go(project):
     wait_for(lambda: no_workers(project.root))
 
 
+def test_ps_shows_the_cpu_a_busy_worker_uses(project):
+    """`ps` read each process's psutil cpu_percent(interval=None) once, which is 0.0 at a Process object's first
+    call: a worker spinning a core showed 'cpu % 0.0'. It shows ps(1)'s %CPU now: the CPU time its processes
+    used over its elapsed time."""
+    order = project.order()
+    spun = project.root / "spun"
+    # Spins until it has used a tenth of a CPU-second itself (so the figure cannot be 0), then waits for the gate.
+    gate = project.root / "gate"
+    write_task(order, "HOT", command=[sys.executable, "-c", (
+        "import os, time, pathlib\n"
+        "while sum(os.times()[:2]) < 0.1: pass\n"
+        f"pathlib.Path({str(spun)!r}).touch()\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.05)\n")])
+    project.aipm("launch", "ORD", check=True)
+    try:
+        wait_for(spun.exists)
+        workers = project.json("ps")["workers"]
+    finally:
+        gate.touch()
+    assert [w["task"] for w in workers] == ["HOT"] and workers[0]["cpu_percent"] > 0, workers
+    wait_for(lambda: no_workers(project.root))
+
+
 def test_ps_says_a_stopped_worker_is_stopped(project):
     """A worker stopped by `kill -STOP` (/proc state T) was shown as `alive`, in the table and in --json."""
     order = project.order()

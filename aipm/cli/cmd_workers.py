@@ -41,21 +41,26 @@ def _worker_info(rec, root: Path) -> dict:
         info.update(state="orphaned", pid=min(left), remnants=sorted(left))
     try:
         proc = psutil.Process(info["pid"])
-        info["elapsed"] = round(time.time() - proc.create_time(), 1)
+        elapsed = time.time() - proc.create_time()
         procs = [proc, *proc.children(recursive=True)]
     except (psutil.Error, ValueError):
         info.update(elapsed=None, cpu_percent=None, memory_mb=None)
         return info
+    # ps(1)'s %CPU: CPU time over elapsed time. (psutil's cpu_percent(interval=None) is 0.0 at a Process's first
+    # call, and each `ps` makes new ones.) The times of children already reaped count: they were the worker's.
     cpu = rss = 0.0
     for one in procs:
         try:
             with one.oneshot():
-                cpu, rss = cpu + one.cpu_percent(interval=None), rss + one.memory_info().rss
+                times = one.cpu_times()
+                cpu += times.user + times.system + times.children_user + times.children_system
+                rss += one.memory_info().rss
                 if info["alive"] and one.status() == psutil.STATUS_STOPPED:  # /proc state T: kill -STOP, ^Z
                     info["state"] = "stopped"
         except psutil.Error:
             continue  # a child that ended since it was listed (a polling loop's `sleep`): it uses nothing now
-    info.update(cpu_percent=round(cpu, 1), memory_mb=round(rss / 2**20, 1))
+    info.update(elapsed=round(elapsed, 1), cpu_percent=round(cpu / elapsed * 100, 1) if elapsed > 0 else 0.0,
+                memory_mb=round(rss / 2**20, 1))
     return info
 
 
@@ -75,7 +80,8 @@ STATE_TEXT = {"alive": "alive", "stopped": "[yellow]stopped[/]", "gone": "[red]g
 
 @command()
 def ps(json_out: bool = JsonOpt) -> None:
-    """Live workers in the project: pid, task, elapsed time, CPU and memory (with their children)."""
+    """Live workers in the project: pid, task, elapsed time, CPU (since it started, as ps(1)) and memory (with
+    their children)."""
     project = get_project()
     infos = [_worker_info(r, project.root) for r in Runtime(project.root).records()]
     if json_out:
