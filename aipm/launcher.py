@@ -20,7 +20,7 @@ from aipm.plan import LIMIT, Busy, ForeignLock, Plan, plan
 from aipm.project import Project
 from aipm.capacity import Capacity, fit
 from aipm.demand import Demands
-from aipm.resources import RAMP_DELAY, ResourceMonitor, get_system_info, starts_now
+from aipm.resources import RAMP_DELAY, RAMP_FROM_PERCENT, ResourceMonitor, get_system_info, starts_now
 from aipm.record import Record, live_pid
 from aipm.runtime import Runtime
 from aipm.settings import Settings
@@ -64,6 +64,7 @@ class Launcher(Starter):
         self.detached: set[int] = set()  # owners we started (`aipm.work`): never mistaken for strays
         self._unrecorded: tuple[frozenset, float, set] | None = None  # see _running_unrecorded
         self.demands = Demands(self.runtime.state)  # priority across orders (demand.py)
+        self._ramped_at: float | None = None  # when start_budget last let one start on a ramp (clock: _now)
         if monitor is None and settings.enable_monitoring:
             self.monitor = ResourceMonitor(settings.max_cpu_percent, settings.max_memory_percent)
 
@@ -155,7 +156,16 @@ class Launcher(Starter):
         status = self.monitor.get_status(wait=False)  # never blocks the run's loop; ramp-up re-reads
         detail = f"cpu {status.cpu_percent:.0f}%, memory {status.memory_percent:.0f}%"
         allowed = max(0, self.monitor.recommended(status, self.settings.max_workers) - live_workers)
-        ramped = starts_now(max(status.cpu_percent, status.memory_percent), allowed)
+        load = max(status.cpu_percent, status.memory_percent)
+        ramped = starts_now(load, allowed)
+        if ramped and load >= RAMP_FROM_PERCENT and not self.options.dry_run:
+            # One start per RAMP_DELAY, however often the caller plans: `run` plans again at once when a worker
+            # starts or ends, on the reading the last start was allowed on (one slot left is no exception).
+            now = _now()
+            if self._ramped_at is not None and now - self._ramped_at < RAMP_DELAY:
+                ramped = 0
+            else:
+                self._ramped_at = now
         if ramped < allowed and not self.options.dry_run:  # a dry run shows the launch at this reading
             return ramped, RAMP, f"ramping up ({detail}): one start per fresh load reading"
         return allowed, "resources", f"machine busy ({detail})"
@@ -349,5 +359,7 @@ class Launcher(Starter):
         report.failed += [{"id": tid, "error": why} for tid, why in refused.items()]
         return start
 
+
+_now = time.monotonic
 
 RAMP = "ramp_up"  # deferral reason: started one at a time on a busy machine; the others follow a fresh reading

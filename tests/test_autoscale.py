@@ -122,6 +122,37 @@ def test_a_half_busy_machine_starts_one_worker_per_fresh_reading(project, monkey
     wait_for(lambda: no_workers(project.root))
 
 
+def test_a_ramp_up_starts_one_worker_per_delay_however_often_run_plans(project, monkeypatch):
+    """`run` plans again at once when a worker starts or ends: on the reading the last start was allowed on, the
+    ramp-up let one more start at each such plan, and with one slot left no ramp held at all (a `run` at 60 %
+    started T4 and T5 within 10 ms when T1 ended). Now one start per RAMP_DELAY, whatever the plans in between."""
+    from aipm import launcher as launcher_module
+    from aipm.launcher import RAMP, Launcher
+    from aipm.project import Project
+    from aipm.settings import load_settings
+    from aipm.view import OrderView
+
+    order = project.order()
+    gate = project.root / "gate"
+    for i in range(3):
+        write_task(order, f"T{i}", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    monkeypatch.setenv("AIPM_FAKE_LOAD", "60,10")  # under the 85 % threshold, but half busy: a ramp
+    clock = [1000.0]
+    monkeypatch.setattr(launcher_module, "_now", lambda: clock[0], raising=False)
+    settings = load_settings(project.root, {"max_workers": 2, "enable_monitoring": True})
+    launcher = Launcher(Project(project.root, settings.orders_dir), settings)
+    view = OrderView(order, project.root, watch=False)
+    try:
+        assert [t["id"] for t in launcher.launch(view).launched] == ["T0"]
+        again = launcher.launch(view, recover=False)  # at once: one slot left, the same reading
+        assert again.launched == [] and [(d["id"], d["reason"]) for d in again.deferred] == [("T1", RAMP)]
+        clock[0] += launcher_module.RAMP_DELAY
+        assert [t["id"] for t in launcher.launch(view, recover=False).launched] == ["T1"]
+    finally:
+        gate.touch()
+    wait_for(lambda: no_workers(project.root))
+
+
 def test_an_exec_a_worker_runs_on_a_busy_machine_takes_its_workers_slot(project):
     """`aipm exec B` run by A's command, at 99 % cpu (≥ T+10: 25 % of 5 workers → the floor of 1), counted A as
     the one live worker: B was deferred ('machine busy') and the exec ended at once, exit 1, B QUEUED; waiting
@@ -181,4 +212,4 @@ def test_each_deferral_line_names_its_own_reason(project):
     deferred = [e for e in map(json.loads, proc.stdout.splitlines()) if e["event"] == "deferred"]
     assert deferred
     for event in deferred:  # C waits for CPUs, or for the load once BIG is done; N1 and N2 only for the load
-        assert "busy" in event["detail"] or event["tasks"] == ["C"], event
+        assert "waiting for" not in event["detail"] or event["tasks"] == ["C"], event
