@@ -184,7 +184,22 @@ def _load_average_percent() -> float | None:
 
 
 def _host_cpu_times() -> tuple[float, float]:
-    """(busy, total) CPU-seconds over all CPUs since boot, counted the way psutil.cpu_percent counts them."""
+    """(busy, total) CPU-seconds since boot, counted the way psutil.cpu_percent counts them, over the CPUs this
+    process may run on (its affinity: taskset, a container's cpuset): on a big host the other CPUs' load is not
+    what its workers meet. Over all CPUs when it may use them all, or /proc/stat lists no such CPU."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set()
+    per_cpu = {}  # "cpuN user nice system idle iowait irq softirq steal guest guest_nice", in clock ticks
+    stat = _read(Path(getattr(_ps(), "PROCFS_PATH", "/proc")) / "stat") if allowed else None
+    for line in (stat or "").splitlines():
+        name, _, ticks = line.partition(" ")
+        if name.startswith("cpu") and name[3:].isdigit():
+            per_cpu[int(name[3:])] = [int(tick) for tick in ticks.split()]
+    if allowed and allowed < per_cpu.keys():
+        ticks = [per_cpu[cpu] for cpu in allowed]
+        total = sum(sum(t[:8]) for t in ticks)  # guest time is already in user/nice
+        idle = sum(t[3] + t[4] for t in ticks)
+        hz = os.sysconf("SC_CLK_TCK")
+        return (total - idle) / hz, total / hz
     t = _ps().cpu_times()
     total = sum(t) - getattr(t, "guest", 0) - getattr(t, "guest_nice", 0)  # guest time is already in user/nice
     return total - t.idle - getattr(t, "iowait", 0), total

@@ -237,6 +237,32 @@ def test_a_first_reading_that_must_not_wait_reads_the_load_average(tmp_path, mon
     assert monitor.get_status(wait=False).cpu_percent == 20.0
 
 
+def test_the_cpu_reading_is_of_the_cpus_this_process_may_use(tmp_path, monkeypatch):
+    """Pinned to CPU 0 of four (taskset, a container's cpuset), aipm read the load of all four: CPU 0 saturated
+    and the other three idle read 25 %, and every worker started onto the one busy CPU they may use."""
+    psutil = resources._ps()
+    clock = [1000.0]
+    monkeypatch.setattr(resources, "_now", lambda: clock[0])
+    monkeypatch.setattr(resources, "_own_cpu_seconds", lambda: 0.0)
+    monkeypatch.setattr(resources.os, "sched_getaffinity", lambda _: {0})
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    (proc / "meminfo").write_text(Path("/proc/meminfo").read_text())
+    monkeypatch.setattr(psutil, "PROCFS_PATH", str(proc))  # psutil's readings and aipm's: the same /proc
+
+    def stat(busy0: int, idle: int) -> None:  # cpu0 `busy0` ticks of user time, the others idle
+        lines = [f"cpu{n} {busy0 if n == 0 else 0} 0 0 {0 if n == 0 else idle} 0 0 0 0 0 0" for n in range(4)]
+        (proc / "stat").write_text(f"cpu {busy0} 0 0 {3 * idle} 0 0 0 0 0 0\n" + "\n".join(lines) + "\nctxt 1\n")
+
+    stat(1000, 1000)
+    monitor = ResourceMonitor(85, 85, cgroup_dir=None)
+    clock[0] += 1.0
+    stat(1100, 1100)
+    status = monitor.get_status()
+    assert (status.cpu_percent, status.source) == (100.0, "psutil")
+    assert monitor.recommended(status, 8) == 2
+
+
 def test_unlimited_cgroup_falls_back_to_the_host(tmp_path):
     cg = fake_cgroup(tmp_path, cpu_max="max 100000", memory_max="max")
     assert cgroup_limits(cg) is None
