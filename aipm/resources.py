@@ -121,7 +121,7 @@ def _own_cgroup(root: Path) -> Path:
     for line in (_read(PROC_SELF_CGROUP) or "").splitlines():
         if line.startswith("0::/"):
             own = root / line[4:]
-            if ".." not in Path(line[4:]).parts and own.is_dir():
+            if ".." not in Path(line[4:]).parts and os.path.isdir(own):  # (False, not an error, where unreadable)
                 return own
     return root
 
@@ -141,7 +141,7 @@ def _tightest(cgroup_dir: Path) -> tuple[float | None, Path, int | None, Path]:
             limit = _read(here / name) or "max"
             if limit.isdigit() and (memory is None or int(limit) < memory):
                 memory, memory_dir = int(limit), here
-        if not (here.parent / "cgroup.controllers").exists():  # the mount root (or a directory outside cgroupfs)
+        if not os.path.exists(here.parent / "cgroup.controllers"):  # the mount root (or outside cgroupfs, or unreadable)
             return cpus, cpu_dir, memory, memory_dir
         here = here.parent
 
