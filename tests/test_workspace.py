@@ -536,6 +536,26 @@ def test_a_worker_that_breaks_its_worktrees_git_file_still_has_its_work_merged(r
     assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
 
 
+def test_a_worktree_whose_git_file_a_worker_deleted_keeps_its_note_while_another_task_of_its_order_ends(repo):
+    """Removing a finished task's worktree prunes git's notes of the order's worktrees, and did so for every one
+    whose `.git` file was missing, not whose directory was gone: the note of a running worker that had deleted
+    its `.git` went when another task of its order ended first, and its end capture, which finds the worktree
+    through that note, failed (REJECTED, nothing merged)."""
+    project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n")
+    order = project.order()
+    u_tree = repo / ".aipm/worktrees/ORD/U"
+    write_task(order, "T", target_files=["src/a.txt"],
+               command=f"echo 'from T' >> src/a.txt; rm .git; touch {repo.parent}/T.ready; "
+                       f"until [ -e {repo.parent}/U.began ] && [ ! -e {u_tree} ]; do sleep 0.05; done")
+    write_task(order, "U", target_files=["src/b.txt"],
+               command=f"until [ -e {repo.parent}/T.ready ]; do sleep 0.05; done; touch {repo.parent}/U.began; echo 'from U' >> src/b.txt")
+    proc = project.aipm("run", "ORD", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert project.statuses() == {"T": "DONE", "U": "DONE"}
+    assert (repo / "src/a.txt").read_text().endswith("from T\n")
+    assert (repo / "src/b.txt").read_text().endswith("from U\n")
+
+
 def test_a_repository_without_commits_in_the_worktree_fails_the_attempt_and_keeps_the_rest(repo):
     """A worker's `git init` (cargo new, ...) left a repository without commits in its worktree: `git add` refused
     it ("does not have a commit checked out"), the end capture failed, and the task went round REWORK until

@@ -221,7 +221,8 @@ class Repo:
         mine = os.path.realpath(under) + os.sep
         for note, gitdir in self._notes():
             worktree = os.path.realpath(os.path.dirname(gitdir))
-            if (worktree + os.sep).startswith(mine) and not os.path.exists(gitdir):
+            # The directory, not its `.git` file: a worker may delete that, and its capture finds it by this note
+            if (worktree + os.sep).startswith(mine) and not os.path.isdir(worktree):
                 shutil.rmtree(note, ignore_errors=True)
 
     def _notes(self) -> list[tuple[Path, str]]:
