@@ -75,11 +75,10 @@ def cancel_fileless(project: Project, arg: str, grace: float = 5.0) -> Record | 
     """Stop the live worker of `arg` (TASK or ORDER/TASK) whose task file is gone (deleted or moved while it
     ran: nothing to mark CANCELLED, yet its worker runs on, holding its files). None when no such worker is known
     by that name, or its file is there (cancel() is for that)."""
-    order, _, task = arg.rpartition("/")
+    task = arg.rpartition("/")[2]
     rt = Runtime(project.root)
     with rt.launch_lock():
-        found = [rec for rec in rt.records() if rec.task == task and order in ("", rec.order)
-                 and rec.pid and rec.worker_alive()]
+        found = [rec for rec in rt.records() if _names(project, arg, rec) and rec.pid and rec.worker_alive()]
         if len(found) != 1 or os.path.lexists(found[0].task_file):
             return None
         rec = found[0]
@@ -95,6 +94,22 @@ def cancel_fileless(project: Project, arg: str, grace: float = 5.0) -> Record | 
     else:  # what left its group ended too; the record stays, for recovery to write the cancel once the file is back
         end_remnants(rt, rec)
     return rec
+
+
+def _names(project: Project, arg: str, rec: Record) -> bool:
+    """`arg` names the attempt's task in any form find_task takes: TASK, ORDER/TASK (an order's id, or the path of
+    its directory) or the path of the task file (an order's path, or the file's, named only its id: refused)."""
+    if arg.endswith(".yaml"):
+        return os.path.realpath(arg) == os.path.realpath(rec.task_file)
+    order, _, task = arg.rpartition("/")
+    if task != rec.task:
+        return False
+    if order in ("", rec.order):
+        return True
+    try:
+        return os.path.realpath(project.order_dir(order)) == os.path.realpath(rec.order_dir)
+    except UserError:
+        return False
 
 
 def _settle_unowned(rt: Runtime, path: Path, rec: Record) -> None:

@@ -215,3 +215,23 @@ def test_cancel_stops_the_worker_of_a_task_whose_file_was_moved_and_its_return_r
     wait_for(lambda: no_workers(project.root))  # (recover's owner drops the record after its write)
     assert journal.read_text() == "began\n"
     assert project.aipm("cancel", "ORD/NOPE").returncode == 2  # no file and no worker: the refusal stands
+
+
+@pytest.mark.parametrize("named", ["path", "order path"])
+def test_cancel_by_the_path_of_a_task_file_that_was_deleted_stops_its_worker(project, named):
+    """`aipm cancel` takes a task as TASK, ORDER/TASK (the order by id or by its directory's path) or the path of its
+    file; only the ids reached a running task whose file was deleted: by a path it still refused ('no file
+    T.yaml.yaml', exit 2) while its worker ran on."""
+    order = project.order()
+    journal = _journal(project)
+    write_task(order, "T", target_files=["a.txt"], command=f"echo began >> {journal}; sleep 60")
+    run, out = _started(project, "run", "ORD")
+    wait_for(lambda: _record(project, "T") and journal.exists())
+    pid = _record(project, "T")["pid"]
+    os.unlink(order / "T.yaml")
+    arg = str(order / "T.yaml") if named == "path" else f"{os.path.relpath(order, project.root)}/T"
+    cancel = project.aipm("cancel", arg, "--grace", "1", timeout=60)
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr
+    assert f"ORD/T: its worker (pid {pid}) was stopped" in cancel.stdout, cancel.stdout
+    assert run.wait(timeout=60) == 1, out.read_text()
+    assert project.aipm("cancel", str(order / "NOPE.yaml")).returncode == 2
