@@ -54,8 +54,18 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
                 raise Unwritable(f"cannot cancel {task_id}: {exc.filename}: {exc.strerror}; nothing was changed "
                                  "(make room in the state directory and cancel again)") from None
         if not again:
-            update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
-                        expect=current.status)
+            try:
+                update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
+                            expect=current.status)
+            except BaseException as exc:
+                # Not written (a full disk, a worker's write first, Ctrl-C): its mark would have the attempt's own
+                # end recorded as this cancel, which the user is told failed.
+                if rec is not None and _not_cancelled(path, project):
+                    rt.unmark_cancelled(rec)
+                if isinstance(exc, OSError):
+                    raise Unwritable(f"cannot cancel {task_id}: {path}: {exc.strerror}; nothing was changed (make "
+                                     "room and cancel again)") from None
+                raise
             writtenlog.note_written(rt, writtenlog.order_files(project.root, str(order_dir)))  # not a worker's write
     if live:
         append_log(rec.log, "cancelled by the user: stopping the process group")
@@ -69,6 +79,13 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
     if live or (rec is not None and rec.owner_alive()):  # a worker that ended just before: its owner records it
         _until_released(rt, order_id, task_id, grace + 5)
     return workspace.note_pending_merge(project.root, order_id, task_id, "cancelled")
+
+
+def _not_cancelled(path: Path, project: Project) -> bool:
+    try:
+        return load_task(path, project.root).status != Status.CANCELLED
+    except (UserError, OSError):
+        return True  # (gone or broken: no CANCELLED of ours in it)
 
 
 def cancel_fileless(project: Project, arg: str, grace: float = 5.0) -> Record | None:
