@@ -59,8 +59,11 @@ def statuses(order: Path) -> dict[str, str]:
 SWEEP = {
     "T1": {"command": f"until [ -e gate/b_started ]; do sleep 0.02; done; echo 'a = 1' > src/a.py && "
                       f"git add -A && {COMMIT} && touch gate/t1_committed", "target_files": ["src/a.py"]},
+    # T2 runs on until T1's outcome is written (its commit said just before): then T2 is "still running" however
+    # slowly a loaded machine records T1 (a run beside another test file's once said "ended").
     "T2": {"command": "echo 'b = half' > src/b.py; mkdir -p gate; touch gate/b_started; "
-                      "until [ -e gate/t1_committed ]; do sleep 0.02; done; echo 'b = 1' > src/b.py",
+                      "until [ -e gate/t1_committed ]; do sleep 0.02; done; "
+                      "until grep -q '^status: DONE' orders/ORD/T1.yaml; do sleep 0.02; done; echo 'b = 1' > src/b.py",
            "target_files": ["src/b.py"]},
 }
 
