@@ -201,14 +201,14 @@ def test_a_cancel_that_cannot_mark_its_attempt_changes_nothing_and_says_so(proje
 def test_a_cancel_whose_write_failed_leaves_no_mark_to_turn_the_attempts_end_into_a_cancel(project, gate):
     """`aipm cancel` marks the attempt before it writes CANCELLED; when that write failed (here the order's disk
     full) the cancel ended in a traceback and stopped nothing, but its mark stayed, and the attempt's own end (exit
-    0) was then recorded CANCELLED. Now it says in one line why it could not, and leaves no mark."""
+    3) was then recorded CANCELLED. Now it says in one line why it could not, and leaves no mark."""
     order = project.order()
     if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(order)],
                                            capture_output=True).returncode != 0:
         pytest.skip("mounting a tmpfs needs root")
     try:
         (order / "order.yaml").write_text("id: ORD\n")
-        write_task(order, "T", target_files=["a.txt"], command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+        write_task(order, "T", target_files=["a.txt"], command=f"while [ ! -e {gate} ]; do sleep 0.05; done; exit 3")
         run = Proc(project.root, "run", "ORD", "--no-resource-monitoring")
         wait_for(lambda: task_statuses(order)["T"] == "IN_PROGRESS" and worker_records(project.root))
         filler = order / "filler"
@@ -224,7 +224,7 @@ def test_a_cancel_whose_write_failed_leaves_no_mark_to_turn_the_attempts_end_int
         assert "cannot cancel T: " in cancel.stderr and "No space left on device" in cancel.stderr, cancel.stderr
         filler.unlink()
         gate.touch()
-        assert run.wait(timeout=120) == 0, run.output
-        assert task_statuses(order) == {"T": "DONE"}
+        assert run.wait(timeout=120) == 1, run.output
+        assert task_statuses(order) == {"T": "FAILED"}
     finally:
         subprocess.run(["umount", "-l", str(order)], check=False)
