@@ -191,12 +191,8 @@ def test_cancel_stops_the_worker_of_a_task_whose_file_was_moved_and_its_return_r
     """`aipm cancel ORD/T` of a running task whose file the user had moved away refused ('no file T.yaml', exit 2)
     while `aipm ps` listed its worker: nothing could stop it but a kill by hand. Now the worker is stopped, and
     once the file is back the attempt's end is recorded as the user's cancel, not as a failure (exit 143)."""
-    order = project.order()
-    journal = _journal(project)
-    write_task(order, "T", target_files=["a.txt"], command=f"echo began >> {journal}; sleep 60; echo ended >> {journal}")
-    run, out = _started(project, "run", "ORD")
-    wait_for(lambda: _record(project, "T") and journal.exists())
-    pid = _record(project, "T")["pid"]
+    order, journal = project.order(), _journal(project)
+    run, out, pid = _running(project, f"echo began >> {journal}; sleep 60; echo ended >> {journal}", journal)
     if owner == "killed":
         run.kill()
         run.wait()
@@ -222,12 +218,8 @@ def test_cancel_by_the_path_of_a_task_file_that_was_deleted_stops_its_worker(pro
     """`aipm cancel` takes a task as TASK, ORDER/TASK (the order by id or by its directory's path) or the path of its
     file; only the ids reached a running task whose file was deleted: by a path it still refused ('no file
     T.yaml.yaml', exit 2) while its worker ran on."""
-    order = project.order()
-    journal = _journal(project)
-    write_task(order, "T", target_files=["a.txt"], command=f"echo began >> {journal}; sleep 60")
-    run, out = _started(project, "run", "ORD")
-    wait_for(lambda: _record(project, "T") and journal.exists())
-    pid = _record(project, "T")["pid"]
+    order, journal = project.order(), _journal(project)
+    run, out, pid = _running(project, f"echo began >> {journal}; sleep 60", journal)
     os.unlink(order / "T.yaml")
     arg = str(order / "T.yaml") if named == "path" else f"{os.path.relpath(order, project.root)}/T"
     cancel = project.aipm("cancel", arg, "--grace", "1", timeout=60)
@@ -235,3 +227,12 @@ def test_cancel_by_the_path_of_a_task_file_that_was_deleted_stops_its_worker(pro
     assert f"ORD/T: its worker (pid {pid}) was stopped" in cancel.stdout, cancel.stdout
     assert run.wait(timeout=60) == 1, out.read_text()
     assert project.aipm("cancel", str(order / "NOPE.yaml")).returncode == 2
+
+
+def _running(project, command: str, journal):
+    """Task T (target a.txt) of ORD running `command` under a `run`, begun (its `journal` made): (the run, its
+    output file, T's worker pid)."""
+    write_task(project.order(), "T", target_files=["a.txt"], command=command)
+    run, out = _started(project, "run", "ORD")
+    wait_for(lambda: _record(project, "T") and journal.exists())
+    return run, out, _record(project, "T")["pid"]
