@@ -51,8 +51,7 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
             try:
                 rt.mark_cancelled(rec)
             except StateWriteError as exc:  # unmarked, a CANCELLED would be taken for the worker's own write
-                raise Unwritable(f"cannot cancel {task_id}: {exc.filename}: {exc.strerror}; nothing was changed "
-                                 "(make room in the state directory and cancel again)") from None
+                raise _unmarkable(task_id, exc) from None
         if not again:
             try:
                 update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
@@ -81,6 +80,11 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
     return workspace.note_pending_merge(project.root, order_id, task_id, "cancelled")
 
 
+def _unmarkable(task_id: str, exc: StateWriteError) -> Unwritable:
+    return Unwritable(f"cannot cancel {task_id}: {exc.filename}: {exc.strerror}; nothing was changed (make room in "
+                      "the state directory and cancel again)")
+
+
 def _not_cancelled(path: Path, project: Project) -> bool:
     try:
         return load_task(path, project.root).status != Status.CANCELLED
@@ -102,8 +106,7 @@ def cancel_fileless(project: Project, arg: str, grace: float = 5.0) -> Record | 
         try:
             rt.mark_cancelled(rec)  # its owner records the end as the user's, not as a failure
         except StateWriteError as exc:
-            raise Unwritable(f"cannot cancel {task}: {exc.filename}: {exc.strerror}; nothing was changed "
-                             "(make room in the state directory and cancel again)") from None
+            raise _unmarkable(task, exc) from None
     append_log(rec.log, "cancelled by the user (its task file is gone): stopping the process group")
     terminate_group(rec.pgid, rec.pid, grace)
     if rec.owner_alive():
