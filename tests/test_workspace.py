@@ -1602,3 +1602,20 @@ def _owner_killed_when(repo, ready, gate, *flags: str) -> None:
     run.kill()
     run.wait()
     gate.touch()
+
+
+def test_an_attempts_start_is_found_by_its_whole_message_not_a_longer_one(repo):
+    """An attempt's start is found in its worktree's history by its commit message (its start ref deleted); a grep
+    for "attempt 1" also found "attempt 10", the newer of the two, and took it for attempt 1's start."""
+    from aipm.workspace.repo import _IDENTITY, Repo
+
+    made = {}
+    for subject in ("aipm: start of ORD/T, attempt 1", "aipm: start of ORD/T, attempt 10"):
+        subprocess.run(["git", "commit", "-q", "--allow-empty", "-m", subject], cwd=repo, check=True,
+                       env={**os.environ, **_IDENTITY})
+        made[subject] = git(repo, "rev-parse", "HEAD").strip()
+    r = Repo(repo)
+    head = made["aipm: start of ORD/T, attempt 10"]
+    assert r.made_before(head, "aipm: start of ORD/T, attempt 1") == made["aipm: start of ORD/T, attempt 1"]
+    assert r.made_before(head, "aipm: start of ORD/T, attempt 10") == head
+    assert r.made_before(head, "aipm: start of ORD/T, attempt 2") is None

@@ -181,10 +181,15 @@ class Repo:
         return self._run(path, ["rev-parse", "--verify", "--quiet", "HEAD^{commit}"], check=False).returncode != 0
 
     def made_before(self, commit: str, message: str) -> str | None:
-        """The newest commit of aipm's, `commit` or one of its ancestors, whose message holds `message`."""
-        out = self.git("rev-list", "-1", "--fixed-strings", f"--grep={message}",
+        """The newest commit of aipm's, `commit` or one of its ancestors, whose subject is `message`, or begins
+        with it and a comma (`..., after workspace_setup`): a grep alone for "attempt 1" finds "attempt 10" too."""
+        out = self.git("log", "--format=%H %s", "--fixed-strings", f"--grep={message}",
                        f"--author={_IDENTITY['GIT_AUTHOR_EMAIL']}", commit)
-        return out.decode().strip() or None
+        for line in out.decode("utf-8", "surrogateescape").splitlines():
+            found, _, subject = line.partition(" ")
+            if subject == message or subject.startswith(message + ","):
+                return found
+        return None
 
     def head(self) -> str:
         """The user's HEAD commit, or "" in a repository without commits (a capture then has no parent)."""
