@@ -29,19 +29,14 @@ class OrderView:
         self._above: dict[str, str] = {}  # directories above the order's (to the root) → the name below on the way
         if self.watch is not None:
             self._watch_path()
-        # Watched and stamped before the read, as refresh() does: a write that landed between the read and the
-        # watch (another run recording a task as this one starts) was never seen, and the view stayed stale.
+        # Watched before the read: a write that landed between the read and the watch (another run recording a
+        # task as this one starts) was never seen, and the view stayed stale.
         try:
-            stats = {str(p): _stat(str(p)) for p in task_files(self.dir)}
-        except OSError:
-            stats = {}  # no directory: load_order says so
-        try:
-            self.order = load_order(self.dir, root)
+            self.order, self._stats = self._load_stamped()
         except BaseException:
             if self.watch is not None:
                 os.close(self.watch.fd)
             raise
-        self._stats = {t.path: stats.get(t.path) for t in self.order.tasks.values()}
         self._ordering: list[str] | None = None
         self.problems: list[str] = []  # changed files that did not validate, for the caller to report
         # (task id, status, status now) of finished tasks whose file a change on disk put back (a `git checkout`
@@ -146,20 +141,29 @@ class OrderView:
             current = set()  # the directory itself is gone (for now, or a file stands there): so is every file in it
         return {p for p in current | set(self._stats) if _stat(p) != self._stats.get(p) or p not in self._stats}
 
+    def _load_stamped(self) -> tuple[Order, dict[str, Stamp | None]]:
+        """The order read whole, and each task file's stamp taken before the reads (as in refresh()): a change
+        that lands after them is seen at its own event."""
+        try:
+            stats = {str(p): _stat(str(p)) for p in task_files(self.dir)}
+        except OSError:
+            stats = {}  # no directory: load_order says so
+        order = load_order(self.dir, self.root)
+        return order, {t.path: stats.get(t.path) for t in order.tasks.values()}
+
     def _reload_all(self, quiet: bool = False) -> bool:
         """Read the whole order again; False (the view as it was, the error in `problems` unless `quiet`) when
         it does not load."""
         before = self.order.tasks
         try:
-            stats = {str(p): _stat(str(p)) for p in task_files(self.dir)}  # before the reads, as in refresh()
-            self.order = load_order(self.dir, self.root)
+            self.order, stats = self._load_stamped()
         except (ValidationError, OSError) as exc:
             if not quiet:
                 self.problems.append(str(exc))
             return False
         for task in self.order.tasks.values():
             self._note_reopened(before.get(task.id), task)
-        self._stats = {t.path: stats.get(t.path) for t in self.order.tasks.values()}
+        self._stats = stats
         self._kept_out.clear()
         self._ordering = None
         self._index()
