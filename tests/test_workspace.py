@@ -1356,6 +1356,7 @@ def test_a_worktree_whose_outcome_is_held_keeps_its_work_until_it_is_recorded_or
         shutil.move(str(away), str(path))
         project.aipm("recover", "ORD")
         wait_for(lambda: task_statuses(order)["T1"] != "IN_PROGRESS")
+    wait_for(lambda: no_workers(repo))  # (recover's owner removes the worktree after its write: no walk meanwhile)
     patches = list((project.root / ".aipm").rglob("*.patch"))
     assert "WORKER WORK" in (repo / "src/a.txt").read_text() or any("WORKER WORK" in p.read_text() for p in patches)
 
