@@ -8,9 +8,9 @@ reading and executing stay free everywhere.
 
 Landlock grants whole hierarchies and cannot subtract, so the ruleset is built from the project root outwards:
 - outside the root: every entry beside the path from `/` down to the root (and to the repository's `.git`
-  when it lies above the root) gets every right (so `/tmp`, `$HOME` caches and `/dev/null` stay writable when
-  they do not contain the project); the directories on that path cannot, so nothing new can be created
-  directly in them;
+  when it lies above the root, aipm's state directory and an order directory outside the root, which get
+  nothing) gets every right (so `/tmp`, `$HOME` caches and `/dev/null` stay writable when they do not contain
+  the project); the directories on that path cannot, so nothing new can be created directly in them;
 - a target directory: every right below it (created empty first when missing: Landlock only takes rules on
   paths that exist, and an empty directory is invisible to git); one that holds the repository's `.git`,
   `.aipm/` or an order directory (the root, `*.md`) is granted as the outside is, everything beside those;
@@ -151,7 +151,7 @@ def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] =
     orders = [os.path.realpath(k) for k in keep]
     kept = git + [runtime] + orders
     state = [os.path.realpath(state)] if state else []
-    out = _beside("/", [real_project] + [k for k in git if not _contains(real_project, k)] + state)
+    out = _beside("/", [real_project] + [k for k in git + orders if not _contains(real_project, k)] + state)
     for raw in targets:
         path, kind = _target_path(real_root, raw)
         if os.path.realpath(path) != path:

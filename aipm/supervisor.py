@@ -88,9 +88,12 @@ class Supervisor(Recording, Owner):
             # A worktree task's targets are its worktree's copies; the task files it may not touch are both the
             # main tree's and its worktree's copies of them, by their real place (a symlinked orders/ checked out
             # in the worktree may lead back to the main tree, leaving the worktree's copies open).
-            places = [real_relative(str(self.rt.root), os.path.relpath(d, self.rt.root))
-                      for d in (os.path.dirname(rec.task_file), self.rt.root / self.settings.orders_dir)]
+            # An order directory outside the project (`aipm run /elsewhere/ORD`, a linked orders/) is kept out
+            # where it lies: the outside is open, and a task file written there runs as the worker wrote it.
+            dirs = (os.path.dirname(rec.task_file), self.rt.root / self.settings.orders_dir)
+            places = [real_relative(str(self.rt.root), os.path.relpath(d, self.rt.root)) for d in dirs]
             keep = [os.path.join(top, rel) for top in {str(self.rt.root), cwd} for rel in places if rel is not None]
+            keep += [os.path.realpath(d) for d, rel in zip(dirs, places) if rel is None]
             jail = confine.prefix(cwd, rec.targets, rec.log, keep, project=str(self.rt.root),
                                   state=str(statedir.user_base()))
             rec.confined = True

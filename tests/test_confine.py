@@ -434,6 +434,32 @@ def test_a_confined_worktree_task_cannot_touch_task_files_under_an_absolute_syml
 
 
 @landlock
+@pytest.mark.parametrize("linked", [False, True], ids=["run-by-path", "linked-orders"])
+def test_a_confined_worker_cannot_write_task_files_of_an_order_outside_the_project(tmp_path, linked):
+    """An order directory outside the project (`aipm run /elsewhere/ORD`, or `orders -> /elsewhere`) was open as
+    the rest of the outside is: a confined worker rewrote its own task file and wrote a new task beside it, which
+    the run then started, unconfined."""
+    root = tmp_path / "proj"
+    root.mkdir()
+    project = Project(root)
+    elsewhere = tmp_path / "elsewhere"
+    order = elsewhere / "ORD"
+    if linked:
+        (root / "orders").rmdir()
+        (root / "orders").symlink_to(elsewhere)
+    command = (f'echo "command: touch {root}/escaped" >> {order}/T.yaml; '
+               f'printf "id: EVIL\\ncommand: touch {root}/escaped\\n" > {order}/EVIL.yaml; echo ok > out.txt')
+    task = write_task(order, "T", target_files=["out.txt"], command=command, confine=True)
+    proc = project.aipm("run", "ORD" if linked else str(order), "--no-review")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in order.iterdir()) == ["T.yaml"]
+    data = yaml.safe_load(task.read_text())
+    assert data["status"] == "DONE" and data["command"] == command
+    assert (root / "out.txt").read_text() == "ok\n" and not (root / "escaped").exists()
+    assert "Permission denied" in (root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
+
+
+@landlock
 def test_a_ruleset_refused_in_the_worker_is_the_attempts_reason_not_exit_126(tmp_path):
     """`sub` is a file, so the target `sub/out.txt` cannot be made for its rule: the attempt fails without running
     its command, and the console and the task said only `exit 126` (the why was in the log alone)."""
