@@ -475,6 +475,25 @@ def test_a_ruleset_refused_in_the_worker_is_the_attempts_reason_not_exit_126(tmp
     assert not (root / "ran.txt").exists()
 
 
+@landlock
+def test_a_ruleset_refused_in_a_worktree_is_the_attempts_reason_too(tmp_path):
+    """A worktree attempt is tidied before its end is judged, which removed the listing that says the confinement
+    step ran: its refusal read as a plain `exit 126`, the why in the log alone."""
+    project, root, top = _repo_with_project(tmp_path)
+    (root / "sub").write_text("a file, not a directory\n")
+    task = write_task(project.order(), "T", command="echo ran > ran.txt", target_files=["sub/out.txt"],
+                      confine=True, workspace="worktree")
+    _git(top, "add", "-A")
+    _git(top, "commit", "-q", "-m", "task")
+    proc = project.aipm("run", "ORD", "--no-review")
+    assert proc.returncode == 1
+    data = yaml.safe_load(task.read_text())
+    assert data["status"] == "FAILED" and data["exit_code"] == 126
+    assert data["reason"].startswith("confine: cannot confine the worker: "), data["reason"]
+    assert "confine: cannot confine the worker" in proc.stdout, proc.stdout
+    assert not (root / "ran.txt").exists()
+
+
 def test_a_commands_own_exit_126_stays_exit_126(project):
     """Only a confined attempt's log is read for the why: an unconfined command exiting 126 is just that."""
     write_task(project.order(), "T", command="echo '[aipm] confine: cannot confine the worker: no'; exit 126",
