@@ -271,7 +271,12 @@ def _make_parents(directory: str, made: list) -> None:
         missing.append(directory)
         directory = os.path.dirname(directory)
     for path in reversed(missing):
-        os.mkdir(path)
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            if os.path.isdir(path) and not os.path.islink(path):
+                continue  # made meanwhile by another confined worker whose targets lie in it too: its, not ours
+            raise
         made.append([path, True, 0])
 
 

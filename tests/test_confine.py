@@ -357,6 +357,45 @@ def test_rules_refuse_a_target_that_became_a_symlink_after_the_order_was_read(tm
         confine.rules(str(root), ["out/src/x.py"], str(log), [])
 
 
+def test_workers_whose_targets_share_a_missing_directory_each_get_their_rules(tmp_path, monkeypatch):
+    """Confined tasks started together with targets in one directory that does not exist yet (`gen/a.txt`,
+    `gen/b.txt`) each make it for their rules: the one whose mkdir came second failed with `File exists` and its
+    attempt FAILED with exit 126, never run (one run in six, six such tasks). Here the other worker's real
+    confinement step makes `gen/` just before ours does."""
+    import subprocess
+
+    root = tmp_path / "proj"
+    logs = root / ".aipm" / "logs" / "O"
+    logs.mkdir(parents=True)
+    other = ("import sys; from aipm import confine; "
+             "print(confine.rules(sys.argv[1], ['gen/b.txt'], sys.argv[2], [])[1] or '')")
+    real_mkdir = os.mkdir
+    others_tmp = []
+
+    def other_worker_first(path, *args, **kwargs):
+        if os.fspath(path) == str(root / "gen") and not others_tmp:
+            done = subprocess.run([sys.executable, "-c", other, str(root), str(logs / "B.1.log")],
+                                  capture_output=True, text=True, check=True, timeout=60)
+            others_tmp.append(done.stdout.strip())
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", other_worker_first)
+    made: list = []
+    try:
+        grants, tmp = confine.rules(str(root), ["gen/a.txt"], str(logs / "A.1.log"), made)
+    finally:
+        monkeypatch.undo()
+        for leftover in others_tmp:
+            if leftover:
+                os.rmdir(leftover)
+    assert (root / "gen" / "b.txt").exists()  # the other worker went first
+    assert (str(root / "gen" / "a.txt"), confine.FILE_RIGHTS) in grants
+    # gen/ is the other worker's to tidy: ours lists only what it made itself
+    assert [m[0] for m in made] == [str(root / "gen" / "a.txt")] + ([tmp] if tmp else [])
+    if tmp:
+        os.rmdir(tmp)
+
+
 @landlock
 def test_a_confined_worktree_task_writes_its_targets_in_its_worktree_and_nothing_of_the_main_tree(tmp_path):
     """A worktree task was refused `confine`, and nothing stopped its worker writing the main tree by an
