@@ -159,14 +159,14 @@ def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] =
         if _contains(runtime, path):
             continue  # aipm's: no target opens it
         if kind == "file":
-            if os.path.dirname(path) in orders and path.endswith(".yaml"):
+            if _order_dir(os.path.dirname(path), orders) and path.endswith(".yaml"):
                 continue  # a task file
             _make_parents(os.path.dirname(path), made)
             _make_file(path, made)
             out.append((path, FILE_RIGHTS))
             continue
         _make_parents(path, made)
-        if path in orders:
+        if _order_dir(path, orders):
             out += _order_entries(path)
             continue
         inside = [k for k in kept if _contains(path, k)]
@@ -185,6 +185,16 @@ def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] =
     return out, tmp
 
 
+def _order_dir(path: str, orders: list[str]) -> bool:
+    """An order directory: one aipm was given (the task's, the one holding the orders), or one beside the task's
+    in the directory holding the orders (another order: its task files are aipm's just as much)."""
+    return path in orders or (os.path.dirname(path) in orders and _holds_tasks(path))
+
+
+def _holds_tasks(directory: str) -> bool:
+    return any(e.name.endswith(".yaml") for e in _entries(directory))
+
+
 def _order_entries(directory: str) -> list[tuple[str, int]]:
     """An order directory (or the one holding them) named by a glob's base or as a directory target: Landlock
     cannot open it without letting task files be made or replaced in it, so only its files that are no task files
@@ -195,8 +205,7 @@ def _order_entries(directory: str) -> list[tuple[str, int]]:
         if entry.is_symlink() or entry.name[:1] == ".":
             continue
         if entry.is_dir():
-            holds_tasks = any(e.name.endswith(".yaml") for e in _entries(entry.path))
-            out += _order_entries(entry.path) if holds_tasks else [(entry.path, ALL_RIGHTS)]
+            out += _order_entries(entry.path) if _holds_tasks(entry.path) else [(entry.path, ALL_RIGHTS)]
         elif entry.is_file() and not entry.name.endswith(".yaml"):
             out.append((entry.path, FILE_RIGHTS))
     return out

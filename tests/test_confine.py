@@ -660,6 +660,30 @@ def test_a_glob_whose_base_is_an_order_directory_opens_no_task_file(tmp_path, gl
     assert notes.read_text() == "notes\nmore\n" and (project.order() / "r" / "r.md").read_text() == "r\n"
 
 
+@landlock
+@pytest.mark.parametrize("target", ["orders/OTHER/*.md", "orders/OTHER/", "orders/OTHER/U.yaml"])
+def test_a_target_in_another_order_directory_opens_none_of_its_task_files(tmp_path, target):
+    """Only the task's own order directory (and the one holding the orders) were kept: a glob, directory or file
+    target in another order's directory opened its task files, so a worker planted a task there and rewrote one
+    (`confine: true` to false, a command), to run unconfined when that order runs."""
+    (tmp_path / "p").mkdir()
+    project = Project(tmp_path / "p")
+    other = project.order("OTHER")
+    notes = other / "notes.md"
+    notes.write_text("notes\n")
+    task = write_task(other, "U", target_files=["u/"], confine=True, status="QUEUED", command="true")
+    before = task.read_text()
+    write_task(project.order(), "T", target_files=[target], confine=True,
+               command=EVIL_TASK.format(d="orders/OTHER") + "; echo 'confine: false' >> orders/OTHER/U.yaml"
+               "; echo more >> orders/OTHER/notes.md; true")
+    proc = project.aipm("run", "ORD", "--no-review")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["U.yaml", "notes.md"]
+    assert task.read_text() == before
+    # What is no task file stays as writable as the target makes it.
+    assert notes.read_text() == ("notes\n" if target.endswith(".yaml") else "notes\nmore\n")
+
+
 def test_rules_give_no_target_a_task_file_or_aipms_runtime_directory(tmp_path):
     root = tmp_path / "proj"
     order = root / "orders" / "ORD"
