@@ -99,14 +99,14 @@ def prefix(root: str, targets: list[str], log: str, keep: list[str], project: st
     import path, and a module a task left there (`token.py`, `json.py`) ran before the ruleset did; `site` would
     run the `.pth` files of site-packages, which a worker may write when they lie outside the project."""
     spec = {"root": root, "targets": targets, "log": log, "keep": keep, "project": project or root, "state": state,
-            "path": _boot_path()}
+            "path": boot_path()}
     boot = ("import json, sys; sys.path += json.loads(sys.argv[1])['path']; from aipm.confine import main; "
             "sys.exit(main(sys.argv[1:]))")
     return [sys.executable, "-I", "-S", "-c", boot, json.dumps(spec), "--"]
 
 
 @lru_cache(maxsize=None)
-def _boot_path() -> list[str]:
+def boot_path() -> list[str]:
     """Where this process finds aipm and landlockpy (an editable install, PYTHONPATH and site-packages alike)."""
     import importlib.util
 

@@ -115,13 +115,13 @@ def test_aider_gets_a_model_only_when_one_was_chosen(tmp_path):
 # ---- the PreToolUse guard -------------------------------------------------------------------------------
 
 
-def run_hook(a: Attempt, call: dict) -> dict | None:
+def run_hook(a: Attempt, call: dict, cwd: Path | str = "/") -> dict | None:
     """Run the hook command exactly as the settings file gives it to Claude Code, with the call on stdin."""
     claude.argv(a)
     settings = json.loads(a.log.with_suffix(".claude-settings.json").read_text())
     command = settings["hooks"]["PreToolUse"][0]["hooks"][0]["command"]
     proc = subprocess.run(["/bin/sh", "-c", command], input=json.dumps(call) if isinstance(call, dict) else call,
-                          capture_output=True, text=True, cwd="/")
+                          capture_output=True, text=True, cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout) if proc.stdout.strip() else None
 
@@ -160,6 +160,19 @@ def test_the_hook_fails_closed(tmp_path):
     a = attempt(tmp_path)
     assert denied(run_hook(a, "not json"))
     assert denied(run_hook(a, {"tool_name": "Write", "tool_input": {}}))
+
+
+@pytest.mark.parametrize("module", ["json", "os", "aipm"])
+def test_the_hook_is_not_taken_over_by_a_module_in_the_project(tmp_path, module):
+    """Claude Code runs the hook in the project, and `python -m` put the project first on the import path: a
+    `json.py` the agent wrote there (or an `aipm/` package) ran in place of the guard's own, which crashed (exit 1,
+    to Claude Code a non-blocking error: the edit went on) or answered nothing (allowed)."""
+    a = attempt(tmp_path)
+    planted = tmp_path / (f"{module}/__init__.py" if module == "aipm" else f"{module}.py")
+    planted.parent.mkdir(exist_ok=True)
+    planted.write_text("import sys\nsys.exit(0 if 'aipm' in __name__ else 1)\n")
+    assert denied(run_hook(a, pre_tool_use(tmp_path, "Write", str(tmp_path / "setup.py")), cwd=tmp_path))
+    assert run_hook(a, pre_tool_use(tmp_path, "Write", "docs/a.md"), cwd=tmp_path) is None
 
 
 def test_the_hook_follows_symlinks_out_of_a_target(tmp_path):

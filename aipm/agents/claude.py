@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from aipm.agents import Attempt, Usage, count, dollars, json_lines
+from aipm.confine import boot_path
 from aipm.paths import Target
 from aipm.workerfiles import write_bytes
 
@@ -57,11 +58,17 @@ def _rule_path(root: Path, target: Target) -> str:
     return "/" + full + ("/**" if target.is_dir else "")
 
 
+# Claude Code runs the hook in the project: isolated (-I -S) and given aipm's own path, as confine.prefix boots, so
+# a `json.py` or `aipm/` the agent wrote there is not imported in place of the guard's (`-m` put the project first).
+_GUARD_BOOT = ("import json, sys; sys.path += json.loads(sys.argv.pop(1)); from aipm.agents.guard import main; "
+               "sys.exit(main())")
+
+
 def settings(attempt: Attempt, guard_file: Path) -> dict:
     """The per-attempt Claude Code settings: edit rules for the targets and the PreToolUse guard."""
     root = attempt.root
-    hook = shlex.join(["env", f"PYTHONPATH={Path(__file__).resolve().parents[2]}", sys.executable,
-                       "-m", "aipm.agents.guard", str(guard_file)])
+    hook = shlex.join([sys.executable, "-I", "-S", "-c", _GUARD_BOOT, json.dumps(boot_path()), str(guard_file)])
+    hook += " || exit 2"  # a guard that cannot run blocks the edit: any other exit lets Claude Code go on
     return {
         "permissions": {
             "allow": [f"Edit({_rule_path(root, t)})" for t in attempt.targets],
