@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import Project, task_statuses, wait_for, write_task
+from conftest import Project, snapshot, task_statuses, wait_for, write_task
 from invariants import check, journal_command, pid_alive, spans
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="Ray tests need Linux network namespaces")
@@ -199,24 +199,42 @@ def test_runner_ray_without_ray_is_one_line_and_exit_2(project):
     assert task_statuses(project.order()) == {"T": "QUEUED"}
 
 
-def test_an_address_where_nothing_listens_ends_the_attempt_at_once(project):
-    """ray.init would retry 127.0.0.1:1 for some 14 minutes, holding the place and the locks. The task's reason
-    says why, where it said "exit 75" (the why only in the log)."""
+def _untouched(project: Project, before: dict[str, str]) -> bool:
+    return snapshot(project.root) == before and not (project.root / ".aipm").exists()
+
+
+def test_a_cluster_that_cannot_be_reached_is_one_line_and_exit_2_before_any_attempt(project):
+    """Found once, before the first launch: each attempt found it only once started (exit 75), so every task
+    spent all its max_attempts on it, and the run ended 1 with them FAILED."""
     if not RAY.exists():
         pytest.skip("ray is not installed (pip install '.[ray]')")
-    write_task(project.order(), "T", command="true", target_files=["a.txt"])
-    proc = project.aipm("run", "ORD", "--runner", "ray", env={"RAY_ADDRESS": "127.0.0.1:1"}, timeout=120)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
+    for tid in ("A", "B"):
+        write_task(project.order(), tid, command="true", target_files=[f"{tid}.txt"], max_attempts=3)
+    before = snapshot(project.root)
+    for command in ("run", "launch"):
+        proc = project.aipm(command, "ORD", "--runner", "ray", env={"RAY_ADDRESS": "127.0.0.1:1"}, timeout=120)
+        assert (proc.returncode, proc.stdout) == (2, ""), proc.stdout + proc.stderr
+        assert proc.stderr == ("aipm: error: runner ray: cannot reach the Ray cluster (127.0.0.1:1): Connection "
+                               "refused\n")
+        assert _untouched(project, before)
+
+
+def test_an_attempt_that_cannot_reach_the_cluster_ends_at_once_and_says_why(tmp_path):
+    """The cluster gone after the run's start: ray.init would retry 127.0.0.1:1 for some 14 minutes, holding the
+    place and the locks. The task's reason is the attempt's line (it said "exit 75"); a command of its own that
+    exits 75 with such a line is no Ray attempt: its exit code is its reason."""
+    if not RAY.exists():
+        pytest.skip("ray is not installed (pip install '.[ray]')")
+    from aipm.cluster import failure
+
+    log = tmp_path / "log"
+    argv = [sys.executable, "-m", "aipm.cluster.attempt", "--address", "127.0.0.1:1", "--", "true"]
+    with log.open("w") as out:
+        assert subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=120).returncode == 75
     why = "cannot reach the Ray cluster (127.0.0.1:1): Connection refused"
-    task = yaml.safe_load((project.order() / "T.yaml").read_text())
-    assert (task["status"], task["exit_code"], task["reason"]) == ("FAILED", 75, why), task
-    assert f"finish   T → FAILED ({why})" in proc.stdout, proc.stdout
-    log = (project.root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
-    assert f"[aipm] {why}" in log
-    # A command of its own that exits 75 with such a line is no Ray attempt: its exit code is its reason.
-    write_task(project.order(), "L", command=f"echo '[aipm] {why}'; exit 75")
-    assert project.aipm("run", "ORD").returncode == 1
-    assert yaml.safe_load((project.order() / "L.yaml").read_text())["reason"] == "exit 75"
+    assert f"[aipm] {why}" in log.read_text()
+    assert failure(str(log), argv, 75) == why
+    assert failure(str(log), ["/bin/sh", "-c", "exit 75"], 75) is None
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
@@ -303,7 +321,7 @@ def test_a_command_killed_by_a_signal_on_ray_is_recorded_as_one_run_here_is(clus
 
 
 @pytest.mark.parametrize("ray_address", [None, " "], ids=["unset", "blank"])
-def test_auto_naming_a_dead_cluster_ends_the_attempt_at_once(project, tmp_path, ray_address):
+def test_auto_naming_a_dead_cluster_is_found_before_any_attempt(project, tmp_path, ray_address):
     """`auto` is the cluster `ray start` last wrote in Ray's temp directory: one gone is probed like any address
     (ray.init retried it until the task's timeout). A blank RAY_ADDRESS is unset for Ray too, as for aipm's
     settings (Ray took it for an address: "Invalid address format"). In a namespace of its own, so no cluster of
@@ -315,20 +333,21 @@ def test_auto_naming_a_dead_cluster_ends_the_attempt_at_once(project, tmp_path, 
     (tmp_path / "raytmp" / "ray").mkdir(parents=True)
     (tmp_path / "raytmp" / "ray" / "ray_current_cluster").write_text("127.0.0.1:1\n")
     write_task(project.order(), "T", command="true", timeout=60)
+    before = snapshot(project.root)
     env = dict(os.environ, RAY_TMPDIR=str(tmp_path / "raytmp"), AIPM_ENABLE_MONITORING="false")
     env.pop("RAY_ADDRESS", None)
     env.update({"RAY_ADDRESS": ray_address} if ray_address else {})
     proc = subprocess.run(["unshare", "-n", "sh", "-c", 'ip link set lo up && exec "$@"', "-", sys.executable, "-m",
                            "aipm", "--root", str(project.root), "run", "ORD", "--runner", "ray"],
                           capture_output=True, text=True, env=env, timeout=180)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    task = yaml.safe_load((project.order() / "T.yaml").read_text())
-    assert (task["status"], task["exit_code"]) == ("FAILED", 75), task
-    log = (project.root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
-    assert "[aipm] cannot reach the Ray cluster (auto: " in log and "Connection refused" in log, log
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    # (auto: 127.0.0.1:1), or a cluster of this machine's that Ray finds first: none answers in the namespace
+    assert proc.stderr.startswith("aipm: error: runner ray: cannot reach the Ray cluster (auto: ") and \
+        proc.stderr.endswith("Connection refused\n") and proc.stderr.count("\n") == 1, proc.stderr
+    assert _untouched(project, before)
 
 
-def test_an_address_whose_port_answers_but_is_no_ray_cluster_ends_the_attempt(project, tmp_path):
+def test_an_address_whose_port_answers_but_is_no_ray_cluster_is_found_before_any_attempt(project, tmp_path):
     """Another service's port (a web server here): the probe connected, and ray.init retried its GCS for some 12
     minutes, deaf to signals and holding the attempt's place and locks, until the task's timeout. In a namespace of
     its own, with the web server inside it."""
@@ -337,6 +356,7 @@ def test_an_address_whose_port_answers_but_is_no_ray_cluster_ends_the_attempt(pr
     if os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs root with unshare for a loopback-only network namespace")
     write_task(project.order(), "T", command="true", timeout=90)
+    before = snapshot(project.root)
     env = dict(os.environ, RAY_ADDRESS="127.0.0.1:8899", AIPM_ENABLE_MONITORING="false")
     script = (f"ip link set lo up && {sys.executable} -m http.server -b 127.0.0.1 8899 >/dev/null 2>&1 & web=$!; "
               f"for i in $(seq 100); do {sys.executable} -c 'import socket; socket.create_connection((\"127.0.0.1\", "
@@ -345,11 +365,10 @@ def test_an_address_whose_port_answers_but_is_no_ray_cluster_ends_the_attempt(pr
     proc = subprocess.run(["unshare", "-n", "sh", "-c", script, "-", sys.executable, "-m", "aipm", "--root",
                            str(project.root), "run", "ORD", "--runner", "ray"],
                           capture_output=True, text=True, env=env, timeout=180)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    task = yaml.safe_load((project.order() / "T.yaml").read_text())
-    log = (project.root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
-    assert (task["status"], task["exit_code"]) == ("FAILED", 75), log
-    assert "[aipm] cannot reach the Ray cluster (127.0.0.1:8899): no Ray cluster answers at this port" in log, log
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.startswith("aipm: error: runner ray: cannot reach the Ray cluster (127.0.0.1:8899): no Ray "
+                                  "cluster answers at this port") and proc.stderr.count("\n") == 1, proc.stderr
+    assert _untouched(project, before)
 
 
 def test_a_bad_runner_setting_names_it(project):

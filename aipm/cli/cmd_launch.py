@@ -11,7 +11,7 @@ from typing import Optional
 from aipm.cli.decl import Argument, Exit, Option, command
 
 from aipm import budget, parsecache, recovery
-from aipm.cluster import require_ray
+from aipm.cluster import check, require_ray
 from aipm.errors import UserError
 from aipm.advice import stray_files, unenforced_budget, warnings
 from aipm.cli.common import console, json_option, print_json, project_root, warn
@@ -58,6 +58,14 @@ def warn_unbounded(order: Order, tasks: Iterable[Task], settings: Settings) -> N
     warn(stray_files(Path(order.path)) + warnings(tasks) + unenforced_budget(order, tasks, settings))
 
 
+def reach_cluster(launcher: Launcher, tasks: Iterable[Task]) -> None:
+    """With --runner ray, the cluster reached once before anything starts, where a task may still run (cluster.check):
+    one that cannot be reached is one line and exit 2, not a failed attempt for every task."""
+    if launcher.settings.runner == "ray" and not launcher.options.dry_run and any(
+            t.status not in FINISHED_OK | DEAD_END for t in tasks):
+        check(launcher.settings.ray_address)
+
+
 @command()
 def launch(
     order: str = Argument(..., help="Order id or directory."),
@@ -82,6 +90,7 @@ def launch(
                          Options(no_review, model, dry_run), runner, confine=confine, workspace=workspace)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root, watch=False)
     warn_unbounded(view.order, view.order.tasks.values(), launcher.settings)
+    reach_cluster(launcher, view.order.tasks.values())
     if not dry_run:
         recovery.read_lost_usage_ahead(launcher.runtime)
     report = launcher.launch_ramped(view)
@@ -140,6 +149,7 @@ def run(
                          Options(no_review, model), runner, preempt, confine, workspace)
     view = OrderView(launcher.project.order_dir(order), launcher.project.root)
     warn_unbounded(view.order, view.order.tasks.values(), launcher.settings)
+    reach_cluster(launcher, view.order.tasks.values())
     display = Display(mode_for(json_out), view)
     try:
         code = supervise(launcher, view, display)
@@ -232,6 +242,7 @@ def exec_(
     order_dir, task_id = find_task(launcher.project, task)
     view = OrderView(order_dir, launcher.project.root)
     warn_unbounded(view.order, [view.order.tasks[task_id]], launcher.settings)
+    reach_cluster(launcher, view.order.tasks.values() if parallel else [view.order.tasks[task_id]])
     display = Display("json" if json_out else "plain", view)
     before = view.order.tasks[task_id]
     code = supervise(launcher, view, display, only=task_id, detach_others=parallel)

@@ -11,6 +11,7 @@ when the attempt ends, is cancelled, or loses its Ray worker.
 from __future__ import annotations
 
 import importlib.util
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -30,6 +31,18 @@ def require_ray() -> None:
         found = False
     if not found:
         raise UserError("runner ray: the `ray` package is not installed; install it with `pip install 'aipm[ray]'`")
+
+
+def check(address: str) -> None:
+    """Reach the cluster at `address` once, as an attempt does before it submits its task (`auto` resolved, the
+    port probed, its GCS asked), before a run's first launch. A cluster that cannot be reached, or is no Ray
+    cluster, is a UserError (one line, exit 2, nothing changed): each attempt would find it so only once started,
+    each spending one of its task's attempts."""
+    proc = subprocess.run([sys.executable, "-m", "aipm.cluster.attempt", "--address", address, "--check"],
+                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    if proc.returncode != 0:
+        said = [line.removeprefix("[aipm] ") for line in proc.stdout.splitlines() if line.startswith(_LOST_LINES[0])]
+        raise UserError(f"runner ray: {said[-1] if said else f'cannot reach the Ray cluster ({address})'}")
 
 
 def wrap(command: str | Sequence[str], *, address: str, resources: Resources | None,

@@ -103,16 +103,13 @@ def run_on_node(spec: dict) -> dict:
 
 def resolved(address: str) -> str:
     """The cluster ray.init will connect to for `address`: for "auto", as Ray resolves it (RAY_ADDRESS, a Ray
-    cluster running on this machine, else the one `ray start` last wrote in Ray's temp directory, RAY_TMPDIR's),
-    or "auto" itself when there is nothing to resolve (ray.init then says so at once)."""
+    cluster running on this machine, else the one `ray start` last wrote in Ray's temp directory, RAY_TMPDIR's).
+    Raises ConnectionError (Ray's words) when there is none."""
     if address != "auto":
         return address
     from ray._private.services import canonicalize_bootstrap_address  # starts no thread: signals are not blocked yet
 
-    try:
-        return canonicalize_bootstrap_address(address) or address
-    except ConnectionError:  # no cluster found: ray.init fails at once with Ray's own words
-        return address
+    return canonicalize_bootstrap_address(address) or address
 
 
 def _host_port(address: str) -> tuple[str, int] | None:
@@ -126,7 +123,7 @@ def _host_port(address: str) -> tuple[str, int] | None:
 def unreachable(address: str) -> str | None:
     """Why nothing answers at `address` (host:port or ray://host:port), else None. ray.init retries an address
     where nothing listens for some 14 minutes, holding the attempt's place and locks, deaf to signals: a refused
-    or silent port ends the attempt at once instead. Forms not host:port ("auto" unresolved) are left to Ray."""
+    or silent port ends the attempt at once instead. Forms not host:port are left to Ray."""
     place = _host_port(address)
     if place is None:
         return None
@@ -161,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus", type=float)
     parser.add_argument("--stdin")
     parser.add_argument("--shell")
+    parser.add_argument("--check", action="store_true", help="only reach the cluster, as an attempt would; no task")
     parser.add_argument("argv", nargs="*")
     args = parser.parse_args(argv)
     for sig in STOPS:
@@ -183,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 why = no_cluster(target)
-                if why is None:
+                if why is None and not args.check:
                     ray.init(address=target, log_to_driver=False, logging_level="ERROR", configure_logging=False)
             finally:
                 for sig in STOPS:
@@ -199,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         shown = address if target == address else f"{address}: {target}"
         print(f"[aipm] cannot reach the Ray cluster ({shown}): {why}", flush=True)
         return LOST
+    if args.check:
+        return 0
     options = {"max_retries": 0, "num_cpus": args.cpus if args.cpus is not None else 1}
     if args.memory_mb:
         options["memory"] = args.memory_mb * 1024 * 1024
