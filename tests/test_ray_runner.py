@@ -514,3 +514,40 @@ def test_cancel_waits_until_the_command_has_ended_on_the_node(cluster, tmp_path)
         os.close(fd)
         if pid_alive(command):
             os.killpg(command, signal.SIGKILL)
+
+
+def test_a_stop_while_the_attempt_reaches_the_cluster_ends_it_at_once(cluster, tmp_path):
+    """ray.init (like Ray's GCS check) ran with the stop signals blocked, for a minute here: this machine is no node
+    of the cluster (aipm runs in a PID namespace of its own, where Ray finds no raylet of this machine's), so Ray
+    waits for one. A SIGTERM of the run waited for it until the supervisor's grace was over and the group was
+    SIGKILLed: the attempt said nothing, and the run took the whole grace to end."""
+    project = Project(tmp_path)
+    write_task(project.order(), "T", command="true", target_files=["a.txt"])
+    shell = cluster.popen(["unshare", "-p", "-f", "--mount-proc", sys.executable, "-m", "aipm", "--root",
+                           str(tmp_path), "run", "ORD", "--runner", "ray"], stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, cwd=tmp_path)
+    try:
+        run = wait_for(lambda: (_children(shell.pid) or [None])[0], 60)
+        namespace = os.readlink(f"/proc/{run}/ns/pid")
+        wait_for(lambda: any(_attempt_in(pid, namespace) for pid in os.listdir("/proc") if pid.isdigit()), 120)
+        os.kill(run, signal.SIGTERM)
+        out, _ = shell.communicate(timeout=120)
+    finally:
+        if shell.poll() is None:
+            shell.kill()
+    assert shell.returncode == 130, out
+    task = yaml.safe_load((project.order() / "T.yaml").read_text())
+    assert (task["status"], task["attempts"]) == ("QUEUED", 0), task
+    log = (tmp_path / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
+    assert "[aipm] stopped by signal 15 while reaching the Ray cluster: no Ray task was submitted" in log, log
+
+
+def _attempt_in(pid: str, namespace: str) -> bool:
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+        # Not the run's check of the cluster, before it launches; and in Ray's start, where its threads are: before,
+        # a stop is taken by Python's start-up (the attempt killed by it at once, nothing submitted, nothing said).
+        return b"aipm.cluster.attempt" in argv and b"--check" not in argv and os.readlink(
+            f"/proc/{pid}/ns/pid") == namespace and len(os.listdir(f"/proc/{pid}/task")) > 1
+    return False

@@ -8,10 +8,11 @@ it exits with 128+N, so the locks are not freed while the command may still writ
 Ray fate-shares the task with its driver and the guard ends the tree the same way, but nothing waits for it.
 
 Signals and Ray: `ray.init()` puts its own SIGTERM handler in place (sys.exit), and the core worker it starts puts
-absl's failure handler over it (prints "*** SIGTERM received ...", re-raises: the process dies at once). So the
-stop signals are blocked while Ray starts (its threads inherit the mask and never take them), our handler is put
-back after `ray.init`, and the handler only notes the signal (it raises nothing through Ray's C++ code): the
-main thread waits in short `ray.wait` slices and looks at the note between them. The wrapper that leads this
+absl's failure handler over it (prints "*** SIGTERM received ...", then calls the handler it replaced). So Ray is
+started in a thread of its own with the stop signals blocked (the threads Ray starts inherit the mask and never take
+them; off the main thread ray.init puts no handler in place), while the main thread stays free to take a stop;
+our handler is put back after `ray.init`, and it only notes the signal (it raises nothing through Ray's C++ code):
+the main thread waits in short slices (a join, then `ray.wait`) and looks at the note between them. The wrapper that leads this
 process's group outlives these signals (runner.py) and waits for us: a wrapper that died at once would get the
 group SIGKILLed before the cancel is done.
 """
@@ -19,11 +20,13 @@ group SIGKILLed before the cancel is done.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 from aipm.cluster import LOST
@@ -150,6 +153,43 @@ def no_cluster(address: str) -> str | None:
     return None
 
 
+def _first_line(exc: Exception) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def _connect(target: str, init: bool) -> str | None:
+    """Why the port at `target` is no Ray cluster's (no_cluster), else None, and with `init` this process then a
+    driver of that cluster. Both can take long, deaf to signals (Ray's GCS check some 15 s; ray.init a minute where
+    this machine is no node of the cluster), so they run in a thread of their own with the stop signals blocked,
+    as every thread Ray starts from it inherits: this main thread takes a stop meanwhile, and the attempt ends at
+    once (a stop waited for them, and the supervisor SIGKILLed the group after its grace). Off the main thread
+    ray.init puts no handler of its own in place; the core worker's (absl's: it logs the signal, then calls ours)
+    is replaced by ours once it is done."""
+    outcome = ["ended without a word"]  # this thread reads it only once the other has ended
+
+    def reach() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
+        try:
+            import ray
+
+            outcome[0] = no_cluster(target)
+            if outcome[0] is None and init:
+                logging.getLogger("ray").setLevel(logging.ERROR)  # its warning that it sets no SIGTERM handler
+                ray.init(address=target, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+        except Exception as exc:  # noqa: BLE001 - any failure to reach the cluster is one line in the log
+            outcome[0] = _first_line(exc)
+
+    for sig in STOPS:
+        signal.signal(sig, _note)  # Python code only between the slices: nothing to raise through
+    thread = threading.Thread(target=reach, daemon=True)  # left to os._exit if we are stopped
+    thread.start()
+    while thread.is_alive() and not _received:
+        thread.join(SLICE)
+    for sig in STOPS:
+        signal.signal(sig, _note)
+    return outcome[0]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aipm.cluster.attempt")
     parser.add_argument("--address")
@@ -170,28 +210,14 @@ def main(argv: list[str] | None = None) -> int:
     address = target = args.address or "auto"  # the ray.address setting, which RAY_ADDRESS sets too
     try:
         target = resolved(address)  # what is probed is what ray.init is given
-        why = unreachable(target)
-        if why is None:
-            # Blocked before Ray starts a thread (they inherit the mask, so only this thread ever takes them) and
-            # while ray.init and the core worker put their own handlers in place; a signal meanwhile waits.
-            signal.pthread_sigmask(signal.SIG_BLOCK, STOPS)
-            for sig in STOPS:
-                signal.signal(sig, _note)
-            import ray
-
-            try:
-                why = no_cluster(target)
-                if why is None and not args.check:
-                    ray.init(address=target, log_to_driver=False, logging_level="ERROR", configure_logging=False)
-            finally:
-                for sig in STOPS:
-                    signal.signal(sig, _note)
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, STOPS)
+        why = unreachable(target) or _connect(target, init=not args.check)
     except _Stopped as stop:
-        return 128 + stop.args[0]
+        _received.append(stop.args[0])
     except Exception as exc:  # noqa: BLE001 - any failure to reach the cluster is one line in the log
-        why = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        why = _first_line(exc)
     if _received:
+        print(f"[aipm] stopped by signal {_received[0]} while reaching the Ray cluster: no Ray task was submitted",
+              flush=True)
         return 128 + _received[0]
     if why is not None:
         shown = address if target == address else f"{address}: {target}"
@@ -199,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         return LOST
     if args.check:
         return 0
+    import ray  # (imported by _connect)
+
     options = {"max_retries": 0, "num_cpus": args.cpus if args.cpus is not None else 1}
     if args.memory_mb:
         options["memory"] = args.memory_mb * 1024 * 1024
