@@ -551,3 +551,16 @@ def _attempt_in(pid: str, namespace: str) -> bool:
         return b"aipm.cluster.attempt" in argv and b"--check" not in argv and os.readlink(
             f"/proc/{pid}/ns/pid") == namespace and len(os.listdir(f"/proc/{pid}/task")) > 1
     return False
+
+
+def test_a_request_no_node_can_hold_fails_with_the_reason(cluster, tmp_path):
+    """4 CPUs of a cluster whose only node has 2: the attempt waited in Ray's queue, its log silent, until its
+    timeout ended it ("timed out after 60 s"). Ray's autoscaler (here the one of a cluster started by hand, whose
+    node types are its nodes) says no node type can hold it: the attempt ends so, with that reason."""
+    project = Project(tmp_path)
+    write_task(project.order(), "T", command="true", resources={"cpus": 4}, timeout=60)
+    assert aipm(cluster, project, "run", "ORD", "--runner", "ray").returncode == 1
+    task = yaml.safe_load((project.order() / "T.yaml").read_text())
+    why = ("Ray cannot place the attempt: no node of the cluster can hold resources {cpus: 4}, and its autoscaler "
+           "can add none")
+    assert (task["status"], task["exit_code"], task["reason"]) == ("FAILED", 75, why), task

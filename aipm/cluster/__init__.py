@@ -21,7 +21,8 @@ from aipm.workerfiles import last_note
 
 # The attempt's exit code when its Ray worker cannot be had or is lost: a failed attempt like any other.
 LOST = 75  # EX_TEMPFAIL
-_LOST_LINES = ("[aipm] cannot reach the Ray cluster", "[aipm] Ray ended the attempt")
+_LOST_LINES = ("[aipm] cannot reach the Ray cluster", "[aipm] Ray ended the attempt",
+               "[aipm] Ray cannot place the attempt")
 
 def require_ray() -> None:
     """One clear line when `--runner ray` is asked for without Ray installed."""

@@ -20,8 +20,11 @@ group SIGKILLed before the cancel is done.
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -175,7 +178,8 @@ def _connect(target: str, init: bool) -> str | None:
             outcome[0] = no_cluster(target)
             if outcome[0] is None and init:
                 logging.getLogger("ray").setLevel(logging.ERROR)  # its warning that it sets no SIGTERM handler
-                ray.init(address=target, log_to_driver=False, logging_level="ERROR", configure_logging=False)
+                # Logs to the driver: the autoscaler's events among them (see _watch_autoscaler)
+                ray.init(address=target, log_to_driver=True, logging_level="ERROR", configure_logging=False)
         except Exception as exc:  # noqa: BLE001 - any failure to reach the cluster is one line in the log
             outcome[0] = _first_line(exc)
 
@@ -232,10 +236,21 @@ def main(argv: list[str] | None = None) -> int:
         options["memory"] = args.memory_mb * 1024 * 1024
     if args.gpus:
         options["num_gpus"] = args.gpus
+    shape = {name: float(options[key]) for name, key in (("CPU", "num_cpus"), ("GPU", "num_gpus"),
+                                                          ("memory", "memory")) if options.get(key)}
+    _watch_autoscaler(shape)
     ref = ray.remote(run_on_node).options(**options).remote(spec)
     while not ray.wait([ref], timeout=SLICE)[0]:
         if _received:
             return _cancel(ray, ref, _received[0])
+        if _unplaceable.is_set():
+            ray.cancel(ref)  # still in Ray's queue; were it placed meanwhile, its command is stopped as on a stop
+            ray.wait([ref], timeout=CANCEL_WAIT)
+            asks = ", ".join(f"{name}: {value:g}" for name, value in (("cpus", options["num_cpus"]), (
+                "memory_mb", args.memory_mb), ("gpus", args.gpus)) if value)
+            print(f"[aipm] Ray cannot place the attempt: no node of the cluster can hold resources {{{asks}}}, and "
+                  "its autoscaler can add none", flush=True)
+            return LOST
     try:
         result = ray.get(ref)
     except Exception as exc:  # noqa: BLE001 - a lost worker or node
@@ -245,6 +260,38 @@ def main(argv: list[str] | None = None) -> int:
     code = result["code"]  # negative: the command died of that signal (the guard died of it too)
     print(f"[aipm] ran on Ray node {result['host']} (guard pid {result['guard_pid']}), {exited(code)}", flush=True)
     return 128 - code if code < 0 else code  # as a shell's $? says it, and the wrapper writes it
+
+
+_unplaceable = threading.Event()  # Ray's autoscaler said no node type can hold this attempt's request
+_INFEASIBLE = "No available node types can fulfill resource request"  # Ray's autoscaler, v1 ("request {...}") and v2
+# ("requests {...}*N, {...}*M")
+
+
+def _watch_autoscaler(shape: dict[str, float]) -> None:
+    """Note when Ray's autoscaler says no node type of the cluster can ever hold `shape` (the request of this
+    attempt's task): it would wait in Ray's queue until its timeout, its log silent. The autoscaler knows the
+    node types it may add (on a cluster started by hand, those of its nodes), so a request a new node would meet
+    is not among them. Its events come with the driver's logs; Ray's printing of those logs is taken out."""
+    from ray._private.ray_logging import global_worker_stdstream_dispatcher as logs
+
+    def read(data: dict) -> None:
+        if data.get("pid") != "autoscaler":
+            return
+        for line in data.get("lines", ()):
+            if _INFEASIBLE in line and shape in _requests(line):
+                _unplaceable.set()
+
+    logs.remove_handler("ray_print_logs")
+    logs.add_handler("aipm_autoscaler", read)
+
+
+def _requests(line: str) -> list[dict]:
+    """The resource requests an autoscaler line names ({'CPU': 4.0} each)."""
+    found = []
+    for text in re.findall(r"\{[^{}]*\}", line):
+        with contextlib.suppress(ValueError, SyntaxError):
+            found.append(ast.literal_eval(text))
+    return found
 
 
 def _cancel(ray, ref, signum: int) -> int:
