@@ -36,9 +36,9 @@ def require_ray() -> None:
 
 def check(address: str) -> None:
     """Reach the cluster at `address` once, as an attempt does before it submits its task (`auto` resolved, the
-    port probed, its GCS asked), before a run's first launch. A cluster that cannot be reached, or is no Ray
-    cluster, is a UserError (one line, exit 2, nothing changed): each attempt would find it so only once started,
-    each spending one of its task's attempts."""
+    port probed, its GCS asked, a raylet of it looked for here), before a run's first launch. A cluster that cannot
+    be reached, is no Ray cluster, or has no node on this machine, is a UserError (one line, exit 2, nothing
+    changed): each attempt would find it so only once started, each spending one of its task's attempts."""
     proc = subprocess.run([sys.executable, "-m", "aipm.cluster.attempt", "--address", address, "--check"],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     if proc.returncode != 0:

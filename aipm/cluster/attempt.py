@@ -141,18 +141,27 @@ def unreachable(address: str) -> str | None:
 
 
 def no_cluster(address: str) -> str | None:
-    """Why the port at `address` (which answers) is no Ray cluster's, else None: another service's port (a web
-    server, a database, a raylet's gRPC port) passes the probe, and ray.init would retry it as a GCS for some 12
-    minutes. Ray's own GCS client asks it once (about PROBE_TIMEOUT plus Ray's 10 s of connection attempts). Ray
-    starts threads here: called where ray.init is, signals blocked. ray:// (a Ray Client server) is left to Ray."""
+    """Why the port at `address` (which answers) is no Ray cluster's, or this machine no node of it, else None:
+    another service's port (a web server, a database, a raylet's gRPC port) passes the probe, and ray.init would
+    retry it as a GCS for some 12 minutes. Ray's own GCS client asks it once (about PROBE_TIMEOUT plus Ray's 10 s of
+    connection attempts). A driver joins the cluster through a raylet of its own machine, found as ray.init finds
+    it (a raylet process here that is a live node of the cluster): without one, ray.init waits a minute for it and
+    fails. Ray starts threads here: called where ray.init is, signals blocked. ray:// (a Ray Client server, which
+    needs no node here) is left to Ray."""
     if address.startswith("ray://") or _host_port(address) is None:
         return None
+    from ray._private.services import find_node_ids
     from ray._raylet import InnerGcsClient
+    from ray.core.generated.gcs_pb2 import GcsNodeInfo
 
     try:
-        InnerGcsClient.standalone(address, None, int(PROBE_TIMEOUT * 1000))
+        gcs = InnerGcsClient.standalone(address, None, int(PROBE_TIMEOUT * 1000))
+        nodes = gcs.get_all_node_info(PROBE_TIMEOUT)
     except Exception as exc:  # noqa: BLE001 - Ray's RpcError (or whatever else it raises): not a cluster we can use
-        return f"no Ray cluster answers at this port ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})"
+        return f"no Ray cluster answers at this port ({_first_line(exc)})"
+    here = set(find_node_ids())
+    if not any(node.hex() in here and info.state == GcsNodeInfo.GcsNodeState.ALIVE for node, info in nodes.items()):
+        return f"this machine is no node of it (a Ray driver needs one: `ray start --address={address}` here)"
     return None
 
 
