@@ -12,9 +12,9 @@ absl's failure handler over it (prints "*** SIGTERM received ...", then calls th
 started in a thread of its own with the stop signals blocked (the threads Ray starts inherit the mask and never take
 them; off the main thread ray.init puts no handler in place), while the main thread stays free to take a stop;
 our handler is put back after `ray.init`, and it only notes the signal (it raises nothing through Ray's C++ code):
-the main thread waits in short slices (a join, then `ray.wait`) and looks at the note between them. The wrapper that leads this
-process's group outlives these signals (runner.py) and waits for us: a wrapper that died at once would get the
-group SIGKILLed before the cancel is done.
+the main thread waits in short slices (a join, then `ray.wait`) and looks at the note between them. The wrapper
+that leads this process's group outlives these signals (runner.py) and waits for us: a wrapper that died at once
+would get the group SIGKILLed before the cancel is done.
 """
 
 from __future__ import annotations
