@@ -244,7 +244,7 @@ RAY_SHARE = 0.0001  # Ray's smallest fraction of a CPU or GPU: it refuses a smal
 
 def _resources(path: Path, data: Mapping[str, Any], key: str) -> Resources | None:
     """`resources: {cpus: 2, memory_mb: 4096, gpus: 1}`: numbers ≥ 0 (0: none of it), memory_mb whole, cpus and gpus
-    0 or at least RAY_SHARE."""
+    0 or at least RAY_SHARE, gpus whole above 1."""
     value = data.get(key)
     if value is None:
         return None
@@ -263,6 +263,9 @@ def _resources(path: Path, data: Mapping[str, Any], key: str) -> Resources | Non
         if kind is float and 0 < item < RAY_SHARE:
             raise ValidationError(str(path), f"{key}.{name}", f"must be 0 or at least {RAY_SHARE} (the smallest "
                                                                f"share Ray gives), not {item!r}")
+        if name == "gpus" and item > 1 and item != int(item):  # Ray refuses it at every attempt, as the above
+            raise ValidationError(str(path), f"{key}.{name}", f"must be a whole number above 1 (Ray shares out "
+                                                               f"fractions of one GPU only), not {item!r}")
         out[name] = kind(item)
     return Resources(**out)
 

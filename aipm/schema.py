@@ -39,6 +39,7 @@ _PATHS = {"type": ["array", "null"], "items": {"type": "string", "pattern": r"\S
 _ID = f"^{ID_PATTERN.pattern}$"
 # 0 (none) or at least Ray's smallest share
 _SHARE = {"type": "number", "minimum": 0, "not": {"exclusiveMinimum": 0, "exclusiveMaximum": RAY_SHARE}}
+_GPUS = {**_SHARE, "if": {"exclusiveMinimum": 1}, "then": {"multipleOf": 1}}  # whole above one, as Ray has them
 _RELATIVE = r"^(?!/)(?!(?:.*/)?\.\.(?:/|$))\S"  # inside the project: not absolute, no `..`
 _POSITIVE = {"type": ["integer", "null"], "minimum": 1}
 _COUNT = {"type": ["integer", "null"], "minimum": 0}
@@ -73,7 +74,7 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "resources": ({"type": ["object", "null"], "additionalProperties": False, "properties": {
         "cpus": _SHARE,
         "memory_mb": {"type": "integer", "minimum": 0},
-        "gpus": _SHARE,
+        "gpus": _GPUS,
     }}, "What one attempt needs: the Ray resource request with --runner ray; on this machine, a share of its "
         "CPUs and memory. 0 asks for none (cpus: 0 also with Ray, where a task without cpus asks for 1)."),
     "max_rework": ({**_COUNT, "maximum": MAX_COUNT}, "Times a review may send the task back before it is REJECTED; default max_rework."),

@@ -190,12 +190,21 @@ def check(instance, schema: dict) -> list[str]:
     if kinds is not None:
         names = {bool: "boolean", int: "integer", float: "number", str: "string", list: "array",
                  dict: "object", type(None): "null"}
-        if names.get(type(instance)) not in ([kinds] if isinstance(kinds, str) else kinds):
+        allowed = [kinds] if isinstance(kinds, str) else kinds
+        name = names.get(type(instance))
+        if name not in allowed and not (name == "integer" and "number" in allowed):  # an integer is a number
             return [f"{instance!r} is not of type {kinds}"]
     if "enum" in schema and instance not in schema["enum"]:
         errors.append(f"{instance!r} not in enum")
     if isinstance(instance, int) and "minimum" in schema and instance < schema["minimum"]:
         errors.append(f"{instance} < minimum")
+    number = isinstance(instance, (int, float)) and not isinstance(instance, bool)
+    if number and "exclusiveMinimum" in schema and instance <= schema["exclusiveMinimum"]:
+        errors.append(f"{instance} <= exclusiveMinimum")
+    if number and "multipleOf" in schema and instance % schema["multipleOf"]:
+        errors.append(f"{instance} not a multiple of {schema['multipleOf']}")
+    if "if" in schema and not check(instance, schema["if"]):
+        errors += check(instance, schema.get("then", {}))
     if isinstance(instance, str):
         if len(instance) < schema.get("minLength", 0):
             errors.append(f"{instance!r} too short")
@@ -273,6 +282,8 @@ def test_schema_accepts_every_valid_fixture(order_dir):
     # and what both take
     "workspace_setup: ''\n", "workspace_setup: make\n", "workspace_copy: [.env, 'cfg/*.json']\n", "model: opus\n",
     "command: [make, '']\n",
+    # more than one GPU is whole (Ray refuses 1.5 at every attempt); a share of one is not
+    "resources: {gpus: 1.5}\n", "resources: {gpus: 2.0}\n", "resources: {gpus: 0.5}\n", "resources: {gpus: 3}\n",
 ])
 def test_schema_and_validator_agree(tmp_path, text):
     path = tmp_path / "A.yaml"
