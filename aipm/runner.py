@@ -42,8 +42,13 @@ _PRELUDE = ('cd "$AIPM_ROOT" || exit 126; IFS= read -r go <&3 && [ "$go" = go ] 
 # directory was removed (the command's `rm -rf` of aipm's state), to the end of the log (workerfiles.exit_code_in_log).
 _WRITE_CODE = 'echo $s >"$f" || echo "aipm-wrapper: exit file not written; exit code $s" >&2; exit $s'
 _WRAP_ARGV = _PRELUDE + '"$@"; s=$?; ' + _WRITE_CODE
-# A string command runs in a subshell of the wrapper: one fork, no second exec of /bin/sh.
-_WRAP_SHELL = _PRELUDE + '(eval "$1"); s=$?; ' + _WRITE_CODE
+# A string command runs in a subshell of the wrapper: one fork, no second exec of /bin/sh. There $PPID is still the
+# wrapper's parent, aipm itself, so a command's `kill -STOP $PPID` (meaning its own shell) stopped the whole run:
+# it is set to the subshell's real parent, the wrapper ($$). A shell where PPID is read-only (bash exits on the
+# assignment) starts the command as a new shell instead, one exec more.
+_OWN_PARENT = ('PPID=$$; eval "$1"' if os.path.basename(os.path.realpath(SHELL)) in ("dash", "ash", "busybox")
+               else f'exec {SHELL} -c "$1" "$0" "$@"')
+_WRAP_SHELL = _PRELUDE + f'({_OWN_PARENT}); s=$?; ' + _WRITE_CODE
 
 # A string command of plain words means the same as its argv, which runs without that subshell (one fork less
 # per task). Anything the shell would interpret keeps it: quotes, expansions, operators, newlines, a keyword or

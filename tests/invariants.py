@@ -33,6 +33,10 @@ def journal_command(journal: Path, work: str = "sleep 0.02", argv: bool = False)
     return ["/bin/sh", "-c", script] if argv else script
 
 
+# A shell-string command's SIGKILL of its owner (the supervisor): its wrapper's parent ($PPID is the wrapper).
+KILL_OWNER = "kill -9 $(awk '/^PPid:/ {print $2}' /proc/$PPID/status)"
+
+
 @dataclass
 class Span:
     task: str

@@ -4,6 +4,7 @@ aipm`), one that deletes the order's directory and puts it back."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import sys
 import pytest
 
 from conftest import no_workers, state, task_statuses, wait_for, write_task
-from invariants import check, group_alive, journal_command, pid_alive
+from invariants import KILL_OWNER, check, group_alive, journal_command, pid_alive
 
 
 def _git(root, *args):
@@ -472,7 +473,7 @@ def test_a_requeue_killed_between_its_two_writes_is_finished_by_recovery(project
 @pytest.mark.parametrize("outer", ["supervising", "killed", "setsid"])
 def test_a_run_a_worker_starts_of_its_own_order_does_not_wait_for_that_worker(project, outer):
     """The nested run waited for A, whose worker runs it (A IN_PROGRESS: the order is not finished), so A never
-    ended: a deadlock until A's timeout. With its supervisor killed first (`kill -9 $PPID`: the wrapper's parent),
+    ended: a deadlock until A's timeout. With its supervisor killed first (KILL_OWNER: the wrapper's parent),
     the nested run's recovery adopted A and waited for its own ancestor; A's timeout then made the nested run kill
     its own group, leaving A IN_PROGRESS. Started by `setsid` (out of the worker's session, still below it), the
     nested run took A for another owner's ('watch A: run by another aipm') and waited until A timed out, FAILED.
@@ -481,7 +482,7 @@ def test_a_run_a_worker_starts_of_its_own_order_does_not_wait_for_that_worker(pr
     order = project.order()
     journal = project.root / "journal.txt"
     nested = project.root / "nested.rc"
-    kill = {"killed": "kill -9 $PPID; ", "setsid": "setsid "}.get(outer, "")
+    kill = {"killed": f"{KILL_OWNER}; ", "setsid": "setsid "}.get(outer, "")
     # A's timeout only bounds the deadlock this test would otherwise leave behind: it is never reached with the fix.
     write_task(order, "A", target_files=["nested.rc"], timeout=90, command=journal_command(
         journal, f"{kill}{sys.executable} -m aipm --root {project.root} run ORD --no-resource-monitoring; "
@@ -749,3 +750,14 @@ def test_a_record_left_by_an_owner_killed_after_its_final_write_is_dropped_by_re
     assert "dropped the record of attempt 1" in project.aipm("recover", "ORD", check=True).stdout
     assert no_workers(project.root)
     assert project.aipm("ps", check=True).stdout.strip() == "no workers"
+
+
+def test_a_string_commands_parent_is_its_wrapper_so_kill_ppid_does_not_end_the_run(project):
+    """`kill $PPID` of a shell-string command (an agent meaning its own shell, or `kill -STOP $PPID`) reached the
+    supervisor: in the wrapper's subshell $PPID was the wrapper's parent, `aipm run` itself."""
+    write_task(project.order(), "T1", target_files=["ppid.txt"], command="echo $PPID > ppid.txt; kill $PPID")
+    run = project.aipm("run", "ORD", "--no-resource-monitoring")
+    assert run.returncode == 0, run.stdout + run.stderr
+    wrapper = re.search(r"start +T1 \(attempt 1, pid (\d+)\)", run.stdout).group(1)
+    assert (project.root / "ppid.txt").read_text().strip() == wrapper
+    assert task_statuses(project.order())["T1"] == "DONE"

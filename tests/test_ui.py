@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 
 from conftest import REPO, no_workers, snapshot, state, task_statuses, wait_for, write_task
-from invariants import group_alive, pid_alive
+from invariants import KILL_OWNER, group_alive, pid_alive
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -417,7 +417,7 @@ def test_a_worker_that_ended_after_its_supervisor_died_reads_as_waiting_for_its_
     its supervisor; `aipm recover` re-queues it', but recovery adopts such a worker and records its outcome (DONE),
     as run did: 'adopt    A (pid N): worker outlived its supervisor', 'finish   A → DONE (exit 0)'."""
     order = project.order()
-    write_task(order, "A", command="kill -9 $PPID; true", target_files=["a.txt"])  # $PPID: the detached owner
+    write_task(order, "A", command=f"{KILL_OWNER}; true", target_files=["a.txt"])
     project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
     (rec,) = wait_for(lambda: [w for w in project.json("ps")["workers"] if w["pid"] and not w["alive"]])
     (listed,) = project.json("status", "ORD")["tasks"]
