@@ -6,14 +6,19 @@ from __future__ import annotations
 import fcntl
 import itertools
 import os
+import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from aipm.liveness import read_small, stat_fields
+from aipm.lockholders import lock_holders
 from aipm.statedir import user_base
 
 _REMAKES = 100  # a state directory removed again each time it is made: give up, it is not a single `rm -rf`
+_LOOK_AFTER = 2.0  # seconds: a round holds the lock for milliseconds; waited for this long, its holder is looked at
 
 
 @contextmanager
@@ -39,7 +44,7 @@ def exclusive(path: Path) -> Iterator[None]:
                 os.mkdir(path.parent)
             continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            wait_for(fd, path, fcntl.LOCK_EX)
             held, now = os.fstat(fd), os.stat(path)
             if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
                 break
@@ -53,3 +58,40 @@ def exclusive(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)
+
+
+def wait_for(fd: int, path: Path, operation: int) -> None:
+    """flock(fd, operation), waiting in the kernel. Where the holder is a stopped process (an `aipm run` stopped by
+    Ctrl-Z, or SIGSTOP, inside a round) the wait has no end: once a wait has been long, one line on stderr names
+    it, and the wait goes on (the person stopped it, so only they may let it go on)."""
+    try:
+        fcntl.flock(fd, operation | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    taken = threading.Event()
+    threading.Thread(target=_say_if_stopped, args=(path, taken), daemon=True).start()
+    try:
+        fcntl.flock(fd, operation)
+    finally:
+        taken.set()
+
+
+def _say_if_stopped(path: Path, taken: threading.Event) -> None:
+    while not taken.wait(_LOOK_AFTER):
+        try:
+            inode = os.stat(path).st_ino
+        except OSError:
+            return
+        for pid in sorted(lock_holders({inode}, str(path)).get(inode, ())):
+            try:
+                if stat_fields(pid)[0] not in (b"T", b"t"):
+                    continue
+                argv = read_small(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue  # gone meanwhile: the lock is free or about to be
+            if not taken.is_set():
+                print(f"aipm: waiting for the launch lock, held by pid {pid} ({' '.join(argv.split())[:100]}), "
+                      f"which is stopped (Ctrl-Z or SIGSTOP): `fg` in its terminal, or `kill -CONT {pid}`, lets it "
+                      "go on", file=sys.stderr, flush=True)
+            return

@@ -28,7 +28,7 @@ from aipm import durable
 from aipm.errors import UserError
 from aipm.liveness import read_small, remembered
 
-from aipm.launchlock import exclusive
+from aipm.launchlock import exclusive, wait_for
 from aipm.statedir import make_state_dir, state_dir
 from aipm.record import Record
 from aipm.spares import Pool, fill, in_tree, pool
@@ -217,7 +217,7 @@ class Runtime:
             yield
             return
         try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
+            wait_for(fd, self._launch_lock, fcntl.LOCK_SH)
             yield
         finally:
             os.close(fd)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -442,3 +443,43 @@ def test_a_new_lock_file_in_place_of_a_removed_one_still_held_is_no_free_lock(tm
             os.close(fd)
     for fd in take(st, x):
         os.close(fd)
+
+
+# ---- the launch lock held by a stopped process -------------------------------------------------------------
+
+HELD_STOPPED = """
+import os, signal, sys
+from aipm.launchlock import exclusive
+from aipm.runtime import Runtime
+rt = Runtime(sys.argv[1])
+rt.ensure()
+with exclusive(rt.state / "launch.lock"):
+    print("held", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)  # an `aipm run` stopped by Ctrl-Z inside a round
+"""
+
+
+@pytest.mark.parametrize("command", [("cancel", "ORD/T"), ("run", "ORD", "--no-resource-monitoring")])
+def test_a_command_waiting_for_a_launch_lock_whose_holder_is_stopped_says_so_once_and_goes_on(project, command):
+    """cancel, retry, run... waited in silence for ever behind an `aipm run` stopped (Ctrl-Z, SIGSTOP) inside a
+    round: now one line names the holder and that it is stopped, and the wait goes on until it is let go."""
+    write_task(project.order(), "T", target_files=["a.txt"], command="true")
+    holder = subprocess.Popen([PY, "-c", HELD_STOPPED, str(project.root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        wait_for(lambda: open(f"/proc/{holder.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T")
+        err = project.root.parent / "err.txt"
+        with open(err, "w") as handle:
+            waiting = subprocess.Popen([PY, "-m", "aipm", "--root", str(project.root), *command],
+                                       stdout=subprocess.DEVNULL, stderr=handle)
+        said = f"aipm: waiting for the launch lock, held by pid {holder.pid} ("
+        wait_for(lambda: said in err.read_text())
+        assert waiting.poll() is None  # still waiting
+    finally:
+        holder.kill()  # (a stopped process dies of SIGKILL too): the lock is free
+        holder.wait()
+    assert waiting.wait(timeout=60) == 0, err.read_text()
+    (line,) = err.read_text().splitlines()
+    assert line.startswith(said) and line.endswith(f"which is stopped (Ctrl-Z or SIGSTOP): `fg` in its terminal, "
+                                                   f"or `kill -CONT {holder.pid}`, lets it go on"), line
+    assert task_statuses(project.order())["T"] == {"cancel": "CANCELLED", "run": "DONE"}[command[0]]
