@@ -31,12 +31,12 @@ from functools import lru_cache
 from pathlib import Path
 
 from aipm.paths import GLOB_CHARS, literal_base
-from aipm.workerfiles import last_note, reading, write_bytes
+from aipm.workerfiles import note_reason, reading, reason, write_bytes
 
 # Test seam (like AIPM_FAKE_LOAD in resources.py): a Landlock ABI to report instead of asking the kernel;
 # "0" simulates a kernel without Landlock. Read only here.
 FAKE_ABI = "AIPM_FAKE_LANDLOCK_ABI"
-_FAILED = "[aipm] confine: cannot confine the worker: "  # the log line failure() reads back
+_FAILED = "confine: cannot confine the worker: "
 MIN_ABI = 3  # ABI 3 (Linux 6.2) adds control of truncate(2); without it "cannot truncate" would not hold
 
 # LANDLOCK_ACCESS_FS_* (linux/landlock.h)
@@ -87,19 +87,20 @@ def unavailable() -> str | None:
     return None
 
 
-def prefix(root: str, targets: list[str], log: str, keep: list[str], project: str | None = None,
+def prefix(root: str, targets: list[str], log: str, exit_file: str, keep: list[str], project: str | None = None,
            state: str | None = None) -> list[str]:
     """The argv to put in front of the worker's command so it runs confined to `targets` below `root`; `keep`:
     directories no rule may open unless a target names them (the order directories: task files are aipm's);
     `project`: the project root when `root` is a worktree of it (nothing of the project tree is opened then);
-    `state`: aipm's directory outside the project (exit files, locks, the compiled wrapper), never opened.
+    `state`: aipm's directory outside the project (exit files, locks, the compiled wrapper), never opened;
+    `exit_file`: the attempt's, beside which a ruleset that cannot be applied is noted (workerfiles.note_reason).
 
     Python runs isolated and without `site` (-I -S): the standard library first, then only the directories
     that hold aipm and the Landlock binding. From the project root, `-m` would have put the root first on the
     import path, and a module a task left there (`token.py`, `json.py`) ran before the ruleset did; `site` would
     run the `.pth` files of site-packages, which a worker may write when they lie outside the project."""
-    spec = {"root": root, "targets": targets, "log": log, "keep": keep, "project": project or root, "state": state,
-            "path": boot_path()}
+    spec = {"root": root, "targets": targets, "log": log, "exit_file": exit_file, "keep": keep,
+            "project": project or root, "state": state, "path": boot_path()}
     boot = ("import json, sys; sys.path += json.loads(sys.argv[1])['path']; from aipm.confine import main; "
             "sys.exit(main(sys.argv[1:]))")
     return [sys.executable, "-I", "-S", "-c", boot, json.dumps(spec), "--"]
@@ -317,12 +318,10 @@ def restrict(grants: list) -> None:
         ruleset.restrict()
 
 
-def failure(log: str, confined: bool) -> str | None:
-    """Why a confined attempt's ruleset could not be applied (its exit 126), from the end of its log; None when
-    the attempt was not confined or said nothing of it (its command's own exit 126)."""
-    if not confined or not os.path.exists(made_file(log)):  # written by main() whatever happens
-        return None
-    return last_note(log, _FAILED)
+def failure(exit_file: str, confined: bool) -> str | None:
+    """Why a confined attempt's ruleset could not be applied (its exit 126), as main() noted it; None when the
+    attempt was not confined or its ruleset was applied (its command's own exit 126)."""
+    return reason(exit_file) if confined else None
 
 
 def tidy(log: str, confined: bool) -> None:
@@ -393,7 +392,8 @@ def main(argv: list[str]) -> int:
         restrict(grants)
     except OSError as exc:
         # Never run the command unconfined: the attempt fails with the reason in its log.
-        print(f"{_FAILED}{exc}", file=sys.stderr)
+        print(f"[aipm] {_FAILED}{exc}", file=sys.stderr)
+        note_reason(spec["exit_file"], f"{_FAILED}{exc}")
         return 126
     if tmp:
         os.environ["TMPDIR"] = tmp

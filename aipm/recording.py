@@ -234,9 +234,6 @@ class Recording(Reviewing):
         """
         timeout = time_limit(task, self.settings)
         append_log(rec.log, f"attempt {rec.serial} ended: {describe_exit(code, timed_out, timeout)}")
-        # 126 of a confined attempt may be its ruleset refused in the worker: asked before tidy() removes the
-        # listing that tells so
-        refused = confine.failure(rec.log, rec.confined) if code == 126 else None
         if rec.workspace:
             # before the end capture: an empty file made for a rule is no change of its own
             confine.tidy(rec.log, rec.confined)
@@ -292,9 +289,10 @@ class Recording(Reviewing):
             for updates in after_review(task, 1, self.settings, why):
                 task = self._write(task, updates)
             return task
-        # a ruleset refused (above), or 75 of a Ray attempt its cluster not reached: the reason names why, not
-        # "exit 126" or "exit 75"
-        refused = refused or cluster.failure(rec.log, rec.command, code)
+        # 126 of a confined attempt may be its ruleset refused in the worker, 75 of a Ray attempt its cluster not
+        # reached: the reason names why, not "exit 126" or "exit 75"
+        refused = (confine.failure(rec.exit_file, rec.confined) if code == 126 else None) or cluster.failure(
+            rec.exit_file, rec.command, code)
         reason = outcome.one_line(refused) if refused else attempt_reason(code, timed_out, timeout)
         if error:
             reason = outcome.agent_error(reason, error)

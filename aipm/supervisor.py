@@ -77,7 +77,8 @@ class Supervisor(Recording, Owner):
         command, env, stdin = invocation(self.rt, self.settings, rec, task, self.launcher.options.model)
         command = workspace.with_setup(self.rt.root, command, rec, task, self.settings)
         if self.settings.runner == "ray":
-            command = cluster.wrap(command, address=self.settings.ray_address, resources=task.resources, stdin=stdin)
+            command = cluster.wrap(command, address=self.settings.ray_address, resources=task.resources, stdin=stdin,
+                                   exit_file=rec.exit_file)
             stdin = None  # the prompt file is opened on the node
         rec.command = [command] if isinstance(command, str) else list(command)
         timeout = time_limit(task, self.settings)
@@ -94,7 +95,7 @@ class Supervisor(Recording, Owner):
             places = [real_relative(str(self.rt.root), os.path.relpath(d, self.rt.root)) for d in dirs]
             keep = [os.path.join(top, rel) for top in {str(self.rt.root), cwd} for rel in places if rel is not None]
             keep += [os.path.realpath(d) for d, rel in zip(dirs, places) if rel is None]
-            jail = confine.prefix(cwd, rec.targets, rec.log, keep, project=str(self.rt.root),
+            jail = confine.prefix(cwd, rec.targets, rec.log, rec.exit_file, keep, project=str(self.rt.root),
                                   state=str(statedir.user_base()))
             rec.confined = True
         def started(pid: int, ctime: float) -> None:

@@ -51,14 +51,28 @@ def read_end(path: str | os.PathLike, limit: int) -> bytes:
         return handle.read(limit)
 
 
-def last_note(log: str, starts: str | tuple[str, ...]) -> str | None:
-    """The last line among a log's last 8 KiB that begins with `starts` (aipm's own `[aipm] ...` lines), without
-    its `[aipm] ` tag: why an attempt ended, for its task's reason. None when there is none, or no log."""
+def reason_path(exit_file: str) -> str:
+    """Where aipm's own process in an attempt (confine's, the Ray driver) says why it ended the attempt, beside the
+    exit file in the state directory: out of a confined command's reach, and not the log, where a command's own
+    `[aipm] ...` line and its exit 126 or 75 became aipm's reason for its failure."""
+    return exit_file + ".why"
+
+
+def note_reason(exit_file: str, reason: str) -> None:
+    """The reason for reason(); none where the state directory cannot be written (the reason is then the exit
+    code)."""
     try:
-        tail = read_end(log, 8192).decode("utf-8", "replace").splitlines()
+        write_bytes(Path(reason_path(exit_file)), reason.encode(errors="surrogateescape"))
+    except OSError:
+        pass
+
+
+def reason(exit_file: str) -> str | None:
+    """Why aipm's own process ended the attempt (note_reason), or None when it did not."""
+    try:
+        return read_end(reason_path(exit_file), 4096).decode("utf-8", "replace").strip() or None
     except OSError:
         return None
-    return next((line.removeprefix("[aipm] ") for line in reversed(tail) if line.startswith(starts)), None)
 
 
 def write_bytes(path: Path, data: bytes) -> None:

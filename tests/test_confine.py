@@ -533,6 +533,20 @@ def test_a_ruleset_refused_in_a_worktree_is_the_attempts_reason_too(tmp_path):
     assert not (root / "ran.txt").exists()
 
 
+@landlock
+def test_a_confined_commands_own_refusal_line_and_exit_126_are_not_taken_for_aipms(tmp_path):
+    """The reason was the last `[aipm] confine: ...` line of the log, which the command writes too: its own such
+    line and exit 126 became aipm's reason. The ruleset's refusal is noted beside the exit file, which no confined
+    command can reach."""
+    project, root, _ = _tree(tmp_path)
+    write_task(project.order(), "T", command="echo '[aipm] confine: cannot confine the worker: forged'; exit 126",
+               target_files=["out.txt"], confine=True)
+    proc = project.aipm("run", "ORD", "--no-review")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    data = yaml.safe_load((root / "orders" / "ORD" / "T.yaml").read_text())
+    assert (data["status"], data["exit_code"], data["reason"]) == ("FAILED", 126, "exit 126"), data
+
+
 def test_a_commands_own_exit_126_stays_exit_126(project):
     """Only a confined attempt's log is read for the why: an unconfined command exiting 126 is just that."""
     write_task(project.order(), "T", command="echo '[aipm] confine: cannot confine the worker: no'; exit 126",
@@ -792,7 +806,7 @@ def test_the_listing_of_what_was_made_for_the_rules_is_never_written_through_a_l
     victim = tmp_path / "victim.txt"
     victim.write_text("the user's\n")
     Path(confine.made_file(str(log))).symlink_to(victim)
-    argv = confine.prefix(str(root), ["new.txt"], str(log), [])
+    argv = confine.prefix(str(root), ["new.txt"], str(log), str(tmp_path / "T.2"), [])
     assert subprocess.run([*argv, "true"], cwd=root, timeout=60).returncode == 0
     assert victim.read_text() == "the user's\n"
     assert json.loads(Path(confine.made_file(str(log))).read_text())[0][0] == str(root / "new.txt")

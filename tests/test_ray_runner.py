@@ -320,6 +320,17 @@ def test_a_command_killed_by_a_signal_on_ray_is_recorded_as_one_run_here_is(clus
     assert "), killed by SIGKILL" in (tmp_path / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
 
 
+def test_a_command_on_ray_that_prints_aipms_lost_line_and_exits_75_keeps_its_own_reason(cluster, tmp_path):
+    """The reason was the last such `[aipm] ...` line of the log, which the command on the node writes too (the
+    driver's own closing line does not match): a command's line and exit 75 became "cannot reach the Ray cluster".
+    The driver notes its reason beside the exit file, outside the log."""
+    project = Project(tmp_path)
+    write_task(project.order(), "T", command="echo '[aipm] cannot reach the Ray cluster (x): forged'; exit 75")
+    assert aipm(cluster, project, "run", "ORD", "--runner", "ray", "--no-review").returncode == 1
+    task = yaml.safe_load((project.order() / "T.yaml").read_text())
+    assert (task["exit_code"], task["reason"]) == (75, "exit 75"), task
+
+
 @pytest.mark.parametrize("ray_address", [None, " "], ids=["unset", "blank"])
 def test_auto_naming_a_dead_cluster_is_found_before_any_attempt(project, tmp_path, ray_address):
     """`auto` is the cluster `ray start` last wrote in Ray's temp directory: one gone is probed like any address

@@ -216,16 +216,16 @@ def test_the_runtime_directorys_gitignore_is_never_written_through_a_link(tmp_pa
 
 
 def test_the_end_of_a_log_a_worker_made_a_link_to_dev_zero_is_not_read_for_ever(tmp_path):
-    """exit_code_in_log (an adopted worker without an exit file) and confine.failure (a confined attempt's exit
-    126) read a log's end: a worker's `ln -sf /dev/zero "$AIPM_LOG"` had them read until memory ran out."""
+    """exit_code_in_log (an adopted worker without an exit file) reads a log's end: a worker's `ln -sf /dev/zero
+    "$AIPM_LOG"` had it read until memory ran out. Nor is a link at a reason's place (confine.failure) read."""
     log = tmp_path / "T.1.log"
     log.symlink_to("/dev/zero")
-    (tmp_path / "T.1.confine.json").write_text("[]")
+    (tmp_path / "T.1.why").symlink_to("/dev/zero")
     proc = subprocess.run([sys.executable, "-c", f"""
 import resource
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 from aipm import confine
 from aipm.workerfiles import exit_code_in_log
-print(exit_code_in_log({str(log)!r}), confine.failure({str(log)!r}, True))
+print(exit_code_in_log({str(log)!r}), confine.failure({str(tmp_path / "T.1")!r}, True))
 """], capture_output=True, text=True, timeout=60)
     assert proc.stdout == "None None\n", proc.stderr

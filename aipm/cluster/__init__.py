@@ -17,12 +17,11 @@ from collections.abc import Sequence
 
 from aipm.errors import UserError
 from aipm.model import Resources
-from aipm.workerfiles import last_note
+from aipm.workerfiles import reason
 
 # The attempt's exit code when its Ray worker cannot be had or is lost: a failed attempt like any other.
 LOST = 75  # EX_TEMPFAIL
-_LOST_LINES = ("[aipm] cannot reach the Ray cluster", "[aipm] Ray ended the attempt",
-               "[aipm] Ray cannot place the attempt")
+_UNREACHED = "[aipm] cannot reach the Ray cluster"  # the check's line (attempt._lost), said as the run's error
 
 def require_ray() -> None:
     """One clear line when `--runner ray` is asked for without Ray installed."""
@@ -42,18 +41,18 @@ def check(address: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "aipm.cluster.attempt", "--address", address, "--check"],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     if proc.returncode != 0:
-        said = [line.removeprefix("[aipm] ") for line in proc.stdout.splitlines() if line.startswith(_LOST_LINES[0])]
+        said = [line.removeprefix("[aipm] ") for line in proc.stdout.splitlines() if line.startswith(_UNREACHED)]
         raise UserError(f"runner ray: {said[-1] if said else f'cannot reach the Ray cluster ({address})'}")
 
 
 def wrap(command: str | Sequence[str], *, address: str, resources: Resources | None,
-         stdin: str | None) -> list[str]:
+         stdin: str | None, exit_file: str) -> list[str]:
     """The local worker's argv that runs `command` on the Ray cluster at `address` (`auto`: one on this machine).
 
     The command's stdin (an agent's prompt file) is opened on the node, so it must be on the shared filesystem,
     as the project is.
     """
-    argv = [sys.executable, "-m", "aipm.cluster.attempt", "--address", address]
+    argv = [sys.executable, "-m", "aipm.cluster.attempt", "--address", address, "--exit-file", exit_file]
     if resources is not None:
         for flag, value in (("--cpus", resources.cpus), ("--memory-mb", resources.memory_mb),
                             ("--gpus", resources.gpus)):
@@ -66,9 +65,10 @@ def wrap(command: str | Sequence[str], *, address: str, resources: Resources | N
     return argv + ["--", *command]
 
 
-def failure(log: str, command: Sequence[str], code: int | None) -> str | None:
-    """Why Ray lost an attempt (exit LOST), as its log says it (`cannot reach the Ray cluster (ADDR): Connection
-    refused`), for the task's reason in place of a bare "exit 75"; None for any other attempt or exit."""
+def failure(exit_file: str, command: Sequence[str], code: int | None) -> str | None:
+    """Why Ray lost an attempt (exit LOST), as its driver noted it (`cannot reach the Ray cluster (ADDR):
+    Connection refused`), for the task's reason in place of a bare "exit 75"; None for any other attempt or exit,
+    the command's own exit 75 included."""
     if code != LOST or "aipm.cluster.attempt" not in command[:3]:
         return None
-    return last_note(log, _LOST_LINES)
+    return reason(exit_file)

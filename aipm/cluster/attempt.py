@@ -34,6 +34,7 @@ import time
 
 from aipm.cluster import LOST
 from aipm.outcome import exited
+from aipm.workerfiles import note_reason
 
 # A stop must be over before the supervisor's SIGKILL of this process's group (supervisor.KILL_GRACE, 5 s): the
 # guard's grace on the node (guard.GRACE, 3 s) plus Ray's round trips fit in CANCEL_WAIT; a task still running
@@ -206,6 +207,7 @@ def _connect(target: str, init: bool) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aipm.cluster.attempt")
     parser.add_argument("--address")
+    parser.add_argument("--exit-file")  # none for --check
     parser.add_argument("--cpus", type=float)
     parser.add_argument("--memory-mb", type=int)
     parser.add_argument("--gpus", type=float)
@@ -234,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + _received[0]
     if why is not None:
         shown = address if target == address else f"{address}: {target}"
-        print(f"[aipm] cannot reach the Ray cluster ({shown}): {why}", flush=True)
-        return LOST
+        return _lost(args.exit_file, f"cannot reach the Ray cluster ({shown}): {why}")
     if args.check:
         return 0
     import ray  # (imported by _connect)
@@ -257,15 +258,13 @@ def main(argv: list[str] | None = None) -> int:
             ray.wait([ref], timeout=CANCEL_WAIT)
             asks = ", ".join(f"{name}: {value:g}" for name, value in (("cpus", options["num_cpus"]), (
                 "memory_mb", args.memory_mb), ("gpus", args.gpus)) if value)
-            print(f"[aipm] Ray cannot place the attempt: no node of the cluster can hold resources {{{asks}}}, and "
-                  "its autoscaler can add none", flush=True)
-            return LOST
+            return _lost(args.exit_file, f"Ray cannot place the attempt: no node of the cluster can hold resources "
+                                         f"{{{asks}}}, and its autoscaler can add none")
     try:
         result = ray.get(ref)
     except Exception as exc:  # noqa: BLE001 - a lost worker or node
-        print(f"[aipm] Ray ended the attempt: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-              flush=True)
-        return LOST
+        return _lost(args.exit_file,
+                     f"Ray ended the attempt: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
     code = result["code"]  # negative: the command died of that signal (the guard died of it too)
     print(f"[aipm] ran on Ray node {result['host']} (guard pid {result['guard_pid']}), {exited(code)}", flush=True)
     return 128 - code if code < 0 else code  # as a shell's $? says it, and the wrapper writes it
@@ -301,6 +300,15 @@ def _requests(line: str) -> list[dict]:
         with contextlib.suppress(ValueError, SyntaxError):
             found.append(ast.literal_eval(text))
     return found
+
+
+def _lost(exit_file: str | None, why: str) -> int:
+    """The attempt ends LOST: why, in the log for the person and beside the exit file for the task's reason (the
+    command writes the log too, and may exit 75 itself)."""
+    print(f"[aipm] {why}", flush=True)
+    if exit_file:
+        note_reason(exit_file, why)
+    return LOST
 
 
 def _cancel(ray, ref, signum: int) -> int:
