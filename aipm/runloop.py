@@ -117,12 +117,12 @@ HELD_RECHECK = 5.0  # seconds: a lock held outside aipm may be released without 
 
 
 def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], inside: set[str],
-                   order_id: str, tell_inside: bool) -> tuple[bool, set[tuple[str, int]]]:
+                   order_id: str, tell_inside: bool) -> tuple[set[str], set[tuple[str, int]]]:
     """Watch other owners' live workers: their end may free files, a slot or a dependency.
 
     Watches workers, never their owners: another `run` lives until its order ends, and two runs watching each
-    other would wait forever. Returns whether a worker has ended but its owner is still recording the outcome,
-    and this order's records whose worker and owner are both gone (an owner killed before it started its
+    other would wait forever. Returns the keys of workers that have ended while their owner still records the
+    outcome, and this order's records whose worker and owner are both gone (an owner killed before it started its
     worker, or while it recorded): (task key, owner pid) each, for the caller to recover. A worker that runs us
     (`inside`: told once if `tell_inside`) is not waited for: this run ends with what it can do, and the order
     stays unfinished. `exec` waits for no other worker, so it has nothing to tell.
@@ -131,7 +131,7 @@ def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], in
     for key in foreign - present:
         sup.watcher.forget(key)
         foreign.discard(key)
-    finishing = False
+    finishing: set[str] = set()
     dead: set[tuple[str, int]] = set()
     for rec in records:
         if rec.key in sup.owned or rec.key in foreign or (rec.owner_pid, rec.owner_ctime) == sup.me:
@@ -145,19 +145,21 @@ def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], in
         if rec.pid and rec.worker_alive() and sup.watcher.watch_pid(rec.pid, rec.key):
             foreign.add(rec.key)
         elif rec.owner_alive():
-            finishing = True
+            finishing.add(rec.key)
         elif rec.order == order_id:
             dead.add((rec.key, rec.owner_pid))
     return finishing, dead
 
 
-def _others_matter(order: Order, foreign: set[str], finishing: bool) -> bool:
-    """Whether another owner's work is worth waiting for: a task of this order runs there, or a queued task of
-    this order may start once it ends (it may free files, a slot or a dependency). A run of an order that is
-    done waited for every other order's workers to end."""
-    if finishing or any(key.startswith(f"{order.id}/") for key in foreign):
-        return True  # (an outcome being recorded: it may be this order's)
-    return bool(foreign) and any(t.status == Status.QUEUED for t in order.tasks.values())
+def _others_matter(order: Order, others: set[str]) -> bool:
+    """Whether another owner's work (`others`: the keys of its workers that run, or have ended with their outcome
+    still being recorded) is worth waiting for: a task of this order is among it, or a queued task of this order
+    may start once it ends (it may free files, a slot or a dependency). A run of an order that is done waited for
+    every other order's workers to end, and for every other order's outcome being recorded: for ever, where that
+    owner was stopped (Ctrl-Z) with its worker ended."""
+    if any(key.startswith(f"{order.id}/") for key in others):
+        return True
+    return bool(others) and any(t.status == Status.QUEUED for t in order.tasks.values())
 
 
 def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None = None,
@@ -300,7 +302,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                                 and (rec.key in foreign or rec.owner_alive()) for rec in report.records)
                 if key not in sup.owned and only not in deferred and not elsewhere and key not in dict(orphaned):
                     break  # finished, failed for good, or never launchable (a busy machine is waited for, as by run)
-            elif not sup.owned and not _others_matter(order, foreign, finishing) and not deferred and not waiting \
+            elif not sup.owned and not _others_matter(order, foreign | finishing) and not deferred and not waiting \
                     and not orphaned and not fixing:
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
             ready = []

@@ -761,3 +761,33 @@ def test_a_string_commands_parent_is_its_wrapper_so_kill_ppid_does_not_end_the_r
     wrapper = re.search(r"start +T1 \(attempt 1, pid (\d+)\)", run.stdout).group(1)
     assert (project.root / "ppid.txt").read_text().strip() == wrapper
     assert task_statuses(project.order())["T1"] == "DONE"
+
+
+def _stopped_owner_with_its_worker_ended(project, gate, order):
+    """`aipm run ORDER` of one task stopped (Ctrl-Z) while its worker ran, and that worker ended since: its outcome
+    waits for the stopped owner. Returns the stopped run (SIGCONT it at the end)."""
+    write_task(project.order(order), "T1", target_files=["a.txt"],
+               command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    first = _start_run(project, order)
+    path = state(project.root) / "workers" / order / "T1.json"
+    rec = wait_for(lambda: path.exists() and json.loads(path.read_text()).get("pid") and json.loads(path.read_text()))
+    first.send_signal(signal.SIGSTOP)
+    wait_for(lambda: open(f"/proc/{first.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T")
+    gate.touch()
+    wait_for(lambda: not pid_alive(rec["pid"]))  # a zombie: its stopped owner cannot reap it
+    return first
+
+
+def test_a_finished_order_does_not_wait_for_another_orders_owner_that_is_stopped(project, gate):
+    """A run of an order that was done waited for any other order's outcome still being recorded: for ever, in
+    silence, where that owner (another `aipm run`) was stopped with its worker ended."""
+    first = _stopped_owner_with_its_worker_ended(project, gate, "Y")
+    try:
+        write_task(project.order("X"), "U1", target_files=["b.txt"], command="true")
+        run = project.aipm("run", "X", "--no-resource-monitoring", timeout=60)
+        assert run.returncode == 0, run.stdout + run.stderr
+        assert task_statuses(project.order("X")) == {"U1": "DONE"}
+    finally:
+        first.send_signal(signal.SIGCONT)
+        first.wait(timeout=60)
+    assert task_statuses(project.order("Y")) == {"T1": "DONE"}
