@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from aipm.liveness import read_small, stat_fields
+from aipm.liveness import read_small, stopped
 from aipm.lockholders import lock_holders
 from aipm.statedir import user_base
 
@@ -84,9 +84,9 @@ def _say_if_stopped(path: Path, taken: threading.Event) -> None:
         except OSError:
             return
         for pid in sorted(lock_holders({inode}, str(path)).get(inode, ())):
+            if not stopped(pid):
+                continue
             try:
-                if stat_fields(pid)[0] not in (b"T", b"t"):
-                    continue
                 argv = read_small(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace")
             except OSError:
                 continue  # gone meanwhile: the lock is free or about to be

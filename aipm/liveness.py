@@ -152,6 +152,14 @@ def ancestors() -> dict[int, float]:
     return found
 
 
+def stopped(pid: int) -> bool:
+    """The process is stopped (Ctrl-Z, SIGSTOP; or by a debugger): it does nothing until it is let go on."""
+    try:
+        return stat_fields(pid)[0] in (b"T", b"t")
+    except OSError:
+        return False
+
+
 def asleep_in_wait(pid: int) -> bytes | None:
     """While the process sleeps in wait() for a child (a shell running a command in the foreground) or in
     sigsuspend() (dash's `wait`), a token that stays the same as long as it sleeps on (its context switches: a

@@ -17,6 +17,7 @@ from contextlib import contextmanager, nullcontext
 import aipm
 from aipm import budget, handover, notify, preemption, recovery, runner, scope, writer
 from aipm.launcher import Launcher
+from aipm.liveness import stopped
 from aipm.model import FINISHED_OK, Order, Status, status_summary
 from aipm.record import Record
 from aipm.supervisor import RECORDS, RECORDS_RECHECK, Emit, Supervisor
@@ -116,16 +117,18 @@ FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker
 HELD_RECHECK = 5.0  # seconds: a lock held outside aipm may be released without its holder exiting
 
 
-def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], inside: set[str],
-                   order_id: str, tell_inside: bool) -> tuple[set[str], set[tuple[str, int]]]:
+def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], inside: set[str], held: set[str],
+                   order_id: str, only: str | None) -> tuple[set[str], set[tuple[str, int]]]:
     """Watch other owners' live workers: their end may free files, a slot or a dependency.
 
     Watches workers, never their owners: another `run` lives until its order ends, and two runs watching each
     other would wait forever. Returns the keys of workers that have ended while their owner still records the
     outcome, and this order's records whose worker and owner are both gone (an owner killed before it started its
     worker, or while it recorded): (task key, owner pid) each, for the caller to recover. A worker that runs us
-    (`inside`: told once if `tell_inside`) is not waited for: this run ends with what it can do, and the order
-    stays unfinished. `exec` waits for no other worker, so it has nothing to tell.
+    (`inside`: told once) is not waited for: this run ends with what it can do, and the order stays unfinished.
+    `exec` (`only`: its task) waits for no other worker, so it has nothing to tell. This order's outcomes whose
+    owner is stopped (`held`: told once each; for exec, its task's) are said: the wait for them lasts until that
+    owner is let go on.
     """
     present = {rec.key for rec in records}
     for key in foreign - present:
@@ -139,13 +142,19 @@ def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], in
         if rec.encloses_us():  # a worker ran this `aipm run`: it cannot end before we do
             if rec.key not in inside:
                 inside.add(rec.key)
-                if tell_inside:
+                if not only:
                     sup.outbox.append({"event": "enclosing", "task": rec.key, "pid": rec.pid})
             continue
         if rec.pid and rec.worker_alive() and sup.watcher.watch_pid(rec.pid, rec.key):
             foreign.add(rec.key)
         elif rec.owner_alive():
             finishing.add(rec.key)
+            if rec.order == order_id and only in (None, rec.task) and rec.key not in held and stopped(rec.owner_pid):
+                held.add(rec.key)
+                sup.outbox.append({"event": "waiting", "task": rec.task, "pids": [rec.owner_pid], "detail": (
+                    f"its worker has ended, and its owner (another aipm, pid {rec.owner_pid}) is stopped (Ctrl-Z or "
+                    f"SIGSTOP): it records the outcome once it goes on (`fg` in its terminal, or `kill -CONT "
+                    f"{rec.owner_pid}`); this run waits for that")})
         elif rec.order == order_id:
             dead.add((rec.key, rec.owner_pid))
     return finishing, dead
@@ -192,6 +201,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     holders: set[int] = set()  # pids holding locks outside aipm that tasks wait for (watched: their exit wakes us)
     waiting_before: list[tuple[str, str]] = []
     watched: set[str] = set()  # this order's tasks run by another owner, already said
+    held: set[str] = set()  # this order's outcomes that a stopped owner holds, already said
     deferred_before: list[tuple[str, str]] = []  # (task, reason) of the last deferral said
     failed_told: dict[str, tuple] = {}  # task → the launch error last emitted for it, and the launch it followed
     recover = True  # at start, and whenever another owner's process ends (it may have died)
@@ -282,7 +292,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             for pid in {p for b in waiting for p in b.pids} - holders:
                 if sup.watcher.watch_pid(pid, ("holder", pid)):
                     holders.add(pid)
-            finishing, dead = _watch_foreign(sup, report.records, foreign, inside, order.id, tell_inside=not only)
+            finishing, dead = _watch_foreign(sup, report.records, foreign, inside, held, order.id, only)
             # This order's tasks a live other owner runs (not a worker we could not adopt), said once each, or a run
             # that only waits for them prints nothing until the end; exec says only its own task.
             theirs = {rec.task for rec in report.records if rec.key in foreign and rec.order == order.id

@@ -791,3 +791,27 @@ def test_a_finished_order_does_not_wait_for_another_orders_owner_that_is_stopped
         first.send_signal(signal.SIGCONT)
         first.wait(timeout=60)
     assert task_statuses(project.order("Y")) == {"T1": "DONE"}
+
+
+@pytest.mark.parametrize("command", ["run", "exec"])
+def test_a_run_waiting_for_an_outcome_its_stopped_owner_holds_says_so_once(project, gate, command):
+    """A second `aipm run` of the order (or `exec` of that task) waited in silence, for ever, for T1's outcome,
+    which its owner (stopped after T1's worker ended) holds. Now it says who holds it and that it is stopped, and
+    goes on once it is. An exec of another task, which does not wait for T1, says nothing of it."""
+    first = _stopped_owner_with_its_worker_ended(project, gate, "ORD")
+    write_task(project.order(), "T2", target_files=["b.txt"], command="true")
+    said = (f"wait     T1: its worker has ended, and its owner (another aipm, pid {first.pid}) is stopped "
+            "(Ctrl-Z or SIGSTOP)")
+    try:
+        if command == "exec":
+            other = project.aipm("exec", "ORD/T2", "--no-resource-monitoring", timeout=60)
+            assert other.returncode == 0 and said not in other.stdout, other.stdout + other.stderr
+        second, out = _started(project, *(["run", "ORD"] if command == "run" else ["exec", "ORD/T1"]))
+        wait_for(lambda: said in out.read_text())
+        assert second.poll() is None  # still waiting
+    finally:
+        first.send_signal(signal.SIGCONT)
+        first.wait(timeout=60)
+    assert second.wait(timeout=60) == 0, out.read_text()
+    assert out.read_text().count(said) == 1, out.read_text()
+    assert task_statuses(project.order()) == {"T1": "DONE", "T2": "DONE"}
