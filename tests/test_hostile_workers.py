@@ -815,3 +815,23 @@ def test_a_run_waiting_for_an_outcome_its_stopped_owner_holds_says_so_once(proje
     assert second.wait(timeout=60) == 0, out.read_text()
     assert out.read_text().count(said) == 1, out.read_text()
     assert task_statuses(project.order()) == {"T1": "DONE", "T2": "DONE"}
+
+
+def test_logs_f_of_an_attempt_whose_stopped_owner_holds_its_end_says_so_once(project, gate):
+    """`aipm logs -f` followed T1 in silence, for ever, after its worker had ended: its owner was stopped before
+    recording the outcome. Now it says so on stderr, and ends once the owner goes on."""
+    first = _stopped_owner_with_its_worker_ended(project, gate, "ORD")
+    err = project.root.parent / "logs.err"
+    try:
+        with open(err, "w") as handle:
+            follow = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "-f",
+                                       "ORD/T1"], stdout=subprocess.DEVNULL, stderr=handle)
+        said = (f"aipm: ORD/T1: its worker has ended, and its owner (pid {first.pid}) is stopped (Ctrl-Z or "
+                "SIGSTOP)")
+        wait_for(lambda: said in err.read_text())
+        assert follow.poll() is None  # still following
+    finally:
+        first.send_signal(signal.SIGCONT)
+        first.wait(timeout=60)
+    assert follow.wait(timeout=60) == 0, err.read_text()
+    assert err.read_text().count(said) == 1, err.read_text()

@@ -19,6 +19,7 @@ from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
 from aipm import logbook, recovery, steering, subreaper
 from aipm.launcher import Launcher, Options
+from aipm.liveness import stopped
 from aipm.locks import node_file
 from aipm.paths import lock_prefix, normalize
 from aipm.project import AmbiguousOrder, find_task
@@ -235,7 +236,9 @@ def _log(path):
 
 
 def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: bool) -> None:
-    """Print the log open in `handle`; with `follow`, keep printing what is appended while its attempt runs."""
+    """Print the log open in `handle`; with `follow`, keep printing what is appended while its attempt runs.
+    An owner stopped (Ctrl-Z) after its worker ended holds the attempt's end until it goes on: said once."""
+    told = False
     while True:
         chunk = handle.read(65536)
         if chunk:
@@ -246,6 +249,11 @@ def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: boo
             return
         rec = rt.read_record(order_id, task_id)
         if rec is not None and _same(rec.log, handle.name) and not recovery.left_behind(rec, rt):
+            if not told and not rec.worker_alive() and rec.owner_alive() and stopped(rec.owner_pid):
+                told = True
+                print(f"aipm: {order_id}/{task_id}: its worker has ended, and its owner (pid {rec.owner_pid}) is "
+                      "stopped (Ctrl-Z or SIGSTOP): the attempt ends once it goes on (`fg` in its terminal, or "
+                      f"`kill -CONT {rec.owner_pid}`)", file=sys.stderr, flush=True)
             time.sleep(0.25)  # tail -f style: the reader is a human, a quarter second is plenty
             continue
         # The attempt ended. Its owner records the outcome and starts the next attempt in one step under the
