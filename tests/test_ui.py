@@ -533,3 +533,26 @@ def test_a_tasks_log_sends_its_newest_attempts_only_as_far_as_a_budget(project, 
     assert len(body) < 8 << 20, len(body)  # 1 MiB of NULs, as JSON writes them (\u0000): 6 MiB
     assert [log["name"] for log in shown["logs"]] == [f"A.{n}.log" for n in range(37, 41)]
     assert shown["omitted"] == 36
+
+
+def test_a_directory_named_in_bytes_that_are_not_utf8_leaves_the_board_readable(project, dashboard):
+    """A directory under orders/ whose name is not UTF-8 (a worker's `mkdir $'orders/B\\xffD'`, an archive's
+    Latin-1 names) is read as surrogates, which Starlette's JSON could not encode: /api/board was a 500 and a
+    traceback, for every order. It shows as the event stream shows it, the name escaped, with its error."""
+    write_task(project.order(), "A", command="true")
+    odd = os.path.join(os.fsencode(project.root / "orders"), b"B\xffD")
+    os.mkdir(odd)
+    write_task(project.root / "orders" / os.fsdecode(odd), "X", command="true")
+    base, token = base_and_token(dashboard)
+    try:
+        with urllib.request.urlopen(f"{base}/api/board?token={token}", timeout=60) as response:
+            board = json.loads(response.read())
+        shown = {order["id"]: order for order in board["orders"]}
+        assert [t["status"] for t in shown["ORD"]["tasks"]] == ["QUEUED"]
+        assert "not a usable order id" in shown["B\udcffD"]["error"]
+        # A request naming such an order is refused in JSON too (its error quotes the name).
+        body = json.dumps({"order": "B\udcffD", "task": "X"}).encode()
+        assert status_code(f"{base}/api/cancel", "POST",
+                           {"Content-Type": "application/json", "X-Aipm-Token": token}, body) == 409
+    finally:
+        shutil.rmtree(odd)  # conftest's clean-up takes every directory for a project root, and no root can be so named

@@ -34,7 +34,7 @@ from aipm.logbook import attempt_logs
 from aipm.project import Project
 from aipm.settings import Settings
 from aipm.store import order_meta, task_names
-from aipm.ui.stream import LIVE_BYTES, Hub, LiveLog, Stream, sse
+from aipm.ui.stream import LIVE_BYTES, Hub, LiveLog, Stream, as_json, sse
 from aipm.workerfiles import reading
 
 TOKEN_HEADER = b"x-aipm-token"
@@ -64,6 +64,14 @@ SECURITY_HEADERS = [
                                  b"style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:; "
                                  b"base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
 ]
+
+
+class JSON(JSONResponse):
+    """Starlette's encodes to UTF-8, which a directory named in other bytes (surrogates) made a 500 for the whole
+    board."""
+
+    def render(self, content) -> bytes:
+        return as_json(content).encode()
 
 
 class Guard:
@@ -143,7 +151,7 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
         return HTMLResponse(PAGE)  # the text SECURITY_HEADERS hashed
 
     async def board_json(request: Request):
-        return JSONResponse(await run_in_threadpool(board))
+        return JSON(await run_in_threadpool(board))
 
     def task_log(order_id: str, task_id: str) -> dict:
         order_dir, task_id = find(order_id, task_id)
@@ -170,10 +178,10 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
 
     async def log_json(request: Request):
         try:
-            return JSONResponse(await run_in_threadpool(
+            return JSON(await run_in_threadpool(
                 task_log, request.query_params.get("order", ""), request.query_params.get("task", "")))
         except UserError as exc:
-            return JSONResponse({"error": str(exc)}, 404)
+            return JSON({"error": str(exc)}, 404)
 
     def steer(action):
         async def endpoint(request: Request):
@@ -187,10 +195,10 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
                 order_dir, task_id = await run_in_threadpool(find, str(body["order"]), str(body["task"]))
                 said = await run_in_threadpool(action, project, order_dir, task_id)
             except (ValueError, KeyError, TypeError, RecursionError):
-                return JSONResponse({"error": "expected JSON {\"order\": ..., \"task\": ...}"}, 400)
+                return JSON({"error": "expected JSON {\"order\": ..., \"task\": ...}"}, 400)
             except UserError as exc:
-                return JSONResponse({"error": str(exc)}, 409)
-            return JSONResponse({"ok": True, **({"note": said} if isinstance(said, str) else {})})
+                return JSON({"error": str(exc)}, 409)
+            return JSON({"ok": True, **({"note": said} if isinstance(said, str) else {})})
         return endpoint
 
     async def events(request: Request):

@@ -157,5 +157,11 @@ class LiveLog:
         return [{"order": log.order, "task": log.task, "line": line} for line in self.tail.read(path, skip=skip)]
 
 
+def as_json(data) -> str:
+    """ASCII JSON, for the stream and the API alike: a name that is not UTF-8 (an order directory's, read as
+    surrogates) comes out escaped, where encoding it to UTF-8 failed."""
+    return json.dumps(data, separators=(",", ":"), default=str)
+
+
 def sse(event: str, data) -> str:
-    return f"event: {event}\ndata: {json.dumps(data, separators=(',', ':'), default=str)}\n\n"
+    return f"event: {event}\ndata: {as_json(data)}\n\n"
