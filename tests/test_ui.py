@@ -556,3 +556,43 @@ def test_a_directory_named_in_bytes_that_are_not_utf8_leaves_the_board_readable(
                            {"Content-Type": "application/json", "X-Aipm-Token": token}, body) == 409
     finally:
         shutil.rmtree(odd)  # conftest's clean-up takes every directory for a project root, and no root can be so named
+
+
+def test_seven_tabs_each_load_and_fetch_a_log_and_hear_changes(project, dashboard, browser, gate):
+    """A browser opens at most six connections to one server, and each tab's event stream held one for good: the
+    seventh tab never loaded, and in six a click on a task id (its log) or a cancel waited for ever. One tab now
+    holds the stream and passes it on to the others; when it closes, another takes it over."""
+    order = project.order()
+    write_task(order, "W", target_files=["w"], command=f"echo hello from W; while [ ! -e {gate} ]; do sleep 0.05; done")
+    project.aipm("launch", "ORD", check=True)
+    waited = browser.timeouts.page_load
+    browser.set_page_load_timeout(60)  # a tab that cannot load fails the test, not the rest of the module's
+    tabs = []
+    try:
+        for n in range(7):
+            if n:
+                browser.switch_to.new_window("tab")
+            tabs.append(browser.current_window_handle)
+            browser.get(dashboard)
+            wait_for(lambda: row_status(browser, "ORD/W") == "IN_PROGRESS")
+        # The last tab opened, fed by the first: the merged log's line once, and a task's log on click.
+        wait_for(lambda: browser.find_element("id", "merged").text.count("hello from W") == 1)
+        click(browser, "tr[data-task='ORD/W'] td.id a")
+        wait_for(lambda: "hello from W" in browser.find_element("id", "tasklog").text)
+        write_task(order, "B", command="true")
+        browser.switch_to.window(tabs[3])
+        wait_for(lambda: row_status(browser, "ORD/B") == "QUEUED")
+        browser.switch_to.window(tabs[0])  # the tab that holds the stream
+        browser.close()
+        browser.switch_to.window(tabs[5])
+        write_task(order, "C", command="true")
+        wait_for(lambda: row_status(browser, "ORD/C") == "QUEUED")
+    finally:
+        for handle in tabs[1:]:  # the module's browser keeps one window
+            if len(browser.window_handles) > 1:
+                browser.switch_to.window(handle)
+                browser.close()
+        browser.switch_to.window(browser.window_handles[0])
+        browser.set_page_load_timeout(waited)
+    gate.touch()
+    wait_for(lambda: no_workers(project.root))
