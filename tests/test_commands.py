@@ -628,6 +628,18 @@ def test_brackets_in_paths_and_help_are_shown_not_taken_for_markup(project):
     assert "pip install 'aipm[ui]'" in project.aipm("ui", "--help", check=True).stdout
 
 
+@pytest.mark.parametrize("title", ["fix the [/] parser", "[bug] lost lines", "[link=https://example.com]docs[/link]"])
+def test_an_order_title_with_brackets_is_shown_as_written(project, title):
+    """status put order.yaml's title into the table's title as markup: '[/]' ended it in a MarkupError traceback
+    (exit 1, no table), '[bug]' vanished, and a '[link=...]' made the title a terminal hyperlink to its URL."""
+    order = project.order()
+    (order / "order.yaml").write_text(f"id: ORD\ntitle: {json.dumps(title)}\n")
+    write_task(order, "A", command="true")
+    proc = project.aipm("status", "ORD", "--wide", env={"COLUMNS": "200"})
+    assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+    assert f"Order ORD — {title}" in proc.stdout, proc.stdout
+
+
 def test_every_help_shows_flags_as_flags_without_a_type(project):
     """Typer's rich help gave every flag a `<bool>` type cell (`--json <bool>`), as if it took a value: a flag's
     row is its name and its help; an option that takes a value keeps its type."""

@@ -166,7 +166,7 @@ def status(
     from rich.table import Table
     from rich.text import Text
 
-    table = Table(title=f"Order {loaded.id}" + (f" — {loaded.title}" if loaded.title else ""))
+    table = Table(title=escape(f"Order {loaded.id}" + (f" — {loaded.title}" if loaded.title else "")))
     costs = any(t.cost_usd is not None or t.cost_unreported_usd for t in tasks) or limit is not None  # else dashes
     reasons = any(t.reason for t in tasks)  # else an empty column, taking the width the paths need
     columns = ["task", "status", "pri", "depends on", "target files", "tries", "reworks"]
