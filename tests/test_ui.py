@@ -596,3 +596,31 @@ def test_seven_tabs_each_load_and_fetch_a_log_and_hear_changes(project, dashboar
         browser.set_page_load_timeout(waited)
     gate.touch()
     wait_for(lambda: no_workers(project.root))
+
+
+def test_a_log_that_comes_after_another_task_was_clicked_is_not_shown_under_its_name(project, dashboard, browser):
+    """Click A (a big log, slow to come), then B: A's log, coming last, replaced B's under the name ORD/B."""
+    order = project.order()
+    logs = project.root / ".aipm" / "logs" / "ORD"
+    logs.mkdir(parents=True)
+    for tid in ("A", "B"):
+        write_task(order, tid, command="true")
+        (logs / f"{tid}.1.log").write_text(f"the log of {tid}\n")
+    browser.get(dashboard)
+    wait_for(lambda: row_status(browser, "ORD/B") == "QUEUED")
+    # A's answer is held until B's is shown: the order a slow log and a quick one come in.
+    browser.execute_script("""
+        const real = window.fetch;
+        let release;
+        const held = new Promise(resolve => release = resolve);
+        window.releaseA = release;
+        window.fetch = (url, ...rest) => String(url).includes("task=A") ? held.then(() => real(url, ...rest))
+                                                                        : real(url, ...rest);
+        showLog("ORD", "A").then(() => window.aDone = true);""")
+    click(browser, "tr[data-task='ORD/B'] td.id a")
+    wait_for(lambda: "the log of B" in browser.find_element("id", "tasklog").text)
+    browser.execute_script("window.releaseA()")
+    wait_for(lambda: browser.execute_script("return window.aDone"))
+    assert browser.find_element("id", "tasklog-name").text == "ORD/B"
+    assert "the log of B" in browser.find_element("id", "tasklog").text
+    assert "the log of A" not in browser.find_element("id", "tasklog").text
