@@ -624,3 +624,38 @@ def test_a_log_that_comes_after_another_task_was_clicked_is_not_shown_under_its_
     assert browser.find_element("id", "tasklog-name").text == "ORD/B"
     assert "the log of B" in browser.find_element("id", "tasklog").text
     assert "the log of A" not in browser.find_element("id", "tasklog").text
+
+
+def test_one_change_is_one_read_of_the_board_however_many_pages_are_open(project, dashboard):
+    """Each open page's stream read the whole board for itself at every change: 30 pages (or scripts following
+    /events) and 80 tasks made each change 0.7 s of CPU. Counted here as the dashboard's opens of a task file
+    (inotify IN_OPEN): one change, seen by one page and by six, is as many reads."""
+    from aipm.inotify import DirWatch
+
+    order = project.order()
+    write_task(order, "A", command="true")
+    stage = project.root / "stage"  # no directory the dashboard watches: a file made there is no change
+    stage.mkdir()
+    base, token = base_and_token(dashboard)
+    opens = DirWatch.open(str(order), 0x020)  # IN_OPEN
+
+    def reads_of_a_change(pages: int, task: str) -> int:
+        streams = [urllib.request.urlopen(f"{base}/events?token={token}", timeout=60) for _ in range(pages)]
+        for events in streams:  # each has its first board, read before the change
+            assert events.readline() == b"event: board\n"
+            events.readline()
+        opens.changed()
+        new = write_task(stage, task, command="true")  # moved in: one event, one change
+        os.rename(new, order / new.name)
+        for events in streams:
+            while f'"id":"{task}"'.encode() not in events.readline():
+                pass
+            events.close()
+        return sum(name == "A.yaml" for _, name in opens.events())
+
+    try:
+        alone = reads_of_a_change(1, "B")
+        assert alone >= 1
+        assert reads_of_a_change(6, "C") == alone
+    finally:
+        opens.close()

@@ -215,7 +215,10 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
                 while True:
                     if stream.board:
                         stream.board = False
-                        current = await run_in_threadpool(board)
+                        # A page's first board is read for it: what no change signals (a lock taken outside aipm)
+                        # shows on a reload.
+                        current = await (hub.board(lambda: run_in_threadpool(board)) if sent is not None
+                                         else run_in_threadpool(board))
                         if current != sent:
                             sent = current
                             yield sse("board", current)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from aipm.changes import ProjectWatch
@@ -57,6 +58,8 @@ class Hub:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._pidfds: dict[tuple[int, float], int] = {}  # (pid, start time) of a worker or owner -> its pidfd
         self.stopping = False  # the server is shutting down: every stream ends
+        self.changes = 0  # of the board, counted: a read begun after the latest serves every stream it woke
+        self._read: tuple[int, asyncio.Future] | None = None  # (changes, the board read of them)
 
     def stop(self) -> None:
         """From the server's signal handler (Ctrl-C): end the open streams now, so the shutdown need not cancel
@@ -78,6 +81,7 @@ class Hub:
         self._wake(board, logs)
 
     def _wake(self, board: bool, logs: set[Path]) -> None:
+        self.changes += board
         for stream in self.streams:
             stream.board |= board
             stream.logs |= logs
@@ -118,10 +122,18 @@ class Hub:
         except asyncio.TimeoutError:
             if self.watch is None:
                 stream.board = True
+                self.changes += 1  # nothing says what changed: read again
                 return True
             return False
         stream.wake.clear()
         return True
+
+    async def board(self, read: Callable[[], Awaitable[dict]]) -> dict:
+        """The board as of the latest change: one read(), however many streams that change woke (each stream
+        read its own, so 30 open pages made each change 30 reads of every task file)."""
+        if self._read is None or self._read[0] != self.changes:
+            self._read = (self.changes, asyncio.ensure_future(read()))
+        return await asyncio.shield(self._read[1])  # a page that leaves does not cancel the others' read
 
     def close(self) -> None:
         if self.watch is not None:
