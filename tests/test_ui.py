@@ -659,3 +659,32 @@ def test_one_change_is_one_read_of_the_board_however_many_pages_are_open(project
         assert reads_of_a_change(6, "C") == alone
     finally:
         opens.close()
+
+
+def test_ctrl_c_while_a_cancel_stops_its_worker_lets_the_cancel_answer(project):
+    """A cancel waits for its worker's group to stop (SIGKILL 5 s after a SIGTERM it ignores): Ctrl-C meanwhile cut
+    the request after a 1 s grace, with a CancelledError traceback on the terminal and a 500 for the page, though
+    the cancel went on to the end."""
+    import threading
+
+    order = project.order()
+    write_task(order, "A", command="trap '' TERM; while true; do sleep 0.05; done", target_files=["a"])
+    project.aipm("launch", "ORD", check=True)
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false", AIPM_UI_KEEPALIVE="3600")
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "ui", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    base, token = base_and_token(proc.stdout.readline().strip())
+    answer = []
+    request = threading.Thread(target=lambda: answer.append(status_code(
+        f"{base}/api/cancel", "POST", {"Content-Type": "application/json", "X-Aipm-Token": token},
+        b'{"order": "ORD", "task": "A"}')))
+    request.start()
+    wait_for(lambda: "stopping the process group" in open(worker["log"]).read())  # the SIGTERM is sent
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    request.join()
+    said = proc.stderr.read()
+    assert "Traceback" not in said and "ERROR" not in said, said
+    assert answer == [200]
+    assert task_statuses(order) == {"A": "CANCELLED"} and not group_alive(worker["pgid"])

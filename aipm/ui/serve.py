@@ -12,6 +12,10 @@ from aipm.project import Project
 from aipm.settings import Settings
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+# Seconds a request may still take once Ctrl-C is pressed: a cancel waits for its worker's group (SIGKILL 5 s after
+# the SIGTERM) and then for the owner to record the end (5 s more). Cut short, it was a traceback and a 500 for the
+# page, though the cancel went on to its end.
+LONGEST_REQUEST = 20
 
 
 def allowed_hosts(host: str, port: int) -> tuple[set[str], bool]:
@@ -41,8 +45,8 @@ def serve(project: Project, settings: Settings, orders: list[Path] | None, host:
     shown = "127.0.0.1" if host in ("0.0.0.0", "localhost") else "[::1]" if host == "::" else (
         f"[{host}]" if ":" in host else host)
     announce(f"http://{shown}:{port}/?token={token}")
-    # Open event streams never end by themselves: on Ctrl-C close them after a second instead of waiting.
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=1, lifespan="on")
+    # The open event streams end as the shutdown begins (handle_exit); a request under way is let finish.
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=LONGEST_REQUEST, lifespan="on")
     server = uvicorn.Server(config)
     exit_server = server.handle_exit
 
