@@ -688,3 +688,32 @@ def test_ctrl_c_while_a_cancel_stops_its_worker_lets_the_cancel_answer(project):
     assert "Traceback" not in said and "ERROR" not in said, said
     assert answer == [200]
     assert task_statuses(order) == {"A": "CANCELLED"} and not group_alive(worker["pgid"])
+
+
+def test_a_page_whose_server_was_replaced_says_it_has_stopped(project, browser):
+    """A page of a stopped `aipm ui` whose port a new one took (a new token: 403) said 'reconnecting…' for ever,
+    though the browser had given its stream up."""
+    import socket
+
+    with socket.socket() as probe:  # a port free now, for both servers in turn
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false", AIPM_UI_KEEPALIVE="3600")
+    servers = []
+
+    def start():
+        servers.append(subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "ui", "--port",
+                                         port], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+        return servers[-1].stdout.readline().strip()
+
+    try:
+        browser.get(start())
+        wait_for(lambda: browser.find_element("id", "conn").text == "live")
+        servers[0].send_signal(signal.SIGINT)
+        assert servers[0].wait(timeout=60) == 130
+        assert start()
+        wait_for(lambda: browser.find_element("id", "conn").text.startswith("stopped"))
+    finally:
+        for server in servers:
+            server.send_signal(signal.SIGINT)
+            server.wait(timeout=60)
