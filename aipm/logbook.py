@@ -11,7 +11,7 @@ import os
 import re
 import select
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aipm.changes import ProjectWatch
@@ -229,7 +229,9 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False) -> Iter
                 try:
                     order = load_order(order_dir, project.root)
                 except UserError:
-                    pass  # a task file mid-edit: judge by the last good version
+                    if not order_dir.is_dir():  # removed: none of its tasks can start again, only its workers run on
+                        order = replace(order, tasks={})
+                    # else a task file mid-edit: judge by the last good version
                 if settled(order, [rec for rec in rt.records() if not left_behind(rec, rt)]):
                     break
             # Without inotify, look again every half second.

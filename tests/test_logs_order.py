@@ -193,3 +193,25 @@ def test_a_burst_in_many_logs_at_once_reads_a_share_of_the_live_budget_from_each
     assert read <= max(LIVE_BYTES, 40 * MIN_SHARE), read
     last = {item["task"]: item["line"] for item in lines}
     assert all(last[f"T{n:02d}"].startswith(f"T{n:02d} line {(1 << 20) // 80 - 1:06d} ") for n in range(40)), last
+
+
+def test_logs_order_follow_ends_when_the_order_directory_is_removed(project):
+    """A follower of an order with a task that could still start waited for it; with the order's directory removed
+    (a `git checkout` of a branch without it) nothing of it can start again, yet it judged by the order as last
+    read and followed for ever. It ends once no worker of the order runs."""
+    import shutil
+
+    order = project.order()
+    write_task(order, "A", command="true")
+    logs = project.root / ".aipm" / "logs" / "ORD"
+    logs.mkdir(parents=True)
+    (logs / "A.1.log").write_text("an earlier attempt\n")
+    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "ORD", "-f"],
+                                stdout=subprocess.PIPE, text=True)
+    assert follower.stdout.readline() == "A\tan earlier attempt\n"
+    shutil.rmtree(order)
+    try:
+        follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0
