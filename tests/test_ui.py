@@ -717,3 +717,24 @@ def test_a_page_whose_server_was_replaced_says_it_has_stopped(project, browser):
         for server in servers:
             server.send_signal(signal.SIGINT)
             server.wait(timeout=60)
+
+
+def test_a_log_of_many_short_lines_puts_in_only_the_lines_the_panel_keeps(project, dashboard, browser):
+    """A task's log of 64,000 short lines was put in whole and then cut one line at a time, counting the panel's
+    lines at each cut: the page was held for 9 s (a log of a million empty lines, for minutes). Counted here as
+    the lines added to the panel, which keeps 2,000."""
+    write_task(project.order(), "A", command="true")
+    logs = project.root / ".aipm" / "logs" / "ORD"
+    logs.mkdir(parents=True)
+    (logs / "A.1.log").write_text("".join(f"{n}\n" for n in range(64000)))
+    browser.get(dashboard)
+    wait_for(lambda: row_status(browser, "ORD/A") == "QUEUED")
+    added = browser.execute_async_script("""
+        const done = arguments[0], pre = document.getElementById("tasklog");
+        let added = 0;
+        new MutationObserver(changes => changes.forEach(c => added += c.addedNodes.length))
+          .observe(pre, {childList: true});
+        showLog("ORD", "A").then(() => setTimeout(() => done(added)));  // (the observer reports after a task)""")
+    lines = browser.find_element("id", "tasklog").text.splitlines()
+    assert lines[-1] == "63999" and len(lines) == 2000
+    assert added <= 2001, added  # the log's name, and the lines kept
