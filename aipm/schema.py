@@ -37,6 +37,7 @@ _LINE = {"type": ["string", "null"], "pattern": r"^[^\n\r]*$"}
 _NAME = {"type": ["string", "null"], "pattern": r"\S"}
 _PATHS = {"type": ["array", "null"], "items": {"type": "string", "pattern": r"\S"}}
 _ID = f"^{ID_PATTERN.pattern}$"
+_BUDGET = {"type": ["number", "null"], "exclusiveMinimum": 0, "exclusiveMaximum": agents.MAX_DOLLARS}  # money_field
 # 0 (none) or at least Ray's smallest share
 _SHARE = {"type": "number", "minimum": 0, "not": {"exclusiveMinimum": 0, "exclusiveMaximum": RAY_SHARE}}
 _GPUS = {**_SHARE, "if": {"exclusiveMinimum": 1}, "then": {"multipleOf": 1}}  # whole above one, as Ray has them
@@ -83,7 +84,7 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "agent": ({"type": ["string", "null"], "enum": [*agents.NAMES, None]},
               "Agent preset for a task without `command`: its command line, permission rules and usage "
               "parsing. Default: the worker.agent setting."),
-    "max_cost_usd": ({"type": ["number", "null"], "exclusiveMinimum": 0},
+    "max_cost_usd": (_BUDGET,
                      "US dollars one attempt may spend, passed to agents whose CLI takes a cap "
                      "(claude --max-budget-usd)."),
     "cost_usd": ({"type": ["number", "null"], "minimum": 0},
@@ -114,7 +115,7 @@ _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "id": ({"type": ["string", "null"], "pattern": _ID}, "The order id; default the directory name."),
     "title": (_LINE, "One line saying what the order delivers."),
     "description": (_STRING, "Anything else a reader should know."),
-    "max_cost_usd": ({"type": ["number", "null"], "exclusiveMinimum": 0},
+    "max_cost_usd": (_BUDGET,
                      "Budget in US dollars: once the tasks' recorded cost_usd reaches it, no new attempt starts."),
 }
 

@@ -854,6 +854,25 @@ def test_a_bad_worker_agent_setting_is_one_line_and_exit_2(project):
     assert snapshot(project.root) == before
 
 
+@pytest.mark.parametrize("value", ["-1", "ten", "1.0e+309", ".nan", "1.0e+308", "1.0e+12"])
+@pytest.mark.parametrize("where", ["order.yaml", "aipm.yaml", "task"])
+def test_a_bad_budget_is_one_line_and_exit_2(project, where, value):
+    """1e308 (meant as no limit) was taken, and `run` died with a traceback sharing it out in micro-dollars."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n"
+                                            + f"max_cost_usd: {value}\n" * (where == "aipm.yaml"))
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\n" + f"max_cost_usd: {value}\n" * (where == "order.yaml"))
+    path = order / "A.yaml"
+    path.write_text("id: A\nprompt: x\ntarget_files: [a.txt]\n" + f"max_cost_usd: {value}\n" * (where == "task"))
+    before = snapshot(project.root)
+    for command in (("run", "ORD"), ("launch", "ORD"), ("validate", "ORD")):
+        proc = project.aipm(*command, env=agent_env(project))
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        (line,) = proc.stderr.splitlines()
+        assert "max_cost_usd" in line and (where in line or where == "task" and str(path) in line), line
+    assert snapshot(project.root) == before and journal(project) == []
+
+
 def test_a_missing_agent_program_is_refused_at_launch(project):
     """The message names the setting that chose the preset (it named worker.command, the template, which a
     preset does not use)."""
