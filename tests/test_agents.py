@@ -328,6 +328,19 @@ def test_an_agent_reporting_an_infinite_cost_still_ends_and_its_cost_is_unknown(
     assert a["status"] == "DONE" and "cost_usd" not in a
 
 
+@pytest.mark.parametrize("agent", ["claude", "codex"])
+def test_a_session_id_no_file_can_hold_is_not_recorded_and_the_attempt_ends(project, agent):
+    """JSON's \\ud800 (a lone surrogate) as the session id: writing it to the log raised UnicodeEncodeError, the run
+    died with a traceback, and every later run died so too, the task never leaving IN_PROGRESS."""
+    (project.root / "aipm.yaml").write_text(f"worker:\n  agent: {agent}\n")
+    write_task(project.order(), "A", prompt='@cost 0.25\n@session "S\\ud800"', target_files=["a.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = task_file(project.order(), "A")
+    assert a["status"] == "DONE" and "session_id" not in a and a["tokens"]["output"] == 5
+    assert (a.get("cost_usd"), "cost_usd" in a) == ((0.25, True) if agent == "claude" else (None, False))
+
+
 def test_a_failed_attempt_with_is_error_still_adds_its_cost(project):
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     order = project.order()

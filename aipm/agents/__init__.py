@@ -246,6 +246,12 @@ def count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
+def session(value: Any) -> str | None:
+    """A session id from an agent's JSON (a UUID), or None unless it is printable text: JSON may spell a lone
+    surrogate (`\\ud800`), which neither the log nor the task file can hold."""
+    return value if isinstance(value, str) and value and value.isprintable() else None
+
+
 # Far above any real cost, and low enough that sums of such costs stay finite and writable.
 MAX_DOLLARS = 1e12
 

@@ -17,7 +17,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from aipm.agents import Attempt, Usage, count, dollars, json_lines
+from aipm.agents import Attempt, Usage, count, dollars, json_lines, session
 from aipm.confine import boot_path
 from aipm.paths import Target
 from aipm.workerfiles import write_bytes
@@ -98,8 +98,8 @@ def write_settings(attempt: Attempt) -> Path:
 def parse(lines: Iterable[str]) -> Usage:
     usage = Usage()
     for event in json_lines(lines):
-        if isinstance(event.get("session_id"), str):
-            usage.session_id = event["session_id"]  # known from the first event, even if the run dies
+        if (found := session(event.get("session_id"))) is not None:
+            usage.session_id = found  # known from the first event, even if the run dies
         if event.get("type") != "result":
             continue
         usage.cost_usd = dollars(event.get("total_cost_usd"))

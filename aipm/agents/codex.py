@@ -17,7 +17,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from aipm.agents import Attempt, Usage, _bounded_lines, _text, count, json_lines
+from aipm.agents import Attempt, Usage, _bounded_lines, _text, count, json_lines, session
 from aipm.workerfiles import append_log, reading
 
 PROGRAM = "codex"
@@ -65,7 +65,7 @@ def _thread_total(lines: Iterable[str]) -> tuple[str | None, dict[str, int]]:
     """The thread a log ran and the last usage total it reported (as codex reports it)."""
     thread, total = None, {}
     for event in json_lines(lines):
-        if event.get("type") == "thread.started" and isinstance(event.get("thread_id"), str):
+        if event.get("type") == "thread.started" and session(event.get("thread_id")) is not None:
             thread = event["thread_id"]
         elif event.get("type") == "turn.completed" and isinstance(event.get("usage"), dict):
             total = {k: n for k in _KEYS if (n := count(event["usage"].get(k))) is not None}
@@ -85,7 +85,7 @@ def parse(lines: Iterable[str]) -> Usage:
             continue
         for event in json_lines([line]):
             kind = event.get("type")
-            if kind == "thread.started" and isinstance(event.get("thread_id"), str):
+            if kind == "thread.started" and session(event.get("thread_id")) is not None:
                 usage.session_id = event["thread_id"]
             elif kind in ("turn.completed", "turn.failed"):
                 usage.turns = (usage.turns or 0) + 1

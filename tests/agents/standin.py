@@ -14,6 +14,7 @@ Directives, one per line anywhere in the prompt:
     @wait-for PATH           wait until PATH exists before finishing (claude: before its result; aider: after its
                              report)
     @linger                  claude: after its result, stay alive until killed (the cost is reported already)
+    @session "ID"            claude, codex: report this session id, a JSON string (escapes such as \ud800 kept)
 
 With FAKE_AGENT_JOURNAL set, each run appends one JSON line {"agent", "argv", "prompt", "attempt", "task",
 "targets"} (targets: AIPM_TARGET_FILES).
@@ -35,6 +36,7 @@ class Directives:
     gate: str | None = None
     api_error: str | None = None
     linger: bool = False
+    session: str | None = None
 
 
 def directives(prompt: str) -> Directives:
@@ -51,6 +53,8 @@ def directives(prompt: str) -> Directives:
             d.fail = d.fail or rest.strip() == os.environ.get("AIPM_ATTEMPT")
         elif word == "@api-error":
             d.api_error = rest.strip()
+        elif word == "@session":
+            d.session = json.loads(rest)
         elif word == "@linger":
             d.linger = True
         elif word == "@wait-for":
