@@ -550,6 +550,26 @@ def test_a_killed_attempt_that_reported_its_cost_counts_its_cost_not_its_cap(pro
     assert status["cost_usd"] == pytest.approx(0.08) and "cost_unreported_usd" not in status, status
 
 
+def test_an_attempt_whose_agent_never_began_counts_no_cap(project):
+    """claude refusing its command line (an older Claude Code: unknown option '--max-budget-usd') exits at once,
+    before its first event: it spent nothing. Its cap was counted as spent, so the first such attempt 'reached'
+    the budget ('not reported by killed attempts'), kept in the task file for every later run."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.3\n")
+    write_task(order, "R", prompt="@refuse", priority="P0", max_attempts=3, target_files=["r.txt"])
+    write_task(order, "G", prompt="@cost 0.1", priority="P2", target_files=["g.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1 and "budget" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
+    assert project.statuses() == {"R": "FAILED", "G": "DONE"}
+    r = task_file(order, "R")
+    assert "cost_unreported_usd" not in r and "cost_usd" not in r, r
+    assert [j["task"] for j in journal(project)] == ["R", "R", "R", "G"]
+    assert "usage: cost unknown; tokens unknown" in (project.root / ".aipm/logs/ORD/R.1.log").read_text()
+    status = project.json("status", "ORD")
+    assert (status["cost_usd"], status["budget_reached"]) == (0.1, False) and "cost_unreported_usd" not in status
+
+
 def test_settle_counts_the_cap_of_an_attempt_without_a_reported_cost(tmp_path):
     log = tmp_path / "T.1.log"
     log.write_text(json.dumps({"type": "system", "subtype": "init", "session_id": "s1"}) + "\n")

@@ -15,6 +15,7 @@ Directives, one per line anywhere in the prompt:
                              report)
     @linger                  claude: after its result, stay alive until killed (the cost is reported already)
     @session "ID"            claude, codex: report this session id, a JSON string (escapes such as \ud800 kept)
+    @refuse                  claude: exit 1 before any event, refusing its command line (an older Claude Code)
 
 With FAKE_AGENT_JOURNAL set, each run appends one JSON line {"agent", "argv", "prompt", "attempt", "task",
 "targets"} (targets: AIPM_TARGET_FILES).
@@ -37,6 +38,7 @@ class Directives:
     api_error: str | None = None
     linger: bool = False
     session: str | None = None
+    refuse: bool = False
 
 
 def directives(prompt: str) -> Directives:
@@ -55,6 +57,8 @@ def directives(prompt: str) -> Directives:
             d.api_error = rest.strip()
         elif word == "@session":
             d.session = json.loads(rest)
+        elif word == "@refuse":
+            d.refuse = True
         elif word == "@linger":
             d.linger = True
         elif word == "@wait-for":
