@@ -262,7 +262,7 @@ def test_codex_failed_turn():
 def test_aider_usage_from_its_report_lines():
     usage = parse("aider", "aider-output.txt")
     assert usage.cost_usd == pytest.approx(0.02)  # the last `session` figure
-    assert usage.tokens == {"input": 4200 - 2100 + 6400, "cache_write": 2100, "cache_read": 3900,
+    assert usage.tokens == {"input": 4200 - 2100 + 6400 - 3900, "cache_write": 2100, "cache_read": 3900,
                             "output": 118 + 41}
     assert usage.session_id is None and usage.turns == 2
 
@@ -432,6 +432,17 @@ def test_codex_and_aider_runs(project):
     runs = {j["agent"]: j for j in journal(project)}
     assert runs["aider"]["argv"][-1] == "y.txt"
     assert runs["codex"]["argv"][-1] == "-"
+
+
+def test_aider_input_tokens_leave_out_the_cache_reads_its_sent_figure_holds(project):
+    """aider's `sent` is litellm's prompt_tokens (cache reads included) plus the cache writes: only the writes were
+    taken off, so every cache hit was counted twice, as input and as cache_read."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: aider\n")
+    write_task(project.order(), "A", prompt="@cost 0.02\n@tokens 120 40 600 210", target_files=["a.txt"])
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    assert "930 sent, 210 cache write, 600 cache hit" in (project.root / ".aipm/logs/ORD/A.1.log").read_text()
+    assert task_file(project.order(), "A")["tokens"] == {"input": 120, "output": 40, "cache_read": 600,
+                                                         "cache_write": 210}
 
 
 def test_aider_runs_with_directory_targets(project):

@@ -1,7 +1,7 @@
 """Aider: `aider --message-file PROMPT --yes-always --no-auto-commits ... FILES` — the targets' files are its files.
 
 Aider runs the one message and exits. After each reply it prints a line such as
-`Tokens: 2.3k sent, 1.1k cache write, 4.0k cache hit, 120 received. Cost: $0.01 message, $0.05 session.`
+`Tokens: 7.4k sent, 1.1k cache write, 4.0k cache hit, 120 received. Cost: $0.01 message, $0.05 session.`
 Token counts are rounded by aider (`2.3k`), so the totals are approximate; the cost is the last `session`
 figure (aider's own running total for this run). Aider keeps no session id.
 """
@@ -90,9 +90,11 @@ def parse(lines: Iterable[str]) -> Usage:
     for line in lines:
         if "Tokens: " in line and (m := _TOKENS.search(line)):
             sent, write, hit, received = (_tokens(g) for g in m.groups())
-            # aider counts cache writes into "sent"; ours keep fresh input apart from cache traffic.
-            for kind, n in (("input", sent - (write or 0)), ("cache_write", write), ("cache_read", hit),
-                            ("output", received)):
+            # aider's "sent" holds the cache reads (litellm counts them into prompt_tokens) and the cache writes
+            # (aider adds them); ours keep fresh input apart from cache traffic. The figures are rounded (2.3k): a
+            # difference below 0 is about none.
+            fresh = max(0, sent - (write or 0) - (hit or 0))
+            for kind, n in (("input", fresh), ("cache_write", write), ("cache_read", hit), ("output", received)):
                 if n is not None:
                     tokens[kind] = tokens.get(kind, 0) + n
             usage.turns = (usage.turns or 0) + 1
