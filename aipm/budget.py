@@ -34,7 +34,9 @@ class Budget:
 
     @property
     def reached(self) -> bool:
-        return self.spent + self.unreported >= self.limit
+        # In micro-dollars, as `available`: 0.7 spent and the 0.1 cap of a killed attempt are 0.7999999999999999,
+        # below a limit of 0.8 that nothing is left of.
+        return round(self.spent + self.unreported, 6) >= self.limit
 
     @property
     def over(self) -> bool:

@@ -547,6 +547,25 @@ def test_caps_of_killed_attempts_count_against_the_budget(project):
     assert len(journal(project)) == 3
 
 
+def test_a_budget_spent_to_the_last_share_by_a_killed_attempt_is_reached(project):
+    """$0.7 spent and the $0.1 share of an attempt killed before its report are 0.7999999999999999 as floats: the
+    budget of $0.8 was not 'reached' (status, --json, no `budget` line) and yet nothing could start, `why` saying
+    'budget held ... its running attempts may spend $0.0000 more ... waits for them to end' with none running."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.8\n")
+    write_task(order, "A", prompt="@cost 0.7", priority="P0", target_files=["a.txt"])
+    write_task(order, "B", prompt="@wait-for never-made", priority="P1", timeout=1, max_attempts=1,
+               target_files=["b.txt"])
+    write_task(order, "C", prompt="@cost 0.05", priority="P2", target_files=["c.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1 and "stopped: budget reached" in proc.stderr, proc.stdout + proc.stderr
+    assert _caps(project) == [0.8, 0.1]
+    assert project.statuses() == {"A": "DONE", "B": "FAILED", "C": "QUEUED"}
+    assert project.json("status", "ORD")["budget_reached"] is True
+    assert "budget reached" in project.aipm("why", "C").stdout
+
+
 def test_a_killed_attempt_that_reported_its_cost_counts_its_cost_not_its_cap(project):
     (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
     order = project.order()
