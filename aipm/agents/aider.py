@@ -13,7 +13,7 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
-from aipm.agents import Attempt, Usage
+from aipm.agents import Attempt, Usage, dollars
 from aipm.project import RUNTIME_DIR
 from aipm.workerfiles import append_log
 
@@ -99,6 +99,6 @@ def parse(lines: Iterable[str]) -> Usage:
                     tokens[kind] = tokens.get(kind, 0) + n
             usage.turns = (usage.turns or 0) + 1
         if "Cost: " in line and (m := _COST.search(line)):
-            usage.cost_usd = float(m.group(2))
+            usage.cost_usd = dollars(float(m.group(2)))  # 400 digits read as inf: JSON cannot hold it
     usage.tokens = tokens
     return usage
