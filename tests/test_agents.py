@@ -341,17 +341,22 @@ def test_a_session_id_no_file_can_hold_is_not_recorded_and_the_attempt_ends(proj
     assert (a.get("cost_usd"), "cost_usd" in a) == ((0.25, True) if agent == "claude" else (None, False))
 
 
+def aider_printing(tmp_path: Path, line: str) -> dict:
+    """The environment of a run whose `aider` prints `line` and exits 0."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "aider").write_text(f"#!/bin/sh\necho '{line}'\n")
+    (bin_dir / "aider").chmod(0o755)
+    return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+
+
 def test_an_aider_session_cost_past_any_amount_is_unknown_and_the_json_stays_json(project, tmp_path):
     """aider's cost was taken as printed: a `$1000…0 session` of 400 digits read as inf, and `run --json` and the
     usage file said "cost_usd": Infinity, which no JSON reader takes. Bounded as claude's costs are now."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "aider").write_text("#!/bin/sh\necho 'Tokens: 10 sent, 5 received. Cost: $0.01 message, $1"
-                                   + "0" * 400 + ".00 session.'\n")
-    (bin_dir / "aider").chmod(0o755)
+    env = aider_printing(tmp_path, "Tokens: 10 sent, 5 received. Cost: $0.01 message, $1" + "0" * 400 + ".00 session.")
     (project.root / "aipm.yaml").write_text("worker:\n  agent: aider\n")
     write_task(project.order(), "A", prompt="x", target_files=["a.txt"])
-    proc = project.aipm("run", "ORD", "--json", env={"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"})
+    proc = project.aipm("run", "ORD", "--json", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     def strict(text: str):
@@ -362,6 +367,19 @@ def test_an_aider_session_cost_past_any_amount_is_unknown_and_the_json_stays_jso
     assert strict((project.root / ".aipm/logs/ORD/A.1.usage.json").read_text())["cost_usd"] is None
     a = task_file(project.order(), "A")
     assert a["status"] == "DONE" and "cost_usd" not in a and a["tokens"] == {"input": 10, "output": 5}
+
+
+@pytest.mark.parametrize("count", ["1" + "0" * 400, "1" + "0" * 400 + "k"])
+def test_an_aider_token_count_past_any_number_is_unknown_and_the_attempt_ends(project, tmp_path, count):
+    """A count of 400 digits read as inf, and int(inf) raised OverflowError: `run` died with a traceback before
+    recording the attempt, and so did every later run on recovering it, the task never leaving IN_PROGRESS."""
+    env = aider_printing(tmp_path, f"Tokens: {count} sent, 5 received. Cost: $0.01 message, $0.01 session.")
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: aider\n")
+    write_task(project.order(), "A", prompt="x", target_files=["a.txt"])
+    proc = project.aipm("run", "ORD", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = task_file(project.order(), "A")
+    assert (a["status"], a["cost_usd"], a["tokens"]) == ("DONE", 0.01, {"output": 5}), a
 
 
 def test_a_failed_attempt_with_is_error_still_adds_its_cost(project):

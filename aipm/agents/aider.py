@@ -8,6 +8,7 @@ figure (aider's own running total for this run). Aider keeps no session id.
 
 from __future__ import annotations
 
+import math
 import re
 import subprocess
 from collections.abc import Iterable
@@ -79,9 +80,12 @@ def _git_files(root: Path, target) -> list[str] | None:
 
 
 def _tokens(text: str | None) -> int | None:
+    """A count as aider prints it (`120`, `2.3k`); None when there is none, or it has more digits than a float
+    holds (it reads as inf, which no int is)."""
     if text is None:
         return None
-    return round(float(text[:-1]) * 1000) if text.endswith("k") else int(float(text))
+    n = float(text[:-1]) * 1000 if text.endswith("k") else float(text)
+    return round(n) if math.isfinite(n) else None
 
 
 def parse(lines: Iterable[str]) -> Usage:
@@ -93,7 +97,7 @@ def parse(lines: Iterable[str]) -> Usage:
             # aider's "sent" holds the cache reads (litellm counts them into prompt_tokens) and the cache writes
             # (aider adds them); ours keep fresh input apart from cache traffic. The figures are rounded (2.3k): a
             # difference below 0 is about none.
-            fresh = max(0, sent - (write or 0) - (hit or 0))
+            fresh = None if sent is None else max(0, sent - (write or 0) - (hit or 0))
             for kind, n in (("input", fresh), ("cache_write", write), ("cache_read", hit), ("output", received)):
                 if n is not None:
                     tokens[kind] = tokens.get(kind, 0) + n
