@@ -382,6 +382,22 @@ def test_an_aider_token_count_past_any_number_is_unknown_and_the_attempt_ends(pr
     assert (a["status"], a["cost_usd"], a["tokens"]) == ("DONE", 0.01, {"output": 5}), a
 
 
+def test_a_token_count_past_any_number_is_unknown_so_the_totals_stay_writable(project):
+    """JSON holds an int of 4300 digits, which Python reads and writes; the total of two such attempts has 4301,
+    which it will not write as text (ValueError): `run` died recording the second attempt, and so did every later
+    run on recovering it, the task never leaving IN_PROGRESS."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    huge = "9" * 4300
+    write_task(project.order(), "A", prompt=f"@cost 0.01\n@tokens {huge} 5 0 0\n@fail-attempt 1", max_attempts=2,
+               target_files=["a.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert len(journal(project)) == 2
+    a = task_file(project.order(), "A")
+    assert (a["status"], a["cost_usd"], a["tokens"]) == ("DONE", 0.02, {"output": 10, "cache_read": 0,
+                                                                         "cache_write": 0}), a
+
+
 def test_a_failed_attempt_with_is_error_still_adds_its_cost(project):
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     order = project.order()

@@ -245,9 +245,14 @@ def json_lines(lines: Any) -> Any:
                 yield event
 
 
+# Far above any attempt's tokens, and low enough that totals of such counts stay writable: Python writes no int
+# of more than 4300 digits as text, and JSON may hold one of 4300.
+MAX_TOKENS = 10**15
+
+
 def count(value: Any) -> int | None:
-    """A token count from an agent's JSON, or None when it is not a whole number ≥ 0."""
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+    """A token count from an agent's output, or None when it is not a whole number ≥ 0 below MAX_TOKENS."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_TOKENS else None
 
 
 def session(value: Any) -> str | None:

@@ -14,7 +14,7 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
-from aipm.agents import Attempt, Usage, dollars
+from aipm.agents import Attempt, Usage, count, dollars
 from aipm.project import RUNTIME_DIR
 from aipm.workerfiles import append_log
 
@@ -81,11 +81,11 @@ def _git_files(root: Path, target) -> list[str] | None:
 
 def _tokens(text: str | None) -> int | None:
     """A count as aider prints it (`120`, `2.3k`); None when there is none, or it has more digits than a float
-    holds (it reads as inf, which no int is)."""
+    holds (it reads as inf, which no int is), or is past any count (agents.count)."""
     if text is None:
         return None
     n = float(text[:-1]) * 1000 if text.endswith("k") else float(text)
-    return round(n) if math.isfinite(n) else None
+    return count(round(n)) if math.isfinite(n) else None
 
 
 def parse(lines: Iterable[str]) -> Usage:
