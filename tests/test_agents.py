@@ -341,19 +341,21 @@ def test_a_session_id_no_file_can_hold_is_not_recorded_and_the_attempt_ends(proj
     assert (a.get("cost_usd"), "cost_usd" in a) == ((0.25, True) if agent == "claude" else (None, False))
 
 
-def aider_printing(tmp_path: Path, line: str) -> dict:
-    """The environment of a run whose `aider` prints `line` and exits 0."""
+def agent_printing(tmp_path: Path, agent: str, text: str) -> dict:
+    """The environment of a run whose `agent` (claude, aider...) prints `text` and exits 0."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "aider").write_text(f"#!/bin/sh\necho '{line}'\n")
-    (bin_dir / "aider").chmod(0o755)
+    (bin_dir / f"{agent}.out").write_text(text)
+    (bin_dir / agent).write_text(f"#!/bin/sh\ncat '{bin_dir / agent}.out'\n")
+    (bin_dir / agent).chmod(0o755)
     return {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
 
 
 def test_an_aider_session_cost_past_any_amount_is_unknown_and_the_json_stays_json(project, tmp_path):
     """aider's cost was taken as printed: a `$1000…0 session` of 400 digits read as inf, and `run --json` and the
     usage file said "cost_usd": Infinity, which no JSON reader takes. Bounded as claude's costs are now."""
-    env = aider_printing(tmp_path, "Tokens: 10 sent, 5 received. Cost: $0.01 message, $1" + "0" * 400 + ".00 session.")
+    env = agent_printing(tmp_path, "aider",
+                         "Tokens: 10 sent, 5 received. Cost: $0.01 message, $1" + "0" * 400 + ".00 session.\n")
     (project.root / "aipm.yaml").write_text("worker:\n  agent: aider\n")
     write_task(project.order(), "A", prompt="x", target_files=["a.txt"])
     proc = project.aipm("run", "ORD", "--json", env=env)
@@ -373,7 +375,7 @@ def test_an_aider_session_cost_past_any_amount_is_unknown_and_the_json_stays_jso
 def test_an_aider_token_count_past_any_number_is_unknown_and_the_attempt_ends(project, tmp_path, count):
     """A count of 400 digits read as inf, and int(inf) raised OverflowError: `run` died with a traceback before
     recording the attempt, and so did every later run on recovering it, the task never leaving IN_PROGRESS."""
-    env = aider_printing(tmp_path, f"Tokens: {count} sent, 5 received. Cost: $0.01 message, $0.01 session.")
+    env = agent_printing(tmp_path, "aider", f"Tokens: {count} sent, 5 received. Cost: $0.01 message, $0.01 session.\n")
     (project.root / "aipm.yaml").write_text("worker:\n  agent: aider\n")
     write_task(project.order(), "A", prompt="x", target_files=["a.txt"])
     proc = project.aipm("run", "ORD", env=env)
@@ -396,6 +398,22 @@ def test_a_token_count_past_any_number_is_unknown_so_the_totals_stay_writable(pr
     a = task_file(project.order(), "A")
     assert (a["status"], a["cost_usd"], a["tokens"]) == ("DONE", 0.02, {"output": 10, "cache_read": 0,
                                                                          "cache_write": 0}), a
+
+
+def test_a_line_nested_deeper_than_pythons_stack_is_passed_over(project, tmp_path):
+    """json.loads raises RecursionError, no ValueError, for [[[[…]]]] nested 100000 deep: `run` died with a
+    traceback before recording the attempt, and so did every later run on recovering it (task IN_PROGRESS)."""
+    events = [{"type": "system", "subtype": "init", "session_id": "S"},
+              {"type": "result", "subtype": "success", "is_error": False, "session_id": "S", "total_cost_usd": 0.25,
+               "usage": {"input_tokens": 3, "output_tokens": 2}}]
+    nested = '{"type": "user", "content": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    env = agent_printing(tmp_path, "claude", "\n".join([json.dumps(events[0]), nested, json.dumps(events[1])]) + "\n")
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    write_task(project.order(), "A", prompt="x", target_files=["a.txt"])
+    proc = project.aipm("run", "ORD", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = task_file(project.order(), "A")
+    assert (a["status"], a["cost_usd"], a["tokens"]) == ("DONE", 0.25, {"input": 3, "output": 2}), a
 
 
 def test_a_failed_attempt_with_is_error_still_adds_its_cost(project):

@@ -239,7 +239,7 @@ def json_lines(lines: Any) -> Any:
         if line.startswith("{"):
             try:
                 event = json.loads(line)
-            except ValueError:
+            except (ValueError, RecursionError):  # (nested deeper than Python's stack: [[[[…]]]])
                 continue
             if isinstance(event, dict):
                 yield event

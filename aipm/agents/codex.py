@@ -80,7 +80,7 @@ def parse(lines: Iterable[str]) -> Usage:
         if (noted := _BASELINE.search(line.rstrip("\n"))) and not line.startswith("{"):
             try:
                 base = {k: n for k, n in json.loads(noted.group(1)).items() if k in _KEYS and count(n) is not None}
-            except ValueError:
+            except (ValueError, RecursionError):
                 pass
             continue
         for event in json_lines([line]):
