@@ -160,6 +160,13 @@ def test_the_hook_fails_closed(tmp_path):
     a = attempt(tmp_path)
     assert denied(run_hook(a, "not json"))
     assert denied(run_hook(a, {"tool_name": "Write", "tool_input": {}}))
+    # Each of these made the hook die with a traceback, exit 1: Claude Code takes that for a non-blocking error,
+    # and the edit went on.
+    outside = str(tmp_path.parent / "elsewhere.txt")
+    assert denied(run_hook(a, {**pre_tool_use(tmp_path, "Write", outside + "\0"), "cwd": str(tmp_path)}))  # ValueError
+    assert denied(run_hook(a, {**pre_tool_use(tmp_path, "Write", "x.txt"), "cwd": ["not", "a", "path"]}))  # TypeError
+    nested = json.dumps(pre_tool_use(tmp_path, "Write", outside))[:-1] + ', "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    assert denied(run_hook(a, nested))  # RecursionError
 
 
 @pytest.mark.parametrize("module", ["json", "os", "aipm"])

@@ -3,7 +3,8 @@
 Claude Code runs it before each Edit/Write/MultiEdit/NotebookEdit with the tool call as JSON on standard input
 (`tool_name`, `tool_input.file_path` or `notebook_path`, `cwd`). It answers on standard output with
 `{"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "deny", ...}}` to refuse, and
-nothing to let the call go on to Claude's own permission rules. It fails closed: input it cannot read is denied.
+nothing to let the call go on to Claude's own permission rules. It fails closed: a call it cannot decide on
+(unreadable, or odd: a path with a NUL byte) is denied.
 
 Usage: `python -m aipm.agents.guard GUARD_JSON` — the file the preset wrote: {"root", "allow", "deny", "workspace"}
 (`workspace`: the task's worktree, editable although it lies in a denied directory, the runtime directory).
@@ -63,10 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         with open(args[0], encoding="utf-8") as handle:
             rules = json.load(handle)
         call = json.loads(sys.stdin.read() or "null")
-    except (OSError, IndexError, ValueError) as exc:
-        reason = f"aipm guard cannot decide ({exc}); denied"
-    else:
         reason = verdict(call, rules)
+    except Exception as exc:  # a hook that dies (exit 1) is a non-blocking error: the edit would go on
+        reason = f"aipm guard cannot decide ({type(exc).__name__}: {exc}); denied"
     if reason is not None:
         print(json.dumps({"hookSpecificOutput": {"hookEventName": "PreToolUse", "permissionDecision": "deny",
                                                  "permissionDecisionReason": reason}}))
