@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from aipm import budget, outcome, recovery, subreaper
+from aipm import agents, budget, outcome, recovery, subreaper
 from aipm.errors import UserError
 from aipm.finish import attempt_limit, rework_limit
 from aipm.launcher import Launcher
@@ -89,15 +89,20 @@ def _reload(task: Task, root: Path) -> Task | None:
 
 
 def order_totals(order: Order, settings: Settings) -> dict:
-    """The order's recorded cost and its budget, each when known (`status --json`, the dashboard), and whether
-    the budget is reached: the planner's own verdict, so no reader works it out again and disagrees. The caps of
+    """The order's recorded cost, tokens (the sums of its tasks') and budget, each when known (`status --json`, the
+    dashboard), and whether the budget is reached: the planner's own verdict, so no reader works it out again and disagrees. The caps of
     attempts killed before reporting their cost (`cost_unreported_usd`: up to this much more may have been spent)
     count against the budget, apart from the cost."""
     cost = budget.recorded(order)
     unreported = budget.unreported(order)
     limit = budget.of(order, settings.max_cost_usd)
+    tokens: dict[str, int] = {}
+    for task in order.tasks.values():
+        for kind, count in (task.tokens or {}).items():
+            tokens[kind] = tokens.get(kind, 0) + count
     return {**({"cost_usd": cost} if cost is not None else {}),
             **({"cost_unreported_usd": unreported} if unreported else {}),
+            **({"tokens": {k: tokens[k] for k in agents.TOKEN_KINDS if k in tokens}} if tokens else {}),
             **({"max_cost_usd": limit.limit, "budget_reached": limit.reached} if limit is not None else {})}
 
 

@@ -324,6 +324,26 @@ def test_claude_run_records_cost_and_tokens_in_the_task_file_and_status(project)
     assert "@cost 0.125" in run["prompt"]  # the prompt reached it on standard input
 
 
+def test_status_json_gives_the_orders_tokens_as_the_sum_of_its_tasks(project):
+    """CONTRACT.md: `cost_usd`, `tokens` in `status --json` per task and per order; the order had no tokens."""
+    (project.root / "aipm.yaml").write_text("max_workers: 3\nworker:\n  agent: claude\n")
+    order = project.order()
+    write_task(order, "A", prompt="@tokens 100 20 300 40", target_files=["a.txt"])
+    write_task(order, "B", prompt="@tokens 7 3 0 0\n@fail-attempt 1", max_attempts=2, target_files=["b.txt"])
+    write_task(order, "X", agent="codex", prompt="@tokens 50 9 200 0", target_files=["x.txt"])
+    write_task(order, "C", command="true")  # no tokens
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    data = project.json("status", "ORD")
+    tasks = [t.get("tokens", {}) for t in data["tasks"]]
+    assert data["tokens"] == {k: sum(t.get(k, 0) for t in tasks) for k in agents.TOKEN_KINDS}
+    assert data["tokens"] == {"input": 100 + 14 + 50, "output": 20 + 6 + 9, "cache_read": 300 + 200,
+                              "cache_write": 40}
+    (order / "A.yaml").write_text("id: A\nprompt: x\n")
+    (order / "B.yaml").write_text("id: B\nprompt: x\n")
+    (order / "X.yaml").write_text("id: X\nprompt: x\n")
+    assert "tokens" not in project.json("status", "ORD")  # none known: left out, never 0
+
+
 def test_an_agent_reporting_an_infinite_cost_still_ends_and_its_cost_is_unknown(project):
     """JSON's Infinity (1e400 reads as it too) passed as a cost ≥ 0: the outcome, which must hold a finite
     cost_usd, could never be written, and the task stayed running for every later run."""
