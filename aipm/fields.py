@@ -147,14 +147,14 @@ def _timestamp(path: Path, data: Mapping[str, Any], key: str) -> str | None:
 
 
 def money_field(path: Path, data: Mapping[str, Any], key: str, positive: bool) -> float | None:
-    """US dollars: a positive budget, or a recorded cost (≥ 0). A budget stays below agents.MAX_DOLLARS: it is
-    shared out in micro-dollars, and a larger one (1e308, meant as no limit) overflowed that."""
+    """US dollars: a positive budget, or a recorded cost (≥ 0). A budget is shared out in micro-dollars: it is one
+    at least (agents.MIN_DOLLARS), and below agents.MAX_DOLLARS (1e308, meant as no limit, overflowed that)."""
     value = data.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        0 < value < agents.MAX_DOLLARS if positive else value >= 0) or value == float("inf"):
-        what = (f"a positive number of US dollars below {agents.MAX_DOLLARS:,.0f}" if positive
+        agents.MIN_DOLLARS <= value < agents.MAX_DOLLARS if positive else value >= 0) or value == float("inf"):
+        what = (f"a number of US dollars from {agents.MIN_DOLLARS:.6f} below {agents.MAX_DOLLARS:,.0f}" if positive
                 else "a number of US dollars ≥ 0")
         raise ValidationError(str(path), key, f"must be {what}, not {value!r}")
     return float(value)

@@ -37,7 +37,8 @@ _LINE = {"type": ["string", "null"], "pattern": r"^[^\n\r]*$"}
 _NAME = {"type": ["string", "null"], "pattern": r"\S"}
 _PATHS = {"type": ["array", "null"], "items": {"type": "string", "pattern": r"\S"}}
 _ID = f"^{ID_PATTERN.pattern}$"
-_BUDGET = {"type": ["number", "null"], "exclusiveMinimum": 0, "exclusiveMaximum": agents.MAX_DOLLARS}  # money_field
+# a budget or cap: fields.money_field
+_BUDGET = {"type": ["number", "null"], "minimum": agents.MIN_DOLLARS, "exclusiveMaximum": agents.MAX_DOLLARS}
 # 0 (none) or at least Ray's smallest share
 _SHARE = {"type": "number", "minimum": 0, "not": {"exclusiveMinimum": 0, "exclusiveMaximum": RAY_SHARE}}
 _GPUS = {**_SHARE, "if": {"exclusiveMinimum": 1}, "then": {"multipleOf": 1}}  # whole above one, as Ray has them

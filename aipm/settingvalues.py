@@ -177,7 +177,7 @@ def budget(value: Any) -> float | None:
     if value is None or (isinstance(value, str) and value.strip().lower() in ("none", "null")):
         return None
     found = number(value, float)
-    if found is None or not 0 < found < agents.MAX_DOLLARS:  # (fields.money_field says why)
-        raise ValueError(f"{value!r} is not a positive number of US dollars below {agents.MAX_DOLLARS:,.0f} or "
-                         "none")
+    if found is None or not agents.MIN_DOLLARS <= found < agents.MAX_DOLLARS:  # (fields.money_field says why)
+        raise ValueError(f"{value!r} is not a number of US dollars from {agents.MIN_DOLLARS:.6f} below "
+                         f"{agents.MAX_DOLLARS:,.0f}, or none")
     return found

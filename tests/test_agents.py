@@ -1019,10 +1019,12 @@ def test_a_bad_worker_agent_setting_is_one_line_and_exit_2(project):
     assert snapshot(project.root) == before
 
 
-@pytest.mark.parametrize("value", ["-1", "ten", "1.0e+309", ".nan", "1.0e+308", "1.0e+12"])
+@pytest.mark.parametrize("value", ["-1", "ten", "1.0e+309", ".nan", "1.0e+308", "1.0e+12", "0.0000004"])
 @pytest.mark.parametrize("where", ["order.yaml", "aipm.yaml", "task"])
 def test_a_bad_budget_is_one_line_and_exit_2(project, where, value):
-    """1e308 (meant as no limit) was taken, and `run` died with a traceback sharing it out in micro-dollars."""
+    """1e308 (meant as no limit) was taken, and `run` died with a traceback sharing it out in micro-dollars; less
+    than a micro-dollar was taken too, and nothing ever started ('budget held ... waits for them to end' with
+    nothing running), or claude got `--max-budget-usd 0`."""
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n"
                                             + f"max_cost_usd: {value}\n" * (where == "aipm.yaml"))
     order = project.order()

@@ -263,6 +263,9 @@ def session(value: Any) -> str | None:
 
 # Far above any real cost, and low enough that sums of such costs stay finite and writable.
 MAX_DOLLARS = 1e12
+# The least budget or cap: budgets are shared out in whole micro-dollars, and claude is given a cap with six
+# decimals (0.0000004 was `--max-budget-usd 0`).
+MIN_DOLLARS = 1e-6
 
 
 def dollars(value: Any) -> float | None:
