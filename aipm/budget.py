@@ -11,8 +11,8 @@ starts while nothing is left to share.
 Claude reports its cost only in its final result: a capped attempt killed before it (a timeout, a cancel, its worker
 lost) may have spent up to its cap, which aipm cannot see. Such an attempt's cap is recorded apart from the cost, in
 its task's `cost_unreported_usd`, and counts against the budget as spent at most: never in `cost_usd` (no cost is
-made up), never left out (the budget is not passed by what aipm cannot see). An attempt whose log holds no event of
-claude's never began a session and spent nothing (agents.settle).
+made up), never left out (the budget is not passed by what aipm cannot see). An attempt that exited by itself with
+no event of claude's in its log never began a session and spent nothing (agents.settle).
 """
 
 from __future__ import annotations

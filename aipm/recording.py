@@ -242,7 +242,7 @@ class Recording(Reviewing):
             text, note = commits.notice(self.rt, rec, *commit)
             append_log(rec.log, text)
             self.outbox.append(note)
-        usage, spent = self._usage(rec, task, event)
+        usage, spent = self._usage(rec, task, event, exited=not timed_out and code is not None and code < 128)
         error = agents.failure(usage)  # its agent's own report of a failure: an exit 0 does not make it a success
         message = None
         ok = code == 0 and not timed_out and not error
@@ -304,12 +304,13 @@ class Recording(Reviewing):
             self._start_review(rec, task)
         return task
 
-    def _usage(self, rec: Record, task: Task, event: dict) -> tuple[agents.Usage | None, dict]:
-        """The attempt's usage, read from its log by its agent preset, and as updates of the task's totals."""
+    def _usage(self, rec: Record, task: Task, event: dict, exited: bool) -> tuple[agents.Usage | None, dict]:
+        """The attempt's usage, read from its log by its agent preset, and as updates of the task's totals
+        (`exited`: its process ended by itself, see agents.settle)."""
         if agents.can_resume(rec.agent):
             self.rt.resume_path(rec.order, rec.task).unlink(missing_ok=True)  # a resume is used once
         usage, updates = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
-                                       task.cost_unreported_usd)
+                                       task.cost_unreported_usd, exited)
         if usage is not None and usage.cost_usd is not None:
             event["cost_usd"] = usage.cost_usd
         return usage, updates

@@ -702,6 +702,20 @@ def test_an_attempt_whose_agent_never_began_counts_no_cap(project):
     assert (status["cost_usd"], status["budget_reached"]) == (0.1, False) and "cost_unreported_usd" not in status
 
 
+def test_an_attempt_killed_before_its_agents_first_event_counts_its_cap(project):
+    """Only an attempt that exited by itself with no event of claude's spent nothing for sure: one killed (its
+    timeout, a start hung on an MCP server) counts its cap, whatever its log holds."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.3\n")
+    write_task(order, "A", prompt="@hang", timeout=1, max_attempts=1, max_cost_usd=0.1, target_files=["a.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    a = task_file(order, "A")
+    assert (a["status"], a.get("cost_usd"), a["cost_unreported_usd"]) == ("FAILED", None, 0.1), a
+    assert "up to its cap $0.1000" in (project.root / ".aipm/logs/ORD/A.1.log").read_text()
+
+
 def test_settle_counts_the_cap_of_an_attempt_without_a_reported_cost(tmp_path):
     log = tmp_path / "T.1.log"
     log.write_text(json.dumps({"type": "system", "subtype": "init", "session_id": "s1"}) + "\n")

@@ -181,19 +181,21 @@ def _bounded_lines(handle: Any) -> Iterator[str]:
 
 
 def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] | None,
-           cap: float | None = None, unreported: float | None = None) -> tuple[Usage | None, dict]:
+           cap: float | None = None, unreported: float | None = None, exited: bool = False
+           ) -> tuple[Usage | None, dict]:
     """An ended attempt's usage, however it ended: read from its log, summed up there in a `usage:` line, and as
     updates of the task's totals (`cost_usd`, `tokens`, `unreported`: the task's before the attempt). An attempt
     that ran with a cap (`cap`, its record's cost_cap) and reported no cost (killed before its final report) may
     have spent up to it: the cap is added to the task's `cost_unreported_usd`, never to its cost. Not so for one
-    whose log holds no event of its agent at all: it never began a session (it refused its command line, or never
-    started), and claude prints its first event, which names the session, before it asks the model anything."""
+    that exited by itself (`exited`: no timeout, no signal) with no event of its agent in its log: it never began
+    a session (it refused its command line), and claude prints its first event, which names the session, before
+    it asks the model anything. One killed counts its cap even so: what it did before it was stopped is unseen."""
     usage = read_usage(name, log)
     if usage is None and not (is_preset(name) and cap):
         return None, {}
     if usage is None:  # a capped agent's log that cannot be read: its cost is unknown like any unreported one
         usage = Usage()
-    elif usage.session_id is None:
+    elif exited and usage.session_id is None:
         cap = None  # it spent nothing
     cost = "unknown" if usage.cost_usd is None else f"${usage.cost_usd:.4f}"
     if usage.cost_usd is None and cap:

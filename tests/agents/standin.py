@@ -16,6 +16,7 @@ Directives, one per line anywhere in the prompt:
     @linger                  claude: after its result, stay alive until killed (the cost is reported already)
     @session "ID"            claude, codex: report this session id, a JSON string (escapes such as \ud800 kept)
     @refuse                  claude: exit 1 before any event, refusing its command line (an older Claude Code)
+    @hang                    claude: hang before any event until killed (a start stuck on an MCP server)
 
 With FAKE_AGENT_JOURNAL set, each run appends one JSON line {"agent", "argv", "prompt", "attempt", "task",
 "targets"} (targets: AIPM_TARGET_FILES).
@@ -39,6 +40,7 @@ class Directives:
     linger: bool = False
     session: str | None = None
     refuse: bool = False
+    hang: bool = False
 
 
 def directives(prompt: str) -> Directives:
@@ -59,6 +61,8 @@ def directives(prompt: str) -> Directives:
             d.session = json.loads(rest)
         elif word == "@refuse":
             d.refuse = True
+        elif word == "@hang":
+            d.hang = True
         elif word == "@linger":
             d.linger = True
         elif word == "@wait-for":
