@@ -60,9 +60,17 @@ def load_yaml(text: str) -> Any:
             check(node, text)
         memo: dict[int, Any] = {}
 
+        def construct(n: Any) -> Any:
+            try:
+                return loader.construct_object(n, deep=True)
+            except (ValueError, KeyError, AttributeError) as exc:
+                # PyYAML's safe constructors raise Python's own errors for a value its type cannot hold (a 30
+                # February, `!!int abc`): a mistake in the file, said at its line as the parser's are.
+                raise BadValue(n, exc) from None
+
         def build(n: Any) -> Any:
             if type(n) is yaml.ScalarNode:  # the common case first: no memo needed, scalars are immutable
-                return n.value if n.tag == _STR else loader.construct_object(n, deep=True)
+                return n.value if n.tag == _STR else construct(n)
             hit = memo.get(id(n))
             if hit is not None:
                 return hit
@@ -83,7 +91,7 @@ def load_yaml(text: str) -> Any:
                         raise DuplicateKey(key, key_node.start_mark)
                     value[key] = build(value_node)
             else:
-                value = memo[id(n)] = loader.construct_object(n, deep=True)
+                value = memo[id(n)] = construct(n)
             return value
 
         return build(node)
@@ -92,6 +100,16 @@ def load_yaml(text: str) -> Any:
         # until the cyclic GC runs, which load_order keeps off. Break it so each file's parser is freed at once.
         build = None  # noqa: F841
         loader.dispose()
+
+
+class BadValue(yaml.constructor.ConstructorError):
+    """A value its (implicit or explicit) type cannot hold: `2026-13-45`, `!!int abc`."""
+
+    def __init__(self, node: Any, exc: Exception):
+        kind = node.tag.rsplit(":", 1)[-1]
+        what = f"{node.value!r} is not a valid {kind}" if isinstance(node.value, str) else f"not a valid {kind}"
+        why = f" ({exc})" if type(exc) is ValueError else ""  # the others' texts name PyYAML's internals
+        super().__init__(None, None, what + why, node.start_mark)
 
 
 class DuplicateKey(Exception):
@@ -181,6 +199,10 @@ def parse_mapping(path: Path, text: str, empty_ok: bool = False) -> dict[str, An
         ) from None
     except Unpatchable as exc:
         raise ValidationError(str(path), exc.key, exc.reason) from None
+    except BadValue as exc:
+        mark = exc.problem_mark
+        raise ValidationError(str(path), None, f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}; "
+                              "quote it if it is text") from None
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -237,13 +237,22 @@ def _second_broken_mid_run(project, mistake: str):
     second = order / "SECOND.yaml"
     good = second.read_text()
     second.write_text(good + mistake)  # saved mid-run
-    wait_for(lambda: any(e["event"] == "invalid_file" for e in events))
+    wait_for(lambda: any(e["event"] == "invalid_file" for e in events) or proc.poll() is not None)
     return order, gate, proc, events, reader, second, good
 
 
-def test_a_broken_edit_mid_run_is_reported_and_ignored(project):
-    order, gate, proc, events, reader, second, good = _second_broken_mid_run(project, "colour: red\n")
-    assert any(e["event"] == "invalid_file" and "colour" in e["error"] for e in events)
+@pytest.mark.parametrize("mistake,named", [
+    ("colour: red\n", "colour"),
+    # A plain value YAML reads as a date that is none: the run ended in a ValueError traceback (exit 1), its
+    # running worker's task left IN_PROGRESS.
+    ("title: 2026-02-30\n", "'2026-02-30' is not a valid timestamp"),
+])
+def test_a_broken_edit_mid_run_is_reported_and_ignored(project, mistake, named):
+    order, gate, proc, events, reader, second, good = _second_broken_mid_run(project, mistake)
+    if proc.poll() is not None:
+        gate.touch()  # FIRST's worker, which may outlive its run, ends too
+        pytest.fail(f"the run ended: {proc.stderr.read()}")
+    assert any(e["event"] == "invalid_file" and named in e["error"] for e in events), events
     second.write_text(good)  # fixed
     gate.touch()
     assert proc.wait(timeout=60) == 0
