@@ -9,7 +9,7 @@ import errno
 import gc
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ def load_yaml(text: str) -> Any:
                 value = memo[id(n)] = {}
                 for key_node, value_node in n.value:
                     key = build(key_node)
-                    if isinstance(key, (list, dict)):
+                    if not isinstance(key, Hashable):  # a list or mapping, or a `!!set` (no dict key either)
                         raise yaml.constructor.ConstructorError(
                             None, None, "a key must be a plain value", key_node.start_mark)
                     if key in value:

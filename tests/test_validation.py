@@ -84,6 +84,14 @@ def test_an_order_yaml_with_no_data_is_an_order_with_no_keys(project, text):
     assert proc.returncode == 0 and proc.stdout == "ok  O (1 task)\n", proc.stderr
 
 
+@pytest.mark.parametrize("key", ["[a]", "{a: 1}", "!!set {a}"])
+def test_a_key_that_is_no_plain_value_is_one_line(project, key):
+    """A `!!set` key passed the check for lists and mappings and ended in a traceback (unhashable type: 'set')."""
+    write_task(project.order("O"), "A", command="true")
+    (project.order("O") / "B.yaml").write_text(f"command: 'true'\n? {key}\n: x\n")
+    assert_one_line_error(project.aipm("validate", "O"), "B.yaml", "line 2, column 3")
+
+
 def test_validate_all_orders_reports_each_bad_one(project):
     write_task(project.order("GOOD"), "A", command="true")
     write_task(project.order("BAD"), "A", command=42)
