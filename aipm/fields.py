@@ -91,6 +91,12 @@ def _at_most(path: Path, key: str, value: int, maximum: int | None) -> int:
     return value
 
 
+# A command line (argv, the environment) ends each string at a NUL: the worker ran `printf a` for "printf a\0b >
+# out", exit 0, DONE. In double quotes YAML reads `\0` as a NUL, so a shell escape written there makes one.
+NUL_WORD = ("holds a NUL byte (a string passed to a program or the system ends there); in double quotes YAML reads "
+            "\\0 as one: write \\\\0, or use single quotes")
+
+
 def _command(path: Path, data: Mapping[str, Any], key: str) -> str | tuple[str, ...] | None:
     value = data.get(key)
     if value is None:
@@ -98,8 +104,12 @@ def _command(path: Path, data: Mapping[str, Any], key: str) -> str | tuple[str, 
     if isinstance(value, str):
         if not value.strip():
             raise ValidationError(str(path), key, "is empty; give a command, or leave the key out")
+        if "\0" in value:
+            raise ValidationError(str(path), key, NUL_WORD)
         return value
     if isinstance(value, list) and value and all(isinstance(v, str) for v in value) and value[0]:
+        if any("\0" in v for v in value):
+            raise ValidationError(str(path), key, NUL_WORD)
         return tuple(value)
     raise ValidationError(
         str(path), key, "must be a string (run by /bin/sh -c) or a list of strings (argv) naming a program"
@@ -127,6 +137,8 @@ def _model(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     value = str_field(path, data, key)
     if value is not None and not value.strip():
         raise ValidationError(str(path), key, "empty; name a model, or remove the line for the default")
+    if value is not None and "\0" in value:  # passed in argv ({model}) and the environment (AIPM_MODEL)
+        raise ValidationError(str(path), key, NUL_WORD)
     return value
 
 

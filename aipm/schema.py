@@ -29,12 +29,15 @@ KINDS = ("task", "order")
 # The loader treats an empty value (`key:`) as absent, so every key also accepts null.
 _STRING = {"type": ["string", "null"]}
 _STRINGS = {"type": ["array", "null"], "items": {"type": "string"}}
+# Strings that reach a command line hold no NUL byte (fields.NUL_WORD); a word is not blank either.
+_NO_NUL = r"^[^\x00]*$"
+_WORD = r"^[^\x00]*[^\s\x00][^\x00]*$"
 # A string runs through /bin/sh -c (not blank); a list is argv and must name a program.
-_COMMAND = {"type": ["string", "array", "null"], "pattern": r"\S", "items": {"type": "string"},
-            "prefixItems": [{"type": "string", "minLength": 1}], "minItems": 1}
-_SETUP = {**_COMMAND, "pattern": r"^$|\S"}  # "" for none
+_COMMAND = {"type": ["string", "array", "null"], "pattern": _WORD, "items": {"type": "string", "pattern": _NO_NUL},
+            "prefixItems": [{"type": "string", "minLength": 1, "pattern": _NO_NUL}], "minItems": 1}
+_SETUP = {**_COMMAND, "pattern": f"^$|{_WORD}"}  # "" for none
 _LINE = {"type": ["string", "null"], "pattern": r"^[^\n\r]*$"}
-_NAME = {"type": ["string", "null"], "pattern": r"\S"}
+_NAME = {"type": ["string", "null"], "pattern": _WORD}
 _PATHS = {"type": ["array", "null"], "items": {"type": "string", "pattern": r"\S"}}
 _ID = f"^{ID_PATTERN.pattern}$"
 # a budget or cap: fields.money_field

@@ -11,7 +11,7 @@ import string
 from typing import Any, Callable
 
 from aipm import agents
-from aipm.fields import MAX_COUNT, MAX_TIMEOUT, WORKSPACES
+from aipm.fields import MAX_COUNT, MAX_TIMEOUT, NUL_WORD, WORKSPACES
 
 
 _DIGITS = {int: re.compile(r"[-+]?[0-9]+"),
@@ -82,15 +82,20 @@ def timeout(value: Any) -> int | None:
 def text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"{value!r} is not a non-empty string")
+    _no_nul(value)
     return value
+
+
+def _no_nul(value: str) -> None:
+    """Strings that reach a command line, the environment or a path: each ends at a NUL there (see NUL_WORD)."""
+    if "\0" in value:
+        raise ValueError(f"{value!r} {NUL_WORD}")
 
 
 def orders_dir(value: Any) -> str:
     """A directory inside the project, written relative to its root: orders are version-controlled with it, and
     every order path (locks, the audit, the view) is taken relative to the root."""
     path = text(value)
-    if "\0" in path:
-        raise ValueError(f"{path!r} holds a NUL byte, which no path may")
     parts = posixpath.normpath(path.replace(os.sep, "/")).split("/")
     if os.path.isabs(path) or parts[0] == "..":
         raise ValueError(f"{path!r} is outside the project; give a directory relative to the project root")
@@ -109,6 +114,8 @@ def argv(value: Any) -> tuple[str, ...]:
             raise ValueError(f"{value!r} cannot be split into arguments: {exc}") from None
     if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
         raise ValueError(f"{value!r} is not a command (a non-empty list of strings, or a string)")
+    for word in value:
+        _no_nul(word)
     return tuple(value)
 
 
@@ -160,7 +167,10 @@ def workspace(value: Any) -> str:
 
 def review(value: Any) -> str | tuple[str, ...] | None:
     """A review command: null (no review), a string (run by the shell) or a list (argv)."""
-    if value is None or isinstance(value, str) and value.strip():
+    if value is None:
+        return value
+    if isinstance(value, str) and value.strip():
+        _no_nul(value)
         return value
     if isinstance(value, list):
         return argv(value)

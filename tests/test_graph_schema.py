@@ -279,6 +279,9 @@ def test_schema_accepts_every_valid_fixture(order_dir):
     "command: ''\n", "command: '   '\n", "command: ['']\n", "review: ''\n", "review: ['', x]\n", "model: ''\n",
     "title: \"two\\nlines\"\n", "target_files: ['']\n", "workspace_copy: ['']\n", "workspace_copy: [/abs]\n",
     "workspace_copy: [a/../../b]\n", "workspace_setup: ['']\n", "id: 'a b'\n",
+    # a NUL byte, which ends a string on a command line (in double quotes YAML reads \0 as one)
+    'command: "printf a\\0b"\n', 'command: [printf, "a\\0b"]\n', 'review: "x\\0"\n', 'model: "a\\0b"\n',
+    'workspace_setup: [make, "\\0"]\n',
     # and what both take
     "workspace_setup: ''\n", "workspace_setup: make\n", "workspace_copy: [.env, 'cfg/*.json']\n", "model: opus\n",
     "command: [make, '']\n",

@@ -270,6 +270,11 @@ BAD_YAML = [
     ("max_rework: 99999999999999999999999999999\n", "max_rework: 99999999999999999999999999999 is more than"),
     ("max_workers: 2\nmax_workers: 8\n", "max_workers: appears twice"),
     ("worker:\n  model: a\n  model: b\n", "model: appears twice"),
+    # In double quotes YAML reads \0 as a NUL byte, where a command line ends: the worker ran the words cut short.
+    ('worker:\n  command: [sh, -c, "printf a\\0b"]\n', "worker.command: 'printf a\\x00b' holds a NUL byte"),
+    ('worker:\n  model: "a\\0b"\n', "worker.model: 'a\\x00b' holds a NUL byte"),
+    ('review:\n  command: "test -s a\\0b"\n', "review.command: 'test -s a\\x00b' holds a NUL byte"),
+    ('notify: "echo \\0"\n', "notify: 'echo \\x00' holds a NUL byte"),
     # YAML reads these as a date and an int that are none: a ValueError traceback, exit 1, before.
     ("orders_dir: 2026-02-30\n", ":1:13: invalid YAML: '2026-02-30' is not a valid timestamp (day is out of range"),
     ("max_workers: !!int five\n", ":1:14: invalid YAML: 'five' is not a valid int"),
