@@ -357,6 +357,7 @@ def test_refusals_change_nothing(project):
         ("add", "ORD", "B", "--depends-on", "B"): "cannot depend on itself",
         ("add", "ORD", "B", "--target-file", "../outside.py"): "target_files",
         ("add", "ORD", "order"): "reserved",
+        ("add", "ORD", "B.yaml"): "'B.yaml' is a file name; give the task's id, 'B'",  # it made B.yaml.yaml
         ("add", "ORD", "../B"): "not a usable id",
         ("add", "MISSING", "B"): "order 'MISSING'",
         ("new", "ORD"): "already exists",

@@ -96,6 +96,9 @@ def add(
 ) -> None:
     """Create a task file ORDER/TASK.yaml, validated with its order before it is written."""
     _check_id("TASK", task)
+    if task.endswith(".yaml"):  # the file's name given for the id: `add ORD A.yaml` made A.yaml.yaml, task `A.yaml`
+        raise UserError(f"TASK: {task!r} is a file name; give the task's id, {task[:-len('.yaml')]!r} (its file "
+                        "is named ID.yaml)")
     if f"{task}.yaml" in NOT_TASKS:
         raise UserError(f"TASK: {task!r} is reserved ({task}.yaml is read as the "
                         f"{'order' if task == Path(ORDER_FILE).stem else 'settings'} file); pick another id")
