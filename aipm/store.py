@@ -94,7 +94,11 @@ def load_yaml(text: str) -> Any:
                 value = memo[id(n)] = construct(n)
             return value
 
-        return build(node)
+        try:
+            return build(node)
+        except RecursionError:
+            # libyaml nests up to 1000 levels, and building takes a frame a level: past Python's limit (~990 here).
+            raise yaml.MarkedYAMLError(problem="nested too deeply", problem_mark=node.start_mark) from None
     finally:
         # `build` refers to itself through its closure: a cycle holding the loader and libyaml's buffers (~15 KB)
         # until the cyclic GC runs, which load_order keeps off. Break it so each file's parser is freed at once.

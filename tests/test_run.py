@@ -246,6 +246,8 @@ def _second_broken_mid_run(project, mistake: str):
     # A plain value YAML reads as a date that is none: the run ended in a ValueError traceback (exit 1), its
     # running worker's task left IN_PROGRESS.
     ("title: 2026-02-30\n", "'2026-02-30' is not a valid timestamp"),
+    # Nested as deep as libyaml reads (1000), deeper than Python's recursion limit: a RecursionError ended the run.
+    ("title: " + "[" * 999 + "]" * 999 + "\n", "nested too deeply"),
 ])
 def test_a_broken_edit_mid_run_is_reported_and_ignored(project, mistake, named):
     order, gate, proc, events, reader, second, good = _second_broken_mid_run(project, mistake)

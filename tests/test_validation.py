@@ -92,6 +92,14 @@ def test_a_key_that_is_no_plain_value_is_one_line(project, key):
     assert_one_line_error(project.aipm("validate", "O"), "B.yaml", "line 2, column 3")
 
 
+@pytest.mark.parametrize("name", ["B.yaml", "order.yaml"])
+def test_a_file_nested_as_deep_as_yaml_goes_is_one_line(project, name):
+    """libyaml reads 1000 levels; building them took more frames than Python allows (RecursionError, exit 1)."""
+    write_task(project.order("O"), "A", command="true")
+    (project.order("O") / name).write_text("title: " + "[" * 999 + "]" * 999 + "\n")
+    assert_one_line_error(project.aipm("validate", "O"), name, "nested too deeply")
+
+
 def test_validate_all_orders_reports_each_bad_one(project):
     write_task(project.order("GOOD"), "A", command="true")
     write_task(project.order("BAD"), "A", command=42)
