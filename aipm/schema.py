@@ -36,7 +36,10 @@ _WORD = r"^[^\x00]*[^\s\x00][^\x00]*$"
 _COMMAND = {"type": ["string", "array", "null"], "pattern": _WORD, "items": {"type": "string", "pattern": _NO_NUL},
             "prefixItems": [{"type": "string", "minLength": 1, "pattern": _NO_NUL}], "minItems": 1}
 _SETUP = {**_COMMAND, "pattern": f"^$|{_WORD}"}  # "" for none
-_LINE = {"type": ["string", "null"], "pattern": r"^[^\n\r]*$"}
+# fields.one_line: one line by Python's splitlines() (its breaks: _BREAKS), after the final "\n"s (`>` gives one)
+# are dropped; so at most one other break, as the last character before them.
+_BREAKS = r"\n\r\v\f\x1c-\x1e\x85\u2028\u2029"
+_LINE = {"type": ["string", "null"], "pattern": rf"^[^{_BREAKS}]*[{_BREAKS[2:]}]?\n*$"}
 _NAME = {"type": ["string", "null"], "pattern": _WORD}
 _PATHS = {"type": ["array", "null"], "items": {"type": "string", "pattern": r"\S"}}
 _ID = f"^{ID_PATTERN.pattern}$"

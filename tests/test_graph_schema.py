@@ -208,7 +208,8 @@ def check(instance, schema: dict) -> list[str]:
     if isinstance(instance, str):
         if len(instance) < schema.get("minLength", 0):
             errors.append(f"{instance!r} too short")
-        if "pattern" in schema and not re.search(schema["pattern"], instance):  # (ECMA-262 and `re` agree here)
+        # As ECMA-262 reads it (editors do): `$` is the end only, where Python's also matches before a final "\n".
+        if "pattern" in schema and not re.search(re.sub(r"(?<!\\)\$", r"\\Z", schema["pattern"]), instance):
             errors.append(f"{instance!r} does not match {schema['pattern']}")
     if isinstance(instance, list):
         if len(instance) < schema.get("minItems", 0):
@@ -282,6 +283,10 @@ def test_schema_accepts_every_valid_fixture(order_dir):
     # a NUL byte, which ends a string on a command line (in double quotes YAML reads \0 as one)
     'command: "printf a\\0b"\n', 'command: [printf, "a\\0b"]\n', 'review: "x\\0"\n', 'model: "a\\0b"\n',
     'workspace_setup: [make, "\\0"]\n',
+    # a title: the validator drops the final line breaks (`>` gives one) and refuses any other Python's
+    # splitlines() knows (\v, \f, \x1c-\x1e, \x85, \u2028, \u2029)
+    "title: >\n  a folded title\n", "title: |+\n  kept\n\n", 'title: "a\\vb"\n', 'title: "a\\x85b"\n',
+    'title: "a\\u2028b"\n', 'title: "a\\nb\\n"\n',
     # and what both take
     "workspace_setup: ''\n", "workspace_setup: make\n", "workspace_copy: [.env, 'cfg/*.json']\n", "model: opus\n",
     "command: [make, '']\n",
