@@ -89,7 +89,11 @@ def load_yaml(text: str) -> Any:
                             None, None, "a key must be a plain value", key_node.start_mark)
                     if key in value:
                         raise DuplicateKey(key, key_node.start_mark)
-                    value[key] = build(value_node)
+                    try:
+                        value[key] = build(value_node)
+                    except BadValue as exc:
+                        exc.key = key  # the outermost mapping's, set last: the field of the file
+                        raise
             else:
                 value = memo[id(n)] = construct(n)
             return value
@@ -114,6 +118,7 @@ class BadValue(yaml.constructor.ConstructorError):
         what = f"{node.value!r} is not a valid {kind}" if isinstance(node.value, str) else f"not a valid {kind}"
         why = f" ({exc})" if type(exc) is ValueError else ""  # the others' texts name PyYAML's internals
         super().__init__(None, None, what + why, node.start_mark)
+        self.key: Any = None  # the key it is the value of, once known
 
 
 class DuplicateKey(Exception):
@@ -205,7 +210,8 @@ def parse_mapping(path: Path, text: str, empty_ok: bool = False) -> dict[str, An
         raise ValidationError(str(path), exc.key, exc.reason) from None
     except BadValue as exc:
         mark = exc.problem_mark
-        raise ValidationError(str(path), None, f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}; "
+        field = None if exc.key is None else str(exc.key)
+        raise ValidationError(str(path), field, f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}; "
                               "quote it if it is text") from None
     except yaml.constructor.ConstructorError as exc:
         mark = exc.problem_mark
