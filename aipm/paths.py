@@ -127,15 +127,20 @@ class Normaliser(dict):
 
 
 def _has_symlink_parent(root: str, norm: str) -> bool:
-    """Whether a directory above `norm` is a symlink."""
-    parent = posixpath.dirname(norm)
-    return bool(parent) and _dir_has_symlink(root, parent)
+    """Whether a directory above `norm` is a symlink. A loop: a recursion per directory overran Python's limit on
+    a path of a thousand directories."""
+    directory = posixpath.dirname(norm)
+    while directory:
+        if _is_link(root, directory):
+            return True
+        directory = posixpath.dirname(directory)
+    return False
 
 
 @lru_cache(maxsize=65536)
-def _dir_has_symlink(root: str, directory: str) -> bool:
+def _is_link(root: str, directory: str) -> bool:
     """Cached per directory: thousands of targets share a few directories."""
-    return os.path.islink(os.path.join(root, directory)) or _has_symlink_parent(root, directory)
+    return os.path.islink(os.path.join(root, directory))
 
 
 def overlaps(a: Target, b: Target) -> bool:

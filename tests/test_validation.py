@@ -1,6 +1,7 @@
 """Every user mistake: one line naming file and field, exit 2, no traceback, not one byte changed on disk."""
 
 import shutil
+import subprocess
 
 import pytest
 
@@ -98,6 +99,21 @@ def test_a_file_nested_as_deep_as_yaml_goes_is_one_line(project, name):
     write_task(project.order("O"), "A", command="true")
     (project.order("O") / name).write_text("title: " + "[" * 999 + "]" * 999 + "\n")
     assert_one_line_error(project.aipm("validate", "O"), name, "nested too deeply")
+
+
+def test_a_target_a_thousand_directories_deep_is_read(project, tmp_path_factory):
+    """Its directories were checked for symlinks by a recursion a directory: RecursionError, exit 1."""
+    deep = "d/" * 1200 + "x.txt"  # 2405 bytes: a path the kernel takes
+    write_task(project.order("O"), "A", command="true", target_files=[deep])
+    proc = project.aipm("validate", "O")
+    assert proc.returncode == 0 and proc.stdout == "ok  O (1 task)\n", proc.stderr
+    outside = tmp_path_factory.mktemp("outside")
+    try:  # made and removed by mkdir -p and rm -rf: Python's (and pytest's clean-up of its tmp dirs) recurse
+        subprocess.run(["mkdir", "-p", deep.rpartition("/")[0]], cwd=outside, check=True)
+        (project.root / "d").symlink_to(outside / "d")  # the top directory, a link out of the root: still found
+        assert_one_line_error(project.aipm("validate", "O"), "A.yaml", "target_files")
+    finally:
+        subprocess.run(["rm", "-rf", str(outside / "d")], check=True)
 
 
 def test_validate_all_orders_reports_each_bad_one(project):
