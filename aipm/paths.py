@@ -52,13 +52,14 @@ def _segments(path: str, is_dir: bool) -> tuple[str, ...]:
     return parts + ("**",) if is_dir else parts
 
 
-def normalize(raw: str, root: str | None = None) -> Target:
+def normalize(raw: str, root: str | None = None, links: dict[str, bool] | None = None) -> Target:
     """Normalise `raw` relative to the project root; raise PathError when it leaves the root.
 
     With `root`, an existing directory counts as a directory even without a trailing slash, and a path that goes
     through a symlink is taken where it leads (a glob: its literal directories): refused outside the root, else
     named by its real path, so that locks, overlaps, the scope audit and confinement all see the files a write
     through it reaches (`notes.md -> README.md` is README.md, and conflicts with a task on README.md).
+    `links`: the directories this load has looked at (see _has_symlink_parent).
     """
     if not isinstance(raw, str) or not raw.strip():
         raise PathError("empty path")
@@ -79,7 +80,7 @@ def normalize(raw: str, root: str | None = None) -> Target:
             mode = os.lstat(full).st_mode if literal else 0  # one call answers both "symlink?" and "directory?"
         except OSError:
             mode = 0
-        if literal and (stat.S_ISLNK(mode) or _has_symlink_parent(root, literal)):
+        if literal and (stat.S_ISLNK(mode) or _has_symlink_parent(root, literal, {} if links is None else links)):
             real = real_relative(root, literal)
             if real is None:
                 raise PathError(f"{raw!r} is a symlink that leads outside the project root")
@@ -120,27 +121,27 @@ class Normaliser(dict):
     def __init__(self, root) -> None:
         super().__init__()
         self.root = str(root) if root else None
+        self.links: dict[str, bool] = {}  # directory → whether it is a symlink, as this load found it
 
     def __missing__(self, raw: str) -> Target:
-        target = self[raw] = normalize(raw, self.root)
+        target = self[raw] = normalize(raw, self.root, self.links)
         return target
 
 
-def _has_symlink_parent(root: str, norm: str) -> bool:
+def _has_symlink_parent(root: str, norm: str, links: dict[str, bool]) -> bool:
     """Whether a directory above `norm` is a symlink. A loop: a recursion per directory overran Python's limit on
-    a path of a thousand directories."""
+    a path of a thousand directories. `links` keeps each directory's answer for one load (thousands of targets
+    share a few directories), never longer: a run lives on while a worker replaces a directory with a link
+    leading out of the root, and a task file it reads then must be refused as any new process refuses it."""
     directory = posixpath.dirname(norm)
     while directory:
-        if _is_link(root, directory):
+        link = links.get(directory)
+        if link is None:
+            link = links[directory] = os.path.islink(os.path.join(root, directory))
+        if link:
             return True
         directory = posixpath.dirname(directory)
     return False
-
-
-@lru_cache(maxsize=65536)
-def _is_link(root: str, directory: str) -> bool:
-    """Cached per directory: thousands of targets share a few directories."""
-    return os.path.islink(os.path.join(root, directory))
 
 
 def overlaps(a: Target, b: Target) -> bool:

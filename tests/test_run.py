@@ -147,6 +147,37 @@ def test_task_added_mid_run_is_run_and_a_comment_survives(project):
     assert check(journal, order) == []
 
 
+def test_a_task_added_mid_run_below_a_directory_since_linked_outside_the_root_is_refused(project, tmp_path_factory):
+    """A run remembered for its whole life which directories were no symlinks: once src/ (looked at for FIRST's
+    target) was replaced by a link leading out of the root, a task file added with a target below it was taken,
+    and its worker wrote outside the project (DONE), though `aipm validate` refused the same file."""
+    outside = tmp_path_factory.mktemp("outside")
+    order, src, gate = project.order(), project.root / "src", project.root / "gate"
+    src.mkdir()
+    write_task(order, "FIRST", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["src/a.txt"])
+    proc = start_run(project, "ORD", "--json")
+    events: list[dict] = []
+    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: task_statuses(order)["FIRST"] == "IN_PROGRESS")
+        src.rmdir()
+        src.symlink_to(outside)
+        write_task(order, "ADDED", command="echo out > src/b.txt", target_files=["src/b.txt"])
+        wait_for(lambda: any(e["event"] == "invalid_file" or e.get("task") == "ADDED" for e in events))
+        assert not any(e.get("task") == "ADDED" for e in events), events
+        assert any(e["event"] == "invalid_file" and "ADDED.yaml: target_files: 'src/b.txt' is a symlink that leads "
+                   "outside the project root" in e["error"] for e in events), events
+        (order / "ADDED.yaml").unlink()
+        src.unlink()
+        src.mkdir()  # as it was: FIRST's outcome is recorded
+    finally:
+        gate.touch()
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    reader.join(timeout=10)
+    assert task_statuses(order) == {"FIRST": "DONE"} and not (outside / "b.txt").exists()
+
+
 def test_failed_task_never_unblocks_dependants_and_the_rest_goes_on(project):
     order = project.order()
     write_task(order, "BAD", command="exit 3", max_attempts=2)
