@@ -191,7 +191,8 @@ def _read_head(root: Path, gitdir: str, common: str) -> tuple[str, str]:
 def _git(root: Path, *args: str) -> str:
     """What a git command prints, stripped; "" when it fails."""
     try:
-        res = subprocess.run(["git", "-C", str(root), *args], env=git_env(), capture_output=True, text=True)
+        res = subprocess.run(["git", "-C", str(root), *args], env=git_env(), capture_output=True, text=True,
+                             errors="surrogateescape")
     except OSError:
         return ""
     return res.stdout.strip() if res.returncode == 0 else ""

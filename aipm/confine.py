@@ -251,12 +251,12 @@ def _git_dirs(real_root: str) -> list[str]:
         if os.path.isfile(dot_git):
             found = [dot_git]
             try:
-                with open(dot_git) as handle:
+                with open(dot_git, errors="surrogateescape") as handle:  # (a path in any bytes)
                     line = handle.readline().strip()
                 if line.startswith("gitdir:"):
                     named = os.path.realpath(os.path.join(directory, line[len("gitdir:"):].strip()))
                     found.append(named)
-                    with open(os.path.join(named, "commondir")) as handle:
+                    with open(os.path.join(named, "commondir"), errors="surrogateescape") as handle:
                         found.append(os.path.realpath(os.path.join(named, handle.readline().strip())))
             except OSError:
                 pass  # no commondir: a submodule's own git directory, already listed

@@ -102,7 +102,7 @@ def tree_prefix(root: str) -> str | None:
         return None
     try:
         res = subprocess.run(["git", "rev-parse", "--is-inside-work-tree", "--show-prefix"], cwd=root,
-                             capture_output=True, text=True, env=git_env())
+                             capture_output=True, text=True, errors="surrogateescape", env=git_env())
     except OSError:
         return None
     lines = res.stdout.splitlines()

@@ -131,7 +131,7 @@ class ParseCache:
             return None
         runtime = os.path.join(root, ".aipm")
         real = os.path.realpath(order_dir)
-        name = f"{os.path.basename(real)}-{zlib.crc32(real.encode()):08x}.tasks"
+        name = f"{os.path.basename(real)}-{zlib.crc32(os.fsencode(real)):08x}.tasks"
         entries = _read(runtime, name, real)
         save = _writable and _is_real_dir(runtime)
         if entries is None and not save:

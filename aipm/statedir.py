@@ -36,7 +36,7 @@ def state_dir(root: Path) -> Path:
     deleted and made again, or moved, gets a new one), shared by every aipm process of this user."""
     real = os.path.realpath(root)
     st = os.stat(real)
-    digest = sha1(real.encode() + _generation(real)).hexdigest()[:10]
+    digest = sha1(os.fsencode(real) + _generation(real)).hexdigest()[:10]  # (a path in any bytes)
     return _user_dir() / f"{st.st_dev:x}-{st.st_ino:x}-{digest}"
 
 

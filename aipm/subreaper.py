@@ -89,7 +89,7 @@ def _notifier(pid: int) -> bool:
 
 def marker(root: str, order: str, task: str, attempt: int) -> frozenset[bytes]:
     """The environment entries every process of one attempt inherits."""
-    return frozenset(f"{k}={v}".encode() for k, v in (
+    return frozenset(f"{k}={v}".encode(errors="surrogateescape") for k, v in (  # a root in any bytes
         ("AIPM_ROOT", root), ("AIPM_ORDER_ID", order), ("AIPM_TASK_ID", task), ("AIPM_ATTEMPT", attempt)))
 
 
@@ -121,8 +121,10 @@ def task_runs(root: Path, order: str, task: str) -> bool:
 
 def tasks_running(root: Path, tasks: Collection[tuple[str, str]]) -> set[tuple[str, str]]:
     """The (order, task) pairs of `tasks` that task_runs() finds running, in one look at every process."""
-    at, below = f"AIPM_ROOT={root}".encode(), f"AIPM_ROOT={root}/".encode()
-    marks = {(o, t): {f"AIPM_ORDER_ID={o}".encode(), f"AIPM_TASK_ID={t}".encode()} for o, t in tasks}
+    at, below = (f"AIPM_ROOT={root}".encode(errors="surrogateescape"),
+                 f"AIPM_ROOT={root}/".encode(errors="surrogateescape"))
+    marks = {(o, t): {f"AIPM_ORDER_ID={o}".encode(errors="surrogateescape"),
+                      f"AIPM_TASK_ID={t}".encode(errors="surrogateescape")} for o, t in tasks}
     found: set[tuple[str, str]] = set()
     for _, env in _environs() if marks else ():
         if any(e == at or e.startswith(below) for e in env):

@@ -79,7 +79,7 @@ def _prune(rt: Runtime, log: Path) -> None:
             except OSError:
                 continue
     kept = [line for line in _lines(log) if int(line.split(" ", 1)[0]) >= min(since)]
-    write_bytes(log, "".join(f"{line}\n" for line in kept).encode())
+    write_bytes(log, "".join(f"{line}\n" for line in kept).encode(errors="surrogateescape"))
 
 
 def written_since(rt: Runtime, since_ns: int) -> list[str]:
@@ -97,7 +97,8 @@ def written_since(rt: Runtime, since_ns: int) -> list[str]:
 
 def _lines(log: Path) -> list[str]:
     try:
-        return [line for line in read_bytes(log).decode().splitlines() if line.split(" ", 1)[0].isdigit()]
+        return [line for line in read_bytes(log).decode(errors="surrogateescape").splitlines()
+                if line.split(" ", 1)[0].isdigit()]
     except (OSError, UnicodeDecodeError):
         return []
 

@@ -847,3 +847,25 @@ def test_a_reviewer_cannot_hold_a_confined_tasks_owner_with_a_fifo_beside_its_lo
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert task_statuses(order) == {"A": "COMPLETED"} and no_workers(project.root)
     assert (project.root / "out.txt").read_text() == "hi\n"
+
+
+@landlock
+def test_a_project_whose_path_is_not_utf8_runs_shared_worktree_and_confined_tasks(tmp_path):
+    """A project in a directory whose name is not UTF-8 (a Latin-1 `caf\\xe9`): every command died with a traceback
+    (UnicodeEncodeError: surrogates not allowed) at the state directory's name, then at the parse cache's, the
+    workers' environment markers, a worktree's git paths and a confined worktree's `.git` file."""
+    project, root, top = _repo_with_project(tmp_path, below=os.fsdecode(b"caf\xe9"))
+    order = project.order()
+    write_task(order, "S", command="echo s > s.txt", target_files=["s.txt"])
+    write_task(order, "W", command="echo w > w.txt", target_files=["w.txt"], confine=True, workspace="worktree")
+    _git(top, "add", "-A")
+    _git(top, "commit", "-q", "-m", "tasks")
+    proc = project.aipm("run", "ORD", "--no-review")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert task_statuses(order) == {"OTHER": "DONE", "S": "DONE", "W": "DONE"}
+    assert (root / "s.txt").read_text() == "s\n" and (root / "w.txt").read_text() == "w\n"
+    for args in (("status", "ORD", "--json"), ("ps", "--json"), ("locks", "--json"), ("diff", "W"),
+                 ("logs", "W"), ("recover",)):
+        done = project.aipm(*args)
+        assert done.returncode == 0 and "Traceback" not in done.stderr, (args, done.stdout + done.stderr)
+    assert no_workers(root)

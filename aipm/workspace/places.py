@@ -18,7 +18,7 @@ def component(text: str) -> str:
     """A directory and ref-name component for an order or task id; ids that need changing get a hash suffix,
     so two ids never share one."""
     safe = re.sub(r"[^A-Za-z0-9_-]", "_", text)
-    return safe if safe == text else f"{safe}-{sha1(text.encode()).hexdigest()[:8]}"
+    return safe if safe == text else f"{safe}-{sha1(text.encode(errors='surrogateescape')).hexdigest()[:8]}"
 
 
 def runtime_dir(root: Path) -> Path:

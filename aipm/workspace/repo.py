@@ -116,7 +116,7 @@ class Repo:
         tree_env = self._reach(tree_dir)
         scratch.mkdir(parents=True, exist_ok=True)
         index = scratch / f"index.{os.getpid()}.{next(_counter)}"
-        seed = tree_dir / self.git("rev-parse", "--git-path", "index", cwd=tree_dir, env=tree_env).decode().strip()
+        seed = tree_dir / os.fsdecode(self.git("rev-parse", "--git-path", "index", cwd=tree_dir, env=tree_env).strip())
         try:
             index.unlink(missing_ok=True)  # a link a worker left under the name: copy2 would write where it leads
             if seed.is_file():
