@@ -159,15 +159,16 @@ def _timestamp(path: Path, data: Mapping[str, Any], key: str) -> str | None:
 
 
 def money_field(path: Path, data: Mapping[str, Any], key: str, positive: bool) -> float | None:
-    """US dollars: a positive budget, or a recorded cost (≥ 0). A budget is shared out in micro-dollars: it is one
-    at least (agents.MIN_DOLLARS), and below agents.MAX_DOLLARS (1e308, meant as no limit, overflowed that)."""
+    """US dollars: a positive budget, or a recorded cost (≥ 0), below agents.MAX_DOLLARS: a budget is shared out
+    in micro-dollars (1e308, meant as no limit, overflowed that), and costs are added up (two of 1e308 made an
+    order's cost inf, which `status --json` wrote as Infinity, no JSON). A budget is a micro-dollar at least."""
     value = data.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
-        agents.MIN_DOLLARS <= value < agents.MAX_DOLLARS if positive else value >= 0) or value == float("inf"):
-        what = (f"a number of US dollars from {agents.MIN_DOLLARS:.6f} below {agents.MAX_DOLLARS:,.0f}" if positive
-                else "a number of US dollars ≥ 0")
+            (agents.MIN_DOLLARS if positive else 0) <= value < agents.MAX_DOLLARS):
+        what = (f"a number of US dollars from {agents.MIN_DOLLARS:.6f}" if positive
+                else "a number of US dollars from 0") + f" below {agents.MAX_DOLLARS:,.0f}"
         raise ValidationError(str(path), key, f"must be {what}, not {value!r}")
     return float(value)
 

@@ -94,9 +94,9 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "max_cost_usd": (_BUDGET,
                      "US dollars one attempt may spend, passed to agents whose CLI takes a cap "
                      "(claude --max-budget-usd)."),
-    "cost_usd": ({"type": ["number", "null"], "minimum": 0},
+    "cost_usd": ({"type": ["number", "null"], "minimum": 0, "exclusiveMaximum": agents.MAX_DOLLARS},
                  "What the task's attempts cost in total, as the agent reported it; absent when unknown."),
-    "cost_unreported_usd": ({"type": ["number", "null"], "minimum": 0},
+    "cost_unreported_usd": ({"type": ["number", "null"], "minimum": 0, "exclusiveMaximum": agents.MAX_DOLLARS},
                             "The caps of capped attempts that ended without reporting their cost (killed): what "
                             "they may have spent at most, beyond cost_usd; counted against the order's budget."),
     "tokens": ({"type": ["object", "null"], "additionalProperties": False,

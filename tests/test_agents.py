@@ -290,6 +290,23 @@ def test_codex_cached_input_above_the_input_leaves_the_fresh_input_unknown():
 
 def test_a_total_that_would_not_be_finite_is_not_added():
     assert agents.task_updates(1e308, None, agents.Usage(cost_usd=9e307)) == {}
+    assert agents.task_updates(999_999_999_999.5, None, agents.Usage(cost_usd=0.5)) == {}  # no task file holds it
+
+
+@pytest.mark.parametrize("key", ["cost_usd", "cost_unreported_usd"])
+def test_a_recorded_cost_past_any_amount_is_one_line_and_exit_2(project, key):
+    """Two tasks of 1e308 were taken: the order's cost added up to inf, and `status --json` wrote it as Infinity,
+    which no JSON reader takes (the dashboard's /api/board too)."""
+    order = project.order()
+    for name in ("A", "B"):
+        (order / f"{name}.yaml").write_text(f"id: {name}\nprompt: x\nstatus: DONE\n{key}: 1.0e+308\n")
+    before = snapshot(project.root)
+    for command in (("status", "ORD", "--json"), ("validate", "ORD"), ("run", "ORD")):
+        proc = project.aipm(*command)
+        assert proc.returncode == 2, proc.stdout[-300:] + proc.stderr
+        (line,) = proc.stderr.splitlines()
+        assert f"{key}: must be a number of US dollars from 0 below 1,000,000,000,000" in line, line
+    assert snapshot(project.root) == before
 
 
 # ---- real runs with the stand-ins -----------------------------------------------------------------------

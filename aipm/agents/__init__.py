@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 import os
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -205,7 +204,7 @@ def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] 
     updates = task_updates(cost_usd, tokens, usage)
     if usage.cost_usd is None and cap:
         total = round((unreported or 0.0) + cap, 6)
-        if math.isfinite(total):
+        if total < MAX_DOLLARS:  # (what a task file may hold: fields.money_field)
             updates["cost_unreported_usd"] = total
     return usage, updates
 
@@ -223,7 +222,7 @@ def task_updates(cost_usd: float | None, tokens: dict[str, int] | None, usage: U
     updates: dict[str, Any] = {}
     if usage.cost_usd is not None:
         total = round((cost_usd or 0.0) + usage.cost_usd, 6)
-        if math.isfinite(total):  # a task file edited to hold 1e308 must not keep the outcome from being written
+        if total < MAX_DOLLARS:  # a total a task file may not hold must not keep the outcome from being written
             updates["cost_usd"] = total
     if usage.tokens:
         total = dict(tokens or {})
