@@ -227,14 +227,15 @@ def test_an_attempt_that_cannot_reach_the_cluster_ends_at_once_and_says_why(tmp_
         pytest.skip("ray is not installed (pip install '.[ray]')")
     from aipm.cluster import failure
 
-    log = tmp_path / "log"
-    argv = [sys.executable, "-m", "aipm.cluster.attempt", "--address", "127.0.0.1:1", "--", "true"]
+    log, exit_file = tmp_path / "log", str(tmp_path / "exit")
+    argv = [sys.executable, "-m", "aipm.cluster.attempt", "--address", "127.0.0.1:1", "--exit-file", exit_file,
+            "--", "true"]
     with log.open("w") as out:
         assert subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, timeout=120).returncode == 75
     why = "cannot reach the Ray cluster (127.0.0.1:1): Connection refused"
     assert f"[aipm] {why}" in log.read_text()
-    assert failure(str(log), argv, 75) == why
-    assert failure(str(log), ["/bin/sh", "-c", "exit 75"], 75) is None
+    assert failure(exit_file, argv, 75) == why
+    assert failure(exit_file, ["/bin/sh", "-c", "exit 75"], 75) is None
 
 
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
