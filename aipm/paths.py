@@ -160,19 +160,33 @@ def overlaps(a: Target, b: Target) -> bool:
 
 @lru_cache(maxsize=65536)
 def _segments_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    @lru_cache(maxsize=None)
-    def match(i: int, j: int) -> bool:
-        if i == len(a) and j == len(b):
-            return True
-        if i < len(a) and a[i] == "**":
-            return match(i + 1, j) or (j < len(b) and match(i, j + 1))
-        if j < len(b) and b[j] == "**":
-            return match(i, j + 1) or (i < len(a) and match(i + 1, j))
-        if i == len(a) or j == len(b):
-            return False
-        return segment_overlap(a[i], b[j]) and match(i + 1, j + 1)
+    return _intersect(a, b, "**", segment_overlap)
 
-    return match(0, 0)
+
+def _intersect(a: tuple[str, ...], b: tuple[str, ...], star: str, same) -> bool:
+    """Whether some sequence matches both patterns `a` and `b`: `star` stands for any run of items, and
+    `same(x, y)` says whether one item can match both other tokens. Filled from the ends (whether a[i:] and b[j:]
+    can match a common rest), a row at a time: a table, not a recursion, so a pattern of a thousand segments
+    or characters stays within Python's recursion limit (RecursionError in every command that planned it)."""
+    n, m = len(a), len(b)
+    below = [False] * (m + 1)  # the row of i + 1
+    for i in range(n, -1, -1):
+        row = [False] * (m + 1)
+        for j in range(m, -1, -1):
+            if i < n and a[i] == star:
+                row[j] = below[j] or (j < m and row[j + 1])
+            elif j < m and b[j] == star:
+                row[j] = row[j + 1] or (i < n and below[j])
+            elif i == n or j == m:
+                row[j] = i == n and j == m
+            else:
+                row[j] = below[j + 1] and same(a[i], b[j])
+        below = row
+    return below[0]
+
+
+def _same_character(x: str, y: str) -> bool:
+    return x == "?" or y == "?" or x == y
 
 
 def _tokens(segment: str) -> tuple[str, ...]:
@@ -198,21 +212,7 @@ def _tokens(segment: str) -> tuple[str, ...]:
 @lru_cache(maxsize=65536)
 def segment_overlap(p: str, q: str) -> bool:
     """True when some single path segment could match both fnmatch-style patterns."""
-    a, b = _tokens(p), _tokens(q)
-
-    @lru_cache(maxsize=None)
-    def match(i: int, j: int) -> bool:
-        if i == len(a) and j == len(b):
-            return True
-        if i < len(a) and a[i] == "*":
-            return match(i + 1, j) or (j < len(b) and match(i, j + 1))
-        if j < len(b) and b[j] == "*":
-            return match(i, j + 1) or (i < len(a) and match(i + 1, j))
-        if i == len(a) or j == len(b):
-            return False
-        return (a[i] == "?" or b[j] == "?" or a[i] == b[j]) and match(i + 1, j + 1)
-
-    return match(0, 0)
+    return _intersect(_tokens(p), _tokens(q), "*", _same_character)
 
 
 def first_overlap(mine: tuple[Target, ...], theirs: tuple[Target, ...], test=None) -> tuple[Target, Target] | None:

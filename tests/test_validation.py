@@ -116,6 +116,19 @@ def test_a_target_a_thousand_directories_deep_is_read(project, tmp_path_factory)
         subprocess.run(["rm", "-rf", str(outside / "d")], check=True)
 
 
+@pytest.mark.parametrize("mine,theirs", [
+    ("*" + "a" * 700, "a" * 700 + "*"),  # a glob segment of 700 characters (either matches "a" * 700)
+    ("d/" * 1000 + "*.txt", "d/" * 1000 + "x.txt"),  # a glob of a thousand segments
+])
+def test_long_globs_are_planned(project, mine, theirs):
+    """Globs were compared by a recursion a character and a segment: RecursionError in detect, and in a run."""
+    write_task(project.order("O"), "A", command="true", target_files=[mine])
+    write_task(project.order("O"), "B", command="true", target_files=[theirs])
+    plan = project.json("detect", "O")
+    assert [t["id"] for t in plan["launchable"]] == ["A"]
+    assert [(b["id"], b["reason"]) for b in plan["blocked"]] == [("B", "file_conflict_in_round")]
+
+
 def test_validate_all_orders_reports_each_bad_one(project):
     write_task(project.order("GOOD"), "A", command="true")
     write_task(project.order("BAD"), "A", command=42)
