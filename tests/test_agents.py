@@ -509,6 +509,9 @@ def test_claude_parse_names_the_error_of_an_error_result():
         == "API Error: 529"
     assert claude.parse([result(subtype="success", is_error=False, result="done")]).error is None
     assert claude.parse([result(subtype="success", is_error=True)]).error == "is_error"
+    # An error subtype is an error whatever is_error says (error_max_turns has been seen with false).
+    assert claude.parse([result(subtype="error_max_turns", is_error=False)]).error == "error_max_turns"
+    assert claude.parse([result(subtype="error_during_execution")]).is_error is True
 
 
 def test_claude_hook_stops_a_write_outside_the_targets_in_a_real_run(project):

@@ -107,6 +107,8 @@ def parse(lines: Iterable[str]) -> Usage:
         usage.tokens = {ours: n for theirs, ours in _TOKENS.items() if (n := count(reported.get(theirs))) is not None}
         usage.turns = count(event.get("num_turns"))
         usage.is_error = event.get("is_error") if isinstance(event.get("is_error"), bool) else None
+        if isinstance(event.get("subtype"), str) and event["subtype"].startswith("error"):
+            usage.is_error = True  # error_max_turns has been seen with is_error false: the run did not finish
         usage.error = _error(event) if usage.is_error else None
     return usage
 
