@@ -21,6 +21,9 @@ MAX_TIMEOUT = 7 * 24 * 3600
 # Bounds of max_attempts, max_rework and max_workers: far above any real use, so that a typo (`1000000`) is an
 # error rather than a task retried for ever, and every count stays exact in JSON readers (jq, the dashboard).
 MAX_COUNT = 1000
+# Bound of the tallies aipm writes (attempts, reworks, preemptions), which `aipm retry` lets pass max_attempts: a
+# hand-written absurd one is an error, not an attempt whose log name is too long to create.
+MAX_TALLY = 10**9
 
 TASK_KEYS = (
     "id", "title", "status", "priority", "depends_on", "target_files", "command", "prompt", "model",
@@ -229,6 +232,8 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
     raw_targets = _str_list(path, data, "target_files")
     if any("\0" in raw for raw in raw_targets):
         raise ValidationError(str(path), "target_files", "a path holds a NUL byte (\\0)")
+    if any("\n" in raw or "\r" in raw for raw in raw_targets):  # a worker's AIPM_TARGET_FILES is one per line
+        raise ValidationError(str(path), "target_files", "a path holds a line break")
     try:
         normalise = Normaliser(root) if normalise is None else normalise
         targets = tuple(map(normalise.__getitem__, raw_targets))
@@ -330,10 +335,10 @@ _DEFINED: tuple[tuple[str, Any, tuple], ...] = (
     ("workspace_setup", _setup, ()), ("workspace_copy", _copy_globs, ()),
 )
 _MANAGED: tuple[tuple[str, Any, tuple], ...] = (
-    ("exit_code", _exit_code, ()), ("status", _enum, (Status, Status.QUEUED)), ("attempts", _count, ()),
-    ("reworks", _count, ()), ("started_at", _timestamp, ()), ("finished_at", _timestamp, ()),
+    ("exit_code", _exit_code, ()), ("status", _enum, (Status, Status.QUEUED)), ("attempts", _count, (MAX_TALLY,)),
+    ("reworks", _count, (MAX_TALLY,)), ("started_at", _timestamp, ()), ("finished_at", _timestamp, ()),
     ("reason", str_field, ()), ("cost_usd", money_field, (False,)),
     ("cost_unreported_usd", money_field, (False,)), ("tokens", _tokens, ()),
-    ("session_id", str_field, ()), ("preemptions", _count, ()),
+    ("session_id", str_field, ()), ("preemptions", _count, (MAX_TALLY,)),
 )
 _FIELDS = _DEFINED + _MANAGED

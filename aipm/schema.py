@@ -19,7 +19,7 @@ from typing import Any
 
 from aipm import agents
 from aipm.model import ID_PATTERN, MANAGED_FIELDS, Priority, Status
-from aipm.fields import MAX_COUNT, MAX_TIMEOUT, RAY_SHARE, TASK_KEYS
+from aipm.fields import MAX_COUNT, MAX_TALLY, MAX_TIMEOUT, RAY_SHARE, TASK_KEYS
 from aipm.store import ORDER_KEYS
 
 DIALECT = "https://json-schema.org/draft/2020-12/schema"
@@ -74,8 +74,8 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "timeout": ({**_POSITIVE, "maximum": MAX_TIMEOUT}, "Seconds before the worker's whole process group is killed."),
     "max_attempts": ({**_POSITIVE, "maximum": MAX_COUNT}, "Tries: a failed or timed-out attempt is retried until this many have run "
                                 "(attempts a review sent back are reworks and do not count)."),
-    "attempts": (_COUNT, "Attempts started so far."),
-    "reworks": (_COUNT, "Times a review sent the task back."),
+    "attempts": ({**_COUNT, "maximum": MAX_TALLY}, "Attempts started so far."),
+    "reworks": ({**_COUNT, "maximum": MAX_TALLY}, "Times a review sent the task back."),
     "started_at": (_STRING, "When the latest attempt started."),
     "finished_at": (_STRING, "When the latest attempt or review ended."),
     "exit_code": ({"type": ["integer", "null"]}, "Exit code of the latest attempt."),
@@ -103,7 +103,7 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
                 "properties": {k: {"type": "integer", "minimum": 0} for k in agents.TOKEN_KINDS}},
                "Tokens the task's attempts used in total, by kind; a kind the agent did not report is absent."),
     "session_id": (_STRING, "The agent's own session of the latest attempt; `aipm retry --resume` continues it."),
-    "preemptions": (_COUNT, "Times a more urgent task stopped this one (`run --preempt`); it is stopped at most "
+    "preemptions": ({**_COUNT, "maximum": MAX_TALLY}, "Times a more urgent task stopped this one (`run --preempt`); it is stopped at most "
                             "twice."),
     "confine": ({"type": ["boolean", "null"]},
                 "Confine the worker to its target files with the kernel's Landlock (default: the `confine` "
