@@ -2,6 +2,7 @@
 (`git checkout`) and ends while its supervisor is dead, a command whose wrapper dies with its supervisor (`pkill -f
 aipm`), one that deletes the order's directory and puts it back."""
 
+import fcntl
 import json
 import os
 import re
@@ -764,15 +765,25 @@ def test_a_string_commands_parent_is_its_wrapper_so_kill_ppid_does_not_end_the_r
 
 
 def _stopped_owner_with_its_worker_ended(project, gate, order):
-    """`aipm run ORDER` of one task stopped (Ctrl-Z) while its worker ran, and that worker ended since: its outcome
-    waits for the stopped owner. Returns the stopped run (SIGCONT it at the end)."""
+    """`aipm run ORDER` of one task stopped (Ctrl-Z) while its worker ran, outside a round (the launch lock free:
+    what is tested is the wait for the outcome, not for the lock), and that worker ended since: its outcome waits
+    for the stopped owner. Returns the stopped run (SIGCONT it at the end)."""
+    running = project.root / "running"
     write_task(project.order(order), "T1", target_files=["a.txt"],
-               command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+               command=f"touch {running}; while [ ! -e {gate} ]; do sleep 0.05; done")
     first = _start_run(project, order)
     path = state(project.root) / "workers" / order / "T1.json"
-    rec = wait_for(lambda: path.exists() and json.loads(path.read_text()).get("pid") and json.loads(path.read_text()))
-    first.send_signal(signal.SIGSTOP)
-    wait_for(lambda: open(f"/proc/{first.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T")
+    wait_for(running.exists)
+    rec = json.loads(path.read_text())
+    while True:
+        first.send_signal(signal.SIGSTOP)
+        wait_for(lambda: open(f"/proc/{first.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T")
+        with open(state(project.root) / "launch.lock") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:  # stopped inside a round: let it finish that one
+                first.send_signal(signal.SIGCONT)
     gate.touch()
     wait_for(lambda: not pid_alive(rec["pid"]))  # a zombie: its stopped owner cannot reap it
     return first
