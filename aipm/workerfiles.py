@@ -58,11 +58,11 @@ def reason_path(exit_file: str) -> str:
     return exit_file + ".why"
 
 
-def note_reason(exit_file: str, reason: str) -> None:
+def note_reason(exit_file: str, why: str) -> None:
     """The reason for reason(); none where the state directory cannot be written (the reason is then the exit
     code)."""
     try:
-        write_bytes(Path(reason_path(exit_file)), reason.encode(errors="surrogateescape"))
+        write_bytes(Path(reason_path(exit_file)), why.encode(errors="surrogateescape"))
     except OSError:
         pass
 
