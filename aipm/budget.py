@@ -34,9 +34,10 @@ class Budget:
 
     @property
     def reached(self) -> bool:
-        # In micro-dollars, as `available`: 0.7 spent and the 0.1 cap of a killed attempt are 0.7999999999999999,
-        # below a limit of 0.8 that nothing is left of.
-        return round(self.spent + self.unreported, 6) >= self.limit
+        # What is left, in micro-dollars, as `available` has it: 0.7 spent and the 0.1 cap of a killed attempt are
+        # 0.7999999999999999, below a limit of 0.8 that nothing is left of; and a limit that is no whole number of
+        # micro-dollars (0.8000004) leaves less than one, which `available` gives no attempt.
+        return round(self.limit - self.spent - self.unreported, 6) <= 0
 
     @property
     def over(self) -> bool:

@@ -688,6 +688,24 @@ def test_a_budget_spent_to_the_last_share_by_a_killed_attempt_is_reached(project
     assert "budget reached" in project.aipm("why", "C").stdout
 
 
+@pytest.mark.parametrize("limit", [0.8, 0.8000004])
+def test_a_budget_with_less_than_a_micro_dollar_left_is_reached(project, limit):
+    """A limit that is no whole number of micro-dollars (0.8000004, which money_field takes) with 0.8 spent leaves
+    less than the least share: `available` gave nothing, yet `reached` compared 0.8 with 0.8000004, so the run
+    ended 1 without its `budget` line and `why` said 'budget held ... waits for them to end' with nothing running."""
+    order = project.order()
+    (order / "order.yaml").write_text(f"id: ORD\nmax_cost_usd: {limit}\n")
+    write_task(order, "A", title="a", status="DONE", command="true", target_files=["a.txt"], cost_usd=0.7)
+    write_task(order, "B", title="b", status="FAILED", command="true", target_files=["b.txt"],
+               cost_unreported_usd=0.1)
+    write_task(order, "C", title="c", command="true", target_files=["c.txt"])
+    assert project.json("status", "ORD")["budget_reached"] is True
+    assert "budget reached" in project.aipm("why", "C").stdout
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1 and "stopped: budget reached" in proc.stderr, proc.stdout + proc.stderr
+    assert project.statuses() == {"A": "DONE", "B": "FAILED", "C": "QUEUED"}
+
+
 def test_a_killed_attempt_that_reported_its_cost_counts_its_cost_not_its_cap(project):
     (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
     order = project.order()
