@@ -49,7 +49,7 @@ def lock_nodes(targets: Iterable[Target]) -> dict[str, bool]:
 
 def node_file(node: str) -> str:
     """The lock file's name for a node (the node itself is written inside, for `aipm locks`)."""
-    return sha1(node.encode()).hexdigest()[:20] + ".lock"
+    return sha1(os.fsencode(node)).hexdigest()[:20] + ".lock"  # (a path in any bytes: a target through a link)
 
 
 @lru_cache(maxsize=4096)
@@ -159,7 +159,7 @@ def _create(path: str, node: str) -> int:
     """A new lock file holding its node's name (for `aipm locks`); none is left behind if that write fails."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        os.write(fd, node.encode())
+        os.write(fd, os.fsencode(node))
     except BaseException:
         os.close(fd)
         with suppress(OSError):

@@ -483,3 +483,18 @@ def test_a_command_waiting_for_a_launch_lock_whose_holder_is_stopped_says_so_onc
     assert line.startswith(said) and line.endswith(f"which is stopped (Ctrl-Z or SIGSTOP): `fg` in its terminal, "
                                                    f"or `kill -CONT {holder.pid}`, lets it go on"), line
     assert task_statuses(project.order())["T"] == {"cancel": "CANCELLED", "run": "DONE"}[command[0]]
+
+
+def test_a_target_through_a_link_into_a_directory_named_in_non_utf8_bytes_is_locked_and_run(project):
+    """`cafe -> caf\\xe9` (a Latin-1 name, any bytes to Linux): the target cafe/x.txt is locked by its real path,
+    `caf\\udce9/x.txt` as Python reads it, whose lock file's name and content could not be encoded: `aipm run`
+    ended in a UnicodeEncodeError traceback, the task never started."""
+    latin = os.fsdecode(b"caf\xe9")
+    (project.root / latin).mkdir()
+    (project.root / "cafe").symlink_to(latin)
+    write_task(project.order(), "T", target_files=["cafe/x.txt"], command="echo hi > cafe/x.txt")
+    write_task(project.order(), "U", target_files=["cafe/"], command="true", depends_on=["T"])
+    proc = project.aipm("run", "ORD", "--no-review")
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert task_statuses(project.order()) == {"T": "DONE", "U": "DONE"}
+    assert (project.root / latin / "x.txt").read_text() == "hi\n"
