@@ -160,7 +160,17 @@ def overlaps(a: Target, b: Target) -> bool:
 
 @lru_cache(maxsize=65536)
 def _segments_overlap(a: tuple[str, ...], b: tuple[str, ...]) -> bool:
-    return _intersect(a, b, "**", segment_overlap)
+    return _intersect_or_zip(a, b, "**", segment_overlap)
+
+
+def _intersect_or_zip(a: tuple[str, ...], b: tuple[str, ...], star: str, same) -> bool:
+    """_intersect, where a pattern without `star` is compared item by item (it matches only as many items as it
+    has), stopping at the first pair that differs: the table was filled whole, n × m calls of `same`, for two
+    literal names (a glob target's directories against another's: 200 targets `src/NAME_i/**/*.py` took 2.5
+    times as long to plan as with the recursion the table replaced)."""
+    if star not in a and star not in b:
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return _intersect(a, b, star, same)
 
 
 def _intersect(a: tuple[str, ...], b: tuple[str, ...], star: str, same) -> bool:
@@ -212,7 +222,7 @@ def _tokens(segment: str) -> tuple[str, ...]:
 @lru_cache(maxsize=65536)
 def segment_overlap(p: str, q: str) -> bool:
     """True when some single path segment could match both fnmatch-style patterns."""
-    return _intersect(_tokens(p), _tokens(q), "*", _same_character)
+    return _intersect_or_zip(_tokens(p), _tokens(q), "*", _same_character)
 
 
 def first_overlap(mine: tuple[Target, ...], theirs: tuple[Target, ...], test=None) -> tuple[Target, Target] | None:
