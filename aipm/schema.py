@@ -41,7 +41,8 @@ _SETUP = {**_COMMAND, "pattern": f"^$|{_WORD}"}  # "" for none
 _BREAKS = r"\n\r\v\f\x1c-\x1e\x85\u2028\u2029"
 _LINE = {"type": ["string", "null"], "pattern": rf"^[^{_BREAKS}]*[{_BREAKS[2:]}]?\n*$"}
 _NAME = {"type": ["string", "null"], "pattern": _WORD}
-_PATHS = {"type": ["array", "null"], "items": {"type": "string", "pattern": r"\S"}}
+# a path: not blank, and no line break (a worker's AIPM_TARGET_FILES is one per line) or NUL (fields.task_from_mapping)
+_PATHS = {"type": ["array", "null"], "items": {"type": "string", "pattern": r"^[^\n\r\x00]*[^\s\x00][^\n\r\x00]*$"}}
 _ID = f"^{ID_PATTERN.pattern}$"
 # a budget or cap: fields.money_field
 _BUDGET = {"type": ["number", "null"], "minimum": agents.MIN_DOLLARS, "exclusiveMaximum": agents.MAX_DOLLARS}

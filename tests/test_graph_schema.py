@@ -292,6 +292,9 @@ def test_schema_accepts_every_valid_fixture(order_dir):
     "command: [make, '']\n",
     # more than one GPU is whole (Ray refuses 1.5 at every attempt); a share of one is not
     "resources: {gpus: 1.5}\n", "resources: {gpus: 2.0}\n", "resources: {gpus: 0.5}\n", "resources: {gpus: 3}\n",
+    # a target holding a line break (a worker's AIPM_TARGET_FILES is one per line) or a NUL: refused by both
+    'target_files: ["a\\nb"]\n', 'target_files: ["a\\rb"]\n', 'target_files: ["a\\0b"]\n',
+    'target_files: [a.py, "src/\\n"]\n', "target_files: ['a b.py', ' c ']\n",
 ])
 def test_schema_and_validator_agree(tmp_path, text):
     path = tmp_path / "A.yaml"
