@@ -19,6 +19,7 @@ from aipm import budget, handover, notify, preemption, recovery, runner, scope, 
 from aipm.launcher import Launcher
 from aipm.liveness import stopped
 from aipm.model import FINISHED_OK, Order, Status, status_summary
+from aipm.plan import never_runs
 from aipm.record import Record
 from aipm.supervisor import RECORDS, RECORDS_RECHECK, Emit, Supervisor
 from aipm.view import OrderView
@@ -168,7 +169,10 @@ def _others_matter(order: Order, others: set[str]) -> bool:
     owner was stopped (Ctrl-Z) with its worker ended."""
     if any(key.startswith(f"{order.id}/") for key in others):
         return True
-    return bool(others) and any(t.status == Status.QUEUED for t in order.tasks.values())
+    queued = {t.id for t in order.tasks.values() if t.status == Status.QUEUED} if others else set()
+    # A task behind a FAILED, REJECTED or CANCELLED one starts after no other work: waited for, it kept the run for
+    # as long as another order's worker ran, and for ever where that owner was stopped with its outcome.
+    return bool(queued) and bool(queued - {tid for ids in never_runs(order).values() for tid in ids})
 
 
 def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None = None,

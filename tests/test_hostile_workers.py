@@ -804,6 +804,23 @@ def test_a_finished_order_does_not_wait_for_another_orders_owner_that_is_stopped
     assert task_statuses(project.order("Y")) == {"T1": "DONE"}
 
 
+def test_a_run_whose_queued_tasks_can_never_run_does_not_wait_for_another_orders_stopped_owner(project, gate):
+    """8c67ae0 let a run of an order that was done end beside another order's stopped owner, but one whose QUEUED
+    task waits on a FAILED one (it can never run: `run` alone ends at once, exit 1) still waited, for ever and in
+    silence: another order's work was taken to free a dependency of it."""
+    first = _stopped_owner_with_its_worker_ended(project, gate, "Y")
+    try:
+        write_task(project.order("X"), "A", target_files=["a.txt"], command="false", status="FAILED", attempts=3)
+        write_task(project.order("X"), "B", target_files=["b.txt"], command="true", depends_on=["A"])
+        run = project.aipm("run", "X", "--no-resource-monitoring", timeout=60)
+        assert run.returncode == 1 and "B can never run: A is FAILED" in run.stderr, run.stdout + run.stderr
+        assert task_statuses(project.order("X")) == {"A": "FAILED", "B": "QUEUED"}
+    finally:
+        first.send_signal(signal.SIGCONT)
+        first.wait(timeout=60)
+    assert task_statuses(project.order("Y")) == {"T1": "DONE"}
+
+
 @pytest.mark.parametrize("command", ["run", "exec"])
 def test_a_run_waiting_for_an_outcome_its_stopped_owner_holds_says_so_once(project, gate, command):
     """A second `aipm run` of the order (or `exec` of that task) waited in silence, for ever, for T1's outcome,
