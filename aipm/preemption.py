@@ -10,6 +10,7 @@ from __future__ import annotations
 from itertools import takewhile
 from typing import TYPE_CHECKING
 
+from aipm import budget
 from aipm.model import Status
 from aipm.paths import normalize
 
@@ -28,8 +29,12 @@ def stop_for_urgent(sup: "Supervisor", view: "OrderView") -> bool:
                                 (order.tasks[i] for i in view.ready_ordering())))
     if not candidates:
         return False  # the common case costs one look at the ready index
+    records = sup.rt.records()
+    spend = budget.of(order, sup.settings.max_cost_usd, records)
+    if spend is not None and spend.reached:
+        return False  # no attempt starts now, the urgent one neither: a stop would only throw away running work
     holders, live = [], 0
-    for rec in sup.rt.records():
+    for rec in records:
         alive = rec.alive()
         live += alive
         task = order.tasks.get(rec.task) if rec.order == order.id else None

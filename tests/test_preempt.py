@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+import threading
 
 from conftest import no_workers, wait_for, write_task
 from test_plan import task
@@ -106,4 +107,43 @@ def test_run_preempt_stops_the_p3_task_for_a_p0_and_reruns_it_later(project, gat
     assert [e for e in events if e["event"] == "preempted"] == [
         {"event": "preempted", "order": "ORD", "task": "LOW", "for": "URGENT", "attempt": 1,
          "time": next(e["time"] for e in events if e["event"] == "preempted")}]
+    assert no_workers(project.root)
+
+
+def _marked(order, run, events, name):
+    """Write an invalid task file and wait until the run says so (a run round that began after this call), or
+    until it ended."""
+    (order / f"{name}.yaml").write_text(f"id: {name}\npriority: P9\n")
+    wait_for(lambda: any(e["event"] == "invalid_file" and f"{name}.yaml" in e["error"] for e in events)
+             or run.poll() is not None)
+    (order / f"{name}.yaml").unlink()
+
+
+def test_run_preempt_stops_nothing_while_the_order_s_budget_is_reached(project, gate):
+    """With the budget reached no attempt starts, the urgent one neither: `run --preempt` stopped the P3 all the
+    same (`preempt LOW for URGENT`), its work thrown away, and then started nothing (found by a review)."""
+    order = project.order()
+    (order / "order.yaml").write_text("max_cost_usd: 1\n")
+    write_task(order, "LOW", priority="P3", target_files=["shared.py"],
+               command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--preempt",
+                            "--no-resource-monitoring", "--json"], stdout=subprocess.PIPE, text=True)
+    events: list[dict] = []
+    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in run.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(e["event"] == "started" and e["task"] == "LOW" for e in events))
+        write_task(order, "SPENT", priority="P3", status="DONE", cost_usd=5, command="true", target_files=["s.py"])
+        _marked(order, run, events, "SEEN1")  # the run knows the budget is spent
+        write_task(order, "URGENT", priority="P0", target_files=["shared.py"], command="true")
+        _marked(order, run, events, "SEEN2")
+        _marked(order, run, events, "SEEN3")  # a whole round went by since the run saw URGENT
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 1
+    reader.join(timeout=60)
+    assert not [e for e in events if e["event"] == "preempted"], events
+    tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert tasks["LOW"]["status"] == "DONE" and tasks["LOW"]["preemptions"] == 0
+    assert tasks["URGENT"]["status"] == "QUEUED"
     assert no_workers(project.root)
