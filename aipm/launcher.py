@@ -350,14 +350,23 @@ class Launcher(Starter):
 
     def _fit_locally(self, wanted: list[Task], records: list[Record], report: LaunchReport) -> list[Task]:
         """Keep the tasks whose declared `resources` fit beside the live ones on this machine."""
-        info = get_system_info()
-        memory = info["memory_total"]
-        total = Capacity(info["usable_cpus"], memory // (1024 * 1024) if memory is not None else None)
         live = [r for r in records if r.alive()]
-        start, waiting, refused = fit(wanted, total, sum(r.cpus for r in live), sum(r.memory_mb for r in live))
+        used_cpus, used_memory = sum(r.cpus for r in live), sum(r.memory_mb for r in live)
+        start, waiting, refused = fit(wanted, _capacity(), used_cpus, used_memory)
         report.deferred += [{"id": tid, "reason": "capacity", "detail": why} for tid, why in waiting.items()]
         report.failed += [{"id": tid, "error": why} for tid, why in refused.items()]
         return start
+
+
+def never_fit_here(tasks: Iterable[Task]) -> set[str]:
+    """Ids of the tasks the local runner refuses whatever runs: they declare more than this machine has."""
+    return set(fit([t for t in tasks if t.resources], _capacity(), 0.0, 0)[2])
+
+
+def _capacity() -> Capacity:
+    info = get_system_info()
+    memory = info["memory_total"]
+    return Capacity(info["usable_cpus"], memory // (1024 * 1024) if memory is not None else None)
 
 
 _now = time.monotonic

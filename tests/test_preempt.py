@@ -147,3 +147,32 @@ def test_run_preempt_stops_nothing_while_the_order_s_budget_is_reached(project, 
     assert tasks["LOW"]["status"] == "DONE" and tasks["LOW"]["preemptions"] == 0
     assert tasks["URGENT"]["status"] == "QUEUED"
     assert no_workers(project.root)
+
+
+def test_run_preempt_stops_nothing_for_a_task_this_machine_can_never_run(project, gate):
+    """A P0 that asks for more CPUs than the machine has is refused at its launch: `run --preempt` stopped the P3
+    holding its file for it all the same, and the P3, ranked after it and kept out of that file, never ran again
+    (the run ended with both QUEUED; found by a review)."""
+    order = project.order()
+    write_task(order, "LOW", priority="P3", target_files=["shared.py"],
+               command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--preempt",
+                            "--no-resource-monitoring", "--json"], stdout=subprocess.PIPE, text=True)
+    events: list[dict] = []
+    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in run.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: any(e["event"] == "started" and e["task"] == "LOW" for e in events))
+        write_task(order, "URGENT", priority="P0", target_files=["shared.py"], command="true",
+                   resources={"cpus": 100000})
+        _marked(order, run, events, "SEEN1")
+        _marked(order, run, events, "SEEN2")  # a whole round went by since the run saw URGENT
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 1
+    reader.join(timeout=60)
+    assert not [e for e in events if e["event"] == "preempted"], events
+    tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert tasks["LOW"]["status"] == "DONE" and tasks["LOW"]["preemptions"] == 0
+    assert [e["task"] for e in events if e["event"] == "launch_failed"] == ["URGENT"]  # refused once LOW ended
+    assert no_workers(project.root)
