@@ -236,19 +236,24 @@ class Launcher(Starter):
                           released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")})
         report.plan = result
         report.deferred = []
-        if owner is not None and not self.options.dry_run and (result.limited or ranked_before is None):
-            # (a plan of the first-ranked tasks only: no withdrawal)
-            self.demands.publish(order.id, result.limited, self.settings.max_workers)
         tried = {item["id"] for item in report.failed}
         wanted = [t for t in result.launchable if t.id not in tried]  # only `only`'s: the plan saw no other
         if self.settings.runner == "local" and any(t.resources for t in wanted):
             wanted = self._fit_locally(wanted, [r for r in records if r.key not in lent], report)
-        if wanted:
-            wanted = self._leave_slots(order, wanted, free, live_count, report)
         # Read the machine only when there is something to start: the idle loop costs no CPU.
         budget, why, note = self.start_budget(live_count) if wanted else (0, "", "")
+        if budget:
+            # The starts the load allows, not max_workers, are what more urgent runs' demands are left from: else,
+            # under auto-scaling, the run whose worker ended took the one start for its next P3 every time.
+            wanted = self._leave_slots(order, wanted, budget, live_count, report)
         for task in wanted[budget:]:
             report.deferred.append({"id": task.id, "reason": why, "detail": note})
+        waiting = result.limited
+        if wanted[budget:] and (waiting is None or wanted[budget].priority.rank < waiting.rank):
+            waiting = wanted[budget].priority  # held back by the load: it waits for a start as for a slot
+        if owner is not None and not self.options.dry_run and (waiting or ranked_before is None):
+            # (a plan of the first-ranked tasks only: no withdrawal)
+            self.demands.publish(order.id, waiting, self.settings.max_workers)
         started: list[tuple[Task, Starting]] = []
         again = False
         caps = self._caps(wanted[:budget], spend)
@@ -299,7 +304,8 @@ class Launcher(Starter):
                      ) -> list[Task]:
         """Of the tasks chosen (in launch order), those that may take a slot while more urgent tasks of other runs
         wait for one (demand.py): each such demand (of a run whose own limit lets it start one more beside the
-        `live` workers) keeps one of the `free` slots from every less urgent task."""
+        `live` workers) keeps one of the `free` starts (what the worker limit and the load allow) from every less
+        urgent task."""
         urgent = self.demands.ahead_of(order.id, wanted[-1].priority, live)
         if not urgent:
             return wanted

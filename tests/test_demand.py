@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 from conftest import no_workers, wait_for, write_task
@@ -162,3 +163,36 @@ def test_a_run_whose_own_limit_is_reached_keeps_no_slot_elsewhere(project):
         assert low.wait(timeout=60) == 0 and high.wait(timeout=60) == 0
     finally:
         open_all(project, gates, ("L1", "H1", "H2"), (low, high))
+
+
+def test_under_load_the_one_start_allowed_goes_to_the_more_urgent_order(project):
+    """Auto-scaling allowed one worker (cpu 45 % against a 20 % threshold) of max_workers 4: the P0 run's task,
+    held back by the load and not by the worker limit, said no demand, and the LOW run, its worker ended, started
+    its next P3 every time: the P0 waited for every P3 of the other order (found by a review)."""
+    journal, gates = two_orders(project, 3)
+    # Over the 20 % threshold by 25 points: a quarter of the workers, one; under 50 %, so no ramp-up either.
+    env = dict(os.environ, AIPM_FAKE_LOAD="45,10", AIPM_ENABLE_MONITORING="true", AIPM_MAX_CPU_PERCENT="20",
+               AIPM_MAX_MEMORY_PERCENT="20")
+
+    def loaded_run(order: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", order,
+                                 "--max-workers", "4"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env, cwd=project.root)
+
+    procs = [loaded_run("LOW")]
+    try:
+        wait_for(lambda: len(started(journal)) == 1)
+        procs.append(loaded_run("HIGH"))
+        told: list[str] = []
+        reader = threading.Thread(target=lambda: told.extend(procs[1].stdout), daemon=True)
+        reader.start()
+        wait_for(lambda: any(line.startswith("defer") and "H1" in line for line in told))  # held back by the load
+        (gates / "L1").touch()
+        wait_for(lambda: len(started(journal)) == 2)
+        assert [s.strip() for s in started(journal)] == ["LOW/L1", "HIGH/H1"], started(journal)
+        for name in ("L2", "L3", "H1"):
+            (gates / name).touch()
+        assert procs[1].wait(timeout=60) == 0 and procs[0].wait(timeout=60) == 0
+        assert sorted(s.strip() for s in started(journal)) == ["HIGH/H1", "LOW/L1", "LOW/L2", "LOW/L3"]
+    finally:
+        open_all(project, gates, ("L1", "L2", "L3", "H1"), procs)
