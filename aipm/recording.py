@@ -159,9 +159,11 @@ class Recording(Reviewing):
         self._drop(rec)
         event.update(status=str(task.status), reason=task.reason)
         if task.status in (Status.FAILED, Status.REJECTED):
+            # AIPM_ATTEMPT is the worker's: the serial that names the log (`aipm logs T --attempt N`), not the
+            # count since the last retry, which repeats after a `retry` and would point at an older attempt's log.
             notify.send(self.settings, self.rt, task.status.value.lower(), task.status.value,
-                        f"{rec.order}/{rec.task} is {task.status} after attempt {rec.attempt}; log: {rec.log}",
-                        AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.attempt),
+                        f"{rec.order}/{rec.task} is {task.status} after attempt {rec.serial}; log: {rec.log}",
+                        AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.serial),
                         AIPM_LOG=rec.log)
         return event
 

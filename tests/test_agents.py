@@ -940,6 +940,28 @@ def test_notify_runs_on_failure_and_at_the_end_of_the_order(project):
     assert "failed FAILED: ORD/BAD is FAILED" in (project.root / ".aipm" / "notify.log").read_text()
 
 
+def test_notify_after_a_retry_names_the_attempt_whose_log_it_gives(project):
+    """AIPM_ATTEMPT was the count since the last `retry` (1 again), while the worker's AIPM_ATTEMPT, the log's
+    name and `aipm logs --attempt` use the attempt's serial: after a retry the hook was told attempt 1 of a
+    failure whose log is attempt 2, and `aipm logs T --attempt $AIPM_ATTEMPT` showed the older failure."""
+    notes = project.root / "notes.txt"
+    (project.root / "aipm.yaml").write_text(
+        f"notify: 'echo \"${{AIPM_TASK_ID:-}} $AIPM_ATTEMPT ${{AIPM_LOG:-}}\" >> {notes}'\n")
+    write_task(project.order(), "A", command="echo worker-attempt-$AIPM_ATTEMPT; exit 3")
+    assert project.aipm("run", "ORD").returncode == 1
+    assert project.aipm("retry", "A").returncode == 0
+    assert project.aipm("run", "ORD").returncode == 1
+    def failures() -> list[str]:  # the hook runs detached: wait for both failures' lines, not for a time
+        lines = notes.read_text().splitlines() if notes.exists() else []
+        return [line for line in lines if line.startswith("A ")]
+
+    wait_for(lambda: len(failures()) == 2)
+    lines = failures()
+    log = str(project.root / ".aipm" / "logs" / "ORD" / "A.2.log")
+    assert lines[-1] == f"A 2 {log}"
+    assert "worker-attempt-2" in project.aipm("logs", "A", "--attempt", "2").stdout
+
+
 def test_a_notify_command_is_never_taken_for_an_attempts_leftover(project):
     """When an attempt ends, its owner ends the processes it left behind, recognising notify commands by their
     environment; one that cleared it (`env -i`) must still be spared: the owner knows the pids it started."""
