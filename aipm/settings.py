@@ -185,6 +185,12 @@ def _read_pyproject(path: Path) -> Any:
         raise SettingsError(f"{path}: invalid TOML: {_one_line(exc)}") from None
 
 
+def in_pyproject(root: Path) -> bool:
+    """Whether the project's settings are `[tool.aipm]` in pyproject.toml (and there is no aipm.yaml to hide them)."""
+    pyproject = Path(root) / "pyproject.toml"
+    return not (Path(root) / "aipm.yaml").exists() and pyproject.is_file() and _read_pyproject(pyproject) is not None
+
+
 def _config_layer(root: Path) -> Layer:
     config = root / "aipm.yaml"
     if config.exists():

@@ -56,6 +56,26 @@ def test_init_over_a_broken_aipm_yaml_names_it_and_changes_nothing(tmp_path):
     assert "nothing changed" not in proc.stdout and snapshot(tmp_path) == before
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="[tool.aipm] is read on Python 3.11+ (tomllib)")
+def test_init_in_a_project_configured_in_pyproject_keeps_those_settings(tmp_path):
+    """aipm.yaml is read instead of [tool.aipm], never merged with it: `init` wrote one anyway, and every setting
+    in pyproject.toml (max_workers, notify, ...) silently went back to its default."""
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.aipm]\nmax_workers = 2\nnotify = "true"\n')
+
+    def aipm(*args):
+        return subprocess.run([sys.executable, "-m", "aipm", "--root", str(tmp_path), *args],
+                              capture_output=True, text=True)
+
+    proc = aipm("init")
+    assert proc.returncode == 0 and "pyproject.toml [tool.aipm]" in proc.stdout, proc.stdout + proc.stderr
+    assert not (tmp_path / "aipm.yaml").exists() and (tmp_path / "orders").is_dir()
+    settings = json.loads(aipm("config", "--json").stdout)["settings"]
+    assert settings["max_workers"] == {"value": 2, "source": "pyproject.toml [tool.aipm]"}
+    assert settings["notify"]["value"] == "true"
+    before = snapshot(tmp_path)
+    assert "nothing changed" in aipm("init").stdout and snapshot(tmp_path) == before
+
+
 def test_exec_runs_one_task_in_the_foreground(project):
     order = project.order()
     write_task(order, "A", command="echo from-a")

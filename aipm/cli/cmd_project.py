@@ -17,7 +17,7 @@ from aipm.finish import attempt_limit, rework_limit
 from aipm.plan import never_run_notes, never_runs
 from aipm.project import CONFIG_FILE, IdClash, Project
 from aipm.runtime import Runtime
-from aipm.settings import load_settings
+from aipm.settings import in_pyproject, load_settings
 from aipm.store import load_order
 
 CONFIG_TEMPLATE = """\
@@ -62,10 +62,15 @@ STATUS_STYLE = {
 def init() -> None:
     """Create aipm.yaml, orders/ and the runtime directory .aipm/ in the project root (--root: made if missing)."""
     root = project_root(create=True)
-    made = []
+    made, note = [], ""
     config = root / CONFIG_FILE
     if config.exists():
         load_settings(root)  # a broken aipm.yaml is named (exit 2) rather than called a project
+    elif in_pyproject(root):
+        # An aipm.yaml is read instead of [tool.aipm], never merged with it: writing one would silently drop
+        # every setting there (max_workers, notify, orders_dir: the orders themselves would not be found).
+        load_settings(root)  # a broken [tool.aipm] is named (exit 2) rather than called a project
+        note = "; its settings are in pyproject.toml [tool.aipm]"
     else:
         config.write_text(CONFIG_TEMPLATE)
         made.append(CONFIG_FILE)
@@ -79,9 +84,9 @@ def init() -> None:
     runtime.ensure()
     out = console()
     if made:
-        out.print(f"Initialised aipm in {root}: created {', '.join(made)}")
+        out.print(f"Initialised aipm in {root}: created {', '.join(made)}{note}", markup=False)
     else:
-        out.print(f"{root} is already an aipm project; nothing changed.")
+        out.print(f"{root} is already an aipm project; nothing changed{note}.", markup=False)
 
 
 @command()
