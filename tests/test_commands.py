@@ -76,6 +76,15 @@ def test_init_in_a_project_configured_in_pyproject_keeps_those_settings(tmp_path
     assert "nothing changed" in aipm("init").stdout and snapshot(tmp_path) == before
 
 
+def test_init_makes_the_orders_directory_the_settings_name(tmp_path):
+    """`init` made orders/ whatever `orders_dir` said: a stray directory no command reads, and none where `aipm
+    new` puts orders."""
+    (tmp_path / "aipm.yaml").write_text("orders_dir: work/orders\n")
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(tmp_path), "init"], capture_output=True, text=True)
+    assert proc.returncode == 0 and "created work/orders/, .aipm/" in proc.stdout, proc.stdout + proc.stderr
+    assert (tmp_path / "work" / "orders").is_dir() and not (tmp_path / "orders").exists()
+
+
 def test_exec_runs_one_task_in_the_foreground(project):
     order = project.order()
     write_task(order, "A", command="echo from-a")

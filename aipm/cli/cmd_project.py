@@ -62,22 +62,23 @@ STATUS_STYLE = {
 def init() -> None:
     """Create aipm.yaml, orders/ and the runtime directory .aipm/ in the project root (--root: made if missing)."""
     root = project_root(create=True)
-    made, note = [], ""
+    made, note, orders_dir = [], "", "orders"
     config = root / CONFIG_FILE
     if config.exists():
-        load_settings(root)  # a broken aipm.yaml is named (exit 2) rather than called a project
+        # A broken aipm.yaml is named (exit 2) rather than called a project; a good one may move the orders.
+        orders_dir = load_settings(root).orders_dir
     elif in_pyproject(root):
         # An aipm.yaml is read instead of [tool.aipm], never merged with it: writing one would silently drop
         # every setting there (max_workers, notify, orders_dir: the orders themselves would not be found).
-        load_settings(root)  # a broken [tool.aipm] is named (exit 2) rather than called a project
+        orders_dir = load_settings(root).orders_dir  # a broken [tool.aipm] is named (exit 2), as aipm.yaml is
         note = "; its settings are in pyproject.toml [tool.aipm]"
     else:
         config.write_text(CONFIG_TEMPLATE)
         made.append(CONFIG_FILE)
-    orders = root / "orders"
+    orders = root / orders_dir  # where `new` puts orders and every command looks for them, not always orders/
     if not orders.exists():
-        orders.mkdir()
-        made.append("orders/")
+        orders.mkdir(parents=True)
+        made.append(f"{orders_dir.rstrip('/')}/")
     runtime = Runtime(root)
     if not runtime.dir.exists():
         made.append(".aipm/")
