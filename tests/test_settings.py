@@ -178,6 +178,18 @@ def test_config_table_names_sources(tmp_path):
         assert text in proc.stdout
 
 
+def test_config_and_validate_show_a_root_whose_name_holds_brackets_as_it_is(tmp_path):
+    """Rich read `[bold]` in the project's path as markup: `config` titled its table "aipm settings for
+    .../projx" and `validate` said "no orders under .../projx/orders" for a project in `proj[bold]x`."""
+    root = tmp_path / "proj[bold]x"
+    root.mkdir()
+    (root / "aipm.yaml").write_text("max_workers: 3\n")
+    proc = aipm(root, "config")
+    assert proc.returncode == 0 and f"aipm settings for {root}" in proc.stdout, proc.stdout + proc.stderr
+    proc = aipm(root, "validate")
+    assert proc.returncode == 0 and f"no orders under {root / 'orders'}" in proc.stdout, proc.stdout + proc.stderr
+
+
 def test_ray_address_in_the_environment_wins_over_aipm_yaml(tmp_path):
     """RAY_ADDRESS is the environment layer of ray.address: environment > aipm.yaml, as for every setting (it lost
     to aipm.yaml, so `--runner ray` went to the cluster of aipm.yaml whatever RAY_ADDRESS said)."""

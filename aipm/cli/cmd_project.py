@@ -131,7 +131,7 @@ def validate(
         for line in errors:
             console(stderr=True).print(f"aipm: error: {line}", markup=False)
         if not dirs:
-            console().print(f"no orders under {project.root / project.orders_dir}")
+            console().print(f"no orders under {project.root / project.orders_dir}", markup=False)  # a path: no markup
     if errors:
         raise Exit(2)
 

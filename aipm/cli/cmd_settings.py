@@ -44,7 +44,7 @@ def config(
             for name, v in values.items()
         }})
         return
-    table = Table(title=f"aipm settings for {root}")
+    table = Table(title=f"aipm settings for {escape(str(root))}")  # a `[name]` in the path is not markup
     table.add_column("setting", no_wrap=True)
     table.add_column("value")
     table.add_column("source", no_wrap=True)
