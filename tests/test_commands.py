@@ -823,6 +823,19 @@ def test_new_refuses_a_title_over_two_lines_and_writes_nothing(project):
     assert project.json("validate", "O")
 
 
+def test_new_refuses_an_id_another_orders_file_gives_and_writes_nothing(project):
+    """orders/sprint-12/order.yaml says `id: ORDER_012`; `aipm new ORDER_012` made orders/ORDER_012 anyway, and
+    from then on every command refused both orders (the existing one too): 'order id is also the id of ...'."""
+    write_task(project.order("sprint-12"), "A", command="true")
+    (project.root / "orders" / "sprint-12" / "order.yaml").write_text("id: ORDER_012\n")
+    before = snapshot(project.root)
+    proc = project.aipm("new", "ORDER_012")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stdout + proc.stderr
+    assert "ORDER_012/order.yaml: id:" in proc.stderr and "sprint-12/order.yaml" in proc.stderr, proc.stderr
+    assert snapshot(project.root) == before and not (project.root / "orders" / "ORDER_012").exists()
+    assert project.statuses("ORDER_012") == {"A": "QUEUED"}
+
+
 def test_a_title_over_two_lines_points_to_the_files_own_key_for_longer_text(project):
     """order.yaml's error said 'longer text belongs in `prompt`', a key order.yaml refuses ('prompt: unknown
     key'); its longer text is `description`. A task's is `prompt`. Found by a review of e1269a0

@@ -47,6 +47,12 @@ def new(
     meta = order_dir / ORDER_FILE
     if meta.exists():
         raise UserError(f"{meta}: already exists; pick another order id")
+    # Another directory's order.yaml may give this id (orders/sprint-12 → ORDER_012): a second order of the same
+    # id would make every command refuse both, the existing one included (runtime state is kept per id).
+    for directory, (other_id, source) in project.order_ids().items():
+        if other_id == order and directory != order_dir.resolve():
+            raise UserError(f"{meta}: id: {order!r} is already the id of the order in {source}; pick another "
+                            "order id")
     fields: dict[str, Any] = {"id": order}
     if title:
         fields["title"] = title
