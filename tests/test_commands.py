@@ -811,6 +811,17 @@ def test_version_and_logs_as_json(project):
     assert refused.returncode == 2 and "not with -f" in refused.stderr
 
 
+def test_logs_of_an_order_with_attempt_says_attempts_are_a_tasks(project):
+    """`aipm logs ORD --attempt 1` looked ORD up as a task and said "task 'ORD': not found in any order", of an
+    order that exists: the fix is to name the task, which the message now says."""
+    write_task(project.order(), "A", command="echo hello")
+    assert project.aipm("run", "ORD").returncode == 0
+    proc = project.aipm("logs", "ORD", "--attempt", "1")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "--attempt" in proc.stderr and "'ORD' is an order" in proc.stderr and "not found" not in proc.stderr
+    assert project.aipm("logs", "ORD/A", "--attempt", "1").stdout.startswith("hello\n")
+
+
 def test_new_refuses_a_title_over_two_lines_and_writes_nothing(project):
     """`aipm new O --title $'a\\nb'` wrote an order.yaml every command then refused (a title is one line, since
     e1269a0), validate included; `aipm add` already refused such a title before writing. Found by a review

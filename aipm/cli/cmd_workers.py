@@ -172,7 +172,15 @@ def logs(
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
         return
-    order_dir, task_id = find_task(project, task)
+    try:
+        order_dir, task_id = find_task(project, task)
+    except UserError:
+        # `logs ORDER --attempt N`: the order's name was looked up as a task's, and "task 'ORDER': not found in
+        # any order" sent the user looking for a typo. Attempts are numbered per task: say so.
+        if attempt is not None and _order_named(project, task) is not None:
+            raise UserError(f"--attempt: {task!r} is an order, and attempts are a task's; give ORDER/TASK, or "
+                            "drop --attempt for every task's lines") from None
+        raise
     order = load_order(order_dir, project.root)
     rt = Runtime(project.root)
     found = rt.logs(order.id, task_id)
