@@ -35,6 +35,7 @@ def send(settings: Settings, runtime: Runtime, event: str, status: str, detail: 
     """Run the notify command (if one is set) with AIPM_EVENT, AIPM_STATUS, AIPM_DETAIL and `env` (AIPM_*)."""
     if settings.notify is None:
         return
+    reap()
     command = ["/bin/sh", "-c", settings.notify] if isinstance(settings.notify, str) else list(settings.notify)
     try:
         runtime.ensure()
@@ -63,6 +64,25 @@ def send(settings: Settings, runtime: Runtime, event: str, status: str, detail: 
     except OSError as exc:
         with suppress(OSError):
             _append(runtime.notify_log(), f"[aipm] notify command could not start: {exc}\n")
+
+
+def reap() -> None:
+    """Collect the notify commands of ours that have ended. Started detached, they are re-parented to us (a child
+    subreaper: aipm.subreaper) once their shell exits, and nothing else waits for them: each one that ended stayed
+    a zombie below a long `aipm run` until the run ended, one more per failed task."""
+    for pid, ctime in list(STARTED):
+        try:
+            if process_ctime(pid) != ctime:  # reaped by its parent (not us), and the pid taken again
+                STARTED.discard((pid, ctime))
+                continue
+            done, _ = os.waitpid(pid, os.WNOHANG)  # (pid and start time: our own notify command, no worker)
+        except ChildProcessError:
+            continue  # not our child (yet): still running below the shell, or under another parent
+        except Exception:  # gone from /proc (psutil's NoSuchProcess off Linux): nothing left to collect
+            STARTED.discard((pid, ctime))
+            continue
+        if done:
+            STARTED.discard((pid, ctime))
 
 
 def _append(log: Path, line: str) -> None:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 
-from aipm import cluster, confine, recovery, runner, scope, statedir, subreaper, workspace
+from aipm import cluster, confine, notify, recovery, runner, scope, statedir, subreaper, workspace
 from aipm.errors import UserError
 from aipm.finish import time_limit
 from aipm.inotify import IN_DELETE, IN_DELETE_SELF, DirWatch, close_at_exit
@@ -215,6 +215,7 @@ class Supervisor(Recording, Owner):
 
     def end_strays(self, rec: Record | None = None) -> None:
         """End the processes `rec`'s attempt left behind; with no `rec`, every stray below us."""
+        notify.reap()  # an ended notify command is no stray, but a zombie of ours until collected
         ours = {r.pid for r in self.owned.values() if r.pid} | scope.running_pids()  # git of a prefetch
         adopted = rec is not None and rec.key in self.adopted
         if not adopted and all(pid in ours for pid in subreaper.children(os.getpid())):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FIXTURES, REPO, no_workers, snapshot, wait_for, write_task
+from conftest import FIXTURES, REPO, no_workers, snapshot, task_statuses, wait_for, write_task
 from aipm import agents
 from aipm.agents import Attempt, aider, claude, codex, guard
 from aipm.paths import normalize
@@ -960,6 +960,57 @@ def test_notify_after_a_retry_names_the_attempt_whose_log_it_gives(project):
     log = str(project.root / ".aipm" / "logs" / "ORD" / "A.2.log")
     assert lines[-1] == f"A 2 {log}"
     assert "worker-attempt-2" in project.aipm("logs", "A", "--attempt", "2").stdout
+
+
+def test_ended_notify_commands_do_not_pile_up_as_zombies_of_a_run(project):
+    """A notify command is re-parented to the run (a child subreaper) once its detaching shell exits, and nothing
+    waited for it: each failure left a `[sh] <defunct>` below a long `aipm run` until the run ended. Now those
+    that ended are collected when the next attempt ends or the next notification starts."""
+    import psutil
+
+    notes, gate = project.root / "notes.txt", project.root / "gate"
+    (project.root / "aipm.yaml").write_text(f"max_workers: 1\nnotify: 'echo \"${{AIPM_TASK_ID:-}}\" >> {notes}'\n")
+    order = project.order()
+
+    def after(task: str) -> str:  # poll (no sleep as a clock): the previous failure has been told
+        return f"until grep -qx {task} {notes} 2>/dev/null; do sleep 0.05; done; "
+
+    write_task(order, "F1", command="exit 3", priority="P0")
+    write_task(order, "F2", command=after("F1") + "exit 3", priority="P1")
+    write_task(order, "F3", command=after("F2") + "exit 3", priority="P2")
+    write_task(order, "L", command=after("F3") + f"until [ -e {gate} ]; do sleep 0.05; done", priority="P3")
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        me = psutil.Process(run.pid)
+
+        def notifiers() -> list[psutil.Process]:  # the run's children that are no worker (workers: aipm-worker)
+            out = []
+            for child in me.children():
+                try:
+                    if "aipm-worker" not in " ".join(child.cmdline()):
+                        out.append(child)
+                except psutil.ZombieProcess:
+                    out.append(child)
+                except psutil.NoSuchProcess:
+                    pass
+            return out
+
+        def settled() -> bool:  # L runs, all three failures were told, and every notify command has ended
+            lines = notes.read_text().split() if notes.exists() else []
+            alive = [c for c in notifiers() if c.status() != psutil.STATUS_ZOMBIE]
+            return lines == ["F1", "F2", "F3"] and not alive and task_statuses(order)["L"] == "IN_PROGRESS"
+
+        wait_for(settled)
+        zombies = [c.pid for c in notifiers() if c.status() == psutil.STATUS_ZOMBIE]
+        assert len(zombies) <= 1, f"ended notify commands never collected: {zombies}"  # F3's, until L ends
+        gate.touch()
+        assert run.wait(timeout=120) == 1
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
 
 
 def test_a_notify_command_is_never_taken_for_an_attempts_leftover(project):
