@@ -320,6 +320,19 @@ def test_the_schema_copy_beside_the_orders_follows_this_aipm(project):
 # ---- new / add -------------------------------------------------------------------------------------------
 
 
+def test_add_keeps_a_command_and_prompt_holding_other_line_breaks_as_given(project):
+    """PyYAML writes U+0085, U+2028 and U+2029 raw into a scalar, and YAML reads them as line breaks: `add
+    --command $'printf %s "a\\u0085b" > out'` wrote a command that printed `a b`, and a prompt lost its
+    characters the same way. Now such a string is written double-quoted, with escapes."""
+    command, prompt = 'printf "%s" "a\u0085b" > out.txt', "p\u2029q\nr\u0085s \u2028"
+    project.aipm("new", "ORD", check=True)
+    project.aipm("add", "ORD", "A", "--command", command, "--prompt", prompt, check=True)
+    task = load_order(project.root / "orders" / "ORD", project.root).tasks["A"]
+    assert (task.command, task.prompt) == (command, prompt)
+    assert project.aipm("exec", "A").returncode == 0
+    assert (project.root / "out.txt").read_text(encoding="utf-8") == "a\u0085b"
+
+
 def test_new_and_add_round_trip_and_validate(project):
     project.aipm("new", "SHIP", "--title", "Ship it", check=True)
     project.aipm("add", "SHIP", "A", "--title", 'Build "core"', "--target-file", "src/", "--target-file",

@@ -152,8 +152,15 @@ class _Dumper(yaml.SafeDumper):
     """Writes multi-line strings (prompts) as `|` blocks, which stay readable and editable."""
 
 
+# Line breaks to YAML 1.1 besides \n. PyYAML writes them raw into a plain, quoted or `|` scalar (allow_unicode), where
+# reading folds them into a space or a \n: `--command $'echo a\u0085b'` was written as `echo a b`. Only double
+# quotes escape them (\N, \L, \P).
+_OTHER_BREAKS = ("\x85", "\u2028", "\u2029")
+
+
 def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+    style = '"' if any(c in value for c in _OTHER_BREAKS) else "|" if "\n" in value else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
 _Dumper.add_representer(str, _represent_str)
