@@ -847,6 +847,25 @@ def test_new_refuses_an_id_another_orders_file_gives_and_writes_nothing(project)
     assert project.statuses("ORDER_012") == {"A": "QUEUED"}
 
 
+def test_new_and_add_refuse_an_argument_that_is_not_utf8_and_write_nothing(project):
+    """`aipm new O --title $'\\xe9t\\xe9'` (Latin-1 bytes) wrote `title: "\\uDCE9t\\uDCE9"`, which YAML refuses:
+    exit 0, then every command on O said 'broken YAML'. `add` refused such bytes, but by a YAML error of a file
+    that does not exist. Both now name the flag."""
+    def aipm(*args: bytes) -> subprocess.CompletedProcess:  # bytes as a shell passes them, not valid UTF-8
+        return subprocess.run([sys.executable.encode(), b"-m", b"aipm", b"--root", bytes(project.root), *args],
+                              capture_output=True)
+
+    before = snapshot(project.root)
+    proc = aipm(b"new", b"O", b"--title", b"\xe9t\xe9")
+    assert proc.returncode == 2 and proc.stderr.count(b"\n") == 1, proc.stdout + proc.stderr
+    assert b"--title: not UTF-8 (byte 0xe9" in proc.stderr and snapshot(project.root) == before
+    project.aipm("new", "O", check=True)
+    before = snapshot(project.root)
+    proc = aipm(b"add", b"O", b"A", b"--command", b"echo \xff")
+    assert proc.returncode == 2 and b"--command: not UTF-8 (byte 0xff" in proc.stderr, proc.stderr
+    assert snapshot(project.root) == before
+
+
 def test_a_title_over_two_lines_points_to_the_files_own_key_for_longer_text(project):
     """order.yaml's error said 'longer text belongs in `prompt`', a key order.yaml refuses ('prompt: unknown
     key'); its longer text is `description`. A task's is `prompt`. Found by a review of e1269a0

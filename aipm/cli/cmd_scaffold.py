@@ -42,6 +42,7 @@ def new(
 ) -> None:
     """Create an order: <orders_dir>/ORDER/order.yaml. Refuses an order that already has one."""
     _check_id("ORDER", order)
+    _check_utf8(title=title)
     project = get_project()
     order_dir = project.root / project.orders_dir / order
     meta = order_dir / ORDER_FILE
@@ -102,6 +103,8 @@ def add(
 ) -> None:
     """Create a task file ORDER/TASK.yaml, validated with its order before it is written."""
     _check_id("TASK", task)
+    _check_utf8(title=title, depends_on=depends_on, target_file=target_files, command=command, prompt=prompt,
+                model=model, review=review)
     if task.endswith(".yaml"):  # the file's name given for the id: `add ORD A.yaml` made A.yaml.yaml, task `A.yaml`
         raise UserError(f"TASK: {task!r} is a file name; give the task's id, {task[:-len('.yaml')]!r} (its file "
                         "is named ID.yaml)")
@@ -135,6 +138,20 @@ def add(
     console().print(f"created {_shown(path, project.root)}", markup=False)
     _install_schema(order_dir.parent, "task", project.root)
     warn(warnings([new_task]))
+
+
+def _check_utf8(**flags: Any) -> None:
+    """Refuse an argument that is not UTF-8 (bytes the shell passed on, which Python holds as surrogates): written
+    as a `\\uDCxx` escape, it made a file YAML refuses, so `new --title` wrote an order.yaml no command could read."""
+    for name, value in flags.items():
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str):
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    byte = ord(text[exc.start]) - 0xDC00
+                    raise UserError(f"--{name.replace('_', '-')}: not UTF-8 (byte 0x{byte:02x} at character "
+                                    f"{exc.start + 1}); task and order files are UTF-8") from None
 
 
 def _check_id(what: str, value: str) -> None:
