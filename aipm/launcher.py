@@ -216,9 +216,12 @@ class Launcher(Starter):
         if not explain and sum(rec.key not in ending and rec.alive() for rec in records) >= self.settings.max_workers:
             report.plan, report.deferred = Plan(), []
             ready = view.ready_ordering()
-            if owner is not None and ready and not self.options.dry_run and self.demands.said(order.id) is None:
-                # (its first plan says better)
-                self.demands.publish(order.id, order.tasks[ready[0]].priority, self.settings.max_workers)
+            if owner is not None and ready and not self.options.dry_run:
+                best, said = order.tasks[ready[0]].priority, self.demands.said(order.id)
+                # (its first plan says better) A task more urgent than the one said (added, or its dependency done,
+                # while every slot is taken) is said at once: else a P0 waited behind every P3 of another run.
+                if said is None or best.rank < said[0].rank:
+                    self.demands.publish(order.id, best, self.settings.max_workers)
             return False  # every slot is taken: nothing can start, and a plan would only say so
         busy, live, live_count = self.holders(order, records, ending, released, view.running)
         free = max(0, self.settings.max_workers - live_count)

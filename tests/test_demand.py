@@ -196,3 +196,34 @@ def test_under_load_the_one_start_allowed_goes_to_the_more_urgent_order(project)
         assert sorted(s.strip() for s in started(journal)) == ["HIGH/H1", "LOW/L1", "LOW/L2", "LOW/L3"]
     finally:
         open_all(project, gates, ("L1", "L2", "L3", "H1"), procs)
+
+
+def test_a_task_more_urgent_than_the_demand_said_is_said_while_every_slot_is_taken(project):
+    """HIGH's run said a P3 waits; a P0 added to HIGH while LOW held every slot was never said (a run plans
+    nothing while the project is full, and said its demand only when it had said none), so each slot LOW's
+    workers freed went to LOW's next P3 and the P0 waited for all of them (found by a review)."""
+    journal, gates = two_orders(project, 4)
+    (project.order("HIGH") / "H1.yaml").unlink()
+    write_task(project.order("HIGH"), "H0", command=gated(journal, gates), priority="P3")
+    low = run(project, "LOW")
+    high = None
+    try:
+        wait_for(lambda: len(started(journal)) == 2)
+        high = run(project, "HIGH")
+        told: list[str] = []
+        reader = threading.Thread(target=lambda: told.extend(high.stdout), daemon=True)
+        reader.start()
+        wait_for(lambda: "HIGH" in demands(project.root))  # its P3 waits for a slot
+        write_task(project.order("HIGH"), "H1", command=gated(journal, gates), priority="P0")
+        for mark in ("M1", "M2"):  # a whole round of HIGH's run went by since it saw H1
+            (project.order("HIGH") / f"{mark}.yaml").write_text("priority: P9\n")
+            wait_for(lambda: any(f"{mark}.yaml" in line for line in told))
+            (project.order("HIGH") / f"{mark}.yaml").unlink()
+        (gates / "L1").touch()
+        wait_for(lambda: len(started(journal)) == 3)
+        assert [s.strip() for s in started(journal)][2] == "HIGH/H1", started(journal)
+        for name in ("L2", "L3", "L4", "H0", "H1"):
+            (gates / name).touch()
+        assert high.wait(timeout=60) == 0 and low.wait(timeout=60) == 0
+    finally:
+        open_all(project, gates, ("L1", "L2", "L3", "L4", "H0", "H1"), (low, high))
