@@ -341,6 +341,9 @@ class Supervisor(Recording, Owner):
             self._note_in_records([rec], stopping=why)
         runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
         runner.reap(rec.pid)
+        # As at any end of an attempt: what it left running outside its group (`setsid cmd &`) holds its locks,
+        # and the urgent task waited for it for as long as it ran.
+        self.end_strays(rec)
         self.read_usage_ahead(rec)
         with self.rt.launch_lock():
             if code is not None:  # it ended on its own before the signal: that outcome stands

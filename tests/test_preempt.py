@@ -1,6 +1,7 @@
 """Preemption: the planner's pure decision over literals, and `run --preempt` checked on a journal."""
 
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -175,4 +176,37 @@ def test_run_preempt_stops_nothing_for_a_task_this_machine_can_never_run(project
     tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
     assert tasks["LOW"]["status"] == "DONE" and tasks["LOW"]["preemptions"] == 0
     assert [e["task"] for e in events if e["event"] == "launch_failed"] == ["URGENT"]  # refused once LOW ended
+    assert no_workers(project.root)
+
+
+def test_run_preempt_ends_what_the_stopped_attempt_left_outside_its_group(project, gate):
+    """A P3 whose command left a process in a session of its own (`setsid cmd &`): that process kept the P3's
+    file locks, and the preemption, unlike every other end of an attempt, did not end it: the P0 it was stopped
+    for waited for it (`wait URGENT: shared.py is held by pids ...`) for as long as it ran (found by a review)."""
+    order = project.order()
+    stray = project.root / "stray.pid"
+    write_task(order, "LOW", priority="P3", target_files=["shared.py"], command=(
+        f"setsid sleep 1000 & echo $! >> {stray}; while [ ! -e {gate} ]; do sleep 0.05; done"))
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--preempt",
+                            "--no-resource-monitoring", "--json"], stdout=subprocess.PIPE, text=True)
+    events: list[dict] = []
+    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in run.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: stray.exists() and stray.read_text().strip())
+        first = int(stray.read_text().split()[0])
+        write_task(order, "URGENT", priority="P0", target_files=["shared.py"], command="true")
+        wait_for(lambda: any(e.get("task") == "URGENT" and e["event"] in ("started", "waiting") for e in events))
+        assert not [e for e in events if e["event"] == "waiting"], events
+        assert not os.path.exists(f"/proc/{first}") or "zombie" in open(f"/proc/{first}/status").read().lower()
+        gate.touch()
+        assert run.wait(timeout=120) == 0
+    finally:
+        gate.touch()
+        if run.poll() is None:
+            run.terminate()  # (its end ends the strays below it)
+            run.wait(timeout=60)
+    reader.join(timeout=60)
+    tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert tasks["LOW"]["status"] == "DONE" and tasks["URGENT"]["status"] == "DONE"
     assert no_workers(project.root)
