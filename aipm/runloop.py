@@ -16,7 +16,7 @@ from contextlib import contextmanager, nullcontext
 
 import aipm
 from aipm import budget, handover, notify, preemption, recovery, runner, scope, writer
-from aipm.launcher import Launcher
+from aipm.launcher import RAMP, Launcher
 from aipm.liveness import stopped
 from aipm.model import FINISHED_OK, Order, Status, status_summary
 from aipm.plan import never_runs
@@ -211,6 +211,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     recover = True  # at start, and whenever another owner's process ends (it may have died)
     lost = True  # at start, and when an owner died: its agents' transcripts are read before the lock (recovery)
     first = True
+    first_detach = True  # (exec --parallel: the first launch of the others recovers, as any launch does)
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
     budget_told = False
     lock_files: set[str] = set()  # lock nodes whose files exist (see handover.prepare_next)
@@ -267,11 +268,14 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                           "the file and the run goes on (Ctrl-C stops it)"} if item["id"] in fixing else
                          {"event": "launch_failed", "task": item["id"], "error": item["error"]})
             if detach_others:
-                detach_others = False
-                others = launcher.launch(view, owner=None, only=set(order.tasks) - {only})
+                others = launcher.launch(view, owner=None, only=set(order.tasks) - {only}, recover=first_detach)
+                first_detach = False
                 for item in others.launched:
                     emit({"event": "started", "task": item["id"], "pid": item["pid"], "attempt": item["attempt"],
                           "detached": True})
+                # On a half-busy machine the ramp-up lets one start per fresh load reading: the others follow at
+                # the next readings, as `aipm launch` starts them (once, they were never started, and said nothing).
+                detach_others = any(d["reason"] == RAMP for d in others.deferred)
             if report.plan.budget_stop and not budget_told:
                 budget_told = True  # once per run: the stop holds until someone raises the budget
                 emit({"event": "budget", "order": order.id, "detail": report.plan.budget_stop})
@@ -325,7 +329,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 continue
             if launcher.settings.preempt and not only and preemption.stop_for_urgent(sup, view):
                 continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
-            timeout = (RESOURCE_RECHECK if deferred else FINISHING_RECHECK if finishing
+            timeout = (RESOURCE_RECHECK if deferred or detach_others else FINISHING_RECHECK if finishing
                        else HELD_RECHECK if waiting or fixing else None)
             handover.prepare_next(sup, launcher, view, lock_files, prepared)
             if not sup.watch_records():

@@ -213,3 +213,28 @@ def test_each_deferral_line_names_its_own_reason(project):
     assert deferred
     for event in deferred:  # C waits for CPUs, or for the load once BIG is done; N1 and N2 only for the load
         assert "waiting for" not in event["detail"] or event["tasks"] == ["C"], event
+
+
+def test_exec_parallel_on_a_half_busy_machine_starts_the_others_one_per_reading(project):
+    """At 60 % cpu (under the 85 % threshold: every worker allowed, but a ramp-up, one start per fresh reading)
+    `exec T0 --parallel` started T0 and then none of the others: they were launched once, at the reading T0's
+    start had used, and never again, nor said to wait (found by a review)."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    gate = project.root / "gate"
+    for i in range(3):
+        write_task(order, f"T{i}", command=journal_command(journal, f"while [ ! -e {gate} ]; do sleep 0.05; done"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aipm", "--root", str(project.root), "exec", "T0", "--parallel", "--max-workers", "4"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, **loaded("60,10")},
+    )
+    try:
+        # T0 waits for the gate, so its exec runs on: the others start while it does.
+        wait_for(lambda: sorted(s.task for s in spans(journal)) == ["T0", "T1", "T2"] or proc.poll() is not None)
+        assert sorted(s.task for s in spans(journal)) == ["T0", "T1", "T2"], proc.poll()
+    finally:
+        gate.touch()
+    assert proc.wait(timeout=60) == 0
+    wait_for(lambda: set(task_statuses(order).values()) == {"DONE"})  # the detached ones finish by themselves
+    assert check(journal, order, max_workers=4) == []
+    wait_for(lambda: no_workers(project.root))
