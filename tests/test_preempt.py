@@ -111,6 +111,26 @@ def test_run_preempt_stops_the_p3_task_for_a_p0_and_reruns_it_later(project, gat
     assert no_workers(project.root)
 
 
+def _preempting_run(project) -> tuple[subprocess.Popen, list[dict], threading.Thread]:
+    """`aipm run ORD --preempt --json` in the background, its events put in the list as they come."""
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--preempt",
+                            "--no-resource-monitoring", "--json"], stdout=subprocess.PIPE, text=True)
+    events: list[dict] = []
+    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in run.stdout), daemon=True)
+    reader.start()
+    return run, events, reader
+
+
+def _ended_without_preempting(project, run, reader, events) -> dict[str, dict]:
+    """The run ended (exit 1: a task left queued) having stopped nothing, LOW done; the tasks as status gives them."""
+    assert run.wait(timeout=120) == 1
+    reader.join(timeout=60)
+    assert not [e for e in events if e["event"] == "preempted"], events
+    tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert tasks["LOW"]["status"] == "DONE" and tasks["LOW"]["preemptions"] == 0
+    return tasks
+
+
 def _marked(order, run, events, name):
     """Write an invalid task file and wait until the run says so (a run round that began after this call), or
     until it ended."""
@@ -127,11 +147,7 @@ def test_run_preempt_stops_nothing_while_the_order_s_budget_is_reached(project, 
     (order / "order.yaml").write_text("max_cost_usd: 1\n")
     write_task(order, "LOW", priority="P3", target_files=["shared.py"],
                command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
-    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--preempt",
-                            "--no-resource-monitoring", "--json"], stdout=subprocess.PIPE, text=True)
-    events: list[dict] = []
-    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in run.stdout), daemon=True)
-    reader.start()
+    run, events, reader = _preempting_run(project)
     try:
         wait_for(lambda: any(e["event"] == "started" and e["task"] == "LOW" for e in events))
         write_task(order, "SPENT", priority="P3", status="DONE", cost_usd=5, command="true", target_files=["s.py"])
@@ -141,11 +157,7 @@ def test_run_preempt_stops_nothing_while_the_order_s_budget_is_reached(project, 
         _marked(order, run, events, "SEEN3")  # a whole round went by since the run saw URGENT
     finally:
         gate.touch()
-    assert run.wait(timeout=120) == 1
-    reader.join(timeout=60)
-    assert not [e for e in events if e["event"] == "preempted"], events
-    tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
-    assert tasks["LOW"]["status"] == "DONE" and tasks["LOW"]["preemptions"] == 0
+    tasks = _ended_without_preempting(project, run, reader, events)
     assert tasks["URGENT"]["status"] == "QUEUED"
     assert no_workers(project.root)
 
@@ -157,11 +169,7 @@ def test_run_preempt_stops_nothing_for_a_task_this_machine_can_never_run(project
     order = project.order()
     write_task(order, "LOW", priority="P3", target_files=["shared.py"],
                command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
-    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--preempt",
-                            "--no-resource-monitoring", "--json"], stdout=subprocess.PIPE, text=True)
-    events: list[dict] = []
-    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in run.stdout), daemon=True)
-    reader.start()
+    run, events, reader = _preempting_run(project)
     try:
         wait_for(lambda: any(e["event"] == "started" and e["task"] == "LOW" for e in events))
         write_task(order, "URGENT", priority="P0", target_files=["shared.py"], command="true",
@@ -170,11 +178,7 @@ def test_run_preempt_stops_nothing_for_a_task_this_machine_can_never_run(project
         _marked(order, run, events, "SEEN2")  # a whole round went by since the run saw URGENT
     finally:
         gate.touch()
-    assert run.wait(timeout=120) == 1
-    reader.join(timeout=60)
-    assert not [e for e in events if e["event"] == "preempted"], events
-    tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
-    assert tasks["LOW"]["status"] == "DONE" and tasks["LOW"]["preemptions"] == 0
+    tasks = _ended_without_preempting(project, run, reader, events)
     assert [e["task"] for e in events if e["event"] == "launch_failed"] == ["URGENT"]  # refused once LOW ended
     assert no_workers(project.root)
 
@@ -187,11 +191,7 @@ def test_run_preempt_ends_what_the_stopped_attempt_left_outside_its_group(projec
     stray = project.root / "stray.pid"
     write_task(order, "LOW", priority="P3", target_files=["shared.py"], command=(
         f"setsid sleep 1000 & echo $! >> {stray}; while [ ! -e {gate} ]; do sleep 0.05; done"))
-    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--preempt",
-                            "--no-resource-monitoring", "--json"], stdout=subprocess.PIPE, text=True)
-    events: list[dict] = []
-    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in run.stdout), daemon=True)
-    reader.start()
+    run, events, reader = _preempting_run(project)
     try:
         wait_for(lambda: stray.exists() and stray.read_text().strip())
         first = int(stray.read_text().split()[0])
