@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+from contextlib import contextmanager
 
 import pytest
 
@@ -764,10 +765,11 @@ def test_a_string_commands_parent_is_its_wrapper_so_kill_ppid_does_not_end_the_r
     assert task_statuses(project.order())["T1"] == "DONE"
 
 
+@contextmanager
 def _stopped_owner_with_its_worker_ended(project, gate, order):
     """`aipm run ORDER` of one task stopped (Ctrl-Z) while its worker ran, outside a round (the launch lock free:
     what is tested is the wait for the outcome, not for the lock), and that worker ended since: its outcome waits
-    for the stopped owner. Returns the stopped run (SIGCONT it at the end)."""
+    for the stopped owner. Yields the stopped run, and lets it go on (SIGCONT) and end after the block."""
     running = project.root / "running"
     write_task(project.order(order), "T1", target_files=["a.txt"],
                command=f"touch {running}; while [ ! -e {gate} ]; do sleep 0.05; done")
@@ -786,21 +788,21 @@ def _stopped_owner_with_its_worker_ended(project, gate, order):
                 first.send_signal(signal.SIGCONT)
     gate.touch()
     wait_for(lambda: not pid_alive(rec["pid"]))  # a zombie: its stopped owner cannot reap it
-    return first
+    try:
+        yield first
+    finally:
+        first.send_signal(signal.SIGCONT)
+        first.wait(timeout=60)
 
 
 def test_a_finished_order_does_not_wait_for_another_orders_owner_that_is_stopped(project, gate):
     """A run of an order that was done waited for any other order's outcome still being recorded: for ever, in
     silence, where that owner (another `aipm run`) was stopped with its worker ended."""
-    first = _stopped_owner_with_its_worker_ended(project, gate, "Y")
-    try:
+    with _stopped_owner_with_its_worker_ended(project, gate, "Y"):
         write_task(project.order("X"), "U1", target_files=["b.txt"], command="true")
         run = project.aipm("run", "X", "--no-resource-monitoring", timeout=60)
         assert run.returncode == 0, run.stdout + run.stderr
         assert task_statuses(project.order("X")) == {"U1": "DONE"}
-    finally:
-        first.send_signal(signal.SIGCONT)
-        first.wait(timeout=60)
     assert task_statuses(project.order("Y")) == {"T1": "DONE"}
 
 
@@ -808,16 +810,12 @@ def test_a_run_whose_queued_tasks_can_never_run_does_not_wait_for_another_orders
     """8c67ae0 let a run of an order that was done end beside another order's stopped owner, but one whose QUEUED
     task waits on a FAILED one (it can never run: `run` alone ends at once, exit 1) still waited, for ever and in
     silence: another order's work was taken to free a dependency of it."""
-    first = _stopped_owner_with_its_worker_ended(project, gate, "Y")
-    try:
+    with _stopped_owner_with_its_worker_ended(project, gate, "Y"):
         write_task(project.order("X"), "A", target_files=["a.txt"], command="false", status="FAILED", attempts=3)
         write_task(project.order("X"), "B", target_files=["b.txt"], command="true", depends_on=["A"])
         run = project.aipm("run", "X", "--no-resource-monitoring", timeout=60)
         assert run.returncode == 1 and "B can never run: A is FAILED" in run.stderr, run.stdout + run.stderr
         assert task_statuses(project.order("X")) == {"A": "FAILED", "B": "QUEUED"}
-    finally:
-        first.send_signal(signal.SIGCONT)
-        first.wait(timeout=60)
     assert task_statuses(project.order("Y")) == {"T1": "DONE"}
 
 
@@ -826,20 +824,16 @@ def test_a_run_waiting_for_an_outcome_its_stopped_owner_holds_says_so_once(proje
     """A second `aipm run` of the order (or `exec` of that task) waited in silence, for ever, for T1's outcome,
     which its owner (stopped after T1's worker ended) holds. Now it says who holds it and that it is stopped, and
     goes on once it is. An exec of another task, which does not wait for T1, says nothing of it."""
-    first = _stopped_owner_with_its_worker_ended(project, gate, "ORD")
-    write_task(project.order(), "T2", target_files=["b.txt"], command="true")
-    said = (f"wait     T1: its worker has ended, and its owner (another aipm, pid {first.pid}) is stopped "
-            "(Ctrl-Z or SIGSTOP)")
-    try:
+    with _stopped_owner_with_its_worker_ended(project, gate, "ORD") as first:
+        write_task(project.order(), "T2", target_files=["b.txt"], command="true")
+        said = (f"wait     T1: its worker has ended, and its owner (another aipm, pid {first.pid}) is stopped "
+                "(Ctrl-Z or SIGSTOP)")
         if command == "exec":
             other = project.aipm("exec", "ORD/T2", "--no-resource-monitoring", timeout=60)
             assert other.returncode == 0 and said not in other.stdout, other.stdout + other.stderr
         second, out = _started(project, *(["run", "ORD"] if command == "run" else ["exec", "ORD/T1"]))
         wait_for(lambda: said in out.read_text())
         assert second.poll() is None  # still waiting
-    finally:
-        first.send_signal(signal.SIGCONT)
-        first.wait(timeout=60)
     assert second.wait(timeout=60) == 0, out.read_text()
     assert out.read_text().count(said) == 1, out.read_text()
     assert task_statuses(project.order()) == {"T1": "DONE", "T2": "DONE"}
@@ -848,9 +842,8 @@ def test_a_run_waiting_for_an_outcome_its_stopped_owner_holds_says_so_once(proje
 def test_logs_f_of_an_attempt_whose_stopped_owner_holds_its_end_says_so_once(project, gate):
     """`aipm logs -f` followed T1 in silence, for ever, after its worker had ended: its owner was stopped before
     recording the outcome. Now it says so on stderr, and ends once the owner goes on."""
-    first = _stopped_owner_with_its_worker_ended(project, gate, "ORD")
-    err = project.root.parent / "logs.err"
-    try:
+    with _stopped_owner_with_its_worker_ended(project, gate, "ORD") as first:
+        err = project.root.parent / "logs.err"
         with open(err, "w") as handle:
             follow = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "-f",
                                        "ORD/T1"], stdout=subprocess.DEVNULL, stderr=handle)
@@ -858,8 +851,5 @@ def test_logs_f_of_an_attempt_whose_stopped_owner_holds_its_end_says_so_once(pro
                 "SIGSTOP)")
         wait_for(lambda: said in err.read_text())
         assert follow.poll() is None  # still following
-    finally:
-        first.send_signal(signal.SIGCONT)
-        first.wait(timeout=60)
     assert follow.wait(timeout=60) == 0, err.read_text()
     assert err.read_text().count(said) == 1, err.read_text()
