@@ -1,5 +1,6 @@
-"""Signals to a person: the `notify` setting's command, run when a task ends FAILED or REJECTED, when an order's
-budget stops it, and when `aipm run` ends its order.
+"""Signals to a person: the `notify` setting's command, run when a task ends FAILED or REJECTED, when a run waits
+for a person (a task file to fix, a stopped owner to let go on, a lock held outside aipm), when an order's budget
+stops it, and when `aipm run` ends its order.
 
 It never blocks or breaks the caller: the command starts detached, in a session of its own, through a shell that
 backgrounds it and exits at once (so no process is left for us to reap), with standard input from /dev/null and
@@ -21,6 +22,7 @@ from aipm.runtime import Runtime
 from aipm.settings import Settings
 
 FAILED, REJECTED, BUDGET, ORDER_FINISHED = "failed", "rejected", "budget", "order_finished"
+NEEDS_PERSON = "needs_person"
 LOG_LIMIT = 1 << 20
 # $1 is the log; the rest is the command, started in the background so this shell exits at once.
 _TASK_VARS = frozenset({"AIPM_ORDER_ID", "AIPM_TASK_ID", "AIPM_ATTEMPT", "AIPM_LOG", "AIPM_TARGET_FILES",
@@ -64,6 +66,12 @@ def send(settings: Settings, runtime: Runtime, event: str, status: str, detail: 
     except OSError as exc:
         with suppress(OSError):
             _append(runtime.notify_log(), f"[aipm] notify command could not start: {exc}\n")
+
+
+def needs_person(settings: Settings, runtime: Runtime, order_id: str, task_id: str, detail: str) -> None:
+    """A run waits, for as long as it takes, on something only a person can do: `detail` says what."""
+    send(settings, runtime, NEEDS_PERSON, "WAITING", f"{order_id}/{task_id}: {detail}", AIPM_ORDER_ID=order_id,
+         AIPM_TASK_ID=task_id)
 
 
 def reap() -> None:

@@ -152,10 +152,11 @@ def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], in
             finishing.add(rec.key)
             if rec.order == order_id and only in (None, rec.task) and rec.key not in held and stopped(rec.owner_pid):
                 held.add(rec.key)
-                sup.outbox.append({"event": "waiting", "task": rec.task, "pids": [rec.owner_pid], "detail": (
-                    f"its worker has ended, and its owner (another aipm, pid {rec.owner_pid}) is stopped (Ctrl-Z or "
-                    f"SIGSTOP): it records the outcome once it goes on (`fg` in its terminal, or `kill -CONT "
-                    f"{rec.owner_pid}`); this run waits for that")})
+                detail = (f"its worker has ended, and its owner (another aipm, pid {rec.owner_pid}) is stopped "
+                          f"(Ctrl-Z or SIGSTOP): it records the outcome once it goes on (`fg` in its terminal, or "
+                          f"`kill -CONT {rec.owner_pid}`); this run waits for that")
+                sup.outbox.append({"event": "waiting", "task": rec.task, "pids": [rec.owner_pid], "detail": detail})
+                notify.needs_person(sup.settings, sup.rt, rec.order, rec.task, detail)
         elif rec.order == order_id:
             dead.add((rec.key, rec.owner_pid))
     return finishing, dead
@@ -204,6 +205,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     recovered: set[tuple[str, int]] = set()  # dead owners whose tasks a recovery round has handled
     holders: set[int] = set()  # pids holding locks outside aipm that tasks wait for (watched: their exit wakes us)
     waiting_before: list[tuple[str, str]] = []
+    outside_told: set[tuple[str, str]] = set()  # (task, detail) of the waits for locks held outside aipm, notified
     watched: set[str] = set()  # this order's tasks run by another owner, already said
     held: set[str] = set()  # this order's outcomes that a stopped owner holds, already said
     deferred_before: list[tuple[str, str]] = []  # (task, reason) of the last deferral said
@@ -264,9 +266,12 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 told = (item["error"], task.attempts, task.started_at)
                 if failed_told.get(item["id"]) != told:
                     failed_told[item["id"]] = told
-                    emit({"event": "waiting", "task": item["id"], "pids": [], "detail": f"{item['error']}; fix "
-                          "the file and the run goes on (Ctrl-C stops it)"} if item["id"] in fixing else
-                         {"event": "launch_failed", "task": item["id"], "error": item["error"]})
+                    if item["id"] in fixing:
+                        detail = f"{item['error']}; fix the file and the run goes on (Ctrl-C stops it)"
+                        emit({"event": "waiting", "task": item["id"], "pids": [], "detail": detail})
+                        notify.needs_person(launcher.settings, launcher.runtime, order.id, item["id"], detail)
+                    else:
+                        emit({"event": "launch_failed", "task": item["id"], "error": item["error"]})
             if detach_others:
                 others = launcher.launch(view, owner=None, only=set(order.tasks) - {only}, recover=first_detach)
                 first_detach = False
@@ -296,6 +301,9 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             if [(b.id, b.detail) for b in waiting] != waiting_before:
                 for blocked in waiting:
                     emit({"event": "waiting", "task": blocked.id, "detail": blocked.detail, "pids": list(blocked.pids)})
+                    if (blocked.id, blocked.detail) not in outside_told:  # told once, however often it is said
+                        outside_told.add((blocked.id, blocked.detail))
+                        notify.needs_person(launcher.settings, launcher.runtime, order.id, blocked.id, blocked.detail)
             waiting_before = [(b.id, b.detail) for b in waiting]
             for pid in {p for b in waiting for p in b.pids} - holders:
                 if sup.watcher.watch_pid(pid, ("holder", pid)):

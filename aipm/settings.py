@@ -44,7 +44,7 @@ class Settings:
     ray_address: str = "auto"  # ray.address (RAY_ADDRESS wins): the cluster for --runner ray; auto: one on this machine
     worker_agent: str = "command"  # worker.agent: the preset for tasks without `command` (aipm.agents.NAMES)
     max_cost_usd: float | None = None  # budget of every order whose order.yaml sets none
-    notify: str | tuple[str, ...] | None = None  # run when a task fails or is rejected, or an order stops or ends
+    notify: str | tuple[str, ...] | None = None  # run when a task fails, is rejected, needs a person; an order ends
     preempt: bool = False  # run: an urgent (P0/P1) task stops a lower-priority one that holds its files or slot
     confine: bool = False  # default for tasks without `confine`: Landlock confinement to the target files
     workspace: str = "shared"  # "shared" (the project tree) or "worktree" (a git worktree per task, merged back)

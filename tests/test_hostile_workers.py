@@ -823,7 +823,9 @@ def test_a_run_whose_queued_tasks_can_never_run_does_not_wait_for_another_orders
 def test_a_run_waiting_for_an_outcome_its_stopped_owner_holds_says_so_once(project, gate, command):
     """A second `aipm run` of the order (or `exec` of that task) waited in silence, for ever, for T1's outcome,
     which its owner (stopped after T1's worker ended) holds. Now it says who holds it and that it is stopped, and
-    goes on once it is. An exec of another task, which does not wait for T1, says nothing of it."""
+    goes on once it is. An exec of another task, which does not wait for T1, says nothing of it. The wait needs a
+    person, so the `notify` command is told, once (it was not told at all)."""
+    (project.root / "aipm.yaml").write_text("notify: 'true'\n")
     with _stopped_owner_with_its_worker_ended(project, gate, "ORD") as first:
         write_task(project.order(), "T2", target_files=["b.txt"], command="true")
         said = (f"wait     T1: its worker has ended, and its owner (another aipm, pid {first.pid}) is stopped "
@@ -837,6 +839,9 @@ def test_a_run_waiting_for_an_outcome_its_stopped_owner_holds_says_so_once(proje
     assert second.wait(timeout=60) == 0, out.read_text()
     assert out.read_text().count(said) == 1, out.read_text()
     assert task_statuses(project.order()) == {"T1": "DONE", "T2": "DONE"}
+    told = (project.root / ".aipm" / "notify.log").read_text()
+    assert told.count(f"needs_person WAITING: ORD/T1: its worker has ended, and its owner (another aipm, pid "
+                      f"{first.pid}) is stopped") == 1, told
 
 
 def test_logs_f_of_an_attempt_whose_stopped_owner_holds_its_end_says_so_once(project, gate):

@@ -135,6 +135,7 @@ def docs_order(project):
 
 
 def test_a_lock_held_by_another_process_is_named_everywhere_and_run_waits_for_it(project):
+    (project.root / "aipm.yaml").write_text("notify: 'true'\n")
     order, journal, holder = docs_order(project)
     try:
         # Every process that has the locked descriptor holds it (here: just the holder).
@@ -165,6 +166,10 @@ def test_a_lock_held_by_another_process_is_named_everywhere_and_run_waits_for_it
     assert run.wait(timeout=300) == 0, run.output
     assert set(task_statuses(order).values()) == {"DONE"}
     assert check(journal, order) == []
+    # The wait needs a person (only the holder's owner can let it go): told once for each task that waits.
+    told = (project.root / ".aipm" / "notify.log").read_text()
+    for task in ("FILE", "DIR"):
+        assert told.count(f"needs_person WAITING: ORD/{task}: docs/conf.py is held by pid {holder.pid}") == 1, told
 
 
 # ---- processes that leave their worker --------------------------------------------------------------------

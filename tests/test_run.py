@@ -313,6 +313,31 @@ def test_a_task_whose_file_is_still_broken_when_its_turn_comes_waits_for_the_fix
     assert not any(e["event"] == "launch_failed" for e in events), events
 
 
+def test_a_run_waiting_for_a_task_file_to_be_fixed_notifies_once(project):
+    """The contract's `notify` runs when a task needs a person: a run that waited for SECOND's broken file to be
+    fixed ran it for FAILED, REJECTED and the order's end only, so nobody was called to fix the file. Now the wait
+    is told once (not again when the file is saved still broken), and the run goes on once it is fixed."""
+    notes = project.root / "notes.txt"
+    (project.root / "aipm.yaml").write_text(f"notify: 'echo \"$AIPM_EVENT $AIPM_STATUS $AIPM_TASK_ID\" >> {notes}'\n")
+    order, gate, proc, events, reader, second, good = _second_broken_mid_run(project, "priority: urgent\n")
+    try:
+        gate.touch()
+        wait_for(lambda: notes.exists() and "needs_person WAITING SECOND" in notes.read_text()
+                 or proc.poll() is not None)
+        assert proc.poll() is None, events
+        second.write_text(good + "priority: urgent\n# still broken\n")  # a round that sees the same wait
+        wait_for(lambda: sum(e["event"] == "invalid_file" for e in events) >= 2 or proc.poll() is not None)
+        second.write_text(good)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        gate.touch()
+        proc.kill()
+    reader.join(timeout=10)
+    told = (project.root / ".aipm" / "notify.log").read_text()
+    assert told.count(" needs_person WAITING: ORD/SECOND: ") == 1 and "priority" in told, told
+    assert "order_finished DONE" in told
+
+
 @pytest.mark.parametrize("budget", [False, True])
 def test_the_next_task_starts_before_the_ended_ones_outcome_is_written_unless_a_budget_counts_it(project, budget):
     """One slot, no git (nothing to audit). When A ends, the independent B takes its place in the same wake-up,

@@ -38,7 +38,8 @@ max_workers: 5
 # review:
 #   command: null
 # max_cost_usd: null     # budget in US dollars of orders whose order.yaml sets none
-# notify: null           # command run when a task fails or is rejected, a budget stops an order, a run ends
+# notify: null           # command run when a task fails or is rejected, a run waits for a person, a budget
+#                        # stops an order, a run ends
 # scope_audit: true      # in a git tree: a task that wrote outside its target_files is sent back
 # scope_watch: true      # run audits its attempts from inotify events (false: git status snapshots)
 # scope_ignore: []       # globs never charged to a task: files you edit while agents run (NOTES.md, "docs/**")
