@@ -1,6 +1,6 @@
-"""Signals to a person: the `notify` setting's command, run when a task ends FAILED or REJECTED, when a run waits
-for a person (a task file to fix, a stopped owner to let go on, a lock held outside aipm), when an order's budget
-stops it, and when `aipm run` ends its order.
+"""Signals to a person: the `notify` setting's command, run when a task ends FAILED or REJECTED (or INTERRUPTED,
+its exit code lost), when a run waits for a person (a task file to fix, a stopped owner to let go on, a lock held
+outside aipm), when an order's budget stops it, and when `aipm run` ends its order.
 
 It never blocks or breaks the caller: the command starts detached, in a session of its own, through a shell that
 backgrounds it and exits at once (so no process is left for us to reap), with standard input from /dev/null and

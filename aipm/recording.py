@@ -159,13 +159,17 @@ class Recording(Reviewing):
         self._drop(rec)
         event.update(status=str(task.status), reason=task.reason)
         if task.status in (Status.FAILED, Status.REJECTED):
-            # AIPM_ATTEMPT is the worker's: the serial that names the log (`aipm logs T --attempt N`), not the
-            # count since the last retry, which repeats after a `retry` and would point at an older attempt's log.
-            notify.send(self.settings, self.rt, task.status.value.lower(), task.status.value,
-                        f"{rec.order}/{rec.task} is {task.status} after attempt {rec.serial}; log: {rec.log}",
-                        AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.serial),
-                        AIPM_LOG=rec.log)
+            self._notify_end(rec, task)
         return event
+
+    def _notify_end(self, rec: Record, task: Task, why: str = "") -> None:
+        """Tell the `notify` command that the attempt left its task for a person (FAILED, REJECTED, INTERRUPTED)."""
+        # AIPM_ATTEMPT is the worker's: the serial that names the log (`aipm logs T --attempt N`), not the
+        # count since the last retry, which repeats after a `retry` and would point at an older attempt's log.
+        notify.send(self.settings, self.rt, task.status.value.lower(), task.status.value,
+                    f"{rec.order}/{rec.task} is {task.status} after attempt {rec.serial}{why}; log: {rec.log}",
+                    AIPM_ORDER_ID=rec.order, AIPM_TASK_ID=rec.task, AIPM_ATTEMPT=str(rec.serial),
+                    AIPM_LOG=rec.log)
 
     def _restored(self, rec: Record, task: Task) -> Task:
         """The file was reset under a live worker (a `git checkout`): write back what we know, keep the rest."""
@@ -209,6 +213,8 @@ class Recording(Reviewing):
         self._drop(rec)
         event.update(status=str(task.status), reason=task.reason)
         event["detail"] = "exit code lost; check its work, then `aipm retry`"
+        # Left for a person, as a failure is (no recovery re-queues it): they are told as of a failure.
+        self._notify_end(rec, task, f" ({event['detail']})")
         return event
 
     def _write(self, task: Task, updates: dict) -> Task:

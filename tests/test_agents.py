@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FIXTURES, REPO, no_workers, snapshot, task_statuses, wait_for, write_task
+from conftest import FIXTURES, REPO, no_workers, snapshot, state, task_statuses, wait_for, write_task
 from aipm import agents
 from aipm.agents import Attempt, aider, claude, codex, guard
 from aipm.paths import normalize
@@ -1024,6 +1024,33 @@ def test_a_notify_command_is_never_taken_for_an_attempts_leftover(project):
     write_task(order, "GOOD", command="sleep 0.5", priority="P1")  # ends while that command still sleeps
     assert project.aipm("run", "ORD").returncode == 1
     wait_for(lambda: notes.exists() and notes.read_text() == "late\nlate\n")  # the failure's and the order's end
+
+
+def test_an_attempt_whose_exit_code_was_lost_is_notified_as_a_failure_is(project, gate):
+    """The worker ended with its run killed, and its exit file was left empty (the code never reached the disk):
+    the next run leaves the task INTERRUPTED for a person to check and retry, as a failure is left, but the
+    `notify` command was told only of the order's end."""
+    notes = project.root / "notes.txt"
+    (project.root / "aipm.yaml").write_text(
+        f"notify: 'echo \"$AIPM_EVENT $AIPM_STATUS ${{AIPM_TASK_ID:-}}\" >> {notes}'\n")
+    ready = project.root / "ready"
+    write_task(project.order(), "T", command=f'touch "{ready}"; while [ ! -e "{gate}" ]; do sleep 0.05; done')
+    first = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                             env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(ready.exists)
+    first.kill()
+    first.wait()
+    gate.touch()  # the worker ends with no owner to record it
+    exit_file = state(project.root) / "exit" / "ORD" / "T.1"
+    wait_for(lambda: exit_file.exists() and exit_file.read_text())
+    exit_file.write_text("")  # the code never reached the disk
+    assert project.aipm("run", "ORD").returncode == 1
+    assert project.statuses() == {"T": "INTERRUPTED"}
+    wait_for(lambda: notes.exists() and len(notes.read_text().splitlines()) >= 2)
+    assert sorted(notes.read_text().splitlines()) == ["interrupted INTERRUPTED T", "order_finished INCOMPLETE "]
+    assert "interrupted INTERRUPTED: ORD/T is INTERRUPTED after attempt 1 (exit code lost; check its work, then " \
+        "`aipm retry`); log: " in (project.root / ".aipm" / "notify.log").read_text()
 
 
 def test_a_notify_command_that_cannot_run_changes_nothing(project):
