@@ -7,16 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aipm.errors import UserError, ValidationError
+from aipm.settings import holds_settings
 from aipm.store import NOT_TASKS, SETTINGS_FILE as CONFIG_FILE, order_meta
 
 RUNTIME_DIR = ".aipm"
 
 
 def find_root(start: str | os.PathLike | None = None) -> Path:
-    """Nearest ancestor holding aipm.yaml; else the top of the git work tree; else the working directory."""
+    """Nearest ancestor holding aipm.yaml (or pyproject.toml's [tool.aipm], its alternative); else the top of the git
+    work tree; else the working directory."""
     here = Path(start or os.getcwd()).resolve()
     for d in (here, *here.parents):
-        if (d / CONFIG_FILE).is_file():
+        if holds_settings(d):
             return d
     for d in (here, *here.parents):
         if (d / ".git").exists():

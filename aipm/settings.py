@@ -191,6 +191,21 @@ def in_pyproject(root: Path) -> bool:
     return not (Path(root) / "aipm.yaml").exists() and pyproject.is_file() and _read_pyproject(pyproject) is not None
 
 
+def holds_settings(directory: Path) -> bool:
+    """Whether `directory` is a project's root by its settings: aipm.yaml, or pyproject.toml's [tool.aipm]. A
+    pyproject.toml that does not parse counts when it names tool.aipm, so its error is told (not another root
+    taken), and not otherwise: a broken one of another tool's package on the way up is none of ours."""
+    if (directory / "aipm.yaml").is_file():
+        return True
+    try:
+        return in_pyproject(directory)
+    except SettingsError:
+        try:
+            return b"tool.aipm" in read_bytes(directory / "pyproject.toml")
+        except OSError:  # unreadable (another user's, on the way up): no project we could run
+            return False
+
+
 def _config_layer(root: Path) -> Layer:
     config = root / "aipm.yaml"
     if config.exists():

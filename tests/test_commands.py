@@ -76,6 +76,30 @@ def test_init_in_a_project_configured_in_pyproject_keeps_those_settings(tmp_path
     assert "nothing changed" in aipm("init").stdout and snapshot(tmp_path) == before
 
 
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="[tool.aipm] is read on Python 3.11+ (tomllib)")
+def test_a_project_configured_in_pyproject_is_found_from_a_subdirectory(tmp_path):
+    """Outside git, only aipm.yaml marked a project's root: run from a subdirectory of a project whose settings are
+    pyproject.toml's [tool.aipm], aipm took the working directory for the root, and its orders were not found. A
+    pyproject.toml of another tool on the way up (even a broken one) marks nothing; a broken one naming tool.aipm
+    is named (exit 2), not passed by."""
+    (tmp_path / "pyproject.toml").write_text('[tool.aipm]\norders_dir = "work"\n')
+    write_task(tmp_path / "work" / "ORD", "T", command="true")
+    (tmp_path / "pkg" / "src").mkdir(parents=True)
+    (tmp_path / "pkg" / "pyproject.toml").write_text("[tool.black\n")
+
+    def status():
+        return subprocess.run([sys.executable, "-m", "aipm", "status", "ORD", "--json"], capture_output=True,
+                              text=True, cwd=tmp_path / "pkg" / "src")
+
+    proc = status()
+    assert proc.returncode == 0, proc.stderr
+    assert [t["id"] for t in json.loads(proc.stdout)["tasks"]] == ["T"]
+    (tmp_path / "pkg" / "pyproject.toml").write_text("[tool.aipm\n")
+    proc = status()
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert f"{tmp_path / 'pkg' / 'pyproject.toml'}: invalid TOML" in proc.stderr
+
+
 def test_init_makes_the_orders_directory_the_settings_name(tmp_path):
     """`init` made orders/ whatever `orders_dir` said: a stray directory no command reads, and none where `aipm
     new` puts orders."""

@@ -31,7 +31,9 @@ def _print_version(value: bool) -> None:
 
 def _root_callback(
     root: Optional[Path] = Option(
-        None, "--root", help="Project root (default: nearest aipm.yaml, else the git top level, else the cwd).",
+        # (\\[ escapes rich markup, which took "[tool.aipm]" for a style and dropped it)
+        None, "--root", help="Project root (default: nearest aipm.yaml or pyproject.toml with \\[tool.aipm], else "
+        "the git top level, else the cwd).",
         envvar="AIPM_ROOT_DIR",
     ),
     version: bool = Option(False, "--version", help="Print aipm's version and exit.", is_eager=True,
