@@ -64,7 +64,8 @@ def normalize(raw: str, root: str | None = None, links: dict[str, bool] | None =
     if not isinstance(raw, str) or not raw.strip():
         raise PathError("empty path")
     text = raw.strip().replace("\\", "/")
-    if text.startswith("/") or (len(text) > 1 and text[1] == ":"):
+    # (`a:b.txt`, `C:x` are names a POSIX file may have: only a leading / makes a path absolute here)
+    if text.startswith("/"):
         raise PathError(f"{raw!r} is absolute; give it relative to the project root")
     is_dir = text.endswith("/")
     norm = posixpath.normpath(text)

@@ -13,6 +13,8 @@ def t(raw: str) -> Target:
 
 @pytest.mark.parametrize("raw,expected", [
     ("./a.py", "a.py"), ("src/../a.py", "a.py"), ("a//b.py", "a/b.py"), ("docs/", "docs"), (" x.py ", "x.py"),
+    # A colon is a file name's character on POSIX: `a:b.txt` was refused as "absolute" (a Windows drive letter).
+    ("a:b.txt", "a:b.txt"), ("C:/x.txt", "C:/x.txt"),
 ])
 def test_normalisation(raw, expected):
     assert normalize(raw).path == expected
