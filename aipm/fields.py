@@ -6,6 +6,7 @@ Every mistake is a ValidationError naming the file and the field, so bad input i
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -57,7 +58,7 @@ def check_keys(path: Path, data: Mapping[str, Any], allowed: tuple[str, ...]) ->
 def str_field(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     value = data.get(key)
     if value is not None and not isinstance(value, str):
-        raise ValidationError(str(path), key, f"must be a string, not {_kind(value)}")
+        raise ValidationError(str(path), key, f"must be a string{_not_text(value)}")
     return value
 
 
@@ -114,8 +115,10 @@ def _command(path: Path, data: Mapping[str, Any], key: str) -> str | tuple[str, 
         if any("\0" in v for v in value):
             raise ValidationError(str(path), key, NUL_WORD)
         return tuple(value)
+    wrong = next((v for v in value if not isinstance(v, str)), None) if isinstance(value, list) else value
+    why = _not_text(wrong) if isinstance(wrong, (bool, int, float)) else ""
     raise ValidationError(
-        str(path), key, "must be a string (run by /bin/sh -c) or a list of strings (argv) naming a program"
+        str(path), key, f"must be a string (run by /bin/sh -c) or a list of strings (argv) naming a program{why}"
     )
 
 
@@ -129,10 +132,11 @@ def _str_list(path: Path, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
-        raise ValidationError(str(path), key, f"must be a list (e.g. [{value!r}]), not {_kind(value)}")
+        example = f" (e.g. [{json.dumps(str(value))}])" * isinstance(value, (str, int, float))
+        raise ValidationError(str(path), key, f"must be a list{example}, not {_kind(value)}")
     for item in value:
         if not isinstance(item, str):
-            raise ValidationError(str(path), key, f"every item must be a string; {item!r} is {_kind(item)}")
+            raise ValidationError(str(path), key, f"every item must be a string{_not_text(item)}")
     return tuple(value)
 
 
@@ -206,6 +210,14 @@ def _kind(value: Any) -> str:
             bool: "a boolean"}.get(type(value), type(value).__name__)
 
 
+def _not_text(value: Any) -> str:
+    """What was given where text is wanted, and the fix where YAML made it so: `command: true`, `depends_on: [1]`
+    (an unquoted number, true/false, yes/no, on/off is no string to YAML)."""
+    if isinstance(value, (bool, int, float)):
+        return f"; YAML read {json.dumps(value)} as {_kind(value)}, not text: put it in quotes"
+    return f", not {_kind(value)}"
+
+
 def _enum(path: Path, data: Mapping[str, Any], key: str, enum: type, default: Any) -> Any:
     value = data.get(key)
     if value is None:
@@ -226,7 +238,9 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
     if not ID_PATTERN.fullmatch(stem):
         raise ValidationError(str(path), "id", f"{stem!r} (the file name) is not a usable task id; rename the "
                               "file to letters, digits, '_', '.' and '-', starting with a letter or digit")
-    task_id = data.get("id", stem)
+    task_id = stem if data.get("id") is None else data["id"]  # (`id:` left empty says nothing, as for every key)
+    if not isinstance(task_id, str) and json.dumps(task_id) == stem:  # `id: 1` in 1.yaml: said to differ from '1'
+        raise ValidationError(str(path), "id", f"must be a string{_not_text(task_id)}")
     if task_id != stem:
         raise ValidationError(str(path), "id", f"{task_id!r} differs from the file name; use {stem!r} or rename")
     raw_targets = _str_list(path, data, "target_files")

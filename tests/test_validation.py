@@ -42,6 +42,27 @@ def test_invalid_order_through_every_command(project, case):
     assert snapshot(project.root) == before, "a command changed the tree"
 
 
+@pytest.mark.parametrize("text,field,said", [
+    ("command: true\n", "command", "YAML read true as a boolean, not text: put it in quotes"),
+    ("command: [sleep, 1]\n", "command", "YAML read 1 as a number, not text: put it in quotes"),
+    ("command: 'true'\ndepends_on: [1]\n", "depends_on", "YAML read 1 as a number, not text: put it in quotes"),
+    ("command: 'true'\ndepends_on: 1\n", "depends_on", 'must be a list (e.g. ["1"]), not a number'),
+    ("command: 'true'\ntitle: 2026\n", "title", "YAML read 2026 as a number, not text: put it in quotes"),
+    ("id: 1\ncommand: 'true'\n", "id", "YAML read 1 as a number, not text: put it in quotes"),
+])
+def test_a_value_yaml_read_as_no_text_is_told_to_be_quoted(project, text, field, said):
+    """`command: true` was told it "must be a string ... naming a program", `depends_on: [1]` that "1 is a number",
+    and `depends_on: 1` to write `[1]` (refused in turn): nothing said that YAML took the unquoted value for a
+    boolean or a number, nor that quotes fix it (`id: 1` in 1.yaml was said to differ from '1')."""
+    order = project.order()
+    (order / "1.yaml").write_text(text)
+    before = snapshot(project.root)
+    proc = project.aipm("validate", "ORD")
+    assert_one_line_error(proc, "1.yaml", f"{field}: ")
+    assert said in proc.stderr, proc.stderr
+    assert snapshot(project.root) == before
+
+
 def test_file_over_one_mebibyte(project):
     order = project.order()
     write_task(order, "A", command="true")
