@@ -63,6 +63,14 @@ def test_a_value_yaml_read_as_no_text_is_told_to_be_quoted(project, text, field,
     assert snapshot(project.root) == before
 
 
+def test_an_empty_id_is_the_file_names(project):
+    """`id:` left empty was refused ("None differs from the file name"), where every other empty key is absent."""
+    (project.order() / "A.yaml").write_text("id:\ncommand: 'true'\n")
+    proc = project.aipm("validate", "ORD")
+    assert proc.returncode == 0, proc.stderr
+    assert project.statuses() == {"A": "QUEUED"}
+
+
 def test_file_over_one_mebibyte(project):
     order = project.order()
     write_task(order, "A", command="true")
