@@ -165,3 +165,19 @@ def test_a_running_task_whose_target_is_the_whole_project_is_read_back_by_the_ne
     assert json.loads(again.stdout)["launched"] == []  # B overlaps the whole project, which ROOT holds
     assert project.aipm("cancel", "ORD/ROOT").returncode == 0
     wait_for(lambda: no_workers(project.root))
+
+
+def test_launchs_deferred_lines_are_printed_as_they_are(capsys):
+    """A deferral's detail may name a lock node, a real path that may hold brackets (a target reached through a
+    symlink into `d[x]/`): `launch` printed it through rich markup, so `[bold]` vanished and `[/x]` ended the
+    command in a MarkupError traceback, the workers it had started left unsaid."""
+    from aipm.cli.cmd_launch import say_launched
+    from aipm.launcher import LaunchReport
+    from aipm.plan import Plan
+
+    details = ["d[/x]/f.txt is locked by another worker", "d[bold]y/g.txt is held by pid 7, not an aipm worker"]
+    report = LaunchReport(launched=[{"id": "S", "pid": 5}], plan=Plan(),
+                          deferred=[{"id": f"T{i}", "reason": "file_busy", "detail": d} for i, d in enumerate(details)])
+    say_launched(report, [], "ORD", dry_run=False)
+    assert capsys.readouterr().out.splitlines() == ["started S (pid 5)", f"deferred T0: {details[0]}",
+                                                    f"deferred T1: {details[1]}"]

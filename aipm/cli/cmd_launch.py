@@ -19,7 +19,7 @@ from aipm.cli.display import Display, mode_for, plain_line, summary_event
 from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, RunnerOpt, settings_from_flags,
 )
-from aipm.launcher import Launcher, Options
+from aipm.launcher import Launcher, LaunchReport, Options
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.plan import FILE_BUSY, LIMIT, never_run_notes
 from aipm.project import Project, find_task
@@ -100,22 +100,27 @@ def launch(
                     "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered,
                     "budget_stop": report.plan.budget_stop, "waiting": waiting})
     else:
-        out = console()
-        verb = "would start" if dry_run else "started"
-        for item in report.launched:
-            out.print(f"{verb} {item['id']}" + (f" (pid {item['pid']})" if item.get("pid") else ""))
-        for item in report.deferred:
-            out.print(f"deferred {item['id']}: {item['detail']}")
-        for item in report.failed:
-            console(stderr=True).print(f"failed {item['id']}: {item['error']}", markup=False)
-        for item in waiting:
-            out.print(f"waiting {item['id']}: {item['detail']}", markup=False)
-        if report.plan.budget_stop:
-            console(stderr=True).print(f"aipm: {view.order.id}: {report.plan.budget_stop}", markup=False)
-        elif not (report.launched or report.deferred or report.failed or waiting):
-            out.print("nothing to launch (see `aipm detect`)")
+        say_launched(report, waiting, view.order.id, dry_run)
     if report.failed or report.plan.budget_stop:
         raise Exit(1)
+
+
+def say_launched(report: LaunchReport, waiting: list[dict], order_id: str, dry_run: bool) -> None:
+    """`launch`'s lines, as they are: a detail may name a lock node, whose path may hold `[...]` (no markup)."""
+    out = console()
+    verb = "would start" if dry_run else "started"
+    for item in report.launched:
+        out.print(f"{verb} {item['id']}" + (f" (pid {item['pid']})" if item.get("pid") else ""), markup=False)
+    for item in report.deferred:
+        out.print(f"deferred {item['id']}: {item['detail']}", markup=False)
+    for item in report.failed:
+        console(stderr=True).print(f"failed {item['id']}: {item['error']}", markup=False)
+    for item in waiting:
+        out.print(f"waiting {item['id']}: {item['detail']}", markup=False)
+    if report.plan.budget_stop:
+        console(stderr=True).print(f"aipm: {order_id}: {report.plan.budget_stop}", markup=False)
+    elif not (report.launched or report.deferred or report.failed or waiting):
+        out.print("nothing to launch (see `aipm detect`)")
 
 
 @command()
