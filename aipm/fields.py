@@ -115,11 +115,17 @@ def _command(path: Path, data: Mapping[str, Any], key: str) -> str | tuple[str, 
         if any("\0" in v for v in value):
             raise ValidationError(str(path), key, NUL_WORD)
         return tuple(value)
-    wrong = next((v for v in value if not isinstance(v, str)), None) if isinstance(value, list) else value
-    why = _not_text(wrong) if isinstance(wrong, (bool, int, float)) else ""
     raise ValidationError(
-        str(path), key, f"must be a string (run by /bin/sh -c) or a list of strings (argv) naming a program{why}"
+        str(path), key, "must be a string (run by /bin/sh -c) or a list of strings (argv) naming a program"
+                        f"{quote_hint(first_not_text(value))}"
     )
+
+
+def first_not_text(value: Any) -> Any:
+    """The value, or a list's first item, that is no string (None if none is)."""
+    if isinstance(value, list):
+        return next((v for v in value if not isinstance(v, str)), None)
+    return None if isinstance(value, str) else value
 
 
 def _setup(path: Path, data: Mapping[str, Any], key: str) -> str | tuple[str, ...] | None:
@@ -210,12 +216,16 @@ def _kind(value: Any) -> str:
             bool: "a boolean"}.get(type(value), type(value).__name__)
 
 
-def _not_text(value: Any) -> str:
-    """What was given where text is wanted, and the fix where YAML made it so: `command: true`, `depends_on: [1]`
-    (an unquoted number, true/false, yes/no, on/off is no string to YAML)."""
+def quote_hint(value: Any) -> str:
+    """The fix for a value YAML read as no text where text is wanted (`command: true`, `depends_on: [1]`: an
+    unquoted number, true/false, yes/no, on/off is no string to YAML); "" for any other value."""
     if isinstance(value, (bool, int, float)):
         return f"; YAML read {json.dumps(value)} as {_kind(value)}, not text: put it in quotes"
-    return f", not {_kind(value)}"
+    return ""
+
+
+def _not_text(value: Any) -> str:
+    return quote_hint(value) or f", not {_kind(value)}"
 
 
 def _enum(path: Path, data: Mapping[str, Any], key: str, enum: type, default: Any) -> Any:

@@ -11,7 +11,7 @@ import string
 from typing import Any, Callable
 
 from aipm import agents
-from aipm.fields import MAX_COUNT, MAX_TIMEOUT, NUL_WORD, WORKSPACES
+from aipm.fields import MAX_COUNT, MAX_TIMEOUT, NUL_WORD, WORKSPACES, first_not_text, quote_hint
 
 
 _DIGITS = {int: re.compile(r"[-+]?[0-9]+"),
@@ -113,7 +113,8 @@ def argv(value: Any) -> tuple[str, ...]:
         except ValueError as exc:
             raise ValueError(f"{value!r} cannot be split into arguments: {exc}") from None
     if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
-        raise ValueError(f"{value!r} is not a command (a non-empty list of strings, or a string)")
+        raise ValueError(f"{value!r} is not a command (a non-empty list of strings, or a string)"
+                         f"{quote_hint(first_not_text(value))}")
     for word in value:
         _no_nul(word)
     return tuple(value)
@@ -174,7 +175,7 @@ def review(value: Any) -> str | tuple[str, ...] | None:
         return value
     if isinstance(value, list):
         return argv(value)
-    raise ValueError(f"{value!r} is not a command (a string, a list of strings, or null)")
+    raise ValueError(f"{value!r} is not a command (a string, a list of strings, or null){quote_hint(value)}")
 
 
 def agent(value: Any) -> str:

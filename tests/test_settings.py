@@ -178,6 +178,20 @@ def test_config_table_names_sources(tmp_path):
         assert text in proc.stdout
 
 
+@pytest.mark.parametrize("text,said", [
+    ("notify: true\n", "notify: True is not a command"),
+    ("notify: [echo, 1]\n", "notify: ['echo', 1] is not a command"),
+    ("worker:\n  command: [claude, -p, 1]\n", "worker.command: ['claude', '-p', 1] is not a command"),
+])
+def test_a_command_setting_yaml_read_as_no_text_is_told_to_be_quoted(tmp_path, text, said):
+    """`notify: true` was "True is not a command": a Python spelling, and no word that YAML took the unquoted value
+    (or an item of a list) for a boolean or a number, nor that quotes fix it."""
+    (tmp_path / "aipm.yaml").write_text(text)
+    proc = aipm(tmp_path, "config")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert said in proc.stderr and ", not text: put it in quotes" in proc.stderr, proc.stderr
+
+
 def test_config_and_validate_show_a_root_whose_name_holds_brackets_as_it_is(tmp_path):
     """Rich read `[bold]` in the project's path as markup: `config` titled its table "aipm settings for
     .../projx" and `validate` said "no orders under .../projx/orders" for a project in `proj[bold]x`."""
