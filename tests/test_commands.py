@@ -30,6 +30,29 @@ def test_init_twice_changes_nothing(tmp_path):
     assert "nothing changed" in init().stdout and snapshot(root) == before
 
 
+@pytest.mark.parametrize("settings,in_the_way,said", [
+    (None, "orders", "orders_dir names a file, not a directory"),
+    (None, "orders@", "orders_dir names a link to nothing, not a directory"),
+    ("orders_dir: a/b\n", "a", "cannot create the orders directory (Not a directory)"),
+])
+def test_init_with_a_file_where_the_orders_go_names_it_and_changes_nothing(tmp_path, settings, in_the_way, said):
+    """A file named `orders` made `init` say "created aipm.yaml, .aipm/" (exit 0) with no orders directory, every
+    later command refused; a link to nothing there, or a file on orders_dir's way, ended it in a traceback (exit
+    1) after aipm.yaml was written."""
+    if settings:
+        (tmp_path / "aipm.yaml").write_text(settings)
+    if in_the_way.endswith("@"):
+        (tmp_path / in_the_way[:-1]).symlink_to("nowhere")
+    else:
+        (tmp_path / in_the_way).write_text("")
+    before = snapshot(tmp_path)
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(tmp_path), "init"], capture_output=True,
+                          text=True)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and said in proc.stderr, proc.stderr
+    assert snapshot(tmp_path) == before and not (tmp_path / ".aipm").exists()
+    assert sorted(os.listdir(tmp_path)) == sorted(["aipm.yaml"] * bool(settings) + [in_the_way.rstrip("@")])
+
+
 def test_inits_aipm_yaml_shows_every_setting_with_its_default(tmp_path):
     """The aipm.yaml `init` writes says 'every key is optional (defaults shown)' but left out nine of the settings
     reference.md lists (scope_audit, preempt, confine, workspace, runner, ...). Uncommented, it is the defaults

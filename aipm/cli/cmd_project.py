@@ -11,7 +11,7 @@ from aipm.board import as_seen, order_totals, task_row
 from aipm.advice import stray_files, unenforced_budget, warnings
 from aipm.cli.common import (UNLIMITED, JsonOpt, console, get_project, json_option, print_json, project_root,
                              read_only, warn)
-from aipm.errors import ValidationError
+from aipm.errors import UserError, ValidationError
 from aipm.model import DEAD_END, FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
 from aipm.plan import never_run_notes, never_runs
@@ -73,13 +73,19 @@ def init() -> None:
         # every setting there (max_workers, notify, orders_dir: the orders themselves would not be found).
         orders_dir = load_settings(root).orders_dir  # a broken [tool.aipm] is named (exit 2), as aipm.yaml is
         note = "; its settings are in pyproject.toml [tool.aipm]"
-    else:
-        config.write_text(CONFIG_TEMPLATE)
-        made.append(CONFIG_FILE)
     orders = root / orders_dir  # where `new` puts orders and every command looks for them, not always orders/
+    # Before any write: a file or a link to nothing there is named (exit 2), not taken for done or a traceback.
+    Project(root, orders_dir).order_dirs()
     if not orders.exists():
-        orders.mkdir(parents=True)
+        try:
+            orders.mkdir(parents=True)
+        except OSError as exc:  # a file on the way (orders_dir: a/b, a a file)
+            raise UserError(f"{orders}: cannot create the orders directory ({exc.strerror}); move what is in "
+                            "the way, or fix orders_dir (`aipm config` says where it is set)") from None
         made.append(f"{orders_dir.rstrip('/')}/")
+    if not config.exists() and not note:
+        config.write_text(CONFIG_TEMPLATE)
+        made.insert(0, CONFIG_FILE)
     runtime = Runtime(root)
     if not runtime.dir.exists():
         made.append(".aipm/")
