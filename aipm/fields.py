@@ -235,8 +235,11 @@ def _enum(path: Path, data: Mapping[str, Any], key: str, enum: type, default: An
     try:
         return enum(value)
     except ValueError:
-        choices = ", ".join(e.value for e in enum)
-        raise ValidationError(str(path), key, f"{value!r} is not one of {choices}") from None
+        choices = [e.value for e in enum]
+        # `priority: p1`, `status: done`: the one value it is, in another case
+        same = [c for c in choices if isinstance(value, str) and c.lower() == value.strip().lower()]
+        hint = f"; write {same[0]}" if same else ""
+        raise ValidationError(str(path), key, f"{value!r} is not one of {', '.join(choices)}{hint}") from None
 
 
 def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | None,

@@ -63,6 +63,19 @@ def test_a_value_yaml_read_as_no_text_is_told_to_be_quoted(project, text, field,
     assert snapshot(project.root) == before
 
 
+@pytest.mark.parametrize("text,said", [
+    ("priority: p1\n", "priority: 'p1' is not one of P0, P1, P2, P3; write P1"),
+    ("status: done\n", "; write DONE"),
+])
+def test_a_priority_or_status_in_another_case_is_told_its_spelling(project, text, said):
+    """`priority: p1` and `status: done` were refused with the list of values only: which one was meant went
+    unsaid, though it is the one value spelt so in another case."""
+    (project.order() / "A.yaml").write_text("command: 'true'\n" + text)
+    proc = project.aipm("validate", "ORD")
+    assert_one_line_error(proc, "A.yaml", text.split(":")[0])
+    assert said in proc.stderr, proc.stderr
+
+
 def test_an_empty_id_is_the_file_names(project):
     """`id:` left empty was refused ("None differs from the file name"), where every other empty key is absent."""
     (project.order() / "A.yaml").write_text("id:\ncommand: 'true'\n")
