@@ -117,7 +117,8 @@ def survey(launcher: Launcher, order_dir: Path) -> tuple[Order, Plan, int, list,
     free = max(0, launcher.settings.max_workers - count)
     spend = budget.of(order, launcher.settings.max_cost_usd, records)
     outside = launcher.outside(records)
-    return order, plan(order, busy, live, free, budget=spend, outside=outside), free, busy, outside
+    refused = launcher.refused_here(order.tasks.values())
+    return order, plan(order, busy, live, free, budget=spend, outside=outside, refused=refused), free, busy, outside
 
 
 def order_board(launcher: Launcher, order_dir: Path) -> dict:

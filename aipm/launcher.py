@@ -231,14 +231,19 @@ class Launcher(Starter):
         # not take their files "first this round".
         chosen = (lambda ids: ids) if only is None else (lambda ids: [t for t in ids if t in only])
         if explain:
-            result = plan(order, busy, live, free, chosen(view.ordering()), budget=spend, outside=outside)
+            ids = chosen(view.ordering())
+            result = plan(order, busy, live, free, ids, budget=spend, outside=outside,
+                          refused=self.refused_here(order.tasks[i] for i in ids))
         else:  # the hot path: only ready tasks, indexed by the view
             below = None if ranked_before is None else view.first_rank(ranked_before)
-            result = plan(order, busy, live, free, chosen(view.ready_ordering(below)), explain=False,
+            ids = chosen(view.ready_ordering(below))
+            result = plan(order, busy, live, free, ids, explain=False,
                           running=view.running, budget=spend, outside=outside,
-                          released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")})
+                          released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")},
+                          refused=self.refused_here(order.tasks[i] for i in ids))
         report.plan = result
         report.deferred = []
+        report.failed += [{"id": b.id, "error": b.detail} for b in result.refused]
         tried = {item["id"] for item in report.failed}
         wanted = [t for t in result.launchable if t.id not in tried]  # only `only`'s: the plan saw no other
         if self.settings.runner == "local" and any(t.resources for t in wanted):
@@ -361,15 +366,14 @@ class Launcher(Starter):
         """Keep the tasks whose declared `resources` fit beside the live ones on this machine."""
         live = [r for r in records if r.alive()]
         used_cpus, used_memory = sum(r.cpus for r in live), sum(r.memory_mb for r in live)
-        start, waiting, refused = fit(wanted, _capacity(), used_cpus, used_memory)
+        start, waiting, _ = fit(wanted, _capacity(), used_cpus, used_memory)  # (the plan left out the refused)
         report.deferred += [{"id": tid, "reason": "capacity", "detail": why} for tid, why in waiting.items()]
-        report.failed += [{"id": tid, "error": why} for tid, why in refused.items()]
         return start
 
-
-def never_fit_here(tasks: Iterable[Task]) -> set[str]:
-    """Ids of the tasks the local runner refuses whatever runs: they declare more than this machine has."""
-    return set(fit([t for t in tasks if t.resources], _capacity(), 0.0, 0)[2])
+    def refused_here(self, tasks: Iterable[Task]) -> dict[str, str]:
+        """Id → why, of the tasks the local runner refuses whatever runs: they declare more than this machine has."""
+        asking = [t for t in tasks if t.resources] if self.settings.runner == "local" else []
+        return fit(asking, _capacity(), 0.0, 0)[2] if asking else {}
 
 
 def _capacity() -> Capacity:

@@ -25,6 +25,7 @@ LIMIT = "worker_limit"
 WORKER_RUNNING = "worker_running"  # the file says otherwise, but the task's worker lives (a reset file)
 BUDGET = "budget"
 FILE_HELD = "file_held_outside"  # a lock held by a process that is no aipm worker (e.g. a daemon a worker left)
+REFUSED = "cannot_start_here"  # asks for more than the runner can ever give (a local task's `resources`)
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,7 @@ class Plan:
     budget_stop: str | None = None  # why QUEUED tasks that could otherwise start may not: the order's budget
     waiting: list[Blocked] = field(default_factory=list)  # held outside aipm: listed even when not explaining
     limited: Priority | None = None  # the best priority of a task that could start but for a free worker slot
+    refused: list[Blocked] = field(default_factory=list)  # ready, but can never start here: listed even when not explaining
 
     def summary(self, order: Order) -> dict[str, int]:
         reasons = [b.reason for b in self.blocked.values()]
@@ -172,6 +174,7 @@ def plan(
     budget: Budget | None = None,
     outside: Iterable[ForeignLock] = (),
     released: Collection[str] = (),
+    refused: Mapping[str, str] | None = None,
 ) -> Plan:
     """Decide what may start now.
 
@@ -187,6 +190,7 @@ def plan(
                  attempts hold all that is left
     outside   -- locks held by processes that are not aipm workers
     released  -- ids of running tasks whose worker ended and whose files are free before their outcome is written
+    refused   -- id → why, of tasks that can never start here (they ask for more than the machine has)
     """
     result = Plan()
     busy, held_as = _holders(elsewhere, order.id)
@@ -245,6 +249,14 @@ def plan(
             else:
                 states = ", ".join(f"{d} ({deps[d].status.value})" for d in waiting)
                 result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
+            continue
+        if refused and task.id in refused:
+            # Chosen, it failed at its start and yet kept its files "first this round" from every task ranked
+            # after it, round after round: a P3 sharing a file with an impossible P0 never ran.
+            blocked = Blocked(task.id, REFUSED, refused[task.id])
+            result.refused.append(blocked)
+            if explain:
+                result.blocked[task.id] = blocked
             continue
         # The lock-node indexes meet exactly where `_conflict` finds a pair, so without reasons they decide alone:
         # a task kept out by a running or a chosen one costs a few set lookups per target, whatever the holders.
@@ -425,7 +437,7 @@ def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Bu
         path = lock.conflict(task.targets)
         if path:
             reasons.append(Blocked(task_id, FILE_HELD, f"{path} is held by {lock.holder}", (), path, lock.pids))
-    if first.reason == BUDGET:
+    if first.reason in (BUDGET, REFUSED):
         reasons.insert(0, first)
     if first.reason in (FILE_CHOSEN, LIMIT):
         reasons.append(first)

@@ -11,7 +11,6 @@ from itertools import takewhile
 from typing import TYPE_CHECKING
 
 from aipm import budget
-from aipm.launcher import never_fit_here
 from aipm.model import Status
 from aipm.paths import normalize
 
@@ -28,11 +27,10 @@ def stop_for_urgent(sup: "Supervisor", view: "OrderView") -> bool:
     # Launch order is priority first: the urgent ready tasks are a prefix of it.
     candidates = list(takewhile(lambda t: t.priority.rank <= URGENT_RANK,
                                 (order.tasks[i] for i in view.ready_ordering())))
-    if sup.settings.runner == "local" and any(t.resources for t in candidates):
-        # One that asks for more than this machine has is refused at its launch: work stopped for it was lost for
-        # nothing, and the holder, ranked after it, never started again.
-        never = never_fit_here(candidates)
-        candidates = [t for t in candidates if t.id not in never]
+    # One that asks for more than this machine has is refused at its launch: work stopped for it was lost for
+    # nothing, and the holder, ranked after it, never started again.
+    never = sup.launcher.refused_here(candidates)
+    candidates = [t for t in candidates if t.id not in never]
     if not candidates:
         return False  # the common case costs one look at the ready index
     records = sup.rt.records()

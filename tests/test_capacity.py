@@ -75,3 +75,18 @@ def test_zero_of_a_resource_means_none_of_it(project):
     write_task(project.order(), "N", resources={"gpus": -1}, command="true")
     result = project.aipm("validate", "ORD")
     assert result.returncode == 2 and "resources.gpus: must be a number ≥ 0, not -1" in result.stderr
+
+
+def test_a_task_that_can_never_fit_keeps_no_file_from_the_tasks_ranked_after_it(project):
+    """A P0 asking for more CPUs than the machine has was chosen first every round, failed at its start, and kept
+    its file "first this round" from a P3 sharing it: the run ended with both QUEUED (found by a review)."""
+    order = project.order()
+    write_task(order, "BIG", priority="P0", resources={"cpus": 100000}, target_files=["a.py"], command="true")
+    write_task(order, "LOW", priority="P3", target_files=["a.py"], command="true")
+    detect = project.json("detect", "ORD")
+    assert [t["id"] for t in detect["launchable"]] == ["LOW"]
+    assert [(b["id"], b["reason"]) for b in detect["blocked"]] == [("BIG", "cannot_start_here")]
+    result = project.aipm("run", "ORD")
+    assert result.returncode == 1  # BIG stays behind: not every task is DONE
+    assert "BIG: needs 100000 CPU(s)" in result.stdout + result.stderr
+    assert task_statuses(order) == {"BIG": "QUEUED", "LOW": "DONE"}
