@@ -214,15 +214,16 @@ class Launcher(Starter):
         if lent:
             ending = {*ending, *lent}
         if not explain and sum(rec.key not in ending and rec.alive() for rec in records) >= self.settings.max_workers:
-            report.plan, report.deferred = Plan(), []
             ready = view.ready_ordering()
-            if owner is not None and ready and not self.options.dry_run:
-                best, said = order.tasks[ready[0]].priority, self.demands.said(order.id)
-                # (its first plan says better) A task more urgent than the one said (added, or its dependency done,
-                # while every slot is taken) is said at once: else a P0 waited behind every P3 of another run.
-                if said is None or best.rank < said[0].rank:
-                    self.demands.publish(order.id, best, self.settings.max_workers)
-            return False  # every slot is taken: nothing can start, and a plan would only say so
+            said = self.demands.said(order.id)
+            # A ready task more urgent than the one said (added, or its dependency done, while every slot is taken)
+            # may wait for a slot, and must be said at once: else a P0 waited behind every P3 of another run. Only
+            # the plan below tells whether it waits for a slot or for a file: said blindly, a P0 kept out by a file
+            # had another run leave a slot free for it that nothing here could take.
+            if owner is None or not ready or self.options.dry_run or (
+                    said is not None and order.tasks[ready[0]].priority.rank >= said[0].rank):
+                report.plan, report.deferred = Plan(), []
+                return False  # every slot is taken: nothing can start, and a plan would only say so
         busy, live, live_count = self.holders(order, records, ending, released, view.running)
         free = max(0, self.settings.max_workers - live_count)
         spend = order_budget(order, self.settings.max_cost_usd, records)

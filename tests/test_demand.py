@@ -4,6 +4,7 @@ the more urgent task another run waits to start (demand.py), not to the freeing 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -227,3 +228,35 @@ def test_a_task_more_urgent_than_the_demand_said_is_said_while_every_slot_is_tak
         assert high.wait(timeout=60) == 0 and low.wait(timeout=60) == 0
     finally:
         open_all(project, gates, ("L1", "L2", "L3", "L4", "H0", "H1"), (low, high))
+
+
+def test_a_demand_names_only_a_task_that_a_slot_would_start(project):
+    """HIGH's P0 waited for a file (held by another order's worker), not for a slot; yet HIGH's run, planning
+    nothing while every slot was taken, said a P0 waits, and LOW's run left the slot its worker freed to it: the
+    slot sat idle until HIGH's next plan withdrew the word and LOW looked again a second later (for as long as
+    HIGH's run was stopped, for ever). Said now: only what a free slot would start (HIGH's P2)."""
+    journal, gates = project.root / "journal", project.root / "gates"
+    gates.mkdir()
+    write_task(project.order("HOLD"), "C1", command=gated(journal, gates), target_files=["x.py"])
+    write_task(project.order("HIGH"), "URG", command=gated(journal, gates), priority="P0", target_files=["x.py"])
+    write_task(project.order("HIGH"), "H2", command=gated(journal, gates), priority="P2")
+    for name in ("L1", "L2"):
+        write_task(project.order("LOW"), name, command=gated(journal, gates), priority="P2")
+    project.aipm("launch", "HOLD", check=True)
+    low = run(project, "LOW")
+    high = None
+    try:
+        wait_for(lambda: len(started(journal)) == 2)  # C1 and L1: every slot is taken
+        high = run(project, "HIGH")
+        wait_for(lambda: "HIGH" in demands(project.root))
+        high.send_signal(signal.SIGSTOP)  # its word stands as it is: nothing of HIGH's takes it back
+        (gates / "L1").touch()
+        wait_for(lambda: "LOW/L2" in [s.strip() for s in started(journal)])
+        high.send_signal(signal.SIGCONT)
+        for name in ("C1", "URG", "H2", "L2"):
+            (gates / name).touch()
+        assert low.wait(timeout=60) == 0 and high.wait(timeout=60) == 0
+    finally:
+        if high is not None:
+            high.send_signal(signal.SIGCONT)
+        open_all(project, gates, ("C1", "URG", "H2", "L1", "L2"), (low, high))
