@@ -58,6 +58,8 @@ class Record:
     # re-queue to whoever finds the record (recovery.recover_order, Supervisor.handle), attempt not counted; a
     # stopped review is run again instead (its work is done), also after a Ctrl-C (Supervisor._leave_review).
     stopping: str = ""
+    # The stop is a preemption: the re-queue that ends it counts it in the task's `preemptions` (recovery.interrupt).
+    preempted: bool = False
     # Its owner's timeout fired (set before the SIGTERM): an adopter records the attempt as timed out, whatever
     # code the command the wrapper waited for exits with.
     timed_out: bool = False

@@ -299,9 +299,11 @@ def _group(pid: int) -> int | None:
         return None
 
 
-def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attempt: bool = False) -> None:
+def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attempt: bool = False) -> Task:
     """RUNNING → INTERRUPTED → QUEUED (from INTERRUPTED: the rest of one killed half-way); the attempt is not
-    counted unless asked (it was aipm's fault)."""
+    counted unless asked (it was aipm's fault). A preempted attempt (Record.preempted) is counted in `preemptions`
+    by the first write, so whoever finishes the re-queue (its run, or the recovery after that run died) counts it
+    once. Returns the task as last written."""
     path = Path(task.path)
     attempts = task.attempts if count_attempt else max(0, task.attempts - 1)
     try:
@@ -311,10 +313,11 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
             ran = rec is not None and rec.phase == "work" and rec.pid
             spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
                                   task.cost_unreported_usd)[1] if ran else {}
+            counted = {"preemptions": task.preemptions + 1} if rec is not None and rec.preempted else {}
             task = update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(),
-                                      "reason": outcome.interrupted(why), **spent}, expect=task.status)
+                                      "reason": outcome.interrupted(why), **spent, **counted}, expect=task.status)
         if task.status == Status.INTERRUPTED:
-            update_task(path, {"status": Status.QUEUED, "attempts": attempts}, expect=Status.INTERRUPTED)
+            task = update_task(path, {"status": Status.QUEUED, "attempts": attempts}, expect=Status.INTERRUPTED)
     except (StaleWrite, UserError, OSError):
         pass  # moved on, broken or unwritable: a running status without a record is recovered later
     if rec is not None:
@@ -324,6 +327,7 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
         if rec.workspace and rec.phase == "work" and rec.pid:  # the next attempt's start removes its worktree
             append_log(rec.log, workspace.keep(rt.root, rec))
         forget(rt, rec)
+    return task
 
 
 def settle_cancelled(rt: Runtime, rec: Record, task: Task, write: Callable[[Task, dict], Task]) -> Task:

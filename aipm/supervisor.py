@@ -338,7 +338,7 @@ class Supervisor(Recording, Owner):
         # Read before the signal: the wrapper writes the exit file of a command our SIGTERM ended too.
         code = read_exit_file(rec.exit_file)
         if code is None:
-            self._note_in_records([rec], stopping=why)
+            self._note_in_records([rec], stopping=why, preempted=True)
         runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
         runner.reap(rec.pid)
         # As at any end of an attempt: what it left running outside its group (`setsid cmd &`) holds its locks,
@@ -352,8 +352,7 @@ class Supervisor(Recording, Owner):
             task = load_task(as_path(rec.task_file), self.rt.root)
             ours = task.status == Status.IN_PROGRESS and task.attempts == rec.attempt  # else moved on (cancel)
             if ours:
-                recovery.interrupt(self.rt, task, rec, why)
-                self._write(load_task(as_path(rec.task_file), self.rt.root), {"preemptions": task.preemptions + 1})
+                self._note(recovery.interrupt(self.rt, task, rec, why))
             self._drop(rec, noted=ours)
         if ours:
             self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,

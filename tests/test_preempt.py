@@ -6,7 +6,7 @@ import subprocess
 import sys
 import threading
 
-from conftest import no_workers, wait_for, write_task
+from conftest import no_workers, task_statuses, wait_for, write_task
 from test_plan import task
 
 from aipm.paths import normalize
@@ -210,3 +210,34 @@ def test_run_preempt_ends_what_the_stopped_attempt_left_outside_its_group(projec
     tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
     assert tasks["LOW"]["status"] == "DONE" and tasks["URGENT"]["status"] == "DONE"
     assert no_workers(project.root)
+
+
+def test_a_preemption_cut_short_by_sigkill_of_its_run_is_counted_once_the_task_is_recovered(project, gate):
+    """`kill -9` of the run while the P3 it preempted was still in its grace (its command ignores SIGTERM): the
+    record said the worker was being stopped, so `aipm recover` re-queued it without counting the attempt, but the
+    preemption itself was never counted (`preemptions: 0`): a task could be stopped without bound by runs that
+    died mid-preemption. Counted now with the re-queue's first write, wherever that write happens."""
+    order = project.order()
+    journal = project.root / "journal"
+    write_task(order, "LOW", priority="P3", target_files=["shared.py"], command=(
+        f'trap "echo term >> {journal}" TERM; echo start >> {journal}; '
+        f"while [ ! -e {gate} ]; do sleep 0.05; done"))
+    run, events, reader = _preempting_run(project)
+    try:
+        wait_for(lambda: journal.exists() and "start" in journal.read_text())
+        write_task(order, "URGENT", priority="P0", target_files=["shared.py"], command="true")
+        wait_for(lambda: "term" in journal.read_text())  # the stop is under way: the run waits out the grace
+        run.kill()
+        run.wait()
+    finally:
+        gate.touch()
+        if run.poll() is None:
+            run.kill()
+    reader.join(timeout=60)
+    wait_for(lambda: project.aipm("recover", "ORD").returncode == 0 and task_statuses(order)["LOW"] == "QUEUED")
+    tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert (tasks["LOW"]["attempts"], tasks["LOW"]["preemptions"]) == (0, 1)  # not charged, but counted
+    assert project.aipm("run", "ORD", "--preempt").returncode == 0
+    tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert (tasks["LOW"]["status"], tasks["LOW"]["attempts"], tasks["LOW"]["preemptions"]) == ("DONE", 1, 1)
+    assert tasks["URGENT"]["status"] == "DONE" and no_workers(project.root)
