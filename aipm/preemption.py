@@ -10,9 +10,11 @@ from __future__ import annotations
 from itertools import takewhile
 from typing import TYPE_CHECKING
 
-from aipm import budget
+from aipm import budget, recovery
+from aipm.errors import UserError
 from aipm.model import Status
-from aipm.paths import normalize
+from aipm.paths import as_path, normalize
+from aipm.store import load_order
 
 if TYPE_CHECKING:
     from aipm.supervisor import Supervisor
@@ -51,7 +53,28 @@ def stop_for_urgent(sup: "Supervisor", view: "OrderView") -> bool:
         holders.append(Holder(rec.key, tuple(normalize(t) for t in rec.targets), rank, stoppable, alive))
     holders.sort(key=lambda h: h.key)
     decisions = preemptions(candidates, holders, max(0, sup.settings.max_workers - live))
+    owners = {(rec.owner_pid, rec.owner_ctime) for rec in records if rec.order != order.id}
     for decision in decisions:
         urgent = order.tasks[decision.urgent]
         sup.preempt(decision.victim, urgent.id, f"preempted by {urgent.priority} task {urgent.id}")
+    if decisions:
+        _recover_lost_owners(sup, owners, order.id)
     return bool(decisions)
+
+
+def _recover_lost_owners(sup: "Supervisor", owners: set[tuple[int, float]], order_id: str) -> None:
+    """Recover the other orders' tasks whose owner (of `owners`, alive before the stops) the stops ended: an
+    `aipm exec SUB` in a stopped command is SIGKILLed with its group once the wrapper goes, often half-way through
+    stopping SUB, which stayed IN_PROGRESS until someone's `aipm recover`. This order's the run loop recovers."""
+    recovery.read_lost_usage_ahead(sup.rt)
+    with sup.rt.launch_lock():
+        lost = {rec.order_dir for rec in sup.rt.records() if rec.order != order_id
+                and (rec.owner_pid, rec.owner_ctime) in owners and not rec.owner_alive()}
+        for directory in sorted(lost):
+            try:
+                other = load_order(as_path(directory), sup.rt.root)
+            except (UserError, OSError):
+                continue  # broken or gone: left to `aipm recover`, which says why
+            for item in recovery.recover_order(sup.launcher, other):
+                if item["action"] == "requeued":
+                    sup.outbox.append({"event": "recovered", "task": item["id"], "order": other.id})

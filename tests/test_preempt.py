@@ -6,7 +6,7 @@ import subprocess
 import sys
 import threading
 
-from conftest import no_workers, task_statuses, wait_for, write_task
+from conftest import no_workers, state, task_statuses, wait_for, write_task
 from test_plan import task
 
 from aipm.paths import normalize
@@ -241,3 +241,38 @@ def test_a_preemption_cut_short_by_sigkill_of_its_run_is_counted_once_the_task_i
     tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
     assert (tasks["LOW"]["status"], tasks["LOW"]["attempts"], tasks["LOW"]["preemptions"]) == ("DONE", 1, 1)
     assert tasks["URGENT"]["status"] == "DONE" and no_workers(project.root)
+
+
+def test_a_preempted_task_s_nested_exec_leaves_its_task_re_queued_at_once(project, gate):
+    """LOW's command runs `aipm exec OTHER/SUB`: the preemption's SIGTERM reached the exec with LOW's group, and
+    the group was SIGKILLed as soon as LOW's wrapper went, the exec half-way through stopping SUB: SUB stayed
+    IN_PROGRESS with its owner dead until someone ran `aipm recover OTHER` (this run recovers only ORD)."""
+    order, other = project.order(), project.order("OTHER")
+    urgent_gate = project.root / "urgent_gate"
+    write_task(other, "SUB", priority="P3", target_files=["sub.py"],
+               command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    write_task(order, "LOW", priority="P3", target_files=["shared.py"], command=(
+        f"AIPM_ENABLE_MONITORING=false {sys.executable} -m aipm --root {project.root} exec OTHER/SUB"))
+    run, events, reader = _preempting_run(project)
+    try:
+        wait_for(lambda: task_statuses(other)["SUB"] == "IN_PROGRESS")
+        # URGENT holds shared.py until its gate opens: LOW (and its exec of SUB) cannot start again meanwhile.
+        write_task(order, "URGENT", priority="P0", target_files=["shared.py"],
+                   command=f"while [ ! -e {urgent_gate} ]; do sleep 0.05; done")
+        wait_for(lambda: any(e["event"] == "preempted" for e in events))
+        record = state(project.root) / "workers" / "OTHER" / "SUB.json"
+        wait_for(lambda: task_statuses(other)["SUB"] == "QUEUED" and not record.exists())
+        urgent_gate.touch()
+        gate.touch()
+        assert run.wait(timeout=120) == 0
+    finally:
+        urgent_gate.touch()
+        gate.touch()
+        if run.poll() is None:
+            run.terminate()
+            run.wait(timeout=60)
+    reader.join(timeout=60)
+    assert task_statuses(other) == {"SUB": "DONE"}
+    tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert (tasks["LOW"]["status"], tasks["LOW"]["attempts"], tasks["LOW"]["preemptions"]) == ("DONE", 1, 1)
+    assert no_workers(project.root)
