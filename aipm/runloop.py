@@ -16,11 +16,13 @@ from contextlib import contextmanager, nullcontext
 
 import aipm
 from aipm import budget, handover, notify, preemption, recovery, runner, scope, writer
+from aipm.errors import UserError
 from aipm.launcher import RAMP, Launcher
 from aipm.liveness import stopped
 from aipm.model import FINISHED_OK, Order, Status, status_summary
 from aipm.plan import never_runs
 from aipm.record import Record
+from aipm.runtime import read_exit_file
 from aipm.supervisor import RECORDS, RECORDS_RECHECK, Emit, Supervisor
 from aipm.view import OrderView
 
@@ -105,6 +107,8 @@ def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[l
                     sup.reaped[rec.key] = code
             scope.ended(sup.rt.root, rec.scope_file)  # what starts early is not in its audit
             sup.read_usage_ahead(rec)
+            code = sup.reaped.get(rec.key)
+            sup.ask_cluster(rec, read_exit_file(rec.exit_file) if code is None else code)  # (adopted: not reaped)
         audited = any(os.path.exists(rec.scope_file) for rec in ended)
         may_audit = sup.settings.scope_audit and not (sup.settings.confine or sup.launcher.options.no_review)
         if audited or (first and may_audit):
@@ -225,7 +229,9 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 recovery.read_lost_usage_ahead(sup.rt)
             with _round(sup, ready, first=first) as ended:  # one lock round per wake-up: finish, launch
                 said = len(sup.outbox)
-                early = handover.start_early(sup, launcher, view, only, recover, ended)
+                # Nothing starts on a Ray cluster found gone (ask_cluster, before this round): the run stops below.
+                halted = sup.cluster_gone is not None
+                early = None if halted else handover.start_early(sup, launcher, view, only, recover, ended)
                 early_said = len(sup.outbox)
                 _finish(sup, ready)
                 if sup.unrecorded:
@@ -233,8 +239,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 # An early start takes the place of a worker whose outcome is recorded after it: said after that
                 # outcome, so the lines never show more workers at once than --max-workers.
                 sup.outbox[said:] = sup.outbox[early_said:] + sup.outbox[said:early_said]
-                report = launcher.launch(view, owner=sup, only={only} if only else None, explain=False,
-                                         recover=recover and early is None)
+                report = launcher.launch(view, owner=sup, only=set() if halted else {only} if only else None,
+                                         explain=False, recover=recover and early is None)
                 if early is not None:
                     report.failed[:0] = early.failed
                     report.recovered[:0] = early.recovered
@@ -248,6 +254,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             for event in sup.outbox:
                 emit(event)
             sup.outbox.clear()
+            if sup.cluster_gone:
+                break  # every other attempt would be lost to it too
             recover = False
             order = report.order
             for problem in view.problems:
@@ -370,13 +378,17 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             launcher.runtime.remove_spent_exit_files(view.order.id)
         if sup.unrecorded:
             sup.hand_over()
-        if stop.requested:
-            sup.outbox.append(sup.abort(stop.why))
+        gone = sup.cluster_gone and f"the Ray cluster was lost ({sup.cluster_gone})"
+        if stop.requested or gone:
+            sup.outbox.append({**sup.abort(stop.why or gone), **({} if stop.requested else {"why": gone})})
         for event in sup.outbox:
             emit(event)
         order = view.refresh()  # the caller's summary reads the view: bring it up to date on every path
         if stop.requested:
             return 130
+        if gone:  # as at a start where it cannot be reached (cluster.check), but with what ran meanwhile kept
+            raise UserError(f"runner ray: {gone}: the run stopped; its tasks are QUEUED again, attempts not counted; "
+                            "run it again once the cluster is back")
         lost = not os.path.isdir(view.dir)  # an order emptied by deleting or renaming its directory is not done
         if lost:
             emit({"event": "error", "error": f"{view.dir}: the order directory was deleted or renamed during the "

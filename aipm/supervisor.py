@@ -67,6 +67,10 @@ class Supervisor(Recording, Owner):
         self.reaped: dict[str, int] = {}  # exit codes of ended workers reaped before handle() (see _round)
         self.lock_fds: dict[str, list[int]] = {}  # target locks we hold ourselves (a detached owner's copies)
         self.records_watch: DirWatch | None = None  # wakes us when our records are deleted (see keep_records)
+        # Ray attempts that ended lost with their cluster (key → why; None: lost to no more than that attempt), and
+        # why that cluster is gone: the run stops rather than spend every task's attempts on it.
+        self.lost_with_cluster: dict[str, str | None] = {}
+        self.cluster_gone: str | None = None
 
     # -- Owner interface (called under the launch lock) -----------------------------------------------
 
@@ -203,13 +207,26 @@ class Supervisor(Recording, Owner):
         if rec.pid:
             self.end_strays(rec)
         self.read_usage_ahead(rec)
+        self.ask_cluster(rec, code)
+        gone = self.lost_with_cluster.pop(key)
         with self.rt.launch_lock():
             if rec.stopping and rec.phase == "review":  # its code is no verdict: the review runs again
                 code, timed_out = None, False
             elif rec.stopping:  # its dead owner was stopping it (Ctrl-C, a preemption): no outcome of its own
                 return {"event": "interrupted", "requeued": [rec.task], "why": f"by its last owner ({rec.stopping})"} \
                     if self._requeue(rec, rec.stopping) else None
+            elif gone:  # no failure of its task: QUEUED again, attempt not counted
+                why = f"the Ray cluster was lost ({gone})"
+                return {"event": "interrupted", "requeued": [rec.task], "why": why} if self._requeue(rec, why) else None
             return self._record_outcome(rec, code, timed_out)
+
+    def ask_cluster(self, rec: Record, code: int | None) -> None:
+        """Note whether `rec`'s attempt ended lost with its Ray cluster (cluster.gone), and so why the run's cluster is
+        gone. Once per attempt: it takes a second or more, so the run loop asks before it takes the launch lock."""
+        if rec.key not in self.lost_with_cluster:
+            why = cluster.gone(rec.exit_file, rec.command, code) if rec.phase == "work" else None
+            self.lost_with_cluster[rec.key] = why
+            self.cluster_gone = self.cluster_gone or why
 
     # -- strays: what an attempt left running outside its process group (see subreaper.py) -------------------
 

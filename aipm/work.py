@@ -98,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     for held in sup.lock_fds.values():  # a handed-over outcome keeps its record; the locks go now
         for fd in held:
             os.close(fd)
+    if sup.cluster_gone:  # its successors would be lost to it too; a new run starts them once it is back
+        print(f"aipm: runner ray: the Ray cluster was lost ({sup.cluster_gone}); {args.task} is QUEUED again",
+              file=sys.stderr)
+        return 2
     try:
         launcher.launch_ramped(OrderView(Path(args.order_dir), root, watch=False))
     except (UserError, OSError) as exc:  # a task file broken or a disk full: `aipm launch` says the same

@@ -577,3 +577,50 @@ def test_a_request_no_node_can_hold_fails_with_the_reason(cluster, tmp_path):
     why = ("Ray cannot place the attempt: no node of the cluster can hold resources {cpus: 4}, and its autoscaler "
            "can add none")
     assert (task["status"], task["exit_code"], task["reason"]) == ("FAILED", 75, why), task
+
+
+def _kill_the_cluster(c: Cluster, keep: set[int]) -> None:
+    """Every process of the cluster's namespace but `keep` and the holder: the head's GCS and raylet, its Ray
+    workers, the guards and commands on it (a node that died), while aipm and its local workers live on."""
+    mine = os.readlink(f"/proc/{c.holder.pid}/ns/net")
+    for _ in range(3):
+        for pid in _in_namespace(mine) - keep - {c.holder.pid}:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_a_cluster_lost_mid_run_stops_the_run_and_spends_no_attempt(tmp_path):
+    """Each attempt Ray lost was a failed attempt (exit 75): a cluster gone mid-run spent every task's max_attempts
+    on it, one after the other, and the run ended 1 with them all FAILED. The run now stops at the first such loss
+    with one line, the tasks QUEUED with their attempts not counted, exit 2 as at a start where it cannot be
+    reached."""
+    from aipm.runtime import Runtime
+
+    if not RAY.exists() or os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs ray and root with unshare/nsenter")
+    c = Cluster()  # its own: this test kills it
+    try:
+        project = Project(tmp_path)
+        order = project.order()
+        for tid in ("A", "B", "C"):
+            write_task(order, tid, target_files=[f"{tid}.txt"], max_attempts=3,
+                       command=f"touch {tmp_path}/{tid}.started; sleep 600")
+        run = c.popen([sys.executable, "-m", "aipm", "--root", str(tmp_path), "run", "ORD", "--runner", "ray",
+                       "--max-workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                      start_new_session=True)
+        wait_for(lambda: len(list(tmp_path.glob("*.started"))) == 2, 120)
+        rt = Runtime(tmp_path)
+        keep = {run.pid} | {pid for rec in rt.records() for pid in _in_group(rec.pgid)}
+        _kill_the_cluster(c, keep)
+        out, err = run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        c.close()
+    tasks = {tid: yaml.safe_load((order / f"{tid}.yaml").read_text()) for tid in ("A", "B", "C")}
+    assert {tid: (t.get("status", "QUEUED"), t.get("attempts", 0)) for tid, t in tasks.items()} == dict.fromkeys(
+        ("A", "B", "C"), ("QUEUED", 0)), (tasks, out, err)
+    assert run.returncode == 2, out + err
+    lines = [line for line in err.splitlines() if line.startswith("aipm: error: runner ray:")]
+    assert len(lines) == 1 and "the Ray cluster was lost (cannot reach the Ray cluster" in lines[0], err
+

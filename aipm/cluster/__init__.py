@@ -34,15 +34,32 @@ def require_ray() -> None:
 
 
 def check(address: str) -> None:
-    """Reach the cluster at `address` once, as an attempt does before it submits its task (`auto` resolved, the
-    port probed, its GCS asked, a raylet of it looked for here), before a run's first launch. A cluster that cannot
-    be reached, is no Ray cluster, or has no node on this machine, is a UserError (one line, exit 2, nothing
-    changed): each attempt would find it so only once started, each spending one of its task's attempts."""
+    """Reach the cluster at `address` once (reached), before a run's first launch. A cluster that cannot be reached,
+    is no Ray cluster, or has no node on this machine, is a UserError (one line, exit 2, nothing changed): each
+    attempt would find it so only once started, each spending one of its task's attempts."""
+    why = reached(address)
+    if why is not None:
+        raise UserError(f"runner ray: {why}")
+
+
+def reached(address: str) -> str | None:
+    """Why the cluster at `address` cannot be used from here, found as an attempt finds it before it submits its task
+    (`auto` resolved, the port probed, its GCS asked, a raylet of it looked for here); None when it can."""
     proc = subprocess.run([sys.executable, "-m", "aipm.cluster.attempt", "--address", address, "--check"],
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    if proc.returncode != 0:
-        said = [line.removeprefix("[aipm] ") for line in proc.stdout.splitlines() if line.startswith(_UNREACHED)]
-        raise UserError(f"runner ray: {said[-1] if said else f'cannot reach the Ray cluster ({address})'}")
+    if proc.returncode == 0:
+        return None
+    said = [line.removeprefix("[aipm] ") for line in proc.stdout.splitlines() if line.startswith(_UNREACHED)]
+    return said[-1] if said else f"cannot reach the Ray cluster ({address})"
+
+
+def gone(exit_file: str, command: Sequence[str], code: int | None) -> str | None:
+    """Why the Ray cluster itself is gone, when an attempt Ray lost (failure) ended so because its cluster cannot be
+    reached now, else None: not the loss of one node of a cluster that lives on, which is a failed attempt like any
+    other. Such an attempt is no failure of its task, and every other attempt would be lost the same way."""
+    if failure(exit_file, command, code) is None:
+        return None
+    return reached(command[command.index("--address") + 1])
 
 
 def wrap(command: str | Sequence[str], *, address: str, resources: Resources | None,
@@ -72,3 +89,4 @@ def failure(exit_file: str, command: Sequence[str], code: int | None) -> str | N
     if code != LOST or "aipm.cluster.attempt" not in command[:3]:
         return None
     return reason(exit_file)
+
