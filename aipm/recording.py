@@ -250,7 +250,10 @@ class Recording(Reviewing):
             text, note = commits.notice(self.rt, rec, *commit)
             append_log(rec.log, text)
             self.outbox.append(note)
-        usage, spent = self._usage(rec, task, event, exited=not timed_out and code is not None and code < 128)
+        # (a Ray attempt lost on its node did not end by itself: it may have run there, unseen)
+        exited = not timed_out and code is not None and code < 128 and not cluster.unseen(rec.exit_file, rec.command,
+                                                                                          code)
+        usage, spent = self._usage(rec, task, event, exited=exited)
         error = agents.failure(usage)  # its agent's own report of a failure: an exit 0 does not make it a success
         message = None
         ok = code == 0 and not timed_out and not error

@@ -624,3 +624,40 @@ def test_a_cluster_lost_mid_run_stops_the_run_and_spends_no_attempt(tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("aipm: error: runner ray:")]
     assert len(lines) == 1 and "the Ray cluster was lost (cannot reach the Ray cluster" in lines[0], err
 
+
+def test_an_agent_attempt_whose_ray_worker_died_before_its_first_event_counts_its_cap(cluster, tmp_path):
+    """Ray lost the attempt (its worker killed: the OOM killer, a node gone) while claude ran on the node, before its
+    first event: exit 75 was taken for an attempt that exited by itself, so one that never began, and its cap was
+    not counted, though what it did on the node is unseen. The cluster lives on: a failed attempt, its cap counted."""
+    project = Project(tmp_path)
+    (tmp_path / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.3\n")
+    write_task(order, "A", prompt="@hang", max_attempts=1, max_cost_usd=0.1, target_files=["a.txt"])
+    journal = tmp_path / "journal.jsonl"
+    env = dict(cluster.env, PATH=f"{Path(__file__).parent / 'agents'}{os.pathsep}{os.environ['PATH']}",
+               FAKE_AGENT_JOURNAL=str(journal))
+    run = subprocess.Popen(["nsenter", "-t", str(cluster.holder.pid), "-n", sys.executable, "-m", "aipm", "--root",
+                            str(tmp_path), "run", "ORD", "--runner", "ray"], env=env, cwd=tmp_path,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(journal.exists, 120)  # claude runs on the node, before its first event
+        workers = [pid for pid in _in_namespace(os.readlink(f"/proc/{cluster.holder.pid}/ns/net"))
+                   if _cmdline(pid).startswith(b"ray::run_on_node")]
+        assert len(workers) == 1, workers
+        os.kill(workers[0], signal.SIGKILL)
+        out, _ = run.communicate(timeout=180)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    task = yaml.safe_load((order / "A.yaml").read_text())
+    assert (task["status"], task["exit_code"]) == ("FAILED", 75), (task, out)
+    assert task["reason"].startswith("Ray ended the attempt: "), task
+    assert task.get("cost_unreported_usd") == 0.1, (task, out)
+
+
+def _cmdline(pid: int) -> bytes:
+    with contextlib.suppress(OSError):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    return b""

@@ -22,6 +22,7 @@ from aipm.workerfiles import reason
 # The attempt's exit code when its Ray worker cannot be had or is lost: a failed attempt like any other.
 LOST = 75  # EX_TEMPFAIL
 _UNREACHED = "[aipm] cannot reach the Ray cluster"  # the check's line (attempt._lost), said as the run's error
+ENDED = "Ray ended the attempt"  # the reason of an attempt Ray lost once submitted (attempt.main): see unseen()
 
 def require_ray() -> None:
     """One clear line when `--runner ray` is asked for without Ray installed."""
@@ -90,3 +91,9 @@ def failure(exit_file: str, command: Sequence[str], code: int | None) -> str | N
         return None
     return reason(exit_file)
 
+
+def unseen(exit_file: str, command: Sequence[str], code: int | None) -> bool:
+    """Whether Ray lost the attempt once its task was submitted (its worker or node died, the cluster went): the
+    command may have run on the node, and what it did there may never have reached the log (an agent's first event
+    too), so it did not end by itself and its cost is unseen."""
+    return (failure(exit_file, command, code) or "").startswith(ENDED)

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 
-from aipm.cluster import LOST
+from aipm.cluster import ENDED, LOST
 from aipm.outcome import exited
 from aipm.workerfiles import note_reason
 
@@ -263,8 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = ray.get(ref)
     except Exception as exc:  # noqa: BLE001 - a lost worker or node
-        return _lost(args.exit_file,
-                     f"Ray ended the attempt: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+        return _lost(args.exit_file, f"{ENDED}: {type(exc).__name__}: {_first_line(exc)}")
     code = result["code"]  # negative: the command died of that signal (the guard died of it too)
     print(f"[aipm] ran on Ray node {result['host']} (guard pid {result['guard_pid']}), {exited(code)}", flush=True)
     return 128 - code if code < 0 else code  # as a shell's $? says it, and the wrapper writes it
