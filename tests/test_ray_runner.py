@@ -199,6 +199,24 @@ def test_runner_ray_without_ray_is_one_line_and_exit_2(project):
     assert task_statuses(project.order()) == {"T": "QUEUED"}
 
 
+def test_a_ray_too_old_is_one_line_and_exit_2(project, tmp_path):
+    """pyproject said ray>=2.9, but the attempt uses internals of Ray 2.54 (find_node_ids): with an older Ray each
+    attempt's reach of the cluster failed on an import, said as "cannot reach the Ray cluster (...): cannot import
+    name ...". A Ray 2.53 (its package and metadata, first on the path) is refused by its version."""
+    site = tmp_path / "old-site"
+    (site / "ray").mkdir(parents=True)
+    (site / "ray" / "__init__.py").write_text("")
+    (site / "ray-2.53.0.dist-info").mkdir()
+    (site / "ray-2.53.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: ray\nVersion: 2.53.0\n")
+    write_task(project.order(), "T", command="true")
+    before = snapshot(project.root)
+    proc = project.aipm("run", "ORD", "--runner", "ray", env={"PYTHONPATH": str(site), "RAY_ADDRESS": "127.0.0.1:1"})
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stdout + proc.stderr
+    assert proc.stderr == ("aipm: error: runner ray: Ray 2.53.0 is too old (aipm needs Ray 2.54 or later); upgrade "
+                           "it with `pip install 'ray>=2.54'`\n"), proc.stderr
+    assert _untouched(project, before)
+
+
 def _untouched(project: Project, before: dict[str, str]) -> bool:
     return snapshot(project.root) == before and not (project.root / ".aipm").exists()
 
@@ -661,3 +679,4 @@ def _cmdline(pid: int) -> bytes:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read()
     return b""
+

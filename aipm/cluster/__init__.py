@@ -11,6 +11,7 @@ when the attempt ends, is cancelled, or loses its Ray worker.
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -24,14 +25,32 @@ LOST = 75  # EX_TEMPFAIL
 _UNREACHED = "[aipm] cannot reach the Ray cluster"  # the check's line (attempt._lost), said as the run's error
 ENDED = "Ray ended the attempt"  # the reason of an attempt Ray lost once submitted (attempt.main): see unseen()
 
+
+# The oldest Ray with every internal the attempt uses: ray._private.services.find_node_ids came in 2.54
+# (InnerGcsClient in 2.41-2.44), read from the wheels of each release. pyproject.toml's `ray` extra says the same.
+MIN_RAY = (2, 54)
+
+
 def require_ray() -> None:
-    """One clear line when `--runner ray` is asked for without Ray installed."""
+    """One clear line when `--runner ray` is asked for without Ray installed, or with a Ray older than MIN_RAY (each
+    attempt's reach of the cluster failed on an import, said as "cannot reach the Ray cluster")."""
     try:
         found = importlib.util.find_spec("ray") is not None
     except ValueError:  # sys.modules["ray"] is None: an import of it is blocked
         found = False
     if not found:
         raise UserError("runner ray: the `ray` package is not installed; install it with `pip install 'aipm[ray]'`")
+    from importlib import metadata  # (only here: its import costs every other command's start)
+
+    try:
+        version = metadata.version("ray")
+    except metadata.PackageNotFoundError:
+        return  # a Ray built from source without its metadata: let it try
+    numbers = [int(n) for n in re.findall(r"\d+", version)[:2]]
+    if numbers < list(MIN_RAY):
+        least = ".".join(map(str, MIN_RAY))
+        raise UserError(f"runner ray: Ray {version} is too old (aipm needs Ray {least} or later); upgrade it with "
+                        f"`pip install 'ray>={least}'`")
 
 
 def check(address: str) -> None:
