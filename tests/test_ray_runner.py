@@ -680,3 +680,24 @@ def _cmdline(pid: int) -> bytes:
             return f.read()
     return b""
 
+
+def test_ps_says_a_ray_attempts_cpu_and_memory_are_not_measured_here(cluster, tmp_path):
+    """`aipm ps` showed the CPU and memory of the local Ray driver (a Python waiting on the cluster) as the
+    attempt's: a command burning a whole CPU on its node read as the driver's few per cent. They are n/a here."""
+    project = Project(tmp_path)
+    gate, busy = tmp_path / "gate", tmp_path / "busy"
+    write_task(project.order(), "T", target_files=["a.txt"],
+               command=f"touch {busy}; while [ ! -e {gate} ]; do :; done")  # a whole CPU, until the gate
+    try:
+        assert aipm(cluster, project, "launch", "ORD", "--runner", "ray").returncode == 0
+        wait_for(busy.exists, 120)
+        ps = aipm(cluster, project, "ps", "--json")
+        [worker] = json.loads(ps.stdout)["workers"]
+        assert (worker["cpu_percent"], worker["memory_mb"]) == (None, None), worker
+        assert worker["runner"] == "ray", worker
+        assert worker["elapsed"] is not None and worker["state"] == "alive", worker
+        table = aipm(cluster, project, "ps").stdout
+        assert "n/a: Ray node" in table, table
+    finally:
+        gate.touch()
+    wait_for(lambda: task_statuses(project.order()) == {"T": "DONE"}, 120)

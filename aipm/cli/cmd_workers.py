@@ -14,6 +14,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from aipm import workspace, writtenlog
+from aipm.cluster import is_attempt
 from aipm.cli.common import JsonOpt, console, get_project, json_option, print_json
 from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
@@ -35,7 +36,8 @@ def _worker_info(rec, root: Path) -> dict:
     pid = rec.pid if rec.worker_alive() else rec.owner_pid
     info = {"order": rec.order, "task": rec.task, "attempt": rec.serial, "pid": pid, "pgid": rec.pgid,
             "owner_pid": rec.owner_pid, "phase": rec.phase, "alive": rec.alive(), "log": rec.log,
-            "command": rec.command, "targets": rec.targets}
+            "command": rec.command, "targets": rec.targets,
+            "runner": "ray" if rec.phase == "work" and is_attempt(rec.command) else "local"}
     info["state"] = "alive" if info["alive"] else "review_pending" if _review_pending(rec, root) else "gone"
     left = subreaper.marked(subreaper.attempt_marker(root, rec)) if info["state"] == "gone" else []
     if left:  # its owner and wrapper died, its command runs on (and holds its files): `recover` ends it
@@ -62,6 +64,8 @@ def _worker_info(rec, root: Path) -> dict:
             continue  # a child that ended since it was listed (a polling loop's `sleep`): it uses nothing now
     info.update(elapsed=round(elapsed, 1), cpu_percent=round(cpu / elapsed * 100, 1) if elapsed > 0 else 0.0,
                 memory_mb=round(rss / 2**20, 1))
+    if info["runner"] == "ray":  # what runs here is the Ray driver that waits for it: its figures are no measure
+        info.update(cpu_percent=None, memory_mb=None)
     return info
 
 
@@ -82,7 +86,7 @@ STATE_TEXT = {"alive": "alive", "stopped": "[yellow]stopped[/]", "gone": "[red]g
 @command()
 def ps(json_out: bool = JsonOpt) -> None:
     """Live workers in the project: pid, task, elapsed time, CPU (since it started, as ps(1)) and memory (with
-    their children)."""
+    their children). A Ray attempt's command runs on a node: its CPU and memory are not measured here (n/a)."""
     project = get_project()
     infos = [_worker_info(r, project.root) for r in Runtime(project.root).records()]
     if json_out:
@@ -94,8 +98,8 @@ def ps(json_out: bool = JsonOpt) -> None:
     for i in infos:
         table.add_row(str(i["pid"] or "-"), escape(f"{i['order']}/{i['task']}"), i["phase"],
                       f"{i['elapsed']}s" if i["elapsed"] is not None else "-",
-                      str(i["cpu_percent"] if i["cpu_percent"] is not None else "-"),
-                      str(i["memory_mb"] if i["memory_mb"] is not None else "-"),
+                      *(("n/a: Ray node", "n/a") if i["runner"] == "ray" and i["elapsed"] is not None else
+                        (str(i[key] if i[key] is not None else "-") for key in ("cpu_percent", "memory_mb"))),
                       STATE_TEXT[i["state"]])
     console().print(table if infos else "no workers")
 

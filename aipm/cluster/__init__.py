@@ -106,9 +106,14 @@ def failure(exit_file: str, command: Sequence[str], code: int | None) -> str | N
     """Why Ray lost an attempt (exit LOST), as its driver noted it (`cannot reach the Ray cluster (ADDR):
     Connection refused`), for the task's reason in place of a bare "exit 75"; None for any other attempt or exit,
     the command's own exit 75 included."""
-    if code != LOST or "aipm.cluster.attempt" not in command[:3]:
+    if code != LOST or not is_attempt(command):
         return None
     return reason(exit_file)
+
+
+def is_attempt(command: Sequence[str]) -> bool:
+    """Whether a worker's command (its record's) is a Ray attempt's driver (wrap), whose command runs on a node."""
+    return "aipm.cluster.attempt" in command[:3]
 
 
 def unseen(exit_file: str, command: Sequence[str], code: int | None) -> bool:
