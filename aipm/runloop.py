@@ -16,7 +16,6 @@ from contextlib import contextmanager, nullcontext
 
 import aipm
 from aipm import budget, handover, notify, preemption, recovery, runner, scope, writer
-from aipm.errors import UserError
 from aipm.launcher import RAMP, Launcher
 from aipm.liveness import stopped
 from aipm.model import FINISHED_OK, Order, Status, status_summary
@@ -187,7 +186,8 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     With `detach_others` (exec --parallel), the order's other launchable tasks start as detached workers
     once `only` has started.
 
-    Returns the exit code: 0 when the order (or the `only` task) ended DONE/COMPLETED, 1 when not, 130 on Ctrl-C.
+    Returns the exit code: 0 when the order (or the `only` task) ended DONE/COMPLETED, 1 when not, 130 on Ctrl-C, 2
+    when the Ray cluster was lost (Supervisor.cluster_gone).
     """
     settings = launcher.settings
     audits = settings.scope_audit and settings.scope_watch and not launcher.options.no_review
@@ -386,9 +386,10 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         order = view.refresh()  # the caller's summary reads the view: bring it up to date on every path
         if stop.requested:
             return 130
-        if gone:  # as at a start where it cannot be reached (cluster.check), but with what ran meanwhile kept
-            raise UserError(f"runner ray: {gone}: the run stopped; its tasks are QUEUED again, attempts not counted; "
-                            "run it again once the cluster is back")
+        if gone:  # exit 2 as at a start where it cannot be reached (cluster.check), with what ran meanwhile kept
+            emit({"event": "error", "error": f"runner ray: {gone}: the run stopped; its tasks are QUEUED again, "
+                  "attempts not counted; run it again once the cluster is back"})
+            return 2
         lost = not os.path.isdir(view.dir)  # an order emptied by deleting or renaming its directory is not done
         if lost:
             emit({"event": "error", "error": f"{view.dir}: the order directory was deleted or renamed during the "

@@ -641,6 +641,7 @@ def test_a_cluster_lost_mid_run_stops_the_run_and_spends_no_attempt(tmp_path):
     assert run.returncode == 2, out + err
     lines = [line for line in err.splitlines() if line.startswith("aipm: error: runner ray:")]
     assert len(lines) == 1 and "the Ray cluster was lost (cannot reach the Ray cluster" in lines[0], err
+    assert err.endswith("ORD: QUEUED 3\n"), err  # the closing counts, as every run ends
 
 
 def test_an_agent_attempt_whose_ray_worker_died_before_its_first_event_counts_its_cap(cluster, tmp_path):
