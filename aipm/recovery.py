@@ -94,6 +94,9 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
             out.append({"id": task.id, "action": "adopted" if not again else "its review runs again" if reviewing
                         else "its work is kept, unreviewed (no review command now)"})
             continue
+        if rec is None and launcher.runtime.kept_cancel(order.id, task.id) == f"{task.attempts} {task.started_at}":
+            out.append({"id": task.id, "action": _cancel_returned(launcher.runtime, order.id, task)})
+            continue
         if rec is not None:
             end_remnants(launcher.runtime, rec)  # its wrapper is gone, but its command may not be
         interrupt(launcher.runtime, task, rec, rec.stopping if rec is not None and rec.stopping else "worker gone")
@@ -115,6 +118,18 @@ def _rework_on(launcher: Launcher, task: Task, rec: Record | None) -> str:
         confine.tidy(rec.log, rec.confined)
         forget(launcher.runtime, rec)
     return "requeued" if final == Status.QUEUED else "rejected"
+
+
+def _cancel_returned(rt: Runtime, order: str, task: Task) -> str:
+    """The file of an attempt cancelled while it was gone is back as that attempt left it, its record dropped by a
+    recovery meanwhile (drop_gone): the user's cancel is written now. Re-queued, the task ran again."""
+    try:
+        update_task(Path(task.path), {"status": Status.CANCELLED, "finished_at": now(),
+                                      "reason": outcome.cancelled()}, expect=task.status)
+    except (StaleWrite, UserError, OSError) as exc:
+        return f"left {task.status}: cannot write its cancel: {exc}"
+    rt.drop_kept_cancel(order, task.id)
+    return "cancelled (its task file is back; it was cancelled while gone)"
 
 
 def read_lost_usage_ahead(rt: Runtime) -> None:
@@ -207,7 +222,16 @@ def drop_gone(rt: Runtime, records: list[Record]) -> list[dict]:
     out = []
     for rec in records:
         if not rec.alive() and not os.path.exists(rec.task_file):
-            why = f"its task file {rec.task_file} is still gone; put back now, it runs afresh"
+            cancelled = rt.cancelled(rec)
+            try:
+                if cancelled:
+                    rt.keep_cancel(rec)
+            except OSError as exc:  # a full state directory: dropped unkept, the cancel would be lost
+                out.append({"order": rec.order, "id": rec.task, "action": "not dropped",
+                            "error": f"cannot keep its cancel: {exc.strerror or exc}"})
+                continue
+            why = f"its task file {rec.task_file} is still gone; put back now, it " + (
+                "is CANCELLED by the next recover or run" if cancelled else "runs afresh")
             out.append({"order": rec.order, "id": rec.task, "action": "dropped",
                         "detail": discard(rt, rec, read_exit_file(rec.exit_file), why)})
             forget(rt, rec)

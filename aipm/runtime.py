@@ -334,6 +334,26 @@ class Runtime:
     def _cancel_path(self, rec: Record) -> Path:
         return self.state / "cancel" / _safe(rec.order) / _safe(rec.task)
 
+    def keep_cancel(self, rec: Record) -> None:
+        """The record of a cancelled attempt is dropped while its task file is gone (recovery.drop_gone): the
+        cancel is kept apart (no sweep removes it), so the file put back as that attempt left it is CANCELLED by
+        the next recovery, not re-queued and run again. A few bytes, left for good if the file never returns."""
+        self._state_write(self._kept_cancel_path(rec.order, rec.task), f"{rec.attempt} {rec.started_at}")
+
+    def kept_cancel(self, order: str, task: str) -> str:
+        """The attempt ("<attempts> <started_at>") whose cancel keep_cancel() kept, "" if none."""
+        try:
+            return read_small(str(self._kept_cancel_path(order, task))).decode()
+        except (OSError, UnicodeDecodeError):
+            return ""
+
+    def drop_kept_cancel(self, order: str, task: str) -> None:
+        with suppress(FileNotFoundError):
+            os.unlink(self._kept_cancel_path(order, task))
+
+    def _kept_cancel_path(self, order: str, task: str) -> Path:
+        return self.state / "cancel-kept" / _safe(order) / _safe(task)
+
     # -- logs, exit files, review feedback --------------------------------------------------------------
 
     def log_path(self, order: str, task: str, attempt: int) -> Path:

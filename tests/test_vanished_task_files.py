@@ -186,11 +186,15 @@ def test_a_fifo_a_worker_leaves_in_place_of_its_task_file_hangs_nothing(project)
     wait_for(lambda: task_statuses(order) == {"T1": "DONE"} and no_workers(project.root))
 
 
+@pytest.mark.parametrize("recover_first", [False, True], ids=["back, recover", "recover, back"])
 @pytest.mark.parametrize("owner", ["alive", "killed"])
-def test_cancel_stops_the_worker_of_a_task_whose_file_was_moved_and_its_return_records_the_cancel(project, owner):
+def test_cancel_stops_the_worker_of_a_task_whose_file_was_moved_and_its_return_records_the_cancel(project, owner,
+                                                                                                 recover_first):
     """`aipm cancel ORD/T` of a running task whose file the user had moved away refused ('no file T.yaml', exit 2)
     while `aipm ps` listed its worker: nothing could stop it but a kill by hand. Now the worker is stopped, and
-    once the file is back the attempt's end is recorded as the user's cancel, not as a failure (exit 143)."""
+    once the file is back the attempt's end is recorded as the user's cancel, not as a failure (exit 143).
+    A `recover` before the file was back dropped the attempt, and with it the cancel: the file put back was
+    re-queued and the cancelled task ran again. Now that recover frees its files and keeps the cancel."""
     order, journal = project.order(), _journal(project)
     run, out, pid = _running(project, f"echo began >> {journal}; sleep 60; echo ended >> {journal}", journal)
     if owner == "killed":
@@ -204,12 +208,16 @@ def test_cancel_stops_the_worker_of_a_task_whose_file_was_moved_and_its_return_r
     wait_for(lambda: not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z")
     if owner == "alive":
         assert run.wait(timeout=60) == 1, out.read_text()
+    dropped = project.aipm("recover", "ORD", timeout=60).stdout if recover_first else ""
+    assert no_workers(project.root) == recover_first  # (dropped: its files are free meanwhile)
     os.replace(away, order / "T.yaml")
     recover = project.aipm("recover", "ORD", timeout=60)
     assert recover.returncode == 0, recover.stdout + recover.stderr
     wait_for(lambda: task_statuses(order) == {"T": "CANCELLED"})
     wait_for(lambda: no_workers(project.root))  # (recover's owner drops the record after its write)
+    assert project.aipm("run", "ORD", timeout=60).returncode == 1  # nothing to run: cancelled
     assert journal.read_text() == "began\n"
+    assert ("put back now, it is CANCELLED by the next recover or run" in dropped) == recover_first, dropped
     assert project.aipm("cancel", "ORD/NOPE").returncode == 2  # no file and no worker: the refusal stands
 
 

@@ -303,8 +303,8 @@ def cancel(
             raise
         console().print(escape(f"{rec.order}/{rec.task}: its worker (pid {rec.pid}) was stopped; its task file "
                                f"{rec.task_file} is gone, so no status was written (put the file back, then "
-                               "`aipm recover` writes CANCELLED; a recover without it frees the task's files, and "
-                               "a file put back after that runs again)"))
+                               "`aipm recover` writes CANCELLED; a recover without it frees the task's files and "
+                               "keeps the cancel for the file put back as it was)"))
         return
     note = steering.cancel(project, order_dir, task_id, grace)
     console().print(f"{task_id}: CANCELLED")
