@@ -50,7 +50,7 @@ def _process_alive(pid: int, ctime: float) -> bool:
     stat = _proc_stat(pid)
     if stat is not None:  # Linux fast path: one read of /proc/<pid>/stat
         state, started = stat
-        return state not in "ZX" and same_start(started, ctime)
+        return state not in "ZX" and (same_start(started, ctime) or _started_so_before(started, ctime))
     import psutil  # off Linux only
 
     try:
@@ -63,7 +63,7 @@ def _process_alive(pid: int, ctime: float) -> bool:
 def led_by_another(pid: int, ctime: float) -> bool:
     """A process other than the one that started at `ctime` has the number `pid` now (zombies included)."""
     stat = _proc_stat(pid)
-    return stat is not None and not same_start(stat[1], ctime)
+    return stat is not None and not same_start(stat[1], ctime) and not _started_so_before(stat[1], ctime)
 
 
 def same_start(started: float, recorded: float) -> bool:
@@ -199,11 +199,30 @@ def read_small(path: str) -> bytes:
         os.close(fd)
 
 def _boot_time() -> float:
-    """The `btime` line of /proc/stat, as psutil.boot_time() reads it on Linux (without importing psutil)."""
-    with open("/proc/stat", "rb") as handle:
-        for line in handle:
-            if line.startswith(b"btime"):
-                return float(line.split()[1])
-    import psutil
+    """What a start time counts from on Linux: a number of this boot's own (from its boot_id), which no clock
+    change moves. The `btime` of /proc/stat (psutil's base) is the wall clock now minus the time since boot, so a
+    step of the clock (NTP, a VM resumed, `date -s`) moved every start time read after it: commands started then
+    took live workers and their owners for reused pids, and recovery ended them and ran their tasks again."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as handle:
+            return float(int(handle.read(8), 16))  # below 2**32: a 1/100 s still shows in a float
+    except (OSError, ValueError):
+        return _btime()
 
-    return psutil.boot_time()
+
+def _btime() -> float:
+    """The `btime` line of /proc/stat, as psutil.boot_time() reads it on Linux (without importing psutil)."""
+    if not _BTIME:
+        with open("/proc/stat", "rb") as handle:
+            _BTIME.extend(float(line.split()[1]) for line in handle if line.startswith(b"btime"))
+    return _BTIME[0]
+
+
+_BTIME: list[float] = []
+
+
+def _started_so_before(started: float, recorded: float) -> bool:
+    """`recorded` is the start read as `started` (on _boot_time()'s base), in the wall-clock form that aipm before
+    the boot_id base wrote (psutil's): a record of a run begun before an upgrade, so its live workers are not
+    taken for dead. Only while the clock was not stepped since, as then."""
+    return same_start(started - _boot_time() + _btime(), recorded)

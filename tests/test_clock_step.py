@@ -1,0 +1,57 @@
+"""The wall clock stepped while workers run (an NTP step, a VM or laptop resumed, `date -s`): a process's start
+time, as aipm tells a live worker from a reused pid, must not move with it, or every command started after the
+step takes the live workers and their owners for dead."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from conftest import task_statuses, wait_for, write_task
+from test_hostile_workers import _record, _started
+
+HOOK = Path(__file__).parent / "hooks" / "clock_step"
+
+
+@pytest.mark.parametrize("step", [3600, -3600])
+def test_a_clock_step_leaves_a_running_worker_alive_for_later_commands(project, gate, step):
+    """`aipm recover` after the clock was stepped an hour took T's live worker and its live `run` for dead: it
+    ended the worker's command and re-queued T, which then ran a second time."""
+    order = project.order()
+    journal = project.root.parent / f"{project.root.name}.journal"
+    write_task(order, "T", target_files=["a.txt"],
+               command=f"echo began >> {journal}; while [ ! -e {gate} ]; do sleep 0.05; done")
+    run, out = _started(project, "run", "ORD")
+    try:
+        wait_for(lambda: _record(project, "T") and journal.exists())
+        stepped = {"AIPM_CLOCK_STEP": str(step), "PYTHONPATH": f"{HOOK}:{os.environ.get('PYTHONPATH', '')}"}
+        recover = project.aipm("recover", "ORD", env=stepped)
+        status = project.json("status", "ORD", env=stepped)
+        ps = project.json("ps", env=stepped)
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 0, out.read_text()
+    assert recover.stdout == "nothing to recover\n", recover.stdout + recover.stderr
+    assert [task["status"] for task in status["tasks"]] == ["IN_PROGRESS"], status
+    assert [worker["state"] for worker in ps["workers"]] == ["alive"], ps
+    assert journal.read_text() == "began\n" and task_statuses(order) == {"T": "DONE"}
+
+
+def test_a_start_time_recorded_before_the_boot_id_base_still_names_its_live_process():
+    """Records of a run begun under an aipm that counted start times from /proc/stat's btime (psutil's
+    create_time) keep their live workers alive for the aipm that replaced it, and a pid reused stays told apart."""
+    import subprocess
+
+    import psutil
+
+    from aipm.liveness import led_by_another, process_alive, process_ctime
+
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        before = psutil.Process(child.pid).create_time()
+        assert process_alive(child.pid, before) and not led_by_another(child.pid, before)
+        assert not process_alive(child.pid, before + 1) and led_by_another(child.pid, before - 1)
+        assert process_alive(child.pid, process_ctime(child.pid))
+    finally:
+        child.kill()
+        child.wait()
