@@ -31,7 +31,7 @@ class Record:
     pgid: int = 0
     command: list[str] = field(default_factory=list)
     phase: str = "work"  # "work" or "review"
-    deadline: float | None = None  # wall-clock time after which the worker's group is killed
+    deadline: float | None = None  # when the worker's group is killed, on supervisor._CLOCK (not the wall clock)
     scope_allowed: list[str] = field(default_factory=list)  # targets of tasks running when it started
     # When its scope audit began (ns; 0: not audited): the audit's fallback when its saved start (beside its log,
     # in .aipm/) is gone, a worker's `git clean -fdx` that a skipped audit would have let write anywhere.

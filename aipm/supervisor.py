@@ -40,6 +40,13 @@ RECORDS = "records"  # the wait key of a deletion in our records' directory
 RECORDS_RECHECK = 0.2  # seconds: a record of ours went unseen by the watch; written again by the next round
 # Records are replaced and removed by rename (runtime.py), so a deletion there, or of the directory, is someone else's.
 _RECORDS_GONE = IN_DELETE | IN_DELETE_SELF
+# The clock of time limits, kept in records (another process may adopt them): one for the whole machine that a step
+# of the wall clock leaves alone (an hour forward timed out every attempt at once), counting time asleep.
+_CLOCK = getattr(time, "CLOCK_BOOTTIME", time.CLOCK_MONOTONIC)
+
+
+def _now() -> float:
+    return time.clock_gettime(_CLOCK)
 
 
 class Supervisor(Recording, Owner):
@@ -121,10 +128,12 @@ class Supervisor(Recording, Owner):
         """Write the worker's record; only then may its command begin."""
         rec.pid = rec.pgid = pid
         rec.ctime = ctime
-        rec.deadline = time.time() + timeout if timeout else None
+        rec.deadline = _now() + timeout if timeout else None
         self.rt.write_record(rec)
 
     def adopt(self, rec: Record) -> None:
+        if rec.deadline and rec.deadline > 1e9 > _now():  # a wall-clock time, written by an aipm before _CLOCK
+            rec.deadline += _now() - time.time()
         rec.owner_pid, rec.owner_ctime = self.me
         self.rt.write_record(rec)
         self.adopted.add(rec.key)
@@ -133,7 +142,7 @@ class Supervisor(Recording, Owner):
             self.timed_out.add(rec.key)
         # Its owner died stopping it: the stop goes on (not for one gone: its group's number may be reused).
         if (rec.stopping or rec.timed_out) and rec.pid and rec.key not in self.exited:
-            self._stop(rec, time.time())
+            self._stop(rec, _now())
         if not (rec.phase == "review" and rec.key in self.exited):  # a reviewer gone: handle() says what follows
             self.outbox.append({"event": "adopted", "task": rec.task, "order": rec.order, "pid": rec.pid})
 
@@ -157,7 +166,7 @@ class Supervisor(Recording, Owner):
         if self.exited:
             ready, self.exited = self.exited, []
             return ready
-        now = time.time()
+        now = _now()
         wake = list(self.kill_at.values())
         wake += [r.deadline for k, r in self.owned.items() if r.deadline and k not in self.timed_out]
         if wake:
@@ -168,7 +177,7 @@ class Supervisor(Recording, Owner):
         return keys
 
     def _enforce_deadlines(self) -> None:
-        now = time.time()
+        now = _now()
         for key, rec in self.owned.items():
             if rec.deadline and now >= rec.deadline and key not in self.timed_out and rec.pid:
                 self.timed_out.add(key)
@@ -268,10 +277,10 @@ class Supervisor(Recording, Owner):
         for rec in self.owned.values():
             if rec.pid and not self._group_reused(rec):
                 runner.ask_to_stop(rec.pgid)
-        deadline = time.time() + KILL_GRACE
+        deadline = _now() + KILL_GRACE
         for rec in self.owned.values():
             if rec.pid and not self._group_reused(rec):
-                runner.wait_gone(rec.pid, max(0.0, deadline - time.time()))
+                runner.wait_gone(rec.pid, max(0.0, deadline - _now()))
                 # The grace is over: what ignored the SIGTERM (the wrapper waits for its command) is killed
                 # before the reap, which would otherwise wait for the command to end by itself.
                 runner.kill_group(rec.pgid)

@@ -55,3 +55,22 @@ def test_a_start_time_recorded_before_the_boot_id_base_still_names_its_live_proc
     finally:
         child.kill()
         child.wait()
+
+
+def test_a_clock_step_during_an_attempt_does_not_time_it_out(project, gate):
+    """A run whose clock was stepped forward an hour while T (timeout 1800 s) ran a few seconds killed it at its
+    next wake-up and recorded 'timed out after 1800 s': the deadline was a wall-clock time."""
+    order = project.order()
+    step = project.root.parent / f"{project.root.name}.stepped"
+    write_task(order, "T", target_files=["a.txt"], timeout=1800,
+               command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    env = {**os.environ, "AIPM_CLOCK_STEP": "3600", "AIPM_CLOCK_STEP_AT": str(step),
+           "PYTHONPATH": f"{HOOK}:{os.environ.get('PYTHONPATH', '')}"}
+    run, out = _started(project, "run", "ORD", env=env)
+    try:
+        wait_for(lambda: _record(project, "T"))
+        step.touch()
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 0, out.read_text()
+    assert task_statuses(order) == {"T": "DONE"}

@@ -36,12 +36,13 @@ def _start_run(project, order="ORD"):
     )
 
 
-def _started(project, *args):
-    """`aipm ARGS --no-resource-monitoring` in the background, both its streams into a file: (process, file)."""
+def _started(project, *args, env=None):
+    """`aipm ARGS --no-resource-monitoring` in the background (in `env`), both its streams into a file: (process,
+    file)."""
     out = project.root.parent / f"{project.root.name}.out"
     with open(out, "w") as handle:
         proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), *args,
-                                 "--no-resource-monitoring"], stdout=handle, stderr=subprocess.STDOUT)
+                                 "--no-resource-monitoring"], stdout=handle, stderr=subprocess.STDOUT, env=env)
     return proc, out
 
 
