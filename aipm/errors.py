@@ -55,3 +55,8 @@ class Unwritable(UserError):
     command did nothing."""
 
     exit_code = 1
+
+
+class StateWriteError(OSError):
+    """A file in the state directory could not be written (a full /tmp): named, as the task file's disk is not. The
+    CLI says one that reaches it (the state directory itself could not be made or locked) in one line, exit 1."""

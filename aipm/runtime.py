@@ -25,7 +25,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from aipm import durable
-from aipm.errors import UserError
+from aipm.errors import StateWriteError, UserError
 from aipm.liveness import read_small, remembered
 
 from aipm.launchlock import exclusive, wait_for
@@ -35,10 +35,6 @@ from aipm.spares import Pool, fill, in_tree, pool
 from aipm.workerfiles import kept_link, write_bytes
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
-
-
-class StateWriteError(OSError):
-    """A file in the state directory could not be written (a full /tmp): named, as the task file's disk is not."""
 
 
 class _Round(threading.local):
@@ -107,7 +103,8 @@ class Runtime:
         return found
 
     def ensure(self) -> None:
-        _remake(self.state)
+        with _named(self.state):
+            _remake(self.state)
         self._dir(self._logs_probe)
 
     def _dir(self, path: Path) -> Path:
@@ -197,7 +194,7 @@ class Runtime:
         self.ensure()
         # Holders keep it for milliseconds (plan + a few writes), never across a worker's run.
         # The batch ends before the lock is released: the next holder finds this round's writes on disk.
-        with exclusive(self._launch_lock), durable.batch():
+        with _named(self._launch_lock), exclusive(self._launch_lock), durable.batch():
             self._lock_depth = 1
             _round.records = {}
             try:
@@ -455,6 +452,20 @@ def read_exit_file(path: str) -> int | None:
 def exit_file_written(path: str) -> bool:
     """The worker's wrapper got as far as its exit file (the code in it may be lost, see unrecorded.exit_lost)."""
     return os.path.exists(path) or read_exit_file(path) is not None
+
+
+@contextmanager
+def _named(path: Path) -> Iterator[None]:
+    """A state directory that cannot be made or locked in (/tmp full or read-only) is a StateWriteError that names
+    it: the CLI says it in one line, where a bare OSError (some carry no file name) was a traceback."""
+    try:
+        yield
+    except StateWriteError:
+        raise
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise StateWriteError(exc.errno, exc.strerror, str(exc.filename or path)) from None
 
 
 def _remake(state: Path) -> None:

@@ -228,3 +228,24 @@ def test_a_cancel_whose_write_failed_leaves_no_mark_to_turn_the_attempts_end_int
         assert task_statuses(order) == {"T": "FAILED"}
     finally:
         subprocess.run(["umount", "-l", str(order)], check=False)
+
+
+@pytest.mark.parametrize("how", ["full", "read-only"])
+def test_a_state_directory_that_cannot_be_written_at_all_is_one_line_not_a_traceback(project, full_state, how):
+    """/tmp full (a test suite filled it) or remounted read-only (disk errors) before the project's first round:
+    `run`, `launch`, `recover`, `cancel` and `retry` each died with a Python traceback (note_orphans' write). Now
+    one line names the file and what the machine said, exit 1, and the task file is as it was."""
+    order = project.order()
+    path = write_task(order, "T", command="true")
+    before = path.read_bytes()
+    full_state.fill()
+    if how == "read-only":
+        full_state.free()
+        subprocess.run(["mount", "-o", "remount,ro", str(state(project.root))], check=True)
+    said = "No space left on device" if how == "full" else "Read-only file system"
+    for args in (("run", "ORD"), ("launch", "ORD"), ("recover",), ("cancel", "T"), ("retry", "T")):
+        done = project.aipm(*args)
+        assert done.returncode == 1 and "Traceback" not in done.stderr, (args, done.stderr)
+        [line] = done.stderr.splitlines()
+        assert line.startswith(f"aipm: error: {state(project.root)}") and said in line, (args, line)
+    assert path.read_bytes() == before and task_statuses(order) == {"T": "QUEUED"}

@@ -7,7 +7,7 @@ import os
 import sys
 
 from aipm.cli import decl
-from aipm.errors import UserError
+from aipm.errors import StateWriteError, UserError
 
 
 def typer_app():
@@ -336,3 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     except UserError as exc:
         print(f"aipm: error: {exc}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except StateWriteError as exc:  # the state directory itself could not be made or locked (/tmp full, read-only)
+        print(f"aipm: error: {exc.filename}: {exc.strerror}; aipm keeps its locks, worker records and exit codes "
+              "there: make room (or make it writable) and run the command again", file=sys.stderr)
+        sys.exit(1)
