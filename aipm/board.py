@@ -24,6 +24,8 @@ from aipm.store import load_order, load_task
 LOST = "worker lost with its supervisor; `aipm recover` re-queues it"
 # The same for one whose worker ended, its exit code left for the supervisor that died (recovery records it).
 ENDED = "its supervisor died before recording how its worker ended; `aipm recover` records it"
+# The same for one cancelled while its file was gone, the file put back after a recovery dropped its record.
+CANCEL_KEPT = "cancelled by the user while its task file was gone; `aipm recover` writes CANCELLED"
 
 
 def task_row(task: Task, settings: Settings) -> dict:
@@ -66,7 +68,8 @@ def as_seen(order: Order, root: Path) -> Order:
             if again:
                 seen[task.id] = replace(task, reason=again)
             else:
-                why = ENDED if rec is not None and recovery.outcome_left(task, rec, rt) else LOST
+                why = ENDED if rec is not None and recovery.outcome_left(task, rec, rt) else CANCEL_KEPT if (
+                    rec is None and recovery.cancelled_while_gone(rt, order.id, task)) else LOST
                 seen[task.id] = replace(task, status=Status.INTERRUPTED, reason=outcome.interrupted(why))
     if not seen:
         return order

@@ -94,7 +94,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
             out.append({"id": task.id, "action": "adopted" if not again else "its review runs again" if reviewing
                         else "its work is kept, unreviewed (no review command now)"})
             continue
-        if rec is None and launcher.runtime.kept_cancel(order.id, task.id) == f"{task.attempts} {task.started_at}":
+        if rec is None and cancelled_while_gone(launcher.runtime, order.id, task):
             out.append({"id": task.id, "action": _cancel_returned(launcher.runtime, order.id, task)})
             continue
         if rec is not None:
@@ -118,6 +118,12 @@ def _rework_on(launcher: Launcher, task: Task, rec: Record | None) -> str:
         confine.tidy(rec.log, rec.confined)
         forget(launcher.runtime, rec)
     return "requeued" if final == Status.QUEUED else "rejected"
+
+
+def cancelled_while_gone(rt: Runtime, order: str, task: Task) -> bool:
+    """The file holds the attempt that `aipm cancel` stopped while the file was gone, its record dropped since
+    (drop_gone kept the cancel): the next recovery writes CANCELLED."""
+    return rt.kept_cancel(order, task.id) == f"{task.attempts} {task.started_at}"
 
 
 def _cancel_returned(rt: Runtime, order: str, task: Task) -> str:

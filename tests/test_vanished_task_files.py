@@ -211,6 +211,9 @@ def test_cancel_stops_the_worker_of_a_task_whose_file_was_moved_and_its_return_r
     dropped = project.aipm("recover", "ORD", timeout=60).stdout if recover_first else ""
     assert no_workers(project.root) == recover_first  # (dropped: its files are free meanwhile)
     os.replace(away, order / "T.yaml")
+    if recover_first:  # (the cancel's word, not "`aipm recover` re-queues it")
+        [row] = project.json("status", "ORD")["tasks"]
+        assert row["reason"].endswith("while its task file was gone; `aipm recover` writes CANCELLED"), row
     recover = project.aipm("recover", "ORD", timeout=60)
     assert recover.returncode == 0, recover.stdout + recover.stderr
     wait_for(lambda: task_statuses(order) == {"T": "CANCELLED"})
