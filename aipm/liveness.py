@@ -205,9 +205,24 @@ def _boot_time() -> float:
     took live workers and their owners for reused pids, and recovery ended them and ran their tasks again."""
     try:
         with open("/proc/sys/kernel/random/boot_id", "rb") as handle:
-            return float(int(handle.read(8), 16))  # below 2**32: a 1/100 s still shows in a float
+            boot = float(int(handle.read(8), 16))  # below 2**32: a 1/100 s still shows in a float
     except (OSError, ValueError):
         return _btime()
+    return boot - _boottime_offset()
+
+
+def _boottime_offset() -> float:
+    """This process's time namespace's shift of the boot clock (`unshare --boottime`, a CRIU restore): /proc shows
+    start times shifted by it (as btime, so the two sums agreed), where a boot_id is the same in every namespace."""
+    try:
+        with open("/proc/self/timens_offsets", "rb") as handle:
+            for line in handle:
+                name, seconds, nanoseconds = line.split()
+                if name == b"boottime":
+                    return int(seconds) + int(nanoseconds) / 1e9
+    except (OSError, ValueError):
+        pass  # no time namespaces (Linux before 5.6)
+    return 0.0
 
 
 def _btime() -> float:

@@ -74,3 +74,27 @@ def test_a_clock_step_during_an_attempt_does_not_time_it_out(project, gate):
         gate.touch()
     assert run.wait(timeout=120) == 0, out.read_text()
     assert task_statuses(order) == {"T": "DONE"}
+
+
+def test_a_start_time_is_the_same_seen_from_a_time_namespace_with_its_boot_clock_shifted(tmp_path):
+    """A process in a time namespace (`unshare --boottime`, a CRIU restore) reads every start time shifted by its
+    boot clock's offset; counted from the boot_id alone, its start times disagreed with everyone else's, and it
+    took the project's live workers for dead."""
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare for a time namespace")
+    child = subprocess.Popen(["sleep", "30"])
+    try:
+        read = [sys.executable, "-c", f"from aipm.liveness import process_ctime; print(process_ctime({child.pid}))"]
+        outside = subprocess.run(read, capture_output=True, text=True, check=True).stdout
+        inside = subprocess.run(["unshare", "--time", "--boottime", "100000", "--fork", *read], capture_output=True,
+                                text=True)
+        if inside.returncode != 0:
+            pytest.skip(f"no time namespace here: {inside.stderr.strip()}")
+        assert inside.stdout == outside
+    finally:
+        child.kill()
+        child.wait()
