@@ -1620,3 +1620,26 @@ def test_an_attempts_start_is_found_by_its_whole_message_not_a_longer_one(repo):
     assert r.made_before(head, "aipm: start of ORD/T, attempt 1") == made["aipm: start of ORD/T, attempt 1"]
     assert r.made_before(head, "aipm: start of ORD/T, attempt 10") == head
     assert r.made_before(head, "aipm: start of ORD/T, attempt 2") is None
+
+
+def test_a_repository_with_commits_made_in_the_worktree_fails_the_attempt_and_keeps_its_worktree(repo):
+    """A worker that made a repository and committed in it (a `git init` + commit, a vendored checkout) left git a
+    submodule entry: the merge refused it as "a submodule ... (commit them there)" under a header saying the main
+    tree had changed (it had not), sent the task back, and the next attempt's start removed the worktree holding
+    that repository's only copy: its files and commits were gone, and the kept patch held one `Subproject commit`
+    line. Now the attempt fails as a try, as for a repository without commits, its worktree kept."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["lib/"], command=(
+        "mkdir -p lib/sub && (cd lib/sub && git init -q . && echo precious > code.txt && git add . "
+        "&& git commit -qm sub) && echo other > lib/plain.txt"))
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    row = project.json("status", "ORD")["tasks"][0]
+    assert (row["status"], row["attempts"]) == ("FAILED", 1), row
+    assert row["reason"].startswith("attempt 1 cannot be merged: lib/sub/: a git repository with commits"), row
+    assert "changed meanwhile" not in row["reason"] and "commit in it" not in row["reason"]
+    assert (repo / ".aipm/worktrees/ORD/T/lib/sub/code.txt").read_text() == "precious\n"
+    assert not (repo / "lib").exists()
+    assert "+++ b/lib/plain.txt" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert f"they are only in {repo}/.aipm/worktrees/ORD/T," in log, log

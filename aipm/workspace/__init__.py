@@ -37,7 +37,7 @@ from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, 
 from aipm.workspace.places import (component, make_own_dir, merge_dir, patch_path, refname, relative, scratch,
                                    seam, worktree_path)
 from aipm.workerfiles import append_log, read_bytes, write_bytes
-from aipm.workspace.repo import RUNTIME_DIR, Repo, UnbornRepositories, WorkspaceError
+from aipm.workspace.repo import GITLINK, RUNTIME_DIR, Repo, UnbornRepositories, WorkspaceError
 
 SHARED, WORKTREE = WORKSPACES
 
@@ -164,8 +164,9 @@ def outside_targets(root: Path, rec: Record) -> list[str]:
     the end cannot be captured, so the attempt cannot be merged (the rest is in its patch)."""
     repo, base, end, left_out = _capture_end(root, rec)
     if left_out:
-        raise NotCaptured(f"attempt {rec.serial} cannot be merged: {_left_out(root, rec, left_out)}; commit in it, or "
-                          "remove its .git, to have its files merged; the rest of its changes are kept in "
+        # Not "commit in it": a repository with commits is a submodule to git, whose files are not merged either.
+        raise NotCaptured(f"attempt {rec.serial} cannot be merged: {_left_out(root, rec, left_out)}; remove its "
+                          ".git to have its files merged; the rest of its changes are kept in "
                           f"{patch_path(root, rec.order, rec.task, rec.serial)}")
     changed = {relative(c.path, repo.prefix) for c in repo.changes(base, end)}
     # Its order's task files are aipm's state, whatever the targets cover (`./`): an edit of one is never merged.
@@ -189,16 +190,25 @@ def keep(root: Path, rec: Record) -> str:
             f"its worktree is removed when the next attempt starts or by `aipm recover`{also}")
 
 
-def _left_out(root: Path, rec: Record, paths: list[str]) -> str:
-    """What the end capture left out, and where those files are."""
-    return (f"{', '.join(paths)}: a git repository without commits (a `git init` in the worktree), whose files git "
-            f"cannot capture: they are only in {worktree_path(root, rec.order, rec.task)}, until the next attempt "
-            "starts or `aipm recover`")
+_UNBORN = "a git repository without commits (a `git init` in the worktree), whose files git cannot capture"
+_NESTED = ("a git repository with commits (made or checked out in the worktree), which git takes for a submodule: "
+           "none of its files is merged")
 
 
-def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, list[str]]:
-    """Capture the attempt's worktree as its end, and write its patch: (repo, start, end, what was left out:
-    the repositories without commits in the worktree, which git cannot capture)."""
+def _left_out(root: Path, rec: Record, left_out: dict[str, str]) -> str:
+    """What the end capture left out (_capture_end), and where those files are."""
+    kinds: dict[str, list[str]] = {}
+    for path, what in left_out.items():
+        kinds.setdefault(what, []).append(path)
+    return ("; ".join(f"{', '.join(paths)}: {what}" for what, paths in kinds.items())
+            + f": they are only in {worktree_path(root, rec.order, rec.task)}, until the next attempt starts or "
+            "`aipm recover`")
+
+
+def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, dict[str, str]]:
+    """Capture the attempt's worktree as its end, and write its patch: (repo, start, end, what cannot be merged of
+    it, path -> why: the repositories in the worktree, without commits (git cannot capture them) or with commits
+    (a submodule to git: their files and commits are only in the worktree, which the next attempt removes))."""
     repo = Repo(root)
     start = refname(rec.order, rec.task, "base", prefix=repo.prefix)
     base = repo.rev(start)
@@ -220,11 +230,12 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, list[str]]:
                              f"nothing of attempt {rec.serial} can be merged")
     message = f"aipm: end of {rec.order}/{rec.task}, attempt {rec.serial}"
     try:
-        left_out = []
+        left_out = {}
         end = repo.capture(tree, scratch(root), base, message)
     except UnbornRepositories as exc:
-        left_out = exc.paths
-        end = repo.capture(tree, scratch(root), base, message, leave_out=left_out)
+        left_out = dict.fromkeys(exc.paths, _UNBORN)
+        end = repo.capture(tree, scratch(root), base, message, leave_out=exc.paths)
+    left_out.update((f"{c.path}/", _NESTED) for c in repo.changes(base, end) if c.new_mode == GITLINK)
     repo.set_ref(refname(rec.order, rec.task, "end", prefix=repo.prefix), end)
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     make_own_dir(root, patch.parent)  # (the only copy of the work: not where a worker's link leads)
@@ -292,7 +303,7 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
     _, base, end, left_out = _capture_end(root, rec)
     if left_out:
         raise Conflict(f"the review left {_left_out(root, rec, left_out)}; nothing of this attempt was merged",
-                       left_out)
+                       list(left_out))
     changed = sorted({relative(c.path, repo.prefix) for c in repo.changes(before, end)})
     outside = out_of_scope(set(changed), rec.targets)
     if outside:

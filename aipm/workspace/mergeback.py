@@ -30,10 +30,10 @@ from typing import NamedTuple
 from aipm.digest import sha256
 from aipm.durable import fsync_dir
 from aipm.workspace import Conflict, MergeStopped
-from aipm.workspace.repo import Change, Repo
+from aipm.workspace.repo import GITLINK, Change, Repo
 
 ABSENT = "000000"
-LINK, GITLINK = "120000", "160000"
+LINK = "120000"
 _TEMP = ".aipm-merge.tmp"  # suffix of our temp files in the user's tree: a crashed write leaves one, we remove it
 
 

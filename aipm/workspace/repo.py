@@ -43,6 +43,9 @@ class UnbornRepositories(WorkspaceError):
         self.paths = paths
 
 
+GITLINK = "160000"  # a submodule's mode: a commit of another repository, not files
+
+
 @dataclass(frozen=True)
 class Change:
     """One path that differs between two commits (`git diff-tree --raw`): modes as git writes them."""
