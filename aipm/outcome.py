@@ -74,6 +74,11 @@ def not_merged(reason: str) -> str:
     return f"{reason}; ignored files in its targets not merged back (its log names them)"
 
 
+def stashed(reason: str) -> str:
+    """The reason of a task whose worker left changes in the repository's stash: DONE alone read as all merged."""
+    return f"{reason}; the worker left changes in the repository's stash, not merged (its log names the entry)"
+
+
 def undone_by_review(reason: str) -> str:
     """The reason of a task whose approving review put files the task changed back: COMPLETED alone read as merged."""
     return f"{reason}; the review put back some of the task's changes, not merged (its log names the patch)"

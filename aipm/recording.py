@@ -20,7 +20,7 @@ from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Status, Task
 from aipm.paths import as_path
 from aipm.restore import disowned, known_status, restore
-from aipm.reviewing import Reviewing, log_whole
+from aipm.reviewing import Reviewing, left_out, log_whole
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.settings import Settings
@@ -307,8 +307,7 @@ class Recording(Reviewing):
         reason = outcome.one_line(refused) if refused else attempt_reason(code, timed_out, timeout)
         if error:
             reason = outcome.agent_error(reason, error)
-        if event.get("not_merged"):
-            reason = outcome.not_merged(reason)
+        reason = left_out(reason, event)
         task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason,
                                                failed=timed_out or bool(error)), **spent})
         if task.status == Status.IN_REVIEW:

@@ -50,7 +50,7 @@ class Reviewing:
         if conflict:
             return self._conflicted(rec, task, conflict)
         return self._write(task, {"status": Status.DONE, "finished_at": now(),
-                                  "reason": _left_out(outcome.unreviewed(), merged)})
+                                  "reason": left_out(outcome.unreviewed(), merged)})
 
     def _review_ended(self, rec: Record, task: Task, code: int | None, timed_out: bool) -> Task:
         """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback. A review
@@ -71,7 +71,7 @@ class Reviewing:
             return self._conflicted(rec, task, conflict)
         if code == 0:
             feedback.unlink(missing_ok=True)
-            reason = _left_out(outcome.review_approved(), merged)
+            reason = left_out(outcome.review_approved(), merged)
         else:
             try:
                 output = read_end(review_log, FEEDBACK_BYTES)
@@ -104,6 +104,8 @@ class Reviewing:
                     event["not_merged"] = note  # (the task's reason says so)
                 elif workspace.UNDONE in note:
                     event["undone"] = note
+                elif note.endswith(workspace.STASHED):
+                    event["stashed"] = note
         except workspace.Conflict as exc:
             event["conflict"] = exc.paths
             return str(exc)
@@ -137,10 +139,13 @@ class Reviewing:
         self._own(rec)
 
 
-def _left_out(reason: str, merged: dict) -> str:
-    """`reason`, saying what an approved merge left out: ignored files, the task's changes its review put back."""
+def left_out(reason: str, merged: dict) -> str:
+    """`reason`, saying what an approved merge left out: ignored files, the task's changes its review put back,
+    changes its worker stashed."""
     if "not_merged" in merged:
         reason = outcome.not_merged(reason)
+    if "stashed" in merged:
+        reason = outcome.stashed(reason)
     return outcome.undone_by_review(reason) if "undone" in merged else reason
 
 

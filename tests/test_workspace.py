@@ -1643,3 +1643,28 @@ def test_a_repository_with_commits_made_in_the_worktree_fails_the_attempt_and_ke
     assert "+++ b/lib/plain.txt" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert f"they are only in {repo}/.aipm/worktrees/ORD/T," in log, log
+
+
+@pytest.mark.parametrize("ending", ["exit 0", "exit 3", "git stash apply -q"])
+def test_changes_a_worker_stashed_are_named_where_they_are_not_said_merged(repo, ending):
+    """The stash is the repository's, shared by every worktree: a worker's `git stash` (to see whether the tests
+    failed before its edit, say) moved its work out of its worktree into the user's stash. Exit 0 went DONE with
+    "merged" and nothing merged, a failed attempt "changed nothing in its worktree", and the user's next
+    `git stash pop` in the main tree would have applied the task's work there, not the entry they stashed. Now
+    the log and the reason name the worker's entry; the user's entry is untouched beside it."""
+    project = project_in(repo)
+    users = git(repo, "rev-parse", "refs/stash").strip()
+    write_task(project.order(), "T", target_files=["src/a.txt", "src/new.txt"],
+               command=f"echo work >> src/a.txt && echo new > src/new.txt && git stash -q -u && {ending}")
+    project.aipm("run", "ORD")
+    row = project.json("status", "ORD")["tasks"][0]
+    stashed = git(repo, "rev-parse", "refs/stash").strip()
+    assert stashed != users and git(repo, "rev-parse", "stash@{1}").strip() == users
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    if ending == "git stash apply -q":  # its work is back in its worktree as stashed: merged, and not said stashed
+        assert row["reason"] == "exit 0" and "stash@" not in log, log
+        assert (repo / "src/new.txt").exists() and "work" in (repo / "src/a.txt").read_text()
+        return
+    assert f"src/a.txt, src/new.txt (stash@{{0}}, {stashed[:10]}): left in the repository's stash" in log, log
+    assert "the worker left changes in the repository's stash" in row["reason"] or ending != "exit 0", row
+    assert not (repo / "src/new.txt").exists() and "work" not in (repo / "src/a.txt").read_text()

@@ -60,7 +60,8 @@ class MergeStopped(UserError):
     WorkspaceError: part of the attempt may be in the main tree, so it is not a merge that wrote nothing."""
 
 
-__all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED", "WORKTREE", "NOT_MERGED", "UNDONE", "kind", "prepare",
+__all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED", "WORKTREE", "NOT_MERGED", "UNDONE",
+           "STASHED", "kind", "prepare",
            "directory", "with_setup", "after_setup", "outside_targets", "keep", "merge", "decided",
            "note_pending_merge", "finished", "remove", "sweep", "sweep_orphans", "prune", "diff"]
 
@@ -184,6 +185,7 @@ def keep(root: Path, rec: Record) -> str:
         return f"the changes of attempt {rec.serial} could not be kept: {exc}"
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     also = f"; {_left_out(root, rec, left_out)}" if left_out else ""
+    also += "".join(f"; {note}" for note in _stashed(repo, rec))
     if not repo.changes(base, end):
         return f"attempt {rec.serial} changed nothing in its worktree{also}"
     return (f"the changes of attempt {rec.serial} are kept in {patch} (`git apply` it at the repository's top); "
@@ -283,7 +285,7 @@ def merge(root: Path, rec: Record) -> list[str]:
             f"planned, and the changes cannot be combined; {applied.steps - len(paths)} of {applied.steps} paths "
             "were merged, these were left as the main tree has them\n"
             + "".join(f"  {path}: {why}\n" for path, why in applied.conflicts), paths))
-    return notes + _ignored_left_behind(repo, rec)
+    return notes + _ignored_left_behind(repo, rec) + _stashed(repo, rec)
 
 
 def _kept(root: Path, rec: Record, conflict: Conflict) -> Conflict:
@@ -325,6 +327,32 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
 
 NOT_MERGED = "ignored by git, so not merged back (gone with the worktree)"
 UNDONE = "put back as they were by the review, so the task's changes there are not merged"
+STASHED = ("left in the repository's stash by the worker, so not merged (the stash is shared with the main tree: a "
+           "`git stash pop` there applies it)")
+
+
+def _stashed(repo: Repo, rec: Record) -> list[str]:
+    """Notes of the stash entries the worker made: every worktree shares the repository's stash, so its `git stash`
+    moved that work out of its end capture into the user's stash. Found as made in its worktree: their first
+    parent is its start, or a commit it made on it. Paths the end holds as stashed (a `git stash apply`) are merged."""
+    base, end = (repo.rev(refname(rec.order, rec.task, which, prefix=repo.prefix)) for which in ("base", "end"))
+    entries = repo.stash() if base and end else []
+    since = int(repo.git("log", "-1", "--format=%ct", base)) if entries else 0  # (spares older entries a git each)
+    notes = []
+    for name, commit, parents, when in entries:
+        if when >= since and repo.descends(parents[0], base):
+            paths = _differ(repo, parents[0], commit, end)
+            if len(parents) > 2:  # `git stash -u`: its untracked files are a third parent's tree
+                paths += _differ(repo, None, parents[2], end)
+            if paths:
+                notes.append(f"{', '.join(sorted(paths))} ({name}, {commit[:10]}): {STASHED}")
+    return notes
+
+
+def _differ(repo: Repo, old: str | None, new: str, end: str) -> list[str]:
+    """The paths `new` changed since `old` (None: every file of `new`) that `end` does not hold as `new` does."""
+    ours = {c.path for c in repo.changes(new, end)}
+    return [p for p in (repo.files(new) if old is None else [c.path for c in repo.changes(old, new)]) if p in ours]
 
 
 def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:

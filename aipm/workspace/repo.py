@@ -274,6 +274,22 @@ class Repo:
         """A symbolic link's target at `commit`."""
         return self.git("cat-file", "blob", f"{commit}:{path}")
 
+    def files(self, commit: str) -> list[str]:
+        """Every file path in a commit's tree."""
+        out = self.git("ls-tree", "-r", "-z", "--name-only", commit).decode("utf-8", "surrogateescape")
+        return [p for p in out.split("\0") if p]
+
+    def stash(self) -> list[tuple[str, str, list[str], int]]:
+        """The repository's stash, newest first, which all its worktrees share with the main tree: (stash@{n},
+        commit, its parents, its commit time)."""
+        if self.rev("refs/stash") is None:
+            return []
+        out = self.git("log", "-g", "--format=%gd %ct %H %P", "refs/stash").decode()
+        return [(name, commit, parents, int(when)) for name, when, commit, *parents in map(str.split, out.splitlines())]
+
+    def descends(self, commit: str, ancestor: str) -> bool:
+        return self._run(self.top, ["merge-base", "--is-ancestor", ancestor, commit], check=False).returncode == 0
+
     def patch(self, old: str, new: str) -> bytes:
         return self.git("diff", "--binary", "--no-renames", old, new)
 
