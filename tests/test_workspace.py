@@ -1668,3 +1668,31 @@ def test_changes_a_worker_stashed_are_named_where_they_are_not_said_merged(repo,
     assert f"src/a.txt, src/new.txt (stash@{{0}}, {stashed[:10]}): left in the repository's stash" in log, log
     assert "the worker left changes in the repository's stash" in row["reason"] or ending != "exit 0", row
     assert not (repo / "src/new.txt").exists() and "work" not in (repo / "src/a.txt").read_text()
+
+
+@pytest.mark.parametrize("then", [["run", "ORD"], ["recover"]])
+def test_an_attempt_whose_record_went_with_the_state_directory_keeps_its_changes(repo, tmp_path, then):
+    """The state directory lives in /tmp, which a reboot (or a tmp cleaner) empties while a worktree stays in the
+    project. Its worker and run gone and its record with them, recovery re-queued the task with no one to capture
+    the attempt's end, and the next attempt's start (or `aipm recover`'s sweep) removed the worktree: the work was
+    in no patch, nowhere. Now a worktree whose attempt's patch was never written is kept as that patch first."""
+    project = project_in(repo)
+    ready, pid = tmp_path / "ready", tmp_path / "pid"
+    write_task(project.order(), "T", target_files=["src/a.txt"], command=(
+        f'if [ ! -e "{ready}" ]; then echo precious >> src/a.txt; echo $$ > "{pid}"; touch "{ready}"; sleep 600; fi; '
+        'exit 3'))
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           cwd=project.root, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: ready.exists() and pid.read_text().strip())
+    run.kill()  # the machine goes down: the run, the worker, and /tmp with the state directory
+    run.wait()
+    os.killpg(os.getpgid(int(pid.read_text())), signal.SIGKILL)
+    shutil.rmtree(state(repo))
+    project.aipm(*then)
+    project.aipm(*then)  # (a first recover re-queues the task; the second sweeps its worktree)
+    wait_for(lambda: no_workers(repo))
+    patches = list((repo / ".aipm/patches/ORD").glob("T.*.patch"))
+    assert any("+precious" in p.read_text() for p in patches), [p.name for p in patches]
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert f"the changes of attempt 1 are kept in {repo}/.aipm/patches/ORD/T.1.patch" in log, log

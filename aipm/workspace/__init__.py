@@ -63,7 +63,7 @@ class MergeStopped(UserError):
 __all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED", "WORKTREE", "NOT_MERGED", "UNDONE",
            "STASHED", "kind", "prepare",
            "directory", "with_setup", "after_setup", "outside_targets", "keep", "merge", "decided",
-           "note_pending_merge", "finished", "remove", "sweep", "sweep_orphans", "prune", "diff"]
+           "note_pending_merge", "finished", "keep_unrecorded", "remove", "sweep", "sweep_orphans", "prune", "diff"]
 
 
 def kind(task: Task, settings: Settings) -> str:
@@ -195,6 +195,36 @@ def keep(root: Path, rec: Record) -> str:
 _UNBORN = "a git repository without commits (a `git init` in the worktree), whose files git cannot capture"
 _NESTED = ("a git repository with commits (made or checked out in the worktree), which git takes for a submodule: "
            "none of its files is merged")
+
+
+def keep_unrecorded(root: Path, order: str, task: str, repo: Repo) -> None:
+    """Before a task's worktree is removed: keep() its attempt's changes when no patch of that attempt holds them.
+    Every recorded end writes one; an attempt whose record went with the state directory (/tmp emptied by a reboot)
+    was re-queued with no one to capture it, and its worktree was the only copy of its work."""
+    tree, base = worktree_path(root, order, task), repo.rev(refname(order, task, "base", prefix=repo.prefix))
+    if base is None or not tree.is_dir():
+        return
+    subject = repo.git("log", "-1", "--format=%s", base).decode("utf-8", "surrogateescape")
+    serial = subject.removeprefix(_start_message(order, task, "")).split(",")[0].strip()
+    if not subject.startswith(_start_message(order, task, "")) or not serial.isdigit():
+        return
+    if patch_path(root, order, task, int(serial)).exists() or not _changed(repo, tree, base, root):
+        return  # (an attempt killed before its worker started changed nothing: its log stays as it is)
+    log = Runtime(root).log_path(order, task, int(serial))
+    rec = Record(order, "", task, "", int(serial), [], str(log), "", "", workspace=str(tree))
+    append_log(str(log), f"attempt {serial} was never recorded as ended (its record is gone); {keep(root, rec)}")
+
+
+def _now(repo: Repo, tree: Path, root: Path) -> str:
+    """What a worktree holds now, as a tree (nothing recorded)."""
+    return repo.capture(tree, scratch(root), None, "")
+
+
+def _changed(repo: Repo, tree: Path, base: str, root: Path) -> bool:
+    try:
+        return bool(repo.changes(base, _now(repo, tree, root)))
+    except WorkspaceError:
+        return True  # keep() says why it cannot be captured, in the attempt's log
 
 
 def _left_out(root: Path, rec: Record, left_out: dict[str, str]) -> str:
@@ -400,7 +430,7 @@ def diff(root: Path, order: str, task: str) -> tuple[str, bytes]:
         repo = Repo(root)
         base = repo.rev(refname(order, task, "base", prefix=repo.prefix))
         if base is not None:
-            return f"worktree {tree}", repo.patch(base, repo.capture(tree, scratch(root), None, ""))
+            return f"worktree {tree}", repo.patch(base, _now(repo, tree, root))
     if patches:
         try:
             return str(patches[-1]), read_bytes(patches[-1])

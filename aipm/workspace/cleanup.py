@@ -73,6 +73,10 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
                            "paths) was written when its worktree was removed" + "".join(f"; {n}" for n in notes))
             # A shared task's audit in flight sees these files change: they are no one's stray writes.
             writtenlog.note_written(Runtime(root), [relative(p, repo.prefix) for p in merging.paths(plan_dir)])
+        if own_tree:
+            from aipm.workspace import keep_unrecorded
+
+            keep_unrecorded(root, order, task, repo)
         repo.delete_refs(repo.refs(refname(order, task, prefix=repo.prefix)))
         if own_tree:
             repo.remove_worktree(tree)
