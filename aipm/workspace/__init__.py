@@ -208,23 +208,11 @@ def keep_unrecorded(root: Path, order: str, task: str, repo: Repo) -> None:
     serial = subject.removeprefix(_start_message(order, task, "")).split(",")[0].strip()
     if not subject.startswith(_start_message(order, task, "")) or not serial.isdigit():
         return
-    if patch_path(root, order, task, int(serial)).exists() or not _changed(repo, tree, base, root):
-        return  # (an attempt killed before its worker started changed nothing: its log stays as it is)
     log = Runtime(root).log_path(order, task, int(serial))
+    if patch_path(root, order, task, int(serial)).exists() or not log.exists():
+        return  # (no log: killed before its worker started, maybe half-way through making the worktree)
     rec = Record(order, "", task, "", int(serial), [], str(log), "", "", workspace=str(tree))
     append_log(str(log), f"attempt {serial} was never recorded as ended (its record is gone); {keep(root, rec)}")
-
-
-def _now(repo: Repo, tree: Path, root: Path) -> str:
-    """What a worktree holds now, as a tree (nothing recorded)."""
-    return repo.capture(tree, scratch(root), None, "")
-
-
-def _changed(repo: Repo, tree: Path, base: str, root: Path) -> bool:
-    try:
-        return bool(repo.changes(base, _now(repo, tree, root)))
-    except WorkspaceError:
-        return True  # keep() says why it cannot be captured, in the attempt's log
 
 
 def _left_out(root: Path, rec: Record, left_out: dict[str, str]) -> str:
@@ -430,7 +418,7 @@ def diff(root: Path, order: str, task: str) -> tuple[str, bytes]:
         repo = Repo(root)
         base = repo.rev(refname(order, task, "base", prefix=repo.prefix))
         if base is not None:
-            return f"worktree {tree}", repo.patch(base, _now(repo, tree, root))
+            return f"worktree {tree}", repo.patch(base, repo.capture(tree, scratch(root), None, ""))
     if patches:
         try:
             return str(patches[-1]), read_bytes(patches[-1])
