@@ -1696,3 +1696,39 @@ def test_an_attempt_whose_record_went_with_the_state_directory_keeps_its_changes
     assert any("+precious" in p.read_text() for p in patches), [p.name for p in patches]
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert f"the changes of attempt 1 are kept in {repo}/.aipm/patches/ORD/T.1.patch" in log, log
+
+
+def test_a_users_stash_entry_a_worker_pops_in_its_worktree_is_put_back(repo):
+    """An agent's `git stash` that has nothing to save (its only change a new, untracked file), then its
+    `git stash pop`, pops the user's entry: the stash is the repository's. The user's stashed edit went into the
+    worktree, sent the attempt back as a scope finding ("if you did not, leave them as they are"), and was then
+    only in the attempt's patch, the entry gone from `git stash list`. Now the entry is put back, and the log says
+    so; the attempt is still judged by what its worktree holds."""
+    project = project_in(repo)
+    users = git(repo, "rev-parse", "refs/stash").strip()
+    write_task(project.order(), "T", target_files=["src/new.txt"], max_rework=0,
+               command="echo new > src/new.txt; git stash; git stash pop")
+    project.aipm("run", "ORD")
+    assert git(repo, "stash", "list", "--format=%H").split() == [users]
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert f"stash@{{0}} ({users[:10]}): your stash entry \"WIP on main:" in log and "put back" in log, log
+    assert project.statuses() == {"T": "REJECTED"}  # (src/d.txt changed in its worktree: a scope finding)
+    assert "stashed" not in (repo / "src/d.txt").read_text()
+    project.aipm("recover", check=True)
+    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+    assert git(repo, "stash", "list", "--format=%H").split() == [users]
+
+
+def test_a_stash_entry_the_user_pops_in_the_main_tree_meanwhile_is_not_put_back(repo, tmp_path):
+    project = project_in(repo)
+    ready, gate = tmp_path / "ready", tmp_path / "gate"
+    write_task(project.order(), "T", target_files=["src/a.txt"],
+               command=f'echo work >> src/a.txt; touch "{ready}"; {wait_gate(gate)}')
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(ready.exists)
+    git(repo, "stash", "pop", "-q")
+    gate.touch()
+    assert run.wait(timeout=120) == 0
+    assert git(repo, "stash", "list") == "" and (repo / "src/d.txt").read_text() == "stashed\n"
+    assert "put back" not in (repo / ".aipm/logs/ORD/T.1.log").read_text()

@@ -37,6 +37,8 @@ from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, 
 from aipm.workspace.places import (component, make_own_dir, merge_dir, patch_path, refname, relative, scratch,
                                    seam, worktree_path)
 from aipm.workerfiles import append_log, read_bytes, write_bytes
+from aipm.workspace import stash
+from aipm.workspace.stash import STASHED
 from aipm.workspace.repo import GITLINK, RUNTIME_DIR, Repo, UnbornRepositories, WorkspaceError
 
 SHARED, WORKTREE = WORKSPACES
@@ -81,6 +83,7 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
     remove(root, rec.order, rec.task, repo)  # the previous attempt's, kept for inspection until now
     base = repo.capture(repo.top, scratch(root), repo.head(), _start_message(rec.order, rec.task, rec.serial))
     repo.set_ref(refname(rec.order, rec.task, "base", prefix=repo.prefix), base)
+    stash.pin(repo, refname(rec.order, rec.task, prefix=repo.prefix))
     path = worktree_path(root, rec.order, rec.task)
     make_own_dir(root, path.parent)  # where remove() will remove it: not through a link a worker left there
     repo.add_worktree(path, base)
@@ -185,7 +188,7 @@ def keep(root: Path, rec: Record) -> str:
         return f"the changes of attempt {rec.serial} could not be kept: {exc}"
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     also = f"; {_left_out(root, rec, left_out)}" if left_out else ""
-    also += "".join(f"; {note}" for note in _stashed(repo, rec))
+    also += "".join(f"; {note}" for note in stash.left(repo, base, end))
     if not repo.changes(base, end):
         return f"attempt {rec.serial} changed nothing in its worktree{also}"
     return (f"the changes of attempt {rec.serial} are kept in {patch} (`git apply` it at the repository's top); "
@@ -257,6 +260,8 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, dict[str, str
         end = repo.capture(tree, scratch(root), base, message, leave_out=exc.paths)
     left_out.update((f"{c.path}/", _NESTED) for c in repo.changes(base, end) if c.new_mode == GITLINK)
     repo.set_ref(refname(rec.order, rec.task, "end", prefix=repo.prefix), end)
+    for note in stash.restore(repo, refname(rec.order, rec.task, prefix=repo.prefix), base, end):
+        append_log(rec.log, note)
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     make_own_dir(root, patch.parent)  # (the only copy of the work: not where a worker's link leads)
     write_bytes(patch, repo.patch(base, end))
@@ -303,7 +308,8 @@ def merge(root: Path, rec: Record) -> list[str]:
             f"planned, and the changes cannot be combined; {applied.steps - len(paths)} of {applied.steps} paths "
             "were merged, these were left as the main tree has them\n"
             + "".join(f"  {path}: {why}\n" for path, why in applied.conflicts), paths))
-    return notes + _ignored_left_behind(repo, rec) + _stashed(repo, rec)
+    base, end = (repo.rev(refname(rec.order, rec.task, which, prefix=repo.prefix)) for which in ("base", "end"))
+    return notes + _ignored_left_behind(repo, rec) + (stash.left(repo, base, end) if base and end else [])
 
 
 def _kept(root: Path, rec: Record, conflict: Conflict) -> Conflict:
@@ -345,34 +351,6 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
 
 NOT_MERGED = "ignored by git, so not merged back (gone with the worktree)"
 UNDONE = "put back as they were by the review, so the task's changes there are not merged"
-STASHED = ("left in the repository's stash by the worker, so not merged (the stash is shared with the main tree: a "
-           "`git stash pop` there applies it)")
-
-
-def _stashed(repo: Repo, rec: Record) -> list[str]:
-    """Notes of the stash entries the worker made: every worktree shares the repository's stash, so its `git stash`
-    moved that work out of its end capture into the user's stash. Found as made in its worktree: their first
-    parent is its start, or a commit it made on it. Paths the end holds as stashed (a `git stash apply`) are merged."""
-    base, end = (repo.rev(refname(rec.order, rec.task, which, prefix=repo.prefix)) for which in ("base", "end"))
-    entries = repo.stash() if base and end else []
-    since = int(repo.git("log", "-1", "--format=%ct", base)) if entries else 0  # (spares older entries a git each)
-    notes = []
-    for name, commit, parents, when in entries:
-        if when >= since and repo.descends(parents[0], base):
-            paths = _differ(repo, parents[0], commit, end)
-            if len(parents) > 2:  # `git stash -u`: its untracked files are a third parent's tree
-                paths += _differ(repo, None, parents[2], end)
-            if paths:
-                notes.append(f"{', '.join(sorted(paths))} ({name}, {commit[:10]}): {STASHED}")
-    return notes
-
-
-def _differ(repo: Repo, old: str | None, new: str, end: str) -> list[str]:
-    """The paths `new` changed since `old` (None: every file of `new`) that `end` does not hold as `new` does."""
-    ours = {c.path for c in repo.changes(new, end)}
-    return [p for p in (repo.files(new) if old is None else [c.path for c in repo.changes(old, new)]) if p in ours]
-
-
 def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
     """Ignored files inside the task's targets that its worktree holds and the main tree does not (or not so):
     they are not in the capture, so the merge leaves them behind and the worktree's removal deletes them."""
