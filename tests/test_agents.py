@@ -501,6 +501,34 @@ def test_an_exit_0_api_error_is_the_reason_of_the_failed_attempt(project):
     assert usage["is_error"] is True and usage["error"] == "API Error: Rate limit reached"
 
 
+@pytest.mark.parametrize("kind, error", [
+    ("auth", "The API provider is not able to authenticate you. Check your API key."),
+    ("rate-limit", "The API provider has rate limited you. Try again later or check your quotas."),
+    ("context", "Model anthropic/claude-sonnet-4-20250514 has hit a token limit!"),
+])
+def test_an_aider_api_error_it_gave_up_on_fails_the_attempt(project, kind, error):
+    """aider exits 0 after a --message-file run whatever became of its message: an attempt whose key was refused,
+    whose rate limit outlasted aider's retries, or whose context was full was DONE, and its review judged an
+    untouched tree."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: aider\n")
+    write_task(project.order(), "A", prompt=f"@api-error {kind}", target_files=["a.txt"])
+    write_task(project.order(), "B", prompt="after A", target_files=["b.txt"], depends_on=["A"])
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
+    a = task_file(project.order(), "A")
+    assert (a["status"], a["exit_code"]) == ("FAILED", 0)
+    assert a["reason"] == f"exit 0; the agent reported an error: {error}"
+    assert [j["task"] for j in journal(project)] == ["A"]
+
+
+def test_an_aider_error_it_retried_past_is_no_failure():
+    """A rate limit aider retried past, and a reply that quotes aider's error text, end in a reply: no error."""
+    lines = ["litellm.RateLimitError: AnthropicException - rate limited\n",
+             "The API provider has rate limited you. Try again later or check your quotas.\n",
+             "Retrying in 0.2 seconds...\n", "Model x has hit a token limit!\n",
+             "Tokens: 1.2k sent, 30 received. Cost: $0.01 message, $0.01 session.\n"]
+    assert aider.parse(lines).error is None and aider.parse(lines[:2]).error == lines[1].strip()
+
+
 def test_claude_parse_names_the_error_of_an_error_result():
     def result(**kw):
         return json.dumps({"type": "result", "session_id": "S", "total_cost_usd": 0.1, **kw}) + "\n"

@@ -211,7 +211,8 @@ def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] 
 
 def failure(usage: Usage | None) -> str | None:
     """What the agent's own final report says went wrong, if it says so: claude exits 0 on an API error (a rate
-    limit) with `is_error` in its result, and the attempt, which did nothing, must not count as done."""
+    limit) with `is_error` in its result, aider after one it gave up on, and the attempt, which did nothing, must
+    not count as done."""
     return usage.error if usage is not None else None
 
 

@@ -4,6 +4,11 @@ Aider runs the one message and exits. After each reply it prints a line such as
 `Tokens: 7.4k sent, 1.1k cache write, 4.0k cache hit, 120 received. Cost: $0.01 message, $0.05 session.`
 Token counts are rounded by aider (`2.3k`), so the totals are approximate; the cost is the last `session`
 figure (aider's own running total for this run). Aider keeps no session id.
+
+A `--message-file` run exits 0 whatever became of its message. When aider gives up on an API error it prints
+litellm's `litellm.<Name>Error: ...` and, for most, its own explanation ("The API provider has rate limited you.
+..."); one it retries says `Retrying in N seconds...` after it; a full context window ends in `Model M has hit a
+token limit!`. Such an ending, with no reply after it, is the attempt's error (Usage.error): it did nothing.
 """
 
 from __future__ import annotations
@@ -27,6 +32,11 @@ _NUMBER = r"(\d+(?:\.\d+)?k?)"
 _TOKENS = re.compile(rf"Tokens: {_NUMBER} sent(?:, {_NUMBER} cache write)?(?:, {_NUMBER} cache (?:hit|read))?"
                      rf", {_NUMBER} received")
 _COST = re.compile(r"Cost: \$(\d+(?:\.\d+)?) message, \$(\d+(?:\.\d+)?) session")
+# aider/coders/base_coder.py send_message and show_exhausted_error; aider/exceptions.py for the explanations.
+_API_ERROR = re.compile(r"litellm\.\w+(?:Error|Timeout)\b.*")
+_EXPLAINED = re.compile(r"The API provider .*")
+_RETRYING = re.compile(r"Retrying in \d+(?:\.\d+)? seconds\.\.\.")
+_EXHAUSTED = re.compile(r"Model \S+ has hit a token limit!")
 
 
 def argv(attempt: Attempt) -> list[str]:
@@ -102,7 +112,14 @@ def parse(lines: Iterable[str]) -> Usage:
                 if n is not None:
                     tokens[kind] = tokens.get(kind, 0) + n
             usage.turns = (usage.turns or 0) + 1
+            usage.error = None  # a reply came after it: aider went on
+        text = line.strip()
+        if _API_ERROR.fullmatch(text) or _EXHAUSTED.fullmatch(text) or (usage.error and _EXPLAINED.fullmatch(text)):
+            usage.error = text  # aider's explanation, when it follows, says it better than litellm's class name
+        elif usage.error and _RETRYING.fullmatch(text):
+            usage.error = None
         if "Cost: " in line and (m := _COST.search(line)):
             usage.cost_usd = dollars(float(m.group(2)))  # 400 digits read as inf: JSON cannot hold it
     usage.tokens = tokens
+    usage.is_error = True if usage.error else None
     return usage
