@@ -264,6 +264,22 @@ def test_codex_failed_turn():
     usage = codex.parse(['{"type":"thread.started","thread_id":"t"}',
                          '{"type":"turn.failed","error":{"message":"stream error"}}'])
     assert usage.is_error is True and usage.tokens == {} and usage.session_id == "t"
+    assert usage.error == "stream error"
+
+
+def test_a_codex_turn_that_failed_fails_its_attempt_whatever_the_exit_code(project):
+    """codex exec exited 0 after a failed turn before openai/codex#4309 (September 2025): the attempt, which did
+    nothing, was DONE. A transient `error` event codex retries past (Reconnecting...) is no failure of its own."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: codex\n")
+    write_task(project.order(), "A", prompt="@api-error You've hit your usage limit.", target_files=["a.txt"])
+    write_task(project.order(), "B", prompt="@fail", target_files=["b.txt"])
+    write_task(project.order(), "C", prompt="fine", target_files=["c.txt"])
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
+    a, b, c = (task_file(project.order(), t) for t in "ABC")
+    assert (a["status"], a["exit_code"]) == ("FAILED", 0)
+    assert a["reason"] == "exit 0; the agent reported an error: You've hit your usage limit."
+    assert b["reason"] == "exit 1; the agent reported an error: stand-in failure"
+    assert c["status"] == "DONE"
 
 
 def test_aider_usage_from_its_report_lines():

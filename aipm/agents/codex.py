@@ -2,7 +2,9 @@
 
 `--json` prints one event per line on stdout (progress goes to stderr; both land in the log):
 `thread.started` names the session (`thread_id`), each `turn.completed` carries `usage` with `input_tokens`
-(cached ones included), `cached_input_tokens` and `output_tokens`; `turn.failed` and `error` report failures.
+(cached ones included), `cached_input_tokens` and `output_tokens`; `turn.failed` ends a turn that failed, its
+`error.message` saying why (the attempt's error: codex exec exited 0 after it before openai/codex#4309); an
+`error` event alone may be one codex retries past (`Reconnecting... 1/5`).
 That usage is the thread's total so far, not the turn's: codex reports its running total, and `exec resume`
 restores the total the thread had (from its rollout). A resumed attempt's own tokens are its last total less the
 one its thread reported in the attempt it resumes, which argv notes at the head of the log (BASELINE).
@@ -90,6 +92,7 @@ def parse(lines: Iterable[str]) -> Usage:
             elif kind in ("turn.completed", "turn.failed"):
                 usage.turns = (usage.turns or 0) + 1
                 usage.is_error = usage.is_error or kind == "turn.failed"
+                usage.error = _turn_error(event) if kind == "turn.failed" else None
                 if isinstance(event.get("usage"), dict):  # the thread's total so far: the last one counts
                     total = {k: count(event["usage"].get(k)) for k in _KEYS}
             elif kind == "error":
@@ -104,3 +107,10 @@ def parse(lines: Iterable[str]) -> Usage:
     usage.tokens = {ours: n for ours, n in (("input", fresh), ("cache_read", cached), ("output", out))
                     if n is not None}
     return usage
+
+
+def _turn_error(event: dict) -> str:
+    """A failed turn's error in codex's words (its `error.message`), or what it is when codex gives none."""
+    error = event.get("error")
+    message = error.get("message") if isinstance(error, dict) else None
+    return message.strip().splitlines()[0] if isinstance(message, str) and message.strip() else "turn.failed"

@@ -11,7 +11,8 @@ Directives, one per line anywhere in the prompt:
     @api-error TEXT          claude: end as Claude Code does on an API error (a rate limit): a result of subtype
                              "success" with is_error true and TEXT as its result, no tokens, and exit 0;
                              aider: print what aider prints when it gives up on its message, and exit 0 as it
-                             does, TEXT being `auth`, `rate-limit` (retried until aider gives up) or `context`
+                             does, TEXT being `auth`, `rate-limit` (retried until aider gives up) or `context`;
+                             codex: fail its turn with TEXT as its error (turn.failed), and exit 0
     @write PATH TEXT         write TEXT to PATH, through the agent's own permission checks
     @wait-for PATH           wait until PATH exists before finishing (claude: before its result; aider: after its
                              report)
