@@ -99,11 +99,15 @@ def prefix(root: str, targets: list[str], log: str, exit_file: str, keep: list[s
     that hold aipm and the Landlock binding. From the project root, `-m` would have put the root first on the
     import path, and a module a task left there (`token.py`, `json.py`) ran before the ruleset did; `site` would
     run the `.pth` files of site-packages, which a worker may write when they lie outside the project."""
-    spec = {"root": root, "targets": targets, "log": log, "exit_file": exit_file, "keep": keep,
-            "project": project or root, "state": state, "path": boot_path()}
-    boot = ("import json, sys; sys.path += json.loads(sys.argv[1])['path']; from aipm.confine import main; "
-            "sys.exit(main(sys.argv[1:]))")
-    return [sys.executable, "-I", "-S", "-c", boot, json.dumps(spec), "--"]
+    return boot_argv("aipm.confine", {"root": root, "targets": targets, "log": log, "exit_file": exit_file,
+                                      "keep": keep, "project": project or root, "state": state})
+
+
+def boot_argv(module: str, spec: dict) -> list[str]:
+    """`python ... SPEC --`: `module`'s main(SPEC, "--", ARGV...) in an isolated Python given aipm's own path."""
+    boot = ("import json, sys; sys.path += json.loads(sys.argv[1])['path']; "
+            f"from {module} import main; sys.exit(main(sys.argv[1:]))")
+    return [sys.executable, "-I", "-S", "-c", boot, json.dumps({**spec, "path": boot_path()}), "--"]
 
 
 @lru_cache(maxsize=None)

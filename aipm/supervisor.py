@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 
-from aipm import cluster, confine, notify, recovery, runner, scope, statedir, subreaper, workspace
+from aipm import agents, cluster, confine, meter, notify, recovery, runner, scope, statedir, subreaper, workspace
 from aipm.errors import UserError
 from aipm.finish import time_limit
 from aipm.inotify import IN_DELETE, IN_DELETE_SELF, DirWatch, close_at_exit
@@ -109,6 +109,8 @@ class Supervisor(Recording, Owner):
             jail = confine.prefix(cwd, rec.targets, rec.log, rec.exit_file, keep, project=str(self.rt.root),
                                   state=str(statedir.user_base()))
             rec.confined = True
+        if agents.is_preset(rec.agent):  # the agent's report of its usage goes where the worker cannot rewrite it
+            jail = [*meter.prefix(rec.agent, rec.log), *jail]
         def started(pid: int, ctime: float) -> None:
             """Recorded and watched before its command may begin: if either fails, the command never runs."""
             self._record(rec, pid, ctime, timeout)

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import FIXTURES, REPO, no_workers, snapshot, state, task_statuses, wait_for, write_task
-from aipm import agents
+from aipm import agents, confine
 from aipm.agents import Attempt, aider, claude, codex, guard
 from aipm.paths import normalize
 
@@ -543,6 +543,27 @@ def test_an_aider_error_it_retried_past_is_no_failure():
              "Retrying in 0.2 seconds...\n", "Model x has hit a token limit!\n",
              "Tokens: 1.2k sent, 30 received. Cost: $0.01 message, $0.01 session.\n"]
     assert aider.parse(lines).error is None and aider.parse(lines[:2]).error == lines[1].strip()
+
+
+@pytest.mark.parametrize("confined", [False, True])
+def test_an_agent_that_rewrites_its_log_is_charged_what_it_reported(project, confined):
+    """Usage was read from the log, which the worker writes (its standard output; a confined one may still write it
+    by name): an agent that cut its log after its result and put a result that cost nothing there was charged $0,
+    and the order's budget did not see the attempt's cost."""
+    if confined and confine.unavailable():
+        pytest.skip(f"kernel without usable Landlock: {confine.unavailable()}")
+    (project.root / "aipm.yaml").write_text(f"worker:\n  agent: claude\nconfine: {str(confined).lower()}\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 10\n")
+    write_task(order, "A", prompt="@cost 0.5\n@tokens 7 3 0 0\n@rewrite-log", target_files=["a.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project, FAKE_AGENT_JOURNAL=""))  # (no journal to write)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (project.root / ".aipm/logs/ORD/A.1.log").read_text()
+    assert '"total_cost_usd": 0}' in log and '"total_cost_usd": 0.5' not in log  # it did rewrite its log
+    a = task_file(order, "A")
+    assert (a["cost_usd"], a["tokens"]) == (0.5, {"input": 7, "output": 3, "cache_read": 0, "cache_write": 0})
+    status = json.loads(project.aipm("status", "ORD", "--json").stdout)
+    assert status["cost_usd"] == 0.5
 
 
 def test_claude_parse_names_the_error_of_an_error_result():

@@ -3,9 +3,11 @@
 One small module per preset (`claude`, `codex`, `aider`); `command` is the project's own worker template.
 The worker module picks one by name; nothing outside this package knows what a preset does.
 
-Usage is read after an attempt from its log, which holds the agent's whole transcript: a preset parses the
-structured lines it knows and ignores everything else; its owner reads it before taking the launch lock (see
-read_ahead). What the agent did not report stays unknown (None, or a missing token kind), never 0.
+Usage is read after an attempt from what the agent printed: a preset parses the structured lines it knows and
+ignores everything else; its owner reads it before taking the launch lock (see read_ahead). The lines that carry
+usage are read from the meter's copy (aipm.meter), which the worker cannot rewrite as it can its log; from the log
+only for an attempt that ran without one. What the agent did not report stays unknown (None, or a missing token
+kind), never 0.
 """
 
 from __future__ import annotations
@@ -119,6 +121,17 @@ def _key(log: str | Path) -> str:
     return os.path.normpath(log)
 
 
+def reported(log: str | Path) -> str:
+    """The meter's copy of the lines of the attempt's output that carry its usage (`<TASK>.<attempt>.reported`)."""
+    return str(Path(log).with_suffix(".reported"))
+
+
+def _source(log: Path) -> Path:
+    """Where the attempt's usage is read: the meter's copy, or the log of an attempt that ran without a meter."""
+    copy = Path(reported(log))
+    return copy if copy.exists() else log
+
+
 def read_usage(name: str, log: Path) -> Usage | None:
     """The attempt's usage from its log: its read-ahead's, unless usage was added since; None for `command`.
     Kept beside the log too (`<TASK>.<attempt>.usage.json`)."""
@@ -135,7 +148,7 @@ def read_usage(name: str, log: Path) -> Usage | None:
 
 def _read(name: str, log: Path) -> _Read | None:
     try:
-        with reading(log) as raw:
+        with reading(_source(log)) as raw:
             found, text = os.fstat(raw.fileno()), _text(raw)
             usage = preset(name).parse(_bounded_lines(text))
             read = _Read(found.st_dev, found.st_ino, text.buffer.tell(), usage)  # the end it read to
@@ -151,7 +164,7 @@ def _read(name: str, log: Path) -> _Read | None:
 def _nothing_added(name: str, log: Path, ahead: _Read) -> bool:
     """Whether the log is the one read ahead and what was written to it since holds no usage of the agent's."""
     try:
-        with reading(log) as raw:
+        with reading(_source(log)) as raw:
             found = os.fstat(raw.fileno())
             if (found.st_dev, found.st_ino) != (ahead.dev, ahead.ino) or found.st_size < ahead.end:
                 return False  # replaced or cut: read whole
@@ -165,15 +178,15 @@ def _text(raw: Any) -> io.TextIOWrapper:
     return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
 
 
-_LONGEST = 16 << 20  # characters: an agent's event is far shorter; a worker's stray output may be one endless line
+LONGEST = 16 << 20  # characters: an agent's event is far shorter; a worker's stray output may be one endless line
 
 
 def _bounded_lines(handle: Any) -> Iterator[str]:
-    """The log's lines; one longer than _LONGEST is passed over, never held whole (a line of gigabytes, held and
+    """The log's lines; one longer than LONGEST is passed over, never held whole (a line of gigabytes, held and
     decoded, took twice its size of the owner's memory)."""
-    while line := handle.readline(_LONGEST):
-        if len(line) == _LONGEST and not line.endswith("\n"):
-            while (rest := handle.readline(_LONGEST)) and not rest.endswith("\n"):
+    while line := handle.readline(LONGEST):
+        if len(line) == LONGEST and not line.endswith("\n"):
+            while (rest := handle.readline(LONGEST)) and not rest.endswith("\n"):
                 pass
             continue
         yield line

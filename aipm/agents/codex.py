@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from aipm.agents import Attempt, Usage, _bounded_lines, _text, count, json_lines, session
+from aipm.agents import Attempt, Usage, _bounded_lines, _text, count, json_lines, reported, session
 from aipm.workerfiles import append_log, reading
 
 PROGRAM = "codex"
@@ -35,8 +35,9 @@ def argv(attempt: Attempt) -> list[str]:
     if attempt.resume:
         args += ["resume", attempt.resume]
         base = _resumed_total(attempt.log, attempt.resume)
-        if base:
-            append_log(str(attempt.log), f"{BASELINE} {json.dumps(base)}")
+        if base:  # in the log for people, in the meter's copy for the usage read from it
+            for where in (str(attempt.log), reported(attempt.log)):
+                append_log(where, f"{BASELINE} {json.dumps(base)}")
     return args + ["-"]  # read the prompt from standard input
 
 

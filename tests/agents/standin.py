@@ -17,6 +17,8 @@ Directives, one per line anywhere in the prompt:
     @wait-for PATH           wait until PATH exists before finishing (claude: before its result; aider: after its
                              report)
     @linger                  claude: after its result, stay alive until killed (the cost is reported already)
+    @rewrite-log             claude: after its result, truncate its standard output and rewrite its log ($AIPM_LOG)
+                             with a result that cost nothing, as a command the agent ran could
     @session "ID"            claude, codex: report this session id, a JSON string (escapes such as \ud800 kept)
     @refuse                  claude: exit 1 before any event, refusing its command line (an older Claude Code)
     @hang                    claude: hang before any event until killed (a start stuck on an MCP server)
@@ -41,6 +43,7 @@ class Directives:
     gate: str | None = None
     api_error: str | None = None
     linger: bool = False
+    rewrite_log: bool = False
     session: str | None = None
     refuse: bool = False
     hang: bool = False
@@ -68,6 +71,8 @@ def directives(prompt: str) -> Directives:
             d.hang = True
         elif word == "@linger":
             d.linger = True
+        elif word == "@rewrite-log":
+            d.rewrite_log = True
         elif word == "@wait-for":
             d.gate = rest.strip()
         elif word == "@write":

@@ -1,0 +1,127 @@
+"""The meter: what an agent reports of its usage, kept where its worker cannot rewrite it.
+
+Usage was read from the attempt's log, and the worker writes its log: the log is its standard output, and
+confinement leaves it writable (confine.rules). An agent, or any command it ran, that truncated or rewrote the
+log after the agent's final report (`: > "$AIPM_LOG"`) hid what the attempt cost from the order's budget.
+
+So an agent preset's command runs behind the meter: `python ... SPEC -- [confine prefix] AGENT ARGV...`. The agent's
+standard output and error are a pipe the meter reads; the meter appends everything to the log as before, and each
+line that changes the usage its preset reads (agents.parse) to its own copy beside the log (`<TASK>.<n>.reported`,
+agents.reported), first, so a line seen in the log is in the copy. The agent holds no descriptor of either file,
+and, confined, may not open the copy (only the log has a rule). aipm reads usage from the copy (agents.read_usage).
+
+The meter is in the worker's process group, outside its confinement (it comes before confine's prefix). A stop
+signal to the group waits for the agent, which gets it with its default action, so the meter reads all the agent
+printed; its exit code is the agent's (128+N for a signal N, as the wrappers give it). Once the agent has exited,
+the meter reads what is left in the pipe and ends: a process the agent left behind with the pipe open does not
+hold the attempt.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import select
+import signal
+import sys
+
+from aipm import agents
+from aipm.confine import boot_argv
+
+_STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+_CHUNK = 1 << 16
+_LEFT = 1 << 26  # bytes: a pipe holds far less; the rest is a writer the agent left behind, which never stops
+_KEPT_COMPARED = 256  # past this many kept lines (no real agent reports so many), every line is kept unweighed
+
+
+def prefix(agent: str, log: str) -> list[str]:
+    """The argv to put in front of an agent preset's command (before confine's prefix, if any)."""
+    return boot_argv("aipm.meter", {"agent": agent, "log": log})
+
+
+class Copy:
+    """The lines of the agent's output that change what its preset reads of them, appended to the copy."""
+
+    def __init__(self, agent: str, fd: int) -> None:
+        self.agent, self.fd, self.kept, self.usage = agent, fd, [], agents.Usage()
+        self.partial = b""
+
+    def feed(self, data: bytes) -> None:
+        *lines, self.partial = (self.partial + data).split(b"\n")
+        for line in lines:
+            self._weigh(line + b"\n")
+        if len(self.partial) > agents.LONGEST:  # an endless line carries no usage: passed over, as read_usage does
+            self.partial = b""
+
+    def end(self) -> None:
+        if self.partial:
+            self._weigh(self.partial)
+
+    def _weigh(self, raw: bytes) -> None:
+        line = raw.decode("utf-8", "replace")
+        if len(self.kept) < _KEPT_COMPARED:
+            usage = agents.preset(self.agent).parse([*self.kept, line])
+            if usage == self.usage:
+                return
+            self.usage = usage
+        self.kept.append(line)
+        _write_all(self.fd, raw)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    try:
+        while data:
+            data = data[os.write(fd, data):]
+    except OSError:
+        pass  # a full disk: the log says what it can; the copy, what it could hold
+
+
+def main(argv: list[str]) -> int:
+    """`SPEC -- ARGV...`: run ARGV with its output through the meter; exit with its exit code."""
+    spec, command = json.loads(argv[0]), argv[2:]
+    for stop in _STOPS:
+        signal.signal(stop, signal.SIG_IGN)  # the agent's to act on: the meter reads until it has ended
+    try:
+        copy = os.open(agents.reported(spec["log"]), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    except OSError:  # (its directory removed meanwhile): no copy, so the usage is read from the log, as before
+        copy = os.open(os.devnull, os.O_WRONLY)
+    out, into = os.pipe()
+    try:
+        pid = os.posix_spawnp(command[0], command, os.environ, setsigdef=_STOPS,
+                              file_actions=[(os.POSIX_SPAWN_DUP2, into, 1), (os.POSIX_SPAWN_DUP2, into, 2)])
+    except OSError as exc:  # as a shell says it: one line, 127 for a program not found, 126 for one not runnable
+        print(f"aipm: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
+        return 127 if isinstance(exc, FileNotFoundError) else 126
+    os.close(into)
+    _relay(out, pidfd := os.pidfd_open(pid), Copy(spec["agent"], copy))
+    os.close(pidfd)
+    code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+    return 128 - code if code < 0 else code
+
+
+def _relay(out: int, pidfd: int, copy: Copy) -> None:
+    """Copy the pipe to the log (standard output) and the copy until it closes, or the agent has exited and what
+    it left in the pipe is read."""
+    left = None  # how much more is read once the agent has exited: what a process it left behind writes is not
+    while left is None or left > 0:
+        if left is None and pidfd in select.select([out, pidfd], [], [])[0]:
+            left = _LEFT
+            os.set_blocking(out, False)
+        try:
+            data = os.read(out, _CHUNK)
+        except OSError as exc:
+            if exc.errno != errno.EAGAIN:
+                raise
+            data = b""
+        if not data:
+            break
+        if left is not None:
+            left -= len(data)
+        copy.feed(data)
+        _write_all(1, data)
+    copy.end()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
