@@ -566,6 +566,18 @@ def test_an_agent_that_rewrites_its_log_is_charged_what_it_reported(project, con
     assert status["cost_usd"] == 0.5
 
 
+def test_a_result_printed_after_the_agents_own_costs_it_no_less(project):
+    """claude prints one result, whose total_cost_usd only grows within a run (aider's `$… session` figure likewise):
+    a line printed after it that says less (by a command the agent ran, onto the agent's standard output) was taken
+    as the attempt's cost, and hid the rest from the budget."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    write_task(project.order(), "A", prompt="@cost 0.5\n@fake-result", target_files=["a.txt"])
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    assert task_file(project.order(), "A")["cost_usd"] == 0.5
+    report = "Tokens: 1.2k sent, 30 received. Cost: $0.01 message, {} session.\n"
+    assert aider.parse([report.format("$0.05"), report.format("$0.00")]).cost_usd == 0.05
+
+
 def test_claude_parse_names_the_error_of_an_error_result():
     def result(**kw):
         return json.dumps({"type": "result", "session_id": "S", "total_cost_usd": 0.1, **kw}) + "\n"

@@ -276,6 +276,12 @@ def session(value: Any) -> str | None:
     return value if isinstance(value, str) and value and value.isprintable() else None
 
 
+def most(known: float | None, reported: float | None) -> float | None:
+    """A running total as reported so far: the highest figure, since the real one only grows; a report that says
+    less or none (a line a command of the agent's printed) takes nothing away."""
+    return max((c for c in (known, reported) if c is not None), default=None)
+
+
 # Far above any real cost, and low enough that sums of such costs stay finite and writable.
 MAX_DOLLARS = 1e12
 # The least budget or cap: budgets are shared out in whole micro-dollars, and claude is given a cap with six

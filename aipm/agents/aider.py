@@ -2,8 +2,8 @@
 
 Aider runs the one message and exits. After each reply it prints a line such as
 `Tokens: 7.4k sent, 1.1k cache write, 4.0k cache hit, 120 received. Cost: $0.01 message, $0.05 session.`
-Token counts are rounded by aider (`2.3k`), so the totals are approximate; the cost is the last `session`
-figure (aider's own running total for this run). Aider keeps no session id.
+Token counts are rounded by aider (`2.3k`), so the totals are approximate; the cost is the highest `session`
+figure (aider's own running total for this run, which only grows: a line printed after it cannot lower it). Aider keeps no session id.
 
 A `--message-file` run exits 0 whatever became of its message. When aider gives up on an API error it prints
 litellm's `litellm.<Name>Error: ...` and, for most, its own explanation ("The API provider has rate limited you.
@@ -19,7 +19,7 @@ import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
-from aipm.agents import Attempt, Usage, count, dollars
+from aipm.agents import Attempt, Usage, count, dollars, most
 from aipm.project import RUNTIME_DIR
 from aipm.workerfiles import append_log
 
@@ -119,7 +119,8 @@ def parse(lines: Iterable[str]) -> Usage:
         elif usage.error and _RETRYING.fullmatch(text):
             usage.error = None
         if "Cost: " in line and (m := _COST.search(line)):
-            usage.cost_usd = dollars(float(m.group(2)))  # 400 digits read as inf: JSON cannot hold it
+            # (400 digits read as inf, which JSON cannot hold)
+            usage.cost_usd = most(usage.cost_usd, dollars(float(m.group(2))))
     usage.tokens = tokens
     usage.is_error = True if usage.error else None
     return usage

@@ -2,7 +2,8 @@
 
 The prompt arrives on standard input. Every event is one JSON line in the log; the last one,
 `{"type": "result", ..., "total_cost_usd", "usage", "num_turns", "session_id", "is_error"}`, carries the usage:
-this run's own, since a resumed session is forked (see argv).
+this run's own, since a resumed session is forked (see argv). A run prints one result, and its cost only grows:
+the highest cost printed counts, so a line printed after it (by a command the agent ran) cannot lower it.
 
 Permissions: a task with target_files gets its own `--settings` file that allows `Edit(...)` on its targets
 only, denies edits to aipm's own files, and installs a PreToolUse hook (aipm.agents.guard) that denies every
@@ -17,7 +18,7 @@ import sys
 from collections.abc import Iterable
 from pathlib import Path
 
-from aipm.agents import Attempt, Usage, count, dollars, json_lines, session
+from aipm.agents import Attempt, Usage, count, dollars, json_lines, most, session
 from aipm.confine import boot_path
 from aipm.paths import Target
 from aipm.workerfiles import write_bytes
@@ -102,7 +103,7 @@ def parse(lines: Iterable[str]) -> Usage:
             usage.session_id = found  # known from the first event, even if the run dies
         if event.get("type") != "result":
             continue
-        usage.cost_usd = dollars(event.get("total_cost_usd"))
+        usage.cost_usd = most(usage.cost_usd, dollars(event.get("total_cost_usd")))
         reported = event.get("usage") if isinstance(event.get("usage"), dict) else {}
         usage.tokens = {ours: n for theirs, ours in _TOKENS.items() if (n := count(reported.get(theirs))) is not None}
         usage.turns = count(event.get("num_turns"))

@@ -17,6 +17,7 @@ Directives, one per line anywhere in the prompt:
     @wait-for PATH           wait until PATH exists before finishing (claude: before its result; aider: after its
                              report)
     @linger                  claude: after its result, stay alive until killed (the cost is reported already)
+    @fake-result             claude: after its result, print another that cost nothing, as a command it ran could
     @rewrite-log             claude: after its result, truncate its standard output and rewrite its log ($AIPM_LOG)
                              with a result that cost nothing, as a command the agent ran could
     @session "ID"            claude, codex: report this session id, a JSON string (escapes such as \ud800 kept)
@@ -44,6 +45,7 @@ class Directives:
     api_error: str | None = None
     linger: bool = False
     rewrite_log: bool = False
+    fake_result: bool = False
     session: str | None = None
     refuse: bool = False
     hang: bool = False
@@ -73,6 +75,8 @@ def directives(prompt: str) -> Directives:
             d.linger = True
         elif word == "@rewrite-log":
             d.rewrite_log = True
+        elif word == "@fake-result":
+            d.fake_result = True
         elif word == "@wait-for":
             d.gate = rest.strip()
         elif word == "@write":
