@@ -45,18 +45,32 @@ class Copy:
 
     def __init__(self, agent: str, fd: int) -> None:
         self.agent, self.fd, self.kept, self.usage = agent, fd, [], agents.Usage()
-        self.partial = b""
+        self.pieces: list[bytes] = []  # the line being read, as its chunks came (joined once it ends)
+        self.size = 0
+        self.endless = False  # the line being read is LONGEST or more: passed over, as read_usage passes it
 
     def feed(self, data: bytes) -> None:
-        *lines, self.partial = (self.partial + data).split(b"\n")
+        *lines, rest = data.split(b"\n")
         for line in lines:
-            self._weigh(line + b"\n")
-        if len(self.partial) > agents.LONGEST:  # an endless line carries no usage: passed over, as read_usage does
-            self.partial = b""
+            self._add(line)
+            self._line_ends(b"\n")
+        self._add(rest)
 
     def end(self) -> None:
-        if self.partial:
-            self._weigh(self.partial)
+        if self.size:
+            self._line_ends(b"")
+
+    def _add(self, piece: bytes) -> None:
+        if not self.endless and piece:
+            self.pieces.append(piece)
+            self.size += len(piece)
+            if self.size >= agents.LONGEST:
+                self.pieces, self.size, self.endless = [], 0, True
+
+    def _line_ends(self, newline: bytes) -> None:
+        if not self.endless:
+            self._weigh(b"".join(self.pieces) + newline)
+        self.pieces, self.size, self.endless = [], 0, False
 
     def _weigh(self, raw: bytes) -> None:
         line = raw.decode("utf-8", "replace")

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from conftest import FIXTURES, REPO, no_workers, snapshot, state, task_statuses, wait_for, write_task
-from aipm import agents, confine
+from aipm import agents, confine, meter
 from aipm.agents import Attempt, aider, claude, codex, guard
 from aipm.paths import normalize
 
@@ -576,6 +576,26 @@ def test_a_result_printed_after_the_agents_own_costs_it_no_less(project):
     assert task_file(project.order(), "A")["cost_usd"] == 0.5
     report = "Tokens: 1.2k sent, 30 received. Cost: $0.01 message, {} session.\n"
     assert aider.parse([report.format("$0.05"), report.format("$0.00")]).cost_usd == 0.05
+
+
+@pytest.mark.parametrize("agent, sample", [("claude", "claude-stream-json.jsonl"),
+                                           ("claude", "claude-stream-json-error.jsonl"),
+                                           ("codex", "codex-exec-json.jsonl"), ("aider", "aider-output.txt")])
+def test_the_meters_copy_reads_as_the_whole_output_does(tmp_path, agent, sample):
+    """The meter keeps only the lines that change the usage, however the pipe cuts the output; a line too long to
+    be read (agents.LONGEST) is passed over as read_usage passes it, whatever it ends with."""
+    output = (SAMPLES / sample).read_bytes()
+    output += b"x" * agents.LONGEST + b'{"type":"result","total_cost_usd":0}\nCost: $0.00 message, $0.00 session.'
+    copy = tmp_path / "copy"
+    fd = os.open(copy, os.O_WRONLY | os.O_CREAT)
+    fed = meter.Copy(agent, fd)
+    for at in range(0, len(output), 4093):
+        fed.feed(output[at:at + 4093])
+    fed.end()
+    os.close(fd)
+    kept = copy.read_text().splitlines(keepends=True)
+    assert agents.preset(agent).parse(kept) == parse(agent, sample)
+    assert len(kept) < len(output.splitlines())
 
 
 def test_claude_parse_names_the_error_of_an_error_result():
