@@ -738,3 +738,59 @@ def test_a_log_of_many_short_lines_puts_in_only_the_lines_the_panel_keeps(projec
     lines = browser.find_element("id", "tasklog").text.splitlines()
     assert lines[-1] == "63999" and len(lines) == 2000
     assert added <= 2001, added  # the log's name, and the lines kept
+
+
+def _ui_with_fd_limit(project, limit: int):
+    """`aipm ui --port 0` under `ulimit -n limit`; returns the process and its URL."""
+    import resource
+
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false", AIPM_UI_KEEPALIVE="3600")
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "ui", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+    return proc, proc.stdout.readline().strip()
+
+
+def test_connections_that_send_no_request_do_not_make_the_dashboard_unreachable(project):
+    """1,100 connections that sent nothing, under `ulimit -n 1024`, were kept for ever: the dashboard answered
+    nothing more, and asyncio logged a traceback every second for the accept it could not make."""
+    import resource
+    import socket
+
+    write_task(project.order(), "A", command="true")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f"this test holds 1,100 connections; `ulimit -Hn` is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    proc, url = _ui_with_fd_limit(project, 1024)
+    base, token = base_and_token(url)
+    port = int(base.rsplit(":", 1)[1])
+    idle = []
+    try:
+        for _ in range(1100):
+            idle.append(socket.create_connection(("127.0.0.1", port)))
+        assert status_code(f"{base}/api/board?token={token}") == 200
+    finally:
+        for client in idle:
+            client.close()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    said = proc.stderr.read()
+    assert "Traceback" not in said and said.count("\n") <= 2, said
+    assert all(line.startswith("aipm ui: ") for line in said.splitlines()), said
+
+
+def test_a_connection_that_sends_no_whole_request_is_closed(project, dashboard):
+    """One that sent nothing, or half a request's head, was kept open for ever (uvicorn times a connection out
+    only after an answer)."""
+    import socket
+
+    base, _ = base_and_token(dashboard)
+    port = int(base.rsplit(":", 1)[1])
+    silent = socket.create_connection(("127.0.0.1", port), timeout=60)
+    half = socket.create_connection(("127.0.0.1", port), timeout=60)
+    half.sendall(f"GET /api/board HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n".encode())
+    for client in (silent, half):
+        assert client.recv(1) == b""  # closed by the server (a timeout here raises)
+        client.close()

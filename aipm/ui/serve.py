@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import signal
 import socket
@@ -36,6 +37,7 @@ def serve(project: Project, settings: Settings, orders: list[Path] | None, host:
     import uvicorn
 
     from aipm.ui.app import create_app
+    from aipm.ui.connections import BACKLOG, Connection, quiet_accept_errors
 
     sock = bind(host, port)
     port = sock.getsockname()[1]
@@ -46,8 +48,16 @@ def serve(project: Project, settings: Settings, orders: list[Path] | None, host:
         f"[{host}]" if ":" in host else host)
     announce(f"http://{shown}:{port}/?token={token}")
     # The open event streams end as the shutdown begins (handle_exit); a request under way is let finish.
-    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=LONGEST_REQUEST, lifespan="on")
+    config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=LONGEST_REQUEST, lifespan="on",
+                            http=Connection, backlog=BACKLOG)
     server = uvicorn.Server(config)
+    start_server = server.startup
+
+    async def startup(sockets=None) -> None:
+        quiet_accept_errors(asyncio.get_running_loop())
+        await start_server(sockets)
+
+    server.startup = startup
     exit_server = server.handle_exit
 
     def handle_exit(sig, frame) -> None:  # the open event streams end as the shutdown begins
