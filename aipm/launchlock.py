@@ -13,12 +13,11 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from aipm.liveness import read_small, stopped
+from aipm.liveness import LOOK_AFTER, how_to_go_on, read_small, stopped
 from aipm.lockholders import lock_holders
 from aipm.statedir import user_base
 
 _REMAKES = 100  # a state directory removed again each time it is made: give up, it is not a single `rm -rf`
-_LOOK_AFTER = 2.0  # seconds: a round holds the lock for milliseconds; waited for this long, its holder is looked at
 
 
 @contextmanager
@@ -78,7 +77,7 @@ def wait_for(fd: int, path: Path, operation: int) -> None:
 
 
 def _say_if_stopped(path: Path, taken: threading.Event) -> None:
-    while not taken.wait(_LOOK_AFTER):
+    while not taken.wait(LOOK_AFTER):
         try:
             inode = os.stat(path).st_ino
         except OSError:
@@ -92,6 +91,5 @@ def _say_if_stopped(path: Path, taken: threading.Event) -> None:
                 continue  # gone meanwhile: the lock is free or about to be
             if not taken.is_set():
                 print(f"aipm: waiting for the launch lock, held by pid {pid} ({' '.join(argv.split())[:100]}), "
-                      f"which is stopped (Ctrl-Z or SIGSTOP): `fg` in its terminal, or `kill -CONT {pid}`, lets it "
-                      "go on", file=sys.stderr, flush=True)
+                      f"{how_to_go_on(pid)}", file=sys.stderr, flush=True)
             return

@@ -160,6 +160,16 @@ def stopped(pid: int) -> bool:
         return False
 
 
+# Seconds a wait for another process lasts before it looks whether that one is stopped: it may only be busy (a round
+# holds the launch lock for milliseconds, an owner records an end as quickly), or stopped but for a moment.
+LOOK_AFTER = 2.0
+
+
+def how_to_go_on(pid: int) -> str:
+    """Said of a stopped process that something waits for."""
+    return f"which is stopped (Ctrl-Z or SIGSTOP): `fg` in its terminal, or `kill -CONT {pid}`, lets it go on"
+
+
 def asleep_in_wait(pid: int) -> bytes | None:
     """While the process sleeps in wait() for a child (a shell running a command in the foreground) or in
     sigsuspend() (dash's `wait`), a token that stays the same as long as it sleeps on (its context switches: a

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from aipm.liveness import ancestors, process_alive, same_start
+from aipm.liveness import ancestors, process_alive, same_start, stopped
 
 
 @dataclass
@@ -91,6 +91,10 @@ class Record:
 
     def alive(self) -> bool:
         return self.worker_alive() or self.owner_alive()
+
+    def held_by_stopped_owner(self) -> bool:
+        """Its worker has ended, and its owner is stopped (Ctrl-Z, SIGSTOP): the end is recorded once it goes on."""
+        return not self.worker_alive() and self.owner_alive() and stopped(self.owner_pid)
 
     def encloses_us(self) -> bool:
         """This process runs inside the worker: an `aipm run` its command started, in the worker's session or, if

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from aipm import outcome, workspace, writtenlog
 from aipm.agents import can_resume
 from aipm.errors import Unwritable, UserError
+from aipm.liveness import LOOK_AFTER, how_to_go_on
 from aipm.recovery import end_remnants, forget, in_review, settle_cancelled, unrecorded, usage_left
 from aipm.restore import disowned, restore
 from aipm.starting import cleared_reason
@@ -27,10 +29,25 @@ from aipm.writer import StaleWrite, now, update_task
 from aipm.worker import agent_for
 
 
-def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) -> str | None:
+@dataclass
+class Cancelled:
+    """What the person must know besides that the task is CANCELLED."""
+
+    merge: str | None = None  # the task's merge cut short: the tree is half-merged
+    held_by: int = 0  # the pid of a stopped owner (Ctrl-Z) that records the worker's end only once it goes on
+
+    def notes(self) -> list[str]:
+        return [note for note in (self.merge, self.held_by and held_note(self.held_by)) if note]
+
+
+def held_note(owner: int) -> str:
+    return (f"its worker has ended; its owner records that end (aipm pid {owner}), {how_to_go_on(owner)}; a retry "
+            "waits for it")
+
+
+def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) -> Cancelled:
     """Mark the task CANCELLED, then stop its worker's group (SIGTERM, SIGKILL after `grace` seconds). A task
-    already CANCELLED whose worker still runs (its first cancel was cut short) only has its worker stopped.
-    Returns what the person must know besides: a merge of the task cut short (the tree half-merged), or None."""
+    already CANCELLED whose worker still runs (its first cancel was cut short) only has its worker stopped."""
     rt = Runtime(project.root)
     path = order_dir / f"{task_id}.yaml"
     current, order_id = _read(project, order_dir, path)  # bad input is refused before the lock makes .aipm/
@@ -75,9 +92,11 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
         # holding its files, for ever. Found by the attempt's marker, as recovery finds a lost attempt's.
         end_remnants(rt, rec)
         _settle_unowned(rt, path, rec)
+    held = None
     if live or (rec is not None and rec.owner_alive()):  # a worker that ended just before: its owner records it
-        _until_released(rt, order_id, task_id, grace + 5)
-    return workspace.note_pending_merge(project.root, order_id, task_id, "cancelled")
+        held = _until_released(rt, order_id, task_id, grace + 5)
+    return Cancelled(workspace.note_pending_merge(project.root, order_id, task_id, "cancelled"),
+                     held.owner_pid if held else 0)
 
 
 def _unmarkable(task_id: str, exc: StateWriteError) -> Unwritable:
@@ -172,15 +191,19 @@ def _read(project: Project, order_dir: Path, path: Path) -> tuple[Task, str]:
     return load_task(path, project.root), order_meta(order_dir)[0]
 
 
-def _until_released(rt: Runtime, order_id: str, task_id: str, limit: float) -> None:
+def _until_released(rt: Runtime, order_id: str, task_id: str, limit: float) -> Record | None:
     """Wait (bounded) for the owner to see its worker end and drop the record, so that a `retry` right after a
-    cancel is not refused as still running."""
-    deadline = time.monotonic() + limit
-    while time.monotonic() < deadline:
+    cancel is not refused as still running. An owner stopped (Ctrl-Z) records nothing until it goes on: its record
+    is returned once the wait has been long (the cancel waited out its whole bound for it, in silence)."""
+    start = time.monotonic()
+    while time.monotonic() < start + limit:
         rec = rt.read_record(order_id, task_id)
         if rec is None or not rec.alive():
-            return
+            return None
+        if time.monotonic() > start + LOOK_AFTER and rec.held_by_stopped_owner():
+            return rec
         time.sleep(0.05)
+    return None
 
 
 def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings | None = None) -> Task:
@@ -205,9 +228,10 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
             raise UserError(f"{path}: status: {current.status}, but no worker runs it (stale); "
                             f"`aipm recover {order_id}` {then}")
         if live:
-            if not rec.worker_alive():  # its owner records the end that it has come to: a moment
+            if not rec.worker_alive():  # its owner records the end that it has come to: a moment, unless stopped
+                held = f", {how_to_go_on(rec.owner_pid)}" if rec.held_by_stopped_owner() else ""
                 raise UserError(f"{path}: status: {current.status}, but its attempt's end is being recorded (by "
-                                f"aipm pid {rec.owner_pid}); retry it once that is done")
+                                f"aipm pid {rec.owner_pid}){held}; retry it once that is done")
             raise UserError(f"{path}: status: {current.status}, but its worker pid {rec.pid} is still "
                             "running; wait for it to end (or cancel it)")
         if rec is not None:

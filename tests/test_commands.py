@@ -1,5 +1,6 @@
 """exec, cancel, retry, logs, ps, locks, recover, detect, why, init: through the real CLI."""
 
+import fcntl
 import json
 import os
 import re
@@ -11,7 +12,7 @@ import psutil
 import pytest
 import yaml
 
-from conftest import no_workers, snapshot, task_statuses, wait_for, write_task
+from conftest import no_workers, snapshot, state, task_statuses, wait_for, write_task
 from invariants import group_alive, pid_alive
 
 
@@ -1088,7 +1089,7 @@ def test_a_retry_while_the_owner_records_the_end_says_so_not_that_a_worker_runs(
         run.send_signal(signal.SIGSTOP)
         gate.touch()
         wait_for(lambda: not group_alive(worker["pgid"]))
-        assert project.aipm("cancel", "A", "--grace", "0", timeout=60).returncode == 0  # (waits 5 s, in vain)
+        assert project.aipm("cancel", "A", "--grace", "0", timeout=60).returncode == 0
         retry = project.aipm("retry", "A")
         assert retry.returncode == 2 and task_statuses(order)["A"] == "CANCELLED", retry.stderr
         assert f"its attempt's end is being recorded (by aipm pid {run.pid})" in retry.stderr, retry.stderr
@@ -1103,10 +1104,11 @@ def test_a_retry_while_the_owner_records_the_end_says_so_not_that_a_worker_runs(
 
 
 def test_a_cancel_that_meets_its_worker_ending_waits_for_the_owner_so_a_retry_is_not_refused(project, gate):
-    """The worker ended on its own just before the cancel, its owner (a busy `run`, held here with SIGSTOP) not yet
-    recording that: the cancel returned at once, its record still there, and a `retry` right after was refused,
-    naming the run's pid as the task's "worker pid ... still running". It now waits for the owner, as it does
-    for a worker it stops itself (bounded: --grace + 5 s)."""
+    """The worker ended on its own just before the cancel, its owner (a busy `run`: stopped, then let go on to wait
+    for the launch lock) not yet recording that: the cancel returned at once, its record still there, and a `retry`
+    right after was refused, naming the run's pid as the task's "worker pid ... still running". It now waits for
+    the owner, as it does for a worker it stops itself (bounded: --grace + 5 s). (An owner that stays stopped,
+    Ctrl-Z, is not waited for: test_hostile_workers.test_cancel_of_a_task_whose_run_is_stopped_says_so_and_...)"""
     order = project.order()
     write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])
     argv = [sys.executable, "-m", "aipm", "--root", str(project.root)]
@@ -1121,12 +1123,16 @@ def test_a_cancel_that_meets_its_worker_ending_waits_for_the_owner_so_a_retry_is
         cancel = subprocess.Popen([*argv, "cancel", "A", "--grace", "30"], cwd=project.root,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         wait_for(lambda: task_statuses(order)["A"] == "CANCELLED")
-        try:  # the owner is held: a cancel that returns now leaves its record behind, and a retry is refused
-            cancel.wait(timeout=3)
-            early = no_workers(project.root) or "its record still there"
-        except subprocess.TimeoutExpired:
-            early = True
-        run.send_signal(signal.SIGCONT)
+        with open(state(project.root) / "launch.lock") as lock:
+            # Once the cancel has let the lock go, the run goes on (a stopped owner is not waited for) but cannot
+            # record until we let it go.
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            run.send_signal(signal.SIGCONT)
+            try:  # the owner is busy: a cancel that returns now leaves its record behind, and a retry is refused
+                cancel.wait(timeout=3)
+                early = no_workers(project.root) or "its record still there"
+            except subprocess.TimeoutExpired:
+                early = True
         assert cancel.wait(timeout=60) == 0, cancel.stderr.read()
         assert early is True, "cancel returned while the owner had not yet seen its worker end: " + early
         retry = project.aipm("retry", "A")

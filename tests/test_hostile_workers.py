@@ -766,6 +766,19 @@ def test_a_string_commands_parent_is_its_wrapper_so_kill_ppid_does_not_end_the_r
     assert task_statuses(project.order())["T1"] == "DONE"
 
 
+def _stop_outside_a_round(project, run):
+    """SIGSTOP `run` (as Ctrl-Z does), again until it is stopped with the launch lock free."""
+    while True:
+        run.send_signal(signal.SIGSTOP)
+        wait_for(lambda: open(f"/proc/{run.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T")
+        with open(state(project.root) / "launch.lock") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:  # stopped inside a round: let it finish that one
+                run.send_signal(signal.SIGCONT)
+
+
 @contextmanager
 def _stopped_owner_with_its_worker_ended(project, gate, order):
     """`aipm run ORDER` of one task stopped (Ctrl-Z) while its worker ran, outside a round (the launch lock free:
@@ -778,15 +791,7 @@ def _stopped_owner_with_its_worker_ended(project, gate, order):
     path = state(project.root) / "workers" / order / "T1.json"
     wait_for(running.exists)
     rec = json.loads(path.read_text())
-    while True:
-        first.send_signal(signal.SIGSTOP)
-        wait_for(lambda: open(f"/proc/{first.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T")
-        with open(state(project.root) / "launch.lock") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:  # stopped inside a round: let it finish that one
-                first.send_signal(signal.SIGCONT)
+    _stop_outside_a_round(project, first)
     gate.touch()
     wait_for(lambda: not pid_alive(rec["pid"]))  # a zombie: its stopped owner cannot reap it
     try:
@@ -859,3 +864,28 @@ def test_logs_f_of_an_attempt_whose_stopped_owner_holds_its_end_says_so_once(pro
         assert follow.poll() is None  # still following
     assert follow.wait(timeout=60) == 0, err.read_text()
     assert err.read_text().count(said) == 1, err.read_text()
+
+
+def test_cancel_of_a_task_whose_run_is_stopped_says_so_and_does_not_wait_for_it(project, gate):
+    """`aipm cancel` of a task whose `aipm run` was stopped (Ctrl-Z) stopped the worker, then waited its grace and
+    5 s more, in silence, for that run to record the end, which it does only once it goes on; a retry then was
+    refused as "being recorded" by a pid, with no word that it was stopped."""
+    running = project.root / "running"
+    write_task(project.order(), "T1", target_files=["a.txt"],
+               command=f"touch {running}; while [ ! -e {gate} ]; do sleep 0.05; done")
+    first = _start_run(project)
+    wait_for(running.exists)
+    _stop_outside_a_round(project, first)
+    try:
+        cancel = project.aipm("cancel", "T1", "--grace", "30", timeout=120)
+        assert cancel.returncode == 0 and "T1: CANCELLED" in cancel.stdout, cancel.stdout + cancel.stderr
+        assert cancel.stderr == (f"aipm: T1: its worker has ended; its owner records that end (aipm pid {first.pid}), "
+                                 f"which is stopped (Ctrl-Z or SIGSTOP): `fg` in its terminal, or `kill -CONT "
+                                 f"{first.pid}`, lets it go on; a retry waits for it\n"), cancel.stderr
+        retry = project.aipm("retry", "T1")
+        assert retry.returncode == 2 and f"(by aipm pid {first.pid}), which is stopped" in retry.stderr, retry.stderr
+    finally:
+        first.send_signal(signal.SIGCONT)
+    first.wait(timeout=60)
+    assert task_statuses(project.order()) == {"T1": "CANCELLED"}
+    project.aipm("retry", "T1", check=True)

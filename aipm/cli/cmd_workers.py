@@ -261,7 +261,7 @@ def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: boo
             return
         rec = rt.read_record(order_id, task_id)
         if rec is not None and _same(rec.log, handle.name) and not recovery.left_behind(rec, rt):
-            if not told and not rec.worker_alive() and rec.owner_alive() and stopped(rec.owner_pid):
+            if not told and rec.held_by_stopped_owner():
                 told = True
                 print(f"aipm: {order_id}/{task_id}: its worker has ended, and its owner (pid {rec.owner_pid}) is "
                       "stopped (Ctrl-Z or SIGSTOP): the attempt ends once it goes on (`fg` in its terminal, or "
@@ -306,10 +306,12 @@ def cancel(
                                "`aipm recover` writes CANCELLED; a recover without it frees the task's files and "
                                "keeps the cancel for the file put back as it was)"))
         return
-    note = steering.cancel(project, order_dir, task_id, grace)
+    done = steering.cancel(project, order_dir, task_id, grace)
     console().print(f"{task_id}: CANCELLED")
-    if note:
-        console().print(escape(f"{task_id}: {note}"))
+    if done.merge:
+        console().print(escape(f"{task_id}: {done.merge}"))
+    if done.held_by:
+        print(f"aipm: {task_id}: {steering.held_note(done.held_by)}", file=sys.stderr, flush=True)
 
 
 @command()

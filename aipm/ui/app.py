@@ -198,7 +198,8 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
                 return JSON({"error": "expected JSON {\"order\": ..., \"task\": ...}"}, 400)
             except UserError as exc:
                 return JSON({"error": str(exc)}, 409)
-            return JSON({"ok": True, **({"note": said} if isinstance(said, str) else {})})
+            notes = said.notes() if isinstance(said, steering.Cancelled) else []
+            return JSON({"ok": True, **({"note": "; ".join(notes)} if notes else {})})
         return endpoint
 
     async def events(request: Request):
