@@ -135,6 +135,22 @@ def state(root: Path, make: bool = False) -> Path:
     return path
 
 
+def stop_outside_a_round(project: Project, run) -> None:
+    """SIGSTOP `run` (as Ctrl-Z does), again until it is stopped with the launch lock free."""
+    import fcntl
+    import signal
+
+    while True:
+        run.send_signal(signal.SIGSTOP)
+        wait_for(lambda: open(f"/proc/{run.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T")
+        with open(state(project.root) / "launch.lock") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:  # stopped inside a round: let it finish that one
+                run.send_signal(signal.SIGCONT)
+
+
 def no_workers(root: Path) -> bool:
     """No worker record left and no process of ours still alive."""
     workers = state(root) / "workers"

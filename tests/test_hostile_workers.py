@@ -2,7 +2,6 @@
 (`git checkout`) and ends while its supervisor is dead, a command whose wrapper dies with its supervisor (`pkill -f
 aipm`), one that deletes the order's directory and puts it back."""
 
-import fcntl
 import json
 import os
 import re
@@ -13,7 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from conftest import no_workers, state, task_statuses, wait_for, write_task
+from conftest import no_workers, state, stop_outside_a_round, task_statuses, wait_for, write_task
 from invariants import KILL_OWNER, check, group_alive, journal_command, pid_alive
 
 
@@ -766,19 +765,6 @@ def test_a_string_commands_parent_is_its_wrapper_so_kill_ppid_does_not_end_the_r
     assert task_statuses(project.order())["T1"] == "DONE"
 
 
-def _stop_outside_a_round(project, run):
-    """SIGSTOP `run` (as Ctrl-Z does), again until it is stopped with the launch lock free."""
-    while True:
-        run.send_signal(signal.SIGSTOP)
-        wait_for(lambda: open(f"/proc/{run.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T")
-        with open(state(project.root) / "launch.lock") as lock:
-            try:
-                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
-            except BlockingIOError:  # stopped inside a round: let it finish that one
-                run.send_signal(signal.SIGCONT)
-
-
 @contextmanager
 def _stopped_owner_with_its_worker_ended(project, gate, order):
     """`aipm run ORDER` of one task stopped (Ctrl-Z) while its worker ran, outside a round (the launch lock free:
@@ -791,7 +777,7 @@ def _stopped_owner_with_its_worker_ended(project, gate, order):
     path = state(project.root) / "workers" / order / "T1.json"
     wait_for(running.exists)
     rec = json.loads(path.read_text())
-    _stop_outside_a_round(project, first)
+    stop_outside_a_round(project, first)
     gate.touch()
     wait_for(lambda: not pid_alive(rec["pid"]))  # a zombie: its stopped owner cannot reap it
     try:
@@ -875,7 +861,7 @@ def test_cancel_of_a_task_whose_run_is_stopped_says_so_and_does_not_wait_for_it(
                command=f"touch {running}; while [ ! -e {gate} ]; do sleep 0.05; done")
     first = _start_run(project)
     wait_for(running.exists)
-    _stop_outside_a_round(project, first)
+    stop_outside_a_round(project, first)
     try:
         cancel = project.aipm("cancel", "T1", "--grace", "30", timeout=120)
         assert cancel.returncode == 0 and "T1: CANCELLED" in cancel.stdout, cancel.stdout + cancel.stderr

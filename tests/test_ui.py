@@ -794,3 +794,37 @@ def test_a_connection_that_sends_no_whole_request_is_closed(project, dashboard):
     for client in (silent, half):
         assert client.recv(1) == b""  # closed by the server (a timeout here raises)
         client.close()
+
+
+def test_a_cancel_from_the_page_shows_what_the_person_must_know_besides(project, dashboard, browser, gate):
+    """The server answers a cancel with a note when there is more to know (here: the run that owns the task is
+    stopped, Ctrl-Z, and records the worker's end only once it goes on); the page showed nothing of it."""
+    from conftest import stop_outside_a_round
+
+    running = project.root / "running"
+    write_task(project.order(), "A", target_files=["a"],
+               command=f"touch {running}; while [ ! -e {gate} ]; do sleep 0.05; done")
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                            "--no-resource-monitoring"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(running.exists)
+        stop_outside_a_round(project, run)
+        browser.get(dashboard)
+        wait_for(lambda: row_status(browser, "ORD/A") == "IN_PROGRESS")
+        click(browser, "tr[data-task='ORD/A'] button[data-action='cancel']")
+        browser.switch_to.alert.accept()
+
+        def note():
+            from selenium.common.exceptions import NoAlertPresentException
+            try:
+                return browser.switch_to.alert.text
+            except NoAlertPresentException:
+                return None
+
+        said = wait_for(note)
+        browser.switch_to.alert.accept()
+        assert said.startswith("ORD/A: its worker has ended") and f"(aipm pid {run.pid}), which is stopped" in said
+    finally:
+        run.send_signal(signal.SIGCONT)
+    run.wait(timeout=60)
+    assert task_statuses(project.order()) == {"A": "CANCELLED"}
