@@ -4,7 +4,8 @@ The one door between the rest of aipm and git. The launcher asks `prepare` for a
 an attempt; the supervisor runs the worker and its review in `directory(...)`, asks `outside_targets` when the
 worker ends (the exact scope check) and `merge` when the task is approved, then `remove`s the worktree once the
 task's final status is written. `sweep` tidies after crashes; `diff` shows a task's changes. Where each thing
-lives is places.py; removing and sweeping is cleanup.py; applying an approved merge is mergeback.py.
+lives is places.py; removing and sweeping is cleanup.py; applying an approved merge is mergeback.py; what a
+worker did to the repository's shared stash is stash.py.
 
 On disk, under the project's runtime directory:
   .aipm/worktrees/<ORDER>/<TASK>/        the worktree (a detached checkout of the task's start)
@@ -12,6 +13,7 @@ On disk, under the project's runtime directory:
   .aipm/patches/<ORDER>/<TASK>.<N>.patch what attempt N changed (`git apply` at the repository's top)
   refs/aipm/<ORDER>/<TASK>/{base,end}    the attempt's start and end, as commits no branch points to
                                          (refs/aipm/@<DIR>/... for a project in a directory DIR of its repo)
+  refs/aipm/<ORDER>/<TASK>/stash/<N>     the stash's entries when the attempt started (see stash.py)
 
 Test seam: AIPM_TEST_KILL_AT=prepare|merge:N|cleanup makes the process that reaches that point SIGKILL itself
 (prepare: worktree made, task not yet started; merge:N: N files of a merge applied; cleanup: final status
