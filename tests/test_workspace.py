@@ -1732,3 +1732,23 @@ def test_a_stash_entry_the_user_pops_in_the_main_tree_meanwhile_is_not_put_back(
     assert run.wait(timeout=120) == 0
     assert git(repo, "stash", "list") == "" and (repo / "src/d.txt").read_text() == "stashed\n"
     assert "put back" not in (repo / ".aipm/logs/ORD/T.1.log").read_text()
+
+
+def test_a_file_outside_the_main_trees_sparse_checkout_is_not_said_deleted_there(repo):
+    """The worktree inherits the sparse checkout; a worker that made a file outside it (`mkdir -p docs` and wrote
+    docs/x.txt) was sent back with "docs/x.txt: deleted in the main tree since the task started": the user had
+    deleted nothing, the file is outside their sparse checkout. Now the conflict says so and how to merge it."""
+    (repo / "docs").mkdir()
+    (repo / "docs" / "x.txt").write_text("x\n")
+    git(repo, "add", "docs")
+    git(repo, "commit", "-q", "-m", "docs")
+    git(repo, "sparse-checkout", "set", "src")
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["docs/x.txt"], max_rework=0,
+               command="mkdir -p docs && echo more >> docs/x.txt")
+    project.aipm("run", "ORD")
+    row = project.json("status", "ORD")["tasks"][0]
+    assert row["status"] == "REJECTED" and "merge conflict in docs/x.txt" in row["reason"], row
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "docs/x.txt: outside the main tree's sparse checkout" in log and "deleted in the main tree" not in log, log
+    assert not (repo / "docs").exists()

@@ -128,6 +128,9 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
             continue
         merged, why, text = _three_way(old, now, new)
         if merged is None:
+            if now is None and repo.skipped(change.path):  # absent by choice: no one deleted it
+                why = ("outside the main tree's sparse checkout; `git sparse-checkout add` its directory to have "
+                       "the task's change merged")
             problems.append((change.path, why))
             if text:
                 details.append(f"--- {change.path}: the task's changes and the main tree's, with conflict markers\n"

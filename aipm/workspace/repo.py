@@ -274,6 +274,10 @@ class Repo:
         """A symbolic link's target at `commit`."""
         return self.git("cat-file", "blob", f"{commit}:{path}")
 
+    def skipped(self, path: str) -> bool:
+        """The main tree's index marks `path` skip-worktree: outside its sparse checkout, absent on purpose."""
+        return self.git("ls-files", "-t", "-z", "--", f":(top,literal){path}").startswith(b"S ")
+
     def files(self, commit: str) -> list[str]:
         """Every file path in a commit's tree."""
         out = self.git("ls-tree", "-r", "-z", "--name-only", commit).decode("utf-8", "surrogateescape")
