@@ -353,6 +353,8 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
 
 NOT_MERGED = "ignored by git, so not merged back (gone with the worktree)"
 UNDONE = "put back as they were by the review, so the task's changes there are not merged"
+
+
 def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
     """Ignored files inside the task's targets that its worktree holds and the main tree does not (or not so):
     they are not in the capture, so the merge leaves them behind and the worktree's removal deletes them."""

@@ -28,13 +28,14 @@ def restore(repo: Repo, space: str, base: str, end: str) -> list[str]:
     """Put back the entries pinned at the attempt's start that are gone from the stash and whose changes its end
     holds where its start did not (an entry the user popped in the main tree meanwhile is not). Notes for the
     log."""
-    pinned = repo.refs(f"{space}stash/")
+    pinned = repo.git("for-each-ref", "--format=%(objectname)", f"{space}stash/").decode().split()
     present = {commit for _, commit, _, _ in repo.stash()} if pinned else set()
     notes = []
-    for commit in filter(None, map(repo.rev, pinned)):
+    for commit in pinned:
         if commit in present:
             continue
-        parents, _, subject = repo.git("log", "-1", "--format=%P%n%s", commit).decode("utf-8", "replace").partition("\n")
+        parents, _, subject = repo.git("log", "-1", "--format=%P%n%s", commit).decode("utf-8", "replace").partition(
+            "\n")
         parents, subject = parents.split(), subject.strip()
         if not _held(repo, parents, commit, end) & {c.path for c in repo.changes(base, end)}:
             continue
