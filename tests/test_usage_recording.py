@@ -43,8 +43,8 @@ def test_what_is_read_ahead_stands_unless_usage_was_added_since(tmp_path):
         append_log(str(log), "attempt 1 ended: exit 0")  # aipm's own lines hold no usage
         assert agents.read_usage("claude", log).cost_usd == 0.25
         with open(log, "a") as handle:  # written after the read-ahead (a straggler of the agent's): read whole
-            handle.write(result(0.5) + "\n")
-        assert agents.read_usage("claude", log).cost_usd == 0.5
+            handle.write(result(1.5) + "\n")
+        assert agents.read_usage("claude", log).cost_usd == 1.5
         replaced = tmp_path / "new.log"
         replaced.write_text(result(0.75) + "\n")
         os.replace(replaced, log)  # another file under the name: read whole
