@@ -598,6 +598,15 @@ def test_the_meters_copy_reads_as_the_whole_output_does(tmp_path, agent, sample)
     assert len(kept) < len(output.splitlines())
 
 
+def test_an_attempt_ends_with_its_agent_though_a_process_it_left_holds_its_output(project, gate):
+    """The agent's output is a pipe the meter reads: a process the agent left behind holds it open, and a meter that
+    read to its end would hold the attempt until that process ended."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    write_task(project.order(), "A", prompt=f"@cost 0.2\n@leave-behind {gate}", target_files=["a.txt"])
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    assert not gate.exists() and task_file(project.order(), "A")["cost_usd"] == 0.2
+
+
 def test_claude_parse_names_the_error_of_an_error_result():
     def result(**kw):
         return json.dumps({"type": "result", "session_id": "S", "total_cost_usd": 0.1, **kw}) + "\n"

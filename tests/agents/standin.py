@@ -17,6 +17,8 @@ Directives, one per line anywhere in the prompt:
     @wait-for PATH           wait until PATH exists before finishing (claude: before its result; aider: after its
                              report)
     @linger                  claude: after its result, stay alive until killed (the cost is reported already)
+    @leave-behind PATH       claude: after its result, start a process that keeps its standard output open until
+                             PATH exists, and exit
     @fake-result             claude: after its result, print another that cost nothing, as a command it ran could
     @rewrite-log             claude: after its result, truncate its standard output and rewrite its log ($AIPM_LOG)
                              with a result that cost nothing, as a command the agent ran could
@@ -46,6 +48,7 @@ class Directives:
     linger: bool = False
     rewrite_log: bool = False
     fake_result: bool = False
+    leave_behind: str | None = None
     session: str | None = None
     refuse: bool = False
     hang: bool = False
@@ -77,6 +80,8 @@ def directives(prompt: str) -> Directives:
             d.rewrite_log = True
         elif word == "@fake-result":
             d.fake_result = True
+        elif word == "@leave-behind":
+            d.leave_behind = rest.strip()
         elif word == "@wait-for":
             d.gate = rest.strip()
         elif word == "@write":
