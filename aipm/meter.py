@@ -10,6 +10,9 @@ line that changes the usage its preset reads (agents.parse) to its own copy besi
 agents.reported), first, so a line seen in the log is in the copy. The agent holds no descriptor of either file,
 and, confined, may not open the copy (only the log has a rule). aipm reads usage from the copy (agents.read_usage).
 
+Local workers only: on Ray the agent writes the log itself on its node (cluster.guard opens it there), so nothing
+of its output passes through the local worker, and its usage is read from the log.
+
 The meter is in the worker's process group, outside its confinement (it comes before confine's prefix). A stop
 signal to the group waits for the agent, which gets it with its default action, so the meter reads all the agent
 printed; its exit code is the agent's (128+N for a signal N, as the wrappers give it). Once the agent has exited,

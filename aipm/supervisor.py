@@ -109,7 +109,9 @@ class Supervisor(Recording, Owner):
             jail = confine.prefix(cwd, rec.targets, rec.log, rec.exit_file, keep, project=str(self.rt.root),
                                   state=str(statedir.user_base()))
             rec.confined = True
-        if agents.is_preset(rec.agent):  # the agent's report of its usage goes where the worker cannot rewrite it
+        # The agent's report of its usage goes where the worker cannot rewrite it. Not on Ray: there the agent writes
+        # the log itself, on its node (cluster.guard), and its usage is read from the log.
+        if agents.is_preset(rec.agent) and self.settings.runner != "ray":
             jail = [*meter.prefix(rec.agent, rec.log), *jail]
         def started(pid: int, ctime: float) -> None:
             """Recorded and watched before its command may begin: if either fails, the command never runs."""

@@ -339,6 +339,19 @@ def test_a_command_killed_by_a_signal_on_ray_is_recorded_as_one_run_here_is(clus
     assert "), killed by SIGKILL" in (tmp_path / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
 
 
+def test_an_agents_cost_on_ray_is_recorded(cluster, tmp_path):
+    """On the node the agent writes the log itself (the guard opens it by name), so nothing of its output passes
+    through the local worker: its usage is read from the log, as before the meter (aipm.meter)."""
+    project = Project(tmp_path)
+    (tmp_path / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    write_task(project.order(), "T", prompt="@cost 0.25\n@tokens 3 2 0 0", target_files=["t.txt"])
+    stand_ins = Path(__file__).parent / "agents"
+    proc = cluster.ns([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--runner", "ray"],
+                      env=dict(cluster.env, PATH=f"{stand_ins}{os.pathsep}{cluster.env['PATH']}"), cwd=project.root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert yaml.safe_load((project.order() / "T.yaml").read_text())["cost_usd"] == 0.25
+
+
 def test_a_command_on_ray_that_prints_aipms_lost_line_and_exits_75_keeps_its_own_reason(cluster, tmp_path):
     """The reason was the last such `[aipm] ...` line of the log, which the command on the node writes too (the
     driver's own closing line does not match): a command's line and exit 75 became "cannot reach the Ray cluster".
