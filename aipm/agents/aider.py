@@ -3,7 +3,8 @@
 Aider runs the one message and exits. After each reply it prints a line such as
 `Tokens: 7.4k sent, 1.1k cache write, 4.0k cache hit, 120 received. Cost: $0.01 message, $0.05 session.`
 Token counts are rounded by aider (`2.3k`), so the totals are approximate; the cost is the highest `session`
-figure (aider's own running total for this run, which only grows: a line printed after it cannot lower it). Aider keeps no session id.
+figure (aider's own running total for this run, which only grows: a line printed after it cannot lower it).
+Aider keeps no session id.
 
 A `--message-file` run exits 0 whatever became of its message. When aider gives up on an API error it prints
 litellm's `litellm.<Name>Error: ...` and, for most, its own explanation ("The API provider has rate limited you.
