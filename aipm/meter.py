@@ -82,7 +82,7 @@ class Copy:
             if usage == self.usage:
                 return
             self.usage = usage
-        self.kept.append(line)
+            self.kept.append(line)  # (past the limit only the copy holds them: the meter's memory stays small)
         _write_all(self.fd, raw)
 
 
