@@ -315,8 +315,8 @@ class Recording(Reviewing):
         return task
 
     def _usage(self, rec: Record, task: Task, event: dict, exited: bool) -> tuple[agents.Usage | None, dict]:
-        """The attempt's usage, read from its log by its agent preset, and as updates of the task's totals
-        (`exited`: its process ended by itself, see agents.settle)."""
+        """The attempt's usage, read by its agent preset from what the agent printed (agents.read_usage), and as
+        updates of the task's totals (`exited`: its process ended by itself, see agents.settle)."""
         if agents.can_resume(rec.agent):
             self.rt.resume_path(rec.order, rec.task).unlink(missing_ok=True)  # a resume is used once
         usage, updates = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,

@@ -133,8 +133,8 @@ def _source(log: Path) -> Path:
 
 
 def read_usage(name: str, log: Path) -> Usage | None:
-    """The attempt's usage from its log: its read-ahead's, unless usage was added since; None for `command`.
-    Kept beside the log too (`<TASK>.<attempt>.usage.json`)."""
+    """The attempt's usage from the meter's copy, else its log: its read-ahead's, unless usage was added since;
+    None for `command`. Kept beside the log too (`<TASK>.<attempt>.usage.json`)."""
     if not is_preset(name):
         return None
     ahead = _ahead.get(_key(log))
@@ -195,8 +195,8 @@ def _bounded_lines(handle: Any) -> Iterator[str]:
 def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] | None,
            cap: float | None = None, unreported: float | None = None, exited: bool = False
            ) -> tuple[Usage | None, dict]:
-    """An ended attempt's usage, however it ended: read from its log, summed up there in a `usage:` line, and as
-    updates of the task's totals (`cost_usd`, `tokens`, `unreported`: the task's before the attempt). An attempt
+    """An ended attempt's usage, however it ended: read as read_usage reads it, summed up in its log in a `usage:`
+    line, and as updates of the task's totals (`cost_usd`, `tokens`, `unreported`: the task's before the attempt). An attempt
     that ran with a cap (`cap`, its record's cost_cap) and reported no cost (killed before its final report) may
     have spent up to it: the cap is added to the task's `cost_unreported_usd`, never to its cost. Not so for one
     that exited by itself (`exited`: no timeout, no signal) with no event of its agent in its log: it never began
