@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from aipm.model import Order
+from aipm.model import Order, Task
 from aipm.record import Record
 
 
@@ -73,6 +73,20 @@ class Budget:
     def detail(self) -> str:
         return (f"budget reached: the order's attempts cost {self.cost} of max_cost_usd "
                 f"{usd(self.limit)} ({self.source}); raise it to go on")
+
+
+def task_left(task: Task) -> float | None:
+    """What a task's own `max_cost_usd` leaves for its next attempt: the limit less what its attempts cost and
+    what killed ones may have spent; None without one. The contract's "no new attempt once reached" holds per task
+    as per order: the cap of each attempt was the whole limit, so three attempts of a $0.10 task could spend $0.24."""
+    if task.max_cost_usd is None:
+        return None
+    return max(0.0, round(task.max_cost_usd - (task.cost_usd or 0.0) - (task.cost_unreported_usd or 0.0), 6))
+
+
+def task_detail(task: Task) -> str:
+    return (f"budget reached: the task's attempts cost {spent_text(task.cost_usd, task.cost_unreported_usd or 0.0)} "
+            f"of its max_cost_usd {usd(task.max_cost_usd or 0.0)}; raise it to go on")
 
 
 def usd(amount: float) -> str:

@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 from aipm import agents, durable, holds, locks, recovery, scope, subreaper, writtenlog
-from aipm.budget import Budget, of as order_budget
+from aipm.budget import Budget, of as order_budget, task_left
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
 from aipm.plan import LIMIT, Busy, ForeignLock, Plan, plan
@@ -342,7 +342,7 @@ class Launcher(Starter):
             capped = capped[:funded]
         share = spend.shares(len(capped)) if spend is not None and capped else None
         for task in capped:
-            limits = [c for c in (task.max_cost_usd, share) if c is not None]
+            limits = [c for c in (task_left(task), share) if c is not None]
             caps[task.id] = min(limits) if limits else None
         return caps
 

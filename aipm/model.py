@@ -112,7 +112,7 @@ class Task:
     max_rework: int | None = None
     reason: str | None = None  # why the latest attempt ended as it did (aipm.outcome words it)
     agent: str | None = None  # preset name; None: the worker.agent setting
-    max_cost_usd: float | None = None  # per-attempt cap handed to agents that support one
+    max_cost_usd: float | None = None  # the task's budget over its attempts (budget.task_left: each one's cap)
     cost_usd: float | None = None  # recorded: total over attempts; None = unknown (never 0 for unknown)
     # recorded: the caps of capped attempts that ended without reporting their cost (killed: timeout, cancel, a
     # lost worker): what they may have spent at most, beyond cost_usd. Counted against the budget, never in cost_usd.

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from aipm.budget import Budget
+from aipm.budget import Budget, task_detail, task_left
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Priority, Status, Task
 from aipm.paths import Target, first_overlap, lock_overlap, lock_prefix, nodes_related
 from aipm.ranking import ranked
@@ -97,6 +97,7 @@ class Plan:
     waiting: list[Blocked] = field(default_factory=list)  # held outside aipm: listed even when not explaining
     limited: Priority | None = None  # the best priority of a task that could start but for a free worker slot
     refused: list[Blocked] = field(default_factory=list)  # ready, but can never start here: listed even when not explaining
+    spent: list[Blocked] = field(default_factory=list)  # queued, their own max_cost_usd reached: listed even when not explaining
 
     def summary(self, order: Order) -> dict[str, int]:
         reasons = [b.reason for b in self.blocked.values()]
@@ -238,6 +239,12 @@ def plan(
             if not explain:
                 break
             result.blocked[task.id] = Blocked(task.id, BUDGET, budget.held_detail)
+            continue
+        if task.max_cost_usd is not None and not task_left(task):
+            blocked = Blocked(task.id, BUDGET, task_detail(task))
+            result.spent.append(blocked)
+            if explain:
+                result.blocked[task.id] = blocked
             continue
         deps = order.tasks
         waiting = [d for d in task.depends_on if d in deps and (deps[d].status not in FINISHED_OK or d in held)]

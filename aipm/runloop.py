@@ -220,6 +220,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     first_detach = True  # (exec --parallel: the first launch of the others recovers, as any launch does)
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
     budget_told = False
+    spent_told: set[str] = set()  # tasks whose own budget stop was said
     lock_files: set[str] = set()  # lock nodes whose files exist (see handover.prepare_next)
     prepared: set[tuple[str, tuple]] = set()
     try:
@@ -294,6 +295,13 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 emit({"event": "budget", "order": order.id, "detail": report.plan.budget_stop})
                 notify.send(launcher.settings, launcher.runtime, notify.BUDGET, "BUDGET_REACHED",
                             f"{order.id}: {report.plan.budget_stop}", AIPM_ORDER_ID=order.id)
+            for blocked in report.plan.spent:
+                if blocked.id not in spent_told:  # once per task and run, as the order's budget
+                    spent_told.add(blocked.id)
+                    emit({"event": "budget", "order": order.id, "task": blocked.id, "detail": blocked.detail})
+                    notify.send(launcher.settings, launcher.runtime, notify.BUDGET, "BUDGET_REACHED",
+                                f"{order.id}/{blocked.id}: {blocked.detail}", AIPM_ORDER_ID=order.id,
+                                AIPM_TASK_ID=blocked.id)
             deferred = [d["id"] for d in report.deferred]
             # Said again when a task is deferred anew or for another reason (not at each new load reading), a
             # line per detail: the tasks the load holds back are not said to wait for CPUs they never asked for.

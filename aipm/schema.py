@@ -93,8 +93,9 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
               "Agent preset for a task without `command`: its command line, permission rules and usage "
               "parsing. Default: the worker.agent setting."),
     "max_cost_usd": (_BUDGET,
-                     "US dollars one attempt may spend, passed to agents whose CLI takes a cap "
-                     "(claude --max-budget-usd)."),
+                     "The task's budget in US dollars over all its attempts: each attempt of an agent whose CLI "
+                     "takes a cap (claude --max-budget-usd) may spend what the earlier ones left, and none starts "
+                     "once their cost_usd (and cost_unreported_usd) reach it."),
     "cost_usd": ({"type": ["number", "null"], "minimum": 0, "exclusiveMaximum": agents.MAX_DOLLARS},
                  "What the task's attempts cost in total, as the agent reported it; absent when unknown."),
     "cost_unreported_usd": ({"type": ["number", "null"], "minimum": 0, "exclusiveMaximum": agents.MAX_DOLLARS},

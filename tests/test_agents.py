@@ -749,20 +749,23 @@ def test_caps_of_killed_attempts_count_against_the_budget(project):
     (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
     order = project.order()
     (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.25\n")
-    write_task(order, "A", prompt="@wait-for never-made", timeout=1, max_attempts=5, max_cost_usd=0.1)
+    write_task(order, "A", prompt="@wait-for never-made", timeout=1, max_attempts=5)
+    for other in "BC":  # (a task's own max_cost_usd is spent over its attempts: one attempt each at $0.1)
+        write_task(order, other, prompt="@wait-for never-made", priority="P0", timeout=1, max_cost_usd=0.1,
+                   target_files=[f"{other}.txt"])
     proc = project.aipm("run", "ORD", "--json", env=agent_env(project))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert _caps(project) == [0.1, 0.1, 0.05]  # the third gets what is left; then nothing is left to give
     a = task_file(order, "A")
-    assert (a["status"], a["attempts"], a.get("cost_usd")) == ("QUEUED", 3, None), a  # no cost is made up
-    assert a["cost_unreported_usd"] == pytest.approx(0.25)
+    assert (a["status"], a["attempts"], a.get("cost_usd")) == ("QUEUED", 1, None), a  # no cost is made up
+    assert a["cost_unreported_usd"] == pytest.approx(0.05)
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["detail"] for e in events if e["event"] == "budget"] == [
         "budget reached: the order's attempts cost $0.0000 spent, up to $0.2500 more not reported by killed "
         "attempts of max_cost_usd $0.2500 (order.yaml); raise it to go on"]
     status = project.json("status", "ORD")
     assert "cost_usd" not in status and status["cost_unreported_usd"] == pytest.approx(0.25), status
-    assert status["budget_reached"] and status["tasks"][0]["cost_unreported_usd"] == pytest.approx(0.25), status
+    assert status["budget_reached"] and status["tasks"][0]["cost_unreported_usd"] == pytest.approx(0.05), status
     table = project.aipm("status", "ORD").stdout
     assert ("cost unknown: up to $0.2500 not reported by killed attempts of max_cost_usd $0.2500 (reached)"
             in table), table
@@ -770,9 +773,32 @@ def test_caps_of_killed_attempts_count_against_the_budget(project):
     launch = project.aipm("launch", "ORD", env=agent_env(project))
     assert launch.returncode == 1 and "not reported by killed attempts" in launch.stderr, launch.stderr
     assert project.aipm("retry", "A").returncode == 0
-    assert task_file(order, "A")["cost_unreported_usd"] == pytest.approx(0.25)
+    assert task_file(order, "A")["cost_unreported_usd"] == pytest.approx(0.05)
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
     assert len(journal(project)) == 3
+
+
+def test_a_tasks_own_budget_is_spent_over_its_attempts_not_given_whole_to_each(project):
+    """The contract's task `max_cost_usd`: "no new attempt once reached". Each attempt was capped at the whole
+    limit, so a $0.10 task whose attempts failed at $0.08 each ran three of them and cost $0.24. Now each attempt
+    gets what its earlier ones left, and none starts once nothing is left; other tasks go on."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    write_task(order, "A", prompt="@cost 0.08\n@fail", priority="P0", max_attempts=3, max_cost_usd=0.1,
+               target_files=["a.txt"])
+    write_task(order, "B", prompt="@cost 0.01", priority="P1", max_cost_usd=0.05, target_files=["b.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert _caps(project) == [0.1, pytest.approx(0.02), 0.05], journal(project)
+    assert ("budget   ORD/A: budget reached: the task's attempts cost $0.1000 of its max_cost_usd $0.1000; raise it "
+            "to go on") in proc.stdout + proc.stderr
+    a = task_file(order, "A")
+    assert (a["status"], a["attempts"], a["cost_usd"]) == ("QUEUED", 2, pytest.approx(0.1)), a  # (claude stops
+    assert project.statuses()["B"] == "DONE"  # at its cap)
+    why = project.aipm("why", "A").stdout
+    assert "budget reached: the task's attempts cost $0.1000 of its max_cost_usd $0.1000" in why, why
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
+    assert len(journal(project)) == 3  # a later run starts no attempt of it either
 
 
 def test_a_budget_spent_to_the_last_share_by_a_killed_attempt_is_reached(project):
@@ -1216,7 +1242,7 @@ def test_a_resumed_claude_attempt_is_charged_its_own_cost_once(project):
     With --fork-session the conversation goes on under a new session id whose cost starts at 0."""
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     order = project.order()
-    write_task(order, "A", prompt="@cost 0.15\n@fail", max_cost_usd=0.2)
+    write_task(order, "A", prompt="@cost 0.15\n@fail", max_cost_usd=0.3)
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
     session = task_file(order, "A")["session_id"]
     project.aipm("retry", "A", "--resume", check=True)

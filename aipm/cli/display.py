@@ -34,7 +34,7 @@ LINES = {
     "committed": "commit   {task}: {detail}",
     "discarded": "discard  {task}: {detail}",
     "summary": "{order}: {counts}",
-    "budget": "budget   {order}: {detail}",
+    "budget": "budget   {where}: {detail}",
     "preempted": "preempt  {task} for {for} (re-queued, attempt not counted)",
     "waiting": "wait     {task}: {detail}",
     "enclosing": "skip     {task}: this aipm runs inside its worker (pid {pid}), so it cannot wait for it",
@@ -48,6 +48,7 @@ def plain_line(event: dict) -> str:
         return json.dumps(event)
     fields = {k: ", ".join(map(str, v)) or "none" if isinstance(v, list) else v for k, v in event.items()}
     fields["detached"] = ", detached" if event.get("detached") else ""
+    fields["where"] = f"{event.get('order')}/{event['task']}" if event.get("task") else event.get("order", "?")
     # Not the user's cancel (that is `aipm cancel`, which stops the worker): a worker wrote it; its outcome counts.
     fields["not_cancel"] = "; not an `aipm cancel`: its outcome counts" if event.get("was") == "CANCELLED" else ""
     fields.setdefault("said", event.get("was"))  # (an event of an older aipm, in a log)
