@@ -261,6 +261,11 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
         raise ValidationError(str(path), "target_files", "a path holds a NUL byte (\\0)")
     if any("\n" in raw or "\r" in raw for raw in raw_targets):  # a worker's AIPM_TARGET_FILES is one per line
         raise ValidationError(str(path), "target_files", "a path holds a line break")
+    home = next((raw.strip() for raw in raw_targets if raw.strip().startswith("~")), None)
+    if home is not None:  # the shell's home, which nothing expands here: it was a directory `~` in the project
+        raise ValidationError(str(path), "target_files", f"{home!r} starts with ~, which aipm does not expand: a "
+                              "target is a path in the project, relative to its root (a name beginning with ~ in "
+                              f"the project is written ./{home})")
     try:
         normalise = Normaliser(root) if normalise is None else normalise
         targets = tuple(map(normalise.__getitem__, raw_targets))

@@ -76,6 +76,21 @@ def test_a_priority_or_status_in_another_case_is_told_its_spelling(project, text
     assert said in proc.stderr, proc.stderr
 
 
+def test_a_target_in_the_home_directory_is_refused_not_taken_for_a_directory_named_tilde(project):
+    """`target_files: [~/notes.md]` validated and ran: nothing expands ~, so the task was held to a file
+    `<root>/~/notes.md` while its worker wrote the user's own, unlocked, unaudited. Now it is refused (exit 2,
+    nothing changed); a name beginning with ~ in the project is still a target, written ./~/..."""
+    order = project.order()
+    write_task(order, "A", command="true", target_files=["~/notes.md"])
+    before = snapshot(project.root)
+    proc = project.aipm("validate", "ORD")
+    assert_one_line_error(proc, "A.yaml", "target_files")
+    assert "'~/notes.md' starts with ~, which aipm does not expand" in proc.stderr and "./~/notes.md" in proc.stderr
+    assert snapshot(project.root) == before
+    write_task(order, "A", command="true", target_files=["./~/notes.md"])
+    assert project.aipm("validate", "ORD").returncode == 0
+
+
 def test_an_empty_id_is_the_file_names(project):
     """`id:` left empty was refused ("None differs from the file name"), where every other empty key is absent."""
     (project.order() / "A.yaml").write_text("id:\ncommand: 'true'\n")
