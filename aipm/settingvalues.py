@@ -81,7 +81,7 @@ def timeout(value: Any) -> int | None:
 
 def text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{value!r} is not a non-empty string")
+        raise ValueError(f"{value!r} is not a non-empty string{quote_hint(value)}")
     _no_nul(value)
     return value
 

@@ -182,6 +182,7 @@ def test_config_table_names_sources(tmp_path):
     ("notify: true\n", "notify: True is not a command"),
     ("notify: [echo, 1]\n", "notify: ['echo', 1] is not a command"),
     ("worker:\n  command: [claude, -p, 1]\n", "worker.command: ['claude', '-p', 1] is not a command"),
+    ("worker:\n  model: 4\n", "worker.model: 4 is not a non-empty string"),  # and every other text setting
 ])
 def test_a_command_setting_yaml_read_as_no_text_is_told_to_be_quoted(tmp_path, text, said):
     """`notify: true` was "True is not a command": a Python spelling, and no word that YAML took the unquoted value
