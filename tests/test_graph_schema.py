@@ -393,6 +393,17 @@ def test_refusals_change_nothing(project):
         assert after == before, f"{args} changed the tree"
 
 
+def test_add_takes_a_priority_in_lower_case(project):
+    """`aipm add ORD A --priority p1` was refused ("'p1' is not one of P0, P1, P2, P3") though it can mean one
+    priority only; it is written as P1, the file's spelling."""
+    project.aipm("new", "ORD", check=True)
+    proc = project.aipm("add", "ORD", "A", "--command", "true", "--priority", "p0")
+    assert proc.returncode == 0, proc.stderr
+    assert load_order(project.root / "orders" / "ORD", project.root).tasks["A"].priority == Priority.P0
+    assert "\npriority: P0\n" in (project.root / "orders" / "ORD" / "A.yaml").read_text()
+    assert project.aipm("add", "ORD", "B", "--priority", "P9").returncode == 2
+
+
 def test_add_refuses_to_join_a_broken_order(project):
     order_dir = project.order("BROKEN")
     (order_dir / "A.yaml").write_text("status: SIDEWAYS\n")

@@ -111,7 +111,9 @@ def add(
     if f"{task}.yaml" in NOT_TASKS:
         raise UserError(f"TASK: {task!r} is reserved ({task}.yaml is read as the "
                         f"{'order' if task == Path(ORDER_FILE).stem else 'settings'} file); pick another id")
-    if priority not in {p.value for p in Priority}:
+    if priority.strip().upper() in {p.value for p in Priority}:
+        priority = priority.strip().upper()  # `--priority p1`: the one it can mean, written as the file spells it
+    else:
         raise UserError(f"--priority: {priority!r} is not one of {', '.join(p.value for p in Priority)}")
     project = get_project()
     order_dir = project.order_dir(order)
