@@ -250,9 +250,10 @@ class Recording(Reviewing):
             text, note = commits.notice(self.rt, rec, *commit)
             append_log(rec.log, text)
             self.outbox.append(note)
-        # (a Ray attempt lost on its node did not end by itself: it may have run there, unseen)
-        exited = not timed_out and code is not None and code < 128 and not cluster.unseen(rec.exit_file, rec.command,
-                                                                                          code)
+        # (a Ray attempt lost on its node did not end by itself: it may have run there, unseen; one stopped before
+        # its Ray task was submitted ran nothing, however it ended)
+        exited = not timed_out and code is not None and code < 128 and not cluster.unseen(
+            rec.exit_file, rec.command, code) or cluster.ran_nothing(rec.exit_file, rec.command)
         usage, spent = self._usage(rec, task, event, exited=exited)
         error = agents.failure(usage)  # its agent's own report of a failure: an exit 0 does not make it a success
         message = None

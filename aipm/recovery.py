@@ -13,7 +13,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aipm import agents, confine, outcome, runner, subreaper, workspace, writtenlog
+from aipm import agents, cluster, confine, outcome, runner, subreaper, workspace, writtenlog
 from aipm.errors import UserError
 from aipm.finish import review_command, rework_limit
 from aipm.model import RUNNING, Order, Status, Task, definition
@@ -339,10 +339,12 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
     try:
         # Put back under the attempt (QUEUED already): nothing to undo. INTERRUPTED: the second step is left.
         if task.status in RUNNING:
-            # A stopped attempt (Ctrl-C, preempted, its owner gone) still cost what its agent reported so far.
+            # A stopped attempt (Ctrl-C, preempted, its owner gone) still cost what its agent reported so far, and
+            # one that reported nothing its cap, unless its Ray task was never submitted.
             ran = rec is not None and rec.phase == "work" and rec.pid
             spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
-                                  task.cost_unreported_usd)[1] if ran else {}
+                                  task.cost_unreported_usd, cluster.ran_nothing(rec.exit_file, rec.command)
+                                  )[1] if ran else {}
             counted = {"preemptions": task.preemptions + 1} if rec is not None and rec.preempted else {}
             task = update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(),
                                       "reason": outcome.interrupted(why), **spent, **counted}, expect=task.status)
@@ -366,7 +368,7 @@ def settle_cancelled(rt: Runtime, rec: Record, task: Task, write: Callable[[Task
     removes the worktree). `write` puts the usage in the task file; what it raises goes to the caller."""
     if rec.phase == "work" and rec.pid:
         spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
-                              task.cost_unreported_usd)[1]
+                              task.cost_unreported_usd, cluster.ran_nothing(rec.exit_file, rec.command))[1]
         task = write(task, spent) if spent else task
         if rec.workspace:
             confine.tidy(rec.log, rec.confined)  # first: an empty file made for a rule is no change of its own

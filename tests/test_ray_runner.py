@@ -715,3 +715,48 @@ def test_ps_says_a_ray_attempts_cpu_and_memory_are_not_measured_here(cluster, tm
     finally:
         gate.touch()
     wait_for(lambda: task_statuses(project.order()) == {"T": "DONE"}, 120)
+
+
+@pytest.mark.parametrize("stopped", [False, True], ids=["cluster-not-reached", "stopped-while-reaching"])
+def test_an_agent_attempt_whose_ray_task_was_never_submitted_counts_no_cap(tmp_path, stopped):
+    """A claude attempt stopped (Ctrl-C of the run, a timeout, a cancel) while its driver still reached the cluster,
+    or that found the cluster gone (re-queued when the run stops for it), ended without claude ever starting; but
+    killed, or re-queued, it counted its cap as spent: a Ctrl-C right after a run's start put every such attempt's
+    cap against the order's budget. The real driver reaches a port that refuses, or one that never answers and is
+    stopped meanwhile; the re-queue is recovery.interrupt, as a run's stop does it."""
+    import socket
+
+    from aipm import recovery
+    from aipm.record import Record
+    from aipm.restore import counters
+    from aipm.runtime import Runtime
+    from aipm.store import load_task
+
+    if not RAY.exists():
+        pytest.skip("ray is not installed (pip install '.[ray]')")
+    project = Project(tmp_path)
+    path = write_task(project.order(), "A", prompt="do it", target_files=["a.txt"], max_cost_usd=0.1,
+                      status="IN_PROGRESS", attempts=1, started_at="2026-01-01T00:00:00+00:00")
+    log, exit_file = tmp_path / "A.1.log", str(tmp_path / "A.1.exit")
+    with socket.create_server(("127.0.0.1", 0)) as silent:  # listens, never accepts
+        address = f"127.0.0.1:{silent.getsockname()[1]}" if stopped else "127.0.0.1:1"
+        argv = [sys.executable, "-m", "aipm.cluster.attempt", "--address", address, "--exit-file", exit_file,
+                "--", "claude", "-p"]
+        with log.open("w") as out:
+            driver = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            if stopped:
+                wait_for(lambda: len(os.listdir(f"/proc/{driver.pid}/task")) > 1, 60)  # in Ray's start
+                driver.send_signal(signal.SIGTERM)
+            assert driver.wait(120) == (128 + signal.SIGTERM if stopped else 75)
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    task = load_task(path, tmp_path)
+    rec = Record(order="ORD", order_dir=str(path.parent), task="A", task_file=str(path), attempt=1,
+                 targets=["a.txt"], log=str(log), exit_file=exit_file, started_at=task.started_at, pid=driver.pid,
+                 command=argv, agent="claude", cost_cap=0.1, counters=counters(task))
+    recovery.interrupt(Runtime(tmp_path), task, rec, "stopped by the user (Ctrl-C)")
+    after = yaml.safe_load(path.read_text())
+    assert (after["status"], after["attempts"]) == ("QUEUED", 0), after
+    assert "cost_unreported_usd" not in after, after

@@ -22,8 +22,11 @@ from aipm.workerfiles import reason
 
 # The attempt's exit code when its Ray worker cannot be had or is lost: a failed attempt like any other.
 LOST = 75  # EX_TEMPFAIL
-_UNREACHED = "[aipm] cannot reach the Ray cluster"  # the check's line (attempt._lost), said as the run's error
-ENDED = "Ray ended the attempt"  # the reason of an attempt Ray lost once submitted (attempt.main): see unseen()
+# The driver's reasons (attempt.main), beside the exit file: before its Ray task was submitted (see ran_nothing),
+# and once it was, lost by Ray (see unseen).
+UNREACHED = "cannot reach the Ray cluster"  # its line in the log is the check's, said as the run's error
+NOT_SUBMITTED = "no Ray task was submitted"  # the end of a stop's while it reached the cluster
+ENDED = "Ray ended the attempt"
 
 
 # The oldest Ray with every internal the attempt uses: ray._private.services.find_node_ids came in 2.54
@@ -69,8 +72,9 @@ def reached(address: str) -> str | None:
                           stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     if proc.returncode == 0:
         return None
-    said = [line.removeprefix("[aipm] ") for line in proc.stdout.splitlines() if line.startswith(_UNREACHED)]
-    return said[-1] if said else f"cannot reach the Ray cluster ({address})"
+    said = [line.removeprefix("[aipm] ") for line in proc.stdout.splitlines()
+            if line.startswith(f"[aipm] {UNREACHED}")]
+    return said[-1] if said else f"{UNREACHED} ({address})"
 
 
 def gone(exit_file: str, command: Sequence[str], code: int | None) -> str | None:
@@ -121,3 +125,10 @@ def unseen(exit_file: str, command: Sequence[str], code: int | None) -> bool:
     command may have run on the node, and what it did there may never have reached the log (an agent's first event
     too), so it did not end by itself and its cost is unseen."""
     return (failure(exit_file, command, code) or "").startswith(ENDED)
+
+
+def ran_nothing(exit_file: str, command: Sequence[str]) -> bool:
+    """Whether the attempt ended before its Ray task was submitted (the cluster not reached, or a timeout, cancel or
+    Ctrl-C while it reached it): its command never ran, so an agent's cap is not spent, however the attempt ended."""
+    why = (reason(exit_file) or "") if is_attempt(command) else ""
+    return why.startswith(UNREACHED) or why.endswith(NOT_SUBMITTED)

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 
-from aipm.cluster import ENDED, LOST
+from aipm.cluster import ENDED, LOST, NOT_SUBMITTED, UNREACHED
 from aipm.outcome import exited
 from aipm.workerfiles import note_reason
 
@@ -231,12 +231,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - any failure to reach the cluster is one line in the log
         why = _first_line(exc)
     if _received:
-        print(f"[aipm] stopped by signal {_received[0]} while reaching the Ray cluster: no Ray task was submitted",
-              flush=True)
-        return 128 + _received[0]
+        return _lost(args.exit_file, f"stopped by signal {_received[0]} while reaching the Ray cluster: {NOT_SUBMITTED}",
+                     128 + _received[0])
     if why is not None:
         shown = address if target == address else f"{address}: {target}"
-        return _lost(args.exit_file, f"cannot reach the Ray cluster ({shown}): {why}")
+        return _lost(args.exit_file, f"{UNREACHED} ({shown}): {why}")
     if args.check:
         return 0
     import ray  # (imported by _connect)
@@ -301,13 +300,13 @@ def _requests(line: str) -> list[dict]:
     return found
 
 
-def _lost(exit_file: str | None, why: str) -> int:
-    """The attempt ends LOST: why, in the log for the person and beside the exit file for the task's reason (the
-    command writes the log too, and may exit 75 itself)."""
+def _lost(exit_file: str | None, why: str, code: int = LOST) -> int:
+    """The attempt ends LOST (or `code`: stopped): why, in the log for the person and beside the exit file for the
+    task's reason and its cost (the command writes the log too, and may exit 75 itself)."""
     print(f"[aipm] {why}", flush=True)
     if exit_file:
         note_reason(exit_file, why)
-    return LOST
+    return code
 
 
 def _cancel(ray, ref, signum: int) -> int:
