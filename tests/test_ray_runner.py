@@ -657,6 +657,35 @@ def test_a_cluster_lost_mid_run_stops_the_run_and_spends_no_attempt(tmp_path):
     assert err.endswith("ORD: QUEUED 3\n"), err  # the closing counts, as every run ends
 
 
+def test_a_cluster_lost_under_a_launch_requeues_its_task_and_starts_no_successor(tmp_path):
+    """`aipm launch`: the detached worker that owns A finds A's attempt lost with the cluster; A is QUEUED again,
+    its attempt not counted, and B (which depends on A) is not started to be lost the same way."""
+    from aipm.runtime import Runtime
+
+    if not RAY.exists() or os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs ray and root with unshare/nsenter")
+    c = Cluster()  # its own: this test kills it
+    try:
+        project = Project(tmp_path)
+        order = project.order()
+        write_task(order, "A", target_files=["a.txt"], max_attempts=3,
+                   command=f"touch {tmp_path}/A.started; sleep 600")
+        write_task(order, "B", target_files=["b.txt"], depends_on=["A"], command="true")
+        assert aipm(c, project, "launch", "ORD", "--runner", "ray").returncode == 0
+        wait_for((tmp_path / "A.started").exists, 120)
+        rt = Runtime(tmp_path)
+        [rec] = rt.records()
+        keep = {pid for pid in _in_group(rec.pgid)} | {rec.owner_pid}
+        _kill_the_cluster(c, keep)
+        wait_for(lambda: not rt.records() and task_statuses(order)["A"] == "QUEUED", 120)
+    finally:
+        c.close()
+    a, b = (yaml.safe_load((order / f"{t}.yaml").read_text()) for t in ("A", "B"))
+    assert (a["status"], a["attempts"]) == ("QUEUED", 0), a
+    assert b.get("status", "QUEUED") == "QUEUED" and not b.get("attempts"), b
+    assert "the Ray cluster was lost" in (tmp_path / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
+
+
 def test_an_agent_attempt_whose_ray_worker_died_before_its_first_event_counts_its_cap(cluster, tmp_path):
     """Ray lost the attempt (its worker killed: the OOM killer, a node gone) while claude ran on the node, before its
     first event: exit 75 was taken for an attempt that exited by itself, so one that never began, and its cap was

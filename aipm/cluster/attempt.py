@@ -231,8 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # noqa: BLE001 - any failure to reach the cluster is one line in the log
         why = _first_line(exc)
     if _received:
-        return _lost(args.exit_file, f"stopped by signal {_received[0]} while reaching the Ray cluster: {NOT_SUBMITTED}",
-                     128 + _received[0])
+        why = f"stopped by signal {_received[0]} while reaching the Ray cluster: {NOT_SUBMITTED}"
+        return _lost(args.exit_file, why, 128 + _received[0])
     if why is not None:
         shown = address if target == address else f"{address}: {target}"
         return _lost(args.exit_file, f"{UNREACHED} ({shown}): {why}")
