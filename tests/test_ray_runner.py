@@ -237,6 +237,26 @@ def test_a_cluster_that_cannot_be_reached_is_one_line_and_exit_2_before_any_atte
         assert _untouched(project, before)
 
 
+@pytest.mark.parametrize("where", ["env", "file"])
+def test_an_address_without_a_port_is_named_before_any_attempt(project, where):
+    """`10.0.0.5` (the port forgotten) passed the check at the run's start (forms not host:port were left to Ray),
+    and each attempt then failed with Ray's "Invalid address format", the task FAILED after all its attempts."""
+    if not RAY.exists():
+        pytest.skip("ray is not installed (pip install '.[ray]')")
+    write_task(project.order(), "T", command="true", max_attempts=3)
+    env = {"RAY_ADDRESS": "10.0.0.5"} if where == "env" else {"RAY_ADDRESS": ""}
+    if where == "file":
+        (project.root / "aipm.yaml").write_text("max_workers: 5\nray:\n  address: 10.0.0.5\n")
+    before = snapshot(project.root)
+    proc = project.aipm("run", "ORD", "--runner", "ray", env=env, timeout=120)
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stdout + proc.stderr
+    said = "RAY_ADDRESS" if where == "env" else "aipm.yaml: ray.address"
+    assert proc.stderr == (f"aipm: error: {said}: '10.0.0.5' is not a Ray cluster address; use HOST:PORT (the "
+                           "head's GCS port: 6379 unless its `ray start --port` said another), ray://HOST:PORT or "
+                           "auto\n"), proc.stderr
+    assert _untouched(project, before)
+
+
 def test_an_attempt_that_cannot_reach_the_cluster_ends_at_once_and_says_why(tmp_path):
     """The cluster gone after the run's start: ray.init would retry 127.0.0.1:1 for some 14 minutes, holding the
     place and the locks. The task's reason is the attempt's line (it said "exit 75"); a command of its own that

@@ -63,7 +63,7 @@ def reach_cluster(launcher: Launcher, tasks: Iterable[Task]) -> None:
     one that cannot be reached is one line and exit 2, not a failed attempt for every task."""
     if launcher.settings.runner == "ray" and not launcher.options.dry_run and any(
             t.status not in FINISHED_OK | DEAD_END for t in tasks):
-        check(launcher.settings.ray_address)
+        check(launcher.settings.ray_address, launcher.settings.sources["ray_address"])
 
 
 @command()

@@ -56,13 +56,26 @@ def require_ray() -> None:
                         f"`pip install 'ray>={least}'`")
 
 
-def check(address: str) -> None:
-    """Reach the cluster at `address` once (reached), before a run's first launch. A cluster that cannot be reached,
-    is no Ray cluster, or has no node on this machine, is a UserError (one line, exit 2, nothing changed): each
-    attempt would find it so only once started, each spending one of its task's attempts."""
+def check(address: str, source: str = "default") -> None:
+    """Reach the cluster at `address` (the ray.address setting, from `source`) once (reached), before a run's first
+    launch. An address of no form Ray reads, or a cluster that cannot be reached, is no Ray cluster, or has no node on
+    this machine, is a UserError (one line, exit 2, nothing changed): each attempt would find it so only once
+    started, each spending one of its task's attempts."""
+    if address != "auto" and host_port(address) is None:
+        where = "RAY_ADDRESS" if source.startswith("env ") else f"{source}: ray.address"
+        raise UserError(f"{where}: {address!r} is not a Ray cluster address; use HOST:PORT (the head's GCS port: 6379 "
+                        "unless its `ray start --port` said another), ray://HOST:PORT or auto")
     why = reached(address)
     if why is not None:
         raise UserError(f"runner ray: {why}")
+
+
+def host_port(address: str) -> tuple[str, int] | None:
+    """`address`'s host and port (host:port or ray://host:port); None for other forms ("auto" unresolved)."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        return None
+    return host.strip("[]"), int(port)
 
 
 def reached(address: str) -> str | None:

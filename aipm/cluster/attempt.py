@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 
-from aipm.cluster import ENDED, LOST, NOT_SUBMITTED, UNREACHED
+from aipm.cluster import ENDED, LOST, NOT_SUBMITTED, UNREACHED, host_port
 from aipm.outcome import exited
 from aipm.workerfiles import note_reason
 
@@ -119,19 +119,11 @@ def resolved(address: str) -> str:
     return canonicalize_bootstrap_address(address) or address
 
 
-def _host_port(address: str) -> tuple[str, int] | None:
-    """`address`'s host and port (host:port or ray://host:port); None for other forms ("auto" unresolved)."""
-    host, sep, port = address.split("://", 1)[-1].rpartition(":")
-    if not sep or not host or not port.isdigit():
-        return None
-    return host.strip("[]"), int(port)
-
-
 def unreachable(address: str) -> str | None:
     """Why nothing answers at `address` (host:port or ray://host:port), else None. ray.init retries an address
     where nothing listens for some 14 minutes, holding the attempt's place and locks, deaf to signals: a refused
     or silent port ends the attempt at once instead. Forms not host:port are left to Ray."""
-    place = _host_port(address)
+    place = host_port(address)
     if place is None:
         return None
     try:
@@ -149,7 +141,7 @@ def no_cluster(address: str) -> str | None:
     it (a raylet process here that is a live node of the cluster): without one, ray.init waits a minute for it and
     fails. Ray starts threads here: called where ray.init is, signals blocked. ray:// (a Ray Client server, which
     needs no node here) is left to Ray."""
-    if address.startswith("ray://") or _host_port(address) is None:
+    if address.startswith("ray://") or host_port(address) is None:
         return None
     from ray._private.services import find_node_ids
     from ray._raylet import InnerGcsClient
