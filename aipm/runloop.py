@@ -395,8 +395,12 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         if stop.requested:
             return 130
         if gone:  # exit 2 as at a start where it cannot be reached (cluster.check), with what ran meanwhile kept
-            emit({"event": "error", "error": f"runner ray: {gone}: the run stopped; its tasks are QUEUED again, "
-                  "attempts not counted; run it again once the cluster is back"})
+            said = (f"runner ray: {gone}: the run stopped; its tasks are QUEUED again, attempts not counted; run it "
+                    "again once the cluster is back")
+            emit({"event": "error", "error": said})
+            if not only:  # the order ends unfinished, and no one may be watching: as any end of `run` but Ctrl-C
+                notify.send(launcher.settings, launcher.runtime, notify.ORDER_FINISHED, "INCOMPLETE",
+                            f"{order.id}: {said}", AIPM_ORDER_ID=order.id)
             return 2
         lost = not os.path.isdir(view.dir)  # an order emptied by deleting or renaming its directory is not done
         if lost:

@@ -652,6 +652,8 @@ def test_a_cluster_lost_mid_run_stops_the_run_and_spends_no_attempt(tmp_path):
     c = Cluster()  # its own: this test kills it
     try:
         project = Project(tmp_path)
+        told = tmp_path / "told"
+        (tmp_path / "aipm.yaml").write_text(f"notify: 'echo \"$AIPM_EVENT $AIPM_STATUS $AIPM_DETAIL\" >> {told}'\n")
         order = project.order()
         for tid in ("A", "B", "C"):
             write_task(order, tid, target_files=[f"{tid}.txt"], max_attempts=3,
@@ -675,6 +677,9 @@ def test_a_cluster_lost_mid_run_stops_the_run_and_spends_no_attempt(tmp_path):
     lines = [line for line in err.splitlines() if line.startswith("aipm: error: runner ray:")]
     assert len(lines) == 1 and "the Ray cluster was lost (cannot reach the Ray cluster" in lines[0], err
     assert err.endswith("ORD: QUEUED 3\n"), err  # the closing counts, as every run ends
+    wait_for(told.exists, 30)  # and the notify command, as every end of a run but Ctrl-C
+    assert told.read_text().startswith("order_finished INCOMPLETE ORD: runner ray: the Ray cluster was lost"), \
+        told.read_text()
 
 
 def test_a_cluster_lost_under_a_launch_requeues_its_task_and_starts_no_successor(tmp_path):
