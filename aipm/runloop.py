@@ -387,7 +387,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         if sup.unrecorded:
             sup.hand_over()
         gone = sup.cluster_gone and f"the Ray cluster was lost ({sup.cluster_gone})"
-        if stop.requested or gone:
+        if stop.requested or gone and sup.owned:  # (lost with it, an attempt was re-queued as it ended)
             sup.outbox.append({**sup.abort(stop.why or gone), **({} if stop.requested else {"why": gone})})
         for event in sup.outbox:
             emit(event)

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from aipm.runtime import Runtime
 from conftest import Project, snapshot, task_statuses, wait_for, write_task
 from invariants import check, journal_command, pid_alive, spans
 
@@ -540,7 +541,6 @@ def test_cancel_waits_until_the_command_has_ended_on_the_node(cluster, tmp_path)
     import threading
     import time
 
-    from aipm.runtime import Runtime
 
     project = Project(tmp_path)
     beats, dead, pid_file = tmp_path / "beats", tmp_path / "dead", tmp_path / "pid"
@@ -645,8 +645,6 @@ def test_a_cluster_lost_mid_run_stops_the_run_and_spends_no_attempt(tmp_path):
     on it, one after the other, and the run ended 1 with them all FAILED. The run now stops at the first such loss
     with one line, the tasks QUEUED with their attempts not counted, exit 2 as at a start where it cannot be
     reached."""
-    from aipm.runtime import Runtime
-
     if not RAY.exists() or os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs ray and root with unshare/nsenter")
     c = Cluster()  # its own: this test kills it
@@ -682,11 +680,32 @@ def test_a_cluster_lost_mid_run_stops_the_run_and_spends_no_attempt(tmp_path):
         told.read_text()
 
 
+def test_a_run_whose_one_attempt_was_lost_with_the_cluster_says_its_stop_once(tmp_path):
+    """The attempt lost with the cluster is re-queued as it ends (said so); the stop of the rest then said
+    "stopped the Ray cluster was lost (...); re-queued: none" too, with nothing left to stop."""
+    if not RAY.exists() or os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs ray and root with unshare/nsenter")
+    c = Cluster()  # its own: this test kills it
+    try:
+        project = Project(tmp_path)
+        write_task(project.order(), "A", target_files=["a.txt"], command=f"touch {tmp_path}/A.started; sleep 600")
+        run = c.popen([sys.executable, "-m", "aipm", "--root", str(tmp_path), "run", "ORD", "--runner", "ray"],
+                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for((tmp_path / "A.started").exists, 120)
+        _kill_the_cluster(c, {run.pid, *_in_group(Runtime(tmp_path).read_record("ORD", "A").pgid)})
+        out, _ = run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        c.close()
+    assert run.returncode == 2, out
+    stops = [line for line in out.splitlines() if line.startswith("stopped")]
+    assert len(stops) == 1 and stops[0].endswith("re-queued: A"), out
+
+
 def test_a_cluster_lost_under_a_launch_requeues_its_task_and_starts_no_successor(tmp_path):
     """`aipm launch`: the detached worker that owns A finds A's attempt lost with the cluster; A is QUEUED again,
     its attempt not counted, and B (which depends on A) is not started to be lost the same way."""
-    from aipm.runtime import Runtime
-
     if not RAY.exists() or os.geteuid() != 0 or not shutil.which("unshare"):
         pytest.skip("needs ray and root with unshare/nsenter")
     c = Cluster()  # its own: this test kills it
@@ -783,7 +802,6 @@ def test_an_agent_attempt_whose_ray_task_was_never_submitted_counts_no_cap(tmp_p
     from aipm import recovery
     from aipm.record import Record
     from aipm.restore import counters
-    from aipm.runtime import Runtime
     from aipm.store import load_task
 
     if not RAY.exists():
