@@ -21,7 +21,6 @@ from aipm.liveness import stopped
 from aipm.model import FINISHED_OK, Order, Status, status_summary
 from aipm.plan import never_runs
 from aipm.record import Record
-from aipm.runtime import read_exit_file
 from aipm.supervisor import RECORDS, RECORDS_RECHECK, Emit, Supervisor
 from aipm.view import OrderView
 
@@ -106,8 +105,7 @@ def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[l
                     sup.reaped[rec.key] = code
             scope.ended(sup.rt.root, rec.scope_file)  # what starts early is not in its audit
             sup.read_usage_ahead(rec)
-            code = sup.reaped.get(rec.key)
-            sup.ask_cluster(rec, read_exit_file(rec.exit_file) if code is None else code)  # (adopted: not reaped)
+            sup.ask_cluster(rec, sup.reaped.get(rec.key))
         audited = any(os.path.exists(rec.scope_file) for rec in ended)
         may_audit = sup.settings.scope_audit and not (sup.settings.confine or sup.launcher.options.no_review)
         if audited or (first and may_audit):

@@ -237,6 +237,8 @@ class Supervisor(Recording, Owner):
         """Note whether `rec`'s attempt ended lost with its Ray cluster (cluster.gone), and so why the run's cluster is
         gone. Once per attempt: it takes a second or more, so the run loop asks before it takes the launch lock."""
         if rec.key not in self.lost_with_cluster:
+            if code is None and cluster.is_attempt(rec.command):  # adopted: not reaped, its exit file says
+                code = read_exit_file(rec.exit_file)
             why = cluster.gone(rec.exit_file, rec.command, code) if rec.phase == "work" else None
             self.lost_with_cluster[rec.key] = why
             self.cluster_gone = self.cluster_gone or why
