@@ -7,7 +7,7 @@
  * Changes to $AIPM_ROOT (126 if it cannot), waits for "go\n" on fd 3 (125, running nothing, on EOF or
  * anything else), runs PROGRAM as `sh -c '"$@"'` would (PATH search, a file without #! run by /bin/sh, 127
  * not found, 126 not executable; PATH must be set), writes its exit code (128+N if killed by signal N) and a
- * newline to EXIT_FILE (where that cannot be made, a last line "aipm-wrapper: PROGRAM: exit file not written; exit
+ * newline to EXIT_FILE (where that cannot be made or written, a last line "aipm-wrapper: PROGRAM: exit file not written; exit
  * code N" to the log), and exits with that code (a stop signal to its group after the go waits for the command). The exit file is made at the start as EXIT_FILE.w and takes
  * its name, code inside, when the command ends (a new file costs more than the rest of the wrapper on ext4
  * without a journal, which scans the inodes freed in the last minute: off the critical path, while the launcher
@@ -178,12 +178,14 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     }
     long fd = sys(SYS_OPEN, (long)argv[1], O_WRONLY_ | O_CREAT_ | O_TRUNC_ | O_CLOEXEC_, 0666, 0);
     if (fd >= 0) {
-        sys(SYS_WRITE, fd, (long)text, n, 0);
+        long written = sys(SYS_WRITE, fd, (long)text, n, 0);
         sys(SYS_CLOSE, fd, 0, 0, 0);
-    } else {  /* its directory removed (the command's `rm -rf` of aipm's state): the log, last, has the code */
-        text[n - 1] = 0;
-        say(argv[2], "exit file not written; exit code ", text);
+        if (written == n) leave(code);
     }
+    /* Its directory removed (the command's `rm -rf` of aipm's state), or the file made but its code refused (a full
+     * disk): the log, last, has the code, as the shell wrapper's `echo ... || echo` leaves it. */
+    text[n - 1] = 0;
+    say(argv[2], "exit file not written; exit code ", text);
     leave(code);
 }
 
