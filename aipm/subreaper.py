@@ -126,10 +126,21 @@ def tasks_running(root: Path, tasks: Collection[tuple[str, str]]) -> set[tuple[s
     marks = {(o, t): {f"AIPM_ORDER_ID={o}".encode(errors="surrogateescape"),
                       f"AIPM_TASK_ID={t}".encode(errors="surrogateescape")} for o, t in tasks}
     found: set[tuple[str, str]] = set()
-    for _, env in _environs() if marks else ():
-        if any(e == at or e.startswith(below) for e in env):
-            found.update(key for key, mark in marks.items() if mark <= env)
+    for pid, env in _environs() if marks else ():
+        hits = [key for key, mark in marks.items() if mark <= env]
+        if hits and (any(e == at or e.startswith(below) for e in env) or _works_in(pid, root)):
+            found.update(hits)
     return found
+
+
+def _works_in(pid: int, root: Path) -> bool:
+    """Its working directory is the root or below it: a worker of a project moved (`mv`) since it started, whose
+    AIPM_ROOT still names the old place (and whose records and locks are in the old place's state directory)."""
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return False
+    return cwd == str(root) or cwd.startswith(f"{root}/")
 
 
 def _environs(pids: Iterable[int] | None = None) -> Iterable[tuple[int, set[bytes]]]:

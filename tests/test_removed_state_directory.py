@@ -447,3 +447,29 @@ def test_a_passing_failure_to_read_the_roots_generation_names_no_other_state_dir
     assert statedir._generation(str(root)) == b""  # a file system without generations: the name as before
     monkeypatch.undo()
     assert statedir.state_dir(root) == named
+
+
+def test_a_project_moved_while_its_worker_runs_does_not_start_that_task_beside_it(tmp_path):
+    """`mv` of the project while `aipm launch`'s worker ran: the moved root has another state directory (its locks
+    and records stay with the old one), and the worker's AIPM_ROOT still names the old place, so the next `run`
+    took A for lost and started it again at once: two workers on a.txt together. The worker is now found by its
+    working directory too, so A is left running (its files busy) while it lives."""
+    journal, old, new = tmp_path / "journal.txt", tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    gate = tmp_path / "gate"
+    write_task(Project(old).order(), "A", target_files=["a.txt"],
+               command=journal_command(journal, f'until [ -e "{gate}" ]; do sleep 0.02; done'))
+    old_state = state(old)
+    try:
+        assert Proc(old, "launch", "ORD", "--no-resource-monitoring").wait() == 0
+        wait_for(lambda: spans(journal))
+        os.rename(old, new)
+        run = Proc(new, "run", "ORD", "--no-resource-monitoring")
+        run.wait_lines(1, timeout=10)  # (a start comes as its first line)
+        gate.touch()
+        run.wait()
+        wait_for(lambda: all(span.end for span in spans(journal)))
+        assert len(spans(journal)) == 1, run.output
+    finally:
+        gate.touch()
+        shutil.rmtree(old_state, ignore_errors=True)
