@@ -15,6 +15,7 @@ import yaml
 
 from aipm import runner, statedir, wrapper
 from conftest import wait_for, write_task
+from test_chaos import tiny_disk  # noqa: F401 (a fixture)
 
 pytestmark = pytest.mark.skipif(wrapper.binary() is None, reason="the wrapper cannot be built here (no cc / x86-64)")
 
@@ -276,34 +277,26 @@ def test_the_chaos_journal_names_each_worker_by_its_process_group(tmp_path, argv
     assert named == group == pid
 
 
-def test_an_exit_code_the_full_disk_refused_is_left_in_the_log_by_either_wrapper(tmp_path, monkeypatch):
+def test_an_exit_code_the_full_disk_refused_is_left_in_the_log_by_either_wrapper(tmp_path, tiny_disk, monkeypatch):
     """/tmp full when the command ends: the exit file is made but its code cannot be written. The shell wrapper said
     the code on the log's last line (where an adopter reads it, workerfiles.exit_code_in_log); the compiled one
     said nothing, so an owner that was not the worker's parent found no code and left the task INTERRUPTED."""
     from aipm.workerfiles import exit_code_in_log
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)],
-                                           capture_output=True).returncode != 0:
-        pytest.skip("mounting a tmpfs needs root")
-    try:
-        gate, filler = tmp_path / "gate", disk / "filler"
-        fill = f'while [ ! -e "{gate}" ]; do sleep 0.01; done; cat /dev/zero > "{filler}" 2>/dev/null; exit 3'
-        started = _programs_started(monkeypatch)
-        ends = []
-        for tag, binary in (("compiled", wrapper.binary), ("shell", lambda: None)):
-            with monkeypatch.context() as m:
-                m.setattr(wrapper, "binary", binary)
-                exit_file, log = disk / f"{tag}.exit", tmp_path / f"{tag}.log"
-                spawning = runner.begin(["sh", "-c", fill], exit_file=str(exit_file), env=dict(os.environ),
-                                        cwd=str(tmp_path), log=str(log), background=False)
-                pid = spawning.finish()
-                gate.touch()
-                ends.append((runner.reap(pid), exit_file.read_text(), exit_code_in_log(str(log))))
-                gate.unlink()
-                filler.unlink()
-        assert started[0] == wrapper.binary() and started[1] == runner.SHELL
-        assert ends == [(3, "", 3), (3, "", 3)]
-    finally:
-        subprocess.run(["umount", "-l", str(disk)], check=False)
+    gate, filler = tmp_path / "gate", tiny_disk / "filler"
+    fill = f'while [ ! -e "{gate}" ]; do sleep 0.01; done; cat /dev/zero > "{filler}" 2>/dev/null; exit 3'
+    started = _programs_started(monkeypatch)
+    ends = []
+    for tag, binary in (("compiled", wrapper.binary), ("shell", lambda: None)):
+        with monkeypatch.context() as m:
+            m.setattr(wrapper, "binary", binary)
+            exit_file, log = tiny_disk / f"{tag}.exit", tmp_path / f"{tag}.log"
+            spawning = runner.begin(["sh", "-c", fill], exit_file=str(exit_file), env=dict(os.environ),
+                                    cwd=str(tmp_path), log=str(log), background=False)
+            pid = spawning.finish()
+            gate.touch()
+            ends.append((runner.reap(pid), exit_file.read_text(), exit_code_in_log(str(log))))
+            gate.unlink()
+            filler.unlink()
+    assert started[0] == wrapper.binary() and started[1] == runner.SHELL
+    assert ends == [(3, "", 3), (3, "", 3)]
