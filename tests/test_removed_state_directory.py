@@ -10,6 +10,7 @@ import fcntl
 import os
 import shutil
 import subprocess
+from contextlib import suppress
 from pathlib import Path
 
 import pytest
@@ -465,11 +466,13 @@ def test_a_project_moved_while_its_worker_runs_does_not_start_that_task_beside_i
         wait_for(lambda: spans(journal))
         os.rename(old, new)
         run = Proc(new, "run", "ORD", "--no-resource-monitoring")
-        run.wait_lines(1, timeout=10)  # (a start comes as its first line)
+        with suppress(subprocess.TimeoutExpired):
+            run.p.wait(timeout=60)  # (it ends while A runs; one that started A again waits for the gate)
         gate.touch()
         run.wait()
         wait_for(lambda: all(span.end for span in spans(journal)))
         assert len(spans(journal)) == 1, run.output
+        assert "aipm: A: its worker runs on without a record here (the project moved" in run.output, run.output
     finally:
         gate.touch()
         shutil.rmtree(old_state, ignore_errors=True)

@@ -167,6 +167,8 @@ def run(
         console(stderr=True).print(f"aipm: {view.order.id} stopped: {stop.detail}", markup=False)
     if not json_out and code == 1:
         _never_run(view.order)
+    if not json_out and code == 1:
+        _running_unrecorded(launcher, view.order)
     if code == 1:
         for event in _held_elsewhere(launcher, view):
             display(event) if json_out else console(stderr=True).print(f"aipm: {event['detail']}", markup=False)
@@ -184,6 +186,20 @@ def _never_run(order: Order) -> None:
     alone do not say why they never started, nor what would start them."""
     for note in never_run_notes(order):
         console(stderr=True).print(f"aipm: {note} and run again", markup=False)
+
+
+def _running_unrecorded(launcher: Launcher, order: Order) -> None:
+    """The running tasks the run left because their worker runs on without a record it can see (the project moved
+    since the worker started, or a worker removed the state directory, its owner dead): the closing counts alone
+    said IN_PROGRESS with no word of why the run ended."""
+    from aipm import subreaper  # only for a run that ends unfinished
+
+    recorded = {rec.task for rec in launcher.records() if rec.order == order.id}
+    running = {(order.id, t.id) for t in order.tasks.values() if t.status in RUNNING and t.id not in recorded}
+    for _, task_id in sorted(subreaper.tasks_running(launcher.project.root, running) if running else ()):
+        console(stderr=True).print(f"aipm: {task_id}: its worker runs on without a record here (the project moved, "
+                                   "or its state directory was removed, since it started); run again once it has "
+                                   "ended", markup=False)
 
 
 def _held_elsewhere(launcher: Launcher, view: OrderView) -> list[dict]:
