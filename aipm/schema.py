@@ -56,7 +56,7 @@ _COUNT = {"type": ["integer", "null"], "minimum": 0}
 # Why each key exists, in the words of the contract; the type rules mirror fields.task_from_mapping.
 _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     # Unlike the other keys, an empty `id:` is an error (it would not equal the file name).
-    "id": ({"type": "string", "pattern": _ID}, "Optional; when present it must equal the file name without .yaml."),
+    "id": ({"type": ["string", "null"], "pattern": _ID}, "Optional (empty: absent); when present it must equal the file name without .yaml."),
     "title": (_LINE, "One line saying what the task does."),
     "status": ({"type": ["string", "null"], "enum": [s.value for s in Status] + [None], "default": "QUEUED"},
                "Where the task stands; default QUEUED."),

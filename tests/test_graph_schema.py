@@ -373,7 +373,7 @@ def test_refusals_change_nothing(project):
     refusals = {
         ("add", "ORD", "A"): "already exists",
         ("add", "ORD", "B", "--priority", "P9"): "--priority",
-        ("add", "ORD", "B", "--priority", "p1"): "--priority",
+        ("add", "ORD", "B", "--priority", "P5"): "--priority",
         ("add", "ORD", "B", "--depends-on", "A", "--depends-on", "NOPE"): "'NOPE' is not a task of order ORD",
         ("add", "ORD", "B", "--depends-on", "B"): "cannot depend on itself",
         ("add", "ORD", "B", "--target-file", "../outside.py"): "target_files",
