@@ -64,6 +64,18 @@ class Stop:
                                 "stopped: its terminal closed (SIGHUP)" if signum == signal.SIGHUP else
                                 f"stopped by {signal.Signals(signum).name}")
 
+    def heard(self, keys: list) -> list:
+        """`keys` without our descriptor's unless a stop was asked: the wakeup descriptor hears every signal that has
+        a handler, childstops' SIGCHLD too. Emptied, so that it wakes nothing more (left, every wait ended at once)."""
+        if "signal" not in keys:
+            return keys
+        try:
+            while os.read(self._r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        return keys if self.requested else [key for key in keys if key != "signal"]
+
     def close(self) -> None:
         signal.set_wakeup_fd(self._old_fd)
         for sig, handler in self._old.items():
@@ -356,12 +368,12 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             handover.prepare_next(sup, launcher, view, lock_files, prepared)
             if not sup.watch_records():
                 timeout = min(timeout or RECORDS_RECHECK, RECORDS_RECHECK)
-            keys = sup.wait(timeout)
+            keys = sup.wait(timeout, hush=stop.heard)
             while keys == ["files"]:
                 view.refresh()
                 if view.changed or view.problems:
                     break
-                keys = sup.wait(timeout)  # only our own writes moved: no need for a planning round
+                keys = sup.wait(timeout, hush=stop.heard)  # only our own writes moved: no need for a planning round
             for key in keys:
                 if key in foreign:
                     sup.watcher.forget(key)

@@ -305,10 +305,10 @@ class Watcher:
     def wait(self, timeout: float | None) -> list[Hashable]:
         return [key.data for key, _ in self._sel.select(timeout)]
 
-    def pending(self, ignored: Hashable) -> bool:
+    def pending(self, *ignored: Hashable) -> bool:
         """Whether a watched process has ended or a descriptor is ready (other than `ignored`'s), without
         waiting; what is ready stays ready for wait()."""
-        return any(key.data != ignored for key, _ in self._sel.select(0))
+        return any(key.data not in ignored for key, _ in self._sel.select(0))
 
     def close(self) -> None:
         for key in list(self._pidfds):

@@ -16,7 +16,9 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 
-from aipm import agents, cluster, confine, meter, notify, recovery, runner, scope, statedir, subreaper, workspace
+from aipm import (agents, childstops, cluster, confine, meter, notify, recovery, runner, scope, statedir, subreaper,
+                  workspace)
+from aipm.childstops import ChildStops
 from aipm.errors import UserError
 from aipm.finish import time_limit
 from aipm.inotify import IN_DELETE, IN_DELETE_SELF, DirWatch, close_at_exit
@@ -78,6 +80,7 @@ class Supervisor(Recording, Owner):
         # why that cluster is gone: the run stops rather than spend every task's attempts on it.
         self.lost_with_cluster: dict[str, str | None] = {}
         self.cluster_gone: str | None = None
+        self.child_stops = ChildStops(self.watcher)  # a wrapper stopped (SIGSTOP) is let go on
 
     # -- Owner interface (called under the launch lock) -----------------------------------------------
 
@@ -160,12 +163,14 @@ class Supervisor(Recording, Owner):
 
     def pending(self) -> bool:
         """Whether wait() would return at once with something to handle (changes in the order's files aside)."""
-        return bool(self.exited) or self.watcher.pending("files")
+        # (A SIGCHLD, heard by childstops and by run's Stop, is nothing to handle: a stop asked is seen by the loop.)
+        return bool(self.exited) or self.watcher.pending("files", childstops.KEY, "signal")
 
-    def wait(self, timeout: float | None) -> list[str]:
+    def wait(self, timeout: float | None, hush: Callable[[list], list] = lambda keys: keys) -> list[str]:
         """Sleep until an owned process ends, a deadline passes or a watched descriptor is ready.
 
-        Returns the keys that woke us: owned task keys (process ended) and any extra keys of watch_fd().
+        Returns the keys that woke us: owned task keys (process ended) and any extra keys of watch_fd() that
+        `hush` keeps. A wake-up with nothing left to return (a child's SIGCHLD) sleeps on.
         """
         if self.exited:
             ready, self.exited = self.exited, []
@@ -176,7 +181,15 @@ class Supervisor(Recording, Owner):
         if wake:
             until = max(0.0, min(wake) - now)
             timeout = until if timeout is None else min(timeout, until)
-        keys = self.watcher.wait(timeout)
+        until = None if timeout is None else time.monotonic() + timeout
+        while True:
+            woke = self.watcher.wait(timeout)
+            if childstops.KEY in woke:  # a child of ours stopped or ended
+                self.child_stops.go_on(self.owned.values())
+            keys = hush([key for key in woke if key != childstops.KEY])
+            if keys or not woke or (until is not None and time.monotonic() >= until):
+                break
+            timeout = None if until is None else until - time.monotonic()
         self._enforce_deadlines()
         return keys
 
@@ -423,3 +436,4 @@ class Supervisor(Recording, Owner):
         if self.records_watch is not None:
             close_at_exit(self.records_watch.fd)
         self.watcher.close()
+        self.child_stops.close()

@@ -875,3 +875,24 @@ def test_cancel_of_a_task_whose_run_is_stopped_says_so_and_does_not_wait_for_it(
     first.wait(timeout=60)
     assert task_statuses(project.order()) == {"T1": "CANCELLED"}
     project.aipm("retry", "T1", check=True)
+
+
+@pytest.mark.parametrize("how", ["run", "launch"])
+def test_a_command_that_stops_its_wrapper_does_not_hang_its_task(project, how):
+    """`kill -STOP $PPID` in a command stops its wrapper (runner.py sets $PPID to it), which only waits for the
+    command and writes its exit code: the command ended, and the task stayed IN_PROGRESS (`aipm ps`: stopped) until
+    its timeout, for ever without one. Its owner now lets the wrapper go on and says so in the log. (run: a string
+    command under `aipm run`; launch: an argv command under a detached owner.)"""
+    command = ("echo before; kill -STOP $PPID; echo after" if how == "run" else
+               ["sh", "-c", "echo before; kill -STOP $PPID; echo after"])
+    write_task(project.order(), "T1", target_files=["a.txt"], command=command)
+    if how == "run":
+        run = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+        assert run.returncode == 0, run.stdout + run.stderr
+    else:
+        project.aipm("launch", "ORD", check=True)
+        wait_for(lambda: task_statuses(project.order()) == {"T1": "DONE"})
+    assert task_statuses(project.order()) == {"T1": "DONE"}
+    log = (project.root / ".aipm/logs/ORD/T1.1.log").read_text()
+    assert log.startswith("before\nafter\n") and "was stopped (SIGSTOP): let go on" in log, log
+    wait_for(lambda: no_workers(project.root))
