@@ -18,15 +18,24 @@ from invariants import KILL_OWNER, group_alive, pid_alive
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
 
+def started_ui(project, fd_limit: int | None = None):
+    """`aipm ui --port 0` on the project (under `ulimit -n fd_limit`): the process and its URL (with the token)."""
+    import resource
+
+    # No keep-alive wake-up within any test: only change events may update the page.
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false", AIPM_UI_KEEPALIVE="3600")
+    limit = None if fd_limit is None else (lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (fd_limit, fd_limit)))
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "ui", "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, preexec_fn=limit)
+    url = proc.stdout.readline().strip()
+    assert url.startswith("http://127.0.0.1:") and "?token=" in url, proc.stderr.read()
+    return proc, url
+
+
 @pytest.fixture
 def dashboard(project):
     """`aipm ui --port 0` on the project; yields its URL (with the token)."""
-    # No keep-alive wake-up within any test: only change events may update the page.
-    env = dict(os.environ, AIPM_ENABLE_MONITORING="false", AIPM_UI_KEEPALIVE="3600")
-    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "ui", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    url = proc.stdout.readline().strip()
-    assert url.startswith("http://127.0.0.1:") and "?token=" in url, proc.stderr.read()
+    proc, url = started_ui(project)
     yield url
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=60) == 130  # Ctrl-C, as every aipm command reports it
@@ -740,17 +749,6 @@ def test_a_log_of_many_short_lines_puts_in_only_the_lines_the_panel_keeps(projec
     assert added <= 2001, added  # the log's name, and the lines kept
 
 
-def _ui_with_fd_limit(project, limit: int):
-    """`aipm ui --port 0` under `ulimit -n limit`; returns the process and its URL."""
-    import resource
-
-    env = dict(os.environ, AIPM_ENABLE_MONITORING="false", AIPM_UI_KEEPALIVE="3600")
-    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "ui", "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
-    return proc, proc.stdout.readline().strip()
-
-
 def test_connections_that_send_no_request_do_not_make_the_dashboard_unreachable(project):
     """1,100 connections that sent nothing, under `ulimit -n 1024`, were kept for ever: the dashboard answered
     nothing more, and asyncio logged a traceback every second for the accept it could not make."""
@@ -762,7 +760,7 @@ def test_connections_that_send_no_request_do_not_make_the_dashboard_unreachable(
     if hard != resource.RLIM_INFINITY and hard < 2048:
         pytest.skip(f"this test holds 1,100 connections; `ulimit -Hn` is {hard}")
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
-    proc, url = _ui_with_fd_limit(project, 1024)
+    proc, url = started_ui(project, fd_limit=1024)
     base, token = base_and_token(url)
     port = int(base.rsplit(":", 1)[1])
     idle = []
@@ -828,3 +826,24 @@ def test_a_cancel_from_the_page_shows_what_the_person_must_know_besides(project,
         run.send_signal(signal.SIGCONT)
     run.wait(timeout=60)
     assert task_statuses(project.order()) == {"A": "CANCELLED"}
+
+
+def test_requests_that_are_not_http_are_said_once_not_once_each(project):
+    """Each connection that sent something other than HTTP (a port scanner, a stray client) was a line of uvicorn's
+    on the dashboard's stderr: 20 of them, 20 lines."""
+    import socket
+
+    proc, url = started_ui(project)
+    base, token = base_and_token(url)
+    port = int(base.rsplit(":", 1)[1])
+    try:
+        for _ in range(20):
+            with socket.create_connection(("127.0.0.1", port), timeout=60) as client:
+                client.sendall(b"GARBAGE\r\n\r\n")
+                assert client.recv(100).startswith(b"HTTP/1.1 400")
+        assert status_code(f"{base}/api/board?token={token}") == 200
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    said = proc.stderr.read()
+    assert said.count("Invalid HTTP request") == 1 and said.count("\n") == 1, said

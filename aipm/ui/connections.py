@@ -9,6 +9,7 @@ logged a traceback every second for each accept it could not make.
 from __future__ import annotations
 
 import asyncio
+import logging
 import resource
 import sys
 import time
@@ -105,3 +106,21 @@ def quiet_accept_errors(loop: asyncio.AbstractEventLoop) -> None:
         loop.default_exception_handler(context)
 
     loop.set_exception_handler(handle)
+
+
+class OnceEach(logging.Filter):
+    """uvicorn's warnings, each said once: a client's bad requests ("Invalid HTTP request received.") were a line
+    each, and a port scanner or a stray client sending something else flooded stderr with them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.said: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno != logging.WARNING:
+            return True
+        text = record.getMessage()
+        if text in self.said or len(self.said) >= 100:  # (bounded: of warnings that name what varies, the first 100)
+            return False
+        self.said.add(text)
+        return True

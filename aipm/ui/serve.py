@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 import signal
 import socket
@@ -37,7 +38,7 @@ def serve(project: Project, settings: Settings, orders: list[Path] | None, host:
     import uvicorn
 
     from aipm.ui.app import create_app
-    from aipm.ui.connections import BACKLOG, Connection, quiet_accept_errors
+    from aipm.ui.connections import BACKLOG, Connection, OnceEach, quiet_accept_errors
 
     sock = bind(host, port)
     port = sock.getsockname()[1]
@@ -51,6 +52,7 @@ def serve(project: Project, settings: Settings, orders: list[Path] | None, host:
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=LONGEST_REQUEST, lifespan="on",
                             http=Connection, backlog=BACKLOG)
     server = uvicorn.Server(config)
+    logging.getLogger("uvicorn.error").addFilter(OnceEach())
     start_server = server.startup
 
     async def startup(sockets=None) -> None:
