@@ -78,18 +78,25 @@ def wait_for(fd: int, path: Path, operation: int) -> None:
 
 def _say_if_stopped(path: Path, taken: threading.Event) -> None:
     while not taken.wait(LOOK_AFTER):
-        try:
-            inode = os.stat(path).st_ino
-        except OSError:
-            return
-        for pid in sorted(lock_holders({inode}, str(path)).get(inode, ())):
-            if not stopped(pid):
-                continue
-            try:
-                argv = read_small(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue  # gone meanwhile: the lock is free or about to be
+        holder = stopped_holder(path)
+        if holder is not None:
             if not taken.is_set():
-                print(f"aipm: waiting for the launch lock, held by pid {pid} ({' '.join(argv.split())[:100]}), "
-                      f"{how_to_go_on(pid)}", file=sys.stderr, flush=True)
+                print(f"aipm: waiting for the launch lock, held by {holder}", file=sys.stderr, flush=True)
             return
+
+
+def stopped_holder(path: Path) -> str | None:
+    """A stopped process that holds the lock on `path`, said as "pid N (COMMAND), which is stopped ..."; or None."""
+    try:
+        inode = os.stat(path).st_ino
+    except OSError:
+        return None
+    for pid in sorted(lock_holders({inode}, str(path)).get(inode, ())):
+        if not stopped(pid):
+            continue
+        try:
+            argv = read_small(f"/proc/{pid}/cmdline").replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # gone meanwhile: the lock is free or about to be
+        return f"pid {pid} ({' '.join(argv.split())[:100]}), {how_to_go_on(pid)}"
+    return None

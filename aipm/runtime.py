@@ -28,7 +28,7 @@ from aipm import durable
 from aipm.errors import StateWriteError, UserError
 from aipm.liveness import read_small, remembered
 
-from aipm.launchlock import exclusive, wait_for
+from aipm.launchlock import exclusive, stopped_holder, wait_for
 from aipm.statedir import make_state_dir, state_dir
 from aipm.record import Record
 from aipm.spares import Pool, fill, in_tree, pool
@@ -203,6 +203,10 @@ class Runtime:
             finally:
                 self._lock_depth = 0
                 _round.records = None
+
+    def launch_lock_holder(self) -> str | None:
+        """A stopped process holding the launch lock, said as launchlock.stopped_holder says it; or None."""
+        return stopped_holder(self._launch_lock)
 
     @contextmanager
     def between_rounds(self) -> Iterator[None]:

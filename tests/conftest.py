@@ -151,6 +151,28 @@ def stop_outside_a_round(project: Project, run) -> None:
                 run.send_signal(signal.SIGCONT)
 
 
+HELD_STOPPED = """
+import os, signal, sys
+from aipm.launchlock import exclusive
+from aipm.runtime import Runtime
+rt = Runtime(sys.argv[1])
+rt.ensure()
+with exclusive(rt.state / "launch.lock"):
+    print("held", flush=True)
+    os.kill(os.getpid(), signal.SIGSTOP)  # an `aipm run` stopped by Ctrl-Z inside a round
+"""
+
+
+def stopped_launch_lock_holder(project: Project) -> subprocess.Popen:
+    """A process that holds the project's launch lock and is stopped, as an `aipm run` stopped by Ctrl-Z inside a
+    round (SIGKILL or SIGCONT it to free the lock)."""
+    holder = subprocess.Popen([sys.executable, "-c", HELD_STOPPED, str(project.root)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline() == "held\n"
+    wait_for(lambda: open(f"/proc/{holder.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T")
+    return holder
+
+
 def no_workers(root: Path) -> bool:
     """No worker record left and no process of ours still alive."""
     workers = state(root) / "workers"

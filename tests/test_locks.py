@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Project, no_workers, state, task_statuses, wait_for, write_task
+from conftest import Project, no_workers, state, stopped_launch_lock_holder, task_statuses, wait_for, write_task
 from invariants import check, cli_locks, held_lock_files, journal_command, pid_alive, spans
 from test_chaos import Proc
 
@@ -452,27 +452,14 @@ def test_a_new_lock_file_in_place_of_a_removed_one_still_held_is_no_free_lock(tm
 
 # ---- the launch lock held by a stopped process -------------------------------------------------------------
 
-HELD_STOPPED = """
-import os, signal, sys
-from aipm.launchlock import exclusive
-from aipm.runtime import Runtime
-rt = Runtime(sys.argv[1])
-rt.ensure()
-with exclusive(rt.state / "launch.lock"):
-    print("held", flush=True)
-    os.kill(os.getpid(), signal.SIGSTOP)  # an `aipm run` stopped by Ctrl-Z inside a round
-"""
-
 
 @pytest.mark.parametrize("command", [("cancel", "ORD/T"), ("run", "ORD", "--no-resource-monitoring")])
 def test_a_command_waiting_for_a_launch_lock_whose_holder_is_stopped_says_so_once_and_goes_on(project, command):
     """cancel, retry, run... waited in silence for ever behind an `aipm run` stopped (Ctrl-Z, SIGSTOP) inside a
     round: now one line names the holder and that it is stopped, and the wait goes on until it is let go."""
     write_task(project.order(), "T", target_files=["a.txt"], command="true")
-    holder = subprocess.Popen([PY, "-c", HELD_STOPPED, str(project.root)], stdout=subprocess.PIPE, text=True)
+    holder = stopped_launch_lock_holder(project)
     try:
-        assert holder.stdout.readline() == "held\n"
-        wait_for(lambda: open(f"/proc/{holder.pid}/stat").read().rsplit(")", 1)[1].split()[0] == "T")
         err = project.root.parent / "err.txt"
         with open(err, "w") as handle:
             waiting = subprocess.Popen([PY, "-m", "aipm", "--root", str(project.root), *command],

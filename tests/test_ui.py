@@ -847,3 +847,27 @@ def test_requests_that_are_not_http_are_said_once_not_once_each(project):
         proc.wait(timeout=60)
     said = proc.stderr.read()
     assert said.count("Invalid HTTP request") == 1 and said.count("\n") == 1, said
+
+
+def test_a_cancel_from_the_page_held_up_by_a_stopped_round_says_who_holds_it(project, dashboard):
+    """A cancel from the page behind an `aipm run` stopped (Ctrl-Z) inside a round waited for the launch lock as
+    long as that run stayed stopped: the page's request hung, and only the server's stderr said why. Now the page
+    is answered who holds it, and the cancel is made once it goes on."""
+    from conftest import stopped_launch_lock_holder
+
+    write_task(project.order(), "A", command="true")
+    base, token = base_and_token(dashboard)
+    holder = stopped_launch_lock_holder(project)
+    try:
+        request = urllib.request.Request(f"{base}/api/cancel", method="POST", data=b'{"order": "ORD", "task": "A"}',
+                                         headers={"X-Aipm-Token": token, "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            answer = response.status, json.loads(response.read())
+        assert answer[0] == 202 and f"held by pid {holder.pid} (" in answer[1]["note"], answer
+        assert answer[1]["note"].endswith(f"`kill -CONT {holder.pid}`, lets it go on; the cancel is made once it "
+                                          "goes on"), answer
+        assert task_statuses(project.order()) == {"A": "QUEUED"}
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.wait(timeout=60)
+    wait_for(lambda: task_statuses(project.order()) == {"A": "CANCELLED"})

@@ -30,6 +30,7 @@ from aipm.board import project_board
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
 from aipm.launcher import Launcher, Options
+from aipm.liveness import LOOK_AFTER
 from aipm.logbook import attempt_logs
 from aipm.project import Project
 from aipm.settings import Settings
@@ -193,7 +194,12 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
                         raise ValueError("too long")
                 body = json.loads(raw)
                 order_dir, task_id = await run_in_threadpool(find, str(body["order"]), str(body["task"]))
-                said = await run_in_threadpool(action, project, order_dir, task_id)
+                work = asyncio.ensure_future(run_in_threadpool(action, project, order_dir, task_id))
+                holder = await _held_up(work, looker.runtime)
+                if holder:
+                    return JSON({"ok": False, "note": f"not done yet: waiting for the launch lock, held by {holder}; "
+                                                      f"the {action.__name__} is made once it goes on"}, 202)
+                said = work.result()
             except (ValueError, KeyError, TypeError, RecursionError):
                 return JSON({"error": "expected JSON {\"order\": ..., \"task\": ...}"}, 400)
             except UserError as exc:
@@ -258,6 +264,18 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
     guard = Guard(app, token, hosts, any_ip_host)
     guard.stop = hub.stop
     return guard
+
+
+async def _held_up(work: asyncio.Future, rt) -> str | None:
+    """Wait for a cancel's or retry's `work`, or until it waits for the launch lock that a stopped process holds (an
+    `aipm run` stopped by Ctrl-Z inside a round): then who that is, and the work goes on once it does. The page's
+    request hung until then, and what held it up was said only on the server's stderr."""
+    while not (await asyncio.wait({work}, timeout=LOOK_AFTER))[0]:
+        holder = await run_in_threadpool(rt.launch_lock_holder)
+        if holder:
+            work.add_done_callback(lambda done: done.cancelled() or done.exception())  # its error is nobody's now
+            return holder
+    return None
 
 
 def _page_full(lines: list[dict]) -> list[dict]:
