@@ -865,9 +865,35 @@ def test_a_cancel_from_the_page_held_up_by_a_stopped_round_says_who_holds_it(pro
             answer = response.status, json.loads(response.read())
         assert answer[0] == 202 and f"held by pid {holder.pid} (" in answer[1]["note"], answer
         assert answer[1]["note"].endswith(f"`kill -CONT {holder.pid}`, lets it go on; the cancel is made once it "
-                                          "goes on"), answer
+                                          "goes on (if this dashboard still runs)"), answer
         assert task_statuses(project.order()) == {"A": "QUEUED"}
     finally:
         holder.send_signal(signal.SIGCONT)
         holder.wait(timeout=60)
     wait_for(lambda: task_statuses(project.order()) == {"A": "CANCELLED"})
+
+
+def test_ctrl_c_ends_the_dashboard_though_a_cancel_still_waits_for_a_stopped_round(project):
+    """A cancel from the page held up by a stopped round waited in the server's thread pool, which Ctrl-C waited for:
+    `aipm ui` did not end until that round went on. It ends now, and the cancel, never made, changed nothing."""
+    from conftest import stopped_launch_lock_holder
+
+    write_task(project.order(), "A", command="true")
+    proc, url = started_ui(project)
+    base, token = base_and_token(url)
+    holder = stopped_launch_lock_holder(project)
+    try:
+        request = urllib.request.Request(f"{base}/api/cancel", method="POST", data=b'{"order": "ORD", "task": "A"}',
+                                         headers={"X-Aipm-Token": token, "Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert response.status == 202
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130  # (the round is still stopped)
+        said = proc.stderr.read()
+        assert "Traceback" not in said and "ERROR" not in said, said
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+        proc.kill()
+        proc.wait(timeout=60)
+    assert task_statuses(project.order()) == {"A": "QUEUED"}

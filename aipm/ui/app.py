@@ -14,7 +14,8 @@ import hmac
 import ipaddress
 import json
 import re
-from contextlib import asynccontextmanager
+import threading
+from contextlib import asynccontextmanager, suppress
 from importlib import resources
 from pathlib import Path
 from urllib.parse import parse_qs
@@ -194,11 +195,12 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
                         raise ValueError("too long")
                 body = json.loads(raw)
                 order_dir, task_id = await run_in_threadpool(find, str(body["order"]), str(body["task"]))
-                work = asyncio.ensure_future(run_in_threadpool(action, project, order_dir, task_id))
+                work = _in_daemon_thread(action, project, order_dir, task_id)
                 holder = await _held_up(work, looker.runtime)
                 if holder:
                     return JSON({"ok": False, "note": f"not done yet: waiting for the launch lock, held by {holder}; "
-                                                      f"the {action.__name__} is made once it goes on"}, 202)
+                                                      f"the {action.__name__} is made once it goes on (if this "
+                                                      "dashboard still runs)"}, 202)
                 said = work.result()
             except (ValueError, KeyError, TypeError, RecursionError):
                 return JSON({"error": "expected JSON {\"order\": ..., \"task\": ...}"}, 400)
@@ -264,6 +266,28 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
     guard = Guard(app, token, hosts, any_ip_host)
     guard.stop = hub.stop
     return guard
+
+
+def _in_daemon_thread(fn, *args) -> asyncio.Future:
+    """fn(*args) in a thread of its own that does not keep the process alive: a cancel held up by a stopped round
+    (see _held_up) waits for the launch lock as long as that round stays stopped, and in the server's thread pool
+    it kept Ctrl-C of `aipm ui` from ending the process until then. One still waiting for the lock at the exit has
+    changed nothing, as an `aipm cancel` stopped by Ctrl-C there."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the request, as run_in_threadpool does
+            outcome = (future.set_exception, exc)
+        else:
+            outcome = (future.set_result, result)
+        with suppress(RuntimeError):  # the loop is closed: the server has ended, nobody waits for it
+            loop.call_soon_threadsafe(lambda: future.done() or outcome[0](outcome[1]))
+
+    threading.Thread(target=run, daemon=True).start()
+    return future
 
 
 async def _held_up(work: asyncio.Future, rt) -> str | None:
