@@ -20,7 +20,6 @@ from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
 from aipm import logbook, recovery, steering, subreaper
 from aipm.launcher import Launcher, Options
-from aipm.liveness import stopped
 from aipm.locks import node_file
 from aipm.paths import lock_prefix, normalize
 from aipm.project import AmbiguousOrder, find_task
