@@ -195,18 +195,20 @@ class Launcher(Starter):
             # Who holds locks outside aipm is read from /proc/locks, and that read makes the kernel wait for an
             # RCU grace period (milliseconds, with every flock on the machine held up meanwhile). The hot path
             # plans without it and reads it only when a lock turns out to be taken after all, then plans again.
-            for careful in (True,) if explain else (False, True):
-                busy_seen = self._plan_and_start(view, order, owner, only, explain, careful, report, ending,
-                                                 released, ranked_before)
-                if not busy_seen:
-                    break
+            # A start that failed plans again too, without that task (see _plan_and_start): it ends, as a task
+            # fails at most once per launch.
+            careful = explain
+            while self._plan_and_start(view, order, owner, only, explain, careful, report, ending, released,
+                                       ranked_before):
+                careful = True
         return report
 
     def _plan_and_start(self, view: OrderView, order: Order, owner: "Owner | None", only: Iterable[str] | None,
                         explain: bool, careful: bool, report: LaunchReport, ending: Collection[str] = (),
                         released: Collection[str] = (), ranked_before: Collection[str] | None = None) -> bool:
-        """One plan and its starts, into `report`. Returns True when a start found a target lock taken while the
-        plan had not looked at locks held outside aipm (so the caller plans again, carefully)."""
+        """One plan and its starts, into `report`. Returns True when the caller should plan again (carefully): a
+        start found a target lock taken while the plan had not looked at locks held outside aipm, or a start
+        failed (the next plan leaves that task out, so its files and slot go to the tasks ranked after it)."""
         records = report.records = self.records()
         report.order = order
         noted = len(report.failed)  # the failures of this plan's starts, kept in their tasks' files below
@@ -229,8 +231,11 @@ class Launcher(Starter):
         spend = order_budget(order, self.settings.max_cost_usd, records)
         outside = self.outside(records) if careful else []
         # With `only` (exec's task), the plan chooses among those alone: a task this launch will not start must
-        # not take their files "first this round".
-        chosen = (lambda ids: ids) if only is None else (lambda ids: [t for t in ids if t in only])
+        # not take their files "first this round". Nor may a task that failed to start in this launch: chosen
+        # again, a P0 whose program is missing kept its file from a P3 sharing it, which never ran.
+        tried = {item["id"] for item in report.failed}
+        chosen = (lambda ids: ids) if only is None and not tried else (
+            lambda ids: [t for t in ids if t not in tried and (only is None or t in only)])
         if explain:
             ids = chosen(view.ordering())
             result = plan(order, busy, live, free, ids, budget=spend, outside=outside,
@@ -245,8 +250,8 @@ class Launcher(Starter):
         report.plan = result
         report.deferred = []
         report.failed += [{"id": b.id, "error": b.detail} for b in result.refused]
-        tried = {item["id"] for item in report.failed}
-        wanted = [t for t in result.launchable if t.id not in tried]  # only `only`'s: the plan saw no other
+        planned = len(report.failed)
+        wanted = result.launchable  # only `only`'s: the plan saw no other
         if self.settings.runner == "local" and any(t.resources for t in wanted):
             wanted = self._fit_locally(wanted, [r for r in records if r.key not in lent], report)
         # Read the machine only when there is something to start: the idle loop costs no CPU.
@@ -307,7 +312,7 @@ class Launcher(Starter):
             for item in report.failed[noted:]:
                 if item["id"] in order.tasks:
                     self.note_failure(order.tasks[item["id"]], item["error"], view)
-        return again
+        return again or len(report.failed) > planned
 
     def _leave_slots(self, order: Order, wanted: list[Task], free: int, live: int, report: LaunchReport
                      ) -> list[Task]:

@@ -77,6 +77,19 @@ def test_missing_program_is_rolled_back_while_siblings_run(project):
     assert bad["id"] == "BAD" and bad["status"] == "QUEUED" and bad["attempts"] == 0
 
 
+@pytest.mark.parametrize("command", ["launch", "run"])
+def test_a_task_whose_start_failed_keeps_no_file_from_the_tasks_ranked_after_it(project, command):
+    """A P0 whose program is missing was chosen first, failed at its start and kept its file "first this round"
+    from a P3 sharing it: `launch` started nothing, and `run` ended with both QUEUED (found by a review)."""
+    order = project.order()
+    write_task(order, "BAD", priority="P0", target_files=["a.py"], command=["no-such-program-aipm-test"])
+    write_task(order, "LOW", priority="P3", target_files=["a.py"], command="true")
+    proc = project.aipm(command, "ORD")
+    assert proc.returncode == 1 and "no-such-program-aipm-test" in proc.stdout + proc.stderr
+    wait_for(lambda: task_statuses(order) == {"BAD": "QUEUED", "LOW": "DONE"})
+    wait_for(lambda: no_workers(project.root))
+
+
 def _worker(project, task):
     def find():
         for w in project.json("ps")["workers"]:
