@@ -52,7 +52,18 @@ def stop_for_urgent(sup: "Supervisor", view: "OrderView") -> bool:
         rank = task.priority.rank if task is not None else 0
         holders.append(Holder(rec.key, tuple(normalize(t) for t in rec.targets), rank, stoppable, alive))
     holders.sort(key=lambda h: h.key)
-    decisions = preemptions(candidates, holders, max(0, sup.settings.max_workers - live))
+    free = max(0, sup.settings.max_workers - live)
+    decisions = preemptions(candidates, holders, free)
+    if decisions:
+        # Files no record names are kept too: another order's task marked running with no worker, a lock held
+        # outside aipm. Looked at only now (/proc/locks is a dear read): a stop for a task they keep out was work
+        # thrown away, and again each time the victim started again, up to PREEMPT_LIMIT.
+        named = {h.key for h in holders}
+        holders += [Holder(key, b.targets, 0, False, not b.gone) for b in sup.launcher.holders(order, records)[0]
+                    if (key := f"{b.order_id}/{b.task_id}") not in named]
+        outside = sup.launcher.outside(records)
+        candidates = [t for t in candidates if not any(lock.conflict(t.targets) for lock in outside)]
+        decisions = preemptions(candidates, holders, free)
     owners = {(rec.owner_pid, rec.owner_ctime) for rec in records if rec.order != order.id}
     for decision in decisions:
         urgent = order.tasks[decision.urgent]

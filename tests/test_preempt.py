@@ -6,7 +6,10 @@ import subprocess
 import sys
 import threading
 
+import pytest
+
 from conftest import no_workers, state, task_statuses, wait_for, write_task
+from test_locks import hold, release
 from test_plan import task
 
 from aipm.paths import normalize
@@ -275,4 +278,43 @@ def test_a_preempted_task_s_nested_exec_leaves_its_task_re_queued_at_once(projec
     assert task_statuses(other) == {"SUB": "DONE"}
     tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
     assert (tasks["LOW"]["status"], tasks["LOW"]["attempts"], tasks["LOW"]["preemptions"]) == ("DONE", 1, 1)
+    assert no_workers(project.root)
+
+
+@pytest.mark.parametrize("holder", ["stale task of another order", "lock held outside aipm"])
+def test_run_preempt_stops_nothing_for_a_task_whose_file_no_stop_can_free(project, gate, holder):
+    """URGENT's file is held by something no record names (another order's task marked IN_PROGRESS with no
+    worker, or a process outside aipm holding its lock), and the only slot by LOW: preemption saw only the worker
+    limit, stopped LOW for URGENT, which could not start, and stopped it again when it restarted (twice, its
+    work thrown away each time; found by a review)."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\n")
+    order = project.order()
+    outside = None
+    if holder.startswith("stale"):
+        write_task(project.order("OTHER"), "X", status="IN_PROGRESS", target_files=["x.py"], command="true")
+    else:
+        outside = hold(project.root, "x.py")
+    write_task(order, "LOW", priority="P3", target_files=["l.py"],
+               command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    run, events, reader = _preempting_run(project)
+    try:
+        wait_for(lambda: any(e["event"] == "started" and e["task"] == "LOW" for e in events))
+        write_task(order, "URGENT", priority="P0", target_files=["x.py"], command="true")
+        _marked(order, run, events, "SEEN1")
+        _marked(order, run, events, "SEEN2")  # a whole round went by since the run saw URGENT
+        gate.touch()
+        if outside is not None:  # (the run waits for it to be released, as for any lock held outside)
+            wait_for(lambda: task_statuses(order)["LOW"] == "DONE")
+            release(outside)
+    finally:
+        gate.touch()
+        if outside is not None and outside.poll() is None:
+            release(outside)
+    if outside is None:
+        tasks = _ended_without_preempting(project, run, reader, events)
+        assert tasks["URGENT"]["status"] == "QUEUED"
+    else:
+        assert run.wait(timeout=120) == 0
+        reader.join(timeout=60)
+        assert not [e for e in events if e["event"] == "preempted"], events
     assert no_workers(project.root)
