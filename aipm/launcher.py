@@ -370,11 +370,17 @@ class Launcher(Starter):
 
     def _fit_locally(self, wanted: list[Task], records: list[Record], report: LaunchReport) -> list[Task]:
         """Keep the tasks whose declared `resources` fit beside the live ones on this machine."""
-        live = [r for r in records if r.alive()]
-        used_cpus, used_memory = sum(r.cpus for r in live), sum(r.memory_mb for r in live)
-        start, waiting, _ = fit(wanted, _capacity(), used_cpus, used_memory)  # (the plan left out the refused)
+        start, waiting = self.fitting(wanted, records)
         report.deferred += [{"id": tid, "reason": "capacity", "detail": why} for tid, why in waiting.items()]
         return start
+
+    def fitting(self, tasks: list[Task], records: Iterable[Record]) -> tuple[list[Task], dict[str, str]]:
+        """The tasks (in order) whose declared `resources` fit beside those of the live `records` on this machine,
+        and id → why, of the others."""
+        live = [r for r in records if r.alive()]
+        used_cpus, used_memory = sum(r.cpus for r in live), sum(r.memory_mb for r in live)
+        start, waiting, _ = fit(tasks, _capacity(), used_cpus, used_memory)  # (the plan left out the refused)
+        return start, waiting
 
     def refused_here(self, tasks: Iterable[Task]) -> dict[str, str]:
         """Id → why, of the tasks the local runner refuses whatever runs: they declare more than this machine has."""

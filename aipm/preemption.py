@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING
 
 from aipm import budget, recovery
 from aipm.errors import UserError
-from aipm.model import Status
+from aipm.model import Order, Status, Task
 from aipm.paths import as_path, normalize
+from aipm.record import Record
 from aipm.store import load_order
 
 if TYPE_CHECKING:
     from aipm.supervisor import Supervisor
+    from aipm.urgency import Holder, Preemption
     from aipm.view import OrderView
 
 
@@ -52,18 +54,7 @@ def stop_for_urgent(sup: "Supervisor", view: "OrderView") -> bool:
         rank = task.priority.rank if task is not None else 0
         holders.append(Holder(rec.key, tuple(normalize(t) for t in rec.targets), rank, stoppable, alive))
     holders.sort(key=lambda h: h.key)
-    free = max(0, sup.settings.max_workers - live)
-    decisions = preemptions(candidates, holders, free)
-    if decisions:
-        # Files no record names are kept too: another order's task marked running with no worker, a lock held
-        # outside aipm. Looked at only now (/proc/locks is a dear read): a stop for a task they keep out was work
-        # thrown away, and again each time the victim started again, up to PREEMPT_LIMIT.
-        named = {h.key for h in holders}
-        holders += [Holder(key, b.targets, 0, False, not b.gone) for b in sup.launcher.holders(order, records)[0]
-                    if (key := f"{b.order_id}/{b.task_id}") not in named]
-        outside = sup.launcher.outside(records)
-        candidates = [t for t in candidates if not any(lock.conflict(t.targets) for lock in outside)]
-        decisions = preemptions(candidates, holders, free)
+    decisions = _decide(sup, order, candidates, holders, records, max(0, sup.settings.max_workers - live))
     owners = {(rec.owner_pid, rec.owner_ctime) for rec in records if rec.order != order.id}
     for decision in decisions:
         urgent = order.tasks[decision.urgent]
@@ -71,6 +62,37 @@ def stop_for_urgent(sup: "Supervisor", view: "OrderView") -> bool:
     if decisions:
         _recover_lost_owners(sup, owners, order.id)
     return bool(decisions)
+
+
+def _decide(sup: "Supervisor", order: Order, candidates: list[Task], holders: list["Holder"],
+            records: list[Record], free: int) -> list["Preemption"]:
+    """urgency.preemptions, and only the stops that let their urgent task start: what else keeps it out is
+    looked at once a stop is proposed (a dear read of /proc/locks, the machine's capacity), and each urgent task
+    kept out anyway is left out of the decision made again without it. A stop for it was work thrown away, and
+    again each time the victim started again, up to PREEMPT_LIMIT."""
+    from aipm.urgency import Holder, preemptions
+
+    decisions = preemptions(candidates, holders, free)
+    if not decisions:
+        return decisions
+    # Files no record names: another order's task marked running with no worker, a lock held outside aipm.
+    named = {h.key for h in holders}
+    holders = holders + [Holder(key, b.targets, 0, False, not b.gone) for b in sup.launcher.holders(order, records)[0]
+                         if (key := f"{b.order_id}/{b.task_id}") not in named]
+    outside = sup.launcher.outside(records)
+    candidates = [t for t in candidates if not any(lock.conflict(t.targets) for lock in outside)]
+    decisions = preemptions(candidates, holders, free)
+    while decisions and sup.settings.runner == "local":
+        # CPUs and memory: those of the running tasks that are not stopped stay taken.
+        urgent = [order.tasks[tid] for tid in dict.fromkeys(d.urgent for d in decisions)]
+        stopped = {d.victim for d in decisions}
+        waits = sup.launcher.fitting(urgent, [r for r in records if r.key not in stopped])[1] \
+            if any(t.resources for t in urgent) else {}
+        if not waits:
+            break
+        candidates = [t for t in candidates if t.id not in waits]
+        decisions = preemptions(candidates, holders, free)
+    return decisions
 
 
 def _recover_lost_owners(sup: "Supervisor", owners: set[tuple[int, float]], order_id: str) -> None:

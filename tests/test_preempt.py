@@ -318,3 +318,28 @@ def test_run_preempt_stops_nothing_for_a_task_whose_file_no_stop_can_free(projec
         reader.join(timeout=60)
         assert not [e for e in events if e["event"] == "preempted"], events
     assert no_workers(project.root)
+
+
+def test_run_preempt_stops_nothing_for_a_task_that_waits_for_cpus_the_stop_does_not_free(project, gate):
+    """Every CPU held by A (P2, declares them all), the other slot by B (P3, declares none): a P0 asking for one
+    CPU had B stopped for it by the worker limit, and then waited for A's CPUs all the same (found by a review)."""
+    from aipm.resources import get_system_info
+
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    order = project.order()
+    wait = f"while [ ! -e {gate} ]; do sleep 0.05; done"
+    write_task(order, "A", priority="P2", target_files=["a.py"], command=wait,
+               resources={"cpus": get_system_info()["usable_cpus"]})
+    write_task(order, "B", priority="P3", target_files=["b.py"], command=wait)
+    run, events, reader = _preempting_run(project)
+    try:
+        wait_for(lambda: {e["task"] for e in events if e["event"] == "started"} == {"A", "B"})
+        write_task(order, "URGENT", priority="P0", target_files=["u.py"], command="true", resources={"cpus": 1})
+        _marked(order, run, events, "SEEN1")
+        _marked(order, run, events, "SEEN2")  # a whole round went by since the run saw URGENT
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 0
+    reader.join(timeout=60)
+    assert not [e for e in events if e["event"] == "preempted"], events
+    assert task_statuses(order) == {"A": "DONE", "B": "DONE", "URGENT": "DONE"}
