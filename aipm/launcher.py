@@ -238,22 +238,29 @@ class Launcher(Starter):
             lambda ids: [t for t in ids if t not in tried and (only is None or t in only)])
         if explain:
             ids = chosen(view.ordering())
-            result = plan(order, busy, live, free, ids, budget=spend, outside=outside,
-                          refused=self.refused_here(order.tasks[i] for i in ids))
+            options = dict(budget=spend, outside=outside)
         else:  # the hot path: only ready tasks, indexed by the view
             below = None if ranked_before is None else view.first_rank(ranked_before)
             ids = chosen(view.ready_ordering(below))
-            result = plan(order, busy, live, free, ids, explain=False,
-                          running=view.running, budget=spend, outside=outside,
-                          released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")},
-                          refused=self.refused_here(order.tasks[i] for i in ids))
+            options = dict(explain=False, running=view.running, budget=spend, outside=outside,
+                           released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")})
+        refused = self.refused_here(order.tasks[i] for i in ids)
+        slots = free
+        while True:
+            result = plan(order, busy, live, slots, ids, refused=refused, **options)
+            wanted, short = result.launchable, {}  # only `only`'s: the plan saw no other
+            if self.settings.runner != "local" or not any(t.resources for t in wanted):
+                break
+            wanted, short = self.fitting(wanted, [r for r in records if r.key not in lent])
+            if free + len(short) <= slots or len(result.launchable) < slots:
+                break
+            # A task waiting for CPUs or memory keeps its files, but no worker slot from the tasks ranked after it:
+            # one that declares none waited, a slot idle, for the running task that held those CPUs to end.
+            slots = free + len(short)
         report.plan = result
-        report.deferred = []
+        report.deferred = [{"id": tid, "reason": "capacity", "detail": why} for tid, why in short.items()]
         report.failed += [{"id": b.id, "error": b.detail} for b in result.refused]
         planned = len(report.failed)
-        wanted = result.launchable  # only `only`'s: the plan saw no other
-        if self.settings.runner == "local" and any(t.resources for t in wanted):
-            wanted = self._fit_locally(wanted, [r for r in records if r.key not in lent], report)
         # Read the machine only when there is something to start: the idle loop costs no CPU.
         budget, why, note = self.start_budget(live_count) if wanted else (0, "", "")
         if budget:
@@ -367,12 +374,6 @@ class Launcher(Starter):
             if not more.launched:
                 break
         return report
-
-    def _fit_locally(self, wanted: list[Task], records: list[Record], report: LaunchReport) -> list[Task]:
-        """Keep the tasks whose declared `resources` fit beside the live ones on this machine."""
-        start, waiting = self.fitting(wanted, records)
-        report.deferred += [{"id": tid, "reason": "capacity", "detail": why} for tid, why in waiting.items()]
-        return start
 
     def fitting(self, tasks: list[Task], records: Iterable[Record]) -> tuple[list[Task], dict[str, str]]:
         """The tasks (in order) whose declared `resources` fit beside those of the live `records` on this machine,

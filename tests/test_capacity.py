@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import threading
+
 from aipm.capacity import Capacity, fit
 from aipm.model import Resources, Task
 from aipm.resources import get_system_info
-from conftest import task_statuses, write_task
+from conftest import task_statuses, wait_for, write_task
 from invariants import check, journal_command, spans
 
 
@@ -90,3 +95,29 @@ def test_a_task_that_can_never_fit_keeps_no_file_from_the_tasks_ranked_after_it(
     assert result.returncode == 1  # BIG stays behind: not every task is DONE
     assert "BIG: needs 100000 CPU(s)" in result.stdout + result.stderr
     assert task_statuses(order) == {"BIG": "QUEUED", "LOW": "DONE"}
+
+
+def test_a_task_waiting_for_cpus_keeps_no_worker_slot_from_a_task_that_declares_none(project, gate):
+    """A (P2) holds every CPU; URGENT (P0) waits for one. B (P3, declaring nothing) took no slot: the plan gave
+    URGENT the free slot and B none, so B waited for A to end with a slot idle though it asked for no CPU."""
+    order = project.order()
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    write_task(order, "A", priority="P2", resources={"cpus": get_system_info()["usable_cpus"]},
+               command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    told: list[str] = []
+    reader = threading.Thread(target=lambda: told.extend(run.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: task_statuses(order)["A"] == "IN_PROGRESS")
+        write_task(order, "URGENT", priority="P0", resources={"cpus": 1}, command="true")
+        wait_for(lambda: any(line.startswith("defer") and "URGENT" in line for line in told))
+        write_task(order, "B", priority="P3", command="true")
+        wait_for(lambda: task_statuses(order)["B"] == "DONE")  # beside A, before URGENT
+        assert task_statuses(order)["URGENT"] == "QUEUED"
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 0
+    assert task_statuses(order) == {"A": "DONE", "URGENT": "DONE", "B": "DONE"}
