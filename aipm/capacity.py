@@ -20,27 +20,34 @@ class Capacity:
     memory_mb: int | None  # None: the machine's memory cannot be read, so only CPUs are counted
 
 
-def fit(tasks: Iterable[Task], total: Capacity, used_cpus: float, used_memory_mb: int
-        ) -> tuple[list[Task], dict[str, str], dict[str, str]]:
-    """(tasks that fit, in order; id → why it waits; id → why it can never start here)."""
+def fit(tasks: Iterable[Task], total: Capacity, used_cpus: float, used_memory_mb: int,
+        kept: Iterable[tuple[int, float, int]] = ()) -> tuple[list[Task], dict[str, str], dict[str, str]]:
+    """(tasks that fit, in order; id → why it waits; id → why it can never start here). `kept`: (rank, cpus,
+    memory_mb) that more urgent tasks elsewhere wait for, kept free from every task of a greater rank."""
     start, waiting, refused = [], {}, {}
+    kept = list(kept)
     for task in tasks:
         need = task.resources
         if need is None:
             start.append(task)
             continue
         cpus, memory = need.cpus or 0.0, need.memory_mb or 0
-        room = total.memory_mb if total.memory_mb is not None else used_memory_mb + memory  # unknown: it fits
+        ahead = [k for k in kept if k[0] < task.priority.rank]
+        busy_cpus = min(total.cpus, used_cpus + sum(k[1] for k in ahead))
+        busy_memory = used_memory_mb + sum(k[2] for k in ahead)
+        room = total.memory_mb if total.memory_mb is not None else busy_memory + memory  # unknown: it fits
+        busy_memory = min(room, busy_memory)
         if need.gpus:
             refused[task.id] = f"needs {need.gpus:g} GPU(s); the local runner has none (use --runner ray)"
         elif cpus > total.cpus or memory > room:
             refused[task.id] = (f"needs {cpus:g} CPU(s) and {memory} MB; this machine has {total.cpus:g} CPU(s) "
                                 f"and {_mb(total.memory_mb)} (lower `resources` or use --runner ray)")
-        elif used_cpus + cpus > total.cpus or used_memory_mb + memory > room:
+        elif busy_cpus + cpus > total.cpus or busy_memory + memory > room:
             waiting[task.id] = (f"waiting for {cpus:g} CPU(s) and {memory} MB "
-                                f"({max(0.0, total.cpus - used_cpus):g} CPU(s)"
-                                + (f", {max(0, room - used_memory_mb)} MB" if total.memory_mb is not None else "")
-                                + " free)")
+                                f"({max(0.0, total.cpus - busy_cpus):g} CPU(s)"
+                                + (f", {max(0, room - busy_memory)} MB" if total.memory_mb is not None else "")
+                                + " free" + (", the rest kept for a more urgent task of another order" if ahead
+                                             else "") + ")")
             # What is free is kept for it from the tasks ranked after it: else each CPU it waits for goes to the
             # next smaller task as it frees, and a P0 that needs two waits behind every P3 that needs one.
             used_cpus = max(used_cpus, min(total.cpus, used_cpus + cpus))

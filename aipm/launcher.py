@@ -251,12 +251,14 @@ class Launcher(Starter):
             wanted, short = result.launchable, {}  # only `only`'s: the plan saw no other
             if self.settings.runner != "local" or not any(t.resources for t in wanted):
                 break
-            wanted, short = self.fitting(wanted, [r for r in records if r.key not in lent])
+            wanted, short = self.fitting(wanted, [r for r in records if r.key not in lent], order.id)
             if free + len(short) <= slots or len(result.launchable) < slots:
                 break
             # A task waiting for CPUs or memory keeps its files, but no worker slot from the tasks ranked after it:
             # one that declares none waited, a slot idle, for the running task that held those CPUs to end.
             slots = free + len(short)
+        if owner is not None and not self.options.dry_run and (short or ranked_before is None):
+            self.demands.publish_need(order.id, next((t for t in result.launchable if t.id in short), None))
         report.plan = result
         report.deferred = [{"id": tid, "reason": "capacity", "detail": why} for tid, why in short.items()]
         report.failed += [{"id": b.id, "error": b.detail} for b in result.refused]
@@ -375,12 +377,16 @@ class Launcher(Starter):
                 break
         return report
 
-    def fitting(self, tasks: list[Task], records: Iterable[Record]) -> tuple[list[Task], dict[str, str]]:
-        """The tasks (in order) whose declared `resources` fit beside those of the live `records` on this machine,
-        and id → why, of the others."""
+    def fitting(self, tasks: list[Task], records: Iterable[Record], order_id: str
+                ) -> tuple[list[Task], dict[str, str]]:
+        """The tasks (in order) of order `order_id` whose declared `resources` fit beside those of the live
+        `records` on this machine, and what more urgent tasks of other runs wait for (demand.py); and id → why, of
+        the others. Without that word a P0 of one run needing every CPU waited behind every P3 of another run
+        needing one, each CPU going to the next of them as it freed."""
         live = [r for r in records if r.alive()]
         used_cpus, used_memory = sum(r.cpus for r in live), sum(r.memory_mb for r in live)
-        start, waiting, _ = fit(tasks, _capacity(), used_cpus, used_memory)  # (the plan left out the refused)
+        start, waiting, _ = fit(tasks, _capacity(), used_cpus, used_memory,  # (the plan left out the refused)
+                                self.demands.needs_ahead(order_id))
         return start, waiting
 
     def refused_here(self, tasks: Iterable[Task]) -> dict[str, str]:

@@ -86,7 +86,7 @@ def _decide(sup: "Supervisor", order: Order, candidates: list[Task], holders: li
         # CPUs and memory: those of the running tasks that are not stopped stay taken.
         urgent = [order.tasks[tid] for tid in dict.fromkeys(d.urgent for d in decisions)]
         stopped = {d.victim for d in decisions}
-        waits = sup.launcher.fitting(urgent, [r for r in records if r.key not in stopped])[1] \
+        waits = sup.launcher.fitting(urgent, [r for r in records if r.key not in stopped], order.id)[1] \
             if any(t.resources for t in urgent) else {}
         if not waits:
             break

@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from conftest import no_workers, wait_for, write_task
+from conftest import no_workers, task_statuses, wait_for, write_task
 
 from aipm.runtime import state_dir
 
@@ -21,11 +21,18 @@ def gated(journal: Path, gates: Path) -> str:
             f'while [ ! -e {gates}/$AIPM_TASK_ID ]; do sleep 0.02; done')
 
 
-def run(project, order: str) -> subprocess.Popen:
+def run(project, order: str, max_workers: int = 2) -> subprocess.Popen:
     env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
     return subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", order,
-                             "--max-workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, cwd=project.root)
+                             "--max-workers", str(max_workers)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=project.root)
+
+
+def lines(proc: subprocess.Popen) -> list[str]:
+    """The lines `proc` prints, gathered as they come."""
+    told: list[str] = []
+    threading.Thread(target=lambda: told.extend(proc.stdout), daemon=True).start()
+    return told
 
 
 def started(journal: Path) -> list[str]:
@@ -184,9 +191,7 @@ def test_under_load_the_one_start_allowed_goes_to_the_more_urgent_order(project)
     try:
         wait_for(lambda: len(started(journal)) == 1)
         procs.append(loaded_run("HIGH"))
-        told: list[str] = []
-        reader = threading.Thread(target=lambda: told.extend(procs[1].stdout), daemon=True)
-        reader.start()
+        told = lines(procs[1])
         wait_for(lambda: any(line.startswith("defer") and "H1" in line for line in told))  # held back by the load
         (gates / "L1").touch()
         wait_for(lambda: len(started(journal)) == 2)
@@ -211,9 +216,7 @@ def test_a_task_more_urgent_than_the_demand_said_is_said_while_every_slot_is_tak
     try:
         wait_for(lambda: len(started(journal)) == 2)
         high = run(project, "HIGH")
-        told: list[str] = []
-        reader = threading.Thread(target=lambda: told.extend(high.stdout), daemon=True)
-        reader.start()
+        told = lines(high)
         wait_for(lambda: "HIGH" in demands(project.root))  # its P3 waits for a slot
         write_task(project.order("HIGH"), "H1", command=gated(journal, gates), priority="P0")
         for mark in ("M1", "M2"):  # a whole round of HIGH's run went by since it saw H1
@@ -260,3 +263,41 @@ def test_a_demand_names_only_a_task_that_a_slot_would_start(project):
         if high is not None:
             high.send_signal(signal.SIGCONT)
         open_all(project, gates, ("C1", "URG", "H2", "L1", "L2"), (low, high))
+
+
+def test_cpus_a_more_urgent_run_waits_for_are_kept_from_another_runs_less_urgent_tasks(project):
+    """HIGH's P0 needs every CPU; LOW's P3s need half each. Each half LOW's workers freed went to LOW's next P3,
+    and the P0 waited for every one of them (fit() kept CPUs for a waiting task only within one plan). Now HIGH
+    says what it waits for, and LOW keeps it free (`defer ... kept for a more urgent task of another order`)."""
+    from aipm.resources import get_system_info
+
+    journal, gates = project.root / "journal", project.root / "gates"
+    gates.mkdir()
+    half = get_system_info()["usable_cpus"] / 2
+    for name in ("L1", "L2", "L3"):
+        write_task(project.order("LOW"), name, command=gated(journal, gates), priority="P3", resources={"cpus": half})
+    write_task(project.order("HIGH"), "H1", command=gated(journal, gates), priority="P0",
+               resources={"cpus": half * 2})
+    low = run(project, "LOW", max_workers=4)  # slots to spare: only CPUs are waited for
+    told = lines(low)
+    high = None
+    try:
+        wait_for(lambda: len(started(journal)) == 2)
+        high = run(project, "HIGH", max_workers=4)
+        said = lines(high)
+        wait_for(lambda: any(line.startswith("defer") and "H1" in line for line in said))  # waits for CPUs
+        (gates / "L1").touch()
+        wait_for(lambda: task_statuses(project.order("LOW"))["L1"] == "DONE")
+        mark = project.order("LOW") / "M1.yaml"  # a whole round of LOW's run went by since L1 ended
+        mark.write_text("priority: P9\n")
+        wait_for(lambda: any("M1.yaml" in line for line in told))
+        mark.unlink()
+        assert len(started(journal)) == 2, started(journal)  # the half L1 freed is kept for H1
+        (gates / "L2").touch()
+        wait_for(lambda: len(started(journal)) == 3)
+        assert [s.strip() for s in started(journal)][2] == "HIGH/H1", started(journal)
+        for name in ("L3", "H1"):
+            (gates / name).touch()
+        assert high.wait(timeout=60) == 0 and low.wait(timeout=60) == 0
+    finally:
+        open_all(project, gates, ("L1", "L2", "L3", "H1"), (low, high))
