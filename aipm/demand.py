@@ -7,6 +7,8 @@ waiting, in a file of its order's in the state directory, with its own pid and s
 planning with slots free leaves one per such demand more urgent than its candidate, and that run, woken by the
 worker's end (runs watch every worker), takes it. A demand is written when it changes (not per round), removed
 when its run ends, and ignored once its process is gone (a killed run's). Written and read under the launch lock.
+A task waiting for this machine's CPUs or memory (`resources:`) is said the same way, with what it asks for (a
+`.need` file): the other runs keep that much free from their less urgent tasks (capacity.fit).
 """
 
 from __future__ import annotations
