@@ -1511,6 +1511,25 @@ def test_a_resumed_codex_attempt_counts_only_its_own_tokens(project):
     assert usage["tokens"] == {"input": 20, "output": 2, "cache_read": 0}
 
 
+def test_a_resumed_codex_attempts_baseline_is_read_from_the_meters_copy_not_the_log(project):
+    """The total a resumed thread had was read from the earlier attempt's log, which its worker writes: a total
+    appended to it (`echo '{"type":"turn.completed",...}' >> $AIPM_LOG`) raised the baseline, so the next attempt's
+    own tokens counted as none. It is read where that attempt's usage is read: the meter's copy."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: codex\n")
+    order = project.order()
+    write_task(order, "A", prompt="@tokens 100 10 50 0")
+    project.aipm("run", "ORD", env=agent_env(project), check=True)
+    forged = {"type": "turn.completed", "usage": {"input_tokens": 10**6, "cached_input_tokens": 10**6,
+                                                  "output_tokens": 10**6}}
+    with open(project.root / ".aipm/logs/ORD/A.1.log", "a") as log:
+        log.write(json.dumps(forged) + "\n")
+    project.aipm("retry", "A", "--resume", check=True)
+    (order / "A.yaml").write_text(re.sub(r"@tokens [0-9 ]+", "@tokens 7 3 1 0", (order / "A.yaml").read_text()))
+    project.aipm("run", "ORD", env=agent_env(project), check=True)
+    usage = json.loads((project.root / ".aipm/logs/ORD/A.2.usage.json").read_text())
+    assert usage["tokens"] == {"input": 7, "output": 3, "cache_read": 1}, usage
+
+
 def test_codex_usage_is_the_last_total_less_the_resumed_threads():
     events = [json.dumps({"type": "thread.started", "thread_id": "T"}) + "\n",
               f"[aipm 10:00:00] {codex.BASELINE} " + json.dumps(

@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from aipm.agents import Attempt, Usage, _bounded_lines, _text, count, json_lines, reported, session
+from aipm.agents import Attempt, Usage, _bounded_lines, _source, _text, count, json_lines, reported, session
 from aipm.workerfiles import append_log, reading
 
 PROGRAM = "codex"
@@ -48,14 +48,15 @@ _KEYS = ("input_tokens", "cached_input_tokens", "output_tokens")
 
 
 def _resumed_total(log: Path, thread: str) -> dict[str, int]:
-    """The usage total `thread` last reported, from the newest earlier attempt's log of this task that ran it
-    (`<TASK>.<n>.log` beside this attempt's); {} when none did."""
+    """The usage total `thread` last reported, from the newest earlier attempt of this task that ran it (the
+    meter's copy beside `<TASK>.<n>.log`, or that log where it ran without a meter); {} when none did."""
     task, _, serial = log.name.removesuffix(".log").rpartition(".")
     if not serial.isdigit():
         return {}
     for n in range(int(serial) - 1, 0, -1):
         try:
-            with reading(log.with_name(f"{task}.{n}.log")) as raw:
+            # The meter's copy, as that attempt's usage: its worker may have written anything into its log.
+            with reading(_source(log.with_name(f"{task}.{n}.log"))) as raw:
                 found, total = _thread_total(_bounded_lines(_text(raw)))
         except OSError:
             continue
