@@ -196,8 +196,8 @@ def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None 
     With `detach_others` (exec --parallel), the order's other launchable tasks start as detached workers
     once `only` has started.
 
-    Returns the exit code: 0 when the order (or the `only` task) ended DONE/COMPLETED, 1 when not, 130 on Ctrl-C, 2
-    when the Ray cluster was lost (Supervisor.cluster_gone).
+    Returns the exit code: 0 when the order (or the `only` task) ended DONE/COMPLETED, 1 when not (also when the Ray
+    cluster was lost: Supervisor.cluster_gone), 130 on Ctrl-C.
     """
     settings = launcher.settings
     audits = settings.scope_audit and settings.scope_watch and not launcher.options.no_review
@@ -404,14 +404,16 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         order = view.refresh()  # the caller's summary reads the view: bring it up to date on every path
         if stop.requested:
             return 130
-        if gone:  # exit 2 as at a start where it cannot be reached (cluster.check), with what ran meanwhile kept
+        # Exit 1, as a budget's stop: its tasks stay QUEUED. Not 2, as at a start where it cannot be reached
+        # (cluster.check): that says nothing changed, and what finished meanwhile is kept.
+        if gone:
             said = (f"runner ray: {gone}: the run stopped; its tasks are QUEUED again, attempts not counted; run it "
                     "again once the cluster is back")
             emit({"event": "error", "error": said})
             if not only:  # the order ends unfinished, and no one may be watching: as any end of `run` but Ctrl-C
                 notify.send(launcher.settings, launcher.runtime, notify.ORDER_FINISHED, "INCOMPLETE",
                             f"{order.id}: {said}", AIPM_ORDER_ID=order.id)
-            return 2
+            return 1
         lost = not os.path.isdir(view.dir)  # an order emptied by deleting or renaming its directory is not done
         if lost:
             emit({"event": "error", "error": f"{view.dir}: the order directory was deleted or renamed during the "

@@ -147,8 +147,8 @@ def run(
     tasks by status.
 
     Exit 0 when every task is DONE/COMPLETED, 1 when some failed or stay blocked (or the order's
-    budget, max_cost_usd, stopped new attempts or the order ended over it), 130 when interrupted, 2 when its Ray
-    cluster was lost (its tasks QUEUED again, attempts not counted).
+    budget, max_cost_usd, stopped new attempts or the order ended over it, or its Ray cluster was lost mid-run: its
+    tasks QUEUED again, attempts not counted), 130 when interrupted.
     Safe to kill: a new `aipm run` re-attaches to the workers that are still running.
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
