@@ -849,6 +849,14 @@ def test_requests_that_are_not_http_are_said_once_not_once_each(project):
     assert said.count("Invalid HTTP request") == 1 and said.count("\n") == 1, said
 
 
+def _cancel_a_from_the_page(base: str, token: str) -> tuple[int, dict]:
+    """POST the page's cancel of ORD/A: (status, answer)."""
+    request = urllib.request.Request(f"{base}/api/cancel", method="POST", data=b'{"order": "ORD", "task": "A"}',
+                                     headers={"X-Aipm-Token": token, "Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return response.status, json.loads(response.read())
+
+
 def test_a_cancel_from_the_page_held_up_by_a_stopped_round_says_who_holds_it(project, dashboard):
     """A cancel from the page behind an `aipm run` stopped (Ctrl-Z) inside a round waited for the launch lock as
     long as that run stayed stopped: the page's request hung, and only the server's stderr said why. Now the page
@@ -859,10 +867,7 @@ def test_a_cancel_from_the_page_held_up_by_a_stopped_round_says_who_holds_it(pro
     base, token = base_and_token(dashboard)
     holder = stopped_launch_lock_holder(project)
     try:
-        request = urllib.request.Request(f"{base}/api/cancel", method="POST", data=b'{"order": "ORD", "task": "A"}',
-                                         headers={"X-Aipm-Token": token, "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            answer = response.status, json.loads(response.read())
+        answer = _cancel_a_from_the_page(base, token)
         assert answer[0] == 202 and f"held by pid {holder.pid} (" in answer[1]["note"], answer
         assert answer[1]["note"].endswith(f"`kill -CONT {holder.pid}`, lets it go on; the cancel is made once it "
                                           "goes on (if this dashboard still runs)"), answer
@@ -883,10 +888,7 @@ def test_ctrl_c_ends_the_dashboard_though_a_cancel_still_waits_for_a_stopped_rou
     base, token = base_and_token(url)
     holder = stopped_launch_lock_holder(project)
     try:
-        request = urllib.request.Request(f"{base}/api/cancel", method="POST", data=b'{"order": "ORD", "task": "A"}',
-                                         headers={"X-Aipm-Token": token, "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as response:
-            assert response.status == 202
+        assert _cancel_a_from_the_page(base, token)[0] == 202
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 130  # (the round is still stopped)
         said = proc.stderr.read()
