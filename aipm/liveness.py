@@ -250,4 +250,5 @@ def _started_so_before(started: float, recorded: float) -> bool:
     """`recorded` is the start read as `started` (on _boot_time()'s base), in the wall-clock form that aipm before
     the boot_id base wrote (psutil's): a record of a run begun before an upgrade, so its live workers are not
     taken for dead. Only while the clock was not stepped since, as then."""
-    return same_start(started - _boot_time() + _btime(), recorded)
+    base = _BOOT[0] if _BOOT else _boot_time()  # (read once: this is every dead or reused pid's check)
+    return same_start(started - base + _btime(), recorded)

@@ -185,7 +185,8 @@ class Supervisor(Recording, Owner):
         while True:
             woke = self.watcher.wait(timeout)
             if childstops.KEY in woke:  # a child of ours stopped or ended
-                self.child_stops.go_on(self.owned.values())
+                # Only our children: an adopted wrapper's pid, once reaped by its own parent, may be another's.
+                self.child_stops.go_on(rec for key, rec in self.owned.items() if key not in self.adopted)
             keys = hush([key for key in woke if key != childstops.KEY])
             if keys or not woke or (until is not None and time.monotonic() >= until):
                 break

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     if sup.cluster_gone:  # its successors would be lost to it too; a new run starts them once it is back
         print(f"aipm: runner ray: the Ray cluster was lost ({sup.cluster_gone}); {args.task} is QUEUED again",
               file=sys.stderr)
-        return 2
+        return 1  # as `run` then: its task is left QUEUED, and 2 would say nothing changed
     try:
         launcher.launch_ramped(OrderView(Path(args.order_dir), root, watch=False))
     except (UserError, OSError) as exc:  # a task file broken or a disk full: `aipm launch` says the same
