@@ -389,10 +389,14 @@ class Runtime:
 
     def next_number(self, order: str, task: str, start: int) -> int:
         """The first attempt number from `start` on whose log and exit file do not exist yet: every attempt of a
-        task gets files of its own, across retries and interrupted attempts (whose counter is given back)."""
+        task gets files of its own, across retries and interrupted attempts (whose counter is given back). A meter's
+        copy left of a log a person removed takes its number too: the meter appends to it (a resumed codex puts
+        its baseline there first), and the earlier attempt's usage was read as the new one's."""
         number = max(1, start)
         logs, exits = self.log_dir(order), self._in(self.state, "exit", order)
-        while os.path.exists(f"{logs}/{_safe(task)}.{number}.log") or os.path.exists(f"{exits}/{_safe(task)}.{number}"):
+        while any(os.path.exists(path) for path in (f"{logs}/{_safe(task)}.{number}.log",
+                                                    f"{logs}/{_safe(task)}.{number}.reported",
+                                                    f"{exits}/{_safe(task)}.{number}")):
             number += 1
         return number
 

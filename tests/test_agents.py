@@ -566,6 +566,22 @@ def test_an_agent_that_rewrites_its_log_is_charged_what_it_reported(project, con
     assert status["cost_usd"] == 0.5
 
 
+def test_an_attempt_whose_number_lost_its_log_is_charged_its_own_usage_not_the_earlier_attempts(project):
+    """An attempt's number was used again once its log was gone (a person removed it; the spent exit file went with
+    its outcome): the meter appended to the copy the earlier attempt of that number left, and the new attempt was
+    charged the larger of the two results ($0.5 for an attempt that cost $0.1). The copy now keeps its number."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    order = project.order()
+    write_task(order, "A", prompt="@cost 0.5", target_files=["a.txt"])
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    (project.root / ".aipm/logs/ORD/A.1.log").unlink()
+    project.aipm("retry", "A", check=True)
+    (order / "A.yaml").write_text((order / "A.yaml").read_text().replace("@cost 0.5", "@cost 0.1"))
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    assert task_file(order, "A")["cost_usd"] == pytest.approx(0.6)
+    assert '"total_cost_usd": 0.1' in (project.root / ".aipm/logs/ORD/A.2.log").read_text()  # a number of its own
+
+
 def test_a_result_printed_after_the_agents_own_costs_it_no_less(project):
     """claude prints one result, whose total_cost_usd only grows within a run (aider's `$… session` figure likewise):
     a line printed after it that says less (by a command the agent ran, onto the agent's standard output) was taken
