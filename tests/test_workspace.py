@@ -1719,6 +1719,21 @@ def test_a_users_stash_entry_a_worker_pops_in_its_worktree_is_put_back(repo):
     assert git(repo, "stash", "list", "--format=%H").split() == [users]
 
 
+def test_stash_entries_a_worker_pops_are_put_back_in_their_order(repo):
+    """Two of the user's entries popped by a worker were put back newest first, so the older one ended on top:
+    `git stash pop` in the main tree then applied the wrong one, and each note said it was stash@{0}."""
+    (repo / "src" / "c.txt").write_text("second\n")
+    git(repo, "stash", "push", "-q", "-m", "second", "--", "src/c.txt")
+    before = git(repo, "stash", "list", "--format=%H").split()
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/new.txt"], max_rework=0,
+               command="echo new > src/new.txt; git stash pop; git stash pop")
+    project.aipm("run", "ORD")
+    assert git(repo, "stash", "list", "--format=%H").split() == before
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert f"stash@{{1}} ({before[1][:10]})" in log and f"stash@{{0}} ({before[0][:10]})" in log, log
+
+
 def test_a_stash_entry_the_user_pops_in_the_main_tree_meanwhile_is_not_put_back(repo, tmp_path):
     project = project_in(repo)
     ready, gate = tmp_path / "ready", tmp_path / "gate"

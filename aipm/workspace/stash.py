@@ -28,9 +28,12 @@ def restore(repo: Repo, space: str, base: str, end: str) -> list[str]:
     """Put back the entries pinned at the attempt's start that are gone from the stash and whose changes its end
     holds where its start did not (an entry the user popped in the main tree meanwhile is not). Notes for the
     log."""
-    pinned = repo.git("for-each-ref", "--format=%(objectname)", f"{space}stash/").decode().split()
+    refs = repo.git("for-each-ref", "--format=%(refname) %(objectname)", f"{space}stash/").decode().split("\n")
+    # Oldest first (stash/<n>: n was its stash@{n}): each store goes on top, so the newest ends there, as it was.
+    pinned = [commit for _, commit in sorted((line.split() for line in refs if line),
+                                             key=lambda ref: -int(ref[0].rpartition("/")[2]))]
     present = {commit for _, commit, _, _ in repo.stash()} if pinned else set()
-    notes = []
+    notes, back = [], []
     for commit in pinned:
         if commit in present:
             continue
@@ -47,8 +50,8 @@ def restore(repo: Repo, space: str, base: str, end: str) -> list[str]:
             notes.append(f"{commit}: {taken}; it could not be put back ({exc}): `git stash store {commit}` does it")
             continue
         present.add(commit)
-        notes.append(f"stash@{{0}} ({commit[:10]}): {taken}: put back")
-    return notes
+        back.append(f"({commit[:10]}): {taken}: put back")
+    return notes + [f"stash@{{{len(back) - 1 - n}}} {note}" for n, note in enumerate(back)]
 
 
 def left(repo: Repo, base: str, end: str) -> list[str]:
