@@ -1670,6 +1670,19 @@ def test_changes_a_worker_stashed_are_named_where_they_are_not_said_merged(repo,
     assert not (repo / "src/new.txt").exists() and "work" not in (repo / "src/a.txt").read_text()
 
 
+def test_a_worker_stash_dated_before_its_start_is_named_too(repo):
+    """The worker's entries were told from older ones by their commit time (not before the attempt's start): with
+    the clock stepped back since the start (here GIT_COMMITTER_DATE), the worker's `git stash` went DONE "merged",
+    its work only in the stash and unnamed. The entries in the stash at the start (pinned then) are the older ones."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"],
+               command="echo work >> src/a.txt && GIT_COMMITTER_DATE='2001-01-01T00:00:00Z' git stash -q")
+    project.aipm("run", "ORD")
+    stashed = git(repo, "rev-parse", "refs/stash").strip()
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert f"src/a.txt (stash@{{0}}, {stashed[:10]}): left in the repository's stash" in log, log
+
+
 @pytest.mark.parametrize("then", [["run", "ORD"], ["recover"]])
 def test_an_attempt_whose_record_went_with_the_state_directory_keeps_its_changes(repo, tmp_path, then):
     """The state directory lives in /tmp, which a reboot (or a tmp cleaner) empties while a worktree stays in the

@@ -190,7 +190,8 @@ def keep(root: Path, rec: Record) -> str:
         return f"the changes of attempt {rec.serial} could not be kept: {exc}"
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     also = f"; {_left_out(root, rec, left_out)}" if left_out else ""
-    also += "".join(f"; {note}" for note in stash.left(repo, base, end))
+    space = refname(rec.order, rec.task, prefix=repo.prefix)
+    also += "".join(f"; {note}" for note in stash.left(repo, space, base, end))
     if not repo.changes(base, end):
         return f"attempt {rec.serial} changed nothing in its worktree{also}"
     return (f"the changes of attempt {rec.serial} are kept in {patch} (`git apply` it at the repository's top); "
@@ -311,7 +312,8 @@ def merge(root: Path, rec: Record) -> list[str]:
             "were merged, these were left as the main tree has them\n"
             + "".join(f"  {path}: {why}\n" for path, why in applied.conflicts), paths))
     base, end = (repo.rev(refname(rec.order, rec.task, which, prefix=repo.prefix)) for which in ("base", "end"))
-    return notes + _ignored_left_behind(repo, rec) + (stash.left(repo, base, end) if base and end else [])
+    space = refname(rec.order, rec.task, prefix=repo.prefix)
+    return notes + _ignored_left_behind(repo, rec) + (stash.left(repo, space, base, end) if base and end else [])
 
 
 def _kept(root: Path, rec: Record, conflict: Conflict) -> Conflict:

@@ -283,13 +283,13 @@ class Repo:
         out = self.git("ls-tree", "-r", "-z", "--name-only", commit).decode("utf-8", "surrogateescape")
         return [p for p in out.split("\0") if p]
 
-    def stash(self) -> list[tuple[str, str, list[str], int]]:
+    def stash(self) -> list[tuple[str, str, list[str]]]:
         """The repository's stash, newest first, which all its worktrees share with the main tree: (stash@{n},
-        commit, its parents, its commit time)."""
+        commit, its parents)."""
         if self.rev("refs/stash") is None:
             return []
-        out = self.git("log", "-g", "--format=%gd %ct %H %P", "refs/stash").decode()
-        return [(name, commit, parents, int(when)) for name, when, commit, *parents in map(str.split, out.splitlines())]
+        out = self.git("log", "-g", "--format=%gd %H %P", "refs/stash").decode()
+        return [(name, commit, parents) for name, commit, *parents in map(str.split, out.splitlines())]
 
     def descends(self, commit: str, ancestor: str) -> bool:
         return self._run(self.top, ["merge-base", "--is-ancestor", ancestor, commit], check=False).returncode == 0

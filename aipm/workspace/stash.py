@@ -19,7 +19,7 @@ STASHED = ("left in the repository's stash by the worker, so not merged (the sta
 
 def pin(repo: Repo, space: str) -> None:
     """Note the entries in the stash as an attempt starts (`space`: its refs' prefix)."""
-    lines = [f"update {space}stash/{n} {commit}\n" for n, (_, commit, _, _) in enumerate(repo.stash())]
+    lines = [f"update {space}stash/{n} {commit}\n" for n, (_, commit, _) in enumerate(repo.stash())]
     if lines:
         repo.git("update-ref", "--stdin", stdin="".join(lines).encode())
 
@@ -28,11 +28,8 @@ def restore(repo: Repo, space: str, base: str, end: str) -> list[str]:
     """Put back the entries pinned at the attempt's start that are gone from the stash and whose changes its end
     holds where its start did not (an entry the user popped in the main tree meanwhile is not). Notes for the
     log."""
-    refs = repo.git("for-each-ref", "--format=%(refname) %(objectname)", f"{space}stash/").decode().split("\n")
-    # Oldest first (stash/<n>: n was its stash@{n}): each store goes on top, so the newest ends there, as it was.
-    pinned = [commit for _, commit in sorted((line.split() for line in refs if line),
-                                             key=lambda ref: -int(ref[0].rpartition("/")[2]))]
-    present = {commit for _, commit, _, _ in repo.stash()} if pinned else set()
+    pinned = _pinned(repo, space)
+    present = {commit for _, commit, _ in repo.stash()} if pinned else set()
     notes, back = [], []
     for commit in pinned:
         if commit in present:
@@ -54,18 +51,27 @@ def restore(repo: Repo, space: str, base: str, end: str) -> list[str]:
     return notes + [f"stash@{{{len(back) - 1 - n}}} {note}" for n, note in enumerate(back)]
 
 
-def left(repo: Repo, base: str, end: str) -> list[str]:
+def left(repo: Repo, space: str, base: str, end: str) -> list[str]:
     """Notes of the entries the worker made whose changes its end does not hold as stashed (a `git stash apply`
     put them back: merged)."""
     entries = repo.stash()
-    since = int(repo.git("log", "-1", "--format=%ct", base)) if entries else 0  # (spares older entries a git each)
+    # The entries pinned at the start are older (a git each spared). Not told by their time: a clock stepped back
+    # since the start dated the worker's before it.
+    older = set(_pinned(repo, space)) if entries else set()
     notes = []
-    for name, commit, parents, when in entries:
-        if when >= since and repo.descends(parents[0], base):
+    for name, commit, parents in entries:
+        if commit not in older and repo.descends(parents[0], base):
             paths = sorted(_paths(repo, parents, commit) - _held(repo, parents, commit, end))
             if paths:
                 notes.append(f"{', '.join(paths)} ({name}, {commit[:10]}): {STASHED}")
     return notes
+
+
+def _pinned(repo: Repo, space: str) -> list[str]:
+    """The entries pinned at the attempt's start, oldest first (stash/<n> was its stash@{n})."""
+    refs = repo.git("for-each-ref", "--format=%(refname) %(objectname)", f"{space}stash/").decode().split("\n")
+    return [commit for _, commit in sorted((line.split() for line in refs if line),
+                                           key=lambda ref: -int(ref[0].rpartition("/")[2]))]
 
 
 def _paths(repo: Repo, parents: list[str], commit: str) -> set[str]:
