@@ -899,3 +899,86 @@ def test_ctrl_c_ends_the_dashboard_though_a_cancel_still_waits_for_a_stopped_rou
         proc.kill()
         proc.wait(timeout=60)
     assert task_statuses(project.order()) == {"A": "QUEUED"}
+
+
+def _rows(driver, order_id):
+    """The task keys of the order's table rows, top to bottom."""
+    return driver.execute_script(
+        "return [...document.querySelectorAll(`section[data-order='${arguments[0]}'] tr[data-task]`)]"
+        ".map(r => r.dataset.task)", order_id)
+
+
+def _boxes(driver, order_id):
+    """The order's graph boxes: task id -> [label, status (its title), fill, x]."""
+    return driver.execute_script("""
+        const out = {};
+        for (const rect of document.querySelectorAll(`section[data-order='${arguments[0]}'] svg rect`)) {
+          const text = rect.nextElementSibling, [id, status] = text.lastChild.textContent.split(": ");
+          out[id] = [text.firstChild.textContent, status, rect.getAttribute("fill"), +rect.getAttribute("x")];
+        }
+        return out;""", order_id)
+
+
+def test_a_big_order_shows_each_change_in_place_and_keeps_the_rows_that_did_not_change(project, dashboard, browser):
+    """The page redraws only the rows of the tasks that changed and lays the graph out again only when its shape
+    changed (a redraw of 3,000 tasks took a second a change): a status change, a removed task, an added one and a
+    new priority must each show as a reload would show them, with the untouched rows the same nodes."""
+    order = project.order()
+    ids = [f"T{i:02d}" for i in range(40)]
+    for i, tid in enumerate(ids):  # chains of ten
+        write_task(order, tid, command="true", **({"depends_on": [ids[i - 1]]} if i % 10 else {}))
+    browser.get(dashboard)
+    wait_for(lambda: row_status(browser, "ORD/T39") == "QUEUED")
+    assert _rows(browser, "ORD") == [f"ORD/{tid}" for tid in ids]
+    browser.execute_script("document.querySelectorAll('tr[data-task], svg').forEach(n => n.kept = true)")
+
+    def kept(css):
+        return browser.execute_script("return document.querySelector(arguments[0]).kept === true", css)
+
+    write_task(order, "T15", command="true", depends_on=["T14"], status="CANCELLED")
+    wait_for(lambda: row_status(browser, "ORD/T15") == "CANCELLED")
+    assert browser.execute_script(
+        "return document.querySelector(\"tr[data-task='ORD/T15'] button\").dataset.action") == "retry"
+    wait_for(lambda: _boxes(browser, "ORD")["T15"][1:3] == ["CANCELLED", "#eaeef2"])
+    assert _boxes(browser, "ORD")["T05"][1:3] == ["QUEUED", "#ddf4ff"]
+    assert kept("tr[data-task='ORD/T05']") and kept("section[data-order='ORD'] svg")  # no layout again
+    assert not kept("tr[data-task='ORD/T15']")
+
+    for gone in ("T29", "T39"):  # the ends of two chains: from the middle of the table and from its end
+        (order / f"{gone}.yaml").unlink()
+    wait_for(lambda: _rows(browser, "ORD")[-2:] == ["ORD/T37", "ORD/T38"] and "ORD/T29" not in _rows(browser, "ORD"))
+    assert not {"T29", "T39"} & set(_boxes(browser, "ORD"))
+    assert kept("tr[data-task='ORD/T28']") and kept("tr[data-task='ORD/T30']")
+
+    write_task(order, "T30", command="true", priority="P0")  # a new label: the graph's shape changed
+    wait_for(lambda: _boxes(browser, "ORD")["T30"][0].startswith("P0"))
+    write_task(order, "T15a", command="true", depends_on=["T15"])
+    wait_for(lambda: _rows(browser, "ORD") == [f"ORD/{tid}" for tid in sorted([*ids, "T15a"])
+                                               if tid not in ("T29", "T39")])
+    boxes = _boxes(browser, "ORD")
+    assert boxes["T15a"][1] == "QUEUED" and boxes["T15a"][3] > boxes["T15"][3]  # a column right of T15
+    assert boxes["T15"][1:3] == ["CANCELLED", "#eaeef2"]  # the new layout's colours are the board's
+    assert row_status(browser, "ORD/T15") == "CANCELLED"
+
+
+def test_an_order_that_breaks_and_is_mended_shows_its_tasks_as_they_are_now(project, dashboard, browser):
+    """The page keeps each order's rows between boards: an order shown as an error in between must come back with
+    the tasks as they stand, not the rows it had before; an order that goes leaves the page."""
+    order, other = project.order(), project.order("O2")
+    write_task(order, "A", command="true")
+    write_task(order, "B", command="true")
+    write_task(other, "C", command="true")
+    browser.get(dashboard)
+    wait_for(lambda: row_status(browser, "ORD/B") == "QUEUED" and row_status(browser, "O2/C") == "QUEUED")
+    (order / "B.yaml").write_text("id: B\ncommand: [unclosed\n")
+    wait_for(lambda: browser.execute_script(
+        "return !!document.querySelector(\"section[data-order='ORD'] .error\")"))
+    assert row_status(browser, "ORD/A") is None
+    write_task(order, "B", command="true", status="CANCELLED")
+    (order / "A.yaml").unlink()
+    wait_for(lambda: row_status(browser, "ORD/B") == "CANCELLED")
+    assert _rows(browser, "ORD") == ["ORD/B"] and list(_boxes(browser, "ORD")) == ["B"]
+    assert not browser.execute_script("return !!document.querySelector(\"section[data-order='ORD'] .error\")")
+    shutil.rmtree(other)
+    wait_for(lambda: not browser.execute_script("return !!document.querySelector(\"section[data-order='O2']\")"))
+    assert row_status(browser, "ORD/B") == "CANCELLED"
