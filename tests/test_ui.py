@@ -982,3 +982,44 @@ def test_an_order_that_breaks_and_is_mended_shows_its_tasks_as_they_are_now(proj
     shutil.rmtree(other)
     wait_for(lambda: not browser.execute_script("return !!document.querySelector(\"section[data-order='O2']\")"))
     assert row_status(browser, "ORD/B") == "CANCELLED"
+
+
+def test_the_page_is_sent_only_the_tasks_that_changed_after_its_first_board(project, dashboard):
+    """Each change sent the whole board (1 MB for 3,000 tasks) however little of it changed. The page's stream
+    (patches=1) now gets a whole board first, as any reconnected one does, then each unchanged task as its id alone;
+    a stream without patches=1 (a script following /events) still gets whole boards."""
+    order = project.order()
+    for tid in ("A", "B", "C"):
+        write_task(order, tid, command="true")
+    base, token = base_and_token(dashboard)
+
+    def events(query):
+        stream = urllib.request.urlopen(f"{base}/events?token={token}{query}", timeout=60)
+
+        def next_message():
+            while not (line := stream.readline()).startswith(b"event: "):
+                assert line, "the event stream ended"
+            return line[len(b"event: "):].strip().decode(), json.loads(stream.readline()[len(b"data: "):])
+        return stream, next_message
+
+    page, page_heard = events("&patches=1")
+    script, script_heard = events("")
+    for heard in (page_heard, script_heard):
+        kind, board = heard()
+        assert kind == "board" and [t["status"] for t in board["orders"][0]["tasks"]] == ["QUEUED"] * 3
+    tasks = {t["id"]: t for t in board["orders"][0]["tasks"]}
+    for tid, status in (("B", "CANCELLED"), ("D", "QUEUED")):  # whole files at once: no half-written one is read
+        write_task(project.root, "new", command="true", status=status, id=tid).replace(order / f"{tid}.yaml")
+    while "D" not in tasks or tasks["B"]["status"] != "CANCELLED":
+        kind, board = page_heard()
+        rows = board["orders"][0]["tasks"]
+        assert kind == "patch" and rows[0] == "A"  # A did not change: its id alone
+        tasks = dict((row, tasks[row]) if isinstance(row, str) else (row["id"], row) for row in rows)
+    assert list(tasks) == ["A", "B", "C", "D"] and tasks["D"]["status"] == "QUEUED"
+    while len((said := script_heard())[1]["orders"][0]["tasks"]) < 4 or said[1]["orders"][0]["tasks"][1][
+            "status"] != "CANCELLED":
+        assert said[0] == "board"
+    assert said[0] == "board" and [t["status"] for t in said[1]["orders"][0]["tasks"]] == [
+        "QUEUED", "CANCELLED", "QUEUED", "QUEUED"]
+    page.close()
+    script.close()

@@ -36,7 +36,7 @@ from aipm.logbook import attempt_logs
 from aipm.project import Project
 from aipm.settings import Settings
 from aipm.store import order_meta, task_names
-from aipm.ui.stream import LIVE_BYTES, Hub, LiveLog, Stream, as_json, sse
+from aipm.ui.stream import LIVE_BYTES, Hub, LiveLog, Stream, as_json, board_patch, sse
 from aipm.workerfiles import reading
 
 TOKEN_HEADER = b"x-aipm-token"
@@ -213,6 +213,8 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
     async def events(request: Request):
         stream = Stream()
         live = LiveLog()
+        # The page asks for patches after the first board; a script following /events gets whole boards as before.
+        patches = request.query_params.get("patches") == "1"
 
         async def messages():
             hub.streams.add(stream)
@@ -229,8 +231,9 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
                         current = await (hub.board(lambda: run_in_threadpool(board)) if sent is not None
                                          else run_in_threadpool(board))
                         if current != sent:
+                            yield (sse("patch", board_patch(sent, current)) if patches and sent is not None
+                                   else sse("board", current))
                             sent = current
-                            yield sse("board", current)
                     if lines:
                         yield sse("log", _page_full(lines))
                     lines = []

@@ -169,6 +169,16 @@ class LiveLog:
         return [{"order": log.order, "task": log.task, "line": line} for line in self.tail.read(path, skip=skip)]
 
 
+def board_patch(sent: dict, current: dict) -> dict:
+    """`current` as a change to `sent`, the board the page has: a task unchanged in an order it has is only its id
+    (one task's change in an order of 3,000 sent the page 1 MB); an order new to it comes whole."""
+    had = {order["path"]: {task["id"]: task for task in order["tasks"]} for order in sent["orders"]}
+    orders = [order if order["path"] not in had else
+              {**order, "tasks": [t["id"] if had[order["path"]].get(t["id"]) == t else t for t in order["tasks"]]}
+              for order in current["orders"]]
+    return {**current, "orders": orders}
+
+
 def as_json(data) -> str:
     """ASCII JSON, for the stream and the API alike: a name that is not UTF-8 (an order directory's, read as
     surrogates) comes out escaped, where encoding it to UTF-8 failed."""
