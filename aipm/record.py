@@ -6,7 +6,7 @@ Runtime (runtime.py) stores the records; this is the record itself, plain data a
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from aipm.liveness import ancestors, process_alive, same_start, stopped
 
@@ -70,6 +70,15 @@ class Record:
     # waiting for it (aipm/slots.py). Cleared when its owner is gone (recovery): that worker went on.
     borrowed: str = ""
 
+    @classmethod
+    def parse(cls, data: object) -> Record:
+        """A record as stored. A field this version does not know (written by a newer aipm sharing the state
+        directory) is left out: refusing the whole record left its live worker unadopted and its outcome lost.
+        A missing field, or no JSON object, is still no record (TypeError)."""
+        if not isinstance(data, dict):
+            raise TypeError("a worker record is a JSON object")
+        return cls(**{name: value for name, value in data.items() if name in _FIELDS})
+
     @property
     def serial(self) -> int:
         return self.number or self.attempt  # records written before `number` existed
@@ -106,6 +115,8 @@ class Record:
         return ((self.pgid == session or same_start(above.get(self.pid, -1.0), self.ctime))
                 and self.worker_alive())
 
+
+_FIELDS = frozenset(f.name for f in fields(Record))
 
 _ENCLOSING: list[tuple[int, dict[int, float]]] = []  # this process's session and ancestors, read once
 

@@ -313,7 +313,7 @@ class Runtime:
     @staticmethod
     def _read(path: Path | str) -> Record | None:
         try:
-            return Record(**json.loads(read_small(os.fspath(path))))
+            return Record.parse(json.loads(read_small(os.fspath(path))))
         except (OSError, ValueError, TypeError):
             return None
 

@@ -463,6 +463,32 @@ def test_recover_adopts_a_worker_whose_owner_died(project):
     assert project.json("status", "ORD")["tasks"][0]["attempts"] == 1  # the real outcome, not a re-run
 
 
+def test_a_record_with_a_field_from_a_newer_aipm_is_adopted_after_a_kill_9_of_run(project, gate):
+    """A record carrying a field this version does not know (a newer aipm wrote it) was ignored whole: after
+    `kill -9` of `run` the next run could not adopt the live worker (IN_PROGRESS, exit 1) and its outcome was
+    lost."""
+    order = project.order()
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done; echo done-a", target_files=["a"])
+    argv = [sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"]
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    first = subprocess.Popen(argv, cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    path = state(project.root) / "workers" / "ORD" / "A.json"
+    record = wait_for(lambda: path.exists() and json.loads(path.read_text()).get("pid") and json.loads(
+        path.read_text()))
+    first.kill()
+    first.wait()
+    path.write_text(json.dumps({**record, "a_field_from_a_newer_aipm": {"any": 1}}))
+    second = subprocess.Popen(argv, cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env)
+    wait_for(lambda: second.poll() is not None or json.loads(path.read_text())["owner_pid"] == second.pid)
+    gate.touch()
+    out, _ = second.communicate(timeout=60)
+    assert second.returncode == 0, out
+    assert "adopt    A" in out, out
+    assert task_statuses(order) == {"A": "DONE"}
+    assert project.json("status", "ORD")["tasks"][0]["attempts"] == 1  # the adopted worker's outcome, no re-run
+
+
 def test_detect_summary_and_json(project):
     order = project.order()
     write_task(order, "A", command="true", target_files=["a"], priority="P0")
