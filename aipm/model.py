@@ -178,6 +178,10 @@ def status_counts(order: Order) -> dict[str, int]:
     return dict(Counter(t.status.value for t in order.tasks.values()))
 
 
+def all_done(order: Order) -> bool:
+    return all(t.status in FINISHED_OK for t in order.tasks.values())
+
+
 def status_summary(order: Order) -> str:
     """"DONE 9, QUEUED 1": how many tasks are in each status, for one-line summaries."""
     return format_counts(status_counts(order))

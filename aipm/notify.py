@@ -1,6 +1,7 @@
 """Signals to a person: the `notify` setting's command, run when a task ends FAILED or REJECTED (or INTERRUPTED,
 its exit code lost), when a run waits for a person (a task file to fix, a stopped owner to let go on, a lock held
-outside aipm), when an order's budget stops it, and when `aipm run` ends its order.
+outside aipm), when an order's budget stops it, and when an order ends (told once per ending, by `aipm run` or by the
+detached owner of its last task).
 
 It never blocks or breaks the caller: the command starts detached, in a session of its own, through a shell that
 backgrounds it and exits at once (so no process is left for us to reap), with standard input from /dev/null and
@@ -17,7 +18,9 @@ from contextlib import suppress
 from pathlib import Path
 
 from aipm import workerfiles
+from aipm.digest import sha1
 from aipm.liveness import process_ctime
+from aipm.model import Order
 from aipm.runtime import Runtime
 from aipm.settings import Settings
 
@@ -66,6 +69,23 @@ def send(settings: Settings, runtime: Runtime, event: str, status: str, detail: 
     except OSError as exc:
         with suppress(OSError):
             _append(runtime.notify_log(), f"[aipm] notify command could not start: {exc}\n")
+
+
+def order_finished(settings: Settings, runtime: Runtime, order: Order, done: bool, detail: str) -> None:
+    """`order_finished`, once per ending of the order (its tasks' statuses and attempts as they ended): told by
+    whoever finds it first, a `run` or the detached owner of its last task, which may find it at the same moment:
+    the one that takes the launch lock first."""
+    if settings.notify is None:
+        return
+    end = sha1(repr(sorted((t.id, t.status.value, t.attempts, t.started_at) for t in order.tasks.values()))
+               .encode(errors="surrogateescape")).hexdigest()
+    with runtime.launch_lock():
+        try:
+            first = runtime.first_to_tell(order.id, end)
+        except OSError:  # a full state directory: told, perhaps twice, rather than a crash at the end of a run
+            first = True
+        if first:
+            send(settings, runtime, ORDER_FINISHED, "DONE" if done else "INCOMPLETE", detail, AIPM_ORDER_ID=order.id)
 
 
 def needs_person(settings: Settings, runtime: Runtime, order_id: str, task_id: str, detail: str) -> None:

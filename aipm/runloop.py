@@ -18,15 +18,11 @@ import aipm
 from aipm import budget, handover, notify, preemption, recovery, runner, scope, writer
 from aipm.launcher import RAMP, Launcher
 from aipm.liveness import stopped
-from aipm.model import FINISHED_OK, Order, Status, status_summary
+from aipm.model import FINISHED_OK, Order, Status, all_done, status_summary
 from aipm.plan import never_runs
 from aipm.record import Record
 from aipm.supervisor import RECORDS, RECORDS_RECHECK, Emit, Supervisor
 from aipm.view import OrderView
-
-
-def all_done(order: Order) -> bool:
-    return all(t.status in FINISHED_OK for t in order.tasks.values())
 
 
 class Stop:
@@ -426,8 +422,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         over = spend is not None and spend.over
         if over and not budget_told:  # every task may be DONE, and yet the order cost more than it may
             emit({"event": "budget", "order": order.id, "detail": spend.over_detail})
-        notify.send(launcher.settings, launcher.runtime, notify.ORDER_FINISHED, "DONE" if done else "INCOMPLETE",
-                    f"{order.id}: {status_summary(order)}", AIPM_ORDER_ID=order.id)
+        notify.order_finished(launcher.settings, launcher.runtime, order, done, f"{order.id}: {status_summary(order)}")
         return 0 if done and not over else 1
     finally:
         writer.drop_prepared()

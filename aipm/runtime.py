@@ -317,6 +317,16 @@ class Runtime:
         except (OSError, ValueError, TypeError):
             return None
 
+    def first_to_tell(self, order: str, end: str) -> bool:
+        """Whether no one told `end`, the order's ending (notify.order_finished), yet; noted as told if so. Under the
+        launch lock: a run watching the order and its detached owners can find the same ending at once."""
+        path = self.state / "told" / _safe(order)
+        with suppress(OSError):
+            if read_small(str(path)) == end.encode(errors="surrogateescape"):
+                return False
+        self._state_write(path, end)
+        return True
+
     def mark_cancelled(self, rec: Record) -> None:
         """`aipm cancel` marks the attempt it stops, where no worker writes: a task file is anyone's (an agent may
         write `status: CANCELLED`), so a CANCELLED over an attempt is the user's only with this mark (see restore)."""

@@ -13,9 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-from aipm import recovery
+from aipm import notify, recovery
 from aipm.errors import UserError
 from aipm.launcher import Launcher, Options
+from aipm.logbook import settled
+from aipm.model import all_done, status_summary
 from aipm.project import Project
 from aipm.settings import settings_from_flags
 from aipm.store import load_task
@@ -103,11 +105,25 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1  # as `run` then: its task is left QUEUED, and 2 would say nothing changed
     try:
-        launcher.launch_ramped(OrderView(Path(args.order_dir), root, watch=False))
+        view = OrderView(Path(args.order_dir), root, watch=False)
+        launcher.launch_ramped(view)
+        _tell_if_finished(launcher, view)
     except (UserError, OSError) as exc:  # a task file broken or a disk full: `aipm launch` says the same
         print(f"aipm: cannot start the successors of {args.task}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _tell_if_finished(launcher: Launcher, view: OrderView) -> None:
+    """An order run by `aipm launch` alone has no `run` to tell its end: the owner that leaves it settled (no
+    record of it left, nothing that can still start) tells it, once (notify.order_finished)."""
+    if launcher.settings.notify is None:
+        return
+    with launcher.runtime.launch_lock():
+        order = view.refresh()
+        if settled(order, launcher.runtime.records()):
+            notify.order_finished(launcher.settings, launcher.runtime, order, all_done(order),
+                                  f"{order.id}: {status_summary(order)}")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from conftest import no_workers, snapshot, state, task_statuses, wait_for, write_task
-from invariants import check, journal_command, random_order
+from invariants import check, journal_command, pid_alive, random_order
 
 
 def all_final(order_dir, final=("DONE", "COMPLETED", "FAILED", "REJECTED", "CANCELLED")):
@@ -194,3 +194,38 @@ def test_launchs_deferred_lines_are_printed_as_they_are(capsys):
     say_launched(report, [], "ORD", dry_run=False)
     assert capsys.readouterr().out.splitlines() == ["started S (pid 5)", f"deferred T0: {details[0]}",
                                                     f"deferred T1: {details[1]}"]
+
+
+@pytest.mark.parametrize("watcher", [False, True])
+def test_an_order_run_by_launch_alone_tells_its_end_once_whoever_finds_it(project, gate, watcher):
+    """Only `run` sent `order_finished`, so an order run by `aipm launch` alone never told its end. Now the owner
+    that leaves it settled tells it, once: four detached owners end at the same moment (one gate), and with
+    `watcher` an `aipm run` watching them finds the same end; aipm notes each event it sends in notify.log before
+    starting the command, so once every owner and the run have exited, that log says how many were sent."""
+    notes = project.root / "notes.txt"
+    (project.root / "aipm.yaml").write_text(
+        f"max_workers: 5\nnotify: 'echo \"$AIPM_EVENT $AIPM_STATUS\" >> {notes}'\n")
+    order = project.order()
+    for task in "ABCD":
+        write_task(order, task, command=f"while [ ! -e {gate} ]; do sleep 0.01; done", target_files=[task])
+    project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
+    workers = state(project.root) / "workers" / "ORD"
+
+    def owners():
+        recs = [json.loads(p.read_text()) for p in workers.glob("*.json")]
+        return len(recs) == 4 and all(r["pid"] for r in recs) and [r["owner_pid"] for r in recs]
+
+    pids = wait_for(owners)
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                            "--no-resource-monitoring"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True) if watcher else None
+    said = run.stdout.readline() if run else ""  # its first line: it watches the owners' tasks
+    gate.touch()
+    if run:
+        said += run.communicate(timeout=60)[0]
+        assert run.returncode == 0, said
+    wait_for(lambda: not any(pid_alive(pid) for pid in pids) and no_workers(project.root))
+    assert task_statuses(order) == dict.fromkeys("ABCD", "DONE")
+    told = (project.root / ".aipm" / "notify.log").read_text()
+    assert told.count(" order_finished ") == 1, told
+    wait_for(lambda: notes.exists() and "order_finished DONE" in notes.read_text())
