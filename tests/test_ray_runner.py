@@ -832,3 +832,39 @@ def test_an_agent_attempt_whose_ray_task_was_never_submitted_counts_no_cap(tmp_p
     after = yaml.safe_load(path.read_text())
     assert (after["status"], after["attempts"]) == ("QUEUED", 0), after
     assert "cost_unreported_usd" not in after, after
+
+
+def test_an_attempt_whose_driver_gives_up_on_a_dead_gcs_first_spends_no_attempt(tmp_path):
+    """Only the cluster's GCS dies. The attempt's Ray driver may give up on it before its task is found lost: Ray
+    ends it with exit 1 ("Failed to connect to GCS within 60 seconds"), not the driver's exit 75, so it counted as a
+    failed attempt (about one run in five). Here the driver's wait for the GCS is made short
+    (RAY_gcs_rpc_server_reconnect_timeout_s, the driver's own: the raylet keeps its minute), so it always gives up
+    first: its result never came back, and the lost-cluster check re-queues the task, attempt not counted."""
+    if not RAY.exists() or os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs ray and root with unshare/nsenter")
+    c = Cluster()  # its own: this test kills its GCS
+    try:
+        project = Project(tmp_path)
+        write_task(project.order(), "A", target_files=["a.txt"], max_attempts=3,
+                   command=f"touch {tmp_path}/A.started; sleep 600")
+        env = dict(c.env, RAY_gcs_rpc_server_reconnect_timeout_s="3")
+        run = subprocess.Popen(["nsenter", "-t", str(c.holder.pid), "-n", sys.executable, "-m", "aipm", "--root",
+                                str(tmp_path), "run", "ORD", "--runner", "ray"], env=env, cwd=tmp_path,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        wait_for(lambda: (tmp_path / "A.started").exists() or run.poll() is not None, 120)
+        assert run.poll() is None, run.communicate()[0]
+        gcs = [pid for pid in _in_namespace(os.readlink(f"/proc/{c.holder.pid}/ns/net"))
+               if b"gcs_server" in _cmdline(pid)]
+        assert gcs, "no gcs_server in the cluster's namespace"
+        for pid in gcs:
+            os.kill(pid, signal.SIGKILL)
+        out, _ = run.communicate(timeout=240)
+    finally:
+        if run.poll() is None:
+            run.kill()
+        c.close()
+    log = (tmp_path / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
+    assert "Failed to connect to GCS" in log, log  # the driver's end was Ray's exit 1, not the driver's 75
+    task = yaml.safe_load((project.order() / "A.yaml").read_text())
+    assert (task.get("status", "QUEUED"), task.get("attempts", 0)) == ("QUEUED", 0), (task, out, log)
+    assert run.returncode == 1 and "the Ray cluster was lost" in out, out

@@ -27,6 +27,10 @@ LOST = 75  # EX_TEMPFAIL
 UNREACHED = "cannot reach the Ray cluster"  # its line in the log is the check's, said as the run's error
 NOT_SUBMITTED = "no Ray task was submitted"  # the end of a stop's while it reached the cluster
 ENDED = "Ray ended the attempt"
+# Noted while the attempt's Ray task runs, replaced once its result (or a stop's end) is back. Left behind, the
+# driver ended without its result and without a word of its own: Ray's own exit 1 when the cluster's GCS is gone a
+# minute ("Failed to connect to GCS within 60 seconds"), which may come before its task is found lost (see gone).
+AWAITED = "its Ray task was submitted; no result came back"
 
 
 # The oldest Ray with every internal the attempt uses: ray._private.services.find_node_ids came in 2.54
@@ -94,7 +98,7 @@ def gone(exit_file: str, command: Sequence[str], code: int | None) -> str | None
     """Why the Ray cluster itself is gone, when an attempt Ray lost (failure) ended so because its cluster cannot be
     reached now, else None: not the loss of one node of a cluster that lives on, which is a failed attempt like any
     other. Such an attempt is no failure of its task, and every other attempt would be lost the same way."""
-    if failure(exit_file, command, code) is None:
+    if failure(exit_file, command, code) is None and not (is_attempt(command) and reason(exit_file) == AWAITED):
         return None
     return reached(command[command.index("--address") + 1])
 

@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 
-from aipm.cluster import ENDED, LOST, NOT_SUBMITTED, UNREACHED, host_port
+from aipm.cluster import AWAITED, ENDED, LOST, NOT_SUBMITTED, UNREACHED, host_port
 from aipm.outcome import exited
 from aipm.workerfiles import note_reason
 
@@ -240,10 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     shape = {name: float(options[key]) for name, key in (("CPU", "num_cpus"), ("GPU", "num_gpus"),
                                                           ("memory", "memory")) if options.get(key)}
     _watch_autoscaler(shape)
+    _say_why(args.exit_file, AWAITED)  # (before the submit: a driver ended just after it is covered too)
     ref = ray.remote(run_on_node).options(**options).remote(spec)
     while not ray.wait([ref], timeout=SLICE)[0]:
         if _received:
-            return _cancel(ray, ref, _received[0])
+            return _cancel(ray, ref, _received[0], args.exit_file)
         if _unplaceable.is_set():
             ray.cancel(ref)  # still in Ray's queue; were it placed meanwhile, its command is stopped as on a stop
             ray.wait([ref], timeout=CANCEL_WAIT)
@@ -255,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         result = ray.get(ref)
     except Exception as exc:  # noqa: BLE001 - a lost worker or node
         return _lost(args.exit_file, f"{ENDED}: {type(exc).__name__}: {_first_line(exc)}")
+    _say_why(args.exit_file, "")  # back: the code is the command's
     code = result["code"]  # negative: the command died of that signal (the guard died of it too)
     print(f"[aipm] ran on Ray node {result['host']} (guard pid {result['guard_pid']}), {exited(code)}", flush=True)
     return 128 - code if code < 0 else code  # as a shell's $? says it, and the wrapper writes it
@@ -296,12 +298,17 @@ def _lost(exit_file: str | None, why: str, code: int = LOST) -> int:
     """The attempt ends LOST (or `code`: stopped): why, in the log for the person and beside the exit file for the
     task's reason and its cost (the command writes the log too, and may exit 75 itself)."""
     print(f"[aipm] {why}", flush=True)
-    if exit_file:
-        note_reason(exit_file, why)
+    _say_why(exit_file, why)
     return code
 
 
-def _cancel(ray, ref, signum: int) -> int:
+def _say_why(exit_file: str | None, why: str) -> None:
+    """`why` beside the exit file (none for --check); "" takes back what was noted there."""
+    if exit_file:
+        note_reason(exit_file, why)
+
+
+def _cancel(ray, ref, signum: int, exit_file: str | None) -> int:
     """Cancel the Ray task and wait (CANCEL_WAIT at most) until the command has ended on the node: a cancel
     without force raises KeyboardInterrupt in run_on_node, which stops the guard and returns once it has ended.
     Past CANCEL_WAIT (or a task stuck in Ray) the task is force-cancelled: its Ray worker is killed, and the
@@ -316,6 +323,7 @@ def _cancel(ray, ref, signum: int) -> int:
     except Exception as exc:  # noqa: BLE001 - Ray lost the task meanwhile: the guard ends the tree
         how = f"{type(exc).__name__} while cancelling; the node's guard ends what is left"
     print(f"[aipm] stopped by signal {signum}: Ray task cancelled, {how}", flush=True)
+    _say_why(exit_file, "")  # the stop's end, not a loss: a driver killed before this line is left to gone()
     return 128 + signum
 
 
