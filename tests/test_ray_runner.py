@@ -100,6 +100,11 @@ def _in_namespace(net: str) -> set[int]:
 
 
 def _has_loopback(pid: int) -> bool:
+    """`pid` is in a network namespace of its own, its loopback up. Read before `unshare` has made the namespace
+    (a loaded machine), the holder's namespace is still ours, whose loopback is up too: `ray start` then ran in it,
+    on this machine's address, the run in the namespace never reached it, and close() left it running."""
+    if os.readlink(f"/proc/{pid}/ns/net") == os.readlink("/proc/self/ns/net"):
+        return False
     out = subprocess.run(["nsenter", "-t", str(pid), "-n", "ip", "-o", "link", "show", "up"],
                          capture_output=True, text=True)
     return "lo:" in out.stdout
