@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 
 def stop_for_urgent(sup: "Supervisor", view: "OrderView") -> bool:
     """Stop whatever keeps a ready P0/P1 task from starting, when the planner allows it. True when any stopped."""
-    from aipm.urgency import PREEMPT_LIMIT, URGENT_RANK, Holder, preemptions  # only for `run --preempt`
+    from aipm.urgency import PREEMPT_LIMIT, URGENT_RANK, Holder  # only for `run --preempt`
 
     order = view.order
     # Launch order is priority first: the urgent ready tasks are a prefix of it.
