@@ -48,10 +48,22 @@ class ChildStops:
                 pass
         except BlockingIOError:
             pass
+        # The kernel names the children that stopped: one call per SIGCHLD, not a /proc read per worker (a SIGCHLD
+        # comes with every worker's end, so that cost was paid on each hand-over).
+        halted = set()
+        while True:
+            try:
+                info = os.waitid(os.P_ALL, 0, os.WSTOPPED | os.WNOHANG)
+            except ChildProcessError:
+                break
+            if info is None:
+                break
+            halted.add(info.si_pid)
+        if not halted:
+            return
         for rec in owned:
             # A group stopped whole is a person's pause: `kill -CONT -PGID` lets it all go on, as they expect.
-            if rec.pid and stopped(rec.pid) and not any(stopped(pid) for pid in group_members(rec.pgid)
-                                                        if pid != rec.pid):
+            if rec.pid in halted and not any(stopped(pid) for pid in group_members(rec.pgid) if pid != rec.pid):
                 os.kill(rec.pid, signal.SIGCONT)  # (our child, not yet reaped: its pid is no other process's)
                 if (rec.key, rec.serial) not in self.told:
                     self.told.add((rec.key, rec.serial))
