@@ -813,6 +813,9 @@ def test_a_tasks_own_budget_is_spent_over_its_attempts_not_given_whole_to_each(p
     assert project.statuses()["B"] == "DONE"  # at its cap)
     why = project.aipm("why", "A").stdout
     assert "budget reached: the task's attempts cost $0.1000 of its max_cost_usd $0.1000" in why, why
+    row = next(t for t in project.json("status", "ORD")["tasks"] if t["id"] == "A")
+    assert (row["max_cost_usd"], row["budget_reached"]) == (0.1, True), row
+    assert "$0.1000 of $0.1000 (reached)" in project.aipm("status", "ORD", "--wide").stdout
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
     assert len(journal(project)) == 3  # a later run starts no attempt of it either
 

@@ -180,7 +180,8 @@ def status(
     from rich.text import Text
 
     table = Table(title=escape(f"Order {loaded.id}" + (f" — {loaded.title}" if loaded.title else "")))
-    costs = any(t.cost_usd is not None or t.cost_unreported_usd for t in tasks) or limit is not None  # else dashes
+    costs = (any(t.cost_usd is not None or t.cost_unreported_usd or t.max_cost_usd is not None for t in tasks)
+             or limit is not None)  # else dashes
     reasons = any(t.reason for t in tasks)  # else an empty column, taking the width the paths need
     columns = ["task", "status", "pri", "depends on", "target files", "tries", "reworks"]
     # A path keeps up to 30 characters on a line, so that the other columns (dependencies wrap at their commas)
@@ -208,6 +209,8 @@ def status(
         cell = "-" if t.cost_usd is None else budget.usd(t.cost_usd)
         if t.cost_unreported_usd:  # attempts killed before reporting their cost: at most their caps more
             cell += f" (+ up to {budget.usd(t.cost_unreported_usd)})"
+        if t.max_cost_usd is not None:  # its own budget: QUEUED for good once reached, which the status cannot say
+            cell += f" of {budget.usd(t.max_cost_usd)}" + ("" if budget.task_left(t) else " (reached)")
         table.add_row(*row, *[cell] * costs)
     out = console(width=UNLIMITED if wide else None)
     out.print(table)
