@@ -97,7 +97,8 @@ class Plan:
     waiting: list[Blocked] = field(default_factory=list)  # held outside aipm: listed even when not explaining
     limited: Priority | None = None  # the best priority of a task that could start but for a free worker slot
     refused: list[Blocked] = field(default_factory=list)  # ready, but can never start here: listed even when not explaining
-    spent: list[Blocked] = field(default_factory=list)  # queued, their own max_cost_usd reached: listed even when not explaining
+    # queued, their own max_cost_usd reached: listed even when not explaining
+    spent: list[Blocked] = field(default_factory=list)
 
     def summary(self, order: Order) -> dict[str, int]:
         reasons = [b.reason for b in self.blocked.values()]
@@ -111,6 +112,12 @@ class Plan:
             "stale": len(self.stale),
             "blocked_by_budget": reasons.count(BUDGET),
         }
+
+
+def _spent(task: Task) -> str:
+    """What keeps a QUEUED dependency from ever starting by itself: its own budget, reached."""
+    reached = task.status == Status.QUEUED and task.max_cost_usd is not None and not task_left(task)
+    return "; its max_cost_usd is reached" if reached else ""
 
 
 def _doomed(order: Order) -> dict[str, str]:
@@ -254,7 +261,7 @@ def plan(
             if task.id in doomed:
                 result.blocked[task.id] = _never(order, task.id, doomed[task.id])
             else:
-                states = ", ".join(f"{d} ({deps[d].status.value})" for d in waiting)
+                states = ", ".join(f"{d} ({deps[d].status.value}{_spent(deps[d])})" for d in waiting)
                 result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
             continue
         if refused and task.id in refused:
@@ -427,7 +434,8 @@ def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Bu
             if dep in doomed or deps[dep].status in DEAD_END:
                 reasons.append(_never(order, task_id, dep if deps[dep].status in DEAD_END else doomed[dep]))
             else:
-                reasons.append(Blocked(task_id, WAITING, f"waiting on {dep} ({deps[dep].status})", (dep,)))
+                reasons.append(Blocked(task_id, WAITING, f"waiting on {dep} ({deps[dep].status}{_spent(deps[dep])})",
+                                       (dep,)))
     holders, held_as = _holders(elsewhere, order.id)
     for t in deps.values():
         if t.status in RUNNING:

@@ -813,6 +813,8 @@ def test_a_tasks_own_budget_is_spent_over_its_attempts_not_given_whole_to_each(p
     assert project.statuses()["B"] == "DONE"  # at its cap)
     why = project.aipm("why", "A").stdout
     assert "budget reached: the task's attempts cost $0.1000 of its max_cost_usd $0.1000" in why, why
+    write_task(order, "C", prompt="x", depends_on=["A"], target_files=["c.txt"])  # (added once the run ended)
+    assert "waiting on A (QUEUED; its max_cost_usd is reached)" in project.aipm("why", "C").stdout
     row = next(t for t in project.json("status", "ORD")["tasks"] if t["id"] == "A")
     assert (row["max_cost_usd"], row["budget_reached"]) == (0.1, True), row
     assert "$0.1000 of $0.1000 (reached)" in project.aipm("status", "ORD", "--wide").stdout
