@@ -324,7 +324,10 @@ def load_order(order_dir: Path, root: Path | None = None) -> Order:
     normalise = Normaliser(root)
     base = str(order_dir / "_")[:-1]  # the files' paths as `order_dir / name` prints them, built as strings
     try:
-        names = task_names(order_dir)
+        try:
+            names = task_names(order_dir)
+        except FileNotFoundError:  # removed since is_dir() above (a checkout meanwhile): as if it were then
+            raise ValidationError(str(order_dir), None, "not an order directory") from None
         found = [cache.recall(base + name, name, normalise) for name in names] if cache else [None] * len(names)
         missing = [base + name for name, task in zip(names, found) if task is None]
         parsed = iter(readers.load_all(missing, lambda path: load_task(path, root, normalise)))
