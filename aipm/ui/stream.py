@@ -27,6 +27,12 @@ LIVE_BYTES = 1 << 18  # of a log that grew by more at once (or a backlog's lines
 # Seconds between comment lines that keep an idle stream open through proxies (AIPM_UI_KEEPALIVE overrides).
 KEEPALIVE = 15.0
 NO_INOTIFY_RECHECK = 2.0  # seconds: only where inotify is missing does a stream look again on its own
+# A board read is followed by a pause of PACE times its length before the next one (so reads take at most a fifth
+# of the time), never longer than MAX_PAUSE: a run of quick tasks changes the board many times a second, and one
+# read of a 3,000-task order takes 0.2-0.3 s, so an open page kept a core busy beside the workers. A small order's
+# read (milliseconds) is paced below the linger after each wake-up, and so is not held back.
+PACE = 4.0
+MAX_PAUSE = 5.0
 
 
 def keepalive() -> float:
@@ -59,7 +65,11 @@ class Hub:
         self._pidfds: dict[tuple[int, float], int] = {}  # (pid, start time) of a worker or owner -> its pidfd
         self.stopping = False  # the server is shutting down: every stream ends
         self.changes = 0  # of the board, counted: a read begun after the latest serves every stream it woke
-        self._read: tuple[int, asyncio.Future] | None = None  # (changes, the board read of them)
+        # (changes the read covers, the read): infinite while it waits for its pace, so that a stream woken then
+        # joins it instead of starting another
+        self._read: tuple[float, asyncio.Future] | None = None
+        self._next_read = 0.0  # loop time before which no board read starts (see PACE)
+        self._stopped: asyncio.Event | None = None
 
     def stop(self) -> None:
         """From the server's signal handler (Ctrl-C): end the open streams now, so the shutdown need not cancel
@@ -67,9 +77,11 @@ class Hub:
         self.stopping = True
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._wake, False, set())
+            self._loop.call_soon_threadsafe(self._stopped.set)  # a read waiting for its pace goes now
 
     def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
         if self.watch is not None:
             self._loop.add_reader(self.watch.fd, self._ready)
             self._track()
@@ -131,9 +143,28 @@ class Hub:
     async def board(self, read: Callable[[], Awaitable[dict]]) -> dict:
         """The board as of the latest change: one read(), however many streams that change woke (each stream
         read its own, so 30 open pages made each change 30 reads of every task file)."""
-        if self._read is None or self._read[0] != self.changes:
-            self._read = (self.changes, asyncio.ensure_future(read()))
+        if self._read is None or self._read[0] < self.changes:
+            self._read = (float("inf"), asyncio.ensure_future(self._paced(read)))
         return await asyncio.shield(self._read[1])  # a page that leaves does not cancel the others' read
+
+    async def _paced(self, read: Callable[[], Awaitable[dict]]) -> dict:
+        """read(), once the pause after the last read has passed (see PACE); it covers the changes counted when it
+        starts, and the time it takes sets the next pause."""
+        pause = min(self._next_read - self._loop.time(), MAX_PAUSE)
+        if pause > 0 and not self.stopping:
+            try:
+                await asyncio.wait_for(self._stopped.wait(), pause)
+            except asyncio.TimeoutError:
+                pass
+        me = asyncio.current_task()
+        if self._read is not None and self._read[1] is me:
+            self._read = (self.changes, me)
+        began = self._loop.time()
+        try:
+            return await read()
+        finally:
+            ended = self._loop.time()
+            self._next_read = ended + PACE * (ended - began)
 
     def close(self) -> None:
         if self.watch is not None:
