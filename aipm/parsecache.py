@@ -81,12 +81,23 @@ _RESOURCE_TYPES = tuple(frozenset((int, _NONE) if n == "memory_mb" else (float, 
 
 # Whether this process may write the cache: commands that may write turn it on (see writable()).
 _writable = False
+# A long-lived reader's own cache, by order directory: what its last load recalled or parsed (see in_memory()).
+_memory: dict[str, dict[str, tuple]] | None = None
 
 
 def writable(on: bool = True) -> None:
     """Let this process write the cache (for commands that may write; read-only commands never call it)."""
     global _writable
     _writable = on
+
+
+def in_memory() -> None:
+    """Keep what each load recalled or parsed for the next load of this process, by the same keys and rules as the
+    file (for the dashboard, which reads every order again at each change and may write nothing: while a run
+    rewrites task files, the file's entries of them miss, and each read parsed again every task already run)."""
+    global _memory
+    if _memory is None:
+        _memory = {}
 
 
 def _fingerprint() -> tuple:
@@ -118,6 +129,7 @@ class ParseCache:
         self.name = name
         self.directory = directory
         self.old = entries
+        self.kept = _memory.get(directory, {}) if _memory is not None else {}  # (see in_memory)
         self.new: dict[str, tuple] = {}
         self.save = save
         self.dirty = False
@@ -134,7 +146,7 @@ class ParseCache:
         name = f"{os.path.basename(real)}-{zlib.crc32(os.fsencode(real)):08x}.tasks"
         entries = _read(runtime, name, real)
         save = _writable and _is_real_dir(runtime)
-        if entries is None and not save:
+        if entries is None and not save and _memory is None:
             return None
         return cls(runtime, name, real, entries or {}, save)
 
@@ -149,6 +161,8 @@ class ParseCache:
             return None
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         entry = self.old.get(name)
+        if entry is None or entry[0] != key:
+            entry = self.kept.get(name)
         try:
             if entry is None or entry[0] != key or not _well_typed(entry[1]):
                 self._pending[name] = key
@@ -165,7 +179,7 @@ class ParseCache:
         looked at it and is old enough for its key to tell every later edit."""
         name = os.path.basename(task.path)
         key = self._pending.pop(name, None)
-        if not self.save or key is None:
+        if key is None or not (self.save or _memory is not None):
             return
         try:
             st = os.lstat(task.path)
@@ -182,6 +196,8 @@ class ParseCache:
 
     def close(self) -> None:
         """Write the cache when it changed (files learned or gone) and this process may write it."""
+        if _memory is not None:
+            _memory[self.directory] = self.new  # the files there now: one gone since is not kept
         if not self.save or not (self.dirty or self.new.keys() != self.old.keys()):
             return
         body = marshal.dumps((_FINGERPRINT, self.directory, self.new))

@@ -207,6 +207,66 @@ def test_a_process_that_may_not_write_reads_the_cache_and_writes_nothing(cached,
     assert parses == ["T1.yaml"] and file.read_bytes() == before
 
 
+@pytest.fixture
+def in_memory(monkeypatch):
+    """This process keeps its own cache between loads, as the dashboard does (put back after the test)."""
+    monkeypatch.setattr(parsecache, "_memory", None)
+    parsecache.in_memory()
+
+
+def test_a_reader_that_may_not_write_parses_only_what_changed_since_its_last_load(cached, parses, monkeypatch,
+                                                                                 in_memory):
+    """The dashboard reads every order again at each change and writes no cache: while a run rewrote task files
+    (so the cache file's entries of them missed), each read parsed every task already run again."""
+    monkeypatch.setattr(parsecache, "_writable", False)
+    order = make_order(cached)
+    load_order(order, cached)
+    assert sorted(parses) == ["T0.yaml", "T1.yaml", "T2.yaml", "T3.yaml"]
+    parses.clear()
+    path = order / "T1.yaml"
+    path.write_text(path.read_text() + "title: changed\n")
+    (order / "T3.yaml").unlink()
+    loaded = load_order(order, cached)
+    assert parses == ["T1.yaml"] and loaded.tasks["T1"].title == "changed" and sorted(loaded.tasks) == ["T0", "T1", "T2"]
+    parses.clear()
+    again = load_order(order, cached)
+    assert parses == [] and again.tasks == loaded.tasks
+    assert again.tasks == load_order(order, None).tasks
+    assert not (cached / ".aipm" / "cache").exists()  # still nothing written
+
+
+def test_what_a_reader_keeps_follows_the_same_rules_as_the_file(cached, parses, monkeypatch, in_memory):
+    """A file within the racy window is not kept, an edit that restores size and mtime is seen, a file that
+    became invalid is refused, and a target that now leads outside the root is refused."""
+    monkeypatch.setattr(parsecache, "_writable", False)
+    order = make_order(cached)
+    monkeypatch.setattr(parsecache, "RACY_NS", 3600 * 10**9)
+    load_order(order, cached)
+    load_order(order, cached)
+    assert len(parses) == 8
+    monkeypatch.setattr(parsecache, "RACY_NS", 0)
+    load_order(order, cached)
+    parses.clear()
+    path = order / "T1.yaml"
+    info = path.stat()
+    path.write_text(path.read_text().replace("P2", "P3"))
+    os.utime(path, ns=(info.st_atime_ns, info.st_mtime_ns))
+    assert load_order(order, cached).tasks["T1"].priority.value == "P3" and parses == ["T1.yaml"]
+    path.write_text(path.read_text().replace("priority: P3", "priority: P9"))
+    with pytest.raises(ValidationError, match="T1.yaml: priority: 'P9' is not one of"):
+        load_order(order, cached)
+    path.write_text(path.read_text().replace("priority: P9", "priority: P3"))
+    load_order(order, cached)
+    shutil.rmtree(cached / "src", ignore_errors=True)
+    outside = Path(tempfile.mkdtemp())
+    try:
+        (cached / "src").symlink_to(outside)
+        with pytest.raises(ValidationError, match="outside the project root"):
+            load_order(order, cached)
+    finally:
+        shutil.rmtree(outside)
+
+
 def test_no_runtime_directory_no_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(parsecache, "_writable", True)
     order = make_order(tmp_path)

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.routing import Route
 
-from aipm import steering
+from aipm import parsecache, steering
 from aipm.board import project_board
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
@@ -127,6 +127,7 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
     """The app for `project`; `orders` None shows every order under orders_dir (and new ones as they appear)."""
     # Reads only, as `status` and `detect` do: a dry-run launcher takes no lock and writes nothing.
     looker = Launcher(project, settings, Options(dry_run=True), monitor=None)
+    parsecache.in_memory()  # each change reads the board again: only the files that changed are parsed
     hub = Hub(ProjectWatch.open(project, orders), looker.runtime)
 
     def order_dirs() -> list[Path]:
