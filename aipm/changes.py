@@ -43,22 +43,27 @@ class ProjectWatch:
 
     def rescan(self) -> None:
         """Watch every directory that exists now (adding a watch twice is a no-op)."""
-        root, rt = self.project.root, self.runtime
-        # The state directory only for the directories made in it: its files (locks, spares) are no news.
-        dirs = [(root, _FILES), (root / self.project.orders_dir, _FILES), (rt, _FILES), (state_dir(root), IN_CREATE)]
-        dirs += [(d, _FILES) for d in self.order_dirs()]
+        root, rt, state = self.project.root, self.runtime, state_dir(self.project.root)
         # Worker records live in the state directory outside the tree (aipm.statedir), logs under .aipm/.
-        for base, mask in ((state_dir(root) / "workers", _FILES), (rt / "logs", _LOGS)):
+        bases = ((state / "workers", _FILES), (rt / "logs", _LOGS))
+        # The state directory only for the directories made in it: its files (locks, spares) are no news.
+        dirs = [(root, _FILES), (root / self.project.orders_dir, _FILES), (rt, _FILES), (state, IN_CREATE)]
+        self.parents = {str(d) for d, _ in dirs} | {str(base) for base, _ in bases}  # where the others appear
+        dirs += [(d, _FILES) for d in self.order_dirs()]
+        for base, mask in bases:
             dirs.append((base, _FILES))
             if base.is_dir():
                 dirs += [(Path(e.path), mask) for e in os.scandir(base) if e.is_dir()]
+        self.incomplete = False  # a directory missing now may appear where no watch sees it (an order given by path)
         for directory, mask in dirs:
             if directory.is_dir():
                 self.watch.add(str(directory), mask)
+            else:
+                self.incomplete = True
 
     def changes(self) -> tuple[bool, set[Path]]:
         """Drain pending events: (did task files or worker records change, the log files that grew)."""
-        board = False
+        board = rescan = False
         logs: set[Path] = set()
         log_dir = str(self.runtime / "logs")
         for directory, name in self.watch.events():
@@ -66,7 +71,11 @@ class ProjectWatch:
                 logs.add(Path(directory) / name)
             elif not directory.startswith(log_dir + os.sep):
                 board = True
-        if board:
+                # Only where directories come and go: a rescan per task file written was most of the dashboard's
+                # own CPU while a run of quick tasks went on.
+                rescan = rescan or directory in self.parents or not directory
+        if rescan or self.watch.lost or (board and self.incomplete):
+            self.watch.lost.clear()
             self.rescan()
         return board, logs
 
