@@ -365,6 +365,21 @@ def test_new_and_add_round_trip_and_validate(project):
         assert check(as_json_data(path), order_schema() if kind == "order" else task_schema()) == []
 
 
+def test_add_writes_an_agent_task_with_its_budget_workspace_confinement_and_needs(project):
+    """Every field of an agent task could be given only by editing the file `add` wrote."""
+    project.aipm("new", "ORD", check=True)
+    project.aipm("add", "ORD", "A", "--prompt", "fix it", "--agent", "claude", "--target-file", "src/a.py",
+                 "--max-cost-usd", "0.5", "--workspace", "worktree", "--confine", "--cpus", "2", "--memory-mb",
+                 "4096", "--gpus", "0.5", check=True)
+    project.aipm("add", "ORD", "B", "--command", "true", "--no-confine", check=True)
+    order = load_order(project.root / "orders" / "ORD", project.root)
+    a, b = order.tasks["A"], order.tasks["B"]
+    assert (a.agent, a.max_cost_usd, a.workspace, a.confine) == ("claude", 0.5, "worktree", True)
+    assert (a.resources.cpus, a.resources.memory_mb, a.resources.gpus) == (2, 4096, 0.5)
+    assert "\n  cpus: 2\n" in (project.root / "orders" / "ORD" / "A.yaml").read_text()
+    assert (b.confine, b.agent, b.resources) == (False, None, None)
+
+
 def test_refusals_change_nothing(project):
     project.aipm("new", "ORD", check=True)
     project.aipm("add", "ORD", "A", "--title", "a", check=True)
@@ -377,6 +392,11 @@ def test_refusals_change_nothing(project):
         ("add", "ORD", "B", "--depends-on", "A", "--depends-on", "NOPE"): "'NOPE' is not a task of order ORD",
         ("add", "ORD", "B", "--depends-on", "B"): "cannot depend on itself",
         ("add", "ORD", "B", "--target-file", "../outside.py"): "target_files",
+        ("add", "ORD", "B", "--prompt", "x", "--agent", "gpt"): "B.yaml: agent: 'gpt' is not one of",
+        ("add", "ORD", "B", "--command", "true", "--agent", "codex"): "B.yaml: agent:",
+        ("add", "ORD", "B", "--max-cost-usd", "-1"): "B.yaml: max_cost_usd:",
+        ("add", "ORD", "B", "--workspace", "elsewhere"): "B.yaml: workspace: 'elsewhere' is not one of",
+        ("add", "ORD", "B", "--cpus", "-1"): "B.yaml: resources.cpus:",
         ("add", "ORD", "order"): "reserved",
         ("add", "ORD", "B.yaml"): "'B.yaml' is a file name; give the task's id, 'B'",  # it made B.yaml.yaml
         ("add", "ORD", "../B"): "not a usable id",

@@ -100,11 +100,23 @@ def add(
         None, "--max-attempts", help="Tries: a failed or timed-out attempt runs again until this many have run."),
     max_rework: Optional[int] = Option(
         None, "--max-rework", help="Times a review may send the task back before it is REJECTED."),
+    agent: Optional[str] = Option(
+        None, "--agent", help="Agent preset for a --prompt task: claude, codex, aider (or command: the template)."),
+    max_cost_usd: Optional[float] = Option(
+        None, "--max-cost-usd", help="The task's budget in US dollars over all its attempts."),
+    workspace: Optional[str] = Option(
+        None, "--workspace", help="shared (the project's tree) or worktree (an isolated git worktree, merged back)."),
+    confine: Optional[bool] = Option(
+        None, "--confine/--no-confine", help="Hold the worker to its target files with Landlock (default: the "
+                                             "setting)."),
+    cpus: Optional[float] = Option(None, "--cpus", help="CPUs one attempt needs (resources.cpus)."),
+    memory_mb: Optional[int] = Option(None, "--memory-mb", help="Memory one attempt needs, in MB (resources.memory_mb)."),
+    gpus: Optional[float] = Option(None, "--gpus", help="GPUs one attempt needs (resources.gpus; Ray)."),
 ) -> None:
     """Create a task file ORDER/TASK.yaml, validated with its order before it is written."""
     _check_id("TASK", task)
     _check_utf8(title=title, depends_on=depends_on, target_file=target_files, command=command, prompt=prompt,
-                model=model, review=review)
+                model=model, review=review, agent=agent, workspace=workspace)
     if task.endswith(".yaml"):  # the file's name given for the id: `add ORD A.yaml` made A.yaml.yaml, task `A.yaml`
         raise UserError(f"TASK: {task!r} is a file name; give the task's id, {task[:-len('.yaml')]!r} (its file "
                         "is named ID.yaml)")
@@ -124,8 +136,12 @@ def add(
     if title:
         fields["title"] = title
     fields.update(priority=priority, depends_on=list(depends_on or []), target_files=list(target_files or []))
+    # `--cpus 2` written as 2, as a person writes it, not 2.0
+    needs = {key: int(value) if float(value).is_integer() else value
+             for key, value in (("cpus", cpus), ("memory_mb", memory_mb), ("gpus", gpus)) if value is not None}
     optional = {"command": command, "prompt": prompt, "model": model, "review": review, "timeout": timeout,
-                "max_attempts": max_attempts, "max_rework": max_rework}
+                "max_attempts": max_attempts, "max_rework": max_rework, "agent": agent,
+                "max_cost_usd": max_cost_usd, "workspace": workspace, "confine": confine, "resources": needs or None}
     fields.update({key: value for key, value in optional.items() if value is not None})
     # The fields aipm writes come last, in one block: a person's edits (title, command, ...) and aipm's status
     # writes then touch different lines, so branches that did one and the other merge without conflict.
