@@ -21,7 +21,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from functools import lru_cache
 from pathlib import Path
 
 from aipm import durable
@@ -29,7 +28,8 @@ from aipm.errors import StateWriteError, UserError
 from aipm.liveness import read_small, remembered
 
 from aipm.launchlock import exclusive, stopped_holder, wait_for
-from aipm.statedir import make_state_dir, state_dir
+from aipm.cancelmarks import CancelMarks
+from aipm.statedir import make_state_dir, safe_name as _safe, state_dir
 from aipm.record import Record
 from aipm.spares import Pool, fill, in_tree, pool
 from aipm.workerfiles import kept_link, write_bytes
@@ -64,12 +64,6 @@ def _write_file(path: str, data: bytes, spares: Pool, final: str) -> None:
         os.close(fd)
 
 
-@lru_cache(maxsize=8192)
-def _safe(name: str) -> str:
-    """A name made safe for a file name (ids repeat on every path of a run's hot path: remembered)."""
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-
-
 def _refuse_escape(root: Path, runtime: Path) -> None:
     """A `.aipm` symlink leading out of the project would make aipm create and delete files elsewhere."""
     if runtime.is_symlink():
@@ -79,7 +73,7 @@ def _refuse_escape(root: Path, runtime: Path) -> None:
                             "(aipm creates the directory again)")
 
 
-class Runtime:
+class Runtime(CancelMarks):
     """Paths and primitives of one project's runtime state (`.aipm/` and the state directory)."""
 
     def __init__(self, root: Path):
@@ -327,44 +321,6 @@ class Runtime:
         self._state_write(path, end)
         return True
 
-    def mark_cancelled(self, rec: Record) -> None:
-        """`aipm cancel` marks the attempt it stops, where no worker writes: a task file is anyone's (an agent may
-        write `status: CANCELLED`), so a CANCELLED over an attempt is the user's only with this mark (see restore)."""
-        self._state_write(self._cancel_path(rec), _attempt_name(rec))
-
-    def cancelled(self, rec: Record) -> bool:
-        try:
-            return read_small(str(self._cancel_path(rec))).decode() == _attempt_name(rec)
-        except OSError:
-            return False
-
-    def unmark_cancelled(self, rec: Record) -> None:
-        with suppress(FileNotFoundError):
-            os.unlink(self._cancel_path(rec))
-
-    def _cancel_path(self, rec: Record) -> Path:
-        return self.state / "cancel" / _safe(rec.order) / _safe(rec.task)
-
-    def keep_cancel(self, rec: Record) -> None:
-        """The record of a cancelled attempt is dropped while its task file is gone (recovery.drop_gone): the
-        cancel is kept apart (no sweep removes it), so the file put back as that attempt left it is CANCELLED by
-        the next recovery, not re-queued and run again. A few bytes, left for good if the file never returns."""
-        self._state_write(self._kept_cancel_path(rec.order, rec.task), f"{rec.attempt} {rec.started_at}")
-
-    def kept_cancel(self, order: str, task: str) -> str:
-        """The attempt ("<attempts> <started_at>") whose cancel keep_cancel() kept, "" if none."""
-        try:
-            return read_small(str(self._kept_cancel_path(order, task))).decode()
-        except (OSError, UnicodeDecodeError):
-            return ""
-
-    def drop_kept_cancel(self, order: str, task: str) -> None:
-        with suppress(FileNotFoundError):
-            os.unlink(self._kept_cancel_path(order, task))
-
-    def _kept_cancel_path(self, order: str, task: str) -> Path:
-        return self.state / "cancel-kept" / _safe(order) / _safe(task)
-
     # -- logs, exit files, review feedback --------------------------------------------------------------
 
     def log_path(self, order: str, task: str, attempt: int) -> Path:
@@ -433,11 +389,6 @@ class Runtime:
 
     def notify_log(self) -> Path:
         return self._dir(self.dir / "notify.log")
-
-
-def _attempt_name(rec: Record) -> str:
-    """One attempt among all of a task's: a number alone comes back once its log and exit file are gone."""
-    return f"{rec.serial} {rec.started_at}"
 
 
 def entries(directory: str | Path) -> list[os.DirEntry]:

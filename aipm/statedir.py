@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import stat
 import sys
 from contextlib import suppress
@@ -29,6 +30,12 @@ from aipm.lockholders import open_under, read_text
 from aipm.workerfiles import read_bytes, write_bytes
 
 STATE_BASE = "/tmp"  # fixed, not $TMPDIR: every aipm process of a project must find the same directory
+
+
+@lru_cache(maxsize=8192)
+def safe_name(name: str) -> str:
+    """A name made safe for a file name (ids repeat on every path of a run's hot path: remembered)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)
 
 
 def state_dir(root: Path) -> Path:
