@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from aipm import parsecache
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
 from aipm.model import DEAD_END, FINISHED_OK, Order, Status
@@ -210,6 +211,8 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False) -> Iter
     """Every worker's lines of the order, tagged; with `follow`, then new lines and new attempts as they come,
     until the order is settled (see `settled`)."""
     rt = Runtime(project.root)
+    if follow:  # the order is read again at every change: only the files that changed are parsed
+        parsecache.in_memory()
     order = load_order(order_dir, project.root)
     tail = Tail()
 
@@ -218,11 +221,14 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False) -> Iter
             for line in tail.read(log.path, final):
                 yield tagged(log.task, line)
 
-    yield from new_lines(final=not follow)
     if not follow:
+        yield from new_lines(final=True)
         return
+    # Watched before the first read: a line written between that read and the watch was news to no event, and
+    # waited for the next change (for ever, were there none) to be shown.
     watch = ProjectWatch.open(project, [order_dir])
     try:
+        yield from new_lines(final=False)
         changed = True
         while True:
             if changed:
