@@ -320,8 +320,8 @@ def retry(
                           "session (session_id), for agents that can (claude --resume, codex exec resume)."),
 ) -> None:
     """Put a finished, failed, rejected, interrupted or cancelled task back to QUEUED, as new: its attempts, reworks,
-    times, exit code and reason are cleared and the old review feedback is dropped; its next attempt gets a new
-    number and log."""
+    preemptions, times, exit code and reason are cleared and the old review feedback is dropped; its next attempt
+    gets a new number and log. Its cost is kept (cost_usd counts against its budgets: raise max_cost_usd to go on)."""
     project, settings = _settings_project()
     order_dir, task_id = find_task(project, task)
     current = steering.retry(project, order_dir, task_id, settings if resume else None)
