@@ -172,9 +172,12 @@ def _read_yaml(path: Path) -> Any:
 
 
 def _read_pyproject(path: Path) -> Any:
-    if sys.version_info < (3, 11):  # no tomllib, and tomli is not a dependency: pyproject settings need 3.11+
-        return None
-    import tomllib
+    # tomli is tomllib before 3.11 (a dependency there): without it, 3.10 ignored [tool.aipm] silently and `init`
+    # wrote an aipm.yaml that hid those settings for good.
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
 
     try:
         with path.open("rb") as fh:

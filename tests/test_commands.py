@@ -80,7 +80,6 @@ def test_init_over_a_broken_aipm_yaml_names_it_and_changes_nothing(tmp_path):
     assert "nothing changed" not in proc.stdout and snapshot(tmp_path) == before
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="[tool.aipm] is read on Python 3.11+ (tomllib)")
 def test_init_in_a_project_configured_in_pyproject_keeps_those_settings(tmp_path):
     """aipm.yaml is read instead of [tool.aipm], never merged with it: `init` wrote one anyway, and every setting
     in pyproject.toml (max_workers, notify, ...) silently went back to its default."""
@@ -100,7 +99,6 @@ def test_init_in_a_project_configured_in_pyproject_keeps_those_settings(tmp_path
     assert "nothing changed" in aipm("init").stdout and snapshot(tmp_path) == before
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="[tool.aipm] is read on Python 3.11+ (tomllib)")
 def test_a_project_configured_in_pyproject_is_found_from_a_subdirectory(tmp_path):
     """Outside git, only aipm.yaml marked a project's root: run from a subdirectory of a project whose settings are
     pyproject.toml's [tool.aipm], aipm took the working directory for the root, and its orders were not found. A

@@ -115,7 +115,6 @@ def test_empty_aipm_yaml_is_fine(tmp_path):
     assert load_settings(tmp_path, environ={}) == Settings()
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="pyproject settings need tomllib (3.11+)")
 def test_pyproject_is_read_only_without_aipm_yaml(tmp_path):
     (tmp_path / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.aipm]\nmax_workers = 7\ntimeout = "none"\n'
                                              '[tool.aipm.worker]\nmodel = "haiku"\n')
@@ -358,7 +357,6 @@ def test_broken_yaml_names_line_and_column(tmp_path):
     assert f"{tmp_path / 'aipm.yaml'}:2:" in line
 
 
-@pytest.mark.skipif(sys.version_info < (3, 11), reason="pyproject settings need tomllib (3.11+)")
 def test_bad_pyproject(tmp_path):
     (tmp_path / "pyproject.toml").write_text("[tool.aipm]\nmax_workers = 0\n")
     assert_one_line_error(aipm(tmp_path, "config", "--json"), "pyproject.toml", "max_workers")
