@@ -819,7 +819,11 @@ def test_a_tasks_own_budget_is_spent_over_its_attempts_not_given_whole_to_each(p
     assert (row["max_cost_usd"], row["budget_reached"]) == (0.1, True), row
     assert "$0.1000 of $0.1000 (reached)" in project.aipm("status", "ORD", "--wide").stdout
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
-    assert len(journal(project)) == 3  # a later run starts no attempt of it either
+    launch = project.aipm("launch", "ORD", env=agent_env(project))  # said as the order's budget is, not 'nothing to
+    assert launch.returncode == 1, launch.stdout + launch.stderr  # launch' and exit 0
+    assert "aipm: ORD/A: budget reached: the task's attempts cost $0.1000" in launch.stderr, launch.stderr
+    assert "nothing to launch" not in launch.stdout
+    assert len(journal(project)) == 3  # a later run or launch starts no attempt of it either
 
 
 def test_a_budget_spent_to_the_last_share_by_a_killed_attempt_is_reached(project):

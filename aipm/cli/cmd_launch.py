@@ -98,10 +98,12 @@ def launch(
     if json_out:
         print_json({"order": view.order.id, "dry_run": dry_run, "launched": report.launched,
                     "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered,
-                    "budget_stop": report.plan.budget_stop, "waiting": waiting})
+                    "budget_stop": report.plan.budget_stop, "waiting": waiting,
+                    "spent": [b.as_dict() for b in report.plan.spent]})
     else:
         say_launched(report, waiting, view.order.id, dry_run)
-    if report.failed or report.plan.budget_stop:
+    # A task held by its own reached max_cost_usd never starts, as the order's budget holds them all: said the same.
+    if report.failed or report.plan.budget_stop or report.plan.spent:
         raise Exit(1)
 
 
@@ -119,7 +121,10 @@ def say_launched(report: LaunchReport, waiting: list[dict], order_id: str, dry_r
         out.print(f"waiting {item['id']}: {item['detail']}", markup=False)
     if report.plan.budget_stop:
         console(stderr=True).print(f"aipm: {order_id}: {report.plan.budget_stop}", markup=False)
-    elif not (report.launched or report.deferred or report.failed or waiting):
+    for blocked in report.plan.spent:
+        console(stderr=True).print(f"aipm: {order_id}/{blocked.id}: {blocked.detail}", markup=False)
+    if not (report.launched or report.deferred or report.failed or waiting or report.plan.budget_stop
+            or report.plan.spent):
         out.print("nothing to launch (see `aipm detect`)")
 
 
