@@ -117,3 +117,22 @@ def test_the_notify_events_of_workers_md_are_the_ones_sent():
     sent = {notify.FAILED, notify.REJECTED, notify.BUDGET, notify.ORDER_FINISHED, notify.NEEDS_PERSON,
             Status.INTERRUPTED.value.lower()}  # a task's end is sent as its status, lower case (recording)
     assert sorted(events) == sorted(sent)
+
+
+def test_every_command_and_every_flag_is_in_the_reference():
+    """A command missing from the commands table, or a flag (its long name) that reference.md never names."""
+    import inspect
+
+    from aipm.cli import _load_commands, decl
+
+    _load_commands()
+    commands = section(REFERENCE, "## Commands")
+    named = {word for row in table(commands) for cell in codes(row[0]) for word in re.findall(r"aipm (\w+)", cell)}
+    for given, function in decl.COMMANDS:
+        name = given or function.__name__
+        assert name in named, f"aipm {name} is not in reference.md's commands table"
+        flags = [flag for param in inspect.signature(function).parameters.values()
+                 if getattr(param.default, "kind", None) == "option" for flag in param.default.decls
+                 if flag.startswith("--")]
+        said = [flag for flag in flags if re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", REFERENCE)]
+        assert said == flags, f"aipm {name}: reference.md does not name {sorted(set(flags) - set(said))}"
