@@ -126,11 +126,13 @@ def test_every_command_and_every_flag_is_in_the_reference():
     from aipm.cli import _load_commands, decl
 
     _load_commands()
-    commands = section(REFERENCE, "## Commands")
-    named = {word for row in table(commands) for cell in codes(row[0]) for word in re.findall(r"aipm (\w+)", cell)}
+    readme = (DOCS.parent / "README.md").read_text()
+    tables = {doc: {word for row in table(section(text, "## Commands")) for cell in codes(row[0])
+                    for word in re.findall(r"aipm (\w+)", cell)} for doc, text in (("reference.md", REFERENCE),
+                                                                                   ("README.md", readme))}
     for given, function in decl.COMMANDS:
         name = given or function.__name__
-        assert name in named, f"aipm {name} is not in reference.md's commands table"
+        assert [doc for doc, named in tables.items() if name not in named] == [], f"aipm {name} is not in its table"
         flags = [flag for param in inspect.signature(function).parameters.values()
                  if getattr(param.default, "kind", None) == "option" for flag in param.default.decls
                  if flag.startswith("--")]
