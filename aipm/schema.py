@@ -100,7 +100,7 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
                  "What the task's attempts cost in total, as the agent reported it; absent when unknown."),
     "cost_unreported_usd": ({"type": ["number", "null"], "minimum": 0, "exclusiveMaximum": agents.MAX_DOLLARS},
                             "The caps of capped attempts that ended without reporting their cost (killed): what "
-                            "they may have spent at most, beyond cost_usd; counted against the order's budget."),
+                            "they may have spent at most, beyond cost_usd; counted against the task's and the order's budgets."),
     "tokens": ({"type": ["object", "null"], "additionalProperties": False,
                 "properties": {k: {"type": "integer", "minimum": 0} for k in agents.TOKEN_KINDS}},
                "Tokens the task's attempts used in total, by kind; a kind the agent did not report is absent."),
@@ -125,7 +125,8 @@ _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "title": (_LINE, "One line saying what the order delivers."),
     "description": (_STRING, "Anything else a reader should know."),
     "max_cost_usd": (_BUDGET,
-                     "Budget in US dollars: once the tasks' recorded cost_usd reaches it, no new attempt starts."),
+                     "Budget in US dollars: once the tasks' recorded cost_usd (and cost_unreported_usd) reach it, "
+                     "no new attempt starts."),
 }
 
 
