@@ -138,3 +138,16 @@ def test_every_command_and_every_flag_is_in_the_reference():
                  if flag.startswith("--")]
         said = [flag for flag in flags if re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", REFERENCE)]
         assert said == flags, f"aipm {name}: reference.md does not name {sorted(set(flags) - set(said))}"
+
+
+def test_the_worker_environment_and_placeholders_of_workers_md_are_the_workers():
+    import inspect
+
+    from aipm import worker
+    from aipm.settingvalues import PLACEHOLDERS
+
+    text = (DOCS / "workers.md").read_text()
+    listed = [codes(row[0])[0] for row in table(section(text, "## Environment"))]
+    assert sorted(listed) == sorted(set(re.findall(r"\b(AIPM_[A-Z_]+)\b", inspect.getsource(worker.environment))))
+    placeholders = {name for row in table(section(text, "## Template placeholders")) for name in codes(row[0])}
+    assert placeholders == {f"{{{name}}}" for name in PLACEHOLDERS}
