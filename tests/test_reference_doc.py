@@ -1,6 +1,6 @@
-"""docs/reference.md's tables and lists against the code they describe: a setting, task key, status, transition,
-reason code, `run --json` event kind or notify event added, renamed or dropped in the code fails here until the
-reference says so too (after ~300 commits the prose had fallen behind in places no test read)."""
+"""The tables and lists of docs/reference.md (and README's and workers.md's) against the code they describe: a
+setting, task key, status, transition, reason code, `run --json` event kind, notify event, command, flag, worker
+variable or placeholder added, renamed or dropped in the code fails here until the docs say so too."""
 
 import re
 from pathlib import Path
@@ -66,6 +66,7 @@ def test_a_settings_default_environment_variable_and_flag_are_the_codes(row):
     said = None if default == "none" else yaml.safe_load(default.strip("`"))
     assert said == (list(value) if isinstance(value, tuple) else value), f"{key}: reference says {default}"
     assert env == [var for var, field in settings.ENV_VARS.items() if field == name]
+    # preempt's flag is run's alone and sets the run, not the setting `config` shows: it is not in FLAG_NAMES.
     expected = settings.FLAG_NAMES.get(name) or {"preempt": "--preempt"}.get(name)
     assert (codes(flag)[0].split()[0] if flag else None) == expected
 
