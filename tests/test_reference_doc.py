@@ -66,7 +66,7 @@ def test_a_settings_default_environment_variable_and_flag_are_the_codes(row):
     said = None if default == "none" else yaml.safe_load(default.strip("`"))
     assert said == (list(value) if isinstance(value, tuple) else value), f"{key}: reference says {default}"
     assert env == [var for var, field in settings.ENV_VARS.items() if field == name]
-    # preempt's flag is run's alone and sets the run, not the setting `config` shows: it is not in FLAG_NAMES.
+    # preempt has a flag (run's) but no environment variable, and ENV_VARS is made from FLAG_NAMES: not there.
     expected = settings.FLAG_NAMES.get(name) or {"preempt": "--preempt"}.get(name)
     assert (codes(flag)[0].split()[0] if flag else None) == expected
 
