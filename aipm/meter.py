@@ -6,8 +6,8 @@ log after the agent's final report (`: > "$AIPM_LOG"`) hid what the attempt cost
 
 So an agent preset's command runs behind the meter: `python ... SPEC -- [confine prefix] AGENT ARGV...`. The agent's
 standard output and error are a pipe the meter reads; the meter appends everything to the log as before, and each
-line that changes the usage its preset reads (agents.parse) to its own copy beside the log (`<TASK>.<n>.reported`,
-agents.reported), first, so a line seen in the log is in the copy. The agent holds no descriptor of either file,
+line that changes what its preset has read (agents.Reading, one line at a time) to its own copy beside the log
+(`<TASK>.<n>.reported`, agents.reported), first, so a line seen in the log is in the copy. The agent holds no descriptor of either file,
 and, confined, may not open the copy (only the log has a rule). aipm reads usage from the copy (agents.read_usage).
 
 Local workers only: on Ray the agent writes the log itself on its node (cluster.guard opens it there), so nothing
@@ -35,7 +35,6 @@ from aipm.confine import boot_argv
 _STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 _CHUNK = 1 << 16
 _LEFT = 1 << 26  # bytes: a pipe holds far less; the rest is a writer the agent left behind, which never stops
-_KEPT_COMPARED = 256  # past this many kept lines (no real agent reports so many), every line is kept unweighed
 
 
 def prefix(agent: str, log: str) -> list[str]:
@@ -47,7 +46,7 @@ class Copy:
     """The lines of the agent's output that change what its preset reads of them, appended to the copy."""
 
     def __init__(self, agent: str, fd: int) -> None:
-        self.agent, self.fd, self.kept, self.usage = agent, fd, [], agents.Usage()
+        self.fd, self.reading = fd, agents.preset(agent).Reading()
         self.pieces: list[bytes] = []  # the line being read, as its chunks came (joined once it ends)
         self.size = 0
         self.endless = False  # the line being read is LONGEST or more: passed over, as read_usage passes it
@@ -76,14 +75,10 @@ class Copy:
         self.pieces, self.size, self.endless = [], 0, False
 
     def _weigh(self, raw: bytes) -> None:
-        line = raw.decode("utf-8", "replace")
-        if len(self.kept) < _KEPT_COMPARED:
-            usage = agents.preset(self.agent).parse([*self.kept, line])
-            if usage == self.usage:
-                return
-            self.usage = usage
-            self.kept.append(line)  # (past the limit only the copy holds them: the meter's memory stays small)
-        _write_all(self.fd, raw)
+        before = self.reading.state()
+        self.reading.read(raw.decode("utf-8", "replace"))
+        if self.reading.state() != before:  # (a line that changes nothing is read the same way in the copy)
+            _write_all(self.fd, raw)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -614,6 +614,44 @@ def test_the_meters_copy_reads_as_the_whole_output_does(tmp_path, agent, sample)
     assert len(kept) < len(output.splitlines())
 
 
+def long_run(agent: str) -> tuple[list[str], int]:
+    """A run of over 10,000 lines in the sample's format, turn after turn, and how many lines change its usage."""
+    lines = (SAMPLES / {"claude": "claude-stream-json.jsonl", "codex": "codex-exec-json.jsonl",
+                        "aider": "aider-output.txt"}[agent]).read_text().splitlines(keepends=True)
+    if agent == "claude":  # one session, many messages, one result
+        return lines[:1] + lines[1:-1] * (10_000 // (len(lines) - 2) + 1) + lines[-1:], 2
+    if agent == "aider":  # every reply reports its tokens and the session's cost so far
+        reply = [line for line in lines if not line.startswith("Tokens:")] + [
+            "Tokens: 1.2k sent, 30 received. Cost: $0.01 message, $SESSION session.\n"]
+        turns = 10_000 // len(reply) + 1
+        return [line.replace("SESSION", f"{n / 100:.2f}") for n in range(1, turns + 1) for line in reply], turns
+    turn, (done,) = lines[1:-1], lines[-1:]  # codex: every turn reports the thread's total so far
+    totals, turns = json.loads(done)["usage"], 10_000 // len(turn) + 1
+    return lines[:1] + [line for n in range(1, turns + 1) for line in [*turn, json.dumps(
+        {"type": "turn.completed", "usage": {k: v * n for k, v in totals.items()}}) + "\n"]], 1 + turns
+
+
+@pytest.mark.parametrize("agent", ["claude", "codex", "aider"])
+def test_the_meter_weighs_every_line_of_a_long_run_and_its_copy_reads_as_the_run(tmp_path, agent):
+    """The meter re-parsed all it had kept for each new line (a codex run of 10,200 lines cost 4 s of CPU), so past
+    256 kept lines it kept every line unweighed. It now reads each line once, where it left off: the copy holds
+    just the lines that change the usage, and reads as the whole run does."""
+    lines, changing = long_run(agent)
+    assert len(lines) > 10_000
+    output = "".join(lines).encode()
+    copy = tmp_path / "copy"
+    fd = os.open(copy, os.O_WRONLY | os.O_CREAT)
+    fed = meter.Copy(agent, fd)
+    for at in range(0, len(output), 65_521):
+        fed.feed(output[at:at + 65_521])
+    fed.end()
+    os.close(fd)
+    kept = copy.read_text().splitlines(keepends=True)
+    whole = agents.preset(agent).parse(lines)
+    assert agents.preset(agent).parse(kept) == whole
+    assert whole.turns and len(kept) == changing, len(kept)
+
+
 def test_an_attempt_ends_with_its_agent_though_a_process_it_left_holds_its_output(project, gate):
     """The agent's output is a pipe the meter reads: a process the agent left behind holds it open, and a meter that
     read to its end would hold the attempt until that process ended."""

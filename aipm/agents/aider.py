@@ -17,10 +17,10 @@ from __future__ import annotations
 import math
 import re
 import subprocess
-from collections.abc import Iterable
 from pathlib import Path
 
-from aipm.agents import Attempt, Usage, count, dollars, most
+from aipm import agents
+from aipm.agents import Attempt, count, dollars, most
 from aipm.project import RUNTIME_DIR
 from aipm.workerfiles import append_log
 
@@ -99,10 +99,9 @@ def _tokens(text: str | None) -> int | None:
     return count(round(n)) if math.isfinite(n) else None
 
 
-def parse(lines: Iterable[str]) -> Usage:
-    usage = Usage()
-    tokens: dict[str, int] = {}
-    for line in lines:
+class Reading(agents.Reading):
+    def read(self, line: str) -> None:
+        usage = self.found
         if "Tokens: " in line and (m := _TOKENS.search(line)):
             sent, write, hit, received = (_tokens(g) for g in m.groups())
             # aider's "sent" holds the cache reads (litellm counts them into prompt_tokens) and the cache writes
@@ -111,7 +110,7 @@ def parse(lines: Iterable[str]) -> Usage:
             fresh = None if sent is None else max(0, sent - (write or 0) - (hit or 0))
             for kind, n in (("input", fresh), ("cache_write", write), ("cache_read", hit), ("output", received)):
                 if n is not None:
-                    tokens[kind] = tokens.get(kind, 0) + n
+                    usage.tokens[kind] = usage.tokens.get(kind, 0) + n
             usage.turns = (usage.turns or 0) + 1
             usage.error = None  # a reply came after it: aider went on
         text = line.strip()
@@ -122,6 +121,7 @@ def parse(lines: Iterable[str]) -> Usage:
         if "Cost: " in line and (m := _COST.search(line)):
             # (400 digits read as inf, which JSON cannot hold)
             usage.cost_usd = most(usage.cost_usd, dollars(float(m.group(2))))
-    usage.tokens = tokens
-    usage.is_error = True if usage.error else None
-    return usage
+        usage.is_error = True if usage.error else None
+
+
+parse = Reading.parse

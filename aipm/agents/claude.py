@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import shlex
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 
-from aipm.agents import Attempt, Usage, count, dollars, json_lines, most, session
+from aipm import agents
+from aipm.agents import Attempt, count, dollars, json_lines, most, session
 from aipm.confine import boot_path
 from aipm.paths import Target
 from aipm.workerfiles import write_bytes
@@ -96,22 +96,26 @@ def write_settings(attempt: Attempt) -> Path:
     return path
 
 
-def parse(lines: Iterable[str]) -> Usage:
-    usage = Usage()
-    for event in json_lines(lines):
-        if (found := session(event.get("session_id"))) is not None:
-            usage.session_id = found  # known from the first event, even if the run dies
-        if event.get("type") != "result":
-            continue
-        usage.cost_usd = most(usage.cost_usd, dollars(event.get("total_cost_usd")))
-        reported = event.get("usage") if isinstance(event.get("usage"), dict) else {}
-        usage.tokens = {ours: n for theirs, ours in _TOKENS.items() if (n := count(reported.get(theirs))) is not None}
-        usage.turns = count(event.get("num_turns"))
-        usage.is_error = event.get("is_error") if isinstance(event.get("is_error"), bool) else None
-        if isinstance(event.get("subtype"), str) and event["subtype"].startswith("error"):
-            usage.is_error = True  # error_max_turns has been seen with is_error false: the run did not finish
-        usage.error = _error(event) if usage.is_error else None
-    return usage
+class Reading(agents.Reading):
+    def read(self, line: str) -> None:
+        usage = self.found
+        for event in json_lines([line]):
+            if (found := session(event.get("session_id"))) is not None:
+                usage.session_id = found  # known from the first event, even if the run dies
+            if event.get("type") != "result":
+                continue
+            usage.cost_usd = most(usage.cost_usd, dollars(event.get("total_cost_usd")))
+            reported = event.get("usage") if isinstance(event.get("usage"), dict) else {}
+            usage.tokens = {ours: n for theirs, ours in _TOKENS.items()
+                            if (n := count(reported.get(theirs))) is not None}
+            usage.turns = count(event.get("num_turns"))
+            usage.is_error = event.get("is_error") if isinstance(event.get("is_error"), bool) else None
+            if isinstance(event.get("subtype"), str) and event["subtype"].startswith("error"):
+                usage.is_error = True  # error_max_turns has been seen with is_error false: the run did not finish
+            usage.error = _error(event) if usage.is_error else None
+
+
+parse = Reading.parse
 
 
 def _error(result: dict) -> str:

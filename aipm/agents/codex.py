@@ -19,6 +19,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
+from aipm import agents
 from aipm.agents import Attempt, Usage, _bounded_lines, _source, _text, count, json_lines, reported, session
 from aipm.workerfiles import append_log, reading
 
@@ -76,17 +77,24 @@ def _thread_total(lines: Iterable[str]) -> tuple[str | None, dict[str, int]]:
     return thread, total
 
 
-def parse(lines: Iterable[str]) -> Usage:
-    usage = Usage()
-    base: dict[str, int] = {}
-    total: dict[str, int | None] = {}
-    for line in lines:
+class Reading(agents.Reading):
+    def __init__(self) -> None:
+        super().__init__()
+        self.base: dict[str, int] = {}  # the thread's total when resumed (BASELINE)
+        self.total: dict[str, int | None] = {}  # the thread's total so far, as its last turn reported it
+
+    def state(self) -> tuple:
+        return super().state(), tuple(self.base.items()), tuple(self.total.items())
+
+    def read(self, line: str) -> None:
+        usage = self.found
         if (noted := _BASELINE.search(line.rstrip("\n"))) and not line.startswith("{"):
             try:
-                base = {k: n for k, n in json.loads(noted.group(1)).items() if k in _KEYS and count(n) is not None}
+                self.base = {k: n for k, n in json.loads(noted.group(1)).items()
+                             if k in _KEYS and count(n) is not None}
             except (ValueError, RecursionError):
                 pass
-            continue
+            return
         for event in json_lines([line]):
             kind = event.get("type")
             if kind == "thread.started" and session(event.get("thread_id")) is not None:
@@ -96,19 +104,25 @@ def parse(lines: Iterable[str]) -> Usage:
                 usage.is_error = usage.is_error or kind == "turn.failed"
                 usage.error = _turn_error(event) if kind == "turn.failed" else None
                 if isinstance(event.get("usage"), dict):  # the thread's total so far: the last one counts
-                    total = {k: count(event["usage"].get(k)) for k in _KEYS}
+                    self.total = {k: count(event["usage"].get(k)) for k in _KEYS}
             elif kind == "error":
                 usage.is_error = True
-    # This attempt's own: the total less what the thread had when resumed (a figure below its base is unknown).
-    own = {k: (n - base.get(k, 0) if n >= base.get(k, 0) else None) if n is not None else None
-           for k, n in total.items()}
-    given, cached, out = (own.get(k) for k in _KEYS)
-    # Ours count cache reads apart from fresh input, as Claude's do.
-    # (a cached count above the input's, which no real turn has, makes the input count unknown, not < 0)
-    fresh = given if given is None or cached is None else given - cached if given >= cached else None
-    usage.tokens = {ours: n for ours, n in (("input", fresh), ("cache_read", cached), ("output", out))
-                    if n is not None}
-    return usage
+
+    def usage(self) -> Usage:
+        usage, base = super().usage(), self.base
+        # This attempt's own: the total less what the thread had when resumed (a figure below its base is unknown).
+        own = {k: (n - base.get(k, 0) if n >= base.get(k, 0) else None) if n is not None else None
+               for k, n in self.total.items()}
+        given, cached, out = (own.get(k) for k in _KEYS)
+        # Ours count cache reads apart from fresh input, as Claude's do.
+        # (a cached count above the input's, which no real turn has, makes the input count unknown, not < 0)
+        fresh = given if given is None or cached is None else given - cached if given >= cached else None
+        usage.tokens = {ours: n for ours, n in (("input", fresh), ("cache_read", cached), ("output", out))
+                        if n is not None}
+        return usage
+
+
+parse = Reading.parse
 
 
 def _turn_error(event: dict) -> str:
