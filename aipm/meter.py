@@ -15,7 +15,9 @@ of its output passes through the local worker, and its usage is read from the lo
 
 The meter is in the worker's process group, outside its confinement (it comes before confine's prefix). A stop
 signal to the group waits for the agent, which gets it with its default action, so the meter reads all the agent
-printed; its exit code is the agent's (128+N for a signal N, as the wrappers give it). Once the agent has exited,
+printed; its exit code is the agent's (128+N for a signal N, as the wrappers give it). The agent's parent is not
+the meter but a fork of it that only waits for the agent (_parent): an agent's `kill -STOP $PPID` cannot stop
+the reading of its output. Once the agent has exited,
 the meter reads what is left in the pipe and ends: a process the agent left behind with the pipe open does not
 hold the attempt.
 """
@@ -28,6 +30,7 @@ import os
 import select
 import signal
 import sys
+from typing import NoReturn
 
 from aipm import agents
 from aipm.confine import boot_argv
@@ -99,27 +102,84 @@ def main(argv: list[str]) -> int:
     except OSError:  # (its directory removed meanwhile): no copy, so the usage is read from the log, as before
         copy = os.open(os.devnull, os.O_WRONLY)
     out, into = os.pipe()
+    stops = _Stops()
+    parent = os.fork()  # the agent's parent: see _parent
+    if parent == 0:
+        os.close(out)
+        _parent(command, into)
+    os.close(into)
+    _relay(out, pidfd := os.pidfd_open(parent), Copy(spec["agent"], copy), stops, parent)
+    os.close(pidfd)
+    code = os.waitstatus_to_exitcode(os.waitpid(parent, 0)[1])
+    return 128 - code if code < 0 else code
+
+
+def _parent(command: list[str], into: int) -> NoReturn:
+    """The agent's parent, a process of its own that only waits for it and exits as it did (128+N for a signal N).
+
+    An agent's `kill -STOP $PPID`, were the meter its parent, stopped the meter: the pipe filled, the agent blocked
+    writing to it, and the attempt hung until its timeout. Stopped, this process holds nothing but the agent's exit
+    code, and the meter, its parent, is told (SIGCHLD) and lets it go on (_Stops)."""
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
         pid = os.posix_spawnp(command[0], command, os.environ, setsigdef=_STOPS,
                               file_actions=[(os.POSIX_SPAWN_DUP2, into, 1), (os.POSIX_SPAWN_DUP2, into, 2)])
     except OSError as exc:  # as a shell says it: one line, 127 for a program not found, 126 for one not runnable
-        print(f"aipm: cannot run {command[0]}: {exc.strerror}", file=sys.stderr)
-        return 127 if isinstance(exc, FileNotFoundError) else 126
+        os.write(2, f"aipm: cannot run {command[0]}: {exc.strerror}\n".encode())
+        os._exit(127 if isinstance(exc, FileNotFoundError) else 126)
     os.close(into)
-    _relay(out, pidfd := os.pidfd_open(pid), Copy(spec["agent"], copy))
-    os.close(pidfd)
     code = os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    return 128 - code if code < 0 else code
+    os._exit(128 - code if code < 0 else code)
 
 
-def _relay(out: int, pidfd: int, copy: Copy) -> None:
-    """Copy the pipe to the log (standard output) and the copy until it closes, or the agent has exited and what
-    it left in the pipe is read."""
+class _Stops:
+    """The meter's SIGCHLD, as a descriptor its loop selects on: the agent's parent stopped (or ended)."""
+
+    def __init__(self) -> None:
+        self.fd, self._w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(self._w)
+        signal.signal(signal.SIGCHLD, lambda signum, frame: None)  # (the wakeup descriptor is written to)
+        self.told = False
+
+    def go_on(self, parent: int) -> bytes:
+        """Let the agent's parent go on if it is stopped; what the log says of it the first time."""
+        try:
+            while os.read(self.fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        try:
+            if os.waitid(os.P_PID, parent, os.WSTOPPED | os.WNOHANG) is None:  # (an exit is left for waitpid)
+                return b""
+        except ChildProcessError:  # it has ended (Linux finds no child to wait for stops of among the ended)
+            return b""
+        # Not a person's pause of the task either: stopping its whole group stops the meter too. Let go, the parent
+        # only waits, and the agent stays as it is.
+        os.kill(parent, signal.SIGCONT)
+        if self.told:
+            return b""
+        self.told = True
+        return (f"aipm: the agent stopped its parent (pid {parent}, kill -STOP $PPID): let go on, as it only waits "
+                "for the agent to record its end\n").encode()
+
+
+def _relay(out: int, pidfd: int, copy: Copy, stops: _Stops, parent: int) -> None:
+    """Copy the pipe to the log (standard output) and the copy until it closes, or the agent's parent has exited
+    and what the agent left in the pipe is read."""
     left = None  # how much more is read once the agent has exited: what a process it left behind writes is not
+    line_open = False  # the log's last line is not ended: a note of ours starts a line of its own
     while left is None or left > 0:
-        if left is None and pidfd in select.select([out, pidfd], [], [])[0]:
-            left = _LEFT
-            os.set_blocking(out, False)
+        if left is None:
+            ready = select.select([out, pidfd, stops.fd], [], [])[0]
+            if stops.fd in ready and (note := stops.go_on(parent)):
+                _write_all(1, b"\n" + note if line_open else note)
+                line_open = False
+            if pidfd in ready:
+                left = _LEFT
+                os.set_blocking(out, False)
+            elif out not in ready:
+                continue
         try:
             data = os.read(out, _CHUNK)
         except OSError as exc:
@@ -132,6 +192,7 @@ def _relay(out: int, pidfd: int, copy: Copy) -> None:
             left -= len(data)
         copy.feed(data)
         _write_all(1, data)
+        line_open = not data.endswith(b"\n")
     copy.end()
 
 

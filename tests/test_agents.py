@@ -652,6 +652,19 @@ def test_the_meter_weighs_every_line_of_a_long_run_and_its_copy_reads_as_the_run
     assert whole.turns and len(kept) == changing, len(kept)
 
 
+def test_an_agent_that_stops_its_parent_does_not_stall_its_meter(project):
+    """The meter was the agent's parent: an agent's `kill -STOP $PPID` stopped it, nothing read the agent's output
+    any more, and the task hung until its timeout (FAILED, its cost unrecorded). The agent's parent is now a process
+    of the meter's that only waits for it, which the meter lets go on."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    write_task(project.order(), "A", prompt="@cost 0.2\n@stop-parent", target_files=["a.txt"], timeout=60)
+    run = project.aipm("run", "ORD", env=agent_env(project), timeout=120)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert task_file(project.order(), "A")["cost_usd"] == 0.2
+    log = (project.root / ".aipm/logs/ORD/A.1.log").read_text()
+    assert "aipm: the agent stopped its parent" in log and '"total_cost_usd": 0.2' in log, log
+
+
 def test_an_attempt_ends_with_its_agent_though_a_process_it_left_holds_its_output(project, gate):
     """The agent's output is a pipe the meter reads: a process the agent left behind holds it open, and a meter that
     read to its end would hold the attempt until that process ended."""

@@ -25,6 +25,7 @@ Directives, one per line anywhere in the prompt:
     @session "ID"            claude, codex: report this session id, a JSON string (escapes such as \ud800 kept)
     @refuse                  claude: exit 1 before any event, refusing its command line (an older Claude Code)
     @hang                    claude: hang before any event until killed (a start stuck on an MCP server)
+    @stop-parent             claude: before its result, stop its parent (`kill -STOP $PPID`, as a command may)
 
 With FAKE_AGENT_JOURNAL set, each run appends one JSON line {"agent", "argv", "prompt", "attempt", "task",
 "targets"} (targets: AIPM_TARGET_FILES).
@@ -52,6 +53,7 @@ class Directives:
     session: str | None = None
     refuse: bool = False
     hang: bool = False
+    stop_parent: bool = False
 
 
 def directives(prompt: str) -> Directives:
@@ -74,6 +76,8 @@ def directives(prompt: str) -> Directives:
             d.refuse = True
         elif word == "@hang":
             d.hang = True
+        elif word == "@stop-parent":
+            d.stop_parent = True
         elif word == "@linger":
             d.linger = True
         elif word == "@rewrite-log":
