@@ -50,6 +50,7 @@ class Copy:
 
     def __init__(self, agent: str, fd: int) -> None:
         self.fd, self.reading = fd, agents.preset(agent).Reading()
+        self.length = os.fstat(fd).st_size  # the copy's, as the meter left it (codex's argv may have begun it)
         self.pieces: list[bytes] = []  # the line being read, as its chunks came (joined once it ends)
         self.size = 0
         self.endless = False  # the line being read is LONGEST or more: passed over, as read_usage passes it
@@ -81,15 +82,27 @@ class Copy:
         before = self.reading.state()
         self.reading.read(raw.decode("utf-8", "replace"))
         if self.reading.state() != before:  # (a line that changes nothing is read the same way in the copy)
-            _write_all(self.fd, raw)
+            self.length += _write_all(self.fd, raw)
+
+    def kept(self, path: str) -> bool:
+        """Whether `path` is still the copy, as the meter wrote it: not removed, replaced, cut or added to."""
+        try:
+            mine, there = os.fstat(self.fd), os.stat(path, follow_symlinks=False)
+        except OSError:
+            return False
+        return mine.st_nlink > 0 and (mine.st_dev, mine.st_ino) == (there.st_dev, there.st_ino) and (
+            mine.st_size == self.length)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _write_all(fd: int, data: bytes) -> int:
+    """Write what the disk takes of `data`; how much that was."""
+    done = 0
     try:
-        while data:
-            data = data[os.write(fd, data):]
+        while done < len(data):
+            done += os.write(fd, data[done:])
     except OSError:
         pass  # a full disk: the log says what it can; the copy, what it could hold
+    return done
 
 
 def main(argv: list[str]) -> int:
@@ -97,10 +110,11 @@ def main(argv: list[str]) -> int:
     spec, command = json.loads(argv[0]), argv[2:]
     for stop in _STOPS:
         signal.signal(stop, signal.SIG_IGN)  # the agent's to act on: the meter reads until it has ended
+    path = agents.reported(spec["log"])
     try:
-        copy = os.open(agents.reported(spec["log"]), os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
-    except OSError:  # (its directory removed meanwhile): no copy, so the usage is read from the log, as before
-        copy = os.open(os.devnull, os.O_WRONLY)
+        copy = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o644)
+    except OSError:  # (its directory removed meanwhile): no copy, so the usage is unknown (agents.LOST)
+        copy, path = os.open(os.devnull, os.O_WRONLY), None
     out, into = os.pipe()
     stops = _Stops()
     parent = os.fork()  # the agent's parent: see _parent
@@ -108,10 +122,24 @@ def main(argv: list[str]) -> int:
         os.close(out)
         _parent(command, into)
     os.close(into)
-    _relay(out, pidfd := os.pidfd_open(parent), Copy(spec["agent"], copy), stops, parent)
+    _relay(out, pidfd := os.pidfd_open(parent), copier := Copy(spec["agent"], copy), stops, parent)
     os.close(pidfd)
     code = os.waitstatus_to_exitcode(os.waitpid(parent, 0)[1])
+    if path and not copier.kept(path):
+        _lost(path)
     return 128 - code if code < 0 else code
+
+
+def _lost(path: str) -> None:
+    """The copy was removed, replaced or changed while the agent ran (an unconfined agent, or a command it ran, can):
+    what is there now is no account of the attempt's usage, and neither is the log, so it goes, and the attempt's
+    usage is read as unknown (agents.LOST), its cost never the $0 a rewritten log may say."""
+    try:
+        os.unlink(path)
+    except OSError:
+        pass  # (gone already, or a directory: read as no copy either way)
+    _write_all(1, f"\naipm: the meter's copy of the agent's usage report ({path}) was removed or changed while the "
+                  "attempt ran: what it cost is unknown, and the attempt fails\n".encode())
 
 
 def _parent(command: list[str], into: int) -> NoReturn:

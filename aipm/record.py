@@ -49,6 +49,7 @@ class Record:
     # which it holds until it ends (budget.held). None: uncapped.
     cost_cap: float | None = None
     agent: str = "command"  # the preset that runs the work (aipm.agents), so its usage can be read at the end
+    metered: bool = False  # its agent's output went through the meter (aipm.meter): usage is read from its copy only
     workspace: str = ""  # the task's git worktree ("" = it works in the shared project tree)
     # The task's counters when this attempt started (reworks, preemptions, cost_usd and tokens: what its limits and
     # the budget are decided on), written back with the status if a reset loses them.

@@ -207,7 +207,7 @@ class Recording(Reviewing):
             confine.tidy(rec.log, rec.confined)
             append_log(rec.log, workspace.keep(self.rt.root, rec))
         spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
-                              task.cost_unreported_usd)[1] if rec.phase == "work" else {}
+                              task.cost_unreported_usd, metered=rec.metered)[1] if rec.phase == "work" else {}
         task = self._write(task, {"status": Status.INTERRUPTED, "finished_at": now(),
                                   "reason": outcome.interrupted("exit code lost"), **spent})
         self._drop(rec)
@@ -321,7 +321,7 @@ class Recording(Reviewing):
         if agents.can_resume(rec.agent):
             self.rt.resume_path(rec.order, rec.task).unlink(missing_ok=True)  # a resume is used once
         usage, updates = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
-                                       task.cost_unreported_usd, exited)
+                                       task.cost_unreported_usd, exited, rec.metered)
         if usage is not None and usage.cost_usd is not None:
             event["cost_usd"] = usage.cost_usd
         return usage, updates
@@ -329,7 +329,7 @@ class Recording(Reviewing):
     def read_usage_ahead(self, rec: Record) -> None:
         """Before taking the launch lock for an attempt that ended: read its usage (agents.read_ahead)."""
         if rec.phase == "work":
-            agents.read_ahead(rec.agent, rec.log)
+            agents.read_ahead(rec.agent, rec.log, rec.metered)
 
     def _scope_findings(self, rec: Record, in_commits: set[str] | None) -> list[str]:
         """Paths the worker changed or committed (`in_commits`, see scope.findings) that neither it nor any task

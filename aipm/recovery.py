@@ -143,7 +143,7 @@ def read_lost_usage_ahead(rt: Runtime) -> None:
     worker both gone), which it adds to their tasks (agents.read_ahead)."""
     for rec in rt.records():
         if agents.is_preset(rec.agent) and rec.phase == "work" and rec.pid and not rec.alive():
-            agents.read_ahead(rec.agent, rec.log)
+            agents.read_ahead(rec.agent, rec.log, rec.metered)
 
 
 def outcome_left(task: Task, rec: Record, rt: Runtime) -> bool:
@@ -206,7 +206,7 @@ def discard(rt: Runtime, rec: Record, code: int | None, why: str) -> str:
     went (an agent's: added to no task) and a worktree attempt's changes kept. Returns the line, for the caller's
     output; the caller drops the record."""
     ran = rec.phase == "work" and rec.pid
-    usage = agents.settle(rec.agent, Path(rec.log), None, None)[0] if ran else None
+    usage = agents.settle(rec.agent, Path(rec.log), None, None, metered=rec.metered)[0] if ran else None
     line = (f"attempt {rec.serial} (exit {code}) not recorded: {why}"
             + f"; its usage is added to no task (see {rec.log})" * (usage is not None))
     append_log(rec.log, line)
@@ -343,8 +343,8 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
             # one that reported nothing its cap, unless its Ray task was never submitted.
             ran = rec is not None and rec.phase == "work" and rec.pid
             spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
-                                  task.cost_unreported_usd, cluster.ran_nothing(rec.exit_file, rec.command)
-                                  )[1] if ran else {}
+                                  task.cost_unreported_usd, cluster.ran_nothing(rec.exit_file, rec.command),
+                                  rec.metered)[1] if ran else {}
             counted = {"preemptions": task.preemptions + 1} if rec is not None and rec.preempted else {}
             task = update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(),
                                       "reason": outcome.interrupted(why), **spent, **counted}, expect=task.status)
@@ -368,7 +368,8 @@ def settle_cancelled(rt: Runtime, rec: Record, task: Task, write: Callable[[Task
     removes the worktree). `write` puts the usage in the task file; what it raises goes to the caller."""
     if rec.phase == "work" and rec.pid:
         spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
-                              task.cost_unreported_usd, cluster.ran_nothing(rec.exit_file, rec.command))[1]
+                              task.cost_unreported_usd, cluster.ran_nothing(rec.exit_file, rec.command),
+                              rec.metered)[1]
         task = write(task, spent) if spent else task
         if rec.workspace:
             confine.tidy(rec.log, rec.confined)  # first: an empty file made for a rule is no change of its own

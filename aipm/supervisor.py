@@ -116,6 +116,7 @@ class Supervisor(Recording, Owner):
         # the log itself, on its node (cluster.guard), and its usage is read from the log.
         if agents.is_preset(rec.agent) and self.settings.runner != "ray":
             jail = [*meter.prefix(rec.agent, rec.log), *jail]
+            rec.metered = True
         def started(pid: int, ctime: float) -> None:
             """Recorded and watched before its command may begin: if either fails, the command never runs."""
             self._record(rec, pid, ctime, timeout)

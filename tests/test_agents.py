@@ -566,6 +566,33 @@ def test_an_agent_that_rewrites_its_log_is_charged_what_it_reported(project, con
     assert status["cost_usd"] == 0.5
 
 
+@pytest.mark.parametrize("how", ["delete", "forge"])
+def test_an_agent_that_tampers_with_the_meters_copy_fails_with_its_cost_unknown(project, how):
+    """An unconfined agent may remove the meter's copy of its usage report, or put one of its own there: with the copy
+    gone its usage was read from its log, which it had rewritten, and an attempt that cost $0.5 was DONE at $0 (a
+    forged copy was read as it was). The meter sees its copy changed, removes what is there, and the attempt's usage
+    is unknown: it fails, saying why, and charges nothing it did not report."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    write_task(project.order(), "A", prompt=f"@cost 0.5\n@rewrite-log\n@tamper-copy {how}", target_files=["a.txt"])
+    run = project.aipm("run", "ORD", env=agent_env(project, FAKE_AGENT_JOURNAL=""))
+    assert run.returncode == 1, run.stdout + run.stderr
+    a = task_file(project.order(), "A")
+    assert a["status"] == "FAILED" and "cost_usd" not in a and "its usage report is lost" in a["reason"], a
+    log = (project.root / ".aipm/logs/ORD/A.1.log").read_text()
+    assert "the meter's copy of the agent's usage report" in log and "usage: cost unknown" in log, log
+
+
+def test_an_agent_that_kills_its_meter_fails_charged_what_it_reported(project):
+    """An unconfined agent may kill the meter (it is in the agent's process group): the attempt ends as killed (its
+    wrapper's command was the meter) and is charged what the meter kept before, not the $0 of the log it rewrote."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    write_task(project.order(), "A", prompt="@cost 0.5\n@kill-meter\n@rewrite-log", target_files=["a.txt"])
+    run = project.aipm("run", "ORD", env=agent_env(project, FAKE_AGENT_JOURNAL=""))
+    assert run.returncode == 1, run.stdout + run.stderr
+    a = task_file(project.order(), "A")
+    assert (a["status"], a["cost_usd"], a["exit_code"]) == ("FAILED", 0.5, 137), a
+
+
 def test_an_attempt_whose_number_lost_its_log_is_charged_its_own_usage_not_the_earlier_attempts(project):
     """An attempt's number was used again once its log was gone (a person removed it; the spent exit file went with
     its outcome): the meter appended to the copy the earlier attempt of that number left, and the new attempt was

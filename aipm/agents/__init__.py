@@ -131,11 +131,11 @@ class _Read(NamedTuple):
 _ahead: dict[str, _Read] = {}
 
 
-def read_ahead(name: str, log: str | Path) -> None:
+def read_ahead(name: str, log: str | Path, metered: bool = False) -> None:
     """Parse an ended attempt's log before its owner takes the launch lock for the outcome: a transcript of a
     gigabyte takes seconds to read, and every other aipm command of the project would wait for them. read_usage,
     under the lock, then reads only what was added since (as a rule aipm's own lines)."""
-    if is_preset(name) and _key(log) not in _ahead and (read := _read(name, Path(log))) is not None:
+    if is_preset(name) and _key(log) not in _ahead and (read := _read(name, Path(log), metered)) is not None:
         _ahead[_key(log)] = read
 
 
@@ -154,34 +154,45 @@ def reported(log: str | Path) -> str:
     return str(Path(log).with_suffix(".reported"))
 
 
-def _source(log: Path) -> Path:
-    """Where the attempt's usage is read: the meter's copy, or the log of an attempt that ran without a meter."""
+def _source(log: Path, metered: bool = False) -> Path:
+    """Where the attempt's usage is read: the meter's copy, or the log of an attempt that ran without a meter (one
+    that did, `metered`, never the log: whoever removed the copy may have rewritten the log too)."""
     copy = Path(reported(log))
-    return copy if copy.exists() else log
+    return copy if metered or copy.exists() else log
 
 
-def read_usage(name: str, log: Path) -> Usage | None:
+# The usage of a metered attempt whose copy is gone or was changed under the meter (which then removes it): an agent
+# or a command of its deleted or rewrote it, and the log, the worker's to write, is no account of what it cost.
+LOST = ("its usage report is lost: the meter's copy of it was removed or changed while the attempt ran (see its log), "
+        "so what the attempt cost is unknown")
+
+
+def read_usage(name: str, log: Path, metered: bool = False) -> Usage | None:
     """The attempt's usage from the meter's copy, else its log: its read-ahead's, unless usage was added since;
-    None for `command`. Kept beside the log too (`<TASK>.<attempt>.usage.json`)."""
+    None for `command`; a LOST error for a `metered` attempt whose copy cannot be read. Kept beside the log too
+    (`<TASK>.<attempt>.usage.json`)."""
     if not is_preset(name):
         return None
     ahead = _ahead.get(_key(log))
-    if ahead is not None and _nothing_added(name, log, ahead):
+    if ahead is not None and _nothing_added(name, log, ahead, metered):
         return ahead.usage
-    read = _read(name, log)
+    read = _read(name, log, metered)
     if read is not None and ahead is not None:
         _ahead[_key(log)] = read  # an outcome held and retried reads only what follows
     return read.usage if read is not None else None
 
 
-def _read(name: str, log: Path) -> _Read | None:
+def _read(name: str, log: Path, metered: bool) -> _Read | None:
     try:
-        with reading(_source(log)) as raw:
+        with reading(_source(log, metered)) as raw:
             found, text = os.fstat(raw.fileno()), _text(raw)
             usage = preset(name).parse(_bounded_lines(text))
             read = _Read(found.st_dev, found.st_ino, text.buffer.tell(), usage)  # the end it read to
     except OSError:
-        return None
+        if not metered:
+            return None
+        usage = Usage(is_error=True, error=LOST)
+        read = _Read(0, 0, -1, usage)  # (no file to be the one read ahead: read again)
     try:
         write_bytes(log.with_suffix(".usage.json"), (json.dumps({"agent": name, **asdict(usage)}) + "\n").encode())
     except OSError:
@@ -189,10 +200,10 @@ def _read(name: str, log: Path) -> _Read | None:
     return read
 
 
-def _nothing_added(name: str, log: Path, ahead: _Read) -> bool:
+def _nothing_added(name: str, log: Path, ahead: _Read, metered: bool) -> bool:
     """Whether the log is the one read ahead and what was written to it since holds no usage of the agent's."""
     try:
-        with reading(_source(log)) as raw:
+        with reading(_source(log, metered)) as raw:
             found = os.fstat(raw.fileno())
             if (found.st_dev, found.st_ino) != (ahead.dev, ahead.ino) or found.st_size < ahead.end:
                 return False  # replaced or cut: read whole
@@ -221,7 +232,7 @@ def _bounded_lines(handle: Any) -> Iterator[str]:
 
 
 def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] | None,
-           cap: float | None = None, unreported: float | None = None, exited: bool = False
+           cap: float | None = None, unreported: float | None = None, exited: bool = False, metered: bool = False
            ) -> tuple[Usage | None, dict]:
     """An ended attempt's usage, however it ended: read as read_usage reads it, summed up in its log in a `usage:` line,
     and as updates of the task's totals (`cost_usd`, `tokens`, `unreported`: the task's before the attempt). An attempt
@@ -229,13 +240,14 @@ def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] 
     spent up to it: the cap is added to the task's `cost_unreported_usd`, never to its cost. Not so for one that exited
     by itself (`exited`: no timeout, no signal) with no event of its agent in its log: it never began a session (it
     refused its command line), and claude prints its first event, which names the session, before it asks the model
-    anything. One killed counts its cap even so: what it did before it was stopped is unseen."""
-    usage = read_usage(name, log)
+    anything. One killed counts its cap even so: what it did before it was stopped is unseen. `metered`: its output
+    went through the meter (Record.metered), so its usage is read from the meter's copy only."""
+    usage = read_usage(name, log, metered)
     if usage is None and not (is_preset(name) and cap):
         return None, {}
     if usage is None:  # a capped agent's log that cannot be read: its cost is unknown like any unreported one
         usage = Usage()
-    elif exited and usage.session_id is None:
+    elif exited and usage.session_id is None and usage.error != LOST:
         cap = None  # it spent nothing
     cost = "unknown" if usage.cost_usd is None else f"${usage.cost_usd:.4f}"
     if usage.cost_usd is None and cap:

@@ -26,6 +26,9 @@ Directives, one per line anywhere in the prompt:
     @refuse                  claude: exit 1 before any event, refusing its command line (an older Claude Code)
     @hang                    claude: hang before any event until killed (a start stuck on an MCP server)
     @stop-parent             claude: before its result, stop its parent (`kill -STOP $PPID`, as a command may)
+    @kill-meter              claude: once its result is in its log, SIGKILL the meter that reads its output
+    @tamper-copy HOW         claude: after its result (and @rewrite-log), remove the meter's copy of it (`delete`)
+                             or put one there that cost nothing (`forge`), as an unconfined command could
 
 With FAKE_AGENT_JOURNAL set, each run appends one JSON line {"agent", "argv", "prompt", "attempt", "task",
 "targets"} (targets: AIPM_TARGET_FILES).
@@ -54,6 +57,8 @@ class Directives:
     refuse: bool = False
     hang: bool = False
     stop_parent: bool = False
+    kill_meter: bool = False
+    tamper_copy: str | None = None
 
 
 def directives(prompt: str) -> Directives:
@@ -78,6 +83,10 @@ def directives(prompt: str) -> Directives:
             d.hang = True
         elif word == "@stop-parent":
             d.stop_parent = True
+        elif word == "@kill-meter":
+            d.kill_meter = True
+        elif word == "@tamper-copy":
+            d.tamper_copy = rest.strip()
         elif word == "@linger":
             d.linger = True
         elif word == "@rewrite-log":
