@@ -267,6 +267,49 @@ def test_codex_failed_turn():
     assert usage.error == "stream error"
 
 
+def events(*items: dict) -> list[str]:
+    return [json.dumps(item) + "\n" for item in items]
+
+
+def test_a_codex_error_it_retried_past_is_no_error_and_one_it_stopped_at_is():
+    """An `error` event made the attempt's usage is_error for good, though codex retried past it and its turn
+    completed; one no turn's end followed (codex gave up there, exiting 0 before openai/codex#4309) was no error."""
+    started, retried = {"type": "thread.started", "thread_id": "t"}, {"type": "error", "message":
+                                                                      "Reconnecting... 1/5 (stream disconnected)"}
+    done = {"type": "turn.completed", "usage": {"input_tokens": 9, "cached_input_tokens": 4, "output_tokens": 2}}
+    usage = codex.parse(events(started, retried, {"type": "error", "message": "stream error: x; retrying 2/5 in 1s"},
+                               done))
+    assert (usage.is_error, usage.error, usage.tokens) == (False, None, {"input": 5, "cache_read": 4, "output": 2})
+    assert codex.parse(events(started, {"type": "error", "message": "unexpected status 401"}, done)).error is None
+    stopped = codex.parse(events(started, retried, {"type": "error", "message": "unexpected status 401\nmore"}))
+    assert (stopped.is_error, stopped.error) == (True, "unexpected status 401")
+    assert codex.parse(events(started, retried)).is_error is None  # (nothing ended yet: unknown)
+
+
+def test_codex_usage_from_its_older_json_events():
+    """Before 0.44 `codex exec --json` printed its protocol's events ({"id", "msg"}), whose token counts were read as
+    unknown: each response's own usage (summed), then, from 0.3x, the session's total (the last counts)."""
+    configured = {"id": "0", "msg": {"type": "session_configured", "session_id": "s-1", "model": "gpt-5"}}
+    response = {"id": "1", "msg": {"type": "token_count", "input_tokens": 100, "cached_input_tokens": 40,
+                                   "output_tokens": 7, "reasoning_output_tokens": 3, "total_tokens": 107}}
+    complete = {"id": "1", "msg": {"type": "task_complete", "last_agent_message": "done"}}
+    usage = codex.parse(events(configured, response, response, complete))
+    assert (usage.session_id, usage.tokens, usage.turns, usage.is_error) == (
+        "s-1", {"input": 120, "cache_read": 80, "output": 14}, 1, False)
+
+    def total(n: int) -> dict:
+        figures = {"input_tokens": 100 * n, "cached_input_tokens": 40 * n, "output_tokens": 7 * n}
+        return {"id": "1", "msg": {"type": "token_count", "info": {"total_token_usage": figures,
+                                                                    "last_token_usage": figures}}}
+    usage = codex.parse(events(configured, total(1), {"id": "1", "msg": {"type": "token_count", "info": None}},
+                               total(3), {"id": "1", "msg": {"type": "stream_error", "message": "retrying"}},
+                               complete))
+    assert (usage.tokens, usage.error) == ({"input": 180, "cache_read": 120, "output": 21}, None)
+    failed = codex.parse(events(configured, total(1), {"id": "1", "msg": {"type": "error", "message": "quota"}}))
+    assert (failed.error, failed.tokens["output"]) == ("quota", 7)
+    assert codex.parse(events({"type": "session.created", "session_id": "s-2"})).session_id == "s-2"
+
+
 def test_a_codex_turn_that_failed_fails_its_attempt_whatever_the_exit_code(project):
     """codex exec exited 0 after a failed turn before openai/codex#4309 (September 2025): the attempt, which did
     nothing, was DONE. A transient `error` event codex retries past (Reconnecting...) is no failure of its own."""
