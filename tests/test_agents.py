@@ -780,6 +780,18 @@ def test_an_agent_gets_its_targets_normalised(project, agent):
     assert run["targets"] == "a.txt\nsrc/"
 
 
+def test_aider_spends_nothing_on_its_weak_model_that_it_would_not_report(project):
+    """aider summarises a chat history past its model's max_chat_history_tokens (1k to 8k) with its weak model, and
+    neither its Tokens nor its Cost line counts that call: a reply of 5k tokens made an attempt cost more than it
+    was charged. A one-message run never uses the summary, so the limit is set past any run (commit messages, the
+    weak model's other work, are off with --no-auto-commits)."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: aider\n")
+    write_task(project.order(), "A", prompt="@cost 0.03\n@tokens 5000 400 0 0", target_files=["a.txt"])
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    assert [run["agent"] for run in journal(project)] == ["aider"]
+    assert task_file(project.order(), "A")["cost_usd"] == 0.03
+
+
 def test_codex_and_aider_runs(project):
     (project.root / "aipm.yaml").write_text("worker:\n  agent: codex\n")
     order = project.order()

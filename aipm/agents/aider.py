@@ -6,6 +6,12 @@ Token counts are rounded by aider (`2.3k`), so the totals are approximate; the c
 figure (aider's own running total for this run, which only grows: a line printed after it cannot lower it).
 Aider keeps no session id.
 
+Those lines are all that aider reports, and only of its main model: the weak model's calls print nothing and are
+not in the session figure (models.simple_send_with_retries). It writes commit messages, which --no-auto-commits
+turns off (dirty commits with them), and summarises the chat history once it passes max_chat_history_tokens (1k to
+8k), in a thread a --message run waits for at its exit: argv sets that limit past any run, as one message's run
+never uses the summary.
+
 A `--message-file` run exits 0 whatever became of its message. When aider gives up on an API error it prints
 litellm's `litellm.<Name>Error: ...` and, for most, its own explanation ("The API provider has rate limited you.
 ..."); one it retries says `Retrying in N seconds...` after it; a full context window ends in `Model M has hit a
@@ -40,13 +46,17 @@ _RETRYING = re.compile(r"Retrying in \d+(?:\.\d+)? seconds\.\.\.")
 _EXHAUSTED = re.compile(r"Model \S+ has hit a token limit!")
 
 
+_NO_SUMMARY = 10**9  # tokens of chat history: no summary by the weak model, whose cost aider would not report
+
+
 def argv(attempt: Attempt) -> list[str]:
     args = [PROGRAM, "--message-file", str(attempt.prompt_file), "--yes-always", "--no-auto-commits",
             # aider would otherwise add `.aider*` to .gitignore and keep its history in the project:
             # both are writes outside the targets.
             "--no-gitignore", "--chat-history-file", str(attempt.log.with_suffix(".aider.chat.md")),
             "--input-history-file", str(attempt.log.with_suffix(".aider.input")),
-            "--no-pretty", "--no-stream", "--no-check-update"]
+            "--no-pretty", "--no-stream", "--no-check-update",
+            "--max-chat-history-tokens", str(_NO_SUMMARY)]
     if attempt.model_chosen:  # aipm's default (`sonnet`) would override the model configured for aider itself
         args += ["--model", attempt.model]
     return args + files(attempt)
