@@ -664,6 +664,18 @@ def test_a_result_printed_after_the_agents_own_costs_it_no_less(project):
     assert aider.parse([report.format("$0.05"), report.format("$0.00")]).cost_usd == 0.05
 
 
+def metered(tmp_path: Path, agent: str, output: bytes, chunk: int) -> list[str]:
+    """The lines the meter keeps of `output`, fed to it `chunk` bytes at a time as the pipe would cut it."""
+    copy = tmp_path / "copy"
+    fd = os.open(copy, os.O_WRONLY | os.O_CREAT)
+    fed = meter.Copy(agent, fd)
+    for at in range(0, len(output), chunk):
+        fed.feed(output[at:at + chunk])
+    fed.end()
+    os.close(fd)
+    return copy.read_text().splitlines(keepends=True)
+
+
 @pytest.mark.parametrize("agent, sample", [("claude", "claude-stream-json.jsonl"),
                                            ("claude", "claude-stream-json-error.jsonl"),
                                            ("codex", "codex-exec-json.jsonl"), ("aider", "aider-output.txt")])
@@ -672,14 +684,7 @@ def test_the_meters_copy_reads_as_the_whole_output_does(tmp_path, agent, sample)
     be read (agents.LONGEST) is passed over as read_usage passes it, whatever it ends with."""
     output = (SAMPLES / sample).read_bytes()
     output += b"x" * agents.LONGEST + b'{"type":"result","total_cost_usd":0}\nCost: $0.00 message, $0.00 session.'
-    copy = tmp_path / "copy"
-    fd = os.open(copy, os.O_WRONLY | os.O_CREAT)
-    fed = meter.Copy(agent, fd)
-    for at in range(0, len(output), 4093):
-        fed.feed(output[at:at + 4093])
-    fed.end()
-    os.close(fd)
-    kept = copy.read_text().splitlines(keepends=True)
+    kept = metered(tmp_path, agent, output, 4093)
     assert agents.preset(agent).parse(kept) == parse(agent, sample)
     assert len(kept) < len(output.splitlines())
 
@@ -708,15 +713,7 @@ def test_the_meter_weighs_every_line_of_a_long_run_and_its_copy_reads_as_the_run
     just the lines that change the usage, and reads as the whole run does."""
     lines, changing = long_run(agent)
     assert len(lines) > 10_000
-    output = "".join(lines).encode()
-    copy = tmp_path / "copy"
-    fd = os.open(copy, os.O_WRONLY | os.O_CREAT)
-    fed = meter.Copy(agent, fd)
-    for at in range(0, len(output), 65_521):
-        fed.feed(output[at:at + 65_521])
-    fed.end()
-    os.close(fd)
-    kept = copy.read_text().splitlines(keepends=True)
+    kept = metered(tmp_path, agent, "".join(lines).encode(), 65_521)
     whole = agents.preset(agent).parse(lines)
     assert agents.preset(agent).parse(kept) == whole
     assert whole.turns and len(kept) == changing, len(kept)

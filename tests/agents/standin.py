@@ -61,42 +61,30 @@ class Directives:
     tamper_copy: str | None = None
 
 
+# Directives that are a switch, or take the rest of their line as it is: the field of Directives each sets.
+SWITCHES = {"@fail": "fail", "@refuse": "refuse", "@hang": "hang", "@stop-parent": "stop_parent",
+            "@kill-meter": "kill_meter", "@linger": "linger", "@rewrite-log": "rewrite_log",
+            "@fake-result": "fake_result"}
+WORDS = {"@api-error": "api_error", "@tamper-copy": "tamper_copy", "@leave-behind": "leave_behind",
+         "@wait-for": "gate"}
+
+
 def directives(prompt: str) -> Directives:
     d = Directives()
     for line in prompt.splitlines():
         word, _, rest = line.strip().partition(" ")
-        if word == "@cost":
+        if word in SWITCHES:
+            setattr(d, SWITCHES[word], True)
+        elif word in WORDS:
+            setattr(d, WORDS[word], rest.strip())
+        elif word == "@cost":
             d.cost = None if rest.strip() == "none" else float(rest)
         elif word == "@tokens":
             d.tokens = tuple(int(n) for n in rest.split())
-        elif word == "@fail":
-            d.fail = True
         elif word == "@fail-attempt":
             d.fail = d.fail or rest.strip() == os.environ.get("AIPM_ATTEMPT")
-        elif word == "@api-error":
-            d.api_error = rest.strip()
         elif word == "@session":
             d.session = json.loads(rest)
-        elif word == "@refuse":
-            d.refuse = True
-        elif word == "@hang":
-            d.hang = True
-        elif word == "@stop-parent":
-            d.stop_parent = True
-        elif word == "@kill-meter":
-            d.kill_meter = True
-        elif word == "@tamper-copy":
-            d.tamper_copy = rest.strip()
-        elif word == "@linger":
-            d.linger = True
-        elif word == "@rewrite-log":
-            d.rewrite_log = True
-        elif word == "@fake-result":
-            d.fake_result = True
-        elif word == "@leave-behind":
-            d.leave_behind = rest.strip()
-        elif word == "@wait-for":
-            d.gate = rest.strip()
         elif word == "@write":
             path, _, text = rest.partition(" ")
             d.writes.append((path, text))
