@@ -25,6 +25,7 @@ hold the attempt.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import select
@@ -80,7 +81,10 @@ class Copy:
 
     def _weigh(self, raw: bytes) -> None:
         before = self.reading.state()
-        self.reading.read(raw.decode("utf-8", "replace"))
+        # As read_usage will read the copy: a lone \r ends a line too (universal newlines), so `progress\rlitellm.
+        # RateLimitError: ...` is two lines there, the second aider's error.
+        for line in io.StringIO(raw.decode("utf-8", "replace"), newline=None):
+            self.reading.read(line)
         if self.reading.state() != before:  # (a line that changes nothing is read the same way in the copy)
             self.length += _write_all(self.fd, raw)
 

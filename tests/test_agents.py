@@ -4,6 +4,7 @@ budgets, the notify hook and `retry --resume` — run against stand-in `claude`,
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -673,7 +674,8 @@ def metered(tmp_path: Path, agent: str, output: bytes, chunk: int) -> list[str]:
         fed.feed(output[at:at + chunk])
     fed.end()
     os.close(fd)
-    return copy.read_text().splitlines(keepends=True)
+    with open(copy, encoding="utf-8", errors="replace") as handle:  # as read_usage reads it: universal newlines
+        return handle.readlines()
 
 
 @pytest.mark.parametrize("agent, sample", [("claude", "claude-stream-json.jsonl"),
@@ -687,6 +689,16 @@ def test_the_meters_copy_reads_as_the_whole_output_does(tmp_path, agent, sample)
     kept = metered(tmp_path, agent, output, 4093)
     assert agents.preset(agent).parse(kept) == parse(agent, sample)
     assert len(kept) < len(output.splitlines())
+
+
+def test_the_meters_copy_reads_a_carriage_return_as_the_copy_is_read(tmp_path):
+    """The copy is read back with universal newlines (a lone \\r ends a line), the meter read only \\n: aider's error
+    after a progress line ending in \\r changed nothing the meter read, was left out of the copy, and an attempt that
+    gave up on a rate limit was DONE."""
+    output = b"Tokens: 1.2k sent, 30 received. Cost: $0.01 message, $0.01 session.\nwait\rlitellm.RateLimitError: x\n"
+    whole = aider.parse(io.StringIO(output.decode(), newline=None))
+    assert whole.error == "litellm.RateLimitError: x"
+    assert aider.parse(metered(tmp_path, "aider", output, 7)) == whole
 
 
 def long_run(agent: str) -> tuple[list[str], int]:
