@@ -307,7 +307,9 @@ class Recording(Reviewing):
             rec.exit_file, rec.command, code)
         reason = outcome.one_line(refused) if refused else attempt_reason(code, timed_out, timeout)
         if error:
-            reason = outcome.agent_error(reason, error)
+            # (a lost usage report is aipm's finding, not the agent's word)
+            reason = outcome.one_line(f"{reason}; {error}") if error == agents.LOST else outcome.agent_error(
+                reason, error)
         reason = left_out(reason, event)
         task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason,
                                                failed=timed_out or bool(error)), **spent})
