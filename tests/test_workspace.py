@@ -1647,11 +1647,10 @@ def test_a_repository_with_commits_made_in_the_worktree_fails_the_attempt_and_ke
 
 @pytest.mark.parametrize("ending", ["exit 0", "exit 3", "git stash apply -q"])
 def test_changes_a_worker_stashed_are_named_where_they_are_not_said_merged(repo, ending):
-    """The stash is the repository's, shared by every worktree: a worker's `git stash` (to see whether the tests
-    failed before its edit, say) moved its work out of its worktree into the user's stash. Exit 0 went DONE with
-    "merged" and nothing merged, a failed attempt "changed nothing in its worktree", and the user's next
-    `git stash pop` in the main tree would have applied the task's work there, not the entry they stashed. Now
-    the log and the reason name the worker's entry; the user's entry is untouched beside it."""
+    """A worker's `git stash` (to see whether the tests failed before its edit, say) moves its work out of its
+    worktree. Exit 0 went DONE with "merged" and nothing merged, a failed attempt "changed nothing in its worktree".
+    Now the log and the reason name the worker's entry, moved from its worktree's own stash (which goes with the
+    worktree) to the repository's; the user's entry is untouched beside it."""
     project = project_in(repo)
     users = git(repo, "rev-parse", "refs/stash").strip()
     write_task(project.order(), "T", target_files=["src/a.txt", "src/new.txt"],
@@ -1665,7 +1664,7 @@ def test_changes_a_worker_stashed_are_named_where_they_are_not_said_merged(repo,
         assert row["reason"] == "exit 0" and "stash@" not in log, log
         assert (repo / "src/new.txt").exists() and "work" in (repo / "src/a.txt").read_text()
         return
-    assert f"src/a.txt, src/new.txt (stash@{{0}}, {stashed[:10]}): left in the repository's stash" in log, log
+    assert f"src/a.txt, src/new.txt (stash@{{0}}, {stashed[:10]}): stashed by the worker, so not merged" in log, log
     assert "the worker left changes in the repository's stash" in row["reason"] or ending != "exit 0", row
     assert not (repo / "src/new.txt").exists() and "work" not in (repo / "src/a.txt").read_text()
 
@@ -1680,7 +1679,7 @@ def test_a_worker_stash_dated_before_its_start_is_named_too(repo):
     project.aipm("run", "ORD")
     stashed = git(repo, "rev-parse", "refs/stash").strip()
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert f"src/a.txt (stash@{{0}}, {stashed[:10]}): left in the repository's stash" in log, log
+    assert f"src/a.txt (stash@{{0}}, {stashed[:10]}): stashed by the worker, so not merged" in log, log
 
 
 @pytest.mark.parametrize("then", [["run", "ORD"], ["recover"]])
@@ -1709,57 +1708,6 @@ def test_an_attempt_whose_record_went_with_the_state_directory_keeps_its_changes
     assert any("+precious" in p.read_text() for p in patches), [p.name for p in patches]
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert f"the changes of attempt 1 are kept in {repo}/.aipm/patches/ORD/T.1.patch" in log, log
-
-
-def test_a_users_stash_entry_a_worker_pops_in_its_worktree_is_put_back(repo):
-    """An agent's `git stash` that has nothing to save (its only change a new, untracked file), then its
-    `git stash pop`, pops the user's entry: the stash is the repository's. The user's stashed edit went into the
-    worktree, sent the attempt back as a scope finding ("if you did not, leave them as they are"), and was then
-    only in the attempt's patch, the entry gone from `git stash list`. Now the entry is put back, and the log says
-    so; the attempt is still judged by what its worktree holds."""
-    project = project_in(repo)
-    users = git(repo, "rev-parse", "refs/stash").strip()
-    write_task(project.order(), "T", target_files=["src/new.txt"], max_rework=0,
-               command="echo new > src/new.txt; git stash; git stash pop")
-    project.aipm("run", "ORD")
-    assert git(repo, "stash", "list", "--format=%H").split() == [users]
-    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert f"stash@{{0}} ({users[:10]}): your stash entry \"WIP on main:" in log and "put back" in log, log
-    assert project.statuses() == {"T": "REJECTED"}  # (src/d.txt changed in its worktree: a scope finding)
-    assert "stashed" not in (repo / "src/d.txt").read_text()
-    project.aipm("recover", check=True)
-    assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
-    assert git(repo, "stash", "list", "--format=%H").split() == [users]
-
-
-def test_stash_entries_a_worker_pops_are_put_back_in_their_order(repo):
-    """Two of the user's entries popped by a worker were put back newest first, so the older one ended on top:
-    `git stash pop` in the main tree then applied the wrong one, and each note said it was stash@{0}."""
-    (repo / "src" / "c.txt").write_text("second\n")
-    git(repo, "stash", "push", "-q", "-m", "second", "--", "src/c.txt")
-    before = git(repo, "stash", "list", "--format=%H").split()
-    project = project_in(repo)
-    write_task(project.order(), "T", target_files=["src/new.txt"], max_rework=0,
-               command="echo new > src/new.txt; git stash pop; git stash pop")
-    project.aipm("run", "ORD")
-    assert git(repo, "stash", "list", "--format=%H").split() == before
-    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert f"stash@{{1}} ({before[1][:10]})" in log and f"stash@{{0}} ({before[0][:10]})" in log, log
-
-
-def test_a_stash_entry_the_user_pops_in_the_main_tree_meanwhile_is_not_put_back(repo, tmp_path):
-    project = project_in(repo)
-    ready, gate = tmp_path / "ready", tmp_path / "gate"
-    write_task(project.order(), "T", target_files=["src/a.txt"],
-               command=f'echo work >> src/a.txt; touch "{ready}"; {wait_gate(gate)}')
-    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
-                           cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    wait_for(ready.exists)
-    git(repo, "stash", "pop", "-q")
-    gate.touch()
-    assert run.wait(timeout=120) == 0
-    assert git(repo, "stash", "list") == "" and (repo / "src/d.txt").read_text() == "stashed\n"
-    assert "put back" not in (repo / ".aipm/logs/ORD/T.1.log").read_text()
 
 
 def test_a_file_outside_the_main_trees_sparse_checkout_is_not_said_deleted_there(repo):

@@ -4,8 +4,8 @@ The one door between the rest of aipm and git. The launcher asks `prepare` for a
 an attempt; the supervisor runs the worker and its review in `directory(...)`, asks `outside_targets` when the
 worker ends (the exact scope check) and `merge` when the task is approved, then `remove`s the worktree once the
 task's final status is written. `sweep` tidies after crashes; `diff` shows a task's changes. Where each thing
-lives is places.py; removing and sweeping is cleanup.py; applying an approved merge is mergeback.py; what a
-worker did to the repository's shared stash is stash.py.
+lives is places.py; removing and sweeping is cleanup.py; applying an approved merge is mergeback.py; the
+worktree's own refs and stash are ownrefs.py, and what a worker left in its stash is stash.py.
 
 On disk, under the project's runtime directory:
   .aipm/worktrees/<ORDER>/<TASK>/        the worktree (a detached checkout of the task's start)
@@ -13,7 +13,7 @@ On disk, under the project's runtime directory:
   .aipm/patches/<ORDER>/<TASK>.<N>.patch what attempt N changed (`git apply` at the repository's top)
   refs/aipm/<ORDER>/<TASK>/{base,end}    the attempt's start and end, as commits no branch points to
                                          (refs/aipm/@<DIR>/... for a project in a directory DIR of its repo)
-  refs/aipm/<ORDER>/<TASK>/stash/<N>     the stash's entries when the attempt started (see stash.py)
+  <git dir>/worktrees/<ID>/aipm/         the worktree's own refs and stash (see ownrefs.py)
 
 Test seam: AIPM_TEST_KILL_AT=prepare|merge:N|cleanup makes the process that reaches that point SIGKILL itself
 (prepare: worktree made, task not yet started; merge:N: N files of a merge applied; cleanup: final status
@@ -39,7 +39,7 @@ from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, 
 from aipm.workspace.places import (component, make_own_dir, merge_dir, patch_path, refname, relative, scratch,
                                    seam, worktree_path)
 from aipm.workerfiles import append_log, read_bytes, write_bytes
-from aipm.workspace import stash
+from aipm.workspace import ownrefs, stash
 from aipm.workspace.stash import STASHED
 from aipm.workspace.repo import GITLINK, RUNTIME_DIR, Repo, UnbornRepositories, WorkspaceError
 
@@ -85,10 +85,10 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
     remove(root, rec.order, rec.task, repo)  # the previous attempt's, kept for inspection until now
     base = repo.capture(repo.top, scratch(root), repo.head(), _start_message(rec.order, rec.task, rec.serial))
     repo.set_ref(refname(rec.order, rec.task, "base", prefix=repo.prefix), base)
-    stash.pin(repo, refname(rec.order, rec.task, prefix=repo.prefix))
     path = worktree_path(root, rec.order, rec.task)
     make_own_dir(root, path.parent)  # where remove() will remove it: not through a link a worker left there
     repo.add_worktree(path, base)
+    ownrefs.isolate(repo, path)
     globs = task.workspace_copy if task.workspace_copy is not None else settings.workspace_copy
     _copy_ignored(Path(root), path / repo.prefix, globs)
     seam("prepare")
@@ -190,8 +190,7 @@ def keep(root: Path, rec: Record) -> str:
         return f"the changes of attempt {rec.serial} could not be kept: {exc}"
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     also = f"; {_left_out(root, rec, left_out)}" if left_out else ""
-    space = refname(rec.order, rec.task, prefix=repo.prefix)
-    also += "".join(f"; {note}" for note in stash.left(repo, space, base, end))
+    also += "".join(f"; {note}" for note in stash.left(repo, base, end))
     if not repo.changes(base, end):
         return f"attempt {rec.serial} changed nothing in its worktree{also}"
     return (f"the changes of attempt {rec.serial} are kept in {patch} (`git apply` it at the repository's top); "
@@ -263,7 +262,7 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, dict[str, str
         end = repo.capture(tree, scratch(root), base, message, leave_out=exc.paths)
     left_out.update((f"{c.path}/", _NESTED) for c in repo.changes(base, end) if c.new_mode == GITLINK)
     repo.set_ref(refname(rec.order, rec.task, "end", prefix=repo.prefix), end)
-    for note in stash.restore(repo, refname(rec.order, rec.task, prefix=repo.prefix), base, end):
+    for note in stash.carry(repo, tree):
         append_log(rec.log, note)
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     make_own_dir(root, patch.parent)  # (the only copy of the work: not where a worker's link leads)
@@ -312,8 +311,7 @@ def merge(root: Path, rec: Record) -> list[str]:
             "were merged, these were left as the main tree has them\n"
             + "".join(f"  {path}: {why}\n" for path, why in applied.conflicts), paths))
     base, end = (repo.rev(refname(rec.order, rec.task, which, prefix=repo.prefix)) for which in ("base", "end"))
-    space = refname(rec.order, rec.task, prefix=repo.prefix)
-    return notes + _ignored_left_behind(repo, rec) + (stash.left(repo, space, base, end) if base and end else [])
+    return notes + _ignored_left_behind(repo, rec) + (stash.left(repo, base, end) if base and end else [])
 
 
 def _kept(root: Path, rec: Record, conflict: Conflict) -> Conflict:

@@ -69,6 +69,7 @@ class Repo:
                                  "or use workspace: shared")
         self.top = Path(lines[0])
         self.prefix = lines[1] if len(lines) > 1 else ""  # the project root inside the repository: "" or "sub/"
+        self._common: Path | None = None
 
     # -- running git --------------------------------------------------------------------------------------
 
@@ -166,13 +167,31 @@ class Repo:
     def _reach(self, tree_dir: Path) -> dict[str, str]:
         """The environment that points git at `tree_dir`: none for the main work tree; for a worktree of ours, git's
         note of it, not the `.git` file in it, which a worker may have deleted or made a repository of its own
-        (`git init`): git then found another repository, the capture failed, and the work was never kept."""
+        (`git init`): git then found another repository, the capture failed, and the work was never kept. The
+        repository's own common directory too, not the worktree's own refs (ownrefs), which its worker may have
+        broken: a capture sees the objects, config and excludes the main tree sees."""
         if os.path.realpath(tree_dir) == os.path.realpath(self.top):
             return {}
+        return {**self.own_env(tree_dir), "GIT_COMMON_DIR": str(self.common)}
+
+    def own_env(self, tree_dir: Path) -> dict[str, str]:
+        """The environment in which git sees a worktree of ours as its worker does: its own refs and stash."""
+        return {"GIT_DIR": str(self.note_of(tree_dir)), "GIT_WORK_TREE": str(tree_dir)}
+
+    def note_of(self, tree_dir: Path) -> Path:
+        """git's note of the worktree at `tree_dir` (the directory its `.git` file names)."""
         for note, gitdir in self._notes():
             if os.path.realpath(os.path.dirname(gitdir)) == os.path.realpath(tree_dir):
-                return {"GIT_DIR": str(note), "GIT_WORK_TREE": str(tree_dir)}
+                return note
         raise WorkspaceError(f"{tree_dir} is no longer a git work tree of its own")
+
+    @property
+    def common(self) -> Path:
+        """The repository's common git directory (its objects, refs and config), as an absolute path."""
+        if self._common is None:
+            found = self.git("rev-parse", "--git-common-dir").decode("utf-8", "surrogateescape").strip()
+            self._common = Path(os.path.realpath(self.top / found))
+        return self._common
 
     def _nested(self, tree_dir: Path, specs: list[str], env: dict[str, str]) -> list[str]:
         """The untracked repositories nested in `tree_dir` (git lists each as one entry ending in "/")."""
@@ -235,8 +254,7 @@ class Repo:
 
     def _notes(self) -> list[tuple[Path, str]]:
         """git's notes of the repository's worktrees: (the note's directory, the path of the worktree's `.git`)."""
-        common = self.git("rev-parse", "--git-common-dir").decode("utf-8", "surrogateescape").strip()
-        notes = (self.top / common) / "worktrees"
+        notes = self.common / "worktrees"
         found = []
         for note in notes.iterdir() if notes.is_dir() else ():
             try:
@@ -283,13 +301,19 @@ class Repo:
         out = self.git("ls-tree", "-r", "-z", "--name-only", commit).decode("utf-8", "surrogateescape")
         return [p for p in out.split("\0") if p]
 
-    def stash(self) -> list[tuple[str, str, list[str]]]:
-        """The repository's stash, newest first, which all its worktrees share with the main tree: (stash@{n},
-        commit, its parents)."""
-        if self.rev("refs/stash") is None:
+    def stash(self, env: dict[str, str] | None = None) -> list[tuple[str, str, list[str]]]:
+        """The repository's stash, newest first (`env`: a worktree's own, ownrefs): (stash@{n}, commit, its
+        parents)."""
+        proc = self._run(self.top, ["log", "-g", "--format=%gd %H %P", "refs/stash", "--"], env, check=False)
+        if proc.returncode != 0:  # no stash yet (or a worktree's git its worker broke: nothing to read there)
             return []
-        out = self.git("log", "-g", "--format=%gd %H %P", "refs/stash").decode()
-        return [(name, commit, parents) for name, commit, *parents in map(str.split, out.splitlines())]
+        return [(name, commit, parents) for name, commit, *parents in map(str.split, proc.stdout.decode().splitlines())]
+
+    def config(self, file: Path, pattern: str) -> list[tuple[str, str]]:
+        """The entries of the config file `file` whose keys match the regular expression `pattern`: (key, value)."""
+        proc = self._run(self.top, ["config", "--file", str(file), "-z", "--get-regexp", pattern], check=False)
+        entries = proc.stdout.decode("utf-8", "surrogateescape").split("\0")
+        return [(key, value if sep else "true") for key, sep, value in (e.partition("\n") for e in entries if e)]
 
     def descends(self, commit: str, ancestor: str) -> bool:
         return self._run(self.top, ["merge-base", "--is-ancestor", ancestor, commit], check=False).returncode == 0

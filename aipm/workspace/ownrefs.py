@@ -1,0 +1,64 @@
+"""A task's worktree gets refs of its own: its worker's git commands move none of the user's refs or stash entries,
+nor another task's.
+
+A plain `git worktree` shares refs/ with the main tree and every other worktree, refs/stash included: two tasks
+that each ran `git stash` then `git stash pop` at the same time popped each other's entries (each attempt then held
+the other's work, outside its targets), a `git stash pop` with nothing of its own to pop applied the user's entry,
+a `git stash clear` cleared the user's stash, and a `git checkout <branch>` then a commit moved the user's branch.
+
+git finds a worktree's shared files (refs, objects, config) in the directory its note's `commondir` names. Here it
+names a directory of the worktree's own in that note (removed with it): refs of its own, seeded with a copy of the
+repository's (so `git log main`, `git diff main` work); the repository's objects, hooks and excludes themselves
+(links), so what the worker commits is in the repository; a config of its own that includes the repository's.
+What aipm reads of a worktree (its capture) goes through the repository's own common directory, never this one.
+
+Limits: the worker's `git gc` there sees only these refs: it is kept from pruning anything (gc.pruneExpire=never,
+gc.auto=0), but a `git gc --prune=now`, `git prune` or `git repack -a -d` run there by hand can drop objects only
+the repository's other refs and worktrees reach, as it could in any repository sharing its objects.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from aipm.workspace.repo import Repo
+
+OWN = "aipm"  # the worktree's own common directory, inside git's note of the worktree
+SHARED = ("objects", "info", "hooks", "lfs", "modules", "rr-cache", "shallow", "remotes", "branches")
+# Refs each worktree keeps apart already (git resolves them in its note), and the stash, which must start empty.
+_NOT_COPIED = ("refs/stash", "refs/bisect/", "refs/worktree/", "refs/rewritten/")
+
+
+def isolate(repo: Repo, tree: Path) -> None:
+    """Give the worktree at `tree` (just made, nothing running in it yet) refs and a stash of its own."""
+    note = repo.note_of(tree)
+    own = note / OWN
+    (own / "refs").mkdir(parents=True)
+    for name in SHARED:
+        if os.path.lexists(repo.common / name):
+            os.symlink(repo.common / name, own / name)
+    refs = repo.git("for-each-ref", "--format=%(objectname) %(refname)").decode("utf-8", "surrogateescape")
+    kept = [line for line in refs.splitlines() if not line.split(" ", 1)[1].startswith(_NOT_COPIED)]
+    (own / "packed-refs").write_bytes("".join(f"{line}\n" for line in kept).encode("utf-8", "surrogateescape"))
+    (own / "config").write_text(_config(repo))
+    # Last, and in one step: until the note names it, the worktree is a plain one.
+    (note / "commondir.aipm").write_text(f"{OWN}\n")
+    os.replace(note / "commondir.aipm", note / "commondir")
+
+
+def _config(repo: Repo) -> str:
+    """The worktree's own config: the repository's format and extensions (git reads them from this file alone,
+    includes aside), everything else from the repository's config, and no pruning gc."""
+    found = repo.config(repo.common / "config", r"^(core\.repositoryformatversion|extensions\.)")
+    sections: dict[str, list[str]] = {}
+    for key, value in found:
+        section, _, name = key.rpartition(".")
+        sections.setdefault(section, []).append(f"\t{name} = {_quoted(value)}\n")
+    sections["include"] = [f"\tpath = {_quoted(str(repo.common / 'config'))}\n"]
+    sections["gc"] = ["\tauto = 0\n", "\tpruneExpire = never\n"]  # after the include: they win
+    return "".join(f"[{section}]\n" + "".join(lines) for section, lines in sections.items())
+
+
+def _quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'

@@ -1,0 +1,49 @@
+"""A worktree task's git is its own: what an agent does with git in its worktree (stash, checkout, branch, commit)
+neither reaches the user's refs and stash nor another task's, and its work is still captured whole."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import write_task
+from test_workspace import git, project_in, repo, wait_gate  # noqa: F401 - repo is a fixture
+
+
+def test_two_tasks_stashing_at_once_each_pop_their_own_work(repo, tmp_path):
+    """refs/stash was the repository's, shared by every worktree: A stashed, B stashed, A's `git stash pop` took
+    B's entry and B's took A's. Each attempt then held the other's work, outside its targets: both were sent back
+    and neither task's work was merged. Now each worktree has a stash of its own."""
+    users = git(repo, "stash", "list", "--format=%H")
+    project = project_in(repo)
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    write_task(project.order(), "A", target_files=["src/a.txt"], max_rework=0, command=(
+        f'echo "from A" >> src/a.txt && git stash -q && touch "{gates}/A1"; {wait_gate(gates / "B1")}'
+        f'git stash pop -q && touch "{gates}/A2"'))
+    write_task(project.order(), "B", target_files=["src/b.txt"], max_rework=0, command=(
+        f'{wait_gate(gates / "A1")}echo "from B" >> src/b.txt && git stash -q && touch "{gates}/B1"; '
+        f'{wait_gate(gates / "A2")}git stash pop -q'))
+    proc = project.aipm("run", "ORD")
+    assert project.statuses() == {"A": "DONE", "B": "DONE"}, (proc.stdout, proc.stderr)
+    assert (repo / "src/a.txt").read_text().endswith("from A\n") and "from B" not in (repo / "src/a.txt").read_text()
+    assert (repo / "src/b.txt").read_text().endswith("from B\n") and "from A" not in (repo / "src/b.txt").read_text()
+    assert git(repo, "stash", "list", "--format=%H") == users
+
+
+def test_a_worker_reaches_neither_the_users_stash_nor_their_branches(repo):
+    """A worker's `git stash pop` with nothing of its own to pop applied the user's entry (the stash was the
+    repository's), its `git stash clear` cleared the user's stash, and its `git branch -f` moved the user's branch. Now they act on the worktree's own refs; what the worker wrote is merged as usual."""
+    (repo / "src" / "c.txt").write_text("second\n")
+    git(repo, "stash", "push", "-q", "-m", "second", "--", "src/c.txt")
+    git(repo, "branch", "feature")
+    stash, refs = git(repo, "stash", "list", "--format=%H %gs"), git(repo, "for-each-ref", "refs/heads", "refs/tags")
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/new.txt"], max_rework=0, command=(
+        "git stash pop -q; git stash pop -q; git stash clear; echo new > src/new.txt && git add src/new.txt && "
+        "git commit -qm mine && git branch -q -f feature HEAD && git tag mine && git log -1 --format=%s feature"))
+    project.aipm("run", "ORD")
+    assert project.statuses() == {"T": "DONE"}
+    assert git(repo, "stash", "list", "--format=%H %gs") == stash
+    assert git(repo, "for-each-ref", "refs/heads", "refs/tags") == refs
+    assert (repo / "src/new.txt").read_text() == "new\n" and (repo / "src/c.txt").read_text().startswith("c line")
+    assert "stashed" not in (repo / "src/d.txt").read_text()
