@@ -3,7 +3,7 @@ neither reaches the user's refs and stash nor another task's, and its work is st
 
 from __future__ import annotations
 
-from pathlib import Path
+import pytest
 
 from conftest import write_task
 from test_workspace import git, project_in, repo, wait_gate  # noqa: F401 - repo is a fixture
@@ -47,3 +47,21 @@ def test_a_worker_reaches_neither_the_users_stash_nor_their_branches(repo):
     assert git(repo, "for-each-ref", "refs/heads", "refs/tags") == refs
     assert (repo / "src/new.txt").read_text() == "new\n" and (repo / "src/c.txt").read_text().startswith("c line")
     assert "stashed" not in (repo / "src/d.txt").read_text()
+
+
+@pytest.mark.parametrize("breaks", ['rm -rf "$(git rev-parse --git-dir)"', 'rm -rf "$(git rev-parse --git-common-dir)"',
+                                    'echo garbage > "$(git rev-parse --git-dir)/HEAD"',
+                                    'echo garbage > "$(git rev-parse --git-dir)/index"'])
+def test_a_worker_that_breaks_its_worktrees_git_directory_still_has_its_work_merged(repo, breaks):
+    """A worker that removed or wrote over its worktree's git directory (git's note of the worktree, or its common
+    directory) failed every capture: REJECTED with a git error, its work in no patch, and gone with the worktree
+    at the next attempt. The common directory was the repository's own `.git`. Now the capture reads the files
+    with the repository's git directory, and the worker's `rm -rf` reaches only the worktree's own refs."""
+    project = project_in(repo)
+    head, stash = git(repo, "rev-parse", "HEAD"), git(repo, "stash", "list", "--format=%H")
+    write_task(project.order(), "T", target_files=["src/new.txt"], max_rework=0,
+               command=f"echo work > src/new.txt && {breaks}")
+    proc = project.aipm("run", "ORD")
+    assert project.statuses() == {"T": "DONE"}, proc.stdout + (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert (repo / "src/new.txt").read_text() == "work\n"
+    assert git(repo, "rev-parse", "HEAD") == head and git(repo, "stash", "list", "--format=%H") == stash

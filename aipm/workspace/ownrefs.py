@@ -32,7 +32,7 @@ _NOT_COPIED = ("refs/stash", "refs/bisect/", "refs/worktree/", "refs/rewritten/"
 
 def isolate(repo: Repo, tree: Path) -> None:
     """Give the worktree at `tree` (just made, nothing running in it yet) refs and a stash of its own."""
-    note = repo.note_of(tree)
+    note = Path(repo.own_env(tree)["GIT_DIR"])
     own = note / OWN
     (own / "refs").mkdir(parents=True)
     for name in SHARED:

@@ -117,18 +117,27 @@ class Repo:
         files that are not ignored. The index of `tree_dir` only seeds a temporary copy (its stat data spares
         re-reading unchanged files); the runtime directory, and the directories in `leave_out` (relative to the
         top), are always left out. UnbornRepositories: a repository without commits is in the way."""
-        tree_env = self._reach(tree_dir)
+        tree_env, seed = self._reach(tree_dir)
         scratch.mkdir(parents=True, exist_ok=True)
         index = scratch / f"index.{os.getpid()}.{next(_counter)}"
-        seed = tree_dir / os.fsdecode(self.git("rev-parse", "--git-path", "index", cwd=tree_dir, env=tree_env).strip())
+        if not tree_env:
+            seed = tree_dir / os.fsdecode(self.git("rev-parse", "--git-path", "index", cwd=tree_dir).strip())
         try:
             index.unlink(missing_ok=True)  # a link a worker left under the name: copy2 would write where it leads
-            if seed.is_file():
+            if seed is not None and seed.is_file():
                 # copy2 keeps the index's mtime: git reads again a file not older than its index (racy git), and
                 # a copy stamped later made it trust a same-size edit made in the second of the checkout
                 shutil.copy2(seed, index)
             env = {**tree_env, "GIT_INDEX_FILE": str(index)}
-            self._unmark(tree_dir, env)
+            try:
+                self._unmark(tree_dir, env)
+            except WorkspaceError:
+                if not tree_env:
+                    raise
+                # An index its worker wrote over: start from the parent's tree (its files are read again).
+                index.unlink(missing_ok=True)
+                if parent:
+                    self.git("read-tree", parent, cwd=tree_dir, env=env)
             # The runtime directory as a pattern ("[.]aipm/**"), not its literal name: git add refuses a pathspec,
             # excluding ones too, that names an ignored path ("paths are ignored by one of your .gitignore
             # files"), and many projects ignore .aipm/ themselves.
@@ -164,26 +173,36 @@ class Repo:
                 self.git("update-index", flag, "-z", "--stdin", cwd=tree_dir, env=env,
                          stdin="".join(f"{p}\0" for p in paths).encode("utf-8", "surrogateescape"))
 
-    def _reach(self, tree_dir: Path) -> dict[str, str]:
-        """The environment that points git at `tree_dir`: none for the main work tree; for a worktree of ours, git's
-        note of it, not the `.git` file in it, which a worker may have deleted or made a repository of its own
-        (`git init`): git then found another repository, the capture failed, and the work was never kept. The
-        repository's own common directory too, not the worktree's own refs (ownrefs), which its worker may have
-        broken: a capture sees the objects, config and excludes the main tree sees."""
+    def _reach(self, tree_dir: Path) -> tuple[dict[str, str], Path | None]:
+        """(the environment that points git at `tree_dir`, the index that seeds its capture; None: git's own). None
+        for the main work tree. For a worktree of ours, git's note of it, not the `.git` file in it, which a worker
+        may have deleted or made a repository of its own (`git init`): git then found another repository, the
+        capture failed, and the work was never kept; and the repository's common directory, not the worktree's own
+        refs (ownrefs), so a capture sees the objects, config and excludes the main tree sees. A note its worker
+        removed or broke (`rm -rf "$(git rev-parse --git-dir)"`, a HEAD written over) failed every capture, and
+        the work went with the worktree: then the repository's own git directory does, with the worktree's files."""
         if os.path.realpath(tree_dir) == os.path.realpath(self.top):
-            return {}
-        return {**self.own_env(tree_dir), "GIT_COMMON_DIR": str(self.common)}
+            return {}, None
+        note = self.note_of(tree_dir)
+        if note is not None:
+            env = {"GIT_DIR": str(note), "GIT_WORK_TREE": str(tree_dir), "GIT_COMMON_DIR": str(self.common)}
+            if self._run(tree_dir, ["rev-parse", "--git-dir"], env, check=False).returncode == 0:
+                return env, note / "index"
+        return {"GIT_DIR": str(self.common), "GIT_WORK_TREE": str(tree_dir)}, note and note / "index"
 
     def own_env(self, tree_dir: Path) -> dict[str, str]:
         """The environment in which git sees a worktree of ours as its worker does: its own refs and stash."""
-        return {"GIT_DIR": str(self.note_of(tree_dir)), "GIT_WORK_TREE": str(tree_dir)}
+        note = self.note_of(tree_dir)
+        if note is None:
+            raise WorkspaceError(f"{tree_dir} is no longer a git work tree of its own")
+        return {"GIT_DIR": str(note), "GIT_WORK_TREE": str(tree_dir)}
 
-    def note_of(self, tree_dir: Path) -> Path:
-        """git's note of the worktree at `tree_dir` (the directory its `.git` file names)."""
+    def note_of(self, tree_dir: Path) -> Path | None:
+        """git's note of the worktree at `tree_dir` (the directory its `.git` file names), None when it has none."""
         for note, gitdir in self._notes():
             if os.path.realpath(os.path.dirname(gitdir)) == os.path.realpath(tree_dir):
                 return note
-        raise WorkspaceError(f"{tree_dir} is no longer a git work tree of its own")
+        return None
 
     @property
     def common(self) -> Path:
@@ -268,7 +287,7 @@ class Repo:
         """Files in `tree_dir` that git ignores, among `pathspecs` (paths relative to its top); a directory
         ignored whole is one entry ending in "/" (node_modules/ is not listed file by file)."""
         out = self.git("ls-files", "-z", "--others", "--ignored", "--exclude-standard", "--directory", "--",
-                       *pathspecs, cwd=tree_dir, env=self._reach(tree_dir))
+                       *pathspecs, cwd=tree_dir, env=self._reach(tree_dir)[0])
         return [p for p in out.decode("utf-8", "surrogateescape").split("\0") if p]
 
     # -- reading commits ----------------------------------------------------------------------------------
