@@ -287,7 +287,8 @@ class Recording(Reviewing):
                             f"started): write `{target}/` in target_files to cover everything below it")
             if rec.workspace:  # its worktree goes when the next attempt starts: say where the work is kept
                 message += ("; nothing of this attempt was merged; its changes are kept in "
-                            f"{workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial)}")
+                            f"{workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial)}"
+                            + "".join(f"; {note}" for note in workspace.stashed(self.rt.root, rec)))
             event["scope"] = outside
         reviewing = not decided and review_command(task, self.settings, self.launcher.options.no_review) is not None
         if ok and not message and not reviewing:

@@ -65,3 +65,19 @@ def test_a_worker_that_breaks_its_worktrees_git_directory_still_has_its_work_mer
     assert project.statuses() == {"T": "DONE"}, proc.stdout + (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert (repo / "src/new.txt").read_text() == "work\n"
     assert git(repo, "rev-parse", "HEAD") == head and git(repo, "stash", "list", "--format=%H") == stash
+
+
+def test_a_scope_finding_says_which_of_the_attempts_changes_went_to_the_stash(repo):
+    """An attempt sent back for writing outside its targets said its changes were kept in its patch; those its
+    worker had stashed were not in it (they were in the stash), and nothing said so: the user looked for them in
+    the patch. Now the reason names the stash entry that holds them."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt", "src/new.txt"], max_rework=0,
+               command="echo work >> src/a.txt && git stash -q && echo new > src/new.txt && echo x >> src/b.txt")
+    project.aipm("run", "ORD")
+    stashed = git(repo, "rev-parse", "refs/stash").strip()
+    row = project.json("status", "ORD")["tasks"][0]
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert row["status"] == "REJECTED" and "src/b.txt" in row["reason"], row
+    assert f"src/a.txt (stash@{{0}}, {stashed[:10]}): stashed by the worker, so not merged" in log, log
+    assert "+new" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()

@@ -66,7 +66,7 @@ class MergeStopped(UserError):
 
 __all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED", "WORKTREE", "NOT_MERGED", "UNDONE",
            "STASHED", "kind", "prepare",
-           "directory", "with_setup", "after_setup", "outside_targets", "keep", "merge", "decided",
+           "directory", "with_setup", "after_setup", "outside_targets", "keep", "merge", "stashed", "decided",
            "note_pending_merge", "finished", "keep_unrecorded", "remove", "sweep", "sweep_orphans", "prune", "diff"]
 
 
@@ -173,7 +173,8 @@ def outside_targets(root: Path, rec: Record) -> list[str]:
         # Not "commit in it": a repository with commits is a submodule to git, whose files are not merged either.
         raise NotCaptured(f"attempt {rec.serial} cannot be merged: {_left_out(root, rec, left_out)}; remove its "
                           ".git to have its files merged; the rest of its changes are kept in "
-                          f"{patch_path(root, rec.order, rec.task, rec.serial)}")
+                          f"{patch_path(root, rec.order, rec.task, rec.serial)}"
+                          + "".join(f"; {note}" for note in stash.left(repo, base, end)))
     changed = {relative(c.path, repo.prefix) for c in repo.changes(base, end)}
     # Its order's task files are aipm's state, whatever the targets cover (`./`): an edit of one is never merged.
     task_files = changed - set(out_of_scope(changed, writtenlog.order_files(root, rec.order_dir)))
@@ -310,15 +311,26 @@ def merge(root: Path, rec: Record) -> list[str]:
             f"planned, and the changes cannot be combined; {applied.steps - len(paths)} of {applied.steps} paths "
             "were merged, these were left as the main tree has them\n"
             + "".join(f"  {path}: {why}\n" for path, why in applied.conflicts), paths))
-    base, end = (repo.rev(refname(rec.order, rec.task, which, prefix=repo.prefix)) for which in ("base", "end"))
-    return notes + _ignored_left_behind(repo, rec) + (stash.left(repo, base, end) if base and end else [])
+    return notes + _ignored_left_behind(repo, rec) + stashed(root, rec)
+
+
+def stashed(root: Path, rec: Record) -> list[str]:
+    """Notes of the attempt's changes its worker stashed (stash.left): moved to the repository's stash, so in no
+    merge and no patch of it. Said wherever the attempt's changes are said to be kept or merged."""
+    try:
+        repo = Repo(root)
+        base, end = (repo.rev(refname(rec.order, rec.task, which, prefix=repo.prefix)) for which in ("base", "end"))
+        return stash.left(repo, base, end) if base and end else []
+    except WorkspaceError as exc:  # (a note beside the outcome, never its failure)
+        return [f"the repository's stash could not be read for changes the worker stashed: {exc}"]
 
 
 def _kept(root: Path, rec: Record, conflict: Conflict) -> Conflict:
     """The conflict, saying where the attempt's changes are kept (its worktree goes with the next attempt)."""
     kept = patch_path(root, rec.order, rec.task, rec.serial)
+    also = "".join(f"\n{note}" for note in stashed(root, rec))
     return Conflict(f"{conflict}\nThis attempt's changes are kept in {kept}; the next attempt starts from the main "
-                    "tree as it is now.", conflict.paths)
+                    f"tree as it is now.{also}", conflict.paths)
 
 
 def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
