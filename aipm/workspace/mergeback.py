@@ -122,6 +122,8 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
                     continue
                 now = None  # a directory the plan's deletions empty (and apply's pruning removes)
         if now == new:
+            if now is None and old is not None and repo.skipped(change.path):  # absent by choice: still in HEAD
+                problems.append((change.path, _SPARSE.format("deletion")))
             continue  # already there (a person made the same change, or a crashed merge got this far)
         if now == old:
             steps.append(Planned(Step(change.path, digest(now), digest(new)), new, now))
@@ -129,8 +131,7 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
         merged, why, text = _three_way(old, now, new)
         if merged is None:
             if now is None and repo.skipped(change.path):  # absent by choice: no one deleted it
-                why = ("outside the main tree's sparse checkout; `git sparse-checkout add` its directory to have "
-                       "the task's change merged")
+                why = _SPARSE.format("change")
             problems.append((change.path, why))
             if text:
                 details.append(f"--- {change.path}: the task's changes and the main tree's, with conflict markers\n"
@@ -146,6 +147,10 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
         raise Conflict(message, paths)
     # Deletions first: a path may turn from a directory into a file (or back) between start and end.
     return sorted(steps, key=lambda s: (s.result is not None, s.step.path))
+
+
+_SPARSE = ("outside the main tree's sparse checkout; `git sparse-checkout add` its directory to have the task's {} "
+           "merged")
 
 
 def _blocked_parent(top: Path, path: str, deleted: set[str]) -> str | None:
