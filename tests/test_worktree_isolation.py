@@ -32,7 +32,9 @@ def test_two_tasks_stashing_at_once_each_pop_their_own_work(repo, tmp_path):
 
 def test_a_worker_reaches_neither_the_users_stash_nor_their_branches(repo):
     """A worker's `git stash pop` with nothing of its own to pop applied the user's entry (the stash was the
-    repository's), its `git stash clear` cleared the user's stash, and its `git branch -f` moved the user's branch. Now they act on the worktree's own refs; what the worker wrote is merged as usual."""
+    repository's), its `git stash clear` cleared the user's stash, and its `git branch -f` moved the user's branch.
+    Now they act on the worktree's own refs; what the worker wrote is merged as usual. Its `git gc --prune=now`
+    sees only those refs: the repository's objects are precious to it."""
     (repo / "src" / "c.txt").write_text("second\n")
     git(repo, "stash", "push", "-q", "-m", "second", "--", "src/c.txt")
     git(repo, "branch", "feature")
@@ -40,13 +42,18 @@ def test_a_worker_reaches_neither_the_users_stash_nor_their_branches(repo):
     project = project_in(repo)
     write_task(project.order(), "T", target_files=["src/new.txt"], max_rework=0, command=(
         "git stash pop -q; git stash pop -q; git stash clear; echo new > src/new.txt && git add src/new.txt && "
-        "git commit -qm mine && git branch -q -f feature HEAD && git tag mine && git log -1 --format=%s feature"))
+        "git commit -qm mine && git branch -q -f feature HEAD && git tag mine && git log -1 --format=%s feature && "
+        "git gc -q --prune=now; git prune; true"))
     project.aipm("run", "ORD")
     assert project.statuses() == {"T": "DONE"}
     assert git(repo, "stash", "list", "--format=%H %gs") == stash
     assert git(repo, "for-each-ref", "refs/heads", "refs/tags") == refs
     assert (repo / "src/new.txt").read_text() == "new\n" and (repo / "src/c.txt").read_text().startswith("c line")
     assert "stashed" not in (repo / "src/d.txt").read_text()
+    # The objects only the user's stash and index reach are still there: the worker's gc saw only its own refs.
+    assert "+stashed" in git(repo, "stash", "show", "-p", "stash@{1}") and "src/staged.txt" in git(repo, "diff",
+                                                                                                  "--cached", "--stat")
+    git(repo, "fsck", "--no-dangling")
 
 
 @pytest.mark.parametrize("breaks", ['rm -rf "$(git rev-parse --git-dir)"', 'rm -rf "$(git rev-parse --git-common-dir)"',

@@ -12,9 +12,10 @@ repository's (so `git log main`, `git diff main` work); the repository's objects
 (links), so what the worker commits is in the repository; a config of its own that includes the repository's.
 What aipm reads of a worktree (its capture) goes through the repository's own common directory, never this one.
 
-Limits: the worker's `git gc` there sees only these refs: it is kept from pruning anything (gc.pruneExpire=never,
-gc.auto=0), but a `git gc --prune=now`, `git prune` or `git repack -a -d` run there by hand can drop objects only
-the repository's other refs and worktrees reach, as it could in any repository sharing its objects.
+The worker's `git gc`, `git prune`, `git repack -a -d` there would see only these refs, and would drop from the
+shared objects what only the repository reaches (the user's stash entries, staged files, reflogs, what the user
+and other tasks commit meanwhile): its config marks the objects precious (extensions.preciousObjects), so git
+deletes none from there.
 """
 
 from __future__ import annotations
@@ -48,16 +49,14 @@ def isolate(repo: Repo, tree: Path) -> None:
 
 
 def _config(repo: Repo) -> str:
-    """The worktree's own config: the repository's format and extensions (git reads them from this file alone,
-    includes aside), everything else from the repository's config, and no pruning gc."""
-    found = repo.config(repo.common / "config", r"^(core\.repositoryformatversion|extensions\.)")
-    sections: dict[str, list[str]] = {}
-    for key, value in found:
-        section, _, name = key.rpartition(".")
-        sections.setdefault(section, []).append(f"\t{name} = {_quoted(value)}\n")
-    sections["include"] = [f"\tpath = {_quoted(str(repo.common / 'config'))}\n"]
-    sections["gc"] = ["\tauto = 0\n", "\tpruneExpire = never\n"]  # after the include: they win
-    return "".join(f"[{section}]\n" + "".join(lines) for section, lines in sections.items())
+    """The worktree's own config: the repository's extensions (git reads them from this file alone, includes
+    aside), objects that no git run there deletes, and everything else from the repository's config."""
+    found = repo.config(repo.common / "config", r"^extensions\.")
+    lines = [f"\t{key.partition('.')[2]} = {_quoted(value)}\n" for key, value in found
+             if key.lower() != "extensions.preciousobjects"]
+    # (extensions are honoured from format version 1 on)
+    return ("[core]\n\trepositoryformatversion = 1\n[extensions]\n\tpreciousObjects = true\n" + "".join(lines)
+            + f"[include]\n\tpath = {_quoted(str(repo.common / 'config'))}\n")
 
 
 def _quoted(value: str) -> str:
