@@ -1710,41 +1710,25 @@ def test_an_attempt_whose_record_went_with_the_state_directory_keeps_its_changes
     assert f"the changes of attempt 1 are kept in {repo}/.aipm/patches/ORD/T.1.patch" in log, log
 
 
-def test_a_file_outside_the_main_trees_sparse_checkout_is_not_said_deleted_there(repo):
+@pytest.mark.parametrize("command, what", [("mkdir -p docs && echo more >> docs/x.txt", "change"),
+                                           ("git sparse-checkout disable && rm docs/x.txt", "deletion")])
+def test_a_file_outside_the_main_trees_sparse_checkout_is_not_said_deleted_there(repo, command, what):
     """The worktree inherits the sparse checkout; a worker that made a file outside it (`mkdir -p docs` and wrote
     docs/x.txt) was sent back with "docs/x.txt: deleted in the main tree since the task started": the user had
-    deleted nothing, the file is outside their sparse checkout. Now the conflict says so and how to merge it."""
+    deleted nothing, the file is outside their sparse checkout. Now the conflict says so and how to merge it. One
+    that deleted such a file went DONE, "merged": the file was absent from the main tree already, so the merge had
+    nothing to write, and it stayed in the user's HEAD and index as if never deleted. Now that is a conflict too."""
     (repo / "docs").mkdir()
     (repo / "docs" / "x.txt").write_text("x\n")
     git(repo, "add", "docs")
     git(repo, "commit", "-q", "-m", "docs")
     git(repo, "sparse-checkout", "set", "src")
     project = project_in(repo)
-    write_task(project.order(), "T", target_files=["docs/x.txt"], max_rework=0,
-               command="mkdir -p docs && echo more >> docs/x.txt")
+    write_task(project.order(), "T", target_files=["docs/x.txt"], max_rework=0, command=command)
     project.aipm("run", "ORD")
     row = project.json("status", "ORD")["tasks"][0]
     assert row["status"] == "REJECTED" and "merge conflict in docs/x.txt" in row["reason"], row
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert "docs/x.txt: outside the main tree's sparse checkout" in log and "deleted in the main tree" not in log, log
+    assert (f"docs/x.txt: outside the main tree's sparse checkout; `git sparse-checkout add` its directory to have the "
+            f"task's {what} merged") in log and "deleted in the main tree" not in log, log
     assert not (repo / "docs").exists()
-
-
-def test_a_deletion_outside_the_main_trees_sparse_checkout_is_a_conflict_not_silently_dropped(repo):
-    """A worker that deleted a file the main tree's sparse checkout leaves out went DONE, "merged": the file was
-    absent from the main tree already, so the merge had nothing to write, and it stayed in the user's HEAD and index
-    as if never deleted. Now it is a conflict, as a change there is, saying how to have it merged."""
-    (repo / "docs").mkdir()
-    (repo / "docs" / "x.txt").write_text("x\n")
-    git(repo, "add", "docs")
-    git(repo, "commit", "-q", "-m", "docs")
-    git(repo, "sparse-checkout", "set", "src")
-    project = project_in(repo)
-    write_task(project.order(), "T", target_files=["docs/x.txt"], max_rework=0,
-               command="git sparse-checkout disable && rm docs/x.txt")
-    project.aipm("run", "ORD")
-    row = project.json("status", "ORD")["tasks"][0]
-    assert row["status"] == "REJECTED" and "merge conflict in docs/x.txt" in row["reason"], row
-    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert "docs/x.txt: outside the main tree's sparse checkout; `git sparse-checkout add` its directory to have the " \
-           "task's deletion merged" in log, log
