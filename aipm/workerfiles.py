@@ -11,6 +11,7 @@ import re
 import stat
 import time
 from pathlib import Path
+from collections.abc import Callable
 from typing import BinaryIO
 
 # Flags for a log a child is given: a FIFO in its place fails the spawn (ENXIO) where it held spawner and child.
@@ -76,12 +77,17 @@ def reason(exit_file: str) -> str | None:
 
 
 def write_bytes(path: Path, data: bytes) -> None:
+    write_stream(path, lambda handle: handle.write(data))
+
+
+def write_stream(path: Path, fill: Callable[[BinaryIO], object]) -> None:
+    """write_bytes of what `fill(handle)` writes, which need not be in memory whole (a patch of a large file)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         # Made new (O_EXCL): a hard link a worker left under the name would be truncated by the open itself.
         tmp.unlink(missing_ok=True)
         with os.fdopen(open_regular(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL), "wb") as handle:
-            handle.write(data)
+            fill(handle)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -38,7 +38,7 @@ from aipm.settings import Settings
 from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
 from aipm.workspace.places import (component, make_own_dir, merge_dir, patch_path, refname, relative, scratch,
                                    seam, worktree_path)
-from aipm.workerfiles import append_log, read_bytes, write_bytes
+from aipm.workerfiles import append_log, read_bytes, write_stream
 from aipm.workspace import ownrefs, stash
 from aipm.workspace.stash import STASHED
 from aipm.workspace.repo import GITLINK, RUNTIME_DIR, Repo, UnbornRepositories, WorkspaceError
@@ -267,7 +267,7 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, dict[str, str
         append_log(rec.log, note)
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     make_own_dir(root, patch.parent)  # (the only copy of the work: not where a worker's link leads)
-    write_bytes(patch, repo.patch(base, end))
+    write_stream(patch, lambda out: repo.write_patch(base, end, out))
     return repo, base, end, left_out
 
 
@@ -297,6 +297,7 @@ def merge(root: Path, rec: Record) -> list[str]:
         except Conflict as exc:
             raise _kept(root, rec, exc) from None
         merging.save(plan_dir, rec.serial, steps)
+        del steps  # (every result's content, saved now: not held while the plan is applied)
     seam("merge:0")
     applied = merging.apply(repo.top, plan_dir, after_each=lambda n: seam(f"merge:{n}"))
     # A shared task whose audit is in flight may see these files change once this record is gone.
@@ -358,7 +359,7 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
              ] if changed else []
     if undone:
         patch = patch_path(root, rec.order, rec.task, rec.serial)
-        write_bytes(patch, repo.patch(base, before))
+        write_stream(patch, lambda out: repo.write_patch(base, before, out))
         notes.append(f"{', '.join(undone)}: {UNDONE}; the task's changes are kept in {patch}")
     return notes
 

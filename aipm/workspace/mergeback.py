@@ -46,8 +46,9 @@ class State:
     exec: bool = False
 
     def digest(self) -> str:
-        head = f"{self.kind}:{int(self.exec)}:".encode()
-        return sha256(head + self.data).hexdigest()
+        found = sha256(f"{self.kind}:{int(self.exec)}:".encode())
+        found.update(self.data)  # (not head + data: a copy of a large file's content)
+        return found.hexdigest()
 
 
 def digest(state: State | None) -> str | None:
@@ -64,6 +65,15 @@ def read_state(path: Path) -> State | None:
     if stat.S_ISREG(st.st_mode):
         return State("file", path.read_bytes(), bool(st.st_mode & stat.S_IXUSR))
     return State("other")
+
+
+def commit_digest(repo: Repo, commit: str, path: str, mode: str) -> str | None:
+    """digest(commit_state(...)), a file's content hashed piece by piece: a large file is never in memory whole."""
+    if mode in (ABSENT, LINK):
+        return digest(commit_state(repo, commit, path, mode))
+    found = sha256(f"file:{int(mode == '100755')}:".encode())
+    repo.blob_into(commit, path, found.update)
+    return found.hexdigest()
 
 
 def commit_state(repo: Repo, commit: str, path: str, mode: str) -> State | None:
@@ -106,7 +116,9 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
         if GITLINK in (change.old_mode, change.new_mode):
             problems.append((change.path, "a submodule; its changes are not merged back (commit them there)"))
             continue
-        old = commit_state(repo, base, change.path, change.old_mode)
+        # The start's content only as a digest, unless both sides changed the file: a large file changed by the
+        # task alone is held once (its result), not three times.
+        old = commit_digest(repo, base, change.path, change.old_mode)
         new = commit_state(repo, end, change.path, change.new_mode)
         now = read_state(repo.top / change.path)
         if new is not None:
@@ -125,10 +137,10 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
             if now is None and old is not None and repo.skipped(change.path):  # absent by choice: still in HEAD
                 problems.append((change.path, _SPARSE.format("deletion")))
             continue  # already there (a person made the same change, or a crashed merge got this far)
-        if now == old:
-            steps.append(Planned(Step(change.path, digest(now), digest(new)), new, now))
+        if digest(now) == old:
+            steps.append(Planned(Step(change.path, old, digest(new)), new, now))
             continue
-        merged, why, text = _three_way(old, now, new)
+        merged, why, text = _three_way(commit_state(repo, base, change.path, change.old_mode), now, new)
         if merged is None:
             if now is None and repo.skipped(change.path):  # absent by choice: no one deleted it
                 why = _SPARSE.format("change")
@@ -216,8 +228,8 @@ def save(directory: Path, attempt: int, steps: list[Planned]) -> None:
     for i, (_, result, before) in enumerate(steps):
         for name, state in ((f"{i}.state", result), (f"{i}.before", before)):
             if state is not None and state.kind != "other":
-                _durable(directory / name, json.dumps({"kind": state.kind, "exec": state.exec}).encode()
-                         + b"\n" + state.data)
+                _durable(directory / name, json.dumps({"kind": state.kind, "exec": state.exec}).encode() + b"\n",
+                         state.data)
     _durable(directory / "plan.json", json.dumps({"attempt": attempt,
                                                   "steps": [asdict(s.step) for s in steps]}).encode())
     fsync_dir(directory)
@@ -351,9 +363,9 @@ def _load(directory: Path) -> dict | None:
 
 
 def _load_state(path: Path) -> State:
-    head, _, data = path.read_bytes().partition(b"\n")
-    meta = json.loads(head)
-    return State(meta["kind"], data, meta["exec"])
+    with open(path, "rb") as handle:  # (not read whole then split: a large file's content copied)
+        meta = json.loads(handle.readline())
+        return State(meta["kind"], handle.read(), meta["exec"])
 
 
 def _put(target: Path, state: State | None, top: Path, renaming: Callable[[int], None] = lambda inode: None
@@ -411,8 +423,9 @@ def _remove_temp(target: Path) -> bool:
     return True
 
 
-def _durable(path: Path, data: bytes) -> None:
+def _durable(path: Path, *chunks: bytes) -> None:
     with open(path, "wb") as handle:
-        handle.write(data)
+        for chunk in chunks:  # (written one after the other: joined, a large file's content was copied)
+            handle.write(chunk)
         handle.flush()
         os.fsync(handle.fileno())

@@ -11,10 +11,12 @@ import itertools
 import re
 import os
 import shutil
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, BinaryIO
 
 from aipm.errors import UserError
 
@@ -75,15 +77,15 @@ class Repo:
 
     @staticmethod
     def _run(cwd: Path, args: list[str], env: dict[str, str] | None = None, check: bool = True,
-             stdin: bytes | None = None) -> subprocess.CompletedProcess:
+             stdin: bytes | None = None, stdout: BinaryIO | None = None) -> subprocess.CompletedProcess:
         import subprocess  # only here: a run whose tasks share the tree starts no git through it
 
         full = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C", **_IDENTITY)
         for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX"):
             full.pop(key, None)  # a caller's git hook environment must not redirect us
         full.update(env or {})
-        proc = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", *args], cwd=cwd, env=full,
-                              capture_output=True, input=stdin)
+        proc = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", *args], cwd=cwd, env=full, input=stdin,
+                              stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE)
         if check and proc.returncode != 0:
             # Git's cause often comes before its last line ("error: 'x/' does not have a commit checked out",
             # then "fatal: adding files failed"): keep its error lines (the last few), else its last line.
@@ -305,7 +307,18 @@ class Repo:
 
     def blob(self, commit: str, path: str) -> bytes:
         """A file's content at `commit` as it is checked out (the repository's filters and line endings)."""
-        return self.git("cat-file", "--filters", f"{commit}:{path}")
+        with tempfile.TemporaryFile() as out:  # read back at its size: a pipe's pieces joined held it twice
+            self._run(self.top, ["cat-file", "--filters", f"{commit}:{path}"], stdout=out)
+            out.seek(0)
+            return out.read()
+
+    def blob_into(self, commit: str, path: str, consume: Callable[[bytes], object]) -> None:
+        """`blob`, given to `consume` piece by piece."""
+        with tempfile.TemporaryFile() as out:
+            self._run(self.top, ["cat-file", "--filters", f"{commit}:{path}"], stdout=out)
+            out.seek(0)
+            for piece in iter(lambda: out.read(1 << 20), b""):
+                consume(piece)
 
     def link(self, commit: str, path: str) -> bytes:
         """A symbolic link's target at `commit`."""
@@ -339,6 +352,10 @@ class Repo:
 
     def patch(self, old: str, new: str) -> bytes:
         return self.git("diff", "--binary", "--no-renames", old, new)
+
+    def write_patch(self, old: str, new: str, out: BinaryIO) -> None:
+        """`patch` written to `out` as git makes it: a large file's patch is never held in memory."""
+        self._run(self.top, ["diff", "--binary", "--no-renames", old, new], stdout=out)
 
 
 @lru_cache(maxsize=None)
