@@ -29,10 +29,21 @@ OWN = "aipm"  # the worktree's own common directory, inside git's note of the wo
 SHARED = ("objects", "info", "hooks", "lfs", "modules", "rr-cache", "shallow", "remotes", "branches")
 # Refs each worktree keeps apart already (git resolves them in its note), and the stash, which must start empty.
 _NOT_COPIED = ("refs/stash", "refs/bisect/", "refs/worktree/", "refs/rewritten/")
+_FORMAT_0 = ("extensions.noop", "extensions.preciousobjects", "extensions.partialclone", "extensions.worktreeconfig")
 
 
 def isolate(repo: Repo, tree: Path) -> None:
-    """Give the worktree at `tree` (just made, nothing running in it yet) refs and a stash of its own."""
+    """Give the worktree at `tree` (just made, nothing running in it yet) refs and a stash of its own. Not in a
+    repository whose refs are not files (extensions.refStorage, git 2.45+): those refs cannot be copied this way,
+    and its worktree stays a plain one."""
+    found = repo.config(repo.common / "config", r"^(core\.repositoryformatversion|extensions\.)")
+    extensions = [(key.lower(), value) for key, value in found if key.lower().startswith("extensions.")]
+    if any(key == "extensions.refstorage" and value.lower() != "files" for key, value in extensions):
+        return
+    if ("core.repositoryformatversion", "1") not in [(key.lower(), value.strip()) for key, value in found]:
+        # Format 0 honours only these; copied into format 1, another (a stray `extensions.x`) made git refuse to
+        # run there at all ("unknown repository extension").
+        extensions = [(key, value) for key, value in extensions if key in _FORMAT_0]
     note = Path(repo.own_env(tree)["GIT_DIR"])
     own = note / OWN
     (own / "refs").mkdir(parents=True)
@@ -42,18 +53,17 @@ def isolate(repo: Repo, tree: Path) -> None:
     refs = repo.git("for-each-ref", "--format=%(objectname) %(refname)").decode("utf-8", "surrogateescape")
     kept = [line for line in refs.splitlines() if not line.split(" ", 1)[1].startswith(_NOT_COPIED)]
     (own / "packed-refs").write_bytes("".join(f"{line}\n" for line in kept).encode("utf-8", "surrogateescape"))
-    (own / "config").write_text(_config(repo))
+    (own / "config").write_text(_config(repo, extensions))
     # Last, and in one step: until the note names it, the worktree is a plain one.
     (note / "commondir.aipm").write_text(f"{OWN}\n")
     os.replace(note / "commondir.aipm", note / "commondir")
 
 
-def _config(repo: Repo) -> str:
-    """The worktree's own config: the repository's extensions (git reads them from this file alone, includes
+def _config(repo: Repo, extensions: list[tuple[str, str]]) -> str:
+    """The worktree's own config: the repository's `extensions` (git reads them from this file alone, includes
     aside), objects that no git run there deletes, and everything else from the repository's config."""
-    found = repo.config(repo.common / "config", r"^extensions\.")
-    lines = [f"\t{key.partition('.')[2]} = {_quoted(value)}\n" for key, value in found
-             if key.lower() != "extensions.preciousobjects"]
+    lines = [f"\t{key.partition('.')[2]} = {_quoted(value)}\n" for key, value in extensions
+             if key != "extensions.preciousobjects"]
     # (extensions are honoured from format version 1 on)
     return ("[core]\n\trepositoryformatversion = 1\n[extensions]\n\tpreciousObjects = true\n" + "".join(lines)
             + f"[include]\n\tpath = {_quoted(str(repo.common / 'config'))}\n")
