@@ -3,6 +3,8 @@ neither reaches the user's refs and stash nor another task's, and its work is st
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from conftest import write_task
@@ -115,3 +117,19 @@ def test_a_stray_extension_of_a_format_0_repository_does_not_stop_the_workers_gi
     project.aipm("run", "ORD")
     assert project.statuses() == {"T": "DONE"} and (repo / "src/new.txt").exists()
     assert seen.read_text().strip().endswith("/aipm")  # its own refs still
+
+
+def test_a_run_killed_while_moving_a_workers_stash_entries_moves_each_once(repo):
+    """SIGKILL of the run after the worker's entries were stored in the repository's stash and before they were
+    dropped from its worktree's own: the next run captures the attempt's end again and moves each entry once."""
+    project = project_in(repo)
+    users = git(repo, "stash", "list", "--format=%H").split()
+    write_task(project.order(), "T", target_files=["src/a.txt", "src/b.txt"],
+               command="echo one >> src/a.txt && git stash -q && echo two >> src/b.txt && git stash -q")
+    killed = project.aipm("run", "ORD", env={"AIPM_TEST_KILL_AT": "carry"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    project.aipm("run", "ORD")
+    entries = git(repo, "stash", "list", "--format=%H %s").splitlines()
+    assert project.statuses() == {"T": "DONE"} and len(entries) == 3 and entries[2].split()[0] == users[0], entries
+    assert [git(repo, "stash", "show", "--name-only", f"stash@{{{n}}}").strip() for n in (0, 1)] == ["src/b.txt",
+                                                                                                  "src/a.txt"]

@@ -15,9 +15,10 @@ On disk, under the project's runtime directory:
                                          (refs/aipm/@<DIR>/... for a project in a directory DIR of its repo)
   <git dir>/worktrees/<ID>/aipm/         the worktree's own refs and stash (see ownrefs.py)
 
-Test seam: AIPM_TEST_KILL_AT=prepare|merge:N|cleanup makes the process that reaches that point SIGKILL itself
-(prepare: worktree made, task not yet started; merge:N: N files of a merge applied; cleanup: final status
-written, worktree not yet removed). Tests use it to prove that a rerun applies every change exactly once.
+Test seam: AIPM_TEST_KILL_AT=prepare|carry|merge:N|cleanup makes the process that reaches that point SIGKILL
+itself (prepare: worktree made, task not yet started; carry: the worker's stash entries stored in the repository's
+stash, not yet dropped from its own; merge:N: N files of a merge applied; cleanup: final status written, worktree
+not yet removed). Tests use it to prove that a rerun applies every change exactly once.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from aipm.workspace.places import seam
 from aipm.workspace.repo import Repo, WorkspaceError
 
 STASHED = ("stashed by the worker, so not merged; moved from its worktree's stash to the repository's (a `git stash "
@@ -36,6 +37,7 @@ def carry(repo: Repo, tree: Path) -> list[str]:
         except WorkspaceError as exc:  # a note, not the attempt's failure: the entry's commit is named
             notes.append(f"the worker's stash entry {commit} (\"{subject}\") could not be moved to the repository's "
                          f"stash ({exc}): `git stash store {commit}` in the main tree does it")
+    seam("carry")
     if not notes:
         repo.git("update-ref", "-d", "refs/stash", env=env)
     return notes
