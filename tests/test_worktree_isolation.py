@@ -133,3 +133,18 @@ def test_a_run_killed_while_moving_a_workers_stash_entries_moves_each_once(repo)
     assert project.statuses() == {"T": "DONE"} and len(entries) == 3 and entries[2].split()[0] == users[0], entries
     assert [git(repo, "stash", "show", "--name-only", f"stash@{{{n}}}").strip() for n in (0, 1)] == ["src/b.txt",
                                                                                                   "src/a.txt"]
+
+
+def test_a_stash_entry_the_worker_made_on_another_commit_is_named_too(repo):
+    """Entries are told from the user's by their first parent, the attempt's start: one a worker made on a branch
+    it checked out (here the user's main, copied into its own refs) was moved to the user's stash unnamed."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/new.txt"], command=(
+        "git checkout -q main && echo other >> src/a.txt && git stash -q && git checkout -q - && "
+        "echo new > src/new.txt"))
+    project.aipm("run", "ORD")
+    moved = git(repo, "rev-parse", "refs/stash").strip()
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert project.statuses() == {"T": "DONE"}, log
+    assert f"made on another commit than its start: {moved[:10]} (\"WIP on main:" in log, log
+    assert "other" in git(repo, "stash", "show", "-p", moved)

@@ -264,7 +264,7 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, dict[str, str
         end = repo.capture(tree, scratch(root), base, message, leave_out=exc.paths)
     left_out.update((f"{c.path}/", _NESTED) for c in repo.changes(base, end) if c.new_mode == GITLINK)
     repo.set_ref(refname(rec.order, rec.task, "end", prefix=repo.prefix), end)
-    for note in stash.carry(repo, tree):
+    for note in stash.carry(repo, tree, base):
         append_log(rec.log, note)
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     make_own_dir(root, patch.parent)  # (the only copy of the work: not where a worker's link leads)

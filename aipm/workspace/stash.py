@@ -16,31 +16,36 @@ STASHED = ("stashed by the worker, so not merged; moved from its worktree's stas
            "pop` in the main tree applies it)")
 
 
-def carry(repo: Repo, tree: Path) -> list[str]:
+def carry(repo: Repo, tree: Path, base: str) -> list[str]:
     """Move the entries of the worktree's own stash to the repository's, oldest first (the newest on top, as the
-    worker left them); notes for the log of those that could not be moved."""
+    worker left them). Notes for the log: the entries that could not be moved, and those made on a commit other
+    than the attempt's start (a branch the worker checked out), which `left` does not tell from the user's."""
     try:
         env = repo.own_env(tree)
     except WorkspaceError:
         return []  # git's note of it is gone: so is its stash
-    entries = [commit for _, commit, _ in repo.stash(env)]
+    entries = repo.stash(env)
     if not entries:
         return []
     present = {commit for _, commit, _ in repo.stash()}  # moved already, by a capture a crash cut short
-    notes = []
-    for commit in reversed(entries):
+    failed, elsewhere = [], []
+    for _, commit, parents in reversed(entries):
         if commit in present:
             continue
         subject = repo.git("log", "-1", "--format=%s", commit).decode("utf-8", "replace").strip()
         try:
             _store(repo, subject, commit)
         except WorkspaceError as exc:  # a note, not the attempt's failure: the entry's commit is named
-            notes.append(f"the worker's stash entry {commit} (\"{subject}\") could not be moved to the repository's "
-                         f"stash ({exc}): `git stash store {commit}` in the main tree does it")
+            failed.append(f"the worker's stash entry {commit} (\"{subject}\") could not be moved to the "
+                          f"repository's stash ({exc}): `git stash store {commit}` in the main tree does it")
+            continue
+        if not repo.descends(parents[0], base):
+            elsewhere.append(f"{commit[:10]} (\"{subject}\")")
     seam("carry")
-    if not notes:
+    if not failed:
         repo.git("update-ref", "-d", "refs/stash", env=env)
-    return notes
+    return failed + ([f"the worker's stash entries made on another commit than its start: {', '.join(elsewhere)}: "
+                      f"{STASHED}"] if elsewhere else [])
 
 
 def _store(repo: Repo, subject: str, commit: str) -> None:
