@@ -41,7 +41,7 @@ def task_row(task: Task, settings: Settings) -> dict:
         # The caps of its attempts killed before reporting their cost: up to this much more may have been spent.
         **({"cost_unreported_usd": task.cost_unreported_usd} if task.cost_unreported_usd else {}),
         # Its own budget over its attempts; once reached no attempt of it starts (the plan's reason `budget`).
-        **({"max_cost_usd": task.max_cost_usd, "budget_reached": not budget.task_left(task)}
+        **({"max_cost_usd": task.max_cost_usd, "budget_reached": budget.task_reached(task)}
            if task.max_cost_usd is not None else {}),
         **({"tokens": dict(task.tokens)} if task.tokens else {}),
         # The agent's session of the latest attempt, which `retry --resume` continues; left out when none is known.

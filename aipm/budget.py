@@ -84,6 +84,11 @@ def task_left(task: Task) -> float | None:
     return max(0.0, round(task.max_cost_usd - (task.cost_usd or 0.0) - (task.cost_unreported_usd or 0.0), 6))
 
 
+def task_reached(task: Task) -> bool:
+    """Whether the task's own `max_cost_usd` leaves nothing for another attempt (False without one)."""
+    return task.max_cost_usd is not None and not task_left(task)
+
+
 def task_detail(task: Task) -> str:
     return (f"budget reached: the task's attempts cost {spent_text(task.cost_usd, task.cost_unreported_usd or 0.0)} "
             f"of its max_cost_usd {usd(task.max_cost_usd or 0.0)}; raise it to go on")

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from aipm.budget import Budget, task_detail, task_left
+from aipm.budget import Budget, task_detail, task_reached
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Priority, Status, Task
 from aipm.paths import Target, first_overlap, lock_overlap, lock_prefix, nodes_related
 from aipm.ranking import ranked
@@ -116,8 +116,7 @@ class Plan:
 
 def _spent(task: Task) -> str:
     """What keeps a QUEUED dependency from ever starting by itself: its own budget, reached."""
-    reached = task.status == Status.QUEUED and task.max_cost_usd is not None and not task_left(task)
-    return "; its max_cost_usd is reached" if reached else ""
+    return "; its max_cost_usd is reached" if task.status == Status.QUEUED and task_reached(task) else ""
 
 
 def _doomed(order: Order) -> dict[str, str]:
@@ -247,7 +246,7 @@ def plan(
                 break
             result.blocked[task.id] = Blocked(task.id, BUDGET, budget.held_detail)
             continue
-        if task.max_cost_usd is not None and not task_left(task):
+        if task_reached(task):
             blocked = Blocked(task.id, BUDGET, task_detail(task))
             result.spent.append(blocked)
             if explain:

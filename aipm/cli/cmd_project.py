@@ -210,7 +210,7 @@ def status(
         if t.cost_unreported_usd:  # attempts killed before reporting their cost: at most their caps more
             cell += f" (+ up to {budget.usd(t.cost_unreported_usd)})"
         if t.max_cost_usd is not None:  # its own budget: QUEUED for good once reached, which the status cannot say
-            cell += f" of {budget.usd(t.max_cost_usd)}" + ("" if budget.task_left(t) else " (reached)")
+            cell += f" of {budget.usd(t.max_cost_usd)}" + (" (reached)" if budget.task_reached(t) else "")
         table.add_row(*row, *[cell] * costs)
     out = console(width=UNLIMITED if wide else None)
     out.print(table)
