@@ -13,6 +13,7 @@ from aipm import agents, budget, outcome, recovery, subreaper
 from aipm.errors import UserError
 from aipm.finish import attempt_limit, rework_limit
 from aipm.launcher import Launcher
+from aipm.spending import charged
 from aipm.model import RUNNING, Order, Status, Task, status_summary
 from aipm.plan import NOT_QUEUED, Plan, plan
 from aipm.record import Record
@@ -117,7 +118,7 @@ def survey(launcher: Launcher, order_dir: Path) -> tuple[Order, Plan, int, list,
 
     Returns (order, plan, free slots, busy files of every running task in the project, locks held outside aipm).
     """
-    order = load_order(order_dir, launcher.project.root)
+    order = charged(load_order(order_dir, launcher.project.root), launcher.runtime)
     records = launcher.records()
     busy, live, count = launcher.holders(order, records)
     free = max(0, launcher.settings.max_workers - count)

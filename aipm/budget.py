@@ -1,4 +1,5 @@
-"""An order's budget: how much its attempts have cost (as recorded in the task files) against `max_cost_usd`.
+"""An order's budget: how much its attempts have cost (as recorded in the task files, and in the spending ledger
+when a file says less: spending.charged) against `max_cost_usd`.
 
 Pure: the planner gets a Budget and stops starting attempts once it is spent; running attempts finish.
 The limit is order.yaml's `max_cost_usd`, else the `max_cost_usd` setting; no limit, no Budget.
@@ -100,13 +101,15 @@ def usd(amount: float) -> str:
 
 
 def spent(order: Order) -> float:
-    """The order's recorded cost: the sum of its tasks' `cost_usd` (unknown costs count as nothing)."""
-    return round(sum(t.cost_usd for t in order.tasks.values() if t.cost_usd is not None), 6)
+    """The order's recorded cost: the sum of its tasks' `cost_usd` (unknown costs count as nothing), and what the
+    spending ledger holds for tasks whose file is gone."""
+    return round(sum(t.cost_usd for t in order.tasks.values() if t.cost_usd is not None) + order.gone_cost_usd[0], 6)
 
 
 def unreported(order: Order) -> float:
     """The caps of the order's attempts that ended without reporting their cost: what they may have spent at most."""
-    return round(sum(t.cost_unreported_usd for t in order.tasks.values() if t.cost_unreported_usd is not None), 6)
+    return round(sum(t.cost_unreported_usd for t in order.tasks.values() if t.cost_unreported_usd is not None)
+                 + order.gone_cost_usd[1], 6)
 
 
 def spent_text(known: float | None, more: float) -> str:
@@ -120,7 +123,8 @@ def spent_text(known: float | None, more: float) -> str:
 
 def recorded(order: Order) -> float | None:
     """The order's cost for display: None when no task has a known cost (unknown is never 0)."""
-    return spent(order) if any(t.cost_usd is not None for t in order.tasks.values()) else None
+    known = order.gone_cost_usd[0] or any(t.cost_usd is not None for t in order.tasks.values())
+    return spent(order) if known else None
 
 
 def held(order: Order, records: Iterable[Record]) -> float:

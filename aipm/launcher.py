@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 
 from aipm import agents, durable, holds, locks, recovery, scope, subreaper, writtenlog
 from aipm.budget import Budget, of as order_budget, task_left
+from aipm.spending import charged
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
 from aipm.plan import LIMIT, Busy, ForeignLock, Plan, plan
@@ -228,7 +229,10 @@ class Launcher(Starter):
                 return False  # every slot is taken: nothing can start, and a plan would only say so
         busy, live, live_count = self.holders(order, records, ending, released, view.running)
         free = max(0, self.settings.max_workers - live_count)
-        spend = order_budget(order, self.settings.max_cost_usd, records)
+        # The costs as the budget counts them (spending.charged) are the plan's and the caps'; the tasks start as
+        # their files say (a start's record keeps the file's counters, restore.counters).
+        counted = charged(order, self.runtime)
+        spend = order_budget(counted, self.settings.max_cost_usd, records)
         outside = self.outside(records) if careful else []
         # With `only` (exec's task), the plan chooses among those alone: a task this launch will not start must
         # not take their files "first this round". Nor may a task that failed to start in this launch: chosen
@@ -247,8 +251,8 @@ class Launcher(Starter):
         refused = self.refused_here(order.tasks[i] for i in ids)
         slots = free
         while True:
-            result = plan(order, busy, live, slots, ids, refused=refused, **options)
-            wanted, short = result.launchable, {}  # only `only`'s: the plan saw no other
+            result = plan(counted, busy, live, slots, ids, refused=refused, **options)
+            wanted, short = [order.tasks[t.id] for t in result.launchable], {}  # only `only`'s: the plan saw no other
             if self.settings.runner != "local" or not any(t.resources for t in wanted):
                 break
             wanted, short = self.fitting(wanted, [r for r in records if r.key not in lent], order.id)
@@ -279,7 +283,7 @@ class Launcher(Starter):
             self.demands.publish(order.id, waiting, self.settings.max_workers)
         started: list[tuple[Task, Starting]] = []
         again = False
-        caps = self._caps(wanted[:budget], spend)
+        caps = self._caps([counted.tasks[t.id] for t in wanted[:budget]], spend)
         for task in [t for t in wanted[:budget] if caps[t.id] == 0]:
             report.deferred.append({"id": task.id, "reason": "budget", "detail": spend.held_detail})
         try:

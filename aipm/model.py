@@ -171,6 +171,9 @@ class Order:
     tasks: dict[str, Task] = field(default_factory=dict)
     title: str = ""
     max_cost_usd: float | None = None  # budget from order.yaml
+    # (cost_usd, cost_unreported_usd) that the spending ledger holds for tasks with no file now (spending.charged):
+    # deleting a task file does not give back what its attempts spent
+    gone_cost_usd: tuple[float, float] = (0.0, 0.0)
 
 
 def status_counts(order: Order) -> dict[str, int]:

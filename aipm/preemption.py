@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from aipm import budget, recovery
 from aipm.errors import UserError
+from aipm.spending import charged
 from aipm.model import Order, Status, Task
 from aipm.paths import as_path, normalize
 from aipm.record import Record
@@ -38,7 +39,7 @@ def stop_for_urgent(sup: "Supervisor", view: "OrderView") -> bool:
     if not candidates:
         return False  # the common case costs one look at the ready index
     records = sup.rt.records()
-    spend = budget.of(order, sup.settings.max_cost_usd, records)
+    spend = budget.of(charged(order, sup.rt), sup.settings.max_cost_usd, records)
     if spend is not None and spend.reached:
         return False  # no attempt starts now, the urgent one neither: a stop would only throw away running work
     holders, live = [], 0

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import signal
 
-from aipm import (agents, cluster, commits, confine, notify, outcome, recovery, scope, unrecorded, workspace, writer,
+from aipm import (agents, cluster, commits, confine, notify, outcome, recovery, scope, spending, unrecorded, workspace, writer,
                   writtenlog)
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
@@ -206,8 +206,7 @@ class Recording(Reviewing):
         if rec.workspace and rec.phase == "work":  # the retry's start, or `aipm recover`, removes its worktree
             confine.tidy(rec.log, rec.confined)
             append_log(rec.log, workspace.keep(self.rt.root, rec))
-        spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
-                              task.cost_unreported_usd, metered=rec.metered)[1] if rec.phase == "work" else {}
+        spent = spending.settle(self.rt, rec, task)[1] if rec.phase == "work" else {}
         task = self._write(task, {"status": Status.INTERRUPTED, "finished_at": now(),
                                   "reason": outcome.interrupted("exit code lost"), **spent})
         self._drop(rec)
@@ -323,8 +322,7 @@ class Recording(Reviewing):
         updates of the task's totals (`exited`: its process ended by itself, see agents.settle)."""
         if agents.can_resume(rec.agent):
             self.rt.resume_path(rec.order, rec.task).unlink(missing_ok=True)  # a resume is used once
-        usage, updates = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
-                                       task.cost_unreported_usd, exited, rec.metered)
+        usage, updates = spending.settle(self.rt, rec, task, exited)
         if usage is not None and usage.cost_usd is not None:
             event["cost_usd"] = usage.cost_usd
         return usage, updates

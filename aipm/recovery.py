@@ -13,7 +13,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aipm import agents, cluster, confine, outcome, runner, subreaper, workspace, writtenlog
+from aipm import agents, cluster, confine, outcome, runner, spending, subreaper, workspace, writtenlog
 from aipm.errors import UserError
 from aipm.finish import review_command, rework_limit
 from aipm.model import RUNNING, Order, Status, Task, definition
@@ -206,9 +206,10 @@ def discard(rt: Runtime, rec: Record, code: int | None, why: str) -> str:
     went (an agent's: added to no task) and a worktree attempt's changes kept. Returns the line, for the caller's
     output; the caller drops the record."""
     ran = rec.phase == "work" and rec.pid
-    usage = agents.settle(rec.agent, Path(rec.log), None, None, metered=rec.metered)[0] if ran else None
+    usage = spending.settle(rt, rec, None)[0] if ran else None
     line = (f"attempt {rec.serial} (exit {code}) not recorded: {why}"
-            + f"; its usage is added to no task (see {rec.log})" * (usage is not None))
+            + f"; its usage is added to no task, its cost still counts against the order's budget (see {rec.log})"
+            * (usage is not None))
     append_log(rec.log, line)
     if rec.workspace and ran:
         confine.tidy(rec.log, rec.confined)  # as interrupt() does: before keep(), not in its patch
@@ -342,9 +343,7 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
             # A stopped attempt (Ctrl-C, preempted, its owner gone) still cost what its agent reported so far, and
             # one that reported nothing its cap, unless its Ray task was never submitted.
             ran = rec is not None and rec.phase == "work" and rec.pid
-            spent = agents.settle(rec.agent, Path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
-                                  task.cost_unreported_usd, cluster.ran_nothing(rec.exit_file, rec.command),
-                                  rec.metered)[1] if ran else {}
+            spent = spending.settle(rt, rec, task, cluster.ran_nothing(rec.exit_file, rec.command))[1] if ran else {}
             counted = {"preemptions": task.preemptions + 1} if rec is not None and rec.preempted else {}
             task = update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(),
                                       "reason": outcome.interrupted(why), **spent, **counted}, expect=task.status)
@@ -367,9 +366,7 @@ def settle_cancelled(rt: Runtime, rec: Record, task: Task, write: Callable[[Task
     cost (a claude attempt that reported nothing: its cap), and a worktree attempt's changes kept (a retry's start
     removes the worktree). `write` puts the usage in the task file; what it raises goes to the caller."""
     if rec.phase == "work" and rec.pid:
-        spent = agents.settle(rec.agent, as_path(rec.log), task.cost_usd, task.tokens, rec.cost_cap,
-                              task.cost_unreported_usd, cluster.ran_nothing(rec.exit_file, rec.command),
-                              rec.metered)[1]
+        spent = spending.settle(rt, rec, task, cluster.ran_nothing(rec.exit_file, rec.command))[1]
         task = write(task, spent) if spent else task
         if rec.workspace:
             confine.tidy(rec.log, rec.confined)  # first: an empty file made for a rule is no change of its own

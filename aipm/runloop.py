@@ -18,6 +18,7 @@ import aipm
 from aipm import budget, handover, notify, preemption, recovery, runner, scope, writer
 from aipm.launcher import RAMP, Launcher
 from aipm.liveness import stopped
+from aipm.spending import charged
 from aipm.model import FINISHED_OK, Order, Status, all_done, status_summary
 from aipm.plan import never_runs
 from aipm.record import Record
@@ -418,7 +419,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         if only:  # (its file may be gone: deleted while it ran)
             return 0 if not lost and only in order.tasks and order.tasks[only].status in FINISHED_OK else 1
         done = not lost and all_done(order)
-        spend = budget.of(order, launcher.settings.max_cost_usd)
+        spend = budget.of(charged(order, launcher.runtime), launcher.settings.max_cost_usd)
         over = spend is not None and spend.over
         if over and not budget_told:  # every task may be DONE, and yet the order cost more than it may
             emit({"event": "budget", "order": order.id, "detail": spend.over_detail})

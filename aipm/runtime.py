@@ -390,6 +390,15 @@ class Runtime(CancelMarks):
     def notify_log(self) -> Path:
         return self._dir(self.dir / "notify.log")
 
+    def ledger_paths(self, order: str, writing: bool = False) -> list[Path]:
+        """The order's spending ledgers (spending.py): in the state directory, which a `git clean` of the tree does
+        not reach, and in `.aipm/spent/`, which a reboot that empties /tmp does not (their directories made when
+        `writing`)."""
+        name = f"{_safe(order)}.jsonl"
+        if not writing:
+            return [self.state / "spent" / name, self.dir / "spent" / name]
+        return [self._state_file(self.state / "spent" / name), self._dir(self.dir / "spent" / name)]
+
 
 def entries(directory: str | Path) -> list[os.DirEntry]:
     """A directory's entries; none when it does not exist (yet, or any more: a worker's `rm -rf`, `git clean`)."""

@@ -59,7 +59,8 @@ def test_a_held_outcome_is_not_recorded_into_another_task_made_under_its_name(pr
 
 def test_the_usage_of_a_discarded_agent_attempt_is_said_and_added_to_no_task(project, gate):
     """The old attempt's $0.25 went into the new task's cost_usd with its outcome; discarded, it is said where it
-    is (its log) and the new task costs only its own $0.50."""
+    is (its log) and the new task costs only its own $0.50. The order's cost, which its budget counts, still has
+    it: discarded, it was spent all the same (spending.py)."""
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     order = project.order()
     write_task(order, "T1", prompt=f"@cost 0.25\n@wait-for {gate}", target_files=["a.txt"])
@@ -79,10 +80,13 @@ def test_the_usage_of_a_discarded_agent_attempt_is_said_and_added_to_no_task(pro
     assert second.returncode == 0, second.stdout + second.stderr
     log = project.root / ".aipm" / "logs" / "ORD" / "T1.1.log"
     assert f"not recorded: {order / 'T1.yaml'} now holds another task" in second.stdout, second.stdout
-    assert f"its usage is added to no task (see {log})" in second.stdout, second.stdout
+    assert (f"its usage is added to no task, its cost still counts against the order's budget (see {log})"
+            in second.stdout), second.stdout
     assert log.read_text().count("usage: cost $0.2500") == 1
     task = yaml.safe_load((order / "T1.yaml").read_text())
     assert (task["status"], task["cost_usd"]) == ("DONE", 0.5), task
+    status = project.json("status", "ORD")
+    assert (status["tasks"][0]["cost_usd"], status["cost_usd"]) == (0.5, 0.75), status
 
 
 def test_a_run_does_not_put_its_attempt_back_into_another_task_made_under_its_name(project, gate):

@@ -20,6 +20,7 @@ from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, RunnerOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, LaunchReport, Options
+from aipm.spending import charged
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.plan import FILE_BUSY, LIMIT, never_run_notes
 from aipm.project import Project, find_task
@@ -166,7 +167,7 @@ def run(
         code = supervise(launcher, view, display)
     finally:
         display.close()
-    stop = budget.of(view.order, launcher.settings.max_cost_usd)
+    stop = budget.of(charged(view.order, launcher.runtime), launcher.settings.max_cost_usd)
     if not json_out and code == 1 and stop is not None and stop.reached and any(
             t.status == Status.QUEUED for t in view.order.tasks.values()):
         console(stderr=True).print(f"aipm: {view.order.id} stopped: {stop.detail}", markup=False)

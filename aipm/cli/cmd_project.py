@@ -12,6 +12,7 @@ from aipm.advice import stray_files, unenforced_budget, warnings
 from aipm.cli.common import (UNLIMITED, JsonOpt, console, get_project, json_option, print_json, project_root,
                              read_only, warn)
 from aipm.errors import UserError, ValidationError
+from aipm.spending import charged
 from aipm.model import DEAD_END, FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
 from aipm.plan import never_run_notes, never_runs
@@ -160,7 +161,8 @@ def status(
     read_only()
     root = project_root()
     settings = load_settings(root)
-    loaded = as_seen(load_order(Project(root, settings.orders_dir).order_dir(order), root), root)
+    # (the costs as the budget counts them: spending.charged)
+    loaded = charged(as_seen(load_order(Project(root, settings.orders_dir).order_dir(order), root), root), Runtime(root))
     tasks = sorted(loaded.tasks.values(), key=lambda t: t.id)
     # Behind a FAILED, REJECTED or CANCELLED dependency (through any chain): never waited on, it never finishes.
     behind = {tid: dead for dead, ids in never_runs(loaded).items() for tid in ids}

@@ -1,0 +1,139 @@
+"""What each attempt spent, kept in the runtime apart from the task files: the order's spending ledger.
+
+A task file's `cost_usd` is anyone's to change: a worker's `git checkout` or `git stash` of the order puts the
+file back as it was before the cost was recorded, and deleting the file takes its cost away; either way the order's
+budget had room again for attempts it had already paid for. So every ended attempt's cost (and, for one killed
+before it reported, the cap it may have spent: `cost_unreported_usd`) is also appended to the order's ledger, one
+JSON line per attempt, in both places runtime.ledger_paths names. The budget counts, for each task, the larger of
+its file's figures and the ledger's, and the ledger's alone for a task whose file is gone (`charged`). An entry
+names the definition of the task its attempt ran (model.definition): a task made again under the same name with
+another command or prompt is another task (recovery.same_task), and what the old one spent counts against the
+order's budget, not against the new one's own.
+
+An attempt's entry is keyed by its number: an end settled twice (a recovery after its owner died between the
+ledger and the task file) is counted once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import replace
+
+from aipm import agents
+from aipm.model import Order, Task, definition, evolve
+from aipm.paths import as_path
+from aipm.record import Record
+from aipm.runtime import Runtime
+from aipm.workerfiles import open_regular, read_bytes
+
+Spent = tuple[float, float]  # (cost_usd, cost_unreported_usd) of a task's attempts
+
+Entries = dict[tuple[str, int], tuple[str, float, float]]  # (task, attempt) → (definition, cost, unreported)
+_read: dict[str, tuple[tuple[int, int, int], Entries]] = {}  # path → (its stamp, its entries)
+
+
+def settle(rt: Runtime, rec: Record, task: Task | None, exited: bool = False) -> tuple[agents.Usage | None, dict]:
+    """agents.settle for the attempt of `rec` (its task `task` as its file says now; None: its outcome goes to no
+    task, recovery.discard), and its cost noted in the ledger. Every end of an attempt goes through here, however
+    it ended: an attempt whose outcome is discarded still spent what it spent."""
+    before = task.cost_unreported_usd if task is not None else None
+    usage, updates = agents.settle(rec.agent, as_path(rec.log), task and task.cost_usd, task and task.tokens,
+                                   rec.cost_cap, before, exited, rec.metered)
+    cost = usage.cost_usd if usage is not None and usage.cost_usd is not None else 0.0
+    unreported = (round(updates["cost_unreported_usd"] - (before or 0.0), 6)
+                  if "cost_unreported_usd" in updates else 0.0)
+    if cost or unreported:
+        note(rt, rec, cost, unreported)
+    return usage, updates
+
+
+def note(rt: Runtime, rec: Record, cost: float, unreported: float) -> None:
+    """Append the attempt's entry to both ledgers, durably (a budget must not forget what was paid). A ledger
+    that cannot be written (a full disk, a worker's link in its place) leaves the task file's figure to count."""
+    line = json.dumps({"task": rec.task, "attempt": rec.serial, "definition": rec.definition, "cost_usd": cost,
+                       "cost_unreported_usd": unreported}) + "\n"
+    for path in rt.ledger_paths(rec.order, writing=True):
+        try:
+            fd = open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError:
+            continue
+        try:
+            os.write(fd, line.encode())
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+
+def ledger(rt: Runtime, order_id: str) -> dict[str, dict[str, Spent]]:
+    """Task id → definition → what the ledgers say its attempts spent: each attempt's largest entry in either
+    ledger (a worker may have removed one of them), summed."""
+    attempts: Entries = {}
+    for path in rt.ledger_paths(order_id):
+        for key, (made, cost, unreported) in _entries(str(path)).items():
+            was = attempts.get(key, (made, 0.0, 0.0))
+            attempts[key] = (made, max(was[1], cost), max(was[2], unreported))
+    tasks: dict[str, dict[str, Spent]] = {}
+    for (task, _), (made, cost, unreported) in attempts.items():
+        was = tasks.setdefault(task, {}).get(made, (0.0, 0.0))
+        tasks[task][made] = (round(was[0] + cost, 6), round(was[1] + unreported, 6))
+    return tasks
+
+
+def _entries(path: str) -> Entries:
+    """A ledger's entries, read again only when the file changed (read on every plan of a run)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return {}
+    stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
+    known = _read.get(path)
+    if known is not None and known[0] == stamp:
+        return known[1]
+    try:
+        text = read_bytes(path).decode(errors="replace")
+    except OSError:
+        return {}
+    found: Entries = {}
+    for line in text.splitlines():
+        try:
+            entry = json.loads(line)
+            key, made = (entry["task"], entry["attempt"]), entry["definition"]
+            cost, unreported = agents.dollars(entry["cost_usd"]), agents.dollars(entry["cost_unreported_usd"])
+        except (ValueError, TypeError, KeyError, RecursionError):
+            continue  # a line cut short by a crash, or a worker's: what the task files say still counts
+        if (isinstance(key[0], str) and isinstance(key[1], int) and isinstance(made, str) and cost is not None
+                and unreported is not None):
+            found[key] = (made, cost, unreported)
+    _read[path] = (stamp, found)
+    return found
+
+
+def charged(order: Order, rt: Runtime) -> Order:
+    """The order with each task's cost as the budget counts it: no less than its ledger says (a file put back or
+    made again under the same name still owes what its attempts spent), and in `gone_cost_usd` the ledger's costs
+    of tasks whose file is gone or now holds another task (another definition). The same order when the files say
+    no less (the common case: nothing is copied)."""
+    raised: dict[str, Task] = {}
+    gone = [0.0, 0.0]
+    for tid, spent in ledger(rt, order.id).items():
+        task = order.tasks.get(tid)
+        cost, unreported = round(sum(c for c, _ in spent.values()), 6), round(sum(u for _, u in spent.values()), 6)
+        if task is not None and (cost > (task.cost_usd or 0.0) or unreported > (task.cost_unreported_usd or 0.0)):
+            # the file says less (the common case stops above): what other tasks of its name spent is apart
+            made = definition(task)
+            cost, unreported = (round(sum(c for d, (c, _) in spent.items() if d in (made, "")), 6),
+                                round(sum(u for d, (_, u) in spent.items() if d in (made, "")), 6))
+            other = [s for d, s in spent.items() if d not in (made, "")]
+            gone = [gone[0] + sum(c for c, _ in other), gone[1] + sum(u for _, u in other)]
+        if task is None:
+            gone = [gone[0] + cost, gone[1] + unreported]
+        elif cost > (task.cost_usd or 0.0) or unreported > (task.cost_unreported_usd or 0.0):
+            raised[tid] = evolve(task, {
+                "cost_usd": cost if cost > (task.cost_usd or 0.0) else task.cost_usd,
+                "cost_unreported_usd": max(unreported, task.cost_unreported_usd or 0.0) or task.cost_unreported_usd})
+    if not raised and gone == [0.0, 0.0]:
+        return order
+    return replace(order, tasks={**order.tasks, **raised}, gone_cost_usd=(round(gone[0], 6), round(gone[1], 6)))

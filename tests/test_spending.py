@@ -1,0 +1,61 @@
+"""The order's spending ledger (aipm/spending.py): what attempts spent counts against the budget whatever happens
+to the task files that recorded it. Real runs with the stand-in `claude` (tests/agents)."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from conftest import write_task
+from test_agents import agent_env, journal
+
+# The worker that undoes A's record once A's cost is in its file: it deletes the file, or puts it back as git has
+# it (QUEUED, no cost), as an agent's `git checkout .` or `git stash` would.
+UNDO = {
+    "deleted": "rm orders/ORD/A.yaml",
+    "checked out": "git checkout -q -- orders/ORD/A.yaml",
+}
+
+
+@pytest.mark.parametrize("undo", UNDO)
+def test_a_task_file_deleted_or_reverted_by_a_worker_gives_the_budget_no_room(project, undo):
+    """A worker deleting or reverting the task file that recorded an attempt's cost took that cost off the order's
+    total: the budget, reached, had room again, and C (deleted) or A again (reverted) spent past it."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")
+    write_task(order, "A", prompt="@cost 0.1", target_files=["a.txt"])
+    wait = "until grep -q cost_usd orders/ORD/A.yaml; do sleep 0.05; done"
+    write_task(order, "B", command=f"{wait}; {UNDO[undo]}", target_files=["b.txt"])
+    write_task(order, "C", prompt="@cost 0.1", target_files=["c.txt"], depends_on=["B"])
+    (project.root / ".gitignore").write_text("journal.jsonl\nstand-in-claude-costs.json\n")  # the stand-in's
+    subprocess.run(["git", "init", "-q"], cwd=project.root, check=True)
+    subprocess.run(["git", "add", "-A"], cwd=project.root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "order"],
+                   cwd=project.root, check=True)
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1 and "budget reached" in proc.stderr, proc.stdout + proc.stderr
+    assert [j["task"] for j in journal(project)] == ["A"], proc.stdout  # neither C nor A again
+    status = project.json("status", "ORD")
+    assert (status["cost_usd"], status["budget_reached"]) == (0.1, True), status
+    assert {t["id"]: t["status"] for t in status["tasks"]}["C"] == "QUEUED"
+    assert "budget reached" in project.aipm("why", "C").stdout
+    # Nor does a later run or launch find room.
+    assert project.aipm("launch", "ORD", env=agent_env(project)).returncode == 1
+    assert [j["task"] for j in journal(project)] == ["A"]
+
+
+def test_the_ledger_outlives_a_cleaned_runtime_directory(project):
+    """`git clean -fdx` removes `.aipm/`: the state directory's copy of the ledger still counts."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")
+    write_task(order, "A", prompt="@cost 0.1", target_files=["a.txt"], priority="P0")
+    write_task(order, "C", prompt="@cost 0.1", target_files=["c.txt"], priority="P2")
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
+    subprocess.run(["rm", "-rf", str(project.root / ".aipm")], check=True)
+    (order / "A.yaml").unlink()
+    assert project.json("status", "ORD")["cost_usd"] == 0.1
+    assert project.aipm("launch", "ORD", env=agent_env(project)).returncode == 1
+    assert [j["task"] for j in journal(project)] == ["A"]
