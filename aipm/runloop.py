@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import aipm
-from aipm import budget, handover, notify, preemption, recovery, runner, scope, writer
+from aipm import budget, budgetstop, handover, notify, preemption, recovery, runner, scope, writer
 from aipm.launcher import RAMP, Launcher
 from aipm.liveness import stopped
 from aipm.spending import charged
@@ -228,6 +228,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     ready: list[str] = []  # owned workers that ended, finished at the next lock round
     budget_told = False
     spent_told: set[str] = set()  # tasks whose own budget stop was said
+    past_told: set[str] = set()  # what budgetstop said of a budget lowered below what running attempts hold
     lock_files: set[str] = set()  # lock nodes whose files exist (see handover.prepare_next)
     prepared: set[tuple[str, tuple]] = set()
     try:
@@ -302,6 +303,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 emit({"event": "budget", "order": order.id, "detail": report.plan.budget_stop})
                 notify.send(launcher.settings, launcher.runtime, notify.BUDGET, "BUDGET_REACHED",
                             f"{order.id}: {report.plan.budget_stop}", AIPM_ORDER_ID=order.id)
+            for event in budgetstop.past_budget(sup, order, report.records, past_told):
+                emit(event)
             for blocked in report.plan.spent:
                 if blocked.id not in spent_told:  # once per task and run, as the order's budget
                     spent_told.add(blocked.id)

@@ -379,13 +379,22 @@ class Supervisor(Recording, Owner):
     def preempt(self, key: str, urgent: str, why: str) -> None:
         """Stop an owned worker's whole group for a more urgent task: QUEUED again, the attempt not counted."""
         rec = self.owned[key]
+        if self.stop_attempt(key, why, preempted=True):
+            self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,
+                                "attempt": rec.serial})
+
+    def stop_attempt(self, key: str, why: str, preempted: bool = False) -> bool:
+        """Stop an owned worker's whole group (for a more urgent task, `preempted`, or a budget): QUEUED again, the
+        attempt not counted, what it spent counted. False when it ended by itself first (that outcome stands) or
+        its task moved on (a cancel)."""
+        rec = self.owned[key]
         self.watcher.forget(key)
         self.kill_at.pop(key, None)
         self.timed_out.discard(key)
         # Read before the signal: the wrapper writes the exit file of a command our SIGTERM ended too.
         code = read_exit_file(rec.exit_file)
         if code is None:
-            self._note_in_records([rec], stopping=why, preempted=True)
+            self._note_in_records([rec], stopping=why, preempted=preempted)
         runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
         runner.reap(rec.pid)
         # As at any end of an attempt: what it left running outside its group (`setsid cmd &`) holds its locks,
@@ -395,15 +404,13 @@ class Supervisor(Recording, Owner):
         with self.rt.launch_lock():
             if code is not None:  # it ended on its own before the signal: that outcome stands
                 self.outbox.append(self._apply(rec, code, False))
-                return
+                return False
             task = load_task(as_path(rec.task_file), self.rt.root)
             ours = task.status == Status.IN_PROGRESS and task.attempts == rec.attempt  # else moved on (cancel)
             if ours:
                 self._note(recovery.interrupt(self.rt, task, rec, why))
             self._drop(rec, noted=ours)
-        if ours:
-            self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,
-                                "attempt": rec.serial})
+        return ours
 
     # -- records a worker deleted -----------------------------------------------------------------------
 

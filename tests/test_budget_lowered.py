@@ -1,0 +1,49 @@
+"""A budget lowered during a run applies to the attempts already running (aipm/budgetstop.py). Real runs with the
+stand-in `claude` (tests/agents), order.yaml edited while they work."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import yaml
+
+from conftest import wait_for, write_task
+from test_agents import agent_env, journal
+
+
+def test_a_budget_lowered_mid_run_is_said_and_stops_the_running_attempts_once_reached(project, gate):
+    """Both attempts started under $1 with caps of $0.50 each; the budget lowered to $0.30 while they ran changed
+    nothing for them: A's $0.30 reached it and B went on spending under its old cap, unseen."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 1\n")
+    b_gate = project.root / "gate-b"
+    write_task(order, "A", prompt=f"@cost 0.3\n@wait-for {gate}", target_files=["a.txt"], priority="P0")
+    write_task(order, "B", prompt=f"@cost 0.3\n@wait-for {b_gate}", target_files=["b.txt"])
+    out_path = project.root.parent / f"{project.root.name}.out"
+    with open(out_path, "w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                               env={**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"},
+                               stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(journal(project)) == 2)  # both agents run, capped at $0.50 each
+        (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.3\n")
+        wait_for(lambda: "max_cost_usd $0.3000 (order.yaml) is below the order's cost" in out_path.read_text())
+        gate.touch()  # A reports $0.30: the new budget is reached, and B could still spend up to $0.50
+        assert run.wait(timeout=120) == 1
+    finally:
+        b_gate.touch()
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    said = out_path.read_text()
+    assert "stopped B, each counting what it spent (its cap if it did not say)" in said, said
+    assert "another aipm" not in said, said
+    a, b = (yaml.safe_load((order / f"{t}.yaml").read_text()) for t in ("A", "B"))
+    assert (a["status"], a["cost_usd"]) == ("DONE", 0.3), a
+    # B stopped before its result: QUEUED again, its attempt not counted, its cap counted as what it may have spent
+    assert (b["status"], b["attempts"], b["cost_unreported_usd"]) == ("QUEUED", 0, 0.5), b
+    assert sorted(j["task"] for j in journal(project)) == ["A", "B"]  # B never ran again
+    assert project.json("status", "ORD")["budget_reached"] is True
