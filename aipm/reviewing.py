@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from aipm import outcome, recovery, runner, workspace
+from aipm import outcome, recovery, runner, spending, workspace
 from aipm.finish import after_review, review_command, time_limit
 from aipm.model import Status, Task
 from aipm.record import Record
@@ -65,6 +65,9 @@ class Reviewing:
         else:
             verdict = "approved" if code == 0 else f"sent back (exit {code})"
         append_log(rec.log, f"review {verdict}; review output: {review_log}")
+        spent = spending.settle_review(self.rt, rec, task)
+        if spent:
+            task = self._write(task, spent)
         merged: dict = {}
         conflict = self._merge_back(rec, merged) if code == 0 else None
         if conflict:

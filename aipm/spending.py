@@ -10,7 +10,8 @@ names the definition of the task its attempt ran (model.definition): a task made
 another command or prompt is another task (recovery.same_task), and what the old one spent counts against the
 order's budget, not against the new one's own.
 
-An attempt's entry is keyed by its number: an end settled twice (a recovery after its owner died between the
+An attempt's entry is keyed by its number (and its review's apart: a reviewer that runs an agent reports its own
+cost, settle_review): an end settled twice (a recovery after its owner died between the
 ledger and the task file) is counted once.
 """
 
@@ -25,11 +26,12 @@ from aipm.model import Order, Task, definition, evolve
 from aipm.paths import as_path
 from aipm.record import Record
 from aipm.runtime import Runtime
-from aipm.workerfiles import open_regular, read_bytes
+from aipm.workerfiles import append_log, open_regular, read_bytes
 
 Spent = tuple[float, float]  # (cost_usd, cost_unreported_usd) of a task's attempts
 
-Entries = dict[tuple[str, int], tuple[str, float, float]]  # (task, attempt) → (definition, cost, unreported)
+# (task, attempt, phase) → (definition, cost, unreported)
+Entries = dict[tuple[str, int, str], tuple[str, float, float]]
 _read: dict[str, tuple[tuple[int, int, int], Entries]] = {}  # path → (its stamp, its entries)
 
 
@@ -48,11 +50,24 @@ def settle(rt: Runtime, rec: Record, task: Task | None, exited: bool = False) ->
     return usage, updates
 
 
-def note(rt: Runtime, rec: Record, cost: float, unreported: float) -> None:
-    """Append the attempt's entry to both ledgers, durably (a budget must not forget what was paid). A ledger
-    that cannot be written (a full disk, a worker's link in its place) leaves the task file's figure to count."""
-    line = json.dumps({"task": rec.task, "attempt": rec.serial, "definition": rec.definition, "cost_usd": cost,
-                       "cost_unreported_usd": unreported}) + "\n"
+def settle_review(rt: Runtime, rec: Record, task: Task) -> dict:
+    """The cost a review reported (a reviewer that runs an agent: agents.review_cost), noted in the ledger and said
+    in the attempt's log; the update of the task's `cost_usd` that adds it ({} when it said none)."""
+    cost = agents.review_cost(as_path(rec.log).with_suffix(".review.log"))
+    if not cost:
+        return {}
+    note(rt, rec, cost, 0.0, phase="review")
+    append_log(rec.log, f"review usage: cost ${cost:.4f} (added to the task's cost_usd and the order's budget)")
+    total = round((task.cost_usd or 0.0) + cost, 6)
+    return {"cost_usd": total} if total < agents.MAX_DOLLARS else {}
+
+
+def note(rt: Runtime, rec: Record, cost: float, unreported: float, phase: str = "work") -> None:
+    """Append the attempt's entry (its work's or its review's: `phase`) to both ledgers, durably (a budget must not
+    forget what was paid). A ledger that cannot be written (a full disk, a worker's link in its place) leaves the
+    task file's figure to count."""
+    line = json.dumps({"task": rec.task, "attempt": rec.serial, "phase": phase, "definition": rec.definition,
+                       "cost_usd": cost, "cost_unreported_usd": unreported}) + "\n"
     for path in rt.ledger_paths(rec.order, writing=True):
         try:
             fd = open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -76,7 +91,7 @@ def ledger(rt: Runtime, order_id: str) -> dict[str, dict[str, Spent]]:
             was = attempts.get(key, (made, 0.0, 0.0))
             attempts[key] = (made, max(was[1], cost), max(was[2], unreported))
     tasks: dict[str, dict[str, Spent]] = {}
-    for (task, _), (made, cost, unreported) in attempts.items():
+    for (task, *_), (made, cost, unreported) in attempts.items():
         was = tasks.setdefault(task, {}).get(made, (0.0, 0.0))
         tasks[task][made] = (round(was[0] + cost, 6), round(was[1] + unreported, 6))
     return tasks
@@ -100,12 +115,12 @@ def _entries(path: str) -> Entries:
     for line in text.splitlines():
         try:
             entry = json.loads(line)
-            key, made = (entry["task"], entry["attempt"]), entry["definition"]
+            key, made = (entry["task"], entry["attempt"], entry.get("phase", "work")), entry["definition"]
             cost, unreported = agents.dollars(entry["cost_usd"]), agents.dollars(entry["cost_unreported_usd"])
-        except (ValueError, TypeError, KeyError, RecursionError):
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             continue  # a line cut short by a crash, or a worker's: what the task files say still counts
-        if (isinstance(key[0], str) and isinstance(key[1], int) and isinstance(made, str) and cost is not None
-                and unreported is not None):
+        if (isinstance(key[0], str) and isinstance(key[1], int) and isinstance(key[2], str) and isinstance(made, str)
+                and cost is not None and unreported is not None):
             found[key] = (made, cost, unreported)
     _read[path] = (stamp, found)
     return found

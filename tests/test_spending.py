@@ -59,3 +59,22 @@ def test_the_ledger_outlives_a_cleaned_runtime_directory(project):
     assert project.json("status", "ORD")["cost_usd"] == 0.1
     assert project.aipm("launch", "ORD", env=agent_env(project)).returncode == 1
     assert [j["task"] for j in journal(project)] == ["A"]
+
+
+def test_a_reviewer_that_runs_an_agent_adds_its_cost_to_the_task_and_the_budget(project):
+    """A review command running claude was a command like any other: what it spent was in no task's cost_usd and
+    not against the budget, which B then passed."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.15\n")
+    reviewer = "echo '@cost 0.05' | claude -p --output-format stream-json --verbose"
+    write_task(order, "A", prompt="@cost 0.1", target_files=["a.txt"], priority="P0", review=reviewer)
+    write_task(order, "B", prompt="@cost 0.1", target_files=["b.txt"], priority="P2")
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 1 and "budget reached" in proc.stderr, proc.stdout + proc.stderr
+    assert [j["task"] for j in journal(project)] == ["A", "A"]  # its work, then its review; never B
+    status = project.json("status", "ORD")
+    tasks = {t["id"]: t for t in status["tasks"]}
+    assert (tasks["A"]["status"], tasks["A"]["cost_usd"], tasks["B"]["status"]) == ("COMPLETED", 0.15, "QUEUED")
+    log = (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
+    assert "review usage: cost $0.0500 (added to the task's cost_usd and the order's budget)" in log, log

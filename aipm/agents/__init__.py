@@ -262,6 +262,23 @@ def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] 
     return usage, updates
 
 
+def review_cost(log: Path) -> float | None:
+    """What a review command that runs an agent reported it cost, read from its output (`log`) as each preset that
+    reports a cost reads its own: claude's result event (`--output-format json` or `stream-json`), aider's cost
+    lines. None for a reviewer that says no cost (most commands; claude's text output)."""
+    for name in NAMES:
+        if not reports_cost(name):
+            continue
+        try:
+            with reading(log) as raw:
+                usage = preset(name).parse(_bounded_lines(_text(raw)))
+        except OSError:
+            return None  # none, or the worker replaced it with what is not a file
+        if usage.cost_usd is not None:
+            return usage.cost_usd
+    return None
+
+
 def failure(usage: Usage | None) -> str | None:
     """What the agent's own final report says went wrong, if it says so: claude exits 0 on an API error (a rate
     limit) with `is_error` in its result, aider after one it gave up on, and the attempt, which did nothing, must
