@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -182,8 +183,21 @@ def money_field(path: Path, data: Mapping[str, Any], key: str, positive: bool) -
             (agents.MIN_DOLLARS if positive else 0) <= value < agents.MAX_DOLLARS):
         what = (f"a number of US dollars from {agents.MIN_DOLLARS:.6f}" if positive
                 else "a number of US dollars from 0") + f" below {agents.MAX_DOLLARS:,.0f}"
-        raise ValidationError(str(path), key, f"must be {what}, not {value!r}")
+        raise ValidationError(str(path), key, f"must be {what}, not {value!r}" + _text_number(value))
     return float(value)
+
+
+_EXPONENT = re.compile(r"[-+]?(\d+|\d+\.\d*|\.\d+)[eE][-+]?\d+")
+
+
+def _text_number(value: Any) -> str:
+    """Why a number the user wrote is text: YAML 1.1 (PyYAML's) reads an exponent without a dot in its mantissa or
+    a sign in its exponent (`5e2`, `1e-6`, `1.0e6`) as a string, where aipm.yaml's settings take it as a number."""
+    if not (isinstance(value, str) and _EXPONENT.fullmatch(value.strip())):
+        return ""
+    number = float(value)
+    plain = f"{number:.6f}".rstrip("0").rstrip(".") + " or " if abs(number) < agents.MAX_DOLLARS else ""
+    return f" (YAML reads {value} as text: write {plain}{number:.1e})"
 
 
 def _tokens(path: Path, data: Mapping[str, Any], key: str) -> dict[str, int] | None:

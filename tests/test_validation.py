@@ -63,6 +63,22 @@ def test_a_value_yaml_read_as_no_text_is_told_to_be_quoted(project, text, field,
     assert snapshot(project.root) == before
 
 
+@pytest.mark.parametrize("where", ["task", "order.yaml"])
+@pytest.mark.parametrize("value,said", [("5e2", "write 500 or 5.0e+02"), ("1e-6", "write 0.000001 or 1.0e-06"),
+                                        ("1e300", "write 1.0e+300")])
+def test_a_budget_in_exponent_form_yaml_reads_as_text_is_told_how_to_write_it(project, where, value, said):
+    """`max_cost_usd: 5e2` was refused as "not '5e2'", a number to whoever wrote it (and taken in aipm.yaml):
+    PyYAML reads an exponent without a dot or an exponent sign as text."""
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\n" + f"max_cost_usd: {value}\n" * (where == "order.yaml"))
+    (order / "A.yaml").write_text("command: 'true'\n" + f"max_cost_usd: {value}\n" * (where == "task"))
+    before = snapshot(project.root)
+    proc = project.aipm("validate", "ORD")
+    assert_one_line_error(proc, "order.yaml" if where == "order.yaml" else "A.yaml", "max_cost_usd: ")
+    assert f"(YAML reads {value} as text: {said})" in proc.stderr, proc.stderr
+    assert snapshot(project.root) == before
+
+
 @pytest.mark.parametrize("text,said", [
     ("priority: p1\n", "priority: 'p1' is not one of P0, P1, P2, P3; write P1"),
     ("status: done\n", "; write DONE"),
