@@ -20,19 +20,20 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import replace
+from typing import NamedTuple
 
 from aipm import agents
 from aipm.model import Order, Task, definition, evolve
 from aipm.paths import as_path
 from aipm.record import Record
 from aipm.runtime import Runtime
-from aipm.workerfiles import append_log, open_regular, read_bytes
+from aipm.workerfiles import append_log, open_regular
 
 Spent = tuple[float, float]  # (cost_usd, cost_unreported_usd) of a task's attempts
 
 # (task, attempt, phase) → (definition, cost, unreported)
 Entries = dict[tuple[str, int, str], tuple[str, float, float]]
-_read: dict[str, tuple[tuple[int, int, int], Entries]] = {}  # path → (its stamp, its entries)
+_read: dict[str, "_Seen"] = {}  # path → the ledger as last read
 
 
 def settle(rt: Runtime, rec: Record, task: Task | None, exited: bool = False) -> tuple[agents.Usage | None, dict]:
@@ -97,22 +98,36 @@ def ledger(rt: Runtime, order_id: str) -> dict[str, dict[str, Spent]]:
     return tasks
 
 
+class _Seen(NamedTuple):
+    """A ledger as last read: its file (inode), how far it was read (to the end of its last whole line), and what
+    it held up to there."""
+
+    ino: int
+    end: int
+    entries: Entries
+
+
 def _entries(path: str) -> Entries:
-    """A ledger's entries, read again only when the file changed (read on every plan of a run)."""
+    """A ledger's entries. Read on every plan of a run: only what was appended since the last read is parsed (a
+    file cut or replaced is read whole; what was read before stays, since an attempt's entry only grows)."""
     try:
-        info = os.stat(path)
+        fd = open_regular(path)
     except OSError:
         return {}
-    stamp = (info.st_ino, info.st_size, info.st_mtime_ns)
-    known = _read.get(path)
-    if known is not None and known[0] == stamp:
-        return known[1]
     try:
-        text = read_bytes(path).decode(errors="replace")
+        info = os.fstat(fd)
+        seen = _read.get(path)
+        if seen is not None and seen.ino == info.st_ino and seen.end == info.st_size:
+            return seen.entries
+        start = seen.end if seen is not None and seen.ino == info.st_ino and seen.end < info.st_size else 0
+        data = os.pread(fd, info.st_size - start, start)
     except OSError:
         return {}
-    found: Entries = {}
-    for line in text.splitlines():
+    finally:
+        os.close(fd)
+    whole = data[:data.rfind(b"\n") + 1]  # a line being appended is read once it is whole
+    found = dict(seen.entries) if seen is not None else {}
+    for line in whole.decode(errors="replace").splitlines():
         try:
             entry = json.loads(line)
             key, made = (entry["task"], entry["attempt"], entry.get("phase", "work")), entry["definition"]
@@ -121,8 +136,9 @@ def _entries(path: str) -> Entries:
             continue  # a line cut short by a crash, or a worker's: what the task files say still counts
         if (isinstance(key[0], str) and isinstance(key[1], int) and isinstance(key[2], str) and isinstance(made, str)
                 and cost is not None and unreported is not None):
-            found[key] = (made, cost, unreported)
-    _read[path] = (stamp, found)
+            was = found.get(key, (made, 0.0, 0.0))
+            found[key] = (made, max(was[1], cost), max(was[2], unreported))
+    _read[path] = _Seen(info.st_ino, start + len(whole), found)
     return found
 
 

@@ -78,3 +78,27 @@ def test_a_reviewer_that_runs_an_agent_adds_its_cost_to_the_task_and_the_budget(
     assert (tasks["A"]["status"], tasks["A"]["cost_usd"], tasks["B"]["status"]) == ("COMPLETED", 0.15, "QUEUED")
     log = (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
     assert "review usage: cost $0.0500 (added to the task's cost_usd and the order's budget)" in log, log
+
+
+def test_a_ledger_is_read_as_it_grows_a_line_once_whole_and_an_entry_never_lowered(tmp_path):
+    """Read on every plan, the ledger is parsed from where the last read ended: a line caught half-written is read
+    once whole, and an attempt's entry written again with less (a worker's line) does not lower it."""
+    import json
+
+    from aipm import spending
+
+    path = tmp_path / "ORD.jsonl"
+
+    def add(text: str) -> dict:
+        with open(path, "a") as handle:
+            handle.write(text)
+        return spending._entries(str(path))
+
+    def line(attempt: int, cost: float) -> str:
+        return json.dumps({"task": "A", "attempt": attempt, "definition": "d", "cost_usd": cost,
+                           "cost_unreported_usd": 0.0})
+
+    assert add(line(1, 0.1) + "\n") == {("A", 1, "work"): ("d", 0.1, 0.0)}
+    assert add(line(2, 0.2)) == {("A", 1, "work"): ("d", 0.1, 0.0)}  # half-written
+    assert add("\n[1]\n" + line(1, 0.05) + "\n") == {("A", 1, "work"): ("d", 0.1, 0.0),
+                                                      ("A", 2, "work"): ("d", 0.2, 0.0)}
