@@ -13,12 +13,12 @@ from aipm import agents, budget, outcome, recovery, subreaper
 from aipm.errors import UserError
 from aipm.finish import attempt_limit, rework_limit
 from aipm.launcher import Launcher
-from aipm.spending import charged
 from aipm.model import RUNNING, Order, Status, Task, status_summary
 from aipm.plan import NOT_QUEUED, Plan, plan
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.settings import Settings
+from aipm.spending import charged
 from aipm.store import load_order, load_task
 
 # Why a task whose worker was lost reads as INTERRUPTED: what its file still says and what to do.

@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING
 
 from aipm import budget, recovery
 from aipm.errors import UserError
-from aipm.spending import charged
 from aipm.model import Order, Status, Task
 from aipm.paths import as_path, normalize
 from aipm.record import Record
+from aipm.spending import charged
 from aipm.store import load_order
 
 if TYPE_CHECKING:

@@ -18,10 +18,10 @@ import aipm
 from aipm import budget, budgetstop, handover, notify, preemption, recovery, runner, scope, writer
 from aipm.launcher import RAMP, Launcher
 from aipm.liveness import stopped
-from aipm.spending import charged
 from aipm.model import FINISHED_OK, Order, Status, all_done, status_summary
 from aipm.plan import never_runs
 from aipm.record import Record
+from aipm.spending import charged
 from aipm.supervisor import RECORDS, RECORDS_RECHECK, Emit, Supervisor
 from aipm.view import OrderView
 

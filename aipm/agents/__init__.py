@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from aipm.paths import Target
-from aipm.workerfiles import append_log, reading, write_bytes
+from aipm.workerfiles import append_log, read_end, reading, write_bytes
 
 COMMAND = "command"  # not a preset: the worker.command template (or the task's own command)
 NAMES = (COMMAND, "claude", "codex", "aider")
@@ -262,20 +262,22 @@ def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] 
     return usage, updates
 
 
+REVIEW_TAIL = 1 << 20  # bytes of a review's output read for its cost: where an agent's final report is
+
+
 def review_cost(log: Path) -> float | None:
-    """What a review command that runs an agent reported it cost, read from its output (`log`) as each preset that
-    reports a cost reads its own: claude's result event (`--output-format json` or `stream-json`), aider's cost
-    lines. None for a reviewer that says no cost (most commands; claude's text output)."""
+    """What a review command that runs an agent reported it cost, read from the end of its output (`log`) as each
+    preset that reports a cost reads its own: claude's result event (`--output-format json` or `stream-json`),
+    aider's cost lines. None for a reviewer that says no cost (most commands; claude's text output). Only the end:
+    it is read under the launch lock, and a reviewer running a test suite may print gigabytes."""
+    try:
+        lines = read_end(log, REVIEW_TAIL).decode(errors="replace").splitlines(keepends=True)
+    except OSError:
+        return None  # none, or the worker replaced it with what is not a file
     for name in NAMES:
-        if not reports_cost(name):
-            continue
-        try:
-            with reading(log) as raw:
-                usage = preset(name).parse(_bounded_lines(_text(raw)))
-        except OSError:
-            return None  # none, or the worker replaced it with what is not a file
-        if usage.cost_usd is not None:
-            return usage.cost_usd
+        cost = preset(name).parse(iter(lines)).cost_usd if reports_cost(name) else None
+        if cost is not None:
+            return cost
     return None
 
 

@@ -20,13 +20,13 @@ from aipm.cli.resource_options import (
     MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, RunnerOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, LaunchReport, Options
-from aipm.spending import charged
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.plan import FILE_BUSY, LIMIT, never_run_notes
 from aipm.project import Project, find_task
 from aipm.runloop import supervise
 from aipm.settings import Settings
 from aipm.slots import refusal_note
+from aipm.spending import charged
 from aipm.view import OrderView
 
 ModelOpt = Option(None, "--model", help="Model for worker templates (overrides the task and aipm.yaml).")

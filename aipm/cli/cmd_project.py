@@ -12,13 +12,13 @@ from aipm.advice import stray_files, unenforced_budget, warnings
 from aipm.cli.common import (UNLIMITED, JsonOpt, console, get_project, json_option, print_json, project_root,
                              read_only, warn)
 from aipm.errors import UserError, ValidationError
-from aipm.spending import charged
 from aipm.model import DEAD_END, FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
 from aipm.plan import never_run_notes, never_runs
 from aipm.project import CONFIG_FILE, IdClash, Project
 from aipm.runtime import Runtime
 from aipm.settings import in_pyproject, load_settings
+from aipm.spending import charged
 from aipm.store import load_order
 
 CONFIG_TEMPLATE = """\
