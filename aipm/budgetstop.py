@@ -27,8 +27,10 @@ def past_budget(sup: "Supervisor", order: Order, records: Iterable[Record], told
     """The events of a budget its running attempts (of the worker `records`) may pass (`budget` events, each said
     once: `told`), after stopping the attempts this run owns when it is reached."""
     records = [r for r in records if r.order == order.id and r.phase == "work" and r.cost_cap]
+    if not records:
+        return []  # the common case, read from the round's records alone: nothing capped runs
     spend = budget.of(charged(order, sup.rt), sup.settings.max_cost_usd, records)
-    if spend is None or not records or round(spend.limit - spend.spent - spend.unreported - spend.held, 6) >= 0:
+    if spend is None or round(spend.limit - spend.spent - spend.unreported - spend.held, 6) >= 0:
         return []  # their caps fit in it: the budget holds them as it is
     if not spend.reached:
         detail = (f"max_cost_usd {budget.usd(spend.limit)} ({spend.source}) is below the order's cost "
