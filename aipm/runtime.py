@@ -393,11 +393,14 @@ class Runtime(CancelMarks):
     def ledger_paths(self, order: str, writing: bool = False) -> list[Path]:
         """The order's spending ledgers (spending.py): in the state directory, which a `git clean` of the tree does
         not reach, and in `.aipm/spent/`, which a reboot that empties /tmp does not (their directories made when
-        `writing`)."""
+        `writing`; one that cannot be made, a full disk or a worker's file in its place, leaves the other)."""
         name = f"{_safe(order)}.jsonl"
-        if not writing:
-            return [self.state / "spent" / name, self.dir / "spent" / name]
-        return [self._state_file(self.state / "spent" / name), self._dir(self.dir / "spent" / name)]
+        state, tree = self.state / "spent" / name, self.dir / "spent" / name
+        if writing:
+            for make, path in ((self._state_file, state), (self._dir, tree)):
+                with suppress(OSError):
+                    make(path)
+        return [state, tree]
 
 
 def entries(directory: str | Path) -> list[os.DirEntry]:

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from conftest import write_task
+from conftest import state, write_task
 from test_agents import agent_env, journal
 
 # The worker that undoes A's record once A's cost is in its file: it deletes the file, or puts it back as git has
@@ -102,3 +102,17 @@ def test_a_ledger_is_read_as_it_grows_a_line_once_whole_and_an_entry_never_lower
     assert add(line(2, 0.2)) == {("A", 1, "work"): ("d", 0.1, 0.0)}  # half-written
     assert add("\n[1]\n" + line(1, 0.05) + "\n") == {("A", 1, "work"): ("d", 0.1, 0.0),
                                                       ("A", 2, "work"): ("d", 0.2, 0.0)}
+
+
+def test_a_ledger_that_cannot_be_written_leaves_the_outcome_recorded(project):
+    """A file a worker left where the state directory's ledgers go (`spent`): the ledger's directory could not be
+    made, and that must not keep the attempt's outcome and cost from the task file; the other copy still has it."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 1\n")
+    write_task(order, "A", prompt="@cost 0.1", target_files=["a.txt"])
+    (state(project.root, make=True) / "spent").write_text("not a directory\n")
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert project.json("status", "ORD")["tasks"][0]["cost_usd"] == 0.1
+    assert '"cost_usd": 0.1' in (project.root / ".aipm" / "spent" / "ORD.jsonl").read_text()
