@@ -14,7 +14,6 @@ from dataclasses import dataclass, field, replace
 
 from aipm import agents, durable, holds, locks, recovery, scope, subreaper, writtenlog
 from aipm.budget import Budget, of as order_budget, task_left
-from aipm.spending import charged
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
 from aipm.plan import LIMIT, Busy, ForeignLock, Plan, plan
@@ -26,6 +25,7 @@ from aipm.record import Record, live_pid
 from aipm.runtime import Runtime
 from aipm.settings import Settings
 from aipm.slots import borrowed
+from aipm.spending import charged
 from aipm.starting import LaunchBusy, LaunchFailed, Owner, Starter, Starting
 from aipm.view import OrderView
 from aipm.worker import agent_for

@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import signal
 
-from aipm import (agents, cluster, commits, confine, notify, outcome, recovery, scope, spending, unrecorded, workspace, writer,
-                  writtenlog)
+from aipm import (agents, cluster, commits, confine, notify, outcome, recovery, scope, spending, unrecorded, workspace,
+                  writer, writtenlog)
 from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
 from aipm.launcher import Launcher

@@ -203,8 +203,8 @@ def same_task(task: Task, rec: Record) -> bool:
 
 def discard(rt: Runtime, rec: Record, code: int | None, why: str) -> str:
     """What an attempt came to (`code`) is not recorded, `why`: said in the attempt's log, with where its usage
-    went (an agent's: added to no task) and a worktree attempt's changes kept. Returns the line, for the caller's
-    output; the caller drops the record."""
+    went (an agent's: added to no task, its cost to the order's spending ledger) and a worktree attempt's changes
+    kept. Returns the line, for the caller's output; the caller drops the record."""
     ran = rec.phase == "work" and rec.pid
     usage = spending.settle(rt, rec, None)[0] if ran else None
     line = (f"attempt {rec.serial} (exit {code}) not recorded: {why}"

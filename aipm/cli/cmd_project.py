@@ -162,7 +162,8 @@ def status(
     root = project_root()
     settings = load_settings(root)
     # (the costs as the budget counts them: spending.charged)
-    loaded = charged(as_seen(load_order(Project(root, settings.orders_dir).order_dir(order), root), root), Runtime(root))
+    loaded = as_seen(load_order(Project(root, settings.orders_dir).order_dir(order), root), root)
+    loaded = charged(loaded, Runtime(root))
     tasks = sorted(loaded.tasks.values(), key=lambda t: t.id)
     # Behind a FAILED, REJECTED or CANCELLED dependency (through any chain): never waited on, it never finishes.
     behind = {tid: dead for dead, ids in never_runs(loaded).items() for tid in ids}
