@@ -6,17 +6,23 @@ edited mid-run) breaks that: the running attempts keep the caps of the old one a
 new. The run says so once per limit, and once the new limit is reached (an attempt's cost recorded, or the limit
 put at or below what is spent) it stops the order's capped attempts it owns, as a preemption does (QUEUED again,
 attempt not counted): each counts what it reported, or its cap if it reported nothing (budget.py), and nothing
-more is spent. Attempts owned by another run or by a detached `launch` are named, for `aipm cancel`.
+more is spent. Attempts owned by another run or by a detached `launch` are named, for `aipm cancel`. The
+`max_cost_usd` setting (the budget of orders whose order.yaml sets none) is read again when the project's settings
+file changes (`follow_setting`), so lowering it there applies too.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from aipm import budget
+from aipm.errors import UserError
 from aipm.model import Order
 from aipm.record import Record
+from aipm.settings import load_settings
 from aipm.spending import charged
 
 if TYPE_CHECKING:
@@ -49,3 +55,30 @@ def past_budget(sup: "Supervisor", order: Order, records: Iterable[Record], told
         return []
     told.add(detail)
     return [{"event": "budget", "order": order.id, "detail": detail}]
+
+
+def follow_setting(sup: "Supervisor", seen: list) -> list[dict]:
+    """Read the `max_cost_usd` setting again when the project's settings file (aipm.yaml, or pyproject.toml) changed
+    since the last look (`seen`: its stamp; the first look only takes it). A file that no longer loads keeps the
+    value the run has, said as an event."""
+    stamp = []
+    for name in ("aipm.yaml", "pyproject.toml"):
+        try:
+            info = os.stat(sup.rt.root / name)
+            stamp.append((info.st_ino, info.st_size, info.st_mtime_ns))
+        except OSError:
+            stamp.append(None)
+    if not seen:
+        seen.append(stamp)  # the file the run's settings were read from
+        return []
+    if seen[0] == stamp:
+        return []
+    seen[0] = stamp
+    try:
+        limit = load_settings(sup.rt.root).max_cost_usd
+    except UserError as exc:
+        return [{"event": "invalid_file", "error": f"{exc}; the run keeps max_cost_usd "
+                 + (budget.usd(sup.settings.max_cost_usd) if sup.settings.max_cost_usd is not None else "none")}]
+    if limit != sup.settings.max_cost_usd:
+        sup.settings = sup.launcher.settings = replace(sup.settings, max_cost_usd=limit)
+    return []

@@ -229,6 +229,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     budget_told = False
     spent_told: set[str] = set()  # tasks whose own budget stop was said
     past_told: set[str] = set()  # what budgetstop said of a budget lowered below what running attempts hold
+    settings_seen: list = []  # the settings file's stamp, for budgetstop.follow_setting
     lock_files: set[str] = set()  # lock nodes whose files exist (see handover.prepare_next)
     prepared: set[tuple[str, tuple]] = set()
     try:
@@ -303,7 +304,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 emit({"event": "budget", "order": order.id, "detail": report.plan.budget_stop})
                 notify.send(launcher.settings, launcher.runtime, notify.BUDGET, "BUDGET_REACHED",
                             f"{order.id}: {report.plan.budget_stop}", AIPM_ORDER_ID=order.id)
-            for event in budgetstop.past_budget(sup, order, report.records, past_told):
+            for event in [*budgetstop.follow_setting(sup, settings_seen),
+                          *budgetstop.past_budget(sup, order, report.records, past_told)]:
                 emit(event)
             for blocked in report.plan.spent:
                 if blocked.id not in spent_told:  # once per task and run, as the order's budget

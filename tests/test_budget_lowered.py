@@ -47,3 +47,32 @@ def test_a_budget_lowered_mid_run_is_said_and_stops_the_running_attempts_once_re
     assert (b["status"], b["attempts"], b["cost_unreported_usd"]) == ("QUEUED", 0, 0.5), b
     assert sorted(j["task"] for j in journal(project)) == ["A", "B"]  # B never ran again
     assert project.json("status", "ORD")["budget_reached"] is True
+
+
+def test_a_budget_setting_lowered_mid_run_applies_too(project, gate):
+    """The `max_cost_usd` setting was read once, when the run started: lowered in aipm.yaml while A and B ran, it
+    changed nothing until the next run, and B went on spending under its old cap past it."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\nmax_cost_usd: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    b_gate = project.root / "gate-b"
+    write_task(order, "A", prompt=f"@cost 0.3\n@wait-for {gate}", target_files=["a.txt"], priority="P0")
+    write_task(order, "B", prompt=f"@cost 0.3\n@wait-for {b_gate}", target_files=["b.txt"])
+    out_path = project.root.parent / f"{project.root.name}.out"
+    with open(out_path, "w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                               env={**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"},
+                               stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(journal(project)) == 2)
+        (project.root / "aipm.yaml").write_text("max_workers: 2\nmax_cost_usd: 0.3\nworker:\n  agent: claude\n")
+        gate.touch()  # A's end wakes the run: the setting, read again, is reached
+        code = run.wait(timeout=60)
+    finally:
+        b_gate.touch()
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    said = out_path.read_text()
+    assert code == 1 and "stopped B" in said and "(setting max_cost_usd)" in said, said
+    b = yaml.safe_load((order / "B.yaml").read_text())
+    assert (b["status"], b["cost_unreported_usd"]) == ("QUEUED", 0.5), b
