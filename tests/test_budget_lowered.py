@@ -76,3 +76,27 @@ def test_a_budget_setting_lowered_mid_run_applies_too(project, gate):
     assert code == 1 and "stopped B" in said and "(setting max_cost_usd)" in said, said
     b = yaml.safe_load((order / "B.yaml").read_text())
     assert (b["status"], b["cost_unreported_usd"]) == ("QUEUED", 0.5), b
+
+
+def test_a_settings_file_saved_invalid_mid_run_keeps_the_runs_budget(project, gate):
+    """Read again mid-run, a settings file saved invalid must not end the run: one line, and the budget it had."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nmax_cost_usd: 1\nworker:\n  agent: claude\n")
+    write_task(project.order(), "A", prompt=f"@cost 0.3\n@wait-for {gate}", target_files=["a.txt"])
+    out_path = project.root.parent / f"{project.root.name}.out"
+    with open(out_path, "w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                               env={**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"},
+                               stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: len(journal(project)) == 1)
+        (project.root / "aipm.yaml").write_text("max_workers: 1\nmax_cost_usd: -1\nworker:\n  agent: claude\n")
+        gate.touch()
+        code = run.wait(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    said = out_path.read_text()
+    assert code == 0 and "Traceback" not in said, said
+    (line,) = [line for line in said.splitlines() if line.startswith("ignored")]
+    assert "aipm.yaml" in line and "max_cost_usd" in line and "the run keeps max_cost_usd $1.00" in line, line
