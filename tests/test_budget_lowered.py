@@ -6,11 +6,42 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import yaml
 
 from conftest import wait_for, write_task
 from test_agents import agent_env, journal
+
+
+@contextmanager
+def running(project, *gates: Path) -> Iterator[tuple[subprocess.Popen, Path]]:
+    """`aipm run ORD` with the stand-ins in the background, and the file its output goes to; at the end the `gates`
+    are opened and a run still going is killed, so a failed test leaves no worker waiting."""
+    out_path = project.root.parent / f"{project.root.name}.out"
+    with open(out_path, "w") as out:
+        run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                               env={**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"},
+                               stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield run, out_path
+    finally:
+        for gate in gates:
+            gate.touch()
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+
+
+def two_capped_attempts(project, gate: Path) -> Path:
+    """A and B, claude tasks of $0.30 each, A waiting for `gate` and B for the gate returned (never opened by a
+    test): under a budget of $1 both start at once, capped at $0.50 each."""
+    b_gate = project.root / "gate-b"
+    write_task(project.order(), "A", prompt=f"@cost 0.3\n@wait-for {gate}", target_files=["a.txt"], priority="P0")
+    write_task(project.order(), "B", prompt=f"@cost 0.3\n@wait-for {b_gate}", target_files=["b.txt"])
+    return b_gate
 
 
 def test_a_budget_lowered_mid_run_is_said_and_stops_the_running_attempts_once_reached(project, gate):
@@ -19,25 +50,12 @@ def test_a_budget_lowered_mid_run_is_said_and_stops_the_running_attempts_once_re
     (project.root / "aipm.yaml").write_text("max_workers: 2\nworker:\n  agent: claude\n")
     order = project.order()
     (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 1\n")
-    b_gate = project.root / "gate-b"
-    write_task(order, "A", prompt=f"@cost 0.3\n@wait-for {gate}", target_files=["a.txt"], priority="P0")
-    write_task(order, "B", prompt=f"@cost 0.3\n@wait-for {b_gate}", target_files=["b.txt"])
-    out_path = project.root.parent / f"{project.root.name}.out"
-    with open(out_path, "w") as out:
-        run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
-                               env={**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"},
-                               stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with running(project, two_capped_attempts(project, gate)) as (run, out_path):
         wait_for(lambda: len(journal(project)) == 2)  # both agents run, capped at $0.50 each
         (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.3\n")
         wait_for(lambda: "max_cost_usd $0.3000 (order.yaml) is below the order's cost" in out_path.read_text())
         gate.touch()  # A reports $0.30: the new budget is reached, and B could still spend up to $0.50
         assert run.wait(timeout=120) == 1
-    finally:
-        b_gate.touch()
-        if run.poll() is None:
-            run.kill()
-            run.wait()
     said = out_path.read_text()
     assert "stopped B, each counting what it spent (its cap if it did not say)" in said, said
     assert "another aipm" not in said, said
@@ -53,28 +71,14 @@ def test_a_budget_setting_lowered_mid_run_applies_too(project, gate):
     """The `max_cost_usd` setting was read once, when the run started: lowered in aipm.yaml while A and B ran, it
     changed nothing until the next run, and B went on spending under its old cap past it."""
     (project.root / "aipm.yaml").write_text("max_workers: 2\nmax_cost_usd: 1\nworker:\n  agent: claude\n")
-    order = project.order()
-    b_gate = project.root / "gate-b"
-    write_task(order, "A", prompt=f"@cost 0.3\n@wait-for {gate}", target_files=["a.txt"], priority="P0")
-    write_task(order, "B", prompt=f"@cost 0.3\n@wait-for {b_gate}", target_files=["b.txt"])
-    out_path = project.root.parent / f"{project.root.name}.out"
-    with open(out_path, "w") as out:
-        run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
-                               env={**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"},
-                               stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with running(project, two_capped_attempts(project, gate)) as (run, out_path):
         wait_for(lambda: len(journal(project)) == 2)
         (project.root / "aipm.yaml").write_text("max_workers: 2\nmax_cost_usd: 0.3\nworker:\n  agent: claude\n")
         gate.touch()  # A's end wakes the run: the setting, read again, is reached
         code = run.wait(timeout=60)
-    finally:
-        b_gate.touch()
-        if run.poll() is None:
-            run.kill()
-            run.wait()
     said = out_path.read_text()
     assert code == 1 and "stopped B" in said and "(setting max_cost_usd)" in said, said
-    b = yaml.safe_load((order / "B.yaml").read_text())
+    b = yaml.safe_load((project.order() / "B.yaml").read_text())
     assert (b["status"], b["cost_unreported_usd"]) == ("QUEUED", 0.5), b
 
 
@@ -82,20 +86,11 @@ def test_a_settings_file_saved_invalid_mid_run_keeps_the_runs_budget(project, ga
     """Read again mid-run, a settings file saved invalid must not end the run: one line, and the budget it had."""
     (project.root / "aipm.yaml").write_text("max_workers: 1\nmax_cost_usd: 1\nworker:\n  agent: claude\n")
     write_task(project.order(), "A", prompt=f"@cost 0.3\n@wait-for {gate}", target_files=["a.txt"])
-    out_path = project.root.parent / f"{project.root.name}.out"
-    with open(out_path, "w") as out:
-        run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
-                               env={**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"},
-                               stdout=out, stderr=subprocess.STDOUT)
-    try:
+    with running(project) as (run, out_path):
         wait_for(lambda: len(journal(project)) == 1)
         (project.root / "aipm.yaml").write_text("max_workers: 1\nmax_cost_usd: -1\nworker:\n  agent: claude\n")
         gate.touch()
         code = run.wait(timeout=120)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
     said = out_path.read_text()
     assert code == 0 and "Traceback" not in said, said
     (line,) = [line for line in said.splitlines() if line.startswith("ignored")]
