@@ -117,6 +117,8 @@ def cancel_fileless(project: Project, arg: str, grace: float = 5.0) -> Record | 
     by that name, or its file is there (cancel() is for that)."""
     task = arg.rpartition("/")[2]
     rt = Runtime(project.root)
+    if not any(_names(project, arg, rec) for rec in rt.records()):  # (read without the lock, which makes .aipm/)
+        return None  # no worker of that name: a mistyped `aipm cancel` made the runtime directory, and nothing else
     with rt.launch_lock():
         found = [rec for rec in rt.records() if _names(project, arg, rec) and rec.pid and rec.worker_alive()]
         if len(found) != 1 or os.path.lexists(found[0].task_file):
