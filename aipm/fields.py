@@ -15,7 +15,7 @@ from typing import Any
 
 from aipm import agents
 from aipm.errors import ValidationError, did_you_mean
-from aipm.model import ID_PATTERN, Priority, Resources, Status, Task
+from aipm.model import ID_PATTERN, ID_RULE, Priority, Resources, Status, Task
 from aipm.paths import Normaliser, PathError
 
 # The event loop waits at most 2**31 ms (24.8 days) at a time; a week is a generous bound for one attempt.
@@ -264,7 +264,7 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
     stem = os.path.basename(path)[: -len(".yaml")]
     if not ID_PATTERN.fullmatch(stem):
         raise ValidationError(str(path), "id", f"{stem!r} (the file name) is not a usable task id; rename the "
-                              "file to letters, digits, '_', '.' and '-', starting with a letter or digit")
+                              f"file to {ID_RULE}")
     task_id = stem if data.get("id") is None else data["id"]  # (`id:` left empty says nothing, as for every key)
     if not isinstance(task_id, str) and json.dumps(task_id) == stem:  # `id: 1` in 1.yaml: said to differ from '1'
         raise ValidationError(str(path), "id", f"must be a string{_not_text(task_id)}")

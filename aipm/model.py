@@ -203,5 +203,9 @@ def natural_key(text: str) -> tuple:
 
 
 # Ids of tasks and orders: they become file names under .aipm/, log names and environment values, so two ids
-# must never map to one name (`a b` and `a_b`) nor leave a directory (`.`, `..`, `a/b`).
-ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# must never map to one name (`a b` and `a_b`) nor leave a directory (`.`, `..`, `a/b`). A file name holds 255
+# bytes, and an id gets up to ~35 more in one (`.<id>.yaml.XXXXXXXX.tmp` while written, `<id>.<attempt>.reported`):
+# a longer id made `add` and every command given it end in an OSError traceback (File name too long).
+MAX_ID_LENGTH = 128
+ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_ID_LENGTH - 1}}}")
+ID_RULE = f"letters, digits, '_', '.' and '-', starting with a letter or digit, at most {MAX_ID_LENGTH} characters"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,25 @@ def find_root(start: str | os.PathLike | None = None) -> Path:
     return here
 
 
+def name_too_long(what: str):
+    """Decorate a look-up of (project, arg): an `arg` with a name longer than a file system holds (NAME_MAX, 255
+    bytes) ended every command given it in an OSError traceback (File name too long) at the first look; it is
+    one line naming the argument now."""
+    def decorate(function):
+        @functools.wraps(function)
+        def looked_up(*args, **kwargs):
+            try:
+                return function(*args, **kwargs)
+            except OSError as exc:
+                if exc.errno != errno.ENAMETOOLONG:
+                    raise
+                arg = str(args[1])
+                shown = repr(arg) if len(arg) <= 60 else f"{arg[:40]!r}... ({len(arg)} characters)"
+                raise UserError(f"{what} {shown}: a name too long for a file (at most 255 bytes)") from None
+        return looked_up
+    return decorate
+
+
 class AmbiguousOrder(UserError):
     """An ORDER argument that is one order's directory name and another order's id."""
 
@@ -39,6 +60,7 @@ class Project:
     def runtime(self) -> Path:
         return self.root / RUNTIME_DIR
 
+    @name_too_long("order")
     def order_dir(self, arg: str) -> Path:
         """An order id (`ORDER_090` → <root>/orders/ORDER_090) or a path to an order directory."""
         if not arg.strip():  # it would name the directory of the orders itself
@@ -151,6 +173,7 @@ def _other_with_id(ids: dict[Path, tuple[str, Path]], order_id: str, order_dir: 
     return next(((d, source) for d, (i, source) in ids.items() if i == order_id and d != here), None)
 
 
+@name_too_long("task")
 def find_task(project: Project, arg: str) -> tuple[Path, str]:
     """A task given as an id, `ORDER/TASK`, or a path to its file → (order directory, task id)."""
     path = Path(arg)

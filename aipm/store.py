@@ -18,7 +18,7 @@ import yaml
 from aipm import flatyaml, readers
 from aipm.errors import ValidationError, did_you_mean
 from aipm.fields import check_keys, money_field, one_line, str_field, task_from_mapping
-from aipm.model import ID_PATTERN, Order, Task
+from aipm.model import ID_PATTERN, ID_RULE, Order, Task
 from aipm.parsecache import ParseCache
 from aipm.paths import Normaliser, PathError
 from aipm.patch import Unpatchable, check
@@ -305,8 +305,8 @@ def order_meta(order_dir: Path) -> tuple[str, str, Path | None, float | None]:
     if not ID_PATTERN.fullmatch(order_id):
         # The id names runtime files under .aipm/: `.`, `..` or `a/b` would leave the order's own directory there.
         raise ValidationError(str(id_from or order_dir), "id" if id_from else None,
-                              f"{order_id!r} is not a usable order id; use letters, digits, '_', '.' and '-', "
-                              "starting with a letter or digit" + ("" if id_from else f" (or set `id:` in {ORDER_FILE})"))
+                              f"{order_id!r} is not a usable order id; use {ID_RULE}"
+                              + ("" if id_from else f" (or set `id:` in {ORDER_FILE})"))
     return order_id, title, id_from, budget
 
 

@@ -7,6 +7,39 @@ from conftest import write_task
 from test_hostile_input import full_snapshot
 from test_validation import assert_one_line_error
 
+# Over NAME_MAX (255 bytes): the first look at such a path is an OSError (File name too long).
+LONG = "x" * 300
+ORDER_COMMANDS = ("status", "detect", "launch", "run", "recover", "graph", "validate")
+TASK_COMMANDS = ("why", "exec", "logs", "cancel", "retry", "diff")
+
+
+def test_a_name_too_long_for_a_file_is_one_line_naming_the_argument(project):
+    """Every command given it ended in a traceback; `add ORD <240 characters>` too (its temporary file's name)."""
+    write_task(project.order(), "A", command="true", target_files=["a.txt"])
+    before = full_snapshot(project.root)
+    calls = [(command, arg) for command in ORDER_COMMANDS for arg in (LONG, f"ORD/{LONG}")]
+    calls += [(command, arg) for command in TASK_COMMANDS for arg in (LONG, f"ORD/{LONG}")]
+    for args, proc in zip(calls, project.aipm_all(calls)):
+        word = "order" if args[0] in ORDER_COMMANDS and args[1] == LONG else "task" if args[1] == LONG else "-"
+        assert_one_line_error(proc, "(304 characters)" if "/" in args[1] else "(300 characters)", word)
+        assert "a name too long for a file" in proc.stderr, (args, proc.stderr)
+    for args, named in [(("add", "ORD", "y" * 240, "--command", "true"), "TASK: 'yyy"), (("new", "y" * 240), "ORDER"),
+                        (("add", "ORD", "y" * 129, "--command", "true"), "at most 128 characters"),
+                        (("--root", LONG, "status", "ORD"), "(--root or AIPM_ROOT_DIR): File name too long")]:
+        assert_one_line_error(project.aipm(*args), named, "-")
+    assert full_snapshot(project.root) == before
+
+
+def test_an_id_over_128_characters_in_a_file_name_is_refused(project):
+    """A task file may be named so on disk, but aipm's own files for it (`.<id>.yaml.XXXXXXXX.tmp` while written,
+    `<id>.<attempt>.reported`) would not fit in a name."""
+    write_task(project.order(), "A" * 128, command="true")
+    assert project.aipm("validate", "ORD").returncode == 0
+    write_task(project.order(), "B" * 129, command="true")
+    before = full_snapshot(project.root)
+    assert_one_line_error(project.aipm("validate", "ORD"), "B" * 129 + ".yaml", "id")
+    assert full_snapshot(project.root) == before
+
 
 @pytest.mark.parametrize("args", [("cancel", "NOPE"), ("cancel", "ORD/NOPE"), ("cancel", "NOPE/A"), ("retry", "NOPE"),
                                   ("exec", "NOPE"), ("recover", "NOPE"), ("launch", "NOPE"), ("run", "NOPE")],

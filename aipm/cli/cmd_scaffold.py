@@ -19,7 +19,7 @@ import yaml
 from aipm.advice import warnings
 from aipm.cli.common import console, get_project, warn
 from aipm.errors import UserError
-from aipm.model import ID_PATTERN, Priority
+from aipm.model import ID_PATTERN, ID_RULE, Priority
 from aipm.schema import KINDS, schema_text
 from aipm.fields import one_line, task_from_mapping
 from aipm.store import NOT_TASKS, ORDER_FILE, check_links, load_order, parse_mapping
@@ -174,8 +174,7 @@ def _check_utf8(**flags: Any) -> None:
 
 def _check_id(what: str, value: str) -> None:
     if not ID_PATTERN.fullmatch(value):
-        raise UserError(f"{what}: {value!r} is not a usable id; use letters, digits, '_', '.' and '-', "
-                        "starting with a letter or digit")
+        raise UserError(f"{what}: {value!r} is not a usable id; use {ID_RULE}")
 
 
 def _shown(path: Path, root: Path) -> str:

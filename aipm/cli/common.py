@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -54,8 +56,14 @@ def project_root(create: bool = False) -> Path:
             path.mkdir(parents=True)
         except OSError as exc:
             raise UserError(f"project root {root} (--root or AIPM_ROOT_DIR): cannot create it: {exc.strerror}") from None
-    if not path.is_dir():
-        what = "not a directory" if path.exists() else "no such directory (`aipm --root DIR init` makes a project there)"
+    try:
+        is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        what = "not a directory"
+    except OSError as exc:  # (a name too long for a file was a traceback)
+        is_dir = False
+        what = exc.strerror if exc.errno != errno.ENOENT else \
+            "no such directory (`aipm --root DIR init` makes a project there)"
+    if not is_dir:
         raise UserError(f"project root {root} (--root or AIPM_ROOT_DIR): {what}")
     return path
 
