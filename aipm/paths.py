@@ -63,7 +63,12 @@ def normalize(raw: str, root: str | None = None, links: dict[str, bool] | None =
     """
     if not isinstance(raw, str) or not raw.strip():
         raise PathError("empty path")
-    text = raw.strip().replace("\\", "/")
+    text = raw.strip()
+    if "\\" in text:
+        # Read as '/' (Windows' separator), `src\a.py` locked and confined src/a.py; yet on Linux it may be the name
+        # of one file. Either reading is silently wrong for someone: the user says which.
+        raise PathError(f"'{raw}' holds a backslash: separate directories with '/' "
+                        f"('{text.replace(chr(92), '/')}'); a file whose name holds a backslash cannot be a target")
     # (`a:b.txt`, `C:x` are names a POSIX file may have: only a leading / makes a path absolute here)
     if text.startswith("/"):
         raise PathError(f"{raw!r} is absolute; give it relative to the project root")

@@ -41,8 +41,10 @@ _SETUP = {**_COMMAND, "pattern": f"^$|{_WORD}"}  # "" for none
 _BREAKS = r"\n\r\v\f\x1c-\x1e\x85\u2028\u2029"
 _LINE = {"type": ["string", "null"], "pattern": rf"^[^{_BREAKS}]*[{_BREAKS[2:]}]?\n*$"}
 _NAME = {"type": ["string", "null"], "pattern": _WORD}
-# a path: not blank, and no line break (a worker's AIPM_TARGET_FILES is one per line) or NUL (fields.task_from_mapping)
-_PATHS = {"type": ["array", "null"], "items": {"type": "string", "pattern": r"^[^\n\r\x00]*[^\s\x00][^\n\r\x00]*$"}}
+# a path: not blank, and no line break (a worker's AIPM_TARGET_FILES is one per line) or NUL (fields.task_from_mapping),
+# nor a backslash (paths.normalize)
+_PATHS = {"type": ["array", "null"],
+          "items": {"type": "string", "pattern": r"^[^\n\r\x00\\]*[^\s\x00\\][^\n\r\x00\\]*$"}}
 _ID = f"^{ID_PATTERN.pattern}$"
 # a budget or cap: fields.money_field
 _BUDGET = {"type": ["number", "null"], "minimum": agents.MIN_DOLLARS, "exclusiveMaximum": agents.MAX_DOLLARS}
@@ -62,7 +64,7 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
                "Where the task stands; default QUEUED."),
     "priority": ({"type": ["string", "null"], "enum": [p.value for p in Priority] + [None], "default": "P1"},
                  "P0 (most urgent) .. P3; default P1."),
-    "depends_on": ({**_STRINGS, "default": []},
+    "depends_on": ({**_STRINGS, "uniqueItems": True, "default": []},
                    "Ids of tasks in the same order that must be DONE or COMPLETED first."),
     "target_files": ({**_PATHS, "default": []},
                      "Files the task may edit: a file, a directory (everything below it) or a glob. "

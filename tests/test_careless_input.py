@@ -50,3 +50,19 @@ def test_a_mistyped_task_or_order_of_a_write_command_creates_nothing(project, ar
     before = full_snapshot(project.root)
     assert_one_line_error(project.aipm(*args), "NOPE", "-")
     assert full_snapshot(project.root) == before
+
+
+@pytest.mark.parametrize("flags, field, said", [
+    (("--depends-on", "A", "--depends-on", "A"), "depends_on", "'A' is listed twice"),
+    (("--target-file", "src\\a.py"), "target_files", "holds a backslash: separate directories with '/' ('src/a.py')"),
+], ids=["a dependency twice", "a backslash in a target"])
+def test_add_refuses_what_a_task_file_may_not_hold(project, flags, field, said):
+    """`--depends-on A --depends-on A` was written twice into the file (and `status` said `waiting on A (QUEUED),
+    A (QUEUED)`); `--target-file 'src\\a.py'` was locked and confined as src/a.py, though on Linux it may name one
+    file. A task file holding either is refused the same way (fixtures/invalid/depends_twice, target_backslash)."""
+    write_task(project.order(), "A", command="true")
+    before = full_snapshot(project.root)
+    proc = project.aipm("add", "ORD", "B", "--command", "true", *flags)
+    assert_one_line_error(proc, "B.yaml", field)
+    assert said in proc.stderr, proc.stderr
+    assert full_snapshot(project.root) == before

@@ -295,6 +295,8 @@ def test_schema_accepts_every_valid_fixture(order_dir):
     # a target holding a line break (a worker's AIPM_TARGET_FILES is one per line) or a NUL: refused by both
     'target_files: ["a\\nb"]\n', 'target_files: ["a\\rb"]\n', 'target_files: ["a\\0b"]\n',
     'target_files: [a.py, "src/\\n"]\n', "target_files: ['a b.py', ' c ']\n",
+    # a backslash in a target (a separator, or a character of one name?): refused by both
+    "target_files: ['src\\a.py']\n",
 ])
 def test_schema_and_validator_agree(tmp_path, text):
     path = tmp_path / "A.yaml"
