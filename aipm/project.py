@@ -10,7 +10,7 @@ from pathlib import Path
 
 from aipm.errors import UserError, ValidationError
 from aipm.settings import holds_settings
-from aipm.store import NOT_TASKS, SETTINGS_FILE as CONFIG_FILE, order_meta
+from aipm.store import NOT_TASKS, ORDER_FILE, SETTINGS_FILE as CONFIG_FILE, order_meta, task_names
 
 RUNTIME_DIR = ".aipm"
 
@@ -61,8 +61,9 @@ class Project:
         return self.root / RUNTIME_DIR
 
     @name_too_long("order")
-    def order_dir(self, arg: str) -> Path:
-        """An order id (`ORDER_090` → <root>/orders/ORDER_090) or a path to an order directory."""
+    def order_dir(self, arg: str, empty_ok: bool = False) -> Path:
+        """An order id (`ORDER_090` → <root>/orders/ORDER_090) or a path to an order directory (`empty_ok`: also
+        one that holds nothing yet, for `add`)."""
         if not arg.strip():  # it would name the directory of the orders itself
             raise UserError("ORDER: empty; name an order id or the path of an order directory")
         # Only one name is looked up in orders_dir: `.` there was the orders directory itself (an order of no
@@ -78,9 +79,16 @@ class Project:
             as_path = Path(os.getcwd()) / as_path
         if as_path.is_dir():
             found = as_path.resolve()
-            if found == (self.root / self.orders_dir).resolve():  # it holds orders; its task files are none
+            orders = (self.root / self.orders_dir).resolve()
+            if found == orders:  # it holds orders; its task files are none
                 raise UserError(f"order {arg!r}: {found} is the directory of the orders, not an order; give an "
                                 f"order id ({self.orders_here()}) or a path to an order directory")
+            if not empty_ok and found.parent != orders and not (found / ORDER_FILE).is_file() \
+                    and not task_names(found):
+                # `aipm run src`, `aipm status .`: an order of no tasks, which ran nothing and exited 0 (one in
+                # orders_dir is an order, emptied or not: its workers may outlive its deleted task files)
+                raise UserError(f"order {arg!r}: {found} holds no {ORDER_FILE} and no task file, so it is no order; "
+                                f"give an order id ({self.orders_here()}) or a path to an order directory")
             return self.check_unique(found)
         # The id order.yaml gives, which every command reports, names its order too (orders/sprint-12 → ORDER_012).
         ids = self.order_ids()

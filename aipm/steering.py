@@ -148,7 +148,8 @@ def _names(project: Project, arg: str, rec: Record) -> bool:
     if order in ("", rec.order):
         return True
     try:
-        return os.path.realpath(project.order_dir(order)) == os.path.realpath(rec.order_dir)
+        # (empty_ok: the order's task files may all be gone while its worker runs)
+        return os.path.realpath(project.order_dir(order, empty_ok=True)) == os.path.realpath(rec.order_dir)
     except UserError:
         return False
 

@@ -66,3 +66,26 @@ def test_add_refuses_what_a_task_file_may_not_hold(project, flags, field, said):
     assert_one_line_error(proc, "B.yaml", field)
     assert said in proc.stderr, proc.stderr
     assert full_snapshot(project.root) == before
+
+
+@pytest.mark.parametrize("args, named", [
+    (("status", "."), "holds no order.yaml and no task file"), (("run", "src"), "holds no order.yaml and no task file"),
+    (("validate", "src/"), "holds no order.yaml and no task file"), (("logs", "src", "-f"), "'src'"),
+    (("validate", ""), "ORDER: empty"),
+], ids=lambda v: " ".join(v) if isinstance(v, tuple) else "")
+def test_an_order_argument_that_names_no_order_is_refused(project, args, named):
+    """`aipm run src` (a directory with no order.yaml and no task file) was an order of no tasks: exit 0, nothing
+    run; `aipm status .` showed the project root as one. `aipm validate ""` checked every order, where every other
+    command refuses an empty ORDER."""
+    write_task(project.order(), "A", command="true")
+    (project.root / "src").mkdir()
+    (project.root / "src" / "notes.txt").write_text("not a task\n")
+    before = full_snapshot(project.root)
+    assert_one_line_error(project.aipm(*args, timeout=60), named, "-")
+    assert full_snapshot(project.root) == before
+
+
+def test_add_makes_a_directory_given_by_its_path_an_order(project):
+    (project.root / "plans" / "q3").mkdir(parents=True)
+    project.aipm("add", "plans/q3", "A", "--command", "true", check=True)
+    assert project.aipm("validate", "plans/q3", check=True).stdout == "ok  q3 (1 task)\n"

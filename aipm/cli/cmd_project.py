@@ -111,7 +111,7 @@ def validate(
     readers.allow()
     project = get_project()
     settings = load_settings(project.root)
-    dirs = [project.order_dir(order)] if order else project.order_dirs()
+    dirs = [project.order_dir(order)] if order is not None else project.order_dirs()  # ("": refused)
     ids = project.order_ids()
     results, errors, clashed = [], [], set()
     for directory in dirs:

@@ -128,7 +128,7 @@ def add(
     else:
         raise UserError(f"--priority: {priority!r} is not one of {', '.join(p.value for p in Priority)}")
     project = get_project()
-    order_dir = project.order_dir(order)
+    order_dir = project.order_dir(order, empty_ok=True)  # (its first task may make a directory an order)
     path = order_dir / f"{task}.yaml"
     if path.exists():
         raise UserError(f"{path}: already exists; edit it, or pick another task id")
