@@ -192,9 +192,13 @@ def find_task(project: Project, arg: str) -> tuple[Path, str]:
         return project.check_unique(path.resolve().parent), path.stem
     if "/" in arg:
         order, _, task = arg.rpartition("/")
+        if not task or not order.strip("/"):  # `ORD/`, `/etc`: said "no file .yaml", "ORDER: empty"
+            raise UserError(f"task {arg!r}: give ORDER/TASK (an order, then a task id) or a path to the task file")
         order_dir = project.order_dir(order)
         if (order_dir / f"{task}.yaml").is_file():
             return order_dir, task
+        if task.endswith(".yaml") and (order_dir / task).is_file():  # `ORD/A.yaml`: the file's name for the id
+            return order_dir, task[:-len(".yaml")]
         raise UserError(f"task {arg!r}: no file {task}.yaml in {order_dir}")
     hits = [d for d in project.order_dirs() if (d / f"{arg}.yaml").is_file()]
     if len(hits) == 1:

@@ -89,3 +89,20 @@ def test_add_makes_a_directory_given_by_its_path_an_order(project):
     (project.root / "plans" / "q3").mkdir(parents=True)
     project.aipm("add", "plans/q3", "A", "--command", "true", check=True)
     assert project.aipm("validate", "plans/q3", check=True).stdout == "ok  q3 (1 task)\n"
+
+
+@pytest.mark.parametrize("arg, said", [("ORD/", "give ORDER/TASK"), ("/A", "give ORDER/TASK"),
+                                       ("ORD/NOPE.yaml", "no file NOPE.yaml.yaml")])
+def test_a_task_argument_without_a_task_says_what_to_give(project, arg, said):
+    """`why ORD/` said "no file .yaml in ...", `why /A` "ORDER: empty"."""
+    write_task(project.order(), "A", command="true")
+    for command in ("why", "exec", "retry"):
+        proc = project.aipm(command, arg)
+        assert_one_line_error(proc, repr(arg), "-")
+        assert said in proc.stderr, proc.stderr
+
+
+def test_a_task_named_by_its_file_name_in_its_order_is_that_task(project):
+    """`aipm why ORD/A.yaml` said "no file A.yaml.yaml"; the file's path from the working directory worked."""
+    write_task(project.order(), "A", command="true")
+    assert project.json("why", "ORD/A.yaml")["task"] == "A"
