@@ -302,6 +302,9 @@ def order_meta(order_dir: Path) -> tuple[str, str, Path | None, float | None]:
         title = one_line(meta, data, "title", longer="description")
         str_field(meta, data, "description")
         budget = money_field(meta, data, "max_cost_usd", positive=True)
+    elif os.path.lexists(meta):  # a directory or a link to nothing: its id, title and budget went unread, unsaid
+        raise ValidationError(str(meta), None, "not a file; make it the order's file (id, title, max_cost_usd), or "
+                              "remove it")
     if not ID_PATTERN.fullmatch(order_id):
         # The id names runtime files under .aipm/: `.`, `..` or `a/b` would leave the order's own directory there.
         raise ValidationError(str(id_from or order_dir), "id" if id_from else None,

@@ -106,3 +106,20 @@ def test_a_task_named_by_its_file_name_in_its_order_is_that_task(project):
     """`aipm why ORD/A.yaml` said "no file A.yaml.yaml"; the file's path from the working directory worked."""
     write_task(project.order(), "A", command="true")
     assert project.json("why", "ORD/A.yaml")["task"] == "A"
+
+
+@pytest.mark.parametrize("kind", ["directory", "link to nothing"])
+def test_an_order_yaml_that_is_no_file_is_refused(project, kind):
+    """It was passed over in silence: the order ran under its directory's name, without the id or budget the
+    user meant it to give."""
+    write_task(project.order(), "A", command="true")
+    meta = project.order() / "order.yaml"
+    if kind == "directory":
+        meta.mkdir()
+        (meta / "id").write_text("ORDER_001\n")
+    else:
+        meta.symlink_to(project.root / "gone.yaml")
+    before = full_snapshot(project.root)
+    for proc in project.aipm_all([("validate",), ("status", "ORD"), ("run", "ORD"), ("exec", "ORD/A")]):
+        assert_one_line_error(proc, "order.yaml", "not a file")
+    assert full_snapshot(project.root) == before
