@@ -77,7 +77,7 @@ def _positive_int(path: Path, data: Mapping[str, Any], key: str, maximum: int | 
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError(str(path), key, f"must be a positive integer, not {value!r}")
+        raise ValidationError(str(path), key, f"must be a positive integer, not {_as_number(value)}")
     return _at_most(path, key, value, maximum)
 
 
@@ -86,7 +86,7 @@ def _count(path: Path, data: Mapping[str, Any], key: str, maximum: int | None = 
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationError(str(path), key, f"must be a whole number ≥ 0, not {value!r}")
+        raise ValidationError(str(path), key, f"must be a whole number ≥ 0, not {_as_number(value)}")
     return _at_most(path, key, value, maximum)
 
 
@@ -183,7 +183,7 @@ def money_field(path: Path, data: Mapping[str, Any], key: str, positive: bool) -
             (agents.MIN_DOLLARS if positive else 0) <= value < agents.MAX_DOLLARS):
         what = (f"a number of US dollars from {agents.MIN_DOLLARS:.6f}" if positive
                 else "a number of US dollars from 0") + f" below {agents.MAX_DOLLARS:,.0f}"
-        raise ValidationError(str(path), key, f"must be {what}, not {value!r}" + _text_number(value))
+        raise ValidationError(str(path), key, f"must be {what}, not {_as_number(value)}" + _text_number(value))
     return float(value)
 
 
@@ -227,7 +227,20 @@ def _agent(path: Path, data: Mapping[str, Any], key: str) -> str | None:
 
 def _kind(value: Any) -> str:
     return {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
-            bool: "a boolean"}.get(type(value), type(value).__name__)
+            bool: "a boolean", dt.date: "a date", dt.datetime: "a date"}.get(type(value), type(value).__name__)
+
+
+_QUOTED_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)\s*")
+
+
+def _as_number(value: Any) -> str:
+    """A value given where a number is wanted, as an error shows it: `timeout: "10"` was said to be no positive
+    integer with no word of the quotes, and `timeout: 2001-01-01` as `datetime.date(2001, 1, 1)`."""
+    if isinstance(value, str) and _QUOTED_NUMBER.fullmatch(value):
+        return f"{value!r}: YAML read it as text; write the number without quotes"
+    if isinstance(value, dt.date):
+        return f"{value}, which YAML read as a date"
+    return repr(value)
 
 
 def quote_hint(value: Any) -> str:
@@ -235,6 +248,8 @@ def quote_hint(value: Any) -> str:
     unquoted number, true/false, yes/no, on/off is no string to YAML); "" for any other value."""
     if isinstance(value, (bool, int, float)):
         return f"; YAML read {json.dumps(value)} as {_kind(value)}, not text: put it in quotes"
+    if isinstance(value, dt.date):  # `title: 2026-01-01` was said to be "not date"
+        return f"; YAML read {value} as a date, not text: put it in quotes"
     return ""
 
 

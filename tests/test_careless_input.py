@@ -123,3 +123,22 @@ def test_an_order_yaml_that_is_no_file_is_refused(project, kind):
     for proc in project.aipm_all([("validate",), ("status", "ORD"), ("run", "ORD"), ("exec", "ORD/A")]):
         assert_one_line_error(proc, "order.yaml", "not a file")
     assert full_snapshot(project.root) == before
+
+
+@pytest.mark.parametrize("text, field, said", [
+    ('timeout: "10"\n', "timeout", "not '10': YAML read it as text; write the number without quotes"),
+    ("max_rework: ' 3'\n", "max_rework", "not ' 3': YAML read it as text; write the number without quotes"),
+    ("max_cost_usd: '0.5'\n", "max_cost_usd", "not '0.5': YAML read it as text; write the number without quotes"),
+    ("timeout: 2026-01-01\n", "timeout", "not 2026-01-01, which YAML read as a date"),
+    ("title: 2026-01-01\n", "title", "YAML read 2026-01-01 as a date, not text: put it in quotes"),
+    ("max_rework: 'a'\n", "max_rework", "not 'a'"),
+], ids=["quoted timeout", "quoted count", "quoted dollars", "date for a number", "date for text", "a word"])
+def test_a_number_in_quotes_or_a_date_is_told_what_yaml_read(project, text, field, said):
+    """`timeout: "10"` was said to be no positive integer with no word of the quotes; `timeout: 2026-01-01` was
+    shown as datetime.date(2026, 1, 1) and `title: 2026-01-01` as "not date"."""
+    (project.order() / "A.yaml").write_text("command: 'true'\n" + text)
+    before = full_snapshot(project.root)
+    proc = project.aipm("validate", "ORD")
+    assert_one_line_error(proc, "A.yaml", field)
+    assert proc.stderr.rstrip().endswith(said), proc.stderr
+    assert full_snapshot(project.root) == before
