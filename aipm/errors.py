@@ -3,6 +3,8 @@ on disk."""
 
 from __future__ import annotations
 
+import reprlib
+
 
 # How alike a misspelling and the name it stands for must be (difflib's ratio) for a "did you mean" hint.
 # difflib's default, 0.6, took three shared letters of short words for a match: `tags` → 'status'. At 0.75 a
@@ -29,6 +31,19 @@ def did_you_mean(word: str, known, synonyms: dict[str, str] | None = None) -> st
     if not near and synonyms and synonyms.get(word.lower()) in known:
         near = [synonyms[word.lower()]]
     return f"; did you mean {near[0]!r}?" if len(near) == 1 else ""
+
+
+# A value from a file, as an error shows it: bounded in depth, length and items. The loader shares an alias's
+# value, never expands it, so a 300-byte task file (`timeout: *h`, h a list of ten of g, ... of ten strings) is
+# 10^8 strings to repr(): a 500 MB error line after 20 s, and with one more level, no line at all.
+_SHOWN = reprlib.Repr()
+_SHOWN.maxlevel = 2
+_SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 5
+_SHOWN.maxstring = _SHOWN.maxother = 200
+
+
+def shown(value) -> str:
+    return _SHOWN.repr(value)
 
 
 class UserError(Exception):

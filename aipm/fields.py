@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aipm import agents
-from aipm.errors import ValidationError, did_you_mean
+from aipm.errors import ValidationError, did_you_mean, shown
 from aipm.model import ID_PATTERN, ID_RULE, Priority, Resources, Status, Task
 from aipm.paths import Normaliser, PathError
 
@@ -159,7 +159,7 @@ def _model(path: Path, data: Mapping[str, Any], key: str) -> str | None:
 def _flag(path: Path, data: Mapping[str, Any], key: str) -> bool | None:
     value = data.get(key)
     if value is not None and not isinstance(value, bool):
-        raise ValidationError(str(path), key, f"must be true or false, not {value!r}")
+        raise ValidationError(str(path), key, f"must be true or false, not {shown(value)}")
     return value
 
 
@@ -209,7 +209,7 @@ def _tokens(path: Path, data: Mapping[str, Any], key: str) -> dict[str, int] | N
         for k, n in value.items()
     ):
         raise ValidationError(str(path), key, "must be a mapping of " + ", ".join(agents.TOKEN_KINDS)
-                              + f" to whole numbers ≥ 0, not {value!r}")
+                              + f" to whole numbers ≥ 0, not {shown(value)}")
     return value
 
 
@@ -218,9 +218,9 @@ def _agent(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     if value is None:
         return None
     if value not in agents.NAMES:
-        raise ValidationError(str(path), key, f"{value!r} is not one of {', '.join(agents.NAMES)}")
+        raise ValidationError(str(path), key, f"{shown(value)} is not one of {', '.join(agents.NAMES)}")
     if data.get("command") is not None and value != agents.COMMAND:
-        raise ValidationError(str(path), key, f"{value!r} is set together with `command`; a task runs "
+        raise ValidationError(str(path), key, f"{shown(value)} is set together with `command`; a task runs "
                               "either its command or an agent preset: drop one")
     return value
 
@@ -237,10 +237,10 @@ def _as_number(value: Any) -> str:
     """A value given where a number is wanted, as an error shows it: `timeout: "10"` was said to be no positive
     integer with no word of the quotes, and `timeout: 2001-01-01` as `datetime.date(2001, 1, 1)`."""
     if isinstance(value, str) and _QUOTED_NUMBER.fullmatch(value):
-        return f"{value!r}: YAML read it as text; write the number without quotes"
+        return f"{shown(value)}: YAML read it as text; write the number without quotes"
     if isinstance(value, dt.date):
         return f"{value}, which YAML read as a date"
-    return repr(value)
+    return shown(value)
 
 
 def quote_hint(value: Any) -> str:
@@ -268,7 +268,7 @@ def _enum(path: Path, data: Mapping[str, Any], key: str, enum: type, default: An
         # `priority: p1`, `status: done`: the one value it is, in another case
         same = [c for c in choices if isinstance(value, str) and c.lower() == value.strip().lower()]
         hint = f"; write {same[0]}" if same else ""
-        raise ValidationError(str(path), key, f"{value!r} is not one of {', '.join(choices)}{hint}") from None
+        raise ValidationError(str(path), key, f"{shown(value)} is not one of {', '.join(choices)}{hint}") from None
 
 
 def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | None,
@@ -340,7 +340,7 @@ def _resources(path: Path, data: Mapping[str, Any], key: str) -> Resources | Non
         number_ok = isinstance(item, (int, float)) and not isinstance(item, bool) and item == item
         if not number_ok or item < 0 or item > 1e9 or (kind is int and not isinstance(item, int)):
             what = "a whole number ≥ 0" if kind is int else "a number ≥ 0"
-            raise ValidationError(str(path), f"{key}.{name}", f"must be {what}, not {item!r}")
+            raise ValidationError(str(path), f"{key}.{name}", f"must be {what}, not {shown(item)}")
         if kind is float and 0 < item < RAY_SHARE:
             raise ValidationError(str(path), f"{key}.{name}", f"must be 0 or at least {RAY_SHARE} (the smallest "
                                                                f"share Ray gives), not {item!r}")
@@ -357,7 +357,7 @@ WORKSPACES = ("shared", "worktree")
 def copy_globs(value: Any) -> tuple[str, ...]:
     """Relative globs (of files to copy into a worktree): a list of strings, nothing absolute, no `..`."""
     if not isinstance(value, list) or not all(isinstance(g, str) and g.strip() for g in value):
-        raise ValueError(f"{value!r} is not a list of globs (strings)")
+        raise ValueError(f"{shown(value)} is not a list of globs (strings)")
     for glob in value:
         if os.path.isabs(glob) or ".." in glob.split("/"):
             raise ValueError(f"{glob!r} must be relative to the project root, without '..'")
@@ -367,7 +367,7 @@ def copy_globs(value: Any) -> tuple[str, ...]:
 def _workspace(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     value = data.get(key)
     if value is not None and value not in WORKSPACES:
-        raise ValidationError(str(path), key, f"{value!r} is not one of {', '.join(WORKSPACES)}")
+        raise ValidationError(str(path), key, f"{shown(value)} is not one of {', '.join(WORKSPACES)}")
     return value
 
 

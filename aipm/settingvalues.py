@@ -11,6 +11,7 @@ import string
 from typing import Any, Callable
 
 from aipm import agents
+from aipm.errors import shown
 from aipm.fields import MAX_COUNT, MAX_TIMEOUT, NUL_WORD, WORKSPACES, first_not_text, quote_hint
 
 
@@ -36,9 +37,9 @@ def _integer(minimum: int, what: str, maximum: int | None = MAX_COUNT) -> Callab
     def convert(value: Any) -> int:
         found = number(value, int)
         if found is None or found < minimum:
-            raise ValueError(f"{value!r} is not a {what} integer")
+            raise ValueError(f"{shown(value)} is not a {what} integer")
         if maximum is not None and found > maximum:
-            raise ValueError(f"{value!r} is more than the maximum {maximum}")
+            raise ValueError(f"{shown(value)} is more than the maximum {maximum}")
         return found
 
     return convert
@@ -51,7 +52,7 @@ _seconds = _integer(1, "positive", maximum=None)  # the timeout has its own maxi
 def percent(value: Any) -> float:
     found = number(value, float)
     if found is None or not 0 < found <= 100:  # NaN fails this test too
-        raise ValueError(f"{value!r} is not a percentage above 0 and at most 100")
+        raise ValueError(f"{shown(value)} is not a percentage above 0 and at most 100")
     return found
 
 
@@ -64,7 +65,7 @@ def boolean(value: Any) -> bool:
     text = str(value).strip().lower() if isinstance(value, (str, int)) else None
     if text in _TRUE or text in _FALSE:
         return text in _TRUE
-    raise ValueError(f"{value!r} is not a boolean (true/false, yes/no, on/off, 1/0)")
+    raise ValueError(f"{shown(value)} is not a boolean (true/false, yes/no, on/off, 1/0)")
 
 
 def timeout(value: Any) -> int | None:
@@ -73,7 +74,7 @@ def timeout(value: Any) -> int | None:
     try:
         seconds = _seconds(value)
     except ValueError:
-        raise ValueError(f"{value!r} is not a positive whole number of seconds, or none") from None
+        raise ValueError(f"{shown(value)} is not a positive whole number of seconds, or none") from None
     if seconds > MAX_TIMEOUT:
         raise ValueError(f"{seconds} is more than the maximum {MAX_TIMEOUT} seconds (a week); or say none")
     return seconds
@@ -81,7 +82,7 @@ def timeout(value: Any) -> int | None:
 
 def text(value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{value!r} is not a non-empty string{quote_hint(value)}")
+        raise ValueError(f"{shown(value)} is not a non-empty string{quote_hint(value)}")
     _no_nul(value)
     return value
 
@@ -89,7 +90,7 @@ def text(value: Any) -> str:
 def _no_nul(value: str) -> None:
     """Strings that reach a command line, the environment or a path: each ends at a NUL there (see NUL_WORD)."""
     if "\0" in value:
-        raise ValueError(f"{value!r} {NUL_WORD}")
+        raise ValueError(f"{shown(value)} {NUL_WORD}")
 
 
 def orders_dir(value: Any) -> str:
@@ -111,9 +112,9 @@ def argv(value: Any) -> tuple[str, ...]:
         try:
             value = shlex.split(value)
         except ValueError as exc:
-            raise ValueError(f"{value!r} cannot be split into arguments: {exc}") from None
+            raise ValueError(f"{shown(value)} cannot be split into arguments: {exc}") from None
     if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
-        raise ValueError(f"{value!r} is not a command (a non-empty list of strings, or a string)"
+        raise ValueError(f"{shown(value)} is not a command (a non-empty list of strings, or a string)"
                          f"{quote_hint(first_not_text(value))}")
     for word in value:
         _no_nul(word)
@@ -156,14 +157,14 @@ def template(value: Any) -> tuple[str, ...]:
 
 def runner(value: Any) -> str:
     if value not in ("local", "ray"):
-        raise ValueError(f"{value!r} is not a runner; use local or ray")
+        raise ValueError(f"{shown(value)} is not a runner; use local or ray")
     return value
 
 
 def workspace(value: Any) -> str:
     if value in WORKSPACES:
         return value
-    raise ValueError(f"{value!r} is not one of {', '.join(WORKSPACES)}")
+    raise ValueError(f"{shown(value)} is not one of {', '.join(WORKSPACES)}")
 
 
 def review(value: Any) -> str | tuple[str, ...] | None:
@@ -175,12 +176,12 @@ def review(value: Any) -> str | tuple[str, ...] | None:
         return value
     if isinstance(value, list):
         return argv(value)
-    raise ValueError(f"{value!r} is not a command (a string, a list of strings, or null){quote_hint(value)}")
+    raise ValueError(f"{shown(value)} is not a command (a string, a list of strings, or null){quote_hint(value)}")
 
 
 def agent(value: Any) -> str:
     if value not in agents.NAMES:
-        raise ValueError(f"{value!r} is not one of {', '.join(agents.NAMES)}")
+        raise ValueError(f"{shown(value)} is not one of {', '.join(agents.NAMES)}")
     return value
 
 
@@ -189,6 +190,6 @@ def budget(value: Any) -> float | None:
         return None
     found = number(value, float)
     if found is None or not agents.MIN_DOLLARS <= found < agents.MAX_DOLLARS:  # (fields.money_field says why)
-        raise ValueError(f"{value!r} is not a number of US dollars from {agents.MIN_DOLLARS:.6f} below "
+        raise ValueError(f"{shown(value)} is not a number of US dollars from {agents.MIN_DOLLARS:.6f} below "
                          f"{agents.MAX_DOLLARS:,.0f}, or none")
     return found

@@ -142,3 +142,34 @@ def test_a_number_in_quotes_or_a_date_is_told_what_yaml_read(project, text, fiel
     assert_one_line_error(proc, "A.yaml", field)
     assert proc.stderr.rstrip().endswith(said), proc.stderr
     assert full_snapshot(project.root) == before
+
+
+def _alias_bomb(key: str, levels: int = 6) -> tuple[str, str]:
+    """A line of YAML where `key` holds lists of ten aliases of the list before, `levels` deep (10^levels strings
+    when expanded; the loader shares them), and the alias of the top list, for a value to be refused."""
+    names = [f"l{i}" for i in range(levels)]
+    nested = [f"&{names[0]} [{', '.join(['x'] * 10)}]"]
+    nested += [f"&{name} [{', '.join([f'*{names[i]}'] * 10)}]" for i, name in enumerate(names[1:])]
+    return f"{key}: [{', '.join(nested)}]\n", f"*{names[-1]}"
+
+
+@pytest.mark.parametrize("file, holder, line, named", [
+    ("orders/ORD/A.yaml", "workspace_copy", "timeout: {}", "timeout"),
+    ("orders/ORD/A.yaml", "workspace_copy", "priority: {}", "priority"),
+    ("orders/ORD/A.yaml", "workspace_copy", "agent: {}", "agent"),
+    ("orders/ORD/A.yaml", "workspace_copy", "resources: {{cpus: {}}}", "resources.cpus"),
+    ("aipm.yaml", "scope_ignore", "max_workers: {}", "max_workers"),
+    ("aipm.yaml", "scope_ignore", "notify: {}", "scope_ignore"),  # (the lists of lists are the first bad value)
+])
+def test_a_value_of_aliases_is_shown_bounded_in_its_error(project, file, holder, line, named):
+    """A few hundred bytes of aliases (`timeout: *l7` over lists of lists) made an error line of 500 MB after 20 s,
+    repr() expanding what the loader shares; one more level and the line never came. At six levels: 5 MB."""
+    write_task(project.order(), "A", command="true")
+    bomb, alias = _alias_bomb(holder)
+    path = project.root / file
+    path.write_text(path.read_text() + bomb + line.format(alias) + "\n")
+    before = full_snapshot(project.root)
+    proc = project.aipm("validate", "ORD")
+    assert_one_line_error(proc, file.rpartition("/")[2], named)
+    assert len(proc.stderr) < 1000, len(proc.stderr)
+    assert full_snapshot(project.root) == before
