@@ -17,9 +17,9 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from aipm import settingvalues as values
-from aipm.errors import SettingsError, did_you_mean
+from aipm.errors import SettingsError, ValidationError, did_you_mean
 from aipm.fields import copy_globs
-from aipm.store import DuplicateKey, load_yaml
+from aipm.store import DuplicateKey, load_yaml, read_text
 from aipm.workerfiles import read_bytes
 
 
@@ -155,11 +155,12 @@ def _file_layer(path: Path, data: Any, source: str) -> Layer:
 
 def _read_yaml(path: Path) -> Any:
     try:
-        return load_yaml(read_bytes(path).decode("utf-8"))  # (a regular file: a FIFO there hung every command)
-    except OSError as exc:
-        raise SettingsError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except UnicodeDecodeError as exc:
-        raise SettingsError(f"{path}: not UTF-8 (byte {exc.start}); save it as UTF-8") from None
+        # A regular file (a FIFO there hung every command), through a symlink: `aipm.yaml -> ci/aipm.yaml` was
+        # "cannot read: Too many levels of symbolic links" to every command, and `init` wrote through a link to
+        # nothing, wherever it led.
+        return load_yaml(read_text(path))
+    except ValidationError as exc:  # cannot read, not a regular file, not UTF-8, over 1 MiB
+        raise SettingsError(str(exc)) from None
     except DuplicateKey as exc:
         # Both lines look like the setting; the last would win silently.
         raise SettingsError(f"{path}:{exc.mark.line + 1}: {exc.key}: appears twice; keep one") from None

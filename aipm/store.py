@@ -184,7 +184,7 @@ def _open(path: Path, follow: bool) -> int:
 
 def _regular(path: Path, info: os.stat_result) -> None:
     if not stat.S_ISREG(info.st_mode):
-        raise ValidationError(str(path), None, "not a regular file; a task file is a file of YAML")
+        raise ValidationError(str(path), None, "not a regular file; it must be a file of YAML")
 
 
 def _decoded(path: Path, data: bytes) -> str:

@@ -173,3 +173,24 @@ def test_a_value_of_aliases_is_shown_bounded_in_its_error(project, file, holder,
     assert_one_line_error(proc, file.rpartition("/")[2], named)
     assert len(proc.stderr) < 1000, len(proc.stderr)
     assert full_snapshot(project.root) == before
+
+
+def test_an_aipm_yaml_linked_to_a_shared_file_is_read(project):
+    """`aipm.yaml -> ci/aipm.yaml` made every command fail: 'cannot read: Too many levels of symbolic links'."""
+    (project.root / "ci").mkdir()
+    (project.root / "ci" / "aipm.yaml").write_text("max_workers: 3\n")
+    (project.root / "aipm.yaml").unlink()
+    (project.root / "aipm.yaml").symlink_to("ci/aipm.yaml")
+    assert project.json("config")["settings"]["max_workers"] == {"value": 3, "source": "aipm.yaml"}
+
+
+def test_init_does_not_write_through_an_aipm_yaml_linked_to_nothing(project, tmp_path_factory):
+    """`aipm init` wrote its template through the link, to wherever it led (outside the project), and said
+    'created aipm.yaml'."""
+    gone = tmp_path_factory.mktemp("elsewhere") / "settings.yaml"
+    (project.root / "aipm.yaml").unlink()
+    (project.root / "aipm.yaml").symlink_to(gone)
+    before = full_snapshot(project.root)
+    assert_one_line_error(project.aipm("init"), "aipm.yaml: a link to nothing", "-")
+    assert not gone.exists()
+    assert full_snapshot(project.root) == before

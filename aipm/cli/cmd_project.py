@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 from aipm.cli.decl import Argument, Exit, Option, command
@@ -66,6 +67,8 @@ def init() -> None:
     root = project_root(create=True)
     made, note, orders_dir = [], "", "orders"
     config = root / CONFIG_FILE
+    if os.path.islink(config) and not config.exists():  # written through, the template landed where it led
+        raise UserError(f"{config}: a link to nothing ({os.readlink(config)}); remove it, or give it its file")
     if config.exists():
         # A broken aipm.yaml is named (exit 2) rather than called a project; a good one may move the orders.
         orders_dir = load_settings(root).orders_dir
