@@ -147,6 +147,14 @@ def _str_list(path: Path, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _depends_on(path: Path, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
+    deps = _str_list(path, data, key)
+    if len(deps) > 1 and len(set(deps)) < len(deps):  # a copy-paste slip, often for another id (`[A, A]`)
+        twice = next(dep for i, dep in enumerate(deps) if dep in deps[:i])
+        raise ValidationError(str(path), key, f"{shown(twice)} is listed twice; list each dependency once")
+    return deps
+
+
 def _model(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     value = str_field(path, data, key)
     if value is not None and not value.strip():
@@ -388,7 +396,7 @@ def _optional_count(path: Path | str, data: Mapping[str, Any], key: str, maximum
 # key in this order is the one reported): its validator, called as validator(path, data, key, *extra), and the
 # extra arguments. The key is also the Task field it sets.
 _DEFINED: tuple[tuple[str, Any, tuple], ...] = (
-    ("title", one_line, ()), ("priority", _enum, (Priority, Priority.P1)), ("depends_on", _str_list, ()),
+    ("title", one_line, ()), ("priority", _enum, (Priority, Priority.P1)), ("depends_on", _depends_on, ()),
     ("command", _command, ()), ("prompt", str_field, ()), ("model", _model, ()), ("review", _command, ()),
     ("timeout", _positive_int, (MAX_TIMEOUT,)), ("max_attempts", _positive_int, (MAX_COUNT,)),
     ("resources", _resources, ()), ("max_rework", _optional_count, (MAX_COUNT,)), ("agent", _agent, ()),

@@ -353,11 +353,7 @@ def check_links(order: Order) -> None:
     """Dependencies must name other tasks of the order and form no cycle."""
     tasks = order.tasks
     for task in tasks.values():
-        deps = task.depends_on
-        if len(deps) > 1 and len(set(deps)) < len(deps):  # a copy-paste slip, often for another id (`[A, A]`)
-            twice = next(dep for i, dep in enumerate(deps) if dep in deps[:i])
-            raise ValidationError(task.path, "depends_on", f"{twice!r} is listed twice; list each dependency once")
-        for dep in deps:
+        for dep in task.depends_on:
             if dep == task.id:
                 raise ValidationError(task.path, "depends_on", "a task cannot depend on itself")
             if dep not in tasks:

@@ -214,6 +214,8 @@ def check(instance, schema: dict) -> list[str]:
     if isinstance(instance, list):
         if len(instance) < schema.get("minItems", 0):
             errors.append("too few items")
+        if schema.get("uniqueItems") and len({json.dumps(item) for item in instance}) < len(instance):
+            errors.append("items not unique")
         first = schema.get("prefixItems", [])
         errors += [e for item, rule in zip(instance, first) for e in check(item, rule)]
         errors += [e for item in instance[len(first):] for e in check(item, schema.get("items", {}))]
@@ -295,8 +297,8 @@ def test_schema_accepts_every_valid_fixture(order_dir):
     # a target holding a line break (a worker's AIPM_TARGET_FILES is one per line) or a NUL: refused by both
     'target_files: ["a\\nb"]\n', 'target_files: ["a\\rb"]\n', 'target_files: ["a\\0b"]\n',
     'target_files: [a.py, "src/\\n"]\n', "target_files: ['a b.py', ' c ']\n",
-    # a backslash in a target (a separator, or a character of one name?): refused by both
-    "target_files: ['src\\a.py']\n",
+    # a backslash in a target (a separator, or a character of one name?), a dependency listed twice: refused by both
+    "target_files: ['src\\a.py']\n", "depends_on: [B, B]\n", "depends_on: [B, C]\n",
 ])
 def test_schema_and_validator_agree(tmp_path, text):
     path = tmp_path / "A.yaml"
