@@ -185,10 +185,12 @@ def _other_with_id(ids: dict[Path, tuple[str, Path]], order_id: str, order_dir: 
 def find_task(project: Project, arg: str) -> tuple[Path, str]:
     """A task given as an id, `ORDER/TASK`, or a path to its file → (order directory, task id)."""
     path = Path(arg)
+    name = arg.rpartition("/")[2]
+    name = name if name.endswith(".yaml") else f"{name}.yaml"
+    if name in NOT_TASKS:  # (`why ORD/order` was a KeyError traceback, `why order` "in several orders")
+        raise UserError(f"task {arg!r}: {name} is no task file (it is read as the "
+                        f"{'order' if name == ORDER_FILE else 'settings'} file)")
     if arg.endswith(".yaml") and path.is_file():
-        if path.name in NOT_TASKS:
-            raise UserError(f"task {arg!r}: {path.name} is no task file (it is read as the "
-                            f"{'order' if path.name == 'order.yaml' else 'settings'} file)")
         return project.check_unique(path.resolve().parent), path.stem
     if "/" in arg:
         order, _, task = arg.rpartition("/")
@@ -201,6 +203,9 @@ def find_task(project: Project, arg: str) -> tuple[Path, str]:
             return order_dir, task[:-len(".yaml")]
         raise UserError(f"task {arg!r}: no file {task}.yaml in {order_dir}")
     hits = [d for d in project.order_dirs() if (d / f"{arg}.yaml").is_file()]
+    if not hits and arg.endswith(".yaml"):  # `aipm why A.yaml`: the file's name for the id, as `ORD/A.yaml` above
+        arg = arg[:-len(".yaml")]
+        hits = [d for d in project.order_dirs() if (d / f"{arg}.yaml").is_file()]
     if len(hits) == 1:
         return project.check_unique(hits[0]), arg
     if not hits:

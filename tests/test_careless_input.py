@@ -92,20 +92,30 @@ def test_add_makes_a_directory_given_by_its_path_an_order(project):
 
 
 @pytest.mark.parametrize("arg, said", [("ORD/", "give ORDER/TASK"), ("/A", "give ORDER/TASK"),
-                                       ("ORD/NOPE.yaml", "no file NOPE.yaml.yaml")])
+                                       ("ORD/NOPE.yaml", "no file NOPE.yaml.yaml"),
+                                       ("ORD/order", "order.yaml is no task file"),
+                                       ("ORD/order.yaml", "order.yaml is no task file"),
+                                       ("order", "order.yaml is no task file"),
+                                       ("ORD/aipm", "aipm.yaml is no task file")])
 def test_a_task_argument_without_a_task_says_what_to_give(project, arg, said):
-    """`why ORD/` said "no file .yaml in ...", `why /A` "ORDER: empty"."""
+    """`why ORD/` said "no file .yaml in ...", `why /A` "ORDER: empty", `why ORD/order` ended in a KeyError
+    traceback, `why order` said it was in several orders (every order's order.yaml)."""
     write_task(project.order(), "A", command="true")
+    (project.order() / "order.yaml").write_text("title: t\n")
+    write_task(project.order("OTHER"), "B", command="true")
+    (project.order("OTHER") / "order.yaml").write_text("title: u\n")
     for command in ("why", "exec", "retry"):
         proc = project.aipm(command, arg)
         assert_one_line_error(proc, repr(arg), "-")
         assert said in proc.stderr, proc.stderr
 
 
-def test_a_task_named_by_its_file_name_in_its_order_is_that_task(project):
-    """`aipm why ORD/A.yaml` said "no file A.yaml.yaml"; the file's path from the working directory worked."""
+def test_a_task_named_by_its_file_name_is_that_task(project):
+    """`aipm why ORD/A.yaml` said "no file A.yaml.yaml", `aipm why A.yaml` "not found in any order"; the file's
+    path from the working directory worked."""
     write_task(project.order(), "A", command="true")
     assert project.json("why", "ORD/A.yaml")["task"] == "A"
+    assert project.json("why", "A.yaml")["task"] == "A"
 
 
 @pytest.mark.parametrize("kind", ["directory", "link to nothing"])
