@@ -34,6 +34,15 @@ def require_peers(*tools: str) -> None:
         sys.exit(0)
 
 
+def require_module(name: str, install: str) -> None:
+    """Exit 0 with a message when a Python module a script needs is missing (a skip, not a failure)."""
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        print(f"SKIP: {name} is needed: {install}")
+        sys.exit(0)
+
+
 def require_aipm() -> None:
     try:
         subprocess.run(aipm_cmd() + ["--help"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)

@@ -86,11 +86,7 @@ def measure(cmd: list[str], cwd, log) -> dict:
 def main() -> int:
     C.require_peers("parallel")
     C.require_aipm()
-    try:
-        import psutil  # noqa: F401
-    except ImportError:
-        print("SKIP: psutil is needed to sample CPU time: pip install psutil")
-        return 0
+    C.require_module("psutil", "it samples CPU time: pip install psutil")
     work = C.temp_dir("b6")
     print(f"B6 · {WORKERS} x `sleep {SLEEP}` · {C.machine()}")
     try:

@@ -80,11 +80,7 @@ def with_dashboard(root, log) -> tuple[float, float, int]:
 
 def main() -> int:
     C.require_aipm()
-    try:
-        import starlette  # noqa: F401
-    except ImportError:
-        print("SKIP: aipm ui needs the ui extra: pip install '.[ui]'")
-        return 0
+    C.require_module("starlette", "aipm ui needs the ui extra: pip install '.[ui]'")
     work = C.temp_dir("ui")
     print(f"UI · {N} tasks `sleep 0.05`, 2 workers, one open /events client · {C.machine()}")
     try:
