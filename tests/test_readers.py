@@ -41,7 +41,7 @@ def make_order(root, n=N):
     order = root / "orders" / "ORD"
     order.mkdir(parents=True)
     for i in range(n):
-        deps = f"[T{i - 1:02d}, T{i // 2:02d}]" if i > 1 else "[]"
+        deps = f"[{', '.join(sorted({f'T{i - 1:02d}', f'T{i // 2:02d}'}))}]" if i > 1 else "[]"  # (T2: T01 once)
         if i % 3:
             text = (f'id: T{i:02d}\ncommand: "true"\nstatus: {"DONE" if i < 5 else "QUEUED"}\ndepends_on: {deps}\n'
                     f'target_files: ["src/m{i % 4}.py", "docs/", "tests/**/t{i}*.py"]\npriority: P{i % 3}\n')

@@ -11,7 +11,6 @@ import itertools
 import re
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -307,6 +306,8 @@ class Repo:
 
     def blob(self, commit: str, path: str) -> bytes:
         """A file's content at `commit` as it is checked out (the repository's filters and line endings)."""
+        import tempfile  # here: a run's start loads this module (recovery), which needs none of it
+
         with tempfile.TemporaryFile() as out:  # read back at its size: a pipe's pieces joined held it twice
             self._run(self.top, ["cat-file", "--filters", f"{commit}:{path}"], stdout=out)
             out.seek(0)
@@ -314,6 +315,8 @@ class Repo:
 
     def blob_into(self, commit: str, path: str, consume: Callable[[bytes], object]) -> None:
         """`blob`, given to `consume` piece by piece."""
+        import tempfile
+
         with tempfile.TemporaryFile() as out:
             self._run(self.top, ["cat-file", "--filters", f"{commit}:{path}"], stdout=out)
             out.seek(0)
