@@ -12,7 +12,7 @@ from aipm.finish import review_command
 from aipm.launcher import Launcher, LaunchReport
 from aipm.model import Order, Status
 from aipm.paths import normalize
-from aipm.plan import any_clear
+from aipm.overlap import any_clear
 from aipm.record import Record
 from aipm.runtime import read_exit_file
 from aipm.supervisor import Supervisor

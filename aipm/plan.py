@@ -6,12 +6,13 @@ No file system, clock or psutil, so every rule is testable with literals.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from aipm.budget import Budget, task_detail, task_reached
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Priority, Status, Task
-from aipm.paths import Target, first_overlap, lock_overlap, lock_prefix, nodes_related
+from aipm.overlap import LockIndex, conflict
+from aipm.paths import Target, lock_prefix, nodes_related
 from aipm.ranking import ranked
 
 # Reason codes, stable for --json consumers.
@@ -215,8 +216,8 @@ def plan(
     for tid in held:
         busy.append((tid, order.tasks[tid].targets))
     doomed = _doomed(order) if explain else {}
-    near_busy = _LockIndex(targets for _, targets in busy)
-    near_chosen = _LockIndex(())
+    near_busy = LockIndex(targets for _, targets in busy)
+    near_chosen = LockIndex(())
     kept_out: set[tuple[Target, ...]] = set()  # without reasons: targets found kept out, so identical ones are too
     chosen: list[Task] = []
     # Lazily: the hot path stops at the first full round, and a big order's ready list is long.
@@ -271,7 +272,7 @@ def plan(
             if explain:
                 result.blocked[task.id] = blocked
             continue
-        # The lock-node indexes meet exactly where `_conflict` finds a pair, so without reasons they decide alone:
+        # The lock-node indexes meet exactly where `conflict` finds a pair, so without reasons they decide alone:
         # a task kept out by a running or a chosen one costs a few set lookups per target, whatever the holders.
         hit = None
         if not explain and task.targets in kept_out:
@@ -280,7 +281,7 @@ def plan(
             if not explain:
                 kept_out.add(task.targets)
                 continue
-            hit = _conflict(task, busy)
+            hit = conflict(task, busy)
         reason, words = FILE_BUSY, "{path} is held by running task {other}{status}"
         if not hit:
             hit = _held_outside(task, outside)
@@ -289,7 +290,7 @@ def plan(
             if not explain:
                 kept_out.add(task.targets)  # the chosen only grow: kept out for the rest of this plan
                 continue
-            hit = _conflict(task, [(c.id, c.targets) for c in chosen])
+            hit = conflict(task, [(c.id, c.targets) for c in chosen])
             reason, words = FILE_CHOSEN, "{path} overlaps {other}, which starts first this round"
         if hit:
             other, path = hit
@@ -341,73 +342,6 @@ def _gone(order_id: str) -> str:
     return f"; its worker is gone: `aipm recover {order_id}` frees it"
 
 
-class _LockIndex:
-    """The lock nodes of some targets and every directory above them: whether a task's locks could meet any of
-    them is a few set lookups per target, instead of a comparison with every target of every holder."""
-
-    def __init__(self, groups: Iterable[tuple[Target, ...]]):
-        self.nodes: set[str] = set()
-        self.above: set[str] = set()
-        for targets in groups:
-            self.add(targets)
-
-    def add(self, targets: tuple[Target, ...]) -> None:
-        for target in targets:
-            node = lock_prefix(target)
-            self.nodes.add(node)
-            if node:
-                self.above.add("")
-                self.above.update(_parents(node))
-
-    def near(self, targets: tuple[Target, ...]) -> bool:
-        """Whether a lock of `targets` is at, above or below a node (`lock_overlap` with some target here)."""
-        nodes, above = self.nodes, self.above
-        for target in targets:
-            node = lock_prefix(target)
-            if node in nodes or node in above or "" in nodes:
-                return True
-            if any(parent in nodes for parent in _parents(node)):
-                return True
-        return False
-
-
-def any_clear(tasks: Iterable[Task], held: Iterable[tuple[Target, ...]]) -> bool:
-    """Whether some task's locks could meet none of the `held` targets (conservative: False means every task
-    would wait for those files, so planning them now is wasted)."""
-    index = _LockIndex(held)
-    return any(not index.near(task.targets) for task in tasks)
-
-
-def _parents(node: str) -> Iterator[str]:
-    """The directories above a non-empty node, the project root ("") excepted: `a/b/c` → `a`, `a/b`."""
-    i = node.find("/")
-    while i != -1:
-        yield node[:i]
-        i = node.find("/", i + 1)
-
-
-def _conflict(task: Task, holders: list[tuple[str, tuple[Target, ...]]]) -> tuple[str, str] | None:
-    """The first holder whose targets overlap the task's, or whose kernel locks would (a glob locks its whole
-    fixed directory), as (holder, the paths in words)."""
-    if not task.targets:
-        return None
-    for owner, targets in holders:
-        pair = first_overlap(task.targets, targets, lock_overlap)  # the cheaper, wider test first
-        if pair:
-            exact = first_overlap(task.targets, targets)
-            if exact:
-                mine, theirs = exact
-                return owner, str(theirs) if str(mine) == str(theirs) else f"{mine} ↔ {theirs}"
-            mine, theirs = pair
-            if mine.is_glob or theirs.is_glob:
-                glob = mine if mine.is_glob else theirs
-                return owner, f"{mine} ↔ {theirs} (a glob locks all of {lock_prefix(glob) or '.'}/)"
-            # `docs` (no slash) and `docs/a.txt`: a path's lock covers what is below it, as if it were a directory
-            outer = mine if str(theirs).startswith(f"{mine}/") else theirs
-            return owner, f"{mine} ↔ {theirs} (the lock of {outer} covers everything below it)"
-    return None
-
-
 def _held_outside(task: Task, outside: Iterable[ForeignLock]) -> tuple[str, str] | None:
     for lock in outside if task.targets else ():
         path = lock.conflict(task.targets)
@@ -443,7 +377,7 @@ def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Bu
     for owner, targets in holders:
         if owner == task_id:
             continue
-        hit = _conflict(task, [(owner, targets)])
+        hit = conflict(task, [(owner, targets)])
         if hit:
             detail = f"{hit[1]} is held by running task {owner}{held_as.get(owner, '')}"
             reasons.append(Blocked(task_id, FILE_BUSY, detail, (owner,), hit[1]))

@@ -4,9 +4,9 @@ from hypothesis import given, settings, strategies as st
 
 from aipm.model import Order, Priority, Status, Task
 from aipm.paths import normalize
+from aipm.overlap import any_clear
 from aipm.plan import (
-    FILE_BUSY, FILE_CHOSEN, LIMIT, NEVER, NOT_QUEUED, STALE, WAITING, WORKER_RUNNING, Busy, all_reasons,
-    any_clear, plan,
+    FILE_BUSY, FILE_CHOSEN, LIMIT, NEVER, NOT_QUEUED, STALE, WAITING, WORKER_RUNNING, Busy, all_reasons, plan,
 )
 from aipm.ranking import chain_lengths, ranked
 
@@ -165,12 +165,12 @@ raw_targets = st.lists(st.sampled_from(["a", "a/b", "a/b/c.py", "a/", "a/b/", "b
 @given(mine=raw_targets, holders=st.lists(raw_targets, max_size=4))
 def test_the_lock_index_agrees_with_comparing_every_pair(mine, holders):
     from aipm.paths import lock_overlap, normalize
-    from aipm.plan import _LockIndex
+    from aipm.overlap import LockIndex
 
     ours = tuple(normalize(raw) for raw in mine)
     theirs = [tuple(normalize(raw) for raw in group) for group in holders]
     pairwise = any(lock_overlap(a, b) for group in theirs for a in ours for b in group)
-    assert _LockIndex(theirs).near(ours) == pairwise
+    assert LockIndex(theirs).near(ours) == pairwise
 
 
 def reference_choice(o, elsewhere, live, slots, outside):
