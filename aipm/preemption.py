@@ -2,7 +2,8 @@
 
 The decision is pure (`urgency.preemptions`); this module gathers its inputs from the run's view,
 the worker records and what the supervisor owns, and has the supervisor stop the chosen workers. Only tasks
-this run owns are stopped: another owner would count the kill as a failed attempt.
+this run owns are stopped: another owner would count the kill as a failed attempt. The workers of an `aipm exec`
+that a stopped command ran are stopped too, once the stop has ended that exec: they were part of the stopped work.
 """
 
 from __future__ import annotations
@@ -10,13 +11,14 @@ from __future__ import annotations
 from itertools import takewhile
 from typing import TYPE_CHECKING
 
-from aipm import budget, recovery
+from aipm import budget, recovery, runner, subreaper
 from aipm.errors import UserError
 from aipm.model import Order, Status, Task
 from aipm.paths import as_path, normalize
 from aipm.record import Record
 from aipm.spending import charged
 from aipm.store import load_order
+from aipm.supervisor import KILL_GRACE
 
 if TYPE_CHECKING:
     from aipm.supervisor import Supervisor
@@ -57,12 +59,54 @@ def stop_for_urgent(sup: "Supervisor", view: "OrderView") -> bool:
     holders.sort(key=lambda h: h.key)
     decisions = _decide(sup, order, candidates, holders, records, max(0, sup.settings.max_workers - live))
     owners = {(rec.owner_pid, rec.owner_ctime) for rec in records if rec.order != order.id}
+    nested = _nested(sup, [rec for rec in records if rec.order != order.id], {d.victim for d in decisions}) \
+        if decisions else {}
     for decision in decisions:
         urgent = order.tasks[decision.urgent]
         sup.preempt(decision.victim, urgent.id, f"preempted by {urgent.priority} task {urgent.id}")
     if decisions:
+        _stop_nested(sup, nested)
         _recover_lost_owners(sup, owners, order.id)
     return bool(decisions)
+
+
+def _nested(sup: "Supervisor", records: list[Record], victims: set[str]) -> dict[str, tuple[Record, str]]:
+    """Of `records`, those whose live owner is an `aipm exec` a victim's command started (it carries the victim's
+    attempt marker), each with the victim's key."""
+    marks = {key: subreaper.attempt_marker(sup.rt.root, sup.owned[key]) for key in victims}
+    found = {}
+    for rec in records:
+        if rec.owner_alive():
+            for key, mark in marks.items():
+                if subreaper.marked(mark, [rec.owner_pid]):
+                    found[rec.key] = (rec, key)
+    return found
+
+
+def _stop_nested(sup: "Supervisor", nested: dict[str, tuple[Record, str]]) -> None:
+    """Stop the workers a stopped victim's `aipm exec` ran, as that exec meant to: the preemption's SIGTERM reached
+    it with the victim's group, which was SIGKILLed as soon as the victim's wrapper went (its shell dies at once),
+    often before the exec had signalled its own worker. That worker ran on, and its dead owner's recovery adopted
+    it: the task stayed IN_PROGRESS. Noted in the record first (Record.stopping), so that it is re-queued, not
+    failed with the code the SIGTERM gave it, whoever recovers it."""
+    stopping = []
+    with sup.rt.launch_lock():
+        for rec in sup.rt.records():
+            before, victim = nested.get(rec.key, (None, ""))
+            # The same attempt, still of the exec we killed (the exec may have re-queued it before it died).
+            if (before is None or (rec.owner_pid, rec.owner_ctime, rec.pid, rec.ctime)
+                    != (before.owner_pid, before.owner_ctime, before.pid, before.ctime)
+                    or rec.owner_alive() or not rec.pid or not rec.worker_alive()):
+                continue
+            rec.stopping = rec.stopping or f"the `aipm exec` that ran it was stopped with {victim}"
+            try:
+                sup.rt.write_record(rec)
+            except OSError:
+                continue  # unwritable: left to its recovery, which adopts it as before
+            stopping.append(rec)
+    for rec in stopping:
+        runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
+        subreaper.reap_zombies([rec.pid])  # its wrapper came to us (a subreaper) when the exec died
 
 
 def _decide(sup: "Supervisor", order: Order, candidates: list[Task], holders: list["Holder"],
