@@ -35,9 +35,16 @@ class Cancelled:
 
     merge: str | None = None  # the task's merge cut short: the tree is half-merged
     held_by: int = 0  # the pid of a stopped owner (Ctrl-Z) that records the worker's end only once it goes on
+    # The patch that keeps a worktree attempt's changes: its worktree goes with the next attempt or a recover, and
+    # the log alone said where its work was
+    kept: Path | None = None
+
+    def kept_note(self) -> str | None:
+        return self.kept and f"the changes of its attempt are kept in {self.kept} (`git apply` it at the " \
+                             "repository's top)"
 
     def notes(self) -> list[str]:
-        return [note for note in (self.merge, self.held_by and held_note(self.held_by)) if note]
+        return [note for note in (self.merge, self.kept_note(), self.held_by and held_note(self.held_by)) if note]
 
 
 def held_note(owner: int) -> str:
@@ -95,8 +102,10 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
     held = None
     if live or (rec is not None and rec.owner_alive()):  # a worker that ended just before: its owner records it
         held = _until_released(rt, order_id, task_id, grace + 5)
+    kept = rec and rec.workspace and workspace.patch_path(project.root, order_id, task_id, rec.serial)
     return Cancelled(workspace.note_pending_merge(project.root, order_id, task_id, "cancelled"),
-                     held.owner_pid if held else 0)
+                     held.owner_pid if held else 0,
+                     kept if kept and kept.is_file() and kept.stat().st_size else None)
 
 
 def _unmarkable(task_id: str, exc: StateWriteError) -> Unwritable:

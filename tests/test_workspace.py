@@ -1141,13 +1141,14 @@ def test_a_stopped_attempts_changes_are_kept_as_a_patch(repo, tmp_path, stop):
     run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD"],
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: ready.exists())
-    if stop == "cancel":
-        project.aipm("cancel", "T", check=True)
+    patch = repo / ".aipm/patches/ORD/T.1.patch"
+    if stop == "cancel":  # the person who cancelled is told where the work is, not only its log
+        said = project.aipm("cancel", "T", check=True).stdout
+        assert f"T: the changes of its attempt are kept in {patch}" in said.replace("\n", "")
     else:
         run.send_signal(signal.SIGINT)
     run.communicate(timeout=60)
     project.aipm("recover", check=True)  # removes the worktree
-    patch = repo / ".aipm/patches/ORD/T.1.patch"
     assert "+work of attempt 1" in patch.read_text()
     assert f"the changes of attempt 1 are kept in {patch}" in (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert aipm_leftovers(repo)["worktrees"] == []

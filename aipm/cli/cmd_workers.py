@@ -309,6 +309,8 @@ def cancel(
     console().print(f"{task_id}: CANCELLED")
     if done.merge:
         console().print(escape(f"{task_id}: {done.merge}"))
+    if done.kept:
+        console().print(escape(f"{task_id}: {done.kept_note()}"))
     if done.held_by:
         print(f"aipm: {task_id}: {steering.held_note(done.held_by)}", file=sys.stderr, flush=True)
 
