@@ -1528,6 +1528,9 @@ def test_attempts_started_together_share_the_budget_so_it_holds(project):
     proc = project.aipm("run", "ORD", "--no-auto-scaling", env=agent_env(project))
     status = project.json("status", "ORD")
     assert status["cost_usd"] <= 0.05 and status["budget_reached"], status  # each stopped at its share
+    # said as aipm's cap, not as the agent's own failure (`the agent reported an error: error_max_budget_usd`)
+    assert ("finish   T0 → FAILED (exit 1; the agent reported an error: error_max_budget_usd: it spent the cap aipm "
+            "gave this attempt (--max-budget-usd), what the budget left it)") in proc.stdout, proc.stdout
     assert _caps(project) == [0.0125] * 4
     assert proc.returncode == 1 and "over budget" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
 

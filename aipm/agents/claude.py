@@ -122,6 +122,8 @@ def _error(result: dict) -> str:
     """An error result in a few words: its subtype (error_max_turns, error_max_budget_usd, ...), or, for an API
     error that claude reports as subtype "success" with is_error (and exit 0), the first line of its text."""
     subtype, text = result.get("subtype"), result.get("result")
+    if subtype == "error_max_budget_usd":  # the word alone read as the agent's fault, not aipm's cap
+        return f"{subtype}: it spent the cap aipm gave this attempt (--max-budget-usd), what the budget left it"
     if isinstance(subtype, str) and subtype and subtype != "success":
         return subtype
     if isinstance(text, str) and text.strip():
