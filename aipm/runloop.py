@@ -405,6 +405,12 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             emit(event)
         order = view.refresh()  # the caller's summary reads the view: bring it up to date on every path
         if stop.requested:
+            # The caps of the claude attempts it stopped count as spent: they may fill the budget, and the next run
+            # would start nothing. Said now, while the person who pressed Ctrl-C is looking.
+            spend = budget.of(order, launcher.settings.max_cost_usd)
+            if spend is not None and spend.reached and not budget_told and any(
+                    t.status == Status.QUEUED for t in order.tasks.values()):
+                emit({"event": "budget", "order": order.id, "detail": spend.detail})
             return 130
         # Exit 1, as a budget's stop: its tasks stay QUEUED. Not 2, as at a start where it cannot be reached
         # (cluster.check): that says nothing changed, and what finished meanwhile is kept.

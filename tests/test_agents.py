@@ -1150,6 +1150,27 @@ def test_ctrl_c_of_run_keeps_the_cost_the_attempt_reported(project, gate):
     assert (a["status"], a["attempts"], a["cost_usd"]) == ("QUEUED", 0, 0.04)
 
 
+def test_ctrl_c_whose_stopped_claude_attempts_fill_the_budget_says_so_then(project, gate):
+    """A user trial: two claude tasks shared a $0.20 budget, Ctrl-C stopped both before their result, and their
+    caps ($0.10 each) counted as spent. `run` said only `stopped by signal; re-queued: A, B`; the next `run` started
+    nothing and said `budget reached` for the first time. Now the Ctrl-C says it, with what to do."""
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.2\n")
+    for name in "AB":
+        write_task(order, name, agent="claude", prompt=f"@cost 0.01\n@wait-for {gate}", target_files=[f"{name}.txt"])
+    write_task(order, "C", command="true", depends_on=["A"], target_files=["c.txt"])
+    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(journal(project)) == 2)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 130, out + err
+    assert ("budget   ORD: budget reached: the order's attempts cost $0.0000 spent, up to $0.2000 more not reported "
+            "by killed attempts of max_cost_usd $0.2000 (order.yaml); raise it to go on") in out, out + err
+    assert project.json("status", "ORD")["budget_reached"]
+
+
 def test_ctrl_c_right_after_a_checkout_of_the_task_file_keeps_the_cost_the_attempt_reported(project, gate):
     """The file put back (QUEUED, no cost) and the run stopped before it restored the file: the stop took the
     attempt for another's and dropped its record with its usage unread (a review saw it in 2 of 9 runs; the
