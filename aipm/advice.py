@@ -54,9 +54,11 @@ def unenforced_budget(order: Order, tasks: Iterable[Task], settings: Settings) -
         runs = "the worker.command template (worker.agent: command)" if agent == agents.COMMAND else agent
         fix = ("set `worker.agent: claude` in aipm.yaml (Claude Code through its preset: cost, a cap per attempt, "
                "permission rules from target_files)" if agent == agents.COMMAND else
-               "run them with an agent that reports cost (claude, aider)")
+               f"run {'it' if len(ids) == 1 else 'them'} with an agent that reports cost (claude, aider)")
+        run, their = ("runs", "its") if len(ids) == 1 else ("run", "their")
         out.append(f"{where}: max_cost_usd {budget.usd(limit.limit)} of order {order.id} cannot be enforced: "
-                   f"{named} run {runs}, which reports no cost, so their attempts count as nothing against it; {fix}")
+                   f"{named} {run} {runs}, which reports no cost, so {their} attempts count as nothing against it; "
+                   f"{fix}")
     return out
 
 

@@ -1656,6 +1656,9 @@ def test_a_budget_the_agent_cannot_count_is_warned_about(project):
         write_task(order, name, prompt="@cost 0.001", target_files=[f"{name}.txt"])
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     assert "max_cost_usd" not in project.aipm("validate", "ORD").stderr
+    write_task(order, "X", agent="codex", prompt="x", target_files=["x.txt"])  # one task: said of one
+    assert ("cannot be enforced: X runs codex, which reports no cost, so its attempts count as nothing against it; "
+            "run it with an agent that reports cost (claude, aider)") in project.aipm("validate", "ORD").stderr
 
 
 def test_a_supervisor_killed_mid_attempt_leaves_the_usage_to_the_next_one(project):
