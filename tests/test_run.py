@@ -201,6 +201,19 @@ def test_run_says_which_tasks_can_never_run_and_what_would_start_them(project):
     assert proc.returncode == 1
     assert ("aipm: AFTER, LAST can never run: BAD is FAILED; fix what stopped it, then `aipm retry BAD` and run "
             "again") in proc.stderr, proc.stderr
+    assert "aipm: BAD is FAILED" not in proc.stderr  # (said once, above)
+
+
+def test_run_says_what_to_do_about_a_failed_task_nothing_waits_on(project):
+    """An end-to-end session: a confined task failed (exit 2) early in a long run, nothing depended on it, and the
+    run ended with `ORD: DONE 1, FAILED 1`, its finish line far above and no word of where to look or what next."""
+    order = project.order()
+    write_task(order, "BAD", command="echo no > /dev/full", target_files=["bad.txt"])
+    write_task(order, "GOOD", command="true", target_files=["good.txt"])
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring")
+    assert proc.returncode == 1
+    assert ("aipm: BAD is FAILED (exit 1): `aipm logs BAD` shows why; fix it, then `aipm retry BAD` and run again"
+            in proc.stderr), proc.stderr
 
 
 def test_timeout_kills_the_whole_group(project):

@@ -21,7 +21,7 @@ from aipm.cli.resource_options import (
 )
 from aipm.launcher import Launcher, LaunchReport, Options
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
-from aipm.plan import FILE_BUSY, LIMIT, never_run_notes
+from aipm.plan import FILE_BUSY, LIMIT, never_run_notes, never_runs
 from aipm.project import Project, find_task
 from aipm.runloop import supervise
 from aipm.settings import Settings
@@ -192,6 +192,13 @@ def _never_run(order: Order) -> None:
     alone do not say why they never started, nor what would start them."""
     for note in never_run_notes(order):
         console(stderr=True).print(f"aipm: {note} and run again", markup=False)
+    # One that nothing waits on: the counts said `FAILED 1`, and its finish line may be far above
+    behind = never_runs(order)
+    for task in order.tasks.values():
+        if task.status in (Status.FAILED, Status.REJECTED) and task.id not in behind:
+            why = f" ({task.reason})" if task.reason else ""
+            console(stderr=True).print(f"aipm: {task.id} is {task.status}{why}: `aipm logs {task.id}` shows why; "
+                                       f"fix it, then `aipm retry {task.id}` and run again", markup=False)
 
 
 def _running_unrecorded(launcher: Launcher, order: Order) -> None:
