@@ -122,7 +122,7 @@ def survey(launcher: Launcher, order_dir: Path) -> tuple[Order, Plan, int, list,
     records = launcher.records()
     busy, live, count = launcher.holders(order, records)
     free = max(0, launcher.settings.max_workers - count)
-    spend = budget.of(order, launcher.settings.max_cost_usd, records)
+    spend = launcher.budget(order, records)
     outside = launcher.outside(records)
     refused = launcher.refused_here(order.tasks.values())
     return order, plan(order, busy, live, free, budget=spend, outside=outside, refused=refused), free, busy, outside

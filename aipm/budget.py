@@ -7,7 +7,7 @@ The limit is order.yaml's `max_cost_usd`, else the `max_cost_usd` setting; no li
 Recorded costs arrive only when attempts end, so attempts started together could each spend the whole rest. An
 attempt whose agent takes a cap (claude) is therefore given a share of what is left and holds it while it works
 (its record's `cost_cap`): what is spent plus what running attempts hold never passes the limit, and no attempt
-starts while nothing is left to share.
+that may spend against it starts while nothing is left to share.
 
 Claude reports its cost only in its final result: a capped attempt killed before it (a timeout, a cancel, its worker
 lost) may have spent up to its cap, which aipm cannot see. Such an attempt's cap is recorded apart from the cost, in
@@ -32,6 +32,9 @@ class Budget:
     source: str  # where the limit comes from, for messages: "order.yaml" or "setting max_cost_usd"
     held: float = 0.0  # the caps of the order's running attempts: what they may still spend
     unreported: float = 0.0  # the caps of ended attempts that reported no cost: what they may have spent at most
+    # Tasks whose attempts cost nothing against it (their own command; codex, the template): they need no share,
+    # so what running attempts hold keeps none of them waiting. (A `sleep`'s lint waited for two agents to end.)
+    costless: frozenset[str] = frozenset()
 
     @property
     def reached(self) -> bool:
@@ -48,6 +51,10 @@ class Budget:
     def available(self) -> float:
         """What a new attempt may be given: the limit less what is spent and what running attempts hold."""
         return max(0.0, round(self.limit - self.spent - self.unreported - self.held, 6))
+
+    def holds_back(self, task_id: str) -> bool:
+        """Whether the task waits because the running attempts hold all that is left (not a stop: see reached)."""
+        return not self.available and task_id not in self.costless
 
     def shares(self, count: int) -> float:
         """Each of `count` attempts starting together gets an equal part of what is available, cut to whole

@@ -232,7 +232,7 @@ class Launcher(Starter):
         # The costs as the budget counts them (spending.charged) are the plan's and the caps'; the tasks start as
         # their files say (a start's record keeps the file's counters, restore.counters).
         counted = charged(order, self.runtime)
-        spend = order_budget(counted, self.settings.max_cost_usd, records)
+        spend = self.budget(counted, records)
         outside = self.outside(records) if careful else []
         # With `only` (exec's task), the plan chooses among those alone: a task this launch will not start must
         # not take their files "first this round". Nor may a task that failed to start in this launch: chosen
@@ -346,6 +346,12 @@ class Launcher(Starter):
             report.deferred.append({"id": task.id, "reason": LIMIT, "detail": f"a free worker slot is left to a "
                                     f"{priority} task of order {other}, which waits for one"})
         return kept
+
+    def budget(self, order: Order, records: Iterable[Record]) -> Budget | None:
+        """The order's budget (budget.of), knowing which of its tasks cost nothing against it."""
+        spend = order_budget(order, self.settings.max_cost_usd, records)
+        return spend and replace(spend, costless=frozenset(
+            t.id for t in order.tasks.values() if not agents.reports_cost(agent_for(t, self.settings))))
 
     def _caps(self, tasks: list[Task], spend: Budget | None) -> dict[str, float | None]:
         """Each starting attempt's spending cap: the task's own `max_cost_usd`, and under an order budget no more

@@ -194,8 +194,8 @@ def plan(
     ordering  -- ids to consider, in rank order (default: every task, `ranked(order)`)
     explain   -- False stops at the first full round (the supervisor's hot path needs no reasons)
     running   -- ids of this order's IN_PROGRESS/IN_REVIEW tasks, when the caller indexes them
-    budget    -- the order's budget; once reached no task starts (the ones running finish), nor while its running
-                 attempts hold all that is left
+    budget    -- the order's budget; once reached no task starts (the ones running finish), nor, while its running
+                 attempts hold all that is left, one that may spend against it
     outside   -- locks held by processes that are not aipm workers
     released  -- ids of running tasks whose worker ended and whose files are free before their outcome is written
     refused   -- id → why, of tasks that can never start here (they ask for more than the machine has)
@@ -242,9 +242,11 @@ def plan(
                 break
             result.blocked[task.id] = Blocked(task.id, BUDGET, budget.detail)
             continue
-        if budget is not None and not budget.available:  # not a stop: what the running ones leave is shared next
+        if budget is not None and budget.holds_back(task.id):  # not a stop: what the running ones leave is shared next
             if not explain:
-                break
+                if not budget.costless:
+                    break
+                continue  # a task further down may cost nothing
             result.blocked[task.id] = Blocked(task.id, BUDGET, budget.held_detail)
             continue
         if task_reached(task):

@@ -1596,6 +1596,32 @@ def test_the_budget_holds_with_launchers_racing_and_workers_finishing_in_paralle
     assert project.json("status", "ORD")["cost_usd"] == pytest.approx(sum(recorded))
 
 
+def test_tasks_that_cost_nothing_start_while_running_attempts_hold_the_whole_budget(project, gate):
+    """An end-to-end session: two claude tasks shared the order's budget, and its lint command and codex task, which
+    spend nothing against it, waited (`budget held`) until a claude attempt ended, with free worker slots."""
+    (project.root / "aipm.yaml").write_text("max_workers: 4\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 5\n")
+    for name in ("A", "B"):
+        write_task(order, name, priority="P0", prompt=f"@cost 0.01\n@wait-for {gate}", target_files=[f"{name}.txt"])
+    # (after FIRST: ready only once A and B hold the whole budget)
+    write_task(order, "FIRST", priority="P0", command="true", target_files=["first.txt"])
+    write_task(order, "LINT", command="true", depends_on=["FIRST"], target_files=["lint.txt"])
+    write_task(order, "CODEX", agent="codex", prompt="x", depends_on=["FIRST"], target_files=["codex.txt"])
+    write_task(order, "C", priority="P2", prompt="@cost 0.01", depends_on=["FIRST"], target_files=["c.txt"])
+    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: task_statuses(order)["LINT"] == "DONE" and task_statuses(order)["CODEX"] == "DONE")
+        assert task_statuses(order)["C"] == "QUEUED"  # a claude task still waits for a share
+        assert sorted(j["task"] for j in journal(project) if j["agent"] == "claude") == ["A", "B"]
+    finally:
+        gate.touch()
+        out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, out + err
+
+
 def test_running_attempts_hold_their_share_until_they_end(project):
     """An attempt holds its cap while it works: a task written meanwhile waits (reason `budget`, no stop), and
     starts with what the ended attempt left."""

@@ -294,3 +294,19 @@ def test_a_budget_its_running_attempts_hold_whole_stops_no_order_but_starts_noth
             assert result.blocked["B"].reason == BUDGET and "budget held" in result.blocked["B"].detail
             assert ids(plan(o, slots=5, budget=budget, explain=False)) == []
     assert Budget(1.0, 0.4, "order.yaml", 0.5).shares(3) == 0.033333  # cut, never rounded up: 3 × it ≤ 0.1
+
+
+def test_a_budget_held_whole_keeps_no_task_that_costs_nothing_against_it_waiting():
+    """An end-to-end session: two claude attempts held all of a $5 budget, and a lint command, a build command and
+    a codex task (none of which spends a cent of it) waited for them to end."""
+    from aipm.budget import Budget
+    from aipm.plan import BUDGET
+
+    o = order(task("A", status="IN_PROGRESS"), task("AGENT", pri="P0"), task("LINT", pri="P2"))
+    for costless in (frozenset({"LINT"}), frozenset()):
+        budget = Budget(limit=1.0, spent=0.4, source="order.yaml", held=0.6, costless=costless)
+        for explain in (True, False):
+            assert ids(plan(o, slots=5, budget=budget, explain=explain)) == (["LINT"] if costless else [])
+        assert plan(o, slots=5, budget=budget).blocked["AGENT"].reason == BUDGET
+    reached = Budget(limit=1.0, spent=1.0, source="order.yaml", costless=frozenset({"LINT"}))
+    assert ids(plan(o, slots=5, budget=reached)) == []  # a stop is a stop: no new attempt once it is reached
