@@ -229,6 +229,8 @@ def test_a_run_whose_order_directory_is_renamed_or_deleted_says_so_exits_1_and_k
     assert task_statuses(order)["T1"] == ("IN_PROGRESS" if how.startswith("mv") else "QUEUED")
     recover = project.aipm("recover", "ORD", check=True)
     assert "ORD/T1: adopted" in recover.stdout, recover.stdout
+    # T2, which recover never names, starts too: said, or a person who asked for a repair sees work start
+    assert "then starts what that unblocks" in recover.stdout, recover.stdout
     wait_for(lambda: task_statuses(order) == {"T1": "DONE", "T2": "DONE"} and no_workers(project.root))
     assert journal.read_text() == "T1\nT2\n"  # T1 ran once
 

@@ -1144,7 +1144,7 @@ def test_a_stopped_attempts_changes_are_kept_as_a_patch(repo, tmp_path, stop):
     patch = repo / ".aipm/patches/ORD/T.1.patch"
     if stop == "cancel":  # the person who cancelled is told where the work is, not only its log
         said = project.aipm("cancel", "T", check=True).stdout
-        assert f"T: the changes of its attempt are kept in {patch}" in said.replace("\n", "")
+        assert f"T: the changes of its attempt are kept in {patch}" in said
     else:
         run.send_signal(signal.SIGINT)
     run.communicate(timeout=60)

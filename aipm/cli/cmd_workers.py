@@ -378,6 +378,9 @@ def recover(
     else:
         for item in done:
             said = item.get("error") or (f"{item['action']}: {item['detail']}" if "detail" in item else item["action"])
+            if said == "adopted":  # `recover` alone seemed to only repair, and then tasks it never named started
+                said += (": a detached aipm records how its worker ends, then starts what that unblocks, as `aipm "
+                         f"launch` does (follow it: `aipm logs {item['order']} -f`)")
             console().print(f"{item['order']}/{item['id']}: {said}", markup=False)
         if not done:
             console().print("nothing to recover")
