@@ -14,11 +14,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from aipm import parsecache
+from aipm import budget, parsecache
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
 from aipm.model import DEAD_END, FINISHED_OK, Order, Status
-from aipm.plan import NEVER, plan
+from aipm.plan import BUDGET, NEVER, WAITING, plan
 from aipm.project import Project
 from aipm.recovery import left_behind
 from aipm.runtime import Runtime, entries
@@ -192,24 +192,32 @@ def tagged(task: str, line: str) -> str:
     return f"{task}\t{line}"
 
 
-def settled(order: Order, records: list) -> bool:
-    """Nothing of the order runs and nothing can still run: a follower has nothing left to wait for."""
+def settled(order: Order, records: list, default_limit: float | None = None) -> bool:
+    """Nothing of the order runs and nothing can still run: a follower has nothing left to wait for. A QUEUED task
+    stopped by a budget (the order's, `default_limit` the `max_cost_usd` setting, or its own) can start only once
+    a person raises it, as one behind a FAILED task only once they retry that: `logs -f` of an order its budget
+    stopped followed it for ever."""
     if any(rec.order == order.id for rec in records):
         return False
-    result = plan(order)
-    for task in order.tasks.values():
-        blocked = result.blocked.get(task.id)
-        if task.status in FINISHED_OK or task.status in DEAD_END:
-            continue
-        if task.status == Status.QUEUED and blocked is not None and blocked.reason == NEVER:
-            continue
-        return False
-    return True
+    result = plan(order, budget=budget.of(order, default_limit))
+    stuck: dict[str, bool] = {}
+
+    def is_stuck(task_id: str) -> bool:
+        if task_id not in stuck:
+            stuck[task_id] = False  # (a cycle is refused by validation; this only ends the walk)
+            blocked = result.blocked.get(task_id)
+            stuck[task_id] = order.tasks[task_id].status == Status.QUEUED and blocked is not None and (
+                blocked.reason in (NEVER, BUDGET) or blocked.reason == WAITING and all(map(is_stuck, blocked.tasks)))
+        return stuck[task_id]
+
+    return all(task.status in FINISHED_OK or task.status in DEAD_END or is_stuck(task.id)
+               for task in order.tasks.values())
 
 
-def order_lines(project: Project, order_dir: Path, follow: bool = False) -> Iterator[str]:
+def order_lines(project: Project, order_dir: Path, follow: bool = False, default_limit: float | None = None
+                ) -> Iterator[str]:
     """Every worker's lines of the order, tagged; with `follow`, then new lines and new attempts as they come,
-    until the order is settled (see `settled`)."""
+    until the order is settled (see `settled`; `default_limit`: the max_cost_usd setting)."""
     rt = Runtime(project.root)
     if follow:  # the order is read again at every change: only the files that changed are parsed
         parsecache.in_memory()
@@ -238,7 +246,7 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False) -> Iter
                     if not order_dir.is_dir():  # removed: none of its tasks can start again, only its workers run on
                         order = replace(order, tasks={})
                     # else a task file mid-edit: judge by the last good version
-                if settled(order, [rec for rec in rt.records() if not left_behind(rec, rt)]):
+                if settled(order, [rec for rec in rt.records() if not left_behind(rec, rt)], default_limit):
                     break
             # Without inotify, look again every half second.
             select.select([watch.fd] if watch else [], [], [], None if watch else 0.5)

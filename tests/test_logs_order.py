@@ -51,6 +51,25 @@ def test_logs_order_follow_picks_up_a_new_attempt_and_ends_with_the_order(projec
     wait_for(lambda: no_workers(project.root))
 
 
+def test_logs_order_follow_ends_when_a_budget_leaves_nothing_that_can_start(project):
+    """An end-to-end session: the order's budget stopped it (the rest QUEUED until someone raises it), and
+    `aipm logs ORDER -f` followed it for ever, as it did an order whose tasks wait behind one that spent its own
+    max_cost_usd."""
+    order = project.order()
+    write_task(order, "A", command="echo a", target_files=["a"])
+    assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 0
+    write_task(order, "C", command="true", target_files=["c"], max_cost_usd=0.1, cost_usd=0.1)  # as aipm records
+    write_task(order, "D", command="true", depends_on=["C"], target_files=["d"])  # behind C's own budget
+    followed = project.aipm("logs", "ORD", "-f", timeout=60)  # (a guard: it hung)
+    assert followed.returncode == 0 and "A\ta" in followed.stdout.splitlines(), followed.stdout + followed.stderr
+    with (order / "A.yaml").open("a") as spent:
+        spent.write("cost_usd: 0.1\n")
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")  # reached by A's cost
+    write_task(order, "B", command="true", depends_on=["A"], target_files=["b"])  # A is DONE, but the budget
+    followed = project.aipm("logs", "ORD", "-f", timeout=60)
+    assert followed.returncode == 0 and "A\ta" in followed.stdout.splitlines(), followed.stdout + followed.stderr
+
+
 def test_logs_follow_of_a_task_not_started_yet_waits_for_its_first_attempt(project):
     """`aipm logs B -f` before B has run exited 2 ('no log ... yet'), unlike `tail -F`: it now waits while B may
     still start, then follows its log to B's end. Without -f, or for a task that can no longer run, it still

@@ -171,7 +171,8 @@ def logs(
             print_json({"order": load_order(order_dir, project.root).id,
                         "lines": [{"task": tid, "line": text} for tid, text in lines]})
             return
-        for line in logbook.order_lines(project, order_dir, follow):
+        limit = load_settings(project.root).max_cost_usd if follow else None  # (a budget can settle the order)
+        for line in logbook.order_lines(project, order_dir, follow, limit):
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
         return
