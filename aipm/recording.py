@@ -289,6 +289,9 @@ class Recording(Reviewing):
                             f"{workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial)}"
                             + "".join(f"; {note}" for note in workspace.stashed(self.rt.root, rec)))
             event["scope"] = outside
+            if not rec.workspace:  # in the shared tree a person's edit meanwhile is charged too: say what to do
+                event["hint"] = ("aipm cannot tell who wrote them: if you edited them yourself during the attempt, "
+                                 "list them in scope_ignore (aipm.yaml), or run such tasks with workspace: worktree")
         reviewing = not decided and review_command(task, self.settings, self.launcher.options.no_review) is not None
         if ok and not message and not reviewing:
             message = self._merge_back(rec, event)

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 # One line per event kind, for logs and CI output; fields missing from an event print as "?".
 LINES = {
     "started": "start    {task} (attempt {attempt}, pid {pid}{detached})",
-    "finished": "finish   {task} → {status} ({reason})",
+    "finished": "finish   {task} → {status} ({reason}){hint}",
     "review": "review   {task}{again}",
     "review_stopped": "stopped  review of {task}; it runs again on the next run (its work is kept)",
     "adopted": "adopt    {task} (pid {pid}): worker outlived its supervisor",
@@ -53,6 +53,7 @@ def plain_line(event: dict) -> str:
     fields["not_cancel"] = "; not an `aipm cancel`: its outcome counts" if event.get("was") == "CANCELLED" else ""
     fields.setdefault("said", event.get("was"))  # (an event of an older aipm, in a log)
     fields["again"] = f" again (its review was {event['again']})" if event.get("again") else ""
+    fields["hint"] = f"; {event['hint']}" if event.get("hint") else ""
     if event.get("event") == "finished" and not event.get("reason"):
         fields["reason"] = f"exit {event.get('exit_code')}"  # moved on by a writer that gave no reason
     if event.get("event") == "interrupted":
