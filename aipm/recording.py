@@ -147,7 +147,7 @@ class Recording(Reviewing):
         if rec.phase == "work":
             task = self._work_ended(rec, task, code, timed_out, event)
         else:
-            task = self._review_ended(rec, task, code, timed_out)
+            task = self._review_ended(rec, task, code, timed_out, event)
         return self._ended(rec, task, event)
 
     def _ended(self, rec: Record, task: Task, event: dict) -> dict:

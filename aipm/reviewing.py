@@ -36,26 +36,26 @@ class Reviewing:
         said = f"review of attempt {rec.serial} {lost}" + f" ({rec.stopping})" * bool(rec.stopping)
         if review_command(task, self.settings, self.launcher.options.no_review) is None:
             append_log(rec.log, f"{said}: no review command now; the attempt's work is kept, unreviewed")
-            return self._ended(rec, self._unreviewed(rec, task), event)
+            return self._ended(rec, self._unreviewed(rec, task, event), event)
         append_log(rec.log, f"{said}: it runs again; the attempt's work is kept")
         rec.stopping = ""
         self._start_review(rec, task)
         return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial, "again": lost}
 
-    def _unreviewed(self, rec: Record, task: Task) -> Task:
+    def _unreviewed(self, rec: Record, task: Task, merged: dict) -> Task:
         """IN_REVIEW → DONE (a worktree task's work merged first), as its work's exit 0 would have ended without
-        review; a merge that conflicts sends it back (REWORK), as after an approval."""
-        merged: dict = {}
+        review; a merge that conflicts sends it back (REWORK), as after an approval. `merged`: its event."""
         conflict = self._merge_back(rec, merged)
         if conflict:
             return self._conflicted(rec, task, conflict)
         return self._write(task, {"status": Status.DONE, "finished_at": now(),
                                   "reason": left_out(outcome.unreviewed(), merged)})
 
-    def _review_ended(self, rec: Record, task: Task, code: int | None, timed_out: bool) -> Task:
+    def _review_ended(self, rec: Record, task: Task, code: int | None, timed_out: bool, merged: dict) -> Task:
         """IN_REVIEW → COMPLETED, or REWORK → QUEUED/REJECTED with the review's output kept as feedback. A review
         that timed out sends the task back whatever its code (it may exit 0 on the SIGTERM): a hung reviewer must
-        not hold the task's files for ever, and no verdict is never approval."""
+        not hold the task's files for ever, and no verdict is never approval. `merged`: its event (what the merge
+        left out, where a conflicting attempt's changes are kept)."""
         feedback = self.rt.feedback_path(rec.order, rec.task, writing=True)
         review_log = Path(rec.log).with_suffix(".review.log")
         late = outcome.review_timed_out(time_limit(task, self.settings)) if timed_out else ""
@@ -68,7 +68,6 @@ class Reviewing:
         spent = spending.settle_review(self.rt, rec, task)
         if spent:
             task = self._write(task, spent)
-        merged: dict = {}
         conflict = self._merge_back(rec, merged) if code == 0 else None
         if conflict:
             return self._conflicted(rec, task, conflict)
@@ -111,6 +110,10 @@ class Reviewing:
                     event["stashed"] = note
         except workspace.Conflict as exc:
             event["conflict"] = exc.paths
+            # The finish line said "nothing of it was merged" and no more: where the work is, and what comes next
+            kept = workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial)
+            event["hint"] = f"its changes are kept in {kept}; a next attempt starts from the main tree as it is now, " \
+                            "your edit included"
             return str(exc)
         except workspace.WorkspaceError as exc:
             return f"merge failed, nothing of this attempt was merged: {exc}"

@@ -346,6 +346,8 @@ def test_a_conflicting_edit_sends_the_task_back_with_the_conflict_and_keeps_the_
     assert "\n  <<<<<<< main tree" in log
     run_lines = [line for line in proc.stdout.splitlines() if "merge conflict" in line]
     assert run_lines and "merge conflict in src/a.txt:" in run_lines[0], proc.stdout
+    assert run_lines[0].endswith(f"; its changes are kept in {patch}; a next attempt starts from the main tree as "
+                                 "it is now, your edit included"), run_lines[0]  # where the work is, said where seen
     # Attempt 2 started from the main tree with the person's edit: its sed found no "a line 5" to change.
     text = (repo / "src/a.txt").read_text()
     assert person in text and "by the task" not in text
