@@ -13,7 +13,7 @@ pytest.importorskip("starlette")  # the `ui` extra
 from aipm.ui.stream import PACE, Hub  # noqa: E402
 
 
-def test_a_board_changing_all_the_time_is_read_at_most_a_fifth_of_the_time():
+def test_a_board_changing_all_the_time_is_read_at_most_a_tenth_of_the_time():
     """A run of quick tasks changes the board many times a second: each read began as soon as the last ended, and
     an open page of a 3,000-task order kept a core busy beside the workers."""
 

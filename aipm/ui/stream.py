@@ -27,11 +27,12 @@ LIVE_BYTES = 1 << 18  # of a log that grew by more at once (or a backlog's lines
 # Seconds between comment lines that keep an idle stream open through proxies (AIPM_UI_KEEPALIVE overrides).
 KEEPALIVE = 15.0
 NO_INOTIFY_RECHECK = 2.0  # seconds: only where inotify is missing does a stream look again on its own
-# A board read is followed by a pause of PACE times its length before the next one (so reads take at most a fifth
+# A board read is followed by a pause of PACE times its length before the next one (so reads take at most a tenth
 # of the time), never longer than MAX_PAUSE: a run of quick tasks changes the board many times a second, and one
 # read of a 3,000-task order takes 0.2-0.3 s, so an open page kept a core busy beside the workers. A small order's
-# read (milliseconds) is paced below the linger after each wake-up, and so is not held back.
-PACE = 4.0
+# read (milliseconds) is paced below the linger after each wake-up, and so is not held back; a 1,000-task order's
+# board follows its run about twice a second.
+PACE = 9.0
 MAX_PAUSE = 5.0
 
 
