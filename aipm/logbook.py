@@ -22,6 +22,7 @@ from aipm.plan import BUDGET, NEVER, WAITING, plan
 from aipm.project import Project
 from aipm.recovery import left_behind
 from aipm.runtime import Runtime, entries
+from aipm.spending import charged
 from aipm.store import load_order
 from aipm.workerfiles import reading
 
@@ -192,13 +193,16 @@ def tagged(task: str, line: str) -> str:
     return f"{task}\t{line}"
 
 
-def settled(order: Order, records: list, default_limit: float | None = None) -> bool:
+def settled(order: Order, records: list, default_limit: float | None = None, rt: Runtime | None = None) -> bool:
     """Nothing of the order runs and nothing can still run: a follower has nothing left to wait for. A QUEUED task
     stopped by a budget (the order's, `default_limit` the `max_cost_usd` setting, or its own) can start only once
     a person raises it, as one behind a FAILED task only once they retry that: `logs -f` of an order its budget
-    stopped followed it for ever."""
+    stopped followed it for ever. The budget counts as the launcher counts it, from the spending ledger of `rt`
+    too (spending.charged): a task file that says less did not make it followed for ever."""
     if any(rec.order == order.id for rec in records):
         return False
+    if rt is not None:
+        order = charged(order, rt)
     result = plan(order, budget=budget.of(order, default_limit))
     stuck: dict[str, bool] = {}
 
@@ -246,7 +250,7 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False, default
                     if not order_dir.is_dir():  # removed: none of its tasks can start again, only its workers run on
                         order = replace(order, tasks={})
                     # else a task file mid-edit: judge by the last good version
-                if settled(order, [rec for rec in rt.records() if not left_behind(rec, rt)], default_limit):
+                if settled(order, [rec for rec in rt.records() if not left_behind(rec, rt)], default_limit, rt):
                     break
             # Without inotify, look again every half second.
             select.select([watch.fd] if watch else [], [], [], None if watch else 0.5)

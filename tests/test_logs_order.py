@@ -275,3 +275,24 @@ def next_line(follower, timeout: float = 60) -> str:
 
     return follower.stdout.readline() if select.select([follower.stdout], [], [], timeout)[0] else ""
 
+
+
+def test_logs_order_follow_ends_when_the_spending_ledger_leaves_no_budget(project):
+    """The run counts the budget from the spending ledger when a task file says less (a worker's `git checkout`
+    of the file took its cost away): the order is stopped, and `aipm logs ORDER -f`, which judged by the file's
+    figure alone, followed it for ever."""
+    import json
+
+    from aipm.runtime import Runtime
+
+    order = project.order()
+    write_task(order, "A", command="echo a", target_files=["a"])
+    assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 0
+    ledger = Runtime(project.root).ledger_paths("ORD", writing=True)[0]
+    ledger.write_text(json.dumps({"task": "A", "attempt": 1, "phase": "work", "definition": "", "cost_usd": 0.1,
+                                  "cost_unreported_usd": 0.0}) + "\n")
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")  # reached by A's cost, in the ledger alone
+    write_task(order, "B", command="true", depends_on=["A"], target_files=["b"])
+    assert "budget reached" in project.aipm("why", "B").stdout  # as run and launch count it
+    followed = project.aipm("logs", "ORD", "-f", timeout=30)
+    assert followed.returncode == 0 and "A\ta" in followed.stdout.splitlines(), followed.stdout + followed.stderr
