@@ -407,7 +407,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         if stop.requested:
             # The caps of the claude attempts it stopped count as spent: they may fill the budget, and the next run
             # would start nothing. Said now, while the person who pressed Ctrl-C is looking.
-            spend = budget.of(order, launcher.settings.max_cost_usd)
+            spend = budget.of(charged(order, launcher.runtime), launcher.settings.max_cost_usd)
             if spend is not None and spend.reached and not budget_told and any(
                     t.status == Status.QUEUED for t in order.tasks.values()):
                 emit({"event": "budget", "order": order.id, "detail": spend.detail})

@@ -1171,6 +1171,30 @@ def test_ctrl_c_whose_stopped_claude_attempts_fill_the_budget_says_so_then(proje
     assert project.json("status", "ORD")["budget_reached"]
 
 
+def test_ctrl_c_whose_stopped_attempts_fill_the_budget_with_the_ledger_s_cost_says_so_then(project, gate):
+    """As above, with part of the budget spent by a task whose file is gone (the spending ledger has its cost): the
+    Ctrl-C judged the budget by the task files alone, said nothing, and the next `run` started nothing."""
+    from aipm.runtime import Runtime
+
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.3\n")
+    Runtime(project.root).ledger_paths("ORD", writing=True)[0].write_text(json.dumps(
+        {"task": "G", "attempt": 1, "phase": "work", "definition": "", "cost_usd": 0.1, "cost_unreported_usd": 0.0})
+        + "\n")
+    for name in "AB":
+        write_task(order, name, agent="claude", prompt=f"@cost 0.01\n@wait-for {gate}", target_files=[f"{name}.txt"])
+    write_task(order, "C", command="true", depends_on=["A"], target_files=["c.txt"])
+    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(journal(project)) == 2)
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 130, out + err
+    assert "budget   ORD: budget reached" in out, out + err
+    assert project.json("status", "ORD")["budget_reached"]
+
+
 def test_ctrl_c_right_after_a_checkout_of_the_task_file_keeps_the_cost_the_attempt_reported(project, gate):
     """The file put back (QUEUED, no cost) and the run stopped before it restored the file: the stop took the
     attempt for another's and dropped its record with its usage unread (a review saw it in 2 of 9 runs; the
