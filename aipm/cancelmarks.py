@@ -27,7 +27,7 @@ class CancelMarks:
     def cancelled(self, rec: Record) -> bool:
         try:
             return read_small(str(self._cancel_path(rec))).decode() == _attempt_name(rec)
-        except OSError:
+        except (OSError, UnicodeDecodeError):
             return False
 
     def unmark_cancelled(self, rec: Record) -> None:

@@ -229,3 +229,13 @@ from aipm.workerfiles import exit_code_in_log
 print(exit_code_in_log({str(log)!r}), confine.failure({str(tmp_path / "T.1")!r}, True))
 """], capture_output=True, text=True, timeout=60)
     assert proc.stdout == "None None\n", proc.stderr
+
+
+def test_a_cancel_mark_of_bytes_that_are_no_text_is_no_mark(tmp_path):
+    """`cancelled` read the mark as UTF-8 and let its error out, where `kept_cancel` beside it reads such bytes as
+    no mark: a damaged mark must not end the recovery that asks."""
+    rt, rec = Runtime(tmp_path), _record(tmp_path, "A")
+    rt.mark_cancelled(rec)
+    assert rt.cancelled(rec)
+    rt._cancel_path(rec).write_bytes(b"\xff\xfe")
+    assert not rt.cancelled(rec)
