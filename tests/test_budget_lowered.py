@@ -95,3 +95,27 @@ def test_a_settings_file_saved_invalid_mid_run_keeps_the_runs_budget(project, ga
     assert code == 0 and "Traceback" not in said, said
     (line,) = [line for line in said.splitlines() if line.startswith("ignored")]
     assert "aipm.yaml" in line and "max_cost_usd" in line and "the run keeps max_cost_usd $1.00" in line, line
+
+
+def test_an_attempt_that_spends_past_its_cap_is_no_lowered_budget(project, gate):
+    """Claude Code stops at its --max-budget-usd only after the turn in flight, so an attempt may report a little
+    more than its cap. Nothing was lowered, yet the run said the running attempts' caps were 'given under a higher
+    budget' and, the budget reached, stopped B half-way, charging it its whole cap. B now finishes."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 1\n")
+    b_gate = project.root / "gate-b"
+    # Both start capped at $0.50; A spends past its cap and reports $1.05, which reaches the budget.
+    write_task(order, "A", prompt=f"@cost 2\n@overshoot 0.55\n@wait-for {gate}", target_files=["a.txt"],
+               priority="P0")
+    write_task(order, "B", prompt=f"@cost 0.3\n@wait-for {b_gate}", target_files=["b.txt"])
+    with running(project, gate, b_gate) as (run, out_path):
+        wait_for(lambda: len(journal(project)) == 2)
+        gate.touch()
+        wait_for(lambda: yaml.safe_load((order / "A.yaml").read_text()).get("cost_usd") == 1.05)
+        b_gate.touch()
+        run.wait(timeout=120)
+    said = out_path.read_text()
+    assert "higher budget" not in said and "stopped B" not in said, said
+    b = yaml.safe_load((order / "B.yaml").read_text())
+    assert (b["status"], b["cost_usd"]) == ("DONE", 0.3), b

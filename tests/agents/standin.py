@@ -5,6 +5,8 @@ Directives, one per line anywhere in the prompt:
 
     @cost 0.10               report this cost in US dollars (`@cost none`: report none); claude stops at its
                              --max-budget-usd instead, reporting that much, with an error
+    @overshoot 0.05          claude: stopped at its --max-budget-usd, report this much more than it (the turn in
+                             flight, which Claude Code finishes before it stops)
     @tokens IN OUT CR CW     report these token counts (input, output, cache read, cache write)
     @fail                    end the run with an error (exit 1)
     @fail-attempt N          ... only when AIPM_ATTEMPT is N
@@ -59,6 +61,7 @@ class Directives:
     stop_parent: bool = False
     kill_meter: bool = False
     tamper_copy: str | None = None
+    overshoot: float = 0.0
 
 
 # Directives that are a switch, or take the rest of their line as it is: the field of Directives each sets.
@@ -79,6 +82,8 @@ def directives(prompt: str) -> Directives:
             setattr(d, WORDS[word], rest.strip())
         elif word == "@cost":
             d.cost = None if rest.strip() == "none" else float(rest)
+        elif word == "@overshoot":
+            d.overshoot = float(rest)
         elif word == "@tokens":
             d.tokens = tuple(int(n) for n in rest.split())
         elif word == "@fail-attempt":
