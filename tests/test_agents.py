@@ -1150,37 +1150,25 @@ def test_ctrl_c_of_run_keeps_the_cost_the_attempt_reported(project, gate):
     assert (a["status"], a["attempts"], a["cost_usd"]) == ("QUEUED", 0, 0.04)
 
 
-def test_ctrl_c_whose_stopped_claude_attempts_fill_the_budget_says_so_then(project, gate):
+@pytest.mark.parametrize("ledger, limit, said", [
+    (None, "0.2", "budget   ORD: budget reached: the order's attempts cost $0.0000 spent, up to $0.2000 more not "
+                  "reported by killed attempts of max_cost_usd $0.2000 (order.yaml); raise it to go on"),
+    (0.1, "0.3", "budget   ORD: budget reached"),
+])
+def test_ctrl_c_whose_stopped_claude_attempts_fill_the_budget_says_so_then(project, gate, ledger, limit, said):
     """A user trial: two claude tasks shared a $0.20 budget, Ctrl-C stopped both before their result, and their
     caps ($0.10 each) counted as spent. `run` said only `stopped by signal; re-queued: A, B`; the next `run` started
-    nothing and said `budget reached` for the first time. Now the Ctrl-C says it, with what to do."""
-    order = project.order()
-    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.2\n")
-    for name in "AB":
-        write_task(order, name, agent="claude", prompt=f"@cost 0.01\n@wait-for {gate}", target_files=[f"{name}.txt"])
-    write_task(order, "C", command="true", depends_on=["A"], target_files=["c.txt"])
-    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
-    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"], env=env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    wait_for(lambda: len(journal(project)) == 2)
-    run.send_signal(signal.SIGINT)
-    out, err = run.communicate(timeout=60)
-    assert run.returncode == 130, out + err
-    assert ("budget   ORD: budget reached: the order's attempts cost $0.0000 spent, up to $0.2000 more not reported "
-            "by killed attempts of max_cost_usd $0.2000 (order.yaml); raise it to go on") in out, out + err
-    assert project.json("status", "ORD")["budget_reached"]
-
-
-def test_ctrl_c_whose_stopped_attempts_fill_the_budget_with_the_ledger_s_cost_says_so_then(project, gate):
-    """As above, with part of the budget spent by a task whose file is gone (the spending ledger has its cost): the
-    Ctrl-C judged the budget by the task files alone, said nothing, and the next `run` started nothing."""
+    nothing and said `budget reached` for the first time. Now the Ctrl-C says it, with what to do. With `ledger`,
+    part of the budget was spent by a task whose file is gone (the spending ledger has its cost): the Ctrl-C judged
+    the budget by the task files alone, and said nothing."""
     from aipm.runtime import Runtime
 
     order = project.order()
-    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.3\n")
-    Runtime(project.root).ledger_paths("ORD", writing=True)[0].write_text(json.dumps(
-        {"task": "G", "attempt": 1, "phase": "work", "definition": "", "cost_usd": 0.1, "cost_unreported_usd": 0.0})
-        + "\n")
+    (order / "order.yaml").write_text(f"id: ORD\nmax_cost_usd: {limit}\n")
+    if ledger is not None:
+        Runtime(project.root).ledger_paths("ORD", writing=True)[0].write_text(json.dumps(
+            {"task": "G", "attempt": 1, "phase": "work", "definition": "", "cost_usd": ledger,
+             "cost_unreported_usd": 0.0}) + "\n")
     for name in "AB":
         write_task(order, name, agent="claude", prompt=f"@cost 0.01\n@wait-for {gate}", target_files=[f"{name}.txt"])
     write_task(order, "C", command="true", depends_on=["A"], target_files=["c.txt"])
@@ -1191,7 +1179,7 @@ def test_ctrl_c_whose_stopped_attempts_fill_the_budget_with_the_ledger_s_cost_sa
     run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=60)
     assert run.returncode == 130, out + err
-    assert "budget   ORD: budget reached" in out, out + err
+    assert said in out, out + err
     assert project.json("status", "ORD")["budget_reached"]
 
 
