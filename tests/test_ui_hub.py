@@ -67,6 +67,30 @@ def test_pages_woken_while_a_read_waits_for_its_pace_share_that_read():
     assert count == 2
 
 
+def test_a_change_during_a_read_is_read_after_it_and_its_pause_not_beside_it():
+    async def scenario():
+        hub = Hub(None, None)
+        hub.start()
+        loop = asyncio.get_running_loop()
+        reads: list[tuple[float, float]] = []
+
+        async def read():
+            began = loop.time()
+            await asyncio.sleep(0.05)
+            reads.append((began, loop.time()))
+            return {}
+
+        hub._wake(True, set())
+        first = asyncio.ensure_future(hub.board(read))
+        await asyncio.sleep(0.01)  # the first read is under way
+        hub._wake(True, set())  # a change it may not cover: another stream asks again
+        await asyncio.gather(first, hub.board(read))
+        return reads
+
+    (began, ended), (next_began, _) = asyncio.run(scenario())
+    assert next_began - ended >= PACE * (ended - began) * 0.99
+
+
 def test_a_stop_ends_the_pause_of_a_waiting_read():
     """Ctrl-C of `aipm ui`: a read waiting for its pace goes at once, so the streams can end."""
 

@@ -145,12 +145,16 @@ class Hub:
         """The board as of the latest change: one read(), however many streams that change woke (each stream
         read its own, so 30 open pages made each change 30 reads of every task file)."""
         if self._read is None or self._read[0] < self.changes:
-            self._read = (float("inf"), asyncio.ensure_future(self._paced(read)))
+            before = self._read[1] if self._read is not None else None
+            self._read = (float("inf"), asyncio.ensure_future(self._paced(read, before)))
         return await asyncio.shield(self._read[1])  # a page that leaves does not cancel the others' read
 
-    async def _paced(self, read: Callable[[], Awaitable[dict]]) -> dict:
-        """read(), once the pause after the last read has passed (see PACE); it covers the changes counted when it
-        starts, and the time it takes sets the next pause."""
+    async def _paced(self, read: Callable[[], Awaitable[dict]], before: asyncio.Future | None) -> dict:
+        """read(), once the read `before` it has ended and the pause after it has passed (see PACE); it covers the
+        changes counted when it starts, and the time it takes sets the next pause. (A change during a read began
+        the next one at once, beside it, whatever the pause.)"""
+        if before is not None and not before.done():
+            await asyncio.wait({before})
         pause = min(self._next_read - self._loop.time(), MAX_PAUSE)
         if pause > 0 and not self.stopping:
             try:
