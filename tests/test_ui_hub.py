@@ -13,22 +13,28 @@ pytest.importorskip("starlette")  # the `ui` extra
 from aipm.ui.stream import PACE, Hub  # noqa: E402
 
 
+def recorded_reads(seconds: float = 0.05):
+    """A started Hub, and a board read that takes `seconds` on the loop clock and notes (began, ended) in a list."""
+    hub = Hub(None, None)
+    hub.start()
+    loop = asyncio.get_running_loop()
+    reads: list[tuple[float, float]] = []
+
+    async def read():
+        began = loop.time()
+        await asyncio.sleep(seconds)
+        reads.append((began, loop.time()))
+        return {"n": len(reads)}
+
+    return hub, read, reads
+
+
 def test_a_board_changing_all_the_time_is_read_at_most_a_tenth_of_the_time():
     """A run of quick tasks changes the board many times a second: each read began as soon as the last ended, and
     an open page of a 3,000-task order kept a core busy beside the workers."""
 
     async def scenario():
-        hub = Hub(None, None)
-        hub.start()
-        loop = asyncio.get_running_loop()
-        reads: list[tuple[float, float]] = []
-
-        async def read():
-            began = loop.time()
-            await asyncio.sleep(0.05)
-            reads.append((began, loop.time()))
-            return {"n": len(reads)}
-
+        hub, read, reads = recorded_reads()
         for _ in range(5):
             hub._wake(True, set())  # a change, as the project watch reports one
             await hub.board(read)
@@ -69,17 +75,7 @@ def test_pages_woken_while_a_read_waits_for_its_pace_share_that_read():
 
 def test_a_change_during_a_read_is_read_after_it_and_its_pause_not_beside_it():
     async def scenario():
-        hub = Hub(None, None)
-        hub.start()
-        loop = asyncio.get_running_loop()
-        reads: list[tuple[float, float]] = []
-
-        async def read():
-            began = loop.time()
-            await asyncio.sleep(0.05)
-            reads.append((began, loop.time()))
-            return {}
-
+        hub, read, reads = recorded_reads()
         hub._wake(True, set())
         first = asyncio.ensure_future(hub.board(read))
         await asyncio.sleep(0.01)  # the first read is under way
