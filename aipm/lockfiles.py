@@ -16,7 +16,7 @@ from contextlib import suppress
 from functools import lru_cache
 from pathlib import Path
 
-from aipm.workerfiles import open_regular, reading, write_bytes
+from aipm.workerfiles import open_checked, open_regular, write_bytes
 
 MADE = "made.txt"
 
@@ -37,16 +37,18 @@ class LockFiles:
     def read(self) -> bool:
         """Read what was appended since; False when there is no list (removed, or made before aipm kept one)."""
         try:
-            handle = reading(self.path)
+            fd, st = open_checked(self.path)
         except OSError:  # none, or no file (a FIFO a worker left): written anew
             return False
-        with handle:
-            st = os.fstat(handle.fileno())
+        try:
             dev, ino, length = self._read
             if (st.st_dev, st.st_ino) != (dev, ino) or st.st_size < length:
                 self.inodes, length = {}, 0  # written anew
-            handle.seek(length)
-            data = handle.read()
+            data = b""
+            while chunk := os.pread(fd, max(st.st_size - length - len(data), 0) + 4096, length + len(data)):
+                data += chunk
+        finally:
+            os.close(fd)
         whole = data.rfind(b"\n") + 1  # a line still being appended is read next time
         for line in data[:whole].decode(errors="replace").splitlines():
             name, _, number = line.partition(" ")

@@ -147,6 +147,10 @@ def _open(state: Path, node: str, path: str) -> int:
             if not node:
                 return os.open(state, os.O_RDONLY | os.O_DIRECTORY)
             try:
+                return os.open(path, os.O_RDONLY)  # made already, as prepare() or an earlier lock left it: most are
+            except FileNotFoundError:
+                pass
+            try:
                 return _create(path, node)
             except FileExistsError:
                 return os.open(path, os.O_RDONLY)

@@ -17,6 +17,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from functools import lru_cache
 from typing import Any
 
 # posix_spawnattr flags, as glibc and musl number them (other systems differ: Linux only, see _load)
@@ -65,7 +66,7 @@ def spawn(path: str, argv: Sequence[str], env: Mapping[str, str], file_actions: 
                               setsigdef=_RESTORED)
     fsenc, libc = os.fsencode, _quick
     args = (ctypes.c_char_p * (len(argv) + 1))(*map(fsenc, argv), None)
-    envp = (ctypes.c_char_p * (len(env) + 1))(*(fsenc(k) + b"=" + fsenc(v) for k, v in env.items()), None)
+    envp = (ctypes.c_char_p * (len(env) + 1))(*map(_variable, env.items()), None)
     actions, attr = ctypes.create_string_buffer(_STATE_BYTES), ctypes.create_string_buffer(_STATE_BYTES)
     keep = []  # the paths of open actions: libc keeps pointers to them until the spawn
     _check(libc.posix_spawn_file_actions_init(actions))
@@ -96,6 +97,13 @@ def spawn(path: str, argv: Sequence[str], env: Mapping[str, str], file_actions: 
             libc.posix_spawnattr_destroy(attr)
     finally:
         libc.posix_spawn_file_actions_destroy(actions)
+
+
+@lru_cache(maxsize=1024)
+def _variable(item: tuple[str, str]) -> bytes:
+    """`NAME=value` as the child's environment holds it. Remembered: a worker's environment is the same forty-odd
+    variables each time but for a few of aipm's, and encoding them all again was a tenth of a spawn's Python."""
+    return os.fsencode(item[0]) + b"=" + os.fsencode(item[1])
 
 
 def _check(err: int) -> None:

@@ -84,6 +84,7 @@ class Runtime(CancelMarks):
         self._made: set[str] = set()  # state directories known to exist: the hot path skips mkdir calls
         self._paths: dict[tuple[str, ...], Path] = {}  # (order, task[, kind]) -> its file's path
         self._dirs: dict[tuple[Path, str, str], Path] = {}  # (base, kind, order) -> the order's directory there
+        self._ledger_files: dict[str, tuple[Path, Path]] = {}  # order -> its spending ledgers (state, tree)
         self._launch_lock = self.state / "launch.lock"
         self._logs_probe = self.dir / "logs" / "x"
         self._lock_depth = 0
@@ -394,13 +395,20 @@ class Runtime(CancelMarks):
         """The order's spending ledgers (spending.py): in the state directory, which a `git clean` of the tree does
         not reach, and in `.aipm/spent/`, which a reboot that empties /tmp does not (their directories made when
         `writing`; one that cannot be made, a full disk or a worker's file in its place, leaves the other)."""
-        name = f"{_safe(order)}.jsonl"
-        state, tree = self.state / "spent" / name, self.dir / "spent" / name
+        state, tree = self._ledgers(order)
         if writing:
             for make, path in ((self._state_file, state), (self._dir, tree)):
                 with suppress(OSError):
                     make(path)
         return [state, tree]
+
+    def _ledgers(self, order: str) -> tuple[Path, Path]:
+        """Remembered: asked for several times on each hand-over (the plan's costs, the outcome's charge)."""
+        found = self._ledger_files.get(order)
+        if found is None:
+            name = f"{_safe(order)}.jsonl"
+            found = self._ledger_files[order] = (self.state / "spent" / name, self.dir / "spent" / name)
+        return found
 
 
 def entries(directory: str | Path) -> list[os.DirEntry]:

@@ -46,6 +46,8 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 _NAME = re.compile(r"\d+-\d+")
 _EXPORTS = "/proc/fs/nfsd/exports"  # what the kernel NFS server exports, while it runs
 _libc = None  # ctypes' libc, or False where it cannot be loaded
+# Who this process is (a system call each time asked, several times per status write; aipm never changes them)
+_EUID, _EGID = os.geteuid(), os.getegid()
 
 
 def _c() -> ctypes.CDLL | None:
@@ -288,7 +290,7 @@ class Pool:
             if self._ignored:
                 with open(os.path.join(self.dir, ".gitignore"), "w") as handle:
                     handle.write("# aipm's spare files: never version-controlled\n*\n")
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != _EUID:
             return False
         if not self._checked:
             self._checked = True
@@ -327,8 +329,8 @@ def _inherits(directory: str) -> bool:
 
 def _reusable(info: os.stat_result) -> bool:
     # The group too: one task file's (a `chgrp` to share it) must not pass to another, as an ACL must not.
-    return (stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == os.geteuid()
-            and info.st_gid == os.getegid())
+    return (stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == _EUID
+            and info.st_gid == _EGID)
 
 
 def _ours_alone(fd: int, ino: int) -> bool:
