@@ -266,7 +266,7 @@ def plan(
                 states = ", ".join(f"{d} ({deps[d].status.value}{_spent(deps[d])})" for d in waiting)
                 result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
             continue
-        if refused and task.id in refused:
+        if refused is not None and task.id in refused:
             # Chosen, it failed at its start and yet kept its files "first this round" from every task ranked
             # after it, round after round: a P3 sharing a file with an impossible P0 never ran.
             blocked = Blocked(task.id, REFUSED, refused[task.id])
