@@ -8,7 +8,7 @@ Pure: the caller passes the machine's totals and what running tasks hold.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 from aipm.model import Task
@@ -61,3 +61,36 @@ def fit(tasks: Iterable[Task], total: Capacity, used_cpus: float, used_memory_mb
 
 def _mb(value: int | None) -> str:
     return f"{value} MB" if value is not None else "memory it cannot read"
+
+
+class Refusals(Mapping[str, str]):
+    """Id → why, of the tasks among `tasks` that can never start on a machine of `total()` (fit's third part),
+    found task by task as the plan asks (it stops at the first free slots): over every ready task at each plan, a
+    run of a thousand ready tasks was quadratic. `total` is read at the first task that declares resources."""
+
+    def __init__(self, tasks: Mapping[str, Task], total: Callable[[], Capacity]):
+        self._tasks, self._total, self._known = tasks, total, {}
+        self._capacity: Capacity | None = None
+
+    def _why(self, tid: str) -> str | None:
+        if tid not in self._known:
+            task = self._tasks[tid]
+            if task.resources is not None and self._capacity is None:
+                self._capacity = self._total()
+            self._known[tid] = fit([task], self._capacity, 0.0, 0)[2].get(tid) if task.resources else None
+        return self._known[tid]
+
+    def __contains__(self, tid: object) -> bool:
+        return tid in self._tasks and self._why(tid) is not None
+
+    def __getitem__(self, tid: str) -> str:
+        why = self._why(tid) if tid in self._tasks else None
+        if why is None:
+            raise KeyError(tid)
+        return why
+
+    def __iter__(self) -> Iterator[str]:
+        return (tid for tid in self._tasks if tid in self)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)

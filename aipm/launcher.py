@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from collections.abc import Collection, Iterable, Iterator, Mapping
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 from aipm import agents, durable, holds, locks, recovery, scope, subreaper, writtenlog
@@ -18,7 +18,7 @@ from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
 from aipm.plan import LIMIT, Busy, ForeignLock, Plan, plan
 from aipm.project import Project
-from aipm.capacity import Capacity, fit
+from aipm.capacity import Capacity, Refusals, fit
 from aipm.demand import Demands
 from aipm.resources import RAMP_DELAY, RAMP_FROM_PERCENT, ResourceMonitor, get_system_info, starts_now
 from aipm.record import Record, live_pid
@@ -250,7 +250,7 @@ class Launcher(Starter):
             ids = chosen(view.ready_ordering(below))
             options = dict(explain=False, running=view.running, budget=spend, outside=outside,
                            released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")})
-        refused = _Refusals(self, order.tasks)
+        refused = Refusals(order.tasks, _capacity) if self.settings.runner == "local" else {}
         slots = free
         while True:
             result = plan(counted, busy, live, slots, ids, refused=refused, **options)
@@ -407,34 +407,6 @@ class Launcher(Starter):
         """Id → why, of the tasks the local runner refuses whatever runs: they declare more than this machine has."""
         asking = [t for t in tasks if t.resources] if self.settings.runner == "local" else []
         return fit(asking, _capacity(), 0.0, 0)[2] if asking else {}
-
-
-class _Refusals(Mapping[str, str]):
-    """refused_here() of an order's tasks, asked task by task as the plan reaches them (it stops at the first
-    free slots): over every ready task at each plan, a run of a thousand ready tasks was quadratic."""
-
-    def __init__(self, launcher: Launcher, tasks: Mapping[str, Task]):
-        self._launcher, self._tasks, self._known = launcher, tasks, {}
-
-    def _why(self, tid: str) -> str | None:
-        if tid not in self._known:
-            self._known[tid] = self._launcher.refused_here([self._tasks[tid]]).get(tid)
-        return self._known[tid]
-
-    def __contains__(self, tid: object) -> bool:
-        return tid in self._tasks and self._why(tid) is not None
-
-    def __getitem__(self, tid: str) -> str:
-        why = self._why(tid)
-        if why is None:
-            raise KeyError(tid)
-        return why
-
-    def __iter__(self) -> Iterator[str]:
-        return (tid for tid in self._tasks if tid in self)
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
 
 
 def _capacity() -> Capacity:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 
-from aipm.capacity import Capacity, fit
+from aipm.capacity import Capacity, Refusals, fit
 from aipm.model import Resources, Task
 from aipm.resources import get_system_info
 from conftest import task_statuses, wait_for, write_task
@@ -27,6 +27,25 @@ def test_fit_packs_in_order_and_says_why():
     assert set(waiting) == {"B", "F"} and "0.5 CPU(s)" in waiting["B"]
     assert set(refused) == {"D", "E"}
     assert "--runner ray" in refused["D"] and "GPU" in refused["E"]
+
+
+def test_refusals_are_fits_third_part_found_task_by_task_and_the_machine_read_only_when_one_declares_some():
+    """The plan asks task by task as it reaches them; every ready task was checked at each plan before (a run of
+    1000 ready tasks: 251,001 checks)."""
+    class Looked(dict):
+        def __getitem__(self, tid):
+            looked.append(tid)
+            return super().__getitem__(tid)
+
+    looked, reads = [], []
+    tasks = Looked({t.id: t for t in [_task("A"), _task("D", cpus=3), _task("E", gpus=1), _task("F", memory_mb=50)]})
+    machine = Capacity(cpus=2, memory_mb=120)
+    refused = Refusals(tasks, lambda: reads.append(1) or machine)
+    assert "A" not in refused and "nope" not in refused
+    assert looked == ["A"] and reads == []  # one task looked at; it declares nothing, so no machine is read
+    assert refused["D"] == fit(list(tasks.values()), machine, 0.0, 0)[2]["D"] and looked == ["A", "D"]
+    assert "F" not in refused and "E" in refused and reads == [1]  # read once, at the first that declares some
+    assert dict(refused) == fit(list(tasks.values()), machine, 0.0, 0)[2] == {"D": refused["D"], "E": refused["E"]}
 
 
 def test_a_task_waiting_for_capacity_is_not_passed_by_smaller_ones_ranked_after_it():
