@@ -115,7 +115,8 @@ class Display:
             return
         if self.mode == "plain":
             if event.get("event") != "error":  # on stderr already: print each error once
-                print(plain_line(event), flush=True)
+                sys.stdout.write(plain_line(event) + "\n")  # one write (print's line and newline were two)
+                sys.stdout.flush()
             return
         kind, task = event.get("event"), event.get("task")
         if kind in ("started", "adopted") and not event.get("detached"):
