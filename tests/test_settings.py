@@ -169,6 +169,20 @@ def test_config_json_keys_are_the_names_written_in_aipm_yaml(tmp_path):
     assert s["worker.agent"]["source"] == "default" and "worker_command" not in s
 
 
+def test_config_takes_the_setting_flags_of_run_and_says_they_came_from_them(tmp_path):
+    """`config` took only the load flags: what `run --runner ray --confine --workspace worktree --preempt` would use
+    could not be shown, and `config --confine` was a usage error."""
+    (tmp_path / "aipm.yaml").write_text("workspace: shared\n")
+    s = effective(tmp_path, "--runner", "ray", "--confine", "--workspace", "worktree", "--preempt")
+    assert s["runner"] == {"value": "ray", "source": "flag --runner"}
+    assert s["confine"] == {"value": True, "source": "flag --confine"}
+    assert s["workspace"] == {"value": "worktree", "source": "flag --workspace"}  # over aipm.yaml's
+    assert s["preempt"] == {"value": True, "source": "flag --preempt"}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    assert_one_line_error(aipm(tmp_path, "config", "--workspace", "elsewhere"), "--workspace", "elsewhere")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
 def test_config_table_names_sources(tmp_path):
     (tmp_path / "aipm.yaml").write_text("max_workers: 3\n")
     proc = aipm(tmp_path, "config", env={"AIPM_MAX_MEMORY_PERCENT": "70"})

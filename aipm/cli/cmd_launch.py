@@ -17,7 +17,8 @@ from aipm.advice import stray_files, unenforced_budget, warnings
 from aipm.cli.common import console, json_option, print_json, project_root, warn
 from aipm.cli.display import Display, mode_for, plain_line, summary_event
 from aipm.cli.resource_options import (
-    MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, RunnerOpt, settings_from_flags,
+    ConfineOpt, MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, PreemptOpt, RunnerOpt,
+    WorkspaceOpt, settings_from_flags,
 )
 from aipm.launcher import Launcher, LaunchReport, Options
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
@@ -31,11 +32,6 @@ from aipm.view import OrderView
 
 ModelOpt = Option(None, "--model", help="Model for worker templates (overrides the task and aipm.yaml).")
 NoReviewOpt = Option(False, "--no-review", help="Skip review: a task that exits 0 becomes DONE.")
-ConfineOpt = Option(False, "--confine", help="Confine workers to their target files with Landlock "
-                    "(tasks that say `confine: false` excepted); refused where the kernel lacks it.")
-WorkspaceOpt = Option(
-    None, "--workspace", help="Where tasks without `workspace:` work: shared (the project tree, default) or "
-                              "worktree (a git worktree each, merged back when approved).")
 
 
 def _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, options: Options,
@@ -140,9 +136,7 @@ def run(
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
     runner: Optional[str] = RunnerOpt,
-    preempt: bool = Option(
-        False, "--preempt", help="An urgent (P0/P1) task that only lower-priority work of this run keeps from "
-        "starting stops that work (re-queued, attempt not counted; at most twice per task). Setting `preempt`."),
+    preempt: bool = PreemptOpt,
     confine: bool = ConfineOpt,
     workspace: Optional[str] = WorkspaceOpt,
     json_out: bool = Option(False, "--json", help="Stream one JSON object per event, then a summary event."),

@@ -11,7 +11,8 @@ from rich.table import Table
 from aipm.cli.common import JsonOpt, console, print_json, project_root
 from aipm.cli.decl import command
 from aipm.cli.resource_options import (
-    MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, settings_from_flags,
+    ConfineOpt, MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, PreemptOpt, RunnerOpt,
+    WorkspaceOpt, settings_from_flags,
 )
 from aipm.resources import ResourceMonitor, get_system_info
 from aipm.settings import SETTING_NAMES, setting_key
@@ -32,11 +33,17 @@ def config(
     max_memory: Optional[float] = MaxMemoryOpt,
     no_monitoring: bool = NoMonitoringOpt,
     no_auto_scaling: bool = NoAutoScalingOpt,
+    runner: Optional[str] = RunnerOpt,
+    preempt: bool = PreemptOpt,
+    confine: bool = ConfineOpt,
+    workspace: Optional[str] = WorkspaceOpt,
     json_out: bool = JsonOpt,
 ) -> None:
-    """Show every effective setting, its value and where it came from (default, aipm.yaml, environment, flag)."""
+    """Show every effective setting, its value and where it came from (default, aipm.yaml, environment, flag).
+    Takes the setting flags of `run`, to show what a run given them would use."""
     root = project_root()
-    settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling)
+    settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, runner,
+                                   preempt, confine, workspace)
     values = {name: getattr(settings, name) for name in SETTING_NAMES}
     if json_out:  # keyed as aipm.yaml spells each setting (`worker.command`), as the table and errors name it
         print_json({"root": str(root), "settings": {

@@ -1,4 +1,4 @@
-"""The resource flags shared by launch, run, exec, detect, config and resources.
+"""The setting flags shared by launch, run, exec, detect, config and resources.
 
 Use the Opt constants as parameter defaults and hand the values to `settings_from_flags`:
 
@@ -30,3 +30,11 @@ NoAutoScalingOpt = Option(
 RunnerOpt = Option(
     None, "--runner", help="Where workers run: local (default) or ray (a Ray cluster: RAY_ADDRESS or ray.address)."
 )
+PreemptOpt = Option(
+    False, "--preempt", help="An urgent (P0/P1) task that only lower-priority work of this run keeps from "
+    "starting stops that work (re-queued, attempt not counted; at most twice per task). Setting `preempt`.")
+ConfineOpt = Option(False, "--confine", help="Confine workers to their target files with Landlock "
+                    "(tasks that say `confine: false` excepted); refused where the kernel lacks it.")
+WorkspaceOpt = Option(
+    None, "--workspace", help="Where tasks without `workspace:` work: shared (the project tree, default) or "
+                              "worktree (a git worktree each, merged back when approved).")
