@@ -40,21 +40,23 @@ class _Unsure(Exception):
     """Not certainly the flat form: leave the file to libyaml."""
 
 
-# The last two texts read and their mappings: a status write reads its file's text twice (its parse, then
-# patch.py's edit) and proves the text it writes, which the next write of that file reads again.
-_last: tuple[str, dict[str, Any]] | None = None
-_before: tuple[str, dict[str, Any]] | None = None
+# The last texts read and their mappings: a status write reads its file's text twice (its parse, then patch.py's
+# edit) and proves the text it writes, which the next write of that file reads again, after the writes of the
+# other running tasks' files (two were kept: with two workers the next write of a file found its text gone).
+_known: dict[str, dict[str, Any]] = {}
+_KNOWN_MAX = 16
 
 
 def mapping(text: str) -> dict[str, Any] | None:
     """The mapping of a flat task file, or None when `text` is not certainly in the flat form."""
-    global _last, _before
-    for known in (_last, _before):
-        if known is not None and known[0] == text:
-            return _copy(known[1])  # a copy: what a caller does with its mapping is not the next caller's
+    known = _known.get(text)
+    if known is not None:
+        return _copy(known)  # a copy: what a caller does with its mapping is not the next caller's
     data = _read(text)
     if data is not None:
-        _last, _before = (text, _copy(data)), _last  # kept apart from the caller's, which is the caller's own
+        if len(_known) >= _KNOWN_MAX:
+            del _known[next(iter(_known))]  # the oldest
+        _known[text] = _copy(data)  # kept apart from the caller's, which is the caller's own
     return data
 
 
