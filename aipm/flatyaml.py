@@ -14,6 +14,7 @@ Plain scalars are typed by PyYAML's own table of implicit resolvers (the one CSa
 from __future__ import annotations
 
 import re
+import threading
 from typing import Any
 
 from yaml.resolver import Resolver
@@ -45,6 +46,9 @@ class _Unsure(Exception):
 # other running tasks' files (two were kept: with two workers the next write of a file found its text gone).
 _known: dict[str, dict[str, Any]] = {}
 _KNOWN_MAX = 16
+# Held to drop the oldest and add (a parse's cost beside it is nothing): `aipm ui` reads task files in several
+# threads, and two dropping the same oldest at once raised KeyError out of a read.
+_keeping = threading.Lock()
 
 
 def mapping(text: str) -> dict[str, Any] | None:
@@ -54,9 +58,11 @@ def mapping(text: str) -> dict[str, Any] | None:
         return _copy(known)  # a copy: what a caller does with its mapping is not the next caller's
     data = _read(text)
     if data is not None:
-        if len(_known) >= _KNOWN_MAX:
-            del _known[next(iter(_known))]  # the oldest
-        _known[text] = _copy(data)  # kept apart from the caller's, which is the caller's own
+        kept = _copy(data)  # kept apart from the caller's, which is the caller's own
+        with _keeping:
+            if len(_known) >= _KNOWN_MAX:
+                del _known[next(iter(_known))]  # the oldest
+            _known[text] = kept
     return data
 
 

@@ -1,6 +1,9 @@
 """Issue 17 (B3): the flat form of a task file read without libyaml. Whatever it accepts, it reads exactly as
 libyaml does; everything else it leaves to libyaml."""
 
+import sys
+import threading
+
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -152,3 +155,31 @@ def test_a_text_read_again_gives_the_same_mapping_and_a_caller_changing_its_own_
     mine["depends_on"].append("T2")
     mine["target_files"].append("x")
     assert flatyaml.mapping(listed) == {"id": "T3", "command": "make c", "depends_on": ["T1"], "target_files": []}
+
+
+def test_threads_reading_task_files_at_once_all_get_their_mappings():
+    # `aipm ui` reads orders in its request threads (and cancel/retry write statuses in theirs): when the kept
+    # texts were full, two threads dropping the oldest at once raised KeyError or "dictionary changed size during
+    # iteration" out of a task file's read. A tiny switch interval makes threads meet there at once.
+    errors, threads = [], 4
+    start = threading.Barrier(threads)
+
+    def read(n: int) -> None:
+        start.wait()
+        try:
+            for i in range(20000):
+                assert flatyaml.mapping(f"id: T{n}_{i}\n") == {"id": f"T{n}_{i}"}
+        except Exception as exc:  # noqa: BLE001 - the test's finding, said below
+            errors.append(repr(exc))
+
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        running = [threading.Thread(target=read, args=(n,)) for n in range(threads)]
+        for thread in running:
+            thread.start()
+        for thread in running:
+            thread.join()
+    finally:
+        sys.setswitchinterval(before)
+    assert errors == []
