@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import stat
 from collections.abc import Iterable
 from contextlib import suppress
 from functools import lru_cache
@@ -134,11 +135,21 @@ def _lock(state: Path, node: str, exclusive: bool) -> tuple[int, int]:
         try:
             held, now = os.fstat(fd), os.stat(path)
             if (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
-                return fd, held.st_ino
+                if stat.S_ISREG(held.st_mode) or stat.S_ISDIR(held.st_mode):
+                    return fd, held.st_ino
+                # A worker's FIFO (or a link to one, to a device) in its place: `aipm locks` reading the node's name
+                # there would wait for ever. Removed, as a worker's `rm` may remove any, and made anew.
+                with suppress(OSError):
+                    os.unlink(path)
         except FileNotFoundError:
             pass
         os.close(fd)
     raise OSError(errno.EAGAIN, f"{path} keeps being replaced")
+
+
+# A lock file made already is opened without waiting: a worker's FIFO in its place held the launch lock for ever
+# (_lock then makes the file anew).
+_EXISTING = os.O_RDONLY | os.O_NONBLOCK
 
 
 def _open(state: Path, node: str, path: str) -> int:
@@ -147,13 +158,13 @@ def _open(state: Path, node: str, path: str) -> int:
             if not node:
                 return os.open(state, os.O_RDONLY | os.O_DIRECTORY)
             try:
-                return os.open(path, os.O_RDONLY)  # made already, as prepare() or an earlier lock left it: most are
+                return os.open(path, _EXISTING)  # made already, as prepare() or an earlier lock left it: most are
             except FileNotFoundError:
                 pass
             try:
                 return _create(path, node)
             except FileExistsError:
-                return os.open(path, os.O_RDONLY)
+                return os.open(path, _EXISTING)
         except FileNotFoundError:
             make_state_dir(state)  # first use, or someone removed it: locks held in the old one are lost there
     raise OSError(errno.ENOENT, f"cannot create {path}")

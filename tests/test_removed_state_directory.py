@@ -375,6 +375,27 @@ def test_a_fifo_a_worker_leaves_in_place_of_a_state_file_hangs_nothing(tmp_path,
     assert project.json("locks")["locks"] == []
 
 
+def test_a_fifo_a_worker_leaves_in_place_of_a_lock_file_hangs_nothing_and_the_file_still_excludes(tmp_path):
+    """A lock file was opened as any file: a worker's FIFO in its place (`rm -f $STATE/locks/F; mkfifo
+    $STATE/locks/F`) hung the next launch on its target for ever, under the launch lock. Two runs then race to
+    make it a lock file again: both finish, and their workers on x.py never run at the same time."""
+    project, journal = Project(tmp_path), tmp_path / "journal"
+    where = state(tmp_path) / "locks" / node_file("x.py")
+    a_worker_runs(project, "PLANT", f'rm -f "{where}"; mkfifo "{where}"')
+    for order, task in (("ONE", "A"), ("TWO", "B")):
+        write_task(project.order(order), task, target_files=["x.py"], command=journal_command(journal, "sleep 0.3"))
+    runs = [Proc(tmp_path, "run", order, "--no-resource-monitoring") for order in ("ONE", "TWO")]
+    try:
+        assert [run.wait(timeout=60) for run in runs] == [0, 0], [run.output for run in runs]
+    finally:
+        for run in runs:
+            run.kill()
+    first, second = sorted(spans(journal), key=lambda span: span.start)
+    assert first.end is not None and second.end is not None and first.end <= second.start
+    assert where.is_file() and not where.is_symlink()  # a lock file again
+    assert project.json("locks")["locks"] == []
+
+
 def test_a_project_made_again_at_its_path_does_not_take_the_dead_ones_attempts(tmp_path):
     """A run killed with `kill -9`, its worker ended on its own; then the project removed and made again at the
     same path (`rm -rf p && git clone ... p`). ext4 gives the new root the freed inode back, and the state
