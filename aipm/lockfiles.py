@@ -16,7 +16,7 @@ from contextlib import suppress
 from functools import lru_cache
 from pathlib import Path
 
-from aipm.workerfiles import open_checked, open_regular, write_bytes
+from aipm.workerfiles import STATE_FILE_MAX, open_checked, open_regular, write_bytes
 
 MADE = "made.txt"
 
@@ -44,9 +44,12 @@ class LockFiles:
             dev, ino, length = self._read
             if (st.st_dev, st.st_ino) != (dev, ino) or st.st_size < length:
                 self.inodes, length = {}, 0  # written anew
-            data = b""
-            while chunk := os.pread(fd, max(st.st_size - length - len(data), 0) + 4096, length + len(data)):
+            data = b""  # (at most STATE_FILE_MAX and a page more: a worker's sparse terabyte is not read whole)
+            while len(data) <= STATE_FILE_MAX and (chunk := os.pread(
+                    fd, min(max(st.st_size - length - len(data), 0), STATE_FILE_MAX) + 4096, length + len(data))):
                 data += chunk
+            if len(data) > STATE_FILE_MAX:  # no list aipm wrote: written anew, as when it is missing
+                return False
         finally:
             os.close(fd)
         whole = data.rfind(b"\n") + 1  # a line still being appended is read next time

@@ -27,7 +27,7 @@ from aipm.digest import sha1
 from aipm.errors import UserError
 from aipm.liveness import process_alive, process_ctime
 from aipm.lockholders import open_under, read_text
-from aipm.workerfiles import read_bytes, write_bytes
+from aipm.workerfiles import STATE_FILE_MAX, read_bytes, write_bytes
 
 STATE_BASE = "/tmp"  # fixed, not $TMPDIR: every aipm process of a project must find the same directory
 
@@ -172,7 +172,7 @@ def orphans(state: Path, make: bool = True) -> list[tuple[int, str, bool]]:
     _, locks, noted = _places(state)
     try:
         if make or os.path.isdir(locks):  # (a taker makes `locks/` again first; a reader would read the old note)
-            return _holding(json.loads(read_bytes(noted)))
+            return _holding(json.loads(read_bytes(noted, STATE_FILE_MAX)))
     except FileNotFoundError:
         if make:
             if os.path.isdir(locks):

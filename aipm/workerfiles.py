@@ -16,6 +16,9 @@ from typing import BinaryIO
 
 # Flags for a log a child is given: a FIFO in its place fails the spawn (ENXIO) where it held spawner and child.
 NO_WAIT = os.O_NONBLOCK | os.O_NOFOLLOW
+# The most aipm reads of a state file of its own (the lock list, the note of held removed locks): a worker's sparse
+# file of a terabyte under the name was read whole, a MemoryError. Far above what aipm writes there.
+STATE_FILE_MAX = 16 << 20
 
 
 def open_regular(path: str | os.PathLike, flags: int = os.O_RDONLY, mode: int = 0o666) -> int:
@@ -45,18 +48,25 @@ def reading(path: str | os.PathLike) -> BinaryIO:
     return open(path, "rb", opener=lambda name, _: open_regular(name))  # named by its path, as open()'s are
 
 
-def read_bytes(path: str | os.PathLike) -> bytes:
+def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
     """The whole file, through one descriptor (a buffered file object costs four more system calls a read; the
-    hot path reads a few small files on each hand-over)."""
+    hot path reads a few small files on each hand-over). Longer than `limit`: OSError, and not read."""
     fd, info = open_checked(path)
     try:
+        _within(path, info.st_size, limit)
         data = chunk = os.read(fd, info.st_size + 1)
         while chunk:
+            _within(path, len(data), limit)  # grown since its fstat
             chunk = os.read(fd, 1 << 20)
             data += chunk
         return data
     finally:
         os.close(fd)
+
+
+def _within(path: str | os.PathLike, size: int, limit: int | None) -> None:
+    if limit is not None and size > limit:
+        raise OSError(errno.EFBIG, f"over {limit} bytes (its worker made it)", str(path))
 
 
 def read_end(path: str | os.PathLike, limit: int) -> bytes:

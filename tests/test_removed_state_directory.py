@@ -379,12 +379,30 @@ def test_a_fifo_a_worker_leaves_in_place_of_a_lock_file_hangs_nothing_and_the_fi
     """A lock file was opened as any file: a worker's FIFO in its place (`rm -f $STATE/locks/F; mkfifo
     $STATE/locks/F`) hung the next launch on its target for ever, under the launch lock. Two runs then race to
     make it a lock file again: both finish, and their workers on x.py never run at the same time."""
-    project, journal = Project(tmp_path), tmp_path / "journal"
+    project = Project(tmp_path)
     where = state(tmp_path) / "locks" / node_file("x.py")
     a_worker_runs(project, "PLANT", f'rm -f "{where}"; mkfifo "{where}"')
+    two_runs_on_one_file_finish_apart(project, tmp_path / "journal")
+    assert where.is_file() and not where.is_symlink()  # a lock file again
+
+
+@pytest.mark.parametrize("name", ["made.txt", "orphans.json"])
+def test_a_huge_sparse_file_a_worker_leaves_in_place_of_a_state_file_is_not_read_whole(tmp_path, name):
+    """The list of lock files and the note of held removed locks were read whole: a worker's `truncate -s 1T` of
+    either ended every next launch in a MemoryError traceback. They are small: one too big is written again."""
+    project = Project(tmp_path)
+    where = state(tmp_path) / name
+    a_worker_runs(project, "PLANT", f'truncate -s 1T "{where}"')
+    two_runs_on_one_file_finish_apart(project, tmp_path / "journal")
+    assert where.stat().st_size < 1 << 20  # written again
+
+
+def two_runs_on_one_file_finish_apart(project: Project, journal: Path) -> None:
+    """Two runs, of orders ONE and TWO, each with a task on x.py, race: both finish, their workers one after the
+    other, and no lock is left held."""
     for order, task in (("ONE", "A"), ("TWO", "B")):
         write_task(project.order(order), task, target_files=["x.py"], command=journal_command(journal, "sleep 0.3"))
-    runs = [Proc(tmp_path, "run", order, "--no-resource-monitoring") for order in ("ONE", "TWO")]
+    runs = [Proc(project.root, "run", order, "--no-resource-monitoring") for order in ("ONE", "TWO")]
     try:
         assert [run.wait(timeout=60) for run in runs] == [0, 0], [run.output for run in runs]
     finally:
@@ -392,7 +410,6 @@ def test_a_fifo_a_worker_leaves_in_place_of_a_lock_file_hangs_nothing_and_the_fi
             run.kill()
     first, second = sorted(spans(journal), key=lambda span: span.start)
     assert first.end is not None and second.end is not None and first.end <= second.start
-    assert where.is_file() and not where.is_symlink()  # a lock file again
     assert project.json("locks")["locks"] == []
 
 
