@@ -9,6 +9,10 @@ attempt not counted): each counts what it reported, or its cap if it reported no
 more is spent. Attempts owned by another run or by a detached `launch` are named, for `aipm cancel`. The
 `max_cost_usd` setting (the budget of orders whose order.yaml sets none) is read again when the project's settings
 file changes (`follow_setting`), so lowering it there applies too.
+
+A task's own `max_cost_usd` lowered while its attempt runs is the same (`past_task_limit`): the attempt's cap was
+what the old limit left. It is said once per limit, and the attempt is stopped if the new limit is already reached
+(nothing more may be spent); else it may spend less than its cap, and `aipm cancel` is the user's to choose.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import TYPE_CHECKING
 from aipm import budget
 from aipm.errors import UserError
 from aipm.model import Order
-from aipm.record import Record
+from aipm.record import Record, same_attempt
 from aipm.settings import load_settings
 from aipm.spending import charged
 
@@ -35,15 +39,16 @@ def past_budget(sup: "Supervisor", order: Order, records: Iterable[Record], told
     records = [r for r in records if r.order == order.id and r.phase == "work" and r.cost_cap]
     if not records:
         return []  # the common case, read from the round's records alone: nothing capped runs
+    events = [event for r in records for event in past_task_limit(sup, order, r, told)]
     spend = budget.of(charged(order, sup.rt), sup.settings.max_cost_usd, records)
     if spend is None or round(spend.limit - spend.spent - spend.unreported - spend.held, 6) >= 0:
-        return []  # their caps fit in it: the budget holds them as it is
+        return events  # their caps fit in it: the budget holds them as it is
     given = sup.launcher.capped_under.get(order.id)
     if given is not None and spend.limit >= given:
         # Not lowered since this run gave the caps: an attempt spent past its own (Claude Code stops only after the
         # turn in flight). Stopping the others would throw their work away for that turn; no attempt starts once
         # the budget is reached, as ever.
-        return []
+        return events
     if not spend.reached:
         detail = (f"max_cost_usd {budget.usd(spend.limit)} ({spend.source}) is below the order's cost "
                   f"({spend.cost}) plus what its running attempts may still spend ({budget.usd(spend.held)}: their "
@@ -58,9 +63,42 @@ def past_budget(sup: "Supervisor", order: Order, records: Iterable[Record], told
                                "say)" if stopped else "")
                   + (f"; {', '.join(others)} run under another aipm: `aipm cancel` them" if others else ""))
     if detail in told:
-        return []
+        return events
     told.add(detail)
-    return [{"event": "budget", "order": order.id, "detail": detail}]
+    return [*events, {"event": "budget", "order": order.id, "detail": detail}]
+
+
+def past_task_limit(sup: "Supervisor", order: Order, rec: Record, told: set[str]) -> list[dict]:
+    """The event of a task whose own `max_cost_usd` its running capped attempt (`rec`) may pass (said once per
+    limit: `told`), after stopping the attempt if this run owns it and the limit is reached.
+
+    Measured against the task's cost when the attempt started (its record's counters), not its file's now: the cap
+    was at most what the limit left then, so only a limit lowered since can fall short of it. What aipm writes to
+    the file meanwhile (the attempt's own cost, once it ends, before its record goes; Claude Code passing its cap by
+    the turn in flight) is no lowering."""
+    task = order.tasks.get(rec.task)
+    if task is None or task.max_cost_usd is None or not same_attempt(task, rec):
+        return []  # (a file reset or made again under it is no edit of this attempt's limit)
+    before = round((rec.counters.get("cost_usd") or 0.0) + (rec.counters.get("cost_unreported_usd") or 0.0), 6)
+    if round(task.max_cost_usd - before - rec.cost_cap, 6) >= 0:
+        return []  # its cap fits in the limit
+    if round(task.max_cost_usd - before, 6) > 0:
+        detail = (f"its max_cost_usd {budget.usd(task.max_cost_usd)} is below its cost ({budget.usd(before)}) plus "
+                  f"what its running attempt may still spend ({budget.usd(rec.cost_cap)}: its cap, given under the "
+                  f"limit it started with): no attempt starts after it; `aipm cancel {task.id}` stops it, counting "
+                  "its cap")
+    elif rec.key in sup.owned and sup.stop_attempt(rec.key, f"max_cost_usd {budget.usd(task.max_cost_usd)} reached"):
+        detail = (f"{budget.task_detail(task)}; its running attempt could spend past it (its cap was given under a "
+                  "higher limit): stopped it, counting what it spent (its cap if it did not say)")
+    elif rec.key in sup.owned:
+        return []  # it ended by itself first: its outcome stands, and the plan says the limit reached
+    else:
+        detail = (f"{budget.task_detail(task)}; its running attempt could spend past it (its cap was given under a "
+                  f"higher limit), and runs under another aipm: `aipm cancel {task.id}` it")
+    if f"{task.id}: {detail}" in told:
+        return []
+    told.add(f"{task.id}: {detail}")
+    return [{"event": "budget", "order": order.id, "task": task.id, "detail": detail}]
 
 
 def follow_setting(sup: "Supervisor", seen: list) -> list[dict]:

@@ -119,3 +119,50 @@ def test_an_attempt_that_spends_past_its_cap_is_no_lowered_budget(project, gate)
     assert "higher budget" not in said and "stopped B" not in said, said
     b = yaml.safe_load((order / "B.yaml").read_text())
     assert (b["status"], b["cost_usd"]) == ("DONE", 0.3), b
+
+
+def lower_task_limit(path: Path, limit: float) -> None:
+    """The user's edit of a task file aipm rewrites meanwhile: its `max_cost_usd` line only, saved atomically."""
+    text = "".join(f"max_cost_usd: {limit}\n" if line.startswith("max_cost_usd:") else line
+                   for line in path.read_text().splitlines(keepends=True))
+    path.with_suffix(".new").write_text(text)
+    os.replace(path.with_suffix(".new"), path)
+
+
+def test_a_tasks_own_limit_lowered_to_its_cost_mid_attempt_stops_the_attempt(project, gate):
+    """A task's own max_cost_usd lowered while its attempt ran (capped at the $0.70 the old $1 left) changed nothing:
+    the attempt went on spending against a limit already reached."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    path = write_task(project.order(), "A", prompt=f"@cost 0.2\n@wait-for {gate}", target_files=["a.txt"],
+                      max_cost_usd=1, cost_usd=0.3)
+    with running(project) as (run, out_path):
+        wait_for(lambda: len(journal(project)) == 1)
+        assert "--max-budget-usd 0.7" in " ".join(journal(project)[0]["argv"])
+        lower_task_limit(path, 0.3)
+        wait_for(lambda: "stopped it" in out_path.read_text())
+        assert run.wait(timeout=120) == 1
+    said = out_path.read_text()
+    (line,) = [line for line in said.splitlines() if "stopped it" in line]
+    assert line.startswith("budget   ORD/A: budget reached") and "max_cost_usd $0.3000" in line, said
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a.get("attempts", 0), a["cost_unreported_usd"], a["max_cost_usd"]) == ("QUEUED", 0, 0.7, 0.3)
+    assert len(journal(project)) == 1
+
+
+def test_a_tasks_own_limit_lowered_below_its_running_cap_is_said_once(project, gate):
+    """Lowered to $0.50, above its $0.30 cost but below what the attempt may still spend ($0.70): nothing was said,
+    and the task passed its new limit unseen. It is said once, however often aipm rewrites the file meanwhile."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    path = write_task(project.order(), "A", prompt=f"@cost 0.3\n@wait-for {gate}", target_files=["a.txt"],
+                      max_cost_usd=1, cost_usd=0.3)
+    with running(project) as (run, out_path):
+        wait_for(lambda: len(journal(project)) == 1)
+        lower_task_limit(path, 0.5)
+        wait_for(lambda: "its running attempt may still spend" in out_path.read_text())
+        gate.touch()  # not stopped: it may not spend its whole cap
+        assert run.wait(timeout=120) == 0
+    said = out_path.read_text()
+    lines = [line for line in said.splitlines() if "its running attempt may still spend" in line]
+    assert len(lines) == 1 and "max_cost_usd $0.5000" in lines[0] and "aipm cancel A" in lines[0], said
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a["cost_usd"]) == ("DONE", 0.6), a
