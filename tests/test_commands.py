@@ -501,6 +501,26 @@ def test_detect_summary_and_json(project):
     assert [t["id"] for t in project.json("detect", "ORD", "--max-workers", "1")["launchable"]] == ["A"]
 
 
+def test_detect_shows_every_reason_a_task_is_held_by_not_only_the_first(project):
+    """detect showed one reason per task: B, held by the reached budget and by A, its dependency, showed only the
+    budget; C, held by it and by a file a stale task holds, only the budget. Raising the budget, the user found them
+    still held. The first reason stays `reason` (as before); the others are `other_reasons`, and lines below it."""
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")
+    write_task(order, "A", command="true", cost_usd=0.1)
+    write_task(order, "B", command="true", depends_on=["A"])
+    write_task(order, "H", command="true", status="IN_PROGRESS", target_files=["h.py"])
+    write_task(order, "C", command="true", target_files=["h.py"])
+    blocked = {b["id"]: b for b in project.json("detect", "ORD")["blocked"]}
+    assert (blocked["B"]["reason"], blocked["C"]["reason"]) == ("budget", "budget")
+    assert [(r["reason"], r["tasks"]) for r in blocked["B"]["other_reasons"]] == [("waiting_on_dependencies", ["A"])]
+    assert [(r["reason"], r["path"]) for r in blocked["C"]["other_reasons"]] == [("file_busy", "h.py")]
+    assert "other_reasons" not in blocked["A"] and "other_reasons" not in blocked["H"]  # one reason: none other
+    lines = project.aipm("detect", "ORD").stdout.splitlines()
+    at = lines.index(next(line for line in lines if line.startswith("  B: budget reached")))
+    assert lines[at + 1] == "     also: waiting on A (QUEUED)", lines
+
+
 def test_detect_with_nothing_launchable_says_so_instead_of_an_empty_table(project):
     order = project.order()
     write_task(order, "A", command="true", status="DONE")

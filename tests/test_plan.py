@@ -6,8 +6,9 @@ from aipm.model import Order, Priority, Status, Task
 from aipm.paths import normalize
 from aipm.overlap import any_clear
 from aipm.plan import (
-    FILE_BUSY, FILE_CHOSEN, LIMIT, NEVER, NOT_QUEUED, STALE, WAITING, WORKER_RUNNING, Busy, all_reasons, plan,
+    FILE_BUSY, FILE_CHOSEN, LIMIT, NEVER, NOT_QUEUED, STALE, WAITING, WORKER_RUNNING, Busy, plan,
 )
+from aipm.reasons import all_reasons
 from aipm.ranking import chain_lengths, ranked
 
 

@@ -13,8 +13,9 @@ from aipm.cli.common import JsonOpt, console, json_option, print_json, project_r
 from aipm.cli.resource_options import MaxWorkersOpt
 from aipm.launcher import Launcher, Options
 from aipm.model import DEAD_END, FINISHED_OK, Status
-from aipm.plan import STALE, all_reasons
+from aipm.plan import STALE
 from aipm.project import Project, find_task
+from aipm.reasons import Reasons, all_reasons
 from aipm.settings import load_settings
 
 
@@ -47,6 +48,11 @@ def _stale_as_seen(launcher: Launcher, loaded, reasons: list):
     return out, seen
 
 
+def _without_id(reason) -> dict:
+    """A reason as `blocked` lists it, inside the entry that names its task."""
+    return {k: v for k, v in reason.as_dict().items() if k != "id"}
+
+
 def _paths(task) -> list[str]:
     """A task's target files as the overlap rule sees them (`./src/../a.py` is `a.py`)."""
     return [str(t) for t in task.targets]
@@ -76,16 +82,20 @@ def detect(
     """List the tasks that may start now, in launch order, and why every other task may not. Never writes."""
     read_only()
     launcher = _launcher(max_workers)
-    loaded, result, free, *_ = survey(launcher, launcher.project.order_dir(order))
+    loaded, result, free, busy, outside = survey(launcher, launcher.project.order_dir(order))
     if result.stale:  # a stale task as `status` and `why` show it
         result.blocked.update((b.id, b) for b in _stale_as_seen(launcher, loaded, list(result.blocked.values()))[0])
+    # The plan names the first reason it meets; a task held by the budget and a dependency showed only the budget.
+    reasons = Reasons(loaded, result, [b for b in busy if b.order_id != loaded.id], outside)
+    others = {tid: reasons.others(tid) for tid in result.blocked}
     if json_out:
         data = {
             "order": loaded.id,
             "free_slots": free,
             "launchable": [{"id": t.id, "priority": t.priority.value, "target_files": _paths(t)}
                            for t in result.launchable],
-            "blocked": [b.as_dict() for b in result.blocked.values()],
+            "blocked": [{**b.as_dict(), **({"other_reasons": [_without_id(r) for r in others[b.id]]}
+                                           if others[b.id] else {})} for b in result.blocked.values()],
             "stale": result.stale,
             "summary": result.summary(loaded),
         }
@@ -114,6 +124,8 @@ def detect(
         out.print("[bold]Not launchable:[/]")
         for b in waiting:
             out.print(f"  {b.id}: {b.detail}", markup=False)
+            for other in others[b.id]:
+                out.print(f"     also: {other.detail}", markup=False)
     if result.stale:
         out.print(f"[yellow]Stale (worker gone, files still busy): {', '.join(result.stale)} — run `aipm recover`[/]")
 
