@@ -8,7 +8,10 @@ JSON line per attempt, in both places runtime.ledger_paths names. The budget cou
 its file's figures and the ledger's, and the ledger's alone for a task whose file is gone (`charged`). An entry
 names the definition of the task its attempt ran (model.definition): a task made again under the same name with
 another command or prompt is another task (recovery.same_task), and what the old one spent counts against the
-order's budget, not against the new one's own.
+order's budget, not against the new one's own. A file edited in place (a prompt, a priority: another definition
+too) keeps the old one's cost in its `cost_usd`, a file made again does not; so each entry says what the file had
+counted when its attempt started (`base_*`), and the first attempt of a task whose ledger holds another definition
+writes a `start` entry that says it before anything is spent: the old costs its file does not hold are the order's.
 
 An attempt's entry is keyed by its number (and its review's apart: a reviewer that runs an agent reports its own
 cost, settle_review): an end settled twice (a recovery after its owner died between the
@@ -29,10 +32,20 @@ from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.workerfiles import append_log, open_regular
 
-Spent = tuple[float, float]  # (cost_usd, cost_unreported_usd) of a task's attempts
+Pair = tuple[float, float]  # (cost_usd, cost_unreported_usd)
 
-# (task, attempt, phase) → (definition, cost, unreported)
-Entries = dict[tuple[str, int, str], tuple[str, float, float]]
+
+class Spent(NamedTuple):
+    """What one definition of a task spent, and what its file had counted when the first of its attempts the
+    ledger knows started (None: no entry says)."""
+
+    cost: float
+    unreported: float
+    base: Pair | None = None
+
+
+# (task, attempt, phase) → (definition, cost, unreported, base)
+Entries = dict[tuple[str, int, str], tuple[str, float, float, Pair | None]]
 _read: dict[str, "_Seen"] = {}  # path → the ledger as last read
 
 
@@ -63,12 +76,23 @@ def settle_review(rt: Runtime, rec: Record, task: Task) -> dict:
     return {"cost_usd": total} if total < agents.MAX_DOLLARS else {}
 
 
+def note_start(rt: Runtime, rec: Record) -> None:
+    """The `start` entry of an attempt whose task the ledger knows under another definition only (made again, or
+    edited), before it spends: what its file counted then tells whether that file holds the old costs (charged).
+    Nothing in the common case: a task the ledger does not name, or names as it is."""
+    spent = ledger(rt, rec.order).get(rec.task)
+    if spent and rec.definition not in spent and any(made != "" for made in spent):
+        note(rt, rec, 0.0, 0.0, phase="start")
+
+
 def note(rt: Runtime, rec: Record, cost: float, unreported: float, phase: str = "work") -> None:
     """Append the attempt's entry (its work's or its review's: `phase`) to both ledgers, durably (a budget must not
     forget what was paid). A ledger that cannot be written (a full disk, a worker's link in its place) leaves the
     task file's figure to count."""
     line = json.dumps({"task": rec.task, "attempt": rec.serial, "phase": phase, "definition": rec.definition,
-                       "cost_usd": cost, "cost_unreported_usd": unreported}) + "\n"
+                       "cost_usd": cost, "cost_unreported_usd": unreported,
+                       "base_cost_usd": rec.counters.get("cost_usd") or 0.0,
+                       "base_unreported_usd": rec.counters.get("cost_unreported_usd") or 0.0}) + "\n"
     for path in rt.ledger_paths(rec.order, writing=True):
         try:
             fd = open_regular(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
@@ -88,14 +112,22 @@ def ledger(rt: Runtime, order_id: str) -> dict[str, dict[str, Spent]]:
     ledger (a worker may have removed one of them), summed."""
     attempts: Entries = {}
     for path in rt.ledger_paths(order_id):
-        for key, (made, cost, unreported) in _entries(str(path)).items():
-            was = attempts.get(key, (made, 0.0, 0.0))
-            attempts[key] = (made, max(was[1], cost), max(was[2], unreported))
+        for key, entry in _entries(str(path)).items():
+            attempts[key] = _larger(attempts.get(key), entry)
     tasks: dict[str, dict[str, Spent]] = {}
-    for (task, *_), (made, cost, unreported) in attempts.items():
-        was = tasks.setdefault(task, {}).get(made, (0.0, 0.0))
-        tasks[task][made] = (round(was[0] + cost, 6), round(was[1] + unreported, 6))
+    for (task, *_), (made, cost, unreported, base) in attempts.items():
+        was = tasks.setdefault(task, {}).get(made, Spent(0.0, 0.0))
+        # the least said: the first attempt's, what the file counted before this definition spent
+        base = min(was.base, base) if was.base is not None and base is not None else was.base or base
+        tasks[task][made] = Spent(round(was.cost + cost, 6), round(was.unreported + unreported, 6), base)
     return tasks
+
+
+def _larger(was: tuple | None, entry: tuple) -> tuple:
+    """An attempt's entry read twice (both ledgers, or written again): its largest figures."""
+    if was is None:
+        return entry
+    return (entry[0], max(was[1], entry[1]), max(was[2], entry[2]), was[3] or entry[3])
 
 
 class _Seen(NamedTuple):
@@ -132,12 +164,12 @@ def _entries(path: str) -> Entries:
             entry = json.loads(line)
             key, made = (entry["task"], entry["attempt"], entry.get("phase", "work")), entry["definition"]
             cost, unreported = agents.dollars(entry["cost_usd"]), agents.dollars(entry["cost_unreported_usd"])
+            base = (agents.dollars(entry.get("base_cost_usd")), agents.dollars(entry.get("base_unreported_usd")))
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             continue  # a line cut short by a crash, or a worker's: what the task files say still counts
         if (isinstance(key[0], str) and isinstance(key[1], int) and isinstance(key[2], str) and isinstance(made, str)
                 and cost is not None and unreported is not None):
-            was = found.get(key, (made, 0.0, 0.0))
-            found[key] = (made, max(was[1], cost), max(was[2], unreported))
+            found[key] = _larger(found.get(key), (made, cost, unreported, None if None in base else base))
     _read[path] = _Seen(info.st_ino, start + len(whole), found)
     return found
 
@@ -145,26 +177,41 @@ def _entries(path: str) -> Entries:
 def charged(order: Order, rt: Runtime) -> Order:
     """The order with each task's cost as the budget counts it: no less than its ledger says (a file put back or
     made again under the same name still owes what its attempts spent), and in `gone_cost_usd` the ledger's costs
-    of tasks whose file is gone or now holds another task (another definition). The same order when the files say
-    no less (the common case: nothing is copied)."""
+    of tasks whose file is gone, and those of a task's other definitions that its file does not hold (`_held`). The
+    same order when the files say no less (the common case: nothing is copied)."""
     raised: dict[str, Task] = {}
     gone = [0.0, 0.0]
     for tid, spent in ledger(rt, order.id).items():
         task = order.tasks.get(tid)
-        cost, unreported = round(sum(c for c, _ in spent.values()), 6), round(sum(u for _, u in spent.values()), 6)
+        made = definition(task) if task is not None else None
+        mine = [s for d, s in spent.items() if d in (made, "")] if task is not None else []
+        other = [s for d, s in spent.items() if d not in (made, "")] if task is not None else list(spent.values())
+        cost, unreported = _total(mine)
+        held = _held(task, mine, _total(other), (cost, unreported)) if task is not None and other else (0.0, 0.0)
+        gone = [gone[0] + _total(other)[0] - held[0], gone[1] + _total(other)[1] - held[1]]
+        cost, unreported = round(cost + held[0], 6), round(unreported + held[1], 6)
         if task is not None and (cost > (task.cost_usd or 0.0) or unreported > (task.cost_unreported_usd or 0.0)):
-            # the file says less (the common case stops above): what other tasks of its name spent is apart
-            made = definition(task)
-            cost, unreported = (round(sum(c for d, (c, _) in spent.items() if d in (made, "")), 6),
-                                round(sum(u for d, (_, u) in spent.items() if d in (made, "")), 6))
-            other = [s for d, s in spent.items() if d not in (made, "")]
-            gone = [gone[0] + sum(c for c, _ in other), gone[1] + sum(u for _, u in other)]
-        if task is None:
-            gone = [gone[0] + cost, gone[1] + unreported]
-        elif cost > (task.cost_usd or 0.0) or unreported > (task.cost_unreported_usd or 0.0):
             raised[tid] = evolve(task, {
                 "cost_usd": cost if cost > (task.cost_usd or 0.0) else task.cost_usd,
                 "cost_unreported_usd": max(unreported, task.cost_unreported_usd or 0.0) or task.cost_unreported_usd})
+    gone = [round(g, 6) for g in gone]
     if not raised and gone == [0.0, 0.0]:
         return order
-    return replace(order, tasks={**order.tasks, **raised}, gone_cost_usd=(round(gone[0], 6), round(gone[1], 6)))
+    return replace(order, tasks={**order.tasks, **raised}, gone_cost_usd=(gone[0], gone[1]))
+
+
+def _total(spent: list[Spent]) -> Pair:
+    return round(sum(s.cost for s in spent), 6), round(sum(s.unreported for s in spent), 6)
+
+
+def _held(task: Task, mine: list[Spent], other: Pair, own: Pair) -> Pair:
+    """Of what a task's other definitions spent (`other`), what its file's figures hold: up to what they said when
+    this definition's first attempt started (a file made again: nothing; edited in place: all); unknown, all of it
+    if they say no less than the whole ledger (`own` is this definition's part), else none."""
+    bases = [s.base for s in mine if s.base is not None]
+    if bases:
+        base = min(bases)
+        return min(other[0], base[0]), min(other[1], base[1])
+    if (task.cost_usd or 0.0) >= own[0] + other[0] and (task.cost_unreported_usd or 0.0) >= own[1] + other[1]:
+        return other
+    return 0.0, 0.0

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
-from aipm import commits, confine, locks, outcome, restore, runner, scope, workspace, writer
+from aipm import agents, commits, confine, locks, outcome, restore, runner, scope, spending, workspace, writer
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
 from aipm.model import Order, Status, Task, definition
@@ -22,7 +22,7 @@ from aipm.paths import as_path
 from aipm.record import Record, live_pid
 from aipm.runtime import StateWriteError
 from aipm.view import OrderView
-from aipm.worker import program as worker_program, program_source
+from aipm.worker import agent_for, program as worker_program, program_source
 from aipm.workerfiles import NO_WAIT, append_log
 from aipm.writer import StaleWrite, now, update_task
 
@@ -73,6 +73,8 @@ class Starter:
         )
         if task.resources is not None:
             rec.cpus, rec.memory_mb = task.resources.cpus or 0.0, task.resources.memory_mb or 0
+        if agents.reports_cost(agent_for(task, self.settings)):  # (a command's attempt spends nothing counted)
+            spending.note_start(rt, rec)  # before it may spend: what its file holds of a redefined task's costs
         wrote_status = handed = False
         spawning: runner.Spawning | None = None
         try:

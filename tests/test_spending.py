@@ -98,10 +98,10 @@ def test_a_ledger_is_read_as_it_grows_a_line_once_whole_and_an_entry_never_lower
         return json.dumps({"task": "A", "attempt": attempt, "definition": "d", "cost_usd": cost,
                            "cost_unreported_usd": 0.0})
 
-    assert add(line(1, 0.1) + "\n") == {("A", 1, "work"): ("d", 0.1, 0.0)}
-    assert add(line(2, 0.2)) == {("A", 1, "work"): ("d", 0.1, 0.0)}  # half-written
-    assert add("\n[1]\n" + line(1, 0.05) + "\n") == {("A", 1, "work"): ("d", 0.1, 0.0),
-                                                      ("A", 2, "work"): ("d", 0.2, 0.0)}
+    assert add(line(1, 0.1) + "\n") == {("A", 1, "work"): ("d", 0.1, 0.0, None)}
+    assert add(line(2, 0.2)) == {("A", 1, "work"): ("d", 0.1, 0.0, None)}  # half-written
+    assert add("\n[1]\n" + line(1, 0.05) + "\n") == {("A", 1, "work"): ("d", 0.1, 0.0, None),
+                                                      ("A", 2, "work"): ("d", 0.2, 0.0, None)}
 
 
 def test_a_ledger_that_cannot_be_written_leaves_the_outcome_recorded(project):
@@ -116,3 +116,43 @@ def test_a_ledger_that_cannot_be_written_leaves_the_outcome_recorded(project):
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     assert project.json("status", "ORD")["tasks"][0]["cost_usd"] == 0.1
     assert '"cost_usd": 0.1' in (project.root / ".aipm" / "spent" / "ORD.jsonl").read_text()
+
+
+def _lose_ledger_line(project, attempt: int) -> None:
+    """What a failed ledger write leaves: the work entry of `attempt` of A in neither ledger."""
+    import json
+
+    from aipm.runtime import Runtime
+
+    for path in Runtime(project.root).ledger_paths("ORD"):
+        kept = [line for line in path.read_text().splitlines(keepends=True)
+                if (json.loads(line)["attempt"], json.loads(line).get("phase", "work")) != (attempt, "work")]
+        path.write_text("".join(kept))
+
+
+# A, run once for $0.30, then made again as a new file (another prompt, no cost) or edited in place (its cost_usd
+# kept), and run for $0.40: what the order spent is $0.70 either way.
+REDEFINE = {
+    "made again": lambda order: write_task(order, "A", prompt="@cost 0.4", target_files=["a.txt"]),
+    "edited in place": lambda order: (order / "A.yaml").write_text(
+        (order / "A.yaml").read_text().replace("@cost 0.3", "@cost 0.4").replace("status: DONE", "status: QUEUED")),
+}
+
+
+@pytest.mark.parametrize("redefine", REDEFINE)
+def test_a_task_made_again_whose_ledger_write_failed_still_owes_the_old_ones_cost(project, redefine):
+    """A made again under its name (another definition) ran for $0.40 and its ledger write failed: its file's $0.40
+    was no less than the ledger's $0.30 (the old A's), so the old A's cost was counted nowhere and the order's
+    budget of $0.70 had room again. Edited in place, its file holds the old cost too: counted once, not twice."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.7\n")
+    write_task(order, "A", prompt="@cost 0.3", target_files=["a.txt"])
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    REDEFINE[redefine](order)
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode in (0, 1)
+    _lose_ledger_line(project, 2)
+    status = project.json("status", "ORD")
+    file_cost = {"made again": 0.4, "edited in place": 0.7}[redefine]
+    assert status["tasks"][0]["cost_usd"] == file_cost, status
+    assert (status["cost_usd"], status["budget_reached"]) == (0.7, True), status
