@@ -43,11 +43,12 @@ def past_budget(sup: "Supervisor", order: Order, records: Iterable[Record], told
     spend = budget.of(charged(order, sup.rt), sup.settings.max_cost_usd, records)
     if spend is None or round(spend.limit - spend.spent - spend.unreported - spend.held, 6) >= 0:
         return events  # their caps fit in it: the budget holds them as it is
-    given = sup.launcher.capped_under.get(order.id)
-    if given is not None and spend.limit >= given:
-        # Not lowered since this run gave the caps: an attempt spent past its own (Claude Code stops only after the
-        # turn in flight). Stopping the others would throw their work away for that turn; no attempt starts once
-        # the budget is reached, as ever.
+    given = [r.cost_limit for r in records]  # the limits their caps were given under (their records')
+    if None not in given and spend.limit >= max(given):
+        # Not lowered since the caps were given: an attempt spent past its own (Claude Code stops only after the turn
+        # in flight). Stopping the others would throw their work away for that turn; no attempt starts once the
+        # budget is reached, as ever. (Kept in the records, not the run's memory: a run killed and run again, which
+        # adopts the attempts, knows it too.)
         return events
     if not spend.reached:
         detail = (f"max_cost_usd {budget.usd(spend.limit)} ({spend.source}) is below the order's cost "

@@ -63,8 +63,6 @@ class Launcher(Starter):
         self.holdings = locks.Holdings(self.runtime.state)
         self.monitor = monitor
         self.detached: set[int] = set()  # owners we started (`aipm.work`): never mistaken for strays
-        # order id → the budget limit its capped attempts were last given their caps under (budgetstop)
-        self.capped_under: dict[str, float] = {}
         self._unrecorded: tuple[frozenset, float, set] | None = None  # see _running_unrecorded
         self.demands = Demands(self.runtime.state)  # priority across orders (demand.py)
         self._ramped_at: float | None = None  # when start_budget last let one start on a ramp (clock: _now)
@@ -286,8 +284,6 @@ class Launcher(Starter):
         started: list[tuple[Task, Starting]] = []
         again = False
         caps = self._caps([counted.tasks[t.id] for t in wanted[:budget]], spend)
-        if spend is not None and any(caps.values()):
-            self.capped_under[order.id] = spend.limit
         for task in [t for t in wanted[:budget] if caps[t.id] == 0]:
             report.deferred.append({"id": task.id, "reason": "budget", "detail": spend.held_detail})
         try:
@@ -297,7 +293,7 @@ class Launcher(Starter):
                     continue
                 try:
                     started.append((task, self.start(order, task, owner, view, lent[0] if lent else "",
-                                                     caps[task.id])))
+                                                     caps[task.id], spend.limit if spend is not None else None)))
                 except LaunchBusy as exc:  # locked since we planned, or a glob's directory lock: wait for it
                     if not careful:
                         again = True

@@ -48,6 +48,9 @@ class Record:
     # Dollars its agent may spend (claude --max-budget-usd): the task's own cap, or its share of the order's budget,
     # which it holds until it ends (budget.held). None: uncapped.
     cost_cap: float | None = None
+    # The order budget's limit when that cap was given (None: no order budget): a limit below it now was lowered
+    # since, which the caps may not fit (budgetstop); a cap merely passed by the turn in flight is no lowering.
+    cost_limit: float | None = None
     agent: str = "command"  # the preset that runs the work (aipm.agents), so its usage can be read at the end
     metered: bool = False  # its agent's output went through the meter (aipm.meter): usage is read from its copy only
     workspace: str = ""  # the task's git worktree ("" = it works in the shared project tree)

@@ -31,11 +31,12 @@ class Starter:
     """Launcher's start of one task (see the module's docstring)."""
 
     def start(self, order: Order, task: Task, owner: "Owner | None", view: OrderView | None = None,
-              borrowed: str = "", cost_cap: float | None = None) -> Starting:
+              borrowed: str = "", cost_cap: float | None = None, cost_limit: float | None = None) -> Starting:
         """Start one task: its status written, its worker's process on its way. Caller holds the launch lock, and
         calls the result's done() once the status is durable (it records the worker and lets its command go). On
         failure, here or there, everything is undone and LaunchFailed raised. `borrowed`: the key of the worker
-        whose slot it takes (slots.py); `cost_cap`: what its agent may spend (Record.cost_cap)."""
+        whose slot it takes (slots.py); `cost_cap`: what its agent may spend (Record.cost_cap), given under the
+        order budget's limit `cost_limit`."""
         rt = self.runtime
         running = rt.read_record(order.id, task.id)
         if running is not None and running.alive():  # one record per task: never overwrite a live one
@@ -70,6 +71,7 @@ class Starter:
             targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, number)),
             exit_file=str(rt.exit_path(order.id, task.id, number)), started_at=now(), number=number,
             counters=restore.counters(task), definition=definition(task), borrowed=borrowed, cost_cap=cost_cap,
+            cost_limit=cost_limit if cost_cap is not None else None,
         )
         if task.resources is not None:
             rec.cpus, rec.memory_mb = task.resources.cpus or 0.0, task.resources.memory_mb or 0
