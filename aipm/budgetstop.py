@@ -86,8 +86,7 @@ def past_task_limit(sup: "Supervisor", order: Order, rec: Record, told: set[str]
     if round(task.max_cost_usd - before, 6) > 0:
         detail = (f"its max_cost_usd {budget.usd(task.max_cost_usd)} is below its cost ({budget.usd(before)}) plus "
                   f"what its running attempt may still spend ({budget.usd(rec.cost_cap)}: its cap, given under the "
-                  f"limit it started with): no attempt starts after it; `aipm cancel {task.id}` stops it, counting "
-                  "its cap")
+                  f"limit it started with); `aipm cancel {task.id}` stops it, counting its cap")
     elif rec.key in sup.owned and sup.stop_attempt(rec.key, f"max_cost_usd {budget.usd(task.max_cost_usd)} reached"):
         detail = (f"{budget.task_detail(task)}; its running attempt could spend past it (its cap was given under a "
                   "higher limit): stopped it, counting what it spent (its cap if it did not say)")
