@@ -13,9 +13,10 @@ too) keeps the old one's cost in its `cost_usd`, a file made again does not; so 
 counted when its attempt started (`base_*`), and the first attempt of a task whose ledger holds another definition
 writes a `start` entry that says it before anything is spent: the old costs its file does not hold are the order's.
 
-An attempt's entry is keyed by its number (and its review's apart: a reviewer that runs an agent reports its own
-cost, settle_review): an end settled twice (a recovery after its owner died between the
-ledger and the task file) is counted once.
+An attempt's entry is keyed by its number and its worker process (and its review's apart: a reviewer that runs an agent
+reports its own cost, settle_review): an end settled twice (a recovery after its owner died between the ledger and
+the task file) is counted once, and an attempt numbered again (its logs, which number attempts, removed with the
+runtime directory by a worker's `git clean -fdx`) is another.
 """
 
 from __future__ import annotations
@@ -44,8 +45,8 @@ class Spent(NamedTuple):
     base: Pair | None = None
 
 
-# (task, attempt, phase) → (definition, cost, unreported, base)
-Entries = dict[tuple[str, int, str], tuple[str, float, float, Pair | None]]
+# (task, attempt, phase, worker) → (definition, cost, unreported, base)
+Entries = dict[tuple[str, int, str, str], tuple[str, float, float, Pair | None]]
 _read: dict[str, "_Seen"] = {}  # path → the ledger as last read
 
 
@@ -89,7 +90,9 @@ def note(rt: Runtime, rec: Record, cost: float, unreported: float, phase: str = 
     """Append the attempt's entry (its work's or its review's: `phase`) to both ledgers, durably (a budget must not
     forget what was paid). A ledger that cannot be written (a full disk, a worker's link in its place) leaves the
     task file's figure to count."""
-    line = json.dumps({"task": rec.task, "attempt": rec.serial, "phase": phase, "definition": rec.definition,
+    # `worker`: its process (pid and start time) tells an attempt from another given its number again
+    line = json.dumps({"task": rec.task, "attempt": rec.serial, "phase": phase, "worker": f"{rec.pid}@{rec.ctime}",
+                       "definition": rec.definition,
                        "cost_usd": cost, "cost_unreported_usd": unreported,
                        "base_cost_usd": rec.counters.get("cost_usd") or 0.0,
                        "base_unreported_usd": rec.counters.get("cost_unreported_usd") or 0.0}) + "\n"
@@ -162,13 +165,14 @@ def _entries(path: str) -> Entries:
     for line in whole.decode(errors="replace").splitlines():
         try:
             entry = json.loads(line)
-            key, made = (entry["task"], entry["attempt"], entry.get("phase", "work")), entry["definition"]
+            key = (entry["task"], entry["attempt"], entry.get("phase", "work"), entry.get("worker", ""))
+            made = entry["definition"]
             cost, unreported = agents.dollars(entry["cost_usd"]), agents.dollars(entry["cost_unreported_usd"])
             base = (agents.dollars(entry.get("base_cost_usd")), agents.dollars(entry.get("base_unreported_usd")))
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             continue  # a line cut short by a crash, or a worker's: what the task files say still counts
-        if (isinstance(key[0], str) and isinstance(key[1], int) and isinstance(key[2], str) and isinstance(made, str)
-                and cost is not None and unreported is not None):
+        if (isinstance(key[0], str) and isinstance(key[1], int) and isinstance(key[2], str) and isinstance(key[3], str)
+                and isinstance(made, str) and cost is not None and unreported is not None):
             found[key] = _larger(found.get(key), (made, cost, unreported, None if None in base else base))
     _read[path] = _Seen(info.st_ino, start + len(whole), found)
     return found

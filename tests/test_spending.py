@@ -98,10 +98,10 @@ def test_a_ledger_is_read_as_it_grows_a_line_once_whole_and_an_entry_never_lower
         return json.dumps({"task": "A", "attempt": attempt, "definition": "d", "cost_usd": cost,
                            "cost_unreported_usd": 0.0})
 
-    assert add(line(1, 0.1) + "\n") == {("A", 1, "work"): ("d", 0.1, 0.0, None)}
-    assert add(line(2, 0.2)) == {("A", 1, "work"): ("d", 0.1, 0.0, None)}  # half-written
-    assert add("\n[1]\n" + line(1, 0.05) + "\n") == {("A", 1, "work"): ("d", 0.1, 0.0, None),
-                                                      ("A", 2, "work"): ("d", 0.2, 0.0, None)}
+    assert add(line(1, 0.1) + "\n") == {("A", 1, "work", ""): ("d", 0.1, 0.0, None)}
+    assert add(line(2, 0.2)) == {("A", 1, "work", ""): ("d", 0.1, 0.0, None)}  # half-written
+    assert add("\n[1]\n" + line(1, 0.05) + "\n") == {("A", 1, "work", ""): ("d", 0.1, 0.0, None),
+                                                      ("A", 2, "work", ""): ("d", 0.2, 0.0, None)}
 
 
 def test_a_ledger_that_cannot_be_written_leaves_the_outcome_recorded(project):
@@ -156,3 +156,24 @@ def test_a_task_made_again_whose_ledger_write_failed_still_owes_the_old_ones_cos
     file_cost = {"made again": 0.4, "edited in place": 0.7}[redefine]
     assert status["tasks"][0]["cost_usd"] == file_cost, status
     assert (status["cost_usd"], status["budget_reached"]) == (0.7, True), status
+
+
+def test_attempts_numbered_again_after_the_runtime_directory_was_cleaned_are_each_counted(project):
+    """A worker's `git clean -fdx` (the logs that number attempts gone) and `git checkout` of the task file (its cost
+    gone): the next attempt took number 1 again, and the ledger, which keeps one entry per attempt number, counted
+    the two $0.10 attempts as one. The budget had room for a third."""
+    import shutil
+
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.2\n")
+    path = write_task(order, "A", prompt="@cost 0.1", target_files=["a.txt"])
+    as_written = path.read_text()
+    for _ in range(2):
+        assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+        shutil.rmtree(project.root / ".aipm")
+        path.write_text(as_written)
+    status = project.json("status", "ORD")
+    assert (status["cost_usd"], status["budget_reached"]) == (0.2, True), status
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
+    assert len(journal(project)) == 2
