@@ -13,10 +13,10 @@ too) keeps the old one's cost in its `cost_usd`, a file made again does not; so 
 counted when its attempt started (`base_*`), and the first attempt of a task whose ledger holds another definition
 writes a `start` entry that says it before anything is spent: the old costs its file does not hold are the order's.
 
-An attempt's entry is keyed by its number and its worker process (and its review's apart: a reviewer that runs an agent
-reports its own cost, settle_review): an end settled twice (a recovery after its owner died between the ledger and
-the task file) is counted once, and an attempt numbered again (its logs, which number attempts, removed with the
-runtime directory by a worker's `git clean -fdx`) is another.
+An attempt's entry is keyed by its number and its worker process (and its review's apart: a reviewer that runs an
+agent reports its own cost, settle_review): an end settled twice (a recovery after its owner died between the
+ledger and the task file) is counted once, and an attempt numbered again (its logs, which number attempts, removed
+with the runtime directory by a worker's `git clean -fdx`) is another.
 """
 
 from __future__ import annotations
@@ -190,9 +190,9 @@ def charged(order: Order, rt: Runtime) -> Order:
         made = definition(task) if task is not None else None
         mine = [s for d, s in spent.items() if d in (made, "")] if task is not None else []
         other = [s for d, s in spent.items() if d not in (made, "")] if task is not None else list(spent.values())
-        cost, unreported = _total(mine)
-        held = _held(task, mine, _total(other), (cost, unreported)) if task is not None and other else (0.0, 0.0)
-        gone = [gone[0] + _total(other)[0] - held[0], gone[1] + _total(other)[1] - held[1]]
+        (cost, unreported), old = _total(mine), _total(other)
+        held = _held(task, mine, old, (cost, unreported)) if task is not None and other else (0.0, 0.0)
+        gone = [gone[0] + old[0] - held[0], gone[1] + old[1] - held[1]]
         cost, unreported = round(cost + held[0], 6), round(unreported + held[1], 6)
         if task is not None and (cost > (task.cost_usd or 0.0) or unreported > (task.cost_unreported_usd or 0.0)):
             raised[tid] = evolve(task, {
