@@ -187,6 +187,11 @@ def charged(order: Order, rt: Runtime) -> Order:
     gone = [0.0, 0.0]
     for tid, spent in ledger(rt, order.id).items():
         task = order.tasks.get(tid)
+        if task is not None and len(spent) == 1 and _holds(task, next(iter(spent.values()))):
+            # The common case, without the digest of its definition (a plan's every task's): the file says no less
+            # than the one definition the ledger knows, and whether that is the file's or an older one (`_held`
+            # holds all of it) nothing is raised and nothing is gone.
+            continue
         made = definition(task) if task is not None else None
         mine = [s for d, s in spent.items() if d in (made, "")] if task is not None else []
         other = [s for d, s in spent.items() if d not in (made, "")] if task is not None else list(spent.values())
@@ -216,6 +221,9 @@ def _held(task: Task, mine: list[Spent], other: Pair, own: Pair) -> Pair:
     if bases:
         base = min(bases)
         return min(other[0], base[0]), min(other[1], base[1])
-    if (task.cost_usd or 0.0) >= own[0] + other[0] and (task.cost_unreported_usd or 0.0) >= own[1] + other[1]:
-        return other
-    return 0.0, 0.0
+    return other if _holds(task, (own[0] + other[0], own[1] + other[1])) else (0.0, 0.0)
+
+
+def _holds(task: Task, spent: Pair | Spent) -> bool:
+    """Whether the task file's figures say no less than `spent` (cost, unreported)."""
+    return (task.cost_usd or 0.0) >= spent[0] and (task.cost_unreported_usd or 0.0) >= spent[1]
