@@ -61,9 +61,11 @@ class Reasons:
         return reasons or [first]
 
     def others(self, task_id: str) -> list[Blocked]:
-        """The reasons `task_id` cannot start besides the plan's (its `blocked` entry): what `detect` adds."""
+        """The reasons `task_id` cannot start besides the plan's (its `blocked` entry): what `detect` adds. One the
+        plan's says already is left out: it names every dependency waited on, where these name one each."""
         first = self.result.blocked[task_id]
-        return [r for r in self.of(task_id) if (r.reason, r.detail) != (first.reason, first.detail)]
+        return [r for r in self.of(task_id)
+                if not (r.reason == first.reason and set(r.tasks) <= set(first.tasks) and r.path == first.path)]
 
 
 def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Busy] = (),
