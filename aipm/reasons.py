@@ -61,9 +61,13 @@ class Reasons:
         return reasons or [first]
 
     def others(self, task_id: str) -> list[Blocked]:
-        """The reasons `task_id` cannot start besides the plan's (its `blocked` entry): what `detect` adds. One the
-        plan's says already is left out: it names every dependency waited on, where these name one each."""
+        """The reasons `task_id` cannot start besides the plan's (its `blocked` entry): what `detect` adds, for a
+        task the plan stopped looking at before its dependencies and files (the budget) or its files (refused here).
+        A task waiting on a dependency may also overlap a running task, but that dependency ends first (`why` says
+        both), and looking costs a lock-index walk for each of them: a third more for `detect` of a big order."""
         first = self.result.blocked[task_id]
+        if first.reason not in (BUDGET, REFUSED):
+            return []
         return [r for r in self.of(task_id)
                 if not (r.reason == first.reason and set(r.tasks) <= set(first.tasks) and r.path == first.path)]
 
