@@ -244,7 +244,7 @@ class Recording(Reviewing):
         if rec.workspace:
             # before the end capture: an empty file made for a rule is no change of its own
             confine.tidy(rec.log, rec.confined)
-        commit = None if rec.workspace else commits.committed_during(self.rt.root, rec)
+        commit = commits.committed_during(self.rt.root, rec)  # (a worktree task's: in the main tree, by a way out)
         if commit is not None:  # said, not judged: only the scope audit below may send the task back for it
             text, note = commits.notice(self.rt, rec, *commit)
             append_log(rec.log, text)
@@ -266,8 +266,9 @@ class Recording(Reviewing):
         # `git status` no longer shows what was committed: the commits' files count as the attempt's writes (None:
         # its start noted no HEAD, an attempt started by an older aipm).
         in_commits = commit[2] if commit else set() if rec.head else None
+        escaped: list[str] = []  # of those, written in the main tree by a worktree task
         try:
-            outside = self._scope_findings(rec, in_commits) if ok and not decided else []
+            outside, escaped = self._scope_findings(rec, in_commits) if ok and not decided else ([], [])
         except workspace.NotCaptured as exc:  # no review can judge what is not captured: a failed try
             append_log(rec.log, str(exc))
             return self._write(task, {**after_work(task, code, self.settings, False, outcome.one_line(str(exc)),
@@ -284,6 +285,10 @@ class Recording(Reviewing):
             for target in scope.files_above(outside, rec.targets):  # `gen` for the directory the task makes
                 message += (f"; {target} is a file target, not a directory (it did not exist when the attempt "
                             f"started): write `{target}/` in target_files to cover everything below it")
+            if escaped:
+                message += (f"; {', '.join(escaped)} changed in the main tree, outside this task's worktree: a "
+                            "worktree task writes only in its worktree (its changes reach the main tree by its "
+                            "merge), never by a path that leads out of it")
             if rec.workspace:  # its worktree goes when the next attempt starts: say where the work is kept
                 message += ("; nothing of this attempt was merged; its changes are kept in "
                             f"{workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial)}"
@@ -292,6 +297,10 @@ class Recording(Reviewing):
             if not rec.workspace:  # in the shared tree a person's edit meanwhile is charged too: say what to do
                 event["hint"] = ("aipm cannot tell who wrote them: if you edited them yourself during the attempt, "
                                  "list them in scope_ignore (aipm.yaml), or run such tasks with workspace: worktree")
+            elif escaped:  # so is one in the main tree while a worktree task runs unconfined
+                event["hint"] = ("aipm cannot tell who wrote them in the main tree: if you edited them yourself "
+                                 "during the attempt, list them in scope_ignore (aipm.yaml), or run such tasks with "
+                                 "confine: true, which keeps their workers out of the main tree")
         reviewing = not decided and review_command(task, self.settings, self.launcher.options.no_review) is not None
         if ok and not message and not reviewing:
             message = self._merge_back(rec, event)
@@ -335,12 +344,18 @@ class Recording(Reviewing):
         if rec.phase == "work":
             agents.read_ahead(rec.agent, rec.log, rec.metered)
 
-    def _scope_findings(self, rec: Record, in_commits: set[str] | None) -> list[str]:
-        """Paths the worker changed or committed (`in_commits`, see scope.findings) that neither it nor any task
-        running alongside it may write (a worktree task: that it changed outside its own targets, exactly)."""
-        if rec.workspace:
-            return workspace.outside_targets(self.rt.root, rec)
+    def _scope_findings(self, rec: Record, in_commits: set[str] | None) -> tuple[list[str], list[str]]:
+        """(out of scope, those of them written in the main tree by a worktree task). Out of scope: the paths the
+        worker changed or committed (`in_commits`, see scope.findings) that neither it nor any task running
+        alongside it may write; a worktree task's: what it changed outside its own targets in its worktree,
+        exactly, and what the main tree's audit finds, as for a task in the shared tree."""
+        tree = self._tree_findings(rec, in_commits)
+        if not rec.workspace:
+            return tree, []
+        return sorted(set(workspace.outside_targets(self.rt.root, rec)) | set(tree)), tree
 
+    def _tree_findings(self, rec: Record, in_commits: set[str] | None) -> list[str]:
+        """The project tree's audit of the attempt (none when none began for it: scope.findings)."""
         def allowed(since_ns: int) -> list[str]:
             others = self.rt.records()
             # aipm writes the task files of the orders that run (and people edit them meanwhile): those files,

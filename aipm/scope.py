@@ -26,7 +26,8 @@ not two per task. The supervisor starts it (`prefetch`) as soon as it sees a tas
 launch lock, and reads it at its first use; the tasks that do not depend on the ones that ended start meanwhile,
 with their "before" saved — and their go sent — only once it is read (`save_before`, at the round's durable
 point), so no command ever begins before the snapshot it is audited from is complete. A confined task is not
-audited: the kernel already held it to its targets.
+audited: the kernel already held it to its targets. An unconfined worktree task is audited here too, in the main
+tree: what its worker wrote there by a path out of its worktree (its worktree is checked exactly, workspace.py).
 """
 
 from __future__ import annotations

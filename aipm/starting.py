@@ -80,14 +80,16 @@ class Starter:
         wrote_status = handed = False
         spawning: runner.Spawning | None = None
         try:
-            # The kernel already holds a confined worker to exactly its targets: nothing to audit.
-            exact = confined and confine.exact(task.target_files)
+            # The kernel already holds a confined worker to exactly its targets: nothing to audit. A worktree task
+            # writes its worktree (checked exactly at its end); the main tree is audited as the shared tree is, for
+            # what it writes there by a path that leads out of its worktree (confined: the kernel refuses those).
+            exact = confined and (worktree or confine.exact(task.target_files))
             if worktree:
                 rec.workspace = workspace.prepare(self.project.root, rec, task, self.settings)
-            else:
+            if not (worktree and confined):
                 rec.head = commits.at_start(self.project.root)  # before its command may begin (commits.py)
-                if self.settings.scope_audit and not self.options.no_review and task.targets and not exact:
-                    self._scope_before(rec, ours=owner is not None)
+            if self.settings.scope_audit and not self.options.no_review and (task.targets or worktree) and not exact:
+                self._scope_before(rec, ours=owner is not None)
             # The record is written once the worker exists and the round's statuses are durable; a crash before
             # that leaves IN_PROGRESS with no record, which recovery re-queues.
             try:

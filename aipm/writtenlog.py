@@ -72,12 +72,11 @@ WRITTEN_LOG_GRACE_NS = 600 * 10**9
 def _prune(rt: Runtime, log: Path) -> None:
     """Keep the lines at least as new as the oldest audit in flight (and the last WRITTEN_LOG_GRACE_NS)."""
     since = [time.time_ns() - WRITTEN_LOG_GRACE_NS]
-    for other in rt.records():
-        if not other.workspace:
-            try:
-                since.append(os.stat(other.scope_file).st_mtime_ns)
-            except OSError:
-                continue
+    for other in rt.records():  # (a worktree task's too: its main tree is audited unless it is confined)
+        try:
+            since.append(os.stat(other.scope_file).st_mtime_ns)
+        except OSError:
+            continue
     kept = [line for line in _lines(log) if int(line.split(" ", 1)[0]) >= min(since)]
     write_bytes(log, "".join(f"{line}\n" for line in kept).encode(errors="surrogateescape"))
 

@@ -200,6 +200,8 @@ def test_claude_in_a_worktree_is_guarded_in_its_worktree_not_the_main_tree(proje
     # size is missed by the capture (repo.capture's index copy loses git's racy-entry check; reported).
     write_task(project.order(), "A", target_files=["src/a.py"],
                prompt=f"@write src/a.py new content\n@write {root / 'src/a.py'} shared\n@write other.txt no")
+    # The stand-in's own journal and costs, in the main tree: the test's, which the main tree's audit must not see.
+    (root / ".gitignore").write_text("journal.jsonl\nstand-in-claude-costs.json\n")
     for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "i"]):
         subprocess.run(["git", *args], cwd=root, check=True)
     proc = project.aipm("run", "ORD", env=agent_env(project))

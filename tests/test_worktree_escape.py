@@ -1,0 +1,72 @@
+"""A worktree task whose worker writes out of its worktree: into the main tree by an absolute path (its log lies in
+the main tree's `.aipm/`, so it can work the root out), by `../..`, through a symbolic link it made, or by a commit
+in the main repository. Unconfined, the write lands: the main tree's audit then judges it as the shared tree's
+audit judges a write outside the targets (the task is sent back, the paths named, nothing merged). Confined, the
+kernel refuses it, and git still works in the worktree."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import task_statuses, wait_for, write_task
+from test_workspace import git, project_in, repo, wait_gate  # noqa: F401 - repo is a fixture
+
+MAIN = '"${AIPM_LOG%/.aipm/*}"'  # the main tree's root, as a worker can work it out
+UP = "../../../.."  # the main tree's root from the worktree, .aipm/worktrees/ORD/T
+
+ESCAPES = {
+    "absolute": f"echo escaped >> {MAIN}/src/b.txt",
+    "relative": f"echo escaped >> {UP}/src/b.txt",
+    "symlink": f"mkdir -p out && ln -s {MAIN}/src out/way && echo escaped >> out/way/b.txt && rm out/way",
+    "commit": f"echo escaped >> {MAIN}/src/b.txt && git -C {MAIN} commit -q -m stray src/b.txt",
+}
+
+
+@pytest.mark.parametrize("audit", ["watch", "git status", "exec"])
+@pytest.mark.parametrize("escape", list(ESCAPES))
+def test_an_unconfined_worktree_worker_that_writes_the_main_tree_is_sent_back_with_the_paths(repo, escape, audit):
+    """The scope check looked at the worktree alone: a worker that wrote src/b.txt of the main tree (outside its
+    targets) went unnoticed, its task DONE and its work merged, the stray write left in the user's tree. Now the
+    main tree is audited as the shared tree is (from `run`'s watch, or `git status`; `exec` too; a commit's files
+    count): the
+    attempt is sent back naming the path and that it lies in the main tree, nothing of it merged."""
+    project = project_in(repo, config="workspace: worktree\n" + "scope_watch: false\n" * (audit == "git status"))
+    before = (repo / "src/a.txt").read_text()
+    write_task(project.order(), "T", target_files=["src/a.txt", "out/"], max_rework=0,
+               command=f"echo work >> src/a.txt && {ESCAPES[escape]}")
+    proc = project.aipm(*(["exec", "T"] if audit == "exec" else ["run", "ORD"]))
+    row = project.json("status", "ORD")["tasks"][0]
+    assert (row["status"], row["reason"]) == ("REJECTED", "scope: wrote src/b.txt"), (row, proc.stdout)
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "src/b.txt changed in the main tree, outside this task's worktree" in log, log
+    assert "run such tasks with confine: true" in proc.stdout, proc.stdout
+    assert (repo / "src/a.txt").read_text() == before  # nothing merged; the work is in the patch
+    assert "+work" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()
+
+
+def test_what_others_merge_and_the_person_edits_in_its_targets_and_ignored_paths_is_not_charged(repo, tmp_path):
+    """The main tree's audit of a worktree task allows what a shared audit allows: another worktree task's merge
+    while it runs (noted in the written log), a person's edit of the task's own targets (merged three ways), and
+    the paths of `scope_ignore`."""
+    project = project_in(repo, config="workspace: worktree\nscope_ignore: [NOTES.md]\n")
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    write_task(project.order(), "A", target_files=["src/a.txt"], max_rework=0,
+               command=f'sed -i "1s/.*/task A/" src/a.txt && touch "{gates}/A"; {wait_gate(gates / "go")}')
+    write_task(project.order(), "B", target_files=["src/b.txt"], max_rework=0,
+               command=f'{wait_gate(gates / "A")}echo from B >> src/b.txt')
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD"], cwd=repo,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: task_statuses(project.order())["B"] == "DONE")
+    with open(repo / "src/a.txt", "a") as handle:  # the person, at the end of A's target
+        handle.write("the person's line\n")
+    (repo / "NOTES.md").write_text("a note of the person's\n")
+    (gates / "go").touch()
+    out, err = run.communicate(timeout=120)
+    assert project.statuses() == {"A": "DONE", "B": "DONE"}, out + err
+    text = (repo / "src/a.txt").read_text()
+    assert text.startswith("task A\n") and text.endswith("the person's line\n")
+    assert (repo / "src/b.txt").read_text().endswith("from B\n")
