@@ -17,7 +17,8 @@ Landlock grants whole hierarchies and cannot subtract, so the ruleset is built f
 - a target file: write and truncate on the file itself, created empty first when missing (a file rule cannot
   let a process create a file, and a directory rule would open every file beside it);
 - a glob: every right below its literal base directory (`tests/**/*.py` → `tests/`): Landlock has no patterns;
-- the attempt's log, and a TMPDIR of its own when the system's temp directory contains the root.
+- the attempt's log, and a TMPDIR of its own when the system's temp directory contains the root;
+- a worktree task's own git directory (ownrefs.py), and the repository's objects: git works in its worktree.
 What this module created is listed beside the log, and `tidy` removes what the worker left untouched.
 """
 
@@ -44,6 +45,7 @@ WRITE_FILE, REMOVE_DIR, REMOVE_FILE = 1 << 1, 1 << 4, 1 << 5
 MAKE_CHAR, MAKE_DIR, MAKE_REG, MAKE_SOCK, MAKE_FIFO, MAKE_BLOCK, MAKE_SYM = (1 << n for n in range(6, 13))
 REFER, TRUNCATE = 1 << 13, 1 << 14
 FILE_RIGHTS = WRITE_FILE | TRUNCATE  # the only handled rights a rule on a file may carry
+OBJECT_RIGHTS = WRITE_FILE | MAKE_REG | MAKE_DIR | REMOVE_FILE  # git's object store: add objects (ownrefs.py)
 ALL_RIGHTS = (FILE_RIGHTS | REMOVE_DIR | REMOVE_FILE | MAKE_CHAR | MAKE_DIR | MAKE_REG | MAKE_SOCK | MAKE_FIFO
               | MAKE_BLOCK | MAKE_SYM | REFER)
 
@@ -176,6 +178,7 @@ def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] =
             continue
         inside = [k for k in kept if _contains(path, k)]
         out += _beside(path, inside) if inside else [(path, ALL_RIGHTS)]
+    out += _own_git(git, real_root, real_project)
     out.append((log, WRITE_FILE))
     tmp = None
     system_tmp = os.path.realpath(tempfile.gettempdir())
@@ -268,6 +271,17 @@ def _git_dirs(real_root: str) -> list[str]:
         if directory == "/":
             return []
         directory = os.path.dirname(directory)
+
+
+def _own_git(git: list[str], real_root: str, real_project: str) -> list[tuple[str, int]]:
+    """A worktree task's git: its worktree's own git directory (index, HEAD, its own refs and stash: ownrefs.py),
+    and the repository's objects, where its commits and stash entries go (written through a temporary file in
+    their directory, linked in place, then removed). Nothing of the main tree's refs, index or config. None for a
+    task in the project tree, or a worktree whose git directory is not its own (no `commondir` in it)."""
+    if real_root == real_project or len(git) != 3 or not _contains(git[1], git[2]):
+        return []
+    common = _git_dirs(real_project)
+    return [(git[1], ALL_RIGHTS)] + [(os.path.join(common[-1], "objects"), OBJECT_RIGHTS)] * bool(common)
 
 
 def _target_path(real_root: str, raw: str) -> tuple[str, str]:

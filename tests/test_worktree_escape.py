@@ -6,11 +6,13 @@ kernel refuses it, and git still works in the worktree."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
 import pytest
 
+from aipm import confine
 from conftest import task_statuses, wait_for, write_task
 from test_workspace import git, project_in, repo, wait_gate  # noqa: F401 - repo is a fixture
 
@@ -70,3 +72,43 @@ def test_what_others_merge_and_the_person_edits_in_its_targets_and_ignored_paths
     text = (repo / "src/a.txt").read_text()
     assert text.startswith("task A\n") and text.endswith("the person's line\n")
     assert (repo / "src/b.txt").read_text().endswith("from B\n")
+
+
+NO_LANDLOCK = confine.unavailable() if os.environ.get(confine.FAKE_ABI) is None else "fake ABI set"
+landlock = pytest.mark.skipif(NO_LANDLOCK is not None, reason=f"kernel without usable Landlock: {NO_LANDLOCK}")
+
+
+@landlock
+def test_a_confined_worktree_worker_reaches_nothing_of_the_main_tree_and_its_git_works(repo, tmp_path):
+    """Confined, every way out of the worktree is refused by the kernel (the main tree by an absolute path, `../..`,
+    a symbolic link made in a target directory; another task's worktree; the main repository's refs), while git
+    works in the worktree: the worker's `git add`, `git commit` and `git stash` failed there (its index and refs
+    in its own git directory, its objects in the repository's, were all refused), which agents take for a broken
+    repository."""
+    project = project_in(repo, config="workspace: worktree\nconfine: true\n")
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    user = {p: (repo / p).read_text() for p in ("src/b.txt", "src/c.txt")}
+    branch = git(repo, "rev-parse", "main")
+    tries = {
+        "absolute": f"echo escaped >> {MAIN}/src/b.txt",
+        "relative": f"echo escaped >> {UP}/src/b.txt",
+        "symlink": f"ln -s {MAIN}/src out/way && echo escaped >> out/way/c.txt",
+        "other worktree": "echo escaped >> ../B/src/b.txt",
+        "main refs": f"git -C {MAIN} commit -q --allow-empty -m stray",
+    }
+    script = "".join(f'{{ {command}; }} 2>/dev/null && echo "ESCAPED {name}"; ' for name, command in tries.items())
+    write_task(project.order(), "B", target_files=["src/b.txt"], max_rework=0,
+               command=f'{wait_gate(gates / "A")}echo from B >> src/b.txt')
+    write_task(project.order(), "A", target_files=["src/a.txt", "out/"], max_rework=0, command=(
+        f'echo work >> src/a.txt && {script}touch "{gates}/A"; '
+        "echo new > out/n.txt && git add src/a.txt out/n.txt && git commit -q -m mine && echo more >> out/n.txt && "
+        "git stash -q && git stash pop -q && echo GIT-WORKS"))
+    proc = project.aipm("run", "ORD")
+    log = (repo / ".aipm/logs/ORD/A.1.log").read_text()
+    assert project.statuses() == {"A": "DONE", "B": "DONE"}, proc.stdout + log
+    assert "ESCAPED" not in log and "GIT-WORKS" in log, log
+    assert (repo / "src/a.txt").read_text().endswith("work\n") and (repo / "out/n.txt").read_text() == "new\nmore\n"
+    assert (repo / "src/b.txt").read_text() == user["src/b.txt"] + "from B\n"
+    assert (repo / "src/c.txt").read_text() == user["src/c.txt"] and git(repo, "rev-parse", "main") == branch
+    git(repo, "fsck", "--no-dangling")
