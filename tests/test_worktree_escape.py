@@ -6,14 +6,13 @@ kernel refuses it, and git still works in the worktree."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-from aipm import confine
 from conftest import task_statuses, wait_for, write_task
+from test_confine import landlock
 from test_workspace import git, project_in, repo, wait_gate  # noqa: F401 - repo is a fixture
 
 MAIN = '"${AIPM_LOG%/.aipm/*}"'  # the main tree's root, as a worker can work it out
@@ -74,10 +73,6 @@ def test_what_others_merge_and_the_person_edits_in_its_targets_and_ignored_paths
     assert (repo / "src/b.txt").read_text().endswith("from B\n")
 
 
-NO_LANDLOCK = confine.unavailable() if os.environ.get(confine.FAKE_ABI) is None else "fake ABI set"
-landlock = pytest.mark.skipif(NO_LANDLOCK is not None, reason=f"kernel without usable Landlock: {NO_LANDLOCK}")
-
-
 @landlock
 def test_a_confined_worktree_worker_reaches_nothing_of_the_main_tree_and_its_git_works(repo, tmp_path):
     """Confined, every way out of the worktree is refused by the kernel (the main tree by an absolute path, `../..`,
@@ -112,3 +107,21 @@ def test_a_confined_worktree_worker_reaches_nothing_of_the_main_tree_and_its_git
     assert (repo / "src/b.txt").read_text() == user["src/b.txt"] + "from B\n"
     assert (repo / "src/c.txt").read_text() == user["src/c.txt"] and git(repo, "rev-parse", "main") == branch
     git(repo, "fsck", "--no-dangling")
+
+
+@pytest.mark.parametrize("cmd", [("run", "ORD"), ("exec", "T")])
+def test_a_worktree_a_worker_replaced_by_a_link_to_the_main_tree_is_never_captured_through_it(repo, cmd):
+    """A worker that removed its worktree and left a link to the main tree in its place had the main tree captured
+    as its end: what people and aipm changed there meanwhile was taken for its work (the attempt was sent back
+    for `scope: wrote orders/ORD/T.yaml`, its own status; a merge would have written the main tree's earlier
+    state back over a person's later edit). Now the attempt's end is not captured through the link: the attempt
+    is sent back saying so, nothing merged, the main tree as it was."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/"], max_rework=0,
+               command=f'W="$PWD"; M={MAIN}; cd / && rm -rf "$W" && ln -s "$M" "$W"')
+    (repo / "src/a.txt").write_text("the person's\n")  # dirty in the main tree, as the task starts
+    proc = project.aipm(*cmd)
+    row = project.json("status", "ORD")["tasks"][0]
+    assert row["status"] == "REJECTED" and "was replaced by a link" in row["reason"], (row, proc.stdout)
+    assert (repo / "src/a.txt").read_text() == "the person's\n"
+    assert git(repo, "status", "--porcelain", "--", "src/a.txt") == " M src/a.txt\n"

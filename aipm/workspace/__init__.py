@@ -23,6 +23,7 @@ not yet removed). Tests use it to prove that a rerun applies every change exactl
 
 from __future__ import annotations
 
+import os
 import shlex
 import shutil
 import sys
@@ -37,8 +38,8 @@ from aipm.scope import out_of_scope
 from aipm.fields import WORKSPACES
 from aipm.settings import Settings
 from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
-from aipm.workspace.places import (component, make_own_dir, merge_dir, patch_path, refname, relative, scratch,
-                                   seam, worktree_path)
+from aipm.workspace.places import (component, make_own_dir, merge_dir, own_dir, patch_path, refname, relative,
+                                   scratch, seam, worktree_path)
 from aipm.workerfiles import append_log, read_bytes, write_stream
 from aipm.workspace import ownrefs, stash
 from aipm.workspace.stash import STASHED
@@ -240,6 +241,12 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, dict[str, str
     start = refname(rec.order, rec.task, "base", prefix=repo.prefix)
     base = repo.rev(start)
     tree = Path(rec.workspace)
+    if os.path.lexists(tree) and not own_dir(root, tree):
+        # A worker that put a link in its worktree's place (to the main tree, another task's worktree): captured
+        # through it, what a person or another task did there was taken for the attempt's work, and merged.
+        raise WorkspaceError(f"the worktree of {rec.order}/{rec.task} ({tree}) was replaced by a link, to "
+                             f"{os.path.realpath(tree)}: nothing of attempt {rec.serial} is captured or merged "
+                             "through it")
     if base is None and tree.is_dir():
         # The ref was deleted (a person's clean-up of refs, an aipm of another version): the worktree was made
         # at its start, detached, so the start is its HEAD or, where the worker committed, in HEAD's history (not
