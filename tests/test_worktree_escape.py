@@ -125,3 +125,23 @@ def test_a_worktree_a_worker_replaced_by_a_link_to_the_main_tree_is_never_captur
     assert row["status"] == "REJECTED" and "was replaced by a link" in row["reason"], (row, proc.stdout)
     assert (repo / "src/a.txt").read_text() == "the person's\n"
     assert git(repo, "status", "--porcelain", "--", "src/a.txt") == " M src/a.txt\n"
+
+
+@pytest.mark.parametrize("link", ["out/sub", "out/x.txt"])
+def test_a_merge_never_writes_through_a_link_the_worker_made_in_the_main_tree(repo, tmp_path, link):
+    """Unaudited (`--no-review`), a worker put a link in the main tree where its merge writes (a directory on the
+    way, or the file itself) leading out of it: the merge must not write where the link leads. It is a conflict,
+    nothing written, the link and what it leads to as they were."""
+    project = project_in(repo)
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "x.txt").write_text("not the project's\n")
+    lead, path = (victim, "out/sub/x.txt") if link == "out/sub" else (victim / "x.txt", "out/x.txt")
+    write_task(project.order(), "T", target_files=["out/"], max_rework=0, command=(
+        f'mkdir -p {MAIN}/out && ln -s "{lead}" {MAIN}/{link} && mkdir -p out/sub && echo task > {path}'))
+    proc = project.aipm("run", "ORD", "--no-review")
+    row = project.json("status", "ORD")["tasks"][0]
+    assert row["status"] == "REJECTED" and f"merge conflict in {path}" in row["reason"], (row, proc.stdout)
+    assert (victim / "x.txt").read_text() == "not the project's\n" and sorted(p.name for p in victim.iterdir()) == [
+        "x.txt"]
+    assert (repo / link).is_symlink()
