@@ -115,7 +115,8 @@ def test_a_worktree_a_worker_replaced_by_a_link_to_the_main_tree_is_never_captur
     as its end: what people and aipm changed there meanwhile was taken for its work (the attempt was sent back
     for `scope: wrote orders/ORD/T.yaml`, its own status; a merge would have written the main tree's earlier
     state back over a person's later edit). Now the attempt's end is not captured through the link: the attempt
-    is sent back saying so, nothing merged, the main tree as it was."""
+    is sent back saying so, nothing merged, the main tree as it was; `aipm diff` no longer shows the main tree's
+    changes as the task's."""
     project = project_in(repo)
     write_task(project.order(), "T", target_files=["src/"], max_rework=0,
                command=f'W="$PWD"; M={MAIN}; cd / && rm -rf "$W" && ln -s "$M" "$W"')
@@ -125,6 +126,8 @@ def test_a_worktree_a_worker_replaced_by_a_link_to_the_main_tree_is_never_captur
     assert row["status"] == "REJECTED" and "was replaced by a link" in row["reason"], (row, proc.stdout)
     assert (repo / "src/a.txt").read_text() == "the person's\n"
     assert git(repo, "status", "--porcelain", "--", "src/a.txt") == " M src/a.txt\n"
+    diff = project.aipm("diff", "T")  # nor shown as the task's changes: there are none
+    assert diff.returncode != 0 and "no changes recorded" in diff.stderr and not diff.stdout, diff
 
 
 @pytest.mark.parametrize("link", ["out/sub", "out/x.txt"])

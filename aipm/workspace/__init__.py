@@ -417,7 +417,7 @@ def diff(root: Path, order: str, task: str) -> tuple[str, bytes]:
     patches = sorted(patch_path(root, order, task, 0).parent.glob(f"{component(task)}.*.patch"),
                      key=lambda p: int(p.name.rsplit(".", 2)[-2]))
     tree = worktree_path(root, order, task)
-    if tree.is_dir():
+    if own_dir(root, tree):  # (not a link a worker left in its place: through it, another tree's changes)
         repo = Repo(root)
         base = repo.rev(refname(order, task, "base", prefix=repo.prefix))
         if base is not None:
