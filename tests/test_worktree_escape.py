@@ -148,3 +148,24 @@ def test_a_merge_never_writes_through_a_link_the_worker_made_in_the_main_tree(re
     assert (victim / "x.txt").read_text() == "not the project's\n" and sorted(p.name for p in victim.iterdir()) == [
         "x.txt"]
     assert (repo / link).is_symlink()
+
+
+def test_a_run_killed_while_an_escaping_worker_runs_still_sends_it_back(repo, tmp_path):
+    """SIGKILL of `run` while an unconfined worktree worker that wrote the main tree runs: the run that adopts it
+    audits the main tree from the window the dead run opened (what git shows written since), and sends it back
+    naming the path; nothing of it is merged."""
+    project = project_in(repo)
+    gate = tmp_path / "gate"
+    write_task(project.order(), "T", target_files=["src/a.txt"], max_rework=0, command=(
+        f'echo escaped >> {MAIN}/src/b.txt; touch "{tmp_path}/ready"; {wait_gate(gate)}echo work >> src/a.txt'))
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD"], cwd=repo,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (tmp_path / "ready").exists())
+    run.kill()
+    run.wait()
+    gate.touch()
+    proc = project.aipm("run", "ORD")
+    row = project.json("status", "ORD")["tasks"][0]
+    assert (row["status"], row["reason"]) == ("REJECTED", "scope: wrote src/b.txt"), proc.stdout
+    assert not (repo / "src/a.txt").read_text().endswith("work\n")
+    assert "+work" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()
