@@ -140,3 +140,23 @@ def test_a_stash_entry_the_worker_made_on_another_commit_is_named_too(repo):
     assert project.statuses() == {"T": "DONE"}, log
     assert f"made on another commit than its start: {moved[:10]} (\"WIP on main:" in log, log
     assert "other" in git(repo, "stash", "show", "-p", moved)
+
+
+@pytest.mark.parametrize("shared_refs", ["reftable repository", "worker re-points its git"])
+def test_a_worktree_whose_refs_are_the_repositorys_never_has_the_users_stash_moved_or_deleted(repo, shared_refs):
+    """A worktree whose git directory has no refs of its own (a reftable repository's, which ownrefs leaves plain;
+    or one whose worker wrote `../..` into its note's commondir) sees the repository's stash as its own: the end
+    capture "moved" the user's entries to the repository's stash (all there already) and then deleted refs/stash,
+    the user's whole stash, gone. Now a stash that is not the worktree's own is neither moved nor deleted."""
+    if shared_refs == "reftable repository":
+        git(repo, "config", "extensions.refStorage", "reftable")  # (ignored by git in a format-0 repository)
+        command = "echo new > src/new.txt"
+    else:
+        command = 'echo ../.. > "$(git rev-parse --git-dir)/commondir" && echo new > src/new.txt'
+    stash = git(repo, "stash", "list", "--format=%H %gs")
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/new.txt"], command=command)
+    proc = project.aipm("run", "ORD")
+    assert project.statuses() == {"T": "DONE"}, proc.stdout
+    assert (repo / "src/new.txt").read_text() == "new\n"
+    assert git(repo, "stash", "list", "--format=%H %gs") == stash

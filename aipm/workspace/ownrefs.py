@@ -59,6 +59,16 @@ def isolate(repo: Repo, tree: Path) -> None:
     os.replace(note / "commondir.aipm", note / "commondir")
 
 
+def isolated(note: Path) -> bool:
+    """Whether the worktree whose git note is `note` has refs of its own: its `commondir` names ours. Not in a
+    repository isolate() left alone (reftable refs), nor where a worker re-pointed it: its refs, and its stash,
+    are then the repository's."""
+    try:
+        return (note / "commondir").read_text(errors="surrogateescape").strip() == OWN
+    except OSError:
+        return False
+
+
 def _config(repo: Repo, extensions: list[tuple[str, str]]) -> str:
     """The worktree's own config: the repository's `extensions` (git reads them from this file alone, includes
     aside), objects that no git run there deletes, and everything else from the repository's config."""

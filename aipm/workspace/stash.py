@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from aipm.workspace import ownrefs
 from aipm.workspace.places import seam
 from aipm.workspace.repo import Repo, WorkspaceError
 
@@ -24,6 +25,8 @@ def carry(repo: Repo, tree: Path, base: str) -> list[str]:
         env = repo.own_env(tree)
     except WorkspaceError:
         return []  # git's note of it is gone: so is its stash
+    if not ownrefs.isolated(Path(env["GIT_DIR"])):
+        return []  # its stash is the repository's, the user's: nothing to move, and never to delete
     entries = repo.stash(env)
     if not entries:
         return []
