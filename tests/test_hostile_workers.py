@@ -898,3 +898,112 @@ def test_a_command_that_stops_its_wrapper_does_not_hang_its_task(project, how):
     log = (project.root / ".aipm/logs/ORD/T1.1.log").read_text()
     assert log.startswith("before\nafter\n") and "was stopped (SIGSTOP): let go on" in log, log
     wait_for(lambda: no_workers(project.root))
+
+
+# A daemon that leaves every trace of its attempt: a double fork into a session of its own, an environment emptied
+# (no AIPM_* marker), every inherited descriptor closed (no lock file), SIGTERM ignored; it writes its pid, then
+# appends to the file $1 for as long as it lives.
+_DAEMON = (
+    "import os, signal, sys, time\n"
+    "if os.fork(): sys.exit(0)\n"
+    "os.setsid()\n"
+    "if os.fork(): os._exit(0)\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+    "os.closerange(3, 65536)\n"
+    "null = os.open(os.devnull, os.O_RDWR)\n"
+    "for fd in (0, 1, 2): os.dup2(null, fd)\n"
+    "with open(sys.argv[2] + '.tmp', 'w') as f: f.write(str(os.getpid()))\n"
+    "os.rename(sys.argv[2] + '.tmp', sys.argv[2])\n"
+    "while True:\n"
+    "    with open(sys.argv[1], 'a') as f: f.write('daemon\\n')\n"
+    "    time.sleep(0.05)\n")
+
+
+def _daemon_task(tmp_path, then: str) -> tuple[str, str]:
+    """(a command that starts _DAEMON writing shared.txt, then runs `then`; a command for the task that runs next on
+    shared.txt, which notes in `journal` whether the daemon still lives when it starts)."""
+    daemon, journal, script = tmp_path / "daemon.pid", tmp_path / "journal", tmp_path / "daemon.py"
+    script.write_text(_DAEMON)
+    state = f"$(sed 's/.*) //' /proc/$(cat {daemon})/stat 2>/dev/null | cut -c1)"
+    return (f"env -i {sys.executable} {script} shared.txt {daemon}; {then}",
+            f'case "{state}" in [RSD]) echo alive >> {journal};; *) echo gone >> {journal};; esac')
+
+
+@pytest.mark.parametrize("how", ["preempt", "cancel", "cancel of a command ignoring SIGTERM", "timeout",
+                                 "timeout of a command ignoring SIGTERM"])
+def test_a_daemon_without_any_mark_of_its_attempt_ends_with_it(project, gate, tmp_path, how):
+    """A command's daemon that emptied its environment and closed its descriptors carried neither the attempt's
+    marker nor its locks: with another attempt running in the same `aipm run`, nothing tied it to its attempt, so
+    the preemption, cancel or timeout that ended the attempt left it running, and it wrote on into the files the
+    next task on them was given. The invariant: once the attempt has ended (its successor on the same file runs),
+    no process of it lives."""
+    order = project.order()
+    daemon, journal = tmp_path / "daemon.pid", tmp_path / "journal"
+    write_task(order, "OTHER", target_files=["other.txt"], command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    # (ignoring SIGTERM, the command holds the stop until its SIGKILL, which ends its wrapper too)
+    command, check_daemon = _daemon_task(tmp_path, ("trap '' TERM; " if "ignoring" in how else "")
+                                         + ("sleep 600" if how.startswith("timeout") else
+                                            f"while [ ! -e {gate} ]; do sleep 0.05; done"))
+    write_task(order, "LOW", priority="P3", target_files=["shared.txt"], max_attempts=1, command=command,
+               **({"timeout": 5} if how.startswith("timeout") else {}))
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                            "--no-resource-monitoring", *(["--preempt"] if how == "preempt" else [])],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: daemon.exists())
+        # The next task on shared.txt, more urgent for the preemption, says whether the daemon lives when it starts.
+        write_task(order, "NEXT", priority="P0" if how == "preempt" else "P3", target_files=["shared.txt"],
+                   command=check_daemon)
+        if how.startswith("cancel"):
+            project.aipm("cancel", "LOW", "--grace", "1", check=True)
+        wait_for(lambda: journal.exists())
+        gate.touch()
+        assert run.wait(timeout=120) in (0, 1)
+    finally:
+        gate.touch()
+        if run.poll() is None:
+            run.kill()
+        _kill_daemon(daemon)
+    assert journal.read_text() == "gone\n"
+    assert task_statuses(order)["NEXT"] == "DONE"
+
+
+def _kill_daemon(daemon) -> None:
+    if daemon.exists() and pid_alive(pid := int(daemon.read_text())):
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("when", ["adopted", "ended with no run"])
+def test_a_daemon_left_by_an_attempt_whose_run_was_killed_ends_with_it_under_the_next_run(project, gate, tmp_path,
+                                                                                           when):
+    """The same daemon (no marker, no lock, SIGTERM ignored) of an attempt whose `aipm run` was SIGKILLed: the next
+    run adopted the attempt, its command ended (before that run started, or under it), and the daemon, which nothing
+    tied to the attempt, wrote on into shared.txt while the dependant task that ran next had it."""
+    order = project.order()
+    daemon, journal = tmp_path / "daemon.pid", tmp_path / "journal"
+    command, check_daemon = _daemon_task(tmp_path, f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    write_task(order, "LOW", target_files=["shared.txt"], command=command)
+    write_task(order, "NEXT", target_files=["shared.txt"], depends_on=["LOW"], command=check_daemon)
+    first = _start_run(project)
+    try:
+        wait_for(lambda: daemon.exists())
+        rec = _record(project, "LOW")
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+        assert pid_alive(rec["pid"]), "the attempt should outlive its run for this test"
+        if when == "ended with no run":
+            gate.touch()
+            wait_for(lambda: not pid_alive(rec["pid"]))
+        second = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                                   "--no-resource-monitoring"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                  text=True)
+        if when == "adopted":
+            wait_for(lambda: (_record(project, "LOW") or {}).get("owner_pid") == second.pid)
+            gate.touch()
+        out = second.communicate(timeout=120)[0]
+        assert second.returncode == 0, out
+    finally:
+        gate.touch()
+        _kill_daemon(daemon)
+    assert journal.read_text() == "gone\n"
+    assert task_statuses(order) == {"LOW": "DONE", "NEXT": "DONE"}
