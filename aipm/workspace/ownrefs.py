@@ -92,14 +92,16 @@ def git_dir(note: Path) -> Path:
     return note / WORKER if (note / WORKER).is_dir() else note
 
 
-def isolated(note: Path) -> bool:
-    """Whether the worktree whose git note is `note` has refs of its own: its `commondir` names ours. Not in a
-    repository isolate() left alone (reftable refs), nor where a worker re-pointed it: its refs, and its stash,
-    are then the repository's."""
+def isolated(git: Path) -> bool:
+    """Whether the worktree whose git directory is `git` (the worker's, git_dir(); or the note, for one isolate()
+    left plain) has refs of its own: its `commondir` leads to ours in the note. Not in a repository isolate() left
+    alone (reftable refs), nor where a worker re-pointed it: its refs, and its stash, are then the repository's."""
+    note = git.parent if git.name == WORKER else git
     try:
-        return (note / "commondir").read_text(errors="surrogateescape").strip() == OWN
+        common = (git / "commondir").read_text(errors="surrogateescape").strip()
     except OSError:
         return False
+    return bool(common) and os.path.realpath(git / common) == os.path.realpath(note / OWN)
 
 
 def _config(repo: Repo, extensions: list[tuple[str, str]]) -> str:
