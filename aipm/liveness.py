@@ -252,18 +252,3 @@ def _started_so_before(started: float, recorded: float) -> bool:
     taken for dead. Only while the clock was not stepped since, as then."""
     base = _BOOT[0] if _BOOT else _boot_time()  # (read once: this is every dead or reused pid's check)
     return same_start(started - base + _btime(), recorded)
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of a process, from /proc/<pid>/task/<tid>/children (no scan of every process)."""
-    out: list[int] = []
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            out += [int(p) for p in read_small(f"/proc/{pid}/task/{tid}/children").split()]
-        except OSError:
-            continue
-    return out

@@ -8,11 +8,10 @@ that a stopped command ran are stopped too, once the stop has ended that exec: t
 
 from __future__ import annotations
 
-from functools import partial
 from itertools import takewhile
 from typing import TYPE_CHECKING
 
-from aipm import budget, leftovers, recovery, runner, subreaper
+from aipm import budget, recovery, runner, subreaper
 from aipm.errors import UserError
 from aipm.model import Order, Status, Task
 from aipm.paths import as_path, normalize
@@ -106,7 +105,7 @@ def _stop_nested(sup: "Supervisor", nested: dict[str, tuple[Record, str]]) -> No
                 continue  # unwritable: left to its recovery, which adopts it as before
             stopping.append(rec)
     for rec in stopping:
-        runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE, partial(leftovers.note, rec))
+        runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
         subreaper.reap_zombies([rec.pid])  # its wrapper came to us (a subreaper) when the exec died
 
 

@@ -13,7 +13,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aipm import agents, cluster, confine, leftovers, outcome, runner, spending, subreaper, workspace, writtenlog
+from aipm import agents, cluster, confine, outcome, runner, spending, subreaper, workspace, writtenlog
 from aipm.errors import UserError
 from aipm.finish import review_command, rework_limit
 from aipm.model import RUNNING, Order, Status, Task, definition
@@ -310,7 +310,7 @@ def end_remnants(rt: Runtime, rec: Record) -> None:
     mark = subreaper.attempt_marker(rt.root, rec)
     ended: list[int] = []
     for _ in range(3):  # again for what a process forked between the look and the kill
-        left = subreaper.marked(mark) + leftovers.running(rec.exit_file)  # (what its wrapper listed)
+        left = subreaper.marked(mark)
         if not left:
             break
         if rec.pgid and rec.pgid != os.getpgid(0) and any(_group(pid) == rec.pgid for pid in left):

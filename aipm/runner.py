@@ -3,8 +3,7 @@
 Each worker is a tiny wrapper in a new session (so its process group holds every grandchild): it waits for a
 "go" on a pipe, runs the task's command, writes the exit code to an exit file, and exits with that code. The
 wrapper is `/bin/sh`, or for a command that is a program the compiled one of wrapper.py, where it could be
-built; with that binary either is a child subreaper, so what the command leaves running stays below it and is
-listed when it ends (leftovers.py). The go is sent only once the worker's record is on disk and the status writes of its launch-lock round
+built. The go is sent only once the worker's record is on disk and the status writes of its launch-lock round
 are durable (durable.py), so a launcher that dies in between leaves no command running unrecorded (the
 wrapper sees EOF and exits). The exit file lets a supervisor that was restarted learn the real
 outcome of a worker it did not start.
@@ -42,18 +41,14 @@ _PRELUDE = ('cd "$AIPM_ROOT" || exit 126; IFS= read -r go <&3 && [ "$go" = go ] 
 # "$@" is the command's argv; the exit code goes to the exit file before the wrapper exits with it, or, where its
 # directory was removed (the command's `rm -rf` of aipm's state), to the end of the log (workerfiles.exit_code_in_log).
 _WRITE_CODE = 'echo $s >"$f" || echo "aipm-wrapper: exit file not written; exit code $s" >&2; exit $s'
-# Before it, a wrapper made a subreaper (by `aipm-reaper`) lists what the command left below it, as the compiled
-# wrapper does (leftovers.py): a builtin read of one /proc file when nothing is left.
-_LIST_LEFT = ('l=; read -r l </proc/$$/task/$$/children; if [ -n "$l" ]; then for p in $l; do '
-              'read -r t </proc/$p/stat && set -- ${t##*") "} && echo "$p ${20}"; done >"$f.left"; fi; ')
-_WRAP_ARGV = _PRELUDE + '"$@"; s=$?; '
+_WRAP_ARGV = _PRELUDE + '"$@"; s=$?; ' + _WRITE_CODE
 # A string command runs in a subshell of the wrapper: one fork, no second exec of /bin/sh. There $PPID is still the
 # wrapper's parent, aipm itself, so a command's `kill -STOP $PPID` (meaning its own shell) stopped the whole run:
 # it is set to the subshell's real parent, the wrapper ($$). A shell where PPID is read-only (bash exits on the
 # assignment) starts the command as a new shell instead, one exec more.
 _OWN_PARENT = ('PPID=$$; eval "$1"' if os.path.basename(os.path.realpath(SHELL)) in ("dash", "ash", "busybox")
                else f'exec {SHELL} -c "$1" "$0" "$@"')
-_WRAP_SHELL = _PRELUDE + f'({_OWN_PARENT}); s=$?; '
+_WRAP_SHELL = _PRELUDE + f'({_OWN_PARENT}); s=$?; ' + _WRITE_CODE
 
 # A string command of plain words means the same as its argv, which runs without that subshell (one fork less
 # per task). Anything the shell would interpret keeps it: quotes, expansions, operators, newlines, a keyword or
@@ -66,11 +61,9 @@ _SHELL_WORDS = frozenset(
 )
 
 
-# Builtins that start no process: a command of one of them needs no subreaper (leftovers.py).
-_INERT = frozenset({"true", "false", "echo", "printf", "test", "[", "pwd", ":"})
 # Commands /bin/sh runs itself, without starting a program: they keep the shell wrapper (one exec, and the
 # builtin's own behaviour, which may differ from the program of that name: dash's echo is not coreutils').
-_SH_BUILTINS = _SHELL_WORDS | _INERT
+_SH_BUILTINS = _SHELL_WORDS | {"true", "false", "echo", "printf", "test", "pwd"}
 
 
 def plain_words(command: str) -> list[str] | None:
@@ -146,16 +139,10 @@ def begin(
         words = plain_words(command)
     else:
         words = list(command)
+    shell = [SHELL, "-c", _WRAP_ARGV if words else _WRAP_SHELL, "aipm-worker", exit_file, *(words or [command])]
     # Without PATH the shell searches its own default (dash's has the sbin directories): that stays the shell's.
-    built = wrapper.binary()
-    compiled = built if built and words and words[0] not in _SH_BUILTINS and "PATH" in env else None
-    # Else the shell wrapper, made a child subreaper first (leftovers.py) by the built binary: one exec of a static
-    # binary more; not for a builtin that starts nothing (`true`), which leaves nothing behind.
-    reaping = bool(built) and not compiled and not (words and words[0] in _INERT)
-    script = (_WRAP_ARGV if words else _WRAP_SHELL) + (_LIST_LEFT if reaping else "") + _WRITE_CODE
-    shell = [SHELL, "-c", script, "aipm-worker", exit_file, *(words or [command])]
-    program, argv = ((compiled, ["aipm-worker", exit_file, *words]) if compiled else
-                     (built, ["aipm-reaper", *shell]) if reaping else (SHELL, shell))
+    compiled = wrapper.binary() if words and words[0] not in _SH_BUILTINS and "PATH" in env else None
+    program, argv = (compiled, ["aipm-worker", exit_file, *words]) if compiled else (SHELL, shell)
     go_read, go_write = os.pipe()
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, stdin or os.devnull, os.O_RDONLY, 0),
@@ -186,13 +173,13 @@ def begin(
         except FileNotFoundError:
             # A worker deleted .aipm/ (git clean -fdx) meanwhile: make the log's directory again. Or the compiled
             # wrapper was aged out of /tmp: the shell does its work, and the next start looks for it again.
-            if built and not os.path.exists(built):
+            if compiled and not os.path.exists(compiled):
                 wrapper.forget()
             return placed(SHELL, shell)()
         except OSError as exc:
-            if program == SHELL or exc.errno not in (errno.ENOEXEC, errno.EACCES, errno.EPERM):
+            if not compiled or exc.errno not in (errno.ENOEXEC, errno.EACCES, errno.EPERM):
                 raise
-            wrapper.discard(built)  # truncated, replaced, /tmp made noexec: the shell now, a new build later
+            wrapper.discard(compiled)  # truncated, replaced, /tmp made noexec: the shell now, a new build later
             return placed(SHELL, shell)()
 
     def release() -> None:
@@ -384,12 +371,10 @@ def ask_to_stop(pgid: int) -> bool:
     return True
 
 
-def terminate_group(pgid: int, leader: int, grace: float = 5.0, before_kill: Callable[[], None] = lambda: None) -> None:
-    """SIGTERM the whole group, then SIGKILL it if the leader has not gone within `grace` seconds (calling
-    `before_kill` first: leftovers.note)."""
+def terminate_group(pgid: int, leader: int, grace: float = 5.0) -> None:
+    """SIGTERM the whole group, then SIGKILL it if the leader has not gone within `grace` seconds."""
     if not ask_to_stop(pgid):
         return
-    if not wait_gone(leader, grace):
-        before_kill()
+    wait_gone(leader, grace)
     # Grandchildren that ignored SIGTERM still belong to the group: make sure none survives.
     kill_group(pgid)

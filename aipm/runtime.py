@@ -256,9 +256,9 @@ class Runtime(CancelMarks):
         records = self.records()
         wanted = {os.path.basename(rec.exit_file).removesuffix(".review") for rec in records}
         # (`.w`: the exit file the compiled wrapper makes at its start, named when its command ends; `.why`: the
-        # reason aipm's own process in the attempt noted, workerfiles.note_reason; `.left`: leftovers.py)
-        self._remove_unwanted(self._in(self.state, "exit", order), lambda name: name.removesuffix(".left").removesuffix(
-            ".w").removesuffix(".why").removesuffix(".review") in wanted)
+        # reason aipm's own process in the attempt noted, workerfiles.note_reason)
+        self._remove_unwanted(self._in(self.state, "exit", order), lambda name: name.removesuffix(".w").removesuffix(
+            ".why").removesuffix(".review") in wanted)
         marked = {_safe(rec.task) for rec in records if rec.order == order}
         self._remove_unwanted(self.state / "cancel" / _safe(order), marked.__contains__)
 

@@ -8,10 +8,9 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
-from aipm import leftovers, outcome, workspace, writtenlog
+from aipm import outcome, workspace, writtenlog
 from aipm.agents import can_resume
 from aipm.errors import Unwritable, UserError
 from aipm.liveness import LOOK_AFTER, how_to_go_on
@@ -93,7 +92,7 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
             writtenlog.note_written(rt, writtenlog.order_files(project.root, str(order_dir)))  # not a worker's write
     if live:
         append_log(rec.log, "cancelled by the user: stopping the process group")
-        terminate_group(rec.pgid, rec.pid, grace, partial(leftovers.note, rec))
+        terminate_group(rec.pgid, rec.pid, grace)
     if rec is not None and rec.pid and not rec.owner_alive():
         # No owner ends what the attempt left: its command, when only its wrapper died (`pkill -9 -f aipm`), and
         # what left the group (a `setsid` daemon). Recovery passes a CANCELLED task by, so they would run on,
@@ -139,7 +138,7 @@ def cancel_fileless(project: Project, arg: str, grace: float = 5.0) -> Record | 
         except StateWriteError as exc:
             raise _unmarkable(task, exc) from None
     append_log(rec.log, "cancelled by the user (its task file is gone): stopping the process group")
-    terminate_group(rec.pgid, rec.pid, grace, partial(leftovers.note, rec))
+    terminate_group(rec.pgid, rec.pid, grace)
     if rec.owner_alive():
         _until_released(rt, rec.order, rec.task, grace + 5)
     else:  # what left its group ended too; the record stays, for recovery to write the cancel once the file is back

@@ -7,8 +7,6 @@ orphaned below them is re-parented to them instead of to init, so it stays in th
 process directly below an owner that is not one of its recorded workers is a *stray*.
 
 When an attempt ends, its owner ends (SIGKILL, then waits until they are gone, so their locks are free):
-- every process its wrapper listed as left below it (leftovers.py): the wrapper is a subreaper too, so what its
-  command left is known to be the attempt's even when it carries nothing of it;
 - every stray that carries the attempt's marker in its environment (AIPM_ROOT, AIPM_ORDER_ID, AIPM_TASK_ID,
   AIPM_ATTEMPT are set for the worker and inherited by everything it starts) or holds one of its lock files;
 - every stray at all when the owner runs no other attempt (a daemon may clear its environment);
@@ -25,11 +23,11 @@ import signal
 from collections.abc import Collection, Iterable
 from pathlib import Path
 
-from aipm import leftovers, notify, runner
+from aipm import notify, runner
 from aipm.lockholders import lock_holders
 from aipm.locks import lock_nodes, node_path
 from aipm.paths import normalize
-from aipm.liveness import children, process_ctime, read_small
+from aipm.liveness import process_ctime, read_small
 from aipm.record import Record
 from aipm.runtime import Runtime
 
@@ -45,15 +43,26 @@ def become_subreaper() -> bool:
         return False
 
 
+def children(pid: int) -> list[int]:
+    """Direct children of a process, from /proc/<pid>/task/<tid>/children (no scan of every process)."""
+    out: list[int] = []
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return out
+    for tid in tids:
+        try:
+            out += [int(p) for p in read_small(f"/proc/{pid}/task/{tid}/children").split()]
+        except OSError:
+            continue
+    return out
+
+
 def strays(me: int, known: Iterable[int]) -> list[int]:
     """Processes below `me` that are not below a known (recorded) worker or owner, parents first."""
     known = set(known)
-    return _with_descendants([pid for pid in children(me) if pid not in known])
-
-
-def _with_descendants(todo: list[int]) -> list[int]:
-    """`todo` and every process below them, parents first; notify commands left out."""
     out: list[int] = []
+    todo = [pid for pid in children(me) if pid not in known]
     while todo:
         pid = todo.pop(0)
         if _notifier(pid):
@@ -160,8 +169,6 @@ def left_behind(rt: Runtime, known: set[int], rec: Record | None, alone: bool, a
         return below
     mark = attempt_marker(rt.root, rec)
     doomed = below if alone else marked(mark, below) + _holding(rt.state, rec, below)
-    # What its wrapper had below it when its command ended: the attempt's, whatever it carries (leftovers.py).
-    doomed += _with_descendants([pid for pid in leftovers.running(rec.exit_file) if pid not in known and pid != me])
     if adopted:  # its daemons were never below us: find them by their marker
         doomed += [pid for pid in marked(mark) if pid not in known and pid != me]
     return doomed

@@ -15,10 +15,9 @@ import signal
 import time
 from collections.abc import Callable
 from contextlib import suppress
-from functools import partial
 
-from aipm import (agents, childstops, cluster, confine, leftovers, meter, notify, recovery, runner, scope, statedir,
-                  subreaper, workspace)
+from aipm import (agents, childstops, cluster, confine, meter, notify, recovery, runner, scope, statedir, subreaper,
+                  workspace)
 from aipm.childstops import ChildStops
 from aipm.errors import UserError
 from aipm.finish import time_limit
@@ -208,7 +207,6 @@ class Supervisor(Recording, Owner):
             if now >= at:
                 del self.kill_at[key]
                 if key in self.owned:
-                    leftovers.note(self.owned[key])
                     runner.signal_group(self.owned[key].pgid, signal.SIGKILL)
 
     def _stop(self, rec: Record, now: float) -> None:
@@ -397,7 +395,7 @@ class Supervisor(Recording, Owner):
         code = read_exit_file(rec.exit_file)
         if code is None:
             self._note_in_records([rec], stopping=why, preempted=preempted)
-        runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE, partial(leftovers.note, rec))
+        runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
         runner.reap(rec.pid)
         # As at any end of an attempt: what it left running outside its group (`setsid cmd &`) holds its locks,
         # and the urgent task waited for it for as long as it ran.

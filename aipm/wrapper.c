@@ -13,22 +13,16 @@
  * without a journal, which scans the inodes freed in the last minute: off the critical path, while the launcher
  * writes the task's status); a wrapper that runs nothing removes it. Before the go no signal is caught: a
  * signal to the process group ends the wrapper too, with no exit file. x86-64 Linux only; elsewhere the build fails and
- * aipm keeps using the shell. The wrapper is a child subreaper: what its command leaves running is named in
- * EXIT_FILE.left when the command ends (list_left).
- *
- *   aipm-reaper PROGRAM [ARG...]     makes itself a child subreaper and runs PROGRAM (no PATH search): the shell
- *                                    wrapper, a subreaper as this one is (list_left). */
+ * aipm keeps using the shell. */
 
 #if !defined(__x86_64__) || !defined(__linux__)
 #error "aipm-wrapper: x86-64 Linux only"
 #endif
 
 enum { SYS_READ = 0, SYS_WRITE = 1, SYS_OPEN = 2, SYS_CLOSE = 3, SYS_RT_SIGPROCMASK = 14, SYS_FORK = 57, SYS_EXECVE = 59,
-       SYS_WAIT4 = 61, SYS_CHDIR = 80, SYS_RENAME = 82, SYS_UNLINK = 87, SYS_PRCTL = 157, SYS_EXIT_GROUP = 231 };
-enum { E_NOENT = 2, E_INTR = 4, E_NOEXEC = 8, E_CHILD = 10, E_ACCES = 13, E_NOTDIR = 20, E_NAMETOOLONG = 36,
-       E_LOOP = 40 };
-enum { O_RDONLY_ = 0, O_WRONLY_ = 01, O_CREAT_ = 0100, O_TRUNC_ = 01000, O_NOFOLLOW_ = 0400000, O_CLOEXEC_ = 02000000 };
-enum { PR_SET_CHILD_SUBREAPER = 36, W_NOHANG = 1 };
+       SYS_WAIT4 = 61, SYS_CHDIR = 80, SYS_RENAME = 82, SYS_UNLINK = 87, SYS_EXIT_GROUP = 231 };
+enum { E_NOENT = 2, E_INTR = 4, E_NOEXEC = 8, E_ACCES = 13, E_NOTDIR = 20, E_NAMETOOLONG = 36, E_LOOP = 40 };
+enum { O_WRONLY_ = 01, O_CREAT_ = 0100, O_TRUNC_ = 01000, O_NOFOLLOW_ = 0400000, O_CLOEXEC_ = 02000000 };
 
 static long sys(long n, long a, long b, long c, long d) {
     long r;
@@ -120,70 +114,6 @@ static void __attribute__((noreturn)) run(char **argv, char **envp) {
     fail(program, error);
 }
 
-/* Reads a small file whole (up to size-1 bytes, null-terminated); its length, or -1. */
-static long slurp(const char *path, char *buf, long size) {
-    long fd = sys(SYS_OPEN, (long)path, O_RDONLY_ | O_CLOEXEC_, 0, 0), got = 0, r;
-    if (fd < 0) return -1;
-    while (got < size - 1 && (r = sys(SYS_READ, fd, (long)(buf + got), size - 1 - got, 0)) != 0) {
-        if (r == -E_INTR) continue;
-        if (r < 0) break;
-        got += r;
-    }
-    sys(SYS_CLOSE, fd, 0, 0, 0);
-    buf[got] = 0;
-    return got;
-}
-
-static char kids[16384], listing[32768];
-
-/* The command has ended. The wrapper is a child subreaper, so what the command left running (a `setsid` daemon,
- * a double fork) was re-parented to it: one line "PID STARTTIME" (the start in clock ticks, field 22 of
- * /proc/PID/stat, so that no later process given the pid is taken for it) per such process goes to
- * EXIT_FILE.left, before the exit file is named, for aipm to end them (leftovers.py). Nothing when nothing is
- * left: the usual case costs one wait4. */
-static void list_left(const char *exit_file, long elen) {
-    for (;;) {  /* collect the ended ones first */
-        long r = sys(SYS_WAIT4, -1, 0, W_NOHANG, 0);
-        if (r == -E_CHILD) return;
-        if (r == 0) break;
-        if (r < 0 && r != -E_INTR) return;
-    }
-    if (slurp("/proc/thread-self/children", kids, sizeof kids) <= 0) return;
-    long at = 0;
-    for (char *p = kids; *p;) {
-        while (*p == ' ') p++;
-        char *pid = p;
-        while (*p && *p != ' ') p++;
-        long plen = p - pid;
-        if (!plen || plen > 10 || at + plen + 32 > (long)sizeof listing) break;
-        char path[32] = "/proc/", stat[1024];
-        for (long i = 0; i < plen; i++) path[6 + i] = pid[i];
-        const char *tail = "/stat";
-        for (long i = 0; i <= 5; i++) path[6 + plen + i] = tail[i];
-        if (slurp(path, stat, sizeof stat) <= 0) continue;
-        char *f = 0;
-        for (char *c = stat; *c; c++)
-            if (*c == ')') f = c;  /* the last one: the name may hold any */
-        int spaces = 0;  /* field 22 follows the 20th space after the name */
-        while (f && *f && spaces < 20)
-            if (*f++ == ' ') spaces++;
-        if (spaces < 20) continue;
-        for (long i = 0; i < plen; i++) listing[at++] = pid[i];
-        listing[at++] = ' ';
-        while (*f >= '0' && *f <= '9' && at < (long)sizeof listing - 2) listing[at++] = *f++;
-        listing[at++] = '\n';
-    }
-    char path[4096];
-    if (!at || elen + 6 > (long)sizeof path) return;
-    for (long i = 0; i < elen; i++) path[i] = exit_file[i];
-    const char *suffix = ".left";
-    for (long i = 0; i <= 5; i++) path[elen + i] = suffix[i];
-    long fd = sys(SYS_OPEN, (long)path, O_WRONLY_ | O_CREAT_ | O_TRUNC_ | O_NOFOLLOW_ | O_CLOEXEC_, 0666, 0);
-    if (fd < 0) return;
-    sys(SYS_WRITE, fd, (long)listing, at, 0);
-    sys(SYS_CLOSE, fd, 0, 0, 0);
-}
-
 static char early[4096];  /* EXIT_FILE.w */
 static long early_fd = -1;
 
@@ -196,15 +126,6 @@ static void __attribute__((noreturn)) quit(int code) {
 __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     int argc = (int)stack[0];
     char **argv = (char **)(stack + 1), **envp = argv + argc + 1;
-    const char *reaper = "aipm-reaper", *a = argv[0];
-    while (*a && *a == *reaper) a++, reaper++;
-    if (argc >= 2 && !*a && !*reaper) {
-        /* `aipm-reaper PROGRAM [ARG...]`: PROGRAM (the shell wrapper, runner.py) as a child subreaper, which an
-         * exec keeps; see list_left. */
-        sys(SYS_PRCTL, PR_SET_CHILD_SUBREAPER, 1, 0, 0);
-        sys(SYS_EXECVE, (long)argv[1], (long)(argv + 1), (long)envp, 0);
-        leave(126);
-    }
     if (argc < 3) {
         say("usage", "aipm-wrapper EXIT_FILE PROGRAM [ARG...]", "");
         leave(2);
@@ -232,9 +153,6 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
      * `trap :`). Blocked before the fork and let through again in the child, which starts as the command would. */
     static const unsigned long stops = (1UL << (1 - 1)) | (1UL << (2 - 1)) | (1UL << (15 - 1));
     sys(SYS_RT_SIGPROCMASK, 0 /* SIG_BLOCK */, (long)&stops, 0, sizeof stops);
-    /* What the command's processes leave when they end (a daemon's double fork) stays below the wrapper, this
-     * attempt's alone, rather than going to aipm, which runs other attempts: list_left names them at the end. */
-    sys(SYS_PRCTL, PR_SET_CHILD_SUBREAPER, 1, 0, 0);
     long pid = sys(SYS_FORK, 0, 0, 0, 0);
     if (pid < 0) quit(126);
     if (pid == 0) {
@@ -243,10 +161,7 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     }
     int status = 0;
     long r;
-    /* Any child: the processes re-parented to the wrapper are collected as they end, not left as zombies. */
-    while ((r = sys(SYS_WAIT4, -1, (long)&status, 0, 0)) != pid)
-        if (r < 0 && r != -E_INTR) break;
-    list_left(argv[1], elen);
+    while ((r = sys(SYS_WAIT4, pid, (long)&status, 0, 0)) == -E_INTR) {}
     int code = r < 0 ? 126 : (status & 0x7f) ? 128 + (status & 0x7f) : (status >> 8) & 0xff;
     char text[5];
     int sig = r >= 0 ? status & 0x7f : 0;

@@ -37,11 +37,10 @@ def _run(tmp_path: Path, command, tag: str, cwd: Path | None = None, abandon: bo
 
 
 def _programs_started(monkeypatch) -> list[str]:
-    """The programs runner starts from now on (the wrapper each worker runs under: the shell wrapper is started
-    through `aipm-reaper`, which makes it a subreaper), in order."""
+    """The programs runner starts from now on (the wrapper each worker runs under), in order."""
     spawn, started = runner.posix_spawn.spawn, []
-    monkeypatch.setattr(runner.posix_spawn, "spawn", lambda program, argv, *a, **k: started.append(
-        argv[1] if argv[0] == "aipm-reaper" else program) or spawn(program, argv, *a, **k))
+    monkeypatch.setattr(runner.posix_spawn, "spawn", lambda program, *a, **k: started.append(program) or spawn(
+        program, *a, **k))
     return started
 
 
@@ -301,28 +300,3 @@ def test_an_exit_code_the_full_disk_refused_is_left_in_the_log_by_either_wrapper
             filler.unlink()
     assert started[0] == wrapper.binary() and started[1] == runner.SHELL
     assert ends == [(3, "", 3), (3, "", 3)]
-
-
-@pytest.mark.parametrize("form", ["string", "argv"])
-def test_what_a_command_leaves_below_either_wrapper_is_listed_as_the_attempts(tmp_path, form):
-    """A daemon the command left (double fork, environment emptied) was re-parented to aipm, which could not tell
-    it from another attempt's. Either wrapper is a subreaper now (the shell one through `aipm-reaper`): the
-    daemon stays below it, and is listed in the exit file's `.left` with its start, as leftovers.running reads
-    it; a command that leaves nothing leaves no list."""
-    from aipm import leftovers
-
-    pids = tmp_path / "pids"
-    script = (f"(env -i setsid sh -c 'echo $$ >> {pids}; exec sleep 300' </dev/null >/dev/null 2>&1 &); "
-              f"while [ ! -s {pids} ]; do sleep 0.01; done")
-    command = script if form == "string" else ["/bin/sh", "-c", script]
-    code, written, log = _run(tmp_path, command, "left")
-    assert (code, written) == (0, "0\n"), log
-    try:
-        left = leftovers.running(str(tmp_path / "left.exit"))
-        assert left == [int(pids.read_text())], (tmp_path / "left.exit.left").read_text()
-    finally:
-        for pid in map(int, pids.read_text().split()):
-            os.kill(pid, signal.SIGKILL)
-    wait_for(lambda: leftovers.running(str(tmp_path / "left.exit")) == [])  # gone (a later process of its pid: not it)
-    _run(tmp_path, "true && true", "none")
-    assert not (tmp_path / "none.exit.left").exists()

@@ -4,12 +4,10 @@ neither reaches the user's refs and stash nor another task's, and its work is st
 from __future__ import annotations
 
 import signal
-import subprocess
-import sys
 
 import pytest
 
-from conftest import wait_for, write_task
+from conftest import write_task
 from test_workspace import git, project_in, repo, wait_gate  # noqa: F401 - repo is a fixture
 
 
@@ -162,41 +160,3 @@ def test_a_worktree_whose_refs_are_the_repositorys_never_has_the_users_stash_mov
     assert project.statuses() == {"T": "DONE"}, proc.stdout
     assert (repo / "src/new.txt").read_text() == "new\n"
     assert git(repo, "stash", "list", "--format=%H %gs") == stash
-
-
-@pytest.mark.parametrize("users", [True, False])
-def test_a_branch_a_worker_checks_out_in_its_worktree_is_not_checked_out_for_the_user(repo, tmp_path, users):
-    """The worktree's refs are its own, but git's note of it, which the main tree reads, held its HEAD: a worker's
-    `git checkout -B feat` made the user's `feat` checked out there for the main tree while the task ran (`git
-    branch` showed `+ feat`, `git checkout feat` and `git branch -d feat` refused: "already checked out at"). Now
-    the main tree sees the worktree detached, and its `git gc` still keeps what the worker committed and staged."""
-    if users:
-        git(repo, "branch", "feat")
-    project = project_in(repo)
-    ready, go = tmp_path / "ready", tmp_path / "go"
-    write_task(project.order(), "T", target_files=["src/new.txt", "src/more.txt"], command=(
-        'git checkout -q -B feat && echo new > src/new.txt && git add src/new.txt && git commit -qm mine && '
-        'git switch -q -c feat2 && git switch -q feat && echo more > src/more.txt && git add src/more.txt && '
-        f'touch "{ready}"; {wait_gate(go)}git cat-file -e HEAD && git cat-file -e :src/more.txt'))
-    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD"], cwd=repo,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: ready.exists() or run.poll() is not None)
-        assert ready.exists(), run.communicate()
-        listed = git(repo, "worktree", "list", "--porcelain")
-        assert "branch refs/heads/" not in listed.split("\n\n")[1] and "detached" in listed, listed
-        assert "+" not in git(repo, "branch", "--list", "feat", "feat2")
-        if users:
-            git(repo, "checkout", "-q", "feat")
-            git(repo, "checkout", "-q", "main")
-            git(repo, "branch", "-q", "-d", "feat")
-        git(repo, "gc", "-q", "--prune=now")  # the worker's commit and staged file are kept all the same
-    finally:
-        go.touch()
-        out, err = run.communicate(timeout=120)
-    assert project.statuses() == {"T": "DONE"}, out + err
-    assert (repo / "src/new.txt").read_text() == "new\n" and (repo / "src/more.txt").read_text() == "more\n"
-    assert git(repo, "for-each-ref", "refs/heads/feat", "refs/heads/feat2") == ""
-    assert git(repo, "worktree", "list", "--porcelain").count("worktree ") == 1
-    assert git(repo, "worktree", "prune", "-n", "-v") == ""
-    git(repo, "fsck", "--no-dangling")

@@ -14,7 +14,6 @@ On disk, under the project's runtime directory:
   refs/aipm/<ORDER>/<TASK>/{base,end}    the attempt's start and end, as commits no branch points to
                                          (refs/aipm/@<DIR>/... for a project in a directory DIR of its repo)
   <git dir>/worktrees/<ID>/aipm/         the worktree's own refs and stash (see ownrefs.py)
-  <git dir>/worktrees/<ID>/aipm.git/     the worker's git directory: its HEAD, index, reflog (see ownrefs.py)
 
 Test seam: AIPM_TEST_KILL_AT=prepare|carry|merge:N|cleanup makes the process that reaches that point SIGKILL
 itself (prepare: worktree made, task not yet started; carry: the worker's stash entries stored in the repository's

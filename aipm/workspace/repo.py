@@ -193,12 +193,10 @@ class Repo:
 
     def own_env(self, tree_dir: Path) -> dict[str, str]:
         """The environment in which git sees a worktree of ours as its worker does: its own refs and stash."""
-        from aipm.workspace.ownrefs import git_dir  # (ownrefs makes it, with this module's git)
-
         note = self.note_of(tree_dir)
         if note is None:
             raise WorkspaceError(f"{tree_dir} is no longer a git work tree of its own")
-        return {"GIT_DIR": str(git_dir(note)), "GIT_WORK_TREE": str(tree_dir)}
+        return {"GIT_DIR": str(note), "GIT_WORK_TREE": str(tree_dir)}
 
     def note_of(self, tree_dir: Path) -> Path | None:
         """git's note of the worktree at `tree_dir` (the directory its `.git` file names), None when it has none."""
