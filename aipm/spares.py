@@ -38,6 +38,8 @@ import stat
 from contextlib import suppress
 from functools import lru_cache
 
+from aipm.posix_spawn import Pending, in_background
+
 KEEP = 4  # spares per pool: one round of a run writes a few files
 _AT_FDCWD = -100
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
@@ -191,11 +193,16 @@ class Pool:
         with suppress(OSError):
             os.unlink(kept[0])
 
-    def write_ahead(self, data: bytes, mode: int, beside: str) -> tuple[str, Stamp] | None:
-        """A file of the pool holding `data` (permissions `mode`), on disk: the next version of a file in the
-        directory `beside`, written before its moment (writer.prepare). Its name and stamp for unchanged()
-        (before it is exchanged into place) or give_back(); None where the pool's files may not replace those of
-        `beside` (see replaces())."""
+    def write_ahead(self, data: bytes, mode: int, beside: str) -> tuple[str, Stamp, Pending] | None:
+        """A file of the pool holding `data` (permissions `mode`): the next version of a file in the directory
+        `beside`, written before its moment (writer.prepare). Its name and stamp for unchanged() (before it is
+        exchanged into place) or give_back(), and its fsync, run in the helper thread: its result() says the file
+        is on disk (or raises), and must be had before the file is put in place. None where the pool's files may
+        not replace those of `beside` (see replaces()).
+
+        The fsync waits for the disk, not the CPU: in the run's thread it held up a chain's hand-over, which on two
+        CPUs is bound by that thread's work (the next status written ahead was often not ready when its worker
+        ended)."""
         if not self.replaces(beside):
             return None
         found = self.take_here()
@@ -204,14 +211,15 @@ class Pool:
             try:
                 fill(fd, data)
                 os.fchmod(fd, mode)
-                os.fsync(fd)
-                return name, stamp(os.fstat(fd))
-            finally:
+                written = stamp(os.fstat(fd))
+            except BaseException:
                 os.close(fd)
+                raise
         except BaseException:
             with suppress(OSError):
                 os.unlink(name)
             raise
+        return name, written, in_background(lambda: _sync_and_close(fd))
 
     def unchanged(self, name: str, version: Stamp) -> bool:
         """Whether a file written ahead is still exactly as it was written: the same inode with one link, size,
@@ -351,6 +359,13 @@ def _ours_alone(fd: int, ino: int) -> bool:
     alone = fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_WRLCK  # not being broken by someone's open meanwhile
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
     return alone
+
+
+def _sync_and_close(fd: int) -> None:
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def fill(fd: int, data: bytes) -> None:

@@ -14,6 +14,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Collection, Mapping
+from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from aipm import durable, flatyaml
 from aipm.errors import UserError, ValidationError
 from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task, evolve
 from aipm.patch import Unpatchable, patch
+from aipm.posix_spawn import Pending
 from aipm.fields import managed_values
 from aipm.spares import Pool, Stamp, exchange as swap, fill, in_tree, stamp
 from aipm.store import DuplicateKey, Identity, load_yaml, parse_task, read_versioned, remember
@@ -283,8 +285,17 @@ class _Ahead:
     fresh: Task
     name: str  # in the pool
     written: Stamp  # of the prepared file
+    synced: Pending  # its fsync (in the helper thread): done before it is put in place
     spares: Pool
     root: Path
+
+    def on_disk(self) -> bool:
+        """Its fsync is done (waited for: it has had the time since it was made), and did not fail."""
+        try:
+            self.synced.result()
+            return True
+        except OSError:
+            return False
 
     def unchanged(self, path: Path) -> bool:
         """The file is still the very version this was made from."""
@@ -361,6 +372,9 @@ def _write_ahead_of_time(path: Path, updates: Mapping[str, Any] | Callable[[Task
             or (updates(ahead.current) if callable(updates) else updates) != ahead.changes):
         _drop(ahead)
         return None
+    if not ahead.on_disk():
+        _drop(ahead)
+        return None  # its fsync failed: written as usual, with its own
     if not ahead.spares.unchanged(ahead.name, ahead.written):
         return None  # changed or gone in the pool (and removed): written as usual
     if not _install(path, ahead.name, ahead.version, ahead.spares, ahead.written[0]):
@@ -370,7 +384,11 @@ def _write_ahead_of_time(path: Path, updates: Mapping[str, Any] | Callable[[Task
 
 
 def _drop(ahead: _Ahead) -> None:
-    ahead.spares.give_back(ahead.name, ahead.written)
+    if ahead.on_disk():  # (closed: a spare still open in the helper thread would fail its reuse's lease check)
+        ahead.spares.give_back(ahead.name, ahead.written)
+    else:
+        with suppress(OSError):
+            os.unlink(ahead.name)
 
 
 def drop_prepared() -> None:
