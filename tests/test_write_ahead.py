@@ -64,6 +64,27 @@ def test_a_prepared_version_is_what_the_write_installs(project):
     assert sorted(p.name for p in path.parent.iterdir()) == ["T1.yaml"]  # no temp file left beside it
 
 
+def test_a_prepared_version_whose_fsync_failed_is_never_put_in_place(project):
+    """A version written ahead is fsynced in the helper thread; the write that uses it waits for that fsync, and one
+    that failed (EIO: the disk) is dropped and the write made as usual, its own fsync and all: the file put in place
+    is never one whose bytes may not be on disk."""
+    from aipm.posix_spawn import Pending
+
+    path = _queued(project)
+    writer.prepare(path, lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
+    ahead = writer._ahead[str(path)]
+    assert ahead.on_disk()  # its own fsync, done in the helper thread
+
+    def failed():
+        raise OSError(5, "Input/output error")
+
+    ahead.synced = Pending(failed).run()
+    update_task(path, _start_updates(path, project.root), expect=Status.QUEUED, root=project.root)
+    assert not os.path.exists(ahead.name)  # dropped, not kept as a spare either
+    assert path.stat().st_ino != ahead.written[0]  # written anew, not the version written ahead
+    assert yaml.safe_load(path.read_text())["status"] == "IN_PROGRESS" and writer._ahead == {}
+
+
 def test_an_edit_after_the_version_was_prepared_is_kept(project):
     path = _queued(project)
     writer.prepare(path, lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
