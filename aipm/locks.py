@@ -25,6 +25,7 @@ from pathlib import Path
 
 from aipm import lockfiles
 from aipm.digest import sha1
+from aipm.liveness import read_small
 from aipm.lockholders import lock_holders, proc_locks
 from aipm.paths import Target, lock_prefix
 from aipm.statedir import make_state_dir, note_orphans, orphans
@@ -224,8 +225,8 @@ class Holdings:
     def node(self, name: str) -> str:
         if not name:
             return ""
-        try:
-            return (self.state / "locks" / name).read_text(errors="replace")
+        try:  # (not waiting on a FIFO a worker left there and holds a lock on, nor reading its sparse terabyte)
+            return read_small(f"{self.state}/locks/{name}").decode(errors="replace")
         except OSError:
             return "?"
 

@@ -3,6 +3,7 @@ waited for, daemons that left their worker ended with it, and locks that survive
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -490,3 +491,28 @@ def test_a_target_through_a_link_into_a_directory_named_in_non_utf8_bytes_is_loc
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     assert task_statuses(project.order()) == {"T": "DONE", "U": "DONE"}
     assert (project.root / latin / "x.txt").read_text() == "hi\n"
+
+
+def test_aipm_locks_waits_on_no_fifo_a_worker_holds_a_lock_on_in_place_of_a_lock_file(tmp_path):
+    """`aipm locks` reads the node's name from each held lock file: a worker that put a FIFO in a lock file's place
+    and holds a lock on it had `aipm locks` wait for ever in that read (found by the review of the hot path)."""
+    from aipm.locks import node_file
+
+    project = Project(tmp_path)
+    project.order()
+    st = state(tmp_path, make=True)
+    fifo = st / "locks" / node_file("x.py")
+    os.mkfifo(fifo)
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY | os.O_NONBLOCK); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(120)"), str(fifo)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(tmp_path), "locks", "--json"],
+                              capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 0, proc.stderr
+        assert holder.pid in {pid for row in json.loads(proc.stdout)["locks"] for pid in row["pids"]}
+    finally:
+        holder.kill()
+        holder.wait()
