@@ -44,12 +44,9 @@ class LockFiles:
             dev, ino, length = self._read
             if (st.st_dev, st.st_ino) != (dev, ino) or st.st_size < length:
                 self.inodes, length = {}, 0  # written anew
-            data = b""  # (at most STATE_FILE_MAX and a page more: a worker's sparse terabyte is not read whole)
-            while len(data) <= STATE_FILE_MAX and (chunk := os.pread(
-                    fd, min(max(st.st_size - length - len(data), 0), STATE_FILE_MAX) + 4096, length + len(data))):
-                data += chunk
-            if len(data) > STATE_FILE_MAX:  # no list aipm wrote: written anew, as when it is missing
+            if st.st_size - length > STATE_FILE_MAX:  # a worker's sparse terabyte, no list aipm wrote: written anew
                 return False
+            data = os.pread(fd, st.st_size - length, length)  # (what is appended since its fstat: read next time)
         finally:
             os.close(fd)
         whole = data.rfind(b"\n") + 1  # a line still being appended is read next time
