@@ -11,14 +11,14 @@ import subprocess
 from collections.abc import Mapping
 from pathlib import Path
 
-from aipm import posix_spawn
+from aipm import offthread, posix_spawn
 
 Fingerprint = tuple[int, int] | None  # (size, mtime_ns) of the path, or None when it no longer exists
 
 
 class Git:
     """`git status` for a snapshot, its output read from a pipe. Started with posix_spawn from the helper thread
-    (aipm.posix_spawn): a run starts one per wake-up, and the caller goes on (reaping, the launch lock) while the
+    (aipm.offthread): a run starts one per wake-up, and the caller goes on (reaping, the launch lock) while the
     process starts; Popen's fork and bookkeeping cost more than git's own start."""
 
     def __init__(self, argv: list[str], env: dict[str, str]):
@@ -36,7 +36,7 @@ class Git:
             finally:
                 os.close(write)  # git holds the only write end: its exit is our EOF (a failed start: at once)
 
-        self._started = posix_spawn.in_background(start)
+        self._started = offthread.in_background(start)
 
     @property
     def pid(self) -> int | None:

@@ -1,4 +1,4 @@
-"""posix_spawn(3) without holding the GIL, and a helper thread to run it in.
+"""posix_spawn(3) without holding the GIL, to be run in a helper thread (offthread.py).
 
 Starting a process costs the parent about half a millisecond here, nearly all of it waiting for the vfork'd child
 to reach exec. `os.posix_spawn` waits with the GIL held, so nothing else in the process moves meanwhile; the same
@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import ctypes
 import os
-import queue
 import signal
 import sys
-import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import Any
 
@@ -109,57 +107,3 @@ def _variable(item: tuple[str, str]) -> bytes:
 def _check(err: int) -> None:
     if err:
         raise OSError(err, os.strerror(err))
-
-
-class Pending:
-    """A call running in the helper thread; result() waits for it and returns its value or raises its error."""
-
-    def __init__(self, call: Callable[[], Any]):
-        self._call = call
-        # Held until the call is done: a bare lock, where an Event builds a Condition in Python on every spawn and
-        # runs Python again to set and to wait.
-        self._done = threading.Lock()
-        self._done.acquire()
-        self._value: Any = None
-        self._error: BaseException | None = None
-
-    def run(self) -> Pending:
-        try:
-            self._value = self._call()
-        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-            self._error = exc
-        finally:
-            self._done.release()
-        return self
-
-    def result(self) -> Any:
-        with self._done:  # waits for run(); released again, so a second result() does not wait
-            pass
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
-_jobs: queue.SimpleQueue[Pending] = queue.SimpleQueue()
-_thread: list[threading.Thread] = []
-# How long a thread that wants the GIL waits for one busy in Python before asking it to let go (CPython's default
-# 5 ms). The helper takes the GIL three or four times per spawn, each time while the main thread writes the status:
-# at the default a spawn took 1.1 ms (median of 500 in B2) instead of 0.15 ms alone, and 10 ms beside a thread that
-# never blocks; at 0.1 ms, 0.36 ms beside that thread. Only matters while two threads want the GIL.
-SWITCH_INTERVAL = 1e-4
-
-
-def in_background(call: Callable[[], Any]) -> Pending:
-    """Run `call` in the helper thread (started on first use; a daemon, idle between calls)."""
-    if not _thread or not _thread[0].is_alive():
-        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
-        _thread[:] = [threading.Thread(target=_serve, name="aipm-spawn", daemon=True)]
-        _thread[0].start()
-    job = Pending(call)
-    _jobs.put(job)
-    return job
-
-
-def _serve() -> None:
-    while True:
-        _jobs.get().run()

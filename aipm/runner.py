@@ -24,7 +24,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextlib import suppress
 from functools import partial
 
-from aipm import durable, posix_spawn, wrapper
+from aipm import durable, offthread, posix_spawn, wrapper
 from aipm.liveness import spawned_ctime, stat_fields
 from aipm.workerfiles import NO_WAIT
 
@@ -190,7 +190,7 @@ def begin(
     except OSError as exc:
         first = partial(_raise, exc)  # start() then tries the shell, in the helper thread, as after a failed spawn
     job = partial(start, first)
-    pending = posix_spawn.in_background(job) if background else posix_spawn.Pending(job).run()
+    pending = offthread.in_background(job) if background else offthread.Pending(job).run()
     return Spawning(pending, go_write, release, started, log)
 
 
@@ -201,7 +201,7 @@ def _raise(exc: BaseException) -> None:
 class Spawning:
     """A wrapper on its way up, waiting for its go (see begin())."""
 
-    def __init__(self, pending: posix_spawn.Pending, go_write: int, release: Callable[[], None],
+    def __init__(self, pending: offthread.Pending, go_write: int, release: Callable[[], None],
                  started: Callable[[int, float], None], log: str):
         self._pending, self._go, self._release, self._started, self._log = pending, go_write, release, started, log
         self.pid = 0

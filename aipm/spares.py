@@ -38,7 +38,7 @@ import stat
 from contextlib import suppress
 from functools import lru_cache
 
-from aipm.posix_spawn import Pending, in_background
+from aipm.offthread import Pending, fsync_later
 
 KEEP = 4  # spares per pool: one round of a run writes a few files
 _AT_FDCWD = -100
@@ -219,7 +219,7 @@ class Pool:
             with suppress(OSError):
                 os.unlink(name)
             raise
-        return name, written, in_background(lambda: _sync_and_close(fd))
+        return name, written, fsync_later(fd)
 
     def unchanged(self, name: str, version: Stamp) -> bool:
         """Whether a file written ahead is still exactly as it was written: the same inode with one link, size,
@@ -359,13 +359,6 @@ def _ours_alone(fd: int, ino: int) -> bool:
     alone = fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_WRLCK  # not being broken by someone's open meanwhile
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
     return alone
-
-
-def _sync_and_close(fd: int) -> None:
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fill(fd: int, data: bytes) -> None:

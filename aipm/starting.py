@@ -60,6 +60,9 @@ class Starter:
             raise LaunchBusy(f"{exc.node or '.'} is held by {holder}" if holder else str(exc)) from None
         except OSError as exc:  # a full disk or a removed state directory while its lock file was made
             raise LaunchFailed(f"cannot lock its files: {exc.strerror or exc}") from None
+        started_at = now()
+        if owner is not None:  # its status write's fsync runs in a helper thread during the steps up to that write
+            self.prepare_start(task, started_at)
         attempt = task.attempts + 1
         number = rt.next_number(order.id, task.id, attempt)
         worktree = workspace.kind(task, self.settings) == workspace.WORKTREE
@@ -69,7 +72,7 @@ class Starter:
         rec = Record(
             order=order.id, order_dir=order.path, task=task.id, task_file=task.path, attempt=attempt,
             targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, number)),
-            exit_file=str(rt.exit_path(order.id, task.id, number)), started_at=now(), number=number,
+            exit_file=str(rt.exit_path(order.id, task.id, number)), started_at=started_at, number=number,
             counters=restore.counters(task), definition=definition(task), borrowed=borrowed, cost_cap=cost_cap,
             cost_limit=cost_limit if cost_cap is not None else None,
         )
@@ -119,6 +122,7 @@ class Starter:
                     spawning.abandon()  # a wrapper whose launch failed must not wait for a go
                 for fd in fds:
                     os.close(fd)
+                writer.forget_prepared(task.path)
 
     def _go(self, order: Order, task: Task, rec: Record, view: OrderView | None, spawning: runner.Spawning,
             fds: list[int]) -> None:
@@ -172,10 +176,12 @@ class Starter:
         if view is not None:
             view.note(written)
 
-    def prepare_start(self, task: Task) -> None:
-        """Write the IN_PROGRESS version of a task that may start next ahead of time (see writer.prepare)."""
-        writer.prepare(as_path(task.path), lambda current: start_updates(current, now()), Status.QUEUED,
-                       self.project.root)
+    def prepare_start(self, task: Task, started_at: str | None = None) -> None:
+        """Write the IN_PROGRESS version of a task that may start next ahead of time (see writer.prepare); with
+        `started_at`, of the start under way."""
+        stamp = started_at or now()
+        writer.prepare(as_path(task.path), lambda current: start_updates(current, stamp), Status.QUEUED,
+                       self.project.root, due=started_at is not None)
 
     def _scope_before(self, rec: Record, ours: bool) -> None:
         """Snapshot the git tree before the worker starts (or, for an attempt `ours` while this process watches

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import functools
 import json
 import os
 import re
@@ -24,7 +25,7 @@ from aipm import durable, flatyaml
 from aipm.errors import UserError, ValidationError
 from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task, evolve
 from aipm.patch import Unpatchable, patch
-from aipm.posix_spawn import Pending
+from aipm.offthread import Pending
 from aipm.fields import managed_values
 from aipm.spares import Pool, Stamp, exchange as swap, fill, in_tree, stamp
 from aipm.store import DuplicateKey, Identity, load_yaml, parse_task, read_versioned, remember
@@ -50,13 +51,20 @@ def _render(value: Any) -> str:
     # Timestamps are quoted so YAML keeps them strings. A character YAML cannot hold as it is (a control character)
     # is escaped in a double-quoted string (JSON's is one): the file would not parse, and the write was refused.
     text = str(value)
-    if _UNPRINTABLE.search(text):
+    if (_UNPRINTABLE_ASCII if text.isascii() else _unprintable()).search(text):
         return json.dumps(text)
     return "'" + text.replace("'", "''") + "'"
 
 
 # (a line break too, \x85 and \u2028 included: the value must stay on its key's line)
-_UNPRINTABLE = re.compile("[^\t\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+_UNPRINTABLE_ASCII = re.compile("[^\t\x20-\x7e]")
+
+
+@functools.cache
+def _unprintable() -> re.Pattern[str]:
+    """The same for any text; compiled when first needed: its classes take ~5 ms to compile, a start-up cost of
+    every aipm command, while the values aipm writes are nearly always ASCII."""
+    return re.compile("[^\t\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
 
 
 def money(value: float) -> str:
@@ -310,7 +318,7 @@ AHEAD_MAX = 16  # versions kept ready at once (a run prepares the next status of
 
 
 def prepare(path: Path, updates: Callable[[Task], Mapping[str, Any]], expect: Status | None,
-            root: Path) -> None:
+            root: Path, due: bool = False) -> None:
     """Write the task file's next version now, while nothing waits for it: the text made and proven as
     update_task() makes it, written and fsynced in the project's pool of spare files (outside the order's
     directory). An update_task() that later asks for exactly these changes of exactly this version only moves it
@@ -321,11 +329,14 @@ def prepare(path: Path, updates: Callable[[Task], Mapping[str, Any]], expect: St
     Made once per version of the file: its timestamps are those of the second it was made in, so it serves a
     hand-over within that second (short tasks, whose hand-over this write dominates); a longer task's end writes
     as before rather than making its next status again on every wake-up. `updates` gets the task as the file
-    holds it now."""
+    holds it now.
+
+    `due`: the write follows at once (a start, whose fsync here runs while the start's other steps do): a version
+    prepared earlier with other changes (timestamps of an earlier second) is made again."""
     key = os.fspath(path)
     known = _ahead.get(key)
     if known is not None:
-        if known.unchanged(path):
+        if known.unchanged(path) and not (due and updates(known.current) != known.changes):
             return
         _drop(_ahead.pop(key))
     spares = _spares(root)
@@ -359,6 +370,14 @@ def keep_prepared(paths: Collection[str]) -> None:
     """Forget the prepared versions of files not in `paths` (tasks no longer about to end or start)."""
     for key in [key for key in _ahead if key not in paths]:
         _drop(_ahead.pop(key))
+
+
+def forget_prepared(path: Path | str) -> None:
+    """Forget the prepared version of this file, if any (a start that failed: its fsync is waited for and its
+    descriptor closed now, not when the run ends)."""
+    ahead = _ahead.pop(os.fspath(path), None)
+    if ahead is not None:
+        _drop(ahead)
 
 
 def _write_ahead_of_time(path: Path, updates: Mapping[str, Any] | Callable[[Task], Mapping[str, Any]],

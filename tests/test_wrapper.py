@@ -81,15 +81,15 @@ def test_a_wrapper_started_ahead_runs_nothing_when_its_launch_is_abandoned(tmp_p
     import os
     import sys
 
-    from aipm import posix_spawn, runner
+    from aipm import offthread, runner
 
     marker = tmp_path / "ran"
     spawning = runner.begin(["touch", str(marker)], exit_file=str(tmp_path / "exit"), env=dict(os.environ),
                             cwd=str(tmp_path), log=str(tmp_path / "log"))
     spawning.abandon()
     assert spawning.pid and not marker.exists() and not (tmp_path / "exit").exists()
-    # The helper thread that started it gets the GIL within 0.1 ms of asking, not CPython's 5 ms (posix_spawn.py)
-    assert sys.getswitchinterval() <= posix_spawn.SWITCH_INTERVAL
+    # The helper thread that started it gets the GIL within 0.1 ms of asking, not CPython's 5 ms (offthread.py)
+    assert sys.getswitchinterval() <= offthread.SWITCH_INTERVAL
     with pytest.raises(ChildProcessError):  # reaped: nothing of it is left
         os.waitpid(spawning.pid, os.WNOHANG)
 
@@ -100,7 +100,7 @@ def test_a_failed_status_write_ends_the_wrapper_started_for_it_and_requeues(proj
     import os
 
     from aipm import starting
-    from aipm import posix_spawn, subreaper
+    from aipm import offthread, subreaper
     from aipm.launcher import Launcher
     from aipm.project import Project
     from aipm.settings import load_settings
@@ -115,7 +115,7 @@ def test_a_failed_status_write_ends_the_wrapper_started_for_it_and_requeues(proj
 
     def failing(path, updates, expect=None, root=None):
         if isinstance(updates, dict) and updates.get("status") == "IN_PROGRESS":
-            posix_spawn.in_background(lambda: None).result()  # the wrapper is up (it waits for its go)
+            offthread.in_background(lambda: None).result()  # the wrapper is up (it waits for its go)
             raise StaleWrite("A changed meanwhile")
         return real(path, updates, expect=expect, root=root)
 
@@ -127,7 +127,7 @@ def test_a_failed_status_write_ends_the_wrapper_started_for_it_and_requeues(proj
     try:
         report = launcher.launch(OrderView(order, project.root, watch=False), owner=sup)
         assert [f["id"] for f in report.failed] == ["A"] and not report.launched
-        posix_spawn.in_background(lambda: None).result()  # whatever the helper thread was starting has started
+        offthread.in_background(lambda: None).result()  # whatever the helper thread was starting has started
         assert set(subreaper.children(os.getpid())) - before == set()  # the wrapper was ended and reaped
         assert yaml.safe_load((order / "A.yaml").read_text()).get("status", "QUEUED") == "QUEUED"
         assert not marker.exists()

@@ -68,7 +68,7 @@ def test_a_prepared_version_whose_fsync_failed_is_never_put_in_place(project, mo
     """A version written ahead is fsynced in the helper thread; the write that uses it waits for that fsync, and one
     that failed (EIO: the disk) is dropped and the write made as usual, its own fsync and all: the file put in place
     is never one whose bytes may not be on disk."""
-    from aipm.posix_spawn import Pending
+    from aipm.offthread import Pending
 
     path = _queued(project)
     writer.prepare(path, lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
