@@ -16,11 +16,9 @@ from contextlib import contextmanager, nullcontext
 
 import aipm
 from aipm import budget, budgetstop, handover, notify, preemption, recovery, runner, scope, writer
+from aipm.foreign import FINISHING_RECHECK, HELD_RECHECK, others_matter, watch_foreign
 from aipm.launcher import RAMP, Launcher
-from aipm.liveness import stopped
-from aipm.model import FINISHED_OK, Order, Status, all_done, status_summary
-from aipm.plan import never_runs
-from aipm.record import Record
+from aipm.model import FINISHED_OK, Status, all_done, status_summary
 from aipm.spending import charged
 from aipm.supervisor import RECORDS, RECORDS_RECHECK, Emit, Supervisor
 from aipm.view import OrderView
@@ -128,68 +126,6 @@ def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[l
         with sup.rt.launch_lock():
             sup.keep_records()  # before this round's recovery looks for them
             yield [rec.key for rec in ended]
-
-
-FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now
-HELD_RECHECK = 5.0  # seconds: a lock held outside aipm may be released without its holder exiting
-
-
-def _watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], inside: set[str], held: set[str],
-                   order_id: str, only: str | None) -> tuple[set[str], set[tuple[str, int]]]:
-    """Watch other owners' live workers: their end may free files, a slot or a dependency.
-
-    Watches workers, never their owners: another `run` lives until its order ends, and two runs watching each
-    other would wait forever. Returns the keys of workers that have ended while their owner still records the
-    outcome, and this order's records whose worker and owner are both gone (an owner killed before it started its
-    worker, or while it recorded): (task key, owner pid) each, for the caller to recover. A worker that runs us
-    (`inside`: told once) is not waited for: this run ends with what it can do, and the order stays unfinished.
-    `exec` (`only`: its task) waits for no other worker, so it has nothing to tell. This order's outcomes whose
-    owner is stopped (`held`: told once each; for exec, its task's) are said: the wait for them lasts until that
-    owner is let go on.
-    """
-    present = {rec.key for rec in records}
-    for key in foreign - present:
-        sup.watcher.forget(key)
-        foreign.discard(key)
-    finishing: set[str] = set()
-    dead: set[tuple[str, int]] = set()
-    for rec in records:
-        if rec.key in sup.owned or rec.key in foreign or (rec.owner_pid, rec.owner_ctime) == sup.me:
-            continue  # ours (an outcome we hold, unrecorded): never wait on ourselves
-        if rec.encloses_us():  # a worker ran this `aipm run`: it cannot end before we do
-            if rec.key not in inside:
-                inside.add(rec.key)
-                if not only:
-                    sup.outbox.append({"event": "enclosing", "task": rec.key, "pid": rec.pid})
-            continue
-        if rec.pid and rec.worker_alive() and sup.watcher.watch_pid(rec.pid, rec.key):
-            foreign.add(rec.key)
-        elif rec.owner_alive():
-            finishing.add(rec.key)
-            if rec.order == order_id and only in (None, rec.task) and rec.key not in held and stopped(rec.owner_pid):
-                held.add(rec.key)
-                detail = (f"its worker has ended, and its owner (another aipm, pid {rec.owner_pid}) is stopped "
-                          f"(Ctrl-Z or SIGSTOP): it records the outcome once it goes on (`fg` in its terminal, or "
-                          f"`kill -CONT {rec.owner_pid}`); this run waits for that")
-                sup.outbox.append({"event": "waiting", "task": rec.task, "pids": [rec.owner_pid], "detail": detail})
-                notify.needs_person(sup.settings, sup.rt, rec.order, rec.task, detail)
-        elif rec.order == order_id:
-            dead.add((rec.key, rec.owner_pid))
-    return finishing, dead
-
-
-def _others_matter(order: Order, others: set[str]) -> bool:
-    """Whether another owner's work (`others`: the keys of its workers that run, or have ended with their outcome
-    still being recorded) is worth waiting for: a task of this order is among it, or a queued task of this order
-    may start once it ends (it may free files, a slot or a dependency). A run of an order that is done waited for
-    every other order's workers to end, and for every other order's outcome being recorded: for ever, where that
-    owner was stopped (Ctrl-Z) with its worker ended."""
-    if any(key.startswith(f"{order.id}/") for key in others):
-        return True
-    queued = {t.id for t in order.tasks.values() if t.status == Status.QUEUED} if others else set()
-    # A task behind a FAILED, REJECTED or CANCELLED one starts after no other work: waited for, it kept the run for
-    # as long as another order's worker ran, and for ever where that owner was stopped with its outcome.
-    return bool(queued) and bool(queued - {tid for ids in never_runs(order).values() for tid in ids})
 
 
 def supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None = None,
@@ -342,7 +278,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             for pid in {p for b in waiting for p in b.pids} - holders:
                 if sup.watcher.watch_pid(pid, ("holder", pid)):
                     holders.add(pid)
-            finishing, dead = _watch_foreign(sup, report.records, foreign, inside, held, order.id, only)
+            finishing, dead = watch_foreign(sup, report.records, foreign, inside, held, order.id, only)
             # This order's tasks a live other owner runs (not a worker we could not adopt), said once each, or a run
             # that only waits for them prints nothing until the end; exec says only its own task.
             theirs = {rec.task for rec in report.records if rec.key in foreign and rec.order == order.id
@@ -362,7 +298,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                                 and (rec.key in foreign or rec.owner_alive()) for rec in report.records)
                 if key not in sup.owned and only not in deferred and not elsewhere and key not in dict(orphaned):
                     break  # finished, failed for good, or never launchable (a busy machine is waited for, as by run)
-            elif not sup.owned and not _others_matter(order, foreign | finishing) and not deferred and not waiting \
+            elif not sup.owned and not others_matter(order, foreign | finishing) and not deferred and not waiting \
                     and not orphaned and not fixing:
                 break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
             ready = []

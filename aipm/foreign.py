@@ -1,0 +1,74 @@
+"""Other owners' workers, as a run watches them: their end may free files, a slot or a dependency, and an owner
+that died leaves outcomes for this run's recovery. Driven by the run loop (runloop.py).
+"""
+
+from __future__ import annotations
+
+from aipm import notify
+from aipm.liveness import stopped
+from aipm.model import Order, Status
+from aipm.plan import never_runs
+from aipm.record import Record
+from aipm.supervisor import Supervisor
+
+
+FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now
+HELD_RECHECK = 5.0  # seconds: a lock held outside aipm may be released without its holder exiting
+
+
+def watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], inside: set[str], held: set[str],
+                  order_id: str, only: str | None) -> tuple[set[str], set[tuple[str, int]]]:
+    """Watch other owners' live workers: their end may free files, a slot or a dependency.
+
+    Watches workers, never their owners: another `run` lives until its order ends, and two runs watching each
+    other would wait forever. Returns the keys of workers that have ended while their owner still records the
+    outcome, and this order's records whose worker and owner are both gone (an owner killed before it started its
+    worker, or while it recorded): (task key, owner pid) each, for the caller to recover. A worker that runs us
+    (`inside`: told once) is not waited for: this run ends with what it can do, and the order stays unfinished.
+    `exec` (`only`: its task) waits for no other worker, so it has nothing to tell. This order's outcomes whose
+    owner is stopped (`held`: told once each; for exec, its task's) are said: the wait for them lasts until that
+    owner is let go on.
+    """
+    present = {rec.key for rec in records}
+    for key in foreign - present:
+        sup.watcher.forget(key)
+        foreign.discard(key)
+    finishing: set[str] = set()
+    dead: set[tuple[str, int]] = set()
+    for rec in records:
+        if rec.key in sup.owned or rec.key in foreign or (rec.owner_pid, rec.owner_ctime) == sup.me:
+            continue  # ours (an outcome we hold, unrecorded): never wait on ourselves
+        if rec.encloses_us():  # a worker ran this `aipm run`: it cannot end before we do
+            if rec.key not in inside:
+                inside.add(rec.key)
+                if not only:
+                    sup.outbox.append({"event": "enclosing", "task": rec.key, "pid": rec.pid})
+            continue
+        if rec.pid and rec.worker_alive() and sup.watcher.watch_pid(rec.pid, rec.key):
+            foreign.add(rec.key)
+        elif rec.owner_alive():
+            finishing.add(rec.key)
+            if rec.order == order_id and only in (None, rec.task) and rec.key not in held and stopped(rec.owner_pid):
+                held.add(rec.key)
+                detail = (f"its worker has ended, and its owner (another aipm, pid {rec.owner_pid}) is stopped "
+                          f"(Ctrl-Z or SIGSTOP): it records the outcome once it goes on (`fg` in its terminal, or "
+                          f"`kill -CONT {rec.owner_pid}`); this run waits for that")
+                sup.outbox.append({"event": "waiting", "task": rec.task, "pids": [rec.owner_pid], "detail": detail})
+                notify.needs_person(sup.settings, sup.rt, rec.order, rec.task, detail)
+        elif rec.order == order_id:
+            dead.add((rec.key, rec.owner_pid))
+    return finishing, dead
+
+
+def others_matter(order: Order, others: set[str]) -> bool:
+    """Whether another owner's work (`others`: the keys of its workers that run, or have ended with their outcome
+    still being recorded) is worth waiting for: a task of this order is among it, or a queued task of this order
+    may start once it ends (it may free files, a slot or a dependency). A run of an order that is done waited for
+    every other order's workers to end, and for every other order's outcome being recorded: for ever, where that
+    owner was stopped (Ctrl-Z) with its worker ended."""
+    if any(key.startswith(f"{order.id}/") for key in others):
+        return True
+    queued = {t.id for t in order.tasks.values() if t.status == Status.QUEUED} if others else set()
+    # A task behind a FAILED, REJECTED or CANCELLED one starts after no other work: waited for, it kept the run for
+    # as long as another order's worker ran, and for ever where that owner was stopped with its outcome.
+    return bool(queued) and bool(queued - {tid for ids in never_runs(order).values() for tid in ids})
