@@ -18,7 +18,7 @@ from aipm.paths import as_path, normalize
 from aipm.record import Record
 from aipm.spending import charged
 from aipm.store import load_order
-from aipm.supervisor import KILL_GRACE
+from aipm.stopping import KILL_GRACE
 
 if TYPE_CHECKING:
     from aipm.supervisor import Supervisor

@@ -1,7 +1,8 @@
 """Owning running tasks: start or adopt workers, wait for them, enforce timeouts, stop them.
 
-Recording what each attempt came to (review, status) is the other half of an owner: recording.py. The `run`
-loop that drives a Supervisor round by round is runloop.py.
+Recording what each attempt came to (review, status) is the other half of an owner: recording.py; stopping workers
+before they end (Ctrl-C, preemption, a budget) is stopping.py. The `run` loop that drives a Supervisor round by
+round is runloop.py.
 
 A Supervisor owns tasks it started or adopted. It keeps nothing that is not also on disk (the task files and
 the worker records), so it may die at any instant: the workers keep running with their locks, and the next
@@ -16,28 +17,25 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 
-from aipm import (agents, childstops, cluster, confine, meter, notify, recovery, runner, scope, statedir, subreaper,
+from aipm import (agents, childstops, cluster, confine, meter, notify, runner, scope, statedir, subreaper,
                   workspace)
 from aipm.childstops import ChildStops
-from aipm.errors import UserError
 from aipm.finish import time_limit
 from aipm.inotify import IN_DELETE, IN_DELETE_SELF, DirWatch, close_at_exit
 from aipm.launcher import Launcher
-from aipm.paths import as_path, real_relative
+from aipm.paths import real_relative
 from aipm.starting import Owner
+from aipm.stopping import KILL_GRACE, Stopping
 from aipm.recording import Recording
-from aipm.model import RUNNING, Status, Task
+from aipm.model import Task
 from aipm.liveness import led_by_another, process_ctime
 from aipm.record import Record
 from aipm.runtime import read_exit_file
 from aipm.workerfiles import append_log, exit_code_in_log
-from aipm.store import load_task
 from aipm.view import OrderView
 from aipm.worker import invocation
-from aipm.writer import StaleWrite
 
 Emit = Callable[[dict], None]
-KILL_GRACE = 5.0
 RECORDS = "records"  # the wait key of a deletion in our records' directory
 RECORDS_RECHECK = 0.2  # seconds: a record of ours went unseen by the watch; written again by the next round
 # Records are replaced and removed by rename (runtime.py), so a deletion there, or of the directory, is someone else's.
@@ -51,7 +49,7 @@ def _now() -> float:
     return time.clock_gettime(_CLOCK)
 
 
-class Supervisor(Recording, Owner):
+class Supervisor(Stopping, Recording, Owner):
     def __init__(self, launcher: Launcher, emit: Emit | None = None, view: OrderView | None = None):
         self.launcher = launcher
         self.view = view  # told about our own writes, so it need not re-read those files
@@ -290,127 +288,6 @@ class Supervisor(Recording, Owner):
         """Its group's number leads another process now: an adopted worker that had ended, whose group emptied (a
         number in use as a group's is given to no new process). Not to be signalled."""
         return rec.key in self.adopted and led_by_another(rec.pgid, rec.ctime)
-
-    def abort(self, why: str) -> dict:
-        """Ctrl-C or SIGTERM (`why` says which): stop every owned worker's group and put its task back to QUEUED,
-        attempt not counted; a review's task keeps its work (_leave_review). The `interrupted` event: which."""
-        self._note_in_records([rec for rec in self.owned.values() if rec.pid], stopping=why)
-        for rec in self.owned.values():
-            if rec.pid and not self._group_reused(rec):
-                runner.ask_to_stop(rec.pgid)
-        deadline = _now() + KILL_GRACE
-        for rec in self.owned.values():
-            if rec.pid and not self._group_reused(rec):
-                runner.wait_gone(rec.pid, max(0.0, deadline - _now()))
-                # The grace is over: what ignored the SIGTERM (the wrapper waits for its command) is killed
-                # before the reap, which would otherwise wait for the command to end by itself.
-                runner.kill_group(rec.pgid)
-            if rec.pid:
-                self.end_group(rec)
-        self.end_strays()
-        for rec in self.owned.values():
-            if rec.pid:
-                self.read_usage_ahead(rec)
-        stopped, reviews = [], []
-        with self.rt.launch_lock():
-            for rec in list(self.owned.values()):
-                if rec.phase == "review" and self._leave_review(rec, why):
-                    reviews.append(rec.task)
-                elif self._requeue(rec, why):
-                    stopped.append(rec.task)
-        return {"event": "interrupted", "requeued": stopped, "reviews_stopped": reviews}
-
-    def _leave_review(self, rec: Record, why: str) -> bool:
-        """A stopped review: its attempt's work is done and paid for, so the task stays IN_REVIEW and its record
-        (Record.stopping set, no owner) goes to the next `run`/`exec`/`recover`, which runs the review again. False
-        when it cannot be (recovery.cannot_review): then it is re-queued. Caller holds the launch lock."""
-        try:
-            task = load_task(as_path(rec.task_file), self.rt.root)
-        except (UserError, OSError):
-            return False
-        if not recovery.in_review(task, rec):
-            return False
-        if recovery.cannot_review(rec, stopped=why):
-            return False
-        rec.owner_pid, rec.owner_ctime = 0, 0.0
-        try:
-            self.rt.write_record(rec)
-        except OSError:
-            return False
-        append_log(rec.log, f"review of {rec.task} stopped ({why}); it runs again on the next run")
-        for fd in self.lock_fds.pop(rec.key, ()):
-            os.close(fd)  # IN_REVIEW keeps its files busy for every planner meanwhile
-        self.owned.pop(rec.key, None)
-        self.adopted.discard(rec.key)
-        self.outbox.append({"event": "review_stopped", "order": rec.order, "task": rec.task, "attempt": rec.serial})
-        return True
-
-    def _note_in_records(self, recs: list[Record], **marks) -> None:
-        """Note in these workers' records, before the signal, that we stop them (Record.stopping, Record.timed_out):
-        an adopter after our death carries on with what we meant, not with the code the command exits with."""
-        if not recs:
-            return
-        with self.rt.launch_lock():
-            for rec in recs:
-                vars(rec).update(marks)
-                try:
-                    self.rt.write_record(rec)
-                except OSError:
-                    pass  # unwritable: as before, an adopter takes the command's code as it is
-
-    def _requeue(self, rec: Record, why: str) -> bool:
-        """Put a stopped worker's task back to QUEUED (through INTERRUPTED), attempt not counted, if the task is still
-        that attempt's; drop the record either way. Caller holds the launch lock."""
-        try:
-            task = load_task(as_path(rec.task_file), self.rt.root)
-        except (UserError, OSError):
-            task = None  # deleted or broken: without its record, recovery re-queues it once it is fixed
-        if task is not None and self._reset(task, rec):
-            try:
-                task = self._restored(rec, task)  # put back under it (a `git checkout`): the attempt is still ours
-            except (StaleWrite, UserError, OSError):
-                pass  # changed again, or unwritable: left as it is, like any task that is not this attempt's
-        ours = task is not None and task.status in RUNNING and task.attempts == rec.attempt
-        if ours:
-            recovery.interrupt(self.rt, task, rec, why)
-        self._drop(rec, noted=ours)
-        return ours
-
-    def preempt(self, key: str, urgent: str, why: str) -> None:
-        """Stop an owned worker's whole group for a more urgent task: QUEUED again, the attempt not counted."""
-        rec = self.owned[key]
-        if self.stop_attempt(key, why, preempted=True):
-            self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,
-                                "attempt": rec.serial})
-
-    def stop_attempt(self, key: str, why: str, preempted: bool = False) -> bool:
-        """Stop an owned worker's whole group (for a more urgent task, `preempted`, or a budget): QUEUED again, the
-        attempt not counted, what it spent counted. False when it ended by itself first (that outcome stands) or
-        its task moved on (a cancel)."""
-        rec = self.owned[key]
-        self.watcher.forget(key)
-        self.kill_at.pop(key, None)
-        self.timed_out.discard(key)
-        # Read before the signal: the wrapper writes the exit file of a command our SIGTERM ended too.
-        code = read_exit_file(rec.exit_file)
-        if code is None:
-            self._note_in_records([rec], stopping=why, preempted=preempted)
-        runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
-        runner.reap(rec.pid)
-        # As at any end of an attempt: what it left running outside its group (`setsid cmd &`) holds its locks,
-        # and the urgent task waited for it for as long as it ran.
-        self.end_strays(rec)
-        self.read_usage_ahead(rec)
-        with self.rt.launch_lock():
-            if code is not None:  # it ended on its own before the signal: that outcome stands
-                self.outbox.append(self._apply(rec, code, False))
-                return False
-            task = load_task(as_path(rec.task_file), self.rt.root)
-            ours = task.status == Status.IN_PROGRESS and task.attempts == rec.attempt  # else moved on (cancel)
-            if ours:
-                self._note(recovery.interrupt(self.rt, task, rec, why))
-            self._drop(rec, noted=ours)
-        return ours
 
     # -- records a worker deleted -----------------------------------------------------------------------
 

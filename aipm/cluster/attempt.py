@@ -36,7 +36,7 @@ from aipm.cluster import AWAITED, ENDED, LOST, NOT_SUBMITTED, UNREACHED, host_po
 from aipm.outcome import exited
 from aipm.workerfiles import note_reason
 
-# A stop must be over before the supervisor's SIGKILL of this process's group (supervisor.KILL_GRACE, 5 s): the
+# A stop must be over before the supervisor's SIGKILL of this process's group (stopping.KILL_GRACE, 5 s): the
 # guard's grace on the node (guard.GRACE, 3 s) plus Ray's round trips fit in CANCEL_WAIT; a task still running
 # then is force-cancelled (its Ray worker killed; the guard's keeper ends the tree by itself).
 CANCEL_WAIT = 4.0

@@ -24,7 +24,7 @@ from aipm.subreaper import become_subreaper, strays
 
 PR_SET_PDEATHSIG = 1
 STOPS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-GRACE = 3.0  # below supervisor.KILL_GRACE (5 s): the local worker waits for it (attempt.CANCEL_WAIT)
+GRACE = 3.0  # below stopping.KILL_GRACE (5 s): the local worker waits for it (attempt.CANCEL_WAIT)
 
 
 class _Stopped(Exception):
