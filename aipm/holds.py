@@ -20,7 +20,7 @@ from aipm.errors import ValidationError
 from aipm.model import RUNNING
 from aipm.paths import normalize
 from aipm.plan import Busy
-from aipm.store import NOT_TASKS, ORDER_FILE, load_task, parse_mapping, read_text
+from aipm.store import MAX_FILE_BYTES, NOT_TASKS, ORDER_FILE, load_task, parse_mapping, read_text
 
 _MARKS = tuple(status.value.encode() for status in RUNNING)
 Stat = list  # [inode, size, mtime_ns]
@@ -90,8 +90,8 @@ def _held(root: Path, order_dir: Path, save: bool) -> list[Busy]:
 
 def _running(root: Path, path: Path) -> list | None:
     """[task id, status, targets] when the file is a valid running task, else None."""
-    try:  # a FIFO a worker left in an order directory must not hold every plan of the project for ever
-        data = workerfiles.read_bytes(path)
+    try:  # a FIFO a worker left in an order directory must not hold every plan of the project for ever, nor a
+        data = workerfiles.read_bytes(path, MAX_FILE_BYTES)  # sparse terabyte be read: no task file is that big
     except OSError:
         return None
     if not any(mark in data for mark in _MARKS):
@@ -117,7 +117,8 @@ def _order_id(order_dir: Path) -> str:
 
 def _read_index(path: Path, order_dir: Path) -> dict:
     try:
-        data = json.loads(workerfiles.read_bytes(path))  # a worker can reach .aipm/: no FIFO waited for
+        # A worker can reach .aipm/: no FIFO waited for, no sparse terabyte read (it is written anew).
+        data = json.loads(workerfiles.read_bytes(path, workerfiles.STATE_FILE_MAX))
         if data.get("dir") == str(order_dir) and isinstance(data.get("files"), dict):
             return data
     except (OSError, ValueError, AttributeError):

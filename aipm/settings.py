@@ -19,7 +19,7 @@ import yaml
 from aipm import settingvalues as values
 from aipm.errors import SettingsError, ValidationError, did_you_mean
 from aipm.fields import copy_globs
-from aipm.store import DuplicateKey, load_yaml, read_text
+from aipm.store import MAX_FILE_BYTES, DuplicateKey, load_yaml, read_text
 from aipm.workerfiles import read_bytes
 
 
@@ -181,18 +181,18 @@ def _read_pyproject(path: Path) -> Any:
         import tomli as tomllib
 
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh).get("tool", {}).get("aipm")
-    except OSError as exc:
-        raise SettingsError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        # As aipm.yaml is read: a worker's FIFO or sparse terabyte there hung or was read whole by every command.
+        return tomllib.loads(read_text(path)).get("tool", {}).get("aipm")
+    except ValidationError as exc:  # cannot read, not a regular file, not UTF-8, over 1 MiB
+        raise SettingsError(str(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: invalid TOML: {_one_line(exc)}") from None
 
 
 def in_pyproject(root: Path) -> bool:
     """Whether the project's settings are `[tool.aipm]` in pyproject.toml (and there is no aipm.yaml to hide them)."""
     pyproject = Path(root) / "pyproject.toml"
-    return not (Path(root) / "aipm.yaml").exists() and pyproject.is_file() and _read_pyproject(pyproject) is not None
+    return not (Path(root) / "aipm.yaml").exists() and pyproject.exists() and _read_pyproject(pyproject) is not None
 
 
 def holds_settings(directory: Path) -> bool:
@@ -205,8 +205,8 @@ def holds_settings(directory: Path) -> bool:
         return in_pyproject(directory)
     except SettingsError:
         try:
-            return b"tool.aipm" in read_bytes(directory / "pyproject.toml")
-        except OSError:  # unreadable (another user's, on the way up): no project we could run
+            return b"tool.aipm" in read_bytes(directory / "pyproject.toml", MAX_FILE_BYTES)
+        except OSError:  # unreadable (another user's, on the way up; no file, or over 1 MiB): no project we could run
             return False
 
 
@@ -215,7 +215,7 @@ def _config_layer(root: Path) -> Layer:
     if config.exists():
         return _file_layer(config, _read_yaml(config), "aipm.yaml")
     pyproject = root / "pyproject.toml"
-    if pyproject.is_file():
+    if pyproject.exists():  # what is not a file there is named, as for aipm.yaml (not taken for no settings)
         return _file_layer(pyproject, _read_pyproject(pyproject), "pyproject.toml [tool.aipm]")
     return {}
 

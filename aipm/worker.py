@@ -11,7 +11,7 @@ from aipm.model import Task
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.settings import Settings
-from aipm.workerfiles import read_bytes, write_bytes
+from aipm.workerfiles import STATE_FILE_MAX, read_bytes, write_bytes
 
 
 def invocation(
@@ -28,8 +28,9 @@ def invocation(
         return command, env, None
     prompt = Path(rec.log).with_suffix(".prompt.md")
     text = task.prompt or task.title or task.id
-    with suppress(OSError):  # none, or what a worker put in its place and is no file
-        text += "\n\n## Review feedback from the previous attempt\n\n" + read_bytes(feedback).decode(errors="replace")
+    with suppress(OSError):  # none, or what a worker put in its place and is no file (or a sparse terabyte)
+        text += ("\n\n## Review feedback from the previous attempt\n\n"
+                 + read_bytes(feedback, STATE_FILE_MAX).decode(errors="replace"))
     write_bytes(prompt, text.encode())  # renamed over: an earlier attempt's worker may have put a FIFO here
     if agents.is_preset(rec.agent):
         resume = runtime.resume_path(rec.order, rec.task)
@@ -111,8 +112,9 @@ def _ours() -> dict[str, str]:
 
 
 def _resume(path: Path) -> str | None:
-    """The session `aipm retry --resume` left; none when there is no file (missing, or a worker's FIFO)."""
+    """The session `aipm retry --resume` left; none when there is no file (missing, a worker's FIFO or sparse
+    terabyte)."""
     try:
-        return read_bytes(path).decode(errors="replace").strip() or None
+        return read_bytes(path, STATE_FILE_MAX).decode(errors="replace").strip() or None
     except OSError:
         return None

@@ -16,8 +16,9 @@ from typing import BinaryIO
 
 # Flags for a log a child is given: a FIFO in its place fails the spawn (ENXIO) where it held spawner and child.
 NO_WAIT = os.O_NONBLOCK | os.O_NOFOLLOW
-# The most aipm reads of a state file of its own (the lock list, the note of held removed locks): a worker's sparse
-# file of a terabyte under the name was read whole, a MemoryError. Far above what aipm writes there.
+# The most aipm reads of a state file of its own (the lock list, the note of held removed locks, the holds index, the
+# written log, review feedback): a worker's sparse file of a terabyte under the name was read whole, a MemoryError.
+# Far above what aipm writes there.
 STATE_FILE_MAX = 16 << 20
 
 

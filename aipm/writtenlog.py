@@ -20,7 +20,7 @@ from aipm.lockholders import open_under
 from aipm.paths import real_relative
 from aipm.record import Record
 from aipm.runtime import Runtime
-from aipm.workerfiles import open_regular, read_bytes, write_bytes
+from aipm.workerfiles import STATE_FILE_MAX, open_regular, read_bytes, write_bytes
 
 WRITTEN_LOG = "written.log"  # in the state directory: "<time_ns> <json list of targets>" per line
 
@@ -96,7 +96,8 @@ def written_since(rt: Runtime, since_ns: int) -> list[str]:
 
 def _lines(log: Path) -> list[str]:
     try:
-        return [line for line in read_bytes(log).decode(errors="surrogateescape").splitlines()
+        # (a worker's sparse terabyte there is no log of ours: none, and the next note writes it anew)
+        return [line for line in read_bytes(log, STATE_FILE_MAX).decode(errors="surrogateescape").splitlines()
                 if line.split(" ", 1)[0].isdigit()]
     except (OSError, UnicodeDecodeError):
         return []

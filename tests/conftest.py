@@ -43,7 +43,7 @@ class Project:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
-    def aipm(self, *args: str, env: dict | None = None, timeout: float = 120, check: bool = False):
+    def aipm(self, *args: str, env: dict | None = None, timeout: float = 120, check: bool = False, preexec_fn=None):
         full_env = dict(os.environ)
         full_env.pop("AIPM_FAKE_LOAD", None)
         # The machine's real load (other tests, CI neighbours) must not decide what a test launches.
@@ -51,7 +51,7 @@ class Project:
         full_env.update(env or {})
         proc = subprocess.run(
             [sys.executable, "-m", "aipm", "--root", str(self.root), *args],
-            capture_output=True, text=True, env=full_env, timeout=timeout, cwd=self.root,
+            capture_output=True, text=True, env=full_env, timeout=timeout, cwd=self.root, preexec_fn=preexec_fn,
         )
         if check and proc.returncode != 0:
             raise AssertionError(f"aipm {' '.join(args)} → {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
@@ -97,6 +97,14 @@ def _remove_state_dirs(request):
             shutil.rmtree(state_dir(root))
         except OSError:
             pass
+
+
+def capped_memory() -> None:
+    """A preexec_fn: aipm gets a 3 GiB address space, so a hostile file it reads whole by mistake (a sparse terabyte)
+    is a MemoryError at once, never the machine's memory."""
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 
 
 def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):

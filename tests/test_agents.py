@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import FIXTURES, REPO, no_workers, snapshot, state, task_statuses, wait_for, write_task
+from conftest import FIXTURES, REPO, capped_memory, no_workers, snapshot, state, task_statuses, wait_for, write_task
 from aipm import agents, confine, meter
 from aipm.agents import Attempt, aider, claude, codex, guard
 from aipm.paths import normalize
@@ -1421,6 +1421,25 @@ def failed_with_a_session(project, agent: str) -> tuple[Path, str]:
     write_task(order, "A", prompt="@fail")
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
     return order, task_file(order, "A")["session_id"]
+
+
+@pytest.mark.parametrize("left", ["feedback", "resume"])
+def test_a_sparse_terabyte_left_as_the_feedback_or_the_resumed_session_is_not_read(project, left):
+    """The next attempt's prompt takes its review's feedback, and its command line the session `retry --resume`
+    left: both are in `.aipm/`, where a worker's sparse terabyte (`truncate -s 1T`) was read whole by the run
+    that started the attempt (a MemoryError traceback). Such a file is none."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    write_task(project.order(), "A", prompt="do it")
+    hostile = project.root / ".aipm" / left / "ORD" / "A.txt"
+    hostile.parent.mkdir(parents=True)
+    hostile.touch()
+    os.truncate(hostile, 2**40)
+    proc = project.aipm("run", "ORD", env=agent_env(project), timeout=60, preexec_fn=capped_memory)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert task_statuses(project.order()) == {"A": "DONE"}
+    [run] = journal(project)
+    assert "--resume" not in run["argv"]
+    assert (project.root / ".aipm/logs/ORD/A.1.prompt.md").read_text() == "do it"
 
 
 def test_retry_resume_continues_the_agent_session(project):

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from conftest import no_workers, state, stop_outside_a_round, task_statuses, wait_for, write_task
+from conftest import capped_memory, no_workers, state, stop_outside_a_round, task_statuses, wait_for, write_task
 from invariants import KILL_OWNER, check, group_alive, journal_command, pid_alive
 
 
@@ -602,20 +602,24 @@ def test_an_exec_of_a_task_another_aipm_runs_waits_for_it_and_exits_by_its_statu
     assert journal.read_text() == "start\nend\n"
 
 
+@pytest.mark.parametrize("make", ["mkfifo", "truncate -s 1T"])
 @pytest.mark.parametrize("where", ["orders/OTHER/F.yaml", ".aipm/holds/OTHER.json"])
-def test_a_fifo_a_worker_leaves_in_another_order_or_its_holds_index_hangs_nothing(project, where):
+def test_a_fifo_or_sparse_file_a_worker_leaves_in_another_order_or_its_holds_index_hangs_nothing(project, where,
+                                                                                                   make):
     """The running tasks of the other orders are read for every plan (`.aipm/holds/<order>.json`, then their task
     files): both were opened as any file, so a FIFO a worker left there (`mkfifo orders/OTHER/F.yaml`) hung the
-    run that was to start its successor, and every later launch, run and detect, for ever."""
+    run that was to start its successor, and every later launch, run and detect, for ever; and both were read
+    whole, so a sparse terabyte there was a MemoryError traceback."""
     write_task(project.order("OTHER"), "X", command="true")
     order = project.order()
-    write_task(order, "A", command=f"rm -f {where}; mkfifo {where}")
+    write_task(order, "A", command=f"rm -f {where}; {make} {where}")
     write_task(order, "B", command="true", depends_on=["A"])
-    run = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60)
+    run = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60, preexec_fn=capped_memory)
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stdout + run.stderr
-    assert task_statuses(order) == {"A": "DONE", "B": "DONE"} and (project.root / where).is_fifo() != (
-        where.startswith(".aipm"))  # the index is written anew over it; the order's FIFO is the worker's
-    assert project.aipm("detect", "ORD", timeout=60).returncode == 0
+    left = project.root / where
+    assert task_statuses(order) == {"A": "DONE", "B": "DONE"} and (left.is_fifo() or left.stat().st_size == 2**40) != (
+        where.startswith(".aipm"))  # the index is written anew over it; the order's file is the worker's
+    assert project.aipm("detect", "ORD", timeout=60, preexec_fn=capped_memory).returncode == 0
 
 
 def test_a_restore_says_what_the_file_said_when_its_status_was_left_alone(project):

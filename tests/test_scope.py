@@ -15,7 +15,7 @@ import pytest
 from aipm.paths import normalize
 from aipm.gitstatus import changed
 from aipm.scope import load, out_of_scope, save, snapshot
-from conftest import wait_for
+from conftest import capped_memory, task_statuses, wait_for, write_task
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -444,6 +444,23 @@ def test_the_written_log_is_never_appended_or_cut_through_a_link_a_worker_left(t
     assert {name: victim.read_text() for name, victim in victims.items()} == {
         "appended.txt": "the user's\n", "cut.txt": "the user's\n"}
     assert writtenlog.written_since(rt, 0)[-1] == "b.txt"
+
+
+def test_a_sparse_terabyte_a_worker_left_as_the_written_log_is_not_read(project):
+    """The written log is in the state directory, which any unconfined worker can write: a sparse terabyte there
+    (`truncate -s 1T`) was read whole when the next attempt ended, a MemoryError traceback that ended the run. It
+    is no log of aipm's: none, and written anew."""
+    from aipm.statedir import state_dir
+    from aipm.writtenlog import WRITTEN_LOG
+
+    log = state_dir(project.root) / WRITTEN_LOG
+    write_task(project.order(), "A", command=f"truncate -s 1T {shlex.quote(str(log))}", target_files=["a.txt"])
+    write_task(project.order(), "B", command="echo b > b.txt", target_files=["b.txt"], depends_on=["A"])
+    git(project.root, "init", "-q")
+    proc = project.aipm("run", "ORD", "--max-workers", "1", timeout=60, preexec_fn=capped_memory)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert task_statuses(project.order()) == {"A": "DONE", "B": "DONE"}
+    assert log.stat().st_size < 1 << 20
 
 
 def test_a_prefetched_snapshot_is_read_at_its_first_use_and_one_never_read_leaves_no_git_behind(repo):

@@ -14,13 +14,14 @@ import pytest
 
 from aipm.errors import SettingsError
 from aipm.settings import SETTING_NAMES, Settings, load_settings
+from conftest import capped_memory
 
 
-def aipm(root: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def aipm(root: Path, *args: str, env: dict[str, str] | None = None, preexec_fn=None) -> subprocess.CompletedProcess:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("AIPM_")}
     return subprocess.run(
         [sys.executable, "-m", "aipm", "--root", str(root), *args],
-        capture_output=True, text=True, env={**clean, **(env or {})}, cwd=root, timeout=120,
+        capture_output=True, text=True, env={**clean, **(env or {})}, cwd=root, timeout=120, preexec_fn=preexec_fn,
     )
 
 
@@ -378,6 +379,20 @@ def test_bad_pyproject(tmp_path):
     assert_one_line_error(aipm(tmp_path, "config", "--json"), "did you mean 'max_workers'")
     (tmp_path / "pyproject.toml").write_text("[tool.aipm\n")
     assert_one_line_error(aipm(tmp_path, "config", "--json"), "pyproject.toml", "invalid TOML")
+
+
+@pytest.mark.parametrize("hostile, wrong", [("sparse", "over the 1 MiB limit"), ("fifo", "not a regular file")])
+def test_a_pyproject_toml_that_is_a_sparse_terabyte_or_a_fifo_is_one_line_error(tmp_path, hostile, wrong):
+    """pyproject.toml's [tool.aipm] is read as aipm.yaml is: a sparse terabyte there (`truncate -s 1T`, by a
+    worker) was read whole by every command (a MemoryError traceback), and a FIFO was taken for no settings."""
+    pyproject = tmp_path / "pyproject.toml"
+    if hostile == "sparse":
+        pyproject.write_text("[tool.aipm]\nmax_workers = 2\n")
+        os.truncate(pyproject, 2**40)
+    else:
+        os.mkfifo(pyproject)
+    for args in [("config", "--json"), ("init",)]:
+        assert_one_line_error(aipm(tmp_path, *args, preexec_fn=capped_memory), "pyproject.toml", wrong)
 
 
 def test_bad_setting_stops_resources_too(tmp_path):
