@@ -32,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from aipm.paths import GLOB_CHARS, literal_base
-from aipm.workerfiles import note_reason, reading, reason, write_bytes
+from aipm.workerfiles import STATE_FILE_MAX, note_reason, read_bytes, reason, write_bytes
 
 # Test seam (like AIPM_FAKE_LOAD in resources.py): a Landlock ABI to report instead of asking the kernel;
 # "0" simulates a kernel without Landlock. Read only here.
@@ -355,9 +355,8 @@ def tidy(log: str, confined: bool) -> None:
         # could name any directory for us to remove (or leave a FIFO, holding us for ever).
         return
     listing = made_file(log)
-    try:
-        with reading(listing) as handle:  # (another task's worker may have left a FIFO there: not waited on)
-            made = json.load(handle)
+    try:  # (another task's worker may have left a FIFO or a sparse terabyte there: not waited on, not read)
+        made = json.loads(read_bytes(listing, STATE_FILE_MAX))
     except (OSError, ValueError):
         return
     at = log.rfind(f"{os.sep}.aipm{os.sep}")  # the project's (a worktree's paths lie below it too), as rules() saw it

@@ -257,10 +257,10 @@ class Watched:
 
 def load(path: Path) -> Snapshot | Watched | None:
     """What save() or save_before() wrote, or None when it is missing or unreadable."""
-    try:  # beside its attempt's log: a FIFO the worker left there must not hold its owner (under the launch lock)
-        with workerfiles.reading(path) as handle:
-            data = json.load(handle)
-            taken = os.fstat(handle.fileno()).st_mtime_ns
+    try:  # beside its attempt's log: a FIFO the worker left there must not hold its owner (under the launch lock),
+        # nor a sparse terabyte be read (a MemoryError): such a file is none, as one the worker removed
+        raw, info = workerfiles.read_checked(path, workerfiles.STATE_FILE_MAX)
+        data, taken = json.loads(raw), info.st_mtime_ns
     except (OSError, ValueError):
         return None
     if isinstance(data, list) and len(data) == 2 and data[0] == "watched" and isinstance(data[1], int):

@@ -52,6 +52,11 @@ def reading(path: str | os.PathLike) -> BinaryIO:
 def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
     """The whole file, through one descriptor (a buffered file object costs four more system calls a read; the
     hot path reads a few small files on each hand-over). Longer than `limit`: OSError, and not read."""
+    return read_checked(path, limit)[0]
+
+
+def read_checked(path: str | os.PathLike, limit: int | None = None) -> tuple[bytes, os.stat_result]:
+    """read_bytes(), and the file's status as opened."""
     fd, info = open_checked(path)
     try:
         _within(path, info.st_size, limit)
@@ -60,7 +65,7 @@ def read_bytes(path: str | os.PathLike, limit: int | None = None) -> bytes:
             _within(path, len(data), limit)  # grown since its fstat
             chunk = os.read(fd, 1 << 20)
             data += chunk
-        return data
+        return data, info
     finally:
         os.close(fd)
 

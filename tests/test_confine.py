@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from aipm import confine
-from conftest import Project, no_workers, task_statuses, wait_for, write_task
+from conftest import Project, capped_memory, no_workers, task_statuses, wait_for, write_task
 
 NO_LANDLOCK = confine.unavailable() if os.environ.get(confine.FAKE_ABI) is None else "fake ABI set"
 landlock = pytest.mark.skipif(NO_LANDLOCK is not None, reason=f"kernel without usable Landlock: {NO_LANDLOCK}")
@@ -835,15 +835,17 @@ def test_a_listing_another_worker_rewrote_never_removes_more_than_a_tmpdir_of_ou
 
 
 @landlock
-def test_a_reviewer_cannot_hold_a_confined_tasks_owner_with_a_fifo_beside_its_log(project):
+@pytest.mark.parametrize("make", ["mkfifo", "truncate -s 1T"])
+def test_a_reviewer_cannot_hold_a_confined_tasks_owner_with_a_fifo_or_sparse_file_beside_its_log(project, make):
     """A confined attempt's listing of what was made for its rules (`A.1.confine.json`) is trusted, since its
     worker cannot write beside its log; but its review runs unconfined, and a reviewer (or another task's
     unconfined worker) that put a FIFO in the listing's place held the run for ever when the attempt was dropped,
-    under the launch lock: every command of the project, SIGTERM too. The listing is read without waiting now."""
+    under the launch lock: every command of the project, SIGTERM too. The listing is read without waiting now,
+    and a sparse terabyte there (a MemoryError traceback) is not read."""
     order = project.order()
     write_task(order, "A", command="echo hi > out.txt", target_files=["out.txt"], confine=True,
-               review='L="${AIPM_LOG%.log}.confine.json"; rm -f "$L"; mkfifo "$L"')
-    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60)
+               review=f'L="${{AIPM_LOG%.log}}.confine.json"; rm -f "$L"; {make} "$L"')
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60, preexec_fn=capped_memory)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert task_statuses(order) == {"A": "COMPLETED"} and no_workers(project.root)
     assert (project.root / "out.txt").read_text() == "hi\n"

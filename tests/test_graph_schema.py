@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import json
 import re
 import shutil
@@ -18,7 +19,7 @@ from aipm.model import MANAGED_FIELDS, Order, Priority, Status, Task
 from aipm.schema import order_schema, schema_text, shipped_path, task_schema
 from aipm.fields import TASK_KEYS, task_from_mapping
 from aipm.store import ORDER_FILE, ORDER_KEYS, load_order, parse_mapping, task_files
-from conftest import FIXTURES, snapshot
+from conftest import FIXTURES, capped_memory, snapshot
 
 # Ids that break naive quoting: reserved words, quotes, backslashes (one at the end), markup, entities.
 NASTY = ["end", 'say "hi"', "back\\slash", "trail\\", "x<br/>y", "#35;", "a;b{c}", "graph", "A-1.x"]
@@ -319,6 +320,21 @@ def test_the_schema_copy_beside_the_orders_follows_this_aipm(project):
     project.aipm("add", "ORD", "A", "--command", "true", check=True)
     assert copy.read_text() == schema_text("task")
     assert not (project.root / "orders" / "order.schema.json").exists()  # only what a file refers to
+
+
+@pytest.mark.parametrize("hostile", ["sparse", "fifo"])
+def test_a_schema_copy_that_is_a_sparse_terabyte_or_a_fifo_is_replaced_unread(project, hostile):
+    """The copy lies in orders_dir, where a worker can write: a sparse terabyte there was read whole to compare it
+    with this aipm's (a MemoryError traceback from `add`), and a FIFO held `add` for ever."""
+    project.order()
+    copy = project.root / "orders" / "task.schema.json"
+    if hostile == "sparse":
+        copy.touch()
+        os.truncate(copy, 2**40)
+    else:
+        os.mkfifo(copy)
+    project.aipm("add", "ORD", "A", "--command", "true", check=True, timeout=30, preexec_fn=capped_memory)
+    assert copy.read_text() == schema_text("task")
 
 
 # ---- new / add -------------------------------------------------------------------------------------------

@@ -463,6 +463,19 @@ def test_a_sparse_terabyte_a_worker_left_as_the_written_log_is_not_read(project)
     assert log.stat().st_size < 1 << 20
 
 
+def test_a_sparse_terabyte_a_worker_left_as_its_snapshot_is_not_read_and_its_audit_still_holds(project):
+    """The snapshot an attempt's audit starts from lies beside its log, where its worker can write: a sparse
+    terabyte there (`truncate -s 1T`) was read whole by the audit, a MemoryError traceback that ended the run. It
+    is no snapshot, as one the worker removed: the audit goes by what git shows written since the attempt began."""
+    (project.root / "aipm.yaml").write_text("scope_watch: false\nmax_rework: 0\n")
+    write_task(project.order(), "A", target_files=["a.txt"],
+               command='truncate -s 1T "${AIPM_LOG%.log}.scope.json"; echo a > a.txt; echo x > stray.txt')
+    git(project.root, "init", "-q")
+    proc = project.aipm("run", "ORD", timeout=60, preexec_fn=capped_memory)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert task_statuses(project.order()) == {"A": "REJECTED"} and "stray.txt" in proc.stdout, proc.stdout
+
+
 def test_a_prefetched_snapshot_is_read_at_its_first_use_and_one_never_read_leaves_no_git_behind(repo):
     """`prefetch` starts git now; the snapshot, read later, is the tree as git saw it from its start. Inside one
     shared block it is the one every later snapshot() of the root returns; a prefetch nobody read is ended with

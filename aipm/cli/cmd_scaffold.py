@@ -23,6 +23,7 @@ from aipm.model import ID_PATTERN, ID_RULE, Priority
 from aipm.schema import KINDS, schema_text
 from aipm.fields import one_line, task_from_mapping
 from aipm.store import NOT_TASKS, ORDER_FILE, check_links, load_order, parse_mapping
+from aipm.workerfiles import read_bytes
 
 
 @command("schema")
@@ -214,10 +215,11 @@ def _install_schema(directory: Path, kind: str, root: Path) -> None:
     """Make <directory>/<kind>.schema.json this aipm's schema (aipm generates it: an old copy is replaced)."""
     path = directory / f"{kind}.schema.json"
     text = schema_text(kind)
-    try:
-        if path.read_text(encoding="utf-8") == text:
+    ours = text.encode()
+    try:  # no longer than ours: a worker's sparse terabyte there is not read, nor a FIFO waited on; both replaced
+        if read_bytes(path, len(ours)) == ours:
             return
-    except (OSError, UnicodeDecodeError):
+    except OSError:
         pass
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
