@@ -215,13 +215,17 @@ def _total(spent: list[Spent]) -> Pair:
 
 def _held(task: Task, mine: list[Spent], other: Pair, own: Pair) -> Pair:
     """Of what a task's other definitions spent (`other`), what its file's figures hold: up to what they said when
-    this definition's first attempt started (a file made again: nothing; edited in place: all); unknown, all of it
-    if they say no less than the whole ledger (`own` is this definition's part), else none."""
+    this definition's first attempt started (a file made again: nothing; edited in place: all); unknown (no attempt
+    of it started yet), what its figures say beyond this definition's part (`own`), up to `other`: a file edited in
+    place holds the old costs it says, all of them or (put back by a `git checkout` first) a part, which counted
+    again in the ledger's was the old cost twice; a file made again says none of them."""
     bases = [s.base for s in mine if s.base is not None]
     if bases:
         base = min(bases)
         return min(other[0], base[0]), min(other[1], base[1])
-    return other if _holds(task, (own[0] + other[0], own[1] + other[1])) else (0.0, 0.0)
+    file = (task.cost_usd or 0.0, task.cost_unreported_usd or 0.0)
+    return (max(0.0, min(other[0], round(file[0] - own[0], 6))),
+            max(0.0, min(other[1], round(file[1] - own[1], 6))))
 
 
 def _holds(task: Task, spent: Pair | Spent) -> bool:

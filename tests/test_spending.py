@@ -177,3 +177,26 @@ def test_attempts_numbered_again_after_the_runtime_directory_was_cleaned_are_eac
     assert (status["cost_usd"], status["budget_reached"]) == (0.2, True), status
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
     assert len(journal(project)) == 2
+
+
+def test_a_task_edited_in_place_whose_file_says_less_than_its_ledger_counts_its_old_cost_once(project):
+    """A ran twice for $0.10 each, then its file was put back as it was after the first ($0.10: a `git checkout`)
+    and its prompt edited in place. Its file's $0.10 is part of the old definition's $0.20 in the ledger, yet until
+    its next attempt the budget counted both: $0.30, the budget of $0.30 reached, and A held back."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.3\n")
+    path = write_task(order, "A", prompt="@cost 0.1", target_files=["a.txt"])
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    once = path.read_text()
+    path.write_text(once.replace("status: DONE", "status: QUEUED"))
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    path.write_text(once.replace("@cost 0.1", "@cost 0.05").replace("status: DONE", "status: QUEUED"))
+    status = project.json("status", "ORD")
+    assert (status["tasks"][0]["cost_usd"], status["cost_usd"], status["budget_reached"]) == (0.1, 0.2, False), status
+    assert [t["id"] for t in project.json("detect", "ORD")["launchable"]] == ["A"]
+    # Its attempt (capped at the $0.10 left) says what its file held: still counted once.
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    status = project.json("status", "ORD")
+    assert (status["tasks"][0]["cost_usd"], status["cost_usd"]) == (0.15, 0.25), status
+    assert len(journal(project)) == 3
