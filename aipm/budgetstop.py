@@ -6,13 +6,16 @@ edited mid-run) breaks that: the running attempts keep the caps of the old one a
 new. The run says so once per limit, and once the new limit is reached (an attempt's cost recorded, or the limit
 put at or below what is spent) it stops the order's capped attempts it owns, as a preemption does (QUEUED again,
 attempt not counted): each counts what it reported, or its cap if it reported nothing (budget.py), and nothing
-more is spent. Attempts owned by another run or by a detached `launch` are named, for `aipm cancel`. The
-`max_cost_usd` setting (the budget of orders whose order.yaml sets none) is read again when the project's settings
-file changes (`follow_setting`), so lowering it there applies too.
+more is spent. Attempts another aipm owns are named, for `aipm cancel` (their owner stops them too, unless it is
+stopped itself, or older). The `max_cost_usd` setting (the budget of orders whose order.yaml sets none) is read
+again when the project's settings file changes (`follow_setting`), so lowering it there applies too.
 
 A task's own `max_cost_usd` lowered while its attempt runs is the same (`past_task_limit`): the attempt's cap was
 what the old limit left. It is said once per limit, and the attempt is stopped if the new limit is already reached
 (nothing more may be spent); else it may spend less than its cap, and `aipm cancel` is the user's to choose.
+
+The detached owner of a capped attempt (`aipm launch`: work.py) does all this for its own attempt (`Detached`),
+saying it where its events go: the attempt's log, and the notify command.
 """
 
 from __future__ import annotations
@@ -20,17 +23,24 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aipm import budget
+from aipm import budget, notify
 from aipm.errors import UserError
+from aipm.inotify import DirWatch
 from aipm.model import Order
 from aipm.record import Record, same_attempt
 from aipm.settings import load_settings
 from aipm.spending import charged
+from aipm.view import OrderView
+from aipm.workerfiles import append_log
 
 if TYPE_CHECKING:
     from aipm.supervisor import Supervisor
+
+FILES, SETTINGS = "budget files", "budget settings"  # a detached owner's wait keys: the order's files, the settings'
+_SETTINGS_FILES = ("aipm.yaml", "pyproject.toml")
 
 
 def past_budget(sup: "Supervisor", order: Order, records: Iterable[Record], told: set[str]) -> list[dict]:
@@ -106,7 +116,7 @@ def follow_setting(sup: "Supervisor", seen: list) -> list[dict]:
     since the last look (`seen`: its stamp; the first look only takes it). A file that no longer loads keeps the
     value the run has, said as an event."""
     stamp = []
-    for name in ("aipm.yaml", "pyproject.toml"):
+    for name in _SETTINGS_FILES:
         try:
             info = os.stat(f"{sup.rt.root}/{name}")  # (a string: pathlib's join costs more than the stat, each round)
             stamp.append((info.st_ino, info.st_size, info.st_mtime_ns))
@@ -126,3 +136,64 @@ def follow_setting(sup: "Supervisor", seen: list) -> list[dict]:
     if limit != sup.settings.max_cost_usd:
         sup.settings = sup.launcher.settings = replace(sup.settings, max_cost_usd=limit)
     return []
+
+
+class Detached:
+    """A detached owner's watch over the budgets of its capped attempt, as a `run` keeps over its own (past_budget,
+    follow_setting): a change of the order's files (order.yaml, and the task files that hold the costs and each
+    task's own limit) or of the project's settings file wakes it, and what a lowered limit comes to is said in the
+    attempt's log and to the notify command (`budget`, BUDGET_LOWERED), once, the attempt stopped once it is
+    reached. `seen`: the settings file's stamp when the owner read its settings (follow_setting)."""
+
+    def __init__(self, sup: "Supervisor", view: OrderView, seen: list):
+        self.sup, self.view, self.seen = sup, view, seen
+        self.told: set[str] = set()
+        self.settings_watch = DirWatch.open(str(sup.rt.root))
+        for watch, key in ((view.watch, FILES), (self.settings_watch, SETTINGS)):
+            if watch is not None:
+                sup.watcher.watch_fd(watch.fd, key)
+
+    @classmethod
+    def follow(cls, sup: "Supervisor", order_dir: Path, seen: list) -> "Detached | None":
+        """The watch, if the owner's attempt is capped (its agent spends against the budget: nothing to follow
+        else), after a first look (an edit made since the attempt started); None without one."""
+        if all(rec.cost_cap is None for rec in sup.owned.values()):
+            return None
+        try:
+            view = OrderView(order_dir, sup.rt.root)  # (watched before it is read: no edit falls between)
+        except (UserError, OSError):
+            return None  # (an order.yaml saved invalid meanwhile: the attempt runs under its cap, as before)
+        budgets = cls(sup, view, seen)
+        budgets.look()
+        return budgets
+
+    def woke(self, keys: list) -> None:
+        """After a wake-up: look again if the order's files changed, or the settings file (not any file the attempt
+        writes in the project's root)."""
+        settings = SETTINGS in keys and bool(self.settings_watch.changed().intersection(_SETTINGS_FILES))
+        if FILES in keys or settings:
+            self.look()
+
+    def look(self) -> None:
+        """Say what the files say now of a lowered limit, and stop the attempt if it is reached."""
+        logs = [rec.log for rec in self.sup.owned.values()]  # (a stopped attempt's record goes; its log stays)
+        try:
+            order = self.view.refresh()  # (first: it drains the watch that woke us, whatever follows)
+            # The records as they are once the task files just read were written: an owner writes its task's
+            # outcome and drops its record under the lock, and a cap counted with the cost it became is too much.
+            with self.sup.rt.launch_lock():
+                records = self.sup.rt.records()
+        except (UserError, OSError):
+            return  # (the order directory gone, the state directory full: the next change looks again)
+        self.view.problems.clear()  # (a file saved invalid is kept out: its last valid version counts)
+        self.view.reopened.clear()
+        from aipm.cli.display import plain_line  # (only here: every detached owner's start would pay for it)
+
+        for event in [*follow_setting(self.sup, self.seen), *past_budget(self.sup, order, records, self.told)]:
+            for log in logs:
+                append_log(log, plain_line(event))
+            if event["event"] == "budget":
+                task = {"AIPM_TASK_ID": event["task"]} if event.get("task") else {}
+                where = f"{order.id}/{event['task']}" if task else order.id
+                notify.send(self.sup.settings, self.sup.rt, notify.BUDGET, "BUDGET_LOWERED",
+                            f"{where}: {event['detail']}", AIPM_ORDER_ID=order.id, **task)

@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from aipm import notify, recovery
+from aipm import budgetstop, notify, recovery
 from aipm.errors import UserError
 from aipm.launcher import Launcher, Options
 from aipm.model import all_done, status_summary
@@ -55,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     launcher = Launcher(Project(root, settings.orders_dir), settings, Options(args.no_review, args.model))
     sup = Supervisor(launcher)
+    settings_seen: list = []
+    budgetstop.follow_setting(sup, settings_seen)  # the stamp of the settings file just read (two stats)
     me = (os.getpid(), sup.me[1])
     with launcher.runtime.launch_lock():
         # The launcher holds this lock until our record names us, so we read a finished record here.
@@ -85,12 +87,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"aipm: cannot start worker: {exc}", file=sys.stderr)
                 recovery.interrupt(launcher.runtime, task, rec, f"worker could not start: {exc}")
                 return 1
+    # A capped attempt (its agent takes a share of the budget) follows a limit lowered while it runs, as in `run`.
+    budgets = budgetstop.Detached.follow(sup, Path(args.order_dir), settings_seen)
     while sup.owned:
         whole = sup.watch_records()
         keys = sup.wait(None if whole else RECORDS_RECHECK)
         if RECORDS in keys or not whole:  # a worker removed the state directory: our record goes back
             with launcher.runtime.launch_lock():
                 sup.keep_records()
+        if budgets is not None:
+            budgets.woke(keys)
         for key in keys:
             sup.handle(key)  # an outcome it cannot record is held (and logged), never a crash
     sup.end_strays()  # the attempt's left-overs die before successors start

@@ -1,5 +1,5 @@
-"""A budget lowered during a run applies to the attempts already running (aipm/budgetstop.py). Real runs with the
-stand-in `claude` (tests/agents), order.yaml edited while they work."""
+"""A budget lowered during a run applies to the attempts already running (aipm/budgetstop.py), and to those of a
+detached `aipm launch`. Real runs with the stand-in `claude` (tests/agents), order.yaml edited while they work."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import wait_for, write_task
+from conftest import no_workers, wait_for, write_task
 from test_agents import agent_env, journal
 
 
@@ -177,3 +177,64 @@ def test_a_tasks_own_limit_lowered_below_its_running_cap_is_said_once(project, g
     a = yaml.safe_load(path.read_text())
     assert (a["status"], a["cost_usd"]) == ("DONE", 0.6), a
 
+
+
+def launched(project, limit: float, where: str) -> None:
+    """The settings (a notify command that notes each event in `notes.txt`) and order.yaml of two capped attempts,
+    with the budget `limit` in `where`: order.yaml or aipm.yaml (the setting)."""
+    notes = project.root / "notes.txt"
+    (project.root / "aipm.yaml").write_text(
+        "max_workers: 2\nworker:\n  agent: claude\n"
+        f"notify: 'echo \"$AIPM_EVENT $AIPM_STATUS ${{AIPM_TASK_ID:-}}\" >> {notes}'\n"
+        + (f"max_cost_usd: {limit}\n" if where == "aipm.yaml" else ""))
+    (project.order() / "order.yaml").write_text(
+        "id: ORD\n" + (f"max_cost_usd: {limit}\n" if where == "order.yaml" else ""))
+
+
+@pytest.mark.parametrize("where", ["order.yaml", "aipm.yaml"])
+def test_a_budget_lowered_while_launch_runs_is_said_in_the_logs_and_stops_the_attempts_once_reached(
+        project, gate, where):
+    """The detached owners of `aipm launch` followed no budget: lowered below what their running attempts held, it
+    was said nowhere, and B went on spending under its old cap once A's cost had reached the new one. Each owner
+    now says it in its attempt's log and to the notify command, as `run` says it, and B's owner stops B."""
+    launched(project, 1, where)
+    b_gate = two_capped_attempts(project, gate)
+    try:
+        assert project.aipm("launch", "ORD", env=agent_env(project)).returncode == 0
+        wait_for(lambda: len(journal(project)) == 2)  # both agents run, capped at $0.50 each
+        launched(project, 0.3, where)
+        logs = project.root / ".aipm" / "logs" / "ORD"
+        below = f"max_cost_usd $0.3000 ({'order.yaml' if where == 'order.yaml' else 'setting max_cost_usd'}) is below"
+        wait_for(lambda: all(below in (logs / f"{t}.1.log").read_text() for t in "AB"))
+        gate.touch()  # A reports $0.30: the new budget is reached, and B could still spend up to $0.50
+        wait_for(lambda: "stopped B" in (logs / "B.1.log").read_text())  # (said once the stop is done)
+        wait_for(lambda: no_workers(project.root))
+    finally:
+        b_gate.touch()
+    said = (logs / "B.1.log").read_text()
+    assert "budget   ORD: budget reached" in said and "stopped B, each counting what it spent" in said, said
+    a, b = (yaml.safe_load((project.order() / f"{t}.yaml").read_text()) for t in ("A", "B"))
+    assert (a["status"], a["cost_usd"]) == ("DONE", 0.3), a
+    assert (b["status"], b.get("attempts", 0), b["cost_unreported_usd"]) == ("QUEUED", 0, 0.5), b
+    assert sorted(j["task"] for j in journal(project)) == ["A", "B"]  # B never ran again
+    notes = project.root / "notes.txt"  # (its command runs detached: each line lands when it has run)
+    wait_for(lambda: notes.exists() and notes.read_text().count("budget BUDGET_LOWERED") == 3)  # A's, B's, B's stop
+
+
+def test_a_tasks_own_limit_lowered_to_its_cost_while_launch_runs_stops_the_attempt(project, gate):
+    """As in `run` (above), for the detached owner: its task's own max_cost_usd lowered to what the task had cost
+    left the attempt spending, unseen, up to the $0.70 cap the old limit gave it."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    path = write_task(project.order(), "A", prompt=f"@cost 0.2\n@wait-for {gate}", target_files=["a.txt"],
+                      max_cost_usd=1, cost_usd=0.3)
+    assert project.aipm("launch", "ORD", env=agent_env(project)).returncode == 0
+    wait_for(lambda: len(journal(project)) == 1)
+    lower_task_limit(path, 0.3)
+    wait_for(lambda: "stopped it" in (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text())
+    wait_for(lambda: no_workers(project.root))
+    said = (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
+    (line,) = [line for line in said.splitlines() if "stopped it" in line]
+    assert "budget   ORD/A: budget reached" in line and "max_cost_usd $0.3000" in line, said
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a.get("attempts", 0), a["cost_unreported_usd"]) == ("QUEUED", 0, 0.7), a
+    assert len(journal(project)) == 1
