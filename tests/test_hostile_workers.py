@@ -902,3 +902,64 @@ def test_a_command_that_stops_its_wrapper_does_not_hang_its_task(project, how):
     log = (project.root / ".aipm/logs/ORD/T1.1.log").read_text()
     assert log.startswith("before\nafter\n") and "was stopped (SIGSTOP): let go on" in log, log
     wait_for(lambda: no_workers(project.root))
+
+
+def _streamed_start(project, args: tuple[str, ...], size: int = 1 << 18) -> tuple[bytes, str]:
+    """The first `size` bytes `aipm ARGS` writes to stdout (in 3 GiB of memory), then the process is killed; and
+    what it wrote to stderr. A command that reads its file whole dies of a MemoryError first, having written none."""
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), *args], cwd=project.root,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, preexec_fn=capped_memory)
+    try:
+        got = b""
+        while len(got) < size:
+            chunk = proc.stdout.read1(size - len(got))
+            if not chunk:
+                break
+            got += chunk
+    finally:
+        proc.kill()
+        _, err = proc.communicate(timeout=30)
+    return got, err.decode(errors="replace")
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_a_sparse_terabyte_log_or_patch_is_copied_out_a_chunk_at_a_time(project, json_out):
+    """`aipm logs --json` and `aipm diff` read the log or the kept patch whole: a worker's sparse terabyte there (it
+    can write .aipm/) was a MemoryError traceback. They copy it out a chunk at a time now, as `cat` would (and
+    `logs` without --json did): what the file holds, from its start, at once."""
+    order = project.order()
+    write_task(order, "A", command="echo hello")
+    assert project.aipm("run", "ORD").returncode == 0
+    log = project.root / ".aipm/logs/ORD/A.1.log"
+    log.write_bytes(b"hello\n")
+    os.truncate(log, 1 << 40)
+    patch = project.root / ".aipm/patches/ORD/A.1.patch"
+    patch.parent.mkdir(parents=True)
+    patch.write_bytes(b"--- a/x\n+++ b/x\n")
+    os.truncate(patch, 1 << 40)
+    extra = ("--json",) if json_out else ()
+    for args, head in ((("logs", "A"), b"hello\n"), (("diff", "A"), b"--- a/x\n+++ b/x\n")):
+        out, err = _streamed_start(project, (*args, *extra))
+        assert "Traceback" not in err and "MemoryError" not in err, err
+        assert len(out) == 1 << 18, (args, out[:200], err)
+        if json_out:
+            key = "text" if args[0] == "logs" else "patch"
+            assert out.startswith(b'{"order": "ORD", "task": "A", '), out[:200]
+            assert f'"{key}": "{json.dumps(head.decode())[1:-1]}\\u0000\\u0000'.encode() in out, out[:300]
+        else:
+            assert out.startswith(head + b"\0\0") and out[len(head):].strip(b"\0") == b"", out[:200]
+
+
+def test_a_streamed_log_as_json_is_the_json_of_the_whole_log(project):
+    """The JSON written a chunk at a time is the JSON of the whole text: characters across a chunk's edge (a
+    multi-byte one split in two), bytes that are not UTF-8, and escapes come out as one json.dumps gives them."""
+    order = project.order()
+    write_task(order, "A", command="echo hello")
+    assert project.aipm("run", "ORD").returncode == 0
+    log = project.root / ".aipm/logs/ORD/A.1.log"
+    body = ("é" * ((1 << 20) - 1)).encode() + b'"\\\t\n\xff\xfe' + "😀 end".encode()  # é's 2 bytes cross 1 MiB
+    log.write_bytes(body)
+    got = project.json("logs", "A")
+    assert got["text"] == body.decode("utf-8", errors="replace")
+    assert list(got) == ["order", "task", "attempt", "attempts", "log", "text"]

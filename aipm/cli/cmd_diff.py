@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import io
+import os
 import sys
+from pathlib import Path
+from typing import BinaryIO
 
 from aipm.cli.decl import Argument, command
 
 from aipm import workspace
-from aipm.cli.common import get_project, json_option, print_json
+from aipm.cli.common import copy_out, get_project, json_option, print_json_text
+from aipm.errors import UserError
+from aipm.workerfiles import reading
 from aipm.project import find_task
 from aipm.store import load_order
 
@@ -27,13 +33,25 @@ def diff(
     order_dir, task_id = find_task(project, task)
     order = load_order(order_dir, project.root)
     source, patch = workspace.diff(project.root, order.id, task_id)
-    if json_out:
-        print_json({"order": order.id, "task": task_id, "source": source,
-                    "patch": patch.decode("utf-8", "replace")})
-        return
-    if not patch:  # else nothing at all is printed, which reads as diff itself failing
-        what = (f"its worktree ({source[len('worktree '):]}) has none against its attempt's start"
-                if source.startswith("worktree ") else f"its last attempt changed nothing ({source} is empty)")
-        print(f"aipm: {order.id}/{task_id}: no changes to show: {what}", file=sys.stderr)
-        return
-    sys.stdout.buffer.write(patch)
+    with _opened(patch) as handle:
+        if json_out:
+            print_json_text({"order": order.id, "task": task_id, "source": source}, "patch", handle)
+            return
+        empty = os.fstat(handle.fileno()).st_size == 0 if isinstance(patch, Path) else not patch
+        if empty:  # else nothing at all is printed, which reads as diff itself failing
+            what = (f"its worktree ({source[len('worktree '):]}) has none against its attempt's start"
+                    if source.startswith("worktree ") else f"its last attempt changed nothing ({source} is empty)")
+            print(f"aipm: {order.id}/{task_id}: no changes to show: {what}", file=sys.stderr)
+            return
+        copy_out(handle)
+
+
+def _opened(patch: bytes | Path) -> BinaryIO:
+    """The patch to copy out: git's output as it is, or a kept patch's file (a FIFO a worker left there is not
+    waited on)."""
+    if not isinstance(patch, Path):
+        return io.BytesIO(patch)
+    try:
+        return reading(patch)
+    except OSError as exc:
+        raise UserError(f"cannot read the patch {patch}: {exc.strerror}") from None

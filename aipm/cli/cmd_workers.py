@@ -15,7 +15,7 @@ from rich.table import Table
 
 from aipm import workspace, writtenlog
 from aipm.cluster import is_attempt
-from aipm.cli.common import JsonOpt, console, get_project, json_option, print_json
+from aipm.cli.common import JsonOpt, console, copy_out, get_project, json_option, print_json, print_json_text
 from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
 from aipm import logbook, recovery, steering, subreaper
@@ -198,9 +198,8 @@ def logs(
     number = attempt if attempt is not None else max(found)
     if json_out:
         with _log(found[number]) as handle:
-            text = handle.read().decode("utf-8", errors="replace")
-        print_json({"order": order.id, "task": task_id, "attempt": number, "attempts": sorted(found),
-                    "log": str(found[number]), "text": text})
+            print_json_text({"order": order.id, "task": task_id, "attempt": number, "attempts": sorted(found),
+                             "log": str(found[number])}, "text", handle)
         return
     while True:
         with _log(found[number]) as handle:
@@ -272,8 +271,7 @@ def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: boo
         # launch lock: once we had it, the last lines are written and a next attempt's log exists.
         with rt.launch_lock():
             pass
-        sys.stdout.buffer.write(handle.read())
-        sys.stdout.flush()
+        copy_out(handle)
         return
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import errno
 import gc
 import json
@@ -9,7 +10,7 @@ import os
 import stat
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, BinaryIO, Optional
 
 from aipm.cli.decl import Option
 
@@ -90,6 +91,30 @@ def print_json(data: Any) -> None:
     # Indented for a person at a terminal; compact for a pipe, where json's C encoder is many times faster.
     indent = 2 if sys.stdout.isatty() else None
     sys.stdout.write(json.dumps(data, indent=indent, default=str) + "\n")
+
+
+# What a log or patch is copied out by: never whole in memory, a worker's file may be gigabytes (or a sparse terabyte)
+_CHUNK = 1 << 20
+
+
+def copy_out(handle: BinaryIO) -> None:
+    """The rest of `handle` to stdout, a chunk at a time."""
+    while chunk := handle.read(_CHUNK):
+        sys.stdout.buffer.write(chunk)
+    sys.stdout.flush()
+
+
+def print_json_text(data: dict, key: str, handle: BinaryIO) -> None:
+    """print_json(`data` and, last, `key`: the rest of `handle` as text, UTF-8 with errors replaced), that text
+    encoded a chunk at a time (the same JSON: a string's escapes are those of its characters one by one)."""
+    indent = 2 if sys.stdout.isatty() else None
+    whole = json.dumps({**{k: v for k, v in data.items() if k != key}, key: ""}, indent=indent, default=str)
+    at = whole.rindex('""') + 1  # the empty value of the last key
+    sys.stdout.write(whole[:at])
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    while chunk := handle.read(_CHUNK):
+        sys.stdout.write(json.dumps(decoder.decode(chunk))[1:-1])
+    sys.stdout.write(json.dumps(decoder.decode(b"", final=True))[1:-1] + whole[at:] + "\n")
 
 
 def warn(lines: list[str]) -> None:

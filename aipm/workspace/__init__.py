@@ -40,7 +40,7 @@ from aipm.settings import Settings
 from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
 from aipm.workspace.places import (component, make_own_dir, merge_dir, own_dir, patch_path, refname, relative,
                                    scratch, seam, worktree_path)
-from aipm.workerfiles import append_log, read_bytes, write_stream
+from aipm.workerfiles import append_log, write_stream
 from aipm.workspace import ownrefs, stash
 from aipm.workspace.stash import STASHED
 from aipm.workspace.repo import GITLINK, RUNTIME_DIR, Repo, UnbornRepositories, WorkspaceError
@@ -412,8 +412,9 @@ def decided(root: Path, rec: Record) -> bool:
     return merging.pending(merge_dir(root, rec.order, rec.task), rec.serial)
 
 
-def diff(root: Path, order: str, task: str) -> tuple[str, bytes]:
-    """(where it comes from, patch): the running (or kept) worktree against its start, else the last patch."""
+def diff(root: Path, order: str, task: str) -> tuple[str, bytes | Path]:
+    """(where it comes from, patch): the running (or kept) worktree against its start, else the last patch kept,
+    as its file (to be read a chunk at a time: a worker may have left gigabytes, or a sparse terabyte, there)."""
     patches = sorted(patch_path(root, order, task, 0).parent.glob(f"{component(task)}.*.patch"),
                      key=lambda p: int(p.name.rsplit(".", 2)[-2]))
     tree = worktree_path(root, order, task)
@@ -423,9 +424,6 @@ def diff(root: Path, order: str, task: str) -> tuple[str, bytes]:
         if base is not None:
             return f"worktree {tree}", repo.patch(base, repo.capture(tree, scratch(root), None, ""))
     if patches:
-        try:
-            return str(patches[-1]), read_bytes(patches[-1])
-        except OSError as exc:
-            raise WorkspaceError(f"cannot read the patch {patches[-1]}: {exc.strerror}") from None
+        return str(patches[-1]), patches[-1]
     raise WorkspaceError(f"{order}/{task}: no changes recorded; only a task that ran with workspace: worktree "
                          "has them")
