@@ -77,7 +77,7 @@ def _serve(jobs: queue.SimpleQueue[Pending]) -> None:
         jobs.get().run()
 
 
-class _Fsync:
+class NativeFsync:
     """fsync(fd) running in a native thread; result() joins it, closes fd, and raises OSError if it failed (EIO
     is said: the thread's errno is its own, and a failed fsync is a failure whatever its cause)."""
 
@@ -100,7 +100,8 @@ class _Fsync:
             raise OSError(5, "fsync failed")
 
 
-_native: list = []  # [libc, fsync's address], or [None] where fsync cannot run as a thread's start routine
+Synced = NativeFsync | Pending  # what fsync_later() gives: result() waits for the fsync
+_native: list = []  # [libc, fsync's address], or [None, 0] where fsync cannot run as a thread's start routine
 
 
 def _fsync_start() -> tuple[ctypes.CDLL | None, int]:
@@ -122,13 +123,13 @@ def _fsync_start() -> tuple[ctypes.CDLL | None, int]:
     return _native[0], _native[1]
 
 
-def fsync_later(fd: int) -> _Fsync | Pending:
+def fsync_later(fd: int) -> Synced:
     """fsync `fd` while the caller goes on, then close it: the result's result() waits for that and raises OSError
     if the fsync failed. `fd` is the callee's from now on."""
     libc, start = _fsync_start()
     if libc is not None:
         try:
-            return _Fsync(fd, libc, start)
+            return NativeFsync(fd, libc, start)
         except OSError:  # no thread to be had (a limit): the helper thread does it
             pass
     return in_background(lambda: _sync_and_close(fd), "disk")

@@ -114,7 +114,7 @@ def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[l
             sup.read_usage_ahead(rec)
             sup.ask_cluster(rec, sup.reaped.get(rec.key))
             if sup.reaped.get(rec.key) == 0 and rec.key not in sup.timed_out and (len(ended) > 1 or sup.view.ready):
-                # Its outcome's write is fsynced in the helper thread while this round starts others or records
+                # Its outcome's write is fsynced off this thread while this round starts others or records
                 # the other ends: where workers end faster than they are handed over (1000 `true`s on 2 workers),
                 # the run's thread waited for each of those fsyncs. (In a chain, with nothing else to do, the
                 # thread hand-off only cost: B2 CPU 1.06-1.09x in ab.py.)

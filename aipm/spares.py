@@ -38,7 +38,7 @@ import stat
 from contextlib import suppress
 from functools import lru_cache
 
-from aipm.offthread import Pending, fsync_later
+from aipm.offthread import Synced, fsync_later
 
 KEEP = 4  # spares per pool: one round of a run writes a few files
 _AT_FDCWD = -100
@@ -193,10 +193,10 @@ class Pool:
         with suppress(OSError):
             os.unlink(kept[0])
 
-    def write_ahead(self, data: bytes, mode: int, beside: str) -> tuple[str, Stamp, Pending] | None:
+    def write_ahead(self, data: bytes, mode: int, beside: str) -> tuple[str, Stamp, Synced] | None:
         """A file of the pool holding `data` (permissions `mode`): the next version of a file in the directory
         `beside`, written before its moment (writer.prepare). Its name and stamp for unchanged() (before it is
-        exchanged into place) or give_back(), and its fsync, run in the helper thread: its result() says the file
+        exchanged into place) or give_back(), and its fsync, run off this thread: its result() says the file
         is on disk (or raises), and must be had before the file is put in place. None where the pool's files may
         not replace those of `beside` (see replaces()).
 

@@ -61,7 +61,7 @@ class Starter:
         except OSError as exc:  # a full disk or a removed state directory while its lock file was made
             raise LaunchFailed(f"cannot lock its files: {exc.strerror or exc}") from None
         started_at = now()
-        if owner is not None:  # its status write's fsync runs in a helper thread during the steps up to that write
+        if owner is not None:  # its status write's fsync runs off this thread during the steps up to that write
             self.prepare_start(task, started_at)
         attempt = task.attempts + 1
         number = rt.next_number(order.id, task.id, attempt)

@@ -25,7 +25,7 @@ from aipm import durable, flatyaml
 from aipm.errors import UserError, ValidationError
 from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task, evolve
 from aipm.patch import Unpatchable, patch
-from aipm.offthread import Pending
+from aipm.offthread import Synced
 from aipm.fields import managed_values
 from aipm.spares import Pool, Stamp, exchange as swap, fill, in_tree, stamp
 from aipm.store import DuplicateKey, Identity, load_yaml, parse_task, read_versioned, remember
@@ -293,7 +293,7 @@ class _Ahead:
     fresh: Task
     name: str  # in the pool
     written: Stamp  # of the prepared file
-    synced: Pending  # its fsync (in the helper thread): done before it is put in place
+    synced: Synced  # its fsync (offthread.fsync_later): done before it is put in place
     spares: Pool
     root: Path
 
@@ -403,7 +403,7 @@ def _write_ahead_of_time(path: Path, updates: Mapping[str, Any] | Callable[[Task
 
 
 def _drop(ahead: _Ahead) -> None:
-    if ahead.on_disk():  # (closed: a spare still open in the helper thread would fail its reuse's lease check)
+    if ahead.on_disk():  # (closed: a spare still open for its fsync would fail its reuse's lease check)
         ahead.spares.give_back(ahead.name, ahead.written)
     else:
         with suppress(OSError):

@@ -65,7 +65,7 @@ def test_a_prepared_version_is_what_the_write_installs(project):
 
 
 def test_a_prepared_version_whose_fsync_failed_is_never_put_in_place(project, monkeypatch):
-    """A version written ahead is fsynced in the helper thread; the write that uses it waits for that fsync, and one
+    """A version written ahead is fsynced off the run's thread; the write that uses it waits for that fsync, and one
     that failed (EIO: the disk) is dropped and the write made as usual, its own fsync and all: the file put in place
     is never one whose bytes may not be on disk."""
     from aipm.offthread import Pending
@@ -73,7 +73,7 @@ def test_a_prepared_version_whose_fsync_failed_is_never_put_in_place(project, mo
     path = _queued(project)
     writer.prepare(path, lambda task: start_updates(task, STAMP), Status.QUEUED, project.root)
     ahead = writer._ahead[str(path)]
-    assert ahead.on_disk()  # its own fsync, done in the helper thread
+    assert ahead.on_disk()  # its own fsync, done off this thread
 
     def failed():
         raise OSError(5, "Input/output error")
