@@ -61,6 +61,8 @@ def test_the_native_way_starts_no_python_thread(tmp_path):
     before = {t.ident for t in threading.enumerate()}
     fds = [os.open(tmp_path / f"f{i}", os.O_RDWR | os.O_CREAT, 0o644) for i in range(20)]
     pending = [offthread.fsync_later(fd) for fd in fds]
+    # (a "disk" helper another test started would be in `before`: what each call gave says which way it went)
+    assert all(isinstance(synced, offthread.NativeFsync) for synced in pending)
     assert {t.ident for t in threading.enumerate()} == before
     for synced in pending:
         synced.result()

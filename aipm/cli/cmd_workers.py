@@ -251,11 +251,7 @@ def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: boo
     An owner stopped (Ctrl-Z) after its worker ended holds the attempt's end until it goes on: said once."""
     told = False
     while True:
-        chunk = handle.read(65536)
-        if chunk:
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
-            continue
+        copy_out(handle)
         if not follow:
             return
         rec = rt.read_record(order_id, task_id)

@@ -88,9 +88,12 @@ def console(stderr: bool = False, width: int | None = None) -> Console:
 
 
 def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=_indent(), default=str) + "\n")
+
+
+def _indent() -> int | None:
     # Indented for a person at a terminal; compact for a pipe, where json's C encoder is many times faster.
-    indent = 2 if sys.stdout.isatty() else None
-    sys.stdout.write(json.dumps(data, indent=indent, default=str) + "\n")
+    return 2 if sys.stdout.isatty() else None
 
 
 # What a log or patch is copied out by: never whole in memory, a worker's file may be gigabytes (or a sparse terabyte)
@@ -105,10 +108,10 @@ def copy_out(handle: BinaryIO) -> None:
 
 
 def print_json_text(data: dict, key: str, handle: BinaryIO) -> None:
-    """print_json(`data` and, last, `key`: the rest of `handle` as text, UTF-8 with errors replaced), that text
-    encoded a chunk at a time (the same JSON: a string's escapes are those of its characters one by one)."""
-    indent = 2 if sys.stdout.isatty() else None
-    whole = json.dumps({**{k: v for k, v in data.items() if k != key}, key: ""}, indent=indent, default=str)
+    """print_json(`data` and, last, `key` (not in `data`): the rest of `handle` as text, UTF-8 with errors
+    replaced), that text encoded a chunk at a time (the same JSON: a string's escapes are those of its characters
+    one by one)."""
+    whole = json.dumps({**data, key: ""}, indent=_indent(), default=str)
     at = whole.rindex('""') + 1  # the empty value of the last key
     sys.stdout.write(whole[:at])
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
