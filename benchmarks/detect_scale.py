@@ -12,6 +12,9 @@ worker, i.e. stale and holding their files) and times `aipm detect ORDER --json`
 
 The warm output must equal the cold output byte for byte (else the run fails).
 
+Also `aipm status ORDER` (its table, COLUMNS=120, into a pipe), warm: the command a person polls on a big order
+(issue 17 names detect and status), held to the warm target.
+
 Peer (reference): `ninja -n` on a build.ninja with the same graph (one edge per task, its dependencies as
 order-only inputs): parse + plan without running. Also shown: `aipm --help`, the fixed start-up floor.
 
@@ -73,7 +76,7 @@ def generate(root: Path, n: int, seed: int = 1) -> Path:
 
 
 def best_of(cmd: list[str], cwd: Path, repeat: int, check_json: int | None = None,
-            before=None) -> tuple[float, int, bytes]:
+            before=None, env: dict | None = None) -> tuple[float, int, bytes]:
     """Best wall time of `repeat` runs (calling `before()` ahead of each), exit code and the last output."""
     times = []
     rc = 0
@@ -82,7 +85,7 @@ def best_of(cmd: list[str], cwd: Path, repeat: int, check_json: int | None = Non
         if before is not None:
             before()
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.run(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
         times.append(time.perf_counter() - t0)
         rc, out = proc.returncode, proc.stdout
         if rc != 0:
@@ -145,6 +148,12 @@ def main() -> int:
                 print(f"aipm detect on {n} tasks: warm output differs from cold (exit {rc})")
                 ok = False
                 continue
+            t_status, src, _ = best_of(aipm + ["--root", str(root), "status", "SCALE"], root, repeat,
+                                       env={**os.environ, "COLUMNS": "120"})
+            if src != 0:
+                print(f"aipm status on {n} tasks failed (exit {src})")
+                ok = False
+                continue
             t_ninja = None
             if have_ninja:
                 t_ninja, nrc, _ = best_of(["ninja", "-n"], root, repeat)
@@ -153,17 +162,18 @@ def main() -> int:
             cold_target, warm_target = TARGETS.get(n, (None, None))
             rows.append([
                 f"{n:,}", f"{gen:.1f}", f"{t_cold:.3f}", "yes" if has_cache else "no", f"{t_warm:.3f}", f"{t_warm / n * 1e6:.0f}",
+                f"{t_status:.3f}",
                 "-" if t_ninja is None else f"{t_ninja:.3f}",
                 "-" if t_ninja is None else f"{t_cold / t_ninja:.1f}x",
                 "-" if t_ninja is None else f"{t_warm / t_ninja:.1f}x",
                 "-" if cold_target is None else f"< {cold_target:g} / < {warm_target:g}",
-                f"{verdict(t_cold, cold_target)} / {verdict(t_warm, warm_target)}",
+                f"{verdict(t_cold, cold_target)} / {verdict(t_warm, warm_target)} / {verdict(t_status, warm_target)}",
             ])
             C.keep_or_remove(root)
         print(f"aipm --help (start-up floor): {floor:.3f} s")
         print(C.table(
-            ["tasks", "gen s", "cold s", "cache", "warm s", "warm µs/task", "ninja -n s", "cold/ninja", "warm/ninja",
-             "target cold / warm s", "verdict cold / warm"], rows
+            ["tasks", "gen s", "cold s", "cache", "warm s", "warm µs/task", "status s", "ninja -n s", "cold/ninja",
+             "warm/ninja", "target cold / warm s", "verdict cold / warm / status"], rows
         ))
     finally:
         C.keep_or_remove(work)

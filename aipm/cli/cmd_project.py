@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from aipm.cli import grid
 from aipm.cli.decl import Argument, Exit, Option, command
 
 from aipm import budget, parsecache, readers
 from aipm.board import as_seen, order_totals, task_row
 from aipm.advice import stray_files, unenforced_budget, warnings
-from aipm.cli.common import (UNLIMITED, JsonOpt, console, get_project, json_option, print_json, project_root,
+from aipm.cli.common import (JsonOpt, console, get_project, json_option, print_json, project_root,
                              read_only, warn)
 from aipm.errors import UserError, ValidationError
 from aipm.model import DEAD_END, FINISHED_OK, status_summary
@@ -181,50 +182,42 @@ def status(
     cost = budget.recorded(loaded)
     unreported = budget.unreported(loaded)
     limit = budget.of(loaded, settings.max_cost_usd)
-    from rich.markup import escape
-    from rich.table import Table
-    from rich.text import Text
-
-    table = Table(title=escape(f"Order {loaded.id}" + (f" — {loaded.title}" if loaded.title else "")))
     costs = (any(t.cost_usd is not None or t.cost_unreported_usd or t.max_cost_usd is not None for t in tasks)
              or limit is not None)  # else dashes
     reasons = any(t.reason for t in tasks)  # else an empty column, taking the width the paths need
-    columns = ["task", "status", "pri", "depends on", "target files", "tries", "reworks"]
     # A path keeps up to 30 characters on a line, so that the other columns (dependencies wrap at their commas)
-    # give way first on a narrow terminal.
+    # give way first on a narrow terminal; a path longer than its cell breaks across lines instead of being cut
+    # off; a status is one word, never broken (`IN_PROGR` / `ESS`).
     paths = min(30, max((len(path) for t in tasks for path in t.target_files), default=0))
-    for col in columns + ["reason"] * reasons + ["cost"] * costs:
-        # fold: a path longer than its cell breaks across lines instead of being cut off with an ellipsis; a
-        # status is one word, never broken (`IN_PROGR` / `ESS`)
-        table.add_column(col, overflow="fold", no_wrap=wide or col == "status",
-                         min_width=paths if col == "target files" else None)
-    def dependency(d: str) -> str:
+    names = ["task", "status", "pri", "depends on", "target files", "tries", "reworks"]
+    table = grid.Grid([grid.Column(name, no_wrap=wide or name == "status",
+                                   min_width=paths if name == "target files" else None)
+                       for name in names + ["reason"] * reasons + ["cost"] * costs],
+                      title=f"Order {loaded.id}" + (f" — {loaded.title}" if loaded.title else ""))
+
+    def dependency(d: str) -> tuple[str, str]:
         """A dependency as it stands: finished, waited on (…), or never finishing (✗)."""
         dep = loaded.tasks.get(d)
         if dep is not None and dep.status in FINISHED_OK:
-            return escape(d)
+            return d, ""
         if dep is not None and (dep.status in DEAD_END or d in behind):
-            return f"[red]{escape(d)}✗[/]"
-        return f"[bold]{escape(d)}…[/]"
+            return f"{d}✗", "red"
+        return f"{d}…", "bold"
 
     for t in tasks:
-        deps = ", ".join(dependency(d) for d in t.depends_on)
-        row = [escape(t.id), f"[{STATUS_STYLE[t.status.value]}]{t.status.value}[/]", t.priority.value, deps,
-               escape("\n".join(t.target_files)), f"{t.tries}/{attempt_limit(t, settings)}",
-               f"{t.rework_rounds}/{rework_limit(t, settings)}", *[Text(t.reason or "")] * reasons]
+        deps = [run for n, d in enumerate(t.depends_on) for run in ([(", ", "")] if n else []) + [dependency(d)]]
+        row = [t.id, [(t.status.value, STATUS_STYLE[t.status.value])], t.priority.value, deps,
+               "\n".join(t.target_files), f"{t.tries}/{attempt_limit(t, settings)}",
+               f"{t.rework_rounds}/{rework_limit(t, settings)}", *[t.reason or ""] * reasons]
         cell = "-" if t.cost_usd is None else budget.usd(t.cost_usd)
         if t.cost_unreported_usd:  # attempts killed before reporting their cost: at most their caps more
             cell += f" (+ up to {budget.usd(t.cost_unreported_usd)})"
         if t.max_cost_usd is not None:  # its own budget: QUEUED for good once reached, which the status cannot say
             cell += f" of {budget.usd(t.max_cost_usd)}" + (" (reached)" if budget.task_reached(t) else "")
         table.add_row(*row, *[cell] * costs)
-    out = console(width=UNLIMITED if wide else None)
-    out.print(table)
     line = status_summary(loaded)
     if cost is not None or unreported or limit is not None:
         line += "; cost " + budget.spent_text(cost, unreported)
     if limit is not None:
         line += f" of max_cost_usd {budget.usd(limit.limit)}" + (" (reached)" if limit.reached else "")
-    out.print(line)
-    for note in never_run_notes(loaded):
-        out.print(note, markup=False)
+    grid.print_lines([*table.lines(grid.fitting(wide), grid.Styles.of()), line, *never_run_notes(loaded)])
