@@ -65,7 +65,8 @@ def test_no_command_imports_pydantic_not_even_through_typer(project):
     more for each command that goes through Typer (`ps` 190 -> 340 ms, `validate` 150 -> 250 ms). pyproject keeps
     Typer below it; this fails if an upgrade brings it back."""
     write_task(project.order(), "A", command="true", target_files=["a.txt"])
-    for args in (("ps",), ("validate", "ORD"), ("why", "ORD/A"), ("--help",), ("run", "--help")):
+    for args in (("ps", "--"), ("validate", "--", "ORD"), ("why", "--", "ORD/A"), ("locks", "--"), ("--help",),
+                 ("run", "--help")):
         proc, modules = modules_of(project, *args)
         assert proc.returncode == 0, (args, proc.stderr)
         assert "typer.main" in modules and "pydantic" not in modules, args
@@ -93,6 +94,33 @@ def test_the_polled_form_skips_typer_and_answers_exactly_as_typer_does(project):
             assert (proc.returncode, proc.stdout) == (typer_proc.returncode, typer_proc.stdout)
             assert proc.stderr.split("MODULES")[0] == typer_proc.stderr.split("MODULES")[0]
             assert proc.returncode == (2 if name == "NOPE" else 0)
+
+
+def test_the_looking_commands_skip_typer_and_answer_exactly_as_typer_does(project):
+    """`ps`, `locks`, `validate ORDER` and `why ORDER/TASK` (a person's commands, typed while a run goes on) skip
+    Typer too: the same bytes and exit code as through Typer (`--` sends a form there), errors included."""
+    order = project.order()
+    write_task(order, "A", command="true", target_files=["a.txt"])
+    write_task(order, "B", command="true", target_files=["a.txt"], depends_on=["A"])
+    (order / "BAD.yaml").write_text("id: BAD\ncommand: true\npriority: P9\n")
+    def typer_form(args: tuple) -> tuple:  # its options, then `--`, then its arguments
+        options = tuple(a for a in args[1:] if a.startswith("-"))
+        return (args[0], *options, "--", *(a for a in args[1:] if not a.startswith("-")))
+
+    forms = [("ps",), ("ps", "--json"), ("locks",), ("locks", "--json"), ("validate", "ORD"), ("validate",),
+             ("why", "ORD/B"), ("why", "ORD/NOPE"), ("why", "ORD/B", "--json")]
+    calls = [form for args in forms for form in (args, typer_form(args))]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        results = dict(zip(calls, pool.map(lambda call: modules_of(project, *call), calls)))
+    for args in forms:
+        proc, modules = results[args]
+        typer_proc, typer_modules = results[typer_form(args)]
+        assert "typer" not in modules and "typer.main" in typer_modules, args
+        assert (proc.returncode, proc.stdout) == (typer_proc.returncode, typer_proc.stdout), args
+        assert proc.stderr.split("MODULES")[0] == typer_proc.stderr.split("MODULES")[0], args
+    assert results[("validate", "ORD")][0].returncode == 2 and "P9" in results[("validate", "ORD")][0].stderr
+    assert results[("why", "ORD/B")][0].returncode == 2 and "BAD.yaml" in results[("why", "ORD/B")][0].stderr
+    assert results[("ps", "--json")][0].stdout == '{"workers": []}\n'  # (not the usage error of `ps -- --json`)
 
 
 def test_run_in_a_plain_form_skips_typer_rich_and_filelock_and_ends_as_typer_does(project):

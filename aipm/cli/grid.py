@@ -19,8 +19,6 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
-from rich.cells import cell_len, chop_cells
-
 Runs = Sequence[tuple[str, str]]  # (text, style) runs of one cell; style: Rich style words such as "bold red"
 Cell = str | Runs
 
@@ -151,6 +149,8 @@ def _cells(text: str) -> int:
 
 @functools.lru_cache(maxsize=4096)
 def _char_cells(char: str) -> int:
+    from rich.cells import cell_len  # (Rich's table of widths: loaded only for text that is not ASCII)
+
     return cell_len(char)
 
 
@@ -168,7 +168,7 @@ def _wrap(runs: Runs, width: int, wrap: bool) -> list[Runs]:
     cuts: list[int] = []  # offsets where a line ends (its trailing spaces dropped when shown)
     at = 0
     for line in text.split("\n"):
-        if wrap and width > 0 and cell_len(line) > width:
+        if wrap and width > 0 and _cells(line) > width:
             cuts += [at + b for b in _breaks(line, width)]
         at += len(line) + 1
         cuts.append(at - 1)
@@ -185,22 +185,35 @@ def _breaks(line: str, width: int) -> list[int]:
     used = 0
     for match in _WORD.finditer(line):
         start, word = match.start(), match.group(0)
-        length = cell_len(word.rstrip())
+        length = _cells(word.rstrip())
         if width - used >= length:
-            used += cell_len(word)
+            used += _cells(word)
         elif length > width:
-            pieces = chop_cells(word, width)
+            pieces = _chop(word, width)
             for n, piece in enumerate(pieces):
                 if start:
                     breaks.append(start)
                 if n == len(pieces) - 1:
-                    used = cell_len(piece)
+                    used = _cells(piece)
                 else:
                     start += len(piece)
         elif used and start:
             breaks.append(start)
-            used = cell_len(word)
+            used = _cells(word)
     return breaks
+
+
+def _chop(word: str, width: int) -> list[str]:
+    """`word` in pieces of `width` cells (a wide character that would straddle the edge starts the next)."""
+    pieces, piece, used = [], "", 0
+    for char in word:
+        size = _cells(char)
+        if used + size > width and piece:
+            pieces.append(piece)
+            piece, used = "", 0
+        piece += char
+        used += size
+    return [*pieces, piece] if piece else pieces
 
 
 def _slice(runs: Runs, start: int, end: int) -> list[tuple[str, str]]:
