@@ -7,7 +7,8 @@ new. The run says so once per limit, and once the new limit is reached (an attem
 put at or below what is spent) it stops the order's capped attempts it owns, as a preemption does (QUEUED again,
 attempt not counted): each counts what it reported, or its cap if it reported nothing (budget.py), and nothing
 more is spent. Attempts another aipm owns are named, for `aipm cancel` (their owner stops them too, unless it is
-stopped itself, or older). The `max_cost_usd` setting (the budget of orders whose order.yaml sets none) is read
+stopped itself, or older). Each event is also told to the notify command (`tell`: BUDGET_LOWERED), once however
+many owners find it. The `max_cost_usd` setting (the budget of orders whose order.yaml sets none) is read
 again when the project's settings file changes (`follow_setting`), so lowering it there applies too.
 
 A task's own `max_cost_usd` lowered while its attempt runs is the same (`past_task_limit`): the attempt's cap was
@@ -15,7 +16,7 @@ what the old limit left. It is said once per limit, and the attempt is stopped i
 (nothing more may be spent); else it may spend less than its cap, and `aipm cancel` is the user's to choose.
 
 The detached owner of a capped attempt (`aipm launch`: work.py) does all this for its own attempt (`Detached`),
-saying it where its events go: the attempt's log, and the notify command.
+saying it in the attempt's log.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ _SETTINGS_FILES = ("aipm.yaml", "pyproject.toml")
 def past_budget(sup: "Supervisor", order: Order, records: Iterable[Record], told: set[str]) -> list[dict]:
     """The events of a budget its running attempts (of the worker `records`) may pass (`budget` events, each said
     once: `told`), after stopping the attempts this run owns when it is reached."""
-    records = [r for r in records if r.order == order.id and r.phase == "work" and r.cost_cap]
+    records = _capped(order, records)
     if not records:
         return []  # the common case, read from the round's records alone: nothing capped runs
     events = [event for r in records for event in past_task_limit(sup, order, r, told)]
@@ -76,7 +77,8 @@ def past_budget(sup: "Supervisor", order: Order, records: Iterable[Record], told
     if detail in told:
         return events
     told.add(detail)
-    return [*events, {"event": "budget", "order": order.id, "detail": detail}]
+    return [*events, {"event": "budget", "order": order.id, "detail": detail, "max_cost_usd": spend.limit,
+                      "reached": spend.reached}]
 
 
 def past_task_limit(sup: "Supervisor", order: Order, rec: Record, told: set[str]) -> list[dict]:
@@ -93,7 +95,8 @@ def past_task_limit(sup: "Supervisor", order: Order, rec: Record, told: set[str]
     before = round((rec.counters.get("cost_usd") or 0.0) + (rec.counters.get("cost_unreported_usd") or 0.0), 6)
     if round(task.max_cost_usd - before - rec.cost_cap, 6) >= 0:
         return []  # its cap fits in the limit
-    if round(task.max_cost_usd - before, 6) > 0:
+    reached = round(task.max_cost_usd - before, 6) <= 0
+    if not reached:
         detail = (f"its max_cost_usd {budget.usd(task.max_cost_usd)} is below its cost ({budget.usd(before)}) plus "
                   f"what its running attempt may still spend ({budget.usd(rec.cost_cap)}: its cap, given under the "
                   f"limit it started with); `aipm cancel {task.id}` stops it, counting its cap")
@@ -108,7 +111,33 @@ def past_task_limit(sup: "Supervisor", order: Order, rec: Record, told: set[str]
     if f"{task.id}: {detail}" in told:
         return []
     told.add(f"{task.id}: {detail}")
-    return [{"event": "budget", "order": order.id, "task": task.id, "detail": detail}]
+    return [{"event": "budget", "order": order.id, "task": task.id, "detail": detail,
+             "max_cost_usd": task.max_cost_usd, "reached": reached}]
+
+
+def tell(sup: "Supervisor", order: Order, records: Iterable[Record], event: dict) -> None:
+    """Send a `budget` event of past_budget's (or past_task_limit's) to the notify command (BUDGET_LOWERED), as
+    every owner that follows the budget finds it (`run`, the detached owners of `aipm launch`): once per change of
+    the limit (its value, whether it is reached, the attempts it concerns), by the first owner to find it."""
+    if event["event"] != "budget" or sup.settings.notify is None:
+        return
+    task = event.get("task")
+    running = [f"{r.task}.{r.serial}" for r in _capped(order, records) if task in (None, r.task)]
+    said = f"{task or ''} {event['max_cost_usd']} {'reached' if event['reached'] else 'below'}"
+    try:
+        with sup.rt.launch_lock():
+            first = sup.rt.first_to_tell_of(order.id, said, running)
+    except OSError:
+        first = True  # a full state directory: told, perhaps twice, rather than not at all
+    if first:
+        where = f"{order.id}/{task}" if task else order.id
+        notify.send(sup.settings, sup.rt, notify.BUDGET, "BUDGET_LOWERED", f"{where}: {event['detail']}",
+                    AIPM_ORDER_ID=order.id, **({"AIPM_TASK_ID": task} if task else {}))
+
+
+def _capped(order: Order, records: Iterable[Record]) -> list[Record]:
+    """The order's running capped attempts (their agents hold a share of the budget: Record.cost_cap)."""
+    return [r for r in records if r.order == order.id and r.phase == "work" and r.cost_cap]
 
 
 def follow_setting(sup: "Supervisor", seen: list) -> list[dict]:
@@ -192,8 +221,4 @@ class Detached:
         for event in [*follow_setting(self.sup, self.seen), *past_budget(self.sup, order, records, self.told)]:
             for log in logs:
                 append_log(log, plain_line(event))
-            if event["event"] == "budget":
-                task = {"AIPM_TASK_ID": event["task"]} if event.get("task") else {}
-                where = f"{order.id}/{event['task']}" if task else order.id
-                notify.send(self.sup.settings, self.sup.rt, notify.BUDGET, "BUDGET_LOWERED",
-                            f"{where}: {event['detail']}", AIPM_ORDER_ID=order.id, **task)
+            tell(self.sup, order, records, event)

@@ -249,6 +249,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             for event in [*budgetstop.follow_setting(sup, settings_seen),
                           *budgetstop.past_budget(sup, order, report.records, past_told)]:
                 emit(event)
+                budgetstop.tell(sup, order, report.records, event)
             for blocked in report.plan.spent:
                 if blocked.id not in spent_told:  # once per task and run, as the order's budget
                     spent_told.add(blocked.id)

@@ -291,6 +291,22 @@ class Runtime(CancelMarks, AttemptFiles):
         self._state_write(path, end)
         return True
 
+    def first_to_tell_of(self, order: str, said: str, running: list[str]) -> bool:
+        """Whether no one told `said` (budgetstop.tell) while the order's `running` attempts ran; noted as told if
+        so. Under the launch lock: every owner of the order's attempts finds a lowered budget at once. What was told
+        while attempts ran none of which runs now is forgotten (a budget lowered again, another day, is told again)."""
+        path = self.state / "told-budget" / _safe(order)
+        try:
+            told = json.loads(read_small(str(path)))
+        except (OSError, ValueError):
+            told = {}  # none yet, or cut short by a crash: told, perhaps twice
+        told = {k: v for k, v in told.items() if isinstance(v, list) and set(running).intersection(map(str, v))} \
+            if isinstance(told, dict) else {}
+        if said in told:
+            return False
+        self._state_write(path, json.dumps({**told, said: running}))
+        return True
+
 
 def read_exit_file(path: str) -> int | None:
     """The exit code a worker's wrapper recorded, or None when it never got that far. The compiled wrapper writes

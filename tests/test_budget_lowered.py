@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import no_workers, wait_for, write_task
+from conftest import no_workers, state, wait_for, write_task
+from invariants import pid_alive
 from test_agents import agent_env, journal
 
 
@@ -202,6 +203,7 @@ def test_a_budget_lowered_while_launch_runs_is_said_in_the_logs_and_stops_the_at
     try:
         assert project.aipm("launch", "ORD", env=agent_env(project)).returncode == 0
         wait_for(lambda: len(journal(project)) == 2)  # both agents run, capped at $0.50 each
+        owners = owner_pids(project)
         launched(project, 0.3, where)
         logs = project.root / ".aipm" / "logs" / "ORD"
         below = f"max_cost_usd $0.3000 ({'order.yaml' if where == 'order.yaml' else 'setting max_cost_usd'}) is below"
@@ -218,7 +220,10 @@ def test_a_budget_lowered_while_launch_runs_is_said_in_the_logs_and_stops_the_at
     assert (b["status"], b.get("attempts", 0), b["cost_unreported_usd"]) == ("QUEUED", 0, 0.5), b
     assert sorted(j["task"] for j in journal(project)) == ["A", "B"]  # B never ran again
     notes = project.root / "notes.txt"  # (its command runs detached: each line lands when it has run)
-    wait_for(lambda: notes.exists() and notes.read_text().count("budget BUDGET_LOWERED") == 3)  # A's, B's, B's stop
+    wait_for(lambda: notes.exists() and notes.read_text().count("budget BUDGET_LOWERED") == 2)  # the lowering, B's stop
+    wait_for(lambda: not any(map(pid_alive, owners)))
+    told = lowered_told(project)  # both owners found the lowering: told once, and B's stop by B's owner
+    assert len(told) == 2 and " is below " in told[0] and "stopped B" in told[1], told
 
 
 def test_a_tasks_own_limit_lowered_to_its_cost_while_launch_runs_stops_the_attempt(project, gate):
@@ -238,3 +243,60 @@ def test_a_tasks_own_limit_lowered_to_its_cost_while_launch_runs_stops_the_attem
     a = yaml.safe_load(path.read_text())
     assert (a["status"], a.get("attempts", 0), a["cost_unreported_usd"]) == ("QUEUED", 0, 0.7), a
     assert len(journal(project)) == 1
+
+
+def owner_pids(project) -> list[int]:
+    """The owners of the order's running attempts, as their records name them."""
+    import json
+
+    return [json.loads(path.read_text())["owner_pid"] for path in (state(project.root) / "workers").rglob("*.json")]
+
+
+def lowered_told(project) -> list[str]:
+    """The BUDGET_LOWERED notices sent, as the sender noted each in `.aipm/notify.log` (before the command ran)."""
+    log = project.root / ".aipm" / "notify.log"
+    return [line for line in log.read_text().splitlines() if "budget BUDGET_LOWERED:" in line] if log.exists() else []
+
+
+def test_a_budget_lowered_mid_run_is_told_to_the_notify_command_as_launch_tells_it(project, gate):
+    """`aipm run` printed the lowered budget and its stop, and told the notify command nothing of either (a detached
+    owner of `aipm launch` tells it). Now the same notices: AIPM_EVENT budget, AIPM_STATUS BUDGET_LOWERED."""
+    launched(project, 1, "order.yaml")
+    with running(project, two_capped_attempts(project, gate)) as (run, out_path):
+        wait_for(lambda: len(journal(project)) == 2)
+        launched(project, 0.3, "order.yaml")
+        wait_for(lambda: "max_cost_usd $0.3000 (order.yaml) is below the order's cost" in out_path.read_text())
+        gate.touch()
+        assert run.wait(timeout=120) == 1
+    told = lowered_told(project)
+    assert len(told) == 2, told
+    (below,) = [line for line in out_path.read_text().splitlines() if " is below " in line]
+    assert told[0].endswith(f"budget BUDGET_LOWERED: {below.removeprefix('budget   ')}"), (told, below)
+    assert "ORD: budget reached" in told[1] and "stopped B" in told[1], told
+    notes = project.root / "notes.txt"
+    wait_for(lambda: notes.exists() and notes.read_text().count("budget BUDGET_LOWERED") == 2)
+
+
+def test_a_budget_lowered_under_four_detached_owners_is_told_once(project, gate):
+    """Four `aipm launch` owners, each of one capped attempt, all woken by the same edit of order.yaml: each told
+    the notify command of the lowering, four notices of one change. One now (the first owner to find it), while
+    each attempt's log still says it."""
+    (project.root / "aipm.yaml").write_text(
+        f"max_workers: 4\nworker:\n  agent: claude\nnotify: 'echo \"$AIPM_STATUS\" >> {project.root / 'notes.txt'}'\n")
+    (project.order() / "order.yaml").write_text("id: ORD\nmax_cost_usd: 1\n")
+    for task in "ABCD":  # capped at $0.25 each; $0.05 each spent in all: the lowered budget is never reached
+        write_task(project.order(), task, prompt=f"@cost 0.05\n@wait-for {gate}", target_files=[f"{task}.txt"])
+    try:
+        assert project.aipm("launch", "ORD", "--no-resource-monitoring", env=agent_env(project)).returncode == 0
+        wait_for(lambda: len(journal(project)) == 4)
+        owners = owner_pids(project)
+        assert len(set(owners)) == 4, owners
+        (project.order() / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.3\n")
+        logs = project.root / ".aipm" / "logs" / "ORD"
+        wait_for(lambda: all(" is below " in (logs / f"{t}.1.log").read_text() for t in "ABCD"))
+    finally:
+        gate.touch()
+    wait_for(lambda: not any(map(pid_alive, owners)))
+    told = lowered_told(project)
+    assert len(told) == 1 and "ORD: max_cost_usd $0.3000 (order.yaml) is below" in told[0], told
+    assert {yaml.safe_load((project.order() / f"{t}.yaml").read_text())["status"] for t in "ABCD"} == {"DONE"}
