@@ -51,6 +51,9 @@ class Record:
     # The order budget's limit when that cap was given (None: no order budget): a limit below it now was lowered
     # since, which the caps may not fit (budgetstop); a cap merely passed by the turn in flight is no lowering.
     cost_limit: float | None = None
+    # How much of the review's log (`<TASK>.<n>.review.log`) was read for what its reviewers cost
+    # (spending.settle_review): a review stopped, its cost counted, then run again appends to the same log.
+    review_read: int = 0
     agent: str = "command"  # the preset that runs the work (aipm.agents), so its usage can be read at the end
     metered: bool = False  # its agent's output went through the meter (aipm.meter): usage is read from its copy only
     workspace: str = ""  # the task's git worktree ("" = it works in the shared project tree)

@@ -206,7 +206,7 @@ class Recording(Reviewing):
         if rec.workspace and rec.phase == "work":  # the retry's start, or `aipm recover`, removes its worktree
             confine.tidy(rec.log, rec.confined)
             append_log(rec.log, workspace.keep(self.rt.root, rec))
-        spent = spending.settle(self.rt, rec, task)[1] if rec.phase == "work" else {}
+        spent = spending.settle(self.rt, rec, task)[1]
         task = self._write(task, {"status": Status.INTERRUPTED, "finished_at": now(),
                                   "reason": outcome.interrupted("exit code lost"), **spent})
         self._drop(rec)

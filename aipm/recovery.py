@@ -206,7 +206,7 @@ def discard(rt: Runtime, rec: Record, code: int | None, why: str) -> str:
     went (an agent's: added to no task, its cost to the order's spending ledger) and a worktree attempt's changes
     kept. Returns the line, for the caller's output; the caller drops the record."""
     ran = rec.phase == "work" and rec.pid
-    usage = spending.settle(rt, rec, None)[0] if ran else None
+    usage = spending.settle(rt, rec, None)[0] if rec.pid else None  # (a review's cost goes to the ledger only)
     line = (f"attempt {rec.serial} (exit {code}) not recorded: {why}"
             + f"; its usage is added to no task, its cost still counts against the order's budget (see {rec.log})"
             * (usage is not None))
@@ -341,8 +341,9 @@ def interrupt(rt: Runtime, task: Task, rec: Record | None, why: str, count_attem
         # Put back under the attempt (QUEUED already): nothing to undo. INTERRUPTED: the second step is left.
         if task.status in RUNNING:
             # A stopped attempt (Ctrl-C, preempted, its owner gone) still cost what its agent reported so far, and
-            # one that reported nothing its cap, unless its Ray task was never submitted.
-            ran = rec is not None and rec.phase == "work" and rec.pid
+            # one that reported nothing its cap, unless its Ray task was never submitted; a stopped review what
+            # its reviewer reported.
+            ran = rec is not None and rec.pid
             spent = spending.settle(rt, rec, task, cluster.ran_nothing(rec.exit_file, rec.command))[1] if ran else {}
             counted = {"preemptions": task.preemptions + 1} if rec is not None and rec.preempted else {}
             task = update_task(path, {"status": Status.INTERRUPTED, "finished_at": now(),
@@ -365,10 +366,10 @@ def settle_cancelled(rt: Runtime, rec: Record, task: Task, write: Callable[[Task
     """A cancelled attempt's end, by its owner or, the owner dead, by the cancel: what its agent reported still
     cost (a claude attempt that reported nothing: its cap), and a worktree attempt's changes kept (a retry's start
     removes the worktree). `write` puts the usage in the task file; what it raises goes to the caller."""
-    if rec.phase == "work" and rec.pid:
+    if rec.pid:  # (a review's: what its reviewer reported)
         spent = spending.settle(rt, rec, task, cluster.ran_nothing(rec.exit_file, rec.command))[1]
         task = write(task, spent) if spent else task
-        if rec.workspace:
+        if rec.workspace and rec.phase == "work":
             confine.tidy(rec.log, rec.confined)  # first: an empty file made for a rule is no change of its own
             append_log(rec.log, workspace.keep(rt.root, rec))
     return task

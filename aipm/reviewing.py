@@ -27,7 +27,11 @@ class Reviewing:
     def _review_again(self, rec: Record, task: Task, event: dict) -> dict:
         """Run the review of this attempt again: its work is done and paid for, only the verdict is missing. Where
         the work can no longer be reviewed (recovery.cannot_review), the attempt is re-queued as before; with no
-        review command now (`--no-review`), the kept work ends as it would have without review."""
+        review command now (`--no-review`), the kept work ends as it would have without review. What the stopped
+        or lost reviewer reported it cost counts first, as a stopped attempt's does."""
+        spent = spending.settle_review(self.rt, rec, task)
+        if spent:
+            task = self._write(task, spent)
         why = recovery.cannot_review(rec)
         if why:
             self._requeue(rec, rec.stopping or "review lost")

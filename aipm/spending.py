@@ -53,7 +53,10 @@ _read: dict[str, "_Seen"] = {}  # path → the ledger as last read
 def settle(rt: Runtime, rec: Record, task: Task | None, exited: bool = False) -> tuple[agents.Usage | None, dict]:
     """agents.settle for the attempt of `rec` (its task `task` as its file says now; None: its outcome goes to no
     task, recovery.discard), and its cost noted in the ledger. Every end of an attempt goes through here, however
-    it ended: an attempt whose outcome is discarded still spent what it spent."""
+    it ended: an attempt whose outcome is discarded still spent what it spent. So does every end of its review
+    (settle_review: no usage, the updates)."""
+    if rec.phase == "review":
+        return None, settle_review(rt, rec, task)
     before = task.cost_unreported_usd if task is not None else None
     usage, updates = agents.settle(rec.agent, as_path(rec.log), task and task.cost_usd, task and task.tokens,
                                    rec.cost_cap, before, exited, rec.metered)
@@ -65,13 +68,23 @@ def settle(rt: Runtime, rec: Record, task: Task | None, exited: bool = False) ->
     return usage, updates
 
 
-def settle_review(rt: Runtime, rec: Record, task: Task) -> dict:
-    """The cost a review reported (a reviewer that runs an agent: agents.review_cost), noted in the ledger and said
-    in the attempt's log; the update of the task's `cost_usd` that adds it ({} when it said none)."""
-    cost = agents.review_cost(as_path(rec.log).with_suffix(".review.log"))
+def settle_review(rt: Runtime, rec: Record, task: Task | None) -> dict:
+    """The cost a review reported (a reviewer that runs an agent: agents.review_usage), noted in the ledger and said
+    in the attempt's log; the update of the task's `cost_usd` that adds it ({} when it said none, or for no task:
+    recovery.discard). However the review ended: a verdict, a timeout, or stopped or killed without one (then run
+    again: what its reviewer printed is counted once, `rec.review_read`, which the caller keeps in the record). A
+    reviewer's agent killed before it said its cost spent what aipm cannot see (a review has no cap): said so."""
+    usage, rec.review_read = agents.review_usage(as_path(rec.log).with_suffix(".review.log"), rec.review_read)
+    cost = usage and usage.cost_usd
+    if usage is not None and cost is None:
+        append_log(rec.log, f"review usage: cost unknown (its agent's session {usage.session_id} reported none: "
+                            "killed before its result?); not counted in the task's cost_usd or the order's budget")
     if not cost:
         return {}
     note(rt, rec, cost, 0.0, phase="review")
+    if task is None:
+        append_log(rec.log, f"review usage: cost ${cost:.4f} (added to no task; to the order's budget)")
+        return {}
     append_log(rec.log, f"review usage: cost ${cost:.4f} (added to the task's cost_usd and the order's budget)")
     total = round((task.cost_usd or 0.0) + cost, 6)
     return {"cost_usd": total} if total < agents.MAX_DOLLARS else {}

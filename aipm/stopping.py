@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import suppress
 
-from aipm import recovery, runner
+from aipm import recovery, runner, spending
 from aipm.errors import UserError
 from aipm.model import RUNNING, Status
 from aipm.paths import as_path
 from aipm.record import Record
+from aipm.restore import counters
 from aipm.runtime import read_exit_file
 from aipm.store import load_task
 from aipm.workerfiles import append_log
@@ -65,6 +67,10 @@ class Stopping:
             return False
         if recovery.cannot_review(rec, stopped=why):
             return False
+        spent = spending.settle_review(self.rt, rec, task)  # what the stopped reviewer reported (rec.review_read)
+        if spent:
+            with suppress(StaleWrite, UserError, OSError):  # (unwritten, the ledger's entry counts it)
+                rec.counters = counters(self._write(task, spent))  # the file's, or the next owner would put it back
         rec.owner_pid, rec.owner_ctime = 0, 0.0
         try:
             self.rt.write_record(rec)

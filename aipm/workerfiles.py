@@ -78,9 +78,15 @@ def _within(path: str | os.PathLike, size: int, limit: int | None) -> None:
 def read_end(path: str | os.PathLike, limit: int) -> bytes:
     """At most the last `limit` bytes of a regular file: a worker's sparse file of gigabytes under the name (a
     review's log, made before its reviewer appended to it) is not read whole into memory."""
+    return read_since(path, 0, limit)[0]
+
+
+def read_since(path: str | os.PathLike, start: int, limit: int) -> tuple[bytes, int]:
+    """read_end of what follows `start` in the file, and the offset it ends at."""
     with reading(path) as handle:
-        handle.seek(max(0, os.fstat(handle.fileno()).st_size - limit))
-        return handle.read(limit)
+        handle.seek(max(start, os.fstat(handle.fileno()).st_size - limit))
+        data = handle.read(limit)
+        return data, handle.tell()
 
 
 def reason_path(exit_file: str) -> str:

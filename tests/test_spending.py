@@ -3,11 +3,17 @@ to the task files that recorded it. Real runs with the stand-in `claude` (tests/
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import subprocess
+import sys
 
 import pytest
+import yaml
 
-from conftest import state, write_task
+from conftest import state, wait_for, write_task
+from invariants import pid_alive
 from test_agents import agent_env, journal
 
 # The worker that undoes A's record once A's cost is in its file: it deletes the file, or puts it back as git has
@@ -78,6 +84,81 @@ def test_a_reviewer_that_runs_an_agent_adds_its_cost_to_the_task_and_the_budget(
     assert (tasks["A"]["status"], tasks["A"]["cost_usd"], tasks["B"]["status"]) == ("COMPLETED", 0.15, "QUEUED")
     log = (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
     assert "review usage: cost $0.0500 (added to the task's cost_usd and the order's budget)" in log, log
+
+
+# A review running the stand-in claude, which reports the cost in `review-cost` and then (its verdict not given yet)
+# waits for `gate`, as a review whose tests hang after its agent's report would.
+LINGERING_REVIEWER = ("printf '@cost %s\\n' \"$(cat review-cost)\" | claude -p --output-format stream-json --verbose; "
+                      "test -e gate || exec sleep 600")
+
+
+def review_entries(project) -> list[float]:
+    """The costs the order's ledger holds of A's reviews."""
+    lines = (project.root / ".aipm" / "spent" / "ORD.jsonl").read_text().splitlines()
+    return sorted(entry["cost_usd"] for entry in map(json.loads, lines) if entry["phase"] == "review")
+
+
+@pytest.mark.parametrize("how", ["timeout", "cancel", "stop", "killed"])
+def test_a_reviewer_killed_after_its_report_counts_what_it_reported_once(project, gate, how):
+    """A claude reviewer killed without a verdict after it reported $0.05 (its owner's timeout, a stop of the run,
+    `aipm cancel`, SIGKILL of the run and then of the reviewer): cancelled, stopped or killed, its cost was counted nowhere, and the review run
+    again ($0.03) was counted as the larger of the two reports in its log. Now each reviewer's report counts once,
+    the stopped one's when it stops, as a stopped attempt's does."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    (project.root / "review-cost").write_text("0.05\n")
+    path = write_task(project.order(), "A", prompt="@cost 0.1", target_files=["a.txt"], review=LINGERING_REVIEWER,
+                      max_rework=0, **({"timeout": 3} if how == "timeout" else {}))
+    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    argv = [sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"]
+    run = subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        if how == "timeout":
+            assert run.wait(timeout=120) == 1
+            a = yaml.safe_load(path.read_text())
+            assert (a["status"], a["cost_usd"], review_entries(project)) == ("REJECTED", 0.15, [0.05]), a
+            return
+        review_log = project.root / ".aipm" / "logs" / "ORD" / "A.1.review.log"
+        wait_for(lambda: review_log.exists() and '"type": "result"' in review_log.read_text())
+        record = json.loads((state(project.root) / "workers" / "ORD" / "A.json").read_text())
+        if how == "cancel":
+            assert project.aipm("cancel", "A").returncode == 0
+            run.wait(timeout=60)
+            a = yaml.safe_load(path.read_text())
+            assert (a["status"], a["cost_usd"], review_entries(project)) == ("CANCELLED", 0.15, [0.05]), a
+            return
+        run.send_signal(signal.SIGTERM if how == "stop" else signal.SIGKILL)
+        run.wait(timeout=60)
+        if how == "killed":  # its owner gone, the reviewer is killed too: the next run finds no verdict
+            os.killpg(record["pgid"], signal.SIGKILL)
+            wait_for(lambda: not pid_alive(record["pid"]))
+        else:  # counted as it stops
+            a = yaml.safe_load(path.read_text())
+            assert (a["status"], a["cost_usd"], review_entries(project)) == ("IN_REVIEW", 0.15, [0.05]), a
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    (project.root / "review-cost").write_text("0.03\n")
+    gate.touch()
+    assert subprocess.run(argv, env=env, capture_output=True).returncode == 0
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a["cost_usd"], review_entries(project)) == ("COMPLETED", 0.18, [0.03, 0.05]), a
+
+
+def test_a_reviewer_killed_before_its_report_is_said_to_have_spent_unknown(project, gate):
+    """A claude reviewer killed by the timeout before its result spent what no line says (a review has no cap, as a
+    capped attempt has): nothing said it. Its log now says the cost is unknown and counted nowhere."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    reviewer = f"echo '@wait-for {gate}' | claude -p --output-format stream-json --verbose"
+    path = write_task(project.order(), "A", prompt="@cost 0.1", target_files=["a.txt"], review=reviewer,
+                      max_rework=0, timeout=3)
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
+    a = yaml.safe_load(path.read_text())
+    assert (a["status"], a["cost_usd"]) == ("REJECTED", 0.1), a
+    session = json.loads((project.root / ".aipm" / "logs" / "ORD" / "A.1.review.log").read_text().splitlines()[0])
+    (line,) = [line for line in (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text().splitlines()
+               if "] review usage:" in line]
+    assert f"cost unknown (its agent's session {session['session_id']} reported none" in line, line
 
 
 def test_a_ledger_is_read_as_it_grows_a_line_once_whole_and_an_entry_never_lowered(tmp_path):

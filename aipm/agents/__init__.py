@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from aipm.paths import Target
-from aipm.workerfiles import append_log, read_end, reading, write_bytes
+from aipm.workerfiles import append_log, read_since, reading, write_bytes
 
 COMMAND = "command"  # not a preset: the worker.command template (or the task's own command)
 NAMES = (COMMAND, "claude", "codex", "aider")
@@ -265,20 +265,21 @@ def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] 
 REVIEW_TAIL = 1 << 20  # bytes of a review's output read for its cost: where an agent's final report is
 
 
-def review_cost(log: Path) -> float | None:
-    """What a review command that runs an agent reported it cost, read from the end of its output (`log`) as each
-    preset that reports a cost reads its own: claude's result event (`--output-format json` or `stream-json`),
-    aider's cost lines. None for a reviewer that says no cost (most commands; claude's text output). Only the end:
-    it is read under the launch lock, and a reviewer running a test suite may print gigabytes."""
+def review_usage(log: Path, start: int = 0) -> tuple[Usage | None, int]:
+    """What a review command that runs an agent reported, read from the end of its output (`log`) as each preset
+    that reports a cost reads its own: claude's result event (`--output-format json` or `stream-json`), aider's
+    cost lines; else the session a claude (stream-json) began and did not report the cost of (killed before its
+    result). None for a reviewer that says neither (most commands; claude's text output). Only the end: it is read
+    under the launch lock, and a reviewer running a test suite may print gigabytes. Only what follows `start` (the
+    output of reviewers counted before: a review stopped, then run again, appends to the log), and the offset read
+    to, from which the next reviewer's is read."""
     try:
-        lines = read_end(log, REVIEW_TAIL).decode(errors="replace").splitlines(keepends=True)
+        data, end = read_since(log, start, REVIEW_TAIL)
     except OSError:
-        return None  # none, or the worker replaced it with what is not a file
-    for name in NAMES:
-        cost = preset(name).parse(iter(lines)).cost_usd if reports_cost(name) else None
-        if cost is not None:
-            return cost
-    return None
+        return None, start  # none, or the worker replaced it with what is not a file
+    lines = data.decode(errors="replace").splitlines(keepends=True)
+    read = [preset(name).parse(iter(lines)) for name in NAMES if reports_cost(name)]
+    return next((u for u in read if u.cost_usd is not None), next((u for u in read if u.session_id), None)), end
 
 
 def failure(usage: Usage | None) -> str | None:
