@@ -30,7 +30,7 @@ from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.scope import committed, out_of_scope
 from aipm.store import load_task, task_files
-from aipm.workerfiles import reading
+from aipm.workerfiles import read_git_file, reading
 
 _DIRS: dict[str, tuple[str, str] | None] = {}  # real root -> (git dir, common dir), or None outside a work tree
 
@@ -216,9 +216,8 @@ def _stamps(gitdir: str, common: str, ref: str) -> list:
 
 
 def _read(path: str) -> str:
-    """A small file of .git, "" when missing or no regular file (a worker may leave a FIFO there: never wait)."""
+    """A small file of .git, "" when missing or not one git wrote (a worker may leave a FIFO there: never wait)."""
     try:
-        with reading(path) as handle:
-            return handle.read(4096).decode("utf-8", "replace").strip()
+        return read_git_file(path)
     except OSError:
         return ""

@@ -32,7 +32,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from aipm.paths import GLOB_CHARS, literal_base
-from aipm.workerfiles import STATE_FILE_MAX, note_reason, read_bytes, reason, write_bytes
+from aipm.workerfiles import STATE_FILE_MAX, note_reason, read_bytes, read_git_file, reason, write_bytes
 
 # Test seam (like AIPM_FAKE_LOAD in resources.py): a Landlock ABI to report instead of asking the kernel;
 # "0" simulates a kernel without Landlock. Read only here.
@@ -260,15 +260,16 @@ def _git_dirs(real_root: str) -> list[str]:
         if os.path.isfile(dot_git):
             found = [dot_git]
             try:
-                with open(dot_git, errors="surrogateescape") as handle:  # (a path in any bytes)
-                    line = handle.readline().strip()
+                line = read_git_file(dot_git)
                 if line.startswith("gitdir:"):
                     named = os.path.realpath(os.path.join(directory, line[len("gitdir:"):].strip()))
                     found.append(named)
-                    with open(os.path.join(named, "commondir"), errors="surrogateescape") as handle:
-                        found.append(os.path.realpath(os.path.join(named, handle.readline().strip())))
+                    common = read_git_file(os.path.join(named, "commondir"))
+                    found.append(os.path.realpath(os.path.join(named, common)))
             except OSError:
-                pass  # no commondir: a submodule's own git directory, already listed
+                # no commondir: a submodule's own git directory, already listed; or what is not git's (a FIFO or a
+                # sparse file a worker left in place of `.git`): no git directory it names is known
+                pass
             return found
         if directory == "/":
             return []

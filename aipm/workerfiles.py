@@ -75,6 +75,22 @@ def _within(path: str | os.PathLike, size: int, limit: int | None) -> None:
         raise OSError(errno.EFBIG, f"over {limit} bytes (its worker made it)", str(path))
 
 
+# The most read of a small file of git's: `.git` of a worktree ("gitdir: <path>"), `commondir`, a worktree note's
+# `gitdir`, HEAD, a ref. Each is a line; a path is at most PATH_MAX (4 KiB) bytes.
+GIT_FILE_MAX = 64 << 10
+
+
+def read_git_file(path: str | os.PathLike) -> str:
+    """The text of a small file of git's that a worker can rewrite (its worktree's `.git`, the `commondir` or
+    `gitdir` of its worktree's note, HEAD), stripped. OSError when it is no regular file (a FIFO: never waited
+    for), over GIT_FILE_MAX (a sparse terabyte: never read whole) or holds a NUL byte (a sparse file's zeros
+    after a path: no path git wrote, and one that os calls refuse with ValueError, not OSError)."""
+    data = read_bytes(path, GIT_FILE_MAX)
+    if b"\0" in data:
+        raise OSError(errno.EINVAL, "a NUL byte in it (not git's)", str(path))
+    return data.decode("utf-8", "surrogateescape").strip()
+
+
 def read_end(path: str | os.PathLike, limit: int) -> bytes:
     """At most the last `limit` bytes of a regular file: a worker's sparse file of gigabytes under the name (a
     review's log, made before its reviewer appended to it) is not read whole into memory."""

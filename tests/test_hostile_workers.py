@@ -963,3 +963,59 @@ def test_a_streamed_log_as_json_is_the_json_of_the_whole_log(project):
     got = project.json("logs", "A")
     assert got["text"] == body.decode("utf-8", errors="replace")
     assert list(got) == ["order", "task", "attempt", "attempts", "log", "text"]
+
+
+# What each reader of git's small files makes of one a worker replaced: [commits.at_start(worktree) (HEAD as an
+# attempt starts), confine._git_dirs(worktree) (the git directories its rules keep shut), ownrefs.isolated(note),
+# the worktrees Repo._notes() names].
+_GIT_FILE_READERS = """
+import json, os, sys
+from pathlib import Path
+from aipm import commits, confine
+from aipm.workspace import ownrefs
+from aipm.workspace.repo import Repo
+main, tree, note = (Path(p) for p in sys.argv[1:])
+start = commits.at_start(tree)
+print(json.dumps([start[:2] if start else start, confine._git_dirs(os.path.realpath(tree)), ownrefs.isolated(note),
+                  [str(n) for n, _ in Repo(main)._notes()]]))
+"""
+
+
+@pytest.mark.parametrize("make", ["mkfifo", "truncate -s 1T"])
+@pytest.mark.parametrize("where", [".git", "commondir", "gitdir"])
+def test_a_fifo_or_sparse_file_a_worker_leaves_in_place_of_its_worktrees_git_files_hangs_nothing(tmp_path, where,
+                                                                                                  make):
+    """A worktree's `.git` file, and the `commondir` and `gitdir` of its note in the repository's git directory,
+    are its worker's to rewrite. They were opened as any file, so a FIFO there held whoever read it for ever (the
+    rules of a confined attempt, the check of the worktree's own refs, the pruning of worktrees under the launch
+    lock), and read whole to the first newline, so a sparse terabyte there was a MemoryError; the first 4 KiB
+    commits.py read of one (the path, then zeros) reached os calls as a path with NUL bytes: a ValueError
+    traceback. Each reader now takes such a file for none there."""
+    main, tree = tmp_path / "main", tmp_path / "tree"
+    main.mkdir()
+    _git(main, "init", "-q")
+    _git(main, "commit", "-q", "--allow-empty", "-m", "start")
+    _git(main, "worktree", "add", "-q", "--detach", str(tree))
+    note = main / ".git" / "worktrees" / "tree"
+    healthy = _git_file_readers(main, tree, note)
+    assert healthy[1] == [str(tree / ".git"), str(note), str(main / ".git")] and healthy[3] == [str(note)]
+    path = {".git": tree / ".git", "commondir": note / "commondir", "gitdir": note / "gitdir"}[where]
+    if make == "mkfifo":
+        path.unlink()
+        os.mkfifo(path)
+    else:
+        os.truncate(path, 1 << 40)  # what `truncate -s 1T` does: the file's line, then zeros
+    # None there: no work tree (HEAD not noted; a `.git` that is no file is looked past, to none above); a worktree
+    # whose git directory is its own (its common one unknown); a note that names no worktree.
+    expected = {".git": [[], [str(tree / ".git")] * (make != "mkfifo"), False, [str(note)]],
+                "commondir": [healthy[0], [str(tree / ".git"), str(note)], False, [str(note)]],
+                "gitdir": [*healthy[:3], []]}[where]
+    assert _git_file_readers(main, tree, note) == expected
+
+
+def _git_file_readers(main, tree, note) -> list:
+    proc = subprocess.run([sys.executable, "-c", _GIT_FILE_READERS, str(main), str(tree), str(note)],
+                          capture_output=True, text=True, timeout=60, preexec_fn=capped_memory,
+                          env={**os.environ, "GIT_CEILING_DIRECTORIES": str(tree.parent)})
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from aipm.workerfiles import read_git_file
 from aipm.workspace.repo import Repo
 
 OWN = "aipm"  # the worktree's own common directory, inside git's note of the worktree
@@ -64,8 +65,8 @@ def isolated(note: Path) -> bool:
     repository isolate() left alone (reftable refs), nor where a worker re-pointed it: its refs, and its stash,
     are then the repository's."""
     try:
-        return (note / "commondir").read_text(errors="surrogateescape").strip() == OWN
-    except OSError:
+        return read_git_file(note / "commondir") == OWN
+    except OSError:  # (a FIFO or a sparse file its worker left there, too)
         return False
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from aipm.errors import UserError
+from aipm.workerfiles import read_git_file
 
 if TYPE_CHECKING:
     import subprocess
@@ -278,8 +279,8 @@ class Repo:
         found = []
         for note in notes.iterdir() if notes.is_dir() else ():
             try:
-                gitdir = (note / "gitdir").read_text("utf-8", "surrogateescape").strip()
-            except OSError:
+                gitdir = read_git_file(note / "gitdir")
+            except OSError:  # (a FIFO or a sparse file the worktree's worker left there, too: no worktree named)
                 continue
             found.append((note, os.path.join(note, gitdir)))  # (relative to the note with worktree.useRelativePaths)
         return found
