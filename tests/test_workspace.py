@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import Project, no_workers, state, task_statuses, wait_for, write_task
+from conftest import Project, capped_memory, no_workers, state, task_statuses, wait_for, write_task
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -698,6 +698,121 @@ def test_a_journal_line_a_crash_cut_short_is_cut_off_before_the_next_is_appended
     merge.apply(repo, plan_dir)  # as remove() does when the rerun tidies the worktree (crash at `cleanup`)
     back = (repo / "src/k.txt").exists()
     assert (10 in journal, back) == (True, False), (sorted(journal), back)
+
+
+def test_a_journal_line_aipm_never_wrote_counts_for_nothing(repo):
+    """A line of the journal a worker wrote (`.aipm/` is in its reach) that is a list not led by a step number was
+    a TypeError traceback (unhashable) in every later apply, progress and `aipm recover`."""
+    from aipm.workspace import mergeback as merge
+
+    assert merge._journal(b'[[0], ""]\n{"0": 1}\n[0, null, 5]\n[1, ""]\n7\n') == ({1: "", 7: ""}, {0: 5})
+
+
+@pytest.mark.parametrize("where, make, why", [
+    ("plan.json", "mkfifo", "not a regular file (its worker replaced it)"),
+    ("plan.json", "truncate -s 1T", "over 268435456 bytes (its worker made it)"),
+    ("plan.json", "garbage", "not JSON (Expecting value: line 1 column 1 (char 0))"),
+    ("plan.json", '{"attempt": 1, "steps": [{"path": 1}]}', "not a merge plan aipm wrote"),
+    ("applied", "mkfifo", "not a regular file (its worker replaced it)"),
+    ("applied", "truncate -s 1T", "over 268435456 bytes (its worker made it)"),
+    ("1.state", "mkfifo", "not a regular file (its worker replaced it)"),
+])
+def test_a_half_applied_plan_that_cannot_be_read_is_stopped_at_and_kept(repo, where, make, why):
+    """A merge killed after its first step, then a file of its plan replaced (`.aipm/merges/` is in a worker's
+    reach). They were opened as any file and read whole: a FIFO held `aipm recover` (or the owner finishing the
+    merge) for ever, a sparse terabyte was a MemoryError traceback, and a plan.json that was no JSON was taken for
+    no plan: the half-applied merge was forgotten, its directory removed with the worktree. Now the merge stops
+    with one line naming the file and what is wrong, and everything stays for a person to repair."""
+    project = project_in(repo)
+    merge, plan_dir, paths = _plan(repo, {"src/a.txt": "A\n", "src/b.txt": "B\n"})
+
+    def killed(n):
+        raise Killed
+
+    with pytest.raises(Killed):
+        merge.apply(repo, plan_dir, after_each=killed)
+    path = plan_dir / where
+    if make == "mkfifo":
+        path.unlink(missing_ok=True)
+        os.mkfifo(path)
+    elif make.startswith("truncate"):
+        os.truncate(path, 1 << 40)
+    else:
+        path.write_text(make)
+    kept = sorted(os.listdir(plan_dir))
+    proc = project.aipm("recover", timeout=60, preexec_fn=capped_memory)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"ORD/T: worktree not removed: merge stopped: {path}: {why}; the merge it plans (perhaps half applied) " \
+           f"stays pending until the file is repaired, or {plan_dir} removed" in proc.stdout, proc.stdout
+    assert sorted(os.listdir(plan_dir)) == kept
+    assert (path.is_fifo(), path.stat().st_size == 1 << 40) == (make == "mkfifo", make.startswith("truncate"))
+    assert (repo / "src/a.txt").read_text() == "A\n" and (repo / "src/b.txt").read_text().startswith("b line 1")
+
+
+def _a_fifo_at_the_plan_of_a_merge_cut_short(repo: Path) -> tuple[Project, Path, bytes]:
+    """Task T's merge killed after its first file (of src/a, b, c.txt), then its plan.json replaced with a FIFO:
+    (project, plan.json, what it held)."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/"], command="for f in a b c; do echo T >> src/$f.txt; done")
+    killed = project.aipm("run", "ORD", "--no-review", env={"AIPM_TEST_KILL_AT": "merge:1"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    plan = repo / ".aipm" / "merges" / "ORD" / "T" / "plan.json"
+    text = plan.read_bytes()
+    plan.unlink()
+    os.mkfifo(plan)
+    return project, plan, text
+
+
+def test_an_owner_finishing_a_merge_whose_plan_a_worker_replaced_stops_and_the_person_can_repair_it(repo):
+    """Killed at merge:1, and a FIFO left at the plan's plan.json: the next run, adopting the attempt to finish its
+    merge, opened it as any file and waited for ever, under the launch lock. It says which file is wrong and keeps
+    the outcome and the plan; put back, `aipm recover` writes the rest."""
+    project, plan, text = _a_fifo_at_the_plan_of_a_merge_cut_short(repo)
+    kept = sorted(os.listdir(plan.parent))
+    rerun = project.aipm("run", "ORD", "--no-review", timeout=60)
+    assert rerun.returncode == 1 and "Traceback" not in rerun.stderr, rerun.stderr
+    assert (f"cannot record the outcome of T (exit 0): merge stopped: {plan}: not a regular file (its worker "
+            "replaced it)") in rerun.stderr, rerun.stderr
+    assert plan.is_fifo() and sorted(os.listdir(plan.parent)) == kept
+    assert [(repo / f"src/{n}.txt").read_text().endswith("T\n") for n in "abc"] == [True, False, False]
+    plan.unlink()
+    plan.write_bytes(text)  # the person's repair
+    assert project.aipm("recover").returncode == 0  # (a detached aipm records the outcome, merging the rest)
+    wait_for(lambda: task_statuses(project.order()) == {"T": "DONE"} and not plan.parent.exists())
+    assert [(repo / f"src/{n}.txt").read_text().count("T\n") for n in "abc"] == [1, 1, 1]
+
+
+def test_cancelling_a_task_whose_pending_plan_cannot_be_read_says_what_is_wrong(repo):
+    """Killed at merge:1, a FIFO at plan.json: `aipm cancel` (and the end of every run after) reads the plan to say
+    how far the merge got, and waited for ever. It says the plan's file is wrong, and the plan stays."""
+    project, plan, _ = _a_fifo_at_the_plan_of_a_merge_cut_short(repo)
+    said = f"T: merge stopped: {plan}: not a regular file (its worker replaced it); the merge it plans"
+    cancel = project.aipm("cancel", "T", timeout=60)
+    assert cancel.returncode == 0 and said in cancel.stdout, cancel.stdout + cancel.stderr
+    run = project.aipm("run", "ORD", timeout=60)
+    assert f"aipm: {said}" in run.stderr and plan.is_fifo(), run.stderr
+
+
+def test_a_crash_while_the_plan_is_saved_leaves_no_plan_to_stop_at(repo, monkeypatch):
+    """plan.json was written in place: a crash part-way left a piece of it, which is stopped at as a plan that
+    cannot be read (a person asked to repair a merge that wrote nothing yet). It is renamed into place whole."""
+    from aipm.workspace import mergeback as merge
+
+    r, base, end = _commits(repo, {"src/a.txt": "A\n"})
+    steps = merge.plan(r, base, end, r.changes(base, end))
+    real = merge._durable
+
+    def cut_short(path, *chunks):
+        if not path.name.startswith("plan.json"):
+            return real(path, *chunks)
+        path.write_bytes(chunks[0][:10])
+        raise Killed
+
+    plan_dir = repo / ".aipm" / "merges" / "ORD" / "T"
+    monkeypatch.setattr(merge, "_durable", cut_short)
+    with pytest.raises(Killed):
+        merge.save(plan_dir, 1, steps)
+    assert not merge.pending(plan_dir, 1) and merge.progress(plan_dir) is None
 
 
 def test_a_crash_between_a_deletion_and_its_pruning_is_no_conflict(repo, monkeypatch):

@@ -25,9 +25,12 @@ def note_pending_merge(root: Path, order: str, task: str, why: str) -> str | Non
     plan_dir = merge_dir(root, order, task)
     if not plan_dir.is_dir():
         return None  # the usual case, asked of every task at the end of a run: without loading mergeback
-    from aipm.workspace import mergeback as merging
+    from aipm.workspace import MergeStopped, mergeback as merging
 
-    progress = merging.progress(plan_dir)
+    try:
+        progress = merging.progress(plan_dir)
+    except MergeStopped as exc:  # said as it is: which attempt's log it belongs in, the unreadable plan would say
+        return str(exc)
     if progress is None:
         return None
     attempt, done, steps = progress

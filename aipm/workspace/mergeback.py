@@ -29,12 +29,18 @@ from typing import NamedTuple
 
 from aipm.digest import sha256
 from aipm.durable import fsync_dir
+from aipm.workerfiles import open_regular, read_bytes, reading
 from aipm.workspace import Conflict, MergeStopped
 from aipm.workspace.repo import GITLINK, Change, Repo
 
 ABSENT = "000000"
 LINK = "120000"
 _TEMP = ".aipm-merge.tmp"  # suffix of our temp files in the user's tree: a crashed write leaves one, we remove it
+# The most read of a plan's plan.json or `applied` journal (a worker can leave a FIFO or a sparse terabyte there:
+# `.aipm/` is in its reach). A plan's step is about 170 bytes and its JSON-escaped path, a journal's fewer (a step
+# number, an inode, a conflict's why): 256 MiB holds a million steps of 90-byte paths, ten times every file of
+# Linux (85,000) changed by one task; planning that many would first hold every result's content in memory.
+PLAN_MAX = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -230,8 +236,11 @@ def save(directory: Path, attempt: int, steps: list[Planned]) -> None:
             if state is not None and state.kind != "other":
                 _durable(directory / name, json.dumps({"kind": state.kind, "exec": state.exec}).encode() + b"\n",
                          state.data)
-    _durable(directory / "plan.json", json.dumps({"attempt": attempt,
-                                                  "steps": [asdict(s.step) for s in steps]}).encode())
+    # Whole or not at all, by its rename: a plan.json there was complete when written, and one that cannot be read
+    # is stopped at (_load), never taken for no plan.
+    _durable(directory / "plan.json.tmp", json.dumps({"attempt": attempt,
+                                                      "steps": [asdict(s.step) for s in steps]}).encode())
+    os.replace(directory / "plan.json.tmp", directory / "plan.json")
     fsync_dir(directory)
 
 
@@ -268,7 +277,11 @@ def apply(top: Path, directory: Path, after_each=lambda steps_done: None) -> App
         os.truncate(journal, text.rfind(b"\n") + 1)
     done, begun = _journal(text)
     applied = Applied(steps=len(data["steps"]))
-    with open(journal, "a") as log:
+    try:
+        fd = open_regular(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    except OSError as exc:
+        raise _unreadable(journal, exc) from None
+    with os.fdopen(fd, "a") as log:
         def note(*line) -> None:
             log.write(json.dumps(line) + "\n")
             log.flush()
@@ -294,10 +307,7 @@ def apply(top: Path, directory: Path, after_each=lambda steps_done: None) -> App
 
 
 def _journal_text(directory: Path) -> bytes:
-    try:
-        return (directory / "applied").read_bytes()
-    except FileNotFoundError:
-        return b""
+    return _plan_file(directory / "applied") or b""
 
 
 def _journal(data: bytes) -> tuple[dict[int, str], dict[int, int]]:
@@ -314,9 +324,11 @@ def _journal(data: bytes) -> tuple[dict[int, str], dict[int, int]]:
             continue
         if isinstance(entry, int):
             done[entry] = ""  # a plan's journal from before the lines were JSON
-        elif isinstance(entry, list) and len(entry) == 2:
+        elif not isinstance(entry, list) or len(entry) not in (2, 3) or type(entry[0]) is not int:
+            continue  # no line of ours (a list, a step number first), as one that is no JSON
+        elif len(entry) == 2:
             done[entry[0]] = entry[1]
-        elif isinstance(entry, list) and len(entry) == 3:
+        else:
             begun[entry[0]] = entry[2]
     return done, begun
 
@@ -356,14 +368,55 @@ def _step(top: Path, directory: Path, i: int, step: Step, begun: int | None, not
 
 
 def _load(directory: Path) -> dict | None:
-    try:
-        return json.loads((directory / "plan.json").read_text())
-    except (OSError, ValueError):
+    """The saved plan; None when there is none. One that cannot be read is MergeStopped: taken for none, the merge
+    it plans, perhaps half applied, was forgotten (its directory removed with the worktree)."""
+    path = directory / "plan.json"
+    text = _plan_file(path)
+    if text is None:
         return None
+    try:
+        data = json.loads(text)
+    except ValueError as exc:
+        raise _unreadable(path, f"not JSON ({exc})") from None
+    if not _plan_shaped(data):
+        raise _unreadable(path, "not a merge plan aipm wrote")
+    return data
+
+
+def _plan_shaped(data) -> bool:
+    """`data` is as save() writes a plan (anything else would be a traceback half-way through applying it)."""
+    return (isinstance(data, dict) and type(data.get("attempt")) is int and isinstance(data.get("steps"), list)
+            and all(isinstance(step, dict) and step.keys() == {"path", "before", "after"}
+                    and isinstance(step["path"], str)
+                    and all(step[key] is None or isinstance(step[key], str) for key in ("before", "after"))
+                    for step in data["steps"]))
+
+
+def _plan_file(path: Path) -> bytes | None:
+    """A file of the plan's directory (plan.json, the journal); None when there is none. Not waited for (a FIFO)
+    nor read whole (a sparse terabyte): one that cannot be read is MergeStopped."""
+    try:
+        return read_bytes(path, PLAN_MAX)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, problem: OSError | str) -> MergeStopped:
+    """The one line for a plan's file that cannot be read, which leaves the plan in place for a person."""
+    why = problem if isinstance(problem, str) else problem.strerror or str(problem)
+    return MergeStopped(f"merge stopped: {path}: {why}; the merge it plans (perhaps half applied) stays pending "
+                        f"until the file is repaired, or {path.parent} removed to drop the rest of it (the attempt's "
+                        "changes are kept in its patch)")
 
 
 def _load_state(path: Path) -> State:
-    with open(path, "rb") as handle:  # (not read whole then split: a large file's content copied)
+    try:
+        handle = reading(path)  # (a FIFO a worker left there: refused, never waited for)
+    except OSError as exc:
+        raise _unreadable(path, exc) from None
+    with handle:  # (not read whole then split: a large file's content copied)
         meta = json.loads(handle.readline())
         return State(meta["kind"], handle.read(), meta["exec"])
 
