@@ -30,7 +30,7 @@ from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.scope import committed, out_of_scope
 from aipm.store import load_task, task_files
-from aipm.workerfiles import read_git_file, reading
+from aipm.workerfiles import GIT_FILE_MAX, read_git_file, reading
 
 _DIRS: dict[str, tuple[str, str] | None] = {}  # real root -> (git dir, common dir), or None outside a work tree
 
@@ -181,8 +181,15 @@ def _read_head(root: Path, gitdir: str, common: str) -> tuple[str, str]:
     if not oid:
         try:
             with reading(os.path.join(common, "packed-refs")) as packed:
-                end = f" {ref}\n".encode()
-                oid = next((line.split(b" ", 1)[0].decode() for line in packed if line.endswith(end)), "")
+                end = f" {ref}\n".encode(errors="surrogateescape")  # (a name in any bytes, as read)
+                for line in iter(lambda: packed.readline(GIT_FILE_MAX), b""):
+                    if not line.endswith(b"\n"):
+                        # longer than a ref's line (an id and a name): a sparse terabyte a worker left, where
+                        # reading to the line's end was a MemoryError (or the last line, cut short)
+                        break
+                    if line.endswith(end):
+                        oid = line.split(b" ", 1)[0].decode()
+                        break
         except (OSError, UnicodeDecodeError):
             oid = ""
     return oid, ref

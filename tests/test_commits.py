@@ -15,7 +15,7 @@ import yaml
 
 from aipm import commits
 from aipm.record import Record
-from conftest import wait_for
+from conftest import capped_memory, wait_for
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -238,3 +238,27 @@ def test_what_a_worker_leaves_in_head_is_no_option_and_no_wait(tmp_path):
     head.unlink()
     os.mkfifo(head)
     assert commits.at_start(root)[:2] == ["", ""]
+
+
+def test_a_sparse_packed_refs_a_worker_leaves_is_read_no_further_than_a_line(tmp_path):
+    """HEAD's branch is looked for in packed-refs when it has no file of its own (after `git pack-refs`, `git gc`):
+    a sparse terabyte a worker left there was read to its first newline, a MemoryError traceback as its attempt
+    started or ended. A branch named in bytes that are no UTF-8 is looked for as those bytes."""
+    root, _ = project(tmp_path, {})
+    start = commits.at_start(root)
+    git(root, "pack-refs", "--all")
+    assert commits.at_start(root)[:2] == start[:2] and not (root / ".git" / start[1]).exists()  # from packed-refs
+    packed = root / ".git" / "packed-refs"
+    os.truncate(packed, 0)
+    os.truncate(packed, 1 << 40)
+    proc = subprocess.run([sys.executable, "-c", f"""
+import json
+from pathlib import Path
+from aipm import commits
+root = Path({str(root)!r})
+found = [commits.at_start(root)[:2]]
+(root / ".git" / "HEAD").write_bytes(b"ref: refs/heads/\\xff\\n")
+print(json.dumps(found + [commits.at_start(root)[:2]]))
+"""], capture_output=True, text=True, timeout=60, preexec_fn=capped_memory)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [["", start[1]], ["", "refs/heads/\udcff"]]
