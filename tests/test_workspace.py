@@ -1353,6 +1353,22 @@ def test_ignored_files_a_task_writes_in_its_targets_are_named_as_not_merged(repo
     assert yaml.safe_load((project.order() / "S.yaml").read_text())["reason"] == "review approved"
 
 
+def test_a_sparse_terabyte_a_worker_leaves_as_an_ignored_file_in_its_targets_is_named_not_read(repo):
+    """An ignored file the worktree holds in the task's targets is compared with the main tree's to say whether
+    the merge leaves it behind: both were read whole, so a worker's `truncate -s 1T src/big.bin` was a MemoryError
+    traceback after the merge was applied, and again in every owner that adopted the task."""
+    (repo / ".gitignore").write_text(".env\nbuild/\n*.bin\n")
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/"],
+               command="echo T >> src/a.txt; truncate -s 1T src/big.bin; echo same > src/same.bin")
+    (repo / "src/same.bin").write_text("same\n")  # unchanged in the worktree: not named
+    proc = project.aipm("run", "ORD", timeout=120, preexec_fn=capped_memory)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "merge: src/big.bin: ignored by git, so not merged back (gone with the worktree)" in log, log
+    assert (repo / "src/a.txt").read_text().endswith("T\n")
+
+
 @pytest.mark.parametrize("targets, named", [(["."], ".env.local, build/"), (["*.txt", ".env.local"], ".env.local")],
                          ids=["root", "glob"])
 def test_the_ignored_files_note_follows_the_targets_for_the_root_and_globs(repo, targets, named):

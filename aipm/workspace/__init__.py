@@ -397,7 +397,7 @@ def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
     found = [p for p in found if not out_of_scope({relative(p, repo.prefix).rstrip("/")}, rec.targets)
              or p.endswith("/") and any(t.startswith(relative(p, repo.prefix)) for t in rec.targets)]
     lost = [p for p in found if (not (repo.top / p).is_dir() if p.endswith("/")
-                                 else merging.read_state(tree / p) != merging.read_state(repo.top / p))]
+                                 else not merging.same_state(tree / p, repo.top / p))]
     if not lost:
         return []
     more = f" and {len(lost) - 10} more" if len(lost) > 10 else ""

@@ -62,15 +62,43 @@ def digest(state: State | None) -> str | None:
 
 
 def read_state(path: Path) -> State | None:
-    try:
-        st = os.lstat(path)
-    except (FileNotFoundError, NotADirectoryError):
+    st = _lstat(path)
+    if st is None:
         return None
     if stat.S_ISLNK(st.st_mode):
         return State("link", os.fsencode(os.readlink(path)))
     if stat.S_ISREG(st.st_mode):
         return State("file", path.read_bytes(), bool(st.st_mode & stat.S_IXUSR))
     return State("other")
+
+
+def same_state(one: Path, other: Path) -> bool:
+    """read_state(one) == read_state(other), never holding a file whole: a worker's sparse terabyte in its worktree
+    was a MemoryError. Files of other sizes or executable bits differ unread; others are compared a chunk at a
+    time. One that cannot be read (a FIFO in its place since) is not the same."""
+    stats = [_lstat(path) for path in (one, other)]
+    if None in stats:
+        return stats == [None, None]
+    files = [stat.S_ISREG(st.st_mode) for st in stats]
+    if not any(files):
+        return read_state(one) == read_state(other)  # links or neither a file: no content held
+    if not all(files) or len({(st.st_size, bool(st.st_mode & stat.S_IXUSR)) for st in stats}) > 1:
+        return False
+    try:
+        with reading(one) as first, reading(other) as second:
+            while (chunk := first.read(1 << 20)) == second.read(1 << 20):
+                if not chunk:
+                    return True
+            return False
+    except OSError:
+        return False
+
+
+def _lstat(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
 
 
 def commit_digest(repo: Repo, commit: str, path: str, mode: str) -> str | None:
