@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from aipm.workspace import mergeplan
 from conftest import Project, capped_memory, no_workers, state, task_statuses, wait_for, write_task
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
@@ -620,8 +621,8 @@ def test_a_saved_plan_resumes_without_repeating_a_step_and_keeps_a_persons_confl
     steps = merge.plan(r, base, end, r.changes(base, end))
     assert [s.step.path for s in steps] == ["src/c.txt", "src/a.txt", "src/b.txt", "src/n.txt"]  # deletions first
     plan_dir = repo / ".aipm" / "merges" / "x"
-    merge.save(plan_dir, 1, steps)
-    assert merge.pending(plan_dir, 1) and not merge.pending(plan_dir, 2)
+    mergeplan.save(plan_dir, 1, steps)
+    assert mergeplan.pending(plan_dir, 1) and not mergeplan.pending(plan_dir, 2)
 
     class Stop(Exception):
         pass
@@ -642,7 +643,7 @@ def test_a_saved_plan_resumes_without_repeating_a_step_and_keeps_a_persons_confl
     assert (repo / "src/a.txt").read_text() == "a person, after the step\n"
     assert (repo / "src/b.txt").read_text() == "a person, during the crash\n"
     assert (repo / "src/n.txt").read_text() == "N\n"
-    assert merge.progress(plan_dir) == (1, 4, 4)
+    assert mergeplan.progress(plan_dir) == (1, 4, 4)
     (repo / "src/n.txt").write_text("a person, after the merge\n")
     assert merge.apply(repo, plan_dir) == merge.Applied([], conflict, 4)  # the same conflict, nothing rewritten
     assert (repo / "src/n.txt").read_text() == "a person, after the merge\n"
@@ -657,7 +658,7 @@ def test_a_persons_edit_to_a_file_the_held_up_plan_has_not_written_is_merged_wit
     (repo / "src/b.txt").write_text(lines)
     r, base, end = _commits(repo, {"src/b.txt": lines + "the task's\n"})
     plan_dir = repo / ".aipm" / "merges" / "x"
-    merge.save(plan_dir, 1, merge.plan(r, base, end, r.changes(base, end)))
+    mergeplan.save(plan_dir, 1, merge.plan(r, base, end, r.changes(base, end)))
     (repo / "src/b.txt").write_text("a person's\n" + lines.split("\n", 1)[1])
     applied = merge.apply(repo, plan_dir)
     assert applied == merge.Applied(["src/b.txt: changed in the main tree after the merge was planned; merged "
@@ -681,7 +682,7 @@ def _plan(repo: Path, edits: dict):
     r, base, end = _commits(repo, edits)
     steps = merge.plan(r, base, end, r.changes(base, end))
     plan_dir = repo / ".aipm" / "merges" / "ORD" / "T"
-    merge.save(plan_dir, 1, steps)
+    mergeplan.save(plan_dir, 1, steps)
     return merge, plan_dir, [s.step.path for s in steps]
 
 
@@ -692,7 +693,7 @@ def test_a_journal_line_a_crash_cut_short_is_cut_off_before_the_next_is_appended
     merge, plan_dir, paths = _plan(repo, {f"src/{n}.txt": f"{n}\n" for n in "abcdefghijkl"})
     (plan_dir / "applied").write_text("".join(f"{i}\n" for i in range(10)) + "1")
     merge.apply(repo, plan_dir)
-    journal = merge._journal(merge._journal_text(plan_dir))[0]
+    journal = mergeplan.journal(mergeplan.journal_text(plan_dir))[0]
     assert (repo / "src/k.txt").read_text() == "k\n"
     (repo / "src/k.txt").unlink()  # a person removes the file the task added, after the merge was done
     merge.apply(repo, plan_dir)  # as remove() does when the rerun tidies the worktree (crash at `cleanup`)
@@ -703,9 +704,7 @@ def test_a_journal_line_a_crash_cut_short_is_cut_off_before_the_next_is_appended
 def test_a_journal_line_aipm_never_wrote_counts_for_nothing(repo):
     """A line of the journal a worker wrote (`.aipm/` is in its reach) that is a list not led by a step number was
     a TypeError traceback (unhashable) in every later apply, progress and `aipm recover`."""
-    from aipm.workspace import mergeback as merge
-
-    assert merge._journal(b'[[0], ""]\n{"0": 1}\n[0, null, 5]\n[1, ""]\n7\n') == ({1: "", 7: ""}, {0: 5})
+    assert mergeplan.journal(b'[[0], ""]\n{"0": 1}\n[0, null, 5]\n[1, ""]\n7\n') == ({1: "", 7: ""}, {0: 5})
 
 
 @pytest.mark.parametrize("where, make, why", [
@@ -800,7 +799,7 @@ def test_a_crash_while_the_plan_is_saved_leaves_no_plan_to_stop_at(repo, monkeyp
 
     r, base, end = _commits(repo, {"src/a.txt": "A\n"})
     steps = merge.plan(r, base, end, r.changes(base, end))
-    real = merge._durable
+    real = mergeplan.write_durably
 
     def cut_short(path, *chunks):
         if not path.name.startswith("plan.json"):
@@ -809,10 +808,10 @@ def test_a_crash_while_the_plan_is_saved_leaves_no_plan_to_stop_at(repo, monkeyp
         raise Killed
 
     plan_dir = repo / ".aipm" / "merges" / "ORD" / "T"
-    monkeypatch.setattr(merge, "_durable", cut_short)
+    monkeypatch.setattr(mergeplan, "write_durably", cut_short)
     with pytest.raises(Killed):
-        merge.save(plan_dir, 1, steps)
-    assert not merge.pending(plan_dir, 1) and merge.progress(plan_dir) is None
+        mergeplan.save(plan_dir, 1, steps)
+    assert not mergeplan.pending(plan_dir, 1) and mergeplan.progress(plan_dir) is None
 
 
 def test_a_crash_between_a_deletion_and_its_pruning_is_no_conflict(repo, monkeypatch):
@@ -831,7 +830,7 @@ def test_a_crash_between_a_deletion_and_its_pruning_is_no_conflict(repo, monkeyp
     steps = merge.plan(r, base, end, r.changes(base, end))
     assert [s.step.path for s in steps] == ["src/x/f", "src/x"]
     plan_dir = repo / ".aipm" / "merges" / "ORD" / "T"
-    merge.save(plan_dir, 1, steps)
+    mergeplan.save(plan_dir, 1, steps)
 
     def killed(*a, **k):
         raise Killed
@@ -863,7 +862,7 @@ def test_a_write_cut_off_from_its_journal_line_then_edited_in_place_is_no_confli
         with pytest.raises(Killed):
             merge.apply(repo, plan_dir)
     assert (repo / "src/a.txt").read_text().endswith("a line 20\nT\n")
-    assert merge.progress(plan_dir) == (1, 0, 1)
+    assert mergeplan.progress(plan_dir) == (1, 0, 1)
     (repo / "src/a.txt").write_text((repo / "src/a.txt").read_text() + "a person's line\n")
     applied = merge.apply(repo, plan_dir)
     text = (repo / "src/a.txt").read_text()
@@ -885,7 +884,7 @@ def test_a_newline_in_a_reason_cannot_forge_a_journal_line(repo):
     steps = merge.plan(r, base, end, r.changes(base, end))
     assert [s.step.path for s in steps] == [f"{weird}/new.txt", "src/a.txt", "src/b.txt", "src/c.txt", "src/d.txt"]
     plan_dir = repo / ".aipm" / "merges" / "ORD" / "T"
-    merge.save(plan_dir, 1, steps)
+    mergeplan.save(plan_dir, 1, steps)
     (repo / weird).write_text("a person's file where the task needs a directory\n")
 
     class Stop(BaseException):
@@ -954,7 +953,7 @@ def test_a_pending_merge_applied_when_its_worktree_is_removed_is_noted_for_audit
     from aipm.workspace import mergeback as merge, places
 
     r, base, end = _commits(repo, {"src/a.txt": "W\n", "src/new.txt": "N\n"})
-    merge.save(places.merge_dir(repo, "ORD", "W"), 1, merge.plan(r, base, end, r.changes(base, end)))
+    mergeplan.save(places.merge_dir(repo, "ORD", "W"), 1, merge.plan(r, base, end, r.changes(base, end)))
     Runtime(repo).state.mkdir(parents=True, exist_ok=True)  # where a run keeps the log its audits read
     since = time.time_ns()
     workspace.remove(repo, "ORD", "W")
@@ -1075,7 +1074,7 @@ def test_plan_refuses_a_directory_where_the_task_has_a_file_unless_its_own_delet
     assert (repo / "d/person.txt").exists()
     (repo / "d/person.txt").unlink()  # now the task's own deletion empties it: a plain change of kind
     plan_dir = repo / ".aipm" / "merges" / "x"
-    merge.save(plan_dir, 1, merge.plan(r, base, end, r.changes(base, end)))
+    mergeplan.save(plan_dir, 1, merge.plan(r, base, end, r.changes(base, end)))
     assert merge.apply(repo, plan_dir) == merge.Applied([], [], 2)
     assert (repo / "d").read_text() == "now a file\n"
 
@@ -1087,7 +1086,7 @@ def test_a_parent_made_a_file_after_planning_leaves_that_path_out_and_the_rest_i
     r, base, end = _commits(repo, {"src/a.txt": "A\n", "src/zz/new.txt": "N\n"})
     (repo / "src/zz").rmdir()
     plan_dir = repo / ".aipm" / "merges" / "x"
-    merge.save(plan_dir, 1, merge.plan(r, base, end, r.changes(base, end)))
+    mergeplan.save(plan_dir, 1, merge.plan(r, base, end, r.changes(base, end)))
     (repo / "src/zz").write_text("a person's\n")  # between the plan and its application
     applied = merge.apply(repo, plan_dir)
     assert applied.conflicts == [("src/zz/new.txt", "src/zz became a file in the main tree after the merge was planned")]
@@ -1105,12 +1104,12 @@ def test_recover_reports_a_merge_that_cannot_be_written_names_its_path_and_tidie
     assert aipm_leftovers(repo)["worktrees"]  # the failed attempt's, kept until recover
     long = "src/" + "x" * 300
     plan_dir = places.merge_dir(repo, "ORD", "B")
-    merge.save(plan_dir, 1, [merge.Planned(merge.Step(long, None, merge.State("file", b"b\n").digest()),
+    mergeplan.save(plan_dir, 1, [merge.Planned(merge.Step(long, None, merge.State("file", b"b\n").digest()),
                                            merge.State("file", b"b\n"))])
     proc = project.aipm("recover")
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert f"ORD/B: worktree not removed: merge stopped at {long}: File name too long" in proc.stdout
-    assert merge.progress(plan_dir) == (1, 0, 1)
+    assert mergeplan.progress(plan_dir) == (1, 0, 1)
     assert aipm_leftovers(repo)["worktrees"] == []
 
 

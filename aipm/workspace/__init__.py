@@ -4,12 +4,13 @@ The one door between the rest of aipm and git. The launcher asks `prepare` for a
 an attempt; the supervisor runs the worker and its review in `directory(...)`, asks `outside_targets` when the
 worker ends (the exact scope check) and `merge` when the task is approved, then `remove`s the worktree once the
 task's final status is written. `sweep` tidies after crashes; `diff` shows a task's changes. Where each thing
-lives is places.py; removing and sweeping is cleanup.py; applying an approved merge is mergeback.py; the
-worktree's own refs and stash are ownrefs.py, and what a worker left in its stash is stash.py.
+lives is places.py; removing and sweeping is cleanup.py; applying an approved merge is mergeback.py, and the plan
+it saves first is mergeplan.py; the worktree's own refs and stash are ownrefs.py, and what a worker left in its
+stash is stash.py.
 
 On disk, under the project's runtime directory:
   .aipm/worktrees/<ORDER>/<TASK>/        the worktree (a detached checkout of the task's start)
-  .aipm/merges/<ORDER>/<TASK>/           a merge plan being applied (see mergeback.py)
+  .aipm/merges/<ORDER>/<TASK>/           a merge plan being applied (see mergeplan.py)
   .aipm/patches/<ORDER>/<TASK>.<N>.patch what attempt N changed (`git apply` at the repository's top)
   refs/aipm/<ORDER>/<TASK>/{base,end}    the attempt's start and end, as commits no branch points to
                                          (refs/aipm/@<DIR>/... for a project in a directory DIR of its repo)
@@ -283,13 +284,13 @@ def merge(root: Path, rec: Record) -> list[str]:
     """Apply the approved attempt's changes to the main tree, exactly once. Conflict: nothing applied, unless a
     plan held up by a crash met a person's change it cannot merge with (then the rest of the plan was applied).
     Caller holds the launch lock, and the task still holds its target files. Returns notes for the log."""
-    from aipm.workspace import mergeback as merging  # only here and in remove(): a shared run does without it
+    from aipm.workspace import mergeback as merging, mergeplan  # (only here and in cleanup: a shared run needs neither)
 
     repo = Repo(root)
     plan_dir = merge_dir(root, rec.order, rec.task)
     make_own_dir(root, plan_dir.parent)  # a link there: a plan read from, and saved (rm -rf first) where it leads
     notes = []
-    if not merging.pending(plan_dir, rec.serial):
+    if not mergeplan.pending(plan_dir, rec.serial):
         if rec.phase == "review":
             try:
                 notes = _reviewed(root, repo, rec)
@@ -304,7 +305,7 @@ def merge(root: Path, rec: Record) -> list[str]:
             steps = merging.plan(repo, base, end, repo.changes(base, end))
         except Conflict as exc:
             raise _kept(root, rec, exc) from None
-        merging.save(plan_dir, rec.serial, steps)
+        mergeplan.save(plan_dir, rec.serial, steps)
         del steps  # (every result's content, saved now: not held while the plan is applied)
     seam("merge:0")
     applied = merging.apply(repo.top, plan_dir, after_each=lambda n: seam(f"merge:{n}"))
@@ -407,9 +408,9 @@ def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
 def decided(root: Path, rec: Record) -> bool:
     """This attempt's merge plan is saved (its owner died applying it): it was approved, and only finishing it
     and writing the final status are left, whatever the options of the run that adopts it."""
-    from aipm.workspace import mergeback as merging
+    from aipm.workspace import mergeplan
 
-    return merging.pending(merge_dir(root, rec.order, rec.task), rec.serial)
+    return mergeplan.pending(merge_dir(root, rec.order, rec.task), rec.serial)
 
 
 def diff(root: Path, order: str, task: str) -> tuple[str, bytes | Path]:

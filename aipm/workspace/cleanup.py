@@ -24,11 +24,11 @@ def note_pending_merge(root: Path, order: str, task: str, why: str) -> str | Non
     sentence; None when there is none. A person who stops such a task must know the tree is half-merged."""
     plan_dir = merge_dir(root, order, task)
     if not plan_dir.is_dir():
-        return None  # the usual case, asked of every task at the end of a run: without loading mergeback
-    from aipm.workspace import MergeStopped, mergeback as merging
+        return None  # the usual case, asked of every task at the end of a run: without loading the merge's code
+    from aipm.workspace import MergeStopped, mergeplan
 
     try:
-        progress = merging.progress(plan_dir)
+        progress = mergeplan.progress(plan_dir)
     except MergeStopped as exc:  # said as it is: which attempt's log it belongs in, the unreadable plan would say
         return str(exc)
     if progress is None:
@@ -55,7 +55,7 @@ def finished(root: Path, rec: Record) -> str | None:
 
 def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
     """Remove a task's worktree, refs and merge plan (a pending plan is applied first: it was decided)."""
-    from aipm.workspace import mergeback as merging
+    from aipm.workspace import mergeback as merging, mergeplan
 
     plan_dir, tree = merge_dir(root, order, task), worktree_path(root, order, task)
     # Nothing through a link a worker left on the way (own_dir): a link at the worktree's own name goes alone.
@@ -64,7 +64,7 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
         os.unlink(tree)
     repo = repo or repo_or_none(root)
     if repo is not None:
-        progress = merging.progress(plan_dir) if own_plan else None
+        progress = mergeplan.progress(plan_dir) if own_plan else None
         if progress is not None:
             attempt, done, steps = progress
             applied = merging.apply(repo.top, plan_dir)
@@ -75,7 +75,7 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
                            f"merge: the rest of attempt {attempt}'s saved merge plan ({steps - done} of {steps} "
                            "paths) was written when its worktree was removed" + "".join(f"; {n}" for n in notes))
             # A shared task's audit in flight sees these files change: they are no one's stray writes.
-            writtenlog.note_written(Runtime(root), [relative(p, repo.prefix) for p in merging.paths(plan_dir)])
+            writtenlog.note_written(Runtime(root), [relative(p, repo.prefix) for p in mergeplan.paths(plan_dir)])
         if own_tree:
             from aipm.workspace import keep_unrecorded
 

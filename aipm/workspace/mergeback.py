@@ -18,49 +18,23 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import subprocess
 import tempfile
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import NamedTuple
 
 from aipm.digest import sha256
 from aipm.durable import fsync_dir
-from aipm.workerfiles import open_regular, read_bytes, reading
-from aipm.workspace import Conflict, MergeStopped
+from aipm.workerfiles import open_regular, reading
+from aipm.workspace import Conflict, MergeStopped, mergeplan
+from aipm.workspace.mergeplan import Planned, State, Step, digest
 from aipm.workspace.repo import GITLINK, Change, Repo
 
 ABSENT = "000000"
 LINK = "120000"
 _TEMP = ".aipm-merge.tmp"  # suffix of our temp files in the user's tree: a crashed write leaves one, we remove it
-# The most read of a plan's plan.json or `applied` journal (a worker can leave a FIFO or a sparse terabyte there:
-# `.aipm/` is in its reach). A plan's step is about 170 bytes and its JSON-escaped path, a journal's fewer (a step
-# number, an inode, a conflict's why): 256 MiB holds a million steps of 90-byte paths, ten times every file of
-# Linux (85,000) changed by one task; planning that many would first hold every result's content in memory.
-PLAN_MAX = 256 << 20
-
-
-@dataclass(frozen=True)
-class State:
-    """What is at a path: a file (content, executable bit) or a symbolic link (target); None when nothing is."""
-
-    kind: str  # "file", "link" or "other" (a directory, a socket: never merged into)
-    data: bytes = b""
-    exec: bool = False
-
-    def digest(self) -> str:
-        found = sha256(f"{self.kind}:{int(self.exec)}:".encode())
-        found.update(self.data)  # (not head + data: a copy of a large file's content)
-        return found.hexdigest()
-
-
-def digest(state: State | None) -> str | None:
-    return None if state is None else state.digest()
-
-
 def read_state(path: Path) -> State | None:
     st = _lstat(path)
     if st is None:
@@ -116,19 +90,6 @@ def commit_state(repo: Repo, commit: str, path: str, mode: str) -> State | None:
     if mode == LINK:
         return State("link", repo.link(commit, path))
     return State("file", repo.blob(commit, path), mode == "100755")
-
-
-@dataclass
-class Step:
-    path: str  # relative to the repository's top
-    before: str | None  # digest of the main tree's state when planned (None: nothing there)
-    after: str | None  # digest of the result (None: the path is deleted)
-
-
-class Planned(NamedTuple):
-    step: Step
-    result: State | None  # None: the path is deleted
-    before: State | None = None  # the main tree's state when planned: the ancestor if it changes before its step
 
 
 @dataclass
@@ -251,64 +212,26 @@ def _three_way(old: State | None, now: State | None, new: State | None) -> tuple
     return State("file", proc.stdout, exec_bit), "", b""
 
 
-# -- the durable plan and its application -------------------------------------------------------------------
-
-
-def save(directory: Path, attempt: int, steps: list[Planned]) -> None:
-    """Write the plan so that it is complete on disk before any file of the user's is touched."""
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
-    for i, (_, result, before) in enumerate(steps):
-        for name, state in ((f"{i}.state", result), (f"{i}.before", before)):
-            if state is not None and state.kind != "other":
-                _durable(directory / name, json.dumps({"kind": state.kind, "exec": state.exec}).encode() + b"\n",
-                         state.data)
-    # Whole or not at all, by its rename: a plan.json there was complete when written, and one that cannot be read
-    # is stopped at (_load), never taken for no plan.
-    _durable(directory / "plan.json.tmp", json.dumps({"attempt": attempt,
-                                                      "steps": [asdict(s.step) for s in steps]}).encode())
-    os.replace(directory / "plan.json.tmp", directory / "plan.json")
-    fsync_dir(directory)
-
-
-def pending(directory: Path, attempt: int) -> bool:
-    """A saved plan for `attempt` exists: it must be applied before anything else happens."""
-    data = _load(directory)
-    return data is not None and data["attempt"] == attempt
-
-
-def progress(directory: Path) -> tuple[int, int, int] | None:
-    """(attempt, steps applied, steps) of a saved plan, or None when there is none."""
-    data = _load(directory)
-    if data is None:
-        return None
-    return data["attempt"], len(_journal(_journal_text(directory))[0]), len(data["steps"])
-
-
-def paths(directory: Path) -> list[str]:
-    """The paths a saved plan writes, relative to the repository's top."""
-    data = _load(directory)
-    return [raw["path"] for raw in data["steps"]] if data is not None else []
+# -- applying the saved plan (mergeplan.py) -------------------------------------------------------------------
 
 
 def apply(top: Path, directory: Path, after_each=lambda steps_done: None) -> Applied:
     """Apply a saved plan, skipping what is already done; the conflicts it met, now and in earlier applications.
 
     `after_each(n)` runs once n steps are done (the test seam that kills a merge midway hooks in there)."""
-    data = _load(directory)
+    data = mergeplan.load(directory)
     if data is None:
         return Applied()
     journal = directory / "applied"
-    text = _journal_text(directory)
+    text = mergeplan.journal_text(directory)
     if not text.endswith(b"\n") and text:  # a last line a crash cut short: cut off, else the next would extend it
         os.truncate(journal, text.rfind(b"\n") + 1)
-    done, begun = _journal(text)
+    done, begun = mergeplan.journal(text)
     applied = Applied(steps=len(data["steps"]))
     try:
         fd = open_regular(journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
     except OSError as exc:
-        raise _unreadable(journal, exc) from None
+        raise mergeplan.unreadable(journal, exc) from None
     with os.fdopen(fd, "a") as log:
         def note(*line) -> None:
             log.write(json.dumps(line) + "\n")
@@ -334,33 +257,6 @@ def apply(top: Path, directory: Path, after_each=lambda steps_done: None) -> App
     return applied
 
 
-def _journal_text(directory: Path) -> bytes:
-    return _plan_file(directory / "applied") or b""
-
-
-def _journal(data: bytes) -> tuple[dict[int, str], dict[int, int]]:
-    """The journal of the steps applied so far: step number -> "" (written) or why its result was not written;
-    and step number -> the inode of the file its write was about to rename into place (a step begun, whose end
-    a crash may have cut off). A last line a crash cut short counts for nothing: its step is applied again."""
-    whole = data.rfind(b"\n") + 1
-    done: dict[int, str] = {}
-    begun: dict[int, int] = {}
-    for line in data[:whole].splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(entry, int):
-            done[entry] = ""  # a plan's journal from before the lines were JSON
-        elif not isinstance(entry, list) or len(entry) not in (2, 3) or type(entry[0]) is not int:
-            continue  # no line of ours (a list, a step number first), as one that is no JSON
-        elif len(entry) == 2:
-            done[entry[0]] = entry[1]
-        else:
-            begun[entry[0]] = entry[2]
-    return done, begun
-
-
 def _step(top: Path, directory: Path, i: int, step: Step, begun: int | None, notes: list[str],
           renaming: Callable[[int], None]) -> str:
     """Apply one step: "" when the path holds its result, else why it was left as the main tree has it.
@@ -381,72 +277,18 @@ def _step(top: Path, directory: Path, i: int, step: Step, begun: int | None, not
         return ""
     if begun is not None and state is not None and os.lstat(target).st_ino == begun:
         return ""  # written, then changed in place by a person: their change is on top of ours
-    result = _load_state(directory / f"{i}.state") if step.after else None
+    result = mergeplan.load_state(directory / f"{i}.state") if step.after else None
     if now != step.before:
         ancestor = directory / f"{i}.before"
         if step.before is not None and not ancestor.exists():
             return ("changed in the main tree after the merge was planned; the plan, saved by an older aipm, "
                     "keeps no copy of the file as planned to merge the two with")
-        result, why, _ = _three_way(_load_state(ancestor) if step.before else None, state, result)
+        result, why, _ = _three_way(mergeplan.load_state(ancestor) if step.before else None, state, result)
         if result is None:
             return f"changed in the main tree after the merge was planned; {why}"
         notes.append(f"{step.path}: changed in the main tree after the merge was planned; merged with it")
     _put(target, result, top, renaming)
     return ""
-
-
-def _load(directory: Path) -> dict | None:
-    """The saved plan; None when there is none. One that cannot be read is MergeStopped: taken for none, the merge
-    it plans, perhaps half applied, was forgotten (its directory removed with the worktree)."""
-    path = directory / "plan.json"
-    text = _plan_file(path)
-    if text is None:
-        return None
-    try:
-        data = json.loads(text)
-    except ValueError as exc:
-        raise _unreadable(path, f"not JSON ({exc})") from None
-    if not _plan_shaped(data):
-        raise _unreadable(path, "not a merge plan aipm wrote")
-    return data
-
-
-def _plan_shaped(data) -> bool:
-    """`data` is as save() writes a plan (anything else would be a traceback half-way through applying it)."""
-    return (isinstance(data, dict) and type(data.get("attempt")) is int and isinstance(data.get("steps"), list)
-            and all(isinstance(step, dict) and step.keys() == {"path", "before", "after"}
-                    and isinstance(step["path"], str)
-                    and all(step[key] is None or isinstance(step[key], str) for key in ("before", "after"))
-                    for step in data["steps"]))
-
-
-def _plan_file(path: Path) -> bytes | None:
-    """A file of the plan's directory (plan.json, the journal); None when there is none. Not waited for (a FIFO)
-    nor read whole (a sparse terabyte): one that cannot be read is MergeStopped."""
-    try:
-        return read_bytes(path, PLAN_MAX)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise _unreadable(path, exc) from None
-
-
-def _unreadable(path: Path, problem: OSError | str) -> MergeStopped:
-    """The one line for a plan's file that cannot be read, which leaves the plan in place for a person."""
-    why = problem if isinstance(problem, str) else problem.strerror or str(problem)
-    return MergeStopped(f"merge stopped: {path}: {why}; the merge it plans (perhaps half applied) stays pending "
-                        f"until the file is repaired, or {path.parent} removed to drop the rest of it (the attempt's "
-                        "changes are kept in its patch)")
-
-
-def _load_state(path: Path) -> State:
-    try:
-        handle = reading(path)  # (a FIFO a worker left there: refused, never waited for)
-    except OSError as exc:
-        raise _unreadable(path, exc) from None
-    with handle:  # (not read whole then split: a large file's content copied)
-        meta = json.loads(handle.readline())
-        return State(meta["kind"], handle.read(), meta["exec"])
 
 
 def _put(target: Path, state: State | None, top: Path, renaming: Callable[[int], None] = lambda inode: None
@@ -467,7 +309,7 @@ def _put(target: Path, state: State | None, top: Path, renaming: Callable[[int],
     if state.kind == "link":
         os.symlink(os.fsdecode(state.data), tmp)
     else:
-        _durable(tmp, state.data)
+        mergeplan.write_durably(tmp, state.data)
         mode = _mode(target)
         os.chmod(tmp, mode | 0o111 if state.exec else mode & ~0o111)
     renaming(os.lstat(tmp).st_ino)
@@ -504,9 +346,3 @@ def _remove_temp(target: Path) -> bool:
     return True
 
 
-def _durable(path: Path, *chunks: bytes) -> None:
-    with open(path, "wb") as handle:
-        for chunk in chunks:  # (written one after the other: joined, a large file's content was copied)
-            handle.write(chunk)
-        handle.flush()
-        os.fsync(handle.fileno())
