@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from aipm.cli import grid
 from aipm.cli.decl import Argument, Option, command
 
 from aipm import outcome
 from aipm.board import as_seen, survey
-from aipm.cli.common import JsonOpt, console, json_option, print_json, project_root, read_only
+from aipm.cli.common import JsonOpt, json_option, print_json, project_root, read_only
 from aipm.cli.resource_options import MaxWorkersOpt
 from aipm.launcher import Launcher, Options
 from aipm.model import DEAD_END, FINISHED_OK, Status
@@ -60,16 +61,14 @@ def _paths(task) -> list[str]:
 
 def print_retry_hint(task_id: str, status: Status) -> None:
     if status in FINISHED_OK | DEAD_END | {Status.INTERRUPTED}:  # what `retry` takes: say so
-        console().print(f"  `aipm retry {task_id}` queues it again", markup=False)
+        print(f"  `aipm retry {task_id}` queues it again")
 
 
 def print_reasons(task_id: str, launchable: bool, reasons: list) -> None:
     if launchable:
-        console().print(f"{task_id} can start now.")
+        print(f"{task_id} can start now.")
         return
-    console().print(f"{task_id} cannot start:")
-    for reason in reasons:
-        console().print(f"  - {reason.detail}", markup=False)
+    grid.print_lines([f"{task_id} cannot start:", *(f"  - {reason.detail}" for reason in reasons)])
 
 
 @command()
@@ -101,33 +100,30 @@ def detect(
         }
         print_json(data)
         return
-    out = console()
     if summary:
-        for key, value in result.summary(loaded).items():
-            out.print(f"{key.replace('_', ' '):>26}: {value}")
+        grid.print_lines(f"{key.replace('_', ' '):>26}: {value}" for key, value in result.summary(loaded).items())
         return
-    from rich.markup import escape
-    from rich.table import Table
-
+    styles = grid.Styles.of()
     slots = f"({free} free worker slot(s))"
+    lines: list[str] = []
     if result.launchable:
-        table = Table(title=f"Launchable in {escape(loaded.id)} {slots}")
-        for col in ("#", "task", "pri", "target files"):
-            table.add_column(col)
-        for i, t in enumerate(result.launchable, 1):  # ids and paths escaped: `lib/[ab].c` is not markup
-            table.add_row(str(i), escape(t.id), t.priority.value, escape("\n".join(_paths(t))))
-        out.print(table)
+        table = grid.Grid([grid.Column(name) for name in ("#", "task", "pri", "target files")],
+                          title=f"Launchable in {loaded.id} {slots}")
+        for i, t in enumerate(result.launchable, 1):
+            table.add_row(str(i), t.id, t.priority.value, "\n".join(_paths(t)))
+        lines += table.lines(grid.fitting(), styles)
     else:  # an empty table's frame said nothing
-        out.print(f"Nothing may start in {loaded.id} now {slots}", markup=False)
+        lines.append(f"Nothing may start in {loaded.id} now {slots}")
     waiting = [b for b in result.blocked.values() if b.reason != "not_queued"]
     if waiting:
-        out.print("[bold]Not launchable:[/]")
+        lines.append(styles.paint([("Not launchable:", "bold")]))
         for b in waiting:
-            out.print(f"  {b.id}: {b.detail}", markup=False)
-            for other in others[b.id]:
-                out.print(f"     also: {other.detail}", markup=False)
+            lines.append(f"  {b.id}: {b.detail}")
+            lines += [f"     also: {other.detail}" for other in others[b.id]]
     if result.stale:
-        out.print(f"[yellow]Stale (worker gone, files still busy): {', '.join(result.stale)} — run `aipm recover`[/]")
+        lines.append(styles.paint([(f"Stale (worker gone, files still busy): {', '.join(result.stale)} — run "
+                                    "`aipm recover`", "yellow")]))
+    grid.print_lines(lines)
 
 
 @command()
@@ -150,10 +146,9 @@ def why(
         return
     failed = current.status == Status.QUEUED and (current.reason or "").startswith(outcome.LAUNCH_FAILED)
     if launchable and failed:  # the plan lets it start, but its last start failed: say why, and the fix
-        console().print(f"{task_id} can start now, but its last launch failed: "
-                        f"{current.reason[len(outcome.LAUNCH_FAILED):]}", markup=False)
+        print(f"{task_id} can start now, but its last launch failed: {current.reason[len(outcome.LAUNCH_FAILED):]}")
     else:
         print_reasons(task_id, launchable, reasons)
         if current.reason and current.status == Status.QUEUED:  # other statuses name it in their reason already
-            console().print(f"  last {'' if failed else 'attempt: '}{current.reason}", markup=False)
+            print(f"  last {'' if failed else 'attempt: '}{current.reason}")
     print_retry_hint(task_id, current.status)
