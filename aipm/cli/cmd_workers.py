@@ -9,13 +9,12 @@ from pathlib import Path
 from typing import Optional
 
 import psutil
+from aipm.cli import grid
 from aipm.cli.decl import Argument, Exit, Option, command
-from rich.markup import escape
-from rich.table import Table
 
 from aipm import workspace, writtenlog
 from aipm.cluster import is_attempt
-from aipm.cli.common import JsonOpt, console, copy_out, get_project, json_option, print_json, print_json_text
+from aipm.cli.common import JsonOpt, copy_out, get_project, json_option, print_json, print_json_text
 from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
 from aipm import logbook, recovery, steering, subreaper
@@ -77,9 +76,9 @@ def _review_pending(rec, root: Path) -> bool:
         return False
 
 
-STATE_TEXT = {"alive": "alive", "stopped": "[yellow]stopped[/]", "gone": "[red]gone (stale: aipm recover)[/]",
-              "orphaned": "[red]orphaned: runs on (aipm recover ends it)[/]",
-              "review_pending": "[yellow]review pending: it runs again on the next run[/]"}
+STATE_TEXT = {"alive": ("alive", ""), "stopped": ("stopped", "yellow"), "gone": ("gone (stale: aipm recover)", "red"),
+              "orphaned": ("orphaned: runs on (aipm recover ends it)", "red"),
+              "review_pending": ("review pending: it runs again on the next run", "yellow")}
 
 
 @command()
@@ -91,16 +90,14 @@ def ps(json_out: bool = JsonOpt) -> None:
     if json_out:
         print_json({"workers": infos})
         return
-    table = Table()
-    for col in ("pid", "task", "phase", "elapsed", "cpu %", "mem MB", "state"):
-        table.add_column(col)
+    table = grid.Grid([grid.Column(c) for c in ("pid", "task", "phase", "elapsed", "cpu %", "mem MB", "state")])
     for i in infos:
-        table.add_row(str(i["pid"] or "-"), escape(f"{i['order']}/{i['task']}"), i["phase"],
+        table.add_row(str(i["pid"] or "-"), f"{i['order']}/{i['task']}", i["phase"],
                       f"{i['elapsed']}s" if i["elapsed"] is not None else "-",
                       *(("n/a: Ray node", "n/a") if i["runner"] == "ray" and i["elapsed"] is not None else
                         (str(i[key] if i[key] is not None else "-") for key in ("cpu_percent", "memory_mb"))),
-                      STATE_TEXT[i["state"]])
-    console().print(table if infos else "no workers")
+                      [STATE_TEXT[i["state"]]])
+    grid.print_lines(table.lines(grid.fitting(), grid.Styles.of()) if infos else ["no workers"])
 
 
 @command()
@@ -127,13 +124,11 @@ def locks(json_out: bool = JsonOpt) -> None:
     if json_out:
         print_json({"locks": rows})
         return
-    table = Table()
-    for col in ("path", "task", "pid", "held"):
-        table.add_column(col)
+    table = grid.Grid([grid.Column(c) for c in ("path", "task", "pid", "held")])
     for r in rows:
         task = f"{r['order']}/{r['task']}" if r["task"] else f"held by {r['holder']}"
-        table.add_row(escape(r["path"]), escape(task), str(r["pid"] or "-"), "yes" if r["held"] else "no")
-    console().print(table if rows else "no locks held")
+        table.add_row(r["path"], task, str(r["pid"] or "-"), "yes" if r["held"] else "no")
+    grid.print_lines(table.lines(grid.fitting(), grid.Styles.of()) if rows else ["no locks held"])
 
 
 def _order_named(project, arg: str):
@@ -232,8 +227,8 @@ def _first_log(rt: Runtime, order, task_id: str) -> dict:
             raise UserError(f"{order.id}/{task_id} can never run: {dead} is {now.tasks[dead].status}; fix what "
                             f"stopped it, then `aipm retry {dead}`")
         if not said:
-            console(stderr=True).print(f"waiting for {order.id}/{task_id} to start ({status.value}; Ctrl-C stops)",
-                                       markup=False)
+            print(f"waiting for {order.id}/{task_id} to start ({status.value}; Ctrl-C stops)", file=sys.stderr,
+                  flush=True)
             said = True
         time.sleep(0.25)
 
@@ -295,17 +290,16 @@ def cancel(
         rec = steering.cancel_fileless(project, task, grace)
         if rec is None:
             raise
-        console().print(escape(f"{rec.order}/{rec.task}: its worker (pid {rec.pid}) was stopped; its task file "
-                               f"{rec.task_file} is gone, so no status was written (put the file back, then "
-                               "`aipm recover` writes CANCELLED; a recover without it frees the task's files and "
-                               "keeps the cancel for the file put back as it was)"))
+        print(f"{rec.order}/{rec.task}: its worker (pid {rec.pid}) was stopped; its task file {rec.task_file} is "
+              "gone, so no status was written (put the file back, then `aipm recover` writes CANCELLED; a recover "
+              "without it frees the task's files and keeps the cancel for the file put back as it was)")
         return
     done = steering.cancel(project, order_dir, task_id, grace)
-    console().print(f"{task_id}: CANCELLED")
+    print(f"{task_id}: CANCELLED")
     if done.merge:
-        console().print(escape(f"{task_id}: {done.merge}"))
+        print(f"{task_id}: {done.merge}")
     if done.kept:
-        console().print(escape(f"{task_id}: {done.kept_note()}"))
+        print(f"{task_id}: {done.kept_note()}")
     if done.held_by:
         print(f"aipm: {task_id}: {steering.held_note(done.held_by)}", file=sys.stderr, flush=True)
 
@@ -322,7 +316,7 @@ def retry(
     project, settings = _settings_project()
     order_dir, task_id = find_task(project, task)
     current = steering.retry(project, order_dir, task_id, settings if resume else None)
-    console().print(f"{task_id}: QUEUED" + (f" (resuming session {current.session_id})" if resume else ""))
+    print(f"{task_id}: QUEUED" + (f" (resuming session {current.session_id})" if resume else ""))
 
 
 @command()
@@ -376,8 +370,8 @@ def recover(
             if said == "adopted":  # `recover` alone seemed to only repair, and then tasks it never named started
                 said += (": a detached aipm records how its worker ends, then starts what that unblocks, as `aipm "
                          f"launch` does (follow it: `aipm logs {item['order']} -f`)")
-            console().print(f"{item['order']}/{item['id']}: {said}", markup=False)
+            print(f"{item['order']}/{item['id']}: {said}")
         if not done:
-            console().print("nothing to recover")
+            print("nothing to recover")
     if any("error" in item for item in done):  # left for a later recovery
         raise Exit(1)
