@@ -26,20 +26,24 @@ ROWS = [
 ]
 
 
-def rich_lines(width: int) -> str:
-    table = Table(title="Order ORD")
-    for column in COLUMNS:
+REASON = "interrupted: its worker was lost with its supervisor while it ran the tests"
+
+
+def rich_lines(width: int, columns=COLUMNS, rows=ROWS, title: str = "Order ORD") -> str:
+    table = Table(title=title)
+    for column in columns:
         table.add_column(column.header, overflow="fold", no_wrap=column.no_wrap, min_width=column.min_width)
-    for row in ROWS:
+    for row in rows:
         table.add_row(*["".join(t for t, _ in cell) if isinstance(cell, list) else cell for cell in row])
     out = io.StringIO()
     Console(file=out, width=width, color_system=None, highlight=False, soft_wrap=True).print(table)
     return out.getvalue()
 
 
-def grid_lines(width: int | None, styles: grid.Styles = grid.Styles(False)) -> str:
-    table = grid.Grid(COLUMNS, title="Order ORD")
-    for row in ROWS:
+def grid_lines(width: int | None, styles: grid.Styles = grid.Styles(False), columns=COLUMNS, rows=ROWS,
+               title: str = "Order ORD") -> str:
+    table = grid.Grid(columns, title=title)
+    for row in rows:
         table.add_row(*row)
     return "".join(line + "\n" for line in table.lines(width, styles))
 
@@ -49,6 +53,23 @@ def test_the_grid_draws_what_rich_drew(width):
     """Wide, then narrower than the table: the reason and paths wrap and fold, the status stays whole, a wide
     character takes two cells, a path column keeps its min_width."""
     assert grid_lines(width) == rich_lines(width)
+
+
+@pytest.mark.parametrize("width", [50, 60])
+def test_a_min_width_wider_than_its_cells_is_laid_out_from_the_start(width):
+    """Rich measures a column at its min_width before fitting the table: widened only afterwards, the path
+    column pushed the table past the terminal (65 characters on a terminal of 50)."""
+    columns, rows = [grid.Column("path", min_width=20), grid.Column("reason")], [["a.txt", REASON]]
+    drawn = grid_lines(width, columns=columns, rows=rows, title="")
+    assert drawn == rich_lines(width, columns, rows, title="")
+    assert max(map(cell_len, drawn.splitlines())) <= width
+
+
+@pytest.mark.parametrize("width", [16, 20])
+def test_a_cell_wider_than_the_terminal_is_measured_at_the_terminal_s_width(width):
+    """As Rich does, before the columns share what is left evenly: else they share it differently."""
+    columns, rows = [grid.Column("task"), grid.Column("reason")], [["T1 and T2 and T3", REASON]]
+    assert grid_lines(width, columns=columns, rows=rows, title="") == rich_lines(width, columns, rows, title="")
 
 
 def test_unfitted_the_grid_is_as_wide_as_its_cells():

@@ -59,11 +59,14 @@ class Grid:
 
     def _widths(self, rows: list[list[Runs]], width: int | None) -> list[int]:
         """Each column's width with its padding (one space each side), as Rich's Table lays them out."""
-        natural = [max(max(map(_cells, _text(row[i]).split("\n"))) for row in rows) + 2
-                   for i in range(len(self.columns))]
-        wrappable = [not c.no_wrap for c in self.columns]
-        widths = natural
         room = None if width is None else width - len(self.columns) - 1
+        wrappable = [not c.no_wrap for c in self.columns]
+        widths = [max(max(map(_cells, _text(row[i]).split("\n"))) for row in rows) + 2
+                  for i in range(len(self.columns))]
+        # Measured as Rich measures a column, before the layout: no wider than the room (a wrappable one), no
+        # narrower than its min_width (applied only afterwards, it pushed the table past the terminal).
+        widths = [max(w if room is None or not ok else min(w, room), 0 if c.min_width is None else c.min_width + 2)
+                  for w, ok, c in zip(widths, wrappable, self.columns)]
         if room is not None and sum(widths) > room:
             widths = _collapse(widths, wrappable, room)
             if sum(widths) > room:  # then every wrappable column evenly; a no_wrap one is never broken
