@@ -108,3 +108,20 @@ def test_status_of_a_big_order_draws_without_rich(project):
     assert "│ T49  │ QUEUED │ P1  │ T48…       │ out/49" in proc.stdout, proc.stdout
     assert proc.stdout.splitlines()[-1] == "QUEUED 50"
     assert proc.stderr == "none"
+
+
+def test_control_characters_a_worker_wrote_reach_the_terminal_as_question_marks(project):
+    """A task's reason (a worker writes it) and its paths go into tables and lines as text: a BEL, a backspace,
+    a carriage return or an escape sequence there would ring, overwrite the table or clear the screen. A tab
+    takes the spaces to its next stop, as Rich drew it, keeping the frame straight."""
+    order = project.order()
+    reason = "lost \x1b]0;owned\x07\x1b[2J\x1b[31mred\x1b[0m\rDONE\b\b\x9b tab\there"
+    write_task(order, "A", command="true", target_files=["src/a\tb.py", "x\x1b[2Jy.txt"], reason=reason)
+    write_task(order, "B", command="true", status="FAILED", reason=reason)
+    control = {chr(c) for c in [*range(0x20), *range(0x7f, 0xa0)]} - {"\n"}
+    for args in (("status", "ORD"), ("why", "ORD/A"), ("why", "ORD/B"), ("detect", "ORD")):
+        proc = project.aipm(*args, env={"COLUMNS": "100", "TTY_COMPATIBLE": "0"})
+        assert proc.returncode == 0, (args, proc.stderr)
+        assert "?[2J" in proc.stdout and not set(proc.stdout) & control, (args, proc.stdout)
+        frame = [line for line in proc.stdout.splitlines() if line[:1] in "┏┃┡│└"]
+        assert len({cell_len(line) for line in frame}) <= 1, (args, proc.stdout)  # (why draws no table)

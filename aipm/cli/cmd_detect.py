@@ -68,7 +68,7 @@ def print_reasons(task_id: str, launchable: bool, reasons: list) -> None:
     if launchable:
         print(f"{task_id} can start now.")
         return
-    grid.print_lines([f"{task_id} cannot start:", *(f"  - {reason.detail}" for reason in reasons)])
+    grid.print_lines([f"{task_id} cannot start:", *(f"  - {grid.plain(reason.detail)}" for reason in reasons)])
 
 
 @command()
@@ -118,8 +118,8 @@ def detect(
     if waiting:
         lines.append(styles.paint([("Not launchable:", "bold")]))
         for b in waiting:
-            lines.append(f"  {b.id}: {b.detail}")
-            lines += [f"     also: {other.detail}" for other in others[b.id]]
+            lines.append(f"  {b.id}: {grid.plain(b.detail)}")
+            lines += [f"     also: {grid.plain(other.detail)}" for other in others[b.id]]
     if result.stale:
         lines.append(styles.paint([(f"Stale (worker gone, files still busy): {', '.join(result.stale)} — run "
                                     "`aipm recover`", "yellow")]))
@@ -146,9 +146,10 @@ def why(
         return
     failed = current.status == Status.QUEUED and (current.reason or "").startswith(outcome.LAUNCH_FAILED)
     if launchable and failed:  # the plan lets it start, but its last start failed: say why, and the fix
-        print(f"{task_id} can start now, but its last launch failed: {current.reason[len(outcome.LAUNCH_FAILED):]}")
+        print(f"{task_id} can start now, but its last launch failed: "
+              f"{grid.plain(current.reason[len(outcome.LAUNCH_FAILED):])}")
     else:
         print_reasons(task_id, launchable, reasons)
         if current.reason and current.status == Status.QUEUED:  # other statuses name it in their reason already
-            print(f"  last {'' if failed else 'attempt: '}{current.reason}")
+            print(f"  last {'' if failed else 'attempt: '}{grid.plain(current.reason)}")
     print_retry_hint(task_id, current.status)

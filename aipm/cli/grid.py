@@ -5,7 +5,8 @@ Rich measures and renders every cell through its segment machinery: `aipm status
 5,000 tasks (0.23 s with --json), nearly all of it in the table. The layout follows Rich's: each column as wide
 as its widest cell; on a narrow terminal the widest wrappable columns give way first, then all of them evenly;
 a column's min_width holds even then, and no column is left narrower than one character (Rich's could be none). A cell is text, or runs of (text, style); it wraps at spaces, a word
-longer than its column (a path) folds across lines, and a no_wrap column is never broken. Colour as Rich gives
+longer than its column (a path) folds across lines, and a no_wrap column is never broken; a control character
+in it is a "?" (see plain). Colour as Rich gives
 it: on a terminal (or TTY_COMPATIBLE=1, or FORCE_COLOR set), not with TERM=dumb; NO_COLOR keeps bold and italic.
 """
 
@@ -26,6 +27,7 @@ _SGR = {"bold": "1", "dim": "2", "italic": "3", "underline": "4", "red": "31", "
         "blue": "34", "magenta": "35", "cyan": "36", "white": "37"}
 _COLOURS = frozenset({"31", "32", "33", "34", "35", "36", "37"})
 _WORD = re.compile(r"\s*\S+\s*")
+_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # any control character but a line break
 
 
 @dataclass
@@ -37,11 +39,12 @@ class Column:
 
 class Grid:
     def __init__(self, columns: Sequence[Column], title: str = ""):
-        self.columns, self.title = list(columns), title
+        self.columns, self.title = list(columns), plain(title)
         self.rows: list[list[Runs]] = []
 
     def add_row(self, *cells: Cell) -> None:
-        self.rows.append([[(cell, "")] if isinstance(cell, str) else cell for cell in cells])
+        self.rows.append([[(plain(cell), "")] if isinstance(cell, str) else [(plain(t), s) for t, s in cell]
+                          for cell in cells])
 
     def lines(self, width: int | None, styles: Styles) -> Iterator[str]:
         """The table as lines of text, fitted to `width` columns (None: as wide as its cells)."""
@@ -123,6 +126,14 @@ def fitting(wide: bool = False, stream: TextIO = sys.stdout) -> int | None:
         except (AttributeError, OSError, ValueError):
             continue
     return 80
+
+
+def plain(text: str) -> str:
+    """`text` as it is safe to write to a terminal: a tab as the spaces to its next stop (as Rich drew it), any
+    other control character "?". A worker writes a task's reason (and could name a path): its BEL, backspace or
+    carriage return (which Rich dropped) would ring or overwrite the table, its escape sequences (which Rich let
+    through) clear the screen or retitle the terminal."""
+    return text if text.isprintable() else _CONTROL.sub("?", text.expandtabs())
 
 
 def _is_terminal(stream: TextIO) -> bool:
