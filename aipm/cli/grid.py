@@ -1,13 +1,13 @@
 """Tables for the terminal, drawn as Rich draws its default table (a heavy head, a light body), in a few string
 operations per cell.
 
-Rich measures and renders every cell through its segment machinery: `aipm status` took 3.6 s for an order of
-5,000 tasks (0.23 s with --json), nearly all of it in the table. The layout follows Rich's: each column as wide
-as its widest cell; on a narrow terminal the widest wrappable columns give way first, then all of them evenly;
-a column's min_width holds even then, and no column is left narrower than one character (Rich's could be none). A cell is text, or runs of (text, style); it wraps at spaces, a word
-longer than its column (a path) folds across lines, and a no_wrap column is never broken; a control character
-in it is a "?" (see plain). Colour as Rich gives
-it: on a terminal (or TTY_COMPATIBLE=1, or FORCE_COLOR set), not with TERM=dumb; NO_COLOR keeps bold and italic.
+Rich measures and renders every cell through its segment machinery: `aipm status` took 3.6 s for an order of 5,000
+tasks (0.23 s with --json), nearly all of it in the table. The layout follows Rich's: each column as wide as its
+widest cell; on a narrow terminal the widest wrappable columns give way first, then all of them evenly; a column's
+min_width holds even then, and no column is left narrower than one character (Rich's could be none). A cell is
+text, or runs of (text, style); it wraps at spaces, a word longer than its column (a path) folds across lines, and
+a no_wrap column is never broken; a control character in it is a "?" (see plain). Colour as Rich gives it: on a
+terminal (or TTY_COMPATIBLE=1, or FORCE_COLOR set), not with TERM=dumb; NO_COLOR keeps bold and italic.
 """
 
 from __future__ import annotations
