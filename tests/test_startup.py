@@ -1,11 +1,12 @@
 """Issue 17 (B3): start-up is most of a short command's time, so a command imports only what it uses."""
 
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
-from conftest import snapshot, write_task
+from conftest import snapshot, task_statuses, write_task
 
 # The modules loaded when the command ends: at exit, or at the os._exit that skips the teardown.
 PROBE = """
@@ -97,6 +98,18 @@ def test_the_polled_form_skips_typer_and_answers_exactly_as_typer_does(project):
             assert proc.returncode == (2 if name == "NOPE" else 0)
 
 
+def typer_form(args: tuple) -> tuple:
+    """The form of a command that goes through Typer: its options (and their values), then `--`, then its
+    arguments."""
+    options, arguments, words = [], [], iter(args[1:])
+    for word in words:
+        if word.startswith("-"):
+            options += [word, next(words)] if word in ("--max-workers", "--grace") else [word]
+        else:
+            arguments.append(word)
+    return (args[0], *options, "--", *arguments)
+
+
 def test_the_looking_commands_skip_typer_and_answer_exactly_as_typer_does(project):
     """`ps`, `locks`, `validate ORDER` and `why ORDER/TASK` (a person's commands, typed while a run goes on) skip
     Typer too: the same bytes and exit code as through Typer (`--` sends a form there), errors included."""
@@ -104,12 +117,9 @@ def test_the_looking_commands_skip_typer_and_answer_exactly_as_typer_does(projec
     write_task(order, "A", command="true", target_files=["a.txt"])
     write_task(order, "B", command="true", target_files=["a.txt"], depends_on=["A"])
     (order / "BAD.yaml").write_text("id: BAD\ncommand: true\npriority: P9\n")
-    def typer_form(args: tuple) -> tuple:  # its options, then `--`, then its arguments
-        options = tuple(a for a in args[1:] if a.startswith("-"))
-        return (args[0], *options, "--", *(a for a in args[1:] if not a.startswith("-")))
-
     forms = [("ps",), ("ps", "--json"), ("locks",), ("locks", "--json"), ("validate", "ORD"), ("validate",),
-             ("why", "ORD/B"), ("why", "ORD/NOPE"), ("why", "ORD/B", "--json")]
+             ("why", "ORD/B"), ("why", "ORD/NOPE"), ("why", "ORD/B", "--json"), ("config",), ("config", "--json"),
+             ("config", "--max-workers", "3"), ("diff", "ORD/A"), ("diff", "ORD/A", "--json")]
     calls = [form for args in forms for form in (args, typer_form(args))]
     with ThreadPoolExecutor(max_workers=8) as pool:
         results = dict(zip(calls, pool.map(lambda call: modules_of(project, *call), calls)))
@@ -122,6 +132,37 @@ def test_the_looking_commands_skip_typer_and_answer_exactly_as_typer_does(projec
     assert results[("validate", "ORD")][0].returncode == 2 and "P9" in results[("validate", "ORD")][0].stderr
     assert results[("why", "ORD/B")][0].returncode == 2 and "BAD.yaml" in results[("why", "ORD/B")][0].stderr
     assert results[("ps", "--json")][0].stdout == '{"workers": []}\n'  # (not the usage error of `ps -- --json`)
+    assert "max_workers" in results[("config", "--json")][0].stdout
+
+
+def test_the_steering_commands_skip_typer_and_do_exactly_what_typer_does(project, tmp_path):
+    """`cancel`, `retry` and `recover` skip Typer too: run on two copies of one project, each form and its Typer
+    form say the same and leave the same statuses, errors included."""
+    order = project.order()
+    write_task(order, "A", command="true", target_files=["a.txt"])
+    write_task(order, "B", command="true", status="FAILED", attempts=1, reason="exit 3")
+    write_task(order, "C", command="true", status="DONE", attempts=1, exit_code=0)
+    forms = [("cancel", "ORD/A"), ("cancel", "ORD/NOPE"), ("retry", "ORD/B"), ("retry", "ORD/A"), ("recover",),
+             ("recover", "--json"), ("retry", "ORD/C", "--resume")]
+    outcomes = {}
+    for args in forms:
+        said = []
+        for form in (args, typer_form(args)):
+            copy = tmp_path / "copy"  # the same path for both: errors name it
+            shutil.rmtree(copy, ignore_errors=True)
+            shutil.copytree(project.root, copy)
+            proc = subprocess.run([sys.executable, "-c", PROBE, "--root", str(copy), *form], capture_output=True,
+                                  text=True, cwd=copy, timeout=120)
+            modules = set([x for x in proc.stderr.splitlines() if x.startswith("MODULES ")][-1].split()[1:])
+            assert ("typer.main" in modules) == (form != args), form
+            said.append((proc.returncode, proc.stdout, proc.stderr.split("MODULES")[0], task_statuses(copy / "orders" /
+                                                                                                     "ORD")))
+        assert said[0] == said[1], args
+        outcomes[args] = said[0]
+    assert outcomes[("cancel", "ORD/A")][0] == 0 and outcomes[("cancel", "ORD/A")][3]["A"] == "CANCELLED"
+    assert outcomes[("retry", "ORD/B")][0] == 0 and outcomes[("retry", "ORD/B")][3]["B"] == "QUEUED"
+    assert outcomes[("cancel", "ORD/NOPE")][0] == 2 and outcomes[("retry", "ORD/A")][3]["A"] == "QUEUED"
+    assert outcomes[("recover",)][1] == "nothing to recover\n"
 
 
 def test_run_in_a_plain_form_skips_typer_rich_and_filelock_and_ends_as_typer_does(project):

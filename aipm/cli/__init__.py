@@ -157,8 +157,9 @@ def _load_commands(argv: list[str] | None = None) -> None:
 
 # Commands whose common forms skip Typer altogether (its import and its parsing cost more than a short command
 # does: `detect`/`status` polled by scripts, `run` of a build; `ps` 0.54 -> 0.10 s, `why` 0.82 -> 0.36 s on an
-# order of 10,000 tasks). Others go through Typer.
-DIRECT = ("detect", "status", "run", "launch", "exec", "ps", "locks", "validate", "why")
+# order of 10,000 tasks; `config` 0.44 -> 0.16 s). Others go through Typer.
+DIRECT = ("detect", "status", "run", "launch", "exec", "ps", "locks", "validate", "why", "diff", "config", "cancel",
+          "retry", "recover")
 # Parameter types read here exactly as Typer reads them (bool: a flag; int, float: _read; str: the word).
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str,
           "Optional[int]": int, "Optional[float]": float, "Optional[str]": str}
