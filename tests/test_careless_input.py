@@ -204,3 +204,13 @@ def test_init_does_not_write_through_an_aipm_yaml_linked_to_nothing(project, tmp
     assert_one_line_error(project.aipm("init"), "aipm.yaml: a link to nothing", "-")
     assert not gone.exists()
     assert full_snapshot(project.root) == before
+
+
+@pytest.mark.parametrize("args", [("status", "ORD"), ("detect", "ORD"), ("config",), ("run", "--help")])
+def test_a_terminal_size_that_is_no_number_is_taken_as_unset(project, args):
+    """COLUMNS=² (a digit to str.isdigit, no number to int) was a ValueError traceback in every table and help:
+    Rich reads COLUMNS and LINES so. A size that is no number is taken as none, as ls(1) takes it."""
+    write_task(project.order(), "A", command="true", target_files=["a.txt"])
+    proc = project.aipm(*args, env={"COLUMNS": "²", "LINES": "x"})
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
+    assert ("┃ task" in proc.stdout) if args[0] == "status" else proc.stdout

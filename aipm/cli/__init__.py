@@ -303,6 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     """The command line (aipm.main runs it, and turns an interrupt outside a command's own handling into exit 130).
     Typer handles usage errors (exit 2) and Ctrl-C in its commands (exit 130); user errors become one line."""
     args = sys.argv[1:] if argv is None else argv
+    for name in ("COLUMNS", "LINES"):  # Rich reads them with isdigit() then int(): "²" was a traceback
+        if not os.environ.get(name, "0").isdecimal():
+            del os.environ[name]  # not a size: as if unset, as ls(1) takes it
     if "AIPM_TASK_ID" in os.environ:  # run by a worker's command: it may have handed us its locks
         from aipm.statedir import keep_inherited_locks
 

@@ -116,7 +116,7 @@ def fitting(wide: bool = False, stream: TextIO = sys.stdout) -> int | None:
     columns = os.environ.get("COLUMNS", "")
     if wide:
         return None
-    if columns.isdigit():
+    if columns.isdecimal():
         return int(columns)
     if not _is_terminal(stream):
         return None
