@@ -22,6 +22,8 @@ from typing import TextIO
 
 Runs = Sequence[tuple[str, str]]  # (text, style) runs of one cell; style: Rich style words such as "bold red"
 Cell = str | Runs
+_Cell = tuple[Runs, str, int]  # a cell's runs, its text, and the cells its widest line takes
+_Line = tuple[Runs, int]  # a line of a cell drawn: its runs and the cells they take
 
 _SGR = {"bold": "1", "dim": "2", "italic": "3", "underline": "4", "red": "31", "green": "32", "yellow": "33",
         "blue": "34", "magenta": "35", "cyan": "36", "white": "37"}
@@ -40,15 +42,15 @@ class Column:
 class Grid:
     def __init__(self, columns: Sequence[Column], title: str = ""):
         self.columns, self.title = list(columns), plain(title)
-        self.rows: list[list[Runs]] = []
+        self.rows: list[list[_Cell]] = []
 
     def add_row(self, *cells: Cell) -> None:
-        self.rows.append([[(plain(cell), "")] if isinstance(cell, str) else [(plain(t), s) for t, s in cell]
+        self.rows.append([_cell([(plain(cell), "")] if isinstance(cell, str) else [(plain(t), s) for t, s in cell])
                           for cell in cells])
 
     def lines(self, width: int | None, styles: Styles) -> Iterator[str]:
         """The table as lines of text, fitted to `width` columns (None: as wide as its cells)."""
-        header = [[(c.header, "bold")] for c in self.columns]
+        header = [_cell([(c.header, "bold")]) for c in self.columns]
         widths = self._widths([header, *self.rows], width)
         heavy, light = "━", "─"
         if self.title:  # at the left edge, as Rich prints it where lines are not wrapped to the terminal
@@ -60,12 +62,11 @@ class Grid:
             yield from self._row(row, widths, "│", styles)
         yield "└" + "┴".join(light * w for w in widths) + "┘"
 
-    def _widths(self, rows: list[list[Runs]], width: int | None) -> list[int]:
+    def _widths(self, rows: list[list[_Cell]], width: int | None) -> list[int]:
         """Each column's width with its padding (one space each side), as Rich's Table lays them out."""
         room = None if width is None else width - len(self.columns) - 1
         wrappable = [not c.no_wrap for c in self.columns]
-        widths = [max(max(map(_cells, _text(row[i]).split("\n"))) for row in rows) + 2
-                  for i in range(len(self.columns))]
+        widths = [max(row[i][2] for row in rows) + 2 for i in range(len(self.columns))]
         # Measured as Rich measures a column, before the layout: no wider than the room (a wrappable one), no
         # narrower than its min_width (applied only afterwards, it pushed the table past the terminal).
         widths = [max(w if room is None or not ok else min(w, room), 0 if c.min_width is None else c.min_width + 2)
@@ -76,15 +77,20 @@ class Grid:
                 widths = _reduce(sum(widths) - room, [int(ok) for ok in wrappable], widths, widths)
         return [max(w, 3, 0 if c.min_width is None else c.min_width + 2) for w, c in zip(widths, self.columns)]
 
-    def _row(self, row: list[Runs], widths: list[int], bar: str, styles: Styles, bottom: bool = False) -> Iterator[str]:
+    def _row(self, row: list[_Cell], widths: list[int], bar: str, styles: Styles, bottom: bool = False
+             ) -> Iterator[str]:
         cells = [_wrap(cell, w - 2, not c.no_wrap) for cell, w, c in zip(row, widths, self.columns)]
         height = max(map(len, cells))
+        if height == 1:  # most rows: one line, drawn without the alignment below
+            yield bar + bar.join([" " + styles.paint(lines[0][0]) + " " * (w - 1 - lines[0][1])
+                                  for lines, w in zip(cells, widths)]) + bar
+            return
         for k in range(height):
             parts = []
             for lines, w in zip(cells, widths):
                 at = k - (height - len(lines)) if bottom else k  # a header sits on the table's body
-                line = lines[at] if 0 <= at < len(lines) else ()
-                parts.append(" " + styles.paint(line) + " " * (w - 1 - _width(line)))
+                line, used = lines[at] if 0 <= at < len(lines) else ((), 0)
+                parts.append(" " + styles.paint(line) + " " * (w - 1 - used))
             yield bar + bar.join(parts) + bar
 
 
@@ -168,17 +174,21 @@ def _char_cells(char: str) -> int:
     return cell_len(char)
 
 
-def _width(line: Runs) -> int:
-    return _cells(line[0][0]) if len(line) == 1 else sum(_cells(text) for text, _ in line)
+def _cell(runs: Runs) -> _Cell:
+    text = _text(runs)
+    return runs, text, _cells(text) if "\n" not in text else max(map(_cells, text.split("\n")))
 
 
-def _wrap(runs: Runs, width: int, wrap: bool) -> list[Runs]:
+def _drawn(runs: Runs) -> _Line:
+    return runs, sum(_cells(text) for text, _ in runs)
+
+
+def _wrap(cell: _Cell, width: int, wrap: bool) -> list[_Line]:
     """The cell's lines at `width`: runs cut where the text breaks (its own line breaks, and the wrap's); a word
     longer than `width` folds."""
-    only = runs[0][0] if len(runs) == 1 else "\n"
-    if "\n" not in only and (not wrap or _cells(only) <= width):  # most cells: one run that fits on one line
-        return [runs] if only[-1:] not in (" ", "\t") else [_rstrip(list(runs))]
-    text = _text(runs)
+    runs, text, widest = cell
+    if "\n" not in text and (not wrap or widest <= width):  # most cells: one line that fits
+        return [(runs, widest) if text[-1:] != " " else _drawn(_rstrip(list(runs)))]
     cuts: list[int] = []  # offsets where a line ends (its trailing spaces dropped when shown)
     at = 0
     for line in text.split("\n"):
@@ -188,7 +198,7 @@ def _wrap(runs: Runs, width: int, wrap: bool) -> list[Runs]:
         cuts.append(at - 1)
     out, start = [], 0
     for end in cuts:
-        out.append(_rstrip(_slice(runs, start, end)))
+        out.append(_drawn(_rstrip(_slice(runs, start, end))))
         start = end + 1 if end < len(text) and text[end] == "\n" else end
     return out
 
