@@ -5,9 +5,7 @@ from __future__ import annotations
 import shlex
 from typing import Any, Optional
 
-from rich.markup import escape
-from rich.table import Table
-
+from aipm.cli import grid
 from aipm.cli.common import JsonOpt, console, print_json, project_root
 from aipm.cli.decl import command
 from aipm.cli.resource_options import (
@@ -51,13 +49,11 @@ def config(
             for name, v in values.items()
         }})
         return
-    table = Table(title=f"aipm settings for {escape(str(root))}")  # a `[name]` in the path is not markup
-    table.add_column("setting", no_wrap=True)
-    table.add_column("value")
-    table.add_column("source", no_wrap=True)
+    table = grid.Grid([grid.Column("setting", no_wrap=True), grid.Column("value"),
+                       grid.Column("source", no_wrap=True)], title=f"aipm settings for {root}")
     for name, value in values.items():
-        table.add_row(setting_key(name), escape(_shown(value)), escape(settings.sources[name]))
-    console().print(table)
+        table.add_row(setting_key(name), _shown(value), settings.sources[name])
+    grid.print_lines(table.lines(grid.fitting(), grid.Styles.of()))
 
 
 def _size(n: Optional[int]) -> str:
@@ -93,6 +89,8 @@ def resources(
         print_json(data)
         return
     system = data["system"]
+    from rich.table import Table  # (headerless: not a table cli/grid draws; psutil's sample dominates anyway)
+
     table = Table(title="aipm resources", show_header=False)
     table.add_column(style="bold")
     table.add_column()
