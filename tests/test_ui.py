@@ -287,7 +287,9 @@ def test_a_worker_lost_with_its_supervisor_reads_as_interrupted_and_says_what_to
     write_task(order, "A", command='if [ "$AIPM_ATTEMPT" = 1 ]; then sleep 60; fi', target_files=["a.txt"])
     write_task(order, "B", command="true", target_files=["b.txt"], status="DONE")
     project.aipm("launch", "ORD", check=True)
-    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pid"]), None))
+    # Its pgid, not its pid: until the owner records the worker, `ps` names the owner as its pid (the launch's record
+    # has no worker yet), and a worker recorded just after that read, its wrapper left alive, rightly ran on.
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
     for pid in (worker["owner_pid"], worker["pid"]):
         os.kill(pid, signal.SIGKILL)
     wait_for(lambda: not pid_alive(worker["owner_pid"]) and not pid_alive(worker["pid"]))
