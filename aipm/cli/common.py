@@ -73,12 +73,12 @@ def project_root(create: bool = False) -> Path:
 UNLIMITED = 10**6
 
 
-def console(stderr: bool = False, width: int | None = None) -> Console:
+def console(stderr: bool = False) -> Console:
     from rich.console import Console  # here: JSON output never needs rich
 
     # Rich honours NO_COLOR itself; no colour or markup tricks when not a terminal.
-    out = Console(stderr=stderr, highlight=False, soft_wrap=True, width=width)
-    if width is None and not out.is_terminal and not os.environ.get("COLUMNS", "").isdecimal():
+    out = Console(stderr=stderr, highlight=False, soft_wrap=True)
+    if not out.is_terminal and not os.environ.get("COLUMNS", "").isdecimal():
         # A pipe or a file has no width to fit. Rich takes 80 columns (or the width of a terminal on stdin, so
         # a file's content would depend on where it was made) and then breaks words inside narrow cells
         # (`superviso` / `r`). Like git and kubectl, print whole lines instead; `less -S` scrolls them, and
