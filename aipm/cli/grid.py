@@ -66,16 +66,17 @@ class Grid:
         """Each column's width with its padding (one space each side), as Rich's Table lays them out."""
         room = None if width is None else width - len(self.columns) - 1
         wrappable = [not c.no_wrap for c in self.columns]
+        least = [0 if c.min_width is None else c.min_width + 2 for c in self.columns]
         widths = [max(row[i][2] for row in rows) + 2 for i in range(len(self.columns))]
         # Measured as Rich measures a column, before the layout: no wider than the room (a wrappable one), no
         # narrower than its min_width (applied only afterwards, it pushed the table past the terminal).
-        widths = [max(w if room is None or not ok else min(w, room), 0 if c.min_width is None else c.min_width + 2)
-                  for w, ok, c in zip(widths, wrappable, self.columns)]
+        widths = [max(w if room is None or not ok else min(w, room), floor)
+                  for w, ok, floor in zip(widths, wrappable, least)]
         if room is not None and sum(widths) > room:
             widths = _collapse(widths, wrappable, room)
             if sum(widths) > room:  # then every wrappable column evenly; a no_wrap one is never broken
                 widths = _reduce(sum(widths) - room, [int(ok) for ok in wrappable], widths, widths)
-        return [max(w, 3, 0 if c.min_width is None else c.min_width + 2) for w, c in zip(widths, self.columns)]
+        return [max(w, 3, floor) for w, floor in zip(widths, least)]  # (as Rich clamps its second measure)
 
     def _row(self, row: list[_Cell], widths: list[int], bar: str, styles: Styles, bottom: bool = False
              ) -> Iterator[str]:
