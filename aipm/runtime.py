@@ -31,7 +31,8 @@ from aipm.attemptfiles import AttemptFiles, entries
 from aipm.cancelmarks import CancelMarks
 from aipm.statedir import make_state_dir, safe_name as _safe, state_dir
 from aipm.record import Record
-from aipm.spares import Pool, fill, pool
+from aipm.inodes import fill
+from aipm.spares import Pool, pool
 from aipm.workerfiles import kept_link, write_bytes
 
 GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"

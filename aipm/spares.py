@@ -29,48 +29,19 @@ server exports gets no spares (exported()); an indexer that keeps handles is not
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import os
 import re
-import signal
 import stat
 from contextlib import suppress
 from functools import lru_cache
 
+from aipm.inodes import (EUID, Stamp, create, empty, fill, inherits, move_new, ours_alone, reusable,
+                         stamp)
 from aipm.offthread import Synced, fsync_later
 
 KEEP = 4  # spares per pool: one round of a run writes a few files
-_AT_FDCWD = -100
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
-_FALLOC_FL_ZERO_RANGE = 0x10
-_PAGE = os.sysconf("SC_PAGE_SIZE")
 _NAME = re.compile(r"\d+-\d+")
 _EXPORTS = "/proc/fs/nfsd/exports"  # what the kernel NFS server exports, while it runs
-_libc = None  # ctypes' libc, or False where it cannot be loaded
-# Who this process is (a system call each time asked, several times per status write; aipm never changes them)
-_EUID, _EGID = os.geteuid(), os.getegid()
-
-
-def _c() -> ctypes.CDLL | None:
-    global _libc
-    if _libc is None:
-        try:
-            _libc = ctypes.CDLL(None, use_errno=True)
-            _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-            _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-        except (OSError, AttributeError):
-            _libc = False
-    return _libc or None
-
-
-def exchange(a: str, b: str) -> bool:
-    """Swap the files named `a` and `b` in one step (renameat2 RENAME_EXCHANGE): `b` gets `a`'s file, which
-    readers see whole or not at all, as with a rename, and `a` keeps the old one. False where that cannot be done
-    (no such call, a file system without it, `b` missing, ...): the caller renames instead."""
-    libc = _c()
-    return libc is not None and libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
-                                               _RENAME_EXCHANGE) == 0
 
 
 class Pool:
@@ -120,11 +91,11 @@ class Pool:
                 os.unlink(name)  # a link or FIFO planted under the name (a directory stays), or it is gone
             return None
         try:
-            if _ours_alone(fd, ino):
+            if ours_alone(fd, ino):
                 if tmp is not None:
                     os.rename(name, tmp)
                 if tmp is None or os.lstat(tmp).st_ino == ino:
-                    _empty(fd, os.fstat(fd).st_size)
+                    empty(fd, os.fstat(fd).st_size)
                     return fd
         except OSError:
             pass  # gone meanwhile, another file system (EXDEV), ...: a new file it is
@@ -139,7 +110,7 @@ class Pool:
         if not self._usable():
             raise NotADirectoryError(self.dir)
         name = self._name()
-        return _create(name, mode), name
+        return create(name, mode), name
 
     def replaces(self, directory: str) -> bool:
         """Whether a file of the pool may be exchanged straight into `directory` (the same file system, a usable
@@ -151,7 +122,7 @@ class Pool:
         if known is None:
             try:
                 known = (self._usable() and os.stat(self.dir).st_dev == os.stat(directory).st_dev
-                         and not _inherits(directory))
+                         and not inherits(directory))
             except OSError:
                 return False
             self._devices[directory] = known
@@ -170,7 +141,7 @@ class Pool:
     def _keep(self, path: str, was: str, moved: bool) -> tuple[str, int, str] | None:
         try:
             info = os.lstat(path)
-            if self._kept < KEEP and _reusable(info) and self._usable():
+            if self._kept < KEEP and reusable(info) and self._usable():
                 name = path if moved else self._name()
                 if not moved:
                     os.rename(path, name)
@@ -227,7 +198,7 @@ class Pool:
         (the caller writes anew)."""
         try:
             info = os.lstat(name)
-            if stamp(info) == version and _reusable(info):
+            if stamp(info) == version and reusable(info):
                 return True
         except OSError:
             pass
@@ -252,7 +223,7 @@ class Pool:
                 return
             while len(self._blanks) < count:
                 name = self._name()
-                fd = _create(name, 0o644)
+                fd = create(name, 0o644)
                 self._blanks.append((name, os.fstat(fd).st_ino))
                 os.close(fd)
         except OSError:
@@ -263,17 +234,17 @@ class Pool:
         O_CREAT creates nothing. Not when none is left or `dest` exists (never replaced), nor
         where a file created in `dest`'s directory would get more than a blank has (a setgid directory's group,
         a default ACL)."""
-        if not self._blanks or _inherits(os.path.dirname(dest)):
+        if not self._blanks or inherits(os.path.dirname(dest)):
             return
         while self._blanks:
             name, ino = self._blanks.pop()  # atomic: the spawn thread places, the main thread stocks
-            if not _move_new(name, dest):
+            if not move_new(name, dest):
                 with suppress(OSError):
                     os.unlink(name)
                 return
             with suppress(OSError):
                 info = os.lstat(dest)
-                if info.st_ino == ino and _reusable(info) and info.st_size == 0:
+                if info.st_ino == ino and reusable(info) and info.st_size == 0:
                     return
                 os.unlink(dest)  # not the file we made (changed, or replaced under its name): it is not a log
 
@@ -298,85 +269,12 @@ class Pool:
             if self._ignored:
                 with open(os.path.join(self.dir, ".gitignore"), "w") as handle:
                     handle.write("# aipm's spare files: never version-controlled\n*\n")
-        if not stat.S_ISDIR(info.st_mode) or info.st_uid != _EUID:
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != EUID:
             return False
         if not self._checked:
             self._checked = True
             sweep(self.dir)
         return True
-
-
-Stamp = tuple[int, int, int, int]
-
-
-def stamp(info: os.stat_result) -> Stamp:
-    """What tells one version of a file from another: inode, size, mtime and ctime (no one sets a ctime back)."""
-    return (info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
-
-
-def _create(name: str, mode: int) -> int:
-    """A new file of the pool, opened for writing (never through a link, never an existing file)."""
-    return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-
-
-def _move_new(a: str, b: str) -> bool:
-    """Rename `a` to `b` unless `b` exists (renameat2 RENAME_NOREPLACE); False where it exists or that cannot
-    be done."""
-    libc = _c()
-    return libc is not None and libc.renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b),
-                                               _RENAME_NOREPLACE) == 0
-
-
-def _inherits(directory: str) -> bool:
-    """Whether a file created in `directory` gets something from it (setgid: its group; a default ACL)."""
-    try:
-        return bool(os.stat(directory).st_mode & stat.S_ISGID) or "system.posix_acl_default" in os.listxattr(directory)
-    except OSError:
-        return True
-
-
-def _reusable(info: os.stat_result) -> bool:
-    # The group too: one task file's (a `chgrp` to share it) must not pass to another, as an ACL must not.
-    return (stat.S_ISREG(info.st_mode) and info.st_nlink == 1 and info.st_uid == _EUID
-            and info.st_gid == _EGID)
-
-
-def _ours_alone(fd: int, ino: int) -> bool:
-    """The descriptor is the spare we kept (same inode, still one link, ours, no extended attribute of its old
-    file but a security label) and no other process has it open."""
-    info = os.fstat(fd)
-    if info.st_ino != ino or not _reusable(info):
-        return False
-    if any(not name.startswith("security.") for name in os.listxattr(fd)):
-        return False
-    try:
-        # A lease break (an open while we hold the lease) signals us: SIGURG is ignored by default, SIGIO would end
-        # the process.
-        fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
-        fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)  # refused (EAGAIN) while anyone else has it open
-    except OSError:
-        return False
-    alone = fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_WRLCK  # not being broken by someone's open meanwhile
-    fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-    return alone
-
-
-def fill(fd: int, data: bytes) -> None:
-    """Write `data` from the start of the file and end the file there (a spare keeps its old length)."""
-    size = len(data)
-    while data:
-        data = data[os.write(fd, data):]
-    os.ftruncate(fd, size)
-
-
-def _empty(fd: int, size: int) -> None:
-    """Drop the spare's cached pages, keeping its blocks where the file system can (a pipe that holds those pages
-    keeps the old bytes; the new text goes into fresh ones); else truncate it. Whole pages: a partial one would be
-    zeroed in place."""
-    libc = _c()
-    whole = -(-size // _PAGE) * _PAGE
-    if whole and (libc is None or libc.fallocate(fd, _FALLOC_FL_ZERO_RANGE, 0, whole) != 0):
-        os.ftruncate(fd, 0)
 
 
 def sweep(directory: str) -> None:

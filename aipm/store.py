@@ -22,7 +22,7 @@ from aipm.model import ID_PATTERN, ID_RULE, Order, Task
 from aipm.parsecache import ParseCache
 from aipm.paths import Normaliser, PathError
 from aipm.patch import Unpatchable, check
-from aipm.spares import Stamp, stamp
+from aipm.inodes import Stamp, stamp
 
 Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from aipm.inotify import IN_CREATE, IN_MOVED_TO, DirWatch, close_at_exit
 from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.ranking import ranked, remains
-from aipm.spares import Stamp, stamp
+from aipm.inodes import Stamp, stamp
 from aipm.errors import ValidationError
 from aipm.store import ORDER_FILE, SETTINGS_FILE, check_links, load_order, load_task, task_files
 
@@ -293,7 +293,7 @@ class OrderView:
 
 
 def _stat(path: str) -> Stamp | None:
-    """The file's version (spares.stamp: its ctime too, as `cp -p` or `touch -d` put an edit's size and mtime back).
+    """The file's version (inodes.stamp: its ctime too, as `cp -p` or `touch -d` put an edit's size and mtime back).
     Our own writes rename their inode into place, which moves its ctime: note() stamps the file after that."""
     try:
         return stamp(os.stat(path))

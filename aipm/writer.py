@@ -27,7 +27,8 @@ from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task, evol
 from aipm.patch import Unpatchable, patch
 from aipm.offthread import Synced
 from aipm.fields import managed_values
-from aipm.spares import Pool, Stamp, exchange as swap, fill, in_tree, stamp
+from aipm.inodes import Stamp, exchange as swap, fill, stamp
+from aipm.spares import Pool, in_tree
 from aipm.store import DuplicateKey, Identity, load_yaml, parse_task, read_versioned, remember
 
 
