@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import posixpath
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -262,3 +263,42 @@ def lock_overlap(a: Target, b: Target) -> bool:
     `overlaps` also conflicts here, so the planner tests this first: it is plain string comparison."""
     return nodes_related(lock_prefix(a) if a.is_glob else a.path, lock_prefix(b) if b.is_glob else b.path)
 
+
+def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:
+    """Sorted paths that no allowed target (file, directory or glob) covers.
+
+    A str target is read as `str(Target)` writes it (Record.targets): a directory ends in "/".
+    """
+    targets = [normalize(t) if isinstance(t, str) else t for t in allowed]
+    bad = []
+    for p in paths:
+        try:
+            # A changed path is a literal file name, even if it contains `*`, `?` or `[`.
+            target = Target(normalize(p).path, False, False)
+        except PathError:
+            bad.append(p)
+            continue
+        if not any(overlaps(target, t) for t in targets):
+            bad.append(p)
+    return sorted(bad)
+
+
+def files_above(paths: Iterable[str], targets: Iterable[Target | str]) -> list[str]:
+    """The file targets (no trailing `/`, no glob) that some of `paths` lie below: `gen` named before the task made
+    the directory gen/ is a file, so gen/out.txt is outside it (though its lock covers gen/out.txt too)."""
+    found = []
+    for t in (normalize(t) if isinstance(t, str) else t for t in targets):
+        if t.path and not t.is_dir and not t.is_glob and any(p.startswith(t.path + "/") for p in paths):
+            found.append(t.path)
+    return sorted(set(found))
+
+
+def dir_covered(directory: str, allowed: Iterable[Target | str]) -> bool:
+    """A directory moved away took every file in it: covered only by a target that covers all of them."""
+    whole = Target(directory, True, False)
+    for t in (normalize(t) if isinstance(t, str) else t for t in allowed):
+        if t.is_glob and overlaps(whole, t):
+            return True  # conservative for patterns, like out_of_scope
+        if t.is_dir and (not t.path or directory == t.path or directory.startswith(t.path + "/")):
+            return True
+    return False

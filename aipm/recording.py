@@ -18,7 +18,7 @@ from aipm.errors import UserError
 from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
 from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Status, Task
-from aipm.paths import as_path
+from aipm.paths import as_path, files_above
 from aipm.restore import disowned, known_status, restore
 from aipm.reviewing import Reviewing, left_out, log_whole
 from aipm.record import Record
@@ -282,7 +282,7 @@ class Recording(Reviewing):
             message = ("scope audit: changed outside target_files while this attempt ran: " + ", ".join(outside)
                        + "; if you changed them, undo that and keep to target_files; if you did not, leave them as "
                        "they are")
-            for target in scope.files_above(outside, rec.targets):  # `gen` for the directory the task makes
+            for target in files_above(outside, rec.targets):  # `gen` for the directory the task makes
                 message += (f"; {target} is a file target, not a directory (it did not exist when the attempt "
                             f"started): write `{target}/` in target_files to cover everything below it")
             if escaped:

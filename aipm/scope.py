@@ -5,8 +5,8 @@ Before a worker starts, `snapshot(root)` records every dirty or untracked path o
 `changed(before, after)` gives the paths that appeared, disappeared (reverted to clean or deleted) or whose
 fingerprint moved, so a file that was already dirty and was written again is seen too; the files of the commits
 made meanwhile count as well (`findings`' `in_commits`, from commits.py): `git status` no longer shows them.
-`out_of_scope(paths, allowed)` names the ones no allowed target covers; a non-empty answer fails the review with
-those paths named.
+`paths.out_of_scope(paths, allowed)` names the ones no allowed target covers; a non-empty answer fails the review
+with those paths named.
 
 Limits, by design: files ignored by git are invisible (build output, caches, the runtime directory `.aipm/`, which
 is also skipped explicitly); a file written and restored to its exact prior state between snapshots is not seen.
@@ -36,14 +36,14 @@ import json
 import os
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from aipm import durable, workerfiles
 from aipm.gitstatus import (STATUS_ARGS, Git, as_fingerprint, changed, fingerprint, git_env, known_outside,
                             read_status, real_root, tree_prefix)
-from aipm.paths import PathError, Target, normalize, overlaps
+from aipm.paths import Target, dir_covered, out_of_scope
 from aipm.treewatch import CREATED, TreeWatch
 
 RUNTIME_DIR = ".aipm"
@@ -201,35 +201,6 @@ def _start(root: Path) -> _Pending | None:
     return pending
 
 
-def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:
-    """Sorted paths that no allowed target (file, directory or glob) covers.
-
-    A str target is read as `str(Target)` writes it (Record.targets): a directory ends in "/".
-    """
-    targets = [normalize(t) if isinstance(t, str) else t for t in allowed]
-    bad = []
-    for p in paths:
-        try:
-            # A changed path is a literal file name, even if it contains `*`, `?` or `[`.
-            target = Target(normalize(p).path, False, False)
-        except PathError:
-            bad.append(p)
-            continue
-        if not any(overlaps(target, t) for t in targets):
-            bad.append(p)
-    return sorted(bad)
-
-
-def files_above(paths: Iterable[str], targets: Iterable[Target | str]) -> list[str]:
-    """The file targets (no trailing `/`, no glob) that some of `paths` lie below: `gen` named before the task made
-    the directory gen/ is a file, so gen/out.txt is outside it (though its lock covers gen/out.txt too)."""
-    found = []
-    for t in (normalize(t) if isinstance(t, str) else t for t in targets):
-        if t.path and not t.is_dir and not t.is_glob and any(p.startswith(t.path + "/") for p in paths):
-            found.append(t.path)
-    return sorted(set(found))
-
-
 def save(snap: Snapshot, path: Path) -> None:
     """Write a snapshot as JSON (so an owner that adopts a worker can still audit it); the file's mtime is the
     moment it was taken."""
@@ -317,7 +288,7 @@ def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target 
     bad = [p for p in bad if _changed_since(f"{real_root(root)}/{p}", touched[p], since)]
     bad += out_of_scope(in_commits - set(bad), covered)  # changed by a commit of the window, whatever their inode says
     # A directory moved away (one made in the window and moved on is no change: its files count by name).
-    bad += [p for p in touched if p.endswith("/") and touched[p] != CREATED and not _dir_covered(p[:-1], covered)]
+    bad += [p for p in touched if p.endswith("/") and touched[p] != CREATED and not dir_covered(p[:-1], covered)]
     ignored = _ignored(real_root(root), bad)
     return sorted(p for p in bad if p not in ignored and p.rstrip("/") not in ignored)
 
@@ -353,17 +324,6 @@ def _changed_since(path: str, first: int, since_ns: int) -> bool:
     except OSError:
         return first not in (CREATED, _UNSEEN)
     return first == CREATED or st.st_ctime_ns >= since_ns - CTIME_SLACK_NS
-
-
-def _dir_covered(directory: str, allowed: Iterable[Target | str]) -> bool:
-    """A directory moved away took every file in it: covered only by a target that covers all of them."""
-    whole = Target(directory, True, False)
-    for t in (normalize(t) if isinstance(t, str) else t for t in allowed):
-        if t.is_glob and overlaps(whole, t):
-            return True  # conservative for patterns, like out_of_scope
-        if t.is_dir and (not t.path or directory == t.path or directory.startswith(t.path + "/")):
-            return True
-    return False
 
 
 def _ignored(root: str, paths: list[str]) -> set[str]:
