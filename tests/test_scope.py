@@ -14,7 +14,8 @@ import pytest
 
 from aipm.paths import normalize
 from aipm.gitstatus import changed
-from aipm.scope import load, out_of_scope, save, snapshot
+from aipm.paths import out_of_scope
+from aipm.scope import load, save, snapshot
 from conftest import capped_memory, task_statuses, wait_for, write_task
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
