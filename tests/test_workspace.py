@@ -715,13 +715,17 @@ def test_a_journal_line_aipm_never_wrote_counts_for_nothing(repo):
     ("applied", "mkfifo", "not a regular file (its worker replaced it)"),
     ("applied", "truncate -s 1T", "over 268435456 bytes (its worker made it)"),
     ("1.state", "mkfifo", "not a regular file (its worker replaced it)"),
+    ("1.state", "truncate -s 1T", "the file is over 256 MiB, more than a merge holds in memory"),
+    ("1.state", "garbage", "not a step's file aipm wrote"),
+    ("1.before", "truncate -s 1T", "the file is over 256 MiB, more than a merge holds in memory"),
 ])
 def test_a_half_applied_plan_that_cannot_be_read_is_stopped_at_and_kept(repo, where, make, why):
     """A merge killed after its first step, then a file of its plan replaced (`.aipm/merges/` is in a worker's
     reach). They were opened as any file and read whole: a FIFO held `aipm recover` (or the owner finishing the
-    merge) for ever, a sparse terabyte was a MemoryError traceback, and a plan.json that was no JSON was taken for
-    no plan: the half-applied merge was forgotten, its directory removed with the worktree. Now the merge stops
-    with one line naming the file and what is wrong, and everything stays for a person to repair."""
+    merge) for ever, a sparse terabyte (a step's result, or its planned state, read to merge a person's edit since)
+    was a MemoryError traceback, a step's file that was no JSON a ValueError one, and a plan.json that was no JSON
+    was taken for no plan: the half-applied merge was forgotten, its directory removed with the worktree. Now the
+    merge stops with one line naming the file and what is wrong, and everything stays for a person to repair."""
     project = project_in(repo)
     merge, plan_dir, paths = _plan(repo, {"src/a.txt": "A\n", "src/b.txt": "B\n"})
 
@@ -730,6 +734,9 @@ def test_a_half_applied_plan_that_cannot_be_read_is_stopped_at_and_kept(repo, wh
 
     with pytest.raises(Killed):
         merge.apply(repo, plan_dir, after_each=killed)
+    if where.endswith(".before"):
+        with open(repo / "src/b.txt", "a") as edit:  # a person's, since the plan: merged with N.before the ancestor
+            edit.write("a person's line\n")
     path = plan_dir / where
     if make == "mkfifo":
         path.unlink(missing_ok=True)
@@ -746,6 +753,49 @@ def test_a_half_applied_plan_that_cannot_be_read_is_stopped_at_and_kept(repo, wh
     assert sorted(os.listdir(plan_dir)) == kept
     assert (path.is_fifo(), path.stat().st_size == 1 << 40) == (make == "mkfifo", make.startswith("truncate"))
     assert (repo / "src/a.txt").read_text() == "A\n" and (repo / "src/b.txt").read_text().startswith("b line 1")
+
+
+def test_a_main_tree_file_grown_past_the_bound_after_planning_is_kept_as_a_conflict(repo):
+    """A merge killed after its first step, then the main tree's file of the next one made a sparse terabyte (by
+    another task's unconfined worker): it was read whole, a MemoryError traceback in `aipm recover` and every owner
+    after. It is neither the step's result nor its planned state (both are within the bound), so it changed since
+    the plan and cannot be merged with: kept as it is, the rest written, and the log says why."""
+    project = project_in(repo)
+    merge, plan_dir, paths = _plan(repo, {"src/a.txt": "A\n", "src/b.txt": "B\n", "src/c.txt": "C\n"})
+
+    def killed(n):
+        raise Killed
+
+    with pytest.raises(Killed):
+        merge.apply(repo, plan_dir, after_each=killed)
+    os.truncate(repo / "src/b.txt", 1 << 40)
+    proc = project.aipm("recover", timeout=60, preexec_fn=capped_memory)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert (repo / "src/b.txt").stat().st_size == 1 << 40 and (repo / "src/c.txt").read_text() == "C\n"
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert ("src/b.txt: changed in the main tree after the merge was planned; the main tree's file is over 256 MiB, "
+            "more than a merge holds in memory; left as it is (the attempt's change is in its patch)") in log, log
+
+
+@pytest.mark.parametrize("side", ["main tree", "task"])
+def test_a_file_over_the_bound_on_either_side_is_a_conflict_that_merges_nothing(repo, side):
+    """The merge read the main tree's file and the task's whole: a sparse terabyte another task's unconfined
+    worker made of the main tree's file was a MemoryError traceback; a task's file of gigabytes was held in memory
+    (and saved, and read back) whole. Over the bound, either is a conflict naming the path and why: nothing of the
+    attempt is merged, its patch keeps it, and the main tree's file is left as it is."""
+    project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n")
+    big = f"truncate -s 1T {repo}/src/b.txt" if side == "main tree" else f"truncate -s {(256 << 20) + 1} src/b.txt"
+    write_task(project.order(), "T", target_files=["src/"], command=f"echo T >> src/a.txt; echo T >> src/b.txt; {big}")
+    a_before, b_before = (repo / "src/a.txt").read_bytes(), (repo / "src/b.txt").read_bytes()
+    proc = project.aipm("run", "ORD", "--no-review", timeout=120, preexec_fn=capped_memory)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert project.statuses() == {"T": "REJECTED"}
+    feedback = (repo / ".aipm/feedback/ORD/T.txt").read_text()
+    whose = "the main tree's file" if side == "main tree" else "the task's file"
+    assert f"  src/b.txt: {whose} is over 256 MiB, more than a merge holds in memory\n" in feedback, feedback
+    assert f"This attempt's changes are kept in {repo}/.aipm/patches/ORD/T.1.patch" in feedback, feedback
+    assert (repo / "src/a.txt").read_bytes() == a_before
+    assert (repo / "src/b.txt").stat().st_size == (1 << 40 if side == "main tree" else len(b_before))
 
 
 def _a_fifo_at_the_plan_of_a_merge_cut_short(repo: Path) -> tuple[Project, Path, bytes]:

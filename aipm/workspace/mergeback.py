@@ -29,20 +29,22 @@ from aipm.digest import sha256
 from aipm.durable import fsync_dir
 from aipm.workerfiles import open_regular, reading
 from aipm.workspace import Conflict, MergeStopped, mergeplan
-from aipm.workspace.mergeplan import Planned, State, Step, digest
+from aipm.workspace.mergeplan import STATE_MAX, Planned, State, Step, TooLarge, digest, read_within
 from aipm.workspace.repo import GITLINK, Change, Repo
 
 ABSENT = "000000"
 LINK = "120000"
 _TEMP = ".aipm-merge.tmp"  # suffix of our temp files in the user's tree: a crashed write leaves one, we remove it
 def read_state(path: Path) -> State | None:
+    """What is at `path`; TooLarge for a file over STATE_MAX (only the main tree's files are read here)."""
     st = _lstat(path)
     if st is None:
         return None
     if stat.S_ISLNK(st.st_mode):
         return State("link", os.fsencode(os.readlink(path)))
     if stat.S_ISREG(st.st_mode):
-        return State("file", path.read_bytes(), bool(st.st_mode & stat.S_IXUSR))
+        with reading(path) as handle:  # (a FIFO put in its place since: refused, never waited for)
+            return State("file", read_within(handle, "the main tree's file"), bool(st.st_mode & stat.S_IXUSR))
     return State("other")
 
 
@@ -84,12 +86,16 @@ def commit_digest(repo: Repo, commit: str, path: str, mode: str) -> str | None:
     return found.hexdigest()
 
 
-def commit_state(repo: Repo, commit: str, path: str, mode: str) -> State | None:
+def commit_state(repo: Repo, commit: str, path: str, mode: str, what: str = "the task's file") -> State | None:
+    """A path's state at `commit`; TooLarge for a file over STATE_MAX, `what` naming it."""
     if mode == ABSENT:
         return None
     if mode == LINK:
         return State("link", repo.link(commit, path))
-    return State("file", repo.blob(commit, path), mode == "100755")
+    data = repo.blob(commit, path, STATE_MAX)
+    if data is None:
+        raise TooLarge(what)
+    return State("file", data, mode == "100755")
 
 
 @dataclass
@@ -114,8 +120,12 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
         # The start's content only as a digest, unless both sides changed the file: a large file changed by the
         # task alone is held once (its result), not three times.
         old = commit_digest(repo, base, change.path, change.old_mode)
-        new = commit_state(repo, end, change.path, change.new_mode)
-        now = read_state(repo.top / change.path)
+        try:
+            new = commit_state(repo, end, change.path, change.new_mode)
+            now = read_state(repo.top / change.path)
+        except TooLarge as exc:
+            problems.append((change.path, exc.strerror))
+            continue
         if new is not None:
             # Checked here, not found half-way through applying: a write needs every parent to be a directory
             # and its own path free, once the plan's own deletions are done.
@@ -135,7 +145,11 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
         if digest(now) == old:
             steps.append(Planned(Step(change.path, old, digest(new)), new, now))
             continue
-        merged, why, text = _three_way(commit_state(repo, base, change.path, change.old_mode), now, new)
+        try:
+            start = commit_state(repo, base, change.path, change.old_mode, "the file at the task's start")
+            merged, why, text = _three_way(start, now, new)
+        except TooLarge as exc:
+            merged, why, text = None, exc.strerror, b""
         if merged is None:
             if now is None and repo.skipped(change.path):  # absent by choice: no one deleted it
                 why = _SPARSE.format("change")
@@ -196,7 +210,7 @@ def _three_way(old: State | None, now: State | None, new: State | None) -> tuple
     if now.kind != "file" or new.kind != "file" or (old is not None and old.kind != "file"):
         return None, "changed on both sides, and not a regular file on each", b""
     ancestor = old.data if old is not None else b""
-    if b"\0" in ancestor + now.data + new.data:
+    if any(b"\0" in data for data in (ancestor, now.data, new.data)):  # (not joined: a copy of all three)
         return None, "a binary file changed on both sides", b""
     with tempfile.TemporaryDirectory(prefix="aipm-merge-") as tmp:
         names = []
@@ -207,6 +221,8 @@ def _three_way(old: State | None, now: State | None, new: State | None) -> tuple
                                *names], capture_output=True)
     if proc.returncode != 0:
         return None, "changed on both sides in overlapping lines", proc.stdout if proc.returncode > 0 else b""
+    if len(proc.stdout) > STATE_MAX:  # (both sides' additions): saved as its step's result, never read back
+        return None, TooLarge("the merged file").strerror, b""
     # The executable bit follows whichever side changed it (the task's, when both did).
     exec_bit = new.exec if old is None or new.exec != old.exec else now.exec
     return State("file", proc.stdout, exec_bit), "", b""
@@ -269,14 +285,18 @@ def _step(top: Path, directory: Path, i: int, step: Step, begun: int | None, not
     blocked = step.after and _blocked_parent(top, step.path, set())  # the plan's deletions are done by now
     if blocked:
         return f"{blocked} became a file in the main tree after the merge was planned"
-    state = read_state(target)
+    st = _lstat(target)
+    if begun is not None and st is not None and st.st_ino == begun:
+        return ""  # written (then perhaps changed in place by a person: their change is on top of ours)
+    try:
+        state = read_state(target)
+    except TooLarge as exc:  # neither the step's result nor its planned state: both were read, within the bound
+        return f"changed in the main tree after the merge was planned; {exc.strerror}"
     now = digest(state)
     if now == step.after:
         if step.after is None:
             _prune_empty(target.parent, top)  # a crash may have come between the deletion and the pruning
         return ""
-    if begun is not None and state is not None and os.lstat(target).st_ino == begun:
-        return ""  # written, then changed in place by a person: their change is on top of ours
     result = mergeplan.load_state(directory / f"{i}.state") if step.after else None
     if now != step.before:
         ancestor = directory / f"{i}.before"

@@ -4,18 +4,19 @@ read back to apply it exactly once, after any crash.
 `.aipm/merges/<ORDER>/<TASK>/` holds plan.json (the attempt and its steps: each path, the digest of the main
 tree's state when planned and of the result), each step's result and planned state (`N.state`, `N.before`: a
 line of JSON, then the content), and `applied`, the journal of the steps done. `.aipm/` is in a worker's reach:
-a file there is never waited for (a FIFO) nor read whole past PLAN_MAX (a sparse terabyte), and one that cannot
-be read stops the merge (MergeStopped) and is kept for a person, never taken for no plan.
+a file there is never waited for (a FIFO) nor read whole past PLAN_MAX or STATE_MAX (a sparse terabyte), and one
+that cannot be read stops the merge (MergeStopped) and is kept for a person, never taken for no plan.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from aipm.digest import sha256
 from aipm.durable import fsync_dir
@@ -27,6 +28,29 @@ from aipm.workspace import MergeStopped
 # number, an inode, a conflict's why): 256 MiB holds a million steps of 90-byte paths, ten times every file of
 # Linux (85,000) changed by one task; planning that many would first hold every result's content in memory.
 PLAN_MAX = 256 << 20
+# The most of one file's content a merge holds in memory: each state it compares, merges or writes (the task's file,
+# the main tree's, the task's start where both changed it, the merged result) and each step's file read back. Read
+# whole, a file of gigabytes (a worker's sparse terabyte) in the task's result, the main tree or `.aipm/merges/` was
+# a MemoryError, or hours of reading. A file over it is not merged: its path is a conflict (the attempt's patch keeps
+# the change), and a step's file over it, which aipm never writes, stops the merge.
+STATE_MAX = 256 << 20
+
+
+class TooLarge(OSError):
+    """A file's content over STATE_MAX, refused unread; `what` names the file ("the main tree's file")."""
+
+    def __init__(self, what: str):
+        super().__init__(errno.EFBIG, f"{what} is over {STATE_MAX >> 20} MiB, more than a merge holds in memory")
+
+
+def read_within(handle: BinaryIO, what: str) -> bytes:
+    """The rest of an open file; TooLarge when it holds more than STATE_MAX (never read: a sparse terabyte)."""
+    if os.fstat(handle.fileno()).st_size - handle.tell() > STATE_MAX:
+        raise TooLarge(what)
+    data = handle.read(STATE_MAX + 1)  # (one grown since its fstat: still never more)
+    if len(data) > STATE_MAX:
+        raise TooLarge(what)
+    return data
 
 
 @dataclass(frozen=True)
@@ -170,13 +194,30 @@ def unreadable(path: Path, problem: OSError | str) -> MergeStopped:
 
 
 def load_state(path: Path) -> State:
+    """A step's result or planned state (`N.state`, `N.before`), as save() wrote it; MergeStopped when it is not: a
+    worker can write anything there (a FIFO, a sparse terabyte)."""
     try:
-        handle = reading(path)  # (a FIFO a worker left there: refused, never waited for)
+        # (A FIFO: refused, never waited for. Not read whole then split: a large file's content copied.)
+        with reading(path) as handle:
+            meta = _meta(handle.readline(_META_MAX))
+            if meta is None:
+                raise unreadable(path, "not a step's file aipm wrote")
+            return State(meta["kind"], read_within(handle, "the file"), meta["exec"])
     except OSError as exc:
         raise unreadable(path, exc) from None
-    with handle:  # (not read whole then split: a large file's content copied)
-        meta = json.loads(handle.readline())
-        return State(meta["kind"], handle.read(), meta["exec"])
+
+
+_META_MAX = 64  # the line save() writes before a state's content ({"kind": "file", "exec": false}: 33 bytes)
+
+
+def _meta(line: bytes) -> dict | None:
+    """The first line of a step's file, when it is save()'s."""
+    try:
+        meta = json.loads(line)
+    except ValueError:
+        return None
+    shaped = isinstance(meta, dict) and meta.keys() == {"kind", "exec"}
+    return meta if shaped and meta["kind"] in ("file", "link") and type(meta["exec"]) is bool else None
 
 
 def write_durably(path: Path, *chunks: bytes) -> None:

@@ -305,12 +305,15 @@ class Repo:
                 found.append(Change(path, old_mode, new_mode))
         return found
 
-    def blob(self, commit: str, path: str) -> bytes:
-        """A file's content at `commit` as it is checked out (the repository's filters and line endings)."""
+    def blob(self, commit: str, path: str, limit: int) -> bytes | None:
+        """A file's content at `commit` as it is checked out (the repository's filters and line endings); None
+        when it is longer than `limit` (not read into memory)."""
         import tempfile  # here: a run's start loads this module (recovery), which needs none of it
 
         with tempfile.TemporaryFile() as out:  # read back at its size: a pipe's pieces joined held it twice
             self._run(self.top, ["cat-file", "--filters", f"{commit}:{path}"], stdout=out)
+            if os.fstat(out.fileno()).st_size > limit:
+                return None
             out.seek(0)
             return out.read()
 
