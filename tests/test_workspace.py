@@ -717,6 +717,8 @@ def test_a_journal_line_aipm_never_wrote_counts_for_nothing(repo):
     ("1.state", "mkfifo", "not a regular file (its worker replaced it)"),
     ("1.state", "truncate -s 1T", "the file is over 256 MiB, more than a merge holds in memory"),
     ("1.state", "garbage", "not a step's file aipm wrote"),
+    ("1.state", '{"kind": "file", "exec": false}\nnot the task\'s B\n',
+     "not what the plan saved there (its digest differs)"),
     ("1.before", "truncate -s 1T", "the file is over 256 MiB, more than a merge holds in memory"),
 ])
 def test_a_half_applied_plan_that_cannot_be_read_is_stopped_at_and_kept(repo, where, make, why):

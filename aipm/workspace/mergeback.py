@@ -297,13 +297,14 @@ def _step(top: Path, directory: Path, i: int, step: Step, begun: int | None, not
         if step.after is None:
             _prune_empty(target.parent, top)  # a crash may have come between the deletion and the pruning
         return ""
-    result = mergeplan.load_state(directory / f"{i}.state") if step.after else None
+    result = mergeplan.load_state(directory / f"{i}.state", step.after) if step.after else None
     if now != step.before:
         ancestor = directory / f"{i}.before"
         if step.before is not None and not ancestor.exists():
             return ("changed in the main tree after the merge was planned; the plan, saved by an older aipm, "
                     "keeps no copy of the file as planned to merge the two with")
-        result, why, _ = _three_way(mergeplan.load_state(ancestor) if step.before else None, state, result)
+        result, why, _ = _three_way(mergeplan.load_state(ancestor, step.before) if step.before else None, state,
+                                    result)
         if result is None:
             return f"changed in the main tree after the merge was planned; {why}"
         notes.append(f"{step.path}: changed in the main tree after the merge was planned; merged with it")

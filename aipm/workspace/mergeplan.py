@@ -193,18 +193,22 @@ def unreadable(path: Path, problem: OSError | str) -> MergeStopped:
                         "changes are kept in its patch)")
 
 
-def load_state(path: Path) -> State:
-    """A step's result or planned state (`N.state`, `N.before`), as save() wrote it; MergeStopped when it is not: a
-    worker can write anything there (a FIFO, a sparse terabyte)."""
+def load_state(path: Path, expected: str) -> State:
+    """A step's result or planned state (`N.state`, `N.before`), as save() wrote it (`expected`: its digest in the
+    plan); MergeStopped when it is not: a worker can write anything there (a FIFO, a sparse terabyte, other
+    content, which was written into the main tree as the task's)."""
     try:
         # (A FIFO: refused, never waited for. Not read whole then split: a large file's content copied.)
         with reading(path) as handle:
             meta = _meta(handle.readline(_META_MAX))
             if meta is None:
                 raise unreadable(path, "not a step's file aipm wrote")
-            return State(meta["kind"], read_within(handle, "the file"), meta["exec"])
+            state = State(meta["kind"], read_within(handle, "the file"), meta["exec"])
     except OSError as exc:
         raise unreadable(path, exc) from None
+    if state.digest() != expected:
+        raise unreadable(path, "not what the plan saved there (its digest differs)")
+    return state
 
 
 _META_MAX = 64  # the line save() writes before a state's content ({"kind": "file", "exec": false}: 33 bytes)
