@@ -65,7 +65,8 @@ class Launcher(Starter):
         self.detached: set[int] = set()  # owners we started (`aipm.work`): never mistaken for strays
         self._unrecorded: tuple[frozenset, float, set] | None = None  # see _running_unrecorded
         self.demands = Demands(self.runtime.state)  # priority across orders (demand.py)
-        self._ramped_at: float | None = None  # when start_budget last let one start on a ramp (clock: _now)
+        self._ramped_at: float | None = None  # when the last start on a ramp was made (clock: _now)
+        self._ramping = False  # whether start_budget's last answer was a ramp's one start
         if monitor is None and settings.enable_monitoring:
             self.monitor = ResourceMonitor(settings.max_cpu_percent, settings.max_memory_percent)
 
@@ -159,14 +160,11 @@ class Launcher(Starter):
         allowed = max(0, self.monitor.recommended(status, self.settings.max_workers) - live_workers)
         load = max(status.cpu_percent, status.memory_percent)
         ramped = starts_now(load, allowed)
-        if ramped and load >= RAMP_FROM_PERCENT and not self.options.dry_run:
+        self._ramping = bool(ramped) and load >= RAMP_FROM_PERCENT and not self.options.dry_run
+        if self._ramping and self._ramped_at is not None and _now() - self._ramped_at < RAMP_DELAY:
             # One start per RAMP_DELAY, however often the caller plans: `run` plans again at once when a worker
             # starts or ends, on the reading the last start was allowed on (one slot left is no exception).
-            now = _now()
-            if self._ramped_at is not None and now - self._ramped_at < RAMP_DELAY:
-                ramped = 0
-            else:
-                self._ramped_at = now
+            ramped = 0
         if ramped < allowed and not self.options.dry_run:  # a dry run shows the launch at this reading
             return ramped, RAMP, f"ramping up ({detail}): one start per fresh load reading"
         return allowed, "resources", f"machine busy ({detail})"
@@ -294,6 +292,10 @@ class Launcher(Starter):
                 try:
                     started.append((task, self.start(order, task, owner, view, lent[0] if lent else "",
                                                      caps[task.id], spend.limit if spend is not None else None)))
+                    if self._ramping:
+                        # Spent by a start made, not by one tried: a task whose launch fails (its program
+                        # missing) took the ramp's one start every round, and the tasks after it never started.
+                        self._ramped_at = _now()
                 except LaunchBusy as exc:  # locked since we planned, or a glob's directory lock: wait for it
                     if not careful:
                         again = True

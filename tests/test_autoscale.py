@@ -153,6 +153,21 @@ def test_a_ramp_up_starts_one_worker_per_delay_however_often_run_plans(project, 
     wait_for(lambda: no_workers(project.root))
 
 
+def test_a_task_whose_launch_fails_does_not_take_the_ramps_start_from_the_tasks_after_it(project):
+    """On a half-busy machine (a ramp: one start per fresh reading), T, ranked first, fails to launch every round
+    (its program is missing) and took the ramp's one start each time: U, which could run, never started and the
+    run waited for ever. A start made spends the ramp, not a start tried."""
+    order = project.order()
+    write_task(order, "T", target_files=["t.txt"], command=["no-such-program-of-aipm-tests", "x"])
+    write_task(order, "U", target_files=["u.txt"], command="echo U > u.txt")
+    proc = project.aipm("run", "ORD", "--json", env=loaded("60,10"), timeout=30)
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert any(e["event"] == "launch_failed" and e["task"] == "T" for e in events), proc.stdout
+    assert task_statuses(order) == {"T": "QUEUED", "U": "DONE"}, proc.stdout + proc.stderr
+    assert proc.returncode == 1  # T can never start as it is: the run ends, saying so
+    assert no_workers(project.root)
+
+
 def test_an_exec_a_worker_runs_on_a_busy_machine_takes_its_workers_slot(project):
     """`aipm exec B` run by A's command, at 99 % cpu (≥ T+10: 25 % of 5 workers → the floor of 1), counted A as
     the one live worker: B was deferred ('machine busy') and the exec ended at once, exit 1, B QUEUED; waiting
