@@ -12,7 +12,7 @@ from contextlib import nullcontext
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
-from aipm import agents, durable, holds, locks, recovery, scope, subreaper, writtenlog
+from aipm import agents, durable, holds, locks, recovery, scope, subreaper
 from aipm.budget import Budget, of as order_budget, task_left
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
@@ -140,8 +140,7 @@ class Launcher(Starter):
         for rec in self.runtime.records():
             if recovery.left_behind(rec, self.runtime):
                 if not self.options.dry_run:
-                    writtenlog.note_ended(self.runtime, rec)
-                    self.runtime.remove_record(rec.order, rec.task)
+                    recovery.forget(self.runtime, rec)
                 continue
             kept.append(rec)
         return kept

@@ -377,6 +377,8 @@ def settle_cancelled(rt: Runtime, rec: Record, task: Task, write: Callable[[Task
 
 def forget(rt: Runtime, rec: Record) -> None:
     """Drop the record of an attempt that is over and has no owner (its locks went with its processes)."""
+    # Its owner's _drop did not run: without the record, nothing would remove its TMPDIR in /tmp (nor the listing).
+    confine.tidy(rec.log, rec.confined)
     writtenlog.note_ended(rt, rec)
     rt.remove_record(rec.order, rec.task)
     agents.forget(rec.log)

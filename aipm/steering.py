@@ -253,7 +253,7 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
             if usage_left(current, rec):
                 raise UserError(f"{path}: status: {current.status}, but attempt {rec.attempt} was cancelled and its "
                                 f"supervisor died before recording its usage; `aipm recover {order_id}` records it")
-            rt.remove_record(order_id, task_id)  # left by an owner killed after its final write: the file has it
+            forget(rt, rec)  # left by an owner killed after its final write: the file has it
         marker = None
         if resume_with is not None:
             _resumable(path, current, resume_with)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from aipm import confine
-from conftest import Project, capped_memory, no_workers, task_statuses, wait_for, write_task
+from conftest import Project, capped_memory, no_workers, state, task_statuses, wait_for, write_task
 
 NO_LANDLOCK = confine.unavailable() if os.environ.get(confine.FAKE_ABI) is None else "fake ABI set"
 landlock = pytest.mark.skipif(NO_LANDLOCK is not None, reason=f"kernel without usable Landlock: {NO_LANDLOCK}")
@@ -871,3 +871,41 @@ def test_a_project_whose_path_is_not_utf8_runs_shared_worktree_and_confined_task
         done = project.aipm(*args)
         assert done.returncode == 0 and "Traceback" not in done.stderr, (args, done.stdout + done.stderr)
     assert no_workers(root)
+
+
+@landlock
+@pytest.mark.parametrize("end", ["file still gone", "another task", "owner killed after its final write"])
+def test_the_tmpdir_of_a_confined_attempt_that_recovery_ends_is_removed(project, gate, end):
+    """A confined attempt of a project in /tmp gets a TMPDIR of its own there (`aipm-tmp-*`), which its owner removes
+    at the attempt's end. One that `aipm recover` ended instead (its outcome dropped or discarded, or the record an
+    owner killed after its final write left) kept it for good: one more empty directory in /tmp each time."""
+    import subprocess
+
+    order = project.order()
+    path = write_task(order, "T1", target_files=["a.txt"], confine=True,
+                      command=f'echo "$TMPDIR" > a.txt; while [ ! -e {gate} ]; do sleep 0.05; done')
+    record = state(project.root) / "workers" / "ORD" / "T1.json"
+    listing = Path(confine.made_file(str(project.root / ".aipm" / "logs" / "ORD" / "T1.1.log")))
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                            "--no-resource-monitoring"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for(lambda: (project.root / "a.txt").exists() and (project.root / "a.txt").read_text().strip())
+        private = (project.root / "a.txt").read_text().strip()
+        assert os.path.basename(private).startswith("aipm-tmp-") and os.path.isdir(private)
+        saved = record.read_text(), listing.read_text()
+        if end != "owner killed after its final write":
+            path.unlink()  # its outcome is held until the file is back
+        gate.touch()
+        assert run.wait(timeout=60) == (0 if end == "owner killed after its final write" else 1)
+    finally:
+        gate.touch()
+        run.kill()
+    if end == "another task":
+        write_task(order, "T1", target_files=["b.txt"], command="true")
+    if end == "owner killed after its final write":  # what the kill leaves: the record, the listing, the TMPDIR
+        assert task_statuses(order) == {"T1": "DONE"} and not os.path.exists(private)
+        record.write_text(saved[0])
+        listing.write_text(saved[1])
+        os.mkdir(private)
+    project.aipm("recover", "ORD", check=True)
+    assert no_workers(project.root) and not os.path.exists(private)

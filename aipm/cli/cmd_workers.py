@@ -12,7 +12,7 @@ import psutil
 from aipm.cli import grid
 from aipm.cli.decl import Argument, Exit, Option, command
 
-from aipm import workspace, writtenlog
+from aipm import workspace
 from aipm.cluster import is_attempt
 from aipm.cli.common import JsonOpt, copy_out, get_project, json_option, print_json, print_json_text
 from aipm.errors import UserError
@@ -343,8 +343,7 @@ def recover(
         ids = {load_order(directory, project.root).id for directory in dirs}
         for rec in launcher.runtime.records():
             if (rec.order in ids or not order) and recovery.left_behind(rec, launcher.runtime):
-                writtenlog.note_ended(launcher.runtime, rec)
-                launcher.runtime.remove_record(rec.order, rec.task)
+                recovery.forget(launcher.runtime, rec)
                 done.append({"order": rec.order, "id": rec.task,
                              "action": f"dropped the record of attempt {rec.serial}: its outcome is written"})
         for directory in dirs:
