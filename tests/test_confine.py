@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -810,6 +811,7 @@ def test_the_listing_of_what_was_made_for_the_rules_is_never_written_through_a_l
     assert subprocess.run([*argv, "true"], cwd=root, timeout=60).returncode == 0
     assert victim.read_text() == "the user's\n"
     assert json.loads(Path(confine.made_file(str(log))).read_text())[0][0] == str(root / "new.txt")
+    confine.tidy(str(log), True)  # as an owner does after the attempt: its TMPDIR in /tmp goes
 
 
 @landlock
@@ -821,7 +823,7 @@ def test_a_listing_another_worker_rewrote_never_removes_more_than_a_tmpdir_of_ou
     (victim / "notes.txt").write_text("the user's\n")
     logs = project.root / ".aipm" / "logs" / "ORD"
     write_task(project.order(), "C", target_files=["c.txt"], confine=True,
-               command=f'while [ ! -e "{logs}/go" ]; do sleep 0.05; done; echo c > c.txt')
+               command=f'while [ ! -e "{logs}/go" ]; do sleep 0.05; done; echo "$TMPDIR" > c.txt')
     (victim / "empty").mkdir()
     (victim / "empty.txt").touch()
     mtime = (victim / "empty.txt").stat().st_mtime_ns
@@ -832,6 +834,7 @@ def test_a_listing_another_worker_rewrote_never_removes_more_than_a_tmpdir_of_ou
     assert project.aipm("run", "ORD").returncode == 0
     assert sorted(p.name for p in victim.iterdir()) == ["empty", "empty.txt", "notes.txt"]
     assert (victim / "notes.txt").read_text() == "the user's\n"
+    shutil.rmtree((project.root / "c.txt").read_text().strip())  # C's TMPDIR, which the rewritten listing lost
 
 
 @landlock
@@ -844,11 +847,14 @@ def test_a_reviewer_cannot_hold_a_confined_tasks_owner_with_a_fifo_or_sparse_fil
     and a sparse terabyte there (a MemoryError traceback) is not read."""
     order = project.order()
     write_task(order, "A", command="echo hi > out.txt", target_files=["out.txt"], confine=True,
-               review=f'L="${{AIPM_LOG%.log}}.confine.json"; rm -f "$L"; {make} "$L"')
+               review=f'L="${{AIPM_LOG%.log}}.confine.json"; mv "$L" "$L.was"; {make} "$L"')
     proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60, preexec_fn=capped_memory)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert task_statuses(order) == {"A": "COMPLETED"} and no_workers(project.root)
     assert (project.root / "out.txt").read_text() == "hi\n"
+    log = str(project.root / ".aipm" / "logs" / "ORD" / "A.1.log")
+    os.replace(f"{confine.made_file(log)}.was", confine.made_file(log))  # what the reviewer moved aside, back:
+    confine.tidy(log, True)  # its TMPDIR in /tmp goes
 
 
 @landlock
