@@ -206,10 +206,9 @@ def plan(
     for task in running_tasks:
         if task.status in RUNNING and task.id not in released:
             busy.append((task.id, task.targets))
-            held_as[task.id] = f" ({task.status})"
+            held_as[task.id] = _holder(task.id, task.status, None if task.id in live else order.id)
             if task.id not in live:
                 result.stale.append(task.id)
-                held_as[task.id] += _gone(order.id)
     # A worker's file reset under it (an agent's `git checkout`, `git stash`): still running, never launched again.
     held = {tid: live.get(tid) if isinstance(live, Mapping) else None
             for tid in live if tid in order.tasks and order.tasks[tid].status not in RUNNING}
@@ -284,7 +283,7 @@ def plan(
                 kept_out.add(task.targets)
                 continue
             hit = conflict(task, busy)
-        reason, words = FILE_BUSY, "{path} is held by running task {other}{status}"
+        reason, words = FILE_BUSY, "{path} is held by {other}"
         if not hit:
             hit = _held_outside(task, outside)
             reason, words = FILE_HELD, "{path} is held by {other}"
@@ -300,8 +299,8 @@ def plan(
                 blocked = Blocked(task.id, reason, words.format(path=path, other=other.holder), (), path, other.pids)
                 result.waiting.append(blocked)
             else:
-                status = held_as.get(other, "")
-                blocked = Blocked(task.id, reason, words.format(path=path, other=other, status=status), (other,), path)
+                named = held_as.get(other) or _holder(other)
+                blocked = Blocked(task.id, reason, words.format(path=path, other=named), (other,), path)
             if explain:
                 result.blocked[task.id] = blocked
             continue
@@ -327,21 +326,24 @@ def _limit_detail(slots: int) -> str:
 def _holders(elsewhere: Iterable[Busy], order_id: str,
              ) -> tuple[list[tuple[str, tuple[Target, ...]]], dict[str, str]]:
     """(holder, targets) of each holder, named "ORDER/TASK" when of another order than `order_id` (a worker
-    record of this order names its task as the order's own running tasks are named), and " (STATUS)" for the
+    record of this order names its task as the order's own running tasks are named), and how _holder names the
     holders whose status is known."""
     busy, held_as = [], {}
     for b in elsewhere:
         owner = b.task_id if b.order_id == order_id else f"{b.order_id}/{b.task_id}"
         busy.append((owner, b.targets))
         if b.status:
-            held_as[owner] = f" ({b.status})" + (_gone(b.order_id) if b.gone else "")
+            held_as[owner] = _holder(owner, b.status, b.order_id if b.gone else None)
     return busy, held_as
 
 
-def _gone(order_id: str) -> str:
-    """Said of a holder whose worker is gone: waiting for it would be for ever (`aipm why` said only 'held by
-    running task X (IN_PROGRESS)' of a task a killed run left behind)."""
-    return f"; its worker is gone: `aipm recover {order_id}` frees it"
+def _holder(owner: str, status: str = "", gone_in: str | None = None) -> str:
+    """A task holding files, as said after "held by". One whose worker is gone (of order `gone_in`) is no running
+    task, and waiting for it would be for ever: `aipm why` said 'held by running task X (IN_PROGRESS)' of a task a
+    killed run left behind, then 'held by running task X ...; its worker is gone', which contradicts itself."""
+    if gone_in is not None:
+        return f"{owner}, {status} with its worker gone: `aipm recover {gone_in}` frees it"
+    return f"running task {owner}" + (f" ({status})" if status else "")
 
 
 def _held_outside(task: Task, outside: Iterable[ForeignLock]) -> tuple[str, str] | None:

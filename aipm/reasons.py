@@ -9,7 +9,7 @@ from collections.abc import Iterable
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status
 from aipm.overlap import LockIndex, conflict
 from aipm.plan import (BUDGET, FILE_BUSY, FILE_CHOSEN, FILE_HELD, LIMIT, REFUSED, WAITING, WORKER_RUNNING, Blocked,
-                       Busy, ForeignLock, Plan, _doomed, _gone, _holders, _never, _spent)
+                       Busy, ForeignLock, Plan, _doomed, _holder, _holders, _never, _spent)
 
 
 class Reasons:
@@ -23,7 +23,7 @@ class Reasons:
         for t in order.tasks.values():
             if t.status in RUNNING:
                 self.holders.append((t.id, t.targets))
-                self.held_as[t.id] = f" ({t.status})" + (_gone(order.id) if t.id in result.stale else "")
+                self.held_as[t.id] = _holder(t.id, t.status, order.id if t.id in result.stale else None)
         # Most tasks meet no holder: a few set lookups tell, before a comparison with each (detect of 100k tasks).
         self.near = LockIndex(targets for _, targets in self.holders)
 
@@ -48,7 +48,7 @@ class Reasons:
         for owner, targets in self.holders if self.near.near(task.targets) else ():
             hit = conflict(task, [(owner, targets)]) if owner != task_id else None
             if hit:
-                detail = f"{hit[1]} is held by running task {owner}{self.held_as.get(owner, '')}"
+                detail = f"{hit[1]} is held by {self.held_as.get(owner) or _holder(owner)}"
                 reasons.append(Blocked(task_id, FILE_BUSY, detail, (owner,), hit[1]))
         for lock in self.outside if task.targets else ():
             path = lock.conflict(task.targets)

@@ -1033,10 +1033,9 @@ def test_why_and_detect_say_a_holder_whose_worker_is_gone_waits_for_aipm_recover
     write_task(project.order(), "A", command="true", target_files=["a.txt"])
     (project.order("O2") / "R.yaml").write_text("command: 'true'\ntarget_files: [b.txt]\nstatus: IN_PROGRESS\n")
     write_task(project.order(), "B", command="true", target_files=["b.txt"])
-    for task, words in (("A", "a.txt is held by running task H (IN_PROGRESS); its worker is gone: "
-                              "`aipm recover ORD` frees it"),
-                        ("B", "b.txt is held by running task O2/R (IN_PROGRESS); its worker is gone: "
-                              "`aipm recover O2` frees it")):
+    # (not "held by running task H ...; its worker is gone": a task whose worker is gone is not running)
+    for task, words in (("A", "a.txt is held by H, IN_PROGRESS with its worker gone: `aipm recover ORD` frees it"),
+                        ("B", "b.txt is held by O2/R, IN_PROGRESS with its worker gone: `aipm recover O2` frees it")):
         assert project.json("why", task)["reasons"][0]["detail"] == words
         assert next(b for b in project.json("detect", "ORD")["blocked"] if b["id"] == task)["detail"] == words
         assert words in project.aipm("why", task).stdout.replace("\n", " ")

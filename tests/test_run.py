@@ -614,8 +614,8 @@ def test_a_run_left_behind_another_orders_lost_task_says_why_and_the_fix(project
     write_task(project.order(), "A", command="true", target_files=["x"])
     proc = project.aipm("run", "ORD")
     assert proc.returncode == 1
-    assert ("aipm: A waits: x is held by running task O2/R (IN_PROGRESS); its worker is gone: `aipm recover O2` "
-            "frees it") in proc.stderr
+    assert ("aipm: A waits: x is held by O2/R, IN_PROGRESS with its worker gone: `aipm recover O2` frees it"
+            in proc.stderr)
     events = [json.loads(line) for line in project.aipm("run", "ORD", "--json").stdout.splitlines()]
     assert [e["task"] for e in events if e["event"] == "blocked"] == ["A"]
     project.aipm("recover", "O2", check=True)
