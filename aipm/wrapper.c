@@ -49,8 +49,9 @@ static int decimal(int v, char *out) {
     return n;
 }
 
-static void say(const char *program, const char *what, const char *detail) {
-    const char *parts[] = {"aipm-wrapper: ", program, ": ", what, detail, "\n"};
+/* A line to the log: "WHO" "PROGRAM: WHAT DETAIL". */
+static void say(const char *who, const char *program, const char *what, const char *detail) {
+    const char *parts[] = {who, program, ": ", what, detail, "\n"};
     for (int i = 0; i < 6; i++) sys(SYS_WRITE, 2, (long)parts[i], length(parts[i]), 0);
 }
 
@@ -76,10 +77,11 @@ static long exec(const char *path, char **argv, char **envp) {
     return r;
 }
 
-/* dash's exit codes: 127 when nothing by that name could be found, 126 when something was and would not run. */
+/* dash's exit codes: 127 when nothing by that name could be found, 126 when something was and would not run; and
+ * its words, as `sh -c` says them: the command's failure, where "aipm-wrapper: x: not found" read as aipm's. */
 static void __attribute__((noreturn)) fail(const char *program, long error) {
     int missing = error == -E_NOENT || error == -E_NOTDIR || error == -E_LOOP || error == -E_NAMETOOLONG;
-    say(program, error == -E_ACCES ? "Permission denied" : missing ? "not found" : "cannot execute", "");
+    say("sh: 1: ", program, error == -E_ACCES ? "Permission denied" : missing ? "not found" : "cannot execute", "");
     leave(missing ? 127 : 126);
 }
 
@@ -127,7 +129,7 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     int argc = (int)stack[0];
     char **argv = (char **)(stack + 1), **envp = argv + argc + 1;
     if (argc < 3) {
-        say("usage", "aipm-wrapper EXIT_FILE PROGRAM [ARG...]", "");
+        say("aipm-wrapper: ", "usage", "aipm-wrapper EXIT_FILE PROGRAM [ARG...]", "");
         leave(2);
     }
     const char *root = getenv_(envp, "AIPM_ROOT");
@@ -167,7 +169,7 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     int sig = r >= 0 ? status & 0x7f : 0;
     if (sig && sig != 2 && sig != 13) {  /* as dash says "Terminated" (not for SIGINT, SIGPIPE) */
         decimal(sig, text);
-        say(argv[2], "killed by signal ", text);
+        say("aipm-wrapper: ", argv[2], "killed by signal ", text);
     }
     int n = decimal(code, text);
     text[n++] = '\n';
@@ -185,7 +187,7 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     /* Its directory removed (the command's `rm -rf` of aipm's state), or the file made but its code refused (a full
      * disk): the log, last, has the code, as the shell wrapper's `echo ... || echo` leaves it. */
     text[n - 1] = 0;
-    say(argv[2], "exit file not written; exit code ", text);
+    say("aipm-wrapper: ", argv[2], "exit file not written; exit code ", text);
     leave(code);
 }
 

@@ -91,9 +91,11 @@ def test_a_program_ends_the_same_through_either_wrapper(tmp_path, monkeypatch, c
     expected = {"exit code": 3, "signal": 128 + 15, "no shebang": 5, "not executable": 126, "not found": 127,
                 "arguments": 0, "directory": 0}[case]
     assert compiled[:2] == (expected, f"{expected}\n")
-    if case in ("not executable", "not found", "signal"):  # each says why in its own words
-        assert {"not executable": "plain.txt: Permission denied", "not found": "no-such-program-xyz: not found",
-                "signal": "killed by signal 15"}[case] in compiled[2]
+    if case in ("not executable", "not found"):  # as `sh -c` says it: "aipm-wrapper: ..." read as aipm's failure
+        assert compiled[2] == {"not executable": "sh: 1: ./plain.txt: Permission denied\n",
+                               "not found": "sh: 1: no-such-program-xyz: not found\n"}[case]
+    elif case == "signal":  # each says why in its own words
+        assert "killed by signal 15" in compiled[2]
     else:
         assert compiled[2] == shell[2]
     if case == "arguments":
