@@ -3,6 +3,7 @@ on disk."""
 
 from __future__ import annotations
 
+import math
 import reprlib
 
 
@@ -33,10 +34,32 @@ def did_you_mean(word: str, known, synonyms: dict[str, str] | None = None) -> st
     return f"; did you mean {near[0]!r}?" if len(near) == 1 else ""
 
 
+class _Yaml(reprlib.Repr):
+    """Values as YAML spells them (`true`, `null`, `.inf`, `2026-01-01`), not Python (`True`, `None`, `inf`,
+    `datetime.date(2026, 1, 1)`): the error is read by whoever wrote the file. Text keeps its quotes."""
+
+    def repr_NoneType(self, value, level):
+        return "null"
+
+    def repr_bool(self, value, level):
+        return "true" if value else "false"
+
+    def repr_float(self, value, level):
+        return ".nan" if value != value else {math.inf: ".inf", -math.inf: "-.inf"}.get(value, repr(value))
+
+    def repr_date(self, value, level):
+        return value.isoformat()
+
+    repr_datetime = repr_time = repr_date  # (a time is TOML's, in pyproject.toml)
+
+    def repr_bytes(self, value, level):
+        return "binary data"  # !!binary
+
+
 # A value from a file, as an error shows it: bounded in depth, length and items. The loader shares an alias's
 # value, never expands it, so a 300-byte task file (`timeout: *h`, h a list of ten of g, ... of ten strings) is
 # 10^8 strings to repr(): a 500 MB error line after 20 s, and with one more level, no line at all.
-_SHOWN = reprlib.Repr()
+_SHOWN = _Yaml()
 _SHOWN.maxlevel = 2
 _SHOWN.maxlist = _SHOWN.maxtuple = _SHOWN.maxdict = _SHOWN.maxset = 5
 _SHOWN.maxstring = _SHOWN.maxother = 200

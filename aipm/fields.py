@@ -118,8 +118,15 @@ def _command(path: Path, data: Mapping[str, Any], key: str) -> str | tuple[str, 
         return tuple(value)
     raise ValidationError(
         str(path), key, "must be a string (run by /bin/sh -c) or a list of strings (argv) naming a program"
-                        f"{quote_hint(first_not_text(value))}"
+                        f"{quote_hint(first_not_text(value)) or _unnested(key, value)}"
     )
+
+
+def _unnested(key: str, value: Any) -> str:
+    """The fix for `review: {command: make}` (aipm.yaml's form) in a task file, whose key holds the command itself."""
+    if isinstance(value, dict) and list(value) == ["command"]:
+        return f"; a task file gives the command itself: {key}: {shown(value['command'])}"
+    return ""
 
 
 def first_not_text(value: Any) -> Any:
@@ -233,9 +240,14 @@ def _agent(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+# What YAML read, as its kinds are called: `NoneType` (of `- ` with nothing after it) said nothing to a YAML writer.
+_KINDS = {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean",
+          type(None): "null", dt.date: "a date", dt.datetime: "a date", dt.time: "a time", bytes: "binary data",
+          set: "a set", tuple: "a mapping"}  # (!!omap and !!pairs items are one-key mappings; a time is TOML's)
+
+
 def _kind(value: Any) -> str:
-    return {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number",
-            bool: "a boolean", dt.date: "a date", dt.datetime: "a date"}.get(type(value), type(value).__name__)
+    return _KINDS.get(type(value), "a value of another kind")
 
 
 _QUOTED_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)\s*")
@@ -292,7 +304,7 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
     if not isinstance(task_id, str) and json.dumps(task_id) == stem:  # `id: 1` in 1.yaml: said to differ from '1'
         raise ValidationError(str(path), "id", f"must be a string{_not_text(task_id)}")
     if task_id != stem:
-        raise ValidationError(str(path), "id", f"{task_id!r} differs from the file name; use {stem!r} or rename")
+        raise ValidationError(str(path), "id", f"{shown(task_id)} differs from the file name; use {stem!r} or rename")
     raw_targets = _str_list(path, data, "target_files")
     if any("\0" in raw for raw in raw_targets):
         raise ValidationError(str(path), "target_files", "a path holds a NUL byte (\\0)")
@@ -323,7 +335,7 @@ def managed_values(path: Path | str, data: Mapping[str, Any]) -> dict[str, Any]:
 def _exit_code(path: Path | str, data: Mapping[str, Any], key: str) -> int | None:
     exit_code = data.get(key)
     if exit_code is not None and (isinstance(exit_code, bool) or not isinstance(exit_code, int)):
-        raise ValidationError(str(path), key, f"must be an integer, not {exit_code!r}")
+        raise ValidationError(str(path), key, f"must be an integer, not {shown(exit_code)}")
     return exit_code
 
 

@@ -17,8 +17,8 @@ from typing import Any, Callable, Mapping
 import yaml
 
 from aipm import settingvalues as values
-from aipm.errors import SettingsError, ValidationError, did_you_mean
-from aipm.fields import copy_globs
+from aipm.errors import SettingsError, ValidationError, did_you_mean, shown
+from aipm.fields import _kind, copy_globs
 from aipm.store import MAX_FILE_BYTES, DuplicateKey, load_yaml, read_text
 from aipm.workerfiles import read_bytes
 
@@ -124,12 +124,25 @@ def _unknown(path: Path, key: str, known: list[str]) -> SettingsError:
     return SettingsError(f"{path}: {key}: unknown setting{hint}")
 
 
+def _nested_command(path: Path, key: str, subkeys: list[str], value: Any) -> str:
+    """The fix for `review: make check` (a task file's form) in the settings, where the command is `review.command`
+    (shown values are valid TOML too)."""
+    if "command" not in subkeys:
+        return ""
+    try:
+        values.review(value)
+    except ValueError:  # no command either
+        return ""
+    return "; write " + (f"{key} = {{command = {shown(value)}}}" if path.suffix == ".toml"
+                         else f"{key}: {{command: {shown(value)}}}")
+
+
 def _file_layer(path: Path, data: Any, source: str) -> Layer:
     """Check and convert the settings mapping read from `path` (aipm.yaml, or pyproject's [tool.aipm])."""
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise SettingsError(f"{path}: expected a mapping of settings, got {type(data).__name__}")
+        raise SettingsError(f"{path}: must be a mapping of settings, not {_kind(data)}")
     layer: Layer = {}
     top = sorted({key.split(".")[0] for key in _KEYS})
     for key, value in data.items():
@@ -141,9 +154,10 @@ def _file_layer(path: Path, data: Any, source: str) -> Layer:
             continue
         if value is None:  # `worker:` with nothing under it
             continue
-        if not isinstance(value, dict):
-            raise SettingsError(f"{path}: {key}: expected a mapping, got {type(value).__name__}")
         subkeys = sorted(k.split(".", 1)[1] for k in _KEYS if k.startswith(key + "."))
+        if not isinstance(value, dict):
+            raise SettingsError(f"{path}: {key}: must be a mapping (of {', '.join(f'{key}.{s}' for s in subkeys)}), "
+                                f"not {shown(value)}" + _nested_command(path, key, subkeys, value))
         for sub, subvalue in value.items():
             dotted = f"{key}.{sub}"
             if dotted not in _KEYS:

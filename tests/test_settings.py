@@ -193,7 +193,7 @@ def test_config_table_names_sources(tmp_path):
 
 
 @pytest.mark.parametrize("text,said", [
-    ("notify: true\n", "notify: True is not a command"),
+    ("notify: true\n", "notify: true is not a command"),
     ("notify: [echo, 1]\n", "notify: ['echo', 1] is not a command"),
     ("worker:\n  command: [claude, -p, 1]\n", "worker.command: ['claude', '-p', 1] is not a command"),
     ("worker:\n  model: 4\n", "worker.model: 4 is not a non-empty string"),  # and every other text setting
@@ -205,6 +205,27 @@ def test_a_command_setting_yaml_read_as_no_text_is_told_to_be_quoted(tmp_path, t
     proc = aipm(tmp_path, "config")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
     assert said in proc.stderr and ", not text: put it in quotes" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("file,text,said", [
+    ("aipm.yaml", "max_workers: true\n", "max_workers: true is not a positive integer"),
+    ("aipm.yaml", "enable_monitoring: null\n", "enable_monitoring: null is not a boolean (true/false, yes/no, on/off, "
+                                               "1/0)"),
+    ("aipm.yaml", "scope_ignore: [a, null]\n", "scope_ignore: ['a', null] is not a list of globs (strings)"),
+    ("aipm.yaml", "just text\n", "must be a mapping of settings, not a string"),
+    ("aipm.yaml", "worker: 5\n", "worker: must be a mapping (of worker.agent, worker.command, worker.model), not 5"),
+    # A task file's `review: COMMAND` is `review: {command: COMMAND}` here
+    ("aipm.yaml", "review: make check\n", "review: must be a mapping (of review.command), not 'make check'; write "
+                                          "review: {command: 'make check'}"),
+    ("pyproject.toml", "[tool.aipm]\nreview = ['make', 'x']\n",
+     "review: must be a mapping (of review.command), not ['make', 'x']; write review = {command = ['make', 'x']}"),
+])
+def test_a_wrong_setting_is_said_as_the_file_spells_it(tmp_path, file, text, said):
+    """`max_workers: true` was "True is not a positive integer", `review: make check` "review: expected a mapping,
+    got str": Python's words, and nothing of what `review` takes here."""
+    (tmp_path / file).write_text(text)
+    proc = aipm(tmp_path, "config")
+    assert (proc.returncode, proc.stderr) == (2, f"aipm: error: {tmp_path / file}: {said}\n")
 
 
 def test_config_and_validate_show_a_root_whose_name_holds_brackets_as_it_is(tmp_path):
@@ -301,7 +322,7 @@ BAD_YAML = [
     ("worker:\n  command: [agent, '{task_id:{model}}']\n", "worker.command: {model} in a format spec in "),
     ("worker:\n  model: 7\n", "worker.model"),
     ("review:\n  command: 5\n", "review.command"),
-    ("- max_workers\n", "expected a mapping"),
+    ("- max_workers\n", "must be a mapping of settings, not a list"),
     ("timeout: 99999999999\n", "timeout"),
     # 1.5 is a positive number of seconds, as the message said it was not: a timeout is whole seconds (a review)
     ("timeout: 1.5\n", "timeout: 1.5 is not a positive whole number of seconds, or none"),

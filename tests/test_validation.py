@@ -63,6 +63,34 @@ def test_a_value_yaml_read_as_no_text_is_told_to_be_quoted(project, text, field,
     assert snapshot(project.root) == before
 
 
+@pytest.mark.parametrize("file,text,said", [
+    ("A.yaml", "command: 'true'\ntimeout: true\n", "timeout: must be a positive integer, not true"),
+    ("A.yaml", "command: 'true'\ntimeout: .inf\n", "timeout: must be a positive integer, not .inf"),
+    ("A.yaml", "command: 'true'\ntarget_files: [a.txt, null]\n", "target_files: every item must be a string, not null"),
+    ("A.yaml", "command: 'true'\nexit_code: true\n", "exit_code: must be an integer, not true"),
+    ("A.yaml", "command: 'true'\nagent: false\n", "agent: false is not one of command, claude, codex, aider"),
+    ("A.yaml", "command: 'true'\ntokens: {input: null}\n", "tokens: must be a mapping of input, output, cache_read, "
+                                                           "cache_write to whole numbers ≥ 0, not {'input': null}"),
+    ("A.yaml", "just text\n", "must be a mapping of keys to values, not a string"),
+    # aipm.yaml's form of a review command, in a task file
+    ("A.yaml", "command: 'true'\nreview: {command: make check}\n", "review: must be a string (run by /bin/sh -c) or a "
+     "list of strings (argv) naming a program; a task file gives the command itself: review: 'make check'"),
+    ("order.yaml", "max_cost_usd: true\n", "max_cost_usd: must be a number of US dollars from 0.000001 below "
+                                           "1,000,000,000,000, not true"),
+])
+def test_a_wrong_value_is_said_as_yaml_spells_it(project, file, text, said):
+    """`timeout: true` was "not True", `target_files: [a, null]` "not NoneType": Python's words for what the user
+    wrote as YAML."""
+    order = project.order()
+    (order / file).write_text(text)
+    if file == "order.yaml":
+        write_task(order, "A", command="true")
+    before = snapshot(project.root)
+    proc = project.aipm("validate", "ORD")
+    assert (proc.returncode, proc.stderr) == (2, f"aipm: error: {order / file}: {said}\n")
+    assert snapshot(project.root) == before
+
+
 @pytest.mark.parametrize("where", ["task", "order.yaml"])
 @pytest.mark.parametrize("value,said", [("5e2", "write 500 or 5.0e+02"), ("1e-6", "write 0.000001 or 1.0e-06"),
                                         ("1e300", "write 1.0e+300")])
