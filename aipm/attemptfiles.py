@@ -66,6 +66,11 @@ class AttemptFiles:
     def log_path(self, order: str, task: str, attempt: int) -> Path:
         return self._dir(self.log_dir(order) / f"{_safe(task)}.{attempt}.log")
 
+    def log_again(self, log: str) -> str:
+        """The log a record names, its directory made again (and `.aipm/.gitignore`): a worker's `rm -rf .aipm` or
+        `git clean -fdx` since its attempt started took it, and whatever opens it now for writing would fail."""
+        return str(self._dir(Path(log)))
+
     def stock_logs(self, count: int) -> None:
         """Make `count` empty files for the next workers' logs while nothing waits (see place_log)."""
         spares = in_tree(self.root)

@@ -98,3 +98,10 @@ class Unwritable(UserError):
 class StateWriteError(OSError):
     """A file in the state directory could not be written (a full /tmp): named, as the task file's disk is not. The
     CLI says one that reaches it (the state directory itself could not be made or locked) in one line, exit 1."""
+
+
+def said(exc: OSError) -> str:
+    """An OSError in one line that names its file when it has one (`strerror` alone said "No such file or
+    directory" of no file at all)."""
+    what = exc.strerror or str(exc)
+    return f"{exc.filename}: {what}" if exc.filename else what

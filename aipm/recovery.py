@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from aipm import agents, cluster, confine, outcome, runner, spending, subreaper, workspace, writtenlog
-from aipm.errors import UserError
+from aipm.errors import UserError, said
 from aipm.finish import review_command, rework_limit
 from aipm.model import RUNNING, Order, Status, Task, definition
 from aipm.record import Record, same_attempt
@@ -86,9 +86,9 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
                 else:
                     launcher.spawn_detached(rec, adopt=True)  # (it tries again itself, under the lock)
                     launcher.runtime.write_record(rec)
-            except OSError as exc:  # a full state directory: the record still names the dead owner; tried again
-                out.append({"id": task.id, "action": "not adopted",
-                            "error": f"cannot adopt its worker: {exc.strerror or exc}"})
+            except OSError as exc:  # a full state directory, or its log unusable: the record still names the dead
+                # owner; tried again
+                out.append({"id": task.id, "action": "not adopted", "error": f"cannot adopt its worker: {said(exc)}"})
                 continue
             reviewing = review_command(task, launcher.settings, launcher.options.no_review) is not None
             out.append({"id": task.id, "action": "adopted" if not again else "its review runs again" if reviewing

@@ -15,9 +15,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import stat
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -33,9 +31,7 @@ from aipm.statedir import make_state_dir, safe_name as _safe, state_dir
 from aipm.record import Record
 from aipm.inodes import fill
 from aipm.spares import Pool, pool
-from aipm.workerfiles import kept_link, write_bytes
-
-GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
+from aipm.workerfiles import made_dir
 
 
 class _Round(threading.local):
@@ -104,48 +100,8 @@ class Runtime(CancelMarks, AttemptFiles):
         self._dir(self._logs_probe)
 
     def _dir(self, path: Path) -> Path:
-        """`path` under `.aipm/`, after making sure its directory (and `.aipm/.gitignore`) exist. No cache: a
-        worker may delete `.aipm/` at any moment; when the directory is there, this is one mkdir and one lstat."""
-        try:
-            os.mkdir(path.parent)
-        except FileExistsError:
-            if stat.S_ISDIR(os.lstat(path.parent).st_mode):
-                return path
-            self._clear_way(path.parent)
-        except FileNotFoundError:
-            pass  # a level above is gone (a `git clean`): make them all, and the .gitignore
-        except NotADirectoryError:
-            self._clear_way(path.parent)
-        for _ in range(3):
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                ignore = self.dir / ".gitignore"
-                if not ignore.is_file() or ignore.is_symlink():
-                    write_bytes(ignore, GITIGNORE.encode())  # renamed over a link a worker left: never written through
-                break
-            except FileNotFoundError:
-                continue  # a worker is deleting .aipm/ right now: make it again
-            except (FileExistsError, NotADirectoryError):
-                self._clear_way(path.parent)  # a link to nothing at `.aipm`, or a file made meanwhile
-        return path
-
-    def _clear_way(self, directory: Path) -> None:
-        """A file or symbolic link a worker left where one of aipm's directories goes (`.aipm`, `.aipm/logs/ORD`):
-        moved aside, kept under a name that says why, so the directory can be made again. A link to a directory
-        stays where it is aipm's own (`.aipm` itself, a person's choice of where it lives) or leads out of the
-        project's files (`.aipm/logs` on another disk): see kept_link."""
-        for place in [*reversed(directory.relative_to(self.dir).parents), directory.relative_to(self.dir)]:
-            path = self.dir / place
-            try:
-                mode = os.lstat(path).st_mode
-            except (FileNotFoundError, NotADirectoryError):
-                return  # made below: nothing else stands in the way
-            if stat.S_ISLNK(mode) and (path == self.dir and os.path.isdir(path) or kept_link(str(path))):
-                continue
-            if not stat.S_ISDIR(mode):
-                with suppress(FileNotFoundError):
-                    os.rename(path, f"{path}.not-a-directory.{time.time_ns()}")
-                return
+        """`path` under `.aipm/`, after making sure its directory (and `.aipm/.gitignore`) exist (made_dir)."""
+        return made_dir(self.dir, path)
 
     def _state_file(self, path: Path) -> Path:
         """`path` in the state directory, after making sure its directory exists (cached: the hot path)."""

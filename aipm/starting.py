@@ -207,8 +207,18 @@ class Starter:
     def spawn_detached(self, rec: Record, fds: list[int] = (), adopt: bool = False) -> None:
         """Start `python -m aipm.work` as the task's owner: it runs (or adopts) the worker, finishes the task
         and starts successors. It inherits the target locks and this invocation's effective settings."""
+        # Opened here, not by the spawn: its error names the log (posix_spawn's names the program whatever failed).
+        # Its directory is made again: a worker's `rm -rf .aipm` since the attempt started took it.
+        log = os.open(self.runtime.log_again(rec.log), os.O_WRONLY | os.O_CREAT | os.O_APPEND | NO_WAIT | os.O_CLOEXEC,
+                      0o644)
+        try:
+            self._spawn_owner(rec, log, fds, adopt)
+        finally:
+            os.close(log)
+
+    def _spawn_owner(self, rec: Record, log: int, fds: list[int], adopt: bool) -> None:
         s = self.settings
-        handover, given = runner.inherit(fds)
+        handover, given = runner.inherit(fds, above=max(log, 2))  # (none onto 0-2, nor onto the log)
         argv = [sys.executable, "-m", "aipm.work", str(self.project.root), rec.order_dir, rec.task,
                 "--order-id", rec.order, "--lock-fds", ",".join(map(str, given)), "--max-workers", str(s.max_workers),
                 "--max-cpu", str(s.max_cpu_percent), "--max-memory", str(s.max_memory_percent),
@@ -221,9 +231,9 @@ class Starter:
         if self.options.model:
             argv += ["--model", self.options.model]
         pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
-            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-            (os.POSIX_SPAWN_OPEN, 1, rec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | NO_WAIT, 0o644),
+            (os.POSIX_SPAWN_DUP2, log, 1),  # before stdin's open, which would close it were it descriptor 0
             (os.POSIX_SPAWN_DUP2, 1, 2),
+            (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
             *handover,
         ])
         rec.owner_pid, rec.owner_ctime = pid, process_ctime(pid)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 from aipm import budgetstop, notify, recovery
-from aipm.errors import UserError
+from aipm.errors import UserError, said
 from aipm.launcher import Launcher, Options
 from aipm.model import all_done, status_summary
 from aipm.project import Project
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 sup.adopt(rec)
             except OSError as exc:  # a full state directory: the record names the dead owner; recovered later
-                print(f"aipm: cannot adopt the worker of {args.task}: {exc.strerror or exc}", file=sys.stderr)
+                print(f"aipm: cannot adopt the worker of {args.task}: {said(exc)}", file=sys.stderr)
                 return 1
         else:
             try:

@@ -10,8 +10,9 @@ import os
 import re
 import stat
 import time
-from pathlib import Path
 from collections.abc import Callable
+from contextlib import suppress
+from pathlib import Path
 from typing import BinaryIO
 
 # Flags for a log a child is given: a FIFO in its place fails the spawn (ENXIO) where it held spawner and child.
@@ -160,6 +161,62 @@ def exit_code_in_log(log: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+GITIGNORE = "# aipm runtime state: never version-controlled\n*\n"
+
+
+def made_dir(top: Path, path: Path) -> Path:
+    """`path` under `top` (`<root>/.aipm/`), after making sure its directory (and `top/.gitignore`) exist. No
+    cache: a worker may delete `.aipm/` at any moment; when the directory is there, this is one mkdir and one
+    lstat."""
+    try:
+        os.mkdir(path.parent)
+    except FileExistsError:
+        if stat.S_ISDIR(os.lstat(path.parent).st_mode):
+            return path
+        _clear_way(top, path.parent)
+    except FileNotFoundError:
+        pass  # a level above is gone (a `git clean`): make them all, and the .gitignore
+    except NotADirectoryError:
+        _clear_way(top, path.parent)
+    for _ in range(3):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            ignore = top / ".gitignore"
+            if not ignore.is_file() or ignore.is_symlink():
+                write_bytes(ignore, GITIGNORE.encode())  # renamed over a link a worker left: never written through
+            break
+        except FileNotFoundError:
+            continue  # a worker is deleting .aipm/ right now: make it again
+        except (FileExistsError, NotADirectoryError):
+            _clear_way(top, path.parent)  # a link to nothing at `.aipm`, or a file made meanwhile
+    return path
+
+
+def _clear_way(top: Path, directory: Path) -> None:
+    """A file or symbolic link a worker left where one of aipm's directories goes (`.aipm`, `.aipm/logs/ORD`):
+    moved aside, kept under a name that says why, so the directory can be made again. A link to a directory
+    stays where it is aipm's own (`.aipm` itself, a person's choice of where it lives) or leads out of the
+    project's files (`.aipm/logs` on another disk): see kept_link."""
+    for place in [*reversed(directory.relative_to(top).parents), directory.relative_to(top)]:
+        path = top / place
+        try:
+            mode = os.lstat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            return  # made below: nothing else stands in the way
+        if stat.S_ISLNK(mode) and (path == top and os.path.isdir(path) or kept_link(str(path))):
+            continue
+        if not stat.S_ISDIR(mode):
+            with suppress(FileNotFoundError):
+                os.rename(path, f"{path}.not-a-directory.{time.time_ns()}")
+            return
+
+
+def _runtime_dir(path: str) -> str | None:
+    """`<root>/.aipm` of a path below it (the last `.aipm` in it), or None."""
+    parts = path.split(os.sep)
+    return os.sep.join(parts[:len(parts) - parts[::-1].index(".aipm")]) if ".aipm" in parts else None
+
+
 def kept_link(path: str) -> bool:
     """A link at `path`, a directory below `<root>/.aipm/`, that aipm writes through: it leads inside `.aipm/`, or
     it is the logs' (`.aipm/logs` or an order's below it) and leads outside the project's files (another disk).
@@ -167,15 +224,14 @@ def kept_link(path: str) -> bool:
     the feedback's, resume's or notify log's to a directory outside (`.aipm/feedback/ORD -> ~`) had aipm replace
     and remove files of its names there (`~/T.txt` of a task T approved): they hold no logs, so no disk of their
     own."""
-    parts = path.split(os.sep)
-    if ".aipm" not in parts or not os.path.isdir(path):
+    runtime = _runtime_dir(path)
+    if runtime is None or not os.path.isdir(path):
         return False
-    at = len(parts) - parts[::-1].index(".aipm") - 1
-    top = os.sep.join(parts[:at])
+    top = os.path.dirname(runtime)
     real, root = os.path.realpath(path), os.path.realpath(top)
-    if real.startswith(os.path.realpath(os.path.join(top, ".aipm")) + os.sep):
+    if real.startswith(os.path.realpath(runtime) + os.sep):
         return True
-    return parts[at + 1:at + 2] == ["logs"] and not real.startswith(root + os.sep)
+    return path[len(runtime):].split(os.sep)[1:2] == ["logs"] and not real.startswith(root + os.sep)
 
 
 def unlink_hard_link(path: str) -> None:
@@ -189,12 +245,20 @@ def unlink_hard_link(path: str) -> None:
 
 
 def append_log(log: str, line: str) -> None:
-    """aipm's line at the end of an attempt's log; none when the worker replaced its log with what is not a file,
-    or its directory with a link (the outcome is in the task file anyway, and `aipm logs` says the log is
-    unusable); the line would land where the link leads, in the project tree."""
+    """aipm's line at the end of an attempt's log, its directory made again if a worker's `rm -rf .aipm` took it;
+    none when the worker replaced its log with what is not a file, or its directory with a link (the outcome is
+    in the task file anyway, and `aipm logs` says the log is unusable); the line would land where the link leads,
+    in the project tree."""
     try:
         directory = os.path.dirname(log)
-        if not stat.S_ISDIR(os.lstat(directory).st_mode) and not kept_link(directory):
+        try:
+            mode = os.lstat(directory).st_mode
+        except FileNotFoundError:
+            runtime = _runtime_dir(log)
+            if runtime is None:
+                return
+            mode = os.lstat(made_dir(Path(runtime), Path(log)).parent).st_mode
+        if not stat.S_ISDIR(mode) and not kept_link(directory):
             return
         fd = open_regular(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW)
     except OSError:

@@ -66,11 +66,12 @@ def test_a_worker_that_cannot_be_adopted_for_want_of_room_is_reported_and_adopte
     first.send_signal(signal.SIGKILL)  # its worker goes on, waiting for the gate, with no owner
     first.wait(timeout=30)
     full_state.fill()
+    said = f"cannot adopt its worker: {state(project.root) / 'workers' / 'ORD' / 'A.json'}: No space left on device"
     for args in (("launch", "ORD"), ("recover", "ORD")):
         proc = project.aipm(*args, timeout=120)
         out = proc.stdout + proc.stderr
         assert proc.returncode == 1, out
-        assert "cannot adopt its worker: No space left on device" in out and "Traceback" not in out, out
+        assert said in out and "Traceback" not in out, out
     # The detached adopter `launch` started could not take the record either: it says so in the task's log.
     log = project.root / ".aipm" / "logs" / "ORD" / "A.1.log"
     wait_for(lambda: "aipm: cannot adopt the worker of A" in log.read_text())
@@ -79,7 +80,7 @@ def test_a_worker_that_cannot_be_adopted_for_want_of_room_is_reported_and_adopte
     run = Proc(project.root, "run", "ORD", "--no-resource-monitoring")
     try:
         run.wait_lines(1)
-        assert run.lines[:1] == ["failed   A: cannot adopt its worker: No space left on device\n"], run.output
+        assert run.lines[:1] == [f"failed   A: {said}\n"], run.output
         assert task_statuses(order) == {"A": "IN_PROGRESS", "B": "QUEUED"}
         assert [r["owner_pid"] for r in worker_records(project.root)] == [rec["owner_pid"]]  # the dead owner still
         full_state.free()

@@ -251,3 +251,47 @@ def _running(project, command: str, journal):
     run, out = _started(project, "run", "ORD")
     wait_for(lambda: _record(project, "T") and journal.exists())
     return run, out, _record(project, "T")["pid"]
+
+
+@pytest.mark.parametrize("cleaned", ["by its worker", "again before the recover"])
+def test_recover_records_a_held_outcome_after_a_worker_removed_aipms_directory(project, cleaned):
+    """A worker that deleted its task file and then `.aipm/` (`rm -rf .aipm`): the run said the file put back is
+    recorded by `aipm recover`, but that recover said `cannot adopt its worker: No such file or directory`, exit 1,
+    every time (the adopting owner's log had no directory, and the error named no file), and the outcome was never
+    recorded. Now the directory is made again (with its .gitignore), as every write under `.aipm/` does."""
+    order = project.order("D")
+    write_task(order, "A", title="x", target_files=["x"], command="rm orders/D/A.yaml; rm -rf .aipm; echo bye")
+    _commit_everything(project.root)
+    run = project.aipm("run", "D", "--no-resource-monitoring", timeout=120)
+    assert run.returncode == 1, run.stdout + run.stderr
+    assert "once the file is back as it was (`git checkout` of it, say), `aipm recover` records it" in run.stderr
+    if cleaned == "again before the recover":
+        _git(project.root, "clean", "-qfdx")  # a person's, or another worker's
+        assert not (project.root / ".aipm").exists()
+    _git(project.root, "checkout", "-q", "--", "orders/D/A.yaml")
+    recover = project.aipm("recover", "D")
+    assert recover.returncode == 0 and "D/A: adopted" in recover.stdout, recover.stdout + recover.stderr
+    wait_for(lambda: task_statuses(order) == {"A": "DONE"} and no_workers(project.root))
+    assert "attempt 1 ended: exit 0" in (project.root / ".aipm" / "logs" / "D" / "A.1.log").read_text()
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=project.root, capture_output=True, text=True)
+    assert status.stdout.splitlines() == [" M orders/D/A.yaml"]  # `.aipm/` made again, git-ignored again
+
+
+def test_an_adoption_recover_cannot_make_names_the_file_and_is_made_once_it_can(project):
+    """What stays in the way of the adopting owner's log (a directory a worker left under its name) is said with
+    the file's name, not a bare "Is a directory"; once it is gone, recover records the outcome."""
+    order = project.order("D")
+    write_task(order, "A", target_files=["x"], command="rm orders/D/A.yaml; echo bye")
+    _commit_everything(project.root)
+    assert project.aipm("run", "D", "--no-resource-monitoring", timeout=120).returncode == 1
+    _git(project.root, "checkout", "-q", "--", "orders/D/A.yaml")
+    log = project.root / ".aipm" / "logs" / "D" / "A.1.log"
+    log.rename(log.with_name("kept"))
+    log.mkdir()
+    recover = project.aipm("recover", "D")
+    assert recover.returncode == 1
+    assert f"D/A: cannot adopt its worker: {log}: Is a directory" in recover.stdout + recover.stderr, recover
+    assert task_statuses(order) == {"A": "QUEUED"}
+    log.rmdir()
+    assert "D/A: adopted" in project.aipm("recover", "D", check=True).stdout
+    wait_for(lambda: task_statuses(order) == {"A": "DONE"} and no_workers(project.root))
