@@ -10,19 +10,20 @@ from __future__ import annotations
 import os
 import re
 import select
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from aipm import budget, parsecache
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
-from aipm.model import DEAD_END, FINISHED_OK, Order, Status
+from aipm.model import DEAD_END, FINISHED_OK, Order, Status, Task
 from aipm.plan import BUDGET, NEVER, WAITING, plan
 from aipm.project import Project
 from aipm.recovery import left_behind
 from aipm.runtime import Runtime, entries
 from aipm.spending import charged
+from aipm.statedir import safe_name
 from aipm.store import load_order
 from aipm.workerfiles import reading
 
@@ -52,6 +53,23 @@ def attempt_logs(rt: Runtime, order_id: str) -> list[AttemptLog]:
             found.append((written, AttemptLog(
                 order_id, match["task"], int(match["attempt"]), Path(entry.path), bool(match["review"]))))
     return [log for _, log in sorted(found, key=lambda pair: (pair[0], pair[1].path.name))]
+
+
+def no_log(order_id: str, task: Task) -> str:
+    """Why `aipm logs` has no log of a task to show: it has not run, or its logs were removed since it ran (a
+    worker's `rm -rf .aipm` or `git clean -fdx`), and then what its file still says of its attempts."""
+    if not task.attempts and task.started_at is None:
+        return f"no log for {order_id}/{task.id} yet (it has not run)"
+    started = f", the last started {task.started_at}" if task.started_at is not None else ""
+    return (f"no log for {order_id}/{task.id}: removed since it ran (its file says {task.status.value}, "
+            f"attempts {task.attempts}{started})")
+
+
+def logs_gone(rt: Runtime, order: Order) -> list[str]:
+    """no_log() of each task of the order that ran but has no log left: its lines are missing from the order's."""
+    logged = {log.task for log in attempt_logs(rt, order.id) if not log.review}
+    return [no_log(order.id, task) for task in order.tasks.values()
+            if (task.attempts or task.started_at is not None) and safe_name(task.id) not in logged]
 
 
 def parse(path: Path, order_id: str) -> AttemptLog | None:
@@ -218,14 +236,17 @@ def settled(order: Order, records: list, default_limit: float | None = None, rt:
                for task in order.tasks.values())
 
 
-def order_lines(project: Project, order_dir: Path, follow: bool = False, default_limit: float | None = None
-                ) -> Iterator[str]:
+def order_lines(project: Project, order_dir: Path, follow: bool = False, default_limit: float | None = None,
+                told: Callable[[str], object] = lambda note: None) -> Iterator[str]:
     """Every worker's lines of the order, tagged; with `follow`, then new lines and new attempts as they come,
-    until the order is settled (see `settled`; `default_limit`: the max_cost_usd setting)."""
+    until the order is settled (see `settled`; `default_limit`: the max_cost_usd setting). `told` is given first
+    the no_log() of each task whose lines are missing (logs_gone)."""
     rt = Runtime(project.root)
     if follow:  # the order is read again at every change: only the files that changed are parsed
         parsecache.in_memory()
     order = load_order(order_dir, project.root)
+    for note in logs_gone(rt, order):
+        told(note)
     tail = Tail()
 
     def new_lines(final: bool) -> Iterator[str]:

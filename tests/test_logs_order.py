@@ -296,3 +296,23 @@ def test_logs_order_follow_ends_when_the_spending_ledger_leaves_no_budget(projec
     assert "budget reached" in project.aipm("why", "B").stdout  # as run and launch count it
     followed = project.aipm("logs", "ORD", "-f", timeout=30)
     assert followed.returncode == 0 and "A\ta" in followed.stdout.splitlines(), followed.stdout + followed.stderr
+
+
+def test_logs_of_a_task_whose_log_a_worker_removed_say_it_ran(project):
+    """A later worker's `rm -rf .aipm` took DAEMON's log: `aipm logs H/DAEMON` said "no log for H/DAEMON yet (it
+    has not run)" of a task DONE after its attempt, and `aipm logs H` left its lines out without a word. Both now
+    say the log was removed since it ran, with what the task file says of its attempts."""
+    order = project.order("H")
+    write_task(order, "DAEMON", command="echo daemon")
+    write_task(order, "CLEAN", depends_on=["DAEMON"], command="rm -rf .aipm; echo clean")
+    assert project.aipm("run", "H", "--no-resource-monitoring").returncode == 0
+    assert task_statuses(order) == {"DAEMON": "DONE", "CLEAN": "DONE"} and no_workers(project.root)
+    gone = "no log for H/DAEMON: removed since it ran (its file says DONE, attempts 1, the last started "
+    task = project.aipm("logs", "H/DAEMON")
+    assert task.returncode == 2 and task.stdout == "", task
+    assert task.stderr.startswith(f"aipm: error: {gone}") and task.stderr.count("\n") == 1, task.stderr
+    whole = project.aipm("logs", "H", check=True)
+    assert whole.stderr.startswith(f"aipm: {gone}") and whole.stderr.count("\n") == 1, whole.stderr
+    assert whole.stdout.startswith("CLEAN\t[aipm ") and "\nDAEMON\t" not in whole.stdout, whole.stdout
+    write_task(order, "NEW", command="true")
+    assert project.aipm("logs", "H/NEW").stderr == "aipm: error: no log for H/NEW yet (it has not run)\n"

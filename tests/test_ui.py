@@ -1025,3 +1025,21 @@ def test_the_page_is_sent_only_the_tasks_that_changed_after_its_first_board(proj
         "QUEUED", "CANCELLED", "QUEUED", "QUEUED"]
     page.close()
     script.close()
+
+
+def test_the_page_says_a_tasks_log_was_removed_since_it_ran_not_that_it_never_ran(project, dashboard):
+    """A DONE task whose log a worker's `rm -rf .aipm` took showed "(no log yet: it has not run)"; the page now
+    says what `aipm logs` says (logbook.no_log): removed since it ran, with what its file says."""
+    order = project.order()
+    write_task(order, "RAN", command="true")
+    write_task(order, "NOT", command="true")  # (`exec` runs RAN alone)
+    assert project.aipm("exec", "ORD/RAN").returncode == 0
+    shutil.rmtree(project.root / ".aipm" / "logs")
+    base, token = base_and_token(dashboard)
+
+    def none(task):
+        with urllib.request.urlopen(f"{base}/api/log?token={token}&order=ORD&task={task}", timeout=60) as response:
+            return json.loads(response.read())["none"]
+
+    assert none("RAN").startswith("no log for ORD/RAN: removed since it ran (its file says DONE, attempts 1, ")
+    assert none("NOT") == "no log for ORD/NOT yet (it has not run)"

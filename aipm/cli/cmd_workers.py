@@ -161,13 +161,16 @@ def logs(
     project = get_project()
     order_dir = _order_named(project, task) if attempt is None else None
     if order_dir is not None:
+        def told(note: str) -> None:  # a task whose lines are not among the order's
+            print(f"aipm: {note}", file=sys.stderr, flush=True)
+
         if json_out:
-            lines = [line.split("\t", 1) for line in logbook.order_lines(project, order_dir)]
+            lines = [line.split("\t", 1) for line in logbook.order_lines(project, order_dir, told=told)]
             print_json({"order": load_order(order_dir, project.root).id,
                         "lines": [{"task": tid, "line": text} for tid, text in lines]})
             return
         limit = load_settings(project.root).max_cost_usd if follow else None  # (a budget can settle the order)
-        for line in logbook.order_lines(project, order_dir, follow, limit):
+        for line in logbook.order_lines(project, order_dir, follow, limit, told):
             sys.stdout.write(line + "\n")
             sys.stdout.flush()
         return
@@ -189,7 +192,7 @@ def logs(
     if not found and follow and attempt is None:
         found = _first_log(rt, order, task_id)
     if not found:
-        raise UserError(f"no log for {order.id}/{task_id} yet (it has not run)")
+        raise UserError(logbook.no_log(order.id, order.tasks[task_id]))
     number = attempt if attempt is not None else max(found)
     if json_out:
         with _log(found[number]) as handle:

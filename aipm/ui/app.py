@@ -32,10 +32,10 @@ from aipm.changes import ProjectWatch
 from aipm.errors import UserError
 from aipm.launcher import Launcher, Options
 from aipm.liveness import LOOK_AFTER
-from aipm.logbook import attempt_logs
+from aipm.logbook import attempt_logs, no_log
 from aipm.project import Project
 from aipm.settings import Settings
-from aipm.store import order_meta, task_names
+from aipm.store import load_task, order_meta, task_names
 from aipm.ui.stream import LIVE_BYTES, Hub, LiveLog, Stream, as_json, board_patch, sse
 from aipm.workerfiles import reading
 
@@ -177,7 +177,18 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
                 attempts.append({"name": path.name, "text": handle.read(keep).decode(errors="replace"),
                                  "truncated": size > keep})
                 budget -= keep
-        return {"order": order_id, "task": task_id, "logs": attempts[::-1], "omitted": omitted}
+        shown = {"order": order_id, "task": task_id, "logs": attempts[::-1], "omitted": omitted}
+        if not attempts:  # what the page says instead
+            shown["none"] = no_log_of(order_dir, order_id, task_id) if not mine else \
+                "its logs cannot be read: what is there is no file (its worker replaced them)"
+        return shown
+
+    def no_log_of(order_dir: Path, order_id: str, task_id: str) -> str:
+        """logbook.no_log: whether the task ran, as its file says (only this one file read, and only now)."""
+        try:
+            return no_log(order_id, load_task(order_dir / f"{task_id}.yaml", project.root))
+        except (UserError, OSError):
+            return f"no log for {order_id}/{task_id} yet"
 
     async def log_json(request: Request):
         try:
