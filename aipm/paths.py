@@ -1,13 +1,16 @@
 """Target-file paths: normalisation, confinement to the project root, and overlap of files, directories and globs.
 
 A target is a file (`a/b.py`), a directory (`docs/`, or any existing directory: everything below it) or a glob
-(`tests/**/*.py`). Overlap is conservative: two targets overlap when some path could be covered by both.
+(`tests/**/*.py`; within a name `*`, `?` and `[...]` as fnmatch reads them, and `**` for any run of directories).
+Two targets overlap exactly when some path could be covered by both.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import posixpath
+import re
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -203,19 +206,46 @@ def _intersect(a: tuple[str, ...], b: tuple[str, ...], star: str, same) -> bool:
 
 
 def _same_character(x: str, y: str) -> bool:
-    return x == "?" or y == "?" or x == y
+    """Whether one character can match both tokens: a literal character, `?`, or a class as written (`[a-c]`,
+    `[!x]`)."""
+    if len(x) == 1 and len(y) == 1:
+        return x == y or x == "?" or y == "?"
+    # Exact, by trying candidates: both tokens are unions of character ranges (or their complements), so where they
+    # meet, the least character they share is an end of a range named in them, one past such an end, or the first
+    # character there is. A class read as any character sent `src/c.py` and `src/[ab].py` into the same round's
+    # overlap, and let a task with target `src/[ab].py` write `src/c.py` unseen by the scope audit.
+    named = {ord(c) + d for c in x + y for d in (-1, 0, 1)} | {0}
+    return any(_member(x, c) and _member(y, c) for c in map(chr, sorted(n for n in named if 0 <= n <= 0x10FFFF)))
+
+
+def _member(token: str, c: str) -> bool:
+    if len(token) == 1:
+        return token in ("?", c)
+    return _class(token).fullmatch(c) is not None  # (one with no member, `[b-a]`, matches nothing)
+
+
+@lru_cache(maxsize=1024)
+def _class(token: str) -> re.Pattern[str]:
+    return re.compile(fnmatch.translate(token))  # fnmatch's own reading of a class: ranges, `!`, a leading `]`
 
 
 def _tokens(segment: str) -> tuple[str, ...]:
-    """Split one path segment into literal characters, `?`, `*` and `[...]` classes (kept as `?`-like)."""
+    """Split one path segment into literal characters, `?`, `*` and `[...]` classes, the bracket found as fnmatch
+    finds it (a `]` first in the class is a member; a `[` never closed is a literal character)."""
     out: list[str] = []
-    i = 0
-    while i < len(segment):
+    i, n = 0, len(segment)
+    while i < n:
         c = segment[i]
         if c == "[":
-            end = segment.find("]", i + 2)
-            if end != -1:
-                out.append("?")  # conservative: a class may match any single character
+            end = i + 1
+            if end < n and segment[end] == "!":
+                end += 1
+            if end < n and segment[end] == "]":
+                end += 1
+            while end < n and segment[end] != "]":
+                end += 1
+            if end < n:
+                out.append(segment[i:end + 1])
                 i = end + 1
                 continue
         if c == "*" and out and out[-1] == "*":

@@ -1,4 +1,5 @@
 import fnmatch
+import itertools
 import posixpath
 
 import pytest
@@ -54,7 +55,13 @@ def test_existing_directory_counts_as_directory(tmp_path):
     ("**/*.md", "docs/", True),
     ("src/*.py", "src/*_test.py", True),
     ("src/a*.py", "src/b*.py", False),
-    ("src/[ab].py", "src/c.py", True),  # classes are treated as any character: conservative
+    ("src/[ab].py", "src/c.py", False),  # a class matches its members only (it was read as any character)
+    ("src/[ab].py", "src/b.py", True),
+    ("src/[!a].py", "src/a.py", False),
+    ("src/[a-c].py", "src/[!b-d].py", True),  # a
+    ("src/[a-b].py", "src/[!a-c].py", False),
+    ("src/[]x].py", "src/].py", True),  # `]` first in a class is a member, as fnmatch reads it
+    ("src/[ab", "src/[ab", True),  # a `[` never closed is a literal character
     ("./", "anything/at/all", True),
 ])
 def test_overlap_cases(a, b, expected):
@@ -103,6 +110,20 @@ def test_glob_against_file_agrees_with_fnmatch(pat, path):
 def test_segment_overlap_with_literal_is_fnmatch(p, s):
     if p and s:
         assert segment_overlap(p, s) == fnmatch.fnmatchcase(s, p)
+
+
+class_token = st.sampled_from(["a", "b", "?", "[ab]", "[!a]", "[a-b]", "[]a]", "[!]]", "[b-a]", "[!ab]"])
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(class_token, min_size=1, max_size=3).map("".join),
+       st.lists(class_token, min_size=1, max_size=3).map("".join))
+def test_segment_overlap_of_classes_is_exact(p, q):
+    """Some name fnmatch matches with both patterns exactly when segment_overlap says they overlap (every such
+    name is within these lengths and characters: `x` stands for any character neither pattern names)."""
+    names = ("".join(chars) for n in (1, 2, 3) for chars in itertools.product("ab]x", repeat=n))
+    both = any(fnmatch.fnmatchcase(name, p) and fnmatch.fnmatchcase(name, q) for name in names)
+    assert segment_overlap(p, q) is both
 
 
 @settings(max_examples=200, deadline=None)

@@ -234,6 +234,35 @@ def test_run_fails_the_review_of_a_worker_that_writes_outside_its_targets(tmp_pa
     assert "c.txt" in feedback.read_text() and "src/b.txt" not in feedback.read_text()
 
 
+def test_a_class_in_a_glob_target_covers_its_members_only(repo):
+    """`src/[ab].txt` covered `src/c.txt` too: a class was read as any character."""
+    assert out_of_scope({"src/a.txt", "src/b.txt", "src/c.txt"}, targets("src/[ab].txt")) == ["src/c.txt"]
+    assert out_of_scope({"src/a.txt", "src/c.txt"}, targets("src/[!a].txt")) == ["src/a.txt"]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_run_sends_back_a_worker_that_writes_beside_its_class_target(tmp_path):
+    import subprocess as sp
+    import sys
+
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    order.mkdir(parents=True)
+    (root / "aipm.yaml").write_text("max_rework: 0\n")
+    (order / "T.yaml").write_text(yaml.safe_dump(
+        {"command": "mkdir -p src && echo b > src/b.txt && echo c > src/c.txt", "target_files": ["src/[ab].txt"]}))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        sp.run(["git", *args], cwd=root, check=True)
+    proc = sp.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--no-resource-monitoring",
+                   "--json"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["scope"] for e in events if e.get("scope")] == [["src/c.txt"]]
+    assert yaml.safe_load((order / "T.yaml").read_text())["status"] == "REJECTED"
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 @pytest.mark.parametrize("order_at", ["orders/ORD", "."], ids=["orders", "root"])
 def test_the_order_directory_allows_its_task_files_not_everything_in_it(tmp_path, order_at):
