@@ -378,7 +378,9 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         if over and not budget_told:  # every task may be DONE, and yet the order cost more than it may
             emit({"event": "budget", "order": order.id, "detail": spend.over_detail})
         notify.order_finished(launcher.settings, launcher.runtime, order, done, f"{order.id}: {status_summary(order)}")
-        return 0 if done and not over else 1
+        # Every task DONE or COMPLETED is success whatever it cost (the contract's exit 0): the line above says
+        # the order went over, and the budget's stop (tasks left QUEUED) is exit 1 as any unfinished order.
+        return 0 if done else 1
     finally:
         writer.drop_prepared()
         launcher.demands.withdraw()  # its tasks wait for no slot now
