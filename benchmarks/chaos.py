@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
+import _common as C  # noqa: E402
 from conftest import Project  # noqa: E402
 import test_chaos as chaos  # noqa: E402
 
@@ -96,7 +96,7 @@ def run_scenario(name: str, trials: int, seed_base: int, fn, keep: bool, out) ->
         if problems:
             findings.append((seed, root, problems))
         elif not keep:
-            shutil.rmtree(root, ignore_errors=True)
+            C.remove_project(root)
     row["findings"] = findings
     return row
 
