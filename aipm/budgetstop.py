@@ -61,6 +61,7 @@ def past_budget(sup: "Supervisor", order: Order, records: Iterable[Record], told
         # budget is reached, as ever. (Kept in the records, not the run's memory: a run killed and run again, which
         # adopts the attempts, knows it too.)
         return events
+    stopped: list[str] = []
     if not spend.reached:
         detail = (f"max_cost_usd {budget.usd(spend.limit)} ({spend.source}) is below the order's cost "
                   f"({spend.cost}) plus what its running attempts may still spend ({budget.usd(spend.held)}: their "
@@ -74,9 +75,12 @@ def past_budget(sup: "Supervisor", order: Order, records: Iterable[Record], told
                   "budget)" + (f": stopped {', '.join(stopped)}, each counting what it spent (its cap if it did not "
                                "say)" if stopped else "")
                   + (f"; {', '.join(others)} run under another aipm: `aipm cancel` them" if others else ""))
-    if detail in told:
+    # Said once per limit and state (and for each stop), not per wording: the cost and the caps in the detail change
+    # as the running attempts end, and the same lowering was said again with each.
+    key = f"{spend.limit} {'reached' if spend.reached else 'below'}"
+    if key in told and not stopped:
         return events
-    told.add(detail)
+    told.add(key)
     return [*events, {"event": "budget", "order": order.id, "detail": detail, "max_cost_usd": spend.limit,
                       "reached": spend.reached}]
 

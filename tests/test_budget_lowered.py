@@ -300,3 +300,22 @@ def test_a_budget_lowered_under_four_detached_owners_is_told_once(project, gate)
     told = lowered_told(project)
     assert len(told) == 1 and "ORD: max_cost_usd $0.3000 (order.yaml) is below" in told[0], told
     assert {yaml.safe_load((project.order() / f"{t}.yaml").read_text())["status"] for t in "ABCD"} == {"DONE"}
+
+
+def test_a_lowered_budget_is_said_once_while_the_running_attempts_end(project, gate):
+    """Lowered to $0.70 below the $1 that A's and B's caps ($0.50 each) hold: said once. A's end ($0.30 recorded, B
+    still holding $0.50) left it below again, by another figure, and the run said the same lowering a second time."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 1\n")
+    b_gate = two_capped_attempts(project, gate)
+    with running(project, b_gate) as (run, out_path):
+        wait_for(lambda: len(journal(project)) == 2)
+        (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.7\n")
+        wait_for(lambda: " is below " in out_path.read_text())
+        gate.touch()  # A reports $0.30: $0.30 spent and B's $0.50 cap are still more than $0.70
+        wait_for(lambda: yaml.safe_load((order / "A.yaml").read_text())["status"] == "DONE")
+        b_gate.touch()  # B reports $0.30: $0.60 in all, within the budget
+        assert run.wait(timeout=120) == 0
+    said = out_path.read_text()
+    assert len([line for line in said.splitlines() if " is below " in line]) == 1, said
