@@ -25,6 +25,13 @@ from aipm.model import Order, Task
 from aipm.record import Record
 
 
+# The least share an attempt is given while more could start: a budget split into shares too small to finish
+# anything is all spent with nothing done (five claude attempts capped at $0.05 each all stopped at their cap), where
+# fewer at once would have finished some. A claude attempt's first turns alone (its system prompt, the files it
+# reads) cost cents.
+MIN_SHARE = 0.10
+
+
 @dataclass(frozen=True)
 class Budget:
     limit: float
@@ -53,13 +60,20 @@ class Budget:
         return max(0.0, round(self.limit - self.spent - self.unreported - self.held, 6))
 
     def holds_back(self, task_id: str) -> bool:
-        """Whether the task waits because the running attempts hold all that is left (not a stop: see reached)."""
-        return not self.available and task_id not in self.costless
+        """Whether the task waits because the running attempts hold what is left, all of it or all but less than
+        a least share (not a stop: see reached)."""
+        return not self.shares(1)[0] and task_id not in self.costless
 
-    def shares(self, count: int) -> float:
-        """Each of `count` attempts starting together gets an equal part of what is available, cut to whole
-        micro-dollars so the parts never add up to more."""
-        return round(self.available * 1_000_000) // count / 1_000_000  # (available is whole micro-dollars)
+    def shares(self, together: int) -> tuple[int, float]:
+        """How many of `together` capped attempts that would start now may start, and each one's share: an equal
+        part of what is available, cut to whole micro-dollars so the parts never add up to more, and no less than
+        MIN_SHARE: fewer start, and the others wait for them. Less only as the one share of what is left while no
+        running attempt holds any (all there is: it may be enough)."""
+        left, least = round(self.available * 1_000_000), round(MIN_SHARE * 1_000_000)  # (whole micro-dollars)
+        if left < least and self.held:
+            return 0, 0.0
+        count = min(together, max(1, left // least), left)
+        return count, left // count / 1_000_000 if count else 0.0
 
     @property
     def cost(self) -> str:

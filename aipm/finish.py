@@ -31,6 +31,14 @@ def after_work(task: Task, exit_code: int | None, settings: Settings, reviewing:
     return updates
 
 
+def after_cap(task: Task, exit_code: int | None, reason: str) -> dict[str, Any]:
+    """Updates for an attempt its agent stopped at the cap aipm gave it (agents.stopped_at_cap): the budget's doing,
+    not the task's failure. QUEUED again, the attempt not counted (as a preempted one): no try is spent, and the plan
+    decides, its cost recorded, whether the budget has another share for it or is reached (raise it to go on)."""
+    return {"exit_code": exit_code, "finished_at": now(), "reason": reason, "status": Status.QUEUED,
+            "attempts": max(0, task.attempts - 1)}
+
+
 def attempt_limit(task: Task, settings: Settings) -> int:
     return task.max_attempts or settings.max_attempts
 

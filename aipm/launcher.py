@@ -264,6 +264,10 @@ class Launcher(Starter):
         report.deferred = [{"id": tid, "reason": "capacity", "detail": why} for tid, why in short.items()]
         report.failed += [{"id": b.id, "error": b.detail} for b in result.refused]
         planned = len(report.failed)
+        # The capped attempts the plan would start now, as many as the worker limit allows, share the budget, even
+        # when the load lets fewer start at once: on a ramp (one start a second) the first one was given all of it,
+        # and the others waited for it to end.
+        together = sum(agents.caps_cost(agent_for(t, self.settings)) for t in wanted)
         # Read the machine only when there is something to start: the idle loop costs no CPU.
         budget, why, note = self.start_budget(live_count) if wanted else (0, "", "")
         if budget:
@@ -280,9 +284,11 @@ class Launcher(Starter):
             self.demands.publish(order.id, waiting, self.settings.max_workers)
         started: list[tuple[Task, Starting]] = []
         again = False
-        caps = self._caps([counted.tasks[t.id] for t in wanted[:budget]], spend)
-        for task in [t for t in wanted[:budget] if caps[t.id] == 0]:
-            report.deferred.append({"id": task.id, "reason": "budget", "detail": spend.held_detail})
+        caps = self._caps([counted.tasks[t.id] for t in wanted[:budget]], spend, together)
+        unfunded = [t for t in wanted[:budget] if caps[t.id] == 0]
+        if unfunded:  # (they wait for the caps just given too: the budget was read before)
+            given = replace(spend, held=round(spend.held + sum(c for c in caps.values() if c), 6))
+            report.deferred += [{"id": t.id, "reason": "budget", "detail": given.held_detail} for t in unfunded]
         try:
             for task in [t for t in wanted[:budget] if caps[t.id] != 0]:
                 if self.options.dry_run:
@@ -354,18 +360,19 @@ class Launcher(Starter):
         return spend and replace(spend, costless=frozenset(
             t.id for t in order.tasks.values() if not agents.reports_cost(agent_for(t, self.settings))))
 
-    def _caps(self, tasks: list[Task], spend: Budget | None) -> dict[str, float | None]:
+    def _caps(self, tasks: list[Task], spend: Budget | None, together: int) -> dict[str, float | None]:
         """Each starting attempt's spending cap: the task's own `max_cost_usd`, and under an order budget no more
-        than an equal share of what is available, so the attempts starting now cannot together pass it. None for
-        agents that take no cap (their spending is known only once recorded); 0 for those that wait, when what
-        is available is fewer micro-dollars than attempts (the first ones in the plan's order get one each)."""
+        than its share (Budget.shares) of what is available, split among the `together` capped attempts the plan
+        would start now (those starting on this reading among them). None for agents that take no cap (their
+        spending is known only once recorded); 0 for those that wait: beyond the attempts the budget can give a
+        share (the first ones in the plan's order get one)."""
         capped = [t for t in tasks if agents.caps_cost(agent_for(t, self.settings))]
         caps: dict[str, float | None] = {t.id: None for t in tasks}
+        share = None
         if spend is not None and capped:
-            funded = min(len(capped), int(round(spend.available * 1_000_000)))
+            funded, share = spend.shares(together)
             caps.update({t.id: 0 for t in capped[funded:]})
             capped = capped[:funded]
-        share = spend.shares(len(capped)) if spend is not None and capped else None
         for task in capped:
             limits = [c for c in (task_left(task), share) if c is not None]
             caps[task.id] = min(limits) if limits else None

@@ -52,6 +52,12 @@ def agent_error(reason: str, error: str) -> str:
     return one_line(f"{reason}; the agent reported an error: {error}")
 
 
+def at_cap(reason: str, cap: str) -> str:
+    """An attempt its agent stopped at the cap aipm gave it: the budget's doing, not counted as a try."""
+    return one_line(f"{reason}; stopped at the cap aipm gave it ({cap}, --max-budget-usd), what the budget left it; "
+                    "attempt not counted")
+
+
 def killed(number: int) -> str:
     return f"killed by {signal_name(number)}"
 

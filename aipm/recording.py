@@ -14,8 +14,9 @@ import signal
 
 from aipm import (agents, cluster, commits, confine, notify, outcome, recovery, scope, spending, unrecorded, workspace,
                   writer, writtenlog)
+from aipm.budget import usd
 from aipm.errors import UserError
-from aipm.finish import after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
+from aipm.finish import after_cap, after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
 from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Status, Task
 from aipm.paths import as_path, files_above
@@ -318,6 +319,8 @@ class Recording(Reviewing):
         refused = (confine.failure(rec.exit_file, rec.confined) if code == 126 else None) or cluster.failure(
             rec.exit_file, rec.command, code)
         reason = outcome.one_line(refused) if refused else attempt_reason(code, timed_out, timeout)
+        if not timed_out and agents.stopped_at_cap(usage, rec.cost_cap):
+            return self._write(task, {**after_cap(task, code, outcome.at_cap(reason, usd(rec.cost_cap))), **spent})
         if error:
             # (a lost usage report is aipm's finding, not the agent's word)
             reason = outcome.one_line(f"{reason}; {error}") if error == agents.LOST else outcome.agent_error(

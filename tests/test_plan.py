@@ -287,14 +287,19 @@ def test_a_budget_its_running_attempts_hold_whole_stops_no_order_but_starts_noth
     from aipm.plan import BUDGET
 
     o = order(task("A", status="IN_PROGRESS"), task("B"))
-    for held, launchable in ((0.6, []), (0.5, ["B"])):
+    # (0.55: the $0.05 left is less than a least share, MIN_SHARE, while an attempt holds one: B waits for it too)
+    for held, launchable in ((0.6, []), (0.55, []), (0.5, ["B"])):
         budget = Budget(limit=1.0, spent=0.4, source="order.yaml", held=held)
         result = plan(o, slots=5, budget=budget)
         assert ids(result) == launchable and result.budget_stop is None
         if not launchable:
             assert result.blocked["B"].reason == BUDGET and "budget held" in result.blocked["B"].detail
             assert ids(plan(o, slots=5, budget=budget, explain=False)) == []
-    assert Budget(1.0, 0.4, "order.yaml", 0.5).shares(3) == 0.033333  # cut, never rounded up: 3 × it ≤ 0.1
+    assert Budget(1.0, 0.0, "order.yaml").shares(3) == (3, 0.333333)  # cut, never rounded up: 3 × it ≤ 1
+    # Never less than MIN_SHARE ($0.10) while more could start: fewer start; less only when nothing is held.
+    assert Budget(1.0, 0.4, "order.yaml", 0.5).shares(3) == (1, 0.1)
+    assert Budget(1.0, 0.75, "order.yaml").shares(3) == (2, 0.125)
+    assert Budget(1.0, 0.95, "order.yaml").shares(3) == (1, 0.05)
 
 
 def test_a_budget_held_whole_keeps_no_task_that_costs_nothing_against_it_waiting():

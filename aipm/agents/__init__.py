@@ -57,6 +57,8 @@ class Usage:
     # The error the agent's final report names (claude: its result's subtype, or the result's text when that
     # subtype says success), when that report is an error: the attempt failed, whatever the exit code.
     error: str | None = None
+    # The agent stopped because it spent the cap aipm gave it (claude: error_max_budget_usd): the budget's doing.
+    at_cap: bool = False
 
 
 class Reading:
@@ -74,7 +76,7 @@ class Reading:
         """All that read() keeps (a preset keeping more adds it): a line after which it is the same changes nothing
         that any later line is read as, so the meter's copy may leave it out."""
         u = self.found
-        return u.cost_usd, tuple(u.tokens.items()), u.session_id, u.turns, u.is_error, u.error
+        return u.cost_usd, tuple(u.tokens.items()), u.session_id, u.turns, u.is_error, u.error, u.at_cap
 
     def usage(self) -> Usage:
         return replace(self.found, tokens=dict(self.found.tokens))
@@ -280,6 +282,14 @@ def review_usage(log: Path, start: int = 0) -> tuple[Usage | None, int]:
     lines = data.decode(errors="replace").splitlines(keepends=True)
     read = [preset(name).parse(iter(lines)) for name in NAMES if reports_cost(name)]
     return next((u for u in read if u.cost_usd is not None), next((u for u in read if u.session_id), None)), end
+
+
+def stopped_at_cap(usage: Usage | None, cap: float | None) -> bool:
+    """Whether the attempt ended because it spent the cap aipm gave it (`cap`: its record's cost_cap), by its
+    agent's word and by the cost it reported: one that says so and spent less (nothing) is no budget's doing, and
+    run again for nothing it would run again forever."""
+    return (usage is not None and usage.at_cap and cap is not None and usage.cost_usd is not None
+            and round(usage.cost_usd - cap, 6) >= 0)
 
 
 def failure(usage: Usage | None) -> str | None:

@@ -113,6 +113,7 @@ class Reading(agents.Reading):
             if isinstance(event.get("subtype"), str) and event["subtype"].startswith("error"):
                 usage.is_error = True  # error_max_turns has been seen with is_error false: the run did not finish
             usage.error = _error(event) if usage.is_error else None
+            usage.at_cap = usage.is_error is True and event.get("subtype") == "error_max_budget_usd"
 
 
 parse = Reading.parse
