@@ -301,7 +301,13 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                     break  # finished, failed for good, or never launchable (a busy machine is waited for, as by run)
             elif not sup.owned and not others_matter(order, foreign | finishing) and not deferred and not waiting \
                     and not orphaned and not fixing:
-                break  # nothing runs and nothing can start: finished, or stuck (exit code says which)
+                # Nothing runs and nothing can start, as far as the watch told: the directory read once more, so
+                # that a task that came without an event it watches (linked in) runs rather than ends the run.
+                view.refresh(rescan=True)
+                if not view.changed:
+                    break  # finished, or stuck (exit code says which)
+                ready = []
+                continue
             ready = []
             if orphaned:
                 recover = lost = True

@@ -73,11 +73,12 @@ class OrderView:
             self.watch.add(parent, IN_CREATE | IN_MOVED_TO)
         self.watch.add(str(self.dir))
 
-    def refresh(self) -> Order:
+    def refresh(self, rescan: bool = False) -> Order:
         """Bring the view up to date with the directory. `self.changed` says whether anything but our own
-        writes moved (a bad file is kept out and reported in `problems`)."""
+        writes moved (a bad file is kept out and reported in `problems`). `rescan`: list and stat the directory
+        whatever the watch said, for a file that came without an event it watches (a hard link: IN_CREATE only)."""
         self.changed = False
-        if self.watch is not None:
+        if self.watch is not None and not rescan:
             names, made_again = set(), False
             for directory, name in self.watch.events():
                 if directory == str(self.dir):

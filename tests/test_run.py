@@ -147,6 +147,32 @@ def test_task_added_mid_run_is_run_and_a_comment_survives(project):
     assert check(journal, order) == []
 
 
+@pytest.mark.parametrize("how", ["aipm add", "a hard link"])
+def test_a_task_made_mid_run_without_a_write_or_a_rename_is_run(project, how):
+    """`aipm add` published its file with link(2), which raises IN_CREATE only, and the run's watch leaves
+    IN_CREATE out (an editor's new file is empty until its IN_CLOSE_WRITE): the task added mid-run never started,
+    and the run ended exit 0 with it QUEUED. `add` now renames its file in; a run about to end reads its
+    directory once more, for a file linked in by anything else."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    gate = project.root / "gate"
+    write_task(order, "FIRST", command=journal_command(journal, f"while [ ! -e {gate} ]; do sleep 0.05; done"),
+               target_files=["first"])
+    proc = start_run(project, "ORD")
+    wait_for(lambda: any(s.task == "FIRST" for s in spans(journal)))
+    if how == "aipm add":
+        project.aipm("add", "ORD", "ADDED", "--command", journal_command(journal), "--target-file", "added",
+                     check=True)
+    else:
+        made = write_task(project.root / "elsewhere", "ADDED", command=journal_command(journal),
+                          target_files=["added"])
+        os.link(made, order / "ADDED.yaml")
+    gate.touch()
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    assert task_statuses(order) == {"FIRST": "DONE", "ADDED": "DONE"}
+    assert check(journal, order) == []
+
+
 def test_a_task_added_mid_run_below_a_directory_since_linked_outside_the_root_is_refused(project, tmp_path_factory):
     """A run remembered for its whole life which directories were no symlinks: once src/ (looked at for FIRST's
     target) was replaced by a link leading out of the root, a task file added with a target below it was taken,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from contextlib import suppress
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -22,6 +23,7 @@ from aipm.errors import UserError
 from aipm.model import ID_PATTERN, ID_RULE, Priority
 from aipm.schema import KINDS, schema_text
 from aipm.fields import one_line, task_from_mapping
+from aipm.inodes import move_new
 from aipm.store import NOT_TASKS, ORDER_FILE, check_links, load_order, parse_mapping
 from aipm.workerfiles import read_bytes
 
@@ -244,13 +246,18 @@ def _create(path: Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)  # mkstemp's 0600 would hide the task from teammates and their tools
-        os.link(tmp, path)  # unlike rename, link refuses an existing name
+        # A rename that refuses an existing name (renameat2 RENAME_NOREPLACE): a running `aipm run` watches its
+        # order for files moved in or written, and a hard link is neither (only IN_CREATE, which it leaves out as
+        # an editor's empty new file): a task added by link mid-run was never started, and the run ended exit 0.
+        if not move_new(tmp, str(path)):
+            os.link(tmp, path)  # where renameat2 cannot: link refuses an existing name too
     except FileExistsError:
         raise UserError(f"{path}: already exists (created meanwhile); nothing written") from None
     except OSError as exc:
         raise UserError(f"{path}: cannot write: {exc.strerror}") from None
     finally:
-        os.unlink(tmp)
+        with suppress(FileNotFoundError):
+            os.unlink(tmp)  # (renamed: gone)
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
