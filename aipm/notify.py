@@ -114,8 +114,8 @@ def reap() -> None:
 
 
 def _append(log: Path, line: str) -> None:
-    fd = workerfiles.open_regular(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    fd, info = workerfiles.open_checked(log, os.O_RDWR | os.O_CREAT | os.O_APPEND)
     try:
-        os.write(fd, line.encode(errors="surrogateescape"))
+        workerfiles.append_line(fd, info.st_size, line)  # after a notify command's output without a newline
     finally:
         os.close(fd)

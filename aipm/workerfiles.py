@@ -260,13 +260,21 @@ def append_log(log: str, line: str) -> None:
             mode = os.lstat(made_dir(Path(runtime), Path(log)).parent).st_mode
         if not stat.S_ISDIR(mode) and not kept_link(directory):
             return
-        fd = open_regular(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW)
+        fd, info = open_checked(log, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW)
     except OSError:
         return
     try:
-        # A path git gave us may hold bytes that are not UTF-8 (decoded as surrogates): written back as they were.
-        os.write(fd, f"[aipm {time.strftime('%H:%M:%S')}] {line}\n".encode(errors="surrogateescape"))
+        append_line(fd, info.st_size, f"[aipm {time.strftime('%H:%M:%S')}] {line}\n")
     except OSError:
         pass
     finally:
         os.close(fd)
+
+
+def append_line(fd: int, size: int, line: str) -> None:
+    """aipm's `line` at the end of the file open (read and append) at `fd`, `size` bytes long when opened, on a
+    line of its own: a command's last output without a newline (`printf "progress 50"`) ran on into it. One
+    pread of the last byte: never a read of the file."""
+    start = b"\n" if size and os.pread(fd, 1, size - 1) != b"\n" else b""
+    # A path git gave us may hold bytes that are not UTF-8 (decoded as surrogates): written back as they were.
+    os.write(fd, start + line.encode(errors="surrogateescape"))

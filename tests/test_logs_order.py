@@ -1,5 +1,6 @@
 """`aipm logs ORDER [-f]`: every worker's lines of an order, each tagged with its task id (parallel --tag)."""
 
+import re
 import subprocess
 import sys
 
@@ -20,12 +21,35 @@ def test_logs_of_an_order_tag_every_line_with_its_task(project):
         by_task.setdefault(tag, []).append(text)
     assert set(by_task) == {"A", "B", "C"}
     assert by_task["A"][:2] == ["a1", "a2"]
-    assert by_task["B"][0] == "b1" and by_task["B"][1].startswith("b2 no newline")
+    assert by_task["B"][:2] == ["b1", "b2 no newline"]  # (aipm's line after it starts a line of its own)
     # Both attempts of C, the first before the second.
     attempts = [t for t in by_task["C"] if t.startswith("c attempt")]
     assert attempts == ["c attempt 1", "c attempt 2"]
     # A task argument still means that task's own log, untagged.
     assert project.aipm("logs", "A", check=True).stdout.splitlines()[:2] == ["a1", "a2"]
+
+
+def test_aipm_lines_start_a_line_of_their_own_after_output_without_a_newline(project):
+    """A command's last output without a newline (`printf "progress 50"`) ran on into aipm's line
+    (`progress 50[aipm 04:55:30] attempt 1 ended: exit 2`), in the task's log and the order's."""
+    write_task(project.order(), "T", command='printf "progress 50"; exit 2')
+    assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 1
+    own = project.aipm("logs", "ORD/T", check=True).stdout
+    assert own.endswith("\n") and own.splitlines()[0] == "progress 50", own
+    assert re.fullmatch(r"\[aipm \d\d:\d\d:\d\d\] attempt 1 ended: exit 2", own.splitlines()[1]), own
+    tagged = project.aipm("logs", "ORD", check=True).stdout
+    assert tagged.endswith("\n") and tagged.splitlines()[:2] == ["T\tprogress 50", "T\t" + own.splitlines()[1]]
+
+
+def test_the_notify_log_gets_aipm_lines_on_lines_of_their_own(project):
+    """A notify command's output without a newline ran on into aipm's note of the next event."""
+    (project.root / "aipm.yaml").write_text("notify: 'true'\n")
+    (project.root / ".aipm").mkdir(exist_ok=True)
+    (project.root / ".aipm" / "notify.log").write_text("said by the last notify command")
+    write_task(project.order(), "T", command="exit 3")
+    assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 1
+    lines = (project.root / ".aipm" / "notify.log").read_text().splitlines()
+    assert lines[0] == "said by the last notify command" and lines[1].startswith("[aipm "), lines
 
 
 def test_logs_order_follow_picks_up_a_new_attempt_and_ends_with_the_order(project, gate):
