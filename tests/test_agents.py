@@ -107,6 +107,16 @@ def test_aider_is_told_of_a_directory_target_without_files(tmp_path):
     assert "aider: target docs/ holds no file yet" in a.log.read_text()
 
 
+def test_aider_is_not_given_a_directory_target_not_made_yet_as_a_file(tmp_path):
+    """`adir2/` did not exist: it was passed as a file name, and aider makes an empty file of a name it is given,
+    which would then stand where the task is to make the directory."""
+    (tmp_path / "README").write_text("")
+    a = attempt(tmp_path, targets=("adir2/", "README"))
+    argv = aider.argv(a)
+    assert argv[-1] == "README" and "adir2" not in argv
+    assert "aider: target adir2/ holds no file yet" in a.log.read_text()
+
+
 def test_aider_gets_a_model_only_when_one_was_chosen(tmp_path):
     assert "--model" not in aider.argv(attempt(tmp_path))  # aider's own configured model is used
     argv = aider.argv(attempt(tmp_path, model="gpt-4o", model_chosen=True))

@@ -70,7 +70,9 @@ def files(attempt: Attempt) -> list[str]:
     out: list[str] = []
     for target in attempt.targets:
         top = attempt.root / target.path
-        if not target.is_glob and not top.is_dir():
+        # A directory declared (`gen/`) that is not made yet is no file to create: aider would make an empty file
+        # of its name, in the way of the directory.
+        if not target.is_glob and not target.is_dir and not top.is_dir():
             out.append(target.path)  # a file, or one to create
             continue
         listed = _git_files(attempt.root, target)
