@@ -56,11 +56,15 @@ def after_review(task: Task, exit_code: int, settings: Settings, reason: str) ->
     """Updates, in order, for a review that ended: COMPLETED, or REWORK then QUEUED (REJECTED past max_rework)."""
     if exit_code == 0:
         return [{"status": Status.COMPLETED, "finished_at": now(), "reason": reason}]
-    reworks = task.reworks + 1
-    # max_rework rounds of rework are allowed; the review after the last one decides for good.
-    final = Status.REJECTED if reworks > rework_limit(task, settings) else Status.QUEUED
-    return [{"status": Status.REWORK, "reworks": reworks, "finished_at": now(), "reason": reason},
+    final = Status.REJECTED if rejects(task, settings) else Status.QUEUED
+    return [{"status": Status.REWORK, "reworks": task.reworks + 1, "finished_at": now(), "reason": reason},
             {"status": final}]
+
+
+def rejects(task: Task, settings: Settings) -> bool:
+    """Sending the task back now rejects it for good: no next attempt starts (until a person's `retry`)."""
+    # max_rework rounds of rework are allowed; the review after the last one decides for good.
+    return task.reworks + 1 > rework_limit(task, settings)
 
 
 def attempt_reason(exit_code: int | None, timed_out: bool, timeout: int | None) -> str:

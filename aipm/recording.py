@@ -304,7 +304,7 @@ class Recording(Reviewing):
                                  "confine: true, which keeps their workers out of the main tree")
         reviewing = not decided and review_command(task, self.settings, self.launcher.options.no_review) is not None
         if ok and not message and not reviewing:
-            message = self._merge_back(rec, event)
+            message = self._merge_back(rec, task, event)
         if message:
             log_whole(rec.log, message)
             write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True),

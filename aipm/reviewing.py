@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 
 from aipm import outcome, recovery, runner, spending, workspace
-from aipm.finish import after_review, review_command, time_limit
+from aipm.finish import after_review, rejects, review_command, time_limit
 from aipm.model import Status, Task
 from aipm.record import Record
 from aipm.worker import environment, model_for
@@ -49,7 +49,7 @@ class Reviewing:
     def _unreviewed(self, rec: Record, task: Task, merged: dict) -> Task:
         """IN_REVIEW → DONE (a worktree task's work merged first), as its work's exit 0 would have ended without
         review; a merge that conflicts sends it back (REWORK), as after an approval. `merged`: its event."""
-        conflict = self._merge_back(rec, merged)
+        conflict = self._merge_back(rec, task, merged)
         if conflict:
             return self._conflicted(rec, task, conflict)
         return self._write(task, {"status": Status.DONE, "finished_at": now(),
@@ -72,7 +72,7 @@ class Reviewing:
         spent = spending.settle_review(self.rt, rec, task)
         if spent:
             task = self._write(task, spent)
-        conflict = self._merge_back(rec, merged) if code == 0 else None
+        conflict = self._merge_back(rec, task, merged) if code == 0 else None
         if conflict:
             return self._conflicted(rec, task, conflict)
         if code == 0:
@@ -98,9 +98,9 @@ class Reviewing:
             task = self._write(task, updates)
         return task
 
-    def _merge_back(self, rec: Record, event: dict) -> str | None:
+    def _merge_back(self, rec: Record, task: Task, event: dict) -> str | None:
         """An approved worktree task: apply its changes to the main tree. The conflict (its feedback) when they
-        cannot be; then nothing was applied."""
+        cannot be; then nothing was applied, and `task` is sent back."""
         if not rec.workspace:
             return None
         try:
@@ -116,8 +116,10 @@ class Reviewing:
             event["conflict"] = exc.paths
             # The finish line said "nothing of it was merged" and no more: where the work is, and what comes next
             kept = workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial)
-            event["hint"] = f"its changes are kept in {kept}; a next attempt starts from the main tree as it is now, " \
-                            "your edit included"
+            event["hint"] = f"its changes are kept in {kept}"
+            if not rejects(task, self.settings):  # (a rejection for good starts none; a review's write is no edit)
+                event["hint"] += "; a next attempt starts from the main tree as it is now" + (
+                    ", your edit included" * exc.main_tree)
             return str(exc)
         except workspace.WorkspaceError as exc:
             return f"merge failed, nothing of this attempt was merged: {exc}"

@@ -1457,6 +1457,21 @@ def test_what_an_approving_review_changed_in_the_worktree_is_merged_or_sends_the
     assert (repo / "src/d.txt").read_bytes() == d_before and (repo / "src/c.txt").read_bytes() == c_before
 
 
+def test_a_review_writing_outside_the_targets_is_no_persons_edit_and_the_last_send_back_starts_nothing(repo):
+    """The finish line of a task whose review wrote outside its targets said "a next attempt starts from the main
+    tree as it is now, your edit included": nobody edited, and after the last send-back (REJECTED) nothing starts."""
+    project = project_in(repo, config="workspace: worktree\nmax_rework: 1\n")
+    write_task(project.order(), "OUT", target_files=["src/c.txt"], command="echo task >> src/c.txt",
+               review="echo review >> src/d.txt")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1 and project.statuses() == {"OUT": "REJECTED"}
+    first, last = [line for line in proc.stdout.splitlines() if "the review wrote outside target_files" in line]
+    patches = repo / ".aipm/patches/ORD"
+    assert first.endswith(f"; its changes are kept in {patches / 'OUT.1.patch'}; a next attempt starts from the main "
+                          "tree as it is now"), first
+    assert "REJECTED" in last and last.endswith(f"; its changes are kept in {patches / 'OUT.2.patch'}"), last
+
+
 @pytest.mark.parametrize("review", ["git checkout -- .", "git stash -q"])
 def test_an_approving_review_that_puts_the_tasks_changes_back_keeps_them_in_the_patch(repo, review):
     """A review that undid the task's edits in the worktree (a `git checkout .`, a `git stash` in its script) and

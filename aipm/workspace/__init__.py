@@ -52,9 +52,10 @@ SHARED, WORKTREE = WORKSPACES
 class Conflict(Exception):
     """The task's changes cannot be merged: the message says which paths and why (it becomes the feedback)."""
 
-    def __init__(self, message: str, paths: list[str]):
+    def __init__(self, message: str, paths: list[str], main_tree: bool = False):
         super().__init__(message)
         self.paths = paths
+        self.main_tree = main_tree  # the main tree changed meanwhile (a person's edit), not the attempt's own doing
 
 
 class NotCaptured(WorkspaceError):
@@ -320,7 +321,7 @@ def merge(root: Path, rec: Record) -> list[str]:
             f"merge conflict in {', '.join(paths)}: the main tree changed there after this attempt's merge was "
             f"planned, and the changes cannot be combined; {applied.steps - len(paths)} of {applied.steps} paths "
             "were merged, these were left as the main tree has them\n"
-            + "".join(f"  {path}: {why}\n" for path, why in applied.conflicts), paths))
+            + "".join(f"  {path}: {why}\n" for path, why in applied.conflicts), paths, main_tree=True))
     return notes + _ignored_left_behind(repo, rec) + stashed(root, rec)
 
 
@@ -340,7 +341,7 @@ def _kept(root: Path, rec: Record, conflict: Conflict) -> Conflict:
     kept = patch_path(root, rec.order, rec.task, rec.serial)
     also = "".join(f"\n{note}" for note in stashed(root, rec))
     return Conflict(f"{conflict}\nThis attempt's changes are kept in {kept}; the next attempt starts from the main "
-                    f"tree as it is now.{also}", conflict.paths)
+                    f"tree as it is now.{also}", conflict.paths, conflict.main_tree)
 
 
 def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:

@@ -165,7 +165,7 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
         message = (f"merge conflict in {', '.join(paths)}: the main tree changed meanwhile and cannot be combined "
                    "with this attempt's changes; nothing of it was merged\n"
                    + "".join(f"  {path}: {why}\n" for path, why in problems) + "".join(f"\n{d}" for d in details))
-        raise Conflict(message, paths)
+        raise Conflict(message, paths, main_tree=True)
     # Deletions first: a path may turn from a directory into a file (or back) between start and end.
     return sorted(steps, key=lambda s: (s.result is not None, s.step.path))
 
