@@ -128,6 +128,13 @@ class AttemptFiles:
             self._paths[(order, task, "feedback")] = path
         return self._dir(path) if writing else path
 
+    def drop_feedback(self, order: str, task: str) -> None:
+        """Remove the task's feedback: no attempt is to read it (its task ended DONE or COMPLETED, or was retried
+        as new). Looked for first, one stat (most tasks have none: no directory made for them), then removed by
+        its path as `writing` makes it, never through a worker's link."""
+        if os.path.lexists(self.feedback_path(order, task)):
+            self.feedback_path(order, task, writing=True).unlink(missing_ok=True)
+
     def resume_path(self, order: str, task: str) -> Path:
         """`aipm retry --resume` leaves the agent session to continue here, for the next attempt."""
         return self._dir(self.dir / "resume" / _safe(order) / f"{_safe(task)}.txt")

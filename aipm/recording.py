@@ -155,8 +155,12 @@ class Recording(Reviewing):
         """The event for what the attempt came to; an attempt that is over is merged (worktree) and dropped."""
         if task.status == Status.IN_REVIEW:
             return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial}
-        if rec.workspace and task.status in FINISHED_OK:
-            append_log(rec.log, workspace.finished(self.rt.root, rec) or "merged; worktree removed")
+        if task.status in FINISHED_OK:
+            # An earlier send-back's feedback (a conflict's, a scope audit's, a review's) is for no attempt now: left,
+            # a task put back to QUEUED by hand would read it as its last review's word.
+            self.rt.drop_feedback(rec.order, rec.task)
+            if rec.workspace:
+                append_log(rec.log, workspace.finished(self.rt.root, rec) or "merged; worktree removed")
         self._drop(rec)
         event.update(status=str(task.status), reason=task.reason)
         if task.status in (Status.FAILED, Status.REJECTED):

@@ -60,7 +60,6 @@ class Reviewing:
         that timed out sends the task back whatever its code (it may exit 0 on the SIGTERM): a hung reviewer must
         not hold the task's files for ever, and no verdict is never approval. `merged`: its event (what the merge
         left out, where a conflicting attempt's changes are kept)."""
-        feedback = self.rt.feedback_path(rec.order, rec.task, writing=True)
         review_log = Path(rec.log).with_suffix(".review.log")
         late = outcome.review_timed_out(time_limit(task, self.settings)) if timed_out else ""
         if late:
@@ -75,15 +74,15 @@ class Reviewing:
         conflict = self._merge_back(rec, task, merged) if code == 0 else None
         if conflict:
             return self._conflicted(rec, task, conflict)
-        if code == 0:
-            feedback.unlink(missing_ok=True)
+        if code == 0:  # (its old feedback goes once it is COMPLETED: Recording._ended)
             reason = left_out(outcome.review_approved(), merged)
         else:
             try:
                 output = read_end(review_log, FEEDBACK_BYTES)
             except OSError:
                 output = b""  # none, or the worker replaced it with what is not a file
-            write_bytes(feedback, output + f"{late}\n".encode() * bool(late))
+            write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True),
+                        output + f"{late}\n".encode() * bool(late))
             reason = late or outcome.review_rejected(output.decode(errors="replace"), code)
         for updates in after_review(task, code, self.settings, reason):
             task = self._write(task, updates)

@@ -271,5 +271,5 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
                 marker.unlink(missing_ok=True)
             raise UserError(f"{path}: status: {exc}") from None
         writtenlog.note_written(rt, writtenlog.order_files(project.root, str(order_dir)))  # not a worker's write
-        rt.feedback_path(order_id, task_id, writing=True).unlink(missing_ok=True)  # (not through a worker's link)
+        rt.drop_feedback(order_id, task_id)
     return current

@@ -939,3 +939,25 @@ def test_a_worker_that_cleans_away_aipms_directory_is_still_audited(tmp_path, ho
     wait_for(lambda: all(status in ("DONE", "REJECTED") for status, _ in outcomes().values()))
     assert outcomes() == {"A": ("REJECTED", "scope: wrote notes.txt"), "B": ("DONE", "exit 0")}, (
         proc.stdout + proc.stderr)
+
+
+def test_a_send_back_feedback_goes_when_the_task_ends_done_and_with_a_retry(tmp_path):
+    """An attempt the scope audit sent back left `.aipm/feedback/ORD/T.txt`; the next attempt ended DONE (no
+    review to approve it and delete the file), and the file stayed for a task put back to QUEUED by hand to read
+    as its last review's word. A retry drops a rejected task's feedback, as documented."""
+    import yaml
+
+    # Attempt 2 ends DONE only if it was given attempt 1's feedback: the file was there to be left behind.
+    command = ('if [ "$AIPM_ATTEMPT" = 1 ]; then echo c > c.txt; else test -s "$AIPM_REVIEW_FEEDBACK"; fi '
+               '&& echo t > t.txt')
+    root = _git_repo_order(tmp_path, {"T": {"command": command, "target_files": ["t.txt"]},
+                                      "R": {"command": "echo r > r2.txt", "target_files": ["r.txt"],
+                                            "max_rework": 0}}, "")
+    feedback = root / ".aipm" / "feedback" / "ORD"
+    proc = subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--max-workers", "1",
+                           "--no-resource-monitoring"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and task_statuses(root / "orders" / "ORD") == {"T": "DONE", "R": "REJECTED"}, proc
+    assert yaml.safe_load((root / "orders" / "ORD" / "T.yaml").read_text())["reworks"] == 1
+    assert not (feedback / "T.txt").exists() and "r2.txt" in (feedback / "R.txt").read_text()
+    subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "retry", "R"], check=True, capture_output=True)
+    assert not (feedback / "R.txt").exists()
