@@ -37,6 +37,10 @@ class Starter:
         failure, here or there, everything is undone and LaunchFailed raised. `borrowed`: the key of the worker
         whose slot it takes (slots.py); `cost_cap`: what its agent may spend (Record.cost_cap), given under the
         order budget's limit `cost_limit`."""
+        if view is not None and view.invalid(task):
+            # Kept out since an edit: started by its last valid version it ran what its file no longer says (an
+            # edit that made a cycle or named an unknown dependency passes the status write's check of one file).
+            raise LaunchFailed(view.why_invalid(task))
         rt = self.runtime
         running = rt.read_record(order.id, task.id)
         if running is not None and running.alive():  # one record per task: never overwrite a live one
@@ -167,6 +171,8 @@ class Starter:
         """Keep why a task could not start in its `reason` (it stays QUEUED), so `status` and `why` say it after the
         launch's output is gone. Written only when it changed: `run` tries the launch again at every wake-up.
         Caller holds the launch lock."""
+        if view is not None and view.invalid(task):
+            return  # its file, being fixed, is not written: its version with a cycle was taken in as ours, and run
         reason = outcome.launch_failed(error)
         try:
             written = update_task(as_path(task.path), lambda now: {"reason": reason} if now.reason != reason else {},

@@ -44,6 +44,7 @@ class OrderView:
         self.reopened: list[tuple[str, Status, Status]] = []
         self._deleted: dict[str, Task] = {}  # finished tasks whose file went (a checkout deletes, then writes)
         self._kept_out: set[str] = set()  # files that did not load: read again whenever another file changes
+        self._why: dict[str, str] = {}  # kept-out file → why it did not load
         self.changed = False
         self._index()
 
@@ -127,12 +128,18 @@ class OrderView:
                     self.problems.append(str(exc))
                 self._stats[path] = seen
                 self._kept_out.add(path)
+                self._why[path] = str(exc)
             break
         return self.order
 
     def invalid(self, task: Task) -> bool:
         """Whether the task's file, there now, does not validate (the view holds its last valid version)."""
         return task.path in self._kept_out and os.path.exists(task.path)
+
+    def why_invalid(self, task: Task) -> str:
+        """What keeps an invalid() task's file out (its field, or its place in the order: a cycle, an unknown
+        dependency)."""
+        return self._why.get(task.path, f"{task.path}: does not load")
 
     def _all_changed(self) -> set[str]:
         """Task files whose stamp differs from what the view holds, new and deleted ones included."""

@@ -352,6 +352,42 @@ def test_a_task_whose_file_is_still_broken_when_its_turn_comes_waits_for_the_fix
     assert not any(e["event"] == "launch_failed" for e in events), events
 
 
+@pytest.mark.parametrize("link", ["a cycle", "an unknown dependency"])
+def test_a_task_whose_edit_breaks_the_orders_links_waits_for_the_fix(project, link):
+    """SECOND's file saved mid-run with a dependency that makes a cycle (THIRD depends on SECOND) or names no
+    task: the run said it kept the last valid version, then started SECOND by it once FIRST ended, though its file
+    said otherwise (the status write checks one file, which is valid alone). Now SECOND waits for the fix, as for
+    a bad field, and its file is not written meanwhile."""
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "FIRST", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["first"])
+    second = write_task(order, "SECOND", command="true", depends_on=["FIRST"], target_files=["second"])
+    write_task(order, "THIRD", command="true", depends_on=["SECOND"], target_files=["third"])
+    proc = start_run(project, "ORD", "--json")
+    events: list[dict] = []
+    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in proc.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: task_statuses(order)["FIRST"] == "IN_PROGRESS")
+        good = second.read_text()
+        broken = good.replace("- FIRST\n", "- FIRST\n- " + ("THIRD" if link == "a cycle" else "NOPE") + "\n")
+        second.write_text(broken)
+        wait_for(lambda: any(e["event"] == "invalid_file" for e in events) or proc.poll() is not None)
+        gate.touch()
+        wait_for(lambda: any(e["event"] == "waiting" and e["task"] == "SECOND" for e in events)
+                 or proc.poll() is not None)
+        assert proc.poll() is None, events
+        assert task_statuses(order) == {"FIRST": "DONE", "SECOND": "QUEUED", "THIRD": "QUEUED"}
+        assert second.read_text() == broken  # a person's file, being fixed: not written
+        second.write_text(good)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        gate.touch()
+        proc.kill()
+    reader.join(timeout=10)
+    assert task_statuses(order) == {"FIRST": "DONE", "SECOND": "DONE", "THIRD": "DONE"}
+
+
 def test_a_run_waiting_for_a_task_file_to_be_fixed_notifies_once(project):
     """The contract's `notify` runs when a task needs a person: a run that waited for SECOND's broken file to be
     fixed ran it for FAILED, REJECTED and the order's end only, so nobody was called to fix the file. Now the wait
