@@ -98,6 +98,7 @@ FLAG_NAMES = {
     "enable_monitoring": "--no-resource-monitoring",
     "enable_auto_scaling": "--no-auto-scaling",
     "runner": "--runner",
+    "preempt": "--preempt",  # (AIPM_PREEMPT=false: a run without the preemption aipm.yaml turns on)
     "confine": "--confine",
     "workspace": "--workspace",
 }

@@ -249,6 +249,16 @@ def test_ray_address_in_the_environment_wins_over_aipm_yaml(tmp_path):
         "value": "127.0.0.1:1", "source": "env RAY_ADDRESS"}
 
 
+def test_aipm_preempt_turns_aipm_yamls_preemption_off_for_one_run(tmp_path):
+    """`preempt: true` in aipm.yaml could not be turned off for one run: `run` has no --no-preempt and there was
+    no environment variable (there is AIPM_CONFINE for confine)."""
+    (tmp_path / "aipm.yaml").write_text("preempt: true\n")
+    assert effective(tmp_path)["preempt"] == {"value": True, "source": "aipm.yaml"}
+    assert effective(tmp_path, env={"AIPM_PREEMPT": "false"})["preempt"] == {"value": False,
+                                                                          "source": "env AIPM_PREEMPT"}
+    assert_one_line_error(aipm(tmp_path, "config", "--json", env={"AIPM_PREEMPT": "maybe"}), "AIPM_PREEMPT", "'maybe'")
+
+
 def test_a_blank_ray_address_counts_as_unset(tmp_path):
     """Ray's own variable, set by whatever else the shell runs: a blank one made every command exit 2 ("' ' is not
     a non-empty string"), `aipm status` of a local project too. Ray would only fail to parse it."""
