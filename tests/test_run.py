@@ -22,6 +22,15 @@ def start_run(project, order, *args):
     )
 
 
+def run_reading_events(project):
+    """`aipm run ORD --json`, its events read into a list as they come: (process, events, reader thread)."""
+    proc = start_run(project, "ORD", "--json")
+    events: list[dict] = []
+    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in proc.stdout), daemon=True)
+    reader.start()
+    return proc, events, reader
+
+
 def test_random_dag_runs_to_the_end_with_every_invariant(project):
     order = project.order()
     journal = project.root / "journal.txt"
@@ -181,10 +190,7 @@ def test_a_task_added_mid_run_below_a_directory_since_linked_outside_the_root_is
     order, src, gate = project.order(), project.root / "src", project.root / "gate"
     src.mkdir()
     write_task(order, "FIRST", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["src/a.txt"])
-    proc = start_run(project, "ORD", "--json")
-    events: list[dict] = []
-    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in proc.stdout), daemon=True)
-    reader.start()
+    proc, events, reader = run_reading_events(project)
     try:
         wait_for(lambda: task_statuses(order)["FIRST"] == "IN_PROGRESS")
         src.rmdir()
@@ -299,10 +305,7 @@ def _second_broken_mid_run(project, mistake: str):
     gate = project.root / "gate"
     write_task(order, "FIRST", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
     write_task(order, "SECOND", command="true", depends_on=["FIRST"])
-    proc = start_run(project, "ORD", "--json")
-    events: list[dict] = []
-    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in proc.stdout), daemon=True)
-    reader.start()
+    proc, events, reader = run_reading_events(project)
     wait_for(lambda: task_statuses(order)["FIRST"] == "IN_PROGRESS")
     second = order / "SECOND.yaml"
     good = second.read_text()
@@ -363,10 +366,7 @@ def test_a_task_whose_edit_breaks_the_orders_links_waits_for_the_fix(project, li
     write_task(order, "FIRST", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["first"])
     second = write_task(order, "SECOND", command="true", depends_on=["FIRST"], target_files=["second"])
     write_task(order, "THIRD", command="true", depends_on=["SECOND"], target_files=["third"])
-    proc = start_run(project, "ORD", "--json")
-    events: list[dict] = []
-    reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in proc.stdout), daemon=True)
-    reader.start()
+    proc, events, reader = run_reading_events(project)
     try:
         wait_for(lambda: task_statuses(order)["FIRST"] == "IN_PROGRESS")
         good = second.read_text()
