@@ -137,10 +137,10 @@ class Reviewing:
             pass
         rec.command = [command] if isinstance(command, str) else command
         unlink_hard_link(review_log)  # the reviewer's output goes to a file of ours, not through the worker's link
+        limit = time_limit(task, self.settings)
         try:
             runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=workspace.directory(self.rt.root, rec),
-                         log=review_log,
-                         started=lambda pid, ctime: self._record(rec, pid, ctime, time_limit(task, self.settings)))
+                         log=review_log, limit=limit, started=lambda pid, ctime: self._record(rec, pid, ctime, limit))
         except runner.SpawnError as exc:
             # A reviewer that cannot start never approves (fail closed).
             append_log(review_log, f"review could not start: {exc}")

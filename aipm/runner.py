@@ -2,11 +2,12 @@
 
 Each worker is a tiny wrapper in a new session (so its process group holds every grandchild): it waits for a
 "go" on a pipe, runs the task's command, writes the exit code to an exit file, and exits with that code. The
-wrapper is `/bin/sh`, or for a command that is a program the compiled one of wrapper.py, where it could be
-built. The go is sent only once the worker's record is on disk and the status writes of its launch-lock round
-are durable (durable.py), so a launcher that dies in between leaves no command running unrecorded (the
-wrapper sees EOF and exits). The exit file lets a supervisor that was restarted learn the real
-outcome of a worker it did not start.
+wrapper is the compiled one of wrapper.py, where it could be built (a string command then runs as `sh -c` under
+it), or else `/bin/sh`; a string of plain builtins, which ends at once, runs in `/bin/sh` alone. The wrapper also
+keeps the attempt's time limit when no owner is left to (begin()). The go is sent only once the worker's record is
+on disk and the status writes of its launch-lock round are durable (durable.py), so a launcher that dies in
+between leaves no command running unrecorded (the wrapper sees EOF and exits). The exit file lets a supervisor that
+was restarted learn the real outcome of a worker it did not start.
 
 Waiting is event-driven: a pidfd per process in a selector, so the loop sleeps until something happens.
 """
@@ -32,20 +33,33 @@ SHELL = "/bin/sh"
 # The go pipe is fd 3 (dash only redirects single-digit descriptors); $1 is the exit file.
 # EOF instead of "go" means the launcher died before recording the worker: run nothing.
 _GO_FD = 3
+LATE = 2  # seconds after its owner's time limit that a worker's wrapper keeps it (begin())
 # Once it has its go, the wrapper outlives a stop signal to its group (caught, so the command starts with the default
 # action): the group then lives until the command has ended, within the stopper's grace before its SIGKILL, so a
 # command that handles SIGTERM (an agent saving its session, a Ray attempt cancelling its task) gets the time.
-_PRELUDE = ('cd "$AIPM_ROOT" || exit 126; IFS= read -r go <&3 && [ "$go" = go ] || exit 125; exec 3<&-; f=$1; shift; '
-            'trap : TERM INT HUP; ')
+# $2 is the time limit (seconds; 0: none) that the wrapper keeps when no owner is left to (see begin()): here by a
+# watchdog in the background, only where the compiled wrapper (which keeps it with a timer) is not used. When the limit
+# passes, it tells the wrapper (SIGUSR1: its exit file gets wrapper.c's " timed-out"), SIGTERMs the group and, 5 s
+# later (stopping.KILL_GRACE), marks the exit file itself if the wrapper has not and SIGKILLs the group. Its `sleep`
+# counts the monotonic clock, not the boot clock: time asleep only makes it late, and a live owner keeps the limit.
+_WATCHDOG = ("(trap 'kill $p; exit' TERM; sleep \"$2\" & p=$!; wait $p || exit; trap '' TERM; echo 'aipm-wrapper: time "
+             "limit passed with no owner stopping it: sending SIGTERM to the process group' >&2; kill -USR1 $$; kill "
+             "-TERM 0; kill -CONT 0; sleep 5 & p=$!; wait $p; [ -e \"$f\" ] || echo 137 timed-out >\"$f\"; "
+             "kill -KILL 0)")
+_PRELUDE = ('cd "$AIPM_ROOT" || exit 126; IFS= read -r go <&3 && [ "$go" = go ] || exit 125; exec 3<&-; f=$1; '
+            "trap : TERM INT HUP; t= w=; [ \"$2\" = 0 ] || { trap 't=\" timed-out\"' USR1; " + _WATCHDOG
+            + ' & w=$!; }; shift 2; ')
 
 # "$@" is the command's argv; the exit code goes to the exit file before the wrapper exits with it, or, where its
 # directory was removed (the command's `rm -rf` of aipm's state), to the end of the log (workerfiles.exit_code_in_log).
-_WRITE_CODE = 'echo $s >"$f" || echo "aipm-wrapper: exit file not written; exit code $s" >&2; exit $s'
+# The watchdog goes with the command; one that stopped it takes the rest of the group along, as wrapper.c does.
+_WRITE_CODE = ('echo "$s$t" >"$f" || echo "aipm-wrapper: exit file not written; exit code $s" >&2; '
+               '[ -z "$w" ] || kill $w 2>/dev/null; [ -z "$t" ] || kill -KILL 0; exit $s')
 _WRAP_ARGV = _PRELUDE + '"$@"; s=$?; ' + _WRITE_CODE
-# A string command runs in a subshell of the wrapper: one fork, no second exec of /bin/sh. There $PPID is still the
-# wrapper's parent, aipm itself, so a command's `kill -STOP $PPID` (meaning its own shell) stopped the whole run:
-# it is set to the subshell's real parent, the wrapper ($$). A shell where PPID is read-only (bash exits on the
-# assignment) starts the command as a new shell instead, one exec more.
+# In the shell wrapper (no compiled one), a string command runs in a subshell of it: one fork, no second exec of
+# /bin/sh. There $PPID is still the wrapper's parent, aipm itself, so a command's `kill -STOP $PPID` (meaning its own
+# shell) stopped the whole run: it is set to the subshell's real parent, the wrapper ($$). A shell where PPID is
+# read-only (bash exits on the assignment) starts the command as a new shell instead, one exec more.
 _OWN_PARENT = ('PPID=$$; eval "$1"' if os.path.basename(os.path.realpath(SHELL)) in ("dash", "ash", "busybox")
                else f'exec {SHELL} -c "$1" "$0" "$@"')
 _WRAP_SHELL = _PRELUDE + f'({_OWN_PARENT}); s=$?; ' + _WRITE_CODE
@@ -114,6 +128,7 @@ def begin(
     prefix: Sequence[str] = (),
     background: bool = True,
     place_log: Callable[[str], None] = lambda log: None,
+    limit: int | None = None,
 ) -> Spawning:
     """Start `command` in its own session; its stdout and stderr append to `log`.
 
@@ -126,7 +141,11 @@ def begin(
 
     A stop (terminate_group, a timeout) SIGTERMs the group and SIGKILLs what is left once the wrapper, its leader,
     has gone or the grace has passed; after the go the wrapper outlives SIGTERM, SIGINT and SIGHUP (the command
-    gets them with their default action), so it goes when the command has ended."""
+    gets them with their default action), so it goes when the command has ended.
+
+    `limit` is the owner's time limit (seconds; None: none). The wrapper keeps it too, LATE seconds after, for when no
+    owner is left to: it stops the group as the owner would and writes " timed-out" after the code in the exit file
+    (runtime.read_exit), so that whoever records the attempt records a timeout."""
     if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
         if missing:
@@ -139,10 +158,17 @@ def begin(
         words = plain_words(command)
     else:
         words = list(command)
-    shell = [SHELL, "-c", _WRAP_ARGV if words else _WRAP_SHELL, "aipm-worker", exit_file, *(words or [command])]
-    # Without PATH the shell searches its own default (dash's has the sbin directories): that stays the shell's.
-    compiled = wrapper.binary() if words and words[0] not in _SH_BUILTINS and "PATH" in env else None
-    program, argv = (compiled, ["aipm-worker", exit_file, *words]) if compiled else (SHELL, shell)
+    # A builtin of plain words ends at once in the shell wrapper itself: one process, and no limit to keep.
+    builtin = bool(words) and words[0] in _SH_BUILTINS
+    late = str(limit + LATE) if limit and not builtin else "0"
+    shell = [SHELL, "-c", _WRAP_ARGV if words else _WRAP_SHELL, "aipm-worker", exit_file, late, *(words or [command])]
+    compiled = None if builtin else wrapper.binary()
+    if compiled and not (words and "PATH" in env):
+        # What the shell reads, or searches (without PATH, in its own default: dash's has the sbin directories), runs
+        # as `sh -c` under the compiled wrapper too, which keeps the limit with no watchdog; the shell's parent is then
+        # the wrapper, as a command's $PPID means.
+        words = [SHELL, "-c", command] if words is None else [SHELL, "-c", 'exec "$@"', SHELL, *words]
+    program, argv = (compiled, ["aipm-worker", exit_file, late, *words]) if compiled else (SHELL, shell)
     go_read, go_write = os.pipe()
     actions = [
         (os.POSIX_SPAWN_OPEN, 0, stdin or os.devnull, os.O_RDONLY, 0),

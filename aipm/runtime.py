@@ -265,23 +265,31 @@ class Runtime(CancelMarks, AttemptFiles):
         return True
 
 
+TIMED_OUT = "timed-out"  # what a wrapper writes after the code when it kept the attempt's time limit itself (wrapper.c)
+
+
 def read_exit_file(path: str) -> int | None:
-    """The exit code a worker's wrapper recorded, or None when it never got that far. The compiled wrapper writes
-    its code into `<path>.w` and then names it: one killed between the two left the code there, newline and all
-    (an empty `.w` only says the wrapper started)."""
+    """The exit code a worker's wrapper recorded, or None when it never got that far."""
+    return read_exit(path)[0]
+
+
+def read_exit(path: str) -> tuple[int | None, bool]:
+    """(read_exit_file's code, whether the wrapper stopped the attempt at its time limit, no owner having done it).
+    The compiled wrapper writes its code into `<path>.w` and then names it: one killed between the two left the code
+    there, newline and all (an empty `.w` only says the wrapper started)."""
     try:
         text = read_small(path).decode("ascii", "replace")
     except FileNotFoundError:
         try:
             text = read_small(path + ".w").decode("ascii", "replace")
         except OSError:
-            return None
+            return None, False
         if not text.endswith("\n"):
-            return None
+            return None, False
     except OSError:
-        return None
-    text = text.strip()
-    return int(text) if text.lstrip("-").isdigit() else None
+        return None, False
+    code, _, mark = text.strip().partition(" ")
+    return (int(code), mark == TIMED_OUT) if code.lstrip("-").isdigit() else (None, False)
 
 
 def exit_file_written(path: str) -> bool:

@@ -15,7 +15,7 @@ from aipm.model import RUNNING, Status
 from aipm.paths import as_path
 from aipm.record import Record
 from aipm.restore import counters
-from aipm.runtime import read_exit_file
+from aipm.runtime import read_exit
 from aipm.store import load_task
 from aipm.workerfiles import append_log
 from aipm.writer import StaleWrite
@@ -131,7 +131,7 @@ class Stopping:
         self.kill_at.pop(key, None)
         self.timed_out.discard(key)
         # Read before the signal: the wrapper writes the exit file of a command our SIGTERM ended too.
-        code = read_exit_file(rec.exit_file)
+        code, timed_out = read_exit(rec.exit_file)
         if code is None:
             self._note_in_records([rec], stopping=why, preempted=preempted)
         runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)
@@ -142,7 +142,7 @@ class Stopping:
         self.read_usage_ahead(rec)
         with self.rt.launch_lock():
             if code is not None:  # it ended on its own before the signal: that outcome stands
-                self.outbox.append(self._apply(rec, code, False))
+                self.outbox.append(self._apply(rec, code, timed_out))
                 return False
             task = load_task(as_path(rec.task_file), self.rt.root)
             ours = task.status == Status.IN_PROGRESS and task.attempts == rec.attempt  # else moved on (cancel)

@@ -30,7 +30,7 @@ from aipm.recording import Recording
 from aipm.model import Task
 from aipm.liveness import led_by_another, process_ctime
 from aipm.record import Record
-from aipm.runtime import read_exit_file
+from aipm.runtime import read_exit, read_exit_file
 from aipm.workerfiles import append_log, exit_code_in_log
 from aipm.view import OrderView
 from aipm.worker import invocation
@@ -128,7 +128,7 @@ class Supervisor(Stopping, Recording, Owner):
 
         return runner.begin(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log, stdin=stdin,
                             pass_fds=fds, started=started, prefix=jail, background=background,
-                            place_log=self.rt.place_log)
+                            place_log=self.rt.place_log, limit=timeout)
 
     def _record(self, rec: Record, pid: int, ctime: float, timeout: int | None) -> None:
         """Write the worker's record; only then may its command begin."""
@@ -225,11 +225,15 @@ class Supervisor(Stopping, Recording, Owner):
         if rec.pid:
             reaped = self.end_group(rec)  # (a straggler left in its group would hold the file locks and keep writing)
             code = reaped if code is None else code
-        if code is None:  # not our child (adopted): the wrapper's exit file holds the outcome, or else its log
-            code = read_exit_file(rec.exit_file)
-            code = exit_code_in_log(rec.log) if code is None else code
         timed_out = key in self.timed_out
         self.timed_out.discard(key)
+        # Not our child (adopted): the wrapper's exit file holds the outcome, or else its log. Ours, killed by a
+        # signal: its wrapper may have kept the time limit itself (no owner did), then killed its group, itself too.
+        if code is None or not (timed_out or 0 <= code < 128):
+            written, kept = read_exit(rec.exit_file)
+            code = written if kept or code is None else code
+            code = exit_code_in_log(rec.log) if code is None else code
+            timed_out = timed_out or kept
         if rec.pid:
             self.end_strays(rec)
         self.read_usage_ahead(rec)

@@ -2,7 +2,7 @@
  * one small static process that starts in ~0.05 ms instead of a dynamically linked shell's ~0.6 ms (glibc's
  * start-up asks the CPU for its cache geometry, and every such question traps to the hypervisor on a VM).
  *
- *   aipm-wrapper EXIT_FILE PROGRAM [ARG...]     (environment: AIPM_ROOT; the go pipe on fd 3)
+ *   aipm-wrapper EXIT_FILE LIMIT PROGRAM [ARG...]     (environment: AIPM_ROOT; the go pipe on fd 3)
  *
  * Changes to $AIPM_ROOT (126 if it cannot), waits for "go\n" on fd 3 (125, running nothing, on EOF or
  * anything else), runs PROGRAM as `sh -c '"$@"'` would (PATH search, a file without #! run by /bin/sh, 127
@@ -13,14 +13,25 @@
  * without a journal, which scans the inodes freed in the last minute: off the critical path, while the launcher
  * writes the task's status); a wrapper that runs nothing removes it. Before the go no signal is caught: a
  * signal to the process group ends the wrapper too, with no exit file. x86-64 Linux only; elsewhere the build fails and
- * aipm keeps using the shell. */
+ * aipm keeps using the shell.
+ *
+ * LIMIT (whole seconds on the boot clock from the go; 0: none) bounds the attempt when no owner is left to: the
+ * owner (runner.py) gives its own time limit plus a margin, so a live owner, which acts at its limit, stays the one
+ * that stops the attempt. When LIMIT passes with the command still running, the wrapper does what the owner would
+ * (stopping.py): SIGTERM (and SIGCONT) to its group, SIGKILL to the command 5 s later if it is still there, its
+ * code in the exit file followed by " timed-out" (so whoever records the attempt later records a timeout), and
+ * then SIGKILL to the whole group, itself included, so nothing the attempt started outlives it. */
 
 #if !defined(__x86_64__) || !defined(__linux__)
 #error "aipm-wrapper: x86-64 Linux only"
 #endif
 
-enum { SYS_READ = 0, SYS_WRITE = 1, SYS_OPEN = 2, SYS_CLOSE = 3, SYS_RT_SIGPROCMASK = 14, SYS_FORK = 57, SYS_EXECVE = 59,
-       SYS_WAIT4 = 61, SYS_CHDIR = 80, SYS_RENAME = 82, SYS_UNLINK = 87, SYS_EXIT_GROUP = 231 };
+enum { SYS_READ = 0, SYS_WRITE = 1, SYS_OPEN = 2, SYS_CLOSE = 3, SYS_RT_SIGACTION = 13, SYS_RT_SIGPROCMASK = 14,
+       SYS_FORK = 57, SYS_EXECVE = 59, SYS_WAIT4 = 61, SYS_KILL = 62, SYS_CHDIR = 80, SYS_RENAME = 82, SYS_UNLINK = 87,
+       SYS_TIMER_CREATE = 222, SYS_TIMER_SETTIME = 223, SYS_CLOCK_GETTIME = 228, SYS_EXIT_GROUP = 231 };
+enum { SIG_KILL = 9, SIG_ALRM = 14, SIG_TERM = 15, SIG_CONT = 18, SA_RESTORER_ = 0x04000000, CLOCK_BOOTTIME_ = 7,
+       TIMER_ABSTIME_ = 1 };
+enum { GRACE = 5 };  /* seconds from the SIGTERM to the SIGKILL: stopping.KILL_GRACE */
 enum { E_NOENT = 2, E_INTR = 4, E_NOEXEC = 8, E_ACCES = 13, E_NOTDIR = 20, E_NAMETOOLONG = 36, E_LOOP = 40 };
 enum { O_WRONLY_ = 01, O_CREAT_ = 0100, O_TRUNC_ = 01000, O_NOFOLLOW_ = 0400000, O_CLOEXEC_ = 02000000 };
 
@@ -116,8 +127,57 @@ static void __attribute__((noreturn)) run(char **argv, char **envp) {
     fail(program, error);
 }
 
+static void ring(int sig) {  /* the limit's timer: only to end the wait4 (EINTR), after which the clock is read */
+    (void)sig;
+}
+
+void restore(void);  /* where ring() returns to: rt_sigreturn (the SA_RESTORER that libc would give) */
+__asm__(".text\n.globl restore\nrestore:\n  mov $15, %eax\n  syscall\n");
+
+/* Reaps the command (`pid`) into *status as wait4 does. With a limit, once `limit` seconds have passed on the boot
+ * clock with the command still running, it stops the group as its owner would: SIGTERM (and SIGCONT) to the group,
+ * SIGKILL to the command GRACE seconds later; *stopped says it did. The wrapper sleeps in wait4 all along (slots.py
+ * takes a worker asleep there with one child for one blocked on it): a timer's SIGALRM, every second from the limit
+ * on, interrupts the wait to look at the clock (one that comes just before the wait is not lost: the next one
+ * comes). Set up after the fork: the command inherits neither handler nor timer. Where the kernel refuses the timer,
+ * the limit is its owner's alone, as before. */
+static long reap(long pid, long limit, const char *program, int *status, int *stopped) {
+    long now[2], at = 0;
+    struct { void (*handler)(int); unsigned long flags; void (*restorer)(void); unsigned long mask; } act = {
+        ring, SA_RESTORER_, restore, 0};  /* no SA_RESTART: the signal ends the wait4 with EINTR */
+    struct { long value; int signo, notify, pad[12]; } event = {0, SIG_ALRM, 0 /* SIGEV_SIGNAL */, {0}};
+    int timer;
+    if (limit > 0 && sys(SYS_CLOCK_GETTIME, CLOCK_BOOTTIME_, (long)now, 0, 0) == 0
+        && sys(SYS_RT_SIGACTION, SIG_ALRM, (long)&act, 0, sizeof act.mask) == 0
+        && sys(SYS_TIMER_CREATE, CLOCK_BOOTTIME_, (long)&event, (long)&timer, 0) == 0) {
+        at = now[0] + limit;
+        long spec[4] = {1, 0, at, now[1]};  /* struct itimerspec: every second from `at` on, absolute */
+        if (sys(SYS_TIMER_SETTIME, timer, TIMER_ABSTIME_, (long)spec, 0) < 0) at = 0;
+    }
+    long r;
+    while ((r = sys(SYS_WAIT4, pid, (long)status, 0, 0)) == -E_INTR) {
+        if (!at || sys(SYS_CLOCK_GETTIME, CLOCK_BOOTTIME_, (long)now, 0, 0) < 0 || now[0] < at) continue;
+        if (*stopped) {
+            sys(SYS_KILL, pid, SIG_KILL, 0, 0);  /* the grace is over; the rest of the group goes after the code */
+            continue;
+        }
+        say("aipm-wrapper: ", program, "time limit passed with no owner stopping it: sending SIGTERM to the process group", "");
+        sys(SYS_KILL, 0, SIG_TERM, 0, 0);  /* (blocked here: the wrapper waits for its command) */
+        sys(SYS_KILL, 0, SIG_CONT, 0, 0);  /* a stopped group would otherwise never see the SIGTERM */
+        at = now[0] + GRACE;  /* (a tick comes at the same fraction of a second: GRACE s from now) */
+        *stopped = 1;
+    }
+    return r;
+}
+
 static char early[4096];  /* EXIT_FILE.w */
 static long early_fd = -1;
+
+/* Ends a wrapper whose command ended: one it stopped at its limit takes what is left of its group along. */
+static void __attribute__((noreturn)) finish(int code, int stopped) {
+    if (stopped) sys(SYS_KILL, 0, SIG_KILL, 0, 0);
+    leave(code);
+}
 
 /* Ends a wrapper that never ran its command: no exit file is left, early or not. */
 static void __attribute__((noreturn)) quit(int code) {
@@ -128,10 +188,12 @@ static void __attribute__((noreturn)) quit(int code) {
 __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     int argc = (int)stack[0];
     char **argv = (char **)(stack + 1), **envp = argv + argc + 1;
-    if (argc < 3) {
-        say("aipm-wrapper: ", "usage", "aipm-wrapper EXIT_FILE PROGRAM [ARG...]", "");
+    if (argc < 4) {
+        say("aipm-wrapper: ", "usage", "aipm-wrapper EXIT_FILE LIMIT PROGRAM [ARG...]", "");
         leave(2);
     }
+    long limit = 0;
+    for (const char *c = argv[2]; *c >= '0' && *c <= '9' && limit < 100000000; c++) limit = limit * 10 + (*c - '0');
     const char *root = getenv_(envp, "AIPM_ROOT");
     if (!root || sys(SYS_CHDIR, (long)root, 0, 0, 0) < 0) leave(126);
     long elen = length(argv[1]);
@@ -159,36 +221,37 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     if (pid < 0) quit(126);
     if (pid == 0) {
         sys(SYS_RT_SIGPROCMASK, 1 /* SIG_UNBLOCK */, (long)&stops, 0, sizeof stops);
-        run(argv + 2, envp);
+        run(argv + 3, envp);
     }
-    int status = 0;
-    long r;
-    while ((r = sys(SYS_WAIT4, pid, (long)&status, 0, 0)) == -E_INTR) {}
+    int status = 0, stopped = 0;
+    long r = reap(pid, limit, argv[3], &status, &stopped);
     int code = r < 0 ? 126 : (status & 0x7f) ? 128 + (status & 0x7f) : (status >> 8) & 0xff;
-    char text[5];
+    static const char mark[] = " timed-out";  /* runtime.read_exit_file */
+    char text[4 + sizeof mark];
     int sig = r >= 0 ? status & 0x7f : 0;
     if (sig && sig != 2 && sig != 13) {  /* as dash says "Terminated" (not for SIGINT, SIGPIPE) */
         decimal(sig, text);
-        say("aipm-wrapper: ", argv[2], "killed by signal ", text);
+        say("aipm-wrapper: ", argv[3], "killed by signal ", text);
     }
-    int n = decimal(code, text);
+    int n = decimal(code, text), digits = n;
+    for (int i = 0; stopped && mark[i]; i++) text[n++] = mark[i];
     text[n++] = '\n';
     if (early_fd >= 0) {
         if (sys(SYS_WRITE, early_fd, (long)text, n, 0) == n && sys(SYS_RENAME, (long)early, (long)argv[1], 0, 0) == 0)
-            leave(code);
+            finish(code, stopped);
         sys(SYS_UNLINK, (long)early, 0, 0, 0);  /* a full disk, or removed meanwhile: the exit file as before */
     }
     long fd = sys(SYS_OPEN, (long)argv[1], O_WRONLY_ | O_CREAT_ | O_TRUNC_ | O_CLOEXEC_, 0666, 0);
     if (fd >= 0) {
         long written = sys(SYS_WRITE, fd, (long)text, n, 0);
         sys(SYS_CLOSE, fd, 0, 0, 0);
-        if (written == n) leave(code);
+        if (written == n) finish(code, stopped);
     }
     /* Its directory removed (the command's `rm -rf` of aipm's state), or the file made but its code refused (a full
      * disk): the log, last, has the code, as the shell wrapper's `echo ... || echo` leaves it. */
-    text[n - 1] = 0;
-    say("aipm-wrapper: ", argv[2], "exit file not written; exit code ", text);
-    leave(code);
+    text[digits] = 0;
+    say("aipm-wrapper: ", argv[3], "exit file not written; exit code ", text);
+    finish(code, stopped);
 }
 
 /* The kernel enters with argc, argv and envp on the stack; the call leaves it aligned as the ABI wants. */

@@ -2,9 +2,9 @@
 
 Starting `/bin/sh` costs ~0.6 ms of CPU on a virtual machine (the dynamic loader's CPU probing traps to the
 hypervisor), and a command that is a program costs that twice: the shell, then the program. wrapper.c does the
-shell wrapper's job (wait for the go, run the command, write its exit code) as a static binary without libc
-that starts in ~0.05 ms. It is built with the machine's C compiler (`$CC`, else `cc`) on first use into the
-user's state directory (`/tmp/aipm-<uid>/bin/`, named by a checksum of the source and flags), proven by one
+shell wrapper's job (wait for the go, run the command, keep its time limit, write its exit code) as a static binary
+without libc that starts in ~0.05 ms. It is built with the machine's C compiler (`$CC`, else `cc`) on first use
+into the user's state directory (`/tmp/aipm-<uid>/bin/`, named by a checksum of the source and flags), proven by one
 real run before it is renamed into place, and not rebuilt while that file exists and starts. Where it cannot
 be built (no compiler, not x86-64 Linux) a `.failed` file says why and runner.py keeps using the shell; it is
 tried again with another compiler, or a day later.
@@ -100,7 +100,7 @@ def _prove(program: Path) -> str:
     exit_file = program.with_name(program.name + ".exit")
     go_read, go_write = os.pipe()
     try:
-        pid = os.posix_spawn(program, ["aipm-worker", str(exit_file), "/bin/sh", "-c", "exit 7"],
+        pid = os.posix_spawn(program, ["aipm-worker", str(exit_file), "0", "/bin/sh", "-c", "exit 7"],
                              {"AIPM_ROOT": "/", "PATH": os.defpath}, setsigdef=(signal.SIGCHLD,),
                              file_actions=[(os.POSIX_SPAWN_DUP2, go_read, 3)])
         os.write(go_write, b"go\n")

@@ -25,9 +25,9 @@ from aipm.paths import normalize, overlaps
 
 def journal_command(journal: Path, work: str = "sleep 0.02", argv: bool = False) -> str | list[str]:
     """A shell command that brackets `work` with start/end journal lines; with `argv`, the same as the argv
-    `/bin/sh -c ...`: a program, which the compiled wrapper runs (a string goes through the shell wrapper)."""
+    `/bin/sh -c ...`: a program, which the compiled wrapper runs (a string too, where it can be built)."""
     j = str(journal)
-    me = "$PPID" if argv else "$$"  # the worker's process group leader, the wrapper: sh's parent when sh is the program
+    me = "$PPID"  # the worker's process group leader: its wrapper, the parent of the shell (docs/workers.md)
     script = (f'echo "start $AIPM_TASK_ID $(date +%s%N) {me}" >> "{j}"; {work}; s=$?; '
               f'echo "end $AIPM_TASK_ID $(date +%s%N) {me}" >> "{j}"; exit $s')
     return ["/bin/sh", "-c", script] if argv else script
@@ -252,7 +252,7 @@ def group_alive(pgid: int) -> bool:
 
 
 def journal_pids(journal: Path) -> set[int]:
-    """Worker pids from the journal. `$$` in a worker is its wrapper shell: the leader of its process group."""
+    """Worker pids from the journal: each worker's wrapper, the leader of its process group (journal_command)."""
     if not journal.exists():
         return set()
     return {int(line.split()[3]) for line in journal.read_text().splitlines() if line.strip()}

@@ -18,7 +18,7 @@ def test_every_ending_names_its_reason_in_events_status_and_why(project):
     write_task(order, "SLOW", command="sleep 60", timeout=1)
     write_task(order, "PICKY", command="true", review="echo 'E501 line too long'; echo second line; exit 1",
                max_rework=0)
-    write_task(order, "KILLED", command="kill -9 $$")
+    write_task(order, "KILLED", command="kill -9 $PPID")
     write_task(order, "FINE", command="true", review="true")
     proc = project.aipm("run", "ORD", "--json", "--no-resource-monitoring")
     assert proc.returncode == 1, proc.stderr
@@ -28,7 +28,7 @@ def test_every_ending_names_its_reason_in_events_status_and_why(project):
     assert ("SLOW", "FAILED", "timed out after 1 s") in finished
     assert ("PICKY", "REJECTED", "review rejected: E501 line too long") in finished
     assert ("FINE", "COMPLETED", "review approved") in finished
-    assert ("KILLED", "FAILED", "killed by SIGKILL") in finished  # $$ is the worker process itself
+    assert ("KILLED", "FAILED", "killed by SIGKILL") in finished  # $PPID is the worker process itself
     # The reason outlives the run: `status` and `why` in a later invocation read it from the task files.
     rows = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
     assert rows["SLOW"]["reason"] == "timed out after 1 s"

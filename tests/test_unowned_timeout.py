@@ -1,0 +1,137 @@
+"""A task's time limit holds with no owner alive: the worker's wrapper keeps it (runner.begin, wrapper.c).
+
+`run` SIGKILLed while a worker runs past its `timeout:` left the worker running, IN_PROGRESS, until another aipm
+adopted it: the timeout lived only in the dead owner. Now the wrapper stops the group itself (SIGTERM, SIGKILL after
+the grace) and notes it in the exit file, so the `recover` that comes later records the attempt as timed out, as a
+live owner would have.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+import yaml
+
+from aipm import runner, wrapper
+from aipm.stopping import KILL_GRACE
+from conftest import no_workers, state, task_statuses, wait_for, write_task
+from invariants import group_alive
+
+LIMIT = 2
+# Generous: the limit, the wrapper's margin after it and the grace, with room for a loaded machine; far short of the
+# command's own end (SLEEP), so a group that nobody stops is seen alive.
+GONE_WITHIN = LIMIT + KILL_GRACE + 20  # (the wrapper's margin, runner.LATE, is 2 s)
+SLEEP = 120
+# `run` as the CLI starts it, in a process where the compiled wrapper is not to be had (no compiler): the shell's.
+_NO_COMPILED = ("import runpy, sys; from aipm import wrapper; wrapper._found['path'] = None; sys.argv[0] = 'aipm'; "
+                "runpy.run_module('aipm', run_name='__main__')")
+
+
+def _start_run(project, compiled: bool) -> subprocess.Popen:
+    python = ["-m", "aipm"] if compiled else ["-c", _NO_COMPILED]
+    return subprocess.Popen([sys.executable, *python, "--root", str(project.root), "run", "ORD"],
+                            cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=dict(os.environ, AIPM_ENABLE_MONITORING="false"))
+
+
+def _running(pgid: int, name: str) -> bool:
+    """`name` runs in the group: its wrapper had its go (a launcher killed before it runs nothing)."""
+    for proc in psutil.process_iter(["name"]):
+        try:
+            if proc.info["name"] == name and os.getpgid(proc.pid) == pgid:
+                return True
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return False
+
+
+def _kill_owner_while_running(project, compiled: bool, phase: str = "work") -> int:
+    """Start `run`, SIGKILL it once the task's `sleep` runs (in `phase`); the worker's process group."""
+    run = _start_run(project, compiled)
+    record = state(project.root) / "workers" / "ORD" / "TO.json"
+
+    def sleeping() -> int:
+        try:
+            rec = json.loads(record.read_text())
+        except (OSError, ValueError):
+            return 0
+        return rec["pgid"] if rec.get("phase") == phase and rec.get("pgid") and _running(rec["pgid"], "sleep") else 0
+
+    try:
+        pgid = wait_for(sleeping)
+    finally:
+        run.kill()
+        run.wait()
+    return pgid
+
+
+def _ends_with_nobody_watching(project, pgid: int) -> None:
+    """The group is gone by shortly after the limit with no aipm alive, and the task is still IN_PROGRESS (nothing
+    recorded it: the wrapper only kept the limit)."""
+    try:
+        wait_for(lambda: not group_alive(pgid), GONE_WITHIN)
+    finally:
+        runner.signal_group(pgid, signal.SIGKILL)  # (before the fix: the test's own leftovers)
+    assert task_statuses(project.root / "orders" / "ORD")["TO"] in ("IN_PROGRESS", "IN_REVIEW")
+
+
+def _recovered(project) -> dict:
+    assert project.aipm("recover", "ORD").returncode == 0
+    order = project.root / "orders" / "ORD"
+    wait_for(lambda: no_workers(project.root) and task_statuses(order)["TO"] not in ("IN_PROGRESS", "IN_REVIEW"))
+    return yaml.safe_load((order / "TO.yaml").read_text())
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-wrapper", "shell-wrapper"])
+@pytest.mark.parametrize("max_attempts", [1, 2])
+def test_a_timeout_holds_when_its_owner_was_sigkilled(project, compiled, max_attempts):
+    if compiled and wrapper.binary() is None:
+        pytest.skip("the wrapper cannot be built here (no cc / x86-64)")
+    write_task(project.order(), "TO", command=f"sleep {SLEEP}", timeout=LIMIT, max_attempts=max_attempts,
+               target_files=["x"])
+    pgid = _kill_owner_while_running(project, compiled)
+    _ends_with_nobody_watching(project, pgid)
+    task = _recovered(project)  # (with an attempt left, the owner `recover` started runs it: it times out too)
+    assert (task["status"], task["attempts"], task["reason"]) == ("FAILED", max_attempts, f"timed out after {LIMIT} s")
+    log = (project.root / ".aipm" / "logs" / "ORD" / "TO.1.log").read_text()
+    assert "time limit passed with no owner stopping it" in log and "killed from outside" not in log, log
+    assert f"attempt 1 ended: timed out after {LIMIT} s" in log, log
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-wrapper", "shell-wrapper"])
+def test_a_command_that_ignores_the_sigterm_goes_with_its_whole_group_after_the_grace(project, compiled):
+    if compiled and wrapper.binary() is None:
+        pytest.skip("the wrapper cannot be built here (no cc / x86-64)")
+    write_task(project.order(), "TO", command=f"trap '' TERM; sleep {SLEEP} & sleep {SLEEP}; wait", timeout=LIMIT,
+               max_attempts=1, target_files=["x"])
+    pgid = _kill_owner_while_running(project, compiled)
+    _ends_with_nobody_watching(project, pgid)
+    task = _recovered(project)
+    assert (task["status"], task["reason"]) == ("FAILED", f"timed out after {LIMIT} s"), task
+
+
+def test_a_timeout_holds_when_the_detached_owner_of_launch_was_sigkilled(project):
+    write_task(project.order(), "TO", command=f"sleep {SLEEP}", timeout=LIMIT, max_attempts=1, target_files=["x"])
+    assert project.aipm("launch", "ORD").returncode == 0
+    record = state(project.root) / "workers" / "ORD" / "TO.json"
+    rec = wait_for(lambda: record.exists() and (r := json.loads(record.read_text()))["pgid"]
+                   and _running(r["pgid"], "sleep") and r)
+    os.kill(rec["owner_pid"], signal.SIGKILL)  # its aipm.work
+    _ends_with_nobody_watching(project, rec["pgid"])
+    task = _recovered(project)
+    assert (task["status"], task["reason"]) == ("FAILED", f"timed out after {LIMIT} s"), task
+
+
+def test_a_review_timeout_holds_when_its_owner_was_sigkilled(project):
+    write_task(project.order(), "TO", command="true", review=f"sleep {SLEEP}", timeout=LIMIT, max_attempts=1,
+               max_rework=0, target_files=["x"])
+    pgid = _kill_owner_while_running(project, True, phase="review")
+    _ends_with_nobody_watching(project, pgid)
+    task = _recovered(project)
+    assert (task["status"], task["reason"]) == ("REJECTED", f"review timed out after {LIMIT} s"), task
