@@ -137,3 +137,15 @@ def test_a_review_timeout_holds_when_its_owner_was_sigkilled(project):
     _ends_with_nobody_watching(project, pgid)
     task = _recovered(project)
     assert (task["status"], task["reason"]) == ("REJECTED", f"review timed out after {LIMIT} s"), task
+
+
+def test_ps_says_a_worker_whose_owner_was_killed_runs_with_nobody_watching(project):
+    """`aipm ps` said `alive` for it, as for any worker: nothing told that no aipm would record its end."""
+    write_task(project.order(), "TO", command=f"sleep {SLEEP}", max_attempts=1, target_files=["x"])
+    pgid = _kill_owner_while_running(project, wrapper.binary() is not None)
+    try:
+        [worker] = project.json("ps")["workers"]
+        assert (worker["state"], worker["alive"]) == ("unowned", True), worker
+        assert "alive, its owner gone (aipm recover adopts it)" in project.aipm("ps", check=True).stdout
+    finally:
+        runner.signal_group(pgid, signal.SIGKILL)

@@ -37,6 +37,10 @@ def _worker_info(rec, root: Path) -> dict:
             "command": rec.command, "targets": rec.targets,
             "runner": "ray" if rec.phase == "work" and is_attempt(rec.command) else "local"}
     info["state"] = "alive" if info["alive"] else "review_pending" if _review_pending(rec, root) else "gone"
+    if info["alive"] and not rec.owner_alive():
+        # Its owner was killed: the worker runs on (its wrapper keeps its time limit) with nobody to record its end
+        # or start what follows, until a recover or run adopts it. "alive" alone told nothing was amiss.
+        info["state"] = "unowned"
     left = subreaper.marked(subreaper.attempt_marker(root, rec)) if info["state"] == "gone" else []
     if left:  # its owner and wrapper died, its command runs on (and holds its files): `recover` ends it
         info.update(state="orphaned", pid=min(left), remnants=sorted(left))
@@ -76,7 +80,8 @@ def _review_pending(rec, root: Path) -> bool:
         return False
 
 
-STATE_TEXT = {"alive": ("alive", ""), "stopped": ("stopped", "yellow"), "gone": ("gone (stale: aipm recover)", "red"),
+STATE_TEXT = {"alive": ("alive", ""), "unowned": ("alive, its owner gone (aipm recover adopts it)", "yellow"),
+              "stopped": ("stopped", "yellow"), "gone": ("gone (stale: aipm recover)", "red"),
               "orphaned": ("orphaned: runs on (aipm recover ends it)", "red"),
               "review_pending": ("review pending: it runs again on the next run", "yellow")}
 
