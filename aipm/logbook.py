@@ -20,7 +20,7 @@ from aipm.errors import UserError
 from aipm.model import DEAD_END, FINISHED_OK, Order, Status, Task
 from aipm.plan import BUDGET, NEVER, WAITING, plan
 from aipm.project import Project
-from aipm.recovery import left_behind
+from aipm.recovery import followed
 from aipm.runtime import Runtime, entries
 from aipm.spending import charged
 from aipm.statedir import safe_name
@@ -271,7 +271,7 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False, default
                     if not order_dir.is_dir():  # removed: none of its tasks can start again, only its workers run on
                         order = replace(order, tasks={})
                     # else a task file mid-edit: judge by the last good version
-                if settled(order, [rec for rec in rt.records() if not left_behind(rec, rt)], default_limit, rt):
+                if settled(order, [rec for rec in rt.records() if followed(rec, rt)], default_limit, rt):
                     break
             # Without inotify, look again every half second.
             select.select([watch.fd] if watch else [], [], [], None if watch else 0.5)

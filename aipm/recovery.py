@@ -194,6 +194,13 @@ def left_behind(rec: Record, rt: Runtime) -> bool:
     return task.status not in RUNNING and task.status != Status.REWORK or task.attempts != rec.attempt
 
 
+def followed(rec: Record, rt: Runtime) -> bool:
+    """A record a follower (`logs -f`) waits on: its attempt runs, or its outcome is still to come (left_behind).
+    Not one whose worker and owner ended with its task's file gone (its order's directory moved away): left_behind
+    keeps it for the file's return, but nothing runs to write to its log, and `logs -f` waited on it for ever."""
+    return rec.alive() or not left_behind(rec, rt) and os.path.lexists(as_path(rec.task_file))
+
+
 def same_task(task: Task, rec: Record) -> bool:
     """The file holds the task the record's attempt ran, so what that attempt came to is the file's: it is the
     attempt's own version, or one put back under it (a `git checkout`: the definition it started with). A task

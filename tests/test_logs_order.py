@@ -4,6 +4,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import no_workers, task_statuses, wait_for, write_task
 
 
@@ -258,6 +260,35 @@ def test_logs_order_follow_ends_when_the_order_directory_is_removed(project):
     finally:
         follower.kill()
     assert follower.returncode == 0
+
+
+@pytest.mark.parametrize("followed, tag", [("D", "{}\t"), ("D/T", "")], ids=["order", "task"])
+def test_logs_follow_ends_when_the_order_directory_is_moved_away_under_its_workers(project, gate, tmp_path,
+                                                                                   followed, tag):
+    """A tester's session: `aipm launch D; aipm logs D -f &`, then `mv orders/D elsewhere`. The workers ended (their
+    owners cannot record the outcomes: the files are gone, so their records stay for `aipm recover`, and `aipm ps`
+    says `gone`), yet the follower (of the order, or of a task) took those records for workers still to wait on
+    and followed for ever. It ends once none of them runs (watching.md), exit 0, every line shown once."""
+    order = project.order("D")
+    for name in ("T", "U"):
+        write_task(order, name, target_files=[name.lower()],
+                   command=f"echo {name} start; while [ ! -e {gate} ]; do sleep 0.05; done; echo {name} end")
+    write_task(order, "V", depends_on=["T"], command="echo v")
+    project.aipm("launch", "D", check=True)
+    wait_for(lambda: (project.root / ".aipm/logs/D/T.1.log").exists())
+    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", followed, "-f"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert follower.stdout.readline() in {tag.format(name) + f"{name} start\n" for name in ("T", "U")}
+        order.rename(tmp_path / "elsewhere")
+        gate.touch()
+        wait_for(lambda: not any(w["alive"] for w in project.json("ps")["workers"]), timeout=30)
+        out, err = follower.communicate(timeout=20)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0, err
+    lines = out.splitlines()
+    assert tag.format("T") + "T end" in lines and len(lines) == len(set(lines)), out
 
 
 def test_logs_order_follow_parses_only_the_task_files_that_changed(project):

@@ -258,7 +258,7 @@ def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: boo
         if not follow:
             return
         rec = rt.read_record(order_id, task_id)
-        if rec is not None and _same(rec.log, handle.name) and not recovery.left_behind(rec, rt):
+        if rec is not None and _same(rec.log, handle.name) and recovery.followed(rec, rt):
             if not told and rec.held_by_stopped_owner():
                 told = True
                 print(f"aipm: {order_id}/{task_id}: its worker has ended, and its owner (pid {rec.owner_pid}) is "
