@@ -245,8 +245,12 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False, default
     if follow:  # the order is read again at every change: only the files that changed are parsed
         parsecache.in_memory()
     order = load_order(order_dir, project.root)
-    for note in logs_gone(rt, order):
+    gone = logs_gone(rt, order)
+    for note in gone:
         told(note)
+    # Nothing to show yet is said, as `logs TASK` says it: a silent exit 0, or wait, read as aipm being broken.
+    unseen = not gone and not attempt_logs(rt, order.id)
+    nothing = f"no log for {order.id} yet (none of its tasks has run)"
     tail = Tail()
 
     def new_lines(final: bool) -> Iterator[str]:
@@ -256,6 +260,8 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False, default
 
     if not follow:
         yield from new_lines(final=True)
+        if unseen:
+            told(nothing)
         return
     # Watched before the first read: a line written between that read and the watch was news to no event, and
     # waited for the next change (for ever, were there none) to be shown.
@@ -272,7 +278,12 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False, default
                         order = replace(order, tasks={})
                     # else a task file mid-edit: judge by the last good version
                 if settled(order, [rec for rec in rt.records() if followed(rec, rt)], default_limit, rt):
+                    if unseen and not attempt_logs(rt, order.id):
+                        told(nothing)
                     break
+            if unseen:
+                told(f"waiting for a task of {order.id} to start (Ctrl-C stops)")
+                unseen = False
             # Without inotify, look again every half second.
             select.select([watch.fd] if watch else [], [], [], None if watch else 0.5)
             changed = watch.changes()[0] if watch else True

@@ -96,18 +96,40 @@ def test_logs_order_follow_ends_when_a_budget_leaves_nothing_that_can_start(proj
     assert followed.returncode == 0 and "A\ta" in followed.stdout.splitlines(), followed.stdout + followed.stderr
 
 
+def test_logs_of_an_order_none_of_whose_tasks_has_run_say_so(project, gate):
+    """`aipm logs ORDER` printed nothing and `-f` waited without a word where `logs TASK` said `no log ... yet` and
+    `waiting for ... to start`: both now say it on stderr (exit 0), and the follower then shows the lines."""
+    write_task(project.order(), "A", command="echo a-ran", target_files=["a"])
+    unrun = project.aipm("logs", "ORD")
+    assert (unrun.returncode, unrun.stdout, unrun.stderr) == (0, "", "aipm: no log for ORD yet (none of its tasks has "
+                                                                     "run)\n")
+    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "ORD", "-f"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert follower.stderr.readline() == "aipm: waiting for a task of ORD to start (Ctrl-C stops)\n"
+        assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 0
+        out, err = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0 and "A\ta-ran" in out.splitlines() and err == "", out + err
+
+
 def test_logs_follow_of_a_task_not_started_yet_waits_for_its_first_attempt(project):
     """`aipm logs B -f` before B has run exited 2 ('no log ... yet'), unlike `tail -F`: it now waits while B may
-    still start, then follows its log to B's end. Without -f, or for a task that can no longer run, it still
-    says there is no log (exit 2)."""
+    still start, then follows its log to B's end. Without -f, or for a task that can no longer run, it says there
+    is no log, exit 0 (nothing to show is no usage error: `aipm logs ORDER` says the same so)."""
     order = project.order()
     write_task(order, "B", command="echo hello-from-b", target_files=["b"])
     write_task(project.order("O2"), "X", command="true", status="CANCELLED")
     write_task(project.order("O2"), "Y", command="true", depends_on=["X"])
-    assert project.aipm("logs", "B").returncode == 2
-    assert project.aipm("logs", "O2/X", "-f", timeout=30).returncode == 2  # cancelled: it will never run
+    unrun = project.aipm("logs", "B")
+    assert (unrun.returncode, unrun.stdout, unrun.stderr) == (0, "", "aipm: no log for ORD/B yet (it has not run)\n")
+    assert project.json("logs", "B") == {"order": "ORD", "task": "B", "attempt": None, "attempts": [], "log": None,
+                                         "text": ""}
+    cancelled = project.aipm("logs", "O2/X", "-f", timeout=30)  # cancelled: it will never run
+    assert cancelled.returncode == 0 and "no log for O2/X yet" in cancelled.stderr, cancelled.stderr
     behind = project.aipm("logs", "O2/Y", "-f", timeout=30)  # nor will what waits on it
-    assert behind.returncode == 2 and "O2/Y can never run: X is CANCELLED" in behind.stderr, behind.stderr
+    assert behind.returncode == 0 and "O2/Y can never run: X is CANCELLED" in behind.stderr, behind.stderr
     follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "B", "-f"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -363,11 +385,11 @@ def test_logs_of_a_task_whose_log_a_worker_removed_say_it_ran(project):
     assert project.aipm("run", "H", "--no-resource-monitoring").returncode == 0
     assert task_statuses(order) == {"DAEMON": "DONE", "CLEAN": "DONE"} and no_workers(project.root)
     gone = "no log for H/DAEMON: removed since it ran (its file says DONE, attempts 1, the last started "
-    task = project.aipm("logs", "H/DAEMON")
-    assert task.returncode == 2 and task.stdout == "", task
-    assert task.stderr.startswith(f"aipm: error: {gone}") and task.stderr.count("\n") == 1, task.stderr
+    task = project.aipm("logs", "H/DAEMON")  # nothing to show is no usage error (exit 2), as for the order
+    assert task.returncode == 0 and task.stdout == "", task
+    assert task.stderr.startswith(f"aipm: {gone}") and task.stderr.count("\n") == 1, task.stderr
     whole = project.aipm("logs", "H", check=True)
     assert whole.stderr.startswith(f"aipm: {gone}") and whole.stderr.count("\n") == 1, whole.stderr
     assert whole.stdout.startswith("CLEAN\t[aipm ") and "\nDAEMON\t" not in whole.stdout, whole.stdout
     write_task(order, "NEW", command="true")
-    assert project.aipm("logs", "H/NEW").stderr == "aipm: error: no log for H/NEW yet (it has not run)\n"
+    assert project.aipm("logs", "H/NEW").stderr == "aipm: no log for H/NEW yet (it has not run)\n"

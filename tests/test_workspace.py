@@ -499,11 +499,17 @@ def test_detached_launch_runs_reviews_and_merges_in_worktrees(repo, tmp_path):
     assert (repo / "src/b.txt").read_text().endswith("T2\n")
 
 
-def test_diff_of_a_shared_task_says_why_there_is_none(repo):
-    project = project_in(repo, config="")
+@pytest.mark.parametrize("config", ["", "workspace: worktree\n"], ids=["shared", "worktree"])
+def test_diff_of_a_task_with_no_changes_recorded_says_why_there_is_none(repo, config):
+    """`aipm diff` of a task that has not run (in a worktree) exited 2, a usage error, though workspaces.md says
+    nothing to show prints no patch and exits 0: it now does, with the line saying why on stderr."""
+    project = project_in(repo, config=config)
     write_task(project.order(), "T", target_files=["src/a.txt"], command="true")
     proc = project.aipm("diff", "T")
-    assert proc.returncode == 2 and "workspace: worktree" in proc.stderr and "Traceback" not in proc.stderr
+    assert (proc.returncode, proc.stdout) == (0, ""), proc
+    assert proc.stderr == ("aipm: ORD/T: no changes to show: none recorded; only a task that ran with workspace: "
+                           "worktree has them\n"), proc.stderr
+    assert project.json("diff", "T") == {"order": "ORD", "task": "T", "source": None, "patch": ""}
 
 
 def test_diff_of_an_attempt_that_changed_nothing_says_so(repo, tmp_path):

@@ -39,7 +39,9 @@ def diff(
             return
         empty = os.fstat(handle.fileno()).st_size == 0 if isinstance(patch, Path) else not patch
         if empty:  # else nothing at all is printed, which reads as diff itself failing
-            what = (f"its worktree ({source[len('worktree '):]}) has none against its attempt's start"
+            # None recorded is nothing to show too (a task not run yet), not a usage error (exit 2): workspaces.md.
+            what = ("none recorded; only a task that ran with workspace: worktree has them" if source is None else
+                    f"its worktree ({source[len('worktree '):]}) has none against its attempt's start"
                     if source.startswith("worktree ") else f"its last attempt changed nothing ({source} is empty)")
             print(f"aipm: {order.id}/{task_id}: no changes to show: {what}", file=sys.stderr)
             return

@@ -196,8 +196,11 @@ def logs(
         raise UserError(f"no log of attempt {attempt} of {order.id}/{task_id} (attempts with a log: {have})")
     if not found and follow and attempt is None:
         found = _first_log(rt, order, task_id)
-    if not found:
-        raise UserError(logbook.no_log(order.id, order.tasks[task_id]))
+    if not found:  # nothing to show (yet) is no usage error: said on stderr, exit 0, as `logs ORDER` says it
+        print(f"aipm: {logbook.no_log(order.id, order.tasks[task_id])}", file=sys.stderr, flush=True)
+        if json_out:
+            print_json({"order": order.id, "task": task_id, "attempt": None, "attempts": [], "log": None, "text": ""})
+        return
     number = attempt if attempt is not None else max(found)
     if json_out:
         with _log(found[number]) as handle:
@@ -218,8 +221,8 @@ def logs(
 
 def _first_log(rt: Runtime, order, task_id: str) -> dict:
     """`logs -f` of a task that has not run yet: wait for its first log (`tail -F` style) while it may still
-    start; {} once it no longer can (finished, failed, cancelled or gone); UserError when it waits on a task that
-    can never finish (it would wait for ever)."""
+    start; {} once it no longer can (finished, failed, cancelled or gone), or when it waits on a task that can
+    never finish (it would wait for ever: said on stderr)."""
     said = False
     while True:
         try:
@@ -232,8 +235,9 @@ def _first_log(rt: Runtime, order, task_id: str) -> dict:
             return found
         dead = next((d for d, ids in never_runs(now).items() if task_id in ids), None)
         if dead is not None:
-            raise UserError(f"{order.id}/{task_id} can never run: {dead} is {now.tasks[dead].status}; fix what "
-                            f"stopped it, then `aipm retry {dead}`")
+            print(f"aipm: {order.id}/{task_id} can never run: {dead} is {now.tasks[dead].status}; fix what stopped "
+                  f"it, then `aipm retry {dead}`", file=sys.stderr, flush=True)
+            return {}
         if not said:
             print(f"waiting for {order.id}/{task_id} to start ({status.value}; Ctrl-C stops)", file=sys.stderr,
                   flush=True)

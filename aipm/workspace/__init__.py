@@ -414,9 +414,10 @@ def decided(root: Path, rec: Record) -> bool:
     return mergeplan.pending(merge_dir(root, rec.order, rec.task), rec.serial)
 
 
-def diff(root: Path, order: str, task: str) -> tuple[str, bytes | Path]:
+def diff(root: Path, order: str, task: str) -> tuple[str | None, bytes | Path]:
     """(where it comes from, patch): the running (or kept) worktree against its start, else the last patch kept,
-    as its file (to be read a chunk at a time: a worker may have left gigabytes, or a sparse terabyte, there)."""
+    as its file (to be read a chunk at a time: a worker may have left gigabytes, or a sparse terabyte, there);
+    (None, b"") when there is neither (it has not run, or not in a worktree)."""
     patches = sorted(patch_path(root, order, task, 0).parent.glob(f"{component(task)}.*.patch"),
                      key=lambda p: int(p.name.rsplit(".", 2)[-2]))
     tree = worktree_path(root, order, task)
@@ -427,5 +428,4 @@ def diff(root: Path, order: str, task: str) -> tuple[str, bytes | Path]:
             return f"worktree {tree}", repo.patch(base, repo.capture(tree, scratch(root), None, ""))
     if patches:
         return str(patches[-1]), patches[-1]
-    raise WorkspaceError(f"{order}/{task}: no changes recorded; only a task that ran with workspace: worktree "
-                         "has them")
+    return None, b""
