@@ -81,6 +81,22 @@ def _positive_int(path: Path, data: Mapping[str, Any], key: str, maximum: int | 
     return _at_most(path, key, value, maximum)
 
 
+NO_LIMIT = 0  # a task's `timeout: none`: no time limit, whatever the timeout setting says (Task.timeout)
+
+
+def _timeout(path: Path, data: Mapping[str, Any], key: str) -> int | None:
+    """Seconds, or `none` (NO_LIMIT), as aipm.yaml's timeout takes it: a task had no way to run without the
+    project's limit (`timeout:` left empty means that limit)."""
+    value = data.get(key)
+    if isinstance(value, str) and value.lower() == "none":
+        return NO_LIMIT
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValidationError(str(path), key, f"must be a positive integer or none, not {_as_number(value)}")
+    return _at_most(path, key, value, MAX_TIMEOUT)
+
+
 def _count(path: Path, data: Mapping[str, Any], key: str, maximum: int | None = None) -> int:
     value = data.get(key, 0)
     if value is None:
@@ -410,7 +426,7 @@ def _optional_count(path: Path | str, data: Mapping[str, Any], key: str, maximum
 _DEFINED: tuple[tuple[str, Any, tuple], ...] = (
     ("title", one_line, ()), ("priority", _enum, (Priority, Priority.P1)), ("depends_on", _depends_on, ()),
     ("command", _command, ()), ("prompt", str_field, ()), ("model", _model, ()), ("review", _command, ()),
-    ("timeout", _positive_int, (MAX_TIMEOUT,)), ("max_attempts", _positive_int, (MAX_COUNT,)),
+    ("timeout", _timeout, ()), ("max_attempts", _positive_int, (MAX_COUNT,)),
     ("resources", _resources, ()), ("max_rework", _optional_count, (MAX_COUNT,)), ("agent", _agent, ()),
     ("max_cost_usd", money_field, (True,)), ("confine", _flag, ()), ("workspace", _workspace, ()),
     ("workspace_setup", _setup, ()), ("workspace_copy", _copy_globs, ()),

@@ -45,7 +45,7 @@ def attempt_limit(task: Task, settings: Settings) -> int:
 
 def time_limit(task: Task, settings: Settings) -> int | None:
     """Seconds one attempt's work, and then its review, may run (None: no limit)."""
-    return task.timeout or settings.timeout
+    return None if task.timeout == 0 else task.timeout or settings.timeout  # (0: the task's `timeout: none`)
 
 
 def rework_limit(task: Task, settings: Settings) -> int:

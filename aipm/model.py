@@ -101,7 +101,7 @@ class Task:
     prompt: str | None = None
     model: str | None = None
     review: str | tuple[str, ...] | None = None
-    timeout: int | None = None
+    timeout: int | None = None  # seconds; None: the timeout setting's; 0: none (fields.NO_LIMIT)
     max_attempts: int | None = None
     attempts: int = 0
     reworks: int = 0

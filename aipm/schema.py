@@ -74,7 +74,10 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "prompt": (_STRING, "Text for an agent worker, given on standard input."),
     "model": (_NAME, "Model name passed to the worker template as {model}."),
     "review": (_COMMAND, "Review command: exit 0 approves (COMPLETED), non-zero sends the task to REWORK."),
-    "timeout": ({**_POSITIVE, "maximum": MAX_TIMEOUT}, "Seconds before the worker's whole process group is killed."),
+    "timeout": ({"type": ["integer", "string", "null"], "minimum": 1, "maximum": MAX_TIMEOUT,
+                 "pattern": "^[Nn][Oo][Nn][Ee]$"},
+                "Seconds before the worker's whole process group is killed; none: no limit, whatever aipm.yaml's "
+                "timeout says."),
     "max_attempts": ({**_POSITIVE, "maximum": MAX_COUNT}, "Tries: a failed or timed-out attempt is retried until this many have run "
                                 "(attempts a review sent back are reworks and do not count)."),
     "attempts": ({**_COUNT, "maximum": MAX_TALLY}, "Attempts started so far."),

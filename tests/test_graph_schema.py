@@ -277,7 +277,7 @@ def test_schema_accepts_every_valid_fixture(order_dir):
     "title:\ncommand: make\nreview: [ruff, check]\ntimeout: 60\nmax_attempts: 2\nattempts: 0\nexit_code: -9\n",
     "status: DONE\nstarted_at: '2026-01-01T00:00:00+00:00'\nprompt: |\n  two\n  lines\n",
     "status: DOING\n", "priority: P4\n", "depends_on: B\n", "command: []\n", "command: [ls, 1]\n",
-    "timeout: 0\n", "attempts: -1\n", "max_attempts: true\n", "exit_code: '1'\n", "stauts: QUEUED\n",
+    "timeout: 0\n", "timeout: none\n", "timeout: None\n", "timeout: later\n", "timeout: '10'\n", "attempts: -1\n", "max_attempts: true\n", "exit_code: '1'\n", "stauts: QUEUED\n",
     "id:\n", "title: [a]\n", "target_files: [1]\n",
     # found by a review: the schema took what validate refuses
     "command: ''\n", "command: '   '\n", "command: ['']\n", "review: ''\n", "review: ['', x]\n", "model: ''\n",

@@ -9,6 +9,7 @@ import time
 import subprocess
 import sys
 import pytest
+import yaml
 
 from conftest import no_workers, snapshot, state, task_statuses, wait_for, write_task
 from invariants import check, group_alive, pid_alive, journal_command, random_order, spans
@@ -386,6 +387,19 @@ def test_a_task_whose_edit_breaks_the_orders_links_waits_for_the_fix(project, li
         proc.kill()
     reader.join(timeout=10)
     assert task_statuses(order) == {"FIRST": "DONE", "SECOND": "DONE", "THIRD": "DONE"}
+
+
+def test_a_tasks_timeout_none_lifts_the_projects_limit(project):
+    """aipm.yaml's `timeout: none` lifts the default limit, but a task had no way to: `timeout: none` was refused
+    and an empty `timeout:` meant the project's limit. Now the task's `none` runs it without one."""
+    (project.root / "aipm.yaml").write_text("timeout: 1\nmax_attempts: 1\n")
+    order = project.order()
+    write_task(order, "FREE", command="sleep 3", timeout="none", target_files=["free"])
+    write_task(order, "HELD", command="sleep 3", target_files=["held"])
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert task_statuses(order) == {"FREE": "DONE", "HELD": "FAILED"}
+    assert yaml.safe_load((order / "HELD.yaml").read_text())["reason"] == "timed out after 1 s"
 
 
 def test_a_run_waiting_for_a_task_file_to_be_fixed_notifies_once(project):

@@ -64,8 +64,8 @@ def test_a_value_yaml_read_as_no_text_is_told_to_be_quoted(project, text, field,
 
 
 @pytest.mark.parametrize("file,text,said", [
-    ("A.yaml", "command: 'true'\ntimeout: true\n", "timeout: must be a positive integer, not true"),
-    ("A.yaml", "command: 'true'\ntimeout: .inf\n", "timeout: must be a positive integer, not .inf"),
+    ("A.yaml", "command: 'true'\ntimeout: true\n", "timeout: must be a positive integer or none, not true"),
+    ("A.yaml", "command: 'true'\ntimeout: .inf\n", "timeout: must be a positive integer or none, not .inf"),
     ("A.yaml", "command: 'true'\ntarget_files: [a.txt, null]\n", "target_files: every item must be a string, not null"),
     ("A.yaml", "command: 'true'\nexit_code: true\n", "exit_code: must be an integer, not true"),
     ("A.yaml", "command: 'true'\nagent: false\n", "agent: false is not one of command, claude, codex, aider"),
