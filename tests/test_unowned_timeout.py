@@ -146,6 +146,7 @@ def test_ps_says_a_worker_whose_owner_was_killed_runs_with_nobody_watching(proje
     try:
         [worker] = project.json("ps")["workers"]
         assert (worker["state"], worker["alive"]) == ("unowned", True), worker
-        assert "alive, its owner gone (aipm recover adopts it)" in project.aipm("ps", check=True).stdout
+        table = project.aipm("ps", env={"COLUMNS": "200"}, check=True).stdout  # (narrower, the cell wraps)
+        assert "alive, its owner gone (aipm recover adopts it)" in table, table
     finally:
         runner.signal_group(pgid, signal.SIGKILL)
