@@ -18,6 +18,7 @@ import errno
 import os
 import re
 import selectors
+import shlex
 import shutil
 import signal
 import time
@@ -33,7 +34,10 @@ SHELL = "/bin/sh"
 # The go pipe is fd 3 (dash only redirects single-digit descriptors); $1 is the exit file.
 # EOF instead of "go" means the launcher died before recording the worker: run nothing.
 _GO_FD = 3
-LATE = 2  # seconds after its owner's time limit that a worker's wrapper keeps it (begin())
+# Seconds after its owner's time limit that a worker's wrapper keeps it (begin()): past the grace a live owner's stop
+# gives (stopping.KILL_GRACE, 5 s) and then some, so that the wrapper acts only where no owner did. At 2 s, a command
+# that used its grace to save its session got a second SIGTERM from its wrapper in the middle of it.
+LATE = 10
 # Once it has its go, the wrapper outlives a stop signal to its group (caught, so the command starts with the default
 # action): the group then lives until the command has ended, within the stopper's grace before its SIGKILL, so a
 # command that handles SIGTERM (an agent saving its session, a Ray attempt cancelling its task) gets the time.
@@ -42,13 +46,17 @@ LATE = 2  # seconds after its owner's time limit that a worker's wrapper keeps i
 # passes, it tells the wrapper (SIGUSR1: its exit file gets wrapper.c's " timed-out"), SIGTERMs the group and, 5 s
 # later (stopping.KILL_GRACE), marks the exit file itself if the wrapper has not and SIGKILLs the group. Its `sleep`
 # counts the monotonic clock, not the boot clock: time asleep only makes it late, and a live owner keeps the limit.
-_WATCHDOG = ("(trap 'kill $p; exit' TERM; sleep \"$2\" & p=$!; wait $p || exit; trap '' TERM; echo 'aipm-wrapper: time "
-             "limit passed with no owner stopping it: sending SIGTERM to the process group' >&2; kill -USR1 $$; kill "
-             "-TERM 0; kill -CONT 0; sleep 5 & p=$!; wait $p; [ -e \"$f\" ] || echo 137 timed-out >\"$f\"; "
-             "kill -KILL 0)")
+# A shell of its own, named WATCHDOG ($1 the limit, $2 the exit file, $3 the wrapper): a subshell was a second child
+# of the wrapper like any, and an `aipm exec` the command ran was lent no slot (slots.py: the wrapper must wait for
+# the command alone).
+WATCHDOG = "aipm-watchdog"
+_WATCHDOG = shlex.quote(
+    "trap 'kill $p; exit' TERM; sleep \"$1\" & p=$!; wait $p || exit; trap '' TERM; echo 'aipm-wrapper: time limit "
+    "passed with no owner stopping it: sending SIGTERM to the process group' >&2; kill -USR1 $3; kill -TERM 0; kill "
+    "-CONT 0; sleep 5 & p=$!; wait $p; [ -e \"$2\" ] || echo 137 timed-out >\"$2\"; kill -KILL 0")
 _PRELUDE = ('cd "$AIPM_ROOT" || exit 126; IFS= read -r go <&3 && [ "$go" = go ] || exit 125; exec 3<&-; f=$1; '
-            "trap : TERM INT HUP; t= w=; [ \"$2\" = 0 ] || { trap 't=\" timed-out\"' USR1; " + _WATCHDOG
-            + ' & w=$!; }; shift 2; ')
+            "trap : TERM INT HUP; t= w=; [ \"$2\" = 0 ] || { trap 't=\" timed-out\"' USR1; "
+            f'{SHELL} -c {_WATCHDOG} {WATCHDOG} "$2" "$f" $$ & w=$!; }}; shift 2; ')
 
 # "$@" is the command's argv; the exit code goes to the exit file before the wrapper exits with it, or, where its
 # directory was removed (the command's `rm -rf` of aipm's state), to the end of the log (workerfiles.exit_code_in_log).
@@ -160,7 +168,9 @@ def begin(
         words = list(command)
     # A builtin of plain words ends at once in the shell wrapper itself: one process, and no limit to keep.
     builtin = bool(words) and words[0] in _SH_BUILTINS
-    late = str(limit + LATE) if limit and not builtin else "0"
+    # (A list whose first word is a shell builtin, `[time, sleep, 40]`, runs in the shell wrapper too, but need not
+    # end at once: only a string of plain words, never `exec`, `time` or `wait` there, goes without a limit.)
+    late = str(limit + LATE) if limit and not (builtin and isinstance(command, str)) else "0"
     shell = [SHELL, "-c", _WRAP_ARGV if words else _WRAP_SHELL, "aipm-worker", exit_file, late, *(words or [command])]
     compiled = None if builtin else wrapper.binary()
     if compiled and not (words and "PATH" in env):

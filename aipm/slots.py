@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import os
 
-from aipm.liveness import asleep_in_wait
+from aipm.liveness import asleep_in_wait, read_small
+from aipm.runner import WATCHDOG
 from aipm.record import Record
 from aipm.subreaper import children
 
@@ -49,11 +50,20 @@ def _waits_for_us_alone(worker: int) -> bool:
     pid = worker
     while pid != me:
         asleep = asleep_in_wait(pid)
-        kids = children(pid)
+        # (The shell wrapper's watchdog, which keeps the time limit where no owner is left, runs nothing of the
+        # command's: runner.WATCHDOG.)
+        kids = [kid for kid in children(pid) if pid != worker or not _watchdog(kid)]
         if asleep is None or len(kids) != 1 or asleep_in_wait(pid) != asleep:
             return False
         pid = kids[0]
     return True
+
+
+def _watchdog(pid: int) -> bool:
+    try:
+        return f"\0{WATCHDOG}\0".encode() in read_small(f"/proc/{pid}/cmdline")
+    except OSError:
+        return False
 
 
 def refusal_note(records: list[Record]) -> str | None:

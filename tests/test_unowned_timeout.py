@@ -150,3 +150,47 @@ def test_ps_says_a_worker_whose_owner_was_killed_runs_with_nobody_watching(proje
         assert "alive, its owner gone (aipm recover adopts it)" in table, table
     finally:
         runner.signal_group(pgid, signal.SIGKILL)
+
+
+def test_a_live_owners_timeout_is_the_only_sigterm_its_command_gets(project):
+    """At the limit the owner SIGTERMs the group and gives it 5 s to end. The wrapper, which kept the limit only
+    2 s after it, sent a second SIGTERM in the middle of the command's save: its trap ran twice and the save was cut
+    short. Now the wrapper keeps it past that grace (runner.LATE)."""
+    assert runner.LATE > KILL_GRACE
+    terms = project.root / "terms"
+    write_task(project.order(), "TO", timeout=LIMIT, max_attempts=1, target_files=["x"],
+               command=f"trap 'echo TERM >> {terms}; sleep 3.5; exit 0' TERM; sleep {SLEEP} & wait")
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert terms.read_text() == "TERM\n"
+    task = yaml.safe_load((project.root / "orders" / "ORD" / "TO.yaml").read_text())
+    assert (task["status"], task["reason"]) == ("FAILED", f"timed out after {LIMIT} s"), task
+
+
+def test_an_exec_run_by_a_worker_of_the_shell_wrapper_is_lent_its_slot(project):
+    """Without the compiled wrapper, the shell's watchdog (which keeps the time limit) was a second child of the
+    wrapper, so a worker with a limit (every one: the default is 1800 s) lent no slot to the `aipm exec` its
+    command waited for: 'worker limit reached', exit 1, under max_workers 1."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\n")
+    rc = project.root / "A.rc"
+    write_task(project.order(), "L", target_files=["l.txt"], timeout=120,
+               command=f"{sys.executable} -m aipm --root {project.root} exec SUB/A; echo $? > {rc}")
+    write_task(project.order("SUB"), "A", target_files=["a.txt"], command="echo A > a.txt")
+    proc = subprocess.run([sys.executable, "-c", _NO_COMPILED, "--root", str(project.root), "exec", "ORD/L"],
+                          cwd=project.root, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, AIPM_ENABLE_MONITORING="false"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert rc.read_text() == "0\n", (project.root / ".aipm" / "logs" / "SUB" / "A.1.log").read_text()
+    assert task_statuses(project.root / "orders" / "SUB") == {"A": "DONE"}
+    assert no_workers(project.root)
+
+
+def test_a_list_command_led_by_a_shell_builtin_keeps_its_limit_too(project):
+    """`[time, sleep, 120]` runs in the shell wrapper (its first word is the shell's), which was given no limit to
+    keep, as for a string of plain builtins that ends at once: with its owner killed it ran on past its timeout."""
+    write_task(project.order(), "TO", command=["time", "sleep", str(SLEEP)], timeout=LIMIT, max_attempts=1,
+               target_files=["x"])
+    pgid = _kill_owner_while_running(project, wrapper.binary() is not None)
+    _ends_with_nobody_watching(project, pgid)
+    task = _recovered(project)
+    assert (task["status"], task["reason"]) == ("FAILED", f"timed out after {LIMIT} s"), task
