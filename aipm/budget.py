@@ -59,21 +59,33 @@ class Budget:
         """What a new attempt may be given: the limit less what is spent and what running attempts hold."""
         return max(0.0, round(self.limit - self.spent - self.unreported - self.held, 6))
 
-    def holds_back(self, task_id: str) -> bool:
+    def holds_back(self, task_id: str, own: float | None = None) -> bool:
         """Whether the task waits because the running attempts hold what is left, all of it or all but less than
-        a least share (not a stop: see reached)."""
-        return not self.shares(1)[0] and task_id not in self.costless
+        a least share (not a stop: see reached). `own`: what the task's own max_cost_usd leaves it (task_left)."""
+        return task_id not in self.costless and not self.split([own])[0]
 
-    def shares(self, together: int) -> tuple[int, float]:
-        """How many of `together` capped attempts that would start now may start, and each one's share: an equal
-        part of what is available, cut to whole micro-dollars so the parts never add up to more, and no less than
-        MIN_SHARE: fewer start, and the others wait for them. Less only as the one share of what is left while no
-        running attempt holds any (all there is: it may be enough)."""
+    def split(self, owns: list[float | None]) -> list[float]:
+        """The caps of capped attempts that would start now, in the plan's order, each with what its own budget
+        leaves it (None: no budget of its own): 0 for one that waits. What is available is shared equally, cut to
+        whole micro-dollars so the caps never add up to more, and no cap is below MIN_SHARE, or the attempt's own
+        budget where that is less (it needs no more): fewer start, and the others wait for them. Less only as the
+        one cap of what is left while no running attempt holds any (all there is: it may be enough)."""
         left, least = round(self.available * 1_000_000), round(MIN_SHARE * 1_000_000)  # (whole micro-dollars)
-        if left < least and self.held:
-            return 0, 0.0
-        count = min(together, max(1, left // least), left)
-        return count, left // count / 1_000_000 if count else 0.0
+        needs = [least if own is None else min(least, round(own * 1_000_000)) for own in owns]
+        count, needed = 0, 0
+        while count < len(needs) and needed + needs[count] <= left and left:
+            needed += needs[count]
+            count += 1
+        if not count and needs and left and not self.held:
+            count = 1  # all there is
+        caps = [0] * len(owns)
+        # Filled from the smallest own budget up: one that needs less than an equal part leaves the rest to others.
+        funded = sorted(range(count), key=lambda i: float("inf") if owns[i] is None else owns[i])
+        for n, i in enumerate(funded):
+            part = left // (count - n)
+            caps[i] = part if owns[i] is None else min(part, round(owns[i] * 1_000_000))
+            left -= caps[i]
+        return [cap / 1_000_000 for cap in caps]
 
     @property
     def cost(self) -> str:

@@ -368,14 +368,14 @@ class Launcher(Starter):
         share (the first ones in the plan's order get one)."""
         capped = [t for t in tasks if agents.caps_cost(agent_for(t, self.settings))]
         caps: dict[str, float | None] = {t.id: None for t in tasks}
-        share = None
-        if spend is not None and capped:
-            funded, share = spend.shares(together)
-            caps.update({t.id: 0 for t in capped[funded:]})
-            capped = capped[:funded]
-        for task in capped:
-            limits = [c for c in (task_left(task), share) if c is not None]
-            caps[task.id] = min(limits) if limits else None
+        if spend is None:
+            caps.update((t.id, task_left(t)) for t in capped)
+            return caps
+        owns = [task_left(t) for t in capped]
+        # The plan would start `together` of them (this reading's starts among them): each is given its share as if
+        # those it waits for started with it, so a ramp's one start does not take what the others will need.
+        shares = spend.split(owns + [None] * max(0, together - len(capped)))
+        caps.update((t.id, share) for t, share in zip(capped, shares))
         return caps
 
     def launch_ramped(self, view: OrderView) -> LaunchReport:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 
-from aipm.budget import Budget, task_detail, task_reached
+from aipm.budget import Budget, task_detail, task_left, task_reached
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Priority, Status, Task
 from aipm.overlap import LockIndex, conflict
 from aipm.paths import Target, lock_prefix, nodes_related
@@ -241,7 +241,8 @@ def plan(
                 break
             result.blocked[task.id] = Blocked(task.id, BUDGET, budget.detail)
             continue
-        if budget is not None and budget.holds_back(task.id):  # not a stop: what the running ones leave is shared next
+        # Not a stop: what the running ones leave is shared next.
+        if budget is not None and budget.holds_back(task.id, task_left(task)):
             if not explain:
                 if not budget.costless:
                     break

@@ -1085,6 +1085,7 @@ def test_claudes_cap_is_never_rounded_up(tmp_path):
 
 
 def test_a_task_cap_below_its_share_of_the_order_budget_wins(project):
+    """A's own $0.1 is less than an equal half of the order's $1: it gets that, and B what A cannot use."""
     (project.root / "aipm.yaml").write_text("max_workers: 2\nworker:\n  agent: claude\n")
     order = project.order()
     (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 1\n")
@@ -1092,7 +1093,7 @@ def test_a_task_cap_below_its_share_of_the_order_budget_wins(project):
     write_task(order, "B", prompt="hi", target_files=["b.txt"])
     assert project.aipm("run", "ORD", "--no-auto-scaling", env=agent_env(project)).returncode == 0
     caps = {j["task"]: j["argv"][j["argv"].index("--max-budget-usd") + 1] for j in journal(project)}
-    assert caps == {"A": "0.1", "B": "0.5"}
+    assert caps == {"A": "0.1", "B": "0.9"}
 
 
 def test_a_task_budget_is_passed_to_claude(project):

@@ -295,11 +295,17 @@ def test_a_budget_its_running_attempts_hold_whole_stops_no_order_but_starts_noth
         if not launchable:
             assert result.blocked["B"].reason == BUDGET and "budget held" in result.blocked["B"].detail
             assert ids(plan(o, slots=5, budget=budget, explain=False)) == []
-    assert Budget(1.0, 0.0, "order.yaml").shares(3) == (3, 0.333333)  # cut, never rounded up: 3 × it ≤ 1
+    # Whole micro-dollars, never rounded up: the last gets the one left over, and all of them add up to $1 at most.
+    assert Budget(1.0, 0.0, "order.yaml").split([None] * 3) == [0.333333, 0.333333, 0.333334]
     # Never less than MIN_SHARE ($0.10) while more could start: fewer start; less only when nothing is held.
-    assert Budget(1.0, 0.4, "order.yaml", 0.5).shares(3) == (1, 0.1)
-    assert Budget(1.0, 0.75, "order.yaml").shares(3) == (2, 0.125)
-    assert Budget(1.0, 0.95, "order.yaml").shares(3) == (1, 0.05)
+    assert Budget(1.0, 0.4, "order.yaml", 0.5).split([None] * 3) == [0.1, 0, 0]
+    assert Budget(1.0, 0.75, "order.yaml").split([None] * 3) == [0.125, 0.125, 0]
+    assert Budget(1.0, 0.95, "order.yaml").split([None] * 3) == [0.05, 0, 0]
+    # Nor below a task's own budget where that is less: four tasks of $0.02 each under $0.12 all start (MIN_SHARE
+    # counted for each had them start one at a time), and one needing less leaves the rest to the others.
+    assert Budget(0.12, 0.0, "order.yaml").split([0.02] * 4) == [0.02] * 4
+    assert Budget(0.12, 0.0, "order.yaml").split([None, 0.02, None]) == [0.1, 0.02, 0]
+    assert Budget(1.0, 0.0, "order.yaml").split([0.1, None]) == [0.1, 0.9]
 
 
 def test_a_budget_held_whole_keeps_no_task_that_costs_nothing_against_it_waiting():
