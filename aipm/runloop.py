@@ -325,6 +325,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 if view.changed or view.problems:
                     break
                 keys = sup.wait(timeout, hush=stop.heard)  # only our own writes moved: no need for a planning round
+            if fixing and not keys:
+                view.refresh(rescan=True)  # a fix that came without an event the watch takes (a hard link)
             for key in keys:
                 if key in foreign:
                     sup.watcher.forget(key)

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from aipm.inotify import IN_CREATE, IN_MOVED_TO, DirWatch, close_at_exit
-from aipm.model import FINISHED_OK, RUNNING, Order, Status, Task
+from aipm.model import FINISHED_OK, MANAGED_FIELDS, RUNNING, Order, Status, Task, evolve
 from aipm.ranking import ranked, remains
 from aipm.inodes import Stamp, stamp
 from aipm.errors import ValidationError
@@ -223,6 +223,13 @@ class OrderView:
 
     def note(self, task: Task) -> None:
         """Take a task we just wrote ourselves, so the change event it causes need not re-read the file."""
+        held = self.order.tasks.get(task.id)
+        if task.path in self._kept_out and held is not None and held.path == task.path:
+            # Its file does not load as it is (an edit that made a cycle, say, while it ran): what we wrote is its
+            # status and counters, taken onto the last valid version held; taken whole, the cycle was in the view,
+            # and the task waited for itself instead of for the fix. The file stays kept out, read again later.
+            self._put(evolve(held, {field: getattr(task, field) for field in MANAGED_FIELDS}))
+            return
         self._put(task)
         self._stats[task.path] = _stat(task.path)
 

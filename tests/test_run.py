@@ -402,6 +402,35 @@ def test_a_tasks_timeout_none_lifts_the_projects_limit(project):
     assert yaml.safe_load((order / "HELD.yaml").read_text())["reason"] == "timed out after 1 s"
 
 
+def test_a_running_tasks_edit_that_names_an_unknown_dependency_waits_for_a_fix_that_comes_by_link(project):
+    """T's file was saved naming a task Z that did not exist yet, while T ran: its outcome's write took the broken
+    version into the run's view whole, and T, QUEUED for its second attempt, waited for Z with nothing said, the run
+    ending exit 1. Now the run holds T's last valid version and waits for the fix; Z.yaml then comes by hard link
+    (an event the run's watch does not take), and is seen at the run's next look."""
+    order = project.order()
+    marker = project.root / "tried"
+    t = write_task(order, "T", max_attempts=2, target_files=["t"],
+                   command=f"[ -e {marker} ] || {{ touch {marker}; sleep 2; exit 1; }}")
+    write_task(order, "U", command="true", depends_on=["T"], target_files=["u"])
+    proc, events, reader = run_reading_events(project)
+    try:
+        wait_for(lambda: task_statuses(order)["T"] == "IN_PROGRESS")
+        made = project.root / "T.yaml"
+        made.write_text(t.read_text() + "depends_on:\n- Z\n")
+        os.replace(made, t)
+        wait_for(lambda: any(e["event"] == "waiting" and e["task"] == "T" for e in events)
+                 or proc.poll() is not None)
+        assert proc.poll() is None, events
+        assert "depends_on:\n- Z\n" in t.read_text()  # the person's edit kept, under aipm's status lines
+        z = write_task(project.root / "elsewhere", "Z", command="true", target_files=["z"])
+        os.link(z, order / "Z.yaml")
+        assert proc.wait(timeout=60) == 0
+    finally:
+        proc.kill()
+    reader.join(timeout=10)
+    assert task_statuses(order) == {"T": "DONE", "U": "DONE", "Z": "DONE"}
+
+
 def test_a_run_waiting_for_a_task_file_to_be_fixed_notifies_once(project):
     """The contract's `notify` runs when a task needs a person: a run that waited for SECOND's broken file to be
     fixed ran it for FAILED, REJECTED and the order's end only, so nobody was called to fix the file. Now the wait
