@@ -172,7 +172,7 @@ class Starter:
         launch's output is gone. Written only when it changed: `run` tries the launch again at every wake-up.
         Caller holds the launch lock."""
         if view is not None and view.invalid(task):
-            return  # its file, being fixed, is not written: its version with a cycle was taken in as ours, and run
+            return  # a person's file being fixed is not written (the write took their broken version in as ours)
         reason = outcome.launch_failed(error)
         try:
             written = update_task(as_path(task.path), lambda now: {"reason": reason} if now.reason != reason else {},
