@@ -29,6 +29,7 @@ def main() -> None:
     for sig in stops:
         if signal.getsignal(sig) != signal.SIG_IGN:
             signal.signal(sig, _early)
+    sys.unraisablehook = _unraisable
     try:
         from aipm.cli import main as cli
 
@@ -47,6 +48,16 @@ def main() -> None:
         # Not sys.exit: under `python -m`, an interrupt raised in code made by exec (a dataclass's methods, built
         # as its module is imported) makes the interpreter kill itself with SIGINT at exit, caught or not.
         os._exit(130)
+
+
+def _unraisable(unraisable) -> None:
+    """Python's report of an exception it could not raise, but for our early stop's KeyboardInterrupt: landed in a
+    callback (importlib's module-lock cleanup, a finalizer), it printed "Exception ignored in ... Traceback" before
+    the interrupt's quiet exit 130. EARLY keeps the stop: the command ends at its next look."""
+    import sys
+
+    if not (isinstance(unraisable.exc_value, KeyboardInterrupt) and EARLY):
+        sys.__unraisablehook__(unraisable)
 
 
 def _interrupted(exc: BaseException | None) -> bool:
