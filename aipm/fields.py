@@ -72,12 +72,14 @@ def one_line(path: Path, data: Mapping[str, Any], key: str, longer: str = "promp
     return value
 
 
-def _positive_int(path: Path, data: Mapping[str, Any], key: str, maximum: int | None = None) -> int | None:
+def _positive_int(path: Path, data: Mapping[str, Any], key: str, maximum: int | None = None,
+                  besides: str = "") -> int | None:
+    """`besides`: what else the key takes, for the message (" or none")."""
     value = data.get(key)
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError(str(path), key, f"must be a positive integer, not {_as_number(value)}")
+        raise ValidationError(str(path), key, f"must be a positive integer{besides}, not {_as_number(value)}")
     return _at_most(path, key, value, maximum)
 
 
@@ -90,11 +92,7 @@ def _timeout(path: Path, data: Mapping[str, Any], key: str) -> int | None:
     value = data.get(key)
     if isinstance(value, str) and value.lower() == "none":
         return NO_LIMIT
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError(str(path), key, f"must be a positive integer or none, not {_as_number(value)}")
-    return _at_most(path, key, value, MAX_TIMEOUT)
+    return _positive_int(path, data, key, MAX_TIMEOUT, " or none")
 
 
 def _count(path: Path, data: Mapping[str, Any], key: str, maximum: int | None = None) -> int:

@@ -362,7 +362,7 @@ class Launcher(Starter):
 
     def _caps(self, tasks: list[Task], spend: Budget | None, together: int) -> dict[str, float | None]:
         """Each starting attempt's spending cap: the task's own `max_cost_usd`, and under an order budget no more
-        than its share (Budget.shares) of what is available, split among the `together` capped attempts the plan
+        than its share (Budget.split) of what is available, split among the `together` capped attempts the plan
         would start now (those starting on this reading among them). None for agents that take no cap (their
         spending is known only once recorded); 0 for those that wait: beyond the attempts the budget can give a
         share (the first ones in the plan's order get one)."""

@@ -43,8 +43,8 @@ class OrderView:
         # or `git stash` of the order): they run again; the caller says so
         self.reopened: list[tuple[str, Status, Status]] = []
         self._deleted: dict[str, Task] = {}  # finished tasks whose file went (a checkout deletes, then writes)
-        self._kept_out: set[str] = set()  # files that did not load: read again whenever another file changes
-        self._why: dict[str, str] = {}  # kept-out file → why it did not load
+        # Files that did not load, and why: read again whenever another file changes.
+        self._kept_out: dict[str, str] = {}
         self.changed = False
         self._index()
 
@@ -103,7 +103,7 @@ class OrderView:
             paths = self._all_changed()
         todo = {}
         if paths:  # a file kept out for naming a task that was missing may load now that something changed
-            paths = set(paths) | self._kept_out
+            paths = set(paths) | self._kept_out.keys()
         for path in sorted(paths):
             seen = _stat(path)  # before the read: a change that lands after it is seen at its own event
             if seen != self._stats.get(path) or path not in self._stats or path in self._kept_out:
@@ -113,7 +113,7 @@ class OrderView:
             for path, seen in todo.items():
                 try:
                     self.reload(path, seen=seen)
-                    self._kept_out.discard(path)
+                    self._kept_out.pop(path, None)
                     self.changed = True
                 except ValidationError as exc:
                     failed[path] = (seen, exc)
@@ -127,8 +127,7 @@ class OrderView:
                     self.changed = True
                     self.problems.append(str(exc))
                 self._stats[path] = seen
-                self._kept_out.add(path)
-                self._why[path] = str(exc)
+                self._kept_out[path] = str(exc)
             break
         return self.order
 
@@ -139,7 +138,7 @@ class OrderView:
     def why_invalid(self, task: Task) -> str:
         """What keeps an invalid() task's file out (its field, or its place in the order: a cycle, an unknown
         dependency)."""
-        return self._why.get(task.path, f"{task.path}: does not load")
+        return self._kept_out.get(task.path, f"{task.path}: does not load")
 
     def _all_changed(self) -> set[str]:
         """Task files whose stamp differs from what the view holds, new and deleted ones included."""
