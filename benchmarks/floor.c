@@ -2,7 +2,7 @@
  * machine, with nothing else — no planning, no locks, no worker records, no go or exit file, no Python. A
  * reference row for the benchmarks (built by them with `cc` at run time), not part of aipm.
  *
- *   floor chain|serial N ORDER_DIR PROGRAM [ARG...]     (in ARG, "%d" is replaced by the task's index)
+ *   floor chain|serial|pool2 N ORDER_DIR PROGRAM [ARG...]     (in ARG, "%d" is replaced by the task's index)
  *
  * Task i is ORDER_DIR/T<i>.yaml (zero-padded to the width of N-1, as the benchmarks name them). Each status
  * write is the contract's: the new text into a temp file in the same directory, fsync, rename over the task
@@ -13,7 +13,9 @@
  *   chain:  task i starts only once task i-1's DONE is durable (B2): DONE(i-1) and IN_PROGRESS(i) share one
  *           directory fsync, then i starts.
  *   serial: tasks share a file, so one runs at a time (B4): IN_PROGRESS(i) is durable before i starts; the
- *           DONE of i-1 is written while i runs. */
+ *           DONE of i-1 is written while i runs.
+ *   pool2:  independent tasks on 2 slots (B1): at each wake-up the DONEs of the tasks that ended and the
+ *           IN_PROGRESS of those that start in their places share one directory fsync, then they start. */
 #define _GNU_SOURCE
 #include <fcntl.h>
 #include <spawn.h>
@@ -90,10 +92,10 @@ static void finish(pid_t pid) {
 
 int main(int argc, char **argv) {
     if (argc < 5) {
-        fprintf(stderr, "usage: floor chain|serial N ORDER_DIR PROGRAM [ARG...]\n");
+        fprintf(stderr, "usage: floor chain|serial|pool2 N ORDER_DIR PROGRAM [ARG...]\n");
         return 2;
     }
-    int chain = !strcmp(argv[1], "chain");
+    int chain = !strcmp(argv[1], "chain"), pool = !strcmp(argv[1], "pool2");
     n = atoi(argv[2]);
     width = snprintf(NULL, 0, "%d", n - 1);
     if ((dirfd_ = open(argv[3], O_RDONLY | O_DIRECTORY)) < 0) die(argv[3]);
@@ -109,6 +111,42 @@ int main(int argc, char **argv) {
         if (read(fd, texts[i], st.st_size) != st.st_size) die(name);
         sizes[i] = st.st_size;
         close(fd);
+    }
+    if (pool) {  /* slots 0/1 run tasks; temp slots 2k (IN_PROGRESS) and 2k+1 (DONE) of slot k */
+        pid_t pids[2] = {0, 0};
+        int task[2] = {-1, -1}, next = 0, running = 0;
+        for (int k = 0; k < 2 && next < n; k++, next++) {
+            prepare(next, "IN_PROGRESS", 2 * k);
+            commit(next, 2 * k);
+            task[k] = next;
+        }
+        durable();
+        for (int k = 0; k < 2 && task[k] >= 0; k++, running++) pids[k] = start(task[k], argv + 4);
+        while (running) {
+            int status, ended[2] = {0, 0};
+            pid_t pid = wait(&status);
+            if (pid < 0 || !WIFEXITED(status) || WEXITSTATUS(status)) die("wait");
+            for (int k = 0; k < 2; k++) ended[k] = pids[k] == pid;
+            for (int k = 0; k < 2; k++)  /* the other one too, if it has ended meanwhile */
+                if (!ended[k] && pids[k] && waitpid(pids[k], &status, WNOHANG) == pids[k]) ended[k] = 1;
+            int starting[2] = {-1, -1};
+            for (int k = 0; k < 2; k++) {
+                if (!ended[k]) continue;
+                prepare(task[k], "DONE", 2 * k + 1);
+                commit(task[k], 2 * k + 1);
+                pids[k] = 0;
+                running--;
+                if (next < n) {
+                    prepare(next, "IN_PROGRESS", 2 * k);
+                    commit(next, 2 * k);
+                    starting[k] = task[k] = next++;
+                }
+            }
+            durable();
+            for (int k = 0; k < 2; k++)
+                if (starting[k] >= 0) { pids[k] = start(starting[k], argv + 4); running++; }
+        }
+        return 0;
     }
     for (int i = 0; i < n; i++) {
         if (chain) {
