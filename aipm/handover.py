@@ -73,10 +73,15 @@ def prepare_next(sup: Supervisor, launcher: Launcher, view: OrderView, made: set
       its lookups once, not on every wake-up.
     Only while nothing waits to be handled (checked first, and before each write ahead): where workers end faster
     than the supervisor hands over (1000 `true`s on 2 workers), the work would only be done sooner and delay every
-    hand-over."""
-    if sup.pending():
-        return
+    hand-over. All but the IN_PROGRESS of the first ready tasks, as many as run now: the next round starts them
+    whether or not it waits, and writes that version itself if it is not ready, then waits for its fsync (B1:
+    0.5 ms of each start's 2.3, `true`s ending while the version was still being written). Made a round earlier, its
+    fsync is done when the start comes (B1 wall 2.29-2.43 s -> 1.91-1.96 s, three runs each)."""
     order = view.order
+    if sup.pending():
+        for tid in view.ready_ordering()[:len(sup.owned)]:
+            launcher.prepare_start(order.tasks[tid])
+        return
     starting: list[str] = []
     for rec in sup.owned.values():
         if rec.order == order.id:

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -323,3 +324,39 @@ def test_a_run_hands_over_through_the_statuses_it_wrote_while_the_worker_ran(pro
     assert (order / "T1.yaml").stat().st_ino == prepared["T1 DONE"]
     assert int(inode.read_text()) == prepared["T2 IN_PROGRESS"]
     assert sorted(p.name for p in order.iterdir()) == ["T0.yaml", "T1.yaml", "T2.yaml"]
+
+
+def test_the_next_start_is_written_ahead_even_when_a_worker_has_ended_meanwhile(project):
+    """Workers that end faster than they are handed over (B1's `true`s) leave something to handle by the time the
+    loop would prepare: the rest waits, but the IN_PROGRESS of the next ready task is written ahead all the same
+    (the next round starts it either way, and would otherwise wait for that version's fsync)."""
+    from aipm import handover
+    from aipm.launcher import Launcher
+    from aipm.project import Project
+    from aipm.settings import load_settings
+    from aipm.supervisor import Supervisor
+    from aipm.view import OrderView
+
+    order = project.order()
+    for name, priority in (("A", "P0"), ("B", "P1"), ("C", "P2")):
+        write_task(order, name, command="true", status="QUEUED", priority=priority)
+    settings = load_settings(project.root, {"enable_monitoring": False, "max_workers": 2})
+    launcher = Launcher(Project(project.root, settings.orders_dir), settings)
+    sup = Supervisor(launcher)
+    view = OrderView(order, project.root, watch=False)
+    try:
+        report = launcher.launch(view, owner=sup, only={"A"}, explain=False)
+        assert [item["id"] for item in report.launched] == ["A"]
+        assert runner.wait_gone(sup.owned["ORD/A"].pid, 10)
+        deadline = time.monotonic() + 10
+        while not sup.pending() and time.monotonic() < deadline:  # its end reaches the watch a moment later
+            time.sleep(0.01)
+        assert sup.pending()
+        handover.prepare_next(sup, launcher, view, set(), set())
+        prepared = writer._ahead.get(os.fspath(order / "B.yaml"))
+        assert prepared is not None and prepared.changes["status"] == Status.IN_PROGRESS
+        assert os.fspath(order / "C.yaml") not in writer._ahead  # as many as run now: one
+        assert os.fspath(order / "A.yaml") not in writer._ahead  # its outcome waits for the round that handles it
+    finally:
+        writer.drop_prepared()
+        sup.close()
