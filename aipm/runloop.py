@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 import aipm
-from aipm import budget, budgetstop, handover, notify, preemption, recovery, runner, scope, writer
+from aipm import budget, budgetstop, durable, handover, notify, preemption, recovery, runner, scope, writer
 from aipm.foreign import FINISHING_RECHECK, HELD_RECHECK, others_matter, watch_foreign
 from aipm.launcher import RAMP, Launcher
 from aipm.model import FINISHED_OK, Status, all_done, status_summary
@@ -197,6 +197,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                     report.failed[:0] = early.failed
                     report.recovered[:0] = early.recovered
                 sup.restore_owned(view.order.tasks)
+                if sup.pending():
+                    durable.carry_over()  # the next round follows at once: its fsync is this one's too
             first = False
             for item in report.recovered:  # before the round's starts; adopted ones the supervisor says itself
                 if item["action"] == "requeued":
@@ -319,11 +321,14 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             handover.prepare_next(sup, launcher, view, lock_files, prepared)
             if not sup.watch_records():
                 timeout = min(timeout or RECORDS_RECHECK, RECORDS_RECHECK)
+            if not sup.pending():
+                durable.settle_carried()  # (left by a round that another was to follow at once)
             keys = sup.wait(timeout, hush=stop.heard)
             while keys == ["files"]:
                 view.refresh()
                 if view.changed or view.problems:
                     break
+                durable.settle_carried()
                 keys = sup.wait(timeout, hush=stop.heard)  # only our own writes moved: no need for a planning round
             if fixing and not keys:
                 view.refresh(rescan=True)  # a fix that came without an event the watch takes (a hard link)
@@ -390,6 +395,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         # the order went over, and the budget's stop (tasks left QUEUED) is exit 1 as any unfinished order.
         return 0 if done else 1
     finally:
+        durable.settle_carried()
         writer.drop_prepared()
         launcher.demands.withdraw()  # its tasks wait for no slot now
         sup.end_strays()  # nothing an attempt started outlives the run

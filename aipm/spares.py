@@ -39,7 +39,9 @@ from aipm.inodes import (EUID, Stamp, create, empty, fill, inherits, move_new, o
                          stamp)
 from aipm.offthread import Synced, fsync_later
 
-KEEP = 4  # spares per pool: one round of a run writes a few files
+# Spares per pool: one round of a run writes a few files, and its replaced versions may wait for the next round's
+# fsync (durable.carry_over): at 4, B1 made a new file every other task (a create costs a scan here, see above).
+KEEP = 8
 _NAME = re.compile(r"\d+-\d+")
 _EXPORTS = "/proc/fs/nfsd/exports"  # what the kernel NFS server exports, while it runs
 

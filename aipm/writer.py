@@ -174,7 +174,8 @@ def _install(path: Path, tmp: str, identity: Identity | None, spares: Pool | Non
             spares.ready(kept, False)  # its replacement may not be on disk: never to be reused
         raise
     if kept is not None:
-        durable.once_durable(lambda ok: spares.ready(kept, ok))
+        # (Not urgent: a spare may wait for a later wake-up's fsync; the pool keeps enough for that.)
+        durable.once_durable(lambda ok: spares.ready(kept, ok), urgent=False)
     return True
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -142,3 +143,114 @@ def test_a_directory_removed_before_the_rounds_fsync_leaves_the_others_durable_a
         shutil.rmtree(a.parent)
     assert dir_syncs == [str(b.parent)] and outcome == [True]
     assert task_statuses(b.parent) == {"T2": "IN_PROGRESS"}
+
+
+def test_a_batch_carried_over_is_made_durable_by_the_next_before_anything_there_goes(project, monkeypatch):
+    """carry_over(): the batch's fsync is left to the next, which fsyncs the directory once for both before the go
+    it holds; with nothing to start there, the thread's settle_carried() does it."""
+    order, other = project.order(), project.order("OTHER")
+    a, c = (write_task(order, t, command="true") for t in "AC")
+    b = write_task(other, "B", command="true")
+    dir_syncs = _record_dir_syncs(monkeypatch)
+    rt, went = Runtime(project.root), []
+    with rt.launch_lock():
+        update_task(a, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=project.root)
+        durable.carry_over()
+    assert dir_syncs == []  # left to the next batch: A is seen IN_PROGRESS, not yet durable
+    assert task_statuses(order)["A"] == "IN_PROGRESS"
+    with rt.launch_lock():
+        update_task(b, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=project.root)
+        durable.once_durable(went.append)  # as a worker's go waits
+        assert went == [] and dir_syncs == []
+    assert sorted(dir_syncs) == sorted([str(order), str(other)]) and went == [True]  # both, before the go
+    dir_syncs.clear()
+    with rt.launch_lock():
+        update_task(c, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=project.root)
+        durable.carry_over()
+    assert dir_syncs == []
+    durable.settle_carried()
+    assert dir_syncs == [str(order)]
+    durable.settle_carried()  # nothing left: no second fsync
+    assert dir_syncs == [str(order)]
+
+
+def test_a_go_waiting_in_a_batch_keeps_its_fsync_at_the_batchs_end(project, monkeypatch):
+    order = project.order()
+    a = write_task(order, "A", command="true")
+    dir_syncs = _record_dir_syncs(monkeypatch)
+    went = []
+    with Runtime(project.root).launch_lock():
+        update_task(a, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=project.root)
+        durable.once_durable(went.append)
+        durable.carry_over()
+    assert dir_syncs == [str(order)] and went == [True]
+
+
+# `aipm run` in this process, with every rename of a task file (its directory's sync_dir follows it), every
+# directory fsync and every go written to a journal, in order.
+JOURNALED_RUN = """
+import json, os, sys
+from aipm import durable, runner
+from aipm.cli import main
+root, out = sys.argv[1], sys.argv[2]
+events = []
+sync_dir, fsync_dir, go = durable.sync_dir, durable.fsync_dir, runner._go
+def synced_later(directory):
+    events.append(["renamed", str(directory)])
+    sync_dir(directory)
+def synced(directory):
+    fsync_dir(directory)
+    events.append(["synced", os.fspath(directory)])
+def let_go(fd, ok):
+    events.append(["go", ok])
+    go(fd, ok)
+durable.sync_dir, durable.fsync_dir, runner._go = synced_later, synced, let_go
+from aipm.supervisor import Supervisor
+wait = Supervisor.wait
+def sleep(self, *args, **kwargs):
+    events.append(["sleep", not self.pending()])  # (a wait with something to handle returns at once)
+    return wait(self, *args, **kwargs)
+Supervisor.wait = sleep
+leave = os._exit
+def _exit(code):
+    with open(out, "w") as handle:
+        json.dump(events, handle)
+    leave(code)
+os._exit = _exit
+try:
+    code = main(["--root", root, "run", "ORD", "--max-workers", "2"])
+except SystemExit as exc:
+    code = exc.code
+_exit(code or 0)
+"""
+
+
+def test_no_worker_goes_before_every_status_written_before_it_is_durable(project, tmp_path):
+    """A run of short independent tasks and a chain (its wake-ups follow each other at once, so they carry their
+    fsyncs over): at every go, and whenever the run sleeps, every task-file rename made before has had its
+    directory's fsync; and at the end every one has."""
+    order = project.order()
+    for i in range(16):
+        write_task(order, f"T{i:02d}", command="true")
+    write_task(order, "C1", command="true", depends_on=["T00"])
+    write_task(order, "C2", command="true", depends_on=["C1"])
+    journal = tmp_path / "events.json"
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    proc = subprocess.run([sys.executable, "-c", JOURNALED_RUN, str(project.root), str(journal)], cwd=project.root,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert set(task_statuses(order).values()) == {"DONE"}
+    events = json.loads(journal.read_text())
+    unsynced: set[str] = set()
+    gos = 0
+    for kind, what in events:
+        if kind == "renamed":
+            unsynced.add(what)
+        elif kind == "synced":
+            unsynced.discard(what)
+        elif kind == "sleep":
+            assert not (what and unsynced), f"the run slept with renames in {unsynced} not yet durable"
+        elif what:  # a go
+            gos += 1
+            assert not unsynced, f"a worker went with renames in {unsynced} not yet durable"
+    assert gos == 18 and not unsynced
