@@ -162,6 +162,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     watched: set[str] = set()  # this order's tasks run by another owner, already said
     held: set[str] = set()  # this order's outcomes that a stopped owner holds, already said
     deferred_before: list[tuple[str, str]] = []  # (task, reason) of the last deferral said
+    unloaded_told: dict[str, str] = {}  # new task files that never loaded → why, said as what the run waits for
     failed_told: dict[str, tuple] = {}  # task → the launch error last emitted for it, and the launch it followed
     recover = True  # at start, and whenever another owner's process ends (it may have died)
     lost = True  # at start, and when an owner died: its agents' transcripts are read before the lock (recovery)
@@ -212,15 +213,19 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 break  # every other attempt would be lost to it too
             recover = False
             order = report.order
+            # New files that never loaded (no last valid version to keep): the run waits for their fix, as for a task
+            # whose file was saved invalid (not exec: its one task is not among them).
+            unloaded = {} if only else view.unloaded()
             for problem in view.problems:
-                emit({"event": "invalid_file", "error": problem})
+                emit({"event": "invalid_file", "error": problem, **({"new": True} if problem in unloaded.values()
+                                                                    else {})})
             view.problems.clear()
             for task, was, status in view.reopened:
                 emit({"event": "reopened", "order": order.id, "task": task, "was": str(was), "status": str(status)})
             view.reopened.clear()
             # A task whose file was saved invalid mid-run cannot start from it: the run waits for the fix (its
             # file's next change wakes it) rather than ending with the task never run.
-            fixing = {item["id"] for item in report.failed if view.invalid(order.tasks[item["id"]])}
+            fixing = {item["id"] for item in report.failed if view.invalid(order.tasks[item["id"]])} | unloaded.keys()
             for item in report.failed:  # a failed launch is tried again every round: said once, until it changes
                 # or the task was launched in between, by this run or by any other process (its file's attempts
                 # and started_at tell; a launch that fails writes neither).
@@ -302,14 +307,22 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 if key not in sup.owned and only not in deferred and not elsewhere and key not in dict(orphaned):
                     break  # finished, failed for good, or never launchable (a busy machine is waited for, as by run)
             elif not sup.owned and not others_matter(order, foreign | finishing) and not deferred and not waiting \
-                    and not orphaned and not fixing:
-                # Nothing runs and nothing can start, as far as the watch told: the directory read once more, so
-                # that a task that came without an event it watches (linked in) runs rather than ends the run.
-                view.refresh(rescan=True)
-                if not view.changed:
-                    break  # finished, or stuck (exit code says which)
-                ready = []
-                continue
+                    and not orphaned:
+                if not fixing:
+                    # Nothing runs and nothing can start, as far as the watch told: the directory read once more, so
+                    # that a task that came without an event it watches (linked in) runs rather than ends the run.
+                    view.refresh(rescan=True)
+                    if not view.changed:
+                        break  # finished, or stuck (exit code says which)
+                    ready = []
+                    continue
+                for path, why in unloaded.items():  # all that is left: said once each, when it is all that is left
+                    if unloaded_told.get(path) != why:
+                        unloaded_told[path] = why
+                        detail = f"{why}; fix the file (or remove it) and the run goes on (Ctrl-C stops it)"
+                        emit({"event": "waiting", "task": os.path.basename(path), "pids": [], "detail": detail})
+                        notify.needs_person(launcher.settings, launcher.runtime, order.id, os.path.basename(path),
+                                            detail)
             ready = []
             if orphaned:
                 recover = lost = True

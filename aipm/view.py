@@ -135,6 +135,12 @@ class OrderView:
         """Whether the task's file, there now, does not validate (the view holds its last valid version)."""
         return task.path in self._kept_out and os.path.exists(task.path)
 
+    def unloaded(self) -> dict[str, str]:
+        """Task files there now that never loaded in this view (added since, invalid from the start): path → why.
+        Unlike an invalid() task's, no valid version of theirs is held, so nothing of theirs can run."""
+        known = {task.path for task in self.order.tasks.values()}
+        return {path: why for path, why in self._kept_out.items() if path not in known and os.path.exists(path)}
+
     def why_invalid(self, task: Task) -> str:
         """What keeps an invalid() task's file out (its field, or its place in the order: a cycle, an unknown
         dependency)."""

@@ -26,7 +26,7 @@ LINES = {
     "deferred": "defer    {tasks}: {detail}",
     "launch_failed": "failed   {task}: {error}",
     "error": "error    {error}",
-    "invalid_file": "ignored  {error} (keeping the last valid version)",
+    "invalid_file": "ignored  {error} ({kept})",
     "interrupted": "stopped  {why}; {stopped}",
     "restored": "restore  {task} → {status}: its file said {said} while its worker ran{not_cancel}",
     "reopened": "reopen   {task}: its file went from {was} back to {status} during the run (`aipm retry`, or a "
@@ -54,6 +54,8 @@ def plain_line(event: dict) -> str:
     fields.setdefault("said", event.get("was"))  # (an event of an older aipm, in a log)
     fields["again"] = f" again (its review was {event['again']})" if event.get("again") else ""
     fields["hint"] = f"; {event['hint']}" if event.get("hint") else ""
+    fields["kept"] = "a new file: nothing of it runs until it is fixed" if event.get("new") else \
+        "keeping the last valid version"
     if event.get("event") == "finished" and not event.get("reason"):
         fields["reason"] = f"exit {event.get('exit_code')}"  # moved on by a writer that gave no reason
     if event.get("event") == "interrupted":
