@@ -148,10 +148,25 @@ _FIELD_NAMES = frozenset(_TASK_FIELDS)
 _DEFINITION_FIELDS = tuple(name for name in _TASK_FIELDS if name not in _NOT_DEFINITION)
 
 
+# What an attempt runs by: an edit of these while it runs leaves its outcome the old version's (Recording._work_ended
+# says so); not its priority, title, dependencies or limits, which an attempt under way does not run by.
+_RAN_FIELDS = ("command", "prompt", "model", "agent", "target_files", "workspace", "workspace_setup", "workspace_copy",
+               "confine")
+
+
 def definition(task: Task) -> str:
     """A digest of what the user wrote for the task. A held outcome is the task's only while this is unchanged
     (recovery.same_task): a task made again under the same name with another command or prompt is another task."""
-    mine = [(name, getattr(task, name)) for name in _DEFINITION_FIELDS]
+    return _digest(task, _DEFINITION_FIELDS)
+
+
+def ran_by(task: Task) -> str:
+    """A digest of the fields an attempt of the task runs by (_RAN_FIELDS)."""
+    return _digest(task, _RAN_FIELDS)
+
+
+def _digest(task: Task, names: tuple[str, ...]) -> str:
+    mine = [(name, getattr(task, name)) for name in names]
     return sha1(repr(mine).encode()).hexdigest()[:16]
 
 

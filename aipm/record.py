@@ -73,6 +73,9 @@ class Record:
     # model.definition of the task when this attempt started: what tells the task file put back under it (an
     # agent's `git checkout`) from another task made under its name. "" in records written before it: the same.
     definition: str = ""
+    # model.ran_by of the task when this attempt started: an edit of its command or prompt while it ran is said with
+    # its outcome. "" in records written before it: nothing said.
+    ran_by: str = ""
     # The worker whose slot this attempt runs in (its key): the `exec` that owns it took that slot, its command
     # waiting for it (aipm/slots.py). Cleared when its owner is gone (recovery): that worker went on.
     borrowed: str = ""

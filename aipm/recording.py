@@ -18,7 +18,7 @@ from aipm.budget import usd
 from aipm.errors import UserError
 from aipm.finish import after_cap, after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
 from aipm.launcher import Launcher
-from aipm.model import FINISHED_OK, Status, Task
+from aipm.model import FINISHED_OK, Status, Task, ran_by
 from aipm.paths import as_path, files_above
 from aipm.restore import disowned, known_status, restore
 from aipm.reviewing import Reviewing, left_out, log_whole
@@ -330,6 +330,13 @@ class Recording(Reviewing):
             reason = outcome.one_line(f"{reason}; {error}") if error == agents.LOST else outcome.agent_error(
                 reason, error)
         reason = left_out(reason, event)
+        if rec.ran_by and rec.ran_by != ran_by(task):
+            # A person's edit of the task (its command, prompt...) while it ran: the outcome is the old version's.
+            edited = (f"its command, prompt or another field it runs by was edited while attempt {rec.serial} ran: "
+                      f"this outcome is that of the version the attempt started with; `aipm retry {rec.task}` runs "
+                      "the edited one")
+            append_log(rec.log, edited)
+            event["hint"] = f"{event['hint']}; {edited}" if event.get("hint") else edited
         task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason,
                                                failed=timed_out or bool(error)), **spent})
         if task.status == Status.IN_REVIEW:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from aipm import agents, commits, confine, locks, outcome, restore, runner, scope, spending, workspace, writer
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
-from aipm.model import Order, Status, Task, definition
+from aipm.model import Order, Status, Task, definition, ran_by
 from aipm.paths import as_path
 from aipm.record import Record, live_pid
 from aipm.runtime import StateWriteError
@@ -77,7 +77,8 @@ class Starter:
             order=order.id, order_dir=order.path, task=task.id, task_file=task.path, attempt=attempt,
             targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, number)),
             exit_file=str(rt.exit_path(order.id, task.id, number)), started_at=started_at, number=number,
-            counters=restore.counters(task), definition=definition(task), borrowed=borrowed, cost_cap=cost_cap,
+            counters=restore.counters(task), definition=definition(task), ran_by=ran_by(task), borrowed=borrowed,
+            cost_cap=cost_cap,
             cost_limit=cost_limit if cost_cap is not None else None,
         )
         if task.resources is not None:
