@@ -27,7 +27,7 @@ from aipm import lockfiles
 from aipm.digest import sha1
 from aipm.liveness import read_small
 from aipm.lockholders import lock_holders, proc_locks
-from aipm.paths import Target, lock_prefix
+from aipm.paths import Target, held_conflict, is_glob_node, lock_prefix
 from aipm.statedir import make_state_dir, note_orphans, orphans
 
 
@@ -38,20 +38,28 @@ class LockBusy(Exception):
 
 
 def lock_nodes(targets: Iterable[Target]) -> dict[str, bool]:
-    """Node → exclusive?, for a set of targets ("" is the project node)."""
+    """Node → exclusive?, for a set of targets ("" is the project node). A glob holds its pattern exclusive and
+    its directory shared, with those above: what it could match is checked by take(), under the launch lock."""
     modes: dict[str, bool] = {}
     for target in targets:
         prefix = lock_prefix(target)
         parts = prefix.split("/") if prefix else []
         for i in range(len(parts)):
             modes.setdefault("/".join(parts[:i]), False)
-        modes[prefix] = True
+        if target.is_glob:
+            modes.setdefault(prefix, False)
+        modes[target.path] = True
     return modes
 
 
 def node_file(node: str) -> str:
-    """The lock file's name for a node (the node itself is written inside, for `aipm locks`)."""
-    return sha1(os.fsencode(node)).hexdigest()[:20] + ".lock"  # (a path in any bytes: a target through a link)
+    """The lock file's name for a node (the node itself is written inside, for `aipm locks`); a glob's own node
+    ends `.glob.lock`, so that the held globs are found among a project's lock files (take)."""
+    digest = sha1(os.fsencode(node)).hexdigest()[:20]  # (a path in any bytes: a target through a link)
+    return digest + (GLOB_FILE if is_glob_node(node) else ".lock")
+
+
+GLOB_FILE = ".glob.lock"
 
 
 @lru_cache(maxsize=4096)
@@ -78,7 +86,9 @@ def prepare(state: Path, targets: Iterable[Target], made: set[str]) -> None:
 
 
 def take(state: Path, targets: Iterable[Target]) -> list[int]:
-    """Lock every target without waiting; on any refusal release what was taken and raise LockBusy."""
+    """Lock every target without waiting; on any refusal release what was taken and raise LockBusy. Caller holds
+    the launch lock: a glob's meeting with what others hold is a check made under it (_glob_check)."""
+    targets = tuple(targets)
     modes = lock_nodes(targets)
     fds: list[int] = []
     try:
@@ -90,14 +100,64 @@ def take(state: Path, targets: Iterable[Target]) -> list[int]:
                 files[node_path(state, node)] = ino
         if modes:
             _check_made(state, files)
-            for _, node, exclusive in orphans(state):
+            orphaned = orphans(state)
+            for _, node, exclusive in orphaned:
                 if node in modes and (exclusive or modes[node]):
                     raise LockBusy(node)
+            _glob_check(state, targets, set(files.values()), orphaned)
     except BaseException:
         for fd in fds:
             os.close(fd)
         raise
     return fds
+
+
+def _glob_check(state: Path, targets: tuple[Target, ...], mine: set[int],
+                orphaned: list[tuple[int, str, bool]]) -> None:
+    """Raise LockBusy where `targets` meet what others hold only through a glob (lock_overlap): a glob node held
+    (its lock file locked exclusive) that could match a target, and, for a glob of ours, a path held below its
+    directory that it could match. The kernel keeps apart the rest: a path at or above a glob's directory, which
+    the glob holds shared, and two globs of one pattern. Every taker checks this under the launch lock, after
+    taking its own locks (`mine`: their files' inodes), so no two pass it at once; a glob's hold lasts as long as
+    its lock file's lock, the kernel's."""
+    held = [(node, True) for node in _held_globs(state, mine)]
+    if any(target.is_glob for target in targets):
+        held += [(node, True) for node in Holdings(state).exclusive_nodes(mine)]
+    held += [(node, exclusive) for _, node, exclusive in orphaned if exclusive]
+    for node, exclusive in held:
+        for target in targets:
+            if (target.is_glob or is_glob_node(node)) and held_conflict(target, node, exclusive):
+                raise LockBusy(node)
+
+
+def _held_globs(state: Path, mine: set[int]) -> list[str]:
+    """The glob nodes held now by others: their lock files (`.glob.lock`, in the list of lock files, or in `locks/`
+    when the list is gone) on which a shared lock is refused."""
+    made = lockfiles.of(state)
+    if made.read():
+        files = [path for path in made.inodes if path.endswith(GLOB_FILE)]
+    else:
+        try:
+            files = [entry.path for entry in os.scandir(f"{state}/locks") if entry.name.endswith(GLOB_FILE)]
+        except OSError:
+            return []
+    held = []
+    for path in files:
+        try:
+            fd = os.open(path, _EXISTING | os.O_NOFOLLOW)
+        except OSError:
+            continue  # gone (a holder of the removed file is an orphan), or a link a worker left: no glob's
+        try:
+            if os.fstat(fd).st_ino in mine:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError as exc:
+                if exc.errno in (errno.EAGAIN, errno.EACCES):
+                    held.append(read_small(path).decode(errors="surrogateescape"))
+        finally:
+            os.close(fd)  # (and our shared lock with it)
+    return held
 
 
 def _check_made(state: Path, locked: dict[str, int]) -> None:
@@ -221,6 +281,15 @@ class Holdings:
         except OSError:
             names, stamp = {}, None
         self._names, self._stamp = names, stamp
+
+    def exclusive_nodes(self, mine: set[int]) -> list[str]:
+        """The nodes of this project held exclusively now, but for the lock files `mine` (inodes)."""
+        locked = proc_locks()
+        if not locked:
+            return []
+        self._scan()
+        return [self.node(self._names[ino]) for ino, exclusive in locked.items()
+                if exclusive and ino not in mine and self._names.get(ino)]
 
     def node(self, name: str) -> str:
         if not name:

@@ -274,9 +274,14 @@ def first_overlap(mine: tuple[Target, ...], theirs: tuple[Target, ...], test=Non
 
 @lru_cache(maxsize=65536)
 def lock_prefix(target: Target) -> str:
-    """The path a target locks exclusively: itself, or for a glob its fixed leading directories (`tests/**/*.py`
-    → `tests`, `*.py` → the project root "")."""
+    """The directory a glob locks SHARED, with every one above it (`tests/**/*.py` → `tests`, `*.py` → the project
+    root ""); a plain target's own path, which it locks EXCLUSIVE."""
     return literal_base(target.path) if target.is_glob else target.path
+
+
+def is_glob_node(node: str) -> bool:
+    """Whether a lock node is a glob's own (its pattern, locked EXCLUSIVE): no plain path has pattern characters."""
+    return not GLOB_CHARS.isdisjoint(node)
 
 
 def nodes_related(p: str, q: str) -> bool:
@@ -288,10 +293,31 @@ def nodes_related(p: str, q: str) -> bool:
 
 
 def lock_overlap(a: Target, b: Target) -> bool:
-    """Whether the kernel locks of two targets conflict: coarser than `overlaps` for globs, which lock their
-    whole fixed directory (`src/*.py` and `src/data.json` overlap here, not in `overlaps`). Every pair that
-    `overlaps` also conflicts here, so the planner tests this first: it is plain string comparison."""
-    return nodes_related(lock_prefix(a) if a.is_glob else a.path, lock_prefix(b) if b.is_glob else b.path)
+    """Whether the locks of two targets keep them apart (locks.take). Two plain paths: where one is at or above
+    the other (a path's lock covers what is below it, so `docs` and `docs/a.txt` meet though no file can be
+    both). A glob: where a path could match both (`overlaps`, the contract's rule: `*.md` and `src/a.py` do not
+    meet), a plain path below its directory taken as covering what is below it; and a plain path at or above
+    that directory, which the glob holds shared, meets it whole. Every pair that `overlaps` meets here too."""
+    if not a.is_glob and not b.is_glob:
+        return nodes_related(a.path, b.path)
+    glob, other = (a, b) if a.is_glob else (b, a)
+    if other.is_glob:
+        return overlaps(glob, other)
+    base = lock_prefix(glob)
+    if not other.path or other.path == base or base.startswith(other.path + "/"):
+        return True
+    return overlaps(glob, Target(other.path, True, False))
+
+
+def held_conflict(target: Target, node: str, exclusive: bool) -> bool:
+    """Whether `target`'s locks meet a lock node someone holds (`exclusive` or shared), as locks.take decides."""
+    if is_glob_node(node):  # held by a glob target (exclusive)
+        return lock_overlap(target, Target(node, False, True))
+    if not target.is_glob:
+        # Exclusive: any path at, above or below it; shared (a directory above a held file, a glob's directory):
+        # only a task that wants that directory whole.
+        return target.path == node or (exclusive and nodes_related(node, target.path))
+    return exclusive and lock_overlap(target, Target(node, False, False))  # a glob wants only shared nodes whole
 
 
 def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from aipm.budget import Budget, task_detail, task_left, task_reached
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Priority, Status, Task
 from aipm.overlap import LockIndex, conflict
-from aipm.paths import Target, lock_prefix, nodes_related
+from aipm.paths import Target, held_conflict, lock_prefix, nodes_related
 from aipm.ranking import ranked
 
 # Reason codes, stable for --json consumers.
@@ -50,12 +50,9 @@ class ForeignLock:
     def conflict(self, targets: tuple[Target, ...]) -> str | None:
         """The held path that keeps `targets` out (as the kernel would), or None."""
         for target in targets:
-            mine = lock_prefix(target)
             for node, exclusive in self.nodes:
-                # Exclusive: any path above or below it (even a holder that skipped the shared directory locks);
-                # shared (a directory above a held file): only a task that wants that directory whole.
-                if mine == node or (exclusive and nodes_related(node, mine)):
-                    return self.path_near(mine)
+                if held_conflict(target, node, exclusive):
+                    return self.path_near(lock_prefix(target))
         return None
 
     def path_near(self, mine: str) -> str:

@@ -28,8 +28,9 @@ PY = sys.executable
 
 def test_lock_nodes_take_the_path_exclusive_and_every_directory_above_shared():
     nodes = lock_nodes([normalize("docs/conf.py"), normalize("docs/"), normalize("tests/**/*.py")])
-    assert nodes == {"": False, "docs": True, "docs/conf.py": True, "tests": True}
-    assert lock_nodes([normalize("*.py")]) == {"": True}
+    # A glob: its pattern exclusive, its directory shared (what it could match is take()'s check).
+    assert nodes == {"": False, "docs": True, "docs/conf.py": True, "tests": False, "tests/**/*.py": True}
+    assert lock_nodes([normalize("*.py")]) == {"": False, "*.py": True}
 
 
 HOLDER = """
@@ -66,11 +67,24 @@ def release(proc: subprocess.Popen) -> None:
     ("docs/conf.py", "docs/conf.py", True),
     ("tests/a/b.py", "tests/**/*.py", True),
     ("tests/**/*.py", "tests/a/b.py", True),
-    ("*.py", "src/deep/x.txt", True),
+    ("tests/*.py", "tests/a/b.txt", False),  # a glob meets what it could match, not its whole directory
+    ("tests/**/*.py", "tests/a/b.txt", True),  # a path's lock covers what is below it (b.txt/c.py)
+    ("*.py", "src/deep/x.txt", False),
+    ("*.md", "src/main.py", False),
+    ("*.md", "README.md", True),
+    ("docs/*.md", "docs/*.txt", False),
+    ("docs/*.md", "docs/a*", True),
+    ("docs/*.md", "docs/*.md", True),
+    ("docs/a.md", "docs/", True),
+    ("docs/*.md", "docs", True),  # a path's lock covers what is below it
+    ("docs", "docs/*.md", True),
+    ("docs/*.md", "./", True),
     ("docs/a.py", "docs/b.py", False),
     ("docs/", "src/", False),
 ])
-def test_a_directory_a_file_in_it_and_a_glob_exclude_each_other_in_the_kernel(project, held, wanted, excluded):
+def test_a_directory_a_file_in_it_and_a_glob_exclude_each_other(project, held, wanted, excluded):
+    """In the kernel, and for a glob by what it could match (checked by the taker: the test's takers hold no launch
+    lock, which only keeps two takers from checking at once)."""
     holder = hold(project.root, held)
     try:
         probe = subprocess.run([PY, "-c", HOLDER, str(state(project.root)), wanted], input="",
@@ -105,12 +119,18 @@ for _ in range(150):
 """
 
 
-def test_racing_lock_takers_never_hold_overlapping_targets_at_once(project):
-    """Four processes race for files, directories and globs through the kernel locks alone (no planner, no
-    records): the journal must never show two overlapping targets held at the same time."""
+@pytest.mark.parametrize("pool", [
+    ["docs/conf.py", "docs/", "docs/a.md", "docs/**/*.md", "src/f.py", "src/*.py", "src/", "tests/x/y.py",
+     "tests/**/*.py", "README.md"],
+    # globs that meet only by what they could match, none holding another's node (no launch lock either: each
+    # taker checks what is held after taking its own locks, so of two at once one sees the other)
+    ["*.md", "README.md", "docs/*.md", "docs/a*", "docs/a.md", "docs/*.txt", "docs/b.txt", "src/x.py", "s*/x.py",
+     "docs/**"],
+])
+def test_racing_lock_takers_never_hold_overlapping_targets_at_once(project, pool):
+    """Four processes race for files, directories and globs through take() alone (no planner, no records, no
+    launch lock): the journal must never show two overlapping targets held at the same time."""
     order = project.order()
-    pool = ["docs/conf.py", "docs/", "docs/a.md", "docs/**/*.md", "src/f.py", "src/*.py", "src/", "tests/x/y.py",
-            "tests/**/*.py", "README.md"]
     for i, target in enumerate(pool):
         write_task(order, f"T{i}", target_files=[target], command="true")
     journal = project.root / "journal.txt"
@@ -297,13 +317,15 @@ def _plan(*tasks, outside=()):
     return plan(Order("O", "O", {t.id: t for t in tasks}), live=running, slots=9, outside=outside)
 
 
-def test_a_glob_waits_for_a_running_file_in_its_directory_as_the_kernel_makes_it():
-    result = _plan(_task("RUN", "src/data.json", status="IN_PROGRESS"), _task("GLOB", "src/*.py"),
-                   _task("ELSE", "docs/*.md"))
-    assert [t.id for t in result.launchable] == ["ELSE"]
-    blocked = result.blocked["GLOB"]
+def test_a_glob_waits_only_for_running_files_it_could_match():
+    """The contract's rule, "a glob overlaps whatever it could match": `src/*.py` locked all of src/, so it waited
+    for a running `src/data.json` (and `*.md` for every running file of the project)."""
+    result = _plan(_task("RUN", "src/data.json", status="IN_PROGRESS"), _task("PY", "src/d*.py"),
+                   _task("JSON", "src/*.json"), _task("MD", "*.md"))
+    assert [t.id for t in result.launchable] == ["MD", "PY"]
+    blocked = result.blocked["JSON"]
     assert blocked.reason == "file_busy" and blocked.tasks == ("RUN",)
-    assert "a glob locks all of src/" in blocked.detail
+    assert "src/*.json ↔ src/data.json" in blocked.detail
 
 
 def test_a_path_whose_lock_covers_a_running_file_below_it_is_not_called_a_glob():
@@ -317,7 +339,10 @@ def test_a_path_whose_lock_covers_a_running_file_below_it_is_not_called_a_glob()
     ((("", False), ("docs", False), ("docs/conf.py", True)), ("docs/other.py",), False),
     ((("docs/conf.py", True),), ("docs/",), True),  # a holder that skipped the directory locks
     ((("docs", False),), ("docs/x.py",), False),  # shared: only a task wanting all of docs/ waits
-    ((("docs", False),), ("docs/**/*.md",), True),
+    ((("docs", False),), ("docs/**/*.md",), False),  # a glob wants its directory shared only
+    ((("docs", True),), ("docs/**/*.md",), True),
+    ((("docs/a/x.md", True),), ("docs/**/*.md",), True),  # one it could match
+    ((("docs/a/x.py", True),), ("docs/*.md",), False),
 ])
 def test_a_lock_held_outside_blocks_exactly_what_it_would_block_in_the_kernel(nodes, files, held):
     from aipm.plan import FILE_HELD, ForeignLock
@@ -516,3 +541,27 @@ def test_aipm_locks_waits_on_no_fifo_a_worker_holds_a_lock_on_in_place_of_a_lock
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_glob_at_the_root_runs_beside_tasks_on_files_it_cannot_match(project):
+    """`*.md` at the project root locked the whole project (its fixed directory): while it ran, no task on any
+    file could start, though the contract says a glob overlaps only what it could match. Now SRC (`src/main.py`)
+    runs and ends while DOCS (`*.md`) runs; README (`README.md`, which `*.md` matches) waits for it."""
+    order = project.order()
+    gate = project.root / "gate"
+    write_task(order, "DOCS", priority="P0", target_files=["*.md"],
+               command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
+    write_task(order, "SRC", priority="P1", target_files=["src/main.py"], command="true")
+    write_task(order, "README", priority="P1", target_files=["README.md"], command="true")
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                             "--max-workers", "3"], cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"))
+    try:
+        wait_for(lambda: task_statuses(order)["SRC"] == "DONE" or proc.poll() is not None, timeout=60)
+        assert task_statuses(order) == {"DOCS": "IN_PROGRESS", "SRC": "DONE", "README": "QUEUED"}
+        gate.touch()
+        assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    finally:
+        gate.touch()
+        proc.kill()
+    assert task_statuses(order) == {"DOCS": "DONE", "SRC": "DONE", "README": "DONE"}

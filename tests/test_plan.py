@@ -250,7 +250,8 @@ def test_any_clear_is_false_only_when_every_task_would_wait_for_the_held_files()
     """The run loop's quick test before an early start: conservative, never False for a task that could start."""
     held = [(normalize("shared/one.txt"),), (normalize("docs/"),)]
     assert not any_clear([task("A", files=["shared/one.txt"]), task("B", files=["docs/guide.md"]),
-                          task("C", files=["shared/"]), task("D", files=["*.txt"])], held)
+                          task("C", files=["shared/"]), task("D", files=["shared/*.txt"])], held)
+    assert any_clear([task("G", files=["*.txt"])], held)  # a glob that can match neither
     assert any_clear([task("A", files=["shared/one.txt"]), task("E", files=["shared/two.txt"])], held)
     assert not any_clear([], held)
     assert any_clear([task("F", files=["src/a.py"])], [])

@@ -50,10 +50,10 @@ def test_the_worker_limit_stops_the_least_urgent_stoppable_task():
 
 
 def test_a_holder_the_glob_s_lock_meets_is_the_one_stopped():
-    """`src/*.py` locks all of src/: HOLD's `src/data.json` keeps it out though the glob cannot match it. The
-    finer test found no conflict, and the worker limit's victim, an unrelated task, was stopped (three times,
-    to its limit) while the urgent task stayed blocked (found by a review)."""
-    urgent = task("U", pri="P0", files=["src/*.py"])
+    """The lock test decides the victim: `src/*` meets HOLD's `src/data.json` only through its glob. A finer test
+    than the locks' found no conflict once, and the worker limit's victim, an unrelated task, was stopped (three
+    times, to its limit) while the urgent task stayed blocked (found by a review)."""
+    urgent = task("U", pri="P0", files=["src/*"])
     running = [holder("O/AOTHER", "P3", ["other.txt"]), holder("O/HOLD", "P3", ["src/data.json"])]
     assert preemptions([urgent], running, slots=0) == [Preemption("O/HOLD", "U")]
 
