@@ -306,6 +306,8 @@ def lock_overlap(a: Target, b: Target) -> bool:
     base = lock_prefix(glob)
     if not other.path or other.path == base or base.startswith(other.path + "/"):
         return True
+    if base and not other.path.startswith(base + "/"):
+        return False  # beside its directory: nothing it could match (the common case, without a pattern walk)
     return overlaps(glob, Target(other.path, True, False))
 
 
