@@ -19,6 +19,7 @@ from pathlib import Path
 from aipm.workerfiles import STATE_FILE_MAX, open_checked, open_regular, write_bytes
 
 MADE = "made.txt"
+GLOB_FILE = ".glob.lock"  # how a glob's own lock file is named (locks.node_file)
 
 
 class LockFiles:
@@ -28,6 +29,7 @@ class LockFiles:
         self.path = f"{state}/{MADE}"
         self.locks = f"{state}/locks"
         self.inodes: dict[str, int] = {}  # lock file path → inode, as listed
+        self.globs: set[str] = set()  # of those, the globs' own (GLOB_FILE), looked for at every take
         self._read = (0, 0, 0)  # device, inode and length of the list read so far
 
     def unlisted(self, locked: dict[str, int]) -> dict[str, int]:
@@ -43,7 +45,7 @@ class LockFiles:
         try:
             dev, ino, length = self._read
             if (st.st_dev, st.st_ino) != (dev, ino) or st.st_size < length:
-                self.inodes, length = {}, 0  # written anew
+                self.inodes, self.globs, length = {}, set(), 0  # written anew
             if st.st_size - length > STATE_FILE_MAX:  # a worker's sparse terabyte, no list aipm wrote: written anew
                 return False
             data = os.pread(fd, st.st_size - length, length)  # (what is appended since its fstat: read next time)
@@ -54,6 +56,8 @@ class LockFiles:
             name, _, number = line.partition(" ")
             with suppress(ValueError):  # not as written (any worker can write here)
                 self.inodes[f"{self.locks}/{name}"] = int(number)
+                if name.endswith(GLOB_FILE):
+                    self.globs.add(f"{self.locks}/{name}")
         self._read = (st.st_dev, st.st_ino, length + whole)
         return True
 
@@ -68,6 +72,7 @@ class LockFiles:
         finally:
             os.close(fd)
         self.inodes.update(locked)
+        self.globs.update(path for path in locked if path.endswith(GLOB_FILE))
         return True
 
     def present(self) -> dict[str, int]:

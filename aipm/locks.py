@@ -24,6 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from aipm import lockfiles
+from aipm.lockfiles import GLOB_FILE
 from aipm.digest import sha1
 from aipm.liveness import read_small
 from aipm.lockholders import lock_holders, proc_locks
@@ -59,7 +60,6 @@ def node_file(node: str) -> str:
     return digest + (GLOB_FILE if is_glob_node(node) else ".lock")
 
 
-GLOB_FILE = ".glob.lock"
 
 
 @lru_cache(maxsize=4096)
@@ -135,7 +135,7 @@ def _held_globs(state: Path, mine: set[int]) -> list[str]:
     when the list is gone) on which a shared lock is refused."""
     made = lockfiles.of(state)
     if made.read():
-        files = [path for path in made.inodes if path.endswith(GLOB_FILE)]
+        files = list(made.globs)
     else:
         try:
             files = [entry.path for entry in os.scandir(f"{state}/locks") if entry.name.endswith(GLOB_FILE)]
