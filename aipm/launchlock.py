@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
+from aipm import durable
 from aipm.liveness import LOOK_AFTER, how_to_go_on, read_small, stopped
 from aipm.lockholders import lock_holders
 from aipm.statedir import user_base
@@ -68,6 +69,9 @@ def wait_for(fd: int, path: Path, operation: int) -> None:
         return
     except BlockingIOError:
         pass
+    # A wait with no bound: what this thread's last round left to the next one's fsync (durable.carry_over) is made
+    # durable before it, not when the holder lets go.
+    durable.settle_carried()
     taken = threading.Event()
     threading.Thread(target=_say_if_stopped, args=(path, taken), daemon=True).start()
     try:

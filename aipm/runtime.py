@@ -145,7 +145,9 @@ class Runtime(CancelMarks, AttemptFiles):
             return
         self.ensure()
         # Holders keep it for milliseconds (plan + a few writes), never across a worker's run.
-        # The batch ends before the lock is released: the next holder finds this round's writes on disk.
+        # The batch ends before the lock is released: the next holder finds this round's writes on disk, unless the
+        # round left its fsync to this thread's next one (durable.carry_over): then only a start in their directory
+        # may follow from them, and its own fsync comes first.
         with _named(self._launch_lock), exclusive(self._launch_lock), durable.batch():
             self._lock_depth = 1
             _round.records = {}

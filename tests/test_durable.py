@@ -254,3 +254,44 @@ def test_no_worker_goes_before_every_status_written_before_it_is_durable(project
             gos += 1
             assert not unsynced, f"a worker went with renames in {unsynced} not yet durable"
     assert gos == 18 and not unsynced
+
+
+def _lock_waited_for(path: Path) -> bool:
+    """Someone waits in the kernel for the flock on `path` (/proc/locks lists the request blocked behind it)."""
+    inode = f":{os.stat(path).st_ino} "
+    return any("->" in line and inode in line for line in Path("/proc/locks").read_text().splitlines())
+
+
+def test_a_thread_that_waits_for_the_launch_lock_first_makes_what_it_carried_over_durable(project, monkeypatch):
+    """The next round follows at once, but its lock may be held (another aipm's round, or one stopped by Ctrl-Z):
+    the wait has no bound, and what the last round left to it is fsynced before the thread waits, not after."""
+    import threading
+
+    from conftest import state, stopped_launch_lock_holder
+
+    order = project.order()
+    a = write_task(order, "A", command="true")
+    dir_syncs = _record_dir_syncs(monkeypatch)
+    rt = Runtime(project.root)
+    with rt.launch_lock():
+        update_task(a, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=project.root)
+        durable.carry_over()
+    assert dir_syncs == []
+    holder = stopped_launch_lock_holder(project)
+    while_waiting = []
+
+    def free_the_lock():
+        try:
+            wait_for(lambda: _lock_waited_for(state(project.root) / "launch.lock"), timeout=60)
+            while_waiting.extend(dir_syncs)
+        finally:
+            holder.kill()
+
+    freer = threading.Thread(target=free_the_lock)
+    freer.start()
+    with rt.launch_lock():
+        pass
+    freer.join()
+    holder.wait()
+    assert while_waiting == [str(order)]
+    assert dir_syncs == [str(order)]  # once: nothing left for the round that waited
