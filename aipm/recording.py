@@ -330,15 +330,19 @@ class Recording(Reviewing):
             reason = outcome.one_line(f"{reason}; {error}") if error == agents.LOST else outcome.agent_error(
                 reason, error)
         reason = left_out(reason, event)
-        if rec.ran_by and rec.ran_by != ran_by(task):
-            # A person's edit of the task (its command, prompt...) while it ran: the outcome is the old version's.
-            edited = (f"its command, prompt or another field it runs by was edited while attempt {rec.serial} ran: "
-                      f"this outcome is that of the version the attempt started with; `aipm retry {rec.task}` runs "
-                      "the edited one")
-            append_log(rec.log, edited)
-            event["hint"] = f"{event['hint']}; {edited}" if event.get("hint") else edited
+        edited = bool(rec.ran_by) and rec.ran_by != ran_by(task)
         task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason,
                                                failed=timed_out or bool(error)), **spent})
+        if edited:
+            # A person's edit of the task (its command, prompt...) while it ran: the outcome is the old version's.
+            # Re-queued, the run starts the edited one itself (a retry meanwhile is refused, or needless).
+            then = ("its next attempt runs the edited one" if task.status == Status.QUEUED else
+                    f"`aipm retry {rec.task}` runs the edited one" + (" once its review is over"
+                                                                      if task.status == Status.IN_REVIEW else ""))
+            said = (f"its command, prompt or another field it runs by was edited while attempt {rec.serial} ran: "
+                    f"this outcome is that of the version the attempt started with; {then}")
+            append_log(rec.log, said)
+            event["hint"] = f"{event['hint']}; {said}" if event.get("hint") else said
         if task.status == Status.IN_REVIEW:
             self._start_review(rec, task)
         return task

@@ -829,29 +829,38 @@ def test_an_interrupt_python_swallows_before_run_takes_over_still_stops_it(proje
     assert snapshot(project.root) == before
 
 
-@pytest.mark.parametrize("edit", ["command", "priority"])
+@pytest.mark.parametrize("edit", ["command", "priority", "command of a failing try"])
 def test_an_edit_of_a_running_tasks_command_is_said_with_its_outcome(project, edit):
     """A's command was edited while A ran: the run recorded DONE with nothing said, the file then naming a command
     that never ran. Now the outcome (still the attempt's) says so, in its line and its log, and how to run the edited
-    one. An edit of what an attempt does not run by (its priority) says nothing."""
+    one: `aipm retry`, or, when a failed try leaves A QUEUED, its next attempt (the line said to retry: needless, and
+    refused while that attempt runs). An edit of what an attempt does not run by (its priority) says nothing."""
     order = project.order()
     gate = project.root / "gate"
-    a = write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])
+    failing = edit == "command of a failing try"
+    a = write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done" + ("; exit 1" if failing else ""),
+                   target_files=["a"], **({"max_attempts": 2} if failing else {}))
     proc, events, reader = run_reading_events(project)
     try:
         wait_for(lambda: task_statuses(order)["A"] == "IN_PROGRESS")
         text = a.read_text()
-        a.write_text(text.replace("sleep 0.05", "sleep 0.01") if edit == "command" else text + "priority: P0\n")
+        a.write_text(text + "priority: P0\n" if edit == "priority" else
+                     text.replace("sleep 0.05", "sleep 0.01").replace("exit 1", "exit 0"))
         gate.touch()
         assert proc.wait(timeout=60) == 0
     finally:
         gate.touch()
         proc.kill()
     reader.join(timeout=10)
-    finished = next(e for e in events if e["event"] == "finished")
+    finished = [e for e in events if e["event"] == "finished"]
     log = (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
     if edit == "command":
-        assert finished["status"] == "DONE" and "was edited while attempt 1 ran" in finished.get("hint", ""), finished
+        assert finished[0]["status"] == "DONE" and "was edited while attempt 1 ran" in finished[0].get("hint", ""), \
+            finished
         assert "`aipm retry A` runs the edited one" in log
+    elif failing:
+        assert [e["status"] for e in finished] == ["QUEUED", "DONE"] and "hint" not in finished[1], finished
+        assert "its next attempt runs the edited one" in finished[0].get("hint", "") and "aipm retry" not in log, \
+            finished
     else:
-        assert "hint" not in finished and "edited" not in log, (finished, log)
+        assert "hint" not in finished[0] and "edited" not in log, (finished, log)
