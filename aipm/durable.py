@@ -45,7 +45,11 @@ def once_durable(action: Callable[[bool], None], urgent: bool = True) -> None:
     batch's fsync failed, so the action can be withheld. Not `urgent`: it may wait for a later batch's fsync
     (carry_over), where an urgent one (a worker's go) keeps its batch's fsync at the batch's end."""
     if _open.dirs is None:
-        settle_carried()  # (none is left when it matters: every start is made in a batch)
+        try:
+            settle_carried()  # (none is left when it matters: every start is made in a batch)
+        except BaseException:
+            action(False)  # told, as at a batch's end: a go is closed, never left waiting
+            raise
         action(True)
     elif urgent:
         _open.after.append(action)

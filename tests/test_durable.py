@@ -295,3 +295,26 @@ def test_a_thread_that_waits_for_the_launch_lock_first_makes_what_it_carried_ove
     holder.wait()
     assert while_waiting == [str(order)]
     assert dir_syncs == [str(order)]  # once: nothing left for the round that waited
+
+
+def test_an_action_outside_a_batch_is_withheld_when_the_carried_fsync_before_it_fails(project, monkeypatch):
+    """once_durable() outside a batch first fsyncs what the thread's last batch carried over: when that fails (EIO,
+    the disk) the action is told so (a go closed, never sent), as at a batch's end, not dropped (a wrapper waiting
+    for a go that neither comes nor closes)."""
+    order = project.order()
+    a = write_task(order, "A", command="true")
+    with Runtime(project.root).launch_lock():
+        update_task(a, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=project.root)
+        durable.carry_over()
+    real_fsync = os.fsync
+
+    def failing(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(5, "Input/output error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", failing)
+    outcome = []
+    with pytest.raises(OSError):
+        durable.once_durable(outcome.append)
+    assert outcome == [False]
