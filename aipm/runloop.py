@@ -215,7 +215,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             order = report.order
             # New files that never loaded (no last valid version to keep): the run waits for their fix, as for a task
             # whose file was saved invalid (not exec: its one task is not among them).
-            unloaded = {} if only else view.unloaded()
+            unloaded = view.unloaded()
             for problem in view.problems:
                 emit({"event": "invalid_file", "error": problem, **({"new": True} if problem in unloaded.values()
                                                                     else {})})
@@ -225,7 +225,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             view.reopened.clear()
             # A task whose file was saved invalid mid-run cannot start from it: the run waits for the fix (its
             # file's next change wakes it) rather than ending with the task never run.
-            fixing = {item["id"] for item in report.failed if view.invalid(order.tasks[item["id"]])} | unloaded.keys()
+            fixing = {item["id"] for item in report.failed if view.invalid(order.tasks[item["id"]])} | (
+                set() if only else unloaded.keys())
             for item in report.failed:  # a failed launch is tried again every round: said once, until it changes
                 # or the task was launched in between, by this run or by any other process (its file's attempts
                 # and started_at tell; a launch that fails writes neither).

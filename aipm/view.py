@@ -138,6 +138,8 @@ class OrderView:
     def unloaded(self) -> dict[str, str]:
         """Task files there now that never loaded in this view (added since, invalid from the start): path → why.
         Unlike an invalid() task's, no valid version of theirs is held, so nothing of theirs can run."""
+        if not self._kept_out:
+            return {}  # (asked every round: no set of the order's paths built, 22 µs of B1's 1000 tasks each)
         known = {task.path for task in self.order.tasks.values()}
         return {path: why for path, why in self._kept_out.items() if path not in known and os.path.exists(path)}
 

@@ -23,9 +23,12 @@ def start_run(project, order, *args):
     )
 
 
-def run_reading_events(project):
-    """`aipm run ORD --json`, its events read into a list as they come: (process, events, reader thread)."""
-    proc = start_run(project, "ORD", "--json")
+def run_reading_events(project, command: tuple[str, ...] = ("run", "ORD")):
+    """`aipm run ORD --json` (or another `command`), its events read into a list as they come: (process, events,
+    reader thread)."""
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), *command,
+                             "--no-resource-monitoring", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     events: list[dict] = []
     reader = threading.Thread(target=lambda: events.extend(json.loads(line) for line in proc.stdout), daemon=True)
     reader.start()
@@ -450,38 +453,41 @@ def test_a_running_tasks_edit_that_names_an_unknown_dependency_waits_for_a_fix_t
     assert task_statuses(order) == {"T": "DONE", "U": "DONE", "Z": "DONE"}
 
 
-@pytest.mark.parametrize("fix", ["fixed", "removed"])
+@pytest.mark.parametrize("fix", ["fixed", "removed", "exec"])
 def test_a_task_file_added_invalid_mid_run_is_waited_for_not_passed_over(project, fix):
     """NEW.yaml is added while FIRST runs, invalid from the start (no version of it ever loaded): the run said it
     kept "the last valid version" of a file that had none, and once FIRST ended it exited 0 with `ORD: DONE 1`,
     NEW never run. Now it is said to be a new file that runs once fixed, the run waits for it as for a broken edit,
-    and goes on when it is fixed (NEW runs) or removed."""
+    and goes on when it is fixed (NEW runs) or removed. `aipm exec FIRST` says the same, and waits for its task
+    alone."""
     order = project.order()
     gate = project.root / "gate"
     write_task(order, "FIRST", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["first"])
-    proc, events, reader = run_reading_events(project)
+    proc, events, reader = run_reading_events(project, ("exec", "FIRST") if fix == "exec" else ("run", "ORD"))
     new = order / "NEW.yaml"
     try:
         wait_for(lambda: task_statuses(order)["FIRST"] == "IN_PROGRESS")
         new.write_text("id: NEW\ncommand: 'true'\npriority: P9\n")
         wait_for(lambda: any(e["event"] == "invalid_file" for e in events) or proc.poll() is not None)
         gate.touch()
-        wait_for(lambda: any(e["event"] == "waiting" and e["task"] == "NEW.yaml" for e in events)
-                 or proc.poll() is not None)
-        assert proc.poll() is None, events
         said = next(e for e in events if e["event"] == "invalid_file")
         assert said.get("new") is True and "P9" in said["error"], said
-        assert task_statuses(order)["FIRST"] == "DONE"
+        if fix != "exec":
+            wait_for(lambda: any(e["event"] == "waiting" and e["task"] == "NEW.yaml" for e in events)
+                     or proc.poll() is not None)
+            assert proc.poll() is None, events
+            assert task_statuses(order)["FIRST"] == "DONE"
         if fix == "fixed":
             new.write_text("id: NEW\ncommand: 'true'\npriority: P2\n")
-        else:
+        elif fix == "removed":
             new.unlink()
         assert proc.wait(timeout=60) == 0
     finally:
         gate.touch()
         proc.kill()
     reader.join(timeout=10)
-    assert task_statuses(order) == ({"FIRST": "DONE", "NEW": "DONE"} if fix == "fixed" else {"FIRST": "DONE"})
+    left = {"fixed": {"NEW": "DONE"}, "exec": {"NEW": "QUEUED"}}.get(fix, {})  # (exec left it as it was)
+    assert task_statuses(order) == {"FIRST": "DONE", **left}
 
 
 def test_a_run_waiting_for_a_task_file_to_be_fixed_notifies_once(project):
