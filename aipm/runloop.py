@@ -409,9 +409,11 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         # the order went over, and the budget's stop (tasks left QUEUED) is exit 1 as any unfinished order.
         return 0 if done else 1
     finally:
-        durable.settle_carried()
-        writer.drop_prepared()
-        launcher.demands.withdraw()  # its tasks wait for no slot now
-        sup.end_strays()  # nothing an attempt started outlives the run
-        stop.close()
-        sup.close()
+        try:
+            durable.settle_carried()  # (an fsync that fails here leaves the rest to be done all the same)
+        finally:
+            writer.drop_prepared()
+            launcher.demands.withdraw()  # its tasks wait for no slot now
+            sup.end_strays()  # nothing an attempt started outlives the run
+            stop.close()
+            sup.close()
