@@ -28,7 +28,7 @@ from aipm.lockfiles import GLOB_FILE
 from aipm.digest import sha1
 from aipm.liveness import read_small
 from aipm.lockholders import lock_holders, proc_locks
-from aipm.paths import Target, held_conflict, is_glob_node, lock_prefix
+from aipm.paths import Target, held_conflict, is_glob_node, lock_node, lock_prefix
 from aipm.statedir import make_state_dir, note_orphans, orphans
 
 
@@ -49,7 +49,7 @@ def lock_nodes(targets: Iterable[Target]) -> dict[str, bool]:
             modes.setdefault("/".join(parts[:i]), False)
         if target.is_glob:
             modes.setdefault(prefix, False)
-        modes[target.path] = True
+        modes[lock_node(target)] = True
     return modes
 
 

@@ -279,6 +279,13 @@ def lock_prefix(target: Target) -> str:
     return literal_base(target.path) if target.is_glob else target.path
 
 
+def lock_node(target: Target) -> str:
+    """The node a target holds EXCLUSIVE: its path; a glob's pattern, `/**` added for one that names directories
+    (`docs/*/`), as held_conflict reads a held glob node back by its pattern alone: `docs/*` matches no
+    `docs/a/x.md`, and a task on it started beside a running `docs/*/`."""
+    return target.path + "/**" if target.is_glob and target.is_dir else target.path
+
+
 def is_glob_node(node: str) -> bool:
     """Whether a lock node is a glob's own (its pattern, locked EXCLUSIVE): no plain path has pattern characters."""
     return not GLOB_CHARS.isdisjoint(node)

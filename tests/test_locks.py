@@ -78,6 +78,8 @@ def release(proc: subprocess.Popen) -> None:
     ("docs/a.md", "docs/", True),
     ("docs/*.md", "docs", True),  # a path's lock covers what is below it
     ("docs", "docs/*.md", True),
+    ("docs/*/", "docs/a/x.md", True),  # a glob with a trailing slash: directories, and everything below them
+    ("d*/", "docs/x", True),
     ("docs/*.md", "./", True),
     ("docs/a.py", "docs/b.py", False),
     ("docs/", "src/", False),

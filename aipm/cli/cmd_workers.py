@@ -20,7 +20,7 @@ from aipm.fields import MAX_TIMEOUT
 from aipm import logbook, recovery, steering, subreaper
 from aipm.launcher import Launcher, Options
 from aipm.locks import node_file
-from aipm.paths import normalize
+from aipm.paths import lock_node, normalize
 from aipm.project import AmbiguousOrder, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
@@ -118,7 +118,8 @@ def locks(json_out: bool = JsonOpt) -> None:
     for rec in records:
         for raw in rec.targets:
             target = normalize(raw)
-            name = node_file(target.path) if target.path else ""  # the node it holds exclusive
+            node = lock_node(target)
+            name = node_file(node) if node else ""  # the node it holds exclusive
             rows.append({"path": str(target), "order": rec.order, "task": rec.task,
                          "pid": rec.pid or rec.owner_pid, "held": name in held})
     for lock in launcher.outside(records):
