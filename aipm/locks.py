@@ -120,7 +120,11 @@ def _glob_check(state: Path, targets: tuple[Target, ...], mine: set[int],
     the glob holds shared, and two globs of one pattern. Every taker checks this under the launch lock, after
     taking its own locks (`mine`: their files' inodes), so no two pass it at once; a glob's hold lasts as long as
     its lock file's lock, the kernel's."""
-    held = [(node, True) for node in _held_globs(state, mine)]
+    globs, removed = _held_globs(state, mine)
+    if removed:  # (a taker of other paths makes no file of the glob's, so _check_made never sees it gone)
+        _note_removed(state, lockfiles.of(state), {})
+        orphaned = orphans(state)
+    held = [(node, True) for node in globs]
     if any(target.is_glob for target in targets):
         held += [(node, True) for node in Holdings(state).exclusive_nodes(mine)]
     held += [(node, exclusive) for _, node, exclusive in orphaned if exclusive]
@@ -130,9 +134,10 @@ def _glob_check(state: Path, targets: tuple[Target, ...], mine: set[int],
                 raise LockBusy(node)
 
 
-def _held_globs(state: Path, mine: set[int]) -> list[str]:
+def _held_globs(state: Path, mine: set[int]) -> tuple[list[str], bool]:
     """The glob nodes held now by others: their lock files (`.glob.lock`, in the list of lock files, or in `locks/`
-    when the list is gone) on which a shared lock is refused."""
+    when the list is gone) on which a shared lock is refused; and whether a listed one was removed (or made
+    again), its holder maybe holding it still."""
     made = lockfiles.of(state)
     if made.read():
         files = list(made.globs)
@@ -140,16 +145,21 @@ def _held_globs(state: Path, mine: set[int]) -> list[str]:
         try:
             files = [entry.path for entry in os.scandir(f"{state}/locks") if entry.name.endswith(GLOB_FILE)]
         except OSError:
-            return []
-    held = []
+            return [], False
+    held, removed = [], False
     for path in files:
         try:
             fd = os.open(path, _EXISTING | os.O_NOFOLLOW)
+        except FileNotFoundError:
+            removed = True
+            continue
         except OSError:
-            continue  # gone (a holder of the removed file is an orphan), or a link a worker left: no glob's
+            continue  # a link a worker left: no glob's
         try:
-            if os.fstat(fd).st_ino in mine:
+            ino = os.fstat(fd).st_ino
+            if ino in mine:
                 continue
+            removed |= made.inodes.get(path, ino) != ino
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             except OSError as exc:
@@ -157,7 +167,7 @@ def _held_globs(state: Path, mine: set[int]) -> list[str]:
                     held.append(read_small(path).decode(errors="surrogateescape"))
         finally:
             os.close(fd)  # (and our shared lock with it)
-    return held
+    return held, removed
 
 
 def _check_made(state: Path, locked: dict[str, int]) -> None:
@@ -175,6 +185,11 @@ def _check_made(state: Path, locked: dict[str, int]) -> None:
         return
     if listed and not new.keys() & made.inodes.keys() and made.add(new):
         return  # new names: nobody can hold a removed file of theirs
+    _note_removed(state, made, new)
+
+
+def _note_removed(state: Path, made: lockfiles.LockFiles, new: dict[str, int]) -> None:
+    """Note who holds a removed lock file (see `orphans`), and list anew what is there now, and `new`."""
     present = made.present()  # before the scan: a file removed after it is still listed, and checked when made again
     note_orphans(state)
     made.write({**present, **new})

@@ -478,6 +478,25 @@ def test_a_new_lock_file_in_place_of_a_removed_one_still_held_is_no_free_lock(tm
         os.close(fd)
 
 
+@pytest.mark.parametrize("removed", ["its own", "every one"])
+def test_a_glob_whose_lock_file_was_removed_still_keeps_out_what_it_could_match(project, removed):
+    """`*.md` held, its lock file removed (a worker's `rm`, a clean-up of `*.lock` files): a taker of README.md
+    makes no lock file the list knew, so nobody noted the holder of the removed one, and README.md was locked
+    beside the running glob. Twice: the second taker reads the note the first left."""
+    holder = hold(project.root, "*.md")
+    st = state(project.root)
+    try:
+        for lock_file in (st / "locks").iterdir():
+            if removed == "every one" or lock_file.name.endswith(".glob.lock"):
+                lock_file.unlink()
+        for wanted, excluded in (("README.md", True), ("README.md", True), ("src/a.md", False)):
+            probe = subprocess.run([PY, "-c", HOLDER, str(st), wanted], input="", capture_output=True, text=True,
+                                   timeout=60)
+            assert (probe.returncode == 3) == excluded, (wanted, probe.stdout + probe.stderr)
+    finally:
+        release(holder)
+
+
 # ---- the launch lock held by a stopped process -------------------------------------------------------------
 
 
