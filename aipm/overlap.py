@@ -92,6 +92,9 @@ def conflict(task: Task, holders: list[tuple[str, tuple[Target, ...]]]) -> tuple
             mine, theirs = pair
             # `docs` (no slash) and `docs/a.txt`, or `docs/*.md`: a path's lock covers what is below it, as if it
             # were a directory (and a glob holds its directory shared)
-            outer = mine if str(theirs).startswith(f"{mine}/") else theirs
+            if mine.is_glob != theirs.is_glob:  # the plain path's lock covers what is below it, not the glob's
+                outer = theirs if mine.is_glob else mine
+            else:
+                outer = mine if str(theirs).startswith(f"{mine}/") else theirs
             return owner, f"{mine} ↔ {theirs} (the lock of {outer} covers everything below it)"
     return None

@@ -336,6 +336,16 @@ def test_a_path_whose_lock_covers_a_running_file_below_it_is_not_called_a_glob()
     assert "(the lock of docs covers everything below it)" in detail and "glob" not in detail, detail
 
 
+@pytest.mark.parametrize("running, waiting", [("**/x?.txt", "docs/n.md"), ("docs/n.md", "**/x?.txt"),
+                                             ("docs/*/x/*.md", "docs/s/x"), ("docs/s/x", "docs/*/x/*.md")])
+def test_the_lock_said_to_cover_what_is_below_it_is_the_plain_paths_not_the_globs(running, waiting):
+    """A file meets `**/x?.txt` because its lock covers what is below it (docs/n.md/x1.txt); the waiting file's
+    reason named the running glob as the lock that covers everything below it."""
+    result = _plan(_task("RUN", running, status="IN_PROGRESS"), _task("WAIT", waiting))
+    plain = running if "*" not in running else waiting
+    assert f"(the lock of {plain} covers everything below it)" in result.blocked["WAIT"].detail
+
+
 @pytest.mark.parametrize("nodes, files, held", [
     ((("", False), ("docs", False), ("docs/conf.py", True)), ("docs/",), True),  # a daemon's full lock set
     ((("", False), ("docs", False), ("docs/conf.py", True)), ("docs/other.py",), False),
