@@ -52,7 +52,9 @@ class ForeignLock:
         for target in targets:
             for node, exclusive in self.nodes:
                 if held_conflict(target, node, exclusive):
-                    return self.path_near(lock_prefix(target))
+                    # a shared node (a directory above the holder's paths) is named by a path held below it; an
+                    # exclusive one is itself the path: a glob meets only that one, not every path near it
+                    return (node or ".") if exclusive else self.path_near(lock_prefix(target))
         return None
 
     def path_near(self, mine: str) -> str:

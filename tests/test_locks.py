@@ -195,6 +195,19 @@ def test_a_lock_held_by_another_process_is_named_everywhere_and_run_waits_for_it
         assert told.count(f"needs_person WAITING: ORD/{task}: docs/conf.py is held by pid {holder.pid}") == 1, told
 
 
+def test_a_glob_kept_out_by_a_lock_held_outside_names_the_path_it_could_match(project):
+    """A process outside aipm holds src/a.txt and src/b.py: `src/*.py` waits for src/b.py, and its reason named
+    src/a.txt (the first held path near src/, which it could not match)."""
+    order = project.order()
+    write_task(order, "PY", target_files=["src/*.py"], command="true")
+    holder = hold(project.root, "src/a.txt", "src/b.py")
+    try:
+        why = project.json("why", "ORD/PY")
+        assert [r["path"] for r in why["reasons"]] == ["src/b.py"], why
+    finally:
+        release(holder)
+
+
 # ---- processes that leave their worker --------------------------------------------------------------------
 
 
