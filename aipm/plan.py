@@ -299,7 +299,8 @@ def plan(
                 blocked = Blocked(task.id, reason, words.format(path=path, other=other.holder), (), path, other.pids)
                 result.waiting.append(blocked)
             else:
-                named = held_as.get(other) or _holder(other)
+                # (one chosen this round is no running task yet)
+                named = f"task {other}" if reason == FILE_CHOSEN else held_as.get(other) or _holder(other)
                 blocked = Blocked(task.id, reason, words.format(path=path, other=named), (other,), path)
             if explain:
                 result.blocked[task.id] = blocked

@@ -95,6 +95,9 @@ def test_overlap_within_the_round_goes_to_the_higher_ranked():
     result = plan(o, slots=5)
     assert ids(result) == ["HIGH", "FREE"]
     assert result.blocked["LOW"].reason == FILE_CHOSEN and result.blocked["LOW"].tasks == ("HIGH",)
+    # chosen, not yet running: it said "overlaps running task HIGH, which starts first this round"
+    assert result.blocked["LOW"].detail == "tests/**/*.py ↔ tests/unit/test_x.py overlaps task HIGH, which starts " \
+        "first this round", result.blocked["LOW"].detail
 
 
 def test_normalised_paths_conflict():
