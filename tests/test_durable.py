@@ -318,3 +318,43 @@ def test_an_action_outside_a_batch_is_withheld_when_the_carried_fsync_before_it_
     with pytest.raises(OSError):
         durable.once_durable(outcome.append)
     assert outcome == [False]
+
+
+@pytest.mark.parametrize("stop", ["preempt", "ctrl-c"])
+def test_a_stop_makes_what_the_last_round_carried_over_durable_before_its_grace(project, monkeypatch, stop):
+    """A round that carried its fsync over, then a preemption (or a Ctrl-C): the stop must not wait through its
+    grace (up to 5 s) with that fsync pending. Its note in the stopped workers' records, under the launch lock,
+    is a batch of its own, which makes it durable before the first signal."""
+    from aipm.launcher import Launcher
+    from aipm.project import Project
+    from aipm.settings import load_settings
+    from aipm.supervisor import Supervisor
+    from aipm.view import OrderView
+
+    order = project.order()
+    write_task(order, "A", command="sleep 30", target_files=["a"])
+    b = write_task(order, "B", command="true", target_files=["b"])
+    settings = load_settings(project.root, {"enable_monitoring": False})
+    launcher = Launcher(Project(project.root, settings.orders_dir), settings)
+    sup = Supervisor(launcher)
+    try:
+        assert [i["id"] for i in launcher.launch(OrderView(order, project.root, watch=False), owner=sup, only={"A"},
+                                                 explain=False).launched] == ["A"]
+        dir_syncs = _record_dir_syncs(monkeypatch)
+        seen = []
+        for name in ("terminate_group", "ask_to_stop"):
+            real = getattr(runner, name)
+            monkeypatch.setattr(runner, name, lambda *args, real=real, **kw: (seen.append(list(dir_syncs)),
+                                                                              real(*args, **kw))[1])
+        with Runtime(project.root).launch_lock():
+            update_task(b, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=project.root)
+            durable.carry_over()
+        assert dir_syncs == []
+        if stop == "preempt":
+            sup.preempt("ORD/A", "URGENT", "preempted by P0 task URGENT")
+        else:
+            sup.abort("stopped by the user (Ctrl-C)")
+        assert seen and seen[0] == [str(order)], seen  # fsynced before the first signal
+    finally:
+        sup.end_strays()
+        sup.close()
