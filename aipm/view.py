@@ -94,9 +94,10 @@ class OrderView:
                 if self.dir.is_dir() and self._reload_all(quiet=True):
                     return self.order
                 paths = self._all_changed()
-            elif ORDER_FILE in names:  # rare: re-read everything, keeping the watch
-                self._reload_all()
+            elif ORDER_FILE in names and self._reload_all():  # rare: re-read everything, keeping the watch
                 return self.order
+            elif ORDER_FILE in names:  # (a task file that does not load keeps the whole from loading: file by file)
+                paths = self._all_changed()
             else:
                 paths = {f"{self.dir}/{n}" for n in names}  # (an event's name is one path component)
         else:

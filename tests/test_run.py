@@ -453,13 +453,14 @@ def test_a_running_tasks_edit_that_names_an_unknown_dependency_waits_for_a_fix_t
     assert task_statuses(order) == {"T": "DONE", "U": "DONE", "Z": "DONE"}
 
 
-@pytest.mark.parametrize("fix", ["fixed", "removed", "exec"])
+@pytest.mark.parametrize("fix", ["fixed", "removed", "exec", "fixed, order.yaml saved with it"])
 def test_a_task_file_added_invalid_mid_run_is_waited_for_not_passed_over(project, fix):
     """NEW.yaml is added while FIRST runs, invalid from the start (no version of it ever loaded): the run said it
     kept "the last valid version" of a file that had none, and once FIRST ended it exited 0 with `ORD: DONE 1`,
     NEW never run. Now it is said to be a new file that runs once fixed, the run waits for it as for a broken edit,
     and goes on when it is fixed (NEW runs) or removed. `aipm exec FIRST` says the same, and waits for its task
-    alone."""
+    alone. Saved together with order.yaml (one read of the watch, the run stopped meanwhile), the whole order was
+    read again, failed to load for NEW's sake, and NEW was never kept out: the run ended as before."""
     order = project.order()
     gate = project.root / "gate"
     write_task(order, "FIRST", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["first"])
@@ -467,7 +468,13 @@ def test_a_task_file_added_invalid_mid_run_is_waited_for_not_passed_over(project
     new = order / "NEW.yaml"
     try:
         wait_for(lambda: task_statuses(order)["FIRST"] == "IN_PROGRESS")
+        together = fix.endswith("order.yaml saved with it")
+        if together:
+            os.kill(proc.pid, signal.SIGSTOP)
+            (order / "order.yaml").write_text("title: edited during the run\n")
         new.write_text("id: NEW\ncommand: 'true'\npriority: P9\n")
+        if together:
+            os.kill(proc.pid, signal.SIGCONT)
         wait_for(lambda: any(e["event"] == "invalid_file" for e in events) or proc.poll() is not None)
         gate.touch()
         said = next(e for e in events if e["event"] == "invalid_file")
@@ -477,7 +484,7 @@ def test_a_task_file_added_invalid_mid_run_is_waited_for_not_passed_over(project
                      or proc.poll() is not None)
             assert proc.poll() is None, events
             assert task_statuses(order)["FIRST"] == "DONE"
-        if fix == "fixed":
+        if fix.startswith("fixed"):
             new.write_text("id: NEW\ncommand: 'true'\npriority: P2\n")
         elif fix == "removed":
             new.unlink()
@@ -486,7 +493,7 @@ def test_a_task_file_added_invalid_mid_run_is_waited_for_not_passed_over(project
         gate.touch()
         proc.kill()
     reader.join(timeout=10)
-    left = {"fixed": {"NEW": "DONE"}, "exec": {"NEW": "QUEUED"}}.get(fix, {})  # (exec left it as it was)
+    left = {"NEW": "DONE"} if fix.startswith("fixed") else {"NEW": "QUEUED"} if fix == "exec" else {}
     assert task_statuses(order) == {"FIRST": "DONE", **left}
 
 
