@@ -245,6 +245,7 @@ class Recording(Reviewing):
         attempt failed whatever its code: its wrapper waits for a command that handles the SIGTERM, which may exit 0.
         """
         timeout = time_limit(task, self.settings)
+        edited = bool(rec.ran_by) and rec.ran_by != ran_by(task)
         append_log(rec.log, f"attempt {rec.serial} ended: {describe_exit(code, timed_out, timeout)}")
         if rec.workspace:
             # before the end capture: an empty file made for a rule is no change of its own
@@ -276,8 +277,8 @@ class Recording(Reviewing):
             outside, escaped = self._scope_findings(rec, in_commits) if ok and not decided else ([], [])
         except workspace.NotCaptured as exc:  # no review can judge what is not captured: a failed try
             append_log(rec.log, str(exc))
-            return self._write(task, {**after_work(task, code, self.settings, False, outcome.one_line(str(exc)),
-                                                   failed=True), **spent})
+            return self._edited(rec, edited, event, self._write(task, {**after_work(
+                task, code, self.settings, False, outcome.one_line(str(exc)), failed=True), **spent}))
         except workspace.WorkspaceError as exc:
             outside, message = [], str(exc)
         if outside:
@@ -317,25 +318,32 @@ class Recording(Reviewing):
             why = outcome.scope(outside) if outside else outcome.one_line(message.splitlines()[0])
             for updates in after_review(task, 1, self.settings, why):
                 task = self._write(task, updates)
-            return task
+            return self._edited(rec, edited, event, task)
         # 126 of a confined attempt may be its ruleset refused in the worker, 75 of a Ray attempt its cluster not
         # reached: the reason names why, not "exit 126" or "exit 75"
         refused = (confine.failure(rec.exit_file, rec.confined) if code == 126 else None) or cluster.failure(
             rec.exit_file, rec.command, code)
         reason = outcome.one_line(refused) if refused else attempt_reason(code, timed_out, timeout)
         if not timed_out and agents.stopped_at_cap(usage, rec.cost_cap):
-            return self._write(task, {**after_cap(task, code, outcome.at_cap(reason, usd(rec.cost_cap))), **spent})
+            return self._edited(rec, edited, event, self._write(
+                task, {**after_cap(task, code, outcome.at_cap(reason, usd(rec.cost_cap))), **spent}))
         if error:
             # (a lost usage report is aipm's finding, not the agent's word)
             reason = outcome.one_line(f"{reason}; {error}") if error == agents.LOST else outcome.agent_error(
                 reason, error)
         reason = left_out(reason, event)
-        edited = bool(rec.ran_by) and rec.ran_by != ran_by(task)
-        task = self._write(task, {**after_work(task, code, self.settings, reviewing, reason,
-                                               failed=timed_out or bool(error)), **spent})
+        task = self._edited(rec, edited, event, self._write(task, {**after_work(
+            task, code, self.settings, reviewing, reason, failed=timed_out or bool(error)), **spent}))
+        if task.status == Status.IN_REVIEW:
+            self._start_review(rec, task)
+        return task
+
+    @staticmethod
+    def _edited(rec: Record, edited: bool, event: dict, task: Task) -> Task:
+        """Say, with the outcome `task` came to, that the person edited what the attempt runs by (its command, its
+        prompt...) while it ran: the outcome is the old version's. Re-queued, the run starts the edited one itself
+        (a retry meanwhile is refused, or needless)."""
         if edited:
-            # A person's edit of the task (its command, prompt...) while it ran: the outcome is the old version's.
-            # Re-queued, the run starts the edited one itself (a retry meanwhile is refused, or needless).
             then = ("its next attempt runs the edited one" if task.status == Status.QUEUED else
                     f"`aipm retry {rec.task}` runs the edited one" + (" once its review is over"
                                                                       if task.status == Status.IN_REVIEW else ""))
@@ -343,8 +351,6 @@ class Recording(Reviewing):
                     f"this outcome is that of the version the attempt started with; {then}")
             append_log(rec.log, said)
             event["hint"] = f"{event['hint']}; {said}" if event.get("hint") else said
-        if task.status == Status.IN_REVIEW:
-            self._start_review(rec, task)
         return task
 
     def _usage(self, rec: Record, task: Task, event: dict, exited: bool) -> tuple[agents.Usage | None, dict]:

@@ -961,3 +961,28 @@ def test_a_send_back_feedback_goes_when_the_task_ends_done_and_with_a_retry(tmp_
     assert not (feedback / "T.txt").exists() and "r2.txt" in (feedback / "R.txt").read_text()
     subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "retry", "R"], check=True, capture_output=True)
     assert not (feedback / "R.txt").exists()
+
+
+def test_an_attempt_sent_back_for_its_scope_says_its_command_was_edited_while_it_ran(repo):
+    """A wrote outside its targets, and its command was edited meanwhile (to stop doing so): the outcome sends it
+    back and says, as any outcome does now, that the edited command runs in its next attempt (the scope path said
+    nothing of the edit)."""
+    order = repo / "orders" / "ORD"
+    gate = repo.parent / "gate"  # (outside the tree: no write of the test's is charged to A)
+    a = write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done; echo x > stray.txt",
+                   target_files=["src/a.py"], max_attempts=2)
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD", "--json"], cwd=repo,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, AIPM_ENABLE_MONITORING="false"))
+    try:
+        wait_for(lambda: task_statuses(order)["A"] == "IN_PROGRESS")
+        a.write_text(a.read_text().replace("echo x > stray.txt", "echo x > src/a.py"))
+        gate.touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        gate.touch()
+        proc.kill()
+    finished = [e for e in map(json.loads, out.splitlines()) if e.get("event") == "finished"]
+    assert finished and finished[0].get("scope") == ["stray.txt"], (finished, err)
+    assert "its next attempt runs the edited one" in finished[0].get("hint", ""), finished
+    assert "its next attempt runs the edited one" in (repo / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
