@@ -514,3 +514,27 @@ def test_a_project_moved_while_its_worker_runs_does_not_start_that_task_beside_i
     finally:
         gate.touch()
         shutil.rmtree(old_state, ignore_errors=True)
+
+
+@pytest.mark.parametrize("removed", ["locks", ""])
+def test_locks_says_held_of_a_lock_held_on_a_removed_lock_file(tmp_path, removed):
+    """A worker removed the lock files (its `rm -rf` of locks/, or of the whole state directory) while it held its
+    lock: `aipm locks` said "held: no" of x.py, whose lock still keeps every other task off it (orphans)."""
+    (tmp_path / "repo").mkdir()
+    project = Project(tmp_path / "repo")
+    gate = tmp_path / "gate"
+    order = project.order()
+    write_task(order, "A", target_files=["x.py"], command=f'until [ -e "{gate}" ]; do sleep 0.01; done')
+    run = Proc(project.root, "run", "ORD", "--no-resource-monitoring")
+    try:
+        wait_for(lambda: task_statuses(order)["A"] == "IN_PROGRESS")
+        wait_for(lambda: any(row["path"] == "x.py" and row["held"] for row in project.json("locks")["locks"]))
+        # (what the run writes again meanwhile, its worker's record, may stay)
+        shutil.rmtree(state(project.root) / removed if removed else state(project.root), ignore_errors=True)
+        # (the run writes its worker's record again once it sees it gone)
+        wait_for(lambda: any(row["path"] == "x.py" for row in project.json("locks")["locks"]), timeout=60)
+        rows = [row for row in project.json("locks")["locks"] if row["path"] == "x.py"]
+        assert rows and all(row["held"] for row in rows), rows
+    finally:
+        gate.touch()
+        run.wait(timeout=60)

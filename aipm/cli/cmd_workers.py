@@ -24,6 +24,7 @@ from aipm.paths import lock_node, normalize
 from aipm.project import AmbiguousOrder, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
+from aipm.statedir import orphans
 from aipm.model import DEAD_END, FINISHED_OK
 from aipm.plan import never_runs
 from aipm.store import load_order, load_task
@@ -113,6 +114,8 @@ def locks(json_out: bool = JsonOpt) -> None:
     project = get_project()
     launcher = Launcher(project, load_settings(project.root), Options(dry_run=True), monitor=None)
     held = launcher.holdings.held()
+    # Held on a lock file a worker removed since (`rm -rf` of the state directory, of locks/): no file shows it.
+    orphaned = {node for _, node, exclusive in orphans(launcher.runtime.state, make=False) if exclusive}
     records = launcher.records()
     rows = []
     for rec in records:
@@ -121,7 +124,7 @@ def locks(json_out: bool = JsonOpt) -> None:
             node = lock_node(target)
             name = node_file(node) if node else ""  # the node it holds exclusive
             rows.append({"path": str(target), "order": rec.order, "task": rec.task,
-                         "pid": rec.pid or rec.owner_pid, "held": name in held})
+                         "pid": rec.pid or rec.owner_pid, "held": name in held or node in orphaned})
     for lock in launcher.outside(records):
         for node, exclusive in lock.nodes:
             if exclusive:
