@@ -126,12 +126,18 @@ def _glob_check(state: Path, targets: tuple[Target, ...], mine: set[int],
         orphaned = orphans(state)
     held = [(node, True) for node in globs]
     if any(target.is_glob for target in targets):
-        held += [(node, True) for node in Holdings(state).exclusive_nodes(mine)]
+        held += [(node, True) for node in _holdings(state).exclusive_nodes(mine)]
     held += [(node, exclusive) for _, node, exclusive in orphaned if exclusive]
     for node, exclusive in held:
         for target in targets:
             if (target.is_glob or is_glob_node(node)) and held_conflict(target, node, exclusive):
                 raise LockBusy(node)
+
+
+@lru_cache(maxsize=16)
+def _holdings(state: Path) -> Holdings:
+    """A Holdings kept per state directory: its map of lock files is made again only when locks/ changed."""
+    return Holdings(state)
 
 
 def _held_globs(state: Path, mine: set[int]) -> tuple[list[str], bool]:
