@@ -161,6 +161,8 @@ class Recording(Reviewing):
             self.rt.drop_feedback(rec.order, rec.task)
             if rec.workspace:
                 append_log(rec.log, workspace.finished(self.rt.root, rec) or "merged; worktree removed")
+        elif rec.workspace:
+            _name_kept_patch(self.rt, rec, task, event)
         self._drop(rec)
         event.update(status=str(task.status), reason=task.reason)
         if task.status in (Status.FAILED, Status.REJECTED):
@@ -411,6 +413,21 @@ class Recording(Reviewing):
         agents.forget(rec.log)
         self.owned.pop(rec.key, None)
         self.adopted.discard(rec.key)
+
+
+def _name_kept_patch(rt: Runtime, rec: Record, task: Task, event: dict) -> None:
+    """A worktree attempt that merged nothing: its finish line names the patch that keeps its work, as a conflict's
+    and `aipm cancel` do, since its worktree goes when the next attempt starts (the `aipm retry` the run's closing
+    line advises); the log alone said where."""
+    patch = workspace.patch_path(rt.root, rec.order, rec.task, rec.serial)
+    hint = event.get("hint") or ""
+    try:
+        if str(patch) in hint or str(patch) in (task.reason or "") or not os.stat(patch).st_size:
+            return  # said already, or nothing to keep
+    except OSError:
+        return  # never written: its end could not be captured (the log says why)
+    said = f"its changes are kept in {patch}"
+    event["hint"] = f"{hint}; {said}" if hint else said
 
 
 def _restored_event(rec: Record, was: Task, now: Task) -> dict:

@@ -1304,6 +1304,26 @@ def test_a_failed_or_timed_out_attempts_changes_are_kept_as_a_patch_and_the_log_
     assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
 
 
+@pytest.mark.parametrize("how", [{"command": "echo work >> src/a.txt; exit 3"},
+                                 {"command": "echo work >> src/a.txt; sleep 30"},
+                                 {"command": "echo work >> src/a.txt; echo out >> src/b.txt"},
+                                 {"command": "echo work >> src/a.txt", "review": "exit 1"}],
+                         ids=["failed", "timed out", "out of scope", "review rejected"])
+def test_the_finish_line_of_an_attempt_that_merged_nothing_names_the_patch_that_keeps_its_work(repo, how):
+    """`run` said where a conflicting attempt's work is (and `aipm cancel` where a cancelled one's is), but of a
+    failed, timed-out, out-of-scope or rejected one only `finish T → FAILED (exit 3)`: its worktree goes when the
+    next attempt starts (`aipm retry T`, which that line's closing advice suggests), and the log alone said where
+    the work stays."""
+    project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n")
+    write_task(project.order(), "T", target_files=["src/a.txt"], timeout=2, **how)
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1
+    patch = repo / ".aipm/patches/ORD/T.1.patch"
+    assert "+work" in patch.read_text()
+    finish = [line for line in proc.stdout.splitlines() if line.startswith("finish")]
+    assert len(finish) == 1 and finish[0].endswith(f"its changes are kept in {patch}"), proc.stdout
+
+
 @pytest.mark.parametrize("stop", ["cancel", "SIGINT"])
 def test_a_stopped_attempts_changes_are_kept_as_a_patch(repo, tmp_path, stop):
     """Cancelled, or interrupted by Ctrl-C of its run: the attempt's worktree went with the next attempt's start
