@@ -332,20 +332,31 @@ def held_conflict(target: Target, node: str, exclusive: bool) -> bool:
 def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:
     """Sorted paths that no allowed target (file, directory or glob) covers.
 
-    A str target is read as `str(Target)` writes it (Record.targets): a directory ends in "/".
+    A str target is read as `str(Target)` writes it (Record.targets): a directory ends in "/"; one with a
+    backslash, which no target holds, is a file a merge wrote (written.log), read literally.
     """
-    targets = [normalize(t) if isinstance(t, str) else t for t in allowed]
+    targets = [_allowed(t) for t in allowed]
     bad = []
     for p in paths:
-        try:
-            # A changed path is a literal file name, even if it contains `*`, `?` or `[`.
-            target = Target(normalize(p).path, False, False)
-        except PathError:
-            bad.append(p)
-            continue
-        if not any(overlaps(target, t) for t in targets):
+        # A changed path is a literal file name, even if it contains `*`, `?` or `[`, a backslash or blanks at
+        # its ends: normalize() is for targets a person writes (it strips `a.txt ` to a.txt, refuses `x\\y`).
+        target = _literal(p)
+        if target is None or not any(overlaps(target, t) for t in targets):
             bad.append(p)
     return sorted(bad)
+
+
+def _allowed(target: Target | str) -> Target:
+    # (a backslash is in no target: such a name is a file a merge wrote, noted in written.log, and literal)
+    if not isinstance(target, str):
+        return target
+    return Target(target, False, False) if "\\" in target else normalize(target)
+
+
+def _literal(path: str) -> Target | None:
+    """A changed file's name as git gives it, or None for one that leaves the root."""
+    norm = posixpath.normpath(path)
+    return None if not path or norm in (".", "..") or norm.startswith(("/", "../")) else Target(norm, False, False)
 
 
 def files_above(paths: Iterable[str], targets: Iterable[Target | str]) -> list[str]:
@@ -361,7 +372,7 @@ def files_above(paths: Iterable[str], targets: Iterable[Target | str]) -> list[s
 def dir_covered(directory: str, allowed: Iterable[Target | str]) -> bool:
     """A directory moved away took every file in it: covered only by a target that covers all of them."""
     whole = Target(directory, True, False)
-    for t in (normalize(t) if isinstance(t, str) else t for t in allowed):
+    for t in map(_allowed, allowed):
         if t.is_glob and overlaps(whole, t):
             return True  # conservative for patterns, like out_of_scope
         if t.is_dir and (not t.path or directory == t.path or directory.startswith(t.path + "/")):

@@ -263,6 +263,28 @@ def test_out_of_scope_write_merges_nothing_and_names_the_paths(repo, tmp_path):
     assert "+mine" in project.aipm("diff", "T").stdout  # the attempt's patch is kept
 
 
+@pytest.mark.parametrize("workspace", ["worktree", "shared"])
+def test_a_changed_file_is_judged_by_its_exact_name(repo, workspace):
+    """The audit read each changed path as a target is read: stripped of surrounding blanks and refused for a
+    backslash. So `src/a.txt ` (a trailing space) written by a task on src/a.txt passed as src/a.txt, and a
+    worktree merged it into the main tree; and `src/b/x\\y.txt`, which a task on src/b/ may write, was charged to
+    it as outside its targets, every attempt. Once merged, that name (noted for the audits in flight) must not
+    stop the audit of a task running beside it (LATER) with a traceback either."""
+    project = project_in(repo, config=f"workspace: {workspace}\nmax_rework: 0\n")
+    write_task(project.order(), "SLASH", target_files=["src/b/"], command="mkdir -p src/b && echo ok > 'src/b/x\\y.txt'")
+    write_task(project.order(), "LATER", target_files=["src/c.txt"], command="sleep 2; echo later >> src/c.txt")
+    write_task(project.order(), "SPACE", target_files=["src/a.txt"], command="echo sneak > 'src/a.txt '",
+               depends_on=["SLASH", "LATER"])  # (in the shared tree a stray write is charged to all running then)
+    proc = project.aipm("run", "ORD")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert project.statuses() == {"SLASH": "DONE", "LATER": "DONE", "SPACE": "REJECTED"}, proc.stdout
+    assert "changed outside target_files while this attempt ran: src/a.txt " in (
+        repo / ".aipm/feedback/ORD/SPACE.txt").read_text()
+    assert (repo / "src/b/x\\y.txt").read_text() == "ok\n"
+    if workspace == "worktree":
+        assert not (repo / "src/a.txt ").exists()
+
+
 def test_a_file_target_the_task_makes_a_directory_says_how_to_cover_it(repo):
     """`target_files: [gen]` for a directory the task makes: gen did not exist, so it is a file target and
     gen/out.txt lies outside it (though its lock covers it). In a worktree that can never pass (every attempt starts
