@@ -60,8 +60,6 @@ def node_file(node: str) -> str:
     return digest + (GLOB_FILE if is_glob_node(node) else ".lock")
 
 
-
-
 @lru_cache(maxsize=4096)
 def node_path(state: Path, node: str) -> str:
     """The lock file of a node (the state directory itself for the project node). Asked on every lock of every
