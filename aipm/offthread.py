@@ -40,6 +40,10 @@ class Pending:
             self._done.release()
         return self
 
+    def done(self) -> bool:
+        """Whether the call has ended (its result() would not wait)."""
+        return not self._done.locked()
+
     def result(self) -> Any:
         with self._done:  # waits for run(); released again, so a second result() does not wait
             pass

@@ -29,6 +29,7 @@ server exports gets no spares (exported()); an indexer that keeps handles is not
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import stat
@@ -54,7 +55,7 @@ class Pool:
         self._ignored = ignored_by_git
         self._ready: list[tuple[str, int, str]] = []  # (name, inode, the path it was) ready for reuse
         self._kept = 0  # ready or waiting for their replacement to become durable
-        self._serial = 0
+        self._serial = itertools.count(1)  # next() is one step: names are made in two threads (stock())
         self._checked = False
         self._blanks: list[tuple[str, int]] = []  # empty files made by stock(): (name, inode)
         self._devices: dict[str, bool] = {}  # directory → on the pool's file system (see replaces())
@@ -251,8 +252,7 @@ class Pool:
                 os.unlink(dest)  # not the file we made (changed, or replaced under its name): it is not a log
 
     def _name(self) -> str:
-        self._serial += 1
-        return f"{self.dir}/{os.getpid()}-{self._serial}"
+        return f"{self.dir}/{os.getpid()}-{next(self._serial)}"
 
     def _usable(self) -> bool:
         """The pool's directory is a real directory of ours (made if need be; never through a link), and so is the

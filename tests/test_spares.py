@@ -472,3 +472,26 @@ def test_one_task_files_group_never_passes_to_another(project):
     _start(a, project.root)
     _start(b, project.root)
     assert b.stat().st_gid == os.getegid() and b.stat().st_mode & 0o777 == 0o640
+
+
+def test_files_made_for_the_next_starts_in_another_thread_never_take_a_name_twice(tmp_path):
+    """The run stocks log files in a helper thread while its own thread makes new files of the same pool
+    (handover._make_files): two threads asking for a name at once must get two names, or one create fails."""
+    import threading
+
+    pool = spares.pool(str(tmp_path / "spare"))
+    names: list[list[str]] = [[], []]
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # a switch between any two bytecodes, as often as the interpreter allows
+    try:
+        threads = [threading.Thread(target=lambda out: out.extend(pool._name() for _ in range(50_000)), args=(n,))
+                   for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(previous)
+    made = names[0] + names[1]
+    assert len(made) == 100_000
+    assert len(set(made)) == len(made)
