@@ -10,7 +10,8 @@ next).
     floor serial              (benchmarks/floor.c: the same durable status writes and starts, nothing else)
 
 Target: <= 2.3 s in all for aipm. The floor row is what the contract's writes (each task's IN_PROGRESS durable
-before it starts, its DONE written while the next one runs) and the commands cost on this machine. BENCH_N changes the task count; BENCH_REPEAT=k takes the best of k runs.
+before it starts, its DONE and the next one's IN_PROGRESS text written while it runs) and the commands cost on
+this machine. BENCH_N changes the task count; BENCH_REPEAT=k takes the best of k runs.
 """
 
 from __future__ import annotations

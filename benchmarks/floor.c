@@ -13,7 +13,8 @@
  *   chain:  task i starts only once task i-1's DONE is durable (B2): DONE(i-1) and IN_PROGRESS(i) share one
  *           directory fsync, then i starts.
  *   serial: tasks share a file, so one runs at a time (B4): IN_PROGRESS(i) is durable before i starts; the
- *           DONE of i-1 is written while i runs.
+ *           DONE of i-1 is written while i runs, and so is the text of IN_PROGRESS(i+1) (written and fsynced
+ *           ahead, as aipm's writer.prepare does), so a hand-over renames it and fsyncs the directory.
  *   pool2:  independent tasks on 2 slots (B1): at each wake-up the DONEs of the tasks that ended and the
  *           IN_PROGRESS of those that start in their places share one directory fsync, then they start. */
 #define _GNU_SOURCE
@@ -157,7 +158,7 @@ int main(int argc, char **argv) {
             durable();
             finish(start(i, argv + 4));
         } else {
-            prepare(i, "IN_PROGRESS", 0);
+            if (!i) prepare(i, "IN_PROGRESS", 0);
             commit(i, 0);
             durable();
             pid_t pid = start(i, argv + 4);
@@ -166,6 +167,7 @@ int main(int argc, char **argv) {
                 commit(i - 1, 1);
                 durable();
             }
+            if (i + 1 < n) prepare(i + 1, "IN_PROGRESS", 0);
             finish(pid);
         }
     }
