@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,7 @@ from aipm import agents
 from aipm.errors import ValidationError, did_you_mean, shown
 from aipm.model import ID_PATTERN, ID_RULE, Priority, Resources, Status, Task
 from aipm.paths import Normaliser, PathError
+from aipm.yamlkinds import as_number, first_not_text, kind, not_text, quote_hint, text_number
 
 # The event loop waits at most 2**31 ms (24.8 days) at a time; a week is a generous bound for one attempt.
 MAX_TIMEOUT = 7 * 24 * 3600
@@ -59,7 +59,7 @@ def check_keys(path: Path, data: Mapping[str, Any], allowed: tuple[str, ...]) ->
 def str_field(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     value = data.get(key)
     if value is not None and not isinstance(value, str):
-        raise ValidationError(str(path), key, f"must be a string{_not_text(value)}")
+        raise ValidationError(str(path), key, f"must be a string{not_text(value)}")
     return value
 
 
@@ -79,7 +79,7 @@ def _positive_int(path: Path, data: Mapping[str, Any], key: str, maximum: int | 
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValidationError(str(path), key, f"must be a positive integer{besides}, not {_as_number(value)}")
+        raise ValidationError(str(path), key, f"must be a positive integer{besides}, not {as_number(value)}")
     return _at_most(path, key, value, maximum)
 
 
@@ -100,7 +100,7 @@ def _count(path: Path, data: Mapping[str, Any], key: str, maximum: int | None = 
     if value is None:
         return 0
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValidationError(str(path), key, f"must be a whole number ≥ 0, not {_as_number(value)}")
+        raise ValidationError(str(path), key, f"must be a whole number ≥ 0, not {as_number(value)}")
     return _at_most(path, key, value, maximum)
 
 
@@ -143,13 +143,6 @@ def _unnested(key: str, value: Any) -> str:
     return ""
 
 
-def first_not_text(value: Any) -> Any:
-    """The value, or a list's first item, that is no string (None if none is)."""
-    if isinstance(value, list):
-        return next((v for v in value if not isinstance(v, str)), None)
-    return None if isinstance(value, str) else value
-
-
 def _setup(path: Path, data: Mapping[str, Any], key: str) -> str | tuple[str, ...] | None:
     """A command, or "" for none (a task's way out of the project's `workspace_setup`; null means the setting)."""
     return "" if data.get(key) == "" else _command(path, data, key)
@@ -161,10 +154,10 @@ def _str_list(path: Path, data: Mapping[str, Any], key: str) -> tuple[str, ...]:
         return ()
     if not isinstance(value, list):
         example = f" (e.g. [{json.dumps(str(value))}])" * isinstance(value, (str, int, float))
-        raise ValidationError(str(path), key, f"must be a list{example}, not {_kind(value)}")
+        raise ValidationError(str(path), key, f"must be a list{example}, not {kind(value)}")
     for item in value:
         if not isinstance(item, str):
-            raise ValidationError(str(path), key, f"every item must be a string{_not_text(item)}")
+            raise ValidationError(str(path), key, f"every item must be a string{not_text(item)}")
     return tuple(value)
 
 
@@ -197,7 +190,7 @@ def _timestamp(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     if isinstance(value, (dt.datetime, dt.date)):
         return value.isoformat()
     if value is not None and not isinstance(value, str):
-        raise ValidationError(str(path), key, f"must be a timestamp string, not {_kind(value)}")
+        raise ValidationError(str(path), key, f"must be a timestamp string, not {kind(value)}")
     return value
 
 
@@ -212,21 +205,8 @@ def money_field(path: Path, data: Mapping[str, Any], key: str, positive: bool) -
             (agents.MIN_DOLLARS if positive else 0) <= value < agents.MAX_DOLLARS):
         what = (f"a number of US dollars from {agents.MIN_DOLLARS:.6f}" if positive
                 else "a number of US dollars from 0") + f" below {agents.MAX_DOLLARS:,.0f}"
-        raise ValidationError(str(path), key, f"must be {what}, not {_as_number(value)}" + _text_number(value))
+        raise ValidationError(str(path), key, f"must be {what}, not {as_number(value)}" + text_number(value))
     return float(value)
-
-
-_EXPONENT = re.compile(r"[-+]?(\d+|\d+\.\d*|\.\d+)[eE][-+]?\d+")
-
-
-def _text_number(value: Any) -> str:
-    """Why a number the user wrote is text: YAML 1.1 (PyYAML's) reads an exponent without a dot in its mantissa or
-    a sign in its exponent (`5e2`, `1e-6`, `1.0e6`) as a string, where aipm.yaml's settings take it as a number."""
-    if not (isinstance(value, str) and _EXPONENT.fullmatch(value.strip())):
-        return ""
-    number = float(value)
-    plain = f"{number:.6f}".rstrip("0").rstrip(".") + " or " if abs(number) < agents.MAX_DOLLARS else ""
-    return f" (YAML reads {value} as text: write {plain}{number:.1e})"
 
 
 def _tokens(path: Path, data: Mapping[str, Any], key: str) -> dict[str, int] | None:
@@ -254,43 +234,6 @@ def _agent(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
-# What YAML read, as its kinds are called: `NoneType` (of `- ` with nothing after it) said nothing to a YAML writer.
-_KINDS = {dict: "a mapping", list: "a list", str: "a string", int: "a number", float: "a number", bool: "a boolean",
-          type(None): "null", dt.date: "a date", dt.datetime: "a date", dt.time: "a time", bytes: "binary data",
-          set: "a set", tuple: "a mapping"}  # (!!omap and !!pairs items are one-key mappings; a time is TOML's)
-
-
-def _kind(value: Any) -> str:
-    return _KINDS.get(type(value), "a value of another kind")
-
-
-_QUOTED_NUMBER = re.compile(r"\s*[+-]?(\d+\.?\d*|\.\d+)\s*")
-
-
-def _as_number(value: Any) -> str:
-    """A value given where a number is wanted, as an error shows it: `timeout: "10"` was said to be no positive
-    integer with no word of the quotes, and `timeout: 2001-01-01` as `datetime.date(2001, 1, 1)`."""
-    if isinstance(value, str) and _QUOTED_NUMBER.fullmatch(value):
-        return f"{shown(value)}: YAML read it as text; write the number without quotes"
-    if isinstance(value, dt.date):
-        return f"{value}, which YAML read as a date"
-    return shown(value)
-
-
-def quote_hint(value: Any) -> str:
-    """The fix for a value YAML read as no text where text is wanted (`command: true`, `depends_on: [1]`: an
-    unquoted number, true/false, yes/no, on/off is no string to YAML); "" for any other value."""
-    if isinstance(value, (bool, int, float)):
-        return f"; YAML read {json.dumps(value)} as {_kind(value)}, not text: put it in quotes"
-    if isinstance(value, dt.date):  # `title: 2026-01-01` was said to be "not date"
-        return f"; YAML read {value} as a date, not text: put it in quotes"
-    return ""
-
-
-def _not_text(value: Any) -> str:
-    return quote_hint(value) or f", not {_kind(value)}"
-
-
 def _enum(path: Path, data: Mapping[str, Any], key: str, enum: type, default: Any) -> Any:
     value = data.get(key)
     if value is None:
@@ -316,7 +259,7 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
                               f"file to {ID_RULE}")
     task_id = stem if data.get("id") is None else data["id"]  # (`id:` left empty says nothing, as for every key)
     if not isinstance(task_id, str) and json.dumps(task_id) == stem:  # `id: 1` in 1.yaml: said to differ from '1'
-        raise ValidationError(str(path), "id", f"must be a string{_not_text(task_id)}")
+        raise ValidationError(str(path), "id", f"must be a string{not_text(task_id)}")
     if task_id != stem:
         raise ValidationError(str(path), "id", f"{shown(task_id)} differs from the file name; use {stem!r} or rename")
     raw_targets = _str_list(path, data, "target_files")
@@ -365,23 +308,23 @@ def _resources(path: Path, data: Mapping[str, Any], key: str) -> Resources | Non
         return None
     if not isinstance(value, dict):
         raise ValidationError(str(path), key, f"must be a mapping such as {{cpus: 2, memory_mb: 4096}}, "
-                                             f"not {_kind(value)}")
+                                             f"not {kind(value)}")
     out = {}
     for name, item in value.items():
-        kind = _RESOURCE_KEYS.get(name)
-        if kind is None:
+        number_kind = _RESOURCE_KEYS.get(name)
+        if number_kind is None:
             raise ValidationError(str(path), f"{key}.{name}", f"unknown resource; use {', '.join(_RESOURCE_KEYS)}")
         number_ok = isinstance(item, (int, float)) and not isinstance(item, bool) and item == item
-        if not number_ok or item < 0 or item > 1e9 or (kind is int and not isinstance(item, int)):
-            what = "a whole number ≥ 0" if kind is int else "a number ≥ 0"
+        if not number_ok or item < 0 or item > 1e9 or (number_kind is int and not isinstance(item, int)):
+            what = "a whole number ≥ 0" if number_kind is int else "a number ≥ 0"
             raise ValidationError(str(path), f"{key}.{name}", f"must be {what}, not {shown(item)}")
-        if kind is float and 0 < item < RAY_SHARE:
+        if number_kind is float and 0 < item < RAY_SHARE:
             raise ValidationError(str(path), f"{key}.{name}", f"must be 0 or at least {RAY_SHARE} (the smallest "
                                                                f"share Ray gives), not {item!r}")
         if name == "gpus" and item > 1 and item != int(item):  # Ray refuses it at every attempt, as the above
             raise ValidationError(str(path), f"{key}.{name}", f"must be a whole number above 1 (Ray shares out "
                                                                f"fractions of one GPU only), not {item!r}")
-        out[name] = kind(item)
+        out[name] = number_kind(item)
     return Resources(**out)
 
 

@@ -18,7 +18,8 @@ import yaml
 
 from aipm import settingvalues as values
 from aipm.errors import SettingsError, ValidationError, did_you_mean, shown
-from aipm.fields import _kind, copy_globs
+from aipm.fields import copy_globs
+from aipm.yamlkinds import kind
 from aipm.store import MAX_FILE_BYTES, DuplicateKey, load_yaml, read_text
 from aipm.workerfiles import read_bytes
 
@@ -143,7 +144,7 @@ def _file_layer(path: Path, data: Any, source: str) -> Layer:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise SettingsError(f"{path}: must be a mapping of settings, not {_kind(data)}")
+        raise SettingsError(f"{path}: must be a mapping of settings, not {kind(data)}")
     layer: Layer = {}
     top = sorted({key.split(".")[0] for key in _KEYS})
     for key, value in data.items():

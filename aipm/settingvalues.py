@@ -12,7 +12,8 @@ from typing import Any, Callable
 
 from aipm import agents
 from aipm.errors import shown
-from aipm.fields import MAX_COUNT, MAX_TIMEOUT, NUL_WORD, WORKSPACES, first_not_text, quote_hint
+from aipm.fields import MAX_COUNT, MAX_TIMEOUT, NUL_WORD, WORKSPACES
+from aipm.yamlkinds import first_not_text, quote_hint
 
 
 _DIGITS = {int: re.compile(r"[-+]?[0-9]+"),

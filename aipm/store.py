@@ -17,7 +17,8 @@ import yaml
 
 from aipm import flatyaml, readers
 from aipm.errors import ValidationError, did_you_mean
-from aipm.fields import _kind, check_keys, money_field, one_line, str_field, task_from_mapping
+from aipm.fields import check_keys, money_field, one_line, str_field, task_from_mapping
+from aipm.yamlkinds import kind
 from aipm.model import ID_PATTERN, ID_RULE, Order, Task
 from aipm.parsecache import ParseCache
 from aipm.paths import Normaliser, PathError
@@ -229,7 +230,7 @@ def parse_mapping(path: Path, text: str, empty_ok: bool = False) -> dict[str, An
             return {}
         raise ValidationError(str(path), None, "file is empty; a task file is a mapping such as `command: make`")
     if not isinstance(data, dict):
-        raise ValidationError(str(path), None, f"must be a mapping of keys to values, not {_kind(data)}")
+        raise ValidationError(str(path), None, f"must be a mapping of keys to values, not {kind(data)}")
     return data
 
 
