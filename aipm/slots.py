@@ -14,8 +14,8 @@ from __future__ import annotations
 import os
 
 from aipm.liveness import asleep_in_wait, read_small
-from aipm.runner import WATCHDOG
 from aipm.record import Record
+from aipm.shellwrap import WATCHDOG
 from aipm.subreaper import children
 
 
@@ -51,7 +51,7 @@ def _waits_for_us_alone(worker: int) -> bool:
     while pid != me:
         asleep = asleep_in_wait(pid)
         # (The shell wrapper's watchdog, which keeps the time limit where no owner is left, runs nothing of the
-        # command's: runner.WATCHDOG.)
+        # command's: shellwrap.WATCHDOG.)
         kids = [kid for kid in children(pid) if pid != worker or not _watchdog(kid)]
         if asleep is None or len(kids) != 1 or asleep_in_wait(pid) != asleep:
             return False
