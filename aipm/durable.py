@@ -18,6 +18,8 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+from aipm.offthread import Synced, fsync_later
+
 
 class _Batch(threading.local):
     """This thread's open batch: directories with renames not yet fsynced (None: no batch), what waits for them."""
@@ -27,6 +29,7 @@ class _Batch(threading.local):
     later: list[Callable[[bool], None]]  # what may wait for a later batch's fsync too (once_durable(urgent=False))
     carry = False  # this batch's end leaves its fsync to the next batch (carry_over)
     carried: tuple[list[str], list[Callable[[bool], None]]] | None = None  # what the last batch left
+    syncing: list[tuple[Synced, str]] | None = None  # fsyncs sync_now() started, with their directories
 
 
 _open = _Batch()
@@ -84,11 +87,13 @@ def batch() -> Iterator[None]:
     carried, _open.carried = _open.carried, None
     _open.dirs, _open.after, _open.later, _open.carry = (carried[0], [], carried[1], False) if carried else \
         ([], [], [], False)
+    _open.syncing = []
     try:
         yield
     finally:
         dirs, after, later, carry = _open.dirs, _open.after, _open.later, _open.carry
         _open.dirs, _open.after, _open.later, _open.carry = None, [], [], False
+        dirs = _synced(dirs)
         if carry and not after and dirs:
             _open.carried = (dirs, later)
         else:
@@ -101,22 +106,39 @@ def flush() -> None:
     if _open.dirs is not None:
         dirs, after = _open.dirs, _open.after + _open.later
         _open.dirs, _open.after, _open.later = [], [], []
-        _settle(dirs, after)
+        _settle(_synced(dirs), after)
 
 
 def sync_now() -> None:
-    """Inside a batch: fsync its directories now, so its writes so far are durable, and leave what waits for them
-    (once_durable) queued, in order, for the next flush() or the batch's end. Where the fsync fails the
-    directories stay pending (and the error is raised)."""
+    """Inside a batch: start the fsync of its directories now, each in a native thread (offthread.fsync_later), so
+    that its writes become durable while this thread goes on (recording the workers whose go waits for them), and
+    leave what waits for them (once_durable) queued, in order, for the next flush() or the batch's end. Those wait
+    for these fsyncs first, and fsync again a directory whose fsync failed."""
     dirs = _open.dirs
     if not dirs:
         return
     _open.dirs = []
-    try:
-        _fsync_all(dirs)
-    except BaseException:
-        _open.dirs = dirs + _open.dirs
-        raise
+    for directory in dirs:
+        try:
+            fd = os.open(directory, os.O_RDONLY)
+        except FileNotFoundError:
+            continue  # removed since its renames (see _fsync_all)
+        except OSError:
+            _open.dirs.append(directory)  # fsynced at the flush, which says why it cannot be
+            continue
+        _open.syncing.append((fsync_later(fd), directory))
+
+
+def _synced(dirs: list[str]) -> list[str]:
+    """`dirs` and the directories whose fsync sync_now() started and that failed, once all of those are done."""
+    failed = []
+    for job, directory in _open.syncing:
+        try:
+            job.result()
+        except OSError:
+            failed.append(directory)
+    _open.syncing = []
+    return failed + [d for d in dirs if d not in failed]
 
 
 def _settle(dirs: list[str], after: list[Callable[[bool], None]]) -> None:

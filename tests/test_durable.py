@@ -205,6 +205,14 @@ def let_go(fd, ok):
     events.append(["go", ok])
     go(fd, ok)
 durable.sync_dir, durable.fsync_dir, runner._go = synced_later, synced, let_go
+fsync_later = durable.fsync_later
+class SyncedLater:  # a directory's fsync in a native thread (durable.sync_now): known done when joined
+    def __init__(self, fd):
+        self.path, self.job = os.readlink(f"/proc/self/fd/{fd}"), fsync_later(fd)
+    def result(self):
+        self.job.result()
+        events.append(["synced", self.path])
+durable.fsync_later = SyncedLater
 from aipm.supervisor import Supervisor
 wait = Supervisor.wait
 def sleep(self, *args, **kwargs):
@@ -358,3 +366,29 @@ def test_a_stop_makes_what_the_last_round_carried_over_durable_before_its_grace(
     finally:
         sup.end_strays()
         sup.close()
+
+
+def test_a_directory_whose_early_fsync_failed_is_fsynced_again_before_anything_waiting_for_it_runs(project,
+                                                                                                    monkeypatch):
+    """sync_now() starts the round's directory fsyncs in native threads while the workers are recorded; one that
+    failed (EIO, once) is not taken as done: the flush fsyncs that directory again, here, before the go."""
+    order = project.order()
+    a = write_task(order, "A", command="true")
+
+    class Failed:
+        def __init__(self, fd):
+            os.close(fd)
+
+        def result(self):
+            raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(durable, "fsync_later", Failed)
+    dir_syncs = _record_dir_syncs(monkeypatch)
+    seen = []
+    with Runtime(project.root).launch_lock():
+        update_task(a, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=project.root)
+        durable.sync_now()
+        durable.once_durable(lambda ok: seen.append((ok, list(dir_syncs))))
+        assert dir_syncs == []
+        durable.flush()
+        assert seen == [(True, [str(order)])]
