@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
-from aipm import agents, commits, confine, locks, outcome, restore, runner, scope, spending, workspace, writer
+from aipm import agents, commits, confine, landlock, locks, outcome, restore, runner, scope, spending, workspace, writer
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
 from aipm.model import Order, Status, Task, definition, ran_by
@@ -54,7 +54,7 @@ class Starter:
         refusal = confined and ("not with --runner ray" if self.settings.runner == "ray"
                                 else "not with workspace_setup (yet): the setup would run confined too"
                                 if workspace.setup_of(task, self.settings) and
-                                workspace.kind(task, self.settings) == workspace.WORKTREE else confine.unavailable())
+                                workspace.kind(task, self.settings) == workspace.WORKTREE else landlock.unavailable())
         if refusal:
             raise LaunchFailed(f"confine: {refusal}")
         try:

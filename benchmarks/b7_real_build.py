@@ -138,11 +138,11 @@ def main() -> int:
         print(f"B7 · {src.name}: {len(steps)} compile/archive/link steps, -j2 · {C.machine()}")
         base = work / "base"
         setup(base, src, steps)
-        from aipm import confine
+        from aipm import landlock
 
         variants = [("aipm (defaults)", "aipm", "", ()), ("aipm scope_audit: false", "aipm-noaudit",
                                                            "scope_audit: false\n", ())]
-        if confine.unavailable() is None:
+        if landlock.unavailable() is None:
             variants.append(("aipm --confine", "aipm-confine", "", ("--confine",)))
         best: dict[str, float] = {}
         run_ninja(base, work)  # warm-up, not counted: the first build pays for cold caches (gcc, headers)

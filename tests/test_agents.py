@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from conftest import FIXTURES, REPO, capped_memory, no_workers, snapshot, state, task_statuses, wait_for, write_task
-from aipm import agents, confine, meter
+from aipm import agents, landlock, meter
 from aipm.agents import Attempt, aider, claude, codex, guard
 from aipm.paths import normalize
 
@@ -606,8 +606,8 @@ def test_an_agent_that_rewrites_its_log_is_charged_what_it_reported(project, con
     """Usage was read from the log, which the worker writes (its standard output; a confined one may still write it
     by name): an agent that cut its log after its result and put a result that cost nothing there was charged $0,
     and the order's budget did not see the attempt's cost."""
-    if confined and confine.unavailable():
-        pytest.skip(f"kernel without usable Landlock: {confine.unavailable()}")
+    if confined and landlock.unavailable():
+        pytest.skip(f"kernel without usable Landlock: {landlock.unavailable()}")
     (project.root / "aipm.yaml").write_text(f"worker:\n  agent: claude\nconfine: {str(confined).lower()}\n")
     order = project.order()
     (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 10\n")

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aipm import confine
+from aipm import confine, landlock
 from conftest import Project, capped_memory, no_workers, state, task_statuses, wait_for, write_task
 
-NO_LANDLOCK = confine.unavailable() if os.environ.get(confine.FAKE_ABI) is None else "fake ABI set"
-landlock = pytest.mark.skipif(NO_LANDLOCK is not None, reason=f"kernel without usable Landlock: {NO_LANDLOCK}")
+NO_LANDLOCK = landlock.unavailable() if os.environ.get(landlock.FAKE_ABI) is None else "fake ABI set"
+needs_landlock = pytest.mark.skipif(NO_LANDLOCK is not None, reason=f"kernel without usable Landlock: {NO_LANDLOCK}")
 
 # Each probe runs in the worker and prints one JSON line: name → "ok" or the errno name it got.
 PROBE = r'''
@@ -95,7 +95,7 @@ def _probe_task(project: Project, outside: Path, **fields) -> Path:
                       command=[sys.executable, "probe.py", str(outside)], **fields)
 
 
-@landlock
+@needs_landlock
 def test_confined_worker_gets_eacces_for_every_forbidden_write_and_can_do_the_allowed_ones(tmp_path):
     project, root, outside = _tree(tmp_path)
     task_file = _probe_task(project, outside, confine=True)
@@ -123,7 +123,7 @@ def test_confined_worker_gets_eacces_for_every_forbidden_write_and_can_do_the_al
     assert (outside / "note.txt").exists()
 
 
-@landlock
+@needs_landlock
 def test_unconfined_by_default_and_the_setting_flag_and_task_key_choose(tmp_path):
     project, root, outside = _tree(tmp_path)
     task_file = _probe_task(project, outside)
@@ -149,7 +149,7 @@ def test_unconfined_by_default_and_the_setting_flag_and_task_key_choose(tmp_path
     assert run("--confine") == "ok"  # the task's own word wins, like its timeout
 
 
-@landlock
+@needs_landlock
 def test_detached_launch_confines_too_and_missing_targets_are_tidied(tmp_path):
     project, root, _ = _tree(tmp_path)
     order = project.order()
@@ -167,7 +167,7 @@ def test_detached_launch_confines_too_and_missing_targets_are_tidied(tmp_path):
     assert not (root / "gen" / "made.txt.code").exists()
 
 
-@landlock
+@needs_landlock
 def test_a_confined_attempt_hands_its_files_on_only_after_what_was_made_for_it_is_tidied(tmp_path):
     """A is confined and wants gen/f.txt, which does not exist: confinement creates it (and gen/) empty for the
     rule. A ends without touching it; B, not confined, wants the same file and appends to it through a descriptor
@@ -194,7 +194,7 @@ def test_confine_is_refused_at_launch_with_one_line_where_landlock_is_missing(pr
         return data.get("status", "QUEUED"), data.get("attempts", 0), data.get("reason")
 
     for abi, words in (("0", "no Landlock"), ("2", "ABI is 2")):
-        env = {confine.FAKE_ABI: abi}
+        env = {landlock.FAKE_ABI: abi}
         launch = project.aipm("launch", "ORD", "--json", env=env)
         assert launch.returncode == 1
         failed = json.loads(launch.stdout)["failed"]
@@ -238,9 +238,9 @@ def test_rules_never_open_the_project_through_its_ancestors_or_a_symlink(tmp_pat
     for ancestor in [real, *map(str, Path(real).parents)]:
         assert ancestor not in paths  # a rule on an ancestor would cover the whole project
     assert str(tmp_path / "into_project") not in paths
-    assert paths[os.path.realpath(tmp_path / "sibling")] == confine.ALL_RIGHTS
-    assert paths[os.path.join(real, "a", "b.txt")] == confine.FILE_RIGHTS
-    assert paths[os.path.join(real, "tests")] == confine.ALL_RIGHTS  # a glob: its literal base
+    assert paths[os.path.realpath(tmp_path / "sibling")] == landlock.ALL_RIGHTS
+    assert paths[os.path.join(real, "a", "b.txt")] == landlock.FILE_RIGHTS
+    assert paths[os.path.join(real, "tests")] == landlock.ALL_RIGHTS  # a glob: its literal base
     assert tmp.startswith(os.path.join(os.path.realpath(tempfile.gettempdir()), "aipm-tmp-"))  # project in /tmp
     assert [m[0] for m in made] == [os.path.join(real, "a"), os.path.join(real, "a", "b.txt"),
                                     os.path.join(real, "tests"), tmp]
@@ -296,7 +296,7 @@ print("PROBE " + json.dumps(result), flush=True)
 '''
 
 
-@landlock
+@needs_landlock
 @pytest.mark.parametrize("below", ["", "sub/project"], ids=["root-at-top", "root-below-top"])
 def test_a_glob_at_the_root_opens_neither_task_files_nor_runtime_nor_git(tmp_path, below):
     """`*.md` is granted its literal base, the project root: that rule opened every task file, `.aipm/` and
@@ -321,7 +321,7 @@ def test_a_glob_at_the_root_opens_neither_task_files_nor_runtime_nor_git(tmp_pat
     assert log == ["init"]
 
 
-@landlock
+@needs_landlock
 def test_a_target_through_a_symlink_is_its_real_path_for_locks_audit_and_kernel(tmp_path):
     """`notes -> README.md`: the lock was taken on `notes`, so a task on README.md ran beside it on the same file,
     and a directory link `lnk -> src` made the unconfined audit reject a task for writing its own target. Both
@@ -390,14 +390,14 @@ def test_workers_whose_targets_share_a_missing_directory_each_get_their_rules(tm
             if leftover:
                 os.rmdir(leftover)
     assert (root / "gen" / "b.txt").exists()  # the other worker went first
-    assert (str(root / "gen" / "a.txt"), confine.FILE_RIGHTS) in grants
+    assert (str(root / "gen" / "a.txt"), landlock.FILE_RIGHTS) in grants
     # gen/ is the other worker's to tidy: ours lists only what it made itself
     assert [m[0] for m in made] == [str(root / "gen" / "a.txt")] + ([tmp] if tmp else [])
     if tmp:
         os.rmdir(tmp)
 
 
-@landlock
+@needs_landlock
 def test_a_confined_worktree_task_writes_its_targets_in_its_worktree_and_nothing_of_the_main_tree(tmp_path):
     """A worktree task was refused `confine`, and nothing stopped its worker writing the main tree by an
     absolute path (the merge brings only its targets, the write had already landed). Confined, it can write its
@@ -426,13 +426,13 @@ def test_a_confined_worktree_task_with_a_workspace_setup_is_refused_at_launch(tm
     project, root, top = _repo_with_project(tmp_path)
     write_task(project.order(), "T", command="true", target_files=["README.md"], confine=True, workspace="worktree",
                workspace_setup="true")
-    proc = project.aipm("run", "ORD", "--no-review", env={confine.FAKE_ABI: "4"})
+    proc = project.aipm("run", "ORD", "--no-review", env={landlock.FAKE_ABI: "4"})
     assert proc.returncode != 0
     assert "T: confine: not with workspace_setup (yet)" in proc.stdout, proc.stdout + proc.stderr
     assert task_statuses(project.order())["T"] == "QUEUED"
 
 
-@landlock
+@needs_landlock
 def test_a_cancelled_confined_worktree_attempts_patch_holds_its_work_not_the_files_made_for_its_rules(tmp_path):
     """keep() captured the worktree before the tidy-up: the patch of a cancelled attempt created the empty
     target file aipm had made for its rule."""
@@ -454,7 +454,7 @@ def test_a_cancelled_confined_worktree_attempts_patch_holds_its_work_not_the_fil
     assert "+work" in patch and "untouched.txt" not in patch, patch
 
 
-@landlock
+@needs_landlock
 def test_a_confined_worktree_task_cannot_touch_task_files_under_an_absolute_symlinked_orders(tmp_path):
     """`orders -> /abs/project/tasks`, checked out in the worktree, leads back to the main tree: the worktree's
     copies of the task files were left open to a `./` target, and an edit of another task's file was merged."""
@@ -473,7 +473,7 @@ def test_a_confined_worktree_task_cannot_touch_task_files_under_an_absolute_syml
     assert "denied" in (root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
 
 
-@landlock
+@needs_landlock
 @pytest.mark.parametrize("linked", [False, True], ids=["run-by-path", "linked-orders"])
 def test_a_confined_worker_cannot_write_task_files_of_an_order_outside_the_project(tmp_path, linked):
     """An order directory outside the project (`aipm run /elsewhere/ORD`, or `orders -> /elsewhere`) was open as
@@ -499,7 +499,7 @@ def test_a_confined_worker_cannot_write_task_files_of_an_order_outside_the_proje
     assert "Permission denied" in (root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()
 
 
-@landlock
+@needs_landlock
 def test_a_ruleset_refused_in_the_worker_is_the_attempts_reason_not_exit_126(tmp_path):
     """`sub` is a file, so the target `sub/out.txt` cannot be made for its rule: the attempt fails without running
     its command, and the console and the task said only `exit 126` (the why was in the log alone)."""
@@ -515,7 +515,7 @@ def test_a_ruleset_refused_in_the_worker_is_the_attempts_reason_not_exit_126(tmp
     assert not (root / "ran.txt").exists()
 
 
-@landlock
+@needs_landlock
 def test_a_ruleset_refused_in_a_worktree_is_the_attempts_reason_too(tmp_path):
     """A worktree attempt is tidied before its end is judged, which removed the listing that says the confinement
     step ran: its refusal read as a plain `exit 126`, the why in the log alone."""
@@ -534,7 +534,7 @@ def test_a_ruleset_refused_in_a_worktree_is_the_attempts_reason_too(tmp_path):
     assert not (root / "ran.txt").exists()
 
 
-@landlock
+@needs_landlock
 def test_a_confined_commands_own_refusal_line_and_exit_126_are_not_taken_for_aipms(tmp_path):
     """The reason was the last `[aipm] confine: ...` line of the log, which the command writes too: its own such
     line and exit 126 became aipm's reason. The ruleset's refusal is noted beside the exit file, which no confined
@@ -556,7 +556,7 @@ def test_a_commands_own_exit_126_stays_exit_126(project):
     assert yaml.safe_load((project.root / "orders" / "ORD" / "T.yaml").read_text())["reason"] == "exit 126"
 
 
-@landlock
+@needs_landlock
 def test_a_confined_argv_finds_its_program_on_path_as_an_agent_preset_needs(tmp_path):
     """An argv naming its program by a bare name (every agent preset's: `claude -p ...`) ran as
     `os.execv("claude")`, which searches no PATH: every confined agent attempt failed with a traceback in its
@@ -576,7 +576,7 @@ def test_a_confined_argv_finds_its_program_on_path_as_an_agent_preset_needs(tmp_
     assert "Permission denied" in log and "README refused" in log and "Traceback" not in log, log
 
 
-@landlock
+@needs_landlock
 def test_a_confined_program_that_cannot_start_fails_with_one_line_not_a_traceback(tmp_path):
     """Found on PATH at launch, yet its interpreter is missing: the attempt fails as a shell would say it."""
     project, root, _ = _tree(tmp_path)
@@ -606,7 +606,7 @@ globals().update({k: v for k, v in vars(_real).items() if not k.startswith("__")
 '''
 
 
-@landlock
+@needs_landlock
 def test_a_module_a_task_left_in_the_project_root_never_runs_before_the_next_ruleset(tmp_path):
     (tmp_path / "p").mkdir()
     project = Project(tmp_path / "p")
@@ -628,7 +628,7 @@ FORGE = ("W=$PPID; EX=$(tr '\\0' '\\n' < /proc/$W/cmdline | sed -n 2p); "
          "echo 0 > \"$EX\" && echo forged; kill -9 $OWNER $W; exit 1")
 
 
-@landlock
+@needs_landlock
 def test_a_confined_worker_cannot_write_aipms_state_outside_the_project(tmp_path):
     """Its exit file (forged: the next run recorded DONE for a command that failed), the compiled wrapper every
     later worker of the user starts through (outside any ruleset), the locks: none may be written or made."""
@@ -650,7 +650,7 @@ def test_a_confined_worker_cannot_write_aipms_state_outside_the_project(tmp_path
 EVIL_TASK = "printf 'id: EVIL\\ncommand: echo pwned >> README\\n' > {d}/EVIL.yaml; sed -i 's/QUEUED/DONE/' {d}/U.yaml"
 
 
-@landlock
+@needs_landlock
 @pytest.mark.parametrize("glob", ["orders/ORD/*.md", "orders/*.md"])
 def test_a_glob_whose_base_is_an_order_directory_opens_no_task_file(tmp_path, glob):
     """The glob's base is granted as a directory: an order directory's (or the one holding them) opened every
@@ -675,7 +675,7 @@ def test_a_glob_whose_base_is_an_order_directory_opens_no_task_file(tmp_path, gl
     assert notes.read_text() == "notes\nmore\n" and (project.order() / "r" / "r.md").read_text() == "r\n"
 
 
-@landlock
+@needs_landlock
 @pytest.mark.parametrize("target", ["orders/OTHER/*.md", "orders/OTHER/", "orders/OTHER/U.yaml"])
 def test_a_target_in_another_order_directory_opens_none_of_its_task_files(tmp_path, target):
     """Only the task's own order directory (and the one holding the orders) were kept: a glob, directory or file
@@ -716,8 +716,8 @@ def test_rules_give_no_target_a_task_file_or_aipms_runtime_directory(tmp_path):
     os.rmdir(tmp)
 
 
-@landlock
-@pytest.mark.skipif(confine.abi() < 6, reason="signals are scoped from Landlock ABI 6 (Linux 6.12)")
+@needs_landlock
+@pytest.mark.skipif(landlock.abi() < 6, reason="signals are scoped from Landlock ABI 6 (Linux 6.12)")
 def test_a_confined_worker_cannot_signal_its_wrapper_or_its_owner(tmp_path):
     (tmp_path / "p").mkdir()
     project = Project(tmp_path / "p")
@@ -732,7 +732,7 @@ def test_a_confined_worker_cannot_signal_its_wrapper_or_its_owner(tmp_path):
         ("child", "denied"))), log
 
 
-@landlock
+@needs_landlock
 def test_a_confined_task_runs_where_aipm_and_landlockpy_are_found_through_pythonpath_only(tmp_path):
     """The step that builds the ruleset runs isolated (no PYTHONPATH, no site): it must still find aipm and the
     binding where the process that started it found them, or every confined task fails with exit 126."""
@@ -795,7 +795,7 @@ def test_an_unconfined_worker_cannot_have_aipm_remove_what_it_lists_beside_its_l
         shutil.rmtree(victim, ignore_errors=True)
 
 
-@landlock
+@needs_landlock
 def test_the_listing_of_what_was_made_for_the_rules_is_never_written_through_a_link(tmp_path):
     """The listing beside the log is written in the worker's process before the ruleset applies: a link an
     earlier, unconfined attempt left under the next attempt's name had the file it led to truncated and written."""
@@ -814,7 +814,7 @@ def test_the_listing_of_what_was_made_for_the_rules_is_never_written_through_a_l
     confine.tidy(str(log), True)  # as an owner does after the attempt: its TMPDIR in /tmp goes
 
 
-@landlock
+@needs_landlock
 def test_a_listing_another_worker_rewrote_never_removes_more_than_a_tmpdir_of_ours(project, tmp_path_factory):
     """The listing of a confined attempt lies in `.aipm/logs`, which another task's unconfined worker can write
     while the attempt runs: one that named a directory of the user's to be removed whole had the attempt's end
@@ -837,7 +837,7 @@ def test_a_listing_another_worker_rewrote_never_removes_more_than_a_tmpdir_of_ou
     shutil.rmtree((project.root / "c.txt").read_text().strip())  # C's TMPDIR, which the rewritten listing lost
 
 
-@landlock
+@needs_landlock
 @pytest.mark.parametrize("make", ["mkfifo", "truncate -s 1T"])
 def test_a_reviewer_cannot_hold_a_confined_tasks_owner_with_a_fifo_or_sparse_file_beside_its_log(project, make):
     """A confined attempt's listing of what was made for its rules (`A.1.confine.json`) is trusted, since its
@@ -857,7 +857,7 @@ def test_a_reviewer_cannot_hold_a_confined_tasks_owner_with_a_fifo_or_sparse_fil
     confine.tidy(log, True)  # its TMPDIR in /tmp goes
 
 
-@landlock
+@needs_landlock
 def test_a_project_whose_path_is_not_utf8_runs_shared_worktree_and_confined_tasks(tmp_path):
     """A project in a directory whose name is not UTF-8 (a Latin-1 `caf\\xe9`): every command died with a traceback
     (UnicodeEncodeError: surrogates not allowed) at the state directory's name, then at the parse cache's, the
@@ -879,7 +879,7 @@ def test_a_project_whose_path_is_not_utf8_runs_shared_worktree_and_confined_task
     assert no_workers(root)
 
 
-@landlock
+@needs_landlock
 @pytest.mark.parametrize("end", ["file still gone", "another task", "owner killed after its final write"])
 def test_the_tmpdir_of_a_confined_attempt_that_recovery_ends_is_removed(project, gate, end):
     """A confined attempt of a project in /tmp gets a TMPDIR of its own there (`aipm-tmp-*`), which its owner removes

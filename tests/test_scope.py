@@ -341,10 +341,10 @@ def test_one_snapshot_per_wake_up_and_none_for_confined_tasks(tmp_path, confined
 
     import yaml
 
-    from aipm import confine
+    from aipm import landlock
 
-    if confined and confine.unavailable():
-        pytest.skip(f"kernel without usable Landlock: {confine.unavailable()}")
+    if confined and landlock.unavailable():
+        pytest.skip(f"kernel without usable Landlock: {landlock.unavailable()}")
     root = tmp_path / "repo"
     order = root / "orders" / "ORD"
     order.mkdir(parents=True)
@@ -910,8 +910,6 @@ def test_a_worker_that_cleans_away_aipms_directory_is_still_audited(tmp_path, ho
     then ran `git clean -fdx` (a build's usual clean-up) took it away, and its audit found nothing to compare
     with: DONE. Now the audit falls back on what `git status` shows written since the attempt began (B, after
     it, is not charged with A's write: a moment later, beyond the slack of inode times)."""
-    import time
-
     import yaml
 
     root = tmp_path / "repo"
