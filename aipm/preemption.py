@@ -155,4 +155,5 @@ def _recover_lost_owners(sup: "Supervisor", owners: set[tuple[int, float]], orde
                 continue  # broken or gone: left to `aipm recover`, which says why
             for item in recovery.recover_order(sup.launcher, other):
                 if item["action"] == "requeued":
-                    sup.outbox.append({"event": "recovered", "task": item["id"], "order": other.id})
+                    sup.outbox.append({"event": "recovered", "task": item["id"], "order": other.id,
+                                       **recovery.as_event(item)})

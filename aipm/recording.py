@@ -419,13 +419,10 @@ def _name_kept_patch(rt: Runtime, rec: Record, task: Task, event: dict) -> None:
     """A worktree attempt that merged nothing: its finish line names the patch that keeps its work, as a conflict's
     and `aipm cancel` do, since its worktree goes when the next attempt starts (the `aipm retry` the run's closing
     line advises); the log alone said where."""
-    patch = workspace.patch_path(rt.root, rec.order, rec.task, rec.serial)
+    patch = workspace.kept_patch(rt.root, rec)
     hint = event.get("hint") or ""
-    try:
-        if str(patch) in hint or str(patch) in (task.reason or "") or not os.stat(patch).st_size:
-            return  # said already, or nothing to keep
-    except OSError:
-        return  # never written: its end could not be captured (the log says why)
+    if patch is None or str(patch) in hint or str(patch) in (task.reason or ""):
+        return  # nothing to keep, or said already
     said = f"its changes are kept in {patch}"
     event["hint"] = f"{hint}; {said}" if hint else said
 

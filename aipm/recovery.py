@@ -46,7 +46,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
         rec = records.get(task.id)
         if task.status == Status.REWORK and (rec is None or (rec.attempt == task.attempts and not rec.alive())):
             if rec is not None or not subreaper.task_runs(launcher.runtime.root, order.id, task.id):
-                out.append({"id": task.id, "action": _rework_on(launcher, task, rec)})
+                out.append({"id": task.id, "action": _rework_on(launcher, task, rec), **kept(launcher.runtime, rec)})
             continue
         # A live worker is adopted whatever its file says now (an agent's `git checkout` may have reset it), and so
         # is one that ended under such a reset: its outcome was never written. INTERRUPTED with its record left:
@@ -61,7 +61,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
             continue
         if rec is not None and not rec.worker_alive() and not same_task(task, rec):  # (a live one: its owner's end)
             line = discard(launcher.runtime, rec, read_exit_file(rec.exit_file), another_task(task))
-            out.append({"id": task.id, "action": "discarded", "detail": line})
+            out.append({"id": task.id, "action": "discarded", "detail": line, **kept(launcher.runtime, rec)})
             forget(launcher.runtime, rec)
             continue
         if rec is None and subreaper.task_runs(launcher.runtime.root, order.id, task.id):
@@ -100,9 +100,21 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
         if rec is not None:
             end_remnants(launcher.runtime, rec)  # its wrapper is gone, but its command may not be
         interrupt(launcher.runtime, task, rec, rec.stopping if rec is not None and rec.stopping else "worker gone")
-        out.append({"id": task.id, "action": "requeued"})
+        out.append({"id": task.id, "action": "requeued", **kept(launcher.runtime, rec)})
     launcher.runtime.remove_spent_exit_files(order.id)
     return out
+
+
+def kept(rt: Runtime, rec: Record | None) -> dict:
+    """For a recovery's line: the patch that keeps the work of a worktree attempt it ended without merging (its
+    worktree goes at the next attempt's start, or by `aipm recover`'s sweep; the log alone said where)."""
+    patch = workspace.kept_patch(rt.root, rec) if rec is not None else None
+    return {"kept": str(patch)} if patch else {}
+
+
+def as_event(item: dict) -> dict:
+    """`kept` of a recovery's item as a run's events have it (task -> patch, as for the tasks a stop re-queued)."""
+    return {"kept": {item["id"]: item["kept"]}} if "kept" in item else {}
 
 
 def _rework_on(launcher: Launcher, task: Task, rec: Record | None) -> str:
@@ -247,7 +259,7 @@ def drop_gone(rt: Runtime, records: list[Record]) -> list[dict]:
             why = f"its task file {rec.task_file} is still gone; put back now, it " + (
                 "is CANCELLED by the next recover or run" if cancelled else "runs afresh")
             out.append({"order": rec.order, "id": rec.task, "action": "dropped",
-                        "detail": discard(rt, rec, read_exit_file(rec.exit_file), why)})
+                        "detail": discard(rt, rec, read_exit_file(rec.exit_file), why), **kept(rt, rec)})
             forget(rt, rec)
     return out
 

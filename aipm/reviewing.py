@@ -35,7 +35,8 @@ class Reviewing:
         why = recovery.cannot_review(rec)
         if why:
             self._requeue(rec, rec.stopping or "review lost")
-            return {"event": "interrupted", "requeued": [rec.task], "why": f"review: it cannot run again ({why})"}
+            return {"event": "interrupted", "requeued": [rec.task], "why": f"review: it cannot run again ({why})",
+                    **self.kept([rec])}
         lost = "stopped" if rec.stopping else "lost without a verdict"
         said = f"review of attempt {rec.serial} {lost}" + f" ({rec.stopping})" * bool(rec.stopping)
         if review_command(task, self.settings, self.launcher.options.no_review) is None:

@@ -139,9 +139,11 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             first = False
             for item in report.recovered:  # before the round's starts; adopted ones the supervisor says itself
                 if item["action"] == "requeued":
-                    emit({"event": "recovered", "task": item["id"], "order": report.order.id})
+                    emit({"event": "recovered", "task": item["id"], "order": report.order.id,
+                          **recovery.as_event(item)})
                 elif item["action"] == "discarded":
-                    emit({"event": "discarded", "task": item["id"], "order": report.order.id, "detail": item["detail"]})
+                    emit({"event": "discarded", "task": item["id"], "order": report.order.id, "detail": item["detail"],
+                          **recovery.as_event(item)})
             for event in sup.outbox:
                 emit(event)
             sup.outbox.clear()

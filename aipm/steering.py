@@ -102,10 +102,8 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
     held = None
     if live or (rec is not None and rec.owner_alive()):  # a worker that ended just before: its owner records it
         held = _until_released(rt, order_id, task_id, grace + 5)
-    kept = rec and rec.workspace and workspace.patch_path(project.root, order_id, task_id, rec.serial)
     return Cancelled(workspace.note_pending_merge(project.root, order_id, task_id, "cancelled"),
-                     held.owner_pid if held else 0,
-                     kept if kept and kept.is_file() and kept.stat().st_size else None)
+                     held.owner_pid if held else 0, workspace.kept_patch(project.root, rec) if rec else None)
 
 
 def _unmarkable(task_id: str, exc: StateWriteError) -> Unwritable:

@@ -9,7 +9,7 @@ import os
 import time
 from contextlib import suppress
 
-from aipm import recovery, runner, spending
+from aipm import recovery, runner, spending, workspace
 from aipm.errors import UserError
 from aipm.model import RUNNING, Status
 from aipm.paths import as_path
@@ -52,8 +52,15 @@ class Stopping:
                 if rec.phase == "review" and self._leave_review(rec, why):
                     reviews.append(rec.task)
                 elif self._requeue(rec, why):
-                    stopped.append(rec.task)
-        return {"event": "interrupted", "requeued": stopped, "reviews_stopped": reviews}
+                    stopped.append(rec)
+        return {"event": "interrupted", "requeued": [rec.task for rec in stopped], "reviews_stopped": reviews,
+                **self.kept(stopped)}
+
+    def kept(self, recs: list[Record]) -> dict:
+        """For an `interrupted` event: the patches that keep the work of these re-queued worktree attempts, task ->
+        patch (their worktrees go when their next attempts start; the log alone said where)."""
+        kept = {rec.task: str(patch) for rec in recs if (patch := workspace.kept_patch(self.rt.root, rec))}
+        return {"kept": kept} if kept else {}
 
     def _leave_review(self, rec: Record, why: str) -> bool:
         """A stopped review: its attempt's work is done and paid for, so the task stays IN_REVIEW and its record
@@ -120,7 +127,7 @@ class Stopping:
         rec = self.owned[key]
         if self.stop_attempt(key, why, preempted=True):
             self.outbox.append({"event": "preempted", "order": rec.order, "task": rec.task, "for": urgent,
-                                "attempt": rec.serial})
+                                "attempt": rec.serial, **self.kept([rec])})
 
     def stop_attempt(self, key: str, why: str, preempted: bool = False) -> bool:
         """Stop an owned worker's whole group (for a more urgent task, `preempted`, or a budget): QUEUED again, the

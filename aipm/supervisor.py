@@ -243,11 +243,12 @@ class Supervisor(Stopping, Recording, Owner):
             if rec.stopping and rec.phase == "review":  # its code is no verdict: the review runs again
                 code, timed_out = None, False
             elif rec.stopping:  # its dead owner was stopping it (Ctrl-C, a preemption): no outcome of its own
-                return {"event": "interrupted", "requeued": [rec.task], "why": f"by its last owner ({rec.stopping})"} \
-                    if self._requeue(rec, rec.stopping) else None
+                return {"event": "interrupted", "requeued": [rec.task], "why": f"by its last owner ({rec.stopping})",
+                        **self.kept([rec])} if self._requeue(rec, rec.stopping) else None
             elif gone:  # no failure of its task: QUEUED again, attempt not counted
                 why = f"the Ray cluster was lost ({gone})"
-                return {"event": "interrupted", "requeued": [rec.task], "why": why} if self._requeue(rec, why) else None
+                return {"event": "interrupted", "requeued": [rec.task], "why": why, **self.kept([rec])} \
+                    if self._requeue(rec, why) else None
             return self._record_outcome(rec, code, timed_out)
 
     def ask_cluster(self, rec: Record, code: int | None) -> None:

@@ -7,6 +7,7 @@ repository; the tests judge the journal, the main tree, the task files and git's
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -1346,6 +1347,78 @@ def test_the_finish_line_of_an_attempt_that_merged_nothing_names_the_patch_that_
     assert len(finish) == 1 and finish[0].endswith(f"its changes are kept in {patch}"), proc.stdout
 
 
+def _lose_run_and_worker(project: Project, tmp_path: Path, command: str) -> None:
+    """`aipm run ORD` and its worker both SIGKILLed once the worker says it is `ready` (a machine or a terminal
+    session going down): no exit code, no one to record the attempt, its worktree left behind."""
+    ready, pid = tmp_path / "ready", tmp_path / "pid"
+    write_task(project.order(), "T", target_files=["src/a.txt"], command=(
+        f'if [ ! -e "{ready}" ]; then {command}; echo $$ > "{pid}"; touch "{ready}"; sleep 600; fi'))
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           cwd=project.root, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(lambda: ready.exists() and pid.read_text().strip())
+    run.kill()
+    run.wait()
+    os.killpg(os.getpgid(int(pid.read_text())), signal.SIGKILL)
+
+
+@pytest.mark.parametrize("then", [["recover", "ORD"], ["recover", "--json"], ["run", "ORD"]])
+def test_the_recovery_of_a_lost_worktree_attempt_names_the_patch_that_keeps_its_work(repo, tmp_path, then):
+    """A killed `aipm run` and its worker: recovery re-queues the task and keeps the attempt's work as a patch
+    (the next attempt's start, or `aipm recover`'s sweep, removes its worktree), but said only `ORD/T: requeued`
+    (`recover  T: ... re-queued, attempt not counted` in a run): the log alone said where the work went."""
+    project = project_in(repo)
+    _lose_run_and_worker(project, tmp_path, "echo precious >> src/a.txt")
+    proc = project.aipm(*then)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    patch = repo / ".aipm/patches/ORD/T.1.patch"
+    assert "+precious" in patch.read_text()
+    if "--json" in then:
+        assert {"order": "ORD", "id": "T", "action": "requeued", "kept": str(patch)} \
+            in json.loads(proc.stdout)["recovered"], proc.stdout
+    elif then[0] == "recover":
+        assert f"ORD/T: requeued; its changes are kept in {patch}\n" in proc.stdout, proc.stdout
+    else:
+        assert ("recover  T: its worker was lost with its supervisor; re-queued, attempt not counted; the changes of T "
+                f"are kept in {patch}\n") in proc.stdout, proc.stdout
+
+
+def test_the_recovery_of_a_lost_worktree_attempt_that_changed_nothing_names_no_patch(repo, tmp_path):
+    project = project_in(repo)
+    _lose_run_and_worker(project, tmp_path, "true")
+    proc = project.aipm("recover", "ORD", check=True)
+    assert "ORD/T: requeued\n" in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize("out", ["plain", "json"])
+def test_the_line_of_a_stopped_run_names_the_patches_that_keep_its_worktree_attempts_work(repo, tmp_path, out):
+    """Ctrl-C of `aipm run`: its worktree attempts are stopped and re-queued, their work kept as patches (their
+    worktrees go when their next attempts start), but the line said only `stopped  by signal; re-queued: A, B`."""
+    project = project_in(repo)
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    write_task(project.order(), "A", target_files=["src/a.txt"],
+               command=f'echo "work of A" >> src/a.txt; touch "{ready}/A"; sleep 60')
+    write_task(project.order(), "B", target_files=["src/b.txt"], command=f'touch "{ready}/B"; sleep 60')
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD",
+                            *(["--json"] if out == "json" else [])],
+                           env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: {p.name for p in ready.iterdir()} == {"A", "B"})
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stdout + stderr
+    patch = repo / ".aipm/patches/ORD/A.1.patch"
+    assert "+work of A" in patch.read_text()
+    if out == "json":
+        stop = next(json.loads(line) for line in stdout.splitlines() if '"interrupted"' in line)
+        assert (sorted(stop["requeued"]), stop["kept"]) == (["A", "B"], {"A": str(patch)}), stdout
+    else:
+        stop = next(line for line in stdout.splitlines() if line.startswith("stopped"))
+        assert stop in (f"stopped  by signal; re-queued: {both}; the changes of A are kept in {patch}"
+                        for both in ("A, B", "B, A")), stdout
+
+
 @pytest.mark.parametrize("stop", ["cancel", "SIGINT"])
 def test_a_stopped_attempts_changes_are_kept_as_a_patch(repo, tmp_path, stop):
     """Cancelled, or interrupted by Ctrl-C of its run: the attempt's worktree went with the next attempt's start
@@ -1980,3 +2053,24 @@ def test_a_file_outside_the_main_trees_sparse_checkout_is_not_said_deleted_there
     assert (f"docs/x.txt: outside the main tree's sparse checkout; `git sparse-checkout add` its directory to have the "
             f"task's {what} merged") in log and "deleted in the main tree" not in log, log
     assert not (repo / "docs").exists()
+
+
+
+def test_the_line_of_a_preemption_names_the_patch_that_keeps_the_stopped_attempts_work(repo, tmp_path):
+    """`run --preempt` stops a worktree attempt for a more urgent task and re-queues it: its work is kept as a patch
+    (its worktree goes when its next attempt starts), as a Ctrl-C's is, and its line must say where."""
+    project = project_in(repo)
+    ready, gate = tmp_path / "ready", tmp_path / "gate"
+    write_task(project.order(), "LOW", priority="P3", target_files=["src/a.txt"],
+               command=f'echo "work of LOW" >> src/a.txt; touch "{ready}"; {wait_gate(gate)}')
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD", "--preempt"],
+                           env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: ready.exists())
+    write_task(project.order(), "URGENT", priority="P0", target_files=["src/a.txt"], command=f'touch "{gate}"')
+    stdout, stderr = run.communicate(timeout=120)
+    assert run.returncode == 0, stdout + stderr
+    patch = repo / ".aipm/patches/ORD/LOW.1.patch"
+    assert "+work of LOW" in patch.read_text()
+    assert (f"preempt  LOW for URGENT (re-queued, attempt not counted); the changes of LOW are kept in {patch}\n"
+            in stdout), stdout

@@ -385,6 +385,8 @@ def recover(
             if said == "adopted":  # `recover` alone seemed to only repair, and then tasks it never named started
                 said += (": a detached aipm records how its worker ends, then starts what that unblocks, as `aipm "
                          f"launch` does (follow it: `aipm logs {item['order']} -f`)")
+            if item.get("kept"):  # the worktree goes at the next attempt's start, or by this recover's sweep
+                said += f"; its changes are kept in {item['kept']}"
             print(f"{item['order']}/{item['id']}: {said}")
         if not done:
             print("nothing to recover")

@@ -22,20 +22,20 @@ LINES = {
     "review": "review   {task}{again}",
     "review_stopped": "stopped  review of {task}; it runs again on the next run (its work is kept)",
     "adopted": "adopt    {task} (pid {pid}): worker outlived its supervisor",
-    "recovered": "recover  {task}: its worker was lost with its supervisor; re-queued, attempt not counted",
+    "recovered": "recover  {task}: its worker was lost with its supervisor; re-queued, attempt not counted{kept}",
     "deferred": "defer    {tasks}: {detail}",
     "launch_failed": "failed   {task}: {error}",
     "error": "error    {error}",
-    "invalid_file": "ignored  {error} ({kept})",
+    "invalid_file": "ignored  {error} ({keeping})",
     "interrupted": "stopped  {why}; {stopped}",
     "restored": "restore  {task} → {status}: its file said {said} while its worker ran{not_cancel}",
     "reopened": "reopen   {task}: its file went from {was} back to {status} during the run (`aipm retry`, or a "
                 "checkout or stash of it); it runs again as its file says",
     "committed": "commit   {task}: {detail}",
-    "discarded": "discard  {task}: {detail}",
+    "discarded": "discard  {task}: {detail}{kept}",
     "summary": "{order}: {counts}",
     "budget": "budget   {where}: {detail}",
-    "preempted": "preempt  {task} for {for} (re-queued, attempt not counted)",
+    "preempted": "preempt  {task} for {for} (re-queued, attempt not counted){kept}",
     "waiting": "wait     {task}: {detail}",
     "enclosing": "skip     {task}: this aipm runs inside its worker (pid {pid}), so it cannot wait for it",
     "watching": "watch    {tasks}: {detail}",
@@ -54,7 +54,8 @@ def plain_line(event: dict) -> str:
     fields.setdefault("said", event.get("was"))  # (an event of an older aipm, in a log)
     fields["again"] = f" again (its review was {event['again']})" if event.get("again") else ""
     fields["hint"] = f"; {event['hint']}" if event.get("hint") else ""
-    fields["kept"] = "a new file: nothing of it runs until it is fixed" if event.get("new") else \
+    fields["kept"] = kept_patches(event)
+    fields["keeping"] = "a new file: nothing of it runs until it is fixed" if event.get("new") else \
         "keeping the last valid version"
     if event.get("event") == "finished" and not event.get("reason"):
         fields["reason"] = f"exit {event.get('exit_code')}"  # moved on by a writer that gave no reason
@@ -70,7 +71,13 @@ def stopped_tasks(event: dict) -> str:
     """What a stop did: the tasks re-queued, and the reviews stopped whose tasks keep their work (run again later)."""
     said = [f"{what}: {', '.join(event[key])}" for key, what in (
         ("requeued", "re-queued"), ("reviews_stopped", "reviews stopped, their work kept")) if event.get(key)]
-    return "; ".join(said) or "re-queued: none"
+    return ("; ".join(said) or "re-queued: none") + kept_patches(event)
+
+
+def kept_patches(event: dict) -> str:
+    """Where the work of the worktree attempts an event re-queued or discarded is kept (its `kept`: task -> patch):
+    their worktrees go when their next attempts start, and their logs alone said where."""
+    return "".join(f"; the changes of {task} are kept in {patch}" for task, patch in (event.get("kept") or {}).items())
 
 
 def summary_event(order: Order, exit_code: int) -> dict:

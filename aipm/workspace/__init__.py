@@ -202,6 +202,18 @@ def keep(root: Path, rec: Record) -> str:
             f"its worktree is removed when the next attempt starts or by `aipm recover`{also}")
 
 
+def kept_patch(root: Path, rec: Record) -> Path | None:
+    """The patch that keeps the changes of `rec`'s worktree attempt, if it holds any: named wherever the attempt
+    merged nothing (a finish line, a cancel, a recovery, a stop), since its worktree goes when the next attempt
+    starts and the log alone said where its work is. None when it changed nothing, or its end could not be captured
+    (its log says why)."""
+    patch = patch_path(root, rec.order, rec.task, rec.serial)
+    try:
+        return patch if rec.workspace and patch.is_file() and patch.stat().st_size else None
+    except OSError:  # removed meanwhile
+        return None
+
+
 _UNBORN = "a git repository without commits (a `git init` in the worktree), whose files git cannot capture"
 _NESTED = ("a git repository with commits (made or checked out in the worktree), which git takes for a submodule: "
            "none of its files is merged")
