@@ -18,6 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 GLOB_CHARS = frozenset("*?[")
+_GLOB_CHAR = re.compile(r"[*?[]")
 
 
 @lru_cache(maxsize=4096)
@@ -41,7 +42,7 @@ class Target:
 
     @property
     def segments(self) -> tuple[str, ...]:
-        return _segments(self.path, self.is_dir)
+        return _segments(self.path, self.is_dir, self.is_glob)
 
     def __str__(self) -> str:
         if not self.path:
@@ -50,8 +51,12 @@ class Target:
 
 
 @lru_cache(maxsize=65536)
-def _segments(path: str, is_dir: bool) -> tuple[str, ...]:
+def _segments(path: str, is_dir: bool, is_glob: bool) -> tuple[str, ...]:
     parts = tuple(p for p in path.split("/") if p) if path else ()
+    if not is_glob and not GLOB_CHARS.isdisjoint(path):
+        # A file's exact name (a changed path, a merged one): its `*`, `?` and `[` are characters, quoted as fnmatch
+        # quotes them (`[*]`), else `docs/a*.md` met the target `docs/*b.md` and `docs/[draft].md` no target.
+        parts = tuple(_GLOB_CHAR.sub(r"[\g<0>]", p) for p in parts)
     # A directory covers everything below it, i.e. it behaves like `dir/**`.
     return parts + ("**",) if is_dir else parts
 

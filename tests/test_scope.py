@@ -81,6 +81,20 @@ def test_write_outside_targets_is_named(repo):
     assert out_of_scope(paths, []) == ["README.md", "src/a.py", "stray.txt"]
 
 
+def test_a_changed_name_with_pattern_characters_is_matched_against_a_glob_as_the_name_it_is(repo):
+    """A changed file's `*`, `?` and `[` are characters of its name: `docs/a*.md` was read as a pattern against a
+    glob target, so a task on `docs/*b.md` (which could meet it in `docs/ab.md`) wrote it unseen; and
+    `docs/[draft].md` (read as a class) was outside the only target that names it, `docs/[[]draft].md`."""
+    before = snapshot(repo)
+    (repo / "docs").mkdir()
+    for name in ("a*.md", "[draft].md", "q?.md"):
+        (repo / "docs" / name).write_text("x\n")
+    paths = changed(before, snapshot(repo))
+    assert paths == {"docs/a*.md", "docs/[draft].md", "docs/q?.md"}
+    assert out_of_scope(paths, targets("docs/*b.md", "docs/?z.md", "docs/d.md")) == sorted(paths)
+    assert out_of_scope(paths, targets("docs/a[*].md", "docs/[[]draft].md", "docs/q[?].md")) == []
+
+
 def test_file_dirty_before_and_modified_again_is_seen(repo):
     (repo / "README.md").write_text("dirty before the worker\n")
     before = snapshot(repo)
