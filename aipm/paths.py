@@ -338,7 +338,7 @@ def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:
     """Sorted paths that no allowed target (file, directory or glob) covers.
 
     A str target is read as `str(Target)` writes it (Record.targets): a directory ends in "/"; one with a
-    backslash, which no target holds, is a file a merge wrote (written.log), read literally.
+    backslash, which no target holds, is taken literally (an exact file name is passed as a Target).
     """
     targets = [_allowed(t) for t in allowed]
     bad = []
@@ -352,7 +352,8 @@ def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:
 
 
 def _allowed(target: Target | str) -> Target:
-    # (a backslash is in no target: such a name is a file a merge wrote, noted in written.log, and literal)
+    # (a backslash is in no target a person writes: such a name, an order directory's in order_files, is taken as
+    # it is, never refused in the middle of an audit)
     if not isinstance(target, str):
         return target
     return Target(target, False, False) if "\\" in target else normalize(target)

@@ -6,6 +6,7 @@ and ended in between have no record left by then, so each notes its targets here
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import posixpath
@@ -17,12 +18,14 @@ from pathlib import Path
 from aipm.gitstatus import real_root, tree_prefix
 from aipm.liveness import read_small, stat_fields
 from aipm.lockholders import open_under
-from aipm.paths import real_relative
+from aipm.paths import PathError, Target, normalize, real_relative
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.workerfiles import STATE_FILE_MAX, open_regular, read_bytes, write_bytes
 
-WRITTEN_LOG = "written.log"  # in the state directory: "<time_ns> <json list of targets>" per line
+# In the state directory, a line per note: "<time_ns> <json list of targets>" (patterns, as a person writes them) or
+# "<time_ns> {"files": <json list of exact file names>}" (what a merge wrote: `a*.md` is that one file).
+WRITTEN_LOG = "written.log"
 
 
 def note_ended(rt: Runtime, rec: Record) -> None:
@@ -46,14 +49,26 @@ def order_files(root: Path, order_dir: str) -> list[str]:
 
 def note_written(rt: Runtime, targets: Iterable[str]) -> None:
     """Something aipm did on a task's behalf (an attempt that ended, a worktree merge) just wrote `targets`: note
-    them for the audits in flight. Caller holds the launch lock. The log is appended to; past WRITTEN_LOG_BYTES
-    it is cut to the lines an audit may still need."""
+    them for the audits in flight. Caller holds the launch lock."""
+    _note(rt, list(targets))
+
+
+def note_merged(rt: Runtime, files: Iterable[str]) -> None:
+    """A merge just wrote `files` (exact names, relative to the project root): note them for the audits in
+    flight. Caller holds the launch lock."""
+    _note(rt, {"files": list(files)})
+
+
+def _note(rt: Runtime, entry: list[str] | dict[str, list[str]]) -> None:
+    """Append `entry` with the time; past WRITTEN_LOG_BYTES the log is cut to the lines an audit may still need."""
     log = rt.state / WRITTEN_LOG
     try:
         # (regular files only, never through a link: any unconfined worker can write the state directory)
         fd = open_regular(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
         try:
-            os.write(fd, f"{time.time_ns()} {json.dumps(list(targets))}\n".encode())
+            # JSON in ASCII escapes every character that splits lines (`\n`, `\r`, U+2028...): a name that holds
+            # one stays in its own note, never a line of its own.
+            os.write(fd, f"{time.time_ns()} {json.dumps(entry, ensure_ascii=True)}\n".encode())
             size = os.lseek(fd, 0, os.SEEK_END)
         finally:
             os.close(fd)
@@ -81,16 +96,24 @@ def _prune(rt: Runtime, log: Path) -> None:
     write_bytes(log, "".join(f"{line}\n" for line in kept).encode(errors="surrogateescape"))
 
 
-def written_since(rt: Runtime, since_ns: int) -> list[str]:
-    """Targets of the attempts (and merges) that ended at or after `since_ns` (see note_ended)."""
-    found: list[str] = []
+def written_since(rt: Runtime, since_ns: int) -> list[Target]:
+    """What the attempts (and merges) that ended at or after `since_ns` wrote (see note_ended): their targets, and
+    the files a merge wrote, each exactly (its `*`, `?`, `[`, blanks and backslashes are the name's)."""
+    found: list[Target] = []
     for line in _lines(rt.state / WRITTEN_LOG):
-        stamp, _, targets = line.partition(" ")
+        stamp, _, noted = line.partition(" ")
         try:
-            if int(stamp) >= since_ns:
-                found.extend(str(t) for t in json.loads(targets))
-        except (ValueError, TypeError):
-            continue
+            if int(stamp) < since_ns:
+                continue
+            entry = json.loads(noted)
+            if isinstance(entry, dict):
+                found.extend(Target(str(name), False, False) for name in entry["files"])
+                continue
+            for raw in entry:
+                with contextlib.suppress(PathError):  # (`../x`: no target of ours, from a worker; it excuses nothing)
+                    found.append(normalize(str(raw)))
+        except (ValueError, TypeError, KeyError):
+            continue  # no note of ours (the state directory is in a worker's reach)
     return found
 
 

@@ -457,8 +457,8 @@ def test_the_written_log_is_cut_to_what_an_audit_in_flight_may_need(tmp_path, mo
                    targets=["e.txt"], log=str(log_dir / "E.1.log"), exit_file="y", started_at="")
     writtenlog.note_ended(rt, ended)
     noted = ["e.txt", "*.yaml", ".*.tmp"]  # its targets, and its order's task files (the order is the root here)
-    assert writtenlog.written_since(rt, taken) == noted
-    assert writtenlog.written_since(rt, 0) == noted  # the 100 old lines were cut
+    assert list(map(str, writtenlog.written_since(rt, taken))) == noted
+    assert list(map(str, writtenlog.written_since(rt, 0))) == noted  # the 100 old lines were cut
 
 
 def test_the_written_log_is_never_appended_or_cut_through_a_link_a_worker_left(tmp_path, monkeypatch):
@@ -487,7 +487,7 @@ def test_the_written_log_is_never_appended_or_cut_through_a_link_a_worker_left(t
     writtenlog.note_written(rt, ["b.txt"])
     assert {name: victim.read_text() for name, victim in victims.items()} == {
         "appended.txt": "the user's\n", "cut.txt": "the user's\n"}
-    assert writtenlog.written_since(rt, 0)[-1] == "b.txt"
+    assert str(writtenlog.written_since(rt, 0)[-1]) == "b.txt"
 
 
 def test_a_sparse_terabyte_a_worker_left_as_the_written_log_is_not_read(project):
@@ -505,6 +505,23 @@ def test_a_sparse_terabyte_a_worker_left_as_the_written_log_is_not_read(project)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     assert task_statuses(project.order()) == {"A": "DONE", "B": "DONE"}
     assert log.stat().st_size < 1 << 20
+
+
+def test_a_line_a_worker_wrote_in_the_written_log_excuses_nothing_and_stops_nothing(project):
+    """The written log is in the state directory, which any unconfined worker can write: a line there naming no
+    target (`../x`, "") stopped `aipm run` with a PathError traceback at the next audit. It excuses nothing."""
+    from aipm.statedir import state_dir
+    from aipm.writtenlog import WRITTEN_LOG
+
+    (project.root / "aipm.yaml").write_text("max_rework: 0\n")
+    log = shlex.quote(str(state_dir(project.root) / WRITTEN_LOG))
+    lines = ['99999999999999999999 ["../x", "", "/etc"]', '99999999999999999999 {"files": 7}']
+    write_task(project.order(), "A", target_files=["a.txt"], command="".join(
+        f"echo {shlex.quote(line)} >> {log}; " for line in lines) + "echo a > a.txt; echo x > b.txt")
+    git(project.root, "init", "-q")
+    proc = project.aipm("run", "ORD", timeout=60)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert task_statuses(project.order()) == {"A": "REJECTED"} and "(scope: wrote b.txt)" in proc.stdout, proc.stdout
 
 
 def test_a_sparse_terabyte_a_worker_left_as_its_snapshot_is_not_read_and_its_audit_still_holds(project):

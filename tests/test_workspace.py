@@ -286,6 +286,32 @@ def test_a_changed_file_is_judged_by_its_exact_name(repo, workspace):
         assert not (repo / "src/a.txt ").exists()
 
 
+def test_a_merged_file_noted_for_the_audits_in_flight_excuses_that_file_alone(repo, tmp_path):
+    """The files a merge wrote, noted in written.log when its worktree is removed, were read back as targets a
+    person writes: `docs/a*.md` excused every docs/a… file of a shared task's audit in flight, `docs/[draft].md`
+    docs/d.md (a character class), `docs/q?.md` docs/qz.md, and `docs/t.md ` (stripped) docs/t.md. A name that
+    holds a newline and what looks like a line of the log must stay one name too (`**` would excuse anything)."""
+    project = project_in(repo, config="workspace: shared\nmax_rework: 0\n")
+    merged = ["docs/a*.md", "docs/[draft].md", "docs/q?.md", "docs/t.md ", 'docs/e\n99999999999999999999 ["**"]']
+    maker = tmp_path / "make.py"
+    maker.write_text(f"import os\nos.makedirs('docs', exist_ok=True)\nfor name in {merged!r}:\n"
+                     "    open(name, 'w').write('merged\\n')\n")
+    # Each target covers its file and nothing else a shared task writes here (fnmatch's brackets quote).
+    write_task(project.order(), "W", workspace="worktree", command=f"{sys.executable} {maker}",
+               target_files=["docs/a[*].md", "docs/[[]draft].md", "docs/q[?].md", "docs/t.md[ ]", "docs/e*"])
+    stray = ["docs/ab.md", "docs/d.md", "docs/qz.md", "docs/t.md"]
+    # S's audit is in flight from before W's merge to after its worktree (and merge plan) is removed.
+    write_task(project.order(), "S", target_files=["src/s.txt"], command=(
+        "i=0; while { [ ! -e 'docs/a*.md' ] || [ -e .aipm/merges/ORD/W ]; } && [ $i -lt 600 ]; do sleep 0.05; "
+        "i=$((i+1)); done; mkdir -p docs; " + "".join(f"echo stray > '{p}'; " for p in stray) + "echo s > src/s.txt"))
+    proc = project.aipm("run", "ORD")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert all((repo / name).read_text() == "merged\n" for name in merged)
+    assert project.statuses() == {"W": "DONE", "S": "REJECTED"}, proc.stdout
+    assert f"changed outside target_files while this attempt ran: {', '.join(stray)}" in (
+        repo / ".aipm/feedback/ORD/S.txt").read_text()
+
+
 def test_a_file_target_the_task_makes_a_directory_says_how_to_cover_it(repo):
     """`target_files: [gen]` for a directory the task makes: gen did not exist, so it is a file target and
     gen/out.txt lies outside it (though its lock covers it). In a worktree that can never pass (every attempt starts
@@ -1030,6 +1056,7 @@ def test_a_pending_merge_applied_when_its_worktree_is_removed_is_noted_for_audit
     import time
 
     from aipm import workspace, writtenlog
+    from aipm.paths import Target
     from aipm.runtime import Runtime
     from aipm.workspace import mergeback as merge, places
 
@@ -1039,7 +1066,8 @@ def test_a_pending_merge_applied_when_its_worktree_is_removed_is_noted_for_audit
     since = time.time_ns()
     workspace.remove(repo, "ORD", "W")
     assert (repo / "src/a.txt").read_text() == "W\n"
-    assert sorted(writtenlog.written_since(Runtime(repo), since)) == ["src/a.txt", "src/new.txt"]
+    assert sorted(writtenlog.written_since(Runtime(repo), since), key=str) == [
+        Target("src/a.txt", False, False), Target("src/new.txt", False, False)]  # exact names, never targets
 
 
 def test_plan_refuses_overlapping_edits_and_touches_nothing(repo):

@@ -75,7 +75,7 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
                            f"merge: the rest of attempt {attempt}'s saved merge plan ({steps - done} of {steps} "
                            "paths) was written when its worktree was removed" + "".join(f"; {n}" for n in notes))
             # A shared task's audit in flight sees these files change: they are no one's stray writes.
-            writtenlog.note_written(Runtime(root), [relative(p, repo.prefix) for p in mergeplan.paths(plan_dir)])
+            writtenlog.note_merged(Runtime(root), [relative(p, repo.prefix) for p in mergeplan.paths(plan_dir)])
         if own_tree:
             from aipm.workspace import keep_unrecorded
 
