@@ -36,6 +36,9 @@ class Record:
     # When its scope audit began (ns; 0: not audited): the audit's fallback when its saved start (beside its log,
     # in .aipm/) is gone, a worker's `git clean -fdx` that a skipped audit would have let write anywhere.
     scope_since: int = 0
+    # [path, device, inode] of the files in the tree that the output of the aipm processes that started and owned
+    # it goes to (ownoutput.files): an adopter's audit excuses them, though their writer, killed, holds them no more.
+    own_output: list = field(default_factory=list)
     # Run under a Landlock ruleset (confine.prefix): only such an attempt's listing of what was made for its rules,
     # beside its log where it cannot write, is read back (confine.tidy).
     confined: bool = False

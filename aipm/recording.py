@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import signal
 
-from aipm import (agents, cluster, commits, confine, notify, outcome, recovery, scope, spending, unrecorded, workspace,
-                  writer, writtenlog)
+from aipm import (agents, cluster, commits, confine, notify, outcome, ownoutput, recovery, scope, spending, unrecorded,
+                  workspace, writer, writtenlog)
 from aipm.budget import usd
 from aipm.errors import UserError
 from aipm.finish import after_cap, after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
@@ -393,8 +393,8 @@ class Recording(Reviewing):
                     *self.settings.scope_ignore,
                     *writtenlog.written_since(self.rt, since_ns)]
 
-        return writtenlog.not_own_output(self.rt.root, scope.findings(self.rt.root, rec.scope_file, allowed,
-                                                                      in_commits, rec.scope_since))
+        return ownoutput.not_own_output(self.rt.root, scope.findings(self.rt.root, rec.scope_file, allowed,
+                                                                     in_commits, rec.scope_since), rec.own_output)
 
     def _note(self, task: Task) -> None:
         if self.view is not None:

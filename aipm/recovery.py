@@ -13,7 +13,7 @@ from contextlib import suppress
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from aipm import agents, cluster, confine, outcome, runner, spending, subreaper, workspace, writtenlog
+from aipm import agents, cluster, confine, outcome, ownoutput, runner, spending, subreaper, workspace, writtenlog
 from aipm.errors import UserError, said
 from aipm.finish import review_command, rework_limit
 from aipm.model import RUNNING, Order, Status, Task, definition
@@ -85,6 +85,9 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
                     adopt.adopt(rec)  # else a detached owner: we cannot wait for it, or will not
                 else:
                     launcher.spawn_detached(rec, adopt=True)  # (it tries again itself, under the lock)
+                    # what we print meanwhile (`aipm recover > recover.log`) is aipm's too, though its owner's audit
+                    # runs in another session
+                    rec.own_output = ownoutput.with_ours(rec.own_output, launcher.project.root)
                     launcher.runtime.write_record(rec)
             except OSError as exc:  # a full state directory, or its log unusable: the record still names the dead
                 # owner; tried again

@@ -14,7 +14,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
-from aipm import agents, commits, confine, landlock, locks, outcome, restore, runner, scope, spending, workspace, writer
+from aipm import (agents, commits, confine, landlock, locks, outcome, ownoutput, restore, runner, scope, spending,
+                  workspace, writer)
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
 from aipm.model import Order, Status, Task, definition, ran_by
@@ -79,7 +80,7 @@ class Starter:
             exit_file=str(rt.exit_path(order.id, task.id, number)), started_at=started_at, number=number,
             counters=restore.counters(task), definition=definition(task), ran_by=ran_by(task), borrowed=borrowed,
             cost_cap=cost_cap,
-            cost_limit=cost_limit if cost_cap is not None else None,
+            cost_limit=cost_limit if cost_cap is not None else None, own_output=ownoutput.files(self.project.root),
         )
         if task.resources is not None:
             rec.cpus, rec.memory_mb = task.resources.cpus or 0.0, task.resources.memory_mb or 0

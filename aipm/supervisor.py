@@ -17,8 +17,8 @@ import time
 from collections.abc import Callable
 from contextlib import suppress
 
-from aipm import (agents, childstops, cluster, confine, meter, notify, runner, scope, statedir, subreaper,
-                  workspace)
+from aipm import (agents, childstops, cluster, confine, meter, notify, ownoutput, runner, scope, statedir,
+                  subreaper, workspace)
 from aipm.childstops import ChildStops
 from aipm.finish import time_limit
 from aipm.inotify import IN_DELETE, IN_DELETE_SELF, DirWatch, close_at_exit
@@ -141,6 +141,7 @@ class Supervisor(Stopping, Recording, Owner):
         if rec.deadline and rec.deadline > 1e9 > _now():  # a wall-clock time, written by an aipm before _CLOCK
             rec.deadline += _now() - time.time()
         rec.owner_pid, rec.owner_ctime = self.me
+        rec.own_output = ownoutput.with_ours(rec.own_output, self.rt.root)  # should we die too (ownoutput.py)
         self.rt.write_record(rec)
         self.adopted.add(rec.key)
         self._own(rec)

@@ -10,14 +10,11 @@ import contextlib
 import json
 import os
 import posixpath
-import stat
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from aipm.gitstatus import real_root, tree_prefix
-from aipm.liveness import read_small, stat_fields
-from aipm.lockholders import open_under
 from aipm.paths import PathError, Target, normalize, real_relative
 from aipm.record import Record
 from aipm.runtime import Runtime
@@ -124,54 +121,3 @@ def _lines(log: Path) -> list[str]:
                 if line.split(" ", 1)[0].isdigit()]
     except (OSError, UnicodeDecodeError):
         return []
-
-
-def not_own_output(root: Path, paths: list[str]) -> list[str]:
-    """`paths` without the files this run's own output goes to: any file a process of its session holds open for
-    writing, this one's standard output and error included (`nohup aipm run` writes nohup.out in the project root,
-    `aipm run > run.log` likewise, `aipm run | tee run.log` through tee): workers run in sessions of their own, so
-    those writes are the run's or its user's, no worker's. Compared by inode: only the paths an audit found are
-    looked at, so an audit that found nothing costs nothing here."""
-    if not paths:
-        return paths
-    ours = _written_by_session(root)
-    kept = []
-    for path in paths:
-        try:
-            st = os.stat(Path(root) / path)
-        except OSError:
-            kept.append(path)
-            continue
-        if (st.st_dev, st.st_ino) not in ours:
-            kept.append(path)
-    return kept
-
-
-def _written_by_session(root: Path) -> set[tuple[int, int]]:
-    """(device, inode) of the regular files in the tree that processes of this process's session hold open for
-    writing."""
-    session = os.getsid(0)
-    found = set()
-    for pid, fd, _ in open_under(f"{os.path.realpath(root)}/", _members(session)):
-        try:
-            flags = int(read_small(f"/proc/{pid}/fdinfo/{fd}").split(b"flags:", 1)[1].split()[0], 8)
-            if flags & os.O_ACCMODE == os.O_RDONLY:
-                continue
-            st = os.stat(f"/proc/{pid}/fd/{fd}")
-        except (OSError, IndexError, ValueError):
-            continue  # closed or gone meanwhile
-        if stat.S_ISREG(st.st_mode):
-            found.add((st.st_dev, st.st_ino))
-    return found
-
-
-def _members(session: int) -> list[int]:
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if int(stat_fields(int(name))[3]) == session:
-                    pids.append(int(name))
-            except (OSError, IndexError, ValueError):
-                continue  # gone meanwhile, or not ours to read
-    return pids

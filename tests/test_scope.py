@@ -16,7 +16,7 @@ from aipm.paths import normalize
 from aipm.gitstatus import changed
 from aipm.paths import out_of_scope
 from aipm.scope import load, save, snapshot
-from conftest import capped_memory, task_statuses, wait_for, write_task
+from conftest import capped_memory, state, task_statuses, wait_for, write_task
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 
@@ -1015,3 +1015,87 @@ def test_an_attempt_sent_back_for_its_scope_says_its_command_was_edited_while_it
     assert finished and finished[0].get("scope") == ["stray.txt"], (finished, err)
     assert "its next attempt runs the edited one" in finished[0].get("hint", ""), finished
     assert "its next attempt runs the edited one" in (repo / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("adopter, watch", [("run", True), ("run", False), ("run twice", True), ("recover", False)],
+                         ids=["run-watch", "run-git", "run-twice", "recover"])
+def test_the_output_of_a_killed_run_is_not_charged_to_the_worker_a_new_aipm_adopts(tmp_path, adopter, watch):
+    """`aipm run ORD > run.log 2>&1` in the project root, killed (SIGKILL) while its worker runs, and a new
+    `aipm run ORD` (its output elsewhere) adopts that worker: the adopter's audit charged run.log, which only the
+    dead run had written, to the worker (`scope: wrote run.log`, sent back); so did a third run, adopting it from a
+    second one killed as well, its run2.log too. `aipm recover ORD > recover.log` adopting it through a detached
+    owner (another session) charged both. run.log is aipm's output only for the attempts that run started: a task
+    the adopter starts afterwards that writes it is still charged."""
+    import signal
+
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    go = tmp_path / "go"  # outside the tree: no write of the test's is audited
+    root.mkdir()
+    (root / "aipm.yaml").write_text(f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
+    write_task(order, "T", command=f"until [ -e {shlex.quote(str(go))} ]; do sleep 0.02; done; echo t > t.txt",
+               target_files=["t.txt"])
+    write_task(order, "U", command="echo u >> run.log; echo u > u.txt", target_files=["u.txt"], depends_on=["T"])
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    aipm = [sys.executable, "-m", "aipm", "--root", str(root)]
+    run = [*aipm, "run", "ORD", "--no-resource-monitoring"]
+    with open(root / "run.log", "w") as out:  # (closed here once the run has it: only the run's session holds it)
+        first = subprocess.Popen(run, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    try:
+        wait_for(lambda: "start    T" in (root / "run.log").read_text(), timeout=60)
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+    assert task_statuses(order)["T"] == "IN_PROGRESS"
+    record = state(root) / "workers" / "ORD" / "T.json"
+    if adopter == "run twice":  # the adopter, its output in the tree too, killed as well before a third adopts
+        with open(root / "run2.log", "w") as out:
+            second = subprocess.Popen(run, stdout=out, stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+        wait_for(lambda: json.loads(record.read_text())["owner_pid"] == second.pid, timeout=60)
+        os.kill(second.pid, signal.SIGKILL)
+        second.wait()
+    if adopter != "recover":
+        last = subprocess.Popen(run, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=root,
+                                start_new_session=True)
+        wait_for(lambda: json.loads(record.read_text())["owner_pid"] == last.pid, timeout=60)  # still running
+        go.touch()
+        out, err = last.communicate(timeout=120)
+        said = out + err
+        assert "scope: wrote run.log" in out and out.count("scope:") == 1, said
+    else:
+        with open(root / "recover.log", "w") as out:
+            recovered = subprocess.run([*aipm, "recover", "ORD"], stdout=out, stderr=subprocess.STDOUT, cwd=root,
+                                       start_new_session=True, timeout=60)
+        said = (root / "recover.log").read_text()
+        assert recovered.returncode == 0 and "adopted" in said, said
+        go.touch()
+        final = ("DONE", "FAILED", "REJECTED")
+        wait_for(lambda: (lambda s: s["T"] != "IN_PROGRESS" and (s["T"] != "DONE" or s["U"] in final))(
+            task_statuses(order)), timeout=60)  # (U runs only once T is DONE)
+        said = (order / "T.yaml").read_text() + (order / "U.yaml").read_text()
+        assert "scope: wrote run.log" in (order / "U.yaml").read_text(), said
+    assert task_statuses(order) == {"T": "DONE", "U": "REJECTED"}, said
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_the_output_of_aipm_launch_is_not_charged_to_the_worker_it_started(tmp_path):
+    """`aipm launch ORD > launch.log` in the project root writes its report there after its worker starts; the
+    detached owner that audits the worker (a session of its own) charged launch.log to it: REJECTED."""
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / "orders" / "ORD"
+    (root / "orders").mkdir(parents=True)
+    (root / "aipm.yaml").write_text("max_rework: 0\n")
+    write_task(order, "T", command="sleep 0.5; echo t > t.txt", target_files=["t.txt"])
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    with open(root / "launch.log", "w") as out:
+        launched = subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "launch", "ORD",
+                                   "--no-resource-monitoring"], stdout=out, stderr=subprocess.STDOUT, cwd=root,
+                                  timeout=60)
+    assert launched.returncode == 0, (root / "launch.log").read_text()
+    wait_for(lambda: task_statuses(order)["T"] not in ("QUEUED", "IN_PROGRESS", "IN_REVIEW"), timeout=60)
+    assert yaml.safe_load((order / "T.yaml").read_text())["status"] == "DONE", (order / "T.yaml").read_text()

@@ -1,0 +1,93 @@
+"""aipm's own output in the tree: files the scope audit never charges to a worker.
+
+`aipm run ORD > run.log` (or `nohup aipm run`, or `| tee run.log`) in the project writes there while its workers
+run; those writes are aipm's (or its user's), no worker's. Two sources tell them: the files the auditing process's
+session holds open for writing now, and the files noted in the attempt's record by the aipm processes that started
+and owned it (`files()`), so that an owner that adopts the attempt after the first one was killed (whose output file
+nobody holds any more) still knows them. Only those: a file that was the output of no aipm running the attempt is
+charged as any other.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from aipm.gitstatus import real_root
+from aipm.liveness import read_small, stat_fields
+from aipm.lockholders import open_under
+
+
+def files(root: Path) -> list[list]:
+    """[path relative to the real root, device, inode] of this process's standard output and error where they are
+    regular files in the tree (none off Linux: /proc names them)."""
+    top = real_root(Path(root)) + "/"
+    found: list[list] = []
+    for fd in (1, 2):
+        try:
+            st = os.fstat(fd)
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        entry = [path[len(top):], st.st_dev, st.st_ino]
+        if stat.S_ISREG(st.st_mode) and path.startswith(top) and entry not in found:
+            found.append(entry)
+    return found
+
+
+def with_ours(noted: list, root: Path) -> list:
+    """`noted` and this process's output files: an owner adopting an attempt adds its own, should it die too."""
+    return noted + [entry for entry in files(root) if entry not in noted]
+
+
+def not_own_output(root: Path, paths: list[str], noted: list) -> list[str]:
+    """`paths` without the files aipm's own output goes to: any file a process of this one's session holds open
+    for writing, this one's standard output and error included (`nohup aipm run` writes nohup.out in the project
+    root, `aipm run > run.log` likewise, `aipm run | tee run.log` through tee): workers run in sessions of their
+    own, so those writes are the run's or its user's, no worker's; and the files `noted` (files() of the aipm
+    processes that owned the attempt: a run killed while its worker ran holds its run.log no more). Compared by
+    inode: only the paths an audit found are looked at, so an audit that found nothing costs nothing here."""
+    if not paths:
+        return paths
+    ours = _written_by_session(root)
+    kept = []
+    for path in paths:
+        try:
+            st = os.stat(Path(root) / path)
+        except OSError:
+            kept.append(path)
+            continue
+        if (st.st_dev, st.st_ino) not in ours and [path, st.st_dev, st.st_ino] not in noted:
+            kept.append(path)
+    return kept
+
+
+def _written_by_session(root: Path) -> set[tuple[int, int]]:
+    """(device, inode) of the regular files in the tree that processes of this process's session hold open for
+    writing."""
+    session = os.getsid(0)
+    found = set()
+    for pid, fd, _ in open_under(f"{os.path.realpath(root)}/", _members(session)):
+        try:
+            flags = int(read_small(f"/proc/{pid}/fdinfo/{fd}").split(b"flags:", 1)[1].split()[0], 8)
+            if flags & os.O_ACCMODE == os.O_RDONLY:
+                continue
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+        except (OSError, IndexError, ValueError):
+            continue  # closed or gone meanwhile
+        if stat.S_ISREG(st.st_mode):
+            found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def _members(session: int) -> list[int]:
+    pids = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if int(stat_fields(int(name))[3]) == session:
+                    pids.append(int(name))
+            except (OSError, IndexError, ValueError):
+                continue  # gone meanwhile, or not ours to read
+    return pids
