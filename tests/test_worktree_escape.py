@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from conftest import task_statuses, wait_for, write_task
-from test_confine import landlock
+from test_confine import needs_landlock
 from test_workspace import git, project_in, repo, wait_gate  # noqa: F401 - repo is a fixture
 
 MAIN = '"${AIPM_LOG%/.aipm/*}"'  # the main tree's root, as a worker can work it out
@@ -73,7 +73,7 @@ def test_what_others_merge_and_the_person_edits_in_its_targets_and_ignored_paths
     assert (repo / "src/b.txt").read_text().endswith("from B\n")
 
 
-@landlock
+@needs_landlock
 def test_a_confined_worktree_worker_reaches_nothing_of_the_main_tree_and_its_git_works(repo, tmp_path):
     """Confined, every way out of the worktree is refused by the kernel (the main tree by an absolute path, `../..`,
     a symbolic link made in a target directory; another task's worktree; the main repository's refs), while git
