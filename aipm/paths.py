@@ -52,13 +52,16 @@ class Target:
 
 @lru_cache(maxsize=65536)
 def _segments(path: str, is_dir: bool, is_glob: bool) -> tuple[str, ...]:
-    parts = tuple(p for p in path.split("/") if p) if path else ()
-    if not is_glob and not GLOB_CHARS.isdisjoint(path):
-        # A file's exact name (a changed path, a merged one): its `*`, `?` and `[` are characters, quoted as fnmatch
-        # quotes them (`[*]`), else `docs/a*.md` met the target `docs/*b.md` and `docs/[draft].md` no target.
-        parts = tuple(_GLOB_CHAR.sub(r"[\g<0>]", p) for p in parts)
+    # A file's exact name (a changed path, a merged one): its `*`, `?` and `[` are characters, else `docs/a*.md`
+    # met the target `docs/*b.md` and `docs/[draft].md` no target.
+    parts = tuple(p for p in (path if is_glob else quote(path)).split("/") if p) if path else ()
     # A directory covers everything below it, i.e. it behaves like `dir/**`.
     return parts + ("**",) if is_dir else parts
+
+
+def quote(name: str) -> str:
+    """`name` as a pattern that matches it alone: its `*`, `?` and `[` quoted as fnmatch quotes them (`[*]`)."""
+    return _GLOB_CHAR.sub(r"[\g<0>]", name) if not GLOB_CHARS.isdisjoint(name) else name
 
 
 def normalize(raw: str, root: str | None = None, links: dict[str, bool] | None = None) -> Target:
@@ -352,8 +355,8 @@ def out_of_scope(paths: set[str], allowed: Iterable[Target | str]) -> list[str]:
 
 
 def _allowed(target: Target | str) -> Target:
-    # (a backslash is in no target a person writes: such a name, an order directory's in order_files, is taken as
-    # it is, never refused in the middle of an audit)
+    # (a backslash is in no target a person writes: such a name, in a record a worker rewrote, is taken as it is,
+    # never refused in the middle of an audit)
     if not isinstance(target, str):
         return target
     return Target(target, False, False) if "\\" in target else normalize(target)

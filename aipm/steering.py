@@ -89,7 +89,7 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
                     raise Unwritable(f"cannot cancel {task_id}: {path}: {exc.strerror}; nothing was changed (make "
                                      "room and cancel again)") from None
                 raise
-            writtenlog.note_written(rt, writtenlog.order_files(project.root, str(order_dir)))  # not a worker's write
+            writtenlog.note_order(rt, order_dir)  # not a worker's write
     if live:
         append_log(rec.log, "cancelled by the user: stopping the process group")
         terminate_group(rec.pgid, rec.pid, grace)
@@ -268,6 +268,6 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
             if marker is not None:
                 marker.unlink(missing_ok=True)
             raise UserError(f"{path}: status: {exc}") from None
-        writtenlog.note_written(rt, writtenlog.order_files(project.root, str(order_dir)))  # not a worker's write
+        writtenlog.note_order(rt, order_dir)  # not a worker's write
         rt.drop_feedback(order_id, task_id)
     return current

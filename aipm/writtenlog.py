@@ -9,19 +9,20 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import posixpath
 import time
 from collections.abc import Iterable
 from pathlib import Path
 
 from aipm.gitstatus import real_root, tree_prefix
-from aipm.paths import PathError, Target, normalize, real_relative
+from aipm.paths import PathError, Target, normalize, quote, real_relative
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.workerfiles import STATE_FILE_MAX, open_regular, read_bytes, write_bytes
 
-# In the state directory, a line per note: "<time_ns> <json list of targets>" (patterns, as a person writes them) or
-# "<time_ns> {"files": <json list of exact file names>}" (what a merge wrote: `a*.md` is that one file).
+# In the state directory, a line per note: "<time_ns> <json list of targets>" (patterns, as a person writes them),
+# "<time_ns> {"targets": [...], "order": <its directory, an exact name>}" (an attempt ended, or a person's command
+# wrote task files: order_files) or "<time_ns> {"files": <json list of exact file names>}" (what a merge wrote:
+# `a*.md` is that one file).
 WRITTEN_LOG = "written.log"
 
 
@@ -32,16 +33,26 @@ def note_ended(rt: Runtime, rec: Record) -> None:
     if tree_prefix(real_root(rt.root)) is None:
         return  # nothing here is audited
     # A worktree attempt wrote in its own worktree (merges note themselves); its status, here.
-    note_written(rt, [*(() if rec.workspace else rec.targets), *order_files(rt.root, rec.order_dir)])
+    note_order(rt, rec.order_dir, () if rec.workspace else rec.targets)
 
 
-def order_files(root: Path, order_dir: str) -> list[str]:
+def order_files(root: Path, order_dir: str | Path) -> list[Target]:
     """What aipm writes in an order directory, as targets: its task files and the temp files it writes them
     through (none when the directory is outside the project). Named by its real path, as git names them."""
-    rel = real_relative(str(root), os.path.relpath(order_dir, root))
-    if rel is None:
-        return []
-    return [posixpath.join(rel, name) if rel else name for name in ("*.yaml", ".*.tmp")]
+    rel = _order_path(root, order_dir)
+    return [] if rel is None else _files_in(rel)
+
+
+def _order_path(root: Path, order_dir: str | Path) -> str | None:
+    return real_relative(str(root), os.path.relpath(order_dir, root))
+
+
+def _files_in(rel: str) -> list[Target]:
+    # The directory is this one alone: `*`, `?` and `[` in its name are characters (`O[1]/*.yaml` covered O1/,
+    # `or*/` every orx/), and a backslash too (as a target a person writes, `or\ders` was refused: nothing
+    # covered the task's own file, and every attempt was charged with it).
+    base = quote(rel) + "/" if rel else ""
+    return [Target(base + name, False, True) for name in ("*.yaml", ".*.tmp")]
 
 
 def note_written(rt: Runtime, targets: Iterable[str]) -> None:
@@ -50,13 +61,23 @@ def note_written(rt: Runtime, targets: Iterable[str]) -> None:
     _note(rt, list(targets))
 
 
+def note_order(rt: Runtime, order_dir: str | Path, targets: Iterable[str] = ()) -> None:
+    """aipm just wrote task files of the order in `order_dir` (not a worker's write), and an attempt that ended
+    there may have written `targets`: note them for the audits in flight. Caller holds the launch lock."""
+    entry: dict[str, list[str] | str] = {"targets": list(targets)}
+    rel = _order_path(rt.root, order_dir)
+    if rel is not None:
+        entry["order"] = rel
+    _note(rt, entry)
+
+
 def note_merged(rt: Runtime, files: Iterable[str]) -> None:
     """A merge just wrote `files` (exact names, relative to the project root): note them for the audits in
     flight. Caller holds the launch lock."""
     _note(rt, {"files": list(files)})
 
 
-def _note(rt: Runtime, entry: list[str] | dict[str, list[str]]) -> None:
+def _note(rt: Runtime, entry: list[str] | dict[str, list[str] | str]) -> None:
     """Append `entry` with the time; past WRITTEN_LOG_BYTES the log is cut to the lines an audit may still need."""
     log = rt.state / WRITTEN_LOG
     try:
@@ -94,8 +115,9 @@ def _prune(rt: Runtime, log: Path) -> None:
 
 
 def written_since(rt: Runtime, since_ns: int) -> list[Target]:
-    """What the attempts (and merges) that ended at or after `since_ns` wrote (see note_ended): their targets, and
-    the files a merge wrote, each exactly (its `*`, `?`, `[`, blanks and backslashes are the name's)."""
+    """What the attempts (and merges) that ended at or after `since_ns` wrote (see note_ended): their targets, their
+    orders' task files, and the files a merge wrote, each exactly (its `*`, `?`, `[`, blanks and backslashes are
+    the name's)."""
     found: list[Target] = []
     for line in _lines(rt.state / WRITTEN_LOG):
         stamp, _, noted = line.partition(" ")
@@ -103,13 +125,15 @@ def written_since(rt: Runtime, since_ns: int) -> list[Target]:
             if int(stamp) < since_ns:
                 continue
             entry = json.loads(noted)
-            if isinstance(entry, dict):
-                found.extend(Target(str(name), False, False) for name in entry["files"])
-                continue
-            for raw in entry:
+            if not isinstance(entry, dict):  # (a list of targets; anything else, a worker's, fails below)
+                entry = {"targets": entry}
+            for raw in entry.get("targets", ()):
                 with contextlib.suppress(PathError):  # (`../x`: no target of ours, from a worker; it excuses nothing)
                     found.append(normalize(str(raw)))
-        except (ValueError, TypeError, KeyError):
+            if isinstance(entry.get("order"), str):
+                found.extend(_files_in(entry["order"]))
+            found.extend(Target(str(name), False, False) for name in entry.get("files", ()))
+        except (ValueError, TypeError):
             continue  # no note of ours (the state directory is in a worker's reach)
     return found
 

@@ -736,9 +736,9 @@ def test_a_stopped_attempt_is_noted_once_in_the_written_log(repo):
     run.send_signal(signal.SIGINT)
     assert run.wait(timeout=60) == 130
     lines = (Runtime(repo).state / writtenlog.WRITTEN_LOG).read_text().splitlines()
-    noted = sorted(t for line in lines for t in json.loads(line.split(" ", 1)[1]))
-    assert noted == ["orders/ORD/*.yaml", "orders/ORD/*.yaml", "orders/ORD/.*.tmp", "orders/ORD/.*.tmp",
-                     "out0.txt", "out1.txt"], lines
+    noted = sorted((json.loads(line.split(" ", 1)[1]) for line in lines), key=str)
+    assert noted == [{"order": "orders/ORD", "targets": ["out0.txt"]},
+                     {"order": "orders/ORD", "targets": ["out1.txt"]}], lines
 
 
 def test_an_audited_attempt_killed_by_a_signal_keeps_its_status(repo):
@@ -809,16 +809,44 @@ def test_an_order_directory_reached_through_a_symlink_allows_its_task_files_by_t
     assert yaml.safe_load((order / "A.yaml").read_text())["status"] == "DONE"
 
 
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
+@pytest.mark.parametrize("orders_dir, order_dir, lookalike", [
+    ("or\\ders", "ORD", "or/ders/ORD/X.yaml"), ("orders", "O[1]", "orders/O1/X.yaml"), ("or*", "O?", "orx/OX/X.yaml")],
+    ids=["backslash", "class", "star"])
+def test_an_order_directory_is_excused_by_its_exact_name(tmp_path, watch, orders_dir, order_dir, lookalike):
+    """The task files aipm writes were excused by their order directory read as a target a person writes: a
+    backslash in it (`orders_dir: "or\\\\ders"`) was refused, so nothing excused them and every task was charged
+    with its own task file; `O[1]` excused orders/O1/ and not itself; `or*/O?` excused every orx/OX/."""
+    import yaml
+
+    root = tmp_path / "repo"
+    order = root / orders_dir / order_dir
+    order.mkdir(parents=True)
+    (root / "aipm.yaml").write_text(f"max_rework: 0\norders_dir: {json.dumps(orders_dir)}\n"
+                                    f"scope_watch: {str(watch).lower()}\n")
+    (order / "order.yaml").write_text("id: ORD\n")
+    (order / "T.yaml").write_text(yaml.safe_dump({
+        "command": f"echo a > a.txt && mkdir -p {shlex.quote(os.path.dirname(lookalike))} && "
+                   f"echo x > {shlex.quote(lookalike)}", "target_files": ["a.txt"]}))
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    code, events = _run_json(root, dict(os.environ, AIPM_ENABLE_MONITORING="false"), 5)
+    assert code == 1 and [e["scope"] for e in events if e.get("scope")] == [[lookalike]], events
+    assert yaml.safe_load((order / "T.yaml").read_text())["status"] == "REJECTED"
+
+
+@pytest.mark.parametrize("o3_dir", ["O3", "O[3]"])
 @pytest.mark.parametrize("steer", ["cancel", "retry"])
-def test_a_cancel_or_retry_in_another_order_during_an_attempt_is_not_charged(tmp_path, steer):
+def test_a_cancel_or_retry_in_another_order_during_an_attempt_is_not_charged(tmp_path, steer, o3_dir):
     """`aipm cancel`/`retry` write a task file of an order no one runs: the audit of an attempt running then
     charged it with that file (a rework, an extra attempt). They note it in the written log, as an ended
-    attempt does."""
+    attempt does: its order directory by its exact name (`O[3]` was read back as a pattern that covers O3/)."""
     import yaml
 
     root = _git_repo_order(tmp_path, {"A": {"command": "sleep 2; echo a > a.txt", "target_files": ["a.txt"]}})
-    o3 = root / "orders" / "O3"
+    o3 = root / "orders" / o3_dir
     o3.mkdir()
+    (o3 / "order.yaml").write_text("id: O3\n")
     (o3 / "X.yaml").write_text(yaml.safe_dump({"command": "true", "target_files": ["x.txt"],
                                                **({"status": "FAILED"} if steer == "retry" else {})}))
     env = dict(os.environ, AIPM_ENABLE_MONITORING="false")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -1667,21 +1668,27 @@ def test_a_same_size_edit_in_the_second_of_the_checkout_is_captured(repo):
     assert git(repo, "cat-file", "-p", blob).startswith("A line 1\n")
 
 
-def test_a_worktree_task_on_the_whole_project_never_merges_an_edit_of_a_task_file(repo):
+@pytest.mark.parametrize("orders_dir, order_dir", [("orders", "ORD"), ("or\\ders", "O[1]*")], ids=["plain", "odd"])
+def test_a_worktree_task_on_the_whole_project_never_merges_an_edit_of_a_task_file(repo, orders_dir, order_dir):
     """`./` covers the order directory too: a worker's edit of another task's file (its command) was merged into
-    the main tree. Task files are aipm's state: such an attempt is sent back with nothing merged."""
-    project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n")
-    write_task(project.order(), "OTHER", command="true", target_files=["o.txt"], status="DONE")
-    write_task(project.order(), "T", target_files=["."],
-               command="echo T >> src/a.txt; echo 'command: rm -rf /' >> orders/ORD/OTHER.yaml")
+    the main tree. Task files are aipm's state: such an attempt is sent back with nothing merged. Its order
+    directory is that one exactly: `or\\ders/O[1]*` was read as a pattern that matched no such file."""
+    project = project_in(repo, config=f"workspace: worktree\nmax_rework: 0\norders_dir: {json.dumps(orders_dir)}\n")
+    order = repo / orders_dir / order_dir
+    order.mkdir(parents=True)
+    (order / "order.yaml").write_text("id: ORD\n")
+    other_file = f"{orders_dir}/{order_dir}/OTHER.yaml"
+    write_task(order, "OTHER", command="true", target_files=["o.txt"], status="DONE")
+    write_task(order, "T", target_files=["."],
+               command=f"echo T >> src/a.txt; echo 'command: rm -rf /' >> {shlex.quote(other_file)}")
     git(repo, "add", "-A")
     git(repo, "commit", "-q", "-m", "order")
-    other = (repo / "orders/ORD/OTHER.yaml").read_text()
+    other = (repo / other_file).read_text()
     a_before = (repo / "src/a.txt").read_text()
     assert project.aipm("run", "ORD").returncode == 1
     assert project.statuses() == {"OTHER": "DONE", "T": "REJECTED"}
-    assert (repo / "orders/ORD/OTHER.yaml").read_text() == other and (repo / "src/a.txt").read_text() == a_before
-    assert "orders/ORD/OTHER.yaml" in (repo / ".aipm/feedback/ORD/T.txt").read_text()
+    assert (repo / other_file).read_text() == other and (repo / "src/a.txt").read_text() == a_before
+    assert other_file in (repo / ".aipm/feedback/ORD/T.txt").read_text()
 
 
 @pytest.mark.parametrize("then", ["recover while it is gone", "run, put back, recover"])
