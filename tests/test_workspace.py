@@ -1585,6 +1585,23 @@ def test_the_ignored_files_note_follows_the_targets_for_the_root_and_globs(repo,
     assert f"merge: {named}: ignored by git, so not merged back (gone with the worktree)" in log, log
 
 
+@pytest.mark.parametrize("sub", ["proj", "p[1]*", "p\\q"])
+def test_a_project_root_below_the_top_is_named_to_git_by_its_exact_name(repo, sub):
+    """The project root's place in the repository (`p[1]*/`, `p\\q/`) was written into git's patterns as it is,
+    where git reads `[1]` and `*` as wildcards and `\\` as an escape: the runtime directory a worker made in its
+    worktree was not left out of the capture (the attempt was charged with `.aipm/junk.txt`, or with `./` it was
+    merged into aipm's own), and the ignored files in its targets were looked for elsewhere, not named."""
+    (repo / ".gitignore").write_text("build/\n")
+    project = project_in(repo, sub=sub, config="workspace: worktree\nmax_rework: 0\n")
+    write_task(project.order(), "T", target_files=["top.txt", "build/"],
+               command="echo T > top.txt; mkdir -p .aipm build; echo junk > .aipm/junk.txt; echo o > build/o.js")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0 and project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr
+    assert (project.root / "top.txt").read_text() == "T\n" and not (project.root / ".aipm/junk.txt").exists()
+    log = (project.root / ".aipm/logs/ORD/T.1.log").read_text()
+    assert f"merge: {sub}/build/: ignored by git, so not merged back (gone with the worktree)" in log, log
+
+
 def test_what_an_approving_review_changed_in_the_worktree_is_merged_or_sends_the_attempt_back(repo):
     """The review runs after the end capture: its edit inside the targets is what it approved, so it is merged
     (and logged); an edit outside them merges nothing of the attempt."""

@@ -399,7 +399,7 @@ def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
     if not rec.targets or not tree.is_dir():
         return []
     # The root target is "./", which no glob pathspec matches: its pathspec is the root's place itself.
-    specs = [f":(top,glob){repo.prefix}{t}" if t != "./" else f":(top){repo.prefix}" for t in rec.targets]
+    specs = [f":(top,glob){repo.prefix_pattern}{t}" if t != "./" else f":(top){repo.prefix}" for t in rec.targets]
     try:
         found = repo.ignored(tree, specs)
     except WorkspaceError as exc:  # the merge is done: this is only a warning

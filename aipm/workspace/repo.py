@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import subprocess
 
 RUNTIME_DIR = ".aipm"
+_GIT_WILDCARD = re.compile(r"[*?[\\]")
 # Who "wrote" the capture commits (commit-tree needs an identity; the user's may not be configured).
 _IDENTITY = {"GIT_AUTHOR_NAME": "aipm", "GIT_AUTHOR_EMAIL": "aipm@localhost",
              "GIT_COMMITTER_NAME": "aipm", "GIT_COMMITTER_EMAIL": "aipm@localhost"}
@@ -71,6 +72,9 @@ class Repo:
                                  "or use workspace: shared")
         self.top = Path(lines[0])
         self.prefix = lines[1] if len(lines) > 1 else ""  # the project root inside the repository: "" or "sub/"
+        # The same in a pathspec's pattern, where git reads `*`, `?`, `[` and `\` as wildcards and escapes: a root at
+        # `p[1]/` named p1/ there, not itself.
+        self.prefix_pattern = _GIT_WILDCARD.sub(r"\\\g<0>", self.prefix)
         self._common: Path | None = None
 
     # -- running git --------------------------------------------------------------------------------------
@@ -143,7 +147,7 @@ class Repo:
             # The runtime directory as a pattern ("[.]aipm/**"), not its literal name: git add refuses a pathspec,
             # excluding ones too, that names an ignored path ("paths are ignored by one of your .gitignore
             # files"), and many projects ignore .aipm/ themselves.
-            runtime = f"{self.prefix}[{RUNTIME_DIR[0]}]{RUNTIME_DIR[1:]}/**"
+            runtime = f"{self.prefix_pattern}[{RUNTIME_DIR[0]}]{RUNTIME_DIR[1:]}/**"
             specs = [":/", f":(top,exclude){runtime}", *(f":(top,exclude){p}" for p in leave_out)]
             try:
                 self.git("add", "--all", *_sparse(), "--", *specs, cwd=tree_dir, env=env)
