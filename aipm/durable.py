@@ -29,7 +29,7 @@ class _Batch(threading.local):
     later: list[Callable[[bool], None]]  # what may wait for a later batch's fsync too (once_durable(urgent=False))
     carry = False  # this batch's end leaves its fsync to the next batch (carry_over)
     carried: tuple[list[str], list[Callable[[bool], None]]] | None = None  # what the last batch left
-    syncing: list[tuple[Synced, str]] | None = None  # fsyncs sync_now() started, with their directories
+    syncing: list[Synced] | None = None  # the directory fsyncs sync_now() started
 
 
 _open = _Batch()
@@ -93,11 +93,11 @@ def batch() -> Iterator[None]:
     finally:
         dirs, after, later, carry = _open.dirs, _open.after, _open.later, _open.carry
         _open.dirs, _open.after, _open.later, _open.carry = None, [], [], False
-        dirs = _synced(dirs)
-        if carry and not after and dirs:
+        syncing, _open.syncing = _open.syncing, []
+        if carry and not after and dirs and not syncing:
             _open.carried = (dirs, later)
         else:
-            _settle(dirs, after + later)
+            _settle(dirs, after + later, syncing)
 
 
 def flush() -> None:
@@ -106,14 +106,15 @@ def flush() -> None:
     if _open.dirs is not None:
         dirs, after = _open.dirs, _open.after + _open.later
         _open.dirs, _open.after, _open.later = [], [], []
-        _settle(_synced(dirs), after)
+        syncing, _open.syncing = _open.syncing, []
+        _settle(dirs, after, syncing)
 
 
 def sync_now() -> None:
     """Inside a batch: start the fsync of its directories now, each in a native thread (offthread.fsync_later), so
     that its writes become durable while this thread goes on (recording the workers whose go waits for them), and
     leave what waits for them (once_durable) queued, in order, for the next flush() or the batch's end. Those wait
-    for these fsyncs first, and fsync again a directory whose fsync failed."""
+    for these fsyncs first; where one failed they are told so (and its error raised there)."""
     dirs = _open.dirs
     if not dirs:
         return
@@ -124,31 +125,36 @@ def sync_now() -> None:
         except FileNotFoundError:
             continue  # removed since its renames (see _fsync_all)
         except OSError:
-            _open.dirs.append(directory)  # fsynced at the flush, which says why it cannot be
+            _open.dirs.append(directory)  # fsynced at the flush, which then says why it cannot be
             continue
-        _open.syncing.append((fsync_later(fd), directory))
+        _open.syncing.append(fsync_later(fd))
 
 
-def _synced(dirs: list[str]) -> list[str]:
-    """`dirs` and the directories whose fsync sync_now() started and that failed, once all of those are done."""
-    failed = []
-    for job, directory in _open.syncing:
-        try:
-            job.result()
-        except OSError:
-            failed.append(directory)
-    _open.syncing = []
-    return failed + [d for d in dirs if d not in failed]
-
-
-def _settle(dirs: list[str], after: list[Callable[[bool], None]]) -> None:
+def _settle(dirs: list[str], after: list[Callable[[bool], None]], syncing: list[Synced] = ()) -> None:
+    """fsync `dirs`, once the fsyncs sync_now() started (`syncing`) are done, then run `after`: each told whether
+    all of it succeeded. A failed fsync is a failure, never tried again: after an error the kernel may say a second
+    fsync succeeded with the first one's writes lost (it reports an error once)."""
     ok = False
     try:
+        _join(syncing)
         _fsync_all(dirs)
         ok = True
     finally:
         for action in after:  # every one runs, so none leaks a descriptor, even when the fsync failed
             action(ok)
+
+
+def _join(syncing: list[Synced]) -> None:
+    """Wait for every fsync started early (each joined, so none leaves its thread or descriptor behind, whatever
+    is raised meanwhile), then raise the first failure."""
+    error: BaseException | None = None
+    for job in syncing:
+        try:
+            job.result()
+        except BaseException as exc:  # noqa: BLE001 - raised once all are joined
+            error = error or exc
+    if error is not None:
+        raise error
 
 
 def _fsync_all(dirs: list[str]) -> None:

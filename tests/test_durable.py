@@ -206,12 +206,13 @@ def let_go(fd, ok):
     go(fd, ok)
 durable.sync_dir, durable.fsync_dir, runner._go = synced_later, synced, let_go
 fsync_later = durable.fsync_later
-class SyncedLater:  # a directory's fsync in a native thread (durable.sync_now): known done when joined
-    def __init__(self, fd):
-        self.path, self.job = os.readlink(f"/proc/self/fd/{fd}"), fsync_later(fd)
+class SyncedLater:  # a directory's fsync in a native thread (durable.sync_now): known done when joined, for the
+    def __init__(self, fd):  # renames made before it started
+        self.path, self.since = os.readlink(f"/proc/self/fd/{fd}"), len(events)
+        self.job = fsync_later(fd)
     def result(self):
         self.job.result()
-        events.append(["synced", self.path])
+        events.append(["synced before", [self.path, self.since]])
 durable.fsync_later = SyncedLater
 from aipm.supervisor import Supervisor
 wait = Supervisor.wait
@@ -249,13 +250,16 @@ def test_no_worker_goes_before_every_status_written_before_it_is_durable(project
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert set(task_statuses(order).values()) == {"DONE"}
     events = json.loads(journal.read_text())
-    unsynced: set[str] = set()
+    unsynced: dict[str, int] = {}  # directory → the event of its last rename not yet durable
     gos = 0
-    for kind, what in events:
+    for at, (kind, what) in enumerate(events):
         if kind == "renamed":
-            unsynced.add(what)
+            unsynced[what] = at
         elif kind == "synced":
-            unsynced.discard(what)
+            unsynced.pop(what, None)
+        elif kind == "synced before":  # an fsync started after the event what[1]: durable up to there
+            if unsynced.get(what[0], at) < what[1]:
+                del unsynced[what[0]]
         elif kind == "sleep":
             assert not (what and unsynced), f"the run slept with renames in {unsynced} not yet durable"
         elif what:  # a go
@@ -368,27 +372,42 @@ def test_a_stop_makes_what_the_last_round_carried_over_durable_before_its_grace(
         sup.close()
 
 
-def test_a_directory_whose_early_fsync_failed_is_fsynced_again_before_anything_waiting_for_it_runs(project,
-                                                                                                    monkeypatch):
-    """sync_now() starts the round's directory fsyncs in native threads while the workers are recorded; one that
-    failed (EIO, once) is not taken as done: the flush fsyncs that directory again, here, before the go."""
-    order = project.order()
-    a = write_task(order, "A", command="true")
+class _Joined:
+    """Stands for the native thread of a directory fsync started early (durable.sync_now): `raises` is what its
+    join raises (None: the fsync succeeded); `joined` lists those joined."""
 
-    class Failed:
-        def __init__(self, fd):
-            os.close(fd)
+    joined: list = []
 
-        def result(self):
-            raise OSError(5, "Input/output error")
+    def __init__(self, fd, raises=None):
+        os.close(fd)
+        self.raises = raises
 
-    monkeypatch.setattr(durable, "fsync_later", Failed)
+    def result(self):
+        _Joined.joined.append(self)
+        if self.raises is not None:
+            raise self.raises
+
+
+@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), KeyboardInterrupt()],
+                         ids=["EIO", "Ctrl-C in the join"])
+def test_a_round_whose_early_fsync_failed_lets_no_worker_go_and_tries_no_second_fsync(project, monkeypatch, error):
+    """sync_now() starts the round's directory fsync in a native thread while the workers are recorded. One that
+    failed is the round's failure: what waits for it is told so (a go is closed, never sent) and the error raised.
+    No second fsync: after an error the kernel may report success for writes it lost. An interruption while it is
+    joined still tells every waiter and joins every thread (none is left with its descriptor)."""
+    order, other = project.order(), project.order("OTHER")
+    a, b = write_task(order, "A", command="true"), write_task(other, "B", command="true")
+    _Joined.joined = []
+    started = iter([error, None])
+    monkeypatch.setattr(durable, "fsync_later", lambda fd: _Joined(fd, next(started)))
     dir_syncs = _record_dir_syncs(monkeypatch)
-    seen = []
-    with Runtime(project.root).launch_lock():
-        update_task(a, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=project.root)
-        durable.sync_now()
-        durable.once_durable(lambda ok: seen.append((ok, list(dir_syncs))))
-        assert dir_syncs == []
-        durable.flush()
-        assert seen == [(True, [str(order)])]
+    told = []
+    with pytest.raises(type(error)):
+        with Runtime(project.root).launch_lock():
+            update_task(a, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=project.root)
+            update_task(b, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=project.root)
+            durable.sync_now()
+            durable.once_durable(told.append)
+            durable.flush()
+    assert told == [False]
+    assert len(_Joined.joined) == 2 and dir_syncs == []
