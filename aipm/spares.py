@@ -333,6 +333,6 @@ def in_tree(root: str | os.PathLike) -> Pool | None:
 def pool(directory: str, ignored_by_git: bool = False) -> Pool:
     """This process's pool for `directory`."""
     found = _pools.get(directory)
-    if found is None:
-        found = _pools[directory] = Pool(directory, ignored_by_git)
+    if found is None:  # (setdefault: one step, so two threads asking at once get the same pool and its names)
+        found = _pools.setdefault(directory, Pool(directory, ignored_by_git))
     return found
