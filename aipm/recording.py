@@ -419,11 +419,12 @@ def _name_kept_patch(rt: Runtime, rec: Record, task: Task, event: dict) -> None:
     """A worktree attempt that merged nothing: its finish line names the patch that keeps its work, as a conflict's
     and `aipm cancel` do, since its worktree goes when the next attempt starts (the `aipm retry` the run's closing
     line advises); the log alone said where."""
-    patch = workspace.kept_patch(rt.root, rec)
+    patch, rest = workspace.kept_patch(rt.root, rec), workspace.kept_rest(rt.root, rec)
     hint = event.get("hint") or ""
-    if patch is None or str(patch) in hint or str(patch) in (task.reason or ""):
+    named = [str(kept) for kept in (patch, rest) if kept]
+    if all(kept in hint or kept in (task.reason or "") for kept in named):
         return  # nothing to keep, or said already
-    said = f"its changes are kept in {patch}"
+    said = f"its changes are kept in {workspace.kept_words(patch, rest)}"
     event["hint"] = f"{hint}; {said}" if hint else said
 
 

@@ -109,15 +109,19 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
 
 
 def kept(rt: Runtime, rec: Record | None) -> dict:
-    """For a recovery's line: the patch that keeps the work of a worktree attempt it ended without merging (its
-    worktree goes at the next attempt's start, or by `aipm recover`'s sweep; the log alone said where)."""
-    patch = workspace.kept_patch(rt.root, rec) if rec is not None else None
-    return {"kept": str(patch)} if patch else {}
+    """For a recovery's line: the patch that keeps the work of a worktree attempt it ended without merging, and
+    where what no patch can hold is kept (`kept`, `kept_rest`: its worktree goes at the next attempt's start, or by
+    `aipm recover`'s sweep; the log alone said where)."""
+    if rec is None:
+        return {}
+    found = {"kept": workspace.kept_patch(rt.root, rec), "kept_rest": workspace.kept_rest(rt.root, rec)}
+    return {key: str(path) for key, path in found.items() if path}
 
 
 def as_event(item: dict) -> dict:
-    """`kept` of a recovery's item as a run's events have it (task -> patch, as for the tasks a stop re-queued)."""
-    return {"kept": {item["id"]: item["kept"]}} if "kept" in item else {}
+    """`kept` and `kept_rest` of a recovery's item as a run's events have them (task -> path, as for the tasks a stop
+    re-queued)."""
+    return {key: {item["id"]: item[key]} for key in ("kept", "kept_rest") if key in item}
 
 
 def _rework_on(launcher: Launcher, task: Task, rec: Record | None) -> str:

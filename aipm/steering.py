@@ -38,10 +38,13 @@ class Cancelled:
     # The patch that keeps a worktree attempt's changes: its worktree goes with the next attempt or a recover, and
     # the log alone said where its work was
     kept: Path | None = None
+    rest: Path | None = None  # and what no patch can hold (a repository made in the worktree)
 
     def kept_note(self) -> str | None:
-        return self.kept and f"the changes of its attempt are kept in {self.kept} (`git apply` it at the " \
-                             "repository's top)"
+        if not self.kept and not self.rest:
+            return None
+        return f"the changes of its attempt are kept in {workspace.kept_words(self.kept, self.rest)}" + (
+            " (`git apply` the patch at the repository's top)" if self.kept else "")
 
     def notes(self) -> list[str]:
         return [note for note in (self.merge, self.kept_note(), self.held_by and held_note(self.held_by)) if note]
@@ -103,7 +106,8 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
     if live or (rec is not None and rec.owner_alive()):  # a worker that ended just before: its owner records it
         held = _until_released(rt, order_id, task_id, grace + 5)
     return Cancelled(workspace.note_pending_merge(project.root, order_id, task_id, "cancelled"),
-                     held.owner_pid if held else 0, workspace.kept_patch(project.root, rec) if rec else None)
+                     held.owner_pid if held else 0, workspace.kept_patch(project.root, rec) if rec else None,
+                     workspace.kept_rest(project.root, rec) if rec else None)
 
 
 def _unmarkable(task_id: str, exc: StateWriteError) -> Unwritable:

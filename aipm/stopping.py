@@ -57,10 +57,14 @@ class Stopping:
                 **self.kept(stopped)}
 
     def kept(self, recs: list[Record]) -> dict:
-        """For an `interrupted` event: the patches that keep the work of these re-queued worktree attempts, task ->
-        patch (their worktrees go when their next attempts start; the log alone said where)."""
-        kept = {rec.task: str(patch) for rec in recs if (patch := workspace.kept_patch(self.rt.root, rec))}
-        return {"kept": kept} if kept else {}
+        """For an event of stopped worktree attempts: where their work is kept, task -> path: `kept` the patches,
+        `kept_rest` what no patch can hold (their worktrees go when their next attempts start; the log alone said
+        where)."""
+        found: dict[str, dict[str, str]] = {}
+        for rec in recs:
+            for key, kept in recovery.kept(self.rt, rec).items():
+                found.setdefault(key, {})[rec.task] = kept
+        return found
 
     def _leave_review(self, rec: Record, why: str) -> bool:
         """A stopped review: its attempt's work is done and paid for, so the task stays IN_REVIEW and its record

@@ -619,7 +619,8 @@ def test_a_repository_without_commits_in_the_worktree_fails_the_attempt_and_keep
     """A worker's `git init` (cargo new, ...) left a repository without commits in its worktree: `git add` refused
     it ("does not have a commit checked out"), the end capture failed, and the task went round REWORK until
     REJECTED, with no patch. Now the attempt fails as a try (nothing merged), its reason and log say why and
-    where its files are, and the rest of its changes are in its patch, as for any failed attempt."""
+    where its files are (moved beside its patch: the worktree goes), and the rest of its changes are in its patch,
+    as for any failed attempt."""
     project = project_in(repo, config="workspace: worktree\n")
     order = project.order()
     nested = "mkdir -p {d} && (cd {d} && git init -q . && echo new > f.txt) && echo more >> src/{f}.txt"
@@ -637,10 +638,11 @@ def test_a_repository_without_commits_in_the_worktree_fails_the_attempt_and_keep
     for task, name, path in (("T", "a", "src/new"), ("U", "b", "src/other")):
         patch = (repo / f".aipm/patches/ORD/{task}.1.patch").read_text()
         assert f"+++ b/src/{name}.txt" in patch and "f.txt" not in patch, patch
-        assert (repo / f".aipm/worktrees/ORD/{task}/{path}/f.txt").read_text() == "new\n"
+        rest = repo / f".aipm/patches/ORD/{task}.1.rest"
+        assert (rest / f"{path}/f.txt").read_text() == "new\n"
         log = (repo / f".aipm/logs/ORD/{task}.1.log").read_text()
         assert f"{path}/: a git repository without commits (a `git init` in the worktree)" in log, log
-        assert f"they are only in {repo}/.aipm/worktrees/ORD/{task}," in log, log
+        assert f"moved out of the worktree, whole, into {rest}" in log, log
     assert project.aipm("recover").returncode == 0
     assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
 
@@ -1995,12 +1997,13 @@ def test_an_attempts_start_is_found_by_its_whole_message_not_a_longer_one(repo):
     assert r.made_before(head, "aipm: start of ORD/T, attempt 2") is None
 
 
-def test_a_repository_with_commits_made_in_the_worktree_fails_the_attempt_and_keeps_its_worktree(repo):
+def test_a_repository_with_commits_made_in_the_worktree_fails_the_attempt_and_is_kept(repo):
     """A worker that made a repository and committed in it (a `git init` + commit, a vendored checkout) left git a
     submodule entry: the merge refused it as "a submodule ... (commit them there)" under a header saying the main
     tree had changed (it had not), sent the task back, and the next attempt's start removed the worktree holding
     that repository's only copy: its files and commits were gone, and the kept patch held one `Subproject commit`
-    line. Now the attempt fails as a try, as for a repository without commits, its worktree kept."""
+    line. Now the attempt fails as a try, as for a repository without commits, the repository kept beside its patch
+    (test_kept_work.py)."""
     project = project_in(repo)
     write_task(project.order(), "T", target_files=["lib/"], command=(
         "mkdir -p lib/sub && (cd lib/sub && git init -q . && echo precious > code.txt && git add . "
@@ -2011,11 +2014,11 @@ def test_a_repository_with_commits_made_in_the_worktree_fails_the_attempt_and_ke
     assert (row["status"], row["attempts"]) == ("FAILED", 1), row
     assert row["reason"].startswith("attempt 1 cannot be merged: lib/sub/: a git repository with commits"), row
     assert "changed meanwhile" not in row["reason"] and "commit in it" not in row["reason"]
-    assert (repo / ".aipm/worktrees/ORD/T/lib/sub/code.txt").read_text() == "precious\n"
+    assert (repo / ".aipm/patches/ORD/T.1.rest/lib/sub/code.txt").read_text() == "precious\n"
     assert not (repo / "lib").exists()
     assert "+++ b/lib/plain.txt" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert f"they are only in {repo}/.aipm/worktrees/ORD/T," in log, log
+    assert f"moved out of the worktree, whole, into {repo}/.aipm/patches/ORD/T.1.rest" in log, log
 
 
 @pytest.mark.parametrize("ending", ["exit 0", "exit 3", "git stash apply -q"])

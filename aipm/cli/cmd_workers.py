@@ -314,7 +314,7 @@ def cancel(
     print(f"{task_id}: CANCELLED")
     if done.merge:
         print(f"{task_id}: {done.merge}")
-    if done.kept:
+    if done.kept_note():
         print(f"{task_id}: {done.kept_note()}")
     if done.held_by:
         print(f"aipm: {task_id}: {steering.held_note(done.held_by)}", file=sys.stderr, flush=True)
@@ -385,8 +385,9 @@ def recover(
             if said == "adopted":  # `recover` alone seemed to only repair, and then tasks it never named started
                 said += (": a detached aipm records how its worker ends, then starts what that unblocks, as `aipm "
                          f"launch` does (follow it: `aipm logs {item['order']} -f`)")
-            if item.get("kept"):  # the worktree goes at the next attempt's start, or by this recover's sweep
-                said += f"; its changes are kept in {item['kept']}"
+            patch, rest = item.get("kept"), item.get("kept_rest")
+            if patch or rest:  # the worktree goes at the next attempt's start, or by this recover's sweep
+                said += f"; its changes are kept in {workspace.kept_words(patch, rest)}"
             print(f"{item['order']}/{item['id']}: {said}")
         if not done:
             print("nothing to recover")

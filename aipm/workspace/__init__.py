@@ -39,8 +39,8 @@ from aipm.paths import out_of_scope
 from aipm.fields import WORKSPACES
 from aipm.settings import Settings
 from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
-from aipm.workspace.places import (component, make_own_dir, merge_dir, own_dir, patch_path, refname, relative,
-                                   scratch, seam, worktree_path)
+from aipm.workspace.places import (component, kept_words, make_own_dir, merge_dir, own_dir, patch_path, refname,
+                                   relative, rest_path, scratch, seam, worktree_path)
 from aipm.workerfiles import append_log, write_stream
 from aipm.workspace import ownrefs, stash
 from aipm.workspace.stash import STASHED
@@ -71,7 +71,8 @@ class MergeStopped(UserError):
 __all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED", "WORKTREE", "NOT_MERGED", "UNDONE",
            "STASHED", "kind", "prepare",
            "directory", "with_setup", "after_setup", "outside_targets", "keep", "merge", "stashed", "decided",
-           "note_pending_merge", "finished", "keep_unrecorded", "remove", "sweep", "sweep_orphans", "prune", "diff"]
+           "note_pending_merge", "finished", "keep_before_removal", "remove", "sweep", "sweep_orphans", "prune", "diff",
+           "kept_patch", "kept_rest", "kept_words"]
 
 
 def kind(task: Task, settings: Settings) -> str:
@@ -175,8 +176,8 @@ def outside_targets(root: Path, rec: Record) -> list[str]:
     repo, base, end, left_out = _capture_end(root, rec)
     if left_out:
         # Not "commit in it": a repository with commits is a submodule to git, whose files are not merged either.
-        raise NotCaptured(f"attempt {rec.serial} cannot be merged: {_left_out(root, rec, left_out)}; remove its "
-                          ".git to have its files merged; the rest of its changes are kept in "
+        raise NotCaptured(f"attempt {rec.serial} cannot be merged: {_left_out(left_out)}; a worker that removes the "
+                          ".git of such a repository has its files merged; the rest of its changes are kept in "
                           f"{patch_path(root, rec.order, rec.task, rec.serial)}"
                           + "".join(f"; {note}" for note in stash.left(repo, base, end)))
     changed = {relative(c.path, repo.prefix) for c in repo.changes(base, end)}
@@ -192,12 +193,21 @@ def keep(root: Path, rec: Record) -> str:
     try:
         repo, base, end, left_out = _capture_end(root, rec)
     except (WorkspaceError, OSError) as exc:
-        return f"the changes of attempt {rec.serial} could not be kept: {exc}"
+        return f"the changes of attempt {rec.serial} could not be captured: {exc}{_keep_whole(root, rec)}"
     patch = patch_path(root, rec.order, rec.task, rec.serial)
-    also = f"; {_left_out(root, rec, left_out)}" if left_out else ""
-    also += "".join(f"; {note}" for note in stash.left(repo, base, end))
+    notes = stash.left(repo, base, end)
+    try:
+        # What it wrote in its targets that git ignores: what the task was asked to make, in no patch either
+        ignored = dict.fromkeys(_ignored_in_targets(repo, rec), _IGNORED)
+    except WorkspaceError as exc:
+        ignored, notes = {}, [*notes, f"ignored files in its targets could not be listed, nor kept: {exc}"]
+    _keep_rest(root, rec.order, rec.task, rec.serial, Path(rec.workspace), ignored)
+    left_out.update(ignored)
+    rest = kept_rest(root, rec)
+    also = f"; {_left_out(left_out)}" if left_out else f"; what no patch can hold is kept in {rest}" if rest else ""
+    also += "".join(f"; {note}" for note in notes)
     if not repo.changes(base, end):
-        return f"attempt {rec.serial} changed nothing in its worktree{also}"
+        return f"attempt {rec.serial} changed nothing{' a patch can hold' * bool(rest)} in its worktree{also}"
     return (f"the changes of attempt {rec.serial} are kept in {patch} (`git apply` it at the repository's top); "
             f"its worktree is removed when the next attempt starts or by `aipm recover`{also}")
 
@@ -214,37 +224,120 @@ def kept_patch(root: Path, rec: Record) -> Path | None:
         return None
 
 
+def kept_rest(root: Path, rec: Record) -> Path | None:
+    """Where what `rec`'s worktree attempt left that no patch can hold is kept (_keep_rest), if it left any: named
+    wherever its patch is (kept_patch)."""
+    rest = rest_path(root, rec.order, rec.task, rec.serial)
+    try:
+        return rest if rec.workspace and any(rest.iterdir()) else None
+    except OSError:  # none (or not a directory: what a worker may leave there is no rest of ours)
+        return None
+
+
 _UNBORN = "a git repository without commits (a `git init` in the worktree), whose files git cannot capture"
 _NESTED = ("a git repository with commits (made or checked out in the worktree), which git takes for a submodule: "
            "none of its files is merged")
 
 
-def keep_unrecorded(root: Path, order: str, task: str, repo: Repo) -> None:
-    """Before a task's worktree is removed: keep() its attempt's changes when no patch of that attempt holds them.
-    Every recorded end writes one; an attempt whose record went with the state directory (/tmp emptied by a reboot)
-    was re-queued with no one to capture it, and its worktree was the only copy of its work."""
-    tree, base = worktree_path(root, order, task), repo.rev(refname(order, task, "base", prefix=repo.prefix))
-    if base is None or not tree.is_dir():
+def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> None:
+    """Before a task's worktree is removed: keep what it holds of its attempt's work that nothing kept yet.
+
+    keep() its changes when no patch of that attempt holds them: every recorded end writes one, but an attempt
+    whose record went with the state directory (/tmp emptied by a reboot) was re-queued with no one to capture it.
+    And a git repository in it that no patch can hold (made after the end was captured: by its review, by a
+    person looking into it) is moved to the attempt's rest. WorkspaceError: one that cannot be moved, so the
+    worktree, its only copy, must stay."""
+    tree = worktree_path(root, order, task)
+    base = repo.rev(refname(order, task, "base", prefix=repo.prefix)) or (tree.is_dir() and repo.head_of(tree))
+    if not base or not tree.is_dir():
         return
     subject = repo.git("log", "-1", "--format=%s", base).decode("utf-8", "surrogateescape")
-    serial = subject.removeprefix(_start_message(order, task, "")).split(",")[0].strip()
-    if not subject.startswith(_start_message(order, task, "")) or not serial.isdigit():
+    number = subject.removeprefix(_start_message(order, task, "")).split(",")[0].strip()
+    serial = int(number) if subject.startswith(_start_message(order, task, "")) and number.isdigit() else None
+    log = Runtime(root).log_path(order, task, serial) if serial is not None else None
+    if log is not None and not log.exists():
+        return  # killed before its worker started, maybe half-way through making the worktree: nothing of its own
+    if log is not None and not patch_path(root, order, task, serial).exists():
+        rec = Record(order, "", task, "", serial, [], str(log), "", "", workspace=str(tree))
+        append_log(str(log), f"no patch of attempt {serial} holds its changes (its end was never recorded, its record "
+                             f"gone, or could not be captured); {keep(root, rec)}")
         return
-    log = Runtime(root).log_path(order, task, int(serial))
-    if patch_path(root, order, task, int(serial)).exists() or not log.exists():
-        return  # (no log: killed before its worker started, maybe half-way through making the worktree)
-    rec = Record(order, "", task, "", int(serial), [], str(log), "", "", workspace=str(tree))
-    append_log(str(log), f"attempt {serial} was never recorded as ended (its record is gone); {keep(root, rec)}")
+    try:
+        left_out = _capture(repo, root, tree, base, None)[1]
+    except WorkspaceError:  # git cannot say what is in it (a path git refuses): all of it is kept
+        left_out = dict.fromkeys(["./"], _WHOLE)
+    if not left_out:
+        return
+    if log is None:
+        raise WorkspaceError(f"{tree} holds {_some(list(left_out))}, which no patch can hold, and its attempt is "
+                             "unknown: move them out of it, then `aipm recover`")
+    _keep_rest(root, order, task, serial, tree, left_out)
+    append_log(str(log), f"before its worktree was removed: {_left_out(left_out)}")
+    if any(_STAYS in what for what in left_out.values()):
+        raise WorkspaceError(f"{tree} is not removed: {_left_out(left_out)}")
 
 
-def _left_out(root: Path, rec: Record, left_out: dict[str, str]) -> str:
-    """What the end capture left out (_capture_end), and where those files are."""
+_STAYS = "it could not be moved out of the worktree"
+_WHOLE = "the whole worktree, as git cannot capture its changes"
+
+
+def _keep_whole(root: Path, rec: Record) -> str:
+    """An attempt whose changes git cannot capture (a path git refuses, `GIT~1`): no patch holds any of them, so its
+    whole worktree is its rest (a rename), before anything removes it. A note for its log."""
+    tree = worktree_path(root, rec.order, rec.task)
+    if not tree.is_dir() or not own_dir(root, tree):
+        return ""  # gone, or a link a worker put there: nothing of the attempt's
+    left_out = {"./": _WHOLE}
+    _keep_rest(root, rec.order, rec.task, rec.serial, tree, left_out)
+    return f"; {_left_out(left_out)}"
+
+
+def _keep_rest(root: Path, order: str, task: str, serial: int, tree: Path, left_out: dict[str, str]) -> None:
+    """Move what no patch can hold (`left_out`: a repository with its .git, so its commits and its uncommitted edits
+    too) out of the worktree to the attempt's rest, whole, before anything removes the worktree, its only copy;
+    each path's note in `left_out` then says where it is."""
+    rest = rest_path(root, order, task, serial)
+    for path in left_out:
+        name = "" if path == "./" else path.strip("/")  # ("./": the whole worktree, kept as the rest itself)
+        dest, n = rest / name, 1
+        while os.path.lexists(dest):  # kept there already by an earlier capture of this attempt
+            n += 1
+            dest = rest / f"{name or 'worktree'}.{n}"
+        try:
+            make_own_dir(root, dest.parent)  # (the only copy of the work: not where a worker's link leads)
+            shutil.move(tree / path, dest)  # a rename: both are under .aipm/
+        except OSError as exc:
+            left_out[path] += f"; {_STAYS} ({exc}): it is only in {tree / path}, which is not removed while it is there"
+        else:
+            left_out[path] += f"; moved out of the worktree, whole, into {rest}"
+
+
+def _left_out(left_out: dict[str, str]) -> str:
+    """What a capture left out (_capture, _ignored_in_targets), and where each is kept (_keep_rest)."""
     kinds: dict[str, list[str]] = {}
     for path, what in left_out.items():
         kinds.setdefault(what, []).append(path)
-    return ("; ".join(f"{', '.join(paths)}: {what}" for what, paths in kinds.items())
-            + f": they are only in {worktree_path(root, rec.order, rec.task)}, until the next attempt starts or "
-            "`aipm recover`")
+    return "; ".join(f"{_some(paths)}: {what}" for what, paths in kinds.items())
+
+
+def _some(paths: list[str]) -> str:
+    """Paths for a line: the first ten, and how many more."""
+    return ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
+
+
+def _capture(repo: Repo, root: Path, tree: Path, base: str, message: str | None) -> tuple[str, dict[str, str]]:
+    """Capture the worktree `tree` against its start `base` (a commit; `message` None: a tree, for a look only):
+    (the capture, what of it no patch can hold, path -> why: the repositories in it, without commits (git cannot
+    capture them) or with commits (a submodule to git: their files and commits are only in the worktree))."""
+    left_out: dict[str, str] = {}
+    parent = base if message is not None else None
+    try:
+        end = repo.capture(tree, scratch(root), parent, message or "")
+    except UnbornRepositories as exc:
+        left_out = dict.fromkeys(exc.paths, _UNBORN)
+        end = repo.capture(tree, scratch(root), parent, message or "", leave_out=exc.paths)
+    left_out.update((f"{c.path}/", _NESTED) for c in repo.changes(base, end) if c.new_mode == GITLINK)
+    return end, left_out
 
 
 def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, dict[str, str]]:
@@ -277,13 +370,12 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, dict[str, str
         raise WorkspaceError(f"the worktree of {rec.order}/{rec.task} ({tree}) or its start ({start}) is gone; "
                              f"nothing of attempt {rec.serial} can be merged")
     message = f"aipm: end of {rec.order}/{rec.task}, attempt {rec.serial}"
-    try:
-        left_out = {}
-        end = repo.capture(tree, scratch(root), base, message)
-    except UnbornRepositories as exc:
-        left_out = dict.fromkeys(exc.paths, _UNBORN)
-        end = repo.capture(tree, scratch(root), base, message, leave_out=exc.paths)
-    left_out.update((f"{c.path}/", _NESTED) for c in repo.changes(base, end) if c.new_mode == GITLINK)
+    end, left_out = _capture(repo, root, tree, base, message)
+    if left_out:
+        # Kept at once, whole, and left out of the end: in the patch, a repository with commits was one
+        # `Subproject commit` line, and the worktree holding its files went with the next attempt's start.
+        _keep_rest(root, rec.order, rec.task, rec.serial, tree, left_out)
+        end = repo.capture(tree, scratch(root), base, message, leave_out=list(left_out))
     repo.set_ref(refname(rec.order, rec.task, "end", prefix=repo.prefix), end)
     for note in stash.carry(repo, tree, base):
         append_log(rec.log, note)
@@ -350,7 +442,7 @@ def stashed(root: Path, rec: Record) -> list[str]:
 
 def _kept(root: Path, rec: Record, conflict: Conflict) -> Conflict:
     """The conflict, saying where the attempt's changes are kept (its worktree goes with the next attempt)."""
-    kept = patch_path(root, rec.order, rec.task, rec.serial)
+    kept = kept_words(patch_path(root, rec.order, rec.task, rec.serial), kept_rest(root, rec))
     also = "".join(f"\n{note}" for note in stashed(root, rec))
     return Conflict(f"{conflict}\nThis attempt's changes are kept in {kept}; the next attempt starts from the main "
                     f"tree as it is now.{also}", conflict.paths, conflict.main_tree)
@@ -365,8 +457,7 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
         return []  # gone: merge() says so
     _, base, end, left_out = _capture_end(root, rec)
     if left_out:
-        raise Conflict(f"the review left {_left_out(root, rec, left_out)}; nothing of this attempt was merged",
-                       list(left_out))
+        raise Conflict(f"the review left {_left_out(left_out)}; nothing of this attempt was merged", list(left_out))
     changed = sorted({relative(c.path, repo.prefix) for c in repo.changes(before, end)})
     outside = out_of_scope(set(changed), rec.targets)
     if outside:
@@ -387,12 +478,22 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
 
 
 NOT_MERGED = "ignored by git, so not merged back (gone with the worktree)"
+_IGNORED = "ignored by git, so in no patch"
 UNDONE = "put back as they were by the review, so the task's changes there are not merged"
 
 
 def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
+    """The note of the ignored files in the task's targets (_ignored_in_targets) that its merge leaves behind."""
+    try:
+        lost = _ignored_in_targets(repo, rec)
+    except WorkspaceError as exc:  # the merge is done: this is only a warning
+        return [f"ignored files in its targets could not be listed: {exc}"]
+    return [f"{_some(lost)}: {NOT_MERGED}"] if lost else []
+
+
+def _ignored_in_targets(repo: Repo, rec: Record) -> list[str]:
     """Ignored files inside the task's targets that its worktree holds and the main tree does not (or not so):
-    they are not in the capture, so the merge leaves them behind and the worktree's removal deletes them."""
+    they are not in the capture, so no merge or patch holds them, and the worktree's removal deletes them."""
     from aipm.workspace import mergeback as merging
 
     tree = Path(rec.workspace)
@@ -400,22 +501,15 @@ def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
         return []
     # The root target is "./", which no glob pathspec matches: its pathspec is the root's place itself.
     specs = [f":(top,glob){repo.prefix_pattern}{t}" if t != "./" else f":(top){repo.prefix}" for t in rec.targets]
-    try:
-        found = repo.ignored(tree, specs)
-    except WorkspaceError as exc:  # the merge is done: this is only a warning
-        return [f"ignored files in its targets could not be listed: {exc}"]
+    found = repo.ignored(tree, specs)
     # git also lists a directory that might hold a match of a glob (`build/` for `*.md`): only what the targets
     # cover counts, or a directory ignored whole that holds a target (`build/` for `build/gen.txt`: git names the
     # directory alone). Such a directory is named only when the main tree has none there: comparing it could mean
     # reading a whole node_modules/.
     found = [p for p in found if not out_of_scope({relative(p, repo.prefix).rstrip("/")}, rec.targets)
              or p.endswith("/") and any(t.startswith(relative(p, repo.prefix)) for t in rec.targets)]
-    lost = [p for p in found if (not (repo.top / p).is_dir() if p.endswith("/")
+    return [p for p in found if (not (repo.top / p).is_dir() if p.endswith("/")
                                  else not merging.same_state(tree / p, repo.top / p))]
-    if not lost:
-        return []
-    more = f" and {len(lost) - 10} more" if len(lost) > 10 else ""
-    return [f"{', '.join(lost[:10])}{more}: {NOT_MERGED}"]
 
 
 def decided(root: Path, rec: Record) -> bool:

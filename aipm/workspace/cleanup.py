@@ -77,9 +77,9 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
             # A shared task's audit in flight sees these files change: they are no one's stray writes.
             writtenlog.note_merged(Runtime(root), [relative(p, repo.prefix) for p in mergeplan.paths(plan_dir)])
         if own_tree:
-            from aipm.workspace import keep_unrecorded
+            from aipm.workspace import keep_before_removal
 
-            keep_unrecorded(root, order, task, repo)
+            keep_before_removal(root, order, task, repo)
         repo.delete_refs(repo.refs(refname(order, task, prefix=repo.prefix)))
         if own_tree:
             repo.remove_worktree(tree)

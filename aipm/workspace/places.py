@@ -37,6 +37,19 @@ def patch_path(root: Path, order: str, task: str, attempt: int) -> Path:
     return runtime_dir(root) / "patches" / component(order) / f"{component(task)}.{attempt}.patch"
 
 
+def rest_path(root: Path, order: str, task: str, attempt: int) -> Path:
+    """Where what attempt N left in its worktree that no patch can hold is kept, beside its patch."""
+    return runtime_dir(root) / "patches" / component(order) / f"{component(task)}.{attempt}.rest"
+
+
+def kept_words(patch: object, rest: object) -> str:
+    """Where an attempt's work is kept, for a line that says so (`...kept in <this>`): its patch, its rest, or both.
+    Every line that names the patch names the rest: the patch alone is not the whole work."""
+    if patch and rest:
+        return f"{patch}, and what no patch can hold in {rest}"
+    return str(patch) if patch else f"{rest} (what no patch can hold)"
+
+
 def own_dir(root: Path, path: Path) -> bool:
     """`path`, below the runtime directory, is a directory reached without a symbolic link below `.aipm` (a
     `.aipm` that is a link is a person's choice of where it lives; runtime.py refuses one that leads out). Only

@@ -1,0 +1,181 @@
+"""A worktree attempt that merges nothing keeps its work: its patch, and, kept beside it, what no patch can hold
+(a git repository the worker made or cloned in its worktree: git sees at most a submodule entry there). The
+worktree itself goes when the next attempt starts or by `aipm recover`; every line that names the patch names the
+rest too. Real runs in a real repository (the `repo` fixture of test_workspace)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import wait_for, write_task
+from test_workspace import _lose_run_and_worker, git, project_in, repo  # noqa: F401 - repo is a fixture
+
+PATCH, REST = ".aipm/patches/ORD/T.1.patch", ".aipm/patches/ORD/T.1.rest"
+
+MADE = {  # a repository in the worktree, holding the only copy of "precious"; and a plain file beside it
+    "committed": "mkdir -p lib/sub && cd lib/sub && git init -q . && echo precious > code.txt && git add . "
+                 "&& git commit -qm sub",
+    "without commits": "mkdir -p lib/sub && cd lib/sub && git init -q . && echo precious > code.txt",
+    "cloned, then edited": 'git clone -q "$SOURCE" lib/sub && echo precious >> lib/sub/code.txt',
+}
+
+
+@pytest.fixture
+def source(tmp_path: Path) -> Path:
+    """A repository a worker clones."""
+    top = tmp_path / "source"
+    top.mkdir()
+    git(top, "init", "-q", "-b", "main")
+    (top / "code.txt").write_text("upstream\n")
+    git(top, "add", ".")
+    git(top, "commit", "-q", "-m", "upstream")
+    return top
+
+
+def kept_precious(rest: Path, how: str) -> None:
+    """The repository is kept whole at `rest`: its edited file, and its history when it had one."""
+    code = (rest / "lib/sub/code.txt").read_text()
+    assert code == ("upstream\nprecious\n" if how.startswith("cloned") else "precious\n"), code
+    if how != "without commits":
+        assert git(rest / "lib/sub", "log", "--format=%s").split() == ["upstream" if how.startswith("cloned")
+                                                                       else "sub"]
+
+
+@pytest.mark.parametrize("ending", ["exit 3", "exit 0"])
+@pytest.mark.parametrize("how", list(MADE))
+def test_a_repository_made_in_the_worktree_outlives_the_worktree(repo, source, how, ending):
+    """The attempt fails (exit 3; exit 0: it cannot be merged) and its log said the repository's files "are only
+    in <worktree>, until the next attempt starts or `aipm recover`": the recover then deleted them, and the finish
+    line said "its changes are kept in <patch>", which held none of them."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["lib/"], command=f"({MADE[how]}) && echo other > lib/plain.txt"
+                                                                    f" && {ending}")
+    proc = project.aipm("run", "ORD", env={"SOURCE": str(source)})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert project.aipm("recover").returncode == 0
+    assert not (repo / ".aipm/worktrees/ORD/T").exists()
+    assert [p.relative_to(repo) for p in (repo / ".aipm").rglob("code.txt")] == [Path(REST, "lib/sub/code.txt")]
+    kept_precious(repo / REST, how)
+    patch, rest = repo / PATCH, repo / REST
+    finish = [line for line in proc.stdout.splitlines() if line.startswith("finish")]
+    assert len(finish) == 1 and str(patch) in finish[0] and str(rest) in finish[0], proc.stdout
+    assert "+other" in patch.read_text() and "Subproject" not in patch.read_text()
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "only in" not in log and "lib/sub/: " in log and str(rest) in log, log
+
+
+def test_removing_a_worktree_keeps_a_repository_made_in_it_after_its_end(repo):
+    """Whatever put it there after the attempt's end was captured (a person looking into the kept worktree, a
+    review): a worktree's removal deleted a repository in it, its only copy."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["lib/"], command="echo other > lib/plain.txt && exit 3")
+    assert project.aipm("run", "ORD").returncode == 1
+    tree = repo / ".aipm/worktrees/ORD/T"
+    subprocess.run(f"mkdir -p lib/sub && cd lib/sub && git init -q . && echo precious > code.txt && git add . "
+                   "&& git commit -qm sub", shell=True, cwd=tree, check=True)
+    assert project.aipm("recover").returncode == 0
+    assert not tree.exists()
+    kept_precious(repo / REST, "committed")
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "lib/sub/: a git repository" in log and str(repo / REST) in log, log
+
+
+@pytest.mark.parametrize("stop", ["SIGINT", "SIGINT --json", "cancel"])
+def test_the_line_of_a_stopped_attempt_names_what_its_patch_cannot_hold(repo, source, tmp_path, stop):
+    """Ctrl-C, or `aipm cancel`: the stopped attempt's line named its patch only; its cloned repository was in its
+    worktree alone, which the next recover's sweep removed."""
+    project = project_in(repo)
+    ready = tmp_path / "ready"
+    write_task(project.order(), "T", target_files=["lib/"],
+               command=f'({MADE["cloned, then edited"]}) && echo other > lib/plain.txt; touch "{ready}"; sleep 60')
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD", *stop.split()[1:]],
+                           env=dict(os.environ, AIPM_ENABLE_MONITORING="false", SOURCE=str(source)),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(ready.exists)
+    if stop == "cancel":
+        said = project.aipm("cancel", "T", check=True).stdout
+    else:
+        run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == (1 if stop == "cancel" else 130), stdout + stderr
+    for _ in range(2):
+        assert project.aipm("recover").returncode == 0
+    assert not (repo / ".aipm/worktrees/ORD/T").exists()
+    patch, rest = repo / PATCH, repo / REST
+    kept_precious(rest, "cloned, then edited")
+    if stop == "cancel":
+        assert (f"T: the changes of its attempt are kept in {patch}, and what no patch can hold in {rest} (`git apply` "
+                "the patch at the repository's top)\n") in said, said
+    elif "--json" in stop:
+        line = next(json.loads(line) for line in stdout.splitlines() if '"interrupted"' in line)
+        assert (line["kept"], line["kept_rest"]) == ({"T": str(patch)}, {"T": str(rest)}), stdout
+    else:
+        line = next(line for line in stdout.splitlines() if line.startswith("stopped"))
+        assert line == (f"stopped  by signal; re-queued: T; the changes of T are kept in {patch}, and what no patch "
+                        f"can hold in {rest}"), stdout
+
+
+def test_ignored_files_a_failed_attempt_wrote_in_its_targets_outlive_its_worktree(repo):
+    """`build/` is ignored: git captures none of it, so no patch held what the task was asked to make there, and the
+    worktree's removal deleted it. An ignored file outside its targets (`.env`) is no work of the task's: it goes
+    with the worktree, as git's own `worktree remove` deletes ignored files."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["build/", "src/a.txt"],
+               command="mkdir -p build && echo made > build/out.bin && echo local > .env && echo more >> src/a.txt "
+                       "&& exit 3")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    assert project.aipm("recover").returncode == 0
+    patch, rest = repo / PATCH, repo / REST
+    assert (rest / "build/out.bin").read_text() == "made\n" and not (rest / ".env").exists()
+    assert "+more" in patch.read_text() and "out.bin" not in patch.read_text()
+    (finish,) = [line for line in proc.stdout.splitlines() if line.startswith("finish")]
+    assert finish.endswith(f"its changes are kept in {patch}, and what no patch can hold in {rest}"), finish
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert f"build/: ignored by git, so in no patch; moved out of the worktree, whole, into {rest}" in log, log
+
+
+@pytest.mark.parametrize("then", [["recover", "ORD"], ["recover", "--json"], ["run", "ORD"]], ids=" ".join)
+def test_the_recovery_of_a_lost_attempt_names_what_its_patch_cannot_hold(repo, tmp_path, then):
+    """A killed `aipm run` and its worker: the recovery's line named the patch only."""
+    project = project_in(repo)
+    _lose_run_and_worker(project, tmp_path, f"({MADE['committed']}) && echo more >> src/a.txt")
+    proc = project.aipm(*then)
+    patch, rest = repo / PATCH, repo / REST
+    if "--json" in then:
+        assert {"order": "ORD", "id": "T", "action": "requeued", "kept": str(patch), "kept_rest": str(rest)} \
+            in json.loads(proc.stdout)["recovered"], proc.stdout
+    elif then[0] == "recover":
+        assert f"ORD/T: requeued; its changes are kept in {patch}, and what no patch can hold in {rest}\n" \
+            in proc.stdout, proc.stdout
+    else:
+        assert ("recover  T: its worker was lost with its supervisor; re-queued, attempt not counted; the changes of T "
+                f"are kept in {patch}, and what no patch can hold in {rest}\n") in proc.stdout, proc.stdout
+    assert project.aipm("recover").returncode == 0
+    kept_precious(rest, "committed")
+
+
+@pytest.mark.parametrize("ending", ["exit 3", "exit 0"])
+def test_an_attempt_git_cannot_capture_is_kept_whole(repo, ending):
+    """A path git refuses (`GIT~1`: "invalid path") failed every capture of the worktree: no patch was written, the
+    log said "could not be kept", and the worktree's removal deleted all of the attempt's work."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/"],
+               command=f"echo refused > 'src/GIT~1' && echo precious >> src/a.txt && {ending}")
+    proc = project.aipm("run", "ORD")
+    assert "Traceback" not in proc.stderr, proc.stdout + proc.stderr
+    for _ in range(2):  # (exit 0: sent back; the second recover's sweep removes its worktree)
+        assert project.aipm("recover").returncode == 0
+    assert not (repo / ".aipm/worktrees/ORD/T").exists()
+    rest = repo / REST
+    assert (rest / "src/GIT~1").read_text() == "refused\n" and (rest / "src/a.txt").read_text().endswith("precious\n")
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert f"./: the whole worktree, as git cannot capture its changes; moved out of the worktree, whole, into {rest}" \
+        in log, log
