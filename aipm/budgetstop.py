@@ -61,7 +61,7 @@ def past_budget(sup: "Supervisor", order: Order, records: Iterable[Record], told
         # budget is reached, as ever. (Kept in the records, not the run's memory: a run killed and run again, which
         # adopts the attempts, knows it too.)
         return events
-    stopped: list[str] = []
+    stopped: list[Record] = []
     if not spend.reached:
         detail = (f"max_cost_usd {budget.usd(spend.limit)} ({spend.source}) is below the order's cost "
                   f"({spend.cost}) plus what its running attempts may still spend ({budget.usd(spend.held)}: their "
@@ -69,11 +69,11 @@ def past_budget(sup: "Supervisor", order: Order, records: Iterable[Record], told
                   "stopped once it is reached")
     else:
         others = [r.task for r in records if r.key not in sup.owned]
-        stopped = [r.task for r in records if r.key in sup.owned
+        stopped = [r for r in records if r.key in sup.owned
                    and sup.stop_attempt(r.key, f"max_cost_usd {budget.usd(spend.limit)} reached")]
         detail = (f"{spend.detail}; its running attempts could spend past it (their caps were given under a higher "
-                  "budget)" + (f": stopped {', '.join(stopped)}, each counting what it spent (its cap if it did not "
-                               "say)" if stopped else "")
+                  "budget)" + (f": stopped {', '.join(r.task for r in stopped)}, each counting what it spent (its cap "
+                               "if it did not say)" if stopped else "")
                   + (f"; {', '.join(others)} run under another aipm: `aipm cancel` them" if others else ""))
     # Said once per limit and state (and for each stop), not per wording: the cost and the caps in the detail change
     # as the running attempts end, and the same lowering was said again with each.
@@ -81,8 +81,10 @@ def past_budget(sup: "Supervisor", order: Order, records: Iterable[Record], told
     if key in told and not stopped:
         return events
     told.add(key)
+    # As a Ctrl-C's line does: where the work of each stopped worktree attempt is kept (its worktree goes when its
+    # next attempt starts)
     return [*events, {"event": "budget", "order": order.id, "detail": detail, "max_cost_usd": spend.limit,
-                      "reached": spend.reached}]
+                      "reached": spend.reached, **sup.kept(stopped)}]
 
 
 def past_task_limit(sup: "Supervisor", order: Order, rec: Record, told: set[str]) -> list[dict]:
@@ -100,6 +102,7 @@ def past_task_limit(sup: "Supervisor", order: Order, rec: Record, told: set[str]
     if round(task.max_cost_usd - before - rec.cost_cap, 6) >= 0:
         return []  # its cap fits in the limit
     reached = round(task.max_cost_usd - before, 6) <= 0
+    stopped: list[Record] = []
     if not reached:
         detail = (f"its max_cost_usd {budget.usd(task.max_cost_usd)} is below its cost ({budget.usd(before)}) plus "
                   f"what its running attempt may still spend ({budget.usd(rec.cost_cap)}: its cap, given under the "
@@ -107,6 +110,7 @@ def past_task_limit(sup: "Supervisor", order: Order, rec: Record, told: set[str]
     elif rec.key in sup.owned and sup.stop_attempt(rec.key, f"max_cost_usd {budget.usd(task.max_cost_usd)} reached"):
         detail = (f"{budget.task_detail(task)}; its running attempt could spend past it (its cap was given under a "
                   "higher limit): stopped it, counting what it spent (its cap if it did not say)")
+        stopped = [rec]
     elif rec.key in sup.owned:
         return []  # it ended by itself first: its outcome stands, and the plan says the limit reached
     else:
@@ -116,7 +120,7 @@ def past_task_limit(sup: "Supervisor", order: Order, rec: Record, told: set[str]
         return []
     told.add(f"{task.id}: {detail}")
     return [{"event": "budget", "order": order.id, "task": task.id, "detail": detail,
-             "max_cost_usd": task.max_cost_usd, "reached": reached}]
+             "max_cost_usd": task.max_cost_usd, "reached": reached, **sup.kept(stopped)}]
 
 
 def tell(sup: "Supervisor", order: Order, records: Iterable[Record], event: dict) -> None:

@@ -13,8 +13,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from conftest import wait_for, write_task
+from test_agents import agent_env, journal
+from test_budget_lowered import lower_task_limit
 from test_workspace import _lose_run_and_worker, git, project_in, repo  # noqa: F401 - repo is a fixture
 
 PATCH, REST = ".aipm/patches/ORD/T.1.patch", ".aipm/patches/ORD/T.1.rest"
@@ -120,6 +123,41 @@ def test_the_line_of_a_stopped_attempt_names_what_its_patch_cannot_hold(repo, so
         line = next(line for line in stdout.splitlines() if line.startswith("stopped"))
         assert line == (f"stopped  by signal; re-queued: T; the changes of T are kept in {patch}, and what no patch "
                         f"can hold in {rest}"), stdout
+
+
+@pytest.mark.parametrize("limit", ["order", "task"])
+def test_the_line_of_a_budget_stop_names_the_patch_that_keeps_the_stopped_attempts_work(repo, tmp_path, limit):
+    """`max_cost_usd` reached while a worktree attempt runs (the order's, or B's own, lowered): it is stopped and
+    re-queued as by Ctrl-C, its work kept as a patch, but the line said only `stopped B, each counting what it
+    spent` (`stopped it, ...`), not where B's work went."""
+    # (the stand-in's journal is in the main tree: no write of the tasks')
+    project = project_in(repo, config="workspace: worktree\nworker:\n  agent: claude\n"
+                                      "scope_ignore: [journal.jsonl, stand-in-claude-costs.json]\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 1\n")
+    gate, b_gate = tmp_path / "gate", tmp_path / "gate-b"
+    write_task(order, "A", prompt=f"@cost 0.3\n@wait-for {gate}", target_files=["a.txt"], priority="P0")
+    b_file = write_task(order, "B", prompt=f"@cost 0.3\n@write b.txt work of B\n@wait-for {b_gate}",
+                        target_files=["b.txt"], **({"max_cost_usd": 1, "cost_usd": 0.3} if limit == "task" else {}))
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD"],
+                           env={**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: len(journal(project)) == 2 and (repo / ".aipm/worktrees/ORD/B/b.txt").exists())
+        if limit == "task":
+            lower_task_limit(b_file, 0.3)
+        else:
+            (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.3\n")
+            gate.touch()  # A reports $0.30: the budget is reached, and B is stopped
+        wait_for(lambda: yaml.safe_load(b_file.read_text())["status"] == "QUEUED")
+    finally:
+        gate.touch()
+        b_gate.touch()
+        stdout, _ = run.communicate(timeout=120)
+    patch = repo / ".aipm/patches/ORD/B.1.patch"
+    assert "+work of B" in patch.read_text()
+    (line,) = [line for line in stdout.splitlines() if "stopped B" in line or "stopped it" in line]
+    assert line.startswith("budget   ORD") and line.endswith(f"; the changes of B are kept in {patch}"), stdout
 
 
 def test_ignored_files_a_failed_attempt_wrote_in_its_targets_outlive_its_worktree(repo):

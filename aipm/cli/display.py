@@ -34,7 +34,7 @@ LINES = {
     "committed": "commit   {task}: {detail}",
     "discarded": "discard  {task}: {detail}{kept}",
     "summary": "{order}: {counts}",
-    "budget": "budget   {where}: {detail}",
+    "budget": "budget   {where}: {detail}{kept}",
     "preempted": "preempt  {task} for {for} (re-queued, attempt not counted){kept}",
     "waiting": "wait     {task}: {detail}",
     "enclosing": "skip     {task}: this aipm runs inside its worker (pid {pid}), so it cannot wait for it",
