@@ -4,9 +4,10 @@ The one door between the rest of aipm and git. The launcher asks `prepare` for a
 an attempt; the supervisor runs the worker and its review in `directory(...)`, asks `outside_targets` when the
 worker ends (the exact scope check) and `merge` when the task is approved, then `remove`s the worktree once the
 task's final status is written. `sweep` tidies after crashes; `diff` shows a task's changes. Where each thing
-lives is places.py; removing and sweeping is cleanup.py; applying an approved merge is mergeback.py, and the plan
-it saves first is mergeplan.py; the worktree's own refs and stash are ownrefs.py, and what a worker left in its
-stash is stash.py.
+lives is places.py; making the worktree (and its `workspace_setup`) is start.py; what an attempt that merged nothing
+keeps besides its patch is kept.py; removing and sweeping is cleanup.py; applying an approved merge is
+mergeback.py, and the plan it saves first is mergeplan.py; the worktree's own refs and stash are ownrefs.py, and
+what a worker left in its stash is stash.py.
 
 On disk, under the project's runtime directory:
   .aipm/worktrees/<ORDER>/<TASK>/        the worktree (a detached checkout of the task's start)
@@ -25,9 +26,6 @@ not yet removed). Tests use it to prove that a rerun applies every change exactl
 from __future__ import annotations
 
 import os
-import shlex
-import shutil
-import sys
 from pathlib import Path
 
 from aipm.errors import UserError
@@ -40,11 +38,13 @@ from aipm.fields import WORKSPACES
 from aipm.settings import Settings
 from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
 from aipm.workspace.places import (component, kept_words, make_own_dir, merge_dir, own_dir, patch_path, refname,
-                                   relative, rest_path, scratch, seam, worktree_path)
+                                   relative, scratch, seam, worktree_path)
 from aipm.workerfiles import append_log, write_stream
-from aipm.workspace import ownrefs, stash
+from aipm.workspace import stash
 from aipm.workspace.stash import STASHED
-from aipm.workspace.repo import GITLINK, RUNTIME_DIR, Repo, UnbornRepositories, WorkspaceError
+from aipm.workspace.repo import GITLINK, Repo, UnbornRepositories, WorkspaceError
+from aipm.workspace.start import after_setup, directory, prepare, setup_of, start_message, with_setup
+from aipm.workspace.kept import STAYS, WHOLE, keep_rest, keep_whole, kept_patch, kept_rest, left_out_note, some
 
 SHARED, WORKTREE = WORKSPACES
 
@@ -69,7 +69,7 @@ class MergeStopped(UserError):
 
 
 __all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED", "WORKTREE", "NOT_MERGED", "UNDONE",
-           "STASHED", "kind", "prepare",
+           "STASHED", "kind", "prepare", "setup_of",
            "directory", "with_setup", "after_setup", "outside_targets", "keep", "merge", "stashed", "decided",
            "note_pending_merge", "finished", "keep_before_removal", "remove", "sweep", "sweep_orphans", "prune", "diff",
            "kept_patch", "kept_rest", "kept_words"]
@@ -83,91 +83,6 @@ def kind(task: Task, settings: Settings) -> str:
 # -- an attempt's life -----------------------------------------------------------------------------------
 
 
-def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
-    """Make the attempt's worktree from what the main tree holds now; returns its path. Caller holds the launch
-    lock and the task's target locks, so no merge is half-way through and the capture is consistent."""
-    repo = Repo(root)
-    remove(root, rec.order, rec.task, repo)  # the previous attempt's, kept for inspection until now
-    base = repo.capture(repo.top, scratch(root), repo.head(), _start_message(rec.order, rec.task, rec.serial))
-    repo.set_ref(refname(rec.order, rec.task, "base", prefix=repo.prefix), base)
-    path = worktree_path(root, rec.order, rec.task)
-    make_own_dir(root, path.parent)  # where remove() will remove it: not through a link a worker left there
-    repo.add_worktree(path, base)
-    ownrefs.isolate(repo, path)
-    globs = task.workspace_copy if task.workspace_copy is not None else settings.workspace_copy
-    _copy_ignored(Path(root), path / repo.prefix, globs)
-    seam("prepare")
-    return str(path)
-
-
-def _copy_ignored(root: Path, dest: Path, globs: tuple[str, ...]) -> None:
-    """Copy what `workspace_copy` names (ignored files git does not carry: .env, caches) into the worktree;
-    a file the worktree already has (git carried it) is left as checked out."""
-    for pattern in globs:
-        for src in sorted(root.glob(pattern)):
-            rel = src.relative_to(root)
-            if rel.parts[0] in (RUNTIME_DIR, ".git"):  # aipm's, and git's (`.*` would copy .git over the
-                continue                                  # worktree's own .git file: every launch failed)
-            sources = [src] if not src.is_dir() or src.is_symlink() else [p for p in src.rglob("*")
-                                                                            if not p.is_dir() or p.is_symlink()]
-            for item in sources:
-                target = dest / item.relative_to(root)
-                if target.exists() or target.is_symlink():
-                    continue
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(item, target, follow_symlinks=False)
-
-
-def directory(root: Path, rec: Record) -> str:
-    """The worker's (and reviewer's) working directory: the project root, or the same place in its worktree."""
-    if not rec.workspace:
-        return str(root)
-    return str(Path(rec.workspace) / Repo(root).prefix)
-
-
-def setup_of(task: Task, settings: Settings):
-    """The task's `workspace_setup`, else the setting's (None: none)."""
-    return task.workspace_setup if task.workspace_setup is not None else settings.workspace_setup
-
-
-def with_setup(root: Path, command: str | list[str], rec: Record, task: Task, settings: Settings
-               ) -> str | list[str]:
-    """The worker's command, preceded by `workspace_setup` in a fresh worktree (its failure fails the attempt),
-    then by a new capture of the attempt's start (after_setup)."""
-    setup = setup_of(task, settings)
-    if not rec.workspace or not setup:
-        return command
-    text = setup if isinstance(setup, str) else shlex.join(setup)
-    then = command if isinstance(command, str) else "exec " + shlex.join(command)
-    capture = shlex.join([sys.executable, "-c", "import sys; from aipm.workspace import after_setup; "
-                          "after_setup(*sys.argv[1:])", str(root), rec.order, rec.task, str(rec.serial),
-                          rec.workspace])
-    return (f"(\n{text}\n) </dev/null || {{ s=$?; echo \"aipm: workspace_setup failed (exit $s)\"; exit $s; }}\n"
-            f"{capture} || exit $?\n{then}")
-
-
-def after_setup(root: str, order: str, task: str, serial: str, worktree: str) -> None:
-    """Run in the worker's shell once `workspace_setup` succeeded: capture the worktree again as the attempt's
-    start, so that what the setup wrote (a lock file, generated code) is neither charged to the task by the
-    scope check nor merged back."""
-    try:
-        repo = Repo(Path(root))
-        base = repo.rev(refname(order, task, "base", prefix=repo.prefix))
-        start = repo.capture(Path(worktree), scratch(Path(root)), base,
-                             f"{_start_message(order, task, serial)}, after workspace_setup")
-        repo.set_ref(refname(order, task, "base", prefix=repo.prefix), start)
-        # The worktree's HEAD too (its files stay as they are): a start ref deleted later is found there again.
-        repo.git("update-ref", "--no-deref", "HEAD", start, cwd=Path(worktree))
-    except (WorkspaceError, OSError) as exc:
-        print(f"aipm: cannot capture the worktree after workspace_setup: {exc}", flush=True)
-        sys.exit(1)
-
-
-def _start_message(order: str, task: str, serial: int | str) -> str:
-    """The message of an attempt's start commit: how it is found again in its worktree's history."""
-    return f"aipm: start of {order}/{task}, attempt {serial}"
-
-
 def outside_targets(root: Path, rec: Record) -> list[str]:
     """The worker ended: record the attempt's end state and patch; the changed paths no target covers.
 
@@ -176,7 +91,7 @@ def outside_targets(root: Path, rec: Record) -> list[str]:
     repo, base, end, left_out = _capture_end(root, rec)
     if left_out:
         # Not "commit in it": a repository with commits is a submodule to git, whose files are not merged either.
-        raise NotCaptured(f"attempt {rec.serial} cannot be merged: {_left_out(left_out)}; a worker that removes the "
+        raise NotCaptured(f"attempt {rec.serial} cannot be merged: {left_out_note(left_out)}; a worker that removes the "
                           ".git of such a repository has its files merged; the rest of its changes are kept in "
                           f"{patch_path(root, rec.order, rec.task, rec.serial)}"
                           + "".join(f"; {note}" for note in stash.left(repo, base, end)))
@@ -193,7 +108,7 @@ def keep(root: Path, rec: Record) -> str:
     try:
         repo, base, end, left_out = _capture_end(root, rec)
     except (WorkspaceError, OSError) as exc:
-        return f"the changes of attempt {rec.serial} could not be captured: {exc}{_keep_whole(root, rec)}"
+        return f"the changes of attempt {rec.serial} could not be captured: {exc}{keep_whole(root, rec)}"
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     notes = stash.left(repo, base, end)
     try:
@@ -201,37 +116,15 @@ def keep(root: Path, rec: Record) -> str:
         ignored = dict.fromkeys(_ignored_in_targets(repo, rec), _IGNORED)
     except WorkspaceError as exc:
         ignored, notes = {}, [*notes, f"ignored files in its targets could not be listed, nor kept: {exc}"]
-    _keep_rest(root, rec.order, rec.task, rec.serial, Path(rec.workspace), ignored)
+    keep_rest(root, rec.order, rec.task, rec.serial, Path(rec.workspace), ignored)
     left_out.update(ignored)
     rest = kept_rest(root, rec)
-    also = f"; {_left_out(left_out)}" if left_out else f"; what no patch can hold is kept in {rest}" if rest else ""
+    also = f"; {left_out_note(left_out)}" if left_out else f"; what no patch can hold is kept in {rest}" if rest else ""
     also += "".join(f"; {note}" for note in notes)
     if not repo.changes(base, end):
         return f"attempt {rec.serial} changed nothing{' a patch can hold' * bool(rest)} in its worktree{also}"
     return (f"the changes of attempt {rec.serial} are kept in {patch} (`git apply` it at the repository's top); "
             f"its worktree is removed when the next attempt starts or by `aipm recover`{also}")
-
-
-def kept_patch(root: Path, rec: Record) -> Path | None:
-    """The patch that keeps the changes of `rec`'s worktree attempt, if it holds any: named wherever the attempt
-    merged nothing (a finish line, a cancel, a recovery, a stop), since its worktree goes when the next attempt
-    starts and the log alone said where its work is. None when it changed nothing, or its end could not be captured
-    (its log says why)."""
-    patch = patch_path(root, rec.order, rec.task, rec.serial)
-    try:
-        return patch if rec.workspace and patch.is_file() and patch.stat().st_size else None
-    except OSError:  # removed meanwhile
-        return None
-
-
-def kept_rest(root: Path, rec: Record) -> Path | None:
-    """Where what `rec`'s worktree attempt left that no patch can hold is kept (_keep_rest), if it left any: named
-    wherever its patch is (kept_patch)."""
-    rest = rest_path(root, rec.order, rec.task, rec.serial)
-    try:
-        return rest if rec.workspace and any(rest.iterdir()) else None
-    except OSError:  # none (or not a directory: what a worker may leave there is no rest of ours)
-        return None
 
 
 _UNBORN = "a git repository without commits (a `git init` in the worktree), whose files git cannot capture"
@@ -252,8 +145,8 @@ def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> None:
     if not base or not tree.is_dir():
         return
     subject = repo.git("log", "-1", "--format=%s", base).decode("utf-8", "surrogateescape")
-    number = subject.removeprefix(_start_message(order, task, "")).split(",")[0].strip()
-    serial = int(number) if subject.startswith(_start_message(order, task, "")) and number.isdigit() else None
+    number = subject.removeprefix(start_message(order, task, "")).split(",")[0].strip()
+    serial = int(number) if subject.startswith(start_message(order, task, "")) and number.isdigit() else None
     log = Runtime(root).log_path(order, task, serial) if serial is not None else None
     if log is not None and not log.exists():
         return  # killed before its worker started, maybe half-way through making the worktree: nothing of its own
@@ -265,64 +158,16 @@ def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> None:
     try:
         left_out = _capture(repo, root, tree, base, None)[1]
     except WorkspaceError:  # git cannot say what is in it (a path git refuses): all of it is kept
-        left_out = dict.fromkeys(["./"], _WHOLE)
+        left_out = dict.fromkeys(["./"], WHOLE)
     if not left_out:
         return
     if log is None:
-        raise WorkspaceError(f"{tree} holds {_some(list(left_out))}, which no patch can hold, and its attempt is "
+        raise WorkspaceError(f"{tree} holds {some(list(left_out))}, which no patch can hold, and its attempt is "
                              "unknown: move them out of it, then `aipm recover`")
-    _keep_rest(root, order, task, serial, tree, left_out)
-    append_log(str(log), f"before its worktree was removed: {_left_out(left_out)}")
-    if any(_STAYS in what for what in left_out.values()):
-        raise WorkspaceError(f"{tree} is not removed: {_left_out(left_out)}")
-
-
-_STAYS = "it could not be moved out of the worktree"
-_WHOLE = "the whole worktree, as git cannot capture its changes"
-
-
-def _keep_whole(root: Path, rec: Record) -> str:
-    """An attempt whose changes git cannot capture (a path git refuses, `GIT~1`): no patch holds any of them, so its
-    whole worktree is its rest (a rename), before anything removes it. A note for its log."""
-    tree = worktree_path(root, rec.order, rec.task)
-    if not tree.is_dir() or not own_dir(root, tree):
-        return ""  # gone, or a link a worker put there: nothing of the attempt's
-    left_out = {"./": _WHOLE}
-    _keep_rest(root, rec.order, rec.task, rec.serial, tree, left_out)
-    return f"; {_left_out(left_out)}"
-
-
-def _keep_rest(root: Path, order: str, task: str, serial: int, tree: Path, left_out: dict[str, str]) -> None:
-    """Move what no patch can hold (`left_out`: a repository with its .git, so its commits and its uncommitted edits
-    too) out of the worktree to the attempt's rest, whole, before anything removes the worktree, its only copy;
-    each path's note in `left_out` then says where it is."""
-    rest = rest_path(root, order, task, serial)
-    for path in left_out:
-        name = "" if path == "./" else path.strip("/")  # ("./": the whole worktree, kept as the rest itself)
-        dest, n = rest / name, 1
-        while os.path.lexists(dest):  # kept there already by an earlier capture of this attempt
-            n += 1
-            dest = rest / f"{name or 'worktree'}.{n}"
-        try:
-            make_own_dir(root, dest.parent)  # (the only copy of the work: not where a worker's link leads)
-            shutil.move(tree / path, dest)  # a rename: both are under .aipm/
-        except OSError as exc:
-            left_out[path] += f"; {_STAYS} ({exc}): it is only in {tree / path}, which is not removed while it is there"
-        else:
-            left_out[path] += f"; moved out of the worktree, whole, into {rest}"
-
-
-def _left_out(left_out: dict[str, str]) -> str:
-    """What a capture left out (_capture, _ignored_in_targets), and where each is kept (_keep_rest)."""
-    kinds: dict[str, list[str]] = {}
-    for path, what in left_out.items():
-        kinds.setdefault(what, []).append(path)
-    return "; ".join(f"{_some(paths)}: {what}" for what, paths in kinds.items())
-
-
-def _some(paths: list[str]) -> str:
-    """Paths for a line: the first ten, and how many more."""
-    return ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
+    keep_rest(root, order, task, serial, tree, left_out)
+    append_log(str(log), f"before its worktree was removed: {left_out_note(left_out)}")
+    if any(STAYS in what for what in left_out.values()):
+        raise WorkspaceError(f"{tree} is not removed: {left_out_note(left_out)}")
 
 
 def _capture(repo: Repo, root: Path, tree: Path, base: str, message: str | None) -> tuple[str, dict[str, str]]:
@@ -360,7 +205,7 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, dict[str, str
         # HEAD: what it committed was in no patch, and the merge took the main tree for changed). Else (a worker's
         # reset past it) HEAD: better a patch against it than none, as the next attempt's start removes the work.
         head = repo.head_of(tree)
-        base = head and repo.made_before(head, _start_message(rec.order, rec.task, rec.serial))
+        base = head and repo.made_before(head, start_message(rec.order, rec.task, rec.serial))
         where = "its start in its worktree's history" if base else "its worktree's HEAD"
         base = base or head
         if base is not None:
@@ -374,7 +219,7 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, dict[str, str
     if left_out:
         # Kept at once, whole, and left out of the end: in the patch, a repository with commits was one
         # `Subproject commit` line, and the worktree holding its files went with the next attempt's start.
-        _keep_rest(root, rec.order, rec.task, rec.serial, tree, left_out)
+        keep_rest(root, rec.order, rec.task, rec.serial, tree, left_out)
         end = repo.capture(tree, scratch(root), base, message, leave_out=list(left_out))
     repo.set_ref(refname(rec.order, rec.task, "end", prefix=repo.prefix), end)
     for note in stash.carry(repo, tree, base):
@@ -457,7 +302,7 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
         return []  # gone: merge() says so
     _, base, end, left_out = _capture_end(root, rec)
     if left_out:
-        raise Conflict(f"the review left {_left_out(left_out)}; nothing of this attempt was merged", list(left_out))
+        raise Conflict(f"the review left {left_out_note(left_out)}; nothing of this attempt was merged", list(left_out))
     changed = sorted({relative(c.path, repo.prefix) for c in repo.changes(before, end)})
     outside = out_of_scope(set(changed), rec.targets)
     if outside:
@@ -488,7 +333,7 @@ def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
         lost = _ignored_in_targets(repo, rec)
     except WorkspaceError as exc:  # the merge is done: this is only a warning
         return [f"ignored files in its targets could not be listed: {exc}"]
-    return [f"{_some(lost)}: {NOT_MERGED}"] if lost else []
+    return [f"{some(lost)}: {NOT_MERGED}"] if lost else []
 
 
 def _ignored_in_targets(repo: Repo, rec: Record) -> list[str]:

@@ -1,0 +1,84 @@
+"""What of a worktree attempt is kept when nothing of it is merged: its patch (written by workspace.keep), and its
+rest, what no patch can hold (a git repository made in the worktree, ignored files in its targets, or the whole
+worktree where git cannot capture it), moved out of the worktree before anything removes it. Every line that
+names the patch names the rest too.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from aipm.record import Record
+from aipm.workspace.places import make_own_dir, own_dir, patch_path, rest_path, worktree_path
+
+
+def kept_patch(root: Path, rec: Record) -> Path | None:
+    """The patch that keeps the changes of `rec`'s worktree attempt, if it holds any: named wherever the attempt
+    merged nothing (a finish line, a cancel, a recovery, a stop), since its worktree goes when the next attempt
+    starts and the log alone said where its work is. None when it changed nothing, or its end could not be captured
+    (its log says why)."""
+    patch = patch_path(root, rec.order, rec.task, rec.serial)
+    try:
+        return patch if rec.workspace and patch.is_file() and patch.stat().st_size else None
+    except OSError:  # removed meanwhile
+        return None
+
+
+def kept_rest(root: Path, rec: Record) -> Path | None:
+    """Where what `rec`'s worktree attempt left that no patch can hold is kept (keep_rest), if it left any: named
+    wherever its patch is (kept_patch)."""
+    rest = rest_path(root, rec.order, rec.task, rec.serial)
+    try:
+        return rest if rec.workspace and any(rest.iterdir()) else None
+    except OSError:  # none (or not a directory: what a worker may leave there is no rest of ours)
+        return None
+
+
+STAYS = "it could not be moved out of the worktree"
+WHOLE = "the whole worktree, as git cannot capture its changes"
+
+
+def keep_whole(root: Path, rec: Record) -> str:
+    """An attempt whose changes git cannot capture (a path git refuses, `GIT~1`): no patch holds any of them, so its
+    whole worktree is its rest (a rename), before anything removes it. A note for its log."""
+    tree = worktree_path(root, rec.order, rec.task)
+    if not tree.is_dir() or not own_dir(root, tree):
+        return ""  # gone, or a link a worker put there: nothing of the attempt's
+    left_out = {"./": WHOLE}
+    keep_rest(root, rec.order, rec.task, rec.serial, tree, left_out)
+    return f"; {left_out_note(left_out)}"
+
+
+def keep_rest(root: Path, order: str, task: str, serial: int, tree: Path, left_out: dict[str, str]) -> None:
+    """Move what no patch can hold (`left_out`: a repository with its .git, so its commits and its uncommitted edits
+    too) out of the worktree to the attempt's rest, whole, before anything removes the worktree, its only copy;
+    each path's note in `left_out` then says where it is."""
+    rest = rest_path(root, order, task, serial)
+    for path in left_out:
+        name = "" if path == "./" else path.strip("/")  # ("./": the whole worktree, kept as the rest itself)
+        dest, n = rest / name, 1
+        while os.path.lexists(dest):  # kept there already by an earlier capture of this attempt
+            n += 1
+            dest = rest / f"{name or 'worktree'}.{n}"
+        try:
+            make_own_dir(root, dest.parent)  # (the only copy of the work: not where a worker's link leads)
+            shutil.move(tree / path, dest)  # a rename: both are under .aipm/
+        except OSError as exc:
+            left_out[path] += f"; {STAYS} ({exc}): it is only in {tree / path}, which is not removed while it is there"
+        else:
+            left_out[path] += f"; moved out of the worktree, whole, into {rest}"
+
+
+def left_out_note(left_out: dict[str, str]) -> str:
+    """What a capture left out (_capture, _ignored_in_targets), and where each is kept (keep_rest)."""
+    kinds: dict[str, list[str]] = {}
+    for path, what in left_out.items():
+        kinds.setdefault(what, []).append(path)
+    return "; ".join(f"{some(paths)}: {what}" for what, paths in kinds.items())
+
+
+def some(paths: list[str]) -> str:
+    """Paths for a line: the first ten, and how many more."""
+    return ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
