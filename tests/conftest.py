@@ -120,6 +120,20 @@ def wait_for(predicate, timeout: float = 60.0, interval: float = 0.05):
     raise AssertionError(f"condition not met within {timeout}s: {predicate.__doc__ or predicate}")
 
 
+def race_threads(threads) -> None:
+    """Start and join `threads` with a switch between threads as often as the interpreter allows (between any two
+    bytecodes), so that a race in what they share shows in one run."""
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(before)
+
+
 def task_statuses(order_dir: Path) -> dict[str, str]:
     """Statuses read straight from the files (no aipm process), for polling."""
     out = {}

@@ -1,7 +1,6 @@
 """Issue 17 (B3): the flat form of a task file read without libyaml. Whatever it accepts, it reads exactly as
 libyaml does; everything else it leaves to libyaml."""
 
-import sys
 import threading
 
 import pytest
@@ -9,6 +8,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from aipm import flatyaml
 from aipm.store import load_yaml, parse_mapping
+from conftest import race_threads
 
 
 def agrees(text: str):
@@ -172,14 +172,5 @@ def test_threads_reading_task_files_at_once_all_get_their_mappings():
         except Exception as exc:  # noqa: BLE001 - the test's finding, said below
             errors.append(repr(exc))
 
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        running = [threading.Thread(target=read, args=(n,)) for n in range(threads)]
-        for thread in running:
-            thread.start()
-        for thread in running:
-            thread.join()
-    finally:
-        sys.setswitchinterval(before)
+    race_threads([threading.Thread(target=read, args=(n,)) for n in range(threads)])
     assert errors == []

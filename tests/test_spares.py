@@ -22,7 +22,7 @@ from aipm.recovery import remove_temp_files
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.writer import update_task
-from conftest import write_task
+from conftest import race_threads, write_task
 
 
 @pytest.fixture(autouse=True)
@@ -239,7 +239,6 @@ def test_a_spare_with_extended_attributes_is_not_reused(project):
         os.setxattr(a, "user.note", b"T0 only")
     except OSError:
         pytest.skip("no user extended attributes on this file system")
-    old = a.stat().st_ino
     _start(a, project.root)
     _start(b, project.root)
     assert "user.note" not in os.listxattr(b)
@@ -481,17 +480,8 @@ def test_files_made_for_the_next_starts_in_another_thread_never_take_a_name_twic
 
     pool = spares.pool(str(tmp_path / "spare"))
     names: list[list[str]] = [[], []]
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # a switch between any two bytecodes, as often as the interpreter allows
-    try:
-        threads = [threading.Thread(target=lambda out: out.extend(pool._name() for _ in range(50_000)), args=(n,))
-                   for n in names]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(previous)
+    race_threads([threading.Thread(target=lambda out: out.extend(pool._name() for _ in range(50_000)), args=(n,))
+                  for n in names])
     made = names[0] + names[1]
     assert len(made) == 100_000
     assert len(set(made)) == len(made)
