@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 
+from aipm.runner import group_members
 from conftest import capped_memory, no_workers, state, stop_outside_a_round, task_statuses, wait_for, write_task
 from invariants import KILL_OWNER, check, group_alive, journal_command, pid_alive
 
@@ -50,11 +51,18 @@ def _end_unwatched(project, gate):
     ends with no supervisor. Returns its record."""
     first = _start_run(project)
     rec = wait_for(lambda: _record(project, "T1"))
+    wait_for(lambda: _went(rec))
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=30)
     gate.touch()
     wait_for(lambda: not pid_alive(rec["pid"]))
     return rec
+
+
+def _went(rec) -> bool:
+    """The attempt's command runs: its wrapper had its go, which follows its record once the round's fsync is done
+    (a run killed in between runs nothing, and its next run starts the task again)."""
+    return len(group_members(rec["pid"])) > 1
 
 
 def _pkill(run, rec):
@@ -400,6 +408,7 @@ def test_an_aipm_run_in_the_lost_attempts_group_does_not_kill_itself(project, ga
                        f"> {journal}.out 2>&1 & p=$!; wait $p; echo nested aipm exit $? >> {journal}")
     first = _start_run(project)
     rec = wait_for(lambda: _record(project, "T1"))
+    wait_for(lambda: _went(rec))
     _pkill(first, rec)
     gate.touch()
     # The nested run recovers the task (ending the lost attempt's other processes, not itself) and runs it again.
