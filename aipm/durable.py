@@ -30,6 +30,7 @@ class _Batch(threading.local):
     carry = False  # this batch's end leaves its fsync to the next batch (carry_over)
     carried: tuple[list[str], list[Callable[[bool], None]]] | None = None  # what the last batch left
     syncing: list[Synced] | None = None  # the directory fsyncs sync_now() started
+    failed: BaseException | None = None  # how one of those ended, when it failed: the batch's writes are not durable
 
 
 _open = _Batch()
@@ -87,17 +88,17 @@ def batch() -> Iterator[None]:
     carried, _open.carried = _open.carried, None
     _open.dirs, _open.after, _open.later, _open.carry = (carried[0], [], carried[1], False) if carried else \
         ([], [], [], False)
-    _open.syncing = []
+    _open.syncing, _open.failed = [], None
     try:
         yield
     finally:
         dirs, after, later, carry = _open.dirs, _open.after, _open.later, _open.carry
         _open.dirs, _open.after, _open.later, _open.carry = None, [], [], False
-        syncing, _open.syncing = _open.syncing, []
-        if carry and not after and dirs and not syncing:
+        syncing, _open.syncing, failed, _open.failed = _open.syncing, [], _open.failed, None
+        if carry and not after and dirs and not syncing and failed is None:
             _open.carried = (dirs, later)
         else:
-            _settle(dirs, after + later, syncing)
+            _settle(dirs, after + later, syncing, failed)
 
 
 def flush() -> None:
@@ -106,15 +107,16 @@ def flush() -> None:
     if _open.dirs is not None:
         dirs, after = _open.dirs, _open.after + _open.later
         _open.dirs, _open.after, _open.later = [], [], []
-        syncing, _open.syncing = _open.syncing, []
-        _settle(dirs, after, syncing)
+        syncing, _open.syncing, failed, _open.failed = _open.syncing, [], _open.failed, None
+        _settle(dirs, after, syncing, failed)
 
 
 def sync_now() -> None:
     """Inside a batch: start the fsync of its directories now, each in a native thread (offthread.fsync_later), so
-    that its writes become durable while this thread goes on (recording the workers whose go waits for them), and
-    leave what waits for them (once_durable) queued, in order, for the next flush() or the batch's end. Those wait
-    for these fsyncs first; where one failed they are told so (and its error raised there)."""
+    that its writes become durable while this thread goes on (its workers' processes start meanwhile), and leave
+    what waits for them (once_durable) queued, in order, for the next flush() or the batch's end. A worker is
+    recorded only once these are done (wait_synced); where one failed, what waits is told so (and the error
+    raised) there."""
     dirs = _open.dirs
     if not dirs:
         return
@@ -130,13 +132,31 @@ def sync_now() -> None:
         _open.syncing.append(fsync_later(fd))
 
 
-def _settle(dirs: list[str], after: list[Callable[[bool], None]], syncing: list[Synced] = ()) -> None:
+def wait_synced() -> None:
+    """Inside a batch: wait for the fsyncs sync_now() started, so that a worker's record, written next, follows its
+    status's durability as it always has (a record is a worker that goes, or whose run died before its go). Raises
+    the failure of one, here and at every later call and flush of the batch: none of its workers may go."""
+    if _open.syncing:
+        jobs, _open.syncing = _open.syncing, []
+        try:
+            _join(jobs)
+        except BaseException as exc:  # noqa: BLE001 - kept for the batch, raised below
+            _open.failed = exc
+    if _open.failed is not None:
+        raise _open.failed
+
+
+def _settle(dirs: list[str], after: list[Callable[[bool], None]], syncing: list[Synced] = (),
+            failed: BaseException | None = None) -> None:
     """fsync `dirs`, once the fsyncs sync_now() started (`syncing`) are done, then run `after`: each told whether
-    all of it succeeded. A failed fsync is a failure, never tried again: after an error the kernel may say a second
-    fsync succeeded with the first one's writes lost (it reports an error once)."""
+    all of it succeeded (`failed`: how an earlier join of those fsyncs ended). A failed fsync is a failure, never
+    tried again: after an error the kernel may say a second fsync succeeded with the first one's writes lost (it
+    reports an error once)."""
     ok = False
     try:
         _join(syncing)
+        if failed is not None:
+            raise failed
         _fsync_all(dirs)
         ok = True
     finally:

@@ -411,3 +411,55 @@ def test_a_round_whose_early_fsync_failed_lets_no_worker_go_and_tries_no_second_
             durable.flush()
     assert told == [False]
     assert len(_Joined.joined) == 2 and dir_syncs == []
+
+
+@pytest.mark.parametrize("fails", [False, True], ids=["durable", "its fsync failed"])
+def test_a_worker_is_recorded_only_once_the_rounds_early_fsync_is_done(project, monkeypatch, fails):
+    """The round's directory fsync runs beside its workers' spawns (sync_now), and a worker is recorded only once it
+    is done: a record is a worker that goes (or whose run died before its go), as before the fsync left this
+    thread. Where it failed, no worker is recorded or goes, and the task is back to QUEUED."""
+    import time
+
+    from aipm.launcher import Launcher
+    from aipm.project import Project
+    from aipm.settings import load_settings
+    from aipm.supervisor import Supervisor
+    from aipm.view import OrderView
+
+    order = project.order()
+    journal = project.root / "journal.txt"
+    write_task(order, "A", command=journal_command(journal, "true"), target_files=["a"])
+    events = []
+    real_later, real_write = durable.fsync_later, Runtime.write_record
+
+    class Slow:
+        def __init__(self, fd):
+            self.job = real_later(fd)
+
+        def result(self):
+            time.sleep(0.3)  # a slow disk: what comes next must wait for it
+            self.job.result()
+            events.append("synced")
+            if fails:
+                raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(durable, "fsync_later", Slow)
+    monkeypatch.setattr(Runtime, "write_record", lambda self, rec: (events.append("recorded"),
+                                                                    real_write(self, rec))[1])
+    settings = load_settings(project.root, {"enable_monitoring": False})
+    launcher = Launcher(Project(project.root, settings.orders_dir), settings)
+    sup = Supervisor(launcher)
+    try:
+        if fails:
+            with pytest.raises(OSError):  # (the round's error, as where its own fsync fails)
+                launcher.launch(OrderView(order, project.root, watch=False), owner=sup, explain=False)
+            assert events == ["synced"] and task_statuses(order) == {"A": "QUEUED"}
+        else:
+            report = launcher.launch(OrderView(order, project.root, watch=False), owner=sup, explain=False)
+            assert [i["id"] for i in report.launched] == ["A"] and events[:2] == ["synced", "recorded"], events
+            wait_for(lambda: spans(journal), timeout=60)
+    finally:
+        sup.end_strays()
+        sup.close()
+    if fails:
+        assert spans(journal) == []
