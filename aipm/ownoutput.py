@@ -22,18 +22,34 @@ from aipm.lockholders import open_under
 def files(root: Path) -> list[list]:
     """[path relative to the real root, device, inode] of this process's standard output and error where they are
     regular files in the tree (none off Linux: /proc names them)."""
-    top = real_root(Path(root)) + "/"
-    found: list[list] = []
+    opened = []
     for fd in (1, 2):
         try:
             st = os.fstat(fd)
-            path = os.readlink(f"/proc/self/fd/{fd}")
         except OSError:
             continue
-        entry = [path[len(top):], st.st_dev, st.st_ino]
-        if stat.S_ISREG(st.st_mode) and path.startswith(top) and entry not in found:
-            found.append(entry)
-    return found
+        if stat.S_ISREG(st.st_mode):
+            opened.append((fd, st.st_dev, st.st_ino))
+    if not opened:
+        return []  # (a terminal or a pipe: every start asks)
+    key = (os.fspath(root), *opened)
+    if key not in _found:
+        top = real_root(Path(root)) + "/"
+        found: list[list] = []
+        for fd, dev, ino in opened:
+            try:
+                path = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                continue
+            entry = [path[len(top):], dev, ino]
+            if path.startswith(top) and entry not in found:
+                found.append(entry)
+        _found[key] = found
+    return [list(entry) for entry in _found[key]]
+
+
+# files() by (root, the regular files fds 1 and 2 are: descriptor, device, inode): its name is looked up once
+_found: dict[tuple, list[list]] = {}
 
 
 def with_ours(noted: list, root: Path) -> list:

@@ -78,9 +78,11 @@ def kept_patches(event: dict) -> str:
     """Where the work of the worktree attempts an event stopped, re-queued or discarded is kept (its `kept`: task ->
     patch, `kept_rest`: task -> what no patch can hold): their worktrees go when their next attempts start, and
     their logs alone said where."""
+    patches, rests = event.get("kept") or {}, event.get("kept_rest") or {}
+    if not (patches or rests):
+        return ""  # (every line of a run asks)
     from aipm.workspace.places import kept_words
 
-    patches, rests = event.get("kept") or {}, event.get("kept_rest") or {}
     return "".join(f"; the changes of {task} are kept in {kept_words(patches.get(task), rests.get(task))}"
                    for task in {**patches, **rests})
 
