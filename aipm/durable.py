@@ -18,8 +18,6 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from aipm.offthread import Synced, fsync_later
-
 
 class _Batch(threading.local):
     """This thread's open batch: directories with renames not yet fsynced (None: no batch), what waits for them."""
@@ -29,8 +27,6 @@ class _Batch(threading.local):
     later: list[Callable[[bool], None]]  # what may wait for a later batch's fsync too (once_durable(urgent=False))
     carry = False  # this batch's end leaves its fsync to the next batch (carry_over)
     carried: tuple[list[str], list[Callable[[bool], None]]] | None = None  # what the last batch left
-    syncing: list[Synced] | None = None  # the directory fsyncs sync_now() started
-    failed: BaseException | None = None  # how one of those ended, when it failed: the batch's writes are not durable
 
 
 _open = _Batch()
@@ -88,17 +84,15 @@ def batch() -> Iterator[None]:
     carried, _open.carried = _open.carried, None
     _open.dirs, _open.after, _open.later, _open.carry = (carried[0], [], carried[1], False) if carried else \
         ([], [], [], False)
-    _open.syncing, _open.failed = [], None
     try:
         yield
     finally:
         dirs, after, later, carry = _open.dirs, _open.after, _open.later, _open.carry
         _open.dirs, _open.after, _open.later, _open.carry = None, [], [], False
-        syncing, _open.syncing, failed, _open.failed = _open.syncing, [], _open.failed, None
-        if carry and not after and dirs and not syncing and failed is None:
+        if carry and not after and dirs:
             _open.carried = (dirs, later)
         else:
-            _settle(dirs, after + later, syncing, failed)
+            _settle(dirs, after + later)
 
 
 def flush() -> None:
@@ -107,74 +101,32 @@ def flush() -> None:
     if _open.dirs is not None:
         dirs, after = _open.dirs, _open.after + _open.later
         _open.dirs, _open.after, _open.later = [], [], []
-        syncing, _open.syncing, failed, _open.failed = _open.syncing, [], _open.failed, None
-        _settle(dirs, after, syncing, failed)
+        _settle(dirs, after)
 
 
 def sync_now() -> None:
-    """Inside a batch: start the fsync of its directories now, each in a native thread (offthread.fsync_later), so
-    that its writes become durable while this thread goes on (its workers' processes start meanwhile), and leave
-    what waits for them (once_durable) queued, in order, for the next flush() or the batch's end. A worker is
-    recorded only once these are done (wait_synced); where one failed, what waits is told so (and the error
-    raised) there."""
+    """Inside a batch: fsync its directories now, so its writes so far are durable, and leave what waits for them
+    (once_durable) queued, in order, for the next flush() or the batch's end. Where the fsync fails the
+    directories stay pending (and the error is raised)."""
     dirs = _open.dirs
     if not dirs:
         return
     _open.dirs = []
-    for directory in dirs:
-        try:
-            fd = os.open(directory, os.O_RDONLY)
-        except FileNotFoundError:
-            continue  # removed since its renames (see _fsync_all)
-        except OSError:
-            _open.dirs.append(directory)  # fsynced at the flush, which then says why it cannot be
-            continue
-        _open.syncing.append(fsync_later(fd))
+    try:
+        _fsync_all(dirs)
+    except BaseException:
+        _open.dirs = dirs + _open.dirs
+        raise
 
 
-def wait_synced() -> None:
-    """Inside a batch: wait for the fsyncs sync_now() started, so that a worker's record, written next, follows its
-    status's durability as it always has (a record is a worker that goes, or whose run died before its go). Raises
-    the failure of one, here and at every later call and flush of the batch: none of its workers may go."""
-    if _open.syncing:
-        jobs, _open.syncing = _open.syncing, []
-        try:
-            _join(jobs)
-        except BaseException as exc:  # noqa: BLE001 - kept for the batch, raised below
-            _open.failed = exc
-    if _open.failed is not None:
-        raise _open.failed
-
-
-def _settle(dirs: list[str], after: list[Callable[[bool], None]], syncing: list[Synced] = (),
-            failed: BaseException | None = None) -> None:
-    """fsync `dirs`, once the fsyncs sync_now() started (`syncing`) are done, then run `after`: each told whether
-    all of it succeeded (`failed`: how an earlier join of those fsyncs ended). A failed fsync is a failure, never
-    tried again: after an error the kernel may say a second fsync succeeded with the first one's writes lost (it
-    reports an error once)."""
+def _settle(dirs: list[str], after: list[Callable[[bool], None]]) -> None:
     ok = False
     try:
-        _join(syncing)
-        if failed is not None:
-            raise failed
         _fsync_all(dirs)
         ok = True
     finally:
         for action in after:  # every one runs, so none leaks a descriptor, even when the fsync failed
             action(ok)
-
-
-def _join(syncing: list[Synced]) -> None:
-    """Wait for every fsync started early (each joined, so none leaves its thread or descriptor behind, whatever
-    is raised meanwhile), then raise the first failure."""
-    error: BaseException | None = None
-    for job in syncing:
-        try:
-            job.result()
-        except BaseException as exc:  # noqa: BLE001 - raised once all are joined
-            error = error or exc
-    if error is not None:
-        raise error
 
 
 def _fsync_all(dirs: list[str]) -> None:

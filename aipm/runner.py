@@ -198,7 +198,6 @@ class Spawning:
         """Record the worker (`started`) and let its command go once this round's writes are durable."""
         try:
             self.pid, before, after = self._spawned()
-            durable.wait_synced()  # recorded once its status is durable (the round's fsync ran beside the spawn)
             self._started(self.pid, spawned_ctime(self.pid, before, after))
         except BaseException:
             self.abandon()

@@ -205,15 +205,6 @@ def let_go(fd, ok):
     events.append(["go", ok])
     go(fd, ok)
 durable.sync_dir, durable.fsync_dir, runner._go = synced_later, synced, let_go
-fsync_later = durable.fsync_later
-class SyncedLater:  # a directory's fsync in a native thread (durable.sync_now): known done when joined, for the
-    def __init__(self, fd):  # renames made before it started
-        self.path, self.since = os.readlink(f"/proc/self/fd/{fd}"), len(events)
-        self.job = fsync_later(fd)
-    def result(self):
-        self.job.result()
-        events.append(["synced before", [self.path, self.since]])
-durable.fsync_later = SyncedLater
 from aipm.supervisor import Supervisor
 wait = Supervisor.wait
 def sleep(self, *args, **kwargs):
@@ -250,16 +241,13 @@ def test_no_worker_goes_before_every_status_written_before_it_is_durable(project
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert set(task_statuses(order).values()) == {"DONE"}
     events = json.loads(journal.read_text())
-    unsynced: dict[str, int] = {}  # directory → the event of its last rename not yet durable
+    unsynced: set[str] = set()
     gos = 0
-    for at, (kind, what) in enumerate(events):
+    for kind, what in events:
         if kind == "renamed":
-            unsynced[what] = at
+            unsynced.add(what)
         elif kind == "synced":
-            unsynced.pop(what, None)
-        elif kind == "synced before":  # an fsync started after the event what[1]: durable up to there
-            if unsynced.get(what[0], at) < what[1]:
-                del unsynced[what[0]]
+            unsynced.discard(what)
         elif kind == "sleep":
             assert not (what and unsynced), f"the run slept with renames in {unsynced} not yet durable"
         elif what:  # a go
@@ -370,96 +358,3 @@ def test_a_stop_makes_what_the_last_round_carried_over_durable_before_its_grace(
     finally:
         sup.end_strays()
         sup.close()
-
-
-class _Joined:
-    """Stands for the native thread of a directory fsync started early (durable.sync_now): `raises` is what its
-    join raises (None: the fsync succeeded); `joined` lists those joined."""
-
-    joined: list = []
-
-    def __init__(self, fd, raises=None):
-        os.close(fd)
-        self.raises = raises
-
-    def result(self):
-        _Joined.joined.append(self)
-        if self.raises is not None:
-            raise self.raises
-
-
-@pytest.mark.parametrize("error", [OSError(5, "Input/output error"), KeyboardInterrupt()],
-                         ids=["EIO", "Ctrl-C in the join"])
-def test_a_round_whose_early_fsync_failed_lets_no_worker_go_and_tries_no_second_fsync(project, monkeypatch, error):
-    """sync_now() starts the round's directory fsync in a native thread while the workers are recorded. One that
-    failed is the round's failure: what waits for it is told so (a go is closed, never sent) and the error raised.
-    No second fsync: after an error the kernel may report success for writes it lost. An interruption while it is
-    joined still tells every waiter and joins every thread (none is left with its descriptor)."""
-    order, other = project.order(), project.order("OTHER")
-    a, b = write_task(order, "A", command="true"), write_task(other, "B", command="true")
-    _Joined.joined = []
-    started = iter([error, None])
-    monkeypatch.setattr(durable, "fsync_later", lambda fd: _Joined(fd, next(started)))
-    dir_syncs = _record_dir_syncs(monkeypatch)
-    told = []
-    with pytest.raises(type(error)):
-        with Runtime(project.root).launch_lock():
-            update_task(a, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=project.root)
-            update_task(b, {"status": Status.IN_PROGRESS, "attempts": 1}, expect=Status.QUEUED, root=project.root)
-            durable.sync_now()
-            durable.once_durable(told.append)
-            durable.flush()
-    assert told == [False]
-    assert len(_Joined.joined) == 2 and dir_syncs == []
-
-
-@pytest.mark.parametrize("fails", [False, True], ids=["durable", "its fsync failed"])
-def test_a_worker_is_recorded_only_once_the_rounds_early_fsync_is_done(project, monkeypatch, fails):
-    """The round's directory fsync runs beside its workers' spawns (sync_now), and a worker is recorded only once it
-    is done: a record is a worker that goes (or whose run died before its go), as before the fsync left this
-    thread. Where it failed, no worker is recorded or goes, and the task is back to QUEUED."""
-    import time
-
-    from aipm.launcher import Launcher
-    from aipm.project import Project
-    from aipm.settings import load_settings
-    from aipm.supervisor import Supervisor
-    from aipm.view import OrderView
-
-    order = project.order()
-    journal = project.root / "journal.txt"
-    write_task(order, "A", command=journal_command(journal, "true"), target_files=["a"])
-    events = []
-    real_later, real_write = durable.fsync_later, Runtime.write_record
-
-    class Slow:
-        def __init__(self, fd):
-            self.job = real_later(fd)
-
-        def result(self):
-            time.sleep(0.3)  # a slow disk: what comes next must wait for it
-            self.job.result()
-            events.append("synced")
-            if fails:
-                raise OSError(5, "Input/output error")
-
-    monkeypatch.setattr(durable, "fsync_later", Slow)
-    monkeypatch.setattr(Runtime, "write_record", lambda self, rec: (events.append("recorded"),
-                                                                    real_write(self, rec))[1])
-    settings = load_settings(project.root, {"enable_monitoring": False})
-    launcher = Launcher(Project(project.root, settings.orders_dir), settings)
-    sup = Supervisor(launcher)
-    try:
-        if fails:
-            with pytest.raises(OSError):  # (the round's error, as where its own fsync fails)
-                launcher.launch(OrderView(order, project.root, watch=False), owner=sup, explain=False)
-            assert events == ["synced"] and task_statuses(order) == {"A": "QUEUED"}
-        else:
-            report = launcher.launch(OrderView(order, project.root, watch=False), owner=sup, explain=False)
-            assert [i["id"] for i in report.launched] == ["A"] and events[:2] == ["synced", "recorded"], events
-            wait_for(lambda: spans(journal), timeout=60)
-    finally:
-        sup.end_strays()
-        sup.close()
-    if fails:
-        assert spans(journal) == []
