@@ -9,7 +9,7 @@ import os
 import time
 from contextlib import suppress
 
-from aipm import recovery, runner, spending, workspace
+from aipm import recovery, runner, spending
 from aipm.errors import UserError
 from aipm.model import RUNNING, Status
 from aipm.paths import as_path
