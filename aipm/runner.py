@@ -26,7 +26,7 @@ from functools import partial
 
 from aipm import durable, offthread, posix_spawn, wrapper
 from aipm.liveness import spawned_ctime, stat_fields
-from aipm.shellwrap import SHELL, SH_BUILTINS, WRAP_ARGV, WRAP_SHELL, plain_words
+from aipm.shellwrap import NATIVE_BUILTINS, SHELL, SH_BUILTINS, WRAP_ARGV, WRAP_SHELL, plain_words
 from aipm.workerfiles import NO_WAIT
 
 # The go pipe is fd 3 (dash only redirects single-digit descriptors); $1 is the exit file.
@@ -115,8 +115,10 @@ def begin(
     # end at once: only a string of plain words, never `exec`, `time` or `wait` there, goes without a limit.)
     late = str(limit + LATE) if limit and not (builtin and isinstance(command, str)) else "0"
     shell = [SHELL, "-c", WRAP_ARGV if words else WRAP_SHELL, "aipm-worker", exit_file, late, *(words or [command])]
-    compiled = None if builtin else wrapper.binary()
-    if compiled and not (words and "PATH" in env):
+    # `true` and `false` the compiled wrapper ends itself, as the shell would (wrapper.c's builtin()): no shell to start.
+    native = builtin and words[0] in NATIVE_BUILTINS
+    compiled = None if builtin and not native else wrapper.binary()
+    if compiled and not native and not (words and "PATH" in env):
         # What the shell reads, or searches (without PATH, in its own default: dash's has the sbin directories), runs
         # as `sh -c` under the compiled wrapper too, which keeps the limit with no watchdog; the shell's parent is then
         # the wrapper, as a command's $PPID means.

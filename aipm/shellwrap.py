@@ -61,6 +61,8 @@ _SHELL_WORDS = frozenset(
 # Commands /bin/sh runs itself, without starting a program: they keep the shell wrapper (one exec, and the
 # builtin's own behaviour, which may differ from the program of that name: dash's echo is not coreutils').
 SH_BUILTINS = _SHELL_WORDS | {"true", "false", "echo", "printf", "test", "pwd"}
+# The builtins the compiled wrapper runs itself (wrapper.c's builtin()): they only say their exit code.
+NATIVE_BUILTINS = frozenset({"true", "false"})
 
 
 def plain_words(command: str) -> list[str] | None:

@@ -143,6 +143,21 @@ def test_a_link_planted_as_the_early_exit_file_is_not_written_through(tmp_path):
     assert victim.read_text() == "keep me\n" and exit_file.read_text() == "3\n"
 
 
+@pytest.mark.parametrize("command", ["true", "false", "true --help x", "false -x", ["true", "a"], ["false"]])
+def test_true_and_false_end_in_the_compiled_wrapper_as_the_shells_builtins_do(tmp_path, monkeypatch, command):
+    """No shell and no program of that name: the compiled wrapper says their code itself, whatever the arguments,
+    as `sh -c '"$@"'` does with its builtins (a `true` or `false` earlier on PATH is not run)."""
+    for name in ("true", "false"):
+        fake = tmp_path / name
+        fake.write_text(f"#!/bin/sh\necho ran >> {tmp_path}/ran\nexit 7\n")
+        fake.chmod(0o755)
+    compiled, shell = _both(tmp_path, monkeypatch, command)
+    words = command.split() if isinstance(command, str) else command
+    code = 0 if words[0] == "true" else 1
+    assert compiled == shell == (code, f"{code}\n", "")
+    assert not (tmp_path / "ran").exists()
+
+
 def test_the_sweep_of_spent_exit_files_keeps_the_early_file_of_a_live_worker(project):
     """remove_spent_exit_files keeps what a recorded worker's wrapper will name, `.w` included, and removes the
     early files of wrappers that are gone with no record left (killed before their command ended)."""
