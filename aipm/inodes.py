@@ -77,24 +77,24 @@ def reusable(info: os.stat_result) -> bool:
             and info.st_gid == EGID)
 
 
-def ours_alone(fd: int, ino: int) -> bool:
-    """The descriptor is the spare we kept (same inode, still one link, ours, no extended attribute of its old
-    file but a security label) and no other process has it open."""
+def ours_alone(fd: int, ino: int) -> os.stat_result | None:
+    """The descriptor's stat when it is the spare we kept (same inode, still one link, ours, no extended attribute of
+    its old file but a security label) and no other process has it open; else None."""
     info = os.fstat(fd)
     if info.st_ino != ino or not reusable(info):
-        return False
+        return None
     if any(not name.startswith("security.") for name in os.listxattr(fd)):
-        return False
+        return None
     try:
         # A lease break (an open while we hold the lease) signals us: SIGURG is ignored by default, SIGIO would end
         # the process.
         fcntl.fcntl(fd, fcntl.F_SETSIG, signal.SIGURG)
         fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_WRLCK)  # refused (EAGAIN) while anyone else has it open
     except OSError:
-        return False
+        return None
     alone = fcntl.fcntl(fd, fcntl.F_GETLEASE) == fcntl.F_WRLCK  # not being broken by someone's open meanwhile
     fcntl.fcntl(fd, fcntl.F_SETLEASE, fcntl.F_UNLCK)
-    return alone
+    return info if alone else None
 
 
 def fill(fd: int, data: bytes) -> None:

@@ -123,7 +123,7 @@ def _proc_stat(pid: int) -> tuple[str, float] | None:
 
 def stat_fields(pid: int) -> list[bytes]:
     """/proc/<pid>/stat's fields after the process's name (which may hold spaces and parentheses)."""
-    data = read_small(f"/proc/{pid}/stat")
+    data = read_proc(f"/proc/{pid}/stat")
     return data[data.rfind(b")") + 2:].split()
 
 
@@ -187,6 +187,27 @@ def asleep_in_wait(pid: int) -> bytes | None:
 
 
 SMALL = 1 << 22  # more than any record or /proc file read here holds
+
+
+_PROC_CHUNK = 65536
+
+
+def read_proc(path: str) -> bytes:
+    """A /proc file's bytes: read_small without its check of the file's kind (the kernel's own, which no worker can
+    replace) and without the read that only finds the end (a file the kernel makes line by line fills a read but for
+    less than a line of room when there is more: these lines are short). Three system calls instead of five: the
+    hot path reads one per thread of ours for each worker that ends (subreaper.children)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        data = chunk = os.read(fd, _PROC_CHUNK)
+        while len(chunk) > _PROC_CHUNK - 4096:
+            if len(data) > SMALL:
+                raise OSError(errno.EFBIG, "not a small file", path)
+            chunk = os.read(fd, _PROC_CHUNK)
+            data += chunk
+        return data
+    finally:
+        os.close(fd)
 
 
 def read_small(path: str) -> bytes:

@@ -94,11 +94,12 @@ class Pool:
                 os.unlink(name)  # a link or FIFO planted under the name (a directory stays), or it is gone
             return None
         try:
-            if ours_alone(fd, ino):
+            info = ours_alone(fd, ino)
+            if info is not None:
                 if tmp is not None:
                     os.rename(name, tmp)
                 if tmp is None or os.lstat(tmp).st_ino == ino:
-                    empty(fd, os.fstat(fd).st_size)
+                    empty(fd, info.st_size)
                     return fd
         except OSError:
             pass  # gone meanwhile, another file system (EXDEV), ...: a new file it is

@@ -27,7 +27,7 @@ from aipm import notify, runner
 from aipm.lockholders import lock_holders
 from aipm.locks import lock_nodes, node_path
 from aipm.paths import normalize
-from aipm.liveness import process_ctime, read_small
+from aipm.liveness import process_ctime, read_proc
 from aipm.record import Record
 from aipm.runtime import Runtime
 
@@ -52,7 +52,7 @@ def children(pid: int) -> list[int]:
         return out
     for tid in tids:
         try:
-            out += [int(p) for p in read_small(f"/proc/{pid}/task/{tid}/children").split()]
+            out += [int(p) for p in read_proc(f"/proc/{pid}/task/{tid}/children").split()]
         except OSError:
             continue
     return out
@@ -206,7 +206,7 @@ def end(pids: Iterable[int], timeout: float = 5.0) -> list[int]:
 def _zombie(pid: int) -> bool:
     """Ended, waiting to be reaped (or gone already)."""
     try:
-        return read_small(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
+        return read_proc(f"/proc/{pid}/stat").rsplit(b")", 1)[1].split()[0] in (b"Z", b"X")
     except (OSError, IndexError):
         return True
 
