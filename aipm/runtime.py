@@ -27,7 +27,7 @@ from aipm.liveness import read_small, remembered
 from aipm.launchlock import exclusive, stopped_holder, wait_for
 from aipm.attemptfiles import AttemptFiles, entries
 from aipm.cancelmarks import CancelMarks
-from aipm.statedir import make_state_dir, safe_name as _safe, state_dir
+from aipm.statedir import in_memory, make_state_dir, safe_name as _safe, state_dir
 from aipm.record import Record
 from aipm.inodes import fill
 from aipm.spares import Pool, pool
@@ -44,8 +44,8 @@ class _Round(threading.local):
 _round = _Round()
 
 
-def _write_file(path: str, data: bytes, spares: Pool, final: str) -> None:
-    fd = spares.take(path, avoid=final)
+def _write_file(path: str, data: bytes, spares: Pool | None, final: str) -> None:
+    fd = None if spares is None else spares.take(path, avoid=final)
     if fd is None:
         # Made new: what a worker left under the temp name (a link to ~/.bashrc, a hard link) is removed, never
         # truncated and written through; the usual case, no file there, costs nothing more.
@@ -85,7 +85,9 @@ class Runtime(CancelMarks, AttemptFiles):
         self._launch_lock = self.state / "launch.lock"
         self._logs_probe = self.dir / "logs" / "x"
         self._lock_depth = 0
-        self._spares = pool(f"{self.state}/spare")  # removed records, reused by the next ones
+        # Removed records, reused by the next ones: on disk a new file is dear (spares.py); in memory it is not,
+        # and the checks a spare's reuse takes cost more than a new file there.
+        self._spares = None if in_memory(self.state) else pool(f"{self.state}/spare")
 
     def _in(self, base: Path, kind: str, order: str) -> Path:
         """`base/kind/<order>`: an order's directory of one kind of file (remembered: asked on every start)."""
@@ -202,6 +204,10 @@ class Runtime(CancelMarks, AttemptFiles):
         known = self._known()
         if known is not None:
             known.pop(path, None)
+        if self._spares is None:
+            with suppress(FileNotFoundError):
+                os.unlink(path)
+            return
         # Kept as a spare for the next record rather than freed (see spares.py); records are never fsynced, so
         # it is ready at once.
         self._spares.ready(self._spares.keep(str(path)))

@@ -81,7 +81,7 @@ def project(tmp_path: Path) -> Project:
 
 @pytest.fixture(autouse=True)
 def _remove_state_dirs(request):
-    """After each test, the state directories (/tmp/aipm-<uid>/...) of the projects it made under its tmp_path:
+    """After each test, the state directories (/dev/shm or /tmp/aipm-<uid>/...) of the projects it made under its tmp_path:
     left, a suite run piled up thousands of them. Only this test's: another run's may be in use."""
     if "tmp_path" not in request.fixturenames:
         yield
