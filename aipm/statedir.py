@@ -90,15 +90,16 @@ def _base() -> str:
     """MEMORY_BASE where it is a tmpfs that every user may write (mode 1777, as /tmp): the state is only ever needed
     while processes live, and it is written on every start and end (worker records, exit files, lock files). On
     disk each new file costs an inode allocation: 0.4-1 ms on ext4 without a journal, whose allocator scans the
-    inodes freed in the last minute (B2 wall 3.6-3.7 s -> 2.5-2.7 s, three runs each). Else STATE_BASE. Chosen by
-    what the machine is, never by what a directory holds (a worker may remove any of them): each process, asking
-    alone, comes to the same answer."""
+    inodes freed in the last minute (B2 wall 3.6-3.7 s -> 2.5-2.7 s, three runs each). Not where logind would empty
+    it at the user's logout (_kept_at_logout). Else STATE_BASE. Chosen by what the machine is, never by what a
+    directory holds (a worker may remove any of them): each process, asking alone, comes to the same answer."""
     if _chosen:
         return _chosen[0]
     found = STATE_BASE
     try:
         info = os.stat(MEMORY_BASE)
-        if info.st_uid == 0 and stat.S_IMODE(info.st_mode) == 0o1777 and _tmpfs(MEMORY_BASE):
+        if (info.st_uid == 0 and stat.S_IMODE(info.st_mode) == 0o1777 and _tmpfs(MEMORY_BASE)
+                and _kept_at_logout(os.getuid())):
             found = MEMORY_BASE
     except OSError:
         pass
@@ -107,6 +108,33 @@ def _base() -> str:
 
 
 _chosen: list[str] = []
+# systemd-logind's RemoveIPC= (default yes) removes a user's files in /dev/shm when their last session ends (an ssh
+# logout with `aipm run` left in tmux): all of the state, while its workers run on. It spares root and system users.
+LOGIND_SESSIONS = "/run/systemd/sessions"  # there while logind runs
+LOGIND_CONFIG = ["/usr/lib/systemd/logind.conf", "/etc/systemd/logind.conf"]  # then their drop-ins, by name
+LOGIND_DROP_INS = ["/usr/lib/systemd/logind.conf.d", "/run/systemd/logind.conf.d", "/etc/systemd/logind.conf.d"]
+
+
+def _kept_at_logout(uid: int) -> bool:
+    """Whether this user's files in MEMORY_BASE outlive their last login session: a system user's (logind never
+    removes those), or anyone's where logind does not run or is told `RemoveIPC=no`."""
+    if uid < 1000 or not os.path.isdir(LOGIND_SESSIONS):
+        return True
+    drop_ins: dict[str, str] = {}  # name -> path: a later directory's file of the same name replaces it
+    for place in LOGIND_DROP_INS:
+        with suppress(OSError):
+            drop_ins.update((n, os.path.join(place, n)) for n in os.listdir(place) if n.endswith(".conf"))
+    removes = True  # the last setting read wins
+    for name in [*LOGIND_CONFIG, *(drop_ins[n] for n in sorted(drop_ins))]:
+        try:
+            with open(name, encoding="utf-8", errors="replace") as handle:
+                for line in handle:
+                    key, _, value = line.strip().partition("=")
+                    if key.strip() == "RemoveIPC":
+                        removes = value.strip().lower() not in ("no", "false", "0", "off")
+        except OSError:
+            continue
+    return not removes
 
 
 def _tmpfs(path: str) -> bool:

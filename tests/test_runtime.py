@@ -7,6 +7,8 @@ import sys
 from contextlib import suppress
 from pathlib import Path
 
+import pytest
+
 from aipm import liveness, runner
 from aipm.record import Record
 from aipm.runtime import Runtime
@@ -143,10 +145,13 @@ def test_an_orders_directories_of_one_kind_under_two_bases_are_two(tmp_path):
     assert rt._in(rt.dir, "exit", "O") == rt.dir / "exit" / "O"
 
 
-def test_a_link_or_hard_link_at_a_records_temp_name_is_never_written_through(tmp_path):
+@pytest.mark.parametrize("place", ["usual", "disk"])
+def test_a_link_or_hard_link_at_a_records_temp_name_is_never_written_through(tmp_path, request, place):
     """A worker (it can write the state directory unless confined) that left a symlink or a hard link to a file of
     the user's under the temp name of its record's next write: the open truncated that file and wrote the record
     into it."""
+    if place == "disk":
+        request.getfixturevalue("state_on_disk")
     root = tmp_path / "p"
     root.mkdir()
     rt = Runtime(root)

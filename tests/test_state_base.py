@@ -116,3 +116,29 @@ def test_an_older_aipms_live_worker_in_tmp_stops_this_one_with_one_line_and_noth
     proc = project.aipm("run", "ORD")  # that worker gone: the record is a dead one's, and the run goes on
     assert proc.returncode == 0, proc.stderr
     assert yaml.safe_load(task.read_text())["status"] == "DONE"
+
+
+@pytest.mark.parametrize("uid, sessions, settings, kept", [
+    (0, True, ["RemoveIPC=yes"], True),  # root: logind never removes its files
+    (999, True, [], True),  # a system user: neither
+    (1000, True, [], False),  # a user, logind running, the default (yes)
+    (1000, True, ["[Login]\n#RemoveIPC=no"], False),  # commented out
+    (1000, True, ["[Login]\nRemoveIPC=no"], True),
+    (1000, True, ["RemoveIPC=no", "RemoveIPC=yes"], False),  # a drop-in, read after the file, says yes again
+    (1000, True, ["RemoveIPC=yes", "RemoveIPC = off"], True),
+    (1000, False, ["RemoveIPC=yes"], True),  # no logind here
+])
+def test_the_state_goes_to_memory_only_where_no_logout_empties_it(tmp_path, monkeypatch, uid, sessions, settings,
+                                                                  kept):
+    """systemd-logind's RemoveIPC= (default yes) removes a user's files in /dev/shm at their last logout: an `aipm
+    run` left in tmux over ssh would lose its records and locks there."""
+    if sessions:
+        (tmp_path / "sessions").mkdir()
+    conf, drop_ins = tmp_path / "logind.conf", tmp_path / "logind.conf.d"
+    drop_ins.mkdir()
+    for i, text in enumerate(settings):
+        (conf if i == 0 else drop_ins / f"{i:02}-aipm.conf").write_text(text + "\n")
+    monkeypatch.setattr(statedir, "LOGIND_SESSIONS", str(tmp_path / "sessions"))
+    monkeypatch.setattr(statedir, "LOGIND_CONFIG", [str(tmp_path / "none.conf"), str(conf)])
+    monkeypatch.setattr(statedir, "LOGIND_DROP_INS", [str(tmp_path / "none.d"), str(drop_ins)])
+    assert statedir._kept_at_logout(uid) is kept
