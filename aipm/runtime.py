@@ -13,8 +13,10 @@ ever released by deleting a file. The short launch lock is a `flock` too, on a d
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import os
+import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -42,6 +44,8 @@ class _Round(threading.local):
 
 
 _round = _Round()
+_GONE = "gone"  # where a record is moved to be removed, on a tmpfs (Runtime.remove_record)
+_removed = itertools.count(1)
 
 
 def _write_file(path: str, data: bytes, spares: Pool | None, final: str) -> None:
@@ -205,8 +209,21 @@ class Runtime(CancelMarks, AttemptFiles):
         if known is not None:
             known.pop(path, None)
         if self._spares is None:
+            # Moved out of its directory first: a deletion there is someone else's (Supervisor.watch_records), and
+            # would wake the run for a round of nothing.
+            gone = str(path)
+            try:
+                os.mkdir(f"{self.state}/{_GONE}", 0o700)
+            except OSError:
+                pass
+            with suppress(OSError):
+                info = os.lstat(f"{self.state}/{_GONE}")
+                if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid():  # (never through a worker's link)
+                    moved = f"{self.state}/{_GONE}/{os.getpid()}-{next(_removed)}"
+                    os.rename(path, moved)
+                    gone = moved
             with suppress(FileNotFoundError):
-                os.unlink(path)
+                os.unlink(gone)
             return
         # Kept as a spare for the next record rather than freed (see spares.py); records are never fsynced, so
         # it is ready at once.

@@ -142,3 +142,29 @@ def test_the_state_goes_to_memory_only_where_no_logout_empties_it(tmp_path, monk
     monkeypatch.setattr(statedir, "LOGIND_CONFIG", [str(tmp_path / "none.conf"), str(conf)])
     monkeypatch.setattr(statedir, "LOGIND_DROP_INS", [str(tmp_path / "none.d"), str(drop_ins)])
     assert statedir._kept_at_logout(uid) is kept
+
+
+@pytest.mark.parametrize("place", ["usual", "disk"])
+def test_a_record_removed_by_its_owner_is_no_deletion_in_the_watched_directory(tmp_path, request, place):
+    """A run sleeps on a watch of its records' directory for deletions (someone else's `rm`, see
+    Supervisor.watch_records): its own removal of a record must not wake it (a round of nothing per task)."""
+    from aipm.inotify import DirWatch
+    from aipm.supervisor import _RECORDS_GONE
+
+    if place == "disk":
+        request.getfixturevalue("state_on_disk")
+    rt = Runtime(tmp_path)
+    rec = Record(order="O", order_dir="", task="A", task_file="", attempt=1, targets=[], log="", exit_file="",
+                 started_at="", pid=1)
+    rt.write_record(rec)
+    watch = DirWatch.open(None)
+    try:
+        watch.add(str(rt.record_path("O", "A").parent), _RECORDS_GONE)
+        rt.remove_record("O", "A")
+        assert rt.read_record("O", "A") is None
+        assert list(watch.events()) == []
+        (rt.record_path("O", "A").parent / "other.json").write_text("{}")
+        os.unlink(rt.record_path("O", "A").parent / "other.json")  # someone else's deletion is seen
+        assert list(watch.events()) != []
+    finally:
+        os.close(watch.fd)
