@@ -49,11 +49,11 @@ def exact(target_files) -> bool:
 
 
 def prefix(root: str, targets: list[str], log: str, exit_file: str, keep: list[str], project: str | None = None,
-           state: list[str] = ()) -> list[str]:
+           state: str | None = None) -> list[str]:
     """The argv to put in front of the worker's command so it runs confined to `targets` below `root`; `keep`:
     directories no rule may open unless a target names them (the order directories: task files are aipm's);
     `project`: the project root when `root` is a worktree of it (nothing of the project tree is opened then);
-    `state`: aipm's directories outside the project (exit files, locks; the compiled wrapper), never opened;
+    `state`: aipm's directory outside the project (exit files, locks, the compiled wrapper), never opened;
     `exit_file`: the attempt's, beside which a ruleset that cannot be applied is noted (workerfiles.note_reason).
 
     Python runs isolated and without `site` (-I -S): the standard library first, then only the directories
@@ -61,7 +61,7 @@ def prefix(root: str, targets: list[str], log: str, exit_file: str, keep: list[s
     import path, and a module a task left there (`token.py`, `json.py`) ran before the ruleset did; `site` would
     run the `.pth` files of site-packages, which a worker may write when they lie outside the project."""
     return boot_argv("aipm.confine", {"root": root, "targets": targets, "log": log, "exit_file": exit_file,
-                                      "keep": keep, "project": project or root, "state": list(state)})
+                                      "keep": keep, "project": project or root, "state": state})
 
 
 def boot_argv(module: str, spec: dict) -> list[str]:
@@ -100,7 +100,7 @@ def private_tmp(log: str) -> str:
 
 
 def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] = (),
-          project: str | None = None, state: list[str] = ()) -> tuple[list, str | None]:
+          project: str | None = None, state: str | None = None) -> tuple[list, str | None]:
     """[(path, rights)] for a worker, and its TMPDIR when it needs one of its own: its targets below `root`
     (the project root, or the worktree it works in, inside `project`), nothing else of the project.
 
@@ -116,7 +116,7 @@ def rules(root: str, targets: list[str], log: str, made: list, keep: list[str] =
     runtime = os.path.realpath(os.path.join(real_root, ".aipm"))  # (a link to where it lives: that place)
     orders = [os.path.realpath(k) for k in keep]
     kept = git + [runtime] + orders
-    state = [os.path.realpath(s) for s in state]
+    state = [os.path.realpath(state)] if state else []
     out = _beside("/", [real_project] + [k for k in git + orders if not _contains(real_project, k)] + state)
     for raw in targets:
         path, kind = _target_path(real_root, raw)
@@ -343,7 +343,7 @@ def main(argv: list[str]) -> int:
         made: list = []
         try:
             grants, tmp = rules(spec["root"], spec["targets"], spec["log"], made, spec["keep"], spec["project"],
-                                spec.get("state") or [])
+                                spec.get("state"))
         finally:
             # Renamed into place: a link an earlier, unconfined attempt left under this name is not written through.
             write_bytes(Path(made_file(spec["log"])), json.dumps(made).encode())

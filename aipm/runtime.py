@@ -13,10 +13,8 @@ ever released by deleting a file. The short launch lock is a `flock` too, on a d
 from __future__ import annotations
 
 import fcntl
-import itertools
 import json
 import os
-import stat
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -29,7 +27,7 @@ from aipm.liveness import read_small, remembered
 from aipm.launchlock import exclusive, stopped_holder, wait_for
 from aipm.attemptfiles import AttemptFiles, entries
 from aipm.cancelmarks import CancelMarks
-from aipm.statedir import in_memory, make_state_dir, safe_name as _safe, state_dir
+from aipm.statedir import make_state_dir, safe_name as _safe, state_dir
 from aipm.record import Record
 from aipm.inodes import fill
 from aipm.spares import Pool, pool
@@ -44,12 +42,10 @@ class _Round(threading.local):
 
 
 _round = _Round()
-_GONE = "gone"  # where a record is moved to be removed, on a tmpfs (Runtime.remove_record)
-_removed = itertools.count(1)
 
 
-def _write_file(path: str, data: bytes, spares: Pool | None, final: str) -> None:
-    fd = None if spares is None else spares.take(path, avoid=final)
+def _write_file(path: str, data: bytes, spares: Pool, final: str) -> None:
+    fd = spares.take(path, avoid=final)
     if fd is None:
         # Made new: what a worker left under the temp name (a link to ~/.bashrc, a hard link) is removed, never
         # truncated and written through; the usual case, no file there, costs nothing more.
@@ -89,9 +85,7 @@ class Runtime(CancelMarks, AttemptFiles):
         self._launch_lock = self.state / "launch.lock"
         self._logs_probe = self.dir / "logs" / "x"
         self._lock_depth = 0
-        # Removed records, reused by the next ones: on disk a new file is dear (spares.py); in memory it is not,
-        # and the checks a spare's reuse takes cost more than a new file there.
-        self._spares = None if in_memory(self.state) else pool(f"{self.state}/spare")
+        self._spares = pool(f"{self.state}/spare")  # removed records, reused by the next ones
 
     def _in(self, base: Path, kind: str, order: str) -> Path:
         """`base/kind/<order>`: an order's directory of one kind of file (remembered: asked on every start)."""
@@ -208,23 +202,6 @@ class Runtime(CancelMarks, AttemptFiles):
         known = self._known()
         if known is not None:
             known.pop(path, None)
-        if self._spares is None:
-            # Moved out of its directory first: a deletion there is someone else's (Supervisor.watch_records), and
-            # would wake the run for a round of nothing.
-            gone = str(path)
-            try:
-                os.mkdir(f"{self.state}/{_GONE}", 0o700)
-            except OSError:
-                pass
-            with suppress(OSError):
-                info = os.lstat(f"{self.state}/{_GONE}")
-                if stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid():  # (never through a worker's link)
-                    moved = f"{self.state}/{_GONE}/{os.getpid()}-{next(_removed)}"
-                    os.rename(path, moved)
-                    gone = moved
-            with suppress(FileNotFoundError):
-                os.unlink(gone)
-            return
         # Kept as a spare for the next record rather than freed (see spares.py); records are never fsynced, so
         # it is ready at once.
         self._spares.ready(self._spares.keep(str(path)))

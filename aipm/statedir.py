@@ -29,9 +29,7 @@ from aipm.liveness import process_alive, process_ctime
 from aipm.lockholders import open_under, read_text
 from aipm.workerfiles import STATE_FILE_MAX, read_bytes, write_bytes
 
-# Fixed places, not $TMPDIR: every aipm process of a project must find the same directory.
-STATE_BASE = "/tmp"  # the state where there is no shared tmpfs; and the compiled wrapper (program_dir), always
-MEMORY_BASE = "/dev/shm"  # the state where this is a tmpfs: see _base()
+STATE_BASE = "/tmp"  # fixed, not $TMPDIR: every aipm process of a project must find the same directory
 
 
 @lru_cache(maxsize=8192)
@@ -83,79 +81,7 @@ _NOT_KEPT = {errno.ENOTTY, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.
 
 
 def _user_dir() -> Path:
-    return Path(_base()) / f"aipm-{os.getuid()}"
-
-
-def _base() -> str:
-    """MEMORY_BASE where it is a tmpfs that every user may write (mode 1777, as /tmp): the state is only ever needed
-    while processes live, and it is written on every start and end (worker records, exit files, lock files). On
-    disk each new file costs an inode allocation: 0.4-1 ms on ext4 without a journal, whose allocator scans the
-    inodes freed in the last minute (B2 wall 3.6-3.7 s -> 2.5-2.7 s, three runs each). Not where logind would empty
-    it at the user's logout (_kept_at_logout). Else STATE_BASE. Chosen by what the machine is, never by what a
-    directory holds (a worker may remove any of them): each process, asking alone, comes to the same answer."""
-    if _chosen:
-        return _chosen[0]
-    found = STATE_BASE
-    try:
-        info = os.stat(MEMORY_BASE)
-        if (info.st_uid == 0 and stat.S_IMODE(info.st_mode) == 0o1777 and _tmpfs(MEMORY_BASE)
-                and _kept_at_logout(os.getuid())):
-            found = MEMORY_BASE
-    except OSError:
-        pass
-    _chosen[:] = [found]
-    return found
-
-
-_chosen: list[str] = []
-# systemd-logind's RemoveIPC= (default yes) removes a user's files in /dev/shm when their last session ends (an ssh
-# logout with `aipm run` left in tmux): all of the state, while its workers run on. It spares root and system users.
-LOGIND_SESSIONS = "/run/systemd/sessions"  # there while logind runs
-LOGIND_CONFIG = ["/usr/lib/systemd/logind.conf", "/etc/systemd/logind.conf"]  # then their drop-ins, by name
-LOGIND_DROP_INS = ["/usr/lib/systemd/logind.conf.d", "/run/systemd/logind.conf.d", "/etc/systemd/logind.conf.d"]
-
-
-def _kept_at_logout(uid: int) -> bool:
-    """Whether this user's files in MEMORY_BASE outlive their last login session: a system user's (logind never
-    removes those), or anyone's where logind does not run or is told `RemoveIPC=no`."""
-    if uid < 1000 or not os.path.isdir(LOGIND_SESSIONS):
-        return True
-    drop_ins: dict[str, str] = {}  # name -> path: a later directory's file of the same name replaces it
-    for place in LOGIND_DROP_INS:
-        with suppress(OSError):
-            drop_ins.update((n, os.path.join(place, n)) for n in os.listdir(place) if n.endswith(".conf"))
-    removes = True  # the last setting read wins
-    for name in [*LOGIND_CONFIG, *(drop_ins[n] for n in sorted(drop_ins))]:
-        try:
-            with open(name, encoding="utf-8", errors="replace") as handle:
-                for line in handle:
-                    key, _, value = line.strip().partition("=")
-                    if key.strip() == "RemoveIPC":
-                        removes = value.strip().lower() not in ("no", "false", "0", "off")
-        except OSError:
-            continue
-    return not removes
-
-
-def _tmpfs(path: str) -> bool:
-    """Whether `path` is where a tmpfs is mounted, writable, in this process's mount namespace."""
-    found, point = False, os.fsencode(path)
-    with open("/proc/self/mounts", "rb") as mounts:
-        for line in mounts:
-            fields = line.split()
-            if len(fields) > 3 and fields[1] == point:  # the last mount on the path is the one seen there
-                found = fields[2] == b"tmpfs" and b"rw" in fields[3].split(b",")
-    return found
-
-
-def in_memory(state: Path) -> bool:
-    """Whether this state directory is on MEMORY_BASE (a tmpfs: no disk behind its files)."""
-    return _base() == MEMORY_BASE and str(state).startswith(f"{MEMORY_BASE}/")
-
-
-def program_dir() -> Path:
-    """`/tmp/aipm-<uid>/bin`, where the compiled wrapper is kept: on disk, never on MEMORY_BASE (often noexec)."""
-    return user_base(Path(STATE_BASE) / f"aipm-{os.getuid()}") / "bin"
+    return Path(STATE_BASE) / f"aipm-{os.getuid()}"
 
 
 def user_base(base: Path | None = None) -> Path:
@@ -194,7 +120,6 @@ def make_state_dir(state: Path) -> None:
     for _ in range(3):
         if os.path.isdir(locks):
             return
-        _refuse_beside_older(state)
         try:
             with suppress(FileExistsError):
                 os.mkdir(state)
@@ -205,34 +130,6 @@ def make_state_dir(state: Path) -> None:
         except FileNotFoundError:
             continue  # removed again while being made: make it again
     raise OSError(errno.ENOENT, f"{state} keeps being removed")
-
-
-def _refuse_beside_older(state: Path) -> None:
-    """An aipm from before the state moved to MEMORY_BASE keeps this project's state in STATE_BASE: while a worker
-    or owner it recorded there lives, its locks and records are not seen here, and a task it runs would be taken for
-    one that a crash left IN_PROGRESS and run again. Looked at only when the state directory is made."""
-    if not in_memory(state):
-        return
-    older = Path(STATE_BASE) / f"aipm-{os.getuid()}" / state.name / "workers"
-    try:
-        orders = list(os.scandir(older))
-    except OSError:
-        return
-    for order in orders:
-        try:
-            names = [entry.path for entry in os.scandir(order.path) if entry.name.endswith(".json")]
-        except OSError:
-            continue
-        for name in names:
-            try:
-                record = json.loads(read_bytes(name, STATE_FILE_MAX))
-                live = [record[p] for p, c in (("pid", "ctime"), ("owner_pid", "owner_ctime"))
-                        if record.get(p) and process_alive(int(record[p]), float(record.get(c, 0.0)))]
-            except (OSError, ValueError, TypeError, AttributeError):
-                continue
-            if live:
-                raise UserError(f"{name}: an older aipm runs this project (pid {live[0]}), with its state in "
-                                f"{STATE_BASE}; let it finish, or stop it, before this aipm starts")
 
 
 # Locks held in a removed incarnation of the state directory or on a removed lock file: a JSON list of [pid, start

@@ -108,7 +108,7 @@ class Supervisor(Stopping, Recording, Owner):
             keep = [os.path.join(top, rel) for top in {str(self.rt.root), cwd} for rel in places if rel is not None]
             keep += [os.path.realpath(d) for d, rel in zip(dirs, places) if rel is None]
             jail = confine.prefix(cwd, rec.targets, rec.log, rec.exit_file, keep, project=str(self.rt.root),
-                                  state=[str(statedir.user_base()), str(statedir.program_dir().parent)])
+                                  state=str(statedir.user_base()))
             rec.confined = True
         # The agent's report of its usage goes where the worker cannot rewrite it. Not on Ray: there the agent writes
         # the log itself, on its node (cluster.guard), and its usage is read from the log.

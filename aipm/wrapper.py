@@ -20,7 +20,7 @@ import time
 import zlib
 from pathlib import Path
 
-from aipm.statedir import program_dir
+from aipm.statedir import user_base
 
 SOURCE = Path(__file__).with_name("wrapper.c")
 _FLAGS = ["-O2", "-static", "-nostdlib", "-fno-pie", "-no-pie", "-fno-stack-protector", "-fno-builtin",
@@ -56,7 +56,7 @@ def discard(path: str) -> None:
 def _locate() -> str | None:
     source = SOURCE.read_bytes()
     key = zlib.crc32(" ".join(_FLAGS).encode(), zlib.crc32(source))
-    directory = program_dir()
+    directory = user_base() / "bin"
     path = directory / f"aipm-wrapper-{key:08x}"
     if os.access(path, os.X_OK):
         return str(path)

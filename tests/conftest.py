@@ -79,23 +79,9 @@ def project(tmp_path: Path) -> Project:
     return Project(tmp_path)
 
 
-@pytest.fixture
-def state_on_disk(tmp_path, monkeypatch):
-    """This process keeps its projects' state on disk (/tmp), as where /dev/shm is no shared tmpfs (statedir._base);
-    removed afterwards, as _remove_state_dirs removes the usual ones."""
-    import shutil
-
-    from aipm import statedir
-
-    monkeypatch.setattr(statedir, "_chosen", [statedir.STATE_BASE])
-    yield
-    for root in [tmp_path, *tmp_path.glob("*/"), *tmp_path.glob("*/*/")]:
-        shutil.rmtree(statedir.state_dir(root), ignore_errors=True)
-
-
 @pytest.fixture(autouse=True)
 def _remove_state_dirs(request):
-    """After each test, the state directories (/dev/shm/aipm-<uid>/... or /tmp/...) of the projects under its tmp_path:
+    """After each test, the state directories (/tmp/aipm-<uid>/...) of the projects it made under its tmp_path:
     left, a suite run piled up thousands of them. Only this test's: another run's may be in use."""
     if "tmp_path" not in request.fixturenames:
         yield

@@ -632,14 +632,13 @@ FORGE = ("W=$PPID; EX=$(tr '\\0' '\\n' < /proc/$W/cmdline | sed -n 2p); "
 def test_a_confined_worker_cannot_write_aipms_state_outside_the_project(tmp_path):
     """Its exit file (forged: the next run recorded DONE for a command that failed), the compiled wrapper every
     later worker of the user starts through (outside any ruleset), the locks: none may be written or made."""
-    from aipm.statedir import program_dir, user_base
+    from aipm.statedir import user_base
 
     (tmp_path / "p").mkdir()
     project = Project(tmp_path / "p")
     task = write_task(project.order(), "T", target_files=["out/"], confine=True, command=FORGE)
     project.aipm("run", "ORD", "--no-review")
-    probe = (f"touch {program_dir()}/probe-$$ && echo made; touch {user_base()}/probe-$$ && echo made; "
-             "echo t > $TMPDIR/t && echo tmp")
+    probe = f"touch {user_base()}/bin/probe-$$ && echo made; echo t > $TMPDIR/t && echo tmp"
     write_task(project.order("PROBE"), "P", target_files=["probe/"], confine=True, command=probe)
     project.aipm("run", "PROBE", "--no-review")
     assert "forged" not in (project.root / ".aipm" / "logs" / "ORD" / "T.1.log").read_text()

@@ -7,8 +7,6 @@ import sys
 from contextlib import suppress
 from pathlib import Path
 
-import pytest
-
 from aipm import liveness, runner
 from aipm.record import Record
 from aipm.runtime import Runtime
@@ -145,24 +143,20 @@ def test_an_orders_directories_of_one_kind_under_two_bases_are_two(tmp_path):
     assert rt._in(rt.dir, "exit", "O") == rt.dir / "exit" / "O"
 
 
-@pytest.mark.parametrize("place", ["usual", "disk"])
-def test_a_link_or_hard_link_at_a_records_temp_name_is_never_written_through(tmp_path, request, place):
+def test_a_link_or_hard_link_at_a_records_temp_name_is_never_written_through(tmp_path):
     """A worker (it can write the state directory unless confined) that left a symlink or a hard link to a file of
     the user's under the temp name of its record's next write: the open truncated that file and wrote the record
     into it."""
-    if place == "disk":
-        request.getfixturevalue("state_on_disk")
     root = tmp_path / "p"
     root.mkdir()
     rt = Runtime(root)
     rt.write_record(_record(root, "A"))
     path = rt.record_path("O", "A")
     for link, name in ((os.symlink, "symlinked.txt"), (os.link, "hardlinked.txt")):
-        victim = rt.state / name  # (on the state's file system: a hard link goes no further)
+        victim = tmp_path / name
         victim.write_text("the user's\n")
         link(victim, path.with_name(f".{path.name}.{os.getpid()}.tmp"))
-        if rt._spares is not None:  # (on disk) a spare would be renamed over the name: the write without one
-            rt._spares._ready.clear()
+        rt._spares._ready.clear()  # (a spare would be renamed over the name: the write without one is tried)
         rt.write_record(_record(root, "A", pid=7))
         assert victim.read_text() == "the user's\n"
         assert rt.read_record("O", "A").pid == 7

@@ -189,8 +189,7 @@ def test_spares_are_ignored_by_git_and_swept_when_their_process_is_gone(project)
     assert not (pool / f"{dead.pid}-1").exists()
 
 
-def test_records_reuse_the_removed_ones_and_a_record_under_another_name_is_ignored(project, state_on_disk):
-    """On disk, where a new file is dear (on a tmpfs records are plain files: test_state_base)."""
+def test_records_reuse_the_removed_ones_and_a_record_under_another_name_is_ignored(project):
     rt = Runtime(project.root)
     rt.ensure()
 
