@@ -115,7 +115,7 @@ def begin(
     # end at once: only a string of plain words, never `exec`, `time` or `wait` there, goes without a limit.)
     late = str(limit + LATE) if limit and not (builtin and isinstance(command, str)) else "0"
     shell = [SHELL, "-c", WRAP_ARGV if words else WRAP_SHELL, "aipm-worker", exit_file, late, *(words or [command])]
-    # `true` and `false` the compiled wrapper ends itself, as the shell would (wrapper.c's builtin()): no shell to start.
+    # `true` and `false` the compiled wrapper ends itself, as the shell would (wrapper.c's builtin()): no shell.
     native = builtin and words[0] in NATIVE_BUILTINS
     compiled = None if builtin and not native else wrapper.binary()
     if compiled and not native and not (words and "PATH" in env):
