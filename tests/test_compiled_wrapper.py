@@ -317,3 +317,47 @@ def test_an_exit_code_the_full_disk_refused_is_left_in_the_log_by_either_wrapper
             filler.unlink()
     assert started[0] == wrapper.binary() and started[1] == runner.SHELL
     assert ends == [(3, "", 3), (3, "", 3)]
+
+
+def test_the_early_exit_file_is_the_empty_file_placed_for_it_and_an_abandoned_start_leaves_none(project):
+    """The wrapper's `EXIT_FILE.w` is made ahead in the state directory's pool (Runtime.stock_exit_files) and put in
+    place before the spawn: the wrapper opens it and creates no file on its way to its go; the code ends in that
+    very file. A start given up removes the one it placed."""
+    from aipm.runtime import Runtime
+
+    rt = Runtime(project.root)
+    rt.ensure()
+    for tag, abandon in (("ran", False), ("abandoned", True)):
+        exit_file = rt.exit_path("ORD", tag, 1)
+        rt.stock_exit_files(1)
+        [(blank, ino)] = rt._spares._blanks
+        spawning = runner.begin(["sh", "-c", "exit 5"], exit_file=str(exit_file), env=dict(os.environ),
+                                cwd=str(project.root), log=str(project.root / f"{tag}.log"), background=False,
+                                place_exit=rt.place_exit)
+        assert not os.path.exists(blank) and os.stat(f"{exit_file}.w").st_ino == ino
+        if abandon:
+            spawning.abandon()
+            assert not os.path.exists(f"{exit_file}.w") and not exit_file.exists()
+        else:
+            assert runner.reap(spawning.finish()) == 5
+            assert exit_file.read_text() == "5\n" and exit_file.stat().st_ino == ino
+            assert not os.path.exists(f"{exit_file}.w")
+
+
+def test_a_start_whose_wrapper_never_started_leaves_no_early_exit_file(project, monkeypatch):
+    from aipm.runtime import Runtime
+
+    rt = Runtime(project.root)
+    rt.ensure()
+    exit_file = rt.exit_path("ORD", "T", 1)
+    rt.stock_exit_files(1)
+
+    def refused(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")  # no process to be had (a limit)
+    monkeypatch.setattr(runner.posix_spawn, "spawn", refused)
+    spawning = runner.begin(["true"], exit_file=str(exit_file), env=dict(os.environ), cwd=str(project.root),
+                            log=str(project.root / "T.log"), background=False, place_exit=rt.place_exit)
+    assert os.path.exists(f"{exit_file}.w")
+    with pytest.raises(runner.SpawnError):
+        spawning.finish()
+    assert not os.path.exists(f"{exit_file}.w") and not exit_file.exists()
