@@ -124,7 +124,6 @@ def _make_files(sup: Supervisor, lock: list[tuple], logs: int, made: set[str], p
             prepared.add((tid, targets))
         if logs:
             sup.rt.stock_logs(logs)
-            sup.rt.stock_exit_files(logs)
     _making[:] = [offthread.in_background(make, "files")]
 
 

@@ -79,7 +79,6 @@ def begin(
     prefix: Sequence[str] = (),
     background: bool = True,
     place_log: Callable[[str], None] = lambda log: None,
-    place_exit: Callable[[str], None] = lambda path: None,
     limit: int | None = None,
 ) -> Spawning:
     """Start `command` in its own session; its stdout and stderr append to `log`.
@@ -89,10 +88,7 @@ def begin(
     lets the command go once this round's writes are durable; if `started` raises, or abandon() is called instead,
     the command never runs. `prefix` is an argv the wrapper puts in front of the command (confinement); a string
     command then runs as `prefix /bin/sh -c COMMAND`. `place_log(log)` may put an empty file at `log` before it
-    is opened; a start given up (abandon(), a failed spawn included) removes the log it left empty. `place_exit(path)`
-    likewise for the early exit file the compiled wrapper opens at its start (`EXIT_FILE.w`), which it creates on its
-    way to its go otherwise: on ext4 without a journal that create took 0.76 ms (median, B2), and the go came before
-    the wrapper was ready for it in 460 of 499 edges (benchmarks/edge_trace.py).
+    is opened; a start given up (abandon(), a failed spawn included) removes the log it left empty.
 
     A stop (terminate_group, a timeout) SIGTERMs the group and SIGKILLs what is left once the wrapper, its leader,
     has gone or the grace has passed; after the go the wrapper outlives SIGTERM, SIGINT and SIGHUP (the command
@@ -145,8 +141,6 @@ def begin(
         returned call, which takes the GIL once and lets go of it once, for the spawn itself."""
         os.makedirs(os.path.dirname(log), exist_ok=True)
         place_log(log)
-        if program != SHELL:
-            place_exit(f"{exit_file}.w")
 
         def run() -> tuple[int, int, int]:
             before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
@@ -178,7 +172,7 @@ def begin(
         first = partial(_raise, exc)  # start() then tries the shell, in the helper thread, as after a failed spawn
     job = partial(start, first)
     pending = offthread.in_background(job) if background else offthread.Pending(job).run()
-    return Spawning(pending, go_write, release, started, log, exit_file)
+    return Spawning(pending, go_write, release, started, log)
 
 
 def _raise(exc: BaseException) -> None:
@@ -189,9 +183,8 @@ class Spawning:
     """A wrapper on its way up, waiting for its go (see begin())."""
 
     def __init__(self, pending: offthread.Pending, go_write: int, release: Callable[[], None],
-                 started: Callable[[int, float], None], log: str, exit_file: str):
+                 started: Callable[[int, float], None], log: str):
         self._pending, self._go, self._release, self._started, self._log = pending, go_write, release, started, log
-        self._exit_file = exit_file
         self.pid = 0
 
     def _spawned(self) -> tuple[int, int, int]:
@@ -231,9 +224,6 @@ class Spawning:
         with suppress(OSError):
             if os.path.getsize(self._log) == 0:
                 os.unlink(self._log)  # no attempt began: its number stays free (Runtime.next_number)
-        with suppress(OSError):
-            if os.path.getsize(f"{self._exit_file}.w") == 0:
-                os.unlink(f"{self._exit_file}.w")  # placed for a wrapper that never started (one that did removes it)
 
 
 def _go(go_write: int, ok: bool) -> None:

@@ -197,15 +197,6 @@ class Runtime(CancelMarks, AttemptFiles):
         record = self._read(self.record_path(order, task))
         return record if record is None or (record.order, record.task) == (order, task) else None
 
-    def stock_exit_files(self, count: int) -> None:
-        """Make `count` empty files for the next workers' early exit files while nothing waits (see place_exit)."""
-        self._spares.stock(count)
-
-    def place_exit(self, path: str) -> None:
-        """Give a new worker's early exit file (`EXIT_FILE.w`, runner.begin) its name on an empty file made by
-        stock_exit_files(), in the state directory's pool: its wrapper then opens it and creates nothing."""
-        self._spares.place(path)
-
     def remove_record(self, order: str, task: str) -> None:
         path = self.record_path(order, task)
         known = self._known()

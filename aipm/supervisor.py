@@ -128,7 +128,7 @@ class Supervisor(Stopping, Recording, Owner):
 
         return runner.begin(command, exit_file=rec.exit_file, env=env, cwd=cwd, log=rec.log, stdin=stdin,
                             pass_fds=fds, started=started, prefix=jail, background=background,
-                            place_log=self.rt.place_log, place_exit=self.rt.place_exit, limit=timeout)
+                            place_log=self.rt.place_log, limit=timeout)
 
     def _record(self, rec: Record, pid: int, ctime: float, timeout: int | None) -> None:
         """Write the worker's record; only then may its command begin."""
