@@ -57,8 +57,8 @@ def _available() -> str | None:
     return None
 
 
-def trace(root, order: str, workers: str, out) -> int:
-    """Run the order with the events on; the trace text into `out`."""
+def trace(root, order: str, workers: str, out) -> tuple[int, int]:
+    """Run the order with the events on; the trace text into `out`. (Its exit code, its pid.)"""
     _set("tracing_on", "0")
     _set("trace", "")
     _set("buffer_size_kb", "400000")
@@ -67,8 +67,9 @@ def trace(root, order: str, workers: str, out) -> int:
         _set(f"events/{event}/enable", "1")
     try:
         _set("tracing_on", "1")
-        rc = subprocess.run([*C.aipm_cmd(), "--root", str(root), "run", order, "--max-workers", workers,
-                             "--no-resource-monitoring"], cwd=root, stdout=subprocess.DEVNULL).returncode
+        run = subprocess.Popen([*C.aipm_cmd(), "--root", str(root), "run", order, "--max-workers", workers,
+                                "--no-resource-monitoring"], cwd=root, stdout=subprocess.DEVNULL)
+        rc = run.wait()
         _set("tracing_on", "0")
         with open(f"{TRACING}/trace", "rb") as source:
             shutil.copyfileobj(source, out)
@@ -77,14 +78,14 @@ def trace(root, order: str, workers: str, out) -> int:
         _set("events/enable", "0")
         _set("trace", "")
         _set("buffer_size_kb", "1408")
-    return rc
+    return rc, run.pid
 
 
-def edges(path) -> tuple[dict[str, list[float]], dict[int, tuple[float, int]], int, list[float]]:
+def edges(path, supervisor: int) -> tuple[dict[str, list[float]], dict[int, tuple[float, int]], int, list[float]]:
     """The steps of every edge (ms), and the supervisor main thread's system calls between its wake-up and the
     next go: number → (ms per edge, calls per edge); how many edges; and for each, how long after its go the
     wrapper began to read it (ms; negative: it was waiting for it)."""
-    events, parent, execs, exits, supervisor = [], {}, {}, {}, None
+    events, parent, execs, exits = [], {}, {}, {}
     with open(path, errors="replace") as handle:
         for line in handle:
             m = LINE.match(line)
@@ -98,8 +99,6 @@ def edges(path) -> tuple[dict[str, list[float]], dict[int, tuple[float, int]], i
             elif name == "sched_process_exec":
                 who, program = int(re.search(r" pid=(\d+)", rest).group(1)), rest.split()[0][len("filename="):]
                 execs[who] = (t, program)
-                if supervisor is None and program.endswith(("/aipm", "/python", "/python3")):
-                    supervisor = who
             elif name == "sched_process_exit":
                 exits[int(re.search(r" pid=(\d+)", rest).group(1))] = t
     by_pid = collections.defaultdict(list)
@@ -118,8 +117,10 @@ def edges(path) -> tuple[dict[str, list[float]], dict[int, tuple[float, int]], i
     rows = []
     for t, pid in sorted((t, p) for p, (t, prog) in execs.items() if os.path.basename(prog) == PROGRAM):
         wrapper = parent.get(pid)
+        if supervisor not in (parent.get(wrapper), parent.get(parent.get(wrapper))):
+            continue  # another process's (started by the supervisor or one of its threads, or not ours)
         enter = first(wrapper, 0, lambda e: e[2] == "sys_enter" and e[3].startswith("NR 0 (3,"))
-        if wrapper is None or enter is None:
+        if enter is None:
             continue
         read = first(wrapper, enter, syscall_exit(0))
         gos = [w for w in wakes[wrapper] if read is not None and enter < w <= read]
@@ -174,11 +175,11 @@ def main() -> int:
         bench.setup_aipm(root)
         time.sleep(2)
         with open(work / "trace.txt", "wb") as out:
-            rc = trace(root, order, workers, out)
+            rc, supervisor = trace(root, order, workers, out)
         if rc != 0:
             print(f"aipm run exited {rc}")
             return 1
-        steps, calls, counted, late = edges(work / "trace.txt")
+        steps, calls, counted, late = edges(work / "trace.txt", supervisor)
         print(f"{order} edges under ftrace · {bench.N} tasks · {C.machine()}")
         if not counted:
             print(f"no edge seen (EDGE_PROGRAM={PROGRAM}: the program each task runs)")
