@@ -78,13 +78,13 @@ static const char *getenv_(char **envp, const char *name) {
 /* The exit code of `true` and `false`, which `sh -c '"$@"'` runs as builtins, ignoring their arguments; -1 for any
  * other program. They end here, with no fork and no exec (a dynamically linked program's start costs ~0.6 ms on a
  * VM), as they would in the shell wrapper. */
+static int same(const char *a, const char *b) {
+    while (*a && *a == *b) a++, b++;
+    return *a == *b;
+}
+
 static int builtin(const char *program) {
-    const char *t = "true", *f = "false";
-    int i = 0;
-    while (program[i] && program[i] == t[i]) i++;
-    if (!program[i] && !t[i]) return 0;
-    for (i = 0; program[i] && program[i] == f[i]; i++) {}
-    return !program[i] && !f[i] ? 1 : -1;
+    return same(program, "true") ? 0 : same(program, "false") ? 1 : -1;
 }
 
 /* execve, and for a file the kernel cannot run (no #!), /bin/sh on it, as a shell does. The argv for that is
@@ -230,12 +230,12 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     static const unsigned long stops = (1UL << (1 - 1)) | (1UL << (2 - 1)) | (1UL << (15 - 1));
     sys(SYS_RT_SIGPROCMASK, 0 /* SIG_BLOCK */, (long)&stops, 0, sizeof stops);
     int status = 0, stopped = 0;
-    long r = 0, pid = 0;
+    long r = 0;
     int native = builtin(argv[3]);
     if (native >= 0) {
         status = native << 8;  /* as the shell's builtin: no process of its own, whatever the arguments */
     } else {
-        pid = sys(SYS_FORK, 0, 0, 0, 0);
+        long pid = sys(SYS_FORK, 0, 0, 0, 0);
         if (pid < 0) quit(126);
         if (pid == 0) {
             sys(SYS_RT_SIGPROCMASK, 1 /* SIG_UNBLOCK */, (long)&stops, 0, sizeof stops);
