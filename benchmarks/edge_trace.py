@@ -129,7 +129,7 @@ def edges(path, supervisor: int) -> tuple[dict[str, list[float]], dict[int, tupl
                    and e[3].startswith("NR 1 (") and e[3].split(", ")[2] == "3"]
         row = {"go": gos[-1] if gos else None, "read": read, "exec": t, "exit": exits.get(pid),
                "gone": exits.get(wrapper), "ready": enter}
-        row["fork"] = first(wrapper, read or 0, syscall_exit(57)) if read else None
+        row["fork"] = first(wrapper, read, syscall_exit(57)) if read is not None else None
         row["reaped"] = first(wrapper, row["exit"], syscall_exit(61)) if row["exit"] else None
         row["woke"] = first(supervisor, row["gone"], lambda e: e[2] == "sys_exit" and int(e[3].split()[1]) in WAITS) \
             if row["gone"] else None
