@@ -14,7 +14,7 @@ from typing import Any
 
 from aipm import agents
 from aipm.errors import ValidationError, did_you_mean, shown
-from aipm.model import ID_PATTERN, ID_RULE, Priority, Resources, Status, Task
+from aipm.model import ID_PATTERN, ID_RULE, Priority, Resources, Status, Task, new_task
 from aipm.paths import Normaliser, PathError
 from aipm.yamlkinds import as_number, first_not_text, kind, not_text, quote_hint, text_number
 
@@ -279,7 +279,7 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
         raise ValidationError(str(path), "target_files", str(exc)) from None
     # Only the keys the file has are validated (a file holds a handful of the thirty): an absent key leaves its
     # field at Task's default, which is what its validator returns for it (tests/test_fields_table.py).
-    return Task(id=stem, path=str(path), target_files=raw_targets, targets=targets,
+    return new_task(id=stem, path=str(path), target_files=raw_targets, targets=targets,
                 **{key: check(path, data, key, *extra) for key, check, extra in _FIELDS if key in data})
 
 

@@ -36,7 +36,7 @@ from itertools import chain
 from pathlib import Path
 
 from aipm import agents, fields as fields_module, flatyaml, model, patch, paths
-from aipm.model import Priority, Resources, Status, Task
+from aipm.model import Priority, Resources, Status, Task, new_task
 
 RACY_NS = 2_000_000_000
 _MAGIC = b"aipm-parse-cache-1\n"
@@ -237,7 +237,7 @@ def task_of(values: tuple, path: str, targets: tuple[paths.Target, ...]) -> Task
     row[_PRIORITY] = _PRIORITIES[row[_PRIORITY]]
     if row[_RESOURCES] is not None:
         row[_RESOURCES] = Resources(*row[_RESOURCES])
-    return Task(*row)
+    return new_task(*row)
 
 
 def as_row(task: Task) -> tuple | None:

@@ -64,14 +64,14 @@ def quote(name: str) -> str:
     return _GLOB_CHAR.sub(r"[\g<0>]", name) if not GLOB_CHARS.isdisjoint(name) else name
 
 
-def normalize(raw: str, root: str | None = None, links: dict[str, bool] | None = None) -> Target:
+def normalize(raw: str, root: str | None = None, links: dict[str, int] | None = None) -> Target:
     """Normalise `raw` relative to the project root; raise PathError when it leaves the root.
 
     With `root`, an existing directory counts as a directory even without a trailing slash, and a path that goes
     through a symlink is taken where it leads (a glob: its literal directories): refused outside the root, else
     named by its real path, so that locks, overlaps, the scope audit and confinement all see the files a write
     through it reaches (`notes.md -> README.md` is README.md, and conflicts with a task on README.md).
-    `links`: the directories this load has looked at (see _has_symlink_parent).
+    `links`: the directories this load has looked at (see _above).
     """
     if not isinstance(raw, str) or not raw.strip():
         raise PathError("empty path")
@@ -85,7 +85,10 @@ def normalize(raw: str, root: str | None = None, links: dict[str, bool] | None =
     if text.startswith("/"):
         raise PathError(f"{raw!r} is absolute; give it relative to the project root")
     is_dir = text.endswith("/")
-    norm = posixpath.normpath(text)
+    if "//" in text or "/." in text or text.startswith("."):
+        norm = posixpath.normpath(text)
+    else:  # nothing for normpath to fold (its Python costs more than the rest of a load's look at a target)
+        norm = text[:-1] if is_dir else text
     if norm == ".":
         norm, is_dir = "", True
     if norm == ".." or norm.startswith("../"):
@@ -93,21 +96,26 @@ def normalize(raw: str, root: str | None = None, links: dict[str, bool] | None =
     is_glob = not GLOB_CHARS.isdisjoint(norm)
     if root is not None and norm:
         literal = norm if not is_glob else literal_base(norm)
-        full = os.path.join(root, literal)
-        try:
-            mode = os.lstat(full).st_mode if literal else 0  # one call answers both "symlink?" and "directory?"
-        except OSError:
+        if literal:
+            slash = literal.rfind("/")
+            above = _above(root, literal[:slash], {} if links is None else links) if slash > 0 else _CLEAN
             mode = 0
-        if literal and (stat.S_ISLNK(mode) or _has_symlink_parent(root, literal, {} if links is None else links)):
-            real = real_relative(root, literal)
-            if real is None:
-                raise PathError(f"{raw!r} is a symlink that leads outside the project root")
-            norm = real + norm[len(literal):] if real else norm[len(literal):].lstrip("/")
-            mode = os.stat(full).st_mode if os.path.exists(full) else 0
-            if not norm:
-                norm, is_dir = "", True
-        if not is_glob and not is_dir and stat.S_ISDIR(mode):
-            is_dir = True
+            if above != _ABSENT:  # below a missing directory (or a file) nothing exists: no need to look
+                try:
+                    mode = os.lstat(os.path.join(root, literal)).st_mode  # "symlink?" and "directory?" at once
+                except OSError:
+                    pass
+            if above == _LINK or stat.S_ISLNK(mode):
+                real = real_relative(root, literal)
+                if real is None:
+                    raise PathError(f"{raw!r} is a symlink that leads outside the project root")
+                norm = real + norm[len(literal):] if real else norm[len(literal):].lstrip("/")
+                full = os.path.join(root, literal)
+                mode = os.stat(full).st_mode if os.path.exists(full) else 0
+                if not norm:
+                    norm, is_dir = "", True
+            if not is_glob and not is_dir and stat.S_ISDIR(mode):
+                is_dir = True
     return Target(norm, is_dir, is_glob)
 
 
@@ -139,27 +147,39 @@ class Normaliser(dict):
     def __init__(self, root) -> None:
         super().__init__()
         self.root = str(root) if root else None
-        self.links: dict[str, bool] = {}  # directory → whether it is a symlink, as this load found it
+        self.links: dict[str, int] = {}  # directory → what _above found of it in this load
 
     def __missing__(self, raw: str) -> Target:
         target = self[raw] = normalize(raw, self.root, self.links)
         return target
 
 
-def _has_symlink_parent(root: str, norm: str, links: dict[str, bool]) -> bool:
-    """Whether a directory above `norm` is a symlink. A loop: a recursion per directory overran Python's limit on
+# What _above finds of a directory and everything above it: only real directories; a symlink at or above it; or,
+# at or above it and below no symlink, something that is no directory (missing, a file), so nothing below exists.
+_CLEAN, _LINK, _ABSENT = 0, 1, 2
+
+
+def _above(root: str, directory: str, links: dict[str, int]) -> int:
+    """What `directory` (relative to `root`) and the directories above it are (_CLEAN, _LINK or _ABSENT), with one
+    lstat for each directory not in `links`, top down. A loop: a recursion per directory overran Python's limit on
     a path of a thousand directories. `links` keeps each directory's answer for one load (thousands of targets
     share a few directories), never longer: a run lives on while a worker replaces a directory with a link
     leading out of the root, and a task file it reads then must be refused as any new process refuses it."""
-    directory = posixpath.dirname(norm)
-    while directory:
-        link = links.get(directory)
-        if link is None:
-            link = links[directory] = os.path.islink(os.path.join(root, directory))
-        if link:
-            return True
-        directory = posixpath.dirname(directory)
-    return False
+    unknown = []
+    while directory and directory not in links:
+        unknown.append(directory)
+        slash = directory.rfind("/")
+        directory = directory[:slash] if slash > 0 else ""
+    state = links[directory] if directory else _CLEAN
+    for directory in reversed(unknown):
+        if state == _CLEAN:
+            try:
+                mode = os.lstat(os.path.join(root, directory)).st_mode
+            except OSError:
+                mode = 0
+            state = _LINK if stat.S_ISLNK(mode) else _CLEAN if stat.S_ISDIR(mode) else _ABSENT
+        links[directory] = state
+    return state
 
 
 def overlaps(a: Target, b: Target) -> bool:

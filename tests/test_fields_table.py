@@ -50,3 +50,24 @@ def test_evolve_is_dataclasses_replace_for_every_field_and_refuses_a_name_that_i
     assert evolve(BARE, {}) == BARE and evolve(BARE, {}) is not BARE
     with pytest.raises(TypeError, match="stauts"):
         evolve(BARE, {"stauts": Status.DONE})  # a misspelt field is no silent no-op
+
+
+def test_new_task_builds_the_task_that_task_builds_and_it_stays_frozen():
+    """model.new_task (the loader's fast Task) goes through a twin class: every field, by position or by name,
+    with defaults, lands where Task puts it, and what comes out is a frozen, hashable Task."""
+    import dataclasses
+
+    from aipm.model import Priority, Resources, Status, new_task
+
+    names = [f.name for f in dataclasses.fields(Task)]
+    values = [f"v{i}" for i in range(len(names))]  # a distinct value in each slot: a shifted field shows
+    assert dataclasses.astuple(new_task(*values)) == dataclasses.astuple(Task(*values)) == tuple(values)
+    given = {"id": "T2", "path": "p", "status": Status.DONE, "priority": Priority.P0, "resources": Resources(cpus=1.0)}
+    made = new_task(**given)
+    assert type(made) is Task and made == Task(**given) and hash(made) == hash(Task(**given))
+    assert repr(made) == repr(Task(**given))
+    assert new_task(id="T1", path="orders/o/T1.yaml") == BARE
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        made.status = Status.QUEUED
+    with pytest.raises(TypeError):
+        new_task(id="T1")  # path has no default, as in Task

@@ -177,3 +177,58 @@ def test_names_without_stars_are_compared_a_character_at_a_time_not_by_a_whole_t
     assert overlaps(normalize(f"src/{long_a}/*.py"), normalize(f"src/{long_a}/x.py"))
     assert not overlaps(normalize("a/b/c/*.py"), normalize("a/b/*.py"))
     assert overlaps(normalize("a/**/c/*.py"), normalize("a/b/c/*.py"))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.text(alphabet="ab./*", min_size=1, max_size=12))
+def test_normalisation_folds_a_path_as_normpath_does(raw):
+    """Paths that need no folding skip normpath: whatever the path, the result is normpath's."""
+    folded = posixpath.normpath(raw)
+    if raw.startswith("/") or folded == ".." or folded.startswith("../"):
+        with pytest.raises(PathError):
+            normalize(raw)
+        return
+    target = normalize(raw)
+    assert target.path == ("" if folded == "." else folded)
+    assert target.is_dir == (raw.endswith("/") or folded == ".")
+
+
+def test_one_load_sees_each_target_in_the_tree_as_a_lone_look_would(tmp_path):
+    """A load shares what it found of each directory between targets: a missing directory (nothing below it is
+    looked at), a file in a directory's place, a symlink one or two levels up. Every target comes out as it does
+    alone, in any order."""
+    from aipm.paths import Normaliser
+
+    root = tmp_path / "proj"
+    (root / "real" / "deep" / "sub").mkdir(parents=True)
+    (root / "real" / "deep" / "f.py").write_text("")
+    (root / "afile").write_text("")
+    (root / "lnk").symlink_to(root / "real")
+    (root / "real" / "inner").symlink_to(root / "real" / "deep")
+    (root / "out").symlink_to(tmp_path)
+    expected = {
+        "missing/sub/x.py": Target("missing/sub/x.py", False, False),
+        "missing/sub/": Target("missing/sub", True, False),
+        "afile/x.py": Target("afile/x.py", False, False),
+        "afile/x/y.py": Target("afile/x/y.py", False, False),
+        "real/deep/sub": Target("real/deep/sub", True, False),
+        "real/deep/f.py": Target("real/deep/f.py", False, False),
+        "lnk/deep/f.py": Target("real/deep/f.py", False, False),
+        "lnk/deep/sub": Target("real/deep/sub", True, False),
+        "lnk/deep/new/x.py": Target("real/deep/new/x.py", False, False),
+        "real/inner/f.py": Target("real/deep/f.py", False, False),
+        "lnk/inner/sub": Target("real/deep/sub", True, False),
+        "lnk/deep/**/*.py": Target("real/deep/**/*.py", False, True),
+        "missing/**/*.py": Target("missing/**/*.py", False, True),
+    }
+    for raw, want in expected.items():
+        assert normalize(raw, str(root)) == want, raw
+    for order in (list(expected), list(reversed(expected)), sorted(expected, key=len)):
+        together = Normaliser(root)
+        assert {raw: together[raw] for raw in order} == expected
+    together = Normaliser(root)
+    together["real/deep/f.py"]
+    with pytest.raises(PathError, match="symlink"):
+        together["out/proj/../x.py"]
+    with pytest.raises(PathError, match="symlink"):
+        together["out/x/y.py"]
