@@ -229,7 +229,9 @@ _DIGITS = re.compile(r"(\d+)")
 
 def natural_key(text: str) -> tuple:
     """Sort key that puts TASK_9 before TASK_10."""
-    return tuple(int(part) if part.isdigit() else part for part in _DIGITS.split(text))
+    parts = _DIGITS.split(text)  # the captured runs of digits are every second item, from the second on
+    parts[1::2] = map(int, parts[1::2])
+    return tuple(parts)
 
 
 # Ids of tasks and orders: they become file names under .aipm/, log names and environment values, so two ids

@@ -129,6 +129,10 @@ class ParseCache:
         self.name = name
         self.directory = directory
         self.old = entries
+        try:  # (rows kept in memory are this process's own, checked when read or made by as_row)
+            self.trusted = _well_typed([entry[1] for entry in entries.values()])
+        except (TypeError, IndexError, KeyError):
+            self.trusted = False
         self.kept = _memory.get(directory, {}) if _memory is not None else {}  # (see in_memory)
         self.new: dict[str, tuple] = {}
         self.save = save
@@ -163,8 +167,11 @@ class ParseCache:
         entry = self.old.get(name)
         if entry is None or entry[0] != key:
             entry = self.kept.get(name)
+            trusted = True
+        else:
+            trusted = self.trusted
         try:
-            if entry is None or entry[0] != key or not _well_typed(entry[1]):
+            if entry is None or entry[0] != key or not (trusted or _well_typed([entry[1]])):
                 self._pending[name] = key
                 return None
             task = self._task(entry[1], path, normalise)
@@ -223,7 +230,7 @@ class ParseCache:
             os.close(folder)
 
     def _task(self, values: tuple, path: str, normalise: paths.Normaliser) -> Task:
-        return task_of(values, path, tuple(normalise[raw] for raw in values[_TARGET_FILES]))
+        return task_of(values, path, tuple(map(normalise.__getitem__, values[_TARGET_FILES])))
 
 
 def task_of(values: tuple, path: str, targets: tuple[paths.Target, ...]) -> Task:
@@ -266,18 +273,21 @@ def _plain(value) -> bool:
     return False
 
 
-def _well_typed(values) -> bool:
-    """Whether a row read from a cache file holds what `as_row` writes (see _ROW_TYPES), so `task_of` may trust it."""
-    if type(values) is not tuple or len(values) != len(_ROW_TYPES):
+def _well_typed(rows: list) -> bool:
+    """Whether every row read from a cache file holds what `as_row` writes (see _ROW_TYPES), so `task_of` may
+    trust it. A column at a time: a load asks it of all its rows at once, and of one row only when that fails."""
+    if not all(type(row) is tuple and len(row) == len(_ROW_TYPES) for row in rows):
         return False
-    if not all(map(operator.contains, _ROW_TYPES, map(type, values))):
+    columns = tuple(zip(*rows)) or ((),) * len(_ROW_TYPES)
+    if not all(set(map(type, column)) <= kinds for column, kinds in zip(columns, _ROW_TYPES)):
         return False
-    words = [value for value in _WORDS(values) if type(value) is tuple]
-    if not set(map(type, chain.from_iterable(words))) <= {str}:
+    words = chain.from_iterable(value for column in _WORDS(columns) for value in column if type(value) is tuple)
+    if not set(map(type, words)) <= {str}:
         return False
-    tokens, resources = values[_TOKENS], values[_RESOURCES]
-    return (tokens is None or _plain(tokens)) and (resources is None or (
-        len(resources) == len(_RESOURCE_TYPES) and all(map(operator.contains, _RESOURCE_TYPES, map(type, resources)))))
+    return all(tokens is None or _plain(tokens) for tokens in columns[_TOKENS]) and all(
+        resources is None or (len(resources) == len(_RESOURCE_TYPES)
+                              and all(map(operator.contains, _RESOURCE_TYPES, map(type, resources))))
+        for resources in columns[_RESOURCES])
 
 
 def _read(runtime: str, name: str, directory: str) -> dict | None:

@@ -32,6 +32,18 @@ def test_priority_then_chain_then_natural_id():
     assert ids(result) == ["T2", "CHAIN", "T9", "T10", "T3"]
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="aZ09_.-", min_size=1, max_size=12))
+def test_natural_key_reads_each_run_of_digits_as_a_number(text):
+    import re
+
+    from aipm.model import natural_key
+
+    parts = re.split(r"(\d+)", text)
+    assert natural_key(text) == tuple(int(p) if p.isdigit() else p for p in parts)
+    assert natural_key("T9") < natural_key("T10") < natural_key("T10a") < natural_key("U1")
+
+
 def test_chain_lengths_count_dependants():
     o = order(task("A"), task("B", deps=["A"]), task("C", deps=["B"]), task("D", deps=["A"]))
     assert chain_lengths(o.tasks) == {"A": 3, "B": 2, "C": 1, "D": 1}
