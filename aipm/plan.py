@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aipm.budget import Budget, task_detail, task_left, task_reached
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Priority, Status, Task
@@ -70,8 +71,7 @@ class ForeignLock:
         return f"{'pid' if len(self.pids) == 1 else 'pids'} {', '.join(map(str, self.pids))}, not an aipm worker"
 
 
-@dataclass(frozen=True)
-class Blocked:
+class Blocked(NamedTuple):  # (a tuple: a plan that explains makes one for nearly every task, 100k at a time)
     id: str
     reason: str
     detail: str

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 from aipm.cli import grid
@@ -44,7 +43,7 @@ def _stale_as_seen(launcher: Launcher, loaded, reasons: list):
     for r in reasons:
         shown = seen.tasks[r.id]
         if r.reason == STALE and shown is not loaded.tasks[r.id]:
-            r = replace(r, detail=f"status is {shown.status.value} ({shown.reason})")
+            r = r._replace(detail=f"status is {shown.status.value} ({shown.reason})")
         out.append(r)
     return out, seen
 
