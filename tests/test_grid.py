@@ -125,3 +125,15 @@ def test_control_characters_a_worker_wrote_reach_the_terminal_as_question_marks(
         assert "?[2J" in proc.stdout and not set(proc.stdout) & control, (args, proc.stdout)
         frame = [line for line in proc.stdout.splitlines() if line[:1] in "┏┃┡│└"]
         assert len({cell_len(line) for line in frame}) <= 1, (args, proc.stdout)  # (why draws no table)
+
+
+@pytest.mark.parametrize("width", [40, 12, 5, 0])
+def test_a_cell_of_one_style_on_several_lines_is_cut_as_one_of_several_runs(width):
+    """Such a cell (target files, one a line) takes a shorter way when every line fits: the lines it gives are
+    those of the general way, which a cell of two runs takes (trailing blanks dropped, blank and empty lines kept
+    empty, a line too wide folded)."""
+    for text in ["src/a.py\nREADME.md", "a.py  \n   \n\nb.md\n", "x\ny ", "wide_name_here.py\nz", "界面\n说明.md"]:
+        one = grid._wrap(grid._cell([(text, "bold")]), width, True)
+        two = grid._wrap(grid._cell([(text[:1], "bold"), (text[1:], "bold")]), width, True)
+        assert [(grid._text(runs), used) for runs, used in one] == [(grid._text(runs), used) for runs, used in two]
+        assert all(style == "bold" for runs, _ in one for _, style in runs)

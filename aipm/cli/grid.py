@@ -86,12 +86,12 @@ class Grid:
             yield bar + bar.join([" " + styles.paint(lines[0][0]) + " " * (w - 1 - lines[0][1])
                                   for lines, w in zip(cells, widths)]) + bar
             return
-        for k in range(height):
-            parts = []
-            for lines, w in zip(cells, widths):
-                at = k - (height - len(lines)) if bottom else k  # a header sits on the table's body
-                line, used = lines[at] if 0 <= at < len(lines) else ((), 0)
-                parts.append(" " + styles.paint(line) + " " * (w - 1 - used))
+        columns = []
+        for lines, w in zip(cells, widths):
+            drawn = [" " + styles.paint(line) + " " * (w - 1 - used) for line, used in lines]
+            blank = [" " * w] * (height - len(lines))
+            columns.append(blank + drawn if bottom else drawn + blank)  # a header sits on the table's body
+        for parts in zip(*columns):
             yield bar + bar.join(parts) + bar
 
 
@@ -188,8 +188,12 @@ def _wrap(cell: _Cell, width: int, wrap: bool) -> list[_Line]:
     """The cell's lines at `width`: runs cut where the text breaks (its own line breaks, and the wrap's); a word
     longer than `width` folds."""
     runs, text, widest = cell
-    if "\n" not in text and (not wrap or widest <= width):  # most cells: one line that fits
+    fits = not wrap or widest <= width
+    if "\n" not in text and fits:  # most cells: one line that fits
         return [(runs, widest) if text[-1:] != " " else _drawn(_rstrip(list(runs)))]
+    if len(runs) == 1 and (fits or width <= 0):  # lines of one style that all fit (a task's target files)
+        style = runs[0][1]
+        return [([(line, style)], _cells(line)) if line else ([], 0) for line in map(str.rstrip, text.split("\n"))]
     cuts: list[int] = []  # offsets where a line ends (its trailing spaces dropped when shown)
     at = 0
     for line in text.split("\n"):
