@@ -129,10 +129,8 @@ class ParseCache:
         self.name = name
         self.directory = directory
         self.old = entries
-        try:  # (rows kept in memory are this process's own, checked when read or made by as_row)
-            self.trusted = _well_typed([entry[1] for entry in entries.values()])
-        except (TypeError, IndexError, KeyError):
-            self.trusted = False
+        # (rows kept in memory are this process's own, checked when read or made by as_row)
+        self.trusted = _well_typed([entry[1] for entry in entries.values() if _pair(entry)])
         self.kept = _memory.get(directory, {}) if _memory is not None else {}  # (see in_memory)
         self.new: dict[str, tuple] = {}
         self.save = save
@@ -165,7 +163,7 @@ class ParseCache:
             return None
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         entry = self.old.get(name)
-        if entry is None or entry[0] != key:
+        if not _pair(entry) or entry[0] != key:
             entry = self.kept.get(name)
             trusted = True
         else:
@@ -271,6 +269,11 @@ def _plain(value) -> bool:
     if type(value) is dict:
         return all(type(k) is str and type(v) is int for k, v in value.items())
     return False
+
+
+def _pair(entry) -> bool:
+    """Whether a cache file's entry has the shape of one (key, row): a file's other entry is a miss for it alone."""
+    return type(entry) is tuple and len(entry) == 2
 
 
 def _well_typed(rows: list) -> bool:

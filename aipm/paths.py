@@ -164,7 +164,9 @@ def _above(root: str, directory: str, links: dict[str, int]) -> int:
     lstat for each directory not in `links`, top down. A loop: a recursion per directory overran Python's limit on
     a path of a thousand directories. `links` keeps each directory's answer for one load (thousands of targets
     share a few directories), never longer: a run lives on while a worker replaces a directory with a link
-    leading out of the root, and a task file it reads then must be refused as any new process refuses it."""
+    leading out of the root, and a task file it reads then must be refused as any new process refuses it. Within
+    one load it is a snapshot, as it was for a directory's link: a directory found missing stays missing for the
+    load's other targets (what a worker makes below it meanwhile, a link among it, the next load sees)."""
     unknown = []
     while directory and directory not in links:
         unknown.append(directory)

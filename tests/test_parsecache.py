@@ -295,6 +295,21 @@ def test_a_row_of_the_wrong_types_is_a_miss(cached, parses, field, value):
     assert parses == ["T1.yaml"]
 
 
+@pytest.mark.parametrize("entry", [5, "", "ab", None, (), ("key",), ("key", (), "extra"), [1, 2]])
+def test_an_entry_that_is_no_key_and_row_is_a_miss_for_its_file_alone(cached, parses, entry):
+    """Right checksum and fingerprint, but one file's entry is no (key, row) pair: that file is parsed, the others
+    still come from the cache (such an entry crashed the load with a TypeError)."""
+    order = make_order(cached)
+    expected = load_order(order, cached).tasks
+    [file] = cache_files(cached)
+    fingerprint, where, entries = marshal.loads(file.read_bytes()[len(parsecache._MAGIC) + 12:])
+    entries["T1.yaml"] = entry
+    file.write_bytes(_header(marshal.dumps((fingerprint, where, entries))))
+    parses.clear()
+    assert load_order(order, cached).tasks == expected
+    assert parses == ["T1.yaml"]
+
+
 def test_a_cache_bigger_than_its_bound_is_neither_read_nor_written(cached, parses, monkeypatch):
     order = make_order(cached)
     load_order(order, cached)
