@@ -28,7 +28,7 @@ from aipm.model import Task
 from aipm.paths import Target
 from aipm.record import Record
 from aipm.runtime import Runtime
-from aipm.paths import out_of_scope
+from aipm.coverage import out_of_scope
 from aipm.scope import committed
 from aipm.store import load_task, task_files
 from aipm.workerfiles import GIT_FILE_MAX, read_git_file, reading

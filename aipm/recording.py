@@ -19,7 +19,8 @@ from aipm.errors import UserError
 from aipm.finish import after_cap, after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
 from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Status, Task, ran_by
-from aipm.paths import as_path, files_above
+from aipm.coverage import files_above
+from aipm.paths import as_path
 from aipm.restore import disowned, known_status, restore
 from aipm.reviewing import Reviewing, left_out, log_whole
 from aipm.record import Record

@@ -5,7 +5,7 @@ Before a worker starts, `snapshot(root)` records every dirty or untracked path o
 `changed(before, after)` gives the paths that appeared, disappeared (reverted to clean or deleted) or whose
 fingerprint moved, so a file that was already dirty and was written again is seen too; the files of the commits
 made meanwhile count as well (`findings`' `in_commits`, from commits.py): `git status` no longer shows them.
-`paths.out_of_scope(paths, allowed)` names the ones no allowed target covers; a non-empty answer fails the review
+`coverage.out_of_scope(paths, allowed)` names the ones no allowed target covers; a non-empty answer fails the review
 with those paths named.
 
 Limits, by design: files ignored by git are invisible (build output, caches, the runtime directory `.aipm/`, which
@@ -43,7 +43,8 @@ from pathlib import Path
 from aipm import durable, workerfiles
 from aipm.gitstatus import (STATUS_ARGS, Git, as_fingerprint, changed, fingerprint, git_env, known_outside,
                             read_status, real_root, tree_prefix)
-from aipm.paths import Target, dir_covered, out_of_scope
+from aipm.coverage import dir_covered, out_of_scope
+from aipm.paths import Target
 from aipm.treewatch import CREATED, TreeWatch
 
 RUNTIME_DIR = ".aipm"

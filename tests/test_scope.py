@@ -14,7 +14,7 @@ import pytest
 
 from aipm.paths import normalize
 from aipm.gitstatus import changed
-from aipm.paths import out_of_scope
+from aipm.coverage import out_of_scope
 from aipm.scope import load, save, snapshot
 from conftest import capped_memory, state, task_statuses, wait_for, write_task
 

@@ -33,7 +33,7 @@ from aipm.model import Task
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm import writtenlog
-from aipm.paths import out_of_scope
+from aipm.coverage import out_of_scope
 from aipm.fields import WORKSPACES
 from aipm.settings import Settings
 from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
