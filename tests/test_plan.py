@@ -44,6 +44,23 @@ def test_natural_key_reads_each_run_of_digits_as_a_number(text):
     assert natural_key("T9") < natural_key("T10") < natural_key("T10a") < natural_key("U1")
 
 
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["T1", "T01", "T001", "T2", "T10", "A", "A0", "B9"]),
+                          st.sampled_from(["P0", "P1", "P3"]), st.sampled_from(["QUEUED", "DONE"]),
+                          st.lists(st.integers(0, 7), max_size=2)), max_size=8, unique_by=lambda x: x[0]))
+def test_ranked_is_the_stable_sort_by_priority_chain_and_natural_id(specs):
+    """Ties (`T1`, `T01` and `T001` are one natural key) keep the order's own order, as a stable sort keeps it."""
+    from aipm.model import natural_key
+
+    names = [name for name, *_ in specs]
+    tasks = [task(name, status, pri, deps={names[d] for d in deps if d < i}) for i, (name, pri, status, deps)
+             in enumerate(specs)]
+    o = order(*tasks)
+    chains = chain_lengths(o.tasks)
+    expected = sorted(tasks, key=lambda t: (t.priority.rank, -chains.get(t.id, 1), natural_key(t.id)))
+    assert [t.id for t in ranked(o)] == [t.id for t in expected]
+
+
 def test_chain_lengths_count_dependants():
     o = order(task("A"), task("B", deps=["A"]), task("C", deps=["B"]), task("D", deps=["A"]))
     assert chain_lengths(o.tasks) == {"A": 3, "B": 2, "C": 1, "D": 1}
