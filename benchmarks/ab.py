@@ -3,6 +3,7 @@
 
     python benchmarks/ab.py REV_A REV_B               # B2's chain, 12 pairs
     python benchmarks/ab.py HEAD~3 HEAD --bench b1 --pairs 8
+    python benchmarks/ab.py HEAD~3 HEAD --bench detect10k-cold   # `detect --json` on detect_scale's order
 
 Each revision's `aipm/` is taken out of git (`git archive`) into a temporary directory and compiled, and every
 run starts the same interpreter on it (PYTHONPATH) in a fresh project, the revisions alternating (which goes
@@ -12,25 +13,35 @@ time from its first line of Python to its exit. On a shared or drifting machine 
 the wall time, and pairs taken minutes apart drift alike, so the verdict is the medians and how many pairs
 each revision won. Reads the disk as it is: after big deletions on ext4 without a journal, wait a minute
 (README.md, "the floor"). The projects are kept until the end, then removed (BENCH_KEEP=1 keeps them).
+
+The detect benches time `aipm detect ORDER --json` on one order of detect_scale.py's, made once and read by both
+revisions: warm (each run's own revision writes the parse cache first, with `validate`, untimed) or cold (the
+cache removed first; the CPU figure leaves out the forked reader that parses half the files, the wall has it). Every process runs from the project's directory: `python -m aipm` or `-c` run from the
+repository would import the working tree's `aipm/` ahead of PYTHONPATH (sys.path[0]), and both sides would be one.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import _common as C
 import b1_independent
 import b2_chain
 import b4_one_file
+import detect_scale
 
 # benchmark → (module with setup_aipm, order id, --max-workers)
 BENCHES = {"b1": (b1_independent, "B1", 2), "b2": (b2_chain, "B2", 2), "b4": (b4_one_file, "B4", 5)}
+# detect bench → (tasks, warm: its parse cache written first)
+DETECTS = {f"detect{k}k{'' if warm else '-cold'}": (k * 1000, warm) for k in (10, 100) for warm in (True, False)}
 
 # Run inside the measured process: aipm's own main, and its figures written where os._exit ends it (a `run`
 # leaves through os._exit, skipping the interpreter's teardown).
@@ -62,14 +73,32 @@ def checkout(rev: str, into: Path) -> Path:
 
 
 def one_run(code: Path, bench: str, root: Path, out: Path) -> None:
-    module, order, workers = BENCHES[bench]
-    module.setup_aipm(root)
     env = {**os.environ, "PYTHONPATH": str(code)}
-    args = ["--root", str(root), "run", order, "--max-workers", str(workers), "--no-resource-monitoring"]
+    if bench in DETECTS:
+        args = detect_args(bench, root, env)
+    else:
+        module, order, workers = BENCHES[bench]
+        module.setup_aipm(root)
+        args = ["--root", str(root), "run", order, "--max-workers", str(workers), "--no-resource-monitoring"]
     done = subprocess.run([sys.executable, "-c", PROBE, str(out), *args], cwd=root, env=env,
                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
         raise SystemExit(f"aipm ({code}) exited {done.returncode}: {done.stderr.strip()[-500:]}")
+
+
+def detect_args(bench: str, root: Path, env: dict) -> list[str]:
+    """The order made at `root` on first use (and aged past the parse cache's racy window), its cache written by
+    this revision (warm) or removed (cold): the arguments of a timed `detect`."""
+    tasks, warm = DETECTS[bench]
+    if not root.exists():
+        detect_scale.generate(root, tasks)
+        (root / ".aipm").mkdir()
+        time.sleep(detect_scale.RACY_S + 0.1)
+    shutil.rmtree(root / ".aipm" / "cache", ignore_errors=True)
+    if warm:
+        subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "validate", "SCALE"], cwd=root, env=env,
+                       capture_output=True, check=True)
+    return ["--root", str(root), "detect", "SCALE", "--json"]
 
 
 def read(out: Path) -> list[tuple[float, float]]:
@@ -80,7 +109,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("a", help="the revision measured against (a commit, a branch, HEAD~1)")
     parser.add_argument("b", help="the revision measured")
-    parser.add_argument("--bench", choices=sorted(BENCHES), default="b2")
+    parser.add_argument("--bench", choices=sorted(BENCHES) + sorted(DETECTS), default="b2")
     parser.add_argument("--pairs", type=int, default=12)
     opts = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="aipm-bench-ab-"))
@@ -91,7 +120,8 @@ def main() -> int:
         for k in range(opts.pairs):
             order = (opts.a, opts.b) if k % 2 == 0 else (opts.b, opts.a)
             for rev in order:
-                one_run(codes[rev], opts.bench, work / f"run-{k}-{list(codes).index(rev)}", outs[rev])
+                root = work / ("detect" if opts.bench in DETECTS else f"run-{k}-{list(codes).index(rev)}")
+                one_run(codes[rev], opts.bench, root, outs[rev])
         figures = {rev: read(out) for rev, out in outs.items()}
         rows = []
         for rev, runs in figures.items():
