@@ -17,7 +17,10 @@ run), only into an existing `<root>/.aipm/` directory, atomically (temp file and
 costs one parse). Any unreadable, truncated, corrupt (checksum), foreign (another directory, another aipm) cache
 is ignored whole, and so is one that is no regular file (a FIFO would block), too big to be one (_MAX_BYTES), or
 reached through a symlink (`.aipm` or `.aipm/cache`: it would be read and written outside the project). A row of
-the wrong types is a miss for its file: a cache can make loading slower or faster, never change what it returns.
+the wrong types, or whose id is not its file's name, is a miss for its file. What a row forged with well-formed
+values could say (another status, say), a worker able to write `.aipm/` can write into the task file itself; the
+id is checked because a row's id, unlike a file's name, could hold `/` or `..` and name runtime files outside the
+order's directories under `.aipm/`.
 The format is `marshal` of plain tuples behind a CRC, read only after the checksum matches; never pickle (a
 worker can write into `.aipm/`).
 """
@@ -41,8 +44,8 @@ from aipm.model import Priority, Resources, Status, Task, new_task
 RACY_NS = 2_000_000_000
 _MAGIC = b"aipm-parse-cache-1\n"
 _NAMES = tuple(f.name for f in fields(Task))
-_PATH, _TARGETS, _TARGET_FILES, _STATUS, _PRIORITY, _RESOURCES = (
-    _NAMES.index(n) for n in ("path", "targets", "target_files", "status", "priority", "resources"))
+_ID, _PATH, _TARGETS, _TARGET_FILES, _STATUS, _PRIORITY, _RESOURCES = (
+    _NAMES.index(n) for n in ("id", "path", "targets", "target_files", "status", "priority", "resources"))
 _FIELDS = operator.attrgetter(*_NAMES)
 _SCALARS = frozenset((str, int, float, bool))
 _STATUSES = {s.value: s for s in Status}
@@ -169,7 +172,8 @@ class ParseCache:
         else:
             trusted = self.trusted
         try:
-            if entry is None or entry[0] != key or not (trusted or _well_typed([entry[1]])):
+            if (entry is None or entry[0] != key or not (trusted or _well_typed([entry[1]]))
+                    or not _named(entry[1], name)):
                 self._pending[name] = key
                 return None
             task = self._task(entry[1], path, normalise)
@@ -274,6 +278,13 @@ def _plain(value) -> bool:
 def _pair(entry) -> bool:
     """Whether a cache file's entry has the shape of one (key, row): a file's other entry is a miss for it alone."""
     return type(entry) is tuple and len(entry) == 2
+
+
+def _named(values: tuple, name: str) -> bool:
+    """Whether the row's id is its file's name and a usable id, as the parse requires: a forged `../x` would name
+    runtime files outside the order's directory under `.aipm/`."""
+    task_id = values[_ID]
+    return task_id == name[:-len(".yaml")] and model.ID_PATTERN.fullmatch(task_id) is not None
 
 
 def _well_typed(rows: list) -> bool:

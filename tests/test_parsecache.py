@@ -277,6 +277,8 @@ def test_no_runtime_directory_no_cache(tmp_path, monkeypatch):
 @pytest.mark.parametrize("field, value", [
     ("depends_on", 5), ("title", 5), ("command", ("make", 5)), ("tokens", {"input": "many"}),
     ("resources", ("2", None, None)), ("confine", "yes"), ("attempts", 1.5),
+    # right types, but an id the parse refuses: another file's, or one that leads out of the order's runtime files
+    ("id", "T0"), ("id", "../../evil"), ("id", "T1/.."),
 ])
 def test_a_row_of_the_wrong_types_is_a_miss(cached, parses, field, value):
     """Right checksum, fingerprint and key, but a value parsing never gives: the file is parsed instead (before,
