@@ -50,10 +50,12 @@ import os, resource, sys, time
 start = time.perf_counter()
 out, argv = sys.argv[1], sys.argv[2:]
 leave = os._exit
+me = os.getpid()
 def _exit(code):
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    with open(out, "a") as handle:
-        handle.write(f"{usage.ru_utime + usage.ru_stime} {time.perf_counter() - start} {code}\\n")
+    if os.getpid() == me:  # (a cold load's forked reader leaves through os._exit too: no run of its own)
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        with open(out, "a") as handle:
+            handle.write(f"{usage.ru_utime + usage.ru_stime} {time.perf_counter() - start} {code}\\n")
     leave(code)
 os._exit = _exit
 from aipm.cli import main
