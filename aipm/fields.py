@@ -280,7 +280,7 @@ def task_from_mapping(path: Path | str, data: Mapping[str, Any], root: Path | No
     # Only the keys the file has are validated (a file holds a handful of the thirty): an absent key leaves its
     # field at Task's default, which is what its validator returns for it (tests/test_fields_table.py).
     return new_task(id=stem, path=str(path), target_files=raw_targets, targets=targets,
-                **{key: check(path, data, key, *extra) for key, check, extra in _FIELDS if key in data})
+                    **{key: check(path, data, key, *extra) for key, check, extra in _FIELDS if key in data})
 
 
 def managed_values(path: Path | str, data: Mapping[str, Any]) -> dict[str, Any]:

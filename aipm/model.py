@@ -145,10 +145,11 @@ _NOT_DEFINITION = frozenset({*MANAGED_FIELDS, "path", "targets"})
 
 _TASK_FIELDS = tuple(f.name for f in fields(Task))
 _FIELD_NAMES = frozenset(_TASK_FIELDS)
+_DEFINITION_FIELDS = tuple(name for name in _TASK_FIELDS if name not in _NOT_DEFINITION)
 
 # Task's twin without `frozen`: the same slots in the same order, so an instance may become a Task (CPython allows
 # __class__ assignment between classes of one layout). A frozen __init__ sets each of 30-odd fields through
-# object.__setattr__; the twin's plain stores take a third of the time, which is most of a cached 100k-task load.
+# object.__setattr__; the twin's plain stores take a third of the time (it was a fifth of a cached 100k-task load).
 _OpenTask = make_dataclass("_OpenTask", [(f.name, f.type, f.default) for f in fields(Task)], slots=True, eq=False,
                            repr=False, match_args=False)
 _set = object.__setattr__
@@ -159,8 +160,6 @@ def new_task(*args: Any, **kwargs: Any) -> Task:
     task = _OpenTask(*args, **kwargs)
     _set(task, "__class__", Task)
     return task
-
-_DEFINITION_FIELDS = tuple(name for name in _TASK_FIELDS if name not in _NOT_DEFINITION)
 
 
 # What an attempt runs by: an edit of these while it runs leaves its outcome the old version's (Recording._work_ended
