@@ -47,8 +47,7 @@ def load_all(paths: list[str], load: Callable[[str], Task]) -> list[Task]:
     readers = _readers(len(paths))
     if readers < 2:
         return [load(path) for path in paths]
-    # This process parses a bigger share: a reader's file costs more (copy-on-write faults after the fork, its
-    # rows marshalled back), and this one waited for the readers with nothing to do.
+    # (a reader's file costs more: copy-on-write faults after the fork, its rows marshalled back)
     own = round(len(paths) * OWN_WEIGHT / (OWN_WEIGHT + readers - 1))
     size = -(-(len(paths) - own) // (readers - 1))
     shares = [paths[:own]] + [paths[i:i + size] for i in range(own, len(paths), size)]
