@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
-from aipm import (agents, commits, confine, landlock, locks, outcome, ownoutput, restore, runner, scope, spending,
+from aipm import (agents, commits, confine, inodes, landlock, locks, outcome, ownoutput, restore, runner, scope, spending,
                   workspace, writer)
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
@@ -101,10 +101,7 @@ class Starter:
                 self._scope_before(rec, ours=owner is not None)
             # The record is written once the worker exists and the round's statuses are durable; a crash before
             # that leaves IN_PROGRESS with no record, which recovery re-queues.
-            try:
-                os.unlink(rec.exit_file)
-            except FileNotFoundError:
-                pass
+            inodes.remove(rec.exit_file)  # (next_number chose a number without one: a stray from a race)
             if owner is not None:
                 spawning = owner.begin_worker(rec, task, fds)  # in the helper thread, while the status is written
             written = update_task(as_path(task.path), start_updates(task, rec.started_at), expect=Status.QUEUED,
