@@ -14,8 +14,8 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import dataclass
 
-from aipm import (agents, commits, confine, inodes, landlock, locks, outcome, ownoutput, restore, runner, scope, spending,
-                  workspace, writer)
+from aipm import (agents, commits, confine, inodes, landlock, locks, outcome, ownoutput, restore, runner, scope,
+                  spending, workspace, writer)
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
 from aipm.model import Order, Status, Task, definition, ran_by
