@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from aipm.gitstatus import real_root
@@ -57,16 +58,20 @@ def with_ours(noted: list, root: Path) -> list:
     return noted + [entry for entry in files(root) if entry not in noted]
 
 
-def not_own_output(root: Path, paths: list[str], noted: list) -> list[str]:
+def not_own_output(root: Path, paths: list[str], noted: list, owners: Iterable[int] = (),
+                   workers: set[int] = frozenset()) -> list[str]:
     """`paths` without the files aipm's own output goes to: any file a process of this one's session holds open
     for writing, this one's standard output and error included (`nohup aipm run` writes nohup.out in the project
     root, `aipm run > run.log` likewise, `aipm run | tee run.log` through tee): workers run in sessions of their
     own, so those writes are the run's or its user's, no worker's; and the files `noted` (files() of the aipm
-    processes that owned the attempt: a run killed while its worker ran holds its run.log no more). Compared by
-    inode: only the paths an audit found are looked at, so an audit that found nothing costs nothing here."""
+    processes that owned the attempt: a run killed while its worker ran holds its run.log no more; and of other
+    aipm processes of the project, see Recording._tree_findings). `owners`: the live aipm processes that own other
+    attempts now (another `aipm run ORD2 | tee run2.log` in another terminal): the files their sessions write
+    are theirs, but not in a session one of `workers` (pids) leads (an aipm a worker's command started). By inode:
+    only the paths an audit found are looked at, so an audit that found nothing costs nothing here."""
     if not paths:
         return paths
-    ours = _written_by_session(root)
+    ours = _written_by_sessions(root, _sessions(owners, workers))
     kept = []
     for path in paths:
         try:
@@ -79,12 +84,24 @@ def not_own_output(root: Path, paths: list[str], noted: list) -> list[str]:
     return kept
 
 
-def _written_by_session(root: Path) -> set[tuple[int, int]]:
-    """(device, inode) of the regular files in the tree that processes of this process's session hold open for
-    writing."""
-    session = os.getsid(0)
+def _sessions(owners: Iterable[int], workers: set[int]) -> set[int]:
+    """This process's session, and those of `owners` but the sessions `workers` lead (a worker runs in a session
+    of its own: an aipm that a worker's command started writes what that worker does)."""
+    sessions = {os.getsid(0)}
+    for pid in owners:
+        try:
+            sid = os.getsid(pid)
+        except OSError:
+            continue  # gone meanwhile
+        if sid not in workers:
+            sessions.add(sid)
+    return sessions
+
+
+def _written_by_sessions(root: Path, sessions: set[int]) -> set[tuple[int, int]]:
+    """(device, inode) of the regular files in the tree that processes of these sessions hold open for writing."""
     found = set()
-    for pid, fd, _ in open_under(f"{os.path.realpath(root)}/", _members(session)):
+    for pid, fd, _ in open_under(f"{os.path.realpath(root)}/", _members(sessions)):
         try:
             flags = int(read_small(f"/proc/{pid}/fdinfo/{fd}").split(b"flags:", 1)[1].split()[0], 8)
             if flags & os.O_ACCMODE == os.O_RDONLY:
@@ -97,12 +114,12 @@ def _written_by_session(root: Path) -> set[tuple[int, int]]:
     return found
 
 
-def _members(session: int) -> list[int]:
+def _members(sessions: set[int]) -> list[int]:
     pids = []
     for name in os.listdir("/proc"):
         if name.isdigit():
             try:
-                if int(stat_fields(int(name))[3]) == session:
+                if int(stat_fields(int(name))[3]) in sessions:
                     pids.append(int(name))
             except (OSError, IndexError, ValueError):
                 continue  # gone meanwhile, or not ours to read

@@ -382,9 +382,15 @@ class Recording(Reviewing):
         return sorted(set(workspace.outside_targets(self.rt.root, rec)) | set(tree)), tree
 
     def _tree_findings(self, rec: Record, in_commits: set[str] | None) -> list[str]:
-        """The project tree's audit of the attempt (none when none began for it: scope.findings)."""
+        """The project tree's audit of the attempt (none when none began for it: scope.findings). What aipm's
+        processes print into the tree is no worker's write: this run's output, and that of the other aipm
+        processes of the project whose attempts ran meanwhile (another `aipm run ORD2 > run2.log`): the live ones'
+        by their records, the ended ones' by their notes (writtenlog.outputs_since)."""
+        seen: dict = {}
+
         def allowed(since_ns: int) -> list[str]:
-            others = self.rt.records()
+            others = seen["others"] = self.rt.records()
+            seen["since"] = since_ns
             # aipm writes the task files of the orders that run (and people edit them meanwhile): those files,
             # not their whole directory (an order at the root allowed every path). Orders whose attempts ended
             # meanwhile are in the written log.
@@ -394,8 +400,14 @@ class Recording(Reviewing):
                     *self.settings.scope_ignore,
                     *writtenlog.written_since(self.rt, since_ns)]
 
-        return ownoutput.not_own_output(self.rt.root, scope.findings(self.rt.root, rec.scope_file, allowed,
-                                                                     in_commits, rec.scope_since), rec.own_output)
+        found = scope.findings(self.rt.root, rec.scope_file, allowed, in_commits, rec.scope_since)
+        if not found:
+            return found
+        others = seen.get("others", [])
+        noted = [*rec.own_output, *(entry for r in others for entry in r.own_output),
+                 *writtenlog.outputs_since(self.rt, seen.get("since", rec.scope_since))]
+        return ownoutput.not_own_output(self.rt.root, found, noted, {r.owner_pid for r in others if r.owner_alive()},
+                                        {r.pid for r in others if r.pid})
 
     def _note(self, task: Task) -> None:
         if self.view is not None:

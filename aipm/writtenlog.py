@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterable
 from pathlib import Path
 
+from aipm import ownoutput
 from aipm.gitstatus import real_root, tree_prefix
 from aipm.paths import PathError, Target, normalize, quote, real_relative
 from aipm.record import Record
@@ -22,7 +23,9 @@ from aipm.workerfiles import STATE_FILE_MAX, open_regular, read_bytes, write_byt
 # In the state directory, a line per note: "<time_ns> <json list of targets>" (patterns, as a person writes them),
 # "<time_ns> {"targets": [...], "order": <its directory, an exact name>}" (an attempt ended, or a person's command
 # wrote task files: order_files) or "<time_ns> {"files": <json list of exact file names>}" (what a merge wrote:
-# `a*.md` is that one file).
+# `a*.md` is that one file). A dict may also hold "output": the noting aipm process's own output files in the tree
+# ([path, device, inode], ownoutput.files), so that another run's audits in flight do not charge them to a worker
+# once that process holds them no more (a second `aipm run > run2.log` that has ended).
 WRITTEN_LOG = "written.log"
 
 
@@ -77,8 +80,19 @@ def note_merged(rt: Runtime, files: Iterable[str]) -> None:
     _note(rt, {"files": list(files)})
 
 
-def _note(rt: Runtime, entry: list[str] | dict[str, list[str] | str]) -> None:
+def note_output(rt: Runtime) -> None:
+    """This process is done writing its output (a run's end): note its output files in the tree, if it has any, for
+    the audits in flight, which may see its last lines. Caller holds the launch lock."""
+    if tree_prefix(real_root(rt.root)) is not None and ownoutput.files(rt.root):
+        _note(rt, {})
+
+
+def _note(rt: Runtime, entry: list[str] | dict) -> None:
     """Append `entry` with the time; past WRITTEN_LOG_BYTES the log is cut to the lines an audit may still need."""
+    if isinstance(entry, dict):
+        output = ownoutput.files(rt.root)
+        if output:
+            entry["output"] = output
     log = rt.state / WRITTEN_LOG
     try:
         # (regular files only, never through a link: any unconfined worker can write the state directory)
@@ -135,6 +149,27 @@ def written_since(rt: Runtime, since_ns: int) -> list[Target]:
             found.extend(Target(str(name), False, False) for name in entry.get("files", ()))
         except (ValueError, TypeError):
             continue  # no note of ours (the state directory is in a worker's reach)
+    return found
+
+
+def outputs_since(rt: Runtime, since_ns: int) -> list[list]:
+    """The output files of the aipm processes that noted something at or after `since_ns` (see _note), as
+    ownoutput.not_own_output takes them: [path, device, inode]."""
+    found: list[list] = []
+    for line in _lines(rt.state / WRITTEN_LOG):
+        stamp, _, noted = line.partition(" ")
+        try:
+            if int(stamp) < since_ns:
+                continue
+            entry = json.loads(noted)
+        except ValueError:
+            continue
+        output = entry.get("output") if isinstance(entry, dict) else None
+        for item in output if isinstance(output, list) else ():
+            # (exactly what files() notes: anything else is no note of ours, the state directory is in reach)
+            if (isinstance(item, list) and len(item) == 3 and isinstance(item[0], str)
+                    and all(type(n) is int for n in item[1:]) and item not in found):
+                found.append(item)
     return found
 
 

@@ -461,6 +461,47 @@ def test_the_written_log_is_cut_to_what_an_audit_in_flight_may_need(tmp_path, mo
     assert list(map(str, writtenlog.written_since(rt, 0))) == noted  # the 100 old lines were cut
 
 
+def test_only_output_notes_as_aipm_writes_them_excuse_a_file(tmp_path):
+    """outputs_since takes what _note wrote ([path, device, inode] lists, at or after the time asked) and nothing
+    a worker could leave in the state directory's log in another shape."""
+    import time
+
+    from aipm import writtenlog
+    from aipm.runtime import Runtime
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    rt = Runtime(root)
+    rt.state.mkdir(parents=True, exist_ok=True)
+    now = time.time_ns()
+    lines = [(now - 10, {"output": [["old.log", 1, 2]]}), (now, {"output": [["run2.log", 3, 4], ["run2.log", 3, 4]]}),
+             (now, {"output": [["a.log", "3", 4], ["b.log", 3], "c.log", ["d.log", 3, 4.0], [5, 3, 4]]}),
+             (now, {"output": "e.log"}), (now, [["f.log", 3, 4]]), (now, {"targets": ["g.txt"]})]
+    (rt.state / writtenlog.WRITTEN_LOG).write_text("".join(f"{t} {json.dumps(e)}\n" for t, e in lines) + "x y\n")
+    assert writtenlog.outputs_since(rt, now) == [["run2.log", 3, 4]]
+    assert writtenlog.outputs_since(rt, 0) == [["old.log", 1, 2], ["run2.log", 3, 4]]
+
+
+def test_a_file_held_for_writing_in_a_session_a_worker_leads_is_no_owners_output(tmp_path):
+    """The files another aipm's session writes are its output, unless a worker leads that session (an aipm that a
+    worker's command started writes where that worker does): there they are still charged."""
+    from aipm import ownoutput
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    holder = subprocess.Popen(["sh", "-c", "exec 3>>held.log; echo ready; exec sleep 30"], cwd=root,
+                              stdout=subprocess.PIPE, start_new_session=True)
+    try:
+        assert holder.stdout.readline() == b"ready\n"
+        assert ownoutput.not_own_output(root, ["held.log", "other.log"], [], owners=[holder.pid]) == ["other.log"]
+        assert ownoutput.not_own_output(root, ["held.log"], [], owners=[holder.pid], workers={holder.pid}) == [
+            "held.log"]
+        assert ownoutput.not_own_output(root, ["held.log"], []) == ["held.log"]  # (not this process's session)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
 def test_the_written_log_is_never_appended_or_cut_through_a_link_a_worker_left(tmp_path, monkeypatch):
     """The written log is in the state directory, which any unconfined worker can write: a link at its name had
     each ended attempt's line appended to the file it led to, and one at the fixed temp name of its cut
@@ -895,6 +936,56 @@ def test_the_runs_own_output_file_in_the_tree_is_not_charged_to_its_workers(tmp_
     statuses = {p.stem: yaml.safe_load(p.read_text()) for p in order.glob("*.yaml")}
     assert proc.returncode == 0, (root / "nohup.out").read_text()
     assert {t: s["status"] for t, s in statuses.items()} == {"FIRST": "DONE", "LONG": "DONE"}
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("other", ["redirect-live", "tee-live", "redirect-ended"])
+def test_another_runs_output_in_the_tree_is_not_charged_to_this_runs_workers(tmp_path, other):
+    """Two runs of two orders at once, each from its own terminal (session), the second one's output in the tree
+    (`aipm run O2 > run2.log`, or `| tee run2.log`): the lines it printed while a worker of the first ran were
+    charged to that worker ('scope: wrote run2.log', sent back), whether the second run was still running at the
+    audit (by its records and its session's open files) or had ended (by its notes in the written log)."""
+    how, when = other.split("-")
+    root = tmp_path / "repo"
+    ended = tmp_path / "ended"  # outside the tree: no write of the test's is audited
+    root.mkdir()
+    (root / "aipm.yaml").write_text("max_rework: 0\n")
+    wait = f"until [ -e {shlex.quote(str(ended))} ]" if when == "ended" else "until grep -q 'finish   B' run2.log"
+    write_task(root / "orders" / "O1", "LONG", command=f"{wait}; do sleep 0.02; done; echo l > long.txt",
+               target_files=["long.txt"])
+    write_task(root / "orders" / "O2", "B", command="echo b > b.txt", target_files=["b.txt"])
+    if when == "live":  # the second run still runs while LONG is audited
+        write_task(root / "orders" / "O2", "HOLD", command=f"until [ -e {shlex.quote(str(ended))} ]; do sleep 0.02; "
+                   "done", target_files=["hold.txt"])
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    aipm = [sys.executable, "-m", "aipm", "--root", str(root), "run"]
+    first = subprocess.Popen([*aipm, "O1", "--no-resource-monitoring"], stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, cwd=root, start_new_session=True)
+    second = None
+    try:
+        wait_for(lambda: task_statuses(root / "orders" / "O1")["LONG"] == "IN_PROGRESS", timeout=60)
+        argv = [*aipm, "O2", "--no-resource-monitoring"]
+        if how == "tee":
+            second = subprocess.Popen(f"{shlex.join(argv)} 2>&1 | tee run2.log >/dev/null", shell=True, cwd=root,
+                                      start_new_session=True)
+        else:
+            with open(root / "run2.log", "w") as out:
+                second = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=root,
+                                          start_new_session=True)
+        if when == "ended":
+            assert second.wait(timeout=120) == 0, (root / "run2.log").read_text()
+            ended.touch()
+        said, _ = first.communicate(timeout=120)
+    finally:
+        ended.touch()
+        for proc in (first, second):
+            if proc is not None and proc.poll() is None:
+                proc.wait(timeout=60)
+    assert "finish   B" in (root / "run2.log").read_text()
+    assert "scope:" not in said and first.returncode == 0, said
+    assert task_statuses(root / "orders" / "O1") == {"LONG": "DONE"}, said
+    assert second.returncode == 0 and task_statuses(root / "orders" / "O2")["B"] == "DONE"
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
