@@ -77,7 +77,7 @@ def review_timed_out(seconds: int | None) -> str:
 
 def not_merged(reason: str) -> str:
     """The reason of a task whose merge left ignored files of its targets behind: DONE alone read as all merged."""
-    return f"{reason}; ignored files in its targets not merged back (its log names them)"
+    return f"{reason}; ignored files in its targets not merged back, kept aside (its log says where)"
 
 
 def stashed(reason: str) -> str:

@@ -106,7 +106,7 @@ class Reviewing:
         try:
             for note in workspace.merge(self.rt.root, rec):
                 append_log(rec.log, f"merge: {note}")
-                if note.endswith(workspace.NOT_MERGED):
+                if workspace.NOT_MERGED in note:
                     event["not_merged"] = note  # (the task's reason says so)
                 elif workspace.UNDONE in note:
                     event["undone"] = note

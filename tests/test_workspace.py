@@ -1536,21 +1536,28 @@ def test_ignored_files_a_task_writes_in_its_targets_are_named_as_not_merged(repo
     proc = project.aipm("run", "ORD", check=True)
     assert project.statuses() == {"T": "DONE"}
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert "merge: .env.local, build/: ignored by git, so not merged back (gone with the worktree)" in log
+    rest = repo / ".aipm/patches/ORD/T.1.rest"
+    assert ("merge: .env.local, build/: ignored by git, so not merged back; moved out of the worktree, whole, into "
+            f"{rest}") in log, log
     assert ".env," not in log and ".env:" not in log
+    # What the task was asked to make is kept, not removed with the worktree.
+    assert (rest / ".env.local").read_text() == "B=2\n" and (rest / "build/out.js").read_text() == "out\n"
+    assert (repo / ".env.local").read_text() == "B=1\n" and not (repo / "build").exists()
     # Said where the user looks too, not in the log alone: a plain DONE read as everything merged.
-    said = "exit 0; ignored files in its targets not merged back (its log names them)"
+    said = "exit 0; ignored files in its targets not merged back, kept aside (its log says where)"
     assert yaml.safe_load((project.order() / "T.yaml").read_text())["reason"] == said
     assert f"finish   T → DONE ({said})" in proc.stdout, proc.stdout
     (repo / "build").mkdir()
     project.aipm("retry", "T", check=True)
     project.aipm("run", "ORD", check=True)
     assert "merge: .env.local: ignored by git" in (repo / ".aipm/logs/ORD/T.2.log").read_text()
+    assert (repo / ".aipm/patches/ORD/T.2.rest/.env.local").read_text() == "B=2\n"
     # The same after an approving review.
     write_task(project.order(), "R", target_files=[".env.local"], command="echo B=3 > .env.local", review="true")
     project.aipm("run", "ORD", check=True)
     assert yaml.safe_load((project.order() / "R.yaml").read_text())["reason"] == (
-        "review approved; ignored files in its targets not merged back (its log names them)")
+        "review approved; ignored files in its targets not merged back, kept aside (its log says where)")
+    assert (repo / ".aipm/patches/ORD/R.1.rest/.env.local").read_text() == "B=3\n"
     write_task(project.order(), "S", target_files=["src/b.txt"], command="echo S >> src/b.txt", review="true")
     project.aipm("run", "ORD", check=True)  # nothing ignored written: the reason says nothing of it
     assert yaml.safe_load((project.order() / "S.yaml").read_text())["reason"] == "review approved"
@@ -1568,7 +1575,8 @@ def test_a_sparse_terabyte_a_worker_leaves_as_an_ignored_file_in_its_targets_is_
     proc = project.aipm("run", "ORD", timeout=120, preexec_fn=capped_memory)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stdout + proc.stderr
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert "merge: src/big.bin: ignored by git, so not merged back (gone with the worktree)" in log, log
+    assert "merge: src/big.bin: ignored by git, so not merged back; moved out of the worktree, whole" in log, log
+    assert (repo / ".aipm/patches/ORD/T.1.rest/src/big.bin").stat().st_size == 1 << 40
     assert (repo / "src/a.txt").read_text().endswith("T\n")
 
 
@@ -1584,7 +1592,8 @@ def test_the_ignored_files_note_follows_the_targets_for_the_root_and_globs(repo,
     project.aipm("run", "ORD", check=True)
     assert project.statuses() == {"T": "DONE"}
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert f"merge: {named}: ignored by git, so not merged back (gone with the worktree)" in log, log
+    assert f"merge: {named}: ignored by git, so not merged back; moved out of the worktree, whole" in log, log
+    assert (repo / ".aipm/patches/ORD/T.1.rest/.env.local").read_text() == "B=2\n"
 
 
 @pytest.mark.parametrize("sub", ["proj", "p[1]*", "p\\q"])
@@ -1601,7 +1610,7 @@ def test_a_project_root_below_the_top_is_named_to_git_by_its_exact_name(repo, su
     assert proc.returncode == 0 and project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr
     assert (project.root / "top.txt").read_text() == "T\n" and not (project.root / ".aipm/junk.txt").exists()
     log = (project.root / ".aipm/logs/ORD/T.1.log").read_text()
-    assert f"merge: {sub}/build/: ignored by git, so not merged back (gone with the worktree)" in log, log
+    assert f"merge: {sub}/build/: ignored by git, so not merged back; moved out of the worktree, whole" in log, log
 
 
 def test_what_an_approving_review_changed_in_the_worktree_is_merged_or_sends_the_attempt_back(repo):
@@ -1764,7 +1773,7 @@ def test_a_target_in_a_directory_ignored_whole_is_named_as_not_merged(repo):
     write_task(project.order(), "T", target_files=["build/out.js"], command="mkdir -p build && echo out > build/out.js")
     project.aipm("run", "ORD", check=True)
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert "merge: build/: ignored by git, so not merged back (gone with the worktree)" in log, log
+    assert "merge: build/: ignored by git, so not merged back; moved out of the worktree, whole" in log, log
 
 
 def test_a_persons_worktree_whose_directory_is_away_keeps_its_note_in_git(repo, tmp_path):

@@ -271,7 +271,7 @@ def merge(root: Path, rec: Record) -> list[str]:
             f"planned, and the changes cannot be combined; {applied.steps - len(paths)} of {applied.steps} paths "
             "were merged, these were left as the main tree has them\n"
             + "".join(f"  {path}: {why}\n" for path, why in applied.conflicts), paths, main_tree=True))
-    return notes + _ignored_left_behind(repo, rec) + stashed(root, rec)
+    return notes + _keep_ignored(root, repo, rec) + stashed(root, rec)
 
 
 def stashed(root: Path, rec: Record) -> list[str]:
@@ -322,18 +322,23 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
     return notes
 
 
-NOT_MERGED = "ignored by git, so not merged back (gone with the worktree)"
+NOT_MERGED = "ignored by git, so not merged back"
 _IGNORED = "ignored by git, so in no patch"
 UNDONE = "put back as they were by the review, so the task's changes there are not merged"
 
 
-def _ignored_left_behind(repo: Repo, rec: Record) -> list[str]:
-    """The note of the ignored files in the task's targets (_ignored_in_targets) that its merge leaves behind."""
+def _keep_ignored(root: Path, repo: Repo, rec: Record) -> list[str]:
+    """The ignored files in the task's targets (_ignored_in_targets) that its merge leaves behind, moved out of the
+    worktree into the attempt's rest (they went with the worktree, though the task was asked to make them), and the
+    note that says where."""
     try:
-        lost = _ignored_in_targets(repo, rec)
+        left = dict.fromkeys(_ignored_in_targets(repo, rec), NOT_MERGED)
     except WorkspaceError as exc:  # the merge is done: this is only a warning
-        return [f"ignored files in its targets could not be listed: {exc}"]
-    return [f"{some(lost)}: {NOT_MERGED}"] if lost else []
+        return [f"ignored files in its targets could not be listed, nor kept: {exc}"]
+    if not left:
+        return []
+    keep_rest(root, rec.order, rec.task, rec.serial, Path(rec.workspace), left)
+    return [left_out_note(left)]
 
 
 def _ignored_in_targets(repo: Repo, rec: Record) -> list[str]:
