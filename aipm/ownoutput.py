@@ -65,7 +65,7 @@ def not_own_output(root: Path, paths: list[str], noted: list, owners: Iterable[i
     root, `aipm run > run.log` likewise, `aipm run | tee run.log` through tee): workers run in sessions of their
     own, so those writes are the run's or its user's, no worker's; and the files `noted` (files() of the aipm
     processes that owned the attempt: a run killed while its worker ran holds its run.log no more; and of other
-    aipm processes of the project, see Recording._tree_findings). `owners`: the live aipm processes that own other
+    aipm processes of the project, see audit._tree_findings). `owners`: the live aipm processes that own other
     attempts now (another `aipm run ORD2 | tee run2.log` in another terminal): the files their sessions write
     are theirs, but not in a session one of `workers` (pids) leads (an aipm a worker's command started). By inode:
     only the paths an audit found are looked at, so an audit that found nothing costs nothing here."""

@@ -12,14 +12,13 @@ from __future__ import annotations
 import os
 import signal
 
-from aipm import (agents, cluster, commits, confine, notify, outcome, ownoutput, recovery, scope, spending, unrecorded,
+from aipm import (agents, audit, cluster, commits, confine, notify, outcome, recovery, scope, spending, unrecorded,
                   workspace, writer, writtenlog)
 from aipm.budget import usd
 from aipm.errors import UserError
 from aipm.finish import after_cap, after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
 from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Status, Task, ran_by
-from aipm.coverage import files_above
 from aipm.paths import as_path
 from aipm.restore import disowned, known_status, restore
 from aipm.reviewing import Reviewing, left_out, log_whole
@@ -275,9 +274,11 @@ class Recording(Reviewing):
         # `git status` no longer shows what was committed: the commits' files count as the attempt's writes (None:
         # its start noted no HEAD, an attempt started by an older aipm).
         in_commits = commit[2] if commit else set() if rec.head else None
+        outside: list[str] = []
         escaped: list[str] = []  # of those, written in the main tree by a worktree task
         try:
-            outside, escaped = self._scope_findings(rec, in_commits) if ok and not decided else ([], [])
+            if ok and not decided:
+                outside, escaped = audit.findings(self.rt, self.settings, rec, in_commits)
         except workspace.NotCaptured as exc:  # no review can judge what is not captured: a failed try
             append_log(rec.log, str(exc))
             return self._edited(rec, edited, event, self._write(task, {**after_work(
@@ -286,30 +287,11 @@ class Recording(Reviewing):
             outside, message = [], str(exc)
         if outside:
             # Writing outside target_files fails the review, whatever the reviewer would say.
-            # Said to the next attempt too (its prompt): a person or another process may have made the change,
-            # and an agent told it wrote a file it never touched could undo that person's work.
-            message = ("scope audit: changed outside target_files while this attempt ran: " + ", ".join(outside)
-                       + "; if you changed them, undo that and keep to target_files; if you did not, leave them as "
-                       "they are")
-            for target in files_above(outside, rec.targets):  # `gen` for the directory the task makes
-                message += (f"; {target} is a file target, not a directory (it did not exist when the attempt "
-                            f"started): write `{target}/` in target_files to cover everything below it")
-            if escaped:
-                message += (f"; {', '.join(escaped)} changed in the main tree, outside this task's worktree: a "
-                            "worktree task writes only in its worktree (its changes reach the main tree by its "
-                            "merge), never by a path that leads out of it")
-            if rec.workspace:  # its worktree goes when the next attempt starts: say where the work is kept
-                message += ("; nothing of this attempt was merged; its changes are kept in "
-                            f"{workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial)}"
-                            + "".join(f"; {note}" for note in workspace.stashed(self.rt.root, rec)))
+            message = audit.feedback(self.rt.root, rec, outside, escaped)
             event["scope"] = outside
-            if not rec.workspace:  # in the shared tree a person's edit meanwhile is charged too: say what to do
-                event["hint"] = ("aipm cannot tell who wrote them: if you edited them yourself during the attempt, "
-                                 "list them in scope_ignore (aipm.yaml), or run such tasks with workspace: worktree")
-            elif escaped:  # so is one in the main tree while a worktree task runs unconfined
-                event["hint"] = ("aipm cannot tell who wrote them in the main tree: if you edited them yourself "
-                                 "during the attempt, list them in scope_ignore (aipm.yaml), or run such tasks with "
-                                 "confine: true, which keeps their workers out of the main tree")
+            hint = audit.hint(rec, escaped)
+            if hint:
+                event["hint"] = hint
         reviewing = not decided and review_command(task, self.settings, self.launcher.options.no_review) is not None
         if ok and not message and not reviewing:
             message = self._merge_back(rec, task, event)
@@ -370,44 +352,6 @@ class Recording(Reviewing):
         """Before taking the launch lock for an attempt that ended: read its usage (agents.read_ahead)."""
         if rec.phase == "work":
             agents.read_ahead(rec.agent, rec.log, rec.metered)
-
-    def _scope_findings(self, rec: Record, in_commits: set[str] | None) -> tuple[list[str], list[str]]:
-        """(out of scope, those of them written in the main tree by a worktree task). Out of scope: the paths the
-        worker changed or committed (`in_commits`, see scope.findings) that neither it nor any task running
-        alongside it may write; a worktree task's: what it changed outside its own targets in its worktree,
-        exactly, and what the main tree's audit finds, as for a task in the shared tree."""
-        tree = self._tree_findings(rec, in_commits)
-        if not rec.workspace:
-            return tree, []
-        return sorted(set(workspace.outside_targets(self.rt.root, rec)) | set(tree)), tree
-
-    def _tree_findings(self, rec: Record, in_commits: set[str] | None) -> list[str]:
-        """The project tree's audit of the attempt (none when none began for it: scope.findings). What aipm's
-        processes print into the tree is no worker's write: this run's output, and that of the other aipm
-        processes of the project whose attempts ran meanwhile (another `aipm run ORD2 > run2.log`): the live ones'
-        by their records, the ended ones' by their notes (writtenlog.outputs_since)."""
-        seen: dict = {}
-
-        def allowed(since_ns: int) -> list[str]:
-            others = seen["others"] = self.rt.records()
-            seen["since"] = since_ns
-            # aipm writes the task files of the orders that run (and people edit them meanwhile): those files,
-            # not their whole directory (an order at the root allowed every path). Orders whose attempts ended
-            # meanwhile are in the written log.
-            task_files = [f for d in {r.order_dir for r in [rec, *others]}
-                          for f in writtenlog.order_files(self.rt.root, d)]
-            return [*rec.targets, *rec.scope_allowed, *(t for r in others for t in r.targets), *task_files,
-                    *self.settings.scope_ignore,
-                    *writtenlog.written_since(self.rt, since_ns)]
-
-        found = scope.findings(self.rt.root, rec.scope_file, allowed, in_commits, rec.scope_since)
-        if not found:
-            return found
-        others = seen.get("others", [])
-        noted = [*rec.own_output, *(entry for r in others for entry in r.own_output),
-                 *writtenlog.outputs_since(self.rt, seen.get("since", rec.scope_since))]
-        return ownoutput.not_own_output(self.rt.root, found, noted, {r.owner_pid for r in others if r.owner_alive()},
-                                        {r.pid for r in others if r.pid})
 
     def _note(self, task: Task) -> None:
         if self.view is not None:
