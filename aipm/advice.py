@@ -94,6 +94,8 @@ def _is_file(entry: os.DirEntry) -> bool:
 def _not_a_file(entry: os.DirEntry) -> str:
     """What a `*.yaml` entry is when it is no regular file (as the loader skips it), else ''."""
     try:
+        if entry.is_file(follow_symlinks=False):
+            return ""  # (the directory's listing says so: no stat per task file of a big order)
         st = os.stat(entry.path)
     except FileNotFoundError:
         return "a link to nothing" if entry.is_symlink() else ""

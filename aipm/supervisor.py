@@ -269,7 +269,7 @@ class Supervisor(Stopping, Recording, Owner):
         notify.reap()  # an ended notify command is no stray, but a zombie of ours until collected
         ours = {r.pid for r in self.owned.values() if r.pid} | scope.running_pids()  # git of a prefetch
         adopted = rec is not None and rec.key in self.adopted
-        if not adopted and all(pid in ours for pid in subreaper.children(os.getpid())):
+        if not adopted and all(pid in ours for pid in subreaper.adopted_below()):
             return  # the usual case: nothing left its worker
         known = ours | self.launcher.detached | {p for r in self.rt.records() for p in (r.pid, r.owner_pid) if p}
         alone = rec is None or all(key == rec.key for key in self.owned)
