@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from aipm import agents, budget, outcome, recovery, subreaper
+from aipm import agents, budget, lostreviews, outcome, recovery, subreaper
 from aipm.errors import UserError
 from aipm.finish import attempt_limit, rework_limit
 from aipm.launcher import Launcher
@@ -55,7 +55,7 @@ def as_seen(order: Order, root: Path) -> Order:
     as the contract has it, though its file says IN_PROGRESS or IN_REVIEW until a recovery writes it. A reader
     writes nothing: it shows the task so, with the reason and what to do (LOST, ENDED), and the file stays as it
     is. A review stopped or lost without a verdict is no lost worker: the task stays IN_REVIEW, its work kept,
-    and the reason says that its review runs again (recovery.review_pending), as `run` said when it stopped it."""
+    and the reason says that its review runs again (lostreviews.review_pending), as `run` said when it stopped it."""
     running = [t for t in order.tasks.values() if t.status in RUNNING]
     if not running:
         return order  # the common case: no record is read
@@ -68,7 +68,7 @@ def as_seen(order: Order, root: Path) -> Order:
         now = [t for t in (_reload(t, root) for t in running) if t is not None and t.status in RUNNING]
         seen = {}
         for task, rec in _gone(rt, order.id, now):
-            again = recovery.review_pending(task, rec) if rec is not None else ""
+            again = lostreviews.review_pending(task, rec) if rec is not None else ""
             if again:
                 seen[task.id] = replace(task, reason=again)
             else:

@@ -18,7 +18,7 @@ no event of claude's in its log never began a session and spent nothing (agents.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from aipm.model import Order, Task
@@ -164,6 +164,26 @@ def held(order: Order, records: Iterable[Record]) -> float:
     """What the order's attempts still at work may spend: their caps (an ended attempt's cost is recorded)."""
     return round(sum(r.cost_cap for r in records if r.order == order.id and r.phase == "work"
                      and r.cost_cap is not None), 6)
+
+
+def attempt_caps(tasks: list[Task], spend: Budget | None, together: int, capped: Callable[[Task], bool]
+                 ) -> dict[str, float | None]:
+    """Each starting attempt's spending cap: the task's own `max_cost_usd`, and under an order budget no more than
+    its share (Budget.split) of what is available, split among the `together` capped attempts the plan would start
+    now (those starting on this reading among them). None for tasks whose agents take no cap (`capped` says which:
+    their spending is known only once recorded); 0 for those that wait: beyond the attempts the budget can give a
+    share (the first ones in the plan's order get one)."""
+    takers = [t for t in tasks if capped(t)]
+    caps: dict[str, float | None] = {t.id: None for t in tasks}
+    if spend is None:
+        caps.update((t.id, task_left(t)) for t in takers)
+        return caps
+    owns = [task_left(t) for t in takers]
+    # The plan would start `together` of them (this reading's starts among them): each is given its share as if
+    # those it waits for started with it, so a ramp's one start does not take what the others will need.
+    shares = spend.split(owns + [None] * max(0, together - len(takers)))
+    caps.update((t.id, share) for t, share in zip(takers, shares))
+    return caps
 
 
 def of(order: Order, default_limit: float | None, records: Iterable[Record] = ()) -> Budget | None:

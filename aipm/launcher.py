@@ -13,14 +13,14 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 from aipm import agents, durable, holds, locks, recovery, scope, subreaper
-from aipm.budget import Budget, of as order_budget, task_left
+from aipm.budget import Budget, attempt_caps, of as order_budget
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
 from aipm.plan import LIMIT, Busy, ForeignLock, Plan, plan
 from aipm.project import Project
-from aipm.capacity import Capacity, Refusals, fit
+from aipm.capacity import Refusals, fit
 from aipm.demand import Demands
-from aipm.resources import RAMP_DELAY, RAMP_FROM_PERCENT, ResourceMonitor, get_system_info, starts_now
+from aipm.resources import RAMP_DELAY, RAMP_FROM_PERCENT, ResourceMonitor, machine_capacity, starts_now
 from aipm.record import Record, live_pid
 from aipm.runtime import Runtime
 from aipm.settings import Settings
@@ -245,7 +245,7 @@ class Launcher(Starter):
             ids = chosen(view.ready_ordering(below))
             options = dict(explain=False, running=view.running, budget=spend, outside=outside,
                            released={key.split("/", 1)[1] for key in released if key.startswith(f"{order.id}/")})
-        refused = Refusals(order.tasks, _capacity) if self.settings.runner == "local" else {}
+        refused = Refusals(order.tasks, machine_capacity) if self.settings.runner == "local" else {}
         slots = free
         while True:
             result = plan(counted, busy, live, slots, ids, refused=refused, **options)
@@ -284,7 +284,8 @@ class Launcher(Starter):
             self.demands.publish(order.id, waiting, self.settings.max_workers)
         started: list[tuple[Task, Starting]] = []
         again = False
-        caps = self._caps([counted.tasks[t.id] for t in wanted[:budget]], spend, together)
+        caps = attempt_caps([counted.tasks[t.id] for t in wanted[:budget]], spend, together,
+                            lambda t: agents.caps_cost(agent_for(t, self.settings)))
         unfunded = [t for t in wanted[:budget] if caps[t.id] == 0]
         if unfunded:  # (they wait for the caps just given too: the budget was read before)
             given = replace(spend, held=round(spend.held + sum(c for c in caps.values() if c), 6))
@@ -360,24 +361,6 @@ class Launcher(Starter):
         return spend and replace(spend, costless=frozenset(
             t.id for t in order.tasks.values() if not agents.reports_cost(agent_for(t, self.settings))))
 
-    def _caps(self, tasks: list[Task], spend: Budget | None, together: int) -> dict[str, float | None]:
-        """Each starting attempt's spending cap: the task's own `max_cost_usd`, and under an order budget no more
-        than its share (Budget.split) of what is available, split among the `together` capped attempts the plan
-        would start now (those starting on this reading among them). None for agents that take no cap (their
-        spending is known only once recorded); 0 for those that wait: beyond the attempts the budget can give a
-        share (the first ones in the plan's order get one)."""
-        capped = [t for t in tasks if agents.caps_cost(agent_for(t, self.settings))]
-        caps: dict[str, float | None] = {t.id: None for t in tasks}
-        if spend is None:
-            caps.update((t.id, task_left(t)) for t in capped)
-            return caps
-        owns = [task_left(t) for t in capped]
-        # The plan would start `together` of them (this reading's starts among them): each is given its share as if
-        # those it waits for started with it, so a ramp's one start does not take what the others will need.
-        shares = spend.split(owns + [None] * max(0, together - len(capped)))
-        caps.update((t.id, share) for t, share in zip(capped, shares))
-        return caps
-
     def launch_ramped(self, view: OrderView) -> LaunchReport:
         """launch() with detached owners, repeated while the ramp-up holds starts back for a fresh reading.
 
@@ -403,20 +386,14 @@ class Launcher(Starter):
         needing one, each CPU going to the next of them as it freed."""
         live = [r for r in records if r.alive()]
         used_cpus, used_memory = sum(r.cpus for r in live), sum(r.memory_mb for r in live)
-        start, waiting, _ = fit(tasks, _capacity(), used_cpus, used_memory,  # (the plan left out the refused)
+        start, waiting, _ = fit(tasks, machine_capacity(), used_cpus, used_memory,  # (the plan left out the refused)
                                 self.demands.needs_ahead(order_id))
         return start, waiting
 
     def refused_here(self, tasks: Iterable[Task]) -> dict[str, str]:
         """Id → why, of the tasks the local runner refuses whatever runs: they declare more than this machine has."""
         asking = [t for t in tasks if t.resources] if self.settings.runner == "local" else []
-        return fit(asking, _capacity(), 0.0, 0)[2] if asking else {}
-
-
-def _capacity() -> Capacity:
-    info = get_system_info()
-    memory = info["memory_total"]
-    return Capacity(info["usable_cpus"], memory // (1024 * 1024) if memory is not None else None)
+        return fit(asking, machine_capacity(), 0.0, 0)[2] if asking else {}
 
 
 _now = time.monotonic

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from aipm.capacity import Capacity
 from aipm.errors import SettingsError
 
 _PSUTIL: list = []  # [psutil or None], once imported
@@ -336,6 +337,13 @@ class ResourceMonitor:
         """get_recommended_worker_count for a reading already taken."""
         return min(recommended_workers(status.cpu_percent, self.max_cpu_percent, max_workers),
                    recommended_workers(status.memory_percent, self.max_memory_percent, max_workers))
+
+
+def machine_capacity() -> Capacity:
+    """What this machine has for tasks that declare `resources:` (capacity.py): its usable CPUs, its memory in MB."""
+    info = get_system_info()
+    memory = info["memory_total"]
+    return Capacity(info["usable_cpus"], memory // (1024 * 1024) if memory is not None else None)
 
 
 def get_system_info(cgroup_dir: Path | None = DEFAULT_CGROUP_DIR) -> dict[str, Any]:

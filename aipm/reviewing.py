@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from aipm import outcome, recovery, runner, spending, workspace
+from aipm import lostreviews, outcome, runner, spending, workspace
 from aipm.finish import after_review, rejects, review_command, time_limit
 from aipm.model import Status, Task
 from aipm.record import Record
@@ -26,13 +26,13 @@ class Reviewing:
 
     def _review_again(self, rec: Record, task: Task, event: dict) -> dict:
         """Run the review of this attempt again: its work is done and paid for, only the verdict is missing. Where
-        the work can no longer be reviewed (recovery.cannot_review), the attempt is re-queued as before; with no
+        the work can no longer be reviewed (lostreviews.cannot_review), the attempt is re-queued as before; with no
         review command now (`--no-review`), the kept work ends as it would have without review. What the stopped
         or lost reviewer reported it cost counts first, as a stopped attempt's does."""
         spent = spending.settle_review(self.rt, rec, task)
         if spent:
             task = self._write(task, spent)
-        why = recovery.cannot_review(rec)
+        why = lostreviews.cannot_review(rec)
         if why:
             self._requeue(rec, rec.stopping or "review lost")
             return {"event": "interrupted", "requeued": [rec.task], "why": f"review: it cannot run again ({why})",
@@ -130,7 +130,7 @@ class Reviewing:
         if isinstance(command, tuple):
             command = list(command)
         env = environment(self.rt, rec, model_for(task, self.settings, self.launcher.options.model))
-        recovery.as_review(rec, task)
+        lostreviews.as_review(rec, task)
         review_log = str(Path(rec.log).with_suffix(".review.log"))
         try:
             os.unlink(rec.exit_file)

@@ -9,7 +9,7 @@ import os
 import time
 from contextlib import suppress
 
-from aipm import recovery, runner, spending
+from aipm import lostreviews, recovery, runner, spending
 from aipm.errors import UserError
 from aipm.model import RUNNING, Status
 from aipm.paths import as_path
@@ -69,14 +69,14 @@ class Stopping:
     def _leave_review(self, rec: Record, why: str) -> bool:
         """A stopped review: its attempt's work is done and paid for, so the task stays IN_REVIEW and its record
         (Record.stopping set, no owner) goes to the next `run`/`exec`/`recover`, which runs the review again. False
-        when it cannot be (recovery.cannot_review): then it is re-queued. Caller holds the launch lock."""
+        when it cannot be (lostreviews.cannot_review): then it is re-queued. Caller holds the launch lock."""
         try:
             task = load_task(as_path(rec.task_file), self.rt.root)
         except (UserError, OSError):
             return False
-        if not recovery.in_review(task, rec):
+        if not lostreviews.in_review(task, rec):
             return False
-        if recovery.cannot_review(rec, stopped=why):
+        if lostreviews.cannot_review(rec, stopped=why):
             return False
         spent = spending.settle_review(self.rt, rec, task)  # what the stopped reviewer reported (rec.review_read)
         if spent:

@@ -9,98 +9,27 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import functools
-import json
 import os
-import re
 import stat
 from collections.abc import Callable, Collection, Mapping
 from contextlib import suppress
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from aipm import durable, flatyaml
+from aipm import durable
 from aipm.errors import UserError, ValidationError
-from aipm.model import MANAGED_FIELDS, TRANSITIONS, Priority, Status, Task, evolve
-from aipm.patch import Unpatchable, patch
+from aipm.model import TRANSITIONS, Status, Task, evolve
+from aipm.patch import Unpatchable
+from aipm.rewriting import rewrite_proven
 from aipm.offthread import Synced
 from aipm.fields import managed_values
 from aipm.inodes import Stamp, exchange as swap, fill, stamp
 from aipm.spares import Pool, in_tree
-from aipm.store import DuplicateKey, Identity, load_yaml, parse_task, read_versioned, remember
+from aipm.store import Identity, parse_task, read_versioned, remember
 
 
 class StaleWrite(Exception):
     """The task file no longer holds what the caller expected (another process moved it on)."""
-
-
-def _render(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, (Status, Priority)):
-        return value.value
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        return money(value)
-    if isinstance(value, dict):  # token counts: a flow mapping keeps the value on its one line
-        return "{" + ", ".join(f"{k}: {_render(v)}" for k, v in value.items()) + "}"
-    # Timestamps are quoted so YAML keeps them strings. A character YAML cannot hold as it is (a control character)
-    # is escaped in a double-quoted string (JSON's is one): the file would not parse, and the write was refused.
-    text = str(value)
-    if (_UNPRINTABLE_ASCII if text.isascii() else _unprintable()).search(text):
-        return json.dumps(text)
-    return "'" + text.replace("'", "''") + "'"
-
-
-# (a line break too, \x85 and \u2028 included: the value must stay on its key's line)
-_UNPRINTABLE_ASCII = re.compile("[^\t\x20-\x7e]")
-
-
-@functools.cache
-def _unprintable() -> re.Pattern[str]:
-    """The same for any text; compiled when first needed: its classes take ~5 ms to compile, a start-up cost of
-    every aipm command, while the values aipm writes are nearly always ASCII."""
-    return re.compile("[^\t\x20-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
-
-
-def money(value: float) -> str:
-    """Dollars with at most six decimals and always a dot, so YAML reads a float back (`1e-05` is a string)."""
-    text = f"{round(value, 6):.6f}".rstrip("0")
-    return text + "0" if text.endswith(".") else text
-
-
-def rewrite(text: str, updates: Mapping[str, Any], old: Mapping[str, Any] | None = None) -> str:
-    """`text` with the managed fields in `updates` set (see aipm.patch), every other character kept.
-
-    The result is proven before it is returned: it must parse to the old mapping (`old`, when the caller parsed
-    it already) with exactly `updates` applied. Otherwise Unpatchable is raised and nothing may be written.
-    """
-    return _rewrite(text, updates, old)[0]
-
-
-def _rewrite(text: str, updates: Mapping[str, Any], old: Mapping[str, Any] | None) -> tuple[str, dict[str, Any]]:
-    """rewrite(), and the mapping the new text was proven to parse to."""
-    for key in updates:
-        if key not in MANAGED_FIELDS:
-            raise KeyError(f"{key} is not a field aipm writes")
-    new = patch(text, {key: _render(value) for key, value in updates.items()})
-    expected = dict(load_yaml(text) if old is None else old)
-    expected.update(updates)  # Status and Priority are str enums: equal to the strings they parse back to
-    try:
-        got = flatyaml.mapping(new)  # what libyaml reads, where the new text is in the flat form (flatyaml.py)
-        if got is None:
-            got = load_yaml(new)
-    except (yaml.YAMLError, DuplicateKey, Unpatchable) as exc:
-        raise Unpatchable(next(iter(updates), None), f"the edited file would not parse ({exc})") from None
-    if got != expected:
-        wrong = sorted(str(k) for k in {*expected, *got} if k not in got or k not in expected or got[k] != expected[k])
-        raise Unpatchable(wrong[0] if wrong else None, "the edited file would not hold the same data")
-    return new, got
 
 
 def atomic_write(path: Path, text: str, identity: Identity | None = None, spares: Pool | None = None) -> bool:
@@ -264,7 +193,7 @@ def update_task(
         if not _allowed(current, new_status):
             raise StaleWrite(f"{current.id}: {current.status} → {new_status} is not allowed")
         try:
-            new_text, new_data = _rewrite(text, changes, data)
+            new_text, new_data = rewrite_proven(text, changes, data)
         except Unpatchable as exc:
             raise ValidationError(str(path), exc.key, f"aipm cannot write this field here ({exc.reason}); "
                                   f"write it as a plain `{exc.key or 'status'}: VALUE` line") from None
@@ -354,7 +283,7 @@ def prepare(path: Path, updates: Callable[[Task], Mapping[str, Any]], expect: St
         changes = dict(updates(current))
         if (expect is not None and current.status != expect) or not _allowed(current, changes.get("status")):
             return
-        new_text, new_data = _rewrite(text, changes, data)
+        new_text, new_data = rewrite_proven(text, changes, data)
         if new_text == text:
             return
         written = spares.write_ahead(new_text.encode("utf-8"), info.st_mode & 0o7777, str(path.parent))

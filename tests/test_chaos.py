@@ -800,7 +800,8 @@ def _big_task(order: Path, journal: Path) -> Path:
 def _sizes(text: str) -> tuple[int, int]:
     """Bytes of the task file after the IN_PROGRESS write, and after the DONE write."""
     from aipm.model import Status
-    from aipm.writer import now, rewrite
+    from aipm.rewriting import rewrite
+    from aipm.writer import now
 
     started = rewrite(text, {"status": Status.IN_PROGRESS, "attempts": 1, "started_at": now(),
                              "finished_at": None, "exit_code": None})

@@ -153,7 +153,7 @@ def test_an_outcome_written_in_part_adds_the_attempts_usage_once(project, full_s
     """A's agent reported $0.25 and 15 tokens; IN_REVIEW was written with them, its reviewer's record could not be.
     The next run restored IN_PROGRESS (the reviewer never ran) and added the usage again: $0.50 and 30 tokens for
     one attempt (a SIGKILL of the owner between those two writes did the same), as the attempt's start had no cost
-    to put back. Now its review runs (recovery.review_unrecorded) and the usage stays counted once."""
+    to put back. Now its review runs (lostreviews.review_unrecorded) and the usage stays counted once."""
     gate = tmp_path_factory.mktemp("outside") / "gate"  # outside the project: opening it is no change of A's
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     path = write_task(project.order(), "A", prompt=f"@cost 0.25\n@wait-for {gate}", target_files=["a.txt"],

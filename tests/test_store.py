@@ -8,7 +8,8 @@ from aipm.errors import ValidationError
 from aipm.model import Status
 from aipm.paths import Target
 from aipm.store import load_order, load_task
-from aipm.writer import StaleWrite, rewrite, update_task
+from aipm.rewriting import rewrite
+from aipm.writer import StaleWrite, update_task
 
 COMMENTED = """\
 # A task with comments everywhere

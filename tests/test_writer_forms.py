@@ -14,7 +14,8 @@ from aipm.errors import ValidationError
 from aipm.model import MANAGED_FIELDS, Status
 from aipm.fields import task_from_mapping
 from aipm.store import load_task, load_yaml, parse_mapping
-from aipm.writer import rewrite, update_task
+from aipm.rewriting import rewrite
+from aipm.writer import update_task
 
 START = {"status": Status.IN_PROGRESS, "attempts": 1, "started_at": "2026-12-01T10:00:00+00:00",
          "finished_at": None, "exit_code": None}

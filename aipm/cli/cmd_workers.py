@@ -17,7 +17,7 @@ from aipm.cluster import is_attempt
 from aipm.cli.common import JsonOpt, copy_out, get_project, json_option, print_json, print_json_text
 from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
-from aipm import logbook, recovery, steering, subreaper
+from aipm import logbook, lostreviews, recovery, steering, subreaper
 from aipm.launcher import Launcher, Options
 from aipm.locks import node_file
 from aipm.paths import lock_node, normalize
@@ -74,9 +74,9 @@ def _worker_info(rec, root: Path) -> dict:
 
 def _review_pending(rec, root: Path) -> bool:
     """A review stopped (Ctrl-C) or lost without a verdict: no process, but nothing stale either (the task stays
-    IN_REVIEW and the next run runs the review again), as `status` says (recovery.review_pending)."""
+    IN_REVIEW and the next run runs the review again), as `status` says (lostreviews.review_pending)."""
     try:
-        return bool(recovery.review_pending(load_task(rec.task_file, root), rec))
+        return bool(lostreviews.review_pending(load_task(rec.task_file, root), rec))
     except (UserError, OSError):
         return False
 
