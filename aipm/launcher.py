@@ -138,11 +138,10 @@ class Launcher(Starter):
         """
         kept = []
         for rec in self.runtime.records():
-            if recovery.left_behind(rec, self.runtime):
-                if not self.options.dry_run:
-                    recovery.forget(self.runtime, rec)
-                continue
-            kept.append(rec)
+            if not recovery.left_behind(rec, self.runtime):
+                kept.append(rec)
+            elif not self.options.dry_run:
+                recovery.forget(self.runtime, rec)
         return kept
 
     def start_budget(self, live_workers: int) -> tuple[int, str, str]:
