@@ -10,7 +10,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from aipm import ownoutput
@@ -133,12 +133,8 @@ def written_since(rt: Runtime, since_ns: int) -> list[Target]:
     orders' task files, and the files a merge wrote, each exactly (its `*`, `?`, `[`, blanks and backslashes are
     the name's)."""
     found: list[Target] = []
-    for line in _lines(rt.state / WRITTEN_LOG):
-        stamp, _, noted = line.partition(" ")
+    for entry in _entries_since(rt, since_ns):
         try:
-            if int(stamp) < since_ns:
-                continue
-            entry = json.loads(noted)
             if not isinstance(entry, dict):  # (a list of targets; anything else, a worker's, fails below)
                 entry = {"targets": entry}
             for raw in entry.get("targets", ()):
@@ -156,14 +152,7 @@ def outputs_since(rt: Runtime, since_ns: int) -> list[list]:
     """The output files of the aipm processes that noted something at or after `since_ns` (see _note), as
     ownoutput.not_own_output takes them: [path, device, inode]."""
     found: list[list] = []
-    for line in _lines(rt.state / WRITTEN_LOG):
-        stamp, _, noted = line.partition(" ")
-        try:
-            if int(stamp) < since_ns:
-                continue
-            entry = json.loads(noted)
-        except ValueError:
-            continue
+    for entry in _entries_since(rt, since_ns):
         output = entry.get("output") if isinstance(entry, dict) else None
         for item in output if isinstance(output, list) else ():
             # (exactly what files() notes: anything else is no note of ours, the state directory is in reach)
@@ -171,6 +160,17 @@ def outputs_since(rt: Runtime, since_ns: int) -> list[list]:
                     and all(type(n) is int for n in item[1:]) and item not in found):
                 found.append(item)
     return found
+
+
+def _entries_since(rt: Runtime, since_ns: int) -> Iterator[object]:
+    """The notes (parsed JSON) made at or after `since_ns`; a line that is no JSON is skipped."""
+    for line in _lines(rt.state / WRITTEN_LOG):
+        stamp, _, noted = line.partition(" ")
+        try:
+            if int(stamp) >= since_ns:
+                yield json.loads(noted)
+        except ValueError:
+            continue
 
 
 def _lines(log: Path) -> list[str]:
