@@ -29,8 +29,8 @@ def findings(rt: Runtime, settings: Settings, rec: Record, in_commits: set[str] 
 def _tree_findings(rt: Runtime, settings: Settings, rec: Record, in_commits: set[str] | None) -> list[str]:
     """The project tree's audit of the attempt (none when none began for it: scope.findings). What aipm's processes
     print into the tree is no worker's write: this run's output, and that of the other aipm processes of the
-    project whose attempts ran meanwhile (another `aipm run ORD2 > run2.log`): the live ones' by their records, the
-    ended ones' by their notes (writtenlog.outputs_since)."""
+    project whose attempts ran meanwhile (another `aipm run ORD2 > run2.log`): the live ones' by what their sessions
+    hold open for writing, the ended ones' by their notes (writtenlog.outputs_since)."""
     seen: dict = {}
 
     def allowed(since_ns: int) -> list:
@@ -47,8 +47,10 @@ def _tree_findings(rt: Runtime, settings: Settings, rec: Record, in_commits: set
     if not found:
         return found
     others = seen.get("others", [])
-    noted = [*rec.own_output, *(entry for r in others for entry in r.own_output),
-             *writtenlog.outputs_since(rt, seen.get("since", rec.scope_since))]
+    # (not the other records' own_output: it keeps the output of every owner an attempt had, a killed run's too,
+    # which no one writes but a worker now; a live owner's output is found by its session, an ended one's by its
+    # notes made in the window)
+    noted = [*rec.own_output, *writtenlog.outputs_since(rt, seen.get("since", rec.scope_since))]
     return ownoutput.not_own_output(rt.root, found, noted, {r.owner_pid for r in others if r.owner_alive()},
                                     {r.pid for r in others if r.pid})
 

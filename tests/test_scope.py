@@ -461,6 +461,39 @@ def test_the_written_log_is_cut_to_what_an_audit_in_flight_may_need(tmp_path, mo
     assert list(map(str, writtenlog.written_since(rt, 0))) == noted  # the 100 old lines were cut
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_a_killed_runs_output_is_charged_to_another_orders_worker_that_writes_it(tmp_path):
+    """`aipm run O1 > run.log`, killed (SIGKILL) while its worker runs on: its record still notes run.log as its
+    owner's output, but no aipm writes it any more. A worker of another run that appends to it is charged (it was
+    excused by that record's note, whoever the audited attempt was)."""
+    import signal
+
+    root = tmp_path / "repo"
+    gate = tmp_path / "gate"  # outside the tree: no write of the test's is audited
+    root.mkdir()
+    (root / "aipm.yaml").write_text("max_rework: 0\n")
+    write_task(root / "orders" / "O1", "T", command=f"until [ -e {shlex.quote(str(gate))} ]; do sleep 0.02; done",
+               target_files=["t.txt"])
+    write_task(root / "orders" / "O2", "U", command="echo u >> run.log; echo u > u.txt", target_files=["u.txt"])
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    aipm = [sys.executable, "-m", "aipm", "--root", str(root), "run"]
+    try:
+        with open(root / "run.log", "w") as out:
+            first = subprocess.Popen([*aipm, "O1", "--no-resource-monitoring"], stdout=out, stderr=subprocess.STDOUT,
+                                     cwd=root, start_new_session=True)
+        wait_for(lambda: "start    T" in (root / "run.log").read_text(), timeout=60)
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        assert "run.log" in (state(root) / "workers" / "O1" / "T.json").read_text()  # its owner's output, noted
+        second = subprocess.run([*aipm, "O2", "--no-resource-monitoring"], capture_output=True, text=True, cwd=root,
+                                timeout=120, start_new_session=True)
+        assert "scope: wrote run.log" in second.stdout, second.stdout + second.stderr
+        assert task_statuses(root / "orders" / "O2") == {"U": "REJECTED"}
+    finally:
+        gate.touch()
+
+
 def test_only_output_notes_as_aipm_writes_them_excuse_a_file(tmp_path):
     """outputs_since takes what _note wrote ([path, device, inode] lists, at or after the time asked) and nothing
     a worker could leave in the state directory's log in another shape."""
@@ -477,8 +510,11 @@ def test_only_output_notes_as_aipm_writes_them_excuse_a_file(tmp_path):
     lines = [(now - 10, {"output": [["old.log", 1, 2]]}), (now, {"output": [["run2.log", 3, 4], ["run2.log", 3, 4]]}),
              (now, {"output": [["a.log", "3", 4], ["b.log", 3], "c.log", ["d.log", 3, 4.0], [5, 3, 4]]}),
              (now, {"output": "e.log"}), (now, [["f.log", 3, 4]]), (now, {"targets": ["g.txt"]})]
-    (rt.state / writtenlog.WRITTEN_LOG).write_text("".join(f"{t} {json.dumps(e)}\n" for t, e in lines) + "x y\n")
+    deep = f"{now} {'[' * 200_000}\n"  # deeper than the JSON parser goes: a RecursionError, not a note
+    text = "".join(f"{t} {json.dumps(e)}\n" for t, e in lines) + "x y\n" + deep
+    (rt.state / writtenlog.WRITTEN_LOG).write_text(text)
     assert writtenlog.outputs_since(rt, now) == [["run2.log", 3, 4]]
+    assert "g.txt" in [str(t) for t in writtenlog.written_since(rt, now)]  # (read past the deep line too)
     assert writtenlog.outputs_since(rt, 0) == [["old.log", 1, 2], ["run2.log", 3, 4]]
 
 
