@@ -494,6 +494,31 @@ def test_a_killed_runs_output_is_charged_to_another_orders_worker_that_writes_it
         gate.touch()
 
 
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("command", ["run", "exec"])
+def test_a_runs_output_is_noted_after_its_last_line(tmp_path, command):
+    """Other runs' audits excuse a run's output file by its notes made in their windows (writtenlog.outputs_since):
+    its last note must come after its last line, or a window opened in between saw run2.log change with no
+    note (the note was made at the end of the loop, before the closing lines)."""
+    from aipm.statedir import state_dir
+    from aipm.writtenlog import WRITTEN_LOG
+
+    root = tmp_path / "repo"
+    root.mkdir()
+    write_task(root / "orders" / "O2", "B", command="echo b > b.txt", target_files=["b.txt"])
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    with open(root / "run2.log", "w") as out:
+        subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), command,
+                        "O2" if command == "run" else "B", "--no-resource-monitoring"], stdout=out,
+                       stderr=subprocess.STDOUT, cwd=root, timeout=120, check=True)
+    said = (root / "run2.log").read_text()
+    assert "DONE" in said.splitlines()[-1], said  # (its closing line)
+    notes = [line.split(" ", 1) for line in (state_dir(root) / WRITTEN_LOG).read_text().splitlines()]
+    last = max(int(stamp) for stamp, note in notes if "run2.log" in json.loads(note).get("output", [[""]])[0][0])
+    assert last >= (root / "run2.log").stat().st_mtime_ns
+
+
 def test_only_output_notes_as_aipm_writes_them_excuse_a_file(tmp_path):
     """outputs_since takes what _note wrote ([path, device, inode] lists, at or after the time asked) and nothing
     a worker could leave in the state directory's log in another shape."""

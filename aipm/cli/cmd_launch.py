@@ -5,12 +5,13 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
 from aipm.cli.decl import Argument, Exit, Option, command
 
-from aipm import budget, parsecache, recovery
+from aipm import budget, parsecache, recovery, writtenlog
 from aipm.cluster import check, require_ray
 from aipm.errors import UserError
 from aipm.advice import stray_files, unenforced_budget, warnings
@@ -178,7 +179,17 @@ def run(
         display(summary)
     else:
         print(plain_line(summary), file=sys.stderr if code != 0 else sys.stdout)  # plain text: no rich needed
+    said_last(launcher)
     raise Exit(code)
+
+
+def said_last(launcher: Launcher) -> None:
+    """The run has printed its last line: its output files in the tree (`aipm run > run.log`) are noted for the
+    audits of other runs in flight, whose windows its last lines may fall in (writtenlog.note_output)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with suppress(OSError), launcher.runtime.launch_lock():
+        writtenlog.note_output(launcher.runtime)
 
 
 def _never_run(order: Order) -> None:
@@ -275,6 +286,15 @@ def exec_(
     display = Display("json" if json_out else "plain", view)
     before = view.order.tasks[task_id]
     code = supervise(launcher, view, display, only=task_id, detach_others=parallel)
+    try:
+        _exec_end(launcher, view, display, order_dir, task_id, before, code, json_out)
+    finally:
+        said_last(launcher)
+
+
+def _exec_end(launcher: Launcher, view: OrderView, display: Display, order_dir: Path, task_id: str, before: Task,
+              code: int, json_out: bool) -> None:
+    """exec's closing lines, and its exit code (Exit)."""
     final = view.refresh().tasks.get(task_id)
     # Its file was deleted while it waited, or while it ran (the view keeps that task's last valid version while
     # its outcome is held, said above): nothing to show but that.
