@@ -217,3 +217,38 @@ def test_an_attempt_git_cannot_capture_is_kept_whole(repo, ending):
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert f"./: the whole worktree, as git cannot capture its changes; moved out of the worktree, whole, into {rest}" \
         in log, log
+
+
+def test_what_a_worker_made_read_only_is_moved_to_the_rest_by_a_rename_never_a_copy(tmp_path):
+    """Moving a kept path out of a worktree was shutil.move: where the rename is refused (a directory its worker
+    made read-only cannot change parents, for anyone but root) it copied instead, writing out a sparse file's
+    holes (a 1 TiB `truncate -s` filled the disk), and then could not remove the source. Now a rename alone, the
+    directory made writable for it and given its mode back. Where the test runs as root, the move runs without
+    the capability that lets root rename whatever the modes say (setpriv)."""
+    import shutil
+
+    top = tmp_path / "top"
+    (top / "wt" / "build").mkdir(parents=True)
+    (top / "rest").mkdir()
+    with open(top / "wt" / "build" / "big.bin", "wb") as big:
+        big.truncate(1 << 40)
+    (top / "wt" / "build").chmod(0o555)
+    prefix = []
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("root, and no setpriv to run the move without CAP_DAC_OVERRIDE")
+        prefix = ["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search,-fowner", "--"]
+    code = ("import sys; from pathlib import Path; from aipm.workspace.kept import _move; "
+            "_move(Path(sys.argv[1]) / 'wt' / 'build', Path(sys.argv[1]) / 'rest' / 'build')")
+    try:
+        proc = subprocess.run([*prefix, sys.executable, "-c", code, str(top)], capture_output=True, text=True,
+                              timeout=60, env=dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1])))
+        assert proc.returncode == 0, proc.stderr
+        moved = top / "rest" / "build"
+        assert not (top / "wt" / "build").exists() and (moved / "big.bin").stat().st_size == 1 << 40
+        assert (moved / "big.bin").stat().st_blocks < 64  # still sparse: renamed, not copied
+        assert moved.stat().st_mode & 0o777 == 0o555  # its mode given back
+    finally:
+        for path in (top / "wt" / "build", top / "rest" / "build"):
+            if path.is_dir():
+                path.chmod(0o755)

@@ -116,7 +116,7 @@ def keep(root: Path, rec: Record) -> str:
         ignored = dict.fromkeys(_ignored_in_targets(repo, rec), _IGNORED)
     except WorkspaceError as exc:
         ignored, notes = {}, [*notes, f"ignored files in its targets could not be listed, nor kept: {exc}"]
-    keep_rest(root, rec.order, rec.task, rec.serial, Path(rec.workspace), ignored)
+    keep_rest(root, rec.order, rec.task, rec.serial, Path(rec.workspace), ignored, held=False)
     left_out.update(ignored)
     rest = kept_rest(root, rec)
     also = f"; {left_out_note(left_out)}" if left_out else f"; what no patch can hold is kept in {rest}" if rest else ""
@@ -337,7 +337,7 @@ def _keep_ignored(root: Path, repo: Repo, rec: Record) -> list[str]:
         return [f"ignored files in its targets could not be listed, nor kept: {exc}"]
     if not left:
         return []
-    keep_rest(root, rec.order, rec.task, rec.serial, Path(rec.workspace), left)
+    keep_rest(root, rec.order, rec.task, rec.serial, Path(rec.workspace), left, held=False)
     return [left_out_note(left)]
 
 

@@ -7,7 +7,7 @@ names the patch names the rest too.
 from __future__ import annotations
 
 import os
-import shutil
+import stat
 from pathlib import Path
 
 from aipm.record import Record
@@ -51,10 +51,12 @@ def keep_whole(root: Path, rec: Record) -> str:
     return f"; {left_out_note(left_out)}"
 
 
-def keep_rest(root: Path, order: str, task: str, serial: int, tree: Path, left_out: dict[str, str]) -> None:
+def keep_rest(root: Path, order: str, task: str, serial: int, tree: Path, left_out: dict[str, str],
+              held: bool = True) -> None:
     """Move what no patch can hold (`left_out`: a repository with its .git, so its commits and its uncommitted edits
     too) out of the worktree to the attempt's rest, whole, before anything removes the worktree, its only copy;
-    each path's note in `left_out` then says where it is."""
+    each path's note in `left_out` then says where it is. `held`: the worktree is kept while one of them could
+    not be moved (keep_before_removal finds a repository again; ignored files it does not look for)."""
     rest = rest_path(root, order, task, serial)
     for path in left_out:
         name = "" if path == "./" else path.strip("/")  # ("./": the whole worktree, kept as the rest itself)
@@ -64,11 +66,34 @@ def keep_rest(root: Path, order: str, task: str, serial: int, tree: Path, left_o
             dest = rest / f"{name or 'worktree'}.{n}"
         try:
             make_own_dir(root, dest.parent)  # (the only copy of the work: not where a worker's link leads)
-            shutil.move(tree / path, dest)  # a rename: both are under .aipm/
+            _move(tree / path, dest)
         except OSError as exc:
-            left_out[path] += f"; {STAYS} ({exc}): it is only in {tree / path}, which is not removed while it is there"
+            left_out[path] += (f"; {STAYS} ({exc}): it is only in {tree / path}, which is not removed while it is "
+                               "there" if held else f"; {STAYS} ({exc}): it goes with the worktree")
         else:
             left_out[path] += f"; moved out of the worktree, whole, into {rest}"
+
+
+def _move(src: Path, dest: Path) -> None:
+    """A rename (both are under .aipm/, on one file system), never a copy: shutil.move's copy, where a rename is
+    refused, writes out a sparse file's holes (a worker's `truncate -s 1T`) and leaves the source when it cannot
+    remove it. A directory its worker made read-only (`chmod -w`, as some build tools leave their output) cannot
+    change parents: it is made writable for the rename, and given its mode back."""
+    try:
+        os.rename(src, dest)
+        return
+    except PermissionError:
+        info = os.lstat(src)
+        if not stat.S_ISDIR(info.st_mode) or info.st_mode & stat.S_IWUSR:
+            raise
+    mode = stat.S_IMODE(info.st_mode)
+    os.chmod(src, mode | stat.S_IWUSR)
+    try:
+        os.rename(src, dest)
+    except OSError:
+        os.chmod(src, mode)
+        raise
+    os.chmod(dest, mode)
 
 
 def left_out_note(left_out: dict[str, str]) -> str:
