@@ -70,7 +70,8 @@ def feedback(root: Path, rec: Record, outside: list[str], escaped: list[str]) ->
                     "leads out of it")
     if rec.workspace:  # its worktree goes when the next attempt starts: say where the work is kept
         message += ("; nothing of this attempt was merged; its changes are kept in "
-                    f"{workspace.patch_path(root, rec.order, rec.task, rec.serial)}"
+                    + workspace.kept_words(workspace.patch_path(root, rec.order, rec.task, rec.serial),
+                                           workspace.kept_rest(root, rec))
                     + "".join(f"; {note}" for note in workspace.stashed(root, rec)))
     return message
 

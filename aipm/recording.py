@@ -287,6 +287,9 @@ class Recording(Reviewing):
             outside, message = [], str(exc)
         if outside:
             # Writing outside target_files fails the review, whatever the reviewer would say.
+            if rec.workspace:  # sent back whole: its worktree goes when the next attempt starts
+                for note in workspace.keep_ignored(self.rt.root, rec):
+                    append_log(rec.log, note)
             message = audit.feedback(self.rt.root, rec, outside, escaped)
             event["scope"] = outside
             hint = audit.hint(rec, escaped)

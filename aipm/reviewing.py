@@ -78,6 +78,9 @@ class Reviewing:
         if code == 0:  # (its old feedback goes once it is COMPLETED: Recording._ended)
             reason = left_out(outcome.review_approved(), merged)
         else:
+            if rec.workspace:  # sent back whole: its worktree goes when the next attempt starts
+                for note in workspace.keep_ignored(self.rt.root, rec):
+                    append_log(rec.log, note)
             try:
                 output = read_end(review_log, FEEDBACK_BYTES)
             except OSError:

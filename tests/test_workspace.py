@@ -1563,6 +1563,30 @@ def test_ignored_files_a_task_writes_in_its_targets_are_named_as_not_merged(repo
     assert yaml.safe_load((project.order() / "S.yaml").read_text())["reason"] == "review approved"
 
 
+@pytest.mark.parametrize("how", ["review", "scope", "conflict"])
+def test_ignored_files_of_an_attempt_sent_back_whole_outlive_its_worktree(repo, how):
+    """An attempt sent back with nothing of it merged (its review says no, its scope audit finds a write outside
+    its targets, its merge conflicts): its worktree goes when the next attempt starts, and with it the ignored
+    files it wrote in its targets (only a failed attempt's were kept). Kept in its rest now, and named."""
+    (repo / ".gitignore").write_text(".env.local\n")
+    project = project_in(repo, config="workspace: worktree\nmax_rework: 0\n")
+    command = {"review": "echo B=2 > .env.local; echo T >> src/a.txt",
+               "scope": "echo B=2 > .env.local; echo T >> src/a.txt; echo x > outside.txt",
+               # the main tree's src/a.txt changes while it runs: its merge cannot combine the two
+               "conflict": "echo B=2 > .env.local; printf 'mine\\n' > src/a.txt; printf 'theirs\\n' > "
+                           f"{repo}/src/a.txt"}[how]
+    write_task(project.order(), "T", target_files=[".env.local", "src/a.txt"], command=command,
+               **({"review": "false"} if how == "review" else {}))
+    project.aipm("run", "ORD")
+    assert project.statuses() == {"T": "REJECTED"}
+    rest = repo / ".aipm/patches/ORD/T.1.rest"
+    assert (rest / ".env.local").read_text() == "B=2\n"
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert f".env.local: ignored by git, so in no patch; moved out of the worktree, whole, into {rest}" in log, log
+    if how != "review":  # the line that says where its changes are kept names the rest too
+        assert f"and what no patch can hold in {rest}" in log, log
+
+
 def test_a_sparse_terabyte_a_worker_leaves_as_an_ignored_file_in_its_targets_is_named_not_read(repo):
     """An ignored file the worktree holds in the task's targets is compared with the main tree's to say whether
     the merge leaves it behind: both were read whole, so a worker's `truncate -s 1T src/big.bin` was a MemoryError

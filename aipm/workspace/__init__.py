@@ -70,7 +70,8 @@ class MergeStopped(UserError):
 
 __all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED", "WORKTREE", "NOT_MERGED", "UNDONE",
            "STASHED", "kind", "prepare", "setup_of",
-           "directory", "with_setup", "after_setup", "outside_targets", "keep", "merge", "stashed", "decided",
+           "directory", "with_setup", "after_setup", "outside_targets", "keep", "keep_ignored", "merge", "stashed",
+           "decided",
            "note_pending_merge", "finished", "keep_before_removal", "remove", "sweep", "sweep_orphans", "prune", "diff",
            "kept_patch", "kept_rest", "kept_words"]
 
@@ -287,8 +288,9 @@ def stashed(root: Path, rec: Record) -> list[str]:
 
 def _kept(root: Path, rec: Record, conflict: Conflict) -> Conflict:
     """The conflict, saying where the attempt's changes are kept (its worktree goes with the next attempt)."""
+    ignored = keep_ignored(root, rec)  # (first: the rest it names holds them then)
     kept = kept_words(patch_path(root, rec.order, rec.task, rec.serial), kept_rest(root, rec))
-    also = "".join(f"\n{note}" for note in stashed(root, rec))
+    also = "".join(f"\n{note}" for note in [*ignored, *stashed(root, rec)])
     return Conflict(f"{conflict}\nThis attempt's changes are kept in {kept}; the next attempt starts from the main "
                     f"tree as it is now.{also}", conflict.paths, conflict.main_tree)
 
@@ -327,12 +329,23 @@ _IGNORED = "ignored by git, so in no patch"
 UNDONE = "put back as they were by the review, so the task's changes there are not merged"
 
 
-def _keep_ignored(root: Path, repo: Repo, rec: Record) -> list[str]:
+def keep_ignored(root: Path, rec: Record) -> list[str]:
+    """An attempt sent back whole (by its review, its scope audit, a merge conflict): the ignored files it wrote in
+    its targets, moved to its rest as _keep_ignored does (its worktree goes when the next attempt starts), and notes
+    for its log."""
+    try:
+        repo = Repo(root)
+    except WorkspaceError as exc:
+        return [f"ignored files in its targets could not be listed, nor kept: {exc}"]
+    return _keep_ignored(root, repo, rec, _IGNORED)
+
+
+def _keep_ignored(root: Path, repo: Repo, rec: Record, why: str = NOT_MERGED) -> list[str]:
     """The ignored files in the task's targets (_ignored_in_targets) that its merge leaves behind, moved out of the
     worktree into the attempt's rest (they went with the worktree, though the task was asked to make them), and the
     note that says where."""
     try:
-        left = dict.fromkeys(_ignored_in_targets(repo, rec), NOT_MERGED)
+        left = dict.fromkeys(_ignored_in_targets(repo, rec), why)
     except WorkspaceError as exc:  # the merge is done: this is only a warning
         return [f"ignored files in its targets could not be listed, nor kept: {exc}"]
     if not left:
