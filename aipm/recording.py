@@ -21,7 +21,7 @@ from aipm.launcher import Launcher
 from aipm.model import FINISHED_OK, Status, Task, ran_by
 from aipm.paths import as_path
 from aipm.restore import disowned, known_status, restore
-from aipm.reviewing import Reviewing, left_out, log_whole
+from aipm.reviewing import Reviewing, keep_ignored, left_out, log_whole
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.settings import Settings
@@ -281,15 +281,15 @@ class Recording(Reviewing):
                 outside, escaped = audit.findings(self.rt, self.settings, rec, in_commits)
         except workspace.NotCaptured as exc:  # no review can judge what is not captured: a failed try
             append_log(rec.log, str(exc))
+            keep_ignored(self.rt.root, rec)
             return self._edited(rec, edited, event, self._write(task, {**after_work(
                 task, code, self.settings, False, outcome.one_line(str(exc)), failed=True), **spent}))
         except workspace.WorkspaceError as exc:
             outside, message = [], str(exc)
+            keep_ignored(self.rt.root, rec)
         if outside:
             # Writing outside target_files fails the review, whatever the reviewer would say.
-            if rec.workspace:  # sent back whole: its worktree goes when the next attempt starts
-                for note in workspace.keep_ignored(self.rt.root, rec):
-                    append_log(rec.log, note)
+            keep_ignored(self.rt.root, rec)  # (first: the line below names the rest that holds them)
             message = audit.feedback(self.rt.root, rec, outside, escaped)
             event["scope"] = outside
             hint = audit.hint(rec, escaped)

@@ -78,9 +78,6 @@ class Reviewing:
         if code == 0:  # (its old feedback goes once it is COMPLETED: Recording._ended)
             reason = left_out(outcome.review_approved(), merged)
         else:
-            if rec.workspace:  # sent back whole: its worktree goes when the next attempt starts
-                for note in workspace.keep_ignored(self.rt.root, rec):
-                    append_log(rec.log, note)
             try:
                 output = read_end(review_log, FEEDBACK_BYTES)
             except OSError:
@@ -90,6 +87,8 @@ class Reviewing:
             reason = late or outcome.review_rejected(output.decode(errors="replace"), code)
         for updates in after_review(task, code, self.settings, reason):
             task = self._write(task, updates)
+        if code != 0:  # (after its verdict is written: a review asked again finds its worktree as it was)
+            keep_ignored(self.rt.root, rec)
         return task
 
     def _conflicted(self, rec: Record, task: Task, conflict: str) -> Task:
@@ -125,6 +124,7 @@ class Reviewing:
                     ", your edit included" * exc.main_tree)
             return str(exc)
         except workspace.WorkspaceError as exc:
+            keep_ignored(self.rt.root, rec)
             return f"merge failed, nothing of this attempt was merged: {exc}"
         return None
 
@@ -152,6 +152,14 @@ class Reviewing:
             write_bytes(Path(rec.exit_file), b"127\n")
             self.rt.write_record(rec)
         self._own(rec)
+
+
+def keep_ignored(root: Path, rec: Record) -> None:
+    """A worktree attempt sent back whole: the ignored files of its targets kept in its rest (workspace.keep_ignored),
+    its log saying where; its worktree goes when the next attempt starts."""
+    if rec.workspace:
+        for note in workspace.keep_ignored(root, rec):
+            append_log(rec.log, note)
 
 
 def left_out(reason: str, merged: dict) -> str:

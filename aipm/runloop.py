@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
-from aipm import budget, budgetstop, durable, handover, notify, preemption, recovery, scope, writer
+from aipm import budget, budgetstop, durable, handover, notify, preemption, recovery, scope, writer, writtenlog
 from aipm.foreign import FINISHING_RECHECK, HELD_RECHECK, others_matter, watch_foreign
 from aipm.interrupts import Stop
 from aipm.launcher import RAMP, Launcher
@@ -304,6 +304,9 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             if ready:  # ended just as we were stopped: their real outcome still counts
                 _finish(sup, ready)
             launcher.runtime.remove_spent_exit_files(view.order.id)
+            # Its lines so far (its closing ones are noted again once printed: cmd_launch.said_last, whose wait for
+            # this lock an audit's round may fill)
+            writtenlog.note_output(launcher.runtime)
         if sup.unrecorded:
             sup.hand_over()
         gone = sup.cluster_gone and f"the Ray cluster was lost ({sup.cluster_gone})"

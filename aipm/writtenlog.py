@@ -80,10 +80,15 @@ def note_merged(rt: Runtime, files: Iterable[str]) -> None:
     _note(rt, {"files": list(files)})
 
 
+def has_output(rt: Runtime) -> bool:
+    """Whether this process writes its output into an audited tree (note_output has something to note)."""
+    return tree_prefix(real_root(rt.root)) is not None and bool(ownoutput.files(rt.root))
+
+
 def note_output(rt: Runtime) -> None:
     """This process is done writing its output (a run's end): note its output files in the tree, if it has any, for
     the audits in flight, which may see its last lines. Caller holds the launch lock."""
-    if tree_prefix(real_root(rt.root)) is not None and ownoutput.files(rt.root):
+    if has_output(rt):
         _note(rt, {})
 
 

@@ -1587,6 +1587,28 @@ def test_ignored_files_of_an_attempt_sent_back_whole_outlive_its_worktree(repo, 
         assert f"and what no patch can hold in {rest}" in log, log
 
 
+def test_ignored_files_are_kept_only_from_the_attempts_own_worktree_not_through_a_link(repo, tmp_path):
+    """A reviewer runs in the worktree and may replace it with a link (to another task's worktree, say): keeping
+    the ignored files of an attempt sent back followed it, and moved that other tree's files into this attempt's
+    rest."""
+    from aipm import workspace
+    from aipm.record import Record
+
+    (repo / ".gitignore").write_text(".env.local\n")
+    other = tmp_path / "other"  # a tree git lists the ignored .env.local of, as it would a worktree's
+    other.mkdir()
+    git(other, "init", "-q")
+    (other / ".gitignore").write_text(".env.local\n")
+    (other / ".env.local").write_text("theirs\n")
+    tree = repo / ".aipm" / "worktrees" / "ORD" / "T"
+    tree.parent.mkdir(parents=True)
+    tree.symlink_to(other)
+    rec = Record("ORD", "", "T", "", 1, [".env.local"], str(repo / "T.1.log"), "", "", workspace=str(tree))
+    assert workspace.keep_ignored(repo, rec) == []
+    assert (other / ".env.local").read_text() == "theirs\n"
+    assert not (repo / ".aipm" / "patches").exists()
+
+
 def test_a_sparse_terabyte_a_worker_leaves_as_an_ignored_file_in_its_targets_is_named_not_read(repo):
     """An ignored file the worktree holds in the task's targets is compared with the main tree's to say whether
     the merge leaves it behind: both were read whole, so a worker's `truncate -s 1T src/big.bin` was a MemoryError

@@ -185,11 +185,15 @@ def run(
 
 def said_last(launcher: Launcher) -> None:
     """The run has printed its last line: its output files in the tree (`aipm run > run.log`) are noted for the
-    audits of other runs in flight, whose windows its last lines may fall in (writtenlog.note_output)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    with suppress(OSError), launcher.runtime.launch_lock():
-        writtenlog.note_output(launcher.runtime)
+    audits of other runs in flight, whose windows its last lines may fall in (writtenlog.note_output). Best effort:
+    none where its output is no file in the tree (no lock taken), and nothing it meets (a closed pipe, a state
+    directory gone) changes how it exits."""
+    with suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if writtenlog.has_output(launcher.runtime):
+            with launcher.runtime.launch_lock():
+                writtenlog.note_output(launcher.runtime)
 
 
 def _never_run(order: Order) -> None:

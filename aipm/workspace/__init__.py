@@ -45,6 +45,7 @@ from aipm.workspace.stash import STASHED
 from aipm.workspace.repo import GITLINK, Repo, UnbornRepositories, WorkspaceError
 from aipm.workspace.start import after_setup, directory, prepare, setup_of, start_message, with_setup
 from aipm.workspace.kept import STAYS, WHOLE, keep_rest, keep_whole, kept_patch, kept_rest, left_out_note, some
+from aipm.workspace.ignored import IGNORED, NOT_MERGED, ignored_in_targets, keep_ignored, keep_ignored_with
 
 SHARED, WORKTREE = WORKSPACES
 
@@ -114,7 +115,7 @@ def keep(root: Path, rec: Record) -> str:
     notes = stash.left(repo, base, end)
     try:
         # What it wrote in its targets that git ignores: what the task was asked to make, in no patch either
-        ignored = dict.fromkeys(_ignored_in_targets(repo, rec), _IGNORED)
+        ignored = dict.fromkeys(ignored_in_targets(repo, rec), IGNORED)
     except WorkspaceError as exc:
         ignored, notes = {}, [*notes, f"ignored files in its targets could not be listed, nor kept: {exc}"]
     keep_rest(root, rec.order, rec.task, rec.serial, Path(rec.workspace), ignored, held=False)
@@ -250,8 +251,9 @@ def merge(root: Path, rec: Record) -> list[str]:
         base = repo.rev(refname(rec.order, rec.task, "base", prefix=repo.prefix))
         end = repo.rev(refname(rec.order, rec.task, "end", prefix=repo.prefix))
         if base is None or end is None:
-            raise Conflict(f"the start or end of attempt {rec.serial} ({refname(rec.order, rec.task, prefix=repo.prefix)}) is gone; "
-                           "nothing was merged", [])
+            raise _kept(root, rec, Conflict(f"the start or end of attempt {rec.serial} "
+                                            f"({refname(rec.order, rec.task, prefix=repo.prefix)}) is gone; nothing "
+                                            "was merged", []))
         try:
             steps = merging.plan(repo, base, end, repo.changes(base, end))
         except Conflict as exc:
@@ -272,7 +274,7 @@ def merge(root: Path, rec: Record) -> list[str]:
             f"planned, and the changes cannot be combined; {applied.steps - len(paths)} of {applied.steps} paths "
             "were merged, these were left as the main tree has them\n"
             + "".join(f"  {path}: {why}\n" for path, why in applied.conflicts), paths, main_tree=True))
-    return notes + _keep_ignored(root, repo, rec) + stashed(root, rec)
+    return notes + keep_ignored_with(root, repo, rec) + stashed(root, rec)
 
 
 def stashed(root: Path, rec: Record) -> list[str]:
@@ -324,55 +326,7 @@ def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:
     return notes
 
 
-NOT_MERGED = "ignored by git, so not merged back"
-_IGNORED = "ignored by git, so in no patch"
 UNDONE = "put back as they were by the review, so the task's changes there are not merged"
-
-
-def keep_ignored(root: Path, rec: Record) -> list[str]:
-    """An attempt sent back whole (by its review, its scope audit, a merge conflict): the ignored files it wrote in
-    its targets, moved to its rest as _keep_ignored does (its worktree goes when the next attempt starts), and notes
-    for its log."""
-    try:
-        repo = Repo(root)
-    except WorkspaceError as exc:
-        return [f"ignored files in its targets could not be listed, nor kept: {exc}"]
-    return _keep_ignored(root, repo, rec, _IGNORED)
-
-
-def _keep_ignored(root: Path, repo: Repo, rec: Record, why: str = NOT_MERGED) -> list[str]:
-    """The ignored files in the task's targets (_ignored_in_targets) that its merge leaves behind, moved out of the
-    worktree into the attempt's rest (they went with the worktree, though the task was asked to make them), and the
-    note that says where."""
-    try:
-        left = dict.fromkeys(_ignored_in_targets(repo, rec), why)
-    except WorkspaceError as exc:  # the merge is done: this is only a warning
-        return [f"ignored files in its targets could not be listed, nor kept: {exc}"]
-    if not left:
-        return []
-    keep_rest(root, rec.order, rec.task, rec.serial, Path(rec.workspace), left, held=False)
-    return [left_out_note(left)]
-
-
-def _ignored_in_targets(repo: Repo, rec: Record) -> list[str]:
-    """Ignored files inside the task's targets that its worktree holds and the main tree does not (or not so):
-    they are not in the capture, so no merge or patch holds them, and the worktree's removal deletes them."""
-    from aipm.workspace import mergeback as merging
-
-    tree = Path(rec.workspace)
-    if not rec.targets or not tree.is_dir():
-        return []
-    # The root target is "./", which no glob pathspec matches: its pathspec is the root's place itself.
-    specs = [f":(top,glob){repo.prefix_pattern}{t}" if t != "./" else f":(top){repo.prefix}" for t in rec.targets]
-    found = repo.ignored(tree, specs)
-    # git also lists a directory that might hold a match of a glob (`build/` for `*.md`): only what the targets
-    # cover counts, or a directory ignored whole that holds a target (`build/` for `build/gen.txt`: git names the
-    # directory alone). Such a directory is named only when the main tree has none there: comparing it could mean
-    # reading a whole node_modules/.
-    found = [p for p in found if not out_of_scope({relative(p, repo.prefix).rstrip("/")}, rec.targets)
-             or p.endswith("/") and any(t.startswith(relative(p, repo.prefix)) for t in rec.targets)]
-    return [p for p in found if (not (repo.top / p).is_dir() if p.endswith("/")
-                                 else not merging.same_state(tree / p, repo.top / p))]
 
 
 def decided(root: Path, rec: Record) -> bool:

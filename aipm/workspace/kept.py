@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import stat
+from contextlib import suppress
 from pathlib import Path
 
 from aipm.record import Record
@@ -93,11 +94,12 @@ def _move(src: Path, dest: Path) -> None:
     except OSError:
         os.chmod(src, mode)
         raise
-    os.chmod(dest, mode)
+    with suppress(OSError):  # (moved: what is kept does not hang on its mode)
+        os.chmod(dest, mode)
 
 
 def left_out_note(left_out: dict[str, str]) -> str:
-    """What a capture left out (_capture, _ignored_in_targets), and where each is kept (keep_rest)."""
+    """What a capture left out (_capture, ignored.ignored_in_targets), and where each is kept (keep_rest)."""
     kinds: dict[str, list[str]] = {}
     for path, what in left_out.items():
         kinds.setdefault(what, []).append(path)
