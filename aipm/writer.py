@@ -11,6 +11,7 @@ import dataclasses
 import datetime as dt
 import os
 import stat
+import time
 from collections.abc import Callable, Collection, Mapping
 from contextlib import suppress
 from pathlib import Path
@@ -352,4 +353,15 @@ def _spares(root: Path | None) -> Pool | None:
 
 
 def now() -> str:
-    return dt.datetime.now(dt.timezone.utc).astimezone().isoformat(timespec="seconds")
+    """This second, as the task files say it (local time with its offset). Made once a second: each astimezone()
+    has libc look at the time zone file again (a system call), and a run asks several times a start and an end."""
+    global _said
+    second = int(time.time())
+    said = _said
+    if said[0] != second:
+        local = dt.datetime.fromtimestamp(second, dt.timezone.utc).astimezone()
+        said = _said = (second, local.isoformat(timespec="seconds"))
+    return said[1]
+
+
+_said: tuple[int, str] = (-1, "")  # (the second now() last made, its text): one tuple, for the threads that ask

@@ -221,3 +221,22 @@ def test_a_value_yaml_cannot_hold_as_it_is_is_written_escaped_and_reads_back(tmp
     update_task(path, {"reason": reason})
     assert load_task(path).reason == reason
     assert path.read_text().startswith("# mine\nid: T\nstatus: QUEUED  # kept\ncommand: x\n")
+
+
+def test_now_is_the_second_it_is_asked_in_as_the_files_say_it(monkeypatch):
+    """now() is made once a second (each astimezone() looks at the time zone again): within a second the same text,
+    the next second the next one, each what datetime says of that second, local offset included."""
+    import datetime as dt
+    import time
+
+    from aipm import writer
+
+    clock = [1_800_000_000.2]
+    monkeypatch.setattr(time, "time", lambda: clock[0])
+    first = writer.now()
+    clock[0] = 1_800_000_000.9
+    assert writer.now() == first == dt.datetime.fromtimestamp(1_800_000_000, dt.timezone.utc).astimezone().isoformat(
+        timespec="seconds")
+    clock[0] = 1_800_000_001.0
+    assert writer.now() == dt.datetime.fromtimestamp(1_800_000_001, dt.timezone.utc).astimezone().isoformat(
+        timespec="seconds") != first
