@@ -56,10 +56,10 @@ def create(name: str, mode: int) -> int:
 
 
 def remove(name: str) -> None:
-    """Unlink `name` if it is there. Looked up first: an unlink takes its directory's lock even when it finds
-    nothing, and waits while another process creates a file there (B1: the run's thread waited 0.39 ms a start
-    behind a wrapper's exit-file create, on ext4 without a journal, whose creates scan the recently freed inodes
-    with that lock held); a lookup takes no lock."""
+    """Unlink `name` if it is there. Looked up first: an unlink takes its directory's lock for writing even when
+    it finds nothing, and spins while another process creates a file there (B1: the run's thread spun 0.39 ms a
+    start behind a wrapper's exit-file create, on ext4 without a journal, whose creates scan the recently freed
+    inodes with that lock held); a lookup of a name the kernel has just looked up (next_number did) takes none."""
     if os.path.lexists(name):
         try:
             os.unlink(name)
