@@ -194,7 +194,12 @@ class Runtime(CancelMarks, AttemptFiles):
             known[path] = Record(**vars(record))  # a copy: the caller's may change before its next write
 
     def read_record(self, order: str, task: str) -> Record | None:
-        record = self._read(self.record_path(order, task))
+        path = self.record_path(order, task)
+        known = self._known()
+        if known is not None:  # as this hold read it (records()), with its own writes since: a copy
+            record = known.get(path)
+            return None if record is None else Record(**vars(record))
+        record = self._read(path)
         return record if record is None or (record.order, record.task) == (order, task) else None
 
     def remove_record(self, order: str, task: str) -> None:

@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from aipm import durable, workerfiles
+from aipm import durable, inodes, workerfiles
 from aipm.gitstatus import (STATUS_ARGS, Git, as_fingerprint, changed, fingerprint, git_env, known_outside,
                             read_status, real_root, tree_prefix)
 from aipm.coverage import dir_covered, out_of_scope
@@ -352,10 +352,7 @@ def ended(root: Path, path: str | Path) -> None:
 def end(root: Path, path: str | Path) -> None:
     """The attempt whose start is saved at `path` is over: forget it."""
     path = os.fspath(path)
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    inodes.remove(path)  # (most attempts saved none: a lookup, not an unlink that takes the directory's lock)
     watch = _WATCHES.get(real_root(root))
     if watch is not None:
         watch.close_window(path)
