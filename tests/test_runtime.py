@@ -239,3 +239,26 @@ def test_a_cancel_mark_of_bytes_that_are_no_text_is_no_mark(tmp_path):
     assert rt.cancelled(rec)
     rt._cancel_path(rec).write_bytes(b"\xff\xfe")
     assert not rt.cancelled(rec)
+
+
+def test_a_record_read_in_a_launch_lock_hold_is_the_holds_own_and_a_copy(tmp_path):
+    """read_record() under the launch lock answers from the records the hold has read (with its own writes and
+    removals since), as records() does: a start's check for a live worker costs no file read. Outside a hold, and
+    in a hold that has not read them, the file is read."""
+    root = tmp_path / "p"
+    root.mkdir()
+    rt = Runtime(root)
+    rt.write_record(_record(root, "A", pid=5))
+    with rt.launch_lock():
+        assert rt.read_record("O", "A").pid == 5  # nothing read yet in this hold: from the file
+        rt.records()
+        rt.record_path("O", "A").unlink()  # a worker's `rm`: this hold goes by what it read
+        assert rt.read_record("O", "A").pid == 5
+        rt.read_record("O", "A").pid = 9  # a copy: the hold's record is not changed through it
+        assert rt.read_record("O", "A").pid == 5
+        rt.write_record(_record(root, "B", pid=6))
+        assert rt.read_record("O", "B").pid == 6
+        rt.remove_record("O", "A")
+        assert rt.read_record("O", "A") is None
+        assert rt.read_record("O", "C") is None
+    assert rt.read_record("O", "A") is None and rt.read_record("O", "B").pid == 6  # the files again
