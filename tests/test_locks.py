@@ -17,6 +17,7 @@ from conftest import Project, no_workers, state, stopped_launch_lock_holder, tas
 from invariants import check, cli_locks, held_lock_files, journal_command, pid_alive, spans
 from test_chaos import Proc
 
+from aipm import locks
 from aipm.locks import lock_nodes
 from aipm.paths import normalize
 
@@ -409,6 +410,50 @@ def test_a_full_disk_leaves_no_empty_lock_file_and_fails_the_lock_cleanly(tmp_pa
         assert os.listdir(disk) == ["filler"] and len(os.listdir("/proc/self/fd")) == fds_before
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+FAILING_LOCK = """
+import resource, signal, sys
+from pathlib import Path
+from aipm import locks
+from aipm.paths import normalize
+root = Path(sys.argv[1])
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (the write then fails with EFBIG, as on a full disk with ENOSPC)
+resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+try:
+    locks.take(root / "state", [normalize("a/b.txt", root)])
+except OSError:
+    sys.exit(0)
+sys.exit(1)
+"""
+
+
+def test_a_lock_file_whose_write_fails_never_appears_under_its_name(tmp_path):
+    """A new lock file was made under its name, its node's name written in, and removed again if that write failed
+    (a full disk): between the two, another process could open it and take its lock, and a third then make and lock
+    a new file of that name beside it, both holding the same node. Now it gets its name only once written: the
+    directory sees no file come and go (inotify), and the failed take leaves nothing there."""
+    from aipm.inotify import IN_CREATE, IN_MOVED_TO, DirWatch
+
+    locks_dir = tmp_path / "state" / "locks"
+    locks_dir.mkdir(parents=True)
+    watch = DirWatch.open(str(locks_dir), IN_CREATE | IN_MOVED_TO)
+    if watch is None:
+        pytest.skip("no inotify here")
+    try:
+        child = subprocess.run([sys.executable, "-c", FAILING_LOCK, str(tmp_path)], capture_output=True, text=True,
+                               timeout=60)
+        assert child.returncode == 0, child.stdout + child.stderr
+        assert watch.events() == [] and os.listdir(locks_dir) == []
+    finally:
+        watch.close()
+    # The same take with room: its files (the file's node and the directory's above it) hold their nodes' names.
+    fds = locks.take(tmp_path / "state", [normalize("a/b.txt", tmp_path)])
+    try:
+        assert sorted((locks_dir / name).read_text() for name in os.listdir(locks_dir)) == ["a", "a/b.txt"]
+    finally:
+        for fd in fds:
+            os.close(fd)
 
 
 def test_who_holds_what_is_read_while_a_worker_removes_the_lock_files_without_failing(tmp_path):
