@@ -27,6 +27,7 @@ from aipm import lockfiles
 from aipm.lockfiles import GLOB_FILE
 from aipm.digest import sha1
 from aipm.liveness import read_small
+from aipm.newfile import create_whole
 from aipm.lockholders import lock_holders, proc_locks
 from aipm.paths import Target, held_conflict, is_glob_node, lock_node, lock_prefix
 from aipm.statedir import make_state_dir, note_orphans, orphans
@@ -251,62 +252,11 @@ def _open(state: Path, node: str, path: str) -> int:
 
 
 def _create(path: str, node: str) -> int:
-    """A new lock file holding its node's name (for `aipm locks`), given its name only once that is written (a
-    file of no name, O_TMPFILE, linked in): a reader never finds it empty, and one whose write fails (a full disk)
-    never appears. Made under its name first and then removed, another process could open and lock it in between,
-    and a third lock a new file of that name beside it. Where the kernel or file system has no O_TMPFILE, made
-    under its name, and removed if that write fails."""
-    data = os.fsencode(node)
-    if not _PROC_FD:
-        return _create_named(path, data)
-    # (FileNotFoundError: its directory is gone, and made again by the caller)
-    directory = os.open(os.path.dirname(path), os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        try:
-            fd = os.open(".", os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC, 0o600, dir_fd=directory)
-        except OSError as exc:
-            if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
-                raise
-            return _create_named(path, data)
-        try:
-            if os.write(fd, data) != len(data):
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            # By its descriptor's name in /proc, followed (a dir_fd makes it linkat, AT_SYMLINK_FOLLOW): no privilege
-            # needed. FileExistsError: made meanwhile; the caller opens that one.
-            os.link(f"/proc/self/fd/{fd}", os.path.basename(path), dst_dir_fd=directory)
-            # Held by its name: a descriptor of the file made without one reads in /proc as "#<inode> (deleted)",
-            # as a removed lock file's does (lockholders.py). Replaced meanwhile (a link, a FIFO: never waited on):
-            # as if another had made it, which the caller opens as it opens any.
-            try:
-                named = os.open(os.path.basename(path), os.O_WRONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC,
-                                dir_fd=directory)
-            except FileNotFoundError:
-                raise
-            except OSError:
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path) from None
-            if os.fstat(named).st_ino != os.fstat(fd).st_ino:
-                os.close(named)
-                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), path)
-            return named
-        finally:
-            os.close(fd)
-    finally:
-        os.close(directory)
-
-
-_PROC_FD = os.path.isdir("/proc/self/fd")  # where a file of no name can be linked in by its descriptor
-
-
-def _create_named(path: str, data: bytes) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, data)
-    except BaseException:
-        os.close(fd)
-        with suppress(OSError):
-            os.unlink(path)
-        raise
-    return fd
+    """A new lock file holding its node's name (for `aipm locks`), under its name only once that is written
+    (newfile.create_whole): a reader never finds it empty, and one whose write fails (a full disk) never appears.
+    Made under its name first and then removed, another process could open and lock it in between, and a third lock
+    a new file of that name beside it."""
+    return create_whole(path, os.fsencode(node))
 
 
 class Holdings:

@@ -413,7 +413,7 @@ def test_a_full_disk_leaves_no_empty_lock_file_and_fails_the_lock_cleanly(tmp_pa
 
 
 FAILING_LOCK = """
-import resource, signal, sys
+import errno, resource, signal, sys
 from pathlib import Path
 from aipm import locks
 from aipm.paths import normalize
@@ -422,9 +422,9 @@ signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (the write then fails with EFBI
 resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
 try:
     locks.take(root / "state", [normalize("a/b.txt", root)])
-except OSError:
-    sys.exit(0)
-sys.exit(1)
+except OSError as exc:
+    sys.exit(0 if exc.errno == errno.EFBIG else f"not the write's failure: {exc!r}")
+sys.exit("taken")
 """
 
 
@@ -437,6 +437,10 @@ def test_a_lock_file_whose_write_fails_never_appears_under_its_name(tmp_path):
 
     locks_dir = tmp_path / "state" / "locks"
     locks_dir.mkdir(parents=True)
+    try:
+        os.close(os.open(locks_dir, os.O_WRONLY | os.O_TMPFILE))
+    except OSError:
+        pytest.skip("no O_TMPFILE here: a lock file is made under its name, as before")
     watch = DirWatch.open(str(locks_dir), IN_CREATE | IN_MOVED_TO)
     if watch is None:
         pytest.skip("no inotify here")
@@ -451,6 +455,33 @@ def test_a_lock_file_whose_write_fails_never_appears_under_its_name(tmp_path):
     fds = locks.take(tmp_path / "state", [normalize("a/b.txt", tmp_path)])
     try:
         assert sorted((locks_dir / name).read_text() for name in os.listdir(locks_dir)) == ["a", "a/b.txt"]
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def test_a_state_directory_removed_while_a_lock_file_is_made_is_made_again_and_locked(tmp_path, monkeypatch):
+    """A worker's `rm -rf` of the state directory in the instant between the opening of `locks/` and the making of a
+    lock file in it: ext4 refuses a file of no name in a removed directory (EPERM), tmpfs a link into one (ENOENT).
+    Either is a directory gone, which the taker makes again; not a lock that cannot be taken."""
+    real_open = os.open
+    removed = []
+
+    def open_then_remove(path, flags, *args, **kwargs):
+        fd = real_open(path, flags, *args, **kwargs)
+        if flags & os.O_PATH and not removed:
+            removed.append(path)
+            shutil.rmtree(tmp_path / "state")
+        return fd
+
+    monkeypatch.setattr(os, "open", open_then_remove)
+    fds = locks.take(tmp_path / "state", [normalize("a/b.txt", tmp_path)])
+    monkeypatch.undo()
+    try:
+        assert removed
+        locks_dir = tmp_path / "state" / "locks"
+        assert sorted((locks_dir / name).read_text() for name in os.listdir(locks_dir) if name.endswith(".lock")) \
+            == ["a", "a/b.txt"]
     finally:
         for fd in fds:
             os.close(fd)
