@@ -11,6 +11,8 @@ import errno
 import os
 from contextlib import suppress
 
+from aipm.inodes import create
+
 _PROC_FD = os.path.isdir("/proc/self/fd")  # where a file of no name can be linked in by its descriptor
 _NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)  # the kernel or file system has none
 _NO_LINK = (errno.EPERM, errno.EXDEV, errno.ENOENT, errno.EACCES)  # /proc's link not followed here (a sandbox)
@@ -80,7 +82,7 @@ def _opened_by_name(directory: int, path: str, made: int) -> int:
 
 
 def _create_named(path: str, data: bytes, mode: int) -> int:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+    fd = create(path, mode)
     try:
         os.write(fd, data)
     except BaseException:
