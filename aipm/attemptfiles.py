@@ -128,12 +128,18 @@ class AttemptFiles:
             self._paths[(order, task, "feedback")] = path
         return self._dir(path) if writing else path
 
+    def carry_path(self, order: str, task: str, writing: bool = False) -> Path:
+        """Beside the feedback: the number of the worktree attempt its review sent back, whose work the next
+        attempt continues (workspace/carry.py)."""
+        return self.feedback_path(order, task, writing).with_suffix(".carry")
+
     def drop_feedback(self, order: str, task: str) -> None:
-        """Remove the task's feedback: no attempt is to read it (its task ended DONE or COMPLETED, or was retried
-        as new). Looked for first, one stat (most tasks have none: no directory made for them), then removed by
-        its path as `writing` makes it, never through a worker's link."""
+        """Remove the task's feedback, and the work to carry that goes with it: no attempt is to read it (its task
+        ended DONE or COMPLETED, or was retried as new). Looked for first, one stat (most tasks have none: no
+        directory made for them), then removed by its path as `writing` makes it, never through a worker's link."""
         if os.path.lexists(self.feedback_path(order, task)):
             self.feedback_path(order, task, writing=True).unlink(missing_ok=True)
+            self.carry_path(order, task, writing=True).unlink(missing_ok=True)
 
     def resume_path(self, order: str, task: str) -> Path:
         """`aipm retry --resume` leaves the agent session to continue here, for the next attempt."""

@@ -29,6 +29,7 @@ from aipm.store import load_task
 from aipm.writer import now, update_task
 from aipm.view import OrderView
 from aipm.workerfiles import append_log, write_bytes
+from aipm.workspace import carry
 
 
 class Recording(Reviewing):
@@ -302,6 +303,8 @@ class Recording(Reviewing):
             log_whole(rec.log, message)
             write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True),
                         f"{message}\n".encode(errors="surrogateescape"))
+            if rec.workspace:  # (its next attempt starts from the main tree, as the message says)
+                carry.unmark(self.rt, rec.order, rec.task)
             task = self._write(task, {**after_work(task, 0, self.settings, True, outcome.exited(0)), **spent})
             why = outcome.scope(outside) if outside else outcome.one_line(message.splitlines()[0])
             for updates in after_review(task, 1, self.settings, why):

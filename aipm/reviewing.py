@@ -13,6 +13,7 @@ from aipm import lostreviews, outcome, runner, spending, workspace
 from aipm.finish import after_review, rejects, review_command, time_limit
 from aipm.model import Status, Task
 from aipm.record import Record
+from aipm.workspace import carry
 from aipm.worker import environment, model_for
 from aipm.workerfiles import append_log, read_end, unlink_hard_link, write_bytes
 from aipm.writer import now
@@ -87,8 +88,13 @@ class Reviewing:
             reason = late or outcome.review_rejected(output.decode(errors="replace"), code)
         for updates in after_review(task, code, self.settings, reason):
             task = self._write(task, updates)
-        if code != 0:  # (after its verdict is written: a review asked again finds its worktree as it was)
+        if code != 0 and rec.workspace:  # (after its verdict is written: a review asked again finds it as it was)
             keep_ignored(self.rt.root, rec)
+            carry.mark(self.rt, rec.order, rec.task, rec.serial)
+            kept = workspace.kept_words(workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial),
+                                        workspace.kept_rest(self.rt.root, rec))
+            append_log(rec.log, f"the changes of attempt {rec.serial} are kept in {kept}; its next attempt "
+                                "continues them")
         return task
 
     def _conflicted(self, rec: Record, task: Task, conflict: str) -> Task:
@@ -96,6 +102,7 @@ class Reviewing:
         log_whole(rec.log, conflict)
         write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True),
                     f"{conflict}\n".encode(errors="surrogateescape"))
+        carry.unmark(self.rt, rec.order, rec.task)  # (the next attempt starts from the main tree as it is)
         for updates in after_review(task, 1, self.settings, outcome.one_line(conflict.splitlines()[0])):
             task = self._write(task, updates)
         return task

@@ -25,7 +25,9 @@ not yet removed). Tests use it to prove that a rerun applies every change exactl
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 from pathlib import Path
 
 from aipm.errors import UserError
@@ -37,8 +39,8 @@ from aipm.coverage import out_of_scope
 from aipm.fields import WORKSPACES
 from aipm.settings import Settings
 from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
-from aipm.workspace.places import (component, kept_words, make_own_dir, merge_dir, own_dir, patch_path, refname,
-                                   relative, scratch, seam, worktree_path)
+from aipm.workspace.places import (component, kept_words, later_patch_path, make_own_dir, merge_dir, own_dir,
+                                   patch_path, refname, relative, scratch, seam, worktree_path)
 from aipm.workerfiles import append_log, write_stream
 from aipm.workspace import stash
 from aipm.workspace.stash import STASHED
@@ -158,10 +160,12 @@ def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> None:
                              f"gone, or could not be captured); {keep(root, rec)}")
         return
     try:
-        left_out = _capture(repo, root, tree, base, None)[1]
+        now, left_out = _capture(repo, root, tree, base, None)
     except WorkspaceError:  # git cannot say what is in it (a path git refuses): all of it is kept
-        left_out = dict.fromkeys(["./"], WHOLE)
+        now, left_out = None, dict.fromkeys(["./"], WHOLE)
     if not left_out:
+        if now is not None and log is not None:
+            _keep_later(root, repo, order, task, serial, str(log), now)
         return
     if log is None:
         raise WorkspaceError(f"{tree} holds {some(list(left_out))}, which no patch can hold, and its attempt is "
@@ -170,6 +174,21 @@ def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> None:
     append_log(str(log), f"before its worktree was removed: {left_out_note(left_out)}")
     if any(STAYS in what for what in left_out.values()):
         raise WorkspaceError(f"{tree} is not removed: {left_out_note(left_out)}")
+
+
+def _keep_later(root: Path, repo: Repo, order: str, task: str, serial: int, log: str, now: str) -> None:
+    """What was changed in a kept worktree after its attempt's end was captured (by its review, by a person fixing
+    it by hand: `aipm diff` shows it) is in no patch: written to the attempt's later patch before the worktree
+    goes, and the next attempt that continues the attempt's work carries it too (carry.py)."""
+    end = repo.rev(refname(order, task, "end", prefix=repo.prefix))
+    if end is None or repo.git("rev-parse", f"{end}^{{tree}}").decode().strip() == now:
+        return  # no end recorded (a failed capture: its patch says what there is), or nothing changed since
+    later = later_patch_path(root, order, task, serial)
+    # (written over by a later removal that failed before: the same end, a worktree changed further since)
+    write_stream(later, lambda out: repo.write_patch(end, now, out))
+    append_log(log, f"before its worktree was removed: it held changes made after the attempt's end (by its "
+                    f"review, or by hand), kept in {later} (`git apply` it after "
+                    f"{patch_path(root, order, task, serial)})")
 
 
 def _capture(repo: Repo, root: Path, tree: Path, base: str, message: str | None) -> tuple[str, dict[str, str]]:
@@ -341,8 +360,9 @@ def diff(root: Path, order: str, task: str) -> tuple[str | None, bytes | Path]:
     """(where it comes from, patch): the running (or kept) worktree against its start, else the last patch kept,
     as its file (to be read a chunk at a time: a worker may have left gigabytes, or a sparse terabyte, there);
     (None, b"") when there is neither (it has not run, or not in a worktree)."""
-    patches = sorted(patch_path(root, order, task, 0).parent.glob(f"{component(task)}.*.patch"),
-                     key=lambda p: int(p.name.rsplit(".", 2)[-2]))
+    name = re.compile(re.escape(component(task)) + r"\.(\d+)\.patch")  # (not a `.later.patch`)
+    patches = sorted((p for p in patch_path(root, order, task, 0).parent.glob(f"{glob.escape(component(task))}.*.patch")
+                      if name.fullmatch(p.name)), key=lambda p: int(name.fullmatch(p.name).group(1)))
     tree = worktree_path(root, order, task)
     if own_dir(root, tree):  # (not a link a worker left in its place: through it, another tree's changes)
         repo = Repo(root)

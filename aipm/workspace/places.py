@@ -37,6 +37,11 @@ def patch_path(root: Path, order: str, task: str, attempt: int) -> Path:
     return runtime_dir(root) / "patches" / component(order) / f"{component(task)}.{attempt}.patch"
 
 
+def later_patch_path(root: Path, order: str, task: str, attempt: int) -> Path:
+    """What was changed in attempt N's kept worktree after its end (by its review, or by hand), beside its patch."""
+    return runtime_dir(root) / "patches" / component(order) / f"{component(task)}.{attempt}.later.patch"
+
+
 def rest_path(root: Path, order: str, task: str, attempt: int) -> Path:
     """Where what attempt N left in its worktree that no patch can hold is kept, beside its patch."""
     return runtime_dir(root) / "patches" / component(order) / f"{component(task)}.{attempt}.rest"

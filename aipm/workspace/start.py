@@ -12,7 +12,8 @@ from pathlib import Path
 from aipm.model import Task
 from aipm.record import Record
 from aipm.settings import Settings
-from aipm.workspace import ownrefs
+from aipm.runtime import Runtime
+from aipm.workspace import carry, ownrefs
 from aipm.workspace.cleanup import remove
 from aipm.workspace.places import make_own_dir, refname, scratch, seam, worktree_path
 from aipm.workspace.repo import RUNTIME_DIR, Repo, WorkspaceError
@@ -31,6 +32,8 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
     ownrefs.isolate(repo, path)
     globs = task.workspace_copy if task.workspace_copy is not None else settings.workspace_copy
     _copy_ignored(Path(root), path / repo.prefix, globs)
+    if not setup_of(task, settings):  # (else after the setup, whose capture is the start: after_setup)
+        carry.resume(Path(root), repo, rec.order, rec.task, rec.serial, path, rec.log)
     seam("prepare")
     return str(path)
 
@@ -93,6 +96,8 @@ def after_setup(root: str, order: str, task: str, serial: str, worktree: str) ->
         repo.set_ref(refname(order, task, "base", prefix=repo.prefix), start)
         # The worktree's HEAD too (its files stay as they are): a start ref deleted later is found there again.
         repo.git("update-ref", "--no-deref", "HEAD", start, cwd=Path(worktree))
+        carry.resume(Path(root), repo, order, task, int(serial), Path(worktree),
+                     str(Runtime(Path(root)).log_path(order, task, int(serial))))
     except (WorkspaceError, OSError) as exc:
         print(f"aipm: cannot capture the worktree after workspace_setup: {exc}", flush=True)
         sys.exit(1)

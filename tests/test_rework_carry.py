@@ -1,0 +1,116 @@
+"""A worktree attempt its review sent back is continued by the next attempt (workspace/carry.py): its worktree
+starts from the main tree with the rejected attempt's changes applied, so the review's feedback speaks of work the
+attempt has. And what was changed in a kept worktree after its attempt's end (by its review, by a person) is kept
+in a later patch before the worktree goes. Real runs in a real repository (the `repo` fixture of test_workspace)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import write_task
+from test_workspace import git, project_in, repo  # noqa: F401 - repo is a fixture
+
+LOGS = ".aipm/logs/ORD"
+# The first attempt adds a feature with a flaw its review rejects; a next one (it has feedback) fixes the flaw, and
+# says in its log what it was told and whether it found the feature.
+WORKER = ('if [ -n "$AIPM_REVIEW_FEEDBACK" ]; then cat "$AIPM_REVIEW_FEEDBACK"; '
+          'grep -q "^feature" src/a.txt && echo FOUND || echo FRESH; sed -i s/BUG/fixed/ src/a.txt; '
+          'else printf "feature BUG\\nfeature 2\\n" >> src/a.txt; fi')
+REVIEW = "! grep -q BUG src/a.txt || { echo fix the word BUG; exit 1; }"
+
+
+def status(repo, task="T") -> dict:
+    return yaml.safe_load((repo / "orders/ORD" / f"{task}.yaml").read_text())
+
+
+@pytest.mark.parametrize("setup", [None, "echo generated > src/gen.txt"], ids=["plain", "workspace_setup"])
+def test_the_attempt_after_a_review_s_rejection_continues_the_rejected_work(repo, setup):
+    """It started from the main tree: the feature was in no worktree, the fix found nothing to fix, the review
+    approved, and the task ended COMPLETED without its feature. With a `workspace_setup`, the work is applied after
+    the setup's capture: applied before, it would be part of the start, and never merged."""
+    project = project_in(repo, config="workspace: worktree\n" + (f"workspace_setup: {setup}\n" if setup else ""))
+    write_task(project.order(), "T", target_files=["src/a.txt"], command=WORKER, review=REVIEW)
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (repo / "src/a.txt").read_text().endswith("a line 20\nfeature fixed\nfeature 2\n")
+    assert status(repo)["status"] == "COMPLETED" and status(repo)["reworks"] == 1
+    assert not (repo / "src/gen.txt").exists()  # (the setup's output is no change of the task's)
+    first = (repo / LOGS / "T.1.log").read_text()
+    assert f"the changes of attempt 1 are kept in {repo / '.aipm/patches/ORD/T.1.patch'}; its next attempt " \
+           "continues them" in first, first  # (the log names the patch, as a failure's does)
+    second = (repo / LOGS / "T.2.log").read_text()
+    said = "this attempt continues attempt 1, which its review sent back"
+    assert said in second and "FOUND" in second and "FRESH" not in second, second
+    assert f"aipm: {said}" in second  # the worker read it in its feedback
+
+
+def test_carried_work_that_no_longer_applies_leaves_the_attempt_starting_from_the_main_tree(repo):
+    """The main tree changed where the work goes (here its review edits it, between the attempts): `git apply`
+    applies nothing, and the log and the feedback say so and where the work is."""
+    project = project_in(repo)
+    review = 'sed -i "s/a line 20/a line twenty/" "$MAIN/src/a.txt"; ' + REVIEW
+    write_task(project.order(), "T", target_files=["src/a.txt"], command=WORKER, review=review)
+    proc = project.aipm("run", "ORD", env={"MAIN": str(repo)})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    second = (repo / LOGS / "T.2.log").read_text()
+    assert "the changes of attempt 1, which its review sent back, do not apply to the main tree as it is now" \
+           in second and "FRESH" in second, second
+    assert f"kept in {repo / '.aipm/patches/ORD/T.1.patch'}" in second
+    assert "+feature BUG" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()
+    assert (repo / "src/a.txt").read_text().endswith("a line twenty\n")  # the main tree's, and no half of the work
+
+
+def test_after_a_scope_failure_the_next_attempt_starts_anew(repo):
+    """A scope audit's feedback asks for the work again from the main tree (as a merge conflict's does): the
+    mark a review's rejection left is dropped."""
+    project = project_in(repo)
+    command = ('case "$AIPM_ATTEMPT" in 1) printf "feature BUG\\n" >> src/a.txt;; 2) echo out >> src/b.txt;; '
+               '*) grep -q "^feature" src/a.txt && echo FOUND || echo FRESH; echo feature >> src/a.txt;; esac')
+    write_task(project.order(), "T", target_files=["src/a.txt"], command=command, review=REVIEW)
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "continues attempt 1" in (repo / LOGS / "T.2.log").read_text()
+    assert "src/b.txt" in (repo / LOGS / "T.2.log").read_text()  # (sent back for its scope)
+    third = (repo / LOGS / "T.3.log").read_text()
+    assert "FRESH" in third and "continues" not in third, third
+    assert (repo / "src/a.txt").read_text().endswith("a line 20\nfeature\n")
+
+
+def test_a_review_s_edits_in_the_worktree_are_carried_with_the_work(repo):
+    """What the rejecting review changed in the kept worktree after the end's capture is in no patch: kept in the
+    attempt's later patch, and carried with the work."""
+    project = project_in(repo)
+    review = 'if grep -q BUG src/a.txt; then echo "review note" >> src/notes.txt; echo fix BUG; exit 1; fi'
+    write_task(project.order(), "T", target_files=["src/a.txt", "src/notes.txt"], command=WORKER, review=review)
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (repo / "src/notes.txt").read_text() == "review note\n"
+    later = repo / ".aipm/patches/ORD/T.1.later.patch"
+    assert "+review note" in later.read_text() and "+review note" not in (repo / ".aipm/patches/ORD/T.1.patch"
+                                                                          ).read_text()
+    assert str(later) in (repo / LOGS / "T.2.log").read_text()
+
+
+def test_a_person_s_fix_in_a_kept_worktree_outlives_the_worktree(repo):
+    """`aipm diff` shows a kept worktree as it is now, a person's fixes in it included; its removal (the next
+    attempt's start, `aipm recover`) deleted them, in no patch."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"],
+               command='echo "attempt $AIPM_ATTEMPT" >> src/a.txt; [ "$AIPM_ATTEMPT" != 1 ]')
+    assert project.aipm("run", "ORD").returncode == 1
+    tree = repo / ".aipm/worktrees/ORD/T"
+    with open(tree / "src/a.txt", "a") as fh:
+        fh.write("my manual fix\n")
+    (tree / "notes.txt").write_text("notes\n")
+    assert "my manual fix" in project.aipm("diff", "ORD/T").stdout
+    assert project.aipm("recover").returncode == 0
+    assert not tree.exists()
+    later = repo / ".aipm/patches/ORD/T.1.later.patch"
+    text = later.read_text()
+    assert "+my manual fix" in text and "+notes" in text and "+attempt 1" not in text, text
+    assert str(later) in (repo / LOGS / "T.1.log").read_text()
+    # Applied after the attempt's own patch, at the repository's top, it gives the worktree as it was.
+    git(repo, "apply", "--check", str(repo / ".aipm/patches/ORD/T.1.patch"))
+    proc = project.aipm("diff", "ORD/T")  # (the attempt's patch: a later patch is not one of the attempts')
+    assert proc.returncode == 0 and "+attempt 1" in proc.stdout and "my manual fix" not in proc.stdout, proc.stderr
