@@ -55,19 +55,28 @@ def as_seen(order: Order, root: Path) -> Order:
     as the contract has it, though its file says IN_PROGRESS or IN_REVIEW until a recovery writes it. A reader
     writes nothing: it shows the task so, with the reason and what to do (LOST, ENDED), and the file stays as it
     is. A review stopped or lost without a verdict is no lost worker: the task stays IN_REVIEW, its work kept,
-    and the reason says that its review runs again (lostreviews.review_pending), as `run` said when it stopped it."""
-    running = [t for t in order.tasks.values() if t.status in RUNNING]
-    if not running:
-        return order  # the common case: no record is read
+    and the reason says that its review runs again (lostreviews.review_pending), as `run` said when it stopped it.
+    And a live worker outranks its file: a task whose file says otherwise (a worker wrote DONE into it, a `git
+    checkout` put it back to QUEUED) is shown IN_PROGRESS (IN_REVIEW: its reviewer) while its worker runs, as its
+    owner records it when it ends (`detect` and `why` say the same: plan.WORKER_RUNNING)."""
     rt = Runtime(root)
-    if not _gone(rt, order.id, running):
+    running = [t for t in order.tasks.values() if t.status in RUNNING]
+    records = _records(rt, order.id)
+    if not (running and _gone(rt, order.id, running, records) or _outran(order.tasks.values(), records)):
         return order
     # Confirmed between launch rounds: a round writes a start's status before its record, and an outcome before
     # removing the record, so a look inside one could take a task starting or ending for a lost one.
     with rt.between_rounds():
+        records = _records(rt, order.id)
         now = [t for t in (_reload(t, root) for t in running) if t is not None and t.status in RUNNING]
         seen = {}
-        for task, rec in _gone(rt, order.id, now):
+        for task, rec in _outran([t for t in (_reload(t, root) for t in order.tasks.values() if t.id in records)
+                                  if t is not None], records):
+            status = Status.IN_REVIEW if rec.phase == "review" else Status.IN_PROGRESS
+            seen[task.id] = replace(task, status=status, reason=outcome.one_line(
+                f"its file says {task.status.value}, but its {'reviewer' if rec.phase == 'review' else 'worker'} "
+                f"(pid {rec.pid}) is still running; its owner records how it ends"))
+        for task, rec in _gone(rt, order.id, now, records):
             again = lostreviews.review_pending(task, rec) if rec is not None else ""
             if again:
                 seen[task.id] = replace(task, reason=again)
@@ -80,10 +89,20 @@ def as_seen(order: Order, root: Path) -> Order:
     return replace(order, tasks={**order.tasks, **seen})
 
 
-def _gone(rt: Runtime, order_id: str, running: list[Task]) -> list[tuple[Task, Record | None]]:
+def _records(rt: Runtime, order_id: str) -> dict[str, Record]:
+    return {rec.task: rec for rec in rt.records() if rec.order == order_id}
+
+
+def _outran(tasks, records: dict[str, Record]) -> list[tuple[Task, Record]]:
+    """The tasks whose file says they are not running while a worker (or reviewer) of theirs runs."""
+    return [(t, records[t.id]) for t in tasks
+            if t.status not in RUNNING and t.id in records and records[t.id].worker_alive()]
+
+
+def _gone(rt: Runtime, order_id: str, running: list[Task], records: dict[str, Record]
+          ) -> list[tuple[Task, Record | None]]:
     """The running tasks with no live worker or owner, each with its record (None: none left, and no process of
     the task runs: a worker may outlive its deleted record)."""
-    records = {rec.task: rec for rec in rt.records() if rec.order == order_id}
     return [(t, records.get(t.id)) for t in running
             if (not records[t.id].alive() if t.id in records else not subreaper.task_runs(rt.root, order_id, t.id))]
 

@@ -1028,3 +1028,36 @@ def _git_file_readers(main, tree, note) -> list:
                           env={**os.environ, "GIT_CEILING_DIRECTORIES": str(tree.parent)})
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
+
+
+@pytest.mark.parametrize("edit", ["sed -i 's/^status: .*/status: DONE/' orders/ORD/A.yaml",
+                                  "git checkout -- orders/ORD/A.yaml"], ids=["writes DONE", "git checkout"])
+def test_status_and_graph_show_a_live_worker_whatever_its_file_says(project, tmp_path, edit):
+    """`status` (and `--json`, and `graph`) showed what the file said: DONE (or QUEUED) while the worker ran on
+    under its detached owner, which writes the outcome only when it ends; a script polling `status --json` for
+    DONE went ahead. `detect` and `why` already said that the worker outranks the file."""
+    gate = tmp_path / "gate"
+    order = project.order()
+    write_task(order, "A", target_files=["a.txt"],
+               command=f"{edit}; touch {tmp_path / 'edited'}; while [ ! -e {gate} ]; do sleep 0.05; done; exit 1")
+    write_task(order, "B", command="true", depends_on=["A"])
+    _commit_everything(project.root)
+    assert project.aipm("launch", "ORD", "--no-resource-monitoring").returncode == 0
+    try:
+        wait_for(lambda: (tmp_path / "edited").exists())
+        file_says = task_statuses(project.root / "orders/ORD")["A"]
+        assert file_says in ("DONE", "QUEUED"), file_says
+        shown = {t["id"]: t for t in json.loads(project.aipm("status", "ORD", "--json").stdout)["tasks"]}
+        assert shown["A"]["status"] == "IN_PROGRESS", shown["A"]
+        assert f"its file says {file_says}, but its worker" in shown["A"]["reason"]
+        assert shown["B"]["status"] == "QUEUED"
+        table = project.aipm("status", "ORD", env={"COLUMNS": "200"}).stdout
+        assert "│ A    │ IN_PROGRESS │" in table and table.splitlines()[-1].startswith("IN_PROGRESS 1"), table
+        nodes = {n["id"]: n["status"] for n in json.loads(project.aipm("graph", "ORD", "--json").stdout)["nodes"]}
+        assert nodes["A"] == "IN_PROGRESS", nodes
+    finally:
+        gate.touch()
+    wait_for(lambda: task_statuses(project.root / "orders/ORD")["A"] == "FAILED")
+    wait_for(lambda: not json.loads(project.aipm("ps", "--json").stdout)["workers"])
+    shown = {t["id"]: t for t in json.loads(project.aipm("status", "ORD", "--json").stdout)["tasks"]}
+    assert shown["A"]["status"] == "FAILED" and shown["B"]["status"] == "QUEUED"

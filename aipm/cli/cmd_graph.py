@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 
+from aipm.board import as_seen
 from aipm.cli.decl import Argument, Option, command
 
 from aipm.cli.common import get_project, json_option, print_json
@@ -27,7 +28,7 @@ def graph(
     if render is None:
         raise UserError(f"--format: {fmt!r} is not one of {', '.join(RENDERERS)}")
     project = get_project()
-    loaded = load_order(project.order_dir(order), project.root)
+    loaded = as_seen(load_order(project.order_dir(order), project.root), project.root)  # as `status` shows it
     if json_out:
         print_json(as_data(loaded))
         return
