@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 
 from aipm import workerfiles
 from aipm.errors import ValidationError
 from aipm.model import RUNNING
-from aipm.paths import normalize
+from aipm.paths import PathError, normalize
 from aipm.plan import Busy
 from aipm.store import MAX_FILE_BYTES, NOT_TASKS, ORDER_FILE, load_task, parse_mapping, read_text
 
@@ -99,10 +100,35 @@ def _running(root: Path, path: Path) -> list | None:
     try:
         task = load_task(path, root)
     except ValidationError:
-        return None  # a broken file holds nothing; `aipm validate` names it
+        return _broken(path, data)
     if task.status not in RUNNING:
         return None
     return [task.id, task.status.value, [str(t) for t in task.targets]]
+
+
+_STATUS_LINE = re.compile(rb"^status[ \t]*:[ \t]*[\"']?(" + b"|".join(_MARKS) + rb")[\"']?[ \t]*(#.*)?$", re.M)
+
+
+def _broken(path: Path, data: bytes) -> list | None:
+    """A file that says it is running but fails validation (a typo in a field a person set IN_PROGRESS by hand)
+    still holds: what its target_files name if they can be read, else the whole tree (fail closed: dropped, its
+    files went to agents without a word). `aipm validate` names the error; `why` names the file that holds."""
+    try:
+        fields = parse_mapping(path, data.decode("utf-8"))
+    except (ValidationError, UnicodeDecodeError):
+        found = _STATUS_LINE.search(data)
+        return [path.stem, found.group(1).decode(), ["./"]] if found else None
+    status, targets = fields.get("status"), fields.get("target_files")
+    if status not in {s.value for s in RUNNING}:
+        return None
+    targets = [targets] if isinstance(targets, str) else targets  # (`target_files: a.txt`, a list's typo)
+    try:
+        held = [str(normalize(t)) for t in targets] if isinstance(targets, list) and targets and all(
+            isinstance(t, str) for t in targets) else ["./"]
+    except PathError:
+        held = ["./"]
+    task_id = fields.get("id")
+    return [task_id if isinstance(task_id, str) and task_id else path.stem, status, held]
 
 
 def _order_id(order_dir: Path) -> str:

@@ -88,12 +88,14 @@ def test_the_index_follows_in_place_edits_renames_and_new_files(project):
     assert project.aipm("run", "B").returncode == 0
 
 
-def test_a_broken_file_in_another_order_holds_nothing_and_breaks_nothing(project):
+def test_a_broken_file_in_another_order_holds_its_files_and_breaks_nothing(project):
+    """(A file that fails validation held nothing: see the test below.)"""
     other, order = _setup(project)
     (other / "T3.yaml").write_text("status: IN_PROGRESS\ntarget_files: docs/x.md\n")  # not a list
     before = snapshot(project.root)
     detect = project.json("detect", "B")
-    assert {t["id"] for t in detect["launchable"]} == {"T1", "T2"}
+    assert {t["id"] for t in detect["launchable"]} == {"T2"}
+    assert _blocked(detect, "T1")["tasks"] == ["ORDER_2/T3"]
     assert snapshot(project.root) == before
 
 
@@ -109,3 +111,23 @@ def test_the_holds_index_is_never_written_through_a_link_at_its_temp_name(tmp_pa
     (index.parent / f".A.json.{os.getpid()}.tmp").symlink_to(victim)
     _write_index(index, {"files": {}})
     assert victim.read_text() == "the user's\n" and '"files"' in index.read_text()
+
+
+def test_a_hand_marked_task_whose_file_has_an_error_still_holds(project):
+    """A typo in a field of the holder's file (`priority: high`, an unknown key, broken YAML) dropped its hold
+    without a word, and agents took the files a person was editing. Its targets hold while they can be read; else
+    (its YAML broken) the whole tree, until the file is fixed."""
+    other, order = _setup(project)
+    holder = other / "T3.yaml"
+    held = {"priority: high\n": ["docs/x.md"], "colour: red\n": ["docs/x.md"]}
+    for typo, targets in held.items():
+        holder.write_text(holder.read_text().split("priority:")[0] + typo)
+        blocked = _blocked(project.json("detect", "B"), "T1")
+        assert blocked["reason"] == "file_busy" and blocked["tasks"] == ["ORDER_2/T3"], (typo, blocked)
+        assert [t["id"] for t in project.json("detect", "B")["launchable"]] == ["T2"], typo
+    holder.write_text("id: T3\nstatus: IN_PROGRESS\ntarget_files: [docs/x.md\n")  # YAML broken: everything held
+    detect = project.json("detect", "B")
+    assert detect["launchable"] == [] and {b["reason"] for b in detect["blocked"]} == {"file_busy"}, detect
+    holder.write_text("id: T3\nstatus: DONE\ntarget_files: [docs/x.md]\ncolour: red\n")  # says it is not running
+    assert {t["id"] for t in project.json("detect", "B")["launchable"]} == {"T1", "T2"}
+    assert project.aipm("run", "B").returncode == 0
