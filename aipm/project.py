@@ -201,7 +201,8 @@ def find_task(project: Project, arg: str) -> tuple[Path, str]:
             return order_dir, task
         if task.endswith(".yaml") and (order_dir / task).is_file():  # `ORD/A.yaml`: the file's name for the id
             return order_dir, task[:-len(".yaml")]
-        raise UserError(f"task {arg!r}: no file {task}.yaml in {order_dir}")
+        hint = "; task files end in .yaml" if task.endswith(".yml") else ""
+        raise UserError(f"task {arg!r}: no file {task.removesuffix('.yaml')}.yaml in {order_dir}{hint}")
     hits = [d for d in project.order_dirs() if (d / f"{arg}.yaml").is_file()]
     if not hits and arg.endswith(".yaml"):  # `aipm why A.yaml`: the file's name for the id, as `ORD/A.yaml` above
         arg = arg[:-len(".yaml")]

@@ -61,6 +61,13 @@ def missing_program(argv: Sequence[str], env: Mapping[str, str], cwd: str) -> st
     return None if shutil.which(program, path=env.get("PATH", os.defpath)) else program
 
 
+def not_found(program: str) -> str:
+    """What is wrong with a program missing_program() named: a path is looked at itself, a name on PATH."""
+    if "/" in program:
+        return f"program {program!r} does not exist or is not executable"
+    return f"program {program!r} not found on PATH"
+
+
 def spawn(command: str | Sequence[str], **options) -> int:
     """Start `command` now, in the calling thread (begin()'s options); returns the pid (= pgid)."""
     return begin(command, background=False, **options).finish()
@@ -100,7 +107,7 @@ def begin(
     if not isinstance(command, str):
         missing = missing_program(command, env, cwd)
         if missing:
-            raise SpawnError(f"program {missing!r} not found on PATH")
+            raise SpawnError(not_found(missing))
     if not os.path.isdir(cwd):
         raise SpawnError(f"working directory {cwd} does not exist")
     if prefix:  # the wrapper stays outside: it must write the exit file whatever the prefix forbids

@@ -49,7 +49,7 @@ class Starter:
         program = self._missing_program(task)
         if program:
             fix = program_source(task, self.settings)
-            raise LaunchFailed(f"program {program!r} not found on PATH; install it or fix {fix}")
+            raise LaunchFailed(f"{runner.not_found(program)}; install it or fix {fix}")
         confined = confine.wanted(task, self.settings)
         # On a Ray node the command runs on another machine: a ruleset here would confine only the local driver.
         refusal = confined and ("not with --runner ray" if self.settings.runner == "ray"

@@ -189,6 +189,18 @@ def test_missing_worker_program_blames_the_template_once(project):
     assert set(task_statuses(order).values()) == {"QUEUED"}
 
 
+def test_a_missing_program_given_by_its_path_is_not_said_missing_from_path(project, tmp_path):
+    """PATH is not searched for a path: the message said "not found on PATH" of /nonexistent/prog."""
+    write_task(project.order(), "P", command=[str(tmp_path / "nonexistent" / "prog")])
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1
+    assert f"failed   P: program '{tmp_path / 'nonexistent' / 'prog'}' does not exist or is not executable; install " \
+           "it or fix `command` in " in proc.stdout, proc.stdout
+    # and a task named by a path to a file that is not there is named by that file, not `.yaml.yaml`
+    proc = project.aipm("why", "orders/ORD/NOPE.yaml")
+    assert proc.returncode == 2 and f"no file NOPE.yaml in {project.order()}" in proc.stderr, proc.stderr
+
+
 def test_status_and_why_keep_why_a_launch_failed_and_the_fix(project):
     """A launch that failed with `program ... not found` left no trace once its output was gone: `status` showed
     the task QUEUED with no reason, and `aipm why` said `AGENT can start now.`. The reason is kept in the task
