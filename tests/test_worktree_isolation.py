@@ -160,3 +160,37 @@ def test_a_worktree_whose_refs_are_the_repositorys_never_has_the_users_stash_mov
     assert project.statuses() == {"T": "DONE"}, proc.stdout
     assert (repo / "src/new.txt").read_text() == "new\n"
     assert git(repo, "stash", "list", "--format=%H %gs") == stash
+
+
+@pytest.mark.parametrize("move", ["git checkout -q main && git checkout -q -b feature",
+                                  "git reset -q --hard main", "git reset -q --hard HEAD~1"])
+def test_a_worker_that_moves_its_worktree_to_your_branch_does_not_undo_your_uncommitted_edits(repo, move):
+    """Its refs of its own let `git checkout main` work in the worktree (plain git refuses: main is checked out in
+    the main tree), and a `git reset --hard` works anywhere: the files then lost your uncommitted edit the start
+    held, the end undid it, and the merge wrote that over your edit as the task's change. The end is taken since
+    where its history left the start's, as `git merge` would."""
+    (repo / "src/a.txt").write_text((repo / "src/a.txt").read_text().replace("a line 15", "a line 15, mine"))
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"],
+               command=f"{move} && sed -i 's/a line 2$/a line 2, the task/' src/a.txt && git commit -qam task")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0 and project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr
+    text = (repo / "src/a.txt").read_text()
+    assert "a line 15, mine\n" in text and "a line 2, the task\n" in text, text
+    patch = (repo / ".aipm/patches/ORD/T.1.patch").read_text()
+    assert "+a line 2, the task" in patch and "a line 15" not in patch, patch  # the task's change, alone
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "its worktree was moved off its start" in log and "later.patch" not in log, log
+
+
+def test_a_moved_worktree_whose_changes_overlap_your_uncommitted_edit_is_sent_back_and_your_edit_kept(repo):
+    project = project_in(repo)
+    (repo / "src/a.txt").write_text((repo / "src/a.txt").read_text().replace("a line 15", "a line 15, mine"))
+    write_task(project.order(), "T", target_files=["src/a.txt"], max_rework=0,
+               command="git reset -q --hard main && sed -i 's/a line 15/a line 15, the task/' src/a.txt")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1 and project.statuses() == {"T": "REJECTED"}, proc.stdout + proc.stderr
+    assert "a line 15, mine\n" in (repo / "src/a.txt").read_text()
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "its changes overlap that in src/a.txt" in log and "nothing of attempt 1 was merged" in log, log
+    assert "+a line 15, the task" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()

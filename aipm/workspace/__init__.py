@@ -110,7 +110,7 @@ def keep(root: Path, rec: Record) -> str:
     one sent back, since its worktree goes when the next attempt starts. Returns a line for its log saying where
     they are."""
     try:
-        repo, base, end, left_out = _capture_end(root, rec)
+        repo, base, end, left_out = _capture_end(root, rec, strict=False)
     except (WorkspaceError, OSError) as exc:
         return f"the changes of attempt {rec.serial} could not be captured: {exc}{keep_whole(root, rec)}"
     patch = patch_path(root, rec.order, rec.task, rec.serial)
@@ -180,7 +180,8 @@ def _keep_later(root: Path, repo: Repo, order: str, task: str, serial: int, log:
     """What was changed in a kept worktree after its attempt's end was captured (by its review, by a person fixing
     it by hand: `aipm diff` shows it) is in no patch: written to the attempt's later patch before the worktree
     goes, and the next attempt that continues the attempt's work carries it too (carry.py)."""
-    end = repo.rev(refname(order, task, "end", prefix=repo.prefix))
+    end = (repo.rev(refname(order, task, "captured", prefix=repo.prefix))  # (its files, where its end was taken
+           or repo.rev(refname(order, task, "end", prefix=repo.prefix)))  # onto its start: _onto_start)
     if end is None or repo.git("rev-parse", f"{end}^{{tree}}").decode().strip() == now:
         return  # no end recorded (a failed capture: its patch says what there is), or nothing changed since
     later = later_patch_path(root, order, task, serial)
@@ -206,10 +207,12 @@ def _capture(repo: Repo, root: Path, tree: Path, base: str, message: str | None)
     return end, left_out
 
 
-def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, dict[str, str]]:
+def _capture_end(root: Path, rec: Record, strict: bool = True) -> tuple[Repo, str, str, dict[str, str]]:
     """Capture the attempt's worktree as its end, and write its patch: (repo, start, end, what cannot be merged of
     it, path -> why: the repositories in the worktree, without commits (git cannot capture them) or with commits
-    (a submodule to git: their files and commits are only in the worktree, which the next attempt removes))."""
+    (a submodule to git: their files and commits are only in the worktree, which the next attempt removes)).
+    `strict` (an end to be merged): WorkspaceError, after its patch is written, for a worktree moved off its start
+    whose changes cannot be told from the undoing of the start's uncommitted edits (_onto_start)."""
     repo = Repo(root)
     start = refname(rec.order, rec.task, "base", prefix=repo.prefix)
     base = repo.rev(start)
@@ -242,13 +245,51 @@ def _capture_end(root: Path, rec: Record) -> tuple[Repo, str, str, dict[str, str
         # `Subproject commit` line, and the worktree holding its files went with the next attempt's start.
         keep_rest(root, rec.order, rec.task, rec.serial, tree, left_out)
         end = repo.capture(tree, scratch(root), base, message, leave_out=list(left_out))
+    end, tangled = _onto_start(repo, rec, tree, base, end, message)
     repo.set_ref(refname(rec.order, rec.task, "end", prefix=repo.prefix), end)
     for note in stash.carry(repo, tree, base):
         append_log(rec.log, note)
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     make_own_dir(root, patch.parent)  # (the only copy of the work: not where a worker's link leads)
     write_stream(patch, lambda out: repo.write_patch(base, end, out))
+    if tangled and strict:
+        raise WorkspaceError(f"{tangled}; nothing of attempt {rec.serial} was merged, its changes are kept in {patch}")
+    if tangled:
+        append_log(rec.log, tangled)
     return repo, base, end, left_out
+
+
+def _onto_start(repo: Repo, rec: Record, tree: Path, base: str, end: str, message: str) -> tuple[str, str | None]:
+    """The end of a worker that moved its worktree off its start (`git checkout main`, `git reset --hard HEAD~1`:
+    our refs of its own let it check out your branch) held none of what the start held beside its commits, your
+    uncommitted edits: the end undid them, and the merge took that for the task's change and wrote it over your
+    edits. Taken instead as `git merge` takes a branch: its changes since where its history left the start's
+    (their merge base), merged onto the start. (end, None); or (its end as captured, why it cannot be merged)
+    where those changes and what the move dropped touch the same lines."""
+    head = repo.head_of(tree)
+    if head is None or head == base or repo.rev(head) is None or repo.descends(head, base):
+        # On its start, or committed on top of it: nothing dropped. (Or a repository of its own, `rm .git && git
+        # init`, whose commits are not ours: its files are captured as they are.)
+        return end, None
+    tip = repo.git("commit-tree", f"{end}^{{tree}}", "-p", head, "-m", message).decode().strip()
+    merged = repo.merge_tree(base, tip)
+    if merged is None:  # (no history in common: what it checked out is all it has, taken as it is)
+        append_log(rec.log, f"its worktree was moved off its start, to {head[:12]}, which shares no history with it: "
+                            "its changes are taken as its files are")
+        return end, None
+    tree_id, conflicts = merged
+    if conflicts:
+        return end, (f"its worktree was moved off its start (a `git checkout` or `git reset` there, to {head[:12]}), "
+                     "which undid what the start held beside its commits (the main tree's uncommitted edits), and "
+                     f"its changes overlap that in {', '.join(conflicts)}: keep the worktree on its start (commit on "
+                     "top of it) and leave your branches alone")
+    if tree_id == repo.git("rev-parse", f"{end}^{{tree}}").decode().strip():
+        return end, None
+    append_log(rec.log, f"its worktree was moved off its start (a `git checkout` or `git reset` there, to "
+                        f"{head[:12]}): its changes are taken since its history left the start's, so that what the "
+                        "move dropped (the main tree's uncommitted edits) is not undone")
+    repo.set_ref(refname(rec.order, rec.task, "captured", prefix=repo.prefix), end)  # what its files hold (_keep_later)
+    return repo.git("commit-tree", tree_id, "-p", base, "-m", message).decode().strip(), None
 
 
 def merge(root: Path, rec: Record) -> list[str]:

@@ -361,6 +361,16 @@ class Repo:
     def descends(self, commit: str, ancestor: str) -> bool:
         return self._run(self.top, ["merge-base", "--is-ancestor", ancestor, commit], check=False).returncode == 0
 
+    def merge_tree(self, ours: str, theirs: str) -> tuple[str, list[str]] | None:
+        """`git merge-tree --write-tree` of two commits, their merge base the ancestor: (the merged tree, the paths
+        that conflict), or None where git cannot (no common history; a git older than 2.38)."""
+        proc = self._run(self.top, ["merge-tree", "--write-tree", "--name-only", "--no-messages", "-z", ours, theirs],
+                         check=False)
+        if proc.returncode not in (0, 1):
+            return None
+        tree, *paths = proc.stdout.decode("utf-8", "surrogateescape").split("\0")
+        return tree, sorted({p for p in paths if p})
+
     def patch(self, old: str, new: str) -> bytes:
         return self.git("diff", "--binary", "--no-renames", old, new)
 
