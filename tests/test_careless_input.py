@@ -92,7 +92,7 @@ def test_add_makes_a_directory_given_by_its_path_an_order(project):
 
 
 @pytest.mark.parametrize("arg, said", [("ORD/", "give ORDER/TASK"), ("/A", "give ORDER/TASK"),
-                                       ("ORD/NOPE.yaml", "no file NOPE.yaml.yaml"),
+                                       ("ORD/NOPE.yaml", "no file NOPE.yaml in"),
                                        ("ORD/order", "order.yaml is no task file"),
                                        ("ORD/order.yaml", "order.yaml is no task file"),
                                        ("order", "order.yaml is no task file"),

@@ -117,6 +117,11 @@ def test_add_sets_timeout_attempts_and_rework(project):
     assert (data["timeout"], data["max_attempts"], data["max_rework"]) == (60, 2, 1)
     row = project.json("status", "ORD")["tasks"][0]
     assert (row["max_attempts"], row["max_rework"]) == (2, 1)
+    project.aipm("add", "ORD", "N", "--command", "true", "--timeout", "none", check=True)  # as a file may say
+    assert yaml.safe_load((project.root / "orders" / "ORD" / "N.yaml").read_text())["timeout"] == "none"
+    assert project.json("status", "ORD")["tasks"][0]["id"] == "N"
+    bad = project.aipm("add", "ORD", "U", "--command", "true", "--timeout", "soon")
+    assert bad.returncode == 2 and "'--timeout': 'soon' is not a positive whole number" in bad.stderr, bad.stderr
     bad = project.aipm("add", "ORD", "U", "--command", "true", "--max-rework", "-1")
     assert bad.returncode == 2 and "max_rework" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert not (project.root / "orders" / "ORD" / "U.yaml").exists()

@@ -21,6 +21,7 @@ from aipm.advice import warnings
 from aipm.cli.common import console, get_project, warn
 from aipm.errors import UserError
 from aipm.model import ID_PATTERN, ID_RULE, Priority
+from aipm import settingvalues
 from aipm.schema import KINDS, schema_text
 from aipm.fields import one_line, task_from_mapping
 from aipm.inodes import move_new
@@ -97,8 +98,9 @@ def add(
     priority: str = Option("P1", "--priority", help="P0 (most urgent) .. P3."),
     review: Optional[str] = Option(
         None, "--review", help="Review command: exit 0 approves, non-zero sends the task to REWORK."),
-    timeout: Optional[int] = Option(
-        None, "--timeout", help="Seconds per attempt before the worker's process group is killed."),
+    timeout: Optional[str] = Option(
+        None, "--timeout", help="Seconds per attempt before the worker's process group is killed; none: no limit, "
+                                "whatever the setting says."),
     max_attempts: Optional[int] = Option(
         None, "--max-attempts", help="Tries: a failed or timed-out attempt runs again until this many have run."),
     max_rework: Optional[int] = Option(
@@ -142,7 +144,7 @@ def add(
     # `--cpus 2` written as 2, as a person writes it, not 2.0
     needs = {key: int(value) if float(value).is_integer() else value
              for key, value in (("cpus", cpus), ("memory_mb", memory_mb), ("gpus", gpus)) if value is not None}
-    optional = {"command": command, "prompt": prompt, "model": model, "review": review, "timeout": timeout,
+    optional = {"command": command, "prompt": prompt, "model": model, "review": review, "timeout": _timeout(timeout),
                 "max_attempts": max_attempts, "max_rework": max_rework, "agent": agent,
                 "max_cost_usd": max_cost_usd, "workspace": workspace, "confine": confine, "resources": needs or None}
     fields.update({key: value for key, value in optional.items() if value is not None})
@@ -159,6 +161,17 @@ def add(
     console().print(f"created {_shown(path, project.root)}", markup=False)
     _install_schema(order_dir.parent, "task", project.root)
     warn(warnings([new_task]))
+
+
+def _timeout(value: str | None) -> int | str | None:
+    """--timeout as the task file spells it: seconds, or `none` (no limit, which a task file may say)."""
+    if value is None:
+        return None
+    try:
+        seconds = settingvalues.timeout(value)
+    except ValueError as exc:
+        raise UserError(f"aipm add: Invalid value for '--timeout': {exc}") from None
+    return "none" if seconds is None else seconds
 
 
 def _check_utf8(**flags: Any) -> None:
