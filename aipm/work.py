@@ -11,12 +11,14 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 from aipm import budgetstop, notify, recovery
 from aipm.errors import UserError, said
-from aipm.launcher import Launcher, Options
+from aipm.launcher import RAMP, LaunchReport, Launcher, Options
 from aipm.model import all_done, status_summary
+from aipm.plan import LIMIT
 from aipm.project import Project
 from aipm.settings import settings_from_flags
 from aipm.store import load_task
@@ -111,12 +113,31 @@ def main(argv: list[str] | None = None) -> int:
         return 1  # as `run` then: its task is left QUEUED, and 2 would say nothing changed
     try:
         view = OrderView(Path(args.order_dir), root, watch=False)
-        launcher.launch_ramped(view)
+        report = launcher.launch_ramped(view)
+        while _waits_for_a_slot(launcher, view.order.id, report):
+            time.sleep(SLOT_RECHECK)
+            report = launcher.launch_ramped(view)
         _tell_if_finished(launcher, view)
     except (UserError, OSError) as exc:  # a task file broken or a disk full: `aipm launch` says the same
         print(f"aipm: cannot start the successors of {args.task}: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+SLOT_RECHECK = 0.5  # seconds between looks for a free slot, while the order's next tasks wait for one
+
+
+def _waits_for_a_slot(launcher: Launcher, order_id: str, report: LaunchReport) -> bool:
+    """Whether this owner stays to start its order's next tasks once a worker slot frees: nothing started, some
+    wait for a slot only (the limit, or the machine's load), and no other owner of the order is left to start
+    them when it ends. Else they were stranded: a slot held by another order's worker (`launch P` given a higher
+    --max-workers) is freed by an owner that starts its own order's successors only, and no process of this order
+    was left (a fresh-user test: O/B QUEUED for good, nothing said)."""
+    if report.launched or report.plan is None:
+        return False
+    waiting = any(b.reason == LIMIT for b in report.plan.blocked.values()) or any(
+        d["reason"] in (LIMIT, "capacity", RAMP) for d in report.deferred)
+    return waiting and not any(r.order == order_id and r.alive() for r in launcher.runtime.records())
 
 
 def _tell_if_finished(launcher: Launcher, view: OrderView) -> None:

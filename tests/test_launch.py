@@ -229,3 +229,23 @@ def test_an_order_run_by_launch_alone_tells_its_end_once_whoever_finds_it(projec
     told = (project.root / ".aipm" / "notify.log").read_text()
     assert told.count(" order_finished ") == 1, told
     wait_for(lambda: notes.exists() and "order_finished DONE" in notes.read_text())
+
+
+def test_a_detached_owner_whose_successor_waits_for_a_slot_another_order_holds_stays_to_start_it(project, tmp_path):
+    """`launch O --max-workers 1`, then `launch P --max-workers 2` (which counts O's worker): when A ended, P's X held
+    the only slot A's owner allowed, so it started nothing and left; X's owner starts P's successors only, and B
+    stayed QUEUED for good, with no process of O left and nothing said. A's owner now stays until a slot frees."""
+    gates = tmp_path / "gates"
+    gates.mkdir()
+    wait = 'i=0; while [ ! -e "{}" ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done'
+    write_task(project.order("O"), "A", command=wait.format(gates / "A"))
+    write_task(project.order("O"), "B", command="true", depends_on=["A"])
+    write_task(project.order("P"), "X", command=wait.format(gates / "X"))
+    assert project.aipm("launch", "O", "--max-workers", "1", "--no-resource-monitoring").returncode == 0
+    assert project.aipm("launch", "P", "--max-workers", "2", "--no-resource-monitoring").returncode == 0
+    (gates / "A").touch()
+    wait_for(lambda: task_statuses(project.root / "orders/O")["A"] == "DONE")
+    assert task_statuses(project.root / "orders/O")["B"] == "QUEUED"  # (X holds the slot)
+    (gates / "X").touch()
+    wait_for(lambda: task_statuses(project.root / "orders/O")["B"] == "DONE")
+    wait_for(lambda: no_workers(project.root))
