@@ -139,7 +139,8 @@ class AttemptFiles:
         directory made for them), then removed by its path as `writing` makes it, never through a worker's link."""
         if os.path.lexists(self.feedback_path(order, task)):
             self.feedback_path(order, task, writing=True).unlink(missing_ok=True)
-            self.carry_path(order, task, writing=True).unlink(missing_ok=True)
+            with suppress(OSError):  # (a directory a worker made there: what it says is read as no mark)
+                self.carry_path(order, task, writing=True).unlink(missing_ok=True)
 
     def resume_path(self, order: str, task: str) -> Path:
         """`aipm retry --resume` leaves the agent session to continue here, for the next attempt."""

@@ -106,7 +106,7 @@ def _running(root: Path, path: Path) -> list | None:
     return [task.id, task.status.value, [str(t) for t in task.targets]]
 
 
-_STATUS_LINE = re.compile(rb"^status[ \t]*:[ \t]*[\"']?(" + b"|".join(_MARKS) + rb")[\"']?[ \t]*(#.*)?$", re.M)
+_STATUS_LINE = re.compile(rb"^status[ \t]*:[ \t]*[\"']?(" + b"|".join(_MARKS) + rb")[\"']?[ \t]*(#.*)?\r?$", re.M)
 
 
 def _broken(path: Path, data: bytes) -> list | None:

@@ -85,16 +85,18 @@ class Reviewing:
                 output = b""  # none, or the worker replaced it with what is not a file
             write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True),
                         output + f"{late}\n".encode() * bool(late))
+            # Before the verdict: killed between the two, the review runs again (approved: the mark goes with the
+            # feedback), where an older attempt's mark would have had the next attempt drop this one's work.
+            carried = rec.workspace and carry.mark(self.rt, rec.order, rec.task, rec.serial)
             reason = late or outcome.review_rejected(output.decode(errors="replace"), code)
         for updates in after_review(task, code, self.settings, reason):
             task = self._write(task, updates)
         if code != 0 and rec.workspace:  # (after its verdict is written: a review asked again finds it as it was)
             keep_ignored(self.rt.root, rec)
-            carry.mark(self.rt, rec.order, rec.task, rec.serial)
             kept = workspace.kept_words(workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial),
                                         workspace.kept_rest(self.rt.root, rec))
-            append_log(rec.log, f"the changes of attempt {rec.serial} are kept in {kept}; its next attempt "
-                                "continues them")
+            append_log(rec.log, f"the changes of attempt {rec.serial} are kept in {kept}"
+                                + ("; its next attempt continues them" if carried else ""))
         return task
 
     def _conflicted(self, rec: Record, task: Task, conflict: str) -> Task:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from aipm import (agents, commits, confine, inodes, landlock, locks, outcome, ownoutput, restore, runner, scope,
                   spending, workspace, writer)
+from aipm.workspace import carry
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
 from aipm.model import Order, Status, Task, definition, ran_by
@@ -112,6 +113,7 @@ class Starter:
             if owner is None:
                 self.spawn_detached(rec, fds)
                 rt.write_record(rec)  # the detached owner reads it once we release the launch lock
+                carry.log_note(rec.log)
                 return Starting(rec)
             handed = True
             return Starting(rec, lambda: self._go(order, task, rec, view, spawning, fds),
@@ -132,6 +134,7 @@ class Starter:
         """The end of start(): the worker recorded before its command may begin (once the status is durable)."""
         try:
             spawning.finish()
+            carry.log_note(rec.log)
         except (runner.SpawnError, StaleWrite, UserError, OSError) as exc:
             self._undo(order, task, rec, view, True)
             raise _failed(task, exc) from None
@@ -154,6 +157,7 @@ class Starter:
 
     def _undo(self, order: Order, task: Task, rec: Record, view: OrderView | None, wrote_status: bool) -> None:
         """Put back what a start did: the task QUEUED again, no record, no snapshot or worktree."""
+        carry.log_note(rec.log, keep=False)
         if wrote_status:
             restored = update_task(as_path(task.path), {"status": Status.QUEUED, "attempts": task.attempts,
                                                      "started_at": task.started_at},

@@ -125,9 +125,10 @@ def test_a_hand_marked_task_whose_file_has_an_error_still_holds(project):
         blocked = _blocked(project.json("detect", "B"), "T1")
         assert blocked["reason"] == "file_busy" and blocked["tasks"] == ["ORDER_2/T3"], (typo, blocked)
         assert [t["id"] for t in project.json("detect", "B")["launchable"]] == ["T2"], typo
-    holder.write_text("id: T3\nstatus: IN_PROGRESS\ntarget_files: [docs/x.md\n")  # YAML broken: everything held
-    detect = project.json("detect", "B")
-    assert detect["launchable"] == [] and {b["reason"] for b in detect["blocked"]} == {"file_busy"}, detect
+    for eol in ("\n", "\r\n"):  # YAML broken: everything held (its status line found in the bytes)
+        holder.write_bytes(f"id: T3{eol}status: IN_PROGRESS{eol}target_files: [docs/x.md{eol}".encode())
+        detect = project.json("detect", "B")
+        assert detect["launchable"] == [] and {b["reason"] for b in detect["blocked"]} == {"file_busy"}, detect
     holder.write_text("id: T3\nstatus: DONE\ntarget_files: [docs/x.md]\ncolour: red\n")  # says it is not running
     assert {t["id"] for t in project.json("detect", "B")["launchable"]} == {"T1", "T2"}
     assert project.aipm("run", "B").returncode == 0

@@ -77,19 +77,44 @@ def test_after_a_scope_failure_the_next_attempt_starts_anew(repo):
     assert (repo / "src/a.txt").read_text().endswith("a line 20\nfeature\n")
 
 
-def test_a_review_s_edits_in_the_worktree_are_carried_with_the_work(repo):
+def test_a_review_s_edits_in_the_worktree_are_carried_with_the_work_within_its_targets(repo):
     """What the rejecting review changed in the kept worktree after the end's capture is in no patch: kept in the
-    attempt's later patch, and carried with the work."""
+    attempt's later patch, and carried with the work, but for what no target covers (its notes beside them): the
+    next attempt was sent back for a file it never wrote, and the one after started anew, without the work."""
     project = project_in(repo)
-    review = 'if grep -q BUG src/a.txt; then echo "review note" >> src/notes.txt; echo fix BUG; exit 1; fi'
+    review = ('if grep -q BUG src/a.txt; then echo "review note" >> src/notes.txt; echo notes > REVIEW_NOTES.md; '
+              'echo fix BUG; exit 1; fi')
     write_task(project.order(), "T", target_files=["src/a.txt", "src/notes.txt"], command=WORKER, review=review)
     proc = project.aipm("run", "ORD")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (repo / "src/notes.txt").read_text() == "review note\n"
+    assert proc.returncode == 0 and status(repo)["reworks"] == 1, proc.stdout + proc.stderr
+    assert (repo / "src/notes.txt").read_text() == "review note\n" and not (repo / "REVIEW_NOTES.md").exists()
+    assert (repo / "src/a.txt").read_text().endswith("feature fixed\nfeature 2\n")
     later = repo / ".aipm/patches/ORD/T.1.later.patch"
     assert "+review note" in later.read_text() and "+review note" not in (repo / ".aipm/patches/ORD/T.1.patch"
                                                                           ).read_text()
-    assert str(later) in (repo / LOGS / "T.2.log").read_text()
+    second = (repo / LOGS / "T.2.log").read_text()
+    assert str(later) in second and "but for what is outside its target files: REVIEW_NOTES.md" in second, second
+
+
+def test_a_start_killed_after_its_worktree_got_the_carried_work_leaves_no_attempt_behind(repo):
+    """The carry's note went into the new attempt's log at once: a start then killed (or rolled back) left a log,
+    and the worktree's removal took it for an attempt whose end was lost (a patch of it, a line saying so)."""
+    project = project_in(repo)
+    hold = repo / "orders/HOLD"  # a person's hold on the file, which the review puts there: the run stops
+    review = (f'if grep -q BUG src/a.txt; then mkdir -p "{hold}"; printf "id: H\\nstatus: IN_PROGRESS\\n'
+              f'target_files: [src/a.txt]\\n" > "{hold}/H.yaml"; echo fix BUG; exit 1; fi')
+    write_task(project.order(), "T", target_files=["src/a.txt"], command=WORKER, review=review)
+    assert project.aipm("run", "ORD").returncode == 1 and status(repo)["status"] == "QUEUED"
+    (hold / "H.yaml").unlink()
+    killed = project.aipm("launch", "ORD", env={"AIPM_TEST_KILL_AT": "prepare"})
+    assert killed.returncode == -9, killed.stdout + killed.stderr
+    assert not (repo / LOGS / "T.2.log").exists()
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0 and status(repo)["status"] == "COMPLETED", proc.stdout + proc.stderr
+    logs = "".join(p.read_text() for p in (repo / LOGS).glob("T.*.log"))
+    assert "no patch of attempt" not in logs and "continues attempt 1" in (repo / LOGS / "T.2.log").read_text()
+    assert sorted(p.name for p in (repo / ".aipm/patches/ORD").glob("*.patch")) == ["T.1.patch", "T.2.patch"]
+    assert (repo / "src/a.txt").read_text().endswith("feature fixed\nfeature 2\n")
 
 
 def test_a_person_s_fix_in_a_kept_worktree_outlives_the_worktree(repo):
@@ -114,3 +139,27 @@ def test_a_person_s_fix_in_a_kept_worktree_outlives_the_worktree(repo):
     git(repo, "apply", "--check", str(repo / ".aipm/patches/ORD/T.1.patch"))
     proc = project.aipm("diff", "ORD/T")  # (the attempt's patch: a later patch is not one of the attempts')
     assert proc.returncode == 0 and "+attempt 1" in proc.stdout and "my manual fix" not in proc.stdout, proc.stderr
+
+
+def test_the_carry_works_whatever_the_users_git_config_says_of_diffs(repo):
+    """`git diff` followed the user's config: with diff.noprefix (or color.ui=always) the patches it wrote did not
+    apply, and the carried work was lost with a false reason ("do not apply to the main tree as it is now")."""
+    git(repo, "config", "diff.noprefix", "true")
+    git(repo, "config", "color.ui", "always")
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"], command=WORKER, review=REVIEW)
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (repo / "src/a.txt").read_text().endswith("a line 20\nfeature fixed\nfeature 2\n")
+    assert (repo / ".aipm/patches/ORD/T.1.patch").read_text().startswith("diff --git a/src/a.txt b/src/a.txt\n")
+
+
+def test_a_directory_a_worker_made_at_the_carry_mark_stops_no_outcome(repo):
+    """`carry.unmark` unlinked a directory a worker had made there: the outcome of its scope failure could not be
+    recorded, and the task stayed IN_PROGRESS through every run."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"], max_rework=0,
+               command=f'mkdir -p "{repo}/.aipm/feedback/ORD/T.carry/x" && echo out >> src/b.txt')
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1 and status(repo)["status"] == "REJECTED", proc.stdout + proc.stderr
+    assert "cannot record" not in proc.stdout + proc.stderr

@@ -194,3 +194,18 @@ def test_a_moved_worktree_whose_changes_overlap_your_uncommitted_edit_is_sent_ba
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert "its changes overlap that in src/a.txt" in log and "nothing of attempt 1 was merged" in log, log
     assert "+a line 15, the task" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()
+
+
+@pytest.mark.parametrize("move", ["git reset -q --soft HEAD~1", "git reset -q HEAD~1"])
+def test_a_worker_that_moves_its_head_but_keeps_its_files_is_taken_as_it_is(repo, move):
+    """A soft or mixed reset keeps the files, your uncommitted edit included: nothing was dropped, and the task's
+    change beside your edit (the next line) is merged as it is, not sent back as overlapping what the move undid."""
+    (repo / "src/a.txt").write_text((repo / "src/a.txt").read_text().replace("a line 15", "a line 15, mine"))
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"], max_rework=0,
+               command=f"{move} && sed -i 's/^a line 16$/a line 16, the task/' src/a.txt")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0 and project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr
+    text = (repo / "src/a.txt").read_text()
+    assert "a line 15, mine\na line 16, the task\n" in text, text
+    assert "moved off its start" not in (repo / ".aipm/logs/ORD/T.1.log").read_text()

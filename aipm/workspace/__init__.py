@@ -25,6 +25,7 @@ not yet removed). Tests use it to prove that a rerun applies every change exactl
 
 from __future__ import annotations
 
+import difflib
 import glob
 import os
 import re
@@ -260,36 +261,65 @@ def _capture_end(root: Path, rec: Record, strict: bool = True) -> tuple[Repo, st
 
 
 def _onto_start(repo: Repo, rec: Record, tree: Path, base: str, end: str, message: str) -> tuple[str, str | None]:
-    """The end of a worker that moved its worktree off its start (`git checkout main`, `git reset --hard HEAD~1`:
-    our refs of its own let it check out your branch) held none of what the start held beside its commits, your
-    uncommitted edits: the end undid them, and the merge took that for the task's change and wrote it over your
-    edits. Taken instead as `git merge` takes a branch: its changes since where its history left the start's
-    (their merge base), merged onto the start. (end, None); or (its end as captured, why it cannot be merged)
-    where those changes and what the move dropped touch the same lines."""
+    """The end of a worker that moved its worktree off its start and rewrote its files (`git checkout main`, `git
+    reset --hard HEAD~1`: its refs of its own let it check out your branch) held none of what the start held beside
+    its commits, your uncommitted edits: the end undid them, and the merge took that for the task's change and
+    wrote it over your edits. Such an end is taken as `git merge` takes a branch: its changes since the fork of its
+    history and the start's, merged onto the start. A move that kept the files (`git reset --soft`, a mixed reset)
+    dropped nothing: its end is taken as it is. (end, None); or (its end as captured, why it cannot be merged) where
+    its changes overlap what the move dropped, or a file tells neither way."""
     head = repo.head_of(tree)
     if head is None or head == base or repo.rev(head) is None or repo.descends(head, base):
         # On its start, or committed on top of it: nothing dropped. (Or a repository of its own, `rm .git && git
         # init`, whose commits are not ours: its files are captured as they are.)
         return end, None
     tip = repo.git("commit-tree", f"{end}^{{tree}}", "-p", head, "-m", message).decode().strip()
-    merged = repo.merge_tree(base, tip)
-    if merged is None:  # (no history in common: what it checked out is all it has, taken as it is)
+    fork = repo.merge_base(base, tip)
+    if fork is None:  # (no history in common: what it checked out is all it has, taken as it is)
         append_log(rec.log, f"its worktree was moved off its start, to {head[:12]}, which shares no history with it: "
                             "its changes are taken as its files are")
         return end, None
-    tree_id, conflicts = merged
-    if conflicts:
-        return end, (f"its worktree was moved off its start (a `git checkout` or `git reset` there, to {head[:12]}), "
-                     "which undid what the start held beside its commits (the main tree's uncommitted edits), and "
-                     f"its changes overlap that in {', '.join(conflicts)}: keep the worktree on its start (commit on "
-                     "top of it) and leave your branches alone")
-    if tree_id == repo.git("rev-parse", f"{end}^{{tree}}").decode().strip():
+    # What the start held beside the fork (your uncommitted edits, made against your HEAD): each file the end
+    # still has as the start had it, has as the fork had it or nearer to that (dropped), or nearer the start's.
+    dropped, kept = [], []
+    for change in repo.changes(fork, base):
+        start, at_fork, now = (repo.object_id(commit, change.path) for commit in (base, fork, end))
+        if now == start:
+            continue
+        (dropped if now == at_fork or _nearer(repo, now, at_fork, start) else kept).append(change.path)
+    if not dropped:
         return end, None
-    append_log(rec.log, f"its worktree was moved off its start (a `git checkout` or `git reset` there, to "
-                        f"{head[:12]}): its changes are taken since its history left the start's, so that what the "
-                        "move dropped (the main tree's uncommitted edits) is not undone")
+    moved = f"its worktree was moved off its start (a `git checkout` or `git reset` there, to {head[:12]})"
+    merged = repo.merge_tree(base, tip) if not kept else None
+    if merged is None or merged[1]:
+        overlap = ", ".join(merged[1] if merged else dropped + kept)
+        return end, (f"{moved}, which undid what the start held beside its commits (the main tree's uncommitted "
+                     f"edits), and its changes overlap that in {overlap}: keep the worktree on its start (commit on "
+                     "top of it) and leave your branches alone")
+    append_log(rec.log, f"{moved}: its changes are taken since its history left the start's, so that what the move "
+                        f"dropped (the main tree's uncommitted edits in {', '.join(dropped)}) is not undone")
     repo.set_ref(refname(rec.order, rec.task, "captured", prefix=repo.prefix), end)  # what its files hold (_keep_later)
-    return repo.git("commit-tree", tree_id, "-p", base, "-m", message).decode().strip(), None
+    return repo.git("commit-tree", merged[0], "-p", base, "-m", message).decode().strip(), None
+
+
+_NEAR_BYTES = 1 << 20  # files compared line by line; a bigger one is told by its identity alone
+
+
+def _nearer(repo: Repo, now: str | None, fork: str | None, start: str | None) -> bool:
+    """Whether the file `now` (object ids; None: absent) is nearer, in lines, to its version at the fork than to the
+    start's, a tie counted nearer (kept from being merged over your edit, at worst the attempt goes back)."""
+    if now is None or fork is None or start is None:
+        return start is not None  # (removed: nearer the fork where the start had it; made: nearer the start)
+    texts = [repo.object_bytes(oid, _NEAR_BYTES) for oid in (now, fork, start)]
+    if any(text is None for text in texts):
+        return False  # too big to compare: taken as built on the start, as before
+    now_lines, fork_lines, start_lines = (text.splitlines() for text in texts)
+    return _distance(now_lines, fork_lines) <= _distance(now_lines, start_lines)
+
+
+def _distance(a: list[bytes], b: list[bytes]) -> int:
+    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
+    return sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal")
 
 
 def merge(root: Path, rec: Record) -> list[str]:

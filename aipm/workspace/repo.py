@@ -361,6 +361,20 @@ class Repo:
     def descends(self, commit: str, ancestor: str) -> bool:
         return self._run(self.top, ["merge-base", "--is-ancestor", ancestor, commit], check=False).returncode == 0
 
+    def merge_base(self, one: str, other: str) -> str | None:
+        proc = self._run(self.top, ["merge-base", one, other], check=False)
+        return proc.stdout.decode().strip() or None if proc.returncode == 0 else None
+
+    def object_id(self, commit: str, path: str) -> str | None:
+        """The id of what `path` (from the top) is at `commit`, None when it has none there."""
+        proc = self._run(self.top, ["rev-parse", "--verify", "--quiet", f"{commit}:{path}"], check=False)
+        return proc.stdout.decode().strip() or None
+
+    def object_bytes(self, oid: str, limit: int) -> bytes | None:
+        """An object's raw content, None when it is longer than `limit` (not read)."""
+        size = int(self.git("cat-file", "-s", oid))
+        return None if size > limit else self.git("cat-file", "-p", oid)
+
     def merge_tree(self, ours: str, theirs: str) -> tuple[str, list[str]] | None:
         """`git merge-tree --write-tree` of two commits, their merge base the ancestor: (the merged tree, the paths
         that conflict), or None where git cannot (no common history; a git older than 2.38)."""
@@ -372,11 +386,17 @@ class Repo:
         return tree, sorted({p for p in paths if p})
 
     def patch(self, old: str, new: str) -> bytes:
-        return self.git("diff", "--binary", "--no-renames", old, new)
+        return self.git("diff", *_AS_PATCH, old, new)
 
     def write_patch(self, old: str, new: str, out: BinaryIO) -> None:
         """`patch` written to `out` as git makes it: a large file's patch is never held in memory."""
-        self._run(self.top, ["diff", "--binary", "--no-renames", old, new], stdout=out)
+        self._run(self.top, ["diff", *_AS_PATCH, old, new], stdout=out)
+
+
+# A patch `git apply` reads, whatever the user's config says of diffs (diff.noprefix, color.ui=always, an external
+# diff tool, a textconv filter, diff.relative): with those, a kept patch did not apply, nor did a carried one.
+_AS_PATCH = ("--binary", "--no-renames", "--no-color", "--no-ext-diff", "--no-textconv", "--no-relative",
+             "--src-prefix=a/", "--dst-prefix=b/")
 
 
 @lru_cache(maxsize=None)

@@ -12,7 +12,6 @@ from pathlib import Path
 from aipm.model import Task
 from aipm.record import Record
 from aipm.settings import Settings
-from aipm.runtime import Runtime
 from aipm.workspace import carry, ownrefs
 from aipm.workspace.cleanup import remove
 from aipm.workspace.places import make_own_dir, refname, scratch, seam, worktree_path
@@ -32,8 +31,9 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
     ownrefs.isolate(repo, path)
     globs = task.workspace_copy if task.workspace_copy is not None else settings.workspace_copy
     _copy_ignored(Path(root), path / repo.prefix, globs)
-    if not setup_of(task, settings):  # (else after the setup, whose capture is the start: after_setup)
-        carry.resume(Path(root), repo, rec.order, rec.task, rec.serial, path, rec.log)
+    # With a setup, applied after it (after_setup: its capture is the start); said now, for the prompt.
+    carry.hold_note(rec.log, carry.resume(Path(root), repo, rec.order, rec.task, rec.serial, path, rec.targets,
+                                          check=bool(setup_of(task, settings))))
     seam("prepare")
     return str(path)
 
@@ -79,12 +79,12 @@ def with_setup(root: Path, command: str | list[str], rec: Record, task: Task, se
     then = command if isinstance(command, str) else "exec " + shlex.join(command)
     capture = shlex.join([sys.executable, "-c", "import sys; from aipm.workspace import after_setup; "
                           "after_setup(*sys.argv[1:])", str(root), rec.order, rec.task, str(rec.serial),
-                          rec.workspace])
+                          rec.workspace, *rec.targets])
     return (f"(\n{text}\n) </dev/null || {{ s=$?; echo \"aipm: workspace_setup failed (exit $s)\"; exit $s; }}\n"
             f"{capture} || exit $?\n{then}")
 
 
-def after_setup(root: str, order: str, task: str, serial: str, worktree: str) -> None:
+def after_setup(root: str, order: str, task: str, serial: str, worktree: str, *targets: str) -> None:
     """Run in the worker's shell once `workspace_setup` succeeded: capture the worktree again as the attempt's
     start, so that what the setup wrote (a lock file, generated code) is neither charged to the task by the
     scope check nor merged back."""
@@ -96,8 +96,9 @@ def after_setup(root: str, order: str, task: str, serial: str, worktree: str) ->
         repo.set_ref(refname(order, task, "base", prefix=repo.prefix), start)
         # The worktree's HEAD too (its files stay as they are): a start ref deleted later is found there again.
         repo.git("update-ref", "--no-deref", "HEAD", start, cwd=Path(worktree))
-        carry.resume(Path(root), repo, order, task, int(serial), Path(worktree),
-                     str(Runtime(Path(root)).log_path(order, task, int(serial))))
+        note = carry.resume(Path(root), repo, order, task, int(serial), Path(worktree), list(targets))
+        if note:  # (the worker's own output goes to its log)
+            print(f"aipm: {note}", flush=True)
     except (WorkspaceError, OSError) as exc:
         print(f"aipm: cannot capture the worktree after workspace_setup: {exc}", flush=True)
         sys.exit(1)
