@@ -25,7 +25,6 @@ not yet removed). Tests use it to prove that a rerun applies every change exactl
 
 from __future__ import annotations
 
-import difflib
 import glob
 import os
 import re
@@ -318,6 +317,8 @@ def _nearer(repo: Repo, now: str | None, fork: str | None, start: str | None) ->
 
 
 def _distance(a: list[bytes], b: list[bytes]) -> int:
+    import difflib  # (only here: a run whose workers keep their worktrees on their start loads none of it)
+
     matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
     return sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal")
 
