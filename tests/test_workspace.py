@@ -2184,3 +2184,20 @@ def test_the_line_of_a_preemption_names_the_patch_that_keeps_the_stopped_attempt
     assert "+work of LOW" in patch.read_text()
     assert (f"preempt  LOW for URGENT (re-queued, attempt not counted); the changes of LOW are kept in {patch}\n"
             in stdout), stdout
+
+
+def test_a_file_git_ignores_in_the_main_tree_where_the_task_adds_one_is_said_so(repo):
+    """A worker that force-adds an ignored file the main tree already has (`.env`): no capture holds an ignored
+    file, so the start had none, and the merge said "the main tree changed meanwhile ... your edit included" of a
+    file no one touched, attempt after attempt. Nothing is written over yours, and the reason says why."""
+    (repo / ".env").write_text("USER\n")
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=[".env"], max_rework=0,
+               command="echo task > .env && git add -f .env")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1 and project.statuses() == {"T": "REJECTED"}, proc.stdout + proc.stderr
+    assert (repo / ".env").read_text() == "USER\n"
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "the main tree holds files there that git ignores" in log and "changed meanwhile" not in log, log
+    assert ".env: the main tree has a file here that git ignores" in log
+    assert "your edit included" not in proc.stdout and "+task" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()

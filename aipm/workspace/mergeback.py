@@ -111,6 +111,7 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
     """Steps (with each result) that bring the task's changes into the main tree; Conflict when impossible."""
     steps: list[Planned] = []
     problems: list[tuple[str, str]] = []  # (path, why)
+    unseen: list[str] = []  # of those, files git ignores in the main tree that the task's end holds
     details: list[str] = []
     deleted = {c.path for c in changes if c.new_mode == ABSENT}
     for change in changes:
@@ -153,6 +154,11 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
         if merged is None:
             if now is None and repo.skipped(change.path):  # absent by choice: no one deleted it
                 why = _SPARSE.format("change")
+            elif old is None and now is not None and repo.ignores(change.path):
+                # Not a change of the main tree's: no capture holds a file git ignores, so the start had none
+                # (a worker's `git add -f` put the task's in its end). Said so, every attempt hits it again.
+                why = _IGNORED_THERE
+                unseen.append(change.path)
             problems.append((change.path, why))
             if text:
                 details.append(f"--- {change.path}: the task's changes and the main tree's, with conflict markers\n"
@@ -161,11 +167,14 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
         steps.append(Planned(Step(change.path, digest(now), digest(merged)), merged, now))
     if problems:
         paths = [path for path, _ in problems]
+        changed = len(unseen) < len(paths)  # else the main tree only holds files git ignores where the task's go
         # The first line is the task's reason: it names the paths (the lines below give each one's why).
-        message = (f"merge conflict in {', '.join(paths)}: the main tree changed meanwhile and cannot be combined "
-                   "with this attempt's changes; nothing of it was merged\n"
+        message = (f"merge conflict in {', '.join(paths)}: " + (
+            "the main tree changed meanwhile and cannot be combined with this attempt's changes" if changed else
+            "the main tree holds files there that git ignores, which the task's would replace")
+                   + "; nothing of it was merged\n"
                    + "".join(f"  {path}: {why}\n" for path, why in problems) + "".join(f"\n{d}" for d in details))
-        raise Conflict(message, paths, main_tree=True)
+        raise Conflict(message, paths, main_tree=changed)
     # Deletions first: a path may turn from a directory into a file (or back) between start and end.
     return sorted(steps, key=lambda s: (s.result is not None, s.step.path))
 
@@ -199,6 +208,11 @@ def _emptied(directory: Path, top: Path, deleted: set[str]) -> bool:
         if any(os.path.relpath(os.path.join(here, f), top) not in deleted for f in files + links):
             return False
     return True
+
+
+_IGNORED_THERE = ("the main tree has a file here that git ignores (so the attempt started without it), and the task "
+                  "made one (`git add -f`): yours is not written over; move it away to have the task's merged, or "
+                  "take it from the attempt's patch")
 
 
 def _three_way(old: State | None, now: State | None, new: State | None) -> tuple[State | None, str, bytes]:

@@ -289,6 +289,10 @@ class Repo:
             found.append((note, os.path.join(note, gitdir)))  # (relative to the note with worktree.useRelativePaths)
         return found
 
+    def ignores(self, path: str) -> bool:
+        """Whether git ignores `path` (from the top) in the main tree, where it is not tracked."""
+        return self._run(self.top, ["check-ignore", "-q", "--", path], check=False).returncode == 0  # (no pathspec)
+
     def ignored(self, tree_dir: Path, pathspecs: list[str]) -> list[str]:
         """Files in `tree_dir` that git ignores, among `pathspecs` (paths relative to its top); a directory
         ignored whole is one entry ending in "/" (node_modules/ is not listed file by file)."""
