@@ -85,12 +85,13 @@ def _held(root: Path, order_dir: Path, save: bool) -> list[Busy]:
         recent = time.time_ns() - RACY_NS
         files = {name: stamp if stamp[2] < recent else None for name, stamp in files.items()}
         _write_index(index_path, {"dir": str(order_dir), "order": order_id, "files": files, "held": held})
-    return [Busy(order_id, task_id, tuple(normalize(t) for t in targets), status)
-            for task_id, status, targets in held.values()]
+    return [Busy(order_id, task_id, tuple(normalize(t) for t in targets), status, invalid=bool(broken))
+            for task_id, status, targets, *broken in held.values()]
 
 
 def _running(root: Path, path: Path) -> list | None:
-    """[task id, status, targets] when the file is a valid running task, else None."""
+    """[task id, status, targets] when the file is a valid running task (a fourth item, true, when it says it
+    is running but does not validate: _broken), else None."""
     try:  # a FIFO a worker left in an order directory must not hold every plan of the project for ever, nor a
         data = workerfiles.read_bytes(path, MAX_FILE_BYTES)  # sparse terabyte be read: no task file is that big
     except OSError:
@@ -117,7 +118,7 @@ def _broken(path: Path, data: bytes) -> list | None:
         fields = parse_mapping(path, data.decode("utf-8"))
     except (ValidationError, UnicodeDecodeError):
         found = _STATUS_LINE.search(data)
-        return [path.stem, found.group(1).decode(), ["./"]] if found else None
+        return [path.stem, found.group(1).decode(), ["./"], True] if found else None
     status, targets = fields.get("status"), fields.get("target_files")
     if status not in {s.value for s in RUNNING}:
         return None
@@ -128,7 +129,7 @@ def _broken(path: Path, data: bytes) -> list | None:
     except PathError:
         held = ["./"]
     task_id = fields.get("id")
-    return [task_id if isinstance(task_id, str) and task_id else path.stem, status, held]
+    return [task_id if isinstance(task_id, str) and task_id else path.stem, status, held, True]
 
 
 def _order_id(order_dir: Path) -> str:

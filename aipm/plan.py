@@ -39,6 +39,7 @@ class Busy:
     targets: tuple[Target, ...]
     status: str = ""  # IN_PROGRESS or IN_REVIEW, named in the reason when known
     gone: bool = False  # its worker is gone (stale): the files stay busy until `aipm recover` of its order
+    invalid: bool = False  # its file does not validate (holds._broken): held until it is fixed
 
 
 @dataclass(frozen=True)
@@ -334,14 +335,18 @@ def _holders(elsewhere: Iterable[Busy], order_id: str,
         owner = b.task_id if b.order_id == order_id else f"{b.order_id}/{b.task_id}"
         busy.append((owner, b.targets))
         if b.status:
-            held_as[owner] = _holder(owner, b.status, b.order_id if b.gone else None)
+            held_as[owner] = _holder(owner, b.status, b.order_id if b.gone else None, b.invalid)
     return busy, held_as
 
 
-def _holder(owner: str, status: str = "", gone_in: str | None = None) -> str:
+def _holder(owner: str, status: str = "", gone_in: str | None = None, invalid: bool = False) -> str:
     """A task holding files, as said after "held by". One whose worker is gone (of order `gone_in`) is no running
     task, and waiting for it would be for ever: `aipm why` said 'held by running task X (IN_PROGRESS)' of a task a
-    killed run left behind, then 'held by running task X ...; its worker is gone', which contradicts itself."""
+    killed run left behind, then 'held by running task X ...; its worker is gone', which contradicts itself. One
+    whose file does not validate cannot be recovered either: the fix is the file's."""
+    if gone_in is not None and invalid:
+        return (f"{owner}, {status} in a file that does not validate: fix it (`aipm validate {gone_in}` says what "
+                "is wrong), or set its status, to free them")
     if gone_in is not None:
         return f"{owner}, {status} with its worker gone: `aipm recover {gone_in}` frees it"
     return f"running task {owner}" + (f" ({status})" if status else "")

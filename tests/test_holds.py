@@ -124,6 +124,8 @@ def test_a_hand_marked_task_whose_file_has_an_error_still_holds(project):
         holder.write_text(holder.read_text().split("priority:")[0] + typo)
         blocked = _blocked(project.json("detect", "B"), "T1")
         assert blocked["reason"] == "file_busy" and blocked["tasks"] == ["ORDER_2/T3"], (typo, blocked)
+        # (`aipm recover` cannot free it: the file is what to fix)
+        assert "IN_PROGRESS in a file that does not validate: fix it (`aipm validate ORDER_2`" in blocked["detail"]
         assert [t["id"] for t in project.json("detect", "B")["launchable"]] == ["T2"], typo
     for eol in ("\n", "\r\n"):  # YAML broken: everything held (its status line found in the bytes)
         holder.write_bytes(f"id: T3{eol}status: IN_PROGRESS{eol}target_files: [docs/x.md{eol}".encode())
