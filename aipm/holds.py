@@ -52,6 +52,7 @@ def _held(root: Path, order_dir: Path, save: bool) -> list[Busy]:
     index = _read_index(index_path, order_dir)
     files: dict[str, Stat] = {}
     held: dict[str, list] = {}
+    invalid: set[str] = set()  # of those, files that do not validate (kept apart: an older aipm reads `held`)
     changed = False
     try:
         entries = list(os.scandir(order_dir))
@@ -70,13 +71,17 @@ def _held(root: Path, order_dir: Path, save: bool) -> list[Busy]:
         if index["files"].get(name) == stamp:
             if name in index["held"]:
                 held[name] = index["held"][name]
+                if name in index.get("invalid", ()):
+                    invalid.add(name)
             continue
         changed = True
         if name in NOT_TASKS:
             continue
         found = _running(root, Path(entry.path))
         if found:
-            held[name] = found
+            held[name] = found[:3]
+            if found[3:]:
+                invalid.add(name)
     changed = changed or files.keys() != index["files"].keys()
     order_id = index["order"] if not changed and index["order"] else _order_id(order_dir)
     if changed and save and index_path.parent.parent.is_dir():
@@ -84,9 +89,10 @@ def _held(root: Path, order_dir: Path, save: bool) -> list[Busy]:
         # same clock tick, so such a file is read again next time.
         recent = time.time_ns() - RACY_NS
         files = {name: stamp if stamp[2] < recent else None for name, stamp in files.items()}
-        _write_index(index_path, {"dir": str(order_dir), "order": order_id, "files": files, "held": held})
-    return [Busy(order_id, task_id, tuple(normalize(t) for t in targets), status, invalid=bool(broken))
-            for task_id, status, targets, *broken in held.values()]
+        _write_index(index_path, {"dir": str(order_dir), "order": order_id, "files": files, "held": held,
+                                  "invalid": sorted(invalid)})
+    return [Busy(order_id, task_id, tuple(normalize(t) for t in targets), status, invalid=name in invalid)
+            for name, (task_id, status, targets) in held.items()]
 
 
 def _running(root: Path, path: Path) -> list | None:

@@ -114,8 +114,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         view = OrderView(Path(args.order_dir), root, watch=False)
         report = launcher.launch_ramped(view)
+        pause = SLOT_RECHECK
         while _waits_for_a_slot(launcher, view.order.id, report):
-            time.sleep(SLOT_RECHECK)
+            time.sleep(pause)
+            pause = min(pause * 2, SLOT_RECHECK_MAX)  # (each look plans the order and reads /proc/locks)
             report = launcher.launch_ramped(view)
         _tell_if_finished(launcher, view)
     except (UserError, OSError) as exc:  # a task file broken or a disk full: `aipm launch` says the same
@@ -124,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-SLOT_RECHECK = 0.5  # seconds between looks for a free slot, while the order's next tasks wait for one
+SLOT_RECHECK, SLOT_RECHECK_MAX = 0.5, 5.0  # seconds between looks for a free slot: from, up to
 
 
 def _waits_for_a_slot(launcher: Launcher, order_id: str, report: LaunchReport) -> bool:
@@ -136,7 +138,7 @@ def _waits_for_a_slot(launcher: Launcher, order_id: str, report: LaunchReport) -
     if report.launched or report.plan is None:
         return False
     waiting = any(b.reason == LIMIT for b in report.plan.blocked.values()) or any(
-        d["reason"] in (LIMIT, "capacity", RAMP) for d in report.deferred)
+        d["reason"] in (LIMIT, "capacity", "resources", RAMP) for d in report.deferred)
     return waiting and not any(r.order == order_id and r.alive() for r in launcher.runtime.records())
 
 

@@ -146,11 +146,14 @@ def test_the_carry_works_whatever_the_users_git_config_says_of_diffs(repo):
     apply, and the carried work was lost with a false reason ("do not apply to the main tree as it is now")."""
     git(repo, "config", "diff.noprefix", "true")
     git(repo, "config", "color.ui", "always")
+    git(repo, "config", "diff.context", "0")  # (a patch of no context lines does not apply mid-file)
     project = project_in(repo)
-    write_task(project.order(), "T", target_files=["src/a.txt"], command=WORKER, review=REVIEW)
+    command = ('if [ -n "$AIPM_REVIEW_FEEDBACK" ]; then sed -i s/BUG/fixed/ src/a.txt; '
+               'else sed -i "s/^a line 10$/a line 10, feature BUG/" src/a.txt; fi')
+    write_task(project.order(), "T", target_files=["src/a.txt"], command=command, review=REVIEW)
     proc = project.aipm("run", "ORD")
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (repo / "src/a.txt").read_text().endswith("a line 20\nfeature fixed\nfeature 2\n")
+    assert "a line 10, feature fixed\n" in (repo / "src/a.txt").read_text()
     assert (repo / ".aipm/patches/ORD/T.1.patch").read_text().startswith("diff --git a/src/a.txt b/src/a.txt\n")
 
 

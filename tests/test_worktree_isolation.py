@@ -3,6 +3,7 @@ neither reaches the user's refs and stash nor another task's, and its work is st
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -209,3 +210,25 @@ def test_a_worker_that_moves_its_head_but_keeps_its_files_is_taken_as_it_is(repo
     text = (repo / "src/a.txt").read_text()
     assert "a line 15, mine\na line 16, the task\n" in text, text
     assert "moved off its start" not in (repo / ".aipm/logs/ORD/T.1.log").read_text()
+
+
+def test_a_moved_worktree_keeps_your_uncommitted_mode_change_and_a_big_file_s_edit(repo):
+    """Each file the start held beside the fork is looked at by its mode and content: an uncommitted `chmod +x`
+    (no content change) was taken as kept, and a big file's edit (over the size compared by lines) too; the end,
+    which a `git reset --hard` had put back, was merged over them."""
+    big = repo / "src/big.txt"
+    big.write_text("".join(f"line {i} {'x' * 80}\n" for i in range(60_000)))  # ~5 MB: over the lines compared
+    git(repo, "add", "src/big.txt")
+    git(repo, "commit", "-q", "-m", "big")
+    (repo / "src/a.txt").chmod(0o755)
+    big.write_text(big.read_text().replace("line 100 x", "line 100 MINE x"))
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/"],
+               command="git reset -q --hard HEAD~1 && echo TASK >> src/b.txt && "
+                       "sed -i 's/^line 50000 /line 50000 TASK /' src/big.txt")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0 and project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr
+    assert os.access(repo / "src/a.txt", os.X_OK)
+    text = big.read_text()
+    assert "line 100 MINE x" in text and "line 50000 TASK x" in text
+    assert (repo / "src/b.txt").read_text().endswith("TASK\n")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import glob
 import os
 import re
+from collections import Counter
 from pathlib import Path
 
 from aipm.errors import UserError
@@ -278,49 +279,52 @@ def _onto_start(repo: Repo, rec: Record, tree: Path, base: str, end: str, messag
         append_log(rec.log, f"its worktree was moved off its start, to {head[:12]}, which shares no history with it: "
                             "its changes are taken as its files are")
         return end, None
-    # What the start held beside the fork (your uncommitted edits, made against your HEAD): each file the end
-    # still has as the start had it, has as the fork had it or nearer to that (dropped), or nearer the start's.
+    # What the start held beside the fork (your uncommitted edits, and commits the move went back past): each file
+    # the end still has as the start had it (mode and content), has as the fork had it or nearer to that
+    # (dropped), or nearer the start's (kept). Two listings of the trees, whatever the number of files.
+    held, now = repo.entries(fork, base), repo.entries(base, end)
     dropped, kept = [], []
-    for change in repo.changes(fork, base):
-        start, at_fork, now = (repo.object_id(commit, change.path) for commit in (base, fork, end))
-        if now == start:
-            continue
-        (dropped if now == at_fork or _nearer(repo, now, at_fork, start) else kept).append(change.path)
+    for path, (at_fork, start) in held.items():
+        if path not in now:
+            continue  # as the start had it
+        at_end = now[path][1]
+        (dropped if at_end == at_fork or _nearer(repo, at_end, at_fork, start) else kept).append(path)
     if not dropped:
         return end, None
     moved = f"its worktree was moved off its start (a `git checkout` or `git reset` there, to {head[:12]})"
     merged = repo.merge_tree(base, tip) if not kept else None
     if merged is None or merged[1]:
-        overlap = ", ".join(merged[1] if merged else dropped + kept)
-        return end, (f"{moved}, which undid what the start held beside its commits (the main tree's uncommitted "
-                     f"edits), and its changes overlap that in {overlap}: keep the worktree on its start (commit on "
-                     "top of it) and leave your branches alone")
+        return end, (f"{moved}, which undid what the start held beside the commit it moved to (the main tree's "
+                     f"uncommitted edits), and its changes overlap that in {some(merged[1] if merged else dropped)}: "
+                     "keep the worktree on its start (commit on top of it) and leave your branches alone")
     append_log(rec.log, f"{moved}: its changes are taken since its history left the start's, so that what the move "
-                        f"dropped (the main tree's uncommitted edits in {', '.join(dropped)}) is not undone")
+                        f"dropped ({some(dropped)}: the main tree's uncommitted edits, or commits it went back "
+                        "past) is not undone")
     repo.set_ref(refname(rec.order, rec.task, "captured", prefix=repo.prefix), end)  # what its files hold (_keep_later)
     return repo.git("commit-tree", merged[0], "-p", base, "-m", message).decode().strip(), None
 
 
-_NEAR_BYTES = 1 << 20  # files compared line by line; a bigger one is told by its identity alone
+_NEAR_BYTES = 4 << 20  # files compared by their lines; a bigger one counts as dropped (merged, or sent back)
 
 
-def _nearer(repo: Repo, now: str | None, fork: str | None, start: str | None) -> bool:
-    """Whether the file `now` (object ids; None: absent) is nearer, in lines, to its version at the fork than to the
-    start's, a tie counted nearer (kept from being merged over your edit, at worst the attempt goes back)."""
-    if now is None or fork is None or start is None:
-        return start is not None  # (removed: nearer the fork where the start had it; made: nearer the start)
-    texts = [repo.object_bytes(oid, _NEAR_BYTES) for oid in (now, fork, start)]
+def _nearer(repo: Repo, now: tuple[str, str], fork: tuple[str, str], start: tuple[str, str]) -> bool:
+    """Whether the file `now` ((mode, id); an absent one's id is all zeros) is nearer, in lines, to its version at
+    the fork than to the start's. A tie, a file too big to compare, or one absent on a side counts as nearer the
+    fork: merged onto the start, or sent back where that conflicts, never written over your edit."""
+    ids = [oid for _, oid in (now, fork, start)]
+    if any(set(oid) == {"0"} for oid in ids) or now[0] != start[0]:
+        return True
+    texts = [repo.object_bytes(oid, _NEAR_BYTES) for oid in ids]
     if any(text is None for text in texts):
-        return False  # too big to compare: taken as built on the start, as before
-    now_lines, fork_lines, start_lines = (text.splitlines() for text in texts)
-    return _distance(now_lines, fork_lines) <= _distance(now_lines, start_lines)
+        return True
+    now_lines, fork_lines, start_lines = (Counter(text.splitlines()) for text in texts)
+    # Lines in one and not the other, counted as a multiset: linear, where a diff is quadratic on repeated lines
+    # (a worker's file of 8,000 equal lines held the launch lock for 25 s).
+    return _apart(now_lines, fork_lines) <= _apart(now_lines, start_lines)
 
 
-def _distance(a: list[bytes], b: list[bytes]) -> int:
-    import difflib  # (only here: a run whose workers keep their worktrees on their start loads none of it)
-
-    matcher = difflib.SequenceMatcher(None, a, b, autojunk=False)
-    return sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in matcher.get_opcodes() if tag != "equal")
+def _apart(one: Counter, other: Counter) -> int:
+    return sum((one - other).values()) + sum((other - one).values())
 
 
 def merge(root: Path, rec: Record) -> list[str]:

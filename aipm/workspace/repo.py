@@ -365,14 +365,21 @@ class Repo:
     def descends(self, commit: str, ancestor: str) -> bool:
         return self._run(self.top, ["merge-base", "--is-ancestor", ancestor, commit], check=False).returncode == 0
 
+    def entries(self, old: str, new: str) -> dict[str, tuple[tuple[str, str], tuple[str, str]]]:
+        """Each path that differs between two commits → ((mode, id) in `old`, (mode, id) in `new`); an absent
+        side is ("000000", all zeros), as git writes it."""
+        out = self.git("diff-tree", "-r", "-z", "--no-renames", "--raw", old, new).decode("utf-8", "surrogateescape")
+        fields = out.split("\0")
+        found = {}
+        for meta, path in zip(fields[0::2], fields[1::2]):
+            if meta.startswith(":"):
+                old_mode, new_mode, old_id, new_id = meta[1:].split()[:4]
+                found[path] = ((old_mode, old_id), (new_mode, new_id))
+        return found
+
     def merge_base(self, one: str, other: str) -> str | None:
         proc = self._run(self.top, ["merge-base", one, other], check=False)
         return proc.stdout.decode().strip() or None if proc.returncode == 0 else None
-
-    def object_id(self, commit: str, path: str) -> str | None:
-        """The id of what `path` (from the top) is at `commit`, None when it has none there."""
-        proc = self._run(self.top, ["rev-parse", "--verify", "--quiet", f"{commit}:{path}"], check=False)
-        return proc.stdout.decode().strip() or None
 
     def object_bytes(self, oid: str, limit: int) -> bytes | None:
         """An object's raw content, None when it is longer than `limit` (not read)."""
@@ -398,8 +405,9 @@ class Repo:
 
 
 # A patch `git apply` reads, whatever the user's config says of diffs (diff.noprefix, color.ui=always, an external
-# diff tool, a textconv filter, diff.relative): with those, a kept patch did not apply, nor did a carried one.
-_AS_PATCH = ("--binary", "--no-renames", "--no-color", "--no-ext-diff", "--no-textconv", "--no-relative",
+# diff tool, a textconv filter, diff.context=0): with those, a kept patch did not apply, nor did a carried one.
+# (diff.relative cannot reach it: git runs at the top.)
+_AS_PATCH = ("--binary", "--no-renames", "--no-color", "--no-ext-diff", "--no-textconv", "--unified=3",
              "--src-prefix=a/", "--dst-prefix=b/")
 
 
