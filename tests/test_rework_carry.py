@@ -24,6 +24,14 @@ def status(repo, task="T") -> dict:
     return yaml.safe_load((repo / "orders/ORD" / f"{task}.yaml").read_text())
 
 
+def run_one(repo, command: str) -> None:
+    """One task on src/a.txt, reviewed by REVIEW, run to its end (which must be exit 0)."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"], command=command, review=REVIEW)
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("setup", [None, "echo generated > src/gen.txt"], ids=["plain", "workspace_setup"])
 def test_the_attempt_after_a_review_s_rejection_continues_the_rejected_work(repo, setup):
     """It started from the main tree: the feature was in no worktree, the fix found nothing to fix, the review
@@ -64,12 +72,8 @@ def test_carried_work_that_no_longer_applies_leaves_the_attempt_starting_from_th
 def test_after_a_scope_failure_the_next_attempt_starts_anew(repo):
     """A scope audit's feedback asks for the work again from the main tree (as a merge conflict's does): the
     mark a review's rejection left is dropped."""
-    project = project_in(repo)
-    command = ('case "$AIPM_ATTEMPT" in 1) printf "feature BUG\\n" >> src/a.txt;; 2) echo out >> src/b.txt;; '
-               '*) grep -q "^feature" src/a.txt && echo FOUND || echo FRESH; echo feature >> src/a.txt;; esac')
-    write_task(project.order(), "T", target_files=["src/a.txt"], command=command, review=REVIEW)
-    proc = project.aipm("run", "ORD")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_one(repo, 'case "$AIPM_ATTEMPT" in 1) printf "feature BUG\\n" >> src/a.txt;; 2) echo out >> src/b.txt;; '
+                  '*) grep -q "^feature" src/a.txt && echo FOUND || echo FRESH; echo feature >> src/a.txt;; esac')
     assert "continues attempt 1" in (repo / LOGS / "T.2.log").read_text()
     assert "src/b.txt" in (repo / LOGS / "T.2.log").read_text()  # (sent back for its scope)
     third = (repo / LOGS / "T.3.log").read_text()
@@ -147,12 +151,8 @@ def test_the_carry_works_whatever_the_users_git_config_says_of_diffs(repo):
     git(repo, "config", "diff.noprefix", "true")
     git(repo, "config", "color.ui", "always")
     git(repo, "config", "diff.context", "0")  # (a patch of no context lines does not apply mid-file)
-    project = project_in(repo)
-    command = ('if [ -n "$AIPM_REVIEW_FEEDBACK" ]; then sed -i s/BUG/fixed/ src/a.txt; '
-               'else sed -i "s/^a line 10$/a line 10, feature BUG/" src/a.txt; fi')
-    write_task(project.order(), "T", target_files=["src/a.txt"], command=command, review=REVIEW)
-    proc = project.aipm("run", "ORD")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    run_one(repo, 'if [ -n "$AIPM_REVIEW_FEEDBACK" ]; then sed -i s/BUG/fixed/ src/a.txt; '
+                  'else sed -i "s/^a line 10$/a line 10, feature BUG/" src/a.txt; fi')
     assert "a line 10, feature fixed\n" in (repo / "src/a.txt").read_text()
     assert (repo / ".aipm/patches/ORD/T.1.patch").read_text().startswith("diff --git a/src/a.txt b/src/a.txt\n")
 
