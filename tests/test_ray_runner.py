@@ -345,8 +345,9 @@ if os.fork() == 0:
     while os.getppid() == relay:
         time.sleep(0.01)
     code = guard._keep(dict({spec!r}, parent=relay))
-    with open({str(code_file)!r}, "w") as f:
+    with open({str(code_file)!r} + ".tmp", "w") as f:
         f.write(str(code))
+    os.replace({str(code_file)!r} + ".tmp", {str(code_file)!r})  # (seen whole: the test waits for the name)
     os._exit(0)
 """
     subprocess.run([sys.executable, "-c", script], check=True, timeout=60)
