@@ -304,14 +304,7 @@ class Repo:
 
     def changes(self, old: str, new: str) -> list[Change]:
         """Every path whose content, mode or kind differs between two commits or trees (no rename pairing)."""
-        out = self.git("diff-tree", "-r", "-z", "--no-renames", "--raw", old, new).decode("utf-8", "surrogateescape")
-        fields = out.split("\0")
-        found = []
-        for meta, path in zip(fields[0::2], fields[1::2]):
-            if meta.startswith(":"):
-                old_mode, new_mode = meta[1:].split()[:2]
-                found.append(Change(path, old_mode, new_mode))
-        return found
+        return [Change(path, before[0], after[0]) for path, (before, after) in self.entries(old, new).items()]
 
     def blob(self, commit: str, path: str, limit: int) -> bytes | None:
         """A file's content at `commit` as it is checked out (the repository's filters and line endings); None
@@ -366,8 +359,8 @@ class Repo:
         return self._run(self.top, ["merge-base", "--is-ancestor", ancestor, commit], check=False).returncode == 0
 
     def entries(self, old: str, new: str) -> dict[str, tuple[tuple[str, str], tuple[str, str]]]:
-        """Each path that differs between two commits → ((mode, id) in `old`, (mode, id) in `new`); an absent
-        side is ("000000", all zeros), as git writes it."""
+        """Each path that differs between two commits or trees → ((mode, id) in `old`, (mode, id) in `new`); an
+        absent side is ("000000", all zeros), as git writes it."""
         out = self.git("diff-tree", "-r", "-z", "--no-renames", "--raw", old, new).decode("utf-8", "surrogateescape")
         fields = out.split("\0")
         found = {}
