@@ -1344,13 +1344,19 @@ def test_ended_notify_commands_do_not_pile_up_as_zombies_of_a_run(project):
                     pass
             return out
 
+        def state(child: psutil.Process) -> str | None:  # None: reaped between the listing and this read
+            try:
+                return child.status()
+            except psutil.NoSuchProcess:
+                return None
+
         def settled() -> bool:  # L runs, all three failures were told, and every notify command has ended
             lines = notes.read_text().split() if notes.exists() else []
-            alive = [c for c in notifiers() if c.status() != psutil.STATUS_ZOMBIE]
+            alive = [c for c in notifiers() if state(c) not in (psutil.STATUS_ZOMBIE, None)]
             return lines == ["F1", "F2", "F3"] and not alive and task_statuses(order)["L"] == "IN_PROGRESS"
 
         wait_for(settled)
-        zombies = [c.pid for c in notifiers() if c.status() == psutil.STATUS_ZOMBIE]
+        zombies = [c.pid for c in notifiers() if state(c) == psutil.STATUS_ZOMBIE]
         assert len(zombies) <= 1, f"ended notify commands never collected: {zombies}"  # F3's, until L ends
         gate.touch()
         assert run.wait(timeout=120) == 1
