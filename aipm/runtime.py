@@ -280,8 +280,10 @@ def read_exit_file(path: str) -> int | None:
     return read_exit(path)[0]
 
 
-def read_exit(path: str) -> tuple[int | None, bool]:
-    """(read_exit_file's code, whether the wrapper stopped the attempt at its time limit, no owner having done it).
+def read_exit(path: str, deadline: float | None = None) -> tuple[int | None, bool]:
+    """(read_exit_file's code, whether the attempt outran its time limit with no owner to stop it: the wrapper
+    stopped it, or it ended, by the end stamp " @S.CC" on the boot clock that follows a wrapper's code when it keeps a
+    limit, past `deadline`, within the margin the wrapper gives a live owner, runner.LATE).
     The compiled wrapper writes its code into `<path>.w` and then names it: one killed between the two left the code
     there, newline and all (an empty `.w` only says the wrapper started)."""
     try:
@@ -295,8 +297,11 @@ def read_exit(path: str) -> tuple[int | None, bool]:
             return None, False
     except OSError:
         return None, False
-    code, _, mark = text.strip().partition(" ")
-    return (int(code), mark == TIMED_OUT) if code.lstrip("-").isdigit() else (None, False)
+    code, *marks = text.split() or [""]
+    if not code.lstrip("-").isdigit():
+        return None, False
+    ended = [float(m[1:]) for m in marks if m[:1] == "@" and m[1:].replace(".", "", 1).isdigit()]
+    return int(code), TIMED_OUT in marks or bool(deadline and ended and ended[0] > deadline)
 
 
 def exit_file_written(path: str) -> bool:

@@ -36,7 +36,10 @@ _PRELUDE = ('cd "$AIPM_ROOT" || exit 126; IFS= read -r go <&3 && [ "$go" = go ] 
 # "$@" is the command's argv; the exit code goes to the exit file before the wrapper exits with it, or, where its
 # directory was removed (the command's `rm -rf` of aipm's state), to the end of the log (workerfiles.exit_code_in_log).
 # The watchdog goes with the command; one that stopped it takes the rest of the group along, as wrapper.c does.
-_WRITE_CODE = ('echo "$s$t" >"$f" || echo "aipm-wrapper: exit file not written; exit code $s" >&2; '
+# With a limit, its end on the boot clock follows (" @S.CC", wrapper.c): one that ended past its owner's limit, with
+# no owner to stop it, is no success (runtime.read_exit).
+_WRITE_CODE = ('e=; [ -z "$w" ] || { read -r e _ </proc/uptime; } 2>/dev/null; '
+               'echo "$s$t${e:+ @$e}" >"$f" || echo "aipm-wrapper: exit file not written; exit code $s" >&2; '
                '[ -z "$w" ] || kill $w 2>/dev/null; [ -z "$t" ] || kill -KILL 0; exit $s')
 WRAP_ARGV = _PRELUDE + '"$@"; s=$?; ' + _WRITE_CODE
 # In the shell wrapper (no compiled one), a string command runs in a subshell of it: one fork, no second exec of

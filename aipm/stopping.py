@@ -142,7 +142,7 @@ class Stopping:
         self.kill_at.pop(key, None)
         self.timed_out.discard(key)
         # Read before the signal: the wrapper writes the exit file of a command our SIGTERM ended too.
-        code, timed_out = read_exit(rec.exit_file)
+        code, timed_out = read_exit(rec.exit_file, rec.deadline)
         if code is None:
             self._note_in_records([rec], stopping=why, preempted=preempted)
         runner.terminate_group(rec.pgid, rec.pid, KILL_GRACE)

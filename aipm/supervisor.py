@@ -231,7 +231,7 @@ class Supervisor(Stopping, Recording, Owner):
         # Not our child (adopted): the wrapper's exit file holds the outcome, or else its log. Ours, killed by a
         # signal: its wrapper may have kept the time limit itself (no owner did), then killed its group, itself too.
         if code is None or not (timed_out or 0 <= code < 128):
-            written, kept = read_exit(rec.exit_file)
+            written, kept = read_exit(rec.exit_file, rec.deadline)
             code = written if kept or code is None else code
             code = exit_code_in_log(rec.log) if code is None else code
             timed_out = timed_out or kept

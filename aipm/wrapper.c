@@ -20,7 +20,9 @@
  * that stops the attempt. When LIMIT passes with the command still running, the wrapper does what the owner would
  * (stopping.py): SIGTERM (and SIGCONT) to its group, SIGKILL to the command 5 s later if it is still there, its
  * code in the exit file followed by " timed-out" (so whoever records the attempt later records a timeout), and
- * then SIGKILL to the whole group, itself included, so nothing the attempt started outlives it. */
+ * then SIGKILL to the whole group, itself included, so nothing the attempt started outlives it. With a LIMIT, the
+ * code is also followed by the command's end on the boot clock (" @SECONDS.CC"): one that ended by itself past its
+ * owner's limit, but before the wrapper's, with no owner left to stop it, is recorded as timed out too. */
 
 #if !defined(__x86_64__) || !defined(__linux__)
 #error "aipm-wrapper: x86-64 Linux only"
@@ -52,9 +54,10 @@ static long length(const char *s) {
     return n;
 }
 
-/* v (0..255) in decimal, null-terminated; returns its length. */
-static int decimal(int v, char *out) {
-    int n = (v >= 100) + (v >= 10) + 1;
+/* v (>= 0) in decimal, null-terminated; returns its length. */
+static int decimal(long v, char *out) {
+    int n = 1;
+    for (long w = v; w >= 10; w /= 10) n++;
     out[n] = 0;
     for (int i = n - 1; i >= 0; i--, v /= 10) out[i] = (char)('0' + v % 10);
     return n;
@@ -246,7 +249,7 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     }
     int code = r < 0 ? 126 : (status & 0x7f) ? 128 + (status & 0x7f) : (status >> 8) & 0xff;
     static const char mark[] = " timed-out";  /* runtime.read_exit_file */
-    char text[4 + sizeof mark];
+    char text[4 + sizeof mark + 26];
     int sig = r >= 0 ? status & 0x7f : 0;
     if (sig && sig != 2 && sig != 13) {  /* as dash says "Terminated" (not for SIGINT, SIGPIPE) */
         decimal(sig, text);
@@ -254,6 +257,12 @@ __attribute__((used)) void __attribute__((noreturn)) wrapper_main(long *stack) {
     }
     int n = decimal(code, text), digits = n;
     for (int i = 0; stopped && mark[i]; i++) text[n++] = mark[i];
+    long now[2];  /* its end on the boot clock, " @S.CC": one that ended past its owner's limit is no success */
+    if (limit > 0 && sys(SYS_CLOCK_GETTIME, CLOCK_BOOTTIME_, (long)now, 0, 0) == 0) {
+        text[n++] = ' ', text[n++] = '@';
+        n += decimal(now[0], text + n);
+        text[n++] = '.', text[n++] = (char)('0' + now[1] / 100000000), text[n++] = (char)('0' + now[1] / 10000000 % 10);
+    }
     text[n++] = '\n';
     if (early_fd >= 0) {
         if (sys(SYS_WRITE, early_fd, (long)text, n, 0) == n && sys(SYS_RENAME, (long)early, (long)argv[1], 0, 0) == 0)

@@ -107,6 +107,24 @@ def test_a_timeout_holds_when_its_owner_was_sigkilled(project, compiled, max_att
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled-wrapper", "shell-wrapper"])
+def test_an_attempt_that_ended_past_its_limit_with_no_owner_is_no_success(project, compiled):
+    """The wrapper keeps the limit only runner.LATE s after its owner's, so that a live owner stays the one that
+    stops it. A command that ended by itself in between, exit 0, with its owner dead, was recorded DONE by the aipm
+    that adopted it: the exit file now says when it ended (on the boot clock), past the record's deadline."""
+    if compiled and wrapper.binary() is None:
+        pytest.skip("the wrapper cannot be built here (no cc / x86-64)")
+    late = LIMIT + 2  # past the owner's limit, well before the wrapper's (LIMIT + runner.LATE)
+    assert late + 2 < LIMIT + runner.LATE
+    write_task(project.order(), "TO", command=f"sleep {late}", timeout=LIMIT, max_attempts=1, target_files=["x"])
+    pgid = _kill_owner_while_running(project, compiled)
+    _ends_with_nobody_watching(project, pgid)
+    task = _recovered(project)
+    assert (task["status"], task["reason"]) == ("FAILED", f"timed out after {LIMIT} s"), task
+    log = (project.root / ".aipm" / "logs" / "ORD" / "TO.1.log").read_text()
+    assert "time limit passed with no owner stopping it" not in log, log  # it ended by itself, unstopped
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled-wrapper", "shell-wrapper"])
 def test_a_command_that_ignores_the_sigterm_goes_with_its_whole_group_after_the_grace(project, compiled):
     if compiled and wrapper.binary() is None:
         pytest.skip("the wrapper cannot be built here (no cc / x86-64)")
