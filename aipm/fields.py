@@ -51,9 +51,10 @@ SYNONYMS = {
 def check_keys(path: Path, data: Mapping[str, Any], allowed: tuple[str, ...]) -> None:
     for key in data:
         if not isinstance(key, str) or key not in allowed:
-            hint = (did_you_mean(str(key).replace("-", "_"), allowed, SYNONYMS)
+            said = "null" if key is None else str(key).lower() if isinstance(key, bool) else str(key)  # as written
+            hint = (did_you_mean(said.replace("-", "_"), allowed, SYNONYMS)
                     or f"; known keys: {', '.join(allowed)}")
-            raise ValidationError(str(path), str(key), f"unknown key{hint}")
+            raise ValidationError(str(path), said, f"unknown key{hint}")
 
 
 def str_field(path: Path, data: Mapping[str, Any], key: str) -> str | None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aipm.errors import UserError, ValidationError
+from aipm.paths import real_relative
 from aipm.settings import holds_settings
 from aipm.store import NOT_TASKS, ORDER_FILE, SETTINGS_FILE as CONFIG_FILE, order_meta, task_names
 
@@ -51,10 +52,22 @@ class AmbiguousOrder(UserError):
     """An ORDER argument that is one order's directory name and another order's id."""
 
 
+class TaskNotFound(UserError):
+    """A task id found in no order."""
+
+
 @dataclass(frozen=True)
 class Project:
     root: Path
     orders_dir: str = "orders"
+
+    def __post_init__(self) -> None:
+        # Orders are version-controlled with the project: a link (orders/, or a directory on its way) that leads
+        # out of it put every order, and every status write, somewhere else, with no word.
+        if real_relative(str(self.root), self.orders_dir) is None:
+            raise UserError(f"{self.root / self.orders_dir}: orders_dir leads outside the project (to "
+                            f"{os.path.realpath(self.root / self.orders_dir)}); make it a directory inside "
+                            f"{self.root}, or set orders_dir (`aipm config` says where it is set)")
 
     @property
     def runtime(self) -> Path:
@@ -79,6 +92,9 @@ class Project:
             as_path = Path(os.getcwd()) / as_path
         if as_path.is_dir():
             found = as_path.resolve()
+            if real_relative(str(self.root), str(found)) is None:  # its writes (statuses, `add`'s schema) land there
+                raise UserError(f"order {arg!r}: {found} is outside the project {self.root}; an order is a "
+                                f"directory inside it (in {self.orders_dir}/, version-controlled with it)")
             orders = (self.root / self.orders_dir).resolve()
             if found == orders:  # it holds orders; its task files are none
                 raise UserError(f"order {arg!r}: {found} is the directory of the orders, not an order; give an "
@@ -90,6 +106,9 @@ class Project:
                 raise UserError(f"order {arg!r}: {found} holds no {ORDER_FILE} and no task file, so it is no order; "
                                 f"give an order id ({self.orders_here()}) or a path to an order directory")
             return self.check_unique(found)
+        if as_path.is_file():  # `aipm status orders/O1/T1.yaml`: said "no such path"
+            raise UserError(f"order {arg!r}: {as_path} is a file, not an order directory; give an order id "
+                            f"({self.orders_here()}) or a path to an order directory")
         # The id order.yaml gives, which every command reports, names its order too (orders/sprint-12 → ORDER_012).
         ids = self.order_ids()
         named = [d for d in self.order_dirs() if ids.get(d.resolve(), ("",))[0] == arg]
@@ -184,6 +203,8 @@ def _other_with_id(ids: dict[Path, tuple[str, Path]], order_id: str, order_dir: 
 @name_too_long("task")
 def find_task(project: Project, arg: str) -> tuple[Path, str]:
     """A task given as an id, `ORDER/TASK`, or a path to its file → (order directory, task id)."""
+    if not arg.strip():
+        raise UserError("TASK: empty; give a task id, ORDER/TASK or the path of a task file")
     path = Path(arg)
     name = arg.rpartition("/")[2]
     name = name if name.endswith(".yaml") else f"{name}.yaml"
@@ -210,7 +231,7 @@ def find_task(project: Project, arg: str) -> tuple[Path, str]:
     if len(hits) == 1:
         return project.check_unique(hits[0]), arg
     if not hits:
-        raise UserError(f"task {arg!r}: not found in any order under {project.root / project.orders_dir}; "
+        raise TaskNotFound(f"task {arg!r}: not found in any order under {project.root / project.orders_dir}; "
                         "give ORDER/TASK or a path to the task file")
     names = ", ".join(f"{d.name}/{arg}" for d in hits)
     raise UserError(f"task {arg!r} is in several orders ({names}); say which, as ORDER/TASK")

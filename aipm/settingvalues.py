@@ -99,7 +99,9 @@ def orders_dir(value: Any) -> str:
     every order path (locks, the audit, the view) is taken relative to the root."""
     path = text(value)
     parts = posixpath.normpath(path.replace(os.sep, "/")).split("/")
-    if os.path.isabs(path) or parts[0] == "..":
+    if os.path.isabs(path):
+        raise ValueError(f"{path!r} is an absolute path; give a directory relative to the project root")
+    if parts[0] == "..":
         raise ValueError(f"{path!r} is outside the project; give a directory relative to the project root")
     if parts[0] in (".aipm", ".git"):
         raise ValueError(f"{path!r} is inside {parts[0]}/, which is not version-controlled with the project; give "
@@ -109,13 +111,14 @@ def orders_dir(value: Any) -> str:
 
 def argv(value: Any) -> tuple[str, ...]:
     """A command as argv: a list of strings, or a string split like a shell would."""
+    given = value
     if isinstance(value, str):
         try:
             value = shlex.split(value)
         except ValueError as exc:
             raise ValueError(f"{shown(value)} cannot be split into arguments: {exc}") from None
     if not isinstance(value, list) or not value or not all(isinstance(a, str) and a for a in value):
-        raise ValueError(f"{shown(value)} is not a command (a non-empty list of strings, or a string)"
+        raise ValueError(f"{shown(given)} is not a command (a non-empty list of strings, or a string)"
                          f"{quote_hint(first_not_text(value))}")
     for word in value:
         _no_nul(word)

@@ -1,6 +1,10 @@
 """Every command as a careless user types it: names too long, paths written the Windows way, a dependency given
 twice. Each is one line naming the argument or the file and field, exit 2, and not one byte changed on disk."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 from conftest import write_task
@@ -214,3 +218,64 @@ def test_a_terminal_size_that_is_no_number_is_taken_as_unset(project, args):
     proc = project.aipm(*args, env={"COLUMNS": "²", "LINES": "x"})
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
     assert ("┃ task" in proc.stdout) if args[0] == "status" else proc.stdout
+
+
+def test_orders_or_an_order_outside_the_project_are_refused(project, tmp_path_factory):
+    """An `orders/` link leading out of the project put every order, and every status write, there with no word
+    (`new`, `add`, `run` exit 0); `add ..` wrote its task file and a schema file above the project."""
+    outside = tmp_path_factory.mktemp("outside")
+    write_task(project.order(), "A", command="true")
+    (project.root / "orders").rename(project.root / "kept")
+    (project.root / "orders").symlink_to(outside)
+    before = full_snapshot(project.root)
+    for args in (("new", "O1"), ("status", "ORD"), ("run", "ORD"), ("validate",)):
+        proc = project.aipm(*args)
+        assert_one_line_error(proc, "orders_dir leads outside the project", "-")
+    assert full_snapshot(project.root) == before and list(outside.iterdir()) == []
+    (project.root / "orders").unlink()
+    (project.root / "kept").rename(project.root / "orders")
+    before = full_snapshot(project.root)
+    for args in (("add", "..", "T1", "--command", "true"), ("add", str(outside), "T1", "--command", "true"),
+                 ("status", str(outside))):
+        assert_one_line_error(project.aipm(*args), "is outside the project", "-")
+    assert full_snapshot(project.root) == before and list(outside.iterdir()) == []
+    assert not (project.root.parent / "T1.yaml").exists() and not (project.root.parent / "task.schema.json").exists()
+
+
+def test_init_checks_everything_before_it_writes(tmp_path_factory):
+    """`init` with a `.aipm` link leading out of the project refused it only after it had made aipm.yaml and
+    orders/; with a bad AIPM_* variable and a --root to be made, it made the project and said nothing."""
+    def init(root, **env) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "init"], capture_output=True,
+                              text=True, env=dict(os.environ, **env), timeout=60)
+
+    root, outside = tmp_path_factory.mktemp("proj"), tmp_path_factory.mktemp("elsewhere")
+    (root / ".aipm").symlink_to(outside)
+    assert_one_line_error(init(root), "is a symlink to", "-")
+    assert sorted(p.name for p in root.iterdir()) == [".aipm"] and list(outside.iterdir()) == []
+    fresh = root.parent / "fresh" / "a"
+    assert_one_line_error(init(fresh, AIPM_MAX_WORKERS="x"), "AIPM_MAX_WORKERS", "-")
+    assert not fresh.parent.exists()
+
+
+@pytest.mark.parametrize("args, said", [
+    (("--root",), "Option '--root' requires an argument"),
+    (("status", "orders/ORD/A.yaml"), "is a file, not an order directory"),
+    (("why", ""), "TASK: empty"),
+    (("logs", "NOPE"), "'NOPE': no order and no task of that name"),
+], ids=lambda v: " ".join(v) if isinstance(v, tuple) else "")
+def test_a_wrong_argument_is_told_what_it_is(project, args, said):
+    """`aipm --root` was an AttributeError traceback (exit 1); a task file given as an order was "no such path";
+    `why ''` looked for a task named ''; `logs NOPE` spoke of a task alone, though it takes an order too."""
+    write_task(project.order(), "A", command="true")
+    before = full_snapshot(project.root)
+    assert_one_line_error(project.aipm(*args), said, "-")
+    assert full_snapshot(project.root) == before
+
+
+def test_a_terminal_width_too_narrow_for_a_word_is_taken_as_unset(project):
+    """COLUMNS=0 broke every header of `status` into letters, one a line."""
+    write_task(project.order(), "A", command="true", target_files=["a.txt"])
+    for columns in ("0", "1"):
+        out = project.aipm("status", "ORD", env={"COLUMNS": columns}, check=True).stdout
+        assert "┃ task ┃ status ┃" in out, out

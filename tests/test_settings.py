@@ -207,6 +207,17 @@ def test_a_command_setting_yaml_read_as_no_text_is_told_to_be_quoted(tmp_path, t
     assert said in proc.stderr and ", not text: put it in quotes" in proc.stderr, proc.stderr
 
 
+@pytest.mark.parametrize("text,said", [
+    ('worker:\n  command: ""\n', "worker.command: '' is not a command"),  # was "[] is not a command": the split
+    ("orders_dir: /srv/orders\n", "orders_dir: '/srv/orders' is an absolute path; give a directory relative"),
+    ("orders_dir: ../orders\n", "orders_dir: '../orders' is outside the project"),
+])
+def test_a_setting_is_said_as_it_was_written(tmp_path, text, said):
+    (tmp_path / "aipm.yaml").write_text(text)
+    proc = aipm(tmp_path, "config")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and said in proc.stderr, proc.stderr
+
+
 @pytest.mark.parametrize("file,text,said", [
     ("aipm.yaml", "max_workers: true\n", "max_workers: true is not a positive integer"),
     ("aipm.yaml", "enable_monitoring: null\n", "enable_monitoring: null is not a boolean (true/false, yes/no, on/off, "

@@ -285,7 +285,7 @@ def _run_typer(args: list[str]) -> int:
         where = exc.ctx.command_path if getattr(exc, "ctx", None) is not None else "aipm"
         message = " ".join(exc.format_message().split())
         hint = f" (see '{where} --help')" if isinstance(exc, exceptions.UsageError) else ""
-        if getattr(exc, "option_name", None) == "--root":  # an option of `aipm`, absent from the command's help
+        if getattr(exc, "option_name", None) == "--root" and where != "aipm":  # `aipm run --root`: absent there
             hint = f" (--root goes before the command: aipm --root DIR {exc.ctx.info_name} ...)"
         elif isinstance(exc, exceptions.MissingParameter) and getattr(exc.param, "name", "") == "order" and (
                 exc.ctx.info_name != "new"):  # `new` wants an id that is not there yet
@@ -303,8 +303,9 @@ def main(argv: list[str] | None = None) -> None:
     """The command line (aipm.main runs it, and turns an interrupt outside a command's own handling into exit 130).
     Typer handles usage errors (exit 2) and Ctrl-C in its commands (exit 130); user errors become one line."""
     args = sys.argv[1:] if argv is None else argv
-    for name in ("COLUMNS", "LINES"):  # Rich reads them with isdigit() then int(): "²" was a traceback
-        if not os.environ.get(name, "0").isdecimal():
+    for name, least in (("COLUMNS", 20), ("LINES", 0)):  # Rich reads them with isdigit() then int(): "²" was a
+        size = os.environ.get(name, str(least))  # traceback; COLUMNS=0 broke every word of a table into letters
+        if not (size.isdecimal() and int(size) >= least):
             del os.environ[name]  # not a size: as if unset, as ls(1) takes it
     if "AIPM_TASK_ID" in os.environ:  # run by a worker's command: it may have handed us its locks
         from aipm.statedir import keep_inherited_locks

@@ -65,22 +65,23 @@ STATUS_STYLE = {
 @command()
 def init() -> None:
     """Create aipm.yaml, orders/ and the runtime directory .aipm/ in the project root (--root: made if missing)."""
-    root = project_root(create=True)
-    made, note, orders_dir = [], "", "orders"
+    root = project_root(create=load_settings)
+    made, note = [], ""
     config = root / CONFIG_FILE
     if os.path.islink(config) and not config.exists():  # written through, the template landed where it led
         raise UserError(f"{config}: a link to nothing ({os.readlink(config)}); remove it, or give it its file")
-    if config.exists():
-        # A broken aipm.yaml is named (exit 2) rather than called a project; a good one may move the orders.
-        orders_dir = load_settings(root).orders_dir
-    elif in_pyproject(root):
+    # A broken aipm.yaml, [tool.aipm] or AIPM_* variable is named (exit 2) rather than called a project; a good
+    # setting may move the orders.
+    orders_dir = load_settings(root).orders_dir
+    if not config.exists() and in_pyproject(root):
         # An aipm.yaml is read instead of [tool.aipm], never merged with it: writing one would silently drop
         # every setting there (max_workers, notify, orders_dir: the orders themselves would not be found).
-        orders_dir = load_settings(root).orders_dir  # a broken [tool.aipm] is named (exit 2), as aipm.yaml is
         note = "; its settings are in pyproject.toml [tool.aipm]"
     orders = root / orders_dir  # where `new` puts orders and every command looks for them, not always orders/
-    # Before any write: a file or a link to nothing there is named (exit 2), not taken for done or a traceback.
+    # Before any write: a file or a link to nothing there, or one that leads out of the project, and a `.aipm`
+    # link that does, are named (exit 2), not taken for done or a traceback.
     Project(root, orders_dir).order_dirs()
+    runtime = Runtime(root)
     if not orders.exists():
         try:
             orders.mkdir(parents=True)
@@ -91,7 +92,6 @@ def init() -> None:
     if not config.exists() and not note:
         config.write_text(CONFIG_TEMPLATE)
         made.insert(0, CONFIG_FILE)
-    runtime = Runtime(root)
     if not runtime.dir.exists():
         made.append(".aipm/")
     runtime.ensure()

@@ -21,7 +21,7 @@ from aipm import logbook, lostreviews, recovery, steering, subreaper
 from aipm.launcher import Launcher, Options
 from aipm.locks import node_file
 from aipm.paths import lock_node, normalize
-from aipm.project import AmbiguousOrder, find_task
+from aipm.project import AmbiguousOrder, TaskNotFound, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
 from aipm.statedir import orphans
@@ -185,7 +185,10 @@ def logs(
         return
     try:
         order_dir, task_id = find_task(project, task)
-    except UserError:
+    except UserError as exc:
+        if isinstance(exc, TaskNotFound) and attempt is None:  # the name may be an order's as well as a task's
+            raise UserError(f"{task!r}: no order and no task of that name under {project.root / project.orders_dir}"
+                            f" ({project.orders_here()}); give ORDER, ORDER/TASK or a path to a task file") from None
         # `logs ORDER --attempt N`: the order's name was looked up as a task's, and "task 'ORDER': not found in
         # any order" sent the user looking for a typo. Attempts are numbered per task: say so.
         if attempt is not None and _order_named(project, task) is not None:

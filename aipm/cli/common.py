@@ -10,6 +10,7 @@ import os
 import stat
 import sys
 from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO, Optional
 
 from aipm.cli.decl import Option
@@ -45,14 +46,15 @@ def _root_callback(
     _state["root"] = root
 
 
-def project_root(create: bool = False) -> Path:
-    """The project root: --root (or AIPM_ROOT_DIR), which must be a directory (`create`: made if missing, for
-    `init`), else found from the working directory."""
+def project_root(create: Callable[[Path], object] | None = None) -> Path:
+    """The project root: --root (or AIPM_ROOT_DIR), which must be a directory (for `init`, made if missing once
+    `create(path)` has raised nothing: a bad setting changes nothing), else found from the working directory."""
     root = _state["root"]
     if not root:
         return find_root()
     path = Path(root).resolve()
-    if create and not path.exists():
+    if create is not None and not path.exists():
+        create(path)
         try:
             path.mkdir(parents=True)
         except OSError as exc:
