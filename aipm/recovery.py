@@ -183,14 +183,23 @@ def usage_left(task: Task, rec: Record) -> bool:
 
 
 def unrecorded(task: Task, rec: Record, rt: Runtime) -> bool:
-    """The file, no longer running, is not this attempt's: it was put back under it (an agent's `git checkout`,
-    `git stash`), so whatever the attempt came to was never written. An outcome written for it keeps its number
+    """The file, no longer running, is not this attempt's outcome: it was put back under it (an agent's `git
+    checkout`, `git stash`) or its worker wrote a status there itself, so whatever the attempt came to was never
+    written. An outcome written for it keeps its number
     and its start time; a version from before it (even one with a higher count, before a `retry`) does not. A
     later attempt would have replaced the record (one per task), and a re-queue removes it with its writes. A
     CANCELLED that `aipm cancel` did not mark was written by someone else (its worker): no outcome either."""
     if task.status in RUNNING:
         return False
-    return not same_attempt(task, rec) or (task.status == Status.CANCELLED and not rt.cancelled(rec))
+    if not same_attempt(task, rec) or (task.status == Status.CANCELLED and not rt.cancelled(rec)):
+        return True
+    # This attempt's, and ended. aipm's outcome of it says when it ended, and never calls an attempt that failed (or
+    # a review that rejected it) a success; a status its worker wrote into the file itself (`sed`) may do either.
+    if rec.phase == "work" and task.finished_at is None:
+        return True
+    if task.status == Status.COMPLETED or (rec.phase == "work" and task.status == Status.DONE):
+        return bool(read_exit_file(rec.exit_file))
+    return False
 
 
 def left_behind(rec: Record, rt: Runtime) -> bool:

@@ -94,7 +94,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     recovered: set[tuple[str, int]] = set()  # dead owners whose tasks a recovery round has handled
     holders: set[int] = set()  # pids holding locks outside aipm that tasks wait for (watched: their exit wakes us)
     waiting_before: list[tuple[str, str]] = []
-    outside_told: set[tuple[str, str]] = set()  # (task, detail) of the waits for locks held outside aipm, notified
+    outside_told: set[tuple[str, str | None]] = set()  # (task, path) of the waits for locks held outside aipm, notified
     watched: set[str] = set()  # this order's tasks run by another owner, already said
     held: set[str] = set()  # this order's outcomes that a stopped owner holds, already said
     deferred_before: list[tuple[str, str]] = []  # (task, reason) of the last deferral said
@@ -215,13 +215,15 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                     emit({"event": "deferred", "tasks": tasks, "detail": detail})
             deferred_before = reasons
             waiting = report.plan.waiting
-            if [(b.id, b.detail) for b in waiting] != waiting_before:
+            # Keyed by the path, not the holder's pids: a daemon that starts a `sleep` every second hands the lock on
+            # to each (an inherited descriptor), and the line (and its notify) came again at every one.
+            if [(b.id, b.path) for b in waiting] != waiting_before:
                 for blocked in waiting:
                     emit({"event": "waiting", "task": blocked.id, "detail": blocked.detail, "pids": list(blocked.pids)})
-                    if (blocked.id, blocked.detail) not in outside_told:  # told once, however often it is said
-                        outside_told.add((blocked.id, blocked.detail))
+                    if (blocked.id, blocked.path) not in outside_told:  # told once, however often it is said
+                        outside_told.add((blocked.id, blocked.path))
                         notify.needs_person(launcher.settings, launcher.runtime, order.id, blocked.id, blocked.detail)
-            waiting_before = [(b.id, b.detail) for b in waiting]
+            waiting_before = [(b.id, b.path) for b in waiting]
             for pid in {p for b in waiting for p in b.pids} - holders:
                 if sup.watcher.watch_pid(pid, ("holder", pid)):
                     holders.add(pid)

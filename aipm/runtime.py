@@ -283,7 +283,23 @@ def read_exit_file(path: str) -> int | None:
 def read_exit(path: str, deadline: float | None = None) -> tuple[int | None, bool]:
     """(read_exit_file's code, whether the attempt outran its time limit with no owner to stop it: the wrapper
     stopped it, or it ended, by the end stamp " @S.CC" on the boot clock that follows a wrapper's code when it keeps a
-    limit, past `deadline`, within the margin the wrapper gives a live owner, runner.LATE).
+    limit, past `deadline`, within the margin the wrapper gives a live owner, runner.LATE)."""
+    code, stopped, ended = _exit_said(path)
+    return code, stopped or bool(deadline and ended and ended > deadline)
+
+
+_STAMP_STEP = 0.01  # an end stamp is cut to hundredths: the end was within one such step after it
+
+
+def ended_in_time(path: str, deadline: float) -> bool:
+    """The wrapper's end stamp says the command ended by `deadline` (on the boot clock), unstopped: an owner that
+    looks at it later (stopped by SIGSTOP, on a suspended machine) has no timeout to enforce."""
+    code, stopped, ended = _exit_said(path)
+    return code is not None and not stopped and ended is not None and ended + _STAMP_STEP <= deadline
+
+
+def _exit_said(path: str) -> tuple[int | None, bool, float | None]:
+    """(exit code, stopped at its limit by the wrapper, end on the boot clock) from the exit file.
     The compiled wrapper writes its code into `<path>.w` and then names it: one killed between the two left the code
     there, newline and all (an empty `.w` only says the wrapper started)."""
     try:
@@ -292,16 +308,16 @@ def read_exit(path: str, deadline: float | None = None) -> tuple[int | None, boo
         try:
             text = read_small(path + ".w").decode("ascii", "replace")
         except OSError:
-            return None, False
+            return None, False, None
         if not text.endswith("\n"):
-            return None, False
+            return None, False, None
     except OSError:
-        return None, False
+        return None, False, None
     code, *marks = text.split() or [""]
     if not code.lstrip("-").isdigit():
-        return None, False
+        return None, False, None
     ended = [float(m[1:]) for m in marks if m[:1] == "@" and m[1:].replace(".", "", 1).isdigit()]
-    return int(code), TIMED_OUT in marks or bool(deadline and ended and ended[0] > deadline)
+    return int(code), TIMED_OUT in marks, ended[0] if ended else None
 
 
 def exit_file_written(path: str) -> bool:

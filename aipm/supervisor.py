@@ -30,7 +30,7 @@ from aipm.recording import Recording
 from aipm.model import Task
 from aipm.liveness import led_by_another, process_ctime
 from aipm.record import Record
-from aipm.runtime import read_exit, read_exit_file
+from aipm.runtime import ended_in_time, read_exit, read_exit_file
 from aipm.workerfiles import append_log, exit_code_in_log
 from aipm.view import OrderView
 from aipm.worker import invocation
@@ -197,7 +197,8 @@ class Supervisor(Stopping, Recording, Owner):
     def _enforce_deadlines(self) -> None:
         now = _now()
         for key, rec in self.owned.items():
-            if rec.deadline and now >= rec.deadline and key not in self.timed_out and rec.pid:
+            if rec.deadline and now >= rec.deadline and key not in self.timed_out and rec.pid \
+                    and not ended_in_time(rec.exit_file, rec.deadline):  # (one that did is handled next)
                 self.timed_out.add(key)
                 self._note_in_records([rec], timed_out=True)
                 append_log(rec.log, f"timeout: sending SIGTERM to process group {rec.pgid}")
@@ -228,6 +229,8 @@ class Supervisor(Stopping, Recording, Owner):
             code = reaped if code is None else code
         timed_out = key in self.timed_out
         self.timed_out.discard(key)
+        if timed_out and rec.deadline and ended_in_time(rec.exit_file, rec.deadline):
+            timed_out = False  # it had ended in time, and we saw it late (stopped meanwhile: SIGSTOP, a suspend)
         # Not our child (adopted): the wrapper's exit file holds the outcome, or else its log. Ours, killed by a
         # signal: its wrapper may have kept the time limit itself (no owner did), then killed its group, itself too.
         if code is None or not (timed_out or 0 <= code < 128):

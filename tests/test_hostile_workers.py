@@ -114,6 +114,47 @@ def test_a_worker_that_reset_its_file_and_ended_after_the_kill_keeps_its_exit_co
     assert no_workers(project.root)
 
 
+@pytest.mark.parametrize("wrote, code, then_status", [("DONE", 3, "FAILED"), ("QUEUED", 0, "DONE")],
+                         ids=["a failure called DONE", "a success called QUEUED"])
+def test_a_status_a_worker_wrote_itself_while_its_owner_was_dead_is_no_outcome(project, gate, wrote, code,
+                                                                              then_status):
+    """A worker's `sed` of its own status, ended while no owner lived, was taken for aipm's outcome of the attempt
+    (same attempt number, same start): DONE for an exit 3, and the dependant ran; QUEUED for an exit 0, and the
+    task ran again. aipm's outcome says when the attempt ended; the worker's edit does not."""
+    order = project.order()
+    journal = project.root / "journal.txt"
+    write_task(order, "T1", target_files=["a.txt"], max_attempts=1,
+               command=f"while [ ! -e {gate} ]; do sleep 0.05; done; echo ran >> {journal}; "
+                       f"sed -i 's/^status: .*/status: {wrote}/' orders/ORD/T1.yaml; exit {code}")
+    write_task(order, "T2", target_files=["b.txt"], depends_on=["T1"], command=f"echo next >> {journal}")
+    _end_unwatched(project, gate)
+    assert task_statuses(order)["T1"] == wrote  # what the worker left, its attempt unrecorded
+    second = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    assert second.returncode == (0 if then_status == "DONE" else 1), second.stdout + second.stderr
+    task = project.json("status", "ORD")["tasks"][0]
+    assert (task["status"], task["attempts"], task["exit_code"]) == (then_status, 1, code), task
+    assert journal.read_text().splitlines() == ["ran"] + ["next"] * (then_status == "DONE")
+    assert no_workers(project.root)
+
+
+def test_a_review_a_reviewer_approved_itself_while_its_owner_was_dead_is_no_approval(project, gate):
+    """The reviewer wrote COMPLETED into the task file and exited 1 with its owner dead: the task ended COMPLETED."""
+    order = project.order()
+    write_task(order, "T1", target_files=["a.txt"], max_attempts=1, max_rework=0, command="true",
+               review=f"while [ ! -e {gate} ]; do sleep 0.05; done; "
+                      "sed -i 's/^status: .*/status: COMPLETED/' orders/ORD/T1.yaml; exit 1")
+    first = _start_run(project)
+    rec = wait_for(lambda: (r := _record(project, "T1")) and r.get("phase") == "review" and _went(r) and r)
+    first.send_signal(signal.SIGKILL)
+    first.wait(timeout=30)
+    gate.touch()
+    wait_for(lambda: not pid_alive(rec["pid"]))
+    assert task_statuses(order)["T1"] == "COMPLETED"
+    assert project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120).returncode == 1
+    assert task_statuses(order)["T1"] == "REJECTED"
+    assert no_workers(project.root)
+
+
 def test_a_command_whose_wrapper_died_with_its_supervisor_is_ended_before_its_task_runs_again(project, gate):
     order = project.order()
     journal = project.root / "journal.txt"
@@ -162,7 +203,8 @@ def test_retry_after_a_kill_that_left_the_record_behind_runs_the_task_afresh(pro
     order = project.order()
     journal = project.root / "journal.txt"
     write_task(order, "A", command=f"echo ran >> {journal}", target_files=["x.txt"], status="FAILED", attempts=1,
-               exit_code=3, started_at="2025-01-01T00:00:00+00:00")  # the outcome of the record's attempt
+               exit_code=3, started_at="2025-01-01T00:00:00+00:00",
+               finished_at="2025-01-01T00:00:09+00:00")  # the outcome of the record's attempt, as aipm writes one
     record = _dead_record(project, order, "A", 1, 3)
     project.aipm("retry", "A", check=True)
     assert not record.exists()

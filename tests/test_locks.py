@@ -196,6 +196,43 @@ def test_a_lock_held_by_another_process_is_named_everywhere_and_run_waits_for_it
         assert told.count(f"needs_person WAITING: ORD/{task}: docs/conf.py is held by pid {holder.pid}") == 1, told
 
 
+# A holder whose lock passes to child after child (a daemon's loop of `sleep`s, each with the descriptor): the
+# pids that hold it change every fraction of a second.
+CHURNING_HOLDER = HOLDER.replace("sys.stdin.read()  # hold until the test closes our stdin", """
+import select
+while not select.select([sys.stdin], [], [], 0)[0]:
+    subprocess.run(["sleep", "0.1"], pass_fds=fds)
+""").replace("import sys\n", "import subprocess\nimport sys\n", 1)
+
+
+def test_a_wait_for_a_lock_whose_holders_change_is_said_and_told_once(project):
+    """`run` printed its `wait` line again, and ran the notify command again, at every new `sleep` of the daemon
+    that held the lock: the line named the holders' pids, and a new set was a new wait."""
+    (project.root / "aipm.yaml").write_text("notify: 'true'\n")
+    order, journal = project.order(), project.root / "journal.txt"
+    write_task(order, "FILE", target_files=["docs/conf.py"], command=journal_command(journal))
+    holder = subprocess.Popen([PY, "-c", CHURNING_HOLDER, str(state(project.root, make=True)), "docs/conf.py"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    try:
+        run = Proc(project.root, "run", "ORD", "--json", "--no-resource-monitoring")
+        wait_for(lambda: any('"waiting"' in line for line in run.lines), timeout=120)
+        seen: set[int] = set()
+
+        def churned() -> bool:  # the holder and at least four of its children seen holding the lock meanwhile
+            for row in project.json("locks")["locks"]:
+                seen.update(row["pids"] if row["path"] == "docs/conf.py" else ())
+            return len(seen) >= 5
+
+        wait_for(churned, timeout=60)
+    finally:
+        release(holder)
+    assert run.wait(timeout=300) == 0, run.output
+    assert [e["task"] for e in run.events() if e["event"] == "waiting"] == ["FILE"], run.output
+    told = (project.root / ".aipm" / "notify.log").read_text()
+    assert told.count("needs_person WAITING: ORD/FILE: docs/conf.py is held by") == 1, told
+
+
 def test_a_glob_kept_out_by_a_lock_held_outside_names_the_path_it_could_match(project):
     """A process outside aipm holds src/a.txt and src/b.py: `src/*.py` waits for src/b.py, and its reason named
     src/a.txt (the first held path near src/, which it could not match)."""

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -212,3 +213,34 @@ def test_a_list_command_led_by_a_shell_builtin_keeps_its_limit_too(project):
     _ends_with_nobody_watching(project, pgid)
     task = _recovered(project)
     assert (task["status"], task["reason"]) == ("FAILED", f"timed out after {LIMIT} s"), task
+
+
+def test_an_owner_stopped_past_a_limit_its_attempt_ended_within_records_no_timeout(project, gate):
+    """`run` stopped (Ctrl-Z, SIGSTOP) while its worker ended in time, and resumed past the limit: it took the
+    deadline it found passed for a timeout, and the task that had ended well within it FAILED ("timed out", exit 0).
+    The wrapper's end stamp says when the command ended."""
+    limit = 5
+    write_task(project.order(), "TO", command=f"until [ -e {gate} ]; do sleep 0.05; done", timeout=limit,
+               max_attempts=1, target_files=["x"])
+    run = _start_run(project, compiled=wrapper.binary() is not None)
+    record = state(project.root) / "workers" / "ORD" / "TO.json"
+    try:
+        rec = wait_for(lambda: record.exists() and (r := json.loads(record.read_text())).get("deadline")
+                       and r["pgid"] and _running(r["pgid"], "sleep") and r)
+        run.send_signal(signal.SIGSTOP)
+        gate.touch()
+        wait_for(lambda: not group_alive(rec["pgid"]), GONE_WITHIN)  # it ended, its owner stopped
+        exit_file = rec["exit_file"]
+        ended = float(open(exit_file).read().split("@")[1])
+        assert ended < rec["deadline"], "the command did not end within its limit: the machine is too slow here"
+        wait_for(lambda: time.clock_gettime(time.CLOCK_BOOTTIME) > rec["deadline"] + 0.5, limit + 30)
+        run.send_signal(signal.SIGCONT)
+        assert run.wait(timeout=120) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    task = yaml.safe_load((project.root / "orders" / "ORD" / "TO.yaml").read_text())
+    assert (task["status"], task["exit_code"]) == ("DONE", 0), task
+    log = (project.root / ".aipm" / "logs" / "ORD" / "TO.1.log").read_text()
+    assert "timeout" not in log, log
