@@ -237,6 +237,10 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                       "`aipm launch` or another `aipm run`); this run waits for them and goes on from there"
                       if not only else "run by another aipm; this exec waits for it and ends as it ends"})
                 watched |= theirs
+                # Their owners' audits look for the output of aipm processes that own attempts; this one owns none
+                # of theirs, and its `> run2.log` sent the attempts it watched back to rework: noted in their window.
+                with launcher.runtime.launch_lock():
+                    writtenlog.note_output(launcher.runtime)
             orphaned = dead - recovered  # an owner died since the last recovery: never leave its task stuck
             recovered |= orphaned
             if only:

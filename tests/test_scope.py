@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from aipm.paths import normalize
 from aipm.gitstatus import changed
@@ -1279,3 +1280,31 @@ def test_the_output_of_aipm_launch_is_not_charged_to_the_worker_it_started(tmp_p
     assert launched.returncode == 0, (root / "launch.log").read_text()
     wait_for(lambda: task_statuses(order)["T"] not in ("QUEUED", "IN_PROGRESS", "IN_REVIEW"), timeout=60)
     assert yaml.safe_load((order / "T.yaml").read_text())["status"] == "DONE", (order / "T.yaml").read_text()
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_a_run_watching_a_launched_attempt_writes_its_output_without_sending_it_back(tmp_path):
+    """`aipm launch O` then `aipm run O > run2.log`: the run owns no attempt (it watches the detached owner's), so
+    the owner's audit took run2.log for the worker's write, and the attempt went back to rework."""
+    root = tmp_path / "repo"
+    gate = tmp_path / "gate"  # outside the tree: no write of the test's is audited
+    root.mkdir()
+    (root / "aipm.yaml").write_text("max_rework: 1\n")
+    write_task(root / "orders" / "O", "A", command=f"until [ -e {shlex.quote(str(gate))} ]; do sleep 0.02; done; "
+               "echo a > a.txt", target_files=["a.txt"])
+    for args in (["init", "-q"], ["add", "-A"], ["-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "x"]):
+        subprocess.run(["git", *args], cwd=root, check=True)
+    aipm = [sys.executable, "-m", "aipm", "--root", str(root)]
+    try:
+        subprocess.run([*aipm, "launch", "O", "--no-resource-monitoring"], cwd=root, check=True, capture_output=True,
+                       timeout=60)
+        with open(root / "run2.log", "w") as out:
+            run = subprocess.Popen([*aipm, "run", "O", "--no-resource-monitoring"], stdout=out,
+                                   stderr=subprocess.STDOUT, cwd=root)
+        wait_for(lambda: "watch" in (root / "run2.log").read_text(), timeout=60)
+        gate.touch()
+        assert run.wait(timeout=120) == 0, (root / "run2.log").read_text()
+    finally:
+        gate.touch()
+    task = yaml.safe_load((root / "orders" / "O" / "A.yaml").read_text())
+    assert (task["status"], task["attempts"], task.get("reworks", 0)) == ("DONE", 1, 0), task
