@@ -179,6 +179,13 @@ def _model(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
+def _prompt(path: Path, data: Mapping[str, Any], key: str) -> str | None:
+    value = str_field(path, data, key)
+    if value is not None and not value.strip():  # the agent would be started with nothing to do
+        raise ValidationError(str(path), key, "empty; give the agent its instructions, or remove the line")
+    return value
+
+
 def _flag(path: Path, data: Mapping[str, Any], key: str) -> bool | None:
     value = data.get(key)
     if value is not None and not isinstance(value, bool):
@@ -367,7 +374,7 @@ def _optional_count(path: Path | str, data: Mapping[str, Any], key: str, maximum
 # extra arguments. The key is also the Task field it sets.
 _DEFINED: tuple[tuple[str, Any, tuple], ...] = (
     ("title", one_line, ()), ("priority", _enum, (Priority, Priority.P1)), ("depends_on", _depends_on, ()),
-    ("command", _command, ()), ("prompt", str_field, ()), ("model", _model, ()), ("review", _command, ()),
+    ("command", _command, ()), ("prompt", _prompt, ()), ("model", _model, ()), ("review", _command, ()),
     ("timeout", _timeout, ()), ("max_attempts", _positive_int, (MAX_COUNT,)),
     ("resources", _resources, ()), ("max_rework", _optional_count, (MAX_COUNT,)), ("agent", _agent, ()),
     ("max_cost_usd", money_field, (True,)), ("confine", _flag, ()), ("workspace", _workspace, ()),

@@ -230,6 +230,8 @@ def _config_layer(root: Path) -> Layer:
     config = root / "aipm.yaml"
     if config.exists():
         return _file_layer(config, _read_yaml(config), "aipm.yaml")
+    if config.is_symlink():  # a link to nothing: its settings were meant, and every default taken silently instead
+        raise SettingsError(f"{config}: a link to nothing ({os.readlink(config)}); give it its file, or remove it")
     pyproject = root / "pyproject.toml"
     if pyproject.exists():  # what is not a file there is named, as for aipm.yaml (not taken for no settings)
         return _file_layer(pyproject, _read_pyproject(pyproject), "pyproject.toml [tool.aipm]")

@@ -103,6 +103,8 @@ def orders_dir(value: Any) -> str:
         raise ValueError(f"{path!r} is an absolute path; give a directory relative to the project root")
     if parts[0] == "..":
         raise ValueError(f"{path!r} is outside the project; give a directory relative to the project root")
+    if parts == ["."]:  # every directory of the project an order (src/, docs/), refused one by one at validate
+        raise ValueError(f"{path!r} is the project root itself; give a directory of its own (orders, the default)")
     if parts[0] in (".aipm", ".git"):
         raise ValueError(f"{path!r} is inside {parts[0]}/, which is not version-controlled with the project; give "
                          "a directory of its own (orders, the default)")

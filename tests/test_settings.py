@@ -211,6 +211,7 @@ def test_a_command_setting_yaml_read_as_no_text_is_told_to_be_quoted(tmp_path, t
     ('worker:\n  command: ""\n', "worker.command: '' is not a command"),  # was "[] is not a command": the split
     ("orders_dir: /srv/orders\n", "orders_dir: '/srv/orders' is an absolute path; give a directory relative"),
     ("orders_dir: ../orders\n", "orders_dir: '../orders' is outside the project"),
+    ("orders_dir: ./\n", "orders_dir: './' is the project root itself"),  # every directory an order
 ])
 def test_a_setting_is_said_as_it_was_written(tmp_path, text, said):
     (tmp_path / "aipm.yaml").write_text(text)
@@ -445,3 +446,11 @@ def test_bad_setting_stops_resources_too(tmp_path):
 def test_config_shows_ray_address_default_as_the_reference_does(tmp_path):
     """`config --json` said ray.address null where reference.md gives its default as `auto`."""
     assert effective(tmp_path)["ray.address"] == {"value": "auto", "source": "default"}
+
+
+def test_an_aipm_yaml_linked_to_nothing_is_named_not_taken_for_no_settings(tmp_path):
+    """`config` and `status` showed every default with no word: the settings the link was meant to give were lost."""
+    (tmp_path / "aipm.yaml").symlink_to(tmp_path / "gone.yaml")
+    proc = aipm(tmp_path, "config")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "aipm.yaml: a link to nothing" in proc.stderr, \
+        proc.stderr
