@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from aipm import (agents, commits, confine, inodes, landlock, locks, outcome, ownoutput, restore, runner, scope,
                   spending, workspace, writer)
-from aipm.workspace import carry
 from aipm.errors import UserError
 from aipm.liveness import process_ctime
 from aipm.model import Order, Status, Task, definition, ran_by
@@ -24,6 +23,7 @@ from aipm.paths import as_path
 from aipm.record import Record, live_pid
 from aipm.runtime import StateWriteError
 from aipm.view import OrderView
+from aipm.workspace import carry
 from aipm.worker import agent_for, program as worker_program, program_source
 from aipm.workerfiles import NO_WAIT, append_log
 from aipm.writer import StaleWrite, now, update_task
