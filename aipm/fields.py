@@ -181,7 +181,7 @@ def _model(path: Path, data: Mapping[str, Any], key: str) -> str | None:
 
 def _prompt(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     value = str_field(path, data, key)
-    if value is not None and not value.strip():  # the agent would be started with nothing to do
+    if value is not None and not value.strip() and data.get("command") is None:  # an agent with nothing to do
         raise ValidationError(str(path), key, "empty; give the agent its instructions, or remove the line")
     return value
 

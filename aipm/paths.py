@@ -134,9 +134,10 @@ def real_relative(root: str, rel: str) -> str | None:
     real = os.path.realpath(os.path.join(root, rel))
     if real == real_root:
         return ""
-    if not real.startswith(real_root + os.sep):
+    prefix = real_root.rstrip(os.sep) + os.sep  # (a root of `/` is its own prefix)
+    if not real.startswith(prefix):
         return None
-    return real[len(real_root) + 1:]
+    return real[len(prefix):]
 
 
 class Normaliser(dict):

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aipm.errors import UserError, ValidationError
-from aipm.paths import real_relative
 from aipm.settings import holds_settings
 from aipm.store import NOT_TASKS, ORDER_FILE, SETTINGS_FILE as CONFIG_FILE, order_meta, task_names
 
@@ -61,14 +60,6 @@ class Project:
     root: Path
     orders_dir: str = "orders"
 
-    def __post_init__(self) -> None:
-        # Orders are version-controlled with the project: a link (orders/, or a directory on its way) that leads
-        # out of it put every order, and every status write, somewhere else, with no word.
-        if real_relative(str(self.root), self.orders_dir) is None:
-            raise UserError(f"{self.root / self.orders_dir}: orders_dir leads outside the project (to "
-                            f"{os.path.realpath(self.root / self.orders_dir)}); make it a directory inside "
-                            f"{self.root}, or set orders_dir (`aipm config` says where it is set)")
-
     @property
     def runtime(self) -> Path:
         return self.root / RUNTIME_DIR
@@ -92,9 +83,6 @@ class Project:
             as_path = Path(os.getcwd()) / as_path
         if as_path.is_dir():
             found = as_path.resolve()
-            if real_relative(str(self.root), str(found)) is None:  # its writes (statuses, `add`'s schema) land there
-                raise UserError(f"order {arg!r}: {found} is outside the project {self.root}; an order is a "
-                                f"directory inside it (in {self.orders_dir}/, version-controlled with it)")
             orders = (self.root / self.orders_dir).resolve()
             if found == orders:  # it holds orders; its task files are none
                 raise UserError(f"order {arg!r}: {found} is the directory of the orders, not an order; give an "

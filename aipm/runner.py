@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import os
+import select
 import selectors
 import shutil
 import signal
@@ -285,6 +286,11 @@ class Watcher:
         if fd is not None:
             self._sel.unregister(fd)
             os.close(fd)
+
+    def ended(self, key: Hashable) -> bool:
+        """The process watched as `key` has ended (its pidfd is readable), without waiting."""
+        fd = self._pidfds.get(key)
+        return fd is not None and bool(select.select([fd], [], [], 0)[0])
 
     def __len__(self) -> int:
         """How many processes are still watched."""

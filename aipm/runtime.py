@@ -65,7 +65,7 @@ def _refuse_escape(root: Path, runtime: Path) -> None:
     """A `.aipm` symlink leading out of the project would make aipm create and delete files elsewhere."""
     if runtime.is_symlink():
         real, real_root = os.path.realpath(runtime), os.path.realpath(root)
-        if not real.startswith(real_root + os.sep):
+        if not real.startswith(real_root.rstrip(os.sep) + os.sep):
             raise UserError(f"{runtime}: is a symlink to {real}, outside the project; remove the link "
                             "(aipm creates the directory again)")
 

@@ -71,8 +71,7 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
                      "Tasks whose target files overlap never run at the same time."),
     "command": (_COMMAND, "What the worker runs: a string (run by /bin/sh -c) or a list (argv, no shell). "
                           "Without it the project's worker template (worker.command in aipm.yaml) runs."),
-    "prompt": ({"type": ["string", "null"], "pattern": r"\S"}, "Text for an agent worker, given on standard input "
-               "(not blank)."),
+    "prompt": (_STRING, "Text for an agent worker, given on standard input (not blank in a task without command)."),
     "model": (_NAME, "Model name passed to the worker template as {model}."),
     "review": (_COMMAND, "Review command: exit 0 approves (COMPLETED), non-zero sends the task to REWORK."),
     "timeout": ({"type": ["integer", "string", "null"], "minimum": 1, "maximum": MAX_TIMEOUT,
@@ -158,6 +157,9 @@ def task_schema() -> dict[str, Any]:
         "type": "object",
         "properties": _properties(TASK_KEYS, _TASK_FIELDS, MANAGED_FIELDS),
         "additionalProperties": False,
+        # An agent's task (no command) with a blank prompt would start the agent with nothing to do.
+        "if": {"properties": {"command": {"type": "null"}}},
+        "then": {"properties": {"prompt": {"type": ["string", "null"], "pattern": r"\S"}}},
     }
 
 

@@ -197,8 +197,10 @@ class Supervisor(Stopping, Recording, Owner):
     def _enforce_deadlines(self) -> None:
         now = _now()
         for key, rec in self.owned.items():
-            if rec.deadline and now >= rec.deadline and key not in self.timed_out and rec.pid \
-                    and not ended_in_time(rec.exit_file, rec.deadline):  # (one that did is handled next)
+            # An attempt that has ended, and by its wrapper's stamp within its limit, is handled next: no timeout (the
+            # stamp of one still running is not read: it could be anything its worker wrote).
+            if rec.deadline and now >= rec.deadline and key not in self.timed_out and rec.pid and not (
+                    self.watcher.ended(key) and ended_in_time(rec.exit_file, rec.deadline)):
                 self.timed_out.add(key)
                 self._note_in_records([rec], timed_out=True)
                 append_log(rec.log, f"timeout: sending SIGTERM to process group {rec.pgid}")

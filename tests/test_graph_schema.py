@@ -293,6 +293,8 @@ def test_schema_accepts_every_valid_fixture(order_dir):
     # and what both take
     "workspace_setup: ''\n", "workspace_setup: make\n", "workspace_copy: [.env, 'cfg/*.json']\n", "model: opus\n",
     "command: [make, '']\n",
+    # a blank prompt: nothing for an agent (no command) to do; a command's standard input may be empty
+    "prompt: ''\n", "prompt: ' '\nmodel: opus\n", "command: wc\nprompt: ''\n",
     # more than one GPU is whole (Ray refuses 1.5 at every attempt); a share of one is not
     "resources: {gpus: 1.5}\n", "resources: {gpus: 2.0}\n", "resources: {gpus: 0.5}\n", "resources: {gpus: 3}\n",
     # a target holding a line break (a worker's AIPM_TARGET_FILES is one per line) or a NUL: refused by both

@@ -232,3 +232,12 @@ def test_one_load_sees_each_target_in_the_tree_as_a_lone_look_would(tmp_path):
         together["out/proj/../x.py"]
     with pytest.raises(PathError, match="symlink"):
         together["out/x/y.py"]
+
+
+def test_a_root_of_slash_holds_every_path():
+    """A project at `/` (a container's working directory with no git and no aipm.yaml): nothing was inside it, its
+    prefix being `//`."""
+    from aipm.paths import real_relative
+
+    assert real_relative("/", "etc") == "etc" and real_relative("/", ".") == ""
+    assert real_relative("/etc", "../usr") is None

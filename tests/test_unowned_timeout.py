@@ -244,3 +244,20 @@ def test_an_owner_stopped_past_a_limit_its_attempt_ended_within_records_no_timeo
     assert (task["status"], task["exit_code"]) == ("DONE", 0), task
     log = (project.root / ".aipm" / "logs" / "ORD" / "TO.1.log").read_text()
     assert "timeout" not in log, log
+
+
+def test_an_end_stamp_a_live_worker_forged_does_not_stop_its_owners_timeout(project):
+    """A worker that wrote an early end stamp into its exit file while it ran on: its owner trusted the stamp, sent
+    no SIGTERM at the limit, and woke in a busy loop until the wrapper's own limit (10 s later) stopped it. The
+    stamp is read only once the process has ended."""
+    if wrapper.binary() is None:
+        pytest.skip("the wrapper cannot be built here (no cc / x86-64)")
+    forge = 'f=$(tr "\\0" "\\n" < /proc/$PPID/cmdline | sed -n 2p); echo "0 @1.00" > "$f"; '
+    write_task(project.order(), "TO", command=forge + f"sleep {SLEEP}", timeout=LIMIT, max_attempts=1,
+               target_files=["x"])
+    proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    task = yaml.safe_load((project.root / "orders" / "ORD" / "TO.yaml").read_text())
+    assert (task["status"], task["reason"]) == ("FAILED", f"timed out after {LIMIT} s"), task
+    log = (project.root / ".aipm" / "logs" / "ORD" / "TO.1.log").read_text()
+    assert "timeout: sending SIGTERM" in log and "no owner stopping it" not in log, log

@@ -21,6 +21,7 @@ from aipm.advice import warnings
 from aipm.cli.common import console, get_project, warn
 from aipm.errors import UserError
 from aipm.model import ID_PATTERN, ID_RULE, Priority
+from aipm.paths import real_relative
 from aipm import settingvalues
 from aipm.schema import KINDS, schema_text
 from aipm.fields import one_line, task_from_mapping
@@ -159,7 +160,8 @@ def add(
     check_links(loaded)
     _create(path, text)
     console().print(f"created {_shown(path, project.root)}", markup=False)
-    _install_schema(order_dir.parent, "task", project.root)
+    if real_relative(str(project.root), str(order_dir)) is not None:  # (`add ..` wrote one into the root's parent)
+        _install_schema(order_dir.parent, "task", project.root)
     warn(warnings([new_task]))
 
 
