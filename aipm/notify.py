@@ -30,7 +30,8 @@ LOG_LIMIT = 1 << 20
 # $1 is the log; the rest is the command, started in the background so this shell exits at once.
 _TASK_VARS = frozenset({"AIPM_ORDER_ID", "AIPM_TASK_ID", "AIPM_ATTEMPT", "AIPM_LOG", "AIPM_TARGET_FILES",
                         "AIPM_MODEL", "AIPM_REVIEW_FEEDBACK"})
-_DETACH = 'log=$1; shift; "$@" </dev/null >>"$log" 2>&1 & echo $!'
+# In the project root, as workers and reviews run: a relative `./scripts/notify.sh` was "not found" from a subdirectory.
+_DETACH = 'log=$1; shift; cd "$AIPM_ROOT" 2>>"$log" || exit 0; "$@" </dev/null >>"$log" 2>&1 & echo $!'
 # The commands this process started, as (pid, start time): re-parented to an owner (a child subreaper), they are
 # its to let finish, never an attempt's leftovers (subreaper.strays), even before their environment can be read.
 STARTED: set[tuple[int, float]] = set()

@@ -100,6 +100,12 @@ def test_aider_argv_makes_the_targets_its_files(tmp_path):
     assert argv[-5:] == ["src/app.py", "docs/a.md", "docs/sub/b.md", "tests/test_a.py", "tests/unit/test_b.py"]
 
 
+def test_aider_is_given_a_file_named_like_an_option_as_a_path(tmp_path):
+    """A target `-m.txt` reached aider as `-m .txt`: the message `.txt` instead of the task's, and no file."""
+    argv = aider.argv(attempt(tmp_path, targets=("-m.txt", "--notes.txt", "a-b.txt")))
+    assert argv[-3:] == ["./-m.txt", "./--notes.txt", "a-b.txt"]
+
+
 def test_aider_is_told_of_a_directory_target_without_files(tmp_path):
     (tmp_path / "docs").mkdir()
     a = attempt(tmp_path, targets=("docs/", "src/app.py"))
@@ -1285,6 +1291,24 @@ def test_notify_runs_on_failure_and_at_the_end_of_the_order(project):
                      if notes.exists() else None)
     assert sorted(lines) == ["failed FAILED BAD", "order_finished INCOMPLETE "]
     assert "failed FAILED: ORD/BAD is FAILED" in (project.root / ".aipm" / "notify.log").read_text()
+
+
+def test_a_relative_notify_command_runs_in_the_project_root_wherever_aipm_was_started(project):
+    """`notify: [./scripts/notify.sh]` ran in the working directory of the aipm that sent it: from a subdirectory
+    it was "not found", and nothing was told (the worker template beside it ran, from the root)."""
+    (project.root / "scripts").mkdir()
+    script = project.root / "scripts" / "notify.sh"
+    script.write_text('#!/bin/sh\necho "$AIPM_EVENT $(pwd)" >> "$AIPM_ROOT/notified.txt"\n')
+    script.chmod(0o755)
+    (project.root / "aipm.yaml").write_text("notify: [./scripts/notify.sh]\n")
+    write_task(project.order(), "BAD", command="exit 3", target_files=["a.txt"])
+    (project.root / "src").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "aipm", "run", "ORD"], cwd=project.root / "src", text=True,
+                          capture_output=True, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"), timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    told = project.root / "notified.txt"
+    lines = wait_for(lambda: told.exists() and len(told.read_text().splitlines()) >= 2 and told.read_text())
+    assert sorted(lines.splitlines()) == [f"failed {project.root}", f"order_finished {project.root}"], lines
 
 
 def test_notify_after_a_retry_names_the_attempt_whose_log_it_gives(project):

@@ -59,7 +59,8 @@ def argv(attempt: Attempt) -> list[str]:
             "--max-chat-history-tokens", str(_NO_SUMMARY)]
     if attempt.model_chosen:  # aipm's default (`sonnet`) would override the model configured for aider itself
         args += ["--model", attempt.model]
-    return args + files(attempt)
+    # A file named like an option (`-m.txt`: aider read `-m .txt`, its message) is given as `./-m.txt`.
+    return args + [f"./{name}" if name.startswith("-") else name for name in files(attempt)]
 
 
 def files(attempt: Attempt) -> list[str]:
