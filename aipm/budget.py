@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+from aipm import agents
 from aipm.model import Order, Task
 from aipm.record import Record
 
@@ -161,19 +162,28 @@ def recorded(order: Order) -> float | None:
 
 
 def held(order: Order, records: Iterable[Record]) -> float:
-    """What the order's attempts still at work may spend: their caps (an ended attempt's cost is recorded)."""
-    return round(sum(r.cost_cap for r in records if r.order == order.id and r.phase == "work"
-                     and r.cost_cap is not None), 6)
+    """What the order's attempts still at work may spend: their caps (an ended attempt's cost is recorded), and a
+    least share for each of an agent that spends with no cap to give it (aider): held as nothing, any number of
+    them started at once under a budget that paid for one."""
+    return round(sum(r.cost_cap if r.cost_cap is not None else MIN_SHARE if uncapped(r.agent) else 0.0
+                     for r in records if r.order == order.id and r.phase == "work"), 6)
 
 
-def attempt_caps(tasks: list[Task], spend: Budget | None, together: int, capped: Callable[[Task], bool]
-                 ) -> dict[str, float | None]:
+def uncapped(agent: str) -> bool:
+    """The agent's attempts spend against a budget, but its CLI takes no cap (aider)."""
+    return agents.reports_cost(agent) and not agents.caps_cost(agent)
+
+
+def attempt_caps(tasks: list[Task], spend: Budget | None, together: int, capped: Callable[[Task], bool],
+                 spends: Callable[[Task], bool] = lambda task: False) -> dict[str, float | None]:
     """Each starting attempt's spending cap: the task's own `max_cost_usd`, and under an order budget no more than
     its share (Budget.split) of what is available, split among the `together` capped attempts the plan would start
     now (those starting on this reading among them). None for tasks whose agents take no cap (`capped` says which:
     their spending is known only once recorded); 0 for those that wait: beyond the attempts the budget can give a
-    share (the first ones in the plan's order get one)."""
-    takers = [t for t in tasks if capped(t)]
+    share (the first ones in the plan's order get one). An attempt that `spends` with no cap to take (aider) needs a
+    share under an order budget as a capped one does, and starts with None (no cap) once it has one (held() counts
+    it so while it runs)."""
+    takers = [t for t in tasks if capped(t) or spend is not None and spends(t)]
     caps: dict[str, float | None] = {t.id: None for t in tasks}
     if spend is None:
         caps.update((t.id, task_left(t)) for t in takers)
@@ -182,7 +192,7 @@ def attempt_caps(tasks: list[Task], spend: Budget | None, together: int, capped:
     # The plan would start `together` of them (this reading's starts among them): each is given its share as if
     # those it waits for started with it, so a ramp's one start does not take what the others will need.
     shares = spend.split(owns + [None] * max(0, together - len(takers)))
-    caps.update((t.id, share) for t, share in zip(takers, shares))
+    caps.update((t.id, share if capped(t) or not share else None) for t, share in zip(takers, shares))
     return caps
 
 

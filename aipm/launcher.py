@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 from aipm import agents, durable, holds, locks, recovery, scope, subreaper
-from aipm.budget import Budget, attempt_caps, of as order_budget
+from aipm.budget import Budget, attempt_caps, of as order_budget, uncapped
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
 from aipm.plan import LIMIT, Busy, ForeignLock, Plan, plan
@@ -266,7 +266,8 @@ class Launcher(Starter):
         # The capped attempts the plan would start now, as many as the worker limit allows, share the budget, even
         # when the load lets fewer start at once: on a ramp (one start a second) the first one was given all of it,
         # and the others waited for it to end.
-        together = sum(agents.caps_cost(agent_for(t, self.settings)) for t in wanted)
+        together = sum(agents.caps_cost(agent) or spend is not None and uncapped(agent)
+                       for agent in (agent_for(t, self.settings) for t in wanted))
         # Read the machine only when there is something to start: the idle loop costs no CPU.
         budget, why, note = self.start_budget(live_count) if wanted else (0, "", "")
         if budget:
@@ -284,7 +285,8 @@ class Launcher(Starter):
         started: list[tuple[Task, Starting]] = []
         again = False
         caps = attempt_caps([counted.tasks[t.id] for t in wanted[:budget]], spend, together,
-                            lambda t: agents.caps_cost(agent_for(t, self.settings)))
+                            lambda t: agents.caps_cost(agent_for(t, self.settings)),
+                            lambda t: uncapped(agent_for(t, self.settings)))
         unfunded = [t for t in wanted[:budget] if caps[t.id] == 0]
         if unfunded:  # (they wait for the caps just given too: the budget was read before)
             given = replace(spend, held=round(spend.held + sum(c for c in caps.values() if c), 6))

@@ -892,6 +892,31 @@ def test_the_budget_stops_new_attempts_and_run_says_so(project):
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
 
 
+def test_aider_attempts_that_take_no_cap_share_the_budget_as_capped_ones_do(project, gate):
+    """aider takes no spending cap, so its attempts held no share: under a $0.10 budget all three started at once and
+    spent three times it. Each now needs a least share to start, and holds one while it runs."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: aider\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")
+    for name in ("T1", "T2", "T3"):
+        write_task(order, name, prompt=f"@cost 0.08\n@wait-for {gate}", target_files=[f"{name}.txt"])
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                            "--no-resource-monitoring"], env={**os.environ, **agent_env(project)},
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(lambda: journal(project))
+        assert len(project.json("ps")["workers"]) == 1
+        blocked = {b["id"]: b["reason"] for b in project.json("detect", "ORD")["blocked"]}
+        assert [blocked.get(t) for t in ("T2", "T3")] == ["budget", "budget"], blocked
+    finally:
+        gate.touch()
+        out = run.communicate(timeout=120)[0]
+    assert run.returncode == 1, out
+    # T1 spent $0.08; T2 started with all that was left ($0.02: aider cannot be held to it); then the budget stops.
+    assert project.statuses() == {"T1": "DONE", "T2": "DONE", "T3": "QUEUED"}, out
+    assert len(journal(project)) == 2
+
+
 def test_the_budget_setting_applies_when_order_yaml_has_none(project):
     (project.root / "aipm.yaml").write_text("max_workers: 1\nmax_cost_usd: 0.1\nworker:\n  agent: claude\n")
     order = project.order()
