@@ -43,6 +43,9 @@ class Budget:
     # Tasks whose attempts cost nothing against it (their own command; codex, the template): they need no share,
     # so what running attempts hold keeps none of them waiting. (A `sleep`'s lint waited for two agents to end.)
     costless: frozenset[str] = frozenset()
+    # Tasks whose attempts spend with no cap to take (aider): their own budget cannot bound one, so each needs a
+    # whole least share to start.
+    uncapped: frozenset[str] = frozenset()
 
     @property
     def reached(self) -> bool:
@@ -63,7 +66,7 @@ class Budget:
     def holds_back(self, task_id: str, own: float | None = None) -> bool:
         """Whether the task waits because the running attempts hold what is left, all of it or all but less than
         a least share (not a stop: see reached). `own`: what the task's own max_cost_usd leaves it (task_left)."""
-        return task_id not in self.costless and not self.split([own])[0]
+        return task_id not in self.costless and not self.split([None if task_id in self.uncapped else own])[0]
 
     def split(self, owns: list[float | None]) -> list[float]:
         """The caps of capped attempts that would start now, in the plan's order, each with what its own budget
@@ -171,7 +174,8 @@ def held(order: Order, records: Iterable[Record]) -> float:
 
 def uncapped(agent: str) -> bool:
     """The agent's attempts spend against a budget, but its CLI takes no cap (aider)."""
-    return agents.reports_cost(agent) and not agents.caps_cost(agent)
+    # (a record's agent may be one this aipm does not know: a newer aipm's, or a worker's edit)
+    return agent in agents.NAMES and agents.reports_cost(agent) and not agents.caps_cost(agent)
 
 
 def attempt_caps(tasks: list[Task], spend: Budget | None, together: int, capped: Callable[[Task], bool],
@@ -188,7 +192,8 @@ def attempt_caps(tasks: list[Task], spend: Budget | None, together: int, capped:
     if spend is None:
         caps.update((t.id, task_left(t)) for t in takers)
         return caps
-    owns = [task_left(t) for t in takers]
+    # (what a task's own budget leaves does not bound an attempt that takes no cap: it needs a whole least share)
+    owns = [task_left(t) if capped(t) else None for t in takers]
     # The plan would start `together` of them (this reading's starts among them): each is given its share as if
     # those it waits for started with it, so a ramp's one start does not take what the others will need.
     shares = spend.split(owns + [None] * max(0, together - len(takers)))
@@ -200,4 +205,8 @@ def of(order: Order, default_limit: float | None, records: Iterable[Record] = ()
     """The order's budget; `records` (the worker records) give what its running attempts hold."""
     limit, source = ((order.max_cost_usd, "order.yaml") if order.max_cost_usd is not None
                      else (default_limit, "setting max_cost_usd"))
-    return None if limit is None else Budget(limit, spent(order), source, held(order, records), unreported(order))
+    if limit is None:
+        return None
+    done, unknown = spent(order), unreported(order)
+    # (no more than is left: the least share an aider attempt holds may be more than a small budget has)
+    return Budget(limit, done, source, min(held(order, records), max(0.0, round(limit - done - unknown, 6))), unknown)

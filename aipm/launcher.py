@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 from aipm import agents, durable, holds, locks, recovery, scope, subreaper
-from aipm.budget import Budget, attempt_caps, of as order_budget, uncapped
+from aipm.budget import MIN_SHARE, Budget, attempt_caps, of as order_budget, uncapped
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
 from aipm.plan import LIMIT, Busy, ForeignLock, Plan, plan
@@ -289,7 +289,10 @@ class Launcher(Starter):
                             lambda t: uncapped(agent_for(t, self.settings)))
         unfunded = [t for t in wanted[:budget] if caps[t.id] == 0]
         if unfunded:  # (they wait for the caps just given too: the budget was read before)
-            given = replace(spend, held=round(spend.held + sum(c for c in caps.values() if c), 6))
+            funded = sum(c if c else MIN_SHARE for t, c in caps.items() if c != 0 and (
+                c is not None or uncapped(agent_for(counted.tasks[t], self.settings))))  # (as budget.held counts)
+            given = replace(spend, held=round(min(spend.held + funded, spend.limit - spend.spent - spend.unreported),
+                                              6))
             report.deferred += [{"id": t.id, "reason": "budget", "detail": given.held_detail} for t in unfunded]
         try:
             for task in [t for t in wanted[:budget] if caps[t.id] != 0]:
@@ -359,8 +362,11 @@ class Launcher(Starter):
     def budget(self, order: Order, records: Iterable[Record]) -> Budget | None:
         """The order's budget (budget.of), knowing which of its tasks cost nothing against it."""
         spend = order_budget(order, self.settings.max_cost_usd, records)
-        return spend and replace(spend, costless=frozenset(
-            t.id for t in order.tasks.values() if not agents.reports_cost(agent_for(t, self.settings))))
+        if not spend:
+            return spend
+        agent = {t.id: agent_for(t, self.settings) for t in order.tasks.values()}
+        return replace(spend, costless=frozenset(t for t, a in agent.items() if not agents.reports_cost(a)),
+                       uncapped=frozenset(t for t, a in agent.items() if uncapped(a)))
 
     def launch_ramped(self, view: OrderView) -> LaunchReport:
         """launch() with detached owners, repeated while the ramp-up holds starts back for a fresh reading.

@@ -917,6 +917,34 @@ def test_aider_attempts_that_take_no_cap_share_the_budget_as_capped_ones_do(proj
     assert len(journal(project)) == 2
 
 
+def test_only_a_known_agent_that_spends_with_no_cap_holds_a_least_share():
+    """A record naming an agent this aipm does not know (a newer aipm's) crashed every plan of its order
+    (ModuleNotFoundError from the preset's import): it holds nothing."""
+    from aipm import budget
+
+    assert [budget.uncapped(a) for a in ("aider", "claude", "codex", "command", "gemini", "")] == \
+        [True, False, False, False, False, False]
+
+
+def test_aider_tasks_with_budgets_of_their_own_below_a_share_still_start_one_at_a_time(project, gate):
+    """A task's own max_cost_usd cannot hold an aider attempt to it: each still needs a whole least share of the
+    order's budget (three of $0.03 each started at once under $0.10), and what they hold is said as what is left."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: aider\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")
+    for name in ("T1", "T2"):
+        write_task(order, name, prompt=f"@cost 0.02\n@wait-for {gate}", target_files=[f"{name}.txt"],
+                   max_cost_usd=0.03)
+    launch = project.json("launch", "ORD", "--no-resource-monitoring", env=agent_env(project))
+    try:
+        assert [t["id"] for t in launch["launched"]] == ["T1"], launch
+        wait_for(lambda: project.json("ps")["workers"])  # its detached owner has written its record
+        assert "may spend $0.1000 more, of max_cost_usd $0.1000" in project.json("why", "T2")["reasons"][0]["detail"]
+    finally:
+        gate.touch()
+    wait_for(lambda: project.statuses()["T1"] == "DONE")
+
+
 def test_the_budget_setting_applies_when_order_yaml_has_none(project):
     (project.root / "aipm.yaml").write_text("max_workers: 1\nmax_cost_usd: 0.1\nworker:\n  agent: claude\n")
     order = project.order()

@@ -230,6 +230,8 @@ def test_add_to_an_order_outside_the_project_writes_no_schema_beside_it(project,
     assert sorted(p.name for p in outside.iterdir()) == ["T1.yaml"]
     assert not (outside.parent / "task.schema.json").exists()
     assert project.aipm("validate", str(outside)).returncode == 0
+    project.aipm("add", ".", "T2", "--command", "true", check=True)  # the root as an order: the schema goes above
+    assert not (project.root.parent / "task.schema.json").exists()
 
 
 def test_init_checks_everything_before_it_writes(tmp_path_factory):

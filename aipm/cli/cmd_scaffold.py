@@ -160,7 +160,7 @@ def add(
     check_links(loaded)
     _create(path, text)
     console().print(f"created {_shown(path, project.root)}", markup=False)
-    if real_relative(str(project.root), str(order_dir)) is not None:  # (`add ..` wrote one into the root's parent)
+    if real_relative(str(project.root), str(order_dir.parent)) is not None:  # (`add ..` wrote one above the root)
         _install_schema(order_dir.parent, "task", project.root)
     warn(warnings([new_task]))
 
