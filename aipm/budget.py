@@ -99,8 +99,10 @@ class Budget:
 
     @property
     def held_detail(self) -> str:
+        # (said as no more than is left: the least share an aider attempt holds may be more than a budget has)
+        most = min(self.held, max(0.0, round(self.limit - self.spent - self.unreported, 6)))
         return (f"budget held: the order's attempts cost {self.cost} and its running attempts may spend "
-                f"{usd(self.held)} more, of max_cost_usd {usd(self.limit)} ({self.source}); waits for them to end")
+                f"{usd(most)} more, of max_cost_usd {usd(self.limit)} ({self.source}); waits for them to end")
 
     @property
     def over_detail(self) -> str:
@@ -205,8 +207,4 @@ def of(order: Order, default_limit: float | None, records: Iterable[Record] = ()
     """The order's budget; `records` (the worker records) give what its running attempts hold."""
     limit, source = ((order.max_cost_usd, "order.yaml") if order.max_cost_usd is not None
                      else (default_limit, "setting max_cost_usd"))
-    if limit is None:
-        return None
-    done, unknown = spent(order), unreported(order)
-    # (no more than is left: the least share an aider attempt holds may be more than a small budget has)
-    return Budget(limit, done, source, min(held(order, records), max(0.0, round(limit - done - unknown, 6))), unknown)
+    return None if limit is None else Budget(limit, spent(order), source, held(order, records), unreported(order))

@@ -291,8 +291,7 @@ class Launcher(Starter):
         if unfunded:  # (they wait for the caps just given too: the budget was read before)
             funded = sum(c if c else MIN_SHARE for t, c in caps.items() if c != 0 and (
                 c is not None or uncapped(agent_for(counted.tasks[t], self.settings))))  # (as budget.held counts)
-            given = replace(spend, held=round(min(spend.held + funded, spend.limit - spend.spent - spend.unreported),
-                                              6))
+            given = replace(spend, held=round(spend.held + funded, 6))
             report.deferred += [{"id": t.id, "reason": "budget", "detail": given.held_detail} for t in unfunded]
         try:
             for task in [t for t in wanted[:budget] if caps[t.id] != 0]:
