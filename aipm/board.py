@@ -166,7 +166,7 @@ def order_board(launcher: Launcher, order_dir: Path) -> dict:
 
 def workers(launcher: Launcher) -> list[dict]:
     """The worker records of the project, as `ps` lists them (without the psutil readings)."""
-    return [{"order": r.order, "task": r.task, "attempt": r.attempt, "phase": r.phase, "pid": r.pid,
+    return [{"order": r.order, "task": r.task, "attempt": r.serial, "phase": r.phase, "pid": r.pid,
              "pgid": r.pgid, "alive": r.alive(), "log": r.log, "started_at": r.started_at}
             for r in launcher.records()]
 

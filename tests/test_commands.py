@@ -1054,7 +1054,8 @@ def test_ps_says_a_worker_whose_command_outlived_its_owner_is_orphaned(project):
         assert info["remnants"] and all(os.getpgid(pid) == worker["pgid"] for pid in info["remnants"])
         assert info["pid"] in info["remnants"] and info["elapsed"] is not None
         assert "orphaned" in project.aipm("ps").stdout
-        assert project.json("locks")["locks"][0]["held"]
+        [lock] = project.json("locks")["locks"]
+        assert lock["held"] and lock["pid"] == info["pid"]  # (it named the dead wrapper's pid)
         project.aipm("recover", check=True)
         wait_for(lambda: not group_alive(worker["pgid"]))
         assert project.json("ps")["workers"] == []

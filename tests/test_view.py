@@ -174,3 +174,21 @@ def test_a_write_between_the_first_read_and_the_watch_is_seen(tmp_path, monkeypa
     monkeypatch.undo()
     assert view.refresh().tasks["A"].status == Status.DONE
     assert view.ready_ordering() == ["B"]
+
+
+def test_the_boards_workers_are_numbered_as_ps_numbers_them(tmp_path):
+    """After a cancel and a retry the task's second attempt runs as its first again (attempts reset) with log
+    `R.2.log`: `ps` said attempt 2, the dashboard 1."""
+    from aipm.board import workers
+    from aipm.launcher import Launcher, Options
+    from aipm.project import Project
+    from aipm.record import Record
+    from aipm.runtime import Runtime
+    from aipm.settings import load_settings
+
+    rt = Runtime(tmp_path)
+    rt.write_record(Record(order="O", order_dir=str(tmp_path / "orders" / "O"), task="R",
+                           task_file=str(tmp_path / "orders" / "O" / "R.yaml"), attempt=1, targets=["a.py"],
+                           log=str(tmp_path / "R.2.log"), exit_file=str(tmp_path / "R.2"), started_at="", number=2))
+    launcher = Launcher(Project(tmp_path), load_settings(tmp_path), Options(dry_run=True), monitor=None)
+    assert [(w["task"], w["attempt"]) for w in workers(launcher)] == [("R", 2)]

@@ -31,6 +31,15 @@ from aipm.store import load_order, load_task
 from aipm.workerfiles import reading
 
 
+def _holder_pid(rec, root: Path) -> int | None:
+    """The process that holds the attempt's locks: its wrapper while it lives; with its owner and wrapper dead, what
+    its command left running (as `ps` says: orphaned); else its owner's pid (the wrapper's, dead, named nothing)."""
+    if rec.worker_alive():
+        return rec.pid
+    left = [] if rec.alive() else subreaper.marked(subreaper.attempt_marker(root, rec))
+    return min(left) if left else rec.owner_pid or rec.pid
+
+
 def _worker_info(rec, root: Path) -> dict:
     pid = rec.pid if rec.worker_alive() else rec.owner_pid
     info = {"order": rec.order, "task": rec.task, "attempt": rec.serial, "pid": pid, "pgid": rec.pgid,
@@ -117,6 +126,7 @@ def locks(json_out: bool = JsonOpt) -> None:
     # Held on a lock file a worker removed since (`rm -rf` of the state directory, of locks/): no file shows it.
     orphaned = {node for _, node, exclusive in orphans(launcher.runtime.state, make=False) if exclusive}
     records = launcher.records()
+    pids = {rec.key: _holder_pid(rec, project.root) for rec in records}
     rows = []
     for rec in records:
         for raw in rec.targets:
@@ -124,7 +134,7 @@ def locks(json_out: bool = JsonOpt) -> None:
             node = lock_node(target)
             name = node_file(node) if node else ""  # the node it holds exclusive
             rows.append({"path": str(target), "order": rec.order, "task": rec.task,
-                         "pid": rec.pid or rec.owner_pid, "held": name in held or node in orphaned})
+                         "pid": pids[rec.key], "held": name in held or node in orphaned})
     for lock in launcher.outside(records):
         for node, exclusive in lock.nodes:
             if exclusive:
