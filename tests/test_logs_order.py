@@ -393,3 +393,25 @@ def test_logs_of_a_task_whose_log_a_worker_removed_say_it_ran(project):
     assert whole.stdout.startswith("CLEAN\t[aipm ") and "\nDAEMON\t" not in whole.stdout, whole.stdout
     write_task(order, "NEW", command="true")
     assert project.aipm("logs", "H/NEW").stderr == "aipm: no log for H/NEW yet (it has not run)\n"
+
+
+@pytest.mark.parametrize("how", [": >", "rm -f"], ids=["truncated", "removed"])
+def test_logs_task_follow_reads_a_log_its_worker_truncated_or_removed_from_its_start(project, gate, how):
+    """`logs T -f` kept reading at its old offset: after the worker's `: > log` it printed the tail of aipm's
+    closing line alone and lost what came before it; after `rm -f log` it read the removed file to the end and
+    never showed the closing line aipm writes into the new one (the only line that gives the outcome)."""
+    write_task(project.order(), "T", target_files=["t.txt"], command=(
+        'L=.aipm/logs/$AIPM_ORDER_ID/$AIPM_TASK_ID.$AIPM_ATTEMPT.log; echo before-1; echo before-2; '
+        f'while [ ! -e {gate} ]; do sleep 0.05; done; {how} "$L"; echo after-1; echo after-2; exit 4'))
+    project.aipm("launch", "ORD", check=True)
+    log = project.root / ".aipm" / "logs" / "ORD" / "T.1.log"
+    wait_for(lambda: log.exists() and "before-2" in log.read_text())
+    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "T", "-f"],
+                                stdout=subprocess.PIPE, text=True)
+    assert [follower.stdout.readline(), follower.stdout.readline()] == ["before-1\n", "before-2\n"]
+    gate.touch()
+    rest, _ = follower.communicate(timeout=120)
+    lines = rest.splitlines()
+    if how == ": >":  # (removed: the lines went into the file removed before they were read)
+        assert lines[:2] == ["after-1", "after-2"], rest
+    assert re.fullmatch(r"\[aipm [0-9:]+\] attempt 1 ended: exit 4", lines[-1]), rest

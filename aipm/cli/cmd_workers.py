@@ -273,11 +273,13 @@ def _log(path):
 def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: bool) -> None:
     """Print the log open in `handle`; with `follow`, keep printing what is appended while its attempt runs.
     An owner stopped (Ctrl-Z) after its worker ended holds the attempt's end until it goes on: said once."""
-    told = False
+    told, seen = False, b""
     while True:
+        handle = _as_it_is_now(handle, seen)
         copy_out(handle)
         if not follow:
             return
+        seen = _last_read(handle)
         rec = rt.read_record(order_id, task_id)
         if rec is not None and _same(rec.log, handle.name) and recovery.followed(rec, rt):
             if not told and rec.held_by_stopped_owner():
@@ -291,8 +293,39 @@ def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: boo
         # launch lock: once we had it, the last lines are written and a next attempt's log exists.
         with rt.launch_lock():
             pass
-        copy_out(handle)
+        handle = _as_it_is_now(handle, seen)
+        with handle:  # (one made again is ours to close; the caller's closes again, harmlessly)
+            copy_out(handle)
         return
+
+
+def _last_read(handle) -> bytes:
+    """The last bytes read from `handle` (up to 64): what must still be there for the next read to go on from it."""
+    at = handle.tell()
+    return os.pread(handle.fileno(), min(at, 64), at - min(at, 64))
+
+
+def _as_it_is_now(handle, seen: bytes):
+    """The log followed, as it is at its name now (as `tail -F`): truncated by its worker (`: > log`: shorter than
+    what was read, or no longer holding the bytes last read where they were, once it has grown past them again),
+    read again from its start; removed and made again (aipm's closing lines), or replaced, the new file from its
+    start. The lines after such a change were lost, and the first read after a truncation began mid-line."""
+    try:
+        now = os.stat(handle.name)
+    except OSError:
+        return handle  # removed, nothing there yet: what is open is all there is
+    mine = os.fstat(handle.fileno())
+    if (now.st_dev, now.st_ino) != (mine.st_dev, mine.st_ino):
+        try:
+            fresh = reading(handle.name)
+        except OSError:
+            return handle
+        handle.close()
+        return fresh
+    at = handle.tell()
+    if now.st_size < at or os.pread(handle.fileno(), len(seen), at - len(seen)) != seen:
+        handle.seek(0)
+    return handle
 
 
 def _same(a: str, b: str) -> bool:
