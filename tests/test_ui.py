@@ -208,6 +208,23 @@ def test_a_broken_task_file_leaves_the_other_tasks_reachable(project, dashboard,
     assert task_statuses(second) == {"T1": "CANCELLED"}
 
 
+def test_the_page_reaches_an_order_by_its_id_and_refuses_an_id_two_orders_give(project, dashboard):
+    """orders/CC gives the id AA, beside a directory orders/AA of the id ZZZ: the page asks for AA/c1, and the
+    directory named AA was taken (no c1 there: 'no task'). And cancel or retry of an id that two orders give went
+    to the first of them, where every CLI command refuses it."""
+    orders = project.root / "orders"
+    for name, given in (("AA", "ZZZ"), ("CC", "AA")):
+        (orders / name).mkdir(parents=True)
+        (orders / name / "order.yaml").write_text(f"id: {given}\n")
+    write_task(orders / "CC", "c1", command="echo c1", target_files=["c"])
+    base, token = base_and_token(dashboard)
+    assert status_code(f"{base}/api/log?token={token}&order=AA&task=c1") == 200
+    (orders / "DD").mkdir()
+    (orders / "DD" / "order.yaml").write_text("id: AA\n")  # a copy of the order, say
+    assert status_code(f"{base}/api/log?token={token}&order=AA&task=c1") == 404
+    assert project.aipm("retry", "AA/c1").returncode == 2
+
+
 def test_costs_show_as_status_shows_them_with_the_order_total_and_budget(project, dashboard, browser):
     (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
     order = project.order()

@@ -138,16 +138,23 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
 
     def find(order_id: str, task_id: str) -> tuple[Path, str]:
         """The order directory and task a request names; only tasks of the orders on the board. Only order.yaml
-        and the file names are read: a task file being edited must not make other tasks unreachable."""
+        and the file names are read: a task file being edited must not make other tasks unreachable. The page
+        names an order by its id: the directory whose order.yaml gives it, before one merely named so (an order
+        `AA` in orders/CC was unreachable beside a directory orders/AA of another id); and as the CLI does, an id
+        two orders give is refused (cancel and retry through the page went to the first of them)."""
+        by_id, named = [], []
         for directory in order_dirs():
             try:
-                if directory.name != order_id and order_meta(directory)[0] != order_id:
-                    continue
-                if f"{task_id}.yaml" in task_names(directory):  # a listed name: no path from the request
-                    return directory, task_id
+                given = order_meta(directory)[0]
             except (UserError, OSError):
                 continue  # a broken order.yaml or a vanished directory: its row on the board says so
-            break
+            (by_id if given == order_id else named if directory.name == order_id else []).append(directory)
+        for directory in by_id[:1] or named[:1]:
+            try:
+                if f"{task_id}.yaml" in task_names(directory):  # a listed name: no path from the request
+                    return project.check_unique(directory), task_id
+            except OSError:
+                pass
         raise UserError(f"no task {order_id}/{task_id} on this board")
 
     async def page(request: Request):
