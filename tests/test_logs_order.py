@@ -54,16 +54,21 @@ def test_the_notify_log_gets_aipm_lines_on_lines_of_their_own(project):
     assert lines[0] == "said by the last notify command" and lines[1].startswith("[aipm "), lines
 
 
+def _launched_and_followed(project, task: str, said: str, follow: str) -> subprocess.Popen:
+    """`aipm launch ORD`; once `task`'s first log holds `said`, `aipm logs FOLLOW -f` started on it."""
+    project.aipm("launch", "ORD", check=True)
+    log = project.root / ".aipm" / "logs" / "ORD" / f"{task}.1.log"
+    wait_for(lambda: log.exists() and said in log.read_text())
+    return subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", follow, "-f"],
+                            stdout=subprocess.PIPE, text=True)
+
+
 def test_logs_order_follow_picks_up_a_new_attempt_and_ends_with_the_order(project, gate):
     order = project.order()
     write_task(order, "A", max_attempts=2, command=(
         f'echo "attempt $AIPM_ATTEMPT"; [ "$AIPM_ATTEMPT" = 2 ] && exit 0; '
         f'while [ ! -e {gate} ]; do sleep 0.05; done; exit 1'))
-    project.aipm("launch", "ORD", check=True)
-    log = project.root / ".aipm" / "logs" / "ORD" / "A.1.log"
-    wait_for(lambda: log.exists() and "attempt 1" in log.read_text())
-    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "ORD", "-f"],
-                                stdout=subprocess.PIPE, text=True)
+    follower = _launched_and_followed(project, "A", "attempt 1", "ORD")
     # Only once the follower has shown the first attempt is the second one allowed to start.
     first = follower.stdout.readline()
     assert first == "A\tattempt 1\n"
@@ -403,11 +408,7 @@ def test_logs_task_follow_reads_a_log_its_worker_truncated_or_removed_from_its_s
     write_task(project.order(), "T", target_files=["t.txt"], command=(
         'L=.aipm/logs/$AIPM_ORDER_ID/$AIPM_TASK_ID.$AIPM_ATTEMPT.log; echo before-1; echo before-2; '
         f'while [ ! -e {gate} ]; do sleep 0.05; done; {how} "$L"; echo after-1; echo after-2; exit 4'))
-    project.aipm("launch", "ORD", check=True)
-    log = project.root / ".aipm" / "logs" / "ORD" / "T.1.log"
-    wait_for(lambda: log.exists() and "before-2" in log.read_text())
-    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "T", "-f"],
-                                stdout=subprocess.PIPE, text=True)
+    follower = _launched_and_followed(project, "T", "before-2", "T")
     assert [follower.stdout.readline(), follower.stdout.readline()] == ["before-1\n", "before-2\n"]
     gate.touch()
     rest, _ = follower.communicate(timeout=120)
