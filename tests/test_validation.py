@@ -292,3 +292,14 @@ def test_a_key_cut_short_or_named_as_other_tools_name_it_gets_its_hint(project):
 
     assert did_you_mean("work", TASK_KEYS, SYNONYMS) == ""  # workspace, workspace_setup, workspace_copy
     assert did_you_mean("run", ["max_workers", "ray_address"], SYNONYMS) == ""  # (settings have no `command`)
+
+
+def test_a_blank_prompt_is_refused_only_where_an_agent_would_get_it(project):
+    """`prompt: ''` gives an agent (a task without command) nothing to do; a command's standard input may be
+    empty: such a task is valid (the first version of the refusal took it too)."""
+    order = project.order()
+    (order / "A.yaml").write_text("command: 'wc -c'\nprompt: ''\n")
+    assert project.aipm("validate", "ORD").returncode == 0
+    (order / "B.yaml").write_text("prompt: ' '\n")
+    proc = project.aipm("validate", "ORD")
+    assert proc.returncode == 2 and "B.yaml: prompt: empty" in proc.stderr, proc.stderr
