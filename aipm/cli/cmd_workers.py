@@ -31,17 +31,18 @@ from aipm.store import load_order, load_task
 from aipm.workerfiles import reading
 
 
-def _holder_pid(rec, root: Path) -> int | None:
-    """The process that holds the attempt's locks: its wrapper while it lives; with its owner and wrapper dead, what
-    its command left running (as `ps` says: orphaned); else its owner's pid (the wrapper's, dead, named nothing)."""
+def _holder(rec, root: Path) -> tuple[int | None, list[int]]:
+    """The process that holds the attempt's locks, and what its command left running: its wrapper while it lives;
+    with its owner and wrapper dead, the least pid its command left running (as `ps` says: orphaned); else its
+    owner's pid (the wrapper's, dead, named nothing)."""
     if rec.worker_alive():
-        return rec.pid
-    left = [] if rec.alive() else subreaper.marked(subreaper.attempt_marker(root, rec))
-    return min(left) if left else rec.owner_pid or rec.pid
+        return rec.pid, []
+    left = [] if rec.alive() else sorted(subreaper.marked(subreaper.attempt_marker(root, rec)))
+    return (left[0] if left else rec.owner_pid or rec.pid), left
 
 
 def _worker_info(rec, root: Path) -> dict:
-    pid = rec.pid if rec.worker_alive() else rec.owner_pid
+    pid, left = _holder(rec, root)
     info = {"order": rec.order, "task": rec.task, "attempt": rec.serial, "pid": pid, "pgid": rec.pgid,
             "owner_pid": rec.owner_pid, "phase": rec.phase, "alive": rec.alive(), "log": rec.log,
             "command": rec.command, "targets": rec.targets,
@@ -51,9 +52,8 @@ def _worker_info(rec, root: Path) -> dict:
         # Its owner was killed: the worker runs on (its wrapper keeps its time limit) with nobody to record its end
         # or start what follows, until a recover or run adopts it. "alive" alone told nothing was amiss.
         info["state"] = "unowned"
-    left = subreaper.marked(subreaper.attempt_marker(root, rec)) if info["state"] == "gone" else []
-    if left:  # its owner and wrapper died, its command runs on (and holds its files): `recover` ends it
-        info.update(state="orphaned", pid=min(left), remnants=sorted(left))
+    if left and info["state"] == "gone":  # its owner and wrapper died, its command runs on (holding its files)
+        info.update(state="orphaned", remnants=left)
     try:
         proc = psutil.Process(info["pid"])
         elapsed = time.time() - proc.create_time()
@@ -126,7 +126,7 @@ def locks(json_out: bool = JsonOpt) -> None:
     # Held on a lock file a worker removed since (`rm -rf` of the state directory, of locks/): no file shows it.
     orphaned = {node for _, node, exclusive in orphans(launcher.runtime.state, make=False) if exclusive}
     records = launcher.records()
-    pids = {rec.key: _holder_pid(rec, project.root) for rec in records}
+    pids = {rec.key: _holder(rec, project.root)[0] for rec in records}
     rows = []
     for rec in records:
         for raw in rec.targets:
