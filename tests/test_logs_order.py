@@ -148,6 +148,27 @@ def test_logs_follow_of_a_task_not_started_yet_waits_for_its_first_attempt(proje
     assert "hello-from-b" in out
 
 
+def test_logs_follow_after_a_retry_waits_for_the_next_attempt(project):
+    """`aipm retry B; aipm logs B -f` printed the old attempt's log and exited, though B was about to run again: it
+    now waits for the next attempt (as for a task not run yet) and follows it to its end."""
+    write_task(project.order(), "B", command="cat said", target_files=["said"])
+    (project.root / "said").write_text("first-attempt\n")
+    assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 0
+    assert project.aipm("retry", "B").returncode == 0
+    (project.root / "said").write_text("second-attempt\n")
+    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "B", "-f"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        said = follower.stderr.readline()  # the old attempt printed, it waits (and says so)
+        assert said.startswith("waiting for ORD/B to start again (QUEUED"), said
+        assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 0
+        out, err = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+    assert follower.returncode == 0, out + err
+    assert out.index("first-attempt") < out.index("second-attempt"), out
+
+
 # -- the tail the followers read with (logs -f, the dashboard's live log) ------------------------------------
 
 

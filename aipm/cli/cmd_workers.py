@@ -25,7 +25,7 @@ from aipm.project import AmbiguousOrder, TaskNotFound, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
 from aipm.statedir import orphans
-from aipm.model import DEAD_END, FINISHED_OK
+from aipm.model import DEAD_END, FINISHED_OK, Status
 from aipm.plan import never_runs
 from aipm.store import load_order, load_task
 from aipm.workerfiles import reading
@@ -169,7 +169,8 @@ def logs(
                             "attempts, log, text}, an order's {order, lines: [{task, line}]}. Not with -f."),
 ) -> None:
     """Print a task's log: the newest attempt by default (`--attempt N` for another); with -f, keep following
-    the newest attempt until the task stops running (a task that has not run yet: wait for it to start). Or, for an order, every worker's lines, each prefixed with
+    the newest attempt until the task stops running (a task that has not run yet, or was put back to run again
+    by `aipm retry`: wait for its next attempt to start). Or, for an order, every worker's lines, each prefixed with
     its task id and a tab (GNU parallel --tag style).
 
     An order's lines already written print attempt by attempt, in the order the attempts ended; with -f, new
@@ -227,8 +228,11 @@ def logs(
     while True:
         with _log(found[number]) as handle:
             _print_attempt(rt, order.id, task_id, handle, follow)
-        # Following the newest attempt goes on to the attempts that started meanwhile (a retry, a rework).
-        found = rt.logs(order.id, task_id) if follow and attempt is None else {}
+        if not follow or attempt is not None:
+            return
+        # Following the newest attempt goes on to the attempts that started meanwhile (a rework, another try), and
+        # waits for the next one of a task put back to run again (`aipm retry`, a rework not started yet).
+        found = _first_log(rt, order, task_id, after=number)
         newer = [n for n in found if n > number]
         if not newer:
             return
@@ -236,10 +240,11 @@ def logs(
         print(f"==> {found[number].name} <==", flush=True)
 
 
-def _first_log(rt: Runtime, order, task_id: str) -> dict:
-    """`logs -f` of a task that has not run yet: wait for its first log (`tail -F` style) while it may still
-    start; {} once it no longer can (finished, failed, cancelled or gone), or when it waits on a task that can
-    never finish (it would wait for ever: said on stderr)."""
+def _first_log(rt: Runtime, order, task_id: str, after: int = 0) -> dict:
+    """`logs -f` of a task that has not run yet (or, `after` its attempt of that number, was put back to run
+    again): wait for its next log (`tail -F` style) while it may still start; {} once it no longer can (finished,
+    failed, cancelled, interrupted, gone), or when it waits on a task that can never finish (it would wait for
+    ever: said on stderr)."""
     said = False
     while True:
         try:
@@ -248,16 +253,18 @@ def _first_log(rt: Runtime, order, task_id: str) -> dict:
         except (UserError, OSError, KeyError):
             return {}
         found = rt.logs(order.id, task_id)
-        if found or status in FINISHED_OK | DEAD_END:
+        if any(n > after for n in found):
             return found
+        if status in FINISHED_OK | DEAD_END or after and status not in (Status.QUEUED, Status.REWORK):
+            return {}
         dead = next((d for d, ids in never_runs(now).items() if task_id in ids), None)
         if dead is not None:
             print(f"aipm: {order.id}/{task_id} can never run: {dead} is {now.tasks[dead].status}; fix what stopped "
                   f"it, then `aipm retry {dead}`", file=sys.stderr, flush=True)
             return {}
         if not said:
-            print(f"waiting for {order.id}/{task_id} to start ({status.value}; Ctrl-C stops)", file=sys.stderr,
-                  flush=True)
+            print(f"waiting for {order.id}/{task_id} to start{' again' if after else ''} ({status.value}; Ctrl-C "
+                  "stops)", file=sys.stderr, flush=True)
             said = True
         time.sleep(0.25)
 
