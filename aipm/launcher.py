@@ -261,6 +261,8 @@ class Launcher(Starter):
             self.demands.publish_need(order.id, next((t for t in result.launchable if t.id in short), None))
         report.plan = result
         report.deferred = [{"id": tid, "reason": "capacity", "detail": why} for tid, why in short.items()]
+        # (a start waits for the running attempts to end: exec waits, as for the machine, rather than exit)
+        report.deferred += [{"id": b.id, "reason": "budget", "detail": b.detail} for b in result.held]
         report.failed += [{"id": b.id, "error": b.detail} for b in result.refused]
         planned = len(report.failed)
         # The capped attempts the plan would start now, as many as the worker limit allows, share the budget, even

@@ -100,6 +100,8 @@ class Plan:
     refused: list[Blocked] = field(default_factory=list)  # ready, but can never start here: listed even when not explaining
     # queued, their own max_cost_usd reached: listed even when not explaining
     spent: list[Blocked] = field(default_factory=list)
+    # ready, held back while running attempts may spend what is left of the budget: listed even when not explaining
+    held: list[Blocked] = field(default_factory=list)
 
     def summary(self, order: Order) -> dict[str, int]:
         reasons = [b.reason for b in self.blocked.values()]
@@ -241,19 +243,22 @@ def plan(
                 break
             result.blocked[task.id] = Blocked(task.id, BUDGET, budget.detail)
             continue
-        # Not a stop: what the running ones leave is shared next.
-        if budget is not None and budget.holds_back(task.id, task_left(task)):
-            if not explain:
-                if not budget.costless:
-                    break
-                continue  # a task further down may cost nothing
-            result.blocked[task.id] = Blocked(task.id, BUDGET, budget.held_detail)
-            continue
+        # Its own max_cost_usd spent: no share of the order's could fund it (said, not held back for ever).
         if task_reached(task):
             blocked = Blocked(task.id, BUDGET, task_detail(task))
             result.spent.append(blocked)
             if explain:
                 result.blocked[task.id] = blocked
+            continue
+        # Not a stop: what the running ones leave is shared next.
+        if budget is not None and budget.holds_back(task.id, task_left(task)):
+            blocked = Blocked(task.id, BUDGET, budget.held_detail)
+            if not explain:
+                result.held.append(blocked)
+                if not budget.costless:
+                    break
+                continue  # a task further down may cost nothing
+            result.blocked[task.id] = blocked
             continue
         deps = order.tasks
         waiting = [d for d in task.depends_on if d in deps and (deps[d].status not in FINISHED_OK or d in held)]

@@ -1822,6 +1822,33 @@ def test_running_attempts_hold_their_share_until_they_end(project):
     assert project.json("status", "ORD")["cost_usd"] == pytest.approx(0.08)
 
 
+def test_exec_of_a_task_the_budget_holds_back_waits_for_the_running_attempts(project):
+    """`aipm exec B` while A's attempt held what was left of the budget exited 1 at once, saying `budget held ...
+    waits for them to end`: it now waits, as it does for a busy machine, and runs B once A has ended."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")
+    gate = project.root / "gate"
+    write_task(order, "A", prompt=f"@cost 0.03\n@wait-for {gate}", target_files=["a.txt"])
+    assert project.aipm("launch", "ORD", env=agent_env(project)).returncode == 0
+    wait_for(lambda: journal(project))
+    write_task(order, "B", prompt="@cost 0.05", target_files=["b.txt"])
+    exec_ = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "exec", "B", "--json"],
+                             env={**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        event = json.loads(exec_.stdout.readline())
+        assert event["event"] == "deferred" and event["tasks"] == ["B"] and "budget held" in event["detail"], event
+        gate.touch()
+        out, err = exec_.communicate(timeout=120)
+    finally:
+        gate.touch()
+        exec_.kill()
+    assert exec_.returncode == 0, out + err
+    assert project.statuses() == {"A": "DONE", "B": "DONE"}
+    assert _caps(project) == [0.1, 0.07]
+
+
 def test_a_run_that_ends_over_its_budget_says_so(project):
     """aider takes no cap: its attempt, started below the budget, ends above it. The run says the order went over
     its budget, once; every task is DONE, so it exits 0 (it exited 1, where the contract says 0 for a run whose

@@ -341,6 +341,24 @@ def test_a_budget_its_running_attempts_hold_whole_stops_no_order_but_starts_noth
     assert Budget(1.0, 0.0, "order.yaml").split([0.1, None]) == [0.1, 0.9]
 
 
+def test_a_task_held_back_by_the_budget_or_past_its_own_is_listed_even_when_not_explaining():
+    """The hot path's plan dropped a task the running attempts held back without a word, so `exec` of it exited 1
+    where it should wait; and a task whose own max_cost_usd was spent was taken as held back (it waits for no
+    running attempt): its `budget` line never came, and, listed as held, a run would wait on it for ever."""
+    from dataclasses import replace
+
+    from aipm.budget import Budget
+
+    budget = Budget(limit=1.0, spent=0.4, source="order.yaml", held=0.6)
+    o = order(task("A", status="IN_PROGRESS"), task("B"))
+    result = plan(o, slots=5, budget=budget, explain=False)
+    assert [b.id for b in result.held] == ["B"] and "budget held" in result.held[0].detail and not result.spent
+    spent = order(task("A", status="IN_PROGRESS"), replace(task("B"), max_cost_usd=0.3, cost_usd=0.3))
+    result = plan(spent, slots=5, budget=budget, explain=False)
+    assert not result.held and [b.id for b in result.spent] == ["B"]
+    assert plan(spent, slots=5, budget=budget).blocked["B"].detail == result.spent[0].detail
+
+
 def test_a_budget_held_whole_keeps_no_task_that_costs_nothing_against_it_waiting():
     """An end-to-end session: two claude attempts held all of a $5 budget, and a lint command, a build command and
     a codex task (none of which spends a cent of it) waited for them to end."""
