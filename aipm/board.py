@@ -19,7 +19,7 @@ from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.settings import Settings
 from aipm.spending import charged
-from aipm.store import load_order, load_task
+from aipm.store import load_order, load_task, order_meta, task_names
 
 # Why a task whose worker was lost reads as INTERRUPTED: what its file still says and what to do.
 LOST = "worker lost with its supervisor; `aipm recover` re-queues it"
@@ -152,7 +152,7 @@ def order_board(launcher: Launcher, order_dir: Path) -> dict:
     try:
         order, result, free, *_ = survey(launcher, order_dir)
     except UserError as exc:  # a file being edited: show the problem, keep the rest of the board
-        return {"id": order_dir.name, "path": str(order_dir), "error": str(exc), "tasks": []}
+        return broken_board(launcher, order_dir, exc)
     order = as_seen(order, launcher.project.root)  # after the plan: a lost task's files stay busy until recovered
     rows = []
     for task in sorted(order.tasks.values(), key=lambda t: t.id):
@@ -162,6 +162,29 @@ def order_board(launcher: Launcher, order_dir: Path) -> dict:
         rows.append(row)
     return {"id": order.id, "title": order.title, "path": str(order_dir), "summary": status_summary(order),
             "free_slots": free, "tasks": rows, **order_totals(order, launcher.settings)}
+
+
+def broken_board(launcher: Launcher, order_dir: Path, exc: UserError) -> dict:
+    """An order one of whose files does not validate: the problem, and each task whose own file loads, as it
+    stands (no plan: what it waits on cannot be told). A task file being edited hid the whole order, the cancel of
+    the task running beside it included. Its order.yaml broken: no id to reach its tasks by, so none are shown."""
+    shown = {"id": order_dir.name, "path": str(order_dir), "error": str(exc), "tasks": []}
+    try:
+        order_id, title, _, limit = order_meta(order_dir)
+        names = task_names(order_dir)
+    except (UserError, OSError):
+        return shown
+    root = launcher.project.root
+    tasks = {}
+    for name in names:
+        try:
+            task = load_task(order_dir / name, root)
+        except (UserError, OSError):
+            continue  # the file that is wrong (said above), or one removed since it was listed
+        tasks[task.id] = task
+    order = as_seen(Order(order_id, str(order_dir), tasks, title, limit), root)
+    rows = [{**task_row(task, launcher.settings), "waits_on": None} for _, task in sorted(order.tasks.items())]
+    return {**shown, "id": order_id, "title": title, "summary": status_summary(order), "tasks": rows}
 
 
 def workers(launcher: Launcher) -> list[dict]:

@@ -208,6 +208,28 @@ def test_a_broken_task_file_leaves_the_other_tasks_reachable(project, dashboard,
     assert task_statuses(second) == {"T1": "CANCELLED"}
 
 
+def test_a_broken_task_file_leaves_its_siblings_on_the_board_with_the_error(project, dashboard, gate):
+    """A task file being edited hid its whole order: the board gave the error and no task (its id the directory's
+    name, not order.yaml's), so the task running beside it had no row and no cancel on the page. The tasks whose
+    files load now stay, as they stand, with the error."""
+    order = project.order("dir")
+    (order / "order.yaml").write_text("id: ORDX\n")
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])
+    write_task(order, "C", command="true", target_files=["c"], depends_on=["A"])
+    project.aipm("launch", "ORDX", check=True)
+    wait_for(lambda: task_statuses(order)["A"] == "IN_PROGRESS")
+    (order / "B.yaml").write_text("priority: P9\n")
+    base, token = base_and_token(dashboard)
+    with urllib.request.urlopen(f"{base}/api/board?token={token}", timeout=60) as response:
+        (shown,) = json.loads(response.read())["orders"]
+    assert shown["id"] == "ORDX" and "B.yaml: priority: 'P9' is not one of" in shown["error"], shown
+    assert [(t["id"], t["status"], t["waits_on"]) for t in shown["tasks"]] == [("A", "IN_PROGRESS", None),
+                                                                               ("C", "QUEUED", None)]
+    headers = {"Content-Type": "application/json", "X-Aipm-Token": token}
+    assert status_code(f"{base}/api/cancel", "POST", headers, b'{"order": "ORDX", "task": "A"}') == 200
+    wait_for(lambda: task_statuses(order)["A"] == "CANCELLED")
+
+
 def test_the_page_reaches_an_order_by_its_id_and_refuses_an_id_two_orders_give(project, dashboard):
     """orders/CC gives the id AA, beside a directory orders/AA of the id ZZZ: the page asks for AA/c1, and the
     directory named AA was taken (no c1 there: 'no task'). And cancel or retry of an id that two orders give went
@@ -992,7 +1014,8 @@ def test_an_order_that_breaks_and_is_mended_shows_its_tasks_as_they_are_now(proj
     (order / "B.yaml").write_text("id: B\ncommand: [unclosed\n")
     wait_for(lambda: browser.execute_script(
         "return !!document.querySelector(\"section[data-order='ORD'] .error\")"))
-    assert row_status(browser, "ORD/A") is None
+    assert row_status(browser, "ORD/A") == "QUEUED" and row_status(browser, "ORD/B") is None  # A's file loads
+    assert not browser.execute_script("return !!document.querySelector(\"section[data-order='ORD'] svg\")")
     write_task(order, "B", command="true", status="CANCELLED")
     (order / "A.yaml").unlink()
     wait_for(lambda: row_status(browser, "ORD/B") == "CANCELLED")
