@@ -96,6 +96,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     waiting_before: list[tuple[str, str]] = []
     outside_told: set[tuple[str, str | None]] = set()  # (task, path) of the waits for locks held outside aipm, notified
     watched: set[str] = set()  # this order's tasks run by another owner, already said
+    audited: set[str] = set()  # other owners' attempts (any order's) in flight when this run's output was noted
     held: set[str] = set()  # this order's outcomes that a stopped owner holds, already said
     deferred_before: list[tuple[str, str]] = []  # (task, reason) of the last deferral said
     unloaded_told: dict[str, str] = {}  # new task files that never loaded → why, said as what the run waits for
@@ -237,10 +238,13 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                       "`aipm launch` or another `aipm run`); this run waits for them and goes on from there"
                       if not only else "run by another aipm; this exec waits for it and ends as it ends"})
                 watched |= theirs
-                # Their owners' audits look for the output of aipm processes that own attempts; this one owns none
-                # of theirs, and its `> run2.log` sent the attempts it watched back to rework: noted in their window.
+            if (foreign | finishing) - audited and writtenlog.has_output(launcher.runtime):
+                # Their owners' audits look for the output of aipm processes that own attempts; this one may own
+                # none while they run (it watches them, or waits for their files), and its `> run2.log` sent them
+                # back (REJECTED): noted in their window.
                 with launcher.runtime.launch_lock():
                     writtenlog.note_output(launcher.runtime)
+            audited = foreign | finishing  # (a task's next attempt, under the same key, is a new window)
             orphaned = dead - recovered  # an owner died since the last recovery: never leave its task stuck
             recovered |= orphaned
             if only:

@@ -1051,6 +1051,33 @@ def test_another_runs_output_in_the_tree_is_not_charged_to_this_runs_workers(tmp
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_the_output_of_a_run_waiting_for_a_detached_attempts_files_is_not_charged_to_it(tmp_path):
+    """`aipm launch ORD`, then `aipm run O2 > run2.log`, whose B waits for the file ORD's detached LONG holds: the run
+    owned no attempt while LONG ran, so nothing told LONG's audit that run2.log was its output: LONG was REJECTED
+    ('scope: wrote run2.log'). A run notes its output for the attempts of other owners that it sees in flight."""
+    from aipm.writtenlog import WRITTEN_LOG
+
+    gate = tmp_path / "gate"
+    root = _git_repo_order(tmp_path, {"LONG": {"command": f"until [ -e {gate} ]; do sleep 0.02; done; echo l > f.txt",
+                                               "target_files": ["f.txt"]}})
+    write_task(root / "orders" / "O2", "B", command="echo b >> f.txt", target_files=["f.txt"])
+    aipm = [sys.executable, "-m", "aipm", "--root", str(root)]
+    subprocess.run([*aipm, "launch", "ORD"], check=True, capture_output=True, timeout=60)
+    written = state(root) / WRITTEN_LOG
+    with open(root / "run2.log", "w") as out:
+        second = subprocess.Popen([*aipm, "run", "O2", "--no-resource-monitoring"], stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    try:
+        wait_for(lambda: written.exists() and "run2.log" in written.read_text(), timeout=30)
+    finally:
+        gate.touch()
+        assert second.wait(timeout=120) == 0, (root / "run2.log").read_text()
+    statuses = {t: yaml.safe_load((root / "orders" / o / f"{t}.yaml").read_text())
+                for o, t in (("ORD", "LONG"), ("O2", "B"))}
+    assert {t: s["status"] for t, s in statuses.items()} == {"LONG": "DONE", "B": "DONE"}, statuses
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
 def test_a_file_the_runs_session_holds_open_only_for_reading_is_still_charged(tmp_path):
     """Only files the run's session writes are its output: one it merely reads (its standard input here) and a
     worker appends to is that worker's out-of-scope write."""
