@@ -171,9 +171,12 @@ def made_dir(top: Path, path: Path) -> Path:
     try:
         os.mkdir(path.parent)
     except FileExistsError:
-        if stat.S_ISDIR(os.lstat(path.parent).st_mode):
-            return path
-        _clear_way(top, path.parent)
+        try:
+            if stat.S_ISDIR(os.lstat(path.parent).st_mode):
+                return path
+            _clear_way(top, path.parent)
+        except FileNotFoundError:
+            pass  # removed since the mkdir (a worker's `git clean -fdx` right now): made again below
     except FileNotFoundError:
         pass  # a level above is gone (a `git clean`): make them all, and the .gitignore
     except NotADirectoryError:

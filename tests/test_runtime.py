@@ -103,6 +103,29 @@ def test_taking_the_launch_lock_while_a_worker_removes_the_state_directory_never
         assert [r.task for r in rt.records()] == ["A"]
 
 
+def test_making_a_log_directory_while_a_worker_removes_it_never_fails(tmp_path):
+    """A worker's `git clean -fdx` of `.aipm/` between made_dir's mkdir (the directory is there) and its lstat
+    (it is gone): a run crashed there, its workers unrecorded (the chaos suite's hostile workers, seed 1). A real
+    process removes the directory and makes it again as fast as it can."""
+    from aipm.workerfiles import made_dir
+
+    top = tmp_path / ".aipm"
+    made_dir(top, top / "logs" / "x")
+    churn = subprocess.Popen([sys.executable, "-c", "import os, sys\nwhile True:\n"
+                              " try: os.rmdir(sys.argv[1])\n except OSError: pass\n"
+                              " try: os.mkdir(sys.argv[1])\n except OSError: pass", str(top / "logs" / "ORD")])
+    try:
+        made = 0
+        for _ in range(3000):
+            made_dir(top, top / "logs" / "ORD" / "T.1.log")  # the log's directory: made again, never an error
+            made += (top / "logs" / "ORD").is_dir()
+    finally:
+        churn.kill()
+        churn.wait()
+    assert made and (top / ".gitignore").is_file()
+    assert made_dir(top, top / "logs" / "ORD" / "T.1.log").parent.is_dir()
+
+
 def test_each_worker_gets_the_environment_as_it_is_at_its_start(tmp_path, monkeypatch):
     # The copy of os.environ is kept between starts (decoding it all was a tenth of a short start); a variable
     # set, changed or removed in between must still reach the next worker as it is then, and a worker's own
