@@ -15,6 +15,18 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "fixtures"
 
+# The files that take longest, first (a full run's test time per file, most first; Ray's starts a cluster): xdist's
+# `--dist loadfile` hands each worker the next whole file in collection order, and test_workspace, near the end of
+# the alphabet, kept one worker busy for minutes after the other had run out of files.
+HEAVY_FIRST = ("test_workspace.py", "test_ray_runner.py", "test_agents.py", "test_commands.py", "test_validation.py",
+               "test_unowned_timeout.py", "test_ui.py", "test_removed_state_directory.py", "test_scope.py",
+               "test_chaos.py", "test_hostile_workers.py", "test_launch.py")
+
+
+def pytest_collection_modifyitems(items) -> None:
+    rank = {name: n for n, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # (stable: each file's tests in their order)
+
 
 def write_task(order_dir: Path, task_id: str, **fields) -> Path:
     order_dir.mkdir(parents=True, exist_ok=True)
