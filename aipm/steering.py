@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aipm import outcome, workspace, writtenlog
-from aipm.agents import can_resume
+from aipm.agents import can_resume, session_agent
 from aipm.errors import Unwritable, UserError
 from aipm.liveness import LOOK_AFTER, how_to_go_on
 from aipm.recovery import end_remnants, forget, in_review, settle_cancelled, unrecorded, usage_left
@@ -189,12 +189,17 @@ def _settle_unowned(rt: Runtime, path: Path, rec: Record) -> None:
         rt.unmark_cancelled(now_rec)
 
 
-def _resumable(path: Path, task: Task, settings: Settings) -> None:
+def _resumable(path: Path, task: Task, settings: Settings, rt: Runtime, order_id: str) -> None:
     agent = agent_for(task, settings)
     if not can_resume(agent):
         raise UserError(f"{path}: agent: {agent} cannot resume a session; retry without --resume")
     if not task.session_id:
         raise UserError(f"{path}: session_id: no agent session recorded yet; retry without --resume")
+    logs = rt.logs(order_id, task.id)
+    made_by = session_agent((logs[n] for n in sorted(logs, reverse=True)), task.session_id)
+    if made_by is not None and made_by != agent:  # (codex given claude's session fails its attempt)
+        raise UserError(f"{path}: session_id: {task.session_id} is a session of {made_by}, and the task's agent is "
+                        f"now {agent}; retry without --resume (or make its agent {made_by} again)")
 
 
 CANCELLABLE = (Status.QUEUED, Status.REWORK, Status.INTERRUPTED)  # besides the running ones
@@ -226,9 +231,9 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
     next attempt continues the agent's recorded session. Returns the task as it was."""
     path = order_dir / f"{task_id}.yaml"
     rt = Runtime(project.root)
-    current, _ = _read(project, order_dir, path)  # bad input is refused before the lock makes .aipm/
+    current, order_id = _read(project, order_dir, path)  # bad input is refused before the lock makes .aipm/
     if resume_with is not None:
-        _resumable(path, current, resume_with)
+        _resumable(path, current, resume_with, rt, order_id)
     with rt.launch_lock():
         current = load_task(path, project.root)
         order_id = order_meta(order_dir)[0]  # as for cancel: a broken sibling is no reason to refuse
@@ -258,7 +263,7 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
             forget(rt, rec)  # left by an owner killed after its final write: the file has it
         marker = None
         if resume_with is not None:
-            _resumable(path, current, resume_with)
+            _resumable(path, current, resume_with, rt, order_id)
             marker = rt.resume_path(order_id, task_id)
             write_bytes(marker, (current.session_id + "\n").encode())  # (not opened through a worker's link)
         fresh = {"status": Status.QUEUED, "attempts": 0, "reworks": 0, "started_at": None, "finished_at": None,

@@ -1912,6 +1912,22 @@ def test_a_supervisor_killed_mid_attempt_leaves_the_usage_to_the_next_one(projec
     assert len(journal(project)) == 1  # adopted, not run again
 
 
+def test_retry_resume_refuses_a_session_of_another_agent_than_the_tasks_now(project):
+    """A task's session was claude's; its agent was then made codex: `retry --resume` passed claude's session to
+    `codex exec resume`, whose attempt failed for it. The session's agent is named in the attempt's log (its usage
+    line): such a retry is refused, exit 2, nothing changed; back under claude it goes through."""
+    order, session = failed_with_a_session(project, "claude")
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: codex\n")
+    before = snapshot(project.root)
+    proc = project.aipm("retry", "A", "--resume")
+    assert (proc.returncode, proc.stdout) == (2, ""), proc.stdout + proc.stderr
+    assert proc.stderr == (f"aipm: error: {order / 'A.yaml'}: session_id: {session} is a session of claude, and the "
+                           "task's agent is now codex; retry without --resume (or make its agent claude again)\n")
+    assert snapshot(project.root) == before
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    assert project.aipm("retry", "A", "--resume").returncode == 0
+
+
 def test_retry_resume_with_codex_uses_exec_resume(project):
     _, thread = failed_with_a_session(project, "codex")
     project.aipm("retry", "A", "--resume", check=True)

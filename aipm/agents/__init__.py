@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from aipm.paths import Target
-from aipm.workerfiles import append_log, read_since, reading, write_bytes
+from aipm.workerfiles import append_log, read_end, read_since, reading, write_bytes
 
 COMMAND = "command"  # not a preset: the worker.command template (or the task's own command)
 NAMES = (COMMAND, "claude", "codex", "aider")
@@ -255,7 +255,9 @@ def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] 
     if usage.cost_usd is None and cap:
         cost += f" (up to its cap ${cap:.4f}, counted against the budget as not reported)"
     kinds = ", ".join(f"{k} {n}" for k, n in usage.tokens.items()) or "unknown"
-    append_log(str(log), f"usage: cost {cost}; tokens {kinds}; session {usage.session_id or 'unknown'}")
+    # (the session named with its agent: a `retry --resume` after the task's agent changed must not pass it on)
+    made = f"session {usage.session_id} of {name}" if usage.session_id else "session unknown"
+    append_log(str(log), f"usage: cost {cost}; tokens {kinds}; {made}")
     updates = task_updates(cost_usd, tokens, usage)
     if usage.cost_usd is None and cap:
         total = round((unreported or 0.0) + cap, 6)
@@ -265,6 +267,22 @@ def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] 
 
 
 REVIEW_TAIL = 1 << 20  # bytes of a review's output read for its cost: where an agent's final report is
+
+
+def session_agent(logs: Iterator[Path], session_id: str) -> str | None:
+    """The agent whose session `session_id` is, as the newest of the task's `logs` (newest first) that names it says
+    in its `usage:` line; None when none does (removed, or written by an aipm that did not name it)."""
+    mark = f"; session {session_id} of ".encode(errors="surrogateescape")
+    for log in logs:
+        try:
+            tail = read_end(log, 64 << 10)  # (its usage line is among its last: only aipm's lines follow it)
+        except OSError:
+            continue
+        at = tail.rfind(mark)
+        if at >= 0:
+            name = tail[at + len(mark):].split(b"\n", 1)[0].decode(errors="replace")
+            return name if name in NAMES else None
+    return None
 
 
 def review_usage(log: Path, start: int = 0) -> tuple[Usage | None, int]:
