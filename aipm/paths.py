@@ -108,7 +108,9 @@ def normalize(raw: str, root: str | None = None, links: dict[str, int] | None = 
                 real = real_relative(root, literal)
                 if real is None:
                     raise PathError(f"{raw!r} is a symlink that leads outside the project root")
-                norm = real + norm[len(literal):] if real else norm[len(literal):].lstrip("/")
+                # (a glob's real directories are characters: `ln -s 'w[1]' w` made `w/*.py` match w1/a.py)
+                base = quote(real) if is_glob else real
+                norm = base + norm[len(literal):] if real else norm[len(literal):].lstrip("/")
                 full = os.path.join(root, literal)
                 mode = os.stat(full).st_mode if os.path.exists(full) else 0
                 if not norm:

@@ -35,6 +35,17 @@ def test_symlink_leading_outside_is_refused(tmp_path):
         normalize("link/file.py", str(tmp_path / "proj"))
 
 
+def test_a_glob_through_a_link_to_a_directory_whose_name_holds_glob_characters_matches_that_directory(tmp_path):
+    """`w -> w[1]`: the target `w/*.py` became `w[1]/*.py`, whose `[1]` read as a class matched w1/a.py (another
+    task's file, locked and allowed to it) and not w[1]/a.py, the files the link reaches."""
+    (tmp_path / "w[1]").mkdir()
+    (tmp_path / "w").symlink_to("w[1]")
+    through = normalize("w/*.py", str(tmp_path))
+    assert overlaps(through, Target("w[1]/a.py", False, False))
+    assert not overlaps(through, Target("w1/a.py", False, False))
+    assert normalize("w/a.py", str(tmp_path)) == Target("w[1]/a.py", False, False)  # a literal stays literal
+
+
 def test_existing_directory_counts_as_directory(tmp_path):
     (tmp_path / "pkg").mkdir()
     assert normalize("pkg", str(tmp_path)).is_dir
