@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 from aipm import agents, durable, holds, locks, recovery, scope, subreaper
-from aipm.budget import MIN_SHARE, Budget, attempt_caps, of as order_budget, uncapped
+from aipm.budget import MIN_SHARE, Budget, attempt_caps, holders, of as order_budget, uncapped
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
 from aipm.plan import LIMIT, Busy, ForeignLock, Plan, plan
@@ -261,8 +261,10 @@ class Launcher(Starter):
             self.demands.publish_need(order.id, next((t for t in result.launchable if t.id in short), None))
         report.plan = result
         report.deferred = [{"id": tid, "reason": "capacity", "detail": why} for tid, why in short.items()]
-        # (a start waits for the running attempts to end: exec waits, as for the machine, rather than exit)
-        report.deferred += [{"id": b.id, "reason": "budget", "detail": b.detail} for b in result.held]
+        # A start waits for the running attempts to end: exec waits, as for the machine, rather than exit. Not for
+        # an attempt that runs this aipm (an agent's `aipm exec B`): it cannot end before this one does.
+        if result.held and any(not r.encloses_us() for r in holders(order.id, records)):
+            report.deferred += [{"id": b.id, "reason": "budget", "detail": b.detail} for b in result.held]
         report.failed += [{"id": b.id, "error": b.detail} for b in result.refused]
         planned = len(report.failed)
         # The capped attempts the plan would start now, as many as the worker limit allows, share the budget, even

@@ -96,7 +96,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     waiting_before: list[tuple[str, str]] = []
     outside_told: set[tuple[str, str | None]] = set()  # (task, path) of the waits for locks held outside aipm, notified
     watched: set[str] = set()  # this order's tasks run by another owner, already said
-    audited: set[str] = set()  # other owners' attempts (any order's) in flight when this run's output was noted
+    noted_for: set[tuple[str, int]] = set()  # other owners' attempts (any order's) in flight at the last note
     held: set[str] = set()  # this order's outcomes that a stopped owner holds, already said
     deferred_before: list[tuple[str, str]] = []  # (task, reason) of the last deferral said
     unloaded_told: dict[str, str] = {}  # new task files that never loaded → why, said as what the run waits for
@@ -238,13 +238,15 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                       "`aipm launch` or another `aipm run`); this run waits for them and goes on from there"
                       if not only else "run by another aipm; this exec waits for it and ends as it ends"})
                 watched |= theirs
-            if (foreign | finishing) - audited and writtenlog.has_output(launcher.runtime):
+            # Other owners' attempts in flight, each by its number: a task's next attempt is a new audit window.
+            flight = {(rec.key, rec.serial) for rec in report.records if rec.key in foreign or rec.key in finishing}
+            if flight - noted_for and writtenlog.has_output(launcher.runtime):
                 # Their owners' audits look for the output of aipm processes that own attempts; this one may own
                 # none while they run (it watches them, or waits for their files), and its `> run2.log` sent them
                 # back (REJECTED): noted in their window.
                 with launcher.runtime.launch_lock():
                     writtenlog.note_output(launcher.runtime)
-            audited = foreign | finishing  # (a task's next attempt, under the same key, is a new window)
+            noted_for = flight
             orphaned = dead - recovered  # an owner died since the last recovery: never leave its task stuck
             recovered |= orphaned
             if only:
@@ -278,7 +280,9 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 continue
             if launcher.settings.preempt and not only and preemption.stop_for_urgent(sup, view):
                 continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
-            timeout = (RESOURCE_RECHECK if deferred or detach_others else FINISHING_RECHECK if finishing
+            # (a budget held frees only when an attempt ends: the watch wakes us for that, no reading needed)
+            reading = any(d["reason"] != "budget" for d in report.deferred)
+            timeout = (RESOURCE_RECHECK if reading or detach_others else FINISHING_RECHECK if finishing
                        else HELD_RECHECK if waiting or fixing else None)
             handover.prepare_next(sup, launcher, view, lock_files, prepared)
             if not sup.watch_records():

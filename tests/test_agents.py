@@ -1849,6 +1849,24 @@ def test_exec_of_a_task_the_budget_holds_back_waits_for_the_running_attempts(pro
     assert _caps(project) == [0.1, 0.07]
 
 
+def test_an_exec_that_an_attempt_holding_the_budget_runs_does_not_wait_for_that_attempt(project):
+    """A's agent runs `aipm exec B`; A holds the whole budget, so B is held back until A ends, which it cannot
+    before its exec does: that exec waited for ever (held tasks are deferred, and exec waits on a deferral). An
+    attempt that runs this aipm holds nothing it waits for: it says why B cannot start and exits 1."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")
+    inner = project.root.parent / "inner"
+    write_task(order, "A", prompt=f"@cost 0.01\n@shell timeout 60 {sys.executable} -m aipm exec B > {inner}.out "
+               f"2>&1; echo $? > {inner}.rc", target_files=["a.txt"], priority="P0")
+    write_task(order, "B", prompt="@cost 0.01", target_files=["b.txt"])
+    run = project.aipm("run", "ORD", env=agent_env(project), timeout=120)
+    said = (project.root.parent / "inner.out").read_text()
+    assert (project.root.parent / "inner.rc").read_text() == "1\n", said
+    assert "budget held" in said, said
+    assert run.returncode == 0 and project.statuses() == {"A": "DONE", "B": "DONE"}, run.stdout + run.stderr
+
+
 def test_a_run_that_ends_over_its_budget_says_so(project):
     """aider takes no cap: its attempt, started below the budget, ends above it. The run says the order went over
     its budget, once; every task is DONE, so it exits 0 (it exited 1, where the contract says 0 for a run whose

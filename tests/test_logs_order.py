@@ -169,6 +169,21 @@ def test_logs_follow_after_a_retry_waits_for_the_next_attempt(project):
     assert out.index("first-attempt") < out.index("second-attempt"), out
 
 
+def test_logs_follow_of_a_queued_task_past_its_budget_says_it_will_not_start(project):
+    """A claude attempt stopped at its task's budget leaves the task QUEUED, never to start again until the budget
+    is raised: `logs A -f` printed the attempt, then waited for another, for ever. It says why and ends."""
+    from test_agents import agent_env
+
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    write_task(project.order(), "A", prompt="@cost 0.06", max_cost_usd=0.05, target_files=["a"])
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
+    assert project.statuses()["A"] == "QUEUED"
+    followed = project.aipm("logs", "A", "-f", timeout=30)
+    assert followed.returncode == 0 and followed.stdout, followed.stdout + followed.stderr
+    assert followed.stderr.startswith("aipm: ORD/A will not start: budget reached: the task's attempts cost"), \
+        followed.stderr
+
+
 # -- the tail the followers read with (logs -f, the dashboard's live log) ------------------------------------
 
 

@@ -25,7 +25,9 @@ from aipm.project import AmbiguousOrder, TaskNotFound, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
 from aipm.statedir import orphans
-from aipm.model import DEAD_END, FINISHED_OK, Status
+from aipm.budget import of as budget_of, task_detail, task_reached
+from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Status
+from aipm.spending import charged
 from aipm.plan import never_runs
 from aipm.store import load_order, load_task
 from aipm.workerfiles import reading
@@ -52,8 +54,10 @@ def _worker_info(rec, root: Path) -> dict:
         # Its owner was killed: the worker runs on (its wrapper keeps its time limit) with nobody to record its end
         # or start what follows, until a recover or run adopts it. "alive" alone told nothing was amiss.
         info["state"] = "unowned"
-    if left and info["state"] == "gone":  # its owner and wrapper died, its command runs on (holding its files)
-        info.update(state="orphaned", remnants=left)
+    if left:  # its owner and wrapper died, its command runs on (holding its files)
+        info["remnants"] = left
+        if info["state"] == "gone":
+            info["state"] = "orphaned"
     try:
         proc = psutil.Process(info["pid"])
         elapsed = time.time() - proc.create_time()
@@ -243,30 +247,51 @@ def logs(
 def _first_log(rt: Runtime, order, task_id: str, after: int = 0) -> dict:
     """`logs -f` of a task that has not run yet (or, `after` its attempt of that number, was put back to run
     again): wait for its next log (`tail -F` style) while it may still start; {} once it no longer can (finished,
-    failed, cancelled, interrupted, gone), or when it waits on a task that can never finish (it would wait for
-    ever: said on stderr)."""
+    failed, cancelled, interrupted, gone, its budget reached), or when it waits on a task that can never finish (it
+    would wait for ever: said on stderr)."""
     said = False
+    limit = load_settings(rt.root).max_cost_usd
     while True:
         try:
             now = load_order(Path(order.path), rt.root)
-            status = now.tasks[task_id].status
+            task = now.tasks[task_id]
         except (UserError, OSError, KeyError):
             return {}
+        status = task.status
         found = rt.logs(order.id, task_id)
         if any(n > after for n in found):
             return found
-        if status in FINISHED_OK | DEAD_END or after and status not in (Status.QUEUED, Status.REWORK):
+        if status in FINISHED_OK | DEAD_END:
             return {}
-        dead = next((d for d, ids in never_runs(now).items() if task_id in ids), None)
-        if dead is not None:
-            print(f"aipm: {order.id}/{task_id} can never run: {dead} is {now.tasks[dead].status}; fix what stopped "
-                  f"it, then `aipm retry {dead}`", file=sys.stderr, flush=True)
+        if after and status in RUNNING:
+            # Its next attempt, whose log is placed just after its status is written; else the attempt followed
+            # ended and no owner lives to record it (`aipm recover` does).
+            rec = rt.read_record(order.id, task_id)
+            if rec is None or rec.serial <= after or not rec.alive():
+                return {}
+        elif after and status not in (Status.QUEUED, Status.REWORK):
+            return {}  # interrupted: the next run starts it again, if any does
+        never = _never_starts(rt, now, task, limit)
+        if never:
+            print(f"aipm: {order.id}/{task_id} {never}", file=sys.stderr, flush=True)
             return {}
-        if not said:
+        if not said and status not in RUNNING:
             print(f"waiting for {order.id}/{task_id} to start{' again' if after else ''} ({status.value}; Ctrl-C "
                   "stops)", file=sys.stderr, flush=True)
             said = True
         time.sleep(0.25)
+
+
+def _never_starts(rt: Runtime, order, task, limit: float | None) -> str | None:
+    """Why a queued task can start no more until a person acts (a failed dependency, a budget reached), or None."""
+    dead = next((d for d, ids in never_runs(order).items() if task.id in ids), None)
+    if dead is not None:
+        return (f"can never run: {dead} is {order.tasks[dead].status}; fix what stopped it, then "
+                f"`aipm retry {dead}`")
+    if task_reached(task):
+        return f"will not start: {task_detail(task)}"
+    spend = budget_of(charged(order, rt), limit)
+    return f"will not start: {spend.detail}" if spend is not None and spend.reached else None
 
 
 def _log(path):

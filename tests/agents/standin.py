@@ -50,6 +50,7 @@ class Directives:
     fail: bool = False
     writes: list[tuple[str, str]] = field(default_factory=list)
     gate: str | None = None
+    shell: str | None = None  # a command the agent runs before it waits at the gate (`sh -c`)
     api_error: str | None = None
     linger: bool = False
     rewrite_log: bool = False
@@ -69,7 +70,7 @@ SWITCHES = {"@fail": "fail", "@refuse": "refuse", "@hang": "hang", "@stop-parent
             "@kill-meter": "kill_meter", "@linger": "linger", "@rewrite-log": "rewrite_log",
             "@fake-result": "fake_result"}
 WORDS = {"@api-error": "api_error", "@tamper-copy": "tamper_copy", "@leave-behind": "leave_behind",
-         "@wait-for": "gate"}
+         "@wait-for": "gate", "@shell": "shell"}
 
 
 def directives(prompt: str) -> Directives:
