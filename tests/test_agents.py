@@ -1799,9 +1799,9 @@ def test_tasks_that_cost_nothing_start_while_running_attempts_hold_the_whole_bud
     assert run.returncode == 0, out + err
 
 
-def test_running_attempts_hold_their_share_until_they_end(project):
-    """An attempt holds its cap while it works: a task written meanwhile waits (reason `budget`, no stop), and
-    starts with what the ended attempt left."""
+def a_holding_the_budget(project) -> Path:
+    """Under an order budget of $0.10, A's detached attempt (its gate, returned, shut) holds it all; B is written
+    meanwhile."""
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     order = project.order()
     (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")
@@ -1810,6 +1810,13 @@ def test_running_attempts_hold_their_share_until_they_end(project):
     assert project.aipm("launch", "ORD", env=agent_env(project)).returncode == 0
     wait_for(lambda: journal(project))
     write_task(order, "B", prompt="@cost 0.05", target_files=["b.txt"])
+    return gate
+
+
+def test_running_attempts_hold_their_share_until_they_end(project):
+    """An attempt holds its cap while it works: a task written meanwhile waits (reason `budget`, no stop), and
+    starts with what the ended attempt left."""
+    gate = a_holding_the_budget(project)
     blocked = {b["id"]: b for b in project.json("detect", "ORD")["blocked"]}["B"]
     assert blocked["reason"] == "budget" and "budget held" in blocked["detail"], blocked
     launch = project.aipm("launch", "ORD", env=agent_env(project))
@@ -1825,14 +1832,7 @@ def test_running_attempts_hold_their_share_until_they_end(project):
 def test_exec_of_a_task_the_budget_holds_back_waits_for_the_running_attempts(project):
     """`aipm exec B` while A's attempt held what was left of the budget exited 1 at once, saying `budget held ...
     waits for them to end`: it now waits, as it does for a busy machine, and runs B once A has ended."""
-    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
-    order = project.order()
-    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")
-    gate = project.root / "gate"
-    write_task(order, "A", prompt=f"@cost 0.03\n@wait-for {gate}", target_files=["a.txt"])
-    assert project.aipm("launch", "ORD", env=agent_env(project)).returncode == 0
-    wait_for(lambda: journal(project))
-    write_task(order, "B", prompt="@cost 0.05", target_files=["b.txt"])
+    gate = a_holding_the_budget(project)
     exec_ = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "exec", "B", "--json"],
                              env={**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"},
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

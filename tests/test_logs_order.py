@@ -135,17 +135,24 @@ def test_logs_follow_of_a_task_not_started_yet_waits_for_its_first_attempt(proje
     assert cancelled.returncode == 0 and "no log for O2/X yet" in cancelled.stderr, cancelled.stderr
     behind = project.aipm("logs", "O2/Y", "-f", timeout=30)  # nor will what waits on it
     assert behind.returncode == 0 and "O2/Y can never run: X is CANCELLED" in behind.stderr, behind.stderr
-    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "B", "-f"],
+    out = _follow_through_a_run(project, "B", "waiting for ORD/B to start (QUEUED")  # (said before B has run)
+    assert "hello-from-b" in out
+
+
+def _follow_through_a_run(project, task: str, said: str) -> str:
+    """`aipm logs TASK -f` started before a run of ORD: its first line on stderr (`said`: it waits), then what it
+    printed to stdout once the run ended (it ends with it)."""
+    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", task, "-f"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        said = follower.stderr.readline()  # it waits (and says so) before B has run
-        assert said.startswith("waiting for ORD/B to start"), said
+        first = follower.stderr.readline()
+        assert first.startswith(said), first
         assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 0
         out, err = follower.communicate(timeout=60)
     finally:
         follower.kill()
     assert follower.returncode == 0, out + err
-    assert "hello-from-b" in out
+    return out
 
 
 def test_logs_follow_after_a_retry_waits_for_the_next_attempt(project):
@@ -156,16 +163,7 @@ def test_logs_follow_after_a_retry_waits_for_the_next_attempt(project):
     assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 0
     assert project.aipm("retry", "B").returncode == 0
     (project.root / "said").write_text("second-attempt\n")
-    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "B", "-f"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        said = follower.stderr.readline()  # the old attempt printed, it waits (and says so)
-        assert said.startswith("waiting for ORD/B to start again (QUEUED"), said
-        assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 0
-        out, err = follower.communicate(timeout=60)
-    finally:
-        follower.kill()
-    assert follower.returncode == 0, out + err
+    out = _follow_through_a_run(project, "B", "waiting for ORD/B to start again (QUEUED")  # (the old one printed)
     assert out.index("first-attempt") < out.index("second-attempt"), out
 
 
