@@ -239,7 +239,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                       if not only else "run by another aipm; this exec waits for it and ends as it ends"})
                 watched |= theirs
             # Other owners' attempts in flight, each by its number: a task's next attempt is a new audit window.
-            flight = {(rec.key, rec.serial) for rec in report.records if rec.key in foreign or rec.key in finishing}
+            flight = {(rec.key, rec.serial) for rec in report.records
+                      if rec.key in foreign or rec.key in finishing} if foreign or finishing else set()
             if flight - noted_for and writtenlog.has_output(launcher.runtime):
                 # Their owners' audits look for the output of aipm processes that own attempts; this one may own
                 # none while they run (it watches them, or waits for their files), and its `> run2.log` sent them
