@@ -170,13 +170,8 @@ def held(order: Order, records: Iterable[Record]) -> float:
     """What the order's attempts still at work may spend: their caps (an ended attempt's cost is recorded), and a
     least share for each of an agent that spends with no cap to give it (aider): held as nothing, any number of
     them started at once under a budget that paid for one."""
-    return round(sum(MIN_SHARE if r.cost_cap is None else r.cost_cap for r in holders(order.id, records)), 6)
-
-
-def holders(order_id: str, records: Iterable[Record]) -> list[Record]:
-    """The order's attempts at work that hold part of its budget (held): a cap, or an uncapped agent's least share."""
-    return [r for r in records if r.order == order_id and r.phase == "work"
-            and (r.cost_cap is not None or uncapped(r.agent))]
+    return round(sum(r.cost_cap if r.cost_cap is not None else MIN_SHARE if uncapped(r.agent) else 0.0
+                     for r in records if r.order == order.id and r.phase == "work"), 6)
 
 
 def uncapped(agent: str) -> bool:

@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 from aipm import agents, durable, holds, locks, recovery, scope, subreaper
-from aipm.budget import MIN_SHARE, Budget, attempt_caps, holders, of as order_budget, uncapped
+from aipm.budget import MIN_SHARE, Budget, attempt_caps, of as order_budget, uncapped
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
 from aipm.plan import LIMIT, Busy, ForeignLock, Plan, plan
@@ -261,9 +261,10 @@ class Launcher(Starter):
             self.demands.publish_need(order.id, next((t for t in result.launchable if t.id in short), None))
         report.plan = result
         report.deferred = [{"id": tid, "reason": "capacity", "detail": why} for tid, why in short.items()]
-        # A start waits for the running attempts to end: exec waits, as for the machine, rather than exit. Not for
-        # an attempt that runs this aipm (an agent's `aipm exec B`): it cannot end before this one does.
-        if result.held and any(not r.encloses_us() for r in holders(order.id, records)):
+        # A start waits for the running attempts to end: exec waits, as for the machine, rather than exit. Not in an
+        # aipm that an attempt runs (an agent's `aipm exec B`): the attempt holding the budget may be that one, or
+        # one whose own agent's exec waits likewise on this one's; each would wait for the other's time limit.
+        if result.held and not any(r.encloses_us() for r in records):
             report.deferred += [{"id": b.id, "reason": "budget", "detail": b.detail} for b in result.held]
         report.failed += [{"id": b.id, "error": b.detail} for b in result.refused]
         planned = len(report.failed)

@@ -281,9 +281,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 continue
             if launcher.settings.preempt and not only and preemption.stop_for_urgent(sup, view):
                 continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
-            # (a budget held frees only when an attempt ends: the watch wakes us for that, no reading needed)
-            reading = any(d["reason"] != "budget" for d in report.deferred)
-            timeout = (RESOURCE_RECHECK if reading or detach_others else FINISHING_RECHECK if finishing
+            timeout = (RESOURCE_RECHECK if deferred or detach_others else FINISHING_RECHECK if finishing
                        else HELD_RECHECK if waiting or fixing else None)
             handover.prepare_next(sup, launcher, view, lock_files, prepared)
             if not sup.watch_records():

@@ -174,12 +174,16 @@ def test_logs_follow_of_a_queued_task_past_its_budget_says_it_will_not_start(pro
 
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     write_task(project.order(), "A", prompt="@cost 0.06", max_cost_usd=0.05, target_files=["a"])
+    write_task(project.order(), "B", prompt="x", depends_on=["A"], target_files=["b"])  # (nor will B, after A)
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
-    assert project.statuses()["A"] == "QUEUED"
+    assert project.statuses() == {"A": "QUEUED", "B": "QUEUED"}
     followed = project.aipm("logs", "A", "-f", timeout=30)
     assert followed.returncode == 0 and followed.stdout, followed.stdout + followed.stderr
     assert followed.stderr.startswith("aipm: ORD/A will not start: budget reached: the task's attempts cost"), \
         followed.stderr
+    behind = project.aipm("logs", "B", "-f", timeout=30)
+    assert behind.returncode == 0 and behind.stderr.startswith(
+        "aipm: ORD/B will not start: it waits on A, which will not start: budget reached"), behind.stderr
 
 
 # -- the tail the followers read with (logs -f, the dashboard's live log) ------------------------------------

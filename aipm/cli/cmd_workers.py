@@ -264,14 +264,16 @@ def _first_log(rt: Runtime, order, task_id: str, after: int = 0) -> dict:
         if status in FINISHED_OK | DEAD_END:
             return {}
         if after and status in RUNNING:
-            # Its next attempt, whose log is placed just after its status is written; else the attempt followed
-            # ended and no owner lives to record it (`aipm recover` does).
-            rec = rt.read_record(order.id, task_id)
-            if rec is None or rec.serial <= after or not rec.alive():
-                return {}
-        elif after and status not in (Status.QUEUED, Status.REWORK):
+            # Its next attempt starting: every start is made under the launch lock, its log placed by the lock's
+            # release (a detached one's after its status is written). Else the attempt followed ended and no owner
+            # lives to record it (`aipm recover` does).
+            with rt.launch_lock():
+                pass
+            found = rt.logs(order.id, task_id)
+            return found if any(n > after for n in found) else {}
+        if after and status not in (Status.QUEUED, Status.REWORK):
             return {}  # interrupted: the next run starts it again, if any does
-        never = _never_starts(rt, now, task, limit)
+        never = None if status in RUNNING else _never_starts(rt, now, task, limit)
         if never:
             print(f"aipm: {order.id}/{task_id} {never}", file=sys.stderr, flush=True)
             return {}
@@ -283,13 +285,23 @@ def _first_log(rt: Runtime, order, task_id: str, after: int = 0) -> dict:
 
 
 def _never_starts(rt: Runtime, order, task, limit: float | None) -> str | None:
-    """Why a queued task can start no more until a person acts (a failed dependency, a budget reached), or None."""
+    """Why a queued task can start no more until a person acts (a failed dependency, a budget reached: its own, a
+    dependency's on the way to it, or its order's), or None."""
     dead = next((d for d, ids in never_runs(order).items() if task.id in ids), None)
     if dead is not None:
         return (f"can never run: {dead} is {order.tasks[dead].status}; fix what stopped it, then "
                 f"`aipm retry {dead}`")
     if task_reached(task):
         return f"will not start: {task_detail(task)}"
+    seen, todo = set(), list(task.depends_on)
+    while todo:  # (never_runs counts the dead statuses only)
+        dep = order.tasks.get(todo.pop())
+        if dep is None or dep.id in seen or dep.status in FINISHED_OK:
+            continue
+        seen.add(dep.id)
+        if dep.status in (Status.QUEUED, Status.REWORK) and task_reached(dep):
+            return f"will not start: it waits on {dep.id}, which will not start: {task_detail(dep)}"
+        todo.extend(dep.depends_on)
     spend = budget_of(charged(order, rt), limit)
     return f"will not start: {spend.detail}" if spend is not None and spend.reached else None
 
