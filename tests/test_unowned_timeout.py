@@ -27,7 +27,7 @@ from invariants import group_alive
 LIMIT = 2
 # Generous: the limit, the wrapper's margin after it and the grace, with room for a loaded machine; far short of the
 # command's own end (SLEEP), so a group that nobody stops is seen alive.
-GONE_WITHIN = LIMIT + KILL_GRACE + 20  # (the wrapper's margin, runner.LATE, is 2 s)
+GONE_WITHIN = LIMIT + runner.LATE + KILL_GRACE + 20  # (runner.LATE: the margin the wrapper gives a live owner)
 SLEEP = 120
 # `run` as the CLI starts it, in a process where the compiled wrapper is not to be had (no compiler): the shell's.
 _NO_COMPILED = ("import runpy, sys; from aipm import wrapper; wrapper._found['path'] = None; sys.argv[0] = 'aipm'; "
