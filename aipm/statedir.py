@@ -87,11 +87,18 @@ def _user_dir() -> Path:
 def user_base(base: Path | None = None) -> Path:
     """`/tmp/aipm-<uid>`, created if need be; it must be this user's alone (others could plant files in it)."""
     base = base or _user_dir()
-    try:
-        os.mkdir(base, 0o700)
-    except FileExistsError:
-        pass
-    st = os.lstat(base)
+    for _ in range(3):
+        try:
+            os.mkdir(base, 0o700)
+        except FileExistsError:
+            pass
+        try:
+            st = os.lstat(base)
+            break
+        except FileNotFoundError:
+            continue  # removed since the mkdir found it (a worker's `rm -rf` of it): made again
+    else:
+        raise UserError(f"{base}: removed again each time it was made (aipm keeps its locks there)")
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise UserError(f"{base}: must be a directory only this user can access (aipm keeps its locks there); "
                         "remove it and try again")

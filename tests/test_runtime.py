@@ -126,6 +126,23 @@ def test_making_a_log_directory_while_a_worker_removes_it_never_fails(tmp_path):
     assert made_dir(top, top / "logs" / "ORD" / "T.1.log").parent.is_dir()
 
 
+def test_the_users_state_base_removed_between_its_mkdir_and_its_check_is_made_again(tmp_path):
+    """`/tmp/aipm-<uid>` removed by a worker's `rm -rf` between user_base's mkdir (there) and its lstat: a
+    FileNotFoundError out of every aipm command that took a lock then (about 1 call in 700 under this churn)."""
+    from aipm.statedir import user_base
+
+    base = tmp_path / "aipm-base"
+    churn = subprocess.Popen([sys.executable, "-c", "import os, sys\nwhile True:\n"
+                              " try: os.rmdir(sys.argv[1])\n except OSError: pass\n"
+                              " try: os.mkdir(sys.argv[1], 0o700)\n except OSError: pass", str(base)])
+    try:
+        for _ in range(10000):
+            assert user_base(base) == base
+    finally:
+        churn.kill()
+        churn.wait()
+
+
 def test_each_worker_gets_the_environment_as_it_is_at_its_start(tmp_path, monkeypatch):
     # The copy of os.environ is kept between starts (decoding it all was a tenth of a short start); a variable
     # set, changed or removed in between must still reach the next worker as it is then, and a worker's own
