@@ -97,8 +97,8 @@ def user_base(base: Path | None = None) -> Path:
             break
         except FileNotFoundError:
             continue  # removed since the mkdir found it (a worker's `rm -rf` of it): made again
-    else:
-        raise UserError(f"{base}: removed again each time it was made (aipm keeps its locks there)")
+    else:  # (as the lstat said: its callers remake what a remover takes, and try again)
+        raise FileNotFoundError(errno.ENOENT, f"{base} keeps being removed")
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
         raise UserError(f"{base}: must be a directory only this user can access (aipm keeps its locks there); "
                         "remove it and try again")
