@@ -122,7 +122,7 @@ COMMAND_MODULES = {
     "init": "cmd_project", "validate": "cmd_project", "status": "cmd_project",
     "schema": "cmd_scaffold", "new": "cmd_scaffold", "add": "cmd_scaffold",
     "config": "cmd_settings", "resources": "cmd_settings", "ui": "cmd_ui",
-    "ps": "cmd_workers", "locks": "cmd_workers", "logs": "cmd_workers", "cancel": "cmd_workers",
+    "ps": "cmd_workers", "locks": "cmd_workers", "logs": "cmd_watching", "cancel": "cmd_workers",
     "retry": "cmd_workers", "recover": "cmd_workers",
 }
 
