@@ -87,7 +87,7 @@ def _user_dir() -> Path:
 def user_base(base: Path | None = None) -> Path:
     """`/tmp/aipm-<uid>`, created if need be; it must be this user's alone (others could plant files in it)."""
     base = base or _user_dir()
-    for _ in range(3):
+    for _ in range(100):  # (a remover at work on a loaded machine took it three times in a row, in CI)
         try:
             os.mkdir(base, 0o700)
         except FileExistsError:
