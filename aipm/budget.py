@@ -31,6 +31,7 @@ from aipm.record import Record
 # fewer at once would have finished some. A claude attempt's first turns alone (its system prompt, the files it
 # reads) cost cents.
 MIN_SHARE = 0.10
+HELD = "budget held"  # how a hold's detail begins: the task waits for the running attempts (no stop)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ class Budget:
     def held_detail(self) -> str:
         # (said as no more than is left: the least share an aider attempt holds may be more than a budget has)
         most = min(self.held, max(0.0, round(self.limit - self.spent - self.unreported, 6)))
-        return (f"budget held: the order's attempts cost {self.cost} and its running attempts may spend "
+        return (f"{HELD}: the order's attempts cost {self.cost} and its running attempts may spend "
                 f"{usd(most)} more, of max_cost_usd {usd(self.limit)} ({self.source}); waits for them to end")
 
     @property

@@ -17,8 +17,8 @@ from pathlib import Path
 from aipm import budget, parsecache
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
-from aipm.model import DEAD_END, FINISHED_OK, Order, Status, Task
-from aipm.plan import BUDGET, NEVER, WAITING, plan
+from aipm.model import DEAD_END, FINISHED_OK, Order, Task
+from aipm.plan import will_not_start
 from aipm.project import Project
 from aipm.recovery import followed
 from aipm.runtime import Runtime, entries
@@ -221,18 +221,8 @@ def settled(order: Order, records: list, default_limit: float | None = None, rt:
         return False
     if rt is not None:
         order = charged(order, rt)
-    result = plan(order, budget=budget.of(order, default_limit))
-    stuck: dict[str, bool] = {}
-
-    def is_stuck(task_id: str) -> bool:
-        if task_id not in stuck:
-            stuck[task_id] = False  # (a cycle is refused by validation; this only ends the walk)
-            blocked = result.blocked.get(task_id)
-            stuck[task_id] = order.tasks[task_id].status == Status.QUEUED and blocked is not None and (
-                blocked.reason in (NEVER, BUDGET) or blocked.reason == WAITING and all(map(is_stuck, blocked.tasks)))
-        return stuck[task_id]
-
-    return all(task.status in FINISHED_OK or task.status in DEAD_END or is_stuck(task.id)
+    stuck = will_not_start(order, budget.of(order, default_limit))
+    return all(task.status in FINISHED_OK or task.status in DEAD_END or task.id in stuck
                for task in order.tasks.values())
 
 

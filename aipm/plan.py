@@ -117,15 +117,16 @@ class Plan:
         }
 
 
-def _spent(task: Task) -> str:
-    """What keeps a QUEUED dependency from ever starting by itself: its own budget, reached."""
-    return "; its max_cost_usd is reached" if task.status == Status.QUEUED and task_reached(task) else ""
+def dead_end(task: Task) -> bool:
+    """Whether no run gets past the task until a person acts: it ended FAILED, REJECTED or CANCELLED (retry it), or
+    it is QUEUED with its own max_cost_usd reached (raise it). What waits on it waits for that person."""
+    return task.status in DEAD_END or task.status == Status.QUEUED and task_reached(task)
 
 
 def _doomed(order: Order) -> dict[str, str]:
-    """Task id → the dead-end task that stops it from ever running (through any chain of dependencies)."""
+    """Task id → the dead-end task (dead_end) that stops it from ever running (through any chain of dependencies)."""
     tasks = order.tasks
-    if not any(t.status in DEAD_END for t in tasks.values()):
+    if not any(map(dead_end, tasks.values())):
         return {}  # the common case, and the walk below is a third of planning a big order
     pending = {tid: sum(d in tasks for d in t.depends_on) for tid, t in tasks.items()}
     dependants: dict[str, list[str]] = {tid: [] for tid in tasks}
@@ -138,11 +139,10 @@ def _doomed(order: Order) -> dict[str, str]:
     while ready:  # dependencies before dependants, so a cause found below is final
         tid = ready.pop()
         for dep in tasks[tid].depends_on:
-            status = tasks[dep].status if dep in tasks else None
-            if status in DEAD_END:
+            if dep in tasks and dead_end(tasks[dep]):
                 cause[tid] = dep
                 break
-            if dep in cause and status not in FINISHED_OK:
+            if dep in cause and tasks[dep].status not in FINISHED_OK:
                 cause[tid] = cause[dep]
                 break
         for nxt in dependants[tid]:
@@ -153,12 +153,20 @@ def _doomed(order: Order) -> dict[str, str]:
 
 
 def _never(order: Order, task_id: str, dead: str) -> Blocked:
-    return Blocked(task_id, NEVER, f"can never run: {dead} is {order.tasks[dead].status}", (dead,))
+    return Blocked(task_id, NEVER, _behind(order.tasks[dead]), (dead,))
+
+
+def _behind(dead: Task, ids: str = "") -> str:
+    """Why a task (`ids`: tasks, named) waiting on the dead-end task `dead` never starts by itself."""
+    if dead.status in DEAD_END:
+        return f"{ids + ' ' if ids else ''}can never run: {dead.id} is {dead.status}"
+    return f"{ids + ' ' if ids else ''}will not start until {dead.id} does: {task_detail(dead)}"
 
 
 def never_runs(order: Order) -> dict[str, list[str]]:
-    """The QUEUED tasks that can never run, by the FAILED, REJECTED or CANCELLED task they wait on (through any
-    chain of dependencies): no run starts them until that one is retried (`status`, and `run`'s last words)."""
+    """The QUEUED tasks that can never run, by the dead-end task they wait on (through any chain of dependencies:
+    one FAILED, REJECTED or CANCELLED, or one QUEUED past its own max_cost_usd): no run starts them until that one
+    is retried or its budget raised (`status`, and `run`'s last words)."""
     behind: dict[str, list[str]] = {}
     doomed = _doomed(order)
     for task in ranked(order) if doomed else ():  # in launch order, as `detect` lists them
@@ -169,8 +177,31 @@ def never_runs(order: Order) -> dict[str, list[str]]:
 
 def never_run_notes(order: Order) -> list[str]:
     """never_runs() in words, each with what would start them."""
-    return [f"{', '.join(ids)} can never run: {dead} is {order.tasks[dead].status}; fix what stopped it, then "
-            f"`aipm retry {dead}`" for dead, ids in never_runs(order).items()]
+    return [_behind(order.tasks[dead], ", ".join(ids)) + _unblock(order.tasks[dead])
+            for dead, ids in never_runs(order).items()]
+
+
+def _unblock(dead: Task) -> str:
+    return f"; fix what stopped it, then `aipm retry {dead.id}`" if dead.status in DEAD_END else ""
+
+
+def will_not_start(order: Order, budget: Budget | None) -> dict[str, str]:
+    """QUEUED task id → why it starts only once a person acts (the end of `logs -f`): it waits on a dead-end task
+    (dead_end), its own max_cost_usd is reached, or the order's `budget` is. Never a budget that running attempts
+    hold: that one waits for them to end."""
+    doomed = _doomed(order)
+    out: dict[str, str] = {}
+    for task in order.tasks.values():
+        if task.status != Status.QUEUED:
+            continue
+        if task.id in doomed:
+            dead = order.tasks[doomed[task.id]]
+            out[task.id] = _behind(dead) + _unblock(dead)
+        elif task_reached(task):
+            out[task.id] = f"will not start: {task_detail(task)}"
+        elif budget is not None and budget.reached:
+            out[task.id] = f"will not start: {budget.detail}"
+    return out
 
 
 def plan(
@@ -268,7 +299,7 @@ def plan(
             if task.id in doomed:
                 result.blocked[task.id] = _never(order, task.id, doomed[task.id])
             else:
-                states = ", ".join(f"{d} ({deps[d].status.value}{_spent(deps[d])})" for d in waiting)
+                states = ", ".join(f"{d} ({deps[d].status.value})" for d in waiting)
                 result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
             continue
         if refused is not None and task.id in refused:

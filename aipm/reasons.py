@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status
+from aipm.model import FINISHED_OK, RUNNING, Order, Status
 from aipm.overlap import LockIndex, conflict
 from aipm.plan import (BUDGET, FILE_BUSY, FILE_CHOSEN, FILE_HELD, LIMIT, REFUSED, WAITING, WORKER_RUNNING, Blocked,
-                       Busy, ForeignLock, Plan, _doomed, _holder, _holders, _never, _spent)
+                       Busy, ForeignLock, Plan, _doomed, _holder, _holders, _never, dead_end)
 
 
 class Reasons:
@@ -39,12 +39,11 @@ class Reasons:
         deps = self.order.tasks
         for dep in task.depends_on:
             if dep in deps and deps[dep].status not in FINISHED_OK:
-                if dep in self.doomed or deps[dep].status in DEAD_END:
-                    dead = dep if deps[dep].status in DEAD_END else self.doomed[dep]
+                if dep in self.doomed or dead_end(deps[dep]):
+                    dead = dep if dead_end(deps[dep]) else self.doomed[dep]
                     reasons.append(_never(self.order, task_id, dead))
                 else:
-                    reasons.append(Blocked(task_id, WAITING,
-                                           f"waiting on {dep} ({deps[dep].status}{_spent(deps[dep])})", (dep,)))
+                    reasons.append(Blocked(task_id, WAITING, f"waiting on {dep} ({deps[dep].status})", (dep,)))
         for owner, targets in self.holders if self.near.near(task.targets) else ():
             hit = conflict(task, [(owner, targets)]) if owner != task_id else None
             if hit:

@@ -1029,11 +1029,15 @@ def test_a_tasks_own_budget_is_spent_over_its_attempts_not_given_whole_to_each(p
     why = project.aipm("why", "A").stdout
     assert "budget reached: the task's attempts cost $0.1000 of its max_cost_usd $0.1000" in why, why
     write_task(order, "C", prompt="x", depends_on=["A"], target_files=["c.txt"])  # (added once the run ended)
-    assert "waiting on A (QUEUED; its max_cost_usd is reached)" in project.aipm("why", "C").stdout
-    row = next(t for t in project.json("status", "ORD")["tasks"] if t["id"] == "A")
-    assert (row["max_cost_usd"], row["budget_reached"]) == (0.1, True), row
-    assert "$0.1000 of $0.1000 (reached)" in project.aipm("status", "ORD", "--wide").stdout
-    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
+    behind = "C will not start until A does: budget reached: the task's attempts cost $0.1000 of its max_cost_usd"
+    assert behind.removeprefix("C ") in project.aipm("why", "C").stdout
+    rows = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert (rows["A"]["max_cost_usd"], rows["A"]["budget_reached"]) == (0.1, True), rows["A"]
+    assert rows["C"]["never_runs"] == {"task": "A", "status": "QUEUED"}, rows["C"]
+    status = project.aipm("status", "ORD", "--wide").stdout
+    assert "$0.1000 of $0.1000 (reached)" in status and behind in status, status
+    again = project.aipm("run", "ORD", env=agent_env(project))
+    assert again.returncode == 1 and f"aipm: {behind}" in again.stderr, again.stderr
     launch = project.aipm("launch", "ORD", env=agent_env(project))  # said as the order's budget is, not 'nothing to
     assert launch.returncode == 1, launch.stdout + launch.stderr  # launch' and exit 0
     assert "aipm: ORD/A: budget reached: the task's attempts cost $0.1000" in launch.stderr, launch.stderr
@@ -1852,7 +1856,8 @@ def test_exec_of_a_task_the_budget_holds_back_waits_for_the_running_attempts(pro
 def test_an_exec_that_an_attempt_holding_the_budget_runs_does_not_wait_for_that_attempt(project):
     """A's agent runs `aipm exec B`; A holds the whole budget, so B is held back until A ends, which it cannot
     before its exec does: that exec waited for ever (held tasks are deferred, and exec waits on a deferral). An
-    attempt that runs this aipm holds nothing it waits for: it says why B cannot start and exits 1."""
+    attempt that runs this aipm holds nothing it waits for: it says why B cannot start, and that it does not wait
+    (the reason alone, 'waits for them to end', read as if it did), and exits 1."""
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     order = project.order()
     (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")
@@ -1863,7 +1868,7 @@ def test_an_exec_that_an_attempt_holding_the_budget_runs_does_not_wait_for_that_
     run = project.aipm("run", "ORD", env=agent_env(project), timeout=120)
     said = (project.root.parent / "inner.out").read_text()
     assert (project.root.parent / "inner.rc").read_text() == "1\n", said
-    assert "budget held" in said, said
+    assert "budget held" in said and "this exec runs inside one of those attempts" in said, said
     assert run.returncode == 0 and project.statuses() == {"A": "DONE", "B": "DONE"}, run.stdout + run.stderr
 
 

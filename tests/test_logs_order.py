@@ -183,7 +183,7 @@ def test_logs_follow_of_a_queued_task_past_its_budget_says_it_will_not_start(pro
         followed.stderr
     behind = project.aipm("logs", "B", "-f", timeout=30)
     assert behind.returncode == 0 and behind.stderr.startswith(
-        "aipm: ORD/B will not start: it waits on A, which will not start: budget reached"), behind.stderr
+        "aipm: ORD/B will not start until A does: budget reached"), behind.stderr
 
 
 # -- the tail the followers read with (logs -f, the dashboard's live log) ------------------------------------

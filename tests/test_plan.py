@@ -6,7 +6,8 @@ from aipm.model import Order, Priority, Status, Task
 from aipm.paths import normalize
 from aipm.overlap import any_clear
 from aipm.plan import (
-    FILE_BUSY, FILE_CHOSEN, LIMIT, NEVER, NOT_QUEUED, STALE, WAITING, WORKER_RUNNING, Busy, plan,
+    BUDGET, FILE_BUSY, FILE_CHOSEN, LIMIT, NEVER, NOT_QUEUED, STALE, WAITING, WORKER_RUNNING, Busy, never_run_notes,
+    never_runs, plan, will_not_start,
 )
 from aipm.reasons import all_reasons
 from aipm.ranking import chain_lengths, ranked
@@ -94,6 +95,30 @@ def test_dead_dependency_is_named_through_a_chain():
     assert result.blocked["C"].reason == NEVER and result.blocked["C"].tasks == ("A",)
     assert "FAILED" in result.blocked["C"].detail
     assert result.blocked["Y"].tasks == ("X",) and result.blocked["S"].tasks == ("R",)
+
+
+def test_a_dependency_past_its_own_budget_is_a_dead_end_and_a_held_budget_is_none():
+    """A QUEUED task whose own max_cost_usd is reached starts only once a person raises it, as a FAILED one only once
+    they retry it: what waits on it is named (`status`, `run`'s last words, `logs -f`'s end) as behind a FAILED one.
+    A budget the running attempts hold is no such stop: they end, and it is shared again."""
+    from dataclasses import replace
+
+    from aipm.budget import Budget
+
+    spent = replace(task("A", pri="P0"), max_cost_usd=0.1, cost_usd=0.1)
+    o = order(spent, task("B", deps=["A"]), task("C", deps=["B"]), task("D"), task("E", status="FAILED"),
+              task("F", deps=["E"]))
+    assert never_runs(o) == {"E": ["F"], "A": ["B", "C"]}
+    result = plan(o, slots=5)
+    assert result.blocked["C"].reason == NEVER and result.blocked["C"].tasks == ("A",)
+    assert result.blocked["C"].detail.startswith("will not start until A does: budget reached: the task's attempts")
+    assert any(note.startswith("B, C will not start until A does") for note in never_run_notes(o)), never_run_notes(o)
+    assert set(will_not_start(o, None)) == {"A", "B", "C", "F"}
+    held = Budget(limit=1.0, spent=0.5, source="order.yaml", held=0.5)
+    assert plan(o, slots=5, budget=held).blocked["D"].reason == BUDGET  # held back, for now
+    assert "D" not in will_not_start(o, held)
+    reached = Budget(limit=1.0, spent=1.0, source="order.yaml")
+    assert will_not_start(o, reached)["D"].startswith("will not start: budget reached: the order's attempts cost")
 
 
 def test_not_queued_and_stale():

@@ -21,9 +21,10 @@ from aipm.cli.resource_options import (
     ConfineOpt, MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, PreemptOpt, RunnerOpt,
     WorkspaceOpt, settings_from_flags,
 )
+from aipm.budget import HELD
 from aipm.launcher import Launcher, LaunchReport, Options
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
-from aipm.plan import FILE_BUSY, LIMIT, never_run_notes, never_runs
+from aipm.plan import BUDGET, FILE_BUSY, LIMIT, never_run_notes, never_runs
 from aipm.project import Project, find_task
 from aipm.runloop import supervise
 from aipm.settings import Settings
@@ -296,6 +297,19 @@ def exec_(
         said_last(launcher)
 
 
+def _not_waited(records: list, reasons: list) -> str | None:
+    """Why this exec did not wait for the start its reasons say the task waits for, where that is its caller's
+    doing: the worker slot its calling worker holds, or the budget its calling attempt holds part of (waiting for
+    that attempt, which waits for this exec, would be for ever)."""
+    if any(r.reason == LIMIT for r in reasons):
+        return refusal_note(records)
+    if any(r.reason == BUDGET and r.detail.startswith(HELD) for r in reasons) and any(
+            rec.encloses_us() for rec in records):
+        return ("this exec runs inside one of those attempts, which cannot end before it does: it does not wait, "
+                "and a run of the order starts the task once they have ended")
+    return None
+
+
 def _exec_end(launcher: Launcher, view: OrderView, display: Display, order_dir: Path, task_id: str, before: Task,
               code: int, json_out: bool) -> None:
     """exec's closing lines, and its exit code (Exit)."""
@@ -326,7 +340,7 @@ def _exec_end(launcher: Launcher, view: OrderView, display: Display, order_dir: 
         from aipm.cli.cmd_detect import print_reasons, print_retry_hint
 
         print_reasons(task_id, False, reasons)
-        note = refusal_note(looker.records()) if any(r.reason == LIMIT for r in reasons) else None
+        note = _not_waited(looker.records(), reasons)
         if note:
             console().print(f"  ({note})", markup=False)
         print_retry_hint(task_id, final.status)

@@ -14,9 +14,9 @@ from aipm.advice import stray_files, unenforced_budget, warnings
 from aipm.cli.common import (JsonOpt, console, get_project, json_option, print_json, project_root,
                              read_only, warn)
 from aipm.errors import UserError, ValidationError
-from aipm.model import DEAD_END, FINISHED_OK, status_summary
+from aipm.model import FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
-from aipm.plan import never_run_notes, never_runs
+from aipm.plan import dead_end, never_run_notes, never_runs
 from aipm.project import CONFIG_FILE, IdClash, Project
 from aipm.runtime import Runtime
 from aipm.settings import in_pyproject, load_settings
@@ -169,7 +169,7 @@ def status(
     loaded = as_seen(load_order(Project(root, settings.orders_dir).order_dir(order), root), root)
     loaded = charged(loaded, Runtime(root))
     tasks = sorted(loaded.tasks.values(), key=lambda t: t.id)
-    # Behind a FAILED, REJECTED or CANCELLED dependency (through any chain): never waited on, it never finishes.
+    # Behind a dead-end dependency (through any chain): never waited on, it never finishes.
     behind = {tid: dead for dead, ids in never_runs(loaded).items() for tid in ids}
     if json_out:
         rows = [task_row(t, settings) for t in tasks]
@@ -200,7 +200,7 @@ def status(
         dep = loaded.tasks.get(d)
         if dep is not None and dep.status in FINISHED_OK:
             return d, ""
-        if dep is not None and (dep.status in DEAD_END or d in behind):
+        if dep is not None and (dead_end(dep) or d in behind):
             return f"{d}✗", "red"
         return f"{d}…", "bold"
 

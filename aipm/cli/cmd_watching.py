@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 from aipm import logbook, recovery
-from aipm.budget import of as budget_of, task_detail, task_reached
+from aipm.budget import of as budget_of
 from aipm.cli.common import copy_out, get_project, print_json, print_json_text
 from aipm.cli.decl import Argument, Option, command
 from aipm.errors import UserError
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Status
-from aipm.plan import never_runs
+from aipm.plan import will_not_start
 from aipm.project import AmbiguousOrder, TaskNotFound, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
@@ -143,7 +143,7 @@ def _first_log(rt: Runtime, order, task_id: str, after: int = 0) -> dict:
             return found if any(n > after for n in found) else {}
         if after and status not in (Status.QUEUED, Status.REWORK):
             return {}  # interrupted: the next run starts it again, if any does
-        never = None if status in RUNNING else _never_starts(rt, now, task, limit)
+        never = None if status in RUNNING else _never_starts(rt, now, task_id, limit)
         if never:
             print(f"aipm: {order.id}/{task_id} {never}", file=sys.stderr, flush=True)
             return {}
@@ -154,26 +154,11 @@ def _first_log(rt: Runtime, order, task_id: str, after: int = 0) -> dict:
         time.sleep(0.25)
 
 
-def _never_starts(rt: Runtime, order, task, limit: float | None) -> str | None:
-    """Why a queued task can start no more until a person acts (a failed dependency, a budget reached: its own, a
-    dependency's on the way to it, or its order's), or None."""
-    dead = next((d for d, ids in never_runs(order).items() if task.id in ids), None)
-    if dead is not None:
-        return (f"can never run: {dead} is {order.tasks[dead].status}; fix what stopped it, then "
-                f"`aipm retry {dead}`")
-    if task_reached(task):
-        return f"will not start: {task_detail(task)}"
-    seen, todo = set(), list(task.depends_on)
-    while todo:  # (never_runs counts the dead statuses only)
-        dep = order.tasks.get(todo.pop())
-        if dep is None or dep.id in seen or dep.status in FINISHED_OK:
-            continue
-        seen.add(dep.id)
-        if dep.status in (Status.QUEUED, Status.REWORK) and task_reached(dep):
-            return f"will not start: it waits on {dep.id}, which will not start: {task_detail(dep)}"
-        todo.extend(dep.depends_on)
-    spend = budget_of(charged(order, rt), limit)
-    return f"will not start: {spend.detail}" if spend is not None and spend.reached else None
+def _never_starts(rt: Runtime, order, task_id: str, limit: float | None) -> str | None:
+    """Why a queued task can start no more until a person acts (plan.will_not_start), its costs counted as the
+    launcher counts them, or None."""
+    counted = charged(order, rt)
+    return will_not_start(counted, budget_of(counted, limit)).get(task_id)
 
 
 def _log(path):
