@@ -8,6 +8,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -1075,6 +1076,43 @@ def test_the_output_of_a_run_waiting_for_a_detached_attempts_files_is_not_charge
     statuses = {t: yaml.safe_load((root / "orders" / o / f"{t}.yaml").read_text())
                 for o, t in (("ORD", "LONG"), ("O2", "B"))}
     assert {t: s["status"] for t, s in statuses.items()} == {"LONG": "DONE", "B": "DONE"}, statuses
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_the_output_of_such_a_run_is_noted_again_for_the_next_attempt_of_the_same_task(tmp_path):
+    """As above, and LONG's first attempt fails, so its detached owner starts a second: a new audit window, which
+    the run's notes for the first attempt do not reach. The run noted its output once per task, so whatever it
+    printed while the second attempt ran (before an attempt of its own ended, which notes too) was charged to it.
+    It notes it again for each attempt it sees in flight: a note after the first attempt's end names run2.log."""
+    from aipm.runtime import Runtime
+    from aipm.writtenlog import WRITTEN_LOG, outputs_since
+
+    gates = {name: tmp_path / name for name in ("first", "second")}
+    root = _git_repo_order(tmp_path, {"LONG": {
+        "command": f"if [ ! -e {gates['first']}.done ]; then until [ -e {gates['first']} ]; do sleep 0.02; done; "
+                   f"touch {gates['first']}.done; exit 1; fi; until [ -e {gates['second']} ]; do sleep 0.02; done; "
+                   "echo l > f.txt", "target_files": ["f.txt"], "max_attempts": 2}})
+    write_task(root / "orders" / "O2", "B", command="echo b >> f.txt", target_files=["f.txt"])
+    aipm = [sys.executable, "-m", "aipm", "--root", str(root)]
+    subprocess.run([*aipm, "launch", "ORD"], check=True, capture_output=True, timeout=60)
+    written = state(root) / WRITTEN_LOG
+    with open(root / "run2.log", "w") as out:
+        second = subprocess.Popen([*aipm, "run", "O2", "--no-resource-monitoring"], stdout=out,
+                                  stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+    try:
+        wait_for(lambda: written.exists() and "run2.log" in written.read_text(), timeout=30)
+        first_ends = time.time_ns()
+        gates["first"].touch()
+        wait_for(lambda: any(out[0] == "run2.log" for out in outputs_since(Runtime(root), first_ends)), timeout=30)
+        long = yaml.safe_load((root / "orders" / "ORD" / "LONG.yaml").read_text())
+        assert (long["status"], long["attempts"]) == ("IN_PROGRESS", 2), long  # (noted for the second attempt)
+    finally:
+        for gate in gates.values():
+            gate.touch()
+        assert second.wait(timeout=120) == 0, (root / "run2.log").read_text()
+    long = yaml.safe_load((root / "orders" / "ORD" / "LONG.yaml").read_text())
+    assert (long["status"], long["attempts"]) == ("DONE", 2), long
+    assert task_statuses(root / "orders" / "O2") == {"B": "DONE"}
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
