@@ -1051,16 +1051,12 @@ def test_another_runs_output_in_the_tree_is_not_charged_to_this_runs_workers(tmp
     assert second.returncode == 0 and task_statuses(root / "orders" / "O2")["B"] == "DONE"
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_the_output_of_a_run_waiting_for_a_detached_attempts_files_is_not_charged_to_it(tmp_path):
-    """`aipm launch ORD`, then `aipm run O2 > run2.log`, whose B waits for the file ORD's detached LONG holds: the run
-    owned no attempt while LONG ran, so nothing told LONG's audit that run2.log was its output: LONG was REJECTED
-    ('scope: wrote run2.log'). A run notes its output for the attempts of other owners that it sees in flight."""
+def _a_run_waiting_for_a_detached_attempt(tmp_path: Path, long: dict) -> tuple[Path, subprocess.Popen]:
+    """ORD's LONG (`long`: its fields) launched detached, then `aipm run O2 > run2.log`, whose B waits for LONG's
+    f.txt, once the run has noted its output for LONG's attempt in the written log."""
     from aipm.writtenlog import WRITTEN_LOG
 
-    gate = tmp_path / "gate"
-    root = _git_repo_order(tmp_path, {"LONG": {"command": f"until [ -e {gate} ]; do sleep 0.02; done; echo l > f.txt",
-                                               "target_files": ["f.txt"]}})
+    root = _git_repo_order(tmp_path, {"LONG": long})
     write_task(root / "orders" / "O2", "B", command="echo b >> f.txt", target_files=["f.txt"])
     aipm = [sys.executable, "-m", "aipm", "--root", str(root)]
     subprocess.run([*aipm, "launch", "ORD"], check=True, capture_output=True, timeout=60)
@@ -1070,9 +1066,22 @@ def test_the_output_of_a_run_waiting_for_a_detached_attempts_files_is_not_charge
                                   stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
     try:
         wait_for(lambda: written.exists() and "run2.log" in written.read_text(), timeout=30)
-    finally:
-        gate.touch()
-        assert second.wait(timeout=120) == 0, (root / "run2.log").read_text()
+    except BaseException:
+        second.kill()
+        raise
+    return root, second
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_the_output_of_a_run_waiting_for_a_detached_attempts_files_is_not_charged_to_it(tmp_path):
+    """`aipm launch ORD`, then `aipm run O2 > run2.log`, whose B waits for the file ORD's detached LONG holds: the run
+    owned no attempt while LONG ran, so nothing told LONG's audit that run2.log was its output: LONG was REJECTED
+    ('scope: wrote run2.log'). A run notes its output for the attempts of other owners that it sees in flight."""
+    gate = tmp_path / "gate"
+    root, second = _a_run_waiting_for_a_detached_attempt(tmp_path, {
+        "command": f"until [ -e {gate} ]; do sleep 0.02; done; echo l > f.txt", "target_files": ["f.txt"]})
+    gate.touch()
+    assert second.wait(timeout=120) == 0, (root / "run2.log").read_text()
     statuses = {t: yaml.safe_load((root / "orders" / o / f"{t}.yaml").read_text())
                 for o, t in (("ORD", "LONG"), ("O2", "B"))}
     assert {t: s["status"] for t, s in statuses.items()} == {"LONG": "DONE", "B": "DONE"}, statuses
@@ -1085,22 +1094,14 @@ def test_the_output_of_such_a_run_is_noted_again_for_the_next_attempt_of_the_sam
     printed while the second attempt ran (before an attempt of its own ended, which notes too) was charged to it.
     It notes it again for each attempt it sees in flight: a note after the first attempt's end names run2.log."""
     from aipm.runtime import Runtime
-    from aipm.writtenlog import WRITTEN_LOG, outputs_since
+    from aipm.writtenlog import outputs_since
 
     gates = {name: tmp_path / name for name in ("first", "second")}
-    root = _git_repo_order(tmp_path, {"LONG": {
+    root, second = _a_run_waiting_for_a_detached_attempt(tmp_path, {
         "command": f"if [ ! -e {gates['first']}.done ]; then until [ -e {gates['first']} ]; do sleep 0.02; done; "
                    f"touch {gates['first']}.done; exit 1; fi; until [ -e {gates['second']} ]; do sleep 0.02; done; "
-                   "echo l > f.txt", "target_files": ["f.txt"], "max_attempts": 2}})
-    write_task(root / "orders" / "O2", "B", command="echo b >> f.txt", target_files=["f.txt"])
-    aipm = [sys.executable, "-m", "aipm", "--root", str(root)]
-    subprocess.run([*aipm, "launch", "ORD"], check=True, capture_output=True, timeout=60)
-    written = state(root) / WRITTEN_LOG
-    with open(root / "run2.log", "w") as out:
-        second = subprocess.Popen([*aipm, "run", "O2", "--no-resource-monitoring"], stdout=out,
-                                  stderr=subprocess.STDOUT, cwd=root, start_new_session=True)
+                   "echo l > f.txt", "target_files": ["f.txt"], "max_attempts": 2})
     try:
-        wait_for(lambda: written.exists() and "run2.log" in written.read_text(), timeout=30)
         first_ends = time.time_ns()
         gates["first"].touch()
         wait_for(lambda: any(out[0] == "run2.log" for out in outputs_since(Runtime(root), first_ends)), timeout=30)
