@@ -117,10 +117,15 @@ class Plan:
         }
 
 
+# Statuses of a task that is to start (again): QUEUED, a rework on its way back to QUEUED, or an attempt a stop
+# interrupted, which the next run queues again.
+TO_START = frozenset({Status.QUEUED, Status.REWORK, Status.INTERRUPTED})
+
+
 def dead_end(task: Task) -> bool:
     """Whether no run gets past the task until a person acts: it ended FAILED, REJECTED or CANCELLED (retry it), or
-    it is QUEUED with its own max_cost_usd reached (raise it). What waits on it waits for that person."""
-    return task.status in DEAD_END or task.status == Status.QUEUED and task_reached(task)
+    it is to start again with its own max_cost_usd reached (raise it). What waits on it waits for that person."""
+    return task.status in DEAD_END or task.status in TO_START and task_reached(task)
 
 
 def _doomed(order: Order) -> dict[str, str]:
@@ -186,13 +191,13 @@ def _unblock(dead: Task) -> str:
 
 
 def will_not_start(order: Order, budget: Budget | None) -> dict[str, str]:
-    """QUEUED task id → why it starts only once a person acts (the end of `logs -f`): it waits on a dead-end task
-    (dead_end), its own max_cost_usd is reached, or the order's `budget` is. Never a budget that running attempts
-    hold: that one waits for them to end."""
+    """Id → why, of each task to start (TO_START) that starts only once a person acts (the end of `logs -f`): it
+    waits on a dead-end task (dead_end), its own max_cost_usd is reached, or the order's `budget` is. Never a budget
+    that running attempts hold: that one waits for them to end."""
     doomed = _doomed(order)
     out: dict[str, str] = {}
     for task in order.tasks.values():
-        if task.status != Status.QUEUED:
+        if task.status not in TO_START:
             continue
         if task.id in doomed:
             dead = order.tasks[doomed[task.id]]

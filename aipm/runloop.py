@@ -258,8 +258,9 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                                 and (rec.key in foreign or rec.owner_alive()) for rec in report.records)
                 if key not in sup.owned and only not in deferred and not elsewhere and key not in dict(orphaned):
                     break  # finished, failed for good, or never launchable (a busy machine is waited for, as by run)
-            elif not sup.owned and not others_matter(order, foreign | finishing) and not deferred and not waiting \
-                    and not orphaned:
+            # (the costs as the budget counts them: a task past its own budget waits on no other work)
+            elif not sup.owned and not others_matter(charged(order, launcher.runtime), foreign | finishing) \
+                    and not deferred and not waiting and not orphaned:
                 if not fixing:
                     # Nothing runs and nothing can start, as far as the watch told: the directory read once more, so
                     # that a task that came without an event it watches (linked in) runs rather than ends the run.

@@ -1042,6 +1042,11 @@ def test_a_tasks_own_budget_is_spent_over_its_attempts_not_given_whole_to_each(p
     assert launch.returncode == 1, launch.stdout + launch.stderr  # launch' and exit 0
     assert "aipm: ORD/A: budget reached: the task's attempts cost $0.1000" in launch.stderr, launch.stderr
     assert "nothing to launch" not in launch.stdout
+    # A's file put back as it was (an agent's `git checkout`): its cost is the spending ledger's, for these lines too
+    write_task(order, "A", prompt="@cost 0.08\n@fail", priority="P0", max_attempts=3, max_cost_usd=0.1,
+               target_files=["a.txt"])
+    reset = project.aipm("run", "ORD", env=agent_env(project))
+    assert reset.returncode == 1 and f"aipm: {behind}" in reset.stderr, reset.stderr
     assert len(journal(project)) == 3  # a later run or launch starts no attempt of it either
 
 
@@ -1868,7 +1873,7 @@ def test_an_exec_that_an_attempt_holding_the_budget_runs_does_not_wait_for_that_
     run = project.aipm("run", "ORD", env=agent_env(project), timeout=120)
     said = (project.root.parent / "inner.out").read_text()
     assert (project.root.parent / "inner.rc").read_text() == "1\n", said
-    assert "budget held" in said and "this exec runs inside one of those attempts" in said, said
+    assert "budget held" in said and "this exec runs inside an attempt, which does not wait" in said, said
     assert run.returncode == 0 and project.statuses() == {"A": "DONE", "B": "DONE"}, run.stdout + run.stderr
 
 

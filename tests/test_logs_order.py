@@ -186,6 +186,22 @@ def test_logs_follow_of_a_queued_task_past_its_budget_says_it_will_not_start(pro
         "aipm: ORD/B will not start until A does: budget reached"), behind.stderr
 
 
+
+@pytest.mark.parametrize("status", ["INTERRUPTED", "REWORK"])
+def test_logs_follow_of_a_task_to_start_again_past_a_budget_says_it_will_not_start(project, status):
+    """A task a stop interrupted (the next run queues it again), or one on its way back from a review, waits for
+    its next attempt like a QUEUED one; past its order's budget, or its own, it has none to wait for: said, exit 0
+    (the rule `logs -f` shares with `logs ORDER -f` had looked at QUEUED tasks alone, and it waited for ever)."""
+    (project.order() / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")
+    write_task(project.order(), "A", command="true", status=status, cost_usd=0.1, target_files=["a"])
+    write_task(project.order(), "B", command="true", status=status, cost_usd=0.05, max_cost_usd=0.05,
+               target_files=["b"])
+    for task, words in (("A", "budget reached: the order's attempts cost $0.1500"),
+                        ("B", "budget reached: the task's attempts cost $0.0500")):
+        followed = project.aipm("logs", task, "-f", timeout=30)
+        assert followed.returncode == 0, followed.stderr
+        assert followed.stderr.startswith(f"aipm: ORD/{task} will not start: {words}"), followed.stderr
+
 # -- the tail the followers read with (logs -f, the dashboard's live log) ------------------------------------
 
 

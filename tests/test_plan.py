@@ -121,6 +121,19 @@ def test_a_dependency_past_its_own_budget_is_a_dead_end_and_a_held_budget_is_non
     assert will_not_start(o, reached)["D"].startswith("will not start: budget reached: the order's attempts cost")
 
 
+def test_another_owners_work_is_not_waited_for_by_tasks_that_wait_for_a_person():
+    """A run of an order whose every queued task is past its own budget, or behind one that is, waited for another
+    order's worker to end, though nothing it could free would start them."""
+    from dataclasses import replace
+
+    from aipm.foreign import others_matter
+
+    spent = replace(task("A"), max_cost_usd=0.1, cost_usd=0.1)
+    assert not others_matter(order(spent, task("B", deps=["A"])), {"OTH/S"})
+    assert others_matter(order(spent, task("B", deps=["A"])), {"O/X"})  # a task of this order is among it
+    assert others_matter(order(task("A"), task("B", deps=["A"])), {"OTH/S"})  # A may start once S frees its files
+
+
 def test_not_queued_and_stale():
     o = order(task("A", status="IN_PROGRESS", files=["a.py"]), task("B", status="IN_PROGRESS"),
               task("C", status="DONE"), task("D", files=["a.py"]))

@@ -163,12 +163,13 @@ def run(
         code = supervise(launcher, view, display)
     finally:
         display.close()
-    stop = budget.of(charged(view.order, launcher.runtime), launcher.settings.max_cost_usd)
+    counted = charged(view.order, launcher.runtime)
+    stop = budget.of(counted, launcher.settings.max_cost_usd)
     if not json_out and code == 1 and stop is not None and stop.reached and any(
             t.status == Status.QUEUED for t in view.order.tasks.values()):
         console(stderr=True).print(f"aipm: {view.order.id} stopped: {stop.detail}", markup=False)
     if not json_out and code == 1:
-        _never_run(view.order)
+        _never_run(counted)
     if not json_out and code == 1:
         _running_unrecorded(launcher, view.order)
     if code == 1:
@@ -198,8 +199,9 @@ def said_last(launcher: Launcher) -> None:
 
 
 def _never_run(order: Order) -> None:
-    """The tasks left QUEUED behind a dependency that ended FAILED, REJECTED or CANCELLED: the closing counts
-    alone do not say why they never started, nor what would start them."""
+    """The tasks left QUEUED behind a dead end (plan.dead_end: a dependency that ended FAILED, REJECTED or
+    CANCELLED, or one past its own budget; `order`'s costs as the budget counts them): the closing counts alone do
+    not say why they never started, nor what would start them."""
     for note in never_run_notes(order):
         console(stderr=True).print(f"aipm: {note} and run again", markup=False)
     # One that nothing waits on: the counts said `FAILED 1`, and its finish line may be far above
@@ -305,8 +307,9 @@ def _not_waited(records: list, reasons: list) -> str | None:
         return refusal_note(records)
     if any(r.reason == BUDGET and r.detail.startswith(HELD) for r in reasons) and any(
             rec.encloses_us() for rec in records):
-        return ("this exec runs inside one of those attempts, which cannot end before it does: it does not wait, "
-                "and a run of the order starts the task once they have ended")
+        return ("this exec runs inside an attempt, which does not wait for a budget that running attempts hold: "
+                "the attempt it runs in may be one of them, and cannot end before it does; a run of the order starts "
+                "the task once they have ended")
     return None
 
 
