@@ -17,7 +17,7 @@ from pathlib import Path
 from aipm import budget, parsecache
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
-from aipm.model import DEAD_END, FINISHED_OK, Order, Task
+from aipm.model import DEAD_END, FINISHED_OK, Order, Status, Task
 from aipm.plan import will_not_start
 from aipm.project import Project
 from aipm.recovery import followed
@@ -211,19 +211,25 @@ def tagged(task: str, line: str) -> str:
     return f"{task}\t{line}"
 
 
-def settled(order: Order, records: list, default_limit: float | None = None, rt: Runtime | None = None) -> bool:
-    """Nothing of the order runs and nothing can still run: a follower has nothing left to wait for. A QUEUED task
-    stopped by a budget (the order's, `default_limit` the `max_cost_usd` setting, or its own) can start only once
-    a person raises it, as one behind a FAILED task only once they retry that: `logs -f` of an order its budget
-    stopped followed it for ever. The budget counts as the launcher counts it, from the spending ledger of `rt`
-    too (spending.charged): a task file that says less did not make it followed for ever."""
+def settled(order: Order, records: list, default_limit: float | None, rt: Runtime) -> bool:
+    """Nothing of the order runs and nothing can still run: a follower has nothing left to wait for. A task that
+    starts only once a person acts (wait_for_person: a budget reached, a dead end on its way) is no more to wait
+    for than a FAILED one: `logs -f` of an order its budget stopped followed it for ever."""
     if any(rec.order == order.id for rec in records):
         return False
-    if rt is not None:
-        order = charged(order, rt)
-    stuck = will_not_start(order, budget.of(order, default_limit))
+    stuck = wait_for_person(order, rt, default_limit)
     return all(task.status in FINISHED_OK or task.status in DEAD_END or task.id in stuck
                for task in order.tasks.values())
+
+
+def wait_for_person(order: Order, rt: Runtime, default_limit: float | None) -> dict[str, str]:
+    """plan.will_not_start of `order` (`default_limit`: the max_cost_usd setting), its costs counted as the launcher
+    counts them, from the spending ledger too (spending.charged: a task file that says less is not believed), less
+    the INTERRUPTED tasks whose attempt's record is left: the rest of a re-queue its owner died in, which a recovery
+    (any run's) finishes."""
+    counted = charged(order, rt)
+    return {tid: why for tid, why in will_not_start(counted, budget.of(counted, default_limit)).items()
+            if order.tasks[tid].status != Status.INTERRUPTED or rt.read_record(order.id, tid) is None}
 
 
 def order_lines(project: Project, order_dir: Path, follow: bool = False, default_limit: float | None = None,

@@ -10,7 +10,7 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from aipm.budget import Budget, task_detail, task_left, task_reached
+from aipm.budget import Budget, spent_text, task_detail, task_left, task_reached, usd
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Priority, Status, Task
 from aipm.overlap import LockIndex, conflict
 from aipm.paths import Target, held_conflict, lock_prefix, nodes_related
@@ -117,15 +117,16 @@ class Plan:
         }
 
 
-# Statuses of a task that is to start (again): QUEUED, a rework on its way back to QUEUED, or an attempt a stop
-# interrupted, which the next run queues again.
-TO_START = frozenset({Status.QUEUED, Status.REWORK, Status.INTERRUPTED})
+# Statuses of a task that is to start (again): QUEUED, or a rework on its way back to QUEUED.
+TO_START = frozenset({Status.QUEUED, Status.REWORK})
 
 
 def dead_end(task: Task) -> bool:
     """Whether no run gets past the task until a person acts: it ended FAILED, REJECTED or CANCELLED (retry it), or
-    it is to start again with its own max_cost_usd reached (raise it). What waits on it waits for that person."""
-    return task.status in DEAD_END or task.status in TO_START and task_reached(task)
+    INTERRUPTED with its exit code lost (check its work, retry it), or it is to start with its own max_cost_usd
+    reached (raise it). What waits on it waits for that person."""
+    return task.status in DEAD_END or task.status == Status.INTERRUPTED or task.status in TO_START and task_reached(
+        task)
 
 
 def _doomed(order: Order) -> dict[str, str]:
@@ -163,15 +164,15 @@ def _never(order: Order, task_id: str, dead: str) -> Blocked:
 
 def _behind(dead: Task, ids: str = "") -> str:
     """Why a task (`ids`: tasks, named) waiting on the dead-end task `dead` never starts by itself."""
-    if dead.status in DEAD_END:
-        return f"{ids + ' ' if ids else ''}can never run: {dead.id} is {dead.status}"
-    return f"{ids + ' ' if ids else ''}will not start until {dead.id} does: {task_detail(dead)}"
+    if dead.status in TO_START:
+        return f"{ids + ' ' if ids else ''}will not start until {dead.id} does: {task_detail(dead)}"
+    return f"{ids + ' ' if ids else ''}can never run: {dead.id} is {dead.status}"
 
 
 def never_runs(order: Order) -> dict[str, list[str]]:
-    """The QUEUED tasks that can never run, by the dead-end task they wait on (through any chain of dependencies:
-    one FAILED, REJECTED or CANCELLED, or one QUEUED past its own max_cost_usd): no run starts them until that one
-    is retried or its budget raised (`status`, and `run`'s last words)."""
+    """The QUEUED tasks that can never run, by the dead-end task (dead_end) they wait on, through any chain of
+    dependencies: no run starts them until that one is retried or its budget raised (`status`, and `run`'s last
+    words)."""
     behind: dict[str, list[str]] = {}
     doomed = _doomed(order)
     for task in ranked(order) if doomed else ():  # in launch order, as `detect` lists them
@@ -187,16 +188,30 @@ def never_run_notes(order: Order) -> list[str]:
 
 
 def _unblock(dead: Task) -> str:
-    return f"; fix what stopped it, then `aipm retry {dead.id}`" if dead.status in DEAD_END else ""
+    """What a person does for the dead-end task `dead` (dead_end) to go on, after _behind's words: nothing more
+    for one to start (task_detail said it); retry one that ended, its budget raised first where its attempts spent it
+    (`retry` alone left it QUEUED, never to start)."""
+    if dead.status in TO_START:
+        return ""
+    what = ("its worker ended and its exit code was lost: check its work" if dead.status == Status.INTERRUPTED
+            else "fix what stopped it")
+    if task_reached(dead):
+        what += (f" and raise its max_cost_usd (its attempts cost "
+                 f"{spent_text(dead.cost_usd, dead.cost_unreported_usd or 0.0)} of {usd(dead.max_cost_usd or 0.0)})")
+    return f"; {what}, then `aipm retry {dead.id}`"
 
 
 def will_not_start(order: Order, budget: Budget | None) -> dict[str, str]:
     """Id → why, of each task to start (TO_START) that starts only once a person acts (the end of `logs -f`): it
-    waits on a dead-end task (dead_end), its own max_cost_usd is reached, or the order's `budget` is. Never a budget
+    waits on a dead-end task (dead_end), its own max_cost_usd is reached, or the order's `budget` is; and of each
+    INTERRUPTED one (a record of its attempt left, a recovery re-queues it: the caller's to tell). Never a budget
     that running attempts hold: that one waits for them to end."""
     doomed = _doomed(order)
     out: dict[str, str] = {}
     for task in order.tasks.values():
+        if task.status == Status.INTERRUPTED:
+            out[task.id] = f"will not start again by itself: it is {task.status}" + _unblock(task)
+            continue
         if task.status not in TO_START:
             continue
         if task.id in doomed:

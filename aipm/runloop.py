@@ -332,10 +332,14 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
         if stop.requested:
             # The caps of the claude attempts it stopped count as spent: they may fill the budget, and the next run
             # would start nothing. Said now, while the person who pressed Ctrl-C is looking.
-            spend = budget.of(charged(order, launcher.runtime), launcher.settings.max_cost_usd)
+            counted = charged(order, launcher.runtime)
+            spend = budget.of(counted, launcher.settings.max_cost_usd)
             if spend is not None and spend.reached and not budget_told and any(
                     t.status == Status.QUEUED for t in order.tasks.values()):
                 emit({"event": "budget", "order": order.id, "detail": spend.detail})
+            for task in counted.tasks.values():  # the same of a task's own budget
+                if task.status == Status.QUEUED and task.id not in spent_told and budget.task_reached(task):
+                    emit({"event": "budget", "order": order.id, "task": task.id, "detail": budget.task_detail(task)})
             return 130
         # Exit 1, as a budget's stop: its tasks stay QUEUED. Not 2, as at a start where it cannot be reached
         # (cluster.check): that says nothing changed, and what finished meanwhile is kept.

@@ -1265,6 +1265,22 @@ def test_ctrl_c_whose_stopped_claude_attempts_fill_the_budget_says_so_then(proje
     assert project.json("status", "ORD")["budget_reached"]
 
 
+def test_ctrl_c_whose_stopped_claude_attempt_fills_its_tasks_own_budget_says_so_then(project, gate):
+    """The same of a task's own max_cost_usd: its first attempt is capped at all of it, so a Ctrl-C before the
+    result spends it (as far as aipm can tell). `run` said only `stopped by signal`; the next run started nothing."""
+    write_task(project.order(), "A", agent="claude", prompt=f"@cost 0.01\n@wait-for {gate}", max_cost_usd=0.3,
+               target_files=["a.txt"])
+    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: journal(project))
+    run.send_signal(signal.SIGINT)
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 130, out + err
+    assert ("budget   ORD/A: budget reached: the task's attempts cost unknown: up to $0.3000 not reported by killed "
+            "attempts of its max_cost_usd $0.3000; raise it to go on") in out, out + err
+
+
 def test_ctrl_c_right_after_a_checkout_of_the_task_file_keeps_the_cost_the_attempt_reported(project, gate):
     """The file put back (QUEUED, no cost) and the run stopped before it restored the file: the stop took the
     attempt for another's and dropped its record with its usage unread (a review saw it in 2 of 9 runs; the

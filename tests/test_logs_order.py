@@ -187,20 +187,57 @@ def test_logs_follow_of_a_queued_task_past_its_budget_says_it_will_not_start(pro
 
 
 
-@pytest.mark.parametrize("status", ["INTERRUPTED", "REWORK"])
-def test_logs_follow_of_a_task_to_start_again_past_a_budget_says_it_will_not_start(project, status):
-    """A task a stop interrupted (the next run queues it again), or one on its way back from a review, waits for
-    its next attempt like a QUEUED one; past its order's budget, or its own, it has none to wait for: said, exit 0
-    (the rule `logs -f` shares with `logs ORDER -f` had looked at QUEUED tasks alone, and it waited for ever)."""
+def test_logs_follow_of_a_rework_past_a_budget_says_it_will_not_start(project):
+    """A task on its way back from a review waits for its next attempt like a QUEUED one; past its order's budget,
+    or its own, it has none to wait for: said, exit 0 (the rule `logs -f` shares with `logs ORDER -f` had looked
+    at QUEUED tasks alone, and it waited for ever)."""
     (project.order() / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")
-    write_task(project.order(), "A", command="true", status=status, cost_usd=0.1, target_files=["a"])
-    write_task(project.order(), "B", command="true", status=status, cost_usd=0.05, max_cost_usd=0.05,
+    write_task(project.order(), "A", command="true", status="REWORK", cost_usd=0.1, target_files=["a"])
+    write_task(project.order(), "B", command="true", status="REWORK", cost_usd=0.05, max_cost_usd=0.05,
                target_files=["b"])
     for task, words in (("A", "budget reached: the order's attempts cost $0.1500"),
                         ("B", "budget reached: the task's attempts cost $0.0500")):
         followed = project.aipm("logs", task, "-f", timeout=30)
         assert followed.returncode == 0, followed.stderr
         assert followed.stderr.startswith(f"aipm: ORD/{task} will not start: {words}"), followed.stderr
+
+
+def test_an_interrupted_task_is_a_dead_end_until_retried(project):
+    """INTERRUPTED with no record of its attempt left: its worker ended and its exit code was lost, and only a
+    person can tell whether its work is done (no run starts it again). `run` ended `INTERRUPTED 1, QUEUED 1` with no
+    word of why X never started, `status` showed I as still waited on, and `logs X -f`, `logs I -f` and
+    `logs ORD -f` each waited for ever. Each now names I and the retry that goes on."""
+    write_task(project.order(), "I", command="echo i", status="INTERRUPTED", target_files=["i"])
+    write_task(project.order(), "X", command="echo x", depends_on=["I"], target_files=["x"])
+    run = project.aipm("run", "ORD")
+    retry = "check its work, then `aipm retry I`"
+    assert run.returncode == 1 and f"aipm: X can never run: I is INTERRUPTED; its worker ended and its exit code " \
+        f"was lost: {retry} and run again" in run.stderr, run.stdout + run.stderr
+    assert "I✗" in project.aipm("status", "ORD", "--wide").stdout
+    for task, words in (("X", "can never run: I is INTERRUPTED"),
+                        ("I", "will not start again by itself: it is INTERRUPTED")):
+        followed = project.aipm("logs", task, "-f", timeout=30)
+        assert followed.returncode == 0 and followed.stderr.startswith(f"aipm: ORD/{task} {words}"), followed.stderr
+        assert retry in followed.stderr
+    assert project.aipm("logs", "ORD", "-f", timeout=30).returncode == 0
+    assert project.aipm("retry", "I").returncode == 0
+    assert project.aipm("run", "ORD").returncode == 0 and project.statuses() == {"I": "DONE", "X": "DONE"}
+
+
+def test_a_retry_that_leaves_its_task_past_its_budget_says_so(project):
+    """`aipm cancel A` spent A's own budget (its attempt's cap, not reported): `status` advised `aipm retry A`, which
+    said `A: QUEUED`, and the next run started nothing. The advice names the budget, and the retry says it."""
+    write_task(project.order(), "A", command="true", status="CANCELLED", cost_unreported_usd=0.5, max_cost_usd=0.5,
+               target_files=["a"])
+    write_task(project.order(), "B", command="true", depends_on=["A"], target_files=["b"])
+    assert ("B can never run: A is CANCELLED; fix what stopped it and raise its max_cost_usd (its attempts cost "
+            "unknown: up to $0.5000 not reported by killed attempts of $0.5000), then `aipm retry A`"
+            ) in project.aipm("status", "ORD").stdout
+    retry = project.aipm("retry", "A")
+    assert retry.returncode == 0 and retry.stdout == "A: QUEUED\n", retry.stdout
+    assert retry.stderr.startswith("aipm: ORD/A will not start: budget reached: the task's attempts cost"), \
+        retry.stderr
+
 
 # -- the tail the followers read with (logs -f, the dashboard's live log) ------------------------------------
 

@@ -207,10 +207,12 @@ def _never_run(order: Order) -> None:
     # One that nothing waits on: the counts said `FAILED 1`, and its finish line may be far above
     behind = never_runs(order)
     for task in order.tasks.values():
-        if task.status in (Status.FAILED, Status.REJECTED) and task.id not in behind:
+        if task.status in (Status.FAILED, Status.REJECTED, Status.INTERRUPTED) and task.id not in behind:
             why = f" ({task.reason})" if task.reason else ""
-            console(stderr=True).print(f"aipm: {task.id} is {task.status}{why}: `aipm logs {task.id}` shows why; "
-                                       f"fix it, then `aipm retry {task.id}` and run again", markup=False)
+            what = ("check its work" if task.status == Status.INTERRUPTED else
+                    f"`aipm logs {task.id}` shows why; fix it")
+            console(stderr=True).print(f"aipm: {task.id} is {task.status}{why}: {what}, then `aipm retry {task.id}` "
+                                       "and run again", markup=False)
 
 
 def _running_unrecorded(launcher: Launcher, order: Order) -> None:

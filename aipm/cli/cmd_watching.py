@@ -10,16 +10,13 @@ from pathlib import Path
 from typing import Optional
 
 from aipm import logbook, recovery
-from aipm.budget import of as budget_of
 from aipm.cli.common import copy_out, get_project, print_json, print_json_text
 from aipm.cli.decl import Argument, Option, command
 from aipm.errors import UserError
-from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Status
-from aipm.plan import will_not_start
+from aipm.model import DEAD_END, FINISHED_OK, RUNNING
 from aipm.project import AmbiguousOrder, TaskNotFound, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
-from aipm.spending import charged
 from aipm.store import load_order
 from aipm.workerfiles import reading
 
@@ -141,9 +138,7 @@ def _first_log(rt: Runtime, order, task_id: str, after: int = 0) -> dict:
                 pass
             found = rt.logs(order.id, task_id)
             return found if any(n > after for n in found) else {}
-        if after and status not in (Status.QUEUED, Status.REWORK):
-            return {}  # interrupted: the next run starts it again, if any does
-        never = None if status in RUNNING else _never_starts(rt, now, task_id, limit)
+        never = None if status in RUNNING else logbook.wait_for_person(now, rt, limit).get(task_id)
         if never:
             print(f"aipm: {order.id}/{task_id} {never}", file=sys.stderr, flush=True)
             return {}
@@ -152,13 +147,6 @@ def _first_log(rt: Runtime, order, task_id: str, after: int = 0) -> dict:
                   "stops)", file=sys.stderr, flush=True)
             said = True
         time.sleep(0.25)
-
-
-def _never_starts(rt: Runtime, order, task_id: str, limit: float | None) -> str | None:
-    """Why a queued task can start no more until a person acts (plan.will_not_start), its costs counted as the
-    launcher counts them, or None."""
-    counted = charged(order, rt)
-    return will_not_start(counted, budget_of(counted, limit)).get(task_id)
 
 
 def _log(path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import suppress
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +17,7 @@ from aipm.cluster import is_attempt
 from aipm.cli.common import JsonOpt, get_project, json_option, print_json
 from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
-from aipm import lostreviews, recovery, steering, subreaper
+from aipm import logbook, lostreviews, recovery, steering, subreaper
 from aipm.launcher import Launcher, Options
 from aipm.locks import node_file
 from aipm.paths import lock_node, normalize
@@ -195,6 +196,13 @@ def retry(
     order_dir, task_id = find_task(project, task)
     current = steering.retry(project, order_dir, task_id, settings if resume else None)
     print(f"{task_id}: QUEUED" + (f" (resuming session {current.session_id})" if resume else ""))
+    # Queued, and yet no run would start it (its budget, or its order's, is spent; a dependency waits for a person):
+    # said now, not by the next run that starts nothing.
+    with suppress(UserError):  # (a sibling file broken meanwhile: the retry is done, the next command says it)
+        order = load_order(order_dir, project.root)
+        why = logbook.wait_for_person(order, Runtime(project.root), settings.max_cost_usd).get(task_id)
+        if why:
+            print(f"aipm: {order.id}/{task_id} {why}", file=sys.stderr)
 
 
 @command()
