@@ -17,7 +17,7 @@ from pathlib import Path
 from aipm import budget, parsecache
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
-from aipm.model import DEAD_END, FINISHED_OK, Order, Status, Task
+from aipm.model import DEAD_END, FINISHED_OK, Order, Status, Task, natural_key, some
 from aipm.plan import will_not_start
 from aipm.project import Project
 from aipm.recovery import followed
@@ -211,15 +211,25 @@ def tagged(task: str, line: str) -> str:
     return f"{task}\t{line}"
 
 
-def settled(order: Order, records: list, default_limit: float | None, rt: Runtime) -> bool:
+def settled(order: Order, records: list, default_limit: float | None, rt: Runtime) -> dict[str, str] | None:
     """Nothing of the order runs and nothing can still run: a follower has nothing left to wait for. A task that
     starts only once a person acts (wait_for_person: a budget reached, a dead end on its way) is no more to wait
-    for than a FAILED one: `logs -f` of an order its budget stopped followed it for ever."""
+    for than a FAILED one: `logs -f` of an order its budget stopped followed it for ever. None while the order is
+    not settled; once it is, id → why of each task left waiting for a person."""
     if any(rec.order == order.id for rec in records):
-        return False
+        return None
     stuck = wait_for_person(order, rt, default_limit)
-    return all(task.status in FINISHED_OK or task.status in DEAD_END or task.id in stuck
+    done = all(task.status in FINISHED_OK or task.status in DEAD_END or task.id in stuck
                for task in order.tasks.values())
+    return stuck if done else None
+
+
+def stuck_notes(order_id: str, stuck: dict[str, str]) -> list[str]:
+    """settled()'s tasks left waiting for a person, a line per reason (the tasks behind one dead end share it)."""
+    by_why: dict[str, list[str]] = {}
+    for task_id, why in stuck.items():
+        by_why.setdefault(why, []).append(task_id)
+    return [f"{order_id}: {some(sorted(ids, key=natural_key))} {why}" for why, ids in by_why.items()]
 
 
 def wait_for_person(order: Order, rt: Runtime, default_limit: float | None) -> dict[str, str]:
@@ -273,7 +283,8 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False, default
                     if not order_dir.is_dir():  # removed: none of its tasks can start again, only its workers run on
                         order = replace(order, tasks={})
                     # else a task file mid-edit: judge by the last good version
-                if settled(order, [rec for rec in rt.records() if followed(rec, rt)], default_limit, rt):
+                stuck = settled(order, [rec for rec in rt.records() if followed(rec, rt)], default_limit, rt)
+                if stuck is not None:
                     if unseen and not attempt_logs(rt, order.id):
                         told(nothing)
                     break
@@ -288,3 +299,5 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False, default
         if watch:
             watch.close()
     yield from new_lines(final=True)
+    for note in stuck_notes(order.id, stuck):  # why it ended, after its last lines: not read as all done
+        told(note)

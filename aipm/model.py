@@ -223,6 +223,11 @@ def format_counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{status} {n}" for status, n in sorted(counts.items())) or "no tasks"  # not "ORD: "
 
 
+def some(names: list[str]) -> str:
+    """Names (paths, task ids) for a line: the first ten, and how many more."""
+    return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
 _DIGITS = re.compile(r"(\d+)")
 
 

@@ -151,7 +151,7 @@ def _tell_if_finished(launcher: Launcher, view: OrderView) -> None:
 
     with launcher.runtime.launch_lock():
         order = view.refresh()
-        if settled(order, launcher.runtime.records(), launcher.settings.max_cost_usd, launcher.runtime):
+        if settled(order, launcher.runtime.records(), launcher.settings.max_cost_usd, launcher.runtime) is not None:
             notify.order_finished(launcher.settings, launcher.runtime, order, all_done(order),
                                   f"{order.id}: {status_summary(order)}")
 

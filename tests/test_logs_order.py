@@ -93,12 +93,19 @@ def test_logs_order_follow_ends_when_a_budget_leaves_nothing_that_can_start(proj
     write_task(order, "D", command="true", depends_on=["C"], target_files=["d"])  # behind C's own budget
     followed = project.aipm("logs", "ORD", "-f", timeout=60)  # (a guard: it hung)
     assert followed.returncode == 0 and "A\ta" in followed.stdout.splitlines(), followed.stdout + followed.stderr
+    # Why it ended, after the lines (it ended without a word, as if all were done)
+    assert followed.stderr.splitlines() == [
+        "aipm: ORD: C will not start: budget reached: the task's attempts cost $0.1000 of its max_cost_usd $0.1000; "
+        "raise it to go on", "aipm: ORD: D will not start until C does: budget reached: the task's attempts cost "
+        "$0.1000 of its max_cost_usd $0.1000; raise it to go on"], followed.stderr
     with (order / "A.yaml").open("a") as spent:
         spent.write("cost_usd: 0.1\n")
     (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.1\n")  # reached by A's cost
     write_task(order, "B", command="true", depends_on=["A"], target_files=["b"])  # A is DONE, but the budget
     followed = project.aipm("logs", "ORD", "-f", timeout=60)
     assert followed.returncode == 0 and "A\ta" in followed.stdout.splitlines(), followed.stdout + followed.stderr
+    assert "aipm: ORD: B will not start: budget reached: the order's attempts cost" in followed.stderr, \
+        followed.stderr
 
 
 def test_logs_of_an_order_none_of_whose_tasks_has_run_say_so(project, gate):
@@ -219,7 +226,9 @@ def test_an_interrupted_task_is_a_dead_end_until_retried(project):
         followed = project.aipm("logs", task, "-f", timeout=30)
         assert followed.returncode == 0 and followed.stderr.startswith(f"aipm: ORD/{task} {words}"), followed.stderr
         assert retry in followed.stderr
-    assert project.aipm("logs", "ORD", "-f", timeout=30).returncode == 0
+    whole = project.aipm("logs", "ORD", "-f", timeout=30)
+    assert whole.returncode == 0 and f"aipm: ORD: X can never run: I is INTERRUPTED; its worker ended and its exit " \
+        f"code was lost: {retry}\n" in whole.stderr, whole.stderr
     assert project.aipm("retry", "I").returncode == 0
     assert project.aipm("run", "ORD").returncode == 0 and project.statuses() == {"I": "DONE", "X": "DONE"}
 

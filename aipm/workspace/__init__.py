@@ -32,7 +32,7 @@ from collections import Counter
 from pathlib import Path
 
 from aipm.errors import UserError
-from aipm.model import Task
+from aipm.model import Task, some
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm import writtenlog
@@ -47,7 +47,7 @@ from aipm.workspace import stash
 from aipm.workspace.stash import STASHED
 from aipm.workspace.repo import GITLINK, Repo, UnbornRepositories, WorkspaceError
 from aipm.workspace.start import after_setup, directory, prepare, setup_of, start_message, with_setup
-from aipm.workspace.kept import STAYS, WHOLE, keep_rest, keep_whole, kept_patch, kept_rest, left_out_note, some
+from aipm.workspace.kept import STAYS, WHOLE, keep_rest, keep_whole, kept_patch, kept_rest, left_out_note
 from aipm.workspace.ignored import IGNORED, NOT_MERGED, ignored_in_targets, keep_ignored, keep_ignored_with
 
 SHARED, WORKTREE = WORKSPACES

@@ -11,6 +11,7 @@ import stat
 from contextlib import suppress
 from pathlib import Path
 
+from aipm.model import some
 from aipm.record import Record
 from aipm.workspace.places import make_own_dir, own_dir, patch_path, rest_path, worktree_path
 
@@ -104,8 +105,3 @@ def left_out_note(left_out: dict[str, str]) -> str:
     for path, what in left_out.items():
         kinds.setdefault(what, []).append(path)
     return "; ".join(f"{some(paths)}: {what}" for what, paths in kinds.items())
-
-
-def some(paths: list[str]) -> str:
-    """Paths for a line: the first ten, and how many more."""
-    return ", ".join(paths[:10]) + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
