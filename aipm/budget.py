@@ -18,8 +18,8 @@ no event of claude's in its log never began a session and spent nothing (agents.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 
 from aipm import agents
 from aipm.model import Order, Task
@@ -64,10 +64,20 @@ class Budget:
         """What a new attempt may be given: the limit less what is spent and what running attempts hold."""
         return max(0.0, round(self.limit - self.spent - self.unreported - self.held, 6))
 
-    def holds_back(self, task_id: str, own: float | None = None) -> bool:
-        """Whether the task waits because the running attempts hold what is left, all of it or all but less than
-        a least share (not a stop: see reached). `own`: what the task's own max_cost_usd leaves it (task_left)."""
-        return task_id not in self.costless and not self.split([None if task_id in self.uncapped else own])[0]
+    def claim(self, task_id: str, own: float | None) -> float | None:
+        """What a task that takes a share asks of split: what its own max_cost_usd leaves it (`own`: task_left), or
+        None, a whole least share, for one whose agent takes no cap (its own budget cannot bound it)."""
+        return None if task_id in self.uncapped else own
+
+    def holds_back(self, task_id: str, own: float | None = None, before: Sequence[float | None] = ()) -> bool:
+        """Whether the task waits because the running attempts, and those the plan starts before it (`before`:
+        their claims), hold what is left, all of it or all but less than a least share (not a stop: see reached).
+        `own`: what the task's own max_cost_usd leaves it (task_left)."""
+        return task_id not in self.costless and not self.split([*before, self.claim(task_id, own)])[-1]
+
+    def starting(self, claims: Sequence[float | None]) -> Budget:
+        """This budget as it stands once the attempts of `claims` have started, holding their shares."""
+        return replace(self, held=round(self.held + sum(self.split(list(claims))), 6)) if claims else self
 
     def split(self, owns: list[float | None]) -> list[float]:
         """The caps of capped attempts that would start now, in the plan's order, each with what its own budget

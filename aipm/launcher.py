@@ -13,7 +13,7 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field, replace
 
 from aipm import agents, durable, holds, locks, recovery, scope, subreaper
-from aipm.budget import MIN_SHARE, Budget, attempt_caps, of as order_budget, uncapped
+from aipm.budget import Budget, attempt_caps, of as order_budget, uncapped
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.paths import normalize
 from aipm.plan import LIMIT, Busy, ForeignLock, Plan, plan
@@ -292,14 +292,8 @@ class Launcher(Starter):
         caps = attempt_caps([counted.tasks[t.id] for t in wanted[:budget]], spend, together,
                             lambda t: agents.caps_cost(agent_for(t, self.settings)),
                             lambda t: uncapped(agent_for(t, self.settings)))
-        unfunded = [t for t in wanted[:budget] if caps[t.id] == 0]
-        if unfunded:  # (they wait for the caps just given too: the budget was read before)
-            funded = sum(c if c else MIN_SHARE for t, c in caps.items() if c != 0 and (
-                c is not None or uncapped(agent_for(counted.tasks[t], self.settings))))  # (as budget.held counts)
-            given = replace(spend, held=round(spend.held + funded, 6))
-            report.deferred += [{"id": t.id, "reason": "budget", "detail": given.held_detail} for t in unfunded]
-        try:
-            for task in [t for t in wanted[:budget] if caps[t.id] != 0]:
+        try:  # (each with a share: the plan chose no more than the budget gives one, in the order it gives them)
+            for task in wanted[:budget]:
                 if self.options.dry_run:
                     report.launched.append({"id": task.id, "pid": None, "dry_run": True})
                     continue

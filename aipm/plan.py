@@ -100,7 +100,7 @@ class Plan:
     refused: list[Blocked] = field(default_factory=list)  # ready, but can never start here: listed even when not explaining
     # queued, their own max_cost_usd reached: listed even when not explaining
     spent: list[Blocked] = field(default_factory=list)
-    # ready, held back while running attempts may spend what is left of the budget: listed even when not explaining
+    # ready, held back while running attempts (and those chosen before it) may spend what is left of the budget
     held: list[Blocked] = field(default_factory=list)
 
     def summary(self, order: Order) -> dict[str, int]:
@@ -272,6 +272,7 @@ def plan(
     near_chosen = LockIndex(())
     kept_out: set[tuple[Target, ...]] = set()  # without reasons: targets found kept out, so identical ones are too
     chosen: list[Task] = []
+    claims: list[float | None] = []  # what the chosen tasks that take a share of `budget` ask of it (Budget.claim)
     # Lazily: the hot path stops at the first full round, and a big order's ready list is long.
     tasks = ranked(order) if ordering is None else (order.tasks[i] for i in ordering if i in order.tasks)
     for task in tasks:
@@ -301,18 +302,20 @@ def plan(
             if explain:
                 result.blocked[task.id] = blocked
             continue
-        # Not a stop: what the running ones leave is shared next.
-        if budget is not None and budget.holds_back(task.id, task_left(task)):
-            blocked = Blocked(task.id, BUDGET, budget.held_detail)
-            if not explain:
+        # Not a stop: what the running ones leave is shared next, among the tasks chosen in the plan's order (as the
+        # launcher gives their caps: `detect` said all of five could start where `launch` started two).
+        deps = order.tasks
+        waiting = [d for d in task.depends_on if d in deps and (deps[d].status not in FINISHED_OK or d in held)]
+        if budget is not None and budget.holds_back(task.id, task_left(task), claims):
+            blocked = Blocked(task.id, BUDGET, budget.starting(claims).held_detail)
+            if not waiting:  # (ready but for the budget: what `launch` and `exec` say they wait for)
                 result.held.append(blocked)
+            if not explain:
                 if not budget.costless:
                     break
                 continue  # a task further down may cost nothing
             result.blocked[task.id] = blocked
             continue
-        deps = order.tasks
-        waiting = [d for d in task.depends_on if d in deps and (deps[d].status not in FINISHED_OK or d in held)]
         if waiting:
             if not explain:
                 continue
@@ -371,6 +374,8 @@ def plan(
             continue
         chosen.append(task)
         near_chosen.add(task.targets)
+        if budget is not None and task.id not in budget.costless:
+            claims.append(budget.claim(task.id, task_left(task)))
     result.launchable = chosen
     return result
 

@@ -1854,6 +1854,29 @@ def test_running_attempts_hold_their_share_until_they_end(project):
     assert project.json("status", "ORD")["cost_usd"] == pytest.approx(0.08)
 
 
+def test_detect_and_why_share_the_budget_as_launch_does(project):
+    """$0.25 gives two claude attempts a least share each: `launch` started A and B and deferred C-E ('budget held'),
+    while `detect` listed all five as launchable and `why C` said it could start now. The plan shares the budget
+    among the tasks it chooses, so every command says the same; F waits on A, and for that alone."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.25\n")
+    for name in "ABCDE":
+        write_task(order, name, prompt="@cost 0.01", target_files=[f"{name}.txt"])
+    write_task(order, "F", prompt="@cost 0.01", depends_on=["A"], target_files=["F.txt"])
+    env = {**agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    detect = project.json("detect", "ORD", env=env)
+    assert [t["id"] for t in detect["launchable"]] == ["A", "B"], detect
+    assert "budget held" in project.aipm("why", "C", env=env).stdout
+    launch = project.json("launch", "ORD", "--dry-run", env=env)
+    assert [t["id"] for t in launch["launched"]] == ["A", "B"], launch
+    assert [(d["id"], d["reason"]) for d in launch["deferred"]] == [("C", "budget"), ("D", "budget"),
+                                                                     ("E", "budget")], launch
+    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    assert set(project.statuses().values()) == {"DONE"}
+    assert _caps(project)[:2] == [0.125, 0.125], journal(project)  # the first two, a half each
+
+
 def test_exec_of_a_task_the_budget_holds_back_waits_for_the_running_attempts(project):
     """`aipm exec B` while A's attempt held what was left of the budget exited 1 at once, saying `budget held ...
     waits for them to end`: it now waits, as it does for a busy machine, and runs B once A has ended."""
