@@ -38,17 +38,21 @@ def warnings(tasks: Iterable[Task]) -> list[str]:
 
 
 def unenforced_budget(order: Order, tasks: Iterable[Task], settings: Settings) -> list[str]:
-    """A warning per agent among `tasks` (of `order`) that reports no cost, when the order has a budget."""
+    """A warning per agent among `tasks` (of `order`) that reports no cost, when the order has a budget; and one per
+    task with a budget of its own that nothing it runs reports a cost against (`validate` said `ok`, and `status`
+    showed `- of $0.1000` as if it were kept)."""
+    tasks = list(tasks)
+    out = [_unenforced_own(task, settings) for task in tasks if task.max_cost_usd is not None and (
+        task.command is not None or not agents.reports_cost(agent_for(task, settings)))]
     limit = budget.of(order, settings.max_cost_usd)
     if limit is None:
-        return []
+        return out
     blind: dict[str, list[str]] = {}
     for task in tasks:
         agent = agent_for(task, settings)
         if task.command is None and not agents.reports_cost(agent):
             blind.setdefault(agent, []).append(task.id)
     where = str(Path(order.path) / "order.yaml") if limit.source == "order.yaml" else "aipm.yaml"
-    out = []
     for agent, ids in blind.items():
         named = ", ".join(ids[:3]) + (f" and {len(ids) - 3} more" if len(ids) > 3 else "")
         runs = "the worker.command template (worker.agent: command)" if agent == agents.COMMAND else agent
@@ -60,6 +64,14 @@ def unenforced_budget(order: Order, tasks: Iterable[Task], settings: Settings) -
                    f"{named} {run} {runs}, which reports no cost, so {their} attempts count as nothing against it; "
                    f"{fix}")
     return out
+
+
+def _unenforced_own(task: Task, settings: Settings) -> str:
+    agent = agent_for(task, settings)
+    runs = ("its own command" if task.command is not None else "the worker.command template (worker.agent: "
+            "command)" if agent == agents.COMMAND else agent)
+    return (f"{task.path}: max_cost_usd {budget.usd(task.max_cost_usd or 0.0)} cannot be enforced: the task runs "
+            f"{runs}, which reports no cost, so its attempts count as nothing against it")
 
 
 def stray_files(order_dir: Path) -> list[str]:

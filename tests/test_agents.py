@@ -1959,6 +1959,22 @@ def test_a_budget_the_agent_cannot_count_is_warned_about(project):
             "run it with an agent that reports cost (claude, aider)") in project.aipm("validate", "ORD").stderr
 
 
+def test_a_tasks_own_budget_that_nothing_counts_against_is_warned_about(project):
+    """A task's own max_cost_usd on a command task, or on one whose agent reports no cost (codex): `validate` said
+    `ok`, `run` ran it with no word, and `status` showed `- of $0.1000` as if that budget were kept."""
+    order = project.order()
+    write_task(order, "A", command="true", max_cost_usd=0.1, target_files=["a.txt"])
+    write_task(order, "B", agent="codex", prompt="x", max_cost_usd=0.2, target_files=["b.txt"])
+    write_task(order, "C", agent="claude", prompt="@cost 0.01", max_cost_usd=0.3, target_files=["c.txt"])
+    said = [line for line in project.aipm("validate", "ORD", env=agent_env(project)).stderr.splitlines()
+            if "max_cost_usd" in line]
+    assert said == [
+        f"aipm: warning: {order / 'A.yaml'}: max_cost_usd $0.1000 cannot be enforced: the task runs its own command, "
+        "which reports no cost, so its attempts count as nothing against it",
+        f"aipm: warning: {order / 'B.yaml'}: max_cost_usd $0.2000 cannot be enforced: the task runs codex, which "
+        "reports no cost, so its attempts count as nothing against it"], said
+
+
 def test_a_supervisor_killed_mid_attempt_leaves_the_usage_to_the_next_one(project):
     (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
     order = project.order()
