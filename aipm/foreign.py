@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from aipm import notify
 from aipm.liveness import stopped
-from aipm.model import Order, Status
+from aipm.model import RUNNING, Order, Status
 from aipm.plan import dead_end, never_runs
 from aipm.record import Record
 from aipm.supervisor import Supervisor
@@ -73,3 +73,38 @@ def others_matter(order: Order, others: set[str]) -> bool:
     # and for ever where that owner was stopped with its outcome.
     queued = {t.id for t in order.tasks.values() if t.status == Status.QUEUED and not dead_end(t)} if others else set()
     return bool(queued) and bool(queued - {tid for ids in never_runs(order).values() for tid in ids})
+
+
+class Said:
+    """The attempts of this order's tasks that other owners run, said as a run says its own: a start (but the first
+    of each task, which the `watch` line names) and its end, with the status it came to. A run that waited on a
+    detached task said nothing between `watch A` and its own last line, which named A's end (`B can never run: A
+    is FAILED`) as news."""
+
+    def __init__(self) -> None:
+        self.running: dict[str, int] = {}  # task → the attempt said to run
+
+    def said(self, order: Order, records: list, watched: set[str], mine: set[str]) -> list[dict]:
+        """The events for `records` (the live attempts of other owners, of `order`'s tasks), given the tasks
+        `watched` (named by a watch line) before them, and those this run owns an attempt of (`mine`). An attempt
+        whose end was not seen before the task's next one started (its owner's retry, or this run's start) is
+        said by that start alone: what its own end came to, its file no longer says."""
+        events = []
+        for rec in records:
+            if self.running.get(rec.task) != rec.serial:
+                if rec.task in watched:
+                    events.append({"event": "started", "task": rec.task, "pid": rec.pid, "attempt": rec.serial,
+                                   "detached": True})
+                self.running[rec.task] = rec.serial
+        live = {rec.task for rec in records}
+        for task_id, serial in list(self.running.items()):
+            task = order.tasks.get(task_id)
+            if task_id in mine:
+                del self.running[task_id]
+                continue
+            if task_id in live or task is None or task.status in RUNNING:
+                continue  # (its outcome not written yet, or its file gone: nothing to say of it)
+            del self.running[task_id]
+            events.append({"event": "finished", "task": task_id, "attempt": serial, "status": task.status.value,
+                           "reason": task.reason, "exit_code": task.exit_code, "hint": "run by another aipm"})
+        return events

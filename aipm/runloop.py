@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 
 from aipm import budget, budgetstop, durable, handover, notify, preemption, recovery, scope, writer, writtenlog
+from aipm import foreign as foreign_attempts
 from aipm.foreign import FINISHING_RECHECK, HELD_RECHECK, others_matter, watch_foreign
 from aipm.interrupts import Stop
 from aipm.launcher import RAMP, Launcher
@@ -96,6 +97,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     waiting_before: list[tuple[str, str]] = []
     outside_told: set[tuple[str, str | None]] = set()  # (task, path) of the waits for locks held outside aipm, notified
     watched: set[str] = set()  # this order's tasks run by another owner, already said
+    elsewhere = foreign_attempts.Said()  # their attempts' starts and ends, said as this run's own are
     noted_for: set[tuple[str, int]] = set()  # other owners' attempts (any order's) in flight at the last note
     held: set[str] = set()  # this order's outcomes that a stopped owner holds, already said
     deferred_before: list[tuple[str, str]] = []  # (task, reason) of the last deferral said
@@ -237,7 +239,11 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 emit({"event": "watching", "tasks": sorted(theirs), "detail": "run by another aipm (a detached "
                       "`aipm launch` or another `aipm run`); this run waits for them and goes on from there"
                       if not only else "run by another aipm; this exec waits for it and ends as it ends"})
-                watched |= theirs
+            for event in elsewhere.said(order, [rec for rec in report.records if rec.task in theirs
+                                                and rec.key in foreign and rec.order == order.id], watched,
+                                    {key.split("/", 1)[1] for key in sup.owned if key.startswith(f"{order.id}/")}):
+                emit(event)
+            watched |= theirs
             # Other owners' attempts in flight, each by its number: a task's next attempt is a new audit window.
             flight = {(rec.key, rec.serial) for rec in report.records
                       if rec.key in foreign or rec.key in finishing} if foreign or finishing else set()

@@ -134,6 +134,28 @@ def test_another_owners_work_is_not_waited_for_by_tasks_that_wait_for_a_person()
     assert others_matter(order(task("A"), task("B", deps=["A"])), {"OTH/S"})  # A may start once S frees its files
 
 
+def test_another_owners_attempts_are_said_as_they_start_and_end():
+    """What a run says of its order's tasks that other owners run (foreign.Said): not the first attempt of each (the
+    watch line names it), then each new attempt's start and the end its file comes to; not an end it did not see
+    before a next attempt, its own or the other owner's (the file says that one's)."""
+    from types import SimpleNamespace
+
+    from aipm.foreign import Said
+
+    def rec(task_id, serial):
+        return SimpleNamespace(task=task_id, serial=serial, pid=100 + serial)
+
+    said = Said()
+    running = order(task("A", status="IN_PROGRESS"), task("B", status="IN_PROGRESS"))
+    assert said.said(running, [rec("A", 1), rec("B", 1)], set(), set()) == []
+    events = said.said(running, [rec("A", 2), rec("B", 1)], {"A", "B"}, set())  # A's retry, by its owner
+    assert [(e["event"], e["task"], e["attempt"]) for e in events] == [("started", "A", 2)]
+    ended = order(task("A", status="FAILED"), task("B", status="IN_PROGRESS"))
+    events = said.said(ended, [rec("B", 1)], {"A", "B"}, set())
+    assert [(e["event"], e["task"], e["attempt"], e["status"]) for e in events] == [("finished", "A", 2, "FAILED")]
+    assert said.said(order(task("A", status="FAILED"), task("B", status="DONE")), [], {"A", "B"}, {"B"}) == []
+
+
 def test_not_queued_and_stale():
     o = order(task("A", status="IN_PROGRESS", files=["a.py"]), task("B", status="IN_PROGRESS"),
               task("C", status="DONE"), task("D", files=["a.py"]))

@@ -760,7 +760,7 @@ def test_a_run_ends_with_its_order_whatever_another_order_still_runs(project):
 
 def test_a_run_says_which_tasks_of_its_order_another_owner_runs(project, gate):
     """`aipm launch` started a detached worker; a `run` of the same order then only watched it and printed
-    nothing at all until the end."""
+    nothing at all until the end. It says the watch, and the watched attempt's end as it says its own."""
     write_task(project.order(), "T", command=f"while [ ! -e {gate} ]; do sleep 0.05; done")
     project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
     run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
@@ -775,6 +775,7 @@ def test_a_run_says_which_tasks_of_its_order_another_owner_runs(project, gate):
     assert run.wait(timeout=120) == 0
     reader.join(timeout=60)
     assert lines[0].startswith("watch    T: run by another aipm"), lines
+    assert lines[1] == "finish   T → DONE (exit 0); run by another aipm\n", lines
 
 
 def test_a_run_left_behind_another_orders_lost_task_says_why_and_the_fix(project):
