@@ -144,7 +144,10 @@ def survey(launcher: Launcher, order_dir: Path) -> tuple[Order, Plan, int, list,
     spend = launcher.budget(order, records)
     outside = launcher.outside(records)
     refused = launcher.refused_here(order.tasks.values())
-    return order, plan(order, busy, live, free, budget=spend, outside=outside, refused=refused), free, busy, outside
+    # (planned as a launch's recovery leaves it: an interrupted re-queue is finished first)
+    planned = plan(recovery.as_recovered(order, launcher.runtime), busy, live, free, budget=spend, outside=outside,
+                   refused=refused)
+    return order, planned, free, busy, outside
 
 
 def order_board(launcher: Launcher, order_dir: Path) -> dict:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from aipm import notify
 from aipm.liveness import stopped
 from aipm.model import RUNNING, Order, Status
-from aipm.plan import dead_end, never_runs
+from aipm.deadends import dead_end, never_runs
 from aipm.record import Record
 from aipm.supervisor import Supervisor
 
@@ -86,25 +86,25 @@ class Said:
 
     def said(self, order: Order, records: list, watched: set[str], mine: set[str]) -> list[dict]:
         """The events for `records` (the live attempts of other owners, of `order`'s tasks), given the tasks
-        `watched` (named by a watch line) before them, and those this run owns an attempt of (`mine`). An attempt
-        whose end was not seen before the task's next one started (its owner's retry, or this run's start) is
-        said by that start alone: what its own end came to, its file no longer says."""
+        `watched` (named by a watch line) before them, and those this run owns an attempt of (`mine`); `order` as
+        it was before this round's starts (the end of another's attempt, which this run's start follows at once).
+        An attempt whose end was not seen before its owner's next one started is said by that start alone: what
+        its own end came to, its file no longer says."""
         events = []
         for rec in records:
             if self.running.get(rec.task) != rec.serial:
                 if rec.task in watched:
                     events.append({"event": "started", "task": rec.task, "pid": rec.pid, "attempt": rec.serial,
-                                   "detached": True})
+                                   "by": "another aipm"})
                 self.running[rec.task] = rec.serial
         live = {rec.task for rec in records}
         for task_id, serial in list(self.running.items()):
             task = order.tasks.get(task_id)
-            if task_id in mine:
-                del self.running[task_id]
-                continue
             if task_id in live or task is None or task.status in RUNNING:
+                if task_id in mine:  # (started here since: its file says this run's attempt, not that one's end)
+                    del self.running[task_id]
                 continue  # (its outcome not written yet, or its file gone: nothing to say of it)
             del self.running[task_id]
             events.append({"event": "finished", "task": task_id, "attempt": serial, "status": task.status.value,
-                           "reason": task.reason, "exit_code": task.exit_code, "hint": "run by another aipm"})
+                           "reason": task.reason, "exit_code": task.exit_code, "by": "another aipm"})
         return events

@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from aipm import budget, parsecache
+from aipm import budget, parsecache, recovery
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
-from aipm.model import DEAD_END, FINISHED_OK, Order, Status, Task, natural_key, some
-from aipm.plan import will_not_start
+from aipm.model import DEAD_END, FINISHED_OK, Order, Task, natural_key, some
+from aipm.deadends import will_not_start
 from aipm.project import Project
 from aipm.recovery import followed
 from aipm.runtime import Runtime, entries
@@ -234,12 +234,10 @@ def stuck_notes(order_id: str, stuck: dict[str, str]) -> list[str]:
 
 def wait_for_person(order: Order, rt: Runtime, default_limit: float | None) -> dict[str, str]:
     """plan.will_not_start of `order` (`default_limit`: the max_cost_usd setting), its costs counted as the launcher
-    counts them, from the spending ledger too (spending.charged: a task file that says less is not believed), less
-    the INTERRUPTED tasks whose attempt's record is left: the rest of a re-queue its owner died in, which a recovery
-    (any run's) finishes."""
-    counted = charged(order, rt)
-    return {tid: why for tid, why in will_not_start(counted, budget.of(counted, default_limit)).items()
-            if order.tasks[tid].status != Status.INTERRUPTED or rt.read_record(order.id, tid) is None}
+    counts them, from the spending ledger too (spending.charged: a task file that says less is not believed), and
+    its interrupted attempts as a recovery will leave them (recovery.as_recovered)."""
+    counted = charged(recovery.as_recovered(order, rt), rt)
+    return will_not_start(counted, budget.of(counted, default_limit))
 
 
 def order_lines(project: Project, order_dir: Path, follow: bool = False, default_limit: float | None = None,

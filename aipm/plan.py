@@ -10,8 +10,9 @@ from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-from aipm.budget import Budget, spent_text, task_detail, task_left, task_reached, usd
-from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Priority, Status, Task
+from aipm.budget import Budget, task_detail, task_left, task_reached
+from aipm.deadends import behind, doomed
+from aipm.model import FINISHED_OK, RUNNING, Order, Priority, Status, Task
 from aipm.overlap import LockIndex, conflict
 from aipm.paths import Target, held_conflict, lock_prefix, nodes_related
 from aipm.ranking import ranked
@@ -117,111 +118,8 @@ class Plan:
         }
 
 
-# Statuses of a task that is to start (again): QUEUED, or a rework on its way back to QUEUED.
-TO_START = frozenset({Status.QUEUED, Status.REWORK})
-
-
-def dead_end(task: Task) -> bool:
-    """Whether no run gets past the task until a person acts: it ended FAILED, REJECTED or CANCELLED (retry it), or
-    INTERRUPTED with its exit code lost (check its work, retry it), or it is to start with its own max_cost_usd
-    reached (raise it). What waits on it waits for that person."""
-    return task.status in DEAD_END or task.status == Status.INTERRUPTED or task.status in TO_START and task_reached(
-        task)
-
-
-def _doomed(order: Order) -> dict[str, str]:
-    """Task id → the dead-end task (dead_end) that stops it from ever running (through any chain of dependencies)."""
-    tasks = order.tasks
-    if not any(map(dead_end, tasks.values())):
-        return {}  # the common case, and the walk below is a third of planning a big order
-    pending = {tid: sum(d in tasks for d in t.depends_on) for tid, t in tasks.items()}
-    dependants: dict[str, list[str]] = {tid: [] for tid in tasks}
-    for task in tasks.values():
-        for dep in task.depends_on:
-            if dep in tasks:
-                dependants[dep].append(task.id)
-    ready = [tid for tid, n in pending.items() if n == 0]
-    cause: dict[str, str] = {}
-    while ready:  # dependencies before dependants, so a cause found below is final
-        tid = ready.pop()
-        for dep in tasks[tid].depends_on:
-            if dep in tasks and dead_end(tasks[dep]):
-                cause[tid] = dep
-                break
-            if dep in cause and tasks[dep].status not in FINISHED_OK:
-                cause[tid] = cause[dep]
-                break
-        for nxt in dependants[tid]:
-            pending[nxt] -= 1
-            if pending[nxt] == 0:
-                ready.append(nxt)
-    return cause
-
-
-def _never(order: Order, task_id: str, dead: str) -> Blocked:
-    return Blocked(task_id, NEVER, _behind(order.tasks[dead]), (dead,))
-
-
-def _behind(dead: Task, ids: str = "") -> str:
-    """Why a task (`ids`: tasks, named) waiting on the dead-end task `dead` never starts by itself."""
-    if dead.status in TO_START:
-        return f"{ids + ' ' if ids else ''}will not start until {dead.id} does: {task_detail(dead)}"
-    return f"{ids + ' ' if ids else ''}can never run: {dead.id} is {dead.status}"
-
-
-def never_runs(order: Order) -> dict[str, list[str]]:
-    """The QUEUED tasks that can never run, by the dead-end task (dead_end) they wait on, through any chain of
-    dependencies: no run starts them until that one is retried or its budget raised (`status`, and `run`'s last
-    words)."""
-    behind: dict[str, list[str]] = {}
-    doomed = _doomed(order)
-    for task in ranked(order) if doomed else ():  # in launch order, as `detect` lists them
-        if task.id in doomed and task.status == Status.QUEUED:
-            behind.setdefault(doomed[task.id], []).append(task.id)
-    return behind
-
-
-def never_run_notes(order: Order) -> list[str]:
-    """never_runs() in words, each with what would start them."""
-    return [_behind(order.tasks[dead], ", ".join(ids)) + _unblock(order.tasks[dead])
-            for dead, ids in never_runs(order).items()]
-
-
-def _unblock(dead: Task) -> str:
-    """What a person does for the dead-end task `dead` (dead_end) to go on, after _behind's words: nothing more
-    for one to start (task_detail said it); retry one that ended, its budget raised first where its attempts spent it
-    (`retry` alone left it QUEUED, never to start)."""
-    if dead.status in TO_START:
-        return ""
-    what = ("its worker ended and its exit code was lost: check its work" if dead.status == Status.INTERRUPTED
-            else "fix what stopped it")
-    if task_reached(dead):
-        what += (f" and raise its max_cost_usd (its attempts cost "
-                 f"{spent_text(dead.cost_usd, dead.cost_unreported_usd or 0.0)} of {usd(dead.max_cost_usd or 0.0)})")
-    return f"; {what}, then `aipm retry {dead.id}`"
-
-
-def will_not_start(order: Order, budget: Budget | None) -> dict[str, str]:
-    """Id → why, of each task to start (TO_START) that starts only once a person acts (the end of `logs -f`): it
-    waits on a dead-end task (dead_end), its own max_cost_usd is reached, or the order's `budget` is; and of each
-    INTERRUPTED one (a record of its attempt left, a recovery re-queues it: the caller's to tell). Never a budget
-    that running attempts hold: that one waits for them to end."""
-    doomed = _doomed(order)
-    out: dict[str, str] = {}
-    for task in order.tasks.values():
-        if task.status == Status.INTERRUPTED:
-            out[task.id] = f"will not start again by itself: it is {task.status}" + _unblock(task)
-            continue
-        if task.status not in TO_START:
-            continue
-        if task.id in doomed:
-            dead = order.tasks[doomed[task.id]]
-            out[task.id] = _behind(dead) + _unblock(dead)
-        elif task_reached(task):
-            out[task.id] = f"will not start: {task_detail(task)}"
-        elif budget is not None and budget.reached:
-            out[task.id] = f"will not start: {budget.detail}"
-    return out
+def _never(order: Order, task_id: str, roots: tuple[str, ...]) -> Blocked:
+    return Blocked(task_id, NEVER, behind(order, roots), roots)
 
 
 def plan(
@@ -267,12 +165,13 @@ def plan(
             for tid in live if tid in order.tasks and order.tasks[tid].status not in RUNNING}
     for tid in held:
         busy.append((tid, order.tasks[tid].targets))
-    doomed = _doomed(order) if explain else {}
+    cause = doomed(order) if explain else {}
     near_busy = LockIndex(targets for _, targets in busy)
     near_chosen = LockIndex(())
     kept_out: set[tuple[Target, ...]] = set()  # without reasons: targets found kept out, so identical ones are too
     chosen: list[Task] = []
     claims: list[float | None] = []  # what the chosen tasks that take a share of `budget` ask of it (Budget.claim)
+    closed = ""  # why the budget holds back every task that costs, once one is held
     # Lazily: the hot path stops at the first full round, and a big order's ready list is long.
     tasks = ranked(order) if ordering is None else (order.tasks[i] for i in ordering if i in order.tasks)
     for task in tasks:
@@ -306,21 +205,22 @@ def plan(
         # launcher gives their caps: `detect` said all of five could start where `launch` started two).
         deps = order.tasks
         waiting = [d for d in task.depends_on if d in deps and (deps[d].status not in FINISHED_OK or d in held)]
-        if budget is not None and budget.holds_back(task.id, task_left(task), claims):
-            blocked = Blocked(task.id, BUDGET, budget.starting(claims).held_detail)
+        # Once one is held, so is every one ranked after it that costs (a smaller own budget would fit, and yet it
+        # waits its turn, as in the hot path); each ready one is listed, as run's `defer` line names them.
+        if budget is not None and task.id not in budget.costless and (
+                closed or budget.holds_back(task.id, task_left(task), claims)):
+            closed = closed or budget.starting(claims).held_detail
+            blocked = Blocked(task.id, BUDGET, closed)
             if not waiting:  # (ready but for the budget: what `launch` and `exec` say they wait for)
                 result.held.append(blocked)
-            if not explain:
-                if not budget.costless:
-                    break
-                continue  # a task further down may cost nothing
-            result.blocked[task.id] = blocked
+            if explain:
+                result.blocked[task.id] = blocked
             continue
         if waiting:
             if not explain:
                 continue
-            if task.id in doomed:
-                result.blocked[task.id] = _never(order, task.id, doomed[task.id])
+            if task.id in cause:
+                result.blocked[task.id] = _never(order, task.id, cause[task.id])
             else:
                 states = ", ".join(f"{d} ({deps[d].status.value})" for d in waiting)
                 result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))

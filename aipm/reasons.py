@@ -9,7 +9,8 @@ from collections.abc import Iterable
 from aipm.model import FINISHED_OK, RUNNING, Order, Status
 from aipm.overlap import LockIndex, conflict
 from aipm.plan import (BUDGET, FILE_BUSY, FILE_CHOSEN, FILE_HELD, LIMIT, REFUSED, WAITING, WORKER_RUNNING, Blocked,
-                       Busy, ForeignLock, Plan, _doomed, _holder, _holders, _never, dead_end)
+                       Busy, ForeignLock, Plan, _holder, _holders, _never)
+from aipm.deadends import dead_end, doomed
 
 
 class Reasons:
@@ -18,7 +19,7 @@ class Reasons:
     def __init__(self, order: Order, result: Plan, elsewhere: Iterable[Busy] = (),
                  outside: Iterable[ForeignLock] = ()):
         self.order, self.result, self.outside = order, result, list(outside)
-        self.doomed = _doomed(order)
+        self.doomed = doomed(order)
         self.holders, self.held_as = _holders(elsewhere, order.id)
         for t in order.tasks.values():
             if t.status in RUNNING:
@@ -40,8 +41,8 @@ class Reasons:
         for dep in task.depends_on:
             if dep in deps and deps[dep].status not in FINISHED_OK:
                 if dep in self.doomed or dead_end(deps[dep]):
-                    dead = dep if dead_end(deps[dep]) else self.doomed[dep]
-                    reasons.append(_never(self.order, task_id, dead))
+                    roots = (dep,) if dead_end(deps[dep]) else self.doomed[dep]
+                    reasons.append(_never(self.order, task_id, roots))
                 else:
                     reasons.append(Blocked(task_id, WAITING, f"waiting on {dep} ({deps[dep].status})", (dep,)))
         for owner, targets in self.holders if self.near.near(task.targets) else ():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Collection
 from contextlib import suppress
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +29,19 @@ from aipm.writer import StaleWrite, now, update_task
 if TYPE_CHECKING:
     from aipm.launcher import Launcher
     from aipm.starting import Owner
+
+
+def as_recovered(order: Order, rt: Runtime) -> Order:
+    """The order with each INTERRUPTED task whose attempt's record is left QUEUED, as recover_order leaves it (a
+    re-queue between its two writes: its owner died there, or is there now): no dead end for what waits on it
+    (`logs X -f` of a dependant said `can never run`, `why X` too, and the next run went on with both)."""
+    requeued = {}
+    for tid, task in order.tasks.items():
+        if task.status == Status.INTERRUPTED:
+            rec = rt.read_record(order.id, tid)
+            if rec is not None and rec.attempt == task.attempts:
+                requeued[tid] = replace(task, status=Status.QUEUED)
+    return replace(order, tasks={**order.tasks, **requeued}) if requeued else order
 
 
 def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,

@@ -97,7 +97,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     waiting_before: list[tuple[str, str]] = []
     outside_told: set[tuple[str, str | None]] = set()  # (task, path) of the waits for locks held outside aipm, notified
     watched: set[str] = set()  # this order's tasks run by another owner, already said
-    elsewhere = foreign_attempts.Said()  # their attempts' starts and ends, said as this run's own are
+    others_said = foreign_attempts.Said()  # their attempts' starts and ends, said as this run's own are
     noted_for: set[tuple[str, int]] = set()  # other owners' attempts (any order's) in flight at the last note
     held: set[str] = set()  # this order's outcomes that a stopped owner holds, already said
     deferred_before: list[tuple[str, str]] = []  # (task, reason) of the last deferral said
@@ -239,7 +239,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 emit({"event": "watching", "tasks": sorted(theirs), "detail": "run by another aipm (a detached "
                       "`aipm launch` or another `aipm run`); this run waits for them and goes on from there"
                       if not only else "run by another aipm; this exec waits for it and ends as it ends"})
-            for event in elsewhere.said(order, [rec for rec in report.records if rec.task in theirs
+            for event in others_said.said(order, [rec for rec in report.records if rec.task in theirs
                                                 and rec.key in foreign and rec.order == order.id], watched,
                                     {key.split("/", 1)[1] for key in sup.owned if key.startswith(f"{order.id}/")}):
                 emit(event)

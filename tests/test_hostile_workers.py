@@ -515,11 +515,21 @@ def test_a_requeue_killed_between_its_two_writes_is_finished_by_recovery(project
         "targets": ["x.txt"], "log": str(project.root / "A.log"), "exit_file": str(state(project.root) / "exit/ORD/A.1"),
         "started_at": "2025-01-01T00:00:00+00:00", "owner_pid": dead.pid, "owner_ctime": 1.0, "pid": dead.pid,
         "ctime": 1.0, "pgid": dead.pid, "number": 1}))
+    # No dead end meanwhile for what waits on it (a recovery finishes the re-queue): `logs B -f` ended, and `status`
+    # and `why` said `B can never run: A is INTERRUPTED`, where the next run did both.
+    write_task(order, "B", command="true", depends_on=["A"], target_files=["y.txt"])
+    from aipm.logbook import wait_for_person
+    from aipm.runtime import Runtime
+    from aipm.store import load_order
+
+    assert wait_for_person(load_order(order, project.root), Runtime(project.root), None) == {}
+    assert "never_runs" not in {t["id"]: t for t in project.json("status", "ORD")["tasks"]}["B"]
+    assert "can never run" not in project.aipm("why", "B").stdout
     assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "A", "action": "requeued"}]
     task = project.json("status", "ORD")["tasks"][0]
     assert (task["status"], task["attempts"]) == ("QUEUED", 0)
     assert project.aipm("run", "ORD", "--no-resource-monitoring", timeout=60).returncode == 0
-    assert task_statuses(order)["A"] == "DONE"
+    assert task_statuses(order) == {"A": "DONE", "B": "DONE"}
 
 
 # ---- an `aipm run` of its own order started by a worker (found by the hostile-workers review of 2026-12-03) ----

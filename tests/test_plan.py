@@ -6,9 +6,9 @@ from aipm.model import Order, Priority, Status, Task
 from aipm.paths import normalize
 from aipm.overlap import any_clear
 from aipm.plan import (
-    BUDGET, FILE_BUSY, FILE_CHOSEN, LIMIT, NEVER, NOT_QUEUED, STALE, WAITING, WORKER_RUNNING, Busy, never_run_notes,
-    never_runs, plan, will_not_start,
+    BUDGET, FILE_BUSY, FILE_CHOSEN, LIMIT, NEVER, NOT_QUEUED, STALE, WAITING, WORKER_RUNNING, Busy, plan,
 )
+from aipm.deadends import never_run_notes, never_runs, will_not_start
 from aipm.reasons import all_reasons
 from aipm.ranking import chain_lengths, ranked
 
@@ -108,7 +108,7 @@ def test_a_dependency_past_its_own_budget_is_a_dead_end_and_a_held_budget_is_non
     spent = replace(task("A", pri="P0"), max_cost_usd=0.1, cost_usd=0.1)
     o = order(spent, task("B", deps=["A"]), task("C", deps=["B"]), task("D"), task("E", status="FAILED"),
               task("F", deps=["E"]))
-    assert never_runs(o) == {"E": ["F"], "A": ["B", "C"]}
+    assert never_runs(o) == {("E",): ["F"], ("A",): ["B", "C"]}
     result = plan(o, slots=5)
     assert result.blocked["C"].reason == NEVER and result.blocked["C"].tasks == ("A",)
     assert result.blocked["C"].detail.startswith("will not start until A does: budget reached: the task's attempts")
@@ -136,8 +136,8 @@ def test_another_owners_work_is_not_waited_for_by_tasks_that_wait_for_a_person()
 
 def test_another_owners_attempts_are_said_as_they_start_and_end():
     """What a run says of its order's tasks that other owners run (foreign.Said): not the first attempt of each (the
-    watch line names it), then each new attempt's start and the end its file comes to; not an end it did not see
-    before a next attempt, its own or the other owner's (the file says that one's)."""
+    watch line names it), then each new attempt's start and the end its file comes to (as it was before this
+    round's starts); not an end it did not see before a next attempt, its own or the other owner's."""
     from types import SimpleNamespace
 
     from aipm.foreign import Said
@@ -153,7 +153,39 @@ def test_another_owners_attempts_are_said_as_they_start_and_end():
     ended = order(task("A", status="FAILED"), task("B", status="IN_PROGRESS"))
     events = said.said(ended, [rec("B", 1)], {"A", "B"}, set())
     assert [(e["event"], e["task"], e["attempt"], e["status"]) for e in events] == [("finished", "A", 2, "FAILED")]
-    assert said.said(order(task("A", status="FAILED"), task("B", status="DONE")), [], {"A", "B"}, {"B"}) == []
+    # B's attempt ended unseen, and this run runs B now: not that one's end, nor later this run's own
+    assert said.said(order(task("A", status="FAILED"), task("B", status="IN_PROGRESS")), [], {"A", "B"}, {"B"}) == []
+    assert said.said(order(task("A", status="FAILED"), task("B", status="DONE")), [], {"A", "B"}, set()) == []
+
+
+def test_every_dead_end_in_a_tasks_way_is_named_at_once():
+    """X waits on B (FAILED) and C (CANCELLED): `status` and `run` named B alone, and once B was retried and done,
+    the next run named C: a round per dead end. Each is named, with the retry of each; a dead end behind another
+    is named itself (it is the one to retry first), not what stops it."""
+    o = order(task("B", status="FAILED"), task("C", status="CANCELLED"), task("X", deps=["B", "C"]),
+              task("Y", deps=["X", "D"]), task("D", status="REJECTED", deps=["B"]))
+    assert never_runs(o) == {("B", "C"): ["X"], ("B", "C", "D"): ["Y"]}
+    result = plan(o, slots=5)
+    assert result.blocked["X"].tasks == ("B", "C")
+    assert result.blocked["X"].detail == "can never run: B is FAILED, C is CANCELLED"
+    assert never_run_notes(o)[0] == ("X can never run: B is FAILED, C is CANCELLED; fix what stopped B, then `aipm "
+                                     "retry B`; fix what stopped C, then `aipm retry C`")
+
+
+def test_the_budget_is_shared_in_rank_order_alike_with_and_without_reasons():
+    """$0.15 gives one least share: A takes it, B waits, and so does C though its own budget ($0.03) would fit
+    what is left: the hot path stopped at B, and `detect` (with reasons) went on to start C: they disagreed."""
+    from dataclasses import replace
+
+    from aipm.budget import Budget
+
+    o = order(task("A", pri="P0"), task("B", pri="P1"), replace(task("C", pri="P2"), max_cost_usd=0.03))
+    spend = Budget(limit=0.15, spent=0.0, source="order.yaml")
+    for explain in (True, False):
+        result = plan(o, slots=5, budget=spend, explain=explain)
+        assert ids(result) == ["A"], explain
+        assert [b.id for b in result.held] == ["B", "C"], explain
+    assert plan(o, slots=5, budget=spend).blocked["C"].reason == BUDGET
 
 
 def test_not_queued_and_stale():

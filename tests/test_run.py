@@ -778,6 +778,24 @@ def test_a_run_says_which_tasks_of_its_order_another_owner_runs(project, gate):
     assert lines[1] == "finish   T → DONE (exit 0); run by another aipm\n", lines
 
 
+def test_an_exec_of_a_task_another_owner_runs_says_its_end(project, gate):
+    """`aipm launch`, then `aipm exec T` of the task it runs: exec waits for that attempt and ends as it ends,
+    saying the watch and then the end (its second round crashed on a name two of its variables shared)."""
+    write_task(project.order(), "T", command=f"while [ ! -e {gate} ]; do sleep 0.05; done; exit 3")
+    project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
+    exec_ = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "exec", "T",
+                              "--no-resource-monitoring"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = exec_.stdout.readline()  # (the worker waits for the gate: nothing else can come first)
+    finally:
+        gate.touch()
+    out, err = exec_.communicate(timeout=120)
+    assert exec_.returncode == 1 and "Traceback" not in err, out + err
+    assert [first, *out.splitlines(keepends=True)[:1]] == [
+        "watch    T: run by another aipm; this exec waits for it and ends as it ends\n",
+        "finish   T → FAILED (exit 3); run by another aipm\n"], first + out + err
+
+
 def test_a_run_left_behind_another_orders_lost_task_says_why_and_the_fix(project):
     """A task whose file is held by another order's task with no worker (its owner killed, or written by hand)
     cannot start until that order is recovered: `run` exited 1 with only `ORD: QUEUED 1`."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from aipm.cli import grid
 from aipm.cli.decl import Argument, Option, command
 
-from aipm import outcome
+from aipm import outcome, recovery
 from aipm.board import as_seen, survey
 from aipm.cli.common import JsonOpt, json_option, print_json, project_root, read_only
 from aipm.cli.resource_options import MaxWorkersOpt
@@ -32,7 +32,8 @@ def reasons_for(launcher: Launcher, order_dir: Path, task_id: str):
     order, result, _, busy, outside = survey(launcher, order_dir)
     launchable = any(t.id == task_id for t in result.launchable)
     elsewhere = [b for b in busy if b.order_id != order.id]
-    return order, task_id, launchable, all_reasons(order, result, task_id, elsewhere, outside)
+    planned = recovery.as_recovered(order, launcher.runtime)  # (as the plan saw it: board.survey)
+    return order, task_id, launchable, all_reasons(planned, result, task_id, elsewhere, outside)
 
 
 def _stale_as_seen(launcher: Launcher, loaded, reasons: list):
@@ -84,7 +85,8 @@ def detect(
     if result.stale:  # a stale task as `status` and `why` show it
         result.blocked.update((b.id, b) for b in _stale_as_seen(launcher, loaded, list(result.blocked.values()))[0])
     # The plan names the first reason it meets; a task held by the budget and a dependency showed only the budget.
-    reasons = Reasons(loaded, result, [b for b in busy if b.order_id != loaded.id], outside)
+    reasons = Reasons(recovery.as_recovered(loaded, launcher.runtime), result,
+                      [b for b in busy if b.order_id != loaded.id], outside)
     others = {tid: reasons.others(tid) for tid in result.blocked}
     if json_out:
         data = {

@@ -24,7 +24,8 @@ from aipm.cli.resource_options import (
 from aipm.budget import HELD
 from aipm.launcher import Launcher, LaunchReport, Options
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
-from aipm.plan import BUDGET, FILE_BUSY, LIMIT, never_run_notes, never_runs
+from aipm.deadends import never_run_notes, never_runs
+from aipm.plan import BUDGET, FILE_BUSY, LIMIT
 from aipm.project import Project, find_task
 from aipm.runloop import supervise
 from aipm.settings import Settings
@@ -205,7 +206,7 @@ def _never_run(order: Order) -> None:
     for note in never_run_notes(order):
         console(stderr=True).print(f"aipm: {note} and run again", markup=False)
     # One that nothing waits on: the counts said `FAILED 1`, and its finish line may be far above
-    behind = never_runs(order)
+    behind = {root for roots in never_runs(order) for root in roots}
     for task in order.tasks.values():
         if task.status in (Status.FAILED, Status.REJECTED, Status.INTERRUPTED) and task.id not in behind:
             why = f" ({task.reason})" if task.reason else ""

@@ -8,7 +8,7 @@ from typing import Optional
 from aipm.cli import grid
 from aipm.cli.decl import Argument, Exit, Option, command
 
-from aipm import budget, parsecache, readers
+from aipm import budget, parsecache, readers, recovery
 from aipm.board import as_seen, order_totals, task_row
 from aipm.advice import stray_files, unenforced_budget, warnings
 from aipm.cli.common import (JsonOpt, console, get_project, json_option, print_json, project_root,
@@ -16,7 +16,7 @@ from aipm.cli.common import (JsonOpt, console, get_project, json_option, print_j
 from aipm.errors import UserError, ValidationError
 from aipm.model import FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
-from aipm.plan import dead_end, never_run_notes, never_runs
+from aipm.deadends import dead_end, never_run_notes, never_runs
 from aipm.project import CONFIG_FILE, IdClash, Project
 from aipm.runtime import Runtime
 from aipm.settings import in_pyproject, load_settings
@@ -167,16 +167,19 @@ def status(
     settings = load_settings(root)
     # (the costs as the budget counts them: spending.charged)
     loaded = as_seen(load_order(Project(root, settings.orders_dir).order_dir(order), root), root)
-    loaded = charged(loaded, Runtime(root))
+    rt = Runtime(root)
+    loaded = charged(loaded, rt)
     tasks = sorted(loaded.tasks.values(), key=lambda t: t.id)
-    # Behind a dead-end dependency (through any chain): never waited on, it never finishes.
-    behind = {tid: dead for dead, ids in never_runs(loaded).items() for tid in ids}
+    # Behind a dead-end dependency (through any chain): never waited on, it never finishes. (An interrupted attempt
+    # whose record is left is re-queued by the next recovery: no dead end.)
+    recovered = recovery.as_recovered(loaded, rt)
+    behind = {tid: roots for roots, ids in never_runs(recovered).items() for tid in ids}
     if json_out:
         rows = [task_row(t, settings) for t in tasks]
         for row in rows:
-            if row["id"] in behind:
-                dead = loaded.tasks[behind[row["id"]]]
-                row["never_runs"] = {"task": dead.id, "status": dead.status.value}
+            if row["id"] in behind:  # the first dead end in its way, and `all` of them
+                dead = [{"task": r, "status": loaded.tasks[r].status.value} for r in behind[row["id"]]]
+                row["never_runs"] = {**dead[0], "all": dead}
         print_json({"order": loaded.id, "tasks": rows, **order_totals(loaded, settings)})
         return
     cost = budget.recorded(loaded)
@@ -220,4 +223,4 @@ def status(
         line += "; cost " + budget.spent_text(cost, unreported)
     if limit is not None:
         line += f" of max_cost_usd {budget.usd(limit.limit)}" + (" (reached)" if limit.reached else "")
-    grid.print_lines([*table.lines(grid.fitting(wide), grid.Styles.of()), line, *never_run_notes(loaded)])
+    grid.print_lines([*table.lines(grid.fitting(wide), grid.Styles.of()), line, *never_run_notes(recovered)])

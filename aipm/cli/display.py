@@ -17,8 +17,8 @@ if TYPE_CHECKING:
 
 # One line per event kind, for logs and CI output; fields missing from an event print as "?".
 LINES = {
-    "started": "start    {task} (attempt {attempt}, pid {pid}{detached})",
-    "finished": "finish   {task} → {status} ({reason}){hint}",
+    "started": "start    {task} (attempt {attempt}, pid {pid}{detached}{by})",
+    "finished": "finish   {task} → {status} ({reason}){by}{hint}",
     "review": "review   {task}{again}",
     "review_stopped": "stopped  review of {task}; it runs again on the next run (its work is kept)",
     "adopted": "adopt    {task} (pid {pid}): worker outlived its supervisor",
@@ -48,6 +48,7 @@ def plain_line(event: dict) -> str:
         return json.dumps(event)
     fields = {k: ", ".join(map(str, v)) or "none" if isinstance(v, list) else v for k, v in event.items()}
     fields["detached"] = ", detached" if event.get("detached") else ""
+    fields["by"] = f"; run by {event['by']}" if event.get("by") else ""  # (an attempt another aipm runs)
     fields["where"] = f"{event.get('order')}/{event['task']}" if event.get("task") else event.get("order", "?")
     # Not the user's cancel (that is `aipm cancel`, which stops the worker): a worker wrote it; its outcome counts.
     fields["not_cancel"] = "; not an `aipm cancel`: its outcome counts" if event.get("was") == "CANCELLED" else ""
