@@ -133,9 +133,12 @@ def test_a_person_s_fix_in_a_kept_worktree_outlives_the_worktree(repo):
         fh.write("my manual fix\n")
     (tree / "notes.txt").write_text("notes\n")
     assert "my manual fix" in project.aipm("diff", "ORD/T").stdout
-    assert project.aipm("recover").returncode == 0
-    assert not tree.exists()
+    recovered = project.aipm("recover")
     later = repo / ".aipm/patches/ORD/T.1.later.patch"
+    # Said where it went (it was said in the old attempt's log alone, and `diff` then showed the fix gone)
+    assert recovered.returncode == 0 and f"ORD/T: worktree removed; its worktree held changes made after attempt " \
+        f"1's end (by its review, or by hand), kept in {later}" in recovered.stdout, recovered.stdout
+    assert not tree.exists()
     text = later.read_text()
     assert "+my manual fix" in text and "+notes" in text and "+attempt 1" not in text, text
     assert str(later) in (repo / LOGS / "T.1.log").read_text()
@@ -143,6 +146,9 @@ def test_a_person_s_fix_in_a_kept_worktree_outlives_the_worktree(repo):
     git(repo, "apply", "--check", str(repo / ".aipm/patches/ORD/T.1.patch"))
     proc = project.aipm("diff", "ORD/T")  # (the attempt's patch: a later patch is not one of the attempts')
     assert proc.returncode == 0 and "+attempt 1" in proc.stdout and "my manual fix" not in proc.stdout, proc.stderr
+    assert proc.stderr == (f"aipm: ORD/T: also changes made in its worktree after attempt 1's end (by its review, or "
+                           f"by hand) are kept in {later} (`git apply` it after this one)\n"), proc.stderr
+    assert project.json("diff", "ORD/T")["also_kept"] == [proc.stderr.split(": also ", 1)[1].rstrip("\n")]
 
 
 def test_the_carry_works_whatever_the_users_git_config_says_of_diffs(repo):

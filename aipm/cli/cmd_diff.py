@@ -33,9 +33,15 @@ def diff(
     order_dir, task_id = find_task(project, task)
     order = load_order(order_dir, project.root)
     source, patch = workspace.diff(project.root, order.id, task_id)
+    # (the last attempt's patch alone: what else is kept of it is named, not left for its log to tell)
+    beside = workspace.kept_beside(project.root, order.id, task_id, patch) if isinstance(patch, Path) else []
+    if not json_out:
+        for note in beside:
+            print(f"aipm: {order.id}/{task_id}: also {note}", file=sys.stderr)
     with _opened(patch) as handle:
         if json_out:
-            print_json_text({"order": order.id, "task": task_id, "source": source}, "patch", handle)
+            print_json_text({"order": order.id, "task": task_id, "source": source, "also_kept": beside}, "patch",
+                            handle)
             return
         empty = os.fstat(handle.fileno()).st_size == 0 if isinstance(patch, Path) else not patch
         if empty:  # else nothing at all is printed, which reads as diff itself failing

@@ -25,6 +25,7 @@ not yet removed). Tests use it to prove that a rerun applies every change exactl
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import os
 import re
@@ -77,6 +78,7 @@ __all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED"
            "directory", "with_setup", "after_setup", "outside_targets", "keep", "keep_ignored", "merge", "stashed",
            "decided",
            "note_pending_merge", "finished", "keep_before_removal", "remove", "sweep", "sweep_orphans", "prune", "diff",
+           "kept_beside",
            "kept_patch", "kept_rest", "kept_words"]
 
 
@@ -137,37 +139,38 @@ _NESTED = ("a git repository with commits (made or checked out in the worktree),
            "none of its files is merged")
 
 
-def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> None:
+def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> list[str]:
     """Before a task's worktree is removed: keep what it holds of its attempt's work that nothing kept yet.
 
     keep() its changes when no patch of that attempt holds them: every recorded end writes one, but an attempt
     whose record went with the state directory (/tmp emptied by a reboot) was re-queued with no one to capture it.
     And a git repository in it that no patch can hold (made after the end was captured: by its review, by a
     person looking into it) is moved to the attempt's rest. WorkspaceError: one that cannot be moved, so the
-    worktree, its only copy, must stay."""
+    worktree, its only copy, must stay. Returns what it kept, in words (also in the attempt's log): the removal's
+    caller says it too (a person's fixes in a kept worktree went to a patch that only the old log named)."""
     tree = worktree_path(root, order, task)
     base = repo.rev(refname(order, task, "base", prefix=repo.prefix)) or (tree.is_dir() and repo.head_of(tree))
     if not base or not tree.is_dir():
-        return
+        return []
     subject = repo.git("log", "-1", "--format=%s", base).decode("utf-8", "surrogateescape")
     number = subject.removeprefix(start_message(order, task, "")).split(",")[0].strip()
     serial = int(number) if subject.startswith(start_message(order, task, "")) and number.isdigit() else None
     log = Runtime(root).log_path(order, task, serial) if serial is not None else None
     if log is not None and not log.exists():
-        return  # killed before its worker started, maybe half-way through making the worktree: nothing of its own
+        return []  # killed before its worker started, maybe half-way through making the worktree: nothing of its own
     if log is not None and not patch_path(root, order, task, serial).exists():
         rec = Record(order, "", task, "", serial, [], str(log), "", "", workspace=str(tree))
+        note = keep(root, rec)
         append_log(str(log), f"no patch of attempt {serial} holds its changes (its end was never recorded, its record "
-                             f"gone, or could not be captured); {keep(root, rec)}")
-        return
+                             f"gone, or could not be captured); {note}")
+        return [note]
     try:
         now, left_out = _capture(repo, root, tree, base, None)
     except WorkspaceError:  # git cannot say what is in it (a path git refuses): all of it is kept
         now, left_out = None, dict.fromkeys(["./"], WHOLE)
     if not left_out:
-        if now is not None and log is not None:
-            _keep_later(root, repo, order, task, serial, str(log), now)
-        return
+        later = _keep_later(root, repo, order, task, serial, str(log), now) if now is not None and log else ""
+        return [later] if later else []
     if log is None:
         raise WorkspaceError(f"{tree} holds {some(list(left_out))}, which no patch can hold, and its attempt is "
                              "unknown: move them out of it, then `aipm recover`")
@@ -175,22 +178,25 @@ def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> None:
     append_log(str(log), f"before its worktree was removed: {left_out_note(left_out)}")
     if any(STAYS in what for what in left_out.values()):
         raise WorkspaceError(f"{tree} is not removed: {left_out_note(left_out)}")
+    return [left_out_note(left_out)]
 
 
-def _keep_later(root: Path, repo: Repo, order: str, task: str, serial: int, log: str, now: str) -> None:
+def _keep_later(root: Path, repo: Repo, order: str, task: str, serial: int, log: str, now: str) -> str:
     """What was changed in a kept worktree after its attempt's end was captured (by its review, by a person fixing
     it by hand: `aipm diff` shows it) is in no patch: written to the attempt's later patch before the worktree
-    goes, and the next attempt that continues the attempt's work carries it too (carry.py)."""
+    goes, and the next attempt that continues the attempt's work carries it too (carry.py). Returns where, in
+    words ("" for nothing)."""
     end = (repo.rev(refname(order, task, "captured", prefix=repo.prefix))  # (its files, where its end was taken
            or repo.rev(refname(order, task, "end", prefix=repo.prefix)))  # onto its start: _onto_start)
     if end is None or repo.git("rev-parse", f"{end}^{{tree}}").decode().strip() == now:
-        return  # no end recorded (a failed capture: its patch says what there is), or nothing changed since
+        return ""  # no end recorded (a failed capture: its patch says what there is), or nothing changed since
     later = later_patch_path(root, order, task, serial)
     # (written over by a later removal that failed before: the same end, a worktree changed further since)
     write_stream(later, lambda out: repo.write_patch(end, now, out))
-    append_log(log, f"before its worktree was removed: it held changes made after the attempt's end (by its "
-                    f"review, or by hand), kept in {later} (`git apply` it after "
-                    f"{patch_path(root, order, task, serial)})")
+    note = (f"its worktree held changes made after attempt {serial}'s end (by its review, or by hand), kept in "
+            f"{later} (`git apply` it after {patch_path(root, order, task, serial)})")
+    append_log(log, f"before its worktree was removed: {note}")
+    return note
 
 
 def _capture(repo: Repo, root: Path, tree: Path, base: str, message: str | None) -> tuple[str, dict[str, str]]:
@@ -430,6 +436,24 @@ def decided(root: Path, rec: Record) -> bool:
     from aipm.workspace import mergeplan
 
     return mergeplan.pending(merge_dir(root, rec.order, rec.task), rec.serial)
+
+
+def kept_beside(root: Path, order: str, task: str, patch: Path) -> list[str]:
+    """What else is kept of the attempt whose patch `diff` shows: its later patch (changes made in its worktree
+    after its end, by its review or by hand, kept when the worktree went) and its rest (what no patch can hold)."""
+    number = re.fullmatch(re.escape(component(task)) + r"\.(\d+)\.patch", patch.name)
+    if number is None:
+        return []
+    serial, out = int(number.group(1)), []
+    later = later_patch_path(root, order, task, serial)
+    with contextlib.suppress(OSError):
+        if later.is_file() and later.stat().st_size:
+            out.append(f"changes made in its worktree after attempt {serial}'s end (by its review, or by hand) are "
+                       f"kept in {later} (`git apply` it after this one)")
+    rest = kept_rest(root, Record(order, "", task, "", serial, [], "", "", "", workspace="kept"))
+    if rest is not None:
+        out.append(f"what no patch can hold of attempt {serial} is kept in {rest}")
+    return out
 
 
 def diff(root: Path, order: str, task: str) -> tuple[str | None, bytes | Path]:

@@ -53,8 +53,9 @@ def finished(root: Path, rec: Record) -> str | None:
     return None
 
 
-def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
-    """Remove a task's worktree, refs and merge plan (a pending plan is applied first: it was decided)."""
+def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> list[str]:
+    """Remove a task's worktree, refs and merge plan (a pending plan is applied first: it was decided). Returns
+    what of its work it kept first that nothing kept yet, in words (keep_before_removal)."""
     from aipm.workspace import mergeback as merging, mergeplan
 
     plan_dir, tree = merge_dir(root, order, task), worktree_path(root, order, task)
@@ -63,6 +64,7 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
     if not own_tree and own_dir(root, tree.parent) and os.path.islink(tree):
         os.unlink(tree)
     repo = repo or repo_or_none(root)
+    kept: list[str] = []
     if repo is not None:
         progress = mergeplan.progress(plan_dir) if own_plan else None
         if progress is not None:
@@ -79,7 +81,7 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
         if own_tree:
             from aipm.workspace import keep_before_removal
 
-            keep_before_removal(root, order, task, repo)
+            kept = keep_before_removal(root, order, task, repo)
         repo.delete_refs(repo.refs(refname(order, task, prefix=repo.prefix)))
         if own_tree:
             repo.remove_worktree(tree)
@@ -89,6 +91,7 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> None:
         shutil.rmtree(tree, ignore_errors=True)
     if own_plan:
         shutil.rmtree(plan_dir, ignore_errors=True)
+    return kept
 
 
 def sweep(root: Path, order: Order, everything: bool = False) -> list[tuple[str, str]]:
@@ -153,11 +156,11 @@ def _sweep(root: Path, repo: Repo | None, order: str, tasks: list[Task], everyth
             continue
         if task is None or task.status in FINISHED_OK or everything:
             try:
-                remove(root, order, task.id if task else name, repo)
+                kept = remove(root, order, task.id if task else name, repo)
             except (UserError, OSError) as exc:
                 tidied.append((task.id if task else name, f"worktree not removed: {exc}"))
             else:
-                tidied.append((task.id if task else name, "worktree removed"))
+                tidied.append((task.id if task else name, "; ".join(["worktree removed", *kept])))
     return tidied
 
 

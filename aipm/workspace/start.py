@@ -22,7 +22,7 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
     """Make the attempt's worktree from what the main tree holds now; returns its path. Caller holds the launch
     lock and the task's target locks, so no merge is half-way through and the capture is consistent."""
     repo = Repo(root)
-    remove(root, rec.order, rec.task, repo)  # the previous attempt's, kept for inspection until now
+    kept = remove(root, rec.order, rec.task, repo)  # the previous attempt's, kept for inspection until now
     base = repo.capture(repo.top, scratch(root), repo.head(), start_message(rec.order, rec.task, rec.serial))
     repo.set_ref(refname(rec.order, rec.task, "base", prefix=repo.prefix), base)
     path = worktree_path(root, rec.order, rec.task)
@@ -32,8 +32,11 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
     globs = task.workspace_copy if task.workspace_copy is not None else settings.workspace_copy
     _copy_ignored(Path(root), path / repo.prefix, globs)
     # With a setup, applied after it (after_setup: its capture is the start); said now, for the prompt.
-    carry.hold_note(rec.log, carry.resume(Path(root), repo, rec.order, rec.task, rec.serial, path, rec.targets,
-                                          check=bool(setup_of(task, settings))))
+    carried = carry.resume(Path(root), repo, rec.order, rec.task, rec.serial, path, rec.targets,
+                           check=bool(setup_of(task, settings)))
+    # What the removal kept (a person's fixes in that worktree: said only in the old attempt's log) said in this one's
+    said = [f"the worktree of the attempt before was removed first: {note}" for note in kept]
+    carry.hold_note(rec.log, "; ".join([*said, *([carried] if carried else [])]) or None)
     seam("prepare")
     return str(path)
 
