@@ -255,3 +255,18 @@ def test_what_a_worker_made_read_only_is_moved_to_the_rest_by_a_rename_never_a_c
         for path in (top / "wt" / "build", top / "rest" / "build"):
             if path.is_dir():
                 path.chmod(0o755)
+
+
+def test_why_names_where_the_work_of_a_last_attempt_that_merged_nothing_is_kept(repo):
+    """After a `launch`, no one sees the finish line that names the patch: `why` and `status` said only what the
+    attempt came to, read as its work lost. `why` names where it is kept while the task has not finished since,
+    and not after a retry (a merged attempt keeps a patch too)."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"], command="echo mine >> src/a.txt; exit 1")
+    project.aipm("launch", "ORD", check=True)
+    wait_for(lambda: project.statuses()["T"] == "FAILED")
+    patch = repo / ".aipm/patches/ORD/T.1.patch"
+    assert f"  its last attempt merged nothing: its changes are kept in {patch}\n" in project.aipm("why", "T").stdout
+    assert project.json("why", "T")["kept"] == str(patch)
+    assert project.aipm("retry", "T").returncode == 0
+    assert "kept" not in project.json("why", "T")

@@ -559,7 +559,7 @@ def test_diff_of_a_task_with_no_changes_recorded_says_why_there_is_none(repo, co
     assert (proc.returncode, proc.stdout) == (0, ""), proc
     assert proc.stderr == ("aipm: ORD/T: no changes to show: none recorded; only a task that ran with workspace: "
                            "worktree has them\n"), proc.stderr
-    assert project.json("diff", "T") == {"order": "ORD", "task": "T", "source": None, "patch": ""}
+    assert project.json("diff", "T") == {"order": "ORD", "task": "T", "source": None, "also_kept": [], "patch": ""}
 
 
 def test_diff_of_an_attempt_that_changed_nothing_says_so(repo, tmp_path):

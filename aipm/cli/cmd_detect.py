@@ -7,12 +7,12 @@ from pathlib import Path
 from aipm.cli import grid
 from aipm.cli.decl import Argument, Option, command
 
-from aipm import outcome, recovery
+from aipm import outcome, recovery, workspace
 from aipm.board import as_seen, survey
 from aipm.cli.common import JsonOpt, json_option, print_json, project_root, read_only
 from aipm.cli.resource_options import MaxWorkersOpt
 from aipm.launcher import Launcher, Options
-from aipm.model import DEAD_END, FINISHED_OK, Status
+from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Status
 from aipm.plan import STALE
 from aipm.project import Project, find_task
 from aipm.reasons import Reasons, all_reasons
@@ -140,10 +140,14 @@ def why(
     current = loaded.tasks[task_id]
     reasons, seen = _stale_as_seen(launcher, loaded, reasons)
     shown = seen.tasks[task_id]
+    # (attempts since the last retry: one that merged is DONE or COMPLETED, and a retry clears them)
+    kept = (workspace.last_kept(launcher.project.root, loaded.id, task_id) if current.attempts
+            and current.status not in FINISHED_OK and current.status not in RUNNING
+            and workspace.kind(current, launcher.settings) == workspace.WORKTREE else None)
     if json_out:
         print_json({"order": loaded.id, "task": task_id, "launchable": launchable,
                     "reasons": [r.as_dict() for r in reasons],
-                    "status": shown.status.value, "last_outcome": shown.reason})
+                    "status": shown.status.value, "last_outcome": shown.reason, **({"kept": kept} if kept else {})})
         return
     failed = current.status == Status.QUEUED and (current.reason or "").startswith(outcome.LAUNCH_FAILED)
     if launchable and failed:  # the plan lets it start, but its last start failed: say why, and the fix
@@ -153,4 +157,6 @@ def why(
         print_reasons(task_id, launchable, reasons)
         if current.reason and current.status == Status.QUEUED:  # other statuses name it in their reason already
             print(f"  last {'' if failed else 'attempt: '}{grid.plain(current.reason)}")
+    if kept:
+        print(f"  its last attempt merged nothing: its changes are kept in {grid.plain(kept)}")
     print_retry_hint(task_id, current.status)

@@ -78,7 +78,7 @@ __all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED"
            "directory", "with_setup", "after_setup", "outside_targets", "keep", "keep_ignored", "merge", "stashed",
            "decided",
            "note_pending_merge", "finished", "keep_before_removal", "remove", "sweep", "sweep_orphans", "prune", "diff",
-           "kept_beside",
+           "kept_beside", "last_kept",
            "kept_patch", "kept_rest", "kept_words"]
 
 
@@ -454,6 +454,18 @@ def kept_beside(root: Path, order: str, task: str, patch: Path) -> list[str]:
     if rest is not None:
         out.append(f"what no patch can hold of attempt {serial} is kept in {rest}")
     return out
+
+
+def last_kept(root: Path, order: str, task: str) -> str | None:
+    """Where the work of the task's latest attempt is kept when it merged nothing, in words (kept_words), or None:
+    after a `launch`, whose finish lines no one sees, `why` and `status --json` said only `nothing of it was
+    merged`, read as lost (for a task whose latest attempt ran in a worktree, and has not finished since)."""
+    serials = Runtime(root).logs(order, task)
+    if not serials:
+        return None
+    rec = Record(order, "", task, "", max(serials), [], "", "", "", workspace="kept")
+    patch, rest = kept_patch(root, rec), kept_rest(root, rec)
+    return kept_words(patch, rest) if patch or rest else None
 
 
 def diff(root: Path, order: str, task: str) -> tuple[str | None, bytes | Path]:
