@@ -79,8 +79,11 @@ def feedback(root: Path, rec: Record, outside: list[str], escaped: list[str]) ->
 def hint(rec: Record, escaped: list[str]) -> str | None:
     """What the person is told beside the finding, where their own edit may have been charged."""
     if not rec.workspace:  # in the shared tree a person's edit meanwhile is charged too: say what to do
+        # (not workspace: worktree alone: an unconfined worktree task is audited in the main tree too, by the rule
+        # below; confined, a task is held to its targets by the kernel and is not audited)
         return ("aipm cannot tell who wrote them: if you edited them yourself during the attempt, list them in "
-                "scope_ignore (aipm.yaml), or run such tasks with workspace: worktree")
+                "scope_ignore (aipm.yaml), or run such tasks with confine: true, which holds their workers to their "
+                "targets")
     if escaped:  # so is one in the main tree while a worktree task runs unconfined
         return ("aipm cannot tell who wrote them in the main tree: if you edited them yourself during the attempt, "
                 "list them in scope_ignore (aipm.yaml), or run such tasks with confine: true, which keeps their "

@@ -1175,8 +1175,8 @@ def test_a_file_a_person_edits_during_a_run_is_charged_unless_scope_ignore_names
     # and the person reading the run is told what to do if the edit was theirs (an end-to-end session's user saw
     # their own README edit blamed on a task, which was sent back, with no word of scope_ignore)
     assert ("finish   U → REJECTED (scope: wrote NOTES.md); aipm cannot tell who wrote them: if you edited them "
-            "yourself during the attempt, list them in scope_ignore (aipm.yaml), or run such tasks with workspace: "
-            "worktree") in out, out
+            "yourself during the attempt, list them in scope_ignore (aipm.yaml), or run such tasks with confine: true, "
+            "which holds their workers to their targets") in out, out
     feedback = (root / ".aipm" / "feedback" / "ORD" / "U.txt").read_text()
     assert "changed outside target_files while this attempt ran: NOTES.md" in feedback
     assert "if you did not, leave them as they are" in feedback
