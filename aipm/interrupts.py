@@ -3,6 +3,7 @@ that it stops cleanly between two steps rather than wherever the signal lands (r
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import stat
@@ -19,6 +20,7 @@ class Stop:
 
     def __init__(self, watcher: runner.Watcher):
         self.requested = False
+        self._told = False  # a later Ctrl-C was answered
         self.why = ""  # what stopped us, for the stopped tasks' reason
         self._r, self._w = os.pipe()
         os.set_blocking(self._w, False)
@@ -36,6 +38,13 @@ class Stop:
             self._handler(aipm.EARLY[-1], None)
 
     def _handler(self, signum, frame) -> None:
+        if self.requested and signum == signal.SIGINT and not self._told:
+            # A second Ctrl-C while a step runs on (merging a worktree task's thousands of files back took half a
+            # minute): without a word, it read as a hung aipm, one `kill -9` away from a half-written merge.
+            self._told = True
+            with contextlib.suppress(OSError):
+                os.write(2, b"aipm: stopping once the step under way is done (a merge back, an outcome being "
+                            b"written); it is not cut short\n")
         self.requested = True
         if signum == signal.SIGHUP:
             null = os.open(os.devnull, os.O_WRONLY)

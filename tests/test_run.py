@@ -896,3 +896,22 @@ def test_an_edit_of_a_running_tasks_command_is_said_with_its_outcome(project, ed
             finished
     else:
         assert "hint" not in finished[0] and "edited" not in log, (finished, log)
+
+
+def test_a_second_ctrl_c_while_a_step_runs_on_is_answered_once(capfd):
+    """Ctrl-C stops a run between two steps; a step may run on (a worktree task's merge back of thousands of files
+    took half a minute), and the Ctrl-Cs pressed meanwhile got no word: it read as hung, one `kill -9` away from a
+    half-written merge. The second is answered, once; the first says nothing (the stop's own line follows at once)."""
+    from aipm import runner
+    from aipm.interrupts import Stop
+
+    stop = Stop(runner.Watcher())
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop.requested and capfd.readouterr().err == ""
+        for _ in range(3):
+            os.kill(os.getpid(), signal.SIGINT)
+    finally:
+        stop.close()
+    assert capfd.readouterr().err == ("aipm: stopping once the step under way is done (a merge back, an outcome being "
+                                      "written); it is not cut short\n")
