@@ -52,11 +52,13 @@ def rework_limit(task: Task, settings: Settings) -> int:
     return task.max_rework if task.max_rework is not None else settings.max_rework
 
 
-def after_review(task: Task, exit_code: int, settings: Settings, reason: str) -> list[dict[str, Any]]:
-    """Updates, in order, for a review that ended: COMPLETED, or REWORK then QUEUED (REJECTED past max_rework)."""
+def after_review(task: Task, exit_code: int, settings: Settings, reason: str, lasting: bool = False
+                 ) -> list[dict[str, Any]]:
+    """Updates, in order, for a review that ended: COMPLETED, or REWORK then QUEUED (REJECTED past max_rework, or
+    at once where no rework could help: `lasting`)."""
     if exit_code == 0:
         return [{"status": Status.COMPLETED, "finished_at": now(), "reason": reason}]
-    final = Status.REJECTED if rejects(task, settings) else Status.QUEUED
+    final = Status.REJECTED if lasting or rejects(task, settings) else Status.QUEUED
     return [{"status": Status.REWORK, "reworks": task.reworks + 1, "finished_at": now(), "reason": reason},
             {"status": final}]
 

@@ -297,8 +297,9 @@ class Recording(Reviewing):
             if hint:
                 event["hint"] = hint
         reviewing = not decided and review_command(task, self.settings, self.launcher.options.no_review) is not None
+        lasting = False
         if ok and not message and not reviewing:
-            message = self._merge_back(rec, task, event)
+            message, lasting = self._merge_back(rec, task, event) or ("", False)
         if message:
             log_whole(rec.log, message)
             write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True),
@@ -307,7 +308,7 @@ class Recording(Reviewing):
                 carry.unmark(self.rt, rec.order, rec.task)
             task = self._write(task, {**after_work(task, 0, self.settings, True, outcome.exited(0)), **spent})
             why = outcome.scope(outside) if outside else outcome.one_line(message.splitlines()[0])
-            for updates in after_review(task, 1, self.settings, why):
+            for updates in after_review(task, 1, self.settings, why, lasting):
                 task = self._write(task, updates)
             return self._edited(rec, edited, event, task)
         # 126 of a confined attempt may be its ruleset refused in the worker, 75 of a Ray attempt its cluster not

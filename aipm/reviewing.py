@@ -53,7 +53,7 @@ class Reviewing:
         review; a merge that conflicts sends it back (REWORK), as after an approval. `merged`: its event."""
         conflict = self._merge_back(rec, task, merged)
         if conflict:
-            return self._conflicted(rec, task, conflict)
+            return self._conflicted(rec, task, *conflict)
         return self._write(task, {"status": Status.DONE, "finished_at": now(),
                                   "reason": left_out(outcome.unreviewed(), merged)})
 
@@ -75,7 +75,7 @@ class Reviewing:
             task = self._write(task, spent)
         conflict = self._merge_back(rec, task, merged) if code == 0 else None
         if conflict:
-            return self._conflicted(rec, task, conflict)
+            return self._conflicted(rec, task, *conflict)
         if code == 0:  # (its old feedback goes once it is COMPLETED: Recording._ended)
             reason = left_out(outcome.review_approved(), merged)
         else:
@@ -99,17 +99,18 @@ class Reviewing:
                                 + ("; its next attempt continues them" if carried else ""))
         return task
 
-    def _conflicted(self, rec: Record, task: Task, conflict: str) -> Task:
-        """An approved (or unreviewed) worktree task whose merge conflicts: sent back with the conflict as feedback."""
+    def _conflicted(self, rec: Record, task: Task, conflict: str, lasting: bool) -> Task:
+        """An approved (or unreviewed) worktree task whose merge conflicts: sent back with the conflict as feedback;
+        for good (REJECTED) where every attempt would meet it (`lasting`): each one retried is an agent paid."""
         log_whole(rec.log, conflict)
         write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True),
                     f"{conflict}\n".encode(errors="surrogateescape"))
         carry.unmark(self.rt, rec.order, rec.task)  # (the next attempt starts from the main tree as it is)
-        for updates in after_review(task, 1, self.settings, outcome.one_line(conflict.splitlines()[0])):
+        for updates in after_review(task, 1, self.settings, outcome.one_line(conflict.splitlines()[0]), lasting):
             task = self._write(task, updates)
         return task
 
-    def _merge_back(self, rec: Record, task: Task, event: dict) -> str | None:
+    def _merge_back(self, rec: Record, task: Task, event: dict) -> tuple[str, bool] | None:
         """An approved worktree task: apply its changes to the main tree. The conflict (its feedback) when they
         cannot be; then nothing was applied, and `task` is sent back."""
         if not rec.workspace:
@@ -128,13 +129,16 @@ class Reviewing:
             # The finish line said "nothing of it was merged" and no more: where the work is, and what comes next
             kept = workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial)
             event["hint"] = f"its changes are kept in {kept}"
-            if not rejects(task, self.settings):  # (a rejection for good starts none; a review's write is no edit)
+            if exc.lasting:
+                event["hint"] += (f"; no next attempt starts, as each would meet the same: move them away, then "
+                                  f"`aipm retry {rec.task}`")
+            elif not rejects(task, self.settings):  # (a rejection for good starts none; a review's write is no edit)
                 event["hint"] += "; a next attempt starts from the main tree as it is now" + (
                     ", your edit included" * exc.main_tree)
-            return str(exc)
+            return str(exc), exc.lasting
         except workspace.WorkspaceError as exc:
             keep_ignored(self.rt.root, rec)
-            return f"merge failed, nothing of this attempt was merged: {exc}"
+            return f"merge failed, nothing of this attempt was merged: {exc}", False
         return None
 
     def _start_review(self, rec: Record, task: Task) -> None:

@@ -2198,6 +2198,30 @@ def test_a_file_git_ignores_in_the_main_tree_where_the_task_adds_one_is_said_so(
     assert proc.returncode == 1 and project.statuses() == {"T": "REJECTED"}, proc.stdout + proc.stderr
     assert (repo / ".env").read_text() == "USER\n"
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert "the main tree holds files there that git ignores" in log and "changed meanwhile" not in log, log
-    assert ".env: the main tree has a file here that git ignores" in log
+    assert "the main tree holds what no attempt starts with there (files git ignores" in log, log
+    assert "changed meanwhile" not in log and ".env: the main tree has a file here that git ignores" in log
     assert "your edit included" not in proc.stdout and "+task" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()
+
+
+def test_a_directory_holding_files_git_ignores_where_the_task_puts_a_file_is_met_once_not_retried(repo):
+    """The task replaces a directory with a file, and the main tree's directory holds a file git ignores (no
+    capture holds one: no attempt ever sees it). Called "the main tree changed meanwhile ... your edit included",
+    it was retried until REJECTED, each attempt meeting it again (each an agent paid). It is said so, and REJECTED
+    at once with what to do; the person's file stays."""
+    (repo / ".gitignore").write_text("*.secret\n")
+    (repo / "pkg" / "sub").mkdir(parents=True)
+    (repo / "pkg" / "sub" / "kept.txt").write_text("t\n")
+    git(repo, "add", "-A")
+    git(repo, "commit", "-qm", "pkg")
+    (repo / "pkg" / "sub" / "local.secret").write_text("S\n")
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["pkg/"], command="rm -rf pkg/sub && echo file > pkg/sub")
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1 and project.statuses() == {"T": "REJECTED"}, proc.stdout + proc.stderr
+    finish = [line for line in proc.stdout.splitlines() if line.startswith("finish")]
+    assert len(finish) == 1 and "the main tree holds what no attempt starts with there" in finish[0], proc.stdout
+    assert finish[0].endswith("no next attempt starts, as each would meet the same: move them away, then `aipm retry "
+                              "T`"), finish[0]
+    assert (repo / "pkg" / "sub" / "local.secret").read_text() == "S\n"
+    assert "pkg/sub: a directory in the main tree, where the task has a file, holding what no attempt starts with" \
+        in (repo / ".aipm/logs/ORD/T.1.log").read_text()

@@ -57,10 +57,11 @@ SHARED, WORKTREE = WORKSPACES
 class Conflict(Exception):
     """The task's changes cannot be merged: the message says which paths and why (it becomes the feedback)."""
 
-    def __init__(self, message: str, paths: list[str], main_tree: bool = False):
+    def __init__(self, message: str, paths: list[str], main_tree: bool = False, lasting: bool = False):
         super().__init__(message)
         self.paths = paths
         self.main_tree = main_tree  # the main tree changed meanwhile (a person's edit), not the attempt's own doing
+        self.lasting = lasting  # what no capture holds is in the way (files git ignores): every attempt meets it
 
 
 class NotCaptured(WorkspaceError):
@@ -394,8 +395,10 @@ def _kept(root: Path, rec: Record, conflict: Conflict) -> Conflict:
     ignored = keep_ignored(root, rec)  # (first: the rest it names holds them then)
     kept = kept_words(patch_path(root, rec.order, rec.task, rec.serial), kept_rest(root, rec))
     also = "".join(f"\n{note}" for note in [*ignored, *stashed(root, rec)])
-    return Conflict(f"{conflict}\nThis attempt's changes are kept in {kept}; the next attempt starts from the main "
-                    f"tree as it is now.{also}", conflict.paths, conflict.main_tree)
+    then = ("no next attempt starts, as each would meet the same" if conflict.lasting else
+            "the next attempt starts from the main tree as it is now")
+    return Conflict(f"{conflict}\nThis attempt's changes are kept in {kept}; {then}.{also}", conflict.paths,
+                    conflict.main_tree, conflict.lasting)
 
 
 def _reviewed(root: Path, repo: Repo, rec: Record) -> list[str]:

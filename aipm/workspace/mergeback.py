@@ -111,12 +111,14 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
     """Steps (with each result) that bring the task's changes into the main tree; Conflict when impossible."""
     steps: list[Planned] = []
     problems: list[tuple[str, str]] = []  # (path, why)
-    unseen: list[str] = []  # of those, files git ignores in the main tree that the task's end holds
+    unseen: list[str] = []  # of those, what every attempt meets: files git ignores, repositories
+    own: list[str] = []  # and those of the task's own doing
     details: list[str] = []
     deleted = {c.path for c in changes if c.new_mode == ABSENT}
     for change in changes:
         if GITLINK in (change.old_mode, change.new_mode):
             problems.append((change.path, "a submodule; its changes are not merged back (commit them there)"))
+            own.append(change.path)  # (the task's doing, not the main tree's: a next attempt may leave it be)
             continue
         # The start's content only as a digest, unless both sides changed the file: a large file changed by the
         # task alone is held once (its result), not three times.
@@ -136,7 +138,14 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
                 continue
             if now is not None and now.kind == "other":
                 if not _emptied(repo.top / change.path, repo.top, deleted):
-                    problems.append((change.path, "a directory in the main tree, where the task has a file"))
+                    # What keeps it there may be no one's edit: files git ignores, or a repository, which no
+                    # capture holds, so every attempt meets them again (said so: retried, it was blamed on "your
+                    # edit" until REJECTED).
+                    hidden = _unseen_in(repo, change.path, deleted)
+                    problems.append((change.path, _UNSEEN_DIR if hidden else
+                                     "a directory in the main tree, where the task has a file"))
+                    if hidden:
+                        unseen.append(change.path)
                     continue
                 now = None  # a directory the plan's deletions empty (and apply's pruning removes)
         if now == new:
@@ -167,14 +176,16 @@ def plan(repo: Repo, base: str, end: str, changes: list[Change]) -> list[Planned
         steps.append(Planned(Step(change.path, digest(now), digest(merged)), merged, now))
     if problems:
         paths = [path for path, _ in problems]
-        changed = len(unseen) < len(paths)  # else the main tree only holds files git ignores where the task's go
+        changed = len(unseen) + len(own) < len(paths)  # a person's edit meanwhile may be among them
         # The first line is the task's reason: it names the paths (the lines below give each one's why).
         message = (f"merge conflict in {', '.join(paths)}: " + (
             "the main tree changed meanwhile and cannot be combined with this attempt's changes" if changed else
-            "the main tree holds files there that git ignores, which the task's would replace")
+            "the main tree holds what no attempt starts with there (files git ignores, a repository of its own), "
+            "which the task's would replace" if unseen else "the task changed what is not merged back")
                    + "; nothing of it was merged\n"
                    + "".join(f"  {path}: {why}\n" for path, why in problems) + "".join(f"\n{d}" for d in details))
-        raise Conflict(message, paths, main_tree=changed)
+        # Met again by every attempt: what is in the way is in none of their worktrees, so no agent can see it
+        raise Conflict(message, paths, main_tree=changed, lasting=not changed and not own)
     # Deletions first: a path may turn from a directory into a file (or back) between start and end.
     return sorted(steps, key=lambda s: (s.result is not None, s.step.path))
 
@@ -209,6 +220,25 @@ def _emptied(directory: Path, top: Path, deleted: set[str]) -> bool:
             return False
     return True
 
+
+def _unseen_in(repo: Repo, directory: str, deleted: set[str]) -> bool:
+    """Whether all that the main tree's `directory` (from the top) keeps, beside what the plan deletes, is what no
+    capture holds: files git ignores, and repositories (a `.git` of their own) with all they hold."""
+    top = repo.top
+    for here, dirs, files in os.walk(top / directory):
+        if ".git" in dirs or ".git" in files:
+            dirs.clear()  # a repository: none of it is in any attempt's start
+            continue
+        for name in files + [d for d in dirs if os.path.islink(os.path.join(here, d))]:
+            path = os.path.relpath(os.path.join(here, name), top)
+            if path not in deleted and not repo.ignores(path):
+                return False
+    return True
+
+
+_UNSEEN_DIR = ("a directory in the main tree, where the task has a file, holding what no attempt starts with (files "
+               "git ignores, or a repository of its own): every attempt meets them again; move them away to have the "
+               "task's merged, or take it from the attempt's patch")
 
 _IGNORED_THERE = ("the main tree has a file here that git ignores (so the attempt started without it), and the task "
                   "made one (`git add -f`): yours is not written over; move it away to have the task's merged, or "
