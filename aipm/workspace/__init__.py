@@ -25,7 +25,6 @@ not yet removed). Tests use it to prove that a rerun applies every change exactl
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import os
 import re
@@ -48,7 +47,8 @@ from aipm.workspace import stash
 from aipm.workspace.stash import STASHED
 from aipm.workspace.repo import GITLINK, Repo, UnbornRepositories, WorkspaceError
 from aipm.workspace.start import after_setup, directory, prepare, setup_of, start_message, with_setup
-from aipm.workspace.kept import STAYS, WHOLE, keep_rest, keep_whole, kept_patch, kept_rest, left_out_note
+from aipm.workspace.kept import (STAYS, WHOLE, keep_rest, keep_whole, kept_beside, kept_patch, kept_rest, last_kept,
+                                 left_out_note)
 from aipm.workspace.ignored import IGNORED, NOT_MERGED, ignored_in_targets, keep_ignored, keep_ignored_with
 
 SHARED, WORKTREE = WORKSPACES
@@ -439,36 +439,6 @@ def decided(root: Path, rec: Record) -> bool:
     from aipm.workspace import mergeplan
 
     return mergeplan.pending(merge_dir(root, rec.order, rec.task), rec.serial)
-
-
-def kept_beside(root: Path, order: str, task: str, patch: Path) -> list[str]:
-    """What else is kept of the attempt whose patch `diff` shows: its later patch (changes made in its worktree
-    after its end, by its review or by hand, kept when the worktree went) and its rest (what no patch can hold)."""
-    number = re.fullmatch(re.escape(component(task)) + r"\.(\d+)\.patch", patch.name)
-    if number is None:
-        return []
-    serial, out = int(number.group(1)), []
-    later = later_patch_path(root, order, task, serial)
-    with contextlib.suppress(OSError):
-        if later.is_file() and later.stat().st_size:
-            out.append(f"changes made in its worktree after attempt {serial}'s end (by its review, or by hand) are "
-                       f"kept in {later} (`git apply` it after this one)")
-    rest = kept_rest(root, Record(order, "", task, "", serial, [], "", "", "", workspace="kept"))
-    if rest is not None:
-        out.append(f"what no patch can hold of attempt {serial} is kept in {rest}")
-    return out
-
-
-def last_kept(root: Path, order: str, task: str) -> str | None:
-    """Where the work of the task's latest attempt is kept when it merged nothing, in words (kept_words), or None:
-    after a `launch`, whose finish lines no one sees, `why` and `status --json` said only `nothing of it was
-    merged`, read as lost (for a task whose latest attempt ran in a worktree, and has not finished since)."""
-    serials = Runtime(root).logs(order, task)
-    if not serials:
-        return None
-    rec = Record(order, "", task, "", max(serials), [], "", "", "", workspace="kept")
-    patch, rest = kept_patch(root, rec), kept_rest(root, rec)
-    return kept_words(patch, rest) if patch or rest else None
 
 
 def diff(root: Path, order: str, task: str) -> tuple[str | None, bytes | Path]:

@@ -7,13 +7,16 @@ names the patch names the rest too.
 from __future__ import annotations
 
 import os
+import re
 import stat
 from contextlib import suppress
 from pathlib import Path
 
 from aipm.model import some
 from aipm.record import Record
-from aipm.workspace.places import make_own_dir, own_dir, patch_path, rest_path, worktree_path
+from aipm.runtime import Runtime
+from aipm.workspace.places import (component, kept_words, later_patch_path, make_own_dir, own_dir, patch_path,
+                                   rest_path, worktree_path)
 
 
 def kept_patch(root: Path, rec: Record) -> Path | None:
@@ -105,3 +108,33 @@ def left_out_note(left_out: dict[str, str]) -> str:
     for path, what in left_out.items():
         kinds.setdefault(what, []).append(path)
     return "; ".join(f"{some(paths)}: {what}" for what, paths in kinds.items())
+
+
+def kept_beside(root: Path, order: str, task: str, patch: Path) -> list[str]:
+    """What else is kept of the attempt whose patch `diff` shows: its later patch (changes made in its worktree
+    after its end, by its review or by hand, kept when the worktree went) and its rest (what no patch can hold)."""
+    number = re.fullmatch(re.escape(component(task)) + r"\.(\d+)\.patch", patch.name)
+    if number is None:
+        return []
+    serial, out = int(number.group(1)), []
+    later = later_patch_path(root, order, task, serial)
+    with suppress(OSError):
+        if later.is_file() and later.stat().st_size:
+            out.append(f"changes made in its worktree after attempt {serial}'s end (by its review, or by hand) are "
+                       f"kept in {later} (`git apply` it after this one)")
+    rest = kept_rest(root, Record(order, "", task, "", serial, [], "", "", "", workspace="kept"))
+    if rest is not None:
+        out.append(f"what no patch can hold of attempt {serial} is kept in {rest}")
+    return out
+
+
+def last_kept(root: Path, order: str, task: str) -> str | None:
+    """Where the work of the task's latest attempt is kept when it merged nothing, in words (kept_words), or None:
+    after a `launch`, whose finish lines no one sees, `why` and `status --json` said only `nothing of it was
+    merged`, read as lost (for a task whose latest attempt ran in a worktree, and has not finished since)."""
+    serials = Runtime(root).logs(order, task)
+    if not serials:
+        return None
+    rec = Record(order, "", task, "", max(serials), [], "", "", "", workspace="kept")
+    patch, rest = kept_patch(root, rec), kept_rest(root, rec)
+    return kept_words(patch, rest) if patch or rest else None
