@@ -4,9 +4,11 @@ that died leaves outcomes for this run's recovery. Driven by the run loop (runlo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from aipm import notify
 from aipm.liveness import stopped
-from aipm.model import RUNNING, Order, Status
+from aipm.model import RUNNING, Order, Status, Task
 from aipm.deadends import dead_end, never_runs
 from aipm.record import Record
 from aipm.supervisor import Supervisor
@@ -84,12 +86,12 @@ class Said:
     def __init__(self) -> None:
         self.running: dict[str, int] = {}  # task → the attempt said to run
 
-    def said(self, order: Order, records: list, watched: set[str], mine: set[str]) -> list[dict]:
-        """The events for `records` (the live attempts of other owners, of `order`'s tasks), given the tasks
-        `watched` (named by a watch line) before them, and those this run owns an attempt of (`mine`); `order` as
-        it was before this round's starts (the end of another's attempt, which this run's start follows at once).
-        An attempt whose end was not seen before its owner's next one started is said by that start alone: what
-        its own end came to, its file no longer says."""
+    def said(self, read: Callable[[str], Task | None], records: list, watched: set[str]) -> list[dict]:
+        """The events for `records` (the live attempts of other owners, of this order's tasks), given the tasks
+        `watched` (named by a watch line) before them, and each task as its file was last read, before this run's
+        own writes (`read`: OrderView.as_read: the end of another's attempt, though this run started the next at
+        once). An attempt whose end was not seen before its owner's next one started is said by that start alone:
+        what its own end came to, its file no longer says."""
         events = []
         for rec in records:
             if self.running.get(rec.task) != rec.serial:
@@ -99,10 +101,8 @@ class Said:
                 self.running[rec.task] = rec.serial
         live = {rec.task for rec in records}
         for task_id, serial in list(self.running.items()):
-            task = order.tasks.get(task_id)
+            task = read(task_id)
             if task_id in live or task is None or task.status in RUNNING:
-                if task_id in mine:  # (started here since: its file says this run's attempt, not that one's end)
-                    del self.running[task_id]
                 continue  # (its outcome not written yet, or its file gone: nothing to say of it)
             del self.running[task_id]
             events.append({"event": "finished", "task": task_id, "attempt": serial, "status": task.status.value,

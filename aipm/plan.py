@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from aipm.budget import Budget, task_detail, task_left, task_reached
-from aipm.deadends import behind, doomed
+from aipm.deadends import NAMED, behind, doomed
 from aipm.model import FINISHED_OK, RUNNING, Order, Priority, Status, Task
 from aipm.overlap import LockIndex, conflict
 from aipm.paths import Target, held_conflict, lock_prefix, nodes_related
@@ -119,7 +119,7 @@ class Plan:
 
 
 def _never(order: Order, task_id: str, roots: tuple[str, ...]) -> Blocked:
-    return Blocked(task_id, NEVER, behind(order, roots), roots)
+    return Blocked(task_id, NEVER, behind(order, roots), roots[:NAMED])
 
 
 def plan(
@@ -209,10 +209,11 @@ def plan(
         # waits its turn, as in the hot path); each ready one is listed, as run's `defer` line names them.
         if budget is not None and task.id not in budget.costless and (
                 closed or budget.holds_back(task.id, task_left(task), claims)):
-            closed = closed or budget.starting(claims).held_detail
-            blocked = Blocked(task.id, BUDGET, closed)
-            if not waiting:  # (ready but for the budget: what `launch` and `exec` say they wait for)
+            blocked = Blocked(task.id, BUDGET, closed or budget.starting(claims).held_detail)
+            if not waiting:  # (ready but for the budget: what `launch` and `exec` say they wait for; and what
+                # closes it to those after it: the hot path sees ready tasks alone)
                 result.held.append(blocked)
+                closed = blocked.detail
             if explain:
                 result.blocked[task.id] = blocked
             continue

@@ -239,9 +239,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 emit({"event": "watching", "tasks": sorted(theirs), "detail": "run by another aipm (a detached "
                       "`aipm launch` or another `aipm run`); this run waits for them and goes on from there"
                       if not only else "run by another aipm; this exec waits for it and ends as it ends"})
-            for event in others_said.said(order, [rec for rec in report.records if rec.task in theirs
-                                                and rec.key in foreign and rec.order == order.id], watched,
-                                    {key.split("/", 1)[1] for key in sup.owned if key.startswith(f"{order.id}/")}):
+            for event in others_said.said(view.as_read, [rec for rec in report.records if rec.task in theirs
+                                                       and rec.key in foreign and rec.order == order.id], watched):
                 emit(event)
             watched |= theirs
             # Other owners' attempts in flight, each by its number: a task's next attempt is a new audit window.

@@ -43,6 +43,7 @@ class OrderView:
         # or `git stash` of the order): they run again; the caller says so
         self.reopened: list[tuple[str, Status, Status]] = []
         self._deleted: dict[str, Task] = {}  # finished tasks whose file went (a checkout deletes, then writes)
+        self._read: dict[str, Task] = {}  # tasks this process wrote since, as their files were last read (as_read)
         # Files that did not load, and why: read again whenever another file changes.
         self._kept_out: dict[str, str] = {}
         self.changed = False
@@ -209,6 +210,7 @@ class OrderView:
             return
         new = load_task(Path(path), self.root)
         self._stats[path] = seen
+        self._read.pop(task_id, None)
         self._note_reopened(old or self._deleted.pop(task_id, None), new)
         if old is None or (old.depends_on, old.priority) != (new.depends_on, new.priority):
             candidate = dict(tasks, **{task_id: new})
@@ -232,6 +234,8 @@ class OrderView:
     def note(self, task: Task) -> None:
         """Take a task we just wrote ourselves, so the change event it causes need not re-read the file."""
         held = self.order.tasks.get(task.id)
+        if held is not None:
+            self._read.setdefault(task.id, held)
         if task.path in self._kept_out and held is not None and held.path == task.path:
             # Its file does not load as it is (an edit that made a cycle, say, while it ran): what we wrote is its
             # status and counters, taken onto the last valid version held; taken whole, the cycle was in the view,
@@ -240,6 +244,11 @@ class OrderView:
             return
         self._put(task)
         self._stats[task.path] = _stat(task.path)
+
+    def as_read(self, task_id: str) -> Task | None:
+        """The task as its file said when last read, before this process's own writes since: what another owner
+        wrote of its attempt's end, though this run started the next attempt at once (foreign.Said)."""
+        return self._read.get(task_id) or self.order.tasks.get(task_id)
 
     def ordering(self) -> list[str]:
         if self._ordering is None:

@@ -266,7 +266,7 @@ def test_why_names_where_the_work_of_a_last_attempt_that_merged_nothing_is_kept(
     project.aipm("launch", "ORD", check=True)
     wait_for(lambda: project.statuses()["T"] == "FAILED")
     patch = repo / ".aipm/patches/ORD/T.1.patch"
-    assert f"  its last attempt merged nothing: its changes are kept in {patch}\n" in project.aipm("why", "T").stdout
+    assert f"  its last attempt's changes are kept in {patch}\n" in project.aipm("why", "T").stdout
     assert project.json("why", "T")["kept"] == str(patch)
     assert project.aipm("retry", "T").returncode == 0
     assert "kept" not in project.json("why", "T")

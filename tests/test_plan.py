@@ -136,8 +136,8 @@ def test_another_owners_work_is_not_waited_for_by_tasks_that_wait_for_a_person()
 
 def test_another_owners_attempts_are_said_as_they_start_and_end():
     """What a run says of its order's tasks that other owners run (foreign.Said): not the first attempt of each (the
-    watch line names it), then each new attempt's start and the end its file comes to (as it was before this
-    round's starts); not an end it did not see before a next attempt, its own or the other owner's."""
+    watch line names it), then each new attempt's start and the end its file came to, as last read (before this
+    run's own writes: its start of the next attempt); not an end it did not see before its owner's next attempt."""
     from types import SimpleNamespace
 
     from aipm.foreign import Said
@@ -145,17 +145,20 @@ def test_another_owners_attempts_are_said_as_they_start_and_end():
     def rec(task_id, serial):
         return SimpleNamespace(task=task_id, serial=serial, pid=100 + serial)
 
+    def read(*tasks):
+        return {t.id: t for t in tasks}.get
+
     said = Said()
-    running = order(task("A", status="IN_PROGRESS"), task("B", status="IN_PROGRESS"))
-    assert said.said(running, [rec("A", 1), rec("B", 1)], set(), set()) == []
-    events = said.said(running, [rec("A", 2), rec("B", 1)], {"A", "B"}, set())  # A's retry, by its owner
+    running = read(task("A", status="IN_PROGRESS"), task("B", status="IN_PROGRESS"))
+    assert said.said(running, [rec("A", 1), rec("B", 1)], set()) == []
+    events = said.said(running, [rec("A", 2), rec("B", 1)], {"A", "B"})  # A's retry, by its owner
     assert [(e["event"], e["task"], e["attempt"]) for e in events] == [("started", "A", 2)]
-    ended = order(task("A", status="FAILED"), task("B", status="IN_PROGRESS"))
-    events = said.said(ended, [rec("B", 1)], {"A", "B"}, set())
+    events = said.said(read(task("A", status="FAILED"), task("B", status="IN_PROGRESS")), [rec("B", 1)], {"A", "B"})
     assert [(e["event"], e["task"], e["attempt"], e["status"]) for e in events] == [("finished", "A", 2, "FAILED")]
-    # B's attempt ended unseen, and this run runs B now: not that one's end, nor later this run's own
-    assert said.said(order(task("A", status="FAILED"), task("B", status="IN_PROGRESS")), [], {"A", "B"}, {"B"}) == []
-    assert said.said(order(task("A", status="FAILED"), task("B", status="DONE")), [], {"A", "B"}, set()) == []
+    assert said.said(read(task("A", status="FAILED"), task("B", status="QUEUED")), [], {"A", "B"})[0]["status"] == \
+        "QUEUED"  # (as read: this run's start of B's next attempt since is its own write)
+    assert said.said(read(task("A", status="FAILED"), task("B", status="DONE")), [], {"A", "B"}) == []
+
 
 
 def test_every_dead_end_in_a_tasks_way_is_named_at_once():
@@ -170,6 +173,10 @@ def test_every_dead_end_in_a_tasks_way_is_named_at_once():
     assert result.blocked["X"].detail == "can never run: B is FAILED, C is CANCELLED"
     assert never_run_notes(o)[0] == ("X can never run: B is FAILED, C is CANCELLED; fix what stopped B, then `aipm "
                                      "retry B`; fix what stopped C, then `aipm retry C`")
+    many = order(*(task(f"F{i}", status="FAILED") for i in range(12)), task("Z", deps=[f"F{i}" for i in range(12)]))
+    detail = plan(many, slots=5).blocked["Z"].detail
+    assert detail.startswith("can never run: F0 is FAILED, ") and "F9 is FAILED; and more" in detail, detail
+    assert "F10" not in detail and len(plan(many, slots=5).blocked["Z"].tasks) == 10
 
 
 def test_the_budget_is_shared_in_rank_order_alike_with_and_without_reasons():
@@ -186,6 +193,13 @@ def test_the_budget_is_shared_in_rank_order_alike_with_and_without_reasons():
         assert ids(result) == ["A"], explain
         assert [b.id for b in result.held] == ["B", "C"], explain
     assert plan(o, slots=5, budget=spend).blocked["C"].reason == BUDGET
+    # One that waits on a dependency is no turn in this round: the hot path, which sees ready tasks alone, started
+    # B, and `detect` said B was held.
+    waits = order(task("W", pri="P0", deps=["X"]), task("X", status="IN_PROGRESS"),
+                  replace(task("B", pri="P1"), max_cost_usd=0.04))
+    held = Budget(limit=0.55, spent=0.0, source="order.yaml", held=0.5)
+    assert ids(plan(waits, live={"X"}, slots=5, budget=held)) == ["B"]
+    assert ids(plan(waits, live={"X"}, slots=5, budget=held, explain=False, ordering=["B"])) == ["B"]
 
 
 def test_not_queued_and_stale():

@@ -775,7 +775,27 @@ def test_a_run_says_which_tasks_of_its_order_another_owner_runs(project, gate):
     assert run.wait(timeout=120) == 0
     reader.join(timeout=60)
     assert lines[0].startswith("watch    T: run by another aipm"), lines
-    assert lines[1] == "finish   T → DONE (exit 0); run by another aipm\n", lines
+    assert lines[1] == "finish   T → DONE (exit 0); attempt 1, run by another aipm\n", lines
+
+
+def test_a_watched_attempts_end_is_said_before_the_next_attempt_whoever_starts_it(project, gate):
+    """The watched attempt fails with an attempt left: its owner or this run starts the next. Where this run did,
+    the end was never said (its own start had already changed the task in the view that end was read from)."""
+    write_task(project.order(), "T", max_attempts=2, command=f'if [ "$AIPM_ATTEMPT" = 1 ]; then while [ ! -e {gate} ]; '
+               "do sleep 0.05; done; exit 1; fi")
+    project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                            "--no-resource-monitoring"], stdout=subprocess.PIPE, text=True)
+    try:
+        first = run.stdout.readline()  # (attempt 1 waits for the gate: nothing else can come first)
+    finally:
+        gate.touch()
+    rest = run.stdout.read().splitlines()
+    assert run.wait(timeout=120) == 0 and first.startswith("watch    T"), [first, *rest]
+    start = next(line for line in rest if line.startswith("start    T (attempt 2"))
+    if not start.endswith("; run by another aipm)"):  # this run's own start: the end before it is said too
+        assert "finish   T → QUEUED (exit 1); attempt 1, run by another aipm" in rest, rest
+    assert rest[-1] == "ORD: DONE 1", rest
 
 
 def test_an_exec_of_a_task_another_owner_runs_says_its_end(project, gate):
@@ -793,7 +813,7 @@ def test_an_exec_of_a_task_another_owner_runs_says_its_end(project, gate):
     assert exec_.returncode == 1 and "Traceback" not in err, out + err
     assert [first, *out.splitlines(keepends=True)[:1]] == [
         "watch    T: run by another aipm; this exec waits for it and ends as it ends\n",
-        "finish   T → FAILED (exit 3); run by another aipm\n"], first + out + err
+        "finish   T → FAILED (exit 3); attempt 1, run by another aipm\n"], first + out + err
 
 
 def test_a_run_left_behind_another_orders_lost_task_says_why_and_the_fix(project):

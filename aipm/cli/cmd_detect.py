@@ -158,5 +158,5 @@ def why(
         if current.reason and current.status == Status.QUEUED:  # other statuses name it in their reason already
             print(f"  last {'' if failed else 'attempt: '}{grid.plain(current.reason)}")
     if kept:
-        print(f"  its last attempt merged nothing: its changes are kept in {grid.plain(kept)}")
+        print(f"  its last attempt's changes are kept in {grid.plain(kept)}")
     print_retry_hint(task_id, current.status)

@@ -16,7 +16,7 @@ from aipm.cli.common import (JsonOpt, console, get_project, json_option, print_j
 from aipm.errors import UserError, ValidationError
 from aipm.model import FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
-from aipm.deadends import dead_end, never_run_notes, never_runs
+from aipm.deadends import NAMED, dead_end, never_run_notes, never_runs
 from aipm.project import CONFIG_FILE, IdClash, Project
 from aipm.runtime import Runtime
 from aipm.settings import in_pyproject, load_settings
@@ -177,8 +177,8 @@ def status(
     if json_out:
         rows = [task_row(t, settings) for t in tasks]
         for row in rows:
-            if row["id"] in behind:  # the first dead end in its way, and `all` of them
-                dead = [{"task": r, "status": loaded.tasks[r].status.value} for r in behind[row["id"]]]
+            if row["id"] in behind:  # the first dead end in its way, and `all` of them (up to deadends.NAMED)
+                dead = [{"task": r, "status": loaded.tasks[r].status.value} for r in behind[row["id"]][:NAMED]]
                 row["never_runs"] = {**dead[0], "all": dead}
         print_json({"order": loaded.id, "tasks": rows, **order_totals(loaded, settings)})
         return

@@ -49,6 +49,8 @@ def plain_line(event: dict) -> str:
     fields = {k: ", ".join(map(str, v)) or "none" if isinstance(v, list) else v for k, v in event.items()}
     fields["detached"] = ", detached" if event.get("detached") else ""
     fields["by"] = f"; run by {event['by']}" if event.get("by") else ""  # (an attempt another aipm runs)
+    if event.get("by") and event.get("event") == "finished":  # (this run's start of the next may come first)
+        fields["by"] = f"; attempt {event.get('attempt')}, run by {event['by']}"
     fields["where"] = f"{event.get('order')}/{event['task']}" if event.get("task") else event.get("order", "?")
     # Not the user's cancel (that is `aipm cancel`, which stops the worker): a worker wrote it; its outcome counts.
     fields["not_cancel"] = "; not an `aipm cancel`: its outcome counts" if event.get("was") == "CANCELLED" else ""

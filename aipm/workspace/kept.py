@@ -129,9 +129,10 @@ def kept_beside(root: Path, order: str, task: str, patch: Path) -> list[str]:
 
 
 def last_kept(root: Path, order: str, task: str) -> str | None:
-    """Where the work of the task's latest attempt is kept when it merged nothing, in words (kept_words), or None:
-    after a `launch`, whose finish lines no one sees, `why` and `status --json` said only `nothing of it was
-    merged`, read as lost (for a task whose latest attempt ran in a worktree, and has not finished since)."""
+    """Where the work of the task's latest attempt is kept, in words (kept_words), or None: after a `launch`, whose
+    finish lines no one sees, `why` said only `nothing of it was merged` (or part of it), read as lost. For a
+    task whose latest attempt ran in a worktree and which has not finished since (a merged attempt keeps a patch
+    too)."""
     serials = Runtime(root).logs(order, task)
     if not serials:
         return None

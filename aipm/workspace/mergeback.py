@@ -224,16 +224,19 @@ def _emptied(directory: Path, top: Path, deleted: set[str]) -> bool:
 def _unseen_in(repo: Repo, directory: str, deleted: set[str]) -> bool:
     """Whether all that the main tree's `directory` (from the top) keeps, beside what the plan deletes, is what no
     capture holds: files git ignores, and repositories (a `.git` of their own) with all they hold."""
-    top = repo.top
+    top, found = repo.top, False
     for here, dirs, files in os.walk(top / directory):
         if ".git" in dirs or ".git" in files:
-            dirs.clear()  # a repository: none of it is in any attempt's start
+            dirs.clear()  # a repository: none of its files is in any attempt's start
+            found = True
             continue
         for name in files + [d for d in dirs if os.path.islink(os.path.join(here, d))]:
             path = os.path.relpath(os.path.join(here, name), top)
-            if path not in deleted and not repo.ignores(path):
-                return False
-    return True
+            if path not in deleted:
+                if not repo.ignores(path):
+                    return False
+                found = True
+    return found  # (empty directories alone: a person's `mkdir` meanwhile, which may go)
 
 
 _UNSEEN_DIR = ("a directory in the main tree, where the task has a file, holding what no attempt starts with (files "
