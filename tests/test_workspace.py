@@ -2203,6 +2203,25 @@ def test_a_file_git_ignores_in_the_main_tree_where_the_task_adds_one_is_said_so(
     assert "your edit included" not in proc.stdout and "+task" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()
 
 
+def test_an_empty_directory_made_where_the_task_puts_a_file_is_no_lasting_conflict(repo, gate):
+    """A person's `mkdir out` in the main tree while the task writes the file `out`: their edit meanwhile (it may
+    go), not what no attempt starts with: the task is sent back for another attempt, not REJECTED at once."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["out"], max_rework=1,
+               command=f'if [ "$AIPM_ATTEMPT" = 1 ]; then while [ ! -e {gate} ]; do sleep 0.05; done; fi; echo o > out')
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (repo / ".aipm/worktrees/ORD/T").is_dir())
+        (repo / "out").mkdir()
+    finally:
+        gate.touch()
+    out, err = run.communicate(timeout=120)
+    finish = [line for line in out.splitlines() if line.startswith("finish")]
+    assert finish[0].startswith("finish   T → QUEUED (merge conflict in out: the main tree changed meanwhile"), out
+    assert finish[0].endswith("a next attempt starts from the main tree as it is now, your edit included"), out
+
+
 def test_a_directory_holding_files_git_ignores_where_the_task_puts_a_file_is_met_once_not_retried(repo):
     """The task replaces a directory with a file, and the main tree's directory holds a file git ignores (no
     capture holds one: no attempt ever sees it). Called "the main tree changed meanwhile ... your edit included",
