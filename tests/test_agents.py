@@ -1033,7 +1033,7 @@ def test_a_tasks_own_budget_is_spent_over_its_attempts_not_given_whole_to_each(p
     assert behind.removeprefix("C ") in project.aipm("why", "C").stdout
     rows = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
     assert (rows["A"]["max_cost_usd"], rows["A"]["budget_reached"]) == (0.1, True), rows["A"]
-    assert rows["C"]["never_runs"] == {"task": "A", "status": "QUEUED"}, rows["C"]
+    assert rows["C"]["never_runs"] == {"task": "A", "status": "QUEUED", "all": [{"task": "A", "status": "QUEUED"}]}
     status = project.aipm("status", "ORD", "--wide").stdout
     assert "$0.1000 of $0.1000 (reached)" in status and behind in status, status
     again = project.aipm("run", "ORD", env=agent_env(project))

@@ -547,7 +547,8 @@ def test_status_says_a_cancelled_dependency_is_never_waited_for(project):
     assert (deps["R2"], deps["R3"], deps["W"]) == ("R1✗", "R2✗", "Q…"), table
     assert table.splitlines()[-1] == "R2, R3 can never run: R1 is CANCELLED; fix what stopped it, then `aipm retry R1`"
     rows = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
-    assert rows["R2"]["never_runs"] == rows["R3"]["never_runs"] == {"task": "R1", "status": "CANCELLED"}
+    assert rows["R2"]["never_runs"] == rows["R3"]["never_runs"] == {"task": "R1", "status": "CANCELLED",
+                                                                    "all": [{"task": "R1", "status": "CANCELLED"}]}
     assert "never_runs" not in rows["W"] and "never_runs" not in rows["R1"]
 
 
