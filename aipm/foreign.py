@@ -70,8 +70,8 @@ def others_matter(order: Order, others: set[str]) -> bool:
     owner was stopped (Ctrl-Z) with its worker ended."""
     if any(key.startswith(f"{order.id}/") for key in others):
         return True
-    # A task past its own budget, or behind a dead end (plan.dead_end: FAILED, REJECTED, CANCELLED, or past its own
-    # budget), starts after no other work: waited for, it kept the run for as long as another order's worker ran,
+    # A task past its own budget, or behind a dead end (deadends.dead_end: FAILED, REJECTED, CANCELLED, or past its
+    # own budget), starts after no other work: waited for, it kept the run for as long as another order's worker ran,
     # and for ever where that owner was stopped with its outcome.
     queued = {t.id for t in order.tasks.values() if t.status == Status.QUEUED and not dead_end(t)} if others else set()
     return bool(queued) and bool(queued - {tid for ids in never_runs(order).values() for tid in ids})

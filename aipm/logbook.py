@@ -233,9 +233,9 @@ def stuck_notes(order_id: str, stuck: dict[str, str]) -> list[str]:
 
 
 def wait_for_person(order: Order, rt: Runtime, default_limit: float | None) -> dict[str, str]:
-    """plan.will_not_start of `order` (`default_limit`: the max_cost_usd setting), its costs counted as the launcher
-    counts them, from the spending ledger too (spending.charged: a task file that says less is not believed), and
-    its interrupted attempts as a recovery will leave them (recovery.as_recovered)."""
+    """deadends.will_not_start of `order` (`default_limit`: the max_cost_usd setting), its costs counted as the
+    launcher counts them, from the spending ledger too (spending.charged: a task file that says less is not
+    believed), and its interrupted attempts as a recovery will leave them (recovery.as_recovered)."""
     counted = charged(recovery.as_recovered(order, rt), rt)
     return will_not_start(counted, budget.of(counted, default_limit))
 

@@ -200,7 +200,7 @@ def said_last(launcher: Launcher) -> None:
 
 
 def _never_run(order: Order) -> None:
-    """The tasks left QUEUED behind a dead end (plan.dead_end: a dependency that ended FAILED, REJECTED or
+    """The tasks left QUEUED behind a dead end (deadends.dead_end: a dependency that ended FAILED, REJECTED or
     CANCELLED, or one past its own budget; `order`'s costs as the budget counts them): the closing counts alone do
     not say why they never started, nor what would start them."""
     for note in never_run_notes(order):
