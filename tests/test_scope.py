@@ -1374,3 +1374,24 @@ def test_a_run_watching_a_launched_attempt_writes_its_output_without_sending_it_
         gate.touch()
     task = yaml.safe_load((root / "orders" / "O" / "A.yaml").read_text())
     assert (task["status"], task["attempts"], task.get("reworks", 0)) == ("DONE", 1, 0), task
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_new_and_add_of_another_order_during_a_run_are_not_charged_to_its_workers(tmp_path):
+    """Planning the next order while one runs: `aipm new NEXT` and `aipm add NEXT N2` wrote files no target covers,
+    and every attempt running then was sent back (`scope: wrote orders/NEXT/order.yaml`), an agent paid again."""
+    gate = tmp_path / "gate"
+    root = _git_repo_order(tmp_path, {"LONG": {"command": f"until [ -e {gate} ]; do sleep 0.02; done; echo l > f.txt",
+                                               "target_files": ["f.txt"]}})
+    aipm = [sys.executable, "-m", "aipm", "--root", str(root)]
+    run = subprocess.Popen([*aipm, "run", "ORD", "--no-resource-monitoring"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, cwd=root)
+    try:
+        wait_for(lambda: task_statuses(root / "orders" / "ORD")["LONG"] == "IN_PROGRESS", timeout=60)
+        subprocess.run([*aipm, "new", "NEXT"], check=True, capture_output=True, cwd=root)
+        subprocess.run([*aipm, "add", "NEXT", "N2", "--command", "echo n2"], check=True, capture_output=True, cwd=root)
+    finally:
+        gate.touch()
+    out, _ = run.communicate(timeout=120)
+    assert run.returncode == 0 and "scope:" not in out, out
+    assert task_statuses(root / "orders" / "ORD") == {"LONG": "DONE"}, out

@@ -22,7 +22,8 @@ from aipm.cli.common import console, get_project, warn
 from aipm.errors import UserError
 from aipm.model import ID_PATTERN, ID_RULE, Priority
 from aipm.paths import real_relative
-from aipm import settingvalues
+from aipm import settingvalues, writtenlog
+from aipm.runtime import Runtime
 from aipm.schema import KINDS, schema_text
 from aipm.fields import one_line, task_from_mapping
 from aipm.inodes import move_new
@@ -67,6 +68,7 @@ def new(
     made = [d for d in (order_dir, *order_dir.parents) if not d.exists()]
     try:
         order_dir.mkdir(parents=True, exist_ok=True)
+        _noted(project.root, order_dir, None)  # (before and after: an audit's window may open in between)
         _create(meta, _document("order", fields))
     except BaseException as exc:
         for d in made:
@@ -79,7 +81,7 @@ def new(
         raise
     out = console()
     out.print(f"created {_shown(meta, project.root)}", markup=False)
-    _install_schema(order_dir.parent, "order", project.root)
+    _noted(project.root, order_dir, _install_schema(order_dir.parent, "order", project.root))
     out.print(f"next: aipm add {order} TASK_ID --title '...' --command '...'", markup=False)
 
 
@@ -158,10 +160,13 @@ def add(
     new_task = task_from_mapping(path, parse_mapping(path, text), project.root)
     loaded.tasks[new_task.id] = new_task
     check_links(loaded)
+    _noted(project.root, order_dir, None)  # (before and after: an audit's window may open in between)
     _create(path, text)
     console().print(f"created {_shown(path, project.root)}", markup=False)
+    schema = None
     if real_relative(str(project.root), str(order_dir.parent)) is not None:  # (`add ..` wrote one above the root)
-        _install_schema(order_dir.parent, "task", project.root)
+        schema = _install_schema(order_dir.parent, "task", project.root)
+    _noted(project.root, order_dir, schema)
     warn(warnings([new_task]))
 
 
@@ -228,14 +233,26 @@ def _document(kind: str, fields: dict[str, Any]) -> str:
     return f"# yaml-language-server: $schema=../{kind}.schema.json\n{body}"
 
 
-def _install_schema(directory: Path, kind: str, root: Path) -> None:
-    """Make <directory>/<kind>.schema.json this aipm's schema (aipm generates it: an old copy is replaced)."""
+def _noted(root: Path, order_dir: Path, schema: Path | None) -> None:
+    """What `new` and `add` wrote is no worker's: noted for the scope audits of the attempts running now (writing
+    the next order's first task during a run sent every running task back: `scope: wrote orders/NEXT/order.yaml`).
+    Nothing to note, and no state made, where nothing runs."""
+    rt = Runtime(root)
+    if not rt.records():
+        return
+    with rt.launch_lock():
+        writtenlog.note_order(rt, order_dir, [] if schema is None else [os.path.relpath(schema, root)])
+
+
+def _install_schema(directory: Path, kind: str, root: Path) -> Path | None:
+    """Make <directory>/<kind>.schema.json this aipm's schema (aipm generates it: an old copy is replaced).
+    Returns the path when it was written."""
     path = directory / f"{kind}.schema.json"
     text = schema_text(kind)
     ours = text.encode()
     try:  # no longer than ours: a worker's sparse terabyte there is not read, nor a FIFO waited on; both replaced
         if read_bytes(path, len(ours)) == ours:
-            return
+            return None
     except OSError:
         pass
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
@@ -248,8 +265,9 @@ def _install_schema(directory: Path, kind: str, root: Path) -> None:
         os.unlink(tmp)
         console(stderr=True).print(f"aipm: warning: {path}: cannot write the editor schema: {exc.strerror}",
                                    markup=False)
-        return
+        return None
     console().print(f"wrote {_shown(path, root)} (the schema editors check these files against)", markup=False)
+    return path
 
 
 def _create(path: Path, text: str) -> None:
