@@ -501,20 +501,39 @@ def test_an_attempt_after_a_retry_that_put_back_an_older_outcome_is_recorded(pro
     assert journal.read_text() == "ran\n"
 
 
+def _dead_record(project, task_id: str, targets: list[str]) -> None:
+    """The record of attempt 1 of ORD's `task_id`, its owner and worker dead (a `kill -9` of them both)."""
+    order = project.order()
+    records = state(project.root, make=True) / "workers" / "ORD"
+    records.mkdir(parents=True, exist_ok=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    (records / f"{task_id}.json").write_text(json.dumps({
+        "order": "ORD", "order_dir": str(order), "task": task_id, "task_file": str(order / f"{task_id}.yaml"),
+        "attempt": 1, "targets": targets, "log": str(project.root / f"{task_id}.log"),
+        "exit_file": str(state(project.root) / f"exit/ORD/{task_id}.1"), "started_at": "2025-01-01T00:00:00+00:00",
+        "owner_pid": dead.pid, "owner_ctime": 1.0, "pid": dead.pid, "ctime": 1.0, "pgid": dead.pid, "number": 1}))
+
+
+def test_a_task_shown_interrupted_for_its_lost_worker_is_no_dead_end(project):
+    """Its run and worker killed, F2 reads INTERRUPTED (`aipm recover` adopts or re-queues it), and `status` marked
+    its dependant's `F2✗`, as of a task no run gets past, with a note saying retry: recover, and it goes on."""
+    order = project.order()
+    write_task(order, "F2", command="true", target_files=["x.txt"], status="IN_PROGRESS", attempts=1)
+    write_task(order, "F4", command="true", depends_on=["F2"], target_files=["y.txt"])
+    _dead_record(project, "F2", ["x.txt"])
+    rows = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
+    assert rows["F2"]["status"] == "INTERRUPTED" and "never_runs" not in rows["F4"], rows
+    table = project.aipm("status", "ORD", "--wide").stdout
+    assert "F2…" in table and "F2✗" not in table and "can never run" not in table, table
+
+
 def test_a_requeue_killed_between_its_two_writes_is_finished_by_recovery(project):
     """interrupt() writes INTERRUPTED, then QUEUED, then drops the record: killed after the first write, the task
     stayed INTERRUPTED for good (recovery looked only at running tasks)."""
     order = project.order()
     write_task(order, "A", command="true", target_files=["x.txt"], status="INTERRUPTED", attempts=1)
-    records = state(project.root, make=True) / "workers" / "ORD"
-    records.mkdir(parents=True, exist_ok=True)
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (records / "A.json").write_text(json.dumps({
-        "order": "ORD", "order_dir": str(order), "task": "A", "task_file": str(order / "A.yaml"), "attempt": 1,
-        "targets": ["x.txt"], "log": str(project.root / "A.log"), "exit_file": str(state(project.root) / "exit/ORD/A.1"),
-        "started_at": "2025-01-01T00:00:00+00:00", "owner_pid": dead.pid, "owner_ctime": 1.0, "pid": dead.pid,
-        "ctime": 1.0, "pgid": dead.pid, "number": 1}))
+    _dead_record(project, "A", ["x.txt"])
     # No dead end meanwhile for what waits on it (a recovery finishes the re-queue): `logs B -f` ended, and `status`
     # and `why` said `B can never run: A is INTERRUPTED`, where the next run did both.
     write_task(order, "B", command="true", depends_on=["A"], target_files=["y.txt"])

@@ -166,13 +166,15 @@ def status(
     root = project_root()
     settings = load_settings(root)
     # (the costs as the budget counts them: spending.charged)
-    loaded = as_seen(load_order(Project(root, settings.orders_dir).order_dir(order), root), root)
     rt = Runtime(root)
-    loaded = charged(loaded, rt)
+    on_file = charged(load_order(Project(root, settings.orders_dir).order_dir(order), root), rt)
+    loaded = as_seen(on_file, root)
     tasks = sorted(loaded.tasks.values(), key=lambda t: t.id)
-    # Behind a dead-end dependency (through any chain): never waited on, it never finishes. (An interrupted attempt
-    # whose record is left is re-queued by the next recovery: no dead end.)
-    recovered = recovery.as_recovered(loaded, rt)
+    # Behind a dead-end dependency (through any chain): never waited on, it never finishes. Judged by the files as
+    # a recovery leaves them: an interrupted attempt whose record is left is re-queued, and a task shown INTERRUPTED
+    # for its lost worker (as_seen) is adopted or re-queued, neither a dead end (F4 showed `F2✗` of an F2 whose
+    # worker had ended 0).
+    recovered = recovery.as_recovered(on_file, rt)
     behind = {tid: roots for roots, ids in never_runs(recovered).items() for tid in ids}
     if json_out:
         rows = [task_row(t, settings) for t in tasks]
@@ -203,7 +205,7 @@ def status(
         dep = loaded.tasks.get(d)
         if dep is not None and dep.status in FINISHED_OK:
             return d, ""
-        if dep is not None and (dead_end(dep) or d in behind):
+        if dep is not None and (dead_end(recovered.tasks[d]) or d in behind):
             return f"{d}✗", "red"
         return f"{d}…", "bold"
 
