@@ -526,6 +526,9 @@ def test_a_task_shown_interrupted_for_its_lost_worker_is_no_dead_end(project):
     assert rows["F2"]["status"] == "INTERRUPTED" and "never_runs" not in rows["F4"], rows
     table = project.aipm("status", "ORD", "--wide").stdout
     assert "F2…" in table and "F2✗" not in table and "can never run" not in table, table
+    # `ps` named the dead owner's pid for it, which may be another process's by now
+    (gone,) = [w for w in project.json("ps")["workers"] if w["task"] == "F2"]
+    assert (gone["state"], gone["pid"], gone["cpu_percent"]) == ("gone", None, None), gone
 
 
 def test_a_requeue_killed_between_its_two_writes_is_finished_by_recovery(project):

@@ -31,11 +31,12 @@ from aipm.store import load_order, load_task
 def _holder(rec, root: Path) -> tuple[int | None, list[int]]:
     """The process that holds the attempt's locks, and what its command left running: its wrapper while it lives;
     with its owner and wrapper dead, the least pid its command left running (as `ps` says: orphaned); else its
-    owner's pid (the wrapper's, dead, named nothing)."""
+    owner's pid while it records the end (the wrapper's, dead, named nothing); None when all of them are gone (a
+    dead owner's pid named another process once reused, one a person might kill)."""
     if rec.worker_alive():
         return rec.pid, []
     left = [] if rec.alive() else sorted(subreaper.marked(subreaper.attempt_marker(root, rec)))
-    return (left[0] if left else rec.owner_pid or rec.pid), left
+    return (left[0] if left else rec.owner_pid if rec.owner_alive() else None), left
 
 
 def _worker_info(rec, root: Path) -> dict:
@@ -54,7 +55,9 @@ def _worker_info(rec, root: Path) -> dict:
         if info["state"] == "gone":
             info["state"] = "orphaned"
     try:
-        proc = psutil.Process(info["pid"])
+        if pid is None:  # (psutil.Process(None) is this process)
+            raise ValueError
+        proc = psutil.Process(pid)
         elapsed = time.time() - proc.create_time()
         procs = [proc, *proc.children(recursive=True)]
     except (psutil.Error, ValueError):
