@@ -181,10 +181,11 @@ def test_a_command_whose_wrapper_died_with_its_supervisor_is_ended_before_its_ta
 
 def _dead_record(project, order, task, attempt, exit_code):
     """What an owner killed after the attempt's end leaves: a record whose worker and owner are gone, and its exit
-    file."""
+    file (none for `exit_code` None: both killed, the end never written)."""
     exit_file = state(project.root, make=True) / "exit" / "ORD" / f"{task}.{attempt}"
     exit_file.parent.mkdir(parents=True, exist_ok=True)
-    exit_file.write_text(f"{exit_code}\n")
+    if exit_code is not None:
+        exit_file.write_text(f"{exit_code}\n")
     records = state(project.root) / "workers" / "ORD"
     records.mkdir(parents=True, exist_ok=True)
     dead = subprocess.Popen(["true"])
@@ -501,27 +502,13 @@ def test_an_attempt_after_a_retry_that_put_back_an_older_outcome_is_recorded(pro
     assert journal.read_text() == "ran\n"
 
 
-def _dead_record(project, task_id: str, targets: list[str]) -> None:
-    """The record of attempt 1 of ORD's `task_id`, its owner and worker dead (a `kill -9` of them both)."""
-    order = project.order()
-    records = state(project.root, make=True) / "workers" / "ORD"
-    records.mkdir(parents=True, exist_ok=True)
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    (records / f"{task_id}.json").write_text(json.dumps({
-        "order": "ORD", "order_dir": str(order), "task": task_id, "task_file": str(order / f"{task_id}.yaml"),
-        "attempt": 1, "targets": targets, "log": str(project.root / f"{task_id}.log"),
-        "exit_file": str(state(project.root) / f"exit/ORD/{task_id}.1"), "started_at": "2025-01-01T00:00:00+00:00",
-        "owner_pid": dead.pid, "owner_ctime": 1.0, "pid": dead.pid, "ctime": 1.0, "pgid": dead.pid, "number": 1}))
-
-
 def test_a_task_shown_interrupted_for_its_lost_worker_is_no_dead_end(project):
     """Its run and worker killed, F2 reads INTERRUPTED (`aipm recover` adopts or re-queues it), and `status` marked
     its dependant's `F2✗`, as of a task no run gets past, with a note saying retry: recover, and it goes on."""
     order = project.order()
     write_task(order, "F2", command="true", target_files=["x.txt"], status="IN_PROGRESS", attempts=1)
     write_task(order, "F4", command="true", depends_on=["F2"], target_files=["y.txt"])
-    _dead_record(project, "F2", ["x.txt"])
+    _dead_record(project, order, "F2", 1, None)
     rows = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
     assert rows["F2"]["status"] == "INTERRUPTED" and "never_runs" not in rows["F4"], rows
     table = project.aipm("status", "ORD", "--wide").stdout
@@ -536,7 +523,7 @@ def test_a_requeue_killed_between_its_two_writes_is_finished_by_recovery(project
     stayed INTERRUPTED for good (recovery looked only at running tasks)."""
     order = project.order()
     write_task(order, "A", command="true", target_files=["x.txt"], status="INTERRUPTED", attempts=1)
-    _dead_record(project, "A", ["x.txt"])
+    _dead_record(project, order, "A", 1, None)
     # No dead end meanwhile for what waits on it (a recovery finishes the re-queue): `logs B -f` ended, and `status`
     # and `why` said `B can never run: A is INTERRUPTED`, where the next run did both.
     write_task(order, "B", command="true", depends_on=["A"], target_files=["y.txt"])

@@ -469,7 +469,7 @@ def test_a_worker_that_ended_after_its_supervisor_died_reads_as_waiting_for_its_
     order = project.order()
     write_task(order, "A", command=f"{KILL_OWNER}; true", target_files=["a.txt"])
     project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
-    (rec,) = wait_for(lambda: [w for w in project.json("ps")["workers"] if w["pid"] and not w["alive"]])
+    (rec,) = wait_for(lambda: [w for w in project.json("ps")["workers"] if not w["alive"]])  # (its pid: none now)
     (listed,) = project.json("status", "ORD")["tasks"]
     assert (listed["status"], listed["reason"]) == (
         "INTERRUPTED", "interrupted: its supervisor died before recording how its worker ended; `aipm recover` "
