@@ -18,6 +18,7 @@ from aipm.paths import normalize
 from aipm.gitstatus import changed
 from aipm.coverage import out_of_scope
 from aipm.scope import load, save, snapshot
+from aipm.writtenlog import WRITTEN_LOG
 from conftest import capped_memory, state, task_statuses, wait_for, write_task
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
@@ -1054,7 +1055,6 @@ def test_another_runs_output_in_the_tree_is_not_charged_to_this_runs_workers(tmp
 def _a_run_waiting_for_a_detached_attempt(tmp_path: Path, long: dict) -> tuple[Path, subprocess.Popen]:
     """ORD's LONG (`long`: its fields) launched detached, then `aipm run O2 > run2.log`, whose B waits for LONG's
     f.txt, once the run has noted its output for LONG's attempt in the written log."""
-    from aipm.writtenlog import WRITTEN_LOG
 
     root = _git_repo_order(tmp_path, {"LONG": long})
     write_task(root / "orders" / "O2", "B", command="echo b >> f.txt", target_files=["f.txt"])
@@ -1395,3 +1395,9 @@ def test_new_and_add_of_another_order_during_a_run_are_not_charged_to_its_worker
     out, _ = run.communicate(timeout=120)
     assert run.returncode == 0 and "scope:" not in out, out
     assert task_statuses(root / "orders" / "ORD") == {"LONG": "DONE"}, out
+    # Each command notes the editor schema it writes the first time before writing it, as it does its task file: an
+    # audit between the write and a note after it alone would charge it.
+    notes = [json.loads(line.split(" ", 1)[1]) for line in (state(root) / WRITTEN_LOG).read_text().splitlines()]
+    before = [n["targets"] for n in notes if isinstance(n, dict) and n.get("order") == "orders/NEXT"][::2]
+    assert len(before) == 2 and "orders/order.schema.json" in before[0] and "orders/task.schema.json" in before[1], \
+        notes

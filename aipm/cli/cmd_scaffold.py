@@ -21,7 +21,7 @@ from aipm.advice import warnings
 from aipm.cli.common import console, get_project, warn
 from aipm.errors import UserError
 from aipm.model import ID_PATTERN, ID_RULE, Priority
-from aipm.paths import real_relative
+from aipm.paths import quote, real_relative
 from aipm import settingvalues, writtenlog
 from aipm.runtime import Runtime
 from aipm.schema import KINDS, schema_text
@@ -68,7 +68,8 @@ def new(
     made = [d for d in (order_dir, *order_dir.parents) if not d.exists()]
     try:
         order_dir.mkdir(parents=True, exist_ok=True)
-        _noted(project.root, order_dir, None)  # (before and after: an audit's window may open in between)
+        # (before and after: an audit's window may open in between; the schema file too, written the first time)
+        _noted(project.root, order_dir, _schema_path(order_dir.parent, "order"))
         _create(meta, _document("order", fields))
     except BaseException as exc:
         for d in made:
@@ -160,12 +161,12 @@ def add(
     new_task = task_from_mapping(path, parse_mapping(path, text), project.root)
     loaded.tasks[new_task.id] = new_task
     check_links(loaded)
-    _noted(project.root, order_dir, None)  # (before and after: an audit's window may open in between)
+    in_root = real_relative(str(project.root), str(order_dir.parent)) is not None  # (`add ..`: none above the root)
+    # (before and after: an audit's window may open in between; the schema file too, written the first time)
+    _noted(project.root, order_dir, _schema_path(order_dir.parent, "task") if in_root else None)
     _create(path, text)
     console().print(f"created {_shown(path, project.root)}", markup=False)
-    schema = None
-    if real_relative(str(project.root), str(order_dir.parent)) is not None:  # (`add ..` wrote one above the root)
-        schema = _install_schema(order_dir.parent, "task", project.root)
+    schema = _install_schema(order_dir.parent, "task", project.root) if in_root else None
     _noted(project.root, order_dir, schema)
     warn(warnings([new_task]))
 
@@ -241,13 +242,24 @@ def _noted(root: Path, order_dir: Path, schema: Path | None) -> None:
     if not rt.records():
         return
     with rt.launch_lock():
-        writtenlog.note_order(rt, order_dir, [] if schema is None else [os.path.relpath(schema, root)])
+        writtenlog.note_order(rt, order_dir, [] if schema is None else _written_through(root, schema))
+
+
+def _written_through(root: Path, path: Path) -> list[str]:
+    """`path` and the temp files it is written through, as targets (its name's `*` a character, not a pattern)."""
+    rel = os.path.relpath(path, root)
+    directory = os.path.dirname(rel)
+    return [quote(rel), (quote(directory) + "/" if directory else "") + f".{quote(path.name)}.*.tmp"]
+
+
+def _schema_path(directory: Path, kind: str) -> Path:
+    return directory / f"{kind}.schema.json"
 
 
 def _install_schema(directory: Path, kind: str, root: Path) -> Path | None:
     """Make <directory>/<kind>.schema.json this aipm's schema (aipm generates it: an old copy is replaced).
     Returns the path when it was written."""
-    path = directory / f"{kind}.schema.json"
+    path = _schema_path(directory, kind)
     text = schema_text(kind)
     ours = text.encode()
     try:  # no longer than ours: a worker's sparse terabyte there is not read, nor a FIFO waited on; both replaced
