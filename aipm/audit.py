@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aipm import ownoutput, scope, workspace, writtenlog
+from aipm import observers, ownoutput, scope, workspace, writtenlog
 from aipm.coverage import files_above
 from aipm.record import Record
 from aipm.runtime import Runtime
@@ -29,8 +29,9 @@ def findings(rt: Runtime, settings: Settings, rec: Record, in_commits: set[str] 
 def _tree_findings(rt: Runtime, settings: Settings, rec: Record, in_commits: set[str] | None) -> list[str]:
     """The project tree's audit of the attempt (none when none began for it: scope.findings). What aipm's processes
     print into the tree is no worker's write: this run's output, and that of the other aipm processes of the
-    project whose attempts ran meanwhile (another `aipm run ORD2 > run2.log`): the live ones' by what their sessions
-    hold open for writing, the ended ones' by their notes (writtenlog.outputs_since)."""
+    project whose attempts ran meanwhile (another `aipm run ORD2 > run2.log`) or that own none (`nohup aipm ui &`:
+    observers.py): the live ones' by what their sessions hold open for writing, the ended ones' by their notes
+    (writtenlog.outputs_since)."""
     seen: dict = {}
 
     def allowed(since_ns: int) -> list:
@@ -51,8 +52,8 @@ def _tree_findings(rt: Runtime, settings: Settings, rec: Record, in_commits: set
     # which no one writes but a worker now; a live owner's output is found by its session, an ended one's by its
     # notes made in the window)
     noted = [*rec.own_output, *writtenlog.outputs_since(rt, seen.get("since", rec.scope_since))]
-    return ownoutput.not_own_output(rt.root, found, noted, {r.owner_pid for r in others if r.owner_alive()},
-                                    {r.pid for r in others if r.pid})
+    owners = {r.owner_pid for r in others if r.owner_alive()} | observers.live(rt)
+    return ownoutput.not_own_output(rt.root, found, noted, owners, {r.pid for r in others if r.pid})
 
 
 def feedback(root: Path, rec: Record, outside: list[str], escaped: list[str]) -> str:

@@ -1401,3 +1401,49 @@ def test_new_and_add_of_another_order_during_a_run_are_not_charged_to_its_worker
     before = [n["targets"] for n in notes if isinstance(n, dict) and n.get("order") == "orders/NEXT"][::2]
     assert len(before) == 2 and "orders/order.schema.json" in before[0] and "orders/task.schema.json" in before[1], \
         notes
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+@pytest.mark.parametrize("command", [["status", "ORD"], ["ui", "--port", "0"]])
+def test_the_output_of_an_aipm_that_owns_no_attempt_is_not_charged_to_the_workers(tmp_path, command):
+    """Another terminal (a session of its own), while a run goes: `aipm status ORD > status.txt`, which ends before
+    the audit, or `nohup aipm ui &` (its output in the project), which outlives it. Each wrote a file no target
+    covers, and every attempt running then was sent back (`scope: wrote ui.log`), an agent paid again."""
+    if command[0] == "ui":
+        pytest.importorskip("uvicorn")
+    gate = tmp_path / "gate"
+    root = _git_repo_order(tmp_path, {"LONG": {"command": f"until [ -e {gate} ]; do sleep 0.02; done; echo l > f.txt",
+                                               "target_files": ["f.txt"]}})
+    aipm = [sys.executable, "-m", "aipm", "--root", str(root)]
+    run = subprocess.Popen([*aipm, "run", "ORD", "--no-resource-monitoring"], stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True, cwd=root)
+    other = None
+    try:
+        wait_for(lambda: task_statuses(root / "orders" / "ORD")["LONG"] == "IN_PROGRESS", timeout=60)
+        with open(root / "other.log", "w") as out:
+            other = subprocess.Popen([*aipm, *command], stdout=out, stderr=subprocess.STDOUT, cwd=root,
+                                     start_new_session=True)
+        if command[0] == "ui":
+            wait_for(lambda: "token=" in (root / "other.log").read_text(), timeout=60)
+        else:
+            assert other.wait(timeout=60) == 0, (root / "other.log").read_text()
+    finally:
+        gate.touch()
+        out, _ = run.communicate(timeout=120)
+        if other is not None and other.poll() is None:
+            other.terminate()
+            other.wait(timeout=30)
+    assert run.returncode == 0 and "scope:" not in out, out
+    assert task_statuses(root / "orders" / "ORD") == {"LONG": "DONE"}, out
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_an_aipm_that_a_workers_command_runs_writes_what_that_worker_does(tmp_path):
+    """The exception to the one above: `aipm status ORD > stray.txt` in a task's own command is that task's write,
+    charged as any other (its end must note nothing that excuses it)."""
+    root = _git_repo_order(tmp_path, {"T": {"command": f"{shlex.quote(sys.executable)} -m aipm status ORD > stray.txt",
+                                            "target_files": ["f.txt"]}})
+    run = subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--no-resource-monitoring"],
+                         capture_output=True, text=True, cwd=root, timeout=120)
+    assert "scope: wrote stray.txt" in run.stdout, run.stdout + run.stderr
+    assert task_statuses(root / "orders" / "ORD") == {"T": "REJECTED"}, run.stdout

@@ -336,6 +336,7 @@ def main(argv: list[str] | None = None) -> None:
                 sys.exit(1)
             # Done, and everything written is flushed or closed: skip the interpreter's teardown of every
             # module (~20 ms, the tail of every `run` of a build and of every polled `status`).
+            _observed_end()
             os._exit(code)
         _load_commands(args)
         sys.exit(_run_typer(args))
@@ -346,3 +347,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"aipm: error: {exc.filename}: {exc.strerror}; aipm keeps its locks, worker records and exit codes "
               "there: make room (or make it writable) and run the command again", file=sys.stderr)
         sys.exit(1)
+    finally:
+        _observed_end()  # after its last line
+
+
+def _observed_end() -> None:
+    common = sys.modules.get("aipm.cli.common")  # (not loaded: no command ran, nothing observed)
+    if common is not None:
+        common.observed_end()

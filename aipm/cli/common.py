@@ -9,6 +9,7 @@ import json
 import os
 import stat
 import sys
+from contextlib import suppress
 from pathlib import Path
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO, Optional
@@ -44,6 +45,35 @@ def _root_callback(
                            callback=_print_version),
 ) -> None:
     _state["root"] = root
+    _observe()
+
+
+def _observe() -> None:
+    """This command writes its output into the project's tree (`nohup aipm ui &`, `aipm status > s.txt`): it is an
+    observer until it ends (observers.py), so audits in flight charge none of it to a worker. Two fstat calls
+    when it writes to a terminal or a pipe."""
+    for fd in (1, 2):
+        with suppress(OSError):
+            if stat.S_ISREG(os.fstat(fd).st_mode):
+                break
+    else:
+        return
+    try:
+        root = project_root()
+    except (UserError, OSError):
+        return  # the command says what is wrong with the root
+    from aipm import observers
+
+    observers.begin(root)
+    _state["observing"] = True
+
+
+def observed_end() -> None:
+    """The command is done writing (see _observe)."""
+    if _state.pop("observing", False):
+        from aipm import observers
+
+        observers.end()
 
 
 def project_root(create: Callable[[Path], object] | None = None) -> Path:
