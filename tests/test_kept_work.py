@@ -270,3 +270,34 @@ def test_why_names_where_the_work_of_a_last_attempt_that_merged_nothing_is_kept(
     assert project.json("why", "T")["kept"] == str(patch)
     assert project.aipm("retry", "T").returncode == 0
     assert "kept" not in project.json("why", "T")
+
+
+@pytest.mark.parametrize("end", ["SIGINT", "setup fails"])
+def test_what_an_attempt_stopped_in_its_workspace_setup_leaves_is_not_kept_as_the_tasks_work(repo, tmp_path, end):
+    """Ctrl-C of `aipm run` while the setup ran (or the setup failing): the start is captured again only after the
+    setup, so the attempt's patch held what the setup had written (in the targets and beside them, and git's
+    ignored files in the targets moved to its rest), and the stop line said the task's changes were kept there."""
+    ready = tmp_path / "ready"
+    setup = (f"echo generated >> src/a.txt; echo gen > gen.txt; mkdir -p build; echo out > build/x.o; "
+             + (f"touch {ready}; sleep 60" if end == "SIGINT" else "exit 3"))
+    project = project_in(repo, config=f"workspace: worktree\nworkspace_setup: '{setup}'\n")
+    write_task(project.order(), "T", target_files=["src/a.txt", "build/"], command="echo T >> src/a.txt")
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD"],
+                           env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if end == "SIGINT":
+        wait_for(ready.exists)
+        run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == (130 if end == "SIGINT" else 1), stdout + stderr
+    assert "kept" not in stdout, stdout
+    shown = project.aipm("diff", "T")  # (its worktree is still there)
+    assert "generated" not in shown.stdout and "no changes to show" in shown.stderr, shown.stdout + shown.stderr
+    for _ in range(2):
+        assert project.aipm("recover").returncode == 0
+    assert not (repo / ".aipm/worktrees/ORD/T").exists()
+    kept = sorted(str(p.relative_to(repo)) for p in (repo / ".aipm/patches").rglob("*") if p.is_file())
+    assert kept == [PATCH] and (repo / PATCH).read_bytes() == b"", kept
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert ("attempt 1 ended in its workspace_setup, before its command ran: what the setup wrote is not the task's "
+            "work, and none of it is kept") in log, log

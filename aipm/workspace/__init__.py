@@ -5,7 +5,7 @@ an attempt; the supervisor runs the worker and its review in `directory(...)`, a
 worker ends (the exact scope check) and `merge` when the task is approved, then `remove`s the worktree once the
 task's final status is written. `sweep` tidies after crashes; `diff` shows a task's changes. Where each thing
 lives is places.py; making the worktree (and its `workspace_setup`) is start.py; what an attempt that merged nothing
-keeps besides its patch is kept.py; removing and sweeping is cleanup.py; applying an approved merge is
+keeps besides its patch, and `diff`, is kept.py; removing and sweeping is cleanup.py; applying an approved merge is
 mergeback.py, and the plan it saves first is mergeplan.py; the worktree's own refs and stash are ownrefs.py, and
 what a worker left in its stash is stash.py.
 
@@ -25,9 +25,7 @@ not yet removed). Tests use it to prove that a rerun applies every change exactl
 
 from __future__ import annotations
 
-import glob
 import os
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -40,15 +38,16 @@ from aipm.coverage import out_of_scope
 from aipm.fields import WORKSPACES
 from aipm.settings import Settings
 from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, sweep, sweep_orphans
-from aipm.workspace.places import (component, kept_words, later_patch_path, make_own_dir, merge_dir, own_dir,
+from aipm.workspace.places import (kept_words, later_patch_path, make_own_dir, merge_dir, own_dir,
                                    patch_path, refname, relative, scratch, seam, worktree_path)
 from aipm.workerfiles import append_log, write_stream
 from aipm.workspace import stash
 from aipm.workspace.stash import STASHED
 from aipm.workspace.repo import GITLINK, Repo, UnbornRepositories, WorkspaceError
-from aipm.workspace.start import after_setup, directory, prepare, setup_of, start_message, with_setup
-from aipm.workspace.kept import (STAYS, WHOLE, keep_rest, keep_whole, kept_beside, kept_patch, kept_rest, last_kept,
-                                 left_out_note)
+from aipm.workspace.start import (after_setup, directory, prepare, setup_of, setup_unfinished, start_message,
+                                  with_setup)
+from aipm.workspace.kept import (STAYS, WHOLE, diff, keep_rest, keep_whole, kept_beside, kept_patch, kept_rest,
+                                 last_kept, left_out_note)
 from aipm.workspace.ignored import IGNORED, NOT_MERGED, ignored_in_targets, keep_ignored, keep_ignored_with
 
 SHARED, WORKTREE = WORKSPACES
@@ -117,6 +116,9 @@ def keep(root: Path, rec: Record) -> str:
         repo, base, end, left_out = _capture_end(root, rec, strict=False)
     except (WorkspaceError, OSError) as exc:
         return f"the changes of attempt {rec.serial} could not be captured: {exc}{keep_whole(root, rec)}"
+    if setup_unfinished(repo, base):  # (nor the ignored files it wrote in the targets: moved to the rest as work)
+        return (f"attempt {rec.serial} ended in its workspace_setup, before its command ran: what the setup wrote "
+                "is not the task's work, and none of it is kept")
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     notes = stash.left(repo, base, end)
     try:
@@ -151,7 +153,7 @@ def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> list[s
     caller says it too (a person's fixes in a kept worktree went to a patch that only the old log named)."""
     tree = worktree_path(root, order, task)
     base = repo.rev(refname(order, task, "base", prefix=repo.prefix)) or (tree.is_dir() and repo.head_of(tree))
-    if not base or not tree.is_dir():
+    if not base or not tree.is_dir() or setup_unfinished(repo, base):  # (that: nothing in it is the task's work)
         return []
     subject = repo.git("log", "-1", "--format=%s", base).decode("utf-8", "surrogateescape")
     number = subject.removeprefix(start_message(order, task, "")).split(",")[0].strip()
@@ -246,6 +248,11 @@ def _capture_end(root: Path, rec: Record, strict: bool = True) -> tuple[Repo, st
     if base is None or not tree.is_dir():
         raise WorkspaceError(f"the worktree of {rec.order}/{rec.task} ({tree}) or its start ({start}) is gone; "
                              f"nothing of attempt {rec.serial} can be merged")
+    patch = patch_path(root, rec.order, rec.task, rec.serial)
+    make_own_dir(root, patch.parent)  # (the only copy of the work: not where a worker's link leads)
+    if setup_unfinished(repo, base):  # its command never ran: its patch is empty, and holds no setup's output
+        write_stream(patch, lambda out: None)
+        return repo, base, base, {}
     message = f"aipm: end of {rec.order}/{rec.task}, attempt {rec.serial}"
     end, left_out = _capture(repo, root, tree, base, message)
     if left_out:
@@ -257,8 +264,6 @@ def _capture_end(root: Path, rec: Record, strict: bool = True) -> tuple[Repo, st
     repo.set_ref(refname(rec.order, rec.task, "end", prefix=repo.prefix), end)
     for note in stash.carry(repo, tree, base):
         append_log(rec.log, note)
-    patch = patch_path(root, rec.order, rec.task, rec.serial)
-    make_own_dir(root, patch.parent)  # (the only copy of the work: not where a worker's link leads)
     write_stream(patch, lambda out: repo.write_patch(base, end, out))
     if tangled and strict:
         raise WorkspaceError(f"{tangled}; nothing of attempt {rec.serial} was merged, its changes are kept in {patch}")
@@ -439,21 +444,3 @@ def decided(root: Path, rec: Record) -> bool:
     from aipm.workspace import mergeplan
 
     return mergeplan.pending(merge_dir(root, rec.order, rec.task), rec.serial)
-
-
-def diff(root: Path, order: str, task: str) -> tuple[str | None, bytes | Path]:
-    """(where it comes from, patch): the running (or kept) worktree against its start, else the last patch kept,
-    as its file (to be read a chunk at a time: a worker may have left gigabytes, or a sparse terabyte, there);
-    (None, b"") when there is neither (it has not run, or not in a worktree)."""
-    name = re.compile(re.escape(component(task)) + r"\.(\d+)\.patch")  # (not a `.later.patch`)
-    patches = sorted((p for p in patch_path(root, order, task, 0).parent.glob(f"{glob.escape(component(task))}.*.patch")
-                      if name.fullmatch(p.name)), key=lambda p: int(name.fullmatch(p.name).group(1)))
-    tree = worktree_path(root, order, task)
-    if own_dir(root, tree):  # (not a link a worker left in its place: through it, another tree's changes)
-        repo = Repo(root)
-        base = repo.rev(refname(order, task, "base", prefix=repo.prefix))
-        if base is not None:
-            return f"worktree {tree}", repo.patch(base, repo.capture(tree, scratch(root), None, ""))
-    if patches:
-        return str(patches[-1]), patches[-1]
-    return None, b""

@@ -1,11 +1,12 @@
 """What of a worktree attempt is kept when nothing of it is merged: its patch (written by workspace.keep), and its
 rest, what no patch can hold (a git repository made in the worktree, ignored files in its targets, or the whole
 worktree where git cannot capture it), moved out of the worktree before anything removes it. Every line that
-names the patch names the rest too.
+names the patch names the rest too; `aipm diff` shows the patch, or the worktree while it is there.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import stat
@@ -16,7 +17,9 @@ from aipm.model import some
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.workspace.places import (component, kept_words, later_patch_path, make_own_dir, own_dir, patch_path,
-                                   rest_path, worktree_path)
+                                   refname, rest_path, scratch, worktree_path)
+from aipm.workspace.repo import Repo
+from aipm.workspace.start import setup_unfinished
 
 
 def kept_patch(root: Path, rec: Record) -> Path | None:
@@ -139,3 +142,21 @@ def last_kept(root: Path, order: str, task: str) -> str | None:
     rec = Record(order, "", task, "", max(serials), [], "", "", "", workspace="kept")
     patch, rest = kept_patch(root, rec), kept_rest(root, rec)
     return kept_words(patch, rest) if patch or rest else None
+
+
+def diff(root: Path, order: str, task: str) -> tuple[str | None, bytes | Path]:
+    """(where it comes from, patch): the running (or kept) worktree against its start, else the last patch kept,
+    as its file (to be read a chunk at a time: a worker may have left gigabytes, or a sparse terabyte, there);
+    (None, b"") when there is neither (it has not run, or not in a worktree)."""
+    name = re.compile(re.escape(component(task)) + r"\.(\d+)\.patch")  # (not a `.later.patch`)
+    patches = sorted((p for p in patch_path(root, order, task, 0).parent.glob(f"{glob.escape(component(task))}.*.patch")
+                      if name.fullmatch(p.name)), key=lambda p: int(name.fullmatch(p.name).group(1)))
+    tree = worktree_path(root, order, task)
+    if own_dir(root, tree):  # (not a link a worker left in its place: through it, another tree's changes)
+        repo = Repo(root)
+        base = repo.rev(refname(order, task, "base", prefix=repo.prefix))
+        if base is not None and not setup_unfinished(repo, base):  # (that: only its setup's output is there)
+            return f"worktree {tree}", repo.patch(base, repo.capture(tree, scratch(root), None, ""))
+    if patches:
+        return str(patches[-1]), patches[-1]
+    return None, b""

@@ -23,7 +23,9 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
     lock and the task's target locks, so no merge is half-way through and the capture is consistent."""
     repo = Repo(root)
     kept = remove(root, rec.order, rec.task, repo)  # the previous attempt's, kept for inspection until now
-    base = repo.capture(repo.top, scratch(root), repo.head(), start_message(rec.order, rec.task, rec.serial))
+    # Marked as taken before a setup: until after_setup captures its successor, nothing in the worktree is the task's
+    base = repo.capture(repo.top, scratch(root), repo.head(), start_message(rec.order, rec.task, rec.serial)
+                        + (BEFORE_SETUP if setup_of(task, settings) else ""))
     repo.set_ref(refname(rec.order, rec.task, "base", prefix=repo.prefix), base)
     path = worktree_path(root, rec.order, rec.task)
     make_own_dir(root, path.parent)  # where remove() will remove it: not through a link a worker left there
@@ -105,6 +107,17 @@ def after_setup(root: str, order: str, task: str, serial: str, worktree: str, *t
     except (WorkspaceError, OSError) as exc:
         print(f"aipm: cannot capture the worktree after workspace_setup: {exc}", flush=True)
         sys.exit(1)
+
+
+BEFORE_SETUP = ", before workspace_setup"  # the subject's tail of a start a setup still follows
+
+
+def setup_unfinished(repo: Repo, start: str) -> bool:
+    """Whether the attempt whose start commit is `start` never finished its `workspace_setup` (stopped by Ctrl-C
+    or a cancel in it, or the setup failed): its command never ran, so nothing in its worktree is the task's work.
+    What the setup had written there was kept as the attempt's patch, as if the task had written it."""
+    subject = repo.git("log", "-1", "--format=%s", start).decode("utf-8", "surrogateescape").rstrip("\n")
+    return subject.endswith(BEFORE_SETUP)
 
 
 def start_message(order: str, task: str, serial: int | str) -> str:
