@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from aipm import observers, ownoutput, scope, workspace, writtenlog
+from aipm import confine, observers, ownoutput, scope, workspace, writtenlog
 from aipm.coverage import files_above
 from aipm.record import Record
 from aipm.runtime import Runtime
@@ -45,6 +45,8 @@ def _tree_findings(rt: Runtime, settings: Settings, rec: Record, in_commits: set
                 *settings.scope_ignore, *writtenlog.written_since(rt, since_ns)]
 
     found = scope.findings(rt.root, rec.scope_file, allowed, in_commits, rec.scope_since)
+    if rec.confined:  # (audited for its glob targets alone: elsewhere the kernel held it to its targets)
+        found = confine.reachable(found, rec.targets)
     if not found:
         return found
     others = seen.get("others", [])
@@ -79,9 +81,14 @@ def feedback(root: Path, rec: Record, outside: list[str], escaped: list[str]) ->
 
 def hint(rec: Record, escaped: list[str]) -> str | None:
     """What the person is told beside the finding, where their own edit may have been charged."""
+    if not rec.workspace and rec.confined:  # (charged only with what its globs opened to it: confine.reachable)
+        where = ", ".join(f"{base}/" if base else "the project root" for base in confine.opened(rec.targets))
+        return (f"its worker is confined, but a glob target opens all of {where} to it (Landlock has no patterns), "
+                "so aipm cannot tell who wrote them there: if you edited them yourself during the attempt, list them "
+                "in scope_ignore (aipm.yaml); or name the task's files or directories instead of globs")
     if not rec.workspace:  # in the shared tree a person's edit meanwhile is charged too: say what to do
         # (not workspace: worktree alone: an unconfined worktree task is audited in the main tree too, by the rule
-        # below; confined, a task is held to its targets by the kernel and is not audited)
+        # below; confined, a task is held to its targets by the kernel, and audited only for its globs, above)
         return ("aipm cannot tell who wrote them: if you edited them yourself during the attempt, list them in "
                 "scope_ignore (aipm.yaml), or run such tasks with confine: true, which holds their workers to their "
                 "targets")

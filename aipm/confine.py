@@ -84,6 +84,20 @@ def boot_path() -> list[str]:
     return list(dict.fromkeys(places))
 
 
+def opened(targets: list[str]) -> list[str]:
+    """What a confined worker's rules open in the project beyond its targets (relative to the root, "" for the root
+    itself): each glob target's literal base, granted whole, as Landlock has no patterns."""
+    return list(dict.fromkeys(literal_base(t.rstrip("/")) for t in targets if not exact([t])))
+
+
+def reachable(paths: list[str], targets: list[str]) -> list[str]:
+    """Of the project paths `paths`, changed beside a confined worker's targets, those the kernel let it write (below
+    what its globs opened). Everywhere else in the project it refused the worker every write: a change there is
+    someone else's, never its own."""
+    bases = opened(targets)
+    return [p for p in paths if any(base == "" or _contains(base, p) for base in bases)]
+
+
 WHOLE = -1  # a listing's mtime for a directory removed with all it holds (the worker's TMPDIR)
 
 

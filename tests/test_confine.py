@@ -915,3 +915,37 @@ def test_the_tmpdir_of_a_confined_attempt_that_recovery_ends_is_removed(project,
         os.mkdir(private)
     project.aipm("recover", "ORD", check=True)
     assert no_workers(project.root) and not os.path.exists(private)
+
+
+@needs_landlock
+@pytest.mark.parametrize("beside", [False, True], ids=["within-its-glob", "beside-its-glob"])
+def test_a_confined_glob_tasks_audit_charges_it_only_with_what_its_glob_opened_to_it(tmp_path, beside):
+    """A glob target makes a confined task's audit run (Landlock grants the glob's whole base directory), and that
+    audit charged it with a person's edits meanwhile where the kernel refused its worker every write (README.md, a
+    new file at the root): the task was sent back for them, told to set `confine: true`, which it had."""
+    import subprocess
+
+    project, root, _ = _repo_with_project(tmp_path)
+    (root / "aipm.yaml").write_text("confine: true\nmax_rework: 0\n")
+    gates = tmp_path / "gates"  # beside the project, not on its path: writable by the confined worker
+    gates.mkdir()
+    write_task(project.order(), "T", target_files=["src/*.py"], command=(
+        "echo 'b = 2' > src/b.py; " + ("echo notes > src/notes.md; " if beside else "")
+        + f'touch "{gates}/ready"; i=0; while [ ! -e "{gates}/go" ] && [ $i -lt 1200 ]; do sleep 0.05; '
+        'i=$((i+1)); done'))
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD"],
+                           env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for((gates / "ready").exists)
+    with open(root / "README.md", "a") as readme:  # a person's edits while it runs
+        readme.write("edited by a person\n")
+    (root / "new.txt").write_text("a person's\n")
+    (gates / "go").touch()
+    stdout, stderr = run.communicate(timeout=120)
+    task = yaml.safe_load((project.order() / "T.yaml").read_text())
+    if not beside:
+        assert run.returncode == 0 and task["status"] == "DONE", stdout + stderr
+        return
+    assert task["status"] == "REJECTED" and task["reason"] == "scope: wrote src/notes.md", stdout + stderr
+    finish = next(line for line in stdout.splitlines() if line.startswith("finish"))
+    assert "confine: true" not in finish and "a glob target opens all of src/ to it" in finish, finish
