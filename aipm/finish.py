@@ -6,14 +6,36 @@ from typing import Any
 
 from aipm import outcome
 from aipm.model import Status, Task
+from aipm.record import Record
 from aipm.settings import Settings
 from aipm.writer import now
 
 
-def review_command(task: Task, settings: Settings, no_review: bool) -> str | tuple[str, ...] | None:
+def review_command(task: Task, settings: Settings, no_review: bool, rec: Record | None = None
+                   ) -> str | tuple[str, ...] | None:
+    """The review that judges an attempt's work: with `rec` (its work phase), the one its task had when it started
+    (rec.review), so a worker that rewrites `review` in its own task file (or in aipm.yaml) while it runs does not
+    choose its judge; else, and for a record of an older aipm, the task's as it is now."""
     if no_review:
         return None
+    if rec is not None and _well_formed(rec.review):
+        return pinned(rec.review)
     return task.review if task.review is not None else settings.review_command
+
+
+def pin(command: str | tuple[str, ...] | None) -> list[str]:
+    """A review command as a record keeps it (JSON): [] none, ["sh", text] a shell line, ["argv", *argv] a program."""
+    return [] if command is None else ["sh", command] if isinstance(command, str) else ["argv", *command]
+
+
+def pinned(kept: list[str]) -> str | tuple[str, ...] | None:
+    return None if not kept else kept[1] if kept[0] == "sh" else tuple(kept[1:])
+
+
+def _well_formed(kept: object) -> bool:
+    """A pin as pin() writes it (the state directory is in an unconfined worker's reach: anything else is none)."""
+    return isinstance(kept, list) and all(isinstance(part, str) for part in kept) and (
+        not kept or kept[0] == "sh" and len(kept) == 2 or kept[0] == "argv" and len(kept) > 1)
 
 
 def after_work(task: Task, exit_code: int | None, settings: Settings, reviewing: bool, reason: str,

@@ -142,4 +142,4 @@ def _reviewed_next(rec: Record, code: int | None, order: Order, launcher: Launch
     if task is None or code is None:
         return True
     return (rec.phase == "work" and code == 0
-            and review_command(task, launcher.settings, launcher.options.no_review) is not None)
+            and review_command(task, launcher.settings, launcher.options.no_review, rec) is not None)

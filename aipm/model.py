@@ -163,9 +163,10 @@ def new_task(*args: Any, **kwargs: Any) -> Task:
 
 
 # What an attempt runs by: an edit of these while it runs leaves its outcome the old version's (Recording._work_ended
-# says so); not its priority, title, dependencies or limits, which an attempt under way does not run by.
+# says so; its review too: finish.review_command); not its priority, title, dependencies or limits, which an attempt
+# under way does not run by.
 _RAN_FIELDS = ("command", "prompt", "model", "agent", "target_files", "workspace", "workspace_setup", "workspace_copy",
-               "confine")
+               "confine", "review")
 
 
 def definition(task: Task) -> str:

@@ -82,6 +82,10 @@ class Record:
     # The worker whose slot this attempt runs in (its key): the `exec` that owns it took that slot, its command
     # waiting for it (aipm/slots.py). Cleared when its owner is gone (recovery): that worker went on.
     borrowed: str = ""
+    # The review that judges this attempt's work, as its task had it when the attempt started (finish.pin): a worker
+    # that rewrote `review` in its own task file while it ran was approved by the review it chose. None in records
+    # written before it: the task's review as it is then.
+    review: list | None = None
 
     @classmethod
     def parse(cls, data: object) -> Record:

@@ -238,7 +238,7 @@ class Recording(Reviewing):
             return
         no_review = self.launcher.options.no_review
         writer.prepare(as_path(rec.task_file), lambda task: after_work(
-            task, 0, self.settings, review_command(task, self.settings, no_review) is not None,
+            task, 0, self.settings, review_command(task, self.settings, no_review, rec) is not None,
             attempt_reason(0, False, None)), Status.IN_PROGRESS, self.rt.root)
 
     def _work_ended(self, rec: Record, task: Task, code: int | None, timed_out: bool, event: dict) -> Task:
@@ -296,7 +296,7 @@ class Recording(Reviewing):
             hint = audit.hint(rec, escaped)
             if hint:
                 event["hint"] = hint
-        reviewing = not decided and review_command(task, self.settings, self.launcher.options.no_review) is not None
+        reviewing = not decided and review_command(task, self.settings, self.launcher.options.no_review, rec) is not None
         lasting = False
         if ok and not message and not reviewing:
             message, lasting = self._merge_back(rec, task, event) or ("", False)

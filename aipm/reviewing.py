@@ -27,8 +27,9 @@ class Reviewing:
 
     def _review_again(self, rec: Record, task: Task, event: dict) -> dict:
         """Run the review of this attempt again: its work is done and paid for, only the verdict is missing. Where
-        the work can no longer be reviewed (lostreviews.cannot_review), the attempt is re-queued as before; with no
-        review command now (`--no-review`), the kept work ends as it would have without review. What the stopped
+        the work can no longer be reviewed (lostreviews.cannot_review), the attempt is re-queued as before; it is the
+        task's review now that runs (a person may have fixed it meanwhile), and with none (`--no-review`, `review:`
+        removed) the kept work ends as it would have without review. What the stopped
         or lost reviewer reported it cost counts first, as a stopped attempt's does."""
         spent = spending.settle_review(self.rt, rec, task)
         if spent:
@@ -45,7 +46,7 @@ class Reviewing:
             return self._ended(rec, self._unreviewed(rec, task, event), event)
         append_log(rec.log, f"{said}: it runs again; the attempt's work is kept")
         rec.stopping = ""
-        self._start_review(rec, task)
+        self._start_review(rec, task, again=True)
         return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial, "again": lost}
 
     def _unreviewed(self, rec: Record, task: Task, merged: dict) -> Task:
@@ -141,8 +142,10 @@ class Reviewing:
             return f"merge failed, nothing of this attempt was merged: {exc}", False
         return None
 
-    def _start_review(self, rec: Record, task: Task) -> None:
-        command = review_command(task, self.settings, self.launcher.options.no_review)
+    def _start_review(self, rec: Record, task: Task, again: bool = False) -> None:
+        """Start the review of the attempt's work: the one it started with, or, run `again` after it was stopped or
+        lost, the task's now (a person may have changed or removed it meanwhile: see _review_again)."""
+        command = review_command(task, self.settings, self.launcher.options.no_review, None if again else rec)
         if isinstance(command, tuple):
             command = list(command)
         env = environment(self.rt, rec, model_for(task, self.settings, self.launcher.options.model))

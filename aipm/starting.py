@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from aipm import (agents, commits, confine, inodes, landlock, locks, outcome, ownoutput, restore, runner, scope,
                   spending, workspace, writer)
 from aipm.errors import UserError
+from aipm.finish import pin, review_command
 from aipm.liveness import process_ctime
 from aipm.model import Order, Status, Task, definition, ran_by
 from aipm.paths import as_path
@@ -51,6 +52,10 @@ class Starter:
         if program:
             fix = program_source(task, self.settings)
             raise LaunchFailed(f"{runner.not_found(program)}; install it or fix {fix}")
+        program = self._missing_reviewer(task)
+        if program:  # found only once the work had run: each attempt paid for, then sent back as "review rejected"
+            fix = f"`review` in {task.path}" if task.review is not None else "review.command in aipm.yaml"
+            raise LaunchFailed(f"review: {runner.not_found(program)}; install it or fix {fix}")
         confined = confine.wanted(task, self.settings)
         # On a Ray node the command runs on another machine: a ruleset here would confine only the local driver.
         refusal = confined and ("not with --runner ray" if self.settings.runner == "ray"
@@ -80,6 +85,7 @@ class Starter:
             targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, number)),
             exit_file=str(rt.exit_path(order.id, task.id, number)), started_at=started_at, number=number,
             counters=restore.counters(task), definition=definition(task), ran_by=ran_by(task), borrowed=borrowed,
+            review=pin(review_command(task, self.settings, False)),
             cost_cap=cost_cap,
             cost_limit=cost_limit if cost_cap is not None else None, own_output=ownoutput.files(self.project.root),
         )
@@ -212,6 +218,14 @@ class Starter:
         if not argv:
             return None  # a string command: the shell reports it in the log, as a failed attempt
         return runner.missing_program(argv, os.environ, str(self.project.root))
+
+    def _missing_reviewer(self, task: Task) -> str | None:
+        """The review's program, when it is a program named on PATH (or by its full path) that is not there. Not a
+        shell line (the shell says it, as a rejection), nor a path in the tree (the task may be what makes it)."""
+        command = review_command(task, self.settings, self.options.no_review)
+        if not isinstance(command, tuple) or ("/" in command[0] and not os.path.isabs(command[0])):
+            return None
+        return runner.missing_program(command, os.environ, str(self.project.root))
 
     def spawn_detached(self, rec: Record, fds: list[int] = (), adopt: bool = False) -> None:
         """Start `python -m aipm.work` as the task's owner: it runs (or adopts) the worker, finishes the task

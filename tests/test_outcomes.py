@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from conftest import no_workers, state, task_statuses, wait_for, write_task
@@ -408,3 +409,41 @@ def test_a_reviewer_whose_first_line_is_in_colour_has_its_verdict_recorded(proje
     assert proc.returncode == 1 and "cannot record" not in proc.stdout + proc.stderr, proc.stdout + proc.stderr
     assert task_statuses(project.order()) == {"T": "REJECTED"}
     assert yaml.safe_load((project.order() / "T.yaml").read_text())["reason"] == "review rejected: FAIL tests"
+
+
+def test_a_missing_review_program_is_refused_before_the_work_runs(project, tmp_path):
+    """A typo in a review's program was found only once the work had run (and an agent been paid): its 127 was a
+    rejection, the task sent back and run again until REJECTED, each attempt paid. It is refused at launch now, as
+    a missing worker program is, naming what to fix; the work never runs. A shell line is the shell's to judge, and
+    a path in the tree may be the task's own making: neither is refused."""
+    order = project.order()
+    write_task(order, "TASK", command="echo w > w.txt", target_files=["w.txt"], review=["no-such-reviewer-xyz", "x"])
+    (project.root / "aipm.yaml").write_text('review:\n  command: ["no-such-default-reviewer-xyz"]\n')
+    write_task(order, "DEFAULT", command="echo d > d.txt", target_files=["d.txt"])
+    write_task(order, "MADE", command="printf '#!/bin/sh\\nexit 0\\n' > check.sh; chmod +x check.sh",
+               target_files=["check.sh"], review=["./check.sh"])
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert f"failed   TASK: review: program 'no-such-reviewer-xyz' not found on PATH; install it or fix `review` in " \
+           f"{order / 'TASK.yaml'}" in proc.stdout, proc.stdout
+    assert "failed   DEFAULT: review: program 'no-such-default-reviewer-xyz' not found on PATH; install it or fix " \
+           "review.command in aipm.yaml" in proc.stdout, proc.stdout
+    assert project.statuses() == {"TASK": "QUEUED", "DEFAULT": "QUEUED", "MADE": "COMPLETED"}, proc.stdout
+    assert not (project.root / "w.txt").exists() and not (project.root / "d.txt").exists()
+    # --no-review runs no review: nothing to refuse
+    proc = project.aipm("run", "ORD", "--no-review")
+    assert proc.returncode == 0 and project.statuses()["TASK"] == "DONE", proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("edit", ["s/^review: .*/review: 'true'/", "/^review:/d"], ids=["weakened", "removed"])
+def test_a_worker_that_rewrites_its_own_review_is_judged_by_the_one_it_started_with(project, edit):
+    """A worker that made its review pass by editing its own task file (`review: "false"` → `"true"`, or the line
+    removed) was approved by the review it chose (COMPLETED, or DONE unreviewed), with no word of the edit."""
+    order = project.order()
+    path = write_task(order, "W", command=f"sed -i \"{edit}\" {order / 'W.yaml'}; echo w > w.txt",
+                      target_files=["w.txt"], review="false", max_rework=0)
+    proc = project.aipm("run", "ORD")
+    assert project.statuses() == {"W": "REJECTED"}, proc.stdout + proc.stderr
+    assert "review rejected" in proc.stdout, proc.stdout
+    assert "was edited while attempt 1 ran" in (project.root / ".aipm/logs/ORD/W.1.log").read_text()
+    assert "review: false" not in path.read_text()  # (the edit stays: it is the person's to keep or undo)

@@ -293,10 +293,18 @@ def test_review_approves_or_sends_back_to_rework_then_rejects(project):
     (project.root / "aipm.yaml").write_text("max_rework: 1\n")
     write_task(order, "GOOD", command="echo ok > good.txt", review="test -s good.txt")
     write_task(order, "BADREVIEW", command="true", review="echo 'needs tests' && exit 1")
-    write_task(order, "NOREVIEWER", command="true", review=["no-such-reviewer-aipm"])
+    # A reviewer that cannot start never approves (fail closed): here gone by the time the work is done (a missing
+    # one is refused before the work runs: test_a_missing_review_program_is_refused_before_the_work_runs).
+    reviewer = project.root.parent / "reviewer.sh"
+    reviewer.write_text("#!/bin/sh\nexit 0\n")
+    reviewer.chmod(0o755)
+    write_task(order, "NOREVIEWER", command=f"rm {reviewer}", review=[str(reviewer)])
     proc = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
     assert proc.returncode == 1
-    assert task_statuses(order) == {"GOOD": "COMPLETED", "BADREVIEW": "REJECTED", "NOREVIEWER": "REJECTED"}
+    # (sent back by it, then no attempt 2: its launch is refused, the reviewer missing)
+    assert task_statuses(order) == {"GOOD": "COMPLETED", "BADREVIEW": "REJECTED", "NOREVIEWER": "QUEUED"}
+    assert "NOREVIEWER → QUEUED (review rejected: " in proc.stdout and "review could not start" in proc.stdout
+    assert f"failed   NOREVIEWER: review: program '{reviewer}' does not exist or is not executable" in proc.stdout
     tasks = {t["id"]: t for t in project.json("status", "ORD")["tasks"]}
     assert tasks["BADREVIEW"]["attempts"] == 2  # one rework round, then rejected
     feedback = project.root / ".aipm" / "feedback" / "ORD" / "BADREVIEW.txt"
