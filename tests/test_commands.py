@@ -444,6 +444,34 @@ def test_ps_locks_and_logs_follow(project):
     assert log.rstrip().splitlines()[-1].endswith("attempt 1 ended: exit 0")
 
 
+def test_logs_of_a_task_show_its_reviews_output(project):
+    """`aipm logs T` of a task its review sent back printed only where the review's output was ("review output:
+    PATH"), though the REJECTED line says `aipm logs T` shows why. The review's lines follow the work's, under a
+    header; followed (-f) during the review, they come as the reviewer prints them, before the verdict."""
+    order = project.order()
+    gate = project.root / "gate"
+    review = f"echo reviewing; while [ ! -e {gate} ]; do sleep 0.05; done; echo 'FAIL: missing tests'; exit 1"
+    write_task(order, "W", command="echo working", review=review, max_rework=0)
+    project.aipm("launch", "ORD", check=True)
+    wait_for(lambda: task_statuses(order)["W"] == "IN_REVIEW")
+    follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "W", "-f"],
+                                stdout=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        while "reviewing" not in lines:  # (the follower has printed what the reviewer had before the gate opens)
+            lines.append(follower.stdout.readline().rstrip("\n"))
+            assert lines[-1] or follower.poll() is None, lines
+    finally:
+        gate.touch()
+    out, _ = follower.communicate(timeout=60)
+    wait_for(lambda: task_statuses(order)["W"] == "REJECTED")
+    lines += out.splitlines()
+    assert lines[0] == "working" and "==> W.1.review.log (its review) <==" in lines, out
+    assert lines.index("FAIL: missing tests") < next(i for i, l in enumerate(lines) if "review sent back" in l), out
+    printed = project.aipm("logs", "W").stdout.splitlines()
+    assert printed[-3:] == ["==> W.1.review.log (its review) <==", "reviewing", "FAIL: missing tests"], printed
+
+
 def test_recover_adopts_a_worker_whose_owner_died(project):
     order = project.order()
     gate = project.root / "gate"

@@ -159,11 +159,20 @@ def _log(path):
 
 def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: bool) -> None:
     """Print the log open in `handle`; with `follow`, keep printing what is appended while its attempt runs.
-    An owner stopped (Ctrl-Z) after its worker ended holds the attempt's end until it goes on: said once."""
+    An owner stopped (Ctrl-Z) after its worker ended holds the attempt's end until it goes on: said once. Its
+    review's output follows, once there is one."""
+    review = _ReviewLog(handle.name)
+    try:
+        _follow_attempt(rt, order_id, task_id, handle, follow, review)
+    finally:
+        review.close()
+
+
+def _follow_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: bool, review: _ReviewLog) -> None:
     told, seen = False, b""
     while True:
         handle = _as_it_is_now(handle, seen)
-        copy_out(handle)
+        review.show_before(handle)
         if not follow:
             return
         seen = _last_read(handle)
@@ -182,8 +191,41 @@ def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: boo
             pass
         handle = _as_it_is_now(handle, seen)
         with handle:  # (one made again is ours to close; the caller's closes again, harmlessly)
-            copy_out(handle)
+            review.show_before(handle)
         return
+
+
+class _ReviewLog:
+    """The attempt's review output (`<TASK>.<n>.review.log`), printed after its work's lines under a header of its
+    own: `aipm logs T` of a task its review sent back printed only where that output was, the why itself elsewhere."""
+
+    def __init__(self, log: str):
+        self.path = Path(log).with_suffix(".review.log")
+        self.handle = None
+
+    def show_before(self, work) -> None:
+        """What is new in the review's output, then in the work's log (`work`): once a review has begun, the work's
+        log grows only by its verdict, which comes after the review's lines. Before, the work's lines come first."""
+        if self.handle is None:
+            copy_out(work)
+            self._show()
+        else:
+            self._show()
+            copy_out(work)
+
+    def _show(self) -> None:
+        if self.handle is None:
+            try:
+                self.handle = reading(self.path)
+            except OSError:
+                return  # no review (yet), or a worker's FIFO in its place
+            sys.stdout.flush()
+            print(f"==> {self.path.name} (its review) <==", flush=True)
+        copy_out(self.handle)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
 
 
 def _last_read(handle) -> bytes:
