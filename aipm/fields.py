@@ -145,7 +145,8 @@ def _unnested(key: str, value: Any) -> str:
 
 
 def _setup(path: Path, data: Mapping[str, Any], key: str) -> str | tuple[str, ...] | None:
-    """A command, or "" for none (a task's way out of the project's `workspace_setup`; null means the setting)."""
+    """A command, or "" for none (a task's way out of the project's `workspace_setup` or `review.command`; null
+    means the setting)."""
     return "" if data.get(key) == "" else _command(path, data, key)
 
 
@@ -374,7 +375,7 @@ def _optional_count(path: Path | str, data: Mapping[str, Any], key: str, maximum
 # extra arguments. The key is also the Task field it sets.
 _DEFINED: tuple[tuple[str, Any, tuple], ...] = (
     ("title", one_line, ()), ("priority", _enum, (Priority, Priority.P1)), ("depends_on", _depends_on, ()),
-    ("command", _command, ()), ("prompt", _prompt, ()), ("model", _model, ()), ("review", _command, ()),
+    ("command", _command, ()), ("prompt", _prompt, ()), ("model", _model, ()), ("review", _setup, ()),
     ("timeout", _timeout, ()), ("max_attempts", _positive_int, (MAX_COUNT,)),
     ("resources", _resources, ()), ("max_rework", _optional_count, (MAX_COUNT,)), ("agent", _agent, ()),
     ("max_cost_usd", money_field, (True,)), ("confine", _flag, ()), ("workspace", _workspace, ()),

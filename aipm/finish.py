@@ -20,7 +20,8 @@ def review_command(task: Task, settings: Settings, no_review: bool, rec: Record 
         return None
     if rec is not None and _well_formed(rec.review):
         return pinned(rec.review)
-    return task.review if task.review is not None else settings.review_command
+    # (`review: ""`: none, the task's way out of review.command)
+    return (task.review if task.review is not None else settings.review_command) or None
 
 
 def pin(command: str | tuple[str, ...] | None) -> list[str]:

@@ -73,7 +73,8 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
                           "Without it the project's worker template (worker.command in aipm.yaml) runs."),
     "prompt": (_STRING, "Text for an agent worker, given on standard input (not blank in a task without command)."),
     "model": (_NAME, "Model name passed to the worker template as {model}."),
-    "review": (_COMMAND, "Review command: exit 0 approves (COMPLETED), non-zero sends the task to REWORK."),
+    "review": (_SETUP, "Review command: exit 0 approves (COMPLETED), non-zero sends the task to REWORK; default "
+                       "review.command; \"\" for none."),
     "timeout": ({"type": ["integer", "string", "null"], "minimum": 1, "maximum": MAX_TIMEOUT,
                  "pattern": "^[Nn][Oo][Nn][Ee]$"},
                 "Seconds before the worker's whole process group is killed; none: no limit, whatever aipm.yaml's "

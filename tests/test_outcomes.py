@@ -447,3 +447,14 @@ def test_a_worker_that_rewrites_its_own_review_is_judged_by_the_one_it_started_w
     assert "review rejected" in proc.stdout, proc.stdout
     assert "was edited while attempt 1 ran" in (project.root / ".aipm/logs/ORD/W.1.log").read_text()
     assert "review: false" not in path.read_text()  # (the edit stays: it is the person's to keep or undo)
+
+
+def test_an_empty_review_takes_a_task_out_of_the_projects_review(project):
+    """With review.command in aipm.yaml, no task could go without it: `review: null` is the setting's, and `""` was
+    refused (`is empty`). `""` is none now, as it is for workspace_setup."""
+    (project.root / "aipm.yaml").write_text('review:\n  command: "exit 1"\n')
+    order = project.order()
+    write_task(order, "OWN", command="true", review="")
+    write_task(order, "SETTING", command="true", max_rework=0)
+    proc = project.aipm("run", "ORD")
+    assert project.statuses() == {"OWN": "DONE", "SETTING": "REJECTED"}, proc.stdout + proc.stderr
