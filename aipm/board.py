@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from aipm import agents, budget, lostreviews, outcome, recovery, subreaper
+from aipm import agents, budget, lostreviews, outcome, recovery, subreaper, workerstate
 from aipm.errors import UserError
 from aipm.finish import attempt_limit, rework_limit
 from aipm.launcher import Launcher
@@ -191,10 +191,15 @@ def broken_board(launcher: Launcher, order_dir: Path, exc: UserError) -> dict:
 
 
 def workers(launcher: Launcher) -> list[dict]:
-    """The worker records of the project, as `ps` lists them (without the psutil readings)."""
-    return [{"order": r.order, "task": r.task, "attempt": r.serial, "phase": r.phase, "pid": r.pid,
-             "pgid": r.pgid, "alive": r.alive(), "log": r.log, "started_at": r.started_at}
-            for r in launcher.records()]
+    """The worker records of the project, as `ps` lists them (without the psutil readings): its state and pid by
+    `ps`'s own rule (workerstate), and the state in `ps`'s words."""
+    out = []
+    for r in launcher.records():
+        state, pid, _ = workerstate.state(r, launcher.project.root)
+        out.append({"order": r.order, "task": r.task, "attempt": r.serial, "phase": r.phase, "pid": pid,
+                    "pgid": r.pgid, "alive": r.alive(), "state": state, "state_text": workerstate.STATE_TEXT[state][0],
+                    "log": r.log, "started_at": r.started_at})
+    return out
 
 
 def project_board(launcher: Launcher, order_dirs: list[Path]) -> dict:

@@ -372,7 +372,8 @@ def test_an_open_page_hears_that_a_worker_was_lost_with_its_supervisor(project, 
     project.aipm("launch", "ORD", check=True)
     # The worker's record (written twice: by the launch, then with the worker's pid by its owner) in a state
     # directory made meanwhile, outside the tree: the board must have the last one.
-    while not (board := next_board())["workers"] or not all(w["pid"] and w["alive"] for w in board["workers"]):
+    # (its pgid: until the owner records the worker, the pid named is its owner's, as `ps` names it)
+    while not (board := next_board())["workers"] or not all(w["pgid"] and w["alive"] for w in board["workers"]):
         pass
     (worker,) = board["workers"]
     os.kill(project.json("ps")["workers"][0]["owner_pid"], signal.SIGKILL)
@@ -476,6 +477,31 @@ def test_a_worker_that_ended_after_its_supervisor_died_reads_as_waiting_for_its_
         "records it"), rec
     assert task_statuses(order) == {"A": "IN_PROGRESS"}  # written by no reader
     assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "A", "action": "adopted"}]
+    wait_for(lambda: task_statuses(order) == {"A": "DONE"} and no_workers(project.root))
+
+
+def test_a_worker_whose_owning_aipm_died_reads_as_owner_gone_on_the_dashboard_as_in_ps(project, dashboard, browser,
+                                                                                        gate):
+    """Its owner killed, the worker runs on with nobody to record its end: `ps` says `unowned` ("alive, its owner
+    gone (aipm recover adopts it)"), but the dashboard's workers list had no such state: it read as any live worker.
+    The board now gives each worker `ps`'s state (the same function), and the page says it."""
+    order = project.order()
+    write_task(order, "A", command=f"{KILL_OWNER}; while [ ! -e {gate} ]; do sleep 0.05; done",
+               target_files=["a.txt"])
+    project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
+    wait_for(lambda: [w for w in project.json("ps")["workers"] if w["state"] == "unowned"])
+    base, token = base_and_token(dashboard)
+    with urllib.request.urlopen(f"{base}/api/board?token={token}", timeout=60) as response:
+        (worker,) = json.loads(response.read())["workers"]
+    (listed,) = project.json("ps")["workers"]
+    assert (worker["state"], worker["pid"]) == ("unowned", listed["pid"]), worker
+    assert worker["state_text"] == "alive, its owner gone (aipm recover adopts it)"
+    browser.get(dashboard)
+    wait_for(lambda: "its owner gone" in browser.find_element("id", "workers").text)
+    assert browser.find_element("id", "workers").text == (
+        f"A (work, pid {listed['pid']}): alive, its owner gone (aipm recover adopts it)")
+    gate.touch()
+    project.aipm("recover", "ORD", check=True)
     wait_for(lambda: task_statuses(order) == {"A": "DONE"} and no_workers(project.root))
 
 

@@ -17,7 +17,7 @@ from aipm.cluster import is_attempt
 from aipm.cli.common import JsonOpt, get_project, json_option, print_json
 from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
-from aipm import logbook, lostreviews, recovery, steering, subreaper
+from aipm import logbook, recovery, steering, workerstate
 from aipm.launcher import Launcher, Options
 from aipm.locks import node_file
 from aipm.paths import lock_node, normalize
@@ -25,35 +25,17 @@ from aipm.project import find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
 from aipm.statedir import orphans
-from aipm.store import load_order, load_task
-
-
-def _holder(rec, root: Path) -> tuple[int | None, list[int]]:
-    """The process that holds the attempt's locks, and what its command left running: its wrapper while it lives;
-    with its owner and wrapper dead, the least pid its command left running (as `ps` says: orphaned); else its
-    owner's pid while it records the end (the wrapper's, dead, named nothing); None when all of them are gone (a
-    dead owner's pid named another process once reused, one a person might kill)."""
-    if rec.worker_alive():
-        return rec.pid, []
-    left = [] if rec.alive() else sorted(subreaper.marked(subreaper.attempt_marker(root, rec)))
-    return (left[0] if left else rec.owner_pid if rec.owner_alive() else None), left
+from aipm.store import load_order
 
 
 def _worker_info(rec, root: Path) -> dict:
-    pid, left = _holder(rec, root)
+    state, pid, left = workerstate.state(rec, root)
     info = {"order": rec.order, "task": rec.task, "attempt": rec.serial, "pid": pid, "pgid": rec.pgid,
             "owner_pid": rec.owner_pid, "phase": rec.phase, "alive": rec.alive(), "log": rec.log,
             "command": rec.command, "targets": rec.targets,
-            "runner": "ray" if rec.phase == "work" and is_attempt(rec.command) else "local"}
-    info["state"] = "alive" if info["alive"] else "review_pending" if _review_pending(rec, root) else "gone"
-    if info["alive"] and not rec.owner_alive():
-        # Its owner was killed: the worker runs on (its wrapper keeps its time limit) with nobody to record its end
-        # or start what follows, until a recover or run adopts it. "alive" alone told nothing was amiss.
-        info["state"] = "unowned"
-    if left:  # its owner and wrapper died, its command runs on (holding its files)
+            "runner": "ray" if rec.phase == "work" and is_attempt(rec.command) else "local", "state": state}
+    if left:
         info["remnants"] = left
-        if info["state"] == "gone":
-            info["state"] = "orphaned"
     try:
         if pid is None:  # (psutil.Process(None) is this process)
             raise ValueError
@@ -83,21 +65,6 @@ def _worker_info(rec, root: Path) -> dict:
     return info
 
 
-def _review_pending(rec, root: Path) -> bool:
-    """A review stopped (Ctrl-C) or lost without a verdict: no process, but nothing stale either (the task stays
-    IN_REVIEW and the next run runs the review again), as `status` says (lostreviews.review_pending)."""
-    try:
-        return bool(lostreviews.review_pending(load_task(rec.task_file, root), rec))
-    except (UserError, OSError):
-        return False
-
-
-STATE_TEXT = {"alive": ("alive", ""), "unowned": ("alive, its owner gone (aipm recover adopts it)", "yellow"),
-              "stopped": ("stopped", "yellow"), "gone": ("gone (stale: aipm recover)", "red"),
-              "orphaned": ("orphaned: runs on (aipm recover ends it)", "red"),
-              "review_pending": ("review pending: it runs again on the next run", "yellow")}
-
-
 @command()
 def ps(json_out: bool = JsonOpt) -> None:
     """Live workers in the project: pid, task, elapsed time, CPU (since it started, as ps(1)) and memory (with
@@ -113,7 +80,7 @@ def ps(json_out: bool = JsonOpt) -> None:
                       f"{i['elapsed']}s" if i["elapsed"] is not None else "-",
                       *(("n/a: Ray node", "n/a") if i["runner"] == "ray" and i["elapsed"] is not None else
                         (str(i[key] if i[key] is not None else "-") for key in ("cpu_percent", "memory_mb"))),
-                      [STATE_TEXT[i["state"]]])
+                      [workerstate.STATE_TEXT[i["state"]]])
     grid.print_lines(table.lines(grid.fitting(), grid.Styles.of()) if infos else ["no workers"])
 
 
@@ -128,7 +95,7 @@ def locks(json_out: bool = JsonOpt) -> None:
     # Held on a lock file a worker removed since (`rm -rf` of the state directory, of locks/): no file shows it.
     orphaned = {node for _, node, exclusive in orphans(launcher.runtime.state, make=False) if exclusive}
     records = launcher.records()
-    pids = {rec.key: _holder(rec, project.root)[0] for rec in records}
+    pids = {rec.key: workerstate.holder(rec, project.root)[0] for rec in records}
     rows = []
     for rec in records:
         for raw in rec.targets:

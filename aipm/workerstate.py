@@ -1,0 +1,51 @@
+"""How a recorded attempt stands, in one word: `aipm ps` and the web dashboard both say it from here, so the
+dashboard cannot tell a worker whose owning aipm died from one that is looked after (it had no such state)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from aipm import lostreviews, subreaper
+from aipm.errors import UserError
+from aipm.record import Record
+from aipm.store import load_task
+
+# What each state means to a person, and the colour `ps` gives it ("stopped" is only `ps`'s: it reads /proc states).
+STATE_TEXT = {"alive": ("alive", ""), "unowned": ("alive, its owner gone (aipm recover adopts it)", "yellow"),
+              "stopped": ("stopped", "yellow"), "gone": ("gone (stale: aipm recover)", "red"),
+              "orphaned": ("orphaned: runs on (aipm recover ends it)", "red"),
+              "review_pending": ("review pending: it runs again on the next run", "yellow")}
+
+
+def holder(rec: Record, root: Path) -> tuple[int | None, list[int]]:
+    """The process that holds the attempt's locks, and what its command left running: its wrapper while it lives;
+    with its owner and wrapper dead, the least pid its command left running (as `ps` says: orphaned); else its
+    owner's pid while it records the end (the wrapper's, dead, named nothing); None when all of them are gone (a
+    dead owner's pid named another process once reused, one a person might kill)."""
+    if rec.worker_alive():
+        return rec.pid, []
+    left = [] if rec.alive() else sorted(subreaper.marked(subreaper.attempt_marker(root, rec)))
+    return (left[0] if left else rec.owner_pid if rec.owner_alive() else None), left
+
+
+def state(rec: Record, root: Path) -> tuple[str, int | None, list[int]]:
+    """The attempt's state (a key of STATE_TEXT but "stopped"), the pid that holds it (holder) and what its command
+    left running."""
+    pid, left = holder(rec, root)
+    if rec.alive():
+        # Its owner was killed: the worker runs on (its wrapper keeps its time limit) with nobody to record its end
+        # or start what follows, until a recover or run adopts it. "alive" alone told nothing was amiss.
+        return ("alive" if rec.owner_alive() else "unowned"), pid, left
+    if _review_pending(rec, root):
+        return "review_pending", pid, left
+    # Its owner and wrapper died; with its command running on (holding its files) it is orphaned, else stale.
+    return ("orphaned" if left else "gone"), pid, left
+
+
+def _review_pending(rec: Record, root: Path) -> bool:
+    """A review stopped (Ctrl-C) or lost without a verdict: no process, but nothing stale either (the task stays
+    IN_REVIEW and the next run runs the review again), as `status` says (lostreviews.review_pending)."""
+    try:
+        return bool(lostreviews.review_pending(load_task(rec.task_file, root), rec))
+    except (UserError, OSError):
+        return False
