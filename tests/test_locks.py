@@ -674,6 +674,33 @@ def test_a_target_through_a_link_into_a_directory_named_in_non_utf8_bytes_is_loc
     assert (project.root / latin / "x.txt").read_text() == "hi\n"
 
 
+def test_locks_says_a_reviewed_tasks_files_are_held_by_its_review_while_it_runs(project):
+    """Under `run` a review holds no lock file (the worker that had the locks is gone; the reviewer gets none),
+    yet its live record keeps the task's files from every other task: `locks` said `held: no` for them, as for
+    free files, while `why` of a task on them said they are held."""
+    gate = project.root / "gate"
+    order = project.order()
+    write_task(order, "A", command="true", review=f"while [ ! -e {gate} ]; do sleep 0.05; done",
+               target_files=["a.txt", "docs/"])
+    run = subprocess.Popen([PY, "-m", "aipm", "--root", str(project.root), "run", "ORD", "--no-resource-monitoring"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        (reviewer,) = wait_for(lambda: [w for w in project.json("ps")["workers"]
+                                        if w["phase"] == "review" and w["state"] == "alive"])
+        assert held_lock_files(project.root) == [], "a review under `run` was to hold no lock file"
+        write_task(order, "B", command="true", target_files=["docs/b.md"])
+        assert project.json("why", "ORD/B")["reasons"][0]["reason"] == "file_busy"
+        rows = project.json("locks")["locks"]
+        assert [(r["path"], r["pid"], r["held"], r["held_by"]) for r in rows] == [
+            ("a.txt", reviewer["pid"], True, "review"), ("docs/", reviewer["pid"], True, "review")]
+        table = project.aipm("locks", check=True).stdout
+        assert table.count("yes (its review runs)") == 2 and " no " not in table, table
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 0
+    assert task_statuses(order) == {"A": "COMPLETED", "B": "DONE"}
+
+
 def test_aipm_locks_waits_on_no_fifo_a_worker_holds_a_lock_on_in_place_of_a_lock_file(tmp_path):
     """`aipm locks` reads the node's name from each held lock file: a worker that put a FIFO in a lock file's place
     and holds a lock on it had `aipm locks` wait for ever in that read (found by the review of the hot path)."""

@@ -86,8 +86,9 @@ def ps(json_out: bool = JsonOpt) -> None:
 
 @command()
 def locks(json_out: bool = JsonOpt) -> None:
-    """Target-file locks: every running task's paths (held now or not), and locks held by processes that are not
-    aipm workers (a daemon a finished worker left behind): tasks on those paths wait until they are released.
+    """Target-file locks: every running task's paths (held now or not: by a lock, or by its review while it runs),
+    and locks held by processes that are not aipm workers (a daemon a finished worker left behind): tasks on those
+    paths wait until they are released.
     Reads /proc only: takes no lock and creates nothing."""
     project = get_project()
     launcher = Launcher(project, load_settings(project.root), Options(dry_run=True), monitor=None)
@@ -98,24 +99,30 @@ def locks(json_out: bool = JsonOpt) -> None:
     pids = {rec.key: workerstate.holder(rec, project.root)[0] for rec in records}
     rows = []
     for rec in records:
+        # A review under `run` holds no lock file: the worker that had the locks is gone and the reviewer is given
+        # none. Its live record is what keeps its files from other tasks (every planner counts them busy), so they
+        # are held all the same: by its review. ("held: no" read as free files while the review ran.)
+        reviewing = rec.phase == "review" and rec.alive()
         for raw in rec.targets:
             target = normalize(raw)
             node = lock_node(target)
             name = node_file(node) if node else ""  # the node it holds exclusive
-            rows.append({"path": str(target), "order": rec.order, "task": rec.task,
-                         "pid": pids[rec.key], "held": name in held or node in orphaned})
+            locked = name in held or node in orphaned
+            rows.append({"path": str(target), "order": rec.order, "task": rec.task, "pid": pids[rec.key],
+                         "held": locked or reviewing, "held_by": "lock" if locked else "review" if reviewing else None})
     for lock in launcher.outside(records):
         for node, exclusive in lock.nodes:
             if exclusive:
                 rows.append({"path": node or ".", "order": None, "task": None, "pid": lock.pids[0] if lock.pids else None,
-                             "pids": list(lock.pids), "held": True, "holder": lock.holder})
+                             "pids": list(lock.pids), "held": True, "held_by": "lock", "holder": lock.holder})
     if json_out:
         print_json({"locks": rows})
         return
     table = grid.Grid([grid.Column(c) for c in ("path", "task", "pid", "held")])
     for r in rows:
         task = f"{r['order']}/{r['task']}" if r["task"] else f"held by {r['holder']}"
-        table.add_row(r["path"], task, str(r["pid"] or "-"), "yes" if r["held"] else "no")
+        table.add_row(r["path"], task, str(r["pid"] or "-"),
+                      "yes (its review runs)" if r["held_by"] == "review" else "yes" if r["held"] else "no")
     grid.print_lines(table.lines(grid.fitting(), grid.Styles.of()) if rows else ["no locks held"])
 
 
