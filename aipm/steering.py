@@ -14,14 +14,15 @@ from aipm import outcome, workspace, writtenlog
 from aipm.agents import can_resume, session_agent
 from aipm.errors import Unwritable, UserError
 from aipm.liveness import LOOK_AFTER, how_to_go_on
-from aipm.recovery import end_remnants, forget, in_review, settle_cancelled, unrecorded, usage_left
+from aipm.recovery import (end_remnants, forget, in_review, outcome_left, settle_cancelled, unrecorded,
+                            usage_left)
 from aipm.restore import disowned, restore
 from aipm.starting import cleared_reason
 from aipm.model import RUNNING, Status, Task
 from aipm.project import Project
 from aipm.runner import terminate_group
 from aipm.record import Record, same_attempt
-from aipm.runtime import Runtime, StateWriteError
+from aipm.runtime import Runtime, StateWriteError, read_exit_file
 from aipm.workerfiles import append_log, write_bytes
 from aipm.settings import Settings
 from aipm.store import load_task, order_meta
@@ -39,6 +40,9 @@ class Cancelled:
     # the log alone said where its work was
     kept: Path | None = None
     rest: Path | None = None  # and what no patch can hold (a repository made in the worktree)
+    # How the attempt had ended, its owner dead before recording it: what `recover` would have recorded, which the
+    # cancel replaces (kept in the file's exit_code and the log; dropped without a word, it was lost)
+    ended: str | None = None
 
     def kept_note(self) -> str | None:
         if not self.kept and not self.rest:
@@ -47,7 +51,8 @@ class Cancelled:
             " (`git apply` the patch at the repository's top)" if self.kept else "")
 
     def notes(self) -> list[str]:
-        return [note for note in (self.merge, self.kept_note(), self.held_by and held_note(self.held_by)) if note]
+        return [note for note in (self.ended, self.merge, self.kept_note(), self.held_by and held_note(self.held_by))
+                if note]
 
 
 def held_note(owner: int) -> str:
@@ -79,9 +84,11 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
                 rt.mark_cancelled(rec)
             except StateWriteError as exc:  # unmarked, a CANCELLED would be taken for the worker's own write
                 raise _unmarkable(task_id, exc) from None
+        ended = None if live or rec is None or rec.owner_alive() else _ended_unrecorded(current, rec, rt)
         if not again:
             try:
-                update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled()},
+                update_task(path, {"status": Status.CANCELLED, "finished_at": now(), "reason": outcome.cancelled(),
+                                   **({"exit_code": ended[0]} if ended and rec.phase == "work" else {})},
                             expect=current.status)
             except BaseException as exc:
                 # Not written (a full disk, a worker's write first, Ctrl-C): its mark would have the attempt's own
@@ -93,6 +100,8 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
                                      "room and cancel again)") from None
                 raise
             writtenlog.note_order(rt, order_dir)  # not a worker's write
+            if ended:
+                append_log(rec.log, ended[1])
     if live:
         append_log(rec.log, "cancelled by the user: stopping the process group")
         terminate_group(rec.pgid, rec.pid, grace)
@@ -107,7 +116,21 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
         held = _until_released(rt, order_id, task_id, grace + 5)
     return Cancelled(workspace.note_pending_merge(project.root, order_id, task_id, "cancelled"),
                      held.owner_pid if held else 0, workspace.kept_patch(project.root, rec) if rec else None,
-                     workspace.kept_rest(project.root, rec) if rec else None)
+                     workspace.kept_rest(project.root, rec) if rec else None, ended[1] if ended else None)
+
+
+def _ended_unrecorded(task: Task, rec: Record, rt: Runtime) -> tuple[int | None, str] | None:
+    """The exit code its wrapper left for an attempt (or review) that ended after its owner died, and the line
+    that says what the cancel does with it; None when it left none (lost without a trace: nothing to drop).
+    `recover` would have recorded it (outcome_left: it adopts the attempt); the cancel stands instead."""
+    if task.status not in RUNNING or not outcome_left(task, rec, rt):
+        return None
+    code = read_exit_file(rec.exit_file)
+    how = f"exit {code}" if code is not None else "its exit code lost"
+    what = "its review" if rec.phase == "review" else f"attempt {rec.serial}"
+    kept = f"exit_code {code} kept in its task file" if rec.phase == "work" and code is not None else "not recorded"
+    return code, (f"{what} had ended ({how}) after its owner died, before that was recorded; cancelled by the user "
+                  f"instead ({kept})")
 
 
 def _unmarkable(task_id: str, exc: StateWriteError) -> Unwritable:

@@ -803,6 +803,32 @@ def test_a_cancel_of_an_attempt_whose_owner_died_ends_all_it_started_and_frees_i
                 pass
 
 
+def _ended_with_its_owner_dead(project, code: int):
+    """Task A launched; its command kills its owner, then exits `code`: the wrapper leaves the code in the exit file
+    and nobody records it (`status` shows A INTERRUPTED: `aipm recover` records it)."""
+    order = project.order()
+    write_task(order, "A", command=f"{KILL_OWNER}; exit {code}", target_files=["x.txt"])
+    project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
+    wait_for(lambda: [w for w in project.json("ps")["workers"] if w["state"] == "gone"])
+    (shown,) = project.json("status", "ORD")["tasks"]
+    assert (shown["status"], task_statuses(order)) == ("INTERRUPTED", {"A": "IN_PROGRESS"}), shown
+    return order
+
+
+def test_a_cancel_of_an_attempt_that_ended_after_its_owner_died_says_and_keeps_its_exit_code(project):
+    """The cancel wrote CANCELLED with `exit_code: null` and the log said only 'cancelled by the user after its
+    owner died': the exit code the wrapper left (which `recover` records) was dropped without a word."""
+    order = _ended_with_its_owner_dead(project, 3)
+    proc = project.aipm("cancel", "A", check=True)
+    said = "attempt 1 had ended (exit 3) after its owner died, before that was recorded; cancelled by the user"
+    assert proc.stdout.splitlines()[:2] == [
+        "A: CANCELLED", f"A: {said} instead (exit_code 3 kept in its task file)"], proc.stdout
+    (shown,) = project.json("status", "ORD")["tasks"]
+    assert (shown["status"], shown["exit_code"]) == ("CANCELLED", 3), shown
+    assert said in project.aipm("logs", "A", check=True).stdout
+    assert no_workers(project.root)
+
+
 def test_a_record_left_by_an_owner_killed_after_its_final_write_is_dropped_by_recover_and_ends_logs_follow(project):
     """An owner SIGKILLed between its task's final write and the record's removal left a dead record: `ps` called
     it stale and sent the user to `aipm recover`, which said "nothing to recover" and kept it; `aipm logs T -f` and

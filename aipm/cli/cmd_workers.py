@@ -152,6 +152,8 @@ def cancel(
         return
     done = steering.cancel(project, order_dir, task_id, grace)
     print(f"{task_id}: CANCELLED")
+    if done.ended:  # what `recover` would have recorded: said, not dropped without a word
+        print(f"{task_id}: {done.ended}")
     if done.merge:
         print(f"{task_id}: {done.merge}")
     if done.kept_note():
