@@ -1345,7 +1345,8 @@ def test_an_attempt_whose_exit_code_was_lost_keeps_the_cost_it_reported(project,
     exit_file = Path(rec.exit_file)
     wait_for(lambda: exit_file.exists() and exit_file.read_text().strip())
     exit_file.write_text("")  # as when the wrapper's write of it failed (a full disk)
-    assert "adopted" in project.aipm("recover", "ORD", env=agent_env(project), check=True).stdout
+    said = project.aipm("recover", "ORD", env=agent_env(project), check=True).stdout
+    assert "its worker had ended: recorded INTERRUPTED (interrupted: exit code lost)" in said, said
     wait_for(lambda: no_workers(project.root))
     a = yaml.safe_load(path.read_text())
     assert (a["status"], a["cost_usd"]) == ("INTERRUPTED", 0.04)

@@ -103,7 +103,8 @@ def test_a_worker_that_reset_its_file_and_ended_after_the_kill_keeps_its_exit_co
     _end_unwatched(project, gate)
     assert task_statuses(order)["T1"] == "QUEUED"  # what the worker left: the reset, with its attempt unrecorded
     if then == "recover":  # a detached owner records it
-        assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "T1", "action": "adopted"}]
+        (said,) = project.json("recover", "ORD")["recovered"]  # (it waits for that record: its worker had ended)
+        assert (said["id"], said["action"], said["status"], said["exit_code"]) == ("T1", "recorded", "FAILED", 3)
         wait_for(lambda: no_workers(project.root))
     else:
         second = project.aipm("run", "ORD", "--no-resource-monitoring", timeout=120)
@@ -279,9 +280,10 @@ def test_a_run_whose_order_directory_is_renamed_or_deleted_says_so_exits_1_and_k
         (project.root / "orders" / "OLD").rename(order)
     assert task_statuses(order)["T1"] == ("IN_PROGRESS" if how.startswith("mv") else "QUEUED")
     recover = project.aipm("recover", "ORD", check=True)
-    assert "ORD/T1: adopted" in recover.stdout, recover.stdout
+    # (its worker had ended: recover says what it recorded)
+    assert "ORD/T1: its worker had ended: recorded DONE (exit 0)" in recover.stdout, recover.stdout
     # T2, which recover never names, starts too: said, or a person who asked for a repair sees work start
-    assert "then starts what that unblocks" in recover.stdout, recover.stdout
+    assert "starts what that unblocks" in recover.stdout, recover.stdout
     wait_for(lambda: task_statuses(order) == {"T1": "DONE", "T2": "DONE"} and no_workers(project.root))
     assert journal.read_text() == "T1\nT2\n"  # T1 ran once
 
@@ -630,7 +632,8 @@ def test_a_cancelled_status_a_worker_writes_into_its_own_file_is_no_cancel(proje
         gate.touch()
         if owner == "recover":
             wait_for(lambda: not pid_alive(rec["pid"]))
-            assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "A", "action": "adopted"}]
+            (said,) = project.json("recover", "ORD")["recovered"]  # (its worker had ended: recorded, not adopted)
+            assert (said["id"], said["action"], said["status"], said["exit_code"]) == ("A", "recorded", "DONE", 0)
         wait_for(lambda: task_statuses(order) == {"A": "DONE", "B": "DONE"} and no_workers(project.root))
     else:  # a run puts it back as soon as it sees it, while the worker still runs
         run, out = _started(project, "run", "ORD")
@@ -827,6 +830,19 @@ def test_a_cancel_of_an_attempt_that_ended_after_its_owner_died_says_and_keeps_i
     assert (shown["status"], shown["exit_code"]) == ("CANCELLED", 3), shown
     assert said in project.aipm("logs", "A", check=True).stdout
     assert no_workers(project.root)
+
+
+def test_recover_of_a_worker_that_had_ended_says_what_it_recorded_not_adopted(project):
+    """`aipm recover` said 'adopted: a detached aipm records how its worker ends' of a worker that had ended long
+    before (its exit code left in its exit file), as of one still running. It now waits for that record and says
+    the status it came to."""
+    order = _ended_with_its_owner_dead(project, 3)
+    said = project.aipm("recover", "ORD", check=True).stdout
+    assert said.startswith("ORD/A: its worker had ended: recorded FAILED (exit 3); a detached aipm starts what "
+                           "that unblocks") and "adopted" not in said, said
+    (shown,) = project.json("status", "ORD")["tasks"]
+    assert (shown["status"], shown["exit_code"]) == ("FAILED", 3), shown
+    wait_for(lambda: no_workers(project.root))
 
 
 def test_a_record_left_by_an_owner_killed_after_its_final_write_is_dropped_by_recover_and_ends_logs_follow(project):

@@ -139,7 +139,7 @@ def test_a_task_file_deleted_mid_run_says_so_exits_1_and_holds_the_outcome(proje
     assert any((state(project.root) / "exit" / "ORD").glob("T1.*")), "the exit code was not kept"
     if then == "put back":
         _git(project.root, "checkout", "-q", "--", "orders/ORD/T1.yaml")  # committed: QUEUED
-        assert "ORD/T1: adopted" in project.aipm("recover", "ORD", check=True).stdout
+        assert "ORD/T1: its worker had ended: recorded DONE" in project.aipm("recover", "ORD", check=True).stdout
         wait_for(lambda: task_statuses(order) == {"T1": "DONE", "T2": "DONE"} and no_workers(project.root))
         assert sorted(journal.read_text().splitlines()) == ["T1", "T2"]  # T1 ran once
         return
@@ -186,7 +186,7 @@ def test_a_fifo_a_worker_leaves_in_place_of_its_task_file_hangs_nothing(project)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     path.unlink()
     _git(project.root, "checkout", "-q", "--", "orders/ORD/T1.yaml")
-    assert "ORD/T1: adopted" in project.aipm("recover", "ORD", check=True).stdout
+    assert "ORD/T1: its worker had ended: recorded DONE" in project.aipm("recover", "ORD", check=True).stdout
     wait_for(lambda: task_statuses(order) == {"T1": "DONE"} and no_workers(project.root))
 
 
@@ -270,7 +270,8 @@ def test_recover_records_a_held_outcome_after_a_worker_removed_aipms_directory(p
         assert not (project.root / ".aipm").exists()
     _git(project.root, "checkout", "-q", "--", "orders/D/A.yaml")
     recover = project.aipm("recover", "D")
-    assert recover.returncode == 0 and "D/A: adopted" in recover.stdout, recover.stdout + recover.stderr
+    assert recover.returncode == 0 and "D/A: its worker had ended: recorded DONE" in recover.stdout, (
+        recover.stdout + recover.stderr)
     wait_for(lambda: task_statuses(order) == {"A": "DONE"} and no_workers(project.root))
     assert "attempt 1 ended: exit 0" in (project.root / ".aipm" / "logs" / "D" / "A.1.log").read_text()
     status = subprocess.run(["git", "status", "--porcelain"], cwd=project.root, capture_output=True, text=True)
@@ -293,5 +294,5 @@ def test_an_adoption_recover_cannot_make_names_the_file_and_is_made_once_it_can(
     assert f"D/A: cannot adopt its worker: {log}: Is a directory" in recover.stdout + recover.stderr, recover
     assert task_statuses(order) == {"A": "QUEUED"}
     log.rmdir()
-    assert "D/A: adopted" in project.aipm("recover", "D", check=True).stdout
+    assert "D/A: its worker had ended: recorded DONE" in project.aipm("recover", "D", check=True).stdout
     wait_for(lambda: task_statuses(order) == {"A": "DONE"} and no_workers(project.root))

@@ -17,7 +17,7 @@ from aipm.cluster import is_attempt
 from aipm.cli.common import JsonOpt, get_project, json_option, print_json
 from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
-from aipm import logbook, recovery, steering, workerstate
+from aipm import adopted, logbook, recovery, steering, workerstate
 from aipm.launcher import Launcher, Options
 from aipm.locks import node_file
 from aipm.paths import lock_node, normalize
@@ -200,7 +200,7 @@ def recover(
     dirs = [project.order_dir(order)] if order is not None else project.order_dirs()
     for directory in dirs:  # bad input is refused before the lock makes .aipm/ (read again under it)
         load_order(directory, project.root)
-    done, known, tasks = [], [], set()
+    done, known, tasks, paths = [], [], set(), {}
     recovery.read_lost_usage_ahead(launcher.runtime)
     with launcher.runtime.launch_lock():
         # Records left by owners killed after their task's final write: `ps` calls them stale and sends the user
@@ -215,6 +215,8 @@ def recover(
             loaded = load_order(directory, project.root)
             for item in recovery.recover_order(launcher, loaded):
                 done.append({"order": loaded.id, **item})
+                if "ended" in item:
+                    paths[loaded.id, item["id"]] = Path(loaded.tasks[item["id"]].path)
             for task_id, action in workspace.sweep(project.root, loaded, everything=True):
                 done.append({"order": loaded.id, "id": task_id, "action": action})
             known.append(loaded.id)
@@ -226,14 +228,24 @@ def recover(
             for order_name, task_id, action in workspace.sweep_orphans(project.root, known):
                 done.append({"order": order_name, "id": task_id, "action": f"{action} (its order is gone)"})
         workspace.prune(project.root)
+    for item in done:  # (the lock let go: the owners adopting ended attempts record them now)
+        ended = item.pop("ended", None)
+        task = ended and adopted.recorded(launcher.runtime, item["order"], item["id"], paths[item["order"], item["id"]],
+                                          ended)
+        if task:
+            item.update(action="recorded", status=task.status.value, exit_code=task.exit_code, reason=task.reason)
     if json_out:
         print_json({"recovered": done})
     else:
         for item in done:
             said = item.get("error") or (f"{item['action']}: {item['detail']}" if "detail" in item else item["action"])
+            follow = (f"starts what that unblocks, as `aipm launch` does (follow it: `aipm logs {item['order']} -f`)")
             if said == "adopted":  # `recover` alone seemed to only repair, and then tasks it never named started
-                said += (": a detached aipm records how its worker ends, then starts what that unblocks, as `aipm "
-                         f"launch` does (follow it: `aipm logs {item['order']} -f`)")
+                said += f": a detached aipm records how its worker ends, then {follow}"
+            elif said == "recorded":  # its worker had ended: what it came to, not "adopted" as if it still ran
+                review = "runs its review, then " if item["status"] == "IN_REVIEW" else ""
+                said = (f"its worker had ended: recorded {item['status']}" + f" ({item['reason']})" * bool(
+                    item["reason"]) + f"; a detached aipm {review}{follow}")
             patch, rest = item.get("kept"), item.get("kept_rest")
             if patch or rest:  # the worktree goes at the next attempt's start, or by this recover's sweep
                 said += f"; its changes are kept in {workspace.kept_words(patch, rest)}"
