@@ -10,19 +10,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from aipm import outcome, workspace, writtenlog
+from aipm import outcome, subreaper, workspace, writtenlog
 from aipm.agents import can_resume, session_agent
 from aipm.errors import Unwritable, UserError
 from aipm.liveness import LOOK_AFTER, how_to_go_on
-from aipm.recovery import (end_remnants, forget, in_review, outcome_left, settle_cancelled, unrecorded,
-                            usage_left)
+from aipm.recovery import (end_remnants, forget, in_review, interrupt, outcome_left, settle_cancelled,
+                            unrecorded, usage_left)
 from aipm.restore import disowned, restore
 from aipm.starting import cleared_reason
 from aipm.model import RUNNING, Status, Task
 from aipm.project import Project
 from aipm.runner import terminate_group
 from aipm.record import Record, same_attempt
-from aipm.runtime import Runtime, StateWriteError, read_exit_file
+from aipm.runtime import Runtime, StateWriteError, exit_file_written, read_exit_file
 from aipm.workerfiles import append_log, write_bytes
 from aipm.settings import Settings
 from aipm.store import load_task, order_meta
@@ -125,12 +125,18 @@ def _ended_unrecorded(task: Task, rec: Record, rt: Runtime) -> tuple[int | None,
     `recover` would have recorded it (outcome_left: it adopts the attempt); the cancel stands instead."""
     if task.status not in RUNNING or not outcome_left(task, rec, rt):
         return None
+    code, ended = _ended_words(rec)
+    kept = f"exit_code {code} kept in its task file" if rec.phase == "work" and code is not None else "not recorded"
+    return code, f"{ended}; cancelled by the user instead ({kept})"
+
+
+def _ended_words(rec: Record) -> tuple[int | None, str]:
+    """The exit code its wrapper left for an attempt (or review) that ended after its owner died, and the words
+    for that end, which a cancel or retry replaces."""
     code = read_exit_file(rec.exit_file)
     how = f"exit {code}" if code is not None else "its exit code lost"
     what = "its review" if rec.phase == "review" else f"attempt {rec.serial}"
-    kept = f"exit_code {code} kept in its task file" if rec.phase == "work" and code is not None else "not recorded"
-    return code, (f"{what} had ended ({how}) after its owner died, before that was recorded; cancelled by the user "
-                  f"instead ({kept})")
+    return code, f"{what} had ended ({how}) after its owner died, before that was recorded"
 
 
 def _unmarkable(task_id: str, exc: StateWriteError) -> Unwritable:
@@ -233,6 +239,19 @@ def _read(project: Project, order_dir: Path, path: Path) -> tuple[Task, str]:
     return load_task(path, project.root), order_meta(order_dir)[0]
 
 
+def _lost_work(root: Path, task: Task, rec: Record | None) -> str | None:
+    """For a running task no live worker or owner holds (the caller saw to that): what its lost attempt came to,
+    for the log ("" when nothing is known of it), if a retry may recover it as `recover` would; None when only
+    `recover` may: no record says the attempt is over (removed with the state directory while its worker may run
+    on, or never written: a person's IN_PROGRESS by hand), a review to run again, a record of another attempt, or
+    its command still running with its wrapper dead, holding its files until recover ends it."""
+    if rec is None:
+        return None
+    if rec.phase != "work" or not same_attempt(task, rec) or subreaper.marked(subreaper.attempt_marker(root, rec)):
+        return None
+    return f"{_ended_words(rec)[1]}; retried by the user instead" if exit_file_written(rec.exit_file) else ""
+
+
 def _until_released(rt: Runtime, order_id: str, task_id: str, limit: float) -> Record | None:
     """Wait (bounded) for the owner to see its worker end and drop the record, so that a `retry` right after a
     cancel is not refused as still running. An owner stopped (Ctrl-Z) records nothing until it goes on: its record
@@ -248,10 +267,13 @@ def _until_released(rt: Runtime, order_id: str, task_id: str, limit: float) -> R
     return None
 
 
-def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings | None = None) -> Task:
+def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings | None = None,
+          said: list[str] | None = None) -> Task:
     """Put a finished, failed, rejected or cancelled task back to QUEUED, as new: attempts, reworks, preemptions,
-    times, exit code and reason cleared, the old review feedback dropped. With `resume_with` (the settings), the
-    next attempt continues the agent's recorded session. Returns the task as it was."""
+    times, exit code and reason cleared, the old review feedback dropped; and one whose worker was lost with its
+    owner (shown INTERRUPTED), recovered first. With `resume_with` (the settings), the next attempt continues the
+    agent's recorded session. Returns the task as it was; what the person must know besides goes to `said`."""
+    said = [] if said is None else said
     path = order_dir / f"{task_id}.yaml"
     rt = Runtime(project.root)
     current, order_id = _read(project, order_dir, path)  # bad input is refused before the lock makes .aipm/
@@ -265,10 +287,20 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
         if current.status in RUNNING:
             if live:
                 raise UserError(f"{path}: status: {current.status}; it is running (cancel it first)")
-            review = rec is not None and in_review(current, rec)
-            then = "runs its review again" if review else "puts it back in the queue"
-            raise UserError(f"{path}: status: {current.status}, but no worker runs it (stale); "
-                            f"`aipm recover {order_id}` {then}")
+            lost = _lost_work(project.root, current, rec)
+            if lost is None:
+                review = rec is not None and in_review(current, rec)
+                then = "runs its review again" if review else "puts it back in the queue"
+                raise UserError(f"{path}: status: {current.status}, but no worker runs it (stale); "
+                                f"`aipm recover {order_id}` {then}")
+            # What `recover` does with a lost attempt: what it cost added, a worktree's changes kept, its record
+            # dropped, the task QUEUED; and what it had come to said (recover would have recorded that, and the
+            # retry replaces it). Then the retry's own write below, as for any retried task.
+            if lost:
+                append_log(rec.log, lost)
+                said.append(lost)
+            current = interrupt(rt, current, rec, "worker gone (retried by the user)")
+            rec = None
         if live:
             if not rec.worker_alive():  # its owner records the end that it has come to: a moment, unless stopped
                 held = f", {how_to_go_on(rec.owner_pid)}" if rec.held_by_stopped_owner() else ""

@@ -845,6 +845,33 @@ def test_recover_of_a_worker_that_had_ended_says_what_it_recorded_not_adopted(pr
     wait_for(lambda: no_workers(project.root))
 
 
+def test_retry_of_a_task_whose_worker_was_lost_recovers_it_and_queues_it_but_never_a_live_ones(project, gate):
+    """A shown INTERRUPTED for its lost worker: `retry` refused it ('stale; `aipm recover ORD` puts it back'), two
+    steps for the user. It now recovers the attempt as recover would (its record dropped, what it came to said)
+    and queues the task as new. B, whose worker runs on without its owner, is still refused, its file untouched."""
+    order = _ended_with_its_owner_dead(project, 3)
+    # (in an order of its own: a launch of ORD would recover A first)
+    b = write_task(project.order("LIVE"), "B", command=f"{KILL_OWNER}; while [ ! -e {gate} ]; do sleep 0.05; done",
+                   target_files=["b.txt"])
+    project.aipm("launch", "LIVE", "--no-resource-monitoring", check=True)
+    wait_for(lambda: [w for w in project.json("ps")["workers"] if w["task"] == "B" and w["state"] == "unowned"])
+    proc = project.aipm("retry", "A")
+    said = "attempt 1 had ended (exit 3) after its owner died, before that was recorded; retried by the user instead"
+    assert (proc.returncode, proc.stdout.splitlines()) == (0, ["A: QUEUED", f"A: {said}"]), proc.stdout + proc.stderr
+    (a,) = [t for t in project.json("status", "ORD")["tasks"] if t["id"] == "A"]
+    assert (a["status"], a["attempts"], a["exit_code"], a["reason"]) == ("QUEUED", 0, None, None), a
+    assert said in project.aipm("logs", "A", "--attempt", "1", check=True).stdout
+    assert [w["task"] for w in project.json("ps")["workers"]] == ["B"]  # A's record is gone
+    before = b.read_bytes()
+    refused = project.aipm("retry", "LIVE/B")
+    assert refused.returncode == 2 and "it is running (cancel it first)" in refused.stderr, refused.stderr
+    assert b.read_bytes() == before
+    gate.touch()
+    wait_for(lambda: not [w for w in project.json("ps")["workers"] if w["state"] == "unowned"])
+    project.aipm("recover", "LIVE", check=True)
+    wait_for(lambda: no_workers(project.root))
+
+
 def test_a_record_left_by_an_owner_killed_after_its_final_write_is_dropped_by_recover_and_ends_logs_follow(project):
     """An owner SIGKILLed between its task's final write and the record's removal left a dead record: `ps` called
     it stale and sent the user to `aipm recover`, which said "nothing to recover" and kept it; `aipm logs T -f` and

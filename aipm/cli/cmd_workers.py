@@ -168,13 +168,17 @@ def retry(
     resume: bool = Option(False, "--resume", help="The next attempt continues the agent's own recorded "
                           "session (session_id), for agents that can (claude --resume, codex exec resume)."),
 ) -> None:
-    """Put a finished, failed, rejected, interrupted or cancelled task back to QUEUED, as new: its attempts, reworks,
+    """Put a finished, failed, rejected, interrupted or cancelled task back to QUEUED, as new (one whose worker was
+    lost with its `run`, shown INTERRUPTED, is recovered first, as `aipm recover` would): its attempts, reworks,
     preemptions, times, exit code and reason are cleared and the old review feedback is dropped; its next attempt
     gets a new number and log. Its cost is kept (cost_usd counts against its budgets: raise max_cost_usd to go on)."""
     project, settings = _settings_project()
     order_dir, task_id = find_task(project, task)
-    current = steering.retry(project, order_dir, task_id, settings if resume else None)
+    said: list[str] = []
+    current = steering.retry(project, order_dir, task_id, settings if resume else None, said)
     print(f"{task_id}: QUEUED" + (f" (resuming session {current.session_id})" if resume else ""))
+    for note in said:  # what its lost attempt had come to, which the retry replaces
+        print(f"{task_id}: {note}")
     # Queued, and yet no run would start it (its budget, or its order's, is spent; a dependency waits for a person):
     # said now, not by the next run that starts nothing.
     with suppress(UserError):  # (a sibling file broken meanwhile: the retry is done, the next command says it)
