@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import psutil
 import pytest
@@ -456,16 +457,16 @@ def test_logs_of_a_task_show_its_reviews_output(project):
     wait_for(lambda: task_statuses(order)["W"] == "IN_REVIEW")
     follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "W", "-f"],
                                 stdout=subprocess.PIPE, text=True)
-    lines = []
-    try:
-        while "reviewing" not in lines:  # (the follower has printed what the reviewer had before the gate opens)
-            lines.append(follower.stdout.readline().rstrip("\n"))
-            assert lines[-1] or follower.poll() is None, lines
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(line.rstrip("\n") for line in follower.stdout))
+    reader.start()
+    try:  # (the follower has printed what the reviewer had before the gate opens)
+        wait_for(lambda: "reviewing" in lines, timeout=60)
     finally:
         gate.touch()
-    out, _ = follower.communicate(timeout=60)
+        follower.wait(timeout=60)
+        reader.join(timeout=60)
     wait_for(lambda: task_statuses(order)["W"] == "REJECTED")
-    lines += out.splitlines()
     assert lines[0] == "working" and "==> W.1.review.log (its review) <==" in lines, out
     assert lines.index("FAIL: missing tests") < next(i for i, l in enumerate(lines) if "review sent back" in l), out
     printed = project.aipm("logs", "W").stdout.splitlines()
