@@ -15,11 +15,16 @@ from aipm.model import Status, Task
 from aipm.record import Record
 from aipm.workspace import carry
 from aipm.worker import environment, model_for
-from aipm.workerfiles import append_log, read_end, unlink_hard_link, write_bytes
+from aipm.workerfiles import append_log, read_ends, unlink_hard_link, write_bytes
 from aipm.writer import now
 
 
-FEEDBACK_BYTES = 1 << 20  # of a review's output kept for the next attempt's prompt: the end, where a verdict is
+# What the next attempt is given of a review's output: its head (the first error, often the cause of the rest) and
+# its tail (a linter's or test runner's summary), the middle cut with a line saying how much and where it all is.
+# 48 KiB is some 12k tokens: a long traceback or pages of lint, a small part of an agent's context. The 1 MiB kept
+# before was some 250k tokens, more than most agents' whole context, and paid for again by every attempt.
+FEEDBACK_HEAD = 16 << 10
+FEEDBACK_TAIL = 32 << 10
 
 
 class Reviewing:
@@ -80,16 +85,13 @@ class Reviewing:
         if code == 0:  # (its old feedback goes once it is COMPLETED: Recording._ended)
             reason = left_out(outcome.review_approved(), merged)
         else:
-            try:
-                output = read_end(review_log, FEEDBACK_BYTES)
-            except OSError:
-                output = b""  # none, or the worker replaced it with what is not a file
+            output, first = review_feedback(review_log)
             write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True),
                         output + f"{late}\n".encode() * bool(late))
             # Before the verdict: killed between the two, the review runs again (approved: the mark goes with the
             # feedback), where an older attempt's mark would have had the next attempt drop this one's work.
             carried = rec.workspace and carry.mark(self.rt, rec.order, rec.task, rec.serial)
-            reason = late or outcome.review_rejected(output.decode(errors="replace"), code)
+            reason = late or outcome.review_rejected(first, code)
         for updates in after_review(task, code, self.settings, reason):
             task = self._write(task, updates)
         if code != 0 and rec.workspace:  # (after its verdict is written: a review asked again finds it as it was)
@@ -168,6 +170,24 @@ class Reviewing:
             write_bytes(Path(rec.exit_file), b"127\n")
             self.rt.write_record(rec)
         self._own(rec)
+
+
+def review_feedback(review_log: Path) -> tuple[bytes, str]:
+    """(the feedback for the next attempt, the start of the review's output for its reason): the output's head and
+    tail, with a line for what was cut between them."""
+    try:
+        head, cut, tail = read_ends(review_log, FEEDBACK_HEAD, FEEDBACK_TAIL)
+    except OSError:
+        head, cut, tail = b"", 0, b""  # none, or the worker replaced it with what is not a file
+    first = head.decode(errors="replace")
+    if cut:  # at line ends where there are some: a line's stray half reads as a message of its own
+        end, start = head.rfind(b"\n") + 1, tail.find(b"\n") + 1
+        start = start if start < len(tail) else 0
+        cut += (len(head) - end if end else 0) + start
+        head, tail = head[: end or len(head)], tail[start:]
+        head += f"\naipm: {cut:,} bytes of the review's output cut here; all of it is in {review_log}\n\n".encode(
+            errors="surrogateescape")  # (a path of the project, not UTF-8)
+    return head + tail, first
 
 
 def keep_ignored(root: Path, rec: Record) -> None:
