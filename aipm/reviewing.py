@@ -7,6 +7,7 @@ recording.Recording, which records what the work itself came to.
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 
 from aipm import lostreviews, outcome, runner, spending, workspace
@@ -85,7 +86,7 @@ class Reviewing:
         if code == 0:  # (its old feedback goes once it is COMPLETED: Recording._ended)
             reason = left_out(outcome.review_approved(), merged)
         else:
-            output, first = review_feedback(review_log)
+            output, first = review_feedback(review_log, rec.command, code, bool(late))
             write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True),
                         output + f"{late}\n".encode() * bool(late))
             # Before the verdict: killed between the two, the review runs again (approved: the mark goes with the
@@ -172,9 +173,11 @@ class Reviewing:
         self._own(rec)
 
 
-def review_feedback(review_log: Path) -> tuple[bytes, str]:
+def review_feedback(review_log: Path, command: list[str], code: int, late: bool) -> tuple[bytes, str]:
     """(the feedback for the next attempt, the start of the review's output for its reason): the output's head and
-    tail, with a line for what was cut between them."""
+    tail, with a line for what was cut between them. A review that printed nothing has a line saying so, its
+    command and how it ended (else the prompt's feedback section was empty: the agent was told nothing); one that
+    timed out (`late`) ends in its own line for that."""
     try:
         head, cut, tail = read_ends(review_log, FEEDBACK_HEAD, FEEDBACK_TAIL)
     except OSError:
@@ -187,6 +190,11 @@ def review_feedback(review_log: Path) -> tuple[bytes, str]:
         head, tail = head[: end or len(head)], tail[start:]
         head += f"\naipm: {cut:,} bytes of the review's output cut here; all of it is in {review_log}\n\n".encode(
             errors="surrogateescape")  # (a path of the project, not UTF-8)
+    elif not (head + tail).strip():
+        shown = command[0] if len(command) == 1 else shlex.join(command)  # (one item: a shell string)
+        ended = "" if late else f"exited {code} and " if code >= 0 else f"was {outcome.killed(-code)} and "
+        said = f"the review command `{shown}` {ended}printed {'only blank space' if head else 'nothing'}\n"
+        return said.encode(errors="replace"), first
     return head + tail, first
 
 

@@ -59,3 +59,26 @@ def test_a_review_output_within_the_limit_is_kept_whole(project):
     _template_project(project, "printf 'E501 line too long\\n\\nsecond\\n'; exit 1", max_rework=0)
     assert project.aipm("run", "ORD").returncode == 1
     assert (project.root / ".aipm/feedback/ORD/T.txt").read_bytes() == b"E501 line too long\n\nsecond\n"
+
+
+def test_a_review_that_printed_nothing_says_so_in_the_feedback(project):
+    # An empty feedback section told the agent nothing of why it was sent back: it is told the command and its code.
+    path = _template_project(project, "exit 4")
+    assert project.aipm("run", "ORD").returncode == 1
+    assert yaml.safe_load(path.read_text())["reason"] == "review rejected (exit 4)"
+    said = "the review command `exit 4` exited 4 and printed nothing\n"
+    assert (project.root / ".aipm/feedback/ORD/T.txt").read_text() == said
+    prompt = (project.root / ".aipm/logs/ORD/T.2.prompt.md").read_text()
+    assert prompt.endswith("## Review feedback from the previous attempt\n\n" + said)
+
+
+
+def test_a_silent_review_that_timed_out_says_both(project):
+    # It exits 0 on the SIGTERM (no wrapper's line of a signal), and its shell's messages go nowhere.
+    path = _template_project(project, "trap 'exit 0' TERM; exec 2>/dev/null; while :; do sleep 1; done", max_rework=0)
+    path.write_text(path.read_text() + "timeout: 2\n")
+    assert project.aipm("run", "ORD").returncode == 1
+    assert yaml.safe_load(path.read_text())["reason"] == "review timed out after 2 s"
+    command = yaml.safe_load(path.read_text())["review"]
+    assert (project.root / ".aipm/feedback/ORD/T.txt").read_text() == \
+        f"the review command `{command}` printed nothing\nreview timed out after 2 s\n"
