@@ -39,7 +39,7 @@ def task_row(task: Task, settings: Settings) -> dict:
         "max_rework": rework_limit(task, settings), "preemptions": task.preemptions,
         # Unknown usage is left out, never shown as 0.
         **({"cost_usd": task.cost_usd} if task.cost_usd is not None else {}),
-        # The caps of its attempts killed before reporting their cost: up to this much more may have been spent.
+        # The caps of its attempts that did not report their cost: up to this much more may have been spent.
         **({"cost_unreported_usd": task.cost_unreported_usd} if task.cost_unreported_usd else {}),
         # Its own budget over its attempts; once reached no attempt of it starts (the plan's reason `budget`).
         **({"max_cost_usd": task.max_cost_usd, "budget_reached": budget.task_reached(task)}
@@ -117,7 +117,7 @@ def _reload(task: Task, root: Path) -> Task | None:
 def order_totals(order: Order, settings: Settings) -> dict:
     """The order's recorded cost, tokens (the sums of its tasks') and budget, each when known (`status --json`, the
     dashboard), and whether the budget is reached: the planner's own verdict, so no reader works it out again and disagrees. The caps of
-    attempts killed before reporting their cost (`cost_unreported_usd`: up to this much more may have been spent)
+    attempts that did not report their cost (`cost_unreported_usd`: up to this much more may have been spent)
     count against the budget, apart from the cost."""
     cost = budget.recorded(order)
     unreported = budget.unreported(order)

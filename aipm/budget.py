@@ -50,7 +50,7 @@ class Budget:
 
     @property
     def reached(self) -> bool:
-        # What is left, in micro-dollars, as `available` has it: 0.7 spent and the 0.1 cap of a killed attempt are
+        # What is left, in micro-dollars, as `available` has it: 0.7 spent and an unreported cap of 0.1 are
         # 0.7999999999999999, below a limit of 0.8 that nothing is left of; and a limit that is no whole number of
         # micro-dollars (0.8000004) leaves less than one, which `available` gives no attempt.
         return round(self.limit - self.spent - self.unreported, 6) <= 0
@@ -105,7 +105,7 @@ class Budget:
     @property
     def cost(self) -> str:
         """What the order's attempts cost, as far as aipm can tell: "$X" or "$X spent, up to $Y more not reported
-        by killed attempts"."""
+        by their attempts"."""
         return spent_text(self.spent, self.unreported)
 
     @property
@@ -163,12 +163,13 @@ def unreported(order: Order) -> float:
 
 
 def spent_text(known: float | None, more: float) -> str:
-    """A cost for people: the known part, and the most that killed attempts may have spent without reporting it."""
+    """A cost for people: the known part, and the most that attempts which did not report their cost (killed before
+    their report, or a report without it) may have spent: their caps."""
     if not more:
         return "unknown" if known is None else usd(known)
     if known is None:  # no attempt reported a cost
-        return f"unknown: up to {usd(more)} not reported by killed attempts"
-    return f"{usd(known)} spent, up to {usd(more)} more not reported by killed attempts"
+        return f"unknown: up to {usd(more)} not reported by their attempts"
+    return f"{usd(known)} spent, up to {usd(more)} more not reported by their attempts"
 
 
 def recorded(order: Order) -> float | None:

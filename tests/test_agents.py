@@ -991,17 +991,17 @@ def test_caps_of_killed_attempts_count_against_the_budget(project):
     assert a["cost_unreported_usd"] == pytest.approx(0.05)
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["detail"] for e in events if e["event"] == "budget"] == [
-        "budget reached: the order's attempts cost $0.0000 spent, up to $0.2500 more not reported by killed "
+        "budget reached: the order's attempts cost $0.0000 spent, up to $0.2500 more not reported by their "
         "attempts of max_cost_usd $0.2500 (order.yaml); raise it to go on"]
     status = project.json("status", "ORD")
     assert "cost_usd" not in status and status["cost_unreported_usd"] == pytest.approx(0.25), status
     assert status["budget_reached"] and status["tasks"][0]["cost_unreported_usd"] == pytest.approx(0.05), status
     table = project.aipm("status", "ORD").stdout
-    assert ("cost unknown: up to $0.2500 not reported by killed attempts of max_cost_usd $0.2500 (reached)"
+    assert ("cost unknown: up to $0.2500 not reported by their attempts of max_cost_usd $0.2500 (reached)"
             in table), table
     # It is the task file's: a later run (a restart) is refused too, and `retry` keeps it like the cost.
     launch = project.aipm("launch", "ORD", env=agent_env(project))
-    assert launch.returncode == 1 and "not reported by killed attempts" in launch.stderr, launch.stderr
+    assert launch.returncode == 1 and "not reported by their attempts" in launch.stderr, launch.stderr
     assert project.aipm("retry", "A").returncode == 0
     assert task_file(order, "A")["cost_unreported_usd"] == pytest.approx(0.05)
     assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 1
@@ -1104,7 +1104,7 @@ def test_a_killed_attempt_that_reported_its_cost_counts_its_cost_not_its_cap(pro
 def test_an_attempt_whose_agent_never_began_counts_no_cap(project):
     """claude refusing its command line (an older Claude Code: unknown option '--max-budget-usd') exits at once,
     before its first event: it spent nothing. Its cap was counted as spent, so the first such attempt 'reached'
-    the budget ('not reported by killed attempts'), kept in the task file for every later run."""
+    the budget ('not reported by their attempts'), kept in the task file for every later run."""
     (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
     order = project.order()
     (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.3\n")
@@ -1234,7 +1234,7 @@ def test_ctrl_c_of_run_keeps_the_cost_the_attempt_reported(project, gate):
 
 @pytest.mark.parametrize("ledger, limit, said", [
     (None, "0.2", "budget   ORD: budget reached: the order's attempts cost $0.0000 spent, up to $0.2000 more not "
-                  "reported by killed attempts of max_cost_usd $0.2000 (order.yaml); raise it to go on"),
+                  "reported by their attempts of max_cost_usd $0.2000 (order.yaml); raise it to go on"),
     (0.1, "0.3", "budget   ORD: budget reached"),
 ])
 def test_ctrl_c_whose_stopped_claude_attempts_fill_the_budget_says_so_then(project, gate, ledger, limit, said):
@@ -1277,7 +1277,7 @@ def test_ctrl_c_whose_stopped_claude_attempt_fills_its_tasks_own_budget_says_so_
     run.send_signal(signal.SIGINT)
     out, err = run.communicate(timeout=60)
     assert run.returncode == 130, out + err
-    assert ("budget   ORD/A: budget reached: the task's attempts cost unknown: up to $0.3000 not reported by killed "
+    assert ("budget   ORD/A: budget reached: the task's attempts cost unknown: up to $0.3000 not reported by their "
             "attempts of its max_cost_usd $0.3000; raise it to go on") in out, out + err
 
 

@@ -240,7 +240,7 @@ def test_a_retry_that_leaves_its_task_past_its_budget_says_so(project):
                target_files=["a"])
     write_task(project.order(), "B", command="true", depends_on=["A"], target_files=["b"])
     assert ("B can never run: A is CANCELLED; fix what stopped it and raise its max_cost_usd (its attempts cost "
-            "unknown: up to $0.5000 not reported by killed attempts of $0.5000), then `aipm retry A`"
+            "unknown: up to $0.5000 not reported by their attempts of $0.5000), then `aipm retry A`"
             ) in project.aipm("status", "ORD").stdout
     retry = project.aipm("retry", "A")
     assert retry.returncode == 0 and retry.stdout == "A: QUEUED\n", retry.stdout

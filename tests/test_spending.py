@@ -281,3 +281,20 @@ def test_a_task_edited_in_place_whose_file_says_less_than_its_ledger_counts_its_
     status = project.json("status", "ORD")
     assert (status["tasks"][0]["cost_usd"], status["cost_usd"]) == (0.15, 0.25), status
     assert len(journal(project)) == 3
+
+
+def test_an_attempt_that_exited_with_no_cost_reported_is_not_called_killed(project):
+    """A claude attempt that exits 0 with a result that has no cost is charged its cap (it may have spent that), and
+    every line that says so said it was not reported "by killed attempts": none was killed."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 1\n")
+    write_task(order, "A", prompt="@cost 0.22", target_files=["a.txt"], priority="P0")
+    write_task(order, "B", prompt="@cost none", target_files=["b.txt"], max_cost_usd=0.5)
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    b = yaml.safe_load((order / "B.yaml").read_text())
+    assert (b["status"], b["reason"], b["cost_unreported_usd"]) == ("DONE", "exit 0", 0.5), b
+    line = project.aipm("status", "ORD").stdout.splitlines()[-1]
+    assert "cost $0.2200 spent, up to $0.5000 more not reported by their attempts of max_cost_usd $1.00" in line, line
+    assert "killed" not in line

@@ -238,8 +238,9 @@ def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] 
            ) -> tuple[Usage | None, dict]:
     """An ended attempt's usage, however it ended: read as read_usage reads it, summed up in its log in a `usage:` line,
     and as updates of the task's totals (`cost_usd`, `tokens`, `unreported`: the task's before the attempt). An attempt
-    that ran with a cap (`cap`, its record's cost_cap) and reported no cost (killed before its final report) may have
-    spent up to it: the cap is added to the task's `cost_unreported_usd`, never to its cost. Not so for one that exited
+    that ran with a cap (`cap`, its record's cost_cap) and reported no cost (killed before its final report, or a
+    report without it) may have spent up to it: the cap is added to the task's `cost_unreported_usd`, never to its
+    cost. Not so for one that exited
     by itself (`exited`: no timeout, no signal) with no event of its agent in its log: it never began a session (it
     refused its command line), and claude prints its first event, which names the session, before it asks the model
     anything. One killed counts its cap even so: what it did before it was stopped is unseen. `metered`: its output

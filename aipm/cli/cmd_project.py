@@ -215,7 +215,7 @@ def status(
                "\n".join(t.target_files), f"{t.tries}/{attempt_limit(t, settings)}",
                f"{t.rework_rounds}/{rework_limit(t, settings)}", *[t.reason or ""] * reasons]
         cell = "-" if t.cost_usd is None else budget.usd(t.cost_usd)
-        if t.cost_unreported_usd:  # attempts killed before reporting their cost: at most their caps more
+        if t.cost_unreported_usd:  # attempts that did not report their cost: at most their caps more
             cell += f" (+ up to {budget.usd(t.cost_unreported_usd)})"
         if t.max_cost_usd is not None:  # its own budget: QUEUED for good once reached, which the status cannot say
             cell += f" of {budget.usd(t.max_cost_usd)}" + (" (reached)" if budget.task_reached(t) else "")
