@@ -463,6 +463,31 @@ def test_a_session_id_no_file_can_hold_is_not_recorded_and_the_attempt_ends(proj
     assert (a.get("cost_usd"), "cost_usd" in a) == ((0.25, True) if agent == "claude" else (None, False))
 
 
+# (raw control characters are no JSON; json.loads took no such line, so an event's cost went with its session id)
+@pytest.mark.parametrize("session_id, cost, counted", [
+    ('"S\x00\tx"', ', "total_cost_usd": 0.01', {"cost_usd": 0.01}),  # a raw NUL and tab: the cost counts
+    ('"S\\n\\u0000x"', "", {"cost_unreported_usd": 0.5}),  # valid JSON, no cost: it began, so its cap counts
+    ('"S\x00x"', ', "total_cost_usd": "0.01"', {"cost_unreported_usd": 0.5}),  # a malformed cost: still unknown
+], ids=["raw NUL", "escaped, no cost", "malformed cost"])
+def test_a_session_id_no_file_can_hold_drops_neither_the_cost_nor_the_cap(project, tmp_path, session_id, cost,
+                                                                          counted):
+    """A claude result whose session id held a NUL and a newline was dropped whole: its $0.01 never counted, and
+    with no session id read the attempt was taken for one that never began, its cap not counted either."""
+    events = [f'{{"type": "system", "subtype": "init", "session_id": {session_id}}}',
+              f'{{"type": "result", "subtype": "success", "is_error": false, "num_turns": 1, "session_id": '
+              f'{session_id}{cost}, "usage": {{"input_tokens": 3, "output_tokens": 2}}}}']
+    env = agent_printing(tmp_path, "claude", "\n".join(events) + "\n")
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    (project.order() / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.5\n")
+    write_task(project.order(), "A", prompt="x", target_files=["a.txt"])
+    proc = project.aipm("run", "ORD", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = task_file(project.order(), "A")
+    assert a["status"] == "DONE" and "session_id" not in a and a["tokens"] == {"input": 3, "output": 2}, a
+    assert {k: a[k] for k in ("cost_usd", "cost_unreported_usd") if k in a} == counted
+    assert "session unknown" in (project.root / ".aipm/logs/ORD/A.1.log").read_text(errors="replace")
+
+
 def agent_printing(tmp_path: Path, agent: str, text: str) -> dict:
     """The environment of a run whose `agent` (claude, aider...) prints `text` and exits 0."""
     bin_dir = tmp_path / "bin"

@@ -59,6 +59,9 @@ class Usage:
     error: str | None = None
     # The agent stopped because it spent the cap aipm gave it (claude: error_max_budget_usd): the budget's doing.
     at_cap: bool = False
+    # An event of the agent's was read (claude prints its first before it asks the model anything): a capped attempt
+    # that exited with none spent nothing. Not its session id: one that cannot be recorded still began a session.
+    began: bool = False
 
 
 class Reading:
@@ -76,7 +79,7 @@ class Reading:
         """All that read() keeps (a preset keeping more adds it): a line after which it is the same changes nothing
         that any later line is read as, so the meter's copy may leave it out."""
         u = self.found
-        return u.cost_usd, tuple(u.tokens.items()), u.session_id, u.turns, u.is_error, u.error, u.at_cap
+        return u.cost_usd, tuple(u.tokens.items()), u.session_id, u.turns, u.is_error, u.error, u.at_cap, u.began
 
     def usage(self) -> Usage:
         return replace(self.found, tokens=dict(self.found.tokens))
@@ -250,7 +253,7 @@ def settle(name: str, log: Path, cost_usd: float | None, tokens: dict[str, int] 
         return None, {}
     if usage is None:  # a capped agent's log that cannot be read: its cost is unknown like any unreported one
         usage = Usage()
-    elif exited and usage.session_id is None and usage.error != LOST:
+    elif exited and usage.session_id is None and not usage.began and usage.error != LOST:
         cap = None  # it spent nothing
     cost = "unknown" if usage.cost_usd is None else f"${usage.cost_usd:.4f}"
     if usage.cost_usd is None and cap:
@@ -338,11 +341,13 @@ def task_updates(cost_usd: float | None, tokens: dict[str, int] | None, usage: U
 
 
 def json_lines(lines: Any) -> Any:
-    """The JSON objects among a log's lines (agent events); aipm's own lines and stray text are skipped."""
+    """The JSON objects among a log's lines (agent events); aipm's own lines and stray text are skipped. A control
+    character in a string (a raw NUL in a session id) is taken, not the whole event dropped with its cost: each
+    field is checked on its own (session, dollars, count)."""
     for line in lines:
         if line.startswith("{"):
             try:
-                event = json.loads(line)
+                event = json.loads(line, strict=False)
             except (ValueError, RecursionError):  # (nested deeper than Python's stack: [[[[…]]]])
                 continue
             if isinstance(event, dict):

@@ -100,6 +100,7 @@ class Reading(agents.Reading):
     def read(self, line: str) -> None:
         usage = self.found
         for event in json_lines([line]):
+            usage.began = True
             if (found := session(event.get("session_id"))) is not None:
                 usage.session_id = found  # known from the first event, even if the run dies
             if event.get("type") != "result":
