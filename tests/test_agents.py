@@ -463,6 +463,19 @@ def test_a_session_id_no_file_can_hold_is_not_recorded_and_the_attempt_ends(proj
     assert (a.get("cost_usd"), "cost_usd" in a) == ((0.25, True) if agent == "claude" else (None, False))
 
 
+@pytest.mark.parametrize("agent", ["claude", "codex"])
+@pytest.mark.parametrize("session_id", ["--dangerously-skip-permissions", "s" * 300], ids=["option", "overlong"])
+def test_a_session_id_that_would_be_an_option_or_overlong_is_not_recorded(project, agent, session_id):
+    """The session id goes back on the agent's command line with `retry --resume` (`--resume ID`, codex's positional
+    `resume ID`): one printed as an option was recorded, and codex would have taken it for one."""
+    (project.root / "aipm.yaml").write_text(f"worker:\n  agent: {agent}\n")
+    write_task(project.order(), "A", prompt=f"@cost 0.25\n@session {json.dumps(session_id)}", target_files=["a.txt"])
+    proc = project.aipm("run", "ORD", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    a = task_file(project.order(), "A")
+    assert a["status"] == "DONE" and "session_id" not in a and a["tokens"]["output"] == 5, a
+
+
 # (raw control characters are no JSON; json.loads took no such line, so an event's cost went with its session id)
 @pytest.mark.parametrize("session_id, cost, counted", [
     ('"S\x00\tx"', ', "total_cost_usd": 0.01', {"cost_usd": 0.01}),  # a raw NUL and tab: the cost counts

@@ -364,10 +364,15 @@ def count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < MAX_TOKENS else None
 
 
+SESSION_MAX = 256  # characters: a session id is a UUID (36); one of megabytes would be an argv no exec takes
+
+
 def session(value: Any) -> str | None:
     """A session id from an agent's JSON (a UUID), or None unless it is printable text: JSON may spell a lone
-    surrogate (`\\ud800`), which neither the log nor the task file can hold."""
-    return value if isinstance(value, str) and value and value.isprintable() else None
+    surrogate (`\\ud800`), which neither the log nor the task file can hold. It is passed back on the agent's command
+    line (`--resume ID`, codex's `resume ID`), so none that begins with "-" (an option there) or is overlong."""
+    return (value if isinstance(value, str) and 0 < len(value) <= SESSION_MAX and value.isprintable()
+            and not value.startswith("-") else None)
 
 
 def most(known: float | None, reported: float | None) -> float | None:
