@@ -1376,16 +1376,22 @@ def test_a_run_watching_a_launched_attempt_writes_its_output_without_sending_it_
     assert (task["status"], task["attempts"], task.get("reworks", 0)) == ("DONE", 1, 0), task
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_new_and_add_of_another_order_during_a_run_are_not_charged_to_its_workers(tmp_path):
-    """Planning the next order while one runs: `aipm new NEXT` and `aipm add NEXT N2` wrote files no target covers,
-    and every attempt running then was sent back (`scope: wrote orders/NEXT/order.yaml`), an agent paid again."""
-    gate = tmp_path / "gate"
+def _a_run_of_a_long_task(tmp_path: Path, gate: Path) -> tuple[Path, list[str], subprocess.Popen]:
+    """`aipm run ORD` of LONG (target f.txt), which writes f.txt once `gate` exists: (root, aipm's argv, the run)."""
     root = _git_repo_order(tmp_path, {"LONG": {"command": f"until [ -e {gate} ]; do sleep 0.02; done; echo l > f.txt",
                                                "target_files": ["f.txt"]}})
     aipm = [sys.executable, "-m", "aipm", "--root", str(root)]
     run = subprocess.Popen([*aipm, "run", "ORD", "--no-resource-monitoring"], stdout=subprocess.PIPE,
                            stderr=subprocess.STDOUT, text=True, cwd=root)
+    return root, aipm, run
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
+def test_new_and_add_of_another_order_during_a_run_are_not_charged_to_its_workers(tmp_path):
+    """Planning the next order while one runs: `aipm new NEXT` and `aipm add NEXT N2` wrote files no target covers,
+    and every attempt running then was sent back (`scope: wrote orders/NEXT/order.yaml`), an agent paid again."""
+    gate = tmp_path / "gate"
+    root, aipm, run = _a_run_of_a_long_task(tmp_path, gate)
     try:
         wait_for(lambda: task_statuses(root / "orders" / "ORD")["LONG"] == "IN_PROGRESS", timeout=60)
         subprocess.run([*aipm, "new", "NEXT"], check=True, capture_output=True, cwd=root)
@@ -1412,11 +1418,7 @@ def test_the_output_of_an_aipm_that_owns_no_attempt_is_not_charged_to_the_worker
     if command[0] == "ui":
         pytest.importorskip("uvicorn")
     gate = tmp_path / "gate"
-    root = _git_repo_order(tmp_path, {"LONG": {"command": f"until [ -e {gate} ]; do sleep 0.02; done; echo l > f.txt",
-                                               "target_files": ["f.txt"]}})
-    aipm = [sys.executable, "-m", "aipm", "--root", str(root)]
-    run = subprocess.Popen([*aipm, "run", "ORD", "--no-resource-monitoring"], stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True, cwd=root)
+    root, aipm, run = _a_run_of_a_long_task(tmp_path, gate)
     other = None
     try:
         wait_for(lambda: task_statuses(root / "orders" / "ORD")["LONG"] == "IN_PROGRESS", timeout=60)
