@@ -98,6 +98,8 @@ def test_a_review_s_edits_in_the_worktree_are_carried_with_the_work_within_its_t
                                                                           ).read_text()
     second = (repo / LOGS / "T.2.log").read_text()
     assert str(later) in second and "but for what is outside its target files: REVIEW_NOTES.md" in second, second
+    # (applied with the work: no one is told to `git apply` it)
+    assert "`git apply` it after" not in second and "the next attempt continues attempt 1 with it" in second, second
 
 
 def test_a_start_killed_after_its_worktree_got_the_carried_work_leaves_no_attempt_behind(repo):

@@ -41,7 +41,7 @@ from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, 
 from aipm.workspace.places import (kept_words, later_patch_path, make_own_dir, merge_dir, own_dir,
                                    patch_path, refname, relative, scratch, seam, worktree_path)
 from aipm.workerfiles import append_log, write_stream
-from aipm.workspace import stash
+from aipm.workspace import carry, stash
 from aipm.workspace.stash import STASHED
 from aipm.workspace.repo import GITLINK, Repo, UnbornRepositories, WorkspaceError
 from aipm.workspace.start import (after_setup, directory, prepare, setup_of, setup_unfinished, start_message,
@@ -196,8 +196,13 @@ def _keep_later(root: Path, repo: Repo, order: str, task: str, serial: int, log:
     later = later_patch_path(root, order, task, serial)
     # (written over by a later removal that failed before: the same end, a worktree changed further since)
     write_stream(later, lambda out: repo.write_patch(end, now, out))
+    # A review sent the attempt back: its next attempt applies this patch after its own (carry.py), so no one is
+    # told to (its log said "`git apply` it after" of a patch already in its worktree).
+    carried = carry.carried(Runtime(root), order, task) == serial
+    then = (f"the next attempt continues attempt {serial} with it" if carried
+            else f"`git apply` it after {patch_path(root, order, task, serial)}")
     note = (f"its worktree held changes made after attempt {serial}'s end (by its review, or by hand), kept in "
-            f"{later} (`git apply` it after {patch_path(root, order, task, serial)})")
+            f"{later} ({then})")
     append_log(log, f"before its worktree was removed: {note}")
     return note
 
