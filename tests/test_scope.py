@@ -6,6 +6,7 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -1410,11 +1411,13 @@ def test_new_and_add_of_another_order_during_a_run_are_not_charged_to_its_worker
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-@pytest.mark.parametrize("command", [["status", "ORD"], ["ui", "--port", "0"]])
-def test_the_output_of_an_aipm_that_owns_no_attempt_is_not_charged_to_the_workers(tmp_path, command):
+@pytest.mark.parametrize("command, stop", [(["status", "ORD"], None), (["ui", "--port", "0"], None),
+                                           (["ui", "--port", "0"], signal.SIGINT)], ids=["status", "ui", "ui-ctrl-c"])
+def test_the_output_of_an_aipm_that_owns_no_attempt_is_not_charged_to_the_workers(tmp_path, command, stop):
     """Another terminal (a session of its own), while a run goes: `aipm status ORD > status.txt`, which ends before
-    the audit, or `nohup aipm ui &` (its output in the project), which outlives it. Each wrote a file no target
-    covers, and every attempt running then was sent back (`scope: wrote ui.log`), an agent paid again."""
+    the audit, or `nohup aipm ui &` (its output in the project), which outlives it, or is stopped (Ctrl-C) before
+    it. Each wrote a file no target covers, and every attempt running then was sent back (`scope: wrote ui.log`),
+    an agent paid again."""
     if command[0] == "ui":
         pytest.importorskip("uvicorn")
     gate = tmp_path / "gate"
@@ -1427,6 +1430,9 @@ def test_the_output_of_an_aipm_that_owns_no_attempt_is_not_charged_to_the_worker
                                      start_new_session=True)
         if command[0] == "ui":
             wait_for(lambda: "token=" in (root / "other.log").read_text(), timeout=60)
+            if stop:
+                other.send_signal(stop)
+                other.wait(timeout=60)
         else:
             assert other.wait(timeout=60) == 0, (root / "other.log").read_text()
     finally:
