@@ -57,6 +57,9 @@ class Record:
     # How much of the review's log (`<TASK>.<n>.review.log`) was read for what its reviewers cost
     # (spending.settle_review): a review stopped, its cost counted, then run again appends to the same log.
     review_read: int = 0
+    # Where in that log the output of the review running now begins: a review run again after a stop appends to it,
+    # and the feedback and reason are its own output's, not the stopped run's (review_feedback).
+    review_from: int = 0
     agent: str = "command"  # the preset that runs the work (aipm.agents), so its usage can be read at the end
     metered: bool = False  # its agent's output went through the meter (aipm.meter): usage is read from its copy only
     workspace: str = ""  # the task's git worktree ("" = it works in the shared project tree)

@@ -86,7 +86,7 @@ class Reviewing:
         if code == 0:  # (its old feedback goes once it is COMPLETED: Recording._ended)
             reason = left_out(outcome.review_approved(), merged)
         else:
-            output, first = review_feedback(review_log, rec.command, code, bool(late))
+            output, first = review_feedback(review_log, rec.review_from, rec.command, code, bool(late))
             write_bytes(self.rt.feedback_path(rec.order, rec.task, writing=True),
                         output + f"{late}\n".encode() * bool(late))
             # Before the verdict: killed between the two, the review runs again (approved: the mark goes with the
@@ -159,7 +159,12 @@ class Reviewing:
         except FileNotFoundError:
             pass
         rec.command = [command] if isinstance(command, str) else command
-        unlink_hard_link(review_log)  # the reviewer's output goes to a file of ours, not through the worker's link
+        unlink_hard_link(review_log)
+        # Run again after a stop, it appends to the log of the run it replaces: its verdict is judged on its own output
+        try:
+            rec.review_from = os.lstat(review_log).st_size
+        except OSError:
+            rec.review_from = 0  # the reviewer's output goes to a file of ours, not through the worker's link
         limit = time_limit(task, self.settings)
         try:
             runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=workspace.directory(self.rt.root, rec),
@@ -173,13 +178,14 @@ class Reviewing:
         self._own(rec)
 
 
-def review_feedback(review_log: Path, command: list[str], code: int, late: bool) -> tuple[bytes, str]:
-    """(the feedback for the next attempt, the start of the review's output for its reason): the output's head and
-    tail, with a line for what was cut between them. A review that printed nothing has a line saying so, its
+def review_feedback(review_log: Path, start: int, command: list[str], code: int, late: bool
+                    ) -> tuple[bytes, str]:
+    """(the feedback for the next attempt, the start of the review's output for its reason): the head and tail of
+    its output (from `start` in its log), with a line for what was cut between them. A review that printed nothing has a line saying so, its
     command and how it ended (else the prompt's feedback section was empty: the agent was told nothing); one that
     timed out (`late`) ends in its own line for that."""
     try:
-        head, cut, tail = read_ends(review_log, FEEDBACK_HEAD, FEEDBACK_TAIL)
+        head, cut, tail = read_ends(review_log, FEEDBACK_HEAD, FEEDBACK_TAIL, start)
     except OSError:
         head, cut, tail = b"", 0, b""  # none, or the worker replaced it with what is not a file
     first = head.decode(errors="replace")

@@ -98,15 +98,17 @@ def read_end(path: str | os.PathLike, limit: int) -> bytes:
     return read_since(path, 0, limit)[0]
 
 
-def read_ends(path: str | os.PathLike, head: int, tail: int) -> tuple[bytes, int, bytes]:
-    """The first `head` and the last `tail` bytes of a regular file, and how many lie between them (0: the file is
-    whole in the first part): what lies between (a reviewer's megabytes, a sparse gigabyte) is never read."""
+def read_ends(path: str | os.PathLike, head: int, tail: int, start: int = 0) -> tuple[bytes, int, bytes]:
+    """The first `head` and the last `tail` bytes of a regular file from `start`, and how many lie between them (0:
+    the rest is whole in the first part): what lies between (a reviewer's megabytes, a sparse gigabyte) is never
+    read."""
     with reading(path) as handle:
-        size = os.fstat(handle.fileno()).st_size
+        size = os.fstat(handle.fileno()).st_size - start
+        handle.seek(max(0, start))
         if size <= head + tail:
             return handle.read(head + tail), 0, b""
         first = handle.read(head)
-        handle.seek(size - tail)
+        handle.seek(start + size - tail)
         return first, size - head - tail, handle.read(tail)
 
 

@@ -225,3 +225,22 @@ def test_a_run_moves_a_rework_its_owner_died_in_on(project):
     assert again.returncode == 1, again.stdout + again.stderr
     task = yaml.safe_load(path.read_text())
     assert (task["status"], task["reworks"], task["attempts"]) == ("REJECTED", 2, 2), task
+
+
+def test_a_review_run_again_is_judged_on_its_own_output(project, gate):
+    """A review run again after a stop appends to the stopped run's log: its feedback's head, and the reason taken
+    from it, were the stopped run's output (`review rejected: first run, stopped`), not the verdict's."""
+    seen = project.root.parent / "reviewed-once"
+    review = (f'if [ -e "{seen}" ]; then echo "second run: FAIL"; exit 1; fi; touch "{seen}"; echo "first run, '
+              f'stopped"; while [ ! -e "{gate}" ]; do sleep 0.05; done')
+    write_task(project.order(), "A", command="true", review=review, max_rework=0)
+    first = start(project, "run", "ORD")
+    wait_for(seen.exists)
+    first.send_signal(signal.SIGINT)
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 130, out
+    proc = project.aipm("run", "ORD")
+    assert "A → REJECTED (review rejected: second run: FAIL)" in proc.stdout, proc.stdout
+    feedback = (project.root / ".aipm/feedback/ORD/A.txt").read_text()
+    assert "second run: FAIL" in feedback and "first run" not in feedback, feedback
+    assert "first run, stopped" in (project.root / ".aipm/logs/ORD/A.1.review.log").read_text()  # (kept in its log)
