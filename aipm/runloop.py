@@ -114,6 +114,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
     settings_seen: list = []  # the settings file's stamp, for budgetstop.follow_setting
     lock_files: set[str] = set()  # lock nodes whose files exist (see handover.prepare_next)
     prepared: set[tuple[str, tuple]] = set()
+    unwritten_told: set[str] = set()  # tasks whose outcome, held for their broken file, the run said it waits to write
     try:
         while not stop.requested:
             if lost:
@@ -168,6 +169,18 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             # file's next change wakes it) rather than ending with the task never run.
             fixing = {item["id"] for item in report.failed if view.invalid(order.tasks[item["id"]])} | (
                 set() if only else unloaded.keys())
+            # So does an outcome held for a file saved invalid while its attempt ran (the run ended, exit 1, its
+            # outcome left to `aipm recover`, where a broken QUEUED file is waited for): written once it is fixed. Not
+            # for what is no file any more (deleted, a FIFO a worker left): `aipm recover` once it is back.
+            unwritten = {key.partition("/")[2] for key in sup.unrecorded if key.partition("/")[0] == order.id} - {only}
+            for tid in sorted(tid for tid in unwritten if tid in order.tasks and view.invalid(order.tasks[tid])
+                              and os.path.isfile(order.tasks[tid].path)):
+                fixing.add(tid)
+                if tid not in unwritten_told:
+                    unwritten_told.add(tid)
+                    emit({"event": "waiting", "task": tid, "pids": [], "detail": "its outcome waits for its file to "
+                          "be fixed; fix the file and the run records it and goes on (Ctrl-C stops it)"})
+            unwritten_told &= unwritten
             for item in report.failed:  # a failed launch is tried again every round: said once, until it changes
                 # or the task was launched in between, by this run or by any other process (its file's attempts
                 # and started_at tell; a launch that fails writes neither).

@@ -345,6 +345,32 @@ def _second_broken_mid_run(project, mistake: str):
     return order, gate, proc, events, reader, second, good
 
 
+def test_an_outcome_held_for_a_file_broken_while_its_attempt_ran_is_written_once_it_is_fixed(project):
+    """A task file saved invalid while its attempt ran: its outcome cannot be written, and the run ended (exit 1),
+    leaving it to `aipm recover`, where a broken QUEUED file is waited for. It waits, says so, and records the
+    outcome once the file is fixed."""
+    order = project.order()
+    gate = project.root / "gate"
+    path = write_task(order, "V", command=f"while [ ! -e {gate} ]; do sleep 0.05; done; exit 3", max_attempts=1)
+    proc, events, reader = run_reading_events(project)
+    try:
+        wait_for(lambda: task_statuses(order)["V"] == "IN_PROGRESS")
+        good = path.read_text()
+        path.write_text(good + "oops: [\n")
+        wait_for(lambda: any(e["event"] == "invalid_file" for e in events))
+        gate.touch()
+        wait_for(lambda: any(e["event"] == "waiting" and e["task"] == "V" for e in events) or proc.poll() is not None)
+        assert proc.poll() is None, events  # (the run ended: exit 1, the outcome left to `aipm recover`)
+        path.write_text(good)  # fixed
+        assert proc.wait(timeout=60) == 1, events  # V failed for good: exit 3 is its outcome
+    finally:
+        gate.touch()
+        if proc.poll() is None:
+            proc.kill()
+    reader.join(timeout=30)
+    assert task_statuses(order) == {"V": "FAILED"} and yaml.safe_load(path.read_text())["exit_code"] == 3, events
+
+
 @pytest.mark.parametrize("mistake,named", [
     ("colour: red\n", "colour"),
     # A plain value YAML reads as a date that is none: the run ended in a ValueError traceback (exit 1), its
