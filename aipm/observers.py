@@ -32,6 +32,8 @@ def begin(root: Path) -> None:
     if _registered or "AIPM_TASK_ID" in os.environ or not ownoutput.files(root):
         return  # (an aipm a worker's command runs writes what that worker does)
     rt = Runtime(root)
+    if writtenlog.by_a_worker(rt):
+        return  # (and so does one whose environment was cleared on the way: `env -i`, sudo, a container)
     try:
         make_state_dir(rt.state)  # (not rt.ensure(): no `.aipm/` made in a tree where nothing ran yet)
         directory = rt.state / OBSERVERS
@@ -50,10 +52,9 @@ def end() -> None:
     rt, path = _registered.pop()
     with suppress(OSError):
         path.unlink()
-    with suppress(OSError):
+    with suppress(OSError), rt.launch_lock():  # (records looked for under it: an attempt starting now is seen)
         if rt.records():
-            with rt.launch_lock():
-                writtenlog.note_output(rt)
+            writtenlog.note_output(rt)
 
 
 def live(rt: Runtime) -> set[int]:

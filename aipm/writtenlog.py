@@ -96,7 +96,7 @@ def _note(rt: Runtime, entry: list[str] | dict) -> None:
     """Append `entry` with the time; past WRITTEN_LOG_BYTES the log is cut to the lines an audit may still need."""
     if isinstance(entry, dict):
         output = ownoutput.files(rt.root)
-        if output:
+        if output and not by_a_worker(rt):
             entry["output"] = output
     log = rt.state / WRITTEN_LOG
     try:
@@ -113,6 +113,12 @@ def _note(rt: Runtime, entry: list[str] | dict) -> None:
             _prune(rt, log)
     except OSError:
         pass  # a full disk: an audit in flight may then charge these writes (fail closed), never a lost outcome
+
+
+def by_a_worker(rt: Runtime) -> bool:
+    """This aipm runs inside a worker (its command started it, `env -u AIPM_TASK_ID` or not): what it writes is that
+    worker's, and its output is never noted as aipm's (a worker's `aipm status >> stray.txt` escaped its audit)."""
+    return any(rec.encloses_us() for rec in rt.records())
 
 
 WRITTEN_LOG_BYTES = 64 * 1024

@@ -1446,11 +1446,18 @@ def test_the_output_of_an_aipm_that_owns_no_attempt_is_not_charged_to_the_worker
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-def test_an_aipm_that_a_workers_command_runs_writes_what_that_worker_does(tmp_path):
+@pytest.mark.parametrize("command", ["status ORD", "env -u AIPM_TASK_ID {aipm} status ORD", "run ORD2"],
+                         ids=["status", "no-task-id", "run"])
+def test_an_aipm_that_a_workers_command_runs_writes_what_that_worker_does(tmp_path, command):
     """The exception to the one above: `aipm status ORD > stray.txt` in a task's own command is that task's write,
-    charged as any other (its end must note nothing that excuses it)."""
-    root = _git_repo_order(tmp_path, {"T": {"command": f"{shlex.quote(sys.executable)} -m aipm status ORD > stray.txt",
-                                            "target_files": ["f.txt"]}})
+    charged as any other (its end must note nothing that excuses it), its environment cleared on the way too (`env
+    -u AIPM_TASK_ID`, `env -i`, sudo), and the output of an `aipm run` it starts (noted at the run's end)."""
+    aipm = f"{shlex.quote(sys.executable)} -m aipm"
+    line = command.format(aipm=aipm) if "{aipm}" in command else f"{aipm} {command}"
+    root = _git_repo_order(tmp_path, {"T": {"command": f"{line} > stray.txt", "target_files": ["f.txt"]}})
+    write_task(root / "orders" / "ORD2", "X", command="true")
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "y"], cwd=root, check=True)
     run = subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--no-resource-monitoring"],
                          capture_output=True, text=True, cwd=root, timeout=120)
     assert "scope: wrote stray.txt" in run.stdout, run.stdout + run.stderr
