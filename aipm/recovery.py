@@ -107,7 +107,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
                 # owner; tried again
                 out.append({"id": task.id, "action": "not adopted", "error": f"cannot adopt its worker: {said(exc)}"})
                 continue
-            reviewing = review_command(task, launcher.settings, launcher.options.no_review) is not None
+            reviewing = review_command(task, launcher.settings, launcher.options.no_review, rec) is not None
             out.append({"id": task.id, "action": "adopted" if not again else "its review runs again" if reviewing
                         else "its work is kept, unreviewed (no review command now)",
                         # its end is only to be recorded: `aipm recover` waits for that and says what it was

@@ -33,10 +33,11 @@ class Reviewing:
 
     def _review_again(self, rec: Record, task: Task, event: dict) -> dict:
         """Run the review of this attempt again: its work is done and paid for, only the verdict is missing. Where
-        the work can no longer be reviewed (lostreviews.cannot_review), the attempt is re-queued as before; it is the
-        task's review now that runs (a person may have fixed it meanwhile), and with none (`--no-review`, `review:`
-        removed) the kept work ends as it would have without review. What the stopped
-        or lost reviewer reported it cost counts first, as a stopped attempt's does."""
+        the work can no longer be reviewed (lostreviews.cannot_review), the attempt is re-queued as before; the review
+        that runs is the one it started with (its worker may have rewritten or removed `review` in its task file: a
+        Ctrl-C during the review made that edit its judge), and with none (`--no-review`) the kept work ends as it
+        would have without review. What the stopped or lost reviewer reported it cost counts first, as a stopped
+        attempt's does."""
         spent = spending.settle_review(self.rt, rec, task)
         if spent:
             task = self._write(task, spent)
@@ -47,12 +48,12 @@ class Reviewing:
                     **self.kept([rec])}
         lost = "stopped" if rec.stopping else "lost without a verdict"
         said = f"review of attempt {rec.serial} {lost}" + f" ({rec.stopping})" * bool(rec.stopping)
-        if review_command(task, self.settings, self.launcher.options.no_review) is None:
+        if review_command(task, self.settings, self.launcher.options.no_review, rec) is None:
             append_log(rec.log, f"{said}: no review command now; the attempt's work is kept, unreviewed")
             return self._ended(rec, self._unreviewed(rec, task, event), event)
         append_log(rec.log, f"{said}: it runs again; the attempt's work is kept")
         rec.stopping = ""
-        self._start_review(rec, task, again=True)
+        self._start_review(rec, task)
         return {"event": "review", "order": rec.order, "task": rec.task, "attempt": rec.serial, "again": lost}
 
     def _unreviewed(self, rec: Record, task: Task, merged: dict) -> Task:
@@ -145,10 +146,9 @@ class Reviewing:
             return f"merge failed, nothing of this attempt was merged: {exc}", False
         return None
 
-    def _start_review(self, rec: Record, task: Task, again: bool = False) -> None:
-        """Start the review of the attempt's work: the one it started with, or, run `again` after it was stopped or
-        lost, the task's now (a person may have changed or removed it meanwhile: see _review_again)."""
-        command = review_command(task, self.settings, self.launcher.options.no_review, None if again else rec)
+    def _start_review(self, rec: Record, task: Task) -> None:
+        """Start the review of the attempt's work: the one it started with (finish.review_command)."""
+        command = review_command(task, self.settings, self.launcher.options.no_review, rec)
         if isinstance(command, tuple):
             command = list(command)
         env = environment(self.rt, rec, model_for(task, self.settings, self.launcher.options.model))

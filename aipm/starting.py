@@ -85,7 +85,7 @@ class Starter:
             targets=[str(t) for t in task.targets], log=str(rt.log_path(order.id, task.id, number)),
             exit_file=str(rt.exit_path(order.id, task.id, number)), started_at=started_at, number=number,
             counters=restore.counters(task), definition=definition(task), ran_by=ran_by(task), borrowed=borrowed,
-            review=pin(review_command(task, self.settings, False)),
+            review=pin(review_command(task, self.settings, self.options.no_review)),  # (an adopter's judge too)
             cost_cap=cost_cap,
             cost_limit=cost_limit if cost_cap is not None else None, own_output=ownoutput.files(self.project.root),
         )

@@ -464,11 +464,14 @@ def test_logs_of_a_task_show_its_reviews_output(project):
         wait_for(lambda: "reviewing" in lines, timeout=60)
     finally:
         gate.touch()
-        follower.wait(timeout=60)
+        try:
+            follower.wait(timeout=60)
+        finally:
+            follower.kill()  # (ended already, but where it did not)
         reader.join(timeout=60)
     wait_for(lambda: task_statuses(order)["W"] == "REJECTED")
-    assert lines[0] == "working" and "==> W.1.review.log (its review) <==" in lines, out
-    assert lines.index("FAIL: missing tests") < next(i for i, l in enumerate(lines) if "review sent back" in l), out
+    assert lines[0] == "working" and "==> W.1.review.log (its review) <==" in lines, lines
+    assert lines.index("FAIL: missing tests") < next(i for i, l in enumerate(lines) if "review sent back" in l), lines
     printed = project.aipm("logs", "W").stdout.splitlines()
     assert printed[-3:] == ["==> W.1.review.log (its review) <==", "reviewing", "FAIL: missing tests"], printed
 

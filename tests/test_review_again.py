@@ -244,3 +244,21 @@ def test_a_review_run_again_is_judged_on_its_own_output(project, gate):
     feedback = (project.root / ".aipm/feedback/ORD/A.txt").read_text()
     assert "second run: FAIL" in feedback and "first run" not in feedback, feedback
     assert "first run, stopped" in (project.root / ".aipm/logs/ORD/A.1.review.log").read_text()  # (kept in its log)
+
+
+@pytest.mark.parametrize("edit", ["s/^review: .*/review: 'true'/", "/^review:/d"], ids=["weakened", "removed"])
+def test_a_review_run_again_is_the_one_its_attempt_started_with(project, gate, edit):
+    """A worker that rewrote (or removed) `review` in its own task file was judged by the review it started with,
+    until a Ctrl-C during that review: run again, the review was the file's (approved: COMPLETED), or none (DONE,
+    unreviewed). The run again is the attempt's own review too."""
+    path = project.order() / "A.yaml"
+    (project.root / "rv.sh").write_text(f'while [ ! -e "{gate}" ]; do sleep 0.05; done; echo "no: needs tests"; exit 1\n')
+    write_task(project.order(), "A", command=f"sed -i \"{edit}\" {path}", review="sh rv.sh", max_rework=0)
+    first = start(project, "run", "ORD")
+    wait_for(lambda: yaml.safe_load(path.read_text()).get("status") == "IN_REVIEW")
+    first.send_signal(signal.SIGINT)
+    out, _ = first.communicate(timeout=60)
+    assert first.returncode == 130, out
+    gate.touch()
+    proc = project.aipm("run", "ORD")
+    assert "A → REJECTED (review rejected: no: needs tests)" in proc.stdout, proc.stdout + proc.stderr
