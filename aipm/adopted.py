@@ -19,18 +19,23 @@ RECORDING = 30.0
 
 
 def recorded(rt: Runtime, order_id: str, task_id: str, path: Path, ended: dict, limit: float = RECORDING
-             ) -> Task | None:
-    """The task once the owner adopting its `ended` attempt (recover_order's {"attempt", "phase"}) has recorded
-    it: its record gone, or another's (its review's, started by that owner). None when that did not happen in
-    `limit` seconds, or its new owner died first (the next recovery adopts it again)."""
+             ) -> tuple[Task, int | None] | None:
+    """The task once the owner adopting its `ended` attempt (recover_order's {"attempt", "phase", "exit_code"}) has
+    recorded it: its record gone, or another's (its review's, or its next attempt's: that number, whose start the
+    file shows now, not the ended attempt's outcome). None when that did not happen in `limit` seconds, or its new
+    owner died first (the next recovery adopts it again)."""
     start = time.monotonic()
     while time.monotonic() < start + limit:
         rec = rt.read_record(order_id, task_id)
         if rec is None or (rec.serial, rec.phase) != (ended["attempt"], ended["phase"]):
-            try:
-                return load_task(path, rt.root)
-            except (UserError, OSError):
-                return None  # broken or gone meanwhile: nothing to say of it
+            # Read as that owner's round left it: the outcome and what it started next (one launch-lock hold)
+            with rt.launch_lock():
+                rec = rt.read_record(order_id, task_id)
+                try:
+                    task = load_task(path, rt.root)
+                except (UserError, OSError):
+                    return None  # broken or gone meanwhile: nothing to say of it
+            return task, rec.serial if rec is not None and rec.serial != ended["attempt"] else None
         if not rec.alive() or rec.held_by_stopped_owner():
             return None
         time.sleep(0.05)

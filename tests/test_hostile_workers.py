@@ -845,6 +845,22 @@ def test_recover_of_a_worker_that_had_ended_says_what_it_recorded_not_adopted(pr
     wait_for(lambda: no_workers(project.root))
 
 
+def test_recover_of_an_ended_attempt_whose_task_starts_again_at_once_says_the_ended_ones_code(project, gate):
+    """Re-queued by the outcome recover waits for, the task's next attempt started at once, and recover said what
+    the file showed then: `recorded IN_PROGRESS`, exit code none, for an attempt that had exited 3."""
+    order = project.order()
+    write_task(order, "A", command=f'if [ "$AIPM_ATTEMPT" = 1 ]; then {KILL_OWNER}; exit 3; fi; '
+                                   f'while [ ! -e {gate} ]; do sleep 0.05; done', target_files=["x.txt"], max_attempts=2)
+    project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
+    wait_for(lambda: [w for w in project.json("ps")["workers"] if w["state"] == "gone"])
+    try:
+        (item,) = project.json("recover", "ORD")["recovered"]
+        assert (item["action"], item["exit_code"], item.get("next_attempt")) == ("recorded", 3, 2), item
+    finally:
+        gate.touch()
+    wait_for(lambda: task_statuses(order) == {"A": "DONE"} and no_workers(project.root))
+
+
 def test_retry_of_a_task_whose_worker_was_lost_recovers_it_and_queues_it_but_never_a_live_ones(project, gate):
     """A shown INTERRUPTED for its lost worker: `retry` refused it ('stale; `aipm recover ORD` puts it back'), two
     steps for the user. It now recovers the attempt as recover would (its record dropped, what it came to said)

@@ -234,10 +234,13 @@ def recover(
         workspace.prune(project.root)
     for item in done:  # (the lock let go: the owners adopting ended attempts record them now)
         ended = item.pop("ended", None)
-        task = ended and adopted.recorded(launcher.runtime, item["order"], item["id"], paths[item["order"], item["id"]],
-                                          ended)
-        if task:
+        found = ended and adopted.recorded(launcher.runtime, item["order"], item["id"],
+                                           paths[item["order"], item["id"]], ended)
+        if found:
+            task, later = found
             item.update(action="recorded", status=task.status.value, exit_code=task.exit_code, reason=task.reason)
+            if later is not None:  # re-queued and started again at once: the file tells that attempt, not this end
+                item.update(exit_code=ended["exit_code"], reason=None, next_attempt=later)
     if json_out:
         print_json({"recovered": done})
     else:
@@ -246,6 +249,10 @@ def recover(
             follow = (f"starts what that unblocks, as `aipm launch` does (follow it: `aipm logs {item['order']} -f`)")
             if said == "adopted":  # `recover` alone seemed to only repair, and then tasks it never named started
                 said += f": a detached aipm records how its worker ends, then {follow}"
+            elif said == "recorded" and "next_attempt" in item:
+                code = "its exit code lost" if item["exit_code"] is None else f"exit {item['exit_code']}"
+                said = (f"its worker had ended ({code}): recorded, and attempt {item['next_attempt']} has started; "
+                        f"a detached aipm {follow}")
             elif said == "recorded":  # its worker had ended: what it came to, not "adopted" as if it still ran
                 review = "runs its review, then " if item["status"] == "IN_REVIEW" else ""
                 said = (f"its worker had ended: recorded {item['status']}" + f" ({item['reason']})" * bool(
