@@ -1111,3 +1111,19 @@ def test_the_page_says_a_tasks_log_was_removed_since_it_ran_not_that_it_never_ra
 
     assert none("RAN").startswith("no log for ORD/RAN: removed since it ran (its file says DONE, attempts 1, ")
     assert none("NOT") == "no log for ORD/NOT yet (it has not run)"
+
+
+def test_a_retry_from_the_dashboard_of_a_lost_attempt_says_what_it_had_come_to(project, dashboard):
+    """`aipm retry` of a task whose worker was lost says what the attempt it replaces had come to (its exit code,
+    which a recover would have recorded); the dashboard's retry answered `ok` alone, the note in the log only."""
+    from test_hostile_workers import _ended_with_its_owner_dead
+
+    order = _ended_with_its_owner_dead(project, 3)
+    base, token = base_and_token(dashboard)
+    request = urllib.request.Request(f"{base}/api/retry", method="POST", data=b'{"order": "ORD", "task": "A"}',
+                                     headers={"Content-Type": "application/json", "X-Aipm-Token": token})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        answer = json.loads(response.read())
+    assert answer["ok"] and answer.get("note", "").startswith("attempt 1 had ended (exit 3) after its owner died"), \
+        answer
+    assert task_statuses(order) == {"A": "QUEUED"}

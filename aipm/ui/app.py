@@ -225,7 +225,7 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
                 return JSON({"error": "expected JSON {\"order\": ..., \"task\": ...}"}, 400)
             except UserError as exc:
                 return JSON({"error": str(exc)}, 409)
-            notes = said.notes() if isinstance(said, steering.Cancelled) else []
+            notes = said.notes() if isinstance(said, steering.Cancelled) else said if isinstance(said, list) else []
             return JSON({"ok": True, **({"note": "; ".join(notes)} if notes else {})})
         return endpoint
 
@@ -282,12 +282,19 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
         Route("/api/board", board_json),
         Route("/api/log", log_json),
         Route("/api/cancel", steer(steering.cancel), methods=["POST"]),
-        Route("/api/retry", steer(steering.retry), methods=["POST"]),
+        Route("/api/retry", steer(_retry), methods=["POST"]),
         Route("/events", events),
     ], lifespan=lifespan)
     guard = Guard(app, token, hosts, any_ip_host)
     guard.stop = hub.stop
     return guard
+
+
+def _retry(project: Project, order_dir: Path, task_id: str) -> list[str]:
+    """`aipm retry`, and what it says besides (what the lost attempt it replaces had come to), as its notes."""
+    said: list[str] = []
+    steering.retry(project, order_dir, task_id, None, said)
+    return said
 
 
 def _in_daemon_thread(fn, *args) -> asyncio.Future:
