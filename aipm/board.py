@@ -197,8 +197,9 @@ def workers(launcher: Launcher) -> list[dict]:
     for r in launcher.records():
         state, pid, _ = workerstate.state(r, launcher.project.root)
         out.append({"order": r.order, "task": r.task, "attempt": r.serial, "phase": r.phase, "pid": pid,
-                    "pgid": r.pgid, "alive": r.alive(), "state": state, "state_text": workerstate.STATE_TEXT[state][0],
-                    "log": r.log, "started_at": r.started_at})
+                    "pgid": r.pgid, "alive": r.alive(), "state": state,
+                    "state_text": workerstate.describe(state, bool(r.stopping))[0], "log": r.log,
+                    "started_at": r.started_at})
     return out
 
 

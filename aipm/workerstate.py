@@ -17,6 +17,14 @@ STATE_TEXT = {"alive": ("alive", ""), "unowned": ("alive, its owner gone (aipm r
               "review_pending": ("review pending: it runs again on the next run", "yellow")}
 
 
+def describe(state: str, stopping: bool) -> tuple[str, str]:
+    """STATE_TEXT's words and colour for a state; an attempt whose owner died stopping it (Ctrl-C's grace, a
+    preemption) is not adopted but re-queued by a recover, which ends the stop ("adopts it" said otherwise)."""
+    if state == "unowned" and stopping:
+        return "alive, its owner gone while stopping it (aipm recover ends it and re-queues its task)", "yellow"
+    return STATE_TEXT[state]
+
+
 def holder(rec: Record, root: Path) -> tuple[int | None, list[int]]:
     """The process that holds the attempt's locks, and what its command left running: its wrapper while it lives;
     with its owner and wrapper dead, the least pid its command left running (as `ps` says: orphaned); else its

@@ -316,6 +316,11 @@ def test_a_run_killed_while_stopping_its_worker_leaves_it_requeued_not_counted(p
                        f"trap 'echo > stopping.txt; while [ ! -e {gate} ]; do sleep 0.05; done; exit 1' TERM; "
                        "echo up > up.txt; while :; do sleep 0.05; done")
     _kill_run_in_the_grace(project, gate, when, stop=lambda run: run.send_signal(signal.SIGTERM))
+    if when == "running":  # `ps` said `recover` adopts it, where it re-queues the task (review finding)
+        (worker,) = project.json("ps")["workers"]
+        assert (worker["state"], worker["stopping"]) == ("unowned", True), worker
+        shown = project.aipm("ps", env={"COLUMNS": "200"}, check=True).stdout
+        assert "alive, its owner gone while stopping it (aipm recover ends it and re-queues its task)" in shown, shown
     assert project.aipm("recover", "ORD").returncode == 0
     # Re-queued (ended: by recover itself; running: by its new owner, which then starts it again: done at once).
     wanted = ("QUEUED", 0) if when == "ended" else ("DONE", 1)

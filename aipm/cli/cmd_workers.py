@@ -33,7 +33,8 @@ def _worker_info(rec, root: Path) -> dict:
     info = {"order": rec.order, "task": rec.task, "attempt": rec.serial, "pid": pid, "pgid": rec.pgid,
             "owner_pid": rec.owner_pid, "phase": rec.phase, "alive": rec.alive(), "log": rec.log,
             "command": rec.command, "targets": rec.targets,
-            "runner": "ray" if rec.phase == "work" and is_attempt(rec.command) else "local", "state": state}
+            "runner": "ray" if rec.phase == "work" and is_attempt(rec.command) else "local", "state": state,
+            "stopping": bool(rec.stopping)}
     if left:
         info["remnants"] = left
     try:
@@ -80,7 +81,7 @@ def ps(json_out: bool = JsonOpt) -> None:
                       f"{i['elapsed']}s" if i["elapsed"] is not None else "-",
                       *(("n/a: Ray node", "n/a") if i["runner"] == "ray" and i["elapsed"] is not None else
                         (str(i[key] if i[key] is not None else "-") for key in ("cpu_percent", "memory_mb"))),
-                      [workerstate.STATE_TEXT[i["state"]]])
+                      [workerstate.describe(i["state"], i["stopping"])])
     grid.print_lines(table.lines(grid.fitting(), grid.Styles.of()) if infos else ["no workers"])
 
 
