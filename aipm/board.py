@@ -198,7 +198,7 @@ def workers(launcher: Launcher) -> list[dict]:
         state, pid, _ = workerstate.state(r, launcher.project.root)
         out.append({"order": r.order, "task": r.task, "attempt": r.serial, "phase": r.phase, "pid": pid,
                     "pgid": r.pgid, "alive": r.alive(), "state": state,
-                    "state_text": workerstate.describe(state, bool(r.stopping))[0], "log": r.log,
+                    "state_text": workerstate.describe(state, bool(r.stopping), r.phase)[0], "log": r.log,
                     "started_at": r.started_at})
     return out
 

@@ -52,9 +52,12 @@ def end() -> None:
     rt, path = _registered.pop()
     with suppress(OSError):
         path.unlink()
-    with suppress(OSError), rt.launch_lock():  # (records looked for under it: an attempt starting now is seen)
-        if rt.records():
-            writtenlog.note_output(rt)
+    with suppress(OSError):
+        if not rt.records():
+            return  # (and no launch lock taken: it would make `.aipm/` in a tree where nothing ran)
+        with rt.launch_lock():  # (read again under it: an attempt starting now is seen)
+            if rt.records():
+                writtenlog.note_output(rt)
 
 
 def live(rt: Runtime) -> set[int]:

@@ -178,8 +178,10 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 fixing.add(tid)
                 if tid not in unwritten_told:
                     unwritten_told.add(tid)
-                    emit({"event": "waiting", "task": tid, "pids": [], "detail": "its outcome waits for its file to "
-                          "be fixed; fix the file and the run records it and goes on (Ctrl-C stops it)"})
+                    detail = "its outcome waits for its file to be fixed; fix the file and the run records it and " \
+                             "goes on (Ctrl-C stops it)"
+                    emit({"event": "waiting", "task": tid, "pids": [], "detail": detail})
+                    notify.needs_person(launcher.settings, launcher.runtime, order.id, tid, detail)
             unwritten_told &= unwritten
             for item in report.failed:  # a failed launch is tried again every round: said once, until it changes
                 # or the task was launched in between, by this run or by any other process (its file's attempts

@@ -47,7 +47,8 @@ def message(rec: Record, code: int | None, exc: Exception, kept: bool, review_un
                 "recover`) starts it"
     elif kept:
         fixed = "the file is back as it was (`git checkout` of it, say)" if gone else "that is fixed"
-        where = f"its exit code is kept in {rec.exit_file}; once {fixed}, `aipm recover` records it"
+        where = f"its exit code is kept in {rec.exit_file}; once {fixed}, `aipm recover` records it" + (
+            "" if gone else " (a run still going waits for a file saved invalid, and records it itself)")
     else:
         where = "its exit code could not be saved either, so `aipm recover` will leave it INTERRUPTED to check"
     return f"cannot record the outcome of {rec.task} (exit {code}): {why}; {where}"

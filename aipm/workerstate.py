@@ -17,11 +17,12 @@ STATE_TEXT = {"alive": ("alive", ""), "unowned": ("alive, its owner gone (aipm r
               "review_pending": ("review pending: it runs again on the next run", "yellow")}
 
 
-def describe(state: str, stopping: bool) -> tuple[str, str]:
+def describe(state: str, stopping: bool, phase: str) -> tuple[str, str]:
     """STATE_TEXT's words and colour for a state; an attempt whose owner died stopping it (Ctrl-C's grace, a
-    preemption) is not adopted but re-queued by a recover, which ends the stop ("adopts it" said otherwise)."""
+    preemption) is not adopted: a recover ends the stop, re-queueing its task, or, a review, running it again."""
     if state == "unowned" and stopping:
-        return "alive, its owner gone while stopping it (aipm recover ends it and re-queues its task)", "yellow"
+        then = "runs its review again" if phase == "review" else "re-queues its task"
+        return f"alive, its owner gone while stopping it (aipm recover ends it and {then})", "yellow"
     return STATE_TEXT[state]
 
 

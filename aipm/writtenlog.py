@@ -117,8 +117,16 @@ def _note(rt: Runtime, entry: list[str] | dict) -> None:
 
 def by_a_worker(rt: Runtime) -> bool:
     """This aipm runs inside a worker (its command started it, `env -u AIPM_TASK_ID` or not): what it writes is that
-    worker's, and its output is never noted as aipm's (a worker's `aipm status >> stray.txt` escaped its audit)."""
-    return any(rec.encloses_us() for rec in rt.records())
+    worker's, and its output is never noted as aipm's (a worker's `aipm status >> stray.txt` escaped its audit).
+    Asked once a process and project: the record of a worker that started us was written before its command began,
+    and no later one can enclose us (each attempt's end notes, where the output is a file: `aipm run > run.log`)."""
+    key = str(rt.state)
+    if key not in _BY_A_WORKER:
+        _BY_A_WORKER[key] = any(rec.encloses_us() for rec in rt.records())
+    return _BY_A_WORKER[key]
+
+
+_BY_A_WORKER: dict[str, bool] = {}
 
 
 WRITTEN_LOG_BYTES = 64 * 1024

@@ -1224,3 +1224,12 @@ def test_a_cancel_that_meets_its_worker_ending_waits_for_the_owner_so_a_retry_is
         run.send_signal(signal.SIGCONT)
         run.kill()
         run.wait()
+
+
+def test_a_worker_whose_owner_died_stopping_it_is_said_to_be_ended_by_a_recover_as_its_phase_says():
+    """A review whose owner died stopping it is run again by a recover, not re-queued (`ps` said re-queued)."""
+    from aipm.workerstate import describe
+
+    assert describe("unowned", True, "work")[0].endswith("(aipm recover ends it and re-queues its task)")
+    assert describe("unowned", True, "review")[0].endswith("(aipm recover ends it and runs its review again)")
+    assert describe("unowned", False, "review")[0] == "alive, its owner gone (aipm recover adopts it)"

@@ -351,6 +351,8 @@ def test_an_outcome_held_for_a_file_broken_while_its_attempt_ran_is_written_once
     outcome once the file is fixed."""
     order = project.order()
     gate = project.root / "gate"
+    told = project.root.parent / "told.txt"
+    (project.root / "aipm.yaml").write_text(f"notify: 'echo \"$AIPM_EVENT ${{AIPM_TASK_ID:-}}\" >> {told}'\n")
     path = write_task(order, "V", command=f"while [ ! -e {gate} ]; do sleep 0.05; done; exit 3", max_attempts=1)
     proc, events, reader = run_reading_events(project)
     try:
@@ -361,6 +363,7 @@ def test_an_outcome_held_for_a_file_broken_while_its_attempt_ran_is_written_once
         gate.touch()
         wait_for(lambda: any(e["event"] == "waiting" and e["task"] == "V" for e in events) or proc.poll() is not None)
         assert proc.poll() is None, events  # (the run ended: exit 1, the outcome left to `aipm recover`)
+        wait_for(lambda: told.exists() and "needs_person V" in told.read_text())  # (a wait for a person is told)
         path.write_text(good)  # fixed
         assert proc.wait(timeout=60) == 1, events  # V failed for good: exit 3 is its outcome
     finally:

@@ -1462,3 +1462,14 @@ def test_an_aipm_that_a_workers_command_runs_writes_what_that_worker_does(tmp_pa
                          capture_output=True, text=True, cwd=root, timeout=120)
     assert "scope: wrote stray.txt" in run.stdout, run.stdout + run.stderr
     assert task_statuses(root / "orders" / "ORD") == {"T": "REJECTED"}, run.stdout
+
+
+def test_a_read_only_command_whose_output_is_a_file_in_a_tree_where_nothing_ran_makes_no_state(tmp_path):
+    """`aipm status ORD > s.txt` is an observer while it lives; at its end it took the launch lock to note its
+    output, which made `.aipm/` (its .gitignore and logs/) in a tree where nothing had run: a read-only command
+    writes nothing there."""
+    root = _git_repo_order(tmp_path, {"T": {"command": "true"}})
+    with open(root / "s.txt", "w") as out:
+        subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "status", "ORD"], stdout=out, check=True,
+                       cwd=root)
+    assert "T" in (root / "s.txt").read_text() and not (root / ".aipm").exists()

@@ -918,9 +918,9 @@ def test_requests_that_are_not_http_are_said_once_not_once_each(project):
     assert said.count("Invalid HTTP request") == 1 and said.count("\n") == 1, said
 
 
-def _cancel_a_from_the_page(base: str, token: str) -> tuple[int, dict]:
-    """POST the page's cancel of ORD/A: (status, answer)."""
-    request = urllib.request.Request(f"{base}/api/cancel", method="POST", data=b'{"order": "ORD", "task": "A"}',
+def _cancel_a_from_the_page(base: str, token: str, action: str = "cancel") -> tuple[int, dict]:
+    """POST the page's cancel (or another `action`) of ORD/A: (status, answer)."""
+    request = urllib.request.Request(f"{base}/api/{action}", method="POST", data=b'{"order": "ORD", "task": "A"}',
                                      headers={"X-Aipm-Token": token, "Content-Type": "application/json"})
     with urllib.request.urlopen(request, timeout=60) as response:
         return response.status, json.loads(response.read())
@@ -945,6 +945,15 @@ def test_a_cancel_from_the_page_held_up_by_a_stopped_round_says_who_holds_it(pro
         holder.send_signal(signal.SIGCONT)
         holder.wait(timeout=60)
     wait_for(lambda: task_statuses(project.order()) == {"A": "CANCELLED"})
+    holder = stopped_launch_lock_holder(project)
+    try:  # and a retry's, named so (`the _retry is made`: its function's name)
+        answer = _cancel_a_from_the_page(base, token, "retry")
+        assert answer[0] == 202 and answer[1]["note"].endswith("the retry is made once it goes on (if this dashboard "
+                                                               "still runs)"), answer
+    finally:
+        holder.send_signal(signal.SIGCONT)
+        holder.wait(timeout=60)
+    wait_for(lambda: task_statuses(project.order()) == {"A": "QUEUED"})
 
 
 def test_ctrl_c_ends_the_dashboard_though_a_cancel_still_waits_for_a_stopped_round(project):

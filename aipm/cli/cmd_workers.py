@@ -81,7 +81,7 @@ def ps(json_out: bool = JsonOpt) -> None:
                       f"{i['elapsed']}s" if i["elapsed"] is not None else "-",
                       *(("n/a: Ray node", "n/a") if i["runner"] == "ray" and i["elapsed"] is not None else
                         (str(i[key] if i[key] is not None else "-") for key in ("cpu_percent", "memory_mb"))),
-                      [workerstate.describe(i["state"], i["stopping"])])
+                      [workerstate.describe(i["state"], i["stopping"], i["phase"])])
     grid.print_lines(table.lines(grid.fitting(), grid.Styles.of()) if infos else ["no workers"])
 
 

@@ -204,7 +204,7 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
         except UserError as exc:
             return JSON({"error": str(exc)}, 404)
 
-    def steer(action):
+    def steer(action, verb: str):
         async def endpoint(request: Request):
             try:
                 raw = b""
@@ -218,7 +218,7 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
                 holder = await _held_up(work, looker.runtime)
                 if holder:
                     return JSON({"ok": False, "note": f"not done yet: waiting for the launch lock, held by {holder}; "
-                                                      f"the {action.__name__} is made once it goes on (if this "
+                                                      f"the {verb} is made once it goes on (if this "
                                                       "dashboard still runs)"}, 202)
                 said = work.result()
             except (ValueError, KeyError, TypeError, RecursionError):
@@ -281,8 +281,8 @@ def create_app(project: Project, settings: Settings, orders: list[Path] | None, 
         Route("/", page),
         Route("/api/board", board_json),
         Route("/api/log", log_json),
-        Route("/api/cancel", steer(steering.cancel), methods=["POST"]),
-        Route("/api/retry", steer(_retry), methods=["POST"]),
+        Route("/api/cancel", steer(steering.cancel, "cancel"), methods=["POST"]),
+        Route("/api/retry", steer(_retry, "retry"), methods=["POST"]),
         Route("/events", events),
     ], lifespan=lifespan)
     guard = Guard(app, token, hosts, any_ip_host)
