@@ -1007,33 +1007,40 @@ def test_a_task_file_deleted_or_broken_mid_run_does_not_abort_run(project, damag
                  timeout=120)
     finally:
         (project.root / "gate").touch()
+    if damage == "break":  # A's outcome waits for its file's fix, and the run with it: B and C go on meanwhile
+        wait_for(lambda: any(e["event"] == "waiting" and e["task"] == "A" for e in proc.events())
+                 or proc.p.poll() is not None, timeout=120)
+        wait_for(lambda: {k: task_statuses(order)[k] for k in ("B", "C")} == {"B": "DONE", "C": "DONE"}
+                 or proc.p.poll() is not None, timeout=120)
+        assert proc.p.poll() is None, proc.output
+        _fix_and_recover(project, order, original, recover=False)
     rc = proc.wait(timeout=240)
     events = proc.events()
     assert [e["error"].endswith({"delete": "deleted while its task runs", "break": "did not find expected node "
                                  "content"}[damage]) for e in events if e["event"] == "invalid_file"] == [True], events
     statuses = task_statuses(order)
     assert {k: statuses[k] for k in ("B", "C")} == {"B": "DONE", "C": "DONE"}, proc.output
-    log = (project.root / ".aipm" / "logs" / "ORD" / "A.1.log").read_text()
-    # A's outcome is not recorded yet: held, said once (the deleted file named), until the file is back. A deleted
-    # file's run exited 0 and dropped the outcome (its log only), so A ran again once its file was put back.
-    assert rc == 1, proc.output
+    # A's outcome is held, said once (the deleted file named), until the file is back (a deleted file's run exited
+    # 0 and dropped the outcome, its log only, so A ran again once its file was put back) or fixed (the run waits).
+    assert rc == {"delete": 1, "break": 0}[damage], proc.output
     errors = [e["error"] for e in events if e.get("task") == "A" and e["event"] == "error"]
     assert len(errors) == 1, proc.output
     if damage == "delete":
         assert f"{order / 'A.yaml'}: deleted or moved while it ran" in errors[0], errors
-    _fix_and_recover(project, order, original)
+        _fix_and_recover(project, order, original)
     assert "Traceback" not in proc.output
     assert check(journal, order, root=project.root) == []  # A ran once
 
 
-def _fix_and_recover(project, order: Path, original: str) -> None:
-    """The user repairs A's file (or puts it back as it was): `aipm recover` records A's real outcome from its kept
-    exit code."""
+def _fix_and_recover(project, order: Path, original: str, recover: bool = True) -> None:
+    """The user repairs A's file (or puts it back as it was): `aipm recover` (or the run that waits for the fix)
+    records A's real outcome from its kept exit code."""
     path = order / "A.yaml"
     path.write_text("".join(line for line in path.read_text().splitlines(True) if not line.startswith("oops"))
                     if path.exists() else original)
-    recovered = project.aipm("recover", "--json")
-    assert recovered.returncode == 0, recovered.stderr
+    if recover:
+        recovered = project.aipm("recover", "--json")
+        assert recovered.returncode == 0, recovered.stderr
     wait_for(lambda: task_statuses(order).get("A") == "DONE" and not worker_records(project.root), timeout=120)
 
 
