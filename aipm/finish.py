@@ -13,9 +13,10 @@ from aipm.writer import now
 
 def review_command(task: Task, settings: Settings, no_review: bool, rec: Record | None = None
                    ) -> str | tuple[str, ...] | None:
-    """The review that judges an attempt's work: with `rec` (its work phase), the one its task had when it started
-    (rec.review), so a worker that rewrites `review` in its own task file (or in aipm.yaml) while it runs does not
-    choose its judge; else, and for a record of an older aipm, the task's as it is now."""
+    """The review that judges an attempt's work: with `rec` (its record), the one its task had when the attempt
+    started (rec.review), so a worker that rewrites `review` in its own task file (or in aipm.yaml) while it runs
+    does not choose its judge, nor a Ctrl-C during the review that runs it again; else (a start deciding, a record of
+    an older aipm) the task's as it is now."""
     if no_review:
         return None
     if rec is not None and _well_formed(rec.review):
