@@ -166,7 +166,7 @@ def new_task(*args: Any, **kwargs: Any) -> Task:
 # says so; its review too: finish.review_command); not its priority, title, dependencies or limits, which an attempt
 # under way does not run by.
 _RAN_FIELDS = ("command", "prompt", "model", "agent", "target_files", "workspace", "workspace_setup", "workspace_copy",
-               "confine", "review")
+               "confine", "review")  # (review last: ran_by)
 
 
 def definition(task: Task) -> str:
@@ -175,9 +175,10 @@ def definition(task: Task) -> str:
     return _digest(task, _DEFINITION_FIELDS)
 
 
-def ran_by(task: Task) -> str:
-    """A digest of the fields an attempt of the task runs by (_RAN_FIELDS)."""
-    return _digest(task, _RAN_FIELDS)
+def ran_by(task: Task, review: bool = True) -> str:
+    """A digest of the fields an attempt of the task runs by (_RAN_FIELDS); without `review`, as an aipm that did
+    not count it digested them (a record of its attempt has no pinned review: Record.review)."""
+    return _digest(task, _RAN_FIELDS if review else _RAN_FIELDS[:-1])
 
 
 def _digest(task: Task, names: tuple[str, ...]) -> str:

@@ -248,7 +248,8 @@ class Recording(Reviewing):
         attempt failed whatever its code: its wrapper waits for a command that handles the SIGTERM, which may exit 0.
         """
         timeout = time_limit(task, self.settings)
-        edited = bool(rec.ran_by) and rec.ran_by != ran_by(task)
+        # (a record of an older aipm, which pinned no review, digested the fields without it: no false "edited")
+        edited = bool(rec.ran_by) and rec.ran_by != ran_by(task, rec.review is not None)
         append_log(rec.log, f"attempt {rec.serial} ended: {describe_exit(code, timed_out, timeout)}")
         if rec.workspace:
             # before the end capture: an empty file made for a rule is no change of its own

@@ -524,6 +524,35 @@ def test_a_record_with_a_field_from_a_newer_aipm_is_adopted_after_a_kill_9_of_ru
     assert project.json("status", "ORD")["tasks"][0]["attempts"] == 1  # the adopted worker's outcome, no re-run
 
 
+def test_an_attempt_an_older_aipm_started_is_not_said_edited_by_the_field_this_one_added(project, gate):
+    """`review` joined the fields an attempt runs by (model._RAN_FIELDS): the digest an older aipm wrote into its
+    record, without it, differed from this one's, and an attempt it started, adopted after a `kill -9` of its run,
+    was said `edited while attempt 1 ran` though nobody had touched its file."""
+    from aipm.model import _RAN_FIELDS, _digest
+    from aipm.store import load_task
+
+    order = project.order()
+    task = write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])
+    argv = [sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"]
+    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
+    first = subprocess.Popen(argv, cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    path = state(project.root) / "workers" / "ORD" / "A.json"
+    record = wait_for(lambda: path.exists() and json.loads(path.read_text()).get("pid") and json.loads(
+        path.read_text()))
+    first.kill()
+    first.wait()
+    older = {key: value for key, value in record.items() if key != "review"}  # as an older aipm wrote it
+    older["ran_by"] = _digest(load_task(task, project.root), tuple(f for f in _RAN_FIELDS if f != "review"))
+    path.write_text(json.dumps(older))
+    second = subprocess.Popen(argv, cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env)
+    wait_for(lambda: second.poll() is not None or json.loads(path.read_text())["owner_pid"] == second.pid)
+    gate.touch()
+    out, _ = second.communicate(timeout=60)
+    assert second.returncode == 0 and task_statuses(order) == {"A": "DONE"}, out
+    assert "edited" not in project.aipm("logs", "A").stdout
+
+
 def test_detect_summary_and_json(project):
     order = project.order()
     write_task(order, "A", command="true", target_files=["a"], priority="P0")
