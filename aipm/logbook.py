@@ -207,6 +207,19 @@ def _char_boundary(data: bytes, at: int) -> int:
     return at
 
 
+def reviewed_in(tail: Tail, log: AttemptLog, reviews: dict[tuple[str, int], Path], final: bool) -> Iterator[str]:
+    """The new lines of an attempt's log, its review's (`reviews`: (task, attempt) → review log) where they came:
+    before the verdict line that names them, or after the attempt's lines while the review runs. Each file by its
+    last write put a review's lines before the attempt's own, or after its verdict."""
+    review = None if log.review else reviews.get((log.task, log.attempt))
+    for line in tail.read(log.path, final):
+        if review is not None and "; review output: " in line and line.endswith(review.name):
+            yield from tail.read(review, final)
+        yield line
+    if review is not None:
+        yield from tail.read(review, final)
+
+
 def tagged(task: str, line: str) -> str:
     return f"{task}\t{line}"
 
@@ -258,9 +271,13 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False, default
     tail = Tail()
 
     def new_lines(final: bool) -> Iterator[str]:
-        for log in attempt_logs(rt, order.id):
-            for line in tail.read(log.path, final):
-                yield tagged(log.task, line)
+        logs = attempt_logs(rt, order.id)
+        reviews = {(log.task, log.attempt): log.path for log in logs if log.review}
+        worked = {(log.task, log.attempt) for log in logs if not log.review}
+        for log in logs:
+            if log.review and (log.task, log.attempt) in worked:
+                continue  # with its attempt's lines (reviewed_in)
+            yield from (tagged(log.task, line) for line in reviewed_in(tail, log, reviews, final))
 
     if not follow:
         yield from new_lines(final=True)

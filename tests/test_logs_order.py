@@ -31,6 +31,18 @@ def test_logs_of_an_order_tag_every_line_with_its_task(project):
     assert project.aipm("logs", "A", check=True).stdout.splitlines()[:2] == ["a1", "a2"]
 
 
+def test_logs_of_an_order_put_a_review_s_lines_between_its_attempt_s_end_and_its_verdict(project):
+    """Each log file was printed whole, by its last write: a review's lines came before the attempt's own (or after
+    its verdict). They come where they ran: after `attempt 1 ended`, before the `review sent back` line."""
+    write_task(project.order(), "W", command="echo working", review="echo reviewing; echo 'FAIL: no tests'; exit 1",
+               max_rework=0)
+    project.aipm("run", "ORD")
+    lines = [line.split("\t", 1)[1] for line in project.aipm("logs", "ORD", check=True).stdout.splitlines()]
+    texts = [re.sub(r"^\[aipm [0-9:]+\] ", "", line) for line in lines]
+    ended, sent = texts.index("attempt 1 ended: exit 0"), next(i for i, t in enumerate(texts) if "sent back" in t)
+    assert texts.index("working") < ended < texts.index("reviewing") < texts.index("FAIL: no tests") < sent, lines
+
+
 def test_aipm_lines_start_a_line_of_their_own_after_output_without_a_newline(project):
     """A command's last output without a newline (`printf "progress 50"`) ran on into aipm's line
     (`progress 50[aipm 04:55:30] attempt 1 ended: exit 2`), in the task's log and the order's."""
