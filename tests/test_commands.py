@@ -498,12 +498,10 @@ def test_recover_adopts_a_worker_whose_owner_died(project):
     assert project.json("status", "ORD")["tasks"][0]["attempts"] == 1  # the real outcome, not a re-run
 
 
-def test_a_record_with_a_field_from_a_newer_aipm_is_adopted_after_a_kill_9_of_run(project, gate):
-    """A record carrying a field this version does not know (a newer aipm wrote it) was ignored whole: after
-    `kill -9` of `run` the next run could not adopt the live worker (IN_PROGRESS, exit 1) and its outcome was
-    lost."""
-    order = project.order()
-    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done; echo done-a", target_files=["a"])
+def _adopted_after_kill_9(project, gate, rewrite) -> subprocess.Popen:
+    """`aipm run ORD` of A (waiting for `gate`) killed with SIGKILL once A's worker runs; its record rewritten by
+    `rewrite` (the record's JSON → what to write instead); a second run started, which adopts A; then the gate
+    opened. The second run (its output piped)."""
     argv = [sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"]
     env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
     first = subprocess.Popen(argv, cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -512,11 +510,21 @@ def test_a_record_with_a_field_from_a_newer_aipm_is_adopted_after_a_kill_9_of_ru
         path.read_text()))
     first.kill()
     first.wait()
-    path.write_text(json.dumps({**record, "a_field_from_a_newer_aipm": {"any": 1}}))
+    path.write_text(json.dumps(rewrite(record)))
     second = subprocess.Popen(argv, cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env=env)
     wait_for(lambda: second.poll() is not None or json.loads(path.read_text())["owner_pid"] == second.pid)
     gate.touch()
+    return second
+
+
+def test_a_record_with_a_field_from_a_newer_aipm_is_adopted_after_a_kill_9_of_run(project, gate):
+    """A record carrying a field this version does not know (a newer aipm wrote it) was ignored whole: after
+    `kill -9` of `run` the next run could not adopt the live worker (IN_PROGRESS, exit 1) and its outcome was
+    lost."""
+    order = project.order()
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done; echo done-a", target_files=["a"])
+    second = _adopted_after_kill_9(project, gate, lambda record: {**record, "a_field_from_a_newer_aipm": {"any": 1}})
     out, _ = second.communicate(timeout=60)
     assert second.returncode == 0, out
     assert "adopt    A" in out, out
@@ -533,21 +541,12 @@ def test_an_attempt_an_older_aipm_started_is_not_said_edited_by_the_field_this_o
 
     order = project.order()
     task = write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])
-    argv = [sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"]
-    env = dict(os.environ, AIPM_ENABLE_MONITORING="false")
-    first = subprocess.Popen(argv, cwd=project.root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    path = state(project.root) / "workers" / "ORD" / "A.json"
-    record = wait_for(lambda: path.exists() and json.loads(path.read_text()).get("pid") and json.loads(
-        path.read_text()))
-    first.kill()
-    first.wait()
-    older = {key: value for key, value in record.items() if key != "review"}  # as an older aipm wrote it
-    older["ran_by"] = _digest(load_task(task, project.root), tuple(f for f in _RAN_FIELDS if f != "review"))
-    path.write_text(json.dumps(older))
-    second = subprocess.Popen(argv, cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                              env=env)
-    wait_for(lambda: second.poll() is not None or json.loads(path.read_text())["owner_pid"] == second.pid)
-    gate.touch()
+
+    def as_older(record: dict) -> dict:  # as an older aipm wrote it: no review pinned, its digest without it
+        older = {key: value for key, value in record.items() if key != "review"}
+        return {**older, "ran_by": _digest(load_task(task, project.root), tuple(f for f in _RAN_FIELDS
+                                                                                 if f != "review"))}
+    second = _adopted_after_kill_9(project, gate, as_older)
     out, _ = second.communicate(timeout=60)
     assert second.returncode == 0 and task_statuses(order) == {"A": "DONE"}, out
     assert "edited" not in project.aipm("logs", "A").stdout
