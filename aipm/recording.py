@@ -297,7 +297,8 @@ class Recording(Reviewing):
             hint = audit.hint(rec, escaped)
             if hint:
                 event["hint"] = hint
-        reviewing = not decided and review_command(task, self.settings, self.launcher.options.no_review, rec) is not None
+        reviewing = not decided and review_command(task, self.settings, self.launcher.options.no_review,
+                                                   rec) is not None
         lasting = False
         if ok and not message and not reviewing:
             message, lasting = self._merge_back(rec, task, event) or ("", False)

@@ -159,12 +159,12 @@ class Reviewing:
         except FileNotFoundError:
             pass
         rec.command = [command] if isinstance(command, str) else command
-        unlink_hard_link(review_log)
+        unlink_hard_link(review_log)  # the reviewer's output goes to a file of ours, not through the worker's link
         # Run again after a stop, it appends to the log of the run it replaces: its verdict is judged on its own output
         try:
             rec.review_from = os.lstat(review_log).st_size
         except OSError:
-            rec.review_from = 0  # the reviewer's output goes to a file of ours, not through the worker's link
+            rec.review_from = 0
         limit = time_limit(task, self.settings)
         try:
             runner.spawn(command, exit_file=rec.exit_file, env=env, cwd=workspace.directory(self.rt.root, rec),
@@ -181,19 +181,19 @@ class Reviewing:
 def review_feedback(review_log: Path, start: int, command: list[str], code: int, late: bool
                     ) -> tuple[bytes, str]:
     """(the feedback for the next attempt, the start of the review's output for its reason): the head and tail of
-    its output (from `start` in its log), with a line for what was cut between them. A review that printed nothing has a line saying so, its
-    command and how it ended (else the prompt's feedback section was empty: the agent was told nothing); one that
-    timed out (`late`) ends in its own line for that."""
+    its output (from `start` in its log), with a line for what was cut between them. A review that printed nothing
+    has a line saying so, its command and how it ended (else the prompt's feedback section was empty: the agent was
+    told nothing); one that timed out (`late`) ends in its own line for that."""
     try:
         head, cut, tail = read_ends(review_log, FEEDBACK_HEAD, FEEDBACK_TAIL, start)
     except OSError:
         head, cut, tail = b"", 0, b""  # none, or the worker replaced it with what is not a file
     first = head.decode(errors="replace")
     if cut:  # at line ends where there are some: a line's stray half reads as a message of its own
-        end, start = head.rfind(b"\n") + 1, tail.find(b"\n") + 1
-        start = start if start < len(tail) else 0
-        cut += (len(head) - end if end else 0) + start
-        head, tail = head[: end or len(head)], tail[start:]
+        end, begin = head.rfind(b"\n") + 1, tail.find(b"\n") + 1
+        begin = begin if begin < len(tail) else 0
+        cut += (len(head) - end if end else 0) + begin
+        head, tail = head[: end or len(head)], tail[begin:]
         head += f"\naipm: {cut:,} bytes of the review's output cut here; all of it is in {review_log}\n\n".encode(
             errors="surrogateescape")  # (a path of the project, not UTF-8)
     elif not (head + tail).strip():
