@@ -87,7 +87,9 @@ def _user_dir() -> Path:
 def user_base(base: Path | None = None) -> Path:
     """`/tmp/aipm-<uid>`, created if need be; it must be this user's alone (others could plant files in it)."""
     base = base or _user_dir()
-    for _ in range(100):  # (a remover at work on a loaded machine took it three times in a row, in CI)
+    # (a remover at work on a loaded machine took it three times in a row in CI, then a hundred: each try is a mkdir
+    # and an lstat, some 10 µs, so a thousand cost at most 10 ms where nothing stops it being taken)
+    for _ in range(1000):
         try:
             os.mkdir(base, 0o700)
         except FileExistsError:
