@@ -879,7 +879,7 @@ def test_json_help_names_what_the_command_prints_without_it(wide_helps):
     said = {name: " ".join(line.split()) for name in names
             for line in wide_helps[name].stdout.splitlines() if "--json " in line}
     assert "JSON ({order, nodes, edges}) instead of Mermaid or DOT text." in said["graph"], said
-    assert "{order, task, source, patch} as JSON instead of the bare patch." in said["diff"], said
+    assert "{order, task, source, also_kept, patch} as JSON instead of the bare patch." in said["diff"], said
     assert {name for name, line in said.items() if "instead of a table" in line} == tables, said
 
 

@@ -21,7 +21,7 @@ from aipm.store import load_order
 @command()
 def diff(
     task: str = Argument(..., help="Task id, ORDER/TASK, or path to the task file."),
-    json_out: bool = json_option("the bare patch", "{order, task, source, patch} as JSON"),
+    json_out: bool = json_option("the bare patch", "{order, task, source, also_kept, patch} as JSON"),
 ) -> None:
     """Show a worktree task's changes as a patch (apply it with `git apply` at the repository's top).
 

@@ -12,6 +12,7 @@ from aipm.cli.resource_options import (
     ConfineOpt, MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, PreemptOpt, RunnerOpt,
     WorkspaceOpt, settings_from_flags,
 )
+from aipm.cluster import check_form
 from aipm.resources import ResourceMonitor, get_system_info
 from aipm.settings import SETTING_NAMES, setting_key
 
@@ -42,6 +43,8 @@ def config(
     root = project_root()
     settings = settings_from_flags(root, max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling, runner,
                                    preempt, confine, workspace)
+    if settings.runner == "ray":  # what a Ray run would refuse first (RAY_ADDRESS is Ray's: checked only then)
+        check_form(settings.ray_address, settings.sources["ray_address"])
     values = {name: getattr(settings, name) for name in SETTING_NAMES}
     if json_out:  # keyed as aipm.yaml spells each setting (`worker.command`), as the table and errors name it
         print_json({"root": str(root), "settings": {

@@ -65,13 +65,18 @@ def check(address: str, source: str = "default") -> None:
     launch. An address of no form Ray reads, or a cluster that cannot be reached, is no Ray cluster, or has no node on
     this machine, is a UserError (one line, exit 2, nothing changed): each attempt would find it so only once
     started, each spending one of its task's attempts."""
+    check_form(address, source)
+    why = reached(address)
+    if why is not None:
+        raise UserError(f"runner ray: {why}")
+
+
+def check_form(address: str, source: str = "default") -> None:
+    """An address of no form Ray reads is a UserError naming where it came from (RAY_ADDRESS or aipm.yaml)."""
     if address != "auto" and host_port(address) is None:
         where = "RAY_ADDRESS" if source.startswith("env ") else f"{source}: ray.address"
         raise UserError(f"{where}: {address!r} is not a Ray cluster address; use HOST:PORT (the head's GCS port: 6379 "
                         "unless its `ray start --port` said another), ray://HOST:PORT or auto")
-    why = reached(address)
-    if why is not None:
-        raise UserError(f"runner ray: {why}")
 
 
 def host_port(address: str) -> tuple[str, int] | None:
