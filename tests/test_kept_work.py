@@ -297,7 +297,39 @@ def test_what_an_attempt_stopped_in_its_workspace_setup_leaves_is_not_kept_as_th
         assert project.aipm("recover").returncode == 0
     assert not (repo / ".aipm/worktrees/ORD/T").exists()
     kept = sorted(str(p.relative_to(repo)) for p in (repo / ".aipm/patches").rglob("*") if p.is_file())
-    assert kept == [PATCH] and (repo / PATCH).read_bytes() == b"", kept
+    assert kept == [], kept  # (an empty patch of its own: `diff` showed it, not the attempt before's)
+    shown = project.aipm("diff", "T")
+    assert "no changes to show: none recorded; only an attempt that ran its command" in shown.stderr, shown.stderr
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert ("attempt 1 ended in its workspace_setup, before its command ran: what the setup wrote is not the task's "
             "work, and none of it is kept") in log, log
+
+
+def test_diff_after_an_attempt_stopped_in_its_workspace_setup_shows_the_attempt_before(repo, tmp_path):
+    """Ctrl-C of `aipm run` while a retried task's workspace_setup ran: `aipm diff` showed that attempt's empty
+    patch ("its last attempt changed nothing"), not the work of attempt 1 before it, though attempt 2 never ran
+    its command. It shows attempt 1's patch, and says attempt 2 has none."""
+    hang, ready = tmp_path / "hang", tmp_path / "ready"
+    project = project_in(repo, config=f"workspace: worktree\nworkspace_setup: 'if [ -e {hang} ]; then "
+                                      f"touch {ready}; sleep 60; fi'\n")
+    write_task(project.order(), "T", target_files=["src/a.txt"], command="echo mine >> src/a.txt; exit 1")
+    assert project.aipm("run", "ORD").returncode == 1
+    assert project.statuses()["T"] == "FAILED"
+    hang.touch()
+    assert project.aipm("retry", "T").returncode == 0
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD"],
+                           env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(ready.exists)
+    run.send_signal(signal.SIGINT)
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == 130, stdout + stderr
+    assert (repo / ".aipm/logs/ORD/T.2.log").exists()
+    for then in ([], ["recover"]):  # its worktree still there, then removed
+        assert not then or project.aipm(*then).returncode == 0
+        shown = project.aipm("diff", "T")
+        assert shown.returncode == 0 and "+mine" in shown.stdout, shown.stdout + shown.stderr
+        assert (f"aipm: ORD/T: attempt 2, the latest, has no patch (it ran no command in a worktree, or its end could "
+                f"not be captured; its log says which): this is attempt 1's, {repo / PATCH}\n") in shown.stderr, \
+            shown.stderr
+        assert project.json("diff", "T")["source"] == str(repo / PATCH)

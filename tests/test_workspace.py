@@ -557,8 +557,8 @@ def test_diff_of_a_task_with_no_changes_recorded_says_why_there_is_none(repo, co
     write_task(project.order(), "T", target_files=["src/a.txt"], command="true")
     proc = project.aipm("diff", "T")
     assert (proc.returncode, proc.stdout) == (0, ""), proc
-    assert proc.stderr == ("aipm: ORD/T: no changes to show: none recorded; only a task that ran with workspace: "
-                           "worktree has them\n"), proc.stderr
+    assert proc.stderr == ("aipm: ORD/T: no changes to show: none recorded; only an attempt that ran its command "
+                           "with workspace: worktree has one\n"), proc.stderr
     assert project.json("diff", "T") == {"order": "ORD", "task": "T", "source": None, "also_kept": [], "patch": ""}
 
 

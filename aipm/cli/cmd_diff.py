@@ -26,8 +26,9 @@ def diff(
     """Show a worktree task's changes as a patch (apply it with `git apply` at the repository's top).
 
     A running task (or one whose failed attempt's worktree is kept) shows its worktree against the attempt's
-    start; a finished one shows the patch of its last attempt, kept in .aipm/patches/. With no changes to show
-    it prints no patch and exits 0, saying why on stderr.
+    start; a finished one shows the patch of its last attempt that has one, kept in .aipm/patches/ (one stopped in
+    its workspace_setup has none), naming it when a later attempt has none. With no changes to show it prints no
+    patch and exits 0, saying why on stderr.
     """
     project = get_project()
     order_dir, task_id = find_task(project, task)
@@ -35,7 +36,10 @@ def diff(
     source, patch = workspace.diff(project.root, order.id, task_id)
     # (the last attempt's patch alone: what else is kept of it is named, not left for its log to tell)
     beside = workspace.kept_beside(project.root, order.id, task_id, patch) if isinstance(patch, Path) else []
+    instead = workspace.shown_instead(project.root, order.id, task_id, patch) if isinstance(patch, Path) else None
     if not json_out:
+        if instead:
+            print(f"aipm: {order.id}/{task_id}: {instead}", file=sys.stderr)
         for note in beside:
             print(f"aipm: {order.id}/{task_id}: also {note}", file=sys.stderr)
     with _opened(patch) as handle:
@@ -46,7 +50,8 @@ def diff(
         empty = os.fstat(handle.fileno()).st_size == 0 if isinstance(patch, Path) else not patch
         if empty:  # else nothing at all is printed, which reads as diff itself failing
             # None recorded is nothing to show too (a task not run yet), not a usage error (exit 2): workspaces.md.
-            what = ("none recorded; only a task that ran with workspace: worktree has them" if source is None else
+            what = ("none recorded; only an attempt that ran its command with workspace: worktree has one"
+                    if source is None else
                     f"its worktree ({source[len('worktree '):]}) has none against its attempt's start"
                     if source.startswith("worktree ") else f"its last attempt changed nothing ({source} is empty)")
             print(f"aipm: {order.id}/{task_id}: no changes to show: {what}", file=sys.stderr)

@@ -47,7 +47,7 @@ from aipm.workspace.repo import GITLINK, Repo, UnbornRepositories, WorkspaceErro
 from aipm.workspace.start import (after_setup, directory, prepare, setup_of, setup_unfinished, start_message,
                                   with_setup)
 from aipm.workspace.kept import (STAYS, WHOLE, diff, keep_rest, keep_whole, kept_beside, kept_patch, kept_rest,
-                                 last_kept, left_out_note)
+                                 last_kept, shown_instead, left_out_note)
 from aipm.workspace.ignored import IGNORED, NOT_MERGED, ignored_in_targets, keep_ignored, keep_ignored_with
 
 SHARED, WORKTREE = WORKSPACES
@@ -78,7 +78,7 @@ __all__ = ["Conflict", "MergeStopped", "NotCaptured", "WorkspaceError", "SHARED"
            "directory", "with_setup", "after_setup", "outside_targets", "keep", "keep_ignored", "merge", "stashed",
            "decided",
            "note_pending_merge", "finished", "keep_before_removal", "remove", "sweep", "sweep_orphans", "prune", "diff",
-           "kept_beside", "last_kept",
+           "kept_beside", "last_kept", "shown_instead",
            "kept_patch", "kept_rest", "kept_words"]
 
 
@@ -253,11 +253,10 @@ def _capture_end(root: Path, rec: Record, strict: bool = True) -> tuple[Repo, st
     if base is None or not tree.is_dir():
         raise WorkspaceError(f"the worktree of {rec.order}/{rec.task} ({tree}) or its start ({start}) is gone; "
                              f"nothing of attempt {rec.serial} can be merged")
+    if setup_unfinished(repo, base):  # its command never ran: no patch of its own, and `diff` shows the one before
+        return repo, base, base, {}
     patch = patch_path(root, rec.order, rec.task, rec.serial)
     make_own_dir(root, patch.parent)  # (the only copy of the work: not where a worker's link leads)
-    if setup_unfinished(repo, base):  # its command never ran: its patch is empty, and holds no setup's output
-        write_stream(patch, lambda out: None)
-        return repo, base, base, {}
     message = f"aipm: end of {rec.order}/{rec.task}, attempt {rec.serial}"
     end, left_out = _capture(repo, root, tree, base, message)
     if left_out:

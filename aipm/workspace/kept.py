@@ -116,10 +116,9 @@ def left_out_note(left_out: dict[str, str]) -> str:
 def kept_beside(root: Path, order: str, task: str, patch: Path) -> list[str]:
     """What else is kept of the attempt whose patch `diff` shows: its later patch (changes made in its worktree
     after its end, by its review or by hand, kept when the worktree went) and its rest (what no patch can hold)."""
-    number = re.fullmatch(re.escape(component(task)) + r"\.(\d+)\.patch", patch.name)
-    if number is None:
+    serial, out = _serial(task, patch), []
+    if serial is None:
         return []
-    serial, out = int(number.group(1)), []
     later = later_patch_path(root, order, task, serial)
     with suppress(OSError):
         if later.is_file() and later.stat().st_size:
@@ -129,6 +128,23 @@ def kept_beside(root: Path, order: str, task: str, patch: Path) -> list[str]:
     if rest is not None:
         out.append(f"what no patch can hold of attempt {serial} is kept in {rest}")
     return out
+
+
+def shown_instead(root: Path, order: str, task: str, patch: Path) -> str | None:
+    """When the patch `diff` shows is not the latest attempt's, in words: that one has none of its own (it never ran
+    its command, as one stopped in its workspace_setup; ran in the shared tree; or its end could not be captured).
+    Its empty patch was shown, read as the task's work gone."""
+    serial, serials = _serial(task, patch), Runtime(root).logs(order, task)
+    if serial is None or not serials or max(serials) <= serial:
+        return None
+    return (f"attempt {max(serials)}, the latest, has no patch (it ran no command in a worktree, or its end could not "
+            f"be captured; its log says which): this is attempt {serial}'s, {patch}")
+
+
+def _serial(task: str, patch: Path) -> int | None:
+    """The attempt whose patch is `patch` (None: not an attempt's own patch)."""
+    number = re.fullmatch(re.escape(component(task)) + r"\.(\d+)\.patch", patch.name)
+    return int(number.group(1)) if number else None
 
 
 def last_kept(root: Path, order: str, task: str) -> str | None:
