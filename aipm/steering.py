@@ -334,4 +334,9 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
             raise UserError(f"{path}: status: {exc}") from None
         writtenlog.note_order(rt, order_dir)  # not a worker's write
         rt.drop_feedback(order_id, task_id)
+        # A merge decided and cut short (its owner killed mid-way) is finished by the next attempt's start: said,
+        # or the retried task's old work reached the main tree unasked.
+        merge = workspace.note_pending_merge(project.root, order_id, task_id, "retried")
+        if merge:
+            said.append(merge)
     return current

@@ -1326,6 +1326,22 @@ def test_cancel_of_a_task_killed_mid_merge_says_the_tree_is_half_merged_and_remo
     assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
 
 
+def test_retry_of_a_task_killed_mid_merge_says_the_rest_of_its_merge_is_written_when_its_worktree_goes(repo):
+    """A lost attempt (its worker and its `run` gone) whose merge was decided and cut short: `aipm retry` re-queued
+    it saying only what the attempt had come to, and the next attempt's start wrote the rest of that merge into
+    the main tree without a word to the person who asked for the task to start anew."""
+    project, files = _killed_mid_merge(repo)
+    proc = project.aipm("retry", "T")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    said = (f"T: the merge of attempt 1 was cut short with 2 of 4 paths written; the rest is planned in "
+            f"{repo / '.aipm/merges/ORD/T'} and is written when its worktree is removed (`aipm recover`, its next "
+            "attempt)\n")
+    assert said in proc.stdout, proc.stdout
+    assert "retried: the merge of attempt 1 was cut short" in (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    project.aipm("recover", check=True)
+    assert all(f.read_text().count("T\n") == 1 for f in files)  # what it said: the decided plan, finished once
+
+
 def test_a_kept_patch_is_never_written_over_by_a_later_attempt(repo):
     """Attempt numbers came from logs and exit files only: with the logs cleared, a retry was attempt 1 again
     and its patch replaced the one kept from the first (the only copy once its worktree is gone)."""
