@@ -20,10 +20,10 @@ RECORDING = 30.0
 
 def recorded(rt: Runtime, order_id: str, task_id: str, path: Path, ended: dict, limit: float = RECORDING
              ) -> tuple[Task, int | None] | None:
-    """The task once the owner adopting its `ended` attempt (recover_order's {"attempt", "phase", "exit_code"}) has
-    recorded it: its record gone, or another's (its review's, or its next attempt's: that number, whose start the
-    file shows now, not the ended attempt's outcome). None when that did not happen in `limit` seconds, or its new
-    owner died first (the next recovery adopts it again)."""
+    """The task once the owner adopting its `ended` attempt (recover_order's {"attempt", "phase", "exit_code",
+    "attempts", "started_at"}) has recorded it: its record gone, or another's (its review's, or a later attempt's:
+    that number, whose start the file shows now, not the ended attempt's outcome). None when that did not happen in
+    `limit` seconds, or its new owner died first (the next recovery adopts it again)."""
     start = time.monotonic()
     while time.monotonic() < start + limit:
         rec = rt.read_record(order_id, task_id)
@@ -35,7 +35,14 @@ def recorded(rt: Runtime, order_id: str, task_id: str, path: Path, ended: dict, 
                     task = load_task(path, rt.root)
                 except (UserError, OSError):
                     return None  # broken or gone meanwhile: nothing to say of it
-            return task, rec.serial if rec is not None and rec.serial != ended["attempt"] else None
+                numbers = rt.logs(order_id, task_id)
+            if rec is not None and rec.serial != ended["attempt"]:
+                return task, rec.serial
+            # A later attempt that started and ended between two looks left no record: the file's start tells it
+            # (each start writes a new one; an outcome keeps it, or lowers the count of a capped attempt).
+            if task.started_at != ended["started_at"] or task.attempts > ended["attempts"]:
+                return task, max(numbers, default=task.attempts)  # (its log: the latest made)
+            return task, None
         if not rec.alive() or rec.held_by_stopped_owner():
             return None
         time.sleep(0.05)

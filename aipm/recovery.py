@@ -112,7 +112,8 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
                         else "its work is kept, unreviewed (no review command now)",
                         # its end is only to be recorded: `aipm recover` waits for that and says what it was
                         **({"ended": {"attempt": rec.serial, "phase": rec.phase,
-                                      "exit_code": read_exit_file(rec.exit_file)}}
+                                      "exit_code": read_exit_file(rec.exit_file), "attempts": rec.attempt,
+                                      "started_at": rec.started_at}}
                            if not again and not rec.worker_alive() else {})})
             continue
         if rec is None and cancelled_while_gone(launcher.runtime, order.id, task):

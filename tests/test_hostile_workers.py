@@ -12,7 +12,12 @@ from contextlib import contextmanager
 
 import pytest
 
+from aipm import adopted, recovery
+from aipm.launcher import Launcher, Options
+from aipm.project import Project
 from aipm.runner import group_members
+from aipm.settings import load_settings
+from aipm.store import load_order
 from conftest import capped_memory, no_workers, state, stop_outside_a_round, task_statuses, wait_for, write_task
 from invariants import KILL_OWNER, check, group_alive, journal_command, pid_alive
 
@@ -859,6 +864,24 @@ def test_recover_of_an_ended_attempt_whose_task_starts_again_at_once_says_the_en
     finally:
         gate.touch()
     wait_for(lambda: task_statuses(order) == {"A": "DONE"} and no_workers(project.root))
+
+
+def test_recover_of_an_ended_attempt_whose_next_attempt_ran_whole_before_it_looked_says_the_ended_ones(project):
+    """recover looked for the outcome it waits for every 50 ms: a next attempt that started and ended between two
+    looks (a short command) was taken for the ended attempt's, `recorded DONE` of one that had exited 3. Forced:
+    the wait begins only once the detached owner has recorded attempt 1, run attempt 2 and recorded it."""
+    order = project.order()
+    write_task(order, "A", command=f'if [ "$AIPM_ATTEMPT" = 1 ]; then {KILL_OWNER}; exit 3; fi',
+               target_files=["x.txt"], max_attempts=2)
+    project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
+    wait_for(lambda: [w for w in project.json("ps")["workers"] if w["state"] == "gone"])
+    settings = load_settings(project.root, {"enable_monitoring": False})
+    launcher = Launcher(Project(project.root, settings.orders_dir), settings, Options(), monitor=None)
+    with launcher.runtime.launch_lock():  # as `aipm recover` does, which then waits with the lock let go
+        (item,) = recovery.recover_order(launcher, load_order(order, project.root))
+    wait_for(lambda: task_statuses(order) == {"A": "DONE"} and no_workers(project.root))
+    task, later = adopted.recorded(launcher.runtime, "ORD", "A", order / "A.yaml", item["ended"])
+    assert (item["ended"]["exit_code"], later, task.attempts) == (3, 2, 2), (item, later, task)
 
 
 def test_retry_of_a_task_whose_worker_was_lost_recovers_it_and_queues_it_but_never_a_live_ones(project, gate):
