@@ -7,6 +7,7 @@ from pathlib import Path
 
 from aipm import lostreviews, subreaper
 from aipm.errors import UserError
+from aipm.liveness import stopped
 from aipm.record import Record
 from aipm.store import load_task
 
@@ -14,7 +15,9 @@ from aipm.store import load_task
 STATE_TEXT = {"alive": ("alive", ""), "unowned": ("alive, its owner gone (aipm recover adopts it)", "yellow"),
               "stopped": ("stopped", "yellow"), "gone": ("gone (stale: aipm recover)", "red"),
               "orphaned": ("orphaned: runs on (aipm recover ends it)", "red"),
-              "review_pending": ("review pending: it runs again on the next run", "yellow")}
+              "review_pending": ("review pending: it runs again on the next run", "yellow"),
+              "ended": ("ended: its owner records that end", ""),
+              "held": ("ended: its owner is stopped and records that end once it goes on", "yellow")}
 
 
 def describe(state: str, stopping: bool, phase: str) -> tuple[str, str]:
@@ -38,13 +41,17 @@ def holder(rec: Record, root: Path) -> tuple[int | None, list[int]]:
 
 
 def state(rec: Record, root: Path) -> tuple[str, int | None, list[int]]:
-    """The attempt's state (a key of STATE_TEXT but "stopped"), the pid that holds it (holder) and what its command
-    left running."""
+    """The attempt's state (a key of STATE_TEXT but "stopped"), its worker's pid (or the least one its command left
+    running; None once all are gone) and what its command left running."""
     pid, left = holder(rec, root)
-    if rec.alive():
+    if rec.worker_alive():
         # Its owner was killed: the worker runs on (its wrapper keeps its time limit) with nobody to record its end
         # or start what follows, until a recover or run adopts it. "alive" alone told nothing was amiss.
         return ("alive" if rec.owner_alive() else "unowned"), pid, left
+    if rec.owner_alive():
+        # Not the owner's pid (holder's, for `locks`): `ps` showed that aipm's CPU and memory, its other workers' in
+        # them, as the ended worker's, and a stopped owner as a stopped worker.
+        return ("held" if stopped(rec.owner_pid) else "ended"), None, left
     if _review_pending(rec, root):
         return "review_pending", pid, left
     # Its owner and wrapper died; with its command running on (holding its files) it is orphaned, else stale.

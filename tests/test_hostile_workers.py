@@ -971,6 +971,21 @@ def _stopped_owner_with_its_worker_ended(project, gate, order):
         first.wait(timeout=60)
 
 
+def test_ps_of_a_worker_that_ended_shows_no_pid_or_cpu_of_its_stopped_owner(project, gate):
+    """`aipm ps` gave a worker that had ended, its outcome held by its stopped `aipm run`, that run's pid, CPU and
+    memory (every child of it counted: another worker's too) as the worker's, in a row saying `stopped`, as of a
+    worker stopped with `kill -STOP`. It shows no pid or figures, and says the worker ended and who holds its end."""
+    with _stopped_owner_with_its_worker_ended(project, gate, "ORD") as first:
+        (worker,) = project.json("ps")["workers"]
+        shown = {key: worker[key] for key in ("pid", "owner_pid", "elapsed", "cpu_percent", "memory_mb", "state")}
+        assert shown == {"pid": None, "owner_pid": first.pid, "elapsed": None, "cpu_percent": None,
+                         "memory_mb": None, "state": "held"}, worker
+        table = project.aipm("ps", env={"COLUMNS": "200"}, check=True).stdout
+        (row,) = [line.split("│")[1:-1] for line in table.splitlines() if "ORD/T1" in line]
+        assert [cell.strip() for cell in row] == ["-", "ORD/T1", "work", "-", "-", "-", "ended: its owner is "
+                                                  "stopped and records that end once it goes on"], table
+
+
 def test_a_finished_order_does_not_wait_for_another_orders_owner_that_is_stopped(project, gate):
     """A run of an order that was done waited for any other order's outcome still being recorded: for ever, in
     silence, where that owner (another `aipm run`) was stopped with its worker ended."""
