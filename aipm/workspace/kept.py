@@ -106,7 +106,7 @@ def _move(src: Path, dest: Path) -> None:
 
 
 def left_out_note(left_out: dict[str, str]) -> str:
-    """What a capture left out (_capture, ignored.ignored_in_targets), and where each is kept (keep_rest)."""
+    """What a capture left out (capture.capture, ignored.ignored_in_targets), and where each is kept (keep_rest)."""
     kinds: dict[str, list[str]] = {}
     for path, what in left_out.items():
         kinds.setdefault(what, []).append(path)
