@@ -18,7 +18,8 @@ import yaml
 from conftest import wait_for, write_task
 from test_agents import agent_env, journal
 from test_budget_lowered import lower_task_limit
-from test_workspace import _lose_run_and_worker, git, project_in, repo  # noqa: F401 - repo is a fixture
+from test_workspace import (_lose_run_and_worker, _run_with_person, git, project_in, repo,  # noqa: F401 - a fixture
+                            wait_gate)
 
 PATCH, REST = ".aipm/patches/ORD/T.1.patch", ".aipm/patches/ORD/T.1.rest"
 
@@ -333,3 +334,90 @@ def test_diff_after_an_attempt_stopped_in_its_workspace_setup_shows_the_attempt_
                 f"not be captured; its log says which): this is attempt 1's, {repo / PATCH}\n") in shown.stderr, \
             shown.stderr
         assert project.json("diff", "T")["source"] == str(repo / PATCH)
+
+
+# -- diff of a worktree its worker moved off its start ---------------------------------------------------------------
+
+
+def _your_uncommitted_edit(repo: Path) -> None:
+    """A committed README.md, and your uncommitted edit of it (beside the fixture's staged file)."""
+    (repo / "README.md").write_text("readme\n")
+    git(repo, "add", "README.md")
+    git(repo, "commit", "-q", "-m", "readme", "--", "README.md")
+    (repo / "README.md").write_text("readme\nmy uncommitted work\n")
+
+
+def _applied(repo: Path, patch: str) -> None:
+    """`git apply` the diff at the repository's top, as workspaces.md says to."""
+    proc = subprocess.run(["git", "apply"], cwd=repo, input=patch, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr + patch
+
+
+def test_diff_of_a_kept_worktree_its_worker_moved_off_its_start_does_not_undo_your_uncommitted_edit(repo):
+    """A failed attempt whose worker ran `git checkout main` (its refs of its own allow it): its kept patch held its
+    change alone, but `aipm diff` compared the worktree's files with the start, so the diff undid your uncommitted
+    edit (and deleted the task file, so `git apply` refused it whole, or applied it and your edit was gone). It
+    shows what the kept patch holds, and changes made in the kept worktree after the end (by hand) too.
+    (Found by a fresh-user hunt.)"""
+    _your_uncommitted_edit(repo)
+    project = project_in(repo)
+    write_task(project.order(), "T", workspace="worktree", target_files=["src/"],
+               command="sh -c 'git checkout -q main && echo fix >> src/a.txt; exit 1'")
+    assert project.aipm("run", "ORD").returncode == 1
+    assert project.statuses() == {"T": "FAILED"}
+    kept = (repo / PATCH).read_text()
+    shown = project.aipm("diff", "ORD/T")
+    assert shown.returncode == 0 and shown.stdout == kept, shown.stdout + shown.stderr
+    assert "+fix" in shown.stdout and "my uncommitted work" not in shown.stdout, shown.stdout
+    assert "its worktree was moved off its start" in shown.stderr, shown.stderr
+    tree = repo / ".aipm/worktrees/ORD/T"
+    with open(tree / "src/b.txt", "a") as later:  # a fix by hand in the kept worktree, after its end
+        later.write("later\n")
+    shown = project.aipm("diff", "ORD/T")
+    assert "+fix" in shown.stdout and "+later" in shown.stdout, shown.stdout + shown.stderr
+    _applied(repo, shown.stdout)
+    assert (repo / "README.md").read_text() == "readme\nmy uncommitted work\n"
+    assert (repo / "src/a.txt").read_text().endswith("a line 20\nfix\n")
+    assert (repo / "src/b.txt").read_text().endswith("b line 20\nlater\n")
+
+
+def test_diff_of_a_running_worktree_its_worker_moved_off_its_start_does_not_undo_your_uncommitted_edit(repo, tmp_path):
+    """The same while the worker runs: it moved its worktree to your branch, wrote, and waits for the test."""
+    _your_uncommitted_edit(repo)
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/"], command=(
+        f'git checkout -q main && echo fix >> src/a.txt && touch "{tmp_path / "ready"}"; '
+        f'{wait_gate(tmp_path / "gate")} exit 1'))
+    seen = {}
+    proc = _run_with_person(project, tmp_path, lambda: seen.update(diff=project.aipm("diff", "T")))
+    assert proc.returncode == 1 and project.statuses() == {"T": "FAILED"}, proc.stdout + proc.stderr
+    shown = seen["diff"]
+    assert shown.returncode == 0 and "+fix" in shown.stdout, shown.stdout + shown.stderr
+    assert [line for line in shown.stdout.splitlines() if line.startswith("diff --git")] == [
+        "diff --git a/src/a.txt b/src/a.txt"], shown.stdout
+    _applied(repo, shown.stdout)
+    assert (repo / "README.md").read_text() == "readme\nmy uncommitted work\n"
+    assert (repo / "src/a.txt").read_text().endswith("a line 20\nfix\n")
+
+
+def test_diff_of_a_moved_worktree_whose_changes_overlap_your_edit_leaves_out_what_it_cannot_tell(repo):
+    """Where its changes overlap what the move dropped (the merge would send it back), the diff cannot tell its
+    change there from the undoing of your edit: it shows those paths as the start has them, says so on stderr, and
+    shows the rest, so that `git apply` of it keeps your edits."""
+    _your_uncommitted_edit(repo)
+    (repo / "src/a.txt").write_text((repo / "src/a.txt").read_text().replace("a line 15", "a line 15, mine"))
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/"], command=(
+        "git reset -q --hard main && sed -i 's/a line 15/a line 15, the task/' src/a.txt && echo new > src/new.txt; "
+        "exit 1"))
+    assert project.aipm("run", "ORD").returncode == 1
+    shown = project.aipm("diff", "T")
+    assert shown.returncode == 0, shown.stderr
+    assert "its changes overlap that in src/a.txt" in shown.stderr, shown.stderr
+    assert "so this patch leaves README.md" in shown.stderr and "as the attempt's start has them" in shown.stderr
+    assert [line for line in shown.stdout.splitlines() if line.startswith("diff --git")] == [
+        "diff --git a/src/new.txt b/src/new.txt"], shown.stdout
+    _applied(repo, shown.stdout)
+    assert (repo / "README.md").read_text() == "readme\nmy uncommitted work\n"
+    assert "a line 15, mine\n" in (repo / "src/a.txt").read_text()
+    assert (repo / "src/new.txt").read_text() == "new\n"

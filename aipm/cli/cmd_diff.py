@@ -26,14 +26,18 @@ def diff(
     """Show a worktree task's changes as a patch (apply it with `git apply` at the repository's top).
 
     A running task (or one whose failed attempt's worktree is kept) shows its worktree against the attempt's
-    start; a finished one shows the patch of its last attempt that has one, kept in .aipm/patches/ (one stopped in
-    its workspace_setup has none), naming it when a later attempt has none. With no changes to show it prints no
-    patch and exits 0, saying why on stderr.
+    start (a worktree its worker moved off its start, by `git checkout` or `git reset --hard`, as its merge would
+    take it: its changes since it left the start's history, so that the diff does not undo your uncommitted edits);
+    a finished one shows the patch of its last attempt that has one, kept in .aipm/patches/ (one stopped in its
+    workspace_setup has none), naming it when a later attempt has none. With no changes to show it prints no patch
+    and exits 0, saying why on stderr.
     """
     project = get_project()
     order_dir, task_id = find_task(project, task)
     order = load_order(order_dir, project.root)
-    source, patch = workspace.diff(project.root, order.id, task_id)
+    source, patch, notes = workspace.diff(project.root, order.id, task_id)
+    for note in notes:  # (a worktree its worker moved off its start: what is shown, and why; --json too)
+        print(f"aipm: {order.id}/{task_id}: {note}", file=sys.stderr)
     # (the last attempt's patch alone: what else is kept of it is named, not left for its log to tell)
     beside = workspace.kept_beside(project.root, order.id, task_id, patch) if isinstance(patch, Path) else []
     instead = workspace.shown_instead(project.root, order.id, task_id, patch) if isinstance(patch, Path) else None

@@ -4,11 +4,11 @@ The one door between the rest of aipm and git. The launcher asks `prepare` for a
 an attempt; the supervisor runs the worker and its review in `directory(...)`, asks `outside_targets` when the
 worker ends (the exact scope check) and `merge` when the task is approved, then `remove`s the worktree once the
 task's final status is written. `sweep` tidies after crashes; `diff` shows a task's changes. Where each thing
-lives is places.py; making the worktree (and its `workspace_setup`) is start.py; capturing an attempt's end (and
-an end its worker moved off its start) is capture.py; what an attempt that merged nothing
-keeps besides its patch, and `diff`, is kept.py; removing and sweeping is cleanup.py; applying an approved merge is
-mergeback.py, and the plan it saves first is mergeplan.py; the worktree's own refs and stash are ownrefs.py, and
-what a worker left in its stash is stash.py.
+lives is places.py; making the worktree (and its `workspace_setup`) is start.py; capturing an attempt's end is
+capture.py, and taking files its worker moved off its start (for that end, and for `diff`) is moved.py; what an
+attempt that merged nothing keeps besides its patch, and `diff`, is kept.py; removing and sweeping is cleanup.py;
+applying an approved merge is mergeback.py, and the plan it saves first is mergeplan.py; the worktree's own refs and
+stash are ownrefs.py, and what a worker left in its stash is stash.py.
 
 On disk, under the project's runtime directory:
   .aipm/worktrees/<ORDER>/<TASK>/        the worktree (a detached checkout of the task's start)

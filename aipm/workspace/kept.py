@@ -18,6 +18,7 @@ from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.workspace.places import (component, kept_words, later_patch_path, make_own_dir, own_dir, patch_path,
                                    refname, rest_path, scratch, worktree_path)
+from aipm.workspace.moved import onto_start
 from aipm.workspace.repo import Repo
 from aipm.workspace.start import setup_unfinished
 
@@ -160,10 +161,10 @@ def last_kept(root: Path, order: str, task: str) -> str | None:
     return kept_words(patch, rest) if patch or rest else None
 
 
-def diff(root: Path, order: str, task: str) -> tuple[str | None, bytes | Path]:
-    """(where it comes from, patch): the running (or kept) worktree against its start, else the last patch kept,
-    as its file (to be read a chunk at a time: a worker may have left gigabytes, or a sparse terabyte, there);
-    (None, b"") when there is neither (it has not run, or not in a worktree)."""
+def diff(root: Path, order: str, task: str) -> tuple[str | None, bytes | Path, list[str]]:
+    """(where it comes from, patch, notes for stderr): the running (or kept) worktree against its start, else the
+    last patch kept, as its file (to be read a chunk at a time: a worker may have left gigabytes, or a sparse
+    terabyte, there); (None, b"", []) when there is neither (it has not run, or not in a worktree)."""
     name = re.compile(re.escape(component(task)) + r"\.(\d+)\.patch")  # (not a `.later.patch`)
     patches = sorted((p for p in patch_path(root, order, task, 0).parent.glob(f"{glob.escape(component(task))}.*.patch")
                       if name.fullmatch(p.name)), key=lambda p: int(name.fullmatch(p.name).group(1)))
@@ -172,7 +173,23 @@ def diff(root: Path, order: str, task: str) -> tuple[str | None, bytes | Path]:
         repo = Repo(root)
         base = repo.rev(refname(order, task, "base", prefix=repo.prefix))
         if base is not None and not setup_unfinished(repo, base):  # (that: only its setup's output is there)
-            return f"worktree {tree}", repo.patch(base, repo.capture(tree, scratch(root), None, ""))
+            now, notes = _as_taken(repo, root, tree, base, repo.capture(tree, scratch(root), None, ""))
+            return f"worktree {tree}", repo.patch(base, now), notes
     if patches:
-        return str(patches[-1]), patches[-1]
-    return None, b""
+        return str(patches[-1]), patches[-1], []
+    return None, b"", []
+
+
+def _as_taken(repo: Repo, root: Path, tree: Path, base: str, files: str) -> tuple[str, list[str]]:
+    """The worktree's files (a captured tree) as its end would be taken (moved.onto_start), for `diff` to show what
+    its merge and its patch take: a worker that moved its worktree off its start (`git checkout main`) has files
+    that undo what the start held beside its commits, your uncommitted edits, and shown as they are, `git apply`
+    of the diff undid them. Where its changes overlap what the move dropped (its end would be sent back), the paths
+    the move dropped are shown as the start has them, and a note says so: no patch shown undoes your edits. Nothing
+    is written but objects: no ref (the end's capture reads its own), no log."""
+    onto = onto_start(repo, tree, base, files)
+    if onto.tangled:
+        return repo.with_entries(files, onto.dropped, scratch(root)), [
+            f"{onto.tangled}; so this patch leaves {some(list(onto.dropped))} as the attempt's start has them: its "
+            f"changes there cannot be told from the undoing of those edits (its files are in {tree})"]
+    return onto.tree or files, [onto.note] if onto.note else []

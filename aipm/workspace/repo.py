@@ -389,6 +389,23 @@ class Repo:
         tree, *paths = proc.stdout.decode("utf-8", "surrogateescape").split("\0")
         return tree, sorted({p for p in paths if p})
 
+    def with_entries(self, tree: str, entries: dict[str, tuple[str, str]], scratch: Path) -> str:
+        """The tree `tree` with each path of `entries` as (mode, id) there (an all-zeros id: absent), written through
+        a temporary index (`scratch`): no ref, and no index of a work tree, is touched."""
+        scratch.mkdir(parents=True, exist_ok=True)
+        index = scratch / f"index.{os.getpid()}.{next(_counter)}"
+        env = {"GIT_INDEX_FILE": str(index)}
+        try:
+            index.unlink(missing_ok=True)
+            self.git("read-tree", tree, env=env)
+            lines = "".join(f"{0 if set(oid) == {'0'} else mode} {oid}\t{path}\0"
+                            for path, (mode, oid) in entries.items())
+            self.git("update-index", "-z", "--replace", "--index-info", env=env,
+                     stdin=lines.encode("utf-8", "surrogateescape"))
+            return self.git("write-tree", env=env).decode().strip()
+        finally:
+            index.unlink(missing_ok=True)
+
     def patch(self, old: str, new: str) -> bytes:
         return self.git("diff", *_AS_PATCH, old, new)
 
