@@ -121,7 +121,7 @@ def attempt_marker(root: Path, rec: Record) -> frozenset[bytes]:
 
 def marked(mark: frozenset[bytes], pids: Iterable[int] | None = None) -> list[int]:
     """The processes (of `pids`, default every one we may read) whose environment carries `mark`."""
-    return [pid for pid, env in _environs(pids) if mark <= env]
+    return [pid for pid, env in environs(pids) if mark <= env]
 
 
 def task_runs(root: Path, order: str, task: str) -> bool:
@@ -138,7 +138,7 @@ def tasks_running(root: Path, tasks: Collection[tuple[str, str]]) -> set[tuple[s
     marks = {(o, t): {f"AIPM_ORDER_ID={o}".encode(errors="surrogateescape"),
                       f"AIPM_TASK_ID={t}".encode(errors="surrogateescape")} for o, t in tasks}
     found: set[tuple[str, str]] = set()
-    for pid, env in _environs() if marks else ():
+    for pid, env in environs() if marks else ():
         hits = [key for key, mark in marks.items() if mark <= env]
         if hits and (any(e == at or e.startswith(below) for e in env) or _works_in(pid, root)):
             found.update(hits)
@@ -155,7 +155,7 @@ def _works_in(pid: int, root: Path) -> bool:
     return cwd == str(root) or cwd.startswith(f"{root}/")
 
 
-def _environs(pids: Iterable[int] | None = None) -> Iterable[tuple[int, set[bytes]]]:
+def environs(pids: Iterable[int] | None = None) -> Iterable[tuple[int, set[bytes]]]:
     """(pid, environment entries) of `pids`, default every process we may read."""
     if pids is None:
         pids = (int(name) for name in os.listdir("/proc") if name.isdigit())

@@ -6,6 +6,7 @@ repository; the tests judge the journal, the main tree, the task files and git's
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -2260,3 +2261,45 @@ def test_a_directory_holding_files_git_ignores_where_the_task_puts_a_file_is_met
     assert (repo / "pkg" / "sub" / "local.secret").read_text() == "S\n"
     assert "pkg/sub: a directory in the main tree, where the task has a file, holding what no attempt starts with" \
         in (repo / ".aipm/logs/ORD/T.1.log").read_text()
+
+
+def test_a_rerun_after_a_kill_while_the_worktree_is_made_ends_the_killed_runs_checkout_first(repo, tmp_path):
+    """`aipm run` SIGKILLed while `git worktree add` checked its files out: that git (and the `git reset --hard` it
+    runs) went on filling the directory, and the rerun, clearing the path to make the worktree again, collided with
+    it (`fatal: '...' already exists`, the task not launched, exit 1). A smudge filter holds the first checkout of
+    one file, so the killed run's checkout is still at work, for as long as the test likes, when the rerun starts."""
+    held, pid, go = tmp_path / "held", tmp_path / "pid", tmp_path / "go"
+    os.mkfifo(go)
+    (tmp_path / "smudge.sh").write_text(f'if mkdir "{held}" 2>/dev/null; then echo $$ > "{pid}"; read x < "{go}"; fi\n'
+                                        "exec cat\n")
+    git(repo, "config", "filter.held.smudge", f"sh {tmp_path / 'smudge.sh'}")
+    (repo / ".gitattributes").write_text("src/held.txt filter=held\n")
+    (repo / "src" / "held.txt").write_text("held\n")
+    git(repo, "add", ".gitattributes", "src/held.txt")
+    git(repo, "commit", "-q", "-m", "a file whose checkout is held")
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/"], command="echo done >> src/a.txt")
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           cwd=project.root, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        filter_pid = int(wait_for(lambda: pid.exists() and pid.read_text().strip()))
+        run.kill()
+        run.wait()
+        proc = project.aipm("run", "ORD")
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert not _working(filter_pid), "the killed run's checkout outlived the rerun's start"
+        assert project.statuses() == {"T": "DONE"}
+        assert (repo / "src/a.txt").read_text().endswith("done\n")
+        assert aipm_leftovers(repo) == {"worktrees": [], "refs": []}
+    finally:
+        with contextlib.suppress(OSError):  # a checkout still held (the test failed): let it go
+            os.close(os.open(go, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def _working(pid: int) -> bool:
+    """Not ended (a zombie has ended: whoever it was re-parented to may not have reaped it yet)."""
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False

@@ -8,7 +8,8 @@ lives is places.py; making the worktree (and its `workspace_setup`) is start.py;
 capture.py, and taking files its worker moved off its start (for that end, and for `diff`) is moved.py; what an
 attempt that merged nothing keeps besides its patch, and `diff`, is kept.py; removing and sweeping is cleanup.py;
 applying an approved merge is mergeback.py, and the plan it saves first is mergeplan.py; the worktree's own refs and
-stash are ownrefs.py, and what a worker left in its stash is stash.py.
+stash are ownrefs.py, and what a worker left in its stash is stash.py; the git processes a killed owner left on a
+worktree are orphans.py.
 
 On disk, under the project's runtime directory:
   .aipm/worktrees/<ORDER>/<TASK>/        the worktree (a detached checkout of the task's start)

@@ -24,6 +24,7 @@ from pathlib import Path
 from aipm.coverage import out_of_scope
 from aipm.runtime import Runtime
 from aipm.workerfiles import STATE_FILE_MAX, append_log, read_bytes, write_bytes
+from aipm.workspace import orphans
 from aipm.workspace.places import later_patch_path, patch_path, relative
 from aipm.workspace.repo import Repo, WorkspaceError
 
@@ -80,7 +81,7 @@ def resume(root: Path, repo: Repo, order: str, task: str, serial: int, tree: Pat
         try:
             outside = _outside(repo, patches, targets, tree)
             repo.git("apply", "--whitespace=nowarn", *(["--check"] if check else []),
-                     *(f"--exclude={_literal(path)}" for path in outside), *map(str, patches), cwd=tree)
+                     *(f"--exclude={_literal(path)}" for path in outside), *map(str, patches), cwd=tree, env=orphans.mark(tree))
         except WorkspaceError as exc:
             note = (f"the changes of attempt {earlier}, which its review sent back, do not apply to the main tree as "
                     f"it is now ({exc}): this attempt starts from the main tree; they are kept in {kept}")

@@ -14,6 +14,7 @@ from aipm.model import FINISHED_OK, RUNNING, Order, Task
 from aipm.record import Record, same_attempt
 from aipm.runtime import Runtime
 from aipm.workerfiles import append_log
+from aipm.workspace import orphans
 from aipm.workspace.places import (component, merge_dir, own_dir, ref_space, refname, relative, runtime_dir, scratch,
                                    seam, worktree_path)
 from aipm.workspace.repo import Repo, WorkspaceError
@@ -59,6 +60,7 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> list[
     from aipm.workspace import mergeback as merging, mergeplan
 
     plan_dir, tree = merge_dir(root, order, task), worktree_path(root, order, task)
+    orphans.end(tree)  # a killed owner's checkout still filling it would race what follows
     # Nothing through a link a worker left on the way (own_dir): a link at the worktree's own name goes alone.
     own_plan, own_tree = own_dir(root, plan_dir.parent), own_dir(root, tree)
     if not own_tree and own_dir(root, tree.parent) and os.path.islink(tree):

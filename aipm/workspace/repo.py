@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from aipm.errors import UserError
 from aipm.workerfiles import read_git_file
+from aipm.workspace import orphans
 
 if TYPE_CHECKING:
     import subprocess
@@ -257,7 +258,7 @@ class Repo:
 
     def add_worktree(self, path: Path, commit: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.git("worktree", "add", "--detach", "--quiet", str(path), commit)
+        self.git("worktree", "add", "--detach", "--quiet", str(path), commit, env=orphans.mark(path))
 
     def remove_worktree(self, path: Path) -> None:
         """Remove the worktree at `path` and git's note of it, whatever state a worker left it in."""
