@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 
 import pytest
 
-from conftest import write_task
+from conftest import wait_for, write_task
 from test_workspace import git, project_in, repo, wait_gate  # noqa: F401 - repo is a fixture
 
 
@@ -126,6 +128,39 @@ def test_a_run_killed_while_moving_a_workers_stash_entries_moves_each_once(repo)
     assert project.statuses() == {"T": "DONE"} and len(entries) == 3 and entries[2].split()[0] == users[0], entries
     assert [git(repo, "stash", "show", "--name-only", f"stash@{{{n}}}").strip() for n in (0, 1)] == ["src/b.txt",
                                                                                                   "src/a.txt"]
+
+
+@pytest.mark.parametrize("then", ["", ' && rm "$(git rev-parse --git-path logs/refs/stash)"'],
+                         ids=["kept", "its log removed"])
+def test_a_workers_stash_outlives_a_gc_that_prunes_in_the_main_tree(repo, tmp_path, then):
+    """The worktree's own stash lived where the reachability walk of a `git gc --prune=now` (or `git prune`) in the
+    main tree does not look: run during the attempt, it deleted the entry's commit; the worker's `git stash list`
+    said "fatal: bad object refs/stash", and the stashed work was in no patch and no stash, with nothing said.
+    The entries' log is what keeps them: a worker that removes it (as an old git would not walk it) is told of."""
+    project = project_in(repo)
+    users = git(repo, "stash", "list", "--format=%H").split()
+    stashed, gate = tmp_path / "stashed", tmp_path / "gate"
+    write_task(project.order(), "T", target_files=["src/"], command=(
+        f'echo wip-work >> src/a.txt && git stash -q{then} && touch "{stashed}"; {wait_gate(gate)}'
+        "git stash list; echo done >> src/b.txt"))
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD"],
+                           cwd=project.root, env=dict(os.environ, AIPM_ENABLE_MONITORING="false"),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_for(stashed.exists)
+        git(repo, "gc", "-q", "--prune=now")
+    finally:
+        gate.touch()
+    out = run.communicate(timeout=120)[0]
+    assert run.returncode == 0 and project.statuses() == {"T": "DONE"}, out
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    if then:
+        assert "what the worker stashed is lost" in log and git(repo, "stash", "list", "--format=%H").split() == users
+        return
+    entries = git(repo, "stash", "list", "--format=%H").split()
+    assert entries[1:] == users, entries
+    assert "+wip-work" in git(repo, "stash", "show", "-p", "stash@{0}")
+    assert f"src/a.txt (stash@{{0}}, {entries[0][:10]}): stashed by the worker, so not merged" in log, log
 
 
 def test_a_stash_entry_the_worker_made_on_another_commit_is_named_too(repo):

@@ -16,6 +16,12 @@ The worker's `git gc`, `git prune`, `git repack -a -d` there would see only thes
 shared objects what only the repository reaches (the user's stash entries, staged files, reflogs, what the user
 and other tasks commit meanwhile): its config marks the objects precious (extensions.preciousObjects), so git
 deletes none from there.
+
+The other way round, a `git gc --prune=now` or `git prune` run anywhere else in the repository walks, of a
+worktree, its HEAD, its index and the reflogs of its per-worktree refs (refs/worktree/..., git 2.20+), never a
+common directory of its own: the worker's stash entries (and what only its branches and tags held) were deleted
+under it. So its refs and their logs are, on disk, per-worktree ones (`refs/worktree/aipm/...`, reached through
+links from the own directory), and every ref there keeps a log (core.logAllRefUpdates=always).
 """
 
 from __future__ import annotations
@@ -47,7 +53,10 @@ def isolate(repo: Repo, tree: Path) -> None:
         extensions = [(key, value) for key, value in extensions if key in _FORMAT_0]
     note = Path(repo.own_env(tree)["GIT_DIR"])
     own = note / OWN
-    (own / "refs").mkdir(parents=True)
+    for name, place in (("refs", note / "refs" / "worktree" / OWN), ("logs/refs", note / "logs/refs/worktree" / OWN)):
+        place.mkdir(parents=True)
+        (own / name).parent.mkdir(parents=True, exist_ok=True)
+        os.symlink(place, own / name)
     for name in SHARED:
         if os.path.lexists(repo.common / name):
             os.symlink(repo.common / name, own / name)
@@ -72,12 +81,13 @@ def isolated(note: Path) -> bool:
 
 def _config(repo: Repo, extensions: list[tuple[str, str]]) -> str:
     """The worktree's own config: the repository's `extensions` (git reads them from this file alone, includes
-    aside), objects that no git run there deletes, and everything else from the repository's config."""
+    aside), objects that no git run there deletes, everything else from the repository's config, and then a log
+    for every ref (what keeps its objects from a prune elsewhere, whatever the repository's config says)."""
     lines = [f"\t{key.partition('.')[2]} = {_quoted(value)}\n" for key, value in extensions
              if key != "extensions.preciousobjects"]
     # (extensions are honoured from format version 1 on)
     return ("[core]\n\trepositoryformatversion = 1\n[extensions]\n\tpreciousObjects = true\n" + "".join(lines)
-            + f"[include]\n\tpath = {_quoted(str(repo.common / 'config'))}\n")
+            + f"[include]\n\tpath = {_quoted(str(repo.common / 'config'))}\n[core]\n\tlogAllRefUpdates = always\n")
 
 
 def _quoted(value: str) -> str:

@@ -350,6 +350,12 @@ class Repo:
             return []
         return [(name, commit, parents) for name, commit, *parents in map(str.split, proc.stdout.decode().splitlines())]
 
+    def missing(self, ref: str, env: dict[str, str] | None = None) -> str | None:
+        """The object id `ref` names (`env`: in a worktree's own refs) when the repository lacks that object, else
+        None."""
+        oid = self._run(self.top, ["rev-parse", "--verify", "-q", ref], env, check=False).stdout.decode().strip()
+        return oid if oid and self._run(self.top, ["cat-file", "-e", oid], check=False).returncode != 0 else None
+
     def config(self, file: Path, pattern: str) -> list[tuple[str, str]]:
         """The entries of the config file `file` whose keys match the regular expression `pattern`: (key, value)."""
         proc = self._run(self.top, ["config", "--file", str(file), "-z", "--get-regexp", pattern], check=False)

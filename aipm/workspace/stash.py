@@ -29,7 +29,7 @@ def carry(repo: Repo, tree: Path, base: str) -> list[str]:
         return []  # its stash is the repository's, the user's: nothing to move, and never to delete
     entries = repo.stash(env)
     if not entries:
-        return []
+        return _gone(repo, env)
     present = {commit for _, commit, _ in repo.stash()}  # moved already, by a capture a crash cut short
     failed, elsewhere = [], []
     for _, commit, parents in reversed(entries):
@@ -49,6 +49,16 @@ def carry(repo: Repo, tree: Path, base: str) -> list[str]:
         repo.git("update-ref", "-d", "refs/stash", env=env)
     return failed + ([f"the worker's stash entries made on another commit than its start: {', '.join(elsewhere)}: "
                       f"{STASHED}"] if elsewhere else [])
+
+
+def _gone(repo: Repo, env: dict[str, str]) -> list[str]:
+    """A note when the worktree's stash names a commit that is not in the repository: a `git gc` or `git prune`
+    elsewhere deleted it (with a git older than 2.20, or once the worker had dropped its stash's log), and what it
+    stashed is lost. Said, never passed over as no stash."""
+    gone = repo.missing("refs/stash", env)
+    return [] if gone is None else [f"the worker's stash names a commit that is gone ({gone}): a `git gc` or "
+                                    "`git prune` in the repository deleted it while the attempt ran, and what the "
+                                    "worker stashed is lost"]
 
 
 def _store(repo: Repo, subject: str, commit: str) -> None:
