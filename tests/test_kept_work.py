@@ -402,8 +402,8 @@ def test_diff_of_a_running_worktree_its_worker_moved_off_its_start_does_not_undo
 
 def test_diff_of_a_moved_worktree_whose_changes_overlap_your_edit_leaves_out_what_it_cannot_tell(repo):
     """Where its changes overlap what the move dropped (the merge would send it back), the diff cannot tell its
-    change there from the undoing of your edit: it shows those paths as the start has them, says so on stderr, and
-    shows the rest, so that `git apply` of it keeps your edits."""
+    change there from the undoing of your edit: it shows those paths as the start has them, says so on stderr (and
+    where the attempt's versions of them are kept), and shows the rest, so that `git apply` of it keeps your edits."""
     _your_uncommitted_edit(repo)
     (repo / "src/a.txt").write_text((repo / "src/a.txt").read_text().replace("a line 15", "a line 15, mine"))
     project = project_in(repo)
@@ -415,9 +415,63 @@ def test_diff_of_a_moved_worktree_whose_changes_overlap_your_edit_leaves_out_wha
     assert shown.returncode == 0, shown.stderr
     assert "its changes overlap that in src/a.txt" in shown.stderr, shown.stderr
     assert "so this patch leaves README.md" in shown.stderr and "as the attempt's start has them" in shown.stderr
+    # ...and where its versions of them are: its failed end kept them in its rest (its kept worktree has them too)
+    rest = repo / REST
+    assert f"its end keeps them in {rest}" in shown.stderr, shown.stderr
+    assert "a line 15, the task\n" in (rest / "src/a.txt").read_text()
     assert [line for line in shown.stdout.splitlines() if line.startswith("diff --git")] == [
         "diff --git a/src/new.txt b/src/new.txt"], shown.stdout
     _applied(repo, shown.stdout)
     assert (repo / "README.md").read_text() == "readme\nmy uncommitted work\n"
     assert "a line 15, mine\n" in (repo / "src/a.txt").read_text()
     assert (repo / "src/new.txt").read_text() == "new\n"
+
+
+@pytest.mark.parametrize("gone_by", ["recover", "next attempt"])
+def test_a_tangled_attempts_patch_keeps_your_edits_and_its_rest_keeps_its_versions(repo, gone_by):
+    """A worker that moved its worktree off its start (`git reset --hard`) and changed the lines of your uncommitted
+    edit is sent back, nothing merged; but its kept patch was its files against the start, undoing your edits (the
+    line the task changed, and README.md, which its move alone undid). Once the worktree went (`aipm recover`, or
+    its next attempt's start), `aipm diff` showed that patch without a word, and `git apply` of it, as the docs and
+    its log say, destroyed your edits. Now the patch leaves the paths the move dropped as the start has them, and
+    the worktree's versions of those paths are kept in the attempt's rest, which its log, its finish line and
+    `diff` name."""
+    _your_uncommitted_edit(repo)
+    (repo / "src/a.txt").write_text((repo / "src/a.txt").read_text().replace("a line 15", "a line 15, mine"))
+    project = project_in(repo)
+    write_task(project.order(), "T", workspace="worktree", target_files=["src/"],
+               max_rework=int(gone_by == "next attempt"), command=(
+                   'test "$AIPM_ATTEMPT" = 2 && exit 1; git reset -q --hard main && '
+                   "sed -i 's/a line 15/a line 15, the task/' src/a.txt && echo new > src/new.txt"))
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    if gone_by == "recover":
+        assert project.statuses() == {"T": "REJECTED"} and project.aipm("recover").returncode == 0
+        assert not (repo / ".aipm/worktrees/ORD/T").exists()
+    else:  # (the worktree there is attempt 2's)
+        assert project.statuses() == {"T": "FAILED"} and "attempt 2" in (repo / ".aipm/logs/ORD/T.2.log").read_text()
+    patch, rest = repo / PATCH, repo / REST
+    # What aipm says to `git apply` (the diff shown once the worktree is gone; the patch its log names) keeps your
+    # edits, and holds the task's change it can tell
+    shown = project.aipm("diff", "T") if gone_by == "recover" else None
+    _applied(repo, shown.stdout if shown else patch.read_text())
+    assert (repo / "README.md").read_text() == "readme\nmy uncommitted work\n"
+    assert "a line 15, mine\n" in (repo / "src/a.txt").read_text()
+    assert (repo / "src/new.txt").read_text() == "new\n"
+    assert [line for line in patch.read_text().splitlines() if line.startswith("diff --git")] == [
+        "diff --git a/src/new.txt b/src/new.txt"], patch.read_text()
+    # The worker's versions, whole, in its rest: its change of your line, and README.md as its move left it
+    assert (rest / "src/a.txt").read_text().count("a line 15, the task\n") == 1
+    assert "mine" not in (rest / "src/a.txt").read_text() and (rest / "README.md").read_text() == "readme\n"
+    # ...named by its log, its finish line, and `diff` (--json: also_kept)
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "its changes overlap that in src/a.txt" in log and "nothing of attempt 1 was merged" in log, log
+    assert f"its versions of README.md, src/a.txt are kept in {rest}" in log, log
+    finish = [line for line in proc.stdout.splitlines() if line.startswith("finish") and "attempt 2" not in line]
+    assert str(rest) in finish[0], proc.stdout
+    if shown:
+        assert shown.returncode == 0 and shown.stdout == patch.read_text(), shown.stdout + shown.stderr
+        assert f"also its versions of README.md, src/a.txt are kept in {rest}" in shown.stderr, shown.stderr
+        assert f"its patch, {patch}, leaves README.md, " in shown.stderr, shown.stderr
+        listed = json.loads(project.aipm("diff", "T", "--json").stdout)["also_kept"]
+        assert any(f"its versions of README.md, src/a.txt are kept in {rest}" in item for item in listed), listed

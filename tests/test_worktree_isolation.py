@@ -220,6 +220,8 @@ def test_a_worker_that_moves_its_worktree_to_your_branch_does_not_undo_your_unco
 
 
 def test_a_moved_worktree_whose_changes_overlap_your_uncommitted_edit_is_sent_back_and_your_edit_kept(repo):
+    """Taken as a merge would take it, its change of your line conflicts with your edit there: sent back, nothing
+    merged, and nothing of either lost."""
     project = project_in(repo)
     (repo / "src/a.txt").write_text((repo / "src/a.txt").read_text().replace("a line 15", "a line 15, mine"))
     write_task(project.order(), "T", target_files=["src/a.txt"], max_rework=0,
@@ -229,7 +231,12 @@ def test_a_moved_worktree_whose_changes_overlap_your_uncommitted_edit_is_sent_ba
     assert "a line 15, mine\n" in (repo / "src/a.txt").read_text()
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert "its changes overlap that in src/a.txt" in log and "nothing of attempt 1 was merged" in log, log
-    assert "+a line 15, the task" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()
+    # Its patch undid your edit there (`git apply` it, as its log said, and your line was gone); its version of the
+    # file, which its patch leaves as the start has it, is kept in its rest, which its log and finish line name.
+    assert "a line 15" not in (repo / ".aipm/patches/ORD/T.1.patch").read_text()
+    rest = repo / ".aipm/patches/ORD/T.1.rest"
+    assert "a line 15, the task\n" in (rest / "src/a.txt").read_text() and str(rest) in log, log
+    assert str(rest) in proc.stdout, proc.stdout
 
 
 @pytest.mark.parametrize("move", ["git reset -q --soft HEAD~1", "git reset -q HEAD~1"])

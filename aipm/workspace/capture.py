@@ -1,20 +1,22 @@
 """Capturing a worktree attempt's end: its files as a commit on its start (the merge's and the patch's source), what
 of it no patch can hold (repositories in the worktree), and an end whose worker moved its worktree off its start
 (`git checkout`, `git reset --hard`), taken since its history left the start's (moved.py) so that the main tree's
-uncommitted edits are not undone by its merge.
+uncommitted edits are not undone by its merge; where that cannot be told (tangled), by its patch either, its
+versions of those paths kept in its rest (kept.keep_tangled).
 """
 
 from __future__ import annotations
 
 import os
+from contextlib import suppress
 from pathlib import Path
 
 from aipm.record import Record
 from aipm.workerfiles import append_log, write_stream
 from aipm.workspace import stash
-from aipm.workspace.kept import keep_rest
+from aipm.workspace.kept import keep_rest, keep_tangled
 from aipm.workspace.moved import onto_start
-from aipm.workspace.places import make_own_dir, own_dir, patch_path, refname, scratch
+from aipm.workspace.places import make_own_dir, own_dir, patch_path, refname, scratch, tangled_path
 from aipm.workspace.repo import GITLINK, Repo, UnbornRepositories, WorkspaceError
 from aipm.workspace.start import setup_unfinished, start_message
 
@@ -44,7 +46,9 @@ def capture_end(root: Path, rec: Record, strict: bool = True) -> tuple[Repo, str
     it, path -> why: the repositories in the worktree, without commits (git cannot capture them) or with commits
     (a submodule to git: their files and commits are only in the worktree, which the next attempt removes)).
     `strict` (an end to be merged): WorkspaceError, after its patch is written, for a worktree moved off its start
-    whose changes cannot be told from the undoing of the start's uncommitted edits (moved.onto_start)."""
+    whose changes cannot be told from the undoing of the start's uncommitted edits (moved.onto_start). Such an end
+    (strict or not) is the files with those paths as the start has them, and so is its patch: `git apply` of it
+    never undoes those edits; the worktree's versions of them are kept in its rest (kept.keep_tangled)."""
     repo = Repo(root)
     start = refname(rec.order, rec.task, "base", prefix=repo.prefix)
     base = repo.rev(start)
@@ -82,19 +86,23 @@ def capture_end(root: Path, rec: Record, strict: bool = True) -> tuple[Repo, str
         keep_rest(root, rec.order, rec.task, rec.serial, tree, left_out)
         end = repo.capture(tree, scratch(root), base, message, leave_out=list(left_out))
     onto = onto_start(repo, tree, base, end)
-    tangled = onto.tangled
+    kept = keep_tangled(root, repo, rec, onto) if onto.tangled else ""
+    with suppress(OSError):  # (an earlier capture of this attempt's, tangled: its note would be read of this patch)
+        if not onto.tangled:
+            tangled_path(root, rec.order, rec.task, rec.serial).unlink(missing_ok=True)
     if onto.note:
         append_log(rec.log, onto.note)
     if onto.tree is not None:
-        # Taken onto its start; what its files hold is kept for the changes made after its end (_keep_later)
+        # Taken onto its start (or, tangled, its files with what the move dropped as the start has it); what its
+        # files hold is kept for the changes made after its end (_keep_later)
         repo.set_ref(refname(rec.order, rec.task, "captured", prefix=repo.prefix), end)
         end = repo.git("commit-tree", onto.tree, "-p", base, "-m", message).decode().strip()
     repo.set_ref(refname(rec.order, rec.task, "end", prefix=repo.prefix), end)
     for note in stash.carry(repo, tree, base):
         append_log(rec.log, note)
     write_stream(patch, lambda out: repo.write_patch(base, end, out))
-    if tangled and strict:
-        raise WorkspaceError(f"{tangled}; nothing of attempt {rec.serial} was merged, its changes are kept in {patch}")
-    if tangled:
-        append_log(rec.log, tangled)
+    if onto.tangled and strict:
+        raise WorkspaceError(f"{onto.tangled}; nothing of attempt {rec.serial} was merged: {kept}")
+    if onto.tangled:
+        append_log(rec.log, f"{onto.tangled}; {kept}")
     return repo, base, end, left_out

@@ -1,7 +1,9 @@
 """What of a worktree attempt is kept when nothing of it is merged: its patch (written by workspace.keep), and its
 rest, what no patch can hold (a git repository made in the worktree, ignored files in its targets, or the whole
-worktree where git cannot capture it), moved out of the worktree before anything removes it. Every line that
-names the patch names the rest too; `aipm diff` shows the patch, or the worktree while it is there.
+worktree where git cannot capture it), moved out of the worktree before anything removes it; and, where its worker
+moved its worktree off its start and its changes there cannot be told from the undoing of your uncommitted edits,
+its versions of those paths, which its patch leaves as the start has them. Every line that names the patch names
+the rest too; `aipm diff` shows the patch, or the worktree while it is there.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ from pathlib import Path
 from aipm.model import some
 from aipm.record import Record
 from aipm.runtime import Runtime
+from aipm.workerfiles import read_bytes, write_bytes
 from aipm.workspace.places import (component, kept_words, later_patch_path, make_own_dir, own_dir, patch_path,
-                                   refname, rest_path, scratch, worktree_path)
-from aipm.workspace.moved import onto_start
-from aipm.workspace.repo import Repo
+                                   refname, rest_path, scratch, tangled_path, worktree_path)
+from aipm.workspace.moved import Onto, onto_start
+from aipm.workspace.repo import Repo, WorkspaceError
 from aipm.workspace.start import setup_unfinished
 
 
@@ -83,6 +86,36 @@ def keep_rest(root: Path, order: str, task: str, serial: int, tree: Path, left_o
             left_out[path] += f"; moved out of the worktree, whole, into {rest}"
 
 
+_FILE_MODES = ("100644", "100755", "120000")  # what a path of a capture holds that a checkout writes
+
+
+def keep_tangled(root: Path, repo: Repo, rec: Record, onto: Onto) -> str:
+    """An end its worker moved off its start whose changes overlap what the move dropped (moved.onto_start's
+    tangled): its patch leaves the paths the move dropped as the start has them, as there its changes cannot be told
+    from the undoing of your uncommitted edits, and `git apply` of it (as the docs and `diff` say) undid those
+    edits. Its versions of them, their only copy once the worktree goes, are written into its rest at those paths,
+    from the capture (the worktree is left as it is: `diff` and a later patch read it). The note, for its log and
+    outcome, is kept beside its patch too (tangled_path), for `diff` to say when it shows that patch."""
+    rest = rest_path(root, rec.order, rec.task, rec.serial)
+    present = {path: entry for path, entry in onto.theirs.items() if entry[0] in _FILE_MODES}
+    gone = [path for path in onto.theirs if path not in present]
+    left = (f"its patch, {patch_path(root, rec.order, rec.task, rec.serial)}, leaves {some(list(onto.theirs))} as "
+            "the attempt's start has them, where its changes cannot be told from the undoing of the main tree's "
+            "uncommitted edits") + (f" (its worktree has no {some(gone)})" if gone else "")
+    try:
+        if present:
+            make_own_dir(root, rest)  # (the only copy of the work: not where a worker's link leads)
+            repo.check_out(present, rest, scratch(root))
+    except (WorkspaceError, OSError) as exc:
+        note = (f"{left}; its versions of them could not be kept ({exc}): they are only in {rec.workspace}, until "
+                "its next attempt starts or `aipm recover`")
+    else:
+        note = f"its versions of {some(list(present))} are kept in {rest}, at those paths: {left}" if present else left
+    with suppress(OSError):  # (`diff` then names its rest as for any other)
+        write_bytes(tangled_path(root, rec.order, rec.task, rec.serial), note.encode(errors="surrogateescape"))
+    return note
+
+
 def _move(src: Path, dest: Path) -> None:
     """A rename (both are under .aipm/, on one file system), never a copy: shutil.move's copy, where a rename is
     refused, writes out a sparse file's holes (a worker's `truncate -s 1T`) and leaves the source when it cannot
@@ -125,8 +158,10 @@ def kept_beside(root: Path, order: str, task: str, patch: Path) -> list[str]:
         if later.is_file() and later.stat().st_size:
             out.append(f"changes made in its worktree after attempt {serial}'s end (by its review, or by hand) are "
                        f"kept in {later} (`git apply` it after this one)")
+    with suppress(OSError, UnicodeDecodeError):  # (none: no end of it was tangled)
+        out.append(read_bytes(tangled_path(root, order, task, serial), 1 << 16).decode(errors="surrogateescape"))
     rest = kept_rest(root, Record(order, "", task, "", serial, [], "", "", "", workspace="kept"))
-    if rest is not None:
+    if rest is not None and not any(str(rest) in note for note in out):  # (not named by its tangled note)
         out.append(f"what no patch can hold of attempt {serial} is kept in {rest}")
     return out
 
@@ -173,23 +208,27 @@ def diff(root: Path, order: str, task: str) -> tuple[str | None, bytes | Path, l
         repo = Repo(root)
         base = repo.rev(refname(order, task, "base", prefix=repo.prefix))
         if base is not None and not setup_unfinished(repo, base):  # (that: only its setup's output is there)
-            now, notes = _as_taken(repo, root, tree, base, repo.capture(tree, scratch(root), None, ""))
+            now, notes = _as_taken(repo, root, order, task, base, repo.capture(tree, scratch(root), None, ""))
             return f"worktree {tree}", repo.patch(base, now), notes
     if patches:
         return str(patches[-1]), patches[-1], []
     return None, b"", []
 
 
-def _as_taken(repo: Repo, root: Path, tree: Path, base: str, files: str) -> tuple[str, list[str]]:
+def _as_taken(repo: Repo, root: Path, order: str, task: str, base: str, files: str) -> tuple[str, list[str]]:
     """The worktree's files (a captured tree) as its end would be taken (moved.onto_start), for `diff` to show what
     its merge and its patch take: a worker that moved its worktree off its start (`git checkout main`) has files
     that undo what the start held beside its commits, your uncommitted edits, and shown as they are, `git apply`
     of the diff undid them. Where its changes overlap what the move dropped (its end would be sent back), the paths
-    the move dropped are shown as the start has them, and a note says so: no patch shown undoes your edits. Nothing
-    is written but objects: no ref (the end's capture reads its own), no log."""
+    the move dropped are shown as the start has them, as its end's patch has them, and a note says so and where its
+    versions of them are: no patch shown undoes your edits. Nothing is written but objects: no ref (the end's
+    capture reads its own), no log."""
+    tree = worktree_path(root, order, task)
     onto = onto_start(repo, tree, base, files)
     if onto.tangled:
-        return repo.with_entries(files, onto.dropped, scratch(root)), [
+        serial = max(Runtime(root).logs(order, task), default=None)  # (the worktree's: the latest attempt's)
+        kept = f"; its end keeps them in {rest_path(root, order, task, serial)}" if serial is not None else ""
+        return onto.tree, [
             f"{onto.tangled}; so this patch leaves {some(list(onto.dropped))} as the attempt's start has them: its "
-            f"changes there cannot be told from the undoing of those edits (its files are in {tree})"]
+            f"changes there cannot be told from the undoing of those edits (its files are in {tree}{kept})"]
     return onto.tree or files, [onto.note] if onto.note else []

@@ -2,7 +2,10 @@
 let it check out your branch) and rewrote its files: they hold none of what the start held beside its commits, your
 uncommitted edits, so against the start they undo them. They are taken as `git merge` takes a branch: their changes
 since the fork of the worktree's history and the start's, onto the start. The end capture (capture.py: what is
-merged, and the attempt's patch) and `aipm diff` of a running or kept worktree (kept.py) both take them so.
+merged, and the attempt's patch) and `aipm diff` of a running or kept worktree (kept.py) both take them so. Where their
+changes overlap what the move dropped (tangled: the end is sent back), they are taken with the paths it dropped as
+the start has them, so that neither that patch nor `diff` undoes your edits; the end keeps the worktree's versions
+of those paths in the attempt's rest (kept.keep_tangled).
 """
 
 from __future__ import annotations
@@ -12,23 +15,28 @@ from pathlib import Path
 from typing import NamedTuple
 
 from aipm.model import some
+from aipm.workspace.places import scratch
 from aipm.workspace.repo import Repo
 
 
 class Onto(NamedTuple):
     """How a capture of a worktree's files is taken against its start (onto_start)."""
 
-    tree: str | None = None  # the files' changes merged onto the start (None: the files are taken as they are)
+    # The tree taken for the files: their changes merged onto the start, or (tangled) the files with each path the
+    # move dropped as the start has it (None: the files are taken as they are)
+    tree: str | None = None
     note: str | None = None  # what was done, for the attempt's log
-    tangled: str | None = None  # why they cannot be taken: their changes overlap what the move dropped
+    tangled: str | None = None  # why they cannot be merged: their changes overlap what the move dropped
     dropped: dict[str, tuple[str, str]] = {}  # (tangled) each path the move dropped -> (mode, id) at the start
+    theirs: dict[str, tuple[str, str]] = {}  # (tangled) each of those paths -> (mode, id) in the files (0s: absent)
 
 
 def onto_start(repo: Repo, tree: Path, base: str, files: str) -> Onto:
     """The capture `files` (a commit or a tree) of the worktree `tree`, whose start is the commit `base`, as it is
     taken against that start. A move that kept the files (`git reset --soft`, a mixed reset) dropped nothing: they
-    are taken as they are. Tangled where their changes overlap what the move dropped, or a file tells neither way.
-    Writes objects only (no ref, no log)."""
+    are taken as they are. Tangled where their changes overlap what the move dropped, or a file tells neither way:
+    taken with those paths as the start has them, no patch of them undoing your edits. Writes objects only (no ref,
+    no log)."""
     head = repo.head_of(tree)
     if head is None or head == base or repo.rev(head) is None or repo.descends(head, base):
         # On its start, or committed on top of it: nothing dropped. (Or a repository of its own, `rm .git && git
@@ -44,13 +52,13 @@ def onto_start(repo: Repo, tree: Path, base: str, files: str) -> Onto:
     # the files still have as the start had it (mode and content), have as the fork had it or nearer to that
     # (dropped), or nearer the start's (kept). Two listings of the trees, whatever the number of files.
     held, now = repo.entries(fork, base), repo.entries(base, files)
-    dropped, kept = {}, []
+    dropped, theirs, kept = {}, {}, []
     for path, (at_fork, start) in held.items():
         if path not in now:
             continue  # as the start had it
         at_end = now[path][1]
         if at_end == at_fork or _nearer(repo, at_end, at_fork, start):
-            dropped[path] = start
+            dropped[path], theirs[path] = start, at_end
         else:
             kept.append(path)
     if not dropped:
@@ -61,7 +69,8 @@ def onto_start(repo: Repo, tree: Path, base: str, files: str) -> Onto:
         return Onto(tangled=(f"{moved}, which undid what the start held beside the commit it moved to (the main "
                              f"tree's uncommitted edits), and its changes overlap that in "
                              f"{some(merged[1] if merged else list(dropped))}: keep the worktree on its start "
-                             "(commit on top of it) and leave your branches alone"), dropped=dropped)
+                             "(commit on top of it) and leave your branches alone"), dropped=dropped, theirs=theirs,
+                    tree=repo.with_entries(files, dropped, scratch(repo.root)))
     return Onto(tree=merged[0], note=(f"{moved}: its changes are taken since its history left the start's, so that "
                                       f"what the move dropped ({some(list(dropped))}: the main tree's uncommitted "
                                       "edits, or commits it went back past) is not undone"))

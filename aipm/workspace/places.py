@@ -47,6 +47,12 @@ def rest_path(root: Path, order: str, task: str, attempt: int) -> Path:
     return runtime_dir(root) / "patches" / component(order) / f"{component(task)}.{attempt}.rest"
 
 
+def tangled_path(root: Path, order: str, task: str, attempt: int) -> Path:
+    """Where attempt N's end says which paths its patch leaves as its start has them and where its versions of them
+    are kept (kept.keep_tangled), beside its patch: read by `aipm diff` when it shows that patch."""
+    return runtime_dir(root) / "patches" / component(order) / f"{component(task)}.{attempt}.tangled"
+
+
 def kept_words(patch: object, rest: object) -> str:
     """Where an attempt's work is kept, for a line that says so (`...kept in <this>`): its patch, its rest, or both.
     Every line that names the patch names the rest: the patch alone is not the whole work."""

@@ -12,6 +12,7 @@ import re
 import os
 import shutil
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -399,17 +400,32 @@ class Repo:
     def with_entries(self, tree: str, entries: dict[str, tuple[str, str]], scratch: Path) -> str:
         """The tree `tree` with each path of `entries` as (mode, id) there (an all-zeros id: absent), written through
         a temporary index (`scratch`): no ref, and no index of a work tree, is touched."""
+        with self._index_of(entries, scratch, tree) as env:
+            return self.git("write-tree", env=env).decode().strip()
+
+    def check_out(self, entries: dict[str, tuple[str, str]], dest: Path, scratch: Path) -> None:
+        """Write each path of `entries` ((mode, id) of a file or symbolic link) under the directory `dest`, at that
+        path, as git checks it out (filters, line endings, the executable bit, a link as a link): a copy of files
+        as a capture holds them, through a temporary index (`scratch`); no work tree, index or ref is touched."""
+        with self._index_of(entries, scratch) as env:
+            self.git("checkout-index", "-f", "-z", "--stdin", f"--prefix={dest}/", env=env,
+                     stdin="".join(f"{path}\0" for path in entries).encode("utf-8", "surrogateescape"))
+
+    @contextmanager
+    def _index_of(self, entries: dict[str, tuple[str, str]], scratch: Path, tree: str | None = None):
+        """A temporary index (its environment) holding `tree` (or nothing) with `entries` put in, removed after."""
         scratch.mkdir(parents=True, exist_ok=True)
         index = scratch / f"index.{os.getpid()}.{next(_counter)}"
         env = {"GIT_INDEX_FILE": str(index)}
         try:
             index.unlink(missing_ok=True)
-            self.git("read-tree", tree, env=env)
+            if tree is not None:
+                self.git("read-tree", tree, env=env)
             lines = "".join(f"{0 if set(oid) == {'0'} else mode} {oid}\t{path}\0"
                             for path, (mode, oid) in entries.items())
             self.git("update-index", "-z", "--replace", "--index-info", env=env,
                      stdin=lines.encode("utf-8", "surrogateescape"))
-            return self.git("write-tree", env=env).decode().strip()
+            yield env
         finally:
             index.unlink(missing_ok=True)
 
