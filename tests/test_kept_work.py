@@ -475,3 +475,27 @@ def test_a_tangled_attempts_patch_keeps_your_edits_and_its_rest_keeps_its_versio
         assert f"its patch, {patch}, leaves README.md, " in shown.stderr, shown.stderr
         listed = json.loads(project.aipm("diff", "T", "--json").stdout)["also_kept"]
         assert any(f"its versions of README.md, src/a.txt are kept in {rest}" in item for item in listed), listed
+
+
+def test_a_tangled_attempts_patch_leaves_a_file_it_put_back_only_in_part_as_the_start_has_it(repo):
+    """Your uncommitted edit of three lines; the worker's `git reset --hard` dropped them, it wrote two of them back
+    (nearer the start's than the fork's, so not counted as dropped) and changed a line of its own. Its end is sent
+    back, but its patch held that file as its worktree had it: `git apply` of it undid your third line. Every path
+    of your edits that its files change is now left as the start has it, and its version kept in its rest."""
+    text = (repo / "src/a.txt").read_text()
+    mine = text.replace("a line 3\n", "a line 3, mine\n").replace("a line 15\n", "a line 15, mine\n").replace(
+        "a line 18\n", "a line 18, mine\n")
+    (repo / "src/a.txt").write_text(mine)
+    project = project_in(repo)
+    write_task(project.order(), "T", workspace="worktree", target_files=["src/"], max_rework=0, command=(
+        "git reset -q --hard main && sed -i -e 's/^a line 3$/a line 3, mine/' -e 's/^a line 15$/a line 15, mine/' "
+        "-e 's/^a line 16$/a line 16, the task/' src/a.txt && echo new > src/new.txt"))
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1 and project.statuses() == {"T": "REJECTED"}, proc.stdout + proc.stderr
+    assert project.aipm("recover").returncode == 0
+    shown = project.aipm("diff", "T")
+    _applied(repo, shown.stdout)
+    assert (repo / "src/a.txt").read_text() == mine and (repo / "src/new.txt").read_text() == "new\n"
+    kept = (repo / REST / "src/a.txt").read_text()
+    assert "a line 16, the task\n" in kept and "a line 18\n" in kept, kept
+    assert f"its versions of src/a.txt are kept in {repo / REST}" in shown.stderr, shown.stderr

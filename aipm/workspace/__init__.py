@@ -15,6 +15,8 @@ On disk, under the project's runtime directory:
   .aipm/worktrees/<ORDER>/<TASK>/        the worktree (a detached checkout of the task's start)
   .aipm/merges/<ORDER>/<TASK>/           a merge plan being applied (see mergeplan.py)
   .aipm/patches/<ORDER>/<TASK>.<N>.patch what attempt N changed (`git apply` at the repository's top)
+  .aipm/patches/<ORDER>/<TASK>.<N>.rest/ what no patch of it holds (kept.py), and <TASK>.<N>.tangled, the note of
+                                         the paths its patch leaves as its start has them (kept.keep_tangled)
   refs/aipm/<ORDER>/<TASK>/{base,end}    the attempt's start and end, as commits no branch points to
                                          (refs/aipm/@<DIR>/... for a project in a directory DIR of its repo)
   <git dir>/worktrees/<ID>/aipm/         the worktree's own refs and stash (see ownrefs.py)

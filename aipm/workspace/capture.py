@@ -93,7 +93,7 @@ def capture_end(root: Path, rec: Record, strict: bool = True) -> tuple[Repo, str
     if onto.note:
         append_log(rec.log, onto.note)
     if onto.tree is not None:
-        # Taken onto its start (or, tangled, its files with what the move dropped as the start has it); what its
+        # Taken onto its start (or, tangled, its files with the paths of those edits as the start has them); what its
         # files hold is kept for the changes made after its end (_keep_later)
         repo.set_ref(refname(rec.order, rec.task, "captured", prefix=repo.prefix), end)
         end = repo.git("commit-tree", onto.tree, "-p", base, "-m", message).decode().strip()

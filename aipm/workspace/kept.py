@@ -91,11 +91,11 @@ _FILE_MODES = ("100644", "100755", "120000")  # what a path of a capture holds t
 
 def keep_tangled(root: Path, repo: Repo, rec: Record, onto: Onto) -> str:
     """An end its worker moved off its start whose changes overlap what the move dropped (moved.onto_start's
-    tangled): its patch leaves the paths the move dropped as the start has them, as there its changes cannot be told
-    from the undoing of your uncommitted edits, and `git apply` of it (as the docs and `diff` say) undid those
-    edits. Its versions of them, their only copy once the worktree goes, are written into its rest at those paths,
-    from the capture (the worktree is left as it is: `diff` and a later patch read it). The note, for its log and
-    outcome, is kept beside its patch too (tangled_path), for `diff` to say when it shows that patch."""
+    tangled): its patch leaves the paths of your uncommitted edits that its files change as the start has them, as
+    there its changes cannot be told from the undoing of those edits, which `git apply` of it (as the docs and
+    `diff` say to) undid. Its versions of them, their only copy once the worktree goes, are written into its rest
+    at those paths, from the capture (the worktree is left as it is: `diff` and a later patch read it). The note,
+    for its log and outcome, is kept beside its patch too (tangled_path), for `diff` to say when it shows it."""
     rest = rest_path(root, rec.order, rec.task, rec.serial)
     present = {path: entry for path, entry in onto.theirs.items() if entry[0] in _FILE_MODES}
     gone = [path for path in onto.theirs if path not in present]
@@ -220,15 +220,15 @@ def _as_taken(repo: Repo, root: Path, order: str, task: str, base: str, files: s
     its merge and its patch take: a worker that moved its worktree off its start (`git checkout main`) has files
     that undo what the start held beside its commits, your uncommitted edits, and shown as they are, `git apply`
     of the diff undid them. Where its changes overlap what the move dropped (its end would be sent back), the paths
-    the move dropped are shown as the start has them, as its end's patch has them, and a note says so and where its
-    versions of them are: no patch shown undoes your edits. Nothing is written but objects: no ref (the end's
-    capture reads its own), no log."""
+    of those edits that its files change are shown as the start has them, as its end's patch has them, and a note
+    says so and where its versions of them are: no patch shown undoes your edits. Nothing is written but objects:
+    no ref (the end's capture reads its own), no log."""
     tree = worktree_path(root, order, task)
     onto = onto_start(repo, tree, base, files)
     if onto.tangled:
         serial = max(Runtime(root).logs(order, task), default=None)  # (the worktree's: the latest attempt's)
         kept = f"; its end keeps them in {rest_path(root, order, task, serial)}" if serial is not None else ""
         return onto.tree, [
-            f"{onto.tangled}; so this patch leaves {some(list(onto.dropped))} as the attempt's start has them: its "
+            f"{onto.tangled}; so this patch leaves {some(list(onto.left))} as the attempt's start has them: its "
             f"changes there cannot be told from the undoing of those edits (its files are in {tree}{kept})"]
     return onto.tree or files, [onto.note] if onto.note else []

@@ -3,9 +3,9 @@ let it check out your branch) and rewrote its files: they hold none of what the 
 uncommitted edits, so against the start they undo them. They are taken as `git merge` takes a branch: their changes
 since the fork of the worktree's history and the start's, onto the start. The end capture (capture.py: what is
 merged, and the attempt's patch) and `aipm diff` of a running or kept worktree (kept.py) both take them so. Where their
-changes overlap what the move dropped (tangled: the end is sent back), they are taken with the paths it dropped as
-the start has them, so that neither that patch nor `diff` undoes your edits; the end keeps the worktree's versions
-of those paths in the attempt's rest (kept.keep_tangled).
+changes overlap what the move dropped (tangled: the end is sent back), they are taken with each path of your edits
+that they change as the start has it, so that neither that patch nor `diff` undoes your edits; the end keeps the
+worktree's versions of those paths in the attempt's rest (kept.keep_tangled).
 """
 
 from __future__ import annotations
@@ -27,7 +27,9 @@ class Onto(NamedTuple):
     tree: str | None = None
     note: str | None = None  # what was done, for the attempt's log
     tangled: str | None = None  # why they cannot be merged: their changes overlap what the move dropped
-    dropped: dict[str, tuple[str, str]] = {}  # (tangled) each path the move dropped -> (mode, id) at the start
+    # (tangled) each path taken as the start has it -> (mode, id) there: every one the start held beside the fork
+    # that the files change (what the move dropped, and what they hold nearer the start's, which is not the start's)
+    left: dict[str, tuple[str, str]] = {}
     theirs: dict[str, tuple[str, str]] = {}  # (tangled) each of those paths -> (mode, id) in the files (0s: absent)
 
 
@@ -35,7 +37,8 @@ def onto_start(repo: Repo, tree: Path, base: str, files: str) -> Onto:
     """The capture `files` (a commit or a tree) of the worktree `tree`, whose start is the commit `base`, as it is
     taken against that start. A move that kept the files (`git reset --soft`, a mixed reset) dropped nothing: they
     are taken as they are. Tangled where their changes overlap what the move dropped, or a file tells neither way:
-    taken with those paths as the start has them, no patch of them undoing your edits. Writes objects only (no ref,
+    taken with those paths (every one of your edits that they change) as the start has them, no patch of them
+    undoing your edits. Writes objects only (no ref,
     no log)."""
     head = repo.head_of(tree)
     if head is None or head == base or repo.rev(head) is None or repo.descends(head, base):
@@ -52,13 +55,13 @@ def onto_start(repo: Repo, tree: Path, base: str, files: str) -> Onto:
     # the files still have as the start had it (mode and content), have as the fork had it or nearer to that
     # (dropped), or nearer the start's (kept). Two listings of the trees, whatever the number of files.
     held, now = repo.entries(fork, base), repo.entries(base, files)
-    dropped, theirs, kept = {}, {}, []
+    dropped, kept = {}, []
     for path, (at_fork, start) in held.items():
         if path not in now:
             continue  # as the start had it
         at_end = now[path][1]
         if at_end == at_fork or _nearer(repo, at_end, at_fork, start):
-            dropped[path], theirs[path] = start, at_end
+            dropped[path] = start
         else:
             kept.append(path)
     if not dropped:
@@ -66,11 +69,15 @@ def onto_start(repo: Repo, tree: Path, base: str, files: str) -> Onto:
     moved = f"its worktree was moved off its start (a `git checkout` or `git reset` there, to {head[:12]})"
     merged = repo.merge_tree(base, tip) if not kept else None
     if merged is None or merged[1]:
+        # Here its changes cannot be told from the undoing of your edits: no patch of these paths may be taken (one
+        # the files hold nearer the start's may still undo part of them), and the files' are kept aside (kept.py)
+        left = {path: held[path][1] for path in [*dropped, *kept]}
         return Onto(tangled=(f"{moved}, which undid what the start held beside the commit it moved to (the main "
                              f"tree's uncommitted edits), and its changes overlap that in "
                              f"{some(merged[1] if merged else list(dropped))}: keep the worktree on its start "
-                             "(commit on top of it) and leave your branches alone"), dropped=dropped, theirs=theirs,
-                    tree=repo.with_entries(files, dropped, scratch(repo.root)))
+                             "(commit on top of it) and leave your branches alone"), left=left,
+                    theirs={path: now[path][1] for path in left},
+                    tree=repo.with_entries(files, left, scratch(repo.root)))
     return Onto(tree=merged[0], note=(f"{moved}: its changes are taken since its history left the start's, so that "
                                       f"what the move dropped ({some(list(dropped))}: the main tree's uncommitted "
                                       "edits, or commits it went back past) is not undone"))
