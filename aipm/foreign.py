@@ -86,20 +86,12 @@ class Said:
     def __init__(self) -> None:
         self.running: dict[str, int] = {}  # task → the attempt said to run
 
-    def said(self, read: Callable[[str], Task | None], records: list, watched: set[str]) -> list[dict]:
-        """The events for `records` (the live attempts of other owners, of this order's tasks), given the tasks
-        `watched` (named by a watch line) before them, and each task as its file was last read, before this run's
-        own writes (`read`: OrderView.as_read: the end of another's attempt, though this run started the next at
-        once). An attempt whose end was not seen before its owner's next one started is said by that start alone:
-        what its own end came to, its file no longer says."""
+    def ended(self, read: Callable[[str], Task | None], live: set[str]) -> list[dict]:
+        """The ends of the attempts said to run whose task has no record of another owner now (`live`: the tasks
+        that have one), with the status each came to (`read`: OrderView.as_read, the file as last read, before this
+        run's own writes: the end of another's attempt, though this run started the next at once). Said before the
+        round's starts, which that end may have allowed."""
         events = []
-        for rec in records:
-            if self.running.get(rec.task) != rec.serial:
-                if rec.task in watched:
-                    events.append({"event": "started", "task": rec.task, "pid": rec.pid, "attempt": rec.serial,
-                                   "by": "another aipm"})
-                self.running[rec.task] = rec.serial
-        live = {rec.task for rec in records}
         for task_id, serial in list(self.running.items()):
             task = read(task_id)
             if task_id in live or task is None or task.status in RUNNING:
@@ -107,4 +99,17 @@ class Said:
             del self.running[task_id]
             events.append({"event": "finished", "task": task_id, "attempt": serial, "status": task.status.value,
                            "reason": task.reason, "exit_code": task.exit_code, "by": "another aipm"})
+        return events
+
+    def started(self, records: list, watched: set[str]) -> list[dict]:
+        """The starts of `records` (the live attempts of other owners, of this order's tasks), given the tasks
+        `watched` (named by a watch line) before them. An attempt whose end was not seen before its owner's next one
+        started is said by that start alone: what its own end came to, its file no longer says."""
+        events = []
+        for rec in records:
+            if self.running.get(rec.task) != rec.serial:
+                if rec.task in watched:
+                    events.append({"event": "started", "task": rec.task, "pid": rec.pid, "attempt": rec.serial,
+                                   "by": "another aipm"})
+                self.running[rec.task] = rec.serial
         return events

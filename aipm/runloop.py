@@ -148,7 +148,11 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 elif item["action"] == "discarded":
                     emit({"event": "discarded", "task": item["id"], "order": report.order.id, "detail": item["detail"],
                           **recovery.as_event(item)})
-            for event in sup.outbox:
+            # Another owner's attempts that ended are said before this round's own lines: their outcome (D1 DONE)
+            # may be what let this round start a task (D2), said after it otherwise.
+            theirs_live = {rec.task for rec in report.records if rec.order == report.order.id
+                           and (rec.owner_pid, rec.owner_ctime) != sup.me}
+            for event in [*others_said.ended(view.as_read, theirs_live), *sup.outbox]:
                 emit(event)
             sup.outbox.clear()
             if sup.cluster_gone:
@@ -254,8 +258,8 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 emit({"event": "watching", "tasks": sorted(theirs), "detail": "run by another aipm (a detached "
                       "`aipm launch` or another `aipm run`); this run waits for them and goes on from there"
                       if not only else "run by another aipm; this exec waits for it and ends as it ends"})
-            for event in others_said.said(view.as_read, [rec for rec in report.records if rec.task in theirs
-                                                       and rec.key in foreign and rec.order == order.id], watched):
+            for event in others_said.started([rec for rec in report.records if rec.task in theirs
+                                              and rec.key in foreign and rec.order == order.id], watched):
                 emit(event)
             watched |= theirs
             # Other owners' attempts in flight, each by its number: a task's next attempt is a new audit window.

@@ -815,6 +815,25 @@ def test_a_run_says_which_tasks_of_its_order_another_owner_runs(project, gate):
     assert lines[1] == "finish   T → DONE (exit 0); attempt 1, run by another aipm\n", lines
 
 
+def test_a_watched_attempts_end_is_said_before_the_start_it_allowed(project, gate):
+    """D2 waits on D1, which a detached owner runs: the run said `started D2` (or watched D2) and only then
+    `finished D1 DONE, by: another aipm`, in the same round: a start before the outcome that allowed it."""
+    order = project.order()
+    write_task(order, "D1", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["d1"])
+    write_task(order, "D2", command="true", depends_on=["D1"], target_files=["d2"])
+    project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
+    run, events, reader = run_reading_events(project)
+    try:
+        wait_for(lambda: events)  # the watch of D1 (it waits for the gate: nothing else can come first)
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 0, run.stderr.read()
+    reader.join(timeout=60)
+    names = [(e["event"], e.get("task") or ",".join(e.get("tasks", []))) for e in events]
+    ended = names.index(("finished", "D1"))
+    assert not any("D2" in task for _, task in names[:ended]), names
+
+
 def test_a_watched_attempts_end_is_said_before_the_next_attempt_whoever_starts_it(project, gate):
     """The watched attempt fails with an attempt left: its owner or this run starts the next. Where this run did,
     the end was never said (its own start had already changed the task in the view that end was read from)."""
