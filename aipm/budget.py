@@ -19,7 +19,7 @@ no event of claude's in its log never began a session and spent nothing (agents.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from aipm import agents
 from aipm.model import Order, Task
@@ -75,10 +75,6 @@ class Budget:
         `own`: what the task's own max_cost_usd leaves it (task_left)."""
         return task_id not in self.costless and not self.split([*before, self.claim(task_id, own)])[-1]
 
-    def starting(self, claims: Sequence[float | None]) -> Budget:
-        """This budget as it stands once the attempts of `claims` have started, holding their shares."""
-        return replace(self, held=round(self.held + sum(self.split(list(claims))), 6)) if claims else self
-
     def split(self, owns: list[float | None]) -> list[float]:
         """The caps of capped attempts that would start now, in the plan's order, each with what its own budget
         leaves it (None: no budget of its own): 0 for one that waits. What is available is shared equally, cut to
@@ -108,12 +104,20 @@ class Budget:
         by their attempts"."""
         return spent_text(self.spent, self.unreported)
 
-    @property
-    def held_detail(self) -> str:
+    def held_detail(self, before: Sequence[str] = (), claims: Sequence[float | None] = ()) -> str:
+        """Why a task is held back (holds_back): what the running attempts may still spend, and the shares of the
+        tasks the plan chose before it (`before`, asking `claims`), named as such: they are not running (the load
+        may defer them too), and "its running attempts may spend $0.3000 more" was said with none running."""
         # (said as no more than is left: the least share an aider attempt holds may be more than a budget has)
-        most = min(self.held, max(0.0, round(self.limit - self.spent - self.unreported, 6)))
-        return (f"{HELD}: the order's attempts cost {self.cost} and its running attempts may spend "
-                f"{usd(most)} more, of max_cost_usd {usd(self.limit)} ({self.source}); waits for them to end")
+        left = max(0.0, round(self.limit - self.spent - self.unreported, 6))
+        running = min(self.held, left)
+        holders = [f"its running attempts may spend {usd(running)} more"] if running or not before else []
+        if before:
+            shares = min(round(sum(self.split(list(claims))), 6), round(left - running, 6))
+            named = ", ".join(before[:3]) + (f" and {len(before) - 3} more" if len(before) > 3 else "")
+            holders.append(f"{usd(shares)} is the shares of {named}, ranked before it, which start first")
+        return (f"{HELD}: the order's attempts cost {self.cost} and {' and '.join(holders)}, of max_cost_usd "
+                f"{usd(self.limit)} ({self.source}); waits for them to end")
 
     @property
     def over_detail(self) -> str:

@@ -171,6 +171,7 @@ def plan(
     kept_out: set[tuple[Target, ...]] = set()  # without reasons: targets found kept out, so identical ones are too
     chosen: list[Task] = []
     claims: list[float | None] = []  # what the chosen tasks that take a share of `budget` ask of it (Budget.claim)
+    claimers: list[str] = []  # (and which they are)
     closed = ""  # why the budget holds back every task that costs, once one is held
     # Lazily: the hot path stops at the first full round, and a big order's ready list is long.
     tasks = ranked(order) if ordering is None else (order.tasks[i] for i in ordering if i in order.tasks)
@@ -209,7 +210,7 @@ def plan(
         # waits its turn, as in the hot path); each ready one is listed, as run's `defer` line names them.
         if budget is not None and task.id not in budget.costless and (
                 closed or budget.holds_back(task.id, task_left(task), claims)):
-            blocked = Blocked(task.id, BUDGET, closed or budget.starting(claims).held_detail)
+            blocked = Blocked(task.id, BUDGET, closed or budget.held_detail(claimers, claims))
             if not waiting:  # (ready but for the budget: what `launch` and `exec` say they wait for; and what
                 # closes it to those after it: the hot path sees ready tasks alone)
                 result.held.append(blocked)
@@ -277,6 +278,7 @@ def plan(
         near_chosen.add(task.targets)
         if budget is not None and task.id not in budget.costless:
             claims.append(budget.claim(task.id, task_left(task)))
+            claimers.append(task.id)
     result.launchable = chosen
     return result
 

@@ -1893,6 +1893,25 @@ def test_running_attempts_hold_their_share_until_they_end(project):
     assert project.json("status", "ORD")["cost_usd"] == pytest.approx(0.08)
 
 
+def test_a_task_held_by_the_shares_of_tasks_not_running_says_so(project):
+    """$0.30 and five claude tasks on a busy machine, nothing running: B1 would start, B2 and B3 were deferred for
+    the load, and B4 was said held because 'its running attempts may spend $0.3000 more', of attempts that did not
+    exist: the shares were B1's, B2's and B3's. It names them, and running attempts only where there are some."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: claude\n")
+    order = project.order()
+    (order / "order.yaml").write_text("id: ORD\nmax_cost_usd: 0.30\n")
+    for i in range(1, 6):
+        write_task(order, f"B{i}", prompt="@cost 0.01", target_files=[f"b{i}.txt"])
+    env = {**agent_env(project), "AIPM_FAKE_LOAD": "50,10", "AIPM_ENABLE_MONITORING": "true"}
+    launch = project.aipm("launch", "ORD", "--max-cpu", "1", "--max-workers", "4", "--dry-run", env=env)
+    lines = launch.stdout.splitlines()
+    assert launch.returncode == 0 and {"would start B1", "deferred B2: machine busy (cpu 50%, memory 10%)",
+                                       "deferred B3: machine busy (cpu 50%, memory 10%)"} < set(lines), launch.stdout
+    said = ("deferred B4: budget held: the order's attempts cost $0.0000 and $0.3000 is the shares of B1, B2, B3, "
+            "ranked before it, which start first, of max_cost_usd $0.3000 (order.yaml); waits for them to end")
+    assert said in lines and "running attempts" not in launch.stdout, launch.stdout
+
+
 def test_detect_and_why_share_the_budget_as_launch_does(project):
     """$0.25 gives two claude attempts a least share each: `launch` started A and B and deferred C-E ('budget held'),
     while `detect` listed all five as launchable and `why C` said it could start now. The plan shares the budget
