@@ -404,3 +404,4 @@ class Launcher(Starter):
 _now = time.monotonic
 
 RAMP = "ramp_up"  # deferral reason: started one at a time on a busy machine; the others follow a fresh reading
+RESOURCE_RECHECK = 1.0  # seconds between load readings while launches are deferred (run, standby owners)

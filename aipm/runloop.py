@@ -16,14 +16,11 @@ from aipm import budget, budgetstop, durable, handover, notify, preemption, reco
 from aipm import foreign as foreign_attempts
 from aipm.foreign import FINISHING_RECHECK, HELD_RECHECK, others_matter, watch_foreign
 from aipm.interrupts import Stop
-from aipm.launcher import RAMP, Launcher
+from aipm.launcher import RAMP, RESOURCE_RECHECK, Launcher
 from aipm.model import FINISHED_OK, Status, all_done, status_summary
 from aipm.spending import charged
 from aipm.supervisor import RECORDS, RECORDS_RECHECK, Emit, Supervisor
 from aipm.view import OrderView
-
-
-RESOURCE_RECHECK = 1.0  # seconds between load readings while launches are deferred
 
 
 def _finish(sup: Supervisor, keys: list[str]) -> None:

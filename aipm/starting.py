@@ -240,13 +240,28 @@ class Starter:
             os.close(log)
 
     def _spawn_owner(self, rec: Record, log: int, fds: list[int], adopt: bool) -> None:
-        s = self.settings
         handover, given = runner.inherit(fds, above=max(log, 2))  # (none onto 0-2, nor onto the log)
-        argv = [sys.executable, "-m", "aipm.work", str(self.project.root), rec.order_dir, rec.task,
-                "--order-id", rec.order, "--lock-fds", ",".join(map(str, given)), "--max-workers", str(s.max_workers),
+        pid = self._spawn_work([rec.order_dir, rec.task, "--order-id", rec.order, "--lock-fds",
+                                ",".join(map(str, given)), *["--adopt"] * adopt], log, handover)
+        rec.owner_pid, rec.owner_ctime = pid, process_ctime(pid)
+
+    def spawn_standby(self, order_dir: str, order_id: str) -> int:
+        """Start `python -m aipm.work --standby` for the order (standby.py), logging to the order's standby.log;
+        its pid."""
+        log = os.open(self.runtime.log_again(str(self.runtime.log_dir(order_id) / "standby.log")),
+                      os.O_WRONLY | os.O_CREAT | os.O_APPEND | NO_WAIT | os.O_CLOEXEC, 0o644)
+        try:
+            return self._spawn_work([order_dir, "--standby", "--order-id", order_id], log)
+        finally:
+            os.close(log)
+
+    def _spawn_work(self, args: list[str], log: int, handover: list = ()) -> int:
+        """`python -m aipm.work ROOT *args` detached, with this invocation's effective settings; its pid."""
+        s = self.settings
+        argv = [sys.executable, "-m", "aipm.work", str(self.project.root), *args, "--max-workers", str(s.max_workers),
                 "--max-cpu", str(s.max_cpu_percent), "--max-memory", str(s.max_memory_percent),
                 "--workspace", s.workspace]
-        argv += ["--adopt"] * adopt + ["--no-review"] * self.options.no_review
+        argv += ["--no-review"] * self.options.no_review
         argv += ["--no-resource-monitoring"] * (not s.enable_monitoring)
         argv += ["--no-auto-scaling"] * (not s.enable_auto_scaling)
         argv += ["--runner", s.runner]
@@ -259,8 +274,8 @@ class Starter:
             (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
             *handover,
         ])
-        rec.owner_pid, rec.owner_ctime = pid, process_ctime(pid)
         self.detached.add(pid)
+        return pid
 
 
 def _failed(task: Task, exc: Exception) -> LaunchFailed:

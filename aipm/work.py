@@ -4,6 +4,8 @@ It owns one task: starts (or adopts) the worker process, waits for it, finishes 
 then starts the successors that became launchable, each as a new detached worker. It inherits the task's
 target-file locks from the launcher and holds them until the task is finished. As a child subreaper it also
 ends whatever the worker left running outside its process group (see subreaper.py).
+
+`python -m aipm.work ROOT ORDER_DIR --standby` owns no task: it is the order's standby owner (standby.py).
 """
 
 from __future__ import annotations
@@ -11,14 +13,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from pathlib import Path
 
-from aipm import budgetstop, notify, recovery
+from aipm import budgetstop, notify, recovery, standby
 from aipm.errors import UserError, said
-from aipm.launcher import RAMP, LaunchReport, Launcher, Options
+from aipm.launcher import Launcher, Options
 from aipm.model import all_done, status_summary
-from aipm.plan import LIMIT
 from aipm.project import Project
 from aipm.settings import settings_from_flags
 from aipm.store import load_task
@@ -31,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m aipm.work")
     parser.add_argument("root")
     parser.add_argument("order_dir")
-    parser.add_argument("task")
+    parser.add_argument("task", nargs="?")
+    parser.add_argument("--standby", action="store_true")
     parser.add_argument("--lock-fds", default="")
     parser.add_argument("--order-id", required=True)
     parser.add_argument("--adopt", action="store_true")
@@ -56,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aipm: error: {exc}", file=sys.stderr)
         return 2
     launcher = Launcher(Project(root, settings.orders_dir), settings, Options(args.no_review, args.model))
+    if args.standby:
+        return _start_next(launcher, Path(args.order_dir), "its order")
     sup = Supervisor(launcher)
     settings_seen: list = []
     budgetstop.follow_setting(sup, settings_seen)  # the stamp of the settings file just read (two stats)
@@ -111,35 +114,21 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aipm: runner ray: the Ray cluster was lost ({sup.cluster_gone}); {args.task} is QUEUED again",
               file=sys.stderr)
         return 1  # as `run` then: its task is left QUEUED, and 2 would say nothing changed
+    return _start_next(launcher, Path(args.order_dir), f"the successors of {args.task}")
+
+
+def _start_next(launcher: Launcher, order_dir: Path, what: str) -> int:
+    """Start what the order allows now, and stay as its standby owner while its next tasks wait for capacity alone
+    with no other owner left to start them (standby.py): else they were stranded (`launch P` given a higher
+    --max-workers held the slots, and O/B stayed QUEUED for good, nothing said)."""
     try:
-        view = OrderView(Path(args.order_dir), root, watch=False)
-        report = launcher.launch_ramped(view)
-        pause = SLOT_RECHECK
-        while _waits_for_a_slot(launcher, view.order.id, report):
-            time.sleep(pause)
-            pause = min(pause * 2, SLOT_RECHECK_MAX)  # (each look plans the order and reads /proc/locks)
-            report = launcher.launch_ramped(view)
+        view = OrderView(order_dir, launcher.project.root, watch=False)
+        standby.stand_by(launcher, view, launcher.launch_ramped(view))
         _tell_if_finished(launcher, view)
     except (UserError, OSError) as exc:  # a task file broken or a disk full: `aipm launch` says the same
-        print(f"aipm: cannot start the successors of {args.task}: {exc}", file=sys.stderr)
+        print(f"aipm: cannot start {what}: {exc}", file=sys.stderr)
         return 1
     return 0
-
-
-SLOT_RECHECK, SLOT_RECHECK_MAX = 0.5, 5.0  # seconds between looks for a free slot: from, up to
-
-
-def _waits_for_a_slot(launcher: Launcher, order_id: str, report: LaunchReport) -> bool:
-    """Whether this owner stays to start its order's next tasks once a worker slot frees: nothing started, some
-    wait for a slot only (the limit, or the machine's load), and no other owner of the order is left to start
-    them when it ends. Else they were stranded: a slot held by another order's worker (`launch P` given a higher
-    --max-workers) is freed by an owner that starts its own order's successors only, and no process of this order
-    was left (a fresh-user test: O/B QUEUED for good, nothing said)."""
-    if report.launched or report.plan is None:
-        return False
-    waiting = any(b.reason == LIMIT for b in report.plan.blocked.values()) or any(
-        d["reason"] in (LIMIT, "capacity", "resources", RAMP) for d in report.deferred)
-    return waiting and not any(r.order == order_id and r.alive() for r in launcher.runtime.records())
 
 
 def _tell_if_finished(launcher: Launcher, view: OrderView) -> None:

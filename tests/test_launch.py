@@ -249,3 +249,31 @@ def test_a_detached_owner_whose_successor_waits_for_a_slot_another_order_holds_s
     (gates / "X").touch()
     wait_for(lambda: task_statuses(project.root / "orders/O")["B"] == "DONE")
     wait_for(lambda: no_workers(project.root))
+
+
+def test_a_launch_that_starts_nothing_for_want_of_a_slot_leaves_a_standby_owner(project, gate):
+    """max_workers 2 held by A's two workers: `launch B` said `nothing to launch`, exit 0, and B stayed QUEUED for
+    good with no process left to start it. It leaves a standby owner, says so, `ps` shows it, and it starts B once a
+    slot frees; a second launch meanwhile starts no second one; once B has started the standby is gone."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    for name in ("A1", "A2"):
+        write_task(project.order("A"), name, command=f"while [ ! -e {gate} ]; do sleep 0.05; done",
+                   target_files=[name])
+    for name in ("B1", "B2"):
+        write_task(project.order("B"), name, command="true", target_files=[name])
+    assert project.aipm("launch", "A", "--no-resource-monitoring").returncode == 0
+    launch = project.aipm("launch", "B", "--no-resource-monitoring")
+    assert launch.returncode == 0 and "nothing to launch" not in launch.stdout, launch.stdout + launch.stderr
+    pid = project.json("ps")["standby"][0]["pid"]
+    assert launch.stdout == (f"B1, B2 wait for capacity (worker limit reached: no free worker slot); its standby "
+                             f"owner (pid {pid}) starts them once there is (`aipm ps` shows it)\n"), launch.stdout
+    again = project.json("launch", "B", "--no-resource-monitoring")
+    assert again["standby"] == {"tasks": ["B1", "B2"], "detail": "worker limit reached: no free worker slot",
+                                "pid": pid}, again
+    assert project.json("ps")["standby"] == [{"order": "B", "pid": pid, "tasks": ["B1", "B2"]}]
+    assert f"standby B (pid {pid}): waits for capacity to start B1, B2" in project.aipm("ps").stdout
+    assert task_statuses(project.order("B")) == {"B1": "QUEUED", "B2": "QUEUED"}
+    gate.touch()
+    wait_for(lambda: task_statuses(project.order("B")) == {"B1": "DONE", "B2": "DONE"}, timeout=30)
+    wait_for(lambda: not project.json("ps")["standby"] and not pid_alive(pid))
+    wait_for(lambda: no_workers(project.root))

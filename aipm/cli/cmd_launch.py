@@ -11,7 +11,7 @@ from typing import Optional
 
 from aipm.cli.decl import Argument, Exit, Option, command
 
-from aipm import budget, parsecache, recovery, writtenlog
+from aipm import budget, parsecache, recovery, standby, writtenlog
 from aipm.cluster import check, require_ray
 from aipm.errors import UserError
 from aipm.advice import stray_files, unenforced_budget, warnings
@@ -85,6 +85,8 @@ def launch(
     """Start the launchable tasks as detached workers and exit at once.
 
     Each worker finishes its own task (review, status) and then starts the successors that became launchable.
+    Tasks that wait for capacity alone (a worker slot, the load), with no owner of the order left to start them,
+    get the order's standby owner, which starts them once there is room (`aipm ps` lists it).
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
                          Options(no_review, model, dry_run), runner, confine=confine, workspace=workspace)
@@ -95,19 +97,41 @@ def launch(
         recovery.read_lost_usage_ahead(launcher.runtime)
     report = launcher.launch_ramped(view)
     waiting = [b.as_dict() for b in report.plan.waiting] if report.plan else []
+    held = _stand_by(launcher, view, report)
     if json_out:
         print_json({"order": view.order.id, "dry_run": dry_run, "launched": report.launched,
                     "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered,
                     "budget_stop": report.plan.budget_stop, "waiting": waiting,
-                    "spent": [b.as_dict() for b in report.plan.spent]})
+                    "spent": [b.as_dict() for b in report.plan.spent], "standby": held})
     else:
-        say_launched(report, waiting, view.order.id, dry_run)
+        say_launched(report, waiting, view.order.id, dry_run, held)
     # A task held by its own reached max_cost_usd never starts, as the order's budget holds them all: said the same.
     if report.failed or report.plan.budget_stop or report.plan.spent:
         raise Exit(1)
 
 
-def say_launched(report: LaunchReport, waiting: list[dict], order_id: str, dry_run: bool) -> None:
+def _stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> dict | None:
+    """A launch that started nothing of tasks held by capacity alone leaves the order a standby owner (standby.py)
+    unless an owner of the order is left to start them: {tasks, detail, pid} (pid None: its owners carry it, or a
+    dry run), or None when no task waits so. (It said `nothing to launch`, exit 0, and nothing ever started them.)"""
+    held = standby.held(report)
+    if not held:
+        return None
+    out = {"tasks": list(held), "detail": next(iter(held.values())), "pid": None}
+    if launcher.options.dry_run:
+        return out
+    with launcher.runtime.launch_lock():
+        if standby.others_carry(launcher.runtime, view.order.id):
+            return out
+        there = standby.current(launcher.runtime, view.order.id)
+        out["pid"] = there["pid"] if there else launcher.spawn_standby(str(view.dir), view.order.id)
+        if not there:
+            standby.claim(launcher.runtime, view.order.id, out["pid"], list(held))
+    return out
+
+
+def say_launched(report: LaunchReport, waiting: list[dict], order_id: str, dry_run: bool,
+                 held: dict | None = None) -> None:
     """`launch`'s lines, as they are: a detail may name a lock node, whose path may hold `[...]` (no markup)."""
     out = console()
     verb = "would start" if dry_run else "started"
@@ -123,8 +147,17 @@ def say_launched(report: LaunchReport, waiting: list[dict], order_id: str, dry_r
         console(stderr=True).print(f"aipm: {order_id}: {report.plan.budget_stop}", markup=False)
     for blocked in report.plan.spent:
         console(stderr=True).print(f"aipm: {order_id}/{blocked.id}: {blocked.detail}", markup=False)
-    if not (report.launched or report.deferred or report.failed or waiting or report.plan.budget_stop
-            or report.plan.spent):
+    if held:
+        tasks = ", ".join(held["tasks"])
+        if dry_run:
+            then = "; a standby owner would start them once there is"
+        elif held["pid"]:
+            then = f"; its standby owner (pid {held['pid']}) starts them once there is (`aipm ps` shows it)"
+        else:
+            then = "; the order's running owners start them as their tasks end"
+        out.print(f"{tasks} wait for capacity ({held['detail']}){then}", markup=False)
+    elif not (report.launched or report.deferred or report.failed or waiting or report.plan.budget_stop
+              or report.plan.spent):
         out.print("nothing to launch (see `aipm detect`)")
 
 

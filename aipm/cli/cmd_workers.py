@@ -17,7 +17,7 @@ from aipm.cluster import is_attempt
 from aipm.cli.common import JsonOpt, get_project, json_option, print_json
 from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
-from aipm import adopted, logbook, recovery, steering, workerstate
+from aipm import adopted, logbook, recovery, standby, steering, workerstate
 from aipm.launcher import Launcher, Options
 from aipm.locks import node_file
 from aipm.paths import lock_node, normalize
@@ -71,9 +71,11 @@ def ps(json_out: bool = JsonOpt) -> None:
     """Live workers in the project: pid, task, elapsed time, CPU (since it started, as ps(1)) and memory (with
     their children). A Ray attempt's command runs on a node: its CPU and memory are not measured here (n/a)."""
     project = get_project()
-    infos = [_worker_info(r, project.root) for r in Runtime(project.root).records()]
+    runtime = Runtime(project.root)
+    infos = [_worker_info(r, project.root) for r in runtime.records()]
+    waiting = [{key: s[key] for key in ("order", "pid", "tasks")} for s in standby.every(runtime)]
     if json_out:
-        print_json({"workers": infos})
+        print_json({"workers": infos, "standby": waiting})
         return
     table = grid.Grid([grid.Column(c) for c in ("pid", "task", "phase", "elapsed", "cpu %", "mem MB", "state")])
     for i in infos:
@@ -83,6 +85,8 @@ def ps(json_out: bool = JsonOpt) -> None:
                         (str(i[key] if i[key] is not None else "-") for key in ("cpu_percent", "memory_mb"))),
                       [workerstate.describe(i["state"], i["stopping"], i["phase"])])
     grid.print_lines(table.lines(grid.fitting(), grid.Styles.of()) if infos else ["no workers"])
+    for one in waiting:  # an order's standby owner: no worker, no slot (standby.py)
+        print(f"standby {one['order']} (pid {one['pid']}): waits for capacity to start {', '.join(one['tasks'])}")
 
 
 @command()

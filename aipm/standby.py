@@ -1,0 +1,117 @@
+"""An order's standby owner: a detached process that waits for capacity and then starts the order's next tasks.
+
+Capacity is a worker slot, the machine's load, or a budget held by running attempts. A detached owner starts its
+order's successors when its own task ends; where none is left (an `aipm launch` that started nothing, or an owner
+whose successors were all held so) nothing else would start them: one process stays, named by a file in the state
+directory (one per order; `aipm ps` lists it), waits for workers and owners to end (pidfds; the load is read
+again each RESOURCE_RECHECK while it defers) and goes away once it has started one, or once nothing it waits for
+is left (another owner of the order carries it, or nothing of it can start).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import suppress
+from pathlib import Path
+
+from aipm.liveness import process_alive, process_ctime
+from aipm.foreign import FINISHING_RECHECK
+from aipm.launcher import RAMP, RESOURCE_RECHECK, LaunchReport, Launcher
+from aipm.plan import BUDGET, LIMIT
+from aipm.runner import Watcher
+from aipm.runtime import Runtime
+from aipm.statedir import safe_name
+from aipm.view import OrderView
+from aipm.workerfiles import read_bytes, write_bytes
+
+LOAD = ("capacity", "resources", RAMP)  # deferral reasons of the machine: read again, not waited for
+RECHECK = 5.0  # seconds: at most between looks (a record removed by an owner that lives on wakes nothing)
+
+
+def held(report: LaunchReport) -> dict[str, str]:
+    """Task id → why, of the tasks a launch that started nothing left only for want of capacity."""
+    if report.launched or report.plan is None:
+        return {}
+    out = {b.id: b.detail for b in report.plan.blocked.values() if b.reason == LIMIT}
+    out.update((d["id"], d["detail"]) for d in report.deferred if d["reason"] in (LIMIT, BUDGET, *LOAD))
+    return out
+
+
+def others_carry(runtime: Runtime, order_id: str) -> bool:
+    """Whether a live owner of the order is left: it starts what its task's end allows."""
+    return any(r.order == order_id and r.alive() for r in runtime.records())
+
+
+def _path(runtime: Runtime, order_id: str) -> Path:
+    return runtime.state / "standby" / f"{safe_name(order_id)}.json"
+
+
+def current(runtime: Runtime, order_id: str) -> dict | None:
+    """The order's live standby owner: {order, pid, ctime, tasks, since}, or None."""
+    return _live(_path(runtime, order_id))
+
+
+def _live(path: Path) -> dict | None:
+    with suppress(OSError, ValueError, KeyError, TypeError):
+        found = json.loads(read_bytes(path, 1 << 16))
+        if process_alive(found["pid"], found["ctime"]):
+            return found
+    return None
+
+
+def every(runtime: Runtime) -> list[dict]:
+    """The project's live standby owners (for `ps`)."""
+    with suppress(OSError):
+        return [s for s in (_live(p) for p in sorted((runtime.state / "standby").glob("*.json"))) if s]
+    return []
+
+
+def claim(runtime: Runtime, order_id: str, pid: int, tasks: list[str]) -> None:
+    """Name `pid` the order's standby owner (under the launch lock: one per order)."""
+    path = _path(runtime, order_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_bytes(path, json.dumps({"order": order_id, "pid": pid, "ctime": process_ctime(pid), "tasks": tasks,
+                                  "since": time.time()}).encode())
+
+
+def stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> None:
+    """Stay as the order's standby owner while its tasks wait for capacity alone (`report`: the last launch) and
+    no other owner is left to start them, starting them once there is (the launch lock and the records keep a
+    task from starting twice)."""
+    runtime, order_id, me = launcher.runtime, view.order.id, os.getpid()
+    if not held(report):
+        return  # (the usual end of an owner: one look at the report)
+    with runtime.launch_lock():
+        mine = current(runtime, order_id)
+        if mine is not None and mine["pid"] != me:
+            return  # another waits already
+        claim(runtime, order_id, me, sorted(held(report)))
+    try:
+        while held(report) and not others_carry(runtime, order_id):
+            _wait(launcher, report)
+            report = launcher.launch_ramped(view)
+    finally:
+        with runtime.launch_lock(), suppress(OSError):
+            if (current(runtime, order_id) or {}).get("pid") == me:
+                os.unlink(_path(runtime, order_id))
+
+
+def _wait(launcher: Launcher, report: LaunchReport) -> None:
+    """Until a worker or owner of any order ends (a slot, or the budget it held, may free), the load is worth
+    reading again (it deferred a start), or RECHECK passes."""
+    load = any(d["reason"] in LOAD for d in report.deferred)
+    timeout = RESOURCE_RECHECK if load else RECHECK
+    watcher = Watcher()
+    try:
+        for rec in launcher.runtime.records():
+            if rec.owner_pid != os.getpid() and rec.owner_alive():
+                watcher.watch_pid(rec.owner_pid, (rec.key, "owner"))
+                if not rec.worker_alive():
+                    timeout = min(timeout, FINISHING_RECHECK)
+            if rec.worker_alive():
+                watcher.watch_pid(rec.pid, rec.key)
+        watcher.wait(timeout)
+    finally:
+        watcher.close()
