@@ -14,7 +14,6 @@ the committed files as the attempt's writes (recording.py): `git status` no long
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import re
 import subprocess
@@ -29,7 +28,8 @@ from aipm.paths import Target
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.coverage import out_of_scope
-from aipm.scope import committed
+from aipm.project import Project
+from aipm.scope import CTIME_SLACK_NS, committed
 from aipm.store import load_task, task_files
 from aipm.workerfiles import GIT_FILE_MAX, read_git_file, reading
 
@@ -58,18 +58,33 @@ def moved(root: Path, start: list) -> tuple[str, str] | None:
     return (old, new) if new != old else None
 
 
-def notice(rt: Runtime, rec: Record, old: str, new: str, paths: set[str]) -> tuple[str, dict]:
+def notice(rt: Runtime, rec: Record, old: str, new: str, paths: set[str], orders_dir: str = "orders"
+           ) -> tuple[str, dict]:
     """The line (for the task's log and run's output) and the `committed` event of an attempt during which HEAD
-    moved from `old` to `new`, `paths` changed by those commits."""
+    moved from `old` to `new`, `paths` changed by those commits. `orders_dir`: where the project's orders are (their
+    task files are aipm's)."""
+    at = _moved_at(rt.root, rec.head)
     records = [r for r in rt.records() if r.key != rec.key and r.alive()]
-    beside = [(r.key, r.targets, "running") for r in records]  # first: a task may have ended and started again
-    beside += [(f"{rec.order}/{t.id}", t.targets, "ended") for t in _ended_since(rt, rec)]
-    name = {key: key.split("/", 1)[1] if key.startswith(rec.order + "/") else key for key, _, _ in beside}
-    running = [rec.task, *sorted(set(name.values()))]
-    aipms = [f for r in [rec, *records] for f in writtenlog.order_files(rt.root, r.order_dir)]
+    ended = writtenlog.ended_since(rt, writtenlog.began_ns(rec))
+    # Running at the commit: begun by then (a tick of the ref file's coarse clock later) and not ended before it.
+    # (`at` is when HEAD last moved; 0 when not known: every attempt that ran beside it.)
+    at_commit = [r.key for r in records if not at or writtenlog.began_ns(r) <= at + CTIME_SLACK_NS]
+    at_commit += [key for key, _, began, end in ended if not at or began <= at + CTIME_SLACK_NS and end >= at]
+    # Whose a swept-in file is: a running task's first (a task may have ended and started again), then one that
+    # ended during the attempt, then one of its order that ended before.
+    beside = [(r.key, r.targets, "running") for r in records]
+    beside += [(key, targets, "ended") for key, targets, _, _ in reversed(ended)]
+    beside += [(f"{rec.order}/{t.id}", t.targets, "ended") for t in _ended(rt, rec)]
+
+    def name(key: str) -> str:
+        return key.split("/", 1)[1] if key.startswith(rec.order + "/") else key
+
+    running = [rec.task, *sorted({name(key) for key in at_commit} - {rec.task})]
+    aipms = [f for d in {*(r.order_dir for r in [rec, *records]), *_order_dirs(rt.root, orders_dir)}
+             for f in writtenlog.order_files(rt.root, d)]
     swept = []
     for path in out_of_scope(paths, rec.targets):
-        whose = next(((name[key], state) for key, targets, state in beside if _covers(targets, path)), None)
+        whose = next(((name(key), state) for key, targets, state in beside if _covers(targets, path)), None)
         if whose is None:
             whose = (None, "task_file" if _covers(aipms, path) else "none")
         swept.append({"path": path, "task": whose[0], "state": whose[1]})
@@ -90,27 +105,36 @@ def _covers(targets: Iterable[Target | str], path: str) -> bool:
     return not out_of_scope({path}, targets)
 
 
-def _ended_since(rt: Runtime, rec: Record) -> list[Task]:
-    """The tasks of `rec`'s order that ended since its attempt started: they ran beside it (a task of another
-    order that ended meanwhile is not known here; running ones are, by their records)."""
-    since = _when(rec.started_at)
+def _order_dirs(root: Path, orders_dir: str) -> list[Path]:
+    """Every order directory under `orders_dir`: the task files there are aipm's, whether their order runs or not."""
+    try:
+        return Project(root, orders_dir).order_dirs()
+    except (UserError, OSError):
+        return []
+
+
+def _ended(rt: Runtime, rec: Record) -> list[Task]:
+    """The other tasks of `rec`'s order that have ended (whose files those are, when no attempt that ran beside it
+    names them)."""
     found = []
-    for path in task_files(Path(rec.order_dir)) if since is not None else ():
+    for path in task_files(Path(rec.order_dir)):
         try:
             task = load_task(path, rt.root)
         except (UserError, OSError):
             continue  # broken or gone meanwhile: the run's view reports it
-        ended = _when(task.finished_at)
-        if task.id != rec.task and ended is not None and ended >= since:  # stamped to the second: kept if equal
+        if task.id != rec.task and task.finished_at:
             found.append(task)
     return found
 
 
-def _when(stamp: str | None) -> dt.datetime | None:
-    try:
-        return dt.datetime.fromisoformat(stamp) if stamp else None
-    except ValueError:
-        return None
+def _moved_at(root: Path, start: list) -> int:
+    """When HEAD last moved (ns): the newest of the ref files that changed since `start` (at_start); 0 when not
+    known."""
+    dirs = _git_dirs(real_root(root))
+    if dirs is None or len(start) != 3:
+        return 0
+    now = _stamps(*dirs, start[1])
+    return max((s[2] for s, was in zip(now, start[2]) if s and s != was), default=0)
 
 
 def _short(oid: str) -> str:

@@ -8,7 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from aipm import offthread, posix_spawn
@@ -70,10 +70,21 @@ class Git:
 _GIT: dict[str, str] = {}
 
 
-def changed(before: Mapping[str, Fingerprint], after: Mapping[str, Fingerprint]) -> set[str]:
-    """Paths that appeared, disappeared, or whose fingerprint differs between the two snapshots."""
-    return {p for p in before.keys() | after.keys()
-            if p not in before or p not in after or as_fingerprint(before[p]) != as_fingerprint(after[p])}
+def changed(before: Mapping[str, Fingerprint], after: Mapping[str, Fingerprint], root: str,
+            committed: Iterable[str] = ()) -> set[str]:
+    """Paths written between the two snapshots of the tree at `root`: those whose fingerprint now differs from the
+    one they had then. A path clean in `before` (not in it) counts when it is dirty in `after` or `committed` (the
+    commits made meanwhile changed it: clean at the start, it held the old commit's content, and the new one's
+    differs). A path dirty in `before` and clean in `after` counts only when its fingerprint now differs (reverted,
+    or deleted): one a commit took as it was (`git add -A` of a file dirty before, a person's `git commit` of the
+    statuses aipm wrote earlier) was not written."""
+    found = set()
+    for p in before.keys() | after.keys() | set(committed):
+        if p not in before:
+            found.add(p)
+        elif as_fingerprint(before[p]) != (as_fingerprint(after[p]) if p in after else fingerprint(f"{root}/{p}")):
+            found.add(p)
+    return found
 
 
 _PREFIXES: dict[str, str | None] = {}  # per process: a supervisor must not fork git per task outside a repo

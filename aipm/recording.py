@@ -256,7 +256,7 @@ class Recording(Reviewing):
             confine.tidy(rec.log, rec.confined)
         commit = commits.committed_during(self.rt.root, rec)  # (a worktree task's: in the main tree, by a way out)
         if commit is not None:  # said, not judged: only the scope audit below may send the task back for it
-            text, note = commits.notice(self.rt, rec, *commit)
+            text, note = commits.notice(self.rt, rec, *commit, self.settings.orders_dir)
             append_log(rec.log, text)
             self.outbox.append(note)
         # (a Ray attempt lost on its node did not end by itself: it may have run there, unseen; one stopped before

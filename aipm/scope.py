@@ -45,7 +45,7 @@ from aipm.gitstatus import (STATUS_ARGS, Git, as_fingerprint, changed, fingerpri
                             read_status, real_root, tree_prefix)
 from aipm.coverage import dir_covered, out_of_scope
 from aipm.paths import Target
-from aipm.treewatch import CREATED, TreeWatch
+from aipm.treewatch import CREATED, WROTE, TreeWatch
 
 RUNTIME_DIR = ".aipm"
 
@@ -266,7 +266,7 @@ def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target 
             if after is None:
                 return []
             made = in_commits if in_commits is not None else committed(root, start.head, after.head)
-            return out_of_scope(changed(start, after) | made, allowed(start.taken_ns))
+            return out_of_scope(changed(start, after, os.fspath(root), made), allowed(start.taken_ns))
         if start is not None:
             since = start.taken_ns
         elif began_ns:  # saved, and gone (a worker's `git clean -fdx` of .aipm/): what git shows written since
@@ -275,19 +275,25 @@ def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target 
             return []
     touched = watch.touched(path) if watch is not None else None
     writers_since = since
+    seen = touched is not None and watch is not None  # the window's events: exact, where the watch sees
     if touched is None:  # adopted from an owner that died, or events were lost: what git shows written since
         after = snapshot(root)
         if after is None:
             return []
         touched = {p: _UNSEEN for p in after}
         writers_since -= CTIME_SLACK_NS  # a write that recent counts as in the window: so does its writer
-    in_commits = in_commits or set()
-    if not touched and not in_commits:
+    # A commit hides from `git status` what it took, not from the events: a committed path with no event in the
+    # window is as it was when the window opened (a file dirty before it, swept into a commit meanwhile), and was
+    # not written. One the events cannot tell of (a directory not watched; a window without its events) counts
+    # when it is gone or its inode changed since the window opened.
+    unseen = {p for p in in_commits or () if p not in touched and not (seen and watch.sees(p))}
+    if not touched and not unseen:
         return []
     covered = allowed(writers_since)
+    real = real_root(root)
     bad = out_of_scope({p for p in touched if not p.endswith("/")}, covered)
-    bad = [p for p in bad if _changed_since(f"{real_root(root)}/{p}", touched[p], since)]
-    bad += out_of_scope(in_commits - set(bad), covered)  # changed by a commit of the window, whatever their inode says
+    bad = [p for p in bad if _changed_since(f"{real}/{p}", touched[p], since)]
+    bad += [p for p in out_of_scope(unseen, covered) if _changed_since(f"{real}/{p}", WROTE, since)]
     # A directory moved away (one made in the window and moved on is no change: its files count by name).
     bad += [p for p in touched if p.endswith("/") and touched[p] != CREATED and not dir_covered(p[:-1], covered)]
     ignored = _ignored(real_root(root), bad)

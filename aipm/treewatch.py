@@ -110,6 +110,13 @@ class TreeWatch:
             first.setdefault(path, kind)
         return first
 
+    def sees(self, path: str) -> bool:
+        """Whether every change to the file `path` (relative) is logged under its name: no directory above it is
+        one not watched (git ignores it, the runtime directory) nor a nested repository, and it is none itself."""
+        parts = path.split("/")
+        above = ("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+        return not any(d in self._skip or d in self._nested for d in above)
+
     def close_window(self, key: str) -> None:
         """Forget `key`'s window."""
         self._forget(key)

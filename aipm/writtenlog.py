@@ -7,6 +7,7 @@ and ended in between have no record left by then, so each notes its targets here
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import json
 import os
 import time
@@ -23,9 +24,11 @@ from aipm.workerfiles import STATE_FILE_MAX, open_regular, read_bytes, write_byt
 # In the state directory, a line per note: "<time_ns> <json list of targets>" (patterns, as a person writes them),
 # "<time_ns> {"targets": [...], "order": <its directory, an exact name>}" (an attempt ended, or a person's command
 # wrote task files: order_files) or "<time_ns> {"files": <json list of exact file names>}" (what a merge wrote:
-# `a*.md` is that one file). A dict may also hold "output": the noting aipm process's own output files in the tree
-# ([path, device, inode], ownoutput.files), so that another run's audits in flight do not charge them to a worker
-# once that process holds them no more (a second `aipm run > run2.log` that has ended).
+# `a*.md` is that one file). An attempt's end also says which it was: "task" (ORDER/TASK), "targets_of" (its
+# targets, a worktree one's too) and "began" (ns: ended_since). A dict may also hold "output": the noting aipm
+# process's own output files in the tree ([path, device, inode], ownoutput.files), so that another run's audits in
+# flight do not charge them to a worker once that process holds them no more (a second `aipm run > run2.log` that
+# has ended).
 WRITTEN_LOG = "written.log"
 
 
@@ -35,8 +38,37 @@ def note_ended(rt: Runtime, rec: Record) -> None:
     lock."""
     if tree_prefix(real_root(rt.root)) is None:
         return  # nothing here is audited
-    # A worktree attempt wrote in its own worktree (merges note themselves); its status, here.
-    note_order(rt, rec.order_dir, () if rec.workspace else rec.targets)
+    # A worktree attempt wrote in its own worktree (merges note themselves); its status, here. Which attempt it was,
+    # and when it began, tell a commit's notice who was running at the commit (ended_since).
+    note_order(rt, rec.order_dir, () if rec.workspace else rec.targets,
+               {"task": rec.key, "targets_of": list(rec.targets), "began": began_ns(rec)})
+
+
+def began_ns(rec: Record) -> int:
+    """When `rec`'s attempt began (ns): its audit's start, else its worker's start, else the second it was
+    stamped with (0 when none is known)."""
+    if rec.scope_since:
+        return rec.scope_since
+    if rec.ctime:
+        return int(rec.ctime * 1e9)
+    try:
+        return int(dt.datetime.fromisoformat(rec.started_at).timestamp()) * 10**9 if rec.started_at else 0
+    except ValueError:
+        return 0
+
+
+def ended_since(rt: Runtime, since_ns: int) -> list[tuple[str, list[str], int, int]]:
+    """The attempts that ended at or after `since_ns` (see note_ended): (ORDER/TASK, its targets, when it began,
+    when its end was noted), in the order they ended."""
+    found = []
+    for stamp, entry in _entries_since(rt, since_ns, stamped=True):
+        if not isinstance(entry, dict):
+            continue
+        key, targets, began = entry.get("task"), entry.get("targets_of"), entry.get("began")
+        if (isinstance(key, str) and isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+                and type(began) is int):
+            found.append((key, targets, began, stamp))
+    return found
 
 
 def order_files(root: Path, order_dir: str | Path) -> list[Target]:
@@ -64,10 +96,11 @@ def note_written(rt: Runtime, targets: Iterable[str]) -> None:
     _note(rt, list(targets))
 
 
-def note_order(rt: Runtime, order_dir: str | Path, targets: Iterable[str] = ()) -> None:
+def note_order(rt: Runtime, order_dir: str | Path, targets: Iterable[str] = (), attempt: dict | None = None) -> None:
     """aipm just wrote task files of the order in `order_dir` (not a worker's write), and an attempt that ended
-    there may have written `targets`: note them for the audits in flight. Caller holds the launch lock."""
-    entry: dict[str, list[str] | str] = {"targets": list(targets)}
+    there (`attempt`: which, see note_ended) may have written `targets`: note them for the audits in flight. Caller
+    holds the launch lock."""
+    entry: dict = {"targets": list(targets), **(attempt or {})}
     rel = _order_path(rt.root, order_dir)
     if rel is not None:
         entry["order"] = rel
@@ -181,13 +214,15 @@ def outputs_since(rt: Runtime, since_ns: int) -> list[list]:
     return found
 
 
-def _entries_since(rt: Runtime, since_ns: int) -> Iterator[object]:
-    """The notes (parsed JSON) made at or after `since_ns`; a line that is no JSON is skipped."""
+def _entries_since(rt: Runtime, since_ns: int, stamped: bool = False) -> Iterator:
+    """The notes (parsed JSON) made at or after `since_ns`, with their time when `stamped`; a line that is no JSON
+    is skipped."""
     for line in _lines(rt.state / WRITTEN_LOG):
         stamp, _, noted = line.partition(" ")
         try:
             if int(stamp) >= since_ns:
-                yield json.loads(noted)
+                entry = json.loads(noted)
+                yield (int(stamp), entry) if stamped else entry
         except (ValueError, RecursionError):  # (a worker's `[[[[...` nests deeper than the parser goes)
             continue
 

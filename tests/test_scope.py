@@ -61,14 +61,14 @@ def bump(path: Path, text: str) -> None:
 def test_clean_repo_has_no_changes(repo):
     before = snapshot(repo)
     assert before == {}
-    assert changed(before, snapshot(repo)) == set()
+    assert changed(before, snapshot(repo), str(repo)) == set()
 
 
 def test_new_untracked_file_inside_a_target_dir_is_covered(repo):
     before = snapshot(repo)
     (repo / "src" / "pkg").mkdir()
     (repo / "src" / "pkg" / "new.py").write_text("x = 1\n")
-    paths = changed(before, snapshot(repo))
+    paths = changed(before, snapshot(repo), str(repo))
     assert paths == {"src/pkg/new.py"}  # every untracked file, not just its directory
     assert out_of_scope(paths, targets("src/")) == []
     assert out_of_scope(paths, targets("src/a.py")) == ["src/pkg/new.py"]
@@ -79,7 +79,7 @@ def test_write_outside_targets_is_named(repo):
     (repo / "src" / "a.py").write_text("a = 2\n")
     (repo / "README.md").write_text("changed\n")
     (repo / "stray.txt").write_text("oops\n")
-    paths = changed(before, snapshot(repo))
+    paths = changed(before, snapshot(repo), str(repo))
     assert paths == {"src/a.py", "README.md", "stray.txt"}
     assert out_of_scope(paths, targets("src/a.py")) == ["README.md", "stray.txt"]
     assert out_of_scope(paths, []) == ["README.md", "src/a.py", "stray.txt"]
@@ -93,7 +93,7 @@ def test_a_changed_name_with_pattern_characters_is_matched_against_a_glob_as_the
     (repo / "docs").mkdir()
     for name in ("a*.md", "[draft].md", "q?.md"):
         (repo / "docs" / name).write_text("x\n")
-    paths = changed(before, snapshot(repo))
+    paths = changed(before, snapshot(repo), str(repo))
     assert paths == {"docs/a*.md", "docs/[draft].md", "docs/q?.md"}
     assert out_of_scope(paths, targets("docs/*b.md", "docs/?z.md", "docs/d.md")) == sorted(paths)
     assert out_of_scope(paths, targets("docs/a[*].md", "docs/[[]draft].md", "docs/q[?].md")) == []
@@ -103,9 +103,9 @@ def test_file_dirty_before_and_modified_again_is_seen(repo):
     (repo / "README.md").write_text("dirty before the worker\n")
     before = snapshot(repo)
     assert set(before) == {"README.md"}
-    assert changed(before, snapshot(repo)) == set()  # untouched since: not charged to the worker
+    assert changed(before, snapshot(repo), str(repo)) == set()  # untouched since: not charged to the worker
     bump(repo / "README.md", "dirty before the worker, and written again\n")
-    paths = changed(before, snapshot(repo))
+    paths = changed(before, snapshot(repo), str(repo))
     assert paths == {"README.md"}
     assert out_of_scope(paths, targets("src/")) == ["README.md"]
 
@@ -114,7 +114,7 @@ def test_same_size_rewrite_is_seen_by_mtime(repo):
     (repo / "README.md").write_text("aaaa\n")
     before = snapshot(repo)
     bump(repo / "README.md", "bbbb\n")
-    assert changed(before, snapshot(repo)) == {"README.md"}
+    assert changed(before, snapshot(repo), str(repo)) == {"README.md"}
 
 
 def test_deleted_file_is_changed(repo):
@@ -122,21 +122,22 @@ def test_deleted_file_is_changed(repo):
     (repo / "README.md").unlink()
     after = snapshot(repo)
     assert after == {"README.md": None}
-    assert changed(before, after) == {"README.md"}
+    assert changed(before, after, str(repo)) == {"README.md"}
     assert out_of_scope({"README.md"}, targets("src/")) == ["README.md"]
 
 
 def test_file_reverted_to_clean_is_changed(repo):
     (repo / "README.md").write_text("dirty\n")
+    os.utime(repo / "README.md", ns=(0, 1_000_000_000))  # (so the checkout's write is seen on a coarse clock)
     before = snapshot(repo)
     git(repo, "checkout", "--", "README.md")
-    assert changed(before, snapshot(repo)) == {"README.md"}
+    assert changed(before, snapshot(repo), str(repo)) == {"README.md"}
 
 
 def test_rename_names_both_paths(repo):
     before = snapshot(repo)
     git(repo, "mv", "README.md", "docs.md")
-    paths = changed(before, snapshot(repo))
+    paths = changed(before, snapshot(repo), str(repo))
     assert paths == {"README.md", "docs.md"}
     assert out_of_scope(paths, targets("docs.md")) == ["README.md"]
 
@@ -147,7 +148,7 @@ def test_runtime_dir_is_ignored(repo):
     (repo / ".aipm" / "logs" / "T.1.log").write_text("log\n")
     (repo / ".aipm" / "records.json").write_text("{}\n")
     (repo / ".aipmx").write_text("not the runtime dir\n")
-    assert changed(before, snapshot(repo)) == {".aipmx"}
+    assert changed(before, snapshot(repo), str(repo)) == {".aipmx"}
 
 
 def test_not_a_git_repo_gives_none(tmp_path, monkeypatch):
@@ -170,7 +171,7 @@ def test_root_in_a_subdirectory_of_the_work_tree(repo):
     before = snapshot(sub)
     (repo / "README.md").write_text("outside the root: not our project\n")
     (sub / "b.py").write_text("b = 1\n")
-    paths = changed(before, snapshot(sub))
+    paths = changed(before, snapshot(sub), str(sub))
     assert paths == {"b.py"}  # relative to the root, not to the top of the work tree
     assert out_of_scope(paths, targets("b.py")) == []
 
@@ -184,7 +185,7 @@ def test_globs_and_directories_as_targets(repo):
     (repo / "docs" / "guide").mkdir(parents=True)
     (repo / "docs" / "guide" / "intro.md").write_text("# hi\n")
     (repo / "src" / "a.py").write_text("a = 3\n")
-    paths = changed(before, snapshot(repo))
+    paths = changed(before, snapshot(repo), str(repo))
     assert paths == {"tests/unit/test_b.py", "tests/test_a.py", "tests/data.json", "docs/guide/intro.md",
                      "src/a.py"}
     allowed = targets("tests/**/*.py", "docs/", "src/*.py")
@@ -207,9 +208,9 @@ def test_snapshot_survives_save_and_load(repo, tmp_path):
     save(before, tmp_path / "state" / "before.json")
     loaded = load(tmp_path / "state" / "before.json")
     assert loaded == before
-    assert changed(loaded, snapshot(repo)) == set()
+    assert changed(loaded, snapshot(repo), str(repo)) == set()
     (repo / "src" / "a.py").unlink()
-    assert changed(loaded, snapshot(repo)) == {"src/a.py"}
+    assert changed(loaded, snapshot(repo), str(repo)) == {"src/a.py"}
     assert load(tmp_path / "missing.json") is None
     assert loaded.head is not None and loaded.head == before.head
     # the form an aipm from before HEAD was kept saved (a dict): still read, without HEAD, not as "no audit"
