@@ -152,21 +152,110 @@ def test_nothing_is_said_outside_a_git_work_tree(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
-def test_a_dirty_file_swept_into_a_commit_is_out_of_scope_either_way(tmp_path, watch):
-    """A person's uncommitted notes.txt, swept into the worker's `git add -A` commit: the audit by snapshots
-    (`scope_watch: false`) sent the task back, the audit by events passed it (the worker never wrote the file).
-    Committing it is the worker's doing: both send it back now."""
+def test_a_dirty_file_swept_into_a_commit_as_it_was_is_said_not_charged(tmp_path, watch):
+    """A person's uncommitted notes.txt, written before the attempt began, swept into the worker's `git add -A`
+    commit: the commit's notice names it, but the worker did not write it (its content is what it was when the
+    attempt began), so the task is not sent back."""
     root, order = project(tmp_path, {"T": {"command": f"echo 'a = 1' > src/a.py && git add -A && {COMMIT}",
                                            "target_files": ["src/a.py"]}},
                           f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
     (root / "notes.txt").write_text("a person's notes\n")
     proc = run(root, "--json")
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert statuses(order) == {"T": "REJECTED"}
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert statuses(order) == {"T": "DONE"}
+    assert git(root, "show", "HEAD:notes.txt") == "a person's notes"  # swept in, indeed
     events = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [e["scope"] for e in events if e.get("scope")] == [["notes.txt"]]
+    assert not [e for e in events if e.get("scope")]
     swept = next(e for e in events if e["event"] == "committed")["swept_in"]
     assert {"path": "notes.txt", "task": None, "state": "none"} in swept
+
+
+@pytest.mark.parametrize("where", ["tracked", "new", "ignored"])
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
+def test_a_worker_that_writes_outside_its_targets_and_commits_it_is_sent_back(tmp_path, watch, where):
+    """The worker writes outside its targets and commits it, so `git status` is clean at its end: a tracked file
+    changed, a new file, and one in a directory git ignores, added with `git add -f` (the watch has no events
+    there).
+    Each is charged, whatever the audit."""
+    path, add = {"tracked": ("README.md", "git add -A"), "new": ("notes.txt", "git add -A"),
+                 "ignored": ("build/out.txt", "git add -f build/out.txt")}[where]
+    root, order = project(tmp_path, {"T": {
+        "command": f"echo 'a = 1' > src/a.py && mkdir -p build && echo x >> {path} && {add} && {COMMIT} -a",
+        "target_files": ["src/a.py"]}}, f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
+    (root / "README.md").write_text("readme\n")
+    (root / ".gitignore").write_text("gate/\nbuild/\n")
+    (root / "build").mkdir()  # ignored as the run starts: the watch does not look into it
+    (root / "build" / "old.txt").write_text("built\n")
+    git(root, "add", "-A")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "readme")
+    proc = run(root, "--json")
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert statuses(order) == {"T": "REJECTED"}
+    assert git(root, "status", "--porcelain", "--", path) == ""  # nothing for `git status` to show
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["scope"] for e in events if e.get("scope")] == [[path]]
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
+def test_an_agents_commit_charges_no_file_written_before_to_a_task_spanning_it(tmp_path, watch):
+    """TA writes src/a.py and ends; TB and TC start after it. TC ends with `git add -A && git commit` while TB
+    runs: TA's uncommitted src/a.py goes into TC's commit. TB wrote only src/b.py, and src/a.py is as it was
+    when TB (and TC) began: neither is sent back (TB was, for `scope: wrote src/a.py`, and `running then` named
+    TA, which had ended before TB began)."""
+    root, order = project(tmp_path, {
+        "TA": {"command": "echo 'a = 1' > src/a.py", "target_files": ["src/a.py"]},
+        "TB": {"command": "mkdir -p gate && touch gate/b_started && until [ -e gate/c_committed ]; do sleep 0.02; "
+                          "done; echo 'b = 1' > src/b.py", "target_files": ["src/b.py"], "depends_on": ["TA"]},
+        "TC": {"command": f"until [ -e gate/b_started ]; do sleep 0.02; done; echo c > src/c.py && git add -A && "
+                          f"{COMMIT} && touch gate/c_committed", "target_files": ["src/c.py"], "depends_on": ["TA"]},
+    }, f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
+    proc = run(root, "--json")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert statuses(order) == {"TA": "DONE", "TB": "DONE", "TC": "DONE"}
+    assert [yaml.safe_load((order / f"{t}.yaml").read_text())["attempts"] for t in ("TB", "TC")] == [1, 1]
+    assert git(root, "show", "HEAD:src/a.py") == "a = 1"  # swept in, indeed
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert not [e for e in events if e.get("scope")]
+    said = {e["task"]: e for e in events if e["event"] == "committed"}
+    assert said["TB"]["running"] == ["TB", "TC"] and said["TC"]["running"] == ["TC", "TB"]
+    assert {"path": "src/a.py", "task": "TA", "state": "ended"} in said["TB"]["swept_in"]
+
+
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
+def test_a_persons_commit_of_the_orders_sends_no_running_task_of_another_order_back(tmp_path, watch):
+    """`aipm run O2` left O2/Y1.yaml modified (its status); while `aipm run ORD` runs T1, the person commits
+    `orders/`. aipm wrote Y1.yaml before T1 began and it did not change since: T1 is not sent back (it was, for
+    `scope: wrote orders/O2/Y1.yaml`), and the notice calls it a task file aipm writes, as it does ORD's."""
+    root, order = project(tmp_path, {"T1": {
+        "command": "mkdir -p gate && touch gate/t1_started && until [ -e gate/committed ]; do sleep 0.02; done; "
+                   "echo 'a = 1' > src/a.py", "target_files": ["src/a.py"]}},
+        f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
+    other = root / "orders" / "O2"
+    other.mkdir()
+    (other / "Y1.yaml").write_text(yaml.safe_dump({"command": "echo 'b = 1' > src/b.py", "target_files": ["src/b.py"]}))
+    git(root, "add", "-A")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "O2")
+    first = subprocess.run([sys.executable, "-m", "aipm", "--root", str(root), "run", "O2", "--no-resource-monitoring"],
+                           capture_output=True, text=True, timeout=120)
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert "orders/O2/Y1.yaml" in git(root, "status", "--porcelain")
+    proc = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(root), "run", "ORD", "--json",
+                             "--no-resource-monitoring"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (root / "gate" / "t1_started").exists())
+        git(root, "add", "orders")
+        git(root, "-c", "user.name=p", "-c", "user.email=p@p", "commit", "-qm", "wip")
+        (root / "gate" / "committed").touch()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out + err
+    assert statuses(order) == {"T1": "DONE"}
+    events = [json.loads(line) for line in out.splitlines()]
+    assert not [e for e in events if e.get("scope")]
+    said = next(e for e in events if e["event"] == "committed")
+    assert said["running"] == ["T1"]
+    assert {"path": "orders/O2/Y1.yaml", "task": None, "state": "task_file"} in said["swept_in"]
 
 
 def test_a_commit_does_not_hide_a_write_from_the_audit_of_an_adopted_attempt(tmp_path):
