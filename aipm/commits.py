@@ -8,8 +8,9 @@ commit happened, and that costs a few stats and no git. Only when HEAD moved doe
 (scope.committed), and `notice` says which of them lie outside the attempt's targets, and whose they are.
 
 Which worker committed is not known (git records no process, and nothing else ties a commit to one): the notice
-names every task that ran at some moment of the attempt, the one whose end it is first. The scope audit treats
-the committed files as the attempt's writes (recording.py): `git status` no longer shows what was committed.
+names every attempt running when HEAD last moved (the ref file's time; the ended ones from the written log), the
+one whose end it is first. The scope audit asks of each committed file whether it changed during the attempt
+(scope.findings): `git status` no longer shows what was committed, and a commit alone writes nothing.
 """
 
 from __future__ import annotations

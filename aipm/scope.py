@@ -2,9 +2,13 @@
 
 Before a worker starts, `snapshot(root)` records every dirty or untracked path of the git work tree (one
 `git status` call) with a cheap fingerprint (size, mtime_ns). When the worker ends, a second snapshot is taken and
-`changed(before, after)` gives the paths that appeared, disappeared (reverted to clean or deleted) or whose
-fingerprint moved, so a file that was already dirty and was written again is seen too; the files of the commits
-made meanwhile count as well (`findings`' `in_commits`, from commits.py): `git status` no longer shows them.
+`changed(before, after)` gives the paths that appeared or whose fingerprint moved, so a file that was already dirty
+and was written again (or reverted to clean, or deleted) is seen too. The commits made meanwhile (`findings`' `in_commits`, from commits.py) hide from `git status` what they
+took, so each of their paths is asked the same question, never charged for being committed: a path that was clean
+at the start changed (it held the old commit's content), one dirty at the start changed when its fingerprint did.
+A file a commit took as it was (a person's edit or another task's output from before, swept in by `git add -A`; the
+statuses aipm wrote, committed by a person) was not written during the attempt.
+
 `coverage.out_of_scope(paths, allowed)` names the ones no allowed target covers; a non-empty answer fails the review
 with those paths named.
 
@@ -251,9 +255,10 @@ def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target 
              in_commits: set[str] | None = None, began_ns: int = 0) -> list[str]:
     """Sorted paths that the attempt whose start is saved at `path` changed and that nothing in
     `allowed(since_ns)` covers (the targets of every task that may write meanwhile, given the moment it began).
-    `in_commits`: the paths committed during the attempt (commits.py), which `git status` no longer shows and a
-    window of events may not hold (a file dirty before it began, swept into a commit); None when its start did
-    not note HEAD (an attempt of an older aipm): a snapshot's own HEAD then tells. `began_ns`: when the audit of
+    `in_commits`: the paths committed during the attempt (commits.py), which `git status` no longer shows: each
+    counts when it changed during the attempt (a window's events tell; where they cannot, its inode), not for
+    being committed; None when its start did not note HEAD (an attempt of an older aipm): a snapshot's own HEAD
+    then tells. `began_ns`: when the audit of
     the attempt began (0: it is not audited), what it falls back on when the file at `path` is gone."""
     path = os.fspath(path)
     watch = _WATCHES.get(real_root(root))
