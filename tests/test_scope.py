@@ -843,9 +843,12 @@ def test_a_stopped_attempt_is_noted_once_in_the_written_log(repo):
     run.send_signal(signal.SIGINT)
     assert run.wait(timeout=60) == 130
     lines = (Runtime(repo).state / writtenlog.WRITTEN_LOG).read_text().splitlines()
-    noted = sorted((json.loads(line.split(" ", 1)[1]) for line in lines), key=str)
-    assert noted == [{"order": "orders/ORD", "targets": ["out0.txt"]},
-                     {"order": "orders/ORD", "targets": ["out1.txt"]}], lines
+    noted = sorted((json.loads(line.split(" ", 1)[1]) for line in lines), key=lambda e: e["task"])
+    began = [e.pop("began") for e in noted]
+    assert all(type(b) is int and b > 0 for b in began), lines
+    # which attempt it was, and its targets, for a commit's notice (writtenlog.ended_since)
+    assert noted == [{"order": "orders/ORD", "targets": ["out0.txt"], "task": "ORD/S0", "targets_of": ["out0.txt"]},
+                     {"order": "orders/ORD", "targets": ["out1.txt"], "task": "ORD/S1", "targets_of": ["out1.txt"]}], lines
 
 
 def test_an_audited_attempt_killed_by_a_signal_keeps_its_status(repo):
