@@ -80,8 +80,9 @@ def resume(root: Path, repo: Repo, order: str, task: str, serial: int, tree: Pat
     else:
         try:
             outside = _outside(repo, patches, targets, tree)
-            repo.git("apply", "--whitespace=nowarn", *(["--check"] if check else []),
-                     *(f"--exclude={_literal(path)}" for path in outside), *map(str, patches), cwd=tree, env=orphans.mark(tree))
+            with orphans.marked(root, tree) as env:
+                repo.git("apply", "--whitespace=nowarn", *(["--check"] if check else []),
+                         *(f"--exclude={_literal(path)}" for path in outside), *map(str, patches), cwd=tree, env=env)
         except WorkspaceError as exc:
             note = (f"the changes of attempt {earlier}, which its review sent back, do not apply to the main tree as "
                     f"it is now ({exc}): this attempt starts from the main tree; they are kept in {kept}")

@@ -60,7 +60,7 @@ def remove(root: Path, order: str, task: str, repo: Repo | None = None) -> list[
     from aipm.workspace import mergeback as merging, mergeplan
 
     plan_dir, tree = merge_dir(root, order, task), worktree_path(root, order, task)
-    orphans.end(tree)  # a killed owner's checkout still filling it would race what follows
+    orphans.end(root, tree)  # a killed owner's checkout still filling it would race what follows
     # Nothing through a link a worker left on the way (own_dir): a link at the worktree's own name goes alone.
     own_plan, own_tree = own_dir(root, plan_dir.parent), own_dir(root, tree)
     if not own_tree and own_dir(root, tree.parent) and os.path.islink(tree):

@@ -259,12 +259,14 @@ class Repo:
 
     def add_worktree(self, path: Path, commit: str) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.git("worktree", "add", "--detach", "--quiet", str(path), commit, env=orphans.mark(path))
+        with orphans.marked(self.root, path) as env:
+            self.git("worktree", "add", "--detach", "--quiet", str(path), commit, env=env)
 
     def remove_worktree(self, path: Path) -> None:
         """Remove the worktree at `path` and git's note of it, whatever state a worker left it in."""
         if path.exists():
-            self._run(self.top, ["worktree", "remove", "--force", "--force", str(path)], check=False)
+            with orphans.marked(self.root, path) as env:
+                self._run(self.top, ["worktree", "remove", "--force", "--force", str(path)], env, check=False)
             shutil.rmtree(path, ignore_errors=True)
         self.prune_worktrees(path.parent)
 
