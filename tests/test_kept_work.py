@@ -417,7 +417,7 @@ def test_diff_of_a_moved_worktree_whose_changes_overlap_your_edit_leaves_out_wha
     assert "so this patch leaves README.md" in shown.stderr and "as the attempt's start has them" in shown.stderr
     # ...and where its versions of them are: its failed end kept them in its rest (its kept worktree has them too)
     rest = repo / REST
-    assert f"its end keeps them in {rest}" in shown.stderr, shown.stderr
+    assert f"its end keeps its versions of README.md, src/a.txt in {rest}" in shown.stderr, shown.stderr
     assert "a line 15, the task\n" in (rest / "src/a.txt").read_text()
     assert [line for line in shown.stdout.splitlines() if line.startswith("diff --git")] == [
         "diff --git a/src/new.txt b/src/new.txt"], shown.stdout
@@ -499,3 +499,28 @@ def test_a_tangled_attempts_patch_leaves_a_file_it_put_back_only_in_part_as_the_
     kept = (repo / REST / "src/a.txt").read_text()
     assert "a line 16, the task\n" in kept and "a line 18\n" in kept, kept
     assert f"its versions of src/a.txt are kept in {repo / REST}" in shown.stderr, shown.stderr
+
+
+@pytest.mark.parametrize("start, theirs", [("src/new/x.txt", "src/new"), ("src/x", "src/x/y")])
+def test_a_tangled_attempts_file_where_the_start_has_a_directory_or_the_reverse_is_kept_in_its_rest(
+        repo, start, theirs):
+    """Your uncommitted new file; the worker's `git checkout main` dropped it and it wrote a file where the start
+    has a directory (or a directory where the start has a file). Its end is tangled, and putting your path back as
+    the start has it, git's index dropped the worker's file: it was in neither the patch nor the rest, the log said
+    the attempt changed nothing, `diff` named a rest that did not exist, and `aipm recover` lost the work."""
+    (repo / start).parent.mkdir(parents=True, exist_ok=True)
+    (repo / start).write_text("my uncommitted new file\n")
+    project = project_in(repo)
+    write_task(project.order(), "T", workspace="worktree", target_files=["src/"], command=(
+        f"git checkout -q main && mkdir -p {os.path.dirname(theirs)} && echo WORKERS_FILE > {theirs}; exit 1"))
+    assert project.aipm("run", "ORD").returncode == 1 and project.statuses() == {"T": "FAILED"}
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "changed nothing in its worktree" not in log and "~" not in log, log
+    assert f"its versions of {theirs} are kept in {repo / REST}" in log, log
+    shown = project.aipm("diff", "T")
+    assert f"its end keeps its versions of {theirs} in {repo / REST}" in shown.stderr, shown.stderr
+    assert project.aipm("recover").returncode == 0 and not (repo / ".aipm/worktrees/ORD/T").exists()
+    assert (repo / REST / theirs).read_text() == "WORKERS_FILE\n"
+    assert (repo / start).read_text() == "my uncommitted new file\n"
+    shown = project.aipm("diff", "T")
+    assert f"its versions of {theirs} are kept in {repo / REST}" in shown.stderr, shown.stderr

@@ -227,7 +227,9 @@ def _as_taken(repo: Repo, root: Path, order: str, task: str, base: str, files: s
     onto = onto_start(repo, tree, base, files)
     if onto.tangled:
         serial = max(Runtime(root).logs(order, task), default=None)  # (the worktree's: the latest attempt's)
-        kept = f"; its end keeps them in {rest_path(root, order, task, serial)}" if serial is not None else ""
+        present = some([path for path, entry in onto.theirs.items() if entry[0] in _FILE_MODES])
+        kept = (f"; its end keeps its versions of {present} in {rest_path(root, order, task, serial)}"
+                if serial is not None and present else "")
         return onto.tree, [
             f"{onto.tangled}; so this patch leaves {some(list(onto.left))} as the attempt's start has them: its "
             f"changes there cannot be told from the undoing of those edits (its files are in {tree}{kept})"]

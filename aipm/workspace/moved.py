@@ -30,7 +30,8 @@ class Onto(NamedTuple):
     # (tangled) each path taken as the start has it -> (mode, id) there: every one the start held beside the fork
     # that the files change (what the move dropped, and what they hold nearer the start's, which is not the start's)
     left: dict[str, tuple[str, str]] = {}
-    theirs: dict[str, tuple[str, str]] = {}  # (tangled) each of those paths -> (mode, id) in the files (0s: absent)
+    # (tangled) each path where the tree taken differs from the files -> (mode, id) in the files (0s: absent)
+    theirs: dict[str, tuple[str, str]] = {}
 
 
 def onto_start(repo: Repo, tree: Path, base: str, files: str) -> Onto:
@@ -72,12 +73,17 @@ def onto_start(repo: Repo, tree: Path, base: str, files: str) -> Onto:
         # Here its changes cannot be told from the undoing of your edits: no patch of these paths may be taken (one
         # the files hold nearer the start's may still undo part of them), and the files' are kept aside (kept.py)
         left = {path: held[path][1] for path in [*dropped, *kept]}
+        taken = repo.with_entries(files, left, scratch(repo.root))
+        # Where a path put back as the start has it meets the files' as a file does a directory (a start's x/y and
+        # the files' x), the index drops the files' entry: every path where the taken tree and the files differ is
+        # one of theirs to keep, not only those put back. (merge-tree names a path on both sides, a file and a
+        # directory, `x~<oid>` too: no one's path, not named.)
+        overlap = [path for path in merged[1] if path in held or path in now] if merged else []
         return Onto(tangled=(f"{moved}, which undid what the start held beside the commit it moved to (the main "
                              f"tree's uncommitted edits), and its changes overlap that in "
-                             f"{some(merged[1] if merged else list(dropped))}: keep the worktree on its start "
+                             f"{some(overlap or list(dropped))}: keep the worktree on its start "
                              "(commit on top of it) and leave your branches alone"), left=left,
-                    theirs={path: now[path][1] for path in left},
-                    tree=repo.with_entries(files, left, scratch(repo.root)))
+                    theirs={path: mine for path, (_, mine) in repo.entries(taken, files).items()}, tree=taken)
     return Onto(tree=merged[0], note=(f"{moved}: its changes are taken since its history left the start's, so that "
                                       f"what the move dropped ({some(list(dropped))}: the main tree's uncommitted "
                                       "edits, or commits it went back past) is not undone"))
