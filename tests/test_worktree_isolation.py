@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from conftest import wait_for, write_task
+from test_confine import needs_landlock
 from test_workspace import git, project_in, repo, wait_gate  # noqa: F401 - repo is a fixture
 
 
@@ -196,6 +197,31 @@ def test_a_worktree_whose_refs_are_the_repositorys_never_has_the_users_stash_mov
     assert project.statuses() == {"T": "DONE"}, proc.stdout
     assert (repo / "src/new.txt").read_text() == "new\n"
     assert git(repo, "stash", "list", "--format=%H %gs") == stash
+
+
+@pytest.mark.parametrize("confine", [pytest.param(True, marks=needs_landlock), False], ids=["confined", "unconfined"])
+@pytest.mark.parametrize("links", ["aipm/refs", "aipm/logs/refs", "aipm"])
+def test_a_worker_that_links_its_own_refs_to_the_repositorys_never_has_the_users_stash_deleted(repo, confine, links):
+    """A worker (a confined one too: Landlock grants it its worktree's git note) replaced the links `aipm/refs` and
+    `aipm/logs/refs` of its own git directory with links to the repository's: its end's capture, whose `commondir`
+    still named its own, read the user's stash as the worker's, "moved" it, then deleted refs/stash through that
+    git, and the user's stash was gone. Now a layout other than aipm made is no stash of the worktree's own: nothing
+    is moved or deleted, and the log says why."""
+    common = repo / ".git"
+    relink = {"aipm/refs": f'rm -rf "$N/aipm/refs" && ln -s "{common}/refs" "$N/aipm/refs"',
+              "aipm/logs/refs": f'rm -rf "$N/aipm/logs/refs" && ln -s "{common}/logs/refs" "$N/aipm/logs/refs"',
+              "aipm": f'cp -a "$N/aipm" "$N/own" && rm -rf "$N/own/refs" "$N/own/logs/refs" && '
+                      f'ln -s "{common}/refs" "$N/own/refs" && ln -s "{common}/logs/refs" "$N/own/logs/refs" && '
+                      'rm -rf "$N/aipm" && ln -s own "$N/aipm"'}[links]
+    stash = git(repo, "stash", "list", "--format=%H %gs")
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/new.txt"], confine=confine,
+               command=f'N=$(git rev-parse --git-dir) && {relink} && echo new > src/new.txt')
+    proc = project.aipm("run", "ORD")
+    assert project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr
+    assert git(repo, "stash", "list", "--format=%H %gs") == stash
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "the worker's stash was not moved, and nothing was deleted there" in log, log
 
 
 @pytest.mark.parametrize("move", ["git checkout -q main && git checkout -q -b feature",

@@ -27,6 +27,8 @@ links from the own directory), and every ref there keeps a log (core.logAllRefUp
 from __future__ import annotations
 
 import os
+import stat
+from contextlib import suppress
 from pathlib import Path
 
 from aipm.workerfiles import read_git_file
@@ -36,6 +38,8 @@ OWN = "aipm"  # the worktree's own common directory, inside git's note of the wo
 SHARED = ("objects", "info", "hooks", "lfs", "modules", "rr-cache", "shallow", "remotes", "branches")
 # Refs each worktree keeps apart already (git resolves them in its note), and the stash, which must start empty.
 _NOT_COPIED = ("refs/stash", "refs/bisect/", "refs/worktree/", "refs/rewritten/")
+# The own directory's refs and their logs, links to the worktree's per-worktree ones (in its note)
+_LINKS = (("refs", f"refs/worktree/{OWN}"), ("logs/refs", f"logs/refs/worktree/{OWN}"))
 _FORMAT_0 = ("extensions.noop", "extensions.preciousobjects", "extensions.partialclone", "extensions.worktreeconfig")
 
 
@@ -53,10 +57,10 @@ def isolate(repo: Repo, tree: Path) -> None:
         extensions = [(key, value) for key, value in extensions if key in _FORMAT_0]
     note = Path(repo.own_env(tree)["GIT_DIR"])
     own = note / OWN
-    for name, place in (("refs", note / "refs" / "worktree" / OWN), ("logs/refs", note / "logs/refs/worktree" / OWN)):
-        place.mkdir(parents=True)
+    for name, place in _LINKS:
+        (note / place).mkdir(parents=True)
         (own / name).parent.mkdir(parents=True, exist_ok=True)
-        os.symlink(place, own / name)
+        os.symlink(note / place, own / name)
     for name in SHARED:
         if os.path.lexists(repo.common / name):
             os.symlink(repo.common / name, own / name)
@@ -70,13 +74,49 @@ def isolate(repo: Repo, tree: Path) -> None:
 
 
 def isolated(note: Path) -> bool:
-    """Whether the worktree whose git note is `note` has refs of its own: its `commondir` names ours. Not in a
-    repository isolate() left alone (reftable refs), nor where a worker re-pointed it: its refs, and its stash,
-    are then the repository's."""
+    """Whether the worktree whose git note is `note` has refs of its own: its `commondir` names ours, laid out as
+    isolate() made it (broken). Not in a repository isolate() left alone (reftable refs), nor where a worker
+    re-pointed it: its refs, and its stash, are then the repository's."""
+    return _names_own(note) and broken(note) is None
+
+
+def _names_own(note: Path) -> bool:
     try:
         return read_git_file(note / "commondir") == OWN
     except OSError:  # (a FIFO or a sparse file its worker left there, too)
         return False
+
+
+def broken(note: Path) -> str | None:
+    """Why the own directory that the git note `note` names is not as isolate() made it, or None (also where it
+    names none). Its worker may write there (confine.py grants it its note): with `aipm/refs` linked to the
+    repository's refs, git run through the worktree's own git directory reads and writes the user's (its end's
+    `update-ref -d refs/stash` deleted the user's stash)."""
+    if not _names_own(note):
+        return None
+    own, top = note / OWN, os.path.realpath(note)
+    if not _real_dirs(note, OWN, "logs"):
+        return f"{own} is not a directory of its own"
+    with suppress(FileNotFoundError):  # (git may remove it, emptied)
+        if not stat.S_ISREG(os.lstat(own / "packed-refs").st_mode):  # a link: git rewrites what it leads to
+            return f"{own / 'packed-refs'} is not a file of its own"
+    for name, place in _LINKS:
+        if os.path.realpath(own / name) != os.path.join(top, place) or not _real_dirs(Path(top), *place.split("/")):
+            return f"{own / name} does not lead to {os.path.join(top, place)}"
+    return None
+
+
+def _real_dirs(start: Path, *parts: str) -> bool:
+    """Each of `start`/parts[0], `start`/parts[0]/parts[1], ... is a directory, none reached through a link."""
+    here = start
+    for part in parts:
+        here = here / part
+        try:
+            if not stat.S_ISDIR(os.lstat(here).st_mode):
+                return False
+        except OSError:
+            return False
+    return True
 
 
 def _config(repo: Repo, extensions: list[tuple[str, str]]) -> str:

@@ -25,8 +25,11 @@ def carry(repo: Repo, tree: Path, base: str) -> list[str]:
         env = repo.own_env(tree)
     except WorkspaceError:
         return []  # git's note of it is gone: so is its stash
-    if not ownrefs.isolated(Path(env["GIT_DIR"])):
-        return []  # its stash is the repository's, the user's: nothing to move, and never to delete
+    note = Path(env["GIT_DIR"])
+    if not ownrefs.isolated(note):  # its stash is the repository's, the user's: nothing to move, and never to delete
+        broken = ownrefs.broken(note)
+        return [f"the worker's stash was not moved, and nothing was deleted there: {broken}, so its git reaches "
+                "the repository's refs (its worker changed it)"] if broken else []
     entries = repo.stash(env)
     if not entries:
         return _gone(repo, env)
