@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,8 +64,29 @@ def end(root: Path, tree: Path) -> None:
             for marker in left_by_dead:
                 marker.unlink(missing_ok=True)
             return
-        subreaper.end(left)
+        _kill(where, left)
     raise WorkspaceError(f"{tree}: git processes of a killed run still work there (pid {', '.join(map(str, left))})")
+
+
+def _kill(where: str, pids: list[int]) -> None:
+    """SIGKILL each of `pids` still marked for `where` by a dead owner, through a pidfd opened before that look
+    (a pid freed and reused since the scan is not the process it names), then wait until they are gone."""
+    from aipm import runner, subreaper
+
+    for pid in pids:
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            continue  # gone
+        try:
+            if _left(where, subreaper.environs([pid])):
+                signal.pidfd_send_signal(fd, signal.SIGKILL)
+        except OSError:
+            pass  # ended meanwhile
+        finally:
+            os.close(fd)
+    runner.wait_all_gone(pids, 5.0)
+    subreaper.reap_zombies(pids)
 
 
 def _markers(root: Path) -> Path:
