@@ -164,6 +164,24 @@ def test_a_workers_stash_outlives_a_gc_that_prunes_in_the_main_tree(repo, tmp_pa
     assert f"src/a.txt (stash@{{0}}, {entries[0][:10]}): stashed by the worker, so not merged" in log, log
 
 
+def test_a_workers_stash_whose_log_it_removed_is_moved_to_the_users_stash(repo):
+    """A worker that stashed and then removed its stash's log: `git stash list` there shows nothing, so nothing was
+    moved, and the entry (refs/stash still names it) went with the worktree. Its newest entry is moved now, and the
+    log says the others could not be found."""
+    project = project_in(repo)
+    users = git(repo, "stash", "list", "--format=%H").split()
+    write_task(project.order(), "T", target_files=["src/"], command=(
+        'echo wip-work >> src/a.txt && git stash -q && rm "$(git rev-parse --git-path logs/refs/stash)" && '
+        "echo done >> src/b.txt"))
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0 and project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr
+    entries = git(repo, "stash", "list", "--format=%H").split()
+    assert entries[1:] == users, entries
+    assert "+wip-work" in git(repo, "stash", "show", "-p", "stash@{0}")
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert f"the worker removed its stash's log, so only its newest entry ({entries[0]}) could be found" in log, log
+
+
 def test_a_stash_entry_the_worker_made_on_another_commit_is_named_too(repo):
     """Entries are told from the user's by their first parent, the attempt's start: one a worker made on a branch
     it checked out (here the user's main, copied into its own refs) was moved to the user's stash unnamed."""

@@ -30,9 +30,15 @@ def carry(repo: Repo, tree: Path, base: str) -> list[str]:
         broken = ownrefs.broken(note)
         return [f"the worker's stash was not moved, and nothing was deleted there: {broken}, so its git reaches "
                 "the repository's refs (its worker changed it)"] if broken else []
-    entries = repo.stash(env)
+    entries, unlogged = repo.stash(env), []
     if not entries:
-        return _gone(repo, env)
+        gone = _gone(repo, env)
+        newest = None if gone else _unlogged(repo, env)
+        if newest is None:
+            return gone
+        entries = [newest]
+        unlogged = [f"the worker removed its stash's log, so only its newest entry ({newest[1]}) could be found, "
+                    "and it is moved to the repository's stash"]
     present = {commit for _, commit, _ in repo.stash()}  # moved already, by a capture a crash cut short
     failed, elsewhere = [], []
     for _, commit, parents in reversed(entries):
@@ -50,7 +56,7 @@ def carry(repo: Repo, tree: Path, base: str) -> list[str]:
     seam("carry")
     if not failed:
         repo.git("update-ref", "-d", "refs/stash", env=env)
-    return failed + ([f"the worker's stash entries made on another commit than its start: {', '.join(elsewhere)}: "
+    return unlogged + failed + ([f"the worker's stash entries made on another commit than its start: {', '.join(elsewhere)}: "
                       f"{STASHED}"] if elsewhere else [])
 
 
@@ -62,6 +68,16 @@ def _gone(repo: Repo, env: dict[str, str]) -> list[str]:
     return [] if gone is None else [f"the worker's stash names a commit that is gone ({gone}): a `git gc` or "
                                     "`git prune` in the repository deleted it while the attempt ran, and what the "
                                     "worker stashed is lost"]
+
+
+def _unlogged(repo: Repo, env: dict[str, str]) -> tuple[str, str, list[str]] | None:
+    """The worktree's stash entry that refs/stash names where its log was removed (`git stash list` shows nothing,
+    and the commit went with the worktree): (its name, commit, parents), None where there is no refs/stash."""
+    try:
+        commit, *parents = repo.git("log", "-1", "--format=%H %P", "refs/stash", "--", env=env).decode().split()
+    except (WorkspaceError, ValueError):  # (no refs/stash)
+        return None
+    return "refs/stash", commit, parents
 
 
 def _store(repo: Repo, subject: str, commit: str) -> None:
