@@ -524,3 +524,34 @@ def test_a_tangled_attempts_file_where_the_start_has_a_directory_or_the_reverse_
     assert (repo / start).read_text() == "my uncommitted new file\n"
     shown = project.aipm("diff", "T")
     assert f"its versions of {theirs} are kept in {repo / REST}" in shown.stderr, shown.stderr
+
+
+def test_a_tangled_attempts_versions_that_could_not_be_kept_at_its_end_are_kept_before_its_worktree_goes(
+        repo, tmp_path):
+    """A tangled end whose copy of the worktree's versions into its rest failed (here a smudge filter that refuses
+    until the test allows it) said they were only in the worktree; `aipm recover` then removed it, and they were
+    lost. The copy is tried again before the worktree is removed, which stays while it fails."""
+    allowed = tmp_path / "allowed"
+    allowed.touch()
+    git(repo, "config", "filter.held.smudge", f'test -e "{allowed}" && cat')
+    git(repo, "config", "filter.held.clean", "cat")
+    git(repo, "config", "filter.held.required", "true")
+    (repo / ".gitattributes").write_text("src/a.txt filter=held\n")
+    git(repo, "add", ".gitattributes")
+    git(repo, "commit", "-q", "-m", "a held file", "--", ".gitattributes")
+    _your_uncommitted_edit(repo)
+    (repo / "src/a.txt").write_text((repo / "src/a.txt").read_text().replace("a line 15", "a line 15, mine"))
+    project = project_in(repo)
+    write_task(project.order(), "T", workspace="worktree", target_files=["src/"], command=(
+        "git reset -q --hard main && sed -i 's/a line 15/a line 15, the task/' src/a.txt && "
+        f'rm "{allowed}"; exit 1'))
+    assert project.aipm("run", "ORD").returncode == 1 and project.statuses() == {"T": "FAILED"}
+    assert "could not be kept" in (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    refused = project.aipm("recover")  # failed again: the worktree, their only copy, stays
+    assert "worktree not removed" in refused.stdout and "could not be kept" in refused.stdout, refused.stdout
+    assert (repo / ".aipm/worktrees/ORD/T/src/a.txt").is_file()
+    allowed.touch()
+    assert project.aipm("recover").returncode == 0 and not (repo / ".aipm/worktrees/ORD/T").exists()
+    assert "a line 15, the task\n" in (repo / REST / "src/a.txt").read_text()
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert f"before its worktree was removed: its versions of README.md, src/a.txt are kept in {repo / REST}" in log

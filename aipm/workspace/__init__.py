@@ -50,7 +50,7 @@ from aipm.workspace.repo import Repo, WorkspaceError
 from aipm.workspace.start import (after_setup, directory, prepare, setup_of, setup_unfinished, start_message,
                                   with_setup)
 from aipm.workspace.kept import (STAYS, WHOLE, diff, keep_rest, keep_whole, kept_beside, kept_patch, kept_rest,
-                                 last_kept, shown_instead, left_out_note)
+                                 last_kept, shown_instead, left_out_note, tangled_again)
 from aipm.workspace.ignored import IGNORED, NOT_MERGED, ignored_in_targets, keep_ignored, keep_ignored_with
 
 SHARED, WORKTREE = WORKSPACES
@@ -165,13 +165,14 @@ def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> list[s
         append_log(str(log), f"no patch of attempt {serial} holds its changes (its end was never recorded, its record "
                              f"gone, or could not be captured); {note}")
         return [note]
+    again = [note for note in [tangled_again(root, repo, order, task, serial, str(log))] if note] if log else []
     try:
         now, left_out = capture(repo, root, tree, base, None)
     except WorkspaceError:  # git cannot say what is in it (a path git refuses): all of it is kept
         now, left_out = None, dict.fromkeys(["./"], WHOLE)
     if not left_out:
         later = _keep_later(root, repo, order, task, serial, str(log), now) if now is not None and log else ""
-        return [later] if later else []
+        return again + ([later] if later else [])
     if log is None:
         raise WorkspaceError(f"{tree} holds {some(list(left_out))}, which no patch can hold, and its attempt is "
                              "unknown: move them out of it, then `aipm recover`")
@@ -179,7 +180,7 @@ def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> list[s
     append_log(str(log), f"before its worktree was removed: {left_out_note(left_out)}")
     if any(STAYS in what for what in left_out.values()):
         raise WorkspaceError(f"{tree} is not removed: {left_out_note(left_out)}")
-    return [left_out_note(left_out)]
+    return again + [left_out_note(left_out)]
 
 
 def _keep_later(root: Path, repo: Repo, order: str, task: str, serial: int, log: str, now: str) -> str:

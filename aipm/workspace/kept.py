@@ -18,7 +18,7 @@ from pathlib import Path
 from aipm.model import some
 from aipm.record import Record
 from aipm.runtime import Runtime
-from aipm.workerfiles import read_bytes, write_bytes
+from aipm.workerfiles import append_log, read_bytes, write_bytes
 from aipm.workspace.places import (component, kept_words, later_patch_path, make_own_dir, own_dir, patch_path,
                                    refname, rest_path, scratch, tangled_path, worktree_path)
 from aipm.workspace.moved import Onto, onto_start
@@ -49,6 +49,7 @@ def kept_rest(root: Path, rec: Record) -> Path | None:
 
 
 STAYS = "it could not be moved out of the worktree"
+NOT_KEPT = "could not be kept"  # (a tangled end's versions: keep_tangled)
 WHOLE = "the whole worktree, as git cannot capture its changes"
 
 
@@ -107,12 +108,34 @@ def keep_tangled(root: Path, repo: Repo, rec: Record, onto: Onto) -> str:
             make_own_dir(root, rest)  # (the only copy of the work: not where a worker's link leads)
             repo.check_out(present, rest, scratch(root))
     except (WorkspaceError, OSError) as exc:
-        note = (f"{left}; its versions of them could not be kept ({exc}): they are only in {rec.workspace}, until "
-                "its next attempt starts or `aipm recover`")
+        note = (f"{left}; its versions of them {NOT_KEPT} ({exc}): they are only in {rec.workspace}, which is not "
+                "removed until they are (tried again at its next attempt's start and by `aipm recover`)")
     else:
         note = f"its versions of {some(list(present))} are kept in {rest}, at those paths: {left}" if present else left
     with suppress(OSError):  # (`diff` then names its rest as for any other)
         write_bytes(tangled_path(root, rec.order, rec.task, rec.serial), note.encode(errors="surrogateescape"))
+    return note
+
+
+def tangled_again(root: Path, repo: Repo, order: str, task: str, serial: int, log: str) -> str:
+    """Before the worktree of attempt `serial` is removed: keep_tangled's copy that failed at its end (its note says
+    so), tried again, its files as its end captured them. Returns the note ("" when none failed); WorkspaceError
+    when it failed again: the worktree, their only copy, stays."""
+    try:
+        before = read_bytes(tangled_path(root, order, task, serial), 1 << 16).decode(errors="surrogateescape")
+    except OSError:
+        return ""
+    files = repo.rev(refname(order, task, "captured", prefix=repo.prefix)) if NOT_KEPT in before else None
+    if files is None:
+        return ""
+    tree = worktree_path(root, order, task)
+    onto = onto_start(repo, tree, repo.rev(refname(order, task, "base", prefix=repo.prefix)) or "", files)
+    if not onto.tangled:
+        return ""
+    note = keep_tangled(root, repo, Record(order, "", task, "", serial, [], log, "", "", workspace=str(tree)), onto)
+    append_log(log, f"before its worktree was removed: {note}")
+    if NOT_KEPT in note:
+        raise WorkspaceError(f"{tree} is not removed: {note}")
     return note
 
 
