@@ -32,6 +32,7 @@ from contextlib import suppress
 from pathlib import Path
 
 from aipm.workerfiles import read_git_file
+from aipm.workspace.places import real_dirs
 from aipm.workspace.repo import Repo
 
 OWN = "aipm"  # the worktree's own common directory, inside git's note of the worktree
@@ -95,28 +96,15 @@ def broken(note: Path) -> str | None:
     if not _names_own(note):
         return None
     own, top = note / OWN, os.path.realpath(note)
-    if not _real_dirs(note, OWN, "logs"):
+    if not real_dirs(note, OWN, "logs"):
         return f"{own} is not a directory of its own"
     with suppress(FileNotFoundError):  # (git may remove it, emptied)
         if not stat.S_ISREG(os.lstat(own / "packed-refs").st_mode):  # a link: git rewrites what it leads to
             return f"{own / 'packed-refs'} is not a file of its own"
     for name, place in _LINKS:
-        if os.path.realpath(own / name) != os.path.join(top, place) or not _real_dirs(Path(top), *place.split("/")):
+        if os.path.realpath(own / name) != os.path.join(top, place) or not real_dirs(Path(top), *place.split("/")):
             return f"{own / name} does not lead to {os.path.join(top, place)}"
     return None
-
-
-def _real_dirs(start: Path, *parts: str) -> bool:
-    """Each of `start`/parts[0], `start`/parts[0]/parts[1], ... is a directory, none reached through a link."""
-    here = start
-    for part in parts:
-        here = here / part
-        try:
-            if not stat.S_ISDIR(os.lstat(here).st_mode):
-                return False
-        except OSError:
-            return False
-    return True
 
 
 def _config(repo: Repo, extensions: list[tuple[str, str]]) -> str:

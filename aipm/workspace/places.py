@@ -68,7 +68,13 @@ def own_dir(root: Path, path: Path) -> bool:
     found there for a finished task's worktree and `rm -rf`ed it, and `git worktree remove` would remove a
     person's worktree a link named."""
     here = runtime_dir(root)
-    for part in Path(path).relative_to(here).parts:
+    return real_dirs(here, *Path(path).relative_to(here).parts)
+
+
+def real_dirs(start: Path, *parts: str) -> bool:
+    """Each of `start`/parts[0], `start`/parts[0]/parts[1], ... is a directory, none reached through a link."""
+    here = start
+    for part in parts:
         here = here / part
         try:
             if not stat.S_ISDIR(os.lstat(here).st_mode):
