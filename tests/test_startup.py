@@ -131,7 +131,7 @@ def test_the_looking_commands_skip_typer_and_answer_exactly_as_typer_does(projec
         assert proc.stderr.split("MODULES")[0] == typer_proc.stderr.split("MODULES")[0], args
     assert results[("validate", "ORD")][0].returncode == 2 and "P9" in results[("validate", "ORD")][0].stderr
     assert results[("why", "ORD/B")][0].returncode == 2 and "BAD.yaml" in results[("why", "ORD/B")][0].stderr
-    assert results[("ps", "--json")][0].stdout == '{"workers": []}\n'  # (not the usage error of `ps -- --json`)
+    assert results[("ps", "--json")][0].stdout == '{"workers": [], "standby": []}\n'  # (not the usage error of `ps -- --json`)
     assert "max_workers" in results[("config", "--json")][0].stdout
 
 
