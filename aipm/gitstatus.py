@@ -71,20 +71,31 @@ _GIT: dict[str, str] = {}
 
 
 def changed(before: Mapping[str, Fingerprint], after: Mapping[str, Fingerprint], root: str,
-            committed: Iterable[str] = ()) -> set[str]:
+            committed: Iterable[str] = (), since_ns: int = 0) -> set[str]:
     """Paths written between the two snapshots of the tree at `root`: those whose fingerprint now differs from the
     one they had then. A path clean in `before` (not in it) counts when it is dirty in `after` or `committed` (the
     commits made meanwhile changed it: clean at the start, it held the old commit's content, and the new one's
-    differs). A path dirty in `before` and clean in `after` counts only when its fingerprint now differs (reverted,
-    or deleted): one a commit took as it was (`git add -A` of a file dirty before, a person's `git commit` of the
-    statuses aipm wrote earlier) was not written."""
+    differs). A path dirty in `before` and clean in `after` counts when its fingerprint now differs (reverted, or
+    deleted), or when its inode changed after `since_ns` (the first snapshot's start): rewritten to the same size
+    with its mtime set back, then committed, it was written (a commit reads a file, never changes its ctime). One a
+    commit took as it was (`git add -A` of a file dirty before, a person's `git commit` of the statuses aipm wrote
+    earlier) was not written."""
     found = set()
     for p in before.keys() | after.keys() | set(committed):
         if p not in before:
             found.add(p)
         elif as_fingerprint(before[p]) != (as_fingerprint(after[p]) if p in after else fingerprint(f"{root}/{p}")):
             found.add(p)
+        elif p not in after and _changed_after(f"{root}/{p}", since_ns):
+            found.add(p)
     return found
+
+
+def _changed_after(path: str, since_ns: int) -> bool:
+    try:
+        return os.lstat(path).st_ctime_ns > since_ns
+    except OSError:
+        return False  # gone: its fingerprint (None) differed already
 
 
 _PREFIXES: dict[str, str | None] = {}  # per process: a supervisor must not fork git per task outside a repo

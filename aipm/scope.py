@@ -3,9 +3,11 @@
 Before a worker starts, `snapshot(root)` records every dirty or untracked path of the git work tree (one
 `git status` call) with a cheap fingerprint (size, mtime_ns). When the worker ends, a second snapshot is taken and
 `changed(before, after)` gives the paths that appeared or whose fingerprint moved, so a file that was already dirty
-and was written again (or reverted to clean, or deleted) is seen too. The commits made meanwhile (`findings`' `in_commits`, from commits.py) hide from `git status` what they
-took, so each of their paths is asked the same question, never charged for being committed: a path that was clean
-at the start changed (it held the old commit's content), one dirty at the start changed when its fingerprint did.
+and was written again (or reverted to clean, or deleted) is seen too. The commits made meanwhile (`findings`'
+`in_commits`, from commits.py) hide from `git status` what they took, so each of their paths is asked the same
+question, never charged for being committed: a path that was clean at the start changed (it held the old commit's
+content), one dirty at the start changed when its fingerprint did, or its inode did after the start (rewritten with
+its size kept and its mtime set back: a commit never changes a file's ctime).
 A file a commit took as it was (a person's edit or another task's output from before, swept in by `git add -A`; the
 statuses aipm wrote, committed by a person) was not written during the attempt.
 
@@ -271,7 +273,7 @@ def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target 
             if after is None:
                 return []
             made = in_commits if in_commits is not None else committed(root, start.head, after.head)
-            return out_of_scope(changed(start, after, os.fspath(root), made), allowed(start.taken_ns))
+            return out_of_scope(changed(start, after, os.fspath(root), made, start.taken_ns), allowed(start.taken_ns))
         if start is not None:
             since = start.taken_ns
         elif began_ns:  # saved, and gone (a worker's `git clean -fdx` of .aipm/): what git shows written since
