@@ -1,11 +1,12 @@
 """An order's standby owner: a detached process that waits for capacity and then starts the order's next tasks.
 
 Capacity is a worker slot, the machine's load, or a budget held by running attempts. A detached owner starts its
-order's successors when its own task ends; where none is left (an `aipm launch` that started nothing, or an owner
-whose successors were all held so) nothing else would start them: one process stays, named by a file in the state
-directory (one per order; `aipm ps` lists it), waits for workers and owners to end (pidfds; the load is read
-again each RESOURCE_RECHECK while it defers) and goes away once it has started one, or once nothing it waits for
-is left (another owner of the order carries it, or nothing of it can start).
+order's successors when its own task ends, and only then: a task held for want of capacity (an `aipm launch` that
+started nothing, or another order's tasks holding the slots) would wait for that end, or for ever, while a slot
+another order's task freed stays unused. So one process stays, named by a file in the state directory (one per
+order; `aipm ps` lists it), waits for workers and owners to end (pidfds; the load is read again each
+RESOURCE_RECHECK while it defers), starts what there is room for, and goes away once nothing of the order waits
+for capacity alone.
 """
 
 from __future__ import annotations
@@ -31,17 +32,13 @@ RECHECK = 5.0  # seconds: at most between looks (a record removed by an owner th
 
 
 def held(report: LaunchReport) -> dict[str, str]:
-    """Task id → why, of the tasks a launch that started nothing left only for want of capacity."""
-    if report.launched or report.plan is None:
+    """Task id → why, of the tasks a launch left only for want of capacity (whatever else it started: an owner
+    starts only its own task's successors, at its end, while a slot another order's task frees is there now)."""
+    if report.plan is None:
         return {}
     out = {b.id: b.detail for b in report.plan.blocked.values() if b.reason == LIMIT}
     out.update((d["id"], d["detail"]) for d in report.deferred if d["reason"] in (LIMIT, BUDGET, *LOAD))
     return out
-
-
-def others_carry(runtime: Runtime, order_id: str) -> bool:
-    """Whether a live owner of the order is left: it starts what its task's end allows."""
-    return any(r.order == order_id and r.alive() for r in runtime.records())
 
 
 def _path(runtime: Runtime, order_id: str) -> Path:
@@ -89,7 +86,7 @@ def stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> None:
             return  # another waits already
         claim(runtime, order_id, me, sorted(held(report)))
     try:
-        while held(report) and not others_carry(runtime, order_id):
+        while held(report):
             _wait(launcher, report)
             report = launcher.launch_ramped(view)
     finally:

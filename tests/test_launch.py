@@ -251,6 +251,33 @@ def test_a_detached_owner_whose_successor_waits_for_a_slot_another_order_holds_s
     wait_for(lambda: no_workers(project.root))
 
 
+def test_the_standby_owner_starts_each_task_as_a_slot_frees_not_only_the_first(project, tmp_path):
+    """The standby started B1 when P1's slot freed and then went away: B2 waited for B1's end (an owner starts only
+    its own task's successors, at its end) while P2's slot stood free (a review of the standby owner)."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    gates = {name: tmp_path / f"gate-{name}" for name in ("P1", "P2", "B1")}
+    for name in ("P1", "P2"):
+        write_task(project.order("P"), name, command=f"while [ ! -e {gates[name]} ]; do sleep 0.05; done",
+                   target_files=[name])
+    write_task(project.order("B"), "B1", command=f"while [ ! -e {gates['B1']} ]; do sleep 0.05; done",
+               target_files=["B1"])
+    write_task(project.order("B"), "B2", command="true", target_files=["B2"])
+    assert project.aipm("launch", "P", "--no-resource-monitoring").returncode == 0
+    assert project.aipm("launch", "B", "--no-resource-monitoring").returncode == 0
+    try:
+        gates["P1"].touch()
+        wait_for(lambda: task_statuses(project.order("B"))["B1"] == "IN_PROGRESS", timeout=30)
+        gates["P2"].touch()
+        # B1 still runs: only the standby can start B2 in P2's slot
+        wait_for(lambda: task_statuses(project.order("B"))["B2"] == "DONE", timeout=30)
+        assert task_statuses(project.order("B"))["B1"] == "IN_PROGRESS"
+    finally:
+        for gate in gates.values():
+            gate.touch()
+    wait_for(lambda: task_statuses(project.order("B")) == {"B1": "DONE", "B2": "DONE"}, timeout=30)
+    wait_for(lambda: not project.json("ps")["standby"] and no_workers(project.root))
+
+
 def test_a_launch_that_starts_nothing_for_want_of_a_slot_leaves_a_standby_owner(project, gate):
     """max_workers 2 held by A's two workers: `launch B` said `nothing to launch`, exit 0, and B stayed QUEUED for
     good with no process left to start it. It leaves a standby owner, says so, `ps` shows it, and it starts B once a

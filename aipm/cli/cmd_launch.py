@@ -111,9 +111,10 @@ def launch(
 
 
 def _stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> dict | None:
-    """A launch that started nothing of tasks held by capacity alone leaves the order a standby owner (standby.py)
-    unless an owner of the order is left to start them: {tasks, detail, pid} (pid None: its owners carry it, or a
-    dry run), or None when no task waits so. (It said `nothing to launch`, exit 0, and nothing ever started them.)"""
+    """A launch that left tasks held by capacity alone leaves the order a standby owner (standby.py), or names the
+    one it has: {tasks, detail, pid} (pid None: a dry run), or None when no task waits so. (A launch that started
+    nothing said `nothing to launch`, exit 0, and nothing ever started them; an owner starts only its own task's
+    successors, at its end, so a slot another order's task freed stayed unused.)"""
     held = standby.held(report)
     if not held:
         return None
@@ -121,8 +122,6 @@ def _stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> dict
     if launcher.options.dry_run:
         return out
     with launcher.runtime.launch_lock():
-        if standby.others_carry(launcher.runtime, view.order.id):
-            return out
         there = standby.current(launcher.runtime, view.order.id)
         out["pid"] = there["pid"] if there else launcher.spawn_standby(str(view.dir), view.order.id)
         if not there:
@@ -149,12 +148,8 @@ def say_launched(report: LaunchReport, waiting: list[dict], order_id: str, dry_r
         console(stderr=True).print(f"aipm: {order_id}/{blocked.id}: {blocked.detail}", markup=False)
     if held:
         tasks = ", ".join(held["tasks"])
-        if dry_run:
-            then = "; a standby owner would start them once there is"
-        elif held["pid"]:
-            then = f"; its standby owner (pid {held['pid']}) starts them once there is (`aipm ps` shows it)"
-        else:
-            then = "; the order's running owners start them as their tasks end"
+        then = ("; a standby owner would start them once there is" if dry_run else
+                f"; its standby owner (pid {held['pid']}) starts them once there is (`aipm ps` shows it)")
         out.print(f"{tasks} wait for capacity ({held['detail']}){then}", markup=False)
     elif not (report.launched or report.deferred or report.failed or waiting or report.plan.budget_stop
               or report.plan.spent):
