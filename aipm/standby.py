@@ -74,9 +74,9 @@ def claim(runtime: Runtime, order_id: str, pid: int, tasks: list[str]) -> None:
 
 
 def stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> None:
-    """Stay as the order's standby owner while its tasks wait for capacity alone (`report`: the last launch) and
-    no other owner is left to start them, starting them once there is (the launch lock and the records keep a
-    task from starting twice)."""
+    """Stay as the order's standby owner while its tasks wait for capacity alone (`report`: the last launch),
+    starting them as there is room (the launch lock and the records keep a task from starting twice); none when
+    the order has one already."""
     runtime, order_id, me = launcher.runtime, view.order.id, os.getpid()
     if not held(report):
         return  # (the usual end of an owner: one look at the report)
@@ -89,6 +89,9 @@ def stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> None:
         while held(report):
             _wait(launcher, report)
             report = launcher.launch_ramped(view)
+            if held(report):  # what `ps` says it waits to start: not the tasks it started meanwhile
+                with runtime.launch_lock():
+                    claim(runtime, order_id, me, sorted(held(report)))
     finally:
         with runtime.launch_lock(), suppress(OSError):
             if (current(runtime, order_id) or {}).get("pid") == me:

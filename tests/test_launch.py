@@ -267,6 +267,7 @@ def test_the_standby_owner_starts_each_task_as_a_slot_frees_not_only_the_first(p
     try:
         gates["P1"].touch()
         wait_for(lambda: task_statuses(project.order("B"))["B1"] == "IN_PROGRESS", timeout=30)
+        wait_for(lambda: [s["tasks"] for s in project.json("ps")["standby"]] == [["B2"]])  # B1 started: B2 waits
         gates["P2"].touch()
         # B1 still runs: only the standby can start B2 in P2's slot
         wait_for(lambda: task_statuses(project.order("B"))["B2"] == "DONE", timeout=30)
