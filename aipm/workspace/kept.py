@@ -90,6 +90,11 @@ def keep_rest(root: Path, order: str, task: str, serial: int, tree: Path, left_o
 _FILE_MODES = ("100644", "100755", "120000")  # what a path of a capture holds that a checkout writes
 
 
+def _files(onto: Onto) -> dict[str, tuple[str, str]]:
+    """Of a tangled end's versions of your edits' paths (onto.theirs), those that are files its rest can hold."""
+    return {path: entry for path, entry in onto.theirs.items() if entry[0] in _FILE_MODES}
+
+
 def keep_tangled(root: Path, repo: Repo, rec: Record, onto: Onto) -> str:
     """An end its worker moved off its start whose changes overlap what the move dropped (moved.onto_start's
     tangled): its patch leaves the paths of your uncommitted edits that its files change as the start has them, as
@@ -98,7 +103,7 @@ def keep_tangled(root: Path, repo: Repo, rec: Record, onto: Onto) -> str:
     at those paths, from the capture (the worktree is left as it is: `diff` and a later patch read it). The note,
     for its log and outcome, is kept beside its patch too (tangled_path), for `diff` to say when it shows it."""
     rest = rest_path(root, rec.order, rec.task, rec.serial)
-    present = {path: entry for path, entry in onto.theirs.items() if entry[0] in _FILE_MODES}
+    present = _files(onto)
     gone = [path for path in onto.theirs if path not in present]
     left = (f"its patch, {patch_path(root, rec.order, rec.task, rec.serial)}, leaves {some(list(onto.theirs))} as "
             "the attempt's start has them, where its changes cannot be told from the undoing of the main tree's "
@@ -250,7 +255,7 @@ def _as_taken(repo: Repo, root: Path, order: str, task: str, base: str, files: s
     onto = onto_start(repo, tree, base, files)
     if onto.tangled:
         serial = max(Runtime(root).logs(order, task), default=None)  # (the worktree's: the latest attempt's)
-        present = some([path for path, entry in onto.theirs.items() if entry[0] in _FILE_MODES])
+        present = some(list(_files(onto)))
         kept = (f"; its end keeps its versions of {present} in {rest_path(root, order, task, serial)}"
                 if serial is not None and present else "")
         return onto.tree, [
