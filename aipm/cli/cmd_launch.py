@@ -111,12 +111,14 @@ def launch(
 
 
 def _stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> dict | None:
-    """A launch that left tasks held by capacity alone leaves the order a standby owner (standby.py), or names the
-    one it has: {tasks, detail, pid} (pid None: a dry run), or None when no task waits so. (A launch that started
+    """A launch that started nothing and left tasks held by capacity alone leaves the order a standby owner
+    (standby.py), or names the one it has: {tasks, detail, pid} (pid None: a dry run), or None when no task waits so. (A launch that started
     nothing said `nothing to launch`, exit 0, and nothing ever started them; an owner starts only its own task's
     successors, at its end, so a slot another order's task freed stayed unused.)"""
     held = standby.held(report)
-    if not held:
+    if not held or report.launched:
+        # (what it started is not in the records yet: a standby's first plan, at once, took its budget or slot for
+        # free; those owners stay as the standby at their ends)
         return None
     out = {"tasks": list(held), "detail": next(iter(held.values())), "pid": None}
     if launcher.options.dry_run:
