@@ -204,6 +204,9 @@ def workers(launcher: Launcher) -> list[dict]:
 
 
 def project_board(launcher: Launcher, order_dirs: list[Path]) -> dict:
-    """Every order and every worker record: what the dashboard draws."""
+    """Every order, every worker record and the orders' standby owners (as `ps` lists them): what the dashboard
+    draws."""
+    from aipm import standby  # it brings the runner: `detect` and `status`, which read boards too, start without it
+
     return {"root": str(launcher.project.root), "orders": [order_board(launcher, d) for d in order_dirs],
-            "workers": workers(launcher)}
+            "workers": workers(launcher), "standby": standby.shown(launcher.runtime)}

@@ -46,8 +46,10 @@ class ProjectWatch:
         root, rt, state = self.project.root, self.runtime, state_dir(self.project.root)
         # Worker records live in the state directory outside the tree (aipm.statedir), logs under .aipm/.
         bases = ((state / "workers", _FILES), (rt / "logs", _LOGS))
-        # The state directory only for the directories made in it: its files (locks, spares) are no news.
-        dirs = [(root, _FILES), (root / self.project.orders_dir, _FILES), (rt, _FILES), (state, IN_CREATE)]
+        # The state directory only for the directories made in it: its files (locks, spares) are no news. Its
+        # standby owners' claims are (standby.py).
+        dirs = [(root, _FILES), (root / self.project.orders_dir, _FILES), (rt, _FILES), (state, IN_CREATE),
+                (state / "standby", _FILES)]
         self.parents = {str(d) for d, _ in dirs} | {str(base) for base, _ in bases}  # where the others appear
         dirs += [(d, _FILES) for d in self.order_dirs()]
         for base, mask in bases:

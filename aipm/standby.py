@@ -59,10 +59,15 @@ def _live(path: Path) -> dict | None:
 
 
 def every(runtime: Runtime) -> list[dict]:
-    """The project's live standby owners (for `ps`)."""
+    """The project's live standby owners."""
     with suppress(OSError):
         return [s for s in (_live(p) for p in sorted((runtime.state / "standby").glob("*.json"))) if s]
     return []
+
+
+def shown(runtime: Runtime) -> list[dict]:
+    """The project's live standby owners as `ps --json` and the dashboard give them: {order, pid, tasks}."""
+    return [{key: s[key] for key in ("order", "pid", "tasks")} for s in every(runtime)]
 
 
 def claim(runtime: Runtime, order_id: str, pid: int, tasks: list[str]) -> None:

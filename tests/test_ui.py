@@ -1136,3 +1136,38 @@ def test_a_retry_from_the_dashboard_of_a_lost_attempt_says_what_it_had_come_to(p
     assert answer["ok"] and answer.get("note", "").startswith("attempt 1 had ended (exit 3) after its owner died"), \
         answer
     assert task_statuses(order) == {"A": "QUEUED"}
+
+
+def test_an_orders_standby_owner_shows_as_ps_shows_it_and_goes_when_it_is_killed(project, dashboard, browser, gate):
+    """`ps` listed an order's standby owner (a launch that found no free slot leaves one), the dashboard did not: the
+    page said "none running" while a process waited to start B1. The board lists it, an open page hears it come, and
+    hears it go when it is SIGKILLed (which changes no file: the hub holds its pidfd)."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    for name in ("A1", "A2"):
+        write_task(project.order("A"), name, command=f"while [ ! -e {gate} ]; do sleep 0.05; done",
+                   target_files=[name])
+    write_task(project.order("B"), "B1", command="true", target_files=["B1"])
+    base, token = base_and_token(dashboard)
+    events = urllib.request.urlopen(f"{base}/events?token={token}", timeout=60)
+
+    def next_board():
+        while (line := events.readline()) != b"event: board\n":
+            assert line, "the event stream ended"
+        return json.loads(events.readline()[len(b"data: "):])
+
+    assert next_board()["standby"] == []
+    project.aipm("launch", "A", "--no-resource-monitoring", check=True)
+    project.aipm("launch", "B", "--no-resource-monitoring", check=True)
+    (listed,) = project.json("ps")["standby"]
+    while (board := next_board())["standby"] != [listed]:
+        assert board["standby"] == [], board["standby"]
+    browser.get(dashboard)
+    said = f"standby B (pid {listed['pid']}): waits for capacity to start B1"
+    wait_for(lambda: said in browser.find_element("id", "workers").text)
+    os.kill(listed["pid"], signal.SIGKILL)
+    while next_board()["standby"]:
+        pass
+    wait_for(lambda: "standby" not in browser.find_element("id", "workers").text)
+    events.close()
+    gate.touch()
+    wait_for(lambda: no_workers(project.root))

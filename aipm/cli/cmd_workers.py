@@ -73,7 +73,7 @@ def ps(json_out: bool = JsonOpt) -> None:
     project = get_project()
     runtime = Runtime(project.root)
     infos = [_worker_info(r, project.root) for r in runtime.records()]
-    waiting = [{key: s[key] for key in ("order", "pid", "tasks")} for s in standby.every(runtime)]
+    waiting = standby.shown(runtime)
     if json_out:
         print_json({"workers": infos, "standby": waiting})
         return

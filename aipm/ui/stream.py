@@ -3,7 +3,7 @@
 Each open page has a Stream: the hub marks what changed (task files and records → a new board; log files →
 new lines) and wakes it; the stream then sends only what differs from what that page already has. A worker
 lost with its supervisor changes no file, yet the board then shows its task INTERRUPTED (board.as_seen): the
-hub also holds a pidfd of every recorded worker and owner, readable when that process ends.
+hub also holds a pidfd of every recorded worker and owner (and standby owner), readable when that process ends.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from aipm import standby
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
 from aipm.liveness import process_alive
@@ -101,10 +102,11 @@ class Hub:
             stream.wake.set()
 
     def _track(self) -> None:
-        """Hold a pidfd of each live process the records name, and only of those. One that has ended already is
-        seen by the board the streams read after this."""
+        """Hold a pidfd of each live process the records name, and of each standby owner, and only of those. One
+        that has ended already is seen by the board the streams read after this."""
         wanted = {(pid, ctime) for rec in self.runtime.records()
                   for pid, ctime in ((rec.pid, rec.ctime), (rec.owner_pid, rec.owner_ctime)) if pid}
+        wanted |= {(s["pid"], s["ctime"]) for s in standby.every(self.runtime)}
         for key in self._pidfds.keys() - wanted:
             self._forget(key)
         for pid, ctime in wanted - self._pidfds.keys():
