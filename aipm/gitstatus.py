@@ -75,18 +75,18 @@ def changed(before: Mapping[str, Fingerprint], after: Mapping[str, Fingerprint],
     """Paths written between the two snapshots of the tree at `root`: those whose fingerprint now differs from the
     one they had then. A path clean in `before` (not in it) counts when it is dirty in `after` or `committed` (the
     commits made meanwhile changed it: clean at the start, it held the old commit's content, and the new one's
-    differs). A path dirty in `before` and clean in `after` counts when its fingerprint now differs (reverted, or
-    deleted), or when its inode changed after `since_ns` (the first snapshot's start): rewritten to the same size
-    with its mtime set back, then committed, it was written (a commit reads a file, never changes its ctime). One a
-    commit took as it was (`git add -A` of a file dirty before, a person's `git commit` of the statuses aipm wrote
-    earlier) was not written."""
+    differs). A path dirty in `before` counts when its fingerprint now differs (written, reverted, or deleted), or
+    when its inode changed after `since_ns` (the first snapshot's start): rewritten to the same size with its mtime
+    set back, committed or not, it was written (a commit or `git status` reads a file, never changes its ctime).
+    One a commit took as it was (`git add -A` of a file dirty before, a person's `git commit` of the statuses aipm
+    wrote earlier) was not written."""
     found = set()
     for p in before.keys() | after.keys() | set(committed):
         if p not in before:
             found.add(p)
         elif as_fingerprint(before[p]) != (as_fingerprint(after[p]) if p in after else fingerprint(f"{root}/{p}")):
             found.add(p)
-        elif p not in after and _changed_after(f"{root}/{p}", since_ns):
+        elif since_ns and _changed_after(f"{root}/{p}", since_ns):
             found.add(p)
     return found
 

@@ -7,7 +7,7 @@ and was written again (or reverted to clean, or deleted) is seen too. The commit
 `in_commits`, from commits.py) hide from `git status` what they took, so each of their paths is asked the same
 question, never charged for being committed: a path that was clean at the start changed (it held the old commit's
 content), one dirty at the start changed when its fingerprint did, or its inode did after the start (rewritten with
-its size kept and its mtime set back: a commit never changes a file's ctime).
+its size kept and its mtime set back, committed or not: neither a commit nor `git status` changes a file's ctime).
 A file a commit took as it was (a person's edit or another task's output from before, swept in by `git add -A`; the
 statuses aipm wrote, committed by a person) was not written during the attempt.
 

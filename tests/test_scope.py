@@ -1450,7 +1450,8 @@ def test_the_output_of_an_aipm_that_owns_no_attempt_is_not_charged_to_the_worker
 
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
-@pytest.mark.parametrize("command", ["status ORD", "env -u AIPM_TASK_ID {aipm} status ORD", "run ORD2"],
+@pytest.mark.parametrize("command", ["status ORD", "env -u AIPM_TASK_ID {aipm} status ORD",
+                                     "run ORD2 --no-resource-monitoring"],
                          ids=["status", "no-task-id", "run"])
 def test_an_aipm_that_a_workers_command_runs_writes_what_that_worker_does(tmp_path, command):
     """The exception to the one above: `aipm status ORD > stray.txt` in a task's own command is that task's write,
