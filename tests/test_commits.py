@@ -210,6 +210,29 @@ def test_a_dirty_file_rewritten_as_it_measured_and_left_dirty_is_charged(tmp_pat
     assert [e["scope"] for e in events if e.get("scope")] == [["y.txt"]]
 
 
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
+def test_a_dirty_file_written_committed_and_put_back_as_it_measured_is_charged(tmp_path, watch):
+    """A person's uncommitted y.txt rewritten by the worker and committed, then the person's bytes put back with
+    their mtime: dirty at the end with its old fingerprint, it was taken for a file the attempt never wrote
+    (`scope_watch: false`), while HEAD now holds the worker's out-of-scope write. Its inode's change after the
+    start says it was written, as for one left clean."""
+    root, order = project(tmp_path, {"T": {"command": (
+        "echo 'a = 1' > src/a.py && t=$(stat -c %y y.txt) && printf 'USEREDIT\\n' > y.txt && git add -A && "
+        f"{COMMIT} && printf 'useredit\\n' > y.txt && touch -d \"$t\" y.txt"), "target_files": ["src/a.py"]}},
+        f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
+    (root / "y.txt").write_text("committed\n")
+    git(root, "add", "y.txt")
+    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "y")
+    (root / "y.txt").write_text("useredit\n")  # the person's edit, uncommitted as the run starts
+    proc = run(root, "--json")
+    assert git(root, "show", "HEAD:y.txt") == "USEREDIT"  # the worker's write, committed
+    assert (root / "y.txt").read_text() == "useredit\n"  # and the person's bytes back in the file
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert statuses(order) == {"T": "REJECTED"}
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["scope"] for e in events if e.get("scope")] == [["y.txt"]]
+
+
 @pytest.mark.parametrize("where", ["tracked", "new", "ignored"])
 @pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
 def test_a_worker_that_writes_outside_its_targets_and_commits_it_is_sent_back(tmp_path, watch, where):
