@@ -78,13 +78,18 @@ def changed(before: Mapping[str, Fingerprint], after: Mapping[str, Fingerprint],
     differs). A path dirty in `before` counts when its fingerprint now differs (written, reverted, or deleted), or
     when its inode changed after `since_ns` (the first snapshot's start): rewritten to the same size with its mtime
     set back, committed or not, it was written (a commit or `git status` reads a file, never changes its ctime).
-    One a commit took as it was (`git add -A` of a file dirty before, a person's `git commit` of the statuses aipm
-    wrote earlier) was not written."""
-    found = set()
-    for p in before.keys() | after.keys() | set(committed):
+    One committed and dirty in `after` counts: the commit took something other than the file. One a commit took as
+    it was (`git add -A` of a file dirty before, a person's `git commit` of the statuses aipm wrote earlier) was not
+    written."""
+    found, committed = set(), set(committed)
+    for p in before.keys() | after.keys() | committed:
         if p not in before:
             found.add(p)
         elif as_fingerprint(before[p]) != (as_fingerprint(after[p]) if p in after else fingerprint(f"{root}/{p}")):
+            found.add(p)
+        elif p in committed and p in after:
+            # Committed, and dirty at the end: what the commit took is not the file's (the worker's write put back
+            # as it measured, or a change made in the index alone: `git rm --cached`, `git update-index`)
             found.add(p)
         elif since_ns and _changed_after(f"{root}/{p}", since_ns):
             found.add(p)

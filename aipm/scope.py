@@ -283,6 +283,7 @@ def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target 
     touched = watch.touched(path) if watch is not None else None
     writers_since = since
     seen = touched is not None and watch is not None  # the window's events: exact, where the watch sees
+    touched_by_git = touched is None
     if touched is None:  # adopted from an owner that died, or events were lost: what git shows written since
         after = snapshot(root)
         if after is None:
@@ -294,13 +295,19 @@ def findings(root: Path, path: str | Path, allowed: Callable[[int], list[Target 
     # not written. One the events cannot tell of (a directory not watched; a window without its events) counts
     # when it is gone or its inode changed since the window opened.
     unseen = {p for p in in_commits or () if p not in touched and not (seen and watch.sees(p))}
-    if not touched and not unseen:
+    if not touched and not in_commits:
         return []
     covered = allowed(writers_since)
     real = real_root(root)
     bad = out_of_scope({p for p in touched if not p.endswith("/")}, covered)
     bad = [p for p in bad if _changed_since(f"{real}/{p}", touched[p], since)]
     bad += [p for p in out_of_scope(unseen, covered) if _changed_since(f"{real}/{p}", WROTE, since)]
+    # A commit took a path as it was only where HEAD now holds what the file does: one still dirty at the end was
+    # committed as the index alone had it (`git rm --cached`, `git update-index`: no event, no inode changed).
+    rest = [p for p in out_of_scope(set(in_commits or ()) - set(bad), covered) if not p.endswith("/")]
+    if rest:
+        now = after if touched_by_git else snapshot(root)
+        bad += [p for p in rest if now is not None and p in now]
     # A directory moved away (one made in the window and moved on is no change: its files count by name).
     bad += [p for p in touched if p.endswith("/") and touched[p] != CREATED and not dir_covered(p[:-1], covered)]
     ignored = _ignored(real_root(root), bad)

@@ -233,6 +233,30 @@ def test_a_dirty_file_written_committed_and_put_back_as_it_measured_is_charged(t
     assert [e["scope"] for e in events if e.get("scope")] == [["y.txt"]]
 
 
+@pytest.mark.parametrize("how", ["untracked", "staged"])
+@pytest.mark.parametrize("dirty", [False, True], ids=["clean", "dirty"])
+@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
+def test_a_commit_of_what_the_worker_put_in_the_index_alone_is_charged(tmp_path, watch, dirty, how):
+    """The worker changes src/b.py (outside its targets) in the index alone and commits it: `git rm --cached` (the
+    file deleted from the repository, left untracked) or a blob of its own staged with `git update-index`. The file
+    is never written, so no event and no inode tell of it, and it passed as one a commit took as it was; but HEAD's
+    version is not the file's (still dirty at the end): the commit took the worker's change."""
+    stage = {"untracked": "git rm -q --cached src/b.py",
+             "staged": "git update-index --cacheinfo 100644,$(printf 'b = 9\\n' | git hash-object -w --stdin),src/b.py",
+             }[how]
+    root, order = project(tmp_path, {"T": {"command": f"{stage} && {COMMIT}", "target_files": ["src/a.py"]}},
+                          f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
+    if dirty:
+        (root / "src" / "b.py").write_text("b = 2\n")  # a person's edit, uncommitted as the run starts
+    proc = run(root, "--json")
+    assert git(root, "diff", "--name-only", "HEAD~1", "HEAD").split() == ["src/b.py"]  # (it wrote no file at all)
+    assert git(root, "status", "--porcelain", "--", "src/b.py") != ""  # HEAD's src/b.py is not the file's
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert statuses(order) == {"T": "REJECTED"}
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["scope"] for e in events if e.get("scope")] == [["src/b.py"]]
+
+
 @pytest.mark.parametrize("where", ["tracked", "new", "ignored"])
 @pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
 def test_a_worker_that_writes_outside_its_targets_and_commits_it_is_sent_back(tmp_path, watch, where):
