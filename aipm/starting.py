@@ -88,10 +88,16 @@ class Starter:
             review=pin(review_command(task, self.settings, self.options.no_review)),  # (an adopter's judge too)
             cost_cap=cost_cap,
             cost_limit=cost_limit if cost_cap is not None else None, own_output=ownoutput.files(self.project.root),
+            # Named now, not only once the worker starts: a detached owner's record is written under the launch
+            # lock before it has a worker, and an uncapped agent's least share (budget.held) is read by its agent.
+            # Left at "command", a planner that took the lock before the owner did (a second launch, a standby
+            # owner) counted the running aider attempt as holding nothing, and started another under a budget that
+            # paid for one.
+            agent=agent_for(task, self.settings),
         )
         if task.resources is not None:
             rec.cpus, rec.memory_mb = task.resources.cpus or 0.0, task.resources.memory_mb or 0
-        if agents.reports_cost(agent_for(task, self.settings)):  # (a command's attempt spends nothing counted)
+        if agents.reports_cost(rec.agent):  # (a command's attempt spends nothing counted)
             spending.note_start(rt, rec)  # before it may spend: what its file holds of a redefined task's costs
         wrote_status = handed = False
         spawning: runner.Spawning | None = None

@@ -955,6 +955,35 @@ def test_aider_attempts_that_take_no_cap_share_the_budget_as_capped_ones_do(proj
     assert len(journal(project)) == 2
 
 
+def test_launches_racing_an_owners_start_never_start_aider_attempts_past_the_budget(project, gate):
+    """The record a launch writes for the owner it started, under the launch lock, named no agent until that owner
+    had started its worker: a planner that took the lock in between (a second `aipm launch`, a standby owner, an
+    owner starting successors) counted the running aider attempt's least share as nothing, and started a second
+    one under a budget that paid for one. Three launches race each order; the stand-in journals each start, and no
+    attempt ends before every launch and owner is done, so the journal is every attempt that ran at once."""
+    (project.root / "aipm.yaml").write_text("worker:\n  agent: aider\n")
+    orders = [f"ORD{n}" for n in range(3)]
+    for name in orders:
+        order = project.order(name)
+        (order / "order.yaml").write_text(f"id: {name}\nmax_cost_usd: 0.1\n")
+        for task in ("T1", "T2", "T3"):
+            write_task(order, task, prompt=f"@cost 0.08\n@wait-for {gate}", target_files=[f"{task}.txt"])
+    env = {**os.environ, **agent_env(project), "AIPM_ENABLE_MONITORING": "false"}
+    try:
+        for name in orders:
+            launches = [subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "launch", name,
+                                          "--json"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True) for _ in range(3)]
+            outs = [p.communicate(timeout=60) for p in launches]
+            started = [t["id"] for out, _ in outs for t in json.loads(out)["launched"]]
+            assert len(started) == 1, f"{name}: {started} started under a budget with one least share: {outs}"
+        wait_for(lambda: len(journal(project)) >= len(orders))  # each started owner's worker has begun
+        assert len(project.json("ps")["workers"]) == len(journal(project)) == len(orders), journal(project)
+    finally:
+        gate.touch()
+    wait_for(lambda: no_workers(project.root), timeout=60)
+
+
 def test_only_a_known_agent_that_spends_with_no_cap_holds_a_least_share():
     """A record naming an agent this aipm does not know (a newer aipm's) crashed every plan of its order
     (ModuleNotFoundError from the preset's import): it holds nothing."""
@@ -976,7 +1005,7 @@ def test_aider_tasks_with_budgets_of_their_own_below_a_share_still_start_one_at_
     launch = project.json("launch", "ORD", "--no-resource-monitoring", env=agent_env(project))
     try:
         assert [t["id"] for t in launch["launched"]] == ["T1"], launch
-        wait_for(lambda: project.json("ps")["workers"])  # its detached owner has written its record
+        # (at once: the record the launch wrote for T1's owner holds its share before that owner starts its worker)
         assert "may spend $0.1000 more, of max_cost_usd $0.1000" in project.json("why", "T2")["reasons"][0]["detail"]
     finally:
         gate.touch()
