@@ -305,3 +305,28 @@ def test_a_launch_that_starts_nothing_for_want_of_a_slot_leaves_a_standby_owner(
     wait_for(lambda: task_statuses(project.order("B")) == {"B1": "DONE", "B2": "DONE"}, timeout=30)
     wait_for(lambda: not project.json("ps")["standby"] and not pid_alive(pid))
     wait_for(lambda: no_workers(project.root))
+
+
+def test_a_launch_that_starts_some_and_leaves_others_waiting_for_a_slot_leaves_a_standby_owner(project, tmp_path):
+    """`launch B` started B1 in the last slot and left B2 waiting for one with no standby (the standby's first plan
+    had counted B1's attempt as holding nothing of the budget, see test_agents' racing launches): when P1's worker
+    ended, its owner started only P's successors and B2 waited for B1's end beside the free slot."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    gates = {name: tmp_path / f"gate-{name}" for name in ("P1", "B1")}
+    write_task(project.order("P"), "P1", command=f"while [ ! -e {gates['P1']} ]; do sleep 0.05; done",
+               target_files=["P1"])
+    write_task(project.order("B"), "B1", command=f"while [ ! -e {gates['B1']} ]; do sleep 0.05; done",
+               target_files=["B1"])
+    write_task(project.order("B"), "B2", command="true", target_files=["B2"])
+    assert project.aipm("launch", "P", "--no-resource-monitoring").returncode == 0
+    try:
+        launch = project.json("launch", "B", "--no-resource-monitoring")
+        assert [t["id"] for t in launch["launched"]] == ["B1"] and launch["standby"]["tasks"] == ["B2"], launch
+        gates["P1"].touch()
+        wait_for(lambda: task_statuses(project.order("B"))["B2"] == "DONE", timeout=30)
+        assert task_statuses(project.order("B"))["B1"] == "IN_PROGRESS"
+    finally:
+        for gate in gates.values():
+            gate.touch()
+    wait_for(lambda: task_statuses(project.order("B")) == {"B1": "DONE", "B2": "DONE"}, timeout=30)
+    wait_for(lambda: not project.json("ps")["standby"] and no_workers(project.root))

@@ -85,8 +85,8 @@ def launch(
     """Start the launchable tasks as detached workers and exit at once.
 
     Each worker finishes its own task (review, status) and then starts the successors that became launchable.
-    Tasks that wait for capacity alone (a worker slot, the load), with no owner of the order left to start them,
-    get the order's standby owner, which starts them once there is room (`aipm ps` lists it).
+    Tasks that wait for capacity alone (a worker slot, the load, a budget running attempts hold) get the order's
+    standby owner, which starts them as room frees, whichever order's worker frees it (`aipm ps` lists it).
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
                          Options(no_review, model, dry_run), runner, confine=confine, workspace=workspace)
@@ -111,14 +111,12 @@ def launch(
 
 
 def _stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> dict | None:
-    """A launch that started nothing and left tasks held by capacity alone leaves the order a standby owner
-    (standby.py), or names the one it has: {tasks, detail, pid} (pid None: a dry run), or None when no task waits so. (A launch that started
+    """A launch that left tasks held by capacity alone leaves the order a standby owner (standby.py), or names the
+    one it has: {tasks, detail, pid} (pid None: a dry run), or None when no task waits so. (A launch that started
     nothing said `nothing to launch`, exit 0, and nothing ever started them; an owner starts only its own task's
     successors, at its end, so a slot another order's task freed stayed unused.)"""
     held = standby.held(report)
-    if not held or report.launched:
-        # (what it started is not in the records yet: a standby's first plan, at once, took its budget or slot for
-        # free; those owners stay as the standby at their ends)
+    if not held:
         return None
     out = {"tasks": list(held), "detail": next(iter(held.values())), "pid": None}
     if launcher.options.dry_run:
