@@ -43,7 +43,7 @@ from aipm.workspace.cleanup import finished, note_pending_merge, prune, remove, 
 from aipm.workspace.places import (kept_words, later_patch_path, make_own_dir, merge_dir, patch_path, refname,
                                    relative, seam, worktree_path)
 from aipm.workerfiles import append_log, write_stream
-from aipm.workspace import carry, stash
+from aipm.workspace import carry, ownrefs, stash
 from aipm.workspace.capture import capture, capture_end
 from aipm.workspace.stash import STASHED
 from aipm.workspace.repo import Repo, WorkspaceError
@@ -150,7 +150,8 @@ def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> list[s
     worktree, its only copy, must stay. Returns what it kept, in words (also in the attempt's log): the removal's
     caller says it too (a person's fixes in a kept worktree went to a patch that only the old log named)."""
     tree = worktree_path(root, order, task)
-    base = repo.rev(refname(order, task, "base", prefix=repo.prefix)) or (tree.is_dir() and repo.head_of(tree))
+    base = (repo.rev(refname(order, task, "base", prefix=repo.prefix))
+            or (tree.is_dir() and ownrefs.head_of(repo, tree)))
     if not base or not tree.is_dir() or setup_unfinished(repo, base):  # (that: nothing in it is the task's work)
         return []
     subject = repo.git("log", "-1", "--format=%s", base).decode("utf-8", "surrogateescape")

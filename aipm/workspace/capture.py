@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aipm.record import Record
 from aipm.workerfiles import append_log, write_stream
-from aipm.workspace import stash
+from aipm.workspace import ownrefs, stash
 from aipm.workspace.kept import keep_rest, keep_tangled
 from aipm.workspace.moved import onto_start
 from aipm.workspace.places import make_own_dir, own_dir, patch_path, refname, scratch, tangled_path
@@ -64,7 +64,7 @@ def capture_end(root: Path, rec: Record, strict: bool = True) -> tuple[Repo, str
         # at its start, detached, so the start is its HEAD or, where the worker committed, in HEAD's history (not
         # HEAD: what it committed was in no patch, and the merge took the main tree for changed). Else (a worker's
         # reset past it) HEAD: better a patch against it than none, as the next attempt's start removes the work.
-        head = repo.head_of(tree)
+        head = ownrefs.head_of(repo, tree)
         base = head and repo.made_before(head, start_message(rec.order, rec.task, rec.serial))
         where = "its start in its worktree's history" if base else "its worktree's HEAD"
         base = base or head

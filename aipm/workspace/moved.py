@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from aipm.model import some
+from aipm.workspace import ownrefs
 from aipm.workspace.places import scratch
 from aipm.workspace.repo import Repo
 
@@ -41,7 +42,7 @@ def onto_start(repo: Repo, tree: Path, base: str, files: str) -> Onto:
     taken with those paths (every one of your edits that they change) as the start has them, no patch of them
     undoing your edits. Writes objects only (no ref,
     no log)."""
-    head = repo.head_of(tree)
+    head = ownrefs.head_of(repo, tree)
     if head is None or head == base or repo.rev(head) is None or repo.descends(head, base):
         # On its start, or committed on top of it: nothing dropped. (Or a repository of its own, `rm .git && git
         # init`, whose commits are not ours: its files are captured as they are.)

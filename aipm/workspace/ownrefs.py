@@ -12,6 +12,13 @@ repository's (so `git log main`, `git diff main` work); the repository's objects
 (links), so what the worker commits is in the repository; a config of its own that includes the repository's.
 What aipm reads of a worktree (its capture) goes through the repository's own common directory, never this one.
 
+Its worker may write all of the note (confine.py grants it), this directory's config and the note's `commondir`
+and `config.worktree` too, and name there programs for git to run: an fsmonitor, a gpg.program (with
+log.showSignature, `git log` verifies a signed commit), a partial clone's upload-pack (a HEAD naming an object the
+repository lacks makes git fetch it). aipm's git, unconfined, ran them out of the sandbox. So aipm's git never runs
+in the note: what it reads of the worktree's own refs and HEAD, it reads in a view of them (view()), a directory of
+its own whose config is aipm's.
+
 The worker's `git gc`, `git prune`, `git repack -a -d` there would see only these refs, and would drop from the
 shared objects what only the repository reaches (the user's stash entries, staged files, reflogs, what the user
 and other tasks commit meanwhile): its config marks the objects precious (extensions.preciousObjects), so git
@@ -26,14 +33,17 @@ links from the own directory), and every ref there keeps a log (core.logAllRefUp
 
 from __future__ import annotations
 
+import itertools
 import os
+import shutil
 import stat
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from aipm.workerfiles import read_git_file
-from aipm.workspace.places import real_dirs
-from aipm.workspace.repo import Repo
+from aipm.workspace.places import real_dirs, scratch
+from aipm.workspace.repo import Repo, WorkspaceError
 
 OWN = "aipm"  # the worktree's own common directory, inside git's note of the worktree
 SHARED = ("objects", "info", "hooks", "lfs", "modules", "rr-cache", "shallow", "remotes", "branches")
@@ -42,29 +52,25 @@ _NOT_COPIED = ("refs/stash", "refs/bisect/", "refs/worktree/", "refs/rewritten/"
 # The own directory's refs and their logs, links to the worktree's per-worktree ones (in its note)
 _LINKS = (("refs", f"refs/worktree/{OWN}"), ("logs/refs", f"logs/refs/worktree/{OWN}"))
 _FORMAT_0 = ("extensions.noop", "extensions.preciousobjects", "extensions.partialclone", "extensions.worktreeconfig")
+_counter = itertools.count()
 
 
 def isolate(repo: Repo, tree: Path) -> None:
     """Give the worktree at `tree` (just made, nothing running in it yet) refs and a stash of its own. Not in a
     repository whose refs are not files (extensions.refStorage, git 2.45+): those refs cannot be copied this way,
     and its worktree stays a plain one."""
-    found = repo.config(repo.common / "config", r"^(core\.repositoryformatversion|extensions\.)")
-    extensions = [(key.lower(), value) for key, value in found if key.lower().startswith("extensions.")]
-    if any(key == "extensions.refstorage" and value.lower() != "files" for key, value in extensions):
+    extensions = _extensions(repo)
+    if extensions is None:
         return
-    if ("core.repositoryformatversion", "1") not in [(key.lower(), value.strip()) for key, value in found]:
-        # Format 0 honours only these; copied into format 1, another (a stray `extensions.x`) made git refuse to
-        # run there at all ("unknown repository extension").
-        extensions = [(key, value) for key, value in extensions if key in _FORMAT_0]
-    note = Path(repo.own_env(tree)["GIT_DIR"])
+    note = repo.note_of(tree)
+    if note is None:
+        raise WorkspaceError(f"{tree} is no longer a git work tree of its own")
     own = note / OWN
     for name, place in _LINKS:
         (note / place).mkdir(parents=True)
         (own / name).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(note / place, own / name)
-    for name in SHARED:
-        if os.path.lexists(repo.common / name):
-            os.symlink(repo.common / name, own / name)
+    _link_shared(repo, own)
     refs = repo.git("for-each-ref", "--format=%(objectname) %(refname)").decode("utf-8", "surrogateescape")
     kept = [line for line in refs.splitlines() if not line.split(" ", 1)[1].startswith(_NOT_COPIED)]
     (own / "packed-refs").write_bytes("".join(f"{line}\n" for line in kept).encode("utf-8", "surrogateescape"))
@@ -72,6 +78,66 @@ def isolate(repo: Repo, tree: Path) -> None:
     # Last, and in one step: until the note names it, the worktree is a plain one.
     (note / "commondir.aipm").write_text(f"{OWN}\n")
     os.replace(note / "commondir.aipm", note / "commondir")
+
+
+def _extensions(repo: Repo) -> list[tuple[str, str]] | None:
+    """The repository's `extensions.*` that a config of format 1 may carry, None where its refs are not files."""
+    found = repo.config(repo.common / "config", r"^(core\.repositoryformatversion|extensions\.)")
+    extensions = [(key.lower(), value) for key, value in found if key.lower().startswith("extensions.")]
+    if any(key == "extensions.refstorage" and value.lower() != "files" for key, value in extensions):
+        return None
+    if ("core.repositoryformatversion", "1") not in [(key.lower(), value.strip()) for key, value in found]:
+        # Format 0 honours only these; copied into format 1, another (a stray `extensions.x`) made git refuse to
+        # run there at all ("unknown repository extension").
+        extensions = [(key, value) for key, value in extensions if key in _FORMAT_0]
+    return extensions
+
+
+def _link_shared(repo: Repo, own: Path) -> None:
+    for name in SHARED:
+        if os.path.lexists(repo.common / name):
+            os.symlink(repo.common / name, own / name)
+
+
+@contextmanager
+def view(repo: Repo, note: Path, tree: Path) -> Iterator[dict[str, str]]:
+    """The environment in which aipm's git sees the worktree at `tree` (git's note of it: `note`) as its worker's git
+    does: its HEAD, and its own refs and stash (or, where it has none of its own, isolated(), the repository's).
+    Through a directory of aipm's (removed after): a copy of the note's HEAD, links to the refs isolate() made, the
+    repository's objects, and a config of aipm's. Nothing git reads there names a program that the worker chose."""
+    place = scratch(repo.root) / f"view.{os.getpid()}.{next(_counter)}"
+    shutil.rmtree(place, ignore_errors=True)  # (one a killed aipm of the same pid left)
+    place.mkdir(parents=True)
+    try:
+        try:
+            head = read_git_file(note / "HEAD")
+        except OSError:
+            head = "ref: refs/heads/.invalid"  # (git takes the directory for a repository; HEAD names nothing)
+        (place / "HEAD").write_text(head + "\n", encoding="utf-8", errors="surrogateescape")
+        if isolated(note):
+            top = os.path.realpath(note)
+            (place / "logs").mkdir()
+            for name, where in _LINKS:
+                os.symlink(os.path.join(top, where), place / name)
+            if os.path.lexists(note / OWN / "packed-refs"):
+                os.symlink(note / OWN / "packed-refs", place / "packed-refs")
+            _link_shared(repo, place)
+            (place / "config").write_text(_config(repo, _extensions(repo) or []))
+        else:
+            (place / "commondir").write_text(f"{repo.common}\n", encoding="utf-8", errors="surrogateescape")
+        yield {"GIT_DIR": str(place), "GIT_WORK_TREE": str(tree)}
+    finally:
+        shutil.rmtree(place, ignore_errors=True)
+
+
+def head_of(repo: Repo, tree: Path) -> str | None:
+    """The HEAD commit of the worktree at `tree` (a worktree of ours), or None when it has none or git has no note
+    of it (read in its view: a worker deleted its `.git`, or made a repository of its own there, `git init`)."""
+    note = repo.note_of(tree)
+    if note is None:
+        return None
+    with view(repo, note, tree) as env:
+        return repo.rev("HEAD", env)
 
 
 def isolated(note: Path) -> bool:

@@ -2,7 +2,8 @@
 
 Nothing here touches what the user owns: a capture uses a temporary index (GIT_INDEX_FILE), so the user's HEAD,
 branches, index and stash never change; every ref lives under refs/aipm/; hooks are switched off, so checking out
-a worktree runs none of the user's scripts.
+a worktree runs none of the user's scripts. Nor does git run here with a worktree's git directory, which its
+worker may write (config and all): see _reach, and ownrefs.view.
 """
 
 from __future__ import annotations
@@ -104,18 +105,11 @@ class Repo:
             stdin: bytes | None = None) -> bytes:
         return self._run(cwd or self.top, list(args), env, stdin=stdin).stdout
 
-    def rev(self, name: str) -> str | None:
-        """The commit a ref or revision names, or None when it does not exist."""
-        proc = self._run(self.top, ["rev-parse", "--verify", "--quiet", name + "^{commit}"], check=False)
+    def rev(self, name: str, env: dict[str, str] | None = None) -> str | None:
+        """The commit a ref or revision names, or None when it does not exist (`env`: in a worktree's view of its
+        git, ownrefs.view)."""
+        proc = self._run(self.top, ["rev-parse", "--verify", "--quiet", name + "^{commit}"], env, check=False)
         return proc.stdout.decode().strip() or None
-
-    def head_of(self, tree: Path) -> str | None:
-        """The HEAD commit of the work tree `tree` (a worktree of ours), or None when it has none or is no work
-        tree of its own any more (a worker deleted its .git: git would answer for the main tree)."""
-        proc = self._run(tree, ["rev-parse", "--show-toplevel", "HEAD^{commit}"], check=False)
-        lines = proc.stdout.decode("utf-8", "surrogateescape").split()
-        own = proc.returncode == 0 and len(lines) == 2 and lines[0] == os.path.realpath(tree)
-        return lines[1] if own else None
 
     # -- capturing a tree ---------------------------------------------------------------------------------
 
@@ -154,8 +148,8 @@ class Repo:
             try:
                 self.git("add", "--all", *_sparse(), "--", *specs, cwd=tree_dir, env=env)
             except WorkspaceError as exc:
-                unborn = [p for p in self._nested(tree_dir, specs, tree_env) if p not in leave_out
-                          and self._unborn(tree_dir / p)]
+                unborn = [p for p in self._nested(tree_dir, specs, env) if p not in leave_out
+                          and self._refused(tree_dir, p, env)]
                 if unborn:
                     raise UnbornRepositories(unborn, exc) from None
                 raise
@@ -183,27 +177,16 @@ class Repo:
 
     def _reach(self, tree_dir: Path) -> tuple[dict[str, str], Path | None]:
         """(the environment that points git at `tree_dir`, the index that seeds its capture; None: git's own). None
-        for the main work tree. For a worktree of ours, git's note of it, not the `.git` file in it, which a worker
-        may have deleted or made a repository of its own (`git init`): git then found another repository, the
-        capture failed, and the work was never kept; and the repository's common directory, not the worktree's own
-        refs (ownrefs), so a capture sees the objects, config and excludes the main tree sees. A note its worker
-        removed or broke (`rm -rf "$(git rev-parse --git-dir)"`, a HEAD written over) failed every capture, and
-        the work went with the worktree: then the repository's own git directory does, with the worktree's files."""
+        for the main work tree. For a worktree of ours, the repository's own git directory with the worktree's files,
+        seeded with the index in git's note of it, so a capture sees the objects, config and excludes the main tree
+        sees. Not through the `.git` file in the worktree, which a worker may have deleted or made a repository of
+        its own (`git init`: the capture failed, and the work was never kept), nor through the note, which its
+        worker may write (a confined one too: confine.py grants it): there git read its config.worktree (where the
+        repository has extensions.worktreeConfig) and ran, unconfined, the fsmonitor the worker named in it."""
         if os.path.realpath(tree_dir) == os.path.realpath(self.top):
             return {}, None
         note = self.note_of(tree_dir)
-        if note is not None:
-            env = {"GIT_DIR": str(note), "GIT_WORK_TREE": str(tree_dir), "GIT_COMMON_DIR": str(self.common)}
-            if self._run(tree_dir, ["rev-parse", "--git-dir"], env, check=False).returncode == 0:
-                return env, note / "index"
         return {"GIT_DIR": str(self.common), "GIT_WORK_TREE": str(tree_dir)}, note and note / "index"
-
-    def own_env(self, tree_dir: Path) -> dict[str, str]:
-        """The environment in which git sees a worktree of ours as its worker does: its own refs and stash."""
-        note = self.note_of(tree_dir)
-        if note is None:
-            raise WorkspaceError(f"{tree_dir} is no longer a git work tree of its own")
-        return {"GIT_DIR": str(note), "GIT_WORK_TREE": str(tree_dir)}
 
     def note_of(self, tree_dir: Path) -> Path | None:
         """git's note of the worktree at `tree_dir` (the directory its `.git` file names), None when it has none."""
@@ -225,9 +208,12 @@ class Repo:
         out = self.git("ls-files", "-z", "--others", "--exclude-standard", "--", *specs, cwd=tree_dir, env=env)
         return [p for p in out.decode("utf-8", "surrogateescape").split("\0") if p.endswith("/")]
 
-    def _unborn(self, path: Path) -> bool:
-        """A repository at `path` whose HEAD names no commit yet."""
-        return self._run(path, ["rev-parse", "--verify", "--quiet", "HEAD^{commit}"], check=False).returncode != 0
+    def _refused(self, tree_dir: Path, path: str, env: dict[str, str]) -> bool:
+        """Whether `git add` refuses the repository nested at `path` (from the top): it has no commit checked out.
+        Asked of `git add`, which reads only its HEAD and refs, never of a git run in it, which reads its config: a
+        worker's there named programs for it to run (a partial clone's upload-pack, fetching what its HEAD names)."""
+        args = ["add", "--dry-run", *_sparse(), "--", f":(top,literal){path}"]
+        return self._run(tree_dir, args, env, check=False).returncode != 0
 
     def made_before(self, commit: str, message: str) -> str | None:
         """The newest commit of aipm's, `commit` or one of its ancestors, whose subject is `message`, or begins

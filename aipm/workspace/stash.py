@@ -21,15 +21,19 @@ def carry(repo: Repo, tree: Path, base: str) -> list[str]:
     """Move the entries of the worktree's own stash to the repository's, oldest first (the newest on top, as the
     worker left them). Notes for the log: the entries that could not be moved, and those made on a commit other
     than the attempt's start (a branch the worker checked out), which `left` does not tell from the user's."""
-    try:
-        env = repo.own_env(tree)
-    except WorkspaceError:
+    note = repo.note_of(tree)
+    if note is None:
         return []  # git's note of it is gone: so is its stash
-    note = Path(env["GIT_DIR"])
     if not ownrefs.isolated(note):  # its stash is the repository's, the user's: nothing to move, and never to delete
         broken = ownrefs.broken(note)
         return [f"the worker's stash was not moved, and nothing was deleted there: {broken}, so its git reaches "
                 "the repository's refs (its worker changed it)"] if broken else []
+    with ownrefs.view(repo, note, tree) as env:  # (not git in its note: its worker may have named programs there)
+        return _moved(repo, env, base)
+
+
+def _moved(repo: Repo, env: dict[str, str], base: str) -> list[str]:
+    """carry(), its stash read and dropped in the view `env` of its worktree's git (ownrefs.view)."""
     entries, unlogged = repo.stash(env), []
     if not entries:
         gone = _gone(repo, env)

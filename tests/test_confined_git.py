@@ -1,0 +1,106 @@
+"""A confined worktree worker may write its worktree's git note (.git/worktrees/<name>/: its HEAD, index, own refs,
+and so the `config` of its own common directory, its `commondir`, its `config.worktree`) and repositories it makes
+in its targets. aipm, unconfined, runs git on that worktree after it: its end's capture, the stash it moves, `aipm
+diff`, the next attempt's start and the clean-up. A program the worker named there (a hook, an fsmonitor, a gpg
+program for signed commits, an upload-pack for a lazy fetch) that aipm's git ran would run outside the sandbox."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import write_task
+from test_confine import needs_landlock
+from test_workspace import git, project_in, repo  # noqa: F401 - repo is a fixture
+
+MAIN = '"${AIPM_LOG%/.aipm/*}"'  # the main tree's root, as a worker can work it out; refused to a confined one
+MISSING = "1" * 40  # an object the repository lacks: reading it makes a partial clone fetch it from its promisor
+
+# Shell run by the confined worker: `mk NAME` makes out/NAME, a program that, run, leaves ESCAPED-NAME in the main
+# tree (where the worker itself cannot write) and prints its path.
+TRAP = ('mk() { printf \'#!/bin/sh\\necho "$0 $*" 2>/dev/null >> %s/ESCAPED-%s\\nexit 0\\n\' "$M" "$1" > "out/$1"; '
+        'chmod +x "out/$1"; echo "$PWD/out/$1"; }; ')
+FETCH = ("[core]\n\trepositoryformatversion = 1\n[extensions]\n\tpartialClone = trap\n"
+         "[remote \"trap\"]\n\turl = $M\n\tpromisor = true\n\tuploadpack = $(mk {name})\n")
+# Every way the worker can name a program for a git in its worktree's git directory: its own common directory's
+# config (the `git config` of its worktree writes it) and hooks, its config.worktree (read where the repository has
+# extensions.worktreeConfig); a HEAD naming an object the repository lacks, for a lazy fetch; a repository in a
+# target directory with the same config, beside one without commits (what makes a capture look at them).
+PLANT = {
+    "hooks": ('git config core.hooksPath "$PWD/out/hooks" && mkdir -p out/hooks && '
+              'for h in reference-transaction post-checkout post-index-change; do cp "$(mk hook)" out/hooks/$h; '
+              'done && rm "$C/hooks" && cp -r out/hooks "$C/hooks"'),
+    "own config": ('git config core.fsmonitor "$(mk fsmonitor)" && git config log.showSignature true && '
+                   'git config gpg.program "$(mk gpg)" && git config core.pager "$(mk pager)" && '
+                   'git config diff.external "$(mk external)" && git config core.alternateRefsCommand '
+                   '"$(mk alternates)" && git config extensions.partialClone trap && '
+                   'git config remote.trap.url "$M" && git config remote.trap.promisor true && '
+                   'git config remote.trap.uploadpack "$(mk fetch)"'),
+    # A signed stash entry: what `git log -g` of the stash verifies where log.showSignature is set
+    "signed stash": ("echo stashed >> out/w.txt && git stash -q && "
+                     "c=$(git cat-file commit refs/stash | sed '/^committer /a gpgsig -----BEGIN PGP SIGNATURE-----\\n "
+                     "x\\n -----END PGP SIGNATURE-----' | git hash-object -t commit -w --stdin) && "
+                     "git update-ref -m signed refs/stash $c"),
+    "config.worktree": ('printf \'[core]\\n\\tfsmonitor = %s\\n[log]\\n\\tshowSignature = true\\n[gpg]\\n\\tprogram = '
+                        '%s\\n\' "$(mk worktree-fsmonitor)" "$(mk worktree-gpg)" >> "$G/config.worktree"'),
+    "nested": (f'git init -q out/empty && git init -q out/nested && cat > out/nested/.git/config <<EOF\n'
+               f'{FETCH.format(name="nested-fetch")}EOF\n'
+               f'echo {MISSING} > out/nested/.git/HEAD'),
+    "head": f"echo {MISSING} > \"$G/HEAD\"",
+}
+# A worker that re-points its note's `commondir` to a directory of its own, config and all (the next attempt's)
+REPOINT = (f'mkdir -p out/common/refs && ln -s "$C/objects" out/common/objects && '
+           f'cat > out/common/config <<EOF\n{FETCH.format(name="commondir-fetch")}EOF\n'
+           f'echo "$PWD/out/common" > "$G/commondir" && echo {MISSING} > "$G/HEAD"')
+
+
+@needs_landlock
+@pytest.mark.parametrize("worktree_config", [True, False], ids=["worktreeConfig", "plain"])
+def test_no_program_a_confined_worker_names_in_its_git_directory_runs_outside_its_sandbox(repo, worktree_config):
+    """A confined worker planted in its worktree's git directory, and in repositories it made, programs for git to
+    run: with the worktree's own config (`git config` writes it) git verified the signature of the stash entry it
+    left, running its gpg.program, when aipm moved its stash (`git log -g`); a HEAD naming an object that the
+    repository lacks, with its config a partial clone's, had aipm's `git rev-parse HEAD^{commit}` (its end's
+    capture, `aipm diff`) fetch it through its upload-pack; so did a repository it made in a target directory,
+    looked at by the capture; its config.worktree (extensions.worktreeConfig) was read by the capture's `git add`,
+    its fsmonitor run; a `commondir` re-pointed to a directory of its own led git there. Each ran unconfined, as
+    aipm. (Its hooks, in a hooks directory of its own and core.hooksPath, never did: aipm's git runs none.) Now
+    aipm's git reads none of them: across two attempts (the first fails), `aipm diff`, `aipm retry`, the next
+    start's removal of the first worktree, the merge and the clean-up, nothing the worker named runs, and its own
+    git works (commit, stash, log, diff, config)."""
+    if worktree_config:
+        git(repo, "config", "extensions.worktreeConfig", "true")
+    project = project_in(repo, config="workspace: worktree\nconfine: true\n")
+    setup = ('M=' + MAIN + '; G=$(git rev-parse --absolute-git-dir); C=$(git rev-parse --git-common-dir); '
+             'C=$(cd "$C" && pwd -P); ' + TRAP + "mkdir -p out && ")
+    mine = ('echo work > out/w.txt && git add out/w.txt && git commit -q -m mine && '
+            'git log -1 --format=%s | grep -q mine && echo more >> out/w.txt && ! git diff --quiet && '
+            'git stash -q && git stash pop -q && '
+            'git config user.name worker && echo GIT-WORKS; touch "$M/ESCAPED-worker" 2>/dev/null && '
+            'echo UNCONFINED; ')
+    first = "".join(f"{plant} && echo PLANTED {name}\n" for name, plant in PLANT.items())
+    second = "".join(f"{PLANT[name]} && echo PLANTED {name}\n" for name in ("config.worktree", "head"))
+    command = (setup + mine + f'if [ "$AIPM_ATTEMPT" = 1 ]; then\n{first}exit 3\nfi\n{second}'
+               f'{REPOINT} && echo PLANTED commondir\n')
+    write_task(project.order(), "T", target_files=["out/"], max_attempts=1, max_rework=0, command=command)
+    # What ran, and its arguments (the first run's)
+    escaped = lambda: {p.name: p.read_text().splitlines()[0] for p in sorted(repo.glob("ESCAPED-*"))}  # noqa: E731
+    proc = project.aipm("run", "ORD")
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert escaped() == {}, log
+    assert "GIT-WORKS" in log and "UNCONFINED" not in log, log
+    assert all(f"PLANTED {name}\n" in log for name in PLANT), log
+    assert project.statuses() == {"T": "FAILED"}, proc.stdout + proc.stderr + log
+    diff = project.aipm("diff", "T")
+    assert "+work" in diff.stdout, diff
+    assert escaped() == {}
+    assert project.aipm("retry", "T").returncode == 0
+    proc = project.aipm("run", "ORD")
+    log2 = (repo / ".aipm/logs/ORD/T.2.log").read_text()
+    assert "GIT-WORKS" in log2 and "UNCONFINED" not in log2, log2
+    assert all(f"PLANTED {name}\n" in log2 for name in ("config.worktree", "head", "commondir")), log2
+    assert escaped() == {}, proc.stdout + proc.stderr + log2
+    assert project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr + log2
+    assert (repo / "out/w.txt").read_text() == "work\nmore\n"
+    assert project.aipm("recover", "ORD").returncode == 0
+    assert escaped() == {}
+    assert escaped() == {}
