@@ -170,91 +170,41 @@ def test_a_dirty_file_swept_into_a_commit_as_it_was_is_said_not_charged(tmp_path
     assert {"path": "notes.txt", "task": None, "state": "none"} in swept
 
 
-@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
-def test_a_dirty_file_rewritten_as_it_measured_and_committed_is_charged(tmp_path, watch):
-    """A person's uncommitted y.txt rewritten by the worker to the same size, its mtime set back, and committed:
-    clean at the end with its old fingerprint, it was taken for one a commit swept in as it was (`scope_watch:
-    false`); its inode's change after the start says it was written (a review of the commit-sweep change)."""
-    root, order = project(tmp_path, {"T": {"command": (
-        "echo 'a = 1' > src/a.py && t=$(stat -c %y y.txt) && printf 'USEREDIT\\n' > y.txt && touch -d \"$t\" y.txt "
-        f"&& git add -A && {COMMIT}"), "target_files": ["src/a.py"]}},
-        f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
-    (root / "y.txt").write_text("committed\n")
-    git(root, "add", "y.txt")
-    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "y")
-    (root / "y.txt").write_text("useredit\n")  # the person's edit, uncommitted as the run starts
-    proc = run(root, "--json")
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert statuses(order) == {"T": "REJECTED"}
-    assert git(root, "show", "HEAD:y.txt") == "USEREDIT"  # rewritten and committed, `git status` clean
-    events = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [e["scope"] for e in events if e.get("scope")] == [["y.txt"]]
+# What the worker does to a person's uncommitted y.txt ("useredit"), and what HEAD's and the file's y.txt are after.
+_REWRITES = {
+    # rewritten to the same size, its mtime set back, and committed: clean at the end with its old fingerprint, it
+    # was taken for one a commit swept in as it was (a review of the commit-sweep change)
+    "committed": ("printf 'USEREDIT\\n' > y.txt && touch -d \"$t\" y.txt && git add -A && {commit}", "USEREDIT",
+                  "USEREDIT\n"),
+    # the same left uncommitted: dirty at both ends with its old size and mtime, the snapshots saw no change
+    "left dirty": ("printf 'USEREDIT\\n' > y.txt && touch -d \"$t\" y.txt", "committed", "USEREDIT\n"),
+    # rewritten and committed, then the person's bytes put back with their mtime: dirty at the end with its old
+    # fingerprint, while HEAD holds the worker's out-of-scope write
+    "put back": ("printf 'USEREDIT\\n' > y.txt && git add -A && {commit} && printf 'useredit\\n' > y.txt && "
+                 "touch -d \"$t\" y.txt", "USEREDIT", "useredit\n"),
+}
 
 
+@pytest.mark.parametrize("rewrite", list(_REWRITES))
 @pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
-def test_a_dirty_file_rewritten_as_it_measured_and_left_dirty_is_charged(tmp_path, watch):
-    """The same rewrite left uncommitted: dirty at both ends with its old size and mtime, the snapshots of
-    `scope_watch: false` saw no change; its inode's change after the start says it was written."""
+def test_a_dirty_file_rewritten_as_it_measured_is_charged(tmp_path, watch, rewrite):
+    """A person's uncommitted y.txt that the worker rewrites keeping its size and mtime (`scope_watch: false` sees
+    no fingerprint move): its inode's change after the start, or a commit of it that the file does not hold, says
+    it was written."""
+    command, head, after = _REWRITES[rewrite]
     root, order = project(tmp_path, {"T": {"command": (
-        "echo 'a = 1' > src/a.py && t=$(stat -c %y y.txt) && printf 'USEREDIT\\n' > y.txt && touch -d \"$t\" y.txt"),
+        "echo 'a = 1' > src/a.py && t=$(stat -c %y y.txt) && " + command.format(commit=COMMIT)),
         "target_files": ["src/a.py"]}}, f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
     (root / "y.txt").write_text("committed\n")
     git(root, "add", "y.txt")
     git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "y")
     (root / "y.txt").write_text("useredit\n")  # the person's edit, uncommitted as the run starts
     proc = run(root, "--json")
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert statuses(order) == {"T": "REJECTED"}
-    assert (root / "y.txt").read_text() == "USEREDIT\n"
-    events = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [e["scope"] for e in events if e.get("scope")] == [["y.txt"]]
-
-
-@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
-def test_a_dirty_file_written_committed_and_put_back_as_it_measured_is_charged(tmp_path, watch):
-    """A person's uncommitted y.txt rewritten by the worker and committed, then the person's bytes put back with
-    their mtime: dirty at the end with its old fingerprint, it was taken for a file the attempt never wrote
-    (`scope_watch: false`), while HEAD now holds the worker's out-of-scope write. Its inode's change after the
-    start says it was written, as for one left clean."""
-    root, order = project(tmp_path, {"T": {"command": (
-        "echo 'a = 1' > src/a.py && t=$(stat -c %y y.txt) && printf 'USEREDIT\\n' > y.txt && git add -A && "
-        f"{COMMIT} && printf 'useredit\\n' > y.txt && touch -d \"$t\" y.txt"), "target_files": ["src/a.py"]}},
-        f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
-    (root / "y.txt").write_text("committed\n")
-    git(root, "add", "y.txt")
-    git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "y")
-    (root / "y.txt").write_text("useredit\n")  # the person's edit, uncommitted as the run starts
-    proc = run(root, "--json")
-    assert git(root, "show", "HEAD:y.txt") == "USEREDIT"  # the worker's write, committed
-    assert (root / "y.txt").read_text() == "useredit\n"  # and the person's bytes back in the file
+    assert (git(root, "show", "HEAD:y.txt"), (root / "y.txt").read_text()) == (head, after)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert statuses(order) == {"T": "REJECTED"}
     events = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [e["scope"] for e in events if e.get("scope")] == [["y.txt"]]
-
-
-@pytest.mark.parametrize("how", ["untracked", "staged"])
-@pytest.mark.parametrize("dirty", [False, True], ids=["clean", "dirty"])
-@pytest.mark.parametrize("watch", [True, False], ids=["watch", "git"])
-def test_a_commit_of_what_the_worker_put_in_the_index_alone_is_charged(tmp_path, watch, dirty, how):
-    """The worker changes src/b.py (outside its targets) in the index alone and commits it: `git rm --cached` (the
-    file deleted from the repository, left untracked) or a blob of its own staged with `git update-index`. The file
-    is never written, so no event and no inode tell of it, and it passed as one a commit took as it was; but HEAD's
-    version is not the file's (still dirty at the end): the commit took the worker's change."""
-    stage = {"untracked": "git rm -q --cached src/b.py",
-             "staged": "git update-index --cacheinfo 100644,$(printf 'b = 9\\n' | git hash-object -w --stdin),src/b.py",
-             }[how]
-    root, order = project(tmp_path, {"T": {"command": f"{stage} && {COMMIT}", "target_files": ["src/a.py"]}},
-                          f"max_rework: 0\nscope_watch: {str(watch).lower()}\n")
-    if dirty:
-        (root / "src" / "b.py").write_text("b = 2\n")  # a person's edit, uncommitted as the run starts
-    proc = run(root, "--json")
-    assert git(root, "diff", "--name-only", "HEAD~1", "HEAD").split() == ["src/b.py"]  # (it wrote no file at all)
-    assert git(root, "status", "--porcelain", "--", "src/b.py") != ""  # HEAD's src/b.py is not the file's
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert statuses(order) == {"T": "REJECTED"}
-    events = [json.loads(line) for line in proc.stdout.splitlines()]
-    assert [e["scope"] for e in events if e.get("scope")] == [["src/b.py"]]
 
 
 @pytest.mark.parametrize("where", ["tracked", "new", "ignored"])

@@ -67,6 +67,15 @@ def browser():
     shutil.rmtree(profile, ignore_errors=True)
 
 
+def boards_of(events):
+    """The next whole board an open event stream (whole boards: no patches asked for) sends, at each call."""
+    def next_board():
+        while (line := events.readline()) != b"event: board\n":
+            assert line, "the event stream ended"
+        return json.loads(events.readline()[len(b"data: "):])
+    return next_board
+
+
 def status_code(url, method="GET", headers=None, data=None) -> int:
     request = urllib.request.Request(url, method=method, headers=headers or {}, data=data)
     try:
@@ -362,11 +371,7 @@ def test_an_open_page_hears_that_a_worker_was_lost_with_its_supervisor(project, 
     write_task(project.order(), "A", command="sleep 60", target_files=["a.txt"])
     base, token = base_and_token(dashboard)
     events = urllib.request.urlopen(f"{base}/events?token={token}", timeout=60)
-
-    def next_board():
-        while (line := events.readline()) != b"event: board\n":
-            assert line, "the event stream ended"
-        return json.loads(events.readline()[len(b"data: "):])
+    next_board = boards_of(events)
 
     assert next_board()["orders"][0]["tasks"][0]["status"] == "QUEUED"  # connected
     project.aipm("launch", "ORD", check=True)
@@ -1149,11 +1154,7 @@ def test_an_orders_standby_owner_shows_as_ps_shows_it_and_goes_when_it_is_killed
     write_task(project.order("B"), "B1", command="true", target_files=["B1"])
     base, token = base_and_token(dashboard)
     events = urllib.request.urlopen(f"{base}/events?token={token}", timeout=60)
-
-    def next_board():
-        while (line := events.readline()) != b"event: board\n":
-            assert line, "the event stream ended"
-        return json.loads(events.readline()[len(b"data: "):])
+    next_board = boards_of(events)
 
     assert next_board()["standby"] == []
     project.aipm("launch", "A", "--no-resource-monitoring", check=True)
