@@ -78,29 +78,46 @@ def claim(runtime: Runtime, order_id: str, pid: int, tasks: list[str]) -> None:
                                   "since": time.time()}).encode())
 
 
-def stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> None:
-    """Stay as the order's standby owner while its tasks wait for capacity alone (`report`: the last launch),
-    starting them as there is room (the launch lock and the records keep a task from starting twice); none when
-    the order has one already."""
+def stand_by(launcher: Launcher, view: OrderView, report: LaunchReport | None = None) -> None:
+    """Stay as the order's standby owner while its tasks wait for capacity alone, starting them as there is room
+    (the launch lock and the records keep a task from starting twice). `report`: an owner's last launch, after which
+    it stays when that left tasks so and the order has no standby owner yet; None: the standby owner a launch
+    started and named (work.py --standby), which looks at once."""
     runtime, order_id, me = launcher.runtime, view.order.id, os.getpid()
-    if not held(report):
-        return  # (the usual end of an owner: one look at the report)
-    with runtime.launch_lock():
-        mine = current(runtime, order_id)
-        if mine is not None and mine["pid"] != me:
-            return  # another waits already
-        claim(runtime, order_id, me, sorted(held(report)))
+    if report is not None:
+        if not held(report):
+            return  # (the usual end of an owner: one look at the report)
+        with runtime.launch_lock():
+            mine = current(runtime, order_id)
+            if mine is not None and mine["pid"] != me:
+                return  # another waits already
+            claim(runtime, order_id, me, sorted(held(report)))
     try:
-        while held(report):
-            _wait(launcher, report)
-            report = launcher.launch_ramped(view)
-            if held(report):  # what `ps` says it waits to start: not the tasks it started meanwhile
-                with runtime.launch_lock():
-                    claim(runtime, order_id, me, sorted(held(report)))
-    finally:
+        while True:
+            if report is not None:
+                _wait(launcher, report)
+            # The look that finds nothing waiting and the claim's removal are one hold of the launch lock: a launch
+            # (or an owner at its end) that found a task held between them, and this owner still named, left it to
+            # this one, which went away without looking again, and the task waited with no owner to start it.
+            with runtime.launch_lock():
+                if (current(runtime, order_id) or {"pid": me})["pid"] != me:
+                    return  # another was named meanwhile (the launch that started this one died before naming it)
+                report = launcher.launch(view)
+                if not held(report):
+                    _unclaim(runtime, order_id, me)
+                    return
+                claim(runtime, order_id, me, sorted(held(report)))  # what `ps` says it waits to start
+    except BaseException:
         with runtime.launch_lock(), suppress(OSError):
-            if (current(runtime, order_id) or {}).get("pid") == me:
-                os.unlink(_path(runtime, order_id))
+            _unclaim(runtime, order_id, me)
+        raise
+
+
+def _unclaim(runtime: Runtime, order_id: str, me: int) -> None:
+    """Remove the order's standby claim if it names `me` (caller holds the launch lock)."""
+    if (current(runtime, order_id) or {}).get("pid") == me:
+        with suppress(FileNotFoundError):
+            os.unlink(_path(runtime, order_id))
 
 
 def _wait(launcher: Launcher, report: LaunchReport) -> None:

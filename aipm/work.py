@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     launcher = Launcher(Project(root, settings.orders_dir), settings, Options(args.no_review, args.model))
     if args.standby:
-        return _start_next(launcher, Path(args.order_dir), "its order")
+        return _start_next(launcher, Path(args.order_dir), "its order", standing_by=True)
     sup = Supervisor(launcher)
     settings_seen: list = []
     budgetstop.follow_setting(sup, settings_seen)  # the stamp of the settings file just read (two stats)
@@ -117,13 +117,14 @@ def main(argv: list[str] | None = None) -> int:
     return _start_next(launcher, Path(args.order_dir), f"the successors of {args.task}")
 
 
-def _start_next(launcher: Launcher, order_dir: Path, what: str) -> int:
+def _start_next(launcher: Launcher, order_dir: Path, what: str, standing_by: bool = False) -> int:
     """Start what the order allows now, and stay as its standby owner while its next tasks wait for capacity alone
     with no other owner left to start them (standby.py): else they were stranded (`launch P` given a higher
-    --max-workers held the slots, and O/B stayed QUEUED for good, nothing said)."""
+    --max-workers held the slots, and O/B stayed QUEUED for good, nothing said). `standing_by`: this is the standby
+    owner a launch started (--standby)."""
     try:
         view = OrderView(order_dir, launcher.project.root, watch=False)
-        standby.stand_by(launcher, view, launcher.launch_ramped(view))
+        standby.stand_by(launcher, view, None if standing_by else launcher.launch_ramped(view))
         _tell_if_finished(launcher, view)
     except (UserError, OSError) as exc:  # a task file broken or a disk full: `aipm launch` says the same
         print(f"aipm: cannot start {what}: {exc}", file=sys.stderr)

@@ -1,0 +1,77 @@
+"""The standby owner (standby.py) with real processes: its end, its children, its waits, its death."""
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+from conftest import no_workers, state, task_statuses, wait_for, write_task
+
+
+def _gated(project, order, name, gates, **fields):
+    gates[name] = project.root / f"gate-{name}"
+    write_task(project.order(order), name, command=f"while [ ! -e {gates[name]} ]; do sleep 0.05; done",
+               target_files=[name], **fields)
+
+
+def _lock_free(project) -> bool:
+    """Whether no process (this one included, by another descriptor) holds the launch lock now."""
+    with open(state(project.root) / "launch.lock") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return False
+        return True  # (released as it closes)
+
+
+def test_a_task_held_while_the_standby_decides_to_go_gets_a_standby(project, monkeypatch):
+    """The standby's last look (it started B1, nothing left waiting) and the removal of its claim were two holds of
+    the launch lock: a launch of a new B2 between them found B2 waiting for a slot and the standby still named, and
+    started none; the standby then went away and B2 stayed QUEUED beside the slot P2's end freed. The launch is
+    forced into that moment: the standby runs here (work.py --standby), and right after its look that left nothing
+    waiting the launch runs to its end, when the launch lock is free then."""
+    from aipm import standby, work
+    from aipm.launcher import Launcher
+    from aipm.runtime import Runtime
+
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    gates = {}
+    for name in ("P1", "P2"):
+        _gated(project, "P", name, gates)
+    _gated(project, "B", "B1", gates)
+    actor = []
+    real = Launcher.launch
+
+    def launch(self, view, *args, **kwargs):
+        report = real(self, view, *args, **kwargs)
+        if view.order.id == "B" and not standby.held(report) and not actor:
+            write_task(project.order("B"), "B2", command="true", target_files=["B2"])
+            actor.append(subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "launch", "B",
+                                           "--json", "--no-resource-monitoring"], stdout=subprocess.PIPE, text=True))
+            if _lock_free(project):
+                actor[0].wait(timeout=60)
+        return report
+
+    try:
+        assert project.aipm("launch", "P", "--no-resource-monitoring").returncode == 0
+        runtime = Runtime(project.root)
+        with runtime.launch_lock():  # as `aipm launch B` names the standby it starts
+            standby.claim(runtime, "B", os.getpid(), ["B1"])
+        gates["P1"].touch()
+        wait_for(lambda: not (state(project.root) / "workers" / "P" / "P1.json").exists())
+        monkeypatch.setattr(Launcher, "launch", launch)
+        assert work.main([str(project.root), str(project.order("B")), "--standby", "--order-id", "B",
+                          "--max-workers", "2", "--no-resource-monitoring"]) == 0
+        out, _ = actor[0].communicate(timeout=60)
+        assert json.loads(out)["standby"]["tasks"] == ["B2"]
+        assert task_statuses(project.order("B")) == {"B1": "IN_PROGRESS", "B2": "QUEUED"}
+        gates["P2"].touch()
+        # B1 still runs: only a standby can start B2 in P2's slot
+        wait_for(lambda: task_statuses(project.order("B"))["B2"] == "DONE", timeout=30)
+        assert task_statuses(project.order("B"))["B1"] == "IN_PROGRESS"
+    finally:
+        for gate in gates.values():
+            gate.touch()
+    wait_for(lambda: task_statuses(project.order("B")) == {"B1": "DONE", "B2": "DONE"}, timeout=30)
+    wait_for(lambda: not project.json("ps")["standby"] and no_workers(project.root))
