@@ -96,6 +96,7 @@ def stand_by(launcher: Launcher, view: OrderView, report: LaunchReport | None = 
         while True:
             if report is not None:
                 _wait(launcher, report)
+                _reap(launcher)
             # The look that finds nothing waiting and the claim's removal are one hold of the launch lock: a launch
             # (or an owner at its end) that found a task held between them, and this owner still named, left it to
             # this one, which went away without looking again, and the task waited with no owner to start it.
@@ -118,6 +119,17 @@ def _unclaim(runtime: Runtime, order_id: str, me: int) -> None:
     if (current(runtime, order_id) or {}).get("pid") == me:
         with suppress(FileNotFoundError):
             os.unlink(_path(runtime, order_id))
+
+
+def _reap(launcher: Launcher) -> None:
+    """Reap the owners this one started that have ended: else each stays a zombie for as long as this one waits
+    (one per task it started; harmless to aipm, which reads a zombie as dead, but a process-table entry each)."""
+    for pid in list(launcher.detached):
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                launcher.detached.discard(pid)
+        except ChildProcessError:
+            launcher.detached.discard(pid)
 
 
 def _wait(launcher: Launcher, report: LaunchReport) -> None:

@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import psutil
+
 from conftest import no_workers, state, task_statuses, wait_for, write_task
+from invariants import pid_alive
 
 
 def _gated(project, order, name, gates, **fields):
@@ -74,4 +77,33 @@ def test_a_task_held_while_the_standby_decides_to_go_gets_a_standby(project, mon
         for gate in gates.values():
             gate.touch()
     wait_for(lambda: task_statuses(project.order("B")) == {"B1": "DONE", "B2": "DONE"}, timeout=30)
+    wait_for(lambda: not project.json("ps")["standby"] and no_workers(project.root))
+
+
+def test_the_standby_reaps_the_owners_it_started(project):
+    """The standby started B0's owner as its child and never waited for it: it stayed a zombie for as long as the
+    standby waited for a slot for B2 (one more for every task it started)."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    gates = {}
+    for name in ("P1", "P2"):
+        _gated(project, "P", name, gates)
+    write_task(project.order("B"), "B0", command="true", target_files=["B0"], priority="P0")
+    for name in ("B1", "B2"):
+        _gated(project, "B", name, gates)
+    try:
+        assert project.aipm("launch", "P", "--no-resource-monitoring").returncode == 0
+        assert project.aipm("launch", "B", "--no-resource-monitoring").returncode == 0
+        pid = project.json("ps")["standby"][0]["pid"]
+        gates["P1"].touch()
+        # B0 ran in P1's slot, and its owner started B1 in B0's at its end: B2 waits, and the standby with it
+        wait_for(lambda: task_statuses(project.order("B")) == {"B0": "DONE", "B1": "IN_PROGRESS", "B2": "QUEUED"},
+                 timeout=30)
+        assert [s["tasks"] for s in project.json("ps")["standby"]] == [["B2"]]
+        wait_for(lambda: not any(c.status() == psutil.STATUS_ZOMBIE for c in psutil.Process(pid).children()),
+                 timeout=20)
+        assert pid_alive(pid)
+    finally:
+        for gate in gates.values():
+            gate.touch()
+    wait_for(lambda: set(task_statuses(project.order("B")).values()) == {"DONE"}, timeout=30)
     wait_for(lambda: not project.json("ps")["standby"] and no_workers(project.root))
