@@ -17,7 +17,7 @@ import time
 from contextlib import suppress
 from pathlib import Path
 
-from aipm.liveness import process_alive, process_ctime
+from aipm.liveness import process_alive, process_ctime, stopped
 from aipm.foreign import FINISHING_RECHECK
 from aipm.launcher import RAMP, RESOURCE_RECHECK, LaunchReport, Launcher
 from aipm.plan import BUDGET, LIMIT
@@ -142,7 +142,9 @@ def _wait(launcher: Launcher, report: LaunchReport) -> None:
         for rec in launcher.runtime.records():
             if rec.owner_pid != os.getpid() and rec.owner_alive():
                 watcher.watch_pid(rec.owner_pid, (rec.key, "owner"))
-                if not rec.worker_alive():
+                # Its outcome is being recorded: looked at again soon. Not while it is stopped (Ctrl-Z): it records
+                # nothing until it goes on, and 0.2 s rounds went on for as long; its end (pidfd) or RECHECK wakes us.
+                if not rec.worker_alive() and not stopped(rec.owner_pid):
                     timeout = min(timeout, FINISHING_RECHECK)
             if rec.worker_alive():
                 watcher.watch_pid(rec.pid, rec.key)

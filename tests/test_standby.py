@@ -3,8 +3,10 @@
 import fcntl
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import psutil
 
@@ -106,4 +108,39 @@ def test_the_standby_reaps_the_owners_it_started(project):
         for gate in gates.values():
             gate.touch()
     wait_for(lambda: set(task_statuses(project.order("B")).values()) == {"DONE"}, timeout=30)
+    wait_for(lambda: not project.json("ps")["standby"] and no_workers(project.root))
+
+
+def test_the_standby_does_not_poll_an_owner_stopped_with_its_outcome(project):
+    """P1's worker ended and its owner was stopped (Ctrl-Z) before recording it: the standby looked again every
+    0.2 s (FINISHING_RECHECK) for as long as it stayed stopped, a whole launch round each time (its claim, written
+    each round, tells the rounds). It waits for that owner's end instead, and starts B1 once it went on."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\n")
+    gates = {}
+    _gated(project, "P", "P1", gates)
+    _gated(project, "B", "B1", gates)
+    owner = None
+    try:
+        assert project.aipm("launch", "P", "--no-resource-monitoring").returncode == 0
+        assert project.aipm("launch", "B", "--no-resource-monitoring").returncode == 0
+        rec = json.loads((state(project.root) / "workers" / "P" / "P1.json").read_text())
+        owner = rec["owner_pid"]
+        os.kill(owner, signal.SIGSTOP)
+        gates["P1"].touch()
+        wait_for(lambda: not pid_alive(rec["pid"]))
+        claim = state(project.root) / "standby" / "B.json"
+        seen, deadline = set(), time.monotonic() + 3
+        while time.monotonic() < deadline:
+            seen.add(json.loads(claim.read_text())["since"])
+            time.sleep(0.02)
+        assert len(seen) <= 2, f"{len(seen)} rounds in 3 s"
+        assert task_statuses(project.order("B")) == {"B1": "QUEUED"}
+        os.kill(owner, signal.SIGCONT)
+        wait_for(lambda: task_statuses(project.order("B"))["B1"] == "IN_PROGRESS", timeout=30)
+    finally:
+        if owner is not None:
+            os.kill(owner, signal.SIGCONT)
+        for gate in gates.values():
+            gate.touch()
+    wait_for(lambda: task_statuses(project.order("B")) == {"B1": "DONE"}, timeout=30)
     wait_for(lambda: not project.json("ps")["standby"] and no_workers(project.root))
