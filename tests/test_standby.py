@@ -3,6 +3,7 @@
 import fcntl
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import time
 import psutil
 
 from conftest import no_workers, state, task_statuses, wait_for, write_task
-from invariants import pid_alive
+from invariants import check, journal_command, pid_alive
 
 
 def _gated(project, order, name, gates, **fields):
@@ -144,3 +145,32 @@ def test_the_standby_does_not_poll_an_owner_stopped_with_its_outcome(project):
             gate.touch()
     wait_for(lambda: task_statuses(project.order("B")) == {"B1": "DONE"}, timeout=30)
     wait_for(lambda: not project.json("ps")["standby"] and no_workers(project.root))
+
+
+def test_sigkill_of_the_standby_while_it_starts_tasks_leaves_each_task_to_run_once(project):
+    """The standby killed at a seeded moment while P's quick tasks free slots for B's: whatever it had half done (a
+    status written, its owner spawned, no record yet), a later `run` of each order ends every task DONE, each run
+    once, never more than the worker limit at a time."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    rng = random.Random(6)
+    for trial in range(3):
+        journal = project.root / f"journal{trial}.txt"
+        orders = {name: project.order(f"{name}{trial}") for name in ("P", "B")}
+        for name, order in orders.items():
+            for i in range(8):
+                write_task(order, f"{name}{i}", command=journal_command(journal, "sleep 0.1"),
+                           target_files=[f"{name}{trial}-{i}"])
+        assert project.aipm("launch", orders["P"].name, "--no-resource-monitoring").returncode == 0
+        assert project.aipm("launch", orders["B"].name, "--no-resource-monitoring").returncode == 0
+        found = [s for s in project.json("ps")["standby"] if s["order"] == orders["B"].name]
+        assert found, f"trial {trial}: B waits for a slot P holds, with a standby"
+        time.sleep(rng.uniform(0.2, 1.5))
+        os.kill(found[0]["pid"], signal.SIGKILL)
+        for order in orders.values():
+            run = project.aipm("run", order.name, "--no-resource-monitoring", timeout=120)
+            assert run.returncode == 0, run.stdout + run.stderr
+        wait_for(lambda: no_workers(project.root), timeout=30)
+        for order in orders.values():
+            assert set(task_statuses(order).values()) == {"DONE"}
+        for order in orders.values():
+            assert check(journal, order, max_workers=2) == [], f"trial {trial}"
