@@ -15,6 +15,7 @@ from aipm.supervisor import Supervisor
 
 
 FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now
+STOPPED_RECHECK = 2.0  # seconds: that owner is stopped (Ctrl-Z): it records nothing before someone lets it go on
 HELD_RECHECK = 5.0  # seconds: a lock held outside aipm may be released without its holder exiting
 
 

@@ -14,9 +14,10 @@ from contextlib import contextmanager, nullcontext
 
 from aipm import budget, budgetstop, durable, handover, notify, preemption, recovery, scope, writer, writtenlog
 from aipm import foreign as foreign_attempts
-from aipm.foreign import FINISHING_RECHECK, HELD_RECHECK, others_matter, watch_foreign
+from aipm.foreign import FINISHING_RECHECK, HELD_RECHECK, STOPPED_RECHECK, others_matter, watch_foreign
 from aipm.interrupts import Stop
 from aipm.launcher import RAMP, RESOURCE_RECHECK, Launcher
+from aipm.liveness import stopped
 from aipm.model import FINISHED_OK, Status, all_done, status_summary
 from aipm.spending import charged
 from aipm.supervisor import RECORDS, RECORDS_RECHECK, Emit, Supervisor
@@ -303,8 +304,12 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 continue
             if launcher.settings.preempt and not only and preemption.stop_for_urgent(sup, view):
                 continue  # places were freed: plan again at once, and the urgent task (ranked first) starts
-            timeout = (RESOURCE_RECHECK if deferred or detach_others else FINISHING_RECHECK if finishing
-                       else HELD_RECHECK if waiting or fixing else None)
+            # An owner recording an outcome takes milliseconds: looked at again soon. One stopped (Ctrl-Z) records
+            # nothing until it goes on, and 0.2 s rounds went on for as long: its owner's files wake this run only
+            # where they are this order's, so it is looked at every STOPPED_RECHECK.
+            recording = finishing and any(not stopped(rec.owner_pid) for rec in report.records if rec.key in finishing)
+            timeout = (RESOURCE_RECHECK if deferred or detach_others else FINISHING_RECHECK if recording
+                       else STOPPED_RECHECK if finishing else HELD_RECHECK if waiting or fixing else None)
             handover.prepare_next(sup, launcher, view, lock_files, prepared)
             if not sup.watch_records():
                 timeout = min(timeout or RECORDS_RECHECK, RECORDS_RECHECK)

@@ -8,7 +8,9 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -1008,6 +1010,29 @@ def test_a_run_whose_queued_tasks_can_never_run_does_not_wait_for_another_orders
         assert run.returncode == 1 and "B can never run: A is FAILED" in run.stderr, run.stdout + run.stderr
         assert task_statuses(project.order("X")) == {"A": "FAILED", "B": "QUEUED"}
     assert task_statuses(project.order("Y")) == {"T1": "DONE"}
+
+
+def test_a_run_waiting_beside_another_orders_stopped_owner_does_not_look_again_every_fifth_of_a_second(project,
+                                                                                                      gate):
+    """X's U1 waits for the one worker slot, which Y's ended T1 holds until its stopped owner records the end: the
+    run of X planned a whole round every 0.2 s (FINISHING_RECHECK: an outcome being recorded) for as long as that
+    owner stayed stopped. It looks every STOPPED_RECHECK (2 s) instead, and starts U1 once the owner went on."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\n")
+    with _stopped_owner_with_its_worker_ended(project, gate, "Y"):
+        write_task(project.order("X"), "U1", target_files=["b.txt"], command="true")
+        second, out = _started(project, "run", "X")
+        time.sleep(3)  # started, and waiting (it says nothing of a slot it waits for)
+
+        def wakeups() -> int:  # of its main thread, the one that plans: each timed-out wait is one
+            status = (Path(f"/proc/{second.pid}/status")).read_text()
+            return int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status, re.M).group(1))
+
+        before = wakeups()
+        time.sleep(3)
+        assert wakeups() - before <= 6, f"{wakeups() - before} wake-ups in 3 s"
+        assert second.poll() is None and task_statuses(project.order("X")) == {"U1": "QUEUED"}, out.read_text()
+    assert second.wait(timeout=60) == 0, out.read_text()
+    assert task_statuses(project.order("X")) == {"U1": "DONE"}
 
 
 @pytest.mark.parametrize("command", ["run", "exec"])
