@@ -18,7 +18,8 @@ Landlock grants whole hierarchies and cannot subtract, so the ruleset is built f
   let a process create a file, and a directory rule would open every file beside it);
 - a glob: every right below its literal base directory (`tests/**/*.py` → `tests/`): Landlock has no patterns;
 - the attempt's log, and a TMPDIR of its own when the system's temp directory contains the root;
-- a worktree task's own git directory (ownrefs.py), and the repository's objects: git works in its worktree.
+- a worktree task's own git directory (ownrefs.py), and where the repository's objects are added (its fan-out
+  directories, `pack/`), not the object store itself: git works in its worktree.
 What this module created is listed beside the log, and `tidy` removes what the worker left untouched.
 """
 
@@ -249,13 +250,21 @@ def _git_dirs(real_root: str) -> list[str]:
 
 def _own_git(git: list[str], real_root: str, real_project: str) -> list[tuple[str, int]]:
     """A worktree task's git: its worktree's own git directory (index, HEAD, its own refs and stash: ownrefs.py),
-    and the repository's objects, where its commits and stash entries go (written through a temporary file in
-    their directory, linked in place, then removed). Nothing of the main tree's refs, index or config. None for a
-    task in the project tree, or a worktree whose git directory is not its own (no `commondir` in it)."""
+    and where the repository's objects are added: its commits and stash entries (each written through a temporary
+    file in its fan-out directory, made here when missing, linked in place, then removed), and the packs of its
+    `git gc`. Not the object store itself: what is made there (`info/alternates`, `info/commit-graph`) every git of
+    the repository reads, yours too, after the attempt. Nothing of the main tree's refs, index or config. None for
+    a task in the project tree, or a worktree whose git directory is not its own (no `commondir` in it)."""
     if real_root == real_project or len(git) != 3 or not _contains(git[1], git[2]):
         return []
     common = _git_dirs(real_project)
-    return [(git[1], ALL_RIGHTS)] + [(os.path.join(common[-1], "objects"), OBJECT_RIGHTS)] * bool(common)
+    if not common:
+        return [(git[1], ALL_RIGHTS)]
+    objects = os.path.join(common[-1], "objects")
+    places = [os.path.join(objects, f"{n:02x}") for n in range(256)] + [os.path.join(objects, "pack")]
+    for place in places:
+        os.makedirs(place, exist_ok=True)  # (left there, empty, as git leaves them: another worker's rule may hold it)
+    return [(git[1], ALL_RIGHTS)] + [(place, OBJECT_RIGHTS) for place in places]
 
 
 def _target_path(real_root: str, raw: str) -> tuple[str, str]:

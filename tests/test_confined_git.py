@@ -6,6 +6,8 @@ program for signed commits, an upload-pack for a lazy fetch) that aipm's git ran
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from conftest import write_task
@@ -104,3 +106,38 @@ def test_no_program_a_confined_worker_names_in_its_git_directory_runs_outside_it
     assert project.aipm("recover", "ORD").returncode == 0
     assert escaped() == {}
     assert escaped() == {}
+
+
+# What a confined worker tried to leave in the repository's object store, which every git of the repository reads:
+# another object store (alternates, http-alternates), a commit-graph (parents and trees git takes instead of the
+# commits'), a list of packs, a lock that stops your `git maintenance`, and a directory of its own there
+STORE = ("info/alternates", "info/http-alternates", "info/commit-graph", "info/commit-graphs/commit-graph-chain",
+         "info/packs", "maintenance.lock", "mine/x")
+
+
+@needs_landlock
+def test_a_confined_worker_leaves_nothing_in_the_repositorys_object_store_but_objects(repo):
+    """A confined worktree worker could add objects to the repository (it must, to commit), and with them anything
+    in its object store: an `objects/info/alternates` naming a store of its own, from which your git read objects
+    after the attempt, a commit-graph that your git took for its history, an `objects/maintenance.lock`. Now only
+    its fan-out directories and `pack/` take files: its commit, stash, log, diff and `git gc` still work."""
+    project = project_in(repo, config="workspace: worktree\nconfine: true\n")
+    store = repo / ".git" / "objects"
+    # Beside objects: every path but the fan-out directories, what they hold, and packs
+    beside = lambda: {str(p.relative_to(store)) for p in store.rglob("*")  # noqa: E731
+                      if not re.fullmatch("[0-9a-f]{2}|pack", p.relative_to(store).parts[0])}
+    before = beside()
+    plant = "".join(f'mkdir -p "$(dirname "$O/{name}")"; echo "$PWD/out" > "$O/{name}" || echo REFUSED {name}\n'
+                    for name in STORE)
+    command = ('O=$(cd "$(git rev-parse --git-common-dir)/objects" && pwd -P); mkdir -p out && ' + plant
+               + 'echo work > out/w.txt && git add out/w.txt && git commit -q -m mine && echo more >> out/w.txt && '
+               '! git diff --quiet && git stash -q && git stash pop -q && git log -1 --format=%s | grep -q mine && '
+               'git gc -q && git cat-file -e HEAD:out/w.txt && echo GIT-WORKS\n')
+    write_task(project.order(), "T", target_files=["out/"], max_attempts=1, max_rework=0, command=command)
+    proc = project.aipm("run", "ORD")
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "GIT-WORKS" in log, proc.stdout + proc.stderr + log
+    assert all(f"REFUSED {name}\n" in log for name in STORE), log
+    assert beside() == before, log
+    assert project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr + log
+    assert (repo / "out/w.txt").read_text() == "work\nmore\n"

@@ -176,12 +176,14 @@ def broken(note: Path) -> str | None:
 def _config(repo: Repo, extensions: list[tuple[str, str]]) -> str:
     """The worktree's own config: the repository's `extensions` (git reads them from this file alone, includes
     aside), objects that no git run there deletes, everything else from the repository's config, and then a log
-    for every ref (what keeps its objects from a prune elsewhere, whatever the repository's config says)."""
+    for every ref (what keeps its objects from a prune elsewhere, whatever the repository's config says), and a
+    `git gc` that writes only packs: a confined worker may not write the object store's `info/` (confine.py)."""
     lines = [f"\t{key.partition('.')[2]} = {_quoted(value)}\n" for key, value in extensions
              if key != "extensions.preciousobjects"]
     # (extensions are honoured from format version 1 on)
     return ("[core]\n\trepositoryformatversion = 1\n[extensions]\n\tpreciousObjects = true\n" + "".join(lines)
-            + f"[include]\n\tpath = {_quoted(str(repo.common / 'config'))}\n[core]\n\tlogAllRefUpdates = always\n")
+            + f"[include]\n\tpath = {_quoted(str(repo.common / 'config'))}\n[core]\n\tlogAllRefUpdates = always\n"
+            "[gc]\n\twriteCommitGraph = false\n[repack]\n\tupdateServerInfo = false\n")
 
 
 def _quoted(value: str) -> str:
