@@ -141,3 +141,27 @@ def test_a_confined_worker_leaves_nothing_in_the_repositorys_object_store_but_ob
     assert beside() == before, log
     assert project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr + log
     assert (repo / "out/w.txt").read_text() == "work\nmore\n"
+
+
+@needs_landlock
+def test_a_confined_worker_that_names_another_tasks_worktree_in_its_git_note_reaches_nothing_of_that_task(repo):
+    """git's note of a worktree names it in its `gitdir`, which the worktree's worker may write, a confined one too.
+    aipm found a task's note by what that file said: a worker that named another task's worktree there had its
+    own stash left unmoved (its note was no one's), and that other task's end took its note for theirs (or theirs
+    for it): one of the two stashes was never moved to the repository's, and went with its worktree. Now aipm
+    finds a note by the name it gave it: each task's stash is moved, once."""
+    project = project_in(repo, config="workspace: worktree\nconfine: true\n")
+    order = project.order()
+    claim = ('echo "gitdir: $(dirname "$PWD")/B/.git" > "$(git rev-parse --absolute-git-dir)/gitdir" && '
+             'mkdir -p a && echo a > a/f && git add a/f && git stash push -q -m A-STASH && echo A-STASHED')
+    # B stashes once A's end is over (merged, its worktree removed)
+    wait = f'until grep -q "status: DONE" {order / "A.yaml"}; do sleep 0.1; done; sleep 2; '
+    write_task(order, "A", target_files=["a/"], max_attempts=1, max_rework=0, command=claim)
+    write_task(order, "B", target_files=["b/"], max_attempts=1, max_rework=0,
+               command=wait + 'mkdir -p b && echo b > b/f && git add b/f && git stash push -q -m B-STASH')
+    proc = project.aipm("run", "ORD")
+    logs = "".join((repo / f".aipm/logs/ORD/{t}.1.log").read_text() for t in "AB")
+    assert "A-STASHED" in logs, logs
+    assert project.statuses() == {"A": "DONE", "B": "DONE"}, proc.stdout + proc.stderr + logs
+    stashed = git(repo, "log", "-g", "--format=%gs", "refs/stash").splitlines()
+    assert [s.rsplit(": ", 1)[-1] for s in stashed if "-STASH" in s] == ["B-STASH", "A-STASH"], (stashed, logs)

@@ -19,6 +19,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
+from aipm.digest import sha1
 from aipm.errors import UserError
 from aipm.workerfiles import read_git_file
 from aipm.workspace import orphans
@@ -189,11 +190,12 @@ class Repo:
         return {"GIT_DIR": str(self.common), "GIT_WORK_TREE": str(tree_dir)}, note and note / "index"
 
     def note_of(self, tree_dir: Path) -> Path | None:
-        """git's note of the worktree at `tree_dir` (the directory its `.git` file names), None when it has none."""
-        for note, gitdir in self._notes():
-            if os.path.realpath(os.path.dirname(gitdir)) == os.path.realpath(tree_dir):
-                return note
-        return None
+        """git's note of the worktree at `tree_dir` as add_worktree() named it, None when there is none. Not the note
+        whose `gitdir` names the worktree: each worker may write its own note's, a confined one too, and one that
+        named another task's worktree there had that task's capture seeded with its index, and its stash (or, in
+        turn, its own) moved and dropped as the other's."""
+        note = self.common / "worktrees" / _note_name(tree_dir)
+        return note if os.path.isdir(note) and not os.path.islink(note) else None
 
     @property
     def common(self) -> Path:
@@ -244,9 +246,17 @@ class Repo:
             self.git("update-ref", "--stdin", stdin="".join(f"delete {r}\n" for r in refs).encode())
 
     def add_worktree(self, path: Path, commit: str) -> None:
+        """Make a worktree at `path`, its note named by aipm (note_of): git names it after the directory alone,
+        with a number added where that name is taken (two orders' task T)."""
         path.parent.mkdir(parents=True, exist_ok=True)
         with orphans.marked(self.root, path) as env:
             self.git("worktree", "add", "--detach", "--quiet", str(path), commit, env=env)
+        made = Path(path / read_git_file(path / ".git").removeprefix("gitdir:").strip())  # (nothing runs there yet)
+        note = self.common / "worktrees" / _note_name(path)
+        if os.path.realpath(made) != str(note):
+            shutil.rmtree(note, ignore_errors=True)  # (one a killed aipm left)
+            os.rename(made, note)
+            (path / ".git").write_text(f"gitdir: {note}\n", encoding="utf-8", errors="surrogateescape")
 
     def remove_worktree(self, path: Path) -> None:
         """Remove the worktree at `path` and git's note of it, whatever state a worker left it in."""
@@ -254,6 +264,9 @@ class Repo:
             with orphans.marked(self.root, path) as env:
                 self._run(self.top, ["worktree", "remove", "--force", "--force", str(path)], env, check=False)
             shutil.rmtree(path, ignore_errors=True)
+        note = self.note_of(path)
+        if note is not None:  # (git finds a note by its `gitdir`, which its worker may have changed)
+            shutil.rmtree(note, ignore_errors=True)
         self.prune_worktrees(path.parent)
 
     def prune_worktrees(self, under: Path) -> None:
@@ -423,6 +436,12 @@ class Repo:
     def write_patch(self, old: str, new: str, out: BinaryIO) -> None:
         """`patch` written to `out` as git makes it: a large file's patch is never held in memory."""
         self._run(self.top, ["diff", *_AS_PATCH, old, new], stdout=out)
+
+
+def _note_name(tree_dir: Path) -> str:
+    """The name of git's note of aipm's worktree at `tree_dir`: its directory's, and a digest of its path."""
+    where = os.path.realpath(tree_dir)
+    return f"{os.path.basename(where)}-{sha1(where.encode('utf-8', 'surrogateescape')).hexdigest()[:10]}"
 
 
 # A patch `git apply` reads, whatever the user's config says of diffs (diff.noprefix, color.ui=always, an external
