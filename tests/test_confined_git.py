@@ -165,3 +165,50 @@ def test_a_confined_worker_that_names_another_tasks_worktree_in_its_git_note_rea
     assert project.statuses() == {"A": "DONE", "B": "DONE"}, proc.stdout + proc.stderr + logs
     stashed = git(repo, "log", "-g", "--format=%gs", "refs/stash").splitlines()
     assert [s.rsplit(": ", 1)[-1] for s in stashed if "-STASH" in s] == ["B-STASH", "A-STASH"], (stashed, logs)
+
+
+# Left running by the worker, out of its group and environment, its lock descriptors closed: once aipm's git reads
+# the worktree's stash log (a FIFO it fills then), it swaps the worktree's own refs and their logs for links to the
+# repository's.
+SWAP = """
+import os, sys
+note, user = sys.argv[1:]
+os.closerange(3, 1 << 16)
+if os.fork():
+    os._exit(0)
+os.setsid()
+log = note + "/logs/refs/worktree/aipm/stash"
+saved = open(log + ".saved", "rb").read()
+with open(log, "wb") as fifo:
+    fifo.write(saved)
+for mine, theirs in (("refs/worktree/aipm", "refs"), ("logs/refs/worktree/aipm", "logs/refs")):
+    os.rename(f"{note}/{mine}", f"{note}/{mine}.x")
+    os.symlink(f"{user}/{theirs}", f"{note}/{mine}")
+"""
+
+
+@needs_landlock
+def test_a_process_a_confined_worker_leaves_running_cannot_turn_the_move_of_its_stash_onto_the_users(repo):
+    """A confined worker's daemon (`setsid`, its environment cleared, its descriptors closed) outlives its attempt
+    while another attempt of the run goes on: it is no stray of this attempt's to aipm, and ended only at the run's
+    end. aipm's view of the worktree linked its own refs: between the check that they were the worktree's own and
+    the deletion of its stash, once moved, the daemon swapped them for links to the repository's refs, and the
+    deletion deleted the user's stash. Now the view holds copies, and the worktree's stash is deleted in its note
+    without following a link: the user's stash keeps the user's entry, and the worker's is moved to it."""
+    project = project_in(repo, config="workspace: worktree\nconfine: true\n")
+    order = project.order()
+    stash = lambda: git(repo, "log", "-g", "--format=%gs", "refs/stash", "--").splitlines()  # noqa: E731
+    user_stash = stash()
+    assert user_stash
+    command = ('G=$(git rev-parse --absolute-git-dir) && mkdir -p out && echo s > out/s && git add out/s && '
+               'git stash push -q -m T-STASH && L="$G/logs/refs/worktree/aipm/stash" && mv "$L" "$L.saved" && '
+               f'mkfifo "$L" && env -i "$(command -v python3)" -c \'{SWAP}\' "$G" "{repo / ".git"}" && echo LEFT')
+    write_task(order, "T", target_files=["out/"], max_attempts=1, max_rework=0, command=command)
+    write_task(order, "U", target_files=["u/"], max_attempts=1, max_rework=0,
+               command=f'until grep -q "status: DONE" {order / "T.yaml"}; do sleep 0.1; done; sleep 1')
+    proc = project.aipm("run", "ORD")
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "LEFT" in log, proc.stdout + proc.stderr + log
+    assert project.statuses() == {"T": "DONE", "U": "DONE"}, proc.stdout + proc.stderr + log
+    stashed = stash()
+    assert stashed == ["On (no branch): T-STASH", *user_stash], (stashed, log)

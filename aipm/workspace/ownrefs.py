@@ -41,7 +41,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from aipm.workerfiles import read_git_file
+from aipm.workerfiles import STATE_FILE_MAX, read_git_file
 from aipm.workspace.places import real_dirs, scratch
 from aipm.workspace.repo import Repo, WorkspaceError
 
@@ -103,8 +103,11 @@ def _link_shared(repo: Repo, own: Path) -> None:
 def view(repo: Repo, note: Path, tree: Path) -> Iterator[dict[str, str]]:
     """The environment in which aipm's git sees the worktree at `tree` (git's note of it: `note`) as its worker's git
     does: its HEAD, and its own refs and stash (or, where it has none of its own, isolated(), the repository's).
-    Through a directory of aipm's (removed after): a copy of the note's HEAD, links to the refs isolate() made, the
-    repository's objects, and a config of aipm's. Nothing git reads there names a program that the worker chose."""
+    Through a directory of aipm's (removed after): copies of the note's HEAD and of the refs isolate() made, links
+    to the repository's objects, and a config of aipm's. Nothing git reads there names a program that the worker
+    chose. Copies, not links into the note: a process its worker left running (a `setsid` daemon, ended only with
+    the owner's run when other attempts run beside it) could swap a linked directory for a link to the repository's
+    refs once isolated() had looked, and the carry's deletion of the worktree's stash deleted the user's."""
     place = scratch(repo.root) / f"view.{os.getpid()}.{next(_counter)}"
     shutil.rmtree(place, ignore_errors=True)  # (one a killed aipm of the same pid left)
     place.mkdir(parents=True)
@@ -115,12 +118,11 @@ def view(repo: Repo, note: Path, tree: Path) -> Iterator[dict[str, str]]:
             head = "ref: refs/heads/.invalid"  # (git takes the directory for a repository; HEAD names nothing)
         (place / "HEAD").write_text(head + "\n", encoding="utf-8", errors="surrogateescape")
         if isolated(note):
-            top = os.path.realpath(note)
             (place / "logs").mkdir()
             for name, where in _LINKS:
-                os.symlink(os.path.join(top, where), place / name)
-            if os.path.lexists(note / OWN / "packed-refs"):
-                os.symlink(note / OWN / "packed-refs", place / "packed-refs")
+                _copy(note, where.split("/"), place / name)
+            with suppress(OSError):  # (none: git removes it, emptied)
+                (place / "packed-refs").write_bytes(_read_in(note, [OWN], "packed-refs"))
             _link_shared(repo, place)
             (place / "config").write_text(_config(repo, _extensions(repo) or []))
         else:
@@ -128,6 +130,66 @@ def view(repo: Repo, note: Path, tree: Path) -> Iterator[dict[str, str]]:
         yield {"GIT_DIR": str(place), "GIT_WORK_TREE": str(tree)}
     finally:
         shutil.rmtree(place, ignore_errors=True)
+
+
+def drop_stash(note: Path) -> None:
+    """Delete the stash of the worktree whose git note is `note` (isolated()): the ref, its log, and its line in the
+    own packed-refs (a `git pack-refs` there). Reached in the note without a link, as view() reads it."""
+    for where in ("refs", "logs/refs"):
+        with suppress(OSError), _opened(note, [*where.split("/"), "worktree", OWN]) as fd:
+            os.unlink("stash", dir_fd=fd)
+    with suppress(OSError), _opened(note, [OWN]) as fd:
+        lines = _read_in(note, [OWN], "packed-refs").splitlines(keepends=True)
+        kept = [line for i, line in enumerate(lines) if not _stash_line(lines, i)]
+        if kept != lines:
+            with open(os.open("packed-refs.aipm", os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644,
+                              dir_fd=fd), "wb") as out:
+                out.write(b"".join(kept))
+            os.rename("packed-refs.aipm", "packed-refs", src_dir_fd=fd, dst_dir_fd=fd)
+
+
+def _stash_line(lines: list[bytes], i: int) -> bool:
+    """packed-refs' line `i` is refs/stash's, or the peeled line (`^...`) after it."""
+    line = lines[i] if not lines[i].startswith(b"^") or i == 0 else lines[i - 1]
+    return line.rstrip(b"\n").endswith(b" refs/stash")
+
+
+@contextmanager
+def _opened(top: Path, parts: list[str]) -> Iterator[int]:
+    """A descriptor of the directory `top`/parts..., each part opened without following a link (OSError: one is
+    no directory)."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            os.close(fd)
+            fd = inner
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def _read_in(top: Path, parts: list[str], name: str) -> bytes:
+    """The regular file `name` in `top`/parts... (_opened), of at most STATE_FILE_MAX bytes."""
+    with _opened(top, parts) as where:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=where)
+    with open(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode) or os.fstat(fd).st_size > STATE_FILE_MAX:
+            raise OSError(f"{name}: no file of git's")
+        return handle.read(STATE_FILE_MAX)
+
+
+def _copy(top: Path, parts: list[str], dest: Path) -> None:
+    """Copy the directory `top`/parts... to `dest`: its directories and regular files (_read_in), nothing a link
+    leads to, nor what is no file (a FIFO)."""
+    dest.mkdir()
+    with suppress(OSError), _opened(top, parts) as fd:
+        for entry in os.scandir(fd):
+            with suppress(OSError):
+                if entry.is_dir(follow_symlinks=False):
+                    _copy(top, [*parts, entry.name], dest / entry.name)
+                elif entry.is_file(follow_symlinks=False):
+                    (dest / entry.name).write_bytes(_read_in(top, parts, entry.name))
 
 
 def head_of(repo: Repo, tree: Path) -> str | None:

@@ -29,17 +29,21 @@ def carry(repo: Repo, tree: Path, base: str) -> list[str]:
         return [f"the worker's stash was not moved, and nothing was deleted there: {broken}, so its git reaches "
                 "the repository's refs (its worker changed it)"] if broken else []
     with ownrefs.view(repo, note, tree) as env:  # (not git in its note: its worker may have named programs there)
-        return _moved(repo, env, base)
+        notes, moved = _moved(repo, env, base)
+    if moved:
+        ownrefs.drop_stash(note)
+    return notes
 
 
-def _moved(repo: Repo, env: dict[str, str], base: str) -> list[str]:
-    """carry(), its stash read and dropped in the view `env` of its worktree's git (ownrefs.view)."""
+def _moved(repo: Repo, env: dict[str, str], base: str) -> tuple[list[str], bool]:
+    """carry(), its stash read in the view `env` of its worktree's git (ownrefs.view): (notes, whether every entry
+    is in the repository's stash now, so that the worktree's is to be dropped)."""
     entries, unlogged = repo.stash(env), []
     if not entries:
         gone = _gone(repo, env)
         newest = None if gone else _unlogged(repo, env)
         if newest is None:
-            return gone
+            return gone, False
         entries = [newest]
         unlogged = [f"the worker removed its stash's log, so only its newest entry ({newest[1]}) could be found, "
                     "and it is moved to the repository's stash"]
@@ -58,10 +62,8 @@ def _moved(repo: Repo, env: dict[str, str], base: str) -> list[str]:
         if not repo.descends(parents[0], base):
             elsewhere.append(f"{commit[:10]} (\"{subject}\")")
     seam("carry")
-    if not failed:
-        repo.git("update-ref", "-d", "refs/stash", env=env)
     return unlogged + failed + ([f"the worker's stash entries made on another commit than its start: {', '.join(elsewhere)}: "
-                      f"{STASHED}"] if elsewhere else [])
+                      f"{STASHED}"] if elsewhere else []), not failed
 
 
 def _gone(repo: Repo, env: dict[str, str]) -> list[str]:
