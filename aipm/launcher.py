@@ -372,7 +372,11 @@ class Launcher(Starter):
         For callers without an event loop (`aipm launch`, a detached worker starting successors); `run` gets the
         same effect from its loop, which re-plans RESOURCE_RECHECK seconds after a deferral.
         """
-        report = self.launch(view)
+        return self.ramp_on(view, self.launch(view))
+
+    def ramp_on(self, view: OrderView, report: LaunchReport) -> LaunchReport:
+        """After `report`'s launch (its detached owners): launched again while the ramp-up holds starts back for a
+        fresh reading (see launch_ramped)."""
         while not self.options.dry_run and report.launched and any(d["reason"] == RAMP for d in report.deferred):
             time.sleep(RAMP_DELAY)
             more = self.launch(view, recover=False)

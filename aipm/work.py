@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 from aipm import budgetstop, notify, recovery, standby
@@ -94,37 +95,70 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
     # A capped attempt (its agent takes a share of the budget) follows a limit lowered while it runs, as in `run`.
     budgets = budgetstop.Detached.follow(sup, Path(args.order_dir), settings_seen)
-    while sup.owned:
-        whole = sup.watch_records()
-        keys = sup.wait(None if whole else RECORDS_RECHECK)
-        if RECORDS in keys or not whole:  # a worker removed the state directory: our record goes back
-            with launcher.runtime.launch_lock():
-                sup.keep_records()
-        if budgets is not None:
-            budgets.woke(keys)
-        for key in keys:
-            sup.handle(key)  # an outcome it cannot record is held (and logged), never a crash
-    sup.end_strays()  # the attempt's left-overs die before successors start
-    if sup.unrecorded:
-        sup.hand_over()
-    for held in sup.lock_fds.values():  # a handed-over outcome keeps its record; the locks go now
-        for fd in held:
-            os.close(fd)
-    if sup.cluster_gone:  # its successors would be lost to it too; a new run starts them once it is back
-        print(f"aipm: runner ray: the Ray cluster was lost ({sup.cluster_gone}); {args.task} is QUEUED again",
-              file=sys.stderr)
-        return 1  # as `run` then: its task is left QUEUED, and 2 would say nothing changed
-    return _start_next(launcher, Path(args.order_dir), f"the successors of {args.task}")
+    # The launch lock from the round that records the last outcome to the first launch after it, as `run` holds it
+    # over its finishes and starts: let go in between, another order's `run` took the files the task had freed, and
+    # its next attempt (QUEUED again) or its successors waited for them with no owner left to start them.
+    last_round = ExitStack()
+    with last_round:
+        while sup.owned:
+            whole = sup.watch_records()
+            keys = sup.wait(None if whole else RECORDS_RECHECK)
+            if RECORDS in keys or not whole:  # a worker removed the state directory: our record goes back
+                with launcher.runtime.launch_lock():
+                    sup.keep_records()
+            if budgets is not None:
+                budgets.woke(keys)
+            ended = [key for key in keys if key in sup.owned]
+            for key in ended:
+                _before_the_lock(sup, key)
+            if ended:
+                last_round.enter_context(launcher.runtime.launch_lock())
+            for key in keys:
+                sup.handle(key)  # an outcome it cannot record is held (and logged), never a crash
+            if sup.owned:
+                last_round.close()  # (a review started: its end is the last)
+        sup.end_strays()  # the attempt's left-overs die before successors start
+        if sup.unrecorded:
+            sup.hand_over()
+        for held in sup.lock_fds.values():  # a handed-over outcome keeps its record; the locks go now
+            for fd in held:
+                os.close(fd)
+        if sup.cluster_gone:  # its successors would be lost to it too; a new run starts them once it is back
+            print(f"aipm: runner ray: the Ray cluster was lost ({sup.cluster_gone}); {args.task} is QUEUED again",
+                  file=sys.stderr)
+            return 1  # as `run` then: its task is left QUEUED, and 2 would say nothing changed
+        return _start_next(launcher, Path(args.order_dir), f"the successors of {args.task}", last_round)
 
 
-def _start_next(launcher: Launcher, order_dir: Path, what: str, standing_by: bool = False) -> int:
+def _before_the_lock(sup: Supervisor, key: str) -> None:
+    """What an ended attempt's handle() does before it takes the launch lock, done before we take it for the round:
+    its group ended and its exit code reaped, its usage read, its Ray cluster asked (as run's rounds do)."""
+    rec = sup.owned[key]
+    if rec.pid:
+        code = sup.end_group(rec)
+        if code is not None:
+            sup.reaped[key] = code
+        sup.end_strays(rec)
+    sup.read_usage_ahead(rec)
+    sup.ask_cluster(rec, sup.reaped.get(key))
+
+
+def _start_next(launcher: Launcher, order_dir: Path, what: str, held: ExitStack | None = None,
+                standing_by: bool = False) -> int:
     """Start what the order allows now, and stay as its standby owner while its next tasks wait for capacity alone
     with no other owner left to start them (standby.py): else they were stranded (`launch P` given a higher
-    --max-workers held the slots, and O/B stayed QUEUED for good, nothing said). `standing_by`: this is the standby
-    owner a launch started (--standby)."""
+    --max-workers held the slots, and O/B stayed QUEUED for good, nothing said). `held`: the launch lock of the
+    round that recorded the last outcome, let go once the first launch is made. `standing_by`: this is the standby
+    owner a launch started (--standby), which makes its first launch itself."""
     try:
-        view = OrderView(order_dir, launcher.project.root, watch=False)
-        standby.stand_by(launcher, view, None if standing_by else launcher.launch_ramped(view))
+        if standing_by:
+            view = OrderView(order_dir, launcher.project.root, watch=False)
+            standby.stand_by(launcher, view)
+        else:
+            with held or nullcontext():
+                view = OrderView(order_dir, launcher.project.root, watch=False)
+                report = launcher.launch(view)
+            standby.stand_by(launcher, view, launcher.ramp_on(view, report))
         _tell_if_finished(launcher, view)
     except (UserError, OSError) as exc:  # a task file broken or a disk full: `aipm launch` says the same
         print(f"aipm: cannot start {what}: {exc}", file=sys.stderr)

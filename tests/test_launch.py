@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -334,3 +335,57 @@ def test_a_launch_that_starts_some_and_leaves_others_waiting_for_a_slot_leaves_a
     finally:
         for gate in gates.values():
             gate.touch()
+
+
+def test_a_detached_owner_starts_its_tasks_next_attempt_in_the_round_that_records_the_failed_one(project, tmp_path):
+    """LONG (max_attempts 2) failed its first attempt under `aipm launch`: its owner recorded QUEUED and let go of the
+    launch lock and of LONG's files, then took the lock again to start the second attempt. A round of another order
+    in between (`aipm run O2`, whose B waits for LONG's f.txt) found f.txt free, started B, and the owner found it
+    taken and left: LONG stayed QUEUED for good, attempt 1 of 2 (test_scope's LONG/B flaked so under load). The
+    outcome and the next start are one round, as in `run`: the first round after LONG's record goes sees attempt 2."""
+    import fcntl
+    import threading
+
+    import yaml
+
+    from aipm.runtime import Runtime
+
+    gates = {name: tmp_path / name for name in ("first", "second")}
+    long_file = write_task(project.order("ORD"), "LONG", target_files=["f.txt"], max_attempts=2, command=(
+        f"if [ ! -e {gates['first']}.done ]; then until [ -e {gates['first']} ]; do sleep 0.02; done; "
+        f"touch {gates['first']}.done; exit 1; fi; until [ -e {gates['second']} ]; do sleep 0.02; done; echo l > f.txt"))
+    for n in range(300):  # finished tasks: the owner's reading of its order between two rounds took a while
+        write_task(project.order("ORD"), f"D{n:03}", command="true", status="DONE", attempts=1)
+    assert project.aipm("launch", "ORD", "--no-resource-monitoring").returncode == 0
+    record = Runtime(project.root).record_path("ORD", "LONG")
+    wait_for(lambda: record.exists() and json.loads(record.read_text()).get("pid"))
+    seen: dict = {}
+
+    def next_round() -> None:
+        """Another aipm's rounds, one after another: each waits in the kernel for the lock while a holder has it, so
+        the first one after the round that removes the first attempt's record is queued for it already."""
+        deadline = time.monotonic() + 60
+        with open(state(project.root) / "launch.lock") as lock:
+            while time.monotonic() < deadline:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                attempt = json.loads(record.read_text())["attempt"] if record.exists() else None
+                if attempt != 1:
+                    task = yaml.safe_load(long_file.read_text())
+                    seen.update(status=task["status"], attempts=task["attempts"], record=attempt)
+                    return
+                fcntl.flock(lock, fcntl.LOCK_UN)
+                time.sleep(0.0005)  # (the owner's turn)
+
+    competitor = threading.Thread(target=next_round)
+    competitor.start()
+    try:
+        gates["first"].touch()
+        competitor.join(timeout=90)
+        assert seen == {"status": "IN_PROGRESS", "attempts": 2, "record": 2}, seen
+    finally:
+        for gate in gates.values():
+            gate.touch()
+        competitor.join(timeout=90)
+    wait_for(lambda: task_statuses(project.order("ORD"))["LONG"] == "DONE", timeout=60)
+    assert yaml.safe_load(long_file.read_text())["attempts"] == 2
+    wait_for(lambda: no_workers(project.root))
