@@ -1091,6 +1091,19 @@ def tiny_disk(tmp_path):
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
 
+# The worker fills the disk, leaving no spare file to write the outcome into (spares.py: the old version of a status
+# write, reused, gives back the room the outcome needs), so the outcome's write needs room the disk does not have.
+# Nor a status written ahead (writer.prepare: `run` writes A's clean exit while A runs, keeps it open, and a version
+# not used is a spare): made after the worker's `rm -rf .aipm/spare` and before its fill, or removed while open (its
+# room is freed only at its close, at A's end), it held the room in which A's FAILED was written (once in CI, at
+# load 12). So the pool's files are emptied (truncated: the room of an open one too) and the disk filled again until
+# none of them holds any. Exit 1, head's.
+FILL_LEAVING_NO_SPARE = (
+    'fill() { find .aipm/spare -type f -size +0 -exec truncate -s 0 {} + 2>/dev/null; '
+    'head -c 1048576 /dev/zero >> fill.bin 2>/dev/null; filled=$?; }; '
+    'fill; while [ -n "$(find .aipm/spare -type f -size +0 2>/dev/null)" ]; do fill; done; [ $filled = 0 ]')
+
+
 @pytest.mark.parametrize("owner", ["run", "launch"])
 def test_a_full_disk_neither_hangs_nor_reruns_the_task(tiny_disk, tmp_path, owner):
     """Issue 11.3: with the disk full when A ended, `run` printed that the exit code 'is kept', then waited forever
@@ -1100,11 +1113,7 @@ def test_a_full_disk_neither_hangs_nor_reruns_the_task(tiny_disk, tmp_path, owne
     project = Project(tiny_disk)
     order = project.order()
     journal = tmp_path / "journal.txt"  # outside the full disk
-    # No spare file to write the outcome into (spares.py: the old version of a status write, reused, gives back
-    # the room the outcome needs): the outcome's write needs room the disk does not have.
-    write_task(order, "A", command=journal_command(journal, "rm -rf .aipm/spare; head -c 1048576 /dev/zero > fill.bin "
-                                                            "2>/dev/null"),
-               target_files=["fill.bin"])
+    write_task(order, "A", command=journal_command(journal, FILL_LEAVING_NO_SPARE), target_files=["fill.bin"])
     if owner == "run":
         proc = Proc(project.root, *run_args(5))
         try:
