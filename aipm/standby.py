@@ -1,12 +1,12 @@
-"""An order's standby owner: a detached process that waits for capacity and then starts the order's next tasks.
+"""An order's standby owner: a detached process that waits for room and then starts the order's next tasks.
 
-Capacity is a worker slot, the machine's load, or a budget held by running attempts. A detached owner starts its
-order's successors when its own task ends, and only then: a task held for want of capacity (an `aipm launch` that
-started nothing, or another order's tasks holding the slots) would wait for that end, or for ever, while a slot
-another order's task freed stays unused. So one process stays, named by a file in the state directory (one per
-order; `aipm ps` lists it), waits for workers and owners to end (pidfds; the load is read again each
-RESOURCE_RECHECK while it defers), starts what there is room for, and goes away once nothing of the order waits
-for capacity alone.
+Room is capacity (a worker slot, the machine's load, or a budget held by running attempts), or the files a live
+worker of another order holds. A detached owner starts its order's tasks when its own task ends, and only then: a
+task held for want of capacity (an `aipm launch` that started nothing, or another order's tasks holding the slots)
+or by another order's files would wait for that end, or for ever, while what another order's task freed stays
+unused. So one process stays, named by a file in the state directory (one per order; `aipm ps` lists it), waits
+for workers and owners to end (pidfds; the load is read again each RESOURCE_RECHECK while it defers), starts what
+there is room for, and goes away once nothing of the order waits so.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from aipm.liveness import process_alive, process_ctime, stopped
 from aipm.foreign import FINISHING_RECHECK
 from aipm.launcher import RAMP, RESOURCE_RECHECK, LaunchReport, Launcher
-from aipm.plan import BUDGET, LIMIT
+from aipm.plan import BUDGET, FILE_BUSY, LIMIT
 from aipm.runner import Watcher
 from aipm.runtime import Runtime
 from aipm.statedir import safe_name
@@ -32,13 +32,22 @@ RECHECK = 5.0  # seconds: at most between looks (a record removed by an owner th
 
 
 def held(report: LaunchReport) -> dict[str, str]:
-    """Task id → why, of the tasks a launch left only for want of capacity (whatever else it started: an owner
-    starts only its own task's successors, at its end, while a slot another order's task frees is there now)."""
+    """Task id → why, of the tasks a launch left only for want of capacity, or for files a live worker of another
+    order holds (whatever else it started: an owner starts only its own order's tasks, at its end, while a slot or
+    the files another order's task frees are there now)."""
     if report.plan is None:
         return {}
-    out = {b.id: b.detail for b in report.plan.blocked.values() if b.reason == LIMIT}
+    theirs = {rec.key for rec in report.records if report.order and rec.order != report.order.id and rec.alive()}
+    out = {b.id: b.detail for b in report.plan.blocked.values()
+           if b.reason == LIMIT or b.reason == FILE_BUSY and b.tasks and b.tasks[0] in theirs}
     out.update((d["id"], d["detail"]) for d in report.deferred if d["reason"] in (LIMIT, BUDGET, *LOAD))
     return out
+
+
+def for_capacity(report: LaunchReport) -> bool:
+    """Whether every task held() names waits for capacity (none for another order's files)."""
+    return report.plan is None or not any(b.reason == FILE_BUSY for b in report.plan.blocked.values()
+                                          if b.id in held(report))
 
 
 def _path(runtime: Runtime, order_id: str) -> Path:

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from conftest import no_workers, snapshot, state, task_statuses, wait_for, write_task
-from invariants import check, journal_command, pid_alive, random_order
+from invariants import check, journal_command, pid_alive, random_order, spans
 
 
 def all_final(order_dir, final=("DONE", "COMPLETED", "FAILED", "REJECTED", "CANCELLED")):
@@ -305,9 +305,9 @@ def test_a_launch_that_starts_nothing_for_want_of_a_slot_leaves_a_standby_owner(
                              f"owner (pid {pid}) starts them once there is (`aipm ps` shows it)\n"), launch.stdout
     again = project.json("launch", "B", "--no-resource-monitoring")
     assert again["standby"] == {"tasks": ["B1", "B2"], "detail": "worker limit reached: no free worker slot",
-                                "pid": pid}, again
+                                "pid": pid, "capacity": True}, again
     assert project.json("ps")["standby"] == [{"order": "B", "pid": pid, "tasks": ["B1", "B2"]}]
-    assert f"standby B (pid {pid}): waits for capacity to start B1, B2" in project.aipm("ps").stdout
+    assert f"standby B (pid {pid}): waits for room to start B1, B2" in project.aipm("ps").stdout
     assert task_statuses(project.order("B")) == {"B1": "QUEUED", "B2": "QUEUED"}
     gate.touch()
     wait_for(lambda: task_statuses(project.order("B")) == {"B1": "DONE", "B2": "DONE"}, timeout=30)
@@ -335,6 +335,28 @@ def test_a_launch_that_starts_some_and_leaves_others_waiting_for_a_slot_leaves_a
     finally:
         for gate in gates.values():
             gate.touch()
+
+
+def test_a_task_waiting_for_a_file_another_orders_task_holds_gets_a_standby_owner(project, gate):
+    """`launch A` ran A1 on f.txt; `launch B`, whose B1 writes f.txt too, started nothing and left no process: A1's
+    owner started only A's tasks at its end, and B1 stayed QUEUED for good beside the freed file. It gets the
+    order's standby owner, which starts it once A1 has ended; never beside A1 (the journal's invariant)."""
+    journal = project.root / "journal.txt"
+    write_task(project.order("A"), "A1", target_files=["f.txt"],
+               command=journal_command(journal, f"while [ ! -e {gate} ]; do sleep 0.05; done"))
+    write_task(project.order("B"), "B1", target_files=["f.txt"], command=journal_command(journal, "true"))
+    assert project.aipm("launch", "A", "--no-resource-monitoring").returncode == 0
+    launch = project.aipm("launch", "B", "--no-resource-monitoring")
+    assert launch.returncode == 0, launch.stdout + launch.stderr
+    (listed,) = project.json("ps")["standby"]
+    assert launch.stdout == (f"B1 wait for room (f.txt is held by running task A/A1 (IN_PROGRESS)); its standby owner "
+                             f"(pid {listed['pid']}) starts them once they can (`aipm ps` shows it)\n"), launch.stdout
+    assert listed["tasks"] == ["B1"] and task_statuses(project.order("B")) == {"B1": "QUEUED"}
+    gate.touch()
+    wait_for(lambda: task_statuses(project.order("B")) == {"B1": "DONE"}, timeout=30)
+    wait_for(lambda: not project.json("ps")["standby"] and no_workers(project.root))
+    (a1,), (b1,) = ([s for s in spans(journal) if s.task == task] for task in ("A1", "B1"))
+    assert a1.end is not None and a1.end <= b1.start, (a1, b1)  # one at a time on f.txt
 
 
 def test_a_detached_owner_starts_its_tasks_next_attempt_in_the_round_that_records_the_failed_one(project, tmp_path):

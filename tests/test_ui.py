@@ -1163,7 +1163,7 @@ def test_an_orders_standby_owner_shows_as_ps_shows_it_and_goes_when_it_is_killed
     while (board := next_board())["standby"] != [listed]:
         assert board["standby"] == [], board["standby"]
     browser.get(dashboard)
-    said = f"standby B (pid {listed['pid']}): waits for capacity to start B1"
+    said = f"standby B (pid {listed['pid']}): waits for room to start B1"
     wait_for(lambda: said in browser.find_element("id", "workers").text)
     os.kill(listed["pid"], signal.SIGKILL)
     while next_board()["standby"]:

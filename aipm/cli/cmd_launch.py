@@ -85,8 +85,9 @@ def launch(
     """Start the launchable tasks as detached workers and exit at once.
 
     Each worker finishes its own task (review, status) and then starts the successors that became launchable.
-    Tasks that wait for capacity alone (a worker slot, the load, a budget running attempts hold) get the order's
-    standby owner, which starts them as room frees, whichever order's worker frees it (`aipm ps` lists it).
+    Tasks that wait for capacity alone (a worker slot, the load, a budget running attempts hold), or for files
+    another order's running task holds, get the order's standby owner, which starts them as room frees, whichever
+    order's worker frees it (`aipm ps` lists it).
     """
     launcher = _launcher(max_workers, max_cpu, max_memory, no_monitoring, no_auto_scaling,
                          Options(no_review, model, dry_run), runner, confine=confine, workspace=workspace)
@@ -111,14 +112,16 @@ def launch(
 
 
 def _stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> dict | None:
-    """A launch that left tasks held by capacity alone leaves the order a standby owner (standby.py), or names the
-    one it has: {tasks, detail, pid} (pid None: a dry run), or None when no task waits so. (A launch that started
-    nothing said `nothing to launch`, exit 0, and nothing ever started them; an owner starts only its own task's
-    successors, at its end, so a slot another order's task freed stayed unused.)"""
+    """A launch that left tasks held by capacity alone, or by another order's files, leaves the order a standby
+    owner (standby.py), or names the one it has: {tasks, detail, pid, capacity} (pid None: a dry run; capacity
+    False: one waits for another order's files), or None when no task waits so. (A launch that started nothing
+    said `nothing to launch`, exit 0, and nothing ever started them; an owner starts only its own order's tasks, at
+    its end, so a slot or a file another order's task freed stayed unused.)"""
     held = standby.held(report)
     if not held:
         return None
-    out = {"tasks": list(held), "detail": next(iter(held.values())), "pid": None}
+    out = {"tasks": list(held), "detail": next(iter(held.values())), "pid": None,
+           "capacity": standby.for_capacity(report)}
     if launcher.options.dry_run:
         return out
     with launcher.runtime.launch_lock():
@@ -148,9 +151,11 @@ def say_launched(report: LaunchReport, waiting: list[dict], order_id: str, dry_r
         console(stderr=True).print(f"aipm: {order_id}/{blocked.id}: {blocked.detail}", markup=False)
     if held:
         tasks = ", ".join(held["tasks"])
-        then = ("; a standby owner would start them once there is" if dry_run else
-                f"; its standby owner (pid {held['pid']}) starts them once there is (`aipm ps` shows it)")
-        out.print(f"{tasks} wait for capacity ({held['detail']}){then}", markup=False)
+        # (capacity: a slot, the load, a budget; else files another order's task holds, for which it waits too)
+        what, when = ("capacity", "there is") if held["capacity"] else ("room", "they can")
+        then = (f"; a standby owner would start them once {when}" if dry_run else
+                f"; its standby owner (pid {held['pid']}) starts them once {when} (`aipm ps` shows it)")
+        out.print(f"{tasks} wait for {what} ({held['detail']}){then}", markup=False)
     elif not (report.launched or report.deferred or report.failed or waiting or report.plan.budget_stop
               or report.plan.spent):
         out.print("nothing to launch (see `aipm detect`)")

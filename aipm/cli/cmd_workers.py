@@ -86,7 +86,7 @@ def ps(json_out: bool = JsonOpt) -> None:
                       [workerstate.describe(i["state"], i["stopping"], i["phase"])])
     grid.print_lines(table.lines(grid.fitting(), grid.Styles.of()) if infos else ["no workers"])
     for one in waiting:  # an order's standby owner: no worker, no slot (standby.py)
-        print(f"standby {one['order']} (pid {one['pid']}): waits for capacity to start {', '.join(one['tasks'])}")
+        print(f"standby {one['order']} (pid {one['pid']}): waits for room to start {', '.join(one['tasks'])}")
 
 
 @command()
