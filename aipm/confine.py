@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
 import sys
 from functools import lru_cache
 from pathlib import Path
@@ -262,8 +263,15 @@ def _own_git(git: list[str], real_root: str, real_project: str) -> list[tuple[st
         return [(git[1], ALL_RIGHTS)]
     objects = os.path.join(common[-1], "objects")
     places = [os.path.join(objects, f"{n:02x}") for n in range(256)] + [os.path.join(objects, "pack")]
+    # Made with the store's own permissions, as git makes them (core.sharedRepository: group-writable, setgid):
+    # with aipm's umask, another member of a shared repository's group could add no object there.
+    mode = stat.S_IMODE(os.stat(objects).st_mode)
     for place in places:
-        os.makedirs(place, exist_ok=True)  # (left there, empty, as git leaves them: another worker's rule may hold it)
+        try:
+            os.mkdir(place)  # (left there, empty, as git leaves them: another worker's rule may hold it)
+        except FileExistsError:
+            continue
+        os.chmod(place, mode)
     return [(git[1], ALL_RIGHTS)] + [(place, OBJECT_RIGHTS) for place in places]
 
 

@@ -212,3 +212,27 @@ def test_a_process_a_confined_worker_leaves_running_cannot_turn_the_move_of_its_
     assert project.statuses() == {"T": "DONE", "U": "DONE"}, proc.stdout + proc.stderr + log
     stashed = stash()
     assert stashed == ["On (no branch): T-STASH", *user_stash], (stashed, log)
+
+
+@needs_landlock
+def test_the_fan_out_directories_a_confined_start_makes_take_a_shared_repositorys_permissions(repo):
+    """In a repository shared by a group (`git init --shared=group`, core.sharedRepository), git makes each fan-out
+    directory of its object store group-writable (setgid), so that every member may add objects there. Those the
+    confined start made beforehand took aipm's umask (0755): another member's `git commit` writing an object there
+    was refused ("insufficient permission for adding an object to repository database")."""
+    import os
+    import stat
+
+    git(repo, "config", "core.sharedRepository", "group")
+    store = repo / ".git" / "objects"
+    for made in [store, *(p for p in store.iterdir() if p.is_dir())]:
+        os.chmod(made, 0o2775)  # as `git init --shared=group` and its commits make them
+    project = project_in(repo, config="workspace: worktree\nconfine: true\n")
+    write_task(project.order(), "T", target_files=["out/"], max_attempts=1, max_rework=0,
+               command="mkdir -p out && echo work > out/w.txt")
+    proc = project.aipm("run", "ORD")
+    assert project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr
+    modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in store.iterdir()
+             if re.fullmatch("[0-9a-f]{2}|pack", p.name)}
+    assert modes
+    assert {name: oct(mode) for name, mode in modes.items() if mode & 0o2070 != 0o2070} == {}
