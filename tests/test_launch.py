@@ -349,8 +349,8 @@ def test_a_task_waiting_for_a_file_another_orders_task_holds_gets_a_standby_owne
     launch = project.aipm("launch", "B", "--no-resource-monitoring")
     assert launch.returncode == 0, launch.stdout + launch.stderr
     (listed,) = project.json("ps")["standby"]
-    assert launch.stdout == (f"B1 wait for room (f.txt is held by running task A/A1 (IN_PROGRESS)); its standby owner "
-                             f"(pid {listed['pid']}) starts them once they can (`aipm ps` shows it)\n"), launch.stdout
+    assert launch.stdout == (f"B1 waits for room (f.txt is held by running task A/A1 (IN_PROGRESS)); its standby owner "
+                             f"(pid {listed['pid']}) starts it once it can (`aipm ps` shows it)\n"), launch.stdout
     assert listed["tasks"] == ["B1"] and task_statuses(project.order("B")) == {"B1": "QUEUED"}
     gate.touch()
     wait_for(lambda: task_statuses(project.order("B")) == {"B1": "DONE"}, timeout=30)

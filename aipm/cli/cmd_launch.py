@@ -152,10 +152,13 @@ def say_launched(report: LaunchReport, waiting: list[dict], order_id: str, dry_r
     if held:
         tasks = ", ".join(held["tasks"])
         # (capacity: a slot, the load, a budget; else files another order's task holds, for which it waits too)
-        what, when = ("capacity", "there is") if held["capacity"] else ("room", "they can")
-        then = (f"; a standby owner would start them once {when}" if dry_run else
-                f"; its standby owner (pid {held['pid']}) starts them once {when} (`aipm ps` shows it)")
-        out.print(f"{tasks} wait for {what} ({held['detail']}){then}", markup=False)
+        one = len(held["tasks"]) == 1
+        what = "capacity" if held["capacity"] else "room"
+        when = "there is" if held["capacity"] else "it can" if one else "they can"
+        them, wait = ("it", "waits") if one else ("them", "wait")
+        then = (f"; a standby owner would start {them} once {when}" if dry_run else
+                f"; its standby owner (pid {held['pid']}) starts {them} once {when} (`aipm ps` shows it)")
+        out.print(f"{tasks} {wait} for {what} ({held['detail']}){then}", markup=False)
     elif not (report.launched or report.deferred or report.failed or waiting or report.plan.budget_stop
               or report.plan.spent):
         out.print("nothing to launch (see `aipm detect`)")
