@@ -46,8 +46,10 @@ def held(report: LaunchReport) -> dict[str, str]:
 
 def for_capacity(report: LaunchReport) -> bool:
     """Whether every task held() names waits for capacity (none for another order's files)."""
-    return report.plan is None or not any(b.reason == FILE_BUSY for b in report.plan.blocked.values()
-                                          if b.id in held(report))
+    if report.plan is None:
+        return True
+    waiting = held(report)
+    return not any(b.reason == FILE_BUSY and b.id in waiting for b in report.plan.blocked.values())
 
 
 def _path(runtime: Runtime, order_id: str) -> Path:
@@ -88,7 +90,7 @@ def claim(runtime: Runtime, order_id: str, pid: int, tasks: list[str]) -> None:
 
 
 def stand_by(launcher: Launcher, view: OrderView, report: LaunchReport | None = None) -> None:
-    """Stay as the order's standby owner while its tasks wait for capacity alone, starting them as there is room
+    """Stay as the order's standby owner while its tasks wait for room (held()), starting them as there is room
     (the launch lock and the records keep a task from starting twice). `report`: an owner's last launch, after which
     it stays when that left tasks so and the order has no standby owner yet; None: the standby owner a launch
     started and named (work.py --standby), which looks at once."""
