@@ -2333,3 +2333,21 @@ def _working(pid: int) -> bool:
         return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
     except OSError:
         return False
+
+
+def test_a_worktree_made_before_aipm_named_its_notes_is_still_found_by_its_own_note(repo, tmp_path):
+    """aipm names a worktree's git note itself (a worker may rewrite its `gitdir`); a worktree an older aipm made,
+    its note named by git, running across the upgrade, had no note found: its capture lost its index and its stash
+    was never moved. It is found by its `gitdir` as before, but never a note named as aipm names them, whatever its
+    `gitdir` claims."""
+    from aipm.workspace.repo import Repo
+
+    r = Repo(repo)
+    old, new = tmp_path / "wt" / "OLD", tmp_path / "wt" / "NEW"
+    git(repo, "worktree", "add", "-q", "--detach", str(old), "HEAD")  # git's own name for its note: OLD
+    r.add_worktree(new, git(repo, "rev-parse", "HEAD").strip())
+    assert r.note_of(old) == repo / ".git" / "worktrees" / "OLD"
+    mine = r.note_of(new)
+    assert mine is not None and mine.name.startswith("NEW-")
+    (mine / "gitdir").write_text(f"{tmp_path / 'wt' / 'THIRD'}/.git\n")  # a claim on a worktree with no note
+    assert r.note_of(tmp_path / "wt" / "THIRD") is None and r.note_of(new) == mine

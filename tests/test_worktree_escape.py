@@ -169,3 +169,22 @@ def test_a_run_killed_while_an_escaping_worker_runs_still_sends_it_back(repo, tm
     assert (row["status"], row["reason"]) == ("REJECTED", "scope: wrote src/b.txt"), proc.stdout
     assert not (repo / "src/a.txt").read_text().endswith("work\n")
     assert "+work" in (repo / ".aipm/patches/ORD/T.1.patch").read_text()
+
+
+def test_after_a_worktree_replaced_by_a_link_the_next_attempt_starts_in_a_worktree_of_its_own(repo):
+    """The attempt that left a link to the main tree in its worktree's place is sent back (above); its retry must
+    get a new worktree there: the link and git's note of the old one go, never what the link leads to."""
+    project = project_in(repo)
+    marker = repo / "first-done"
+    write_task(project.order(), "T", target_files=["src/"], max_rework=0, command=(
+        f'if [ ! -e {marker} ]; then touch {marker}; W="$PWD"; M={MAIN}; cd / && rm -rf "$W" && ln -s "$M" "$W"; '
+        'else echo second > src/b.txt; fi'))
+    project.aipm("run", "ORD")
+    assert project.json("status", "ORD")["tasks"][0]["status"] == "REJECTED"
+    assert project.aipm("retry", "T").returncode == 0
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert project.json("status", "ORD")["tasks"][0]["status"] == "DONE"
+    assert (repo / "src/b.txt").read_text() == "second\n" and (repo / "src/a.txt").exists()
+    notes = list((repo / ".git" / "worktrees").iterdir()) if (repo / ".git" / "worktrees").exists() else []
+    assert notes == [], notes  # its worktree gone once merged, and the old one's note with it

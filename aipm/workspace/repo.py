@@ -195,7 +195,16 @@ class Repo:
         named another task's worktree there had that task's capture seeded with its index, and its stash (or, in
         turn, its own) moved and dropped as the other's."""
         note = self.common / "worktrees" / _note_name(tree_dir)
-        return note if os.path.isdir(note) and not os.path.islink(note) else None
+        if os.path.isdir(note) and not os.path.islink(note):
+            return note
+        # One an aipm before these names made (git named it after the directory): found by its `gitdir` as then,
+        # so that an attempt running across the upgrade keeps its capture and its stash. Never a note named as
+        # aipm names them: that name says whose it is, whatever its `gitdir` claims.
+        for note, gitdir in self._notes():
+            if not _AIPM_NOTE.search(note.name) and (
+                    os.path.realpath(os.path.dirname(gitdir)) == os.path.realpath(tree_dir)):
+                return note
+        return None
 
     @property
     def common(self) -> Path:
@@ -436,6 +445,9 @@ class Repo:
     def write_patch(self, old: str, new: str, out: BinaryIO) -> None:
         """`patch` written to `out` as git makes it: a large file's patch is never held in memory."""
         self._run(self.top, ["diff", *_AS_PATCH, old, new], stdout=out)
+
+
+_AIPM_NOTE = re.compile(r"-[0-9a-f]{10}$")  # the end of _note_name's names
 
 
 def _note_name(tree_dir: Path) -> str:
