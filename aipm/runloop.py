@@ -39,15 +39,8 @@ def _round(sup: Supervisor, ready: list[str], first: bool = False) -> Iterator[l
     with scope.shared():
         ended = [sup.owned[k] for k in ready if k in sup.owned]
         for rec in ended:  # stragglers first (as `handle` does): their writes belong before the snapshot
-            if rec.pid:
-                # The leader reaped first (its status kept for handle()): while it is an unreaped zombie the group
-                # counts as alive, and kill_group would look for members through all of /proc.
-                code = sup.end_group(rec)
-                if code is not None:
-                    sup.reaped[rec.key] = code
+            sup.end_ahead(rec)
             scope.ended(sup.rt.root, rec.scope_file)  # what starts early is not in its audit
-            sup.read_usage_ahead(rec)
-            sup.ask_cluster(rec, sup.reaped.get(rec.key))
             if sup.reaped.get(rec.key) == 0 and rec.key not in sup.timed_out and (len(ended) > 1 or sup.view.ready):
                 # Its outcome's write is fsynced off this thread while this round starts others or records
                 # the other ends: where workers end faster than they are handed over (1000 `true`s on 2 workers),

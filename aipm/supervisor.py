@@ -287,6 +287,21 @@ class Supervisor(Stopping, Recording, Owner):
 
     # -- stopping ------------------------------------------------------------------------------------
 
+    def end_ahead(self, rec: Record, strays: bool = False) -> None:
+        """What handle() does of an ended attempt before it takes the launch lock, done before a round takes it
+        (run's, a detached owner's last): its group ended, its exit code reaped and kept for handle(), with
+        `strays` what it left running ended too, its usage read, its Ray cluster asked."""
+        if rec.pid:
+            # The leader reaped first: while it is an unreaped zombie the group counts as alive, and kill_group
+            # would look for members through all of /proc.
+            code = self.end_group(rec)
+            if code is not None:
+                self.reaped[rec.key] = code
+            if strays:
+                self.end_strays(rec)
+        self.read_usage_ahead(rec)
+        self.ask_cluster(rec, self.reaped.get(rec.key))
+
     def end_group(self, rec: Record) -> int | None:
         """The attempt is over: our worker's exit code, reaped (None for an adopted one: no child of ours, and its
         pid may be one of our children by now), and what is left of its group SIGKILLed."""

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
                 budgets.woke(keys)
             ended = [key for key in keys if key in sup.owned]
             for key in ended:
-                _before_the_lock(sup, key)
+                sup.end_ahead(sup.owned[key], strays=True)  # (ending its strays under the lock held it up to 5 s)
             if ended:
                 last_round.enter_context(launcher.runtime.launch_lock())
             for key in keys:
@@ -128,19 +128,6 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
             return 1  # as `run` then: its task is left QUEUED, and 2 would say nothing changed
         return _start_next(launcher, Path(args.order_dir), f"the successors of {args.task}", last_round)
-
-
-def _before_the_lock(sup: Supervisor, key: str) -> None:
-    """What an ended attempt's handle() does before it takes the launch lock, done before we take it for the round:
-    its group ended and its exit code reaped, its usage read, its Ray cluster asked (as run's rounds do)."""
-    rec = sup.owned[key]
-    if rec.pid:
-        code = sup.end_group(rec)
-        if code is not None:
-            sup.reaped[key] = code
-        sup.end_strays(rec)
-    sup.read_usage_ahead(rec)
-    sup.ask_cluster(rec, sup.reaped.get(key))
 
 
 def _start_next(launcher: Launcher, order_dir: Path, what: str, held: ExitStack | None = None,
