@@ -11,7 +11,9 @@ from aipm.liveness import stopped
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.deadends import dead_end, never_runs
 from aipm.record import Record
-from aipm.supervisor import Supervisor
+from aipm.slots import refusal_note
+from aipm.supervisor import Emit, Supervisor
+from aipm.view import OrderView
 
 
 FINISHING_RECHECK = 0.2  # seconds: another owner is recording a finished worker's outcome right now
@@ -114,3 +116,13 @@ class Said:
                                    "by": "another aipm"})
                 self.running[rec.task] = rec.serial
         return events
+
+
+def say_slot_held(max_workers: int, view: OrderView, records: list[Record], inside: set[str], emit: Emit) -> None:
+    """A run inside a worker that ends with tasks ready while every worker slot is taken, its worker's among them:
+    why they did not start. It said only the order's counts, QUEUED tasks and exit 1 with no reason given."""
+    ready = view.ready_ordering() if inside else []
+    if ready and sum(rec.alive() for rec in records) >= max_workers:
+        note = refusal_note(records)
+        if note:
+            emit({"event": "deferred", "tasks": ready, "detail": f"every worker slot is taken; {note}"})

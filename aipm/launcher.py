@@ -209,7 +209,10 @@ class Launcher(Starter):
         records = report.records = self.records()
         report.order = order
         noted = len(report.failed)  # the failures of this plan's starts, kept in their tasks' files below
-        lent = borrowed(records) if only is not None and owner is not None else []  # exec's task, in front
+        # A foreground exec's task, or a foreground nested run's starts, take the slot of the worker that waits for
+        # them (slots.py): a run of a sub-order inside a task (`command: aipm run SUB`) under max_workers 1 started
+        # nothing and exited 1, its every slot held by the worker it runs in, as a recursive make without its token.
+        lent = borrowed(records) if owner is not None else []
         if lent:
             ending = {*ending, *lent}
         if not explain and sum(rec.key not in ending and rec.alive() for rec in records) >= self.settings.max_workers:

@@ -14,7 +14,8 @@ from contextlib import contextmanager, nullcontext
 
 from aipm import budget, budgetstop, durable, handover, notify, preemption, recovery, scope, writer, writtenlog
 from aipm import foreign as foreign_attempts
-from aipm.foreign import FINISHING_RECHECK, HELD_RECHECK, STOPPED_RECHECK, others_matter, watch_foreign
+from aipm.foreign import (FINISHING_RECHECK, HELD_RECHECK, STOPPED_RECHECK, others_matter, say_slot_held,
+                          watch_foreign)
 from aipm.interrupts import Stop
 from aipm.launcher import RAMP, RESOURCE_RECHECK, Launcher
 from aipm.liveness import stopped
@@ -281,6 +282,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                     # that a task that came without an event it watches (linked in) runs rather than ends the run.
                     view.refresh(rescan=True)
                     if not view.changed:
+                        say_slot_held(launcher.settings.max_workers, view, report.records, inside, emit)
                         break  # finished, or stuck (exit code says which)
                     ready = []
                     continue

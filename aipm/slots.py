@@ -1,5 +1,7 @@
-"""Worker slots an `exec` borrows: a task run by `aipm exec` that a worker's command waits for takes that worker's
-slot, as a recursive make's job takes its parent's token, and the slot is lent once, to one borrower at a time.
+"""Worker slots an `exec` or a nested `run` borrows: a task run by `aipm exec` that a worker's command waits for
+takes that worker's slot, as a recursive make's job takes its parent's token, and so do the starts of an `aipm run`
+of another order that the command waits for (`command: aipm run SUB`), one after another in that slot (with others
+beside it where free slots allow). The slot is lent once, to one borrower at a time.
 
 The lender must be blocked on the exec: every process of its command on the way down to the exec sleeps in
 wait() with that one child, and no other process of the command runs, so it can do nothing until the exec ends
@@ -67,13 +69,13 @@ def _watchdog(pid: int) -> bool:
 
 
 def refusal_note(records: list[Record]) -> str | None:
-    """Why an exec run inside a worker found no slot although its caller holds one; None outside a worker of
+    """Why an exec or run inside a worker found no slot although its caller holds one; None outside a worker of
     this project (a worker of another project holds no slot here)."""
     key = _caller()
     if key is None or not any(rec.key == key and rec.encloses_us() for rec in records):
         return None
-    return (f"this exec runs inside the worker {key}, which lends its slot only to one exec at a time that its "
-            "command waits for with nothing else running (not `aipm exec X &`)")
+    return (f"this aipm runs inside the worker {key}, which lends its slot only to one exec or run at a time that "
+            "its command waits for with nothing else running (not `aipm exec X &` or `aipm run SUB &`)")
 
 
 def _caller() -> str | None:

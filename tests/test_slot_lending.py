@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import no_workers, task_statuses, wait_for, write_task
 from invariants import unblocked_peak, worker_records
 
@@ -26,6 +28,10 @@ def journaled(journal: Path, body: str) -> str:
 
 def execs(project) -> str:
     return f"{sys.executable} -m aipm --root {project.root} exec"
+
+
+def runs(project) -> str:
+    return f"{sys.executable} -m aipm --root {project.root} run"
 
 
 def foreground(project, task: str, rc: Path) -> str:
@@ -71,7 +77,7 @@ def test_a_background_exec_takes_no_slot_while_its_caller_goes_on(project):
     log = (project.root / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
     assert unblocked_peak(journal) == 1, journal.read_text()
     assert rc.read_text() == "1\n", log
-    assert "worker limit reached" in log and "lends its slot only to one exec at a time" in log, log
+    assert "worker limit reached" in log and "lends its slot only to one exec or run at a time" in log, log
     assert task_statuses(sub) == {"A": "QUEUED"}
     assert no_workers(project.root)
 
@@ -95,6 +101,46 @@ def test_nested_foreground_execs_each_take_their_callers_slot(project):
     assert task_statuses(sub) == {"A": "DONE", "B": "DONE"}
     assert unblocked_peak(journal) == 1, journal.read_text()
     assert no_workers(project.root)
+
+
+@pytest.mark.parametrize("load", [None, "95,40"])
+def test_a_nested_run_takes_its_callers_slot_for_one_start_after_another(project, load):
+    """max_workers 1 (or 2 under a load that allows one worker). L's command runs `aipm run SUB` in the foreground:
+    the inner run counted L, its caller, as a worker holding the only slot, started nothing and exited 1 (under the
+    load it waited for the load to fall, L's slot idle, until L's time limit). Now it runs SUB's three tasks in L's
+    slot, one after another: never more than one command runs that is not blocked on an aipm it started."""
+    (project.root / "aipm.yaml").write_text(f"max_workers: {2 if load else 1}\n")
+    order, sub = project.order(), project.order("SUB")
+    journal, rc = project.root / "journal", project.root / "SUB.rc"
+    write_task(order, "L", target_files=["l.txt"], timeout=120,
+               command=journaled(journal, f"j block; {runs(project)} SUB; r=$?; j unblock; echo $r > {rc}"))
+    for tid in ("A", "B", "C"):
+        write_task(sub, tid, target_files=[f"{tid}.txt"], command=journaled(journal, "sleep 0.2"))
+    env = {"AIPM_FAKE_LOAD": load, "AIPM_ENABLE_MONITORING": "true"} if load else None
+    proc = project.aipm("run", "ORD", env=env)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert rc.read_text() == "0\n", (project.root / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
+    assert task_statuses(sub) == {"A": "DONE", "B": "DONE", "C": "DONE"}
+    assert unblocked_peak(journal) == 1, journal.read_text()
+    assert no_workers(project.root)
+
+
+def test_a_background_nested_run_takes_no_slot_and_says_why(project):
+    """max_workers 1. L's command runs `aipm run SUB &` and goes on: the inner run finds no slot (L runs beside
+    it), and says why it starts nothing instead of only `SUB: QUEUED 1` and exit 1."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\n")
+    order, sub = project.order(), project.order("SUB")
+    journal, rc = project.root / "journal", project.root / "SUB.rc"
+    write_task(order, "L", target_files=["l.txt"], timeout=120, command=journaled(journal, (
+        f"{runs(project)} SUB & e=$!; while kill -0 $e 2>/dev/null; do sleep 0.02; done; wait $e; echo $? > {rc}")))
+    write_task(sub, "A", target_files=["a.txt"], command=journaled(journal, "true"))
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (project.root / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
+    assert rc.read_text() == "1\n", log
+    assert "defer    A: every worker slot is taken; this aipm runs inside the worker ORD/L" in log, log
+    assert task_statuses(sub) == {"A": "QUEUED"}
+    assert unblocked_peak(journal) == 1, journal.read_text()
 
 
 def test_execs_inside_workers_never_run_more_commands_than_max_workers(project):
