@@ -973,7 +973,8 @@ def test_why_and_detect_name_the_live_worker_of_a_reset_task(project):
         assert {b["id"]: b["reason"] for b in detect["blocked"]} == {"A": "worker_running",
                                                                       "B": "waiting_on_dependencies"}
         again = project.aipm("launch", "ORD")  # and launch agrees
-        assert "nothing to launch" in again.stdout, again.stdout + again.stderr
+        assert "nothing to launch" in again.stdout and f"its worker pid {pid} is still running" in again.stdout, \
+            again.stdout + again.stderr
     finally:
         gate.touch()
     wait_for(lambda: task_statuses(order) == {"A": "DONE", "B": "DONE"} and not worker_records(project.root),

@@ -197,6 +197,26 @@ def test_launchs_deferred_lines_are_printed_as_they_are(capsys):
                                                     f"deferred T1: {details[1]}"]
 
 
+def test_a_launch_that_starts_nothing_says_why_each_queued_task_waits(project, gate):
+    """It said only `nothing to launch (see aipm detect)` while B waited for A's file and C for A to end, which
+    read as aipm ignoring them (A's owner starts them at A's end). Now it says why, as detect does (--json:
+    `blocked`), and once nothing is QUEUED it says that."""
+    order = project.order()
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["f.txt"])
+    write_task(order, "B", command="true", target_files=["f.txt"])
+    write_task(order, "C", command="true", target_files=["g.txt"], depends_on=["A"])
+    assert project.aipm("launch", "ORD", "--no-resource-monitoring").returncode == 0
+    launch = project.aipm("launch", "ORD", "--no-resource-monitoring")
+    assert (launch.returncode, launch.stdout) == (0, "nothing to launch in ORD now:\n"
+                                                  "  B: f.txt is held by running task A (IN_PROGRESS)\n"
+                                                  "  C: waiting on A (IN_PROGRESS)\n"), launch.stdout + launch.stderr
+    said = project.json("launch", "ORD", "--no-resource-monitoring")
+    assert [(b["id"], b["reason"]) for b in said["blocked"]] == [("B", "file_busy"), ("C", "waiting_on_dependencies")], said
+    gate.touch()
+    wait_for(lambda: set(task_statuses(order).values()) == {"DONE"} and no_workers(project.root), timeout=30)
+    assert project.aipm("launch", "ORD").stdout == "nothing to launch in ORD now: no task of ORD is QUEUED\n"
+
+
 @pytest.mark.parametrize("watcher", [False, True])
 def test_an_order_run_by_launch_alone_tells_its_end_once_whoever_finds_it(project, gate, watcher):
     """Only `run` sent `order_finished`, so an order run by `aipm launch` alone never told its end. Now the owner

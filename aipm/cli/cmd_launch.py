@@ -25,7 +25,7 @@ from aipm.budget import HELD
 from aipm.launcher import Launcher, LaunchReport, Options
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.deadends import never_run_notes, never_runs
-from aipm.plan import BUDGET, FILE_BUSY, LIMIT
+from aipm.plan import BUDGET, FILE_BUSY, LIMIT, NOT_QUEUED
 from aipm.project import Project, find_task
 from aipm.runloop import supervise
 from aipm.settings import Settings
@@ -103,7 +103,8 @@ def launch(
         print_json({"order": view.order.id, "dry_run": dry_run, "launched": report.launched,
                     "deferred": report.deferred, "failed": report.failed, "recovered": report.recovered,
                     "budget_stop": report.plan.budget_stop, "waiting": waiting,
-                    "spent": [b.as_dict() for b in report.plan.spent], "standby": held})
+                    "spent": [b.as_dict() for b in report.plan.spent], "standby": held,
+                    "blocked": [b.as_dict() for b in report.plan.blocked.values() if b.reason != NOT_QUEUED]})
     else:
         say_launched(report, waiting, view.order.id, dry_run, held)
     # A task held by its own reached max_cost_usd never starts, as the order's budget holds them all: said the same.
@@ -130,6 +131,9 @@ def _stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> dict
         if not there:
             standby.claim(launcher.runtime, view.order.id, out["pid"], list(held))
     return out
+
+
+SHOWN = 10  # the queued tasks `launch` says why it did not start; `detect` lists every one
 
 
 def say_launched(report: LaunchReport, waiting: list[dict], order_id: str, dry_run: bool,
@@ -161,7 +165,15 @@ def say_launched(report: LaunchReport, waiting: list[dict], order_id: str, dry_r
         out.print(f"{tasks} {wait} for {what} ({held['detail']}){then}", markup=False)
     elif not (report.launched or report.deferred or report.failed or waiting or report.plan.budget_stop
               or report.plan.spent):
-        out.print("nothing to launch (see `aipm detect`)")
+        # Why, as detect says it: a bare "nothing to launch" read as aipm ignoring the queued tasks (their running
+        # dependency's owner, or the holder of their files, starts them at its end).
+        why = [b for b in report.plan.blocked.values() if b.reason != NOT_QUEUED]
+        out.print(f"nothing to launch in {order_id} now" + (":" if why else f": no task of {order_id} is QUEUED"),
+                  markup=False)
+        for blocked in why[:SHOWN]:
+            out.print(f"  {blocked.id}: {blocked.detail}", markup=False)
+        if len(why) > SHOWN:
+            out.print(f"  and {len(why) - SHOWN} more (`aipm detect {order_id}` lists them)", markup=False)
 
 
 @command()
