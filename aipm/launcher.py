@@ -281,7 +281,7 @@ class Launcher(Starter):
         if budget:
             # The starts the load allows, not max_workers, are what more urgent runs' demands are left from: else,
             # under auto-scaling, the run whose worker ended took the one start for its next P3 every time.
-            wanted = self._leave_slots(order, wanted, budget, live_count, report)
+            wanted = self._leave_slots(order, wanted, budget, live_count, report, len(lent))
         for task in wanted[budget:]:
             report.deferred.append({"id": task.id, "reason": why, "detail": note})
         waiting = result.limited
@@ -340,19 +340,22 @@ class Launcher(Starter):
                     self.note_failure(order.tasks[item["id"]], item["error"], view)
         return again or len(report.failed) > planned
 
-    def _leave_slots(self, order: Order, wanted: list[Task], free: int, live: int, report: LaunchReport
-                     ) -> list[Task]:
+    def _leave_slots(self, order: Order, wanted: list[Task], free: int, live: int, report: LaunchReport,
+                     lent: int = 0) -> list[Task]:
         """Of the tasks chosen (in launch order), those that may take a slot while more urgent tasks of other runs
         wait for one (demand.py): each such demand (of a run whose own limit lets it start one more beside the
         `live` workers) keeps one of the `free` starts (what the worker limit and the load allow) from every less
-        urgent task."""
-        urgent = self.demands.ahead_of(order.id, wanted[-1].priority, live)
+        urgent task. Not the slot of the worker we run inside (`lent`: how many workers we leave uncounted, slots.py):
+        every other run counts that worker, so a start left to it went to no one, and a nested run whose demand came
+        from its caller's own order waited for its caller's time limit."""
+        urgent = self.demands.ahead_of(order.id, wanted[-1].priority, live + lent)
         if not urgent:
             return wanted
+        room = max(0, self.settings.max_workers - live - lent)  # the slots the other runs see free
         kept = []
         for task in wanted:
             before = [d for d in urgent if d[1].rank < task.priority.rank]
-            if len(kept) + len(before) < free:
+            if len(kept) + min(len(before), room) < free:
                 kept.append(task)
                 continue
             other, priority = min(before, key=lambda d: (d[1].rank, d[0]))

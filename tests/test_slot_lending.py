@@ -143,6 +143,32 @@ def test_a_background_nested_run_takes_no_slot_and_says_why(project):
     assert unblocked_peak(journal) == 1, journal.read_text()
 
 
+@pytest.mark.parametrize("nested", ["run", "exec"])
+def test_a_nested_run_does_not_leave_its_lent_slot_to_another_runs_demand(project, tmp_path, nested):
+    """max_workers 1. L (P3) adds a P0 task Q to its own order, then runs `aipm run SUB` in the foreground. The
+    outer run, every slot taken by L, says Q waits for a slot (demand.py); the inner run left its one start, in
+    L's slot, to that demand, which no other run could take (they all count L): it waited until L's time limit.
+    So did a foreground `aipm exec SUB/A`."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\n")
+    order, sub = project.order(), project.order("SUB")
+    journal, rc = project.root / "journal", project.root / "SUB.rc"
+    staged = tmp_path / "staged"
+    write_task(staged, "Q", priority="P0", target_files=["q.txt"], command=journaled(journal, "true"))
+    inner = f"{runs(project)} SUB" if nested == "run" else f"{execs(project)} SUB/A"
+    write_task(order, "L", priority="P3", target_files=["l.txt"], timeout=30, command=journaled(
+        journal, f"cp {staged / 'Q.yaml'} {order}/Q.yaml; sleep 1; j block; {inner}; r=$?; j unblock; "
+                 f"echo $r > {rc}"))
+    write_task(sub, "A", priority="P3", target_files=["a.txt"], command=journaled(journal, "true"))
+    proc = project.aipm("run", "ORD")
+    log = (project.root / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
+    assert rc.exists() and rc.read_text() == "0\n", log
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert task_statuses(sub) == {"A": "DONE"}
+    assert task_statuses(order) == {"L": "DONE", "Q": "DONE"}
+    assert unblocked_peak(journal) == 1, journal.read_text()
+    assert no_workers(project.root)
+
+
 def test_execs_inside_workers_never_run_more_commands_than_max_workers(project):
     """A run of 2 workers over tasks whose commands start execs every way: in the foreground, nested, in the
     background while the command goes on, two side by side. Invariant (invariants.unblocked_peak): at no instant
