@@ -11,7 +11,7 @@ from aipm.liveness import stopped
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.deadends import dead_end, never_runs
 from aipm.record import Record
-from aipm.slots import refusal_note
+from aipm.slots import borrowed, refusal_note
 from aipm.supervisor import Emit, Supervisor
 from aipm.view import OrderView
 
@@ -122,7 +122,10 @@ def say_slot_held(max_workers: int, view: OrderView, records: list[Record], insi
     """A run inside a worker that ends with tasks ready while every worker slot is taken, its worker's among them:
     why they did not start. It said only the order's counts, QUEUED tasks and exit 1 with no reason given."""
     ready = view.ready_ordering() if inside else []
-    if ready and sum(rec.alive() for rec in records) >= max_workers:
+    # Not counting the worker whose slot we borrow: a foreground run that had it, its task kept out by a file its
+    # caller holds, was told that every slot was taken and not to run it with `&`.
+    lent = borrowed(records) if ready else []
+    if ready and sum(rec.key not in lent and rec.alive() for rec in records) >= max_workers:
         note = refusal_note(records)
         if note:
             emit({"event": "deferred", "tasks": ready, "detail": f"every worker slot is taken; {note}"})

@@ -143,6 +143,25 @@ def test_a_background_nested_run_takes_no_slot_and_says_why(project):
     assert unblocked_peak(journal) == 1, journal.read_text()
 
 
+def test_a_nested_run_kept_out_by_its_callers_file_is_not_told_its_slot_was_withheld(project):
+    """max_workers 1. L's command runs `aipm run SUB` in the foreground, and SUB's one task writes L's file: the
+    inner run has L's slot, but A waits for L's file. It said `every worker slot is taken; ... lends its slot only
+    to one exec or run at a time ... (not ... `aipm run SUB &`)`, which the command never did."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\n")
+    order, sub = project.order(), project.order("SUB")
+    journal, rc = project.root / "journal", project.root / "SUB.rc"
+    write_task(order, "L", target_files=["shared.txt"], timeout=120,
+               command=journaled(journal, f"j block; {runs(project)} SUB; r=$?; j unblock; echo $r > {rc}"))
+    write_task(sub, "A", target_files=["shared.txt"], command=journaled(journal, "true"))
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    log = (project.root / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
+    assert rc.read_text() == "1\n", log
+    assert "every worker slot is taken" not in log, log
+    assert task_statuses(sub) == {"A": "QUEUED"}
+    assert no_workers(project.root)
+
+
 @pytest.mark.parametrize("nested", ["run", "exec"])
 def test_a_nested_run_does_not_leave_its_lent_slot_to_another_runs_demand(project, tmp_path, nested):
     """max_workers 1. L (P3) adds a P0 task Q to its own order, then runs `aipm run SUB` in the foreground. The
