@@ -254,7 +254,8 @@ class Launcher(Starter):
             wanted, short = [order.tasks[t.id] for t in result.launchable], {}  # only `only`'s: the plan saw no other
             if self.settings.runner != "local" or not any(t.resources for t in wanted):
                 break
-            wanted, short = self.fitting(wanted, [r for r in records if r.key not in lent], order.id)
+            wanted, short = self.fitting(wanted, [r for r in records if r.key not in lent], order.id,
+                                         [r for r in records if r.key in lent])
             if free + len(short) <= slots or len(result.launchable) < slots:
                 break
             # A task waiting for CPUs or memory keeps its files, but no worker slot from the tasks ranked after it:
@@ -393,16 +394,24 @@ class Launcher(Starter):
                 break
         return report
 
-    def fitting(self, tasks: list[Task], records: Iterable[Record], order_id: str
+    def fitting(self, tasks: list[Task], records: Iterable[Record], order_id: str, lent: Iterable[Record] = ()
                 ) -> tuple[list[Task], dict[str, str]]:
         """The tasks (in order) of order `order_id` whose declared `resources` fit beside those of the live
         `records` on this machine, and what more urgent tasks of other runs wait for (demand.py); and id → why, of
         the others. Without that word a P0 of one run needing every CPU waited behind every P3 of another run
-        needing one, each CPU going to the next of them as it freed."""
+        needing one, each CPU going to the next of them as it freed. `lent`: the workers whose slot (and resources)
+        the tasks take (slots.py)."""
         live = [r for r in records if r.alive()]
         used_cpus, used_memory = sum(r.cpus for r in live), sum(r.memory_mb for r in live)
-        start, waiting, _ = fit(tasks, machine_capacity(), used_cpus, used_memory,  # (the plan left out the refused)
-                                self.demands.needs_ahead(order_id))
+        total, kept = machine_capacity(), self.demands.needs_ahead(order_id)
+        lenders = [r for r in lent if r.alive()]
+        if lenders:
+            # A need that cannot be met beside the lenders waits for their end, and so for ours: kept from us, a
+            # borrower whose caller's order had a P0 asking for every CPU waited for its caller's time limit.
+            cpus, memory = sum(r.cpus for r in lenders), sum(r.memory_mb for r in lenders)
+            kept = [k for k in kept if k[1] <= total.cpus - cpus
+                    and (total.memory_mb is None or k[2] <= total.memory_mb - memory)]
+        start, waiting, _ = fit(tasks, total, used_cpus, used_memory, kept)  # (the plan left out the refused)
         return start, waiting
 
     def refused_here(self, tasks: Iterable[Task]) -> dict[str, str]:

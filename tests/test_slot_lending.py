@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from aipm.resources import machine_capacity
 from conftest import no_workers, task_statuses, wait_for, write_task
 from invariants import unblocked_peak, worker_records
 
@@ -185,6 +186,35 @@ def test_a_nested_run_does_not_leave_its_lent_slot_to_another_runs_demand(projec
     assert task_statuses(sub) == {"A": "DONE"}
     assert task_statuses(order) == {"L": "DONE", "Q": "DONE"}
     assert unblocked_peak(journal) == 1, journal.read_text()
+    assert no_workers(project.root)
+
+
+@pytest.mark.parametrize("nested", ["run", "exec"])
+def test_a_borrower_does_not_keep_cpus_for_a_need_that_waits_for_its_lender(project, tmp_path, nested):
+    """max_workers 2. L (P3, 1 CPU) adds a P0 task Q asking for every CPU of the machine to its own order, then runs
+    `aipm run SUB` (or `aipm exec SUB/A`) in the foreground, A asking for 1 CPU. Q waits for CPUs (L holds one) and
+    says so (demand.py); the borrower kept every CPU free for Q, A waited, and so did L, until its time limit: Q
+    can start only once L has ended, and L only once A has."""
+    cpus = machine_capacity().cpus
+    if cpus < 2:
+        pytest.skip("a machine of one CPU: L's and Q's together are more than it has")
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    order, sub = project.order(), project.order("SUB")
+    journal, rc = project.root / "journal", project.root / "SUB.rc"
+    staged = tmp_path / "staged"
+    write_task(staged, "Q", priority="P0", target_files=["q.txt"], resources={"cpus": cpus},
+               command=journaled(journal, "true"))
+    inner = f"{runs(project)} SUB" if nested == "run" else f"{execs(project)} SUB/A"
+    write_task(order, "L", priority="P3", target_files=["l.txt"], timeout=30, resources={"cpus": 1}, command=journaled(
+        journal, f"cp {staged / 'Q.yaml'} {order}/Q.yaml; sleep 1; j block; {inner}; r=$?; j unblock; echo $r > {rc}"))
+    write_task(sub, "A", priority="P3", target_files=["a.txt"], resources={"cpus": 1},
+               command=journaled(journal, "true"))
+    proc = project.aipm("run", "ORD")
+    log = (project.root / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
+    assert rc.exists() and rc.read_text() == "0\n", log
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert task_statuses(sub) == {"A": "DONE"}
+    assert task_statuses(order) == {"L": "DONE", "Q": "DONE"}
     assert no_workers(project.root)
 
 
