@@ -10,6 +10,8 @@ from aipm import notify
 from aipm.liveness import stopped
 from aipm.model import RUNNING, Order, Status, Task
 from aipm.deadends import dead_end, never_runs
+from aipm.overlap import conflict
+from aipm.paths import normalize
 from aipm.record import Record
 from aipm.slots import borrowed, refusal_note
 from aipm.supervisor import Emit, Supervisor
@@ -119,8 +121,9 @@ class Said:
 
 
 def say_slot_held(max_workers: int, view: OrderView, records: list[Record], inside: set[str], emit: Emit) -> None:
-    """A run inside a worker that ends with tasks ready while every worker slot is taken, its worker's among them:
-    why they did not start. It said only the order's counts, QUEUED tasks and exit 1 with no reason given."""
+    """A run inside a worker that ends with tasks ready while every worker slot is taken, its worker's among them,
+    or while that worker holds their files: why they did not start. It said only the order's counts, QUEUED tasks
+    and exit 1 with no reason given."""
     ready = view.ready_ordering() if inside else []
     # Not counting the worker whose slot we borrow: a foreground run that had it, its task kept out by a file its
     # caller holds, was told that every slot was taken and not to run it with `&`.
@@ -129,3 +132,11 @@ def say_slot_held(max_workers: int, view: OrderView, records: list[Record], insi
         note = refusal_note(records)
         if note:
             emit({"event": "deferred", "tasks": ready, "detail": f"every worker slot is taken; {note}"})
+            return
+    # Or kept out by a file of the worker we run in, which cannot end before we do: said, not only QUEUED and exit 1.
+    callers = [(rec.key, tuple(normalize(t) for t in rec.targets)) for rec in records if rec.key in inside]
+    for tid in ready:
+        held = conflict(view.order.tasks[tid], callers)
+        if held:
+            emit({"event": "deferred", "tasks": [tid], "detail": f"{held[1]} is held by the worker {held[0]}, which "
+                  "this aipm runs inside: it cannot start before that worker ends"})

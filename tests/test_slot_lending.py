@@ -147,7 +147,8 @@ def test_a_background_nested_run_takes_no_slot_and_says_why(project):
 def test_a_nested_run_kept_out_by_its_callers_file_is_not_told_its_slot_was_withheld(project):
     """max_workers 1. L's command runs `aipm run SUB` in the foreground, and SUB's one task writes L's file: the
     inner run has L's slot, but A waits for L's file. It said `every worker slot is taken; ... lends its slot only
-    to one exec or run at a time ... (not ... `aipm run SUB &`)`, which the command never did."""
+    to one exec or run at a time ... (not ... `aipm run SUB &`)`, which the command never did; then only `SUB:
+    QUEUED 1`. It says the file its caller holds."""
     (project.root / "aipm.yaml").write_text("max_workers: 1\n")
     order, sub = project.order(), project.order("SUB")
     journal, rc = project.root / "journal", project.root / "SUB.rc"
@@ -159,6 +160,8 @@ def test_a_nested_run_kept_out_by_its_callers_file_is_not_told_its_slot_was_with
     log = (project.root / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
     assert rc.read_text() == "1\n", log
     assert "every worker slot is taken" not in log, log
+    assert ("defer    A: shared.txt is held by the worker ORD/L, which this aipm runs inside: it cannot start before "
+            "that worker ends") in log, log
     assert task_statuses(sub) == {"A": "QUEUED"}
     assert no_workers(project.root)
 
