@@ -85,14 +85,15 @@ class Repo:
 
     @staticmethod
     def _run(cwd: Path, args: list[str], env: dict[str, str] | None = None, check: bool = True,
-             stdin: bytes | None = None, stdout: BinaryIO | None = None) -> subprocess.CompletedProcess:
+             stdin: bytes | BinaryIO | None = None, stdout: BinaryIO | None = None) -> subprocess.CompletedProcess:
         import subprocess  # only here: a run whose tasks share the tree starts no git through it
 
         full = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C", **_IDENTITY)
         for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX"):
             full.pop(key, None)  # a caller's git hook environment must not redirect us
         full.update(env or {})
-        proc = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", *args], cwd=cwd, env=full, input=stdin,
+        fed = {"input": stdin} if stdin is None or isinstance(stdin, bytes) else {"stdin": stdin}  # (a file: read by git)
+        proc = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", *args], cwd=cwd, env=full, **fed,
                               stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE)
         if check and proc.returncode != 0:
             # Git's cause often comes before its last line ("error: 'x/' does not have a commit checked out",
@@ -103,7 +104,7 @@ class Repo:
         return proc
 
     def git(self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None,
-            stdin: bytes | None = None) -> bytes:
+            stdin: bytes | BinaryIO | None = None) -> bytes:
         return self._run(cwd or self.top, list(args), env, stdin=stdin).stdout
 
     def rev(self, name: str, env: dict[str, str] | None = None) -> str | None:

@@ -1,0 +1,256 @@
+"""A confined worktree worker's objects: made in an object store of its own, brought into the repository's by aipm,
+each one verified.
+
+Landlock cannot tell git's adding of an object from the rewriting or deletion of one: a worker given write rights
+where the repository's objects are added (its fan-out directories, `pack/`) could chmod an object your HEAD uses and
+write over it, delete it, or shadow it with a pack of its own. So the own common directory of a confined attempt's
+worktree (ownrefs.isolate) holds a store of its own, `objects/` in git's note of the worktree, in place of a link to
+the repository's: its worker's git adds its commits, stash entries and staged files there, and reads the
+repository's objects through that store's `info/alternates`. The kernel lets it write nothing in the repository's.
+
+aipm brings what it made into the repository's store (take()) before it reads anything of that worktree's git (its
+capture, which the worker's index seeds; its HEAD; its stash, moved to yours). Never by running git on that store:
+its worker may write all of it (an `info/alternates` of its own, a FIFO or a link named as an object, a pack index
+naming objects its pack does not hold). Its loose objects are read as files of their own (no link followed, nothing
+but regular files), each inflated and hashed: one that is not as git writes it, or whose name is not its hash, is
+left out; the others, those the repository lacks, go into a pack that `git index-pack --strict` adds to the
+repository, checking each object's form and its links and naming each by its hash again. Its packs (a `git fetch`
+in the worktree makes them) go to `git index-pack --stdin --fix-thin --strict` as they are, which trusts no name in
+them either: the worker's pack indexes are never read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import stat
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from aipm.workspace.repo import Repo, WorkspaceError
+
+_TYPES = {b"commit": 1, b"tree": 2, b"blob": 3, b"tag": 4}  # (the numbers a pack gives them)
+_FAN_OUT = re.compile(r"[0-9a-f]{2}")
+_PACK = re.compile(r"pack-[0-9a-f]{40,64}\.pack")
+_CHUNK = 1 << 16
+_HEADER_MAX = 32  # "commit 18446744073709551615\0" and less
+# Objects the repository lacks are never fetched for a look (a partial clone's promisor): git 2.45+ reads this
+_NO_FETCH = {"GIT_NO_LAZY_FETCH": "1"}
+
+
+def make(store: Path, repo: Repo) -> None:
+    """Make the object store of a worktree's own at `store`: empty, the repository's objects read through it."""
+    (store / "info").mkdir(parents=True)
+    (store / "pack").mkdir()
+    (store / "info" / "alternates").write_bytes(_quoted(os.fsencode(repo.common / "objects")) + b"\n")
+
+
+def take(repo: Repo, top: Path, parts: list[str]) -> None:
+    """Add to the repository's object store the objects of the store `top`/parts... (make()) that it lacks, each
+    verified (see the module's docstring); none where that store is missing or reached through a link.
+    WorkspaceError: git refused what was found there (a malformed object, one naming objects that are in neither
+    store): none of its loose objects, or none of that pack's, was added."""
+    try:
+        fd = _directory(top, parts)
+    except OSError:
+        return  # (no store of its own: a worktree that shares the repository's, or one its worker replaced)
+    try:
+        loose, packs = _listed(fd)
+        if not loose and not packs:
+            return
+        hash_name = _hash_name(repo)
+        for name in packs:  # (first: a loose object made after a fetch may name what its pack holds)
+            _take_pack(repo, fd, name, hash_name)
+        if loose:
+            _take_loose(repo, fd, loose, hash_name)
+    finally:
+        os.close(fd)
+
+
+def _listed(fd: int) -> tuple[list[str], list[str]]:
+    """(the names of the loose objects in the store open at `fd`, the names of its packs): files, not links."""
+    loose, packs = [], []
+    for entry in os.scandir(fd):
+        if _FAN_OUT.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False):
+            try:
+                with _opened_at(fd, entry.name) as inner:
+                    loose += [entry.name + e.name for e in os.scandir(inner)
+                              if re.fullmatch(r"[0-9a-f]{38}|[0-9a-f]{62}", e.name) and e.is_file(follow_symlinks=False)]
+            except OSError:
+                continue
+        elif entry.name == "pack" and entry.is_dir(follow_symlinks=False):
+            try:
+                with _opened_at(fd, "pack") as inner:
+                    packs = [e.name for e in os.scandir(inner)
+                             if _PACK.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
+            except OSError:
+                continue
+    return sorted(loose), sorted(packs)
+
+
+def _hash_name(repo: Repo) -> str:
+    """The repository's object hash, as hashlib names it: "sha1" (git's default) or "sha256"."""
+    proc = repo._run(repo.top, ["rev-parse", "--show-object-format"], check=False)
+    return "sha256" if proc.stdout.strip() == b"sha256" else "sha1"
+
+
+def _take_pack(repo: Repo, fd: int, name: str, hash_name: str) -> None:
+    """Give the worker's pack `name` to `git index-pack` in the repository, unless it holds that pack already."""
+    size = hashlib.new(hash_name).digest_size
+    try:
+        pack = _file_at(fd, "pack", name)
+    except OSError:
+        return  # (gone meanwhile, or no file)
+    with pack:
+        length = os.fstat(pack.fileno()).st_size
+        if length > size:
+            pack.seek(length - size)
+            trailer = pack.read(size).hex()  # (what git names a pack after)
+            if (repo.common / "objects" / "pack" / f"pack-{trailer}.pack").is_file():
+                return
+        pack.seek(0)
+        repo.git("index-pack", "--stdin", "--fix-thin", "--strict", stdin=pack, env=_NO_FETCH)
+
+
+def _take_loose(repo: Repo, fd: int, names: list[str], hash_name: str) -> None:
+    """Add the loose objects `names` of the store open at `fd` that the repository lacks, as one pack of aipm's."""
+    width = 2 * hashlib.new(hash_name).digest_size
+    wanted = [name for name in names if len(name) == width]
+    listed = repo.git("cat-file", "--batch-check=%(objectname)", stdin="".join(f"{n}\n" for n in wanted).encode(),
+                      env=_NO_FETCH).decode()
+    lacking = [line.split()[0] for line in listed.splitlines() if line.endswith(" missing")]
+    if not lacking:
+        return
+    with tempfile.TemporaryFile() as out:  # (of aipm's: no one else can name it)
+        out.write(b"PACK" + (2).to_bytes(4, "big") + (0).to_bytes(4, "big"))  # (the count is written at the end)
+        count = 0
+        for name in lacking:
+            try:
+                loose = _file_at(fd, name[:2], name[2:])
+            except OSError:
+                continue  # (gone meanwhile, or no file)
+            with loose:
+                count += _packed(loose, name, hash_name, out)
+        if not count:
+            return
+        out.seek(8)
+        out.write(count.to_bytes(4, "big"))
+        out.seek(0)
+        trailer = hashlib.new(hash_name)
+        for piece in iter(lambda: out.read(_CHUNK), b""):
+            trailer.update(piece)
+        out.write(trailer.digest())
+        out.seek(0)
+        repo.git("index-pack", "--stdin", "--strict", stdin=out, env=_NO_FETCH)
+
+
+def _packed(loose: BinaryIO, name: str, hash_name: str, out: BinaryIO) -> int:
+    """Append the loose object `loose` to the pack being written to `out` when it is one as git writes it (zlib: its
+    type, its size, a NUL, then exactly that many bytes, nothing after) and its hash is `name`: 1; else 0, and
+    nothing appended. Read a piece at a time: a blob may be large."""
+    start = out.tell()
+    digest = hashlib.new(hash_name)
+    deflate = zlib.compressobj()
+    header, size, got = b"", None, 0
+    try:
+        for data in _inflated(loose):
+            if size is None:
+                header += data
+                if b"\0" not in header:
+                    if len(header) > _HEADER_MAX:
+                        raise ValueError("no object header")
+                    continue
+                header, _, data = header.partition(b"\0")
+                kind, _, length = header.partition(b" ")
+                if kind not in _TYPES or not length.isdigit() or len(header) > _HEADER_MAX:
+                    raise ValueError("no object header")
+                size = int(length)
+                digest.update(header + b"\0")
+                out.write(_entry_header(_TYPES[kind], size))
+            got += len(data)
+            if got > size:
+                raise ValueError("longer than its header says")
+            digest.update(data)
+            out.write(deflate.compress(data))
+        if size is None or got != size or digest.hexdigest() != name:
+            raise ValueError("not the object its name says")
+        out.write(deflate.flush())
+        return 1
+    except (ValueError, zlib.error):
+        out.seek(start)
+        out.truncate()
+        return 0
+
+
+def _inflated(loose: BinaryIO) -> Iterator[bytes]:
+    """The content of a zlib stream, a piece at a time (none larger than a megabyte, whatever it inflates to).
+    ValueError: it ends early, or goes on after its end."""
+    inflate = zlib.decompressobj()
+    pending = b""
+    while not inflate.eof:
+        if not pending:
+            pending = loose.read(_CHUNK)
+            if not pending:
+                raise ValueError("cut short")
+        data = inflate.decompress(pending, 1 << 20)
+        pending = inflate.unconsumed_tail
+        if data:
+            yield data
+    if inflate.unused_data or pending or loose.read(1):
+        raise ValueError("garbage after the object")
+
+
+def _entry_header(kind: int, size: int) -> bytes:
+    """A pack entry's header: its type and size, 7 bits a byte after the first's 4, low bits first."""
+    byte, size = (kind << 4) | (size & 0x0F), size >> 4
+    out = bytearray()
+    while size:
+        out.append(byte | 0x80)
+        byte, size = size & 0x7F, size >> 7
+    out.append(byte)
+    return bytes(out)
+
+
+def _quoted(path: bytes) -> bytes:
+    """A path as an `info/alternates` line: as it is, or C-quoted where git would read it otherwise."""
+    if not any(c in path for c in b'"\\\n') and not path.startswith(b"#"):
+        return path
+    return b'"' + path.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"\n", b"\\n") + b'"'
+
+
+def _directory(top: Path, parts: list[str]) -> int:
+    """A descriptor of the directory `top`/parts..., each part opened without following a link."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    for part in parts:
+        try:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = inner
+    return fd
+
+
+@contextmanager
+def _opened_at(fd: int, name: str) -> Iterator[int]:
+    inner = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        yield inner
+    finally:
+        os.close(inner)
+
+
+def _file_at(fd: int, directory: str, name: str) -> BinaryIO:
+    """The regular file `directory`/`name` below the directory open at `fd`, opened for reading without following a
+    link nor waiting on a FIFO. OSError: it is none."""
+    with _opened_at(fd, directory) as where:
+        file = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=where)
+    handle = open(file, "rb")
+    if not stat.S_ISREG(os.fstat(file).st_mode):
+        handle.close()
+        raise OSError(f"{name}: no file of git's")
+    return handle

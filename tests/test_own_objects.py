@@ -1,0 +1,105 @@
+"""A confined worktree worker's git adds objects to a store of its own (aipm/workspace/objects.py), which its worker
+may write as it likes; aipm takes into the repository's store only objects that are as git writes them and named by
+their hash, and reads that store without running git on it, following no link and opening no FIFO."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import zlib
+from pathlib import Path
+
+import pytest
+
+from aipm.workspace import objects
+from aipm.workspace.repo import Repo, WorkspaceError
+from test_workspace import git, repo  # noqa: F401 - repo is a fixture
+
+
+def in_store(store: Path, *args: str, stdin: bytes = b"", top: Path) -> str:
+    """git in the repository `top` with `store` as its object store (the worker's git, as its own config has it)."""
+    env = dict(os.environ, GIT_OBJECT_DIRECTORY=str(store))
+    return subprocess.run(["git", *args], cwd=top, env=env, input=stdin, check=True, capture_output=True
+                          ).stdout.decode().strip()
+
+
+def loose(store: Path, name: str, raw: bytes) -> Path:
+    """Write `raw` (an object's header and content) zlib-compressed as the loose object `name` of `store`."""
+    path = store / name[:2] / name[2:]
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(zlib.compress(raw))
+    return path
+
+
+def has(top: Path, name: str) -> bool:
+    return subprocess.run(["git", "cat-file", "-e", name], cwd=top, capture_output=True).returncode == 0
+
+
+@pytest.fixture
+def store(tmp_path: Path, repo: Path) -> Path:  # noqa: F811
+    made = tmp_path / "note" / "aipm" / "objects"
+    objects.make(made, Repo(repo))
+    return made
+
+
+def test_what_its_git_made_is_taken_and_nothing_else(repo: Path, store: Path):  # noqa: F811
+    """Its commit (on your HEAD, its tree naming your blobs and its own) and a pack of its own are taken; an object
+    under a name that is not its hash, one that is not as git writes it, a link and a FIFO named as objects are
+    not, and taking them neither hangs nor fails. Taken twice, nothing is added again."""
+    blob = in_store(store, "hash-object", "-w", "--stdin", stdin=b"its work\n", top=repo)
+    tree = in_store(store, "mktree", stdin=f"100644 blob {blob}\tw.txt\n".encode(), top=repo)
+    commit = in_store(store, "commit-tree", tree, "-p", "HEAD", "-m", "its commit", top=repo)
+    assert (store / commit[:2] / commit[2:]).is_file() and not has(repo, commit)
+    packed = in_store(store, "hash-object", "-w", "--stdin", stdin=b"packed\n", top=repo)
+    in_store(store, "pack-objects", "-q", str(store / "pack" / "pack"), stdin=f"{packed}\n".encode(), top=repo)
+    (store / packed[:2] / packed[2:]).unlink()
+    # Named as another object: the bytes of "evil" under the name of "other"
+    other = hashlib.sha1(b"blob 6\0other\n").hexdigest()
+    evil = hashlib.sha1(b"blob 5\0evil\n").hexdigest()
+    loose(store, other, b"blob 5\0evil\n")
+    # Not as git writes it: content shorter, or longer, than its size says, an unknown type; bytes after its end
+    wrong = {raw: hashlib.sha1(raw).hexdigest() for raw in (b"blob 9\0short\n", b"thing 2\0x\n", b"blob 1\0xy")}
+    for raw, name in wrong.items():
+        loose(store, name, raw)
+    trailing = hashlib.sha1(b"blob 3\0yes").hexdigest()
+    (store / trailing[:2]).mkdir(exist_ok=True)
+    (store / trailing[:2] / trailing[2:]).write_bytes(zlib.compress(b"blob 3\0yes") + b"more")
+    # A link and a FIFO named as objects (the link to a good object of its own elsewhere)
+    linked_raw = b"blob 7\0linked\n"
+    linked = hashlib.sha1(linked_raw).hexdigest()
+    aside = loose(store.parent, linked, linked_raw)
+    (store / linked[:2]).mkdir(exist_ok=True)
+    os.symlink(aside, store / linked[:2] / linked[2:])
+    fifo = hashlib.sha1(b"blob 4\0fifo").hexdigest()
+    (store / fifo[:2]).mkdir(exist_ok=True)
+    os.mkfifo(store / fifo[:2] / fifo[2:])
+
+    objects.take(Repo(repo), store.parents[1], ["aipm", "objects"])
+    assert all(has(repo, name) for name in (blob, tree, commit, packed))
+    assert git(repo, "log", "-1", "--format=%s", commit) == "its commit\n"
+    assert [name for name in (other, evil, linked, fifo, trailing, *wrong.values()) if has(repo, name)] == []
+    git(repo, "fsck", "--strict", "--no-dangling")
+    packs = sorted((repo / ".git/objects/pack").iterdir())
+    objects.take(Repo(repo), store.parents[1], ["aipm", "objects"])
+    assert sorted((repo / ".git/objects/pack").iterdir()) == packs
+
+
+def test_a_malformed_object_named_by_its_hash_is_refused(repo: Path, store: Path):  # noqa: F811
+    """A tree that is no tree (`git hash-object --literally`), named by its hash: git's check refuses it, and with
+    it the loose objects taken in the same pack; the repository's store is as it was."""
+    good = in_store(store, "hash-object", "-w", "--stdin", stdin=b"good\n", top=repo)
+    bad = in_store(store, "hash-object", "-t", "tree", "--literally", "-w", "--stdin", stdin=b"not a tree", top=repo)
+    with pytest.raises(WorkspaceError):
+        objects.take(Repo(repo), store.parents[1], ["aipm", "objects"])
+    assert not has(repo, bad) and not has(repo, good)
+    git(repo, "fsck", "--strict", "--no-dangling")
+
+
+def test_a_store_reached_through_a_link_is_not_read(repo: Path, store: Path, tmp_path: Path):  # noqa: F811
+    """Its worker may replace its store by a link (to a store it filled elsewhere): nothing is taken through it."""
+    blob = in_store(store, "hash-object", "-w", "--stdin", stdin=b"elsewhere\n", top=repo)
+    os.rename(store, tmp_path / "elsewhere")
+    os.symlink(tmp_path / "elsewhere", store)
+    objects.take(Repo(repo), store.parents[1], ["aipm", "objects"])
+    assert not has(repo, blob)
