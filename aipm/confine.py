@@ -18,8 +18,8 @@ Landlock grants whole hierarchies and cannot subtract, so the ruleset is built f
   let a process create a file, and a directory rule would open every file beside it);
 - a glob: every right below its literal base directory (`tests/**/*.py` → `tests/`): Landlock has no patterns;
 - the attempt's log, and a TMPDIR of its own when the system's temp directory contains the root;
-- a worktree task's own git directory (ownrefs.py), and where the repository's objects are added (its fan-out
-  directories, `pack/`), not the object store itself: git works in its worktree.
+- a worktree task's own git directory (ownrefs.py), with the object store of its own there (objects.py), nothing
+  of the repository's object store: git works in its worktree.
 What this module created is listed beside the log, and `tidy` removes what the worker left untouched.
 """
 
@@ -28,12 +28,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import stat
 import sys
 from functools import lru_cache
 from pathlib import Path
 
-from aipm.landlock import ALL_RIGHTS, FILE_RIGHTS, OBJECT_RIGHTS, WRITE_FILE, restrict, unavailable
+from aipm.landlock import ALL_RIGHTS, FILE_RIGHTS, WRITE_FILE, restrict, unavailable
 from aipm.paths import GLOB_CHARS, literal_base
 from aipm.workerfiles import STATE_FILE_MAX, note_reason, read_bytes, read_git_file, reason, write_bytes
 
@@ -250,29 +249,16 @@ def _git_dirs(real_root: str) -> list[str]:
 
 
 def _own_git(git: list[str], real_root: str, real_project: str) -> list[tuple[str, int]]:
-    """A worktree task's git: its worktree's own git directory (index, HEAD, its own refs and stash: ownrefs.py),
-    and where the repository's objects are added: its commits and stash entries (each written through a temporary
-    file in its fan-out directory, made here when missing, linked in place, then removed), and the packs of its
-    `git gc`. Not the object store itself: what is made there (`info/alternates`, `info/commit-graph`) every git of
-    the repository reads, yours too, after the attempt. Nothing of the main tree's refs, index or config. None for
-    a task in the project tree, or a worktree whose git directory is not its own (no `commondir` in it)."""
+    """A worktree task's git: its worktree's own git directory (index, HEAD, its own refs and stash: ownrefs.py), and
+    with it the object store of its own in it, where its git adds its commits and stash entries (objects.py). Not
+    the repository's object store, nor any of its directories: Landlock cannot tell git's adding of an object there
+    from the rewriting (a chmod, then a write) or the deletion of one, nor keep an `info/alternates` or a
+    commit-graph, which every git of the repository reads, from being made. Nothing of the main tree's refs, index
+    or config. None for a task in the project tree, or a worktree whose git directory is not its own (no
+    `commondir` in it)."""
     if real_root == real_project or len(git) != 3 or not _contains(git[1], git[2]):
         return []
-    common = _git_dirs(real_project)
-    if not common:
-        return [(git[1], ALL_RIGHTS)]
-    objects = os.path.join(common[-1], "objects")
-    places = [os.path.join(objects, f"{n:02x}") for n in range(256)] + [os.path.join(objects, "pack")]
-    # Made with the store's own permissions, as git makes them (core.sharedRepository: group-writable, setgid):
-    # with aipm's umask, another member of a shared repository's group could add no object there.
-    mode = stat.S_IMODE(os.stat(objects).st_mode)
-    for place in places:
-        try:
-            os.mkdir(place)  # (left there, empty, as git leaves them: another worker's rule may hold it)
-        except FileExistsError:
-            continue
-        os.chmod(place, mode)
-    return [(git[1], ALL_RIGHTS)] + [(place, OBJECT_RIGHTS) for place in places]
+    return [(git[1], ALL_RIGHTS)]
 
 
 def _target_path(real_root: str, raw: str) -> tuple[str, str]:

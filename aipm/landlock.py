@@ -19,9 +19,6 @@ WRITE_FILE, REMOVE_DIR, REMOVE_FILE = 1 << 1, 1 << 4, 1 << 5
 MAKE_CHAR, MAKE_DIR, MAKE_REG, MAKE_SOCK, MAKE_FIFO, MAKE_BLOCK, MAKE_SYM = (1 << n for n in range(6, 13))
 REFER, TRUNCATE = 1 << 13, 1 << 14
 FILE_RIGHTS = WRITE_FILE | TRUNCATE  # the only handled rights a rule on a file may carry
-# A directory of git's object store (a fan-out one, pack/), for a worktree task's git (ownrefs.py): add objects.
-# Removing files too: git writes each object as a temp file it links in place and removes.
-OBJECT_RIGHTS = WRITE_FILE | MAKE_REG | REMOVE_FILE
 ALL_RIGHTS = (FILE_RIGHTS | REMOVE_DIR | REMOVE_FILE | MAKE_CHAR | MAKE_DIR | MAKE_REG | MAKE_SOCK | MAKE_FIFO
               | MAKE_BLOCK | MAKE_SYM | REFER)
 

@@ -119,8 +119,9 @@ STORE = ("info/alternates", "info/http-alternates", "info/commit-graph", "info/c
 def test_a_confined_worker_leaves_nothing_in_the_repositorys_object_store_but_objects(repo):
     """A confined worktree worker could add objects to the repository (it must, to commit), and with them anything
     in its object store: an `objects/info/alternates` naming a store of its own, from which your git read objects
-    after the attempt, a commit-graph that your git took for its history, an `objects/maintenance.lock`. Now only
-    its fan-out directories and `pack/` take files: its commit, stash, log, diff and `git gc` still work."""
+    after the attempt, a commit-graph that your git took for its history, an `objects/maintenance.lock`. Then only
+    its fan-out directories and `pack/` took files; now nothing there does (its git adds objects to a store of its
+    own): its commit, stash, log, diff and `git gc` still work."""
     project = project_in(repo, config="workspace: worktree\nconfine: true\n")
     store = repo / ".git" / "objects"
     # Beside objects: every path but the fan-out directories, what they hold, and packs
@@ -129,7 +130,7 @@ def test_a_confined_worker_leaves_nothing_in_the_repositorys_object_store_but_ob
     before = beside()
     plant = "".join(f'mkdir -p "$(dirname "$O/{name}")"; echo "$PWD/out" > "$O/{name}" || echo REFUSED {name}\n'
                     for name in STORE)
-    command = ('O=$(cd "$(git rev-parse --git-common-dir)/objects" && pwd -P); mkdir -p out && ' + plant
+    command = (f'O="{store}"; mkdir -p out && ' + plant
                + 'echo work > out/w.txt && git add out/w.txt && git commit -q -m mine && echo more >> out/w.txt && '
                '! git diff --quiet && git stash -q && git stash pop -q && git log -1 --format=%s | grep -q mine && '
                'git gc -q && git cat-file -e HEAD:out/w.txt && echo GIT-WORKS\n')
@@ -236,3 +237,69 @@ def test_the_fan_out_directories_a_confined_start_makes_take_a_shared_repository
              if re.fullmatch("[0-9a-f]{2}|pack", p.name)}
     assert modes
     assert {name: oct(mode) for name, mode in modes.items() if mode & 0o2070 != 0o2070} == {}
+
+
+# A confined worker's writes in the repository's object store, each printed as "DONE NAME" or "REFUSED NAME errno"
+PROBE = """
+import errno, os, stat
+def attempt(name, action):
+    try:
+        action()
+        print("DONE", name, flush=True)
+    except OSError as exc:
+        print("REFUSED", name, errno.errorcode.get(exc.errno), flush=True)
+def rewrite(path):
+    os.chmod(path, os.stat(path).st_mode | stat.S_IWUSR)
+    fd = os.open(path, os.O_WRONLY)
+    os.write(fd, b"x")
+    os.close(fd)
+def create(path):
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL))
+attempt("rewrite", lambda: rewrite("{rewrite}"))
+attempt("truncate", lambda: os.truncate("{rewrite}", 0))
+attempt("delete", lambda: os.unlink("{delete}"))
+attempt("add", lambda: (os.makedirs(os.path.dirname("{add}"), exist_ok=True), create("{add}")))
+attempt("pack", lambda: create("{pack}"))
+"""
+
+
+@needs_landlock
+def test_a_confined_worker_can_neither_rewrite_nor_delete_an_object_of_the_repository(repo):
+    """Landlock cannot tell git's adding of an object from the rewriting or deletion of one: with write rights in the
+    object store's fan-out directories (for its git to commit), a confined worker could chmod an object HEAD uses
+    and write over it (your checkout of that file then held the worker's bytes), delete it, or add a file of its
+    own under an object's name. Now its git adds objects in a store of its own, and the repository's takes none
+    of its writes: each gets EACCES, every object stays as it was, and its commit is still merged."""
+    import os
+
+    project = project_in(repo, config="workspace: worktree\nconfine: true\n")
+    store = repo / ".git" / "objects"
+    blob = git(repo, "rev-parse", "HEAD:src/a.txt").strip()
+    loose = store / blob[:2] / blob[2:]
+    assert loose.is_file()
+    before = loose.read_bytes()
+    other = git(repo, "rev-parse", "HEAD:src/b.txt").strip()
+    victim = store / other[:2] / other[2:]
+    evil = store / "ee" / ("e" * 38)
+    # Each write as a worker's own program would make it: in place (no truncation), by unlinking, by creating
+    probe = PROBE.format(rewrite=str(loose), delete=str(victim), add=str(evil),
+                         pack=str(store / "pack" / ("pack-" + "e" * 40 + ".pack")))
+    command = (f"python3 -c '{probe}'\nmkdir -p out && echo work > out/w.txt && git add out/w.txt && "
+               "git commit -q -m mine && git stash list >/dev/null && echo GIT-WORKS && "
+               'echo "MADE $(git rev-parse HEAD) IN $(git rev-parse --path-format=absolute --git-path objects)"\n')
+    write_task(project.order(), "T", target_files=["out/"], max_attempts=1, max_rework=0, command=command)
+    proc = project.aipm("run", "ORD")
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert [line for line in log.splitlines() if line.startswith("DONE ")] == [], log
+    assert all(f"REFUSED {name} EACCES\n" in log for name in ("rewrite", "truncate", "delete", "add", "pack")), log
+    assert "GIT-WORKS" in log, proc.stdout + proc.stderr + log
+    assert loose.read_bytes() == before and victim.is_file()
+    assert not os.path.lexists(evil)
+    assert git(repo, "cat-file", "blob", blob) == (repo / "src/a.txt").read_text()
+    git(repo, "fsck", "--strict", "--no-dangling")
+    assert project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr + log
+    assert (repo / "out/w.txt").read_text() == "work\n"
+    # Its commit was made in its own store, in git's note of its worktree (gone with it), and taken into yours
+    made, own = re.search(r"^MADE (\S+) IN (.+)$", log, re.M).groups()
+    assert own.startswith(f"{repo / '.git' / 'worktrees'}/"), own
+    assert git(repo, "log", "-1", "--format=%s", made) == "mine\n"

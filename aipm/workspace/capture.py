@@ -32,6 +32,9 @@ def capture(repo: Repo, root: Path, tree: Path, base: str, message: str | None) 
     capture them) or with commits (a submodule to git: their files and commits are only in the worktree))."""
     left_out: dict[str, str] = {}
     parent = base if message is not None else None
+    note = repo.note_of(tree)
+    if note is not None:  # (what its git added to a store of its own: its index, which seeds the capture, names it)
+        ownrefs.take_objects(repo, note)
     try:
         end = repo.capture(tree, scratch(root), parent, message or "")
     except UnbornRepositories as exc:

@@ -19,6 +19,7 @@ from aipm.model import some
 from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.workerfiles import append_log, read_bytes, write_bytes
+from aipm.workspace import ownrefs
 from aipm.workspace.places import (component, kept_words, later_patch_path, make_own_dir, own_dir, patch_path,
                                    refname, rest_path, scratch, tangled_path, worktree_path)
 from aipm.workspace.moved import Onto, onto_start
@@ -236,6 +237,9 @@ def diff(root: Path, order: str, task: str) -> tuple[str | None, bytes | Path, l
         repo = Repo(root)
         base = repo.rev(refname(order, task, "base", prefix=repo.prefix))
         if base is not None and not setup_unfinished(repo, base):  # (that: only its setup's output is there)
+            note = repo.note_of(tree)
+            if note is not None:  # (what its git added to a store of its own, which its index names: capture.py)
+                ownrefs.take_objects(repo, note)
             now, notes = _as_taken(repo, root, order, task, base, repo.capture(tree, scratch(root), None, ""))
             return f"worktree {tree}", repo.patch(base, now), notes
     if patches:

@@ -42,6 +42,7 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from aipm.workerfiles import STATE_FILE_MAX, read_git_file
+from aipm.workspace import objects
 from aipm.workspace.places import real_dirs, scratch
 from aipm.workspace.repo import Repo, WorkspaceError
 
@@ -55,10 +56,11 @@ _FORMAT_0 = ("extensions.noop", "extensions.preciousobjects", "extensions.partia
 _counter = itertools.count()
 
 
-def isolate(repo: Repo, tree: Path) -> None:
-    """Give the worktree at `tree` (just made, nothing running in it yet) refs and a stash of its own. Not in a
-    repository whose refs are not files (extensions.refStorage, git 2.45+): those refs cannot be copied this way,
-    and its worktree stays a plain one."""
+def isolate(repo: Repo, tree: Path, own_objects: bool = False) -> None:
+    """Give the worktree at `tree` (just made, nothing running in it yet) refs and a stash of its own, and with
+    `own_objects` (a confined attempt's) an object store of its own too (objects.py). Not in a repository whose refs
+    are not files (extensions.refStorage, git 2.45+): those refs cannot be copied this way, and its worktree stays a
+    plain one."""
     extensions = _extensions(repo)
     if extensions is None:
         return
@@ -70,6 +72,8 @@ def isolate(repo: Repo, tree: Path) -> None:
         (note / place).mkdir(parents=True)
         (own / name).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(note / place, own / name)
+    if own_objects:
+        objects.make(own / "objects", repo)
     _link_shared(repo, own)
     refs = repo.git("for-each-ref", "--format=%(objectname) %(refname)").decode("utf-8", "surrogateescape")
     kept = [line for line in refs.splitlines() if not line.split(" ", 1)[1].startswith(_NOT_COPIED)]
@@ -95,7 +99,7 @@ def _extensions(repo: Repo) -> list[tuple[str, str]] | None:
 
 def _link_shared(repo: Repo, own: Path) -> None:
     for name in SHARED:
-        if os.path.lexists(repo.common / name):
+        if os.path.lexists(repo.common / name) and not os.path.lexists(own / name):
             os.symlink(repo.common / name, own / name)
 
 
@@ -108,6 +112,8 @@ def view(repo: Repo, note: Path, tree: Path) -> Iterator[dict[str, str]]:
     chose. Copies, not links into the note: a process its worker left running (a `setsid` daemon, ended only with
     the owner's run when other attempts run beside it) could swap a linked directory for a link to the repository's
     refs once isolated() had looked, and the carry's deletion of the worktree's stash deleted the user's."""
+    with suppress(WorkspaceError):  # (what git refuses of them stays out: what needs it is then missing)
+        take_objects(repo, note)
     place = scratch(repo.root) / f"view.{os.getpid()}.{next(_counter)}"
     shutil.rmtree(place, ignore_errors=True)  # (one a killed aipm of the same pid left)
     place.mkdir(parents=True)
@@ -130,6 +136,17 @@ def view(repo: Repo, note: Path, tree: Path) -> Iterator[dict[str, str]]:
         yield {"GIT_DIR": str(place), "GIT_WORK_TREE": str(tree)}
     finally:
         shutil.rmtree(place, ignore_errors=True)
+
+
+def take_objects(repo: Repo, note: Path) -> None:
+    """Bring into the repository's object store, verified, what the git of the worktree whose git note is `note`
+    added to the object store of its own (isolate(), own_objects), if it has one. WorkspaceError: git refused them
+    (objects.take)."""
+    try:
+        objects.take(repo, note, [OWN, "objects"])
+    except WorkspaceError as exc:
+        raise WorkspaceError(f"the objects its git made in {note / OWN / 'objects'} are not added to the "
+                             f"repository's: {exc}") from None
 
 
 def drop_stash(note: Path) -> None:

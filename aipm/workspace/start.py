@@ -9,6 +9,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from aipm import confine
 from aipm.model import Task
 from aipm.record import Record
 from aipm.settings import Settings
@@ -30,7 +31,9 @@ def prepare(root: Path, rec: Record, task: Task, settings: Settings) -> str:
     path = worktree_path(root, rec.order, rec.task)
     make_own_dir(root, path.parent)  # where remove() will remove it: not through a link a worker left there
     repo.add_worktree(path, base)
-    ownrefs.isolate(repo, path)
+    # Confined, its git adds objects to a store of its own (the kernel cannot let it add to yours without letting it
+    # rewrite or delete what is there), which aipm takes them from (objects.py)
+    ownrefs.isolate(repo, path, own_objects=confine.wanted(task, settings))
     globs = task.workspace_copy if task.workspace_copy is not None else settings.workspace_copy
     _copy_ignored(Path(root), path / repo.prefix, globs)
     # With a setup, applied after it (after_setup: its capture is the start); said now, for the prompt.
