@@ -29,13 +29,15 @@ import tempfile
 import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import BinaryIO
 
-from aipm.workspace.repo import Repo, WorkspaceError
+from aipm.workspace.repo import Repo
 
 _TYPES = {b"commit": 1, b"tree": 2, b"blob": 3, b"tag": 4}  # (the numbers a pack gives them)
 _FAN_OUT = re.compile(r"[0-9a-f]{2}")
+_LOOSE = re.compile(r"[0-9a-f]{38}|[0-9a-f]{62}")  # (sha1, sha256)
 _PACK = re.compile(r"pack-[0-9a-f]{40,64}\.pack")
 _CHUNK = 1 << 16
 _HEADER_MAX = 32  # "commit 18446744073709551615\0" and less
@@ -80,7 +82,7 @@ def _listed(fd: int) -> tuple[list[str], list[str]]:
             try:
                 with _opened_at(fd, entry.name) as inner:
                     loose += [entry.name + e.name for e in os.scandir(inner)
-                              if re.fullmatch(r"[0-9a-f]{38}|[0-9a-f]{62}", e.name) and e.is_file(follow_symlinks=False)]
+                              if _LOOSE.fullmatch(e.name) and e.is_file(follow_symlinks=False)]
             except OSError:
                 continue
         elif entry.name == "pack" and entry.is_dir(follow_symlinks=False):
@@ -94,8 +96,13 @@ def _listed(fd: int) -> tuple[list[str], list[str]]:
 
 
 def _hash_name(repo: Repo) -> str:
-    """The repository's object hash, as hashlib names it: "sha1" (git's default) or "sha256"."""
-    proc = repo._run(repo.top, ["rev-parse", "--show-object-format"], check=False)
+    return _hash_of(repo.top)
+
+
+@lru_cache(maxsize=None)
+def _hash_of(top: Path) -> str:
+    """The object hash of the repository at `top`, as hashlib names it: "sha1" (git's default) or "sha256"."""
+    proc = Repo._run(top, ["rev-parse", "--show-object-format"], check=False)
     return "sha256" if proc.stdout.strip() == b"sha256" else "sha1"
 
 

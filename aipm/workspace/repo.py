@@ -92,7 +92,8 @@ class Repo:
         for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX"):
             full.pop(key, None)  # a caller's git hook environment must not redirect us
         full.update(env or {})
-        fed = {"input": stdin} if stdin is None or isinstance(stdin, bytes) else {"stdin": stdin}  # (a file: read by git)
+        # (bytes are written to git's stdin; a file is given to it as its stdin)
+        fed = {"input": stdin} if stdin is None or isinstance(stdin, bytes) else {"stdin": stdin}
         proc = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", *args], cwd=cwd, env=full, **fed,
                               stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE)
         if check and proc.returncode != 0:
