@@ -216,11 +216,13 @@ def test_a_process_a_confined_worker_leaves_running_cannot_turn_the_move_of_its_
 
 
 @needs_landlock
-def test_the_fan_out_directories_a_confined_start_makes_take_a_shared_repositorys_permissions(repo):
+def test_the_object_store_of_a_shared_repository_keeps_its_permissions_after_a_confined_attempt(repo):
     """In a repository shared by a group (`git init --shared=group`, core.sharedRepository), git makes each fan-out
     directory of its object store group-writable (setgid), so that every member may add objects there. Those the
-    confined start made beforehand took aipm's umask (0755): another member's `git commit` writing an object there
-    was refused ("insufficient permission for adding an object to repository database")."""
+    confined start made beforehand (for its worker's git to add objects there) took aipm's umask (0755): another
+    member's `git commit` writing an object there was refused ("insufficient permission for adding an object to
+    repository database"). Now the start makes none, and what the worker committed is added by aipm's git, with
+    the repository's permissions."""
     import os
     import stat
 
@@ -230,9 +232,11 @@ def test_the_fan_out_directories_a_confined_start_makes_take_a_shared_repository
         os.chmod(made, 0o2775)  # as `git init --shared=group` and its commits make them
     project = project_in(repo, config="workspace: worktree\nconfine: true\n")
     write_task(project.order(), "T", target_files=["out/"], max_attempts=1, max_rework=0,
-               command="mkdir -p out && echo work > out/w.txt")
+               command="mkdir -p out && echo work > out/w.txt && git add out && git commit -q -m mine")
     proc = project.aipm("run", "ORD")
     assert project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr
+    packs = [p for p in (store / "pack").iterdir()]
+    assert packs and all(stat.S_IMODE(os.stat(p).st_mode) & 0o040 for p in packs), packs
     modes = {p.name: stat.S_IMODE(os.stat(p).st_mode) for p in store.iterdir()
              if re.fullmatch("[0-9a-f]{2}|pack", p.name)}
     assert modes

@@ -9,7 +9,9 @@ a `git stash clear` cleared the user's stash, and a `git checkout <branch>` then
 git finds a worktree's shared files (refs, objects, config) in the directory its note's `commondir` names. Here it
 names a directory of the worktree's own in that note (removed with it): refs of its own, seeded with a copy of the
 repository's (so `git log main`, `git diff main` work); the repository's objects, hooks and excludes themselves
-(links), so what the worker commits is in the repository; a config of its own that includes the repository's.
+(links), so what the worker commits is in the repository; a config of its own that includes the repository's. A
+confined attempt's has an object store of its own instead of the link (objects.py): the kernel cannot let its
+worker add objects to the repository's without letting it rewrite or delete them; aipm takes them in, verified.
 What aipm reads of a worktree (its capture) goes through the repository's own common directory, never this one.
 
 Its worker may write all of the note (confine.py grants it), this directory's config and the note's `commondir`
