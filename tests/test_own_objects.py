@@ -103,3 +103,53 @@ def test_a_store_reached_through_a_link_is_not_read(repo: Path, store: Path, tmp
     os.symlink(tmp_path / "elsewhere", store)
     objects.take(Repo(repo), store.parents[1], ["aipm", "objects"])
     assert not has(repo, blob)
+
+
+def test_objects_naming_each_other_across_its_packs_and_loose_objects_are_taken(repo: Path, store: Path):  # noqa: F811
+    """Its git's objects name each other in any order of their files: a fetch's pack the commits of the fetch before
+    it (unpacked as loose objects: fewer than transfer.unpackLimit), a commit made after it that pack's, a pack the
+    commits of an earlier pack. Each pack was given to `git index-pack --strict` alone, packs in the order of their
+    names, then the loose objects: one naming what was not taken yet was refused ("did not receive expected
+    object"), and the capture with it. Now all are taken."""
+    first = in_store(store, "commit-tree", "HEAD^{tree}", "-p", "HEAD", "-m", "loose, fetched first", top=repo)
+    blob = in_store(store, "hash-object", "-w", "--stdin", stdin=b"fetched\n", top=repo)
+    tree = in_store(store, "mktree", stdin=f"100644 blob {blob}\tw.txt\n".encode(), top=repo)
+    fetched = in_store(store, "commit-tree", tree, "-p", first, "-m", "packed, fetched then", top=repo)
+    in_store(store, "pack-objects", "-q", str(store / "pack" / "pack"), stdin=f"{fetched}\n{tree}\n{blob}\n".encode(),
+             top=repo)
+    for name in (fetched, tree, blob):
+        (store / name[:2] / name[2:]).unlink()
+    # Two packs, the one named first holding the commit whose parent the other holds
+    packs, parent, n = set(os.listdir(store / "pack")), fetched, 0
+    while True:
+        one = in_store(store, "commit-tree", tree, "-p", fetched, "-m", f"packed {n}", top=repo)
+        two = in_store(store, "commit-tree", tree, "-p", one, "-m", f"packed after {n}", top=repo)
+        made = []
+        for name in (one, two):
+            in_store(store, "pack-objects", "-q", str(store / "pack" / "pack"), stdin=f"{name}\n".encode(), top=repo)
+            (store / name[:2] / name[2:]).unlink()
+            made.append(min(set(os.listdir(store / "pack")) - packs))
+            packs |= set(os.listdir(store / "pack"))
+        if made[1] < made[0]:
+            break
+        n += 1
+    merge = in_store(store, "commit-tree", tree, "-p", two, "-p", first, "-m", "loose, made last", top=repo)
+    objects.take(Repo(repo), store.parents[1], ["aipm", "objects"])
+    assert all(has(repo, name) for name in (first, blob, tree, fetched, one, two, merge))
+    git(repo, "fsck", "--strict", "--no-dangling")
+
+
+def test_what_git_refuses_leaves_no_file_in_the_repositorys_store(repo: Path, store: Path):  # noqa: F811
+    """A pack git refuses (here: naming an object in neither store) was written to the repository's `pack/` as a
+    temporary file, left there by `git index-pack` at each take (four at an attempt's end), however large. Now it
+    is checked in a store of aipm's: nothing of it reaches the repository's."""
+    before = sorted(p.relative_to(repo) for p in (repo / ".git/objects").rglob("*"))
+    missing = "1" * 40
+    dangling = in_store(store, "mktree", "--missing", stdin=f"100644 blob {missing}\tw.txt\n".encode(), top=repo)
+    in_store(store, "pack-objects", "-q", str(store / "pack" / "pack"), stdin=f"{dangling}\n".encode(), top=repo)
+    bad = in_store(store, "hash-object", "-t", "tree", "--literally", "-w", "--stdin", stdin=b"not a tree", top=repo)
+    for _ in range(2):
+        with pytest.raises(WorkspaceError):
+            objects.take(Repo(repo), store.parents[1], ["aipm", "objects"])
+    assert not has(repo, dangling) and not has(repo, bad)
+    assert sorted(p.relative_to(repo) for p in (repo / ".git/objects").rglob("*")) == before

@@ -13,10 +13,12 @@ capture, which the worker's index seeds; its HEAD; its stash, moved to yours). N
 its worker may write all of it (an `info/alternates` of its own, a FIFO or a link named as an object, a pack index
 naming objects its pack does not hold). Its loose objects are read as files of their own (no link followed, nothing
 but regular files), each inflated and hashed: one that is not as git writes it, or whose name is not its hash, is
-left out; the others, those the repository lacks, go into a pack that `git index-pack --strict` adds to the
-repository, checking each object's form and its links and naming each by its hash again. Its packs (a `git fetch`
-in the worktree makes them) go to `git index-pack --stdin --fix-thin --strict` as they are, which trusts no name in
-them either: the worker's pack indexes are never read.
+left out; the others, those the repository lacks, go into a pack of aipm's. Its packs (a `git fetch` in the
+worktree makes them) go to `git index-pack --stdin --fix-thin` as they are, which trusts no name in them either:
+the worker's pack indexes are never read. Both are indexed in a store of aipm's first (their objects may name each
+other in any order: a fetch's pack what an earlier fetch left loose), and what of them the repository lacks goes to
+it as one pack that `git index-pack --strict` checks, each object's form and its links, in a store of aipm's
+beside the repository's, and is moved into it only once git took it whole.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ _CHUNK = 1 << 16
 _HEADER_MAX = 32  # "commit 18446744073709551615\0" and less
 # Objects the repository lacks are never fetched for a look (a partial clone's promisor): git 2.45+ reads this
 _NO_FETCH = {"GIT_NO_LAZY_FETCH": "1"}
+_TAKEN: set[tuple[str, str]] = set()  # (the repository's common directory, the trailer of a pack of a worker's taken)
 
 
 def make(store: Path, repo: Repo) -> None:
@@ -56,7 +59,7 @@ def take(repo: Repo, top: Path, parts: list[str]) -> None:
     """Add to the repository's object store the objects of the store `top`/parts... (make()) that it lacks, each
     verified (see the module's docstring); none where that store is missing or reached through a link.
     WorkspaceError: git refused what was found there (a malformed object, one naming objects that are in neither
-    store): none of its loose objects, or none of that pack's, was added."""
+    store): none of it was added."""
     try:
         fd = _directory(top, parts)
     except OSError:
@@ -66,10 +69,19 @@ def take(repo: Repo, top: Path, parts: list[str]) -> None:
         if not loose and not packs:
             return
         hash_name = _hash_name(repo)
-        for name in packs:  # (first: a loose object made after a fetch may name what its pack holds)
-            _take_pack(repo, fd, name, hash_name)
-        if loose:
-            _take_loose(repo, fd, loose, hash_name)
+        # Each pack, and its loose objects, first indexed by git in a store of aipm's (their links not yet looked
+        # at): one may name what another holds, in any order (a fetch's pack the commits of the fetch before it,
+        # unpacked as loose objects; a commit made after it that pack's), and what a pack is refused for is left
+        # there. Then what of all of them the repository lacks goes to it as one pack, checked as a whole.
+        with tempfile.TemporaryDirectory(prefix="aipm-objects.") as held:
+            (Path(held) / "pack").mkdir()
+            env = {**_NO_FETCH, "GIT_OBJECT_DIRECTORY": held,
+                   "GIT_ALTERNATE_OBJECT_DIRECTORIES": _alternate(repo)}
+            trailers = [t for t in (_take_pack(repo, fd, name, hash_name, env) for name in packs) if t]
+            if loose:
+                _take_loose(repo, fd, loose, hash_name, env)
+            _bring_in(repo, Path(held), env)
+        _TAKEN.update((str(repo.common), trailer) for trailer in trailers)
     finally:
         os.close(fd)
 
@@ -106,26 +118,31 @@ def _hash_of(top: Path) -> str:
     return "sha256" if proc.stdout.strip() == b"sha256" else "sha1"
 
 
-def _take_pack(repo: Repo, fd: int, name: str, hash_name: str) -> None:
-    """Give the worker's pack `name` to `git index-pack` in the repository, unless it holds that pack already."""
+def _take_pack(repo: Repo, fd: int, name: str, hash_name: str, env: dict[str, str]) -> str | None:
+    """Give the worker's pack `name` to `git index-pack` in the store of aipm's that `env` names, unless the
+    repository holds that pack already (or took it before): its trailer, None when it was not given."""
     size = hashlib.new(hash_name).digest_size
     try:
         pack = _file_at(fd, "pack", name)
     except OSError:
-        return  # (gone meanwhile, or no file)
+        return None  # (gone meanwhile, or no file)
     with pack:
         length = os.fstat(pack.fileno()).st_size
-        if length > size:
-            pack.seek(length - size)
-            trailer = pack.read(size).hex()  # (what git names a pack after)
-            if (repo.common / "objects" / "pack" / f"pack-{trailer}.pack").is_file():
-                return
+        if length <= size:
+            return None  # (no pack: git refuses it anyway)
+        pack.seek(length - size)
+        trailer = pack.read(size).hex()  # (what git names a pack after)
+        if ((str(repo.common), trailer) in _TAKEN
+                or (repo.common / "objects" / "pack" / f"pack-{trailer}.pack").is_file()):
+            return None
         pack.seek(0)
-        repo.git("index-pack", "--stdin", "--fix-thin", "--strict", stdin=pack, env=_NO_FETCH)
+        repo.git("index-pack", "--stdin", "--fix-thin", stdin=pack, env=env)
+        return trailer
 
 
-def _take_loose(repo: Repo, fd: int, names: list[str], hash_name: str) -> None:
-    """Add the loose objects `names` of the store open at `fd` that the repository lacks, as one pack of aipm's."""
+def _take_loose(repo: Repo, fd: int, names: list[str], hash_name: str, env: dict[str, str]) -> None:
+    """Give the loose objects `names` of the store open at `fd` that the repository lacks, as one pack of aipm's, to
+    `git index-pack` in the store of aipm's that `env` names."""
     width = 2 * hashlib.new(hash_name).digest_size
     wanted = [name for name in names if len(name) == width]
     listed = repo.git("cat-file", "--batch-check=%(objectname)", stdin="".join(f"{n}\n" for n in wanted).encode(),
@@ -153,7 +170,41 @@ def _take_loose(repo: Repo, fd: int, names: list[str], hash_name: str) -> None:
             trailer.update(piece)
         out.write(trailer.digest())
         out.seek(0)
-        repo.git("index-pack", "--stdin", "--strict", stdin=out, env=_NO_FETCH)
+        repo.git("index-pack", "--stdin", stdin=out, env=env)
+
+
+def _bring_in(repo: Repo, held: Path, env: dict[str, str]) -> None:
+    """Add to the repository what the store of aipm's at `held` (its packs, each indexed by git) holds and the
+    repository lacks, as one pack (`git pack-objects`: each object once) that `git index-pack --strict` checks,
+    each object's form and links, in a store of aipm's beside the repository's, then moves into it: nothing is
+    added where git refuses it, and no file of a refused pack is left in the repository's store."""
+    names: list[str] = []
+    for index in sorted((held / "pack").glob("pack-*.idx")):
+        with open(index, "rb") as fed:
+            listed = repo.git("show-index", stdin=fed).decode()  # (an index git wrote: "offset name (crc)")
+        names += [line.split()[1] for line in listed.splitlines() if len(line.split()) >= 2]
+    if not names:
+        return
+    found = repo.git("cat-file", "--batch-check=%(objectname)", env=_NO_FETCH,
+                     stdin="".join(f"{n}\n" for n in dict.fromkeys(names)).encode()).decode()
+    lacking = [line.split()[0] for line in found.splitlines() if line.endswith(" missing")]
+    if not lacking:
+        return
+    pack_dir = repo.common / "objects" / "pack"
+    with tempfile.TemporaryFile() as out, \
+            tempfile.TemporaryDirectory(prefix="tmp_objdir-aipm-", dir=repo.common / "objects") as checked:
+        # ("tmp_": what `git gc` removes of it after a crash)
+        repo._run(repo.top, ["pack-objects", "--stdout", "-q"], env,
+                  stdin="".join(f"{n}\n" for n in lacking).encode(), stdout=out)
+        out.seek(0)
+        (Path(checked) / "pack").mkdir()
+        repo.git("index-pack", "--stdin", "--strict", stdin=out,
+                 env={**_NO_FETCH, "GIT_OBJECT_DIRECTORY": checked, "GIT_ALTERNATE_OBJECT_DIRECTORIES":
+                      _alternate(repo)})
+        # Its index last: git sees a pack by its index
+        for made in sorted((Path(checked) / "pack").iterdir(), key=lambda p: (p.suffix == ".idx", p.name)):
+            if not (pack_dir / made.name).exists():
+                os.rename(made, pack_dir / made.name)
 
 
 def _packed(loose: BinaryIO, name: str, hash_name: str, out: BinaryIO) -> int:
@@ -221,6 +272,13 @@ def _entry_header(kind: int, size: int) -> bytes:
         byte, size = size & 0x7F, size >> 7
     out.append(byte)
     return bytes(out)
+
+
+def _alternate(repo: Repo) -> str:
+    """The repository's object store as GIT_ALTERNATE_OBJECT_DIRECTORIES names it: C-quoted (a path may hold the
+    colon that separates them there)."""
+    path = os.fsdecode(repo.common / "objects")
+    return '"' + path.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 def _quoted(path: bytes) -> bytes:
