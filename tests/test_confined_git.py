@@ -307,3 +307,29 @@ def test_a_confined_worker_can_neither_rewrite_nor_delete_an_object_of_the_repos
     made, own = re.search(r"^MADE (\S+) IN (.+)$", log, re.M).groups()
     assert own.startswith(f"{repo / '.git' / 'worktrees'}/"), own
     assert git(repo, "log", "-1", "--format=%s", made) == "mine\n"
+
+
+@needs_landlock
+def test_a_confined_worker_that_fetches_twice_has_its_work_merged(repo, tmp_path):
+    """A confined worker fetched twice from another repository: the first fetch's few objects were unpacked as loose
+    objects (fewer than transfer.unpackLimit), the second's kept as a pack whose commits have the first's as
+    parents. aipm gave that pack to `git index-pack --strict` before the loose objects, which refused it ("did not
+    receive expected object"): the capture failed and the attempt was REJECTED. Now its commit is merged."""
+    other = tmp_path / "other"
+    git(tmp_path, "init", "-q", str(other))
+    for name, count in (("early", 3), ("late", 60)):
+        for i in range(count):
+            (other / f"{name}{i}").write_text(f"{i}\n")
+            git(other, "add", ".")
+            git(other, "commit", "-q", "-m", f"{name} {i}")
+        if name == "early":
+            git(other, "tag", "early")
+    project = project_in(repo, config="workspace: worktree\nconfine: true\n")
+    command = (f'git fetch -q "{other}" early:refs/tags/early && git fetch -q "{other}" HEAD && mkdir -p out && '
+               'git show FETCH_HEAD:late5 > out/w && git add out && git commit -q -m mine && echo FETCHED')
+    write_task(project.order(), "T", target_files=["out/"], max_attempts=1, max_rework=0, command=command)
+    proc = project.aipm("run", "ORD")
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "FETCHED" in log, log
+    assert project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr + log
+    assert (repo / "out/w").read_text() == "5\n"
