@@ -81,12 +81,13 @@ def shown(runtime: Runtime) -> list[dict]:
     return [{key: s[key] for key in ("order", "pid", "tasks")} for s in every(runtime)]
 
 
-def claim(runtime: Runtime, order_id: str, pid: int, tasks: list[str]) -> None:
-    """Name `pid` the order's standby owner (under the launch lock: one per order)."""
+def claim(runtime: Runtime, order_id: str, pid: int, tasks: list[str], settings: list[str]) -> None:
+    """Name `pid` the order's standby owner (under the launch lock: one per order), which starts tasks with
+    `settings` (Launcher.work_flags): a launch given others names a new one (cmd_launch), and this one leaves."""
     path = _path(runtime, order_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_bytes(path, json.dumps({"order": order_id, "pid": pid, "ctime": process_ctime(pid), "tasks": tasks,
-                                  "since": time.time()}).encode())
+                                  "since": time.time(), "settings": settings}).encode())
 
 
 def stand_by(launcher: Launcher, view: OrderView, report: LaunchReport | None = None) -> None:
@@ -102,7 +103,7 @@ def stand_by(launcher: Launcher, view: OrderView, report: LaunchReport | None = 
             mine = current(runtime, order_id)
             if mine is not None and mine["pid"] != me:
                 return  # another waits already
-            claim(runtime, order_id, me, sorted(held(report)))
+            claim(runtime, order_id, me, sorted(held(report)), launcher.work_flags())
     try:
         while True:
             if report is not None:
@@ -118,7 +119,8 @@ def stand_by(launcher: Launcher, view: OrderView, report: LaunchReport | None = 
                 if not held(report):
                     _unclaim(runtime, order_id, me)
                     return
-                claim(runtime, order_id, me, sorted(held(report)))  # what `ps` says it waits to start
+                # (what `ps` says it waits to start)
+                claim(runtime, order_id, me, sorted(held(report)), launcher.work_flags())
     except BaseException:
         with runtime.launch_lock(), suppress(OSError):
             _unclaim(runtime, order_id, me)

@@ -261,19 +261,24 @@ class Starter:
         finally:
             os.close(log)
 
+    def work_flags(self) -> list[str]:
+        """This invocation's effective settings as `python -m aipm.work` takes them (and as a standby's claim keeps
+        them, standby.py)."""
+        s = self.settings
+        flags = ["--max-workers", str(s.max_workers), "--max-cpu", str(s.max_cpu_percent), "--max-memory",
+                 str(s.max_memory_percent), "--workspace", s.workspace]
+        flags += ["--no-review"] * self.options.no_review
+        flags += ["--no-resource-monitoring"] * (not s.enable_monitoring)
+        flags += ["--no-auto-scaling"] * (not s.enable_auto_scaling)
+        flags += ["--runner", s.runner]
+        flags += ["--confine"] * s.confine
+        if self.options.model:
+            flags += ["--model", self.options.model]
+        return flags
+
     def _spawn_work(self, args: list[str], log: int, handover: list = ()) -> int:
         """`python -m aipm.work ROOT *args` detached, with this invocation's effective settings; its pid."""
-        s = self.settings
-        argv = [sys.executable, "-m", "aipm.work", str(self.project.root), *args, "--max-workers", str(s.max_workers),
-                "--max-cpu", str(s.max_cpu_percent), "--max-memory", str(s.max_memory_percent),
-                "--workspace", s.workspace]
-        argv += ["--no-review"] * self.options.no_review
-        argv += ["--no-resource-monitoring"] * (not s.enable_monitoring)
-        argv += ["--no-auto-scaling"] * (not s.enable_auto_scaling)
-        argv += ["--runner", s.runner]
-        argv += ["--confine"] * s.confine
-        if self.options.model:
-            argv += ["--model", self.options.model]
+        argv = [sys.executable, "-m", "aipm.work", str(self.project.root), *args, *self.work_flags()]
         pid = os.posix_spawn(sys.executable, argv, os.environ, setsid=True, file_actions=[
             (os.POSIX_SPAWN_DUP2, log, 1),  # before stdin's open, which would close it were it descriptor 0
             (os.POSIX_SPAWN_DUP2, 1, 2),

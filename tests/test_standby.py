@@ -63,7 +63,7 @@ def test_a_task_held_while_the_standby_decides_to_go_gets_a_standby(project, mon
         assert project.aipm("launch", "P", "--no-resource-monitoring").returncode == 0
         runtime = Runtime(project.root)
         with runtime.launch_lock():  # as `aipm launch B` names the standby it starts
-            standby.claim(runtime, "B", os.getpid(), ["B1"])
+            standby.claim(runtime, "B", os.getpid(), ["B1"], [])
         gates["P1"].touch()
         wait_for(lambda: not (state(project.root) / "workers" / "P" / "P1.json").exists())
         monkeypatch.setattr(Launcher, "launch", launch)
@@ -174,3 +174,38 @@ def test_sigkill_of_the_standby_while_it_starts_tasks_leaves_each_task_to_run_on
             assert set(task_statuses(order).values()) == {"DONE"}
         for order in orders.values():
             assert check(journal, order, max_workers=2) == [], f"trial {trial}"
+
+
+def test_a_launch_given_other_settings_replaces_the_standby_it_would_have_named(project):
+    """max_workers 2, both slots held by P. `launch B` on a busy machine (monitoring on, a load that allows one
+    worker) leaves a standby that reads the load; `launch B --no-resource-monitoring` then said that standby would
+    start B1 and B2, and it did, one at a time by the load it still read: B1 and B2, each waiting for the other to
+    have started, never ran together. Now the second launch names a standby of its own settings, the first one
+    leaves, and B1 and B2 start together once P's slots free."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    gates = {}
+    for name in ("P1", "P2"):
+        _gated(project, "P", name, gates)
+    both = " && ".join(f"[ -e {project.root}/started-{n} ]" for n in ("B1", "B2"))
+    for name in ("B1", "B2"):  # each waits (20 s at most) for the other to have started, then exits 0, else 1
+        write_task(project.order("B"), name, target_files=[name], command=(
+            f"touch {project.root}/started-{name}; i=0; until {both}; do i=$((i+1)); "
+            f"[ $i -gt 400 ] && exit 1; sleep 0.05; done"))
+    try:
+        assert project.aipm("launch", "P", "--no-resource-monitoring").returncode == 0
+        busy = {"AIPM_ENABLE_MONITORING": "true", "AIPM_FAKE_LOAD": "100,10"}
+        first = project.json("launch", "B", env=busy)["standby"]
+        second = project.json("launch", "B", "--no-resource-monitoring")["standby"]
+        assert first["tasks"] == second["tasks"] == ["B1", "B2"] and first["pid"] != second["pid"], (first, second)
+        assert project.json("ps")["standby"] == [{"order": "B", "pid": second["pid"], "tasks": ["B1", "B2"]}]
+        wait_for(lambda: not pid_alive(first["pid"]), timeout=30)  # (it leaves at its next look)
+        for gate in gates.values():
+            gate.touch()
+        wait_for(lambda: set(task_statuses(project.order("B")).values()) <= {"DONE", "FAILED"}, timeout=60)
+        assert task_statuses(project.order("B")) == {"B1": "DONE", "B2": "DONE"}
+        third = project.json("launch", "B", "--no-resource-monitoring")
+        assert third["standby"] is None and third["launched"] == [], third
+    finally:
+        for gate in gates.values():
+            gate.touch()
+    wait_for(lambda: not project.json("ps")["standby"] and no_workers(project.root), timeout=30)

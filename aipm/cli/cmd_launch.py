@@ -127,9 +127,14 @@ def _stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> dict
         return out
     with launcher.runtime.launch_lock():
         there = standby.current(launcher.runtime, view.order.id)
-        out["pid"] = there["pid"] if there else launcher.spawn_standby(str(view.dir), view.order.id)
-        if not there:
-            standby.claim(launcher.runtime, view.order.id, out["pid"], list(held))
+        # One started with other settings (`--no-resource-monitoring`, `--max-workers`, ...) is replaced: this launch
+        # said its tasks would start, and they started as that one's settings allowed (one at a time, on a load
+        # this launch had said not to read). It leaves at its next look, no longer named.
+        if there and there.get("settings") == launcher.work_flags():
+            out["pid"] = there["pid"]
+        else:
+            out["pid"] = launcher.spawn_standby(str(view.dir), view.order.id)
+            standby.claim(launcher.runtime, view.order.id, out["pid"], list(held), launcher.work_flags())
     return out
 
 
