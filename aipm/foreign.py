@@ -48,7 +48,10 @@ def watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], ins
         if rec.encloses_us():  # a worker ran this `aipm run`: it cannot end before we do
             if rec.key not in inside:
                 inside.add(rec.key)
-                if not only:
+                # Said of a task of this order, which the run ends without: another order's is no part of it (a
+                # task's `aipm run SUB`: 'skip ORD/L' at the top of L's log read as L skipped), and what it keeps
+                # from starting is said at the run's end (say_slot_held).
+                if not only and rec.order == order_id:
                     sup.outbox.append({"event": "enclosing", "task": rec.key, "pid": rec.pid})
             continue
         if rec.pid and rec.worker_alive() and sup.watcher.watch_pid(rec.pid, rec.key):

@@ -120,7 +120,9 @@ def test_a_nested_run_takes_its_callers_slot_for_one_start_after_another(project
     env = {"AIPM_FAKE_LOAD": load, "AIPM_ENABLE_MONITORING": "true"} if load else None
     proc = project.aipm("run", "ORD", env=env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert rc.read_text() == "0\n", (project.root / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
+    log = (project.root / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
+    assert rc.read_text() == "0\n", log
+    assert "skip" not in log, log  # (ORD/L is no task of SUB's: it said 'skip ORD/L: ... cannot wait for it')
     assert task_statuses(sub) == {"A": "DONE", "B": "DONE", "C": "DONE"}
     assert unblocked_peak(journal) == 1, journal.read_text()
     assert no_workers(project.root)
