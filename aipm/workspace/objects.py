@@ -133,7 +133,7 @@ def _take_pack(repo: Repo, fd: int, name: str, hash_name: str, env: dict[str, st
         pack.seek(length - size)
         trailer = pack.read(size).hex()  # (what git names a pack after)
         if ((str(repo.common), trailer) in _TAKEN
-                or (repo.common / "objects" / "pack" / f"pack-{trailer}.pack").is_file()):
+                or (repo.common / "objects" / "pack" / f"pack-{trailer}.idx").is_file()):  # (git reads a pack by it)
             return None
         pack.seek(0)
         repo.git("index-pack", "--stdin", "--fix-thin", stdin=pack, env=env)

@@ -258,7 +258,8 @@ def _config(repo: Repo, extensions: list[tuple[str, str]]) -> str:
     """The worktree's own config: the repository's `extensions` (git reads them from this file alone, includes
     aside), objects that no git run there deletes, everything else from the repository's config, and then a log
     for every ref (what keeps its objects from a prune elsewhere, whatever the repository's config says), and a
-    `git gc` that writes only packs: a confined worker may not write the object store's `info/` (confine.py)."""
+    `git gc` that writes only packs: what it writes in the object store's `info/` (a commit-graph, `info/packs`)
+    every git of the repository reads, where the store is the repository's (an unconfined attempt's)."""
     lines = [f"\t{key.partition('.')[2]} = {_quoted(value)}\n" for key, value in extensions
              if key != "extensions.preciousobjects"]
     # (extensions are honoured from format version 1 on)
