@@ -44,7 +44,6 @@ from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from aipm.workerfiles import STATE_FILE_MAX, read_git_file
-from aipm.workspace import objects
 from aipm.workspace.places import real_dirs, scratch
 from aipm.workspace.repo import Repo, WorkspaceError
 
@@ -75,6 +74,8 @@ def isolate(repo: Repo, tree: Path, own_objects: bool = False) -> None:
         (own / name).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(note / place, own / name)
     if own_objects:
+        from aipm.workspace import objects  # (only here: a run whose tasks share the tree imports no hashlib, tempfile)
+
         objects.make(own / "objects", repo)
     _link_shared(repo, own)
     refs = repo.git("for-each-ref", "--format=%(objectname) %(refname)").decode("utf-8", "surrogateescape")
@@ -144,6 +145,8 @@ def take_objects(repo: Repo, note: Path) -> None:
     """Bring into the repository's object store, verified, what the git of the worktree whose git note is `note`
     added to the object store of its own (isolate(), own_objects), if it has one. WorkspaceError: git refused them
     (objects.take)."""
+    from aipm.workspace import objects
+
     try:
         objects.take(repo, note, [OWN, "objects"])
     except WorkspaceError as exc:
