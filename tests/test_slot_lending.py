@@ -168,30 +168,37 @@ def test_a_nested_run_kept_out_by_its_callers_file_is_not_told_its_slot_was_with
     assert no_workers(project.root)
 
 
-@pytest.mark.parametrize("nested", ["run", "exec"])
-def test_a_nested_run_does_not_leave_its_lent_slot_to_another_runs_demand(project, tmp_path, nested):
-    """max_workers 1. L (P3) adds a P0 task Q to its own order, then runs `aipm run SUB` in the foreground. The
-    outer run, every slot taken by L, says Q waits for a slot (demand.py); the inner run left its one start, in
-    L's slot, to that demand, which no other run could take (they all count L): it waited until L's time limit.
-    So did a foreground `aipm exec SUB/A`."""
-    (project.root / "aipm.yaml").write_text("max_workers: 1\n")
+def _caller_adds_an_urgent_task(project, tmp_path, nested: str, workers: int, urgent: dict, own: dict) -> Path:
+    """max_workers `workers`. L (P3) copies a P0 task Q (`urgent`: its fields) into its own order, then runs `aipm
+    run SUB` (`nested` "run") or `aipm exec SUB/A` in the foreground; L and A (P3) have the fields `own`. The run of
+    ORD must end with L, Q and A DONE and the inner aipm's exit 0. Returns the journal."""
+    (project.root / "aipm.yaml").write_text(f"max_workers: {workers}\n")
     order, sub = project.order(), project.order("SUB")
     journal, rc = project.root / "journal", project.root / "SUB.rc"
     staged = tmp_path / "staged"
-    write_task(staged, "Q", priority="P0", target_files=["q.txt"], command=journaled(journal, "true"))
+    write_task(staged, "Q", priority="P0", target_files=["q.txt"], command=journaled(journal, "true"), **urgent)
     inner = f"{runs(project)} SUB" if nested == "run" else f"{execs(project)} SUB/A"
-    write_task(order, "L", priority="P3", target_files=["l.txt"], timeout=30, command=journaled(
-        journal, f"cp {staged / 'Q.yaml'} {order}/Q.yaml; sleep 1; j block; {inner}; r=$?; j unblock; "
-                 f"echo $r > {rc}"))
-    write_task(sub, "A", priority="P3", target_files=["a.txt"], command=journaled(journal, "true"))
+    write_task(order, "L", priority="P3", target_files=["l.txt"], timeout=30, **own, command=journaled(
+        journal, f"cp {staged / 'Q.yaml'} {order}/Q.yaml; sleep 1; j block; {inner}; r=$?; j unblock; echo $r > {rc}"))
+    write_task(sub, "A", priority="P3", target_files=["a.txt"], command=journaled(journal, "true"), **own)
     proc = project.aipm("run", "ORD")
     log = (project.root / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
     assert rc.exists() and rc.read_text() == "0\n", log
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert task_statuses(sub) == {"A": "DONE"}
     assert task_statuses(order) == {"L": "DONE", "Q": "DONE"}
-    assert unblocked_peak(journal) == 1, journal.read_text()
     assert no_workers(project.root)
+    return journal
+
+
+@pytest.mark.parametrize("nested", ["run", "exec"])
+def test_a_nested_run_does_not_leave_its_lent_slot_to_another_runs_demand(project, tmp_path, nested):
+    """max_workers 1. L (P3) adds a P0 task Q to its own order, then runs `aipm run SUB` in the foreground. The
+    outer run, every slot taken by L, says Q waits for a slot (demand.py); the inner run left its one start, in
+    L's slot, to that demand, which no other run could take (they all count L): it waited until L's time limit.
+    So did a foreground `aipm exec SUB/A`."""
+    journal = _caller_adds_an_urgent_task(project, tmp_path, nested, 1, {}, {})
+    assert unblocked_peak(journal) == 1, journal.read_text()
 
 
 @pytest.mark.parametrize("nested", ["run", "exec"])
@@ -203,24 +210,8 @@ def test_a_borrower_does_not_keep_cpus_for_a_need_that_waits_for_its_lender(proj
     cpus = machine_capacity().cpus
     if cpus < 2:
         pytest.skip("a machine of one CPU: L's and Q's together are more than it has")
-    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
-    order, sub = project.order(), project.order("SUB")
-    journal, rc = project.root / "journal", project.root / "SUB.rc"
-    staged = tmp_path / "staged"
-    write_task(staged, "Q", priority="P0", target_files=["q.txt"], resources={"cpus": cpus},
-               command=journaled(journal, "true"))
-    inner = f"{runs(project)} SUB" if nested == "run" else f"{execs(project)} SUB/A"
-    write_task(order, "L", priority="P3", target_files=["l.txt"], timeout=30, resources={"cpus": 1}, command=journaled(
-        journal, f"cp {staged / 'Q.yaml'} {order}/Q.yaml; sleep 1; j block; {inner}; r=$?; j unblock; echo $r > {rc}"))
-    write_task(sub, "A", priority="P3", target_files=["a.txt"], resources={"cpus": 1},
-               command=journaled(journal, "true"))
-    proc = project.aipm("run", "ORD")
-    log = (project.root / ".aipm" / "logs" / "ORD" / "L.1.log").read_text()
-    assert rc.exists() and rc.read_text() == "0\n", log
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert task_statuses(sub) == {"A": "DONE"}
-    assert task_statuses(order) == {"L": "DONE", "Q": "DONE"}
-    assert no_workers(project.root)
+    _caller_adds_an_urgent_task(project, tmp_path, nested, 2, {"resources": {"cpus": cpus}},
+                                {"resources": {"cpus": 1}})
 
 
 def test_execs_inside_workers_never_run_more_commands_than_max_workers(project):
