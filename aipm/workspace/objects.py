@@ -68,7 +68,7 @@ def take(repo: Repo, top: Path, parts: list[str]) -> None:
         loose, packs = _listed(fd)
         if not loose and not packs:
             return
-        hash_name = _hash_name(repo)
+        hash_name = _hash_of(repo.top)
         # Each pack, and its loose objects, first indexed by git in a store of aipm's (their links not yet looked
         # at): one may name what another holds, in any order (a fetch's pack the commits of the fetch before it,
         # unpacked as loose objects; a commit made after it that pack's), and what a pack is refused for is left
@@ -105,10 +105,6 @@ def _listed(fd: int) -> tuple[list[str], list[str]]:
             except OSError:
                 continue
     return sorted(loose), sorted(packs)
-
-
-def _hash_name(repo: Repo) -> str:
-    return _hash_of(repo.top)
 
 
 @lru_cache(maxsize=None)
@@ -277,14 +273,17 @@ def _entry_header(kind: int, size: int) -> bytes:
 def _alternate(repo: Repo) -> str:
     """The repository's object store as GIT_ALTERNATE_OBJECT_DIRECTORIES names it: C-quoted (a path may hold the
     colon that separates them there)."""
-    path = os.fsdecode(repo.common / "objects")
-    return '"' + path.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+    return os.fsdecode(_c_quoted(os.fsencode(repo.common / "objects")))
 
 
 def _quoted(path: bytes) -> bytes:
     """A path as an `info/alternates` line: as it is, or C-quoted where git would read it otherwise."""
     if not any(c in path for c in b'"\\\n') and not path.startswith(b"#"):
         return path
+    return _c_quoted(path)
+
+
+def _c_quoted(path: bytes) -> bytes:
     return b'"' + path.replace(b"\\", b"\\\\").replace(b'"', b'\\"').replace(b"\n", b"\\n") + b'"'
 
 
