@@ -1959,7 +1959,8 @@ def test_detect_and_why_share_the_budget_as_launch_does(project):
     assert [t["id"] for t in launch["launched"]] == ["A", "B"], launch
     assert [(d["id"], d["reason"]) for d in launch["deferred"]] == [("C", "budget"), ("D", "budget"),
                                                                      ("E", "budget")], launch
-    assert project.aipm("run", "ORD", env=agent_env(project)).returncode == 0
+    # unmonitored, as above: on a busy machine run started A alone and B later, with what A left ($0.115)
+    assert project.aipm("run", "ORD", "--no-resource-monitoring", env=agent_env(project)).returncode == 0
     assert set(project.statuses().values()) == {"DONE"}
     assert _caps(project)[:2] == [0.125, 0.125], journal(project)  # the first two, a half each
 
