@@ -22,6 +22,7 @@ from aipm import (agents, childstops, cluster, confine, meter, notify, ownoutput
 from aipm.childstops import ChildStops
 from aipm.finish import time_limit
 from aipm.inotify import IN_DELETE, IN_DELETE_SELF, DirWatch, close_at_exit
+from aipm.intake import Intake
 from aipm.launcher import Launcher
 from aipm.paths import real_relative
 from aipm.starting import Owner
@@ -73,6 +74,7 @@ class Supervisor(Stopping, Recording, Owner):
         self.adopted: set[str] = set()  # keys of workers that are not our children
         self.reaped: dict[str, int] = {}  # exit codes of ended workers reaped before handle() (see _round)
         self.lock_fds: dict[str, list[int]] = {}  # target locks we hold ourselves (a detached owner's copies)
+        self.intake = Intake(self.rt.root)  # confined worktree attempts' objects, taken while they run
         self.records_watch: DirWatch | None = None  # wakes us when our records are deleted (see keep_records)
         # Ray attempts that ended lost with their cluster (key → why; None: lost to no more than that attempt), and
         # why that cluster is gone: the run stops rather than spend every task's attempts on it.
@@ -183,12 +185,13 @@ class Supervisor(Stopping, Recording, Owner):
             timeout = until if timeout is None else min(timeout, until)
         until = None if timeout is None else time.monotonic() + timeout
         while True:
-            woke = self.watcher.wait(timeout)
+            woke = self.watcher.wait(self.intake.cap(self.owned, timeout))
             if childstops.KEY in woke:  # a child of ours stopped or ended
                 # Only our children: an adopted wrapper's pid, once reaped by its own parent, may be another's.
                 self.child_stops.go_on(rec for key, rec in self.owned.items() if key not in self.adopted)
             keys = hush([key for key in woke if key != childstops.KEY])
-            if keys or not woke or (until is not None and time.monotonic() >= until):
+            looked = self.intake.look(self.owned)  # (when due, woken for it or not: wake-ups may never stop)
+            if keys or (not woke and not looked) or (until is not None and time.monotonic() >= until):
                 break
             timeout = None if until is None else until - time.monotonic()
         self._enforce_deadlines()

@@ -333,3 +333,45 @@ def test_a_confined_worker_that_fetches_twice_has_its_work_merged(repo, tmp_path
     assert "FETCHED" in log, log
     assert project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr + log
     assert (repo / "out/w").read_text() == "5\n"
+
+
+@needs_landlock
+@pytest.mark.parametrize("how", ["run", "launch"])
+def test_the_users_git_walks_every_worktree_while_a_confined_worker_that_committed_runs(repo, how):
+    """A confined worker's commits are made in its own object store while its HEAD, in the repository's
+    `.git/worktrees/`, names them: the user's `git log --all`, `git fsck` and `git gc` failed ("bad object
+    worktrees/...") until the attempt ended, hours for an agent. Its owner (the run, or a launch's detached
+    worker) now takes them in every few seconds while it runs (intake.py): they pass while the worker still
+    waits, and its commit is merged at the end."""
+    import subprocess
+    import sys
+
+    from conftest import wait_for
+
+    project = project_in(repo, config="workspace: worktree\nconfine: true\n")
+    gate = repo.parent / "gate"
+    command = (f"mkdir -p out && echo work > out/w.txt && git add out && git commit -q -m mine && "
+               f"echo COMMITTED $(git rev-parse HEAD) && while [ ! -e {gate} ]; do sleep 0.05; done")
+    write_task(project.order(), "T", target_files=["out/"], max_attempts=1, max_rework=0, command=command)
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), how, "ORD"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        log = repo / ".aipm/logs/ORD/T.1.log"
+        made = wait_for(lambda: log.is_file() and re.search(r"^COMMITTED (\S+)$", log.read_text(), re.M))[1]
+
+        def walks() -> bool:
+            return subprocess.run(["git", "log", "--all", "--format=%H"], cwd=repo, capture_output=True,
+                                  text=True).returncode == 0
+
+        wait_for(walks, timeout=20)
+        assert made in git(repo, "log", "--all", "--format=%H")
+        git(repo, "fsck", "--strict", "--no-dangling")
+        git(repo, "gc", "--quiet")
+        assert project.statuses() == {"T": "IN_PROGRESS"}  # all of this while the worker runs
+    finally:
+        gate.touch()
+        out, err = run.communicate(timeout=120)
+    assert run.returncode == 0, out + err
+    wait_for(lambda: project.statuses() == {"T": "DONE"})
+    assert (repo / "out/w.txt").read_text() == "work\n"
+    assert git(repo, "log", "-1", "--format=%s", made) == "mine\n"

@@ -55,17 +55,20 @@ def make(store: Path, repo: Repo) -> None:
     (store / "info" / "alternates").write_bytes(_quoted(os.fsencode(repo.common / "objects")) + b"\n")
 
 
-def take(repo: Repo, top: Path, parts: list[str]) -> None:
+def take(repo: Repo, top: Path, parts: list[str], known: set[str] | None = None) -> None:
     """Add to the repository's object store the objects of the store `top`/parts... (make()) that it lacks, each
     verified (see the module's docstring); none where that store is missing or reached through a link.
-    WorkspaceError: git refused what was found there (a malformed object, one naming objects that are in neither
-    store): none of it was added."""
+    `known`: the names (loose objects, packs) there that earlier takes of the caller's took, left alone; this one's
+    are added (a look while its worker runs, intake.py). WorkspaceError: git refused what was found there (a
+    malformed object, one naming objects that are in neither store): none of it was added."""
     try:
         fd = _directory(top, parts)
     except OSError:
         return  # (no store of its own: a worktree that shares the repository's, or one its worker replaced)
     try:
         loose, packs = _listed(fd)
+        if known is not None:
+            loose, packs = [n for n in loose if n not in known], [n for n in packs if n not in known]
         if not loose and not packs:
             return
         hash_name = _hash_of(repo.top)
@@ -82,6 +85,8 @@ def take(repo: Repo, top: Path, parts: list[str]) -> None:
                 _take_loose(repo, fd, loose, hash_name, env)
             _bring_in(repo, Path(held), env)
         _TAKEN.update((str(repo.common), trailer) for trailer in trailers)
+        if known is not None:
+            known.update(loose, packs)
     finally:
         os.close(fd)
 

@@ -141,14 +141,14 @@ def view(repo: Repo, note: Path, tree: Path) -> Iterator[dict[str, str]]:
         shutil.rmtree(place, ignore_errors=True)
 
 
-def take_objects(repo: Repo, note: Path) -> None:
+def take_objects(repo: Repo, note: Path, known: set[str] | None = None) -> None:
     """Bring into the repository's object store, verified, what the git of the worktree whose git note is `note`
-    added to the object store of its own (isolate(), own_objects), if it has one. WorkspaceError: git refused them
-    (objects.take)."""
+    added to the object store of its own (isolate(), own_objects), if it has one; `known` as objects.take has it.
+    WorkspaceError: git refused them (objects.take)."""
     from aipm.workspace import objects
 
     try:
-        objects.take(repo, note, [OWN, "objects"])
+        objects.take(repo, note, [OWN, "objects"], known)
     except WorkspaceError as exc:
         raise WorkspaceError(f"the objects its git made in {note / OWN / 'objects'} are not added to the "
                              f"repository's: {exc}") from None
