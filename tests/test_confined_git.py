@@ -375,3 +375,28 @@ def test_the_users_git_walks_every_worktree_while_a_confined_worker_that_committ
     wait_for(lambda: project.statuses() == {"T": "DONE"})
     assert (repo / "out/w.txt").read_text() == "work\n"
     assert git(repo, "log", "-1", "--format=%s", made) == "mine\n"
+
+
+def test_a_confined_worker_that_fetches_history_fsck_only_warns_of_has_its_work_merged(repo, tmp_path):
+    """A confined worker fetched history that git takes and fsck only warns of: a tree naming its subtree with the
+    mode `040000`, as old git wrote it (zeroPaddedFilemode). `git index-pack --strict`, taking its objects, made
+    that warning an error: the capture failed and the attempt was REJECTED. Now its commit is merged."""
+    other = tmp_path / "other"
+    git(tmp_path, "init", "-q", str(other))
+    (tmp_path / "f").write_text("old\n")
+    blob = git(other, "hash-object", "-w", str(tmp_path / "f")).strip()
+    (tmp_path / "sub").write_bytes(b"100644 f\0" + bytes.fromhex(blob))
+    sub = git(other, "hash-object", "-t", "tree", "-w", str(tmp_path / "sub")).strip()
+    (tmp_path / "padded").write_bytes(b"040000 sub\0" + bytes.fromhex(sub))
+    padded = git(other, "hash-object", "-t", "tree", "--literally", "-w", str(tmp_path / "padded")).strip()
+    git(other, "update-ref", "HEAD", git(other, "commit-tree", padded, "-m", "old history").strip())
+    project = project_in(repo, config="workspace: worktree\nconfine: true\n")
+    command = (f'git fetch -q "{other}" HEAD && mkdir -p out && git show FETCH_HEAD:sub/f > out/w && '
+               'git add out && git commit -q -m mine && echo FETCHED')
+    write_task(project.order(), "T", target_files=["out/"], max_attempts=1, max_rework=0, command=command)
+    proc = project.aipm("run", "ORD")
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "FETCHED" in log, log
+    assert project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr + log
+    assert (repo / "out/w").read_text() == "old\n"
+    assert git(repo, "cat-file", "-t", padded) == "tree\n"

@@ -153,3 +153,53 @@ def test_what_git_refuses_leaves_no_file_in_the_repositorys_store(repo: Path, st
             objects.take(Repo(repo), store.parents[1], ["aipm", "objects"])
     assert not has(repo, dangling) and not has(repo, bad)
     assert sorted(p.relative_to(repo) for p in (repo / ".git/objects").rglob("*")) == before
+
+
+def test_what_fsck_only_warns_of_is_taken(repo: Path, store: Path):  # noqa: F811
+    """History git itself takes, that fsck only warns of: a tree naming its subtree with the mode `040000` (as old
+    git and other tools wrote it: zeroPaddedFilemode), in a pack of its own (a fetch's), and a commit whose message
+    holds a NUL (nulInCommit), loose, made after it. `git index-pack --strict` makes fsck's warnings errors: each
+    take was refused, and the capture and the attempt with it. Now both are taken."""
+    blob = in_store(store, "hash-object", "-w", "--stdin", stdin=b"old\n", top=repo)
+    sub = in_store(store, "mktree", stdin=f"100644 blob {blob}\tf\n".encode(), top=repo)
+    padded = in_store(store, "hash-object", "-t", "tree", "--literally", "-w", "--stdin",
+                      stdin=b"040000 sub\0" + bytes.fromhex(sub), top=repo)
+    old = in_store(store, "commit-tree", padded, "-m", "old history", top=repo)
+    in_store(store, "pack-objects", "-q", str(store / "pack" / "pack"),
+             stdin=f"{old}\n{padded}\n{sub}\n{blob}\n".encode(), top=repo)
+    for name in (old, padded, sub, blob):
+        (store / name[:2] / name[2:]).unlink()
+    objects.take(Repo(repo), store.parents[1], ["aipm", "objects"])
+    assert all(has(repo, name) for name in (blob, sub, padded, old))
+    body = (f"tree {git(repo, 'rev-parse', 'HEAD^{tree}').strip()}\nparent {old}\n"
+            "author A <a@example.com> 1700000000 +0000\ncommitter A <a@example.com> 1700000000 +0000\n\n").encode()
+    raw = body + b"a NUL \0 in it\n"
+    nul = hashlib.sha1(b"commit %d\0" % len(raw) + raw).hexdigest()
+    loose(store, nul, b"commit %d\0" % len(raw) + raw)
+    objects.take(Repo(repo), store.parents[1], ["aipm", "objects"])
+    assert has(repo, nul)
+    assert git(repo, "cat-file", "blob", f"{nul}^:sub/f") == "old\n"
+    git(repo, "fsck", "--no-dangling")  # (warnings only)
+
+
+@pytest.mark.parametrize("kind", ["badTimezone", "missing", "nullSha1", "hasDotgit"])
+def test_what_fsck_finds_in_error_is_refused_still(repo: Path, store: Path, kind: str):  # noqa: F811
+    """What fsck finds in error is refused as before, and so are its warnings about paths and object ids: a commit
+    whose author's time zone is no time zone (badTimezone, an error), a tree naming an object in neither store, one
+    naming the null object id (nullSha1) and one with an entry `.git` (hasDotgit: a checkout of it by a tool
+    other than git writes the repository's own files)."""
+    good = in_store(store, "hash-object", "-w", "--stdin", stdin=b"good\n", top=repo)
+    if kind == "badTimezone":
+        raw = (f"tree {git(repo, 'rev-parse', 'HEAD^{tree}').strip()}\nauthor A <a@example.com> 1700000000 +0x00\n"
+               "committer A <a@example.com> 1700000000 +0000\n\nbad\n").encode()
+        bad = in_store(store, "hash-object", "-t", "commit", "--literally", "-w", "--stdin", stdin=raw, top=repo)
+    elif kind == "hasDotgit":
+        bad = in_store(store, "hash-object", "-t", "tree", "--literally", "-w", "--stdin",
+                       stdin=b"100644 .git\0" + bytes.fromhex(good), top=repo)
+    else:
+        named = bytes.fromhex("1" * 40 if kind == "missing" else "0" * 40)
+        bad = in_store(store, "hash-object", "-t", "tree", "--literally", "-w", "--stdin",
+                       stdin=b"100644 w.txt\0" + named, top=repo)
+    with pytest.raises(WorkspaceError, match="did not receive expected" if kind == "missing" else kind):
+        objects.take(Repo(repo), store.parents[1], ["aipm", "objects"])
+    assert not has(repo, bad) and not has(repo, good)

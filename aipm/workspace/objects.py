@@ -18,7 +18,9 @@ worktree makes them) go to `git index-pack --stdin --fix-thin` as they are, whic
 the worker's pack indexes are never read. Both are indexed in a store of aipm's first (their objects may name each
 other in any order: a fetch's pack what an earlier fetch left loose), and what of them the repository lacks goes to
 it as one pack that `git index-pack --strict` checks, each object's form and its links, in a store of aipm's
-beside the repository's, and is moved into it only once git took it whole.
+beside the repository's, and is moved into it only once git took it whole. What fsck only warns of (a tree's mode
+written `040000`, as old git did) it lets pass, as git's fetch does (`--strict` alone would refuse it); not its
+warnings about paths (_WARNINGS).
 """
 
 from __future__ import annotations
@@ -46,6 +48,12 @@ _HEADER_MAX = 32  # "commit 18446744073709551615\0" and less
 # Objects the repository lacks are never fetched for a look (a partial clone's promisor): git 2.45+ reads this
 _NO_FETCH = {"GIT_NO_LAZY_FETCH": "1"}
 _TAKEN: set[tuple[str, str]] = set()  # (the repository's common directory, the trailer of a pack of a worker's taken)
+# What fsck only warns of in some git's fsck.h (badFilemode up to 2.37.2, largePathname from 2.43) and history holds
+# (a mode written `040000` by old git, a NUL in a message). `--strict` makes each an error, and naming one `=warn`
+# leaves every other as `--strict` made it: all are named that this git knows (at an id it does not know, git dies).
+# Not the warnings about paths (hasDotgit, hasDotdot, fullPathname, emptyName, a symlink into .git): a worker's tree
+# naming `.git/hooks/...` or `../x` is refused, as a server with receive.fsckObjects refuses it.
+_WARNINGS = ("badFilemode", "largePathname", "nulInCommit", "zeroPaddedFilemode")
 
 
 def make(store: Path, repo: Repo) -> None:
@@ -117,6 +125,16 @@ def _hash_of(top: Path) -> str:
     """The object hash of the repository at `top`, as hashlib names it: "sha1" (git's default) or "sha256"."""
     proc = Repo._run(top, ["rev-parse", "--show-object-format"], check=False)
     return "sha256" if proc.stdout.strip() == b"sha256" else "sha1"
+
+
+@lru_cache(maxsize=None)
+def _strict(top: Path) -> str:
+    """`--strict`, with what fsck only warns of (_WARNINGS, those the git at `top` knows) kept as warnings."""
+    proc = Repo._run(top, ["help", "--config"], check=False)  # (git before 2.19 lists none: `--strict` as it is)
+    known = {line[5:].lower() for line in proc.stdout.decode("utf-8", "replace").splitlines()
+             if line.startswith("fsck.")}
+    named = [f"{name}=warn" for name in _WARNINGS if name.lower() in known]
+    return "--strict=" + ",".join(named) if named else "--strict"
 
 
 def _take_pack(repo: Repo, fd: int, name: str, hash_name: str, env: dict[str, str]) -> str | None:
@@ -199,7 +217,7 @@ def _bring_in(repo: Repo, held: Path, env: dict[str, str]) -> None:
                   stdin="".join(f"{n}\n" for n in lacking).encode(), stdout=out)
         out.seek(0)
         (Path(checked) / "pack").mkdir()
-        repo.git("index-pack", "--stdin", "--strict", stdin=out,
+        repo.git("index-pack", "--stdin", _strict(repo.top), stdin=out,
                  env={**_NO_FETCH, "GIT_OBJECT_DIRECTORY": checked, "GIT_ALTERNATE_OBJECT_DIRECTORIES":
                       _alternate(repo)})
         # Its index last: git sees a pack by its index
