@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 
 from aipm import writtenlog
 from aipm.errors import UserError
-from aipm.gitstatus import git_env, real_root
+from aipm.gitstatus import git_env, real_root, run_git
 from aipm.model import Task
 from aipm.paths import Target
 from aipm.record import Record
@@ -224,7 +223,7 @@ def _read_head(root: Path, gitdir: str, common: str) -> tuple[str, str]:
 def _git(root: Path, *args: str) -> str:
     """What a git command prints, stripped; "" when it fails."""
     try:
-        res = subprocess.run(["git", "-C", str(root), *args], env=git_env(), capture_output=True, text=True,
+        res = run_git(["git", "-C", str(root), *args], env=git_env(), capture_output=True, text=True,
                              errors="surrogateescape")
     except OSError:
         return ""

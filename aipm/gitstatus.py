@@ -32,7 +32,7 @@ class Git:
 
         def start() -> int:
             try:
-                return posix_spawn.spawn(program, argv, env, actions)
+                return posix_spawn.spawn(program, argv, env, actions, setsid=True)  # (as run_git)
             finally:
                 os.close(write)  # git holds the only write end: its exit is our EOF (a failed start: at once)
 
@@ -128,7 +128,7 @@ def tree_prefix(root: str) -> str | None:
     if shutil.which("git") is None:
         return None
     try:
-        res = subprocess.run(["git", "rev-parse", "--is-inside-work-tree", "--show-prefix"], cwd=root,
+        res = run_git(["git", "rev-parse", "--is-inside-work-tree", "--show-prefix"], cwd=root,
                              capture_output=True, text=True, errors="surrogateescape", env=git_env())
     except OSError:
         return None
@@ -136,6 +136,14 @@ def tree_prefix(root: str) -> str | None:
     inside = res.returncode == 0 and lines and lines[0] == "true"
     _PREFIXES[root] = (lines[1] if len(lines) > 1 else "") if inside else None
     return _PREFIXES[root]
+
+
+def run_git(argv: list[str], **options) -> subprocess.CompletedProcess:
+    """subprocess.run of a git of aipm's own, in a session of its own. Ctrl-C in a terminal is SIGINT to the whole
+    foreground process group, and `timeout` signals its command's group: in aipm's group, the git of the step under
+    way (an attempt's capture, its merge back) died with aipm's stop, and the attempt was charged for it (REJECTED,
+    `git add failed: exit -2`). aipm hears the stop, and finishes that step first."""
+    return subprocess.run(argv, start_new_session=True, **options)
 
 
 def git_env() -> dict[str, str]:

@@ -11,6 +11,19 @@ import stat
 import aipm
 from aipm import runner
 
+# What this process is doing that a stop waits for (step()): said at the first Ctrl-C, not only at a second one.
+_STEPS: list[str] = []
+
+
+@contextlib.contextmanager
+def step(what: str):
+    """The block is a step a stop lets finish, and waits for: `what` names it ("the merge back of ORD/T")."""
+    _STEPS.append(what)
+    try:
+        yield
+    finally:
+        _STEPS.pop()
+
 
 class Stop:
     """Turns SIGINT/SIGTERM/SIGHUP into a readable descriptor, so the selector wakes and the loop stops cleanly.
@@ -38,13 +51,15 @@ class Stop:
             self._handler(aipm.EARLY[-1], None)
 
     def _handler(self, signum, frame) -> None:
-        if self.requested and signum == signal.SIGINT and not self._told:
-            # A second Ctrl-C while a step runs on (merging a worktree task's thousands of files back took half a
-            # minute): without a word, it read as a hung aipm, one `kill -9` away from a half-written merge.
+        if (self.requested and signum == signal.SIGINT or _STEPS) and not self._told:
+            # A Ctrl-C while a step runs on (merging a worktree task's thousands of files back took half a minute):
+            # without a word, it read as a hung aipm, one `kill -9` away from a half-written merge. Said at once
+            # where the step is known, else at a second Ctrl-C.
             self._told = True
+            what = f"{_STEPS[-1]} is done" if _STEPS else "the step under way is done (a merge back, an outcome " \
+                                                          "being written)"
             with contextlib.suppress(OSError):
-                os.write(2, b"aipm: stopping once the step under way is done (a merge back, an outcome being "
-                            b"written); it is not cut short\n")
+                os.write(2, f"aipm: stopping once {what}; it is not cut short\n".encode(errors="replace"))
         self.requested = True
         if signum == signal.SIGHUP:
             null = os.open(os.devnull, os.O_WRONLY)

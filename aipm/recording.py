@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import os
 import signal
+from contextlib import nullcontext
 
-from aipm import (agents, audit, cluster, commits, confine, notify, outcome, recovery, scope, spending, unrecorded,
-                  workspace, writer, writtenlog)
+from aipm import (agents, audit, cluster, commits, confine, interrupts, notify, outcome, recovery, scope, spending,
+                  unrecorded, workspace, writer, writtenlog)
 from aipm.budget import usd
 from aipm.errors import UserError
 from aipm.finish import after_cap, after_review, after_work, attempt_reason, describe_exit, review_command, time_limit
@@ -61,7 +62,9 @@ class Recording(Reviewing):
         back), so its exit file outlives the run for `recover`."""
         writes, before = self.writes, Record(**vars(rec))
         try:
-            event = self._apply(rec, code, timed_out)
+            with interrupts.step(f"the end of {rec.order}/{rec.task} (its worktree's capture and merge back)") \
+                    if rec.workspace else nullcontext():
+                event = self._apply(rec, code, timed_out)
         except (UserError, OSError) as exc:
             self.owned.pop(rec.key, None)
             first = rec.key not in self.unrecorded

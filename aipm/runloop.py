@@ -115,7 +115,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             with _round(sup, ready, first=first) as ended:  # one lock round per wake-up: finish, launch
                 said = len(sup.outbox)
                 # Nothing starts on a Ray cluster found gone (ask_cluster, before this round): the run stops below.
-                halted = sup.cluster_gone is not None
+                halted = sup.cluster_gone is not None or stop.requested
                 early = None if halted else handover.start_early(sup, launcher, view, only, recover, ended)
                 early_said = len(sup.outbox)
                 _finish(sup, ready)
@@ -124,7 +124,10 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                 # An early start takes the place of a worker whose outcome is recorded after it: said after that
                 # outcome, so the lines never show more workers at once than --max-workers.
                 sup.outbox[said:] = sup.outbox[early_said:] + sup.outbox[said:early_said]
-                report = launcher.launch(view, owner=sup, only=set() if halted else {only} if only else None,
+                # Nor once a stop was asked, even while this round finished a worker (a merge back takes seconds):
+                # a successor it unblocked started, wrote its files, and was stopped at once.
+                report = launcher.launch(view, owner=sup, only=set() if halted or stop.requested else
+                                         {only} if only else None,
                                          explain=False, recover=recover and early is None)
                 if early is not None:
                     report.failed[:0] = early.failed
@@ -192,7 +195,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
                         notify.needs_person(launcher.settings, launcher.runtime, order.id, item["id"], detail)
                     else:
                         emit({"event": "launch_failed", "task": item["id"], "error": item["error"]})
-            if detach_others:
+            if detach_others and not stop.requested:
                 others = launcher.launch(view, owner=None, only=set(order.tasks) - {only}, recover=first_detach)
                 first_detach = False
                 for item in others.launched:

@@ -40,14 +40,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from aipm import durable, inodes, workerfiles
-from aipm.gitstatus import (STATUS_ARGS, Git, as_fingerprint, changed, fingerprint, git_env, known_outside,
+from aipm.gitstatus import (STATUS_ARGS, Git, as_fingerprint, changed, fingerprint, git_env, known_outside, run_git,
                             read_status, real_root, tree_prefix)
 from aipm.coverage import dir_covered, out_of_scope
 from aipm.paths import Target
@@ -352,7 +351,7 @@ def _ignored(root: str, paths: list[str]) -> set[str]:
     if not paths:
         return set()
     try:
-        res = subprocess.run(["git", "-C", root, "check-ignore", "-z", "--stdin"], env=git_env(),
+        res = run_git(["git", "-C", root, "check-ignore", "-z", "--stdin"], env=git_env(),
                              input="\0".join(paths).encode("utf-8", "surrogateescape"), capture_output=True)
     except OSError:
         return set()
@@ -405,7 +404,7 @@ def watching(root: Path, at_exit: bool = False) -> Iterator[None]:
 def _ignored_dirs(root: str) -> list[str]:
     """Directories below `root` that git ignores (relative, "/"-separated): not watched."""
     try:
-        res = subprocess.run(["git", "-C", root, "ls-files", "-z", "--others", "--ignored", "--exclude-standard",
+        res = run_git(["git", "-C", root, "ls-files", "-z", "--others", "--ignored", "--exclude-standard",
                               "--directory", "--", "."], env=git_env(), capture_output=True)
     except OSError:
         return []

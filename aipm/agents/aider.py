@@ -27,6 +27,7 @@ from pathlib import Path
 
 from aipm import agents
 from aipm.agents import Attempt, count, dollars, most
+from aipm.gitstatus import run_git
 from aipm.project import RUNTIME_DIR
 from aipm.workerfiles import append_log
 
@@ -94,7 +95,7 @@ def _git_files(root: Path, target) -> list[str] | None:
     (or without git)."""
     spec = f":(glob){target.path}" if target.is_glob else (target.path or ".")
     try:
-        proc = subprocess.run(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard",
+        proc = run_git(["git", "-C", str(root), "ls-files", "-z", "--cached", "--others", "--exclude-standard",
                                "--", spec], capture_output=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired):
         return None

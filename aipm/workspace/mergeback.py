@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import stat
-import subprocess
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from aipm.digest import sha256
 from aipm.durable import fsync_dir
+from aipm.gitstatus import run_git
 from aipm.workerfiles import open_regular, reading
 from aipm.workspace import Conflict, MergeStopped, mergeplan
 from aipm.workspace.mergeplan import STATE_MAX, Planned, State, Step, TooLarge, digest, read_within
@@ -264,7 +264,7 @@ def _three_way(old: State | None, now: State | None, new: State | None) -> tuple
         for name, data in (("main", now.data), ("start", ancestor), ("task", new.data)):
             Path(tmp, name).write_bytes(data)
             names.append(str(Path(tmp, name)))
-        proc = subprocess.run(["git", "merge-file", "-p", "-L", "main tree", "-L", "task start", "-L", "task",
+        proc = run_git(["git", "merge-file", "-p", "-L", "main tree", "-L", "task start", "-L", "task",
                                *names], capture_output=True)
     if proc.returncode != 0:
         return None, "changed on both sides in overlapping lines", proc.stdout if proc.returncode > 0 else b""

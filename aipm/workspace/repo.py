@@ -88,14 +88,16 @@ class Repo:
              stdin: bytes | BinaryIO | None = None, stdout: BinaryIO | None = None) -> subprocess.CompletedProcess:
         import subprocess  # only here: a run whose tasks share the tree starts no git through it
 
+        from aipm.gitstatus import run_git
+
         full = dict(os.environ, GIT_OPTIONAL_LOCKS="0", LC_ALL="C", **_IDENTITY)
         for key in ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_PREFIX"):
             full.pop(key, None)  # a caller's git hook environment must not redirect us
         full.update(env or {})
         # (bytes are written to git's stdin; a file is given to it as its stdin)
         fed = {"input": stdin} if stdin is None or isinstance(stdin, bytes) else {"stdin": stdin}
-        proc = subprocess.run(["git", "-c", "core.hooksPath=/dev/null", *args], cwd=cwd, env=full, **fed,
-                              stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = run_git(["git", "-c", "core.hooksPath=/dev/null", *args], cwd=cwd, env=full, **fed,
+                       stdout=stdout or subprocess.PIPE, stderr=subprocess.PIPE)
         if check and proc.returncode != 0:
             # Git's cause often comes before its last line ("error: 'x/' does not have a commit checked out",
             # then "fatal: adding files failed"): keep its error lines (the last few), else its last line.
@@ -470,8 +472,8 @@ def _sparse() -> list[str]:
     """`--sparse` where git has it (2.34+): in a sparse checkout, `git add --all` refuses untracked files outside
     the sparse set (a task file, say) and every worktree task failed to launch; with it they are added and the
     entries outside the set are kept as they are."""
-    import subprocess
+    from aipm.gitstatus import run_git
 
-    out = subprocess.run(["git", "version"], capture_output=True, text=True).stdout
+    out = run_git(["git", "version"], capture_output=True, text=True).stdout
     found = re.search(r"(\d+)\.(\d+)", out)
     return ["--sparse"] if found and (int(found[1]), int(found[2])) >= (2, 34) else []
