@@ -324,15 +324,21 @@ def test_a_confined_worker_that_fetches_twice_has_its_work_merged(repo, tmp_path
             git(other, "commit", "-q", "-m", f"{name} {i}")
         if name == "early":
             git(other, "tag", "early")
+    _fetch_and_commit(repo, f'git fetch -q "{other}" early:refs/tags/early && git fetch -q "{other}" HEAD',
+                      "FETCH_HEAD:late5")
+    assert (repo / "out/w").read_text() == "5\n"
+
+
+def _fetch_and_commit(repo, fetch: str, shown: str) -> None:  # noqa: F811
+    """A confined worktree task that runs `fetch`, commits what `git show` gives of `shown` as out/w: DONE."""
     project = project_in(repo, config="workspace: worktree\nconfine: true\n")
-    command = (f'git fetch -q "{other}" early:refs/tags/early && git fetch -q "{other}" HEAD && mkdir -p out && '
-               'git show FETCH_HEAD:late5 > out/w && git add out && git commit -q -m mine && echo FETCHED')
+    command = (f"{fetch} && mkdir -p out && git show {shown} > out/w && git add out && git commit -q -m mine && "
+               "echo FETCHED")
     write_task(project.order(), "T", target_files=["out/"], max_attempts=1, max_rework=0, command=command)
     proc = project.aipm("run", "ORD")
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert "FETCHED" in log, log
     assert project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr + log
-    assert (repo / "out/w").read_text() == "5\n"
 
 
 @needs_landlock
@@ -390,13 +396,6 @@ def test_a_confined_worker_that_fetches_history_fsck_only_warns_of_has_its_work_
     (tmp_path / "padded").write_bytes(b"040000 sub\0" + bytes.fromhex(sub))
     padded = git(other, "hash-object", "-t", "tree", "--literally", "-w", str(tmp_path / "padded")).strip()
     git(other, "update-ref", "HEAD", git(other, "commit-tree", padded, "-m", "old history").strip())
-    project = project_in(repo, config="workspace: worktree\nconfine: true\n")
-    command = (f'git fetch -q "{other}" HEAD && mkdir -p out && git show FETCH_HEAD:sub/f > out/w && '
-               'git add out && git commit -q -m mine && echo FETCHED')
-    write_task(project.order(), "T", target_files=["out/"], max_attempts=1, max_rework=0, command=command)
-    proc = project.aipm("run", "ORD")
-    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert "FETCHED" in log, log
-    assert project.statuses() == {"T": "DONE"}, proc.stdout + proc.stderr + log
+    _fetch_and_commit(repo, f'git fetch -q "{other}" HEAD', "FETCH_HEAD:sub/f")
     assert (repo / "out/w").read_text() == "old\n"
     assert git(repo, "cat-file", "-t", padded) == "tree\n"
