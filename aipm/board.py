@@ -6,11 +6,13 @@ Read-only: a dry-run launcher takes no lock and writes nothing.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
 from aipm import agents, budget, lostreviews, outcome, recovery, subreaper, workerstate
-from aipm.errors import UserError
+from aipm.errors import UserError, ValidationError
 from aipm.finish import attempt_limit, rework_limit
 from aipm.launcher import Launcher
 from aipm.model import RUNNING, Order, Status, Task, status_summary
@@ -19,7 +21,7 @@ from aipm.record import Record
 from aipm.runtime import Runtime
 from aipm.settings import Settings
 from aipm.spending import charged
-from aipm.store import load_order, load_task, order_meta, task_names
+from aipm.store import check_links, load_order, load_task, order_meta, task_names
 
 # Why a task whose worker was lost reads as INTERRUPTED: what its file still says and what to do.
 LOST = "worker lost with its supervisor; `aipm recover` re-queues it"
@@ -132,22 +134,69 @@ def order_totals(order: Order, settings: Settings) -> dict:
             **({"max_cost_usd": limit.limit, "budget_reached": limit.reached} if limit is not None else {})}
 
 
-def survey(launcher: Launcher, order_dir: Path) -> tuple[Order, Plan, int, list, list]:
+def survey(launcher: Launcher, order_dir: Path, order: Order | None = None, invalid: Mapping[str, str] = {},
+           ) -> tuple[Order, Plan, int, list, list]:
     """The same planning inputs `launch` uses (the order, live worker records, free slots) and the plan.
+    `order`: the order as read already; `invalid`: its tasks that stand in for files that do not validate
+    (excused), id → the error, which never start.
 
     Returns (order, plan, free slots, busy files of every running task in the project, locks held outside aipm).
     """
-    order = charged(load_order(order_dir, launcher.project.root), launcher.runtime)
+    order = charged(load_order(order_dir, launcher.project.root) if order is None else order, launcher.runtime)
     records = launcher.records()
     busy, live, count = launcher.holders(order, records)
     free = max(0, launcher.settings.max_workers - count)
     spend = launcher.budget(order, records)
     outside = launcher.outside(records)
     refused = launcher.refused_here(order.tasks.values())
+    if invalid:
+        refused = {**refused, **{tid: f"its file does not validate: {why}" for tid, why in invalid.items()}}
     # (planned as a launch's recovery leaves it: an interrupted re-queue is finished first)
     planned = plan(recovery.as_recovered(order, launcher.runtime), busy, live, free, budget=spend, outside=outside,
                    refused=refused)
     return order, planned, free, busy, outside
+
+
+def survey_about(launcher: Launcher, order_dir: Path, task_id: str
+                 ) -> tuple[Order, Plan, int, list, list, dict[str, str]]:
+    """survey() for a reader asking about one task (`why`), and id → error of each sibling task file that does not
+    validate: a file being edited beside a running order (the run keeps it out and waits for its fix) made `why` of
+    every task of the order an error naming that file. Such a task is planned as one that cannot start (excused)."""
+    try:
+        return (*survey(launcher, order_dir), {})
+    except ValidationError:
+        order, invalid = excused(order_dir, launcher.project.root, task_id)
+        return (*survey(launcher, order_dir, order, invalid), invalid)
+
+
+def excused(order_dir: Path, root: Path, task_id: str) -> tuple[Order, dict[str, str]]:
+    """The order with each task file that does not validate (its fields, a dependency that is no task of the order,
+    its place in a dependency cycle) standing in as a QUEUED task of no files and no dependencies, and id → its
+    error. `task_id`'s own file is not excused, nor order.yaml: their error is raised, as every command says it."""
+    order_id, title, _, limit = order_meta(order_dir)
+    order, invalid = Order(order_id, str(order_dir), {}, title, limit), {}
+    for name in task_names(order_dir):
+        path = order_dir / name
+        try:
+            task = load_task(path, root)
+        except ValidationError as exc:
+            if name == f"{task_id}.yaml":
+                raise
+            if not os.path.lexists(path):
+                continue  # removed since it was listed
+            task = Task(path.stem, str(path))
+            invalid[task.id] = str(exc)
+        order.tasks[task.id] = task
+    while True:
+        try:
+            check_links(order)
+            return order, invalid
+        except ValidationError as exc:  # a task file naming what is no task, or closing a cycle: that file's error
+            wrong = Path(exc.file).stem
+            if wrong == task_id or wrong not in order.tasks or wrong in invalid:
+                raise
+            order.tasks[wrong] = Task(wrong, exc.file)
+            invalid[wrong] = str(exc)
 
 
 def order_board(launcher: Launcher, order_dir: Path) -> dict:

@@ -4,7 +4,7 @@ held by the next."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from aipm.model import FINISHED_OK, RUNNING, Order, Status
 from aipm.overlap import LockIndex, conflict
@@ -17,8 +17,8 @@ class Reasons:
     """What the reasons of an order's blocked tasks are read from, gathered once: `detect` asks for every task."""
 
     def __init__(self, order: Order, result: Plan, elsewhere: Iterable[Busy] = (),
-                 outside: Iterable[ForeignLock] = ()):
-        self.order, self.result, self.outside = order, result, list(outside)
+                 outside: Iterable[ForeignLock] = (), invalid: Mapping[str, str] = {}):
+        self.order, self.result, self.outside, self.invalid = order, result, list(outside), invalid
         self.doomed = doomed(order)
         self.holders, self.held_as = _holders(elsewhere, order.id)
         for t in order.tasks.values():
@@ -39,7 +39,10 @@ class Reasons:
         reasons = []
         deps = self.order.tasks
         for dep in task.depends_on:
-            if dep in deps and deps[dep].status not in FINISHED_OK:
+            if dep in self.invalid:  # (board.excused: what its file says cannot be read until it is fixed)
+                reasons.append(Blocked(task_id, WAITING, f"waiting on {dep}: its file does not validate "
+                                       f"({self.invalid[dep]}); fix it", (dep,)))
+            elif dep in deps and deps[dep].status not in FINISHED_OK:
                 if dep in self.doomed or dead_end(deps[dep]):
                     roots = (dep,) if dead_end(deps[dep]) else self.doomed[dep]
                     reasons.append(_never(self.order, task_id, roots))
@@ -73,6 +76,7 @@ class Reasons:
 
 
 def all_reasons(order: Order, result: Plan, task_id: str, elsewhere: Iterable[Busy] = (),
-                outside: Iterable[ForeignLock] = ()) -> list[Blocked]:
-    """Every reason `task_id` cannot start (the plan records only the first), for `aipm why`."""
-    return Reasons(order, result, elsewhere, outside).of(task_id)
+                outside: Iterable[ForeignLock] = (), invalid: Mapping[str, str] = {}) -> list[Blocked]:
+    """Every reason `task_id` cannot start (the plan records only the first), for `aipm why`; `invalid`: the
+    order's tasks whose file does not validate (board.excused), id → its error."""
+    return Reasons(order, result, elsewhere, outside, invalid).of(task_id)

@@ -25,7 +25,7 @@ from aipm.record import Record, same_attempt
 from aipm.runtime import Runtime, StateWriteError, exit_file_written, read_exit_file
 from aipm.workerfiles import append_log, write_bytes
 from aipm.settings import Settings
-from aipm.store import load_task, order_meta
+from aipm.store import load_task, order_meta, own_task
 from aipm.writer import StaleWrite, now, update_task
 from aipm.worker import agent_for
 
@@ -236,7 +236,8 @@ CANCELLABLE = (Status.QUEUED, Status.REWORK, Status.INTERRUPTED)  # besides the 
 
 def _read(project: Project, order_dir: Path, path: Path) -> tuple[Task, str]:
     """The task and its order's id, read to refuse bad input (UserError) before anything is written."""
-    return load_task(path, project.root), order_meta(order_dir)[0]
+    order_id, task = own_task(order_dir, path.stem, project.root)
+    return task, order_id
 
 
 def _lost_work(root: Path, task: Task, rec: Record | None) -> str | None:

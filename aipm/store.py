@@ -238,6 +238,13 @@ def load_task(path: Path | str, root: Path | None = None, normalise: Normaliser 
     return parse_task(path, read_text(path, follow=False), root, normalise)[1]
 
 
+def own_task(order_dir: Path, task_id: str, root: Path | None = None) -> tuple[str, Task]:
+    """(the order's id, the task) from order.yaml and the task's own file alone, each validated: a sibling task file
+    being edited (saved invalid mid-run) stops no command about this task (`cancel`, `logs`, `diff`)."""
+    task = load_task(order_dir / f"{task_id}.yaml", root)  # (first: its own error is the one said)
+    return order_meta(order_dir)[0], task
+
+
 # The last version of each task file this process wrote, with what it parses to: a `run` reads a task again
 # when its worker ends and when it writes the outcome, and the same bytes need not be parsed twice. Keyed by the
 # text itself, so a file changed in any way is parsed afresh. Filled only by the writer (remember), never by

@@ -355,6 +355,34 @@ def test_cancel_stops_the_worker_while_a_sibling_task_file_is_broken(project, ga
     wait_for(lambda: not group_alive(worker["pgid"]))
 
 
+def test_why_explains_around_sibling_files_that_do_not_validate(project):
+    """`why` of any task failed (exit 2) on another task file of its order that does not validate, naming that file.
+    Each such file (a field, a dependency on no task, a cycle) is planned as a task that cannot start and said on
+    stderr; a task depending on one waits for its fix. A task's own file not validating stays the error."""
+    order = project.order()
+    write_task(order, "A", command="true", target_files=["a"])
+    write_task(order, "NOPE", command="true", depends_on=["MISSING"])  # a dependency that is no task
+    write_task(order, "C1", command="true", depends_on=["C2"])  # a cycle
+    write_task(order, "C2", command="true", depends_on=["C1"])
+    write_task(order, "D", command="true", depends_on=["NOPE", "A"])
+    free = project.aipm("why", "A")
+    assert (free.returncode, free.stdout) == (0, "A can start now.\n"), free.stderr
+    warned = free.stderr.splitlines()
+    then = " (explained as a task that cannot start: a run going on waits for its fix; `launch` or a new `run` " \
+           "refuses the order until then)"
+    assert warned == [f"aipm: warning: {order / 'NOPE.yaml'}: depends_on: 'MISSING' is not a task of order ORD{then}",
+                      f"aipm: warning: {order / 'C1.yaml'}: depends_on: dependency cycle: C1 → C2 → C1{then}"], warned
+    behind = project.aipm("why", "D")
+    assert behind.returncode == 0, behind.stderr
+    assert behind.stdout == (f"D cannot start:\n  - waiting on NOPE: its file does not validate "
+                             f"({order / 'NOPE.yaml'}: depends_on: 'MISSING' is not a task of order ORD); fix it\n"
+                             "  - waiting on A (QUEUED)\n"), behind.stdout
+    for own, error in (("NOPE", "depends_on: 'MISSING' is not a task of order ORD"),
+                       ("C1", "depends_on: dependency cycle: C1 → C2 → C1")):
+        proc = project.aipm("why", own)
+        assert (proc.returncode, proc.stderr) == (2, f"aipm: error: {order / own}.yaml: {error}\n"), proc.stderr
+
+
 def test_cancel_of_a_cancelled_task_whose_worker_runs_stops_it(project, gate):
     """A cancel cut short after its write (killed, or by an older aipm) left CANCELLED over a live worker."""
     order = project.order()

@@ -158,20 +158,33 @@ def test_logs_follow_of_a_task_not_started_yet_waits_for_its_first_attempt(proje
     assert "hello-from-b" in out
 
 
-def _follow_through_a_run(project, task: str, said: str) -> str:
+def _follow_through_a_run(project, task: str, said: str, then=lambda: None) -> str:
     """`aipm logs TASK -f` started before a run of ORD: its first line on stderr (`said`: it waits), then what it
-    printed to stdout once the run ended (it ends with it)."""
+    printed to stdout once the run ended (it ends with it). `then`: what is done before the run starts."""
     follower = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", task, "-f"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         first = follower.stderr.readline()
         assert first.startswith(said), first
+        then()
         assert project.aipm("run", "ORD", "--no-resource-monitoring").returncode == 0
         out, err = follower.communicate(timeout=60)
     finally:
         follower.kill()
     assert follower.returncode == 0, out + err
     return out
+
+
+def test_logs_follow_of_a_task_not_started_yet_waits_while_a_sibling_file_does_not_validate(project):
+    """`aipm logs B -f` read the whole order to see whether B may still start: a sibling's file saved invalid (a
+    run waits for its fix) ended the wait at once, 'no log for ORD/B yet'. It waits on; B runs once it is fixed."""
+    order = project.order()
+    write_task(order, "B", command="echo hello-from-b", target_files=["b"])
+    broken = order / "C.yaml"
+    broken.write_text("title: oops\npriority: P9\n")
+    out = _follow_through_a_run(project, "B", "waiting for ORD/B to start (QUEUED",
+                                then=lambda: broken.write_text("title: fixed\ncommand: echo c\n"))
+    assert "hello-from-b" in out
 
 
 def test_logs_follow_after_a_retry_waits_for_the_next_attempt(project):

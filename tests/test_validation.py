@@ -1,4 +1,5 @@
-"""Every user mistake: one line naming file and field, exit 2, no traceback, not one byte changed on disk."""
+"""Every user mistake: one line naming file and field, exit 2, no traceback, not one byte changed on disk (`why` of
+a task whose own file is good: that line as a warning, and its explanation)."""
 
 import shutil
 import subprocess
@@ -37,7 +38,14 @@ def test_invalid_order_through_every_command(project, case):
     # byte, whatever the others do meanwhile.
     calls = [(command, arg.format(o=case)) for command, arg in COMMANDS]
     calls += [(command, f"{case}/TASK_001") for command in ("exec", "why")]
-    for proc in project.aipm_all(calls):
+    for call, proc in zip(calls, project.aipm_all(calls)):
+        if call[0] == "why" and file_name not in ("TASK_001.yaml", "order.yaml"):
+            # `why` of a task whose own file is good explains it, the broken sibling planned as a task that cannot
+            # start and named in one line on stderr (a file being edited while the order runs hid every `why`).
+            assert proc.returncode == 0 and proc.stdout.startswith("TASK_001 "), (case, proc.stdout, proc.stderr)
+            (line,) = proc.stderr.splitlines()
+            assert line.startswith("aipm: warning: ") and file_name in line and (field == "-" or field in line), line
+            continue
         assert_one_line_error(proc, file_name, field)
     assert snapshot(project.root) == before, "a command changed the tree"
 

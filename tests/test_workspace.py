@@ -581,6 +581,53 @@ def test_diff_of_an_attempt_that_changed_nothing_says_so(repo, tmp_path):
     assert project.json("diff", "T")["patch"] == ""
 
 
+def test_a_sibling_file_saved_invalid_mid_run_stops_no_logs_diff_or_why_of_another_task(repo, tmp_path):
+    """A typo saved in one task file while the order runs (the run keeps that file out and waits for its fix) made
+    `aipm logs W`, `aipm diff W` and `aipm why W` of every other task exit 2, naming the broken file. They read W's
+    own file and order.yaml only (as `cancel` does); `why` plans with the broken file as a task that cannot start,
+    says so on stderr, and explains a task that depends on it as waiting for its fix. The broken file's own task is
+    still the one-line error."""
+    project = project_in(repo)
+    order = project.order()
+    write_task(order, "W", target_files=["src/a.txt"], command=(
+        f'echo "from W" >> src/a.txt; echo W-working; touch "{tmp_path}/ready"; ' + wait_gate(tmp_path / "gate")))
+    write_task(order, "N", depends_on=["W"], target_files=["src/b.txt"], command="echo N >> src/b.txt")
+    bad = order / "BAD.yaml"
+    error = f"{bad}: priority: 'P9' is not one of P0, P1, P2, P3"
+    seen = {}
+
+    def edit():
+        bad.write_text("title: oops\npriority: P9\n")
+        write_task(order, "X", depends_on=["BAD"], command="true")
+        calls = [("logs", "W"), ("logs", "W", "--json"), ("diff", "W"), ("why", "W"), ("why", "N"), ("why", "X"),
+                 ("why", "X", "--json"), ("logs", "BAD"), ("diff", "BAD"), ("why", "BAD")]
+        seen.update(zip(calls, project.aipm_all(calls)))
+        bad.write_text("title: fixed\ncommand: echo fixed\n")  # the run goes on (and ends)
+
+    proc = _run_with_person(project, tmp_path, edit)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    for call, shown in seen.items():
+        if call[1] == "BAD":
+            assert (shown.returncode, shown.stderr) == (2, f"aipm: error: {error}\n"), (call, shown)
+        else:
+            assert shown.returncode == 0, (call, shown.stderr)
+    assert "W-working" in seen[("logs", "W")].stdout
+    assert "W-working" in json.loads(seen[("logs", "W", "--json")].stdout)["text"]
+    assert "+from W" in seen[("diff", "W")].stdout
+    warned = (f"aipm: warning: {error} (explained as a task that cannot start: a run going on waits for its fix; "
+              "`launch` or a new `run` refuses the order until then)\n")
+    assert seen[("why", "W")].stdout.startswith("W cannot start:\n  - status is IN_PROGRESS")
+    assert seen[("why", "W")].stderr == warned
+    assert (seen[("why", "N")].stdout, seen[("why", "N")].stderr) == (
+        "N cannot start:\n  - waiting on W (IN_PROGRESS)\n", warned)
+    waits = f"waiting on BAD: its file does not validate ({error}); fix it"
+    assert seen[("why", "X")].stdout == f"X cannot start:\n  - {waits}\n", seen[("why", "X")].stdout
+    assert seen[("why", "X")].stderr == ""  # (its reason names the file)
+    assert json.loads(seen[("why", "X", "--json")].stdout)["reasons"] == [
+        {"id": "X", "reason": "waiting_on_dependencies", "detail": waits, "tasks": ["BAD"]}]
+    assert project.statuses() == {"W": "DONE", "N": "DONE", "BAD": "DONE", "X": "DONE"}
+
+
 @pytest.mark.parametrize("breaks", ["rm .git", "rm .git && git init -q && git add -A && git commit -qm mine"])
 def test_a_worker_that_breaks_its_worktrees_git_file_still_has_its_work_merged(repo, breaks):
     """A worker that deleted its worktree's `.git` file (or made a repository of its own there): git no longer

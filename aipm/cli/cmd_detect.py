@@ -8,8 +8,8 @@ from aipm.cli import grid
 from aipm.cli.decl import Argument, Option, command
 
 from aipm import outcome, recovery, workspace
-from aipm.board import as_seen, survey
-from aipm.cli.common import JsonOpt, json_option, print_json, project_root, read_only
+from aipm.board import as_seen, survey, survey_about
+from aipm.cli.common import JsonOpt, json_option, print_json, project_root, read_only, warn
 from aipm.cli.resource_options import MaxWorkersOpt
 from aipm.launcher import Launcher, Options
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Status
@@ -28,12 +28,13 @@ def _launcher(max_workers: int | None) -> Launcher:
 
 
 def reasons_for(launcher: Launcher, order_dir: Path, task_id: str):
-    """(order, task id, launchable now?, every reason it is not)."""
-    order, result, _, busy, outside = survey(launcher, order_dir)
+    """(order, task id, launchable now?, every reason it is not, id → error of each other task file of the order
+    that does not validate: planned as a task that cannot start, board.survey_about)."""
+    order, result, _, busy, outside, invalid = survey_about(launcher, order_dir, task_id)
     launchable = any(t.id == task_id for t in result.launchable)
     elsewhere = [b for b in busy if b.order_id != order.id]
     planned = recovery.as_recovered(order, launcher.runtime)  # (as the plan saw it: board.survey)
-    return order, task_id, launchable, all_reasons(planned, result, task_id, elsewhere, outside)
+    return order, task_id, launchable, all_reasons(planned, result, task_id, elsewhere, outside, invalid), invalid
 
 
 def _stale_as_seen(launcher: Launcher, loaded, reasons: list):
@@ -133,10 +134,15 @@ def why(
     max_workers: int = MaxWorkersOpt,
     json_out: bool = json_option("the explanation"),
 ) -> None:
-    """Explain whether a task may start now, and if not, every reason."""
+    """Explain whether a task may start now, and if not, every reason. Another task file of its order that does
+    not validate (being edited) counts as a task that cannot start, said on stderr."""
     read_only()
     launcher = _launcher(max_workers)
-    loaded, task_id, launchable, reasons = reasons_for(launcher, *find_task(launcher.project, task))
+    loaded, task_id, launchable, reasons, invalid = reasons_for(launcher, *find_task(launcher.project, task))
+    # A sibling's file being edited: planned as a task that cannot start, and said (unless a reason names it).
+    warn([f"{error} (explained as a task that cannot start: a run going on waits for its fix; `launch` or a new "
+          "`run` refuses the order until then)" for tid, error in invalid.items()
+          if not any(tid in r.tasks for r in reasons)])
     current = loaded.tasks[task_id]
     reasons, seen = _stale_as_seen(launcher, loaded, reasons)
     shown = seen.tasks[task_id]

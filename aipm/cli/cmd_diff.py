@@ -15,7 +15,7 @@ from aipm.cli.common import copy_out, get_project, json_option, print_json_text
 from aipm.errors import UserError
 from aipm.workerfiles import reading
 from aipm.project import find_task
-from aipm.store import load_order
+from aipm.store import own_task
 
 
 @command()
@@ -34,21 +34,22 @@ def diff(
     """
     project = get_project()
     order_dir, task_id = find_task(project, task)
-    order = load_order(order_dir, project.root)
-    source, patch, notes = workspace.diff(project.root, order.id, task_id)
+    # Its own file and order.yaml only (as `cancel`): a sibling's file saved invalid mid-run hid this task's diff.
+    order_id = own_task(order_dir, task_id, project.root)[0]
+    source, patch, notes = workspace.diff(project.root, order_id, task_id)
     for note in notes:  # (a worktree its worker moved off its start: what is shown, and why; --json too)
-        print(f"aipm: {order.id}/{task_id}: {note}", file=sys.stderr)
+        print(f"aipm: {order_id}/{task_id}: {note}", file=sys.stderr)
     # (the last attempt's patch alone: what else is kept of it is named, not left for its log to tell)
-    beside = workspace.kept_beside(project.root, order.id, task_id, patch) if isinstance(patch, Path) else []
-    instead = workspace.shown_instead(project.root, order.id, task_id, patch) if isinstance(patch, Path) else None
+    beside = workspace.kept_beside(project.root, order_id, task_id, patch) if isinstance(patch, Path) else []
+    instead = workspace.shown_instead(project.root, order_id, task_id, patch) if isinstance(patch, Path) else None
     if not json_out:
         if instead:
-            print(f"aipm: {order.id}/{task_id}: {instead}", file=sys.stderr)
+            print(f"aipm: {order_id}/{task_id}: {instead}", file=sys.stderr)
         for note in beside:
-            print(f"aipm: {order.id}/{task_id}: also {note}", file=sys.stderr)
+            print(f"aipm: {order_id}/{task_id}: also {note}", file=sys.stderr)
     with _opened(patch) as handle:
         if json_out:
-            print_json_text({"order": order.id, "task": task_id, "source": source, "also_kept": beside}, "patch",
+            print_json_text({"order": order_id, "task": task_id, "source": source, "also_kept": beside}, "patch",
                             handle)
             return
         empty = os.fstat(handle.fileno()).st_size == 0 if isinstance(patch, Path) else not patch
@@ -58,7 +59,7 @@ def diff(
                     if source is None else
                     f"its worktree ({source[len('worktree '):]}) has none against its attempt's start"
                     if source.startswith("worktree ") else f"its last attempt changed nothing ({source} is empty)")
-            print(f"aipm: {order.id}/{task_id}: no changes to show: {what}", file=sys.stderr)
+            print(f"aipm: {order_id}/{task_id}: no changes to show: {what}", file=sys.stderr)
             return
         copy_out(handle)
 

@@ -388,7 +388,7 @@ def _exec_end(launcher: Launcher, view: OrderView, display: Display, order_dir: 
         from aipm.cli.cmd_detect import reasons_for  # only here: `run` does without it
 
         looker = Launcher(launcher.project, launcher.settings, Options(dry_run=True))  # reads only, no lock
-        _, _, launchable, found = reasons_for(looker, order_dir, task_id)
+        _, _, launchable, found, _ = reasons_for(looker, order_dir, task_id)
         reasons = [] if launchable else found  # launchable: its launch failed, and the 'failed' line said why
     if json_out:  # stdout stays JSON lines: the closing line is an event too
         display({"event": "summary", "order": view.order.id, "task": task_id, "status": final.status.value,

@@ -17,7 +17,7 @@ from aipm.model import DEAD_END, FINISHED_OK, RUNNING
 from aipm.project import AmbiguousOrder, TaskNotFound, find_task
 from aipm.runtime import Runtime
 from aipm.settings import load_settings
-from aipm.store import load_order
+from aipm.store import load_order, load_task, own_task
 from aipm.workerfiles import reading
 
 
@@ -77,33 +77,34 @@ def logs(
             raise UserError(f"--attempt: {task!r} is an order, and attempts are a task's; give ORDER/TASK, or "
                             "drop --attempt for every task's lines") from None
         raise
-    order = load_order(order_dir, project.root)
+    # Its own file and order.yaml only (as `cancel`): a sibling's file saved invalid mid-run hid this task's log.
+    order_id, own = own_task(order_dir, task_id, project.root)
     rt = Runtime(project.root)
-    found = rt.logs(order.id, task_id)
+    found = rt.logs(order_id, task_id)
     if attempt is not None and attempt not in found:
         have = ", ".join(map(str, found)) or "none"
-        raise UserError(f"no log of attempt {attempt} of {order.id}/{task_id} (attempts with a log: {have})")
+        raise UserError(f"no log of attempt {attempt} of {order_id}/{task_id} (attempts with a log: {have})")
     if not found and follow and attempt is None:
-        found = _first_log(rt, order, task_id)
+        found = _first_log(rt, order_dir, order_id, task_id)
     if not found:  # nothing to show (yet) is no usage error: said on stderr, exit 0, as `logs ORDER` says it
-        print(f"aipm: {logbook.no_log(order.id, order.tasks[task_id])}", file=sys.stderr, flush=True)
+        print(f"aipm: {logbook.no_log(order_id, own)}", file=sys.stderr, flush=True)
         if json_out:
-            print_json({"order": order.id, "task": task_id, "attempt": None, "attempts": [], "log": None, "text": ""})
+            print_json({"order": order_id, "task": task_id, "attempt": None, "attempts": [], "log": None, "text": ""})
         return
     number = attempt if attempt is not None else max(found)
     if json_out:
         with _log(found[number]) as handle:
-            print_json_text({"order": order.id, "task": task_id, "attempt": number, "attempts": sorted(found),
+            print_json_text({"order": order_id, "task": task_id, "attempt": number, "attempts": sorted(found),
                              "log": str(found[number])}, "text", handle)
         return
     while True:
         with _log(found[number]) as handle:
-            _print_attempt(rt, order.id, task_id, handle, follow)
+            _print_attempt(rt, order_id, task_id, handle, follow)
         if not follow or attempt is not None:
             return
         # Following the newest attempt goes on to the attempts that started meanwhile (a rework, another try), and
         # waits for the next one of a task put back to run again (`aipm retry`, a rework not started yet).
-        found = _first_log(rt, order, task_id, after=number)
+        found = _first_log(rt, order_dir, order_id, task_id, after=number)
         newer = [n for n in found if n > number]
         if not newer:
             return
@@ -111,21 +112,22 @@ def logs(
         print(f"==> {found[number].name} <==", flush=True)
 
 
-def _first_log(rt: Runtime, order, task_id: str, after: int = 0) -> dict:
+def _first_log(rt: Runtime, order_dir: Path, order_id: str, task_id: str, after: int = 0) -> dict:
     """`logs -f` of a task that has not run yet (or, `after` its attempt of that number, was put back to run
     again): wait for its next log (`tail -F` style) while it may still start; {} once it no longer can (finished,
     failed, cancelled, interrupted, gone, its budget reached), or when it waits on a task that can never finish (it
-    would wait for ever: said on stderr)."""
+    would wait for ever: said on stderr). A sibling's file that does not validate stops no wait (a run waits for
+    its fix): what this task waits on is told once the order loads again."""
     said = False
     limit = load_settings(rt.root).max_cost_usd
+    path = order_dir / f"{task_id}.yaml"
     while True:
         try:
-            now = load_order(Path(order.path), rt.root)
-            task = now.tasks[task_id]
-        except (UserError, OSError, KeyError):
+            task = load_task(path, rt.root)
+        except (UserError, OSError):
             return {}
         status = task.status
-        found = rt.logs(order.id, task_id)
+        found = rt.logs(order_id, task_id)
         if any(n > after for n in found):
             return found
         if status in FINISHED_OK | DEAD_END:
@@ -136,17 +138,27 @@ def _first_log(rt: Runtime, order, task_id: str, after: int = 0) -> dict:
             # lives to record it (`aipm recover` does).
             with rt.launch_lock():
                 pass
-            found = rt.logs(order.id, task_id)
+            found = rt.logs(order_id, task_id)
             return found if any(n > after for n in found) else {}
-        never = None if status in RUNNING else logbook.wait_for_person(now, rt, limit).get(task_id)
+        never = None if status in RUNNING else _never(order_dir, rt, limit, task_id)
         if never:
-            print(f"aipm: {order.id}/{task_id} {never}", file=sys.stderr, flush=True)
+            print(f"aipm: {order_id}/{task_id} {never}", file=sys.stderr, flush=True)
             return {}
         if not said and status not in RUNNING:
-            print(f"waiting for {order.id}/{task_id} to start{' again' if after else ''} ({status.value}; Ctrl-C "
+            print(f"waiting for {order_id}/{task_id} to start{' again' if after else ''} ({status.value}; Ctrl-C "
                   "stops)", file=sys.stderr, flush=True)
             said = True
         time.sleep(0.25)
+
+
+def _never(order_dir: Path, rt: Runtime, limit: float | None, task_id: str) -> str | None:
+    """Why the task can never start (logbook.wait_for_person), or None; None too while a file of its order does not
+    validate."""
+    try:
+        order = load_order(order_dir, rt.root)
+    except (UserError, OSError):
+        return None
+    return logbook.wait_for_person(order, rt, limit).get(task_id)
 
 
 def _log(path):
