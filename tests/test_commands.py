@@ -509,6 +509,27 @@ def test_logs_of_a_task_show_its_reviews_output(project):
     assert printed[-3:] == ["==> W.1.review.log (its review) <==", "reviewing", "FAIL: missing tests"], printed
 
 
+def test_logs_as_json_carry_the_review_output_the_text_shows(project):
+    """`aipm logs R` ends with its review's output (`==> R.2.review.log (its review) <==`); `--json` stopped at the
+    work log's end, with no field for the review. It has review_log and review_text (each attempt's own), left out
+    for an attempt with no review, as the text output shows none."""
+    order = project.order()
+    write_task(order, "R", command="echo working",
+               review="if [ -e ok ]; then echo 'looks good'; else touch ok; echo 'FAIL: no tests'; exit 1; fi")
+    write_task(order, "P", command="echo plain")
+    assert project.aipm("run", "ORD").returncode == 0
+    logs = project.root / ".aipm/logs/ORD"
+    shown = project.aipm("logs", "R", check=True).stdout
+    assert shown.endswith("==> R.2.review.log (its review) <==\nlooks good\n"), shown
+    got = project.json("logs", "R")
+    assert list(got) == ["order", "task", "attempt", "attempts", "log", "review_log", "text", "review_text"], got
+    assert (got["attempt"], got["review_log"], got["review_text"]) == (2, str(logs / "R.2.review.log"), "looks good\n")
+    assert got["text"] == (logs / "R.2.log").read_text() and shown.startswith(got["text"]), got
+    first = project.json("logs", "R", "--attempt", "1")
+    assert (first["review_log"], first["review_text"]) == (str(logs / "R.1.review.log"), "FAIL: no tests\n"), first
+    assert "review_log" not in project.json("logs", "P") and "review_text" not in project.json("logs", "P")
+
+
 def test_recover_adopts_a_worker_whose_owner_died(project):
     order = project.order()
     gate = project.root / "gate"

@@ -37,7 +37,8 @@ def logs(
                           "(for an order: new attempts too, until no task can still run)."),
     attempt: Optional[int] = Option(None, "--attempt", help="Which attempt of a task (default: the newest)."),
     json_out: bool = Option(False, "--json", help="Print the log as JSON: a task's {order, task, attempt, "
-                            "attempts, log, text}, an order's {order, lines: [{task, line}]}. Not with -f."),
+                            "attempts, log, text} (and review_log, review_text: its review's output, when it has "
+                            "one), an order's {order, lines: [{task, line}]}. Not with -f."),
 ) -> None:
     """Print a task's log: the newest attempt by default (`--attempt N` for another); with -f, keep following
     the newest attempt until the task stops running (a task that has not run yet, or was put back to run again
@@ -93,9 +94,7 @@ def logs(
         return
     number = attempt if attempt is not None else max(found)
     if json_out:
-        with _log(found[number]) as handle:
-            print_json_text({"order": order_id, "task": task_id, "attempt": number, "attempts": sorted(found),
-                             "log": str(found[number])}, "text", handle)
+        _print_json(order_id, task_id, number, found)
         return
     while True:
         with _log(found[number]) as handle:
@@ -161,6 +160,26 @@ def _never(order_dir: Path, rt: Runtime, limit: float | None, task_id: str) -> s
     return logbook.wait_for_person(order, rt, limit).get(task_id)
 
 
+def _print_json(order_id: str, task_id: str, number: int, found: dict) -> None:
+    """The attempt's log as JSON, with its review's output (review_log, review_text) when it has one, as the text
+    output shows it after the work's lines."""
+    data = {"order": order_id, "task": task_id, "attempt": number, "attempts": sorted(found), "log": str(found[number])}
+    review = _review_path(found[number])
+    with _log(found[number]) as handle:
+        try:
+            reviewed = reading(review)
+        except OSError:  # no review, or a worker's FIFO in its place: as the text output, nothing of it shown
+            print_json_text(data, "text", handle)
+            return
+        with reviewed:
+            print_json_text({**data, "review_log": str(review)}, "text", handle, ("review_text", reviewed))
+
+
+def _review_path(log) -> Path:
+    """The review's output of the attempt whose log is `log`: `<TASK>.<n>.review.log`."""
+    return Path(log).with_suffix(".review.log")
+
+
 def _log(path):
     """The attempt's log to read; a worker may have put what is no file in its place (a FIFO's open would wait)."""
     try:
@@ -212,7 +231,7 @@ class _ReviewLog:
     own: `aipm logs T` of a task its review sent back printed only where that output was, the why itself elsewhere."""
 
     def __init__(self, log: str):
-        self.path = Path(log).with_suffix(".review.log")
+        self.path = _review_path(log)
         self.handle = None
 
     def show_before(self, work) -> None:

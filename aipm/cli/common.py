@@ -139,17 +139,22 @@ def copy_out(handle: BinaryIO) -> None:
     sys.stdout.flush()
 
 
-def print_json_text(data: dict, key: str, handle: BinaryIO) -> None:
-    """print_json(`data` and, last, `key` (not in `data`): the rest of `handle` as text, UTF-8 with errors
-    replaced), that text encoded a chunk at a time (the same JSON: a string's escapes are those of its characters
-    one by one)."""
-    whole = json.dumps({**data, key: ""}, indent=_indent(), default=str)
-    at = whole.rindex('""') + 1  # the empty value of the last key
-    sys.stdout.write(whole[:at])
-    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    while chunk := handle.read(_CHUNK):
-        sys.stdout.write(json.dumps(decoder.decode(chunk))[1:-1])
-    sys.stdout.write(json.dumps(decoder.decode(b"", final=True))[1:-1] + whole[at:] + "\n")
+def print_json_text(data: dict, key: str, handle: BinaryIO, *more: tuple[str, BinaryIO]) -> None:
+    """print_json(`data` and, after it, `key` (not in `data`): the rest of `handle` as text, UTF-8 with errors
+    replaced; and so each (key, handle) of `more`), each text encoded a chunk at a time (the same JSON: a string's
+    escapes are those of its characters one by one)."""
+    texts = [(key, handle), *more]
+    mark = f"\0{os.urandom(8).hex()}"  # (in place of each text: no value of `data` holds it)
+    whole = json.dumps({**data, **{k: f"{mark}{n}" for n, (k, _) in enumerate(texts)}}, indent=_indent(),
+                       default=str)
+    for n, (_, text) in enumerate(texts):
+        before, whole = whole.split(json.dumps(f"{mark}{n}"), 1)
+        sys.stdout.write(before + '"')
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        while chunk := text.read(_CHUNK):
+            sys.stdout.write(json.dumps(decoder.decode(chunk))[1:-1])
+        sys.stdout.write(json.dumps(decoder.decode(b"", final=True))[1:-1] + '"')
+    sys.stdout.write(whole + "\n")
 
 
 def warn(lines: list[str]) -> None:
