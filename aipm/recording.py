@@ -170,6 +170,9 @@ class Recording(Reviewing):
         self._drop(rec)
         event.update(status=str(task.status), reason=task.reason)
         if task.status in (Status.FAILED, Status.REJECTED):
+            # For good: the log said only "sent back" or "exit 3", as of a task that goes on
+            append_log(rec.log, f"{task.status}" + f" ({task.reason})" * bool(task.reason)
+                       + f": no next attempt starts; `aipm retry {rec.task}` starts it anew")
             self._notify_end(rec, task)
         return event
 

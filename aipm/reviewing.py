@@ -100,8 +100,10 @@ class Reviewing:
             keep_ignored(self.rt.root, rec)
             kept = workspace.kept_words(workspace.patch_path(self.rt.root, rec.order, rec.task, rec.serial),
                                         workspace.kept_rest(self.rt.root, rec))
+            # (rejected for good, no next attempt continues them: `aipm retry` starts the task anew, as _ended says)
             append_log(rec.log, f"the changes of attempt {rec.serial} are kept in {kept}"
-                                + ("; its next attempt continues them" if carried else ""))
+                                + ("; its next attempt continues them" if carried and task.status == Status.QUEUED
+                                   else ""))
         return task
 
     def _conflicted(self, rec: Record, task: Task, conflict: str, lasting: bool) -> Task:
@@ -121,7 +123,8 @@ class Reviewing:
         if not rec.workspace:
             return None
         try:
-            for note in workspace.merge(self.rt.root, rec):
+            # (`last`: a conflict rejects it for good, so its message tells of no next attempt)
+            for note in workspace.merge(self.rt.root, rec, last=rejects(task, self.settings)):
                 append_log(rec.log, f"merge: {note}")
                 if workspace.NOT_MERGED in note:
                     event["not_merged"] = note  # (the task's reason says so)

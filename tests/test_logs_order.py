@@ -540,4 +540,5 @@ def test_logs_task_follow_reads_a_log_its_worker_truncated_or_removed_from_its_s
     lines = rest.splitlines()
     if how == ": >":  # (removed: the lines went into the file removed before they were read)
         assert lines[:2] == ["after-1", "after-2"], rest
-    assert re.fullmatch(r"\[aipm [0-9:]+\] attempt 1 ended: exit 4", lines[-1]), rest
+    assert re.fullmatch(r"\[aipm [0-9:]+\] attempt 1 ended: exit 4", lines[-2]), rest
+    assert lines[-1].endswith("] FAILED (exit 4): no next attempt starts; `aipm retry T` starts it anew"), rest

@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -2203,6 +2204,51 @@ def test_an_attempt_whose_record_went_with_the_state_directory_keeps_its_changes
     assert any("+precious" in p.read_text() for p in patches), [p.name for p in patches]
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert f"the changes of attempt 1 are kept in {repo}/.aipm/patches/ORD/T.1.patch" in log, log
+
+
+@pytest.mark.parametrize("max_rework", [0, 1])
+def test_a_rejected_worktree_task_s_log_says_no_next_attempt_continues_its_changes(repo, max_rework):
+    """A review that rejected the task for good (max_rework spent) left a log saying "review sent back" and "the
+    changes of attempt 1 are kept in ...; its next attempt continues them": no next attempt ran, the log never said
+    REJECTED, and `aipm retry` starts the task anew. Only an attempt sent back for another one says it is continued."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"], max_rework=max_rework,
+               command="echo work >> src/a.txt", review='echo "bad style"; exit 4')
+    proc = project.aipm("run", "ORD")
+    assert proc.returncode == 1 and project.statuses() == {"T": "REJECTED"}, proc.stdout + proc.stderr
+    logs = repo / ".aipm/logs/ORD"
+    last = (logs / f"T.{max_rework + 1}.log").read_text()
+    assert "next attempt continues" not in last, last
+    assert (f"the changes of attempt {max_rework + 1} are kept in {repo}/.aipm/patches/ORD/T.{max_rework + 1}.patch\n"
+            in last), last
+    assert last.rstrip().endswith(
+        "REJECTED (review rejected: bad style): no next attempt starts; `aipm retry T` starts it anew"), last
+    if max_rework:  # the attempt sent back for another one: continued, as its log says
+        first = (logs / "T.1.log").read_text()
+        assert "are kept in" in first and first.rstrip().endswith("its next attempt continues them"), first
+
+
+def test_a_merge_conflict_that_rejects_the_task_says_no_next_attempt_starts(repo, gate):
+    """A merge conflict that spent max_rework logged "...; the next attempt starts from the main tree as it is now."
+    of a task it made REJECTED."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"], max_rework=0,
+               command=f"{wait_gate(gate)}sed -i 's/^a line 1$/task/' src/a.txt")
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: (repo / ".aipm/worktrees/ORD/T").is_dir())
+        (repo / "src/a.txt").write_text((repo / "src/a.txt").read_text().replace("a line 1\n", "yours\n", 1))
+    finally:
+        gate.touch()
+    out, err = run.communicate(timeout=120)
+    assert run.returncode == 1 and project.statuses() == {"T": "REJECTED"}, out + err
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
+    assert "merge conflict in src/a.txt" in log and "the next attempt starts" not in log, log
+    assert (f"This attempt's changes are kept in {repo}/.aipm/patches/ORD/T.1.patch; no next attempt starts: the "
+            "task is rejected, its reworks spent (max_rework).") in log, log
+    assert re.search(r"REJECTED \(merge conflict in src/a.txt[^\n]*\): no next attempt starts; `aipm retry T` starts "
+                     r"it anew\n$", log), log
 
 
 @pytest.mark.parametrize("command, what", [("mkdir -p docs && echo more >> docs/x.txt", "change"),

@@ -207,9 +207,10 @@ def _keep_later(root: Path, repo: Repo, order: str, task: str, serial: int, log:
     return note
 
 
-def merge(root: Path, rec: Record) -> list[str]:
+def merge(root: Path, rec: Record, last: bool = False) -> list[str]:
     """Apply the approved attempt's changes to the main tree, exactly once. Conflict: nothing applied, unless a
     plan held up by a crash met a person's change it cannot merge with (then the rest of the plan was applied).
+    `last`: a conflict rejects the task for good (max_rework reached), so no next attempt follows it.
     Caller holds the launch lock, and the task still holds its target files. Returns notes for the log."""
     from aipm.workspace import mergeback as merging, mergeplan  # (only here and in cleanup: a shared run needs neither)
 
@@ -222,17 +223,17 @@ def merge(root: Path, rec: Record) -> list[str]:
             try:
                 notes = _reviewed(root, repo, rec)
             except Conflict as exc:
-                raise _kept(root, rec, exc) from None
+                raise _kept(root, rec, exc, last) from None
         base = repo.rev(refname(rec.order, rec.task, "base", prefix=repo.prefix))
         end = repo.rev(refname(rec.order, rec.task, "end", prefix=repo.prefix))
         if base is None or end is None:
             raise _kept(root, rec, Conflict(f"the start or end of attempt {rec.serial} "
                                             f"({refname(rec.order, rec.task, prefix=repo.prefix)}) is gone; nothing "
-                                            "was merged", []))
+                                            "was merged", []), last)
         try:
             steps = merging.plan(repo, base, end, repo.changes(base, end))
         except Conflict as exc:
-            raise _kept(root, rec, exc) from None
+            raise _kept(root, rec, exc, last) from None
         mergeplan.save(plan_dir, rec.serial, steps)
         del steps  # (every result's content, saved now: not held while the plan is applied)
     seam("merge:0")
@@ -248,7 +249,7 @@ def merge(root: Path, rec: Record) -> list[str]:
             f"merge conflict in {', '.join(paths)}: the main tree changed there after this attempt's merge was "
             f"planned, and the changes cannot be combined; {applied.steps - len(paths)} of {applied.steps} paths "
             "were merged, these were left as the main tree has them\n"
-            + "".join(f"  {path}: {why}\n" for path, why in applied.conflicts), paths, main_tree=True))
+            + "".join(f"  {path}: {why}\n" for path, why in applied.conflicts), paths, main_tree=True), last)
     return notes + keep_ignored_with(root, repo, rec) + stashed(root, rec)
 
 
@@ -263,12 +264,14 @@ def stashed(root: Path, rec: Record) -> list[str]:
         return [f"the repository's stash could not be read for changes the worker stashed: {exc}"]
 
 
-def _kept(root: Path, rec: Record, conflict: Conflict) -> Conflict:
-    """The conflict, saying where the attempt's changes are kept (its worktree goes with the next attempt)."""
+def _kept(root: Path, rec: Record, conflict: Conflict, last: bool) -> Conflict:
+    """The conflict, saying where the attempt's changes are kept (its worktree goes with the next attempt) and
+    whether one follows (`last`: none, the task is rejected; `aipm retry` starts it anew, from the main tree)."""
     ignored = keep_ignored(root, rec)  # (first: the rest it names holds them then)
     kept = kept_words(patch_path(root, rec.order, rec.task, rec.serial), kept_rest(root, rec))
     also = "".join(f"\n{note}" for note in [*ignored, *stashed(root, rec)])
     then = ("no next attempt starts, as each would meet the same" if conflict.lasting else
+            "no next attempt starts: the task is rejected, its reworks spent (max_rework)" if last else
             "the next attempt starts from the main tree as it is now")
     return Conflict(f"{conflict}\nThis attempt's changes are kept in {kept}; {then}.{also}", conflict.paths,
                     conflict.main_tree, conflict.lasting)
