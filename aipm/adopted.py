@@ -21,9 +21,9 @@ RECORDING = 30.0
 def recorded(rt: Runtime, order_id: str, task_id: str, path: Path, ended: dict, limit: float = RECORDING
              ) -> tuple[Task, int | None] | None:
     """The task once the owner adopting its `ended` attempt (recover_order's {"attempt", "phase", "exit_code",
-    "attempts", "started_at"}) has recorded it: its record gone, or another's (its review's, or a later attempt's:
-    that number, whose start the file shows now, not the ended attempt's outcome). None when that did not happen in
-    `limit` seconds, or its new owner died first (the next recovery adopts it again)."""
+    "attempts", "started_at", "record"}) has recorded it: its record gone, or another's (its review's, or a later
+    attempt's: that number, whose start the file shows now, not the ended attempt's outcome). None when that did not
+    happen in `limit` seconds, or its new owner died first (the next recovery adopts it again)."""
     start = time.monotonic()
     while time.monotonic() < start + limit:
         rec = rt.read_record(order_id, task_id)

@@ -113,7 +113,7 @@ def recover_order(launcher: Launcher, order: Order, adopt: Owner | None = None,
                         # its end is only to be recorded: `aipm recover` waits for that and says what it was
                         **({"ended": {"attempt": rec.serial, "phase": rec.phase,
                                       "exit_code": read_exit_file(rec.exit_file), "attempts": rec.attempt,
-                                      "started_at": rec.started_at}}
+                                      "started_at": rec.started_at, "record": rec}}
                            if not again and not rec.worker_alive() else {})})
             continue
         if rec is None and cancelled_while_gone(launcher.runtime, order.id, task):

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from aipm.workspace import mergeplan
+from invariants import KILL_OWNER
 from conftest import Project, capped_memory, no_workers, state, task_statuses, wait_for, write_task
 
 pytestmark = pytest.mark.skipif(shutil.which("git") is None, reason="git is not installed")
@@ -2249,6 +2250,30 @@ def test_a_merge_conflict_that_rejects_the_task_says_no_next_attempt_starts(repo
             "task is rejected, its reworks spent (max_rework).") in log, log
     assert re.search(r"REJECTED \(merge conflict in src/a.txt[^\n]*\): no next attempt starts; `aipm retry T` starts "
                      r"it anew\n$", log), log
+
+
+@pytest.mark.parametrize("json_out", [False, True])
+def test_recover_of_a_worktree_attempt_that_had_ended_names_its_kept_patch(repo, json_out):
+    """`aipm recover` of a worktree attempt that had ended with its owner dead said `recorded FAILED (exit 3); a
+    detached aipm starts what that unblocks`: a FAILED task unblocks nothing, and the patch that keeps its changes
+    (its worktree goes at the next attempt's start, or by a recover's sweep) was in neither its line nor --json."""
+    project = project_in(repo)
+    write_task(project.order(), "T", target_files=["src/a.txt"],
+               command=f"echo work >> src/a.txt; {KILL_OWNER}; exit 3")
+    project.aipm("launch", "ORD", check=True)
+    wait_for(lambda: [w for w in project.json("ps")["workers"] if w["state"] == "gone"])
+    patch = f"{repo}/.aipm/patches/ORD/T.1.patch"
+    if json_out:
+        (said,) = project.json("recover", "ORD")["recovered"]
+        assert {k: said.get(k) for k in ("action", "status", "exit_code", "kept")} == {
+            "action": "recorded", "status": "FAILED", "exit_code": 3, "kept": patch}, said
+    else:
+        said = project.aipm("recover", "ORD", check=True).stdout
+        assert said == f"ORD/T: its worker had ended: recorded FAILED (exit 3); its changes are kept in {patch}\n", said
+    assert "+work" in Path(patch).read_text()
+    wait_for(lambda: no_workers(repo))
+    log = (repo / ".aipm/logs/ORD/T.1.log").read_text()  # (and it is the last: no next attempt follows)
+    assert log.rstrip().endswith("FAILED (exit 3): no next attempt starts; `aipm retry T` starts it anew"), log
 
 
 @pytest.mark.parametrize("command, what", [("mkdir -p docs && echo more >> docs/x.txt", "change"),

@@ -19,6 +19,7 @@ from aipm.errors import UserError
 from aipm.fields import MAX_TIMEOUT
 from aipm import adopted, logbook, recovery, standby, steering, workerstate
 from aipm.launcher import Launcher, Options
+from aipm.model import FINISHED_OK, Status
 from aipm.locks import node_file
 from aipm.paths import lock_node, normalize
 from aipm.project import find_task
@@ -246,6 +247,9 @@ def recover(
             item.update(action="recorded", status=task.status.value, exit_code=task.exit_code, reason=task.reason)
             if later is not None:  # re-queued and started again at once: the file tells that attempt, not this end
                 item.update(exit_code=ended["exit_code"], reason=None, next_attempt=later)
+            if later is not None or task.status not in (*FINISHED_OK, Status.IN_REVIEW):
+                # It merged nothing: the patch that keeps a worktree attempt's work, as a re-queue's line names it
+                item.update(recovery.kept(launcher.runtime, ended["record"]))
     if json_out:
         print_json({"recovered": done})
     else:
@@ -259,9 +263,8 @@ def recover(
                 said = (f"its worker had ended ({code}): recorded, and attempt {item['next_attempt']} has started; "
                         f"a detached aipm {follow}")
             elif said == "recorded":  # its worker had ended: what it came to, not "adopted" as if it still ran
-                review = "runs its review, then " if item["status"] == "IN_REVIEW" else ""
                 said = (f"its worker had ended: recorded {item['status']}" + f" ({item['reason']})" * bool(
-                    item["reason"]) + f"; a detached aipm {review}{follow}")
+                    item["reason"]) + _then(item["status"], follow, item["order"]))
             patch, rest = item.get("kept"), item.get("kept_rest")
             if patch or rest:  # the worktree goes at the next attempt's start, or by this recover's sweep
                 said += f"; its changes are kept in {workspace.kept_words(patch, rest)}"
@@ -270,3 +273,17 @@ def recover(
             print("nothing to recover")
     if any("error" in item for item in done):  # left for a later recovery
         raise Exit(1)
+
+
+def _then(shown: str, follow: str, order: str) -> str:
+    """What the detached aipm that recorded an ended attempt does next, as its outcome allows (work.py: it starts
+    what the order allows once it is recorded). A FAILED, REJECTED, INTERRUPTED or CANCELLED task unblocks nothing
+    and runs no more: nothing follows from it to be told."""
+    status = Status(shown)
+    if status == Status.IN_REVIEW:
+        return f"; a detached aipm runs its review, then {follow}"
+    if status in FINISHED_OK:
+        return f"; a detached aipm {follow}"
+    if status == Status.QUEUED:  # re-queued, not started at once: for want of room (a standby waits for it)
+        return f"; its next attempt starts once the order has room for it (follow it: `aipm logs {order} -f`)"
+    return ""
