@@ -2199,12 +2199,19 @@ def test_an_attempt_whose_record_went_with_the_state_directory_keeps_its_changes
     os.killpg(os.getpgid(int(pid.read_text())), signal.SIGKILL)
     shutil.rmtree(state(repo))
     project.aipm(*then)
-    project.aipm(*then)  # (a first recover re-queues the task; the second sweeps its worktree)
+    swept = project.aipm(*then).stdout  # (a first recover re-queues the task; the second sweeps its worktree)
     wait_for(lambda: no_workers(repo))
     patches = list((repo / ".aipm/patches/ORD").glob("T.*.patch"))
     assert any("+precious" in p.read_text() for p in patches), [p.name for p in patches]
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert f"the changes of attempt 1 are kept in {repo}/.aipm/patches/ORD/T.1.patch" in log, log
+    kept = (f"the changes of attempt 1 are kept in {repo}/.aipm/patches/ORD/T.1.patch (`git apply` it at the "
+            "repository's top)")
+    assert kept in log, log
+    # Kept as its worktree is removed: recover said `worktree removed; ...; its worktree is removed when the next
+    # attempt starts or by `aipm recover``, and the log the same
+    assert "removed when the next attempt starts" not in log, log
+    if then == ["recover"]:
+        assert f"ORD/T: worktree removed; {kept}\n" in swept, swept
 
 
 @pytest.mark.parametrize("max_rework", [0, 1])

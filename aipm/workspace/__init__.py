@@ -111,10 +111,10 @@ def outside_targets(root: Path, rec: Record) -> list[str]:
     return sorted(set(out_of_scope(changed, rec.targets)) | task_files)
 
 
-def keep(root: Path, rec: Record) -> str:
+def keep(root: Path, rec: Record, removing: bool = False) -> str:
     """An attempt that failed, timed out, or was cancelled or interrupted: write its changes to its patch, as for
     one sent back, since its worktree goes when the next attempt starts. Returns a line for its log saying where
-    they are."""
+    they are (`removing`: its worktree is being removed now, so not when it will be)."""
     try:
         repo, base, end, left_out = capture_end(root, rec, strict=False)
     except (WorkspaceError, OSError) as exc:
@@ -136,8 +136,8 @@ def keep(root: Path, rec: Record) -> str:
     also += "".join(f"; {note}" for note in notes)
     if not repo.changes(base, end):
         return f"attempt {rec.serial} changed nothing{' a patch can hold' * bool(rest)} in its worktree{also}"
-    return (f"the changes of attempt {rec.serial} are kept in {patch} (`git apply` it at the repository's top); "
-            f"its worktree is removed when the next attempt starts or by `aipm recover`{also}")
+    return (f"the changes of attempt {rec.serial} are kept in {patch} (`git apply` it at the repository's top)"
+            + "; its worktree is removed when the next attempt starts or by `aipm recover`" * (not removing) + also)
 
 
 def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> list[str]:
@@ -162,7 +162,7 @@ def keep_before_removal(root: Path, order: str, task: str, repo: Repo) -> list[s
         return []  # killed before its worker started, maybe half-way through making the worktree: nothing of its own
     if log is not None and not patch_path(root, order, task, serial).exists():
         rec = Record(order, "", task, "", serial, [], str(log), "", "", workspace=str(tree))
-        note = keep(root, rec)
+        note = keep(root, rec, removing=True)  # (its caller's line says the worktree is removed)
         append_log(str(log), f"no patch of attempt {serial} holds its changes (its end was never recorded, its record "
                              f"gone, or could not be captured); {note}")
         return [note]
