@@ -37,7 +37,7 @@ def task_row(task: Task, settings: Settings) -> dict:
         "depends_on": list(task.depends_on), "target_files": list(task.target_files), "attempts": task.attempts,
         "exit_code": task.exit_code, "started_at": task.started_at, "finished_at": task.finished_at,
         "file": task.path, "reason": task.reason, "tries": task.tries,
-        "max_attempts": attempt_limit(task, settings), "reworks": task.rework_rounds,
+        "max_attempts": attempt_limit(task, settings), "reworks": task.reworks,
         "max_rework": rework_limit(task, settings), "preemptions": task.preemptions,
         # Unknown usage is left out, never shown as 0.
         **({"cost_usd": task.cost_usd} if task.cost_usd is not None else {}),

@@ -79,12 +79,18 @@ def rework_limit(task: Task, settings: Settings) -> int:
 def after_review(task: Task, exit_code: int, settings: Settings, reason: str, lasting: bool = False
                  ) -> list[dict[str, Any]]:
     """Updates, in order, for a review that ended: COMPLETED, or REWORK then QUEUED (REJECTED past max_rework, or
-    at once where no rework could help: `lasting`)."""
+    at once where no rework could help: `lasting`).
+
+    `reworks` counts the times the task was sent back for another attempt, what max_rework bounds (status shows
+    it so): a rejection for good is none, so REJECTED puts back the count REWORK raised. REWORK raises it first
+    either way, so that a recovery that finds the task in REWORK (its owner died between the writes) can tell
+    which second write was due (recovery._rework_on)."""
     if exit_code == 0:
         return [{"status": Status.COMPLETED, "finished_at": now(), "reason": reason}]
-    final = Status.REJECTED if lasting or rejects(task, settings) else Status.QUEUED
-    return [{"status": Status.REWORK, "reworks": task.reworks + 1, "finished_at": now(), "reason": reason},
-            {"status": final}]
+    rework = {"status": Status.REWORK, "reworks": task.reworks + 1, "finished_at": now(), "reason": reason}
+    if lasting or rejects(task, settings):
+        return [rework, {"status": Status.REJECTED, "reworks": task.reworks}]
+    return [rework, {"status": Status.QUEUED}]
 
 
 def rejects(task: Task, settings: Settings) -> bool:

@@ -104,7 +104,7 @@ class Task:
     timeout: int | None = None  # seconds; None: the timeout setting's; 0: none (fields.NO_LIMIT)
     max_attempts: int | None = None
     attempts: int = 0
-    reworks: int = 0
+    reworks: int = 0  # times sent back for another attempt (a review, scope audit, conflict): max_rework bounds it
     started_at: str | None = None
     finished_at: str | None = None
     exit_code: int | None = None
@@ -127,14 +127,8 @@ class Task:
     @property
     def tries(self) -> int:
         """Attempts that count against max_attempts: every run except those a review sent back for another
-        attempt (rework rounds). With `rework_rounds`, it adds up to `attempts`, and neither passes its limit."""
-        return max(0, self.attempts - self.rework_rounds)
-
-    @property
-    def rework_rounds(self) -> int:
-        """Times a review sent the task back for another attempt: what max_rework bounds. The file's `reworks`
-        also counts the rejection that made the task REJECTED, which sent it to no other attempt."""
-        return self.reworks - 1 if self.status is Status.REJECTED and self.reworks else self.reworks
+        attempt (`reworks`). With `reworks`, it adds up to `attempts`, and neither passes its limit."""
+        return max(0, self.attempts - self.reworks)
     confine: bool | None = None  # None: the `confine` setting decides
 
 

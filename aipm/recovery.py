@@ -147,8 +147,10 @@ def _rework_on(launcher: Launcher, task: Task, rec: Record | None) -> str:
     """A rejected review is two writes, REWORK then QUEUED (REJECTED past max_rework): its owner died between
     them, so the task sat in REWORK, which nothing runs. The second is written now, as the owner would have."""
     final = Status.REJECTED if task.reworks > rework_limit(task, launcher.settings) else Status.QUEUED
+    # (REJECTED puts back the count REWORK raised, as finish.after_review does: it sent the task to no attempt)
+    again = {"reworks": task.reworks - 1} if final == Status.REJECTED else {}
     try:
-        update_task(Path(task.path), {"status": final}, expect=Status.REWORK)
+        update_task(Path(task.path), {"status": final, **again}, expect=Status.REWORK)
     except (StaleWrite, UserError, OSError) as exc:
         return f"left in REWORK: {exc}"
     if rec is not None:

@@ -82,7 +82,8 @@ _TASK_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "max_attempts": ({**_POSITIVE, "maximum": MAX_COUNT}, "Tries: a failed or timed-out attempt is retried until this many have run "
                                 "(attempts a review sent back are reworks and do not count)."),
     "attempts": ({**_COUNT, "maximum": MAX_TALLY}, "Attempts started so far."),
-    "reworks": ({**_COUNT, "maximum": MAX_TALLY}, "Times a review sent the task back."),
+    "reworks": ({**_COUNT, "maximum": MAX_TALLY}, "Times a review sent the task back for another attempt "
+                "(at most max_rework)."),
     "started_at": (_STRING, "When the latest attempt started."),
     "finished_at": (_STRING, "When the latest attempt or review ended."),
     "exit_code": ({"type": ["integer", "null"]}, "Exit code of the latest attempt."),

@@ -1312,7 +1312,7 @@ def test_a_reset_under_a_reworked_task_keeps_its_rework_count(project, owner):
         assert project.aipm("launch", "ORD").returncode == 0
         wait_for(lambda: task_statuses(order).get("A") in FINAL and not worker_records(project.root), timeout=120)
     data = yaml.safe_load((order / "A.yaml").read_text())
-    assert (data["status"], data["attempts"], data["reworks"]) == ("REJECTED", 2, 2), data
+    assert (data["status"], data["attempts"], data["reworks"]) == ("REJECTED", 2, 1), data
 
 
 # ---- reviews take places too --------------------------------------------------------------------------------

@@ -213,7 +213,7 @@ def status(
         deps = [run for n, d in enumerate(t.depends_on) for run in ([(", ", "")] if n else []) + [dependency(d)]]
         row = [t.id, [(t.status.value, STATUS_STYLE[t.status.value])], t.priority.value, deps,
                "\n".join(t.target_files), f"{t.tries}/{attempt_limit(t, settings)}",
-               f"{t.rework_rounds}/{rework_limit(t, settings)}", *[t.reason or ""] * reasons]
+               f"{t.reworks}/{rework_limit(t, settings)}", *[t.reason or ""] * reasons]
         cell = "-" if t.cost_usd is None else budget.usd(t.cost_usd)
         if t.cost_unreported_usd:  # attempts that did not report their cost: at most their caps more
             cell += f" (+ up to {budget.usd(t.cost_unreported_usd)})"
