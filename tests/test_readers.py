@@ -160,8 +160,13 @@ def test_detect_on_a_big_order_reads_in_parallel_writes_nothing_and_names_the_fi
     for i in (n - 10, n - 50):  # both in the second share: a reader's, on two or more cores
         (order / f"T{i:04d}.yaml").write_text(f"id: T{i:04d}\ntimeout: soon\n")
     before = full_snapshot(project.root)
-    for args in (("detect", "ORD", "--json"), ("status", "ORD", "--json"), ("detect", "ORD"), ("why", "ORD/T0001"),
-                 ("validate", "ORD")):
+    for args in (("detect", "ORD", "--json"), ("status", "ORD", "--json"), ("detect", "ORD"), ("validate", "ORD")):
         proc = project.aipm(*args)
         assert_one_line_error(proc, f"T{n - 50:04d}.yaml", "timeout")
         assert full_snapshot(project.root) == before and not (project.root / ".aipm").exists()
+    # `why` of another task plans with each of them as a task that cannot start, and names both
+    proc = project.aipm("why", "ORD/T0001")
+    assert proc.returncode == 0 and proc.stdout == "T0001 cannot start:\n  - waiting on T0000 (QUEUED)\n", proc
+    assert [line.split(": ")[2].rsplit("/", 1)[-1] for line in proc.stderr.splitlines()] == [
+        f"T{n - 50:04d}.yaml", f"T{n - 10:04d}.yaml"], proc.stderr
+    assert full_snapshot(project.root) == before and not (project.root / ".aipm").exists()
