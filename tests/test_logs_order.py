@@ -434,8 +434,8 @@ def test_logs_follow_ends_when_the_order_directory_is_moved_away_under_its_worke
         assert follower.stdout.readline() in {tag.format(name) + f"{name} start\n" for name in ("T", "U")}
         # Both commands running first: under load T's owner had not started it yet, and the move made its start
         # fail ('cannot start worker: .../T.yaml: cannot read'), with no `T end` to follow
-        wait_for(lambda: all(f"{name} start" in (project.root / f".aipm/logs/D/{name}.1.log").read_text()
-                             for name in ("T", "U")))
+        logs = [project.root / f".aipm/logs/D/{name}.1.log" for name in ("T", "U")]
+        wait_for(lambda: all(log.exists() and " start" in log.read_text() for log in logs))
         order.rename(tmp_path / "elsewhere")
         gate.touch()
         wait_for(lambda: not any(w["alive"] for w in project.json("ps")["workers"]), timeout=30)
