@@ -224,8 +224,7 @@ def plan(
             if task.id in cause:
                 result.blocked[task.id] = _never(order, task.id, cause[task.id])
             else:
-                states = ", ".join(f"{d} ({deps[d].status.value})" for d in waiting)
-                result.blocked[task.id] = Blocked(task.id, WAITING, f"waiting on {states}", tuple(waiting))
+                result.blocked[task.id] = Blocked(task.id, WAITING, _waiting_on(waiting, deps), tuple(waiting))
             continue
         if refused is not None and task.id in refused:
             # Chosen, it failed at its start and yet kept its files "first this round" from every task ranked
@@ -322,3 +321,17 @@ def _held_outside(task: Task, outside: Iterable[ForeignLock]) -> tuple[str, str]
         if path:
             return lock, path
     return None
+
+
+def _waiting_on(waiting: Iterable[str], tasks: Mapping[str, Task], started: Collection[str] = ()) -> str:
+    states = ", ".join(f"{d} ({Status.IN_PROGRESS.value if d in started else tasks[d].status.value})" for d in waiting)
+    return f"waiting on {states}"
+
+
+def after_starts(result: Plan, order: Order, started: Collection[str]) -> None:
+    """The plan's WAITING details as they stand once `started` (ids) started: it was made before their starts, and
+    `launch --json` said a dependency it had just started was QUEUED."""
+    for tid, blocked in result.blocked.items():
+        if blocked.reason == WAITING and any(d in started for d in blocked.tasks) \
+                and all(d in order.tasks for d in blocked.tasks):
+            result.blocked[tid] = blocked._replace(detail=_waiting_on(blocked.tasks, order.tasks, started))

@@ -217,6 +217,19 @@ def test_a_launch_that_starts_nothing_says_why_each_queued_task_waits(project, g
     assert project.aipm("launch", "ORD").stdout == "nothing to launch in ORD now: no task of ORD is QUEUED\n"
 
 
+def test_launch_json_says_the_tasks_it_started_are_running_in_its_blocked_details(project, gate):
+    """The plan's details were made before its starts: `blocked` said b was `waiting on a (QUEUED)` beside
+    `launched: [a]`, where `detect` said IN_PROGRESS right after."""
+    order = project.order()
+    write_task(order, "a", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a.txt"])
+    write_task(order, "b", command="true", target_files=["b.txt"], depends_on=["a"])
+    said = project.json("launch", "ORD", "--no-resource-monitoring")
+    assert [t["id"] for t in said["launched"]] == ["a"], said
+    assert [(b["id"], b["detail"]) for b in said["blocked"]] == [("b", "waiting on a (IN_PROGRESS)")], said
+    gate.touch()
+    wait_for(lambda: set(task_statuses(order).values()) == {"DONE"} and no_workers(project.root), timeout=30)
+
+
 @pytest.mark.parametrize("watcher", [False, True])
 def test_an_order_run_by_launch_alone_tells_its_end_once_whoever_finds_it(project, gate, watcher):
     """Only `run` sent `order_finished`, so an order run by `aipm launch` alone never told its end. Now the owner

@@ -25,7 +25,7 @@ from aipm.budget import HELD
 from aipm.launcher import Launcher, LaunchReport, Options
 from aipm.model import DEAD_END, FINISHED_OK, RUNNING, Order, Status, Task
 from aipm.deadends import never_run_notes, never_runs
-from aipm.plan import BUDGET, FILE_BUSY, LIMIT, NOT_QUEUED
+from aipm.plan import BUDGET, FILE_BUSY, LIMIT, NOT_QUEUED, after_starts
 from aipm.project import Project, find_task
 from aipm.runloop import supervise
 from aipm.settings import Settings
@@ -97,6 +97,8 @@ def launch(
     if not dry_run:
         recovery.read_lost_usage_ahead(launcher.runtime)
     report = launcher.launch_ramped(view)
+    if report.plan and not dry_run:
+        after_starts(report.plan, report.order, {item["id"] for item in report.launched})
     waiting = [b.as_dict() for b in report.plan.waiting] if report.plan else []
     held = _stand_by(launcher, view, report)
     if json_out:
