@@ -17,8 +17,9 @@ from pathlib import Path
 from aipm import budget, parsecache, recovery
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
-from aipm.model import DEAD_END, FINISHED_OK, Order, Task, natural_key, some
+from aipm.model import DEAD_END, FINISHED_OK, Order, Status, Task, natural_key, some
 from aipm.deadends import will_not_start
+from aipm.outcome import LAUNCH_FAILED
 from aipm.project import Project
 from aipm.recovery import followed
 from aipm.runtime import Runtime, entries
@@ -231,7 +232,7 @@ def settled(order: Order, records: list, default_limit: float | None, rt: Runtim
     not settled; once it is, id → why of each task left waiting for a person."""
     if any(rec.order == order.id for rec in records):
         return None
-    stuck = wait_for_person(order, rt, default_limit)
+    stuck = {**launch_failed(order, rt), **wait_for_person(order, rt, default_limit)}
     done = all(task.status in FINISHED_OK or task.status in DEAD_END or task.id in stuck
                for task in order.tasks.values())
     return stuck if done else None
@@ -251,6 +252,34 @@ def wait_for_person(order: Order, rt: Runtime, default_limit: float | None) -> d
     believed), and its interrupted attempts as a recovery will leave them (recovery.as_recovered)."""
     counted = charged(recovery.as_recovered(order, rt), rt)
     return will_not_start(counted, budget.of(counted, default_limit))
+
+
+def launch_failed(order: Order, rt: Runtime) -> dict[str, str]:
+    """Id → why, of each QUEUED task whose last launch failed (its reason says so: a missing program, more CPUs
+    than the machine has) and of each task waiting on one, while the order has no standby owner: whoever met the
+    failure went on without it, and no process of aipm tries it again; a launch or run a person starts does (after
+    a fix, or to meet it again). `run` ends on such a failure too, and `logs -f` waited for ever."""
+    failed = {t.id: t.reason[len(LAUNCH_FAILED):] for t in order.tasks.values()
+              if t.status == Status.QUEUED and (t.reason or "").startswith(LAUNCH_FAILED)}
+    if not failed:
+        return {}
+    from aipm import standby  # (only here: it imports the launcher)
+
+    if standby.current(rt, order.id) is not None:
+        return {}  # it launches the order again as room frees, and meets (or not) the failure again
+    out = {tid: f"will not start by itself: its last launch failed: {why}; `aipm launch {order.id}` tries again"
+           for tid, why in failed.items()}
+    stuck = dict.fromkeys(failed)
+    grew = True
+    while grew:  # its dependants, through any chain: they wait on it
+        grew = False
+        for task in order.tasks.values():
+            if task.id not in stuck and task.status not in FINISHED_OK and any(d in stuck for d in task.depends_on):
+                roots = sorted({r for d in task.depends_on if d in stuck for r in (stuck[d] or (d,))})
+                stuck[task.id] = tuple(roots)
+                out[task.id] = f"will not start until {', '.join(roots)} does: its last launch failed"
+                grew = True
+    return out
 
 
 def order_lines(project: Project, order_dir: Path, follow: bool = False, default_limit: float | None = None,
@@ -283,6 +312,8 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False, default
         yield from new_lines(final=True)
         if unseen:
             told(nothing)
+        for note in stuck_notes(order.id, launch_failed(order, rt)):  # met by a detached owner: said nowhere else
+            told(note)
         return
     # Watched before the first read: a line written between that read and the watch was news to no event, and
     # waited for the next change (for ever, were there none) to be shown.

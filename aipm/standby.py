@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from contextlib import suppress
 from pathlib import Path
@@ -50,6 +51,16 @@ def for_capacity(report: LaunchReport) -> bool:
         return True
     waiting = held(report)
     return not any(b.reason == FILE_BUSY and b.id in waiting for b in report.plan.blocked.values())
+
+
+def tell_failed(report: LaunchReport, said: dict[str, str]) -> None:
+    """Say each start `report` could not make (a missing program, more CPUs than the machine has) in this owner's
+    output (standby.log, or the log of the task it owned), once per error: no terminal sees a detached owner's
+    launch, and the task stayed QUEUED with nothing said where `logs` looks."""
+    for item in report.failed:
+        if said.get(item["id"]) != item["error"]:
+            said[item["id"]] = item["error"]
+            print(f"aipm: failed {item['id']}: {item['error']}", file=sys.stderr, flush=True)
 
 
 def _path(runtime: Runtime, order_id: str) -> Path:
@@ -96,7 +107,9 @@ def stand_by(launcher: Launcher, view: OrderView, report: LaunchReport | None = 
     it stays when that left tasks so and the order has no standby owner yet; None: the standby owner a launch
     started and named (work.py --standby), which looks at once."""
     runtime, order_id, me = launcher.runtime, view.order.id, os.getpid()
+    said: dict[str, str] = {}
     if report is not None:
+        tell_failed(report, said)
         if not held(report):
             return  # (the usual end of an owner: one look at the report)
         with runtime.launch_lock():
@@ -116,6 +129,7 @@ def stand_by(launcher: Launcher, view: OrderView, report: LaunchReport | None = 
                 if (current(runtime, order_id) or {"pid": me})["pid"] != me:
                     return  # another was named meanwhile (the launch that started this one died before naming it)
                 report = launcher.launch(view)
+                tell_failed(report, said)
                 if not held(report):
                     _unclaim(runtime, order_id, me)
                     return

@@ -546,3 +546,19 @@ def test_logs_task_follow_reads_a_log_its_worker_truncated_or_removed_from_its_s
         assert lines[:2] == ["after-1", "after-2"], rest
     assert re.fullmatch(r"\[aipm [0-9:]+\] attempt 1 ended: exit 4", lines[-2]), rest
     assert lines[-1].endswith("] FAILED (exit 4): no next attempt starts; `aipm retry T` starts it anew"), rest
+
+
+def test_logs_follow_ends_when_a_task_s_launch_failed_for_good(project):
+    """`run` says `failed K2: needs 100 CPU(s) …` and ends, exit 1; `logs ORD -f` (and `logs ORD/K3 -f`) waited for
+    ever for K2, and K3 behind it, to start: nothing tries K2 again until a person launches the order."""
+    order = project.order()
+    write_task(order, "K2", command="true", target_files=["k2"], resources={"cpus": 100})
+    write_task(order, "K3", command="true", target_files=["k3"], depends_on=["K2"])
+    assert project.aipm("launch", "ORD", "--no-resource-monitoring").returncode == 1
+    followed = project.aipm("logs", "ORD", "-f", timeout=30)  # (a guard: it hung)
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    said = followed.stderr.splitlines()
+    assert said[-2].startswith("aipm: ORD: K2 will not start by itself: its last launch failed: needs 100 CPU(s)") \
+        and said[-1] == "aipm: ORD: K3 will not start until K2 does: its last launch failed", said
+    behind = project.aipm("logs", "ORD/K3", "-f", timeout=30)
+    assert behind.stderr.startswith("aipm: ORD/K3 will not start until K2 does"), behind.stderr

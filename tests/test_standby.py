@@ -209,3 +209,26 @@ def test_a_launch_given_other_settings_replaces_the_standby_it_would_have_named(
         for gate in gates.values():
             gate.touch()
     wait_for(lambda: not project.json("ps")["standby"] and no_workers(project.root), timeout=30)
+
+
+def test_a_launch_failure_the_standby_or_an_owner_meets_is_said_and_ends_logs_follow(project):
+    """V1 (its program missing) waited for V2's slot; the owners that met its failure later said nothing: the
+    standby.log empty, `logs ORD` only V2's lines, `logs ORD -f` followed for ever, no notify, while `run` says
+    `failed V1: …` and ends (exit 1)."""
+    notes = project.root / "notes.txt"
+    (project.root / "aipm.yaml").write_text(f"notify: 'echo \"$AIPM_EVENT $AIPM_STATUS\" >> {notes}'\n")
+    order = project.order()
+    write_task(order, "V1", priority="P3", target_files=["o1.txt"], command=["nonexistent-prog-xyz", "a"])
+    write_task(order, "V2", priority="P0", target_files=["o2.txt"], command="sleep 1")
+    project.aipm("launch", "ORD", "--max-workers", "1", "--no-resource-monitoring", check=True)
+    claim = state(project.root) / "standby" / "ORD.json"
+    wait_for(lambda: task_statuses(order)["V2"] == "DONE" and no_workers(project.root) and not claim.exists())
+    missing = "failed V1: program 'nonexistent-prog-xyz' not found on PATH"
+    assert missing in (project.root / ".aipm" / "logs" / "ORD" / "standby.log").read_text()
+    said = project.aipm("logs", "ORD", check=True)
+    why = "aipm: ORD: V1 will not start by itself: its last launch failed: program 'nonexistent-prog-xyz' not found"
+    assert why in said.stderr, said.stdout + said.stderr
+    followed = project.aipm("logs", "ORD", "-f", timeout=30)  # (it followed for ever)
+    assert followed.returncode == 0 and why in followed.stderr, followed.stdout + followed.stderr
+    wait_for(lambda: notes.exists() and "order_finished INCOMPLETE" in notes.read_text())
+    assert task_statuses(order)["V1"] == "QUEUED"

@@ -151,13 +151,13 @@ def _first_log(rt: Runtime, order_dir: Path, order_id: str, task_id: str, after:
 
 
 def _never(order_dir: Path, rt: Runtime, limit: float | None, task_id: str) -> str | None:
-    """Why the task can never start (logbook.wait_for_person), or None; None too while a file of its order does not
-    validate."""
+    """Why the task can never start (logbook.wait_for_person, or its last launch failed: logbook.launch_failed), or
+    None; None too while a file of its order does not validate."""
     try:
         order = load_order(order_dir, rt.root)
     except (UserError, OSError):
         return None
-    return logbook.wait_for_person(order, rt, limit).get(task_id)
+    return logbook.wait_for_person(order, rt, limit).get(task_id) or logbook.launch_failed(order, rt).get(task_id)
 
 
 def _print_json(order_id: str, task_id: str, number: int, found: dict) -> None:
