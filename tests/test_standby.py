@@ -221,6 +221,8 @@ def test_a_launch_failure_the_standby_or_an_owner_meets_is_said_and_ends_logs_fo
     write_task(order, "V1", priority="P3", target_files=["o1.txt"], command=["nonexistent-prog-xyz", "a"])
     write_task(order, "V2", priority="P0", target_files=["o2.txt"], command="sleep 1")
     project.aipm("launch", "ORD", "--max-workers", "1", "--no-resource-monitoring", check=True)
+    early = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "ORD", "-f"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # following as V1 fails
     claim = state(project.root) / "standby" / "ORD.json"
     wait_for(lambda: task_statuses(order)["V2"] == "DONE" and no_workers(project.root) and not claim.exists())
     missing = "failed V1: program 'nonexistent-prog-xyz' not found on PATH"
@@ -230,5 +232,10 @@ def test_a_launch_failure_the_standby_or_an_owner_meets_is_said_and_ends_logs_fo
     assert why in said.stderr, said.stdout + said.stderr
     followed = project.aipm("logs", "ORD", "-f", timeout=30)  # (it followed for ever)
     assert followed.returncode == 0 and why in followed.stderr, followed.stdout + followed.stderr
+    try:
+        out, err = early.communicate(timeout=30)
+    finally:
+        early.kill()
+    assert early.returncode == 0 and why in err, out + err
     wait_for(lambda: notes.exists() and "order_finished INCOMPLETE" in notes.read_text())
     assert task_statuses(order)["V1"] == "QUEUED"
