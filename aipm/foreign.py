@@ -60,8 +60,9 @@ def watch_foreign(sup: Supervisor, records: list[Record], foreign: set[str], ins
             finishing.add(rec.key)
             if rec.order == order_id and only in (None, rec.task) and rec.key not in held and stopped(rec.owner_pid):
                 held.add(rec.key)
-                detail = (f"its worker has ended, and its owner (another aipm, pid {rec.owner_pid}) is stopped "
-                          f"(Ctrl-Z or SIGSTOP): it records the outcome once it goes on (`fg` in its terminal, or "
+                now, then = ("is yet to start", "starts it") if not rec.pid else ("has ended", "records the outcome")
+                detail = (f"its worker {now}, and its owner (another aipm, pid {rec.owner_pid}) is stopped "
+                          f"(Ctrl-Z or SIGSTOP): it {then} once it goes on (`fg` in its terminal, or "
                           f"`kill -CONT {rec.owner_pid}`); this run waits for that")
                 sup.outbox.append({"event": "waiting", "task": rec.task, "pids": [rec.owner_pid], "detail": detail})
                 notify.needs_person(sup.settings, sup.rt, rec.order, rec.task, detail)

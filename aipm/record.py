@@ -121,8 +121,13 @@ class Record:
     def alive(self) -> bool:
         return self.worker_alive() or self.owner_alive()
 
+    def starting(self) -> bool:
+        """A detached owner's record is written before its worker exists (no pid yet): that owner is to start it."""
+        return not self.pid and self.owner_alive()
+
     def held_by_stopped_owner(self) -> bool:
-        """Its worker has ended, and its owner is stopped (Ctrl-Z, SIGSTOP): the end is recorded once it goes on."""
+        """No worker of it runs (it has ended, or is yet to start) and its owner is stopped (Ctrl-Z, SIGSTOP):
+        nothing happens to it until that owner goes on."""
         return not self.worker_alive() and self.owner_alive() and stopped(self.owner_pid)
 
     def encloses_us(self) -> bool:

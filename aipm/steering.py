@@ -43,6 +43,7 @@ class Cancelled:
     # How the attempt had ended, its owner dead before recording it: what `recover` would have recorded, which the
     # cancel replaces (kept in the file's exit_code and the log; dropped without a word, it was lost)
     ended: str | None = None
+    unstarted: bool = False  # that owner was yet to start the worker: it records the cancel instead
 
     def kept_note(self) -> str | None:
         if not self.kept and not self.rest:
@@ -51,11 +52,14 @@ class Cancelled:
             " (`git apply` the patch at the repository's top)" if self.kept else "")
 
     def notes(self) -> list[str]:
-        return [note for note in (self.ended, self.merge, self.kept_note(), self.held_by and held_note(self.held_by))
-                if note]
+        held = self.held_by and held_note(self.held_by, self.unstarted)
+        return [note for note in (self.ended, self.merge, self.kept_note(), held) if note]
 
 
-def held_note(owner: int) -> str:
+def held_note(owner: int, unstarted: bool = False) -> str:
+    if unstarted:
+        return (f"its worker had not started; its owner records the cancel and starts none (aipm pid {owner}), "
+                f"{how_to_go_on(owner)}; a retry waits for it")
     return (f"its worker has ended; its owner records that end (aipm pid {owner}), {how_to_go_on(owner)}; a retry "
             "waits for it")
 
@@ -116,7 +120,8 @@ def cancel(project: Project, order_dir: Path, task_id: str, grace: float = 5.0) 
         held = _until_released(rt, order_id, task_id, grace + 5)
     return Cancelled(workspace.note_pending_merge(project.root, order_id, task_id, "cancelled"),
                      held.owner_pid if held else 0, workspace.kept_patch(project.root, rec) if rec else None,
-                     workspace.kept_rest(project.root, rec) if rec else None, ended[1] if ended else None)
+                     workspace.kept_rest(project.root, rec) if rec else None, ended[1] if ended else None,
+                     bool(held and not held.pid))
 
 
 def _ended_unrecorded(task: Task, rec: Record, rt: Runtime) -> tuple[int | None, str] | None:
@@ -305,8 +310,9 @@ def retry(project: Project, order_dir: Path, task_id: str, resume_with: Settings
         if live:
             if not rec.worker_alive():  # its owner records the end that it has come to: a moment, unless stopped
                 held = f", {how_to_go_on(rec.owner_pid)}" if rec.held_by_stopped_owner() else ""
-                raise UserError(f"{path}: status: {current.status}, but its attempt's end is being recorded (by "
-                                f"aipm pid {rec.owner_pid}){held}; retry it once that is done")
+                doing = "its worker is about to start" if rec.starting() else "its attempt's end is being recorded"
+                raise UserError(f"{path}: status: {current.status}, but {doing} (by aipm pid {rec.owner_pid}){held}; "
+                                "retry it once that is done")
             raise UserError(f"{path}: status: {current.status}, but its worker pid {rec.pid} is still "
                             "running; wait for it to end (or cancel it)")
         if rec is not None:

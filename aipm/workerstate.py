@@ -17,7 +17,9 @@ STATE_TEXT = {"alive": ("alive", ""), "unowned": ("alive, its owner gone (aipm r
               "orphaned": ("orphaned: runs on (aipm recover ends it)", "red"),
               "review_pending": ("review pending: it runs again on the next run", "yellow"),
               "ended": ("ended: its owner records that end", ""),
-              "held": ("ended: its owner is stopped and records that end once it goes on", "yellow")}
+              "held": ("ended: its owner is stopped and records that end once it goes on", "yellow"),
+              "starting": ("starting: its owner is about to start its worker", ""),
+              "starting_held": ("starting: its owner is stopped and starts its worker once it goes on", "yellow")}
 
 
 def describe(state: str, stopping: bool, phase: str) -> tuple[str, str]:
@@ -48,6 +50,8 @@ def state(rec: Record, root: Path) -> tuple[str, int | None, list[int]]:
         # Its owner was killed: the worker runs on (its wrapper keeps its time limit) with nobody to record its end
         # or start what follows, until a recover or run adopts it. "alive" alone told nothing was amiss.
         return ("alive" if rec.owner_alive() else "unowned"), pid, left
+    if rec.starting():  # its record written before its worker exists: "ended" said of a worker yet to run
+        return ("starting_held" if stopped(rec.owner_pid) else "starting"), None, left
     if rec.owner_alive():
         # Not the owner's pid (holder's, for `locks`): `ps` showed that aipm's CPU and memory, its other workers' in
         # them, as the ended worker's, and a stopped owner as a stopped worker.

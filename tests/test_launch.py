@@ -444,3 +444,38 @@ def test_a_detached_owner_starts_its_tasks_next_attempt_in_the_round_that_record
     wait_for(lambda: task_statuses(project.order("ORD"))["LONG"] == "DONE", timeout=60)
     assert yaml.safe_load(long_file.read_text())["attempts"] == 2
     wait_for(lambda: no_workers(project.root))
+
+
+def test_ps_and_cancel_say_a_detached_owners_worker_is_yet_to_start_not_ended(project):
+    """A detached owner's record is written before its worker exists (no pid). `ps` said of it `ended: its owner
+    records that end`, and `cancel` `its worker has ended`, where its log said `cancelled by the user before its
+    worker started`. Its owner here is a real process of ours, as the record names it, first running, then stopped."""
+    from aipm.liveness import process_ctime
+
+    order = project.order()
+    write_task(order, "A", command="true", target_files=["x"])
+    path = order / "A.yaml"
+    path.write_text(path.read_text() + "status: IN_PROGRESS\nattempts: 1\n")
+    owner = subprocess.Popen(["sleep", "60"])
+    try:
+        record_dir = state(project.root, make=True) / "workers" / "ORD"
+        record_dir.mkdir(parents=True)
+        record = {"order": "ORD", "order_dir": str(order), "task": "A", "task_file": str(path), "attempt": 1,
+                  "targets": ["x"], "log": str(project.root / "a.log"), "exit_file": str(project.root / "nope"),
+                  "started_at": "x", "owner_pid": owner.pid, "owner_ctime": process_ctime(owner.pid)}
+        (record_dir / "A.json").write_text(json.dumps(record))
+        (worker,) = project.json("ps")["workers"]
+        assert (worker["pid"], worker["state"]) == (None, "starting"), worker
+        table = project.aipm("ps", env={"COLUMNS": "200"}, check=True).stdout
+        assert "starting: its owner is about to start its worker" in table, table
+        owner.send_signal(signal.SIGSTOP)
+        wait_for(lambda: project.json("ps")["workers"][0]["state"] == "starting_held")
+        table = project.aipm("ps", env={"COLUMNS": "200"}, check=True).stdout
+        assert "starting: its owner is stopped and starts its worker once it goes on" in table, table
+        done = project.aipm("cancel", "ORD/A", check=True)
+        assert f"its worker had not started; its owner records the cancel and starts none (aipm pid {owner.pid})" \
+            in done.stderr and "has ended" not in done.stderr, done.stderr
+        assert task_statuses(order)["A"] == "CANCELLED"
+    finally:
+        owner.kill()
+        owner.wait()

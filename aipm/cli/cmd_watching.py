@@ -211,8 +211,9 @@ def _follow_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: bo
         if rec is not None and _same(rec.log, handle.name) and recovery.followed(rec, rt):
             if not told and rec.held_by_stopped_owner():
                 told = True
-                print(f"aipm: {order_id}/{task_id}: its worker has ended, and its owner (pid {rec.owner_pid}) is "
-                      "stopped (Ctrl-Z or SIGSTOP): the attempt ends once it goes on (`fg` in its terminal, or "
+                now, then = ("is yet to start", "starts") if rec.starting() else ("has ended", "ends")
+                print(f"aipm: {order_id}/{task_id}: its worker {now}, and its owner (pid {rec.owner_pid}) is "
+                      f"stopped (Ctrl-Z or SIGSTOP): the attempt {then} once it goes on (`fg` in its terminal, or "
                       f"`kill -CONT {rec.owner_pid}`)", file=sys.stderr, flush=True)
             time.sleep(0.25)  # tail -f style: the reader is a human, a quarter second is plenty
             continue

@@ -165,7 +165,7 @@ def cancel(
     if done.kept_note():
         print(f"{task_id}: {done.kept_note()}")
     if done.held_by:
-        print(f"aipm: {task_id}: {steering.held_note(done.held_by)}", file=sys.stderr, flush=True)
+        print(f"aipm: {task_id}: {steering.held_note(done.held_by, done.unstarted)}", file=sys.stderr, flush=True)
 
 
 @command()
