@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import replace
 from pathlib import Path
 
-from aipm import agents, budget, lostreviews, outcome, recovery, subreaper, workerstate
+from aipm import agents, budget, lostreviews, outcome, recovery, subreaper, unrecorded, workerstate
 from aipm.errors import UserError, ValidationError
 from aipm.finish import attempt_limit, rework_limit
 from aipm.launcher import Launcher
@@ -83,8 +83,10 @@ def as_seen(order: Order, root: Path) -> Order:
             if again:
                 seen[task.id] = replace(task, reason=again)
             else:
-                why = ENDED if rec is not None and recovery.outcome_left(task, rec, rt) else CANCEL_KEPT if (
-                    rec is None and recovery.cancelled_while_gone(rt, order.id, task)) else LOST
+                if rec is not None and recovery.outcome_left(task, rec, rt):
+                    why = unrecorded.waiting(rec) or ENDED  # handed over by its owner, or its owner died
+                else:
+                    why = CANCEL_KEPT if rec is None and recovery.cancelled_while_gone(rt, order.id, task) else LOST
                 seen[task.id] = replace(task, status=Status.INTERRUPTED, reason=outcome.interrupted(why))
     if not seen:
         return order

@@ -89,6 +89,9 @@ class Record:
     # that rewrote `review` in its own task file while it ran was approved by the review it chose. None in records
     # written before it: the task's review as it is then.
     review: list | None = None
+    # Why its owner could not write its outcome into its task file and left it to `aipm recover` (its exit file
+    # keeps the code: recording._hand_over). Unset, `status` and `ps` took that hand-over for an owner that died.
+    unwritten: str = ""
 
     @classmethod
     def parse(cls, data: object) -> Record:

@@ -68,6 +68,7 @@ class Recording(Reviewing):
         except (UserError, OSError) as exc:
             self.owned.pop(rec.key, None)
             first = rec.key not in self.unrecorded
+            before.unwritten = unrecorded.cause(before, exc)  # kept in the record if it is handed over
             self.unrecorded[rec.key] = (before, code, timed_out)
             if self.writes != writes:  # half applied (say IN_REVIEW, no reviewer): not safe to apply twice
                 self._hand_over(rec.key)

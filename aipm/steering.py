@@ -141,6 +141,8 @@ def _ended_words(rec: Record) -> tuple[int | None, str]:
     code = read_exit_file(rec.exit_file)
     how = f"exit {code}" if code is not None else "its exit code lost"
     what = "its review" if rec.phase == "review" else f"attempt {rec.serial}"
+    if rec.unwritten:  # its owner lived, and handed the outcome over
+        return code, f"{what} had ended ({how}); its owner could not record it ({rec.unwritten})"
     return code, f"{what} had ended ({how}) after its owner died, before that was recorded"
 
 

@@ -143,6 +143,7 @@ class Supervisor(Stopping, Recording, Owner):
         if rec.deadline and rec.deadline > 1e9 > _now():  # a wall-clock time, written by an aipm before _CLOCK
             rec.deadline += _now() - time.time()
         rec.owner_pid, rec.owner_ctime = self.me
+        rec.unwritten = ""  # ours to record now: should we die too, no hand-over left it
         rec.own_output = ownoutput.with_ours(rec.own_output, self.rt.root)  # should we die too (ownoutput.py)
         self.rt.write_record(rec)
         self.adopted.add(rec.key)

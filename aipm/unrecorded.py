@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from aipm.errors import UserError
+from aipm.errors import UserError, ValidationError
+from aipm.outcome import one_line
 from aipm.record import Record
 from aipm.runtime import StateWriteError, read_exit_file
 from aipm.workerfiles import write_bytes
@@ -33,6 +34,26 @@ def keep_exit_code(rec: Record, code: int | None) -> bool:
 def exit_lost(path: str) -> bool:
     """The worker's wrapper got as far as its exit file but no code is in it (its write failed)."""
     return os.path.exists(path) and read_exit_file(path) is None
+
+
+def cause(rec: Record, exc: Exception) -> str:
+    """Why an outcome could not be written, in the few words its handed-over record keeps for `status` and `ps`."""
+    place = exc.filename if isinstance(exc, StateWriteError) else rec.task_file
+    if place == rec.task_file and not os.path.exists(place):
+        return "its task file was deleted or moved"
+    if isinstance(exc, ValidationError):
+        return "its task file did not validate"
+    return one_line(str(exc) if isinstance(exc, UserError) else f"{place}: {getattr(exc, 'strerror', None) or exc}")
+
+
+def waiting(rec: Record) -> str | None:
+    """What status says of an outcome its owner handed over (it lived: no supervisor died), or None if not so."""
+    if not rec.unwritten:
+        return None
+    code = read_exit_file(rec.exit_file)
+    how = f"exit {code}" if code is not None else "its exit code lost"
+    return f"its outcome ({how}) waits to be recorded: its owner could not write it ({rec.unwritten}); " \
+        "`aipm recover` records it"
 
 
 def message(rec: Record, code: int | None, exc: Exception, kept: bool, review_unstarted: bool = False) -> str:

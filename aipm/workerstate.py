@@ -9,6 +9,7 @@ from aipm import lostreviews, subreaper
 from aipm.errors import UserError
 from aipm.liveness import stopped
 from aipm.record import Record
+from aipm.runtime import exit_file_written
 from aipm.store import load_task
 
 # What each state means to a person, and the colour `ps` gives it ("stopped" is only `ps`'s: it reads /proc states).
@@ -18,6 +19,7 @@ STATE_TEXT = {"alive": ("alive", ""), "unowned": ("alive, its owner gone (aipm r
               "review_pending": ("review pending: it runs again on the next run", "yellow"),
               "ended": ("ended: its owner records that end", ""),
               "held": ("ended: its owner is stopped and records that end once it goes on", "yellow"),
+              "unrecorded": ("ended: its owner could not record its outcome (aipm recover records it)", "yellow"),
               "starting": ("starting: its owner is about to start its worker", ""),
               "starting_held": ("starting: its owner is stopped and starts its worker once it goes on", "yellow")}
 
@@ -58,6 +60,8 @@ def state(rec: Record, root: Path) -> tuple[str, int | None, list[int]]:
         return ("held" if stopped(rec.owner_pid) else "ended"), None, left
     if _review_pending(rec, root):
         return "review_pending", pid, left
+    if rec.unwritten and not left and exit_file_written(rec.exit_file):  # handed over: no owner died
+        return "unrecorded", pid, left
     # Its owner and wrapper died; with its command running on (holding its files) it is orphaned, else stale.
     return ("orphaned" if left else "gone"), pid, left
 

@@ -487,6 +487,32 @@ def test_a_worker_that_ended_after_its_supervisor_died_reads_as_waiting_for_its_
     wait_for(lambda: task_statuses(order) == {"A": "DONE"} and no_workers(project.root))
 
 
+def test_an_outcome_its_owner_could_not_write_reads_as_waiting_for_it_not_as_a_dead_supervisor(project, gate):
+    """Its task file saved invalid while it ran, the detached owner could not write the outcome and left it (exit
+    file, record with no owner) to `aipm recover`, as its log said. `status` said `its supervisor died before
+    recording how its worker ended`, and `ps` `gone (stale: aipm recover)`: no process had died."""
+    order = project.order()
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a.txt"], priority="P1")
+    project.aipm("launch", "ORD", "--no-resource-monitoring", check=True)
+    wait_for(lambda: [w for w in project.json("ps")["workers"] if w["pid"]])
+    path = order / "A.yaml"
+    good = path.read_text()
+    path.write_text(good.replace("priority: P1", "priority: P9"))
+    gate.touch()
+    (rec,) = wait_for(lambda: [w for w in project.json("ps")["workers"] if not w["alive"]])
+    assert rec["state"] == "unrecorded", rec
+    table = project.aipm("ps", env={"COLUMNS": "200"}, check=True).stdout
+    assert "ended: its owner could not record its outcome (aipm recover records it)" in table, table
+    path.write_text(good)  # fixed: IN_PROGRESS, as the start wrote it
+    (listed,) = project.json("status", "ORD")["tasks"]
+    assert (listed["status"], listed["reason"]) == (
+        "INTERRUPTED", "interrupted: its outcome (exit 0) waits to be recorded: its owner could not write it (its "
+        "task file did not validate); `aipm recover` records it"), listed
+    assert project.json("recover", "ORD")["recovered"] == [{"order": "ORD", "id": "A", "action": "recorded",
+                                                            "status": "DONE", "exit_code": 0, "reason": "exit 0"}]
+    wait_for(lambda: task_statuses(order) == {"A": "DONE"} and no_workers(project.root))
+
+
 def test_a_worker_whose_owning_aipm_died_reads_as_owner_gone_on_the_dashboard_as_in_ps(project, dashboard, browser,
                                                                                         gate):
     """Its owner killed, the worker runs on with nobody to record its end: `ps` says `unowned` ("alive, its owner
