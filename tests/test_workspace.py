@@ -2236,21 +2236,14 @@ def test_a_rejected_worktree_task_s_log_says_no_next_attempt_continues_its_chang
         assert "are kept in" in first and first.rstrip().endswith("its next attempt continues them"), first
 
 
-def test_a_merge_conflict_that_rejects_the_task_says_no_next_attempt_starts(repo, gate):
+def test_a_merge_conflict_that_rejects_the_task_says_no_next_attempt_starts(repo, tmp_path):
     """A merge conflict that spent max_rework logged "...; the next attempt starts from the main tree as it is now."
     of a task it made REJECTED."""
     project = project_in(repo)
-    write_task(project.order(), "T", target_files=["src/a.txt"], max_rework=0,
-               command=f"{wait_gate(gate)}sed -i 's/^a line 1$/task/' src/a.txt")
-    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(repo), "run", "ORD"], stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: (repo / ".aipm/worktrees/ORD/T").is_dir())
-        (repo / "src/a.txt").write_text((repo / "src/a.txt").read_text().replace("a line 1\n", "yours\n", 1))
-    finally:
-        gate.touch()
-    out, err = run.communicate(timeout=120)
-    assert run.returncode == 1 and project.statuses() == {"T": "REJECTED"}, out + err
+    _gated_task(project.order(), tmp_path, "sed -i 's/^a line 1$/task/' src/a.txt", max_rework=0)
+    proc = _run_with_person(project, tmp_path, lambda: (repo / "src/a.txt").write_text(
+        (repo / "src/a.txt").read_text().replace("a line 1\n", "yours\n", 1)))
+    assert proc.returncode == 1 and project.statuses() == {"T": "REJECTED"}, proc.stdout + proc.stderr
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
     assert "merge conflict in src/a.txt" in log and "the next attempt starts" not in log, log
     assert (f"This attempt's changes are kept in {repo}/.aipm/patches/ORD/T.1.patch; no next attempt starts: the "
