@@ -1436,7 +1436,9 @@ def test_the_output_of_an_aipm_that_owns_no_attempt_is_not_charged_to_the_worker
             wait_for(lambda: "token=" in (root / "other.log").read_text(), timeout=60)
             if stop:
                 other.send_signal(stop)
-                other.wait(timeout=60)
+                # (its exit is not what is tested here: in one CI run it took over 60 s, once locally 30 s of ~35
+                # runs, with this run going; not found why, and left open)
+                other.wait(timeout=180)
         else:
             assert other.wait(timeout=60) == 0, (root / "other.log").read_text()
     finally:
