@@ -24,7 +24,12 @@ def one_line(text: str) -> str:
     and any other control character is a "?": a reviewer's first line in red had its task's outcome unwritable."""
     text = re.sub(r"\s+", " ", _COLOUR.sub("", text)).strip().encode(errors="replace").decode()
     text = _UNPRINTABLE.sub("?", text)
-    return text if len(text) <= MAX_LENGTH else text[: MAX_LENGTH - 1] + "…"
+    if len(text) <= MAX_LENGTH:
+        return text
+    cut = text[: MAX_LENGTH - 1]
+    space = cut.rfind(" ")
+    # At the last whole word, unless that drops much (a long path or URL is cut where it must be): "(t…" said nothing.
+    return (cut[:space] if space >= MAX_LENGTH - 40 else cut).rstrip(" ,;:(") + "…"
 
 
 def signal_name(number: int) -> str:

@@ -413,7 +413,7 @@ def test_diff_of_a_moved_worktree_whose_changes_overlap_your_edit_leaves_out_wha
     assert project.aipm("run", "ORD").returncode == 1
     shown = project.aipm("diff", "T")
     assert shown.returncode == 0, shown.stderr
-    assert "its changes overlap that in src/a.txt" in shown.stderr, shown.stderr
+    assert "its changes overlap in src/a.txt what that undid" in shown.stderr, shown.stderr
     assert "so this patch leaves README.md" in shown.stderr and "as the attempt's start has them" in shown.stderr
     # ...and where its versions of them are: its failed end kept them in its rest (its kept worktree has them too)
     rest = repo / REST
@@ -446,6 +446,9 @@ def test_a_tangled_attempts_patch_keeps_your_edits_and_its_rest_keeps_its_versio
     proc = project.aipm("run", "ORD")
     assert proc.returncode == 1, proc.stdout + proc.stderr
     if gone_by == "recover":
+        # (its reason, cut to a table cell's length, still names the path and why)
+        reason = json.loads(project.aipm("status", "ORD", "--json").stdout)["tasks"][0]["reason"]
+        assert "its changes overlap in src/a.txt what that undid" in reason, reason
         assert project.statuses() == {"T": "REJECTED"} and project.aipm("recover").returncode == 0
         assert not (repo / ".aipm/worktrees/ORD/T").exists()
     else:  # (the worktree there is attempt 2's)
@@ -465,7 +468,7 @@ def test_a_tangled_attempts_patch_keeps_your_edits_and_its_rest_keeps_its_versio
     assert "mine" not in (rest / "src/a.txt").read_text() and (rest / "README.md").read_text() == "readme\n"
     # ...named by its log, its finish line, and `diff` (--json: also_kept)
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert "its changes overlap that in src/a.txt" in log and "nothing of attempt 1 was merged" in log, log
+    assert "its changes overlap in src/a.txt what that undid" in log and "nothing of attempt 1 was merged" in log, log
     assert f"its versions of README.md, src/a.txt are kept in {rest}" in log, log
     finish = [line for line in proc.stdout.splitlines() if line.startswith("finish") and "attempt 2" not in line]
     assert str(rest) in finish[0], proc.stdout

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -346,7 +347,12 @@ def test_reason_words():
     assert outcome.review_rejected("\n\n  first\nsecond\n", 1) == "review rejected: first"
     assert outcome.review_rejected("", 4) == "review rejected (exit 4)"
     long = outcome.scope(f"file_{i}.py" for i in range(100))
-    assert len(long) == outcome.MAX_LENGTH and long.endswith("…") and "\n" not in long
+    assert len(long) <= outcome.MAX_LENGTH and long.endswith("…") and "\n" not in long
+    # cut after a whole word ("(t…" told nothing), the separator before it dropped
+    assert re.fullmatch(r"file_\d+\.py", long[:-1].split()[-1]), long
+    assert len(long) > outcome.MAX_LENGTH - 40
+    unbroken = outcome.one_line("x" * 50 + " " + "y" * 300)  # a word longer than what a cut may drop: cut inside it
+    assert len(unbroken) == outcome.MAX_LENGTH and unbroken.endswith("y…"), unbroken
 
 
 def test_spent_exit_files_are_removed_by_the_next_recovery(project):

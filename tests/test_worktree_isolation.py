@@ -274,7 +274,7 @@ def test_a_moved_worktree_whose_changes_overlap_your_uncommitted_edit_is_sent_ba
     assert proc.returncode == 1 and project.statuses() == {"T": "REJECTED"}, proc.stdout + proc.stderr
     assert "a line 15, mine\n" in (repo / "src/a.txt").read_text()
     log = (repo / ".aipm/logs/ORD/T.1.log").read_text()
-    assert "its changes overlap that in src/a.txt" in log and "nothing of attempt 1 was merged" in log, log
+    assert "its changes overlap in src/a.txt what that undid" in log and "nothing of attempt 1 was merged" in log, log
     # Its patch undid your edit there (`git apply` it, as its log said, and your line was gone); its version of the
     # file, which its patch leaves as the start has it, is kept in its rest, which its log and finish line name.
     assert "a line 15" not in (repo / ".aipm/patches/ORD/T.1.patch").read_text()

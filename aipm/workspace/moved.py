@@ -68,7 +68,7 @@ def onto_start(repo: Repo, tree: Path, base: str, files: str) -> Onto:
             kept.append(path)
     if not dropped:
         return Onto()
-    moved = f"its worktree was moved off its start (a `git checkout` or `git reset` there, to {head[:12]})"
+    moved = f"its worktree was moved off its start (a `git checkout` or `git reset` to {head[:12]})"
     merged = repo.merge_tree(base, tip) if not kept else None
     if merged is None or merged[1]:
         # Here its changes cannot be told from the undoing of your edits: no patch of these paths may be taken (one
@@ -80,10 +80,11 @@ def onto_start(repo: Repo, tree: Path, base: str, files: str) -> Onto:
         # one of theirs to keep, not only those put back. (merge-tree names a path on both sides, a file and a
         # directory, `x~<oid>` too: no one's path, not named.)
         overlap = [path for path in merged[1] if path in held or path in now] if merged else []
-        return Onto(tangled=(f"{moved}, which undid what the start held beside the commit it moved to (the main "
-                             f"tree's uncommitted edits), and its changes overlap that in "
-                             f"{some(overlap or list(dropped))}: keep the worktree on its start "
-                             "(commit on top of it) and leave your branches alone"), left=left,
+        # The paths first: the task file's reason keeps the first 160 characters of this (outcome.one_line).
+        return Onto(tangled=(f"{moved}, and its changes overlap in {some(overlap or list(dropped))} what that undid "
+                             "(the main tree's uncommitted edits, which its start held beside the commit it moved "
+                             "to): keep the worktree on its start (commit on top of it) and leave your branches "
+                             "alone"), left=left,
                     theirs={path: mine for path, (_, mine) in repo.entries(taken, files).items()}, tree=taken)
     return Onto(tree=merged[0], note=(f"{moved}: its changes are taken since its history left the start's, so that "
                                       f"what the move dropped ({some(list(dropped))}: the main tree's uncommitted "
