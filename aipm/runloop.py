@@ -250,7 +250,7 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             theirs = {rec.task for rec in report.records if rec.key in foreign and rec.order == order.id
                       and (rec.task in watched or rec.owner_alive()) and only in (None, rec.task)}
             if theirs - watched:
-                emit({"event": "watching", "tasks": sorted(theirs), "detail": "run by another aipm (a detached "
+                emit({"event": "watching", "tasks": sorted(theirs - watched), "detail": "run by another aipm (a detached "
                       "`aipm launch` or another `aipm run`); this run waits for them and goes on from there"
                       if not only else "run by another aipm; this exec waits for it and ends as it ends"})
             for event in others_said.started([rec for rec in report.records if rec.task in theirs

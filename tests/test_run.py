@@ -815,6 +815,29 @@ def test_a_run_says_which_tasks_of_its_order_another_owner_runs(project, gate):
     assert lines[1] == "finish   T → DONE (exit 0); attempt 1, run by another aipm\n", lines
 
 
+def test_a_run_says_each_task_another_owner_runs_once(project, gate):
+    """A second detached launch while the run watches the first's task: the new line named both tasks again
+    (`watch    A, B: ...`), as if A had just been handed to another aipm."""
+    for tid in ("A", "B"):
+        write_task(project.order(), tid, command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=[tid])
+    project.aipm("launch", "ORD", "--no-resource-monitoring", "--max-workers", "1", check=True)
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                            "--no-resource-monitoring", "--max-workers", "1"], stdout=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(run.stdout), daemon=True)
+    reader.start()
+    try:
+        wait_for(lambda: lines)  # the watch of A (it waits for the gate: nothing else can print first)
+        project.aipm("launch", "ORD", "--no-resource-monitoring", "--max-workers", "2", check=True)
+        wait_for(lambda: len(lines) > 1)
+    finally:
+        gate.touch()
+    assert run.wait(timeout=120) == 0
+    reader.join(timeout=60)
+    watches = [line.split(":")[0] for line in lines if line.startswith("watch")]
+    assert watches == ["watch    A", "watch    B"], lines
+
+
 def test_a_watched_attempts_end_is_said_before_the_start_it_allowed(project, gate):
     """D2 waits on D1, which a detached owner runs: the run said `started D2` (or watched D2) and only then
     `finished D1 DONE, by: another aipm`, in the same round: a start before the outcome that allowed it."""
