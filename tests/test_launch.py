@@ -320,6 +320,32 @@ def _b2_ran_beside_b1(project, gates) -> None:
     wait_for(lambda: not project.json("ps")["standby"] and no_workers(project.root))
 
 
+def test_a_launch_says_why_each_task_its_standby_owner_holds_waits(project, gate):
+    """B1 waits for A's file and B3 for a slot: the line gave the first one's reason for both (`B1, B3 wait for room
+    (f.txt is held by ...)`), and B3 waited for no file."""
+    (project.root / "aipm.yaml").write_text("max_workers: 2\n")
+    write_task(project.order("A"), "A1", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["f.txt"])
+    write_task(project.order("B"), "B1", command="true", target_files=["f.txt"], priority="P0")
+    write_task(project.order("B"), "B2", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["b2"],
+               priority="P1")
+    write_task(project.order("B"), "B3", command="true", target_files=["b3"], priority="P2")
+    try:
+        assert project.aipm("launch", "A", "--no-resource-monitoring").returncode == 0
+        launch = project.aipm("launch", "B", "--no-resource-monitoring")
+        assert launch.returncode == 0, launch.stdout + launch.stderr
+        pid = project.json("ps")["standby"][0]["pid"]
+        lines = launch.stdout.splitlines()
+        assert lines[0].startswith("started B2"), lines
+        assert lines[1].startswith("B1 waits for room (f.txt is held by ") and "A1" in lines[1], lines
+        slot = "worker limit reached: the 1 free slot(s) go to tasks ranked before it"
+        assert lines[2:] == [f"B3 waits for room ({slot})",
+                             f"its standby owner (pid {pid}) starts them once they can (`aipm ps` shows it)"], lines
+    finally:
+        gate.touch()
+    wait_for(lambda: task_statuses(project.order("B")) == {"B1": "DONE", "B2": "DONE", "B3": "DONE"}, timeout=60)
+    wait_for(lambda: not project.json("ps")["standby"] and no_workers(project.root))
+
+
 def test_a_launch_that_starts_nothing_for_want_of_a_slot_leaves_a_standby_owner(project, gate):
     """max_workers 2 held by A's two workers: `launch B` said `nothing to launch`, exit 0, and B stayed QUEUED for
     good with no process left to start it. It leaves a standby owner, says so, `ps` shows it, and it starts B once a
@@ -337,7 +363,8 @@ def test_a_launch_that_starts_nothing_for_want_of_a_slot_leaves_a_standby_owner(
     assert launch.stdout == (f"B1, B2 wait for capacity (worker limit reached: no free worker slot); its standby "
                              f"owner (pid {pid}) starts them once there is (`aipm ps` shows it)\n"), launch.stdout
     again = project.json("launch", "B", "--no-resource-monitoring")
-    assert again["standby"] == {"tasks": ["B1", "B2"], "detail": "worker limit reached: no free worker slot",
+    slot = "worker limit reached: no free worker slot"
+    assert again["standby"] == {"tasks": ["B1", "B2"], "detail": slot, "details": {"B1": slot, "B2": slot},
                                 "pid": pid, "capacity": True}, again
     assert project.json("ps")["standby"] == [{"order": "B", "pid": pid, "tasks": ["B1", "B2"]}]
     assert f"standby B (pid {pid}): waits for room to start B1, B2" in project.aipm("ps").stdout

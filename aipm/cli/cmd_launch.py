@@ -123,7 +123,7 @@ def _stand_by(launcher: Launcher, view: OrderView, report: LaunchReport) -> dict
     held = standby.held(report)
     if not held:
         return None
-    out = {"tasks": list(held), "detail": next(iter(held.values())), "pid": None,
+    out = {"tasks": list(held), "detail": next(iter(held.values())), "details": held, "pid": None,
            "capacity": standby.for_capacity(report)}
     if launcher.options.dry_run:
         return out
@@ -161,15 +161,22 @@ def say_launched(report: LaunchReport, waiting: list[dict], order_id: str, dry_r
     for blocked in report.plan.spent:
         console(stderr=True).print(f"aipm: {order_id}/{blocked.id}: {blocked.detail}", markup=False)
     if held:
-        tasks = ", ".join(held["tasks"])
         # (capacity: a slot, the load, a budget; else files another order's task holds, for which it waits too)
         one = len(held["tasks"]) == 1
         what = "capacity" if held["capacity"] else "room"
         when = "there is" if held["capacity"] else "it can" if one else "they can"
-        them, wait = ("it", "waits") if one else ("them", "wait")
-        then = (f"; a standby owner would start {them} once {when}" if dry_run else
-                f"; its standby owner (pid {held['pid']}) starts {them} once {when} (`aipm ps` shows it)")
-        out.print(f"{tasks} {wait} for {what} ({held['detail']}){then}", markup=False)
+        them = "it" if one else "them"
+        then = (f"a standby owner would start {them} once {when}" if dry_run else
+                f"its standby owner (pid {held['pid']}) starts {them} once {when} (`aipm ps` shows it)")
+        # A line per reason: B1 waiting for a slot and B2 for another order's file were both said to wait for the file.
+        reasons: dict[str, list[str]] = {}
+        for tid, detail in held["details"].items():
+            reasons.setdefault(detail, []).append(tid)
+        lines = [f"{', '.join(ids)} {'waits' if len(ids) == 1 else 'wait'} for {what} ({detail})"
+                 for detail, ids in reasons.items()]
+        for line in lines if len(lines) > 1 else []:
+            out.print(line, markup=False)
+        out.print(f"{lines[0]}; {then}" if len(lines) == 1 else then, markup=False)
     elif not (report.launched or report.deferred or report.failed or waiting or report.plan.budget_stop
               or report.plan.spent):
         # Why, as detect says it: a bare "nothing to launch" read as aipm ignoring the queued tasks (their running
