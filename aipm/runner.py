@@ -149,10 +149,11 @@ def begin(
         returned call, which takes the GIL once and lets go of it once, for the spawn itself."""
         os.makedirs(os.path.dirname(log), exist_ok=True)
         place_log(log)
+        call = posix_spawn.prepared(program, argv, env, actions, setsid=True)
 
         def run() -> tuple[int, int, int]:
             before = time.clock_gettime_ns(time.CLOCK_BOOTTIME)
-            pid = posix_spawn.spawn(program, argv, env, actions, setsid=True)
+            pid = call()
             return pid, before, time.clock_gettime_ns(time.CLOCK_BOOTTIME)
         return run
 

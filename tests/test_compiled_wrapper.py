@@ -38,8 +38,8 @@ def _run(tmp_path: Path, command, tag: str, cwd: Path | None = None, abandon: bo
 
 def _programs_started(monkeypatch) -> list[str]:
     """The programs runner starts from now on (the wrapper each worker runs under), in order."""
-    spawn, started = runner.posix_spawn.spawn, []
-    monkeypatch.setattr(runner.posix_spawn, "spawn", lambda program, *a, **k: started.append(program) or spawn(
+    prepared, started = runner.posix_spawn.prepared, []
+    monkeypatch.setattr(runner.posix_spawn, "prepared", lambda program, *a, **k: started.append(program) or prepared(
         program, *a, **k))
     return started
 

@@ -155,3 +155,31 @@ def test_a_worker_starts_with_no_signal_blocked_and_sigpipe_at_its_default(tmp_p
     assert int(masks["SigBlk"], 16) == 0
     ignored = int(masks["SigIgn"], 16)
     assert not ignored & (1 << (signal.SIGPIPE - 1)) and not ignored & (1 << (signal.SIGXFSZ - 1))
+
+
+def test_a_background_spawns_arguments_are_built_in_the_calling_thread(tmp_path, monkeypatch):
+    """A worker's wrapper is spawned in a helper thread while the run's thread writes the task's status. The helper
+    gets only the spawn call: where it also built the spawn's arguments (the environment encoded, the file actions),
+    it held the GIL meanwhile and the run's thread waited for it (futex waits of 0.38 ms a B2 hand-over)."""
+    import os
+    import threading
+
+    from aipm import posix_spawn, runner
+
+    prepared, threads = posix_spawn.prepared, {}
+
+    def watched(*args, **kwargs):
+        threads["built"] = threading.current_thread()
+        call = prepared(*args, **kwargs)
+
+        def spawn():
+            threads["spawned"] = threading.current_thread()
+            return call()
+        return spawn
+
+    monkeypatch.setattr(posix_spawn, "prepared", watched)
+    spawning = runner.begin(["true"], exit_file=str(tmp_path / "exit"), env=dict(os.environ), cwd=str(tmp_path),
+                            log=str(tmp_path / "log"), background=True)
+    assert runner.reap(spawning.finish()) == 0
+    assert threads["built"] is threading.main_thread(), threads
+    assert threads["spawned"] is not threading.main_thread(), threads

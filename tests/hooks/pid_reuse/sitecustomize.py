@@ -7,15 +7,19 @@ _want = os.environ.get("AIPM_REUSE_PID")
 if _want:
     import aipm.posix_spawn as _spawning
 
-    _spawn, _done = _spawning.spawn, []
+    _prepared, _done = _spawning.prepared, []
 
-    def spawn(*args, **kwargs):
-        if not _done:
-            with open("/proc/sys/kernel/ns_last_pid", "w") as handle:
-                handle.write(str(int(_want) - 1))
-        pid = _spawn(*args, **kwargs)
-        if pid == int(_want):
-            _done.append(pid)
-        return pid
+    def prepared(*args, **kwargs):
+        call = _prepared(*args, **kwargs)
 
-    _spawning.spawn = spawn
+        def spawn():
+            if not _done:
+                with open("/proc/sys/kernel/ns_last_pid", "w") as handle:
+                    handle.write(str(int(_want) - 1))
+            pid = call()
+            if pid == int(_want):
+                _done.append(pid)
+            return pid
+        return spawn
+
+    _spawning.prepared = prepared
