@@ -265,8 +265,11 @@ def launch_failed(order: Order, rt: Runtime) -> dict[str, str]:
         return {}
     from aipm import standby  # (only here: it imports the launcher)
 
-    if standby.current(rt, order.id) is not None:
-        return {}  # it launches the order again as room frees, and meets (or not) the failure again
+    if standby.current(rt, order.id) is not None or any(rec.order == order.id and rec.alive() for rec in rt.records()):
+        # A standby owner launches the order again as room frees; a `run` of it (or a detached owner, at its end)
+        # launches it again when one of its attempts ends: each meets (or not, the program installed since) the
+        # failure again. `logs ORD/B -f` ended while a run that would start B waited only for a slot.
+        return {}
     out = {tid: f"will not start by itself: its last launch failed: {why}; `aipm launch {order.id}` tries again"
            for tid, why in failed.items()}
     stuck = dict.fromkeys(failed)

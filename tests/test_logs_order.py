@@ -1,10 +1,12 @@
 """`aipm logs ORDER [-f]`: every worker's lines of an order, each tagged with its task id (parallel --tag)."""
 
+import os
 import re
 import subprocess
 import sys
 
 import pytest
+import yaml
 
 from conftest import no_workers, task_statuses, wait_for, write_task
 
@@ -562,3 +564,36 @@ def test_logs_follow_ends_when_a_task_s_launch_failed_for_good(project):
         and said[-1] == "aipm: ORD: K3 will not start until K2 does: its last launch failed", said
     behind = project.aipm("logs", "ORD/K3", "-f", timeout=30)
     assert behind.stderr.startswith("aipm: ORD/K3 will not start until K2 does"), behind.stderr
+
+
+def test_logs_follow_waits_for_a_task_whose_launch_failed_while_a_run_that_tries_it_again_lives(project, gate,
+                                                                                                   tmp_path):
+    """B's program is missing as the run starts A: its launch fails, and the run tries it again as A ends. `logs
+    ORD/B -f` said at once that B `will not start by itself` and ended, while the run started B once its program
+    was there (a person installing it meanwhile)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    order = project.order()
+    write_task(order, "A", command=f"while [ ! -e {gate} ]; do sleep 0.05; done", target_files=["a"])
+    write_task(order, "B", command=["late-prog-xyz"], target_files=["b"])
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    run = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "run", "ORD",
+                            "--no-resource-monitoring"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                           env=env)
+    follow = None
+    try:
+        wait_for(lambda: "launch failed" in (yaml.safe_load((order / "B.yaml").read_text()).get("reason") or ""))
+        follow = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "ORD/B", "-f"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with pytest.raises(subprocess.TimeoutExpired):
+            follow.wait(timeout=2)  # (it ended here at once)
+        program = bin_dir / "late-prog-xyz"
+        program.write_text("#!/bin/sh\necho hello from B\n")
+        program.chmod(0o755)
+    finally:
+        gate.touch()
+        out, _ = run.communicate(timeout=120)
+    assert run.returncode == 0 and task_statuses(order) == {"A": "DONE", "B": "DONE"}, out
+    followed, err = follow.communicate(timeout=60)
+    assert follow.returncode == 0 and "hello from B" in followed, followed + err
+    assert "will not start" not in err, err
