@@ -144,9 +144,10 @@ def begin(
     env = dict(env, AIPM_ROOT=cwd, PWD=cwd)
 
     def placed(program: str, argv: list[str]) -> Callable[[], tuple[int, int, int]]:
-        """The log's directory and file made ready here (in the helper thread each of these syscalls would let go
-        of the GIL and wait for it back while the main thread writes the status); the rest of the spawn in the
-        returned call, which takes the GIL once and lets go of it once, for the spawn itself."""
+        """The log's directory and file, and the spawn's arguments (posix_spawn.prepared), made ready here: in the
+        helper thread each syscall would let go of the GIL and wait for it back, and the arguments' Python held it,
+        while the main thread writes the status. The returned call only spawns: it takes the GIL once and lets go
+        of it once, for the spawn itself."""
         os.makedirs(os.path.dirname(log), exist_ok=True)
         place_log(log)
         call = posix_spawn.prepared(program, argv, env, actions, setsid=True)
