@@ -144,7 +144,8 @@ def _file_layer(path: Path, data: Any, source: str) -> Layer:
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise SettingsError(f"{path}: must be a mapping of settings, not {kind(data)}")
+        where = f"{path}: tool.aipm" if path.suffix == ".toml" else str(path)  # `[tool] aipm = 3` named no field
+        raise SettingsError(f"{where}: must be a mapping of settings, not {kind(data)}")
     layer: Layer = {}
     top = sorted({key.split(".")[0] for key in _KEYS})
     for key, value in data.items():
@@ -198,11 +199,14 @@ def _read_pyproject(path: Path) -> Any:
 
     try:
         # As aipm.yaml is read: a worker's FIFO or sparse terabyte there hung or was read whole by every command.
-        return tomllib.loads(read_text(path)).get("tool", {}).get("aipm")
+        tool = tomllib.loads(read_text(path)).get("tool")
     except ValidationError as exc:  # cannot read, not a regular file, not UTF-8, over 1 MiB
         raise SettingsError(str(exc)) from None
     except tomllib.TOMLDecodeError as exc:
         raise SettingsError(f"{path}: invalid TOML: {_one_line(exc)}") from None
+    # `tool = 3` or `[[tool]]` (not the table PEP 518 asks for) is another tool's broken file and holds no
+    # [tool.aipm]: it ended every command below it in an AttributeError traceback.
+    return tool.get("aipm") if isinstance(tool, dict) else None
 
 
 def in_pyproject(root: Path) -> bool:

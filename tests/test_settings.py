@@ -424,6 +424,25 @@ def test_bad_pyproject(tmp_path):
     assert_one_line_error(aipm(tmp_path, "config", "--json"), "pyproject.toml", "invalid TOML")
 
 
+def test_a_pyproject_whose_tool_is_no_table_holds_no_settings(tmp_path):
+    """`[[tool]]` (or `tool = 3`) in a pyproject.toml above the working directory ended every command in an
+    AttributeError traceback; such a file holds no [tool.aipm], so the defaults apply."""
+    (tmp_path / "pyproject.toml").write_text('[[tool]]\nname = "x"\n')
+    (tmp_path / "sub").mkdir()
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("AIPM_")}
+    proc = subprocess.run([sys.executable, "-m", "aipm", "config", "--json"], capture_output=True, text=True,
+                          env=clean, cwd=tmp_path / "sub", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert {v["source"] for v in json.loads(proc.stdout)["settings"].values()} == {"default"}
+    (tmp_path / "pyproject.toml").write_text("tool = 3\n")
+    assert effective(tmp_path)["max_workers"] == {"value": 5, "source": "default"}
+
+
+def test_a_tool_aipm_that_is_no_table_is_named(tmp_path):
+    (tmp_path / "pyproject.toml").write_text('[tool]\naipm = "x"\n')
+    assert_one_line_error(aipm(tmp_path, "config", "--json"), "pyproject.toml: tool.aipm: must be a mapping")
+
+
 @pytest.mark.parametrize("hostile, wrong", [("sparse", "over the 1 MiB limit"), ("fifo", "not a regular file")])
 def test_a_pyproject_toml_that_is_a_sparse_terabyte_or_a_fifo_is_one_line_error(tmp_path, hostile, wrong):
     """pyproject.toml's [tool.aipm] is read as aipm.yaml is: a sparse terabyte there (`truncate -s 1T`, by a
