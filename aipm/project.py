@@ -105,6 +105,14 @@ class Project:
         if by_id.is_dir():  # `group/ORD` below orders_dir: a path, taken from the working directory
             raise UserError(f"order {arg!r}: no such path from {os.getcwd()}; only a single name is looked up in "
                             f"{self.orders_dir}: give the path {os.path.normpath(by_id)}")
+        from_root = self.root / arg
+        if "/" in name and not as_path.exists() and from_root.is_dir():
+            # `orders/ORD` typed in src/, or with --root from elsewhere: "no directory orders/orders/ORD"
+            raise UserError(f"order {arg!r}: no such path from {os.getcwd()}; a path is taken from the working "
+                            f"directory, not the project root: give the path {os.path.normpath(from_root)}")
+        if "/" in name:  # a path, never looked up in orders_dir: `/x/O` was "no directory orders//x/O under ROOT"
+            raise UserError(f"order {arg!r}: no such directory {os.path.normpath(as_path)}; give an order id "
+                            f"({self.orders_here(ids, Path(name).name)}) or a path to an order directory")
         raise UserError(
             f"order {arg!r}: no directory {self.orders_dir}/{arg} under {self.root} and no such path; "
             f"give an order id ({self.orders_here(ids, arg)}) or a path to an order directory"

@@ -265,6 +265,26 @@ def test_a_wrong_argument_is_told_what_it_is(project, args, said):
     assert full_snapshot(project.root) == before
 
 
+def test_an_order_path_from_the_project_root_typed_elsewhere_is_told_the_path_to_give(project):
+    """`aipm status orders/ORD` typed in src/ (or with --root from another directory) said "no directory
+    orders/orders/ORD under ROOT", and `status /x/ORD` "no directory orders//x/ORD": paths never looked there."""
+    write_task(project.order(), "A", command="true")
+    (project.root / "src").mkdir()
+    before = full_snapshot(project.root)
+
+    def aipm_in_src(*args):
+        return subprocess.run([sys.executable, "-m", "aipm", "--root", str(project.root), *args],
+                              capture_output=True, text=True, cwd=project.root / "src", timeout=120)
+
+    for args in [("status", "orders/ORD"), ("why", "orders/ORD/A")]:
+        proc = aipm_in_src(*args)
+        assert_one_line_error(proc, f"no such path from {project.root / 'src'}",
+                              f"give the path {project.root / 'orders' / 'ORD'}")
+    proc = aipm_in_src("status", "/nonexistent/ORD")
+    assert_one_line_error(proc, "order '/nonexistent/ORD': no such directory /nonexistent/ORD", "(orders here: ORD)")
+    assert full_snapshot(project.root) == before
+
+
 def test_a_terminal_width_too_narrow_for_a_word_is_taken_as_unset(project):
     """COLUMNS=0 broke every header of `status` into letters, one a line."""
     write_task(project.order(), "A", command="true", target_files=["a.txt"])
