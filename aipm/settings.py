@@ -215,6 +215,18 @@ def in_pyproject(root: Path) -> bool:
     return not (Path(root) / "aipm.yaml").exists() and pyproject.exists() and _read_pyproject(pyproject) is not None
 
 
+def hidden_pyproject(root: Path) -> bool:
+    """Whether pyproject.toml has a [tool.aipm] that aipm.yaml hides: aipm.yaml is read instead, never merged, so
+    settings put there after `aipm init` wrote an aipm.yaml were ignored without a word."""
+    pyproject = Path(root) / "pyproject.toml"
+    if not (Path(root) / "aipm.yaml").exists() or not pyproject.is_file():
+        return False
+    try:
+        return _read_pyproject(pyproject) is not None
+    except SettingsError:  # a broken pyproject.toml is not read at all here: none of ours
+        return False
+
+
 def holds_settings(directory: Path) -> bool:
     """Whether `directory` is a project's root by its settings: aipm.yaml, or pyproject.toml's [tool.aipm]. A
     pyproject.toml that does not parse counts when it names tool.aipm, so its error is told (not another root

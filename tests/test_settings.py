@@ -424,6 +424,20 @@ def test_bad_pyproject(tmp_path):
     assert_one_line_error(aipm(tmp_path, "config", "--json"), "pyproject.toml", "invalid TOML")
 
 
+def test_config_warns_of_a_tool_aipm_that_aipm_yaml_hides(tmp_path):
+    """Settings put in [tool.aipm] after `aipm init` wrote an aipm.yaml were ignored without a word."""
+    (tmp_path / "aipm.yaml").write_text("max_workers: 5\n")
+    (tmp_path / "pyproject.toml").write_text("[tool.aipm]\nmax_workers = 2\n")
+    proc = aipm(tmp_path, "config", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["settings"]["max_workers"] == {"value": 5, "source": "aipm.yaml"}
+    assert proc.stderr == (f"aipm: warning: {tmp_path / 'pyproject.toml'}: [tool.aipm] is not read: aipm.yaml is, "
+                           "instead of it (they are never merged); move those settings into aipm.yaml, or delete "
+                           "aipm.yaml\n")
+    (tmp_path / "pyproject.toml").write_text("[tool.ruff]\nline-length = 120\n")  # another tool's: nothing to say
+    assert aipm(tmp_path, "config", "--json").stderr == ""
+
+
 def test_a_pyproject_whose_tool_is_no_table_holds_no_settings(tmp_path):
     """`[[tool]]` (or `tool = 3`) in a pyproject.toml above the working directory ended every command in an
     AttributeError traceback; such a file holds no [tool.aipm], so the defaults apply."""

@@ -6,7 +6,7 @@ import shlex
 from typing import Any, Optional
 
 from aipm.cli import grid
-from aipm.cli.common import JsonOpt, console, print_json, project_root
+from aipm.cli.common import JsonOpt, console, print_json, project_root, warn
 from aipm.cli.decl import command
 from aipm.cli.resource_options import (
     ConfineOpt, MaxCpuOpt, MaxMemoryOpt, MaxWorkersOpt, NoAutoScalingOpt, NoMonitoringOpt, PreemptOpt, RunnerOpt,
@@ -14,7 +14,7 @@ from aipm.cli.resource_options import (
 )
 from aipm.cluster import check_form
 from aipm.resources import ResourceMonitor, get_system_info
-from aipm.settings import SETTING_NAMES, setting_key
+from aipm.settings import SETTING_NAMES, hidden_pyproject, setting_key
 
 
 def _shown(value: Any) -> str:
@@ -46,6 +46,9 @@ def config(
     if settings.runner == "ray":  # what a Ray run would refuse first (RAY_ADDRESS is Ray's: checked only then)
         check_form(settings.ray_address, settings.sources["ray_address"])
     values = {name: getattr(settings, name) for name in SETTING_NAMES}
+    if hidden_pyproject(root):
+        warn([f"{root / 'pyproject.toml'}: [tool.aipm] is not read: aipm.yaml is, instead of it (they are never "
+              "merged); move those settings into aipm.yaml, or delete aipm.yaml"])
     if json_out:  # keyed as aipm.yaml spells each setting (`worker.command`), as the table and errors name it
         print_json({"root": str(root), "settings": {
             setting_key(name): {"value": list(v) if isinstance(v, tuple) else v, "source": settings.sources[name]}
