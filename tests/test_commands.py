@@ -547,6 +547,20 @@ def test_recover_adopts_a_worker_whose_owner_died(project):
     assert project.json("status", "ORD")["tasks"][0]["attempts"] == 1  # the real outcome, not a re-run
 
 
+def test_recover_of_every_order_refused_by_another_orders_bad_file_names_the_order_argument(project):
+    """A task file of order B being edited (invalid) refused `aipm recover` of every order with B's error alone,
+    though `status A` sent the user there; it says nothing was recovered and how to recover one order."""
+    write_task(project.order("A"), "T", command="true", status="IN_PROGRESS", attempts=1)
+    write_task(project.order("B"), "U", command="true", priority="P9")
+    before = snapshot(project.root)
+    proc = project.aipm("recover")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr == (f"aipm: error: {project.order('B') / 'U.yaml'}: priority: 'P9' is not one of P0, P1, P2, "
+                           "P3; nothing recovered: fix it, or recover one order: aipm recover ORDER\n")
+    assert snapshot(project.root) == before
+    assert project.json("recover", "A")["recovered"] == [{"order": "A", "id": "T", "action": "requeued"}]
+
+
 def _adopted_after_kill_9(project, gate, rewrite) -> subprocess.Popen:
     """`aipm run ORD` of A (waiting for `gate`) killed with SIGKILL once A's worker runs; its record rewritten by
     `rewrite` (the record's JSON → what to write instead); a second run started, which adopts A; then the gate

@@ -209,7 +209,14 @@ def recover(
     launcher = Launcher(project, settings, Options(), monitor=None)
     dirs = [project.order_dir(order)] if order is not None else project.order_dirs()
     for directory in dirs:  # bad input is refused before the lock makes .aipm/ (read again under it)
-        load_order(directory, project.root)
+        try:
+            load_order(directory, project.root)
+        except UserError as exc:
+            if order is not None:
+                raise
+            # Every order is read first (skipped, an order's held outcomes would be dropped as gone): one bad file
+            # of another order refused the recovery that `status` sent the user to, with no word of a way on.
+            raise UserError(f"{exc}; nothing recovered: fix it, or recover one order: aipm recover ORDER") from None
     done, known, tasks, paths = [], [], set(), {}
     recovery.read_lost_usage_ahead(launcher.runtime)
     with launcher.runtime.launch_lock():
