@@ -167,6 +167,10 @@ def test_ps_says_a_worker_whose_owner_was_killed_runs_with_nobody_watching(proje
         assert (worker["state"], worker["alive"]) == ("unowned", True), worker
         table = project.aipm("ps", env={"COLUMNS": "200"}, check=True).stdout  # (narrower, the cell wraps)
         assert "alive, its owner gone (aipm recover adopts it)" in table, table
+        # ...and `why`, which said only "status is IN_PROGRESS"
+        why = project.aipm("why", "TO").stdout
+        assert "its attempt: alive, its owner gone (aipm recover adopts it)" in why, why
+        assert project.json("why", "TO")["attempt_state"] == "unowned"
     finally:
         runner.signal_group(pgid, signal.SIGKILL)
 

@@ -150,10 +150,20 @@ def why(
     kept = (workspace.last_kept(launcher.project.root, loaded.id, task_id) if current.attempts
             and current.status not in FINISHED_OK and current.status not in RUNNING
             and workspace.kind(current, launcher.settings) == workspace.WORKTREE else None)
+    # A running task's attempt as `ps` says it: "status is IN_PROGRESS" alone told nothing of a worker whose owner
+    # died (no aipm records its end until `aipm recover` adopts it).
+    rec = launcher.runtime.read_record(loaded.id, task_id) if current.status in RUNNING else None
+    state = said = None
+    if rec is not None:
+        from aipm import workerstate  # (here: `why` of a task not running needs none of what it reads)
+
+        state = workerstate.state(rec, launcher.project.root)[0]
+        said = workerstate.describe(state, bool(rec.stopping), rec.phase)[0]
     if json_out:
         print_json({"order": loaded.id, "task": task_id, "launchable": launchable,
                     "reasons": [r.as_dict() for r in reasons],
-                    "status": shown.status.value, "last_outcome": shown.reason, **({"kept": kept} if kept else {})})
+                    "status": shown.status.value, "last_outcome": shown.reason, **({"kept": kept} if kept else {}),
+                    **({"attempt_state": state} if state else {})})
         return
     failed = current.status == Status.QUEUED and (current.reason or "").startswith(outcome.LAUNCH_FAILED)
     if launchable and failed:  # the plan lets it start, but its last start failed: say why, and the fix
@@ -163,6 +173,8 @@ def why(
         print_reasons(task_id, launchable, reasons)
         if current.reason and current.status == Status.QUEUED:  # other statuses name it in their reason already
             print(f"  last {'' if failed else 'attempt: '}{grid.plain(current.reason)}")
+    if state and state != "alive":
+        print(f"  its attempt: {said}")
     if kept:
         print(f"  its last attempt's changes are kept in {grid.plain(kept)}")
     print_retry_hint(task_id, current.status)
