@@ -102,6 +102,9 @@ class Project:
         named = [d for d in self.order_dirs() if ids.get(d.resolve(), ("",))[0] == arg]
         if named:  # two or more: check_unique names the other one, as for a directory name
             return self.check_unique(named[0], ids)
+        if "/" not in name and by_id.exists() and not by_id.is_dir():  # said "no directory ...; `aipm new F`"
+            raise UserError(f"order {arg!r}: {self.orders_dir}/{name} under {self.root} is a file, not an order "
+                            f"directory; give an order id ({self.orders_here(ids)}) or a path to an order directory")
         if by_id.is_dir():  # `group/ORD` below orders_dir: a path, taken from the working directory
             raise UserError(f"order {arg!r}: no such path from {os.getcwd()}; only a single name is looked up in "
                             f"{self.orders_dir}: give the path {os.path.normpath(by_id)}")

@@ -291,3 +291,16 @@ def test_a_terminal_width_too_narrow_for_a_word_is_taken_as_unset(project):
     for columns in ("0", "1"):
         out = project.aipm("status", "ORD", env={"COLUMNS": columns}, check=True).stdout
         assert "┃ task ┃ status ┃" in out, out
+
+
+def test_an_order_name_that_is_a_file_in_the_orders_directory_is_said_to_be_one(project):
+    """`orders/F` a file (a stray note, a task file saved one level up): `add F T` and `status F` said "no directory
+    orders/F ... and no such path; `aipm new F` makes one", which then fails on the file."""
+    write_task(project.order(), "A", command="true")
+    (project.root / "orders" / "F").write_text("notes\n")
+    before = full_snapshot(project.root)
+    for args in [("add", "F", "T", "--command", "true"), ("status", "F")]:
+        proc = project.aipm(*args)
+        assert_one_line_error(proc, f"order 'F': orders/F under {project.root} is a file, not an order directory",
+                              "(orders here: ORD)")
+    assert full_snapshot(project.root) == before
