@@ -249,10 +249,11 @@ def _supervise(launcher: Launcher, view: OrderView, emit: Emit, only: str | None
             # that only waits for them prints nothing until the end; exec says only its own task.
             theirs = {rec.task for rec in report.records if rec.key in foreign and rec.order == order.id
                       and (rec.task in watched or rec.owner_alive()) and only in (None, rec.task)}
-            if theirs - watched:
-                emit({"event": "watching", "tasks": sorted(theirs - watched), "detail": "run by another aipm (a detached "
-                      "`aipm launch` or another `aipm run`); this run waits for them and goes on from there"
-                      if not only else "run by another aipm; this exec waits for it and ends as it ends"})
+            if theirs - watched:  # (only the new ones: a second launch's task was said with the first's again)
+                emit({"event": "watching", "tasks": sorted(theirs - watched), "detail":
+                      "run by another aipm (a detached `aipm launch` or another `aipm run`); this run waits for them "
+                      "and goes on from there" if not only else
+                      "run by another aipm; this exec waits for it and ends as it ends"})
             for event in others_said.started([rec for rec in report.records if rec.task in theirs
                                               and rec.key in foreign and rec.order == order.id], watched):
                 emit(event)
