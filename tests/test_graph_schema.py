@@ -425,6 +425,7 @@ def test_refusals_change_nothing(project):
         ("add", "MISSING", "B"): "order 'MISSING'",
         ("new", "ORD"): "already exists",
         ("new", "a/b"): "not a usable id",
+        ("new", "ord.yaml"): "'ord.yaml' is a file name; an order is a directory: give its id, 'ord'",
     }
     for args, message in refusals.items():
         proc = project.aipm(*args)

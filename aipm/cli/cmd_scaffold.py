@@ -48,6 +48,9 @@ def new(
 ) -> None:
     """Create an order: <orders_dir>/ORDER/order.yaml. Refuses an order that already has one."""
     _check_id("ORDER", order)
+    if order.endswith(".yaml"):  # a file's name given for the id: `new ord.yaml` made the directory orders/ord.yaml/
+        raise UserError(f"ORDER: {order!r} is a file name; an order is a directory: give its id, "
+                        f"{order[:-len('.yaml')]!r} (aipm new writes its order.yaml)")
     _check_utf8(title=title)
     project = get_project()
     order_dir = project.root / project.orders_dir / order
