@@ -232,7 +232,7 @@ def settled(order: Order, records: list, default_limit: float | None, rt: Runtim
     not settled; once it is, id → why of each task left waiting for a person."""
     if any(rec.order == order.id for rec in records):
         return None
-    stuck = {**launch_failed(order, rt), **wait_for_person(order, rt, default_limit)}
+    stuck = {**launch_failed(order, rt, records), **wait_for_person(order, rt, default_limit)}
     done = all(task.status in FINISHED_OK or task.status in DEAD_END or task.id in stuck
                for task in order.tasks.values())
     return stuck if done else None
@@ -254,10 +254,11 @@ def wait_for_person(order: Order, rt: Runtime, default_limit: float | None) -> d
     return will_not_start(counted, budget.of(counted, default_limit))
 
 
-def launch_failed(order: Order, rt: Runtime) -> dict[str, str]:
+def launch_failed(order: Order, rt: Runtime, records: list | None = None) -> dict[str, str]:
     """Id → why, of each QUEUED task whose last launch failed (its reason says so: a missing program, more CPUs
-    than the machine has) and of each task waiting on one, while the order has no standby owner: whoever met the
-    failure went on without it, and no process of aipm tries it again; a launch or run a person starts does (after
+    than the machine has) and of each task waiting on one, while the order has no standby owner and no attempt of it
+    runs (`records`, read when not given): whoever met the failure went on without it, and no process of aipm tries
+    it again; a launch or run a person starts does (after
     a fix, or to meet it again). `run` ends on such a failure too, and `logs -f` waited for ever."""
     failed = {t.id: t.reason[len(LAUNCH_FAILED):] for t in order.tasks.values()
               if t.status == Status.QUEUED and (t.reason or "").startswith(LAUNCH_FAILED)}
@@ -265,7 +266,8 @@ def launch_failed(order: Order, rt: Runtime) -> dict[str, str]:
         return {}
     from aipm import standby  # (only here: it imports the launcher)
 
-    if standby.current(rt, order.id) is not None or any(rec.order == order.id and rec.alive() for rec in rt.records()):
+    live = rt.records() if records is None else records  # (settled() has read them)
+    if standby.current(rt, order.id) is not None or any(rec.order == order.id and rec.alive() for rec in live):
         # A standby owner launches the order again as room frees; a `run` of it (or a detached owner, at its end)
         # launches it again when one of its attempts ends: each meets (or not, the program installed since) the
         # failure again. `logs ORD/B -f` ended while a run that would start B waited only for a slot.

@@ -23,6 +23,11 @@ STATE_TEXT = {"alive": ("alive", ""), "unowned": ("alive, its owner gone (aipm r
               "starting": ("starting: its owner is about to start its worker", ""),
               "starting_held": ("starting: its owner is stopped and starts its worker once it goes on", "yellow")}
 
+# The states that a task's status and reasons do not tell (`why` says them): processes that run, or an outcome that
+# waits, with no live aipm to record them, or held by a stopped one. (A stale or lost attempt is said as `status`
+# says it, a review pending included.)
+UNWATCHED = {"unowned", "orphaned", "held", "starting_held", "unrecorded"}
+
 
 def describe(state: str, stopping: bool, phase: str) -> tuple[str, str]:
     """STATE_TEXT's words and colour for a state; an attempt whose owner died stopping it (Ctrl-C's grace, a

@@ -37,12 +37,6 @@ def reasons_for(launcher: Launcher, order_dir: Path, task_id: str):
     return order, task_id, launchable, all_reasons(planned, result, task_id, elsewhere, outside, invalid), invalid
 
 
-# The states of a running task's attempt that its status and reasons do not tell: processes that run (or an outcome
-# that waits) with no live aipm to record them, or held by a stopped one. (A stale or lost one is said as `status`
-# says it, review pending included.)
-UNWATCHED = {"unowned", "orphaned", "held", "starting_held", "unrecorded"}
-
-
 def _stale_as_seen(launcher: Launcher, loaded, reasons: list):
     """`reasons` with each stale task's detail as `status` shows that task (lost: INTERRUPTED, or its review to
     run again), and the order as shown."""
@@ -164,7 +158,8 @@ def why(
         from aipm import workerstate  # (here: `why` of a task not running needs none of what it reads)
 
         state = workerstate.state(rec, launcher.project.root)[0]
-        said = workerstate.describe(state, bool(rec.stopping), rec.phase)[0]
+        if state in workerstate.UNWATCHED:
+            said = workerstate.describe(state, bool(rec.stopping), rec.phase)[0]
     if json_out:
         print_json({"order": loaded.id, "task": task_id, "launchable": launchable,
                     "reasons": [r.as_dict() for r in reasons],
@@ -179,7 +174,7 @@ def why(
         print_reasons(task_id, launchable, reasons)
         if current.reason and current.status == Status.QUEUED:  # other statuses name it in their reason already
             print(f"  last {'' if failed else 'attempt: '}{grid.plain(current.reason)}")
-    if state in UNWATCHED:
+    if said:
         print(f"  its attempt: {said}")
     if kept:
         print(f"  its last attempt's changes are kept in {grid.plain(kept)}")

@@ -174,9 +174,8 @@ def say_launched(report: LaunchReport, waiting: list[dict], order_id: str, dry_r
             reasons.setdefault(detail, []).append(tid)
         lines = [f"{', '.join(ids)} {'waits' if len(ids) == 1 else 'wait'} for {what} ({detail})"
                  for detail, ids in reasons.items()]
-        for line in lines if len(lines) > 1 else []:
+        for line in [f"{lines[0]}; {then}"] if len(lines) == 1 else [*lines, then]:
             out.print(line, markup=False)
-        out.print(f"{lines[0]}; {then}" if len(lines) == 1 else then, markup=False)
     elif not (report.launched or report.deferred or report.failed or waiting or report.plan.budget_stop
               or report.plan.spent):
         # Why, as detect says it: a bare "nothing to launch" read as aipm ignoring the queued tasks (their running
