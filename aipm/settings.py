@@ -19,7 +19,7 @@ import yaml
 from aipm import settingvalues as values
 from aipm.errors import SettingsError, ValidationError, did_you_mean, shown
 from aipm.fields import copy_globs
-from aipm.yamlkinds import kind
+from aipm.yamlkinds import kind, reading
 from aipm.store import MAX_FILE_BYTES, DuplicateKey, load_yaml, read_text
 from aipm.workerfiles import read_bytes
 
@@ -110,11 +110,15 @@ ENV_VARS["RAY_ADDRESS"] = "ray_address"  # Ray's own variable: the environment l
 Layer = dict[str, tuple[Any, str]]
 
 
-def _convert(name: str, value: Any, where: str) -> Any:
+def _convert(name: str, value: Any, where: str, language: str = "YAML") -> Any:
+    """The setting's typed value; `language`: what its file was read as, which the error's fix names."""
+    said = reading.set(language)
     try:
         return _KEYS[_FIELD_KEYS[name]](value)
     except ValueError as exc:
         raise SettingsError(f"{where}: {exc}") from None
+    finally:
+        reading.reset(said)
 
 
 def _one_line(text: str) -> str:
@@ -147,13 +151,14 @@ def _file_layer(path: Path, data: Any, source: str) -> Layer:
         where = f"{path}: tool.aipm" if path.suffix == ".toml" else str(path)  # `[tool] aipm = 3` named no field
         raise SettingsError(f"{where}: must be a mapping of settings, not {kind(data)}")
     layer: Layer = {}
+    language = "TOML" if path.suffix == ".toml" else "YAML"
     top = sorted({key.split(".")[0] for key in _KEYS})
     for key, value in data.items():
         key = str(key)
         if key not in top:
             raise _unknown(path, key, top)
         if key in _KEYS:
-            layer[key] = (_convert(key, value, f"{path}: {key}"), source)
+            layer[key] = (_convert(key, value, f"{path}: {key}", language), source)
             continue
         if value is None:  # `worker:` with nothing under it
             continue
@@ -166,7 +171,7 @@ def _file_layer(path: Path, data: Any, source: str) -> Layer:
             if dotted not in _KEYS:
                 raise _unknown(path, dotted, [f"{key}.{s}" for s in subkeys])
             name = dotted.replace(".", "_")
-            layer[name] = (_convert(name, subvalue, f"{path}: {dotted}"), source)
+            layer[name] = (_convert(name, subvalue, f"{path}: {dotted}", language), source)
     return layer
 
 

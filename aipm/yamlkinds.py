@@ -1,9 +1,11 @@
 """How an error names a value YAML read, and the fix when YAML read it as something else than the user meant
-(`command: true` is a boolean to YAML, `timeout: "10"` text, `5e2` a string): shared by task files and settings.
+(`command: true` is a boolean to YAML, `timeout: "10"` text, `5e2` a string): shared by task files and settings,
+whose values may come from TOML instead (pyproject.toml's [tool.aipm]: `reading`).
 """
 
 from __future__ import annotations
 
+import contextvars
 import datetime as dt
 import json
 import re
@@ -19,6 +21,11 @@ _KINDS = {dict: "a mapping", list: "a list", str: "a string", int: "a number", f
           set: "a set", tuple: "a mapping"}  # (!!omap and !!pairs items are one-key mappings; a time is TOML's)
 
 
+# The language the value being checked was read from: its errors name it ("TOML read 3 as a number" of a
+# pyproject.toml, where "YAML read" sent the user looking for a YAML file).
+reading: contextvars.ContextVar[str] = contextvars.ContextVar("reading", default="YAML")
+
+
 def kind(value: Any) -> str:
     return _KINDS.get(type(value), "a value of another kind")
 
@@ -30,9 +37,9 @@ def as_number(value: Any) -> str:
     """A value given where a number is wanted, as an error shows it: `timeout: "10"` was said to be no positive
     integer with no word of the quotes, and `timeout: 2001-01-01` as `datetime.date(2001, 1, 1)`."""
     if isinstance(value, str) and _QUOTED_NUMBER.fullmatch(value):
-        return f"{shown(value)}: YAML read it as text; write the number without quotes"
+        return f"{shown(value)}: {reading.get()} read it as text; write the number without quotes"
     if isinstance(value, dt.date):
-        return f"{value}, which YAML read as a date"
+        return f"{value}, which {reading.get()} read as a date"
     return shown(value)
 
 
@@ -40,9 +47,9 @@ def quote_hint(value: Any) -> str:
     """The fix for a value YAML read as no text where text is wanted (`command: true`, `depends_on: [1]`: an
     unquoted number, true/false, yes/no, on/off is no string to YAML); "" for any other value."""
     if isinstance(value, (bool, int, float)):
-        return f"; YAML read {json.dumps(value)} as {kind(value)}, not text: put it in quotes"
-    if isinstance(value, dt.date):  # `title: 2026-01-01` was said to be "not date"
-        return f"; YAML read {value} as a date, not text: put it in quotes"
+        return f"; {reading.get()} read {json.dumps(value)} as {kind(value)}, not text: put it in quotes"
+    if isinstance(value, (dt.date, dt.time)):  # `title: 2026-01-01` was said to be "not date"
+        return f"; {reading.get()} read {value} as {kind(value)}, not text: put it in quotes"
     return ""
 
 

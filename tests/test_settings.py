@@ -424,6 +424,27 @@ def test_bad_pyproject(tmp_path):
     assert_one_line_error(aipm(tmp_path, "config", "--json"), "pyproject.toml", "invalid TOML")
 
 
+@pytest.mark.parametrize("line, said", [
+    ("notify = 3", "notify: 3 is not a command (a string, a list of strings, or null); TOML read 3 as a number, "
+                   "not text: put it in quotes"),
+    ("orders_dir = 2026-01-01", "orders_dir: 2026-01-01 is not a non-empty string; TOML read 2026-01-01 as a date, "
+                                "not text: put it in quotes"),
+    ("orders_dir = 07:32:00", "TOML read 07:32:00 as a time, not text: put it in quotes"),
+    ("[tool.aipm.worker]\ncommand = true", "worker.command: true is not a command (a non-empty list of strings, "
+                                            "or a string); TOML read true as a boolean, not text: put it in quotes"),
+])
+def test_a_pyproject_values_fix_names_toml(tmp_path, line, said):
+    """The fix for a value read as no text named YAML in a pyproject.toml ("YAML read 3 as a number"), sending the
+    user looking for a YAML file; aipm.yaml's errors still name YAML."""
+    (tmp_path / "pyproject.toml").write_text(f"[tool.aipm]\n{line}\n")
+    proc = aipm(tmp_path, "config", "--json")
+    assert_one_line_error(proc, "pyproject.toml", said)
+    assert "YAML" not in proc.stderr
+    (tmp_path / "pyproject.toml").unlink()
+    (tmp_path / "aipm.yaml").write_text("notify: 3\n")
+    assert_one_line_error(aipm(tmp_path, "config", "--json"), "aipm.yaml: notify:", "YAML read 3 as a number")
+
+
 def test_config_warns_of_a_tool_aipm_that_aipm_yaml_hides(tmp_path):
     """Settings put in [tool.aipm] after `aipm init` wrote an aipm.yaml were ignored without a word."""
     (tmp_path / "aipm.yaml").write_text("max_workers: 5\n")
