@@ -324,6 +324,23 @@ def test_the_schema_copy_beside_the_orders_follows_this_aipm(project):
     assert not (project.root / "orders" / "order.schema.json").exists()  # only what a file refers to
 
 
+def test_a_task_added_to_an_order_outside_the_project_names_no_schema_copy(project, tmp_path_factory):
+    """`aipm add /elsewhere/ORD T` wrote `$schema=../task.schema.json`, a copy made only beside the project's
+    orders: the line pointed at no file. Such a file has no schema line; one in the project still has."""
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "ORD"
+    elsewhere.mkdir()
+    project.aipm("add", str(elsewhere), "A", "--command", "true", check=True)
+    text = (elsewhere / "A.yaml").read_text()
+    assert "$schema" not in text and text.startswith("id: A\n")
+    assert not (elsewhere.parent / "task.schema.json").exists()
+    assert load_order(elsewhere, project.root).tasks["A"].status == Status.QUEUED
+    project.order()
+    project.aipm("add", "ORD", "B", "--command", "true", check=True)
+    line = (project.root / "orders" / "ORD" / "B.yaml").read_text().splitlines()[0]
+    assert line == "# yaml-language-server: $schema=../task.schema.json"
+    assert (project.root / "orders" / "task.schema.json").read_text() == schema_text("task")
+
+
 @pytest.mark.parametrize("hostile", ["sparse", "fifo"])
 def test_a_schema_copy_that_is_a_sparse_terabyte_or_a_fifo_is_replaced_unread(project, hostile):
     """The copy lies in orders_dir, where a worker can write: a sparse terabyte there was read whole to compare it

@@ -158,13 +158,15 @@ def add(
     # The fields aipm writes come last, in one block: a person's edits (title, command, ...) and aipm's status
     # writes then touch different lines, so branches that did one and the other merge without conflict.
     fields["status"] = "QUEUED"
-    text = _document("task", fields)
+    # An order directory outside the project (`add /elsewhere/ORD T`) gets no schema copy beside it, so no line
+    # naming one: it pointed at a file that did not exist.
+    in_root = real_relative(str(project.root), str(order_dir.parent)) is not None  # (`add ..`: none above the root)
+    text = _document("task", fields, schema=in_root)
     # The order as it will be once the file exists: field checks, then dependencies and cycles.
     loaded = load_order(order_dir, project.root)
     new_task = task_from_mapping(path, parse_mapping(path, text), project.root)
     loaded.tasks[new_task.id] = new_task
     check_links(loaded)
-    in_root = real_relative(str(project.root), str(order_dir.parent)) is not None  # (`add ..`: none above the root)
     # (before and after: an audit's window may open in between; the schema file too, written the first time)
     _noted(project.root, order_dir, _schema_path(order_dir.parent, "task") if in_root else None)
     _create(path, text)
@@ -227,14 +229,15 @@ def _represent_str(dumper: yaml.SafeDumper, value: str) -> yaml.Node:
 _Dumper.add_representer(str, _represent_str)
 
 
-def _document(kind: str, fields: dict[str, Any]) -> str:
-    """The file's text: a schema line for editors (yaml-language-server), then the fields in block style.
+def _document(kind: str, fields: dict[str, Any], schema: bool = True) -> str:
+    """The file's text: a schema line for editors (yaml-language-server) where `schema`, then the fields in block
+    style.
 
     The schema line is the same in every file and every clone: `../<kind>.schema.json`, a copy aipm keeps
     beside the order directories (never a path of this machine, such as the installed package's).
     """
     body = yaml.dump(fields, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=1000)
-    return f"# yaml-language-server: $schema=../{kind}.schema.json\n{body}"
+    return f"# yaml-language-server: $schema=../{kind}.schema.json\n{body}" if schema else body
 
 
 def _noted(root: Path, order_dir: Path, schema: Path | None) -> None:
