@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
 from aipm import agents
-from aipm.model import Order, Task
+from aipm.model import NO_BUDGET, Order, Task
 from aipm.record import Record
 
 
@@ -223,4 +223,4 @@ def of(order: Order, default_limit: float | None, records: Iterable[Record] = ()
     """The order's budget; `records` (the worker records) give what its running attempts hold."""
     limit, source = ((order.max_cost_usd, "order.yaml") if order.max_cost_usd is not None
                      else (default_limit, "setting max_cost_usd"))
-    return None if limit is None else Budget(limit, spent(order), source, held(order, records), unreported(order))
+    return None if limit is None or limit == NO_BUDGET else Budget(limit, spent(order), source, held(order, records), unreported(order))

@@ -203,17 +203,22 @@ def _timestamp(path: Path, data: Mapping[str, Any], key: str) -> str | None:
     return value
 
 
-def money_field(path: Path, data: Mapping[str, Any], key: str, positive: bool) -> float | None:
+def money_field(path: Path, data: Mapping[str, Any], key: str, positive: bool,
+                none: float | None = None) -> float | None:
     """US dollars: a positive budget, or a recorded cost (≥ 0), below agents.MAX_DOLLARS: a budget is shared out
     in micro-dollars (1e308, meant as no limit, overflowed that), and costs are added up (two of 1e308 made an
-    order's cost inf, which `status --json` wrote as Infinity, no JSON). A budget is a micro-dollar at least."""
+    order's cost inf, which `status --json` wrote as Infinity, no JSON). A budget is a micro-dollar at least.
+    `none`: what the word `none` gives, where it may be said (None: it may not)."""
     value = data.get(key)
     if value is None:
         return None
+    if none is not None and isinstance(value, str) and value.strip().lower() == "none":
+        return none
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
             (agents.MIN_DOLLARS if positive else 0) <= value < agents.MAX_DOLLARS):
         what = (f"a number of US dollars from {agents.MIN_DOLLARS:.6f}" if positive
                 else "a number of US dollars from 0") + f" below {agents.MAX_DOLLARS:,.0f}"
+        what += ", or none" if none is not None else ""
         raise ValidationError(str(path), key, f"must be {what}, not {as_number(value)}" + text_number(value))
     return float(value)
 

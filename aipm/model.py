@@ -189,13 +189,17 @@ def evolve(task: Task, changes: Mapping[str, Any]) -> Task:
     return new_task(*[changes[name] if name in changes else getattr(task, name) for name in _TASK_FIELDS])
 
 
+# An order.yaml's `max_cost_usd: none`: no budget, where the max_cost_usd setting would give the order one.
+NO_BUDGET = float("inf")
+
+
 @dataclass
 class Order:
     id: str
     path: str  # the order directory
     tasks: dict[str, Task] = field(default_factory=dict)
     title: str = ""
-    max_cost_usd: float | None = None  # budget from order.yaml
+    max_cost_usd: float | None = None  # budget from order.yaml (NO_BUDGET: `none` there, the setting's not taken)
     # (cost_usd, cost_unreported_usd) that the spending ledger holds for tasks with no file now (spending.charged):
     # deleting a task file does not give back what its attempts spent
     gone_cost_usd: tuple[float, float] = (0.0, 0.0)

@@ -131,9 +131,10 @@ _ORDER_FIELDS: dict[str, tuple[dict[str, Any], str]] = {
     "id": ({"type": ["string", "null"], "pattern": _ID}, "The order id; default the directory name."),
     "title": (_LINE, "One line saying what the order delivers."),
     "description": (_STRING, "Anything else a reader should know."),
-    "max_cost_usd": (_BUDGET,
+    "max_cost_usd": ({"anyOf": [_BUDGET, {"type": "string", "pattern": "^\\s*[Nn][Oo][Nn][Ee]\\s*$"}]},
                      "Budget in US dollars: once the tasks' recorded cost_usd (and cost_unreported_usd) reach it, "
-                     "no new attempt starts."),
+                     "no new attempt starts. `none`: no budget, whatever the max_cost_usd setting gives the "
+                     "orders that set none."),
 }
 
 

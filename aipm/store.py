@@ -19,7 +19,7 @@ from aipm import flatyaml, readers
 from aipm.errors import ValidationError, did_you_mean
 from aipm.fields import check_keys, money_field, one_line, str_field, task_from_mapping
 from aipm.yamlkinds import kind
-from aipm.model import ID_PATTERN, ID_RULE, Order, Task
+from aipm.model import ID_PATTERN, ID_RULE, NO_BUDGET, Order, Task
 from aipm.parsecache import ParseCache
 from aipm.paths import Normaliser, PathError
 from aipm.patch import Unpatchable, check
@@ -309,7 +309,8 @@ def order_meta(order_dir: Path) -> tuple[str, str, Path | None, float | None]:
             order_id, id_from = given, meta
         title = one_line(meta, data, "title", longer="description")
         str_field(meta, data, "description")
-        budget = money_field(meta, data, "max_cost_usd", positive=True)
+        # `none`: an order the max_cost_usd setting does not budget (else none could be left without a budget)
+        budget = money_field(meta, data, "max_cost_usd", positive=True, none=NO_BUDGET)
     elif os.path.lexists(meta):  # a directory or a link to nothing: its id, title and budget went unread, unsaid
         raise ValidationError(str(meta), None, "not a file; make it the order's file (id, title, max_cost_usd), or "
                               "remove it")

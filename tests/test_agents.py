@@ -1023,6 +1023,28 @@ def test_the_budget_setting_applies_when_order_yaml_has_none(project):
     assert project.statuses() == {"T1": "DONE", "T2": "QUEUED"}
 
 
+def test_an_order_yaml_saying_none_has_no_budget_whatever_the_setting(project):
+    """The max_cost_usd setting budgets every order whose order.yaml sets none, and `max_cost_usd: none` there
+    was refused ("must be a number"): no order could be left without a budget. It now means no budget for that
+    order; another order still has the setting's."""
+    (project.root / "aipm.yaml").write_text("max_workers: 1\nmax_cost_usd: 0.1\nworker:\n  agent: claude\n")
+    free, held = project.order("FREE"), project.order("HELD")
+    (free / "order.yaml").write_text("id: FREE\nmax_cost_usd: None\n")
+    for order in (free, held):
+        for name in ("T1", "T2", "T3"):
+            write_task(order, name, prompt="@cost 0.1", target_files=[f"{order.name}-{name}.txt"])
+    assert project.aipm("validate", "FREE").returncode == 0
+    proc = project.aipm("run", "FREE", env=agent_env(project))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "budget" not in proc.stderr
+    assert set(project.statuses("FREE").values()) == {"DONE"}
+    assert "max_cost_usd" not in project.json("status", "FREE")
+    assert project.json("status", "HELD")["max_cost_usd"] == 0.1
+    proc = project.aipm("run", "HELD", env=agent_env(project))
+    assert proc.returncode == 1 and "setting max_cost_usd" in proc.stderr, proc.stderr
+    assert project.statuses("HELD") == {"T1": "DONE", "T2": "QUEUED", "T3": "QUEUED"}
+
+
 def test_reviewed_attempts_add_up_and_the_budget_stops_them(project):
     # Each rejected attempt's cost must stay recorded after its review ends, or the budget is never reached.
     (project.root / "aipm.yaml").write_text("max_workers: 1\nworker:\n  agent: claude\n")

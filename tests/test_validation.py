@@ -84,7 +84,7 @@ def test_a_value_yaml_read_as_no_text_is_told_to_be_quoted(project, text, field,
     ("A.yaml", "command: 'true'\nreview: {command: make check}\n", "review: must be a string (run by /bin/sh -c) or a "
      "list of strings (argv) naming a program; a task file gives the command itself: review: 'make check'"),
     ("order.yaml", "max_cost_usd: true\n", "max_cost_usd: must be a number of US dollars from 0.000001 below "
-                                           "1,000,000,000,000, not true"),
+                                           "1,000,000,000,000, or none, not true"),
 ])
 def test_a_wrong_value_is_said_as_yaml_spells_it(project, file, text, said):
     """`timeout: true` was "not True", `target_files: [a, null]` "not NoneType": Python's words for what the user
