@@ -14,6 +14,12 @@ the wall time, and pairs taken minutes apart drift alike, so the verdict is the 
 each revision won. Reads the disk as it is: after big deletions on ext4 without a journal, wait a minute
 (README.md, "the floor"). The projects are kept until the end, then removed (BENCH_KEEP=1 keeps them).
 
+`--tmpfs` (root, Linux: `unshare`) runs the pairs in a mount namespace of their own with a tmpfs on /tmp, where
+the projects, the state directory and the checkouts then live: no fsync waits and no inode scans after deletions,
+so what is left is the CPU aipm spends itself. On the same code twice, 8 pairs of B2 differed by 1.3 % in CPU
+and 0.8 % in wall there, against 11 % and 10 % (4 of 4 pairs) on the ext4 disk an hour into a session (README.md,
+2026-12-08): the instrument for a change in aipm's own work, not for the figures of the targets.
+
 The detect benches time `aipm detect ORDER --json` on one order of detect_scale.py's, made once and read by both
 revisions: warm (each run's own revision writes the parse cache first, with `validate`, untimed) or cold (the
 cache removed first; the CPU figure leaves out the forked reader that parses half the files, the wall has it). Every process runs from the project's directory: `python -m aipm` or `-c` run from the
@@ -113,12 +119,21 @@ def main() -> int:
     parser.add_argument("b", help="the revision measured")
     parser.add_argument("--bench", choices=sorted(BENCHES) + sorted(DETECTS), default="b2")
     parser.add_argument("--pairs", type=int, default=12)
+    parser.add_argument("--tmpfs", action="store_true", help="in a mount namespace with a tmpfs on /tmp (root)")
     opts = parser.parse_args()
+    if opts.tmpfs and os.environ.get("AB_TMPFS") != str(os.getpid()):
+        # Again, inside a namespace whose /tmp is a fresh tmpfs (gone with it); the shell execs us, same pid.
+        argv = [sys.executable, os.path.abspath(__file__), *sys.argv[1:]]
+        script = 'mount -t tmpfs aipm-ab /tmp && AB_TMPFS=$$ exec "$@"'
+        os.execvp("unshare", ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", *argv])
     work = Path(tempfile.mkdtemp(prefix="aipm-bench-ab-"))
     try:
         codes = {rev: checkout(rev, work / f"code-{i}") for i, rev in enumerate((opts.a, opts.b))}
         outs = {rev: work / f"figures-{i}.txt" for i, rev in enumerate((opts.a, opts.b))}
-        print(f"A/B {opts.bench} · {opts.a} vs {opts.b} · {opts.pairs} pairs · {C.machine()}")
+        mounts = [line.split()[1:3] for line in open("/proc/self/mounts")]  # (the last mount on a point is the one seen)
+        tmp = max(((len(point), i, kind) for i, (point, kind) in enumerate(mounts)
+                   if os.path.join("/tmp", "").startswith(os.path.join(point, ""))))[2]
+        print(f"A/B {opts.bench} · {opts.a} vs {opts.b} · {opts.pairs} pairs · /tmp: {tmp} · {C.machine()}")
         for k in range(opts.pairs):
             order = (opts.a, opts.b) if k % 2 == 0 else (opts.b, opts.a)
             for rev in order:
