@@ -223,4 +223,6 @@ def of(order: Order, default_limit: float | None, records: Iterable[Record] = ()
     """The order's budget; `records` (the worker records) give what its running attempts hold."""
     limit, source = ((order.max_cost_usd, "order.yaml") if order.max_cost_usd is not None
                      else (default_limit, "setting max_cost_usd"))
-    return None if limit is None or limit == NO_BUDGET else Budget(limit, spent(order), source, held(order, records), unreported(order))
+    if limit is None or limit == NO_BUDGET:
+        return None
+    return Budget(limit, spent(order), source, held(order, records), unreported(order))

@@ -130,7 +130,8 @@ def main() -> int:
     try:
         codes = {rev: checkout(rev, work / f"code-{i}") for i, rev in enumerate((opts.a, opts.b))}
         outs = {rev: work / f"figures-{i}.txt" for i, rev in enumerate((opts.a, opts.b))}
-        mounts = [line.split()[1:3] for line in open("/proc/self/mounts")]  # (the last mount on a point is the one seen)
+        # What /tmp is: the longest mount point above it (of two on one point, the later is the one seen).
+        mounts = [line.split()[1:3] for line in open("/proc/self/mounts")]
         tmp = max(((len(point), i, kind) for i, (point, kind) in enumerate(mounts)
                    if os.path.join("/tmp", "").startswith(os.path.join(point, ""))))[2]
         print(f"A/B {opts.bench} · {opts.a} vs {opts.b} · {opts.pairs} pairs · /tmp: {tmp} · {C.machine()}")
