@@ -213,16 +213,11 @@ def find_task(project: Project, arg: str) -> tuple[Path, str]:
     if arg.endswith(".yaml") and path.is_file():
         return project.check_unique(path.resolve().parent), path.stem
     if "/" in arg:
-        order, _, task = arg.rpartition("/")
-        if not task or not order.strip("/"):  # `ORD/`, `/etc`: said "no file .yaml", "ORDER: empty"
-            raise UserError(f"task {arg!r}: give ORDER/TASK (an order, then a task id) or a path to the task file")
-        order_dir = project.order_dir(order)
-        if (order_dir / f"{task}.yaml").is_file():
-            return order_dir, task
-        if task.endswith(".yaml") and (order_dir / task).is_file():  # `ORD/A.yaml`: the file's name for the id
-            return order_dir, task[:-len(".yaml")]
-        hint = "; task files end in .yaml" if task.endswith(".yml") else ""
-        raise UserError(f"task {arg!r}: no file {task.removesuffix('.yaml')}.yaml in {order_dir}{hint}")
+        try:
+            return _in_order(project, arg)
+        except UserError:
+            _not_an_order(project, arg)  # `cancel orders/ORD`: "order 'orders': ... the directory of the orders"
+            raise
     hits = [d for d in project.order_dirs() if (d / f"{arg}.yaml").is_file()]
     if not hits and arg.endswith(".yaml"):  # `aipm why A.yaml`: the file's name for the id, as `ORD/A.yaml` above
         arg = arg[:-len(".yaml")]
@@ -230,7 +225,35 @@ def find_task(project: Project, arg: str) -> tuple[Path, str]:
     if len(hits) == 1:
         return project.check_unique(hits[0]), arg
     if not hits:
+        _not_an_order(project, arg)
         raise TaskNotFound(f"task {arg!r}: not found in any order under {project.root / project.orders_dir}; "
                         "give ORDER/TASK or a path to the task file")
     names = ", ".join(f"{d.name}/{arg}" for d in hits)
     raise UserError(f"task {arg!r} is in several orders ({names}); say which, as ORDER/TASK")
+
+
+def _in_order(project: Project, arg: str) -> tuple[Path, str]:
+    """A task given as `ORDER/TASK` (ORDER an id or a path) → (order directory, task id)."""
+    order, _, task = arg.rpartition("/")
+    if not task or not order.strip("/"):  # `ORD/`, `/etc`: said "no file .yaml", "ORDER: empty"
+        raise UserError(f"task {arg!r}: give ORDER/TASK (an order, then a task id) or a path to the task file")
+    order_dir = project.order_dir(order)
+    if (order_dir / f"{task}.yaml").is_file():
+        return order_dir, task
+    if task.endswith(".yaml") and (order_dir / task).is_file():  # `ORD/A.yaml`: the file's name for the id
+        return order_dir, task[:-len(".yaml")]
+    hint = "; task files end in .yaml" if task.endswith(".yml") else ""
+    raise UserError(f"task {arg!r}: no file {task.removesuffix('.yaml')}.yaml in {order_dir}{hint}")
+
+
+def _not_an_order(project: Project, arg: str) -> None:
+    """Raise if `arg`, given for a task, names an order: `aipm cancel ORD` (meant for the whole order) said "task
+    'ORD': not found in any order" of an order it lists, and `aipm why orders/ORD` "order 'orders': ... is the
+    directory of the orders", a directory the user never named. (Checked only once the task is not found.)"""
+    try:
+        order_dir = project.order_dir(arg)
+    except UserError:
+        return
+    named = [f"{arg.rstrip('/')}/{name[:-len('.yaml')]}" for name in task_names(order_dir)]
+    some = f" ({', '.join(named[:3])}{', ...' if len(named) > 3 else ''})" if named else ""
+    raise UserError(f"task {arg!r}: {order_dir} is an order, not a task; give ORDER/TASK, a task of it{some}")

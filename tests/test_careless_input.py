@@ -304,3 +304,19 @@ def test_an_order_name_that_is_a_file_in_the_orders_directory_is_said_to_be_one(
         assert_one_line_error(proc, f"order 'F': orders/F under {project.root} is a file, not an order directory",
                               "(orders here: ORD)")
     assert full_snapshot(project.root) == before
+
+
+def test_an_order_given_where_a_task_is_asked_for_is_named_as_an_order(project):
+    """`aipm cancel ORD` (meaning the whole order) said "task 'ORD': not found in any order under .../orders", of an
+    order it lists; `aipm why orders/ORD` said "order 'orders': .../orders is the directory of the orders", naming
+    a directory the user never gave. Each now says the argument is an order and how to name one of its tasks."""
+    write_task(project.order(), "A", command="true")
+    write_task(project.order(), "B", command="true")
+    before = full_snapshot(project.root)
+    order_dir = str(project.order())
+    calls = [(command, arg) for command in ("why", "exec", "cancel", "retry", "diff")
+             for arg in ("ORD", "orders/ORD", "orders/ORD/", order_dir)]
+    for args, proc in zip(calls, project.aipm_all(calls)):
+        assert_one_line_error(proc, repr(args[1]), "-")
+        assert "is an order, not a task" in proc.stderr and "ORD/A" in proc.stderr, (args, proc.stderr)
+    assert full_snapshot(project.root) == before
