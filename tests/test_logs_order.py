@@ -597,3 +597,38 @@ def test_logs_follow_waits_for_a_task_whose_launch_failed_while_a_run_that_tries
     followed, err = follow.communicate(timeout=60)
     assert follow.returncode == 0 and "hello from B" in followed, followed + err
     assert "will not start" not in err, err
+
+
+def test_logs_f_of_an_attempt_no_aipm_looks_after_says_so(project):
+    """`aipm logs A -f` of a task whose worker was lost with its owner (`status`: INTERRUPTED, `ps`: gone) printed
+    its lines and then waited in silence for ever: nothing writes to that log until `aipm recover` takes it up. It
+    says so on stderr, and follows on once that is done."""
+    import signal
+    import time
+
+    write_task(project.order(), "A", command="echo started; exec sleep 120", target_files=["a"])
+    project.aipm("launch", "ORD", check=True)
+    worker = wait_for(lambda: next((w for w in project.json("ps")["workers"] if w["pgid"]), None))
+    wait_for(lambda: "started" in project.aipm("logs", "A").stdout)
+    os.kill(worker["owner_pid"], signal.SIGKILL)
+    os.killpg(worker["pgid"], signal.SIGKILL)
+    wait_for(lambda: project.json("ps")["workers"][0]["state"] == "gone")
+    follow = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "A", "-f"],
+                              cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "AIPM_ENABLE_MONITORING": "false"})
+
+    def said() -> str:  # its next line on stderr, or "" after 20 seconds of silence
+        import select
+
+        return follow.stderr.readline() if select.select([follow.stderr], [], [], 20)[0] else ""
+
+    try:
+        line = said()
+        assert "no aipm looks after this attempt" in line and "aipm recover" in line, line
+        assert follow.poll() is None  # still following: a recover's re-queue and next attempt come next
+        assert project.aipm("recover", "ORD").returncode == 0
+        assert "waiting for ORD/A to start again" in said()
+    finally:
+        follow.kill()
+        out, _ = follow.communicate()
+    assert out.startswith("started\n"), out

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from aipm import logbook, recovery
+from aipm import logbook, recovery, workerstate
 from aipm.cli.common import copy_out, get_project, print_json, print_json_text
 from aipm.cli.decl import Argument, Option, command
 from aipm.errors import UserError
@@ -200,7 +200,7 @@ def _print_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: boo
 
 
 def _follow_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: bool, review: _ReviewLog) -> None:
-    told, seen = False, b""
+    told, lost, seen = False, False, b""
     while True:
         handle = _as_it_is_now(handle, seen)
         review.show_before(handle)
@@ -215,6 +215,15 @@ def _follow_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: bo
                 print(f"aipm: {order_id}/{task_id}: its worker {now}, and its owner (pid {rec.owner_pid}) is "
                       f"stopped (Ctrl-Z or SIGSTOP): the attempt {then} once it goes on (`fg` in its terminal, or "
                       f"`kill -CONT {rec.owner_pid}`)", file=sys.stderr, flush=True)
+            if not lost and not rec.alive():
+                # Its worker and owner are gone (`status`: INTERRUPTED): nothing writes to this log until a recover
+                # (or a run) takes the attempt up, and -f waited on it in silence, for ever to the user's eye.
+                lost = True
+                state = workerstate.state(rec, rt.root)[0]
+                print(f"aipm: {order_id}/{task_id}: no aipm looks after this attempt (`aipm ps`: "
+                      f"{workerstate.describe(state, bool(rec.stopping), rec.phase)[0]}); this waits for "
+                      f"`aipm recover {order_id}` (or a run of it), following on from there (Ctrl-C stops)",
+                      file=sys.stderr, flush=True)
             time.sleep(0.25)  # tail -f style: the reader is a human, a quarter second is plenty
             continue
         # The attempt ended. Its owner records the outcome and starts the next attempt in one step under the
