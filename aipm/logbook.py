@@ -27,6 +27,7 @@ from aipm.spending import charged
 from aipm.statedir import safe_name
 from aipm.store import load_order
 from aipm.workerfiles import reading
+from aipm.workerstate import unwatched_note
 
 _NAME = re.compile(r"^(?P<task>.+)\.(?P<attempt>\d+)(?P<review>\.review)?\.log$")
 
@@ -303,6 +304,7 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False, default
     unseen = not gone and not attempt_logs(rt, order.id)
     nothing = f"no log for {order.id} yet (none of its tasks has run)"
     tail = Tail()
+    lost: set[str] = set()  # the attempts said to be looked after by no aipm (workerstate.unwatched_note)
 
     def new_lines(final: bool) -> Iterator[str]:
         logs = attempt_logs(rt, order.id)
@@ -334,7 +336,12 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False, default
                     if not order_dir.is_dir():  # removed: none of its tasks can start again, only its workers run on
                         order = replace(order, tasks={})
                     # else a task file mid-edit: judge by the last good version
-                stuck = settled(order, [rec for rec in rt.records() if followed(rec, rt)], default_limit, rt)
+                records = [rec for rec in rt.records() if followed(rec, rt)]
+                stuck = settled(order, records, default_limit, rt)
+                for rec in records:  # worker and owner gone: waited on in silence until a recover or a run
+                    if rec.order == order.id and not rec.alive() and rec.key not in lost:
+                        lost.add(rec.key)
+                        told(unwatched_note(rec, project.root))
                 if stuck is not None:
                     if unseen and not attempt_logs(rt, order.id):
                         told(nothing)

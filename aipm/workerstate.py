@@ -38,6 +38,15 @@ def describe(state: str, stopping: bool, phase: str) -> tuple[str, str]:
     return STATE_TEXT[state]
 
 
+def unwatched_note(rec: Record, root: Path) -> str:
+    """What `logs -f` says once of an attempt whose worker and owner are gone (`status`: INTERRUPTED): nothing writes
+    to its log until a recover (or a run) takes it up, and -f waited on it in silence, for ever to the user's eye."""
+    now = state(rec, root)[0]
+    return (f"{rec.order}/{rec.task}: no aipm looks after this attempt (`aipm ps`: "
+            f"{describe(now, bool(rec.stopping), rec.phase)[0]}); this waits for `aipm recover {rec.order}` (or a "
+            "run of it), following on from there (Ctrl-C stops)")
+
+
 def holder(rec: Record, root: Path) -> tuple[int | None, list[int]]:
     """The process that holds the attempt's locks, and what its command left running: its wrapper while it lives;
     with its owner and wrapper dead, the least pid its command left running (as `ps` says: orphaned); else its

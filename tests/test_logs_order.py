@@ -599,10 +599,11 @@ def test_logs_follow_waits_for_a_task_whose_launch_failed_while_a_run_that_tries
     assert "will not start" not in err, err
 
 
-def test_logs_f_of_an_attempt_no_aipm_looks_after_says_so(project):
-    """`aipm logs A -f` of a task whose worker was lost with its owner (`status`: INTERRUPTED, `ps`: gone) printed
-    its lines and then waited in silence for ever: nothing writes to that log until `aipm recover` takes it up. It
-    says so on stderr, and follows on once that is done."""
+@pytest.mark.parametrize("arg", ["A", "ORD"])
+def test_logs_f_of_an_attempt_no_aipm_looks_after_says_so(project, arg):
+    """`aipm logs A -f` (and `aipm logs ORD -f`) of a task whose worker was lost with its owner (`status`:
+    INTERRUPTED, `ps`: gone) printed its lines and then waited in silence for ever: nothing writes to that log until
+    `aipm recover` takes it up. It says so on stderr, and follows on once that is done."""
     import signal
     import time
 
@@ -613,7 +614,7 @@ def test_logs_f_of_an_attempt_no_aipm_looks_after_says_so(project):
     os.kill(worker["owner_pid"], signal.SIGKILL)
     os.killpg(worker["pgid"], signal.SIGKILL)
     wait_for(lambda: project.json("ps")["workers"][0]["state"] == "gone")
-    follow = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", "A", "-f"],
+    follow = subprocess.Popen([sys.executable, "-m", "aipm", "--root", str(project.root), "logs", arg, "-f"],
                               cwd=project.root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env={**os.environ, "AIPM_ENABLE_MONITORING": "false"})
 
@@ -624,11 +625,12 @@ def test_logs_f_of_an_attempt_no_aipm_looks_after_says_so(project):
 
     try:
         line = said()
-        assert "no aipm looks after this attempt" in line and "aipm recover" in line, line
+        assert "aipm: ORD/A: no aipm looks after this attempt" in line and "aipm recover ORD" in line, line
         assert follow.poll() is None  # still following: a recover's re-queue and next attempt come next
-        assert project.aipm("recover", "ORD").returncode == 0
-        assert "waiting for ORD/A to start again" in said()
+        if arg == "A":
+            assert project.aipm("recover", "ORD").returncode == 0
+            assert "waiting for ORD/A to start again" in said()
     finally:
         follow.kill()
         out, _ = follow.communicate()
-    assert out.startswith("started\n"), out
+    assert out.startswith("started\n" if arg == "A" else "A\tstarted\n"), out

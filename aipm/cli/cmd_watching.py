@@ -215,15 +215,9 @@ def _follow_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: bo
                 print(f"aipm: {order_id}/{task_id}: its worker {now}, and its owner (pid {rec.owner_pid}) is "
                       f"stopped (Ctrl-Z or SIGSTOP): the attempt {then} once it goes on (`fg` in its terminal, or "
                       f"`kill -CONT {rec.owner_pid}`)", file=sys.stderr, flush=True)
-            if not lost and not rec.alive():
-                # Its worker and owner are gone (`status`: INTERRUPTED): nothing writes to this log until a recover
-                # (or a run) takes the attempt up, and -f waited on it in silence, for ever to the user's eye.
+            if not lost and not rec.alive():  # its worker and owner gone: said once, not waited on in silence
                 lost = True
-                state = workerstate.state(rec, rt.root)[0]
-                print(f"aipm: {order_id}/{task_id}: no aipm looks after this attempt (`aipm ps`: "
-                      f"{workerstate.describe(state, bool(rec.stopping), rec.phase)[0]}); this waits for "
-                      f"`aipm recover {order_id}` (or a run of it), following on from there (Ctrl-C stops)",
-                      file=sys.stderr, flush=True)
+                print(f"aipm: {workerstate.unwatched_note(rec, rt.root)}", file=sys.stderr, flush=True)
             time.sleep(0.25)  # tail -f style: the reader is a human, a quarter second is plenty
             continue
         # The attempt ended. Its owner records the outcome and starts the next attempt in one step under the
