@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from aipm import budget, parsecache, recovery
+from aipm import budget, parsecache, recovery, workerstate
 from aipm.changes import ProjectWatch
 from aipm.errors import UserError
 from aipm.model import DEAD_END, FINISHED_OK, Order, Status, Task, natural_key, some
@@ -27,7 +27,6 @@ from aipm.spending import charged
 from aipm.statedir import safe_name
 from aipm.store import load_order
 from aipm.workerfiles import reading
-from aipm.workerstate import unwatched_note
 
 _NAME = re.compile(r"^(?P<task>.+)\.(?P<attempt>\d+)(?P<review>\.review)?\.log$")
 
@@ -339,9 +338,9 @@ def order_lines(project: Project, order_dir: Path, follow: bool = False, default
                 records = [rec for rec in rt.records() if followed(rec, rt)]
                 stuck = settled(order, records, default_limit, rt)
                 for rec in records:  # worker and owner gone: waited on in silence until a recover or a run
-                    if rec.order == order.id and not rec.alive() and rec.key not in lost:
+                    if rec.order == order.id and rec.key not in lost and workerstate.lost(rec, rt):
                         lost.add(rec.key)
-                        told(unwatched_note(rec, project.root))
+                        told(workerstate.unwatched_note(rec, project.root))
                 if stuck is not None:
                     if unseen and not attempt_logs(rt, order.id):
                         told(nothing)

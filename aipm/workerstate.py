@@ -38,6 +38,16 @@ def describe(state: str, stopping: bool, phase: str) -> tuple[str, str]:
     return STATE_TEXT[state]
 
 
+def lost(rec: Record, rt) -> bool:
+    """Whether the attempt's worker and owner are gone with its record still there (`rt`: the Runtime it was read
+    from). Read again once both are seen gone: an owner drops the record of an attempt whose outcome it wrote before
+    it exits, so a record read just before that drop was said lost at the end of every attempt so read."""
+    if rec.alive():
+        return False
+    again = rt.read_record(rec.order, rec.task)
+    return again is not None and again.serial == rec.serial and not again.alive()
+
+
 def unwatched_note(rec: Record, root: Path) -> str:
     """What `logs -f` says once of an attempt whose worker and owner are gone (`status`: INTERRUPTED): nothing writes
     to its log until a recover (or a run) takes it up, and -f waited on it in silence, for ever to the user's eye."""

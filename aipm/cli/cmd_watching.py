@@ -215,7 +215,7 @@ def _follow_attempt(rt: Runtime, order_id: str, task_id: str, handle, follow: bo
                 print(f"aipm: {order_id}/{task_id}: its worker {now}, and its owner (pid {rec.owner_pid}) is "
                       f"stopped (Ctrl-Z or SIGSTOP): the attempt {then} once it goes on (`fg` in its terminal, or "
                       f"`kill -CONT {rec.owner_pid}`)", file=sys.stderr, flush=True)
-            if not lost and not rec.alive():  # its worker and owner gone: said once, not waited on in silence
+            if not lost and workerstate.lost(rec, rt):  # said once, not waited on in silence
                 lost = True
                 print(f"aipm: {workerstate.unwatched_note(rec, rt.root)}", file=sys.stderr, flush=True)
             time.sleep(0.25)  # tail -f style: the reader is a human, a quarter second is plenty
