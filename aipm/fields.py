@@ -336,8 +336,8 @@ def _resources(path: Path, data: Mapping[str, Any], key: str) -> Resources | Non
             raise ValidationError(str(path), f"{key}.{name}", f"must be 0 or at least {RAY_SHARE} (the smallest "
                                                                f"share Ray gives), not {item!r}")
         if name == "gpus" and item > 1 and item != int(item):  # Ray refuses it at every attempt, as the above
-            raise ValidationError(str(path), f"{key}.{name}", f"must be a whole number above 1 (Ray shares out "
-                                                               f"fractions of one GPU only), not {item!r}")
+            raise ValidationError(str(path), f"{key}.{name}", f"must be a whole number when above 1 (Ray "
+                                                               f"shares out fractions of one GPU only), not {item!r}")
         out[name] = number_kind(item)
     return Resources(**out)
 

@@ -244,4 +244,5 @@ def natural_key(text: str) -> tuple:
 # a longer id made `add` and every command given it end in an OSError traceback (File name too long).
 MAX_ID_LENGTH = 128
 ID_PATTERN = re.compile(rf"[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_ID_LENGTH - 1}}}")
-ID_RULE = f"letters, digits, '_', '.' and '-', starting with a letter or digit, at most {MAX_ID_LENGTH} characters"
+ID_RULE = (f"ASCII letters (A-Z, a-z), digits, '_', '.' and '-', starting with a letter or digit, at most "
+           f"{MAX_ID_LENGTH} characters")

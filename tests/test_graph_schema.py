@@ -436,6 +436,8 @@ def test_refusals_change_nothing(project):
         ("add", "ORD", "B", "--max-cost-usd", "-1"): "B.yaml: max_cost_usd:",
         ("add", "ORD", "B", "--workspace", "elsewhere"): "B.yaml: workspace: 'elsewhere' is not one of",
         ("add", "ORD", "B", "--cpus", "-1"): "B.yaml: resources.cpus:",
+        ("add", "ORD", "B", "--gpus", "1.5"): "resources.gpus: must be a whole number when above 1",  # not 1, 2
+        ("add", "ORD", "É"): "'É' is not a usable id; use ASCII letters (A-Z, a-z), digits",  # É is a letter too
         ("add", "ORD", "order"): "reserved",
         ("add", "ORD", "B.yaml"): "'B.yaml' is a file name; give the task's id, 'B'",  # it made B.yaml.yaml
         ("add", "ORD", "../B"): "not a usable id",
