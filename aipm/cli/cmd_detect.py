@@ -75,7 +75,7 @@ def print_reasons(task_id: str, launchable: bool, reasons: list) -> None:
 @command()
 def detect(
     order: str = Argument(..., help="Order id or directory."),
-    summary: bool = Option(False, "--summary", help="Counts only: total, queued, launchable, blocked (by dependencies, files, the worker limit, the budget), stale."),
+    summary: bool = Option(False, "--summary", help="Counts only: total, queued, launchable, blocked (by dependencies, files, the worker limit, the budget), stale. With --json the whole object still, its counts under `summary`."),
     max_workers: int = MaxWorkersOpt,
     json_out: bool = JsonOpt,
 ) -> None:
