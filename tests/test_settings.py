@@ -445,6 +445,27 @@ def test_a_pyproject_values_fix_names_toml(tmp_path, line, said):
     assert_one_line_error(aipm(tmp_path, "config", "--json"), "aipm.yaml: notify:", "YAML read 3 as a number")
 
 
+@pytest.mark.parametrize("name, text, said", [
+    ("aipm.yaml", "max_workers: 0\n", "aipm.yaml: max_workers: 0 is not a positive integer"),
+    ("aipm.yaml", "max_workers: [1\n", "aipm.yaml"),
+    ("pyproject.toml", "[tool.aipm]\nnotify = 3\n", "pyproject.toml: notify: 3 is not a command"),
+])
+def test_validate_json_says_a_bad_settings_file_in_its_json(tmp_path, name, text, said):
+    """`validate --json` reports a bad task file in its JSON (`ok: false`), but a bad settings file printed no JSON
+    at all (the error on stderr): a script reading it had nothing to parse. Exit 2 either way, nothing written."""
+    (tmp_path / "orders" / "ORD").mkdir(parents=True)
+    (tmp_path / "orders" / "ORD" / "A.yaml").write_text("command: 'true'\n")
+    (tmp_path / name).write_text(text)
+    before = sorted(p for p in tmp_path.rglob("*"))
+    proc = aipm(tmp_path, "validate", "--json")
+    assert proc.returncode == 2, proc.stderr
+    report = json.loads(proc.stdout)
+    assert report["ok"] is False and report["orders"] == [] and said in report["error"], report
+    assert str(tmp_path / name) in report["error"] and "\n" not in report["error"]
+    assert sorted(p for p in tmp_path.rglob("*")) == before
+    assert_one_line_error(aipm(tmp_path, "validate"), said)  # without --json: the one line, as before
+
+
 def test_config_warns_of_a_tool_aipm_that_aipm_yaml_hides(tmp_path):
     """Settings put in [tool.aipm] after `aipm init` wrote an aipm.yaml were ignored without a word."""
     (tmp_path / "aipm.yaml").write_text("max_workers: 5\n")

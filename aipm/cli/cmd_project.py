@@ -13,7 +13,7 @@ from aipm.board import as_seen, order_totals, task_row
 from aipm.advice import stray_files, unenforced_budget, warnings
 from aipm.cli.common import (JsonOpt, console, get_project, json_option, print_json, project_root,
                              read_only, warn)
-from aipm.errors import UserError, ValidationError
+from aipm.errors import SettingsError, UserError, ValidationError
 from aipm.model import FINISHED_OK, status_summary
 from aipm.finish import attempt_limit, rework_limit
 from aipm.deadends import NAMED, dead_end, never_run_notes, never_runs
@@ -113,8 +113,15 @@ def validate(
     """
     parsecache.writable()
     readers.allow()
-    project = get_project()
-    settings = load_settings(project.root)
+    try:
+        project = get_project()
+        settings = load_settings(project.root)
+    except SettingsError as exc:
+        if not json_out:
+            raise
+        # The settings file is one of the files checked: a script reading the JSON got nothing at all.
+        print_json({"orders": [], "ok": False, "error": str(exc)})
+        raise Exit(2) from None
     dirs = [project.order_dir(order)] if order is not None else project.order_dirs()  # ("": refused)
     ids = project.order_ids()
     results, errors, clashed = [], [], set()
