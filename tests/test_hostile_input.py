@@ -37,6 +37,21 @@ def test_read_commands_write_nothing_on_a_fresh_project(project, args):
     assert full_snapshot(project.root) == before
 
 
+@pytest.mark.parametrize("args", [("recover",), ("recover", "--json")], ids=" ".join)
+def test_recover_where_nothing_ever_ran_writes_nothing(project, args):
+    """`aipm recover` in a directory with no order (no project yet, or not one at all) made `.aipm/.gitignore` and
+    `.aipm/logs` there, and the state directory, to say "nothing to recover"."""
+    from aipm.runtime import Runtime
+
+    (project.root / "notes.txt").write_text("mine\n")
+    before = full_snapshot(project.root)
+    proc = project.aipm(*args)
+    assert proc.returncode == 0, proc.stderr
+    assert (json.loads(proc.stdout) == {"recovered": []}) if "--json" in args else proc.stdout == "nothing to recover\n"
+    assert full_snapshot(project.root) == before
+    assert not Runtime(project.root).state.exists()
+
+
 def test_duplicate_order_ids_are_refused_by_every_command(project):
     """Two orders claiming one id would share worker records: a run adopted the other's worker (exit 0)."""
     write_task(project.order("FIRST"), "A", command="true")

@@ -217,6 +217,11 @@ def recover(
             # Every order is read first (skipped, an order's held outcomes would be dropped as gone): one bad file
             # of another order refused the recovery that `status` sent the user to, with no word of a way on.
             raise UserError(f"{exc}; nothing recovered: fix it, or recover one order: aipm recover ORDER") from None
+    if not dirs and not launcher.runtime.dir.exists() and not launcher.runtime.state.exists():
+        # No order, and nothing ever ran here (no .aipm/, no state directory): the lock would only make .aipm/, in
+        # a directory that may be no project at all. (An order's task left IN_PROGRESS is recovered without them.)
+        print_json({"recovered": []}) if json_out else print("nothing to recover")
+        return
     done, known, tasks, paths = [], [], set(), {}
     recovery.read_lost_usage_ahead(launcher.runtime)
     with launcher.runtime.launch_lock():
