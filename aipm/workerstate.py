@@ -41,7 +41,7 @@ def describe(state: str, stopping: bool, phase: str) -> tuple[str, str]:
 def lost(rec: Record, rt) -> bool:
     """Whether the attempt's worker and owner are gone with its record still there (`rt`: the Runtime it was read
     from). Read again once both are seen gone: an owner drops the record of an attempt whose outcome it wrote before
-    it exits, so a record read just before that drop was said lost at the end of every attempt so read."""
+    it exits, so a record read just before that drop, its processes seen gone just after, is no lost attempt."""
     if rec.alive():
         return False
     again = rt.read_record(rec.order, rec.task)
