@@ -74,33 +74,21 @@ def prepared(path: str, argv: Sequence[str], env: Mapping[str, str], file_action
     fsenc, libc = os.fsencode, _quick
     args = (ctypes.c_char_p * (len(argv) + 1))(*map(fsenc, argv), None)
     envp = (ctypes.c_char_p * (len(env) + 1))(*map(_variable, env.items()), None)
-    actions, attr = ctypes.create_string_buffer(_STATE_BYTES), ctypes.create_string_buffer(_STATE_BYTES)
+    actions = ctypes.create_string_buffer(_STATE_BYTES)
+    attr = _attributes(setsid)
     keep = []  # the paths of open actions: libc keeps pointers to them until the spawn
     program = fsenc(path)
     _check(libc.posix_spawn_file_actions_init(actions))
     try:
-        _check(libc.posix_spawnattr_init(attr))
-        try:
-            for action in file_actions:
-                if action[0] == os.POSIX_SPAWN_OPEN:
-                    _, fd, name, flags, mode = action
-                    keep.append(fsenc(name))
-                    _check(libc.posix_spawn_file_actions_addopen(actions, fd, keep[-1], flags, mode))
-                elif action[0] == os.POSIX_SPAWN_DUP2:
-                    _check(libc.posix_spawn_file_actions_adddup2(actions, action[1], action[2]))
-                else:
-                    raise ValueError(f"unsupported spawn action {action!r}")
-            none, restored = ctypes.create_string_buffer(_STATE_BYTES), ctypes.create_string_buffer(_STATE_BYTES)
-            _check(libc.sigemptyset(none) and ctypes.get_errno())
-            _check(libc.sigemptyset(restored) and ctypes.get_errno())
-            for signum in _RESTORED:
-                _check(libc.sigaddset(restored, signum) and ctypes.get_errno())
-            _check(libc.posix_spawnattr_setsigmask(attr, none))
-            _check(libc.posix_spawnattr_setsigdefault(attr, restored))
-            _check(libc.posix_spawnattr_setflags(attr, _SETSIGMASK | _SETSIGDEF | (_SETSID if setsid else 0)))
-        except BaseException:
-            libc.posix_spawnattr_destroy(attr)
-            raise
+        for action in file_actions:
+            if action[0] == os.POSIX_SPAWN_OPEN:
+                _, fd, name, flags, mode = action
+                keep.append(fsenc(name))
+                _check(libc.posix_spawn_file_actions_addopen(actions, fd, keep[-1], flags, mode))
+            elif action[0] == os.POSIX_SPAWN_DUP2:
+                _check(libc.posix_spawn_file_actions_adddup2(actions, action[1], action[2]))
+            else:
+                raise ValueError(f"unsupported spawn action {action!r}")
     except BaseException:
         libc.posix_spawn_file_actions_destroy(actions)
         raise
@@ -112,9 +100,26 @@ def prepared(path: str, argv: Sequence[str], env: Mapping[str, str], file_action
             return pid.value
         finally:
             keep.clear()
-            libc.posix_spawnattr_destroy(attr)
             libc.posix_spawn_file_actions_destroy(actions)
     return call
+
+
+@lru_cache(maxsize=2)
+def _attributes(setsid: bool) -> ctypes.Array:
+    """The spawn attributes (no signal blocked, _RESTORED at default, a session of its own if `setsid`): the same
+    for every spawn, made once and only read by posix_spawn, in whichever thread spawns (never destroyed)."""
+    libc = _quick
+    attr = ctypes.create_string_buffer(_STATE_BYTES)
+    _check(libc.posix_spawnattr_init(attr))
+    none, restored = ctypes.create_string_buffer(_STATE_BYTES), ctypes.create_string_buffer(_STATE_BYTES)
+    _check(libc.sigemptyset(none) and ctypes.get_errno())
+    _check(libc.sigemptyset(restored) and ctypes.get_errno())
+    for signum in _RESTORED:
+        _check(libc.sigaddset(restored, signum) and ctypes.get_errno())
+    _check(libc.posix_spawnattr_setsigmask(attr, none))
+    _check(libc.posix_spawnattr_setsigdefault(attr, restored))
+    _check(libc.posix_spawnattr_setflags(attr, _SETSIGMASK | _SETSIGDEF | (_SETSID if setsid else 0)))
+    return attr
 
 
 @lru_cache(maxsize=1024)
