@@ -16,9 +16,10 @@ each revision won. Reads the disk as it is: after big deletions on ext4 without 
 
 `--tmpfs` (root, Linux: `unshare`) runs the pairs in a mount namespace of their own with a tmpfs on /tmp, where
 the projects, the state directory and the checkouts then live: no fsync waits and no inode scans after deletions,
-so what is left is the CPU aipm spends itself. On the same code twice, 8 pairs of B2 differed by 1.3 % in CPU
-and 0.8 % in wall there, against 11 % and 10 % (4 of 4 pairs) on the ext4 disk an hour into a session (README.md,
-2026-12-08): the instrument for a change in aipm's own work, not for the figures of the targets.
+so what is left is the CPU aipm spends itself (not the figures of the targets, which are the disk's too). On the
+same code twice, 8 pairs of B2 differed by 1.3 % in CPU there, against 11 % (4 of 4 pairs) on the ext4 disk; but an
+hour later a change of 0.2 % came out at 4 % and 7 %, the machine's own speed moving between a pair's runs
+(README.md, 2026-12-08): time a small change alone as well.
 
 The detect benches time `aipm detect ORDER --json` on one order of detect_scale.py's, made once and read by both
 revisions: warm (each run's own revision writes the parse cache first, with `validate`, untimed) or cold (the
